@@ -1,0 +1,98 @@
+// `nibble generate`: one prompt, one completion, on this process's CPU.
+#include <cstdio>
+#include <iostream>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <random>
+
+#include "cluster/cli/commands.hpp"
+#include "cluster/cli/model_session.hpp"
+#include "worker/generator.hpp"
+
+namespace nibble::cli {
+
+namespace {
+
+struct GenerateArgs {
+  std::string model_path;
+  std::string prompt;
+  int max_tokens = 128;
+  float temperature = 0.8f;
+  int top_k = 40;
+  float top_p = 0.95f;
+  float min_p = 0.05f;
+  float repeat_penalty = 1.0f;
+  int64_t seed = -1;
+  int threads = default_threads();
+  int64_t context = 0;
+  std::vector<std::string> stop;
+  bool json = false;
+};
+
+}  // namespace
+
+Runner add_generate(CLI::App& app) {
+  auto a = std::make_shared<GenerateArgs>();
+  app.add_option("--model,-m", a->model_path, "GGUF model file")->required();
+  app.add_option("--prompt,-p", a->prompt, "Prompt text")->required();
+  app.add_option("--max-tokens,-n", a->max_tokens, "Tokens to generate at most")->check(CLI::NonNegativeNumber);
+  app.add_option("--temperature", a->temperature, "0 means greedy")->check(CLI::NonNegativeNumber);
+  app.add_option("--top-k", a->top_k, "Keep the k most likely tokens (0: off)")->check(CLI::NonNegativeNumber);
+  app.add_option("--top-p", a->top_p, "Nucleus sampling mass (1: off)")->check(CLI::Range(0.0, 1.0));
+  app.add_option("--min-p", a->min_p, "Drop tokens below min-p times the top probability (0: off)")
+      ->check(CLI::Range(0.0, 1.0));
+  app.add_option("--repeat-penalty", a->repeat_penalty, "Repetition penalty (1: off)")->check(CLI::PositiveNumber);
+  app.add_option("--seed", a->seed, "Sampling seed (default: random, printed with --json)");
+  app.add_option("--threads,-t", a->threads, "CPU threads")->check(CLI::PositiveNumber);
+  app.add_option("--ctx", a->context, "Context length (default: the model's, at most 4096)")
+      ->check(CLI::NonNegativeNumber);
+  app.add_option("--stop", a->stop, "Stop string (repeatable)");
+  app.add_flag("--json", a->json, "Print one JSON object instead of streaming text");
+
+  return [a]() {
+    ModelSession s = ModelSession::open(a->model_path, a->threads);
+    const int64_t context = a->context > 0 ? a->context : std::min<int64_t>(s.model->config().n_ctx_train, 4096);
+    worker::GenerateOptions options;
+    options.max_tokens = a->max_tokens;
+    options.stop = a->stop;
+    options.sampling.temperature = a->temperature;
+    options.sampling.top_k = a->top_k;
+    options.sampling.top_p = a->top_p;
+    options.sampling.min_p = a->min_p;
+    options.sampling.repetition_penalty = a->repeat_penalty;
+    options.sampling.seed = a->seed >= 0 ? static_cast<uint64_t>(a->seed) : std::random_device{}();
+
+    const std::vector<int32_t> prompt = s.tokenizer->encode(a->prompt, s.tokenizer->add_bos_default());
+    worker::Generator generator(*s.model, *s.tokenizer, *s.pool, context);
+    worker::TokenCallback stream;
+    if (!a->json) {
+      stream = [](const std::string& delta, int32_t) {
+        std::fwrite(delta.data(), 1, delta.size(), stdout);
+        std::fflush(stdout);
+      };
+    }
+    const worker::GenerateResult r = generator.generate(prompt, options, stream);
+    if (!a->json) {
+      std::fputc('\n', stdout);
+      return 0;
+    }
+    nlohmann::json out;
+    out["prompt_tokens"] = r.prompt_tokens;
+    out["tokens"] = r.tokens;
+    out["text"] = r.text;
+    out["finish_reason"] = worker::finish_reason_name(r.finish);
+    out["seed"] = options.sampling.seed;
+    const double n_generated = static_cast<double>(r.tokens.size());
+    out["timings"] = {
+        {"prompt_ms", r.prompt_seconds * 1e3},
+        {"generate_ms", r.generate_seconds * 1e3},
+        {"prompt_tokens_per_second", r.prompt_seconds > 0 ? r.prompt_tokens.size() / r.prompt_seconds : 0.0},
+        {"tokens_per_second", r.generate_seconds > 0 && n_generated > 1 ? (n_generated - 1) / r.generate_seconds : 0.0},
+    };
+    // Invalid UTF-8 (a model may emit stray bytes) is replaced rather than aborting the dump.
+    std::cout << out.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
+    return 0;
+  };
+}
+
+}  // namespace nibble::cli

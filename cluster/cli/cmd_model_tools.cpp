@@ -1,0 +1,111 @@
+// Model-file subcommands: tokenize, logits, make-model, quantize.
+#include <fstream>
+#include <iostream>
+#include <memory>
+
+#include "cluster/cli/commands.hpp"
+#include "cluster/cli/model_session.hpp"
+#include "model/random_model.hpp"
+#include "model/requantize.hpp"
+
+namespace nibble::cli {
+
+namespace {
+
+kernels::DType parse_matrix_type(const std::string& name) {
+  if (name == "q4_0") return kernels::DType::Q4_0;
+  if (name == "q8_0") return kernels::DType::Q8_0;
+  if (name == "f16") return kernels::DType::F16;
+  if (name == "f32") return kernels::DType::F32;
+  throw std::invalid_argument("unknown --type '" + name + "' (expected q4_0, q8_0, f16 or f32)");
+}
+
+}  // namespace
+
+Runner add_tokenize(CLI::App& app) {
+  struct Args {
+    std::string model_path, text;
+    bool no_bos = false;
+  };
+  auto a = std::make_shared<Args>();
+  app.add_option("--model,-m", a->model_path, "GGUF model or vocabulary file")->required();
+  app.add_option("--text", a->text, "Text to tokenize")->required();
+  app.add_flag("--no-bos", a->no_bos, "Do not add BOS");
+  return [a]() {
+    if (!std::filesystem::exists(a->model_path)) throw std::runtime_error("model file not found: " + a->model_path);
+    auto file = model::GgufFile::open(a->model_path);
+    auto tokenizer = model::Tokenizer::from_gguf(*file);
+    const auto ids = tokenizer->encode(a->text, !a->no_bos && tokenizer->add_bos_default());
+    for (size_t i = 0; i < ids.size(); ++i) std::cout << (i ? " " : "") << ids[i];
+    std::cout << "\n";
+    return 0;
+  };
+}
+
+Runner add_logits(CLI::App& app) {
+  struct Args {
+    std::string model_path, prompt, out;
+    int threads = default_threads();
+  };
+  auto a = std::make_shared<Args>();
+  app.add_option("--model,-m", a->model_path, "GGUF model file")->required();
+  app.add_option("--prompt,-p", a->prompt, "Prompt text (BOS is added as the vocabulary says)")->required();
+  app.add_option("--out,-o", a->out, "Output file: float32 rows of n_vocab, one per prompt position")->required();
+  app.add_option("--threads,-t", a->threads, "CPU threads")->check(CLI::PositiveNumber);
+  return [a]() {
+    ModelSession s = ModelSession::open(a->model_path, a->threads);
+    const auto ids = s.tokenizer->encode(a->prompt, s.tokenizer->add_bos_default());
+    if (ids.empty()) throw std::invalid_argument("the prompt is empty");
+    const int64_t block = 16;
+    const int64_t blocks = (static_cast<int64_t>(ids.size()) + block - 1) / block;
+    worker::KvCache cache(s.model->config(), blocks, block);
+    std::vector<int32_t> table(blocks);
+    for (int64_t b = 0; b < blocks; ++b) table[b] = static_cast<int32_t>(b);
+    std::vector<float> logits;
+    s.model->forward(worker::ForwardBatch::single(ids, 0, table, true), cache, *s.pool, logits);
+    std::ofstream out(a->out, std::ios::binary);
+    out.write(reinterpret_cast<const char*>(logits.data()), static_cast<std::streamsize>(logits.size() * sizeof(float)));
+    if (!out) throw std::runtime_error("cannot write " + a->out);
+    std::cerr << "wrote " << ids.size() << " rows of " << s.model->config().n_vocab << " logits to " << a->out << "\n";
+    return 0;
+  };
+}
+
+Runner add_make_model(CLI::App& app) {
+  struct Args {
+    std::string shape = "tiny", type = "q4_0", out;
+    uint64_t seed = 1;
+  };
+  auto a = std::make_shared<Args>();
+  app.add_option("--shape", a->shape, "Named shape: tiny, llama-1b");
+  app.add_option("--type", a->type, "Matrix type: q4_0, q8_0, f16, f32");
+  app.add_option("--seed", a->seed, "Weight seed");
+  app.add_option("--out,-o", a->out, "Output GGUF path")->required();
+  return [a]() {
+    const model::LlamaShape shape = model::llama_shape_by_name(a->shape);
+    model::write_random_llama(a->out, shape, parse_matrix_type(a->type), a->seed);
+    std::cerr << "wrote " << a->out << " (" << std::filesystem::file_size(a->out) << " bytes)\n";
+    return 0;
+  };
+}
+
+Runner add_quantize(CLI::App& app) {
+  struct Args {
+    std::string in, out, type = "q4_0";
+    bool pure = false;
+  };
+  auto a = std::make_shared<Args>();
+  app.add_option("--model,-m", a->in, "Input GGUF (F32/F16/BF16 or quantized)")->required();
+  app.add_option("--out,-o", a->out, "Output GGUF path")->required();
+  app.add_option("--type", a->type, "Matrix type: q4_0, q8_0, f16, f32");
+  app.add_flag("--pure", a->pure, "Quantize every matrix, the embedding and output head included");
+  return [a]() {
+    if (!std::filesystem::exists(a->in)) throw std::runtime_error("model file not found: " + a->in);
+    auto file = model::GgufFile::open(a->in);
+    model::requantize_gguf(*file, a->out, parse_matrix_type(a->type), a->pure);
+    std::cerr << "wrote " << a->out << " (" << std::filesystem::file_size(a->out) << " bytes)\n";
+    return 0;
+  };
+}
+
+}  // namespace nibble::cli

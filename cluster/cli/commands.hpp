@@ -1,0 +1,22 @@
+#pragma once
+// Subcommands of the `nibble` binary. Each registers its options on a CLI11 subcommand and returns
+// the function that runs it (exit code), so main() stays a dispatcher.
+#include <CLI/CLI.hpp>
+#include <functional>
+#include <string>
+
+namespace nibble::cli {
+
+using Runner = std::function<int()>;
+
+Runner add_generate(CLI::App& app);
+Runner add_tokenize(CLI::App& app);
+Runner add_logits(CLI::App& app);
+Runner add_bench(CLI::App& app);
+Runner add_make_model(CLI::App& app);
+Runner add_quantize(CLI::App& app);
+
+// Thread count default: every core the machine has.
+int default_threads();
+
+}  // namespace nibble::cli

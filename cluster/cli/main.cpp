@@ -1,0 +1,42 @@
+// `nibble`: one binary, many subcommands. Errors print one line and exit non-zero.
+#include <cstdio>
+#include <exception>
+#include <map>
+
+#include "cluster/cli/commands.hpp"
+
+int main(int argc, char** argv) {
+  CLI::App app{"Nibble: INT4 Llama inference"};
+  app.require_subcommand(1);
+  std::map<CLI::App*, nibble::cli::Runner> runners;
+  auto add = [&](const char* name, const char* help, nibble::cli::Runner (*add_fn)(CLI::App&)) {
+    CLI::App* sub = app.add_subcommand(name, help);
+    runners[sub] = add_fn(*sub);
+  };
+  add("generate", "Generate text from a prompt", nibble::cli::add_generate);
+  add("tokenize", "Print the token ids of a text", nibble::cli::add_tokenize);
+  add("logits", "Write float32 logits for every prompt position", nibble::cli::add_logits);
+  add("bench", "Measure prompt-processing and generation speed", nibble::cli::add_bench);
+  add("make-model", "Write a random-weight Llama GGUF of a named shape", nibble::cli::add_make_model);
+  add("quantize", "Round-to-nearest quantize a GGUF model", nibble::cli::add_quantize);
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForAllHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    std::fprintf(stderr, "nibble: error: %s\n", e.what());
+    return 2;
+  }
+  try {
+    for (auto& [sub, run] : runners) {
+      if (sub->parsed()) return run();
+    }
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "nibble: error: %s\n", e.what());
+    return 1;
+  }
+  return 2;
+}

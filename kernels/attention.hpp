@@ -1,0 +1,33 @@
+#pragma once
+// Causal grouped-query attention of a batch of query tokens against a paged KV cache. Tokens of
+// several sequences can share one call (continuous batching, speculative verification): each token
+// names its sequence (a row of block_tables) and its position, and attends to positions 0..pos of
+// that sequence, which must already be in the cache.
+#include <cstdint>
+
+#include "kernels/status.hpp"
+#include "kernels/thread_pool.hpp"
+
+namespace nibble::kernels {
+
+struct PagedAttentionShape {
+  int64_t tokens = 0;
+  int64_t n_head = 0;
+  int64_t n_head_kv = 0;  // divides n_head; query head h reads KV head h / (n_head / n_head_kv)
+  int64_t head_dim = 0;
+  int64_t block_size = 0;          // positions per KV block
+  int64_t max_blocks_per_seq = 0;  // row stride of block_tables
+};
+
+// q: [tokens, n_head, head_dim]
+// k_cache, v_cache: [n_blocks, block_size, n_head_kv, head_dim] (one layer)
+// block_tables: [n_seqs, max_blocks_per_seq] block ids; position p of sequence s lives in block
+//   block_tables[s][p / block_size], slot p % block_size
+// token_seq: [tokens] row of block_tables for each token
+// token_pos: [tokens] position of each token
+// out: [tokens, n_head, head_dim]
+Status paged_attention(const PagedAttentionShape& shape, const float* q, const float* k_cache,
+                       const float* v_cache, const int32_t* block_tables, const int32_t* token_seq,
+                       const int32_t* token_pos, float scale, float* out, ThreadPool& pool);
+
+}  // namespace nibble::kernels

@@ -1,0 +1,209 @@
+// The matmul driver: argument checks, ISA dispatch, activation quantization and the split of
+// output rows across the thread pool. The arithmetic lives in matmul_{scalar,avx2,avx512}.cpp.
+#include "kernels/matmul.hpp"
+
+#include <atomic>
+#include <cstring>
+#include <vector>
+
+#include "kernels/matmul_internal.hpp"
+#include "kernels/quantize.hpp"
+
+namespace nibble::kernels {
+namespace {
+
+using detail::IsaKernels;
+using detail::MatmulOperands;
+using detail::MatmulRangeFn;
+
+bool cpu_has_avx2() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#else
+  return false;
+#endif
+}
+
+bool cpu_has_avx512() {
+#if defined(__x86_64__) || defined(__i386__)
+  return cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+#else
+  return false;
+#endif
+}
+
+const IsaKernels* best_isa() {
+#if defined(__x86_64__) || defined(__i386__)
+  if (cpu_has_avx512()) return &detail::avx512_kernels();
+  if (cpu_has_avx2()) return &detail::avx2_kernels();
+#endif
+  return &detail::scalar_kernels();
+}
+
+std::atomic<const IsaKernels*>& active_isa() {
+  static std::atomic<const IsaKernels*> isa{best_isa()};
+  return isa;
+}
+
+// Weight types the matmul accepts, and which activation format each one consumes.
+enum class ActivationFormat { f32, q8_0, q8_k, none };
+
+ActivationFormat activation_format(DType w_type) {
+  switch (w_type) {
+    case DType::F32:
+    case DType::F16:
+    case DType::BF16:
+      return ActivationFormat::f32;
+    case DType::Q4_0:
+    case DType::Q8_0:
+      return ActivationFormat::q8_0;
+    case DType::Q4_K:
+    case DType::Q6_K:
+      return ActivationFormat::q8_k;
+    default:
+      return ActivationFormat::none;
+  }
+}
+
+MatmulRangeFn range_fn(const IsaKernels& isa, DType w_type) {
+  switch (w_type) {
+    case DType::F32:
+      return isa.f32;
+    case DType::F16:
+      return isa.f16;
+    case DType::BF16:
+      return isa.bf16;
+    case DType::Q4_0:
+      return isa.q4_0;
+    case DType::Q8_0:
+      return isa.q8_0;
+    case DType::Q4_K:
+      return isa.q4_k;
+    case DType::Q6_K:
+      return isa.q6_k;
+    default:
+      return nullptr;
+  }
+}
+
+Status check_arguments(DType w_type, const void* w, int64_t n_out, int64_t k, const float* x, int64_t m,
+                       const float* y) {
+  if (activation_format(w_type) == ActivationFormat::none) return Status::unsupported_type;
+  if (w == nullptr || x == nullptr || y == nullptr) return Status::invalid_argument;
+  if (n_out < 0 || k < 0 || m < 0) return Status::invalid_argument;
+  if (k % type_info(w_type).block_elems != 0) return Status::invalid_argument;
+  return Status::ok;
+}
+
+// Activation rows quantized for the current matmul. Owned by the calling thread and only grown, so
+// steady-state decoding does no allocation.
+thread_local std::vector<uint8_t> tls_activation_scratch;
+
+// Below this many multiply-adds a dispatch to the workers costs more than it saves.
+constexpr int64_t kMinParallelWork = 1 << 15;
+
+}  // namespace
+
+const char* matmul_isa() { return active_isa().load(std::memory_order_relaxed)->name; }
+
+bool matmul_force_isa(const char* isa) {
+  if (isa == nullptr) return false;
+  const IsaKernels* chosen = nullptr;
+  if (std::strcmp(isa, "scalar") == 0) chosen = &detail::scalar_kernels();
+#if defined(__x86_64__) || defined(__i386__)
+  if (std::strcmp(isa, "avx2") == 0 && cpu_has_avx2()) chosen = &detail::avx2_kernels();
+  if (std::strcmp(isa, "avx512") == 0 && cpu_has_avx512()) chosen = &detail::avx512_kernels();
+#endif
+  if (chosen == nullptr) return false;
+  active_isa().store(chosen, std::memory_order_relaxed);
+  return true;
+}
+
+Status matmul(DType w_type, const void* w, int64_t n_out, int64_t k, const float* x, int64_t m, float* y,
+              ThreadPool& pool) {
+  const Status status = check_arguments(w_type, w, n_out, k, x, m, y);
+  if (status != Status::ok) return status;
+  if (m == 0 || n_out == 0) return Status::ok;
+  if (k == 0) {
+    std::memset(y, 0, static_cast<size_t>(m * n_out) * sizeof(float));
+    return Status::ok;
+  }
+  const IsaKernels& isa = *active_isa().load(std::memory_order_relaxed);
+  const int n_threads = pool.size();
+  const bool parallel = n_threads > 1 && m * n_out * k >= kMinParallelWork;
+
+  MatmulOperands op{};
+  op.w = static_cast<const uint8_t*>(w);
+  op.w_stride = row_bytes(w_type, k);
+  op.y = y;
+  op.y_stride = n_out;
+  op.m = m;
+  op.k = k;
+
+  const ActivationFormat format = activation_format(w_type);
+  if (format == ActivationFormat::f32) {
+    op.x = reinterpret_cast<const uint8_t*>(x);
+    op.x_stride = k * static_cast<int64_t>(sizeof(float));
+  } else {
+    const DType act_type = format == ActivationFormat::q8_0 ? DType::Q8_0 : DType::Q8_K;
+    const detail::QuantizeActivationFn quantize =
+        format == ActivationFormat::q8_0 ? isa.quantize_q8_0 : isa.quantize_q8_k;
+    op.x_stride = row_bytes(act_type, k);
+    std::vector<uint8_t>& scratch = tls_activation_scratch;
+    if (scratch.size() < static_cast<size_t>(m * op.x_stride))
+      scratch.resize(static_cast<size_t>(m * op.x_stride));
+    uint8_t* act = scratch.data();
+    const int64_t stride = op.x_stride;
+    auto quantize_rows = [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) quantize(x + r * k, act + r * stride, k);
+    };
+    if (parallel && m > 1) {
+      pool.parallel_for(m, 1, quantize_rows);
+    } else {
+      quantize_rows(0, m);
+    }
+    op.x = act;
+  }
+
+  const MatmulRangeFn range = range_fn(isa, w_type);
+  if (!parallel) {
+    range(op, 0, n_out);
+    return Status::ok;
+  }
+  // Output rows are handed out in chunks from a shared counter, so a thread that loses its core
+  // to another process does not hold everyone back. Chunks are multiples of 8 rows (the kernels'
+  // widest weight-row tile) and about 8 per thread.
+  int64_t chunk = n_out / (static_cast<int64_t>(n_threads) * 8);
+  chunk = chunk < 8 ? 8 : (chunk + 7) / 8 * 8;
+  std::atomic<int64_t> next_chunk{0};
+  pool.run([&](int, int) {
+    for (;;) {
+      const int64_t begin = next_chunk.fetch_add(1, std::memory_order_relaxed) * chunk;
+      if (begin >= n_out) break;
+      range(op, begin, begin + chunk < n_out ? begin + chunk : n_out);
+    }
+  });
+  return Status::ok;
+}
+
+Status matmul_reference(DType w_type, const void* w, int64_t n_out, int64_t k, const float* x, int64_t m,
+                        float* y) {
+  const Status status = check_arguments(w_type, w, n_out, k, x, m, y);
+  if (status != Status::ok) return status;
+  std::vector<float> w_row(static_cast<size_t>(k));
+  const int64_t w_stride = row_bytes(w_type, k);
+  for (int64_t o = 0; o < n_out; ++o) {
+    const Status s = dequantize_row(w_type, static_cast<const uint8_t*>(w) + o * w_stride, w_row.data(), k);
+    if (s != Status::ok) return s;
+    for (int64_t r = 0; r < m; ++r) {
+      double sum = 0.0;  // double so that the reference's own rounding is negligible in tests
+      for (int64_t i = 0; i < k; ++i) sum += static_cast<double>(w_row[i]) * x[r * k + i];
+      y[r * n_out + o] = static_cast<float>(sum);
+    }
+  }
+  return Status::ok;
+}
+
+}  // namespace nibble::kernels

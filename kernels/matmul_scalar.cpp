@@ -1,0 +1,156 @@
+// Portable kernels: one dot product per (activation row, weight row), integer block dot products
+// for the quantized types. They define the integer math the SIMD kernels must reproduce.
+#include "kernels/matmul_internal.hpp"
+#include "kernels/quant_internal.hpp"
+
+namespace nibble::kernels::detail {
+namespace {
+
+float dot_f32(const uint8_t* w_row, const float* x, int64_t k) {
+  const auto* w = reinterpret_cast<const float*>(w_row);
+  float sum = 0.0f;
+  for (int64_t i = 0; i < k; ++i) sum += w[i] * x[i];
+  return sum;
+}
+
+float dot_f16(const uint8_t* w_row, const float* x, int64_t k) {
+  const auto* w = reinterpret_cast<const f16_bits*>(w_row);
+  float sum = 0.0f;
+  for (int64_t i = 0; i < k; ++i) sum += fp16_to_fp32(w[i]) * x[i];
+  return sum;
+}
+
+float dot_bf16(const uint8_t* w_row, const float* x, int64_t k) {
+  const auto* w = reinterpret_cast<const uint16_t*>(w_row);
+  float sum = 0.0f;
+  for (int64_t i = 0; i < k; ++i) sum += bf16_to_fp32(w[i]) * x[i];
+  return sum;
+}
+
+float dot_q4_0(const uint8_t* w_row, const uint8_t* x_row, int64_t k) {
+  const auto* w = reinterpret_cast<const BlockQ4_0*>(w_row);
+  const auto* x = reinterpret_cast<const BlockQ8_0*>(x_row);
+  float sum = 0.0f;
+  for (int64_t b = 0; b < k / kQK4_0; ++b) {
+    int sumi = 0;
+    for (int j = 0; j < kQK4_0 / 2; ++j) {
+      sumi += ((w[b].qs[j] & 0xF) - 8) * x[b].qs[j];
+      sumi += ((w[b].qs[j] >> 4) - 8) * x[b].qs[j + kQK4_0 / 2];
+    }
+    sum += fp16_to_fp32(w[b].d) * fp16_to_fp32(x[b].d) * static_cast<float>(sumi);
+  }
+  return sum;
+}
+
+float dot_q8_0(const uint8_t* w_row, const uint8_t* x_row, int64_t k) {
+  const auto* w = reinterpret_cast<const BlockQ8_0*>(w_row);
+  const auto* x = reinterpret_cast<const BlockQ8_0*>(x_row);
+  float sum = 0.0f;
+  for (int64_t b = 0; b < k / kQK8_0; ++b) {
+    int sumi = 0;
+    for (int j = 0; j < kQK8_0; ++j) sumi += w[b].qs[j] * x[b].qs[j];
+    sum += fp16_to_fp32(w[b].d) * fp16_to_fp32(x[b].d) * static_cast<float>(sumi);
+  }
+  return sum;
+}
+
+// Σ_sub scale[sub]·(q·x)[sub] · d·dx  −  Σ_sub min[sub]·Σx[sub] · dmin·dx; the mins term uses the
+// activation block's precomputed 16-element sums.
+float dot_q4_k(const uint8_t* w_row, const uint8_t* x_row, int64_t k) {
+  const auto* w = reinterpret_cast<const BlockQ4_K*>(w_row);
+  const auto* x = reinterpret_cast<const BlockQ8_K*>(x_row);
+  float sum = 0.0f;
+  for (int64_t b = 0; b < k / kQK_K; ++b) {
+    int sum_scaled = 0;
+    int sum_mins = 0;
+    for (int sub = 0; sub < 8; ++sub) {
+      uint8_t scale, min;
+      q4_k_scale_min(sub, w[b].scales, &scale, &min);
+      const uint8_t* q = w[b].qs + 32 * (sub / 2);
+      const int shift = (sub % 2) * 4;
+      int dot = 0;
+      for (int l = 0; l < 32; ++l) dot += ((q[l] >> shift) & 0xF) * x[b].qs[32 * sub + l];
+      sum_scaled += scale * dot;
+      sum_mins += min * (x[b].bsums[2 * sub] + x[b].bsums[2 * sub + 1]);
+    }
+    sum += fp16_to_fp32(w[b].d) * x[b].d * static_cast<float>(sum_scaled) -
+           fp16_to_fp32(w[b].dmin) * x[b].d * static_cast<float>(sum_mins);
+  }
+  return sum;
+}
+
+// Unsigned 6-bit value (0..63) of element e of a Q6_K block; the signed value is this minus 32.
+int q6_k_unsigned(const BlockQ6_K& block, int e) {
+  const int half = e / 128;
+  const int run = (e % 128) / 32;  // which of the four 32-element runs of this half
+  const int l = e % 32;
+  const uint8_t low_byte = block.ql[64 * half + l + 32 * (run % 2)];
+  const int low = run < 2 ? (low_byte & 0xF) : (low_byte >> 4);
+  const int high = (block.qh[32 * half + l] >> (2 * run)) & 3;
+  return low | (high << 4);
+}
+
+// Σ_g sc[g]·(q·x)[g] computed on the unsigned values, minus 32·Σ_g sc[g]·Σx[g] for the offset.
+float dot_q6_k(const uint8_t* w_row, const uint8_t* x_row, int64_t k) {
+  const auto* w = reinterpret_cast<const BlockQ6_K*>(w_row);
+  const auto* x = reinterpret_cast<const BlockQ8_K*>(x_row);
+  float sum = 0.0f;
+  for (int64_t b = 0; b < k / kQK_K; ++b) {
+    int sum_scaled = 0;
+    int sum_offset = 0;
+    for (int g = 0; g < kQK_K / 16; ++g) {
+      int dot = 0;
+      for (int i = 0; i < 16; ++i) dot += q6_k_unsigned(w[b], 16 * g + i) * x[b].qs[16 * g + i];
+      sum_scaled += w[b].scales[g] * dot;
+      sum_offset += w[b].scales[g] * x[b].bsums[g];
+    }
+    sum += fp16_to_fp32(w[b].d) * x[b].d * static_cast<float>(sum_scaled - 32 * sum_offset);
+  }
+  return sum;
+}
+
+template <float (*Dot)(const uint8_t*, const float*, int64_t)>
+void float_range(const MatmulOperands& op, int64_t o_begin, int64_t o_end) {
+  for (int64_t r = 0; r < op.m; ++r) {
+    const auto* x = reinterpret_cast<const float*>(op.x + r * op.x_stride);
+    for (int64_t o = o_begin; o < o_end; ++o)
+      op.y[r * op.y_stride + o] = Dot(op.w + o * op.w_stride, x, op.k);
+  }
+}
+
+template <float (*Dot)(const uint8_t*, const uint8_t*, int64_t)>
+void quant_range(const MatmulOperands& op, int64_t o_begin, int64_t o_end) {
+  for (int64_t r = 0; r < op.m; ++r) {
+    for (int64_t o = o_begin; o < o_end; ++o)
+      op.y[r * op.y_stride + o] = Dot(op.w + o * op.w_stride, op.x + r * op.x_stride, op.k);
+  }
+}
+
+void quantize_q8_0(const float* x, void* out, int64_t k) {
+  for (int64_t b = 0; b < k / kQK8_0; ++b)
+    quantize_block_q8_0(x + b * kQK8_0, static_cast<BlockQ8_0*>(out) + b);
+}
+
+void quantize_q8_k(const float* x, void* out, int64_t k) {
+  for (int64_t b = 0; b < k / kQK_K; ++b)
+    quantize_block_q8_k(x + b * kQK_K, static_cast<BlockQ8_K*>(out) + b);
+}
+
+const IsaKernels kScalarKernels{
+    "scalar",
+    float_range<dot_f32>,
+    float_range<dot_f16>,
+    float_range<dot_bf16>,
+    quant_range<dot_q4_0>,
+    quant_range<dot_q8_0>,
+    quant_range<dot_q4_k>,
+    quant_range<dot_q6_k>,
+    quantize_q8_0,
+    quantize_q8_k,
+};
+
+}  // namespace
+
+const IsaKernels& scalar_kernels() { return kScalarKernels; }
+
+}  // namespace nibble::kernels::detail

@@ -1,0 +1,401 @@
+// x86 SIMD kernels (AVX2 + FMA + F16C intrinsics), compiled once per x86 ISA translation unit:
+// matmul_avx2.cpp compiles them with -mavx2, matmul_avx512.cpp with AVX-512 flags (the compiler
+// then also gets 32 vector registers and EVEX encodings). Everything is in an anonymous namespace
+// so that the two compilations never share a symbol.
+//
+// Tiling: a tile computes RM activation rows × RN weight rows. Each weight block is loaded and
+// unpacked once per tile and reused for the RM activation rows (as llamafile's tinyBLAS does);
+// each activation block is loaded once and reused for the RN weight rows. Per output pair the
+// per-block integer dot product is scaled and accumulated into 8 float lanes, reduced at the end.
+//
+// Include only from a .cpp that has included <immintrin.h> and the kernels headers.
+
+// The tile loops must be fully unrolled so that the accumulator arrays live in registers.
+#define NIBBLE_UNROLL _Pragma("GCC unroll 16")
+
+namespace {
+
+using nibble::kernels::BlockQ4_0;
+using nibble::kernels::BlockQ4_K;
+using nibble::kernels::BlockQ6_K;
+using nibble::kernels::BlockQ8_0;
+using nibble::kernels::BlockQ8_K;
+using nibble::kernels::f16_bits;
+using nibble::kernels::kQK4_0;
+using nibble::kernels::kQK8_0;
+using nibble::kernels::kQK_K;
+using nibble::kernels::detail::MatmulOperands;
+
+inline int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+inline float half_to_float(f16_bits h) { return _cvtsh_ss(h); }
+
+// A local copy of bf16_to_fp32: calling the shared inline one could link in a copy compiled for
+// another ISA.
+inline float bf16_bits_to_float(uint16_t b) {
+  const uint32_t bits = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+inline float hsum_ps(__m256 v) {
+  __m128 sum = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  sum = _mm_add_ps(sum, _mm_movehl_ps(sum, sum));
+  sum = _mm_add_ss(sum, _mm_movehdup_ps(sum));
+  return _mm_cvtss_f32(sum);
+}
+
+// Sums of 2×16-bit lanes into 32-bit lanes.
+inline __m256i pairwise_sum_i16(__m256i v) { return _mm256_madd_epi16(v, _mm256_set1_epi16(1)); }
+
+// Σ_i a[i]·b[i] over 32 int8 lanes as 8 int32 partial sums. maddubs needs an unsigned left
+// operand, so the sign of `a` is moved onto `b` (GGML's trick); |a|·|b| ≤ 128·127 never saturates
+// the pairwise 16-bit sums.
+inline __m256i dot_i8(__m256i a, __m256i b) {
+  return pairwise_sum_i16(_mm256_maddubs_epi16(_mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a)));
+}
+
+// The 32 nibbles of a Q4_0 block in element order (low nibbles are elements 0-15), as 0..15.
+inline __m256i unpack_nibbles(const uint8_t* qs) {
+  const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+  const __m256i both = _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed);
+  return _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
+}
+
+inline __m256i load_i8x32(const int8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+
+// Walks [o_begin, o_end) × [0, m) in RM×RN tiles (weight tiles outermost, so a weight tile is read
+// from memory once and stays in cache while every activation row passes over it), handing edge
+// tiles to smaller instantiations.
+template <typename Kernel, int RM, int RN>
+inline void run_tile(int64_t rows, int64_t cols, const MatmulOperands& op, int64_t r0, int64_t o0) {
+  if constexpr (RM > 1) {
+    if (rows < RM) return run_tile<Kernel, RM - 1, RN>(rows, cols, op, r0, o0);
+  }
+  if constexpr (RN > 1) {
+    if (cols < RN) return run_tile<Kernel, RM, RN - 1>(rows, cols, op, r0, o0);
+  }
+  Kernel::template tile<RM, RN>(op, r0, o0);
+}
+
+template <typename Kernel, int RM, int RN>
+void tiled_range(const MatmulOperands& op, int64_t o_begin, int64_t o_end) {
+  for (int64_t o0 = o_begin; o0 < o_end; o0 += RN) {
+    const int64_t cols = min_i64(RN, o_end - o0);
+    for (int64_t r0 = 0; r0 < op.m; r0 += RM)
+      run_tile<Kernel, RM, RN>(min_i64(RM, op.m - r0), cols, op, r0, o0);
+  }
+}
+
+// Matrix-vector (decode) uses a 1×4 tile; with several activation rows a 4×2 tile.
+template <typename Kernel>
+void matmul_range(const MatmulOperands& op, int64_t o_begin, int64_t o_end) {
+  if (op.m == 1) {
+    tiled_range<Kernel, 1, 4>(op, o_begin, o_end);
+  } else {
+    tiled_range<Kernel, 4, 2>(op, o_begin, o_end);
+  }
+}
+
+template <int RM, int RN>
+inline void store_tile(const MatmulOperands& op, int64_t r0, int64_t o0, __m256 (&acc)[RM][RN]) {
+  NIBBLE_UNROLL
+  for (int i = 0; i < RM; ++i) NIBBLE_UNROLL
+  for (int j = 0; j < RN; ++j) op.y[(r0 + i) * op.y_stride + o0 + j] = hsum_ps(acc[i][j]);
+}
+
+// ---- Q4_0 and Q8_0 weights × Q8_0 activations ----
+
+template <bool kIsQ4>
+struct Q8_0Family {
+  using WeightBlock = std::conditional_t<kIsQ4, BlockQ4_0, BlockQ8_0>;
+
+  // Weight quants as signed int8 lanes in element order.
+  static __m256i load_weight(const WeightBlock& block) {
+    if constexpr (kIsQ4) {
+      return _mm256_sub_epi8(unpack_nibbles(block.qs), _mm256_set1_epi8(8));
+    } else {
+      return load_i8x32(block.qs);
+    }
+  }
+
+  template <int RM, int RN>
+  static void tile(const MatmulOperands& op, int64_t r0, int64_t o0) {
+    const WeightBlock* w[RN];
+    const BlockQ8_0* x[RM];
+    NIBBLE_UNROLL
+    for (int j = 0; j < RN; ++j) w[j] = reinterpret_cast<const WeightBlock*>(op.w + (o0 + j) * op.w_stride);
+    NIBBLE_UNROLL
+    for (int i = 0; i < RM; ++i) x[i] = reinterpret_cast<const BlockQ8_0*>(op.x + (r0 + i) * op.x_stride);
+    __m256 acc[RM][RN];
+    NIBBLE_UNROLL
+    for (int i = 0; i < RM; ++i) NIBBLE_UNROLL
+    for (int j = 0; j < RN; ++j) acc[i][j] = _mm256_setzero_ps();
+
+    const int64_t n_blocks = op.k / kQK8_0;
+    for (int64_t b = 0; b < n_blocks; ++b) {
+      __m256i w_abs[RN];
+      __m256i w_q[RN];
+      float w_d[RN];
+      NIBBLE_UNROLL
+      for (int j = 0; j < RN; ++j) {
+        w_q[j] = load_weight(w[j][b]);
+        w_abs[j] = _mm256_sign_epi8(w_q[j], w_q[j]);
+        w_d[j] = half_to_float(w[j][b].d);
+      }
+      NIBBLE_UNROLL
+      for (int i = 0; i < RM; ++i) {
+        const __m256i x_q = load_i8x32(x[i][b].qs);
+        const float x_d = half_to_float(x[i][b].d);
+        NIBBLE_UNROLL
+        for (int j = 0; j < RN; ++j) {
+          const __m256i dot = pairwise_sum_i16(_mm256_maddubs_epi16(w_abs[j], _mm256_sign_epi8(x_q, w_q[j])));
+          acc[i][j] = _mm256_fmadd_ps(_mm256_set1_ps(w_d[j] * x_d), _mm256_cvtepi32_ps(dot), acc[i][j]);
+        }
+      }
+    }
+    store_tile<RM, RN>(op, r0, o0, acc);
+  }
+};
+
+// ---- F32 / F16 / BF16 weights × float activations ----
+
+enum class FloatWeight { f32, f16, bf16 };
+
+template <FloatWeight kType>
+struct FloatFamily {
+  using Element = std::conditional_t<kType == FloatWeight::f32, float, uint16_t>;
+
+  static __m256 load8(const Element* p) {
+    if constexpr (kType == FloatWeight::f32) {
+      return _mm256_loadu_ps(p);
+    } else if constexpr (kType == FloatWeight::f16) {
+      return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    } else {
+      const __m256i widened = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+      return _mm256_castsi256_ps(_mm256_slli_epi32(widened, 16));
+    }
+  }
+
+  static float load1(const Element* p) {
+    if constexpr (kType == FloatWeight::f32) {
+      return *p;
+    } else if constexpr (kType == FloatWeight::f16) {
+      return half_to_float(*p);
+    } else {
+      return bf16_bits_to_float(*p);
+    }
+  }
+
+  template <int RM, int RN>
+  static void tile(const MatmulOperands& op, int64_t r0, int64_t o0) {
+    const Element* w[RN];
+    const float* x[RM];
+    NIBBLE_UNROLL
+    for (int j = 0; j < RN; ++j) w[j] = reinterpret_cast<const Element*>(op.w + (o0 + j) * op.w_stride);
+    NIBBLE_UNROLL
+    for (int i = 0; i < RM; ++i) x[i] = reinterpret_cast<const float*>(op.x + (r0 + i) * op.x_stride);
+    __m256 acc[RM][RN];
+    NIBBLE_UNROLL
+    for (int i = 0; i < RM; ++i) NIBBLE_UNROLL
+    for (int j = 0; j < RN; ++j) acc[i][j] = _mm256_setzero_ps();
+    const int64_t k_vec = op.k / 8 * 8;
+    for (int64_t e = 0; e < k_vec; e += 8) {
+      __m256 w_v[RN];
+      NIBBLE_UNROLL
+      for (int j = 0; j < RN; ++j) w_v[j] = load8(w[j] + e);
+      NIBBLE_UNROLL
+      for (int i = 0; i < RM; ++i) {
+        const __m256 x_v = _mm256_loadu_ps(x[i] + e);
+        NIBBLE_UNROLL
+        for (int j = 0; j < RN; ++j) acc[i][j] = _mm256_fmadd_ps(w_v[j], x_v, acc[i][j]);
+      }
+    }
+    NIBBLE_UNROLL
+    for (int i = 0; i < RM; ++i) {
+      NIBBLE_UNROLL
+      for (int j = 0; j < RN; ++j) {
+        float sum = hsum_ps(acc[i][j]);
+        for (int64_t e = k_vec; e < op.k; ++e) sum += load1(w[j] + e) * x[i][e];
+        op.y[(r0 + i) * op.y_stride + o0 + j] = sum;
+      }
+    }
+  }
+};
+
+// ---- Q4_K / Q6_K weights × Q8_K activations ----
+//
+// A weight super-block is first unpacked into unsigned quants plus 16-bit scale vectors laid out
+// for _mm256_madd_epi16, then dotted with each activation row of the tile:
+//   row_sum += dx · (d · Σ_chunks madd(maddubs(q, x), scales) − dmin · Σ_groups mins·bsums)
+// Q6_K folds its −32 offset into the first sum as −32·scale·bsum (dmin = 0).
+struct alignas(32) UnpackedKBlock {
+  uint8_t q[kQK_K];                   // unsigned quants in element order (0..15 or 0..63)
+  int16_t chunk_scales[8][16];        // chunk c (32 elements): lanes 0-7 scale of group 2c, 8-15 of 2c+1
+  int16_t group_offsets[kQK_K / 16];  // per 16-element group, multiplies the activation bsums
+  int16_t group_mins[kQK_K / 16];
+  float d;
+  float dmin;
+};
+
+inline void store_i8x32(uint8_t* p, __m256i v) { _mm256_store_si256(reinterpret_cast<__m256i*>(p), v); }
+
+inline void set_chunk_scales(UnpackedKBlock& out, int chunk, int16_t first, int16_t second) {
+  _mm256_store_si256(reinterpret_cast<__m256i*>(out.chunk_scales[chunk]),
+                     _mm256_set_m128i(_mm_set1_epi16(second), _mm_set1_epi16(first)));
+}
+
+inline void unpack_q4_k(const BlockQ4_K& block, UnpackedKBlock& out) {
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  for (int pair = 0; pair < 4; ++pair) {
+    const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block.qs + 32 * pair));
+    store_i8x32(out.q + 64 * pair, _mm256_and_si256(packed, low4));
+    store_i8x32(out.q + 64 * pair + 32, _mm256_and_si256(_mm256_srli_epi16(packed, 4), low4));
+  }
+  for (int sub = 0; sub < 8; ++sub) {
+    uint8_t scale, min;
+    nibble::kernels::detail::q4_k_scale_min(sub, block.scales, &scale, &min);
+    set_chunk_scales(out, sub, scale, scale);
+    out.group_mins[2 * sub] = out.group_mins[2 * sub + 1] = min;
+  }
+  _mm256_store_si256(reinterpret_cast<__m256i*>(out.group_offsets), _mm256_setzero_si256());
+  out.d = half_to_float(block.d);
+  out.dmin = half_to_float(block.dmin);
+}
+
+inline void unpack_q6_k(const BlockQ6_K& block, UnpackedKBlock& out) {
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  const __m256i low2 = _mm256_set1_epi8(0x03);
+  // The top two bits of each value, already shifted to bit 4 (masking first keeps 16-bit shifts
+  // from leaking across bytes).
+  auto high_bits = [&](__m256i qh, int shift) {
+    return _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, shift), low2), 4);
+  };
+  for (int half = 0; half < 2; ++half) {
+    const auto* ql = reinterpret_cast<const __m256i*>(block.ql + 64 * half);
+    const __m256i ql0 = _mm256_loadu_si256(ql);
+    const __m256i ql1 = _mm256_loadu_si256(ql + 1);
+    const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block.qh + 32 * half));
+    uint8_t* q = out.q + 128 * half;
+    store_i8x32(q, _mm256_or_si256(_mm256_and_si256(ql0, low4), high_bits(qh, 0)));
+    store_i8x32(q + 32, _mm256_or_si256(_mm256_and_si256(ql1, low4), high_bits(qh, 2)));
+    store_i8x32(q + 64, _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), low4), high_bits(qh, 4)));
+    store_i8x32(q + 96, _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), low4), high_bits(qh, 6)));
+  }
+  for (int chunk = 0; chunk < 8; ++chunk)
+    set_chunk_scales(out, chunk, block.scales[2 * chunk], block.scales[2 * chunk + 1]);
+  const __m256i scales16 =
+      _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block.scales)));
+  _mm256_store_si256(reinterpret_cast<__m256i*>(out.group_offsets),
+                     _mm256_mullo_epi16(scales16, _mm256_set1_epi16(-32)));
+  _mm256_store_si256(reinterpret_cast<__m256i*>(out.group_mins), _mm256_setzero_si256());
+  out.d = half_to_float(block.d);
+  out.dmin = 0.0f;
+}
+
+template <bool kIsQ4K>
+struct KQuantFamily {
+  using WeightBlock = std::conditional_t<kIsQ4K, BlockQ4_K, BlockQ6_K>;
+
+  // Only RN = 1: the unpacked block is the reuse unit.
+  template <int RM, int RN>
+  static void tile(const MatmulOperands& op, int64_t r0, int64_t o0) {
+    static_assert(RN == 1);
+    const auto* w = reinterpret_cast<const WeightBlock*>(op.w + o0 * op.w_stride);
+    const BlockQ8_K* x[RM];
+    NIBBLE_UNROLL
+    for (int i = 0; i < RM; ++i) x[i] = reinterpret_cast<const BlockQ8_K*>(op.x + (r0 + i) * op.x_stride);
+    __m256 acc[RM][1];
+    NIBBLE_UNROLL
+    for (int i = 0; i < RM; ++i) acc[i][0] = _mm256_setzero_ps();
+    UnpackedKBlock unpacked;
+    const int64_t n_blocks = op.k / kQK_K;
+    for (int64_t b = 0; b < n_blocks; ++b) {
+      if constexpr (kIsQ4K) {
+        unpack_q4_k(w[b], unpacked);
+      } else {
+        unpack_q6_k(w[b], unpacked);
+      }
+      const auto* offsets = reinterpret_cast<const __m256i*>(unpacked.group_offsets);
+      const auto* mins = reinterpret_cast<const __m256i*>(unpacked.group_mins);
+      NIBBLE_UNROLL
+      for (int i = 0; i < RM; ++i) {
+        const BlockQ8_K& xb = x[i][b];
+        const __m256i bsums = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb.bsums));
+        __m256i scaled = _mm256_madd_epi16(bsums, _mm256_load_si256(offsets));
+        NIBBLE_UNROLL
+        for (int c = 0; c < 8; ++c) {
+          const __m256i q = _mm256_load_si256(reinterpret_cast<const __m256i*>(unpacked.q + 32 * c));
+          const __m256i products = _mm256_maddubs_epi16(q, load_i8x32(xb.qs + 32 * c));
+          const __m256i scales =
+              _mm256_load_si256(reinterpret_cast<const __m256i*>(unpacked.chunk_scales[c]));
+          scaled = _mm256_add_epi32(scaled, _mm256_madd_epi16(products, scales));
+        }
+        acc[i][0] = _mm256_fmadd_ps(_mm256_set1_ps(unpacked.d * xb.d), _mm256_cvtepi32_ps(scaled), acc[i][0]);
+        if constexpr (kIsQ4K) {
+          const __m256i min_sums = _mm256_madd_epi16(bsums, _mm256_load_si256(mins));
+          acc[i][0] =
+              _mm256_fnmadd_ps(_mm256_set1_ps(unpacked.dmin * xb.d), _mm256_cvtepi32_ps(min_sums), acc[i][0]);
+        }
+      }
+    }
+    store_tile<RM, 1>(op, r0, o0, acc);
+  }
+};
+
+template <typename Kernel>
+void kquant_range(const MatmulOperands& op, int64_t o_begin, int64_t o_end) {
+  tiled_range<Kernel, 4, 1>(op, o_begin, o_end);
+}
+
+// ---- activation quantization ----
+
+// Same bytes as quantize_row(Q8_0): d = amax/127 rounded to fp16, q = roundf(x · (1/d)); roundf's
+// ties-away-from-zero is rebuilt from truncation because the SIMD rounding modes tie to even.
+void quantize_q8_0(const float* x, void* out, int64_t k) {
+  auto* blocks = static_cast<BlockQ8_0*>(out);
+  const __m256 sign_mask = _mm256_set1_ps(-0.0f);
+  const __m256 half = _mm256_set1_ps(0.5f);
+  const __m256 one = _mm256_set1_ps(1.0f);
+  for (int64_t b = 0; b < k / kQK8_0; ++b) {
+    const float* xb = x + b * kQK8_0;
+    __m256 v[4];
+    __m256 amax = _mm256_setzero_ps();
+    NIBBLE_UNROLL
+    for (int i = 0; i < 4; ++i) {
+      v[i] = _mm256_loadu_ps(xb + 8 * i);
+      amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign_mask, v[i]));
+    }
+    __m128 max4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+    max4 = _mm_max_ps(max4, _mm_movehl_ps(max4, max4));
+    max4 = _mm_max_ss(max4, _mm_movehdup_ps(max4));
+    const float d = _mm_cvtss_f32(max4) / 127.0f;
+    const float inv_d = d != 0.0f ? 1.0f / d : 0.0f;
+    blocks[b].d = _cvtss_sh(d, _MM_FROUND_TO_NEAREST_INT);
+    __m256i q[4];
+    NIBBLE_UNROLL
+    for (int i = 0; i < 4; ++i) {
+      const __m256 scaled = _mm256_mul_ps(v[i], _mm256_set1_ps(inv_d));
+      const __m256 truncated = _mm256_round_ps(scaled, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+      const __m256 fraction = _mm256_andnot_ps(sign_mask, _mm256_sub_ps(scaled, truncated));
+      const __m256 away = _mm256_or_ps(_mm256_and_ps(scaled, sign_mask), one);  // ±1 with x's sign
+      const __m256 round_away = _mm256_and_ps(_mm256_cmp_ps(fraction, half, _CMP_GE_OQ), away);
+      q[i] = _mm256_cvtps_epi32(_mm256_add_ps(truncated, round_away));
+    }
+    // Pack 4×8 int32 to 32 int8; the packs work per 128-bit lane, the permute restores order.
+    const __m256i packed16_lo = _mm256_packs_epi32(q[0], q[1]);
+    const __m256i packed16_hi = _mm256_packs_epi32(q[2], q[3]);
+    const __m256i packed8 = _mm256_packs_epi16(packed16_lo, packed16_hi);
+    const __m256i ordered = _mm256_permutevar8x32_epi32(packed8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(blocks[b].qs), ordered);
+  }
+}
+
+void quantize_q8_k(const float* x, void* out, int64_t k) {
+  auto* blocks = static_cast<BlockQ8_K*>(out);
+  for (int64_t b = 0; b < k / kQK_K; ++b)
+    nibble::kernels::detail::quantize_block_q8_k(x + b * kQK_K, blocks + b);
+}
+
+}  // namespace

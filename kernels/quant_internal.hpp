@@ -1,0 +1,72 @@
+#pragma once
+// Block-format helpers shared by the quantizers and the scalar kernels. Everything here has internal
+// linkage (static) on purpose: the SIMD translation units are compiled with other -m flags, and a
+// shared inline (COMDAT) definition could otherwise be resolved to an AVX2-compiled copy.
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "kernels/quant_types.hpp"
+
+namespace nibble::kernels::detail {
+
+// GGML's nearest_int: round half to even via the float mantissa (valid for |x| < 2^22).
+static inline int nearest_int(float x) {
+  float shifted = x + 12582912.f;  // 1.5 * 2^23
+  int32_t bits;
+  std::memcpy(&bits, &shifted, sizeof bits);
+  return (bits & 0x007fffff) - 0x00400000;
+}
+
+// The 6-bit scale and min of sub-block j (0..7) of a Q4_K block (GGML's get_scale_min_k4):
+// bytes 0-3 hold scales 0-3 in their low 6 bits, bytes 4-7 mins 0-3; bytes 8-11 hold the low 4 bits
+// of scale/min 4-7, whose top 2 bits live in the top bits of bytes 0-3 / 4-7.
+static inline void q4_k_scale_min(int j, const uint8_t* scales, uint8_t* scale, uint8_t* min) {
+  if (j < 4) {
+    *scale = scales[j] & 63;
+    *min = scales[j + 4] & 63;
+  } else {
+    *scale = (scales[j + 4] & 0xF) | ((scales[j - 4] >> 6) << 4);
+    *min = (scales[j + 4] >> 4) | ((scales[j] >> 6) << 4);
+  }
+}
+
+// GGML's quantize_row_q8_0_ref: d = amax / 127, q = round(x / d) with roundf (ties away from zero).
+static inline void quantize_block_q8_0(const float* x, BlockQ8_0* out) {
+  float amax = 0.0f;
+  for (int j = 0; j < kQK8_0; ++j) amax = std::fmax(amax, std::fabs(x[j]));
+  const float d = amax / 127.0f;
+  const float inv_d = d != 0.0f ? 1.0f / d : 0.0f;
+  out->d = fp32_to_fp16(d);
+  for (int j = 0; j < kQK8_0; ++j) out->qs[j] = static_cast<int8_t>(std::roundf(x[j] * inv_d));
+}
+
+// GGML's quantize_row_q8_K_ref: scale from the signed value of largest magnitude, bsums per 16.
+static inline void quantize_block_q8_k(const float* x, BlockQ8_K* out) {
+  float max = 0.0f;
+  float amax = 0.0f;
+  for (int j = 0; j < kQK_K; ++j) {
+    const float ax = std::fabs(x[j]);
+    if (ax > amax) {
+      amax = ax;
+      max = x[j];
+    }
+  }
+  if (amax == 0.0f) {
+    std::memset(out, 0, sizeof *out);
+    return;
+  }
+  const float inv_scale = -127.0f / max;
+  for (int j = 0; j < kQK_K; ++j) {
+    const int v = nearest_int(inv_scale * x[j]);
+    out->qs[j] = static_cast<int8_t>(v < 127 ? v : 127);
+  }
+  for (int g = 0; g < kQK_K / 16; ++g) {
+    int sum = 0;
+    for (int i = 0; i < 16; ++i) sum += out->qs[g * 16 + i];
+    out->bsums[g] = static_cast<int16_t>(sum);
+  }
+  out->d = 1.0f / inv_scale;
+}
+
+}  // namespace nibble::kernels::detail

@@ -1,0 +1,88 @@
+#pragma once
+// Tensor element types and their block layouts, bit-compatible with GGML/GGUF so that quantized
+// weights are used straight from a memory-mapped file.
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+
+namespace nibble::kernels {
+
+// Values are GGML's type ids, as stored in GGUF tensor infos.
+enum class DType : uint32_t {
+  F32 = 0,
+  F16 = 1,
+  Q4_0 = 2,
+  Q8_0 = 8,
+  Q4_K = 12,
+  Q6_K = 14,
+  Q8_K = 15,  // activations only (K-quant dot products)
+  BF16 = 30,
+};
+
+struct TypeInfo {
+  const char* name;
+  int64_t block_elems;  // elements per block
+  int64_t block_bytes;  // bytes per block
+};
+
+// Returns nullptr for ids Nibble does not handle.
+const TypeInfo* type_info(uint32_t raw_type);
+const TypeInfo& type_info(DType type);
+const char* type_name(DType type);
+// Bytes of a row of n elements; n must be a multiple of the block size.
+int64_t row_bytes(DType type, int64_t n);
+
+constexpr int kQK4_0 = 32;
+constexpr int kQK8_0 = 32;
+constexpr int kQK_K = 256;
+constexpr int kKScaleBytes = 12;
+
+using f16_bits = uint16_t;
+
+struct BlockQ4_0 {
+  f16_bits d;                 // scale
+  uint8_t qs[kQK4_0 / 2];     // element j in the low nibble of qs[j], element j+16 in the high
+};
+static_assert(sizeof(BlockQ4_0) == 18);
+
+struct BlockQ8_0 {
+  f16_bits d;
+  int8_t qs[kQK8_0];
+};
+static_assert(sizeof(BlockQ8_0) == 34);
+
+struct BlockQ4_K {
+  f16_bits d;                    // super-block scale for the 6-bit sub-block scales
+  f16_bits dmin;                 // super-block scale for the 6-bit sub-block mins
+  uint8_t scales[kKScaleBytes];  // 8 scales and 8 mins, 6 bits each
+  uint8_t qs[kQK_K / 2];
+};
+static_assert(sizeof(BlockQ4_K) == 144);
+
+struct BlockQ6_K {
+  uint8_t ql[kQK_K / 2];     // low 4 bits
+  uint8_t qh[kQK_K / 4];     // high 2 bits
+  int8_t scales[kQK_K / 16]; // 8-bit sub-block scales
+  f16_bits d;
+};
+static_assert(sizeof(BlockQ6_K) == 210);
+
+struct BlockQ8_K {
+  float d;
+  int8_t qs[kQK_K];
+  int16_t bsums[kQK_K / 16];  // sums of groups of 16 quants (for the K-quant mins)
+};
+static_assert(sizeof(BlockQ8_K) == 292);
+
+// IEEE half and bfloat16 conversions (round to nearest even).
+float fp16_to_fp32(f16_bits h);
+f16_bits fp32_to_fp16(float f);
+inline float bf16_to_fp32(uint16_t b) {
+  uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+uint16_t fp32_to_bf16(float f);
+
+}  // namespace nibble::kernels

@@ -1,0 +1,37 @@
+#include "kernels/rope.hpp"
+
+#include <cmath>
+#include <vector>
+
+namespace nibble::kernels {
+
+Status rope_normal(float* x, const int32_t* positions, int64_t tokens, int64_t n_heads, int64_t head_dim,
+                   int64_t rot_dims, float base) {
+  if (x == nullptr || positions == nullptr || tokens < 0 || n_heads <= 0 || head_dim <= 0 || rot_dims <= 0 ||
+      rot_dims > head_dim || rot_dims % 2 != 0 || base <= 0.0f) {
+    return Status::invalid_argument;
+  }
+  // Same recurrence as ggml (theta *= base^(-2/d)) so angles match llama.cpp to the last bit.
+  const float theta_scale = std::pow(base, -2.0f / static_cast<float>(rot_dims));
+  std::vector<float> cos_table(rot_dims / 2), sin_table(rot_dims / 2);
+  for (int64_t t = 0; t < tokens; ++t) {
+    float theta = static_cast<float>(positions[t]);
+    for (int64_t i = 0; i < rot_dims / 2; ++i) {
+      cos_table[i] = std::cos(theta);
+      sin_table[i] = std::sin(theta);
+      theta *= theta_scale;
+    }
+    for (int64_t h = 0; h < n_heads; ++h) {
+      float* head = x + (t * n_heads + h) * head_dim;
+      for (int64_t i = 0; i < rot_dims / 2; ++i) {
+        const float x0 = head[2 * i];
+        const float x1 = head[2 * i + 1];
+        head[2 * i] = x0 * cos_table[i] - x1 * sin_table[i];
+        head[2 * i + 1] = x0 * sin_table[i] + x1 * cos_table[i];
+      }
+    }
+  }
+  return Status::ok;
+}
+
+}  // namespace nibble::kernels

@@ -1,0 +1,70 @@
+#include "model/llama_weights.hpp"
+
+#include <string>
+
+#include "kernels/quantize.hpp"
+
+namespace nibble::model {
+
+namespace {
+
+std::string shape_string(const std::vector<int64_t>& dims) {
+  std::string s = "[";
+  for (size_t i = 0; i < dims.size(); ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
+  return s + "]";
+}
+
+const GgufTensorInfo& require(const GgufFile& file, const std::string& name, std::vector<int64_t> dims) {
+  const GgufTensorInfo* t = file.find_tensor(name);
+  if (t == nullptr) throw GgufError(file.path() + ": tensor '" + name + "' is missing");
+  if (t->dims != dims) {
+    throw GgufError(file.path() + ": tensor '" + name + "' has shape " + shape_string(t->dims) + ", expected " +
+                    shape_string(dims));
+  }
+  return *t;
+}
+
+WeightMatrix matrix(const GgufFile& file, const std::string& name, int64_t k, int64_t n_out) {
+  const GgufTensorInfo& t = require(file, name, {k, n_out});
+  return WeightMatrix{t.type, file.tensor_data(t), n_out, k};
+}
+
+std::vector<float> vector_f32(const GgufFile& file, const std::string& name, int64_t n) {
+  const GgufTensorInfo& t = require(file, name, {n});
+  std::vector<float> out(n);
+  if (kernels::dequantize_row(t.type, file.tensor_data(t), out.data(), n) != kernels::Status::ok) {
+    throw GgufError(file.path() + ": tensor '" + name + "' has a type that cannot be read as a vector");
+  }
+  return out;
+}
+
+}  // namespace
+
+LlamaWeights LlamaWeights::bind(const GgufFile& file, const LlamaConfig& c) {
+  LlamaWeights w;
+  w.token_embd = matrix(file, "token_embd.weight", c.n_embd, c.n_vocab);
+  w.output_norm = vector_f32(file, "output_norm.weight", c.n_embd);
+  if (file.find_tensor("output.weight") != nullptr) {
+    w.output = matrix(file, "output.weight", c.n_embd, c.n_vocab);
+  } else {
+    w.output = w.token_embd;
+    w.tied_output = true;
+  }
+  w.layers.resize(c.n_layer);
+  for (int64_t i = 0; i < c.n_layer; ++i) {
+    const std::string p = "blk." + std::to_string(i) + ".";
+    LlamaLayerWeights& l = w.layers[i];
+    l.attn_norm = vector_f32(file, p + "attn_norm.weight", c.n_embd);
+    l.wq = matrix(file, p + "attn_q.weight", c.n_embd, c.q_dim());
+    l.wk = matrix(file, p + "attn_k.weight", c.n_embd, c.kv_dim());
+    l.wv = matrix(file, p + "attn_v.weight", c.n_embd, c.kv_dim());
+    l.wo = matrix(file, p + "attn_output.weight", c.q_dim(), c.n_embd);
+    l.ffn_norm = vector_f32(file, p + "ffn_norm.weight", c.n_embd);
+    l.w_gate = matrix(file, p + "ffn_gate.weight", c.n_embd, c.n_ff);
+    l.w_up = matrix(file, p + "ffn_up.weight", c.n_embd, c.n_ff);
+    l.w_down = matrix(file, p + "ffn_down.weight", c.n_ff, c.n_embd);
+  }
+  return w;
+}
+
+}  // namespace nibble::model

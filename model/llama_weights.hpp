@@ -1,0 +1,42 @@
+#pragma once
+// The tensors of a Llama model, bound by llama.cpp's names and checked against the config.
+// Matrices stay in the file's (possibly quantized) type and point into the mapping; only the small
+// 1-D norm weights are converted to float.
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "kernels/quant_types.hpp"
+#include "model/gguf.hpp"
+#include "model/llama_config.hpp"
+
+namespace nibble::model {
+
+// A weight matrix used as y = x · Wᵀ. data: [n_out, k] in `type`.
+struct WeightMatrix {
+  kernels::DType type = kernels::DType::F32;
+  const uint8_t* data = nullptr;
+  int64_t n_out = 0;  // rows (output features)
+  int64_t k = 0;      // row length (input features)
+  int64_t row_bytes() const { return kernels::row_bytes(type, k); }
+};
+
+struct LlamaLayerWeights {
+  std::vector<float> attn_norm;  // [n_embd]
+  WeightMatrix wq, wk, wv, wo;
+  std::vector<float> ffn_norm;   // [n_embd]
+  WeightMatrix w_gate, w_up, w_down;
+};
+
+struct LlamaWeights {
+  WeightMatrix token_embd;        // [n_vocab, n_embd]
+  std::vector<LlamaLayerWeights> layers;
+  std::vector<float> output_norm; // [n_embd]
+  WeightMatrix output;            // [n_vocab, n_embd]; token_embd when the head is tied
+  bool tied_output = false;
+
+  // Throws GgufError naming a missing tensor or a shape that disagrees with the config.
+  static LlamaWeights bind(const GgufFile& file, const LlamaConfig& config);
+};
+
+}  // namespace nibble::model

@@ -1,0 +1,60 @@
+#pragma once
+// Project-made Llama test models: random but deterministic weights with llama.cpp's tensor names
+// and metadata keys, plus a small synthetic SentencePiece-style vocabulary, so the whole engine
+// (loader, tokenizer, forward pass, benchmarks) can run without downloading a model.
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "kernels/quant_types.hpp"
+
+namespace nibble::model {
+
+struct LlamaShape {
+  int64_t n_embd = 0;
+  int64_t n_layer = 0;
+  int64_t n_head = 0;
+  int64_t n_head_kv = 0;
+  int64_t n_ff = 0;
+  int64_t n_vocab = 0;
+  int64_t n_ctx = 0;
+  float rope_base = 10000;
+  float rms_eps = 1e-5f;
+
+  // Number of weights (matrices, embeddings and norms) in a model of this shape, with an
+  // untied output head.
+  int64_t n_params() const;
+};
+
+// "tiny" (embd 128, 2 layers, 4 / 2 heads, ffn 256, vocab 4096, ctx 2048) or "llama-1b" (the
+// TinyLlama 1.1B shape: embd 2048, 16 layers, 32 / 8 heads, ffn 8192, vocab 32000, ctx 2048).
+// Throws std::invalid_argument for other names.
+LlamaShape llama_shape_by_name(const std::string& name);
+
+// The synthetic vocabulary written by write_random_llama: n_vocab pieces with their scores and
+// SentencePiece token types (1 normal, 2 unknown, 3 control, 6 byte). Ids: 0 <unk>, 1 <s>,
+// 2 </s>, 3..258 <0x00>..<0xFF>, then single printable ASCII characters and "▁", then longer
+// pieces, each the concatenation of two earlier pieces, with decreasing scores.
+// Throws std::invalid_argument when n_vocab is too small to hold the bytes and characters (< 354).
+struct SyntheticVocab {
+  std::vector<std::string> tokens;
+  std::vector<float> scores;
+  std::vector<int32_t> token_types;
+};
+SyntheticVocab make_synthetic_vocab(int64_t n_vocab);
+
+// Writes a complete Llama GGUF v3 file: metadata (general.*, llama.*, tokenizer.ggml.*), and
+// tensors token_embd.weight [n_embd, n_vocab], blk.N.{attn_norm, attn_q, attn_k, attn_v,
+// attn_output, ffn_norm, ffn_gate, ffn_up, ffn_down}.weight, output_norm.weight and
+// output.weight [n_embd, n_vocab] (GGML dim order, dims[0] = row length). Matrices are stored as
+// matrix_type (F32, F16, BF16, Q8_0 or Q4_0), norms as F32. Weights are drawn deterministically
+// from `seed`: matrices ~ N(0, 1/row_length) so every projection keeps activations near unit scale,
+// norm weights uniform in [0.8, 1.2]. Throws std::invalid_argument for an inconsistent shape or
+// unsupported type, GgufError on I/O failure.
+void write_random_llama(const std::string& path, const LlamaShape& shape, kernels::DType matrix_type,
+                        uint64_t seed);
+
+// llama.cpp's general.file_type (LLAMA_FTYPE) for a model whose matrices are `matrix_type`.
+uint32_t llama_file_type(kernels::DType matrix_type);
+
+}  // namespace nibble::model

@@ -1,0 +1,46 @@
+#pragma once
+// Shared helpers for tests: where the fixtures and the `nibble` binary are, running a command,
+// random data.
+#include <cstdint>
+#include <filesystem>
+#include <optional>
+#include <random>
+#include <string>
+#include <vector>
+
+namespace nibble::test {
+
+// The fixtures directory from NIBBLE_FIXTURES, or nullopt when unset or missing.
+std::optional<std::filesystem::path> fixtures_dir();
+// Path of the `nibble` binary (NIBBLE_BIN).
+std::string nibble_bin();
+
+struct CommandResult {
+  int exit_code = -1;
+  std::string output;  // stdout and stderr together
+};
+// Runs `command` through /bin/sh, capturing its output.
+CommandResult run_command(const std::string& command);
+
+// A fresh temporary directory, removed by the destructor.
+class TempDir {
+ public:
+  TempDir();
+  ~TempDir();
+  const std::filesystem::path& path() const { return path_; }
+
+ private:
+  std::filesystem::path path_;
+};
+
+std::vector<float> random_floats(size_t n, uint64_t seed, float lo = -1.0f, float hi = 1.0f);
+std::vector<uint8_t> read_file_bytes(const std::filesystem::path& path);
+void write_file_bytes(const std::filesystem::path& path, const std::vector<uint8_t>& bytes);
+
+}  // namespace nibble::test
+
+// Skips the current test when fixtures are absent; binds `dir` to the fixtures path otherwise.
+#define NIBBLE_REQUIRE_FIXTURES(dir)                                                               \
+  auto dir##_opt = ::nibble::test::fixtures_dir();                                                \
+  if (!dir##_opt) GTEST_SKIP() << "fixtures not found: set NIBBLE_FIXTURES (CMake NIBBLE_FIXTURES_DIR)"; \
+  const std::filesystem::path dir = *dir##_opt

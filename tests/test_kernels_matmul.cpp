@@ -1,0 +1,224 @@
+// matmul for every weight type and every ISA the CPU has, against matmul_reference (float
+// activations, double accumulation) and against the scalar ISA (same integer math).
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "kernels/matmul.hpp"
+#include "kernels/matmul_internal.hpp"
+#include "kernels/quantize.hpp"
+#include "tests/support/test_support.hpp"
+
+namespace nibble::kernels {
+namespace {
+
+// Restores the dispatcher's choice when a test that forced an ISA ends.
+class ForcedIsa {
+ public:
+  ForcedIsa() : original_(matmul_isa()) {}
+  ~ForcedIsa() { matmul_force_isa(original_.c_str()); }
+  bool force(const std::string& isa) { return matmul_force_isa(isa.c_str()); }
+
+ private:
+  std::string original_;
+};
+
+// Random weights of `type`: float/Q4_0/Q8_0 by quantizing random floats; Q4_K/Q6_K (no quantizer)
+// as random bytes with small random super-block scales, which is any valid block.
+std::vector<uint8_t> random_weights(DType type, int64_t n_out, int64_t k, uint64_t seed) {
+  const int64_t row = row_bytes(type, k);
+  std::vector<uint8_t> w(static_cast<size_t>(n_out * row));
+  if (type == DType::Q4_K || type == DType::Q6_K) {
+    std::mt19937_64 rng(seed);
+    for (uint8_t& byte : w) byte = static_cast<uint8_t>(rng());
+    std::uniform_real_distribution<float> scale(0.001f, 0.01f);
+    for (int64_t b = 0; b < n_out * k / kQK_K; ++b) {
+      if (type == DType::Q4_K) {
+        auto* block = reinterpret_cast<BlockQ4_K*>(w.data()) + b;
+        block->d = fp32_to_fp16(scale(rng));
+        block->dmin = fp32_to_fp16(scale(rng));
+      } else {
+        reinterpret_cast<BlockQ6_K*>(w.data())[b].d = fp32_to_fp16(scale(rng) * 0.1f);
+      }
+    }
+    return w;
+  }
+  const std::vector<float> values = test::random_floats(static_cast<size_t>(n_out * k), seed);
+  for (int64_t o = 0; o < n_out; ++o)
+    EXPECT_EQ(quantize_row(type, values.data() + o * k, w.data() + o * row, k), Status::ok);
+  return w;
+}
+
+double rms(const std::vector<float>& v) {
+  double sum = 0.0;
+  for (float f : v) sum += static_cast<double>(f) * f;
+  return std::sqrt(sum / static_cast<double>(v.size()));
+}
+
+double relative_rms_error(const std::vector<float>& actual, const std::vector<float>& expected) {
+  double err = 0.0;
+  for (size_t i = 0; i < actual.size(); ++i) {
+    const double d = static_cast<double>(actual[i]) - expected[i];
+    err += d * d;
+  }
+  return std::sqrt(err / static_cast<double>(actual.size())) / rms(expected);
+}
+
+bool uses_quantized_activations(DType type) {
+  return type != DType::F32 && type != DType::F16 && type != DType::BF16;
+}
+
+// k for a weight type: an odd number of blocks; for float types also not a multiple of the
+// 8-lane vector width, to exercise the tail loop.
+int64_t test_k(DType type) {
+  switch (type) {
+    case DType::Q4_K:
+    case DType::Q6_K:
+      return 256 * 3;
+    case DType::Q4_0:
+    case DType::Q8_0:
+      return 32 * 7;
+    default:
+      return 231;
+  }
+}
+
+using MatmulParam = std::tuple<std::string, DType>;
+
+class KernelMatmul : public ::testing::TestWithParam<MatmulParam> {};
+
+TEST_P(KernelMatmul, MatchesReferenceAndScalar) {
+  const auto& [isa, type] = GetParam();
+  ForcedIsa forced;
+  if (!forced.force(isa)) GTEST_SKIP() << "this CPU does not support " << isa;
+  const int64_t n_out = 37;
+  const int64_t k = test_k(type);
+  const std::vector<uint8_t> w = random_weights(type, n_out, k, 42);
+  ThreadPool serial(1);
+  ThreadPool threaded(3);
+  for (int64_t m : {1, 3, 7, 33}) {
+    SCOPED_TRACE("m=" + std::to_string(m));
+    const std::vector<float> x = test::random_floats(static_cast<size_t>(m * k), 1000 + m);
+    std::vector<float> y(m * n_out), y_threaded(m * n_out), y_ref(m * n_out), y_scalar(m * n_out);
+    ASSERT_EQ(matmul_reference(type, w.data(), n_out, k, x.data(), m, y_ref.data()), Status::ok);
+    ASSERT_EQ(matmul(type, w.data(), n_out, k, x.data(), m, y.data(), serial), Status::ok);
+    ASSERT_EQ(matmul(type, w.data(), n_out, k, x.data(), m, y_threaded.data(), threaded), Status::ok);
+    // Threads split output rows only, so every output is computed the same way.
+    EXPECT_EQ(y, y_threaded);
+
+    // Activations quantized to 8 bits (Q8_0 / Q8_K) carry a relative RMS error of about
+    // 1/(127·√3)/rms(x/amax) ≈ 0.4% for uniform inputs, which passes to the outputs; float
+    // activations only see fp32 accumulation rounding.
+    const double tolerance = uses_quantized_activations(type) ? 1e-2 : 1e-5;
+    EXPECT_LT(relative_rms_error(y, y_ref), tolerance) << type_name(type);
+
+    ForcedIsa scalar_guard;
+    ASSERT_TRUE(scalar_guard.force("scalar"));
+    ASSERT_EQ(matmul(type, w.data(), n_out, k, x.data(), m, y_scalar.data(), serial), Status::ok);
+    // Same quantized activations and integer block dot products: only float accumulation order
+    // differs between ISAs.
+    const double scale = rms(y_scalar);
+    for (size_t i = 0; i < y.size(); ++i)
+      ASSERT_NEAR(y[i], y_scalar[i], 1e-4 * (std::fabs(y_scalar[i]) + scale)) << "index " << i;
+  }
+}
+
+std::string param_name(const ::testing::TestParamInfo<MatmulParam>& info) {
+  return std::get<0>(info.param) + "_" + type_name(std::get<1>(info.param));
+}
+
+INSTANTIATE_TEST_SUITE_P(AllTypes, KernelMatmul,
+                         ::testing::Combine(::testing::Values("scalar", "avx2", "avx512"),
+                                            ::testing::Values(DType::F32, DType::F16, DType::BF16,
+                                                              DType::Q4_0, DType::Q8_0, DType::Q4_K,
+                                                              DType::Q6_K)),
+                         param_name);
+
+// Several chunks per thread and edge tiles in both dimensions.
+TEST(KernelMatmulLarge, ManyChunksMatchReference) {
+  ThreadPool pool(2);
+  for (DType type : {DType::Q4_0, DType::F16, DType::Q4_K}) {
+    const int64_t n_out = 301, k = 512, m = 5;
+    const std::vector<uint8_t> w = random_weights(type, n_out, k, 9);
+    const std::vector<float> x = test::random_floats(static_cast<size_t>(m * k), 10);
+    std::vector<float> y(m * n_out), y_ref(m * n_out);
+    ASSERT_EQ(matmul(type, w.data(), n_out, k, x.data(), m, y.data(), pool), Status::ok);
+    ASSERT_EQ(matmul_reference(type, w.data(), n_out, k, x.data(), m, y_ref.data()), Status::ok);
+    EXPECT_LT(relative_rms_error(y, y_ref), uses_quantized_activations(type) ? 1e-2 : 1e-5)
+        << type_name(type);
+  }
+}
+
+// The SIMD activation quantizers must produce quantize_row's exact bytes, including roundf's
+// ties-away-from-zero (x·(1/d) exactly .5) and all-zero blocks.
+TEST(KernelMatmulActivations, SimdQuantizersMatchQuantizeRow) {
+  std::vector<float> x = test::random_floats(32 * 8, 3, -3.0f, 3.0f);
+  for (int i = 0; i < 32; ++i) x[i] = 0.0f;
+  // Block 1: amax 127 gives d = 1 exactly, so these are exact ties.
+  const float ties[] = {127.0f, 0.5f, -0.5f, 1.5f, -2.5f, 3.5f, 126.5f, -126.5f};
+  for (int i = 0; i < 8; ++i) x[32 + i] = ties[i];
+  std::vector<BlockQ8_0> expected(8);
+  ASSERT_EQ(quantize_row(DType::Q8_0, x.data(), expected.data(), 256), Status::ok);
+  std::vector<BlockQ8_K> expected_k(1);
+  ASSERT_EQ(quantize_row(DType::Q8_K, x.data(), expected_k.data(), 256), Status::ok);
+  const std::vector<std::pair<std::string, const detail::IsaKernels* (*)()>> isas = {
+    {"scalar", [] { return &detail::scalar_kernels(); }},
+#if defined(__x86_64__)
+    {"avx2", [] { return &detail::avx2_kernels(); }},
+    {"avx512", [] { return &detail::avx512_kernels(); }},
+#endif
+  };
+  for (const auto& [name, kernels] : isas) {
+    ForcedIsa forced;
+    if (!forced.force(name)) continue;  // the CPU lacks it: its code may not run here
+    std::vector<BlockQ8_0> actual(8);
+    kernels()->quantize_q8_0(x.data(), actual.data(), 256);
+    EXPECT_EQ(std::memcmp(actual.data(), expected.data(), sizeof(BlockQ8_0) * 8), 0) << name;
+    std::vector<BlockQ8_K> actual_k(1);
+    kernels()->quantize_q8_k(x.data(), actual_k.data(), 256);
+    EXPECT_EQ(std::memcmp(actual_k.data(), expected_k.data(), sizeof(BlockQ8_K)), 0) << name;
+  }
+  EXPECT_EQ(expected[1].qs[1], 1);   // 0.5 -> 1
+  EXPECT_EQ(expected[1].qs[2], -1);  // -0.5 -> -1
+  EXPECT_EQ(expected[1].qs[4], -3);  // -2.5 -> -3
+}
+
+TEST(KernelMatmulArguments, InvalidArgumentsAreRejected) {
+  ThreadPool pool(1);
+  std::vector<uint8_t> w(4096);
+  std::vector<float> x(256), y(256);
+  EXPECT_EQ(matmul(DType::Q4_0, nullptr, 2, 32, x.data(), 1, y.data(), pool), Status::invalid_argument);
+  EXPECT_EQ(matmul(DType::Q4_0, w.data(), 2, 32, nullptr, 1, y.data(), pool), Status::invalid_argument);
+  EXPECT_EQ(matmul(DType::Q4_0, w.data(), 2, 32, x.data(), 1, nullptr, pool), Status::invalid_argument);
+  EXPECT_EQ(matmul(DType::Q4_0, w.data(), 2, 48, x.data(), 1, y.data(), pool), Status::invalid_argument);
+  EXPECT_EQ(matmul(DType::Q4_K, w.data(), 2, 128, x.data(), 1, y.data(), pool), Status::invalid_argument);
+  EXPECT_EQ(matmul(DType::F32, w.data(), -1, 32, x.data(), 1, y.data(), pool), Status::invalid_argument);
+  EXPECT_EQ(matmul(DType::F32, w.data(), 1, 32, x.data(), -1, y.data(), pool), Status::invalid_argument);
+  EXPECT_EQ(matmul(DType::Q8_K, w.data(), 1, 256, x.data(), 1, y.data(), pool), Status::unsupported_type);
+  EXPECT_EQ(matmul(static_cast<DType>(3), w.data(), 1, 32, x.data(), 1, y.data(), pool),
+            Status::unsupported_type);
+  EXPECT_EQ(matmul_reference(DType::Q8_K, w.data(), 1, 256, x.data(), 1, y.data()), Status::unsupported_type);
+  EXPECT_EQ(matmul_reference(DType::Q4_0, w.data(), 1, 33, x.data(), 1, y.data()), Status::invalid_argument);
+  // Empty shapes are fine; k = 0 gives zeros.
+  EXPECT_EQ(matmul(DType::Q4_0, w.data(), 0, 32, x.data(), 1, y.data(), pool), Status::ok);
+  y.assign(y.size(), 5.0f);
+  EXPECT_EQ(matmul(DType::Q4_0, w.data(), 3, 0, x.data(), 2, y.data(), pool), Status::ok);
+  for (int i = 0; i < 6; ++i) EXPECT_EQ(y[i], 0.0f);
+}
+
+TEST(KernelMatmulIsa, ForceIsa) {
+  ForcedIsa forced;
+  EXPECT_TRUE(forced.force("scalar"));
+  EXPECT_STREQ(matmul_isa(), "scalar");
+  EXPECT_FALSE(forced.force("neon"));
+  EXPECT_FALSE(matmul_force_isa(nullptr));
+  EXPECT_STREQ(matmul_isa(), "scalar");
+}
+
+}  // namespace
+}  // namespace nibble::kernels

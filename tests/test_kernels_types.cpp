@@ -1,0 +1,222 @@
+// Element types: fp16/bf16 conversion, type table, quantize/dequantize round trips and the exact
+// decoding of hand-built K-quant blocks.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "kernels/quant_types.hpp"
+#include "kernels/quantize.hpp"
+#include "kernels/status.hpp"
+#include "tests/support/test_support.hpp"
+
+namespace nibble::kernels {
+namespace {
+
+TEST(KernelTypes, Fp16RoundTripsEveryFiniteHalf) {
+  for (uint32_t bits = 0; bits < 0x10000; ++bits) {
+    const auto h = static_cast<f16_bits>(bits);
+    const float f = fp16_to_fp32(h);
+    if (std::isnan(f)) {
+      EXPECT_TRUE(std::isnan(fp16_to_fp32(fp32_to_fp16(f)))) << bits;
+      continue;
+    }
+    EXPECT_EQ(fp32_to_fp16(f), h) << "half bits " << bits;
+  }
+}
+
+TEST(KernelTypes, Fp16KnownValuesAndRounding) {
+  EXPECT_EQ(fp16_to_fp32(0x3C00), 1.0f);
+  EXPECT_EQ(fp16_to_fp32(0xC000), -2.0f);
+  EXPECT_EQ(fp16_to_fp32(0x7BFF), 65504.0f);
+  EXPECT_EQ(fp16_to_fp32(0x0001), std::ldexp(1.0f, -24));  // smallest subnormal
+  EXPECT_TRUE(std::isinf(fp16_to_fp32(0x7C00)));
+  EXPECT_EQ(fp32_to_fp16(1.0f), 0x3C00);
+  EXPECT_EQ(fp32_to_fp16(65520.0f), 0x7C00);  // halfway to 65536 rounds (to even) to infinity
+  EXPECT_EQ(fp32_to_fp16(65519.0f), 0x7BFF);
+  EXPECT_EQ(fp32_to_fp16(1e-9f), 0x0000);
+  // 1 + 2^-11 is exactly halfway between 1 and the next half (1 + 2^-10): ties go to even (1).
+  EXPECT_EQ(fp32_to_fp16(1.0f + std::ldexp(1.0f, -11)), 0x3C00);
+  EXPECT_EQ(fp32_to_fp16(1.0f + 3 * std::ldexp(1.0f, -11)), 0x3C02);
+  // Subnormal halfway case: 1.5 · 2^-24 rounds to 2 · 2^-24.
+  EXPECT_EQ(fp32_to_fp16(1.5f * std::ldexp(1.0f, -24)), 0x0002);
+  EXPECT_TRUE(std::isnan(fp16_to_fp32(fp32_to_fp16(std::nanf("")))));
+}
+
+TEST(KernelTypes, Bf16RoundTripAndRounding) {
+  for (uint32_t bits = 0; bits < 0x10000; ++bits) {
+    const float f = bf16_to_fp32(static_cast<uint16_t>(bits));
+    if (std::isnan(f)) continue;
+    EXPECT_EQ(fp32_to_bf16(f), bits);
+  }
+  EXPECT_EQ(fp32_to_bf16(1.0f), 0x3F80);
+  // 1 + 2^-8 is halfway between 1 and 1 + 2^-7: ties to even.
+  EXPECT_EQ(fp32_to_bf16(1.0f + std::ldexp(1.0f, -8)), 0x3F80);
+  EXPECT_EQ(fp32_to_bf16(1.0f + 3 * std::ldexp(1.0f, -8)), 0x3F82);
+  EXPECT_TRUE(std::isnan(bf16_to_fp32(fp32_to_bf16(std::nanf("")))));
+}
+
+TEST(KernelTypes, TypeTableMatchesGgml) {
+  EXPECT_EQ(type_info(DType::Q4_0).block_bytes, 18);
+  EXPECT_EQ(type_info(DType::Q8_0).block_bytes, 34);
+  EXPECT_EQ(type_info(DType::Q4_K).block_bytes, 144);
+  EXPECT_EQ(type_info(DType::Q6_K).block_bytes, 210);
+  EXPECT_EQ(type_info(DType::Q8_K).block_bytes, 292);
+  EXPECT_EQ(type_info(DType::Q4_K).block_elems, 256);
+  EXPECT_EQ(row_bytes(DType::F32, 10), 40);
+  EXPECT_EQ(row_bytes(DType::BF16, 10), 20);
+  EXPECT_EQ(row_bytes(DType::Q4_0, 64), 36);
+  EXPECT_EQ(row_bytes(DType::Q6_K, 512), 420);
+  EXPECT_STREQ(type_name(DType::Q4_K), "q4_K");
+  EXPECT_EQ(type_info(uint32_t{3}), nullptr);  // GGML's Q4_1: not handled
+  EXPECT_NE(type_info(uint32_t{30}), nullptr);
+  EXPECT_STREQ(status_name(Status::unsupported_type), "unsupported_type");
+  EXPECT_STREQ(status_name(Status::ok), "ok");
+}
+
+// Round trip error of an RTN quantizer: every element is within half a quantization step of the
+// input, where the step is the block's scale.
+void expect_round_trip_within_half_step(DType type, int block, float step_per_amax) {
+  const int n = block * 9;
+  std::vector<float> x = test::random_floats(n, 1234, -2.0f, 2.0f);
+  for (int i = 0; i < block; ++i) x[i] = 0.0f;  // an all-zero block must survive too
+  std::vector<uint8_t> q(static_cast<size_t>(row_bytes(type, n)));
+  std::vector<float> y(n);
+  ASSERT_EQ(quantize_row(type, x.data(), q.data(), n), Status::ok);
+  ASSERT_EQ(dequantize_row(type, q.data(), y.data(), n), Status::ok);
+  for (int b = 0; b < n / block; ++b) {
+    float amax = 0.0f;
+    for (int i = 0; i < block; ++i) amax = std::fmax(amax, std::fabs(x[b * block + i]));
+    // Half a step plus the fp16 rounding of the scale (relative 2^-11 of the largest value).
+    const float bound = 0.5f * amax * step_per_amax * (1.0f + 1e-3f) + amax * 1e-3f;
+    for (int i = 0; i < block; ++i) EXPECT_NEAR(y[b * block + i], x[b * block + i], bound) << type_name(type);
+  }
+}
+
+TEST(KernelQuantize, Q8_0RoundTrip) { expect_round_trip_within_half_step(DType::Q8_0, 32, 1.0f / 127); }
+TEST(KernelQuantize, Q8_KRoundTrip) { expect_round_trip_within_half_step(DType::Q8_K, 256, 1.0f / 127); }
+// Q4_0 maps the largest magnitude to -8, so the positive side is clamped at 7/8 of it: the error
+// bound there is one full step (1/8 of amax).
+TEST(KernelQuantize, Q4_0RoundTrip) { expect_round_trip_within_half_step(DType::Q4_0, 32, 2.0f / 8); }
+
+TEST(KernelQuantize, Q4_0MatchesGgmlRounding) {
+  // Block with max-magnitude value -4 => d = 0.5, id = 2: q = min(15, (int)(x*2 + 8.5)).
+  std::vector<float> x(32, 0.0f);
+  x[0] = -4.0f;
+  x[1] = 3.9f;    // 7.8 + 8.5 -> 16 -> clamped to 15
+  x[2] = 0.24f;   // 0.48 + 8.5 -> 8
+  x[3] = 0.26f;   // 0.52 + 8.5 -> 9
+  x[16] = -1.0f;  // -2 + 8.5 -> 6
+  BlockQ4_0 block;
+  ASSERT_EQ(quantize_row(DType::Q4_0, x.data(), &block, 32), Status::ok);
+  EXPECT_EQ(fp16_to_fp32(block.d), 0.5f);
+  EXPECT_EQ(block.qs[0] & 0xF, 0);
+  EXPECT_EQ(block.qs[1] & 0xF, 15);
+  EXPECT_EQ(block.qs[2] & 0xF, 8);
+  EXPECT_EQ(block.qs[3] & 0xF, 9);
+  EXPECT_EQ(block.qs[0] >> 4, 6);
+  EXPECT_EQ(block.qs[1] >> 4, 8);
+}
+
+TEST(KernelQuantize, Q8_KBsumsAndScale) {
+  std::vector<float> x = test::random_floats(512, 77);
+  std::vector<BlockQ8_K> q(2);
+  ASSERT_EQ(quantize_row(DType::Q8_K, x.data(), q.data(), 512), Status::ok);
+  for (const BlockQ8_K& block : q) {
+    for (int g = 0; g < 16; ++g) {
+      int sum = 0;
+      for (int i = 0; i < 16; ++i) sum += block.qs[g * 16 + i];
+      EXPECT_EQ(block.bsums[g], sum);
+    }
+    int max_abs = 0;
+    for (int8_t v : block.qs) max_abs = std::max(max_abs, std::abs(static_cast<int>(v)));
+    EXPECT_EQ(max_abs, 127);
+  }
+}
+
+TEST(KernelQuantize, FloatTypesRoundTrip) {
+  const std::vector<float> x = test::random_floats(100, 5);
+  std::vector<float> y(100);
+  std::vector<uint16_t> half(100);
+  ASSERT_EQ(quantize_row(DType::F16, x.data(), half.data(), 100), Status::ok);
+  ASSERT_EQ(dequantize_row(DType::F16, half.data(), y.data(), 100), Status::ok);
+  for (int i = 0; i < 100; ++i) EXPECT_NEAR(y[i], x[i], std::fabs(x[i]) * 0x1p-11f);
+  ASSERT_EQ(quantize_row(DType::BF16, x.data(), half.data(), 100), Status::ok);
+  ASSERT_EQ(dequantize_row(DType::BF16, half.data(), y.data(), 100), Status::ok);
+  for (int i = 0; i < 100; ++i) EXPECT_NEAR(y[i], x[i], std::fabs(x[i]) * 0x1p-8f);
+  std::vector<float> copy(100);
+  ASSERT_EQ(quantize_row(DType::F32, x.data(), copy.data(), 100), Status::ok);
+  EXPECT_EQ(copy, x);
+}
+
+TEST(KernelQuantize, InvalidArguments) {
+  std::vector<float> x(64);
+  std::vector<uint8_t> out(1024);
+  EXPECT_EQ(quantize_row(DType::Q4_0, x.data(), out.data(), 33), Status::invalid_argument);
+  EXPECT_EQ(quantize_row(DType::Q4_0, nullptr, out.data(), 32), Status::invalid_argument);
+  EXPECT_EQ(quantize_row(DType::Q8_0, x.data(), nullptr, 32), Status::invalid_argument);
+  EXPECT_EQ(quantize_row(DType::Q8_0, x.data(), out.data(), -32), Status::invalid_argument);
+  EXPECT_EQ(quantize_row(DType::Q4_K, x.data(), out.data(), 256), Status::unsupported_type);
+  EXPECT_EQ(quantize_row(static_cast<DType>(99), x.data(), out.data(), 32), Status::unsupported_type);
+  EXPECT_EQ(dequantize_row(DType::Q6_K, out.data(), x.data(), 64), Status::invalid_argument);
+  EXPECT_EQ(dequantize_row(static_cast<DType>(3), out.data(), x.data(), 32), Status::unsupported_type);
+}
+
+// Q4_K, packed by hand from the format definition: 8 sub-blocks of 32 with 6-bit scale sc[j] and
+// min mn[j]; bytes 0-3 = sc[0..3] | (sc[4..7] >> 4) << 6, bytes 4-7 = mn[0..3] | (mn[4..7] >> 4) << 6,
+// bytes 8-11 = (sc[4..7] & 15) | (mn[4..7] & 15) << 4. Element e = 64p + h·32 + l is nibble h of
+// qs[32p + l]; its value is d·sc[e/32]·q − dmin·mn[e/32].
+TEST(KernelQuantize, DequantizeHandBuiltQ4_K) {
+  const int sc[8] = {1, 63, 17, 32, 5, 48, 60, 33};
+  const int mn[8] = {0, 7, 63, 20, 45, 16, 1, 62};
+  BlockQ4_K block{};
+  block.d = fp32_to_fp16(0.25f);
+  block.dmin = fp32_to_fp16(0.125f);
+  for (int j = 0; j < 4; ++j) {
+    block.scales[j] = static_cast<uint8_t>(sc[j] | ((sc[j + 4] >> 4) << 6));
+    block.scales[j + 4] = static_cast<uint8_t>(mn[j] | ((mn[j + 4] >> 4) << 6));
+    block.scales[j + 8] = static_cast<uint8_t>((sc[j + 4] & 15) | ((mn[j + 4] & 15) << 4));
+  }
+  for (int i = 0; i < 128; ++i) block.qs[i] = static_cast<uint8_t>((i * 37 + 11) & 0xFF);
+  std::vector<float> y(256);
+  ASSERT_EQ(dequantize_row(DType::Q4_K, &block, y.data(), 256), Status::ok);
+  for (int e = 0; e < 256; ++e) {
+    const int p = e / 64, h = (e % 64) / 32, l = e % 32;
+    const int q = (block.qs[32 * p + l] >> (4 * h)) & 15;
+    const float expected = 0.25f * sc[e / 32] * q - 0.125f * mn[e / 32];
+    EXPECT_FLOAT_EQ(y[e], expected) << "element " << e;
+  }
+}
+
+// Q6_K, packed by hand: value u[e] in 0..63 (signed value u − 32); in half h (128 elements) and
+// l < 32: ql[64h+l] = u[l] & 15 | (u[l+64] & 15) << 4, ql[64h+32+l] = u[l+32] & 15 | (u[l+96] & 15) << 4,
+// qh[32h+l] packs the top two bits of u[l], u[l+32], u[l+64], u[l+96] at bits 0, 2, 4, 6.
+// Element e has scale scales[e/16].
+TEST(KernelQuantize, DequantizeHandBuiltQ6_K) {
+  int u[256];
+  for (int e = 0; e < 256; ++e) u[e] = (e * 29 + 3) % 64;
+  BlockQ6_K block{};
+  for (int h = 0; h < 2; ++h) {
+    const int* v = u + 128 * h;
+    for (int l = 0; l < 32; ++l) {
+      block.ql[64 * h + l] = static_cast<uint8_t>((v[l] & 15) | ((v[l + 64] & 15) << 4));
+      block.ql[64 * h + 32 + l] = static_cast<uint8_t>((v[l + 32] & 15) | ((v[l + 96] & 15) << 4));
+      block.qh[32 * h + l] = static_cast<uint8_t>((v[l] >> 4) | ((v[l + 32] >> 4) << 2) |
+                                                  ((v[l + 64] >> 4) << 4) | ((v[l + 96] >> 4) << 6));
+    }
+  }
+  for (int g = 0; g < 16; ++g) block.scales[g] = static_cast<int8_t>(g * 17 - 128);
+  block.d = fp32_to_fp16(0.0625f);
+  std::vector<float> y(256);
+  ASSERT_EQ(dequantize_row(DType::Q6_K, &block, y.data(), 256), Status::ok);
+  for (int e = 0; e < 256; ++e) {
+    const float expected = 0.0625f * block.scales[e / 16] * (u[e] - 32);
+    EXPECT_FLOAT_EQ(y[e], expected) << "element " << e;
+  }
+}
+
+}  // namespace
+}  // namespace nibble::kernels

@@ -1,0 +1,109 @@
+#include "worker/sampler.hpp"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <map>
+
+#include "tests/support/test_support.hpp"
+
+namespace nibble::worker {
+namespace {
+
+std::vector<float> logits_of(std::initializer_list<float> v) { return std::vector<float>(v); }
+
+TEST(Sampler, GreedyPicksArgmaxRegardlessOfSeed) {
+  const auto logits = test::random_floats(1001, 7, -5.0f, 5.0f);
+  const auto best = std::max_element(logits.begin(), logits.end()) - logits.begin();
+  for (uint64_t seed : {0ull, 1ull, 99ull}) {
+    Sampler s({.temperature = 0.0f, .seed = seed});
+    EXPECT_EQ(s.sample(logits.data(), 1001, {}), best);
+  }
+}
+
+TEST(Sampler, SameSeedSameSequenceDifferentSeedDifferent) {
+  const auto logits = test::random_floats(257, 3, -2.0f, 2.0f);
+  auto draw = [&](uint64_t seed) {
+    Sampler s({.temperature = 1.0f, .seed = seed});
+    std::vector<int32_t> out;
+    for (int i = 0; i < 64; ++i) out.push_back(s.sample(logits.data(), 257, {}));
+    return out;
+  };
+  EXPECT_EQ(draw(5), draw(5));
+  EXPECT_NE(draw(5), draw(6));
+}
+
+TEST(Sampler, TemperatureDistributionMatchesSoftmax) {
+  const auto logits = logits_of({1.0f, 2.0f, 0.5f, -1.0f, 1.5f});
+  const float temperature = 0.7f;
+  std::vector<double> want(5);
+  double sum = 0.0;
+  for (int i = 0; i < 5; ++i) sum += want[i] = std::exp(logits[i] / temperature);
+  for (double& w : want) w /= sum;
+
+  Sampler s({.temperature = temperature, .seed = 11});
+  const auto dist = s.distribution(logits.data(), 5, {});
+  ASSERT_EQ(dist.size(), 5u);
+  for (const auto& tp : dist) EXPECT_NEAR(tp.p, want[tp.id], 1e-6);
+
+  std::vector<int> counts(5, 0);
+  const int trials = 200000;
+  for (int i = 0; i < trials; ++i) ++counts[s.sample(logits.data(), 5, {})];
+  for (int i = 0; i < 5; ++i) EXPECT_NEAR(counts[i] / double(trials), want[i], 0.005) << "token " << i;
+}
+
+TEST(Sampler, TopKKeepsOnlyTheKBest) {
+  const auto logits = logits_of({0.1f, 3.0f, 2.0f, -1.0f, 2.5f, 0.0f});
+  Sampler s({.temperature = 1.0f, .top_k = 2, .seed = 1});
+  const auto dist = s.distribution(logits.data(), 6, {});
+  ASSERT_EQ(dist.size(), 2u);
+  EXPECT_EQ(dist[0].id, 1);
+  EXPECT_EQ(dist[1].id, 4);
+  for (int i = 0; i < 1000; ++i) {
+    const int32_t t = s.sample(logits.data(), 6, {});
+    EXPECT_TRUE(t == 1 || t == 4);
+  }
+}
+
+TEST(Sampler, TopPKeepsTheSmallestSetReachingP) {
+  // Probabilities 0.5, 0.3, 0.15, 0.05 (logits are their logs).
+  const auto logits = logits_of({std::log(0.5f), std::log(0.3f), std::log(0.15f), std::log(0.05f)});
+  Sampler s({.temperature = 1.0f, .top_p = 0.75f, .seed = 1});
+  const auto dist = s.distribution(logits.data(), 4, {});
+  ASSERT_EQ(dist.size(), 2u);  // 0.5 + 0.3 >= 0.75
+  EXPECT_NEAR(dist[0].p, 0.5 / 0.8, 1e-6);
+  EXPECT_NEAR(dist[1].p, 0.3 / 0.8, 1e-6);
+}
+
+TEST(Sampler, MinPDropsTokensBelowAFractionOfTheTop) {
+  const auto logits = logits_of({std::log(0.5f), std::log(0.3f), std::log(0.15f), std::log(0.05f)});
+  Sampler s({.temperature = 1.0f, .min_p = 0.2f, .seed = 1});  // threshold 0.1
+  const auto dist = s.distribution(logits.data(), 4, {});
+  ASSERT_EQ(dist.size(), 3u);
+  EXPECT_EQ(dist[2].id, 2);
+}
+
+TEST(Sampler, RepetitionPenaltyChangesTheGreedyChoice) {
+  const auto logits = logits_of({1.0f, 2.0f, 1.8f});
+  const std::vector<int32_t> history = {1};
+  Sampler plain({.temperature = 0.0f});
+  EXPECT_EQ(plain.sample(logits.data(), 3, history), 1);
+  Sampler penalized({.temperature = 0.0f, .repetition_penalty = 1.5f});
+  EXPECT_EQ(penalized.sample(logits.data(), 3, history), 2);  // 2.0 / 1.5 < 1.8
+  // Only the last repeat_last_n tokens count.
+  Sampler short_window({.temperature = 0.0f, .repetition_penalty = 1.5f, .repeat_last_n = 1});
+  const std::vector<int32_t> old_history = {1, 0};
+  EXPECT_EQ(short_window.sample(logits.data(), 3, old_history), 1);
+}
+
+TEST(Sampler, ImpossibleParametersAreRejected) {
+  EXPECT_THROW(Sampler({.temperature = -1.0f}), std::invalid_argument);
+  EXPECT_THROW(Sampler({.top_p = 0.0f}), std::invalid_argument);
+  EXPECT_THROW(Sampler({.top_p = 1.5f}), std::invalid_argument);
+  EXPECT_THROW(Sampler({.min_p = 1.0f}), std::invalid_argument);
+  EXPECT_THROW(Sampler({.top_k = -2}), std::invalid_argument);
+  EXPECT_THROW(Sampler({.repetition_penalty = 0.0f}), std::invalid_argument);
+}
+
+}  // namespace
+}  // namespace nibble::worker

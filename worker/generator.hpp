@@ -1,0 +1,60 @@
+#pragma once
+// Single-sequence text generation: prefill, then sample token by token until EOS, a stop string or
+// the token limit. Used by `nibble generate` and `nibble bench`.
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "kernels/thread_pool.hpp"
+#include "model/tokenizer.hpp"
+#include "worker/kv_cache.hpp"
+#include "worker/llama_model.hpp"
+#include "worker/sampler.hpp"
+
+namespace nibble::worker {
+
+struct GenerateOptions {
+  int32_t max_tokens = 128;
+  std::vector<std::string> stop;  // generation ends before the first occurrence of any of these
+  bool ignore_eos = false;        // benchmarks generate a fixed count
+  SamplingParams sampling;
+  int64_t prefill_chunk = 512;    // prompt tokens per forward pass
+};
+
+enum class FinishReason { length, eos, stop };
+const char* finish_reason_name(FinishReason reason);
+
+struct GenerateResult {
+  std::vector<int32_t> prompt_tokens;
+  std::vector<int32_t> tokens;  // generated ids (a matched stop string's tokens included, EOS not)
+  std::string text;             // generated text, cut before a matched stop string
+  FinishReason finish = FinishReason::length;
+  double prompt_seconds = 0.0;    // prefill, up to the first sampled token
+  double generate_seconds = 0.0;  // everything after the first sampled token
+};
+
+// Called with text that is final (never retracted by a later stop-string match) and the token id
+// that produced it.
+using TokenCallback = std::function<void(const std::string& text_delta, int32_t token)>;
+
+class Generator {
+ public:
+  // context: the longest prompt + generation this generator accepts.
+  Generator(LlamaModel& model, const model::Tokenizer& tokenizer, kernels::ThreadPool& pool, int64_t context);
+  int64_t context() const { return context_; }
+
+  // Throws std::invalid_argument when the prompt is empty, too long for the context, or holds
+  // token ids outside the vocabulary, or the sampling parameters are impossible.
+  GenerateResult generate(const std::vector<int32_t>& prompt_tokens, const GenerateOptions& options,
+                          const TokenCallback& on_token = {});
+
+ private:
+  LlamaModel& model_;
+  const model::Tokenizer& tokenizer_;
+  kernels::ThreadPool& pool_;
+  int64_t context_;
+  KvCache cache_;
+};
+
+}  // namespace nibble::worker

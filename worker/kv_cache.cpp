@@ -1,0 +1,45 @@
+#include "worker/kv_cache.hpp"
+
+#include <stdexcept>
+
+namespace nibble::worker {
+
+KvCache::KvCache(const model::LlamaConfig& config, int64_t n_blocks, int64_t block_size)
+    : n_blocks_(n_blocks), block_size_(block_size), kv_dim_(config.kv_dim()) {
+  if (n_blocks <= 0 || block_size <= 0) throw std::invalid_argument("KV cache needs at least one block");
+  layer_stride_ = n_blocks * block_size * kv_dim_;
+  k_.assign(static_cast<size_t>(layer_stride_ * config.n_layer), 0.0f);
+  v_.assign(static_cast<size_t>(layer_stride_ * config.n_layer), 0.0f);
+}
+
+int64_t KvCache::bytes_per_block(const model::LlamaConfig& config, int64_t block_size) {
+  return 2 * config.n_layer * block_size * config.kv_dim() * static_cast<int64_t>(sizeof(float));
+}
+
+BlockAllocator::BlockAllocator(int64_t n_blocks) {
+  free_.reserve(n_blocks);
+  // Highest id last so the lowest ids are handed out first (easier to read in traces).
+  for (int64_t b = n_blocks - 1; b >= 0; --b) free_.push_back(static_cast<int32_t>(b));
+}
+
+bool BlockAllocator::reserve(std::vector<int32_t>& table, int64_t n_positions, int64_t block_size) {
+  const int64_t needed = (n_positions + block_size - 1) / block_size;
+  const int64_t extra = needed - static_cast<int64_t>(table.size());
+  if (extra <= 0) return true;
+  if (extra > free_blocks()) return false;
+  for (int64_t i = 0; i < extra; ++i) {
+    table.push_back(free_.back());
+    free_.pop_back();
+  }
+  return true;
+}
+
+void BlockAllocator::truncate(std::vector<int32_t>& table, int64_t n_positions, int64_t block_size) {
+  const int64_t keep = (n_positions + block_size - 1) / block_size;
+  while (static_cast<int64_t>(table.size()) > keep) {
+    free_.push_back(table.back());
+    table.pop_back();
+  }
+}
+
+}  // namespace nibble::worker

@@ -1,0 +1,46 @@
+#pragma once
+// Paged KV cache storage and the allocator of its blocks. A sequence owns a list of fixed-size
+// blocks (its block table); position p lives in block table[p / block_size]. Storage knows nothing
+// of sequences, so a coordinator can own the tables and send them with each step.
+#include <cstdint>
+#include <vector>
+
+#include "model/llama_config.hpp"
+
+namespace nibble::worker {
+
+class KvCache {
+ public:
+  // Stores n_blocks blocks of block_size positions for every layer, K and V, in float.
+  KvCache(const model::LlamaConfig& config, int64_t n_blocks, int64_t block_size = 16);
+
+  int64_t n_blocks() const { return n_blocks_; }
+  int64_t block_size() const { return block_size_; }
+  int64_t kv_dim() const { return kv_dim_; }
+  // k, v of one layer: [n_blocks, block_size, kv_dim]
+  float* k(int64_t layer) { return k_.data() + layer * layer_stride_; }
+  float* v(int64_t layer) { return v_.data() + layer * layer_stride_; }
+  // Bytes per block across all layers, K and V: what sizing from a memory budget divides by.
+  static int64_t bytes_per_block(const model::LlamaConfig& config, int64_t block_size);
+
+ private:
+  int64_t n_blocks_, block_size_, kv_dim_, layer_stride_;
+  std::vector<float> k_, v_;
+};
+
+// Hands out block ids; a sequence's table grows as it does and returns its blocks when it ends.
+class BlockAllocator {
+ public:
+  explicit BlockAllocator(int64_t n_blocks);
+  int64_t free_blocks() const { return static_cast<int64_t>(free_.size()); }
+  // Grows `table` to cover n_positions; false (table unchanged) when not enough blocks are free.
+  bool reserve(std::vector<int32_t>& table, int64_t n_positions, int64_t block_size);
+  // Shrinks `table` to cover n_positions (speculative rollback), freeing whole unused blocks.
+  void truncate(std::vector<int32_t>& table, int64_t n_positions, int64_t block_size);
+  void release(std::vector<int32_t>& table) { truncate(table, 0, 1); }
+
+ private:
+  std::vector<int32_t> free_;
+};
+
+}  // namespace nibble::worker

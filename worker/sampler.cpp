@@ -1,0 +1,96 @@
+#include "worker/sampler.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+#include <string>
+#include <unordered_set>
+
+namespace nibble::worker {
+
+void validate(const SamplingParams& p) {
+  auto fail = [](const std::string& what) { throw std::invalid_argument(what); };
+  if (!std::isfinite(p.temperature) || p.temperature < 0.0f) fail("temperature must be >= 0");
+  if (p.top_k < 0) fail("top_k must be >= 0");
+  if (!(p.top_p > 0.0f && p.top_p <= 1.0f)) fail("top_p must be in (0, 1]");
+  if (!(p.min_p >= 0.0f && p.min_p < 1.0f)) fail("min_p must be in [0, 1)");
+  if (!(p.repetition_penalty > 0.0f) || !std::isfinite(p.repetition_penalty)) fail("repetition_penalty must be > 0");
+  if (p.repeat_last_n < 0) fail("repeat_last_n must be >= 0");
+}
+
+Sampler::Sampler(const SamplingParams& params) : params_(params), rng_(params.seed) { validate(params); }
+
+double Sampler::uniform() { return static_cast<double>(rng_() >> 11) * 0x1.0p-53; }
+
+std::vector<TokenProbability> Sampler::distribution(const float* logits, int64_t n_vocab,
+                                                    std::span<const int32_t> history) const {
+  std::vector<float> adjusted(logits, logits + n_vocab);
+  if (params_.repetition_penalty != 1.0f && params_.repeat_last_n > 0) {
+    const size_t window = std::min(history.size(), static_cast<size_t>(params_.repeat_last_n));
+    std::unordered_set<int32_t> seen(history.end() - static_cast<std::ptrdiff_t>(window), history.end());
+    for (int32_t id : seen) {
+      if (id < 0 || id >= n_vocab) continue;
+      float& v = adjusted[id];
+      v = v > 0.0f ? v / params_.repetition_penalty : v * params_.repetition_penalty;
+    }
+  }
+  if (params_.temperature <= 0.0f) {
+    const auto best = std::max_element(adjusted.begin(), adjusted.end()) - adjusted.begin();
+    return {{static_cast<int32_t>(best), 1.0f}};
+  }
+
+  std::vector<TokenProbability> c(n_vocab);
+  for (int64_t i = 0; i < n_vocab; ++i) c[i] = {static_cast<int32_t>(i), adjusted[i] / params_.temperature};
+  auto by_logit = [](const TokenProbability& a, const TokenProbability& b) {
+    return a.p > b.p || (a.p == b.p && a.id < b.id);
+  };
+  size_t keep = c.size();
+  if (params_.top_k > 0 && static_cast<size_t>(params_.top_k) < keep) keep = params_.top_k;
+  std::partial_sort(c.begin(), c.begin() + static_cast<std::ptrdiff_t>(keep), c.end(), by_logit);
+  c.resize(keep);
+
+  // Softmax in float64 over the kept candidates (sorted, largest first).
+  const double max_logit = c.front().p;
+  std::vector<double> probs(c.size());
+  double sum = 0.0;
+  for (size_t i = 0; i < c.size(); ++i) sum += probs[i] = std::exp(static_cast<double>(c[i].p) - max_logit);
+  for (double& p : probs) p /= sum;
+
+  if (params_.top_p < 1.0f) {
+    double cumulative = 0.0;
+    size_t cut = probs.size();
+    for (size_t i = 0; i < probs.size(); ++i) {
+      cumulative += probs[i];
+      if (cumulative >= params_.top_p) {
+        cut = i + 1;
+        break;
+      }
+    }
+    probs.resize(cut);
+  }
+  if (params_.min_p > 0.0f) {
+    const double threshold = probs.front() * params_.min_p;
+    size_t cut = 1;
+    while (cut < probs.size() && probs[cut] >= threshold) ++cut;
+    probs.resize(cut);
+  }
+  double kept_mass = 0.0;
+  for (double p : probs) kept_mass += p;
+  std::vector<TokenProbability> out(probs.size());
+  for (size_t i = 0; i < probs.size(); ++i) out[i] = {c[i].id, static_cast<float>(probs[i] / kept_mass)};
+  return out;
+}
+
+int32_t Sampler::sample(const float* logits, int64_t n_vocab, std::span<const int32_t> history) {
+  const std::vector<TokenProbability> dist = distribution(logits, n_vocab, history);
+  if (dist.size() == 1) return dist.front().id;
+  const double u = uniform();
+  double cumulative = 0.0;
+  for (const auto& tp : dist) {
+    cumulative += tp.p;
+    if (u < cumulative) return tp.id;
+  }
+  return dist.back().id;  // rounding left u just above the total
+}
+
+}  // namespace nibble::worker

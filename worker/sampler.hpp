@@ -1,0 +1,52 @@
+#pragma once
+// Token sampling: greedy, temperature, top-k, top-p, min-p and repetition penalty, reproducible
+// from a seed. Filters apply in the order penalty → temperature → top-k → top-p → min-p (as vLLM
+// does), so speculative decoding can apply the same transformation to draft and target.
+#include <cstdint>
+#include <random>
+#include <span>
+#include <utility>
+#include <vector>
+
+namespace nibble::worker {
+
+struct SamplingParams {
+  float temperature = 0.0f;         // <= 0: greedy (argmax)
+  int32_t top_k = 0;                // <= 0: off
+  float top_p = 1.0f;               // >= 1: off
+  float min_p = 0.0f;               // <= 0: off
+  float repetition_penalty = 1.0f;  // 1: off; llama.cpp rule: positive logits divided, negative multiplied
+  int32_t repeat_last_n = 64;       // how many recent tokens the penalty looks at
+  uint64_t seed = 0;
+};
+
+// Throws std::invalid_argument naming an impossible parameter (negative temperature, top_p outside
+// (0, 1], ...).
+void validate(const SamplingParams& params);
+
+struct TokenProbability {
+  int32_t id;
+  float p;
+};
+
+class Sampler {
+ public:
+  explicit Sampler(const SamplingParams& params);
+  const SamplingParams& params() const { return params_; }
+
+  // logits: [n_vocab]; history: tokens so far (prompt and generated), for the penalty.
+  int32_t sample(const float* logits, int64_t n_vocab, std::span<const int32_t> history);
+  // The distribution sample() draws from, as (id, probability) pairs with p > 0, summing to 1. At
+  // temperature 0 it is the one-hot argmax.
+  std::vector<TokenProbability> distribution(const float* logits, int64_t n_vocab,
+                                             std::span<const int32_t> history) const;
+  // A uniform draw in [0, 1) from this sampler's stream (mt19937_64 is fully specified, so the same
+  // seed gives the same stream on every platform).
+  double uniform();
+
+ private:
+  SamplingParams params_;
+  std::mt19937_64 rng_;
+};
+
+}  // namespace nibble::worker

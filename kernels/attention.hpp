@@ -20,14 +20,16 @@ struct PagedAttentionShape {
 };
 
 // q: [tokens, n_head, head_dim]
-// k_cache, v_cache: [n_blocks, block_size, n_head_kv, head_dim] (one layer)
+// k_cache, v_cache: [n_blocks, block_size, n_head_kv, head_dim] fp16 bits (one layer). fp16 halves
+//   the cache and is llama.cpp's default; like ggml, q and the softmax weights are rounded to fp16
+//   before they meet the cache, so results match llama.cpp closely.
 // block_tables: [n_seqs, max_blocks_per_seq] block ids; position p of sequence s lives in block
 //   block_tables[s][p / block_size], slot p % block_size
 // token_seq: [tokens] row of block_tables for each token
 // token_pos: [tokens] position of each token
 // out: [tokens, n_head, head_dim]
-Status paged_attention(const PagedAttentionShape& shape, const float* q, const float* k_cache,
-                       const float* v_cache, const int32_t* block_tables, const int32_t* token_seq,
+Status paged_attention(const PagedAttentionShape& shape, const float* q, const uint16_t* k_cache,
+                       const uint16_t* v_cache, const int32_t* block_tables, const int32_t* token_seq,
                        const int32_t* token_pos, float scale, float* out, ThreadPool& pool);
 
 }  // namespace nibble::kernels

@@ -23,7 +23,7 @@ namespace {
 
 constexpr uint32_t kMagic = 0x46554747;  // "GGUF" read as a little-endian uint32
 constexpr uint64_t kDefaultAlignment = 32;
-constexpr size_t kMaxTensorName = 64;  // GGML_MAX_NAME: llama.cpp rejects longer names
+constexpr size_t kMaxTensorName = 63;  // llama.cpp rejects names of GGML_MAX_NAME (64) bytes or more
 constexpr int kMaxDims = 4;            // GGML_MAX_DIMS
 constexpr int kMaxArrayDepth = 3;      // arrays of arrays of arrays; real files use depth 1
 // In memory every array element becomes a GgufValue (~100 bytes), so a metadata section that is

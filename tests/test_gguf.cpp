@@ -271,7 +271,7 @@ TEST(Gguf, WriterRejectsBadInput) {
         w.add_tensor("d", {1, 1, 1, 1, 1}, DType::F32, std::vector<uint8_t>(4));
       },
       {"dims"});
-  expect_gguf_error([&] { w.add_tensor(std::string(65, 'n'), {1}, DType::F32, std::vector<uint8_t>(4)); },
+  expect_gguf_error([&] { w.add_tensor(std::string(64, 'n'), {1}, DType::F32, std::vector<uint8_t>(4)); },
                     {"name"});
   w.add_tensor("ok", {1}, DType::F32, std::vector<uint8_t>(4));
   expect_gguf_error([&] { w.add_tensor("ok", {1}, DType::F32, std::vector<uint8_t>(4)); }, {"duplicate"});
@@ -514,9 +514,12 @@ TEST_F(GgufBadFile, BadTensorNames) {
   RawGguf empty;
   empty.header(1, 0).tensor("", {32}, 0, 0).pad().data(128);
   expect_error("emptyname.gguf", empty, {"empty name"});
-  RawGguf long_name;
-  long_name.header(1, 0).tensor(std::string(65, 'x'), {32}, 0, 0).pad().data(128);
-  expect_error("longname.gguf", long_name, {"65 bytes"});
+  RawGguf long_name;  // llama.cpp's limit: names shorter than GGML_MAX_NAME (64)
+  long_name.header(1, 0).tensor(std::string(64, 'x'), {32}, 0, 0).pad().data(128);
+  expect_error("longname.gguf", long_name, {"64 bytes"});
+  RawGguf longest;
+  longest.header(1, 0).tensor(std::string(63, 'x'), {32}, 0, 0).pad().data(128);
+  EXPECT_EQ(GgufFile::open(write("longest.gguf", longest).string())->tensors()[0].name.size(), 63u);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -53,7 +53,7 @@ TEST(KvCache, LayersDoNotOverlap) {
   EXPECT_EQ(cache.kv_dim(), 16);
   EXPECT_EQ(cache.k(1) - cache.k(0), 5 * 4 * 16);
   EXPECT_EQ(cache.v(2) - cache.v(1), 5 * 4 * 16);
-  EXPECT_EQ(KvCache::bytes_per_block(c, 4), 2 * 3 * 4 * 16 * 4);
+  EXPECT_EQ(KvCache::bytes_per_block(c, 4), 2 * 3 * 4 * 16 * 2);
 }
 
 }  // namespace

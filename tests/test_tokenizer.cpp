@@ -51,7 +51,10 @@ std::string escaped(const std::string& s) {
 
 std::string join(const std::vector<int32_t>& ids) {
   std::string out;
-  for (size_t i = 0; i < ids.size(); ++i) out += (i ? " " : "") + std::to_string(ids[i]);
+  for (size_t i = 0; i < ids.size(); ++i) {
+    if (i > 0) out += ' ';
+    out += std::to_string(ids[i]);
+  }
   return out;
 }
 

@@ -8,12 +8,12 @@ KvCache::KvCache(const model::LlamaConfig& config, int64_t n_blocks, int64_t blo
     : n_blocks_(n_blocks), block_size_(block_size), kv_dim_(config.kv_dim()) {
   if (n_blocks <= 0 || block_size <= 0) throw std::invalid_argument("KV cache needs at least one block");
   layer_stride_ = n_blocks * block_size * kv_dim_;
-  k_.assign(static_cast<size_t>(layer_stride_ * config.n_layer), 0.0f);
-  v_.assign(static_cast<size_t>(layer_stride_ * config.n_layer), 0.0f);
+  k_.assign(static_cast<size_t>(layer_stride_ * config.n_layer), 0);
+  v_.assign(static_cast<size_t>(layer_stride_ * config.n_layer), 0);
 }
 
 int64_t KvCache::bytes_per_block(const model::LlamaConfig& config, int64_t block_size) {
-  return 2 * config.n_layer * block_size * config.kv_dim() * static_cast<int64_t>(sizeof(float));
+  return 2 * config.n_layer * block_size * config.kv_dim() * static_cast<int64_t>(sizeof(uint16_t));
 }
 
 BlockAllocator::BlockAllocator(int64_t n_blocks) {

@@ -11,21 +11,21 @@ namespace nibble::worker {
 
 class KvCache {
  public:
-  // Stores n_blocks blocks of block_size positions for every layer, K and V, in float.
+  // Stores n_blocks blocks of block_size positions for every layer, K and V, as fp16 bits.
   KvCache(const model::LlamaConfig& config, int64_t n_blocks, int64_t block_size = 16);
 
   int64_t n_blocks() const { return n_blocks_; }
   int64_t block_size() const { return block_size_; }
   int64_t kv_dim() const { return kv_dim_; }
-  // k, v of one layer: [n_blocks, block_size, kv_dim]
-  float* k(int64_t layer) { return k_.data() + layer * layer_stride_; }
-  float* v(int64_t layer) { return v_.data() + layer * layer_stride_; }
+  // k, v of one layer: [n_blocks, block_size, kv_dim] fp16 bits
+  uint16_t* k(int64_t layer) { return k_.data() + layer * layer_stride_; }
+  uint16_t* v(int64_t layer) { return v_.data() + layer * layer_stride_; }
   // Bytes per block across all layers, K and V: what sizing from a memory budget divides by.
   static int64_t bytes_per_block(const model::LlamaConfig& config, int64_t block_size);
 
  private:
   int64_t n_blocks_, block_size_, kv_dim_, layer_stride_;
-  std::vector<float> k_, v_;
+  std::vector<uint16_t> k_, v_;
 };
 
 // Hands out block ids; a sequence's table grows as it does and returns its blocks when it ends.

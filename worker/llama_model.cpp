@@ -123,15 +123,17 @@ void LlamaModel::forward(const ForwardBatch& batch, KvCache& cache, kernels::Thr
           "rope");
 
     // Write this batch's K/V into the cache before any token attends.
-    float* k_cache = cache.k(l);
-    float* v_cache = cache.v(l);
+    uint16_t* k_cache = cache.k(l);
+    uint16_t* v_cache = cache.v(l);
     for (int64_t t = 0; t < n; ++t) {
       const int32_t* table = batch.block_tables.data() + batch.seq_index[t] * batch.max_blocks_per_seq;
       const int64_t pos = batch.positions[t];
       const int64_t slot = static_cast<int64_t>(table[pos / cache.block_size()]) * cache.block_size() +
                            pos % cache.block_size();
-      std::copy_n(k_.data() + t * kv_dim, kv_dim, k_cache + slot * kv_dim);
-      std::copy_n(v_.data() + t * kv_dim, kv_dim, v_cache + slot * kv_dim);
+      for (int64_t i = 0; i < kv_dim; ++i) {
+        k_cache[slot * kv_dim + i] = kernels::fp32_to_fp16(k_[t * kv_dim + i]);
+        v_cache[slot * kv_dim + i] = kernels::fp32_to_fp16(v_[t * kv_dim + i]);
+      }
     }
     check(kernels::paged_attention(shape, q_.data(), k_cache, v_cache, batch.block_tables.data(),
                                    batch.seq_index.data(), batch.positions.data(), scale, attn_.data(), pool),

@@ -12,15 +12,14 @@ namespace nibble::test {
 
 std::optional<std::filesystem::path> fixtures_dir() {
   const char* env = std::getenv("NIBBLE_FIXTURES");
-  if (env == nullptr || *env == '\0') return std::nullopt;
-  std::filesystem::path path(env);
+  std::filesystem::path path(env != nullptr && *env != '\0' ? env : NIBBLE_DEFAULT_FIXTURES);
   if (!std::filesystem::is_directory(path / "models")) return std::nullopt;
   return path;
 }
 
 std::string nibble_bin() {
   const char* env = std::getenv("NIBBLE_BIN");
-  return env != nullptr ? std::string(env) : std::string("nibble");
+  return env != nullptr && *env != '\0' ? std::string(env) : std::string(NIBBLE_DEFAULT_BIN);
 }
 
 CommandResult run_command(const std::string& command) {

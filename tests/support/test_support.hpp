@@ -10,9 +10,10 @@
 
 namespace nibble::test {
 
-// The fixtures directory from NIBBLE_FIXTURES, or nullopt when unset or missing.
+// The fixtures directory (NIBBLE_FIXTURES, else CMake's NIBBLE_FIXTURES_DIR), or nullopt when it
+// does not exist.
 std::optional<std::filesystem::path> fixtures_dir();
-// Path of the `nibble` binary (NIBBLE_BIN).
+// Path of the `nibble` binary (NIBBLE_BIN, else the one this build made).
 std::string nibble_bin();
 
 struct CommandResult {
@@ -42,5 +43,5 @@ void write_file_bytes(const std::filesystem::path& path, const std::vector<uint8
 // Skips the current test when fixtures are absent; binds `dir` to the fixtures path otherwise.
 #define NIBBLE_REQUIRE_FIXTURES(dir)                                                               \
   auto dir##_opt = ::nibble::test::fixtures_dir();                                                \
-  if (!dir##_opt) GTEST_SKIP() << "fixtures not found: set NIBBLE_FIXTURES (CMake NIBBLE_FIXTURES_DIR)"; \
+  if (!dir##_opt) GTEST_SKIP() << "fixtures not found: set NIBBLE_FIXTURES_DIR (CMake) or NIBBLE_FIXTURES"; \
   const std::filesystem::path dir = *dir##_opt

@@ -1,0 +1,254 @@
+// Requantizing GGUF models: which type every tensor gets (pure and not), that weights stay close
+// to the originals within 4- and 8-bit error bounds, and that metadata is carried over.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <filesystem>
+
+#include "kernels/quantize.hpp"
+#include "model/gguf.hpp"
+#include "model/llama_config.hpp"
+#include "model/random_model.hpp"
+#include "model/requantize.hpp"
+#include "tests/support/test_support.hpp"
+
+namespace nibble::model {
+namespace {
+
+namespace fs = std::filesystem;
+using kernels::DType;
+
+std::vector<float> dequantize(const GgufFile& f, const GgufTensorInfo& t) {
+  std::vector<float> out(static_cast<size_t>(t.n_elements));
+  const int64_t n = t.row_elements();
+  const int64_t rb = kernels::row_bytes(t.type, n);
+  for (int64_t r = 0; r < t.rows(); ++r) {
+    EXPECT_EQ(kernels::dequantize_row(t.type, f.tensor_data(t) + r * rb, out.data() + r * n, n),
+              kernels::Status::ok);
+  }
+  return out;
+}
+
+bool same_value(const GgufValue& a, const GgufValue& b) {
+  if (a.type != b.type || a.u != b.u || a.i != b.i || a.s != b.s || a.array.size() != b.array.size())
+    return false;
+  if (!(a.f == b.f || (std::isnan(a.f) && std::isnan(b.f)))) return false;
+  if (a.type == GgufValueType::ARRAY && a.array_type != b.array_type) return false;
+  for (size_t k = 0; k < a.array.size(); ++k) {
+    if (!same_value(a.array[k], b.array[k])) return false;
+  }
+  return true;
+}
+
+// Every element's error stays within what the block's quantization step allows: Q4_0 maps the
+// block's largest magnitude to -8 steps, so the step is amax/8 and values near +amax clip by up to
+// one step; Q8_0 rounds to amax/127 steps (half a step of error). Both add fp16 scale rounding.
+void expect_within_block_bounds(const std::vector<float>& original, const std::vector<float>& got, DType type,
+                                const std::string& name) {
+  ASSERT_EQ(original.size(), got.size());
+  const size_t block = 32;
+  int reported = 0;
+  for (size_t b = 0; b < original.size(); b += block) {
+    float amax = 0;
+    for (size_t j = b; j < b + block; ++j) amax = std::max(amax, std::fabs(original[j]));
+    const float bound = type == DType::Q4_0 ? amax / 8 * 1.01f : amax / 127 * 0.5f + amax * 1e-3f;
+    for (size_t j = b; j < b + block; ++j) {
+      if (std::fabs(got[j] - original[j]) > bound + 1e-7f && reported++ < 5) {
+        ADD_FAILURE() << name << "[" << j << "]: " << got[j] << " vs " << original[j] << " (bound " << bound
+                      << ")";
+      }
+    }
+  }
+}
+
+double relative_rms(const std::vector<float>& want, const std::vector<float>& got) {
+  double err = 0, norm = 0;
+  for (size_t i = 0; i < want.size(); ++i) {
+    err += (static_cast<double>(got[i]) - want[i]) * (static_cast<double>(got[i]) - want[i]);
+    norm += static_cast<double>(want[i]) * want[i];
+  }
+  return std::sqrt(err / norm);
+}
+
+class Requantize : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    source_path_ = dir_.path() / "f32.gguf";
+    write_random_llama(source_path_.string(), llama_shape_by_name("tiny"), DType::F32, 21);
+    source_ = GgufFile::open(source_path_.string());
+  }
+  std::shared_ptr<const GgufFile> convert(const GgufFile& in, DType type, bool pure,
+                                          const std::string& name) {
+    const fs::path out = dir_.path() / name;
+    requantize_gguf(in, out.string(), type, pure);
+    return GgufFile::open(out.string());
+  }
+  test::TempDir dir_;
+  fs::path source_path_;
+  std::shared_ptr<const GgufFile> source_;
+};
+
+TEST_F(Requantize, F32ToQ4_0KeepsHeadsAtQ8_0) {
+  const auto out = convert(*source_, DType::Q4_0, false, "q4.gguf");
+  ASSERT_EQ(out->tensors().size(), source_->tensors().size());
+  for (size_t k = 0; k < out->tensors().size(); ++k) {
+    const GgufTensorInfo& t = out->tensors()[k];
+    const GgufTensorInfo& s = source_->tensors()[k];
+    SCOPED_TRACE(t.name);
+    EXPECT_EQ(t.name, s.name);  // same order and shapes
+    EXPECT_EQ(t.dims, s.dims);
+    DType want = DType::Q4_0;
+    if (t.dims.size() == 1) want = DType::F32;
+    if (t.name == "token_embd.weight" || t.name == "output.weight") want = DType::Q8_0;
+    EXPECT_EQ(t.type, want);
+    EXPECT_EQ(requantized_type(s, DType::Q4_0, false), want);
+    const auto original = dequantize(*source_, s);
+    const auto got = dequantize(*out, t);
+    if (want == DType::F32) {
+      EXPECT_EQ(got, original);
+    } else {
+      expect_within_block_bounds(original, got, want, t.name);
+      EXPECT_LT(relative_rms(original, got), want == DType::Q4_0 ? 0.15 : 0.01);
+      EXPECT_GT(relative_rms(original, got), want == DType::Q4_0 ? 0.02 : 0.0);  // really 4-bit
+    }
+  }
+  EXPECT_EQ(out->get_uint("general.file_type"), 2u);
+  EXPECT_EQ(out->get_uint("general.quantization_version"), 2u);
+  // Everything else is carried over unchanged.
+  for (const auto& [key, value] : source_->metadata()) {
+    if (key == "general.file_type") continue;
+    const GgufValue* copy = out->find(key);
+    ASSERT_NE(copy, nullptr) << key;
+    EXPECT_TRUE(same_value(value, *copy)) << key;
+  }
+  // And the engine's config reader sees the same model.
+  const LlamaConfig a = LlamaConfig::from_gguf(*source_);
+  const LlamaConfig b = LlamaConfig::from_gguf(*out);
+  EXPECT_EQ(a.n_embd, b.n_embd);
+  EXPECT_EQ(a.n_vocab, b.n_vocab);
+  EXPECT_EQ(a.n_head_kv, b.n_head_kv);
+}
+
+TEST_F(Requantize, PureQ4_0QuantizesEveryMatrix) {
+  const auto out = convert(*source_, DType::Q4_0, true, "q4pure.gguf");
+  for (const GgufTensorInfo& t : out->tensors()) {
+    EXPECT_EQ(t.type, t.dims.size() == 1 ? DType::F32 : DType::Q4_0) << t.name;
+  }
+  const auto& head = *out->find_tensor("output.weight");
+  expect_within_block_bounds(dequantize(*source_, *source_->find_tensor("output.weight")),
+                             dequantize(*out, head), DType::Q4_0, head.name);
+  // The pure file is smaller than the mixed one.
+  const auto mixed = convert(*source_, DType::Q4_0, false, "q4mixed.gguf");
+  EXPECT_LT(out->file_size(), mixed->file_size());
+}
+
+TEST_F(Requantize, Q8_0AndF16Targets) {
+  for (const auto& [type, file_type] : {std::pair{DType::Q8_0, 7u}, std::pair{DType::F16, 1u}}) {
+    SCOPED_TRACE(kernels::type_name(type));
+    const auto out = convert(*source_, type, false, std::string(kernels::type_name(type)) + ".gguf");
+    EXPECT_EQ(out->get_uint("general.file_type"), file_type);
+    for (const GgufTensorInfo& t : out->tensors()) {
+      EXPECT_EQ(t.type, t.dims.size() == 1 ? DType::F32 : type)
+          << t.name;  // heads too: only Q4_0 spares them
+      const auto original = dequantize(*source_, *source_->find_tensor(t.name));
+      const auto got = dequantize(*out, t);
+      if (type == DType::Q8_0 && t.dims.size() == 2) expect_within_block_bounds(original, got, type, t.name);
+      if (type == DType::F16) {
+        EXPECT_LT(relative_rms(original, got), 1e-3) << t.name;
+      }
+    }
+  }
+}
+
+TEST_F(Requantize, BackToF32IsExactDequantization) {
+  const auto q4 = convert(*source_, DType::Q4_0, true, "q4.gguf");
+  const auto f32 = convert(*q4, DType::F32, false, "back.gguf");
+  EXPECT_EQ(f32->get_uint("general.file_type"), 0u);
+  for (const GgufTensorInfo& t : f32->tensors()) {
+    EXPECT_EQ(t.type, DType::F32);
+    EXPECT_EQ(dequantize(*f32, t), dequantize(*q4, *q4->find_tensor(t.name))) << t.name;
+  }
+  // Requantizing to the type a tensor already has copies it bit for bit.
+  const auto again = convert(*q4, DType::Q4_0, true, "again.gguf");
+  for (const GgufTensorInfo& t : again->tensors()) {
+    const GgufTensorInfo& s = *q4->find_tensor(t.name);
+    ASSERT_EQ(t.size_bytes, s.size_bytes);
+    EXPECT_EQ(std::memcmp(again->tensor_data(t), q4->tensor_data(s), t.size_bytes), 0) << t.name;
+  }
+}
+
+// A copy of the source model without output.weight: token_embd is the tied output head.
+std::shared_ptr<const GgufFile> tied_copy(const GgufFile& in, const fs::path& path) {
+  GgufWriter w;
+  for (const auto& [key, value] : in.metadata()) w.set(key, value);
+  for (const GgufTensorInfo& t : in.tensors()) {
+    if (t.name == "output.weight") continue;
+    const uint8_t* data = in.tensor_data(t);
+    w.add_tensor(t.name, t.dims, t.type, std::vector<uint8_t>(data, data + t.size_bytes));
+  }
+  w.write(path.string());
+  return GgufFile::open(path.string());
+}
+
+TEST_F(Requantize, TiedHeadStaysQ8_0UnlessPure) {
+  const auto tied = tied_copy(*source_, dir_.path() / "tied.gguf");
+  ASSERT_EQ(tied->find_tensor("output.weight"), nullptr);
+  const auto mixed = convert(*tied, DType::Q4_0, false, "tied-q4.gguf");
+  EXPECT_EQ(mixed->find_tensor("output.weight"), nullptr);
+  EXPECT_EQ(mixed->find_tensor("token_embd.weight")->type, DType::Q8_0);
+  EXPECT_EQ(mixed->find_tensor("blk.0.ffn_up.weight")->type, DType::Q4_0);
+  const auto pure = convert(*tied, DType::Q4_0, true, "tied-q4-pure.gguf");
+  EXPECT_EQ(pure->find_tensor("token_embd.weight")->type, DType::Q4_0);
+}
+
+TEST_F(Requantize, RowLengthNotMultipleOfBlockIsAClearError) {
+  GgufWriter w;
+  w.set_string("general.architecture", "llama");
+  w.add_tensor("blk.0.odd.weight", {48, 2}, DType::F32, std::vector<uint8_t>(48 * 2 * 4, 0));
+  const fs::path path = dir_.path() / "odd.gguf";
+  w.write(path.string());
+  const auto f = GgufFile::open(path.string());
+  const fs::path out = dir_.path() / "odd-q4.gguf";
+  try {
+    requantize_gguf(*f, out.string(), DType::Q4_0, false);
+    ADD_FAILURE() << "expected a GgufError";
+  } catch (const GgufError& e) {
+    const std::string msg = e.what();
+    EXPECT_NE(msg.find("blk.0.odd.weight"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("48"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("block size 32"), std::string::npos) << msg;
+  }
+  EXPECT_FALSE(fs::exists(out));
+  // F16 has no blocks, so the same tensor converts.
+  requantize_gguf(*f, out.string(), DType::F16, false);
+  EXPECT_EQ(GgufFile::open(out.string())->tensors()[0].type, DType::F16);
+  EXPECT_THROW(requantize_gguf(*f, out.string(), DType::Q4_K, false), std::invalid_argument);
+}
+
+TEST(RequantizeFixtures, KQuantAndTiedFixtures) {
+  NIBBLE_REQUIRE_FIXTURES(fixtures);
+  test::TempDir dir;
+  // Q4_K / Q6_K source: dequantize and requantize to Q8_0 stays close to the source.
+  const auto kq = GgufFile::open((fixtures / "models" / "small-llama-q4_k_m.gguf").string());
+  requantize_gguf(*kq, (dir.path() / "q8.gguf").string(), DType::Q8_0, false);
+  const auto q8 = GgufFile::open((dir.path() / "q8.gguf").string());
+  for (const GgufTensorInfo& t : q8->tensors()) {
+    const GgufTensorInfo& s = *kq->find_tensor(t.name);
+    EXPECT_EQ(t.type, t.dims.size() == 1 ? DType::F32 : DType::Q8_0) << t.name;
+    if (t.dims.size() == 2) {
+      expect_within_block_bounds(dequantize(*kq, s), dequantize(*q8, t), DType::Q8_0, t.name);
+    }
+  }
+  EXPECT_EQ(q8->get_string_array("tokenizer.ggml.tokens"), kq->get_string_array("tokenizer.ggml.tokens"));
+  // The fortune target ties its output head to the embedding: that one stays 8-bit.
+  const auto fortune = GgufFile::open((fixtures / "models" / "fortune-target-f16.gguf").string());
+  ASSERT_EQ(fortune->find_tensor("output.weight"), nullptr);
+  requantize_gguf(*fortune, (dir.path() / "fortune-q4.gguf").string(), DType::Q4_0, false);
+  const auto fq4 = GgufFile::open((dir.path() / "fortune-q4.gguf").string());
+  EXPECT_EQ(fq4->find_tensor("token_embd.weight")->type, DType::Q8_0);
+  EXPECT_EQ(fq4->find_tensor("blk.0.attn_q.weight")->type, DType::Q4_0);
+  EXPECT_LT(fq4->file_size(), fortune->file_size() / 2);
+}
+
+}  // namespace
+}  // namespace nibble::model

@@ -2,6 +2,7 @@
 #include <cstdio>
 #include <exception>
 #include <map>
+#include <string>
 
 #include "cluster/cli/commands.hpp"
 
@@ -20,6 +21,21 @@ int main(int argc, char** argv) {
   add("make-model", "Write a random-weight Llama GGUF of a named shape", nibble::cli::add_make_model);
   add("quantize", "Round-to-nearest quantize a GGUF model", nibble::cli::add_quantize);
 
+  auto is_subcommand = [&](const std::string& name) {
+    for (const auto& [sub, run] : runners) {
+      if (sub->get_name() == name) return true;
+    }
+    return false;
+  };
+  if (argc > 1 && argv[1][0] != '-' && !is_subcommand(argv[1])) {
+    std::string known;
+    for (const auto& [sub, run] : runners) {
+      if (!known.empty()) known += ", ";
+      known += sub->get_name();
+    }
+    std::fprintf(stderr, "nibble: error: unknown subcommand '%s' (expected one of: %s)\n", argv[1], known.c_str());
+    return 2;
+  }
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {

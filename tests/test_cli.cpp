@@ -1,0 +1,131 @@
+// The real `nibble` binary on project-made models: subcommands work, and bad input gives a one-line
+// error and a non-zero exit.
+#include <gtest/gtest.h>
+
+#include <nlohmann/json.hpp>
+
+#include "model/gguf.hpp"
+#include "model/tokenizer.hpp"
+#include "tests/support/test_support.hpp"
+
+namespace nibble {
+namespace {
+
+class CliTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    dir_ = new test::TempDir();
+    model_ = (dir_->path() / "tiny-q4_0.gguf").string();
+    const auto r = run("make-model --shape tiny --type q4_0 --seed 3 --out " + model_);
+    ASSERT_EQ(r.exit_code, 0) << r.output;
+  }
+  static void TearDownTestSuite() { delete dir_; }
+  static test::CommandResult run(const std::string& args) { return test::run_command(test::nibble_bin() + " " + args); }
+  static nlohmann::json run_json(const std::string& args) {
+    const auto r = run(args);
+    EXPECT_EQ(r.exit_code, 0) << r.output;
+    return nlohmann::json::parse(r.output);
+  }
+  static size_t line_count(const std::string& s) {
+    size_t lines = 0;
+    for (char c : s) lines += c == '\n';
+    return lines;
+  }
+  static inline test::TempDir* dir_ = nullptr;
+  static inline std::string model_;
+};
+
+TEST_F(CliTest, TokenizeMatchesTheLibrary) {
+  const auto r = run("tokenize --model " + model_ + " --text 'hello world'");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  auto file = model::GgufFile::open(model_);
+  auto tokenizer = model::Tokenizer::from_gguf(*file);
+  std::string want;
+  for (int32_t id : tokenizer->encode("hello world", true)) {
+    if (!want.empty()) want += ' ';
+    want += std::to_string(id);
+  }
+  EXPECT_EQ(r.output, want + "\n");
+  const auto no_bos = run("tokenize --model " + model_ + " --text 'hello world' --no-bos");
+  EXPECT_EQ(no_bos.output.substr(0, 2), want.substr(2, 2)) << "--no-bos drops the leading BOS id";
+}
+
+TEST_F(CliTest, GenerateJsonHasTheDocumentedFields) {
+  const auto j = run_json("generate --model " + model_ + " --prompt 'Once upon' --max-tokens 7 --temperature 0 --json");
+  ASSERT_TRUE(j.contains("prompt_tokens") && j.contains("tokens") && j.contains("text") && j.contains("timings"));
+  EXPECT_EQ(j["prompt_tokens"][0], 1) << "BOS first";
+  EXPECT_LE(j["tokens"].size(), 7u);
+  if (j["tokens"].size() < 7u) {
+    EXPECT_EQ(j["finish_reason"], "eos");
+  }
+  EXPECT_GT(j["timings"]["prompt_ms"].get<double>(), 0.0);
+}
+
+TEST_F(CliTest, SameSeedSameOutput) {
+  const std::string args = "generate --model " + model_ + " --prompt 'The' --max-tokens 10 --temperature 1.2 --json ";
+  const auto a = run_json(args + "--seed 5"), b = run_json(args + "--seed 5"), c = run_json(args + "--seed 6");
+  EXPECT_EQ(a["tokens"], b["tokens"]);
+  EXPECT_EQ(a["seed"], 5);
+  EXPECT_NE(a["tokens"], c["tokens"]);
+}
+
+TEST_F(CliTest, LogitsWritesOneRowPerPromptToken) {
+  const auto out = dir_->path() / "logits.bin";
+  const auto r = run("logits --model " + model_ + " --prompt 'a b c' --out " + out.string());
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const auto ids = run("tokenize --model " + model_ + " --text 'a b c'").output;
+  const size_t n_tokens = std::count(ids.begin(), ids.end(), ' ') + 1;
+  auto file = model::GgufFile::open(model_);
+  const int64_t n_vocab = file->find_tensor("token_embd.weight")->dims[1];
+  EXPECT_EQ(std::filesystem::file_size(out), n_tokens * n_vocab * sizeof(float));
+}
+
+TEST_F(CliTest, BenchReportsPositiveRates) {
+  const auto j = run_json("bench --model " + model_ + " --threads 1 --prompt-tokens 8 --gen-tokens 4 -r 1 --json");
+  EXPECT_GT(j["prompt_tokens_per_second"].get<double>(), 0.0);
+  EXPECT_GT(j["gen_tokens_per_second"].get<double>(), 0.0);
+  EXPECT_GT(j["peak_rss_mib"].get<double>(), 0.0);
+}
+
+TEST_F(CliTest, QuantizedCopyLoadsAndGenerates) {
+  const auto f32 = (dir_->path() / "f32.gguf").string(), q8 = (dir_->path() / "q8.gguf").string();
+  ASSERT_EQ(run("make-model --shape tiny --type f32 --seed 3 --out " + f32).exit_code, 0);
+  const auto r = run("quantize --model " + f32 + " --out " + q8 + " --type q8_0");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_LT(std::filesystem::file_size(q8), std::filesystem::file_size(f32) / 3);
+  const auto g = run_json("generate --model " + q8 + " --prompt 'x' --max-tokens 3 --temperature 0 --json");
+  EXPECT_EQ(g["prompt_tokens"][0], 1);
+}
+
+TEST_F(CliTest, BadInputGivesOneLineErrors) {
+  struct Case {
+    std::string args, expect;
+  };
+  const auto truncated = dir_->path() / "truncated.gguf";
+  auto bytes = test::read_file_bytes(model_);
+  bytes.resize(bytes.size() / 2);
+  test::write_file_bytes(truncated, bytes);
+  const Case cases[] = {
+      {"", "subcommand"},
+      {"frobnicate", "frobnicate"},
+      {"generate --prompt hi", "--model"},
+      {"generate --model /nonexistent.gguf --prompt hi", "not found"},
+      {"generate --model " + truncated.string() + " --prompt hi", "truncated.gguf"},
+      {"generate --model " + model_ + " --prompt hi --max-tokens -3", "max-tokens"},
+      {"generate --model " + model_ + " --prompt hi --top-p 2", "top-p"},
+      {"generate --model " + model_ + " --prompt hi --bogus 1", "bogus"},
+      {"generate --model " + model_ + " --prompt hi --max-tokens 100000", "context"},
+      {"bench --model " + model_ + " --threads 0", "threads"},
+      {"make-model --shape nonsense --out " + (dir_->path() / "x.gguf").string(), "nonsense"},
+  };
+  for (const Case& c : cases) {
+    const auto r = run(c.args);
+    EXPECT_NE(r.exit_code, 0) << c.args;
+    EXPECT_EQ(line_count(r.output), 1u) << c.args << "\n" << r.output;
+    EXPECT_NE(r.output.find(c.expect), std::string::npos) << c.args << " should mention '" << c.expect << "': " << r.output;
+    EXPECT_EQ(r.output.find("terminate"), std::string::npos) << c.args;
+  }
+}
+
+}  // namespace
+}  // namespace nibble

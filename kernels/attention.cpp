@@ -59,7 +59,8 @@ Status paged_attention(const PagedAttentionShape& shape, const float* q, const u
       const int32_t* table = block_tables + static_cast<int64_t>(token_seq[t]) * s.max_blocks_per_seq;
       const int64_t n_pos = static_cast<int64_t>(token_pos[t]) + 1;
       q_f16.resize(s.head_dim);
-      for (int64_t d = 0; d < s.head_dim; ++d) q_f16[d] = round_to_fp16(q[(t * s.n_head + h) * s.head_dim + d]);
+      for (int64_t d = 0; d < s.head_dim; ++d)
+        q_f16[d] = round_to_fp16(q[(t * s.n_head + h) * s.head_dim + d]);
       auto cached = [&](const uint16_t* cache, int64_t p) {
         const int64_t block = table[p / s.block_size];
         return cache + (block * s.block_size + p % s.block_size) * kv_row + kv_head * s.head_dim;

@@ -5,7 +5,8 @@
 namespace nibble::kernels {
 
 Status rms_norm(const float* x, const float* weight, float* y, int64_t rows, int64_t n, float eps) {
-  if (x == nullptr || weight == nullptr || y == nullptr || rows < 0 || n <= 0) return Status::invalid_argument;
+  if (x == nullptr || weight == nullptr || y == nullptr || rows < 0 || n <= 0)
+    return Status::invalid_argument;
   for (int64_t r = 0; r < rows; ++r) {
     const float* xr = x + r * n;
     float* yr = y + r * n;

@@ -21,8 +21,8 @@ const GgufTensorInfo& require(const GgufFile& file, const std::string& name, std
   const GgufTensorInfo* t = file.find_tensor(name);
   if (t == nullptr) throw GgufError(file.path() + ": tensor '" + name + "' is missing");
   if (t->dims != dims) {
-    throw GgufError(file.path() + ": tensor '" + name + "' has shape " + shape_string(t->dims) + ", expected " +
-                    shape_string(dims));
+    throw GgufError(file.path() + ": tensor '" + name + "' has shape " + shape_string(t->dims) +
+                    ", expected " + shape_string(dims));
   }
   return *t;
 }

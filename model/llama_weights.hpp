@@ -24,15 +24,15 @@ struct WeightMatrix {
 struct LlamaLayerWeights {
   std::vector<float> attn_norm;  // [n_embd]
   WeightMatrix wq, wk, wv, wo;
-  std::vector<float> ffn_norm;   // [n_embd]
+  std::vector<float> ffn_norm;  // [n_embd]
   WeightMatrix w_gate, w_up, w_down;
 };
 
 struct LlamaWeights {
-  WeightMatrix token_embd;        // [n_vocab, n_embd]
+  WeightMatrix token_embd;  // [n_vocab, n_embd]
   std::vector<LlamaLayerWeights> layers;
-  std::vector<float> output_norm; // [n_embd]
-  WeightMatrix output;            // [n_vocab, n_embd]; token_embd when the head is tied
+  std::vector<float> output_norm;  // [n_embd]
+  WeightMatrix output;             // [n_vocab, n_embd]; token_embd when the head is tied
   bool tied_output = false;
 
   // Throws GgufError naming a missing tensor or a shape that disagrees with the config.

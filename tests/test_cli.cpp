@@ -20,7 +20,9 @@ class CliTest : public ::testing::Test {
     ASSERT_EQ(r.exit_code, 0) << r.output;
   }
   static void TearDownTestSuite() { delete dir_; }
-  static test::CommandResult run(const std::string& args) { return test::run_command(test::nibble_bin() + " " + args); }
+  static test::CommandResult run(const std::string& args) {
+    return test::run_command(test::nibble_bin() + " " + args);
+  }
   static nlohmann::json run_json(const std::string& args) {
     const auto r = run(args);
     EXPECT_EQ(r.exit_code, 0) << r.output;
@@ -51,8 +53,10 @@ TEST_F(CliTest, TokenizeMatchesTheLibrary) {
 }
 
 TEST_F(CliTest, GenerateJsonHasTheDocumentedFields) {
-  const auto j = run_json("generate --model " + model_ + " --prompt 'Once upon' --max-tokens 7 --temperature 0 --json");
-  ASSERT_TRUE(j.contains("prompt_tokens") && j.contains("tokens") && j.contains("text") && j.contains("timings"));
+  const auto j =
+      run_json("generate --model " + model_ + " --prompt 'Once upon' --max-tokens 7 --temperature 0 --json");
+  ASSERT_TRUE(j.contains("prompt_tokens") && j.contains("tokens") && j.contains("text") &&
+              j.contains("timings"));
   EXPECT_EQ(j["prompt_tokens"][0], 1) << "BOS first";
   EXPECT_LE(j["tokens"].size(), 7u);
   if (j["tokens"].size() < 7u) {
@@ -62,8 +66,10 @@ TEST_F(CliTest, GenerateJsonHasTheDocumentedFields) {
 }
 
 TEST_F(CliTest, SameSeedSameOutput) {
-  const std::string args = "generate --model " + model_ + " --prompt 'The' --max-tokens 10 --temperature 1.2 --json ";
-  const auto a = run_json(args + "--seed 5"), b = run_json(args + "--seed 5"), c = run_json(args + "--seed 6");
+  const std::string args =
+      "generate --model " + model_ + " --prompt 'The' --max-tokens 10 --temperature 1.2 --json ";
+  const auto a = run_json(args + "--seed 5"), b = run_json(args + "--seed 5"),
+             c = run_json(args + "--seed 6");
   EXPECT_EQ(a["tokens"], b["tokens"]);
   EXPECT_EQ(a["seed"], 5);
   EXPECT_NE(a["tokens"], c["tokens"]);
@@ -81,7 +87,8 @@ TEST_F(CliTest, LogitsWritesOneRowPerPromptToken) {
 }
 
 TEST_F(CliTest, BenchReportsPositiveRates) {
-  const auto j = run_json("bench --model " + model_ + " --threads 1 --prompt-tokens 8 --gen-tokens 4 -r 1 --json");
+  const auto j =
+      run_json("bench --model " + model_ + " --threads 1 --prompt-tokens 8 --gen-tokens 4 -r 1 --json");
   EXPECT_GT(j["prompt_tokens_per_second"].get<double>(), 0.0);
   EXPECT_GT(j["gen_tokens_per_second"].get<double>(), 0.0);
   EXPECT_GT(j["peak_rss_mib"].get<double>(), 0.0);
@@ -122,7 +129,8 @@ TEST_F(CliTest, BadInputGivesOneLineErrors) {
     const auto r = run(c.args);
     EXPECT_NE(r.exit_code, 0) << c.args;
     EXPECT_EQ(line_count(r.output), 1u) << c.args << "\n" << r.output;
-    EXPECT_NE(r.output.find(c.expect), std::string::npos) << c.args << " should mention '" << c.expect << "': " << r.output;
+    EXPECT_NE(r.output.find(c.expect), std::string::npos)
+        << c.args << " should mention '" << c.expect << "': " << r.output;
     EXPECT_EQ(r.output.find("terminate"), std::string::npos) << c.args;
   }
 }

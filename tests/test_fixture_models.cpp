@@ -81,7 +81,8 @@ void PrintTo(const FixtureCase& fc, std::ostream* os) { *os << fc.name; }
 
 class FixtureModel : public ::testing::TestWithParam<FixtureCase> {};
 
-void compare_rows(const std::string& what, const float* got, const float* want, int64_t rows, const Tolerance& tol) {
+void compare_rows(const std::string& what, const float* got, const float* want, int64_t rows,
+                  const Tolerance& tol) {
   int agree = 0;
   double worst = 0.0;
   for (int64_t r = 0; r < rows; ++r) {
@@ -92,8 +93,8 @@ void compare_rows(const std::string& what, const float* got, const float* want, 
   }
   EXPECT_GE(agree, static_cast<int>(std::ceil(tol.min_argmax_agreement * rows)))
       << what << ": argmax agrees on " << agree << " of " << rows << " rows";
-  std::cout << "[ info ] " << what << ": worst row relative RMS " << worst << ", argmax agreement " << agree << "/"
-            << rows << "\n";
+  std::cout << "[ info ] " << what << ": worst row relative RMS " << worst << ", argmax agreement " << agree
+            << "/" << rows << "\n";
 }
 
 TEST_P(FixtureModel, GreedyTokensThroughCli) {
@@ -101,8 +102,8 @@ TEST_P(FixtureModel, GreedyTokensThroughCli) {
   const FixtureCase& fc = GetParam();
   const Reference ref = load_reference(fixtures / "models", fc.name);
   const std::string model = (fixtures / "models" / (fc.name + ".gguf")).string();
-  const auto r = test::run_command(test::nibble_bin() + " generate --model " + model + " --prompt '" + kPrompt +
-                                   "' --max-tokens 24 --temperature 0 --threads 2 --json");
+  const auto r = test::run_command(test::nibble_bin() + " generate --model " + model + " --prompt '" +
+                                   kPrompt + "' --max-tokens 24 --temperature 0 --threads 2 --json");
   ASSERT_EQ(r.exit_code, 0) << r.output;
   const auto json = nlohmann::json::parse(r.output);
   EXPECT_EQ(json["prompt_tokens"].get<std::vector<int32_t>>(), ref.prompt);
@@ -125,14 +126,15 @@ TEST_P(FixtureModel, PromptLogitsThroughCli) {
   test::TempDir tmp;
   const auto out = tmp.path() / "logits.bin";
   const auto r = test::run_command(test::nibble_bin() + " logits --model " +
-                                   (fixtures / "models" / (fc.name + ".gguf")).string() + " --prompt '" + kPrompt +
-                                   "' --threads 2 --out " + out.string());
+                                   (fixtures / "models" / (fc.name + ".gguf")).string() + " --prompt '" +
+                                   kPrompt + "' --threads 2 --out " + out.string());
   ASSERT_EQ(r.exit_code, 0) << r.output;
   const auto bytes = test::read_file_bytes(out);
   ASSERT_EQ(bytes.size(), ref.prompt.size() * kVocab * sizeof(float));
   std::vector<float> got(bytes.size() / sizeof(float));
   std::memcpy(got.data(), bytes.data(), bytes.size());
-  compare_rows(fc.name + " prompt", got.data(), ref.logits.data(), static_cast<int64_t>(ref.prompt.size()), fc.tol);
+  compare_rows(fc.name + " prompt", got.data(), ref.logits.data(), static_cast<int64_t>(ref.prompt.size()),
+               fc.tol);
 }
 
 TEST_P(FixtureModel, DecodeLogitsThroughKvCache) {
@@ -151,21 +153,21 @@ TEST_P(FixtureModel, DecodeLogitsThroughKvCache) {
   std::copy(logits.begin(), logits.end(), decode_rows.begin());
   // Feed llama.cpp's tokens back one at a time, as its reference run did.
   for (int g = 0; g + 1 < kGenerated; ++g) {
-    model->forward(worker::ForwardBatch::single({ref.generated[g]}, static_cast<int32_t>(n_prompt + g), table, false),
-                   cache, pool, logits);
+    model->forward(
+        worker::ForwardBatch::single({ref.generated[g]}, static_cast<int32_t>(n_prompt + g), table, false),
+        cache, pool, logits);
     std::copy(logits.begin(), logits.end(), decode_rows.begin() + (g + 1) * kVocab);
   }
   // Row n_prompt-1+g of the reference is the distribution generated token g was drawn from.
-  compare_rows(fc.name + " decode", decode_rows.data(), ref.logits.data() + (n_prompt - 1) * kVocab, kGenerated,
-               fc.tol);
+  compare_rows(fc.name + " decode", decode_rows.data(), ref.logits.data() + (n_prompt - 1) * kVocab,
+               kGenerated, fc.tol);
 }
 
-INSTANTIATE_TEST_SUITE_P(Fixtures, FixtureModel, ::testing::ValuesIn(kCases),
-                         [](const auto& param_info) {
-                           std::string n = param_info.param.name;
-                           std::replace(n.begin(), n.end(), '-', '_');
-                           return n;
-                         });
+INSTANTIATE_TEST_SUITE_P(Fixtures, FixtureModel, ::testing::ValuesIn(kCases), [](const auto& param_info) {
+  std::string n = param_info.param.name;
+  std::replace(n.begin(), n.end(), '-', '_');
+  return n;
+});
 
 }  // namespace
 }  // namespace nibble

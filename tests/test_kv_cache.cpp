@@ -1,8 +1,8 @@
-#include "worker/kv_cache.hpp"
-
 #include <gtest/gtest.h>
 
 #include <set>
+
+#include "worker/kv_cache.hpp"
 
 namespace nibble::worker {
 namespace {

@@ -37,7 +37,8 @@ class ForwardTest : public ::testing::TestWithParam<kernels::DType> {
   }
   std::vector<int32_t> prompt(int n, int seed) const {
     std::vector<int32_t> ids;
-    for (int i = 0; i < n; ++i) ids.push_back(3 + (i * 131 + seed * 17) % static_cast<int>(model_->config().n_vocab - 3));
+    for (int i = 0; i < n; ++i)
+      ids.push_back(3 + (i * 131 + seed * 17) % static_cast<int>(model_->config().n_vocab - 3));
     return ids;
   }
   test::TempDir tmp_;
@@ -53,7 +54,8 @@ TEST_P(ForwardTest, BatchedPrefillEqualsTokenByToken) {
   std::vector<float> batched, stepped, row;
   model_->forward(ForwardBatch::single(ids, 0, table, true), batched_cache, pool_, batched);
   for (size_t i = 0; i < ids.size(); ++i) {
-    model_->forward(ForwardBatch::single({ids[i]}, static_cast<int32_t>(i), table, false), stepped_cache, pool_, row);
+    model_->forward(ForwardBatch::single({ids[i]}, static_cast<int32_t>(i), table, false), stepped_cache,
+                    pool_, row);
     stepped.insert(stepped.end(), row.begin(), row.end());
   }
   ASSERT_EQ(batched.size(), stepped.size());
@@ -106,17 +108,21 @@ TEST_P(ForwardTest, LogitsAreVariedAndFinite) {
 TEST_P(ForwardTest, BadTokensAndPositionsAreRejected) {
   KvCache cache(model_->config(), 1, 16);
   std::vector<float> logits;
-  EXPECT_THROW(model_->forward(ForwardBatch::single({-1}, 0, {0}, false), cache, pool_, logits), std::invalid_argument);
+  EXPECT_THROW(model_->forward(ForwardBatch::single({-1}, 0, {0}, false), cache, pool_, logits),
+               std::invalid_argument);
   const auto too_big = static_cast<int32_t>(model_->config().n_vocab);
   EXPECT_THROW(model_->forward(ForwardBatch::single({too_big}, 0, {0}, false), cache, pool_, logits),
                std::invalid_argument);
   // Position 16 needs a second block the table does not have.
-  EXPECT_THROW(model_->forward(ForwardBatch::single({5}, 16, {0}, false), cache, pool_, logits), std::invalid_argument);
+  EXPECT_THROW(model_->forward(ForwardBatch::single({5}, 16, {0}, false), cache, pool_, logits),
+               std::invalid_argument);
 }
 
 INSTANTIATE_TEST_SUITE_P(Types, ForwardTest,
                          ::testing::Values(kernels::DType::F32, kernels::DType::Q8_0, kernels::DType::Q4_0),
-                         [](const auto& param_info) { return std::string(kernels::type_name(param_info.param)); });
+                         [](const auto& param_info) {
+                           return std::string(kernels::type_name(param_info.param));
+                         });
 
 class GeneratorTest : public ::testing::Test {
  protected:
@@ -179,7 +185,8 @@ TEST_F(GeneratorTest, StopStringEndsGenerationBeforeIt) {
   const std::string stop = full.text.substr(at, 3);
   options.stop = {stop};
   std::string streamed;
-  const auto r = generator_->generate(prompt_, options, [&](const std::string& d, int32_t) { streamed += d; });
+  const auto r =
+      generator_->generate(prompt_, options, [&](const std::string& d, int32_t) { streamed += d; });
   EXPECT_EQ(r.finish, FinishReason::stop);
   EXPECT_EQ(r.text, full.text.substr(0, full.text.find(stop)));
   EXPECT_EQ(streamed, r.text) << "text streamed before the stop matched must not include any of it";

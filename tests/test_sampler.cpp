@@ -1,11 +1,10 @@
-#include "worker/sampler.hpp"
-
 #include <gtest/gtest.h>
 
 #include <cmath>
 #include <map>
 
 #include "tests/support/test_support.hpp"
+#include "worker/sampler.hpp"
 
 namespace nibble::worker {
 namespace {

@@ -33,9 +33,12 @@ size_t held_back_for_stops(const std::string& text, const std::vector<std::strin
 
 const char* finish_reason_name(FinishReason reason) {
   switch (reason) {
-    case FinishReason::length: return "length";
-    case FinishReason::eos: return "eos";
-    case FinishReason::stop: return "stop";
+    case FinishReason::length:
+      return "length";
+    case FinishReason::eos:
+      return "eos";
+    case FinishReason::stop:
+      return "stop";
   }
   return "unknown";
 }
@@ -58,7 +61,8 @@ GenerateResult Generator::generate(const std::vector<int32_t>& prompt_tokens, co
   }
   const int64_t n_vocab = model_.config().n_vocab;
   for (int32_t id : prompt_tokens) {
-    if (id < 0 || id >= n_vocab) throw std::invalid_argument("prompt token " + std::to_string(id) + " is outside the vocabulary");
+    if (id < 0 || id >= n_vocab)
+      throw std::invalid_argument("prompt token " + std::to_string(id) + " is outside the vocabulary");
   }
   const auto n_prompt = static_cast<int64_t>(prompt_tokens.size());
   if (n_prompt + options.max_tokens > context_) {
@@ -83,7 +87,8 @@ GenerateResult Generator::generate(const std::vector<int32_t>& prompt_tokens, co
   for (int64_t begin = 0; begin < n_prompt; begin += options.prefill_chunk) {
     const int64_t end = std::min(n_prompt, begin + options.prefill_chunk);
     std::vector<int32_t> chunk(prompt_tokens.begin() + begin, prompt_tokens.begin() + end);
-    model_.forward(ForwardBatch::single(chunk, static_cast<int32_t>(begin), table, false), cache_, pool_, logits);
+    model_.forward(ForwardBatch::single(chunk, static_cast<int32_t>(begin), table, false), cache_, pool_,
+                   logits);
   }
 
   auto decode_start = start;
@@ -108,7 +113,8 @@ GenerateResult Generator::generate(const std::vector<int32_t>& prompt_tokens, co
       if (at != std::string::npos) stop_at = std::min(stop_at, at);
     }
     if (stop_at != std::string::npos) {
-      const std::string final_delta = (result.text + pending).substr(result.text.size(), stop_at - result.text.size());
+      const std::string final_delta =
+          (result.text + pending).substr(result.text.size(), stop_at - result.text.size());
       result.text += final_delta;
       if (on_token) on_token(final_delta, token);
       result.finish = FinishReason::stop;

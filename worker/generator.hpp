@@ -19,7 +19,7 @@ struct GenerateOptions {
   std::vector<std::string> stop;  // generation ends before the first occurrence of any of these
   bool ignore_eos = false;        // benchmarks generate a fixed count
   SamplingParams sampling;
-  int64_t prefill_chunk = 512;    // prompt tokens per forward pass
+  int64_t prefill_chunk = 512;  // prompt tokens per forward pass
 };
 
 enum class FinishReason { length, eos, stop };

@@ -67,7 +67,8 @@ void LlamaModel::forward(const ForwardBatch& batch, KvCache& cache, kernels::Thr
                              : 0;
   for (int64_t t = 0; t < n; ++t) {
     if (batch.tokens[t] < 0 || batch.tokens[t] >= c.n_vocab) {
-      throw std::invalid_argument("token id " + std::to_string(batch.tokens[t]) + " is outside the vocabulary");
+      throw std::invalid_argument("token id " + std::to_string(batch.tokens[t]) +
+                                  " is outside the vocabulary");
     }
     if (batch.seq_index[t] < 0 || batch.seq_index[t] >= n_seqs || batch.positions[t] < 0 ||
         batch.positions[t] >= batch.max_blocks_per_seq * cache.block_size()) {
@@ -155,7 +156,8 @@ void LlamaModel::forward(const ForwardBatch& batch, KvCache& cache, kernels::Thr
   for (int64_t i = 0; i < n_out; ++i) {
     std::copy_n(x_.data() + batch.logit_rows[i] * c.n_embd, c.n_embd, picked_.data() + i * c.n_embd);
   }
-  check(kernels::rms_norm(picked_.data(), weights_.output_norm.data(), picked_.data(), n_out, c.n_embd, c.rms_eps),
+  check(kernels::rms_norm(picked_.data(), weights_.output_norm.data(), picked_.data(), n_out, c.n_embd,
+                          c.rms_eps),
         "rms_norm");
   logits.resize(n_out * c.n_vocab);
   matmul(weights_.output, picked_.data(), n_out, logits.data(), pool);

@@ -21,7 +21,7 @@ struct ForwardBatch {
   std::vector<int32_t> seq_index;     // [n] row of block_tables
   std::vector<int32_t> block_tables;  // [n_seqs, max_blocks_per_seq]
   int64_t max_blocks_per_seq = 0;
-  std::vector<int32_t> logit_rows;    // indices into tokens whose logits are wanted
+  std::vector<int32_t> logit_rows;  // indices into tokens whose logits are wanted
 
   // The common single-sequence case: tokens at positions start_pos.., logits for the last one or
   // for all.
@@ -42,7 +42,8 @@ class LlamaModel {
   // Runs the batch through the model, filling the cache at the batch's positions.
   // logits: resized to [batch.logit_rows.size(), n_vocab]
   // Throws std::invalid_argument for tokens or positions out of range.
-  void forward(const ForwardBatch& batch, KvCache& cache, kernels::ThreadPool& pool, std::vector<float>& logits);
+  void forward(const ForwardBatch& batch, KvCache& cache, kernels::ThreadPool& pool,
+               std::vector<float>& logits);
 
  private:
   void matmul(const model::WeightMatrix& w, const float* x, int64_t m, float* y, kernels::ThreadPool& pool);

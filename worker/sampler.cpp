@@ -14,7 +14,8 @@ void validate(const SamplingParams& p) {
   if (p.top_k < 0) fail("top_k must be >= 0");
   if (!(p.top_p > 0.0f && p.top_p <= 1.0f)) fail("top_p must be in (0, 1]");
   if (!(p.min_p >= 0.0f && p.min_p < 1.0f)) fail("min_p must be in [0, 1)");
-  if (!(p.repetition_penalty > 0.0f) || !std::isfinite(p.repetition_penalty)) fail("repetition_penalty must be > 0");
+  if (!(p.repetition_penalty > 0.0f) || !std::isfinite(p.repetition_penalty))
+    fail("repetition_penalty must be > 0");
   if (p.repeat_last_n < 0) fail("repeat_last_n must be >= 0");
 }
 

@@ -9,6 +9,7 @@
 #include <iostream>
 #include <memory>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <random>
 
 #include "cluster/cli/commands.hpp"
@@ -38,6 +39,30 @@ double peak_rss_mib() {
   return static_cast<double>(usage.ru_maxrss) / 1024.0;  // ru_maxrss is in KiB on Linux
 }
 
+// Runs the llama.cpp driver on the same model and token ids; its JSON, or {"error": ...}.
+nlohmann::json run_peer(const std::string& script, const std::string& model, int threads,
+                        const std::vector<int32_t>& prompt, int gen_tokens, int repetitions) {
+  std::string tokens;
+  for (int32_t t : prompt) {
+    if (!tokens.empty()) tokens += ',';
+    tokens += std::to_string(t);
+  }
+  const std::string command = "python3 '" + script + "' --model '" + model + "' --threads " +
+                              std::to_string(threads) + " --tokens " + tokens + " --gen-tokens " +
+                              std::to_string(gen_tokens) + " --repetitions " + std::to_string(repetitions) +
+                              " 2>/dev/null";
+  std::string output;
+  if (FILE* pipe = popen(command.c_str(), "r")) {
+    char buffer[4096];
+    size_t n = 0;
+    while ((n = fread(buffer, 1, sizeof buffer, pipe)) > 0) output.append(buffer, n);
+    pclose(pipe);
+  }
+  const auto parsed = nlohmann::json::parse(output, nullptr, false);
+  if (parsed.is_discarded() || !parsed.is_object()) return {{"error", "the peer script printed no result"}};
+  return parsed;
+}
+
 }  // namespace
 
 Runner add_bench(CLI::App& app) {
@@ -48,14 +73,20 @@ Runner add_bench(CLI::App& app) {
     int gen_tokens = 32;
     int repetitions = 3;
     bool json = false;
+    bool peer = false;
+    std::string peer_script = NIBBLE_PEER_SCRIPT;
   };
   auto a = std::make_shared<Args>();
   app.add_option("--model,-m", a->model_path, "GGUF model file")->required();
   app.add_option("--threads,-t", a->threads, "CPU threads")->check(CLI::PositiveNumber);
-  app.add_option("--prompt-tokens", a->prompt_tokens, "Prompt length for the prefill test")->check(CLI::PositiveNumber);
+  app.add_option("--prompt-tokens", a->prompt_tokens, "Prompt length for the prefill test")
+      ->check(CLI::PositiveNumber);
   app.add_option("--gen-tokens", a->gen_tokens, "Tokens for the generation test")->check(CLI::PositiveNumber);
   app.add_option("--repetitions,-r", a->repetitions, "Runs of each test")->check(CLI::PositiveNumber);
   app.add_flag("--json", a->json, "Print one JSON object");
+  app.add_flag("--peer", a->peer,
+               "Also time llama.cpp (llama-cpp-python) on the same model and tokens, and print the ratio");
+  app.add_option("--peer-script", a->peer_script, "The peer driver script");
 
   return [a]() {
     ModelSession s = ModelSession::open(a->model_path, a->threads);
@@ -93,7 +124,14 @@ Runner add_bench(CLI::App& app) {
       tg.push_back(a->gen_tokens / std::chrono::duration<double>(clock::now() - start).count());
     }
     const Stats pp_stats = stats_of(pp), tg_stats = stats_of(tg);
-    const double file_mib = static_cast<double>(std::filesystem::file_size(a->model_path)) / (1024.0 * 1024.0);
+    const double rss = peak_rss_mib();
+    std::optional<nlohmann::json> peer;
+    if (a->peer) {
+      s.model.reset();  // give the memory back before the peer loads its own copy
+      peer = run_peer(a->peer_script, a->model_path, a->threads, prompt, a->gen_tokens, a->repetitions);
+    }
+    const double file_mib =
+        static_cast<double>(std::filesystem::file_size(a->model_path)) / (1024.0 * 1024.0);
 
     if (a->json) {
       nlohmann::json out = {
@@ -108,15 +146,32 @@ Runner add_bench(CLI::App& app) {
           {"gen_tokens_per_second", tg_stats.mean},
           {"gen_tokens_per_second_stddev", tg_stats.stddev},
           {"model_file_mib", file_mib},
-          {"peak_rss_mib", peak_rss_mib()},
+          {"peak_rss_mib", rss},
       };
+      if (peer) {
+        out["peer"] = {{"name", "llama.cpp"}, {"result", *peer}};
+        if (peer->contains("prompt_tokens_per_second")) {
+          out["peer"]["prompt_ratio"] = pp_stats.mean / (*peer)["prompt_tokens_per_second"].get<double>();
+          out["peer"]["gen_ratio"] = tg_stats.mean / (*peer)["gen_tokens_per_second"].get<double>();
+        }
+      }
       std::cout << out.dump() << "\n";
     } else {
-      std::printf("model %s (%.1f MiB), %d threads, %s kernels\n", a->model_path.c_str(), file_mib, a->threads,
-                  kernels::matmul_isa());
+      std::printf("model %s (%.1f MiB), %d threads, %s kernels\n", a->model_path.c_str(), file_mib,
+                  a->threads, kernels::matmul_isa());
       std::printf("pp%-5d %9.2f ± %.2f tokens/s\n", a->prompt_tokens, pp_stats.mean, pp_stats.stddev);
       std::printf("tg%-5d %9.2f ± %.2f tokens/s\n", a->gen_tokens, tg_stats.mean, tg_stats.stddev);
-      std::printf("peak RSS %.1f MiB\n", peak_rss_mib());
+      std::printf("peak RSS %.1f MiB\n", rss);
+      if (peer && peer->contains("prompt_tokens_per_second")) {
+        const double peer_pp = (*peer)["prompt_tokens_per_second"],
+                     peer_tg = (*peer)["gen_tokens_per_second"];
+        std::printf("llama.cpp pp%-5d %9.2f tokens/s   nibble/llama.cpp %.2fx\n", a->prompt_tokens, peer_pp,
+                    pp_stats.mean / peer_pp);
+        std::printf("llama.cpp tg%-5d %9.2f tokens/s   nibble/llama.cpp %.2fx\n", a->gen_tokens, peer_tg,
+                    tg_stats.mean / peer_tg);
+      } else if (peer) {
+        std::printf("peer: %s\n", peer->value("error", std::string("no result")).c_str());
+      }
     }
     return 0;
   };

@@ -35,13 +35,16 @@ Runner add_generate(CLI::App& app) {
   auto a = std::make_shared<GenerateArgs>();
   app.add_option("--model,-m", a->model_path, "GGUF model file")->required();
   app.add_option("--prompt,-p", a->prompt, "Prompt text")->required();
-  app.add_option("--max-tokens,-n", a->max_tokens, "Tokens to generate at most")->check(CLI::NonNegativeNumber);
+  app.add_option("--max-tokens,-n", a->max_tokens, "Tokens to generate at most")
+      ->check(CLI::NonNegativeNumber);
   app.add_option("--temperature", a->temperature, "0 means greedy")->check(CLI::NonNegativeNumber);
-  app.add_option("--top-k", a->top_k, "Keep the k most likely tokens (0: off)")->check(CLI::NonNegativeNumber);
+  app.add_option("--top-k", a->top_k, "Keep the k most likely tokens (0: off)")
+      ->check(CLI::NonNegativeNumber);
   app.add_option("--top-p", a->top_p, "Nucleus sampling mass (1: off)")->check(CLI::Range(0.0, 1.0));
   app.add_option("--min-p", a->min_p, "Drop tokens below min-p times the top probability (0: off)")
       ->check(CLI::Range(0.0, 1.0));
-  app.add_option("--repeat-penalty", a->repeat_penalty, "Repetition penalty (1: off)")->check(CLI::PositiveNumber);
+  app.add_option("--repeat-penalty", a->repeat_penalty, "Repetition penalty (1: off)")
+      ->check(CLI::PositiveNumber);
   app.add_option("--seed", a->seed, "Sampling seed (default: random, printed with --json)");
   app.add_option("--threads,-t", a->threads, "CPU threads")->check(CLI::PositiveNumber);
   app.add_option("--ctx", a->context, "Context length (default: the model's, at most 4096)")
@@ -51,7 +54,8 @@ Runner add_generate(CLI::App& app) {
 
   return [a]() {
     ModelSession s = ModelSession::open(a->model_path, a->threads);
-    const int64_t context = a->context > 0 ? a->context : std::min<int64_t>(s.model->config().n_ctx_train, 4096);
+    const int64_t context =
+        a->context > 0 ? a->context : std::min<int64_t>(s.model->config().n_ctx_train, 4096);
     worker::GenerateOptions options;
     options.max_tokens = a->max_tokens;
     options.stop = a->stop;
@@ -87,7 +91,8 @@ Runner add_generate(CLI::App& app) {
         {"prompt_ms", r.prompt_seconds * 1e3},
         {"generate_ms", r.generate_seconds * 1e3},
         {"prompt_tokens_per_second", r.prompt_seconds > 0 ? r.prompt_tokens.size() / r.prompt_seconds : 0.0},
-        {"tokens_per_second", r.generate_seconds > 0 && n_generated > 1 ? (n_generated - 1) / r.generate_seconds : 0.0},
+        {"tokens_per_second",
+         r.generate_seconds > 0 && n_generated > 1 ? (n_generated - 1) / r.generate_seconds : 0.0},
     };
     // Invalid UTF-8 (a model may emit stray bytes) is replaced rather than aborting the dump.
     std::cout << out.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";

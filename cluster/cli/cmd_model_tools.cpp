@@ -32,7 +32,8 @@ Runner add_tokenize(CLI::App& app) {
   app.add_option("--text", a->text, "Text to tokenize")->required();
   app.add_flag("--no-bos", a->no_bos, "Do not add BOS");
   return [a]() {
-    if (!std::filesystem::exists(a->model_path)) throw std::runtime_error("model file not found: " + a->model_path);
+    if (!std::filesystem::exists(a->model_path))
+      throw std::runtime_error("model file not found: " + a->model_path);
     auto file = model::GgufFile::open(a->model_path);
     auto tokenizer = model::Tokenizer::from_gguf(*file);
     const auto ids = tokenizer->encode(a->text, !a->no_bos && tokenizer->add_bos_default());
@@ -50,7 +51,8 @@ Runner add_logits(CLI::App& app) {
   auto a = std::make_shared<Args>();
   app.add_option("--model,-m", a->model_path, "GGUF model file")->required();
   app.add_option("--prompt,-p", a->prompt, "Prompt text (BOS is added as the vocabulary says)")->required();
-  app.add_option("--out,-o", a->out, "Output file: float32 rows of n_vocab, one per prompt position")->required();
+  app.add_option("--out,-o", a->out, "Output file: float32 rows of n_vocab, one per prompt position")
+      ->required();
   app.add_option("--threads,-t", a->threads, "CPU threads")->check(CLI::PositiveNumber);
   return [a]() {
     ModelSession s = ModelSession::open(a->model_path, a->threads);
@@ -64,9 +66,11 @@ Runner add_logits(CLI::App& app) {
     std::vector<float> logits;
     s.model->forward(worker::ForwardBatch::single(ids, 0, table, true), cache, *s.pool, logits);
     std::ofstream out(a->out, std::ios::binary);
-    out.write(reinterpret_cast<const char*>(logits.data()), static_cast<std::streamsize>(logits.size() * sizeof(float)));
+    out.write(reinterpret_cast<const char*>(logits.data()),
+              static_cast<std::streamsize>(logits.size() * sizeof(float)));
     if (!out) throw std::runtime_error("cannot write " + a->out);
-    std::cerr << "wrote " << ids.size() << " rows of " << s.model->config().n_vocab << " logits to " << a->out << "\n";
+    std::cerr << "wrote " << ids.size() << " rows of " << s.model->config().n_vocab << " logits to " << a->out
+              << "\n";
     return 0;
   };
 }

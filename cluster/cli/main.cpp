@@ -33,7 +33,8 @@ int main(int argc, char** argv) {
       if (!known.empty()) known += ", ";
       known += sub->get_name();
     }
-    std::fprintf(stderr, "nibble: error: unknown subcommand '%s' (expected one of: %s)\n", argv[1], known.c_str());
+    std::fprintf(stderr, "nibble: error: unknown subcommand '%s' (expected one of: %s)\n", argv[1],
+                 known.c_str());
     return 2;
   }
   try {

@@ -21,7 +21,8 @@ ModelSession ModelSession::open(const std::string& path, int threads) {
   s.tokenizer = model::Tokenizer::from_gguf(s.model->file());
   if (s.tokenizer->n_vocab() != s.model->config().n_vocab) {
     throw std::runtime_error(path + ": vocabulary has " + std::to_string(s.tokenizer->n_vocab()) +
-                             " tokens but token_embd.weight has " + std::to_string(s.model->config().n_vocab));
+                             " tokens but token_embd.weight has " +
+                             std::to_string(s.model->config().n_vocab));
   }
   s.pool = std::make_unique<kernels::ThreadPool>(threads);
   return s;

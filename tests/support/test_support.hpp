@@ -41,7 +41,7 @@ void write_file_bytes(const std::filesystem::path& path, const std::vector<uint8
 }  // namespace nibble::test
 
 // Skips the current test when fixtures are absent; binds `dir` to the fixtures path otherwise.
-#define NIBBLE_REQUIRE_FIXTURES(dir)                                                               \
-  auto dir##_opt = ::nibble::test::fixtures_dir();                                                \
+#define NIBBLE_REQUIRE_FIXTURES(dir)                                                                        \
+  auto dir##_opt = ::nibble::test::fixtures_dir();                                                          \
   if (!dir##_opt) GTEST_SKIP() << "fixtures not found: set NIBBLE_FIXTURES_DIR (CMake) or NIBBLE_FIXTURES"; \
   const std::filesystem::path dir = *dir##_opt

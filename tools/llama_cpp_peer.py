@@ -1,0 +1,42 @@
+#!/usr/bin/env python3
+"""The peer for `nibble bench --peer`: llama.cpp (through llama-cpp-python) timed the same way as
+Nibble's bench: one batched forward of the prompt tokens, then single-token forwards, same token ids,
+same thread count. Prints one JSON object. Exits 3 when llama_cpp is not installed."""
+import argparse
+import json
+import statistics
+import sys
+import time
+
+try:
+    from llama_cpp import Llama
+except ImportError:
+    print(json.dumps({"error": "llama_cpp (pip install llama-cpp-python) is not installed"}))
+    sys.exit(3)
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--model", required=True)
+parser.add_argument("--threads", type=int, required=True)
+parser.add_argument("--tokens", required=True, help="comma-separated prompt token ids")
+parser.add_argument("--gen-tokens", type=int, required=True)
+parser.add_argument("--repetitions", type=int, default=3)
+args = parser.parse_args()
+
+tokens = [int(t) for t in args.tokens.split(",")]
+n_ctx = max(len(tokens), args.gen_tokens) + 16
+llm = Llama(model_path=args.model, n_threads=args.threads, n_threads_batch=args.threads,
+            n_batch=max(len(tokens), 32), n_ctx=n_ctx, verbose=False)
+llm.eval(tokens[:1])  # warm-up: page in the weights
+pp, tg = [], []
+for _ in range(args.repetitions):
+    llm.reset()
+    start = time.perf_counter()
+    llm.eval(tokens)
+    pp.append(len(tokens) / (time.perf_counter() - start))
+    llm.reset()
+    start = time.perf_counter()
+    for i in range(args.gen_tokens):
+        llm.eval([tokens[i % len(tokens)]])
+    tg.append(args.gen_tokens / (time.perf_counter() - start))
+print(json.dumps({"prompt_tokens_per_second": statistics.mean(pp),
+                  "gen_tokens_per_second": statistics.mean(tg)}))

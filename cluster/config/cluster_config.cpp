@@ -1,0 +1,452 @@
+#include "cluster/config/cluster_config.hpp"
+
+#include <yaml-cpp/yaml.h>
+
+#include <algorithm>
+#include <charconv>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <initializer_list>
+#include <limits>
+#include <map>
+#include <sstream>
+#include <string_view>
+#include <type_traits>
+#include <vector>
+
+namespace nibble::cluster {
+namespace {
+
+std::string format_message(const std::string& source, const std::string& key_path, int line,
+                           const std::string& detail) {
+  std::string message = source + ": ";
+  if (!key_path.empty()) message += key_path + ": ";
+  message += detail;
+  if (line > 0) message += " (line " + std::to_string(line) + ")";
+  return message;
+}
+
+// One key: value pair of a mapping, with what is needed to point at it in a message.
+struct Entry {
+  std::string path;  // dotted key path from the top, e.g. "parallel.tensor"
+  int line = 0;      // 1-based line of the key (a null value has no useful mark of its own)
+  YAML::Node value;
+};
+
+// A validated mapping: its keys are all allowed and none repeats.
+struct Section {
+  std::string path;
+  int line = 0;
+  std::map<std::string, Entry, std::less<>> entries;
+
+  const Entry* find(std::string_view key) const {
+    auto it = entries.find(key);
+    return it == entries.end() ? nullptr : &it->second;
+  }
+};
+
+std::string child_path(const std::string& parent, const std::string& key) {
+  return parent.empty() ? key : parent + "." + key;
+}
+
+int line_of(const YAML::Node& node) { return node.Mark().line >= 0 ? node.Mark().line + 1 : 0; }
+
+// How a value looks, for "expected X, got Y".
+std::string describe(const YAML::Node& node) {
+  switch (node.Type()) {
+    case YAML::NodeType::Scalar:
+      return "'" + node.Scalar() + "'";
+    case YAML::NodeType::Sequence:
+      return "a list";
+    case YAML::NodeType::Map:
+      return "a mapping";
+    default:
+      return "nothing";
+  }
+}
+
+size_t edit_distance(std::string_view a, std::string_view b) {
+  std::vector<size_t> row(b.size() + 1);
+  for (size_t j = 0; j <= b.size(); ++j) row[j] = j;
+  for (size_t i = 1; i <= a.size(); ++i) {
+    size_t diagonal = row[0];
+    row[0] = i;
+    for (size_t j = 1; j <= b.size(); ++j) {
+      const size_t above = row[j];
+      row[j] = std::min({row[j] + 1, row[j - 1] + 1, diagonal + (a[i - 1] == b[j - 1] ? 0 : 1)});
+      diagonal = above;
+    }
+  }
+  return row[b.size()];
+}
+
+std::string join(std::initializer_list<std::string_view> names) {
+  std::string out;
+  for (auto name : names) {
+    if (!out.empty()) out += ", ";
+    out += name;
+  }
+  return out;
+}
+
+bool is_power_of_two(int64_t value) { return value > 0 && (value & (value - 1)) == 0; }
+
+// Turns YAML nodes into checked values; every failure becomes a ConfigError naming the source.
+class Reader {
+ public:
+  explicit Reader(std::string source) : source_(std::move(source)) {}
+
+  [[noreturn]] void fail(const std::string& path, int line, const std::string& detail) const {
+    throw ConfigError(source_, path, line, detail);
+  }
+
+  // The mapping under `entry`; null (every key commented out) counts as empty.
+  Section section(const Entry& entry, std::initializer_list<std::string_view> allowed) const {
+    Section section{entry.path, entry.line, {}};
+    if (entry.value.IsNull()) return section;
+    if (!entry.value.IsMap())
+      fail(entry.path, entry.line, "expected a mapping, got " + describe(entry.value));
+    for (const auto& pair : entry.value) {
+      const int key_line = line_of(pair.first);
+      if (!pair.first.IsScalar()) {
+        fail(entry.path, key_line, "keys must be plain names, got " + describe(pair.first));
+      }
+      const std::string key = pair.first.Scalar();
+      const std::string path = child_path(entry.path, key);
+      if (std::find(allowed.begin(), allowed.end(), key) == allowed.end()) {
+        fail(path, key_line, unknown_key_detail(key, allowed));
+      }
+      // yaml-cpp keeps both pairs of a repeated key, so repeats can be caught here.
+      auto [it, inserted] = section.entries.try_emplace(key, Entry{path, key_line, pair.second});
+      if (!inserted) {
+        fail(path, key_line, "duplicate key (first given on line " + std::to_string(it->second.line) + ")");
+      }
+    }
+    return section;
+  }
+
+  const Entry& require(const Section& section, std::string_view key) const {
+    if (const Entry* entry = section.find(key)) return *entry;
+    const std::string where = section.path.empty() ? "the top level" : "'" + section.path + "'";
+    fail(child_path(section.path, std::string(key)), std::max(section.line, 1),
+         "required key is missing from " + where);
+  }
+
+  template <typename Int>
+  Int integer(const Entry& entry, int64_t min, int64_t max,
+              const std::string& expected = "an integer") const {
+    static_assert(std::is_integral_v<Int>);
+    const std::string text = scalar(entry, expected);
+    int64_t value = 0;
+    const auto [end, error] = std::from_chars(text.data(), text.data() + text.size(), value);
+    if (error == std::errc::result_out_of_range) fail(entry.path, entry.line, out_of_range(text, min, max));
+    if (error != std::errc() || end != text.data() + text.size()) {
+      fail(entry.path, entry.line, "expected " + expected + ", got '" + text + "'");
+    }
+    if (value < min || value > max) fail(entry.path, entry.line, out_of_range(text, min, max));
+    return static_cast<Int>(value);
+  }
+
+  double real(const Entry& entry) const {
+    const std::string text = scalar(entry, "a number");
+    double value = 0;
+    const auto [end, error] = std::from_chars(text.data(), text.data() + text.size(), value);
+    if (error != std::errc() || end != text.data() + text.size() || !std::isfinite(value)) {
+      fail(entry.path, entry.line, "expected a number, got '" + text + "'");
+    }
+    return value;
+  }
+
+  std::string text(const Entry& entry) const {
+    std::string value = scalar(entry, "a string");
+    if (value.empty()) fail(entry.path, entry.line, "must not be empty");
+    return value;
+  }
+
+  // One of a fixed set of words, returned as its index in `choices`.
+  size_t choice(const Entry& entry, std::initializer_list<std::string_view> choices) const {
+    const std::string value = scalar(entry, "one of " + join(choices));
+    const auto it = std::find(choices.begin(), choices.end(), value);
+    if (it == choices.end())
+      fail(entry.path, entry.line, "expected one of " + join(choices) + ", got '" + value + "'");
+    return static_cast<size_t>(it - choices.begin());
+  }
+
+ private:
+  std::string scalar(const Entry& entry, const std::string& expected) const {
+    if (!entry.value.IsScalar())
+      fail(entry.path, entry.line, "expected " + expected + ", got " + describe(entry.value));
+    return entry.value.Scalar();
+  }
+
+  static std::string out_of_range(const std::string& text, int64_t min, int64_t max) {
+    if (max == std::numeric_limits<int>::max() || max == std::numeric_limits<int64_t>::max()) {
+      return "must be at least " + std::to_string(min) + ", got " + text;
+    }
+    return "must be between " + std::to_string(min) + " and " + std::to_string(max) + ", got " + text;
+  }
+
+  static std::string unknown_key_detail(const std::string& key,
+                                        std::initializer_list<std::string_view> allowed) {
+    std::string detail = "unknown key '" + key + "'";
+    // A close match is almost always a typo; say which key was meant.
+    for (auto candidate : allowed) {
+      if (edit_distance(key, candidate) <= 2) {
+        detail += " (did you mean '" + std::string(candidate) + "'?)";
+        break;
+      }
+    }
+    return detail + "; allowed keys: " + join(allowed);
+  }
+
+  std::string source_;
+};
+
+constexpr int kIntMax = std::numeric_limits<int>::max();
+constexpr int64_t kInt64Max = std::numeric_limits<int64_t>::max();
+// Far beyond any real cluster, and small enough that 1 + tensor * pipeline cannot overflow.
+constexpr int kMaxParallel = 4096;
+
+ClusterConfig build_config(const Reader& reader, const Section& top, const std::string& source) {
+  ClusterConfig config;
+  config.source = source;
+
+  const Section model = reader.section(reader.require(top, "model"), {"path"});
+  config.model.path = reader.text(reader.require(model, "path"));
+
+  if (const Entry* entry = top.find("draft")) {
+    const Section draft = reader.section(*entry, {"path", "max_draft_tokens", "placement"});
+    DraftConfig& out = config.draft.emplace();
+    out.path = reader.text(reader.require(draft, "path"));
+    if (const Entry* e = draft.find("max_draft_tokens"))
+      out.max_draft_tokens = reader.integer<int>(*e, 1, 16);
+    if (const Entry* e = draft.find("placement")) {
+      out.placement = static_cast<DraftPlacement>(reader.choice(*e, {"last_stage", "own_rank"}));
+    }
+  }
+
+  if (const Entry* entry = top.find("parallel")) {
+    const Section parallel = reader.section(*entry, {"tensor", "pipeline", "micro_batches"});
+    if (const Entry* e = parallel.find("tensor"))
+      config.parallel.tensor = reader.integer<int>(*e, 1, kMaxParallel);
+    if (const Entry* e = parallel.find("pipeline")) {
+      config.parallel.pipeline = reader.integer<int>(*e, 1, kMaxParallel);
+    }
+    config.parallel.micro_batches = config.parallel.pipeline;
+    if (const Entry* e = parallel.find("micro_batches")) {
+      config.parallel.micro_batches = reader.integer<int>(*e, 1, kIntMax);
+    }
+    if (config.num_workers() > kMaxParallel) {
+      reader.fail(parallel.path, parallel.line,
+                  "tensor * pipeline = " + std::to_string(config.num_workers()) + " workers, more than " +
+                      std::to_string(kMaxParallel));
+    }
+  }
+
+  if (const Entry* e = top.find("device"))
+    config.device = static_cast<Device>(reader.choice(*e, {"cpu", "cuda"}));
+
+  if (const Entry* e = top.find("threads")) {
+    const bool automatic = e->value.IsScalar() && e->value.Scalar() == "auto";
+    config.threads = automatic ? 0 : reader.integer<int>(*e, 1, kIntMax, "an integer or 'auto'");
+  }
+
+  if (const Entry* entry = top.find("server")) {
+    const Section server = reader.section(*entry, {"listen", "max_queue", "max_message_bytes"});
+    if (const Entry* e = server.find("listen")) {
+      config.server.listen = reader.text(*e);
+      const std::string_view listen = config.server.listen;
+      const bool tcp = listen.starts_with("tcp://") && listen.size() > 6;
+      const bool ipc = listen.starts_with("ipc://") && listen.size() > 6;
+      if (!tcp && !ipc) {
+        reader.fail(e->path, e->line,
+                    "expected a tcp://HOST:PORT or ipc://PATH endpoint, got '" + config.server.listen + "'");
+      }
+      if (tcp && listen.find(':', 6) == std::string_view::npos) {
+        reader.fail(e->path, e->line, "a tcp:// endpoint needs a port, got '" + config.server.listen + "'");
+      }
+    }
+    if (const Entry* e = server.find("max_queue"))
+      config.server.max_queue = reader.integer<int>(*e, 1, kIntMax);
+    if (const Entry* e = server.find("max_message_bytes")) {
+      config.server.max_message_bytes = reader.integer<int64_t>(*e, 1, kInt64Max);
+    }
+  }
+
+  if (const Entry* entry = top.find("scheduler")) {
+    const Section scheduler = reader.section(*entry, {"max_batch_tokens", "max_running", "prefill_chunk"});
+    if (const Entry* e = scheduler.find("max_batch_tokens")) {
+      config.scheduler.max_batch_tokens = reader.integer<int>(*e, 1, kIntMax);
+    }
+    if (const Entry* e = scheduler.find("max_running")) {
+      config.scheduler.max_running = reader.integer<int>(*e, 1, kIntMax);
+    }
+    if (const Entry* e = scheduler.find("prefill_chunk")) {
+      config.scheduler.prefill_chunk = reader.integer<int>(*e, 1, kIntMax);
+    }
+    // A chunk larger than the step budget could never be scheduled.
+    if (config.scheduler.prefill_chunk > config.scheduler.max_batch_tokens) {
+      const Entry* e = scheduler.find("prefill_chunk");
+      if (e == nullptr) e = scheduler.find("max_batch_tokens");
+      reader.fail(e->path, e->line,
+                  "prefill_chunk (" + std::to_string(config.scheduler.prefill_chunk) +
+                      ") must not exceed max_batch_tokens (" +
+                      std::to_string(config.scheduler.max_batch_tokens) + ")");
+    }
+  }
+
+  if (const Entry* e = top.find("context")) config.context = reader.integer<int>(*e, 1, kIntMax);
+
+  if (const Entry* entry = top.find("kv_cache")) {
+    const Section kv = reader.section(*entry, {"block_size", "memory_fraction", "num_blocks"});
+    if (const Entry* e = kv.find("block_size")) {
+      config.kv_cache.block_size = reader.integer<int>(*e, 1, 1 << 16);
+      if (!is_power_of_two(config.kv_cache.block_size)) {
+        reader.fail(e->path, e->line,
+                    "must be a power of two, got " + std::to_string(config.kv_cache.block_size));
+      }
+    }
+    if (const Entry* e = kv.find("memory_fraction")) {
+      config.kv_cache.memory_fraction = reader.real(*e);
+      if (!(config.kv_cache.memory_fraction > 0.0 && config.kv_cache.memory_fraction <= 1.0)) {
+        reader.fail(e->path, e->line, "must be in (0, 1], got " + e->value.Scalar());
+      }
+    }
+    if (const Entry* e = kv.find("num_blocks")) {
+      config.kv_cache.num_blocks = reader.integer<int64_t>(*e, 0, kInt64Max / (1 << 16));
+      // An explicit pool too small for one full-length sequence would stall at the first long prompt.
+      const int64_t capacity = config.kv_cache.num_blocks * config.kv_cache.block_size;
+      if (config.kv_cache.num_blocks > 0 && capacity < config.context) {
+        reader.fail(e->path, e->line,
+                    std::to_string(config.kv_cache.num_blocks) + " blocks of " +
+                        std::to_string(config.kv_cache.block_size) + " tokens hold " +
+                        std::to_string(capacity) + " tokens, fewer than context (" +
+                        std::to_string(config.context) + ")");
+      }
+    }
+  }
+  return config;
+}
+
+}  // namespace
+
+ConfigError::ConfigError(std::string source, std::string key_path, int line, const std::string& detail)
+    : std::runtime_error(format_message(source, key_path, line, detail)),
+      source_(std::move(source)),
+      key_path_(std::move(key_path)),
+      line_(line) {}
+
+const char* device_name(Device device) { return device == Device::cuda ? "cuda" : "cpu"; }
+
+const char* draft_placement_name(DraftPlacement placement) {
+  return placement == DraftPlacement::own_rank ? "own_rank" : "last_stage";
+}
+
+int ClusterConfig::worker_threads(int host_cores, int workers_on_host) const {
+  if (threads > 0) return threads;
+  return std::max(1, host_cores / std::max(1, workers_on_host));
+}
+
+bool ClusterConfig::operator==(const ClusterConfig& other) const {
+  return model == other.model && draft == other.draft && parallel == other.parallel &&
+         device == other.device && threads == other.threads && server == other.server &&
+         scheduler == other.scheduler && kv_cache == other.kv_cache && context == other.context;
+}
+
+ClusterConfig parse_cluster_config(const std::string& yaml_text, const std::string& source_name) {
+  const Reader reader(source_name);
+  std::vector<YAML::Node> documents;
+  try {
+    documents = YAML::LoadAll(yaml_text);
+  } catch (const YAML::ParserException& error) {
+    reader.fail("", error.mark.line + 1,
+                "YAML syntax error: " + error.msg + " at column " + std::to_string(error.mark.column + 1));
+  } catch (const YAML::Exception& error) {
+    reader.fail("", error.mark.line + 1, std::string("YAML error: ") + error.msg);
+  }
+  if (documents.empty() || (documents.size() == 1 && documents[0].IsNull())) {
+    reader.fail("", 1, "the configuration is empty (model.path at least is required)");
+  }
+  if (documents.size() > 1) {
+    reader.fail("", line_of(documents[1]),
+                "expected one YAML document, found " + std::to_string(documents.size()));
+  }
+  const YAML::Node& root = documents[0];
+  if (!root.IsMap())
+    reader.fail("", line_of(root), "expected a mapping of keys at the top level, got " + describe(root));
+
+  const Section top = reader.section(Entry{"", 1, root}, {"model", "draft", "parallel", "device", "threads",
+                                                          "server", "scheduler", "kv_cache", "context"});
+  return build_config(reader, top, source_name);
+}
+
+ClusterConfig load_cluster_config(const std::string& path) {
+  std::ifstream file(path, std::ios::binary);
+  if (!file) throw ConfigError(path, "", 0, "cannot open the configuration file");
+  std::ostringstream text;
+  text << file.rdbuf();
+  if (file.bad()) throw ConfigError(path, "", 0, "cannot read the configuration file");
+
+  ClusterConfig config = parse_cluster_config(text.str(), path);
+  // Model paths are relative to the config file, not to wherever mpirun happened to be started.
+  const std::filesystem::path folder = std::filesystem::path(path).parent_path();
+  auto resolve = [&folder](std::string& model_path) {
+    const std::filesystem::path model(model_path);
+    if (model.is_relative()) model_path = (folder / model).lexically_normal().string();
+  };
+  resolve(config.model.path);
+  if (config.draft) resolve(config.draft->path);
+  return config;
+}
+
+std::string render_cluster_config(const ClusterConfig& config) {
+  YAML::Emitter out;
+  out << YAML::Comment("effective configuration" + (config.source.empty() ? "" : " from " + config.source));
+  out << YAML::BeginMap;
+  out << YAML::Key << "model" << YAML::Value << YAML::BeginMap;
+  out << YAML::Key << "path" << YAML::Value << config.model.path;
+  out << YAML::EndMap;
+  if (config.draft) {
+    out << YAML::Key << "draft" << YAML::Value << YAML::BeginMap;
+    out << YAML::Key << "path" << YAML::Value << config.draft->path;
+    out << YAML::Key << "max_draft_tokens" << YAML::Value << config.draft->max_draft_tokens;
+    out << YAML::Key << "placement" << YAML::Value << draft_placement_name(config.draft->placement);
+    out << YAML::EndMap;
+  }
+  out << YAML::Key << "parallel" << YAML::Value << YAML::BeginMap;
+  out << YAML::Key << "tensor" << YAML::Value << config.parallel.tensor;
+  out << YAML::Key << "pipeline" << YAML::Value << config.parallel.pipeline;
+  out << YAML::Key << "micro_batches" << YAML::Value << config.parallel.micro_batches;
+  out << YAML::EndMap;
+  out << YAML::Key << "device" << YAML::Value << device_name(config.device);
+  out << YAML::Key << "threads" << YAML::Value;
+  if (config.threads > 0) {
+    out << config.threads;
+  } else {
+    out << "auto";
+  }
+  out << YAML::Key << "server" << YAML::Value << YAML::BeginMap;
+  out << YAML::Key << "listen" << YAML::Value << config.server.listen;
+  out << YAML::Key << "max_queue" << YAML::Value << config.server.max_queue;
+  out << YAML::Key << "max_message_bytes" << YAML::Value << config.server.max_message_bytes;
+  out << YAML::EndMap;
+  out << YAML::Key << "scheduler" << YAML::Value << YAML::BeginMap;
+  out << YAML::Key << "max_batch_tokens" << YAML::Value << config.scheduler.max_batch_tokens;
+  out << YAML::Key << "max_running" << YAML::Value << config.scheduler.max_running;
+  out << YAML::Key << "prefill_chunk" << YAML::Value << config.scheduler.prefill_chunk;
+  out << YAML::EndMap;
+  out << YAML::Key << "kv_cache" << YAML::Value << YAML::BeginMap;
+  out << YAML::Key << "block_size" << YAML::Value << config.kv_cache.block_size;
+  // Shortest text that reads back as the same double.
+  char fraction[32];
+  const auto written = std::to_chars(fraction, fraction + sizeof(fraction), config.kv_cache.memory_fraction);
+  out << YAML::Key << "memory_fraction" << YAML::Value << std::string(fraction, written.ptr);
+  out << YAML::Key << "num_blocks" << YAML::Value << config.kv_cache.num_blocks;
+  out << YAML::EndMap;
+  out << YAML::Key << "context" << YAML::Value << config.context;
+  out << YAML::EndMap;
+  return std::string(out.c_str()) + "\n";
+}
+
+}  // namespace nibble::cluster

@@ -1,0 +1,157 @@
+#pragma once
+// The configuration of the distributed service, read from YAML by every rank of
+//   mpirun -np 1+T*P nibble serve --config cluster.yaml
+// Every rank parses the same file, so a bad file fails everywhere with the same message, before any
+// communicator exists. Validation is strict: an unknown key or a value of the wrong type is an error
+// (a typo silently falling back to a default is the worst failure mode of a config file).
+//
+// Schema (only model.path is required; everything else has the default shown):
+//
+//   model:
+//     path: target.gguf          # GGUF file of the target model (required)
+//   draft:                       # optional; present = speculative decoding on
+//     path: draft.gguf           # GGUF file of the draft model (required inside draft)
+//     max_draft_tokens: 4        # tokens proposed per step, 1..16
+//     placement: last_stage      # last_stage | own_rank (see DraftPlacement)
+//   parallel:
+//     tensor: 1                  # T: tensor-parallel ranks per pipeline stage, >= 1
+//     pipeline: 1                # P: pipeline stages, >= 1
+//     micro_batches: <pipeline>  # micro-batches in flight through the pipeline, >= 1
+//   device: cpu                  # cpu | cuda
+//   threads: auto                # CPU threads per worker: an integer >= 1, or auto
+//   server:
+//     listen: "tcp://127.0.0.1:5555"  # client ROUTER endpoint, tcp:// or ipc://
+//     max_queue: 256             # queued requests before new ones are refused as "overloaded"
+//     max_message_bytes: 1048576 # client frames larger than this are rejected
+//   scheduler:
+//     max_batch_tokens: 512      # token budget per step (decode tokens + prefill chunks)
+//     max_running: 64            # sequences in the running batch
+//     prefill_chunk: 256         # prompt tokens per sequence per step, <= max_batch_tokens
+//   kv_cache:
+//     block_size: 16             # tokens per KV block, a power of two
+//     memory_fraction: 0.5       # share of a worker's free memory given to KV blocks, in (0, 1]
+//     num_blocks: 0              # blocks per worker; 0 = derive from memory_fraction
+//   context: 4096                # max prompt + generated tokens per sequence
+//
+// A section may be left empty (`scheduler:` with every key commented out) to take its defaults.
+
+#include <cstdint>
+#include <optional>
+#include <stdexcept>
+#include <string>
+
+namespace nibble::cluster {
+
+// A configuration that cannot be used. The message reads
+//   "<source>: <key.path>: <what is wrong> (line N)"
+// with the key path and line left out where there is none (an unreadable file, an empty one).
+class ConfigError : public std::runtime_error {
+ public:
+  ConfigError(std::string source, std::string key_path, int line, const std::string& detail);
+
+  const std::string& source() const { return source_; }
+  const std::string& key_path() const { return key_path_; }  // e.g. "parallel.tensor"; may be empty
+  int line() const { return line_; }                         // 1-based; 0 when unknown
+
+ private:
+  std::string source_;
+  std::string key_path_;
+  int line_;
+};
+
+enum class Device { cpu, cuda };
+
+// Where the draft model of speculative decoding runs.
+enum class DraftPlacement {
+  last_stage,  // inside the workers of the last pipeline stage, next to the target's final layers
+  own_rank,    // in a separate process of its own; world_size() counts only the target's ranks
+};
+
+const char* device_name(Device device);
+const char* draft_placement_name(DraftPlacement placement);
+
+struct ModelConfig {
+  std::string path;  // as written, or resolved against the config file's folder by load_cluster_config
+
+  bool operator==(const ModelConfig&) const = default;
+};
+
+struct DraftConfig {
+  std::string path;  // resolved like ModelConfig::path
+  int max_draft_tokens = 4;
+  DraftPlacement placement = DraftPlacement::last_stage;
+
+  bool operator==(const DraftConfig&) const = default;
+};
+
+struct ParallelConfig {
+  int tensor = 1;
+  int pipeline = 1;
+  int micro_batches = 1;  // defaults to `pipeline`: one micro-batch per stage keeps every stage busy
+
+  bool operator==(const ParallelConfig&) const = default;
+};
+
+struct ServerConfig {
+  std::string listen = "tcp://127.0.0.1:5555";  // loopback by default: exposing it is a decision
+  int max_queue = 256;
+  int64_t max_message_bytes = 1 << 20;
+
+  bool operator==(const ServerConfig&) const = default;
+};
+
+struct SchedulerConfig {
+  int max_batch_tokens = 512;
+  int max_running = 64;
+  int prefill_chunk = 256;
+
+  bool operator==(const SchedulerConfig&) const = default;
+};
+
+struct KvCacheConfig {
+  int block_size = 16;
+  double memory_fraction = 0.5;
+  int64_t num_blocks = 0;  // 0 = derive from memory_fraction
+
+  bool operator==(const KvCacheConfig&) const = default;
+};
+
+struct ClusterConfig {
+  // Where the configuration came from (a file path or the name given to parse_cluster_config);
+  // for messages only, so it does not take part in ==.
+  std::string source;
+
+  ModelConfig model;
+  std::optional<DraftConfig> draft;  // nullopt = no speculative decoding
+  ParallelConfig parallel;
+  Device device = Device::cpu;
+  int threads = 0;  // 0 = auto; see worker_threads()
+  ServerConfig server;
+  SchedulerConfig scheduler;
+  KvCacheConfig kv_cache;
+  int context = 4096;
+
+  // Processes mpirun must start: the coordinator plus tensor * pipeline workers.
+  int world_size() const { return 1 + parallel.tensor * parallel.pipeline; }
+  int num_workers() const { return parallel.tensor * parallel.pipeline; }
+
+  // Threads per worker: `threads` if set, else the host's cores shared among the workers on that
+  // host (only known at start-up, hence not resolved while parsing), at least 1.
+  int worker_threads(int host_cores, int workers_on_host) const;
+
+  bool operator==(const ClusterConfig& other) const;
+};
+
+// Reads and validates a configuration file. Relative model and draft paths are resolved against the
+// file's folder, so a config works whatever directory mpirun is started from.
+// Throws ConfigError (also when the file cannot be read).
+ClusterConfig load_cluster_config(const std::string& path);
+
+// Validates YAML text; source_name stands for the file in messages. Paths are kept as written.
+ClusterConfig parse_cluster_config(const std::string& yaml_text, const std::string& source_name);
+
+// The effective configuration (defaults filled in) as YAML, for the start-up log. Parsing the result
+// gives back an equal ClusterConfig.
+std::string render_cluster_config(const ClusterConfig& config);
+
+}  // namespace nibble::cluster

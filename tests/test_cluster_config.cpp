@@ -1,0 +1,290 @@
+// The `nibble serve` YAML configuration: values, defaults, and one test per class of error, each
+// checking that the message points at the right key and line.
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "cluster/config/cluster_config.hpp"
+
+namespace nibble::cluster {
+namespace {
+
+const std::filesystem::path kRepoRoot = std::filesystem::path(__FILE__).parent_path().parent_path();
+
+// Parses text that must be rejected; checks the key path and line, and that the message carries
+// the source, the key path, "(line N)" and every fragment.
+void expect_error(const std::string& yaml, const std::string& key_path, int line,
+                  const std::vector<std::string>& fragments = {}) {
+  SCOPED_TRACE(yaml);
+  try {
+    parse_cluster_config(yaml, "test.yaml");
+    ADD_FAILURE() << "expected a ConfigError";
+  } catch (const ConfigError& error) {
+    const std::string message = error.what();
+    EXPECT_EQ(error.source(), "test.yaml");
+    EXPECT_EQ(error.key_path(), key_path) << message;
+    EXPECT_EQ(error.line(), line) << message;
+    EXPECT_EQ(message.rfind("test.yaml: ", 0), 0u) << message;
+    EXPECT_NE(message.find(key_path), std::string::npos) << message;
+    EXPECT_NE(message.find("(line " + std::to_string(line) + ")"), std::string::npos) << message;
+    for (const auto& fragment : fragments) {
+      EXPECT_NE(message.find(fragment), std::string::npos)
+          << "'" << fragment << "' missing from: " << message;
+    }
+  }
+}
+
+TEST(ClusterConfig, MinimalConfigTakesDefaults) {
+  const ClusterConfig config = parse_cluster_config("model: {path: target.gguf}\n", "minimal.yaml");
+  EXPECT_EQ(config.source, "minimal.yaml");
+  EXPECT_EQ(config.model.path, "target.gguf");
+  EXPECT_FALSE(config.draft.has_value());
+  EXPECT_EQ(config.parallel.tensor, 1);
+  EXPECT_EQ(config.parallel.pipeline, 1);
+  EXPECT_EQ(config.parallel.micro_batches, 1);
+  EXPECT_EQ(config.device, Device::cpu);
+  EXPECT_EQ(config.threads, 0);
+  EXPECT_EQ(config.server.listen, "tcp://127.0.0.1:5555");
+  EXPECT_EQ(config.server.max_queue, 256);
+  EXPECT_EQ(config.server.max_message_bytes, 1048576);
+  EXPECT_EQ(config.scheduler.max_batch_tokens, 512);
+  EXPECT_EQ(config.scheduler.max_running, 64);
+  EXPECT_EQ(config.scheduler.prefill_chunk, 256);
+  EXPECT_EQ(config.kv_cache.block_size, 16);
+  EXPECT_DOUBLE_EQ(config.kv_cache.memory_fraction, 0.5);
+  EXPECT_EQ(config.kv_cache.num_blocks, 0);
+  EXPECT_EQ(config.context, 4096);
+  EXPECT_EQ(config.world_size(), 2);
+  ClusterConfig expected;  // the struct's own defaults are the documented ones
+  expected.model.path = "target.gguf";
+  EXPECT_EQ(config, expected);
+}
+
+TEST(ClusterConfig, FullConfigReadsEveryKey) {
+  const ClusterConfig config = parse_cluster_config(R"(
+model: {path: /models/target.gguf}
+draft:
+  path: draft.gguf
+  max_draft_tokens: 6
+  placement: own_rank
+parallel: {tensor: 2, pipeline: 3, micro_batches: 4}
+device: cuda
+threads: 7
+server:
+  listen: "ipc:///tmp/nibble.sock"
+  max_queue: 10
+  max_message_bytes: 4096
+scheduler:
+  max_batch_tokens: 2048
+  max_running: 8
+  prefill_chunk: 1024
+kv_cache:
+  block_size: 32
+  memory_fraction: 1
+  num_blocks: 1000
+context: 8192
+)",
+                                                    "full.yaml");
+  EXPECT_EQ(config.model.path, "/models/target.gguf");
+  ASSERT_TRUE(config.draft.has_value());
+  EXPECT_EQ(config.draft->path, "draft.gguf");
+  EXPECT_EQ(config.draft->max_draft_tokens, 6);
+  EXPECT_EQ(config.draft->placement, DraftPlacement::own_rank);
+  EXPECT_EQ(config.parallel.tensor, 2);
+  EXPECT_EQ(config.parallel.pipeline, 3);
+  EXPECT_EQ(config.parallel.micro_batches, 4);
+  EXPECT_EQ(config.device, Device::cuda);
+  EXPECT_EQ(config.threads, 7);
+  EXPECT_EQ(config.worker_threads(64, 4), 7);
+  EXPECT_EQ(config.server.listen, "ipc:///tmp/nibble.sock");
+  EXPECT_EQ(config.server.max_queue, 10);
+  EXPECT_EQ(config.server.max_message_bytes, 4096);
+  EXPECT_EQ(config.scheduler.max_batch_tokens, 2048);
+  EXPECT_EQ(config.scheduler.max_running, 8);
+  EXPECT_EQ(config.scheduler.prefill_chunk, 1024);
+  EXPECT_EQ(config.kv_cache.block_size, 32);
+  EXPECT_DOUBLE_EQ(config.kv_cache.memory_fraction, 1.0);
+  EXPECT_EQ(config.kv_cache.num_blocks, 1000);
+  EXPECT_EQ(config.context, 8192);
+  EXPECT_EQ(config.world_size(), 7);
+  EXPECT_EQ(config.num_workers(), 6);
+}
+
+TEST(ClusterConfig, DerivedDefaults) {
+  const ClusterConfig config =
+      parse_cluster_config("model: {path: m.gguf}\nparallel: {pipeline: 3}\ndraft: {path: d.gguf}\n", "t");
+  EXPECT_EQ(config.parallel.micro_batches, 3);  // follows pipeline
+  ASSERT_TRUE(config.draft.has_value());
+  EXPECT_EQ(config.draft->max_draft_tokens, 4);
+  EXPECT_EQ(config.draft->placement, DraftPlacement::last_stage);
+  // threads: auto shares the cores among the host's workers, never below one.
+  EXPECT_EQ(config.worker_threads(16, 4), 4);
+  EXPECT_EQ(config.worker_threads(2, 3), 1);
+  EXPECT_EQ(config.worker_threads(8, 0), 8);
+}
+
+TEST(ClusterConfig, EmptySectionsTakeDefaults) {
+  const ClusterConfig config =
+      parse_cluster_config("model:\n  path: m.gguf\nscheduler:\n  # all defaults\n", "t");
+  EXPECT_EQ(config.scheduler.max_batch_tokens, 512);
+}
+
+TEST(ClusterConfig, ThreadsAuto) {
+  EXPECT_EQ(parse_cluster_config("model: {path: m}\nthreads: auto\n", "t").threads, 0);
+  expect_error("model: {path: m}\nthreads: many\n", "threads", 2,
+               {"expected an integer or 'auto'", "'many'"});
+  expect_error("model: {path: m}\nthreads: 0\n", "threads", 2, {"at least 1"});
+}
+
+TEST(ClusterConfig, UnknownKeys) {
+  expect_error(
+      "model: {path: m}\nparallel:\n  tensr: 2\n", "parallel.tensr", 3,
+      {"unknown key 'tensr'", "did you mean 'tensor'", "allowed keys: tensor, pipeline, micro_batches"});
+  expect_error("model: {path: m}\n\n\nspeculate: true\n", "speculate", 4,
+               {"unknown key", "allowed keys: model,"});
+  expect_error("model:\n  path: m\n  sha: abc\n", "model.sha", 3, {"allowed keys: path"});
+  expect_error("model: {path: m}\nkv_cache: {block_size: 16, blocks: 9}\n", "kv_cache.blocks", 2);
+}
+
+TEST(ClusterConfig, WrongTypes) {
+  expect_error("model: {path: m}\nparallel:\n  tensor: two\n", "parallel.tensor", 3,
+               {"parallel.tensor: expected an integer, got 'two' (line 3)"});
+  expect_error("model: {path: m}\nparallel:\n  tensor: 2.5\n", "parallel.tensor", 3, {"expected an integer"});
+  expect_error("model: {path: m}\nparallel: 2\n", "parallel", 2, {"expected a mapping, got '2'"});
+  expect_error("model: m.gguf\n", "model", 1, {"expected a mapping"});
+  expect_error("model: {path: [a, b]}\n", "model.path", 1, {"expected a string, got a list"});
+  expect_error("model: {path: m}\ncontext:\n", "context", 2, {"expected an integer, got nothing"});
+  expect_error("model: {path: m}\nkv_cache:\n  memory_fraction: half\n", "kv_cache.memory_fraction", 3,
+               {"expected a number, got 'half'"});
+  expect_error("model: {path: m}\nserver:\n  max_queue: {a: 1}\n", "server.max_queue", 3, {"got a mapping"});
+  expect_error("model: {path: m}\nscheduler:\n  max_running: 99999999999999999999\n", "scheduler.max_running",
+               3);
+}
+
+TEST(ClusterConfig, OutOfRangeValues) {
+  expect_error("model: {path: m}\nparallel: {tensor: 0}\n", "parallel.tensor", 2,
+               {"between 1 and 4096, got 0"});
+  expect_error("model: {path: m}\nparallel:\n  pipeline: -1\n", "parallel.pipeline", 3, {"got -1"});
+  expect_error("model: {path: m}\nparallel:\n  micro_batches: 0\n", "parallel.micro_batches", 3);
+  expect_error("model: {path: m}\nserver:\n  listen: \"http://127.0.0.1:80\"\n", "server.listen", 3,
+               {"tcp://", "ipc://", "http://127.0.0.1:80"});
+  expect_error("model: {path: m}\nserver:\n  listen: \"tcp://127.0.0.1\"\n", "server.listen", 3, {"port"});
+  expect_error("model: {path: m}\nkv_cache:\n  memory_fraction: 0\n", "kv_cache.memory_fraction", 3,
+               {"(0, 1]"});
+  expect_error("model: {path: m}\nkv_cache:\n  memory_fraction: 1.5\n", "kv_cache.memory_fraction", 3);
+  expect_error("model: {path: m}\nkv_cache:\n  memory_fraction: .nan\n", "kv_cache.memory_fraction", 3);
+  expect_error("model: {path: m}\nkv_cache:\n  block_size: 24\n", "kv_cache.block_size", 3, {"power of two"});
+  expect_error("model: {path: m}\ndraft:\n  path: d\n  max_draft_tokens: 17\n", "draft.max_draft_tokens", 4,
+               {"between 1 and 16, got 17"});
+  expect_error("model: {path: m}\ndraft:\n  path: d\n  max_draft_tokens: 0\n", "draft.max_draft_tokens", 4);
+  expect_error("model: {path: m}\ndraft:\n  path: d\n  placement: first_stage\n", "draft.placement", 4,
+               {"last_stage, own_rank"});
+  expect_error("model: {path: m}\ndevice: gpu\n", "device", 2, {"expected one of cpu, cuda, got 'gpu'"});
+  expect_error("model: {path: ''}\n", "model.path", 1, {"must not be empty"});
+  expect_error("model: {path: m}\nparallel: {tensor: 4096, pipeline: 2}\n", "parallel", 2, {"8192 workers"});
+}
+
+TEST(ClusterConfig, InconsistentValues) {
+  expect_error("model: {path: m}\nscheduler:\n  max_batch_tokens: 128\n  prefill_chunk: 256\n",
+               "scheduler.prefill_chunk", 4, {"must not exceed max_batch_tokens (128)"});
+  // Only the budget is given: the default chunk no longer fits, and the budget is the key to blame.
+  expect_error("model: {path: m}\nscheduler:\n  max_batch_tokens: 100\n", "scheduler.max_batch_tokens", 3);
+  expect_error("model: {path: m}\ncontext: 1024\nkv_cache:\n  block_size: 16\n  num_blocks: 10\n",
+               "kv_cache.num_blocks", 5, {"hold 160 tokens", "context (1024)"});
+}
+
+TEST(ClusterConfig, MissingRequiredKeys) {
+  expect_error("parallel: {tensor: 2}\n", "model", 1, {"required key is missing from the top level"});
+  expect_error("device: cpu\nmodel:\n  # path: m.gguf\n", "model.path", 2,
+               {"required key is missing from 'model'"});
+  expect_error("model: {path: m}\n\ndraft:\n  max_draft_tokens: 2\n", "draft.path", 3,
+               {"missing from 'draft'"});
+}
+
+TEST(ClusterConfig, DuplicateKeys) {
+  expect_error("model: {path: m}\nparallel:\n  tensor: 2\n  tensor: 4\n", "parallel.tensor", 4,
+               {"duplicate key", "first given on line 3"});
+  expect_error("model: {path: m}\ncontext: 1\ncontext: 2\n", "context", 3, {"duplicate key"});
+}
+
+TEST(ClusterConfig, SyntaxErrorsAndEmptyFiles) {
+  for (const std::string text : {"", "\n\n", "# nothing but a comment\n", "---\n"}) {
+    expect_error(text, "", 1, {"empty"});
+  }
+  expect_error("model: {path: m}\nparallel: [1, 2\n", "", 3, {"YAML syntax error"});
+  expect_error("model:\n  path: m\n parallel: 2\n", "", 3, {"YAML syntax error"});
+  expect_error("- model\n- parallel\n", "", 1, {"expected a mapping of keys at the top level, got a list"});
+  expect_error("model: {path: m}\n---\nmodel: {path: n}\n", "", 3, {"one YAML document"});
+}
+
+TEST(ClusterConfig, RenderRoundTrips) {
+  const ClusterConfig full = parse_cluster_config(
+      "model: {path: \"/m/t a.gguf\"}\ndraft: {path: d.gguf, placement: own_rank}\nparallel: {tensor: 2, "
+      "pipeline: 2}\ndevice: cuda\nthreads: 3\nserver: {listen: \"tcp://0.0.0.0:7000\"}\nkv_cache: "
+      "{memory_fraction: 0.9}\n",
+      "full.yaml");
+  const std::string rendered = render_cluster_config(full);
+  EXPECT_NE(rendered.find("# effective configuration from full.yaml"), std::string::npos) << rendered;
+  EXPECT_NE(rendered.find("micro_batches: 2"), std::string::npos) << rendered;
+  EXPECT_NE(rendered.find("memory_fraction: 0.9\n"), std::string::npos) << rendered;
+  EXPECT_EQ(parse_cluster_config(rendered, "rendered"), full) << rendered;
+
+  const ClusterConfig minimal = parse_cluster_config("model: {path: m.gguf}\n", "minimal.yaml");
+  const std::string rendered_minimal = render_cluster_config(minimal);
+  EXPECT_NE(rendered_minimal.find("threads: auto"), std::string::npos) << rendered_minimal;
+  EXPECT_EQ(rendered_minimal.find("draft"), std::string::npos) << rendered_minimal;
+  EXPECT_EQ(parse_cluster_config(rendered_minimal, "rendered"), minimal) << rendered_minimal;
+}
+
+TEST(ClusterConfig, LoadResolvesModelPathsAgainstTheFile) {
+  const auto folder =
+      std::filesystem::temp_directory_path() / ("nibble_config_test_" + std::to_string(::getpid()));
+  std::filesystem::create_directories(folder);
+  const auto file = folder / "cluster.yaml";
+  std::ofstream(file) << "model: {path: models/t.gguf}\ndraft: {path: /abs/d.gguf}\n";
+  const ClusterConfig config = load_cluster_config(file.string());
+  EXPECT_EQ(config.source, file.string());
+  EXPECT_EQ(config.model.path, (folder / "models/t.gguf").string());
+  EXPECT_EQ(config.draft->path, "/abs/d.gguf");
+
+  std::ofstream(file) << "model: {path: m}\nparallel:\n  tensor: x\n";
+  try {
+    load_cluster_config(file.string());
+    ADD_FAILURE() << "expected a ConfigError";
+  } catch (const ConfigError& error) {
+    EXPECT_EQ(std::string(error.what()),
+              file.string() + ": parallel.tensor: expected an integer, got 'x' (line 3)");
+  }
+  std::filesystem::remove_all(folder);
+
+  EXPECT_THROW(load_cluster_config((folder / "missing.yaml").string()), ConfigError);
+}
+
+TEST(ClusterConfig, ExampleConfigsParse) {
+  const auto examples = kRepoRoot / "config";
+  const ClusterConfig local = load_cluster_config((examples / "local-tp2.yaml").string());
+  EXPECT_EQ(local.parallel.tensor, 2);
+  EXPECT_EQ(local.parallel.pipeline, 1);
+  EXPECT_EQ(local.world_size(), 3);
+  EXPECT_EQ(local.device, Device::cpu);
+  EXPECT_FALSE(local.draft.has_value());
+
+  const ClusterConfig grid = load_cluster_config((examples / "tp2-pp2.yaml").string());
+  EXPECT_EQ(grid.parallel.tensor, 2);
+  EXPECT_EQ(grid.parallel.pipeline, 2);
+  EXPECT_EQ(grid.world_size(), 5);
+
+  const ClusterConfig speculative = load_cluster_config((examples / "speculative.yaml").string());
+  ASSERT_TRUE(speculative.draft.has_value());
+  EXPECT_EQ(speculative.draft->max_draft_tokens, 4);
+  // Relative model paths now point next to the repository's build folder, wherever the test runs.
+  EXPECT_EQ(speculative.model.path,
+            (examples / "../build/models/llama-1b-q4_0.gguf").lexically_normal().string());
+}
+
+}  // namespace
+}  // namespace nibble::cluster

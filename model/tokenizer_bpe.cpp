@@ -10,12 +10,17 @@
 #include <string>
 #include <vector>
 
+#include "model/bigram_merge.hpp"
 #include "model/tokenizer_vocab.hpp"
 #include "model/unicode_utf8.hpp"
 
 namespace nibble::model {
 
 namespace {
+
+using detail::merge_bigrams;
+using detail::split_utf8_symbols;
+using detail::Symbol;
 
 // Whitespace as llama.cpp's tables have it (Unicode White_Space): PCRE2's \s leaves out U+0085.
 #define NIBBLE_WS "\\t\\n\\x0B\\f\\r\\x{85}\\p{Z}"
@@ -94,27 +99,6 @@ class Regex {
 
  private:
   std::unique_ptr<pcre2_code, CodeDeleter> code_;
-};
-
-struct Symbol {
-  int prev;
-  int next;
-  size_t offset;
-  size_t length;  // 0 once merged into its left neighbour
-};
-
-struct Bigram {
-  int left;
-  int right;
-  int rank;
-  size_t length;  // of the merged text, to detect entries made stale by later merges
-};
-
-// Lowest rank first; on equal ranks the leftmost pair.
-struct BigramOrder {
-  bool operator()(const Bigram& a, const Bigram& b) const {
-    return a.rank > b.rank || (a.rank == b.rank && a.left > b.left);
-  }
 };
 
 class BpeTokenizer final : public VocabTokenizer {
@@ -239,42 +223,17 @@ class BpeTokenizer final : public VocabTokenizer {
         return;
       }
     }
-    std::vector<Symbol> symbols;
-    for (size_t offset = 0; offset < word.size();) {
-      const size_t length =
-          std::min(utf8::sequence_length(static_cast<unsigned char>(word[offset])), word.size() - offset);
-      const int index = static_cast<int>(symbols.size());
-      symbols.push_back({index - 1, offset + length == word.size() ? -1 : index + 1, offset, length});
-      offset += length;
-    }
+    std::vector<Symbol> symbols = split_utf8_symbols(word);
     if (symbols.empty()) return;
-
-    std::priority_queue<Bigram, std::vector<Bigram>, BigramOrder> queue;
     std::string key;
-    const auto try_add_bigram = [&](int left, int right) {
-      if (left < 0 || right < 0) return;
-      key.assign(word, symbols[left].offset, symbols[left].length);
+    merge_bigrams(symbols, [&](const Symbol& left, const Symbol& right) -> std::optional<double> {
+      key.assign(word, left.offset, left.length);
       key += ' ';
-      key.append(word, symbols[right].offset, symbols[right].length);
+      key.append(word, right.offset, right.length);
       const auto it = ranks_.find(key);
-      if (it == ranks_.end()) return;
-      queue.push({left, right, it->second, symbols[left].length + symbols[right].length});
-    };
-    for (int i = 1; i < static_cast<int>(symbols.size()); ++i) try_add_bigram(i - 1, i);
-
-    while (!queue.empty()) {
-      const Bigram bigram = queue.top();
-      queue.pop();
-      Symbol& left = symbols[bigram.left];
-      Symbol& right = symbols[bigram.right];
-      if (left.length == 0 || right.length == 0 || left.length + right.length != bigram.length) continue;
-      left.length += right.length;
-      right.length = 0;
-      left.next = right.next;
-      if (right.next >= 0) symbols[right.next].prev = bigram.left;
-      try_add_bigram(left.prev, bigram.left);
-      try_add_bigram(bigram.left, left.next);
-    }
+      if (it == ranks_.end()) return std::nullopt;
+      return -static_cast<double>(it->second);  // lower rank merges first
+    });
 
     for (int i = 0; i != -1; i = symbols[i].next) {
       const std::string_view piece = std::string_view(word).substr(symbols[i].offset, symbols[i].length);

@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "model/bigram_merge.hpp"
 #include "model/tokenizer_vocab.hpp"
 #include "model/unicode_utf8.hpp"
 
@@ -15,31 +16,14 @@ namespace nibble::model {
 
 namespace {
 
+using detail::merge_bigrams;
+using detail::split_utf8_symbols;
+using detail::Symbol;
+
 constexpr std::string_view kSpaceMarker = "\xE2\x96\x81";  // U+2581 "▁"
 
 // A piece of the text being merged: a doubly linked list over the characters, so merging two
 // neighbours is O(1). Pieces are contiguous in the text, so a piece is an (offset, length).
-struct Symbol {
-  int prev;
-  int next;
-  size_t offset;
-  size_t length;  // 0 once merged into its left neighbour
-};
-
-struct Bigram {
-  int left;
-  int right;
-  float score;
-  size_t length;  // of the merged text, to detect entries made stale by later merges
-};
-
-// Highest score first; on equal scores the leftmost pair.
-struct BigramOrder {
-  bool operator()(const Bigram& a, const Bigram& b) const {
-    return a.score < b.score || (a.score == b.score && a.left > b.left);
-  }
-};
-
 class SpmTokenizer final : public VocabTokenizer {
  public:
   explicit SpmTokenizer(Vocab vocab) : VocabTokenizer(std::move(vocab)) {
@@ -111,41 +95,13 @@ class SpmTokenizer final : public VocabTokenizer {
   }
 
   void tokenize_escaped(const std::string& text, std::vector<int32_t>& ids) const {
-    std::vector<Symbol> symbols;
-    symbols.reserve(text.size());
-    for (size_t offset = 0; offset < text.size();) {
-      const size_t length =
-          std::min(utf8::sequence_length(static_cast<unsigned char>(text[offset])), text.size() - offset);
-      const int index = static_cast<int>(symbols.size());
-      symbols.push_back({index - 1, offset + length == text.size() ? -1 : index + 1, offset, length});
-      offset += length;
-    }
+    std::vector<Symbol> symbols = split_utf8_symbols(text);
     if (symbols.empty()) return;
-
-    std::priority_queue<Bigram, std::vector<Bigram>, BigramOrder> queue;
-    const auto try_add_bigram = [&](int left, int right) {
-      if (left < 0 || right < 0) return;
-      const size_t length = symbols[left].length + symbols[right].length;
-      const int32_t id = vocab_.find(std::string_view(text).substr(symbols[left].offset, length));
-      if (id < 0) return;
-      queue.push({left, right, vocab_.score[id], length});
-    };
-    for (int i = 1; i < static_cast<int>(symbols.size()); ++i) try_add_bigram(i - 1, i);
-
-    while (!queue.empty()) {
-      const Bigram bigram = queue.top();
-      queue.pop();
-      Symbol& left = symbols[bigram.left];
-      Symbol& right = symbols[bigram.right];
-      // Skip pairs where either side has since been merged into something else.
-      if (left.length == 0 || right.length == 0 || left.length + right.length != bigram.length) continue;
-      left.length += right.length;
-      right.length = 0;
-      left.next = right.next;
-      if (right.next >= 0) symbols[right.next].prev = bigram.left;
-      try_add_bigram(left.prev, bigram.left);
-      try_add_bigram(bigram.left, left.next);
-    }
+    merge_bigrams(symbols, [&](const Symbol& left, const Symbol& right) -> std::optional<double> {
+      const int32_t id = vocab_.find(std::string_view(text).substr(left.offset, left.length + right.length));
+      if (id < 0) return std::nullopt;
+      return vocab_.score[id];
+    });
 
     // Every merged piece is a token by construction; single characters may not be, and then go
     // out as their bytes. (llama.cpp's rev_merge re-splitting never triggers for the same reason.)

@@ -1,0 +1,140 @@
+#include "cluster/scheduler.hpp"
+
+#include <algorithm>
+#include <stdexcept>
+
+namespace nibble::cluster {
+
+int64_t StepPlan::n_tokens() const {
+  int64_t n = 0;
+  for (const StepEntry& e : entries) n += static_cast<int64_t>(e.tokens.size());
+  return n;
+}
+
+Scheduler::Scheduler(const SchedulerConfig& config) : config_(config), allocator_(config.num_blocks) {
+  if (config.num_blocks <= 0 || config.block_size <= 0 || config.max_batch_tokens <= 0 ||
+      config.max_running <= 0 || config.prefill_chunk <= 0 || config.max_queue < 0 || config.context <= 0) {
+    throw std::invalid_argument("scheduler: every limit must be positive");
+  }
+}
+
+Admission Scheduler::submit(uint64_t seq_id, std::vector<int32_t> prompt, int32_t max_new_tokens) {
+  if (prompt.empty() || max_new_tokens < 1 || sequences_.count(seq_id) != 0) return Admission::invalid;
+  const int64_t longest = static_cast<int64_t>(prompt.size()) + max_new_tokens;
+  if (longest > config_.context || longest > config_.num_blocks * config_.block_size)
+    return Admission::too_long;
+  if (static_cast<int64_t>(waiting_.size()) >= config_.max_queue) return Admission::overloaded;
+  Sequence seq;
+  seq.tokens = std::move(prompt);
+  seq.max_new_tokens = max_new_tokens;
+  seq.arrival = next_arrival_++;
+  sequences_.emplace(seq_id, std::move(seq));
+  waiting_.push_back(seq_id);
+  return Admission::accepted;
+}
+
+bool Scheduler::cancel(uint64_t seq_id) {
+  const auto it = sequences_.find(seq_id);
+  if (it == sequences_.end()) return false;
+  allocator_.release(it->second.blocks);
+  sequences_.erase(it);
+  std::erase(running_, seq_id);
+  std::erase(waiting_, seq_id);
+  return true;
+}
+
+void Scheduler::preempt(uint64_t seq_id) {
+  Sequence& seq = sequences_.at(seq_id);
+  allocator_.release(seq.blocks);
+  seq.computed = 0;  // recompute prompt and generated tokens when it runs again
+  std::erase(running_, seq_id);
+  // Back to the queue in arrival order, ahead of anything that arrived later.
+  const auto pos = std::find_if(waiting_.begin(), waiting_.end(),
+                                [&](uint64_t other) { return sequences_.at(other).arrival > seq.arrival; });
+  waiting_.insert(pos, seq_id);
+}
+
+void Scheduler::append_token(uint64_t seq_id, int32_t token) {
+  const auto it = sequences_.find(seq_id);
+  if (it == sequences_.end()) throw std::invalid_argument("append_token: unknown sequence");
+  it->second.tokens.push_back(token);
+}
+
+int64_t Scheduler::sequence_length(uint64_t seq_id) const {
+  const auto it = sequences_.find(seq_id);
+  return it == sequences_.end() ? -1 : static_cast<int64_t>(it->second.tokens.size());
+}
+
+std::optional<StepPlan> Scheduler::next_step() {
+  StepPlan plan;
+  int64_t budget = config_.max_batch_tokens;
+  std::vector<std::pair<uint64_t, int64_t>> scheduled;  // sequence, tokens taken this step
+
+  // Tokens a sequence would take now: one decode token, or the next prompt chunk.
+  auto wanted = [&](const Sequence& seq) {
+    const int64_t pending = static_cast<int64_t>(seq.tokens.size()) - seq.computed;
+    return std::min({pending, config_.prefill_chunk, budget});
+  };
+
+  // 1. Running sequences, oldest first. Lacking blocks, preempt the newest until it fits.
+  for (size_t i = 0; i < running_.size() && budget > 0;) {
+    const uint64_t id = running_[i];
+    Sequence& seq = sequences_.at(id);
+    const int64_t take = wanted(seq);
+    if (take <= 0) {
+      ++i;
+      continue;
+    }
+    bool fits = allocator_.reserve(seq.blocks, seq.computed + take, config_.block_size);
+    while (!fits && running_.back() != id) {
+      plan.preempted.push_back(running_.back());
+      preempt(running_.back());
+      fits = allocator_.reserve(seq.blocks, seq.computed + take, config_.block_size);
+    }
+    if (!fits) {  // it is itself the newest: it waits
+      plan.preempted.push_back(id);
+      preempt(id);
+      continue;
+    }
+    scheduled.emplace_back(id, take);
+    budget -= take;
+    ++i;
+  }
+
+  // 2. Admit waiting sequences in order while there is room. Nothing preempted this step comes back
+  // in the same step, which keeps a thrashing pair from swapping every step.
+  while (!waiting_.empty() && budget > 0 && static_cast<int64_t>(running_.size()) < config_.max_running) {
+    const uint64_t id = waiting_.front();
+    if (std::find(plan.preempted.begin(), plan.preempted.end(), id) != plan.preempted.end()) break;
+    Sequence& seq = sequences_.at(id);
+    const int64_t take = wanted(seq);
+    if (!allocator_.reserve(seq.blocks, seq.computed + take, config_.block_size)) break;
+    waiting_.pop_front();
+    running_.push_back(id);
+    scheduled.emplace_back(id, take);
+    budget -= take;
+  }
+  if (scheduled.empty()) return std::nullopt;
+
+  for (const auto& [id, take] : scheduled) {
+    plan.max_blocks_per_seq = std::max<int64_t>(plan.max_blocks_per_seq, sequences_.at(id).blocks.size());
+  }
+  plan.block_tables.assign(scheduled.size() * plan.max_blocks_per_seq, -1);
+  for (size_t row = 0; row < scheduled.size(); ++row) {
+    const auto& [id, take] = scheduled[row];
+    Sequence& seq = sequences_.at(id);
+    StepEntry entry;
+    entry.seq_id = id;
+    entry.table_row = static_cast<int32_t>(row);
+    entry.start_pos = static_cast<int32_t>(seq.computed);
+    entry.tokens.assign(seq.tokens.begin() + seq.computed, seq.tokens.begin() + seq.computed + take);
+    seq.computed += take;
+    entry.sample = seq.computed == static_cast<int64_t>(seq.tokens.size());
+    std::copy(seq.blocks.begin(), seq.blocks.end(),
+              plan.block_tables.begin() + row * plan.max_blocks_per_seq);
+    plan.entries.push_back(std::move(entry));
+  }
+  return plan;
+}
+
+}  // namespace nibble::cluster

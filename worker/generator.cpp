@@ -14,34 +14,7 @@ double seconds_since(std::chrono::steady_clock::time_point start) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
 
-// Length of the longest suffix of `text` that is a proper prefix of some stop string: that much
-// must be held back because the next token may complete a match.
-size_t held_back_for_stops(const std::string& text, const std::vector<std::string>& stops) {
-  size_t hold = 0;
-  for (const std::string& stop : stops) {
-    for (size_t len = std::min(stop.size() - 1, text.size()); len > hold; --len) {
-      if (text.compare(text.size() - len, len, stop, 0, len) == 0) {
-        hold = len;
-        break;
-      }
-    }
-  }
-  return hold;
-}
-
 }  // namespace
-
-const char* finish_reason_name(FinishReason reason) {
-  switch (reason) {
-    case FinishReason::length:
-      return "length";
-    case FinishReason::eos:
-      return "eos";
-    case FinishReason::stop:
-      return "stop";
-  }
-  return "unknown";
-}
 
 Generator::Generator(LlamaModel& model, const model::Tokenizer& tokenizer, kernels::ThreadPool& pool,
                      int64_t context)
@@ -79,8 +52,7 @@ GenerateResult Generator::generate(const std::vector<int32_t>& prompt_tokens, co
   allocator.reserve(table, n_prompt + options.max_tokens, kBlockSize);
   std::vector<int32_t> history = prompt_tokens;
   std::vector<float> logits;
-  model::StreamingDecoder decoder(tokenizer_);
-  std::string pending;  // decoded but not yet emitted (may be the start of a stop string)
+  Completion completion(tokenizer_, {options.max_tokens, options.stop, options.ignore_eos});
 
   const auto start = std::chrono::steady_clock::now();
   if (options.max_tokens == 0) return result;
@@ -92,50 +64,22 @@ GenerateResult Generator::generate(const std::vector<int32_t>& prompt_tokens, co
   }
 
   auto decode_start = start;
-  for (int32_t step = 0; step < options.max_tokens; ++step) {
+  for (int32_t step = 0; !completion.finished(); ++step) {
     const int32_t token = sampler.sample(logits.data(), n_vocab, history);
     if (step == 0) {
       result.prompt_seconds = seconds_since(start);
       decode_start = std::chrono::steady_clock::now();
     }
-    if (!options.ignore_eos && tokenizer_.is_end_of_generation(token)) {
-      result.finish = FinishReason::eos;
-      break;
-    }
-    result.tokens.push_back(token);
     history.push_back(token);
-    pending += decoder.push(token);
-
-    // A stop string ends generation and is not part of the text.
-    size_t stop_at = std::string::npos;
-    for (const std::string& stop : options.stop) {
-      const size_t at = (result.text + pending).find(stop);
-      if (at != std::string::npos) stop_at = std::min(stop_at, at);
-    }
-    if (stop_at != std::string::npos) {
-      const std::string final_delta =
-          (result.text + pending).substr(result.text.size(), stop_at - result.text.size());
-      result.text += final_delta;
-      if (on_token) on_token(final_delta, token);
-      result.finish = FinishReason::stop;
-      pending.clear();
-      break;
-    }
-    const size_t hold = held_back_for_stops(result.text + pending, options.stop);
-    const std::string delta = pending.substr(0, pending.size() - std::min(hold, pending.size()));
-    pending.erase(0, delta.size());
-    result.text += delta;
-    if (on_token) on_token(delta, token);
-
-    if (step + 1 == options.max_tokens) break;
+    const std::string delta = completion.add(token);
+    if (on_token && (!delta.empty() || !completion.finished())) on_token(delta, token);
+    if (completion.finished()) break;
     const int32_t pos = static_cast<int32_t>(n_prompt + step);
     model_.forward(ForwardBatch::single({token}, pos, table, false), cache_, pool_, logits);
   }
-  if (result.finish != FinishReason::stop) {
-    pending += decoder.flush();
-    result.text += pending;
-    if (on_token && !pending.empty()) on_token(pending, -1);
-  }
+  result.tokens = completion.tokens();
+  result.text = completion.text();
+  result.finish = completion.finish_reason();
   result.generate_seconds = seconds_since(decode_start);
   allocator.release(table);
   return result;

@@ -8,6 +8,7 @@
 
 #include "kernels/thread_pool.hpp"
 #include "model/tokenizer.hpp"
+#include "worker/completion.hpp"
 #include "worker/kv_cache.hpp"
 #include "worker/llama_model.hpp"
 #include "worker/sampler.hpp"
@@ -21,9 +22,6 @@ struct GenerateOptions {
   SamplingParams sampling;
   int64_t prefill_chunk = 512;  // prompt tokens per forward pass
 };
-
-enum class FinishReason { length, eos, stop };
-const char* finish_reason_name(FinishReason reason);
 
 struct GenerateResult {
   std::vector<int32_t> prompt_tokens;

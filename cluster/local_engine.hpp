@@ -1,0 +1,63 @@
+#pragma once
+// Continuous batching in one process: the scheduler's step plans run on a local model, each request
+// with its own sampler and completion state. The distributed service splits exactly this loop: the
+// coordinator keeps the scheduler and request states, workers run the forward passes.
+#include <cstdint>
+#include <memory>
+#include <unordered_map>
+#include <vector>
+
+#include "cluster/scheduler.hpp"
+#include "kernels/thread_pool.hpp"
+#include "model/tokenizer.hpp"
+#include "worker/completion.hpp"
+#include "worker/kv_cache.hpp"
+#include "worker/llama_model.hpp"
+#include "worker/sampler.hpp"
+
+namespace nibble::cluster {
+
+struct EngineRequest {
+  uint64_t id = 0;
+  std::vector<int32_t> prompt;  // token ids, BOS included if wanted
+  worker::SamplingParams sampling;
+  worker::CompletionLimits limits;
+};
+
+struct EngineResult {
+  uint64_t id = 0;
+  std::vector<int32_t> tokens;
+  std::string text;
+  worker::FinishReason finish = worker::FinishReason::length;
+};
+
+class LocalEngine {
+ public:
+  LocalEngine(worker::LlamaModel& model, const model::Tokenizer& tokenizer, kernels::ThreadPool& pool,
+              const SchedulerConfig& config);
+
+  // Throws std::invalid_argument for impossible sampling parameters.
+  Admission submit(EngineRequest request);
+  bool cancel(uint64_t id);
+  // Runs one step; returns the requests that finished in it.
+  std::vector<EngineResult> step();
+  bool idle() const { return states_.empty(); }
+  const Scheduler& scheduler() const { return scheduler_; }
+
+ private:
+  struct RequestState {
+    worker::Sampler sampler;
+    worker::Completion completion;
+    std::vector<int32_t> history;  // prompt and generated tokens, for the repetition penalty
+  };
+
+  worker::LlamaModel& model_;
+  const model::Tokenizer& tokenizer_;
+  kernels::ThreadPool& pool_;
+  Scheduler scheduler_;
+  worker::KvCache cache_;
+  std::unordered_map<uint64_t, std::unique_ptr<RequestState>> states_;
+  std::vector<float> logits_;
+};
+
+}  // namespace nibble::cluster

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "kernels/matmul_internal.hpp"
+#include "kernels/packed_weights.hpp"
 #include "kernels/quantize.hpp"
 
 namespace nibble::kernels {
@@ -97,9 +98,10 @@ Status check_arguments(DType w_type, const void* w, int64_t n_out, int64_t k, co
   return Status::ok;
 }
 
-// Activation rows quantized for the current matmul. Owned by the calling thread and only grown, so
-// steady-state decoding does no allocation.
+// Activation rows quantized for the current matmul (and their block infos for packed weights).
+// Owned by the calling thread and only grown, so steady-state decoding does no allocation.
 thread_local std::vector<uint8_t> tls_activation_scratch;
+thread_local std::vector<detail::Q8_0BlockInfo> tls_block_info_scratch;
 
 // Below this many multiply-adds a dispatch to the workers costs more than it saves.
 constexpr int64_t kMinParallelWork = 1 << 15;
@@ -121,60 +123,62 @@ bool matmul_force_isa(const char* isa) {
   return true;
 }
 
-Status matmul(DType w_type, const void* w, int64_t n_out, int64_t k, const float* x, int64_t m, float* y,
-              ThreadPool& pool) {
-  const Status status = check_arguments(w_type, w, n_out, k, x, m, y);
-  if (status != Status::ok) return status;
-  if (m == 0 || n_out == 0) return Status::ok;
-  if (k == 0) {
-    std::memset(y, 0, static_cast<size_t>(m * n_out) * sizeof(float));
-    return Status::ok;
-  }
-  const IsaKernels& isa = *active_isa().load(std::memory_order_relaxed);
-  const int n_threads = pool.size();
-  const bool parallel = n_threads > 1 && m * n_out * k >= kMinParallelWork;
+namespace {
 
-  MatmulOperands op{};
-  op.w = static_cast<const uint8_t*>(w);
-  op.w_stride = row_bytes(w_type, k);
-  op.y = y;
-  op.y_stride = n_out;
-  op.m = m;
-  op.k = k;
-
-  const ActivationFormat format = activation_format(w_type);
+// Quantizes x: [m, k] into the thread's scratch as `format` and points op.x there (or at x itself
+// for float activations). With `with_block_info`, also fills op.x_info (Q8_0 only).
+void prepare_activations(const IsaKernels& isa, ActivationFormat format, const float* x, bool parallel,
+                         bool with_block_info, ThreadPool& pool, MatmulOperands& op) {
+  const int64_t m = op.m;
+  const int64_t k = op.k;
   if (format == ActivationFormat::f32) {
     op.x = reinterpret_cast<const uint8_t*>(x);
     op.x_stride = k * static_cast<int64_t>(sizeof(float));
-  } else {
-    const DType act_type = format == ActivationFormat::q8_0 ? DType::Q8_0 : DType::Q8_K;
-    const detail::QuantizeActivationFn quantize =
-        format == ActivationFormat::q8_0 ? isa.quantize_q8_0 : isa.quantize_q8_k;
-    op.x_stride = row_bytes(act_type, k);
-    std::vector<uint8_t>& scratch = tls_activation_scratch;
-    if (scratch.size() < static_cast<size_t>(m * op.x_stride))
-      scratch.resize(static_cast<size_t>(m * op.x_stride));
-    uint8_t* act = scratch.data();
-    const int64_t stride = op.x_stride;
-    auto quantize_rows = [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) quantize(x + r * k, act + r * stride, k);
-    };
-    if (parallel && m > 1) {
-      pool.parallel_for(m, 1, quantize_rows);
-    } else {
-      quantize_rows(0, m);
-    }
-    op.x = act;
+    return;
   }
+  const DType act_type = format == ActivationFormat::q8_0 ? DType::Q8_0 : DType::Q8_K;
+  const detail::QuantizeActivationFn quantize =
+      format == ActivationFormat::q8_0 ? isa.quantize_q8_0 : isa.quantize_q8_k;
+  op.x_stride = row_bytes(act_type, k);
+  std::vector<uint8_t>& scratch = tls_activation_scratch;
+  if (scratch.size() < static_cast<size_t>(m * op.x_stride))
+    scratch.resize(static_cast<size_t>(m * op.x_stride));
+  const int64_t n_blocks = k / kQK8_0;
+  detail::Q8_0BlockInfo* info = nullptr;
+  if (with_block_info) {
+    std::vector<detail::Q8_0BlockInfo>& info_scratch = tls_block_info_scratch;
+    if (info_scratch.size() < static_cast<size_t>(m * n_blocks))
+      info_scratch.resize(static_cast<size_t>(m * n_blocks));
+    info = info_scratch.data();
+  }
+  uint8_t* act = scratch.data();
+  const int64_t stride = op.x_stride;
+  auto quantize_rows = [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      quantize(x + r * k, act + r * stride, k);
+      if (info != nullptr) isa.q8_0_block_info(act + r * stride, info + r * n_blocks, n_blocks);
+    }
+  };
+  if (parallel && m > 1) {
+    pool.parallel_for(m, 1, quantize_rows);
+  } else {
+    quantize_rows(0, m);
+  }
+  op.x = act;
+  op.x_info = info;
+}
 
-  const MatmulRangeFn range = range_fn(isa, w_type);
+// Runs range over output rows [0, n_out), on the pool when `parallel`.
+void run_output_rows(MatmulRangeFn range, const MatmulOperands& op, int64_t n_out, bool parallel,
+                     ThreadPool& pool) {
   if (!parallel) {
     range(op, 0, n_out);
-    return Status::ok;
+    return;
   }
   // Output rows are handed out in chunks from a shared counter, so a thread that loses its core
   // to another process does not hold everyone back. Chunks are multiples of 8 rows (the kernels'
-  // widest weight-row tile) and about 8 per thread.
+  // widest weight-row tile and the packed panel height) and about 8 per thread.
+  const int n_threads = pool.size();
   int64_t chunk = n_out / (static_cast<int64_t>(n_threads) * 8);
   chunk = chunk < 8 ? 8 : (chunk + 7) / 8 * 8;
   std::atomic<int64_t> next_chunk{0};
@@ -185,6 +189,50 @@ Status matmul(DType w_type, const void* w, int64_t n_out, int64_t k, const float
       range(op, begin, begin + chunk < n_out ? begin + chunk : n_out);
     }
   });
+}
+
+}  // namespace
+
+Status matmul(DType w_type, const void* w, int64_t n_out, int64_t k, const float* x, int64_t m, float* y,
+              ThreadPool& pool) {
+  const Status status = check_arguments(w_type, w, n_out, k, x, m, y);
+  if (status != Status::ok) return status;
+  if (m == 0 || n_out == 0) return Status::ok;
+  if (k == 0) {
+    std::memset(y, 0, static_cast<size_t>(m * n_out) * sizeof(float));
+    return Status::ok;
+  }
+  const IsaKernels& isa = *active_isa().load(std::memory_order_relaxed);
+  const bool parallel = pool.size() > 1 && m * n_out * k >= kMinParallelWork;
+
+  MatmulOperands op{};
+  op.w = static_cast<const uint8_t*>(w);
+  op.w_stride = row_bytes(w_type, k);
+  op.y = y;
+  op.y_stride = n_out;
+  op.m = m;
+  op.k = k;
+  prepare_activations(isa, activation_format(w_type), x, parallel, /*with_block_info=*/false, pool, op);
+  run_output_rows(range_fn(isa, w_type), op, n_out, parallel, pool);
+  return Status::ok;
+}
+
+Status matmul_packed(const PackedMatrix& w, const float* x, int64_t m, float* y, ThreadPool& pool) {
+  if (w.empty() || w.type() != DType::Q4_0) return Status::invalid_argument;
+  if (x == nullptr || y == nullptr || m < 0) return Status::invalid_argument;
+  if (m == 0) return Status::ok;
+  const IsaKernels& isa = *active_isa().load(std::memory_order_relaxed);
+  const bool parallel = pool.size() > 1 && m * w.n_out() * w.k() >= kMinParallelWork;
+
+  MatmulOperands op{};
+  op.w = w.data();
+  op.w_stride = w.panel_bytes();
+  op.y = y;
+  op.y_stride = w.n_out();
+  op.m = m;
+  op.k = w.k();
+  prepare_activations(isa, ActivationFormat::q8_0, x, parallel, /*with_block_info=*/true, pool, op);
+  run_output_rows(isa.q4_0_packed, op, w.n_out(), parallel, pool);
   return Status::ok;
 }
 

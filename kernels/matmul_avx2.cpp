@@ -27,8 +27,10 @@ const IsaKernels kAvx2Kernels{
     matmul_range<Q8_0Family<false>>,
     kquant_range<KQuantFamily<true>>,
     kquant_range<KQuantFamily<false>>,
+    q4_0_packed_range,
     quantize_q8_0,
     quantize_q8_k,
+    q8_0_block_info,
 };
 
 }  // namespace

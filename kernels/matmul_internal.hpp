@@ -4,6 +4,14 @@
 
 namespace nibble::kernels::detail {
 
+// What the packed Q4_0 kernels need of each Q8_0 activation block besides its quants, computed
+// once per matmul: the scale as float, and 8·Σq, the block's share of the Q4_0 offset
+// (Σ(w−8)·x = Σw·x − 8·Σx, so the kernels can multiply the unsigned nibbles directly).
+struct Q8_0BlockInfo {
+  float d;
+  int32_t sum_times_8;
+};
+
 // One matmul's operands after the activations have been prepared for the weight type.
 struct MatmulOperands {
   const uint8_t* w;  // w: [n_out, k] in the weight type, rows w_stride bytes apart
@@ -14,6 +22,9 @@ struct MatmulOperands {
   int64_t y_stride;
   int64_t m;
   int64_t k;
+  // Only for packed Q4_0 weights (w then points to 8-row panels, w_stride bytes apart, see
+  // kernels/packed_weights.hpp): [m, k/32] block infos of the activation rows, row-major.
+  const Q8_0BlockInfo* x_info = nullptr;
 };
 
 // Computes y[r, o] for every activation row r in [0, m) and output o in [o_begin, o_end).
@@ -30,8 +41,12 @@ struct IsaKernels {
   MatmulRangeFn q8_0;
   MatmulRangeFn q4_k;
   MatmulRangeFn q6_k;
+  // Q4_0 packed in 8-row panels × Q8_0 activations with x_info; o_begin is a multiple of 8.
+  MatmulRangeFn q4_0_packed;
   QuantizeActivationFn quantize_q8_0;  // must give the same bytes as quantize_row(Q8_0)
   QuantizeActivationFn quantize_q8_k;  // must give the same bytes as quantize_row(Q8_K)
+  // Fills info[0, n_blocks) for one Q8_0 activation row.
+  void (*q8_0_block_info)(const void* x_row, Q8_0BlockInfo* info, int64_t n_blocks);
 };
 
 const IsaKernels& scalar_kernels();

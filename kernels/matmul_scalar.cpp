@@ -1,5 +1,7 @@
 // Portable kernels: one dot product per (activation row, weight row), integer block dot products
 // for the quantized types. They define the integer math the SIMD kernels must reproduce.
+#include <cstring>
+
 #include "kernels/matmul_internal.hpp"
 #include "kernels/quant_internal.hpp"
 
@@ -126,6 +128,46 @@ void quant_range(const MatmulOperands& op, int64_t o_begin, int64_t o_end) {
   }
 }
 
+// Q4_0 packed in 8-row panels (kernels/packed_weights.hpp): the same integer block sums and float
+// accumulation as dot_q4_0, with the −8 offset applied as −8·Σx from the block info.
+void q4_0_packed_range(const MatmulOperands& op, int64_t o_begin, int64_t o_end) {
+  constexpr int kPanelRows = 8;
+  constexpr int kGroupBytes = 144;
+  const int64_t n_blocks = op.k / kQK4_0;
+  for (int64_t o = o_begin; o < o_end; ++o) {
+    const uint8_t* panel = op.w + (o / kPanelRows) * op.w_stride;
+    const int lane = static_cast<int>(o % kPanelRows);
+    for (int64_t r = 0; r < op.m; ++r) {
+      const auto* x = reinterpret_cast<const BlockQ8_0*>(op.x + r * op.x_stride);
+      const Q8_0BlockInfo* info = op.x_info + r * n_blocks;
+      float sum = 0.0f;
+      for (int64_t b = 0; b < n_blocks; ++b) {
+        const uint8_t* group = panel + b * kGroupBytes;
+        f16_bits d;
+        std::memcpy(&d, group + 2 * lane, sizeof d);
+        int sumi = -info[b].sum_times_8;
+        for (int c = 0; c < 4; ++c) {
+          for (int t = 0; t < 4; ++t) {
+            const uint8_t q = group[16 + 32 * c + 4 * lane + t];
+            sumi += (q & 0xF) * x[b].qs[4 * c + t] + (q >> 4) * x[b].qs[16 + 4 * c + t];
+          }
+        }
+        sum += fp16_to_fp32(d) * info[b].d * static_cast<float>(sumi);
+      }
+      op.y[r * op.y_stride + o] = sum;
+    }
+  }
+}
+
+void q8_0_block_info(const void* x_row, Q8_0BlockInfo* info, int64_t n_blocks) {
+  const auto* x = static_cast<const BlockQ8_0*>(x_row);
+  for (int64_t b = 0; b < n_blocks; ++b) {
+    int sum = 0;
+    for (int j = 0; j < kQK8_0; ++j) sum += x[b].qs[j];
+    info[b] = {fp16_to_fp32(x[b].d), 8 * sum};
+  }
+}
+
 void quantize_q8_0(const float* x, void* out, int64_t k) {
   for (int64_t b = 0; b < k / kQK8_0; ++b)
     quantize_block_q8_0(x + b * kQK8_0, static_cast<BlockQ8_0*>(out) + b);
@@ -145,8 +187,10 @@ const IsaKernels kScalarKernels{
     quant_range<dot_q8_0>,
     quant_range<dot_q4_k>,
     quant_range<dot_q6_k>,
+    q4_0_packed_range,
     quantize_q8_0,
     quantize_q8_k,
+    q8_0_block_info,
 };
 
 }  // namespace

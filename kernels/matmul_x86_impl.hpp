@@ -25,6 +25,7 @@ using nibble::kernels::kQK4_0;
 using nibble::kernels::kQK8_0;
 using nibble::kernels::kQK_K;
 using nibble::kernels::detail::MatmulOperands;
+using nibble::kernels::detail::Q8_0BlockInfo;
 
 inline int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
 
@@ -158,6 +159,111 @@ struct Q8_0Family {
     store_tile<RM, RN>(op, r0, o0, acc);
   }
 };
+
+// ---- Q4_0 weights packed in 8-row panels × Q8_0 activations ----
+//
+// Panel layout in kernels/packed_weights.hpp: each 32-byte chunk holds 4 nibble bytes of each of
+// the panel's 8 rows, so with the 4 matching activation bytes broadcast to every lane, maddubs +
+// madd leave row j's partial dot product in 32-bit lane j: no horizontal sums, and one fmadd per
+// block scales all 8 rows (their fp16 scales are one 128-bit load). The nibbles go into maddubs
+// unsigned (0..15) and the −8 offset is applied per block as −8·Σx from the activation block info,
+// which saves both sign instructions of the signed product. The 8 maddubs results of a block
+// (|each| ≤ 2·15·127) are summed in 16 bits: 8·3810 = 30480 cannot overflow.
+
+inline __m256i broadcast_4_bytes(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, sizeof v);
+  return _mm256_set1_epi32(v);
+}
+
+// An empty asm that the compiler must assume changes v: placed after each chunk, it stops GCC from
+// reassociating a tile's int16 sums into one tree over all its products (which needs more than
+// 16 vector registers and spills).
+inline void register_barrier(__m256i& v) { asm("# register barrier" : "+x"(v)); }
+
+struct PackedQ4_0 {
+  static constexpr int64_t kPanelRows = 8;
+  static constexpr int64_t kGroupBytes = 144;  // per block: 16 bytes of scales + 4 chunks of 32
+
+  // Outputs [o0, o0 + n_valid) of activation rows [r0, r0 + RM) from one panel.
+  template <int RM>
+  static void tile(const MatmulOperands& op, const uint8_t* panel, int64_t r0, int64_t o0, int64_t n_valid) {
+    const int64_t n_blocks = op.k / kQK4_0;
+    const BlockQ8_0* x[RM];
+    const Q8_0BlockInfo* info[RM];
+    __m256 acc[RM];
+    NIBBLE_UNROLL
+    for (int i = 0; i < RM; ++i) {
+      x[i] = reinterpret_cast<const BlockQ8_0*>(op.x + (r0 + i) * op.x_stride);
+      info[i] = op.x_info + (r0 + i) * n_blocks;
+      acc[i] = _mm256_setzero_ps();
+    }
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    for (int64_t b = 0; b < n_blocks; ++b) {
+      const uint8_t* group = panel + b * kGroupBytes;
+      __m256i sum16[RM];
+      NIBBLE_UNROLL
+      for (int i = 0; i < RM; ++i) sum16[i] = _mm256_setzero_si256();
+      NIBBLE_UNROLL
+      for (int c = 0; c < 4; ++c) {
+        const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(group + 16 + 32 * c));
+        const __m256i low = _mm256_and_si256(packed, low4);                         // elements 4c..4c+3
+        const __m256i high = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low4);  // 16+4c..16+4c+3
+        NIBBLE_UNROLL
+        for (int i = 0; i < RM; ++i) {
+          const int8_t* xq = x[i][b].qs;
+          sum16[i] = _mm256_add_epi16(sum16[i], _mm256_maddubs_epi16(low, broadcast_4_bytes(xq + 4 * c)));
+          sum16[i] =
+              _mm256_add_epi16(sum16[i], _mm256_maddubs_epi16(high, broadcast_4_bytes(xq + 16 + 4 * c)));
+          register_barrier(sum16[i]);
+        }
+      }
+      const __m256 w_d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(group)));
+      NIBBLE_UNROLL
+      for (int i = 0; i < RM; ++i) {
+        const __m256i dot =
+            _mm256_sub_epi32(pairwise_sum_i16(sum16[i]), _mm256_set1_epi32(info[i][b].sum_times_8));
+        acc[i] = _mm256_fmadd_ps(_mm256_mul_ps(w_d, _mm256_set1_ps(info[i][b].d)), _mm256_cvtepi32_ps(dot),
+                                 acc[i]);
+      }
+    }
+    NIBBLE_UNROLL
+    for (int i = 0; i < RM; ++i) {
+      float* y = op.y + (r0 + i) * op.y_stride + o0;
+      if (n_valid == kPanelRows) {
+        _mm256_storeu_ps(y, acc[i]);
+      } else {
+        alignas(32) float lanes[kPanelRows];
+        _mm256_store_ps(lanes, acc[i]);
+        for (int64_t j = 0; j < n_valid; ++j) y[j] = lanes[j];
+      }
+    }
+  }
+};
+
+// Panels outermost (a panel stays in cache while every activation row passes over it), 4
+// activation rows per tile.
+void q4_0_packed_range(const MatmulOperands& op, int64_t o_begin, int64_t o_end) {
+  for (int64_t o0 = o_begin; o0 < o_end; o0 += PackedQ4_0::kPanelRows) {
+    const uint8_t* panel = op.w + (o0 / PackedQ4_0::kPanelRows) * op.w_stride;
+    const int64_t n_valid = min_i64(PackedQ4_0::kPanelRows, o_end - o0);
+    int64_t r0 = 0;
+    for (; r0 + 4 <= op.m; r0 += 4) PackedQ4_0::tile<4>(op, panel, r0, o0, n_valid);
+    switch (op.m - r0) {
+      case 3:
+        PackedQ4_0::tile<3>(op, panel, r0, o0, n_valid);
+        break;
+      case 2:
+        PackedQ4_0::tile<2>(op, panel, r0, o0, n_valid);
+        break;
+      case 1:
+        PackedQ4_0::tile<1>(op, panel, r0, o0, n_valid);
+        break;
+      default:
+        break;
+    }
+  }
+}
 
 // ---- F32 / F16 / BF16 weights × float activations ----
 
@@ -389,6 +495,18 @@ void quantize_q8_0(const float* x, void* out, int64_t k) {
     const __m256i packed8 = _mm256_packs_epi16(packed16_lo, packed16_hi);
     const __m256i ordered = _mm256_permutevar8x32_epi32(packed8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(blocks[b].qs), ordered);
+  }
+}
+
+void q8_0_block_info(const void* x_row, Q8_0BlockInfo* info, int64_t n_blocks) {
+  const auto* x = static_cast<const BlockQ8_0*>(x_row);
+  const __m256i ones8 = _mm256_set1_epi8(1);
+  for (int64_t b = 0; b < n_blocks; ++b) {
+    const __m256i sums = pairwise_sum_i16(_mm256_maddubs_epi16(ones8, load_i8x32(x[b].qs)));
+    __m128i sum4 = _mm_add_epi32(_mm256_castsi256_si128(sums), _mm256_extracti128_si256(sums, 1));
+    sum4 = _mm_add_epi32(sum4, _mm_shuffle_epi32(sum4, _MM_SHUFFLE(1, 0, 3, 2)));
+    sum4 = _mm_add_epi32(sum4, _mm_shuffle_epi32(sum4, _MM_SHUFFLE(2, 3, 0, 1)));
+    info[b] = {half_to_float(x[b].d), 8 * _mm_cvtsi128_si32(sum4)};
   }
 }
 

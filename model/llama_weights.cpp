@@ -1,5 +1,10 @@
 #include "model/llama_weights.hpp"
 
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <cstdint>
+#include <stdexcept>
 #include <string>
 
 #include "kernels/quantize.hpp"
@@ -29,7 +34,7 @@ const GgufTensorInfo& require(const GgufFile& file, const std::string& name, std
 
 WeightMatrix matrix(const GgufFile& file, const std::string& name, int64_t k, int64_t n_out) {
   const GgufTensorInfo& t = require(file, name, {k, n_out});
-  return WeightMatrix{t.type, file.tensor_data(t), n_out, k};
+  return WeightMatrix{t.type, file.tensor_data(t), n_out, k, nullptr};
 }
 
 std::vector<float> vector_f32(const GgufFile& file, const std::string& name, int64_t n) {
@@ -41,7 +46,33 @@ std::vector<float> vector_f32(const GgufFile& file, const std::string& name, int
   return out;
 }
 
+void pack_matrix(WeightMatrix& w, bool release_source) {
+  if (w.packed != nullptr || !kernels::can_pack_for_matmul(w.type)) return;
+  kernels::PackedMatrix packed = kernels::pack_for_matmul(w.type, w.data, w.n_out, w.k);
+  if (packed.empty()) throw std::runtime_error("cannot repack a weight matrix (out of memory?)");
+  w.packed = std::make_shared<const kernels::PackedMatrix>(std::move(packed));
+  if (!release_source) return;
+  // Only whole pages inside the matrix, so that neighbouring tensors keep theirs. Dropping pages of
+  // a private read-only file mapping is safe: they are re-read from the file if touched again.
+  const auto page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+  const auto begin = reinterpret_cast<uintptr_t>(w.data);
+  const uintptr_t end = begin + static_cast<uintptr_t>(w.n_out * w.row_bytes());
+  const uintptr_t first = (begin + page - 1) / page * page;
+  const uintptr_t last = end / page * page;
+  if (last > first) ::madvise(reinterpret_cast<void*>(first), last - first, MADV_DONTNEED);  // advisory
+}
+
 }  // namespace
+
+void LlamaWeights::pack_for_cpu(bool release_source) {
+  for (LlamaLayerWeights& l : layers) {
+    for (WeightMatrix* w : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down})
+      pack_matrix(*w, release_source);
+  }
+  // A tied head shares token_embd's rows, which embedding lookups keep reading (a few rows per
+  // token, re-read on demand after the release).
+  pack_matrix(output, release_source);
+}
 
 LlamaWeights LlamaWeights::bind(const GgufFile& file, const LlamaConfig& c) {
   LlamaWeights w;

@@ -6,6 +6,7 @@
 #include <memory>
 #include <vector>
 
+#include "kernels/packed_weights.hpp"
 #include "kernels/quant_types.hpp"
 #include "model/gguf.hpp"
 #include "model/llama_config.hpp"
@@ -19,6 +20,9 @@ struct WeightMatrix {
   int64_t n_out = 0;  // rows (output features)
   int64_t k = 0;      // row length (input features)
   int64_t row_bytes() const { return kernels::row_bytes(type, k); }
+  // The same matrix repacked for the CPU matmul (kernels/packed_weights.hpp), or null. Once it is
+  // set, `data` may have been dropped from memory; it stays valid (touched pages are re-read).
+  std::shared_ptr<const kernels::PackedMatrix> packed;
 };
 
 struct LlamaLayerWeights {
@@ -37,6 +41,12 @@ struct LlamaWeights {
 
   // Throws GgufError naming a missing tensor or a shape that disagrees with the config.
   static LlamaWeights bind(const GgufFile& file, const LlamaConfig& config);
+
+  // Repacks every matrix the CPU matmul reads faster packed (Q4_0; see
+  // kernels/can_pack_for_matmul) into `packed`, one at a time. With release_source, each source
+  // range of the (read-only) file mapping is then dropped from memory, so that resident memory
+  // stays about the file's size instead of twice it.
+  void pack_for_cpu(bool release_source);
 };
 
 }  // namespace nibble::model

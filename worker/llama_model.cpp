@@ -6,6 +6,7 @@
 #include "kernels/activation.hpp"
 #include "kernels/attention.hpp"
 #include "kernels/matmul.hpp"
+#include "kernels/packed_weights.hpp"
 #include "kernels/quantize.hpp"
 #include "kernels/rms_norm.hpp"
 #include "kernels/rope.hpp"
@@ -48,11 +49,17 @@ std::unique_ptr<LlamaModel> LlamaModel::load(const std::string& path) {
 LlamaModel::LlamaModel(std::shared_ptr<const model::GgufFile> file)
     : file_(std::move(file)),
       config_(model::LlamaConfig::from_gguf(*file_)),
-      weights_(model::LlamaWeights::bind(*file_, config_)) {}
+      weights_(model::LlamaWeights::bind(*file_, config_)) {
+  weights_.pack_for_cpu(/*release_source=*/true);
+}
 
 void LlamaModel::matmul(const model::WeightMatrix& w, const float* x, int64_t m, float* y,
                         kernels::ThreadPool& pool) {
-  check(kernels::matmul(w.type, w.data, w.n_out, w.k, x, m, y, pool), "matmul");
+  if (w.packed != nullptr) {
+    check(kernels::matmul_packed(*w.packed, x, m, y, pool), "matmul");
+  } else {
+    check(kernels::matmul(w.type, w.data, w.n_out, w.k, x, m, y, pool), "matmul");
+  }
 }
 
 void LlamaModel::forward(const ForwardBatch& batch, KvCache& cache, kernels::ThreadPool& pool,

@@ -1,5 +1,6 @@
 // Q4_0 matmul throughput on the shapes of a 1.1B Llama: matrix-vector (decode, reported as GB/s of
 // weights streamed) and m = 64 matrix-matrix (prompt, reported as GOP/s, 2 ops per multiply-add).
+// Q4_0 is timed both as stored in the file and repacked (kernels/packed_weights.hpp).
 // Usage: nibble_matmul_throughput [threads=2] [isa] [type=q4_0]
 #include <chrono>
 #include <cstdio>
@@ -9,21 +10,22 @@
 #include <vector>
 
 #include "kernels/matmul.hpp"
+#include "kernels/packed_weights.hpp"
 #include "kernels/quantize.hpp"
 
 using namespace nibble::kernels;
 
 namespace {
 
-double seconds_per_call(DType type, const std::vector<uint8_t>& w, int64_t n_out, int64_t k,
-                        const std::vector<float>& x, int64_t m, std::vector<float>& y, ThreadPool& pool) {
+template <typename Call>
+double seconds_per_call(const Call& call) {
   using clock = std::chrono::steady_clock;
-  matmul(type, w.data(), n_out, k, x.data(), m, y.data(), pool);  // warm-up
+  call();  // warm-up
   int calls = 0;
   const auto start = clock::now();
   double elapsed = 0.0;
   while (elapsed < 1.0) {
-    matmul(type, w.data(), n_out, k, x.data(), m, y.data(), pool);
+    call();
     ++calls;
     elapsed = std::chrono::duration<double>(clock::now() - start).count();
   }
@@ -69,10 +71,17 @@ int main(int argc, char** argv) {
       std::vector<float> x(static_cast<size_t>(m * s.k));
       for (float& v : x) v = dist(rng);
       std::vector<float> y(static_cast<size_t>(m * s.n_out));
-      const double t = seconds_per_call(type, w, s.n_out, s.k, x, m, y, pool);
-      const double gops = 2.0 * m * s.n_out * s.k / t * 1e-9;
-      std::printf("%-20s m=%-3lld %9.1f us  %7.2f GB/s weights  %7.1f GOP/s\n", s.name,
-                  static_cast<long long>(m), t * 1e6, static_cast<double>(w.size()) / t * 1e-9, gops);
+      auto report = [&](const char* layout, double t) {
+        const double gops = 2.0 * m * s.n_out * s.k / t * 1e-9;
+        std::printf("%-20s %-8s m=%-3lld %9.1f us  %7.2f GB/s weights  %7.1f GOP/s\n", s.name, layout,
+                    static_cast<long long>(m), t * 1e6, static_cast<double>(w.size()) / t * 1e-9, gops);
+      };
+      report("",
+             seconds_per_call([&] { matmul(type, w.data(), s.n_out, s.k, x.data(), m, y.data(), pool); }));
+      if (can_pack_for_matmul(type)) {
+        const PackedMatrix packed = pack_for_matmul(type, w.data(), s.n_out, s.k);
+        report("packed", seconds_per_call([&] { matmul_packed(packed, x.data(), m, y.data(), pool); }));
+      }
     }
   }
   return 0;

@@ -1,0 +1,63 @@
+#pragma once
+// Weight matrices repacked once at load into a layout the CPU matmul reads faster. The weights stay
+// quantized (same bytes per block); only their order changes. Q4_0 is the only packed type.
+//
+// Q4_0 layout: output rows are grouped in panels of 8 (the last panel padded with zero rows).
+// Panel p holds rows 8p..8p+7 as k/32 consecutive 144-byte groups, one per 32-element block:
+//   bytes [0, 16):   the 8 rows' fp16 block scales, row 0 first
+//   bytes [16, 144): 4 chunks of 32 bytes; chunk c is qs[4c..4c+3] of row 0, of row 1, ... of row 7
+// where qs are the rows' Q4_0 nibble bytes (byte t holds element t in its low nibble and t+16 in
+// its high one). A 256-bit load of a chunk gives each of the 8 rows its own 32-bit lane, so the
+// kernel's products land one output per lane and all 8 scales convert with one instruction
+// (llama.cpp's Q4_0 8×8 repacking follows the same idea).
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+
+#include "kernels/quant_types.hpp"
+#include "kernels/status.hpp"
+#include "kernels/thread_pool.hpp"
+
+namespace nibble::kernels {
+
+inline constexpr int64_t kPanelRows = 8;
+inline constexpr int64_t kQ4_0PanelBlockBytes = 144;  // 8 scales + 8 rows × 16 nibble bytes
+
+class PackedMatrix {
+ public:
+  PackedMatrix() = default;
+
+  bool empty() const { return data_ == nullptr; }
+  DType type() const { return type_; }
+  int64_t n_out() const { return n_out_; }
+  int64_t k() const { return k_; }
+  // Bytes from one panel to the next.
+  int64_t panel_bytes() const { return k_ / kQK4_0 * kQ4_0PanelBlockBytes; }
+  int64_t n_panels() const { return (n_out_ + kPanelRows - 1) / kPanelRows; }
+  size_t size_bytes() const { return static_cast<size_t>(n_panels() * panel_bytes()); }
+  const uint8_t* data() const { return data_.get(); }
+
+ private:
+  friend PackedMatrix pack_for_matmul(DType w_type, const void* w, int64_t n_out, int64_t k);
+  struct FreeDeleter {
+    void operator()(uint8_t* p) const;
+  };
+  DType type_ = DType::F32;
+  int64_t n_out_ = 0;
+  int64_t k_ = 0;
+  std::unique_ptr<uint8_t, FreeDeleter> data_;
+};
+
+// Whether pack_for_matmul supports w_type.
+bool can_pack_for_matmul(DType w_type);
+
+// Repacks w: [n_out, k] in w_type (rows row_bytes(w_type, k) apart) into an owned buffer of the
+// same size (plus the padding of the last panel). Returns an empty matrix when w_type cannot be
+// packed or the shape is invalid (k not a multiple of the block size, n_out or k not positive).
+PackedMatrix pack_for_matmul(DType w_type, const void* w, int64_t n_out, int64_t k);
+
+// matmul() for a packed matrix: y[m, n_out] = x[m, k] · Wᵀ, the same integer block dot products
+// and per-output float accumulation order as the scalar matmul of the unpacked matrix.
+Status matmul_packed(const PackedMatrix& w, const float* x, int64_t m, float* y, ThreadPool& pool);
+
+}  // namespace nibble::kernels

@@ -40,8 +40,8 @@ constexpr int kKScaleBytes = 12;
 using f16_bits = uint16_t;
 
 struct BlockQ4_0 {
-  f16_bits d;                 // scale
-  uint8_t qs[kQK4_0 / 2];     // element j in the low nibble of qs[j], element j+16 in the high
+  f16_bits d;              // scale
+  uint8_t qs[kQK4_0 / 2];  // element j in the low nibble of qs[j], element j+16 in the high
 };
 static_assert(sizeof(BlockQ4_0) == 18);
 
@@ -60,9 +60,9 @@ struct BlockQ4_K {
 static_assert(sizeof(BlockQ4_K) == 144);
 
 struct BlockQ6_K {
-  uint8_t ql[kQK_K / 2];     // low 4 bits
-  uint8_t qh[kQK_K / 4];     // high 2 bits
-  int8_t scales[kQK_K / 16]; // 8-bit sub-block scales
+  uint8_t ql[kQK_K / 2];      // low 4 bits
+  uint8_t qh[kQK_K / 4];      // high 2 bits
+  int8_t scales[kQK_K / 16];  // 8-bit sub-block scales
   f16_bits d;
 };
 static_assert(sizeof(BlockQ6_K) == 210);

@@ -61,10 +61,10 @@ struct GgufTensorInfo {
   std::string name;
   std::vector<int64_t> dims;  // GGML order: dims[0] is the contiguous (fastest) dimension
   kernels::DType type = kernels::DType::F32;
-  uint64_t offset = 0;        // relative to the start of the tensor data section
-  uint64_t size_bytes = 0;    // bytes the tensor occupies
+  uint64_t offset = 0;      // relative to the start of the tensor data section
+  uint64_t size_bytes = 0;  // bytes the tensor occupies
   int64_t n_elements = 0;
-  int64_t rows() const;       // product of dims[1..]
+  int64_t rows() const;  // product of dims[1..]
   int64_t row_elements() const { return dims.empty() ? 0 : dims[0]; }
 };
 
@@ -92,7 +92,7 @@ class GgufFile {
   // find_* returns nullopt when missing and throws on an incompatible type.
   uint64_t get_uint(const std::string& key) const;  // any non-negative integer type
   std::optional<uint64_t> find_uint(const std::string& key) const;
-  double get_float(const std::string& key) const;   // FLOAT32/FLOAT64 (and integers)
+  double get_float(const std::string& key) const;  // FLOAT32/FLOAT64 (and integers)
   std::optional<double> find_float(const std::string& key) const;
   std::string get_string(const std::string& key) const;
   std::optional<std::string> find_string(const std::string& key) const;

@@ -1,0 +1,392 @@
+#include "cluster/protocol/client_protocol.hpp"
+
+#include <capnp/message.h>
+#include <capnp/serialize.h>
+#include <kj/array.h>
+#include <kj/exception.h>
+
+#include <cmath>
+#include <cstring>
+
+#include "cluster/protocol/nibble.capnp.h"
+
+namespace nibble::protocol {
+namespace {
+
+// The C++ enums are cast to and from the wire enums; these keep the two in step.
+static_assert(static_cast<uint16_t>(wire::ErrorCode::INTERNAL) == static_cast<uint16_t>(ErrorCode::internal));
+static_assert(static_cast<uint16_t>(wire::ErrorCode::BAD_REQUEST) ==
+              static_cast<uint16_t>(ErrorCode::bad_request));
+static_assert(static_cast<uint16_t>(wire::ErrorCode::SHUTTING_DOWN) ==
+              static_cast<uint16_t>(ErrorCode::shutting_down));
+static_assert(static_cast<uint16_t>(wire::FinishReason::CANCELLED) ==
+              static_cast<uint16_t>(FinishReason::cancelled));
+static_assert(static_cast<uint16_t>(wire::FinishReason::LENGTH) ==
+              static_cast<uint16_t>(FinishReason::length));
+
+template <class... Fs>
+struct Overloaded : Fs... {
+  using Fs::operator()...;
+};
+
+// std::string::c_str() is NUL-terminated, as kj::StringPtr requires.
+kj::StringPtr as_text(const std::string& s) { return kj::StringPtr(s.c_str(), s.size()); }
+
+std::string to_std(capnp::Text::Reader text) { return std::string(text.cStr(), text.size()); }
+
+std::vector<int32_t> to_std(capnp::List<int32_t>::Reader list) {
+  std::vector<int32_t> out;
+  out.reserve(list.size());  // safe: capnp has bounds-checked the list against the frame
+  for (int32_t value : list) out.push_back(value);
+  return out;
+}
+
+template <class ListBuilder>
+void fill_tokens(ListBuilder list, const std::vector<int32_t>& tokens) {
+  for (unsigned i = 0; i < tokens.size(); ++i) list.set(i, tokens[i]);
+}
+
+std::vector<uint8_t> to_bytes(capnp::MessageBuilder& message) {
+  kj::Array<capnp::word> words = capnp::messageToFlatArray(message);
+  kj::ArrayPtr<const kj::byte> bytes = words.asBytes();
+  return std::vector<uint8_t>(bytes.begin(), bytes.end());
+}
+
+// ---------------------------------------------------------------- encode
+
+void encode_generate(const GenerateRequest& request, wire::GenerateRequest::Builder out) {
+  out.setRequestId(as_text(request.request_id));
+  if (const auto* text = std::get_if<std::string>(&request.prompt)) {
+    out.getPrompt().setText(as_text(*text));
+  } else {
+    const auto& tokens = std::get<std::vector<int32_t>>(request.prompt);
+    fill_tokens(out.getPrompt().initTokens(static_cast<unsigned>(tokens.size())), tokens);
+  }
+  auto sampling = out.initSampling();
+  sampling.setTemperature(request.sampling.temperature);
+  sampling.setTopK(request.sampling.top_k);
+  sampling.setTopP(request.sampling.top_p);
+  sampling.setMinP(request.sampling.min_p);
+  sampling.setRepetitionPenalty(request.sampling.repetition_penalty);
+  sampling.setHasSeed(request.sampling.seed.has_value());
+  sampling.setSeed(request.sampling.seed.value_or(0));
+  out.setMaxTokens(request.max_tokens);
+  auto stop = out.initStop(static_cast<unsigned>(request.stop.size()));
+  for (unsigned i = 0; i < request.stop.size(); ++i) stop.set(i, as_text(request.stop[i]));
+  out.setStream(request.stream);
+}
+
+void encode_final(const Final& final_msg, wire::Final::Builder out) {
+  out.setRequestId(as_text(final_msg.request_id));
+  out.setFinishReason(static_cast<wire::FinishReason>(final_msg.finish_reason));
+  out.setPromptTokens(final_msg.prompt_tokens);
+  out.setCompletionTokens(final_msg.completion_tokens);
+  out.setText(as_text(final_msg.text));
+  fill_tokens(out.initTokens(static_cast<unsigned>(final_msg.tokens.size())), final_msg.tokens);
+  auto timings = out.initTimings();
+  timings.setQueueMs(final_msg.timings.queue_ms);
+  timings.setPrefillMs(final_msg.timings.prefill_ms);
+  timings.setDecodeMs(final_msg.timings.decode_ms);
+}
+
+// ---------------------------------------------------------------- decode
+
+// Runs `read` on the capnp message in `frame` after the cheap structural checks, with capnp's
+// limits set from the frame size; turns every capnp failure into ProtocolError.
+template <class Read>
+auto read_frame(std::span<const uint8_t> frame, const DecodeLimits& limits, Read&& read) {
+  if (frame.size() > limits.max_message_bytes) {
+    throw ProtocolError(ErrorCode::message_too_large, "message of " + std::to_string(frame.size()) +
+                                                          " bytes exceeds the limit of " +
+                                                          std::to_string(limits.max_message_bytes));
+  }
+  if (frame.empty() || frame.size() % sizeof(capnp::word) != 0) {
+    throw ProtocolError(ErrorCode::malformed_message,
+                        "message size " + std::to_string(frame.size()) + " is not a positive multiple of 8");
+  }
+  const size_t n_words = frame.size() / sizeof(capnp::word);
+  // capnp reads words in place; ZeroMQ frames carry no alignment guarantee (small ones live
+  // inside the zmq_msg_t), so copy those that are not word-aligned.
+  const auto* words = reinterpret_cast<const capnp::word*>(frame.data());
+  kj::Array<capnp::word> aligned_copy;
+  if (reinterpret_cast<uintptr_t>(frame.data()) % alignof(capnp::word) != 0) {
+    aligned_copy = kj::heapArray<capnp::word>(n_words);
+    std::memcpy(aligned_copy.begin(), frame.data(), frame.size());
+    words = aligned_copy.begin();
+  }
+  capnp::ReaderOptions options;
+  // An honest message is read about once; a budget of twice its size (plus slack for tiny
+  // messages) stops pointer loops and amplification (many pointers to one big blob).
+  options.traversalLimitInWords = 2 * n_words + 64;
+  options.nestingLimit = 16;  // our schema is a few levels deep
+  try {
+    capnp::FlatArrayMessageReader reader(kj::arrayPtr(words, n_words), options);
+    if (reader.getEnd() != words + n_words) {
+      throw ProtocolError(ErrorCode::malformed_message, "trailing bytes after the message");
+    }
+    return read(reader);
+  } catch (const kj::Exception& e) {
+    throw ProtocolError(ErrorCode::malformed_message,
+                        "malformed message: " + std::string(e.getDescription().cStr()));
+  }
+}
+
+[[noreturn]] void unknown_member(const char* what, unsigned discriminant) {
+  throw ProtocolError(ErrorCode::unknown_request_type,
+                      std::string("unknown ") + what + " " + std::to_string(discriminant) + " (newer peer?)");
+}
+
+GenerateRequest read_generate(wire::GenerateRequest::Reader in) {
+  GenerateRequest request;
+  request.request_id = to_std(in.getRequestId());
+  auto prompt = in.getPrompt();
+  switch (prompt.which()) {
+    case wire::GenerateRequest::Prompt::TEXT:
+      request.prompt = to_std(prompt.getText());
+      break;
+    case wire::GenerateRequest::Prompt::TOKENS:
+      request.prompt = to_std(prompt.getTokens());
+      break;
+    default:
+      unknown_member("prompt kind", static_cast<unsigned>(prompt.which()));
+  }
+  // An absent `sampling` reads as the schema defaults, which match SamplingParams'.
+  auto sampling = in.getSampling();
+  request.sampling.temperature = sampling.getTemperature();
+  request.sampling.top_k = sampling.getTopK();
+  request.sampling.top_p = sampling.getTopP();
+  request.sampling.min_p = sampling.getMinP();
+  request.sampling.repetition_penalty = sampling.getRepetitionPenalty();
+  if (sampling.getHasSeed()) request.sampling.seed = sampling.getSeed();
+  request.max_tokens = in.getMaxTokens();
+  auto stop = in.getStop();
+  // Checked before copying so a request with a million stop strings costs nothing.
+  if (stop.size() > kMaxStopStrings) {
+    throw ProtocolError(ErrorCode::bad_request, "stop: more than " + std::to_string(kMaxStopStrings) +
+                                                    " stop strings (" + std::to_string(stop.size()) + ")");
+  }
+  request.stop.reserve(stop.size());
+  for (auto text : stop) request.stop.push_back(to_std(text));
+  request.stream = in.getStream();
+  return request;
+}
+
+ClientRequestMsg read_client_request(capnp::MessageReader& reader) {
+  auto root = reader.getRoot<wire::ClientRequest>();
+  switch (root.which()) {
+    case wire::ClientRequest::GENERATE:
+      return read_generate(root.getGenerate());
+    case wire::ClientRequest::CANCEL:
+      return CancelRequest{to_std(root.getCancel().getRequestId())};
+    case wire::ClientRequest::HEALTH:
+      return HealthRequest{};
+    case wire::ClientRequest::STATS:
+      return StatsRequest{};
+    case wire::ClientRequest::SHUTDOWN:
+      return ShutdownRequest{};
+  }
+  unknown_member("request type", static_cast<unsigned>(root.which()));
+}
+
+ErrorCode read_error_code(wire::ErrorCode code) {
+  // A newer server may send codes this build does not know: keep the message, call it internal.
+  auto value = static_cast<uint16_t>(code);
+  return value <= static_cast<uint16_t>(ErrorCode::internal) ? static_cast<ErrorCode>(value)
+                                                             : ErrorCode::internal;
+}
+
+FinishReason read_finish_reason(wire::FinishReason reason) {
+  auto value = static_cast<uint16_t>(reason);
+  if (value > static_cast<uint16_t>(FinishReason::cancelled)) unknown_member("finish reason", value);
+  return static_cast<FinishReason>(value);
+}
+
+ServerResponseMsg read_server_response(capnp::MessageReader& reader) {
+  auto root = reader.getRoot<wire::ServerResponse>();
+  switch (root.which()) {
+    case wire::ServerResponse::DELTA: {
+      auto in = root.getDelta();
+      return Delta{to_std(in.getRequestId()), to_std(in.getTokens()), to_std(in.getText())};
+    }
+    case wire::ServerResponse::FINAL: {
+      auto in = root.getFinal();
+      auto timings = in.getTimings();
+      return Final{to_std(in.getRequestId()),
+                   read_finish_reason(in.getFinishReason()),
+                   in.getPromptTokens(),
+                   in.getCompletionTokens(),
+                   to_std(in.getText()),
+                   to_std(in.getTokens()),
+                   Timings{timings.getQueueMs(), timings.getPrefillMs(), timings.getDecodeMs()}};
+    }
+    case wire::ServerResponse::ERROR: {
+      auto in = root.getError();
+      return Error{to_std(in.getRequestId()), read_error_code(in.getCode()), to_std(in.getMessage())};
+    }
+    case wire::ServerResponse::HEALTH: {
+      auto in = root.getHealth();
+      return Health{in.getOk(), in.getWorkers(), to_std(in.getDetail())};
+    }
+    case wire::ServerResponse::STATS: {
+      auto in = root.getStats();
+      return Stats{in.getQueued(),       in.getRunning(),       in.getCompleted(),      in.getFailed(),
+                   in.getFreeKvBlocks(), in.getTotalKvBlocks(), in.getTokensGenerated()};
+    }
+  }
+  unknown_member("response type", static_cast<unsigned>(root.which()));
+}
+
+[[noreturn]] void bad_request(const std::string& message) {
+  throw ProtocolError(ErrorCode::bad_request, message);
+}
+
+void validate_request_id(const std::string& request_id) {
+  if (request_id.empty()) bad_request("requestId: must not be empty");
+  if (request_id.size() > kMaxRequestIdBytes) {
+    bad_request("requestId: longer than " + std::to_string(kMaxRequestIdBytes) + " bytes");
+  }
+}
+
+}  // namespace
+
+std::string_view to_string(ErrorCode code) {
+  switch (code) {
+    case ErrorCode::bad_request:
+      return "badRequest";
+    case ErrorCode::malformed_message:
+      return "malformedMessage";
+    case ErrorCode::message_too_large:
+      return "messageTooLarge";
+    case ErrorCode::unknown_request_type:
+      return "unknownRequestType";
+    case ErrorCode::prompt_too_long:
+      return "promptTooLong";
+    case ErrorCode::overloaded:
+      return "overloaded";
+    case ErrorCode::cancelled:
+      return "cancelled";
+    case ErrorCode::worker_failed:
+      return "workerFailed";
+    case ErrorCode::shutting_down:
+      return "shuttingDown";
+    case ErrorCode::internal:
+      return "internal";
+  }
+  return "unknown";
+}
+
+std::string_view to_string(FinishReason reason) {
+  switch (reason) {
+    case FinishReason::length:
+      return "length";
+    case FinishReason::eos:
+      return "eos";
+    case FinishReason::stop:
+      return "stop";
+    case FinishReason::cancelled:
+      return "cancelled";
+  }
+  return "unknown";
+}
+
+void validate(const GenerateRequest& request) {
+  validate_request_id(request.request_id);
+  if (const auto* text = std::get_if<std::string>(&request.prompt)) {
+    if (text->empty()) bad_request("prompt: must not be empty");
+  } else {
+    const auto& tokens = std::get<std::vector<int32_t>>(request.prompt);
+    if (tokens.empty()) bad_request("prompt: must not be empty");
+    for (size_t i = 0; i < tokens.size(); ++i) {
+      if (tokens[i] < 0) bad_request("prompt.tokens[" + std::to_string(i) + "]: negative token id");
+    }
+  }
+  const SamplingParams& s = request.sampling;
+  // Written as !(good) so NaN fails every check.
+  if (!(std::isfinite(s.temperature) && s.temperature >= 0)) {
+    bad_request("sampling.temperature: must be finite and >= 0");
+  }
+  if (s.top_k < 0) bad_request("sampling.topK: must be >= 0");
+  if (!(s.top_p > 0 && s.top_p <= 1)) bad_request("sampling.topP: must be in (0, 1]");
+  if (!(s.min_p >= 0 && s.min_p < 1)) bad_request("sampling.minP: must be in [0, 1)");
+  if (!(std::isfinite(s.repetition_penalty) && s.repetition_penalty > 0)) {
+    bad_request("sampling.repetitionPenalty: must be finite and > 0");
+  }
+  if (request.max_tokens < 1) bad_request("maxTokens: must be >= 1");
+  if (request.stop.size() > kMaxStopStrings) {
+    bad_request("stop: more than " + std::to_string(kMaxStopStrings) + " stop strings");
+  }
+  for (size_t i = 0; i < request.stop.size(); ++i) {
+    if (request.stop[i].size() > kMaxStopStringBytes) {
+      bad_request("stop[" + std::to_string(i) + "]: longer than " + std::to_string(kMaxStopStringBytes) +
+                  " bytes");
+    }
+  }
+}
+
+void validate(const CancelRequest& request) { validate_request_id(request.request_id); }
+
+std::vector<uint8_t> encode(const ClientRequestMsg& message) {
+  capnp::MallocMessageBuilder builder;
+  auto root = builder.initRoot<wire::ClientRequest>();
+  std::visit(Overloaded{
+                 [&](const GenerateRequest& m) { encode_generate(m, root.initGenerate()); },
+                 [&](const CancelRequest& m) { root.initCancel().setRequestId(as_text(m.request_id)); },
+                 [&](const HealthRequest&) { root.setHealth(); },
+                 [&](const StatsRequest&) { root.setStats(); },
+                 [&](const ShutdownRequest&) { root.setShutdown(); },
+             },
+             message);
+  return to_bytes(builder);
+}
+
+std::vector<uint8_t> encode(const ServerResponseMsg& message) {
+  capnp::MallocMessageBuilder builder;
+  auto root = builder.initRoot<wire::ServerResponse>();
+  std::visit(Overloaded{
+                 [&](const Delta& m) {
+                   auto out = root.initDelta();
+                   out.setRequestId(as_text(m.request_id));
+                   fill_tokens(out.initTokens(static_cast<unsigned>(m.tokens.size())), m.tokens);
+                   out.setText(as_text(m.text));
+                 },
+                 [&](const Final& m) { encode_final(m, root.initFinal()); },
+                 [&](const Error& m) {
+                   auto out = root.initError();
+                   out.setRequestId(as_text(m.request_id));
+                   out.setCode(static_cast<wire::ErrorCode>(m.code));
+                   out.setMessage(as_text(m.message));
+                 },
+                 [&](const Health& m) {
+                   auto out = root.initHealth();
+                   out.setOk(m.ok);
+                   out.setWorkers(m.workers);
+                   out.setDetail(as_text(m.detail));
+                 },
+                 [&](const Stats& m) {
+                   auto out = root.initStats();
+                   out.setQueued(m.queued);
+                   out.setRunning(m.running);
+                   out.setCompleted(m.completed);
+                   out.setFailed(m.failed);
+                   out.setFreeKvBlocks(m.free_kv_blocks);
+                   out.setTotalKvBlocks(m.total_kv_blocks);
+                   out.setTokensGenerated(m.tokens_generated);
+                 },
+             },
+             message);
+  return to_bytes(builder);
+}
+
+ClientRequestMsg decode_client_request(std::span<const uint8_t> frame, const DecodeLimits& limits) {
+  ClientRequestMsg message =
+      read_frame(frame, limits, [](capnp::MessageReader& reader) { return read_client_request(reader); });
+  if (const auto* generate = std::get_if<GenerateRequest>(&message)) validate(*generate);
+  if (const auto* cancel = std::get_if<CancelRequest>(&message)) validate(*cancel);
+  return message;
+}
+
+ServerResponseMsg decode_server_response(std::span<const uint8_t> frame, const DecodeLimits& limits) {
+  return read_frame(frame, limits, [](capnp::MessageReader& reader) { return read_server_response(reader); });
+}
+
+}  // namespace nibble::protocol

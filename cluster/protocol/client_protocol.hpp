@@ -1,0 +1,169 @@
+#pragma once
+// The client protocol in plain C++: one struct per message of nibble.capnp, a std::variant per
+// direction, and encode/decode functions. Decoding is hardened for untrusted input (ZeroMQ frames
+// from any client): size and shape are checked before capnp reads anything, capnp's traversal and
+// nesting limits bound the work, and every failure is a ProtocolError, never a crash.
+#include <cstddef>
+#include <cstdint>
+#include <optional>
+#include <span>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+#include <variant>
+#include <vector>
+
+namespace nibble::protocol {
+
+// Mirrors nibble.capnp's ErrorCode; the values are the wire values.
+enum class ErrorCode : uint16_t {
+  bad_request,
+  malformed_message,
+  message_too_large,
+  unknown_request_type,
+  prompt_too_long,
+  overloaded,
+  cancelled,
+  worker_failed,
+  shutting_down,
+  internal,
+};
+
+// Mirrors nibble.capnp's FinishReason.
+enum class FinishReason : uint16_t { length, eos, stop, cancelled };
+
+std::string_view to_string(ErrorCode code);
+std::string_view to_string(FinishReason reason);
+
+struct ProtocolError : std::runtime_error {
+  ProtocolError(ErrorCode error_code, const std::string& message)
+      : std::runtime_error(message), code(error_code) {}
+  ErrorCode code;
+};
+
+// Limits for semantic validation of requests.
+inline constexpr size_t kMaxRequestIdBytes = 128;
+inline constexpr size_t kMaxStopStrings = 64;
+inline constexpr size_t kMaxStopStringBytes = 256;
+
+struct DecodeLimits {
+  size_t max_message_bytes = size_t{1} << 20;  // frames above this are rejected unread
+};
+
+// ---------------------------------------------------------------- client -> coordinator
+
+struct SamplingParams {
+  float temperature = 1.0f;  // 0 = greedy
+  int32_t top_k = 0;         // 0 = off
+  float top_p = 1.0f;
+  float min_p = 0.0f;
+  float repetition_penalty = 1.0f;
+  std::optional<uint64_t> seed;  // nullopt: the server picks one
+
+  bool operator==(const SamplingParams&) const = default;
+};
+
+struct GenerateRequest {
+  std::string request_id;
+  // Exactly one form of prompt: raw text (the server tokenizes) or token ids.
+  std::variant<std::string, std::vector<int32_t>> prompt;
+  SamplingParams sampling;
+  uint32_t max_tokens = 256;
+  std::vector<std::string> stop;
+  bool stream = false;
+
+  bool operator==(const GenerateRequest&) const = default;
+};
+
+struct CancelRequest {
+  std::string request_id;
+  bool operator==(const CancelRequest&) const = default;
+};
+
+struct HealthRequest {
+  bool operator==(const HealthRequest&) const = default;
+};
+struct StatsRequest {
+  bool operator==(const StatsRequest&) const = default;
+};
+struct ShutdownRequest {
+  bool operator==(const ShutdownRequest&) const = default;
+};
+
+using ClientRequestMsg =
+    std::variant<GenerateRequest, CancelRequest, HealthRequest, StatsRequest, ShutdownRequest>;
+
+// ---------------------------------------------------------------- coordinator -> client
+
+struct Delta {
+  std::string request_id;
+  std::vector<int32_t> tokens;
+  std::string text;
+  bool operator==(const Delta&) const = default;
+};
+
+struct Timings {
+  double queue_ms = 0;
+  double prefill_ms = 0;
+  double decode_ms = 0;
+  bool operator==(const Timings&) const = default;
+};
+
+struct Final {
+  std::string request_id;
+  FinishReason finish_reason = FinishReason::length;
+  uint32_t prompt_tokens = 0;
+  uint32_t completion_tokens = 0;
+  std::string text;
+  std::vector<int32_t> tokens;
+  Timings timings;
+  bool operator==(const Final&) const = default;
+};
+
+struct Error {
+  std::string request_id;  // empty when the request could not be read
+  ErrorCode code = ErrorCode::internal;
+  std::string message;
+  bool operator==(const Error&) const = default;
+};
+
+struct Health {
+  bool ok = false;
+  uint32_t workers = 0;
+  std::string detail;
+  bool operator==(const Health&) const = default;
+};
+
+struct Stats {
+  uint64_t queued = 0;
+  uint64_t running = 0;
+  uint64_t completed = 0;
+  uint64_t failed = 0;
+  uint64_t free_kv_blocks = 0;
+  uint64_t total_kv_blocks = 0;
+  uint64_t tokens_generated = 0;
+  bool operator==(const Stats&) const = default;
+};
+
+using ServerResponseMsg = std::variant<Delta, Final, Error, Health, Stats>;
+
+// ---------------------------------------------------------------- wire format
+
+// One capnp message in flat-array form (segment table + segments), ready to be a ZeroMQ frame.
+// Encoding does not validate: the server validates what it decodes.
+std::vector<uint8_t> encode(const ClientRequestMsg& message);
+std::vector<uint8_t> encode(const ServerResponseMsg& message);
+
+// Decode one frame. The frame need not be 8-byte aligned (it is copied when it is not).
+// Throws ProtocolError: message_too_large (over limits.max_message_bytes), malformed_message
+// (not a well-formed capnp message, or over the traversal/nesting limits), unknown_request_type
+// (a union member this build does not know, e.g. from a newer peer), bad_request (a generate or
+// cancel request that fails validate(); the message names the field).
+ClientRequestMsg decode_client_request(std::span<const uint8_t> frame, const DecodeLimits& limits = {});
+ServerResponseMsg decode_server_response(std::span<const uint8_t> frame, const DecodeLimits& limits = {});
+
+// Semantic checks of requests; throw ProtocolError(bad_request, "<field>: <why>").
+void validate(const GenerateRequest& request);
+void validate(const CancelRequest& request);
+
+}  // namespace nibble::protocol

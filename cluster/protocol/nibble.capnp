@@ -1,0 +1,127 @@
+# Nibble client protocol: what clients send to the coordinator (ClientRequest) and what it sends
+# back (ServerResponse), one message per ZeroMQ frame, serialized with capnp's flat-array framing.
+#
+# Evolution rules: never renumber, retype or remove a field; add new fields with the next free
+# ordinal (Cap'n Proto requires ordinals to be contiguous, so "room" means appending). New union
+# members are also appended; old readers see them as an unknown discriminant and answer
+# unknownRequestType. Planned additions: speculative-decoding stats (acceptance rate, draft
+# tokens) as a new `speculative` field of Final and of StatsResponse.
+@0xa77233bb70e86b63;
+
+using Cxx = import "/capnp/c++.capnp";
+$Cxx.namespace("nibble::protocol::wire");
+
+# ---------------------------------------------------------------- client -> coordinator
+
+struct SamplingParams {
+  # Defaults match the C++ side, so a client that omits `sampling` gets plain sampling.
+  temperature @0 :Float32 = 1.0;       # 0 = greedy
+  topK @1 :Int32 = 0;                  # 0 = off
+  topP @2 :Float32 = 1.0;              # (0, 1]
+  minP @3 :Float32 = 0.0;              # [0, 1)
+  repetitionPenalty @4 :Float32 = 1.0; # > 0, 1 = off
+  seed @5 :UInt64;
+  hasSeed @6 :Bool;                    # false: the server picks a seed
+}
+
+struct GenerateRequest {
+  requestId @0 :Text;
+  prompt :union {
+    text @1 :Text;
+    tokens @2 :List(Int32);
+  }
+  sampling @3 :SamplingParams;
+  maxTokens @4 :UInt32 = 256;
+  stop @5 :List(Text);
+  stream @6 :Bool;                     # true: Delta messages before the Final
+}
+
+struct CancelRequest {
+  requestId @0 :Text;
+}
+
+struct ClientRequest {
+  union {
+    generate @0 :GenerateRequest;
+    cancel @1 :CancelRequest;
+    health @2 :Void;
+    stats @3 :Void;
+    shutdown @4 :Void;
+  }
+}
+
+# ---------------------------------------------------------------- coordinator -> client
+
+enum FinishReason {
+  length @0;
+  eos @1;
+  stop @2;
+  cancelled @3;
+}
+
+enum ErrorCode {
+  badRequest @0;
+  malformedMessage @1;
+  messageTooLarge @2;
+  unknownRequestType @3;
+  promptTooLong @4;
+  overloaded @5;
+  cancelled @6;
+  workerFailed @7;
+  shuttingDown @8;
+  internal @9;
+}
+
+struct Delta {
+  requestId @0 :Text;
+  tokens @1 :List(Int32);
+  text @2 :Text;
+}
+
+struct Timings {
+  queueMs @0 :Float64;
+  prefillMs @1 :Float64;
+  decodeMs @2 :Float64;
+}
+
+struct Final {
+  requestId @0 :Text;
+  finishReason @1 :FinishReason;
+  promptTokens @2 :UInt32;
+  completionTokens @3 :UInt32;
+  text @4 :Text;
+  tokens @5 :List(Int32);
+  timings @6 :Timings;
+}
+
+struct Error {
+  requestId @0 :Text;                  # empty when the request could not be read
+  code @1 :ErrorCode;
+  message @2 :Text;
+}
+
+struct HealthResponse {
+  ok @0 :Bool;
+  workers @1 :UInt32;
+  detail @2 :Text;
+}
+
+struct StatsResponse {
+  queued @0 :UInt64;
+  running @1 :UInt64;
+  completed @2 :UInt64;
+  failed @3 :UInt64;
+  freeKvBlocks @4 :UInt64;
+  totalKvBlocks @5 :UInt64;
+  tokensGenerated @6 :UInt64;
+}
+
+struct ServerResponse {
+  union {
+    delta @0 :Delta;
+    final @1 :Final;
+    error @2 :Error;
+    health @3 :HealthResponse;
+    stats @4 :StatsResponse;
+  }
+}

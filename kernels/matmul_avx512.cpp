@@ -16,26 +16,11 @@
 // clang-format on
 
 namespace nibble::kernels::detail {
-namespace {
 
-const IsaKernels kAvx512Kernels{
-    "avx512",
-    matmul_range<FloatFamily<FloatWeight::f32>>,
-    matmul_range<FloatFamily<FloatWeight::f16>>,
-    matmul_range<FloatFamily<FloatWeight::bf16>>,
-    matmul_range<Q8_0Family<true>>,
-    matmul_range<Q8_0Family<false>>,
-    kquant_range<KQuantFamily<true>>,
-    kquant_range<KQuantFamily<false>>,
-    q4_0_packed_range,
-    quantize_q8_0,
-    quantize_q8_k,
-    q8_0_block_info,
-};
-
-}  // namespace
-
-const IsaKernels& avx512_kernels() { return kAvx512Kernels; }
+const IsaKernels& avx512_kernels() {
+  static const IsaKernels kernels = make_x86_kernels("avx512");
+  return kernels;
+}
 
 }  // namespace nibble::kernels::detail
 

@@ -516,4 +516,22 @@ void quantize_q8_k(const float* x, void* out, int64_t k) {
     nibble::kernels::detail::quantize_block_q8_k(x + b * kQK_K, blocks + b);
 }
 
+// The table every x86 ISA file registers: the same kernels, compiled with that file's flags.
+nibble::kernels::detail::IsaKernels make_x86_kernels(const char* isa_name) {
+  return nibble::kernels::detail::IsaKernels{
+      isa_name,
+      matmul_range<FloatFamily<FloatWeight::f32>>,
+      matmul_range<FloatFamily<FloatWeight::f16>>,
+      matmul_range<FloatFamily<FloatWeight::bf16>>,
+      matmul_range<Q8_0Family<true>>,
+      matmul_range<Q8_0Family<false>>,
+      kquant_range<KQuantFamily<true>>,
+      kquant_range<KQuantFamily<false>>,
+      q4_0_packed_range,
+      quantize_q8_0,
+      quantize_q8_k,
+      q8_0_block_info,
+  };
+}
+
 }  // namespace

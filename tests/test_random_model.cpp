@@ -20,17 +20,6 @@ namespace {
 namespace fs = std::filesystem;
 using kernels::DType;
 
-std::vector<float> dequantize(const GgufFile& f, const GgufTensorInfo& t) {
-  std::vector<float> out(static_cast<size_t>(t.n_elements));
-  const int64_t n = t.row_elements();
-  const int64_t rb = kernels::row_bytes(t.type, n);
-  for (int64_t r = 0; r < t.rows(); ++r) {
-    EXPECT_EQ(kernels::dequantize_row(t.type, f.tensor_data(t) + r * rb, out.data() + r * n, n),
-              kernels::Status::ok);
-  }
-  return out;
-}
-
 std::vector<std::string> expected_tensor_names(int64_t n_layer) {
   std::vector<std::string> names = {"token_embd.weight"};
   for (int64_t i = 0; i < n_layer; ++i) {
@@ -128,7 +117,7 @@ TEST(RandomModel, WeightStatistics) {
   std::set<float> distinct_norm_values;
   for (const GgufTensorInfo& t : f->tensors()) {
     SCOPED_TRACE(t.name);
-    const auto w = dequantize(*f, t);
+    const auto w = test::dequantize_tensor(*f, t);
     double sum = 0, sum_sq = 0;
     for (float v : w) {
       ASSERT_TRUE(std::isfinite(v));
@@ -152,8 +141,8 @@ TEST(RandomModel, WeightStatistics) {
   }
   EXPECT_GT(distinct_norm_values.size(), 500u);  // norms are random, not all ones
   // Different tensors get different weights.
-  const auto q0 = dequantize(*f, *f->find_tensor("blk.0.attn_q.weight"));
-  const auto q1 = dequantize(*f, *f->find_tensor("blk.1.attn_q.weight"));
+  const auto q0 = test::dequantize_tensor(*f, *f->find_tensor("blk.0.attn_q.weight"));
+  const auto q1 = test::dequantize_tensor(*f, *f->find_tensor("blk.1.attn_q.weight"));
   EXPECT_NE(q0, q1);
 }
 
@@ -191,8 +180,8 @@ TEST(RandomModel, MatrixTypesHoldTheSameWeights) {
       const GgufTensorInfo& r = *ref->find_tensor(t.name);
       EXPECT_EQ(t.dims, r.dims);
       EXPECT_EQ(t.type, t.dims.size() == 1 ? DType::F32 : type) << t.name;
-      const auto got = dequantize(*f, t);
-      const auto want = dequantize(*ref, r);
+      const auto got = test::dequantize_tensor(*f, t);
+      const auto want = test::dequantize_tensor(*ref, r);
       double err = 0, norm = 0;
       for (size_t i = 0; i < got.size(); ++i) {
         err += (got[i] - want[i]) * static_cast<double>(got[i] - want[i]);

@@ -18,17 +18,6 @@ namespace {
 namespace fs = std::filesystem;
 using kernels::DType;
 
-std::vector<float> dequantize(const GgufFile& f, const GgufTensorInfo& t) {
-  std::vector<float> out(static_cast<size_t>(t.n_elements));
-  const int64_t n = t.row_elements();
-  const int64_t rb = kernels::row_bytes(t.type, n);
-  for (int64_t r = 0; r < t.rows(); ++r) {
-    EXPECT_EQ(kernels::dequantize_row(t.type, f.tensor_data(t) + r * rb, out.data() + r * n, n),
-              kernels::Status::ok);
-  }
-  return out;
-}
-
 bool same_value(const GgufValue& a, const GgufValue& b) {
   if (a.type != b.type || a.u != b.u || a.i != b.i || a.s != b.s || a.array.size() != b.array.size())
     return false;
@@ -102,8 +91,8 @@ TEST_F(Requantize, F32ToQ4_0KeepsHeadsAtQ8_0) {
     if (t.name == "token_embd.weight" || t.name == "output.weight") want = DType::Q8_0;
     EXPECT_EQ(t.type, want);
     EXPECT_EQ(requantized_type(s, DType::Q4_0, false), want);
-    const auto original = dequantize(*source_, s);
-    const auto got = dequantize(*out, t);
+    const auto original = test::dequantize_tensor(*source_, s);
+    const auto got = test::dequantize_tensor(*out, t);
     if (want == DType::F32) {
       EXPECT_EQ(got, original);
     } else {
@@ -135,8 +124,8 @@ TEST_F(Requantize, PureQ4_0QuantizesEveryMatrix) {
     EXPECT_EQ(t.type, t.dims.size() == 1 ? DType::F32 : DType::Q4_0) << t.name;
   }
   const auto& head = *out->find_tensor("output.weight");
-  expect_within_block_bounds(dequantize(*source_, *source_->find_tensor("output.weight")),
-                             dequantize(*out, head), DType::Q4_0, head.name);
+  expect_within_block_bounds(test::dequantize_tensor(*source_, *source_->find_tensor("output.weight")),
+                             test::dequantize_tensor(*out, head), DType::Q4_0, head.name);
   // The pure file is smaller than the mixed one.
   const auto mixed = convert(*source_, DType::Q4_0, false, "q4mixed.gguf");
   EXPECT_LT(out->file_size(), mixed->file_size());
@@ -150,8 +139,8 @@ TEST_F(Requantize, Q8_0AndF16Targets) {
     for (const GgufTensorInfo& t : out->tensors()) {
       EXPECT_EQ(t.type, t.dims.size() == 1 ? DType::F32 : type)
           << t.name;  // heads too: only Q4_0 spares them
-      const auto original = dequantize(*source_, *source_->find_tensor(t.name));
-      const auto got = dequantize(*out, t);
+      const auto original = test::dequantize_tensor(*source_, *source_->find_tensor(t.name));
+      const auto got = test::dequantize_tensor(*out, t);
       if (type == DType::Q8_0 && t.dims.size() == 2) expect_within_block_bounds(original, got, type, t.name);
       if (type == DType::F16) {
         EXPECT_LT(relative_rms(original, got), 1e-3) << t.name;
@@ -166,7 +155,8 @@ TEST_F(Requantize, BackToF32IsExactDequantization) {
   EXPECT_EQ(f32->get_uint("general.file_type"), 0u);
   for (const GgufTensorInfo& t : f32->tensors()) {
     EXPECT_EQ(t.type, DType::F32);
-    EXPECT_EQ(dequantize(*f32, t), dequantize(*q4, *q4->find_tensor(t.name))) << t.name;
+    EXPECT_EQ(test::dequantize_tensor(*f32, t), test::dequantize_tensor(*q4, *q4->find_tensor(t.name)))
+        << t.name;
   }
   // Requantizing to the type a tensor already has copies it bit for bit.
   const auto again = convert(*q4, DType::Q4_0, true, "again.gguf");
@@ -236,7 +226,8 @@ TEST(RequantizeFixtures, KQuantAndTiedFixtures) {
     const GgufTensorInfo& s = *kq->find_tensor(t.name);
     EXPECT_EQ(t.type, t.dims.size() == 1 ? DType::F32 : DType::Q8_0) << t.name;
     if (t.dims.size() == 2) {
-      expect_within_block_bounds(dequantize(*kq, s), dequantize(*q8, t), DType::Q8_0, t.name);
+      expect_within_block_bounds(test::dequantize_tensor(*kq, s), test::dequantize_tensor(*q8, t),
+                                 DType::Q8_0, t.name);
     }
   }
   EXPECT_EQ(q8->get_string_array("tokenizer.ggml.tokens"), kq->get_string_array("tokenizer.ggml.tokens"));

@@ -1,5 +1,6 @@
 #include "tests/support/test_support.hpp"
 
+#include <gtest/gtest.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -8,6 +9,8 @@
 #include <cstdlib>
 #include <fstream>
 #include <stdexcept>
+
+#include "kernels/quantize.hpp"
 
 namespace nibble::test {
 
@@ -64,6 +67,19 @@ void write_file_bytes(const std::filesystem::path& path, const std::vector<uint8
   std::ofstream out(path, std::ios::binary);
   out.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
   if (!out) throw std::runtime_error("cannot write " + path.string());
+}
+
+std::vector<float> dequantize_tensor(const model::GgufFile& file, const model::GgufTensorInfo& tensor) {
+  std::vector<float> out(static_cast<size_t>(tensor.n_elements));
+  const int64_t n = tensor.row_elements();
+  const int64_t row_bytes = kernels::row_bytes(tensor.type, n);
+  for (int64_t r = 0; r < tensor.rows(); ++r) {
+    EXPECT_EQ(
+        kernels::dequantize_row(tensor.type, file.tensor_data(tensor) + r * row_bytes, out.data() + r * n, n),
+        kernels::Status::ok)
+        << tensor.name << " row " << r;
+  }
+  return out;
 }
 
 }  // namespace nibble::test

@@ -8,6 +8,8 @@
 #include <string>
 #include <vector>
 
+#include "model/gguf.hpp"
+
 namespace nibble::test {
 
 // The fixtures directory (NIBBLE_FIXTURES, else CMake's NIBBLE_FIXTURES_DIR), or nullopt when it
@@ -36,6 +38,8 @@ class TempDir {
 
 std::vector<float> random_floats(size_t n, uint64_t seed, float lo = -1.0f, float hi = 1.0f);
 std::vector<uint8_t> read_file_bytes(const std::filesystem::path& path);
+// A whole tensor of any type as floats (a failed row dequantization fails the current test).
+std::vector<float> dequantize_tensor(const model::GgufFile& file, const model::GgufTensorInfo& tensor);
 void write_file_bytes(const std::filesystem::path& path, const std::vector<uint8_t>& bytes);
 
 }  // namespace nibble::test

@@ -34,7 +34,7 @@ const GgufTensorInfo& require(const GgufFile& file, const std::string& name, std
 
 WeightMatrix matrix(const GgufFile& file, const std::string& name, int64_t k, int64_t n_out) {
   const GgufTensorInfo& t = require(file, name, {k, n_out});
-  return WeightMatrix{t.type, file.tensor_data(t), n_out, k, nullptr};
+  return WeightMatrix{t.type, file.tensor_data(t), n_out, k, nullptr, nullptr};
 }
 
 std::vector<float> vector_f32(const GgufFile& file, const std::string& name, int64_t n) {
@@ -52,6 +52,11 @@ void pack_matrix(WeightMatrix& w, bool release_source) {
   if (packed.empty()) throw std::runtime_error("cannot repack a weight matrix (out of memory?)");
   w.packed = std::make_shared<const kernels::PackedMatrix>(std::move(packed));
   if (!release_source) return;
+  if (w.owned != nullptr) {  // heap memory: madvise would zero it; free it instead
+    w.owned.reset();
+    w.data = nullptr;
+    return;
+  }
   // Only whole pages inside the matrix, so that neighbouring tensors keep theirs. Dropping pages of
   // a private read-only file mapping is safe: they are re-read from the file if touched again.
   const auto page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));

@@ -23,6 +23,10 @@ struct WeightMatrix {
   // The same matrix repacked for the CPU matmul (kernels/packed_weights.hpp), or null. Once it is
   // set, `data` may have been dropped from memory; it stays valid (touched pages are re-read).
   std::shared_ptr<const kernels::PackedMatrix> packed;
+  // Set when `data` points into memory the matrix owns rather than into the file mapping (a
+  // tensor-parallel column slice copied at load). pack_for_cpu(release_source) frees it (and sets
+  // data to null) once the packed copy exists.
+  std::shared_ptr<const std::vector<uint8_t>> owned;
 };
 
 struct LlamaLayerWeights {

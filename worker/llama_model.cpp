@@ -1,6 +1,8 @@
 #include "worker/llama_model.hpp"
 
+#include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <stdexcept>
 
 #include "kernels/activation.hpp"
@@ -20,6 +22,41 @@ void check(kernels::Status status, const char* what) {
     throw std::runtime_error(std::string(what) + " failed: " + kernels::status_name(status));
   }
 }
+
+// Rows [begin, begin + count) of w: a view into the same memory.
+model::WeightMatrix row_slice(const model::WeightMatrix& w, int64_t begin, int64_t count) {
+  model::WeightMatrix s = w;
+  s.data = w.data + begin * w.row_bytes();
+  s.n_out = count;
+  s.packed = nullptr;
+  return s;
+}
+
+// Columns (input features) [begin, begin + count) of every row of w, copied into owned memory:
+// [n_out, count] in w's type. begin and count must be whole blocks of the type.
+model::WeightMatrix column_slice(const model::WeightMatrix& w, int64_t begin, int64_t count) {
+  const int64_t block = kernels::type_info(w.type).block_elems;
+  if (begin % block != 0 || count % block != 0) {
+    throw std::invalid_argument("tensor parallel: columns [" + std::to_string(begin) + ", " +
+                                std::to_string(begin + count) + ") do not fall on " +
+                                kernels::type_name(w.type) + " block boundaries (" + std::to_string(block) +
+                                ")");
+  }
+  const int64_t offset = kernels::row_bytes(w.type, begin);
+  const int64_t bytes = kernels::row_bytes(w.type, count);
+  auto owned = std::make_shared<std::vector<uint8_t>>(static_cast<size_t>(w.n_out * bytes));
+  for (int64_t r = 0; r < w.n_out; ++r)
+    std::memcpy(owned->data() + r * bytes, w.data + r * w.row_bytes() + offset, static_cast<size_t>(bytes));
+  model::WeightMatrix s;
+  s.type = w.type;
+  s.data = owned->data();
+  s.n_out = w.n_out;
+  s.k = count;
+  s.owned = std::move(owned);
+  return s;
+}
+
+int64_t i64(size_t v) { return static_cast<int64_t>(v); }
 
 }  // namespace
 
@@ -42,15 +79,62 @@ ForwardBatch ForwardBatch::single(const std::vector<int32_t>& tokens, int32_t st
   return b;
 }
 
-std::unique_ptr<LlamaModel> LlamaModel::load(const std::string& path) {
-  return std::make_unique<LlamaModel>(model::GgufFile::open(path));
+std::unique_ptr<LlamaModel> LlamaModel::load(const std::string& path, TensorShard shard,
+                                             ShardReducer* reducer) {
+  return std::make_unique<LlamaModel>(model::GgufFile::open(path), shard, reducer);
 }
 
-LlamaModel::LlamaModel(std::shared_ptr<const model::GgufFile> file)
+LlamaModel::LlamaModel(std::shared_ptr<const model::GgufFile> file, TensorShard shard, ShardReducer* reducer)
     : file_(std::move(file)),
       config_(model::LlamaConfig::from_gguf(*file_)),
-      weights_(model::LlamaWeights::bind(*file_, config_)) {
+      shard_config_(config_),
+      weights_(model::LlamaWeights::bind(*file_, config_)),
+      shard_(shard),
+      vocab_counts_{config_.n_vocab} {
+  if (shard_.size < 1 || shard_.rank < 0 || shard_.rank >= shard_.size) {
+    throw std::invalid_argument("tensor shard " + std::to_string(shard_.rank) + " of " +
+                                std::to_string(shard_.size) + " is not a valid shard");
+  }
+  if (shard_.size > 1) {
+    if (reducer == nullptr) throw std::invalid_argument("a sharded model needs a ShardReducer");
+    reducer_ = reducer;
+    bind_shard();
+  }
   weights_.pack_for_cpu(/*release_source=*/true);
+}
+
+void LlamaModel::bind_shard() {
+  const auto& c = config_;
+  const auto size = static_cast<size_t>(shard_.size);
+  const auto rank = static_cast<size_t>(shard_.rank);
+  const HeadShard heads =
+      split_heads(static_cast<size_t>(c.n_head), static_cast<size_t>(c.n_head_kv), size, rank);
+  // ffn rows: whole blocks of every layer's ffn_down type (mixed quantizations use several), so
+  // that its column slices stay block-aligned.
+  size_t down_block = 1;
+  for (const model::LlamaLayerWeights& l : weights_.layers)
+    down_block = std::max(down_block, static_cast<size_t>(kernels::type_info(l.w_down.type).block_elems));
+  const ShardRange ff = split_rows(static_cast<size_t>(c.n_ff), size, rank, down_block);
+  const ShardRange vocab = split_vocab(static_cast<size_t>(c.n_vocab), size, rank);
+  vocab_counts_.clear();
+  for (size_t r = 0; r < size; ++r)
+    vocab_counts_.push_back(i64(split_vocab(static_cast<size_t>(c.n_vocab), size, r).count));
+
+  shard_config_.n_head = i64(heads.q_heads.count);
+  shard_config_.n_head_kv = i64(heads.kv_heads.count);
+  shard_config_.n_ff = i64(ff.count);
+
+  const int64_t hd = c.head_dim;
+  for (model::LlamaLayerWeights& l : weights_.layers) {
+    l.wq = row_slice(l.wq, i64(heads.q_heads.begin) * hd, i64(heads.q_heads.count) * hd);
+    l.wk = row_slice(l.wk, i64(heads.kv_heads.begin) * hd, i64(heads.kv_heads.count) * hd);
+    l.wv = row_slice(l.wv, i64(heads.kv_heads.begin) * hd, i64(heads.kv_heads.count) * hd);
+    l.wo = column_slice(l.wo, i64(heads.q_heads.begin) * hd, i64(heads.q_heads.count) * hd);
+    l.w_gate = row_slice(l.w_gate, i64(ff.begin), i64(ff.count));
+    l.w_up = row_slice(l.w_up, i64(ff.begin), i64(ff.count));
+    l.w_down = column_slice(l.w_down, i64(ff.begin), i64(ff.count));
+  }
+  weights_.output = row_slice(weights_.output, i64(vocab.begin), i64(vocab.count));
 }
 
 void LlamaModel::matmul(const model::WeightMatrix& w, const float* x, int64_t m, float* y,
@@ -64,7 +148,8 @@ void LlamaModel::matmul(const model::WeightMatrix& w, const float* x, int64_t m,
 
 void LlamaModel::forward(const ForwardBatch& batch, KvCache& cache, kernels::ThreadPool& pool,
                          std::vector<float>& logits) {
-  const auto& c = config_;
+  const auto& c = config_;         // whole-model sizes: n_embd, n_vocab, head_dim
+  const auto& sc = shard_config_;  // this shard's heads and ffn rows
   const int64_t n = static_cast<int64_t>(batch.tokens.size());
   if (batch.positions.size() != batch.tokens.size() || batch.seq_index.size() != batch.tokens.size()) {
     throw std::invalid_argument("forward batch: tokens, positions and seq_index differ in length");
@@ -83,6 +168,11 @@ void LlamaModel::forward(const ForwardBatch& batch, KvCache& cache, kernels::Thr
                                   " is outside the sequence's KV blocks");
     }
   }
+  if (cache.kv_dim() != shard_config_.kv_dim()) {
+    throw std::invalid_argument(
+        "KV cache rows of " + std::to_string(cache.kv_dim()) + " do not match this shard's KV width " +
+        std::to_string(shard_config_.kv_dim()) + " (size the cache from shard_config())");
+  }
   for (int32_t row : batch.logit_rows) {
     if (row < 0 || row >= n) throw std::invalid_argument("logit row outside the batch");
   }
@@ -93,12 +183,12 @@ void LlamaModel::forward(const ForwardBatch& batch, KvCache& cache, kernels::Thr
 
   x_.resize(n * c.n_embd);
   h_.resize(n * c.n_embd);
-  q_.resize(n * c.q_dim());
-  k_.resize(n * c.kv_dim());
-  v_.resize(n * c.kv_dim());
-  attn_.resize(n * c.q_dim());
-  gate_.resize(n * c.n_ff);
-  up_.resize(n * c.n_ff);
+  q_.resize(n * sc.q_dim());
+  k_.resize(n * sc.kv_dim());
+  v_.resize(n * sc.kv_dim());
+  attn_.resize(n * sc.q_dim());
+  gate_.resize(n * sc.n_ff);
+  up_.resize(n * sc.n_ff);
 
   // Embedding: dequantize only the rows the batch uses.
   for (int64_t t = 0; t < n; ++t) {
@@ -109,13 +199,13 @@ void LlamaModel::forward(const ForwardBatch& batch, KvCache& cache, kernels::Thr
 
   kernels::PagedAttentionShape shape;
   shape.tokens = n;
-  shape.n_head = c.n_head;
-  shape.n_head_kv = c.n_head_kv;
+  shape.n_head = sc.n_head;
+  shape.n_head_kv = sc.n_head_kv;
   shape.head_dim = c.head_dim;
   shape.block_size = cache.block_size();
   shape.max_blocks_per_seq = batch.max_blocks_per_seq;
   const float scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
-  const int64_t kv_dim = c.kv_dim();
+  const int64_t kv_dim = sc.kv_dim();
 
   for (int64_t l = 0; l < c.n_layer; ++l) {
     const model::LlamaLayerWeights& w = weights_.layers[l];
@@ -123,10 +213,10 @@ void LlamaModel::forward(const ForwardBatch& batch, KvCache& cache, kernels::Thr
     matmul(w.wq, h_.data(), n, q_.data(), pool);
     matmul(w.wk, h_.data(), n, k_.data(), pool);
     matmul(w.wv, h_.data(), n, v_.data(), pool);
-    check(kernels::rope_normal(q_.data(), batch.positions.data(), n, c.n_head, c.head_dim, c.rope_dims,
+    check(kernels::rope_normal(q_.data(), batch.positions.data(), n, sc.n_head, c.head_dim, c.rope_dims,
                                c.rope_base),
           "rope");
-    check(kernels::rope_normal(k_.data(), batch.positions.data(), n, c.n_head_kv, c.head_dim, c.rope_dims,
+    check(kernels::rope_normal(k_.data(), batch.positions.data(), n, sc.n_head_kv, c.head_dim, c.rope_dims,
                                c.rope_base),
           "rope");
 
@@ -146,14 +236,16 @@ void LlamaModel::forward(const ForwardBatch& batch, KvCache& cache, kernels::Thr
     check(kernels::paged_attention(shape, q_.data(), k_cache, v_cache, batch.block_tables.data(),
                                    batch.seq_index.data(), batch.positions.data(), scale, attn_.data(), pool),
           "attention");
-    matmul(w.wo, attn_.data(), n, h_.data(), pool);
+    matmul(w.wo, attn_.data(), n, h_.data(), pool);  // [n, n_embd] partial over the shard's heads
+    if (reducer_ != nullptr) reducer_->sum(h_.data(), static_cast<size_t>(n * c.n_embd));
     check(kernels::add_inplace(x_.data(), h_.data(), n * c.n_embd), "residual add");
 
     check(kernels::rms_norm(x_.data(), w.ffn_norm.data(), h_.data(), n, c.n_embd, c.rms_eps), "rms_norm");
     matmul(w.w_gate, h_.data(), n, gate_.data(), pool);
     matmul(w.w_up, h_.data(), n, up_.data(), pool);
-    check(kernels::swiglu(gate_.data(), up_.data(), gate_.data(), n * c.n_ff), "swiglu");
-    matmul(w.w_down, gate_.data(), n, h_.data(), pool);
+    check(kernels::swiglu(gate_.data(), up_.data(), gate_.data(), n * sc.n_ff), "swiglu");
+    matmul(w.w_down, gate_.data(), n, h_.data(), pool);  // [n, n_embd] partial over the shard's ffn rows
+    if (reducer_ != nullptr) reducer_->sum(h_.data(), static_cast<size_t>(n * c.n_embd));
     check(kernels::add_inplace(x_.data(), h_.data(), n * c.n_embd), "residual add");
   }
 
@@ -167,7 +259,14 @@ void LlamaModel::forward(const ForwardBatch& batch, KvCache& cache, kernels::Thr
                           c.rms_eps),
         "rms_norm");
   logits.resize(n_out * c.n_vocab);
-  matmul(weights_.output, picked_.data(), n_out, logits.data(), pool);
+  if (shard_.size == 1) {
+    matmul(weights_.output, picked_.data(), n_out, logits.data(), pool);
+    return;
+  }
+  // [n_out, local vocab] on each shard, gathered into [n_out, n_vocab].
+  local_logits_.resize(n_out * weights_.output.n_out);
+  matmul(weights_.output, picked_.data(), n_out, local_logits_.data(), pool);
+  reducer_->gather_columns(local_logits_.data(), n_out, vocab_counts_, logits.data());
 }
 
 }  // namespace nibble::worker

@@ -10,6 +10,7 @@
 #include "model/llama_config.hpp"
 #include "model/llama_weights.hpp"
 #include "worker/kv_cache.hpp"
+#include "worker/tensor_shard.hpp"
 
 namespace nibble::worker {
 
@@ -29,13 +30,34 @@ struct ForwardBatch {
                              const std::vector<int32_t>& block_table, bool all_logits);
 };
 
+// With a TensorShard of size T > 1 the model holds one Megatron shard and forward() is a collective
+// over the T shards (every shard runs the same batches in the same order):
+//   attn_q/k/v      column-parallel: the shard's query heads and the KV heads they read
+//                   (split_heads; KV heads replicated when T > n_head_kv)
+//   attn_output     row-parallel: the input columns of the shard's query heads, then reducer.sum
+//   ffn_gate/up     column-parallel: the shard's n_ff rows (split_rows, whole weight blocks)
+//   ffn_down        row-parallel: the matching input columns, then reducer.sum
+//   output          vocabulary-parallel (split_vocab), logits gathered to full rows
+//   token_embd and the norms are replicated.
+// Row-parallel slices are copied out of the file mapping at load (a column range of every row is
+// not contiguous); everything else points into the mapping as before.
 class LlamaModel {
  public:
-  // Opens and validates the GGUF file (throws model::GgufError).
-  static std::unique_ptr<LlamaModel> load(const std::string& path);
-  explicit LlamaModel(std::shared_ptr<const model::GgufFile> file);
+  // Opens and validates the GGUF file (throws model::GgufError). See the constructor for shard.
+  static std::unique_ptr<LlamaModel> load(const std::string& path, TensorShard shard = {},
+                                          ShardReducer* reducer = nullptr);
+  // shard: which tensor-parallel shard to bind (the whole model by default). reducer: the group's
+  // collectives, required when shard.size > 1 (unused otherwise); not owned, must outlive the
+  // model. Throws std::invalid_argument when the model cannot be split that way.
+  explicit LlamaModel(std::shared_ptr<const model::GgufFile> file, TensorShard shard = {},
+                      ShardReducer* reducer = nullptr);
 
+  // The whole model's hyperparameters (logits are always [*, config().n_vocab]).
   const model::LlamaConfig& config() const { return config_; }
+  // This shard's share: n_head, n_head_kv and n_ff are the local counts (equal to config() when
+  // unsharded). Size the KV cache from this: it holds only the shard's KV heads.
+  const model::LlamaConfig& shard_config() const { return shard_config_; }
+  TensorShard shard() const { return shard_; }
   const model::GgufFile& file() const { return *file_; }
   std::shared_ptr<const model::GgufFile> file_ptr() const { return file_; }
 
@@ -49,10 +71,17 @@ class LlamaModel {
   void matmul(const model::WeightMatrix& w, const float* x, int64_t m, float* y, kernels::ThreadPool& pool);
 
   std::shared_ptr<const model::GgufFile> file_;
+  // Replaces weights_ by this shard's slices (see the class comment).
+  void bind_shard();
+
   model::LlamaConfig config_;
+  model::LlamaConfig shard_config_;
   model::LlamaWeights weights_;
-  // Scratch reused across calls: [n, dim] activations.
-  std::vector<float> x_, h_, q_, k_, v_, attn_, gate_, up_, picked_;
+  TensorShard shard_;
+  ShardReducer* reducer_ = nullptr;    // null when unsharded (no collectives)
+  std::vector<int64_t> vocab_counts_;  // [shard.size] output rows per shard
+  // Scratch reused across calls: [n, dim] activations (dims local to the shard).
+  std::vector<float> x_, h_, q_, k_, v_, attn_, gate_, up_, picked_, local_logits_;
 };
 
 }  // namespace nibble::worker

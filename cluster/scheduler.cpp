@@ -38,6 +38,7 @@ bool Scheduler::cancel(uint64_t seq_id) {
   if (it == sequences_.end()) return false;
   allocator_.release(it->second.blocks);
   sequences_.erase(it);
+  awaiting_.erase(seq_id);
   std::erase(running_, seq_id);
   std::erase(waiting_, seq_id);
   return true;
@@ -58,6 +59,7 @@ void Scheduler::append_token(uint64_t seq_id, int32_t token) {
   const auto it = sequences_.find(seq_id);
   if (it == sequences_.end()) throw std::invalid_argument("append_token: unknown sequence");
   it->second.tokens.push_back(token);
+  awaiting_.erase(seq_id);
 }
 
 int64_t Scheduler::sequence_length(uint64_t seq_id) const {
@@ -76,19 +78,27 @@ std::optional<StepPlan> Scheduler::next_step() {
     return std::min({pending, config_.prefill_chunk, budget});
   };
 
+  // The newest running sequence after `id` that may be preempted (not awaiting a token).
+  auto newest_victim = [&](uint64_t id) -> std::optional<uint64_t> {
+    for (auto it = running_.rbegin(); it != running_.rend() && *it != id; ++it) {
+      if (awaiting_.count(*it) == 0) return *it;
+    }
+    return std::nullopt;
+  };
+
   // 1. Running sequences, oldest first. Lacking blocks, preempt the newest until it fits.
   for (size_t i = 0; i < running_.size() && budget > 0;) {
     const uint64_t id = running_[i];
     Sequence& seq = sequences_.at(id);
-    const int64_t take = wanted(seq);
+    const int64_t take = awaiting_.count(id) != 0 ? 0 : wanted(seq);
     if (take <= 0) {
       ++i;
       continue;
     }
     bool fits = allocator_.reserve(seq.blocks, seq.computed + take, config_.block_size);
-    while (!fits && running_.back() != id) {
-      plan.preempted.push_back(running_.back());
-      preempt(running_.back());
+    for (std::optional<uint64_t> victim; !fits && (victim = newest_victim(id));) {
+      plan.preempted.push_back(*victim);
+      preempt(*victim);
       fits = allocator_.reserve(seq.blocks, seq.computed + take, config_.block_size);
     }
     if (!fits) {  // it is itself the newest: it waits
@@ -130,6 +140,7 @@ std::optional<StepPlan> Scheduler::next_step() {
     entry.tokens.assign(seq.tokens.begin() + seq.computed, seq.tokens.begin() + seq.computed + take);
     seq.computed += take;
     entry.sample = seq.computed == static_cast<int64_t>(seq.tokens.size());
+    if (entry.sample) awaiting_.insert(id);
     std::copy(seq.blocks.begin(), seq.blocks.end(),
               plan.block_tables.begin() + row * plan.max_blocks_per_seq);
     plan.entries.push_back(std::move(entry));

@@ -7,6 +7,7 @@
 #include <deque>
 #include <optional>
 #include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 #include "worker/kv_cache.hpp"
@@ -58,6 +59,11 @@ class Scheduler {
   std::optional<StepPlan> next_step();
   // Appends the token sampled for an entry with `sample` set.
   void append_token(uint64_t seq_id, int32_t token);
+  // True while a planned step will sample this sequence's next token and append_token (or finish)
+  // has not yet been called. Such a sequence is left out of further plans and never preempted, so
+  // a pipeline can have several steps in flight (each over different sequences) without a step
+  // depending on a token not yet sampled.
+  bool awaiting_token(uint64_t seq_id) const { return awaiting_.count(seq_id) != 0; }
 
   int64_t waiting() const { return static_cast<int64_t>(waiting_.size()); }
   int64_t running() const { return static_cast<int64_t>(running_.size()); }
@@ -81,6 +87,7 @@ class Scheduler {
   std::unordered_map<uint64_t, Sequence> sequences_;
   std::deque<uint64_t> waiting_;   // front runs first
   std::vector<uint64_t> running_;  // oldest first
+  std::unordered_set<uint64_t> awaiting_;
   uint64_t next_arrival_ = 0;
 };
 

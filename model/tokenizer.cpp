@@ -283,14 +283,14 @@ std::string StreamingDecoder::push(int32_t id) {
   pending_ += piece;
   // Emit everything up to the last complete character; keep a cut-off tail for the next token.
   const size_t complete = utf8::complete_prefix_length(pending_);
-  std::string ready = pending_.substr(0, complete);
+  std::string ready = utf8::replace_invalid(std::string_view(pending_).substr(0, complete));
   pending_.erase(0, complete);
   return ready;
 }
 
 std::string StreamingDecoder::flush() {
-  std::string rest;
-  rest.swap(pending_);
+  std::string rest = utf8::replace_invalid(pending_);
+  pending_.clear();
   return rest;
 }
 

@@ -44,14 +44,15 @@ class Tokenizer {
 };
 
 // Turns a stream of token ids into text without ever emitting a partial UTF-8 character: bytes of
-// an incomplete character are held back until the rest arrives.
+// an incomplete character are held back until the rest arrives, and bytes that can never form a
+// character are emitted as U+FFFD, so the text is always valid UTF-8.
 class StreamingDecoder {
  public:
   // first_token_after_bos: strip SentencePiece's leading space from the first piece, as decode() does.
   explicit StreamingDecoder(const Tokenizer& tokenizer, bool strip_leading_space = true);
   // Text that became complete with this token (possibly empty).
   std::string push(int32_t id);
-  // Whatever is still held back (invalid or truncated UTF-8 at the very end), as is.
+  // Whatever is still held back (a truncated character at the very end), as U+FFFD.
   std::string flush();
 
  private:

@@ -89,6 +89,13 @@ std::vector<uint32_t> decode_lenient(std::string_view text) {
   return cpts;
 }
 
+std::string replace_invalid(std::string_view text) {
+  std::string out;
+  out.reserve(text.size());
+  for (uint32_t cpt : decode_lenient(text)) append(out, cpt);
+  return out;
+}
+
 void append(std::string& out, uint32_t cpt) {
   if (cpt <= 0x7F) {
     out.push_back(static_cast<char>(cpt));

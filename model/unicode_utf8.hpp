@@ -19,6 +19,10 @@ size_t sequence_length(unsigned char lead);
 // Code points of `text`; a byte that does not begin a complete sequence gives one U+FFFD.
 std::vector<uint32_t> decode_lenient(std::string_view text);
 
+// `text` with every byte that does not begin a complete sequence replaced by U+FFFD (as
+// decode_lenient reads it): always valid UTF-8, what clients and JSON encoders expect.
+std::string replace_invalid(std::string_view text);
+
 // Appends the UTF-8 form of `cpt` (surrogates are encoded like any other value; values above
 // U+10FFFF become U+FFFD).
 void append(std::string& out, uint32_t cpt);

@@ -95,8 +95,15 @@ TEST(ClientProtocol, RoundTripsEveryRequestKind) {
 TEST(ClientProtocol, RoundTripsEveryResponseKind) {
   const std::vector<ServerResponseMsg> messages = {
       Delta{"req-42", {42, 7}, " world"},
-      Final{"req-42", FinishReason::stop, 4, 17, "Hello world", {1, 2, 3}, Timings{1.5, 20.25, 300.125}},
-      Final{"r", FinishReason::cancelled, 1, 0, "", {}, Timings{}},
+      Final{"req-42",
+            FinishReason::stop,
+            4,
+            17,
+            "Hello world",
+            {1, 2, 3},
+            Timings{1.5, 20.25, 300.125},
+            {1, 15043, 3186, 0}},
+      Final{"r", FinishReason::cancelled, 1, 0, "", {}, Timings{}, {}},
       Error{"req-42", ErrorCode::prompt_too_long, "prompt of 9000 tokens exceeds the context of 4096"},
       Error{"", ErrorCode::shutting_down, "bye"},
       Health{true, 4, "all workers up"},
@@ -329,7 +336,7 @@ TEST(ClientProtocol, RequestAndReplyOverZeroMq) {
   ASSERT_EQ(received, ClientRequestMsg{request});
 
   const ServerResponseMsg reply =
-      Final{request.request_id, FinishReason::eos, 4, 2, "Hi!", {13, 14}, Timings{0.5, 12.0, 8.0}};
+      Final{request.request_id, FinishReason::eos, 4, 2, "Hi!", {13, 14}, Timings{0.5, 12.0, 8.0}, {1, 9, 8}};
   const auto reply_frame = encode(reply);
   ASSERT_TRUE(router.send(parts[0], zmq::send_flags::sndmore));
   ASSERT_TRUE(router.send(zmq::buffer(reply_frame), zmq::send_flags::none));

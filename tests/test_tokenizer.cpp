@@ -373,8 +373,12 @@ TEST(TokenizerSpm, ByteFallbackForUnknownCharacters) {
   EXPECT_EQ(stream.push(kSpmByteBase + 0x82), "");
   EXPECT_EQ(stream.push(kSpmByteBase + 0xAC), "\xE2\x82\xAC");
   EXPECT_EQ(stream.push(kSpmByteBase + 0xF0), "");
-  EXPECT_EQ(stream.flush(), "\xF0");  // a truncated character is handed over as is at the end
+  EXPECT_EQ(stream.flush(), "\xEF\xBF\xBD");  // a truncated character ends as U+FFFD
   EXPECT_EQ(stream.flush(), "");
+  // A byte that can never start a character (a lead byte followed by a non-continuation) is
+  // replaced at once, so streamed text is always valid UTF-8.
+  EXPECT_EQ(stream.push(kSpmByteBase + 0xC3), "");
+  EXPECT_EQ(stream.push(265), "\xEF\xBF\xBD a");  // 265 is "▁a": mid-text, its space stays
 }
 
 TEST(TokenizerSpm, SpacePrefixCanBeTurnedOff) {

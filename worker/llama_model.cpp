@@ -80,11 +80,12 @@ ForwardBatch ForwardBatch::single(const std::vector<int32_t>& tokens, int32_t st
 }
 
 std::unique_ptr<LlamaModel> LlamaModel::load(const std::string& path, TensorShard shard,
-                                             ShardReducer* reducer) {
-  return std::make_unique<LlamaModel>(model::GgufFile::open(path), shard, reducer);
+                                             ShardReducer* reducer, LayerRange layers) {
+  return std::make_unique<LlamaModel>(model::GgufFile::open(path), shard, reducer, layers);
 }
 
-LlamaModel::LlamaModel(std::shared_ptr<const model::GgufFile> file, TensorShard shard, ShardReducer* reducer)
+LlamaModel::LlamaModel(std::shared_ptr<const model::GgufFile> file, TensorShard shard, ShardReducer* reducer,
+                       LayerRange layers)
     : file_(std::move(file)),
       config_(model::LlamaConfig::from_gguf(*file_)),
       shard_config_(config_),
@@ -95,6 +96,19 @@ LlamaModel::LlamaModel(std::shared_ptr<const model::GgufFile> file, TensorShard 
     throw std::invalid_argument("tensor shard " + std::to_string(shard_.rank) + " of " +
                                 std::to_string(shard_.size) + " is not a valid shard");
   }
+  layer_begin_ = layers.begin;
+  layer_end_ = layers.end < 0 ? config_.n_layer : layers.end;
+  if (layer_begin_ < 0 || layer_begin_ >= layer_end_ || layer_end_ > config_.n_layer) {
+    throw std::invalid_argument("layer range [" + std::to_string(layer_begin_) + ", " +
+                                std::to_string(layer_end_) + ") is not inside the model's " +
+                                std::to_string(config_.n_layer) + " layers");
+  }
+  // Keep only this stage's layers (and the head only on the last stage), so a stage packs and holds
+  // just its share of the weights.
+  weights_.layers.erase(weights_.layers.begin() + layer_end_, weights_.layers.end());
+  weights_.layers.erase(weights_.layers.begin(), weights_.layers.begin() + layer_begin_);
+  shard_config_.n_layer = layer_end_ - layer_begin_;
+  if (!is_last_stage()) weights_.output = model::WeightMatrix{};
   if (shard_.size > 1) {
     if (reducer == nullptr) throw std::invalid_argument("a sharded model needs a ShardReducer");
     reducer_ = reducer;
@@ -134,7 +148,7 @@ void LlamaModel::bind_shard() {
     l.w_up = row_slice(l.w_up, i64(ff.begin), i64(ff.count));
     l.w_down = column_slice(l.w_down, i64(ff.begin), i64(ff.count));
   }
-  weights_.output = row_slice(weights_.output, i64(vocab.begin), i64(vocab.count));
+  if (is_last_stage()) weights_.output = row_slice(weights_.output, i64(vocab.begin), i64(vocab.count));
 }
 
 void LlamaModel::matmul(const model::WeightMatrix& w, const float* x, int64_t m, float* y,
@@ -146,8 +160,8 @@ void LlamaModel::matmul(const model::WeightMatrix& w, const float* x, int64_t m,
   }
 }
 
-void LlamaModel::forward(const ForwardBatch& batch, KvCache& cache, kernels::ThreadPool& pool,
-                         std::vector<float>& logits) {
+void LlamaModel::forward_stage(const ForwardBatch& batch, KvCache& cache, kernels::ThreadPool& pool,
+                               const float* hidden_in, std::vector<float>& out) {
   const auto& c = config_;         // whole-model sizes: n_embd, n_vocab, head_dim
   const auto& sc = shard_config_;  // this shard's heads and ffn rows
   const int64_t n = static_cast<int64_t>(batch.tokens.size());
@@ -176,8 +190,12 @@ void LlamaModel::forward(const ForwardBatch& batch, KvCache& cache, kernels::Thr
   for (int32_t row : batch.logit_rows) {
     if (row < 0 || row >= n) throw std::invalid_argument("logit row outside the batch");
   }
+  if ((hidden_in == nullptr) != is_first_stage()) {
+    throw std::invalid_argument(is_first_stage() ? "the first pipeline stage embeds tokens: no hidden_in"
+                                                 : "a later pipeline stage needs hidden_in");
+  }
   if (n == 0) {
-    logits.clear();
+    out.clear();
     return;
   }
 
@@ -191,7 +209,8 @@ void LlamaModel::forward(const ForwardBatch& batch, KvCache& cache, kernels::Thr
   up_.resize(n * sc.n_ff);
 
   // Embedding: dequantize only the rows the batch uses.
-  for (int64_t t = 0; t < n; ++t) {
+  if (hidden_in != nullptr) std::copy_n(hidden_in, n * c.n_embd, x_.data());
+  for (int64_t t = 0; t < n && hidden_in == nullptr; ++t) {
     const uint8_t* row = weights_.token_embd.data + batch.tokens[t] * weights_.token_embd.row_bytes();
     check(kernels::dequantize_row(weights_.token_embd.type, row, x_.data() + t * c.n_embd, c.n_embd),
           "embedding lookup");
@@ -207,7 +226,7 @@ void LlamaModel::forward(const ForwardBatch& batch, KvCache& cache, kernels::Thr
   const float scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
   const int64_t kv_dim = sc.kv_dim();
 
-  for (int64_t l = 0; l < c.n_layer; ++l) {
+  for (int64_t l = 0; l < sc.n_layer; ++l) {  // local layer index: cache and weights hold the stage's
     const model::LlamaLayerWeights& w = weights_.layers[l];
     check(kernels::rms_norm(x_.data(), w.attn_norm.data(), h_.data(), n, c.n_embd, c.rms_eps), "rms_norm");
     matmul(w.wq, h_.data(), n, q_.data(), pool);
@@ -249,8 +268,17 @@ void LlamaModel::forward(const ForwardBatch& batch, KvCache& cache, kernels::Thr
     check(kernels::add_inplace(x_.data(), h_.data(), n * c.n_embd), "residual add");
   }
 
+  if (!is_last_stage()) {
+    out.assign(x_.begin(), x_.begin() + n * c.n_embd);
+    return;
+  }
   // Output norm and head only for the rows whose logits are wanted.
+  std::vector<float>& logits = out;
   const int64_t n_out = static_cast<int64_t>(batch.logit_rows.size());
+  if (n_out == 0) {  // e.g. a prompt chunk that is not the prompt's last
+    logits.clear();
+    return;
+  }
   picked_.resize(n_out * c.n_embd);
   for (int64_t i = 0; i < n_out; ++i) {
     std::copy_n(x_.data() + batch.logit_rows[i] * c.n_embd, c.n_embd, picked_.data() + i * c.n_embd);

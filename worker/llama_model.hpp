@@ -30,6 +30,14 @@ struct ForwardBatch {
                              const std::vector<int32_t>& block_table, bool all_logits);
 };
 
+// A pipeline stage holds the layers [begin, end) of the model (all of them by default). The first
+// stage embeds tokens; later stages start from the hidden states the previous stage produced. The
+// last stage applies the output norm and head; earlier stages hand on their hidden states instead.
+struct LayerRange {
+  int64_t begin = 0;
+  int64_t end = -1;  // -1: through the last layer
+};
+
 // With a TensorShard of size T > 1 the model holds one Megatron shard and forward() is a collective
 // over the T shards (every shard runs the same batches in the same order):
 //   attn_q/k/v      column-parallel: the shard's query heads and the KV heads they read
@@ -45,19 +53,23 @@ class LlamaModel {
  public:
   // Opens and validates the GGUF file (throws model::GgufError). See the constructor for shard.
   static std::unique_ptr<LlamaModel> load(const std::string& path, TensorShard shard = {},
-                                          ShardReducer* reducer = nullptr);
+                                          ShardReducer* reducer = nullptr, LayerRange layers = {});
   // shard: which tensor-parallel shard to bind (the whole model by default). reducer: the group's
   // collectives, required when shard.size > 1 (unused otherwise); not owned, must outlive the
-  // model. Throws std::invalid_argument when the model cannot be split that way.
+  // model. layers: the pipeline stage's layers (see LayerRange). Throws std::invalid_argument when
+  // the model cannot be split that way.
   explicit LlamaModel(std::shared_ptr<const model::GgufFile> file, TensorShard shard = {},
-                      ShardReducer* reducer = nullptr);
+                      ShardReducer* reducer = nullptr, LayerRange layers = {});
 
   // The whole model's hyperparameters (logits are always [*, config().n_vocab]).
   const model::LlamaConfig& config() const { return config_; }
-  // This shard's share: n_head, n_head_kv and n_ff are the local counts (equal to config() when
-  // unsharded). Size the KV cache from this: it holds only the shard's KV heads.
+  // This shard's share: n_head, n_head_kv, n_ff and n_layer are the local counts (equal to config()
+  // when unsharded). Size the KV cache from this: it holds only the shard's KV heads and layers.
   const model::LlamaConfig& shard_config() const { return shard_config_; }
   TensorShard shard() const { return shard_; }
+  LayerRange layers() const { return {layer_begin_, layer_end_}; }
+  bool is_first_stage() const { return layer_begin_ == 0; }
+  bool is_last_stage() const { return layer_end_ == config_.n_layer; }
   const model::GgufFile& file() const { return *file_; }
   std::shared_ptr<const model::GgufFile> file_ptr() const { return file_; }
 
@@ -65,7 +77,15 @@ class LlamaModel {
   // logits: resized to [batch.logit_rows.size(), n_vocab]
   // Throws std::invalid_argument for tokens or positions out of range.
   void forward(const ForwardBatch& batch, KvCache& cache, kernels::ThreadPool& pool,
-               std::vector<float>& logits);
+               std::vector<float>& logits) {
+    forward_stage(batch, cache, pool, nullptr, logits);
+  }
+  // One pipeline stage's part of forward(). hidden_in: [batch.tokens.size(), n_embd] from the
+  // previous stage, or null on the first stage (which embeds batch.tokens). out: on the last stage
+  // the logits as in forward(); on earlier stages resized to [batch.tokens.size(), n_embd], the
+  // hidden states for the next stage.
+  void forward_stage(const ForwardBatch& batch, KvCache& cache, kernels::ThreadPool& pool,
+                     const float* hidden_in, std::vector<float>& out);
 
  private:
   void matmul(const model::WeightMatrix& w, const float* x, int64_t m, float* y, kernels::ThreadPool& pool);
@@ -78,8 +98,9 @@ class LlamaModel {
   model::LlamaConfig shard_config_;
   model::LlamaWeights weights_;
   TensorShard shard_;
-  ShardReducer* reducer_ = nullptr;    // null when unsharded (no collectives)
-  std::vector<int64_t> vocab_counts_;  // [shard.size] output rows per shard
+  int64_t layer_begin_ = 0, layer_end_ = 0;  // weights_.layers holds only these
+  ShardReducer* reducer_ = nullptr;          // null when unsharded (no collectives)
+  std::vector<int64_t> vocab_counts_;        // [shard.size] output rows per shard
   // Scratch reused across calls: [n, dim] activations (dims local to the shard).
   std::vector<float> x_, h_, q_, k_, v_, attn_, gate_, up_, picked_, local_logits_;
 };

@@ -15,6 +15,9 @@ Runner add_logits(CLI::App& app);
 Runner add_bench(CLI::App& app);
 Runner add_make_model(CLI::App& app);
 Runner add_quantize(CLI::App& app);
+Runner add_serve(CLI::App& app);
+Runner add_client(CLI::App& app);
+Runner add_bench_serve(CLI::App& app);
 
 // Thread count default: every core the machine has.
 int default_threads();

@@ -19,7 +19,12 @@ int main(int argc, char** argv) {
   add("logits", "Write float32 logits for every prompt position", nibble::cli::add_logits);
   add("bench", "Measure prompt-processing and generation speed", nibble::cli::add_bench);
   add("make-model", "Write a random-weight Llama GGUF of a named shape", nibble::cli::add_make_model);
+  add("serve", "Run the distributed service (under mpirun: 1 coordinator + T*P workers)",
+      nibble::cli::add_serve);
   add("quantize", "Round-to-nearest quantize a GGUF model", nibble::cli::add_quantize);
+  add("client", "Send one request to a running `nibble serve`", nibble::cli::add_client);
+  add("bench-serve", "Load-test a running `nibble serve` (throughput, TTFT, TPOT)",
+      nibble::cli::add_bench_serve);
 
   auto is_subcommand = [&](const std::string& name) {
     for (const auto& [sub, run] : runners) {

@@ -253,7 +253,8 @@ ClusterConfig build_config(const Reader& reader, const Section& top, const std::
   }
 
   if (const Entry* entry = top.find("server")) {
-    const Section server = reader.section(*entry, {"listen", "max_queue", "max_message_bytes"});
+    const Section server =
+        reader.section(*entry, {"listen", "max_queue", "max_message_bytes", "step_timeout_ms"});
     if (const Entry* e = server.find("listen")) {
       config.server.listen = reader.text(*e);
       const std::string_view listen = config.server.listen;
@@ -269,6 +270,8 @@ ClusterConfig build_config(const Reader& reader, const Section& top, const std::
     }
     if (const Entry* e = server.find("max_queue"))
       config.server.max_queue = reader.integer<int>(*e, 1, kIntMax);
+    if (const Entry* e = server.find("step_timeout_ms"))
+      config.server.step_timeout_ms = reader.integer<int>(*e, 100, kIntMax);
     if (const Entry* e = server.find("max_message_bytes")) {
       config.server.max_message_bytes = reader.integer<int64_t>(*e, 1, kInt64Max);
     }
@@ -430,6 +433,7 @@ std::string render_cluster_config(const ClusterConfig& config) {
   out << YAML::Key << "listen" << YAML::Value << config.server.listen;
   out << YAML::Key << "max_queue" << YAML::Value << config.server.max_queue;
   out << YAML::Key << "max_message_bytes" << YAML::Value << config.server.max_message_bytes;
+  out << YAML::Key << "step_timeout_ms" << YAML::Value << config.server.step_timeout_ms;
   out << YAML::EndMap;
   out << YAML::Key << "scheduler" << YAML::Value << YAML::BeginMap;
   out << YAML::Key << "max_batch_tokens" << YAML::Value << config.scheduler.max_batch_tokens;

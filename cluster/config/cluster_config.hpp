@@ -23,6 +23,7 @@
 //     listen: "tcp://127.0.0.1:5555"  # client ROUTER endpoint, tcp:// or ipc://
 //     max_queue: 256             # queued requests before new ones are refused as "overloaded"
 //     max_message_bytes: 1048576 # client frames larger than this are rejected
+//     step_timeout_ms: 60000     # a step without a result for this long means a worker is lost
 //   scheduler:
 //     max_batch_tokens: 512      # token budget per step (decode tokens + prefill chunks)
 //     max_running: 64            # sequences in the running batch
@@ -96,16 +97,17 @@ struct ServerConfig {
   std::string listen = "tcp://127.0.0.1:5555";  // loopback by default: exposing it is a decision
   int max_queue = 256;
   int64_t max_message_bytes = 1 << 20;
+  int step_timeout_ms = 60000;  // fail every request and end the job when a step takes longer
 
   bool operator==(const ServerConfig&) const = default;
 };
 
-struct SchedulerConfig {
+struct SchedulerSettings {
   int max_batch_tokens = 512;
   int max_running = 64;
   int prefill_chunk = 256;
 
-  bool operator==(const SchedulerConfig&) const = default;
+  bool operator==(const SchedulerSettings&) const = default;
 };
 
 struct KvCacheConfig {
@@ -127,7 +129,7 @@ struct ClusterConfig {
   Device device = Device::cpu;
   int threads = 0;  // 0 = auto; see worker_threads()
   ServerConfig server;
-  SchedulerConfig scheduler;
+  SchedulerSettings scheduler;
   KvCacheConfig kv_cache;
   int context = 4096;
 

@@ -87,6 +87,8 @@ void encode_final(const Final& final_msg, wire::Final::Builder out) {
   timings.setQueueMs(final_msg.timings.queue_ms);
   timings.setPrefillMs(final_msg.timings.prefill_ms);
   timings.setDecodeMs(final_msg.timings.decode_ms);
+  fill_tokens(out.initPromptTokenIds(static_cast<unsigned>(final_msg.prompt_token_ids.size())),
+              final_msg.prompt_token_ids);
 }
 
 // ---------------------------------------------------------------- decode
@@ -217,7 +219,8 @@ ServerResponseMsg read_server_response(capnp::MessageReader& reader) {
                    in.getCompletionTokens(),
                    to_std(in.getText()),
                    to_std(in.getTokens()),
-                   Timings{timings.getQueueMs(), timings.getPrefillMs(), timings.getDecodeMs()}};
+                   Timings{timings.getQueueMs(), timings.getPrefillMs(), timings.getDecodeMs()},
+                   to_std(in.getPromptTokenIds())};
     }
     case wire::ServerResponse::ERROR: {
       auto in = root.getError();

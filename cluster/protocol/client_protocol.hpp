@@ -117,6 +117,7 @@ struct Final {
   std::string text;
   std::vector<int32_t> tokens;
   Timings timings;
+  std::vector<int32_t> prompt_token_ids;  // the prompt as the model saw it (BOS included)
   bool operator==(const Final&) const = default;
 };
 

@@ -92,6 +92,7 @@ struct Final {
   text @4 :Text;
   tokens @5 :List(Int32);
   timings @6 :Timings;
+  promptTokenIds @7 :List(Int32);      # the prompt as the model saw it (BOS included, after tokenizing)
 }
 
 struct Error {

@@ -1,0 +1,482 @@
+// `nibble client`: one request to a running `nibble serve` (generate, or health/stats/shutdown).
+// `nibble bench-serve`: a closed-loop load generator against one: C threads, one Client each,
+// sharing N streamed greedy requests; reports throughput and TTFT/TPOT/latency percentiles.
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <iostream>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "cluster/cli/commands.hpp"
+#include "cluster/client.hpp"
+
+namespace nibble::cli {
+
+namespace {
+
+constexpr const char* kDefaultEndpoint = "tcp://127.0.0.1:5555";
+
+// Invalid UTF-8 (a model may emit stray bytes) is replaced rather than aborting the dump.
+void print_json(const nlohmann::json& out) {
+  std::cout << out.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
+}
+
+// "1 2 3" or "1,2,3" -> ids; anything else is a usage error.
+std::vector<int32_t> parse_token_list(const std::string& text) {
+  std::vector<int32_t> ids;
+  std::string current;
+  auto flush = [&] {
+    if (current.empty()) return;
+    size_t used = 0;
+    long long value = 0;
+    try {
+      value = std::stoll(current, &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+    if (used != current.size() || value < 0 || value > INT32_MAX) {
+      throw std::runtime_error("--tokens: '" + current + "' is not a token id");
+    }
+    ids.push_back(static_cast<int32_t>(value));
+    current.clear();
+  };
+  for (char c : text) {
+    if (c == ' ' || c == ',' || c == '\t' || c == '\n') {
+      flush();
+    } else {
+      current += c;
+    }
+  }
+  flush();
+  if (ids.empty()) throw std::runtime_error("--tokens: no token ids in '" + text + "'");
+  return ids;
+}
+
+nlohmann::json health_json(const protocol::Health& h) {
+  return {{"ok", h.ok}, {"workers", h.workers}, {"detail", h.detail}};
+}
+
+nlohmann::json stats_json(const protocol::Stats& s) {
+  return {{"queued", s.queued},
+          {"running", s.running},
+          {"completed", s.completed},
+          {"failed", s.failed},
+          {"free_kv_blocks", s.free_kv_blocks},
+          {"total_kv_blocks", s.total_kv_blocks},
+          {"tokens_generated", s.tokens_generated}};
+}
+
+// ---------------------------------------------------------------- bench-serve helpers
+
+struct Range {
+  int64_t lo = 0, hi = 0;
+};
+
+// "MIN:MAX" or "N" (= N:N), both >= 1.
+Range parse_range(const std::string& option, const std::string& text) {
+  auto number = [&](const std::string& part) -> int64_t {
+    size_t used = 0;
+    long long value = 0;
+    try {
+      value = std::stoll(part, &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+    if (part.empty() || used != part.size() || value < 1 || value > INT32_MAX) {
+      throw std::runtime_error(option + ": expected MIN:MAX with 1 <= MIN <= MAX, got '" + text + "'");
+    }
+    return value;
+  };
+  const size_t colon = text.find(':');
+  Range r;
+  r.lo = number(text.substr(0, colon));
+  r.hi = colon == std::string::npos ? r.lo : number(text.substr(colon + 1));
+  if (r.lo > r.hi) {
+    throw std::runtime_error(option + ": expected MIN:MAX with 1 <= MIN <= MAX, got '" + text + "'");
+  }
+  return r;
+}
+
+// Uniform in [lo, hi] from mt19937_64 directly (its output is fixed by the standard, unlike the
+// distributions'), so a seed gives the same workload with any standard library. The modulo bias is
+// negligible for these ranges.
+int64_t draw(std::mt19937_64& rng, int64_t lo, int64_t hi) {
+  return lo + static_cast<int64_t>(rng() % static_cast<uint64_t>(hi - lo + 1));
+}
+
+// Linear interpolation between closest ranks (numpy's default); nullopt for no samples.
+std::optional<double> percentile(std::vector<double> values, double p) {
+  if (values.empty()) return std::nullopt;
+  std::sort(values.begin(), values.end());
+  const double rank = p / 100.0 * static_cast<double>(values.size() - 1);
+  const size_t below = static_cast<size_t>(rank);
+  const size_t above = std::min(below + 1, values.size() - 1);
+  return values[below] + (rank - static_cast<double>(below)) * (values[above] - values[below]);
+}
+
+nlohmann::json json_or_null(std::optional<double> value) {
+  return value ? nlohmann::json(*value) : nlohmann::json(nullptr);
+}
+
+std::string text_or_na(std::optional<double> value) {
+  if (!value) return "n/a";
+  char buffer[32];
+  std::snprintf(buffer, sizeof(buffer), "%.2f", *value);
+  return buffer;
+}
+
+// What one request measured.
+struct Sample {
+  bool ok = false;
+  std::string failure;  // error code name, or "transport"
+  double ttft_ms = 0, latency_ms = 0;
+  std::optional<double> tpot_ms;  // needs two or more output tokens
+  uint64_t prompt_tokens = 0, completion_tokens = 0;
+};
+
+Sample run_one(cluster::Client& client, const protocol::GenerateRequest& request) {
+  using clock = std::chrono::steady_clock;
+  Sample sample;
+  const auto sent = clock::now();
+  std::optional<clock::time_point> first_token, last_token;
+  try {
+    const protocol::Final final_msg = client.generate(request, [&](const protocol::Delta& delta) {
+      if (delta.tokens.empty()) return;  // a text-only delta carries no new token
+      const auto now = clock::now();
+      if (!first_token) first_token = now;
+      last_token = now;
+    });
+    const auto done = clock::now();
+    // No token-carrying Delta (a server that does not stream): the tokens arrived with the Final.
+    if (!first_token) first_token = last_token = done;
+    auto ms = [](clock::duration d) { return std::chrono::duration<double, std::milli>(d).count(); };
+    sample.ok = true;
+    sample.ttft_ms = ms(*first_token - sent);
+    sample.latency_ms = ms(done - sent);
+    if (final_msg.completion_tokens > 1) {
+      sample.tpot_ms = ms(*last_token - *first_token) / static_cast<double>(final_msg.completion_tokens - 1);
+    }
+    sample.prompt_tokens = final_msg.prompt_tokens;
+    sample.completion_tokens = final_msg.completion_tokens;
+  } catch (const cluster::ClientError& e) {
+    sample.failure = e.code ? std::string(protocol::to_string(*e.code)) : std::string("transport");
+  } catch (const std::exception&) {
+    sample.failure = "transport";  // a ZeroMQ failure below the Client; counted, not fatal
+  }
+  return sample;
+}
+
+}  // namespace
+
+Runner add_client(CLI::App& app) {
+  struct Args {
+    std::string endpoint = kDefaultEndpoint;
+    std::string prompt;
+    std::string tokens;
+    int64_t max_tokens = 128;
+    // Sampling defaults are `nibble generate`'s, so the same flags mean the same thing.
+    float temperature = 0.8f;
+    int top_k = 40;
+    float top_p = 0.95f;
+    float min_p = 0.05f;
+    float repetition_penalty = 1.0f;
+    int64_t seed = -1;
+    std::vector<std::string> stop;
+    bool stream = false;
+    bool json = false;
+    int timeout_ms = 60000;
+    std::string request_id;
+    bool health = false, stats = false, shutdown = false;
+  };
+  auto a = std::make_shared<Args>();
+  app.add_option("--endpoint,-e", a->endpoint, "Coordinator address")->capture_default_str();
+  auto* prompt = app.add_option("--prompt,-p", a->prompt, "Prompt text (the server tokenizes it)");
+  auto* tokens = app.add_option("--tokens", a->tokens, "Prompt as token ids, e.g. \"1 15043 3186\"");
+  prompt->excludes(tokens);
+  app.add_option("--max-tokens,-n", a->max_tokens, "Tokens to generate at most")
+      ->check(CLI::Range(int64_t{1}, int64_t{UINT32_MAX}))
+      ->capture_default_str();
+  app.add_option("--temperature", a->temperature, "0 means greedy")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  app.add_option("--top-k", a->top_k, "Keep the k most likely tokens (0: off)")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  app.add_option("--top-p", a->top_p, "Nucleus sampling mass (1: off)")
+      ->check(CLI::Range(0.0, 1.0))
+      ->capture_default_str();
+  app.add_option("--min-p", a->min_p, "Drop tokens below min-p times the top probability (0: off)")
+      ->check(CLI::Range(0.0, 1.0))
+      ->capture_default_str();
+  app.add_option("--repetition-penalty,--repeat-penalty", a->repetition_penalty,
+                 "Repetition penalty (1: off)")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  app.add_option("--seed", a->seed, "Sampling seed (default: the server picks one)");
+  app.add_option("--stop", a->stop, "Stop string (repeatable)");
+  app.add_flag("--stream", a->stream, "Print the text as it is generated");
+  app.add_flag("--json", a->json, "Print one JSON object");
+  app.add_option("--timeout-ms", a->timeout_ms, "Longest wait for any one reply message")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  app.add_option("--request-id", a->request_id, "Request id (default: a fresh unique one)");
+  auto* health = app.add_flag("--health", a->health, "Ask whether the service is up (exit 1 if not ok)");
+  auto* stats = app.add_flag("--stats", a->stats, "Print the service's counters");
+  auto* shutdown = app.add_flag("--shutdown", a->shutdown, "Ask the service to stop");
+  for (CLI::Option* control : {health, stats, shutdown}) {
+    for (CLI::Option* other : {health, stats, shutdown, prompt, tokens}) {
+      if (other != control) control->excludes(other);
+    }
+  }
+
+  return [a]() {
+    cluster::ClientOptions options;
+    options.timeout_ms = a->timeout_ms;
+    cluster::Client client(a->endpoint, options);
+
+    if (a->health || a->shutdown) {
+      const protocol::Health h = a->health ? client.health() : client.shutdown();
+      if (a->json) {
+        print_json(health_json(h));
+      } else {
+        std::printf("ok: %s\nworkers: %u\ndetail: %s\n", h.ok ? "true" : "false", h.workers,
+                    h.detail.c_str());
+      }
+      return h.ok ? 0 : 1;
+    }
+    if (a->stats) {
+      const protocol::Stats s = client.stats();
+      if (a->json) {
+        print_json(stats_json(s));
+      } else {
+        std::printf(
+            "queued: %llu\nrunning: %llu\ncompleted: %llu\nfailed: %llu\nfree_kv_blocks: %llu\n"
+            "total_kv_blocks: %llu\ntokens_generated: %llu\n",
+            static_cast<unsigned long long>(s.queued), static_cast<unsigned long long>(s.running),
+            static_cast<unsigned long long>(s.completed), static_cast<unsigned long long>(s.failed),
+            static_cast<unsigned long long>(s.free_kv_blocks),
+            static_cast<unsigned long long>(s.total_kv_blocks),
+            static_cast<unsigned long long>(s.tokens_generated));
+      }
+      return 0;
+    }
+    if (a->prompt.empty() && a->tokens.empty()) {
+      std::fprintf(stderr,
+                   "nibble: error: client: one of --prompt, --tokens, --health, --stats, --shutdown is "
+                   "required\n");
+      return 2;
+    }
+
+    protocol::GenerateRequest request;
+    request.request_id = a->request_id;  // empty: the Client makes a unique one
+    if (!a->tokens.empty()) {
+      request.prompt = parse_token_list(a->tokens);
+    } else {
+      request.prompt = a->prompt;
+    }
+    request.sampling.temperature = a->temperature;
+    request.sampling.top_k = a->top_k;
+    request.sampling.top_p = a->top_p;
+    request.sampling.min_p = a->min_p;
+    request.sampling.repetition_penalty = a->repetition_penalty;
+    if (a->seed >= 0) request.sampling.seed = static_cast<uint64_t>(a->seed);
+    request.max_tokens = static_cast<uint32_t>(a->max_tokens);
+    request.stop = a->stop;
+    request.stream = a->stream;
+
+    const bool print_deltas = a->stream && !a->json;
+    bool printed = false;
+    protocol::Final result;
+    try {
+      result = client.generate(request, [&](const protocol::Delta& delta) {
+        if (!print_deltas) return;
+        std::fwrite(delta.text.data(), 1, delta.text.size(), stdout);
+        std::fflush(stdout);
+        printed = true;
+      });
+    } catch (const cluster::ClientError&) {
+      if (printed) std::fputc('\n', stdout);  // end the partial line before main() reports the error
+      std::fflush(stdout);
+      throw;
+    }
+    if (!a->json) {
+      if (!print_deltas) std::fwrite(result.text.data(), 1, result.text.size(), stdout);
+      std::fputc('\n', stdout);
+      return 0;
+    }
+    nlohmann::json out;
+    out["request_id"] = result.request_id;
+    out["prompt_tokens"] = result.prompt_token_ids;
+    out["tokens"] = result.tokens;
+    out["text"] = result.text;
+    out["finish_reason"] = protocol::to_string(result.finish_reason);
+    out["timings"] = {
+        {"queue_ms", result.timings.queue_ms},
+        {"prefill_ms", result.timings.prefill_ms},
+        {"decode_ms", result.timings.decode_ms},
+    };
+    print_json(out);
+    return 0;
+  };
+}
+
+Runner add_bench_serve(CLI::App& app) {
+  struct Args {
+    std::string endpoint = kDefaultEndpoint;
+    int concurrency = 1;
+    int requests = 16;
+    std::string prompt_tokens = "16:128";
+    std::string max_tokens = "16:64";
+    std::string prompt;
+    uint64_t seed = 0;
+    int vocab = 256;
+    bool json = false;
+    int timeout_ms = 60000;
+  };
+  auto a = std::make_shared<Args>();
+  app.add_option("--endpoint,-e", a->endpoint, "Coordinator address")->capture_default_str();
+  app.add_option("--concurrency,-c", a->concurrency, "Client threads, one request in flight each")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  app.add_option("--requests,-r", a->requests, "Requests in all")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  app.add_option("--prompt-tokens", a->prompt_tokens, "Random prompt length range MIN:MAX")
+      ->capture_default_str();
+  app.add_option("--max-tokens", a->max_tokens, "Generation length range MIN:MAX")->capture_default_str();
+  app.add_option("--prompt", a->prompt, "Send this text as every prompt instead of random token ids");
+  app.add_option("--seed", a->seed, "Seed of the prompts and lengths")->capture_default_str();
+  app.add_option("--vocab", a->vocab, "Random prompt ids are drawn from [3, vocab)")
+      ->check(CLI::Range(4, INT32_MAX))
+      ->capture_default_str();
+  app.add_flag("--json", a->json, "Print one JSON object");
+  app.add_option("--timeout-ms", a->timeout_ms, "Longest wait for any one reply message")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+
+  return [a]() {
+    const Range prompt_range = parse_range("--prompt-tokens", a->prompt_tokens);
+    const Range max_range = parse_range("--max-tokens", a->max_tokens);
+
+    // The whole workload is drawn up front from the seed, so it does not depend on thread timing.
+    std::mt19937_64 rng(a->seed);
+    std::vector<protocol::GenerateRequest> requests(static_cast<size_t>(a->requests));
+    for (auto& request : requests) {
+      if (!a->prompt.empty()) {
+        request.prompt = a->prompt;
+      } else {
+        std::vector<int32_t> ids(static_cast<size_t>(draw(rng, prompt_range.lo, prompt_range.hi)));
+        for (auto& id : ids) id = static_cast<int32_t>(draw(rng, 3, a->vocab - 1));
+        request.prompt = std::move(ids);
+      }
+      request.max_tokens = static_cast<uint32_t>(draw(rng, max_range.lo, max_range.hi));
+      request.sampling.temperature = 0.0f;  // greedy: the same run does the same work
+      request.stream = true;
+      // request_id stays empty: each Client makes unique ones, so parallel benches do not collide.
+    }
+
+    const int threads = std::min(a->concurrency, a->requests);
+    cluster::ClientOptions options;
+    options.timeout_ms = a->timeout_ms;
+    // Made here so a bad endpoint fails before any thread starts; each is then used by one thread.
+    std::vector<std::unique_ptr<cluster::Client>> clients;
+    for (int t = 0; t < threads; ++t)
+      clients.push_back(std::make_unique<cluster::Client>(a->endpoint, options));
+
+    std::vector<Sample> samples(requests.size());
+    std::atomic<size_t> next{0};
+    const auto start = std::chrono::steady_clock::now();
+    std::vector<std::thread> workers;
+    for (int t = 0; t < threads; ++t) {
+      workers.emplace_back([&, t] {
+        for (size_t i = next.fetch_add(1); i < requests.size(); i = next.fetch_add(1)) {
+          samples[i] = run_one(*clients[static_cast<size_t>(t)], requests[i]);
+        }
+      });
+    }
+    for (auto& worker : workers) worker.join();
+    const double wall_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+
+    std::vector<double> ttft, tpot, latency;
+    std::map<std::string, int> failures;
+    uint64_t ok = 0, output_tokens = 0, input_tokens = 0;
+    for (const Sample& s : samples) {
+      if (!s.ok) {
+        ++failures[s.failure];
+        continue;
+      }
+      ++ok;
+      output_tokens += s.completion_tokens;
+      input_tokens += s.prompt_tokens;
+      ttft.push_back(s.ttft_ms);
+      latency.push_back(s.latency_ms);
+      if (s.tpot_ms) tpot.push_back(*s.tpot_ms);
+    }
+    const uint64_t failed = samples.size() - ok;
+    const double tokens_per_s = wall_s > 0 ? static_cast<double>(output_tokens) / wall_s : 0.0;
+    const double requests_per_s = wall_s > 0 ? static_cast<double>(ok) / wall_s : 0.0;
+
+    if (a->json) {
+      nlohmann::json failure_codes = nlohmann::json::object();
+      for (const auto& [code, count] : failures) failure_codes[code] = count;
+      print_json({
+          {"endpoint", a->endpoint},
+          {"concurrency", threads},
+          {"requests", a->requests},
+          {"ok", ok},
+          {"failed", failed},
+          {"failures", failure_codes},
+          {"input_tokens", input_tokens},
+          {"output_tokens", output_tokens},
+          {"wall_s", wall_s},
+          {"output_tokens_per_second", tokens_per_s},
+          {"requests_per_second", requests_per_s},
+          {"ttft_ms",
+           {{"p50", json_or_null(percentile(ttft, 50))},
+            {"p90", json_or_null(percentile(ttft, 90))},
+            {"p99", json_or_null(percentile(ttft, 99))}}},
+          {"tpot_ms",
+           {{"p50", json_or_null(percentile(tpot, 50))},
+            {"p90", json_or_null(percentile(tpot, 90))},
+            {"p99", json_or_null(percentile(tpot, 99))}}},
+          {"latency_ms",
+           {{"p50", json_or_null(percentile(latency, 50))}, {"p99", json_or_null(percentile(latency, 99))}}},
+      });
+    } else {
+      std::printf("endpoint %s, concurrency %d, %d requests in %.2f s\n", a->endpoint.c_str(), threads,
+                  a->requests, wall_s);
+      std::printf("requests ok %llu, failed %llu\n", static_cast<unsigned long long>(ok),
+                  static_cast<unsigned long long>(failed));
+      if (!failures.empty()) {
+        std::string list;
+        for (const auto& [code, count] : failures) {
+          list += (list.empty() ? "" : ", ") + code + " x" + std::to_string(count);
+        }
+        std::printf("failures: %s\n", list.c_str());
+      }
+      std::printf("output tokens %llu (input %llu)\n", static_cast<unsigned long long>(output_tokens),
+                  static_cast<unsigned long long>(input_tokens));
+      std::printf("throughput %.2f output tokens/s, %.2f requests/s\n", tokens_per_s, requests_per_s);
+      std::printf("TTFT ms     p50 %s  p90 %s  p99 %s\n", text_or_na(percentile(ttft, 50)).c_str(),
+                  text_or_na(percentile(ttft, 90)).c_str(), text_or_na(percentile(ttft, 99)).c_str());
+      std::printf("TPOT ms     p50 %s  p90 %s  p99 %s\n", text_or_na(percentile(tpot, 50)).c_str(),
+                  text_or_na(percentile(tpot, 90)).c_str(), text_or_na(percentile(tpot, 99)).c_str());
+      std::printf("latency ms  p50 %s  p99 %s\n", text_or_na(percentile(latency, 50)).c_str(),
+                  text_or_na(percentile(latency, 99)).c_str());
+    }
+    return failed == 0 ? 0 : 1;
+  };
+}
+
+}  // namespace nibble::cli

@@ -1,0 +1,308 @@
+// `mpirun -np 1+T*P nibble serve --config cluster.yaml`: start-up of the distributed service.
+// MPI is used here only: to agree on the layout, build the tensor/pipeline groups, exchange the
+// ZeroMQ endpoints, size the KV cache from the smallest worker, and fail together. Every start-up
+// phase ends with an all-reduce of "did it work here", so one rank's bad file or busy port stops
+// every rank with an error instead of leaving the others waiting in a collective.
+#include <mpi.h>
+#include <sys/sysinfo.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <array>
+#include <csignal>
+#include <cstdio>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+#include <zmq.hpp>
+
+#include "cluster/cli/commands.hpp"
+#include "cluster/config/cluster_config.hpp"
+#include "cluster/coordinator.hpp"
+#include "cluster/worker_service.hpp"
+#include "parallel/communicator_reducer.hpp"
+#include "parallel/mpi_communicator.hpp"
+#include "parallel/rank_layout.hpp"
+#include "worker/tensor_shard.hpp"
+
+namespace nibble::cli {
+namespace {
+
+constexpr size_t kNameBytes = 256;  // fixed-size slots for hostnames and endpoints in MPI gathers
+using Slot = std::array<char, kNameBytes>;
+
+Slot to_slot(const std::string& s) {
+  Slot slot{};
+  std::strncpy(slot.data(), s.c_str(), kNameBytes - 1);
+  return slot;
+}
+
+std::string this_host() {
+  char name[kNameBytes] = {};
+  gethostname(name, sizeof(name) - 1);
+  return name;
+}
+
+// True on every rank when `ok` holds on every rank.
+bool all_ok(bool ok) {
+  int flag = ok ? 1 : 0;
+  MPI_Allreduce(MPI_IN_PLACE, &flag, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
+  return flag == 1;
+}
+
+// Runs one start-up phase on this rank; prints its error (prefixed with the rank) and returns
+// false on every rank if it failed on any.
+template <class Phase>
+bool phase(int world_rank, bool print_error, Phase&& run) {
+  bool ok = true;
+  try {
+    run();
+  } catch (const std::exception& e) {
+    ok = false;
+    if (print_error) std::fprintf(stderr, "nibble serve: rank %d: error: %s\n", world_rank, e.what());
+  }
+  return all_ok(ok);
+}
+
+// Binds to an ephemeral TCP port; returns the address peers connect to. Loopback when every peer
+// runs on this host, otherwise all interfaces, advertised under the host name.
+std::string bind_ephemeral(zmq::socket_t& socket, bool single_host) {
+  socket.bind(single_host ? "tcp://127.0.0.1:*" : "tcp://*:*");
+  std::string endpoint = socket.get(zmq::sockopt::last_endpoint);
+  if (!single_host) {
+    const std::string port = endpoint.substr(endpoint.rfind(':'));
+    endpoint = "tcp://" + this_host() + port;
+  }
+  return endpoint;
+}
+
+// KV blocks this worker can hold: the configured count, or memory_fraction of the memory now
+// available shared among the workers on this host, but never more than max_running full contexts.
+int64_t blocks_for_this_worker(const cluster::ClusterConfig& config, const worker::LlamaModel& model,
+                               int workers_on_host) {
+  if (config.kv_cache.num_blocks > 0) return config.kv_cache.num_blocks;
+  struct sysinfo info {};
+  sysinfo(&info);
+  const double available = static_cast<double>(info.freeram + info.bufferram) * info.mem_unit;
+  const int64_t per_block =
+      worker::KvCache::bytes_per_block(model.shard_config(), config.kv_cache.block_size);
+  const auto by_memory = static_cast<int64_t>(available * config.kv_cache.memory_fraction /
+                                              std::max(1, workers_on_host) / per_block);
+  const int64_t blocks_per_context =
+      (config.context + config.kv_cache.block_size - 1) / config.kv_cache.block_size;
+  return std::max<int64_t>(1, std::min(by_memory, blocks_per_context * config.scheduler.max_running));
+}
+
+extern "C" void on_terminate(int) { cluster::Coordinator::request_abort(); }
+
+int serve(const std::string& config_path) {
+  int provided = 0;
+  MPI_Init_thread(nullptr, nullptr, MPI_THREAD_FUNNELED, &provided);
+  int world_rank = 0, world_size = 0;
+  MPI_Comm_rank(MPI_COMM_WORLD, &world_rank);
+  MPI_Comm_size(MPI_COMM_WORLD, &world_size);
+  const bool coordinator = world_rank == parallel::RankLayout::kCoordinatorRank;
+  auto fail = [] {
+    MPI_Finalize();
+    return 1;
+  };
+
+  // 1. Configuration and layout: every rank reads the same file; rank 0 alone reports.
+  cluster::ClusterConfig config;
+  std::optional<parallel::RankLayout> layout;
+  if (!phase(world_rank, coordinator, [&] {
+        config = cluster::load_cluster_config(config_path);
+        if (world_size != config.world_size()) {
+          throw std::runtime_error(
+              "the config asks for 1 coordinator + " + std::to_string(config.parallel.tensor) + " x " +
+              std::to_string(config.parallel.pipeline) + " workers = " + std::to_string(config.world_size()) +
+              " ranks, but mpirun started " + std::to_string(world_size) + " (use mpirun -np " +
+              std::to_string(config.world_size()) + ")");
+        }
+        if (config.device == cluster::Device::cuda) {
+          throw std::runtime_error(
+              "device: cuda: this build serves on the CPU only (the CUDA backend is not built)");
+        }
+        if (config.draft.has_value()) {
+          throw std::runtime_error(
+              "draft: speculative decoding is not available in this version of nibble serve");
+        }
+        layout.emplace(world_size, config.parallel.tensor, config.parallel.pipeline);
+      })) {
+    return fail();
+  }
+
+  // Host names: who shares a host with whom (loopback endpoints, threads per worker).
+  std::vector<Slot> hosts(static_cast<size_t>(world_size));
+  const Slot my_host = to_slot(this_host());
+  MPI_Allgather(my_host.data(), kNameBytes, MPI_CHAR, hosts.data(), kNameBytes, MPI_CHAR, MPI_COMM_WORLD);
+  const bool single_host = std::all_of(
+      hosts.begin(), hosts.end(), [&](const Slot& h) { return std::strcmp(h.data(), hosts[0].data()) == 0; });
+  int workers_on_host = 0;
+  for (int r = 1; r < world_size; ++r) workers_on_host += std::strcmp(hosts[r].data(), my_host.data()) == 0;
+
+  // 2. Groups and models. The coordinator needs only the tokenizer and hyperparameters; each worker
+  // loads its tensor shard of its stage's layers.
+  parallel::ParallelGroups groups = parallel::make_groups(MPI_COMM_WORLD, *layout);
+  const parallel::RankInfo me = parallel::describe_this_rank(MPI_COMM_WORLD, *layout);
+  std::shared_ptr<const model::GgufFile> file;
+  std::shared_ptr<const model::Tokenizer> tokenizer;
+  std::unique_ptr<parallel::CommunicatorReducer> reducer;
+  std::unique_ptr<worker::LlamaModel> model;
+  std::unique_ptr<kernels::ThreadPool> pool;
+  int64_t num_blocks = std::numeric_limits<int64_t>::max();
+  int threads = 0;
+  if (!phase(world_rank, true, [&] {
+        file = model::GgufFile::open(config.model.path);
+        if (coordinator) {
+          tokenizer = model::Tokenizer::from_gguf(*file);
+          return;
+        }
+        const model::LlamaConfig whole = model::LlamaConfig::from_gguf(*file);
+        const worker::ShardRange layers = worker::split_layers(static_cast<size_t>(whole.n_layer),
+                                                               static_cast<size_t>(config.parallel.pipeline),
+                                                               static_cast<size_t>(me.stage));
+        if (config.parallel.tensor > 1)
+          reducer = std::make_unique<parallel::CommunicatorReducer>(*groups.tensor);
+        model = std::make_unique<worker::LlamaModel>(
+            file, worker::TensorShard{me.tp_rank, config.parallel.tensor}, reducer.get(),
+            worker::LayerRange{static_cast<int64_t>(layers.begin), static_cast<int64_t>(layers.end())});
+        threads = config.worker_threads(default_threads(), workers_on_host);
+        pool = std::make_unique<kernels::ThreadPool>(threads);
+        num_blocks = blocks_for_this_worker(config, *model, workers_on_host);
+      })) {
+    return fail();
+  }
+  MPI_Allreduce(MPI_IN_PLACE, &num_blocks, 1, MPI_INT64_T, MPI_MIN, MPI_COMM_WORLD);
+
+  // 3. Control plane: each worker binds a PULL for steps; the coordinator binds the client ROUTER
+  // and a PULL for results, then connects a PUSH to every worker.
+  zmq::context_t context(1);
+  zmq::socket_t steps(context, zmq::socket_type::pull);
+  zmq::socket_t results(context, coordinator ? zmq::socket_type::pull : zmq::socket_type::push);
+  zmq::socket_t clients(context, zmq::socket_type::router);
+  std::vector<std::unique_ptr<zmq::socket_t>> to_workers;
+  Slot my_endpoint{};
+  if (!phase(world_rank, true, [&] {
+        if (coordinator) {
+          clients.set(zmq::sockopt::linger, 2000);  // let the last errors reach clients at exit
+          // A hard cap far above the protocol limit: bigger frames are dropped by ZeroMQ before
+          // they cost memory; those between the two limits get a message_too_large reply.
+          clients.set(zmq::sockopt::maxmsgsize,
+                      std::max<int64_t>(16 * config.server.max_message_bytes, 1 << 24));
+          try {
+            clients.bind(config.server.listen);
+          } catch (const zmq::error_t& e) {
+            throw std::runtime_error("server.listen: cannot bind " + config.server.listen + ": " + e.what());
+          }
+          my_endpoint = to_slot(bind_ephemeral(results, single_host));
+        } else {
+          my_endpoint = to_slot(bind_ephemeral(steps, single_host));
+        }
+      })) {
+    return fail();
+  }
+  std::vector<Slot> endpoints(static_cast<size_t>(world_size));
+  MPI_Allgather(my_endpoint.data(), kNameBytes, MPI_CHAR, endpoints.data(), kNameBytes, MPI_CHAR,
+                MPI_COMM_WORLD);
+  const bool sampling_rank = !coordinator && me.is_last_stage && me.tp_rank == 0;
+  if (coordinator) {
+    for (int r = 1; r < world_size; ++r) {
+      auto push = std::make_unique<zmq::socket_t>(context, zmq::socket_type::push);
+      push->set(zmq::sockopt::linger, 5000);  // the shutdown step must arrive
+      push->connect(endpoints[static_cast<size_t>(r)].data());
+      to_workers.push_back(std::move(push));
+    }
+  } else if (sampling_rank) {
+    results.set(zmq::sockopt::linger, 5000);
+    results.connect(endpoints[0].data());
+  }
+
+  std::vector<int> pids(static_cast<size_t>(world_size));
+  const int my_pid = static_cast<int>(getpid());
+  MPI_Gather(&my_pid, 1, MPI_INT, pids.data(), 1, MPI_INT, 0, MPI_COMM_WORLD);
+  MPI_Barrier(MPI_COMM_WORLD);
+
+  if (!coordinator) {
+    int code = 0;
+    try {
+      cluster::WorkerService service(
+          *model, *pool, config.parallel.pipeline > 1 ? groups.pipeline.get() : nullptr, steps,
+          sampling_rank ? &results : nullptr, num_blocks, config.kv_cache.block_size);
+      service.run();
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "nibble serve: worker rank %d (stage %d, tensor rank %d): error: %s\n", world_rank,
+                   me.stage, me.tp_rank, e.what());
+      code = 1;
+    }
+    if (code != 0) MPI_Abort(MPI_COMM_WORLD, code);  // peers may be waiting in a collective
+    steps.close();
+    results.close();
+    groups = {};
+    MPI_Finalize();
+    return 0;
+  }
+
+  std::fprintf(stderr, "nibble serve: %s; %lld KV blocks of %d tokens per worker; listening on %s\n",
+               layout->describe().c_str(), static_cast<long long>(num_blocks), config.kv_cache.block_size,
+               config.server.listen.c_str());
+  for (int r = 1; r < world_size; ++r) {
+    const parallel::RankInfo info = layout->rank(r);
+    std::fprintf(stderr, "nibble serve: worker rank %d: stage %d, tensor rank %d, pid %d on %s\n", r,
+                 info.stage, info.tp_rank, pids[static_cast<size_t>(r)],
+                 hosts[static_cast<size_t>(r)].data());
+  }
+  std::fflush(stderr);
+
+  struct sigaction action {};
+  action.sa_handler = on_terminate;
+  sigaction(SIGTERM, &action, nullptr);
+  sigaction(SIGINT, &action, nullptr);
+
+  cluster::SchedulerConfig scheduler;
+  scheduler.max_batch_tokens = config.scheduler.max_batch_tokens;
+  scheduler.max_running = config.scheduler.max_running;
+  scheduler.prefill_chunk = config.scheduler.prefill_chunk;
+  scheduler.max_queue = config.server.max_queue;
+  scheduler.block_size = config.kv_cache.block_size;
+  scheduler.num_blocks = num_blocks;
+  scheduler.context = config.context;
+  cluster::CoordinatorSockets sockets;
+  sockets.clients = &clients;
+  sockets.results = &results;
+  for (auto& push : to_workers) sockets.workers.push_back(push.get());
+  int code = 1;
+  try {
+    cluster::Coordinator coordinator_loop(config, *tokenizer, model::LlamaConfig::from_gguf(*file), scheduler,
+                                          sockets, layout->describe());
+    code = coordinator_loop.run();
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "nibble serve: coordinator: error: %s\n", e.what());
+  }
+  if (code != 0) {
+    std::fprintf(stderr,
+                 "nibble serve: stopping after a failure; every open request was answered with an error\n");
+    clients.close();  // lingers until the errors are out
+    MPI_Abort(MPI_COMM_WORLD, code);
+  }
+  std::fprintf(stderr, "nibble serve: shut down cleanly\n");
+  clients.close();
+  for (auto& push : to_workers) push->close();
+  results.close();
+  MPI_Finalize();
+  return 0;
+}
+
+}  // namespace
+
+Runner add_serve(CLI::App& app) {
+  auto config_path = std::make_shared<std::string>();
+  app.add_option("--config", *config_path, "Cluster YAML (see config/)")->required();
+  return [config_path] { return serve(*config_path); };
+}
+
+}  // namespace nibble::cli

@@ -1,0 +1,363 @@
+#include "cluster/coordinator.hpp"
+
+#include <atomic>
+#include <cerrno>
+#include <random>
+#include <stdexcept>
+#include <thread>
+
+#include "worker/sampler.hpp"
+
+namespace nibble::cluster {
+
+namespace {
+
+std::atomic<bool> g_abort{false};
+
+// The job is losing (or has lost) a worker: fail every open request and stop.
+struct WorkerLost : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+double ms_between(std::chrono::steady_clock::time_point a, std::chrono::steady_clock::time_point b) {
+  return std::chrono::duration<double, std::milli>(b - a).count();
+}
+
+protocol::FinishReason to_protocol(worker::FinishReason reason) {
+  switch (reason) {
+    case worker::FinishReason::eos:
+      return protocol::FinishReason::eos;
+    case worker::FinishReason::stop:
+      return protocol::FinishReason::stop;
+    case worker::FinishReason::length:
+      break;
+  }
+  return protocol::FinishReason::length;
+}
+
+std::span<const uint8_t> bytes_of(const zmq::message_t& m) {
+  return {static_cast<const uint8_t*>(m.data()), m.size()};
+}
+
+}  // namespace
+
+void Coordinator::request_abort() { g_abort.store(true); }
+
+Coordinator::Coordinator(const ClusterConfig& config, const model::Tokenizer& tokenizer,
+                         const model::LlamaConfig& model, const SchedulerConfig& scheduler,
+                         CoordinatorSockets sockets, std::string layout_description)
+    : config_(config),
+      tokenizer_(tokenizer),
+      model_(model),
+      scheduler_(scheduler),
+      sockets_(std::move(sockets)),
+      layout_description_(std::move(layout_description)) {}
+
+void Coordinator::reply(const std::string& identity, const protocol::ServerResponseMsg& message) {
+  const std::vector<uint8_t> bytes = protocol::encode(message);
+  // A client that went away is not an error: ROUTER drops messages for unknown identities.
+  sockets_.clients->send(zmq::buffer(identity), zmq::send_flags::sndmore);
+  sockets_.clients->send(zmq::buffer(bytes), zmq::send_flags::none);
+}
+
+void Coordinator::reply_error(const std::string& identity, const std::string& request_id,
+                              protocol::ErrorCode code, const std::string& message) {
+  reply(identity, protocol::Error{request_id, code, message});
+}
+
+void Coordinator::end_request(uint64_t seq, protocol::ErrorCode code, const std::string& message) {
+  const auto it = requests_.find(seq);
+  if (it == requests_.end()) return;
+  reply_error(it->second.identity, it->second.request_id, code, message);
+  if (scheduler_.cancel(seq)) released_.push_back(seq);
+  by_id_.erase({it->second.identity, it->second.request_id});
+  requests_.erase(it);
+  ++failed_;
+}
+
+void Coordinator::fail_all(protocol::ErrorCode code, const std::string& message) {
+  std::vector<uint64_t> open;
+  for (const auto& [seq, request] : requests_) open.push_back(seq);
+  for (uint64_t seq : open) end_request(seq, code, message);
+}
+
+protocol::Stats Coordinator::stats() const {
+  protocol::Stats s;
+  s.queued = static_cast<uint64_t>(scheduler_.waiting());
+  s.running = static_cast<uint64_t>(scheduler_.running());
+  s.completed = completed_;
+  s.failed = failed_;
+  s.free_kv_blocks = static_cast<uint64_t>(scheduler_.free_blocks());
+  s.total_kv_blocks = static_cast<uint64_t>(scheduler_.total_blocks());
+  s.tokens_generated = tokens_generated_;
+  return s;
+}
+
+void Coordinator::handle_client_message() {
+  std::vector<zmq::message_t> parts;
+  for (;;) {
+    zmq::message_t part;
+    if (!sockets_.clients->recv(part, zmq::recv_flags::dontwait)) break;
+    const bool more = part.more();
+    parts.push_back(std::move(part));
+    if (!more) break;
+  }
+  if (parts.empty()) return;
+  const std::string identity = parts[0].to_string();
+  if (parts.size() != 2) {
+    reply_error(identity, "", protocol::ErrorCode::malformed_message,
+                "expected one frame per request, got " + std::to_string(parts.size() - 1));
+    return;
+  }
+  protocol::ClientRequestMsg message;
+  try {
+    protocol::DecodeLimits limits;
+    limits.max_message_bytes = static_cast<size_t>(config_.server.max_message_bytes);
+    message = protocol::decode_client_request(bytes_of(parts[1]), limits);
+  } catch (const protocol::ProtocolError& e) {
+    reply_error(identity, "", e.code, e.what());
+    return;
+  }
+  if (const auto* generate = std::get_if<protocol::GenerateRequest>(&message)) {
+    handle_generate(identity, *generate);
+  } else if (const auto* cancel = std::get_if<protocol::CancelRequest>(&message)) {
+    const auto it = by_id_.find({identity, cancel->request_id});
+    if (it != by_id_.end())
+      end_request(it->second, protocol::ErrorCode::cancelled, "cancelled by the client");
+  } else if (std::holds_alternative<protocol::HealthRequest>(message)) {
+    reply(identity, protocol::Health{!shutting_down_, static_cast<uint32_t>(sockets_.workers.size()),
+                                     shutting_down_ ? "shutting down" : layout_description_});
+  } else if (std::holds_alternative<protocol::StatsRequest>(message)) {
+    reply(identity, stats());
+  } else if (std::holds_alternative<protocol::ShutdownRequest>(message)) {
+    shutting_down_ = true;
+    reply(identity, protocol::Health{true, static_cast<uint32_t>(sockets_.workers.size()), "shutting down"});
+  }
+}
+
+void Coordinator::handle_generate(const std::string& identity, const protocol::GenerateRequest& g) {
+  using protocol::ErrorCode;
+  if (shutting_down_) {
+    reply_error(identity, g.request_id, ErrorCode::shutting_down, "the service is shutting down");
+    return;
+  }
+  if (by_id_.count({identity, g.request_id}) != 0) {
+    reply_error(identity, g.request_id, ErrorCode::bad_request,
+                "request_id: '" + g.request_id + "' is already in use by this client");
+    return;
+  }
+  std::vector<int32_t> prompt;
+  if (const auto* text = std::get_if<std::string>(&g.prompt)) {
+    prompt = tokenizer_.encode(*text, tokenizer_.add_bos_default());
+  } else {
+    prompt = std::get<std::vector<int32_t>>(g.prompt);
+    for (int32_t id : prompt) {
+      if (id < 0 || id >= model_.n_vocab) {
+        reply_error(identity, g.request_id, ErrorCode::bad_request,
+                    "prompt: token id " + std::to_string(id) + " is outside the vocabulary of " +
+                        std::to_string(model_.n_vocab));
+        return;
+      }
+    }
+  }
+  if (prompt.empty()) {
+    reply_error(identity, g.request_id, ErrorCode::bad_request, "prompt: empty");
+    return;
+  }
+  worker::SamplingParams params;
+  params.temperature = g.sampling.temperature;
+  params.top_k = g.sampling.top_k;
+  params.top_p = g.sampling.top_p;
+  params.min_p = g.sampling.min_p;
+  params.repetition_penalty = g.sampling.repetition_penalty;
+  params.seed = g.sampling.seed.has_value() ? *g.sampling.seed : std::random_device{}();
+  try {
+    worker::validate(params);
+  } catch (const std::invalid_argument& e) {
+    reply_error(identity, g.request_id, ErrorCode::bad_request, e.what());
+    return;
+  }
+
+  const uint64_t seq = next_seq_++;
+  const Admission admission = scheduler_.submit(seq, prompt, static_cast<int32_t>(g.max_tokens));
+  switch (admission) {
+    case Admission::accepted:
+      break;
+    case Admission::overloaded:
+      reply_error(
+          identity, g.request_id, ErrorCode::overloaded,
+          "the queue is full (" + std::to_string(config_.server.max_queue) + " requests); retry later");
+      return;
+    case Admission::too_long:
+      reply_error(identity, g.request_id, ErrorCode::prompt_too_long,
+                  "prompt of " + std::to_string(prompt.size()) + " tokens plus max_tokens " +
+                      std::to_string(g.max_tokens) + " exceeds the context of " +
+                      std::to_string(std::min<int64_t>(
+                          config_.context, scheduler_.total_blocks() * config_.kv_cache.block_size)) +
+                      " tokens");
+      return;
+    case Admission::invalid:
+      reply_error(identity, g.request_id, ErrorCode::bad_request, "max_tokens: must be at least 1");
+      return;
+  }
+  Request r;
+  r.identity = identity;
+  r.request_id = g.request_id;
+  r.stream = g.stream;
+  r.prompt = prompt;
+  r.sampling = {seq,          params.temperature,        params.top_k,         params.top_p,
+                params.min_p, params.repetition_penalty, params.repeat_last_n, params.seed};
+  worker::CompletionLimits limits;
+  limits.max_tokens = static_cast<int32_t>(g.max_tokens);
+  limits.stop = g.stop;
+  r.completion = std::make_unique<worker::Completion>(tokenizer_, limits);
+  r.arrived = Clock::now();
+  by_id_[{identity, g.request_id}] = seq;
+  requests_.emplace(seq, std::move(r));
+}
+
+bool Coordinator::dispatch_step() {
+  std::optional<StepPlan> plan = scheduler_.next_step();
+  if (!plan) return false;
+  protocol::WorkerStep step;
+  step.step_id = next_step_++;
+  step.released.swap(released_);
+  step.block_tables = plan->block_tables;
+  step.max_blocks_per_seq = static_cast<uint32_t>(plan->max_blocks_per_seq);
+  const Clock::time_point now = Clock::now();
+  for (StepEntry& e : plan->entries) {
+    Request& r = requests_.at(e.seq_id);
+    if (!r.announced) {
+      step.new_sequences.push_back(r.sampling);
+      r.announced = true;
+    }
+    if (!r.was_scheduled) {
+      r.scheduled = now;
+      r.was_scheduled = true;
+    }
+    step.entries.push_back({e.seq_id, e.table_row, e.start_pos, std::move(e.tokens), e.sample});
+  }
+  send_to_workers(step);
+  in_flight_[step.step_id] = now;
+  return true;
+}
+
+void Coordinator::send_to_workers(const protocol::WorkerStep& step) {
+  const std::vector<uint8_t> bytes = protocol::encode(step);
+  // A PUSH to a worker that died blocks forever (no peer to queue for), so send without blocking
+  // and give up when the job is being torn down or the step deadline passes.
+  const auto deadline = Clock::now() + std::chrono::milliseconds(config_.server.step_timeout_ms);
+  for (zmq::socket_t* worker : sockets_.workers) {
+    while (!worker->send(zmq::buffer(bytes), zmq::send_flags::dontwait)) {
+      if (g_abort.load()) throw WorkerLost("the service is stopping: a worker failed or the job ended");
+      if (Clock::now() > deadline) throw WorkerLost("a worker stopped taking steps");
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+  }
+}
+
+void Coordinator::handle_result(const protocol::StepResult& result) {
+  if (in_flight_.erase(result.step_id) == 0) {
+    throw std::runtime_error("result for step " + std::to_string(result.step_id) + " that is not in flight");
+  }
+  const Clock::time_point now = Clock::now();
+  for (const protocol::SampledToken& sampled : result.sampled) {
+    const auto it = requests_.find(sampled.seq_id);
+    if (it == requests_.end()) continue;  // cancelled while the step ran
+    Request& r = it->second;
+    if (!r.has_first_token) {
+      r.first_token = now;
+      r.has_first_token = true;
+    }
+    const std::string text = r.completion->add(sampled.token);
+    ++tokens_generated_;
+    const std::vector<int32_t>& tokens = r.completion->tokens();
+    if (r.stream && (!text.empty() || tokens.size() > r.tokens_sent)) {
+      protocol::Delta delta;
+      delta.request_id = r.request_id;
+      delta.tokens.assign(tokens.begin() + static_cast<std::ptrdiff_t>(r.tokens_sent), tokens.end());
+      delta.text = text;
+      reply(r.identity, delta);
+    }
+    r.tokens_sent = tokens.size();
+    if (!r.completion->finished()) {
+      scheduler_.append_token(sampled.seq_id, sampled.token);
+      continue;
+    }
+    protocol::Final final_msg;
+    final_msg.request_id = r.request_id;
+    final_msg.finish_reason = to_protocol(r.completion->finish_reason());
+    final_msg.prompt_tokens = static_cast<uint32_t>(r.prompt.size());
+    final_msg.completion_tokens = static_cast<uint32_t>(tokens.size());
+    final_msg.text = r.completion->text();
+    final_msg.tokens = tokens;
+    final_msg.prompt_token_ids = r.prompt;
+    final_msg.timings.queue_ms = ms_between(r.arrived, r.scheduled);
+    final_msg.timings.prefill_ms = ms_between(r.scheduled, r.first_token);
+    final_msg.timings.decode_ms = ms_between(r.first_token, now);
+    reply(r.identity, final_msg);
+    scheduler_.finish(sampled.seq_id);
+    released_.push_back(sampled.seq_id);
+    by_id_.erase({r.identity, r.request_id});
+    requests_.erase(it);
+    ++completed_;
+  }
+}
+
+int Coordinator::run() {
+  // Whatever ends the loop, every request still open gets an error: none is ever left unanswered.
+  try {
+    return serve_loop();
+  } catch (const WorkerLost& e) {
+    fail_all(protocol::ErrorCode::worker_failed, e.what());
+  } catch (const std::exception& e) {
+    fail_all(protocol::ErrorCode::internal, std::string("coordinator failure: ") + e.what());
+    throw;
+  }
+  return 1;
+}
+
+int Coordinator::serve_loop() {
+  const auto step_timeout = std::chrono::milliseconds(config_.server.step_timeout_ms);
+  const auto micro_batches = static_cast<size_t>(std::max(1, config_.parallel.micro_batches));
+  for (;;) {
+    if (g_abort.load()) throw WorkerLost("the service is stopping: a worker failed or the job ended");
+    if (!in_flight_.empty() && Clock::now() - in_flight_.begin()->second > step_timeout) {
+      throw WorkerLost("a worker did not finish step " + std::to_string(in_flight_.begin()->first) +
+                       " within " + std::to_string(config_.server.step_timeout_ms) + " ms");
+    }
+    if (shutting_down_ && in_flight_.empty()) {
+      fail_all(protocol::ErrorCode::shutting_down, "the service is shutting down");
+      protocol::WorkerStep stop;
+      stop.step_id = next_step_++;
+      stop.shutdown = true;
+      send_to_workers(stop);
+      return 0;
+    }
+    while (!shutting_down_ && in_flight_.size() < micro_batches && dispatch_step()) {
+    }
+
+    zmq::pollitem_t items[] = {{sockets_.clients->handle(), 0, ZMQ_POLLIN, 0},
+                               {sockets_.results->handle(), 0, ZMQ_POLLIN, 0}};
+    try {
+      zmq::poll(items, 2, std::chrono::milliseconds(50));
+    } catch (const zmq::error_t& e) {
+      if (e.num() == EINTR) continue;  // a signal: the loop head looks at it
+      throw;
+    }
+    if (items[1].revents & ZMQ_POLLIN) {
+      zmq::message_t frame;
+      while (sockets_.results->recv(frame, zmq::recv_flags::dontwait)) {
+        handle_result(protocol::decode_step_result(bytes_of(frame)));
+      }
+    }
+    if (items[0].revents & ZMQ_POLLIN) {
+      for (int i = 0; i < 64; ++i) {  // bounded, so steps keep flowing under a flood of requests
+        if (!(sockets_.clients->get(zmq::sockopt::events) & ZMQ_POLLIN)) break;
+        handle_client_message();
+      }
+    }
+  }
+}
+
+}  // namespace nibble::cluster

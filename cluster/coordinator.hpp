@@ -1,0 +1,95 @@
+#pragma once
+// World rank 0 of `nibble serve`: the only process that talks to clients. It reads requests from a
+// ZeroMQ ROUTER socket, owns the scheduler (continuous batching, chunked prefill, the KV block
+// tables) and every request's completion state, sends each step's plan to every worker, and turns
+// the sampled tokens that come back from the last pipeline stage into streamed deltas and final
+// responses. Up to `micro_batches` steps are in flight at once (each over different sequences),
+// so pipeline stages work on different micro-batches at the same time.
+//
+// Every accepted request ends with exactly one Final or Error. When a worker is lost (the job is
+// being torn down, or a step outlives server.step_timeout_ms) every request still open gets a
+// worker_failed error and run() returns non-zero.
+#include <chrono>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <unordered_map>
+#include <vector>
+#include <zmq.hpp>
+
+#include "cluster/config/cluster_config.hpp"
+#include "cluster/protocol/client_protocol.hpp"
+#include "cluster/protocol/worker_protocol.hpp"
+#include "cluster/scheduler.hpp"
+#include "model/llama_config.hpp"
+#include "model/tokenizer.hpp"
+#include "worker/completion.hpp"
+
+namespace nibble::cluster {
+
+struct CoordinatorSockets {
+  zmq::socket_t* clients = nullptr;     // bound ROUTER
+  std::vector<zmq::socket_t*> workers;  // connected PUSH, one per worker
+  zmq::socket_t* results = nullptr;     // bound PULL the sampling worker pushes to
+};
+
+class Coordinator {
+ public:
+  Coordinator(const ClusterConfig& config, const model::Tokenizer& tokenizer, const model::LlamaConfig& model,
+              const SchedulerConfig& scheduler, CoordinatorSockets sockets, std::string layout_description);
+
+  // Serves until a shutdown request (returns 0 once every rank has been told to stop) or a failure
+  // (returns 1 after failing the open requests; the workers are not told: the caller ends the job).
+  int run();
+
+  // Set from a signal handler: the job is being torn down (e.g. mpirun saw a worker die).
+  static void request_abort();
+
+ private:
+  using Clock = std::chrono::steady_clock;
+  struct Request {
+    std::string identity;  // ZeroMQ routing id of the client
+    std::string request_id;
+    bool stream = false;
+    std::vector<int32_t> prompt;
+    protocol::SequenceSampling sampling;
+    bool announced = false;  // sampling settings sent to the workers
+    std::unique_ptr<worker::Completion> completion;
+    size_t tokens_sent = 0;  // completion tokens already streamed
+    Clock::time_point arrived, scheduled, first_token;
+    bool was_scheduled = false, has_first_token = false;
+  };
+
+  int serve_loop();
+  void handle_client_message();
+  void handle_generate(const std::string& identity, const protocol::GenerateRequest& request);
+  void handle_result(const protocol::StepResult& result);
+  bool dispatch_step();
+  void send_to_workers(const protocol::WorkerStep& step);
+  void reply(const std::string& identity, const protocol::ServerResponseMsg& message);
+  void reply_error(const std::string& identity, const std::string& request_id, protocol::ErrorCode code,
+                   const std::string& message);
+  void end_request(uint64_t seq, protocol::ErrorCode code, const std::string& message);
+  void fail_all(protocol::ErrorCode code, const std::string& message);
+  protocol::Stats stats() const;
+
+  const ClusterConfig& config_;
+  const model::Tokenizer& tokenizer_;
+  model::LlamaConfig model_;
+  Scheduler scheduler_;
+  CoordinatorSockets sockets_;
+  std::string layout_description_;
+
+  uint64_t next_seq_ = 1;
+  uint64_t next_step_ = 1;
+  std::unordered_map<uint64_t, Request> requests_;                 // by sequence id
+  std::map<std::pair<std::string, std::string>, uint64_t> by_id_;  // (identity, request id) → sequence
+  std::map<uint64_t, Clock::time_point> in_flight_;                // step id → sent at
+  std::vector<uint64_t> released_;  // ended sequences the workers have not been told about
+  bool shutting_down_ = false;
+  std::string shutdown_identity_;
+  uint64_t completed_ = 0, failed_ = 0, tokens_generated_ = 0;
+};
+
+}  // namespace nibble::cluster

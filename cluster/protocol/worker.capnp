@@ -1,0 +1,49 @@
+# Nibble control plane between the coordinator and its workers: one WorkerStep per step, sent to
+# every worker (so all ranks run the same batches and issue the same collectives in the same
+# order), and one StepResult per step from the sampling worker (tensor rank 0 of the last pipeline
+# stage) back to the coordinator. One message per ZeroMQ frame, capnp flat-array framing.
+# Same evolution rules as nibble.capnp: append fields, never renumber.
+@0xf567efdc51beb0b5;
+
+using Cxx = import "/capnp/c++.capnp";
+$Cxx.namespace("nibble::protocol::wire");
+
+struct SequenceSampling {
+  # Sampler settings of a sequence, sent once, in the first step that contains it.
+  seqId @0 :UInt64;
+  temperature @1 :Float32;
+  topK @2 :Int32;
+  topP @3 :Float32;
+  minP @4 :Float32;
+  repetitionPenalty @5 :Float32;
+  repeatLastN @6 :Int32;
+  seed @7 :UInt64;
+}
+
+struct PlanEntry {
+  seqId @0 :UInt64;
+  tableRow @1 :Int32;                  # row of WorkerStep.blockTables
+  startPos @2 :Int32;                  # position of tokens[0] in the sequence
+  tokens @3 :List(Int32);
+  sample @4 :Bool;                     # sample the token after the last one
+}
+
+struct WorkerStep {
+  stepId @0 :UInt64;
+  shutdown @1 :Bool;                   # stop the worker loop (no entries)
+  newSequences @2 :List(SequenceSampling);
+  released @3 :List(UInt64);           # sequences that ended: drop their sampler state
+  entries @4 :List(PlanEntry);
+  blockTables @5 :List(Int32);         # [entries, maxBlocksPerSeq], -1 padded
+  maxBlocksPerSeq @6 :UInt32;
+}
+
+struct SampledToken {
+  seqId @0 :UInt64;
+  token @1 :Int32;
+}
+
+struct StepResult {
+  stepId @0 :UInt64;
+  sampled @1 :List(SampledToken);
+}

@@ -1,0 +1,96 @@
+#include "cluster/protocol/worker_protocol.hpp"
+
+#include "cluster/protocol/capnp_frame.hpp"
+#include "cluster/protocol/worker.capnp.h"
+
+namespace nibble::protocol {
+
+std::vector<uint8_t> encode(const WorkerStep& step) {
+  capnp::MallocMessageBuilder message;
+  auto out = message.initRoot<wire::WorkerStep>();
+  out.setStepId(step.step_id);
+  out.setShutdown(step.shutdown);
+  auto sequences = out.initNewSequences(static_cast<unsigned>(step.new_sequences.size()));
+  for (unsigned i = 0; i < step.new_sequences.size(); ++i) {
+    const SequenceSampling& s = step.new_sequences[i];
+    auto o = sequences[i];
+    o.setSeqId(s.seq_id);
+    o.setTemperature(s.temperature);
+    o.setTopK(s.top_k);
+    o.setTopP(s.top_p);
+    o.setMinP(s.min_p);
+    o.setRepetitionPenalty(s.repetition_penalty);
+    o.setRepeatLastN(s.repeat_last_n);
+    o.setSeed(s.seed);
+  }
+  auto released = out.initReleased(static_cast<unsigned>(step.released.size()));
+  for (unsigned i = 0; i < step.released.size(); ++i) released.set(i, step.released[i]);
+  auto entries = out.initEntries(static_cast<unsigned>(step.entries.size()));
+  for (unsigned i = 0; i < step.entries.size(); ++i) {
+    const PlanEntry& e = step.entries[i];
+    auto o = entries[i];
+    o.setSeqId(e.seq_id);
+    o.setTableRow(e.table_row);
+    o.setStartPos(e.start_pos);
+    auto tokens = o.initTokens(static_cast<unsigned>(e.tokens.size()));
+    for (unsigned t = 0; t < e.tokens.size(); ++t) tokens.set(t, e.tokens[t]);
+    o.setSample(e.sample);
+  }
+  auto tables = out.initBlockTables(static_cast<unsigned>(step.block_tables.size()));
+  for (unsigned i = 0; i < step.block_tables.size(); ++i) tables.set(i, step.block_tables[i]);
+  out.setMaxBlocksPerSeq(step.max_blocks_per_seq);
+  return detail::to_bytes(message);
+}
+
+std::vector<uint8_t> encode(const StepResult& result) {
+  capnp::MallocMessageBuilder message;
+  auto out = message.initRoot<wire::StepResult>();
+  out.setStepId(result.step_id);
+  auto sampled = out.initSampled(static_cast<unsigned>(result.sampled.size()));
+  for (unsigned i = 0; i < result.sampled.size(); ++i) {
+    sampled[i].setSeqId(result.sampled[i].seq_id);
+    sampled[i].setToken(result.sampled[i].token);
+  }
+  return detail::to_bytes(message);
+}
+
+WorkerStep decode_worker_step(std::span<const uint8_t> frame, size_t max_bytes) {
+  return detail::read_frame(frame, max_bytes, [](capnp::MessageReader& reader) {
+    auto in = reader.getRoot<wire::WorkerStep>();
+    WorkerStep step;
+    step.step_id = in.getStepId();
+    step.shutdown = in.getShutdown();
+    for (auto s : in.getNewSequences()) {
+      step.new_sequences.push_back({s.getSeqId(), s.getTemperature(), s.getTopK(), s.getTopP(), s.getMinP(),
+                                    s.getRepetitionPenalty(), s.getRepeatLastN(), s.getSeed()});
+    }
+    for (uint64_t id : in.getReleased()) step.released.push_back(id);
+    for (auto e : in.getEntries()) {
+      PlanEntry entry;
+      entry.seq_id = e.getSeqId();
+      entry.table_row = e.getTableRow();
+      entry.start_pos = e.getStartPos();
+      for (int32_t t : e.getTokens()) entry.tokens.push_back(t);
+      entry.sample = e.getSample();
+      step.entries.push_back(std::move(entry));
+    }
+    for (int32_t b : in.getBlockTables()) step.block_tables.push_back(b);
+    step.max_blocks_per_seq = in.getMaxBlocksPerSeq();
+    if (step.block_tables.size() != step.entries.size() * step.max_blocks_per_seq) {
+      throw ProtocolError(ErrorCode::malformed_message, "worker step: block tables do not match the entries");
+    }
+    return step;
+  });
+}
+
+StepResult decode_step_result(std::span<const uint8_t> frame, size_t max_bytes) {
+  return detail::read_frame(frame, max_bytes, [](capnp::MessageReader& reader) {
+    auto in = reader.getRoot<wire::StepResult>();
+    StepResult result;
+    result.step_id = in.getStepId();
+    for (auto s : in.getSampled()) result.sampled.push_back({s.getSeqId(), s.getToken()});
+    return result;
+  });
+}
+
+}  // namespace nibble::protocol

@@ -1,0 +1,66 @@
+#pragma once
+// The coordinator ↔ worker control plane in plain C++ (worker.capnp): the step every worker runs and
+// the tokens the sampling worker sends back. Decoding uses the same frame checks and capnp limits
+// as the client protocol; failures throw ProtocolError(malformed_message | message_too_large).
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "cluster/protocol/client_protocol.hpp"
+
+namespace nibble::protocol {
+
+struct SequenceSampling {
+  uint64_t seq_id = 0;
+  float temperature = 0.0f;
+  int32_t top_k = 0;
+  float top_p = 1.0f;
+  float min_p = 0.0f;
+  float repetition_penalty = 1.0f;
+  int32_t repeat_last_n = 64;
+  uint64_t seed = 0;
+  bool operator==(const SequenceSampling&) const = default;
+};
+
+struct PlanEntry {
+  uint64_t seq_id = 0;
+  int32_t table_row = 0;
+  int32_t start_pos = 0;
+  std::vector<int32_t> tokens;
+  bool sample = false;
+  bool operator==(const PlanEntry&) const = default;
+};
+
+struct WorkerStep {
+  uint64_t step_id = 0;
+  bool shutdown = false;
+  std::vector<SequenceSampling> new_sequences;
+  std::vector<uint64_t> released;
+  std::vector<PlanEntry> entries;
+  std::vector<int32_t> block_tables;  // [entries.size(), max_blocks_per_seq]
+  uint32_t max_blocks_per_seq = 0;
+  bool operator==(const WorkerStep&) const = default;
+};
+
+struct SampledToken {
+  uint64_t seq_id = 0;
+  int32_t token = 0;
+  bool operator==(const SampledToken&) const = default;
+};
+
+struct StepResult {
+  uint64_t step_id = 0;
+  std::vector<SampledToken> sampled;
+  bool operator==(const StepResult&) const = default;
+};
+
+std::vector<uint8_t> encode(const WorkerStep& step);
+std::vector<uint8_t> encode(const StepResult& result);
+
+// A step carries block tables and prompt chunks, so its limit is larger than a client message's.
+inline constexpr size_t kMaxWorkerMessageBytes = size_t{256} << 20;
+
+WorkerStep decode_worker_step(std::span<const uint8_t> frame, size_t max_bytes = kMaxWorkerMessageBytes);
+StepResult decode_step_result(std::span<const uint8_t> frame, size_t max_bytes = kMaxWorkerMessageBytes);
+
+}  // namespace nibble::protocol

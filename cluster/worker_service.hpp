@@ -1,0 +1,57 @@
+#pragma once
+// The loop of one worker process of `nibble serve`: receive the coordinator's WorkerSteps on a
+// ZeroMQ PULL socket, run this rank's share of the forward pass (its tensor shard of its pipeline
+// stage's layers), hand hidden states to the next stage over the pipeline communicator, and, on
+// the sampling rank (tensor rank 0 of the last stage), sample every requested row with that
+// sequence's own seeded sampler and push a StepResult back to the coordinator.
+//
+// Steps are processed strictly in arrival order on every rank, which is what keeps the tensor
+// group's collectives and the stage-to-stage sends matched without any extra handshakes.
+#include <cstdint>
+#include <memory>
+#include <unordered_map>
+#include <vector>
+#include <zmq.hpp>
+
+#include "cluster/protocol/worker_protocol.hpp"
+#include "kernels/thread_pool.hpp"
+#include "parallel/communicator.hpp"
+#include "worker/kv_cache.hpp"
+#include "worker/llama_model.hpp"
+#include "worker/sampler.hpp"
+
+namespace nibble::cluster {
+
+class WorkerService {
+ public:
+  // model: this rank's shard and stage (not owned). pipeline: the group of this tensor rank across
+  // stages (rank = stage), null when there is one stage. steps: connected PULL socket. results:
+  // connected PUSH socket on the sampling rank, null elsewhere. num_blocks / block_size: the
+  // coordinator's KV block geometry (every worker holds the same block ids for its layers).
+  WorkerService(worker::LlamaModel& model, kernels::ThreadPool& pool, parallel::Communicator* pipeline,
+                zmq::socket_t& steps, zmq::socket_t* results, int64_t num_blocks, int64_t block_size);
+
+  // Runs steps until a shutdown step. Throws on any failure (the caller ends the whole job: a rank
+  // that stops mid-step would leave its peers waiting in a collective).
+  void run();
+
+  // One step (exposed for tests): returns the result the sampling rank sends (empty elsewhere).
+  protocol::StepResult execute(const protocol::WorkerStep& step);
+
+ private:
+  struct SequenceState {
+    worker::Sampler sampler;
+    std::vector<int32_t> history;  // every token fed so far, by position (for the repetition penalty)
+  };
+
+  worker::LlamaModel& model_;
+  kernels::ThreadPool& pool_;
+  parallel::Communicator* pipeline_;
+  zmq::socket_t& steps_;
+  zmq::socket_t* results_;
+  worker::KvCache cache_;
+  std::unordered_map<uint64_t, std::unique_ptr<SequenceState>> sequences_;
+  std::vector<float> hidden_in_, out_;
+};
+
+}  // namespace nibble::cluster

@@ -3,11 +3,13 @@
 namespace nibble::cluster {
 
 LocalEngine::LocalEngine(worker::LlamaModel& model, const model::Tokenizer& tokenizer,
-                         kernels::ThreadPool& pool, const SchedulerConfig& config)
+                         kernels::ThreadPool& pool, const SchedulerConfig& config,
+                         speculative::Speculator* speculator)
     : model_(model),
       tokenizer_(tokenizer),
       pool_(pool),
       scheduler_(config),
+      speculator_(speculator),
       cache_(model.config(), config.num_blocks, config.block_size) {}
 
 Admission LocalEngine::submit(EngineRequest request) {
@@ -17,16 +19,49 @@ Admission LocalEngine::submit(EngineRequest request) {
   }
   const Admission admission = scheduler_.submit(request.id, request.prompt, request.limits.max_tokens);
   if (admission == Admission::accepted) {
-    states_.emplace(request.id, std::make_unique<RequestState>(RequestState{
-                                    worker::Sampler(request.sampling),
-                                    worker::Completion(tokenizer_, request.limits), request.prompt}));
+    states_.emplace(request.id, std::make_unique<RequestState>(
+                                    RequestState{worker::Sampler(request.sampling),
+                                                 worker::Completion(tokenizer_, request.limits),
+                                                 request.prompt,
+                                                 {}}));
   }
   return admission;
 }
 
 bool LocalEngine::cancel(uint64_t id) {
   states_.erase(id);
+  if (speculator_ != nullptr) speculator_->release(id);
   return scheduler_.cancel(id);
+}
+
+bool LocalEngine::deliver(uint64_t id, std::span<const int32_t> tokens, std::vector<EngineResult>& finished) {
+  RequestState& state = *states_.at(id);
+  for (int32_t token : tokens) {
+    state.history.push_back(token);
+    state.completion.add(token);
+    if (!state.completion.finished()) continue;
+    finished.push_back(
+        {id, state.completion.tokens(), state.completion.text(), state.completion.finish_reason()});
+    scheduler_.finish(id);
+    if (speculator_ != nullptr) speculator_->release(id);
+    states_.erase(id);
+    return true;
+  }
+  return false;
+}
+
+void LocalEngine::propose_drafts(const std::vector<uint64_t>& continuing) {
+  if (speculator_ == nullptr || continuing.empty()) return;
+  std::vector<speculative::ProposalRequest> requests;
+  for (uint64_t id : continuing) {
+    const RequestState& state = *states_.at(id);
+    const int k = speculator_->choose_k(id, scheduler_.running());
+    requests.push_back({id, state.history, &state.sampler.params(), k});
+  }
+  for (speculative::Proposal& p : speculator_->propose(requests)) {
+    states_.at(p.seq_id)->draft_probs = std::move(p.probs);
+    scheduler_.set_draft(p.seq_id, std::move(p.tokens));
+  }
 }
 
 std::vector<EngineResult> LocalEngine::step() {
@@ -45,28 +80,44 @@ std::vector<EngineResult> LocalEngine::step() {
       batch.seq_index.push_back(entry.table_row);
     }
     if (entry.sample) {
-      batch.logit_rows.push_back(static_cast<int32_t>(batch.tokens.size() - 1));
+      // A verify entry wants the last n_draft + 1 positions: after the last known token and after
+      // each proposal.
+      const auto end = static_cast<int32_t>(batch.tokens.size());
+      for (int32_t row = end - 1 - entry.n_draft; row < end; ++row) batch.logit_rows.push_back(row);
       sampled.push_back(&entry);
     }
   }
   model_.forward(batch, cache_, pool_, logits_);
 
   const int64_t n_vocab = model_.config().n_vocab;
-  for (size_t i = 0; i < sampled.size(); ++i) {
-    const uint64_t id = sampled[i]->seq_id;
+  std::vector<uint64_t> continuing;
+  const float* rows = logits_.data();
+  for (const StepEntry* entry : sampled) {
+    const uint64_t id = entry->seq_id;
     RequestState& state = *states_.at(id);
-    const int32_t token = state.sampler.sample(logits_.data() + i * n_vocab, n_vocab, state.history);
-    state.history.push_back(token);
-    state.completion.add(token);
-    if (state.completion.finished()) {
-      finished.push_back(
-          {id, state.completion.tokens(), state.completion.text(), state.completion.finish_reason()});
-      scheduler_.finish(id);
-      states_.erase(id);
-    } else {
-      scheduler_.append_token(id, token);
+    const float* entry_rows = rows;
+    rows += (entry->n_draft + 1) * n_vocab;
+    if (entry->n_draft == 0) {
+      const int32_t token = state.sampler.sample(entry_rows, n_vocab, state.history);
+      if (!deliver(id, std::span(&token, 1), finished)) {
+        scheduler_.append_token(id, token);
+        continuing.push_back(id);
+      }
+      continue;
+    }
+    const std::span<const int32_t> drafts(entry->tokens.data() + entry->tokens.size() - entry->n_draft,
+                                          static_cast<size_t>(entry->n_draft));
+    const std::vector<float> p = speculative::dense_distributions(
+        state.sampler, entry_rows, entry->n_draft + 1, n_vocab, state.history, drafts);
+    const std::span<const float> q(state.draft_probs.data(), static_cast<size_t>(entry->n_draft * n_vocab));
+    const speculative::Verification v = speculative::verify(drafts, q, p, n_vocab, state.sampler);
+    speculator_->record(id, entry->n_draft, v.accepted);
+    if (!deliver(id, v.tokens, finished)) {
+      scheduler_.accept_tokens(id, v.accepted, v.tokens.back());
+      continuing.push_back(id);
     }
   }
+  propose_drafts(continuing);
   return finished;
 }
 

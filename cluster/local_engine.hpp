@@ -10,6 +10,8 @@
 #include "cluster/scheduler.hpp"
 #include "kernels/thread_pool.hpp"
 #include "model/tokenizer.hpp"
+#include "speculative/rejection_sampler.hpp"
+#include "speculative/speculator.hpp"
 #include "worker/completion.hpp"
 #include "worker/kv_cache.hpp"
 #include "worker/llama_model.hpp"
@@ -33,8 +35,10 @@ struct EngineResult {
 
 class LocalEngine {
  public:
+  // speculator: optional draft side of speculative decoding (not owned); decode steps then verify
+  // the draft's proposals with the exact acceptance rule.
   LocalEngine(worker::LlamaModel& model, const model::Tokenizer& tokenizer, kernels::ThreadPool& pool,
-              const SchedulerConfig& config);
+              const SchedulerConfig& config, speculative::Speculator* speculator = nullptr);
 
   // Throws std::invalid_argument for impossible sampling parameters.
   Admission submit(EngineRequest request);
@@ -48,13 +52,18 @@ class LocalEngine {
   struct RequestState {
     worker::Sampler sampler;
     worker::Completion completion;
-    std::vector<int32_t> history;  // prompt and generated tokens, for the repetition penalty
+    std::vector<int32_t> history;    // prompt and generated tokens, for the repetition penalty
+    std::vector<float> draft_probs;  // [n_draft, n_vocab] q of the proposals in the scheduler
   };
+  // Adds accepted tokens to the request; true when it finished (then it is gone).
+  bool deliver(uint64_t id, std::span<const int32_t> tokens, std::vector<EngineResult>& finished);
+  void propose_drafts(const std::vector<uint64_t>& continuing);
 
   worker::LlamaModel& model_;
   const model::Tokenizer& tokenizer_;
   kernels::ThreadPool& pool_;
   Scheduler scheduler_;
+  speculative::Speculator* speculator_;
   worker::KvCache cache_;
   std::unordered_map<uint64_t, std::unique_ptr<RequestState>> states_;
   std::vector<float> logits_;

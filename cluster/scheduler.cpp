@@ -27,6 +27,7 @@ Admission Scheduler::submit(uint64_t seq_id, std::vector<int32_t> prompt, int32_
   Sequence seq;
   seq.tokens = std::move(prompt);
   seq.max_new_tokens = max_new_tokens;
+  seq.limit = static_cast<int64_t>(seq.tokens.size()) + max_new_tokens;
   seq.arrival = next_arrival_++;
   sequences_.emplace(seq_id, std::move(seq));
   waiting_.push_back(seq_id);
@@ -48,6 +49,7 @@ void Scheduler::preempt(uint64_t seq_id) {
   Sequence& seq = sequences_.at(seq_id);
   allocator_.release(seq.blocks);
   seq.computed = 0;  // recompute prompt and generated tokens when it runs again
+  seq.draft.clear();
   std::erase(running_, seq_id);
   // Back to the queue in arrival order, ahead of anything that arrived later.
   const auto pos = std::find_if(waiting_.begin(), waiting_.end(),
@@ -62,6 +64,28 @@ void Scheduler::append_token(uint64_t seq_id, int32_t token) {
   awaiting_.erase(seq_id);
 }
 
+void Scheduler::set_draft(uint64_t seq_id, std::vector<int32_t> draft) {
+  const auto it = sequences_.find(seq_id);
+  if (it == sequences_.end()) throw std::invalid_argument("set_draft: unknown sequence");
+  it->second.draft = std::move(draft);
+}
+
+void Scheduler::accept_tokens(uint64_t seq_id, int32_t accepted, int32_t next) {
+  const auto it = sequences_.find(seq_id);
+  if (it == sequences_.end()) throw std::invalid_argument("accept_tokens: unknown sequence");
+  Sequence& seq = it->second;
+  if (accepted < 0 || accepted > static_cast<int32_t>(seq.planned.size())) {
+    throw std::invalid_argument("accept_tokens: more tokens accepted than were proposed");
+  }
+  // computed counted every planned draft; only the accepted ones hold valid K/V.
+  seq.computed -= static_cast<int64_t>(seq.planned.size()) - accepted;
+  seq.tokens.insert(seq.tokens.end(), seq.planned.begin(), seq.planned.begin() + accepted);
+  seq.tokens.push_back(next);
+  seq.planned.clear();
+  allocator_.truncate(seq.blocks, seq.computed, config_.block_size);
+  awaiting_.erase(seq_id);
+}
+
 int64_t Scheduler::sequence_length(uint64_t seq_id) const {
   const auto it = sequences_.find(seq_id);
   return it == sequences_.end() ? -1 : static_cast<int64_t>(it->second.tokens.size());
@@ -72,9 +96,14 @@ std::optional<StepPlan> Scheduler::next_step() {
   int64_t budget = config_.max_batch_tokens;
   std::vector<std::pair<uint64_t, int64_t>> scheduled;  // sequence, tokens taken this step
 
-  // Tokens a sequence would take now: one decode token, or the next prompt chunk.
+  // Tokens a sequence would take now: one decode token (plus its draft, if any, within the
+  // sequence's length limit: the last token it may hold is never fed), or the next prompt chunk.
   auto wanted = [&](const Sequence& seq) {
     const int64_t pending = static_cast<int64_t>(seq.tokens.size()) - seq.computed;
+    if (pending == 1 && !seq.draft.empty()) {
+      const int64_t room = seq.limit - 1 - seq.computed;
+      return std::max<int64_t>(1, std::min({1 + static_cast<int64_t>(seq.draft.size()), room, budget}));
+    }
     return std::min({pending, config_.prefill_chunk, budget});
   };
 
@@ -137,9 +166,17 @@ std::optional<StepPlan> Scheduler::next_step() {
     entry.seq_id = id;
     entry.table_row = static_cast<int32_t>(row);
     entry.start_pos = static_cast<int32_t>(seq.computed);
-    entry.tokens.assign(seq.tokens.begin() + seq.computed, seq.tokens.begin() + seq.computed + take);
-    seq.computed += take;
+    const int64_t known = std::min<int64_t>(take, static_cast<int64_t>(seq.tokens.size()) - seq.computed);
+    entry.tokens.assign(seq.tokens.begin() + seq.computed, seq.tokens.begin() + seq.computed + known);
+    seq.computed += known;
     entry.sample = seq.computed == static_cast<int64_t>(seq.tokens.size());
+    if (take > known) {  // a decode entry with draft tokens after the last known one
+      seq.planned.assign(seq.draft.begin(), seq.draft.begin() + (take - known));
+      entry.tokens.insert(entry.tokens.end(), seq.planned.begin(), seq.planned.end());
+      entry.n_draft = static_cast<int32_t>(seq.planned.size());
+      seq.computed += take - known;
+    }
+    seq.draft.clear();
     if (entry.sample) awaiting_.insert(id);
     std::copy(seq.blocks.begin(), seq.blocks.end(),
               plan.block_tables.begin() + row * plan.max_blocks_per_seq);

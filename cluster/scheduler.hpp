@@ -32,6 +32,9 @@ struct StepEntry {
   int32_t start_pos = 0;
   std::vector<int32_t> tokens;
   bool sample = false;  // this chunk reaches the sequence's last known token: sample the next one
+  // Speculative decoding: the last n_draft tokens are a draft's proposals after the sequence's last
+  // known token; logits are wanted for the last n_draft + 1 positions (verify, then accept_tokens).
+  int32_t n_draft = 0;
 };
 
 struct StepPlan {
@@ -59,6 +62,14 @@ class Scheduler {
   std::optional<StepPlan> next_step();
   // Appends the token sampled for an entry with `sample` set.
   void append_token(uint64_t seq_id, int32_t token);
+  // Speculative decoding: tokens a draft proposed after the sequence's last token. Its next decode
+  // entry carries as many of them as the token budget, its length limit and the free blocks allow.
+  // Replaces any earlier proposal; dropped when the sequence is preempted.
+  void set_draft(uint64_t seq_id, std::vector<int32_t> draft);
+  // Ends the step of an entry with n_draft > 0: its first `accepted` draft tokens were confirmed and
+  // `next` was sampled after them. The cache positions of rejected drafts are given up (whole
+  // blocks return to the pool) and are overwritten by later steps.
+  void accept_tokens(uint64_t seq_id, int32_t accepted, int32_t next);
   // True while a planned step will sample this sequence's next token and append_token (or finish)
   // has not yet been called. Such a sequence is left out of further plans and never preempted, so
   // a pipeline can have several steps in flight (each over different sequences) without a step
@@ -78,7 +89,10 @@ class Scheduler {
     int64_t computed = 0;         // leading tokens whose K/V is in the cache
     int32_t max_new_tokens = 0;
     std::vector<int32_t> blocks;
-    uint64_t arrival = 0;  // admission order: lower is older
+    uint64_t arrival = 0;          // admission order: lower is older
+    int64_t limit = 0;             // prompt + max_new_tokens: the longest the sequence may grow
+    std::vector<int32_t> draft;    // proposals not yet planned
+    std::vector<int32_t> planned;  // proposals in the step in flight
   };
   void preempt(uint64_t seq_id);
 

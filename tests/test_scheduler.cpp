@@ -167,3 +167,52 @@ TEST(Scheduler, RandomWorkloadCompletesEveryRequest) {
 
 }  // namespace
 }  // namespace nibble::cluster
+
+namespace nibble::cluster {
+namespace {
+
+// With steps in flight (pipeline micro-batches), a sequence waiting for its sampled token is left
+// out of the next plans and never preempted; prompt chunks that do not sample keep flowing.
+TEST(Scheduler, SequencesAwaitingATokenSitOutAndAreNeverPreempted) {
+  SchedulerConfig c = small_config();
+  c.num_blocks = 6;  // 24 positions
+  Scheduler s(c);
+  ASSERT_EQ(s.submit(1, tokens(4), 8), Admission::accepted);
+  auto first = s.next_step();
+  ASSERT_TRUE(first && first->entries.size() == 1 && first->entries[0].sample);
+  EXPECT_TRUE(s.awaiting_token(1));
+  // Another plan while step 1 is in flight: sequence 1 is not in it.
+  ASSERT_EQ(s.submit(2, tokens(20), 2), Admission::accepted);
+  auto second = s.next_step();
+  ASSERT_TRUE(second);
+  for (const StepEntry& e : second->entries) EXPECT_NE(e.seq_id, 1u);
+  EXPECT_FALSE(s.awaiting_token(2));  // a 16-token chunk of 20: no sample yet
+  // Sequence 2's next chunk can be planned while the first chunk is still in flight.
+  auto third = s.next_step();
+  ASSERT_TRUE(third);
+  ASSERT_EQ(third->entries.size(), 1u);
+  EXPECT_EQ(third->entries[0].seq_id, 2u);
+  EXPECT_EQ(third->entries[0].start_pos, 16);
+  EXPECT_TRUE(s.awaiting_token(2));
+  // Both await: nothing can run.
+  EXPECT_FALSE(s.next_step());
+  // Sequence 1 (older) needs a second block while 2 (newer) holds the other 5: 2 awaits its token,
+  // so it is not preempted; 1 steps back to the queue instead.
+  s.append_token(1, 50);
+  EXPECT_FALSE(s.next_step());
+  EXPECT_TRUE(s.awaiting_token(2));
+  EXPECT_EQ(s.running(), 1);
+  EXPECT_EQ(s.waiting(), 1);
+  s.append_token(2, 60);
+  auto fourth = s.next_step();
+  ASSERT_TRUE(fourth);
+  ASSERT_EQ(fourth->entries.size(), 1u);
+  EXPECT_EQ(fourth->entries[0].seq_id, 2u);
+  EXPECT_EQ(fourth->entries[0].start_pos, 20);
+  // finish/cancel clear the state too.
+  EXPECT_TRUE(s.finish(1));
+  EXPECT_FALSE(s.awaiting_token(1));
+}
+
+}  // namespace
+}  // namespace nibble::cluster

@@ -149,6 +149,10 @@ void LlamaModel::bind_shard() {
     l.w_down = column_slice(l.w_down, i64(ff.begin), i64(ff.count));
   }
   if (is_last_stage()) weights_.output = row_slice(weights_.output, i64(vocab.begin), i64(vocab.count));
+  if (is_first_stage()) {
+    weights_.token_embd = row_slice(weights_.token_embd, i64(vocab.begin), i64(vocab.count));
+    embd_begin_ = i64(vocab.begin);
+  }
 }
 
 void LlamaModel::matmul(const model::WeightMatrix& w, const float* x, int64_t m, float* y,
@@ -208,12 +212,24 @@ void LlamaModel::forward_stage(const ForwardBatch& batch, KvCache& cache, kernel
   gate_.resize(n * sc.n_ff);
   up_.resize(n * sc.n_ff);
 
-  // Embedding: dequantize only the rows the batch uses.
-  if (hidden_in != nullptr) std::copy_n(hidden_in, n * c.n_embd, x_.data());
-  for (int64_t t = 0; t < n && hidden_in == nullptr; ++t) {
-    const uint8_t* row = weights_.token_embd.data + batch.tokens[t] * weights_.token_embd.row_bytes();
-    check(kernels::dequantize_row(weights_.token_embd.type, row, x_.data() + t * c.n_embd, c.n_embd),
-          "embedding lookup");
+  // Embedding: dequantize only the rows the batch uses. Vocabulary-parallel when sharded: each shard
+  // holds a range of rows, fills the tokens it owns and zeros the rest, and one all-reduce sum
+  // assembles every row (exactly: each element is one value plus zeros).
+  if (hidden_in != nullptr) {
+    std::copy_n(hidden_in, n * c.n_embd, x_.data());
+  } else {
+    const model::WeightMatrix& embd = weights_.token_embd;
+    for (int64_t t = 0; t < n; ++t) {
+      const int64_t local = batch.tokens[t] - embd_begin_;
+      float* row_out = x_.data() + t * c.n_embd;
+      if (local < 0 || local >= embd.n_out) {
+        std::fill_n(row_out, c.n_embd, 0.0f);
+        continue;
+      }
+      check(kernels::dequantize_row(embd.type, embd.data + local * embd.row_bytes(), row_out, c.n_embd),
+            "embedding lookup");
+    }
+    if (reducer_ != nullptr) reducer_->sum(x_.data(), static_cast<size_t>(n * c.n_embd));
   }
 
   kernels::PagedAttentionShape shape;

@@ -46,7 +46,9 @@ struct LayerRange {
 //   ffn_gate/up     column-parallel: the shard's n_ff rows (split_rows, whole weight blocks)
 //   ffn_down        row-parallel: the matching input columns, then reducer.sum
 //   output          vocabulary-parallel (split_vocab), logits gathered to full rows
-//   token_embd and the norms are replicated.
+//   token_embd     vocabulary-parallel too: each shard looks up the tokens it owns, one all-reduce
+//                  sum assembles the rows
+//   the norms are replicated.
 // Row-parallel slices are copied out of the file mapping at load (a column range of every row is
 // not contiguous); everything else points into the mapping as before.
 class LlamaModel {
@@ -99,6 +101,7 @@ class LlamaModel {
   model::LlamaWeights weights_;
   TensorShard shard_;
   int64_t layer_begin_ = 0, layer_end_ = 0;  // weights_.layers holds only these
+  int64_t embd_begin_ = 0;                   // first token id of this shard's token_embd rows
   ShardReducer* reducer_ = nullptr;          // null when unsharded (no collectives)
   std::vector<int64_t> vocab_counts_;        // [shard.size] output rows per shard
   // Scratch reused across calls: [n, dim] activations (dims local to the shard).

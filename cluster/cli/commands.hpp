@@ -16,6 +16,7 @@ Runner add_bench(CLI::App& app);
 Runner add_make_model(CLI::App& app);
 Runner add_quantize(CLI::App& app);
 Runner add_serve(CLI::App& app);
+Runner add_bench_speculative(CLI::App& app);
 Runner add_client(CLI::App& app);
 Runner add_bench_serve(CLI::App& app);
 

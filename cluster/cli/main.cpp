@@ -18,6 +18,8 @@ int main(int argc, char** argv) {
   add("tokenize", "Print the token ids of a text", nibble::cli::add_tokenize);
   add("logits", "Write float32 logits for every prompt position", nibble::cli::add_logits);
   add("bench", "Measure prompt-processing and generation speed", nibble::cli::add_bench);
+  add("bench-spec", "Measure speculative decoding against plain decoding (batch 1, 8, 32)",
+      nibble::cli::add_bench_speculative);
   add("make-model", "Write a random-weight Llama GGUF of a named shape", nibble::cli::add_make_model);
   add("serve", "Run the distributed service (under mpirun: 1 coordinator + T*P workers)",
       nibble::cli::add_serve);

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "cluster/protocol/capnp_frame.hpp"
 #include "cluster/protocol/nibble.capnp.h"
 
 namespace nibble::protocol {
@@ -44,12 +45,6 @@ std::vector<int32_t> to_std(capnp::List<int32_t>::Reader list) {
 template <class ListBuilder>
 void fill_tokens(ListBuilder list, const std::vector<int32_t>& tokens) {
   for (unsigned i = 0; i < tokens.size(); ++i) list.set(i, tokens[i]);
-}
-
-std::vector<uint8_t> to_bytes(capnp::MessageBuilder& message) {
-  kj::Array<capnp::word> words = capnp::messageToFlatArray(message);
-  kj::ArrayPtr<const kj::byte> bytes = words.asBytes();
-  return std::vector<uint8_t>(bytes.begin(), bytes.end());
 }
 
 // ---------------------------------------------------------------- encode
@@ -93,44 +88,9 @@ void encode_final(const Final& final_msg, wire::Final::Builder out) {
 
 // ---------------------------------------------------------------- decode
 
-// Runs `read` on the capnp message in `frame` after the cheap structural checks, with capnp's
-// limits set from the frame size; turns every capnp failure into ProtocolError.
 template <class Read>
 auto read_frame(std::span<const uint8_t> frame, const DecodeLimits& limits, Read&& read) {
-  if (frame.size() > limits.max_message_bytes) {
-    throw ProtocolError(ErrorCode::message_too_large, "message of " + std::to_string(frame.size()) +
-                                                          " bytes exceeds the limit of " +
-                                                          std::to_string(limits.max_message_bytes));
-  }
-  if (frame.empty() || frame.size() % sizeof(capnp::word) != 0) {
-    throw ProtocolError(ErrorCode::malformed_message,
-                        "message size " + std::to_string(frame.size()) + " is not a positive multiple of 8");
-  }
-  const size_t n_words = frame.size() / sizeof(capnp::word);
-  // capnp reads words in place; ZeroMQ frames carry no alignment guarantee (small ones live
-  // inside the zmq_msg_t), so copy those that are not word-aligned.
-  const auto* words = reinterpret_cast<const capnp::word*>(frame.data());
-  kj::Array<capnp::word> aligned_copy;
-  if (reinterpret_cast<uintptr_t>(frame.data()) % alignof(capnp::word) != 0) {
-    aligned_copy = kj::heapArray<capnp::word>(n_words);
-    std::memcpy(aligned_copy.begin(), frame.data(), frame.size());
-    words = aligned_copy.begin();
-  }
-  capnp::ReaderOptions options;
-  // An honest message is read about once; a budget of twice its size (plus slack for tiny
-  // messages) stops pointer loops and amplification (many pointers to one big blob).
-  options.traversalLimitInWords = 2 * n_words + 64;
-  options.nestingLimit = 16;  // our schema is a few levels deep
-  try {
-    capnp::FlatArrayMessageReader reader(kj::arrayPtr(words, n_words), options);
-    if (reader.getEnd() != words + n_words) {
-      throw ProtocolError(ErrorCode::malformed_message, "trailing bytes after the message");
-    }
-    return read(reader);
-  } catch (const kj::Exception& e) {
-    throw ProtocolError(ErrorCode::malformed_message,
-                        "malformed message: " + std::string(e.getDescription().cStr()));
-  }
+  return detail::read_frame(frame, limits.max_message_bytes, std::forward<Read>(read));
 }
 
 [[noreturn]] void unknown_member(const char* what, unsigned discriminant) {
@@ -339,7 +299,7 @@ std::vector<uint8_t> encode(const ClientRequestMsg& message) {
                  [&](const ShutdownRequest&) { root.setShutdown(); },
              },
              message);
-  return to_bytes(builder);
+  return detail::to_bytes(builder);
 }
 
 std::vector<uint8_t> encode(const ServerResponseMsg& message) {
@@ -377,7 +337,7 @@ std::vector<uint8_t> encode(const ServerResponseMsg& message) {
                  },
              },
              message);
-  return to_bytes(builder);
+  return detail::to_bytes(builder);
 }
 
 ClientRequestMsg decode_client_request(std::span<const uint8_t> frame, const DecodeLimits& limits) {

@@ -1,0 +1,173 @@
+// `nibble bench-spec`: speculative decoding against plain decoding, measured in the same run on
+// the same engine (continuous batching, LocalEngine), at several batch sizes: end-to-end generated
+// tokens per second with and without the draft, the speedup, the acceptance rate, tokens per target
+// step, and the draft's cost per token relative to the target's (both measured decoding alone).
+#include <chrono>
+#include <cstdio>
+#include <iostream>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "cluster/cli/commands.hpp"
+#include "cluster/cli/model_session.hpp"
+#include "cluster/local_engine.hpp"
+#include "speculative/speculator.hpp"
+#include "speculative/vocab_match.hpp"
+
+namespace nibble::cli {
+namespace {
+
+struct Args {
+  std::string model, draft;
+  int draft_tokens = 4;
+  std::string batches = "1,8,32";
+  int gen_tokens = 128;
+  int threads = default_threads();
+  bool fixed_k = false;
+  int max_batch = 16;
+  bool json = false;
+};
+
+// Prompts of ordinary English (the fixture pair was trained on fortune files); batches cycle them.
+const char* const kPrompts[] = {
+    "The best way to predict the future is",
+    "A man who has never made a mistake",
+    "It is a truth universally acknowledged that",
+    "Never put off until tomorrow what",
+    "The early bird gets the worm, but",
+    "If at first you don't succeed,",
+    "There is no such thing as a free",
+    "All that glitters is not",
+};
+
+struct Measured {
+  double seconds = 0;
+  int64_t tokens = 0;
+  speculative::SpeculatorStats stats;
+  double tokens_per_second() const { return seconds > 0 ? static_cast<double>(tokens) / seconds : 0; }
+};
+
+Measured run_batch(worker::LlamaModel& target, const model::Tokenizer& tokenizer, kernels::ThreadPool& pool,
+                   worker::LlamaModel* draft, const speculative::SpeculatorSettings& settings, int batch,
+                   int gen_tokens) {
+  cluster::SchedulerConfig config;
+  config.max_running = batch;
+  config.max_queue = batch;
+  config.max_batch_tokens = std::max(512, batch * (settings.max_draft_tokens + 1));
+  config.context = 1024;
+  config.block_size = 16;
+  config.num_blocks = batch * (1024 / 16);
+  std::unique_ptr<speculative::Speculator> speculator;
+  if (draft != nullptr) speculator = std::make_unique<speculative::Speculator>(*draft, pool, settings);
+  cluster::LocalEngine engine(target, tokenizer, pool, config, speculator.get());
+  for (int i = 0; i < batch; ++i) {
+    cluster::EngineRequest r;
+    r.id = static_cast<uint64_t>(i);
+    r.prompt = tokenizer.encode(kPrompts[i % std::size(kPrompts)], tokenizer.add_bos_default());
+    r.sampling.temperature = 0.0f;
+    r.limits.max_tokens = gen_tokens;
+    r.limits.ignore_eos = true;
+    if (engine.submit(r) != cluster::Admission::accepted) throw std::runtime_error("bench request refused");
+  }
+  Measured m;
+  const auto start = std::chrono::steady_clock::now();
+  while (!engine.idle()) {
+    for (const cluster::EngineResult& result : engine.step())
+      m.tokens += static_cast<int64_t>(result.tokens.size());
+  }
+  m.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  if (speculator) m.stats = speculator->stats();
+  return m;
+}
+
+int run(const Args& a) {
+  ModelSession target = ModelSession::open(a.model, a.threads);
+  ModelSession draft = ModelSession::open(a.draft, 1);
+  speculative::check_vocab_match(*target.tokenizer, *draft.tokenizer, a.draft);
+  std::vector<int> batches;
+  std::stringstream list(a.batches);
+  for (std::string item; std::getline(list, item, ',');) batches.push_back(std::stoi(item));
+
+  // What the adaptive mode decides with: measured pass times of both models.
+  const speculative::CostModel costs =
+      speculative::CostModel::measure(*target.model, *draft.model, *target.pool, 256);
+  nlohmann::json rows = nlohmann::json::array();
+  if (!a.json) {
+    std::printf("target %s\ndraft  %s\nthreads %d, %d tokens per request, temperature 0, k %s%d\n\n",
+                a.model.c_str(), a.draft.c_str(), a.threads, a.gen_tokens,
+                a.fixed_k ? "" : "<= ", a.draft_tokens);
+    std::printf("%6s %12s %12s %12s %8s %10s %12s %11s\n", "batch", "plain tok/s", "draft tok/s",
+                "spec tok/s", "speedup", "accepted", "tok/verify", "draft cost");
+  }
+  for (int batch : batches) {
+    speculative::SpeculatorSettings settings;
+    settings.max_draft_tokens = a.draft_tokens;
+    settings.num_blocks = batch * (1024 / 16);
+    settings.adaptive = !a.fixed_k;
+    settings.max_batch = a.fixed_k ? 1 << 30 : a.max_batch;
+    const Measured plain =
+        run_batch(*target.model, *target.tokenizer, *target.pool, nullptr, settings, batch, a.gen_tokens);
+    // The draft decoding alone, on the same threads: its cost per token relative to the target's.
+    const Measured draft_alone =
+        run_batch(*draft.model, *draft.tokenizer, *target.pool, nullptr, settings, batch, a.gen_tokens);
+    const double draft_cost = plain.tokens_per_second() / draft_alone.tokens_per_second();
+    settings.costs = costs;
+    const Measured spec = run_batch(*target.model, *target.tokenizer, *target.pool, draft.model.get(),
+                                    settings, batch, a.gen_tokens);
+    const double acceptance =
+        spec.stats.proposed > 0 ? static_cast<double>(spec.stats.accepted) / spec.stats.proposed : 0.0;
+    const double per_verify =
+        spec.stats.steps > 0 ? static_cast<double>(spec.stats.accepted + spec.stats.steps) / spec.stats.steps
+                             : 1.0;
+    const double speedup = spec.tokens_per_second() / plain.tokens_per_second();
+    rows.push_back({{"batch", batch},
+                    {"plain_tokens_per_second", plain.tokens_per_second()},
+                    {"draft_alone_tokens_per_second", draft_alone.tokens_per_second()},
+                    {"speculative_tokens_per_second", spec.tokens_per_second()},
+                    {"speedup", speedup},
+                    {"proposed", spec.stats.proposed},
+                    {"accepted", spec.stats.accepted},
+                    {"acceptance_rate", acceptance},
+                    {"verify_steps", spec.stats.steps},
+                    {"tokens_per_verify_step", per_verify},
+                    {"draft_cost_relative", draft_cost}});
+    if (!a.json) {
+      std::printf("%6d %12.1f %12.1f %12.1f %7.2fx %9.1f%% %12.2f %11.2f\n", batch, plain.tokens_per_second(),
+                  draft_alone.tokens_per_second(), spec.tokens_per_second(), speedup, 100.0 * acceptance,
+                  per_verify, draft_cost);
+      std::fflush(stdout);
+    }
+  }
+  if (a.json) {
+    std::cout << nlohmann::json{{"target", a.model},
+                                {"draft", a.draft},
+                                {"threads", a.threads},
+                                {"gen_tokens", a.gen_tokens},
+                                {"max_draft_tokens", a.draft_tokens},
+                                {"adaptive", !a.fixed_k},
+                                {"rows", rows}}
+                     .dump(2)
+              << "\n";
+  }
+  return 0;
+}
+
+}  // namespace
+
+Runner add_bench_speculative(CLI::App& app) {
+  auto a = std::make_shared<Args>();
+  app.add_option("--model", a->model, "Target model (GGUF)")->required();
+  app.add_option("--draft", a->draft, "Draft model (GGUF) with the target's vocabulary")->required();
+  app.add_option("--draft-tokens", a->draft_tokens, "Most tokens proposed per step (k)")
+      ->check(CLI::Range(1, 16));
+  app.add_option("--batch", a->batches, "Comma-separated batch sizes")->default_val("1,8,32");
+  app.add_option("--gen-tokens", a->gen_tokens, "Tokens generated per request")->check(CLI::Range(1, 900));
+  app.add_option("--threads", a->threads, "CPU threads")->check(CLI::Range(1, 1024));
+  app.add_flag("--fixed-k", a->fixed_k, "Always propose k tokens (no adaptive k, no batch off-switch)");
+  app.add_option("--max-batch", a->max_batch, "Largest decode batch that still speculates (adaptive mode)");
+  app.add_flag("--json", a->json, "Print one JSON object");
+  return [a] { return run(*a); };
+}
+
+}  // namespace nibble::cli

@@ -1,0 +1,207 @@
+#include "speculative/speculator.hpp"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+
+#include "speculative/rejection_sampler.hpp"
+
+namespace nibble::speculative {
+
+double CostModel::interpolate(const std::vector<std::pair<int64_t, double>>& points, int64_t tokens) {
+  if (points.empty()) return 0.0;
+  if (points.size() == 1 || tokens <= points.front().first) {
+    return points.front().second * std::max<double>(1.0, static_cast<double>(tokens) / points.front().first);
+  }
+  size_t i = 1;
+  while (i + 1 < points.size() && points[i].first < tokens) ++i;
+  const auto [n0, t0] = points[i - 1];
+  const auto [n1, t1] = points[i];
+  // Linear between the two measured sizes, and beyond the last one.
+  return t0 + (t1 - t0) * static_cast<double>(tokens - n0) / static_cast<double>(n1 - n0);
+}
+
+namespace {
+
+// Median seconds of a forward pass over `tokens` tokens of one sequence.
+double time_forward(worker::LlamaModel& model, kernels::ThreadPool& pool, int64_t tokens) {
+  const int64_t block = 16;
+  const int64_t blocks = (tokens + block - 1) / block;
+  worker::KvCache cache(model.shard_config(), blocks, block);
+  std::vector<int32_t> table(static_cast<size_t>(blocks));
+  for (int64_t b = 0; b < blocks; ++b) table[static_cast<size_t>(b)] = static_cast<int32_t>(b);
+  std::vector<int32_t> ids(static_cast<size_t>(tokens));
+  for (int64_t t = 0; t < tokens; ++t) ids[static_cast<size_t>(t)] = static_cast<int32_t>(3 + t % 200);
+  worker::ForwardBatch batch = worker::ForwardBatch::single(ids, 0, table, /*all_logits=*/true);
+  std::vector<float> logits;
+  std::vector<double> runs;
+  for (int rep = 0; rep < 5; ++rep) {
+    const auto start = std::chrono::steady_clock::now();
+    model.forward(batch, cache, pool, logits);
+    runs.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+  }
+  std::sort(runs.begin(), runs.end());
+  return runs[runs.size() / 2];
+}
+
+}  // namespace
+
+CostModel CostModel::measure(worker::LlamaModel& target, worker::LlamaModel& draft, kernels::ThreadPool& pool,
+                             int64_t max_tokens) {
+  CostModel costs;
+  for (int64_t n = 1; n <= std::max<int64_t>(1, max_tokens); n *= 2) {
+    costs.target.emplace_back(n, time_forward(target, pool, n));
+    costs.draft.emplace_back(n, time_forward(draft, pool, n));
+  }
+  return costs;
+}
+
+Speculator::Speculator(worker::LlamaModel& draft, kernels::ThreadPool& pool, SpeculatorSettings settings)
+    : draft_(draft),
+      pool_(pool),
+      settings_(settings),
+      cache_(draft.shard_config(), settings.num_blocks, settings.block_size),
+      allocator_(settings.num_blocks) {}
+
+Speculator::SequenceState& Speculator::state(uint64_t seq_id, const worker::SamplingParams& sampling) {
+  SequenceState& s = sequences_[seq_id];
+  if (s.sampler == nullptr) {
+    worker::SamplingParams draft_params = sampling;
+    draft_params.seed = sampling.seed ^ 0x9E3779B97F4A7C15ull;  // its own stream, fixed by the seed
+    s.sampler = std::make_unique<worker::Sampler>(draft_params);
+  }
+  return s;
+}
+
+void Speculator::release(uint64_t seq_id) {
+  const auto it = sequences_.find(seq_id);
+  if (it == sequences_.end()) return;
+  allocator_.release(it->second.blocks);
+  sequences_.erase(it);
+}
+
+int Speculator::choose_k(uint64_t seq_id, int64_t decode_batch) {
+  const int max_k = settings_.max_draft_tokens;
+  if (max_k <= 0 || decode_batch > settings_.max_batch) return 0;
+  if (!settings_.adaptive) return max_k;
+  const auto it = sequences_.find(seq_id);
+  const double a = std::clamp(it == sequences_.end() ? 0.5 : it->second.acceptance, 0.0, 0.999);
+  const int64_t b = std::max<int64_t>(1, decode_batch);
+  const CostModel& c = settings_.costs;
+  // Tokens per second relative to plain decoding (1.0).
+  auto gain = [&](int k) {
+    const double expected = (1.0 - std::pow(a, k + 1)) / (1.0 - a);
+    if (c.empty()) return expected / (1.0 + k * (settings_.draft_cost + settings_.verify_cost));
+    const double plain = c.target_seconds(b);
+    return expected * plain / (c.target_seconds(b * (k + 1)) + k * c.draft_seconds(b));
+  };
+  int best_k = 0;
+  double best = 1.05;  // a clear gain only: near break-even, plain decoding wins
+  for (int k = 1; k <= max_k; ++k) {
+    const double g = gain(k);
+    if (g > best) {
+      best = g;
+      best_k = k;
+    }
+  }
+  if (best_k == 0) {
+    SequenceState* s = it == sequences_.end() ? nullptr : &it->second;
+    if (s == nullptr || ++s->steps_off % 16 == 0) return 1;  // probe: a first try, then now and then
+  }
+  return best_k;
+}
+
+void Speculator::record(uint64_t seq_id, int proposed, int accepted) {
+  if (proposed <= 0) return;
+  ++stats_.steps;
+  stats_.proposed += static_cast<uint64_t>(proposed);
+  stats_.accepted += static_cast<uint64_t>(accepted);
+  const auto it = sequences_.find(seq_id);
+  if (it == sequences_.end()) return;
+  // Per-token acceptance of this step: every proposal up to the first rejection counts as a trial.
+  const int trials = std::min(proposed, accepted + 1);
+  const double rate = static_cast<double>(accepted) / trials;
+  it->second.acceptance = 0.8 * it->second.acceptance + 0.2 * rate;
+}
+
+std::vector<Proposal> Speculator::propose(const std::vector<ProposalRequest>& requests) {
+  const int64_t n_vocab = draft_.config().n_vocab;
+  const int64_t bs = settings_.block_size;
+  struct Work {
+    const ProposalRequest* request;
+    SequenceState* state;
+    int k;
+    Proposal proposal;
+    std::vector<int32_t> history;  // tokens then the proposals so far
+  };
+  std::vector<Work> work;
+  for (const ProposalRequest& r : requests) {
+    if (r.k <= 0 || r.tokens.empty()) continue;
+    SequenceState& s = state(r.seq_id, *r.sampling);
+    // The draft cache stays valid for the longest common prefix of what it was fed and what the
+    // target accepted (drafts that were rejected, or a sequence recomputed after preemption, differ).
+    size_t valid = 0;
+    while (valid < s.fed.size() && valid < r.tokens.size() && s.fed[valid] == r.tokens[valid]) ++valid;
+    valid = std::min(valid, r.tokens.size() - 1);  // the newest token is always fed now
+    s.fed.resize(valid);
+    allocator_.truncate(s.blocks, static_cast<int64_t>(valid), bs);
+    // Positions up to the last proposal but one (the last is never fed).
+    const int64_t needed = static_cast<int64_t>(r.tokens.size()) + r.k - 1;
+    int k = r.k;
+    if (needed > draft_.config().n_ctx_train && draft_.config().n_ctx_train > 0) k = 0;
+    if (k > 0 && !allocator_.reserve(s.blocks, needed, bs)) k = 0;  // draft cache full: no proposal
+    Proposal p;
+    p.seq_id = r.seq_id;
+    if (k == 0) {
+      work.push_back({&r, &s, 0, std::move(p), {}});
+      continue;
+    }
+    work.push_back({&r, &s, k, std::move(p), std::vector<int32_t>(r.tokens.begin(), r.tokens.end())});
+  }
+
+  // Round 0 feeds every sequence's catch-up tokens; round i > 0 feeds proposal i.
+  int max_k = 0;
+  for (const Work& w : work) max_k = std::max(max_k, w.k);
+  for (int round = 0; round < max_k; ++round) {
+    worker::ForwardBatch batch;
+    std::vector<Work*> active;
+    int64_t max_blocks = 0;
+    for (Work& w : work) {
+      if (w.k > round)
+        max_blocks = std::max<int64_t>(max_blocks, static_cast<int64_t>(w.state->blocks.size()));
+    }
+    batch.max_blocks_per_seq = max_blocks;
+    for (Work& w : work) {
+      if (w.k <= round) continue;
+      const int32_t row = static_cast<int32_t>(active.size());
+      active.push_back(&w);
+      const size_t from = round == 0 ? w.state->fed.size() : w.history.size() - 1;
+      for (size_t pos = from; pos < w.history.size(); ++pos) {
+        batch.tokens.push_back(w.history[pos]);
+        batch.positions.push_back(static_cast<int32_t>(pos));
+        batch.seq_index.push_back(row);
+      }
+      batch.logit_rows.push_back(static_cast<int32_t>(batch.tokens.size() - 1));
+      std::vector<int32_t> table = w.state->blocks;
+      table.resize(static_cast<size_t>(max_blocks), -1);
+      batch.block_tables.insert(batch.block_tables.end(), table.begin(), table.end());
+    }
+    draft_.forward(batch, cache_, pool_, logits_);
+    for (size_t i = 0; i < active.size(); ++i) {
+      Work& w = *active[i];
+      w.state->fed.assign(w.history.begin(), w.history.end());
+      std::vector<float> q =
+          dense_distribution(*w.state->sampler, logits_.data() + i * n_vocab, n_vocab, w.history);
+      const int32_t token = sample_dense(q.data(), n_vocab, w.state->sampler->uniform());
+      w.proposal.tokens.push_back(token);
+      w.proposal.probs.insert(w.proposal.probs.end(), q.begin(), q.end());
+      w.history.push_back(token);
+    }
+  }
+
+  std::vector<Proposal> out;
+  for (Work& w : work) out.push_back(std::move(w.proposal));
+  return out;
+}
+
+}  // namespace nibble::speculative

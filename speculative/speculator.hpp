@@ -1,0 +1,123 @@
+#pragma once
+// The draft side of speculative decoding: a small model with its own KV cache (own block budget)
+// that, for a batch of sequences, catches up on the tokens the target accepted since its last
+// proposal and proposes up to k more tokens each, batching every draft forward pass across the
+// sequences. It also decides k per sequence from that sequence's running acceptance rate and the
+// batch size, and switches speculation off where it cannot pay.
+//
+// The draft samples its proposals x_i ~ q_i with its own per-sequence stream (seeded from the
+// request's seed), after the same penalty/temperature/top-k/top-p/min-p transformation as the
+// target, and hands q_i back for the acceptance test (rejection_sampler.hpp).
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <unordered_map>
+#include <vector>
+
+#include "kernels/thread_pool.hpp"
+#include "worker/kv_cache.hpp"
+#include "worker/llama_model.hpp"
+#include "worker/sampler.hpp"
+
+namespace nibble::speculative {
+
+// Measured forward-pass times of the target and the draft for n tokens in one batch, which is what
+// decides whether speculation pays: verifying k drafts for each of B sequences costs a target pass
+// over B(k + 1) tokens plus k draft passes over B tokens, against B tokens from one plain pass.
+// On a memory-bound GPU t(B(k + 1)) is barely more than t(B); on a CPU it grows quickly with the
+// token count, so the same draft pays at batch 1 and not at batch 32.
+struct CostModel {
+  std::vector<std::pair<int64_t, double>> target, draft;  // (tokens, seconds), tokens increasing
+
+  double target_seconds(int64_t tokens) const { return interpolate(target, tokens); }
+  double draft_seconds(int64_t tokens) const { return interpolate(draft, tokens); }
+  bool empty() const { return target.empty() || draft.empty(); }
+
+  // Times forward passes of 1, 2, 4, ... max_tokens tokens (one sequence; the median of a few
+  // runs each) on scratch KV caches. Takes well under a second for models that fit a CPU test.
+  static CostModel measure(worker::LlamaModel& target, worker::LlamaModel& draft, kernels::ThreadPool& pool,
+                           int64_t max_tokens);
+
+ private:
+  static double interpolate(const std::vector<std::pair<int64_t, double>>& points, int64_t tokens);
+};
+
+struct SpeculatorSettings {
+  int max_draft_tokens = 4;  // k never exceeds this
+  int64_t num_blocks = 0;    // the draft cache's own budget
+  int64_t block_size = 16;
+  // Decode batches larger than this do not speculate: the target's verification of k + 1 tokens per
+  // sequence then costs about as much as k + 1 plain steps (see docs/perf/speculative.md).
+  int max_batch = 16;
+  bool adaptive = true;  // false: always propose max_draft_tokens (tests, measurements)
+  // Measured costs (see CostModel); when empty, a draft token is assumed to cost draft_cost and
+  // each extra verified token verify_cost of one target decode step.
+  CostModel costs;
+  double draft_cost = 0.2;
+  double verify_cost = 0.15;
+};
+
+struct ProposalRequest {
+  uint64_t seq_id = 0;
+  std::span<const int32_t> tokens;  // the sequence so far: prompt and every accepted token
+  const worker::SamplingParams* sampling = nullptr;
+  int k = 0;  // tokens wanted (0: none)
+};
+
+struct Proposal {
+  uint64_t seq_id = 0;
+  std::vector<int32_t> tokens;  // [k'] proposed ids, k' <= k (fewer when the draft cache is full)
+  std::vector<float> probs;     // [k', n_vocab] q_i each proposal was drawn from
+};
+
+struct SpeculatorStats {
+  uint64_t steps = 0;     // verifications
+  uint64_t proposed = 0;  // draft tokens proposed
+  uint64_t accepted = 0;  // draft tokens accepted
+};
+
+class Speculator {
+ public:
+  // draft: the draft model (tensor-parallel size 1, the whole model; not owned). Its vocabulary must
+  // already have been checked against the target's (vocab_match.hpp).
+  Speculator(worker::LlamaModel& draft, kernels::ThreadPool& pool, SpeculatorSettings settings);
+
+  // One proposal per request with k > 0, in request order.
+  std::vector<Proposal> propose(const std::vector<ProposalRequest>& requests);
+
+  // k for this sequence's next step, given how many sequences decode in the batch: 0 when
+  // speculation does not pay. Adaptive: picks the k that maximizes expected tokens per second,
+  // B E(k) / (t_target(B (k + 1)) + k t_draft(B)) with E(k) = (1 - a^(k+1)) / (1 - a) for the
+  // sequence's acceptance rate a (an exponential average, starting at 0.5), against B / t_target(B)
+  // without speculation (a 5% margin decides near break-even for plain decoding). A sequence that
+  // is off probes with k = 1 every 16th step, so a rate that improves is noticed.
+  int choose_k(uint64_t seq_id, int64_t decode_batch);
+  // Records a verification's outcome (updates the sequence's acceptance rate and the totals).
+  void record(uint64_t seq_id, int proposed, int accepted);
+  // Forgets a sequence (its draft blocks return to the pool).
+  void release(uint64_t seq_id);
+
+  const SpeculatorStats& stats() const { return stats_; }
+  const SpeculatorSettings& settings() const { return settings_; }
+
+ private:
+  struct SequenceState {
+    std::unique_ptr<worker::Sampler> sampler;  // the draft's own stream
+    std::vector<int32_t> fed;                  // tokens whose K/V the draft cache holds, by position
+    std::vector<int32_t> blocks;
+    double acceptance = 0.5;  // per-token acceptance rate, exponential average
+    uint64_t steps_off = 0;
+  };
+  SequenceState& state(uint64_t seq_id, const worker::SamplingParams& sampling);
+
+  worker::LlamaModel& draft_;
+  kernels::ThreadPool& pool_;
+  SpeculatorSettings settings_;
+  worker::KvCache cache_;
+  worker::BlockAllocator allocator_;
+  std::unordered_map<uint64_t, SequenceState> sequences_;
+  SpeculatorStats stats_;
+  std::vector<float> logits_;
+};
+
+}  // namespace nibble::speculative

@@ -1,0 +1,56 @@
+// The coordinator ↔ worker messages: round trips through real capnp encoding and rejection of
+// frames that are not such messages.
+#include <gtest/gtest.h>
+
+#include "cluster/protocol/worker_protocol.hpp"
+
+namespace nibble::protocol {
+namespace {
+
+WorkerStep full_step() {
+  WorkerStep step;
+  step.step_id = 77;
+  step.new_sequences = {{5, 0.7f, 40, 0.9f, 0.05f, 1.1f, 64, 0xABCDEFull},
+                        {6, 0.0f, 0, 1.0f, 0.0f, 1.0f, 64, 1}};
+  step.released = {1, 2, 3};
+  step.entries = {{5, 0, 0, {1, 2, 3, 4}, false}, {6, 1, 17, {9}, true}};
+  step.block_tables = {0, 1, -1, 7, 3, 4};
+  step.max_blocks_per_seq = 3;
+  return step;
+}
+
+TEST(WorkerProtocol, StepsAndResultsRoundTrip) {
+  const WorkerStep step = full_step();
+  EXPECT_EQ(decode_worker_step(encode(step)), step);
+  WorkerStep stop;
+  stop.step_id = 9;
+  stop.shutdown = true;
+  EXPECT_EQ(decode_worker_step(encode(stop)), stop);
+  const StepResult result{77, {{5, 100}, {6, -0}, {7, 31999}}};
+  EXPECT_EQ(decode_step_result(encode(result)), result);
+}
+
+TEST(WorkerProtocol, RejectsBadFrames) {
+  auto code_of = [](auto&& decode) {
+    try {
+      decode();
+    } catch (const ProtocolError& e) {
+      return e.code;
+    }
+    ADD_FAILURE() << "decoded a bad frame";
+    return ErrorCode::internal;
+  };
+  std::vector<uint8_t> bytes = encode(full_step());
+  EXPECT_EQ(code_of([&] { decode_worker_step(std::span(bytes).first(bytes.size() - 8)); }),
+            ErrorCode::malformed_message);
+  EXPECT_EQ(code_of([&] { decode_worker_step(std::span(bytes).first(13)); }), ErrorCode::malformed_message);
+  EXPECT_EQ(code_of([&] { decode_worker_step(bytes, 64); }), ErrorCode::message_too_large);
+  // Block tables that do not cover every entry are refused rather than read out of bounds.
+  WorkerStep step = full_step();
+  step.block_tables.pop_back();
+  const std::vector<uint8_t> short_tables = encode(step);
+  EXPECT_EQ(code_of([&] { decode_worker_step(short_tables); }), ErrorCode::malformed_message);
+}
+
+}  // namespace
+}  // namespace nibble::protocol

@@ -90,6 +90,8 @@ protocol::Stats Coordinator::stats() const {
   s.free_kv_blocks = static_cast<uint64_t>(scheduler_.free_blocks());
   s.total_kv_blocks = static_cast<uint64_t>(scheduler_.total_blocks());
   s.tokens_generated = tokens_generated_;
+  s.draft_proposed = draft_proposed_;
+  s.draft_accepted = draft_accepted_;
   return s;
 }
 
@@ -235,7 +237,7 @@ bool Coordinator::dispatch_step() {
       r.scheduled = now;
       r.was_scheduled = true;
     }
-    step.entries.push_back({e.seq_id, e.table_row, e.start_pos, std::move(e.tokens), e.sample});
+    step.entries.push_back({e.seq_id, e.table_row, e.start_pos, std::move(e.tokens), e.sample, e.n_draft});
   }
   send_to_workers(step);
   in_flight_[step.step_id] = now;
@@ -269,8 +271,19 @@ void Coordinator::handle_result(const protocol::StepResult& result) {
       r.first_token = now;
       r.has_first_token = true;
     }
-    const std::string text = r.completion->add(sampled.token);
-    ++tokens_generated_;
+    // Speculative steps bring the verified drafts before the sampled token.
+    std::string text;
+    int32_t delivered = 0;
+    for (size_t t = 0; t <= sampled.accepted_drafts.size() && !r.completion->finished(); ++t) {
+      text +=
+          r.completion->add(t < sampled.accepted_drafts.size() ? sampled.accepted_drafts[t] : sampled.token);
+      ++delivered;
+    }
+    tokens_generated_ += static_cast<uint64_t>(delivered);
+    r.draft_proposed += static_cast<uint64_t>(sampled.proposed);
+    r.draft_accepted += sampled.accepted_drafts.size();
+    draft_proposed_ += static_cast<uint64_t>(sampled.proposed);
+    draft_accepted_ += sampled.accepted_drafts.size();
     const std::vector<int32_t>& tokens = r.completion->tokens();
     if (r.stream && (!text.empty() || tokens.size() > r.tokens_sent)) {
       protocol::Delta delta;
@@ -281,7 +294,9 @@ void Coordinator::handle_result(const protocol::StepResult& result) {
     }
     r.tokens_sent = tokens.size();
     if (!r.completion->finished()) {
-      scheduler_.append_token(sampled.seq_id, sampled.token);
+      scheduler_.accept_tokens(sampled.seq_id, static_cast<int32_t>(sampled.accepted_drafts.size()),
+                               sampled.token);
+      if (!sampled.draft.empty()) scheduler_.set_draft(sampled.seq_id, sampled.draft);
       continue;
     }
     protocol::Final final_msg;
@@ -295,6 +310,8 @@ void Coordinator::handle_result(const protocol::StepResult& result) {
     final_msg.timings.queue_ms = ms_between(r.arrived, r.scheduled);
     final_msg.timings.prefill_ms = ms_between(r.scheduled, r.first_token);
     final_msg.timings.decode_ms = ms_between(r.first_token, now);
+    final_msg.draft_proposed = r.draft_proposed;
+    final_msg.draft_accepted = r.draft_accepted;
     reply(r.identity, final_msg);
     scheduler_.finish(sampled.seq_id);
     released_.push_back(sampled.seq_id);

@@ -59,6 +59,7 @@ class Coordinator {
     size_t tokens_sent = 0;  // completion tokens already streamed
     Clock::time_point arrived, scheduled, first_token;
     bool was_scheduled = false, has_first_token = false;
+    uint64_t draft_proposed = 0, draft_accepted = 0;  // speculative decoding
   };
 
   int serve_loop();
@@ -90,6 +91,7 @@ class Coordinator {
   bool shutting_down_ = false;
   std::string shutdown_identity_;
   uint64_t completed_ = 0, failed_ = 0, tokens_generated_ = 0;
+  uint64_t draft_proposed_ = 0, draft_accepted_ = 0;
 };
 
 }  // namespace nibble::cluster

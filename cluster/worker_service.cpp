@@ -3,6 +3,8 @@
 #include <stdexcept>
 #include <string>
 
+#include "speculative/rejection_sampler.hpp"
+
 namespace nibble::cluster {
 
 namespace {
@@ -11,12 +13,13 @@ constexpr int kHiddenTag = 7;  // stage-to-stage hidden states on the pipeline c
 
 WorkerService::WorkerService(worker::LlamaModel& model, kernels::ThreadPool& pool,
                              parallel::Communicator* pipeline, zmq::socket_t& steps, zmq::socket_t* results,
-                             int64_t num_blocks, int64_t block_size)
+                             int64_t num_blocks, int64_t block_size, speculative::Speculator* speculator)
     : model_(model),
       pool_(pool),
       pipeline_(pipeline),
       steps_(steps),
       results_(results),
+      speculator_(speculator),
       cache_(model.shard_config(), num_blocks, block_size) {
   if (!model.is_first_stage() || !model.is_last_stage()) {
     if (pipeline_ == nullptr) throw std::invalid_argument("a pipeline stage needs its pipeline communicator");
@@ -50,9 +53,12 @@ protocol::StepResult WorkerService::execute(const protocol::WorkerStep& step) {
     params.repetition_penalty = s.repetition_penalty;
     params.repeat_last_n = s.repeat_last_n;
     params.seed = s.seed;
-    sequences_[s.seq_id] = std::make_unique<SequenceState>(SequenceState{worker::Sampler(params), {}});
+    sequences_[s.seq_id] = std::make_unique<SequenceState>(SequenceState{worker::Sampler(params), {}, {}});
   }
-  for (uint64_t id : step.released) sequences_.erase(id);
+  for (uint64_t id : step.released) {
+    sequences_.erase(id);
+    if (speculator_ != nullptr) speculator_->release(id);
+  }
 
   worker::ForwardBatch batch;
   batch.block_tables = step.block_tables;
@@ -71,8 +77,9 @@ protocol::StepResult WorkerService::execute(const protocol::WorkerStep& step) {
       batch.positions.push_back(entry.start_pos + static_cast<int32_t>(i));
       batch.seq_index.push_back(entry.table_row);
     }
-    if (entry.sample) {
-      batch.logit_rows.push_back(static_cast<int32_t>(batch.tokens.size() - 1));
+    if (entry.sample) {  // the last known token, and each draft proposal after it
+      const auto end = static_cast<int32_t>(batch.tokens.size());
+      for (int32_t row = end - 1 - entry.n_draft; row < end; ++row) batch.logit_rows.push_back(row);
       sampled.push_back(&entry);
     }
   }
@@ -94,16 +101,62 @@ protocol::StepResult WorkerService::execute(const protocol::WorkerStep& step) {
   protocol::StepResult result{step.step_id, {}};
   if (!samples) return result;
   const int64_t n_vocab = model_.config().n_vocab;
-  for (size_t i = 0; i < sampled.size(); ++i) {
-    const protocol::PlanEntry& entry = *sampled[i];
+  const float* rows = out_.data();
+  std::vector<speculative::ProposalRequest> proposals;
+  std::vector<std::vector<int32_t>> sequences;  // tokens so far of each proposing sequence
+  sequences.reserve(sampled.size());
+  for (const protocol::PlanEntry* entry_ptr : sampled) {
+    const protocol::PlanEntry& entry = *entry_ptr;
+    const float* entry_rows = rows;
+    rows += (entry.n_draft + 1) * n_vocab;
     const auto it = sequences_.find(entry.seq_id);
     if (it == sequences_.end()) {
       throw std::runtime_error("step " + std::to_string(step.step_id) + " samples sequence " +
                                std::to_string(entry.seq_id) + " whose sampling settings never arrived");
     }
     SequenceState& state = *it->second;
-    const int32_t token = state.sampler.sample(out_.data() + i * n_vocab, n_vocab, state.history);
-    result.sampled.push_back({entry.seq_id, token});
+    protocol::SampledToken out{entry.seq_id, 0, {}, entry.n_draft, {}};
+    const size_t last_known = static_cast<size_t>(entry.start_pos) + entry.tokens.size() - entry.n_draft;
+    if (entry.n_draft == 0) {
+      out.token = state.sampler.sample(entry_rows, n_vocab, state.history);
+    } else {
+      if (speculator_ == nullptr || state.draft_probs.size() < static_cast<size_t>(entry.n_draft * n_vocab)) {
+        throw std::runtime_error("step " + std::to_string(step.step_id) + " verifies drafts of sequence " +
+                                 std::to_string(entry.seq_id) + " that this rank did not propose");
+      }
+      const std::span<const int32_t> drafts(entry.tokens.data() + entry.tokens.size() - entry.n_draft,
+                                            static_cast<size_t>(entry.n_draft));
+      const std::span<const int32_t> before(state.history.data(), last_known);
+      const std::vector<float> p = speculative::dense_distributions(
+          state.sampler, entry_rows, entry.n_draft + 1, n_vocab, before, drafts);
+      const speculative::Verification v = speculative::verify(
+          drafts,
+          std::span<const float>(state.draft_probs.data(), static_cast<size_t>(entry.n_draft * n_vocab)), p,
+          n_vocab, state.sampler);
+      speculator_->record(entry.seq_id, entry.n_draft, v.accepted);
+      out.accepted_drafts.assign(v.tokens.begin(), v.tokens.end() - 1);
+      out.token = v.tokens.back();
+    }
+    // The cache now holds the known tokens and the accepted drafts; rejected positions are dropped.
+    state.history.resize(last_known + out.accepted_drafts.size());
+    if (speculator_ != nullptr) {
+      sequences.push_back(state.history);
+      sequences.back().push_back(out.token);
+      const int k = speculator_->choose_k(entry.seq_id, static_cast<int64_t>(sampled.size()));
+      proposals.push_back({entry.seq_id, sequences.back(), &state.sampler.params(), k});
+    }
+    result.sampled.push_back(std::move(out));
+  }
+  if (speculator_ != nullptr && !proposals.empty()) {
+    std::vector<speculative::Proposal> made = speculator_->propose(proposals);
+    size_t next = 0;
+    for (protocol::SampledToken& out : result.sampled) {
+      if (next < made.size() && made[next].seq_id == out.seq_id) {
+        out.draft = std::move(made[next].tokens);
+        sequences_.at(out.seq_id)->draft_probs = std::move(made[next].probs);
+        ++next;
+      }
+    }
   }
   return result;
 }

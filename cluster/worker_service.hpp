@@ -16,6 +16,7 @@
 #include "cluster/protocol/worker_protocol.hpp"
 #include "kernels/thread_pool.hpp"
 #include "parallel/communicator.hpp"
+#include "speculative/speculator.hpp"
 #include "worker/kv_cache.hpp"
 #include "worker/llama_model.hpp"
 #include "worker/sampler.hpp"
@@ -28,8 +29,12 @@ class WorkerService {
   // stages (rank = stage), null when there is one stage. steps: connected PULL socket. results:
   // connected PUSH socket on the sampling rank, null elsewhere. num_blocks / block_size: the
   // coordinator's KV block geometry (every worker holds the same block ids for its layers).
+  // speculator: the draft side of speculative decoding, on the sampling rank only (null elsewhere
+  // and when no draft is configured): entries with n_draft > 0 are verified with the exact rule,
+  // and every sampled sequence gets its next proposals in the result.
   WorkerService(worker::LlamaModel& model, kernels::ThreadPool& pool, parallel::Communicator* pipeline,
-                zmq::socket_t& steps, zmq::socket_t* results, int64_t num_blocks, int64_t block_size);
+                zmq::socket_t& steps, zmq::socket_t* results, int64_t num_blocks, int64_t block_size,
+                speculative::Speculator* speculator = nullptr);
 
   // Runs steps until a shutdown step. Throws on any failure (the caller ends the whole job: a rank
   // that stops mid-step would leave its peers waiting in a collective).
@@ -41,7 +46,8 @@ class WorkerService {
  private:
   struct SequenceState {
     worker::Sampler sampler;
-    std::vector<int32_t> history;  // every token fed so far, by position (for the repetition penalty)
+    std::vector<int32_t> history;    // every token fed so far, by position (for the repetition penalty)
+    std::vector<float> draft_probs;  // [proposals, n_vocab] q of the last proposals sent
   };
 
   worker::LlamaModel& model_;
@@ -49,6 +55,7 @@ class WorkerService {
   parallel::Communicator* pipeline_;
   zmq::socket_t& steps_;
   zmq::socket_t* results_;
+  speculative::Speculator* speculator_;
   worker::KvCache cache_;
   std::unordered_map<uint64_t, std::unique_ptr<SequenceState>> sequences_;
   std::vector<float> hidden_in_, out_;

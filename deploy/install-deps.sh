@@ -2,7 +2,7 @@
 # Installs every Debian package Nibble's build and tests need. Safe to run twice.
 set -euo pipefail
 packages=(
-  build-essential cmake ninja-build pkg-config git python3
+  build-essential cmake ninja-build pkg-config git python3 python3-yaml
   libgtest-dev libgmock-dev libbenchmark-dev
   libopenmpi-dev openmpi-bin
   libzmq3-dev cppzmq-dev

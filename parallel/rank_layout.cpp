@@ -73,8 +73,11 @@ RankInfo RankLayout::rank(int world_rank) const {
 }
 
 std::string RankLayout::describe() const {
-  return "1 coordinator + " + std::to_string(pipeline_) + " stages x " + std::to_string(tensor_) +
-         " tensor ranks = " + std::to_string(world_size_) + " ranks";
+  auto count = [](int n, const char* one, const char* many) {
+    return std::to_string(n) + " " + (n == 1 ? one : many);
+  };
+  return "1 coordinator + " + count(pipeline_, "stage", "stages") + " x " +
+         count(tensor_, "tensor rank", "tensor ranks") + " = " + std::to_string(world_size_) + " ranks";
 }
 
 }  // namespace nibble::parallel

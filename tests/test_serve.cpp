@@ -78,8 +78,13 @@ class ServeJob {
     } catch (const std::exception&) {
     }
     if (!wait_exit(15s)) {
-      kill(-pid_, SIGKILL);
-      wait_exit(5s);
+      // mpirun puts each rank in a process group of its own: a SIGTERM to mpirun lets it stop them
+      // all; SIGKILL to what is left only if that does not work.
+      kill(pid_, SIGTERM);
+      if (!wait_exit(10s)) {
+        kill(-pid_, SIGKILL);
+        wait_exit(5s);
+      }
     }
   }
 
@@ -216,6 +221,87 @@ TEST_P(ServeShapes, FixtureModelsGreedyOutputEqualsSingleProcessGenerate) {
 
 INSTANTIATE_TEST_SUITE_P(Layouts, ServeShapes, ::testing::Values(Shape{2, 1}, Shape{1, 2}, Shape{2, 2}),
                          shape_name);
+
+// Speculative decoding through the service: at temperature 0 the output with a draft equals
+// single-process `nibble generate` without one, for k in {1, 3, 5}, in one process and under
+// T=2 x P=2; the target as its own draft accepts every proposal.
+struct SpecCase {
+  int tensor, pipeline, k;
+};
+std::string spec_name(const ::testing::TestParamInfo<SpecCase>& info) {
+  return numbered("T", static_cast<size_t>(info.param.tensor))
+      .append(numbered("_P", static_cast<size_t>(info.param.pipeline)))
+      .append(numbered("_k", static_cast<size_t>(info.param.k)));
+}
+class ServeSpeculative : public ::testing::TestWithParam<SpecCase> {};
+
+void expect_speculative_same_as_generate(const std::string& target, const std::string& draft,
+                                         const SpecCase& c, bool expect_all_accepted) {
+  std::vector<Expected> expected;
+  for (const std::string& p : kPrompts) expected.push_back(nibble_generate(target, p, 24));
+  test::TempDir dir;
+  ServeJob job(dir.path(), target, c.tensor, c.pipeline,
+               "draft: { path: \"" + draft + "\", max_draft_tokens: " + std::to_string(c.k) + " }\n");
+  ASSERT_TRUE(job.wait_ready()) << job.log();
+  Client client(job.endpoint());
+  uint64_t proposed = 0, accepted = 0;
+  for (size_t i = 0; i < kPrompts.size(); ++i) {
+    SCOPED_TRACE(kPrompts[i]);
+    const protocol::Final f = client.generate(greedy(numbered("s", i), kPrompts[i], 24, i % 2 == 0));
+    EXPECT_EQ(f.tokens, expected[i].tokens);
+    EXPECT_EQ(f.text, expected[i].text);
+    proposed += f.draft_proposed;
+    accepted += f.draft_accepted;
+  }
+  EXPECT_GT(proposed, 0u) << "the draft never proposed anything";
+  if (expect_all_accepted) {
+    EXPECT_EQ(accepted, proposed);
+  }
+  const protocol::Stats stats = client.stats();
+  EXPECT_EQ(stats.draft_proposed, proposed);
+  EXPECT_EQ(stats.draft_accepted, accepted);
+}
+
+TEST_P(ServeSpeculative, GreedyOutputWithADraftEqualsGenerate) {
+  test::TempDir models;
+  const std::string target = make_tiny_model(models.path());
+  // The target as its own draft: every proposal is right.
+  expect_speculative_same_as_generate(target, target, GetParam(), true);
+  // An unrelated draft: most proposals are rejected and rolled back.
+  const std::string other = (models.path() / "other.gguf").string();
+  model::write_random_llama(other, model::llama_shape_by_name("tiny"), kernels::DType::Q4_0, 99);
+  expect_speculative_same_as_generate(target, other, GetParam(), false);
+}
+
+TEST_P(ServeSpeculative, FixtureModelsGreedyOutputWithADraftEqualsGenerate) {
+  NIBBLE_REQUIRE_FIXTURES(fixtures);
+  const fs::path m = fixtures / "models";
+  expect_speculative_same_as_generate((m / "tiny-llama-f32.gguf").string(),
+                                      (m / "tiny-llama-q4_0.gguf").string(), GetParam(), false);
+  expect_speculative_same_as_generate((m / "fortune-target-f16.gguf").string(),
+                                      (m / "fortune-draft-f16.gguf").string(), GetParam(), false);
+}
+
+INSTANTIATE_TEST_SUITE_P(Layouts, ServeSpeculative,
+                         ::testing::Values(SpecCase{1, 1, 1}, SpecCase{1, 1, 3}, SpecCase{1, 1, 5},
+                                           SpecCase{2, 2, 1}, SpecCase{2, 2, 3}, SpecCase{2, 2, 5}),
+                         spec_name);
+
+TEST(Serve, DraftWithAnotherVocabularyIsRefusedAtStartUp) {
+  test::TempDir dir;
+  const std::string target = make_tiny_model(dir.path());
+  model::LlamaShape shape = model::llama_shape_by_name("tiny");
+  shape.n_vocab = 4000;
+  const std::string draft = (dir.path() / "draft-4000.gguf").string();
+  model::write_random_llama(draft, shape, kernels::DType::Q4_0, 3);
+  ServeJob job(dir.path(), target, 1, 2, "draft: { path: \"" + draft + "\" }\n");
+  EXPECT_FALSE(job.wait_ready(30s));
+  const std::optional<int> code = job.wait_exit(30s);
+  ASSERT_TRUE(code.has_value());
+  EXPECT_NE(*code, 0);
+  EXPECT_NE(job.log().find("draft-4000.gguf"), std::string::npos) << job.log();
+  EXPECT_NE(job.log().find("4000"), std::string::npos) << job.log();
+}
 
 // small-llama's Q4_K attention output has 256-wide blocks, one per row of 256 inputs: its 4 heads
 // cannot be split into tensor-parallel column slices, so it is served pipeline-parallel only, and a

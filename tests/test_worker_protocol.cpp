@@ -13,7 +13,7 @@ WorkerStep full_step() {
   step.new_sequences = {{5, 0.7f, 40, 0.9f, 0.05f, 1.1f, 64, 0xABCDEFull},
                         {6, 0.0f, 0, 1.0f, 0.0f, 1.0f, 64, 1}};
   step.released = {1, 2, 3};
-  step.entries = {{5, 0, 0, {1, 2, 3, 4}, false}, {6, 1, 17, {9}, true}};
+  step.entries = {{5, 0, 0, {1, 2, 3, 4}, false, 0}, {6, 1, 17, {9, 10, 11}, true, 2}};
   step.block_tables = {0, 1, -1, 7, 3, 4};
   step.max_blocks_per_seq = 3;
   return step;
@@ -26,7 +26,7 @@ TEST(WorkerProtocol, StepsAndResultsRoundTrip) {
   stop.step_id = 9;
   stop.shutdown = true;
   EXPECT_EQ(decode_worker_step(encode(stop)), stop);
-  const StepResult result{77, {{5, 100}, {6, -0}, {7, 31999}}};
+  const StepResult result{77, {{5, 100, {}, 0, {}}, {6, 0, {7, 8}, 3, {1, 2, 3}}, {7, 31999, {}, 2, {}}}};
   EXPECT_EQ(decode_step_result(encode(result)), result);
 }
 
@@ -50,6 +50,11 @@ TEST(WorkerProtocol, RejectsBadFrames) {
   step.block_tables.pop_back();
   const std::vector<uint8_t> short_tables = encode(step);
   EXPECT_EQ(code_of([&] { decode_worker_step(short_tables); }), ErrorCode::malformed_message);
+  // A draft count that leaves no known token before the drafts.
+  step = full_step();
+  step.entries[1].n_draft = 3;
+  const std::vector<uint8_t> all_drafts = encode(step);
+  EXPECT_EQ(code_of([&] { decode_worker_step(all_drafts); }), ErrorCode::malformed_message);
 }
 
 }  // namespace

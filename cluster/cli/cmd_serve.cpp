@@ -27,6 +27,8 @@
 #include "parallel/communicator_reducer.hpp"
 #include "parallel/mpi_communicator.hpp"
 #include "parallel/rank_layout.hpp"
+#include "speculative/speculator.hpp"
+#include "speculative/vocab_match.hpp"
 #include "worker/tensor_shard.hpp"
 
 namespace nibble::cli {
@@ -127,9 +129,11 @@ int serve(const std::string& config_path) {
           throw std::runtime_error(
               "device: cuda: this build serves on the CPU only (the CUDA backend is not built)");
         }
-        if (config.draft.has_value()) {
+        if (config.draft.has_value() && config.draft->placement == cluster::DraftPlacement::own_rank) {
           throw std::runtime_error(
-              "draft: speculative decoding is not available in this version of nibble serve");
+              "draft.placement: own_rank is not supported yet; use last_stage (the draft then runs next to "
+              "the "
+              "sampling worker)");
         }
         layout.emplace(world_size, config.parallel.tensor, config.parallel.pipeline);
       })) {
@@ -154,12 +158,19 @@ int serve(const std::string& config_path) {
   std::unique_ptr<parallel::CommunicatorReducer> reducer;
   std::unique_ptr<worker::LlamaModel> model;
   std::unique_ptr<kernels::ThreadPool> pool;
+  std::unique_ptr<worker::LlamaModel> draft;
+  const bool sampling_rank = !coordinator && me.is_last_stage && me.tp_rank == 0;
   int64_t num_blocks = std::numeric_limits<int64_t>::max();
   int threads = 0;
   if (!phase(world_rank, true, [&] {
         file = model::GgufFile::open(config.model.path);
         if (coordinator) {
           tokenizer = model::Tokenizer::from_gguf(*file);
+          if (config.draft.has_value()) {  // refuse a draft that would speak another vocabulary
+            const auto draft_file = model::GgufFile::open(config.draft->path);
+            speculative::check_vocab_match(*tokenizer, *model::Tokenizer::from_gguf(*draft_file),
+                                           config.draft->path);
+          }
           return;
         }
         const model::LlamaConfig whole = model::LlamaConfig::from_gguf(*file);
@@ -174,6 +185,7 @@ int serve(const std::string& config_path) {
         threads = config.worker_threads(default_threads(), workers_on_host);
         pool = std::make_unique<kernels::ThreadPool>(threads);
         num_blocks = blocks_for_this_worker(config, *model, workers_on_host);
+        if (sampling_rank && config.draft.has_value()) draft = worker::LlamaModel::load(config.draft->path);
       })) {
     return fail();
   }
@@ -209,7 +221,6 @@ int serve(const std::string& config_path) {
   std::vector<Slot> endpoints(static_cast<size_t>(world_size));
   MPI_Allgather(my_endpoint.data(), kNameBytes, MPI_CHAR, endpoints.data(), kNameBytes, MPI_CHAR,
                 MPI_COMM_WORLD);
-  const bool sampling_rank = !coordinator && me.is_last_stage && me.tp_rank == 0;
   if (coordinator) {
     for (int r = 1; r < world_size; ++r) {
       auto push = std::make_unique<zmq::socket_t>(context, zmq::socket_type::push);
@@ -230,9 +241,26 @@ int serve(const std::string& config_path) {
   if (!coordinator) {
     int code = 0;
     try {
+      std::unique_ptr<speculative::Speculator> speculator;
+      if (draft != nullptr) {
+        speculative::SpeculatorSettings settings;
+        settings.max_draft_tokens = config.draft->max_draft_tokens;
+        settings.num_blocks = num_blocks;
+        settings.block_size = config.kv_cache.block_size;
+        if (config.num_workers() == 1) {
+          // This rank holds the whole target: measure what verification and drafting cost here.
+          settings.costs =
+              speculative::CostModel::measure(*model, *draft, *pool, config.scheduler.max_batch_tokens);
+        } else {
+          // Sharded target: estimate from weight bytes (decode is memory-bound).
+          settings.draft_cost =
+              static_cast<double>(draft->file().file_size()) / static_cast<double>(file->file_size());
+        }
+        speculator = std::make_unique<speculative::Speculator>(*draft, *pool, settings);
+      }
       cluster::WorkerService service(
           *model, *pool, config.parallel.pipeline > 1 ? groups.pipeline.get() : nullptr, steps,
-          sampling_rank ? &results : nullptr, num_blocks, config.kv_cache.block_size);
+          sampling_rank ? &results : nullptr, num_blocks, config.kv_cache.block_size, speculator.get());
       service.run();
     } catch (const std::exception& e) {
       std::fprintf(stderr, "nibble serve: worker rank %d (stage %d, tensor rank %d): error: %s\n", world_rank,

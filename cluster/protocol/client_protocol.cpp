@@ -84,6 +84,8 @@ void encode_final(const Final& final_msg, wire::Final::Builder out) {
   timings.setDecodeMs(final_msg.timings.decode_ms);
   fill_tokens(out.initPromptTokenIds(static_cast<unsigned>(final_msg.prompt_token_ids.size())),
               final_msg.prompt_token_ids);
+  out.setDraftProposed(final_msg.draft_proposed);
+  out.setDraftAccepted(final_msg.draft_accepted);
 }
 
 // ---------------------------------------------------------------- decode
@@ -180,7 +182,9 @@ ServerResponseMsg read_server_response(capnp::MessageReader& reader) {
                    to_std(in.getText()),
                    to_std(in.getTokens()),
                    Timings{timings.getQueueMs(), timings.getPrefillMs(), timings.getDecodeMs()},
-                   to_std(in.getPromptTokenIds())};
+                   to_std(in.getPromptTokenIds()),
+                   in.getDraftProposed(),
+                   in.getDraftAccepted()};
     }
     case wire::ServerResponse::ERROR: {
       auto in = root.getError();
@@ -192,8 +196,9 @@ ServerResponseMsg read_server_response(capnp::MessageReader& reader) {
     }
     case wire::ServerResponse::STATS: {
       auto in = root.getStats();
-      return Stats{in.getQueued(),       in.getRunning(),       in.getCompleted(),      in.getFailed(),
-                   in.getFreeKvBlocks(), in.getTotalKvBlocks(), in.getTokensGenerated()};
+      return Stats{in.getQueued(),          in.getRunning(),       in.getCompleted(),
+                   in.getFailed(),          in.getFreeKvBlocks(),  in.getTotalKvBlocks(),
+                   in.getTokensGenerated(), in.getDraftProposed(), in.getDraftAccepted()};
     }
   }
   unknown_member("response type", static_cast<unsigned>(root.which()));
@@ -334,6 +339,8 @@ std::vector<uint8_t> encode(const ServerResponseMsg& message) {
                    out.setFreeKvBlocks(m.free_kv_blocks);
                    out.setTotalKvBlocks(m.total_kv_blocks);
                    out.setTokensGenerated(m.tokens_generated);
+                   out.setDraftProposed(m.draft_proposed);
+                   out.setDraftAccepted(m.draft_accepted);
                  },
              },
              message);

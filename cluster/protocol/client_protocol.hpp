@@ -118,6 +118,8 @@ struct Final {
   std::vector<int32_t> tokens;
   Timings timings;
   std::vector<int32_t> prompt_token_ids;  // the prompt as the model saw it (BOS included)
+  uint64_t draft_proposed = 0;            // speculative decoding: draft tokens verified
+  uint64_t draft_accepted = 0;            // ... and accepted
   bool operator==(const Final&) const = default;
 };
 
@@ -143,6 +145,8 @@ struct Stats {
   uint64_t free_kv_blocks = 0;
   uint64_t total_kv_blocks = 0;
   uint64_t tokens_generated = 0;
+  uint64_t draft_proposed = 0;  // speculative decoding, all requests
+  uint64_t draft_accepted = 0;
   bool operator==(const Stats&) const = default;
 };
 

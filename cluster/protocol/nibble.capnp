@@ -4,8 +4,7 @@
 # Evolution rules: never renumber, retype or remove a field; add new fields with the next free
 # ordinal (Cap'n Proto requires ordinals to be contiguous, so "room" means appending). New union
 # members are also appended; old readers see them as an unknown discriminant and answer
-# unknownRequestType. Planned additions: speculative-decoding stats (acceptance rate, draft
-# tokens) as a new `speculative` field of Final and of StatsResponse.
+# unknownRequestType.
 @0xa77233bb70e86b63;
 
 using Cxx = import "/capnp/c++.capnp";
@@ -92,7 +91,9 @@ struct Final {
   text @4 :Text;
   tokens @5 :List(Int32);
   timings @6 :Timings;
-  promptTokenIds @7 :List(Int32);      # the prompt as the model saw it (BOS included, after tokenizing)
+  promptTokenIds @7 :List(Int32);
+  draftProposed @8 :UInt64;            # speculative decoding: draft tokens verified
+  draftAccepted @9 :UInt64;            # ... and accepted      # the prompt as the model saw it (BOS included, after tokenizing)
 }
 
 struct Error {
@@ -115,6 +116,8 @@ struct StatsResponse {
   freeKvBlocks @4 :UInt64;
   totalKvBlocks @5 :UInt64;
   tokensGenerated @6 :UInt64;
+  draftProposed @7 :UInt64;            # speculative decoding, all requests
+  draftAccepted @8 :UInt64;
 }
 
 struct ServerResponse {

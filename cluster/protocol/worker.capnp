@@ -26,6 +26,7 @@ struct PlanEntry {
   startPos @2 :Int32;                  # position of tokens[0] in the sequence
   tokens @3 :List(Int32);
   sample @4 :Bool;                     # sample the token after the last one
+  nDraft @5 :Int32;                    # the last nDraft tokens are draft proposals to verify
 }
 
 struct WorkerStep {
@@ -40,7 +41,10 @@ struct WorkerStep {
 
 struct SampledToken {
   seqId @0 :UInt64;
-  token @1 :Int32;
+  token @1 :Int32;                     # the token sampled after the accepted drafts
+  acceptedDrafts @2 :List(Int32);      # speculative: the verified draft tokens before `token`
+  proposed @3 :Int32;                  # speculative: drafts the step verified
+  draft @4 :List(Int32);               # speculative: the draft's proposals to verify next
 }
 
 struct StepResult {

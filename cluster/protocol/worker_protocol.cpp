@@ -35,6 +35,7 @@ std::vector<uint8_t> encode(const WorkerStep& step) {
     auto tokens = o.initTokens(static_cast<unsigned>(e.tokens.size()));
     for (unsigned t = 0; t < e.tokens.size(); ++t) tokens.set(t, e.tokens[t]);
     o.setSample(e.sample);
+    o.setNDraft(e.n_draft);
   }
   auto tables = out.initBlockTables(static_cast<unsigned>(step.block_tables.size()));
   for (unsigned i = 0; i < step.block_tables.size(); ++i) tables.set(i, step.block_tables[i]);
@@ -48,8 +49,14 @@ std::vector<uint8_t> encode(const StepResult& result) {
   out.setStepId(result.step_id);
   auto sampled = out.initSampled(static_cast<unsigned>(result.sampled.size()));
   for (unsigned i = 0; i < result.sampled.size(); ++i) {
-    sampled[i].setSeqId(result.sampled[i].seq_id);
-    sampled[i].setToken(result.sampled[i].token);
+    const SampledToken& in = result.sampled[i];
+    sampled[i].setSeqId(in.seq_id);
+    sampled[i].setToken(in.token);
+    auto accepted = sampled[i].initAcceptedDrafts(static_cast<unsigned>(in.accepted_drafts.size()));
+    for (unsigned t = 0; t < in.accepted_drafts.size(); ++t) accepted.set(t, in.accepted_drafts[t]);
+    sampled[i].setProposed(in.proposed);
+    auto draft = sampled[i].initDraft(static_cast<unsigned>(in.draft.size()));
+    for (unsigned t = 0; t < in.draft.size(); ++t) draft.set(t, in.draft[t]);
   }
   return detail::to_bytes(message);
 }
@@ -72,6 +79,12 @@ WorkerStep decode_worker_step(std::span<const uint8_t> frame, size_t max_bytes) 
       entry.start_pos = e.getStartPos();
       for (int32_t t : e.getTokens()) entry.tokens.push_back(t);
       entry.sample = e.getSample();
+      entry.n_draft = e.getNDraft();
+      // Drafts follow at least one known token.
+      if (entry.n_draft != 0 &&
+          (entry.n_draft < 0 || static_cast<size_t>(entry.n_draft) >= entry.tokens.size())) {
+        throw ProtocolError(ErrorCode::malformed_message, "worker step: bad draft count");
+      }
       step.entries.push_back(std::move(entry));
     }
     for (int32_t b : in.getBlockTables()) step.block_tables.push_back(b);
@@ -88,7 +101,15 @@ StepResult decode_step_result(std::span<const uint8_t> frame, size_t max_bytes) 
     auto in = reader.getRoot<wire::StepResult>();
     StepResult result;
     result.step_id = in.getStepId();
-    for (auto s : in.getSampled()) result.sampled.push_back({s.getSeqId(), s.getToken()});
+    for (auto s : in.getSampled()) {
+      SampledToken t;
+      t.seq_id = s.getSeqId();
+      t.token = s.getToken();
+      for (int32_t d : s.getAcceptedDrafts()) t.accepted_drafts.push_back(d);
+      t.proposed = s.getProposed();
+      for (int32_t d : s.getDraft()) t.draft.push_back(d);
+      result.sampled.push_back(std::move(t));
+    }
     return result;
   });
 }

@@ -28,6 +28,7 @@ struct PlanEntry {
   int32_t start_pos = 0;
   std::vector<int32_t> tokens;
   bool sample = false;
+  int32_t n_draft = 0;  // the last n_draft tokens are proposals to verify
   bool operator==(const PlanEntry&) const = default;
 };
 
@@ -44,7 +45,10 @@ struct WorkerStep {
 
 struct SampledToken {
   uint64_t seq_id = 0;
-  int32_t token = 0;
+  int32_t token = 0;                     // sampled after the accepted drafts
+  std::vector<int32_t> accepted_drafts;  // verified proposals, before `token`
+  int32_t proposed = 0;                  // proposals the step verified
+  std::vector<int32_t> draft;            // new proposals for the next step
   bool operator==(const SampledToken&) const = default;
 };
 

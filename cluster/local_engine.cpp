@@ -1,5 +1,7 @@
 #include "cluster/local_engine.hpp"
 
+#include <chrono>
+
 namespace nibble::cluster {
 
 LocalEngine::LocalEngine(worker::LlamaModel& model, const model::Tokenizer& tokenizer,
@@ -50,24 +52,36 @@ bool LocalEngine::deliver(uint64_t id, std::span<const int32_t> tokens, std::vec
   return false;
 }
 
-void LocalEngine::propose_drafts(const std::vector<uint64_t>& continuing) {
-  if (speculator_ == nullptr || continuing.empty()) return;
+bool LocalEngine::propose_drafts(const std::vector<uint64_t>& continuing) {
+  if (speculator_ == nullptr || continuing.empty()) return false;
+  bool proposed = false;
   std::vector<speculative::ProposalRequest> requests;
   for (uint64_t id : continuing) {
     const RequestState& state = *states_.at(id);
-    const int k = speculator_->choose_k(id, scheduler_.running());
+    const int k = speculator_->choose_k(id, state.sampler.params(), static_cast<int64_t>(continuing.size()));
     requests.push_back({id, state.history, &state.sampler.params(), k});
+    proposed = proposed || k > 0;
   }
+  if (!proposed) return false;
   for (speculative::Proposal& p : speculator_->propose(requests)) {
     states_.at(p.seq_id)->draft_probs = std::move(p.probs);
     scheduler_.set_draft(p.seq_id, std::move(p.tokens));
   }
+  return true;
 }
 
 std::vector<EngineResult> LocalEngine::step() {
   std::vector<EngineResult> finished;
+  const auto started = std::chrono::steady_clock::now();
   const std::optional<StepPlan> plan = scheduler_.next_step();
   if (!plan) return finished;
+  bool decode_only = true, verified = false;
+  int64_t produced = 0;
+  for (const StepEntry& entry : plan->entries) {
+    decode_only =
+        decode_only && entry.sample && entry.tokens.size() == static_cast<size_t>(entry.n_draft) + 1;
+    verified = verified || entry.n_draft > 0;
+  }
 
   worker::ForwardBatch batch;
   batch.block_tables = plan->block_tables;
@@ -99,6 +113,7 @@ std::vector<EngineResult> LocalEngine::step() {
     rows += (entry->n_draft + 1) * n_vocab;
     if (entry->n_draft == 0) {
       const int32_t token = state.sampler.sample(entry_rows, n_vocab, state.history);
+      ++produced;
       if (!deliver(id, std::span(&token, 1), finished)) {
         scheduler_.append_token(id, token);
         continuing.push_back(id);
@@ -107,17 +122,25 @@ std::vector<EngineResult> LocalEngine::step() {
     }
     const std::span<const int32_t> drafts(entry->tokens.data() + entry->tokens.size() - entry->n_draft,
                                           static_cast<size_t>(entry->n_draft));
-    const std::vector<float> p = speculative::dense_distributions(
-        state.sampler, entry_rows, entry->n_draft + 1, n_vocab, state.history, drafts);
-    const std::span<const float> q(state.draft_probs.data(), static_cast<size_t>(entry->n_draft * n_vocab));
-    const speculative::Verification v = speculative::verify(drafts, q, p, n_vocab, state.sampler);
+    const speculative::Verification v = speculative::verify_logits(
+        state.sampler, entry_rows, n_vocab, state.history, drafts,
+        std::span<const float>(
+            state.draft_probs.data(),
+            std::min(state.draft_probs.size(), static_cast<size_t>(entry->n_draft * n_vocab))));
     speculator_->record(id, entry->n_draft, v.accepted);
+    produced += static_cast<int64_t>(v.tokens.size());
     if (!deliver(id, v.tokens, finished)) {
       scheduler_.accept_tokens(id, v.accepted, v.tokens.back());
       continuing.push_back(id);
     }
   }
-  propose_drafts(continuing);
+  // A plain step that proposes switches speculation on and pays the draft's catch-up on every token
+  // it missed: a transition, measured as neither mode (re-tries are rare; see Speculator).
+  const bool proposed = propose_drafts(continuing);
+  if (speculator_ != nullptr && decode_only && (verified || !proposed)) {
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+    speculator_->observe_step(static_cast<int64_t>(plan->entries.size()), verified, seconds, produced);
+  }
   return finished;
 }
 

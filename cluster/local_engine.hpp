@@ -57,7 +57,8 @@ class LocalEngine {
   };
   // Adds accepted tokens to the request; true when it finished (then it is gone).
   bool deliver(uint64_t id, std::span<const int32_t> tokens, std::vector<EngineResult>& finished);
-  void propose_drafts(const std::vector<uint64_t>& continuing);
+  // True when the draft proposed for at least one sequence.
+  bool propose_drafts(const std::vector<uint64_t>& continuing);
 
   worker::LlamaModel& model_;
   const model::Tokenizer& tokenizer_;

@@ -1,5 +1,6 @@
 #include "cluster/worker_service.hpp"
 
+#include <chrono>
 #include <stdexcept>
 #include <string>
 
@@ -42,6 +43,7 @@ void WorkerService::run() {
 }
 
 protocol::StepResult WorkerService::execute(const protocol::WorkerStep& step) {
+  const auto started = std::chrono::steady_clock::now();
   const bool samples = results_ != nullptr;
   for (const protocol::SequenceSampling& s : step.new_sequences) {
     if (!samples) continue;
@@ -120,19 +122,20 @@ protocol::StepResult WorkerService::execute(const protocol::WorkerStep& step) {
     if (entry.n_draft == 0) {
       out.token = state.sampler.sample(entry_rows, n_vocab, state.history);
     } else {
-      if (speculator_ == nullptr || state.draft_probs.size() < static_cast<size_t>(entry.n_draft * n_vocab)) {
+      const bool greedy = state.sampler.params().temperature <= 0.0f;
+      if (speculator_ == nullptr ||
+          (!greedy && state.draft_probs.size() < static_cast<size_t>(entry.n_draft * n_vocab))) {
         throw std::runtime_error("step " + std::to_string(step.step_id) + " verifies drafts of sequence " +
                                  std::to_string(entry.seq_id) + " that this rank did not propose");
       }
       const std::span<const int32_t> drafts(entry.tokens.data() + entry.tokens.size() - entry.n_draft,
                                             static_cast<size_t>(entry.n_draft));
-      const std::span<const int32_t> before(state.history.data(), last_known);
-      const std::vector<float> p = speculative::dense_distributions(
-          state.sampler, entry_rows, entry.n_draft + 1, n_vocab, before, drafts);
-      const speculative::Verification v = speculative::verify(
+      const speculative::Verification v = speculative::verify_logits(
+          state.sampler, entry_rows, n_vocab, std::span<const int32_t>(state.history.data(), last_known),
           drafts,
-          std::span<const float>(state.draft_probs.data(), static_cast<size_t>(entry.n_draft * n_vocab)), p,
-          n_vocab, state.sampler);
+          std::span<const float>(
+              state.draft_probs.data(),
+              std::min(state.draft_probs.size(), static_cast<size_t>(entry.n_draft * n_vocab))));
       speculator_->record(entry.seq_id, entry.n_draft, v.accepted);
       out.accepted_drafts.assign(v.tokens.begin(), v.tokens.end() - 1);
       out.token = v.tokens.back();
@@ -142,10 +145,31 @@ protocol::StepResult WorkerService::execute(const protocol::WorkerStep& step) {
     if (speculator_ != nullptr) {
       sequences.push_back(state.history);
       sequences.back().push_back(out.token);
-      const int k = speculator_->choose_k(entry.seq_id, static_cast<int64_t>(sampled.size()));
+      const int k =
+          speculator_->choose_k(entry.seq_id, state.sampler.params(), static_cast<int64_t>(sampled.size()));
       proposals.push_back({entry.seq_id, sequences.back(), &state.sampler.params(), k});
     }
     result.sampled.push_back(std::move(out));
+  }
+  if (speculator_ != nullptr) {  // a decode-only step tells the speculator what its mode cost
+    bool decode_only = !step.entries.empty(), verified = false;
+    int64_t produced = 0;
+    for (const protocol::PlanEntry& entry : step.entries) {
+      decode_only =
+          decode_only && entry.sample && entry.tokens.size() == static_cast<size_t>(entry.n_draft) + 1;
+      verified = verified || entry.n_draft > 0;
+    }
+    bool proposing = false;  // a plain step that proposes is a transition: measured as neither mode
+    for (const speculative::ProposalRequest& r : proposals) proposing = proposing || r.k > 0;
+    for (const protocol::SampledToken& t : result.sampled)
+      produced += 1 + static_cast<int64_t>(t.accepted_drafts.size());
+    if (decode_only && (verified || !proposing)) {
+      // Measured before proposing: the proposals belong to the next step's cost; the step time here
+      // (receipt to sampled tokens) includes waiting for earlier pipeline stages.
+      const double seconds =
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+      speculator_->observe_step(static_cast<int64_t>(step.entries.size()), verified, seconds, produced);
+    }
   }
   if (speculator_ != nullptr && !proposals.empty()) {
     std::vector<speculative::Proposal> made = speculator_->propose(proposals);

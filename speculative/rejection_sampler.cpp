@@ -157,4 +157,32 @@ Verification verify(std::span<const int32_t> draft_tokens, std::span<const float
   return verify(draft_tokens, draft_probs, target_probs, n_vocab, uniforms);
 }
 
+int32_t greedy_token(const worker::Sampler& sampler, const float* logits, int64_t n_vocab,
+                     std::span<const int32_t> history) {
+  if (sampler.params().repetition_penalty != 1.0f)
+    return sampler.distribution(logits, n_vocab, history).front().id;
+  return static_cast<int32_t>(std::max_element(logits, logits + n_vocab) - logits);
+}
+
+Verification verify_logits(worker::Sampler& sampler, const float* target_logits, int64_t n_vocab,
+                           std::span<const int32_t> history, std::span<const int32_t> draft_tokens,
+                           std::span<const float> draft_probs) {
+  const auto k = static_cast<int64_t>(draft_tokens.size());
+  if (sampler.params().temperature > 0.0f) {
+    const std::vector<float> p =
+        dense_distributions(sampler, target_logits, k + 1, n_vocab, history, draft_tokens);
+    return verify(draft_tokens, draft_probs, p, n_vocab, sampler);
+  }
+  Verification v;
+  std::vector<int32_t> context(history.begin(), history.end());
+  for (int64_t i = 0; i <= k; ++i) {
+    const int32_t best = greedy_token(sampler, target_logits + i * n_vocab, n_vocab, context);
+    v.tokens.push_back(best);
+    if (i == k || draft_tokens[static_cast<size_t>(i)] != best) break;
+    ++v.accepted;
+    if (sampler.params().repetition_penalty != 1.0f) context.push_back(best);
+  }
+  return v;
+}
+
 }  // namespace nibble::speculative

@@ -73,4 +73,19 @@ Verification verify(std::span<const int32_t> draft_tokens, std::span<const float
 Verification verify(std::span<const int32_t> draft_tokens, std::span<const float> draft_probs,
                     std::span<const float> target_probs, int64_t n_vocab, worker::Sampler& rng);
 
+// The token sampler.sample() would pick at temperature 0 for this row: the argmax after the
+// repetition penalty, found without building a distribution (the hot path of greedy speculation).
+// logits: [n_vocab]. Requires sampler.params().temperature <= 0.
+int32_t greedy_token(const worker::Sampler& sampler, const float* logits, int64_t n_vocab,
+                     std::span<const int32_t> history);
+
+// Verification straight from the target's logits, what the engines call. At temperature 0 it
+// compares argmaxes only (draft_probs may then be empty: proposals are the draft's argmaxes) and
+// draws no uniforms; otherwise it builds the dense distributions (dense_distributions) and runs
+// verify(..., rng) above. target_logits: [k + 1, n_vocab]; history: tokens before the first verified
+// position; draft_tokens: [k]; draft_probs: [k, n_vocab] (temperature > 0).
+Verification verify_logits(worker::Sampler& sampler, const float* target_logits, int64_t n_vocab,
+                           std::span<const int32_t> history, std::span<const int32_t> draft_tokens,
+                           std::span<const float> draft_probs);
+
 }  // namespace nibble::speculative

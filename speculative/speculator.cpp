@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 
 #include "speculative/rejection_sampler.hpp"
 
@@ -80,9 +82,14 @@ void Speculator::release(uint64_t seq_id) {
   sequences_.erase(it);
 }
 
-int Speculator::choose_k(uint64_t seq_id, int64_t decode_batch) {
+int Speculator::choose_k(uint64_t seq_id, const worker::SamplingParams& sampling, int64_t decode_batch) {
   const int max_k = settings_.max_draft_tokens;
-  if (max_k <= 0 || decode_batch > settings_.max_batch) return 0;
+  if (max_k <= 0) return 0;
+  if (sampling.temperature > 0.0f) {
+    decode_batch = 1;  // tokens depend on k: decide from the sequence's own history only
+  } else if (!enabled_for(decode_batch)) {
+    return 0;
+  }
   if (!settings_.adaptive) return max_k;
   const auto it = sequences_.find(seq_id);
   const double a = std::clamp(it == sequences_.end() ? 0.5 : it->second.acceptance, 0.0, 0.999);
@@ -106,9 +113,59 @@ int Speculator::choose_k(uint64_t seq_id, int64_t decode_batch) {
   }
   if (best_k == 0) {
     SequenceState* s = it == sequences_.end() ? nullptr : &it->second;
-    if (s == nullptr || ++s->steps_off % 16 == 0) return 1;  // probe: a first try, then now and then
+    // Probe: a first try, then now and then. Rarely: a probe makes the draft catch up on every token
+    // it missed, which costs about as much as a prefill of them.
+    if (s == nullptr || ++s->steps_off % 64 == 0) return 1;
   }
   return best_k;
+}
+
+Speculator::Measured& Speculator::bucket(int64_t decode_batch) {
+  size_t b = 0;
+  while ((int64_t{1} << (b + 1)) <= std::max<int64_t>(1, decode_batch)) ++b;
+  if (buckets_.size() <= b) buckets_.resize(b + 1);
+  return buckets_[b];
+}
+
+bool Speculator::enabled_for(int64_t decode_batch) {
+  if (settings_.max_draft_tokens <= 0 || decode_batch > settings_.max_batch) return false;
+  return !settings_.adaptive || bucket(decode_batch).enabled;
+}
+
+void Speculator::observe_step(int64_t decode_batch, bool speculative, double seconds, int64_t tokens) {
+  if (tokens <= 0 || seconds <= 0) return;
+  Measured& m = bucket(decode_batch);
+  const int mode = speculative ? 1 : 0;
+  const double per_token = seconds / static_cast<double>(tokens);
+  m.seconds_per_token[mode] =
+      m.samples[mode] == 0 ? per_token : 0.8 * m.seconds_per_token[mode] + 0.2 * per_token;
+  ++m.samples[mode];
+  // The mode of the next step at this batch size: a few steps of each first, then the faster one,
+  // with the other re-tried now and then.
+  constexpr int kWarm = 4;
+  const bool faster = m.seconds_per_token[1] < m.seconds_per_token[0];
+  if (m.samples[1] < kWarm) {
+    m.enabled = true;
+  } else if (m.samples[0] < kWarm) {
+    m.enabled = false;
+  } else {
+    // Re-trying the slower mode is not free (switching speculation back on makes the draft catch up
+    // on every token it missed), so the interval doubles each time the re-try confirms the choice.
+    const bool retry = ++m.steps % m.retry_interval == 0;
+    if (m.retrying) {
+      if (faster == m.retry_mode)
+        m.retry_interval = 64;  // the other mode won: back to short intervals
+      else
+        m.retry_interval = std::min<uint64_t>(m.retry_interval * 2, 4096);
+      m.retrying = false;
+    }
+    m.enabled = retry ? !faster : faster;
+    if (retry) {
+      m.retrying = true;
+      m.retry_mode = !faster;
+      m.steps = 0;
+    }
+  }
 }
 
 void Speculator::record(uint64_t seq_id, int proposed, int accepted) {
@@ -190,11 +247,16 @@ std::vector<Proposal> Speculator::propose(const std::vector<ProposalRequest>& re
     for (size_t i = 0; i < active.size(); ++i) {
       Work& w = *active[i];
       w.state->fed.assign(w.history.begin(), w.history.end());
-      std::vector<float> q =
-          dense_distribution(*w.state->sampler, logits_.data() + i * n_vocab, n_vocab, w.history);
-      const int32_t token = sample_dense(q.data(), n_vocab, w.state->sampler->uniform());
+      const float* row = logits_.data() + i * n_vocab;
+      int32_t token = 0;
+      if (w.state->sampler->params().temperature <= 0.0f) {
+        token = greedy_token(*w.state->sampler, row, n_vocab, w.history);  // no q needed at temperature 0
+      } else {
+        std::vector<float> q = dense_distribution(*w.state->sampler, row, n_vocab, w.history);
+        token = sample_dense(q.data(), n_vocab, w.state->sampler->uniform());
+        w.proposal.probs.insert(w.proposal.probs.end(), q.begin(), q.end());
+      }
       w.proposal.tokens.push_back(token);
-      w.proposal.probs.insert(w.proposal.probs.end(), q.begin(), q.end());
       w.history.push_back(token);
     }
   }

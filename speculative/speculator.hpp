@@ -67,7 +67,7 @@ struct ProposalRequest {
 struct Proposal {
   uint64_t seq_id = 0;
   std::vector<int32_t> tokens;  // [k'] proposed ids, k' <= k (fewer when the draft cache is full)
-  std::vector<float> probs;     // [k', n_vocab] q_i each proposal was drawn from
+  std::vector<float> probs;     // [k', n_vocab] q_i each proposal was drawn from; empty at temperature 0
 };
 
 struct SpeculatorStats {
@@ -86,12 +86,23 @@ class Speculator {
   std::vector<Proposal> propose(const std::vector<ProposalRequest>& requests);
 
   // k for this sequence's next step, given how many sequences decode in the batch: 0 when
-  // speculation does not pay. Adaptive: picks the k that maximizes expected tokens per second,
-  // B E(k) / (t_target(B (k + 1)) + k t_draft(B)) with E(k) = (1 - a^(k+1)) / (1 - a) for the
-  // sequence's acceptance rate a (an exponential average, starting at 0.5), against B / t_target(B)
-  // without speculation (a 5% margin decides near break-even for plain decoding). A sequence that
-  // is off probes with k = 1 every 16th step, so a rate that improves is noticed.
-  int choose_k(uint64_t seq_id, int64_t decode_batch);
+  // speculation does not pay. Greedy requests (temperature 0) also follow enabled_for(), which is
+  // measured and so depends on timing: harmless, their tokens do not depend on k. A sampled request
+  // decides from its own acceptance history alone (the cost model at batch 1), because its tokens
+  // do depend on k: so the same seed gives the same tokens whatever else is batched with it. Adaptive: picks
+  // the k that maximizes expected tokens per second, B E(k) / (t_target(B (k + 1)) + k t_draft(B)) with E(k)
+  // = (1 - a^(k+1)) / (1 - a) for the sequence's acceptance rate a (an exponential average, starting at 0.5),
+  // against B / t_target(B) without speculation (a 5% margin decides near break-even for plain decoding). A
+  // sequence that is off probes with k = 1 every 16th step, so a rate that improves is noticed.
+  int choose_k(uint64_t seq_id, const worker::SamplingParams& sampling, int64_t decode_batch);
+  // The measured check on the cost model, per decode-batch size (powers of two): false while
+  // speculation has measured slower per generated token than plain decoding at this batch size.
+  // Both modes are tried first (a few steps each) and re-tried now and then, so a change in the
+  // workload is noticed. Call once per step, before proposing; when false, propose nothing.
+  bool enabled_for(int64_t decode_batch);
+  // Reports a decode step (no prompt chunks) as the engine saw it: wall seconds from planning to
+  // the end of the next proposals, and the tokens it produced; `speculative` when it verified drafts.
+  void observe_step(int64_t decode_batch, bool speculative, double seconds, int64_t tokens);
   // Records a verification's outcome (updates the sequence's acceptance rate and the totals).
   void record(uint64_t seq_id, int proposed, int accepted);
   // Forgets a sequence (its draft blocks return to the pool).
@@ -109,6 +120,16 @@ class Speculator {
     uint64_t steps_off = 0;
   };
   SequenceState& state(uint64_t seq_id, const worker::SamplingParams& sampling);
+  struct Measured {
+    double seconds_per_token[2] = {0, 0};  // exponential averages: [plain, speculative]
+    int samples[2] = {0, 0};
+    uint64_t steps = 0;            // since the last re-try
+    uint64_t retry_interval = 64;  // steps between re-tries of the slower mode
+    bool retrying = false, retry_mode = false;
+    bool enabled = true;  // the mode of the next step
+  };
+  Measured& bucket(int64_t decode_batch);
+  std::vector<Measured> buckets_;
 
   worker::LlamaModel& draft_;
   kernels::ThreadPool& pool_;

@@ -2,6 +2,7 @@
 // the same engine (continuous batching, LocalEngine), at several batch sizes: end-to-end generated
 // tokens per second with and without the draft, the speedup, the acceptance rate, tokens per target
 // step, and the draft's cost per token relative to the target's (both measured decoding alone).
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <iostream>
@@ -26,6 +27,7 @@ struct Args {
   int threads = default_threads();
   bool fixed_k = false;
   int max_batch = 16;
+  int repetitions = 3;
   bool json = false;
 };
 
@@ -106,15 +108,27 @@ int run(const Args& a) {
     settings.num_blocks = batch * (1024 / 16);
     settings.adaptive = !a.fixed_k;
     settings.max_batch = a.fixed_k ? 1 << 30 : a.max_batch;
-    const Measured plain =
-        run_batch(*target.model, *target.tokenizer, *target.pool, nullptr, settings, batch, a.gen_tokens);
-    // The draft decoding alone, on the same threads: its cost per token relative to the target's.
-    const Measured draft_alone =
-        run_batch(*draft.model, *draft.tokenizer, *target.pool, nullptr, settings, batch, a.gen_tokens);
-    const double draft_cost = plain.tokens_per_second() / draft_alone.tokens_per_second();
+    // Plain and speculative runs alternate, and each figure is the median of its runs: this
+    // machine's speed drifts by 10-15% between back-to-back runs, as much as some of the effects.
+    std::vector<Measured> plains, drafts, specs;
     settings.costs = costs;
-    const Measured spec = run_batch(*target.model, *target.tokenizer, *target.pool, draft.model.get(),
-                                    settings, batch, a.gen_tokens);
+    for (int rep = 0; rep < a.repetitions; ++rep) {
+      plains.push_back(
+          run_batch(*target.model, *target.tokenizer, *target.pool, nullptr, settings, batch, a.gen_tokens));
+      specs.push_back(run_batch(*target.model, *target.tokenizer, *target.pool, draft.model.get(), settings,
+                                batch, a.gen_tokens));
+      // The draft decoding alone, on the same threads: its cost per token relative to the target's.
+      drafts.push_back(
+          run_batch(*draft.model, *draft.tokenizer, *target.pool, nullptr, settings, batch, a.gen_tokens));
+    }
+    auto median = [](std::vector<Measured> runs) {
+      std::sort(runs.begin(), runs.end(), [](const Measured& x, const Measured& y) {
+        return x.tokens_per_second() < y.tokens_per_second();
+      });
+      return runs[runs.size() / 2];
+    };
+    const Measured plain = median(plains), draft_alone = median(drafts), spec = median(specs);
+    const double draft_cost = plain.tokens_per_second() / draft_alone.tokens_per_second();
     const double acceptance =
         spec.stats.proposed > 0 ? static_cast<double>(spec.stats.accepted) / spec.stats.proposed : 0.0;
     const double per_verify =
@@ -146,6 +160,7 @@ int run(const Args& a) {
                                 {"gen_tokens", a.gen_tokens},
                                 {"max_draft_tokens", a.draft_tokens},
                                 {"adaptive", !a.fixed_k},
+                                {"repetitions", a.repetitions},
                                 {"rows", rows}}
                      .dump(2)
               << "\n";
@@ -166,6 +181,8 @@ Runner add_bench_speculative(CLI::App& app) {
   app.add_option("--threads", a->threads, "CPU threads")->check(CLI::Range(1, 1024));
   app.add_flag("--fixed-k", a->fixed_k, "Always propose k tokens (no adaptive k, no batch off-switch)");
   app.add_option("--max-batch", a->max_batch, "Largest decode batch that still speculates (adaptive mode)");
+  app.add_option("--repetitions", a->repetitions, "Runs of each mode; the median is reported")
+      ->check(CLI::Range(1, 100));
   app.add_flag("--json", a->json, "Print one JSON object");
   return [a] { return run(*a); };
 }

@@ -74,7 +74,9 @@ nlohmann::json stats_json(const protocol::Stats& s) {
           {"failed", s.failed},
           {"free_kv_blocks", s.free_kv_blocks},
           {"total_kv_blocks", s.total_kv_blocks},
-          {"tokens_generated", s.tokens_generated}};
+          {"tokens_generated", s.tokens_generated},
+          {"draft_proposed", s.draft_proposed},
+          {"draft_accepted", s.draft_accepted}};
 }
 
 // ---------------------------------------------------------------- bench-serve helpers
@@ -143,6 +145,7 @@ struct Sample {
   double ttft_ms = 0, latency_ms = 0;
   std::optional<double> tpot_ms;  // needs two or more output tokens
   uint64_t prompt_tokens = 0, completion_tokens = 0;
+  uint64_t draft_proposed = 0, draft_accepted = 0;  // speculative decoding
 };
 
 Sample run_one(cluster::Client& client, const protocol::GenerateRequest& request) {
@@ -169,6 +172,8 @@ Sample run_one(cluster::Client& client, const protocol::GenerateRequest& request
     }
     sample.prompt_tokens = final_msg.prompt_tokens;
     sample.completion_tokens = final_msg.completion_tokens;
+    sample.draft_proposed = final_msg.draft_proposed;
+    sample.draft_accepted = final_msg.draft_accepted;
   } catch (const cluster::ClientError& e) {
     sample.failure = e.code ? std::string(protocol::to_string(*e.code)) : std::string("transport");
   } catch (const std::exception&) {
@@ -262,12 +267,14 @@ Runner add_client(CLI::App& app) {
       } else {
         std::printf(
             "queued: %llu\nrunning: %llu\ncompleted: %llu\nfailed: %llu\nfree_kv_blocks: %llu\n"
-            "total_kv_blocks: %llu\ntokens_generated: %llu\n",
+            "total_kv_blocks: %llu\ntokens_generated: %llu\ndraft_proposed: %llu\ndraft_accepted: %llu\n",
             static_cast<unsigned long long>(s.queued), static_cast<unsigned long long>(s.running),
             static_cast<unsigned long long>(s.completed), static_cast<unsigned long long>(s.failed),
             static_cast<unsigned long long>(s.free_kv_blocks),
             static_cast<unsigned long long>(s.total_kv_blocks),
-            static_cast<unsigned long long>(s.tokens_generated));
+            static_cast<unsigned long long>(s.tokens_generated),
+            static_cast<unsigned long long>(s.draft_proposed),
+            static_cast<unsigned long long>(s.draft_accepted));
       }
       return 0;
     }
@@ -321,6 +328,8 @@ Runner add_client(CLI::App& app) {
     out["tokens"] = result.tokens;
     out["text"] = result.text;
     out["finish_reason"] = protocol::to_string(result.finish_reason);
+    out["speculative"] = {{"draft_proposed", result.draft_proposed},
+                          {"draft_accepted", result.draft_accepted}};
     out["timings"] = {
         {"queue_ms", result.timings.queue_ms},
         {"prefill_ms", result.timings.prefill_ms},
@@ -410,7 +419,7 @@ Runner add_bench_serve(CLI::App& app) {
 
     std::vector<double> ttft, tpot, latency;
     std::map<std::string, int> failures;
-    uint64_t ok = 0, output_tokens = 0, input_tokens = 0;
+    uint64_t ok = 0, output_tokens = 0, input_tokens = 0, draft_proposed = 0, draft_accepted = 0;
     for (const Sample& s : samples) {
       if (!s.ok) {
         ++failures[s.failure];
@@ -419,6 +428,8 @@ Runner add_bench_serve(CLI::App& app) {
       ++ok;
       output_tokens += s.completion_tokens;
       input_tokens += s.prompt_tokens;
+      draft_proposed += s.draft_proposed;
+      draft_accepted += s.draft_accepted;
       ttft.push_back(s.ttft_ms);
       latency.push_back(s.latency_ms);
       if (s.tpot_ms) tpot.push_back(*s.tpot_ms);
@@ -439,6 +450,8 @@ Runner add_bench_serve(CLI::App& app) {
           {"failures", failure_codes},
           {"input_tokens", input_tokens},
           {"output_tokens", output_tokens},
+          {"draft_proposed", draft_proposed},
+          {"draft_accepted", draft_accepted},
           {"wall_s", wall_s},
           {"output_tokens_per_second", tokens_per_s},
           {"requests_per_second", requests_per_s},
@@ -468,6 +481,12 @@ Runner add_bench_serve(CLI::App& app) {
       std::printf("output tokens %llu (input %llu)\n", static_cast<unsigned long long>(output_tokens),
                   static_cast<unsigned long long>(input_tokens));
       std::printf("throughput %.2f output tokens/s, %.2f requests/s\n", tokens_per_s, requests_per_s);
+      if (draft_proposed > 0) {
+        std::printf("speculative: %llu drafts proposed, %llu accepted (%.1f%%)\n",
+                    static_cast<unsigned long long>(draft_proposed),
+                    static_cast<unsigned long long>(draft_accepted),
+                    100.0 * static_cast<double>(draft_accepted) / static_cast<double>(draft_proposed));
+      }
       std::printf("TTFT ms     p50 %s  p90 %s  p99 %s\n", text_or_na(percentile(ttft, 50)).c_str(),
                   text_or_na(percentile(ttft, 90)).c_str(), text_or_na(percentile(ttft, 99)).c_str());
       std::printf("TPOT ms     p50 %s  p90 %s  p99 %s\n", text_or_na(percentile(tpot, 50)).c_str(),

@@ -79,14 +79,21 @@ Runner add_make_model(CLI::App& app) {
   struct Args {
     std::string shape = "tiny", type = "q4_0", out;
     uint64_t seed = 1;
+    int64_t vocab = 0;
   };
   auto a = std::make_shared<Args>();
   app.add_option("--shape", a->shape, "Named shape: tiny, llama-1b");
   app.add_option("--type", a->type, "Matrix type: q4_0, q8_0, f16, f32");
   app.add_option("--seed", a->seed, "Weight seed");
+  app.add_option(
+         "--vocab", a->vocab,
+         "Vocabulary size instead of the shape's (models of equal size share the synthetic vocabulary, "
+         "so a small draft can serve a large target)")
+      ->check(CLI::Range(int64_t{354}, int64_t{1} << 20));
   app.add_option("--out,-o", a->out, "Output GGUF path")->required();
   return [a]() {
-    const model::LlamaShape shape = model::llama_shape_by_name(a->shape);
+    model::LlamaShape shape = model::llama_shape_by_name(a->shape);
+    if (a->vocab > 0) shape.n_vocab = a->vocab;
     model::write_random_llama(a->out, shape, parse_matrix_type(a->type), a->seed);
     std::cerr << "wrote " << a->out << " (" << std::filesystem::file_size(a->out) << " bytes)\n";
     return 0;

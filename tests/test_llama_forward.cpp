@@ -14,20 +14,6 @@
 namespace nibble::worker {
 namespace {
 
-double max_relative_rms(const std::vector<float>& a, const std::vector<float>& b, int64_t row) {
-  double worst = 0.0;
-  for (size_t r = 0; r * row < a.size(); ++r) {
-    double err = 0.0, norm = 0.0;
-    for (int64_t i = 0; i < row; ++i) {
-      const double d = a[r * row + i] - b[r * row + i];
-      err += d * d;
-      norm += static_cast<double>(b[r * row + i]) * b[r * row + i];
-    }
-    worst = std::max(worst, std::sqrt(err / norm));
-  }
-  return worst;
-}
-
 class ForwardTest : public ::testing::TestWithParam<kernels::DType> {
  protected:
   void SetUp() override {
@@ -59,7 +45,7 @@ TEST_P(ForwardTest, BatchedPrefillEqualsTokenByToken) {
     stepped.insert(stepped.end(), row.begin(), row.end());
   }
   ASSERT_EQ(batched.size(), stepped.size());
-  EXPECT_LT(max_relative_rms(stepped, batched, model_->config().n_vocab), 1e-4);
+  EXPECT_LT(test::max_relative_rms(stepped, batched, model_->config().n_vocab), 1e-4);
 }
 
 TEST_P(ForwardTest, SequencesBatchedTogetherEqualEachAlone) {
@@ -88,8 +74,10 @@ TEST_P(ForwardTest, SequencesBatchedTogetherEqualEachAlone) {
   KvCache cache(model_->config(), 4, 16);
   model_->forward(batch, cache, pool_, together);
   const int64_t v = model_->config().n_vocab;
-  EXPECT_LT(max_relative_rms(std::vector<float>(together.begin(), together.begin() + v), alone_a, v), 1e-4);
-  EXPECT_LT(max_relative_rms(std::vector<float>(together.begin() + v, together.end()), alone_b, v), 1e-4);
+  EXPECT_LT(test::max_relative_rms(std::vector<float>(together.begin(), together.begin() + v), alone_a, v),
+            1e-4);
+  EXPECT_LT(test::max_relative_rms(std::vector<float>(together.begin() + v, together.end()), alone_b, v),
+            1e-4);
 }
 
 TEST_P(ForwardTest, LogitsAreVariedAndFinite) {

@@ -64,20 +64,6 @@ class ThreadGroup {
   std::vector<const float*> buffers_;  // [size] the buffer each shard published
 };
 
-double max_relative_rms(const std::vector<float>& a, const std::vector<float>& b, int64_t row) {
-  double worst = 0.0;
-  for (size_t r = 0; r * row < b.size(); ++r) {
-    double err = 0.0, norm = 0.0;
-    for (int64_t i = 0; i < row; ++i) {
-      const double d = a[r * row + i] - b[r * row + i];
-      err += d * d;
-      norm += static_cast<double>(b[r * row + i]) * b[r * row + i];
-    }
-    worst = std::max(worst, std::sqrt(err / norm));
-  }
-  return worst;
-}
-
 // A 13-token prefill (logits for every token) then 4 single-token decode steps; all logits
 // concatenated: [13 + 4, n_vocab].
 std::vector<float> run_conversation(LlamaModel& model, kernels::ThreadPool& pool) {
@@ -151,7 +137,7 @@ TEST_P(TensorParallelTest, ShardedLogitsMatchTheWholeModel) {
 
   for (int r = 0; r < p.tensor; ++r) {
     ASSERT_EQ(got[r].size(), expected.size()) << "rank " << r;
-    EXPECT_LT(max_relative_rms(got[r], expected, shape.n_vocab), p.tolerance) << "rank " << r;
+    EXPECT_LT(test::max_relative_rms(got[r], expected, shape.n_vocab), p.tolerance) << "rank " << r;
     EXPECT_EQ(got[r], got[0]) << "shards disagree about the gathered logits";
   }
 }

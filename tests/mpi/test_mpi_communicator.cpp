@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "parallel/mpi_communicator.hpp"
+#include "tests/mpi/mpi_test_support.hpp"
 
 namespace nibble::parallel {
 namespace {
@@ -310,20 +311,6 @@ TEST(HostLocalRank, AgreesWithSharedMemorySplit) {
   EXPECT_EQ(info.world_rank, world_rank());
 }
 
-// On ranks other than 0 gtest's report is replaced by this: failed assertions only, with the rank.
-class FailurePrinter : public ::testing::EmptyTestEventListener {
- public:
-  explicit FailurePrinter(int rank) : rank_(rank) {}
-  void OnTestPartResult(const ::testing::TestPartResult& result) override {
-    if (!result.failed()) return;
-    std::fprintf(stderr, "[rank %d] %s:%d: Failure\n%s\n", rank_,
-                 result.file_name() ? result.file_name() : "?", result.line_number(), result.summary());
-  }
-
- private:
-  int rank_;
-};
-
 // Reads --tensor N and --pipeline N (or --name=N) from what gtest left; false on anything else.
 bool parse_arguments(int argc, char** argv) {
   for (int i = 1; i < argc; ++i) {
@@ -369,7 +356,7 @@ int main(int argc, char** argv) {
     if (rank != 0) {
       auto& listeners = ::testing::UnitTest::GetInstance()->listeners();
       delete listeners.Release(listeners.default_result_printer());
-      listeners.Append(new FailurePrinter(rank));
+      listeners.Append(new nibble::test::FailurePrinter(rank));
     }
     failed = RUN_ALL_TESTS() != 0 ? 1 : 0;
   }

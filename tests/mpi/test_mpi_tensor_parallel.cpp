@@ -20,6 +20,8 @@
 #include "model/random_model.hpp"
 #include "parallel/communicator_reducer.hpp"
 #include "parallel/mpi_communicator.hpp"
+#include "tests/mpi/mpi_test_support.hpp"
+#include "tests/support/test_support.hpp"
 #include "worker/llama_model.hpp"
 
 namespace nibble::parallel {
@@ -48,20 +50,6 @@ class RankTempDir {
  private:
   std::filesystem::path path_;
 };
-
-double max_relative_rms(const std::vector<float>& a, const std::vector<float>& b, int64_t row) {
-  double worst = 0.0;
-  for (size_t r = 0; r * row < b.size(); ++r) {
-    double err = 0.0, norm = 0.0;
-    for (int64_t i = 0; i < row; ++i) {
-      const double d = a[r * row + i] - b[r * row + i];
-      err += d * d;
-      norm += static_cast<double>(b[r * row + i]) * b[r * row + i];
-    }
-    worst = std::max(worst, std::sqrt(err / norm));
-  }
-  return worst;
-}
 
 // An 11-token prefill with logits for every token, then 3 decode steps: [11 + 3, n_vocab].
 std::vector<float> run_conversation(worker::LlamaModel& model, kernels::ThreadPool& pool) {
@@ -101,7 +89,7 @@ TEST_P(TensorParallelMpi, GatheredLogitsMatchTheWholeModel) {
   // Summation order differs (MPI's reduction), and fp16 KV rounding can amplify a last-bit
   // difference: see tests/test_tensor_parallel.cpp for the numbers.
   const double tolerance = GetParam() == kernels::DType::F32 ? 5e-5 : 1e-3;
-  EXPECT_LT(max_relative_rms(got, expected, shape.n_vocab), tolerance);
+  EXPECT_LT(test::max_relative_rms(got, expected, shape.n_vocab), tolerance);
   // Every rank gathered the same logits: compare with rank 0's.
   std::vector<float> rank0 = got;
   world->broadcast(rank0.data(), rank0.size() * sizeof(float), 0);
@@ -114,19 +102,6 @@ INSTANTIATE_TEST_SUITE_P(Types, TensorParallelMpi,
                            return std::string(kernels::type_name(param_info.param));
                          });
 
-class FailurePrinter : public ::testing::EmptyTestEventListener {
- public:
-  explicit FailurePrinter(int rank) : rank_(rank) {}
-  void OnTestPartResult(const ::testing::TestPartResult& result) override {
-    if (!result.failed()) return;
-    std::fprintf(stderr, "[rank %d] %s:%d: Failure\n%s\n", rank_,
-                 result.file_name() ? result.file_name() : "?", result.line_number(), result.summary());
-  }
-
- private:
-  int rank_;
-};
-
 }  // namespace
 }  // namespace nibble::parallel
 
@@ -138,7 +113,7 @@ int main(int argc, char** argv) {
   if (rank != 0) {
     auto& listeners = ::testing::UnitTest::GetInstance()->listeners();
     delete listeners.Release(listeners.default_result_printer());
-    listeners.Append(new FailurePrinter(rank));
+    listeners.Append(new nibble::test::FailurePrinter(rank));
   }
   const int failed = RUN_ALL_TESTS() != 0 ? 1 : 0;
   int any_failed = 0;

@@ -4,7 +4,9 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <array>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
@@ -80,6 +82,20 @@ std::vector<float> dequantize_tensor(const model::GgufFile& file, const model::G
         << tensor.name << " row " << r;
   }
   return out;
+}
+
+double max_relative_rms(const std::vector<float>& a, const std::vector<float>& b, int64_t row) {
+  double worst = 0.0;
+  for (size_t r = 0; (r + 1) * row <= b.size() && (r + 1) * row <= a.size(); ++r) {
+    double err = 0.0, norm = 0.0;
+    for (int64_t i = 0; i < row; ++i) {
+      const double d = a[r * row + i] - b[r * row + i];
+      err += d * d;
+      norm += static_cast<double>(b[r * row + i]) * b[r * row + i];
+    }
+    worst = std::max(worst, std::sqrt(err / norm));
+  }
+  return worst;
 }
 
 }  // namespace nibble::test

@@ -41,6 +41,8 @@ std::vector<uint8_t> read_file_bytes(const std::filesystem::path& path);
 // A whole tensor of any type as floats (a failed row dequantization fails the current test).
 std::vector<float> dequantize_tensor(const model::GgufFile& file, const model::GgufTensorInfo& tensor);
 void write_file_bytes(const std::filesystem::path& path, const std::vector<uint8_t>& bytes);
+// The largest relative RMS error of `a` against `b` over rows of `row` values ([rows, row] each).
+double max_relative_rms(const std::vector<float>& a, const std::vector<float>& b, int64_t row);
 
 }  // namespace nibble::test
 

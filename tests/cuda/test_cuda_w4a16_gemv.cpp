@@ -38,7 +38,7 @@ template <typename T>
 struct DeviceBuffer {
   T* ptr = nullptr;
   explicit DeviceBuffer(size_t count) {
-    if (cudaMalloc(reinterpret_cast<void**>(&ptr), count * sizeof(T) + 1) != cudaSuccess) ptr = nullptr;
+    if (cudaMalloc(reinterpret_cast<void**>(&ptr), count * sizeof(T)) != cudaSuccess) ptr = nullptr;
   }
   ~DeviceBuffer() { cudaFree(ptr); }
   DeviceBuffer(const DeviceBuffer&) = delete;

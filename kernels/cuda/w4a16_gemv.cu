@@ -1,0 +1,114 @@
+// One warp per output row. Lane l handles the row's Q4_0 blocks l, l + 32, ...: it dequantizes the
+// block's 32 weights into registers once and uses them for every activation row, so each weight
+// byte is read from memory exactly once per call. Partial sums are reduced with warp shuffles.
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "kernels/cuda/w4a16_gemv.cuh"
+#include "kernels/quant_types.hpp"
+
+namespace nibble::kernels::cuda {
+namespace {
+
+constexpr int kWarpSize = 32;
+constexpr int kWarpsPerBlock = 4;
+
+// MaxM: compile-time upper bound on m, so the accumulators stay in registers; m <= MaxM at run time.
+template <int MaxM>
+__global__ void __launch_bounds__(kWarpSize* kWarpsPerBlock)
+    gemv_q4_0_kernel(const uint8_t* __restrict__ w, int64_t n_out, int64_t k, const __half* __restrict__ x,
+                     int m, float* __restrict__ y) {
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarpSize;
+  if (row >= n_out) return;  // whole warps exit together: the shuffles below stay full-warp
+
+  const int64_t nb = k / kQK4_0;
+  const uint8_t* wrow = w + row * nb * static_cast<int64_t>(sizeof(BlockQ4_0));
+
+  float acc[MaxM];
+#pragma unroll
+  for (int r = 0; r < MaxM; ++r) acc[r] = 0.0f;
+
+  for (int64_t b = lane; b < nb; b += kWarpSize) {
+    // The block is 2-byte aligned: read the scale and the 16 nibble bytes as 9 half-words.
+    const auto* blk = reinterpret_cast<const uint16_t*>(wrow + b * static_cast<int64_t>(sizeof(BlockQ4_0)));
+    const float d = __half2float(__ushort_as_half(__ldg(blk)));
+    float wv[kQK4_0];
+#pragma unroll
+    for (int j = 0; j < kQK4_0 / 4; ++j) {
+      const unsigned q2 = __ldg(blk + 1 + j);  // qs[2j] in the low byte, qs[2j+1] in the high byte
+      wv[2 * j] = d * static_cast<float>(static_cast<int>(q2 & 0xF) - 8);
+      wv[2 * j + 1] = d * static_cast<float>(static_cast<int>((q2 >> 8) & 0xF) - 8);
+      wv[2 * j + 16] = d * static_cast<float>(static_cast<int>((q2 >> 4) & 0xF) - 8);
+      wv[2 * j + 17] = d * static_cast<float>(static_cast<int>((q2 >> 12) & 0xF) - 8);
+    }
+#pragma unroll
+    for (int r = 0; r < MaxM; ++r) {
+      if (r < m) {
+        // 32 halves = 64 bytes = four 16-byte loads (x is 16-byte aligned and k % 32 == 0).
+        const auto* xv = reinterpret_cast<const uint4*>(x + r * k + b * kQK4_0);
+        float s = 0.0f;
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const uint4 chunk = __ldg(xv + c);
+          const __half2* h = reinterpret_cast<const __half2*>(&chunk);
+#pragma unroll
+          for (int p = 0; p < 4; ++p) {
+            const float2 f = __half22float2(h[p]);
+            s = fmaf(f.x, wv[c * 8 + 2 * p], s);
+            s = fmaf(f.y, wv[c * 8 + 2 * p + 1], s);
+          }
+        }
+        acc[r] += s;
+      }
+    }
+  }
+
+#pragma unroll
+  for (int r = 0; r < MaxM; ++r) {
+    if (r < m) {
+      float v = acc[r];
+#pragma unroll
+      for (int off = kWarpSize / 2; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
+      if (lane == (r % kWarpSize)) y[r * n_out + row] = v;
+    }
+  }
+}
+
+template <int MaxM>
+void launch(const uint8_t* w, int64_t n_out, int64_t k, const __half* x, int m, float* y,
+            cudaStream_t stream) {
+  const auto grid = static_cast<unsigned>((n_out + kWarpsPerBlock - 1) / kWarpsPerBlock);
+  gemv_q4_0_kernel<MaxM><<<grid, kWarpSize * kWarpsPerBlock, 0, stream>>>(w, n_out, k, x, m, y);
+}
+
+}  // namespace
+
+Status w4a16_gemv_q4_0(const uint8_t* w, int64_t n_out, int64_t k, const __half* x, int64_t m, float* y,
+                       cudaStream_t stream) {
+  if (w == nullptr || x == nullptr || y == nullptr) return Status::invalid_argument;
+  if (n_out < 0 || k < 0 || k % kQK4_0 != 0) return Status::invalid_argument;
+  if (m < 1 || m > kW4A16GemvMaxM) return Status::invalid_argument;
+  if (reinterpret_cast<uintptr_t>(w) % 2 != 0 || reinterpret_cast<uintptr_t>(x) % 16 != 0) {
+    return Status::invalid_argument;
+  }
+  // The grid's x dimension is at most 2^31 - 1 blocks.
+  if ((n_out + kWarpsPerBlock - 1) / kWarpsPerBlock > INT32_MAX) return Status::invalid_argument;
+  if (n_out == 0) return Status::ok;
+
+  const int mi = static_cast<int>(m);
+  if (mi <= 1) {
+    launch<1>(w, n_out, k, x, mi, y, stream);
+  } else if (mi <= 4) {
+    launch<4>(w, n_out, k, x, mi, y, stream);
+  } else if (mi <= 8) {
+    launch<8>(w, n_out, k, x, mi, y, stream);
+  } else if (mi <= 16) {
+    launch<16>(w, n_out, k, x, mi, y, stream);
+  } else {
+    launch<32>(w, n_out, k, x, mi, y, stream);
+  }
+  return cudaGetLastError() == cudaSuccess ? Status::ok : Status::device_error;
+}
+
+}  // namespace nibble::kernels::cuda

@@ -42,16 +42,30 @@ using namespace std::chrono_literals;
 // request, then SIGKILL of its process group if it does not go).
 class ServeJob {
  public:
+  // Where the job listens and how it is started, when not on one host over ipc://.
+  struct Placement {
+    std::string listen;                    // server.listen; empty: ipc:// in `dir`
+    std::string client_endpoint;           // what clients connect to (default: listen)
+    std::vector<std::string> mpirun_args;  // extra mpirun arguments (hostfile, launch agent, ...)
+  };
+
   ServeJob(const fs::path& dir, const std::string& model_path, int tensor, int pipeline,
-           const std::string& extra_yaml = "")
+           const std::string& extra_yaml = "", const Placement& placement = {})
       : dir_(dir), log_(dir / "serve.log"), endpoint_("ipc://" + (dir / "nibble.sock").string()) {
+    const std::string listen = placement.listen.empty() ? endpoint_ : placement.listen;
+    if (!placement.client_endpoint.empty()) endpoint_ = placement.client_endpoint;
     const fs::path config = dir / "cluster.yaml";
     std::ofstream(config) << "model: { path: \"" << model_path << "\" }\n"
                           << "parallel: { tensor: " << tensor << ", pipeline: " << pipeline << " }\n"
                           << "threads: 1\n"
-                          << "server: { listen: \"" << endpoint_ << "\" }\n"
+                          << "server: { listen: \"" << listen << "\" }\n"
                           << extra_yaml;
-    const std::string np = std::to_string(1 + tensor * pipeline);
+    std::vector<std::string> args = {NIBBLE_MPIEXEC, "--allow-run-as-root", "--oversubscribe"};
+    args.insert(args.end(), placement.mpirun_args.begin(), placement.mpirun_args.end());
+    for (std::string a : {std::string("-np"), std::to_string(1 + tensor * pipeline), test::nibble_bin(),
+                          std::string("serve"), std::string("--config"), config.string()}) {
+      args.push_back(a);
+    }
     pid_ = fork();
     if (pid_ == 0) {
       setpgid(0, 0);  // its own group, so a stuck job can be killed whole
@@ -60,10 +74,10 @@ class ServeJob {
       dup2(fd, 2);
       setenv("OMPI_MCA_btl_vader_single_copy_mechanism", "none", 1);
       setenv("OMPI_MCA_rmaps_base_oversubscribe", "1", 1);
-      const std::string bin = test::nibble_bin();
-      const std::string cfg = config.string();
-      execl(NIBBLE_MPIEXEC, NIBBLE_MPIEXEC, "--allow-run-as-root", "--oversubscribe", "-np", np.c_str(),
-            bin.c_str(), "serve", "--config", cfg.c_str(), static_cast<char*>(nullptr));
+      std::vector<char*> argv;
+      for (std::string& a : args) argv.push_back(a.data());
+      argv.push_back(nullptr);
+      execv(NIBBLE_MPIEXEC, argv.data());
       _exit(127);
     }
     setpgid(pid_, pid_);
@@ -561,6 +575,99 @@ TEST(Serve, ShutdownRequestStopsEveryRankWithExitZero) {
   ASSERT_TRUE(code.has_value()) << job.log();
   EXPECT_EQ(*code, 0) << job.log();
   EXPECT_NE(job.log().find("shut down cleanly"), std::string::npos) << job.log();
+}
+
+// Two hosts on this machine: network namespaces with hosts names of their own (UTS namespaces),
+// joined through this one by veth pairs, and an rsh agent that "logs in" by entering them. mpirun
+// then runs a real multi-host job: the coordinator and a tensor rank on one host, the other tensor
+// rank on the other, MPI over TCP between the hosts, and the control plane bound to all interfaces
+// and advertised by host name. Needs root and `ip netns`; skips (saying why) where they are missing.
+class TwoHosts {
+ public:
+  explicit TwoHosts(const fs::path& dir) : dir_(dir) {
+    const std::string tag = std::to_string(getpid() % 100000);
+    hosts_ = {"nbl-a" + tag, "nbl-b" + tag};
+    std::string setup = "set -e; sysctl -qw net.ipv4.ip_forward=1; ";
+    for (int i = 0; i < 2; ++i) {
+      const std::string h = hosts_[i], v = "nv" + std::to_string(i) + tag,
+                        net = "10.213." + std::to_string(i + 1);
+      setup += "ip netns add " + h + "; ip link add " + v + " type veth peer name " + v + "p; ip link set " +
+               v + "p netns " + h + "; ip addr add " + net + ".1/24 dev " + v + "; ip link set " + v +
+               " up; ip netns exec " + h + " ip addr add " + net + ".2/24 dev " + v + "p; ip netns exec " +
+               h + " ip link set " + v + "p up; ip netns exec " + h + " ip link set lo up; ip netns exec " +
+               h + " ip route add default via " + net + ".1; ";
+      links_.push_back(v);
+    }
+    const test::CommandResult r = test::run_command(setup + " 2>&1");
+    ok_ = r.exit_code == 0;
+    why_ = r.output;
+    // The host names are the hosts' addresses, so they resolve without touching /etc/hosts.
+    std::ofstream(dir / "agent")
+        << "#!/bin/sh\n"
+        << "host=$1; shift\n"
+        << "case $host in 10.213.1.2) ns=" << hosts_[0] << ";; 10.213.2.2) ns=" << hosts_[1]
+        << ";; *) echo \"unknown host $host\" >&2; exit 1;; esac\n"
+        << "exec ip netns exec $ns unshare --uts sh -c \"hostname $host; $*\"\n";
+    fs::permissions(dir / "agent", fs::perms::owner_all);
+    std::ofstream(dir / "hostfile") << "10.213.1.2 slots=2\n10.213.2.2 slots=2\n";
+  }
+  ~TwoHosts() {
+    std::string teardown;
+    for (const std::string& h : hosts_) teardown += "ip netns del " + h + " 2>/dev/null; ";
+    for (const std::string& v : links_) teardown += "ip link del " + v + " 2>/dev/null; ";
+    test::run_command(teardown);
+  }
+  bool ok() const { return ok_; }
+  const std::string& why() const { return why_; }
+  std::vector<std::string> mpirun_args() const {
+    return {"--hostfile",
+            (dir_ / "hostfile").string(),
+            "--map-by",
+            "node",
+            "--mca",
+            "plm_rsh_agent",
+            (dir_ / "agent").string(),
+            "--mca",
+            "oob_tcp_if_include",
+            "10.213.0.0/16",
+            "--mca",
+            "btl",
+            "tcp,self",
+            "--mca",
+            "btl_tcp_if_include",
+            "10.213.0.0/16"};
+  }
+
+ private:
+  fs::path dir_;
+  std::vector<std::string> hosts_, links_;
+  bool ok_ = false;
+  std::string why_;
+};
+
+TEST(Serve, TwoHostJobAnswersLikeOneProcess) {
+  if (geteuid() != 0) GTEST_SKIP() << "needs root for network namespaces";
+  test::TempDir dir;
+  TwoHosts hosts(dir.path());
+  if (!hosts.ok()) GTEST_SKIP() << "network namespaces unavailable: " << hosts.why();
+  const std::string model = make_tiny_model(dir.path());
+  const Expected expected = nibble_generate(model, kPrompts[0], 16);
+  // Rank 0 (coordinator) and rank 2 on the first host, rank 1 on the second: the tensor group spans
+  // both hosts.
+  ServeJob job(dir.path(), model, 2, 1, "",
+               {"tcp://0.0.0.0:5591", "tcp://10.213.1.2:5591", hosts.mpirun_args()});
+  ASSERT_TRUE(job.wait_ready()) << job.log();
+  EXPECT_NE(job.log().find("pid"), std::string::npos);
+  EXPECT_NE(job.log().find("on 10.213.2.2"), std::string::npos) << "a worker should run on the second host\n"
+                                                                << job.log();
+  Client client(job.endpoint());
+  const protocol::Final f = client.generate(greedy("two-hosts", kPrompts[0], 16));
+  EXPECT_EQ(f.tokens, expected.tokens);
+  EXPECT_EQ(f.text, expected.text);
+  EXPECT_TRUE(client.shutdown().ok);
+  const std::optional<int> code = job.wait_exit(30s);
+  ASSERT_TRUE(code.has_value()) << job.log();
+  EXPECT_EQ(*code, 0) << job.log();
 }
 
 }  // namespace

@@ -88,18 +88,9 @@ std::vector<EngineResult> LocalEngine::step() {
   batch.max_blocks_per_seq = plan->max_blocks_per_seq;
   std::vector<const StepEntry*> sampled;
   for (const StepEntry& entry : plan->entries) {
-    for (size_t i = 0; i < entry.tokens.size(); ++i) {
-      batch.tokens.push_back(entry.tokens[i]);
-      batch.positions.push_back(entry.start_pos + static_cast<int32_t>(i));
-      batch.seq_index.push_back(entry.table_row);
-    }
-    if (entry.sample) {
-      // A verify entry wants the last n_draft + 1 positions: after the last known token and after
-      // each proposal.
-      const auto end = static_cast<int32_t>(batch.tokens.size());
-      for (int32_t row = end - 1 - entry.n_draft; row < end; ++row) batch.logit_rows.push_back(row);
-      sampled.push_back(&entry);
-    }
+    // A sampling entry wants the logits after its last known token and after each draft proposal.
+    batch.add_sequence(entry.tokens, entry.start_pos, entry.table_row, entry.sample ? entry.n_draft + 1 : 0);
+    if (entry.sample) sampled.push_back(&entry);
   }
   model_.forward(batch, cache_, pool_, logits_);
 

@@ -74,16 +74,9 @@ protocol::StepResult WorkerService::execute(const protocol::WorkerStep& step) {
       history.resize(static_cast<size_t>(entry.start_pos) + entry.tokens.size());
       std::copy(entry.tokens.begin(), entry.tokens.end(), history.begin() + entry.start_pos);
     }
-    for (size_t i = 0; i < entry.tokens.size(); ++i) {
-      batch.tokens.push_back(entry.tokens[i]);
-      batch.positions.push_back(entry.start_pos + static_cast<int32_t>(i));
-      batch.seq_index.push_back(entry.table_row);
-    }
-    if (entry.sample) {  // the last known token, and each draft proposal after it
-      const auto end = static_cast<int32_t>(batch.tokens.size());
-      for (int32_t row = end - 1 - entry.n_draft; row < end; ++row) batch.logit_rows.push_back(row);
-      sampled.push_back(&entry);
-    }
+    // A sampling entry wants the logits after its last known token and after each draft proposal.
+    batch.add_sequence(entry.tokens, entry.start_pos, entry.table_row, entry.sample ? entry.n_draft + 1 : 0);
+    if (entry.sample) sampled.push_back(&entry);
   }
 
   const int64_t n = static_cast<int64_t>(batch.tokens.size());

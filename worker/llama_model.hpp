@@ -2,6 +2,7 @@
 // Llama forward pass on the CPU over a batch of tokens that may belong to several sequences.
 #include <cstdint>
 #include <memory>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -23,6 +24,11 @@ struct ForwardBatch {
   std::vector<int32_t> block_tables;  // [n_seqs, max_blocks_per_seq]
   int64_t max_blocks_per_seq = 0;
   std::vector<int32_t> logit_rows;  // indices into tokens whose logits are wanted
+
+  // Appends one sequence's tokens at positions start_pos.., as row table_row of block_tables (the
+  // caller appends the table), wanting logits for its last `logits_for_last` tokens (0: none).
+  void add_sequence(std::span<const int32_t> seq_tokens, int32_t start_pos, int32_t table_row,
+                    int32_t logits_for_last);
 
   // The common single-sequence case: tokens at positions start_pos.., logits for the last one or
   // for all.

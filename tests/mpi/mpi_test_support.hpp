@@ -2,6 +2,7 @@
 // Shared by the MPI test programs: on ranks other than 0 gtest's report is replaced by this
 // listener, which prints failed assertions only, prefixed with the rank.
 #include <gtest/gtest.h>
+#include <mpi.h>
 
 #include <cstdio>
 
@@ -19,5 +20,26 @@ class FailurePrinter : public ::testing::EmptyTestEventListener {
  private:
   int rank_;
 };
+
+// Runs every test on this rank (rank 0 reports in full, other ranks only their failures) unless
+// `skip` (a set-up failure already counted), then fails every rank if any rank failed. Returns the
+// exit code; the caller still calls MPI_Finalize.
+inline int run_all_tests_on_every_rank(int rank, bool skip = false) {
+  int failed = skip ? 1 : 0;
+  if (!skip) {
+    if (rank != 0) {
+      auto& listeners = ::testing::UnitTest::GetInstance()->listeners();
+      delete listeners.Release(listeners.default_result_printer());
+      listeners.Append(new FailurePrinter(rank));
+    }
+    failed = RUN_ALL_TESTS() != 0 ? 1 : 0;
+  }
+  // mpirun reports the first non-zero exit anyway, but this way rank 0 can say so.
+  int any_failed = 0;
+  MPI_Allreduce(&failed, &any_failed, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
+  if (rank == 0 && any_failed && !failed)
+    std::fprintf(stderr, "FAILED on another rank (see [rank N] lines)\n");
+  return any_failed;
+}
 
 }  // namespace nibble::test

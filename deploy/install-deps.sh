@@ -1,6 +1,17 @@
 #!/usr/bin/env bash
-# Installs every Debian package Nibble's build and tests need. Safe to run twice.
+# Installs every Debian package Nibble's build needs; with --tests also what only the tests use (a
+# real single-node Slurm with munge, for the batch-script test). Safe to run twice.
 set -euo pipefail
+with_tests=0
+for arg in "$@"; do
+  case "$arg" in
+    --tests) with_tests=1 ;;
+    *)
+      echo "usage: $0 [--tests]" >&2
+      exit 2
+      ;;
+  esac
+done
 packages=(
   build-essential cmake ninja-build pkg-config git python3 python3-yaml
   libgtest-dev libgmock-dev libbenchmark-dev
@@ -12,6 +23,7 @@ packages=(
   iproute2
   clang-format
 )
+[ "$with_tests" -eq 0 ] || packages+=(slurmctld slurmd slurm-client munge)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -5,7 +5,7 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 build="${NIBBLE_BUILD_DIR:-$root/build}"
-bash "$root/deploy/install-deps.sh"
+bash "$root/deploy/install-deps.sh" --tests
 fixtures=()
 [ -n "${NIBBLE_FIXTURES_DIR:-}" ] && fixtures=(-DNIBBLE_FIXTURES_DIR="$NIBBLE_FIXTURES_DIR")
 bash "$root/deploy/build.sh" -DNIBBLE_WERROR=ON "${fixtures[@]}"

@@ -9,11 +9,12 @@
 #include <vector>
 
 #include "cluster/config/cluster_config.hpp"
+#include "tests/support/test_support.hpp"
 
 namespace nibble::cluster {
 namespace {
 
-const std::filesystem::path kRepoRoot = std::filesystem::path(__FILE__).parent_path().parent_path();
+const std::filesystem::path kRepoRoot = nibble::test::source_dir();
 
 // Parses text that must be rejected; checks the key path and line, and that the message carries
 // the source, the key path, "(line N)" and every fragment.

@@ -6,12 +6,16 @@
 //   - deploy/slurm/nibble-serve.sbatch, with stand-ins for scontrol and srun, places each stage's
 //     tensor ranks on one node and refuses a task count that does not match its config; its
 //     #SBATCH header matches the config it names
+//   - under a real single-node Slurm (tests/slurm/local-slurm.sh; skipped where Slurm is not
+//     installed), the batch script's `srun --mpi=pmix` job serves like a single process, ends
+//     COMPLETED with exit code 0 on a shutdown request, and leaves no rank behind after scancel
 //   - every config/*.yaml parses with the server's parser, and the `-np N` its comment shows is
 //     1 + tensor * pipeline
 // Every script runs under coreutils' timeout, and a guard kills a job left running, so no test can
 // hang or leak processes.
 #include <gtest/gtest.h>
 #include <signal.h>
+#include <unistd.h>
 
 #include <chrono>
 #include <fstream>
@@ -31,7 +35,7 @@ namespace {
 
 namespace fs = std::filesystem;
 
-const fs::path kRepoRoot = fs::path(__FILE__).parent_path().parent_path();
+const fs::path kRepoRoot = test::source_dir();
 
 std::string read_text(const fs::path& path) {
   std::ifstream in(path);
@@ -236,7 +240,8 @@ TEST(Deploy, LaunchLocalReportsABadConfigAndLeavesNoJob) {
 TEST(Deploy, ScriptsAreValidBash) {
   for (const char* script :
        {"deploy/launch-local.sh", "deploy/stop-local.sh", "deploy/local-common.sh", "deploy/quickstart.sh",
-        "deploy/build.sh", "deploy/install-deps.sh", "deploy/test.sh", "deploy/slurm/nibble-serve.sbatch"}) {
+        "deploy/build.sh", "deploy/install-deps.sh", "deploy/test.sh", "deploy/slurm/nibble-serve.sbatch",
+        "tests/slurm/local-slurm.sh"}) {
     const test::CommandResult r = test::run_command("bash -n " + quoted((kRepoRoot / script).string()));
     EXPECT_EQ(r.exit_code, 0) << script << ": " << r.output;
   }
@@ -344,6 +349,154 @@ TEST(Deploy, SlurmScriptKeepsEachStageOnOneNode) {
     EXPECT_NE(run.stderr_text.find("needs 1 + 2 x 2 = 5 tasks but the job has 4"), std::string::npos)
         << run.stderr_text;
     EXPECT_TRUE(run.srun_args.empty()) << "srun ran: " << run.srun_args;
+  }
+}
+
+// A real single-node Slurm cluster (munged, slurmctld, slurmd) from tests/slurm/local-slurm.sh,
+// stopped when the test ends whatever happens. `skip_reason` is set when Slurm is not installed.
+class LocalSlurm {
+ public:
+  explicit LocalSlurm(fs::path dir) : dir_(std::move(dir)) {
+    // Ports of this process's own, so that a stale cluster from another run cannot answer.
+    const int port_base = 20000 + 2 * (getpid() % 10000);
+    const test::CommandResult r =
+        test::run_command("timeout 60 bash " + quoted(script()) + " start " + quoted(dir_.string()) + " " +
+                          std::to_string(port_base) + " 2>&1");
+    if (r.exit_code == 77) {
+      skip_reason = trimmed(r.output);
+    } else if (r.exit_code != 0) {
+      error = r.output;
+    } else {
+      conf = (dir_ / "slurm.conf").string();
+    }
+  }
+  ~LocalSlurm() {
+    test::run_command("timeout 60 bash " + quoted(script()) + " stop " + quoted(dir_.string()));
+  }
+
+  // A Slurm client command against this cluster, with nibble's binary in its environment (sbatch
+  // passes the environment on to the job).
+  test::CommandResult run(const std::string& command) const {
+    return test::run_command("cd " + quoted(kRepoRoot.string()) + " && SLURM_CONF=" + quoted(conf) +
+                             " NIBBLE_BIN=" + quoted(test::nibble_bin()) + " timeout 60 " + command +
+                             " 2>&1");
+  }
+  // The value of `field` in `scontrol show job ID` (e.g. JobState, ExitCode).
+  std::string job_field(const std::string& job, const std::string& field) const {
+    const std::string text = run("scontrol show job " + job).output;
+    std::smatch m;
+    if (!std::regex_search(text, m, std::regex("\\b" + field + "=(\\S+)"))) return "";
+    return m[1];
+  }
+  // Waits up to `seconds` for the job to leave PENDING/RUNNING; returns its final state.
+  std::string wait_for_end(const std::string& job, int seconds) const {
+    std::string state;
+    for (int i = 0; i < seconds * 5; ++i) {
+      state = job_field(job, "JobState");
+      if (state != "PENDING" && state != "RUNNING" && state != "COMPLETING" && !state.empty()) break;
+      std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    }
+    return state;
+  }
+
+  std::string conf, skip_reason, error;
+
+ private:
+  static std::string script() { return (kRepoRoot / "tests/slurm/local-slurm.sh").string(); }
+  fs::path dir_;
+};
+
+// Submits the batch script for `config` on the one node; returns the job id.
+std::string submit_serve_job(const LocalSlurm& slurm, const fs::path& config, const fs::path& log) {
+  const test::CommandResult r = slurm.run("sbatch --parsable --nodes=1 --output=" + quoted(log.string()) +
+                                          " deploy/slurm/nibble-serve.sbatch " + quoted(config.string()));
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  return trimmed(r.output);
+}
+
+// Polls the service's health until it answers (true) or the job stops running or time runs out.
+bool wait_until_serving(const LocalSlurm& slurm, const std::string& job, const std::string& endpoint) {
+  for (int i = 0; i < 120; ++i) {
+    const test::CommandResult health =
+        test::run_command("timeout 10 " + quoted(test::nibble_bin()) + " client --endpoint " +
+                          quoted(endpoint) + " --health --timeout-ms 500 2>&1");
+    if (health.exit_code == 0) return true;
+    const std::string state = slurm.job_field(job, "JobState");
+    if (state != "PENDING" && state != "RUNNING") return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  }
+  return false;
+}
+
+// The batch script under a real Slurm: `srun --mpi=pmix` starts the 5 ranks (PMIx wires up Open
+// MPI), the service answers like a single process, a shutdown request ends the job COMPLETED with
+// exit code 0, and scancel ends a second job with every rank gone.
+TEST(Deploy, SlurmBatchJobServesUnderSrunPmixAndEndsCleanly) {
+  test::TempDir dir;
+  const LocalSlurm slurm(dir.path() / "slurm");
+  if (!slurm.skip_reason.empty()) GTEST_SKIP() << slurm.skip_reason;
+  ASSERT_TRUE(slurm.error.empty()) << slurm.error;
+
+  const fs::path model = dir.path() / "tiny.gguf";
+  model::write_random_llama(model.string(), model::llama_shape_by_name("tiny"), kernels::DType::Q4_0, 9);
+  const std::string endpoint = "ipc://" + (dir.path() / "nibble.sock").string();
+  const fs::path config = dir.path() / "cluster.yaml";
+  std::ofstream(config) << "model: { path: tiny.gguf }\nparallel: { tensor: 2, pipeline: 2 }\nthreads: 1\n"
+                        << "server: { listen: \"" << endpoint << "\" }\n";
+
+  const fs::path log = dir.path() / "job.log";
+  const std::string job = submit_serve_job(slurm, config, log);
+  ASSERT_FALSE(job.empty());
+  ASSERT_TRUE(wait_until_serving(slurm, job, endpoint))
+      << "job " << job << " state " << slurm.job_field(job, "JobState") << "\n"
+      << read_text(log);
+  // The ranks are one job step of 5 tasks started by srun; they found each other through PMIx
+  // (without it each would be a world of its own and the service could not start).
+  const test::CommandResult step = slurm.run("scontrol show step " + job + ".0");
+  EXPECT_NE(step.output.find("State=RUNNING"), std::string::npos) << step.output;
+  EXPECT_NE(step.output.find("Tasks=5 Name=nibble"), std::string::npos) << step.output;
+  EXPECT_NE(read_text(log).find("5 ranks (2 tensor x 2 pipeline + coordinator)"), std::string::npos)
+      << read_text(log);
+
+  const std::string bin = quoted(test::nibble_bin());
+  const test::CommandResult expected =
+      test::run_command("timeout 60 " + bin + " generate --model " + quoted(model.string()) +
+                        " --prompt 'Under Slurm' --max-tokens 16 --temperature 0 --threads 1 --json");
+  ASSERT_EQ(expected.exit_code, 0) << expected.output;
+  const auto want = nlohmann::json::parse(expected.output.substr(expected.output.find('{')));
+  const test::CommandResult answer =
+      test::run_command("timeout 60 " + bin + " client --endpoint " + quoted(endpoint) +
+                        " --prompt 'Under Slurm' --max-tokens 16 --temperature 0 --json --timeout-ms 30000");
+  ASSERT_EQ(answer.exit_code, 0) << answer.output;
+  const auto got = nlohmann::json::parse(answer.output);
+  EXPECT_EQ(got["tokens"].size(), 16u) << got;
+  EXPECT_EQ(got["tokens"], want["tokens"]) << got;
+  EXPECT_EQ(got["text"], want["text"]) << got;
+
+  // A shutdown request: every rank exits 0, so the job ends COMPLETED with exit code 0.
+  const test::CommandResult stop =
+      test::run_command("timeout 30 " + bin + " client --endpoint " + quoted(endpoint) + " --shutdown");
+  EXPECT_EQ(stop.exit_code, 0) << stop.output;
+  EXPECT_EQ(slurm.wait_for_end(job, 60), "COMPLETED") << read_text(log);
+  EXPECT_EQ(slurm.job_field(job, "ExitCode"), "0:0") << read_text(log);
+  EXPECT_NE(read_text(log).find("shut down cleanly"), std::string::npos) << read_text(log);
+
+  // scancel: the job ends CANCELLED and no rank outlives it.
+  const fs::path log2 = dir.path() / "job2.log";
+  const std::string job2 = submit_serve_job(slurm, config, log2);
+  ASSERT_TRUE(wait_until_serving(slurm, job2, endpoint)) << read_text(log2);
+  const std::string log2_text = read_text(log2);
+  std::vector<int> worker_pids;
+  const std::regex pid_of("worker rank [0-9]+: .* pid ([0-9]+)");
+  for (std::sregex_iterator it(log2_text.begin(), log2_text.end(), pid_of), end; it != end; ++it)
+    worker_pids.push_back(std::stoi((*it)[1]));
+  EXPECT_EQ(worker_pids.size(), 4u) << log2_text;
+  EXPECT_EQ(slurm.run("scancel " + job2).exit_code, 0);
+  EXPECT_EQ(slurm.wait_for_end(job2, 60), "CANCELLED") << read_text(log2);
+  for (int pid : worker_pids) {
+    for (int i = 0; i < 100 && process_alive(pid); ++i)
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    EXPECT_FALSE(process_alive(pid)) << "worker pid " << pid << " outlived scancel";
   }
 }
 

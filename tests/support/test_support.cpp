@@ -28,6 +28,8 @@ std::string nibble_bin() {
   return env != nullptr && *env != '\0' ? std::string(env) : std::string(NIBBLE_DEFAULT_BIN);
 }
 
+std::filesystem::path source_dir() { return std::filesystem::path(NIBBLE_SOURCE_DIR); }
+
 CommandResult run_command(const std::string& command) {
   CommandResult result;
   FILE* pipe = popen((command + " 2>&1").c_str(), "r");

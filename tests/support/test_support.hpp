@@ -17,6 +17,9 @@ namespace nibble::test {
 std::optional<std::filesystem::path> fixtures_dir();
 // Path of the `nibble` binary (NIBBLE_BIN, else the one this build made).
 std::string nibble_bin();
+// The repository's root (where deploy/, config/ and tests/ are), from CMake: __FILE__ is no
+// guide, since compiler caches may rewrite it to a relative path.
+std::filesystem::path source_dir();
 
 struct CommandResult {
   int exit_code = -1;

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <limits>
 
 #include "speculative/rejection_sampler.hpp"
 
@@ -25,7 +26,8 @@ double CostModel::interpolate(const std::vector<std::pair<int64_t, double>>& poi
 
 namespace {
 
-// Median seconds of a forward pass over `tokens` tokens of one sequence.
+// Seconds of a forward pass over `tokens` tokens of one sequence: the fastest of several runs,
+// since other work on the machine only ever adds time.
 double time_forward(worker::LlamaModel& model, kernels::ThreadPool& pool, int64_t tokens) {
   const int64_t block = 16;
   const int64_t blocks = (tokens + block - 1) / block;
@@ -42,8 +44,7 @@ double time_forward(worker::LlamaModel& model, kernels::ThreadPool& pool, int64_
     model.forward(batch, cache, pool, logits);
     runs.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
   }
-  std::sort(runs.begin(), runs.end());
-  return runs[runs.size() / 2];
+  return *std::min_element(runs.begin(), runs.end());
 }
 
 }  // namespace
@@ -55,6 +56,11 @@ CostModel CostModel::measure(worker::LlamaModel& target, worker::LlamaModel& dra
     costs.target.emplace_back(n, time_forward(target, pool, n));
     costs.draft.emplace_back(n, time_forward(draft, pool, n));
   }
+  // More tokens never cost less: a size that timed faster than a smaller one was measured while
+  // the smaller one was disturbed, so the smaller one gets the lower time.
+  for (auto* points : {&costs.target, &costs.draft})
+    for (size_t i = points->size() - 1; i-- > 0;)
+      (*points)[i].second = std::min((*points)[i].second, (*points)[i + 1].second);
   return costs;
 }
 
@@ -82,6 +88,22 @@ void Speculator::release(uint64_t seq_id) {
   sequences_.erase(it);
 }
 
+double Speculator::gain(double acceptance, int64_t decode_batch, int k) const {
+  const double a = std::clamp(acceptance, 0.0, 0.999);
+  const double expected = (1.0 - std::pow(a, k + 1)) / (1.0 - a);
+  const CostModel& c = settings_.costs;
+  if (c.empty()) return expected / (1.0 + k * (settings_.draft_cost + settings_.verify_cost));
+  const int64_t b = std::max<int64_t>(1, decode_batch);
+  return expected * c.target_seconds(b) / (c.target_seconds(b * (k + 1)) + k * c.draft_seconds(b));
+}
+
+bool Speculator::promising(int64_t decode_batch) const {
+  if (!settings_.adaptive || settings_.costs.empty()) return true;
+  for (int k = 1; k <= settings_.max_draft_tokens; ++k)
+    if (gain(kPromisingAcceptance, decode_batch, k) > kMinGain) return true;
+  return false;
+}
+
 int Speculator::choose_k(uint64_t seq_id, const worker::SamplingParams& sampling, int64_t decode_batch) {
   const int max_k = settings_.max_draft_tokens;
   if (max_k <= 0) return 0;
@@ -92,20 +114,12 @@ int Speculator::choose_k(uint64_t seq_id, const worker::SamplingParams& sampling
   }
   if (!settings_.adaptive) return max_k;
   const auto it = sequences_.find(seq_id);
-  const double a = std::clamp(it == sequences_.end() ? 0.5 : it->second.acceptance, 0.0, 0.999);
+  const double a = it == sequences_.end() ? 0.5 : it->second.acceptance;
   const int64_t b = std::max<int64_t>(1, decode_batch);
-  const CostModel& c = settings_.costs;
-  // Tokens per second relative to plain decoding (1.0).
-  auto gain = [&](int k) {
-    const double expected = (1.0 - std::pow(a, k + 1)) / (1.0 - a);
-    if (c.empty()) return expected / (1.0 + k * (settings_.draft_cost + settings_.verify_cost));
-    const double plain = c.target_seconds(b);
-    return expected * plain / (c.target_seconds(b * (k + 1)) + k * c.draft_seconds(b));
-  };
   int best_k = 0;
-  double best = 1.05;  // a clear gain only: near break-even, plain decoding wins
+  double best = kMinGain;
   for (int k = 1; k <= max_k; ++k) {
-    const double g = gain(k);
+    const double g = gain(a, b, k);
     if (g > best) {
       best = g;
       best_k = k;
@@ -129,7 +143,18 @@ Speculator::Measured& Speculator::bucket(int64_t decode_batch) {
 
 bool Speculator::enabled_for(int64_t decode_batch) {
   if (settings_.max_draft_tokens <= 0 || decode_batch > settings_.max_batch) return false;
-  return !settings_.adaptive || bucket(decode_batch).enabled;
+  if (!settings_.adaptive) return true;
+  Measured& m = bucket(decode_batch);
+  if (m.steps_seen == 0 && m.samples[1] == 0 && !promising(decode_batch)) {
+    // The cost model says verification cannot pay here even for a draft that is nearly always
+    // right: start with plain decoding and count speculation as measured slower, so that it is
+    // only re-tried now and then (in case the model misjudged) instead of warmed up first.
+    m.enabled = false;
+    m.samples[1] = kWarmSteps;
+    m.seconds_per_token[1] = std::numeric_limits<double>::infinity();
+  }
+  ++m.steps_seen;
+  return m.enabled;
 }
 
 void Speculator::observe_step(int64_t decode_batch, bool speculative, double seconds, int64_t tokens) {
@@ -137,16 +162,15 @@ void Speculator::observe_step(int64_t decode_batch, bool speculative, double sec
   Measured& m = bucket(decode_batch);
   const int mode = speculative ? 1 : 0;
   const double per_token = seconds / static_cast<double>(tokens);
-  m.seconds_per_token[mode] =
-      m.samples[mode] == 0 ? per_token : 0.8 * m.seconds_per_token[mode] + 0.2 * per_token;
+  const bool first = m.samples[mode] == 0 || std::isinf(m.seconds_per_token[mode]);
+  m.seconds_per_token[mode] = first ? per_token : 0.8 * m.seconds_per_token[mode] + 0.2 * per_token;
   ++m.samples[mode];
   // The mode of the next step at this batch size: a few steps of each first, then the faster one,
   // with the other re-tried now and then.
-  constexpr int kWarm = 4;
   const bool faster = m.seconds_per_token[1] < m.seconds_per_token[0];
-  if (m.samples[1] < kWarm) {
+  if (m.samples[1] < kWarmSteps) {
     m.enabled = true;
-  } else if (m.samples[0] < kWarm) {
+  } else if (m.samples[0] < kWarmSteps) {
     m.enabled = false;
   } else {
     // Re-trying the slower mode is not free (switching speculation back on makes the draft catch up

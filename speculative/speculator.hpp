@@ -33,8 +33,9 @@ struct CostModel {
   double draft_seconds(int64_t tokens) const { return interpolate(draft, tokens); }
   bool empty() const { return target.empty() || draft.empty(); }
 
-  // Times forward passes of 1, 2, 4, ... max_tokens tokens (one sequence; the median of a few
-  // runs each) on scratch KV caches. Takes well under a second for models that fit a CPU test.
+  // Times forward passes of 1, 2, 4, ... max_tokens tokens (one sequence; the fastest of a few
+  // runs each, made non-decreasing in the token count) on scratch KV caches. Takes well under a second for
+  // models that fit a CPU test.
   static CostModel measure(worker::LlamaModel& target, worker::LlamaModel& draft, kernels::ThreadPool& pool,
                            int64_t max_tokens);
 
@@ -98,7 +99,9 @@ class Speculator {
   // The measured check on the cost model, per decode-batch size (powers of two): false while
   // speculation has measured slower per generated token than plain decoding at this batch size.
   // Both modes are tried first (a few steps each) and re-tried now and then, so a change in the
-  // workload is noticed. Call once per step, before proposing; when false, propose nothing.
+  // workload is noticed; where the cost model says speculation cannot pay even for a draft right
+  // 90% of the time, it starts off and is only re-tried. Call once per step, before proposing; when false,
+  // propose nothing.
   bool enabled_for(int64_t decode_batch);
   // Reports a decode step (no prompt chunks) as the engine saw it: wall seconds from planning to
   // the end of the next proposals, and the tokens it produced; `speculative` when it verified drafts.
@@ -120,9 +123,20 @@ class Speculator {
     uint64_t steps_off = 0;
   };
   SequenceState& state(uint64_t seq_id, const worker::SamplingParams& sampling);
+  // Expected tokens per second relative to plain decoding (1.0) when proposing k tokens to
+  // sequences with this acceptance rate in a decode batch of this size.
+  double gain(double acceptance, int64_t decode_batch, int k) const;
+  // Whether the cost model leaves any k that pays at this batch size for a draft that is right
+  // kPromisingAcceptance of the time.
+  bool promising(int64_t decode_batch) const;
+  static constexpr double kMinGain = 1.05;  // a clear gain only: near break-even, plain decoding wins
+  static constexpr double kPromisingAcceptance = 0.9;
+  static constexpr int kWarmSteps = 4;  // steps of each mode before the measured switch decides
+
   struct Measured {
     double seconds_per_token[2] = {0, 0};  // exponential averages: [plain, speculative]
     int samples[2] = {0, 0};
+    uint64_t steps_seen = 0;       // enabled_for calls
     uint64_t steps = 0;            // since the last re-try
     uint64_t retry_interval = 64;  // steps between re-tries of the slower mode
     bool retrying = false, retry_mode = false;

@@ -155,5 +155,79 @@ TEST(SpeculativeEngine, FortunePairGreedyOutputIsUnchanged) {
   }
 }
 
+// The per-batch switch for greedy requests, driven by synthetic costs and step timings.
+class SpeculationSwitchTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    const std::string path = (tmp_.path() / "draft.gguf").string();
+    model::write_random_llama(path, model::llama_shape_by_name("tiny"), kernels::DType::Q4_0, 3);
+    draft_ = worker::LlamaModel::load(path);
+  }
+  // A speculator whose cost model says a pass over n tokens costs `target(n)` (the draft a tenth).
+  std::unique_ptr<speculative::Speculator> make(double (*target)(int64_t)) {
+    speculative::SpeculatorSettings settings;
+    settings.max_draft_tokens = 4;
+    settings.num_blocks = 16;
+    for (int64_t n = 1; n <= 256; n *= 2) {
+      settings.costs.target.emplace_back(n, target(n));
+      settings.costs.draft.emplace_back(n, 0.1 * target(n));
+    }
+    return std::make_unique<speculative::Speculator>(*draft_, pool_, settings);
+  }
+  test::TempDir tmp_;
+  kernels::ThreadPool pool_{1};
+  std::unique_ptr<worker::LlamaModel> draft_;
+};
+
+// Compute-bound (a CPU): a pass costs in proportion to its tokens, so verifying k + 1 tokens per
+// sequence can never pay; memory-bound (a GPU): a pass costs the same for up to 64 tokens.
+double linear_cost(int64_t n) { return 1e-3 * static_cast<double>(n); }
+double flat_cost(int64_t n) { return 1e-3 * std::max<double>(1.0, static_cast<double>(n) / 64.0); }
+
+TEST_F(SpeculationSwitchTest, StartsOffWhereTheCostModelSaysVerificationCannotPay) {
+  auto spec = make(linear_cost);
+  worker::SamplingParams greedy;
+  greedy.temperature = 0.0f;
+  // Never warmed up: plain decoding from the first step, speculation only re-tried now and then.
+  int speculative_steps = 0;
+  for (int step = 0; step < 200; ++step) {
+    const bool on = spec->enabled_for(8);
+    speculative_steps += on ? 1 : 0;
+    EXPECT_EQ(spec->choose_k(1, greedy, 8) > 0, on);
+    // Speculative steps measure slower per token, as the model predicts.
+    spec->observe_step(8, on, on ? 0.004 : 0.001, 8);
+  }
+  EXPECT_GE(speculative_steps, 1) << "a wrong cost model must still be caught by a re-try";
+  EXPECT_LE(speculative_steps, 4) << "speculation was warmed up although it cannot pay";
+}
+
+TEST_F(SpeculationSwitchTest, ARetryThatMeasuresFasterTurnsSpeculationOn) {
+  auto spec = make(linear_cost);
+  // The cost model is wrong here: speculative steps are in fact faster per token.
+  int speculative_steps = 0;
+  for (int step = 0; step < 400; ++step) {
+    const bool on = spec->enabled_for(8);
+    speculative_steps += on ? 1 : 0;
+    spec->observe_step(8, on, on ? 0.0005 : 0.001, 8);
+  }
+  EXPECT_GT(speculative_steps, 250) << "the measured switch did not take over";
+}
+
+TEST_F(SpeculationSwitchTest, WarmsUpBothModesWhereVerificationIsCheap) {
+  auto spec = make(flat_cost);
+  worker::SamplingParams greedy;
+  greedy.temperature = 0.0f;
+  EXPECT_TRUE(spec->enabled_for(8));
+  EXPECT_GT(spec->choose_k(1, greedy, 8), 0);
+  // Measured slower anyway: after the warm-up of both modes plain decoding wins.
+  int late_speculative = 0;
+  for (int step = 0; step < 60; ++step) {
+    const bool on = spec->enabled_for(8);
+    if (step >= 20) late_speculative += on ? 1 : 0;
+    spec->observe_step(8, on, on ? 0.004 : 0.001, 8);
+  }
+  EXPECT_EQ(late_speculative, 0);
+}
+
 }  // namespace
 }  // namespace nibble::cluster

@@ -99,6 +99,12 @@ int run(const Args& a) {
     std::printf("target %s\ndraft  %s\nthreads %d, %d tokens per request, temperature 0, k %s%d\n\n",
                 a.model.c_str(), a.draft.c_str(), a.threads, a.gen_tokens,
                 a.fixed_k ? "" : "<= ", a.draft_tokens);
+    // The cost model's view: what one forward pass of n tokens costs each model.
+    std::printf("measured forward passes (ms):");
+    for (size_t i = 0; i < costs.target.size(); ++i)
+      std::printf(" %lld: %.2f/%.2f", static_cast<long long>(costs.target[i].first),
+                  costs.target[i].second * 1e3, costs.draft[i].second * 1e3);
+    std::printf("  (tokens: target/draft)\n\n");
     std::printf("%6s %12s %12s %12s %8s %10s %12s %11s\n", "batch", "plain tok/s", "draft tok/s",
                 "spec tok/s", "speedup", "accepted", "tok/verify", "draft cost");
   }

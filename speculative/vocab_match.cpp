@@ -38,9 +38,9 @@ std::string id_text(int32_t id) { return id < 0 ? std::string("none") : std::to_
 }  // namespace
 
 void check_vocab_match(const model::Tokenizer& target, const model::Tokenizer& draft,
-                       const std::string& draft_name) {
+                       const std::string& draft_name, const std::string& needed_for) {
   auto fail = [&](const std::string& what) {
-    throw VocabMismatch(draft_name + ": " + what + " (speculative decoding needs the target's vocabulary)");
+    throw VocabMismatch(draft_name + ": " + what + " (" + needed_for + " needs the target's vocabulary)");
   };
   if (draft.kind() != target.kind()) {
     fail(std::string("tokenizer is ") + kind_name(draft.kind()) + " but the target's is " +

@@ -20,7 +20,8 @@ class VocabMismatch : public std::invalid_argument {
 // tokenizer kind, vocabulary size, BOS id, EOS id, then token texts by increasing id, e.g.
 // "draft.gguf: token 1234 is 'foo' but the target's is 'bar'". Control bytes in token texts are
 // written as \xNN.
+// `needed_for` names what needs the match in the message.
 void check_vocab_match(const model::Tokenizer& target, const model::Tokenizer& draft,
-                       const std::string& draft_name);
+                       const std::string& draft_name, const std::string& needed_for = "speculative decoding");
 
 }  // namespace nibble::speculative

@@ -24,6 +24,8 @@ int main(int argc, char** argv) {
   add("serve", "Run the distributed service (under mpirun: 1 coordinator + T*P workers)",
       nibble::cli::add_serve);
   add("quantize", "Round-to-nearest quantize a GGUF model", nibble::cli::add_quantize);
+  add("eval", "Measure quality: perplexity (ppl), or a model against its base (compare)",
+      nibble::cli::add_eval);
   add("client", "Send one request to a running `nibble serve`", nibble::cli::add_client);
   add("bench-serve", "Load-test a running `nibble serve` (throughput, TTFT, TPOT)",
       nibble::cli::add_bench_serve);

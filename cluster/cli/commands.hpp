@@ -20,6 +20,7 @@ Runner add_bench_speculative(CLI::App& app);
 Runner add_client(CLI::App& app);
 Runner add_bench_serve(CLI::App& app);
 Runner add_eval(CLI::App& app);
+Runner add_bench_gpu(CLI::App& app);
 
 // Thread count default: every core the machine has.
 int default_threads();

@@ -20,6 +20,8 @@ int main(int argc, char** argv) {
   add("bench", "Measure prompt-processing and generation speed", nibble::cli::add_bench);
   add("bench-spec", "Measure speculative decoding against plain decoding (batch 1, 8, 32)",
       nibble::cli::add_bench_speculative);
+  add("bench-gpu", "Time the CUDA W4A16 kernel against fp16 cuBLAS on Llama-70B shapes",
+      nibble::cli::add_bench_gpu);
   add("make-model", "Write a random-weight Llama GGUF of a named shape", nibble::cli::add_make_model);
   add("serve", "Run the distributed service (under mpirun: 1 coordinator + T*P workers)",
       nibble::cli::add_serve);

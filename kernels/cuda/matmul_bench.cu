@@ -1,0 +1,208 @@
+#include <cublas_v2.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <memory>
+#include <stdexcept>
+
+#include "kernels/cuda/matmul_bench.cuh"
+#include "kernels/cuda/w4a16_gemv.cuh"
+#include "kernels/quant_types.hpp"
+
+namespace nibble::kernels::cuda {
+namespace {
+
+// Failures inside the benchmark unwind to run_matmul_bench, which turns them into a Status.
+struct BenchFailure : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+void check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) throw BenchFailure(std::string(what) + ": " + cudaGetErrorString(err));
+}
+void check(cublasStatus_t st, const char* what) {
+  if (st != CUBLAS_STATUS_SUCCESS) throw BenchFailure(std::string(what) + ": cuBLAS status " + std::to_string(st));
+}
+
+struct DeviceMemory {
+  void* ptr = nullptr;
+  explicit DeviceMemory(size_t bytes) { check(cudaMalloc(&ptr, std::max<size_t>(bytes, 16)), "cudaMalloc"); }
+  ~DeviceMemory() { cudaFree(ptr); }
+  DeviceMemory(const DeviceMemory&) = delete;
+  DeviceMemory& operator=(const DeviceMemory&) = delete;
+};
+
+__device__ uint32_t mix(uint64_t i, uint32_t seed) {
+  uint64_t z = i * 0x9E3779B97F4A7C15ull + seed;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return static_cast<uint32_t>(z ^ (z >> 31));
+}
+
+// Random halves in [-scale, scale): never zeros, which would flatter the timings.
+__global__ void fill_halves(__half* p, int64_t n, float scale, uint32_t seed) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x) {
+    const float u = static_cast<float>(mix(static_cast<uint64_t>(i), seed) >> 8) * (1.0f / 16777216.0f);
+    p[i] = __float2half((2.0f * u - 1.0f) * scale);
+  }
+}
+
+// Random Q4_0 blocks: a small positive scale and random nibbles.
+__global__ void fill_q4_0(uint8_t* p, int64_t blocks, uint32_t seed) {
+  for (int64_t b = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; b < blocks;
+       b += int64_t{gridDim.x} * blockDim.x) {
+    uint8_t* blk = p + b * static_cast<int64_t>(sizeof(BlockQ4_0));
+    const uint32_t r = mix(static_cast<uint64_t>(b), seed);
+    const __half d = __float2half(0.001f + 0.01f * static_cast<float>(r & 0xFF) / 255.0f);
+    *reinterpret_cast<__half*>(blk) = d;  // the block is 2-byte aligned
+    for (int j = 0; j < kQK4_0 / 2; ++j) blk[2 + j] = static_cast<uint8_t>(mix(static_cast<uint64_t>(b) * 16 + j, seed ^ 0x55u));
+  }
+}
+
+constexpr unsigned kFillGrid = 1024, kFillBlock = 256;
+
+// Enough copies of a weight matrix of `bytes` that a sweep over them is 4x the L2 cache.
+int copies_for(size_t bytes, int l2_bytes) {
+  const size_t want = 4 * static_cast<size_t>(std::max(l2_bytes, 1 << 20));
+  return static_cast<int>(std::clamp<size_t>((want + bytes - 1) / bytes, 2, 64));
+}
+
+// Median over repetitions of the mean time of one call, in microseconds. `call(i)` enqueues
+// product i (it picks its weight copy from i).
+template <typename Call>
+double time_us(cudaStream_t stream, int iterations, int repetitions, Call call) {
+  for (int i = 0; i < 3; ++i) call(i);
+  cudaEvent_t start, stop;
+  check(cudaEventCreate(&start), "cudaEventCreate");
+  check(cudaEventCreate(&stop), "cudaEventCreate");
+  std::vector<double> runs;
+  for (int r = 0; r < repetitions; ++r) {
+    check(cudaEventRecord(start, stream), "cudaEventRecord");
+    for (int i = 0; i < iterations; ++i) call(i);
+    check(cudaEventRecord(stop, stream), "cudaEventRecord");
+    check(cudaEventSynchronize(stop), "cudaEventSynchronize");
+    float ms = 0.0f;
+    check(cudaEventElapsedTime(&ms, start, stop), "cudaEventElapsedTime");
+    runs.push_back(1e3 * static_cast<double>(ms) / iterations);
+  }
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  std::sort(runs.begin(), runs.end());
+  return runs[runs.size() / 2];
+}
+
+double measure_copy_gbps(cudaStream_t stream) {
+  const size_t bytes = size_t{1} << 30;
+  DeviceMemory a(bytes), b(bytes);
+  check(cudaMemsetAsync(a.ptr, 1, bytes, stream), "cudaMemsetAsync");
+  const double us = time_us(stream, 10, 5, [&](int) {
+    check(cudaMemcpyAsync(b.ptr, a.ptr, bytes, cudaMemcpyDeviceToDevice, stream), "cudaMemcpyAsync");
+  });
+  return 2.0 * static_cast<double>(bytes) / (us * 1e-6) / 1e9;
+}
+
+void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int iterations, int repetitions,
+                 int l2_bytes, cudaStream_t stream, cublasHandle_t cublas, MatmulBenchResult& result) {
+  const int64_t k = shape.k, n = shape.n_out;
+  const int64_t max_m = *std::max_element(ms.begin(), ms.end());
+  const size_t q4_bytes = static_cast<size_t>(n * (k / kQK4_0)) * sizeof(BlockQ4_0);
+  const size_t f16_bytes = static_cast<size_t>(n * k) * sizeof(__half);
+  const int q4_copies = copies_for(q4_bytes, l2_bytes), f16_copies = copies_for(f16_bytes, l2_bytes);
+  DeviceMemory x(static_cast<size_t>(max_m * k) * sizeof(__half));
+  DeviceMemory y(static_cast<size_t>(max_m * n) * sizeof(float));
+  auto* xh = static_cast<__half*>(x.ptr);
+  fill_halves<<<kFillGrid, kFillBlock, 0, stream>>>(xh, max_m * k, 1.0f, 7);
+  check(cudaGetLastError(), "fill x");
+
+  std::vector<double> ours(ms.size()), theirs(ms.size());
+  {
+    DeviceMemory w(q4_bytes * q4_copies);
+    fill_q4_0<<<kFillGrid, kFillBlock, 0, stream>>>(static_cast<uint8_t*>(w.ptr),
+                                                      static_cast<int64_t>(q4_bytes / sizeof(BlockQ4_0)) * q4_copies, 11);
+    check(cudaGetLastError(), "fill weights");
+    for (size_t mi = 0; mi < ms.size(); ++mi) {
+      const int64_t m = ms[mi];
+      ours[mi] = time_us(stream, iterations, repetitions, [&](int i) {
+        const uint8_t* wi = static_cast<const uint8_t*>(w.ptr) + q4_bytes * static_cast<size_t>(i % q4_copies);
+        for (int64_t r0 = 0; r0 < m; r0 += kW4A16GemvMaxM) {
+          const int64_t rows = std::min<int64_t>(kW4A16GemvMaxM, m - r0);
+          if (w4a16_gemv_q4_0(wi, n, k, xh + r0 * k, rows, static_cast<float*>(y.ptr) + r0 * n, stream) !=
+              Status::ok)
+            throw BenchFailure("w4a16_gemv_q4_0 failed");
+        }
+      });
+    }
+  }
+  {
+    DeviceMemory w(f16_bytes * f16_copies);
+    fill_halves<<<kFillGrid, kFillBlock, 0, stream>>>(static_cast<__half*>(w.ptr), n * k * f16_copies, 0.02f, 13);
+    check(cudaGetLastError(), "fill fp16 weights");
+    const float alpha = 1.0f, beta = 0.0f;
+    for (size_t mi = 0; mi < ms.size(); ++mi) {
+      const int64_t m = ms[mi];
+      theirs[mi] = time_us(stream, iterations, repetitions, [&](int i) {
+        const auto* wi = static_cast<const __half*>(w.ptr) + static_cast<size_t>(n * k) * (i % f16_copies);
+        // Row-major W [n, k] is column-major k x n: y^T [n, m] = W [n, k] . x^T [k, m], fp16 out.
+        check(cublasGemmEx(cublas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(n), static_cast<int>(m),
+                           static_cast<int>(k), &alpha, wi, CUDA_R_16F, static_cast<int>(k), xh, CUDA_R_16F,
+                           static_cast<int>(k), &beta, y.ptr, CUDA_R_16F, static_cast<int>(n), CUBLAS_COMPUTE_32F,
+                           CUBLAS_GEMM_DEFAULT),
+              "cublasGemmEx");
+      });
+    }
+  }
+  for (size_t mi = 0; mi < ms.size(); ++mi) {
+    MatmulBenchRow row;
+    row.shape = shape;
+    row.m = ms[mi];
+    row.ours_us = ours[mi];
+    row.ours_calls = static_cast<int>((ms[mi] + kW4A16GemvMaxM - 1) / kW4A16GemvMaxM);
+    row.cublas_us = theirs[mi];
+    row.ours_bytes = static_cast<double>(q4_bytes) + 2.0 * ms[mi] * k + 4.0 * ms[mi] * n;
+    row.cublas_bytes = static_cast<double>(f16_bytes) + 2.0 * ms[mi] * k + 2.0 * ms[mi] * n;
+    result.rows.push_back(row);
+  }
+}
+
+}  // namespace
+
+Status run_matmul_bench(const std::vector<MatmulShape>& shapes, const std::vector<int64_t>& ms, int iterations,
+                        int repetitions, MatmulBenchResult& result, std::string& error) {
+  if (ms.empty() || iterations < 1 || repetitions < 1) return Status::invalid_argument;
+  for (int64_t m : ms)
+    if (m < 1) return Status::invalid_argument;
+  for (const MatmulShape& s : shapes)
+    if (s.k <= 0 || s.n_out <= 0 || s.k % kQK4_0 != 0) return Status::invalid_argument;
+  cudaStream_t stream = nullptr;
+  cublasHandle_t cublas = nullptr;
+  try {
+    int device = 0;
+    check(cudaGetDevice(&device), "cudaGetDevice");
+    cudaDeviceProp prop{};
+    check(cudaGetDeviceProperties(&prop, device), "cudaGetDeviceProperties");
+    char name[320];
+    std::snprintf(name, sizeof name, "%s, %.1f GiB, %d SMs, L2 %d MiB", prop.name,
+                  static_cast<double>(prop.totalGlobalMem) / (1 << 30), prop.multiProcessorCount,
+                  prop.l2CacheSize >> 20);
+    result.device = name;
+    check(cudaStreamCreate(&stream), "cudaStreamCreate");
+    check(cublasCreate(&cublas), "cublasCreate");
+    check(cublasSetStream(cublas, stream), "cublasSetStream");
+    result.copy_gbps = measure_copy_gbps(stream);
+    for (const MatmulShape& s : shapes)
+      bench_shape(s, ms, iterations, repetitions, prop.l2CacheSize, stream, cublas, result);
+    check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+  } catch (const BenchFailure& e) {
+    error = e.what();
+    if (cublas != nullptr) cublasDestroy(cublas);
+    if (stream != nullptr) cudaStreamDestroy(stream);
+    return Status::device_error;
+  }
+  cublasDestroy(cublas);
+  cudaStreamDestroy(stream);
+  return Status::ok;
+}
+
+}  // namespace nibble::kernels::cuda

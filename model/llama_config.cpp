@@ -1,5 +1,9 @@
 #include "model/llama_config.hpp"
 
+#include <nlohmann/json.hpp>
+
+#include "model/hf_checkpoint.hpp"
+
 namespace nibble::model {
 
 LlamaConfig LlamaConfig::from_gguf(const GgufFile& file) {
@@ -40,6 +44,93 @@ LlamaConfig LlamaConfig::from_gguf(const GgufFile& file) {
   if (embd == nullptr) throw GgufError(file.path() + ": tensor 'token_embd.weight' is missing");
   if (embd->dims.size() != 2) throw GgufError(file.path() + ": token_embd.weight must be 2-D");
   c.n_vocab = embd->dims[1];
+  c.tied_output = file.find_tensor("output.weight") == nullptr;
+  return c;
+}
+
+LlamaConfig LlamaConfig::from_hf(const HfCheckpoint& checkpoint) {
+  using nlohmann::json;
+  const std::string& path = checkpoint.config_path();
+  json j;
+  try {
+    j = json::parse(checkpoint.config_text());
+  } catch (const json::exception& e) {
+    throw HfCheckpointError(path + ": not valid JSON: " + e.what());
+  }
+  if (!j.is_object()) throw HfCheckpointError(path + ": not a JSON object");
+  auto fail = [&](const std::string& key, const std::string& problem) -> HfCheckpointError {
+    return HfCheckpointError(path + ": key '" + key + "' " + problem);
+  };
+  // A key that is absent or null counts as missing (transformers writes null for "use the default").
+  auto present = [&](const char* key) { return j.contains(key) && !j[key].is_null(); };
+  auto positive = [&](const char* key) -> int64_t {
+    if (!present(key)) throw fail(key, "is missing");
+    const json& v = j[key];
+    if (!v.is_number_integer()) throw fail(key, "must be an integer, not " + v.dump());
+    const int64_t n = v.get<int64_t>();
+    if (n <= 0 || n > (int64_t{1} << 31)) throw fail(key, "= " + v.dump() + " is out of range");
+    return n;
+  };
+  auto number = [&](const json& v, const std::string& key) -> double {
+    if (!v.is_number() || v.is_boolean()) throw fail(key, "must be a number, not " + v.dump());
+    return v.get<double>();
+  };
+  auto flag = [&](const char* key, bool fallback) -> bool {
+    if (!present(key)) return fallback;
+    if (!j[key].is_boolean()) throw fail(key, "must be true or false, not " + j[key].dump());
+    return j[key].get<bool>();
+  };
+
+  if (!present("architectures")) throw fail("architectures", "is missing");
+  const json& arch = j["architectures"];
+  if (!arch.is_array() || arch.size() != 1 || !arch[0].is_string() || arch[0] != "LlamaForCausalLM") {
+    throw fail("architectures", "= " + arch.dump() + " is not supported (only [\"LlamaForCausalLM\"])");
+  }
+  if (present("hidden_act") && j["hidden_act"] != "silu")
+    throw fail("hidden_act", "= " + j["hidden_act"].dump() + " is not supported (only \"silu\")");
+  if (flag("attention_bias", false)) throw fail("attention_bias", "= true is not supported");
+  if (flag("mlp_bias", false)) throw fail("mlp_bias", "= true is not supported");
+
+  LlamaConfig c;
+  c.n_embd = positive("hidden_size");
+  c.n_layer = positive("num_hidden_layers");
+  c.n_head = positive("num_attention_heads");
+  c.n_head_kv = present("num_key_value_heads") ? positive("num_key_value_heads") : c.n_head;
+  c.n_ff = positive("intermediate_size");
+  c.n_vocab = positive("vocab_size");
+  c.n_ctx_train = positive("max_position_embeddings");
+  if (!present("rms_norm_eps")) throw fail("rms_norm_eps", "is missing");
+  c.rms_eps = static_cast<float>(number(j["rms_norm_eps"], "rms_norm_eps"));
+  if (!(c.rms_eps > 0.0f)) throw fail("rms_norm_eps", "must be positive");
+
+  // RoPE: rope_theta (transformers 4), or rope_parameters.rope_theta (transformers 5). Only plain
+  // RoPE is implemented: any scaling (linear, dynamic, llama3, yarn) would change the logits.
+  double theta = 10000.0;
+  if (present("rope_theta")) theta = number(j["rope_theta"], "rope_theta");
+  for (const char* key : {"rope_scaling", "rope_parameters"}) {
+    if (!present(key)) continue;
+    const json& r = j[key];
+    if (!r.is_object()) throw fail(key, "must be an object, not " + r.dump());
+    for (const char* type_key : {"rope_type", "type"}) {
+      if (r.contains(type_key) && r[type_key] != "default")
+        throw fail(key, "= " + r.dump() + " is not supported (only rope_type \"default\")");
+    }
+    if (r.contains("rope_theta")) theta = number(r["rope_theta"], std::string(key) + ".rope_theta");
+  }
+  c.rope_base = static_cast<float>(theta);
+  if (!(c.rope_base > 0.0f)) throw fail("rope_theta", "must be positive");
+
+  if (c.n_head % c.n_head_kv != 0)
+    throw fail("num_attention_heads", "is not a multiple of num_key_value_heads");
+  if (present("head_dim")) {
+    c.head_dim = positive("head_dim");
+  } else {
+    if (c.n_embd % c.n_head != 0) throw fail("hidden_size", "is not a multiple of num_attention_heads");
+    c.head_dim = c.n_embd / c.n_head;
+  }
+  if (c.head_dim % 2 != 0) throw fail("head_dim", "must be even (RoPE rotates pairs)");
+  c.rope_dims = c.head_dim;
+  c.tied_output = flag("tie_word_embeddings", false);  // LlamaConfig's default
   return c;
 }
 

@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <cstdint>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 
@@ -67,6 +68,85 @@ void pack_matrix(WeightMatrix& w, bool release_source) {
   if (last > first) ::madvise(reinterpret_cast<void*>(first), last - first, MADV_DONTNEED);  // advisory
 }
 
+namespace hf {
+
+const HfCheckpoint::Tensor& require(const HfCheckpoint& ckpt, const std::string& name,
+                                    const std::vector<int64_t>& shape) {
+  const HfCheckpoint::Tensor* t = ckpt.find_tensor(name);
+  if (t == nullptr) throw HfCheckpointError(ckpt.dir() + ": tensor '" + name + "' is missing");
+  if (t->info->shape != shape) {
+    throw HfCheckpointError(t->file->path() + ": tensor '" + name + "' has shape " +
+                            shape_string(t->info->shape) + ", expected " + shape_string(shape));
+  }
+  return *t;
+}
+
+kernels::DType float_type(const HfCheckpoint::Tensor& t) {
+  const auto type = safetensors_float_type(t.info->dtype);
+  if (!type) {
+    throw HfCheckpointError(t.file->path() + ": tensor '" + t.info->name + "' has dtype " +
+                            safetensors_dtype_name(t.info->dtype) +
+                            "; only F32, F16 and BF16 weights can be served (GPTQ/AWQ-packed checkpoints are "
+                            "not supported yet)");
+  }
+  return *type;
+}
+
+// x · Wᵀ with W: [n_out, k], the layout of a torch Linear weight.
+WeightMatrix matrix(const HfCheckpoint& ckpt, const std::string& name, int64_t n_out, int64_t k) {
+  const HfCheckpoint::Tensor& t = require(ckpt, name, {n_out, k});
+  WeightMatrix w{float_type(t), t.data(), n_out, k, nullptr, nullptr};
+  // The format does not align tensors; the kernels read whole elements, so copy a misaligned one.
+  if (reinterpret_cast<uintptr_t>(w.data) % static_cast<uintptr_t>(safetensors_dtype_bytes(t.info->dtype)) !=
+      0) {
+    auto owned = std::make_shared<std::vector<uint8_t>>(w.data, w.data + t.info->size_bytes);
+    w.data = owned->data();
+    w.owned = std::move(owned);
+  }
+  return w;
+}
+
+// HF applies RoPE to the two halves of each head (x[i] with x[i + d/2], "NeoX style"); GGUF and
+// kernels/rope rotate adjacent pairs (x[2i] with x[2i+1]). Like llama.cpp's convert_hf_to_gguf.py,
+// the rows of each head of q_proj and k_proj are reordered so that row h·d/2 + i (half h) becomes row
+// 2i + h: q and k then come out of the matmul in the interleaved order, one RoPE kernel serves both
+// formats, and q·k is unchanged because both sides are permuted alike (v and o are untouched).
+// The alternative, a rope-style flag, would need a second kernel on every backend.
+WeightMatrix rope_interleaved(const HfCheckpoint& ckpt, const std::string& name, int64_t n_heads,
+                              int64_t head_dim, int64_t k) {
+  const WeightMatrix source = matrix(ckpt, name, n_heads * head_dim, k);
+  const int64_t row_bytes = source.row_bytes();
+  auto owned = std::make_shared<std::vector<uint8_t>>(static_cast<size_t>(source.n_out * row_bytes));
+  const int64_t half = head_dim / 2;
+  for (int64_t h = 0; h < n_heads; ++h) {
+    for (int64_t i = 0; i < half; ++i) {
+      for (int64_t side = 0; side < 2; ++side) {
+        const int64_t from = h * head_dim + side * half + i;
+        const int64_t to = h * head_dim + 2 * i + side;
+        std::memcpy(owned->data() + to * row_bytes, source.data + from * row_bytes,
+                    static_cast<size_t>(row_bytes));
+      }
+    }
+  }
+  WeightMatrix w = source;
+  w.data = owned->data();
+  w.owned = std::move(owned);
+  return w;
+}
+
+std::vector<float> vector_f32(const HfCheckpoint& ckpt, const std::string& name, int64_t n) {
+  const HfCheckpoint::Tensor& t = require(ckpt, name, {n});
+  const kernels::DType type = float_type(t);
+  // Copied first: dequantize_row reads whole elements, which the mapping may not align.
+  std::vector<uint8_t> bytes(t.data(), t.data() + t.info->size_bytes);
+  std::vector<float> out(static_cast<size_t>(n));
+  if (kernels::dequantize_row(type, bytes.data(), out.data(), n) != kernels::Status::ok)
+    throw HfCheckpointError(t.file->path() + ": tensor '" + name + "' cannot be read as a vector");
+  return out;
+}
+
+}  // namespace hf
+
 }  // namespace
 
 void LlamaWeights::pack_for_cpu(bool release_source) {
@@ -102,6 +182,44 @@ LlamaWeights LlamaWeights::bind(const GgufFile& file, const LlamaConfig& c) {
     l.w_gate = matrix(file, p + "ffn_gate.weight", c.n_embd, c.n_ff);
     l.w_up = matrix(file, p + "ffn_up.weight", c.n_embd, c.n_ff);
     l.w_down = matrix(file, p + "ffn_down.weight", c.n_ff, c.n_embd);
+  }
+  return w;
+}
+
+LlamaWeights LlamaWeights::bind(const HfCheckpoint& ckpt, const LlamaConfig& c, int64_t layer_begin,
+                                int64_t layer_end) {
+  if (layer_end < 0) layer_end = c.n_layer;
+  if (layer_begin < 0 || layer_begin > layer_end || layer_end > c.n_layer)
+    throw std::invalid_argument("layers [" + std::to_string(layer_begin) + ", " + std::to_string(layer_end) +
+                                ") are not inside the model's " + std::to_string(c.n_layer));
+  LlamaWeights w;
+  w.token_embd = hf::matrix(ckpt, "model.embed_tokens.weight", c.n_vocab, c.n_embd);
+  w.output_norm = hf::vector_f32(ckpt, "model.norm.weight", c.n_embd);
+  // With tie_word_embeddings transformers ties lm_head to the embedding even if the file holds one.
+  w.tied_output = c.tied_output;
+  if (w.tied_output) {
+    w.output = w.token_embd;
+  } else {
+    if (ckpt.find_tensor("lm_head.weight") == nullptr) {
+      throw HfCheckpointError(ckpt.dir() +
+                              ": tensor 'lm_head.weight' is missing and config.json does not set "
+                              "tie_word_embeddings");
+    }
+    w.output = hf::matrix(ckpt, "lm_head.weight", c.n_vocab, c.n_embd);
+  }
+  w.layers.resize(static_cast<size_t>(c.n_layer));
+  for (int64_t i = layer_begin; i < layer_end; ++i) {
+    const std::string p = "model.layers." + std::to_string(i) + ".";
+    LlamaLayerWeights& l = w.layers[static_cast<size_t>(i)];
+    l.attn_norm = hf::vector_f32(ckpt, p + "input_layernorm.weight", c.n_embd);
+    l.wq = hf::rope_interleaved(ckpt, p + "self_attn.q_proj.weight", c.n_head, c.head_dim, c.n_embd);
+    l.wk = hf::rope_interleaved(ckpt, p + "self_attn.k_proj.weight", c.n_head_kv, c.head_dim, c.n_embd);
+    l.wv = hf::matrix(ckpt, p + "self_attn.v_proj.weight", c.kv_dim(), c.n_embd);
+    l.wo = hf::matrix(ckpt, p + "self_attn.o_proj.weight", c.n_embd, c.q_dim());
+    l.ffn_norm = hf::vector_f32(ckpt, p + "post_attention_layernorm.weight", c.n_embd);
+    l.w_gate = hf::matrix(ckpt, p + "mlp.gate_proj.weight", c.n_ff, c.n_embd);
+    l.w_up = hf::matrix(ckpt, p + "mlp.up_proj.weight", c.n_ff, c.n_embd);
+    l.w_down = hf::matrix(ckpt, p + "mlp.down_proj.weight", c.n_embd, c.n_ff);
   }
   return w;
 }

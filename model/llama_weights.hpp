@@ -1,7 +1,8 @@
 #pragma once
-// The tensors of a Llama model, bound by llama.cpp's names and checked against the config.
-// Matrices stay in the file's (possibly quantized) type and point into the mapping; only the small
-// 1-D norm weights are converted to float.
+// The tensors of a Llama model, bound by llama.cpp's names (GGUF) or Hugging Face's (safetensors)
+// and checked against the config. Matrices stay in the file's (possibly quantized) type and point
+// into the mapping; only the small 1-D norm weights are converted to float, and an HF checkpoint's
+// q/k projections are permuted into owned memory (see bind(HfCheckpoint)).
 #include <cstdint>
 #include <memory>
 #include <vector>
@@ -9,6 +10,7 @@
 #include "kernels/packed_weights.hpp"
 #include "kernels/quant_types.hpp"
 #include "model/gguf.hpp"
+#include "model/hf_checkpoint.hpp"
 #include "model/llama_config.hpp"
 
 namespace nibble::model {
@@ -45,6 +47,15 @@ struct LlamaWeights {
 
   // Throws GgufError naming a missing tensor or a shape that disagrees with the config.
   static LlamaWeights bind(const GgufFile& file, const LlamaConfig& config);
+  // From an HF LlamaForCausalLM checkpoint: model.embed_tokens, model.layers.N.{self_attn.{q,k,v,o}_proj,
+  // mlp.{gate,up,down}_proj, input_layernorm, post_attention_layernorm}, model.norm, lm_head (or the
+  // embedding when config.tied_output). Matrices may be F32, F16 or BF16 (the matmul reads all
+  // three); they stay mapped unless misaligned for their element type. Only the layers
+  // [layer_begin, layer_end) are bound (layer_end -1: the last); the others are left empty, so a
+  // pipeline stage copies only its own q/k. Throws HfCheckpointError naming a missing tensor, a shape
+  // that disagrees with the config or a dtype that cannot be served.
+  static LlamaWeights bind(const HfCheckpoint& checkpoint, const LlamaConfig& config, int64_t layer_begin = 0,
+                           int64_t layer_end = -1);
 
   // Repacks every matrix the CPU matmul reads faster packed (Q4_0; see
   // kernels/can_pack_for_matmul) into `packed`, one at a time. With release_source, each source

@@ -23,12 +23,18 @@ void check(kernels::Status status, const char* what) {
   }
 }
 
-// Rows [begin, begin + count) of w: a view into the same memory.
+// Rows [begin, begin + count) of w: a view into the same memory, or for a matrix that owns its
+// memory (e.g. HF q/k permuted at load) a copy, so that the other shards' rows are freed.
 model::WeightMatrix row_slice(const model::WeightMatrix& w, int64_t begin, int64_t count) {
   model::WeightMatrix s = w;
   s.data = w.data + begin * w.row_bytes();
   s.n_out = count;
   s.packed = nullptr;
+  if (w.owned != nullptr) {
+    auto owned = std::make_shared<std::vector<uint8_t>>(s.data, s.data + count * w.row_bytes());
+    s.data = owned->data();
+    s.owned = std::move(owned);
+  }
   return s;
 }
 
@@ -92,15 +98,18 @@ ForwardBatch ForwardBatch::single(const std::vector<int32_t>& tokens, int32_t st
 
 std::unique_ptr<LlamaModel> LlamaModel::load(const std::string& path, TensorShard shard,
                                              ShardReducer* reducer, LayerRange layers) {
-  return std::make_unique<LlamaModel>(model::GgufFile::open(path), shard, reducer, layers);
+  return std::make_unique<LlamaModel>(model::LlamaCheckpoint::open(path), shard, reducer, layers);
 }
 
 LlamaModel::LlamaModel(std::shared_ptr<const model::GgufFile> file, TensorShard shard, ShardReducer* reducer,
                        LayerRange layers)
-    : file_(std::move(file)),
-      config_(model::LlamaConfig::from_gguf(*file_)),
+    : LlamaModel(model::LlamaCheckpoint::from_gguf(std::move(file)), shard, reducer, layers) {}
+
+LlamaModel::LlamaModel(std::shared_ptr<const model::LlamaCheckpoint> checkpoint, TensorShard shard,
+                       ShardReducer* reducer, LayerRange layers)
+    : checkpoint_(std::move(checkpoint)),
+      config_(checkpoint_->config()),
       shard_config_(config_),
-      weights_(model::LlamaWeights::bind(*file_, config_)),
       shard_(shard),
       vocab_counts_{config_.n_vocab} {
   if (shard_.size < 1 || shard_.rank < 0 || shard_.rank >= shard_.size) {
@@ -114,6 +123,7 @@ LlamaModel::LlamaModel(std::shared_ptr<const model::GgufFile> file, TensorShard 
                                 std::to_string(layer_end_) + ") is not inside the model's " +
                                 std::to_string(config_.n_layer) + " layers");
   }
+  weights_ = checkpoint_->bind_weights(layer_begin_, layer_end_);
   // Keep only this stage's layers (and the head only on the last stage), so a stage packs and holds
   // just its share of the weights.
   weights_.layers.erase(weights_.layers.begin() + layer_end_, weights_.layers.end());
@@ -126,6 +136,13 @@ LlamaModel::LlamaModel(std::shared_ptr<const model::GgufFile> file, TensorShard 
     bind_shard();
   }
   weights_.pack_for_cpu(/*release_source=*/true);
+}
+
+const model::GgufFile& LlamaModel::file() const {
+  if (checkpoint_->gguf() == nullptr) {
+    throw std::logic_error(checkpoint_->path() + " is a Hugging Face checkpoint, not a GGUF file");
+  }
+  return *checkpoint_->gguf();
 }
 
 void LlamaModel::bind_shard() {

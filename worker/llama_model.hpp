@@ -8,6 +8,7 @@
 
 #include "kernels/thread_pool.hpp"
 #include "model/gguf.hpp"
+#include "model/llama_checkpoint.hpp"
 #include "model/llama_config.hpp"
 #include "model/llama_weights.hpp"
 #include "worker/kv_cache.hpp"
@@ -59,13 +60,16 @@ struct LayerRange {
 // not contiguous); everything else points into the mapping as before.
 class LlamaModel {
  public:
-  // Opens and validates the GGUF file (throws model::GgufError). See the constructor for shard.
+  // Opens and validates a GGUF file, or a Hugging Face checkpoint when `path` is a directory (throws
+  // model::GgufError, HfCheckpointError or SafetensorsError). See the constructor for shard.
   static std::unique_ptr<LlamaModel> load(const std::string& path, TensorShard shard = {},
                                           ShardReducer* reducer = nullptr, LayerRange layers = {});
   // shard: which tensor-parallel shard to bind (the whole model by default). reducer: the group's
   // collectives, required when shard.size > 1 (unused otherwise); not owned, must outlive the
   // model. layers: the pipeline stage's layers (see LayerRange). Throws std::invalid_argument when
   // the model cannot be split that way.
+  explicit LlamaModel(std::shared_ptr<const model::LlamaCheckpoint> checkpoint, TensorShard shard = {},
+                      ShardReducer* reducer = nullptr, LayerRange layers = {});
   explicit LlamaModel(std::shared_ptr<const model::GgufFile> file, TensorShard shard = {},
                       ShardReducer* reducer = nullptr, LayerRange layers = {});
 
@@ -78,8 +82,11 @@ class LlamaModel {
   LayerRange layers() const { return {layer_begin_, layer_end_}; }
   bool is_first_stage() const { return layer_begin_ == 0; }
   bool is_last_stage() const { return layer_end_ == config_.n_layer; }
-  const model::GgufFile& file() const { return *file_; }
-  std::shared_ptr<const model::GgufFile> file_ptr() const { return file_; }
+  const model::LlamaCheckpoint& checkpoint() const { return *checkpoint_; }
+  // The GGUF file (which also holds the tokenizer). Throws std::logic_error for a model loaded from
+  // a Hugging Face checkpoint; file_ptr() is null then.
+  const model::GgufFile& file() const;
+  std::shared_ptr<const model::GgufFile> file_ptr() const { return checkpoint_->gguf(); }
 
   // Runs the batch through the model, filling the cache at the batch's positions.
   // logits: resized to [batch.logit_rows.size(), n_vocab]
@@ -98,7 +105,7 @@ class LlamaModel {
  private:
   void matmul(const model::WeightMatrix& w, const float* x, int64_t m, float* y, kernels::ThreadPool& pool);
 
-  std::shared_ptr<const model::GgufFile> file_;
+  std::shared_ptr<const model::LlamaCheckpoint> checkpoint_;
   // Replaces weights_ by this shard's slices (see the class comment).
   void bind_shard();
 

@@ -86,7 +86,7 @@ Measured run_batch(worker::LlamaModel& target, const model::Tokenizer& tokenizer
 int run(const Args& a) {
   ModelSession target = ModelSession::open(a.model, a.threads);
   ModelSession draft = ModelSession::open(a.draft, 1);
-  speculative::check_vocab_match(*target.tokenizer, *draft.tokenizer, a.draft);
+  speculative::check_vocab_match(target.require_tokenizer(), draft.require_tokenizer(), a.draft);
   std::vector<int> batches;
   std::stringstream list(a.batches);
   for (std::string item; std::getline(list, item, ',');) batches.push_back(std::stoi(item));

@@ -32,37 +32,6 @@ void print_json(const nlohmann::json& out) {
   std::cout << out.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
 }
 
-// "1 2 3" or "1,2,3" -> ids; anything else is a usage error.
-std::vector<int32_t> parse_token_list(const std::string& text) {
-  std::vector<int32_t> ids;
-  std::string current;
-  auto flush = [&] {
-    if (current.empty()) return;
-    size_t used = 0;
-    long long value = 0;
-    try {
-      value = std::stoll(current, &used);
-    } catch (const std::exception&) {
-      used = 0;
-    }
-    if (used != current.size() || value < 0 || value > INT32_MAX) {
-      throw std::runtime_error("--tokens: '" + current + "' is not a token id");
-    }
-    ids.push_back(static_cast<int32_t>(value));
-    current.clear();
-  };
-  for (char c : text) {
-    if (c == ' ' || c == ',' || c == '\t' || c == '\n') {
-      flush();
-    } else {
-      current += c;
-    }
-  }
-  flush();
-  if (ids.empty()) throw std::runtime_error("--tokens: no token ids in '" + text + "'");
-  return ids;
-}
-
 nlohmann::json health_json(const protocol::Health& h) {
   return {{"ok", h.ok}, {"workers", h.workers}, {"detail", h.detail}};
 }
@@ -183,6 +152,37 @@ Sample run_one(cluster::Client& client, const protocol::GenerateRequest& request
 }
 
 }  // namespace
+
+// "1 2 3" or "1,2,3" -> ids; anything else is a usage error.
+std::vector<int32_t> parse_token_list(const std::string& text) {
+  std::vector<int32_t> ids;
+  std::string current;
+  auto flush = [&] {
+    if (current.empty()) return;
+    size_t used = 0;
+    long long value = 0;
+    try {
+      value = std::stoll(current, &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+    if (used != current.size() || value < 0 || value > INT32_MAX) {
+      throw std::runtime_error("--tokens: '" + current + "' is not a token id");
+    }
+    ids.push_back(static_cast<int32_t>(value));
+    current.clear();
+  };
+  for (char c : text) {
+    if (c == ' ' || c == ',' || c == '\t' || c == '\n') {
+      flush();
+    } else {
+      current += c;
+    }
+  }
+  flush();
+  if (ids.empty()) throw std::runtime_error("--tokens: no token ids in '" + text + "'");
+  return ids;
+}
 
 Runner add_client(CLI::App& app) {
   struct Args {

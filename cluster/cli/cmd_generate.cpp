@@ -66,8 +66,9 @@ Runner add_generate(CLI::App& app) {
     options.sampling.repetition_penalty = a->repeat_penalty;
     options.sampling.seed = a->seed >= 0 ? static_cast<uint64_t>(a->seed) : std::random_device{}();
 
-    const std::vector<int32_t> prompt = s.tokenizer->encode(a->prompt, s.tokenizer->add_bos_default());
-    worker::Generator generator(*s.model, *s.tokenizer, *s.pool, context);
+    const model::Tokenizer& tokenizer = s.require_tokenizer();
+    const std::vector<int32_t> prompt = tokenizer.encode(a->prompt, tokenizer.add_bos_default());
+    worker::Generator generator(*s.model, tokenizer, *s.pool, context);
     worker::TokenCallback stream;
     if (!a->json) {
       stream = [](const std::string& delta, int32_t) {

@@ -45,18 +45,31 @@ Runner add_tokenize(CLI::App& app) {
 
 Runner add_logits(CLI::App& app) {
   struct Args {
-    std::string model_path, prompt, out;
+    std::string model_path, prompt, tokens, out;
     int threads = default_threads();
   };
   auto a = std::make_shared<Args>();
-  app.add_option("--model,-m", a->model_path, "GGUF model file")->required();
-  app.add_option("--prompt,-p", a->prompt, "Prompt text (BOS is added as the vocabulary says)")->required();
+  app.add_option("--model,-m", a->model_path, "GGUF model file or Hugging Face checkpoint directory")
+      ->required();
+  auto* prompt =
+      app.add_option("--prompt,-p", a->prompt, "Prompt text (BOS is added as the vocabulary says)");
+  auto* tokens = app.add_option("--tokens", a->tokens,
+                                "Token ids instead of text, separated by spaces or commas (no BOS added)");
+  prompt->excludes(tokens);
   app.add_option("--out,-o", a->out, "Output file: float32 rows of n_vocab, one per prompt position")
       ->required();
   app.add_option("--threads,-t", a->threads, "CPU threads")->check(CLI::PositiveNumber);
   return [a]() {
     ModelSession s = ModelSession::open(a->model_path, a->threads);
-    const auto ids = s.tokenizer->encode(a->prompt, s.tokenizer->add_bos_default());
+    std::vector<int32_t> ids;
+    if (!a->tokens.empty()) {
+      ids = parse_token_list(a->tokens);
+    } else if (!a->prompt.empty()) {
+      const model::Tokenizer& tokenizer = s.require_tokenizer();
+      ids = tokenizer.encode(a->prompt, tokenizer.add_bos_default());
+    } else {
+      throw std::invalid_argument("pass --prompt or --tokens");
+    }
     if (ids.empty()) throw std::invalid_argument("the prompt is empty");
     const int64_t block = 16;
     const int64_t blocks = (static_cast<int64_t>(ids.size()) + block - 1) / block;

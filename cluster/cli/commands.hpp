@@ -2,8 +2,10 @@
 // Subcommands of the `nibble` binary. Each registers its options on a CLI11 subcommand and returns
 // the function that runs it (exit code), so main() stays a dispatcher.
 #include <CLI/CLI.hpp>
+#include <cstdint>
 #include <functional>
 #include <string>
+#include <vector>
 
 namespace nibble::cli {
 
@@ -24,5 +26,8 @@ Runner add_bench_gpu(CLI::App& app);
 
 // Thread count default: every core the machine has.
 int default_threads();
+
+// --tokens: "1 2 3" or "1,2,3" -> ids; anything else (or no ids) is a usage error.
+std::vector<int32_t> parse_token_list(const std::string& text);
 
 }  // namespace nibble::cli

@@ -23,6 +23,8 @@ std::optional<std::filesystem::path> fixtures_dir() {
   return path;
 }
 
+std::filesystem::path test_data_dir() { return NIBBLE_TEST_DATA_DIR; }
+
 std::string nibble_bin() {
   const char* env = std::getenv("NIBBLE_BIN");
   return env != nullptr && *env != '\0' ? std::string(env) : std::string(NIBBLE_DEFAULT_BIN);

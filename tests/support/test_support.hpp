@@ -15,6 +15,8 @@ namespace nibble::test {
 // The fixtures directory (NIBBLE_FIXTURES, else CMake's NIBBLE_FIXTURES_DIR), or nullopt when it
 // does not exist.
 std::optional<std::filesystem::path> fixtures_dir();
+// The test data committed in the repository (tests/data).
+std::filesystem::path test_data_dir();
 // Path of the `nibble` binary (NIBBLE_BIN, else the one this build made).
 std::string nibble_bin();
 // The repository's root (where deploy/, config/ and tests/ are), from CMake: __FILE__ is no

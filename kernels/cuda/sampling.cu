@@ -274,9 +274,10 @@ Status sample_rows(const float* logits, const SamplingRowParams* params, const d
   build_keys<<<static_cast<unsigned>(key_blocks), kKeyThreads, 0, stream>>>(logits, params, rows, n_vocab,
                                                                             keys_in, offsets);
   if (cudaGetLastError() != cudaSuccess) return Status::device_error;
-  if (cub::DeviceSegmentedRadixSort::SortKeys(sort_storage, sort_bytes, keys_in, keys_out,
-                                              static_cast<int>(n), static_cast<int>(rows), offsets,
-                                              offsets + 1, 0, 64, stream) != cudaSuccess) {
+  if (cub::DeviceSegmentedRadixSort::SortKeys(
+          sort_storage, sort_bytes, keys_in, keys_out, static_cast<int>(n), static_cast<int>(rows),
+          static_cast<const int32_t*>(offsets), static_cast<const int32_t*>(offsets + 1), 0, 64,
+          stream) != cudaSuccess) {
     return Status::device_error;
   }
   select_kernel<<<static_cast<unsigned>(rows), kSelectThreads, 0, stream>>>(keys_out, n_vocab, params,

@@ -1,0 +1,398 @@
+// Pass 1, split_kernel: grid (split, KV head, sequence), 4 warps. The block stages its query rows
+// (n_q queries × the group of query heads sharing this KV head, row r = query (r / group), head
+// (r % group)) in shared memory, then walks its split's positions in tiles of 32: the tile's K and
+// V rows are gathered through the block table into shared memory, and each warp updates its rows'
+// online softmax: lane j scores position j, the warp reduces max and sum with shuffles, and lane l
+// accumulates output dims [l * D/32, (l+1) * D/32). Row r belongs to warp r % 4 (its RPW rows are
+// compile-time, so the accumulators stay in registers). Every warp-level branch depends only on the
+// warp's row, so shuffles always run with all 32 lanes.
+//
+// Pass 2, combine_kernel: grid (query head, sequence), one warp per query: m = max m_s,
+// out = Σ e^(m_s - m) o_s / Σ e^(m_s - m) l_s over the sequence's splits.
+//
+// Performance ideas (not needed for correctness): keep q in registers, tensor-core mma for q·K and
+// P·V when rows >= 16, cp.async double-buffering of the K/V tiles, skip pass 2 with one split.
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+
+#include "kernels/cuda/attention_decode.cuh"
+#include "kernels/cuda/common.cuh"
+
+namespace nibble::kernels::cuda {
+namespace {
+
+using detail::kFullMask;
+using detail::kWarpSize;
+
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * kWarpSize;
+constexpr int kTile = 32;               // positions per shared-memory tile (one per lane)
+constexpr int64_t kTargetBlocks = 264;  // ~2 blocks per H100 SM when choosing the split size
+constexpr int64_t kMinAutoSplit = 256;  // auto splits never go below this many positions
+
+struct Params {
+  const __half* q;
+  const __half* k_cache;
+  const __half* v_cache;
+  const int32_t* block_tables;
+  const int32_t* seq_lens;
+  const int32_t* query_start;
+  __half* out;
+  float* o_part;    // [n_splits, tokens, n_head, head_dim]
+  float2* ml_part;  // [n_splits, tokens, n_head]: running max m and sum l
+  int32_t* error_flag;
+  int64_t tokens, max_q_len, n_head, n_head_kv, block_size, num_blocks, max_blocks_per_seq, max_seq_len;
+  int64_t split_tokens;
+  float scale;
+};
+
+struct SeqInfo {
+  bool ok;         // query range usable (else nothing is written for this sequence)
+  int64_t q0;      // first query token
+  int n_q;         // queries
+  int64_t kv_len;  // positions to attend over (clamped to what is safe to read)
+};
+
+// Both passes derive the same SeqInfo from the metadata, so they agree on splits and positions.
+__device__ SeqInfo load_seq(const Params& p, int64_t s) {
+  SeqInfo info{};
+  const int64_t q0 = p.query_start[s];
+  const int64_t q1 = p.query_start[s + 1];
+  const int64_t n_q = q1 - q0;
+  if (q0 < 0 || q1 > p.tokens || n_q < 0 || n_q > p.max_q_len) {
+    detail::raise_flag(p.error_flag);
+    info.ok = false;
+    return info;
+  }
+  int64_t kv_len = p.seq_lens[s];
+  const int64_t cap = p.max_blocks_per_seq * p.block_size < p.max_seq_len
+                          ? p.max_blocks_per_seq * p.block_size
+                          : p.max_seq_len;
+  if (kv_len < n_q || kv_len > cap) detail::raise_flag(p.error_flag);
+  if (kv_len < 0) kv_len = 0;
+  if (kv_len > cap) kv_len = cap;
+  info.ok = true;
+  info.q0 = q0;
+  info.n_q = static_cast<int>(n_q);
+  info.kv_len = kv_len;
+  return info;
+}
+
+template <int D, int RPW>
+__global__ void __launch_bounds__(kThreads) split_kernel(Params p) {
+  constexpr int kRows = kWarps * RPW;
+  constexpr int kKStride = D + 2;  // halves; odd 32-bit word stride: lane j's K row hits bank (j + w) % 32
+  constexpr int kPerLane = D / kWarpSize;
+  constexpr int kChunks = D / 8;  // 16-byte chunks per head row
+  static_assert(kPerLane == 2 || kPerLane == 4, "head_dim 64 or 128");
+
+  __shared__ __align__(16) __half q_s[kRows * D];
+  __shared__ __align__(16) __half k_s[kTile * kKStride];
+  __shared__ __align__(16) __half v_s[kTile * D];
+  __shared__ int64_t slot_s[kTile];  // physical cache row (block * block_size + offset), -1: masked
+
+  const int64_t split = blockIdx.x;
+  const int64_t kvh = blockIdx.y;
+  const int64_t s = blockIdx.z;
+  const int tid = threadIdx.x;
+  const int lane = tid % kWarpSize;
+  const int warp = tid / kWarpSize;
+
+  const SeqInfo seq = load_seq(p, s);
+  if (!seq.ok) return;  // uniform over the block
+  const int64_t kv_begin = split * p.split_tokens;
+  if (kv_begin >= seq.kv_len) return;  // beyond this sequence: pass 2 does not read this split
+  const int64_t kv_end = kv_begin + p.split_tokens < seq.kv_len ? kv_begin + p.split_tokens : seq.kv_len;
+  const int group = static_cast<int>(p.n_head / p.n_head_kv);
+  const int n_rows = seq.n_q * group;  // <= kRows: the launcher sized RPW from max_q_len * group
+
+  // Stage the query rows (zeros past n_rows).
+  for (int c = tid; c < kRows * kChunks; c += kThreads) {
+    const int r = c / kChunks;
+    const int part = c % kChunks;
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (r < n_rows) {
+      const int64_t token = seq.q0 + r / group;
+      const int64_t head = kvh * group + r % group;
+      v = *reinterpret_cast<const uint4*>(p.q + (token * p.n_head + head) * D + part * 8);
+    }
+    *reinterpret_cast<uint4*>(q_s + r * D + part * 8) = v;
+  }
+
+  float m[RPW], l[RPW], acc[RPW][kPerLane];
+#pragma unroll
+  for (int rr = 0; rr < RPW; ++rr) {
+    m[rr] = -INFINITY;
+    l[rr] = 0.0f;
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) acc[rr][i] = 0.0f;
+  }
+
+  const int32_t* table = p.block_tables + s * p.max_blocks_per_seq;
+  const int64_t kv_row = p.n_head_kv * D;  // halves per cached position
+  for (int64_t t0 = kv_begin; t0 < kv_end; t0 += kTile) {
+    __syncthreads();  // the previous tile is consumed (and, first time, q_s is written)
+    if (tid < kTile) {
+      const int64_t pos = t0 + tid;
+      int64_t slot = -1;
+      if (pos < kv_end) {
+        const int64_t blk = table[pos / p.block_size];
+        if (blk >= 0 && blk < p.num_blocks) {
+          slot = blk * p.block_size + pos % p.block_size;
+        } else {
+          detail::raise_flag(p.error_flag);
+        }
+      }
+      slot_s[tid] = slot;
+    }
+    __syncthreads();
+    // Gather K and V rows of this KV head; masked positions get zeros (never garbage: 0 * NaN).
+    for (int c = tid; c < kTile * kChunks; c += kThreads) {
+      const int j = c / kChunks;
+      const int part = c % kChunks;
+      const int64_t slot = slot_s[j];
+      uint4 kv = make_uint4(0, 0, 0, 0);
+      uint4 vv = make_uint4(0, 0, 0, 0);
+      if (slot >= 0) {
+        const int64_t off = slot * kv_row + kvh * D + part * 8;
+        kv = __ldg(reinterpret_cast<const uint4*>(p.k_cache + off));
+        vv = __ldg(reinterpret_cast<const uint4*>(p.v_cache + off));
+      }
+      // K row stride is D + 2 halves (4-byte aligned, not 16): four 4-byte stores.
+      auto* kd = reinterpret_cast<unsigned*>(k_s + j * kKStride + part * 8);
+      kd[0] = kv.x;
+      kd[1] = kv.y;
+      kd[2] = kv.z;
+      kd[3] = kv.w;
+      *reinterpret_cast<uint4*>(v_s + j * D + part * 8) = vv;
+    }
+    __syncthreads();
+
+    const int64_t my_pos = t0 + lane;
+    const bool pos_ok = my_pos < kv_end && slot_s[lane] >= 0;
+#pragma unroll
+    for (int rr = 0; rr < RPW; ++rr) {
+      const int r = warp + rr * kWarps;
+      if (r >= n_rows) continue;  // uniform over the warp
+      const int64_t q_pos = seq.kv_len - seq.n_q + r / group;
+      float score = -INFINITY;
+      if (pos_ok && my_pos <= q_pos) {
+        const auto* q2 = reinterpret_cast<const __half2*>(q_s + r * D);
+        const auto* k2 = reinterpret_cast<const __half2*>(k_s + lane * kKStride);
+        float dot = 0.0f;
+#pragma unroll 8
+        for (int d = 0; d < D / 2; ++d) {
+          const float2 a = __half22float2(q2[d]);
+          const float2 b = __half22float2(k2[d]);
+          dot = fmaf(a.x, b.x, dot);
+          dot = fmaf(a.y, b.y, dot);
+        }
+        score = dot * p.scale;
+      }
+      const float m_new = fmaxf(m[rr], detail::warp_max(score));
+      if (m_new == -INFINITY) continue;         // nothing visible yet for this row (uniform over the warp)
+      const float alpha = expf(m[rr] - m_new);  // m = -inf: 0
+      const float w = expf(score - m_new);      // masked: 0
+      l[rr] = l[rr] * alpha + detail::warp_sum(w);
+      m[rr] = m_new;
+#pragma unroll
+      for (int i = 0; i < kPerLane; ++i) acc[rr][i] *= alpha;
+#pragma unroll 4
+      for (int j = 0; j < kTile; ++j) {
+        const float wj = __shfl_sync(kFullMask, w, j);
+        const auto* v2 = reinterpret_cast<const __half2*>(v_s + j * D + lane * kPerLane);
+#pragma unroll
+        for (int i = 0; i < kPerLane / 2; ++i) {
+          const float2 v = __half22float2(v2[i]);
+          acc[rr][2 * i] = fmaf(wj, v.x, acc[rr][2 * i]);
+          acc[rr][2 * i + 1] = fmaf(wj, v.y, acc[rr][2 * i + 1]);
+        }
+      }
+    }
+  }
+
+  // Partials of every row of this split, including rows that saw no position (m = -inf, l = 0).
+#pragma unroll
+  for (int rr = 0; rr < RPW; ++rr) {
+    const int r = warp + rr * kWarps;
+    if (r >= n_rows) continue;
+    const int64_t token = seq.q0 + r / group;
+    const int64_t head = kvh * group + r % group;
+    const int64_t idx = (split * p.tokens + token) * p.n_head + head;
+    float* o = p.o_part + idx * D + lane * kPerLane;
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) o[i] = acc[rr][i];
+    if (lane == 0) p.ml_part[idx] = make_float2(m[rr], l[rr]);
+  }
+}
+
+template <int D>
+__global__ void __launch_bounds__(kThreads) combine_kernel(Params p) {
+  constexpr int kPerLane = D / kWarpSize;
+  const int64_t head = blockIdx.x;
+  const int64_t s = blockIdx.y;
+  const int lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
+  const SeqInfo seq = load_seq(p, s);
+  if (!seq.ok) return;
+  const int64_t n_splits = (seq.kv_len + p.split_tokens - 1) / p.split_tokens;
+  for (int qi = warp; qi < seq.n_q; qi += kWarps) {
+    const int64_t token = seq.q0 + qi;
+    float m_max = -INFINITY;
+    for (int64_t sp = 0; sp < n_splits; ++sp)
+      m_max = fmaxf(m_max, p.ml_part[(sp * p.tokens + token) * p.n_head + head].x);
+    float acc[kPerLane];
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) acc[i] = 0.0f;
+    float l_sum = 0.0f;
+    if (m_max != -INFINITY) {
+      for (int64_t sp = 0; sp < n_splits; ++sp) {
+        const int64_t idx = (sp * p.tokens + token) * p.n_head + head;
+        const float2 ml = p.ml_part[idx];
+        const float f = expf(ml.x - m_max);  // a split with nothing visible: e^-inf = 0
+        l_sum = fmaf(f, ml.y, l_sum);
+        const float* o = p.o_part + idx * D + lane * kPerLane;
+#pragma unroll
+        for (int i = 0; i < kPerLane; ++i) acc[i] = fmaf(f, o[i], acc[i]);
+      }
+    }
+    // l_sum >= 1 whenever m_max is finite (the maximal split contributes e^0 · l >= 1).
+    const float inv = l_sum > 0.0f ? 1.0f / l_sum : 0.0f;
+    __half* o = p.out + (token * p.n_head + head) * D + lane * kPerLane;
+#pragma unroll
+    for (int i = 0; i < kPerLane; i += 2) {
+      *reinterpret_cast<__half2*>(o + i) = __floats2half2_rn(acc[i] * inv, acc[i + 1] * inv);
+    }
+  }
+}
+
+struct Plan {
+  int64_t split_tokens;
+  int64_t n_splits;
+};
+
+Plan make_plan(const DecodeAttentionShape& s) {
+  Plan plan{};
+  plan.split_tokens = s.split_tokens;
+  if (plan.split_tokens == 0) {
+    const int64_t base = s.n_seqs * s.n_head_kv > 0 ? s.n_seqs * s.n_head_kv : 1;
+    const int64_t want_splits = (kTargetBlocks + base - 1) / base;
+    int64_t per = (s.max_seq_len + want_splits - 1) / want_splits;
+    per = (per + kTile - 1) / kTile * kTile;
+    plan.split_tokens = per < kMinAutoSplit ? kMinAutoSplit : per;
+  }
+  plan.n_splits = s.max_seq_len > 0 ? (s.max_seq_len + plan.split_tokens - 1) / plan.split_tokens : 1;
+  return plan;
+}
+
+bool shape_ok(const DecodeAttentionShape& s) {
+  if (s.n_seqs < 0 || s.tokens < 0 || s.max_q_len < 1 || s.n_head < 1 || s.n_head_kv < 1) return false;
+  if (s.n_head % s.n_head_kv != 0) return false;
+  if (s.head_dim != 64 && s.head_dim != 128) return false;
+  if (s.block_size < 1 || s.num_blocks < 1 || s.max_blocks_per_seq < 1 || s.max_seq_len < 0) return false;
+  if (s.split_tokens < 0 || s.split_tokens % kTile != 0) return false;
+  if (s.max_q_len * (s.n_head / s.n_head_kv) > kAttentionMaxRowsPerKvHead) return false;
+  // Grid limits (y, z at most 65535; x at most 2^31 - 1) and int32 metadata.
+  if (s.n_seqs > 65535 || s.n_head_kv > 65535 || s.n_head > 65535 || s.tokens > INT32_MAX) return false;
+  if (s.max_seq_len > INT32_MAX) return false;
+  return true;
+}
+
+template <int D, int RPW>
+void launch_split(const Params& prm, const Plan& plan, int64_t n_head_kv, int64_t n_seqs,
+                  cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(plan.n_splits), static_cast<unsigned>(n_head_kv),
+                  static_cast<unsigned>(n_seqs));
+  split_kernel<D, RPW><<<grid, kThreads, 0, stream>>>(prm);
+}
+
+template <int D>
+void launch_split_rows(int rpw, const Params& prm, const Plan& plan, int64_t n_head_kv, int64_t n_seqs,
+                       cudaStream_t stream) {
+  if (rpw <= 1) {
+    launch_split<D, 1>(prm, plan, n_head_kv, n_seqs, stream);
+  } else if (rpw <= 2) {
+    launch_split<D, 2>(prm, plan, n_head_kv, n_seqs, stream);
+  } else if (rpw <= 4) {
+    launch_split<D, 4>(prm, plan, n_head_kv, n_seqs, stream);
+  } else if (rpw <= 8) {
+    launch_split<D, 8>(prm, plan, n_head_kv, n_seqs, stream);
+  } else {
+    launch_split<D, 16>(prm, plan, n_head_kv, n_seqs, stream);
+  }
+}
+
+}  // namespace
+
+size_t attention_decode_workspace_bytes(const DecodeAttentionShape& shape) {
+  if (!shape_ok(shape)) return 0;
+  const Plan plan = make_plan(shape);
+  const auto rows = static_cast<size_t>(plan.n_splits) * static_cast<size_t>(shape.tokens) *
+                    static_cast<size_t>(shape.n_head);
+  return rows * static_cast<size_t>(shape.head_dim) * sizeof(float) + rows * sizeof(float2);
+}
+
+Status attention_decode(const DecodeAttentionShape& shape, const __half* q, const __half* k_cache,
+                        const __half* v_cache, const int32_t* block_tables, const int32_t* seq_lens,
+                        const int32_t* query_start, float scale, __half* out, void* workspace,
+                        size_t workspace_bytes, int32_t* error_flag, cudaStream_t stream) {
+  if (!shape_ok(shape)) return Status::invalid_argument;
+  if (q == nullptr || k_cache == nullptr || v_cache == nullptr || block_tables == nullptr ||
+      seq_lens == nullptr || query_start == nullptr || out == nullptr) {
+    return Status::invalid_argument;
+  }
+  const auto misaligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 != 0; };
+  if (misaligned(q) || misaligned(k_cache) || misaligned(v_cache) || misaligned(out))
+    return Status::invalid_argument;
+  if (shape.n_seqs == 0 || shape.tokens == 0) return Status::ok;
+  const size_t need = attention_decode_workspace_bytes(shape);
+  if (workspace == nullptr || misaligned(workspace) || workspace_bytes < need)
+    return Status::invalid_argument;
+  const Plan plan = make_plan(shape);
+  if (plan.n_splits > INT32_MAX) return Status::invalid_argument;
+
+  Params prm{};
+  prm.q = q;
+  prm.k_cache = k_cache;
+  prm.v_cache = v_cache;
+  prm.block_tables = block_tables;
+  prm.seq_lens = seq_lens;
+  prm.query_start = query_start;
+  prm.out = out;
+  prm.o_part = static_cast<float*>(workspace);
+  const auto rows = static_cast<size_t>(plan.n_splits) * static_cast<size_t>(shape.tokens) *
+                    static_cast<size_t>(shape.n_head);
+  // The O partials are a multiple of 64 floats per row, so the (m, l) pairs after them are 8-byte aligned.
+  prm.ml_part = reinterpret_cast<float2*>(prm.o_part + rows * static_cast<size_t>(shape.head_dim));
+  prm.error_flag = error_flag;
+  prm.tokens = shape.tokens;
+  prm.max_q_len = shape.max_q_len;
+  prm.n_head = shape.n_head;
+  prm.n_head_kv = shape.n_head_kv;
+  prm.block_size = shape.block_size;
+  prm.num_blocks = shape.num_blocks;
+  prm.max_blocks_per_seq = shape.max_blocks_per_seq;
+  prm.max_seq_len = shape.max_seq_len;
+  prm.split_tokens = plan.split_tokens;
+  prm.scale = scale;
+
+  const int64_t rows_per_kv_head = shape.max_q_len * (shape.n_head / shape.n_head_kv);
+  const int rpw = static_cast<int>((rows_per_kv_head + kWarps - 1) / kWarps);
+  if (shape.head_dim == 64) {
+    launch_split_rows<64>(rpw, prm, plan, shape.n_head_kv, shape.n_seqs, stream);
+  } else {
+    launch_split_rows<128>(rpw, prm, plan, shape.n_head_kv, shape.n_seqs, stream);
+  }
+  if (cudaGetLastError() != cudaSuccess) return Status::device_error;
+  const dim3 grid2(static_cast<unsigned>(shape.n_head), static_cast<unsigned>(shape.n_seqs));
+  if (shape.head_dim == 64) {
+    combine_kernel<64><<<grid2, kThreads, 0, stream>>>(prm);
+  } else {
+    combine_kernel<128><<<grid2, kThreads, 0, stream>>>(prm);
+  }
+  return cudaGetLastError() == cudaSuccess ? Status::ok : Status::device_error;
+}
+
+}  // namespace nibble::kernels::cuda

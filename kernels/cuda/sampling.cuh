@@ -1,0 +1,57 @@
+#pragma once
+// CUDA token sampling over rows of fp32 logits, matching worker::Sampler:
+//   - argmax_rows: greedy, ties to the lowest id (std::max_element's first maximum);
+//   - sample_rows: per-row temperature → top-k → top-p → min-p, then one draw by inverse CDF over
+//     the kept candidates in the sampler's order (logit descending, id ascending), driven by a
+//     uniform number in [0, 1) the caller supplies per row (e.g. worker::Sampler::uniform()), so a
+//     row's id equals the CPU sampler's for the same u. Rows with temperature <= 0 take the argmax.
+// Arithmetic follows Sampler::distribution (float logits / temperature, double softmax over the
+// top-k candidates, the top-p cut at the first cumulative probability >= top_p, min-p relative to
+// the top probability, probabilities renormalized and rounded to float, cumulated in double) except
+// that the GPU sums in a different order: results differ from the CPU's only when u or top_p lies
+// within ~1e-12 of a cumulative boundary.
+// Not handled here: the repetition penalty (apply it to the logits first, it touches few entries)
+// and NaN logits (undefined on the CPU too); ±inf logits are fine for the greedy path.
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "kernels/status.hpp"
+
+namespace nibble::kernels::cuda {
+
+// One row's settings; the meaning and the "off" values of worker::SamplingParams.
+struct SamplingRowParams {
+  float temperature = 0.0f;  // <= 0: greedy
+  int32_t top_k = 0;         // <= 0: off
+  float top_p = 1.0f;        // >= 1: off; expected in (0, 1]
+  float min_p = 0.0f;        // <= 0: off; expected in [0, 1)
+};
+
+// All pointers are device pointers.
+// logits: [rows, n_vocab] float, row-major
+// ids:    [rows] int32 output: the argmax of each row
+// rows >= 0 (0: nothing to do), n_vocab >= 1. Enqueues one kernel on `stream`.
+// Returns invalid_argument (nothing launched) for a bad argument, device_error if the launch fails.
+Status argmax_rows(const float* logits, int64_t rows, int64_t n_vocab, int32_t* ids, cudaStream_t stream);
+
+// Scratch bytes sample_rows needs for rows × n_vocab (two sorted-key buffers of 8 bytes per logit,
+// the segment offsets and CUB's sort storage). Asks CUB, so it needs the CUDA runtime and a device:
+// returns device_error without one, invalid_argument for bad sizes.
+Status sample_rows_workspace_bytes(int64_t rows, int64_t n_vocab, size_t* bytes);
+
+// logits:    [rows, n_vocab] float, row-major (not modified)
+// params:    [rows] SamplingRowParams
+// uniforms:  [rows] double in [0, 1), one draw per row (unused by greedy rows)
+// ids:       [rows] int32 output
+// workspace: sample_rows_workspace_bytes(rows, n_vocab) bytes, 16-byte aligned
+// rows * n_vocab < 2^31. Enqueues a key-building kernel, CUB's segmented radix sort (every row's
+// candidates sorted by (logit / temperature descending, id ascending)) and a selection kernel, in
+// order on `stream`. Returns invalid_argument (nothing launched) for a bad argument, device_error if
+// a launch fails.
+Status sample_rows(const float* logits, const SamplingRowParams* params, const double* uniforms, int64_t rows,
+                   int64_t n_vocab, int32_t* ids, void* workspace, size_t workspace_bytes,
+                   cudaStream_t stream);
+
+}  // namespace nibble::kernels::cuda

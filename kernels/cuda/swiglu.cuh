@@ -1,0 +1,20 @@
+#pragma once
+// CUDA SwiGLU on fp16 with fp32 math: out = silu(gate) * up = gate / (1 + exp(-gate)) * up, the
+// formula of kernels::swiglu (same operation order), rounded to fp16.
+#include <cuda_fp16.h>
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "kernels/status.hpp"
+
+namespace nibble::kernels::cuda {
+
+// All pointers are device pointers.
+// gate, up: [n] __half (e.g. [tokens, n_ff] flattened)
+// out:      [n] __half; may alias gate or up (element i is read and written by one thread)
+// n >= 0 (0: nothing to do). Enqueues one kernel on `stream` (asynchronous).
+// Returns invalid_argument (nothing launched) for a bad argument, device_error if the launch fails.
+Status swiglu_f16(const __half* gate, const __half* up, __half* out, int64_t n, cudaStream_t stream);
+
+}  // namespace nibble::kernels::cuda

@@ -1,0 +1,251 @@
+// CUDA decode / verification attention over the paged fp16 KV cache against a plain double CPU
+// reference: several sequences of different lengths, random block tables, GQA, one or several
+// queries per sequence (causal among themselves), automatic and forced-small splits. Skips when
+// there is no CUDA device.
+//
+// Error bound: out[d] = Σ_p w_p v_p[d] is a convex combination, so |out[d]| <= max_p |v_p[d]|. The
+// kernel's fp16 output rounding costs at most 2^-11 ≈ 4.9e-4 of |out|; its fp32 scores are off by
+// about head_dim · 2^-24 · Σ|q·k| · scale ≈ 1e-4 at most here (a relative error of that size in
+// the weights), and fp32 exp/accumulation adds ~1e-6. So |got - ref| <= 1e-3 · max_p |v_p[d]| +
+// 1e-6 over the positions the query sees.
+#include <cuda_fp16.h>
+#include <cuda_runtime_api.h>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "kernels/cuda/attention_decode.cuh"
+#include "kernels/quant_types.hpp"
+#include "tests/cuda/cuda_test_util.hpp"
+
+namespace k = nibble::kernels;
+using nibble::cuda_test::DeviceBuffer;
+
+namespace {
+
+struct Problem {
+  k::cuda::DecodeAttentionShape shape;
+  std::vector<int32_t> seq_lens, query_start, tables;
+  std::vector<uint16_t> q, k_cache, v_cache;
+};
+
+// Sequences of the given lengths and query counts, blocks handed out in a random order, unused
+// table entries set to an invalid id (reading one would raise the error flag).
+Problem make_problem(const std::vector<int32_t>& lens, const std::vector<int32_t>& n_qs, int64_t n_head,
+                     int64_t n_head_kv, int64_t head_dim, int64_t block_size, int64_t split_tokens,
+                     std::mt19937& rng) {
+  Problem pr;
+  auto& s = pr.shape;
+  s.n_seqs = static_cast<int64_t>(lens.size());
+  s.n_head = n_head;
+  s.n_head_kv = n_head_kv;
+  s.head_dim = head_dim;
+  s.block_size = block_size;
+  s.split_tokens = split_tokens;
+  s.max_seq_len = *std::max_element(lens.begin(), lens.end());
+  s.max_q_len = *std::max_element(n_qs.begin(), n_qs.end());
+  s.max_blocks_per_seq = (s.max_seq_len + block_size - 1) / block_size + 1;
+  int64_t used = 0;
+  for (int32_t len : lens) used += (len + block_size - 1) / block_size;
+  s.num_blocks = used + 5;  // some blocks belong to nobody
+  std::vector<int32_t> ids(static_cast<size_t>(s.num_blocks));
+  std::iota(ids.begin(), ids.end(), 0);
+  std::shuffle(ids.begin(), ids.end(), rng);
+  pr.tables.assign(static_cast<size_t>(s.n_seqs * s.max_blocks_per_seq), 1 << 30);
+  size_t next = 0;
+  pr.query_start.push_back(0);
+  for (int64_t i = 0; i < s.n_seqs; ++i) {
+    const int64_t nb = (lens[i] + block_size - 1) / block_size;
+    for (int64_t b = 0; b < nb; ++b) pr.tables[i * s.max_blocks_per_seq + b] = ids[next++];
+    pr.query_start.push_back(pr.query_start.back() + n_qs[i]);
+  }
+  pr.seq_lens = lens;
+  s.tokens = pr.query_start.back();
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  const auto fill = [&](std::vector<uint16_t>& v, size_t n) {
+    v.resize(n);
+    for (auto& x : v) x = k::fp32_to_fp16(normal(rng));
+  };
+  fill(pr.q, static_cast<size_t>(s.tokens * n_head * head_dim));
+  fill(pr.k_cache, static_cast<size_t>(s.num_blocks * block_size * n_head_kv * head_dim));
+  fill(pr.v_cache, pr.k_cache.size());
+  return pr;
+}
+
+// Runs the kernel; returns the output (empty on failure) and the error flag.
+std::vector<uint16_t> run(const Problem& pr, float scale, int32_t* flag_out) {
+  const auto& s = pr.shape;
+  DeviceBuffer<uint16_t> dq(pr.q), dk(pr.k_cache), dv(pr.v_cache);
+  DeviceBuffer<int32_t> dt(pr.tables), dl(pr.seq_lens), dqs(pr.query_start), dflag(std::vector<int32_t>{0});
+  DeviceBuffer<uint16_t> dout(std::vector<uint16_t>(pr.q.size(), 0x7e00));  // NaN: unwritten rows show
+  const size_t ws = k::cuda::attention_decode_workspace_bytes(s);
+  DeviceBuffer<uint8_t> dws(ws);
+  EXPECT_GT(ws, 0u);
+  if (!(dq.ptr && dk.ptr && dv.ptr && dt.ptr && dl.ptr && dqs.ptr && dflag.ptr && dout.ptr && dws.ptr)) {
+    ADD_FAILURE() << "cudaMalloc failed";
+    return {};
+  }
+  const auto st = k::cuda::attention_decode(
+      s, reinterpret_cast<const __half*>(dq.ptr), reinterpret_cast<const __half*>(dk.ptr),
+      reinterpret_cast<const __half*>(dv.ptr), dt.ptr, dl.ptr, dqs.ptr, scale,
+      reinterpret_cast<__half*>(dout.ptr), dws.ptr, ws, dflag.ptr, nullptr);
+  EXPECT_EQ(st, k::Status::ok);
+  EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  *flag_out = dflag.to_host().at(0);
+  return dout.to_host();
+}
+
+// Counts outputs outside the bound (see the file comment), reporting the first few.
+int compare_with_reference(const Problem& pr, float scale, const std::vector<uint16_t>& got) {
+  const auto& s = pr.shape;
+  const int64_t D = s.head_dim;
+  const int64_t group = s.n_head / s.n_head_kv;
+  const auto f = [](uint16_t h) { return static_cast<double>(k::fp16_to_fp32(h)); };
+  int bad = 0;
+  for (int64_t i = 0; i < s.n_seqs; ++i) {
+    const int64_t n_q = pr.query_start[i + 1] - pr.query_start[i];
+    for (int64_t qi = 0; qi < n_q; ++qi) {
+      const int64_t token = pr.query_start[i] + qi;
+      const int64_t pos = pr.seq_lens[i] - n_q + qi;
+      for (int64_t h = 0; h < s.n_head; ++h) {
+        const int64_t kvh = h / group;
+        const auto row = [&](const std::vector<uint16_t>& cache, int64_t p) {
+          const int64_t blk = pr.tables[i * s.max_blocks_per_seq + p / s.block_size];
+          return cache.data() + ((blk * s.block_size + p % s.block_size) * s.n_head_kv + kvh) * D;
+        };
+        const uint16_t* qv = pr.q.data() + (token * s.n_head + h) * D;
+        std::vector<double> sc(static_cast<size_t>(pos + 1));
+        double mx = -INFINITY;
+        for (int64_t p = 0; p <= pos; ++p) {
+          const uint16_t* kv = row(pr.k_cache, p);
+          double dot = 0.0;
+          for (int64_t d = 0; d < D; ++d) dot += f(qv[d]) * f(kv[d]);
+          sc[p] = dot * scale;
+          mx = std::max(mx, sc[p]);
+        }
+        double sum = 0.0;
+        for (auto& x : sc) sum += x = std::exp(x - mx);
+        for (int64_t d = 0; d < D; ++d) {
+          double ref = 0.0, mag = 0.0;
+          for (int64_t p = 0; p <= pos; ++p) {
+            const double v = f(row(pr.v_cache, p)[d]);
+            ref += sc[p] / sum * v;
+            mag = std::max(mag, std::fabs(v));
+          }
+          const double g = k::fp16_to_fp32(got[(token * s.n_head + h) * D + d]);
+          const double err = std::fabs(g - ref);
+          if (!(err <= 1e-3 * mag + 1e-6) && ++bad <= 5) {
+            ADD_FAILURE() << "seq " << i << " query " << qi << " (position " << pos << ") head " << h
+                          << " dim " << d << ": got " << g << ", reference " << ref << ", error " << err;
+          }
+        }
+      }
+    }
+  }
+  return bad;
+}
+
+}  // namespace
+
+TEST(CudaAttentionDecode, MatchesDoubleReference) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  std::mt19937 rng(2024);
+  const int64_t n_head_kv = 2;
+  for (const int64_t head_dim : {64, 128}) {
+    for (const int64_t group : {1, 4, 8}) {
+      for (const bool verify : {false, true}) {
+        for (const int64_t split : {0, 32, 96}) {
+          SCOPED_TRACE("head_dim=" + std::to_string(head_dim) + " group=" + std::to_string(group) +
+                       " verify=" + std::to_string(verify) + " split_tokens=" + std::to_string(split));
+          // 289 with 8 queries: with 32-position splits, the last split [288, 289) is invisible to all
+          // but the last query (rows with m = -inf in a split).
+          const std::vector<int32_t> lens = {1, 17, 300, 1000, 289};
+          const std::vector<int32_t> n_qs =
+              verify ? std::vector<int32_t>{1, 3, 8, 5, 8} : std::vector<int32_t>{1, 1, 1, 1, 1};
+          const int64_t block_size = head_dim == 64 ? 7 : 16;
+          const Problem pr =
+              make_problem(lens, n_qs, n_head_kv * group, n_head_kv, head_dim, block_size, split, rng);
+          const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
+          int32_t flag = -1;
+          const auto got = run(pr, scale, &flag);
+          ASSERT_EQ(got.size(), pr.q.size());
+          EXPECT_EQ(flag, 0) << "valid metadata must not raise the error flag";
+          EXPECT_EQ(compare_with_reference(pr, scale, got), 0);
+        }
+      }
+    }
+  }
+}
+
+TEST(CudaAttentionDecode, BadMetadataRaisesTheFlagWithoutFaulting) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  std::mt19937 rng(5);
+  const float scale = 0.125f;
+  {  // a block id outside the cache
+    Problem pr = make_problem({40, 20}, {1, 1}, 4, 2, 64, 16, 0, rng);
+    pr.tables[1] = static_cast<int32_t>(pr.shape.num_blocks);
+    int32_t flag = 0;
+    const auto got = run(pr, scale, &flag);
+    EXPECT_EQ(flag, 1);
+    ASSERT_EQ(got.size(), pr.q.size());
+    for (size_t i = 0; i < got.size(); ++i) ASSERT_FALSE(std::isnan(k::fp16_to_fp32(got[i]))) << i;
+  }
+  {  // a length beyond max_seq_len, and one shorter than its query count
+    Problem pr = make_problem({40, 20}, {1, 4}, 4, 2, 128, 16, 0, rng);
+    pr.seq_lens[0] = 41;
+    pr.seq_lens[1] = 2;
+    int32_t flag = 0;
+    const auto got = run(pr, scale, &flag);
+    EXPECT_EQ(flag, 1);
+    ASSERT_EQ(got.size(), pr.q.size());
+    for (size_t i = 0; i < got.size(); ++i) ASSERT_FALSE(std::isnan(k::fp16_to_fp32(got[i]))) << i;
+  }
+  {  // more queries than max_q_len: that sequence is skipped, the flag raised
+    Problem pr = make_problem({40, 20}, {1, 2}, 4, 2, 64, 16, 0, rng);
+    pr.shape.max_q_len = 1;
+    int32_t flag = 0;
+    const auto got = run(pr, scale, &flag);
+    EXPECT_EQ(flag, 1);
+  }
+}
+
+TEST(CudaAttentionDecode, RejectsBadArguments) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  std::mt19937 rng(9);
+  const Problem pr = make_problem({40}, {1}, 4, 2, 64, 16, 0, rng);
+  DeviceBuffer<uint16_t> dq(pr.q), dk(pr.k_cache), dv(pr.v_cache), dout(pr.q.size());
+  DeviceBuffer<int32_t> dt(pr.tables), dl(pr.seq_lens), dqs(pr.query_start);
+  DeviceBuffer<uint8_t> dws(1 << 20);
+  ASSERT_TRUE(dq.ptr && dk.ptr && dv.ptr && dout.ptr && dt.ptr && dl.ptr && dqs.ptr && dws.ptr);
+  const auto call = [&](const k::cuda::DecodeAttentionShape& s, size_t ws_bytes, const uint16_t* q) {
+    return k::cuda::attention_decode(
+        s, reinterpret_cast<const __half*>(q), reinterpret_cast<const __half*>(dk.ptr),
+        reinterpret_cast<const __half*>(dv.ptr), dt.ptr, dl.ptr, dqs.ptr, 0.125f,
+        reinterpret_cast<__half*>(dout.ptr), dws.ptr, ws_bytes, nullptr, nullptr);
+  };
+  auto s = pr.shape;
+  EXPECT_EQ(call(s, 1 << 20, dq.ptr), k::Status::ok);
+  EXPECT_EQ(call(s, 0, dq.ptr), k::Status::invalid_argument);            // workspace too small
+  EXPECT_EQ(call(s, 1 << 20, dq.ptr + 1), k::Status::invalid_argument);  // q not 16-byte aligned
+  EXPECT_EQ(call(s, 1 << 20, nullptr), k::Status::invalid_argument);
+  s.head_dim = 96;
+  EXPECT_EQ(call(s, 1 << 20, dq.ptr), k::Status::invalid_argument);
+  s = pr.shape;
+  s.n_head = 3;  // not a multiple of n_head_kv
+  EXPECT_EQ(call(s, 1 << 20, dq.ptr), k::Status::invalid_argument);
+  s = pr.shape;
+  s.max_q_len = 33;  // 33 * group 2 > 64 rows per KV head
+  EXPECT_EQ(call(s, 1 << 20, dq.ptr), k::Status::invalid_argument);
+  s = pr.shape;
+  s.split_tokens = 48;  // not a multiple of 32
+  EXPECT_EQ(call(s, 1 << 20, dq.ptr), k::Status::invalid_argument);
+  EXPECT_EQ(k::cuda::attention_decode_workspace_bytes(s), 0u);
+  EXPECT_EQ(cudaGetLastError(), cudaSuccess);
+  EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+}

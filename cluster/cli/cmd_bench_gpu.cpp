@@ -82,7 +82,7 @@ int run(const Args& a) {
                        {"n_out", r.shape.n_out},
                        {"m", r.m},
                        {"w4a16_us", r.ours_us},
-                       {"w4a16_calls", r.ours_calls},
+                       {"w4a16_kernel", r.ours_kernel},
                        {"w4a16_gbps", ours_gbps},
                        {"copy_fraction", ours_gbps / result.copy_gbps},
                        {"cublas_fp16_us", r.cublas_us},

@@ -8,6 +8,7 @@
 #include <stdexcept>
 
 #include "kernels/cuda/matmul_bench.cuh"
+#include "kernels/cuda/w4a16_gemm.cuh"
 #include "kernels/cuda/w4a16_gemv.cuh"
 #include "kernels/quant_types.hpp"
 
@@ -23,7 +24,8 @@ void check(cudaError_t err, const char* what) {
   if (err != cudaSuccess) throw BenchFailure(std::string(what) + ": " + cudaGetErrorString(err));
 }
 void check(cublasStatus_t st, const char* what) {
-  if (st != CUBLAS_STATUS_SUCCESS) throw BenchFailure(std::string(what) + ": cuBLAS status " + std::to_string(st));
+  if (st != CUBLAS_STATUS_SUCCESS)
+    throw BenchFailure(std::string(what) + ": cuBLAS status " + std::to_string(st));
 }
 
 struct DeviceMemory {
@@ -43,7 +45,8 @@ __device__ uint32_t mix(uint64_t i, uint32_t seed) {
 
 // Random halves in [-scale, scale): never zeros, which would flatter the timings.
 __global__ void fill_halves(__half* p, int64_t n, float scale, uint32_t seed) {
-  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
+       i += int64_t{gridDim.x} * blockDim.x) {
     const float u = static_cast<float>(mix(static_cast<uint64_t>(i), seed) >> 8) * (1.0f / 16777216.0f);
     p[i] = __float2half((2.0f * u - 1.0f) * scale);
   }
@@ -57,7 +60,8 @@ __global__ void fill_q4_0(uint8_t* p, int64_t blocks, uint32_t seed) {
     const uint32_t r = mix(static_cast<uint64_t>(b), seed);
     const __half d = __float2half(0.001f + 0.01f * static_cast<float>(r & 0xFF) / 255.0f);
     *reinterpret_cast<__half*>(blk) = d;  // the block is 2-byte aligned
-    for (int j = 0; j < kQK4_0 / 2; ++j) blk[2 + j] = static_cast<uint8_t>(mix(static_cast<uint64_t>(b) * 16 + j, seed ^ 0x55u));
+    for (int j = 0; j < kQK4_0 / 2; ++j)
+      blk[2 + j] = static_cast<uint8_t>(mix(static_cast<uint64_t>(b) * 16 + j, seed ^ 0x55u));
   }
 }
 
@@ -119,25 +123,25 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
   std::vector<double> ours(ms.size()), theirs(ms.size());
   {
     DeviceMemory w(q4_bytes * q4_copies);
-    fill_q4_0<<<kFillGrid, kFillBlock, 0, stream>>>(static_cast<uint8_t*>(w.ptr),
-                                                      static_cast<int64_t>(q4_bytes / sizeof(BlockQ4_0)) * q4_copies, 11);
+    fill_q4_0<<<kFillGrid, kFillBlock, 0, stream>>>(
+        static_cast<uint8_t*>(w.ptr), static_cast<int64_t>(q4_bytes / sizeof(BlockQ4_0)) * q4_copies, 11);
     check(cudaGetLastError(), "fill weights");
     for (size_t mi = 0; mi < ms.size(); ++mi) {
       const int64_t m = ms[mi];
       ours[mi] = time_us(stream, iterations, repetitions, [&](int i) {
-        const uint8_t* wi = static_cast<const uint8_t*>(w.ptr) + q4_bytes * static_cast<size_t>(i % q4_copies);
-        for (int64_t r0 = 0; r0 < m; r0 += kW4A16GemvMaxM) {
-          const int64_t rows = std::min<int64_t>(kW4A16GemvMaxM, m - r0);
-          if (w4a16_gemv_q4_0(wi, n, k, xh + r0 * k, rows, static_cast<float*>(y.ptr) + r0 * n, stream) !=
-              Status::ok)
-            throw BenchFailure("w4a16_gemv_q4_0 failed");
-        }
+        const uint8_t* wi =
+            static_cast<const uint8_t*>(w.ptr) + q4_bytes * static_cast<size_t>(i % q4_copies);
+        const Status st = m <= kW4A16GemvMaxM
+                              ? w4a16_gemv_q4_0(wi, n, k, xh, m, static_cast<float*>(y.ptr), stream)
+                              : w4a16_gemm_q4_0(wi, n, k, xh, m, static_cast<float*>(y.ptr), stream);
+        if (st != Status::ok) throw BenchFailure(std::string("W4A16 kernel failed: ") + status_name(st));
       });
     }
   }
   {
     DeviceMemory w(f16_bytes * f16_copies);
-    fill_halves<<<kFillGrid, kFillBlock, 0, stream>>>(static_cast<__half*>(w.ptr), n * k * f16_copies, 0.02f, 13);
+    fill_halves<<<kFillGrid, kFillBlock, 0, stream>>>(static_cast<__half*>(w.ptr), n * k * f16_copies, 0.02f,
+                                                      13);
     check(cudaGetLastError(), "fill fp16 weights");
     const float alpha = 1.0f, beta = 0.0f;
     for (size_t mi = 0; mi < ms.size(); ++mi) {
@@ -147,8 +151,8 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
         // Row-major W [n, k] is column-major k x n: y^T [n, m] = W [n, k] . x^T [k, m], fp16 out.
         check(cublasGemmEx(cublas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(n), static_cast<int>(m),
                            static_cast<int>(k), &alpha, wi, CUDA_R_16F, static_cast<int>(k), xh, CUDA_R_16F,
-                           static_cast<int>(k), &beta, y.ptr, CUDA_R_16F, static_cast<int>(n), CUBLAS_COMPUTE_32F,
-                           CUBLAS_GEMM_DEFAULT),
+                           static_cast<int>(k), &beta, y.ptr, CUDA_R_16F, static_cast<int>(n),
+                           CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
               "cublasGemmEx");
       });
     }
@@ -158,7 +162,7 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
     row.shape = shape;
     row.m = ms[mi];
     row.ours_us = ours[mi];
-    row.ours_calls = static_cast<int>((ms[mi] + kW4A16GemvMaxM - 1) / kW4A16GemvMaxM);
+    row.ours_kernel = ms[mi] <= kW4A16GemvMaxM ? "gemv" : "gemm";
     row.cublas_us = theirs[mi];
     row.ours_bytes = static_cast<double>(q4_bytes) + 2.0 * ms[mi] * k + 4.0 * ms[mi] * n;
     row.cublas_bytes = static_cast<double>(f16_bytes) + 2.0 * ms[mi] * k + 2.0 * ms[mi] * n;
@@ -168,8 +172,8 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
 
 }  // namespace
 
-Status run_matmul_bench(const std::vector<MatmulShape>& shapes, const std::vector<int64_t>& ms, int iterations,
-                        int repetitions, MatmulBenchResult& result, std::string& error) {
+Status run_matmul_bench(const std::vector<MatmulShape>& shapes, const std::vector<int64_t>& ms,
+                        int iterations, int repetitions, MatmulBenchResult& result, std::string& error) {
   if (ms.empty() || iterations < 1 || repetitions < 1) return Status::invalid_argument;
   for (int64_t m : ms)
     if (m < 1) return Status::invalid_argument;

@@ -17,16 +17,16 @@ struct MatmulShape {
 
 struct MatmulBenchRow {
   MatmulShape shape;
-  int64_t m = 0;              // activation rows
-  double ours_us = 0.0;       // Q4_0 x fp16 (W4A16); m > 32 runs as ceil(m / 32) GEMV calls
-  int ours_calls = 1;         // kernel launches per product (weights re-read that many times)
-  double cublas_us = 0.0;     // fp16 x fp16 cublasGemmEx, fp32 accumulation
-  double ours_bytes = 0.0;    // bytes one product must move: Q4_0 weights + fp16 x + fp32 y
-  double cublas_bytes = 0.0;  // fp16 weights + fp16 x + fp16 y
+  int64_t m = 0;                     // activation rows
+  double ours_us = 0.0;              // Q4_0 x fp16 (W4A16)
+  const char* ours_kernel = "gemv";  // w4a16_gemv for m <= 32, the tensor-core w4a16_gemm above
+  double cublas_us = 0.0;            // fp16 x fp16 cublasGemmEx, fp32 accumulation
+  double ours_bytes = 0.0;           // bytes one product must move: Q4_0 weights + fp16 x + fp32 y
+  double cublas_bytes = 0.0;         // fp16 weights + fp16 x + fp16 y
 };
 
 struct MatmulBenchResult {
-  std::string device;     // name and memory
+  std::string device;      // name and memory
   double copy_gbps = 0.0;  // device-to-device copy, bytes read plus bytes written per second
   std::vector<MatmulBenchRow> rows;
 };
@@ -34,7 +34,7 @@ struct MatmulBenchResult {
 // Times every shape at every m (median of `repetitions` timed loops of `iterations` products each,
 // after a warm-up). Returns device_error (with `error` set) when a CUDA or cuBLAS call fails,
 // invalid_argument for a k not a multiple of 32 or an m below 1.
-Status run_matmul_bench(const std::vector<MatmulShape>& shapes, const std::vector<int64_t>& ms, int iterations,
-                        int repetitions, MatmulBenchResult& result, std::string& error);
+Status run_matmul_bench(const std::vector<MatmulShape>& shapes, const std::vector<int64_t>& ms,
+                        int iterations, int repetitions, MatmulBenchResult& result, std::string& error);
 
 }  // namespace nibble::kernels::cuda

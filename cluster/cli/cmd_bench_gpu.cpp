@@ -27,6 +27,7 @@ struct Args {
   bool json = false;
 };
 
+#ifdef NIBBLE_WITH_CUDA
 std::vector<int64_t> parse_list(const std::string& text) {
   std::vector<int64_t> out;
   std::stringstream in(text);
@@ -34,7 +35,6 @@ std::vector<int64_t> parse_list(const std::string& text) {
   return out;
 }
 
-#ifdef NIBBLE_WITH_CUDA
 // "KxN" items: input features x output features.
 std::vector<kernels::cuda::MatmulShape> parse_shapes(const std::string& text) {
   std::vector<kernels::cuda::MatmulShape> out;

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Packs what a lent GPU machine needs to run Nibble's CUDA tests and GPU benchmarks into .gpu/ at
+# the repository root (git-ignored through .git/info/exclude): that machine has the CUDA toolkit,
+# PyTorch and nvidia-smi but none of Nibble's other libraries (ZeroMQ, Cap'n Proto, yaml-cpp, Open
+# MPI) and no network, so the binaries travel with every shared library they need that is not
+# CUDA's own or the C runtime's.
+#
+#   bash tools/gpu-bundle.sh [BUILD_DIR]     # default build-cuda/, configured with -DNIBBLE_CUDA=ON
+#   then, on the device machine (the session's device tool, carrying .gpu):  bash .gpu/run.sh
+#
+# run.sh runs every CUDA test binary, `nibble bench-gpu` and tools/bench_tinygemm.py, writing the
+# logs and JSON to $OUT (or .gpu/out) for docs/perf/gpu.md.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+build="${1:-$root/build-cuda}"
+out="$root/.gpu"
+grep -qs '^/.gpu/' "$root/.git/info/exclude" 2>/dev/null || { mkdir -p "$root/.git/info"; echo '/.gpu/' >>"$root/.git/info/exclude"; }
+[ -x "$build/bin/nibble" ] || { echo "gpu-bundle: $build/bin/nibble not found (configure with -DNIBBLE_CUDA=ON and build)" >&2; exit 1; }
+rm -rf "$out"
+mkdir -p "$out/bin" "$out/tests" "$out/lib"
+cp "$build/bin/nibble" "$out/bin/"
+cp "$build"/tests/cuda/test_cuda_* "$out/tests/" 2>/dev/null || true
+find "$out/tests" -name '*.cmake' -delete
+# Shared libraries: everything ldd resolves except the C/C++ runtime and CUDA's own libraries.
+for f in "$out"/bin/* "$out"/tests/*; do
+  ldd "$f" | awk '/=> \//{print $3}'
+done | sort -u | grep -Ev '/(libc|libm|libdl|librt|libpthread|libresolv|libutil|libnsl|libanl|libgcc_s|libstdc\+\+|ld-linux[^/]*)\.so|/libcu(da|dart|blas|blasLt)\.so|/libnccl\.so' |
+  while read -r lib; do cp -L "$lib" "$out/lib/"; done
+cat >"$out/run.sh" <<'RUN'
+#!/usr/bin/env bash
+# On the GPU machine, from the repository root: CUDA tests, then the kernel benchmarks.
+set -uo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+out="${OUT:-$here/out}"
+mkdir -p "$out"
+export LD_LIBRARY_PATH="$here/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee "$out/device.txt"
+status=0
+for t in "$here"/tests/test_cuda_*; do
+  "$t" --gtest_brief=1 2>&1 | tee -a "$out/cuda-tests.log" || status=1
+done
+python3 "$(dirname "$here")/tools/bench_tinygemm.py" --out "$out/tinygemm.json" 2>"$out/tinygemm.log" ||
+  echo "tinygemm failed: $(tail -3 "$out/tinygemm.log")"
+tg=(); [ -s "$out/tinygemm.json" ] && tg=(--tinygemm "$out/tinygemm.json")
+"$here/bin/nibble" bench-gpu "${tg[@]}" 2>&1 | tee "$out/bench-gpu.txt" || status=1
+exit $status
+RUN
+chmod +x "$out/run.sh"
+du -sh "$out" | awk '{print "gpu-bundle: " $1 " in .gpu/ (the device tool carries at most 64 MiB with the tree)"}'

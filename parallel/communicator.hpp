@@ -1,8 +1,8 @@
 #pragma once
 // The collective-communication interface the tensor- and pipeline-parallel layers program against.
-// One object is one group of ranks (MPI today, NCCL later behind the same calls). Every call is
-// blocking and, for now, works on host memory. Failures throw CommunicatorError: a failed
-// collective leaves the group in an unknown state, so the caller should stop rather than retry.
+// One object is one group of ranks: MpiCommunicator (host memory) or, in CUDA builds,
+// NcclCommunicator (device memory; see its header). Every call is blocking. Failures throw CommunicatorError:
+// a failed collective leaves the group in an unknown state, so the caller should stop rather than retry.
 
 #include <cstddef>
 #include <stdexcept>

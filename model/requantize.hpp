@@ -10,9 +10,9 @@ namespace nibble::model {
 // Writes `out_path`: all of `in`'s metadata (general.file_type updated to match matrix_type) and
 // all of its tensors, in the same order and shapes, where
 // - every 2-D tensor (a weight matrix) is dequantized and requantized row by row to matrix_type
-//   (Q4_0, Q8_0, F16 or F32); a matrix already of that type is copied unchanged;
+//   (Q4_0, Q4_K, Q8_0, F16 or F32); a matrix already of that type is copied unchanged;
 // - 1-D tensors (norms) are stored as F32; tensors of 3 or more dims are copied unchanged;
-// - unless `pure`, when matrix_type is Q4_0, token_embd.weight and output.weight (the output head;
+// - unless `pure`, when matrix_type is Q4_0 or Q4_K, token_embd.weight and output.weight (the output head;
 //   when absent, token_embd.weight doubles as the tied head) are stored as Q8_0 instead, because
 //   4-bit error in the output head costs far more quality than anywhere else.
 // Throws GgufError naming the tensor when a row length is not a multiple of the target block

@@ -1,6 +1,7 @@
 #pragma once
 // Converting a GGUF model's weight matrices to another type (like llama.cpp's llama-quantize).
 #include <string>
+#include <vector>
 
 #include "kernels/quant_types.hpp"
 #include "model/gguf.hpp"
@@ -18,6 +19,11 @@ namespace nibble::model {
 // Throws GgufError naming the tensor when a row length is not a multiple of the target block
 // size, std::invalid_argument for an unsupported matrix_type.
 void requantize_gguf(const GgufFile& in, const std::string& out_path, kernels::DType matrix_type, bool pure);
+
+// One tensor of `in` converted to `target` as requantize_gguf does it (rows dequantized and
+// requantized; copied when already of that type): row_bytes(target, row length) * rows bytes.
+// Throws GgufError naming the tensor as requantize_gguf does.
+std::vector<uint8_t> convert_tensor(const GgufFile& in, const GgufTensorInfo& tensor, kernels::DType target);
 
 // The type requantize_gguf stores a tensor as (exposed for tests and the CLI's reporting).
 kernels::DType requantized_type(const GgufTensorInfo& tensor, kernels::DType matrix_type, bool pure);

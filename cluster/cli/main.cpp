@@ -23,7 +23,8 @@ int main(int argc, char** argv) {
   add("make-model", "Write a random-weight Llama GGUF of a named shape", nibble::cli::add_make_model);
   add("serve", "Run the distributed service (under mpirun: 1 coordinator + T*P workers)",
       nibble::cli::add_serve);
-  add("quantize", "Round-to-nearest quantize a GGUF model", nibble::cli::add_quantize);
+  add("quantize", "Quantize a GGUF model (round to nearest, or GPTQ / AWQ with calibration text)",
+      nibble::cli::add_quantize);
   add("client", "Send one request to a running `nibble serve`", nibble::cli::add_client);
   add("bench-serve", "Load-test a running `nibble serve` (throughput, TTFT, TPOT)",
       nibble::cli::add_bench_serve);

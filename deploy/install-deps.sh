@@ -20,6 +20,7 @@ packages=(
   capnproto libcapnp-dev
   libyaml-cpp-dev
   nlohmann-json3-dev libpcre2-dev libcli11-dev
+  libeigen3-dev
   iproute2
   clang-format
 )

@@ -31,6 +31,24 @@ static inline void q4_k_scale_min(int j, const uint8_t* scales, uint8_t* scale, 
   }
 }
 
+// The inverse of q4_k_scale_min: packs 8 six-bit scales and mins into a block's 12 scale bytes.
+static inline void q4_k_pack_scale_min(const uint8_t* scale, const uint8_t* min, uint8_t* scales) {
+  for (int j = 0; j < 4; ++j) {
+    scales[j] = static_cast<uint8_t>(scale[j] | ((scale[j + 4] >> 4) << 6));
+    scales[j + 4] = static_cast<uint8_t>(min[j] | ((min[j + 4] >> 4) << 6));
+    scales[j + 8] = static_cast<uint8_t>((scale[j + 4] & 0xF) | ((min[j + 4] & 0xF) << 4));
+  }
+}
+
+// Packs 256 levels (0..15) into a Q4_K block's qs: each 64-element run shares 32 bytes, its first 32
+// elements in the low nibbles, the next 32 in the high nibbles.
+static inline void q4_k_pack_levels(const uint8_t* levels, uint8_t* qs) {
+  for (int run = 0; run < kQK_K / 64; ++run) {
+    for (int l = 0; l < 32; ++l)
+      qs[32 * run + l] = static_cast<uint8_t>(levels[64 * run + l] | (levels[64 * run + 32 + l] << 4));
+  }
+}
+
 // GGML's quantize_row_q8_0_ref: d = amax / 127, q = round(x / d) with roundf (ties away from zero).
 static inline void quantize_block_q8_0(const float* x, BlockQ8_0* out) {
   float amax = 0.0f;

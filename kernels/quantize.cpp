@@ -1,5 +1,6 @@
 #include "kernels/quantize.hpp"
 
+#include <algorithm>
 #include <cmath>
 
 #include "kernels/quant_internal.hpp"
@@ -26,6 +27,103 @@ void quantize_block_q4_0(const float* x, BlockQ4_0* out) {
     const int hi = static_cast<int8_t>(x[j + kQK4_0 / 2] * inv_d + 8.5f);
     out->qs[j] = static_cast<uint8_t>((lo < 15 ? lo : 15) | ((hi < 15 ? hi : 15) << 4));
   }
+}
+
+// GGML's make_qkx2_quants for n = 32, nmax = 15 (rmin -1, rdelta 0.1, 20 steps, squared error):
+// start from the min/max grid, then try 21 slightly different inverse scales, each followed by a
+// weighted least-squares refit of scale and min, and keep the best. Returns the scale; *offset = -min.
+float fit_sub_block(const float* x, const float* weights, float* offset) {
+  constexpr int n = 32;
+  constexpr int nmax = 15;
+  float min = x[0];
+  float max = x[0];
+  float sum_w = weights[0];
+  float sum_x = sum_w * x[0];
+  for (int i = 1; i < n; ++i) {
+    if (x[i] < min) min = x[i];
+    if (x[i] > max) max = x[i];
+    sum_w += weights[i];
+    sum_x += weights[i] * x[i];
+  }
+  if (min > 0) min = 0;
+  if (max == min) {
+    *offset = -min;
+    return 0.0f;
+  }
+  float iscale = nmax / (max - min);
+  float scale = 1 / iscale;
+  float best_error = 0;
+  for (int i = 0; i < n; ++i) {
+    const int l = std::clamp(detail::nearest_int(iscale * (x[i] - min)), 0, nmax);
+    const float diff = scale * static_cast<float>(l) + min - x[i];
+    best_error += weights[i] * diff * diff;
+  }
+  int candidate[n];
+  for (int step = 0; step <= 20; ++step) {
+    iscale = (-1.0f + 0.1f * static_cast<float>(step) + nmax) / (max - min);
+    float sum_l = 0, sum_l2 = 0, sum_xl = 0;
+    for (int i = 0; i < n; ++i) {
+      const int l = std::clamp(detail::nearest_int(iscale * (x[i] - min)), 0, nmax);
+      candidate[i] = l;
+      const float w = weights[i];
+      sum_l += w * static_cast<float>(l);
+      sum_l2 += w * static_cast<float>(l) * static_cast<float>(l);
+      sum_xl += w * static_cast<float>(l) * x[i];
+    }
+    const float det = sum_w * sum_l2 - sum_l * sum_l;
+    if (det <= 0) continue;
+    float this_scale = (sum_w * sum_xl - sum_x * sum_l) / det;
+    float this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det;
+    if (this_min > 0) {
+      this_min = 0;
+      this_scale = sum_xl / sum_l2;
+    }
+    float error = 0;
+    for (int i = 0; i < n; ++i) {
+      const float diff = this_scale * static_cast<float>(candidate[i]) + this_min - x[i];
+      error += weights[i] * diff * diff;
+    }
+    if (error < best_error) {
+      best_error = error;
+      scale = this_scale;
+      min = this_min;
+    }
+  }
+  *offset = -min;
+  return scale;
+}
+
+// GGML's quantize_row_q4_K_ref for one super-block: fit each sub-block's scale and offset, store them
+// as 6-bit multiples of the super-block's d = max scale / 63 and dmin = max offset / 63, then round
+// every element against the stored (fp16 and 6-bit rounded) values.
+void quantize_block_q4_k(const float* x, BlockQ4_K* out) {
+  float scales[8], offsets[8];
+  float max_scale = 0, max_offset = 0;
+  for (int j = 0; j < 8; ++j) {
+    scales[j] = fit_q4_k_sub_block(x + 32 * j, &offsets[j]);
+    max_scale = std::max(max_scale, scales[j]);
+    max_offset = std::max(max_offset, offsets[j]);
+  }
+  const float inv_scale = max_scale > 0 ? 63.0f / max_scale : 0.0f;
+  const float inv_offset = max_offset > 0 ? 63.0f / max_offset : 0.0f;
+  uint8_t sc[8], m[8];
+  for (int j = 0; j < 8; ++j) {
+    sc[j] = static_cast<uint8_t>(std::min(63, detail::nearest_int(inv_scale * scales[j])));
+    m[j] = static_cast<uint8_t>(std::min(63, detail::nearest_int(inv_offset * offsets[j])));
+  }
+  detail::q4_k_pack_scale_min(sc, m, out->scales);
+  out->d = fp32_to_fp16(max_scale / 63.0f);
+  out->dmin = fp32_to_fp16(max_offset / 63.0f);
+  uint8_t levels[kQK_K] = {};
+  for (int j = 0; j < 8; ++j) {
+    const float d = fp16_to_fp32(out->d) * sc[j];
+    if (d == 0.0f) continue;
+    const float dm = fp16_to_fp32(out->dmin) * m[j];
+    for (int i = 0; i < 32; ++i)
+      levels[32 * j + i] =
+          static_cast<uint8_t>(std::clamp(detail::nearest_int((x[32 * j + i] + dm) / d), 0, 15));
+  }
+  detail::q4_k_pack_levels(levels, out->qs);
 }
 
 void dequantize_block_q4_0(const BlockQ4_0& block, float* y) {
@@ -92,7 +190,7 @@ bool valid_row(DType type, const void* p, const float* x, int64_t n) {
 
 Status quantize_row(DType type, const float* x, void* out, int64_t n) {
   if (type_info(static_cast<uint32_t>(type)) == nullptr) return Status::unsupported_type;
-  if (type == DType::Q4_K || type == DType::Q6_K) return Status::unsupported_type;
+  if (type == DType::Q6_K) return Status::unsupported_type;
   if (!valid_row(type, out, x, n)) return Status::invalid_argument;
   switch (type) {
     case DType::F32:
@@ -118,6 +216,11 @@ Status quantize_row(DType type, const float* x, void* out, int64_t n) {
       for (int64_t b = 0; b < n / kQK8_0; ++b) detail::quantize_block_q8_0(x + b * kQK8_0, dst + b);
       break;
     }
+    case DType::Q4_K: {
+      auto* dst = static_cast<BlockQ4_K*>(out);
+      for (int64_t b = 0; b < n / kQK_K; ++b) quantize_block_q4_k(x + b * kQK_K, dst + b);
+      break;
+    }
     case DType::Q8_K: {
       auto* dst = static_cast<BlockQ8_K*>(out);
       for (int64_t b = 0; b < n / kQK_K; ++b) detail::quantize_block_q8_k(x + b * kQK_K, dst + b);
@@ -127,6 +230,16 @@ Status quantize_row(DType type, const float* x, void* out, int64_t n) {
       return Status::unsupported_type;
   }
   return Status::ok;
+}
+
+float fit_q4_k_sub_block(const float* x, float* offset) {
+  // Importance weights: the sub-block's RMS plus each element's magnitude (larger values matter more).
+  float sum_x2 = 0;
+  for (int i = 0; i < 32; ++i) sum_x2 += x[i] * x[i];
+  const float rms = std::sqrt(sum_x2 / 32);
+  float weights[32];
+  for (int i = 0; i < 32; ++i) weights[i] = rms + std::fabs(x[i]);
+  return fit_sub_block(x, weights, offset);
 }
 
 Status dequantize_row(DType type, const void* src, float* y, int64_t n) {

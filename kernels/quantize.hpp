@@ -10,8 +10,13 @@
 namespace nibble::kernels {
 
 // x: [n] floats, n a multiple of the block size of `type`; out: row_bytes(type, n) bytes.
-// Supported: F32, F16, BF16, Q4_0, Q8_0, Q8_K.
+// Supported: F32, F16, BF16, Q4_0, Q8_0, Q4_K (llama.cpp's quantize_row_q4_K_ref), Q8_K.
 Status quantize_row(DType type, const float* x, void* out, int64_t n);
+
+// llama.cpp's Q4_K sub-block fit (make_qkx2_quants with Q4_K's importance weights): the scale and
+// offset that best represent x: [32] as scale * q - offset, q in 0..15, offset >= 0. Returns the
+// scale and stores the offset in *offset. Exposed for calibrated quantizers that refit sub-blocks.
+float fit_q4_k_sub_block(const float* x, float* offset);
 
 // Reference dequantization for every DType. src: row_bytes(type, n) bytes; y: [n] floats.
 Status dequantize_row(DType type, const void* src, float* y, int64_t n);

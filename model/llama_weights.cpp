@@ -149,6 +149,20 @@ std::vector<float> vector_f32(const HfCheckpoint& ckpt, const std::string& name,
 
 }  // namespace
 
+std::string layer_tensor_name(int64_t layer, LayerMatrix which) {
+  const char* names[] = {"attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"};
+  return "blk." + std::to_string(layer) + "." + names[static_cast<int>(which)] + ".weight";
+}
+
+WeightMatrix& LlamaLayerWeights::matrix(LayerMatrix which) {
+  WeightMatrix* matrices[] = {&wq, &wk, &wv, &wo, &w_gate, &w_up, &w_down};
+  return *matrices[static_cast<int>(which)];
+}
+
+const WeightMatrix& LlamaLayerWeights::matrix(LayerMatrix which) const {
+  return const_cast<LlamaLayerWeights*>(this)->matrix(which);
+}
+
 void LlamaWeights::pack_for_cpu(bool release_source) {
   for (LlamaLayerWeights& l : layers) {
     for (WeightMatrix* w : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down})

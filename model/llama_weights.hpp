@@ -5,6 +5,7 @@
 // q/k projections are permuted into owned memory (see bind(HfCheckpoint)).
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "kernels/packed_weights.hpp"
@@ -31,11 +32,22 @@ struct WeightMatrix {
   std::shared_ptr<const std::vector<uint8_t>> owned;
 };
 
+// The seven weight matrices of a layer, in forward order.
+enum class LayerMatrix { attn_q, attn_k, attn_v, attn_output, ffn_gate, ffn_up, ffn_down };
+inline constexpr LayerMatrix kLayerMatrices[] = {
+    LayerMatrix::attn_q,   LayerMatrix::attn_k, LayerMatrix::attn_v,  LayerMatrix::attn_output,
+    LayerMatrix::ffn_gate, LayerMatrix::ffn_up, LayerMatrix::ffn_down};
+// llama.cpp's tensor name, e.g. "blk.3.attn_q.weight".
+std::string layer_tensor_name(int64_t layer, LayerMatrix which);
+
 struct LlamaLayerWeights {
   std::vector<float> attn_norm;  // [n_embd]
   WeightMatrix wq, wk, wv, wo;
   std::vector<float> ffn_norm;  // [n_embd]
   WeightMatrix w_gate, w_up, w_down;
+
+  WeightMatrix& matrix(LayerMatrix which);
+  const WeightMatrix& matrix(LayerMatrix which) const;
 };
 
 struct LlamaWeights {

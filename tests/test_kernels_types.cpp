@@ -159,7 +159,8 @@ TEST(KernelQuantize, InvalidArguments) {
   EXPECT_EQ(quantize_row(DType::Q4_0, nullptr, out.data(), 32), Status::invalid_argument);
   EXPECT_EQ(quantize_row(DType::Q8_0, x.data(), nullptr, 32), Status::invalid_argument);
   EXPECT_EQ(quantize_row(DType::Q8_0, x.data(), out.data(), -32), Status::invalid_argument);
-  EXPECT_EQ(quantize_row(DType::Q4_K, x.data(), out.data(), 256), Status::unsupported_type);
+  EXPECT_EQ(quantize_row(DType::Q6_K, x.data(), out.data(), 256), Status::unsupported_type);
+  EXPECT_EQ(quantize_row(DType::Q4_K, x.data(), out.data(), 64), Status::invalid_argument);
   EXPECT_EQ(quantize_row(static_cast<DType>(99), x.data(), out.data(), 32), Status::unsupported_type);
   EXPECT_EQ(dequantize_row(DType::Q6_K, out.data(), x.data(), 64), Status::invalid_argument);
   EXPECT_EQ(dequantize_row(static_cast<DType>(3), out.data(), x.data(), 32), Status::unsupported_type);
@@ -189,6 +190,26 @@ TEST(KernelQuantize, DequantizeHandBuiltQ4_K) {
     const float expected = 0.25f * sc[e / 32] * q - 0.125f * mn[e / 32];
     EXPECT_FLOAT_EQ(y[e], expected) << "element " << e;
   }
+}
+
+// Q4_K quantization (llama.cpp's reference): 4-bit error on random rows, and re-quantizing the
+// dequantized values gives back the same values (the fitted grid is a fixed point).
+TEST(KernelQuantize, Q4_KRoundTrip) {
+  std::vector<float> x(512);
+  for (size_t i = 0; i < x.size(); ++i) x[i] = std::sin(0.37f * static_cast<float>(i)) * (1.0f + (i % 7));
+  std::vector<uint8_t> q(static_cast<size_t>(row_bytes(DType::Q4_K, 512)));
+  ASSERT_EQ(quantize_row(DType::Q4_K, x.data(), q.data(), 512), Status::ok);
+  std::vector<float> y(512), y2(512);
+  ASSERT_EQ(dequantize_row(DType::Q4_K, q.data(), y.data(), 512), Status::ok);
+  double err = 0, norm = 0;
+  for (size_t i = 0; i < x.size(); ++i) {
+    err += (y[i] - x[i]) * (y[i] - x[i]);
+    norm += x[i] * x[i];
+  }
+  EXPECT_LT(std::sqrt(err / norm), 0.08);
+  ASSERT_EQ(quantize_row(DType::Q4_K, y.data(), q.data(), 512), Status::ok);
+  ASSERT_EQ(dequantize_row(DType::Q4_K, q.data(), y2.data(), 512), Status::ok);
+  for (size_t i = 0; i < y.size(); ++i) EXPECT_NEAR(y2[i], y[i], 1e-3f * (1.0f + std::fabs(y[i]))) << i;
 }
 
 // Q6_K, packed by hand: value u[e] in 0..63 (signed value u − 32); in half h (128 elements) and

@@ -212,7 +212,7 @@ TEST_F(Requantize, RowLengthNotMultipleOfBlockIsAClearError) {
   // F16 has no blocks, so the same tensor converts.
   requantize_gguf(*f, out.string(), DType::F16, false);
   EXPECT_EQ(GgufFile::open(out.string())->tensors()[0].type, DType::F16);
-  EXPECT_THROW(requantize_gguf(*f, out.string(), DType::Q4_K, false), std::invalid_argument);
+  EXPECT_THROW(requantize_gguf(*f, out.string(), DType::Q6_K, false), std::invalid_argument);
 }
 
 TEST(RequantizeFixtures, KQuantAndTiedFixtures) {
@@ -239,6 +239,24 @@ TEST(RequantizeFixtures, KQuantAndTiedFixtures) {
   EXPECT_EQ(fq4->find_tensor("token_embd.weight")->type, DType::Q8_0);
   EXPECT_EQ(fq4->find_tensor("blk.0.attn_q.weight")->type, DType::Q4_0);
   EXPECT_LT(fq4->file_size(), fortune->file_size() / 2);
+}
+
+TEST(RequantizeFixtures, Q4_KOfLlamaCppQ4_KIsNearlyUnchanged) {
+  // Re-quantizing values that llama.cpp's Q4_K already rounded lands on (nearly) the same grid.
+  NIBBLE_REQUIRE_FIXTURES(fixtures);
+  test::TempDir dir;
+  const auto kq = GgufFile::open((fixtures / "models" / "small-llama-q4_k_m.gguf").string());
+  requantize_gguf(*kq, (dir.path() / "q4k.gguf").string(), DType::Q4_K, false);
+  const auto out = GgufFile::open((dir.path() / "q4k.gguf").string());
+  int checked = 0;
+  for (const GgufTensorInfo& t : out->tensors()) {
+    const GgufTensorInfo& s = *kq->find_tensor(t.name);
+    if (s.type != DType::Q4_K || t.type != DType::Q4_K) continue;
+    const double err = relative_rms(test::dequantize_tensor(*kq, s), test::dequantize_tensor(*out, t));
+    EXPECT_LT(err, 0.005) << t.name;
+    if (checked++ == 0) std::printf("%s: relative RMS change %.4f\n", t.name.c_str(), err);
+  }
+  EXPECT_GT(checked, 0);
 }
 
 }  // namespace

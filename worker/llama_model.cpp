@@ -183,6 +183,24 @@ void LlamaModel::bind_shard() {
   }
 }
 
+void LlamaModel::set_layer_matrix(int64_t layer, model::LayerMatrix which, const std::vector<float>& values) {
+  if (shard_.size != 1) throw std::invalid_argument("set_layer_matrix: only unsharded models");
+  if (layer < layer_begin_ || layer >= layer_end_) {
+    throw std::invalid_argument("set_layer_matrix: layer " + std::to_string(layer) + " is not in this stage");
+  }
+  model::WeightMatrix& w = weights_.layers[static_cast<size_t>(layer - layer_begin_)].matrix(which);
+  if (static_cast<int64_t>(values.size()) != w.n_out * w.k) {
+    throw std::invalid_argument("set_layer_matrix: " + std::to_string(values.size()) + " values for a [" +
+                                std::to_string(w.n_out) + ", " + std::to_string(w.k) + "] matrix");
+  }
+  auto owned = std::make_shared<std::vector<uint8_t>>(values.size() * sizeof(float));
+  std::memcpy(owned->data(), values.data(), owned->size());
+  w.type = kernels::DType::F32;
+  w.data = owned->data();
+  w.packed = nullptr;
+  w.owned = std::move(owned);
+}
+
 void LlamaModel::matmul(const model::WeightMatrix& w, const float* x, int64_t m, float* y,
                         kernels::ThreadPool& pool) {
   if (w.packed != nullptr) {
@@ -272,7 +290,9 @@ void LlamaModel::forward_stage(const ForwardBatch& batch, KvCache& cache, kernel
 
   for (int64_t l = 0; l < sc.n_layer; ++l) {  // local layer index: cache and weights hold the stage's
     const model::LlamaLayerWeights& w = weights_.layers[l];
+    const int64_t layer = layer_begin_ + l;
     check(kernels::rms_norm(x_.data(), w.attn_norm.data(), h_.data(), n, c.n_embd, c.rms_eps), "rms_norm");
+    if (observer_) observer_(layer, MatrixInput::attn_qkv, h_.data(), n, c.n_embd);
     matmul(w.wq, h_.data(), n, q_.data(), pool);
     matmul(w.wk, h_.data(), n, k_.data(), pool);
     matmul(w.wv, h_.data(), n, v_.data(), pool);
@@ -299,14 +319,17 @@ void LlamaModel::forward_stage(const ForwardBatch& batch, KvCache& cache, kernel
     check(kernels::paged_attention(shape, q_.data(), k_cache, v_cache, batch.block_tables.data(),
                                    batch.seq_index.data(), batch.positions.data(), scale, attn_.data(), pool),
           "attention");
+    if (observer_) observer_(layer, MatrixInput::attn_output, attn_.data(), n, sc.q_dim());
     matmul(w.wo, attn_.data(), n, h_.data(), pool);  // [n, n_embd] partial over the shard's heads
     if (reducer_ != nullptr) reducer_->sum(h_.data(), static_cast<size_t>(n * c.n_embd));
     check(kernels::add_inplace(x_.data(), h_.data(), n * c.n_embd), "residual add");
 
     check(kernels::rms_norm(x_.data(), w.ffn_norm.data(), h_.data(), n, c.n_embd, c.rms_eps), "rms_norm");
+    if (observer_) observer_(layer, MatrixInput::ffn_gate_up, h_.data(), n, c.n_embd);
     matmul(w.w_gate, h_.data(), n, gate_.data(), pool);
     matmul(w.w_up, h_.data(), n, up_.data(), pool);
     check(kernels::swiglu(gate_.data(), up_.data(), gate_.data(), n * sc.n_ff), "swiglu");
+    if (observer_) observer_(layer, MatrixInput::ffn_down, gate_.data(), n, sc.n_ff);
     matmul(w.w_down, gate_.data(), n, h_.data(), pool);  // [n, n_embd] partial over the shard's ffn rows
     if (reducer_ != nullptr) reducer_->sum(h_.data(), static_cast<size_t>(n * c.n_embd));
     check(kernels::add_inplace(x_.data(), h_.data(), n * c.n_embd), "residual add");

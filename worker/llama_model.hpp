@@ -1,6 +1,7 @@
 #pragma once
 // Llama forward pass on the CPU over a batch of tokens that may belong to several sequences.
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
@@ -36,6 +37,17 @@ struct ForwardBatch {
   static ForwardBatch single(const std::vector<int32_t>& tokens, int32_t start_pos,
                              const std::vector<int32_t>& block_table, bool all_logits);
 };
+
+// The inputs of a layer's weight matrices, as an observer sees them (see set_input_observer).
+enum class MatrixInput {
+  attn_qkv,     // attn_q, attn_k, attn_v: the attention-normed hidden states, [rows, n_embd]
+  attn_output,  // attn_output: the attention heads' outputs, [rows, q_dim]
+  ffn_gate_up,  // ffn_gate, ffn_up: the FFN-normed hidden states, [rows, n_embd]
+  ffn_down,     // ffn_down: silu(gate) * up, [rows, n_ff]
+};
+// layer: the model's layer index; x: [rows, k], valid only during the call.
+using MatrixInputObserver =
+    std::function<void(int64_t layer, MatrixInput input, const float* x, int64_t rows, int64_t k)>;
 
 // A pipeline stage holds the layers [begin, end) of the model (all of them by default). The first
 // stage embeds tokens; later stages start from the hidden states the previous stage produced. The
@@ -102,6 +114,16 @@ class LlamaModel {
   void forward_stage(const ForwardBatch& batch, KvCache& cache, kernels::ThreadPool& pool,
                      const float* hidden_in, std::vector<float>& out);
 
+  // Calibrated quantization (worker/calibrated_quantize): forward passes then hand every matrix
+  // input to `observer` before the matmul (an empty function turns it off; the normal path pays one
+  // test per matmul), and quantized layers replace their float weights so that later layers are
+  // calibrated on their outputs.
+  void set_input_observer(MatrixInputObserver observer) { observer_ = std::move(observer); }
+  // Replaces one matrix of `layer` (the model's index, inside this stage) by float weights
+  // values: [n_out, k] in the matrix's shape. Unsharded models only; throws std::invalid_argument
+  // otherwise or for a wrong size.
+  void set_layer_matrix(int64_t layer, model::LayerMatrix which, const std::vector<float>& values);
+
  private:
   void matmul(const model::WeightMatrix& w, const float* x, int64_t m, float* y, kernels::ThreadPool& pool);
 
@@ -116,6 +138,7 @@ class LlamaModel {
   int64_t layer_begin_ = 0, layer_end_ = 0;  // weights_.layers holds only these
   int64_t embd_begin_ = 0;                   // first token id of this shard's token_embd rows
   ShardReducer* reducer_ = nullptr;          // null when unsharded (no collectives)
+  MatrixInputObserver observer_;             // empty unless calibrating
   std::vector<int64_t> vocab_counts_;        // [shard.size] output rows per shard
   // Scratch reused across calls: [n, dim] activations (dims local to the shard).
   std::vector<float> x_, h_, q_, k_, v_, attn_, gate_, up_, picked_, local_logits_;

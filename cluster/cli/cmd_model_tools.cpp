@@ -7,6 +7,7 @@
 #include "cluster/cli/model_session.hpp"
 #include "model/random_model.hpp"
 #include "model/requantize.hpp"
+#include "worker/calibrated_quantize.hpp"
 
 namespace nibble::cli {
 
@@ -14,10 +15,11 @@ namespace {
 
 kernels::DType parse_matrix_type(const std::string& name) {
   if (name == "q4_0") return kernels::DType::Q4_0;
+  if (name == "q4_k") return kernels::DType::Q4_K;
   if (name == "q8_0") return kernels::DType::Q8_0;
   if (name == "f16") return kernels::DType::F16;
   if (name == "f32") return kernels::DType::F32;
-  throw std::invalid_argument("unknown --type '" + name + "' (expected q4_0, q8_0, f16 or f32)");
+  throw std::invalid_argument("unknown --type '" + name + "' (expected q4_0, q4_k, q8_0, f16 or f32)");
 }
 
 }  // namespace
@@ -115,18 +117,57 @@ Runner add_make_model(CLI::App& app) {
 
 Runner add_quantize(CLI::App& app) {
   struct Args {
-    std::string in, out, type = "q4_0";
-    bool pure = false;
+    std::string in, out, type = "q4_0", method = "rtn", calib;
+    bool pure = false, act_order = false;
+    int64_t samples = 128, length = 512;
+    uint64_t seed = 0;
+    double percdamp = 0.01;
+    int threads = default_threads();
   };
   auto a = std::make_shared<Args>();
   app.add_option("--model,-m", a->in, "Input GGUF (F32/F16/BF16 or quantized)")->required();
   app.add_option("--out,-o", a->out, "Output GGUF path")->required();
-  app.add_option("--type", a->type, "Matrix type: q4_0, q8_0, f16, f32");
+  app.add_option("--type", a->type, "Matrix type: q4_0, q4_k, q8_0, f16, f32 (gptq / awq: q4_0 or q4_k)");
   app.add_flag("--pure", a->pure, "Quantize every matrix, the embedding and output head included");
+  app.add_option("--method", a->method, "rtn (round to nearest, default), gptq or awq (need --calib)");
+  app.add_option("--calib", a->calib, "Calibration text file (gptq, awq)");
+  app.add_option("--calib-samples", a->samples, "Calibration windows")->check(CLI::PositiveNumber);
+  app.add_option("--calib-len", a->length, "Tokens per calibration window")->check(CLI::PositiveNumber);
+  app.add_option("--seed", a->seed, "Seed for drawing the calibration windows");
+  app.add_flag("--act-order", a->act_order, "GPTQ: quantize columns in decreasing Hessian diagonal");
+  app.add_option("--percdamp", a->percdamp, "GPTQ: dampening as a fraction of the mean Hessian diagonal")
+      ->check(CLI::Range(0.0, 1.0));
+  app.add_option("--threads,-t", a->threads, "CPU threads for the calibration forward passes")
+      ->check(CLI::PositiveNumber);
   return [a]() {
     if (!std::filesystem::exists(a->in)) throw std::runtime_error("model file not found: " + a->in);
+    const worker::QuantMethod method = worker::parse_quant_method(a->method);
     auto file = model::GgufFile::open(a->in);
-    model::requantize_gguf(*file, a->out, parse_matrix_type(a->type), a->pure);
+    if (method == worker::QuantMethod::rtn) {
+      if (!a->calib.empty()) std::cerr << "note: --calib is not used by --method rtn\n";
+      model::requantize_gguf(*file, a->out, parse_matrix_type(a->type), a->pure);
+    } else {
+      if (a->calib.empty())
+        throw std::invalid_argument(std::string("--method ") + a->method + " needs --calib FILE");
+      std::ifstream text_file(a->calib, std::ios::binary);
+      if (!text_file) throw std::runtime_error("cannot read calibration text " + a->calib);
+      const std::string text((std::istreambuf_iterator<char>(text_file)), std::istreambuf_iterator<char>());
+      worker::CalibratedQuantizeOptions o;
+      o.method = method;
+      o.type = parse_matrix_type(a->type);
+      o.pure = a->pure;
+      o.calibration_name = std::filesystem::path(a->calib).filename().string();
+      o.samples = a->samples;
+      o.length = a->length;
+      o.seed = a->seed;
+      o.gptq.act_order = a->act_order;
+      o.gptq.percdamp = a->percdamp;
+      o.threads = a->threads;
+      o.progress = [](const std::string& line) { std::cerr << line << std::endl; };
+      std::cerr << a->method << ": " << a->samples << " windows of " << a->length << " tokens from "
+                << a->calib << "\n";
+      worker::calibrated_quantize_gguf(file, text, a->out, o);
+    }
     std::cerr << "wrote " << a->out << " (" << std::filesystem::file_size(a->out) << " bytes)\n";
     return 0;
   };

@@ -25,7 +25,8 @@ int main(int argc, char** argv) {
   add("make-model", "Write a random-weight Llama GGUF of a named shape", nibble::cli::add_make_model);
   add("serve", "Run the distributed service (under mpirun: 1 coordinator + T*P workers)",
       nibble::cli::add_serve);
-  add("quantize", "Round-to-nearest quantize a GGUF model", nibble::cli::add_quantize);
+  add("quantize", "Quantize a GGUF model (round to nearest, or GPTQ / AWQ with calibration text)",
+      nibble::cli::add_quantize);
   add("eval", "Measure quality: perplexity (ppl), or a model against its base (compare)",
       nibble::cli::add_eval);
   add("client", "Send one request to a running `nibble serve`", nibble::cli::add_client);

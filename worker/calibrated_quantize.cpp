@@ -1,0 +1,317 @@
+#include "worker/calibrated_quantize.hpp"
+
+#include <chrono>
+#include <cstring>
+#include <map>
+#include <sstream>
+#include <stdexcept>
+#include <vector>
+
+#include "kernels/quantize.hpp"
+#include "kernels/thread_pool.hpp"
+#include "model/calibration.hpp"
+#include "model/llama_config.hpp"
+#include "model/quant_grid.hpp"
+#include "model/random_model.hpp"
+#include "model/requantize.hpp"
+#include "model/tokenizer.hpp"
+#include "worker/kv_cache.hpp"
+#include "worker/llama_model.hpp"
+
+namespace nibble::worker {
+
+namespace {
+
+using model::LayerMatrix;
+using model::QuantizedMatrix;
+
+// A float copy of a tensor: [rows, row length].
+std::vector<float> read_floats(const model::GgufFile& file, const std::string& name) {
+  const model::GgufTensorInfo* t = file.find_tensor(name);
+  if (t == nullptr) throw model::GgufError(file.path() + ": tensor '" + name + "' is missing");
+  const int64_t n = t->row_elements();
+  std::vector<float> out(static_cast<size_t>(n * t->rows()));
+  const int64_t bytes = kernels::row_bytes(t->type, n);
+  for (int64_t r = 0; r < t->rows(); ++r) {
+    if (kernels::dequantize_row(t->type, file.tensor_data(*t) + r * bytes, out.data() + r * n, n) !=
+        kernels::Status::ok) {
+      throw model::GgufError(file.path() + ": cannot read tensor '" + name + "' as floats");
+    }
+  }
+  return out;
+}
+
+std::vector<uint8_t> float_bytes(const std::vector<float>& v) {
+  std::vector<uint8_t> out(v.size() * sizeof(float));
+  std::memcpy(out.data(), v.data(), out.size());
+  return out;
+}
+
+// Rows [begin, begin + count) of a quantized matrix's blocks.
+std::vector<uint8_t> block_rows(const QuantizedMatrix& q, int64_t begin, int64_t count) {
+  const int64_t bytes = kernels::row_bytes(q.grid.gguf_type(), q.k);
+  return std::vector<uint8_t>(q.blocks.begin() + begin * bytes, q.blocks.begin() + (begin + count) * bytes);
+}
+
+// w: [n_out, k] scaled in place: row r by 1 / row_div[r] (when given), column j by col_mul[j].
+void scale_matrix(std::vector<float>& w, int64_t n_out, int64_t k, const std::vector<float>* row_div,
+                  const std::vector<float>& col_mul) {
+  for (int64_t r = 0; r < n_out; ++r) {
+    const float rd = row_div != nullptr ? (*row_div)[static_cast<size_t>(r)] : 1.0f;
+    for (int64_t j = 0; j < k; ++j) w[static_cast<size_t>(r * k + j)] *= col_mul[static_cast<size_t>(j)] / rd;
+  }
+}
+
+std::vector<float> concat(const std::vector<float>& a, const std::vector<float>& b) {
+  std::vector<float> out(a);
+  out.insert(out.end(), b.begin(), b.end());
+  return out;
+}
+
+// Runs every calibration window through a one-layer model.
+class LayerRunner {
+ public:
+  LayerRunner(const std::shared_ptr<const model::GgufFile>& file, int64_t layer, int64_t length,
+              kernels::ThreadPool& pool)
+      : model_(file, {}, nullptr, {layer, layer + 1}),
+        cache_(model_.shard_config(), (length + kBlock - 1) / kBlock, kBlock),
+        pool_(pool) {
+    for (int32_t b = 0; b < static_cast<int32_t>((length + kBlock - 1) / kBlock); ++b) table_.push_back(b);
+  }
+  LlamaModel& model() { return model_; }
+
+  // hidden: per window, [length, n_embd] inputs (ignored on layer 0, which embeds the tokens);
+  // replaced by the layer's outputs when keep_outputs.
+  void run(const std::vector<std::vector<int32_t>>& windows, std::vector<std::vector<float>>& hidden,
+           bool keep_outputs) {
+    hidden.resize(windows.size());
+    std::vector<float> out;
+    for (size_t w = 0; w < windows.size(); ++w) {
+      ForwardBatch batch;
+      batch.add_sequence(windows[w], 0, 0, 0);
+      batch.block_tables = table_;
+      batch.max_blocks_per_seq = static_cast<int64_t>(table_.size());
+      model_.forward_stage(batch, cache_, pool_, model_.is_first_stage() ? nullptr : hidden[w].data(), out);
+      if (keep_outputs) hidden[w] = out;
+    }
+  }
+
+ private:
+  static constexpr int64_t kBlock = 16;
+  LlamaModel model_;
+  KvCache cache_;
+  kernels::ThreadPool& pool_;
+  std::vector<int32_t> table_;
+};
+
+struct MatrixGroup {
+  MatrixInput input;
+  std::vector<LayerMatrix> matrices;
+};
+const MatrixGroup kForwardOrder[] = {
+    {MatrixInput::attn_qkv, {LayerMatrix::attn_q, LayerMatrix::attn_k, LayerMatrix::attn_v}},
+    {MatrixInput::attn_output, {LayerMatrix::attn_output}},
+    {MatrixInput::ffn_gate_up, {LayerMatrix::ffn_gate, LayerMatrix::ffn_up}},
+    {MatrixInput::ffn_down, {LayerMatrix::ffn_down}},
+};
+
+// What a layer's quantization produces: tensor name → stored bytes (blocks, or F32 norms).
+using TensorBytes = std::map<std::string, std::vector<uint8_t>>;
+
+void gptq_layer(const model::GgufFile& file, LayerRunner& runner, int64_t layer,
+                const std::vector<std::vector<int32_t>>& windows, std::vector<std::vector<float>>& hidden,
+                const model::QuantGrid& grid, const CalibratedQuantizeOptions& options, TensorBytes& out) {
+  for (const MatrixGroup& group : kForwardOrder) {
+    std::unique_ptr<model::HessianAccumulator> acc;
+    runner.model().set_input_observer(
+        [&](int64_t, MatrixInput input, const float* x, int64_t rows, int64_t k) {
+          if (input != group.input) return;
+          if (acc == nullptr) acc = std::make_unique<model::HessianAccumulator>(k);
+          acc->add(x, rows);
+        });
+    runner.run(windows, hidden, false);
+    runner.model().set_input_observer({});
+    const std::vector<double> h = acc->hessian();
+    for (LayerMatrix m : group.matrices) {
+      const std::string name = model::layer_tensor_name(layer, m);
+      const std::vector<float> w = read_floats(file, name);
+      const int64_t k = acc->k();
+      const int64_t n_out = static_cast<int64_t>(w.size()) / k;
+      QuantizedMatrix q = model::gptq_quantize(w.data(), n_out, k, h, grid, options.gptq);
+      runner.model().set_layer_matrix(layer, m, q.dequantized);
+      out[name] = std::move(q.blocks);
+    }
+  }
+}
+
+// Rows of one matrix input kept for AWQ's search: every stride-th row seen.
+struct CapturedInput {
+  int64_t k = 0, seen = 0, stride = 1;
+  std::vector<float> rows;
+  int64_t n_rows() const { return k > 0 ? static_cast<int64_t>(rows.size()) / k : 0; }
+};
+
+void awq_layer(const model::GgufFile& file, const model::LlamaConfig& config, LayerRunner& runner,
+               int64_t layer, const std::vector<std::vector<int32_t>>& windows,
+               std::vector<std::vector<float>>& hidden, bool keep_outputs, const model::QuantGrid& grid,
+               const CalibratedQuantizeOptions& options, TensorBytes& out) {
+  int64_t total = 0;
+  for (const auto& w : windows) total += static_cast<int64_t>(w.size());
+  std::map<MatrixInput, CapturedInput> captured;
+  const int64_t stride =
+      options.awq.max_samples > 0 ? std::max<int64_t>(1, total / options.awq.max_samples) : 1;
+  runner.model().set_input_observer([&](int64_t, MatrixInput input, const float* x, int64_t rows, int64_t k) {
+    CapturedInput& c = captured[input];
+    c.k = k;
+    c.stride = stride;
+    for (int64_t r = 0; r < rows; ++r, ++c.seen) {
+      if (c.seen % c.stride == 0) c.rows.insert(c.rows.end(), x + r * k, x + (r + 1) * k);
+    }
+  });
+  runner.run(windows, hidden, keep_outputs);  // the float layer: the next layer's inputs, as llm-awq
+  runner.model().set_input_observer({});
+
+  auto search = [&](const std::vector<float>& w, MatrixInput input) {
+    const CapturedInput& c = captured.at(input);
+    return model::awq_search(w.data(), static_cast<int64_t>(w.size()) / c.k, c.k, c.rows.data(), c.n_rows(),
+                             grid, options.awq);
+  };
+  auto name = [&](LayerMatrix m) { return model::layer_tensor_name(layer, m); };
+  const std::string prefix = "blk." + std::to_string(layer) + ".";
+  const int64_t n_embd = config.n_embd, q_dim = config.q_dim(), kv_dim = config.kv_dim(), n_ff = config.n_ff;
+
+  // q, k, v share attn_norm's output: one search over their stacked rows; 1/s into attn_norm.
+  const std::vector<float> wq = read_floats(file, name(LayerMatrix::attn_q));
+  const std::vector<float> wk = read_floats(file, name(LayerMatrix::attn_k));
+  std::vector<float> wv = read_floats(file, name(LayerMatrix::attn_v));
+  const model::AwqResult qkv = search(concat(concat(wq, wk), wv), MatrixInput::attn_qkv);
+  std::vector<float> attn_norm = read_floats(file, prefix + "attn_norm.weight");
+  for (int64_t j = 0; j < n_embd; ++j)
+    attn_norm[static_cast<size_t>(j)] /= qkv.scales[static_cast<size_t>(j)];
+  out[prefix + "attn_norm.weight"] = float_bytes(attn_norm);
+  out[name(LayerMatrix::attn_q)] = block_rows(qkv.quantized, 0, q_dim);
+  out[name(LayerMatrix::attn_k)] = block_rows(qkv.quantized, q_dim, kv_dim);
+  const std::vector<float> wo = read_floats(file, name(LayerMatrix::attn_output));
+  if (config.n_head == config.n_head_kv) {
+    // attn_output's input channel i is v's output i: 1/s goes into v's rows, before v is rounded.
+    const model::AwqResult o = search(wo, MatrixInput::attn_output);
+    scale_matrix(wv, kv_dim, n_embd, &o.scales, qkv.scales);
+    out[name(LayerMatrix::attn_v)] = model::rtn_quantize(wv.data(), kv_dim, n_embd, grid).blocks;
+    out[name(LayerMatrix::attn_output)] = o.quantized.blocks;
+  } else {
+    out[name(LayerMatrix::attn_v)] = block_rows(qkv.quantized, q_dim + kv_dim, kv_dim);
+    out[name(LayerMatrix::attn_output)] = model::rtn_quantize(wo.data(), n_embd, q_dim, grid).blocks;
+  }
+
+  // gate and up share ffn_norm's output; down's 1/s goes into up's rows.
+  const std::vector<float> w_gate = read_floats(file, name(LayerMatrix::ffn_gate));
+  std::vector<float> w_up = read_floats(file, name(LayerMatrix::ffn_up));
+  const model::AwqResult ffn = search(concat(w_gate, w_up), MatrixInput::ffn_gate_up);
+  std::vector<float> ffn_norm = read_floats(file, prefix + "ffn_norm.weight");
+  for (int64_t j = 0; j < n_embd; ++j) ffn_norm[static_cast<size_t>(j)] /= ffn.scales[static_cast<size_t>(j)];
+  out[prefix + "ffn_norm.weight"] = float_bytes(ffn_norm);
+  out[name(LayerMatrix::ffn_gate)] = block_rows(ffn.quantized, 0, n_ff);
+  const model::AwqResult down = search(read_floats(file, name(LayerMatrix::ffn_down)), MatrixInput::ffn_down);
+  scale_matrix(w_up, n_ff, n_embd, &down.scales, ffn.scales);
+  out[name(LayerMatrix::ffn_up)] = model::rtn_quantize(w_up.data(), n_ff, n_embd, grid).blocks;
+  out[name(LayerMatrix::ffn_down)] = down.quantized.blocks;
+}
+
+}  // namespace
+
+QuantMethod parse_quant_method(const std::string& name) {
+  if (name == "rtn") return QuantMethod::rtn;
+  if (name == "gptq") return QuantMethod::gptq;
+  if (name == "awq") return QuantMethod::awq;
+  throw std::invalid_argument("unknown quantization method '" + name + "' (expected rtn, gptq or awq)");
+}
+
+const char* quant_method_name(QuantMethod method) {
+  switch (method) {
+    case QuantMethod::rtn:
+      return "rtn";
+    case QuantMethod::gptq:
+      return "gptq";
+    case QuantMethod::awq:
+      return "awq";
+  }
+  return "?";
+}
+
+void calibrated_quantize_gguf(std::shared_ptr<const model::GgufFile> in, std::string_view calibration_text,
+                              const std::string& out_path, const CalibratedQuantizeOptions& options) {
+  if (options.method == QuantMethod::rtn) {
+    throw std::invalid_argument("calibrated quantization is gptq or awq; rtn is requantize_gguf");
+  }
+  model::QuantGrid grid;
+  if (options.type == kernels::DType::Q4_0) {
+    grid = model::QuantGrid::q4_0();
+  } else if (options.type == kernels::DType::Q4_K) {
+    grid = model::QuantGrid::q4_k();
+  } else {
+    throw std::invalid_argument(std::string("calibrated quantization writes q4_0 or q4_k, not ") +
+                                kernels::type_name(options.type));
+  }
+  const model::GgufFile& file = *in;
+  const model::LlamaConfig config = model::LlamaConfig::from_gguf(file);
+  // Every matrix must fit the grid before any work is done.
+  for (int64_t l = 0; l < config.n_layer; ++l) {
+    for (LayerMatrix m : model::kLayerMatrices) {
+      const std::string name = model::layer_tensor_name(l, m);
+      const model::GgufTensorInfo* t = file.find_tensor(name);
+      if (t == nullptr) throw model::GgufError(file.path() + ": tensor '" + name + "' is missing");
+      model::check_grid_shape(grid, t->rows(), t->row_elements(), file.path() + ": tensor '" + name + "'");
+    }
+  }
+  const auto tokenizer = model::Tokenizer::from_gguf(file);
+  const auto windows =
+      model::calibration_windows(*tokenizer, calibration_text, options.samples, options.length, options.seed);
+  kernels::ThreadPool pool(options.threads);
+
+  TensorBytes quantized;
+  std::vector<std::vector<float>> hidden;  // per window: the current layer's inputs
+  for (int64_t l = 0; l < config.n_layer; ++l) {
+    const auto start = std::chrono::steady_clock::now();
+    LayerRunner runner(in, l, options.length, pool);
+    const bool keep_outputs = l + 1 < config.n_layer;
+    if (options.method == QuantMethod::gptq) {
+      gptq_layer(file, runner, l, windows, hidden, grid, options, quantized);
+      if (keep_outputs) runner.run(windows, hidden, true);  // the quantized layer's outputs
+    } else {
+      awq_layer(file, config, runner, l, windows, hidden, keep_outputs, grid, options, quantized);
+    }
+    if (options.progress) {
+      const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      std::ostringstream line;
+      line << quant_method_name(options.method) << ": layer " << l + 1 << "/" << config.n_layer << " done in "
+           << seconds << " s";
+      options.progress(line.str());
+    }
+  }
+
+  model::GgufWriter out;
+  for (const auto& [key, value] : file.metadata()) out.set(key, value);
+  out.set_uint32("general.file_type", model::llama_file_type(options.type));
+  out.set_uint32("general.quantization_version", 2);
+  out.set_string("nibble.quantization.method", quant_method_name(options.method));
+  out.set_string("nibble.quantization.calibration_file", options.calibration_name);
+  out.set_uint32("nibble.quantization.calibration_samples", static_cast<uint32_t>(options.samples));
+  out.set_uint32("nibble.quantization.calibration_length", static_cast<uint32_t>(options.length));
+  out.set_uint64("nibble.quantization.calibration_seed", options.seed);
+  if (options.method == QuantMethod::gptq)
+    out.set_bool("nibble.quantization.act_order", options.gptq.act_order);
+  for (const model::GgufTensorInfo& t : file.tensors()) {
+    auto it = quantized.find(t.name);
+    if (it == quantized.end()) {
+      const kernels::DType target = model::requantized_type(t, options.type, options.pure);
+      out.add_tensor(t.name, t.dims, target, model::convert_tensor(file, t, target));
+    } else if (t.dims.size() == 1) {
+      out.add_tensor(t.name, t.dims, kernels::DType::F32, std::move(it->second));  // an AWQ-folded norm
+    } else {
+      out.add_tensor(t.name, t.dims, options.type, std::move(it->second));
+    }
+  }
+  out.write(out_path);
+}
+
+}  // namespace nibble::worker

@@ -1,0 +1,54 @@
+#pragma once
+// `nibble quantize --method gptq|awq`: a float GGUF Llama model quantized layer by layer with
+// calibration activations captured from the CPU forward pass (model/gptq, model/awq).
+//
+// GPTQ runs sequentially, as the reference does: layer l is calibrated on the outputs of layers
+// 0..l-1 already quantized, and inside a layer the matrices are done in forward order (q/k/v, then
+// attn_output, then gate/up, then down; "true sequential"), each group's inputs captured with the
+// earlier groups already quantized. AWQ, like llm-awq, searches every layer's scales on the float
+// model's activations and folds 1/s into attn_norm (q/k/v), ffn_norm (gate/up) and the rows of
+// ffn_up (down); attn_output is scaled (1/s folded into attn_v's rows) only when n_head == n_head_kv
+// and otherwise stays RTN (see model/awq.hpp). token_embd and output follow `nibble quantize`'s RTN
+// rules (Q8_0 unless pure).
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <string_view>
+
+#include "kernels/quant_types.hpp"
+#include "model/awq.hpp"
+#include "model/gguf.hpp"
+#include "model/gptq.hpp"
+
+namespace nibble::worker {
+
+enum class QuantMethod { rtn, gptq, awq };
+// "rtn", "gptq", "awq"; throws std::invalid_argument naming the choices otherwise.
+QuantMethod parse_quant_method(const std::string& name);
+const char* quant_method_name(QuantMethod method);
+
+struct CalibratedQuantizeOptions {
+  QuantMethod method = QuantMethod::gptq;      // gptq or awq (rtn is model::requantize_gguf)
+  kernels::DType type = kernels::DType::Q4_0;  // Q4_0 or Q4_K
+  bool pure = false;                           // token_embd and output 4-bit (RTN) too
+  std::string calibration_name;                // recorded in the output's metadata
+  int64_t samples = 128;                       // calibration windows
+  int64_t length = 512;                        // tokens per window
+  uint64_t seed = 0;
+  model::GptqOptions gptq;
+  model::AwqOptions awq = {20, 4096};  // AWQ's error is measured on at most 4096 rows per input
+  int threads = 1;
+  std::function<void(const std::string&)> progress;  // one line per layer (optional)
+};
+
+// Writes `out_path`: `in`'s metadata (general.file_type for the type; nibble.quantization.method,
+// .calibration_file, .calibration_samples, .calibration_length, .calibration_seed added) and its
+// tensors in order, every layer matrix calibrated-quantized to options.type, AWQ-folded norms as
+// F32, the rest as requantize_gguf stores them. Throws std::invalid_argument for a bad option, a
+// matrix whose row length does not fit the type, or a calibration text too short; GgufError for
+// file problems.
+void calibrated_quantize_gguf(std::shared_ptr<const model::GgufFile> in, std::string_view calibration_text,
+                              const std::string& out_path, const CalibratedQuantizeOptions& options);
+
+}  // namespace nibble::worker

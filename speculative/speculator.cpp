@@ -148,10 +148,12 @@ bool Speculator::enabled_for(int64_t decode_batch) {
   if (m.steps_seen == 0 && m.samples[1] == 0 && !promising(decode_batch)) {
     // The cost model says verification cannot pay here even for a draft that is nearly always
     // right: start with plain decoding and count speculation as measured slower, so that it is
-    // only re-tried now and then (in case the model misjudged) instead of warmed up first.
+    // only re-tried, rarely (in case the model misjudged: each re-try makes the draft catch up on
+    // every token it missed), instead of warmed up first.
     m.enabled = false;
     m.samples[1] = kWarmSteps;
     m.seconds_per_token[1] = std::numeric_limits<double>::infinity();
+    m.retry_interval = kUnpromisingRetryInterval;
   }
   ++m.steps_seen;
   return m.enabled;

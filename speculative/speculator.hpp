@@ -132,6 +132,7 @@ class Speculator {
   static constexpr double kMinGain = 1.05;  // a clear gain only: near break-even, plain decoding wins
   static constexpr double kPromisingAcceptance = 0.9;
   static constexpr int kWarmSteps = 4;  // steps of each mode before the measured switch decides
+  static constexpr uint64_t kUnpromisingRetryInterval = 512;  // first re-try where the model says no
 
   struct Measured {
     double seconds_per_token[2] = {0, 0};  // exponential averages: [plain, speculative]

@@ -71,6 +71,7 @@ model: {path: /models/target.gguf}
 draft:
   path: draft.gguf
   max_draft_tokens: 6
+  adaptive: false
   placement: own_rank
 parallel: {tensor: 2, pipeline: 3, micro_batches: 4}
 device: cuda
@@ -94,6 +95,7 @@ context: 8192
   ASSERT_TRUE(config.draft.has_value());
   EXPECT_EQ(config.draft->path, "draft.gguf");
   EXPECT_EQ(config.draft->max_draft_tokens, 6);
+  EXPECT_FALSE(config.draft->adaptive);
   EXPECT_EQ(config.draft->placement, DraftPlacement::own_rank);
   EXPECT_EQ(config.parallel.tensor, 2);
   EXPECT_EQ(config.parallel.pipeline, 3);
@@ -121,6 +123,7 @@ TEST(ClusterConfig, DerivedDefaults) {
   EXPECT_EQ(config.parallel.micro_batches, 3);  // follows pipeline
   ASSERT_TRUE(config.draft.has_value());
   EXPECT_EQ(config.draft->max_draft_tokens, 4);
+  EXPECT_TRUE(config.draft->adaptive);
   EXPECT_EQ(config.draft->placement, DraftPlacement::last_stage);
   // threads: auto shares the cores among the host's workers, never below one.
   EXPECT_EQ(config.worker_threads(16, 4), 4);
@@ -182,6 +185,7 @@ TEST(ClusterConfig, OutOfRangeValues) {
   expect_error("model: {path: m}\ndraft:\n  path: d\n  max_draft_tokens: 17\n", "draft.max_draft_tokens", 4,
                {"between 1 and 16, got 17"});
   expect_error("model: {path: m}\ndraft:\n  path: d\n  max_draft_tokens: 0\n", "draft.max_draft_tokens", 4);
+  expect_error("model: {path: m}\ndraft:\n  path: d\n  adaptive: maybe\n", "draft.adaptive", 4);
   expect_error("model: {path: m}\ndraft:\n  path: d\n  placement: first_stage\n", "draft.placement", 4,
                {"last_stage, own_rank"});
   expect_error("model: {path: m}\ndevice: gpu\n", "device", 2, {"expected one of cpu, cuda, got 'gpu'"});

@@ -254,8 +254,9 @@ void expect_speculative_same_as_generate(const std::string& target, const std::s
   std::vector<Expected> expected;
   for (const std::string& p : kPrompts) expected.push_back(nibble_generate(target, p, 24));
   test::TempDir dir;
-  ServeJob job(dir.path(), target, c.tensor, c.pipeline,
-               "draft: { path: \"" + draft + "\", max_draft_tokens: " + std::to_string(c.k) + " }\n");
+  ServeJob job(
+      dir.path(), target, c.tensor, c.pipeline,
+      "draft: { path: \"" + draft + "\", max_draft_tokens: " + std::to_string(c.k) + ", adaptive: false }\n");
   ASSERT_TRUE(job.wait_ready()) << job.log();
   Client client(job.endpoint());
   uint64_t proposed = 0, accepted = 0;
@@ -602,12 +603,12 @@ class TwoHosts {
     ok_ = r.exit_code == 0;
     why_ = r.output;
     // The host names are the hosts' addresses, so they resolve without touching /etc/hosts.
-    std::ofstream(dir / "agent")
-        << "#!/bin/sh\n"
-        << "host=$1; shift\n"
-        << "case $host in 10.213.1.2) ns=" << hosts_[0] << ";; 10.213.2.2) ns=" << hosts_[1]
-        << ";; *) echo \"unknown host $host\" >&2; exit 1;; esac\n"
-        << "exec ip netns exec $ns unshare --uts sh -c \"hostname $host; $*\"\n";
+    std::ofstream(dir / "agent") << "#!/bin/sh\n"
+                                 << "host=$1; shift\n"
+                                 << "case $host in 10.213.1.2) ns=" << hosts_[0]
+                                 << ";; 10.213.2.2) ns=" << hosts_[1]
+                                 << ";; *) echo \"unknown host $host\" >&2; exit 1;; esac\n"
+                                 << "exec ip netns exec $ns unshare --uts sh -c \"hostname $host; $*\"\n";
     fs::permissions(dir / "agent", fs::perms::owner_all);
     std::ofstream(dir / "hostfile") << "10.213.1.2 slots=2\n10.213.2.2 slots=2\n";
   }

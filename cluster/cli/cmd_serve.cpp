@@ -245,6 +245,7 @@ int serve(const std::string& config_path) {
       if (draft != nullptr) {
         speculative::SpeculatorSettings settings;
         settings.max_draft_tokens = config.draft->max_draft_tokens;
+        settings.adaptive = config.draft->adaptive;
         settings.num_blocks = num_blocks;
         settings.block_size = config.kv_cache.block_size;
         if (config.num_workers() == 1) {

@@ -216,11 +216,12 @@ ClusterConfig build_config(const Reader& reader, const Section& top, const std::
   config.model.path = reader.text(reader.require(model, "path"));
 
   if (const Entry* entry = top.find("draft")) {
-    const Section draft = reader.section(*entry, {"path", "max_draft_tokens", "placement"});
+    const Section draft = reader.section(*entry, {"path", "max_draft_tokens", "adaptive", "placement"});
     DraftConfig& out = config.draft.emplace();
     out.path = reader.text(reader.require(draft, "path"));
     if (const Entry* e = draft.find("max_draft_tokens"))
       out.max_draft_tokens = reader.integer<int>(*e, 1, 16);
+    if (const Entry* e = draft.find("adaptive")) out.adaptive = reader.choice(*e, {"false", "true"}) == 1;
     if (const Entry* e = draft.find("placement")) {
       out.placement = static_cast<DraftPlacement>(reader.choice(*e, {"last_stage", "own_rank"}));
     }
@@ -414,6 +415,7 @@ std::string render_cluster_config(const ClusterConfig& config) {
     out << YAML::Key << "draft" << YAML::Value << YAML::BeginMap;
     out << YAML::Key << "path" << YAML::Value << config.draft->path;
     out << YAML::Key << "max_draft_tokens" << YAML::Value << config.draft->max_draft_tokens;
+    out << YAML::Key << "adaptive" << YAML::Value << config.draft->adaptive;
     out << YAML::Key << "placement" << YAML::Value << draft_placement_name(config.draft->placement);
     out << YAML::EndMap;
   }

@@ -12,6 +12,7 @@
 //   draft:                       # optional; present = speculative decoding on
 //     path: draft.gguf           # GGUF file of the draft model (required inside draft)
 //     max_draft_tokens: 4        # tokens proposed per step, 1..16
+//     adaptive: true             # false: always propose max_draft_tokens, never switch off
 //     placement: last_stage      # last_stage | own_rank (see DraftPlacement)
 //   parallel:
 //     tensor: 1                  # T: tensor-parallel ranks per pipeline stage, >= 1
@@ -80,6 +81,9 @@ struct ModelConfig {
 struct DraftConfig {
   std::string path;  // resolved like ModelConfig::path
   int max_draft_tokens = 4;
+  // Adaptive k per sequence and the measured off-switch (speculative/speculator.hpp); false
+  // proposes max_draft_tokens at every step (for measurements and tests of exactness).
+  bool adaptive = true;
   DraftPlacement placement = DraftPlacement::last_stage;
 
   bool operator==(const DraftConfig&) const = default;

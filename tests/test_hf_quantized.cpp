@@ -352,8 +352,10 @@ TEST(HfQuantized, MissingGIdxMeansConsecutiveGroups) {
   std::erase_if(c.tensors, [](const SafetensorsTensorData& t) { return t.name.ends_with(".g_idx"); });
   test::TempDir tmp;
   c.write(tmp.path() / "no-gidx");
-  const auto a = LlamaCheckpoint::open((data_root() / "gptq-g32-sym").string())->bind_weights();
-  const auto b = LlamaCheckpoint::open((tmp.path() / "no-gidx").string())->bind_weights();
+  const auto a_checkpoint = LlamaCheckpoint::open((data_root() / "gptq-g32-sym").string());
+  const auto b_checkpoint = LlamaCheckpoint::open((tmp.path() / "no-gidx").string());
+  const auto a = a_checkpoint->bind_weights();
+  const auto b = b_checkpoint->bind_weights();
   for (size_t l = 0; l < a.layers.size(); ++l) {
     for (LayerMatrix m : kLayerMatrices) {
       const WeightMatrix& x = a.layers[l].matrix(m);

@@ -339,7 +339,7 @@ TEST(HfQuantized, RefusesInconsistentTensors) {
   c.erase(p + ".scales");
   c.erase(p + ".g_idx");
   expect_refused(c, {"layer '" + p + "' is missing", "qweight"});
-  // a model whose width cannot be packed: config says 60 hidden, tensors disagree (caught as shape)
+  // an FFN width that cannot be packed 8 outputs to an int32
   c = good_checkpoint();
   c.config["intermediate_size"] = 252;
   expect_refused(c, {"252 outputs, not a multiple of 8"});

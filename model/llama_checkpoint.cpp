@@ -1,5 +1,7 @@
 #include "model/llama_checkpoint.hpp"
 
+#include "model/hf_quantized.hpp"
+
 namespace nibble::model {
 
 std::shared_ptr<const LlamaCheckpoint> LlamaCheckpoint::open(const std::string& path) {
@@ -20,6 +22,7 @@ std::shared_ptr<const LlamaCheckpoint> LlamaCheckpoint::from_hf(
   std::shared_ptr<LlamaCheckpoint> c(new LlamaCheckpoint());
   c->path_ = checkpoint->dir();
   c->config_ = LlamaConfig::from_hf(*checkpoint);
+  read_hf_quantization(*checkpoint);  // an unsupported quantization_config fails here, before any binding
   c->hf_ = std::move(checkpoint);
   return c;
 }

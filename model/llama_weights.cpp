@@ -5,10 +5,12 @@
 
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <stdexcept>
 #include <string>
 
 #include "kernels/quantize.hpp"
+#include "model/hf_quantized.hpp"
 
 namespace nibble::model {
 
@@ -86,8 +88,8 @@ kernels::DType float_type(const HfCheckpoint::Tensor& t) {
   if (!type) {
     throw HfCheckpointError(t.file->path() + ": tensor '" + t.info->name + "' has dtype " +
                             safetensors_dtype_name(t.info->dtype) +
-                            "; only F32, F16 and BF16 weights can be served (GPTQ/AWQ-packed checkpoints are "
-                            "not supported yet)");
+                            "; only F32, F16 and BF16 weights can be served (GPTQ/AWQ layers are read from "
+                            "<layer>.qweight/.qzeros/.scales with config.json's quantization_config)");
   }
   return *type;
 }
@@ -106,15 +108,36 @@ WeightMatrix matrix(const HfCheckpoint& ckpt, const std::string& name, int64_t n
   return w;
 }
 
+// A linear layer `base` (e.g. model.layers.0.mlp.up_proj): base.weight in a float dtype, or a GPTQ /
+// AWQ layer (base.qweight, ...) converted to a matmul type in owned memory (model/hf_quantized.hpp).
+WeightMatrix linear(const HfCheckpoint& ckpt, const std::optional<HfQuantization>& quant,
+                    const std::string& base, int64_t n_out, int64_t k) {
+  if (ckpt.find_tensor(base + ".weight") != nullptr || ckpt.find_tensor(base + ".qweight") == nullptr) {
+    if (quant && ckpt.find_tensor(base + ".weight") == nullptr) {
+      throw HfCheckpointError(ckpt.dir() + ": layer '" + base + "' is missing (neither '" + base +
+                              ".qweight' nor '" + base + ".weight' is there)");
+    }
+    return matrix(ckpt, base + ".weight", n_out, k);
+  }
+  if (!quant) {
+    throw HfCheckpointError(
+        ckpt.dir() + ": tensor '" + base +
+        ".qweight' holds packed 4-bit weights but config.json has no quantization_config");
+  }
+  MatmulMatrix converted = to_matmul_type(read_quantized_linear(ckpt, *quant, base, n_out, k));
+  auto owned = std::make_shared<std::vector<uint8_t>>(std::move(converted.data));
+  return WeightMatrix{converted.type, owned->data(), n_out, k, nullptr, std::move(owned)};
+}
+
 // HF applies RoPE to the two halves of each head (x[i] with x[i + d/2], "NeoX style"); GGUF and
 // kernels/rope rotate adjacent pairs (x[2i] with x[2i+1]). Like llama.cpp's convert_hf_to_gguf.py,
 // the rows of each head of q_proj and k_proj are reordered so that row h·d/2 + i (half h) becomes row
 // 2i + h: q and k then come out of the matmul in the interleaved order, one RoPE kernel serves both
 // formats, and q·k is unchanged because both sides are permuted alike (v and o are untouched).
 // The alternative, a rope-style flag, would need a second kernel on every backend.
-WeightMatrix rope_interleaved(const HfCheckpoint& ckpt, const std::string& name, int64_t n_heads,
-                              int64_t head_dim, int64_t k) {
-  const WeightMatrix source = matrix(ckpt, name, n_heads * head_dim, k);
+WeightMatrix rope_interleaved(const HfCheckpoint& ckpt, const std::optional<HfQuantization>& quant,
+                              const std::string& base, int64_t n_heads, int64_t head_dim, int64_t k) {
+  const WeightMatrix source = linear(ckpt, quant, base, n_heads * head_dim, k);
   const int64_t row_bytes = source.row_bytes();
   auto owned = std::make_shared<std::vector<uint8_t>>(static_cast<size_t>(source.n_out * row_bytes));
   const int64_t half = head_dim / 2;
@@ -206,6 +229,7 @@ LlamaWeights LlamaWeights::bind(const HfCheckpoint& ckpt, const LlamaConfig& c, 
   if (layer_begin < 0 || layer_begin > layer_end || layer_end > c.n_layer)
     throw std::invalid_argument("layers [" + std::to_string(layer_begin) + ", " + std::to_string(layer_end) +
                                 ") are not inside the model's " + std::to_string(c.n_layer));
+  const std::optional<HfQuantization> quant = read_hf_quantization(ckpt);
   LlamaWeights w;
   w.token_embd = hf::matrix(ckpt, "model.embed_tokens.weight", c.n_vocab, c.n_embd);
   w.output_norm = hf::vector_f32(ckpt, "model.norm.weight", c.n_embd);
@@ -214,26 +238,26 @@ LlamaWeights LlamaWeights::bind(const HfCheckpoint& ckpt, const LlamaConfig& c, 
   if (w.tied_output) {
     w.output = w.token_embd;
   } else {
-    if (ckpt.find_tensor("lm_head.weight") == nullptr) {
+    if (ckpt.find_tensor("lm_head.weight") == nullptr && ckpt.find_tensor("lm_head.qweight") == nullptr) {
       throw HfCheckpointError(ckpt.dir() +
                               ": tensor 'lm_head.weight' is missing and config.json does not set "
                               "tie_word_embeddings");
     }
-    w.output = hf::matrix(ckpt, "lm_head.weight", c.n_vocab, c.n_embd);
+    w.output = hf::linear(ckpt, quant, "lm_head", c.n_vocab, c.n_embd);
   }
   w.layers.resize(static_cast<size_t>(c.n_layer));
   for (int64_t i = layer_begin; i < layer_end; ++i) {
     const std::string p = "model.layers." + std::to_string(i) + ".";
     LlamaLayerWeights& l = w.layers[static_cast<size_t>(i)];
     l.attn_norm = hf::vector_f32(ckpt, p + "input_layernorm.weight", c.n_embd);
-    l.wq = hf::rope_interleaved(ckpt, p + "self_attn.q_proj.weight", c.n_head, c.head_dim, c.n_embd);
-    l.wk = hf::rope_interleaved(ckpt, p + "self_attn.k_proj.weight", c.n_head_kv, c.head_dim, c.n_embd);
-    l.wv = hf::matrix(ckpt, p + "self_attn.v_proj.weight", c.kv_dim(), c.n_embd);
-    l.wo = hf::matrix(ckpt, p + "self_attn.o_proj.weight", c.n_embd, c.q_dim());
+    l.wq = hf::rope_interleaved(ckpt, quant, p + "self_attn.q_proj", c.n_head, c.head_dim, c.n_embd);
+    l.wk = hf::rope_interleaved(ckpt, quant, p + "self_attn.k_proj", c.n_head_kv, c.head_dim, c.n_embd);
+    l.wv = hf::linear(ckpt, quant, p + "self_attn.v_proj", c.kv_dim(), c.n_embd);
+    l.wo = hf::linear(ckpt, quant, p + "self_attn.o_proj", c.n_embd, c.q_dim());
     l.ffn_norm = hf::vector_f32(ckpt, p + "post_attention_layernorm.weight", c.n_embd);
-    l.w_gate = hf::matrix(ckpt, p + "mlp.gate_proj.weight", c.n_ff, c.n_embd);
-    l.w_up = hf::matrix(ckpt, p + "mlp.up_proj.weight", c.n_ff, c.n_embd);
-    l.w_down = hf::matrix(ckpt, p + "mlp.down_proj.weight", c.n_embd, c.n_ff);
+    l.w_gate = hf::linear(ckpt, quant, p + "mlp.gate_proj", c.n_ff, c.n_embd);
+    l.w_up = hf::linear(ckpt, quant, p + "mlp.up_proj", c.n_ff, c.n_embd);
+    l.w_down = hf::linear(ckpt, quant, p + "mlp.down_proj", c.n_embd, c.n_ff);
   }
   return w;
 }

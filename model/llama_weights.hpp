@@ -62,10 +62,12 @@ struct LlamaWeights {
   // From an HF LlamaForCausalLM checkpoint: model.embed_tokens, model.layers.N.{self_attn.{q,k,v,o}_proj,
   // mlp.{gate,up,down}_proj, input_layernorm, post_attention_layernorm}, model.norm, lm_head (or the
   // embedding when config.tied_output). Matrices may be F32, F16 or BF16 (the matmul reads all
-  // three); they stay mapped unless misaligned for their element type. Only the layers
+  // three); they stay mapped unless misaligned for their element type. With a quantization_config
+  // (GPTQ, AWQ), a linear layer may instead be <name>.qweight/.qzeros/.scales[/.g_idx], converted at
+  // load into owned Q4_0, Q8_0 or F16 (model/hf_quantized.hpp says which and why). Only the layers
   // [layer_begin, layer_end) are bound (layer_end -1: the last); the others are left empty, so a
   // pipeline stage copies only its own q/k. Throws HfCheckpointError naming a missing tensor, a shape
-  // that disagrees with the config or a dtype that cannot be served.
+  // that disagrees with the config, a dtype that cannot be served or an inconsistent quantized layer.
   static LlamaWeights bind(const HfCheckpoint& checkpoint, const LlamaConfig& config, int64_t layer_begin = 0,
                            int64_t layer_end = -1);
 

@@ -139,7 +139,11 @@ void gptq_layer(const model::GgufFile& file, LayerRunner& runner, int64_t layer,
       const int64_t n_out = static_cast<int64_t>(w.size()) / k;
       QuantizedMatrix q = model::gptq_quantize(w.data(), n_out, k, h, grid, options.gptq);
       runner.model().set_layer_matrix(layer, m, q.dequantized);
-      out[name] = std::move(q.blocks);
+      if (options.matrix_sink) {
+        options.matrix_sink(name, std::move(q));
+      } else {
+        out[name] = std::move(q.blocks);
+      }
     }
   }
 }
@@ -243,8 +247,12 @@ void calibrated_quantize_gguf(std::shared_ptr<const model::GgufFile> in, std::st
   if (options.method == QuantMethod::rtn) {
     throw std::invalid_argument("calibrated quantization is gptq or awq; rtn is requantize_gguf");
   }
+  if (options.matrix_sink && options.method != QuantMethod::gptq)
+    throw std::invalid_argument("only GPTQ hands its matrices to a sink");
   model::QuantGrid grid;
-  if (options.type == kernels::DType::Q4_0) {
+  if (options.grid) {
+    grid = *options.grid;
+  } else if (options.type == kernels::DType::Q4_0) {
     grid = model::QuantGrid::q4_0();
   } else if (options.type == kernels::DType::Q4_K) {
     grid = model::QuantGrid::q4_k();
@@ -288,6 +296,7 @@ void calibrated_quantize_gguf(std::shared_ptr<const model::GgufFile> in, std::st
       options.progress(line.str());
     }
   }
+  if (options.matrix_sink) return;
 
   model::GgufWriter out;
   for (const auto& [key, value] : file.metadata()) out.set(key, value);

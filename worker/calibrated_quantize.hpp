@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
 
@@ -20,6 +21,7 @@
 #include "model/awq.hpp"
 #include "model/gguf.hpp"
 #include "model/gptq.hpp"
+#include "model/quant_grid.hpp"
 
 namespace nibble::worker {
 
@@ -40,6 +42,11 @@ struct CalibratedQuantizeOptions {
   model::AwqOptions awq = {20, 4096};  // AWQ's error is measured on at most 4096 rows per input
   int threads = 1;
   std::function<void(const std::string&)> progress;  // one line per layer (optional)
+  // Other output formats (worker/gptq_export): with a sink, GPTQ hands every layer matrix to it (by
+  // its GGUF name, as soon as it is quantized) and no GGUF is written; `grid` then replaces the
+  // type's grid (e.g. the INT4 grid of a GPTQ checkpoint). Not for AWQ.
+  std::optional<model::QuantGrid> grid;
+  std::function<void(const std::string& tensor, model::QuantizedMatrix&& matrix)> matrix_sink;
 };
 
 // Writes `out_path`: `in`'s metadata (general.file_type for the type; nibble.quantization.method,

@@ -8,6 +8,7 @@
 #include "model/random_model.hpp"
 #include "model/requantize.hpp"
 #include "worker/calibrated_quantize.hpp"
+#include "worker/gptq_export.hpp"
 
 namespace nibble::cli {
 
@@ -117,7 +118,8 @@ Runner add_make_model(CLI::App& app) {
 
 Runner add_quantize(CLI::App& app) {
   struct Args {
-    std::string in, out, type = "q4_0", method = "rtn", calib;
+    std::string in, out, type = "q4_0", method = "rtn", calib, format = "gguf";
+    int64_t group_size = 128;
     bool pure = false, act_order = false;
     int64_t samples = 128, length = 512;
     uint64_t seed = 0;
@@ -126,7 +128,12 @@ Runner add_quantize(CLI::App& app) {
   };
   auto a = std::make_shared<Args>();
   app.add_option("--model,-m", a->in, "Input GGUF (F32/F16/BF16 or quantized)")->required();
-  app.add_option("--out,-o", a->out, "Output GGUF path")->required();
+  app.add_option("--out,-o", a->out, "Output GGUF path (--format gptq: a directory)")->required();
+  app.add_option("--format", a->format,
+                 "gguf (default) or gptq: a GPTQ checkpoint directory (asymmetric INT4, --group-size)")
+      ->check(CLI::IsMember({"gguf", "gptq"}));
+  app.add_option("--group-size", a->group_size,
+                 "--format gptq: inputs sharing a scale and zero (32, 64, 128)");
   app.add_option("--type", a->type, "Matrix type: q4_0, q4_k, q8_0, f16, f32 (gptq / awq: q4_0 or q4_k)");
   app.add_flag("--pure", a->pure, "Quantize every matrix, the embedding and output head included");
   app.add_option("--method", a->method, "rtn (round to nearest, default), gptq or awq (need --calib)");
@@ -143,7 +150,12 @@ Runner add_quantize(CLI::App& app) {
     if (!std::filesystem::exists(a->in)) throw std::runtime_error("model file not found: " + a->in);
     const worker::QuantMethod method = worker::parse_quant_method(a->method);
     auto file = model::GgufFile::open(a->in);
-    if (method == worker::QuantMethod::rtn) {
+    const bool gptq_dir = a->format == "gptq";
+    if (method == worker::QuantMethod::rtn && gptq_dir) {
+      worker::CalibratedQuantizeOptions o;
+      o.method = method;
+      worker::export_gptq_checkpoint(file, "", a->out, model::QuantGrid::int4_asym(a->group_size), o);
+    } else if (method == worker::QuantMethod::rtn) {
       if (!a->calib.empty()) std::cerr << "note: --calib is not used by --method rtn\n";
       model::requantize_gguf(*file, a->out, parse_matrix_type(a->type), a->pure);
     } else {
@@ -166,9 +178,14 @@ Runner add_quantize(CLI::App& app) {
       o.progress = [](const std::string& line) { std::cerr << line << std::endl; };
       std::cerr << a->method << ": " << a->samples << " windows of " << a->length << " tokens from "
                 << a->calib << "\n";
-      worker::calibrated_quantize_gguf(file, text, a->out, o);
+      if (gptq_dir) {
+        worker::export_gptq_checkpoint(file, text, a->out, model::QuantGrid::int4_asym(a->group_size), o);
+      } else {
+        worker::calibrated_quantize_gguf(file, text, a->out, o);
+      }
     }
-    std::cerr << "wrote " << a->out << " (" << std::filesystem::file_size(a->out) << " bytes)\n";
+    const std::string written = gptq_dir ? a->out + "/model.safetensors" : a->out;
+    std::cerr << "wrote " << written << " (" << std::filesystem::file_size(written) << " bytes)\n";
     return 0;
   };
 }

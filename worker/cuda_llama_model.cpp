@@ -202,7 +202,10 @@ CudaKvCache::CudaKvCache(const model::LlamaConfig& config, int64_t n_blocks, int
   layer_elems_ = n_blocks_ * block_size_ * kv_dim_;
   const size_t bytes = static_cast<size_t>(2 * n_layer_ * layer_elems_) * sizeof(uint16_t);
   cuda_check(cudaMalloc(reinterpret_cast<void**>(&base_), bytes), "cudaMalloc (KV cache)");
-  const cudaError_t err = cudaMemset(base_, 0, bytes);
+  // cudaMemset runs on the legacy default stream, which the model's non-blocking stream does not wait
+  // for: finish it here.
+  cudaError_t err = cudaMemset(base_, 0, bytes);
+  if (err == cudaSuccess) err = cudaDeviceSynchronize();
   if (err != cudaSuccess) {
     cudaFree(base_);
     cuda_check(err, "cudaMemset (KV cache)");
@@ -591,6 +594,9 @@ CudaLlamaModel::CudaLlamaModel(std::shared_ptr<const model::LlamaCheckpoint> che
     l.down = upload_matrix({&lw.w_down});
     m.layers.push_back(std::move(l));
   }
+  // A pageable cudaMemcpy may return before its DMA lands, and the model's stream does not wait for
+  // the legacy default stream: make the uploads complete before the first forward pass.
+  cuda_check(cudaDeviceSynchronize(), "weight upload");
 }
 
 CudaLlamaModel::~CudaLlamaModel() = default;

@@ -10,11 +10,13 @@
 // (8-bit blocks, ~0.4% per element) and to Q8_K for K-quants, and multiplies F16/F32 weights with
 // fp32 activations. Emulating the GPU's roundings inside LlamaModel (fp16-rounded matrix inputs via
 // the input observer, weights dequantized exactly or to fp16) and comparing with the plain CPU pass
-// gave worst rows of 2.0e-2 (random Q4_0 model), 1.7e-2 (tiny-llama-q4_0 / q8_0: the CPU's 8-bit
-// activations dominate) and 1.3e-3 (random F16, tiny-llama-f32: fp16 activations dominate). The
-// bounds below are 1.5x and 2.3x those: kQuantizedBound = 3e-2, kFloatBound = 3e-3, leaving room
-// for what the emulation leaves out (fp16 head input, summation orders, the attention weights
-// not rounded to fp16 on the GPU). A layout or indexing bug gives errors near 1.
+// gave worst rows of 2.0e-2 (random Q4_0 model, small-llama-q4_k_m), 1.7e-2 (tiny-llama-q4_0 /
+// q8_0: the CPU's 8-bit activations dominate, which is why quantized models sit above the ~1e-2 one
+// might expect from fp16 alone) and 1.3e-3 (random F16, tiny-llama-f32: fp16 activations dominate;
+// fortune-target-f16 1.7e-4). The bounds are 2x and 2.3x those: kQuantizedBound = 4e-2,
+// kFloatBound = 3e-3, leaving room for what the emulation leaves out (fp16 embedding rows and head
+// input, summation orders, attention weights not rounded to fp16 on the GPU) and for more rows than
+// the emulation saw. A layout or indexing bug gives errors near 1.
 //
 // Greedy tokens: where the CPU's top-2 logit gap is smaller than the largest error the bound allows
 // on that row, the two devices may legitimately pick different tokens. The largest element error
@@ -51,7 +53,7 @@ namespace t = nibble::test;
 
 namespace {
 
-constexpr double kQuantizedBound = 3e-2;
+constexpr double kQuantizedBound = 4e-2;
 constexpr double kFloatBound = 3e-3;
 constexpr double kMaxErrorPerRms = 5.0;  // largest element error / RMS error of a row
 

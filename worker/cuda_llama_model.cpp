@@ -8,7 +8,9 @@
 #include <cmath>
 #include <cstring>
 #include <initializer_list>
+#include <map>
 #include <stdexcept>
+#include <tuple>
 #include <utility>
 
 #include "kernels/cuda/attention_decode.cuh"
@@ -74,13 +76,15 @@ class DeviceMemory {
   DeviceMemory(const DeviceMemory&) = delete;
   DeviceMemory& operator=(const DeviceMemory&) = delete;
 
-  void reserve(size_t bytes) {
-    if (bytes <= bytes_ && ptr_ != nullptr) return;
+  // True when the allocation moved.
+  bool reserve(size_t bytes) {
+    if (bytes <= bytes_ && ptr_ != nullptr) return false;
     if (ptr_ != nullptr) cuda_check(cudaFree(ptr_), "cudaFree");
     ptr_ = nullptr;
     bytes_ = 0;
     cuda_check(cudaMalloc(&ptr_, bytes == 0 ? 1 : bytes), "cudaMalloc");
     bytes_ = bytes;
+    return true;
   }
   template <typename T>
   T* as() const {
@@ -174,6 +178,10 @@ Projection upload_projection(std::initializer_list<const model::WeightMatrix*> p
   return p;
 }
 
+// Batches up to this many tokens are replayed from captured graphs with CudaModelOptions::graphs.
+constexpr int64_t kGraphMaxTokens = 64;
+constexpr size_t kCublasWorkspaceBytes = size_t{32} << 20;
+
 struct Layer {
   std::shared_ptr<DeviceMemory> attn_norm, ffn_norm;  // [n_embd] float
   Projection qkv;                                     // [q_dim + 2 kv_dim, n_embd], stacked or three parts
@@ -238,23 +246,31 @@ struct CudaLlamaModel::Impl {
   DeviceMatrix head;  // [n_vocab, n_embd]; shares embedding's memory when tied and kinds agree
 
   // Activations, grown on demand. n: batch tokens.
-  DeviceMemory meta;       // int32 metadata (see forward_impl)
-  DeviceMemory h16;        // [n, n_embd] half: embedding rows, then each norm's output
-  DeviceMemory resid;      // [n, n_embd] float: the residual stream
-  DeviceMemory delta;      // [n, n_embd] float: wo and w_down outputs
-  DeviceMemory qkv;        // [n, q_dim + 2 kv_dim] float
-  DeviceMemory q16;        // [n, q_dim] half
-  DeviceMemory att16;      // [n, q_dim] half
-  DeviceMemory gate_up;    // [n, 2 n_ff] float
-  DeviceMemory act16;      // [n, n_ff] half
-  DeviceMemory picked16;   // [n_out, n_embd] half
-  DeviceMemory logits;     // [n_out, n_vocab] float
-  DeviceMemory ids;        // [n_out] int32
-  DeviceMemory workspace;  // attention_decode's partials
-  DeviceMemory flag;       // [1] int32: bad metadata seen on the device
-  int32_t flag_host = 0;   // its copy (a member: the copy is asynchronous)
+  DeviceMemory meta;              // int32 metadata (see forward_impl)
+  DeviceMemory h16;               // [n, n_embd] half: embedding rows, then each norm's output
+  DeviceMemory resid;             // [n, n_embd] float: the residual stream
+  DeviceMemory delta;             // [n, n_embd] float: wo and w_down outputs
+  DeviceMemory qkv;               // [n, q_dim + 2 kv_dim] float
+  DeviceMemory q16;               // [n, q_dim] half
+  DeviceMemory att16;             // [n, q_dim] half
+  DeviceMemory gate_up;           // [n, 2 n_ff] float
+  DeviceMemory act16;             // [n, n_ff] half
+  DeviceMemory picked16;          // [n_out, n_embd] half
+  DeviceMemory logits;            // [n_out, n_vocab] float
+  DeviceMemory ids;               // [n_out] int32
+  DeviceMemory workspace;         // attention_decode's partials
+  DeviceMemory flag;              // [1] int32: bad metadata seen on the device
+  int32_t flag_host = 0;          // its copy (a member: the copy is asynchronous)
+  DeviceMemory cublas_workspace;  // set as cuBLAS's workspace, so that graph capture allocates nothing
+  std::vector<int32_t> meta_host;
+  // Captured passes by plan key (CudaModelOptions::graphs).
+  std::map<
+      std::tuple<int64_t, int64_t, int64_t, int64_t, bool, bool, int64_t, size_t, const void*, uint16_t*>,
+      cudaGraphExec_t>
+      graphs;
 
   ~Impl() {
+    clear_graphs();
     if (cublas != nullptr) cublasDestroy(cublas);
     if (stream != nullptr) cudaStreamDestroy(stream);
   }
@@ -288,7 +304,17 @@ struct CudaLlamaModel::Impl {
   }
 
   void validate(const ForwardBatch& batch, const CudaKvCache& cache) const;
-  // The whole pass; greedy: argmax ids come back instead of logits.
+  struct Plan;
+  Plan plan_batch(const ForwardBatch& batch, const CudaKvCache& cache, bool greedy,
+                  std::vector<int32_t>& meta_out) const;
+  // Grows the buffers for the plan; true when one moved.
+  bool reserve_buffers(const Plan& p);
+  // Enqueues the pass on the stream (or into a capture): reads the metadata already in `meta`.
+  void enqueue(const Plan& p);
+  // Replays the plan's graph, capturing it first when it is new.
+  void launch_graph(const Plan& p);
+  void clear_graphs();
+  // The whole pass; ids_out: argmax ids come back instead of logits.
   void forward_impl(const ForwardBatch& batch, CudaKvCache& cache, std::vector<float>* logits_out,
                     std::vector<int32_t>* ids_out);
 };
@@ -337,103 +363,124 @@ void CudaLlamaModel::Impl::validate(const ForwardBatch& batch, const CudaKvCache
   }
 }
 
-void CudaLlamaModel::Impl::forward_impl(const ForwardBatch& batch, CudaKvCache& cache,
-                                        std::vector<float>* logits_out, std::vector<int32_t>* ids_out) {
-  validate(batch, cache);
-  const auto& c = config;
-  const auto n = static_cast<int64_t>(batch.tokens.size());
-  const auto n_out = static_cast<int64_t>(batch.logit_rows.size());
-  if (n == 0) {
-    if (logits_out != nullptr) logits_out->clear();
-    if (ids_out != nullptr) ids_out->clear();
-    return;
+// What one forward pass launches, fixed before anything is enqueued: everything a captured graph
+// bakes in. Two passes with equal keys enqueue the same launches with the same arguments (the batch's
+// values travel in `meta`, copied before the launches).
+struct CudaLlamaModel::Impl::Plan {
+  int64_t n = 0, n_out = 0, n_runs = 0, mbps = 0;
+  bool use_decode = false, greedy = false;
+  int64_t off_tokens = 0, off_pos = 0, off_seq = 0, off_tables = 0, off_rows = 0;
+  int64_t off_seq_lens = 0, off_query_start = 0, off_run_tables = 0;
+  kc::DecodeAttentionShape dshape;
+  const CudaKvCache* cache = nullptr;
+  size_t meta_count = 0;
+
+  auto key() const {
+    return std::make_tuple(n, n_out, n_runs, mbps, use_decode, greedy, dshape.max_q_len, meta_count,
+                           static_cast<const void*>(cache), cache->k(0));
   }
-  cuda_check(cudaSetDevice(options.device), "cudaSetDevice");
-  const int64_t q_dim = c.q_dim(), kv_dim = c.kv_dim(), qkv_dim = q_dim + 2 * kv_dim;
-  const int64_t mbps = batch.max_blocks_per_seq;
+};
+
+CudaLlamaModel::Impl::Plan CudaLlamaModel::Impl::plan_batch(const ForwardBatch& batch,
+                                                            const CudaKvCache& cache, bool greedy,
+                                                            std::vector<int32_t>& meta_out) const {
+  const auto& c = config;
+  Plan p;
+  p.n = static_cast<int64_t>(batch.tokens.size());
+  p.n_out = static_cast<int64_t>(batch.logit_rows.size());
+  p.mbps = batch.max_blocks_per_seq;
+  p.greedy = greedy;
+  p.cache = &cache;
   const int64_t group = c.n_head / c.n_head_kv;
 
   // Runs: maximal stretches of consecutive batch rows of one sequence at consecutive positions. As
   // attention_decode "sequences" (each with its own copy of the table row) they cover any batch.
   std::vector<int32_t> run_start{0}, run_len;
-  for (int64_t t = 1; t <= n; ++t) {
-    const bool continues = t < n && batch.seq_index[t] == batch.seq_index[t - 1] &&
+  for (int64_t t = 1; t <= p.n; ++t) {
+    const bool continues = t < p.n && batch.seq_index[t] == batch.seq_index[t - 1] &&
                            batch.positions[t] == batch.positions[t - 1] + 1;
     if (!continues) {
       run_len.push_back(static_cast<int32_t>(t - run_start.back()));
-      if (t < n) run_start.push_back(static_cast<int32_t>(t));
+      if (t < p.n) run_start.push_back(static_cast<int32_t>(t));
     }
   }
-  const auto n_runs = static_cast<int64_t>(run_len.size());
+  p.n_runs = static_cast<int64_t>(run_len.size());
   const int64_t max_run = *std::max_element(run_len.begin(), run_len.end());
-  const bool use_decode = options.decode_attention && (c.head_dim == 64 || c.head_dim == 128) &&
-                          max_run * group <= kc::kAttentionMaxRowsPerKvHead && n_runs <= 65535;
+  p.use_decode = options.decode_attention && (c.head_dim == 64 || c.head_dim == 128) &&
+                 max_run * group <= kc::kAttentionMaxRowsPerKvHead && p.n_runs <= 65535;
 
   // int32 metadata, one copy: tokens, positions, seq_index, block tables, logit rows, then for
   // attention_decode the runs' lengths, query starts and table rows.
-  std::vector<int32_t> meta_host;
+  meta_out.clear();
   auto append = [&](const std::vector<int32_t>& v) {
-    const auto off = static_cast<int64_t>(meta_host.size());
-    meta_host.insert(meta_host.end(), v.begin(), v.end());
+    const auto off = static_cast<int64_t>(meta_out.size());
+    meta_out.insert(meta_out.end(), v.begin(), v.end());
     return off;
   };
-  const int64_t off_tokens = append(batch.tokens);
-  const int64_t off_pos = append(batch.positions);
-  const int64_t off_seq = append(batch.seq_index);
-  const int64_t off_tables = append(batch.block_tables);
-  const int64_t off_rows = append(batch.logit_rows);
-  int64_t off_seq_lens = 0, off_query_start = 0, off_run_tables = 0, max_seq_len = 0;
-  if (use_decode) {
+  p.off_tokens = append(batch.tokens);
+  p.off_pos = append(batch.positions);
+  p.off_seq = append(batch.seq_index);
+  p.off_tables = append(batch.block_tables);
+  p.off_rows = append(batch.logit_rows);
+  if (p.use_decode) {
     std::vector<int32_t> seq_lens, query_start, run_tables;
-    for (int64_t r = 0; r < n_runs; ++r) {
+    for (int64_t r = 0; r < p.n_runs; ++r) {
       const int64_t last = run_start[r] + run_len[r] - 1;
       seq_lens.push_back(batch.positions[last] + 1);
-      max_seq_len = std::max<int64_t>(max_seq_len, seq_lens.back());
       query_start.push_back(run_start[r]);
-      const auto row = batch.block_tables.begin() + batch.seq_index[run_start[r]] * mbps;
-      run_tables.insert(run_tables.end(), row, row + mbps);
+      const auto row = batch.block_tables.begin() + batch.seq_index[run_start[r]] * p.mbps;
+      run_tables.insert(run_tables.end(), row, row + p.mbps);
     }
-    query_start.push_back(static_cast<int32_t>(n));
-    off_seq_lens = append(seq_lens);
-    off_query_start = append(query_start);
-    off_run_tables = append(run_tables);
+    query_start.push_back(static_cast<int32_t>(p.n));
+    p.off_seq_lens = append(seq_lens);
+    p.off_query_start = append(query_start);
+    p.off_run_tables = append(run_tables);
+    p.dshape.n_seqs = p.n_runs;
+    p.dshape.tokens = p.n;
+    p.dshape.max_q_len = max_run;
+    p.dshape.n_head = c.n_head;
+    p.dshape.n_head_kv = c.n_head_kv;
+    p.dshape.head_dim = c.head_dim;
+    p.dshape.block_size = cache.block_size();
+    p.dshape.num_blocks = cache.n_blocks();
+    p.dshape.max_blocks_per_seq = p.mbps;
+    // The tables' capacity rather than the batch's longest sequence: the split grid then depends
+    // only on the batch's shape, so decode steps keep one plan (and one graph) as sequences grow.
+    // Splits past a sequence's length return at once.
+    p.dshape.max_seq_len = p.mbps * cache.block_size();
   }
+  p.meta_count = meta_out.size();
+  return p;
+}
 
-  // Buffers.
-  meta.reserve(meta_host.size() * sizeof(int32_t));
-  h16.reserve(static_cast<size_t>(n * c.n_embd) * sizeof(__half));
-  resid.reserve(static_cast<size_t>(n * c.n_embd) * sizeof(float));
-  delta.reserve(static_cast<size_t>(n * c.n_embd) * sizeof(float));
-  qkv.reserve(static_cast<size_t>(n * qkv_dim) * sizeof(float));
-  q16.reserve(static_cast<size_t>(n * q_dim) * sizeof(__half));
-  att16.reserve(static_cast<size_t>(n * q_dim) * sizeof(__half));
-  gate_up.reserve(static_cast<size_t>(n * 2 * c.n_ff) * sizeof(float));
-  act16.reserve(static_cast<size_t>(n * c.n_ff) * sizeof(__half));
-  picked16.reserve(static_cast<size_t>(std::max<int64_t>(n_out, 1) * c.n_embd) * sizeof(__half));
-  logits.reserve(static_cast<size_t>(std::max<int64_t>(n_out, 1) * c.n_vocab) * sizeof(float));
-  ids.reserve(static_cast<size_t>(std::max<int64_t>(n_out, 1)) * sizeof(int32_t));
-  flag.reserve(sizeof(int32_t));
+bool CudaLlamaModel::Impl::reserve_buffers(const Plan& p) {
+  const auto& c = config;
+  const int64_t n = p.n, rows_out = std::max<int64_t>(p.n_out, 1);
+  bool moved = false;
+  moved |= meta.reserve(p.meta_count * sizeof(int32_t));
+  moved |= h16.reserve(static_cast<size_t>(n * c.n_embd) * sizeof(__half));
+  moved |= resid.reserve(static_cast<size_t>(n * c.n_embd) * sizeof(float));
+  moved |= delta.reserve(static_cast<size_t>(n * c.n_embd) * sizeof(float));
+  moved |= qkv.reserve(static_cast<size_t>(n * (c.q_dim() + 2 * c.kv_dim())) * sizeof(float));
+  moved |= q16.reserve(static_cast<size_t>(n * c.q_dim()) * sizeof(__half));
+  moved |= att16.reserve(static_cast<size_t>(n * c.q_dim()) * sizeof(__half));
+  moved |= gate_up.reserve(static_cast<size_t>(n * 2 * c.n_ff) * sizeof(float));
+  moved |= act16.reserve(static_cast<size_t>(n * c.n_ff) * sizeof(__half));
+  moved |= picked16.reserve(static_cast<size_t>(rows_out * c.n_embd) * sizeof(__half));
+  moved |= logits.reserve(static_cast<size_t>(rows_out * c.n_vocab) * sizeof(float));
+  moved |= ids.reserve(static_cast<size_t>(rows_out) * sizeof(int32_t));
+  moved |= flag.reserve(sizeof(int32_t));
+  if (p.use_decode) moved |= workspace.reserve(kc::attention_decode_workspace_bytes(p.dshape));
+  return moved;
+}
 
-  kc::DecodeAttentionShape dshape;
-  if (use_decode) {
-    dshape.n_seqs = n_runs;
-    dshape.tokens = n;
-    dshape.max_q_len = max_run;
-    dshape.n_head = c.n_head;
-    dshape.n_head_kv = c.n_head_kv;
-    dshape.head_dim = c.head_dim;
-    dshape.block_size = cache.block_size();
-    dshape.num_blocks = cache.n_blocks();
-    dshape.max_blocks_per_seq = mbps;
-    dshape.max_seq_len = max_seq_len;
-    workspace.reserve(kc::attention_decode_workspace_bytes(dshape));
-  }
-
+void CudaLlamaModel::Impl::enqueue(const Plan& p) {
+  const auto& c = config;
+  const int64_t n = p.n, n_out = p.n_out;
+  const int64_t q_dim = c.q_dim(), kv_dim = c.kv_dim(), qkv_dim = q_dim + 2 * kv_dim;
+  const CudaKvCache& cache = *p.cache;
   int32_t* md = meta.as<int32_t>();
   int32_t* flag_d = flag.as<int32_t>();
-  cuda_check(cudaMemcpyAsync(md, meta_host.data(), meta_host.size() * sizeof(int32_t), cudaMemcpyHostToDevice,
-                             stream),
-             "cudaMemcpyAsync (batch metadata)");
   cuda_check(cudaMemsetAsync(flag_d, 0, sizeof(int32_t), stream), "cudaMemsetAsync");
 
   auto* h = h16.as<__half>();
@@ -442,7 +489,7 @@ void CudaLlamaModel::Impl::forward_impl(const ForwardBatch& batch, CudaKvCache& 
   check(kc::embedding_lookup_f16(
             embedding.mem->as<void>(),
             embedding.kind == DeviceKind::q4_0 ? kernels::DType::Q4_0 : kernels::DType::F16, embedding.n_out,
-            c.n_embd, 0, md + off_tokens, n, h, flag_d, stream),
+            c.n_embd, 0, md + p.off_tokens, n, h, flag_d, stream),
         "embedding lookup");
   check(kc::f16_to_f32(h, x, n * c.n_embd, stream), "f16_to_f32");
 
@@ -455,7 +502,7 @@ void CudaLlamaModel::Impl::forward_impl(const ForwardBatch& batch, CudaKvCache& 
   rshape.rope_base = c.rope_base;
   rshape.block_size = cache.block_size();
   rshape.num_blocks = cache.n_blocks();
-  rshape.max_blocks_per_seq = mbps;
+  rshape.max_blocks_per_seq = p.mbps;
 
   kc::PagedAttentionShape pshape;
   pshape.tokens = n;
@@ -464,7 +511,7 @@ void CudaLlamaModel::Impl::forward_impl(const ForwardBatch& batch, CudaKvCache& 
   pshape.head_dim = c.head_dim;
   pshape.block_size = cache.block_size();
   pshape.num_blocks = cache.n_blocks();
-  pshape.max_blocks_per_seq = mbps;
+  pshape.max_blocks_per_seq = p.mbps;
   const float scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
 
   for (int64_t l = 0; l < c.n_layer; ++l) {
@@ -488,17 +535,17 @@ void CudaLlamaModel::Impl::forward_impl(const ForwardBatch& batch, CudaKvCache& 
     }
     auto* kc_l = reinterpret_cast<__half*>(cache.k(l));
     auto* vc_l = reinterpret_cast<__half*>(cache.v(l));
-    check(kc::rope_kv_write(rshape, qp, kp, vp, md + off_pos, md + off_seq, md + off_tables, q16.as<__half>(),
-                            kc_l, vc_l, flag_d, stream),
+    check(kc::rope_kv_write(rshape, qp, kp, vp, md + p.off_pos, md + p.off_seq, md + p.off_tables,
+                            q16.as<__half>(), kc_l, vc_l, flag_d, stream),
           "rope_kv_write");
-    if (use_decode) {
-      check(kc::attention_decode(dshape, q16.as<__half>(), kc_l, vc_l, md + off_run_tables, md + off_seq_lens,
-                                 md + off_query_start, scale, att16.as<__half>(), workspace.as<void>(),
-                                 workspace.bytes(), flag_d, stream),
+    if (p.use_decode) {
+      check(kc::attention_decode(p.dshape, q16.as<__half>(), kc_l, vc_l, md + p.off_run_tables,
+                                 md + p.off_seq_lens, md + p.off_query_start, scale, att16.as<__half>(),
+                                 workspace.as<void>(), workspace.bytes(), flag_d, stream),
             "attention_decode");
     } else {
-      check(kc::paged_attention_f16(pshape, q16.as<__half>(), kc_l, vc_l, md + off_tables, md + off_seq,
-                                    md + off_pos, scale, att16.as<__half>(), flag_d, stream),
+      check(kc::paged_attention_f16(pshape, q16.as<__half>(), kc_l, vc_l, md + p.off_tables, md + p.off_seq,
+                                    md + p.off_pos, scale, att16.as<__half>(), flag_d, stream),
             "paged_attention_f16");
     }
     matmul(w.wo, att16.as<__half>(), n, dl);
@@ -517,16 +564,69 @@ void CudaLlamaModel::Impl::forward_impl(const ForwardBatch& batch, CudaKvCache& 
   check(kc::add_rms_norm_f32(x, dl, output_norm->as<float>(), h, n, c.n_embd, c.rms_eps, stream),
         "add_rms_norm_f32");
   if (n_out > 0) {
-    check(kc::gather_rows_f16(h, n, c.n_embd, md + off_rows, n_out, picked16.as<__half>(), flag_d, stream),
+    check(kc::gather_rows_f16(h, n, c.n_embd, md + p.off_rows, n_out, picked16.as<__half>(), flag_d, stream),
           "gather_rows_f16");
     matmul(head, picked16.as<__half>(), n_out, logits.as<float>());
-    if (ids_out != nullptr) {
+    if (p.greedy) {
       check(kc::argmax_rows(logits.as<float>(), n_out, c.n_vocab, ids.as<int32_t>(), stream), "argmax_rows");
     }
   }
+}
+
+void CudaLlamaModel::Impl::clear_graphs() {
+  for (auto& [key, exec] : graphs) cudaGraphExecDestroy(exec);
+  graphs.clear();
+}
+
+void CudaLlamaModel::Impl::launch_graph(const Plan& p) {
+  const auto key = p.key();
+  auto it = graphs.find(key);
+  if (it == graphs.end()) {
+    cuda_check(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture");
+    cudaGraph_t graph = nullptr;
+    try {
+      enqueue(p);
+    } catch (...) {
+      cudaStreamEndCapture(stream, &graph);  // leaves capture mode; the partial graph is dropped
+      if (graph != nullptr) cudaGraphDestroy(graph);
+      throw;
+    }
+    cuda_check(cudaStreamEndCapture(stream, &graph), "cudaStreamEndCapture");
+    cudaGraphExec_t exec = nullptr;
+    const cudaError_t err = cudaGraphInstantiate(&exec, graph, 0);
+    cudaGraphDestroy(graph);
+    cuda_check(err, "cudaGraphInstantiate");
+    it = graphs.emplace(key, exec).first;
+  }
+  cuda_check(cudaGraphLaunch(it->second, stream), "cudaGraphLaunch");
+}
+
+void CudaLlamaModel::Impl::forward_impl(const ForwardBatch& batch, CudaKvCache& cache,
+                                        std::vector<float>* logits_out, std::vector<int32_t>* ids_out) {
+  validate(batch, cache);
+  const auto& c = config;
+  const auto n = static_cast<int64_t>(batch.tokens.size());
+  const auto n_out = static_cast<int64_t>(batch.logit_rows.size());
+  if (n == 0) {
+    if (logits_out != nullptr) logits_out->clear();
+    if (ids_out != nullptr) ids_out->clear();
+    return;
+  }
+  cuda_check(cudaSetDevice(options.device), "cudaSetDevice");
+  const Plan p = plan_batch(batch, cache, ids_out != nullptr, meta_host);
+  // A buffer that moved invalidates every captured graph (they hold its old address).
+  if (reserve_buffers(p)) clear_graphs();
+  cuda_check(cudaMemcpyAsync(meta.as<int32_t>(), meta_host.data(), meta_host.size() * sizeof(int32_t),
+                             cudaMemcpyHostToDevice, stream),
+             "cudaMemcpyAsync (batch metadata)");
+  if (options.graphs && n <= kGraphMaxTokens) {
+    launch_graph(p);
+  } else {
+    enqueue(p);
+  }
 
   flag_host = 0;
-  cuda_check(cudaMemcpyAsync(&flag_host, flag_d, sizeof(int32_t), cudaMemcpyDeviceToHost, stream),
+  cuda_check(cudaMemcpyAsync(&flag_host, flag.as<int32_t>(), sizeof(int32_t), cudaMemcpyDeviceToHost, stream),
              "cudaMemcpyAsync (error flag)");
   if (logits_out != nullptr) {
     logits_out->resize(static_cast<size_t>(n_out * c.n_vocab));
@@ -577,6 +677,9 @@ CudaLlamaModel::CudaLlamaModel(std::shared_ptr<const model::LlamaCheckpoint> che
   cuda_check(cudaStreamCreateWithFlags(&m.stream, cudaStreamNonBlocking), "cudaStreamCreate");
   cublas_check(cublasCreate(&m.cublas), "cublasCreate");
   cublas_check(cublasSetStream(m.cublas, m.stream), "cublasSetStream");
+  m.cublas_workspace.reserve(kCublasWorkspaceBytes);
+  cublas_check(cublasSetWorkspace(m.cublas, m.cublas_workspace.as<void>(), kCublasWorkspaceBytes),
+               "cublasSetWorkspace");
 
   const model::LlamaWeights weights = m.checkpoint->bind_weights();
   m.embedding = upload_matrix({&weights.token_embd});
@@ -610,6 +713,8 @@ int64_t CudaLlamaModel::weight_bytes() const {
   for (const Layer& l : m.layers) b += l.qkv.bytes() + l.wo.bytes() + l.gate_up.bytes() + l.down.bytes();
   return b;
 }
+
+int64_t CudaLlamaModel::captured_graphs() const { return static_cast<int64_t>(impl_->graphs.size()); }
 
 void CudaLlamaModel::forward(const ForwardBatch& batch, CudaKvCache& cache, std::vector<float>& logits) {
   impl_->forward_impl(batch, cache, &logits, nullptr);

@@ -78,6 +78,11 @@ struct CudaModelOptions {
   // speculative verification) use attention_decode when head_dim is 64 or 128; false sends every
   // batch to the general paged_attention_f16 (tests compare the two).
   bool decode_attention = true;
+  // Replay batches of up to 64 tokens from CUDA graphs, captured once per batch shape (tokens, logit
+  // rows, sequences' table width, runs, greedy or not, the cache). Decode steps of a fixed batch
+  // shape then cost one graph launch instead of ~10 launches per layer. Graphs are dropped when a
+  // buffer has to grow. The results equal direct launches (same kernels, same arguments).
+  bool graphs = false;
 };
 
 class CudaLlamaModel {
@@ -97,6 +102,8 @@ class CudaLlamaModel {
   const model::LlamaCheckpoint& checkpoint() const;
   // Bytes of weights held in device memory.
   int64_t weight_bytes() const;
+  // CUDA graphs captured and held now (CudaModelOptions::graphs), for tests.
+  int64_t captured_graphs() const;
 
   // As LlamaModel::forward: fills the cache at the batch's positions and resizes logits to
   // [batch.logit_rows.size(), n_vocab] (fp32, copied back). Blocks until the results are on the host.

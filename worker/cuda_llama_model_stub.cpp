@@ -31,6 +31,7 @@ CudaLlamaModel::~CudaLlamaModel() = default;
 const model::LlamaConfig& CudaLlamaModel::config() const { unavailable(); }
 const model::LlamaCheckpoint& CudaLlamaModel::checkpoint() const { unavailable(); }
 int64_t CudaLlamaModel::weight_bytes() const { unavailable(); }
+int64_t CudaLlamaModel::captured_graphs() const { unavailable(); }
 void CudaLlamaModel::forward(const ForwardBatch&, CudaKvCache&, std::vector<float>&) { unavailable(); }
 void CudaLlamaModel::forward_greedy(const ForwardBatch&, CudaKvCache&, std::vector<int32_t>&) {
   unavailable();

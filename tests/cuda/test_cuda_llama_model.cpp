@@ -251,6 +251,70 @@ TEST(CudaLlamaModel, RejectsBadBatchesOnTheHost) {
   EXPECT_TRUE(logits.empty());
 }
 
+// Graph replay (CudaModelOptions::graphs) against direct launches: the same kernels with the same
+// arguments, so Q4_0 models (no cuBLAS) must agree bit for bit, and F16 models (cuBLAS, whose
+// algorithm choice under capture could in principle differ) to 1e-6 relative. Also checks that
+// decode steps of one shape reuse one graph and that growing the buffers (a long batch after
+// capture) drops the graphs instead of replaying stale addresses.
+void check_graph_replay(k::DType type) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  t::TempDir dir;
+  const std::string path = random_model(dir.path(), tiny_shape(256, 4, 2), type);
+  const auto checkpoint = m::LlamaCheckpoint::open(path);
+  w::CudaModelOptions direct_options, graph_options;
+  graph_options.graphs = true;
+  w::CudaLlamaModel direct(checkpoint, direct_options), graphed(checkpoint, graph_options);
+  const auto& c = direct.config();
+  const int64_t block_size = 16, mbps = 8;
+  w::CudaKvCache direct_cache(c, 2 * mbps, block_size), graph_cache(c, 2 * mbps, block_size);
+  std::vector<int32_t> tables(static_cast<size_t>(2 * mbps));
+  std::iota(tables.begin(), tables.end(), 0);
+  std::mt19937 rng(5);
+  std::uniform_int_distribution<int32_t> token(3, static_cast<int32_t>(c.n_vocab) - 1);
+  int32_t next_pos[2] = {0, 0};
+  auto step = [&](const std::vector<Entry>& entries, bool greedy) {
+    w::ForwardBatch batch;
+    for (const Entry& e : entries) {
+      std::vector<int32_t> toks(static_cast<size_t>(e.count));
+      for (auto& x : toks) x = token(rng);
+      batch.add_sequence(toks, next_pos[e.row], e.row, e.logits_for_last);
+      next_pos[e.row] += e.count;
+    }
+    batch.block_tables = tables;
+    batch.max_blocks_per_seq = mbps;
+    if (greedy) {
+      std::vector<int32_t> a, b;
+      direct.forward_greedy(batch, direct_cache, a);
+      graphed.forward_greedy(batch, graph_cache, b);
+      EXPECT_EQ(a, b);
+      return;
+    }
+    std::vector<float> a, b;
+    direct.forward(batch, direct_cache, a);
+    graphed.forward(batch, graph_cache, b);
+    ASSERT_EQ(a.size(), b.size());
+    if (type == k::DType::Q4_0) {
+      EXPECT_EQ(a, b) << "graph replay must equal direct launches bit for bit";
+    } else {
+      EXPECT_LE(t::max_relative_rms(b, a, c.n_vocab), 1e-6);
+    }
+  };
+  step({{0, 20, 1}, {1, 9, 1}}, false);  // prompts: captured too (29 tokens)
+  const int64_t after_prompts = graphed.captured_graphs();
+  EXPECT_EQ(after_prompts, 1);
+  for (int i = 0; i < 5; ++i) step({{0, 1, 1}, {1, 1, 1}}, false);
+  EXPECT_EQ(graphed.captured_graphs(), 2) << "decode steps of one shape share one graph";
+  step({{0, 1, 1}, {1, 1, 1}}, true);  // the greedy variant is its own graph
+  EXPECT_EQ(graphed.captured_graphs(), 3);
+  step({{1, 70, 1}}, false);  // longer than graphs take: direct launches, buffers grow, graphs dropped
+  EXPECT_EQ(graphed.captured_graphs(), 0);
+  for (int i = 0; i < 3; ++i) step({{0, 1, 1}, {1, 1, 1}}, false);  // recaptured at the new addresses
+  EXPECT_EQ(graphed.captured_graphs(), 1);
+}
+
+TEST(CudaLlamaModelGraphs, ReplayEqualsDirectLaunchesQ4_0) { check_graph_replay(k::DType::Q4_0); }
+TEST(CudaLlamaModelGraphs, ReplayEqualsDirectLaunchesF16) { check_graph_replay(k::DType::F16); }
+
 // The fixture prompt (the first n_prompt ids of M.tokens).
 std::vector<int32_t> fixture_prompt(const std::filesystem::path& tokens_file) {
   std::ifstream in(tokens_file);

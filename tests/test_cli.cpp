@@ -37,6 +37,23 @@ class CliTest : public ::testing::Test {
   static inline std::string model_;
 };
 
+// --device cuda runs on a GPU when this build has CUDA and the machine a device; otherwise it fails
+// with one line saying which is missing (never a crash or a silent CPU run).
+TEST_F(CliTest, DeviceCudaRunsOrSaysWhyNot) {
+  const auto gen = run("generate -m " + model_ + " -p 'hello' -n 4 --temperature 0 --json --device cuda");
+  if (gen.exit_code == 0) {
+    EXPECT_EQ(nlohmann::json::parse(gen.output).at("device"), "cuda") << gen.output;
+  } else {
+    EXPECT_EQ(gen.exit_code, 1) << gen.output;
+    EXPECT_NE(gen.output.find("--device cuda: "), std::string::npos) << gen.output;
+    EXPECT_NE(gen.output.find("CUDA"), std::string::npos) << gen.output;
+  }
+  const auto logits = run("logits -m " + model_ + " --tokens '1 2 3' --device cuda -o " +
+                          (dir_->path() / "cuda.logits").string());
+  EXPECT_EQ(logits.exit_code, gen.exit_code) << logits.output;
+  EXPECT_EQ(run("generate -m " + model_ + " -p 'hello' --device tpu").exit_code == 0, false);
+}
+
 TEST_F(CliTest, TokenizeMatchesTheLibrary) {
   const auto r = run("tokenize --model " + model_ + " --text 'hello world'");
   ASSERT_EQ(r.exit_code, 0) << r.output;

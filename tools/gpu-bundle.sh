@@ -21,6 +21,14 @@ mkdir -p "$out/bin" "$out/tests" "$out/lib"
 cp "$build/bin/nibble" "$out/bin/"
 cp "$build"/tests/cuda/test_cuda_* "$out/tests/" 2>/dev/null || true
 find "$out/tests" -name '*.cmake' -delete
+# Fixture models for test_cuda_llama_model's greedy comparisons (they skip without them), e.g.
+# NIBBLE_BUNDLE_FIXTURES="tiny-llama-q4_0 tiny-llama-q8_0" (tiny-llama-f32 is 35 MB of the 64 MiB).
+fixtures="${NIBBLE_FIXTURES:-$root/../shared/fixtures}"
+if [ -n "${NIBBLE_BUNDLE_FIXTURES:-}" ]; then
+  mkdir -p "$out/fixtures/models"
+  cp "$fixtures/models/tiny-llama-q4_0.tokens" "$out/fixtures/models/"
+  for m in $NIBBLE_BUNDLE_FIXTURES; do cp "$fixtures/models/$m.gguf" "$out/fixtures/models/"; done
+fi
 # Shared libraries: everything ldd resolves except the C/C++ runtime and CUDA's own libraries.
 for f in "$out"/bin/* "$out"/tests/*; do
   ldd "$f" | awk '/=> \//{print $3}'
@@ -34,6 +42,9 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 out="${OUT:-$here/out}"
 mkdir -p "$out"
 export LD_LIBRARY_PATH="$here/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
+# The tests that run the CLI use this nibble; the fixture tests read the bundled fixtures, if any.
+export NIBBLE_BIN="$here/bin/nibble"
+[ -d "$here/fixtures" ] && export NIBBLE_FIXTURES="$here/fixtures"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee "$out/device.txt"
 status=0
 for t in "$here"/tests/test_cuda_*; do

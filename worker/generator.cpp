@@ -8,7 +8,7 @@ namespace nibble::worker {
 
 namespace {
 
-constexpr int64_t kBlockSize = 16;
+constexpr int64_t kBlockSize = Generator::kBlockSize;
 
 double seconds_since(std::chrono::steady_clock::time_point start) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
@@ -18,11 +18,20 @@ double seconds_since(std::chrono::steady_clock::time_point start) {
 
 Generator::Generator(LlamaModel& model, const model::Tokenizer& tokenizer, kernels::ThreadPool& pool,
                      int64_t context)
-    : model_(model),
+    : cache_(std::make_unique<KvCache>(model.config(), blocks_for(context), kBlockSize)),
       tokenizer_(tokenizer),
-      pool_(pool),
-      context_(context),
-      cache_(model.config(), (context + kBlockSize - 1) / kBlockSize, kBlockSize) {}
+      context_(context) {
+  model_.n_vocab = model.config().n_vocab;
+  model_.forward = [&model, &pool, cache = cache_.get()](const ForwardBatch& batch,
+                                                         std::vector<float>& logits) {
+    model.forward(batch, *cache, pool, logits);
+  };
+}
+
+Generator::Generator(GeneratorModel model, const model::Tokenizer& tokenizer, int64_t context)
+    : model_(std::move(model)), tokenizer_(tokenizer), context_(context) {
+  if (!model_.forward) throw std::invalid_argument("a GeneratorModel needs a forward function");
+}
 
 GenerateResult Generator::generate(const std::vector<int32_t>& prompt_tokens, const GenerateOptions& options,
                                    const TokenCallback& on_token) {
@@ -32,7 +41,7 @@ GenerateResult Generator::generate(const std::vector<int32_t>& prompt_tokens, co
   for (const std::string& stop : options.stop) {
     if (stop.empty()) throw std::invalid_argument("stop strings must not be empty");
   }
-  const int64_t n_vocab = model_.config().n_vocab;
+  const int64_t n_vocab = model_.n_vocab;
   for (int32_t id : prompt_tokens) {
     if (id < 0 || id >= n_vocab)
       throw std::invalid_argument("prompt token " + std::to_string(id) + " is outside the vocabulary");
@@ -47,11 +56,22 @@ GenerateResult Generator::generate(const std::vector<int32_t>& prompt_tokens, co
   GenerateResult result;
   result.prompt_tokens = prompt_tokens;
   Sampler sampler(options.sampling);
-  BlockAllocator allocator(cache_.n_blocks());
+  BlockAllocator allocator(blocks_for(context_));
   std::vector<int32_t> table;
   allocator.reserve(table, n_prompt + options.max_tokens, kBlockSize);
   std::vector<int32_t> history = prompt_tokens;
   std::vector<float> logits;
+  std::vector<int32_t> ids;
+  // Greedy without a repetition penalty is the argmax: let the model return only the ids.
+  const bool ids_only = model_.greedy && options.sampling.temperature <= 0.0f &&
+                        (options.sampling.repetition_penalty == 1.0f || options.sampling.repeat_last_n <= 0);
+  auto run = [&](const ForwardBatch& batch) {
+    if (ids_only) {
+      model_.greedy(batch, ids);
+    } else {
+      model_.forward(batch, logits);
+    }
+  };
   Completion completion(tokenizer_, {options.max_tokens, options.stop, options.ignore_eos});
 
   const auto start = std::chrono::steady_clock::now();
@@ -59,13 +79,12 @@ GenerateResult Generator::generate(const std::vector<int32_t>& prompt_tokens, co
   for (int64_t begin = 0; begin < n_prompt; begin += options.prefill_chunk) {
     const int64_t end = std::min(n_prompt, begin + options.prefill_chunk);
     std::vector<int32_t> chunk(prompt_tokens.begin() + begin, prompt_tokens.begin() + end);
-    model_.forward(ForwardBatch::single(chunk, static_cast<int32_t>(begin), table, false), cache_, pool_,
-                   logits);
+    run(ForwardBatch::single(chunk, static_cast<int32_t>(begin), table, false));
   }
 
   auto decode_start = start;
   for (int32_t step = 0; !completion.finished(); ++step) {
-    const int32_t token = sampler.sample(logits.data(), n_vocab, history);
+    const int32_t token = ids_only ? ids.at(0) : sampler.sample(logits.data(), n_vocab, history);
     if (step == 0) {
       result.prompt_seconds = seconds_since(start);
       decode_start = std::chrono::steady_clock::now();
@@ -75,7 +94,7 @@ GenerateResult Generator::generate(const std::vector<int32_t>& prompt_tokens, co
     if (on_token && (!delta.empty() || !completion.finished())) on_token(delta, token);
     if (completion.finished()) break;
     const int32_t pos = static_cast<int32_t>(n_prompt + step);
-    model_.forward(ForwardBatch::single({token}, pos, table, false), cache_, pool_, logits);
+    run(ForwardBatch::single({token}, pos, table, false));
   }
   result.tokens = completion.tokens();
   result.text = completion.text();

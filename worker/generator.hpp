@@ -3,6 +3,7 @@
 // the token limit. Used by `nibble generate` and `nibble bench`.
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -36,10 +37,27 @@ struct GenerateResult {
 // that produced it.
 using TokenCallback = std::function<void(const std::string& text_delta, int32_t token)>;
 
+// The model a Generator drives when it is not a CPU LlamaModel (e.g. worker::CudaLlamaModel): the
+// functions run one forward pass over a KV cache they own, which must hold
+// blocks_for(context) blocks of Generator::kBlockSize positions.
+struct GeneratorModel {
+  int64_t n_vocab = 0;
+  // logits: resized to [batch.logit_rows.size(), n_vocab]
+  std::function<void(const ForwardBatch& batch, std::vector<float>& logits)> forward;
+  // Optional: the argmax id of each logit row instead of the logits (ties to the lowest id, as the
+  // sampler at temperature 0). Used for greedy requests without a repetition penalty, so that only
+  // ids cross from a device.
+  std::function<void(const ForwardBatch& batch, std::vector<int32_t>& ids)> greedy;
+};
+
 class Generator {
  public:
+  static constexpr int64_t kBlockSize = 16;
+  static int64_t blocks_for(int64_t context) { return (context + kBlockSize - 1) / kBlockSize; }
+
   // context: the longest prompt + generation this generator accepts.
   Generator(LlamaModel& model, const model::Tokenizer& tokenizer, kernels::ThreadPool& pool, int64_t context);
+  Generator(GeneratorModel model, const model::Tokenizer& tokenizer, int64_t context);
   int64_t context() const { return context_; }
 
   // Throws std::invalid_argument when the prompt is empty, too long for the context, or holds
@@ -48,11 +66,10 @@ class Generator {
                           const TokenCallback& on_token = {});
 
  private:
-  LlamaModel& model_;
+  std::unique_ptr<KvCache> cache_;  // the CPU model's cache; null for a GeneratorModel
+  GeneratorModel model_;
   const model::Tokenizer& tokenizer_;
-  kernels::ThreadPool& pool_;
   int64_t context_;
-  KvCache cache_;
 };
 
 }  // namespace nibble::worker

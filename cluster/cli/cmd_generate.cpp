@@ -1,4 +1,4 @@
-// `nibble generate`: one prompt, one completion, on this process's CPU.
+// `nibble generate`: one prompt, one completion, on this process's CPU or (--device cuda) one GPU.
 #include <cstdio>
 #include <iostream>
 #include <memory>
@@ -7,6 +7,7 @@
 
 #include "cluster/cli/commands.hpp"
 #include "cluster/cli/model_session.hpp"
+#include "worker/cuda_llama_model.hpp"
 #include "worker/generator.hpp"
 
 namespace nibble::cli {
@@ -27,6 +28,7 @@ struct GenerateArgs {
   int64_t context = 0;
   std::vector<std::string> stop;
   bool json = false;
+  std::string device = "cpu";
 };
 
 }  // namespace
@@ -51,11 +53,18 @@ Runner add_generate(CLI::App& app) {
       ->check(CLI::NonNegativeNumber);
   app.add_option("--stop", a->stop, "Stop string (repeatable)");
   app.add_flag("--json", a->json, "Print one JSON object instead of streaming text");
+  app.add_option("--device", a->device, "cpu, or cuda (one GPU; greedy decoding returns only token ids)")
+      ->check(CLI::IsMember({"cpu", "cuda"}));
 
   return [a]() {
-    ModelSession s = ModelSession::open(a->model_path, a->threads);
+    const bool cuda = a->device == "cuda";
+    if (cuda) {
+      const std::string why = worker::cuda_unavailable_reason();
+      if (!why.empty()) throw std::runtime_error("--device cuda: " + why);
+    }
+    ModelSession s = ModelSession::open(a->model_path, a->threads, /*cpu_model=*/!cuda);
     const int64_t context =
-        a->context > 0 ? a->context : std::min<int64_t>(s.model->config().n_ctx_train, 4096);
+        a->context > 0 ? a->context : std::min<int64_t>(s.checkpoint->config().n_ctx_train, 4096);
     worker::GenerateOptions options;
     options.max_tokens = a->max_tokens;
     options.stop = a->stop;
@@ -68,7 +77,26 @@ Runner add_generate(CLI::App& app) {
 
     const model::Tokenizer& tokenizer = s.require_tokenizer();
     const std::vector<int32_t> prompt = tokenizer.encode(a->prompt, tokenizer.add_bos_default());
-    worker::Generator generator(*s.model, tokenizer, *s.pool, context);
+    std::unique_ptr<worker::CudaLlamaModel> gpu;
+    std::unique_ptr<worker::CudaKvCache> gpu_cache;
+    std::unique_ptr<worker::Generator> generator_ptr;
+    if (cuda) {
+      gpu = std::make_unique<worker::CudaLlamaModel>(s.checkpoint);
+      gpu_cache = std::make_unique<worker::CudaKvCache>(gpu->config(), worker::Generator::blocks_for(context),
+                                                        worker::Generator::kBlockSize);
+      worker::GeneratorModel m;
+      m.n_vocab = gpu->config().n_vocab;
+      m.forward = [&](const worker::ForwardBatch& b, std::vector<float>& logits) {
+        gpu->forward(b, *gpu_cache, logits);
+      };
+      m.greedy = [&](const worker::ForwardBatch& b, std::vector<int32_t>& ids) {
+        gpu->forward_greedy(b, *gpu_cache, ids);
+      };
+      generator_ptr = std::make_unique<worker::Generator>(std::move(m), tokenizer, context);
+    } else {
+      generator_ptr = std::make_unique<worker::Generator>(*s.model, tokenizer, *s.pool, context);
+    }
+    worker::Generator& generator = *generator_ptr;
     worker::TokenCallback stream;
     if (!a->json) {
       stream = [](const std::string& delta, int32_t) {
@@ -87,6 +115,7 @@ Runner add_generate(CLI::App& app) {
     out["text"] = r.text;
     out["finish_reason"] = worker::finish_reason_name(r.finish);
     out["seed"] = options.sampling.seed;
+    out["device"] = a->device;
     const double n_generated = static_cast<double>(r.tokens.size());
     out["timings"] = {
         {"prompt_ms", r.prompt_seconds * 1e3},

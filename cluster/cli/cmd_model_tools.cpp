@@ -8,6 +8,7 @@
 #include "model/random_model.hpp"
 #include "model/requantize.hpp"
 #include "worker/calibrated_quantize.hpp"
+#include "worker/cuda_llama_model.hpp"
 #include "worker/gptq_export.hpp"
 
 namespace nibble::cli {
@@ -48,7 +49,7 @@ Runner add_tokenize(CLI::App& app) {
 
 Runner add_logits(CLI::App& app) {
   struct Args {
-    std::string model_path, prompt, tokens, out;
+    std::string model_path, prompt, tokens, out, device = "cpu";
     int threads = default_threads();
   };
   auto a = std::make_shared<Args>();
@@ -62,8 +63,14 @@ Runner add_logits(CLI::App& app) {
   app.add_option("--out,-o", a->out, "Output file: float32 rows of n_vocab, one per prompt position")
       ->required();
   app.add_option("--threads,-t", a->threads, "CPU threads")->check(CLI::PositiveNumber);
+  app.add_option("--device", a->device, "cpu, or cuda (one GPU)")->check(CLI::IsMember({"cpu", "cuda"}));
   return [a]() {
-    ModelSession s = ModelSession::open(a->model_path, a->threads);
+    const bool cuda = a->device == "cuda";
+    if (cuda) {
+      const std::string why = worker::cuda_unavailable_reason();
+      if (!why.empty()) throw std::runtime_error("--device cuda: " + why);
+    }
+    ModelSession s = ModelSession::open(a->model_path, a->threads, /*cpu_model=*/!cuda);
     std::vector<int32_t> ids;
     if (!a->tokens.empty()) {
       ids = parse_token_list(a->tokens);
@@ -76,17 +83,24 @@ Runner add_logits(CLI::App& app) {
     if (ids.empty()) throw std::invalid_argument("the prompt is empty");
     const int64_t block = 16;
     const int64_t blocks = (static_cast<int64_t>(ids.size()) + block - 1) / block;
-    worker::KvCache cache(s.model->config(), blocks, block);
     std::vector<int32_t> table(blocks);
     for (int64_t b = 0; b < blocks; ++b) table[b] = static_cast<int32_t>(b);
     std::vector<float> logits;
-    s.model->forward(worker::ForwardBatch::single(ids, 0, table, true), cache, *s.pool, logits);
+    const auto batch = worker::ForwardBatch::single(ids, 0, table, true);
+    if (cuda) {
+      worker::CudaLlamaModel gpu(s.checkpoint);
+      worker::CudaKvCache cache(gpu.config(), blocks, block);
+      gpu.forward(batch, cache, logits);
+    } else {
+      worker::KvCache cache(s.model->config(), blocks, block);
+      s.model->forward(batch, cache, *s.pool, logits);
+    }
     std::ofstream out(a->out, std::ios::binary);
     out.write(reinterpret_cast<const char*>(logits.data()),
               static_cast<std::streamsize>(logits.size() * sizeof(float)));
     if (!out) throw std::runtime_error("cannot write " + a->out);
-    std::cerr << "wrote " << ids.size() << " rows of " << s.model->config().n_vocab << " logits to " << a->out
-              << "\n";
+    std::cerr << "wrote " << ids.size() << " rows of " << s.checkpoint->config().n_vocab << " logits to "
+              << a->out << "\n";
     return 0;
   };
 }

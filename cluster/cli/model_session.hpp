@@ -1,6 +1,6 @@
 #pragma once
 // What every model-using subcommand loads: the model (a GGUF file or a Hugging Face checkpoint
-// directory), its tokenizer when it has one, and the CPU model.
+// directory), its tokenizer when it has one, and the CPU model (unless a GPU model runs instead).
 #include <memory>
 #include <string>
 
@@ -11,12 +11,15 @@
 namespace nibble::cli {
 
 struct ModelSession {
-  std::unique_ptr<worker::LlamaModel> model;
+  std::shared_ptr<const model::LlamaCheckpoint> checkpoint;
+  std::unique_ptr<worker::LlamaModel> model;          // null when opened with cpu_model = false
   std::shared_ptr<const model::Tokenizer> tokenizer;  // null for an HF checkpoint (no tokenizer read)
   std::unique_ptr<kernels::ThreadPool> pool;
 
-  // Throws with a message naming the file when it is missing or invalid.
-  static ModelSession open(const std::string& path, int threads);
+  // Throws with a message naming the file when it is missing or invalid. cpu_model = false opens
+  // only the checkpoint and tokenizer (for --device cuda: the CPU model's packed weights would be
+  // wasted).
+  static ModelSession open(const std::string& path, int threads, bool cpu_model = true);
   // The tokenizer, for commands that take or print text. Throws for a checkpoint without one.
   const model::Tokenizer& require_tokenizer() const;
 };

@@ -21,7 +21,32 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+__global__ void __launch_bounds__(kThreads)
+    swiglu_f32_kernel(const float* gate, const float* up, int64_t in_stride, __half* out, int64_t n_ff,
+                      int64_t n) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < n; i += stride) {
+    const int64_t r = i / n_ff;
+    const int64_t c = i % n_ff;
+    const float g = gate[r * in_stride + c];
+    out[i] = __float2half_rn(g / (1.0f + expf(-g)) * up[r * in_stride + c]);
+  }
+}
+
 }  // namespace
+
+Status swiglu_f32_to_f16(const float* gate, const float* up, int64_t in_stride, __half* out, int64_t rows,
+                         int64_t n_ff, cudaStream_t stream) {
+  if (gate == nullptr || up == nullptr || out == nullptr) return Status::invalid_argument;
+  if (rows < 0 || n_ff < 1 || in_stride < n_ff) return Status::invalid_argument;
+  if (rows == 0) return Status::ok;
+  const int64_t n = rows * n_ff;
+  int64_t blocks = (n + kThreads - 1) / kThreads;
+  if (blocks > kMaxBlocks) blocks = kMaxBlocks;
+  swiglu_f32_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(gate, up, in_stride, out, n_ff,
+                                                                            n);
+  return cudaGetLastError() == cudaSuccess ? Status::ok : Status::device_error;
+}
 
 Status swiglu_f16(const __half* gate, const __half* up, __half* out, int64_t n, cudaStream_t stream) {
   if (gate == nullptr || up == nullptr || out == nullptr || n < 0) return Status::invalid_argument;

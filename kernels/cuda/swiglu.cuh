@@ -17,4 +17,14 @@ namespace nibble::kernels::cuda {
 // Returns invalid_argument (nothing launched) for a bad argument, device_error if the launch fails.
 Status swiglu_f16(const __half* gate, const __half* up, __half* out, int64_t n, cudaStream_t stream);
 
+// The same on the fp32 outputs of the gate and up projections (the forward pass's FFN epilogue: one
+// rounding, to the fp16 input of ffn_down). gate and up may be column ranges of one fused
+// [rows, 2 * n_ff] projection output.
+// gate, up: [rows, in_stride] float, row r's n_ff values at gate + r * in_stride (likewise up)
+// out:      [rows, n_ff] __half (must not overlap gate or up)
+// rows >= 0 (0: nothing to do), n_ff >= 1, in_stride >= n_ff. Enqueues one kernel on `stream`.
+// Returns invalid_argument (nothing launched) for a bad argument, device_error if the launch fails.
+Status swiglu_f32_to_f16(const float* gate, const float* up, int64_t in_stride, __half* out, int64_t rows,
+                         int64_t n_ff, cudaStream_t stream);
+
 }  // namespace nibble::kernels::cuda

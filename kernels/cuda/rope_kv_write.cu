@@ -1,0 +1,139 @@
+// One block per token: the token's cos/sin table is built in shared memory exactly as in rope.cu
+// (the CPU's recurrence, step for step), then the block's threads rotate every (head, pair) of q and
+// k and copy v, rounding each value to fp16 once. Scalar 2-byte stores: head_dim may be odd in
+// principle and the rows are only 2-byte aligned in general.
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+
+#include "kernels/cuda/common.cuh"
+#include "kernels/cuda/rope_kv_write.cuh"
+
+namespace nibble::kernels::cuda {
+namespace {
+
+constexpr int kThreads = 128;
+constexpr int64_t kMaxRotDims = 1024;
+
+struct Params {
+  const float* q;
+  const float* k;
+  const float* v;
+  const int32_t* token_pos;
+  const int32_t* token_seq;
+  const int32_t* block_tables;
+  __half* q_out;
+  __half* k_cache;
+  __half* v_cache;
+  int32_t* error_flag;
+  int64_t n_head, n_head_kv, head_dim, q_stride, kv_stride, block_size, num_blocks, max_blocks_per_seq;
+  int half_rot;
+  float theta_scale;
+};
+
+// Rotates the heads of one token's row `in` (n_heads × head_dim floats) into `out` (fp16); the
+// dims past rot_dims are copied.
+__device__ __forceinline__ void rotate_row(const float* in, __half* out, int64_t n_heads, int64_t head_dim,
+                                           int half_rot, const float* cos_t, const float* sin_t) {
+  const int64_t n = n_heads * head_dim;
+  for (int64_t e = threadIdx.x; e < n; e += kThreads) {
+    const int64_t d = e % head_dim;
+    if (d < 2 * half_rot) {
+      if (d % 2 != 0) continue;  // the pair's even element does both
+      const int i = static_cast<int>(d / 2);
+      const float x0 = in[e];
+      const float x1 = in[e + 1];
+      // The CPU's expressions (kernels::rope_normal); no FMA contraction across the products.
+      const float r0 = __fsub_rn(__fmul_rn(x0, cos_t[i]), __fmul_rn(x1, sin_t[i]));
+      const float r1 = __fadd_rn(__fmul_rn(x0, sin_t[i]), __fmul_rn(x1, cos_t[i]));
+      out[e] = __float2half_rn(r0);
+      out[e + 1] = __float2half_rn(r1);
+    } else {
+      out[e] = __float2half_rn(in[e]);
+    }
+  }
+}
+
+__global__ void __launch_bounds__(kThreads) rope_kv_write_kernel(Params p) {
+  __shared__ float cos_t[kMaxRotDims / 2];
+  __shared__ float sin_t[kMaxRotDims / 2];
+  __shared__ int64_t slot_s;
+  const int64_t t = blockIdx.x;
+  const int32_t pos = p.token_pos[t];
+  for (int i = threadIdx.x; i < p.half_rot; i += kThreads) {
+    float theta = static_cast<float>(pos);
+    for (int s = 0; s < i; ++s) theta *= p.theta_scale;  // the CPU's recurrence, step for step
+    cos_t[i] = cosf(theta);
+    sin_t[i] = sinf(theta);
+  }
+  if (threadIdx.x == 0) {
+    int64_t slot = -1;
+    const int64_t seq = p.token_seq[t];
+    if (pos >= 0 && seq >= 0 && pos / p.block_size < p.max_blocks_per_seq) {
+      const int64_t blk = p.block_tables[seq * p.max_blocks_per_seq + pos / p.block_size];
+      if (blk >= 0 && blk < p.num_blocks) slot = blk * p.block_size + pos % p.block_size;
+    }
+    if (slot < 0) detail::raise_flag(p.error_flag);
+    slot_s = slot;
+  }
+  __syncthreads();
+
+  const int64_t q_dim = p.n_head * p.head_dim;
+  const int64_t kv_dim = p.n_head_kv * p.head_dim;
+  rotate_row(p.q + t * p.q_stride, p.q_out + t * q_dim, p.n_head, p.head_dim, p.half_rot, cos_t, sin_t);
+  const int64_t slot = slot_s;
+  if (slot < 0) return;  // uniform over the block
+  rotate_row(p.k + t * p.kv_stride, p.k_cache + slot * kv_dim, p.n_head_kv, p.head_dim, p.half_rot, cos_t,
+             sin_t);
+  const float* vr = p.v + t * p.kv_stride;
+  __half* vc = p.v_cache + slot * kv_dim;
+  for (int64_t e = threadIdx.x; e < kv_dim; e += kThreads) vc[e] = __float2half_rn(vr[e]);
+}
+
+}  // namespace
+
+Status rope_kv_write(const RopeKvWriteShape& s, const float* q, const float* k, const float* v,
+                     const int32_t* token_pos, const int32_t* token_seq, const int32_t* block_tables,
+                     __half* q_out, __half* k_cache, __half* v_cache, int32_t* error_flag,
+                     cudaStream_t stream) {
+  if (q == nullptr || k == nullptr || v == nullptr || token_pos == nullptr || token_seq == nullptr ||
+      block_tables == nullptr || q_out == nullptr || k_cache == nullptr || v_cache == nullptr) {
+    return Status::invalid_argument;
+  }
+  if (s.tokens < 0 || s.tokens > INT32_MAX || s.n_head < 1 || s.n_head_kv < 1 || s.head_dim < 1)
+    return Status::invalid_argument;
+  if (s.rot_dims < 2 || s.rot_dims > s.head_dim || s.rot_dims % 2 != 0 || s.rot_dims > kMaxRotDims)
+    return Status::invalid_argument;
+  if (!(s.rope_base > 0.0f)) return Status::invalid_argument;
+  if (s.q_stride < s.n_head * s.head_dim || s.kv_stride < s.n_head_kv * s.head_dim)
+    return Status::invalid_argument;
+  if (s.block_size < 1 || s.num_blocks < 1 || s.max_blocks_per_seq < 1) return Status::invalid_argument;
+  if (s.tokens == 0) return Status::ok;
+  Params p{};
+  p.q = q;
+  p.k = k;
+  p.v = v;
+  p.token_pos = token_pos;
+  p.token_seq = token_seq;
+  p.block_tables = block_tables;
+  p.q_out = q_out;
+  p.k_cache = k_cache;
+  p.v_cache = v_cache;
+  p.error_flag = error_flag;
+  p.n_head = s.n_head;
+  p.n_head_kv = s.n_head_kv;
+  p.head_dim = s.head_dim;
+  p.q_stride = s.q_stride;
+  p.kv_stride = s.kv_stride;
+  p.block_size = s.block_size;
+  p.num_blocks = s.num_blocks;
+  p.max_blocks_per_seq = s.max_blocks_per_seq;
+  p.half_rot = static_cast<int>(s.rot_dims / 2);
+  // Exactly the CPU's factor (kernels::rope_normal): std::pow in float.
+  p.theta_scale = std::pow(s.rope_base, -2.0f / static_cast<float>(s.rot_dims));
+  rope_kv_write_kernel<<<static_cast<unsigned>(s.tokens), kThreads, 0, stream>>>(p);
+  return cudaGetLastError() == cudaSuccess ? Status::ok : Status::device_error;
+}
+
+}  // namespace nibble::kernels::cuda

@@ -1,0 +1,417 @@
+// The CUDA kernels the GPU forward pass adds (rope_kv_write, add_rms_norm_f32, f16_to_f32,
+// gather_rows_f16, swiglu_f32_to_f16, paged_attention_f16) against the project's CPU kernels on
+// random inputs of odd sizes. Skips when there is no CUDA device.
+//
+// Error bounds. rope_kv_write, add_rms_norm_f32 and swiglu_f32_to_f16 compute in fp32 from fp32
+// inputs like the CPU and round once to fp16; the CPU reference rounds its fp32 result the same way,
+// so the difference is at most one fp16 rounding step (2^-11 ≈ 4.9e-4 relative when the fp32 values
+// differ by ~1e-6 relative across a rounding boundary: cosf/sinf/expf within 2 ulp, fp32 instead of
+// double sums of squares), hence |got - ref| <= 1e-3 · |ref| + 1e-7 (RoPE: the rotated pair's
+// norm as magnitude). V rows, the residual add, the widening and the gather are exact.
+// paged_attention_f16: out = Σ_p w_p v_p is a convex combination; the CPU rounds each weight to fp16
+// (2^-11 relative) and the kernel rounds the output to fp16 (2^-11 of |out|), and the fp32 scores
+// differ by ~1e-6 relative, so |got - ref| <= 1.5e-3 · max_p |v_p[d]| + 1e-6.
+#include <cuda_fp16.h>
+#include <cuda_runtime_api.h>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "kernels/activation.hpp"
+#include "kernels/attention.hpp"
+#include "kernels/cuda/convert.cuh"
+#include "kernels/cuda/paged_attention.cuh"
+#include "kernels/cuda/residual_norm.cuh"
+#include "kernels/cuda/rope_kv_write.cuh"
+#include "kernels/cuda/swiglu.cuh"
+#include "kernels/quant_types.hpp"
+#include "kernels/rms_norm.hpp"
+#include "kernels/rope.hpp"
+#include "kernels/thread_pool.hpp"
+#include "tests/cuda/cuda_test_util.hpp"
+
+namespace k = nibble::kernels;
+using nibble::cuda_test::DeviceBuffer;
+
+namespace {
+
+std::vector<float> random_floats(size_t n, float stddev, std::mt19937& rng) {
+  std::normal_distribution<float> normal(0.0f, stddev);
+  std::vector<float> v(n);
+  for (auto& x : v) x = normal(rng);
+  return v;
+}
+
+std::vector<uint16_t> random_f16(size_t n, float stddev, std::mt19937& rng) {
+  std::vector<uint16_t> v(n);
+  for (auto& x : v) x = k::fp32_to_fp16(random_floats(1, stddev, rng)[0]);
+  return v;
+}
+
+__half* as_half(uint16_t* p) { return reinterpret_cast<__half*>(p); }
+
+// Counts elements outside |got - ref| <= rel * mag + abs, reporting the first few.
+int count_bad(const std::vector<uint16_t>& got, const std::vector<float>& ref, const std::vector<float>& mag,
+              double rel, double abs) {
+  int bad = 0;
+  for (size_t i = 0; i < ref.size(); ++i) {
+    const double g = k::fp16_to_fp32(got[i]);
+    const double err = std::fabs(g - ref[i]);
+    if (!(err <= rel * mag[i] + abs) && ++bad <= 5) {
+      ADD_FAILURE() << "element " << i << ": got " << g << ", reference " << ref[i] << ", error " << err;
+    }
+  }
+  return bad;
+}
+
+std::vector<float> abs_of(const std::vector<float>& v) {
+  std::vector<float> a(v.size());
+  for (size_t i = 0; i < v.size(); ++i) a[i] = std::fabs(v[i]);
+  return a;
+}
+
+// For RoPE outputs: each element's magnitude is the norm of its (rotated) pair, or |x| past rot_dims.
+std::vector<float> pair_norms(const std::vector<float>& x, int64_t head_dim, int64_t rot_dims) {
+  std::vector<float> m(x.size());
+  for (size_t i = 0; i < x.size(); ++i) {
+    const auto d = static_cast<int64_t>(i) % head_dim;
+    if (d < rot_dims) {
+      const size_t e = i - static_cast<size_t>(d % 2);
+      m[i] = std::hypot(x[e], x[e + 1]);
+    } else {
+      m[i] = std::fabs(x[i]);
+    }
+  }
+  return m;
+}
+
+}  // namespace
+
+TEST(CudaRopeKvWrite, MatchesCpuRopeAndWritesTheCacheSlots) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  std::mt19937 rng(21);
+  struct Case {
+    int64_t head_dim, rot_dims;
+    bool stacked;  // q, k, v as column ranges of one [tokens, q_dim + 2 kv_dim] buffer
+  };
+  for (const Case c : {Case{34, 34, true}, Case{64, 64, false}, Case{128, 96, true}, Case{6, 4, false}}) {
+    SCOPED_TRACE("head_dim=" + std::to_string(c.head_dim) + " rot_dims=" + std::to_string(c.rot_dims) +
+                 " stacked=" + std::to_string(c.stacked));
+    const int64_t tokens = 11, n_head = 6, n_head_kv = 2, block_size = 5, num_blocks = 13, mbps = 4;
+    const int64_t q_dim = n_head * c.head_dim, kv_dim = n_head_kv * c.head_dim;
+    // Two sequences with shuffled block tables; token 10 names a block outside the cache.
+    std::vector<int32_t> ids(static_cast<size_t>(num_blocks));
+    std::iota(ids.begin(), ids.end(), 0);
+    std::shuffle(ids.begin(), ids.end(), rng);
+    std::vector<int32_t> tables = {ids[0], ids[1], ids[2], ids[3], ids[4], ids[5], 999, ids[6]};
+    std::vector<int32_t> seq = {0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1};
+    std::vector<int32_t> pos = {0, 1, 2, 7, 13, 19, 3, 4, 5, 6, 12};  // token 10: block 2 of seq 1 = 999
+    const auto q = random_floats(static_cast<size_t>(tokens * q_dim), 1.5f, rng);
+    const auto kk = random_floats(static_cast<size_t>(tokens * kv_dim), 1.5f, rng);
+    const auto v = random_floats(static_cast<size_t>(tokens * kv_dim), 1.5f, rng);
+
+    // Device input layout.
+    std::vector<float> in;
+    int64_t q_stride = q_dim, kv_stride = kv_dim, k_off = 0, v_off = 0;
+    if (c.stacked) {
+      q_stride = kv_stride = q_dim + 2 * kv_dim;
+      k_off = q_dim;
+      v_off = q_dim + kv_dim;
+      in.resize(static_cast<size_t>(tokens * q_stride));
+      for (int64_t t = 0; t < tokens; ++t) {
+        std::copy_n(q.begin() + t * q_dim, q_dim, in.begin() + t * q_stride);
+        std::copy_n(kk.begin() + t * kv_dim, kv_dim, in.begin() + t * q_stride + k_off);
+        std::copy_n(v.begin() + t * kv_dim, kv_dim, in.begin() + t * q_stride + v_off);
+      }
+    } else {
+      in = q;
+      k_off = tokens * q_dim;
+      v_off = k_off + tokens * kv_dim;
+      in.insert(in.end(), kk.begin(), kk.end());
+      in.insert(in.end(), v.begin(), v.end());
+    }
+
+    // CPU reference.
+    std::vector<float> q_ref = q, k_ref = kk;
+    ASSERT_EQ(k::rope_normal(q_ref.data(), pos.data(), tokens, n_head, c.head_dim, c.rot_dims, 10000.0f),
+              k::Status::ok);
+    ASSERT_EQ(k::rope_normal(k_ref.data(), pos.data(), tokens, n_head_kv, c.head_dim, c.rot_dims, 10000.0f),
+              k::Status::ok);
+
+    const uint16_t sentinel = k::fp32_to_fp16(-7.0f);
+    const std::vector<uint16_t> cache_init(static_cast<size_t>(num_blocks * block_size * kv_dim), sentinel);
+    DeviceBuffer<float> d_in(in);
+    DeviceBuffer<int32_t> d_pos(pos), d_seq(seq), d_tables(tables), d_flag(std::vector<int32_t>{0});
+    DeviceBuffer<uint16_t> d_q(static_cast<size_t>(tokens * q_dim)), d_k(cache_init), d_v(cache_init);
+    ASSERT_TRUE(d_in.ptr && d_pos.ptr && d_seq.ptr && d_tables.ptr && d_flag.ptr && d_q.ptr && d_k.ptr &&
+                d_v.ptr);
+    k::cuda::RopeKvWriteShape s;
+    s.tokens = tokens;
+    s.n_head = n_head;
+    s.n_head_kv = n_head_kv;
+    s.head_dim = c.head_dim;
+    s.rot_dims = c.rot_dims;
+    s.rope_base = 10000.0f;
+    s.q_stride = q_stride;
+    s.kv_stride = kv_stride;
+    s.block_size = block_size;
+    s.num_blocks = num_blocks;
+    s.max_blocks_per_seq = mbps;
+    ASSERT_EQ(k::cuda::rope_kv_write(s, d_in.ptr, d_in.ptr + k_off, d_in.ptr + v_off, d_pos.ptr, d_seq.ptr,
+                                     d_tables.ptr, as_half(d_q.ptr), as_half(d_k.ptr), as_half(d_v.ptr),
+                                     d_flag.ptr, nullptr),
+              k::Status::ok);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    EXPECT_EQ(d_flag.to_host(), std::vector<int32_t>{1}) << "the bad block id must raise the flag";
+
+    const auto q_got = d_q.to_host();
+    ASSERT_EQ(q_got.size(), q_ref.size());
+    EXPECT_EQ(count_bad(q_got, q_ref, pair_norms(q_ref, c.head_dim, c.rot_dims), 1e-3, 1e-7), 0);
+
+    const auto k_got = d_k.to_host();
+    const auto v_got = d_v.to_host();
+    ASSERT_EQ(k_got.size(), cache_init.size());
+    std::vector<bool> written(static_cast<size_t>(num_blocks * block_size), false);
+    for (int64_t t = 0; t < tokens; ++t) {
+      const int32_t blk = tables[static_cast<size_t>(seq[t] * mbps + pos[t] / block_size)];
+      if (blk < 0 || blk >= num_blocks) continue;
+      const int64_t slot = blk * block_size + pos[t] % block_size;
+      written[static_cast<size_t>(slot)] = true;
+      const std::vector<uint16_t> k_row(k_got.begin() + slot * kv_dim, k_got.begin() + (slot + 1) * kv_dim);
+      const std::vector<float> k_ref_row(k_ref.begin() + t * kv_dim, k_ref.begin() + (t + 1) * kv_dim);
+      EXPECT_EQ(count_bad(k_row, k_ref_row, pair_norms(k_ref_row, c.head_dim, c.rot_dims), 1e-3, 1e-7), 0)
+          << "token " << t;
+      for (int64_t i = 0; i < kv_dim; ++i) {
+        ASSERT_EQ(v_got[static_cast<size_t>(slot * kv_dim + i)],
+                  k::fp32_to_fp16(v[static_cast<size_t>(t * kv_dim + i)]))
+            << "V of token " << t << " element " << i << " must be fp16(v) exactly";
+      }
+    }
+    for (int64_t slot = 0; slot < num_blocks * block_size; ++slot) {
+      if (written[static_cast<size_t>(slot)]) continue;
+      for (int64_t i = 0; i < kv_dim; ++i) {
+        ASSERT_EQ(k_got[static_cast<size_t>(slot * kv_dim + i)], sentinel)
+            << "slot " << slot << " was not ours";
+        ASSERT_EQ(v_got[static_cast<size_t>(slot * kv_dim + i)], sentinel)
+            << "slot " << slot << " was not ours";
+      }
+    }
+  }
+}
+
+TEST(CudaAddRmsNorm, MatchesCpuAddAndNorm) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  std::mt19937 rng(22);
+  const float eps = 1e-5f;
+  for (const int64_t rows : {1, 3, 37}) {
+    for (const int64_t n : {1, 129, 4100}) {
+      for (const bool with_delta : {false, true}) {
+        SCOPED_TRACE("rows=" + std::to_string(rows) + " n=" + std::to_string(n) +
+                     " delta=" + std::to_string(with_delta));
+        const auto x = random_floats(static_cast<size_t>(rows * n), 2.0f, rng);
+        const auto d = random_floats(static_cast<size_t>(rows * n), 1.0f, rng);
+        const auto w = random_floats(static_cast<size_t>(n), 1.0f, rng);
+        std::vector<float> sum = x;
+        if (with_delta) {
+          ASSERT_EQ(k::add_inplace(sum.data(), d.data(), rows * n), k::Status::ok);
+        }
+        std::vector<float> ref(sum.size());
+        ASSERT_EQ(k::rms_norm(sum.data(), w.data(), ref.data(), rows, n, eps), k::Status::ok);
+
+        DeviceBuffer<float> dx(x), dd(d), dw(w);
+        DeviceBuffer<uint16_t> dy(static_cast<size_t>(rows * n));
+        ASSERT_TRUE(dx.ptr && dd.ptr && dw.ptr && dy.ptr);
+        ASSERT_EQ(k::cuda::add_rms_norm_f32(dx.ptr, with_delta ? dd.ptr : nullptr, dw.ptr, as_half(dy.ptr),
+                                            rows, n, eps, nullptr),
+                  k::Status::ok);
+        ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+        EXPECT_EQ(dx.to_host(), sum) << "the residual must be x + delta in fp32, exactly";
+        const auto got = dy.to_host();
+        ASSERT_EQ(got.size(), ref.size());
+        EXPECT_EQ(count_bad(got, ref, abs_of(ref), 1e-3, 1e-7), 0);
+      }
+    }
+  }
+}
+
+TEST(CudaConvert, WidensAndGathersExactly) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  std::mt19937 rng(23);
+  const auto h = random_f16(1001, 3.0f, rng);
+  DeviceBuffer<uint16_t> dh(h);
+  DeviceBuffer<float> df(h.size());
+  ASSERT_TRUE(dh.ptr && df.ptr);
+  ASSERT_EQ(k::cuda::f16_to_f32(as_half(dh.ptr), df.ptr, static_cast<int64_t>(h.size()), nullptr),
+            k::Status::ok);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  const auto f = df.to_host();
+  ASSERT_EQ(f.size(), h.size());
+  for (size_t i = 0; i < h.size(); ++i) ASSERT_EQ(f[i], k::fp16_to_fp32(h[i])) << i;
+
+  // 1001 = 13 rows of 77; gather rows 12, 0, 5, 5 and an index past the end (a zero row, the flag).
+  const int64_t cols = 77, src_rows = 13;
+  const std::vector<int32_t> rows = {12, 0, 5, 5, 13};
+  DeviceBuffer<int32_t> drows(rows), dflag(std::vector<int32_t>{0});
+  DeviceBuffer<uint16_t> dout(rows.size() * cols);
+  ASSERT_TRUE(drows.ptr && dflag.ptr && dout.ptr);
+  ASSERT_EQ(
+      k::cuda::gather_rows_f16(as_half(dh.ptr), src_rows, cols, drows.ptr, static_cast<int64_t>(rows.size()),
+                               as_half(dout.ptr), dflag.ptr, nullptr),
+      k::Status::ok);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  const auto out = dout.to_host();
+  ASSERT_EQ(out.size(), rows.size() * cols);
+  for (size_t r = 0; r < rows.size(); ++r) {
+    for (int64_t c = 0; c < cols; ++c) {
+      const uint16_t want =
+          rows[r] < src_rows ? h[static_cast<size_t>(rows[r] * cols + c)] : k::fp32_to_fp16(0.0f);
+      ASSERT_EQ(out[r * cols + static_cast<size_t>(c)], want) << "row " << r << " col " << c;
+    }
+  }
+  EXPECT_EQ(dflag.to_host(), std::vector<int32_t>{1});
+}
+
+TEST(CudaSwigluF32, MatchesCpuOnStridedInputs) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  std::mt19937 rng(24);
+  for (const int64_t rows : {1, 5}) {
+    for (const int64_t n_ff : {1, 37, 1000}) {
+      const int64_t stride = 2 * n_ff + 3;  // gate at column 0, up at column n_ff + 3
+      SCOPED_TRACE("rows=" + std::to_string(rows) + " n_ff=" + std::to_string(n_ff));
+      const auto in = random_floats(static_cast<size_t>(rows * stride), 3.0f, rng);
+      std::vector<float> gate, up, ref(static_cast<size_t>(rows * n_ff));
+      for (int64_t r = 0; r < rows; ++r) {
+        gate.insert(gate.end(), in.begin() + r * stride, in.begin() + r * stride + n_ff);
+        up.insert(up.end(), in.begin() + r * stride + n_ff + 3, in.begin() + r * stride + 2 * n_ff + 3);
+      }
+      ASSERT_EQ(k::swiglu(gate.data(), up.data(), ref.data(), rows * n_ff), k::Status::ok);
+      DeviceBuffer<float> din(in);
+      DeviceBuffer<uint16_t> dout(ref.size());
+      ASSERT_TRUE(din.ptr && dout.ptr);
+      ASSERT_EQ(k::cuda::swiglu_f32_to_f16(din.ptr, din.ptr + n_ff + 3, stride, as_half(dout.ptr), rows, n_ff,
+                                           nullptr),
+                k::Status::ok);
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      const auto got = dout.to_host();
+      ASSERT_EQ(got.size(), ref.size());
+      EXPECT_EQ(count_bad(got, ref, abs_of(ref), 1e-3, 1e-7), 0);
+    }
+  }
+}
+
+TEST(CudaPagedAttention, MatchesCpuOnMixedBatches) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  std::mt19937 rng(25);
+  nibble::kernels::ThreadPool pool(2);
+  for (const int64_t head_dim : {32, 34, 64, 128, 256}) {
+    SCOPED_TRACE("head_dim=" + std::to_string(head_dim));
+    const int64_t n_head = 6, n_head_kv = 2, block_size = 5, mbps = 12;  // group 3, odd block size
+    // Three sequences: a prompt chunk of 23 positions (tokens in shuffled order), two decode tokens of
+    // a long sequence, one token at position 0.
+    std::vector<int32_t> seq, pos;
+    for (int32_t p = 17; p < 40; ++p) {
+      seq.push_back(0);
+      pos.push_back(p);
+    }
+    std::shuffle(pos.begin(), pos.end(), rng);
+    seq.insert(seq.end(), {1, 1, 2});
+    pos.insert(pos.end(), {58, 31, 0});
+    const auto tokens = static_cast<int64_t>(pos.size());
+    const int64_t num_blocks = 3 * mbps + 2;
+    std::vector<int32_t> ids(static_cast<size_t>(num_blocks));
+    std::iota(ids.begin(), ids.end(), 0);
+    std::shuffle(ids.begin(), ids.end(), rng);
+    std::vector<int32_t> tables(ids.begin(), ids.begin() + 3 * mbps);
+    const int64_t kv_dim = n_head_kv * head_dim;
+    const auto q = random_f16(static_cast<size_t>(tokens * n_head * head_dim), 1.0f, rng);
+    const auto kc = random_f16(static_cast<size_t>(num_blocks * block_size * kv_dim), 1.0f, rng);
+    const auto vc = random_f16(static_cast<size_t>(num_blocks * block_size * kv_dim), 1.0f, rng);
+
+    std::vector<float> qf(q.size()), ref(q.size());
+    for (size_t i = 0; i < q.size(); ++i) qf[i] = k::fp16_to_fp32(q[i]);
+    k::PagedAttentionShape cs;
+    cs.tokens = tokens;
+    cs.n_head = n_head;
+    cs.n_head_kv = n_head_kv;
+    cs.head_dim = head_dim;
+    cs.block_size = block_size;
+    cs.max_blocks_per_seq = mbps;
+    const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
+    ASSERT_EQ(k::paged_attention(cs, qf.data(), kc.data(), vc.data(), tables.data(), seq.data(), pos.data(),
+                                 scale, ref.data(), pool),
+              k::Status::ok);
+    // Magnitude per output element: max over the positions the query sees of |v_p[d]|.
+    std::vector<float> mag(ref.size(), 0.0f);
+    const int64_t group = n_head / n_head_kv;
+    for (int64_t t = 0; t < tokens; ++t) {
+      for (int64_t h = 0; h < n_head; ++h) {
+        for (int64_t p = 0; p <= pos[t]; ++p) {
+          const int64_t blk = tables[static_cast<size_t>(seq[t] * mbps + p / block_size)];
+          const int64_t off = (blk * block_size + p % block_size) * kv_dim + (h / group) * head_dim;
+          for (int64_t d = 0; d < head_dim; ++d) {
+            float& m = mag[static_cast<size_t>((t * n_head + h) * head_dim + d)];
+            m = std::max(m, std::fabs(k::fp16_to_fp32(vc[static_cast<size_t>(off + d)])));
+          }
+        }
+      }
+    }
+
+    DeviceBuffer<uint16_t> dq(q), dk(kc), dv(vc), dout(q.size());
+    DeviceBuffer<int32_t> dt(tables), ds(seq), dp(pos), dflag(std::vector<int32_t>{0});
+    ASSERT_TRUE(dq.ptr && dk.ptr && dv.ptr && dout.ptr && dt.ptr && ds.ptr && dp.ptr && dflag.ptr);
+    k::cuda::PagedAttentionShape s;
+    s.tokens = tokens;
+    s.n_head = n_head;
+    s.n_head_kv = n_head_kv;
+    s.head_dim = head_dim;
+    s.block_size = block_size;
+    s.num_blocks = num_blocks;
+    s.max_blocks_per_seq = mbps;
+    ASSERT_EQ(k::cuda::paged_attention_f16(s, as_half(dq.ptr), as_half(dk.ptr), as_half(dv.ptr), dt.ptr,
+                                           ds.ptr, dp.ptr, scale, as_half(dout.ptr), dflag.ptr, nullptr),
+              k::Status::ok);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    EXPECT_EQ(dflag.to_host(), std::vector<int32_t>{0});
+    const auto got = dout.to_host();
+    ASSERT_EQ(got.size(), ref.size());
+    EXPECT_EQ(count_bad(got, ref, mag, 1.5e-3, 1e-6), 0);
+  }
+}
+
+TEST(CudaPagedAttention, BadBlockIdsRaiseTheFlagAndAreNotRead) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  const int64_t head_dim = 64, block_size = 4, num_blocks = 3, mbps = 2;
+  const std::vector<int32_t> tables = {2, 77};  // position 4 onwards lives in a block that does not exist
+  const std::vector<int32_t> seq = {0, 0}, pos = {3, 5};
+  std::mt19937 rng(26);
+  const auto q = random_f16(static_cast<size_t>(2 * head_dim), 1.0f, rng);
+  const auto kv = random_f16(static_cast<size_t>(num_blocks * block_size * head_dim), 1.0f, rng);
+  DeviceBuffer<uint16_t> dq(q), dk(kv), dv(kv), dout(q.size());
+  DeviceBuffer<int32_t> dt(tables), ds(seq), dp(pos), dflag(std::vector<int32_t>{0});
+  ASSERT_TRUE(dq.ptr && dk.ptr && dv.ptr && dout.ptr && dt.ptr && ds.ptr && dp.ptr && dflag.ptr);
+  k::cuda::PagedAttentionShape s;
+  s.tokens = 2;
+  s.n_head = 1;
+  s.n_head_kv = 1;
+  s.head_dim = head_dim;
+  s.block_size = block_size;
+  s.num_blocks = num_blocks;
+  s.max_blocks_per_seq = mbps;
+  ASSERT_EQ(k::cuda::paged_attention_f16(s, as_half(dq.ptr), as_half(dk.ptr), as_half(dv.ptr), dt.ptr, ds.ptr,
+                                         dp.ptr, 0.125f, as_half(dout.ptr), dflag.ptr, nullptr),
+            k::Status::ok);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  EXPECT_EQ(dflag.to_host(), std::vector<int32_t>{1});
+  for (uint16_t v : dout.to_host()) ASSERT_TRUE(std::isfinite(k::fp16_to_fp32(v)));
+  // Invalid arguments launch nothing.
+  s.head_dim = 257;
+  EXPECT_EQ(k::cuda::paged_attention_f16(s, as_half(dq.ptr), as_half(dk.ptr), as_half(dv.ptr), dt.ptr, ds.ptr,
+                                         dp.ptr, 0.125f, as_half(dout.ptr), dflag.ptr, nullptr),
+            k::Status::invalid_argument);
+}

@@ -1,0 +1,449 @@
+// The CUDA forward pass (worker::CudaLlamaModel) against the CPU one (worker::LlamaModel): logits on
+// project-made random models over multi-sequence batches (prompt chunks, decode, a verification-like
+// chunk, tokens of several sequences in one batch, shuffled block tables), the KV cache contents,
+// greedy ids, and greedy generation on the fixture models. Skips without a CUDA device (and the
+// fixture tests without fixtures).
+//
+// Error bound (relative RMS of a logits row, GPU against CPU). The two passes round differently:
+// the GPU feeds every matrix fp16 activations (2^-11 relative per element) and stores non-Q4_0
+// weights as fp16 (2^-11 per weight); the CPU quantizes matrix inputs to Q8_0 for Q4_0/Q8_0 weights
+// (8-bit blocks, ~0.4% per element) and to Q8_K for K-quants, and multiplies F16/F32 weights with
+// fp32 activations. Emulating the GPU's roundings inside LlamaModel (fp16-rounded matrix inputs via
+// the input observer, weights dequantized exactly or to fp16) and comparing with the plain CPU pass
+// gave worst rows of 2.0e-2 (random Q4_0 model, small-llama-q4_k_m), 1.7e-2 (tiny-llama-q4_0 /
+// q8_0: the CPU's 8-bit activations dominate, which is why quantized models sit above the ~1e-2 one
+// might expect from fp16 alone) and 1.3e-3 (random F16, tiny-llama-f32: fp16 activations dominate;
+// fortune-target-f16 1.7e-4). The bounds are 2x and 2.3x those: kQuantizedBound = 4e-2,
+// kFloatBound = 3e-3, leaving room for what the emulation leaves out (fp16 embedding rows and head
+// input, summation orders, attention weights not rounded to fp16 on the GPU) and for more rows than
+// the emulation saw. A layout or indexing bug gives errors near 1.
+//
+// Greedy tokens: where the CPU's top-2 logit gap is smaller than the largest error the bound allows
+// on that row, the two devices may legitimately pick different tokens. The largest element error
+// was at most 5x the row's RMS error in the emulation (errors look Gaussian over 1000-32000 logits),
+// so a gap below 2 * 5 * bound * rms(row) is "ambiguous". Free-running greedy generation is compared
+// up to the first ambiguous position (after it the sequences may diverge); teacher-forced on the
+// CPU's tokens, every unambiguous position must agree and every row must meet the logits bound.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <numeric>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "kernels/thread_pool.hpp"
+#include "model/random_model.hpp"
+#include "tests/cuda/cuda_test_util.hpp"
+#include "tests/support/test_support.hpp"
+#include "worker/cuda_llama_model.hpp"
+#include "worker/kv_cache.hpp"
+#include "worker/llama_model.hpp"
+
+namespace k = nibble::kernels;
+namespace m = nibble::model;
+namespace w = nibble::worker;
+namespace t = nibble::test;
+
+namespace {
+
+constexpr double kQuantizedBound = 4e-2;
+constexpr double kFloatBound = 3e-3;
+constexpr double kMaxErrorPerRms = 5.0;  // largest element error / RMS error of a row
+
+double bound_for(k::DType type) {
+  return type == k::DType::F16 || type == k::DType::F32 || type == k::DType::BF16 ? kFloatBound
+                                                                                  : kQuantizedBound;
+}
+
+int32_t argmax(const float* row, int64_t n) {
+  return static_cast<int32_t>(std::max_element(row, row + n) - row);  // first maximum, as the sampler
+}
+
+// Top-2 gap of a row over its RMS.
+double gap_over_rms(const float* row, int64_t n) {
+  float a = -INFINITY, b = -INFINITY;
+  double sq = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    sq += static_cast<double>(row[i]) * row[i];
+    if (row[i] > a) {
+      b = a;
+      a = row[i];
+    } else if (row[i] > b) {
+      b = row[i];
+    }
+  }
+  return (static_cast<double>(a) - b) / std::sqrt(sq / static_cast<double>(n));
+}
+
+double relative_rms_f16(const std::vector<uint16_t>& got, const std::vector<uint16_t>& ref) {
+  double err = 0.0, norm = 0.0;
+  for (size_t i = 0; i < ref.size() && i < got.size(); ++i) {
+    const double r = k::fp16_to_fp32(ref[i]);
+    const double d = k::fp16_to_fp32(got[i]) - r;
+    err += d * d;
+    norm += r * r;
+  }
+  return norm > 0.0 ? std::sqrt(err / norm) : std::sqrt(err);
+}
+
+m::LlamaShape tiny_shape(int64_t n_embd, int64_t n_head, int64_t n_head_kv) {
+  m::LlamaShape s;
+  s.n_embd = n_embd;
+  s.n_layer = 2;
+  s.n_head = n_head;
+  s.n_head_kv = n_head_kv;
+  s.n_ff = 2 * n_embd + 32;  // not a power of two
+  s.n_vocab = 1000;
+  s.n_ctx = 512;
+  return s;
+}
+
+// Writes a random model into `dir` and returns its path.
+std::string random_model(const std::filesystem::path& dir, const m::LlamaShape& shape, k::DType type) {
+  const std::string path = (dir / ("model-" + std::string(k::type_name(type)) + ".gguf")).string();
+  m::write_random_llama(path, shape, type, /*seed=*/17);
+  return path;
+}
+
+// One step of the scripted scenario: each entry is (sequence row, token count, logits for the last).
+struct Entry {
+  int32_t row, count, logits_for_last;
+};
+
+// Runs the scenario on both devices and checks every step's logits, the KV cache at the end and
+// the greedy ids of the last step.
+void compare_scenario(const std::string& path, double bound, bool decode_attention) {
+  const auto checkpoint = m::LlamaCheckpoint::open(path);
+  w::LlamaModel cpu(checkpoint);
+  w::CudaModelOptions options;
+  options.decode_attention = decode_attention;
+  w::CudaLlamaModel gpu(checkpoint, options);
+  const auto& c = cpu.config();
+  const int64_t block_size = 8, mbps = 8, n_blocks = 2 * mbps + 5;
+  w::KvCache cpu_cache(c, n_blocks, block_size);
+  w::CudaKvCache gpu_cache(c, n_blocks, block_size);
+  nibble::kernels::ThreadPool pool(2);
+
+  std::mt19937 rng(99);
+  std::vector<int32_t> ids(static_cast<size_t>(n_blocks));
+  std::iota(ids.begin(), ids.end(), 0);
+  std::shuffle(ids.begin(), ids.end(), rng);
+  const std::vector<int32_t> tables(ids.begin(), ids.begin() + 2 * mbps);  // rows 0 and 1
+  std::uniform_int_distribution<int32_t> token(3, static_cast<int32_t>(c.n_vocab) - 1);
+
+  // Sequence 0: a 37-token prompt (longer than attention_decode takes in one piece), then decode;
+  // sequence 1: a 7-token prompt, decode, a 3-token chunk (speculative verification's shape) put
+  // before sequence 0's token in the batch, decode.
+  const std::vector<std::vector<Entry>> steps = {
+      {{0, 37, 37}, {1, 7, 1}},
+      {{0, 1, 1}, {1, 1, 1}},
+      {{1, 3, 3}, {0, 1, 1}},
+      {{0, 1, 1}, {1, 1, 1}},
+  };
+  int32_t next_pos[2] = {0, 0};
+  std::vector<float> cpu_logits, gpu_logits;
+  for (size_t si = 0; si < steps.size(); ++si) {
+    SCOPED_TRACE("step " + std::to_string(si));
+    w::ForwardBatch batch;
+    for (const Entry& e : steps[si]) {
+      std::vector<int32_t> toks(static_cast<size_t>(e.count));
+      for (auto& x : toks) x = token(rng);
+      batch.add_sequence(toks, next_pos[e.row], e.row, e.logits_for_last);
+      next_pos[e.row] += e.count;
+    }
+    batch.block_tables = tables;
+    batch.max_blocks_per_seq = mbps;
+    cpu.forward(batch, cpu_cache, pool, cpu_logits);
+    gpu.forward(batch, gpu_cache, gpu_logits);
+    ASSERT_EQ(gpu_logits.size(), cpu_logits.size());
+    ASSERT_EQ(gpu_logits.size(), batch.logit_rows.size() * static_cast<size_t>(c.n_vocab));
+    for (float x : gpu_logits) ASSERT_TRUE(std::isfinite(x));
+    const double err = t::max_relative_rms(gpu_logits, cpu_logits, c.n_vocab);
+    EXPECT_LE(err, bound) << "worst logits row, relative RMS";
+    std::cout << "  step " << si << ": worst logits row relative RMS " << err << " (bound " << bound << ")\n";
+
+    if (si + 1 == steps.size()) {
+      // The same batch again through the greedy path: it rewrites the same K/V and must return the
+      // argmax of the logits just computed.
+      std::vector<int32_t> greedy;
+      gpu.forward_greedy(batch, gpu_cache, greedy);
+      ASSERT_EQ(greedy.size(), batch.logit_rows.size());
+      for (size_t r = 0; r < greedy.size(); ++r)
+        EXPECT_EQ(greedy[r], argmax(gpu_logits.data() + r * c.n_vocab, c.n_vocab)) << "row " << r;
+    }
+  }
+  // The caches hold the same rows in the same layout (unwritten slots are zero in both).
+  for (int64_t layer = 0; layer < c.n_layer; ++layer) {
+    for (const bool values : {false, true}) {
+      const uint16_t* src = values ? cpu_cache.v(layer) : cpu_cache.k(layer);
+      const std::vector<uint16_t> ref(src, src + n_blocks * block_size * c.kv_dim());
+      EXPECT_LE(relative_rms_f16(gpu_cache.layer_to_host(layer, values), ref), bound)
+          << (values ? "V" : "K") << " of layer " << layer;
+    }
+  }
+}
+
+struct RandomCase {
+  const char* name;
+  int64_t n_embd, n_head, n_head_kv;  // head_dim = n_embd / n_head
+  k::DType type;
+};
+
+void PrintTo(const RandomCase& c, std::ostream* os) { *os << c.name; }
+
+class CudaLlamaModelRandom : public ::testing::TestWithParam<std::tuple<RandomCase, bool>> {};
+
+TEST_P(CudaLlamaModelRandom, LogitsMatchTheCpuOverMultiSequenceBatches) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  const auto& [rc, decode_attention] = GetParam();
+  t::TempDir dir;
+  const std::string path = random_model(dir.path(), tiny_shape(rc.n_embd, rc.n_head, rc.n_head_kv), rc.type);
+  compare_scenario(path, bound_for(rc.type), decode_attention);
+}
+
+// head_dim 64 and 128 take attention_decode for decode steps (when decode_attention is on); 32
+// always takes paged_attention_f16. Groups of 2 and 4 query heads per KV head.
+const RandomCase kRandomCases[] = {
+    {"hd64_q4_0", 256, 4, 2, k::DType::Q4_0},  {"hd64_f16", 256, 4, 2, k::DType::F16},
+    {"hd128_q4_0", 256, 2, 1, k::DType::Q4_0}, {"hd128_f32", 256, 2, 1, k::DType::F32},
+    {"hd32_q8_0", 128, 4, 1, k::DType::Q8_0},  {"hd32_f16", 128, 4, 2, k::DType::F16},
+};
+
+INSTANTIATE_TEST_SUITE_P(Shapes, CudaLlamaModelRandom,
+                         ::testing::Combine(::testing::ValuesIn(kRandomCases), ::testing::Bool()),
+                         [](const auto& p) {
+                           return std::string(std::get<0>(p.param).name) +
+                                  (std::get<1>(p.param) ? "_decode_kernel" : "_general_kernel");
+                         });
+
+TEST(CudaLlamaModel, RejectsBadBatchesOnTheHost) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  t::TempDir dir;
+  const std::string path = random_model(dir.path(), tiny_shape(256, 4, 2), k::DType::Q4_0);
+  w::CudaLlamaModel gpu(m::LlamaCheckpoint::open(path));
+  w::CudaKvCache cache(gpu.config(), 4, 16);
+  std::vector<float> logits;
+  auto ok = w::ForwardBatch::single({5, 6, 7}, 0, {2, 3}, true);
+  gpu.forward(ok, cache, logits);
+  EXPECT_EQ(logits.size(), 3u * 1000u);
+
+  auto bad_token = ok;
+  bad_token.tokens[1] = 1000;
+  EXPECT_THROW(gpu.forward(bad_token, cache, logits), std::invalid_argument);
+  auto bad_pos = w::ForwardBatch::single({5}, 32, {2, 3}, true);  // table covers positions 0..31
+  EXPECT_THROW(gpu.forward(bad_pos, cache, logits), std::invalid_argument);
+  auto bad_block = w::ForwardBatch::single({5}, 17, {2, 9}, true);  // block 9 of a 4-block cache
+  EXPECT_THROW(gpu.forward(bad_block, cache, logits), std::invalid_argument);
+  auto bad_row = ok;
+  bad_row.logit_rows = {3};
+  EXPECT_THROW(gpu.forward(bad_row, cache, logits), std::invalid_argument);
+  // A batch without logit rows fills the cache and returns nothing.
+  auto no_logits = w::ForwardBatch::single({8}, 3, {2, 3}, false);
+  no_logits.logit_rows.clear();
+  gpu.forward(no_logits, cache, logits);
+  EXPECT_TRUE(logits.empty());
+}
+
+// Graph replay (CudaModelOptions::graphs) against direct launches: the same kernels with the same
+// arguments, so Q4_0 models (no cuBLAS) must agree bit for bit, and F16 models (cuBLAS, whose
+// algorithm choice under capture could in principle differ) to 1e-6 relative. Also checks that
+// decode steps of one shape reuse one graph and that growing the buffers (a long batch after
+// capture) drops the graphs instead of replaying stale addresses.
+void check_graph_replay(k::DType type) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  t::TempDir dir;
+  const std::string path = random_model(dir.path(), tiny_shape(256, 4, 2), type);
+  const auto checkpoint = m::LlamaCheckpoint::open(path);
+  w::CudaModelOptions direct_options, graph_options;
+  graph_options.graphs = true;
+  w::CudaLlamaModel direct(checkpoint, direct_options), graphed(checkpoint, graph_options);
+  const auto& c = direct.config();
+  const int64_t block_size = 16, mbps = 8;
+  w::CudaKvCache direct_cache(c, 2 * mbps, block_size), graph_cache(c, 2 * mbps, block_size);
+  std::vector<int32_t> tables(static_cast<size_t>(2 * mbps));
+  std::iota(tables.begin(), tables.end(), 0);
+  std::mt19937 rng(5);
+  std::uniform_int_distribution<int32_t> token(3, static_cast<int32_t>(c.n_vocab) - 1);
+  int32_t next_pos[2] = {0, 0};
+  auto step = [&](const std::vector<Entry>& entries, bool greedy) {
+    w::ForwardBatch batch;
+    for (const Entry& e : entries) {
+      std::vector<int32_t> toks(static_cast<size_t>(e.count));
+      for (auto& x : toks) x = token(rng);
+      batch.add_sequence(toks, next_pos[e.row], e.row, e.logits_for_last);
+      next_pos[e.row] += e.count;
+    }
+    batch.block_tables = tables;
+    batch.max_blocks_per_seq = mbps;
+    if (greedy) {
+      std::vector<int32_t> a, b;
+      direct.forward_greedy(batch, direct_cache, a);
+      graphed.forward_greedy(batch, graph_cache, b);
+      EXPECT_EQ(a, b);
+      return;
+    }
+    std::vector<float> a, b;
+    direct.forward(batch, direct_cache, a);
+    graphed.forward(batch, graph_cache, b);
+    ASSERT_EQ(a.size(), b.size());
+    if (type == k::DType::Q4_0) {
+      EXPECT_EQ(a, b) << "graph replay must equal direct launches bit for bit";
+    } else {
+      EXPECT_LE(t::max_relative_rms(b, a, c.n_vocab), 1e-6);
+    }
+  };
+  step({{0, 20, 1}, {1, 9, 1}}, false);  // prompts: captured too (29 tokens)
+  const int64_t after_prompts = graphed.captured_graphs();
+  EXPECT_EQ(after_prompts, 1);
+  for (int i = 0; i < 5; ++i) step({{0, 1, 1}, {1, 1, 1}}, false);
+  EXPECT_EQ(graphed.captured_graphs(), 2) << "decode steps of one shape share one graph";
+  step({{0, 1, 1}, {1, 1, 1}}, true);  // the greedy variant is its own graph
+  EXPECT_EQ(graphed.captured_graphs(), 3);
+  step({{1, 70, 1}}, false);  // longer than graphs take: direct launches, buffers grow, graphs dropped
+  EXPECT_EQ(graphed.captured_graphs(), 0);
+  for (int i = 0; i < 3; ++i) step({{0, 1, 1}, {1, 1, 1}}, false);  // recaptured at the new addresses
+  EXPECT_EQ(graphed.captured_graphs(), 1);
+}
+
+TEST(CudaLlamaModelGraphs, ReplayEqualsDirectLaunchesQ4_0) { check_graph_replay(k::DType::Q4_0); }
+TEST(CudaLlamaModelGraphs, ReplayEqualsDirectLaunchesF16) { check_graph_replay(k::DType::F16); }
+
+// The fixture prompt (the first n_prompt ids of M.tokens).
+std::vector<int32_t> fixture_prompt(const std::filesystem::path& tokens_file) {
+  std::ifstream in(tokens_file);
+  std::string key;
+  int64_t n_prompt = 0, n_vocab = 0;
+  in >> key >> n_prompt >> key >> n_vocab;
+  std::vector<int32_t> ids(static_cast<size_t>(n_prompt));
+  for (auto& id : ids) in >> id;
+  if (!in) return {};
+  return ids;
+}
+
+// CPU greedy generation of n tokens with every step's logits row.
+struct CpuRun {
+  std::vector<int32_t> tokens;
+  std::vector<std::vector<float>> rows;  // rows[i]: the logits that chose tokens[i]
+};
+
+void check_fixture_greedy(const std::string& name, k::DType weight_kind) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  NIBBLE_REQUIRE_FIXTURES(fixtures);
+  const auto model_path = fixtures / "models" / (name + ".gguf");
+  const auto prompt_path = fixtures / "models" / "tiny-llama-q4_0.tokens";  // the Llama-2 vocabulary's prompt
+  if (!std::filesystem::exists(model_path) || !std::filesystem::exists(prompt_path))
+    GTEST_SKIP() << "fixture " << model_path << " or " << prompt_path << " not found";
+  const std::vector<int32_t> prompt = fixture_prompt(prompt_path);
+  ASSERT_FALSE(prompt.empty());
+  const int n_gen = 32;
+  const double bound = bound_for(weight_kind);
+  const double ambiguous = 2.0 * kMaxErrorPerRms * bound;  // top-2 gap / rms below this: either token
+
+  const auto checkpoint = m::LlamaCheckpoint::open(model_path.string());
+  w::LlamaModel cpu(checkpoint);
+  w::CudaLlamaModel gpu(checkpoint);
+  const int64_t n_vocab = cpu.config().n_vocab;
+  const int64_t context = static_cast<int64_t>(prompt.size()) + n_gen;
+  const int64_t block_size = 16, blocks = (context + block_size - 1) / block_size;
+  std::vector<int32_t> table(static_cast<size_t>(blocks));
+  std::iota(table.rbegin(), table.rend(), 0);  // blocks in reverse order
+  nibble::kernels::ThreadPool pool(2);
+
+  // CPU: greedy, keeping each step's logits.
+  CpuRun ref;
+  {
+    w::KvCache cache(cpu.config(), blocks, block_size);
+    std::vector<float> logits;
+    cpu.forward(w::ForwardBatch::single(prompt, 0, table, false), cache, pool, logits);
+    for (int i = 0; i < n_gen; ++i) {
+      ref.rows.push_back(logits);
+      ref.tokens.push_back(argmax(logits.data(), n_vocab));
+      const auto pos = static_cast<int32_t>(prompt.size()) + i;
+      cpu.forward(w::ForwardBatch::single({ref.tokens.back()}, pos, table, false), cache, pool, logits);
+    }
+  }
+  int first_ambiguous = n_gen;
+  for (int i = 0; i < n_gen && first_ambiguous == n_gen; ++i)
+    if (gap_over_rms(ref.rows[static_cast<size_t>(i)].data(), n_vocab) < ambiguous) first_ambiguous = i;
+
+  // GPU, free-running greedy with ids only (argmax_rows on the device).
+  {
+    w::CudaKvCache cache(gpu.config(), blocks, block_size);
+    std::vector<int32_t> ids;
+    std::vector<int32_t> got;
+    gpu.forward_greedy(w::ForwardBatch::single(prompt, 0, table, false), cache, ids);
+    for (int i = 0; i < n_gen; ++i) {
+      ASSERT_EQ(ids.size(), 1u);
+      got.push_back(ids[0]);
+      const auto pos = static_cast<int32_t>(prompt.size()) + i;
+      gpu.forward_greedy(w::ForwardBatch::single({ids[0]}, pos, table, false), cache, ids);
+    }
+    std::cout << "  " << name << ": CPU top-2 gap first below " << ambiguous << " x rms at token "
+              << first_ambiguous << " of " << n_gen << "; comparing free-running tokens 0.."
+              << first_ambiguous - 1 << "\n";
+    for (int i = 0; i < first_ambiguous; ++i)
+      EXPECT_EQ(got[static_cast<size_t>(i)], ref.tokens[static_cast<size_t>(i)]) << "token " << i;
+  }
+
+  // GPU, teacher-forced on the CPU's tokens: every row within the bound, every unambiguous argmax equal.
+  {
+    w::CudaKvCache cache(gpu.config(), blocks, block_size);
+    std::vector<float> logits;
+    gpu.forward(w::ForwardBatch::single(prompt, 0, table, false), cache, logits);
+    int compared = 0;
+    double worst = 0.0;
+    for (int i = 0; i < n_gen; ++i) {
+      const auto& cpu_row = ref.rows[static_cast<size_t>(i)];
+      ASSERT_EQ(logits.size(), cpu_row.size());
+      const double err = t::max_relative_rms(logits, cpu_row, n_vocab);
+      worst = std::max(worst, err);
+      EXPECT_LE(err, bound) << "token " << i;
+      if (gap_over_rms(cpu_row.data(), n_vocab) >= ambiguous) {
+        ++compared;
+        EXPECT_EQ(argmax(logits.data(), n_vocab), ref.tokens[static_cast<size_t>(i)]) << "token " << i;
+      }
+      const auto pos = static_cast<int32_t>(prompt.size()) + i;
+      gpu.forward(w::ForwardBatch::single({ref.tokens[static_cast<size_t>(i)]}, pos, table, false), cache,
+                  logits);
+    }
+    std::cout << "  " << name << ": teacher-forced, worst row relative RMS " << worst << " (bound " << bound
+              << "), argmax compared at " << compared << " of " << n_gen << " positions\n";
+  }
+}
+
+TEST(CudaLlamaModelFixtures, GreedyTokensMatchTheCpuTinyLlamaQ4_0) {
+  check_fixture_greedy("tiny-llama-q4_0", k::DType::Q4_0);
+}
+TEST(CudaLlamaModelFixtures, GreedyTokensMatchTheCpuTinyLlamaQ8_0) {
+  check_fixture_greedy("tiny-llama-q8_0", k::DType::Q8_0);
+}
+TEST(CudaLlamaModelFixtures, GreedyTokensMatchTheCpuTinyLlamaF32) {
+  check_fixture_greedy("tiny-llama-f32", k::DType::F32);
+}
+// K-quants (the CPU's Q8_K activations; fp16 weights on the GPU) and a trained model with a tied head.
+TEST(CudaLlamaModelFixtures, GreedyTokensMatchTheCpuSmallLlamaQ4KM) {
+  check_fixture_greedy("small-llama-q4_k_m", k::DType::Q4_K);
+}
+TEST(CudaLlamaModelFixtures, GreedyTokensMatchTheCpuFortuneTargetF16) {
+  check_fixture_greedy("fortune-target-f16", k::DType::F16);
+}
+
+TEST(CudaLlamaModelCli, GenerateOnTheGpuGivesTheRequestedTokens) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  t::TempDir dir;
+  const std::string path = random_model(dir.path(), tiny_shape(256, 4, 2), k::DType::Q4_0);
+  const auto r = t::run_command(t::nibble_bin() + " generate -m " + path +
+                                " -p 'hello world' -n 6 --temperature 0 --json --device cuda 2>&1");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("\"device\":\"cuda\""), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("\"finish_reason\""), std::string::npos) << r.output;
+}
+
+}  // namespace

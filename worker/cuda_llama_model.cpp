@@ -1,0 +1,728 @@
+#include "worker/cuda_llama_model.hpp"
+
+#include <cublas_v2.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <initializer_list>
+#include <map>
+#include <stdexcept>
+#include <tuple>
+#include <utility>
+
+#include "kernels/cuda/attention_decode.cuh"
+#include "kernels/cuda/convert.cuh"
+#include "kernels/cuda/embedding.cuh"
+#include "kernels/cuda/paged_attention.cuh"
+#include "kernels/cuda/residual_norm.cuh"
+#include "kernels/cuda/rope_kv_write.cuh"
+#include "kernels/cuda/sampling.cuh"
+#include "kernels/cuda/swiglu.cuh"
+#include "kernels/cuda/w4a16_gemm.cuh"
+#include "kernels/cuda/w4a16_gemv.cuh"
+#include "kernels/quant_types.hpp"
+#include "kernels/quantize.hpp"
+
+namespace nibble::worker {
+
+namespace kc = kernels::cuda;
+
+namespace {
+
+void cuda_check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string("CUDA ") + what + ": " + cudaGetErrorString(err));
+}
+
+void check(kernels::Status status, const char* what) {
+  if (status != kernels::Status::ok) {
+    // A failed launch leaves its error in the runtime; name it when there is one.
+    const cudaError_t err = cudaGetLastError();
+    throw std::runtime_error(std::string("CUDA ") + what + " failed: " + kernels::status_name(status) +
+                             (err != cudaSuccess ? std::string(" (") + cudaGetErrorString(err) + ")" : ""));
+  }
+}
+
+void cublas_check(cublasStatus_t status, const char* what) {
+  if (status != CUBLAS_STATUS_SUCCESS) {
+    throw std::runtime_error(std::string("cuBLAS ") + what + " failed with status " +
+                             std::to_string(static_cast<int>(status)));
+  }
+}
+
+void require_device(int device) {
+  const std::string why = cuda_unavailable_reason();
+  if (!why.empty()) throw CudaUnavailable(why);
+  int count = 0;
+  cuda_check(cudaGetDeviceCount(&count), "cudaGetDeviceCount");
+  if (device < 0 || device >= count) {
+    throw CudaUnavailable("CUDA device " + std::to_string(device) + " does not exist (" +
+                          std::to_string(count) + " found)");
+  }
+  cuda_check(cudaSetDevice(device), "cudaSetDevice");
+}
+
+// One owned device allocation; reserve() grows it (contents lost).
+class DeviceMemory {
+ public:
+  DeviceMemory() = default;
+  explicit DeviceMemory(size_t bytes) { reserve(bytes); }
+  ~DeviceMemory() {
+    if (ptr_ != nullptr) cudaFree(ptr_);
+  }
+  DeviceMemory(const DeviceMemory&) = delete;
+  DeviceMemory& operator=(const DeviceMemory&) = delete;
+
+  // True when the allocation moved.
+  bool reserve(size_t bytes) {
+    if (bytes <= bytes_ && ptr_ != nullptr) return false;
+    if (ptr_ != nullptr) cuda_check(cudaFree(ptr_), "cudaFree");
+    ptr_ = nullptr;
+    bytes_ = 0;
+    cuda_check(cudaMalloc(&ptr_, bytes == 0 ? 1 : bytes), "cudaMalloc");
+    bytes_ = bytes;
+    return true;
+  }
+  template <typename T>
+  T* as() const {
+    return static_cast<T*>(ptr_);
+  }
+  size_t bytes() const { return bytes_; }
+
+ private:
+  void* ptr_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+std::shared_ptr<DeviceMemory> upload(const void* host, size_t bytes) {
+  auto mem = std::make_shared<DeviceMemory>(bytes);
+  if (bytes > 0) cuda_check(cudaMemcpy(mem->as<void>(), host, bytes, cudaMemcpyHostToDevice), "cudaMemcpy");
+  return mem;
+}
+
+// How a matrix is stored on the device: GGUF Q4_0 blocks as in the file, or fp16 rows.
+enum class DeviceKind { q4_0, f16 };
+DeviceKind device_kind(const model::WeightMatrix& w) {
+  return w.type == kernels::DType::Q4_0 ? DeviceKind::q4_0 : DeviceKind::f16;
+}
+
+struct DeviceMatrix {
+  DeviceKind kind = DeviceKind::f16;
+  std::shared_ptr<DeviceMemory> mem;
+  int64_t n_out = 0, k = 0;
+  int64_t bytes() const { return mem != nullptr ? static_cast<int64_t>(mem->bytes()) : 0; }
+};
+
+// The rows of `parts` (same k and device kind) stacked into one device matrix.
+DeviceMatrix upload_matrix(std::initializer_list<const model::WeightMatrix*> parts) {
+  DeviceMatrix d;
+  const model::WeightMatrix& first = **parts.begin();
+  d.kind = device_kind(first);
+  d.k = first.k;
+  for (const model::WeightMatrix* w : parts) {
+    if (w->data == nullptr) throw std::invalid_argument("a weight matrix has no data to upload");
+    if (w->k != d.k || device_kind(*w) != d.kind) throw std::logic_error("upload_matrix: parts disagree");
+    d.n_out += w->n_out;
+  }
+  std::vector<uint8_t> host;
+  if (d.kind == DeviceKind::q4_0) {
+    for (const model::WeightMatrix* w : parts)
+      host.insert(host.end(), w->data, w->data + w->n_out * w->row_bytes());
+  } else {
+    host.resize(static_cast<size_t>(d.n_out * d.k) * sizeof(uint16_t));
+    auto* out = reinterpret_cast<uint16_t*>(host.data());
+    std::vector<float> row(static_cast<size_t>(d.k));
+    for (const model::WeightMatrix* w : parts) {
+      for (int64_t r = 0; r < w->n_out; ++r, out += d.k) {
+        const uint8_t* src = w->data + r * w->row_bytes();
+        if (w->type == kernels::DType::F16) {
+          std::memcpy(out, src, static_cast<size_t>(d.k) * sizeof(uint16_t));
+          continue;
+        }
+        check(kernels::dequantize_row(w->type, src, row.data(), d.k), "dequantize_row (weight upload)");
+        for (int64_t i = 0; i < d.k; ++i) out[i] = kernels::fp32_to_fp16(row[static_cast<size_t>(i)]);
+      }
+    }
+  }
+  d.mem = upload(host.data(), host.size());
+  return d;
+}
+
+std::shared_ptr<DeviceMemory> upload_floats(const std::vector<float>& v) {
+  return upload(v.data(), v.size() * sizeof(float));
+}
+
+// A projection: one device matrix, or several (types that cannot be stacked) written one after the
+// other into the output buffer.
+struct Projection {
+  std::vector<DeviceMatrix> parts;
+  int64_t bytes() const {
+    int64_t b = 0;
+    for (const auto& p : parts) b += p.bytes();
+    return b;
+  }
+};
+
+Projection upload_projection(std::initializer_list<const model::WeightMatrix*> parts) {
+  Projection p;
+  bool same = true;
+  for (const model::WeightMatrix* w : parts) same = same && device_kind(*w) == device_kind(**parts.begin());
+  if (same) {
+    p.parts.push_back(upload_matrix(parts));
+  } else {
+    for (const model::WeightMatrix* w : parts) p.parts.push_back(upload_matrix({w}));
+  }
+  return p;
+}
+
+// Batches up to this many tokens are replayed from captured graphs with CudaModelOptions::graphs.
+constexpr int64_t kGraphMaxTokens = 64;
+constexpr size_t kCublasWorkspaceBytes = size_t{32} << 20;
+
+struct Layer {
+  std::shared_ptr<DeviceMemory> attn_norm, ffn_norm;  // [n_embd] float
+  Projection qkv;                                     // [q_dim + 2 kv_dim, n_embd], stacked or three parts
+  DeviceMatrix wo;
+  Projection gate_up;  // [2 n_ff, n_embd], stacked or two parts
+  DeviceMatrix down;
+};
+
+}  // namespace
+
+std::string cuda_unavailable_reason() {
+  int count = 0;
+  const cudaError_t err = cudaGetDeviceCount(&count);
+  if (err != cudaSuccess) return std::string("no usable CUDA device: ") + cudaGetErrorString(err);
+  if (count == 0) return "no CUDA device found";
+  return {};
+}
+
+// ---------------------------------------------------------------------------------------------
+// CudaKvCache
+
+CudaKvCache::CudaKvCache(const model::LlamaConfig& config, int64_t n_blocks, int64_t block_size, int device)
+    : n_blocks_(n_blocks), block_size_(block_size), kv_dim_(config.kv_dim()), n_layer_(config.n_layer) {
+  if (n_blocks < 1 || block_size < 1) throw std::invalid_argument("a KV cache needs at least one block");
+  require_device(device);
+  layer_elems_ = n_blocks_ * block_size_ * kv_dim_;
+  const size_t bytes = static_cast<size_t>(2 * n_layer_ * layer_elems_) * sizeof(uint16_t);
+  cuda_check(cudaMalloc(reinterpret_cast<void**>(&base_), bytes), "cudaMalloc (KV cache)");
+  // cudaMemset runs on the legacy default stream, which the model's non-blocking stream does not wait
+  // for: finish it here.
+  cudaError_t err = cudaMemset(base_, 0, bytes);
+  if (err == cudaSuccess) err = cudaDeviceSynchronize();
+  if (err != cudaSuccess) {
+    cudaFree(base_);
+    cuda_check(err, "cudaMemset (KV cache)");
+  }
+}
+
+CudaKvCache::~CudaKvCache() { cudaFree(base_); }
+
+std::vector<uint16_t> CudaKvCache::layer_to_host(int64_t layer, bool values) const {
+  std::vector<uint16_t> host(static_cast<size_t>(layer_elems_));
+  cuda_check(cudaMemcpy(host.data(), values ? v(layer) : k(layer), host.size() * sizeof(uint16_t),
+                        cudaMemcpyDeviceToHost),
+             "cudaMemcpy (KV cache to host)");
+  return host;
+}
+
+// ---------------------------------------------------------------------------------------------
+// CudaLlamaModel
+
+struct CudaLlamaModel::Impl {
+  std::shared_ptr<const model::LlamaCheckpoint> checkpoint;
+  model::LlamaConfig config;
+  CudaModelOptions options;
+  cudaStream_t stream = nullptr;
+  cublasHandle_t cublas = nullptr;
+
+  DeviceMatrix embedding;  // Q4_0 or fp16 rows, [n_vocab, n_embd]
+  std::vector<Layer> layers;
+  std::shared_ptr<DeviceMemory> output_norm;
+  DeviceMatrix head;  // [n_vocab, n_embd]; shares embedding's memory when tied and kinds agree
+
+  // Activations, grown on demand. n: batch tokens.
+  DeviceMemory meta;              // int32 metadata (see forward_impl)
+  DeviceMemory h16;               // [n, n_embd] half: embedding rows, then each norm's output
+  DeviceMemory resid;             // [n, n_embd] float: the residual stream
+  DeviceMemory delta;             // [n, n_embd] float: wo and w_down outputs
+  DeviceMemory qkv;               // [n, q_dim + 2 kv_dim] float
+  DeviceMemory q16;               // [n, q_dim] half
+  DeviceMemory att16;             // [n, q_dim] half
+  DeviceMemory gate_up;           // [n, 2 n_ff] float
+  DeviceMemory act16;             // [n, n_ff] half
+  DeviceMemory picked16;          // [n_out, n_embd] half
+  DeviceMemory logits;            // [n_out, n_vocab] float
+  DeviceMemory ids;               // [n_out] int32
+  DeviceMemory workspace;         // attention_decode's partials
+  DeviceMemory flag;              // [1] int32: bad metadata seen on the device
+  int32_t flag_host = 0;          // its copy (a member: the copy is asynchronous)
+  DeviceMemory cublas_workspace;  // set as cuBLAS's workspace, so that graph capture allocates nothing
+  std::vector<int32_t> meta_host;
+  // Captured passes by plan key (CudaModelOptions::graphs).
+  std::map<
+      std::tuple<int64_t, int64_t, int64_t, int64_t, bool, bool, int64_t, size_t, const void*, uint16_t*>,
+      cudaGraphExec_t>
+      graphs;
+
+  ~Impl() {
+    clear_graphs();
+    if (cublas != nullptr) cublasDestroy(cublas);
+    if (stream != nullptr) cudaStreamDestroy(stream);
+  }
+
+  void matmul(const DeviceMatrix& w, const __half* x, int64_t m, float* y) {
+    if (w.kind == DeviceKind::q4_0) {
+      const uint8_t* wd = w.mem->as<uint8_t>();
+      check(m <= kc::kW4A16GemvMaxM ? kc::w4a16_gemv_q4_0(wd, w.n_out, w.k, x, m, y, stream)
+                                    : kc::w4a16_gemm_q4_0(wd, w.n_out, w.k, x, m, y, stream),
+            "W4A16 matmul");
+      return;
+    }
+    // Column-major view: W row-major [n_out, k] is W^T column-major with ld k; x [m, k] row-major is
+    // column-major [k, m]; y = W x^T column-major [n_out, m] is row-major [m, n_out].
+    const float one = 1.0f, zero = 0.0f;
+    cublas_check(
+        cublasGemmEx(cublas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(w.n_out), static_cast<int>(m),
+                     static_cast<int>(w.k), &one, w.mem->as<__half>(), CUDA_R_16F, static_cast<int>(w.k), x,
+                     CUDA_R_16F, static_cast<int>(w.k), &zero, y, CUDA_R_32F, static_cast<int>(w.n_out),
+                     CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+        "cublasGemmEx");
+  }
+
+  // Runs the projection's parts: stacked, y is [m, total]; in parts, part i's [m, n_out_i] follows
+  // part i-1's whole output.
+  void project(const Projection& p, const __half* x, int64_t m, float* y) {
+    for (const DeviceMatrix& part : p.parts) {
+      matmul(part, x, m, y);
+      y += m * part.n_out;
+    }
+  }
+
+  void validate(const ForwardBatch& batch, const CudaKvCache& cache) const;
+  struct Plan;
+  Plan plan_batch(const ForwardBatch& batch, const CudaKvCache& cache, bool greedy,
+                  std::vector<int32_t>& meta_out) const;
+  // Grows the buffers for the plan; true when one moved.
+  bool reserve_buffers(const Plan& p);
+  // Enqueues the pass on the stream (or into a capture): reads the metadata already in `meta`.
+  void enqueue(const Plan& p);
+  // Replays the plan's graph, capturing it first when it is new.
+  void launch_graph(const Plan& p);
+  void clear_graphs();
+  // The whole pass; ids_out: argmax ids come back instead of logits.
+  void forward_impl(const ForwardBatch& batch, CudaKvCache& cache, std::vector<float>* logits_out,
+                    std::vector<int32_t>* ids_out);
+};
+
+void CudaLlamaModel::Impl::validate(const ForwardBatch& batch, const CudaKvCache& cache) const {
+  const auto& c = config;
+  const auto n = static_cast<int64_t>(batch.tokens.size());
+  if (batch.positions.size() != batch.tokens.size() || batch.seq_index.size() != batch.tokens.size()) {
+    throw std::invalid_argument("forward batch: tokens, positions and seq_index differ in length");
+  }
+  if (cache.kv_dim() != c.kv_dim() || cache.n_layer() != c.n_layer) {
+    throw std::invalid_argument("the CUDA KV cache was sized for another model (KV width " +
+                                std::to_string(cache.kv_dim()) + ", " + std::to_string(cache.n_layer()) +
+                                " layers)");
+  }
+  const int64_t mbps = batch.max_blocks_per_seq;
+  const int64_t n_seqs = mbps > 0 ? static_cast<int64_t>(batch.block_tables.size()) / mbps : 0;
+  std::vector<int64_t> max_pos(static_cast<size_t>(n_seqs), -1);
+  for (int64_t t = 0; t < n; ++t) {
+    if (batch.tokens[t] < 0 || batch.tokens[t] >= c.n_vocab) {
+      throw std::invalid_argument("token id " + std::to_string(batch.tokens[t]) +
+                                  " is outside the vocabulary");
+    }
+    if (batch.seq_index[t] < 0 || batch.seq_index[t] >= n_seqs || batch.positions[t] < 0 ||
+        batch.positions[t] >= mbps * cache.block_size()) {
+      throw std::invalid_argument("position " + std::to_string(batch.positions[t]) +
+                                  " is outside the sequence's KV blocks");
+    }
+    auto& mp = max_pos[static_cast<size_t>(batch.seq_index[t])];
+    mp = std::max<int64_t>(mp, batch.positions[t]);
+  }
+  // Every block a token writes or attends over must exist (the CPU would read out of bounds).
+  for (int64_t s = 0; s < n_seqs; ++s) {
+    const int64_t last = max_pos[static_cast<size_t>(s)];
+    if (last < 0) continue;
+    for (int64_t b = 0; b <= last / cache.block_size(); ++b) {
+      const int32_t id = batch.block_tables[static_cast<size_t>(s * mbps + b)];
+      if (id < 0 || id >= cache.n_blocks()) {
+        throw std::invalid_argument("block id " + std::to_string(id) + " is outside the KV cache's " +
+                                    std::to_string(cache.n_blocks()) + " blocks");
+      }
+    }
+  }
+  for (int32_t row : batch.logit_rows) {
+    if (row < 0 || row >= n) throw std::invalid_argument("logit row outside the batch");
+  }
+}
+
+// What one forward pass launches, fixed before anything is enqueued: everything a captured graph
+// bakes in. Two passes with equal keys enqueue the same launches with the same arguments (the batch's
+// values travel in `meta`, copied before the launches).
+struct CudaLlamaModel::Impl::Plan {
+  int64_t n = 0, n_out = 0, n_runs = 0, mbps = 0;
+  bool use_decode = false, greedy = false;
+  int64_t off_tokens = 0, off_pos = 0, off_seq = 0, off_tables = 0, off_rows = 0;
+  int64_t off_seq_lens = 0, off_query_start = 0, off_run_tables = 0;
+  kc::DecodeAttentionShape dshape;
+  const CudaKvCache* cache = nullptr;
+  size_t meta_count = 0;
+
+  auto key() const {
+    return std::make_tuple(n, n_out, n_runs, mbps, use_decode, greedy, dshape.max_q_len, meta_count,
+                           static_cast<const void*>(cache), cache->k(0));
+  }
+};
+
+CudaLlamaModel::Impl::Plan CudaLlamaModel::Impl::plan_batch(const ForwardBatch& batch,
+                                                            const CudaKvCache& cache, bool greedy,
+                                                            std::vector<int32_t>& meta_out) const {
+  const auto& c = config;
+  Plan p;
+  p.n = static_cast<int64_t>(batch.tokens.size());
+  p.n_out = static_cast<int64_t>(batch.logit_rows.size());
+  p.mbps = batch.max_blocks_per_seq;
+  p.greedy = greedy;
+  p.cache = &cache;
+  const int64_t group = c.n_head / c.n_head_kv;
+
+  // Runs: maximal stretches of consecutive batch rows of one sequence at consecutive positions. As
+  // attention_decode "sequences" (each with its own copy of the table row) they cover any batch.
+  std::vector<int32_t> run_start{0}, run_len;
+  for (int64_t t = 1; t <= p.n; ++t) {
+    const bool continues = t < p.n && batch.seq_index[t] == batch.seq_index[t - 1] &&
+                           batch.positions[t] == batch.positions[t - 1] + 1;
+    if (!continues) {
+      run_len.push_back(static_cast<int32_t>(t - run_start.back()));
+      if (t < p.n) run_start.push_back(static_cast<int32_t>(t));
+    }
+  }
+  p.n_runs = static_cast<int64_t>(run_len.size());
+  const int64_t max_run = *std::max_element(run_len.begin(), run_len.end());
+  p.use_decode = options.decode_attention && (c.head_dim == 64 || c.head_dim == 128) &&
+                 max_run * group <= kc::kAttentionMaxRowsPerKvHead && p.n_runs <= 65535;
+
+  // int32 metadata, one copy: tokens, positions, seq_index, block tables, logit rows, then for
+  // attention_decode the runs' lengths, query starts and table rows.
+  meta_out.clear();
+  auto append = [&](const std::vector<int32_t>& v) {
+    const auto off = static_cast<int64_t>(meta_out.size());
+    meta_out.insert(meta_out.end(), v.begin(), v.end());
+    return off;
+  };
+  p.off_tokens = append(batch.tokens);
+  p.off_pos = append(batch.positions);
+  p.off_seq = append(batch.seq_index);
+  p.off_tables = append(batch.block_tables);
+  p.off_rows = append(batch.logit_rows);
+  if (p.use_decode) {
+    std::vector<int32_t> seq_lens, query_start, run_tables;
+    for (int64_t r = 0; r < p.n_runs; ++r) {
+      const int64_t last = run_start[r] + run_len[r] - 1;
+      seq_lens.push_back(batch.positions[last] + 1);
+      query_start.push_back(run_start[r]);
+      const auto row = batch.block_tables.begin() + batch.seq_index[run_start[r]] * p.mbps;
+      run_tables.insert(run_tables.end(), row, row + p.mbps);
+    }
+    query_start.push_back(static_cast<int32_t>(p.n));
+    p.off_seq_lens = append(seq_lens);
+    p.off_query_start = append(query_start);
+    p.off_run_tables = append(run_tables);
+    p.dshape.n_seqs = p.n_runs;
+    p.dshape.tokens = p.n;
+    p.dshape.max_q_len = max_run;
+    p.dshape.n_head = c.n_head;
+    p.dshape.n_head_kv = c.n_head_kv;
+    p.dshape.head_dim = c.head_dim;
+    p.dshape.block_size = cache.block_size();
+    p.dshape.num_blocks = cache.n_blocks();
+    p.dshape.max_blocks_per_seq = p.mbps;
+    // The tables' capacity rather than the batch's longest sequence: the split grid then depends
+    // only on the batch's shape, so decode steps keep one plan (and one graph) as sequences grow.
+    // Splits past a sequence's length return at once.
+    p.dshape.max_seq_len = p.mbps * cache.block_size();
+  }
+  p.meta_count = meta_out.size();
+  return p;
+}
+
+bool CudaLlamaModel::Impl::reserve_buffers(const Plan& p) {
+  const auto& c = config;
+  const int64_t n = p.n, rows_out = std::max<int64_t>(p.n_out, 1);
+  bool moved = false;
+  moved |= meta.reserve(p.meta_count * sizeof(int32_t));
+  moved |= h16.reserve(static_cast<size_t>(n * c.n_embd) * sizeof(__half));
+  moved |= resid.reserve(static_cast<size_t>(n * c.n_embd) * sizeof(float));
+  moved |= delta.reserve(static_cast<size_t>(n * c.n_embd) * sizeof(float));
+  moved |= qkv.reserve(static_cast<size_t>(n * (c.q_dim() + 2 * c.kv_dim())) * sizeof(float));
+  moved |= q16.reserve(static_cast<size_t>(n * c.q_dim()) * sizeof(__half));
+  moved |= att16.reserve(static_cast<size_t>(n * c.q_dim()) * sizeof(__half));
+  moved |= gate_up.reserve(static_cast<size_t>(n * 2 * c.n_ff) * sizeof(float));
+  moved |= act16.reserve(static_cast<size_t>(n * c.n_ff) * sizeof(__half));
+  moved |= picked16.reserve(static_cast<size_t>(rows_out * c.n_embd) * sizeof(__half));
+  moved |= logits.reserve(static_cast<size_t>(rows_out * c.n_vocab) * sizeof(float));
+  moved |= ids.reserve(static_cast<size_t>(rows_out) * sizeof(int32_t));
+  moved |= flag.reserve(sizeof(int32_t));
+  if (p.use_decode) moved |= workspace.reserve(kc::attention_decode_workspace_bytes(p.dshape));
+  return moved;
+}
+
+void CudaLlamaModel::Impl::enqueue(const Plan& p) {
+  const auto& c = config;
+  const int64_t n = p.n, n_out = p.n_out;
+  const int64_t q_dim = c.q_dim(), kv_dim = c.kv_dim(), qkv_dim = q_dim + 2 * kv_dim;
+  const CudaKvCache& cache = *p.cache;
+  int32_t* md = meta.as<int32_t>();
+  int32_t* flag_d = flag.as<int32_t>();
+  cuda_check(cudaMemsetAsync(flag_d, 0, sizeof(int32_t), stream), "cudaMemsetAsync");
+
+  auto* h = h16.as<__half>();
+  auto* x = resid.as<float>();
+  auto* dl = delta.as<float>();
+  check(kc::embedding_lookup_f16(
+            embedding.mem->as<void>(),
+            embedding.kind == DeviceKind::q4_0 ? kernels::DType::Q4_0 : kernels::DType::F16, embedding.n_out,
+            c.n_embd, 0, md + p.off_tokens, n, h, flag_d, stream),
+        "embedding lookup");
+  check(kc::f16_to_f32(h, x, n * c.n_embd, stream), "f16_to_f32");
+
+  kc::RopeKvWriteShape rshape;
+  rshape.tokens = n;
+  rshape.n_head = c.n_head;
+  rshape.n_head_kv = c.n_head_kv;
+  rshape.head_dim = c.head_dim;
+  rshape.rot_dims = c.rope_dims;
+  rshape.rope_base = c.rope_base;
+  rshape.block_size = cache.block_size();
+  rshape.num_blocks = cache.n_blocks();
+  rshape.max_blocks_per_seq = p.mbps;
+
+  kc::PagedAttentionShape pshape;
+  pshape.tokens = n;
+  pshape.n_head = c.n_head;
+  pshape.n_head_kv = c.n_head_kv;
+  pshape.head_dim = c.head_dim;
+  pshape.block_size = cache.block_size();
+  pshape.num_blocks = cache.n_blocks();
+  pshape.max_blocks_per_seq = p.mbps;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
+
+  for (int64_t l = 0; l < c.n_layer; ++l) {
+    const Layer& w = layers[static_cast<size_t>(l)];
+    // The previous layer's w_down output joins the residual here (the first layer has none).
+    check(kc::add_rms_norm_f32(x, l == 0 ? nullptr : dl, w.attn_norm->as<float>(), h, n, c.n_embd, c.rms_eps,
+                               stream),
+          "add_rms_norm_f32");
+    auto* qkv_f = qkv.as<float>();
+    project(w.qkv, h, n, qkv_f);
+    const float *qp = qkv_f, *kp = nullptr, *vp = nullptr;
+    if (w.qkv.parts.size() == 1) {  // stacked: rows [q | k | v]
+      kp = qkv_f + q_dim;
+      vp = qkv_f + q_dim + kv_dim;
+      rshape.q_stride = rshape.kv_stride = qkv_dim;
+    } else {  // [n, q_dim], then [n, kv_dim] twice
+      kp = qkv_f + n * q_dim;
+      vp = kp + n * kv_dim;
+      rshape.q_stride = q_dim;
+      rshape.kv_stride = kv_dim;
+    }
+    auto* kc_l = reinterpret_cast<__half*>(cache.k(l));
+    auto* vc_l = reinterpret_cast<__half*>(cache.v(l));
+    check(kc::rope_kv_write(rshape, qp, kp, vp, md + p.off_pos, md + p.off_seq, md + p.off_tables,
+                            q16.as<__half>(), kc_l, vc_l, flag_d, stream),
+          "rope_kv_write");
+    if (p.use_decode) {
+      check(kc::attention_decode(p.dshape, q16.as<__half>(), kc_l, vc_l, md + p.off_run_tables,
+                                 md + p.off_seq_lens, md + p.off_query_start, scale, att16.as<__half>(),
+                                 workspace.as<void>(), workspace.bytes(), flag_d, stream),
+            "attention_decode");
+    } else {
+      check(kc::paged_attention_f16(pshape, q16.as<__half>(), kc_l, vc_l, md + p.off_tables, md + p.off_seq,
+                                    md + p.off_pos, scale, att16.as<__half>(), flag_d, stream),
+            "paged_attention_f16");
+    }
+    matmul(w.wo, att16.as<__half>(), n, dl);
+    check(kc::add_rms_norm_f32(x, dl, w.ffn_norm->as<float>(), h, n, c.n_embd, c.rms_eps, stream),
+          "add_rms_norm_f32");
+    auto* gu = gate_up.as<float>();
+    project(w.gate_up, h, n, gu);
+    const bool stacked = w.gate_up.parts.size() == 1;
+    check(kc::swiglu_f32_to_f16(gu, stacked ? gu + c.n_ff : gu + n * c.n_ff, stacked ? 2 * c.n_ff : c.n_ff,
+                                act16.as<__half>(), n, c.n_ff, stream),
+          "swiglu_f32_to_f16");
+    matmul(w.down, act16.as<__half>(), n, dl);
+  }
+  // The last w_down output joins the residual, and the output norm runs on every row (cheap next to
+  // the head, which runs only on the logit rows).
+  check(kc::add_rms_norm_f32(x, dl, output_norm->as<float>(), h, n, c.n_embd, c.rms_eps, stream),
+        "add_rms_norm_f32");
+  if (n_out > 0) {
+    check(kc::gather_rows_f16(h, n, c.n_embd, md + p.off_rows, n_out, picked16.as<__half>(), flag_d, stream),
+          "gather_rows_f16");
+    matmul(head, picked16.as<__half>(), n_out, logits.as<float>());
+    if (p.greedy) {
+      check(kc::argmax_rows(logits.as<float>(), n_out, c.n_vocab, ids.as<int32_t>(), stream), "argmax_rows");
+    }
+  }
+}
+
+void CudaLlamaModel::Impl::clear_graphs() {
+  for (auto& [key, exec] : graphs) cudaGraphExecDestroy(exec);
+  graphs.clear();
+}
+
+void CudaLlamaModel::Impl::launch_graph(const Plan& p) {
+  const auto key = p.key();
+  auto it = graphs.find(key);
+  if (it == graphs.end()) {
+    cuda_check(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture");
+    cudaGraph_t graph = nullptr;
+    try {
+      enqueue(p);
+    } catch (...) {
+      cudaStreamEndCapture(stream, &graph);  // leaves capture mode; the partial graph is dropped
+      if (graph != nullptr) cudaGraphDestroy(graph);
+      throw;
+    }
+    cuda_check(cudaStreamEndCapture(stream, &graph), "cudaStreamEndCapture");
+    cudaGraphExec_t exec = nullptr;
+    const cudaError_t err = cudaGraphInstantiate(&exec, graph, 0);
+    cudaGraphDestroy(graph);
+    cuda_check(err, "cudaGraphInstantiate");
+    it = graphs.emplace(key, exec).first;
+  }
+  cuda_check(cudaGraphLaunch(it->second, stream), "cudaGraphLaunch");
+}
+
+void CudaLlamaModel::Impl::forward_impl(const ForwardBatch& batch, CudaKvCache& cache,
+                                        std::vector<float>* logits_out, std::vector<int32_t>* ids_out) {
+  validate(batch, cache);
+  const auto& c = config;
+  const auto n = static_cast<int64_t>(batch.tokens.size());
+  const auto n_out = static_cast<int64_t>(batch.logit_rows.size());
+  if (n == 0) {
+    if (logits_out != nullptr) logits_out->clear();
+    if (ids_out != nullptr) ids_out->clear();
+    return;
+  }
+  cuda_check(cudaSetDevice(options.device), "cudaSetDevice");
+  const Plan p = plan_batch(batch, cache, ids_out != nullptr, meta_host);
+  // A buffer that moved invalidates every captured graph (they hold its old address).
+  if (reserve_buffers(p)) clear_graphs();
+  cuda_check(cudaMemcpyAsync(meta.as<int32_t>(), meta_host.data(), meta_host.size() * sizeof(int32_t),
+                             cudaMemcpyHostToDevice, stream),
+             "cudaMemcpyAsync (batch metadata)");
+  if (options.graphs && n <= kGraphMaxTokens) {
+    launch_graph(p);
+  } else {
+    enqueue(p);
+  }
+
+  flag_host = 0;
+  cuda_check(cudaMemcpyAsync(&flag_host, flag.as<int32_t>(), sizeof(int32_t), cudaMemcpyDeviceToHost, stream),
+             "cudaMemcpyAsync (error flag)");
+  if (logits_out != nullptr) {
+    logits_out->resize(static_cast<size_t>(n_out * c.n_vocab));
+    if (n_out > 0) {
+      cuda_check(cudaMemcpyAsync(logits_out->data(), logits.as<float>(), logits_out->size() * sizeof(float),
+                                 cudaMemcpyDeviceToHost, stream),
+                 "cudaMemcpyAsync (logits)");
+    }
+  }
+  if (ids_out != nullptr) {
+    ids_out->resize(static_cast<size_t>(n_out));
+    if (n_out > 0) {
+      cuda_check(cudaMemcpyAsync(ids_out->data(), ids.as<int32_t>(), ids_out->size() * sizeof(int32_t),
+                                 cudaMemcpyDeviceToHost, stream),
+                 "cudaMemcpyAsync (ids)");
+    }
+  }
+  cuda_check(cudaStreamSynchronize(stream), "forward pass");
+  if (flag_host != 0) {
+    throw std::runtime_error(
+        "the CUDA forward pass found bad metadata on the device (a token, position or "
+        "block id out of range) that the host checks missed");
+  }
+}
+
+std::unique_ptr<CudaLlamaModel> CudaLlamaModel::load(const std::string& path, CudaModelOptions options) {
+  return std::make_unique<CudaLlamaModel>(model::LlamaCheckpoint::open(path), options);
+}
+
+CudaLlamaModel::CudaLlamaModel(std::shared_ptr<const model::LlamaCheckpoint> checkpoint,
+                               CudaModelOptions options)
+    : impl_(std::make_unique<Impl>()) {
+  Impl& m = *impl_;
+  m.checkpoint = std::move(checkpoint);
+  m.config = m.checkpoint->config();
+  m.options = options;
+  const auto& c = m.config;
+  if (c.n_embd % 32 != 0 || c.n_ff % 32 != 0) {
+    throw std::invalid_argument("the CUDA forward pass needs n_embd and n_ff to be multiples of 32");
+  }
+  if (c.head_dim % 2 != 0 || c.head_dim > kc::kPagedAttentionMaxHeadDim || c.rope_dims < 2 ||
+      c.rope_dims % 2 != 0) {
+    throw std::invalid_argument(
+        "the CUDA forward pass needs an even head_dim of at most 256 (this model has " +
+        std::to_string(c.head_dim) + ") and an even number of rotated dims");
+  }
+  require_device(options.device);
+  cuda_check(cudaStreamCreateWithFlags(&m.stream, cudaStreamNonBlocking), "cudaStreamCreate");
+  cublas_check(cublasCreate(&m.cublas), "cublasCreate");
+  cublas_check(cublasSetStream(m.cublas, m.stream), "cublasSetStream");
+  m.cublas_workspace.reserve(kCublasWorkspaceBytes);
+  cublas_check(cublasSetWorkspace(m.cublas, m.cublas_workspace.as<void>(), kCublasWorkspaceBytes),
+               "cublasSetWorkspace");
+
+  const model::LlamaWeights weights = m.checkpoint->bind_weights();
+  m.embedding = upload_matrix({&weights.token_embd});
+  const bool share_head = weights.output.data == weights.token_embd.data &&
+                          device_kind(weights.output) == device_kind(weights.token_embd);
+  m.head = share_head ? m.embedding : upload_matrix({&weights.output});
+  m.output_norm = upload_floats(weights.output_norm);
+  for (const model::LlamaLayerWeights& lw : weights.layers) {
+    Layer l;
+    l.attn_norm = upload_floats(lw.attn_norm);
+    l.ffn_norm = upload_floats(lw.ffn_norm);
+    l.qkv = upload_projection({&lw.wq, &lw.wk, &lw.wv});
+    l.wo = upload_matrix({&lw.wo});
+    l.gate_up = upload_projection({&lw.w_gate, &lw.w_up});
+    l.down = upload_matrix({&lw.w_down});
+    m.layers.push_back(std::move(l));
+  }
+  // A pageable cudaMemcpy may return before its DMA lands, and the model's stream does not wait for
+  // the legacy default stream: make the uploads complete before the first forward pass.
+  cuda_check(cudaDeviceSynchronize(), "weight upload");
+}
+
+CudaLlamaModel::~CudaLlamaModel() = default;
+
+const model::LlamaConfig& CudaLlamaModel::config() const { return impl_->config; }
+const model::LlamaCheckpoint& CudaLlamaModel::checkpoint() const { return *impl_->checkpoint; }
+
+int64_t CudaLlamaModel::weight_bytes() const {
+  const Impl& m = *impl_;
+  int64_t b = m.embedding.bytes() + (m.head.mem == m.embedding.mem ? 0 : m.head.bytes());
+  for (const Layer& l : m.layers) b += l.qkv.bytes() + l.wo.bytes() + l.gate_up.bytes() + l.down.bytes();
+  return b;
+}
+
+int64_t CudaLlamaModel::captured_graphs() const { return static_cast<int64_t>(impl_->graphs.size()); }
+
+void CudaLlamaModel::forward(const ForwardBatch& batch, CudaKvCache& cache, std::vector<float>& logits) {
+  impl_->forward_impl(batch, cache, &logits, nullptr);
+}
+
+void CudaLlamaModel::forward_greedy(const ForwardBatch& batch, CudaKvCache& cache,
+                                    std::vector<int32_t>& ids) {
+  impl_->forward_impl(batch, cache, nullptr, &ids);
+}
+
+}  // namespace nibble::worker

@@ -1,0 +1,122 @@
+#pragma once
+// Llama forward pass on one CUDA GPU over a ForwardBatch, with the semantics of LlamaModel::forward
+// (multi-sequence batches, positions, block tables, logits for the chosen rows only), and its KV
+// cache in device memory. This header needs no CUDA headers; the implementation
+// (cuda_llama_model.cpp) is built only with NIBBLE_CUDA into nibble_worker_cuda. Without CUDA that
+// library holds cuda_llama_model_stub.cpp instead, whose constructors throw CudaUnavailable, so
+// callers need no #ifdef.
+//
+// Data flow per layer (all on one stream; kernels in kernels/cuda):
+//   residual (fp32) --add_rms_norm_f32--> h (fp16) --[wq|wk|wv]--> qkv (fp32)
+//   --rope_kv_write--> q (fp16), K/V rows (fp16) into the paged cache
+//   --attention_decode (decode/verify batches, head_dim 64/128) or paged_attention_f16 (else)--> (fp16)
+//   --wo--> (fp32) --add_rms_norm_f32 (residual += it)--> (fp16) --[w_gate|w_up]--> (fp32)
+//   --swiglu_f32_to_f16--> (fp16) --w_down--> (fp32), added to the residual by the next norm.
+// The residual stream stays fp32 as on the CPU; matrix inputs are fp16 (the CPU quantizes them to
+// Q8_0 for Q4_0/Q8_0 weights instead), matrix outputs fp32. The last norm runs on every row and the
+// head only on the logit rows.
+//
+// Weights are uploaded at construction. Q4_0 matrices stay Q4_0 (w4a16_gemv for up to 32 rows,
+// the tensor-core w4a16_gemm above). Every other type (F32, F16, BF16, Q8_0, Q4_K, Q6_K) is
+// dequantized on the host and stored as fp16, multiplied by cuBLAS (fp16 inputs, fp32
+// accumulation and output): no kernel of ours reads them, and fp16 costs at most 2^-11 relative
+// per weight (F32), the same order as the fp16 activations, while re-quantizing to Q4_0 would change
+// the model. q/k/v and gate/up are concatenated into one matrix each when their device types
+// agree. The embedding table is Q4_0 or fp16 (embedding_lookup_f16's output is fp16 of the exact
+// value either way, so converting a table to fp16 at load changes nothing); a tied head shares it.
+// Norm weights are fp32.
+#include <cstdint>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "model/llama_checkpoint.hpp"
+#include "model/llama_config.hpp"
+#include "worker/llama_model.hpp"
+
+namespace nibble::worker {
+
+// Thrown when the CUDA backend cannot be used: built without CUDA, or no usable device.
+class CudaUnavailable : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+// Empty when this build has CUDA and a device is usable, otherwise why not (for messages).
+std::string cuda_unavailable_reason();
+
+// The paged KV cache in device memory: for every layer, K and V as [n_blocks, block_size,
+// n_head_kv, head_dim] fp16, the layout of worker::KvCache and of the CUDA attention kernels.
+// Zero-filled at construction, on `device` (the model's CudaModelOptions::device). Throws
+// CudaUnavailable without a usable device, std::runtime_error when allocation fails.
+class CudaKvCache {
+ public:
+  CudaKvCache(const model::LlamaConfig& config, int64_t n_blocks, int64_t block_size = 16, int device = 0);
+  ~CudaKvCache();
+  CudaKvCache(const CudaKvCache&) = delete;
+  CudaKvCache& operator=(const CudaKvCache&) = delete;
+
+  int64_t n_blocks() const { return n_blocks_; }
+  int64_t block_size() const { return block_size_; }
+  int64_t kv_dim() const { return kv_dim_; }
+  int64_t n_layer() const { return n_layer_; }
+  // Device pointers to one layer's K and V (fp16 bits).
+  uint16_t* k(int64_t layer) const { return base_ + (2 * layer) * layer_elems_; }
+  uint16_t* v(int64_t layer) const { return base_ + (2 * layer + 1) * layer_elems_; }
+  // One layer's K (or V) copied to the host, for tests.
+  std::vector<uint16_t> layer_to_host(int64_t layer, bool values) const;
+
+ private:
+  int64_t n_blocks_, block_size_, kv_dim_, n_layer_, layer_elems_;
+  uint16_t* base_ = nullptr;
+};
+
+struct CudaModelOptions {
+  int device = 0;
+  // Batches whose every sequence brings at most 64 / (n_head / n_head_kv) consecutive tokens (decode,
+  // speculative verification) use attention_decode when head_dim is 64 or 128; false sends every
+  // batch to the general paged_attention_f16 (tests compare the two).
+  bool decode_attention = true;
+  // Replay batches of up to 64 tokens from CUDA graphs, captured once per batch shape (tokens, logit
+  // rows, sequences' table width, runs, greedy or not, the cache). Decode steps of a fixed batch
+  // shape then cost one graph launch instead of ~10 launches per layer. Graphs are dropped when a
+  // buffer has to grow. The results equal direct launches (same kernels, same arguments).
+  bool graphs = false;
+};
+
+class CudaLlamaModel {
+ public:
+  // Opens a GGUF file or HF checkpoint directory (see LlamaModel::load) and uploads it.
+  static std::unique_ptr<CudaLlamaModel> load(const std::string& path, CudaModelOptions options = {});
+  // Throws CudaUnavailable without a usable device, std::invalid_argument for a model the GPU path
+  // cannot run (n_embd or n_ff not a multiple of 32, head_dim odd or above 256), std::runtime_error
+  // when a CUDA call fails (e.g. out of device memory).
+  explicit CudaLlamaModel(std::shared_ptr<const model::LlamaCheckpoint> checkpoint,
+                          CudaModelOptions options = {});
+  ~CudaLlamaModel();
+  CudaLlamaModel(const CudaLlamaModel&) = delete;
+  CudaLlamaModel& operator=(const CudaLlamaModel&) = delete;
+
+  const model::LlamaConfig& config() const;
+  const model::LlamaCheckpoint& checkpoint() const;
+  // Bytes of weights held in device memory.
+  int64_t weight_bytes() const;
+  // CUDA graphs captured and held now (CudaModelOptions::graphs), for tests.
+  int64_t captured_graphs() const;
+
+  // As LlamaModel::forward: fills the cache at the batch's positions and resizes logits to
+  // [batch.logit_rows.size(), n_vocab] (fp32, copied back). Blocks until the results are on the host.
+  // Throws std::invalid_argument for tokens, positions, sequence rows, block ids or logit rows out of
+  // range (checked on the host before anything runs), std::runtime_error when a CUDA call fails.
+  void forward(const ForwardBatch& batch, CudaKvCache& cache, std::vector<float>& logits);
+  // The same pass, but only the argmax of each logit row comes back (argmax_rows on the device, ties
+  // to the lowest id as worker::Sampler at temperature 0): ids resized to [batch.logit_rows.size()].
+  void forward_greedy(const ForwardBatch& batch, CudaKvCache& cache, std::vector<int32_t>& ids);
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace nibble::worker

@@ -1,0 +1,40 @@
+// nibble_worker_cuda in a build without CUDA (NIBBLE_CUDA=OFF): every entry point says so, so that
+// `nibble generate --device cuda` and friends fail with a clear message instead of needing #ifdefs.
+#include "worker/cuda_llama_model.hpp"
+
+namespace nibble::worker {
+
+namespace {
+
+[[noreturn]] void unavailable() { throw CudaUnavailable(cuda_unavailable_reason()); }
+
+}  // namespace
+
+std::string cuda_unavailable_reason() {
+  return "this nibble was built without CUDA (configure with -DNIBBLE_CUDA=ON where nvcc is installed)";
+}
+
+struct CudaLlamaModel::Impl {};
+
+CudaKvCache::CudaKvCache(const model::LlamaConfig&, int64_t, int64_t, int)
+    : n_blocks_(0), block_size_(0), kv_dim_(0), n_layer_(0), layer_elems_(0) {
+  unavailable();
+}
+CudaKvCache::~CudaKvCache() = default;
+std::vector<uint16_t> CudaKvCache::layer_to_host(int64_t, bool) const { unavailable(); }
+
+std::unique_ptr<CudaLlamaModel> CudaLlamaModel::load(const std::string&, CudaModelOptions) { unavailable(); }
+CudaLlamaModel::CudaLlamaModel(std::shared_ptr<const model::LlamaCheckpoint>, CudaModelOptions) {
+  unavailable();
+}
+CudaLlamaModel::~CudaLlamaModel() = default;
+const model::LlamaConfig& CudaLlamaModel::config() const { unavailable(); }
+const model::LlamaCheckpoint& CudaLlamaModel::checkpoint() const { unavailable(); }
+int64_t CudaLlamaModel::weight_bytes() const { unavailable(); }
+int64_t CudaLlamaModel::captured_graphs() const { unavailable(); }
+void CudaLlamaModel::forward(const ForwardBatch&, CudaKvCache&, std::vector<float>&) { unavailable(); }
+void CudaLlamaModel::forward_greedy(const ForwardBatch&, CudaKvCache&, std::vector<int32_t>&) {
+  unavailable();
+}
+
+}  // namespace nibble::worker

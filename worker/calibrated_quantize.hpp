@@ -12,9 +12,12 @@
 // rules (Q8_0 unless pure).
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
 #include <string_view>
+#include <utility>
+#include <vector>
 
 #include "kernels/quant_types.hpp"
 #include "model/awq.hpp"
@@ -40,6 +43,10 @@ struct CalibratedQuantizeOptions {
   model::AwqOptions awq = {20, 4096};  // AWQ's error is measured on at most 4096 rows per input
   int threads = 1;
   std::function<void(const std::string&)> progress;  // one line per layer (optional)
+  // Mixed precision (worker/mixed_precision): tensors stored in another type than `type`, rounded to
+  // nearest there; GPTQ calibrates the later matrices on those values. And metadata to add.
+  std::map<std::string, kernels::DType> tensor_types;
+  std::vector<std::pair<std::string, model::GgufValue>> metadata;
 };
 
 // Writes `out_path`: `in`'s metadata (general.file_type for the type; nibble.quantization.method,

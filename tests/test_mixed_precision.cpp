@@ -1,10 +1,11 @@
 // Mixed precision (`nibble quantize --size-budget|--bits-per-weight`, worker/mixed_precision): on
-// held-out windows GPTQ is closer to the float model than RTN, and mixed precision closer again at
-// the same file size as the default (Q8_0 embedding and head) quantization; the file keeps its
-// budget and names the tensors it kept in higher precision. On a project-made random model and on
+// held-out windows GPTQ is closer to the float model than RTN (both with every matrix 4-bit), and
+// mixed precision at a stated budget closer again; the file keeps its budget and names the tensors
+// it kept in higher precision. On a project-made random model and on
 // the fortune fixture (skipped when absent).
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -84,17 +85,17 @@ struct Results {
   Quality rtn, gptq, mixed;
 };
 
-// RTN and GPTQ at `type` with the default Q8_0 embedding and head, then GPTQ + mixed precision with
-// the default file's size (plus `slack` for the header allowance) as its budget.
+// RTN and GPTQ at `type` with every matrix 4-bit (--pure), then GPTQ + mixed precision with a file
+// budget of `budget` bytes.
 Results quantize_three_ways(const fs::path& source, const fs::path& dir, DType type, int64_t length,
-                            int64_t ctx, double slack) {
+                            int64_t ctx, int64_t budget) {
   const auto file = model::GgufFile::open(source.string());
-  model::requantize_gguf(*file, (dir / "rtn.gguf").string(), type, false);
-  calibrated_quantize_gguf(file, calibration_part(), (dir / "gptq.gguf").string(),
-                           calibration(QuantMethod::gptq, type, length));
+  model::requantize_gguf(*file, (dir / "rtn.gguf").string(), type, true);
+  CalibratedQuantizeOptions gptq = calibration(QuantMethod::gptq, type, length);
+  gptq.pure = true;
+  calibrated_quantize_gguf(file, calibration_part(), (dir / "gptq.gguf").string(), gptq);
   MixedPrecisionOptions mixed;
-  mixed.budget.file_bytes =
-      static_cast<int64_t>(static_cast<double>(fs::file_size(dir / "gptq.gguf")) * slack);
+  mixed.budget.file_bytes = budget;
   mixed.sensitivity_samples = 4;
   quantize_mixed_precision(file, calibration_part(), (dir / "mixed.gguf").string(),
                            calibration(QuantMethod::gptq, type, length), mixed);
@@ -102,7 +103,7 @@ Results quantize_three_ways(const fs::path& source, const fs::path& dir, DType t
   r.rtn = quality(source, dir / "rtn.gguf", ctx);
   r.gptq = quality(source, dir / "gptq.gguf", ctx);
   r.mixed = quality(source, dir / "mixed.gguf", ctx);
-  EXPECT_LE(r.mixed.bytes, mixed.budget.file_bytes);
+  EXPECT_LE(r.mixed.bytes, budget);
   return r;
 }
 
@@ -142,13 +143,14 @@ TEST(MixedPrecision, ParsesSizes) {
     EXPECT_THROW(parse_size(bad), std::invalid_argument) << bad;
 }
 
-TEST(MixedPrecision, RandomModelGptqBeatsRtnAndMixedBeatsGptqAtTheSameSize) {
+TEST(MixedPrecision, RandomModelGptqBeatsRtnAndMixedBeatsBoth) {
   // tiny: rows of 128, so Q4_0 with Q8_0 as the higher type (Q6_K needs rows of 256); an untied
-  // head. Random weights give no meaningful perplexity, so KL and top-1 are what is checked.
+  // head. All 4-bit it is 0.83 MB, with Q8_0 embedding and head 1.37 MB; the budget is between.
+  // Random weights give no meaningful perplexity, so KL and top-1 are what is checked.
   test::TempDir dir;
   const fs::path source = dir.path() / "tiny-f32.gguf";
   model::write_random_llama(source.string(), model::llama_shape_by_name("tiny"), DType::F32, 3);
-  const Results r = quantize_three_ways(source, dir.path(), DType::Q4_0, 128, 64, 1.02);
+  const Results r = quantize_three_ways(source, dir.path(), DType::Q4_0, 128, 64, 1200000);
   EXPECT_LT(r.gptq.kl, 0.9 * r.rtn.kl);
   EXPECT_LT(r.mixed.kl, 0.9 * r.gptq.kl);
   EXPECT_GE(r.mixed.top1, r.rtn.top1);
@@ -199,16 +201,21 @@ TEST(MixedPrecision, BitsPerWeightBudgetWithRtn) {
   EXPECT_FALSE(f->get_string_array("nibble.quantization.high_precision_tensors").empty());
 }
 
-TEST(MixedPrecision, FortuneTargetGptqBeatsRtnAndMixedBeatsGptqAtTheSameSize) {
+TEST(MixedPrecision, FortuneTargetGptqBeatsRtnAndMixedBeatsBoth) {
   NIBBLE_REQUIRE_FIXTURES(fixtures);
   const fs::path source = fixtures / "models" / "fortune-target-f16.gguf";
   if (!fs::exists(source)) GTEST_SKIP() << "fixture " << source << " not found";
   test::TempDir dir;
-  const Results r = quantize_three_ways(source, dir.path(), DType::Q4_K, 128, 128, 1.0);
-  EXPECT_LT(r.gptq.kl, r.rtn.kl);
-  EXPECT_LT(r.gptq.ppl_change, r.rtn.ppl_change);
-  EXPECT_LT(r.mixed.kl, 0.8 * r.gptq.kl);
-  EXPECT_LT(r.mixed.ppl_change, r.gptq.ppl_change);
+  // 10.2 MB: the size of llama.cpp's Q4_K_M of this model (the all-4-bit file is 8.0 MB).
+  const Results r = quantize_three_ways(source, dir.path(), DType::Q4_K, 128, 128, 10200000);
+  // The held-out text is short (~630 scored tokens), so a perplexity change moves by about ±0.3 %
+  // of noise: enough to see mixed precision's gain over all-4-bit RTN (+1 %), not GPTQ's, whose
+  // gain on the layers is small next to the 4-bit tied embedding both keep (docs/perf/quality.md
+  // shows it on 3591 tokens). KL, summed over the whole distribution, sees both.
+  EXPECT_LT(r.gptq.kl, 0.8 * r.rtn.kl);
+  EXPECT_LT(r.mixed.kl, 0.2 * r.gptq.kl);
+  EXPECT_LT(std::fabs(r.mixed.ppl_change), 0.5 * r.rtn.ppl_change);
+  EXPECT_GT(r.mixed.top1, r.gptq.top1);
   expect_metadata_lists_high_precision(dir.path() / "mixed.gguf", DType::Q4_K);
 }
 

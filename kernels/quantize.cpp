@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 
 #include "kernels/quant_internal.hpp"
 
@@ -126,6 +127,95 @@ void quantize_block_q4_k(const float* x, BlockQ4_K* out) {
   detail::q4_k_pack_levels(levels, out->qs);
 }
 
+// GGML's make_qx_quants with rmse_type 1 (weights x²) for Q6_K's sub-blocks of 16, nmax = 32:
+// levels L in 0..63 (signed value L - 32); start from the largest magnitude at -32, then try 18
+// nearby inverse scales, each with a least-squares scale, and keep the best. Returns the scale.
+float fit_q6_k_sub_block(const float* x, int8_t* levels) {
+  constexpr int n = 16;
+  constexpr int nmax = 32;
+  float amax = 0, max = 0;
+  for (int i = 0; i < n; ++i) {
+    if (std::fabs(x[i]) > amax) {
+      amax = std::fabs(x[i]);
+      max = x[i];
+    }
+  }
+  if (amax < 1e-15f) {
+    for (int i = 0; i < n; ++i) levels[i] = 0;
+    return 0.0f;
+  }
+  auto fit = [&](float iscale, float* sum_lx, float* sum_l2, int8_t* out) {
+    *sum_lx = 0;
+    *sum_l2 = 0;
+    for (int i = 0; i < n; ++i) {
+      const int l = std::clamp(detail::nearest_int(iscale * x[i]), -nmax, nmax - 1);
+      if (out != nullptr) out[i] = static_cast<int8_t>(l + nmax);
+      const float w = x[i] * x[i];
+      *sum_lx += w * x[i] * static_cast<float>(l);
+      *sum_l2 += w * static_cast<float>(l * l);
+    }
+  };
+  float sum_lx = 0, sum_l2 = 0;
+  fit(-nmax / max, &sum_lx, &sum_l2, levels);
+  float scale = sum_l2 != 0 ? sum_lx / sum_l2 : 0.0f;
+  float best = scale * sum_lx;
+  for (int is = -9; is <= 9; ++is) {
+    if (is == 0) continue;
+    const float iscale = -(static_cast<float>(nmax) + 0.1f * static_cast<float>(is)) / max;
+    fit(iscale, &sum_lx, &sum_l2, nullptr);
+    if (sum_l2 > 0 && sum_lx * sum_lx > best * sum_l2) {
+      fit(iscale, &sum_lx, &sum_l2, levels);
+      scale = sum_lx / sum_l2;
+      best = scale * sum_lx;
+    }
+  }
+  return scale;
+}
+
+// GGML's quantize_row_q6_K_ref for one super-block: 16 sub-blocks of 16 with int8 scales relative
+// to the super-block's fp16 d = -(largest-magnitude scale) / 128, elements re-rounded against the
+// stored scales; 6-bit levels split into ql (low 4 bits) and qh (high 2 bits).
+void quantize_block_q6_k(const float* x, BlockQ6_K* out) {
+  int8_t levels[kQK_K];
+  float scales[kQK_K / 16];
+  float max_scale = 0, max_abs_scale = 0;
+  for (int ib = 0; ib < kQK_K / 16; ++ib) {
+    scales[ib] = fit_q6_k_sub_block(x + 16 * ib, levels + 16 * ib);
+    if (std::fabs(scales[ib]) > max_abs_scale) {
+      max_abs_scale = std::fabs(scales[ib]);
+      max_scale = scales[ib];
+    }
+  }
+  if (max_abs_scale < 1e-15f) {
+    std::memset(out, 0, sizeof(BlockQ6_K));
+    return;
+  }
+  const float iscale = -128.0f / max_scale;
+  out->d = fp32_to_fp16(1 / iscale);
+  for (int ib = 0; ib < kQK_K / 16; ++ib)
+    out->scales[ib] = static_cast<int8_t>(std::min(127, detail::nearest_int(iscale * scales[ib])));
+  for (int j = 0; j < kQK_K / 16; ++j) {
+    const float d = fp16_to_fp32(out->d) * out->scales[j];
+    if (d == 0.0f) continue;
+    for (int i = 0; i < 16; ++i)
+      levels[16 * j + i] =
+          static_cast<int8_t>(std::clamp(detail::nearest_int(x[16 * j + i] / d), -32, 31) + 32);
+  }
+  uint8_t* ql = out->ql;
+  uint8_t* qh = out->qh;
+  for (int j = 0; j < kQK_K; j += 128) {
+    for (int l = 0; l < 32; ++l) {
+      const auto q = [&](int o) { return static_cast<uint8_t>(levels[j + l + o]); };
+      ql[l] = static_cast<uint8_t>((q(0) & 0xF) | ((q(64) & 0xF) << 4));
+      ql[l + 32] = static_cast<uint8_t>((q(32) & 0xF) | ((q(96) & 0xF) << 4));
+      qh[l] =
+          static_cast<uint8_t>((q(0) >> 4) | ((q(32) >> 4) << 2) | ((q(64) >> 4) << 4) | ((q(96) >> 4) << 6));
+    }
+    ql += 64;
+    qh += 32;
+  }
+}
+
 void dequantize_block_q4_0(const BlockQ4_0& block, float* y) {
   const float d = fp16_to_fp32(block.d);
   for (int j = 0; j < kQK4_0 / 2; ++j) {
@@ -190,7 +280,6 @@ bool valid_row(DType type, const void* p, const float* x, int64_t n) {
 
 Status quantize_row(DType type, const float* x, void* out, int64_t n) {
   if (type_info(static_cast<uint32_t>(type)) == nullptr) return Status::unsupported_type;
-  if (type == DType::Q6_K) return Status::unsupported_type;
   if (!valid_row(type, out, x, n)) return Status::invalid_argument;
   switch (type) {
     case DType::F32:
@@ -219,6 +308,11 @@ Status quantize_row(DType type, const float* x, void* out, int64_t n) {
     case DType::Q4_K: {
       auto* dst = static_cast<BlockQ4_K*>(out);
       for (int64_t b = 0; b < n / kQK_K; ++b) quantize_block_q4_k(x + b * kQK_K, dst + b);
+      break;
+    }
+    case DType::Q6_K: {
+      auto* dst = static_cast<BlockQ6_K*>(out);
+      for (int64_t b = 0; b < n / kQK_K; ++b) quantize_block_q6_k(x + b * kQK_K, dst + b);
       break;
     }
     case DType::Q8_K: {

@@ -47,6 +47,19 @@ std::vector<uint8_t> float_bytes(const std::vector<float>& v) {
   return out;
 }
 
+// w: [n_out, k] rounded to nearest at `type` (GGML's quantizers).
+std::vector<uint8_t> round_rows(const std::vector<float>& w, int64_t n_out, int64_t k, kernels::DType type,
+                                const std::string& name) {
+  const int64_t bytes = kernels::row_bytes(type, k);
+  std::vector<uint8_t> out(static_cast<size_t>(bytes * n_out));
+  for (int64_t r = 0; r < n_out; ++r) {
+    if (kernels::quantize_row(type, w.data() + r * k, out.data() + r * bytes, k) != kernels::Status::ok) {
+      throw std::invalid_argument("cannot store tensor '" + name + "' as " + kernels::type_name(type));
+    }
+  }
+  return out;
+}
+
 // Rows [begin, begin + count) of a quantized matrix's blocks.
 std::vector<uint8_t> block_rows(const QuantizedMatrix& q, int64_t begin, int64_t count) {
   const int64_t bytes = kernels::row_bytes(q.grid.gguf_type(), q.k);
@@ -137,6 +150,20 @@ void gptq_layer(const model::GgufFile& file, LayerRunner& runner, int64_t layer,
       const std::vector<float> w = read_floats(file, name);
       const int64_t k = acc->k();
       const int64_t n_out = static_cast<int64_t>(w.size()) / k;
+      const auto high = options.tensor_types.find(name);
+      if (high != options.tensor_types.end()) {  // kept in higher precision: rounded to nearest
+        out[name] = round_rows(w, n_out, k, high->second, name);
+        std::vector<float> values(w.size());
+        for (int64_t r = 0; r < n_out; ++r) {
+          const int64_t bytes = kernels::row_bytes(high->second, k);
+          if (kernels::dequantize_row(high->second, out[name].data() + r * bytes, values.data() + r * k, k) !=
+              kernels::Status::ok) {
+            throw std::invalid_argument("cannot read tensor '" + name + "' back");
+          }
+        }
+        runner.model().set_layer_matrix(layer, m, values);
+        continue;
+      }
       QuantizedMatrix q = model::gptq_quantize(w.data(), n_out, k, h, grid, options.gptq);
       runner.model().set_layer_matrix(layer, m, q.dequantized);
       if (options.matrix_sink) {
@@ -260,6 +287,13 @@ void calibrated_quantize_gguf(std::shared_ptr<const model::GgufFile> in, std::st
     throw std::invalid_argument(std::string("calibrated quantization writes q4_0 or q4_k, not ") +
                                 kernels::type_name(options.type));
   }
+  for (const auto& [name, type] : options.tensor_types) {
+    if (options.method == QuantMethod::awq && name.rfind("blk.", 0) == 0) {
+      throw std::invalid_argument(
+          "AWQ folds scales across a layer's matrices and takes no per-tensor types (" + name +
+          "); mixed precision works with rtn or gptq");
+    }
+  }
   const model::GgufFile& file = *in;
   const model::LlamaConfig config = model::LlamaConfig::from_gguf(file);
   // Every matrix must fit the grid before any work is done.
@@ -309,15 +343,20 @@ void calibrated_quantize_gguf(std::shared_ptr<const model::GgufFile> in, std::st
   out.set_uint64("nibble.quantization.calibration_seed", options.seed);
   if (options.method == QuantMethod::gptq)
     out.set_bool("nibble.quantization.act_order", options.gptq.act_order);
+  for (const auto& [key, value] : options.metadata) out.set(key, value);
   for (const model::GgufTensorInfo& t : file.tensors()) {
+    const auto high = options.tensor_types.find(t.name);
     auto it = quantized.find(t.name);
     if (it == quantized.end()) {
-      const kernels::DType target = model::requantized_type(t, options.type, options.pure);
+      const kernels::DType target = high != options.tensor_types.end()
+                                        ? high->second
+                                        : model::requantized_type(t, options.type, options.pure);
       out.add_tensor(t.name, t.dims, target, model::convert_tensor(file, t, target));
     } else if (t.dims.size() == 1) {
       out.add_tensor(t.name, t.dims, kernels::DType::F32, std::move(it->second));  // an AWQ-folded norm
     } else {
-      out.add_tensor(t.name, t.dims, options.type, std::move(it->second));
+      out.add_tensor(t.name, t.dims, high != options.tensor_types.end() ? high->second : options.type,
+                     std::move(it->second));
     }
   }
   out.write(out_path);

@@ -12,10 +12,13 @@
 // rules (Q8_0 unless pure).
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
 #include <string_view>
+#include <utility>
+#include <vector>
 
 #include "kernels/quant_types.hpp"
 #include "model/awq.hpp"
@@ -47,6 +50,10 @@ struct CalibratedQuantizeOptions {
   // type's grid (e.g. the INT4 grid of a GPTQ checkpoint). Not for AWQ.
   std::optional<model::QuantGrid> grid;
   std::function<void(const std::string& tensor, model::QuantizedMatrix&& matrix)> matrix_sink;
+  // Mixed precision (worker/mixed_precision): tensors stored in another type than `type`, rounded to
+  // nearest there; GPTQ calibrates the later matrices on those values. And metadata to add.
+  std::map<std::string, kernels::DType> tensor_types;
+  std::vector<std::pair<std::string, model::GgufValue>> metadata;
 };
 
 // Writes `out_path`: `in`'s metadata (general.file_type for the type; nibble.quantization.method,

@@ -10,6 +10,7 @@
 #include "worker/calibrated_quantize.hpp"
 #include "worker/cuda_llama_model.hpp"
 #include "worker/gptq_export.hpp"
+#include "worker/mixed_precision.hpp"
 
 namespace nibble::cli {
 
@@ -139,6 +140,9 @@ Runner add_quantize(CLI::App& app) {
     uint64_t seed = 0;
     double percdamp = 0.01;
     int threads = default_threads();
+    std::string size_budget;  // mixed precision (worker/mixed_precision)
+    double bits_per_weight = 0;
+    int64_t sensitivity_samples = 8;
   };
   auto a = std::make_shared<Args>();
   app.add_option("--model,-m", a->in, "Input GGUF (F32/F16/BF16 or quantized)")->required();
@@ -160,21 +164,37 @@ Runner add_quantize(CLI::App& app) {
       ->check(CLI::Range(0.0, 1.0));
   app.add_option("--threads,-t", a->threads, "CPU threads for the calibration forward passes")
       ->check(CLI::PositiveNumber);
+  auto* budget =
+      app.add_option("--size-budget", a->size_budget,
+                     "Mixed precision: the file at most this size (e.g. 10.2MB); the matrices whose "
+                     "4-bit error moves the output most (measured on --calib) stay in Q6_K / Q8_0");
+  app.add_option("--bits-per-weight", a->bits_per_weight,
+                 "Mixed precision: tensor data at most this many bits per weight")
+      ->check(CLI::Range(1.0, 32.0))
+      ->excludes(budget);
+  app.add_option("--sensitivity-samples", a->sensitivity_samples,
+                 "Mixed precision: calibration windows each tensor's sensitivity is measured on")
+      ->check(CLI::PositiveNumber);
   return [a]() {
     if (!std::filesystem::exists(a->in)) throw std::runtime_error("model file not found: " + a->in);
     const worker::QuantMethod method = worker::parse_quant_method(a->method);
     auto file = model::GgufFile::open(a->in);
     const bool gptq_dir = a->format == "gptq";
+    const bool mixed = !a->size_budget.empty() || a->bits_per_weight > 0;
+    if (gptq_dir && mixed)
+      throw std::invalid_argument(
+          "--format gptq writes one 4-bit grid: no --size-budget / --bits-per-weight");
     if (method == worker::QuantMethod::rtn && gptq_dir) {
       worker::CalibratedQuantizeOptions o;
       o.method = method;
       worker::export_gptq_checkpoint(file, "", a->out, model::QuantGrid::int4_asym(a->group_size), o);
-    } else if (method == worker::QuantMethod::rtn) {
+    } else if (method == worker::QuantMethod::rtn && !mixed) {
       if (!a->calib.empty()) std::cerr << "note: --calib is not used by --method rtn\n";
       model::requantize_gguf(*file, a->out, parse_matrix_type(a->type), a->pure);
     } else {
       if (a->calib.empty())
-        throw std::invalid_argument(std::string("--method ") + a->method + " needs --calib FILE");
+        throw std::invalid_argument((mixed ? std::string("a size budget") : "--method " + a->method) +
+                                    " needs --calib FILE");
       std::ifstream text_file(a->calib, std::ios::binary);
       if (!text_file) throw std::runtime_error("cannot read calibration text " + a->calib);
       const std::string text((std::istreambuf_iterator<char>(text_file)), std::istreambuf_iterator<char>());
@@ -194,6 +214,12 @@ Runner add_quantize(CLI::App& app) {
                 << a->calib << "\n";
       if (gptq_dir) {
         worker::export_gptq_checkpoint(file, text, a->out, model::QuantGrid::int4_asym(a->group_size), o);
+      } else if (mixed) {
+        worker::MixedPrecisionOptions m;
+        if (!a->size_budget.empty()) m.budget.file_bytes = worker::parse_size(a->size_budget);
+        m.budget.bits_per_weight = a->bits_per_weight;
+        m.sensitivity_samples = a->sensitivity_samples;
+        worker::quantize_mixed_precision(file, text, a->out, o, m);
       } else {
         worker::calibrated_quantize_gguf(file, text, a->out, o);
       }

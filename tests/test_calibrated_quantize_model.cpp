@@ -29,22 +29,8 @@ namespace {
 namespace fs = std::filesystem;
 using kernels::DType;
 
-// English prose kept fixed for these tests (a snapshot of docs/ARCHITECTURE.md, so that editing the
-// docs cannot move the figures): calibration from its first 70 %, held-out windows from the rest.
-std::string architecture_text() {
-  std::ifstream in(test::test_data_dir() / "calibration-text.txt", std::ios::binary);
-  std::stringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
-std::string calibration_part() {
-  const std::string t = architecture_text();
-  return t.substr(0, t.size() * 7 / 10);
-}
-std::string held_out_part() {
-  const std::string t = architecture_text();
-  return t.substr(t.size() * 7 / 10);
-}
+using test::calibration_part;
+using test::held_out_part;
 
 // Logits [windows * length, n_vocab] of a model over token windows.
 std::vector<float> window_logits(const std::string& path, const std::vector<std::vector<int32_t>>& windows) {

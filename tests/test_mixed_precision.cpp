@@ -28,22 +28,8 @@ namespace {
 namespace fs = std::filesystem;
 using kernels::DType;
 
-// The fixed English text the calibration tests use: calibration from its first 70 %, held-out
-// evaluation windows from the rest.
-std::string fixed_text() {
-  std::ifstream in(test::test_data_dir() / "calibration-text.txt", std::ios::binary);
-  std::stringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
-std::string calibration_part() {
-  const std::string t = fixed_text();
-  return t.substr(0, t.size() * 7 / 10);
-}
-std::string held_out_part() {
-  const std::string t = fixed_text();
-  return t.substr(t.size() * 7 / 10);
-}
+using test::calibration_part;
+using test::held_out_part;
 
 struct Quality {
   double kl = 0, ppl_change = 0, top1 = 0;

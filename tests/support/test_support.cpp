@@ -10,6 +10,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <sstream>
 #include <stdexcept>
 
 #include "kernels/quantize.hpp"
@@ -100,6 +101,29 @@ double max_relative_rms(const std::vector<float>& a, const std::vector<float>& b
     worst = std::max(worst, std::sqrt(err / norm));
   }
   return worst;
+}
+
+}  // namespace nibble::test
+
+namespace nibble::test {
+
+namespace {
+std::string calibration_text() {
+  std::ifstream in(test_data_dir() / "calibration-text.txt", std::ios::binary);
+  std::stringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+}  // namespace
+
+std::string calibration_part() {
+  const std::string t = calibration_text();
+  return t.substr(0, t.size() * 7 / 10);
+}
+
+std::string held_out_part() {
+  const std::string t = calibration_text();
+  return t.substr(t.size() * 7 / 10);
 }
 
 }  // namespace nibble::test

@@ -17,6 +17,11 @@ namespace nibble::test {
 std::optional<std::filesystem::path> fixtures_dir();
 // The test data committed in the repository (tests/data).
 std::filesystem::path test_data_dir();
+// The fixed English text the calibration tests use (tests/data/calibration-text.txt, a snapshot so
+// that editing the docs cannot move their figures): its first 70 % for calibration, the rest for
+// held-out evaluation windows.
+std::string calibration_part();
+std::string held_out_part();
 // Path of the `nibble` binary (NIBBLE_BIN, else the one this build made).
 std::string nibble_bin();
 // The repository's root (where deploy/, config/ and tests/ are), from CMake: __FILE__ is no

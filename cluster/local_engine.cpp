@@ -1,5 +1,6 @@
 #include "cluster/local_engine.hpp"
 
+#include <algorithm>
 #include <chrono>
 
 namespace nibble::cluster {
@@ -56,9 +57,13 @@ bool LocalEngine::propose_drafts(const std::vector<uint64_t>& continuing) {
   if (speculator_ == nullptr || continuing.empty()) return false;
   bool proposed = false;
   std::vector<speculative::ProposalRequest> requests;
+  // The batch the next steps will have: every request in the engine, also those still in their
+  // prompts (judging by the few already decoding would speculate in the first steps of a batch
+  // that is about to be too large for it to pay).
+  const auto batch = static_cast<int64_t>(std::max(continuing.size(), states_.size()));
   for (uint64_t id : continuing) {
     const RequestState& state = *states_.at(id);
-    const int k = speculator_->choose_k(id, state.sampler.params(), static_cast<int64_t>(continuing.size()));
+    const int k = speculator_->choose_k(id, state.sampler.params(), batch);
     requests.push_back({id, state.history, &state.sampler.params(), k});
     proposed = proposed || k > 0;
   }

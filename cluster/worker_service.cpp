@@ -138,8 +138,9 @@ protocol::StepResult WorkerService::execute(const protocol::WorkerStep& step) {
     if (speculator_ != nullptr) {
       sequences.push_back(state.history);
       sequences.back().push_back(out.token);
-      const int k =
-          speculator_->choose_k(entry.seq_id, state.sampler.params(), static_cast<int64_t>(sampled.size()));
+      // The batch is every sequence in the step, also those still in their prompts (see LocalEngine).
+      const int k = speculator_->choose_k(entry.seq_id, state.sampler.params(),
+                                          static_cast<int64_t>(step.entries.size()));
       proposals.push_back({entry.seq_id, sequences.back(), &state.sampler.params(), k});
     }
     result.sampled.push_back(std::move(out));

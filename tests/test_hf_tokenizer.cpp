@@ -171,6 +171,37 @@ TEST(HfTokenizer, Gpt2VectorsThroughTokenizerJson) {
   check_vectors_through_json(dir / "tokenizer" / "ggml-vocab-gpt-2.gguf", TokenizerKind::byte_bpe);
 }
 
+// Llama 3's shape: Split with Llama 3's regex, then ByteLevel without its own regex. On the GPT-2
+// vocabulary the regex shows itself: digits are cut in threes, and BOS is added by default.
+TEST(HfTokenizer, Llama3StyleSplitThenByteLevel) {
+  NIBBLE_REQUIRE_FIXTURES(dir);
+  const fs::path path = dir / "tokenizer" / "ggml-vocab-gpt-2.gguf";
+  if (!fs::exists(path)) GTEST_SKIP() << path << " not found";
+  const auto file = GgufFile::open(path.string());
+  json root = tokenizer_json_of(*file);
+  root["pre_tokenizer"] = {{"type", "Sequence"},
+                           {"pretokenizers",
+                            {{{"type", "Split"},
+                              {"pattern",
+                               {{"Regex",
+                                 "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| "
+                                 "?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|"
+                                 "\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"}}},
+                              {"behavior", "Isolated"}},
+                             {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"use_regex", false}}}}};
+  test::TempDir tmp;
+  write_text(tmp.path() / "tokenizer.json", root.dump());
+  write_text(tmp.path() / "tokenizer_config.json", R"({"bos_token": "<|endoftext|>"})");
+  const auto tok = load_hf_tokenizer(tmp.path().string());
+  ASSERT_NE(tok, nullptr);
+  EXPECT_EQ(tok->kind(), TokenizerKind::byte_bpe);
+  EXPECT_TRUE(tok->add_bos_default());
+  const std::vector<int32_t> ids = tok->encode("1234567", false);
+  std::vector<std::string> pieces;
+  for (const int32_t id : ids) pieces.push_back(tok->token_bytes(id));
+  EXPECT_EQ(pieces, (std::vector<std::string>{"123", "456", "7"}));
+}
+
 // A small Llama-2 style tokenizer.json of `n` tokens: <unk> <s> </s>, "▁", printable ASCII, then
 // merges of frequent letter pairs.
 json tiny_llama_tokenizer(int n) {

@@ -165,26 +165,10 @@ class VocabLoader {
 
     // End of generation: EOS, EOT/EOM when given, and the usual end-of-turn token texts.
     vocab.end_of_generation.assign(n, false);
-    if (vocab.eos >= 0) vocab.end_of_generation[vocab.eos] = true;
     for (const char* key : {"tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"}) {
       if (auto id = token_id(key, n)) vocab.end_of_generation[*id] = true;
     }
-    static constexpr std::array<std::string_view, 9> kEndOfTurnTexts = {
-        "<|eot_id|>", "<|im_end|>", "<|end|>",         "<end_of_turn>", "<|endoftext|>",
-        "<|eom_id|>", "<EOT>",      "<|end_of_text|>", "<|return|>"};
-    for (std::string_view text : kEndOfTurnTexts) {
-      const int32_t id = vocab.find(text);
-      if (id < 0) continue;
-      vocab.end_of_generation[id] = true;
-      // llama.cpp treats these as control tokens even when the file forgot to mark them.
-      if (vocab.type[id] == TokenType::normal) vocab.type[id] = TokenType::control;
-    }
-
-    for (int32_t i = 0; i < n; ++i) {
-      if (vocab.type[i] == TokenType::user_defined) vocab.user_defined_longest_first.push_back(i);
-    }
-    std::stable_sort(vocab.user_defined_longest_first.begin(), vocab.user_defined_longest_first.end(),
-                     [&](int32_t a, int32_t b) { return vocab.text[a].size() > vocab.text[b].size(); });
+    finish_special_tokens(vocab);
     return vocab;
   }
 
@@ -209,6 +193,28 @@ std::shared_ptr<const Tokenizer> Tokenizer::from_gguf(const GgufFile& file) {
     }
   }
   loader.fail("unknown tokenizer model '" + model + "' in tokenizer.ggml.model (supported: llama, gpt2)");
+}
+
+void finish_special_tokens(Vocab& vocab) {
+  const int32_t n = vocab.size();
+  if (vocab.end_of_generation.size() != static_cast<size_t>(n)) vocab.end_of_generation.assign(n, false);
+  if (vocab.eos >= 0) vocab.end_of_generation[vocab.eos] = true;
+  static constexpr std::array<std::string_view, 9> kEndOfTurnTexts = {
+      "<|eot_id|>", "<|im_end|>", "<|end|>",         "<end_of_turn>", "<|endoftext|>",
+      "<|eom_id|>", "<EOT>",      "<|end_of_text|>", "<|return|>"};
+  for (std::string_view text : kEndOfTurnTexts) {
+    const int32_t id = vocab.find(text);
+    if (id < 0) continue;
+    vocab.end_of_generation[id] = true;
+    // llama.cpp treats these as control tokens even when the file forgot to mark them.
+    if (vocab.type[id] == TokenType::normal) vocab.type[id] = TokenType::control;
+  }
+  vocab.user_defined_longest_first.clear();
+  for (int32_t i = 0; i < n; ++i) {
+    if (vocab.type[i] == TokenType::user_defined) vocab.user_defined_longest_first.push_back(i);
+  }
+  std::stable_sort(vocab.user_defined_longest_first.begin(), vocab.user_defined_longest_first.end(),
+                   [&](int32_t a, int32_t b) { return vocab.text[a].size() > vocab.text[b].size(); });
 }
 
 // llama.cpp's tokenizer_st_partition with parse_special = false: only user-defined tokens are cut

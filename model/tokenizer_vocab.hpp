@@ -60,6 +60,10 @@ struct Vocab {
   }
 };
 
+// Marks end-of-generation tokens (EOS, entries already set, the usual end-of-turn texts, which
+// become control tokens) and lists the user-defined tokens. `id_of`, `type` and `eos` must be set.
+void finish_special_tokens(Vocab& vocab);
+
 // A stretch of the input: either raw text still to be tokenized, or a user-defined token found in it.
 struct Fragment {
   std::string_view text;

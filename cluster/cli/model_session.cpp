@@ -5,6 +5,7 @@
 #include <thread>
 
 #include "cluster/cli/commands.hpp"
+#include "model/hf_tokenizer.hpp"
 
 namespace nibble::cli {
 
@@ -20,8 +21,13 @@ ModelSession ModelSession::open(const std::string& path, int threads, bool cpu_m
   s.checkpoint = model::LlamaCheckpoint::open(path);
   if (cpu_model) s.model = std::make_unique<worker::LlamaModel>(s.checkpoint);
   s.pool = std::make_unique<kernels::ThreadPool>(threads);
-  if (s.checkpoint->gguf() == nullptr) return s;  // HF checkpoint: token ids only
-  s.tokenizer = model::Tokenizer::from_gguf(*s.checkpoint->gguf());
+  if (s.checkpoint->gguf() != nullptr) {
+    s.tokenizer = model::Tokenizer::from_gguf(*s.checkpoint->gguf());
+  } else {
+    s.tokenizer = model::load_hf_tokenizer(
+        path, s.checkpoint->config().n_vocab);  // null without tokenizer.json: token ids only
+    if (s.tokenizer == nullptr) return s;
+  }
   if (s.tokenizer->n_vocab() != s.checkpoint->config().n_vocab) {
     throw std::runtime_error(path + ": vocabulary has " + std::to_string(s.tokenizer->n_vocab()) +
                              " tokens but token_embd.weight has " +
@@ -33,7 +39,7 @@ ModelSession ModelSession::open(const std::string& path, int threads, bool cpu_m
 const model::Tokenizer& ModelSession::require_tokenizer() const {
   if (tokenizer == nullptr) {
     throw std::runtime_error("no tokenizer: " + checkpoint->path() +
-                             " is a Hugging Face checkpoint and Nibble does not read tokenizer.json yet; "
+                             " is a Hugging Face checkpoint without tokenizer.json; "
                              "pass token ids (e.g. nibble logits --tokens \"1 2 3\")");
   }
   return *tokenizer;

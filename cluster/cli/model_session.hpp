@@ -13,7 +13,7 @@ namespace nibble::cli {
 struct ModelSession {
   std::shared_ptr<const model::LlamaCheckpoint> checkpoint;
   std::unique_ptr<worker::LlamaModel> model;          // null when opened with cpu_model = false
-  std::shared_ptr<const model::Tokenizer> tokenizer;  // null for an HF checkpoint (no tokenizer read)
+  std::shared_ptr<const model::Tokenizer> tokenizer;  // null for an HF checkpoint without tokenizer.json
   std::unique_ptr<kernels::ThreadPool> pool;
 
   // Throws with a message naming the file when it is missing or invalid. cpu_model = false opens

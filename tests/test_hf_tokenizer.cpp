@@ -1,0 +1,316 @@
+// tokenizer.json: a Hugging Face tokenizer written here from each GGUF vocabulary fixture (as
+// transformers' converters would write it) encodes llama.cpp's test vectors to the same ids;
+// unsupported or malformed files are refused naming the problem; `nibble generate` runs on an HF
+// directory once it has a tokenizer.json.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "model/gguf.hpp"
+#include "model/hf_checkpoint.hpp"
+#include "model/hf_tokenizer.hpp"
+#include "model/tokenizer.hpp"
+#include "tests/support/test_support.hpp"
+
+namespace nibble::model {
+namespace {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+constexpr const char* kSpace = "\xE2\x96\x81";
+
+std::string read_text(const fs::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::ostringstream buffer;
+  buffer << in.rdbuf();
+  return buffer.str();
+}
+
+void write_text(const fs::path& path, const std::string& text) {
+  std::ofstream out(path, std::ios::binary);
+  out << text;
+}
+
+struct VectorCase {
+  std::string text;
+  std::vector<int32_t> expected;
+};
+
+// llama.cpp's test-tokenizer-0 format (see test_tokenizer.cpp).
+std::vector<VectorCase> read_vectors(const fs::path& vocab_path) {
+  const std::string raw = read_text(vocab_path.string() + ".inp");
+  const std::string separator = "\n__ggml_vocab_test__\n";
+  std::vector<std::string> inputs;
+  for (size_t pos = 0; pos < raw.size();) {
+    const size_t next = raw.find(separator, pos);
+    if (next == std::string::npos) {
+      inputs.push_back(raw.substr(pos));
+      break;
+    }
+    inputs.push_back(raw.substr(pos, next - pos));
+    pos = next + separator.size();
+  }
+  std::ifstream out(vocab_path.string() + ".out");
+  std::vector<VectorCase> cases;
+  size_t i = 0;
+  for (std::string line; std::getline(out, line) && i < inputs.size(); ++i) {
+    std::istringstream ids(line);
+    std::vector<int32_t> expected;
+    for (int32_t id = 0; ids >> id;) expected.push_back(id);
+    cases.push_back({inputs[i], expected});
+  }
+  return cases;
+}
+
+std::vector<std::string> gguf_strings(const GgufFile& file, const std::string& key) {
+  std::vector<std::string> out;
+  for (const GgufValue& v : file.find(key)->array) out.push_back(v.s);
+  return out;
+}
+
+// tokenizer.json of a GGUF vocabulary: token types 3 (control) become special added tokens; for
+// "llama" the merges are derived from the scores as transformers' SentencePieceExtractor does.
+json tokenizer_json_of(const GgufFile& file) {
+  const std::string kind = file.find("tokenizer.ggml.model")->s;
+  const std::vector<std::string> tokens = gguf_strings(file, "tokenizer.ggml.tokens");
+  std::vector<int64_t> types(tokens.size(), 1);
+  if (const GgufValue* t = file.find("tokenizer.ggml.token_type")) {
+    for (size_t i = 0; i < tokens.size(); ++i) types[i] = t->array[i].i != 0 ? t->array[i].i : t->array[i].u;
+  }
+  json vocab = json::object();
+  json added = json::array();
+  std::unordered_map<std::string, int32_t> id_of;
+  for (size_t i = 0; i < tokens.size(); ++i) {
+    vocab[tokens[i]] = i;
+    id_of[tokens[i]] = static_cast<int32_t>(i);
+    if (types[i] == 3) added.push_back({{"id", i}, {"content", tokens[i]}, {"special", true}});
+  }
+  json model = {{"type", "BPE"}, {"vocab", vocab}};
+  json root = {{"version", "1.0"}, {"added_tokens", added}, {"model", nullptr}};
+  if (kind == "llama") {
+    const GgufValue* scores = file.find("tokenizer.ggml.scores");
+    std::vector<std::tuple<float, int32_t, int32_t, int32_t>> merges;  // -score, piece, left, right
+    for (size_t i = 0; i < tokens.size(); ++i) {
+      if (types[i] != 1) continue;
+      const std::string& piece = tokens[i];
+      for (size_t cut = 1; cut < piece.size(); ++cut) {
+        const auto l = id_of.find(piece.substr(0, cut));
+        const auto r = id_of.find(piece.substr(cut));
+        if (l == id_of.end() || r == id_of.end() || types[l->second] != 1 || types[r->second] != 1) continue;
+        merges.emplace_back(-static_cast<float>(scores->array[i].f), static_cast<int32_t>(i), l->second,
+                            r->second);
+      }
+    }
+    std::sort(merges.begin(), merges.end());
+    json merge_list = json::array();
+    for (const auto& [score, piece, l, r] : merges) merge_list.push_back(tokens[l] + " " + tokens[r]);
+    model["merges"] = merge_list;
+    model["byte_fallback"] = true;
+    model["unk_token"] = "<unk>";
+    root["normalizer"] = {{"type", "Sequence"},
+                          {"normalizers",
+                           {{{"type", "Prepend"}, {"prepend", kSpace}},
+                            {{"type", "Replace"}, {"pattern", {{"String", " "}}}, {"content", kSpace}}}}};
+    root["pre_tokenizer"] = nullptr;
+  } else {
+    model["merges"] = gguf_strings(file, "tokenizer.ggml.merges");
+    model["byte_fallback"] = false;
+    root["normalizer"] = nullptr;
+    root["pre_tokenizer"] = {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"use_regex", true}};
+  }
+  root["model"] = model;
+  return root;
+}
+
+void check_vectors_through_json(const fs::path& vocab_path, TokenizerKind kind) {
+  if (!fs::exists(vocab_path)) GTEST_SKIP() << vocab_path << " not found";
+  const auto file = GgufFile::open(vocab_path.string());
+  const auto reference = Tokenizer::from_gguf(*file);
+  test::TempDir tmp;
+  write_text(tmp.path() / "tokenizer.json", tokenizer_json_of(*file).dump());
+  // BOS / EOS by text, as tokenizer_config.json names them.
+  json config = json::object();
+  if (reference->bos_id() >= 0) config["bos_token"] = reference->token_text(reference->bos_id());
+  if (reference->eos_id() >= 0)
+    config["eos_token"] = {{"content", reference->token_text(reference->eos_id())}};
+  write_text(tmp.path() / "tokenizer_config.json", config.dump());
+  const auto tokenizer = load_hf_tokenizer(tmp.path().string());
+  ASSERT_NE(tokenizer, nullptr);
+  ASSERT_EQ(tokenizer->kind(), kind);
+  ASSERT_EQ(tokenizer->n_vocab(), reference->n_vocab());
+  EXPECT_EQ(tokenizer->bos_id(), reference->bos_id());
+  EXPECT_EQ(tokenizer->eos_id(), reference->eos_id());
+  EXPECT_EQ(tokenizer->add_bos_default(), reference->add_bos_default());
+  const auto cases = read_vectors(vocab_path);
+  ASSERT_FALSE(cases.empty());
+  int passed = 0;
+  for (const VectorCase& c : cases) {
+    const std::vector<int32_t> got = tokenizer->encode(c.text, /*add_bos=*/false);
+    EXPECT_EQ(got, c.expected) << "'" << c.text << "'";
+    passed += got == c.expected;
+    EXPECT_EQ(tokenizer->decode(got), reference->decode(c.expected)) << "'" << c.text << "'";
+  }
+  std::printf("%s via tokenizer.json: %d/%zu vectors match\n", vocab_path.filename().c_str(), passed,
+              cases.size());
+}
+
+TEST(HfTokenizer, LlamaSpmVectorsThroughTokenizerJson) {
+  NIBBLE_REQUIRE_FIXTURES(dir);
+  check_vectors_through_json(dir / "tokenizer" / "ggml-vocab-llama-spm.gguf", TokenizerKind::sentencepiece);
+}
+
+TEST(HfTokenizer, Gpt2VectorsThroughTokenizerJson) {
+  NIBBLE_REQUIRE_FIXTURES(dir);
+  check_vectors_through_json(dir / "tokenizer" / "ggml-vocab-gpt-2.gguf", TokenizerKind::byte_bpe);
+}
+
+// Llama 3's shape: Split with Llama 3's regex, then ByteLevel without its own regex. On the GPT-2
+// vocabulary the regex shows itself: digits are cut in threes, and BOS is added by default.
+TEST(HfTokenizer, Llama3StyleSplitThenByteLevel) {
+  NIBBLE_REQUIRE_FIXTURES(dir);
+  const fs::path path = dir / "tokenizer" / "ggml-vocab-gpt-2.gguf";
+  if (!fs::exists(path)) GTEST_SKIP() << path << " not found";
+  const auto file = GgufFile::open(path.string());
+  json root = tokenizer_json_of(*file);
+  root["pre_tokenizer"] = {{"type", "Sequence"},
+                           {"pretokenizers",
+                            {{{"type", "Split"},
+                              {"pattern",
+                               {{"Regex",
+                                 "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| "
+                                 "?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|"
+                                 "\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"}}},
+                              {"behavior", "Isolated"}},
+                             {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"use_regex", false}}}}};
+  test::TempDir tmp;
+  write_text(tmp.path() / "tokenizer.json", root.dump());
+  write_text(tmp.path() / "tokenizer_config.json", R"({"bos_token": "<|endoftext|>"})");
+  const auto tok = load_hf_tokenizer(tmp.path().string());
+  ASSERT_NE(tok, nullptr);
+  EXPECT_EQ(tok->kind(), TokenizerKind::byte_bpe);
+  EXPECT_TRUE(tok->add_bos_default());
+  const std::vector<int32_t> ids = tok->encode("1234567", false);
+  std::vector<std::string> pieces;
+  for (const int32_t id : ids) pieces.push_back(tok->token_bytes(id));
+  EXPECT_EQ(pieces, (std::vector<std::string>{"123", "456", "7"}));
+}
+
+// A small Llama-2 style tokenizer.json of `n` tokens: <unk> <s> </s>, "▁", printable ASCII, then
+// merges of frequent letter pairs.
+json tiny_llama_tokenizer(int n) {
+  std::vector<std::string> tokens = {"<unk>", "<s>", "</s>", kSpace};
+  for (char c = 0x21; c < 0x7F; ++c) tokens.emplace_back(1, c);
+  json merges = json::array();
+  const std::vector<std::string> letters = {kSpace, "e", "t", "a", "o", "i", "n", "s", "h", "r", "l", "d"};
+  for (const std::string& a : letters) {
+    for (const std::string& b : letters) {
+      if (static_cast<int>(tokens.size()) >= n || b == kSpace) continue;
+      merges.push_back(a + " " + b);
+      tokens.push_back(a + b);
+    }
+  }
+  json vocab = json::object();
+  for (size_t i = 0; i < tokens.size(); ++i) vocab[tokens[i]] = i;
+  json added = json::array();
+  for (int i = 0; i < 3; ++i) added.push_back({{"id", i}, {"content", tokens[i]}, {"special", true}});
+  return {{"added_tokens", added},
+          {"normalizer",
+           {{"type", "Sequence"},
+            {"normalizers",
+             {{{"type", "Prepend"}, {"prepend", kSpace}},
+              {{"type", "Replace"}, {"pattern", {{"String", " "}}}, {"content", kSpace}}}}}},
+          {"pre_tokenizer", nullptr},
+          {"model",
+           {{"type", "BPE"},
+            {"vocab", vocab},
+            {"merges", merges},
+            {"byte_fallback", true},
+            {"unk_token", "<unk>"}}}};
+}
+
+TEST(HfTokenizer, TinyLlamaStyleEncodesWithMerges) {
+  test::TempDir tmp;
+  write_text(tmp.path() / "tokenizer.json", tiny_llama_tokenizer(192).dump());
+  write_text(tmp.path() / "tokenizer_config.json", R"({"add_bos_token": true, "bos_token": "<s>",
+      "eos_token": {"content": "</s>"}})");
+  const auto tok = load_hf_tokenizer(tmp.path().string());
+  ASSERT_NE(tok, nullptr);
+  EXPECT_EQ(tok->kind(), TokenizerKind::sentencepiece);
+  EXPECT_EQ(tok->n_vocab(), 192);
+  EXPECT_EQ(tok->bos_id(), 1);
+  EXPECT_EQ(tok->eos_id(), 2);
+  EXPECT_TRUE(tok->add_bos_default());
+  EXPECT_TRUE(tok->is_end_of_generation(2));
+  const std::vector<int32_t> ids = tok->encode("the road", true);
+  ASSERT_FALSE(ids.empty());
+  EXPECT_EQ(ids.front(), 1);
+  EXPECT_EQ(tok->token_text(ids[1]), std::string(kSpace) + "t");  // "▁t" is merged before "th"
+  EXPECT_EQ(tok->decode(ids), "the road");
+  // Padded to the model's vocabulary size.
+  EXPECT_EQ(load_hf_tokenizer(tmp.path().string(), 200)->n_vocab(), 200);
+}
+
+TEST(HfTokenizer, NoTokenizerJsonGivesNull) {
+  test::TempDir tmp;
+  EXPECT_EQ(load_hf_tokenizer(tmp.path().string()), nullptr);
+}
+
+// Loading `text` as tokenizer.json fails with a message containing `expected`.
+void expect_refused(const std::string& text, const std::string& expected) {
+  test::TempDir tmp;
+  write_text(tmp.path() / "tokenizer.json", text);
+  try {
+    load_hf_tokenizer(tmp.path().string());
+    ADD_FAILURE() << "accepted; expected an error containing '" << expected << "'";
+  } catch (const HfCheckpointError& e) {
+    const std::string what = e.what();
+    EXPECT_NE(what.find("tokenizer.json"), std::string::npos) << what;
+    EXPECT_NE(what.find(expected), std::string::npos) << what;
+  }
+}
+
+TEST(HfTokenizer, RefusesMalformedAndUnsupportedFiles) {
+  expect_refused("{not json", "not valid JSON");
+  expect_refused(R"({"model": 3})", "'model' is missing");
+  expect_refused(R"({"model": {"type": "Unigram", "vocab": []}})", "model type 'Unigram' is not supported");
+  expect_refused(R"({"model": {"type": "WordPiece", "vocab": {}}})", "model type 'WordPiece'");
+  expect_refused(R"({"model": {"type": "BPE", "vocab": {"a": 0}, "merges": []},
+                    "pre_tokenizer": {"type": "Whitespace"}})",
+                 "pre_tokenizer 'Whitespace' is not supported");
+  expect_refused(R"({"model": {"type": "BPE", "vocab": {"a": "x"}, "merges": [], "byte_fallback": true}})",
+                 "model.vocab entry 'a' is not an integer id");
+  expect_refused(R"({"model": {"type": "BPE", "vocab": {"a": 0}, "merges": [7], "byte_fallback": true}})",
+                 "model.merges entry 7");
+  expect_refused(R"({"model": {"type": "BPE", "vocab": {"a": 0}, "merges": [], "byte_fallback": true},
+                    "normalizer": {"type": "NFKC"}})",
+                 "normalizer 'NFKC' is not supported");
+  expect_refused(R"({"model": {"type": "BPE", "vocab": {"a": 0}, "merges": []},
+                    "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+                      {"type": "Split", "pattern": {"Regex": "\\w+"}}, {"type": "ByteLevel"}]}})",
+                 "Split regex");
+  expect_refused(
+      R"({"model": {"type": "BPE", "vocab": {"a": 0, "b": 0}, "merges": [], "byte_fallback": true}})",
+      "gives id 0 to both");
+}
+
+TEST(HfTokenizer, GenerateRunsOnAnHfDirectoryWithTokenizerJson) {
+  const fs::path source = test::test_data_dir() / "hf-tiny-llama" / "f32";
+  test::TempDir tmp;
+  for (const char* name : {"config.json", "model.safetensors"})
+    fs::copy_file(source / name, tmp.path() / name);
+  write_text(tmp.path() / "tokenizer.json", tiny_llama_tokenizer(192).dump());
+  const auto r = test::run_command(test::nibble_bin() + " generate --model " + tmp.path().string() +
+                                   " --prompt \"the road\" --max-tokens 4 --threads 1");
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_EQ(r.output.find("no tokenizer"), std::string::npos) << r.output;
+}
+
+}  // namespace
+}  // namespace nibble::model

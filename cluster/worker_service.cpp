@@ -4,6 +4,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "cluster/sampling_settings.hpp"
 #include "speculative/rejection_sampler.hpp"
 
 namespace nibble::cluster {
@@ -47,15 +48,8 @@ protocol::StepResult WorkerService::execute(const protocol::WorkerStep& step) {
   const bool samples = results_ != nullptr;
   for (const protocol::SequenceSampling& s : step.new_sequences) {
     if (!samples) continue;
-    worker::SamplingParams params;
-    params.temperature = s.temperature;
-    params.top_k = s.top_k;
-    params.top_p = s.top_p;
-    params.min_p = s.min_p;
-    params.repetition_penalty = s.repetition_penalty;
-    params.repeat_last_n = s.repeat_last_n;
-    params.seed = s.seed;
-    sequences_[s.seq_id] = std::make_unique<SequenceState>(SequenceState{worker::Sampler(params), {}, {}});
+    sequences_[s.seq_id] =
+        std::make_unique<SequenceState>(SequenceState{worker::Sampler(to_sampling_params(s)), {}, {}});
   }
   for (uint64_t id : step.released) {
     sequences_.erase(id);

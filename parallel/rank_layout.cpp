@@ -10,23 +10,25 @@ const char* role_name(Role role) {
       return "coordinator";
     case Role::worker:
       return "worker";
+    case Role::draft:
+      return "draft";
   }
   return "unknown";
 }
 
-RankLayout::RankLayout(int world_size, int tensor, int pipeline)
-    : world_size_(world_size), tensor_(tensor), pipeline_(pipeline) {
+RankLayout::RankLayout(int world_size, int tensor, int pipeline, bool draft_rank)
+    : world_size_(world_size), tensor_(tensor), pipeline_(pipeline), draft_rank_(draft_rank) {
   if (tensor < 1 || pipeline < 1) {
     throw std::invalid_argument("tensor and pipeline parallel sizes must be >= 1 (got tensor " +
                                 std::to_string(tensor) + ", pipeline " + std::to_string(pipeline) + ")");
   }
   // Compute in 64 bits so that absurd arguments give the size message, not an overflow.
-  const long long expected = 1 + static_cast<long long>(tensor) * pipeline;
+  const long long expected = 1 + static_cast<long long>(tensor) * pipeline + (draft_rank ? 1 : 0);
   if (world_size != expected) {
     throw std::invalid_argument("world size " + std::to_string(world_size) +
                                 " does not match 1 coordinator + " + std::to_string(pipeline) +
-                                " pipeline stages x " + std::to_string(tensor) +
-                                " tensor ranks = " + std::to_string(expected) +
+                                " pipeline stages x " + std::to_string(tensor) + " tensor ranks" +
+                                (draft_rank ? " + 1 draft rank" : "") + " = " + std::to_string(expected) +
                                 " ranks (start with mpirun -np " + std::to_string(expected) + ")");
   }
 }
@@ -58,6 +60,10 @@ RankInfo RankLayout::rank(int world_rank) const {
   RankInfo info;
   info.world_rank = world_rank;
   if (world_rank == kCoordinatorRank) return info;
+  if (world_rank == draft_world_rank()) {
+    info.role = Role::draft;
+    return info;
+  }
 
   info.role = Role::worker;
   info.worker_index = world_rank - 1;
@@ -77,7 +83,8 @@ std::string RankLayout::describe() const {
     return std::to_string(n) + " " + (n == 1 ? one : many);
   };
   return "1 coordinator + " + count(pipeline_, "stage", "stages") + " x " +
-         count(tensor_, "tensor rank", "tensor ranks") + " = " + std::to_string(world_size_) + " ranks";
+         count(tensor_, "tensor rank", "tensor ranks") + (draft_rank_ ? " + 1 draft rank" : "") + " = " +
+         std::to_string(world_size_) + " ranks";
 }
 
 }  // namespace nibble::parallel

@@ -2,9 +2,10 @@
 // Where each process of `mpirun -np 1+T*P nibble serve` sits. Pure arithmetic, no MPI, so that it
 // can be tested and used by the coordinator without a communicator.
 //
-// World rank 0 is the coordinator; ranks 1.. are workers. Worker w = world_rank - 1 belongs to
+// World rank 0 is the coordinator; ranks 1..T*P are workers. Worker w = world_rank - 1 belongs to
 // pipeline stage w / T and has tensor-parallel rank w % T, so each stage's T ranks are contiguous
-// in the world (they usually share a host and the fastest links).
+// in the world (they usually share a host and the fastest links). With a draft rank (speculative
+// decoding, `draft.placement: own_rank`) the last world rank, 1 + T*P, runs the draft model.
 
 #include <optional>
 #include <string>
@@ -12,11 +13,12 @@
 
 namespace nibble::parallel {
 
-enum class Role { coordinator, worker };
+enum class Role { coordinator, worker, draft };
 
 const char* role_name(Role role);
 
-// One rank's place in the layout. Worker-only fields are -1 / empty / nullopt on the coordinator.
+// One rank's place in the layout. Worker-only fields are -1 / empty / nullopt on the coordinator
+// and the draft rank.
 struct RankInfo {
   int world_rank = 0;
   Role role = Role::coordinator;
@@ -40,13 +42,16 @@ struct RankInfo {
 class RankLayout {
  public:
   // Throws std::invalid_argument unless tensor >= 1, pipeline >= 1 and
-  // world_size == 1 + tensor * pipeline.
-  RankLayout(int world_size, int tensor, int pipeline);
+  // world_size == 1 + tensor * pipeline (+ 1 with a draft rank).
+  RankLayout(int world_size, int tensor, int pipeline, bool draft_rank = false);
 
   int world_size() const { return world_size_; }
   int tensor() const { return tensor_; }
   int pipeline() const { return pipeline_; }
   int num_workers() const { return tensor_ * pipeline_; }
+  bool has_draft_rank() const { return draft_rank_; }
+  // World rank of the draft (the last one); -1 without a draft rank.
+  int draft_world_rank() const { return draft_rank_ ? 1 + num_workers() : -1; }
 
   static constexpr int kCoordinatorRank = 0;
 
@@ -66,6 +71,7 @@ class RankLayout {
   int world_size_;
   int tensor_;
   int pipeline_;
+  bool draft_rank_;
 };
 
 }  // namespace nibble::parallel

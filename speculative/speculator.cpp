@@ -7,7 +7,7 @@
 #include <cstdlib>
 #include <limits>
 
-#include "speculative/rejection_sampler.hpp"
+#include "speculative/local_draft.hpp"
 
 namespace nibble::speculative {
 
@@ -49,43 +49,35 @@ double time_forward(worker::LlamaModel& model, kernels::ThreadPool& pool, int64_
 
 }  // namespace
 
-CostModel CostModel::measure(worker::LlamaModel& target, worker::LlamaModel& draft, kernels::ThreadPool& pool,
-                             int64_t max_tokens) {
-  CostModel costs;
-  for (int64_t n = 1; n <= std::max<int64_t>(1, max_tokens); n *= 2) {
-    costs.target.emplace_back(n, time_forward(target, pool, n));
-    costs.draft.emplace_back(n, time_forward(draft, pool, n));
-  }
+std::vector<std::pair<int64_t, double>> CostModel::measure_model(worker::LlamaModel& model,
+                                                                 kernels::ThreadPool& pool,
+                                                                 int64_t max_tokens) {
+  std::vector<std::pair<int64_t, double>> points;
+  for (int64_t n = 1; n <= std::max<int64_t>(1, max_tokens); n *= 2)
+    points.emplace_back(n, time_forward(model, pool, n));
   // More tokens never cost less: a size that timed faster than a smaller one was measured while
   // the smaller one was disturbed, so the smaller one gets the lower time.
-  for (auto* points : {&costs.target, &costs.draft})
-    for (size_t i = points->size() - 1; i-- > 0;)
-      (*points)[i].second = std::min((*points)[i].second, (*points)[i + 1].second);
-  return costs;
+  for (size_t i = points.size() - 1; i-- > 0;)
+    points[i].second = std::min(points[i].second, points[i + 1].second);
+  return points;
+}
+
+CostModel CostModel::measure(worker::LlamaModel& target, worker::LlamaModel& draft, kernels::ThreadPool& pool,
+                             int64_t max_tokens) {
+  return {measure_model(target, pool, max_tokens), measure_model(draft, pool, max_tokens)};
 }
 
 Speculator::Speculator(worker::LlamaModel& draft, kernels::ThreadPool& pool, SpeculatorSettings settings)
-    : draft_(draft),
-      pool_(pool),
-      settings_(settings),
-      cache_(draft.shard_config(), settings.num_blocks, settings.block_size),
-      allocator_(settings.num_blocks) {}
+    : owned_drafts_(std::make_unique<LocalDraft>(draft, pool, settings.num_blocks, settings.block_size)),
+      drafts_(*owned_drafts_),
+      settings_(settings) {}
 
-Speculator::SequenceState& Speculator::state(uint64_t seq_id, const worker::SamplingParams& sampling) {
-  SequenceState& s = sequences_[seq_id];
-  if (s.sampler == nullptr) {
-    worker::SamplingParams draft_params = sampling;
-    draft_params.seed = sampling.seed ^ 0x9E3779B97F4A7C15ull;  // its own stream, fixed by the seed
-    s.sampler = std::make_unique<worker::Sampler>(draft_params);
-  }
-  return s;
-}
+Speculator::Speculator(DraftProposer& drafts, SpeculatorSettings settings)
+    : drafts_(drafts), settings_(settings) {}
 
 void Speculator::release(uint64_t seq_id) {
-  const auto it = sequences_.find(seq_id);
-  if (it == sequences_.end()) return;
-  allocator_.release(it->second.blocks);
-  sequences_.erase(it);
+  drafts_.release(seq_id);
+  sequences_.erase(seq_id);
 }
 
 double Speculator::gain(double acceptance, int64_t decode_batch, int k) const {
@@ -208,88 +200,9 @@ void Speculator::record(uint64_t seq_id, int proposed, int accepted) {
 }
 
 std::vector<Proposal> Speculator::propose(const std::vector<ProposalRequest>& requests) {
-  const int64_t n_vocab = draft_.config().n_vocab;
-  const int64_t bs = settings_.block_size;
-  struct Work {
-    const ProposalRequest* request;
-    SequenceState* state;
-    int k;
-    Proposal proposal;
-    std::vector<int32_t> history;  // tokens then the proposals so far
-  };
-  std::vector<Work> work;
-  for (const ProposalRequest& r : requests) {
-    if (r.k <= 0 || r.tokens.empty()) continue;
-    SequenceState& s = state(r.seq_id, *r.sampling);
-    // The draft cache stays valid for the longest common prefix of what it was fed and what the
-    // target accepted (drafts that were rejected, or a sequence recomputed after preemption, differ).
-    size_t valid = 0;
-    while (valid < s.fed.size() && valid < r.tokens.size() && s.fed[valid] == r.tokens[valid]) ++valid;
-    valid = std::min(valid, r.tokens.size() - 1);  // the newest token is always fed now
-    s.fed.resize(valid);
-    allocator_.truncate(s.blocks, static_cast<int64_t>(valid), bs);
-    // Positions up to the last proposal but one (the last is never fed).
-    const int64_t needed = static_cast<int64_t>(r.tokens.size()) + r.k - 1;
-    int k = r.k;
-    if (needed > draft_.config().n_ctx_train && draft_.config().n_ctx_train > 0) k = 0;
-    if (k > 0 && !allocator_.reserve(s.blocks, needed, bs)) k = 0;  // draft cache full: no proposal
-    Proposal p;
-    p.seq_id = r.seq_id;
-    if (k == 0) {
-      work.push_back({&r, &s, 0, std::move(p), {}});
-      continue;
-    }
-    work.push_back({&r, &s, k, std::move(p), std::vector<int32_t>(r.tokens.begin(), r.tokens.end())});
-  }
-
-  // Round 0 feeds every sequence's catch-up tokens; round i > 0 feeds proposal i.
-  int max_k = 0;
-  for (const Work& w : work) max_k = std::max(max_k, w.k);
-  for (int round = 0; round < max_k; ++round) {
-    worker::ForwardBatch batch;
-    std::vector<Work*> active;
-    int64_t max_blocks = 0;
-    for (Work& w : work) {
-      if (w.k > round)
-        max_blocks = std::max<int64_t>(max_blocks, static_cast<int64_t>(w.state->blocks.size()));
-    }
-    batch.max_blocks_per_seq = max_blocks;
-    for (Work& w : work) {
-      if (w.k <= round) continue;
-      const int32_t row = static_cast<int32_t>(active.size());
-      active.push_back(&w);
-      const size_t from = round == 0 ? w.state->fed.size() : w.history.size() - 1;
-      for (size_t pos = from; pos < w.history.size(); ++pos) {
-        batch.tokens.push_back(w.history[pos]);
-        batch.positions.push_back(static_cast<int32_t>(pos));
-        batch.seq_index.push_back(row);
-      }
-      batch.logit_rows.push_back(static_cast<int32_t>(batch.tokens.size() - 1));
-      std::vector<int32_t> table = w.state->blocks;
-      table.resize(static_cast<size_t>(max_blocks), -1);
-      batch.block_tables.insert(batch.block_tables.end(), table.begin(), table.end());
-    }
-    draft_.forward(batch, cache_, pool_, logits_);
-    for (size_t i = 0; i < active.size(); ++i) {
-      Work& w = *active[i];
-      w.state->fed.assign(w.history.begin(), w.history.end());
-      const float* row = logits_.data() + i * n_vocab;
-      int32_t token = 0;
-      if (w.state->sampler->params().temperature <= 0.0f) {
-        token = greedy_token(*w.state->sampler, row, n_vocab, w.history);  // no q needed at temperature 0
-      } else {
-        std::vector<float> q = dense_distribution(*w.state->sampler, row, n_vocab, w.history);
-        token = sample_dense(q.data(), n_vocab, w.state->sampler->uniform());
-        w.proposal.probs.insert(w.proposal.probs.end(), q.begin(), q.end());
-      }
-      w.proposal.tokens.push_back(token);
-      w.history.push_back(token);
-    }
-  }
-
-  std::vector<Proposal> out;
-  for (Work& w : work) out.push_back(std::move(w.proposal));
-  return out;
+  for (const ProposalRequest& r : requests)
+    if (r.k > 0) sequences_.try_emplace(r.seq_id);  // from now on its acceptance rate is tracked
+  return drafts_.propose(requests);
 }
 
 }  // namespace nibble::speculative

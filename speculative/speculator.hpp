@@ -1,13 +1,9 @@
 #pragma once
-// The draft side of speculative decoding: a small model with its own KV cache (own block budget)
-// that, for a batch of sequences, catches up on the tokens the target accepted since its last
-// proposal and proposes up to k more tokens each, batching every draft forward pass across the
-// sequences. It also decides k per sequence from that sequence's running acceptance rate and the
-// batch size, and switches speculation off where it cannot pay.
-//
-// The draft samples its proposals x_i ~ q_i with its own per-sequence stream (seeded from the
-// request's seed), after the same penalty/temperature/top-k/top-p/min-p transformation as the
-// target, and hands q_i back for the acceptance test (rejection_sampler.hpp).
+// The policy side of speculative decoding: how many tokens the draft proposes for each sequence,
+// and whether speculation is on at all at a given batch size. It decides k per sequence from that
+// sequence's running acceptance rate and the batch size, switches speculation off where it cannot
+// pay, and keeps the acceptance statistics. The draft itself runs behind a DraftProposer: in this
+// process (LocalDraft) or in a rank of its own (cluster/remote_draft.hpp).
 #include <cstdint>
 #include <memory>
 #include <span>
@@ -15,6 +11,7 @@
 #include <vector>
 
 #include "kernels/thread_pool.hpp"
+#include "speculative/draft_proposer.hpp"
 #include "worker/kv_cache.hpp"
 #include "worker/llama_model.hpp"
 #include "worker/sampler.hpp"
@@ -38,6 +35,9 @@ struct CostModel {
   // models that fit a CPU test.
   static CostModel measure(worker::LlamaModel& target, worker::LlamaModel& draft, kernels::ThreadPool& pool,
                            int64_t max_tokens);
+  // The same for one model (for a target and a draft that run in different processes).
+  static std::vector<std::pair<int64_t, double>> measure_model(worker::LlamaModel& model,
+                                                               kernels::ThreadPool& pool, int64_t max_tokens);
 
  private:
   static double interpolate(const std::vector<std::pair<int64_t, double>>& points, int64_t tokens);
@@ -58,19 +58,6 @@ struct SpeculatorSettings {
   double verify_cost = 0.15;
 };
 
-struct ProposalRequest {
-  uint64_t seq_id = 0;
-  std::span<const int32_t> tokens;  // the sequence so far: prompt and every accepted token
-  const worker::SamplingParams* sampling = nullptr;
-  int k = 0;  // tokens wanted (0: none)
-};
-
-struct Proposal {
-  uint64_t seq_id = 0;
-  std::vector<int32_t> tokens;  // [k'] proposed ids, k' <= k (fewer when the draft cache is full)
-  std::vector<float> probs;     // [k', n_vocab] q_i each proposal was drawn from; empty at temperature 0
-};
-
 struct SpeculatorStats {
   uint64_t steps = 0;     // verifications
   uint64_t proposed = 0;  // draft tokens proposed
@@ -79,9 +66,12 @@ struct SpeculatorStats {
 
 class Speculator {
  public:
-  // draft: the draft model (tensor-parallel size 1, the whole model; not owned). Its vocabulary must
-  // already have been checked against the target's (vocab_match.hpp).
+  // draft: the draft model run in this process (a LocalDraft over it, with settings.num_blocks
+  // blocks of its own; not owned). Its vocabulary must already have been checked against the
+  // target's (vocab_match.hpp).
   Speculator(worker::LlamaModel& draft, kernels::ThreadPool& pool, SpeculatorSettings settings);
+  // drafts: where proposals come from, e.g. a draft on a rank of its own (not owned).
+  Speculator(DraftProposer& drafts, SpeculatorSettings settings);
 
   // One proposal per request with k > 0, in request order.
   std::vector<Proposal> propose(const std::vector<ProposalRequest>& requests);
@@ -116,13 +106,9 @@ class Speculator {
 
  private:
   struct SequenceState {
-    std::unique_ptr<worker::Sampler> sampler;  // the draft's own stream
-    std::vector<int32_t> fed;                  // tokens whose K/V the draft cache holds, by position
-    std::vector<int32_t> blocks;
     double acceptance = 0.5;  // per-token acceptance rate, exponential average
     uint64_t steps_off = 0;
   };
-  SequenceState& state(uint64_t seq_id, const worker::SamplingParams& sampling);
   // Expected tokens per second relative to plain decoding (1.0) when proposing k tokens to
   // sequences with this acceptance rate in a decode batch of this size.
   double gain(double acceptance, int64_t decode_batch, int k) const;
@@ -146,14 +132,11 @@ class Speculator {
   Measured& bucket(int64_t decode_batch);
   std::vector<Measured> buckets_;
 
-  worker::LlamaModel& draft_;
-  kernels::ThreadPool& pool_;
+  std::unique_ptr<DraftProposer> owned_drafts_;  // the LocalDraft of the first constructor
+  DraftProposer& drafts_;
   SpeculatorSettings settings_;
-  worker::KvCache cache_;
-  worker::BlockAllocator allocator_;
-  std::unordered_map<uint64_t, SequenceState> sequences_;
+  std::unordered_map<uint64_t, SequenceState> sequences_;  // sequences that have had proposals
   SpeculatorStats stats_;
-  std::vector<float> logits_;
 };
 
 }  // namespace nibble::speculative

@@ -113,7 +113,7 @@ context: 8192
   EXPECT_DOUBLE_EQ(config.kv_cache.memory_fraction, 1.0);
   EXPECT_EQ(config.kv_cache.num_blocks, 1000);
   EXPECT_EQ(config.context, 8192);
-  EXPECT_EQ(config.world_size(), 7);
+  EXPECT_EQ(config.world_size(), 8);  // 1 coordinator + 6 workers + the draft's own rank
   EXPECT_EQ(config.num_workers(), 6);
 }
 

@@ -109,6 +109,24 @@ TEST(RankLayout, RejectsMismatchedWorldSize) {
   EXPECT_NO_THROW(RankLayout(2, 1, 1));
 }
 
+TEST(RankLayout, ADraftRankIsTheLastWorldRank) {
+  const RankLayout layout(6, 2, 2, /*draft_rank=*/true);
+  EXPECT_TRUE(layout.has_draft_rank());
+  EXPECT_EQ(layout.draft_world_rank(), 5);
+  EXPECT_EQ(layout.num_workers(), 4);
+  const RankInfo draft = layout.rank(5);
+  EXPECT_EQ(draft.role, Role::draft);
+  EXPECT_EQ(draft.stage, -1);
+  EXPECT_TRUE(draft.tensor_group.empty());
+  EXPECT_EQ(layout.rank(4).role, Role::worker);  // the workers keep their places
+  EXPECT_EQ(layout.rank(4).stage, 1);
+  EXPECT_EQ(layout.rank(4).tp_rank, 1);
+  EXPECT_EQ(layout.describe(), "1 coordinator + 2 stages x 2 tensor ranks + 1 draft rank = 6 ranks");
+  EXPECT_EQ(RankLayout(5, 2, 2).draft_world_rank(), -1);
+  expect_throw_with<std::invalid_argument>([] { RankLayout(5, 2, 2, true); },
+                                           {"+ 1 draft rank", "mpirun -np 6"});
+}
+
 TEST(RankLayout, RejectsRanksOutsideTheWorld) {
   const RankLayout layout(5, 2, 2);
   EXPECT_THROW(layout.rank(-1), std::out_of_range);

@@ -38,16 +38,19 @@ namespace {
 namespace fs = std::filesystem;
 using namespace std::chrono_literals;
 
+// Where the job listens and how it is started, when not on one host over ipc://.
+struct ServePlacement {
+  std::string listen;                    // server.listen; empty: ipc:// in `dir`
+  std::string client_endpoint;           // what clients connect to (default: listen)
+  std::vector<std::string> mpirun_args;  // extra mpirun arguments (hostfile, launch agent, ...)
+  bool draft_rank = false;               // one more rank: the config puts the draft on its own rank
+};
+
 // One `mpirun ... nibble serve` job, its output in a log file. The destructor stops it (shutdown
 // request, then SIGKILL of its process group if it does not go).
 class ServeJob {
  public:
-  // Where the job listens and how it is started, when not on one host over ipc://.
-  struct Placement {
-    std::string listen;                    // server.listen; empty: ipc:// in `dir`
-    std::string client_endpoint;           // what clients connect to (default: listen)
-    std::vector<std::string> mpirun_args;  // extra mpirun arguments (hostfile, launch agent, ...)
-  };
+  using Placement = ServePlacement;
 
   ServeJob(const fs::path& dir, const std::string& model_path, int tensor, int pipeline,
            const std::string& extra_yaml = "", const Placement& placement = {})
@@ -62,8 +65,9 @@ class ServeJob {
                           << extra_yaml;
     std::vector<std::string> args = {NIBBLE_MPIEXEC, "--allow-run-as-root", "--oversubscribe"};
     args.insert(args.end(), placement.mpirun_args.begin(), placement.mpirun_args.end());
-    for (std::string a : {std::string("-np"), std::to_string(1 + tensor * pipeline), test::nibble_bin(),
-                          std::string("serve"), std::string("--config"), config.string()}) {
+    const int ranks = 1 + tensor * pipeline + (placement.draft_rank ? 1 : 0);
+    for (std::string a : {std::string("-np"), std::to_string(ranks), test::nibble_bin(), std::string("serve"),
+                          std::string("--config"), config.string()}) {
       args.push_back(a);
     }
     pid_ = fork();
@@ -238,14 +242,22 @@ INSTANTIATE_TEST_SUITE_P(Layouts, ServeShapes, ::testing::Values(Shape{2, 1}, Sh
 
 // Speculative decoding through the service: at temperature 0 the output with a draft equals
 // single-process `nibble generate` without one, for k in {1, 3, 5}, in one process and under
-// T=2 x P=2; the target as its own draft accepts every proposal.
+// T=2 x P=2, with the draft next to the sampling worker or on a rank of its own; the target as its
+// own draft accepts every proposal.
 struct SpecCase {
   int tensor, pipeline, k;
+  bool own_rank = false;
 };
 std::string spec_name(const ::testing::TestParamInfo<SpecCase>& info) {
   return numbered("T", static_cast<size_t>(info.param.tensor))
       .append(numbered("_P", static_cast<size_t>(info.param.pipeline)))
-      .append(numbered("_k", static_cast<size_t>(info.param.k)));
+      .append(numbered("_k", static_cast<size_t>(info.param.k)))
+      .append(info.param.own_rank ? "_own_rank" : "");
+}
+
+std::string draft_yaml(const std::string& draft, int k, bool own_rank) {
+  return "draft: { path: \"" + draft + "\", max_draft_tokens: " + std::to_string(k) + ", adaptive: false" +
+         (own_rank ? ", placement: own_rank" : "") + " }\n";
 }
 class ServeSpeculative : public ::testing::TestWithParam<SpecCase> {};
 
@@ -254,10 +266,15 @@ void expect_speculative_same_as_generate(const std::string& target, const std::s
   std::vector<Expected> expected;
   for (const std::string& p : kPrompts) expected.push_back(nibble_generate(target, p, 24));
   test::TempDir dir;
-  ServeJob job(
-      dir.path(), target, c.tensor, c.pipeline,
-      "draft: { path: \"" + draft + "\", max_draft_tokens: " + std::to_string(c.k) + ", adaptive: false }\n");
+  ServeJob::Placement placement;
+  placement.draft_rank = c.own_rank;
+  ServeJob job(dir.path(), target, c.tensor, c.pipeline, draft_yaml(draft, c.k, c.own_rank), placement);
   ASSERT_TRUE(job.wait_ready()) << job.log();
+  if (c.own_rank) {
+    EXPECT_NE(job.log().find("draft rank " + std::to_string(1 + c.tensor * c.pipeline) + ": " + draft),
+              std::string::npos)
+        << job.log();
+  }
   Client client(job.endpoint());
   uint64_t proposed = 0, accepted = 0;
   for (size_t i = 0; i < kPrompts.size(); ++i) {
@@ -299,8 +316,45 @@ TEST_P(ServeSpeculative, FixtureModelsGreedyOutputWithADraftEqualsGenerate) {
 
 INSTANTIATE_TEST_SUITE_P(Layouts, ServeSpeculative,
                          ::testing::Values(SpecCase{1, 1, 1}, SpecCase{1, 1, 3}, SpecCase{1, 1, 5},
-                                           SpecCase{2, 2, 1}, SpecCase{2, 2, 3}, SpecCase{2, 2, 5}),
+                                           SpecCase{2, 2, 1}, SpecCase{2, 2, 3}, SpecCase{2, 2, 5},
+                                           SpecCase{1, 1, 3, true}, SpecCase{2, 2, 3, true}),
                          spec_name);
+
+// Sampled requests (temperature 0.9, fixed seeds) give the same tokens whether the draft runs next
+// to the sampling worker or on a rank of its own: the same proposals, drawn from the same streams,
+// reach the same acceptance test. The job ends cleanly, draft rank included.
+TEST(Serve, DraftOnItsOwnRankSamplesTheSameTokensAsNextToTheSampler) {
+  test::TempDir models;
+  const std::string target = make_tiny_model(models.path(), kernels::DType::Q8_0);
+  const std::string draft = (models.path() / "draft.gguf").string();
+  model::write_random_llama(draft, model::llama_shape_by_name("tiny"), kernels::DType::Q4_0, 5);
+  std::vector<std::vector<int32_t>> outputs[2];
+  uint64_t accepted[2] = {0, 0};
+  for (int own = 0; own < 2; ++own) {
+    test::TempDir dir;
+    ServeJob::Placement placement;
+    placement.draft_rank = own == 1;
+    ServeJob job(dir.path(), target, 1, 2, draft_yaml(draft, 3, own == 1), placement);
+    ASSERT_TRUE(job.wait_ready()) << job.log();
+    Client client(job.endpoint());
+    for (size_t i = 0; i < kPrompts.size(); ++i) {
+      protocol::GenerateRequest request = greedy(numbered("s", i), kPrompts[i], 32);
+      request.sampling.temperature = 0.9f;
+      request.sampling.top_k = 40;
+      request.sampling.seed = 7 + i;
+      const protocol::Final f = client.generate(request);
+      outputs[own].push_back(f.tokens);
+      accepted[own] += f.draft_accepted;
+    }
+    client.shutdown();
+    const std::optional<int> code = job.wait_exit(30s);
+    ASSERT_TRUE(code.has_value()) << job.log();
+    EXPECT_EQ(*code, 0) << job.log();
+  }
+  EXPECT_EQ(outputs[1], outputs[0]);
+  EXPECT_GT(accepted[1], 0u) << "a Q4_0 copy of the target should have some proposals accepted";
+  EXPECT_EQ(accepted[1], accepted[0]);
+}
 
 TEST(Serve, DraftWithAnotherVocabularyIsRefusedAtStartUp) {
   test::TempDir dir;

@@ -30,6 +30,33 @@ TEST(WorkerProtocol, StepsAndResultsRoundTrip) {
   EXPECT_EQ(decode_step_result(encode(result)), result);
 }
 
+TEST(WorkerProtocol, DraftRequestsAndRepliesRoundTrip) {
+  DraftRequest request;
+  request.released = {4, 9};
+  request.sequences = {{{5, 0.7f, 40, 0.9f, 0.05f, 1.1f, 64, 0xABCDEFull}, 12, {7, 8, 9}, 3},
+                       {{6, 0.0f, 0, 1.0f, 0.0f, 1.0f, 64, 1}, 0, {1, 2}, 1}};
+  EXPECT_EQ(decode_draft_request(encode(request)), request);
+  DraftRequest stop;
+  stop.shutdown = true;
+  EXPECT_EQ(decode_draft_request(encode(stop)), stop);
+  DraftReply reply;
+  reply.proposals = {{5, {3, 4}, {0.25f, 0.75f, 0.5f, 0.5f}}, {6, {11}, {}}, {7, {}, {}}};
+  EXPECT_EQ(decode_draft_reply(encode(reply)), reply);
+  const DraftReply failed{{}, "draft cache: out of memory"};
+  EXPECT_EQ(decode_draft_reply(encode(failed)), failed);
+}
+
+TEST(WorkerProtocol, RejectsInconsistentDraftMessages) {
+  DraftRequest request;
+  request.sequences = {{{5, 0.7f, 40, 0.9f, 0.05f, 1.1f, 64, 1}, 0, {7}, -1}};
+  EXPECT_THROW(decode_draft_request(encode(request)), ProtocolError);
+  DraftReply reply;
+  reply.proposals = {{5, {3, 4}, {0.25f, 0.75f, 0.5f}}};  // 3 probabilities for 2 proposals
+  EXPECT_THROW(decode_draft_reply(encode(reply)), ProtocolError);
+  reply.proposals = {{5, {}, {0.5f}}};
+  EXPECT_THROW(decode_draft_reply(encode(reply)), ProtocolError);
+}
+
 TEST(WorkerProtocol, RejectsBadFrames) {
   auto code_of = [](auto&& decode) {
     try {

@@ -23,10 +23,13 @@
 #include "cluster/cli/commands.hpp"
 #include "cluster/config/cluster_config.hpp"
 #include "cluster/coordinator.hpp"
+#include "cluster/draft_service.hpp"
+#include "cluster/remote_draft.hpp"
 #include "cluster/worker_service.hpp"
 #include "parallel/communicator_reducer.hpp"
 #include "parallel/mpi_communicator.hpp"
 #include "parallel/rank_layout.hpp"
+#include "speculative/local_draft.hpp"
 #include "speculative/speculator.hpp"
 #include "speculative/vocab_match.hpp"
 #include "worker/tensor_shard.hpp"
@@ -121,21 +124,17 @@ int serve(const std::string& config_path) {
         if (world_size != config.world_size()) {
           throw std::runtime_error(
               "the config asks for 1 coordinator + " + std::to_string(config.parallel.tensor) + " x " +
-              std::to_string(config.parallel.pipeline) + " workers = " + std::to_string(config.world_size()) +
-              " ranks, but mpirun started " + std::to_string(world_size) + " (use mpirun -np " +
-              std::to_string(config.world_size()) + ")");
+              std::to_string(config.parallel.pipeline) + " workers" +
+              (config.draft_has_own_rank() ? " + 1 draft rank" : "") + " = " +
+              std::to_string(config.world_size()) + " ranks, but mpirun started " +
+              std::to_string(world_size) + " (use mpirun -np " + std::to_string(config.world_size()) + ")");
         }
         if (config.device == cluster::Device::cuda) {
           throw std::runtime_error(
               "device: cuda: this build serves on the CPU only (the CUDA backend is not built)");
         }
-        if (config.draft.has_value() && config.draft->placement == cluster::DraftPlacement::own_rank) {
-          throw std::runtime_error(
-              "draft.placement: own_rank is not supported yet; use last_stage (the draft then runs next to "
-              "the "
-              "sampling worker)");
-        }
-        layout.emplace(world_size, config.parallel.tensor, config.parallel.pipeline);
+        layout.emplace(world_size, config.parallel.tensor, config.parallel.pipeline,
+                       config.draft_has_own_rank());
       })) {
     return fail();
   }
@@ -159,10 +158,18 @@ int serve(const std::string& config_path) {
   std::unique_ptr<worker::LlamaModel> model;
   std::unique_ptr<kernels::ThreadPool> pool;
   std::unique_ptr<worker::LlamaModel> draft;
-  const bool sampling_rank = !coordinator && me.is_last_stage && me.tp_rank == 0;
+  const bool draft_rank = me.role == parallel::Role::draft;
+  const bool sampling_rank = me.role == parallel::Role::worker && me.is_last_stage && me.tp_rank == 0;
+  const int sampling_world_rank = layout->world_rank_of(config.parallel.pipeline - 1, 0);
   int64_t num_blocks = std::numeric_limits<int64_t>::max();
   int threads = 0;
   if (!phase(world_rank, true, [&] {
+        if (draft_rank) {  // the draft alone, at tensor-parallel size 1
+          threads = config.worker_threads(default_threads(), workers_on_host);
+          pool = std::make_unique<kernels::ThreadPool>(threads);
+          draft = worker::LlamaModel::load(config.draft->path);
+          return;
+        }
         file = model::GgufFile::open(config.model.path);
         if (coordinator) {
           tokenizer = model::Tokenizer::from_gguf(*file);
@@ -185,16 +192,19 @@ int serve(const std::string& config_path) {
         threads = config.worker_threads(default_threads(), workers_on_host);
         pool = std::make_unique<kernels::ThreadPool>(threads);
         num_blocks = blocks_for_this_worker(config, *model, workers_on_host);
-        if (sampling_rank && config.draft.has_value()) draft = worker::LlamaModel::load(config.draft->path);
+        if (sampling_rank && config.draft.has_value() && !config.draft_has_own_rank())
+          draft = worker::LlamaModel::load(config.draft->path);
       })) {
     return fail();
   }
   MPI_Allreduce(MPI_IN_PLACE, &num_blocks, 1, MPI_INT64_T, MPI_MIN, MPI_COMM_WORLD);
 
   // 3. Control plane: each worker binds a PULL for steps; the coordinator binds the client ROUTER
-  // and a PULL for results, then connects a PUSH to every worker.
+  // and a PULL for results, then connects a PUSH to every worker. A draft rank binds a REP that the
+  // sampling worker connects a REQ to.
   zmq::context_t context(1);
-  zmq::socket_t steps(context, zmq::socket_type::pull);
+  zmq::socket_t steps(context, draft_rank ? zmq::socket_type::rep : zmq::socket_type::pull);
+  zmq::socket_t to_draft(context, zmq::socket_type::req);
   zmq::socket_t results(context, coordinator ? zmq::socket_type::pull : zmq::socket_type::push);
   zmq::socket_t clients(context, zmq::socket_type::router);
   std::vector<std::unique_ptr<zmq::socket_t>> to_workers;
@@ -222,7 +232,7 @@ int serve(const std::string& config_path) {
   MPI_Allgather(my_endpoint.data(), kNameBytes, MPI_CHAR, endpoints.data(), kNameBytes, MPI_CHAR,
                 MPI_COMM_WORLD);
   if (coordinator) {
-    for (int r = 1; r < world_size; ++r) {
+    for (int r = 1; r <= layout->num_workers(); ++r) {
       auto push = std::make_unique<zmq::socket_t>(context, zmq::socket_type::push);
       push->set(zmq::sockopt::linger, 5000);  // the shutdown step must arrive
       push->connect(endpoints[static_cast<size_t>(r)].data());
@@ -231,6 +241,39 @@ int serve(const std::string& config_path) {
   } else if (sampling_rank) {
     results.set(zmq::sockopt::linger, 5000);
     results.connect(endpoints[0].data());
+    if (layout->has_draft_rank())
+      to_draft.connect(endpoints[static_cast<size_t>(layout->draft_world_rank())].data());
+  }
+
+  // A draft rank times its draft for the sampling worker's cost model (before the target is timed
+  // there, so the two measurements do not disturb each other on a shared host).
+  std::vector<std::pair<int64_t, double>> draft_costs;
+  double draft_file_bytes = 0;
+  if (layout->has_draft_rank() && (draft_rank || sampling_rank)) {
+    constexpr int kCostTag = 11;
+    std::vector<double> flat;
+    if (draft_rank) {
+      for (const auto& [tokens, seconds] :
+           speculative::CostModel::measure_model(*draft, *pool, config.scheduler.max_batch_tokens)) {
+        flat.push_back(static_cast<double>(tokens));
+        flat.push_back(seconds);
+      }
+      flat.push_back(static_cast<double>(draft->file().file_size()));
+      MPI_Send(flat.data(), static_cast<int>(flat.size()), MPI_DOUBLE, sampling_world_rank, kCostTag,
+               MPI_COMM_WORLD);
+    } else {
+      MPI_Status status;
+      MPI_Probe(layout->draft_world_rank(), kCostTag, MPI_COMM_WORLD, &status);
+      int count = 0;
+      MPI_Get_count(&status, MPI_DOUBLE, &count);
+      flat.resize(static_cast<size_t>(count));
+      MPI_Recv(flat.data(), count, MPI_DOUBLE, layout->draft_world_rank(), kCostTag, MPI_COMM_WORLD,
+               MPI_STATUS_IGNORE);
+      const size_t pairs = flat.empty() ? 0 : (flat.size() - 1) / 2;  // (tokens, seconds)..., file bytes
+      for (size_t i = 0; i < pairs; ++i)
+        draft_costs.emplace_back(static_cast<int64_t>(flat[2 * i]), flat[2 * i + 1]);
+      draft_file_bytes = flat.empty() ? 0 : flat.back();
+    }
   }
 
   std::vector<int> pids(static_cast<size_t>(world_size));
@@ -238,31 +281,61 @@ int serve(const std::string& config_path) {
   MPI_Gather(&my_pid, 1, MPI_INT, pids.data(), 1, MPI_INT, 0, MPI_COMM_WORLD);
   MPI_Barrier(MPI_COMM_WORLD);
 
+  if (draft_rank) {
+    int code = 0;
+    try {
+      speculative::LocalDraft drafts(*draft, *pool, num_blocks, config.kv_cache.block_size);
+      cluster::DraftService(drafts, steps).run();
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "nibble serve: draft rank %d: error: %s\n", world_rank, e.what());
+      code = 1;
+    }
+    if (code != 0) MPI_Abort(MPI_COMM_WORLD, code);
+    steps.close();
+    MPI_Finalize();
+    return 0;
+  }
+
   if (!coordinator) {
     int code = 0;
     try {
       std::unique_ptr<speculative::Speculator> speculator;
-      if (draft != nullptr) {
+      std::unique_ptr<cluster::RemoteDraft> remote;
+      if (sampling_rank && config.draft.has_value()) {
         speculative::SpeculatorSettings settings;
         settings.max_draft_tokens = config.draft->max_draft_tokens;
         settings.adaptive = config.draft->adaptive;
         settings.num_blocks = num_blocks;
         settings.block_size = config.kv_cache.block_size;
+        const bool draft_here = draft != nullptr;
         if (config.num_workers() == 1) {
-          // This rank holds the whole target: measure what verification and drafting cost here.
-          settings.costs =
-              speculative::CostModel::measure(*model, *draft, *pool, config.scheduler.max_batch_tokens);
+          // This rank holds the whole target: measure what verification costs here, and drafting
+          // here or on the draft rank.
+          if (draft_here) {
+            settings.costs =
+                speculative::CostModel::measure(*model, *draft, *pool, config.scheduler.max_batch_tokens);
+          } else {
+            settings.costs.target =
+                speculative::CostModel::measure_model(*model, *pool, config.scheduler.max_batch_tokens);
+            settings.costs.draft = draft_costs;
+          }
         } else {
           // Sharded target: estimate from weight bytes (decode is memory-bound).
-          settings.draft_cost =
-              static_cast<double>(draft->file().file_size()) / static_cast<double>(file->file_size());
+          const double bytes = draft_here ? static_cast<double>(draft->file().file_size()) : draft_file_bytes;
+          settings.draft_cost = bytes / static_cast<double>(file->file_size());
         }
-        speculator = std::make_unique<speculative::Speculator>(*draft, *pool, settings);
+        if (draft_here) {
+          speculator = std::make_unique<speculative::Speculator>(*draft, *pool, settings);
+        } else {
+          remote = std::make_unique<cluster::RemoteDraft>(to_draft);
+          speculator = std::make_unique<speculative::Speculator>(*remote, settings);
+        }
       }
       cluster::WorkerService service(
           *model, *pool, config.parallel.pipeline > 1 ? groups.pipeline.get() : nullptr, steps,
           sampling_rank ? &results : nullptr, num_blocks, config.kv_cache.block_size, speculator.get());
       service.run();
+      if (remote != nullptr) remote->shutdown();
     } catch (const std::exception& e) {
       std::fprintf(stderr, "nibble serve: worker rank %d (stage %d, tensor rank %d): error: %s\n", world_rank,
                    me.stage, me.tp_rank, e.what());
@@ -271,6 +344,7 @@ int serve(const std::string& config_path) {
     if (code != 0) MPI_Abort(MPI_COMM_WORLD, code);  // peers may be waiting in a collective
     steps.close();
     results.close();
+    to_draft.close();
     groups = {};
     MPI_Finalize();
     return 0;
@@ -281,6 +355,11 @@ int serve(const std::string& config_path) {
                config.server.listen.c_str());
   for (int r = 1; r < world_size; ++r) {
     const parallel::RankInfo info = layout->rank(r);
+    if (info.role == parallel::Role::draft) {
+      std::fprintf(stderr, "nibble serve: draft rank %d: %s, pid %d on %s\n", r, config.draft->path.c_str(),
+                   pids[static_cast<size_t>(r)], hosts[static_cast<size_t>(r)].data());
+      continue;
+    }
     std::fprintf(stderr, "nibble serve: worker rank %d: stage %d, tensor rank %d, pid %d on %s\n", r,
                  info.stage, info.tp_rank, pids[static_cast<size_t>(r)],
                  hosts[static_cast<size_t>(r)].data());

@@ -65,8 +65,8 @@ enum class Device { cpu, cuda };
 
 // Where the draft model of speculative decoding runs.
 enum class DraftPlacement {
-  last_stage,  // inside the workers of the last pipeline stage, next to the target's final layers
-  own_rank,    // in a separate process of its own; world_size() counts only the target's ranks
+  last_stage,  // in the sampling worker (tensor rank 0 of the last pipeline stage)
+  own_rank,    // in a process of its own: the last world rank (world_size() counts it)
 };
 
 const char* device_name(Device device);
@@ -137,8 +137,12 @@ struct ClusterConfig {
   KvCacheConfig kv_cache;
   int context = 4096;
 
-  // Processes mpirun must start: the coordinator plus tensor * pipeline workers.
-  int world_size() const { return 1 + parallel.tensor * parallel.pipeline; }
+  // Processes mpirun must start: the coordinator plus tensor * pipeline workers, plus the draft's
+  // own rank when it has one.
+  int world_size() const { return 1 + parallel.tensor * parallel.pipeline + (draft_has_own_rank() ? 1 : 0); }
+  bool draft_has_own_rank() const {
+    return draft.has_value() && draft->placement == DraftPlacement::own_rank;
+  }
   int num_workers() const { return parallel.tensor * parallel.pipeline; }
 
   // Threads per worker: `threads` if set, else the host's cores shared among the workers on that

@@ -51,3 +51,29 @@ struct StepResult {
   stepId @0 :UInt64;
   sampled @1 :List(SampledToken);
 }
+
+# Between the sampling worker and a draft on a rank of its own (`draft.placement: own_rank`): one
+# DraftRequest per step that wants proposals, answered by one DraftReply (ZeroMQ REQ/REP).
+struct DraftSequence {
+  sampling @0 :SequenceSampling;       # the request's settings (sampling.seqId names the sequence)
+  keep @1 :UInt32;                     # tokens of this sequence's previous request that still hold
+  tokens @2 :List(Int32);              # the sequence's tokens after those (prompt and accepted tokens)
+  k @3 :Int32;                         # proposals wanted
+}
+
+struct DraftRequest {
+  shutdown @0 :Bool;                   # stop the draft rank (no sequences)
+  released @1 :List(UInt64);           # sequences that ended: drop their draft state
+  sequences @2 :List(DraftSequence);
+}
+
+struct DraftProposal {
+  seqId @0 :UInt64;
+  tokens @1 :List(Int32);
+  probs @2 :List(Float32);             # [tokens, nVocab] q of each proposal; empty at temperature 0
+}
+
+struct DraftReply {
+  proposals @0 :List(DraftProposal);
+  error @1 :Text;                      # non-empty: the draft rank failed (and is stopping)
+}

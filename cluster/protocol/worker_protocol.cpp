@@ -5,24 +5,39 @@
 
 namespace nibble::protocol {
 
+namespace {
+
+void write_sampling(const SequenceSampling& s, wire::SequenceSampling::Builder o) {
+  o.setSeqId(s.seq_id);
+  o.setTemperature(s.temperature);
+  o.setTopK(s.top_k);
+  o.setTopP(s.top_p);
+  o.setMinP(s.min_p);
+  o.setRepetitionPenalty(s.repetition_penalty);
+  o.setRepeatLastN(s.repeat_last_n);
+  o.setSeed(s.seed);
+}
+
+SequenceSampling read_sampling(wire::SequenceSampling::Reader s) {
+  return {s.getSeqId(), s.getTemperature(),       s.getTopK(),        s.getTopP(),
+          s.getMinP(),  s.getRepetitionPenalty(), s.getRepeatLastN(), s.getSeed()};
+}
+
+template <class T, class List>
+void write_list(const std::vector<T>& values, List list) {
+  for (unsigned i = 0; i < values.size(); ++i) list.set(i, values[i]);
+}
+
+}  // namespace
+
 std::vector<uint8_t> encode(const WorkerStep& step) {
   capnp::MallocMessageBuilder message;
   auto out = message.initRoot<wire::WorkerStep>();
   out.setStepId(step.step_id);
   out.setShutdown(step.shutdown);
   auto sequences = out.initNewSequences(static_cast<unsigned>(step.new_sequences.size()));
-  for (unsigned i = 0; i < step.new_sequences.size(); ++i) {
-    const SequenceSampling& s = step.new_sequences[i];
-    auto o = sequences[i];
-    o.setSeqId(s.seq_id);
-    o.setTemperature(s.temperature);
-    o.setTopK(s.top_k);
-    o.setTopP(s.top_p);
-    o.setMinP(s.min_p);
-    o.setRepetitionPenalty(s.repetition_penalty);
-    o.setRepeatLastN(s.repeat_last_n);
-    o.setSeed(s.seed);
-  }
+  for (unsigned i = 0; i < step.new_sequences.size(); ++i)
+    write_sampling(step.new_sequences[i], sequences[i]);
   auto released = out.initReleased(static_cast<unsigned>(step.released.size()));
   for (unsigned i = 0; i < step.released.size(); ++i) released.set(i, step.released[i]);
   auto entries = out.initEntries(static_cast<unsigned>(step.entries.size()));
@@ -67,10 +82,7 @@ WorkerStep decode_worker_step(std::span<const uint8_t> frame, size_t max_bytes) 
     WorkerStep step;
     step.step_id = in.getStepId();
     step.shutdown = in.getShutdown();
-    for (auto s : in.getNewSequences()) {
-      step.new_sequences.push_back({s.getSeqId(), s.getTemperature(), s.getTopK(), s.getTopP(), s.getMinP(),
-                                    s.getRepetitionPenalty(), s.getRepeatLastN(), s.getSeed()});
-    }
+    for (auto s : in.getNewSequences()) step.new_sequences.push_back(read_sampling(s));
     for (uint64_t id : in.getReleased()) step.released.push_back(id);
     for (auto e : in.getEntries()) {
       PlanEntry entry;
@@ -111,6 +123,78 @@ StepResult decode_step_result(std::span<const uint8_t> frame, size_t max_bytes) 
       result.sampled.push_back(std::move(t));
     }
     return result;
+  });
+}
+
+std::vector<uint8_t> encode(const DraftRequest& request) {
+  capnp::MallocMessageBuilder message;
+  auto out = message.initRoot<wire::DraftRequest>();
+  out.setShutdown(request.shutdown);
+  write_list(request.released, out.initReleased(static_cast<unsigned>(request.released.size())));
+  auto sequences = out.initSequences(static_cast<unsigned>(request.sequences.size()));
+  for (unsigned i = 0; i < request.sequences.size(); ++i) {
+    const DraftSequence& in = request.sequences[i];
+    write_sampling(in.sampling, sequences[i].initSampling());
+    sequences[i].setKeep(in.keep);
+    write_list(in.tokens, sequences[i].initTokens(static_cast<unsigned>(in.tokens.size())));
+    sequences[i].setK(in.k);
+  }
+  return detail::to_bytes(message);
+}
+
+std::vector<uint8_t> encode(const DraftReply& reply) {
+  capnp::MallocMessageBuilder message;
+  auto out = message.initRoot<wire::DraftReply>();
+  auto proposals = out.initProposals(static_cast<unsigned>(reply.proposals.size()));
+  for (unsigned i = 0; i < reply.proposals.size(); ++i) {
+    const DraftProposal& in = reply.proposals[i];
+    proposals[i].setSeqId(in.seq_id);
+    write_list(in.tokens, proposals[i].initTokens(static_cast<unsigned>(in.tokens.size())));
+    write_list(in.probs, proposals[i].initProbs(static_cast<unsigned>(in.probs.size())));
+  }
+  out.setError(reply.error);
+  return detail::to_bytes(message);
+}
+
+DraftRequest decode_draft_request(std::span<const uint8_t> frame, size_t max_bytes) {
+  return detail::read_frame(frame, max_bytes, [](capnp::MessageReader& reader) {
+    auto in = reader.getRoot<wire::DraftRequest>();
+    DraftRequest request;
+    request.shutdown = in.getShutdown();
+    for (uint64_t id : in.getReleased()) request.released.push_back(id);
+    for (auto s : in.getSequences()) {
+      DraftSequence sequence;
+      sequence.sampling = read_sampling(s.getSampling());
+      sequence.keep = s.getKeep();
+      for (int32_t t : s.getTokens()) sequence.tokens.push_back(t);
+      sequence.k = s.getK();
+      if (sequence.k < 0) throw ProtocolError(ErrorCode::malformed_message, "draft request: negative k");
+      request.sequences.push_back(std::move(sequence));
+    }
+    return request;
+  });
+}
+
+DraftReply decode_draft_reply(std::span<const uint8_t> frame, size_t max_bytes) {
+  return detail::read_frame(frame, max_bytes, [](capnp::MessageReader& reader) {
+    auto in = reader.getRoot<wire::DraftReply>();
+    DraftReply reply;
+    for (auto p : in.getProposals()) {
+      DraftProposal proposal;
+      proposal.seq_id = p.getSeqId();
+      for (int32_t t : p.getTokens()) proposal.tokens.push_back(t);
+      const auto probs = p.getProbs();
+      proposal.probs.reserve(probs.size());
+      for (float q : probs) proposal.probs.push_back(q);
+      if (!proposal.probs.empty() &&
+          (proposal.tokens.empty() || proposal.probs.size() % proposal.tokens.size() != 0)) {
+        throw ProtocolError(ErrorCode::malformed_message,
+                            "draft reply: probabilities do not match the tokens");
+      }
+      reply.proposals.push_back(std::move(proposal));
+    }
+    reply.error = in.getError().cStr();
+    return reply;
   });
 }
 

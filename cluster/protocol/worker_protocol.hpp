@@ -1,9 +1,11 @@
 #pragma once
-// The coordinator ↔ worker control plane in plain C++ (worker.capnp): the step every worker runs and
-// the tokens the sampling worker sends back. Decoding uses the same frame checks and capnp limits
+// The coordinator ↔ worker control plane in plain C++ (worker.capnp): the step every worker runs,
+// the tokens the sampling worker sends back, and the sampling worker's exchange with a draft on a
+// rank of its own. Decoding uses the same frame checks and capnp limits
 // as the client protocol; failures throw ProtocolError(malformed_message | message_too_large).
 #include <cstdint>
 #include <span>
+#include <string>
 #include <vector>
 
 #include "cluster/protocol/client_protocol.hpp"
@@ -58,13 +60,46 @@ struct StepResult {
   bool operator==(const StepResult&) const = default;
 };
 
+// Sampling worker <-> a draft on a rank of its own (draft.placement: own_rank).
+struct DraftSequence {
+  SequenceSampling sampling;    // sampling.seq_id names the sequence
+  uint32_t keep = 0;            // tokens of this sequence's previous request that still hold
+  std::vector<int32_t> tokens;  // its tokens after those
+  int32_t k = 0;                // proposals wanted
+  bool operator==(const DraftSequence&) const = default;
+};
+
+struct DraftRequest {
+  bool shutdown = false;
+  std::vector<uint64_t> released;
+  std::vector<DraftSequence> sequences;
+  bool operator==(const DraftRequest&) const = default;
+};
+
+struct DraftProposal {
+  uint64_t seq_id = 0;
+  std::vector<int32_t> tokens;
+  std::vector<float> probs;  // [tokens, n_vocab]; empty at temperature 0
+  bool operator==(const DraftProposal&) const = default;
+};
+
+struct DraftReply {
+  std::vector<DraftProposal> proposals;
+  std::string error;  // non-empty: the draft rank failed
+  bool operator==(const DraftReply&) const = default;
+};
+
 std::vector<uint8_t> encode(const WorkerStep& step);
 std::vector<uint8_t> encode(const StepResult& result);
+std::vector<uint8_t> encode(const DraftRequest& request);
+std::vector<uint8_t> encode(const DraftReply& reply);
 
 // A step carries block tables and prompt chunks, so its limit is larger than a client message's.
 inline constexpr size_t kMaxWorkerMessageBytes = size_t{256} << 20;
 
 WorkerStep decode_worker_step(std::span<const uint8_t> frame, size_t max_bytes = kMaxWorkerMessageBytes);
 StepResult decode_step_result(std::span<const uint8_t> frame, size_t max_bytes = kMaxWorkerMessageBytes);
+DraftRequest decode_draft_request(std::span<const uint8_t> frame, size_t max_bytes = kMaxWorkerMessageBytes);
+DraftReply decode_draft_reply(std::span<const uint8_t> frame, size_t max_bytes = kMaxWorkerMessageBytes);
 
 }  // namespace nibble::protocol

@@ -145,11 +145,12 @@ class ServeJob {
   }
 
   // pid of a worker, from the coordinator's start-up lines.
+  // The pid of a worker or draft rank, from the coordinator's start-up lines.
   int worker_pid(int world_rank) const {
-    const std::regex line("worker rank " + std::to_string(world_rank) + ": .* pid ([0-9]+)");
+    const std::regex line("(worker|draft) rank " + std::to_string(world_rank) + ": .* pid ([0-9]+)");
     std::smatch m;
     const std::string text = log();
-    return std::regex_search(text, m, line) ? std::stoi(m[1]) : -1;
+    return std::regex_search(text, m, line) ? std::stoi(m[2]) : -1;
   }
 
  private:
@@ -579,11 +580,11 @@ TEST(Serve, BadInputGetsAnErrorAndTheServiceKeepsServing) {
   EXPECT_EQ(client.stats().failed, 0u);  // refused requests were never accepted
 }
 
-TEST(Serve, KillingAWorkerFailsOpenRequestsAndEndsTheJob) {
-  test::TempDir dir;
-  ServeJob job(dir.path(), make_tiny_model(dir.path()), 1, 2, "context: 1024\n");
+// Kills the process of `world_rank` while three streamed requests run: each must end with a
+// worker_failed error within seconds, and the job must exit non-zero.
+void expect_killing_rank_fails_open_requests(ServeJob& job, int world_rank) {
   ASSERT_TRUE(job.wait_ready()) << job.log();
-  const int victim = job.worker_pid(2);
+  const int victim = job.worker_pid(world_rank);
   ASSERT_GT(victim, 0) << job.log();
 
   std::vector<std::unique_ptr<Client>> clients;
@@ -615,6 +616,23 @@ TEST(Serve, KillingAWorkerFailsOpenRequestsAndEndsTheJob) {
   const std::optional<int> code = job.wait_exit(20s);
   ASSERT_TRUE(code.has_value()) << "the job did not end after a worker died";
   EXPECT_NE(*code, 0);
+}
+
+TEST(Serve, KillingAWorkerFailsOpenRequestsAndEndsTheJob) {
+  test::TempDir dir;
+  ServeJob job(dir.path(), make_tiny_model(dir.path()), 1, 2, "context: 1024\n");
+  expect_killing_rank_fails_open_requests(job, 2);
+}
+
+TEST(Serve, KillingTheDraftRankFailsOpenRequestsAndEndsTheJob) {
+  test::TempDir dir;
+  const std::string model = make_tiny_model(dir.path());
+  ServePlacement placement;
+  placement.draft_rank = true;
+  ServeJob job(dir.path(), model, 1, 1,
+               "context: 1024\ndraft: { path: \"" + model + "\", adaptive: false, placement: own_rank }\n",
+               placement);
+  expect_killing_rank_fails_open_requests(job, 2);
 }
 
 TEST(Serve, ShutdownRequestStopsEveryRankWithExitZero) {

@@ -4,30 +4,14 @@
 #include <cmath>
 #include <vector>
 
+#include "kernels/matmul_internal.hpp"
 #include "kernels/quant_types.hpp"
 
 namespace nibble::kernels {
 
 namespace {
 
-// fp16 → fp32 by table: the cache is read once per position per head, so conversion must be cheap
-// on CPUs without F16C too.
-const float* fp16_table() {
-  static const std::vector<float> table = [] {
-    std::vector<float> t(65536);
-    for (uint32_t h = 0; h < 65536; ++h) t[h] = fp16_to_fp32(static_cast<uint16_t>(h));
-    return t;
-  }();
-  return table.data();
-}
-
 float round_to_fp16(float x) { return fp16_to_fp32(fp32_to_fp16(x)); }
-
-float dot(const float* a, const uint16_t* b, int64_t n, const float* table) {
-  float sum = 0.0f;
-  for (int64_t i = 0; i < n; ++i) sum += a[i] * table[b[i]];
-  return sum;
-}
 
 }  // namespace
 
@@ -49,7 +33,7 @@ Status paged_attention(const PagedAttentionShape& shape, const float* q, const u
   const int64_t group = s.n_head / s.n_head_kv;
   const int64_t kv_row = s.n_head_kv * s.head_dim;  // floats per cached position
 
-  const float* table_f16 = fp16_table();
+  const detail::IsaKernels& isa = detail::active_kernels();
   pool.parallel_for(s.tokens * s.n_head, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores, q_f16;
     for (int64_t item = begin; item < end; ++item) {
@@ -61,29 +45,32 @@ Status paged_attention(const PagedAttentionShape& shape, const float* q, const u
       q_f16.resize(s.head_dim);
       for (int64_t d = 0; d < s.head_dim; ++d)
         q_f16[d] = round_to_fp16(q[(t * s.n_head + h) * s.head_dim + d]);
-      auto cached = [&](const uint16_t* cache, int64_t p) {
-        const int64_t block = table[p / s.block_size];
-        return cache + (block * s.block_size + p % s.block_size) * kv_row + kv_head * s.head_dim;
+      // Positions come a block at a time: consecutive slots of a block are kv_row apart.
+      auto for_each_block = [&](auto&& visit) {
+        for (int64_t first = 0; first < n_pos; first += s.block_size) {
+          const int64_t block = table[first / s.block_size];
+          visit(first, std::min(s.block_size, n_pos - first),
+                block * s.block_size * kv_row + kv_head * s.head_dim);
+        }
       };
 
       scores.resize(n_pos);
-      float max_score = -INFINITY;
-      for (int64_t p = 0; p < n_pos; ++p) {
-        scores[p] = dot(q_f16.data(), cached(k_cache, p), s.head_dim, table_f16) * scale;
-        max_score = std::max(max_score, scores[p]);
-      }
+      for_each_block([&](int64_t first, int64_t count, int64_t offset) {
+        isa.f16_dot_rows(q_f16.data(), k_cache + offset, kv_row, count, s.head_dim, scale,
+                         scores.data() + first);
+      });
+      const float max_score = *std::max_element(scores.begin(), scores.end());
       float sum = 0.0f;
       for (int64_t p = 0; p < n_pos; ++p) {
         scores[p] = std::exp(scores[p] - max_score);
         sum += scores[p];
       }
+      for (int64_t p = 0; p < n_pos; ++p) scores[p] = round_to_fp16(scores[p] / sum);
       float* o = out + (t * s.n_head + h) * s.head_dim;
       std::fill(o, o + s.head_dim, 0.0f);
-      for (int64_t p = 0; p < n_pos; ++p) {
-        const float w = round_to_fp16(scores[p] / sum);
-        const uint16_t* v = cached(v_cache, p);
-        for (int64_t d = 0; d < s.head_dim; ++d) o[d] += w * table_f16[v[d]];
-      }
+      for_each_block([&](int64_t first, int64_t count, int64_t offset) {
+        isa.f16_axpy_rows(scores.data() + first, v_cache + offset, kv_row, count, s.head_dim, o);
+      });
     }
   });
   return Status::ok;

@@ -110,6 +110,8 @@ constexpr int64_t kMinParallelWork = 1 << 15;
 
 const char* matmul_isa() { return active_isa().load(std::memory_order_relaxed)->name; }
 
+const detail::IsaKernels& detail::active_kernels() { return *active_isa().load(std::memory_order_relaxed); }
+
 bool matmul_force_isa(const char* isa) {
   if (isa == nullptr) return false;
   const IsaKernels* chosen = nullptr;

@@ -1,5 +1,5 @@
 #pragma once
-// The contract between the matmul driver (matmul.cpp) and the per-ISA kernel sets.
+// The contract between the drivers (matmul.cpp, attention.cpp) and the per-ISA kernel sets.
 #include <cstdint>
 
 namespace nibble::kernels::detail {
@@ -47,7 +47,16 @@ struct IsaKernels {
   QuantizeActivationFn quantize_q8_k;  // must give the same bytes as quantize_row(Q8_K)
   // Fills info[0, n_blocks) for one Q8_0 activation row.
   void (*q8_0_block_info)(const void* x_row, Q8_0BlockInfo* info, int64_t n_blocks);
+  // Attention over fp16 KV-cache rows (attention.cpp), n_rows rows of dim values, row_stride apart:
+  // scores[r] = scale * sum_d q[d] * rows[r][d], and out[d] += sum_r w[r] * rows[r][d].
+  void (*f16_dot_rows)(const float* q, const uint16_t* rows, int64_t row_stride, int64_t n_rows, int64_t dim,
+                       float scale, float* scores);
+  void (*f16_axpy_rows)(const float* w, const uint16_t* rows, int64_t row_stride, int64_t n_rows, int64_t dim,
+                        float* out);
 };
+
+// The kernel set in use: the best the CPU supports, or the one matmul_force_isa() chose.
+const IsaKernels& active_kernels();
 
 const IsaKernels& scalar_kernels();
 // Defined only in x86 builds; callers check CPU support first.

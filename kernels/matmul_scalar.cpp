@@ -178,6 +178,21 @@ void quantize_q8_k(const float* x, void* out, int64_t k) {
     quantize_block_q8_k(x + b * kQK_K, static_cast<BlockQ8_K*>(out) + b);
 }
 
+void f16_dot_rows(const float* q, const uint16_t* rows, int64_t row_stride, int64_t n_rows, int64_t dim,
+                  float scale, float* scores) {
+  for (int64_t r = 0; r < n_rows; ++r) {
+    float sum = 0.0f;
+    for (int64_t d = 0; d < dim; ++d) sum += q[d] * fp16_to_fp32(rows[r * row_stride + d]);
+    scores[r] = sum * scale;
+  }
+}
+
+void f16_axpy_rows(const float* w, const uint16_t* rows, int64_t row_stride, int64_t n_rows, int64_t dim,
+                   float* out) {
+  for (int64_t r = 0; r < n_rows; ++r)
+    for (int64_t d = 0; d < dim; ++d) out[d] += w[r] * fp16_to_fp32(rows[r * row_stride + d]);
+}
+
 const IsaKernels kScalarKernels{
     "scalar",
     float_range<dot_f32>,
@@ -191,6 +206,8 @@ const IsaKernels kScalarKernels{
     quantize_q8_0,
     quantize_q8_k,
     q8_0_block_info,
+    f16_dot_rows,
+    f16_axpy_rows,
 };
 
 }  // namespace

@@ -516,6 +516,39 @@ void quantize_q8_k(const float* x, void* out, int64_t k) {
     nibble::kernels::detail::quantize_block_q8_k(x + b * kQK_K, blocks + b);
 }
 
+inline __m256 load_f16x8(const uint16_t* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+void f16_dot_rows(const float* q, const uint16_t* rows, int64_t row_stride, int64_t n_rows, int64_t dim,
+                  float scale, float* scores) {
+  for (int64_t r = 0; r < n_rows; ++r) {
+    const uint16_t* row = rows + r * row_stride;
+    __m256 acc = _mm256_setzero_ps();
+    int64_t d = 0;
+    for (; d + 8 <= dim; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load_f16x8(row + d), acc);
+    float sum = hsum_ps(acc);
+    for (; d < dim; ++d) sum += q[d] * _cvtsh_ss(row[d]);
+    scores[r] = sum * scale;
+  }
+}
+
+void f16_axpy_rows(const float* w, const uint16_t* rows, int64_t row_stride, int64_t n_rows, int64_t dim,
+                   float* out) {
+  int64_t d = 0;
+  for (; d + 8 <= dim; d += 8) {  // out stays in a register across the rows
+    __m256 acc = _mm256_loadu_ps(out + d);
+    for (int64_t r = 0; r < n_rows; ++r)
+      acc = _mm256_fmadd_ps(_mm256_set1_ps(w[r]), load_f16x8(rows + r * row_stride + d), acc);
+    _mm256_storeu_ps(out + d, acc);
+  }
+  for (; d < dim; ++d) {
+    float sum = out[d];
+    for (int64_t r = 0; r < n_rows; ++r) sum += w[r] * _cvtsh_ss(rows[r * row_stride + d]);
+    out[d] = sum;
+  }
+}
+
 // The table every x86 ISA file registers: the same kernels, compiled with that file's flags.
 nibble::kernels::detail::IsaKernels make_x86_kernels(const char* isa_name) {
   return nibble::kernels::detail::IsaKernels{
@@ -531,6 +564,8 @@ nibble::kernels::detail::IsaKernels make_x86_kernels(const char* isa_name) {
       quantize_q8_0,
       quantize_q8_k,
       q8_0_block_info,
+      f16_dot_rows,
+      f16_axpy_rows,
   };
 }
 

@@ -357,6 +357,70 @@ TEST(Serve, DraftOnItsOwnRankSamplesTheSameTokensAsNextToTheSampler) {
   EXPECT_EQ(accepted[1], accepted[0]);
 }
 
+// A copy of a committed Hugging Face test checkpoint with a tokenizer.json added (Llama-2 style:
+// <unk> <s> </s>, "▁", printable ASCII as far as the model's vocabulary goes, byte fallback).
+fs::path hf_checkpoint_with_tokenizer(const fs::path& dir, const std::string& checkpoint) {
+  const fs::path copy = dir / fs::path(checkpoint).filename();
+  fs::copy(test::test_data_dir() / checkpoint, copy, fs::copy_options::recursive);
+  nlohmann::json vocab = nlohmann::json::object();
+  const std::string space = "\xE2\x96\x81";
+  int id = 0;
+  for (const std::string t : {"<unk>", "<s>", "</s>"}) vocab[t] = id++;
+  vocab[space] = id++;
+  const int n_vocab = nlohmann::json::parse(std::ifstream(copy / "config.json"))["vocab_size"].get<int>();
+  for (char c = 0x21; c < 0x7F && id < n_vocab; ++c) vocab[std::string(1, c)] = id++;
+  nlohmann::json added = nlohmann::json::array();
+  for (int i = 0; i < 3; ++i)
+    added.push_back({{"id", i}, {"content", i == 0 ? "<unk>" : i == 1 ? "<s>" : "</s>"}, {"special", true}});
+  const nlohmann::json tokenizer = {
+      {"added_tokens", added},
+      {"normalizer",
+       {{"type", "Sequence"},
+        {"normalizers",
+         {{{"type", "Prepend"}, {"prepend", space}},
+          {{"type", "Replace"}, {"pattern", {{"String", " "}}}, {"content", space}}}}}},
+      {"pre_tokenizer", nullptr},
+      {"model",
+       {{"type", "BPE"},
+        {"vocab", vocab},
+        {"merges", nlohmann::json::array()},
+        {"byte_fallback", true},
+        {"unk_token", "<unk>"}}}};
+  std::ofstream(copy / "tokenizer.json") << tokenizer.dump();
+  std::ofstream(copy / "tokenizer_config.json")
+      << R"({"add_bos_token": true, "bos_token": "<s>", "eos_token": "</s>"})";
+  return copy;
+}
+
+// Hugging Face checkpoints are served as they are: a float32 one tensor-parallel, GPTQ and AWQ
+// ones pipeline-parallel (their 88-wide FFN cannot be split into 32-wide quantization blocks), with
+// the same greedy output as single-process `nibble generate` on the same directory.
+TEST(Serve, HuggingFaceGptqAndAwqDirectoriesServeLikeGenerate) {
+  test::TempDir models;
+  const struct {
+    const char* checkpoint;
+    int tensor, pipeline;
+  } cases[] = {
+      {"hf-tiny-llama/f32", 2, 1}, {"gptq-tiny-llama/gptq-g32-sym", 1, 2}, {"gptq-tiny-llama/awq-g64", 1, 2}};
+  for (const auto& c : cases) {
+    SCOPED_TRACE(c.checkpoint);
+    const std::string model = hf_checkpoint_with_tokenizer(models.path(), c.checkpoint).string();
+    const Expected expected = nibble_generate(model, "hello world", 16);
+    ASSERT_EQ(expected.tokens.size(), 16u);
+    test::TempDir dir;
+    ServeJob job(dir.path(), model, c.tensor, c.pipeline, "context: 128\n");
+    ASSERT_TRUE(job.wait_ready()) << job.log();
+    const protocol::Final f = Client(job.endpoint()).generate(greedy("hf", std::string("hello world"), 16));
+    EXPECT_EQ(f.tokens, expected.tokens);
+    EXPECT_EQ(f.text, expected.text);
+  }
+  // Without a tokenizer.json the service cannot read prompts: refused at start-up, naming the file.
+  test::TempDir dir;
+  ServeJob job(dir.path(), (test::test_data_dir() / "hf-tiny-llama/f32").string(), 1, 1, "context: 128\n");
+  EXPECT_FALSE(job.wait_ready(30s));
+  EXPECT_NE(job.log().find("has no tokenizer.json"), std::string::npos) << job.log();
+}
+
 TEST(Serve, DraftWithAnotherVocabularyIsRefusedAtStartUp) {
   test::TempDir dir;
   const std::string target = make_tiny_model(dir.path());

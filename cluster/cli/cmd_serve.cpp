@@ -21,6 +21,7 @@
 #include <zmq.hpp>
 
 #include "cluster/cli/commands.hpp"
+#include "cluster/cli/model_session.hpp"
 #include "cluster/config/cluster_config.hpp"
 #include "cluster/coordinator.hpp"
 #include "cluster/draft_service.hpp"
@@ -152,7 +153,7 @@ int serve(const std::string& config_path) {
   // loads its tensor shard of its stage's layers.
   parallel::ParallelGroups groups = parallel::make_groups(MPI_COMM_WORLD, *layout);
   const parallel::RankInfo me = parallel::describe_this_rank(MPI_COMM_WORLD, *layout);
-  std::shared_ptr<const model::GgufFile> file;
+  std::shared_ptr<const model::LlamaCheckpoint> file;  // a GGUF file or a Hugging Face directory
   std::shared_ptr<const model::Tokenizer> tokenizer;
   std::unique_ptr<parallel::CommunicatorReducer> reducer;
   std::unique_ptr<worker::LlamaModel> model;
@@ -170,17 +171,25 @@ int serve(const std::string& config_path) {
           draft = worker::LlamaModel::load(config.draft->path);
           return;
         }
-        file = model::GgufFile::open(config.model.path);
+        file = model::LlamaCheckpoint::open(config.model.path);
         if (coordinator) {
-          tokenizer = model::Tokenizer::from_gguf(*file);
+          tokenizer = open_tokenizer(*file);
+          if (tokenizer == nullptr) {
+            throw std::runtime_error(
+                config.model.path +
+                " has no tokenizer.json: serving needs the tokenizer (to read prompts and "
+                "write text)");
+          }
           if (config.draft.has_value()) {  // refuse a draft that would speak another vocabulary
-            const auto draft_file = model::GgufFile::open(config.draft->path);
-            speculative::check_vocab_match(*tokenizer, *model::Tokenizer::from_gguf(*draft_file),
-                                           config.draft->path);
+            const auto draft_tokenizer = open_tokenizer(*model::LlamaCheckpoint::open(config.draft->path));
+            if (draft_tokenizer == nullptr)
+              throw std::runtime_error(config.draft->path +
+                                       " has no tokenizer.json to check against the target's");
+            speculative::check_vocab_match(*tokenizer, *draft_tokenizer, config.draft->path);
           }
           return;
         }
-        const model::LlamaConfig whole = model::LlamaConfig::from_gguf(*file);
+        const model::LlamaConfig& whole = file->config();
         const worker::ShardRange layers = worker::split_layers(static_cast<size_t>(whole.n_layer),
                                                                static_cast<size_t>(config.parallel.pipeline),
                                                                static_cast<size_t>(me.stage));
@@ -258,7 +267,7 @@ int serve(const std::string& config_path) {
         flat.push_back(static_cast<double>(tokens));
         flat.push_back(seconds);
       }
-      flat.push_back(static_cast<double>(draft->file().file_size()));
+      flat.push_back(static_cast<double>(draft->checkpoint().weight_bytes()));
       MPI_Send(flat.data(), static_cast<int>(flat.size()), MPI_DOUBLE, sampling_world_rank, kCostTag,
                MPI_COMM_WORLD);
     } else {
@@ -321,8 +330,9 @@ int serve(const std::string& config_path) {
           }
         } else {
           // Sharded target: estimate from weight bytes (decode is memory-bound).
-          const double bytes = draft_here ? static_cast<double>(draft->file().file_size()) : draft_file_bytes;
-          settings.draft_cost = bytes / static_cast<double>(file->file_size());
+          const double bytes =
+              draft_here ? static_cast<double>(draft->checkpoint().weight_bytes()) : draft_file_bytes;
+          settings.draft_cost = bytes / static_cast<double>(file->weight_bytes());
         }
         if (draft_here) {
           speculator = std::make_unique<speculative::Speculator>(*draft, *pool, settings);
@@ -385,8 +395,8 @@ int serve(const std::string& config_path) {
   for (auto& push : to_workers) sockets.workers.push_back(push.get());
   int code = 1;
   try {
-    cluster::Coordinator coordinator_loop(config, *tokenizer, model::LlamaConfig::from_gguf(*file), scheduler,
-                                          sockets, layout->describe());
+    cluster::Coordinator coordinator_loop(config, *tokenizer, file->config(), scheduler, sockets,
+                                          layout->describe());
     code = coordinator_loop.run();
   } catch (const std::exception& e) {
     std::fprintf(stderr, "nibble serve: coordinator: error: %s\n", e.what());

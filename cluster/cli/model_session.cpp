@@ -14,6 +14,18 @@ int default_threads() {
   return n == 0 ? 1 : static_cast<int>(n);
 }
 
+std::shared_ptr<const model::Tokenizer> open_tokenizer(const model::LlamaCheckpoint& checkpoint) {
+  std::shared_ptr<const model::Tokenizer> tokenizer =
+      checkpoint.gguf() != nullptr ? model::Tokenizer::from_gguf(*checkpoint.gguf())
+                                   : model::load_hf_tokenizer(checkpoint.path(), checkpoint.config().n_vocab);
+  if (tokenizer != nullptr && tokenizer->n_vocab() != checkpoint.config().n_vocab) {
+    throw std::runtime_error(checkpoint.path() + ": vocabulary has " + std::to_string(tokenizer->n_vocab()) +
+                             " tokens but token_embd.weight has " +
+                             std::to_string(checkpoint.config().n_vocab));
+  }
+  return tokenizer;
+}
+
 ModelSession ModelSession::open(const std::string& path, int threads, bool cpu_model) {
   if (!std::filesystem::exists(path)) throw std::runtime_error("model file not found: " + path);
   if (threads < 1) throw std::invalid_argument("--threads must be at least 1");
@@ -21,18 +33,7 @@ ModelSession ModelSession::open(const std::string& path, int threads, bool cpu_m
   s.checkpoint = model::LlamaCheckpoint::open(path);
   if (cpu_model) s.model = std::make_unique<worker::LlamaModel>(s.checkpoint);
   s.pool = std::make_unique<kernels::ThreadPool>(threads);
-  if (s.checkpoint->gguf() != nullptr) {
-    s.tokenizer = model::Tokenizer::from_gguf(*s.checkpoint->gguf());
-  } else {
-    s.tokenizer = model::load_hf_tokenizer(
-        path, s.checkpoint->config().n_vocab);  // null without tokenizer.json: token ids only
-    if (s.tokenizer == nullptr) return s;
-  }
-  if (s.tokenizer->n_vocab() != s.checkpoint->config().n_vocab) {
-    throw std::runtime_error(path + ": vocabulary has " + std::to_string(s.tokenizer->n_vocab()) +
-                             " tokens but token_embd.weight has " +
-                             std::to_string(s.checkpoint->config().n_vocab));
-  }
+  s.tokenizer = open_tokenizer(*s.checkpoint);
   return s;
 }
 

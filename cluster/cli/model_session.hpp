@@ -10,6 +10,10 @@
 
 namespace nibble::cli {
 
+// The tokenizer of a checkpoint: the GGUF vocabulary, or an HF directory's tokenizer.json (null
+// when it has none). Throws when its size disagrees with the model's vocabulary.
+std::shared_ptr<const model::Tokenizer> open_tokenizer(const model::LlamaCheckpoint& checkpoint);
+
 struct ModelSession {
   std::shared_ptr<const model::LlamaCheckpoint> checkpoint;
   std::unique_ptr<worker::LlamaModel> model;          // null when opened with cpu_model = false

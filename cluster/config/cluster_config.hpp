@@ -8,9 +8,9 @@
 // Schema (only model.path is required; everything else has the default shown):
 //
 //   model:
-//     path: target.gguf          # GGUF file of the target model (required)
+//     path: target.gguf          # GGUF file or HF checkpoint directory of the target (required)
 //   draft:                       # optional; present = speculative decoding on
-//     path: draft.gguf           # GGUF file of the draft model (required inside draft)
+//     path: draft.gguf           # GGUF file or HF directory of the draft (required inside draft)
 //     max_draft_tokens: 4        # tokens proposed per step, 1..16
 //     adaptive: true             # false: always propose max_draft_tokens, never switch off
 //     placement: last_stage      # last_stage | own_rank (see DraftPlacement)

@@ -6,7 +6,13 @@
 // Ŵ = Q(W · diag(s)) · diag(1/s). The scale is s_j = mean_t |x_tj|^α, normalised so that
 // max(s) · min(s) = 1 (as llm-awq does); α is chosen on a grid of points in [0, 1] (α = 0 is
 // plain RTN) to minimise the calibration output error ||X Wᵀ − (X / s) Q(W·s)ᵀ||_F.
-// Weight clipping (llm-awq's auto_clip) is not done.
+// Then weight clipping (llm-awq's auto_clip): for every row and super-block (a group of 32 for q4_0
+// and int4, 256 for q4_k), the scaled weights are clamped to r times each group's largest
+// magnitude for the r in 1, 0.95, ... 0.55 that minimises that block's output error
+// dᵀ (X_bᵀ X_b) d (d: the block's weights minus their rounded clamped values, X_b: the block's
+// input columns); outliers then stop stretching their group's scale over the other weights. The
+// clipped result is kept only if it lowers the whole layer's error. (It pays most on symmetric
+// grids; Q4_K's per-sub-block offsets already absorb much of what it buys.)
 //
 // The 1/s must then be folded into whatever produces x, so the deployed model computes
 // (x / s) · Q(W·s)ᵀ with no extra work. In Llama (the caller does this):
@@ -28,14 +34,16 @@ namespace nibble::model {
 struct AwqOptions {
   int grid_points = 20;     // α = i / (grid_points − 1), i = 0 .. grid_points − 1
   int64_t max_samples = 0;  // > 0: evaluate the error on at most this many rows (evenly spaced)
+  bool clip = true;         // search clipping ratios after the scales
 };
 
 struct AwqResult {
-  std::vector<float> scales;  // [k] s: multiply W's columns by it, divide the input by it
-  float alpha = 0;            // the chosen exponent
-  double error = 0;           // ||X Wᵀ − (X/s) Q(W·s)ᵀ||_F² on the evaluated rows
-  double rtn_error = 0;       // the same for α = 0 (s = 1): plain RTN
-  QuantizedMatrix quantized;  // Q(W · diag(s)) on the grid; dequantized holds W·s rounded, not /s
+  std::vector<float> scales;   // [k] s: multiply W's columns by it, divide the input by it
+  float alpha = 0;             // the chosen exponent
+  double error = 0;            // ||X Wᵀ − (X/s) Q(W·s)ᵀ||_F² on the evaluated rows, clipping included
+  double unclipped_error = 0;  // the same before clipping
+  double rtn_error = 0;        // the same for α = 0 (s = 1): plain RTN
+  QuantizedMatrix quantized;   // Q(W · diag(s)) on the grid; dequantized holds W·s rounded, not /s
 };
 
 // w: [n_out, k]; x: [n_samples, k]. Throws std::invalid_argument for shapes the grid cannot take,

@@ -65,7 +65,8 @@ class ServeJob {
                           << extra_yaml;
     std::vector<std::string> args = {NIBBLE_MPIEXEC, "--allow-run-as-root", "--oversubscribe"};
     args.insert(args.end(), placement.mpirun_args.begin(), placement.mpirun_args.end());
-    const int ranks = 1 + tensor * pipeline + (placement.draft_rank ? 1 : 0);
+    ranks_ = 1 + tensor * pipeline + (placement.draft_rank ? 1 : 0);
+    const int ranks = ranks_;
     for (std::string a : {std::string("-np"), std::to_string(ranks), test::nibble_bin(), std::string("serve"),
                           std::string("--config"), config.string()}) {
       args.push_back(a);
@@ -121,11 +122,23 @@ class ServeJob {
       try {
         ClientOptions options;
         options.timeout_ms = 500;
-        if (Client(endpoint_, options).health().ok) return true;
+        if (Client(endpoint_, options).health().ok) {
+          // mpirun forwards the coordinator's stderr on its own schedule: give the start-up lines
+          // (one per rank, with its pid) a moment to reach the log.
+          for (int i = 0; i < 100 && pid_lines() < ranks_ - 1; ++i) std::this_thread::sleep_for(100ms);
+          return true;
+        }
       } catch (const ClientError&) {
       }
     }
     return false;
+  }
+
+  int pid_lines() const {
+    const std::string text = log();
+    int n = 0;
+    for (size_t at = text.find(", pid "); at != std::string::npos; at = text.find(", pid ", at + 1)) ++n;
+    return n;
   }
 
   // The job's exit code once it has exited within `timeout`; nullopt while it still runs.
@@ -157,6 +170,7 @@ class ServeJob {
   fs::path dir_, log_;
   std::string endpoint_;
   pid_t pid_ = -1;
+  int ranks_ = 0;
   bool exited_ = false;
   int exit_code_ = -1;
 };

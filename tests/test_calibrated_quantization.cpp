@@ -164,10 +164,10 @@ TEST_F(CalibratedQuantization, AwqClippingCutsTheErrorOfWeightsWithOutliers) {
     if (rng() % 64 == 0) x *= 6.0f;
   for (const QuantGrid& grid : kGrids) {
     SCOPED_TRACE(grid.name());
-    AwqOptions no_clip;
-    no_clip.clip = false;
-    const AwqResult plain = awq_search(w.data(), kOut, kIn, calib_.data(), kCalibRows, grid, no_clip);
-    const AwqResult clipped = awq_search(w.data(), kOut, kIn, calib_.data(), kCalibRows, grid);
+    AwqOptions clip;
+    clip.clip = true;
+    const AwqResult plain = awq_search(w.data(), kOut, kIn, calib_.data(), kCalibRows, grid);
+    const AwqResult clipped = awq_search(w.data(), kOut, kIn, calib_.data(), kCalibRows, grid, clip);
     EXPECT_EQ(clipped.unclipped_error, plain.error);  // the same scales before clipping
     const bool absorbs_outliers = grid.type == GridType::q4_k;
     EXPECT_LE(clipped.error, (absorbs_outliers ? 1.0 : 0.92) * plain.error);

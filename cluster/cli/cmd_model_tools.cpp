@@ -135,7 +135,7 @@ Runner add_quantize(CLI::App& app) {
   struct Args {
     std::string in, out, type = "q4_0", method = "rtn", calib, format = "gguf";
     int64_t group_size = 128;
-    bool pure = false, act_order = false;
+    bool pure = false, act_order = false, awq_clip = false;
     int64_t samples = 128, length = 512;
     uint64_t seed = 0;
     double percdamp = 0.01;
@@ -160,6 +160,7 @@ Runner add_quantize(CLI::App& app) {
   app.add_option("--calib-len", a->length, "Tokens per calibration window")->check(CLI::PositiveNumber);
   app.add_option("--seed", a->seed, "Seed for drawing the calibration windows");
   app.add_flag("--act-order", a->act_order, "GPTQ: quantize columns in decreasing Hessian diagonal");
+  app.add_flag("--awq-clip", a->awq_clip, "AWQ: also search weight clipping ratios (llm-awq's auto_clip)");
   app.add_option("--percdamp", a->percdamp, "GPTQ: dampening as a fraction of the mean Hessian diagonal")
       ->check(CLI::Range(0.0, 1.0));
   app.add_option("--threads,-t", a->threads, "CPU threads for the calibration forward passes")
@@ -207,6 +208,7 @@ Runner add_quantize(CLI::App& app) {
       o.length = a->length;
       o.seed = a->seed;
       o.gptq.act_order = a->act_order;
+      o.awq.clip = a->awq_clip;
       o.gptq.percdamp = a->percdamp;
       o.threads = a->threads;
       o.progress = [](const std::string& line) { std::cerr << line << std::endl; };

@@ -56,6 +56,14 @@ std::optional<std::string> token_content(const json& config, const char* key) {
   return std::nullopt;
 }
 
+// What tokenizer.json says, in the form GGUF stores a vocabulary.
+struct HfVocabulary {
+  Vocab vocab;
+  std::vector<std::string> merges;  // rank order
+  std::string pre;                  // byte-level BPE's pre-tokenizer ("gpt-2", "llama-bpe"); "" for spm
+  bool spm = false;                 // SentencePiece-style (byte fallback) rather than byte-level BPE
+};
+
 class TokenizerJson {
  public:
   TokenizerJson(const fs::path& dir, int64_t n_vocab)
@@ -63,7 +71,7 @@ class TokenizerJson {
 
   [[noreturn]] void fail(const std::string& what) const { throw HfCheckpointError(where_ + ": " + what); }
 
-  std::shared_ptr<const Tokenizer> load() {
+  HfVocabulary parse() {
     const json root = *read_json(dir_ / "tokenizer.json");
     const json config = read_json(dir_ / "tokenizer_config.json").value_or(json::object());
     const json model_config = read_json(dir_ / "config.json").value_or(json::object());
@@ -150,10 +158,14 @@ class TokenizerJson {
     if (vocab.add_bos && vocab.bos < 0) vocab.add_bos = false;
     vocab.add_space_prefix = space_prefix;
     finish_special_tokens(vocab);
+    return HfVocabulary{std::move(vocab), merges, pre, spm};
+  }
 
-    if (spm) return make_spm_tokenizer(std::move(vocab));
+  std::shared_ptr<const Tokenizer> load() {
+    HfVocabulary v = parse();
+    if (v.spm) return make_spm_tokenizer(std::move(v.vocab));
     try {
-      return make_bpe_tokenizer(std::move(vocab), merges, pre);
+      return make_bpe_tokenizer(std::move(v.vocab), v.merges, v.pre);
     } catch (const std::exception& e) {
       fail(e.what());
     }
@@ -312,6 +324,45 @@ class TokenizerJson {
 std::shared_ptr<const Tokenizer> load_hf_tokenizer(const std::string& dir, int64_t n_vocab) {
   if (!fs::exists(fs::path(dir) / "tokenizer.json")) return nullptr;
   return TokenizerJson(dir, n_vocab).load();
+}
+
+std::vector<std::pair<std::string, GgufValue>> hf_tokenizer_gguf_metadata(const std::string& dir,
+                                                                          int64_t n_vocab) {
+  if (!fs::exists(fs::path(dir) / "tokenizer.json")) return {};
+  const HfVocabulary v = TokenizerJson(dir, n_vocab).parse();
+  const int32_t n = v.vocab.size();
+  std::vector<GgufValue> tokens, scores, types;
+  tokens.reserve(static_cast<size_t>(n));
+  scores.reserve(static_cast<size_t>(n));
+  types.reserve(static_cast<size_t>(n));
+  for (int32_t i = 0; i < n; ++i) {
+    tokens.push_back(GgufValue::make_string(v.vocab.text[static_cast<size_t>(i)]));
+    scores.push_back(GgufValue::make_float(GgufValueType::FLOAT32, v.vocab.score[static_cast<size_t>(i)]));
+    types.push_back(GgufValue::make_int(GgufValueType::INT32,
+                                        static_cast<int32_t>(v.vocab.type[static_cast<size_t>(i)])));
+  }
+  std::vector<std::pair<std::string, GgufValue>> m;
+  m.emplace_back("tokenizer.ggml.model", GgufValue::make_string(v.spm ? "llama" : "gpt2"));
+  if (!v.spm) m.emplace_back("tokenizer.ggml.pre", GgufValue::make_string(v.pre));
+  m.emplace_back("tokenizer.ggml.tokens", GgufValue::make_array(GgufValueType::STRING, std::move(tokens)));
+  m.emplace_back("tokenizer.ggml.scores", GgufValue::make_array(GgufValueType::FLOAT32, std::move(scores)));
+  m.emplace_back("tokenizer.ggml.token_type", GgufValue::make_array(GgufValueType::INT32, std::move(types)));
+  if (!v.spm) {
+    std::vector<GgufValue> merges;
+    merges.reserve(v.merges.size());
+    for (const std::string& merge : v.merges) merges.push_back(GgufValue::make_string(merge));
+    m.emplace_back("tokenizer.ggml.merges", GgufValue::make_array(GgufValueType::STRING, std::move(merges)));
+  }
+  // Absent ids are left out, as llama.cpp's converter does (GGUF stores them unsigned).
+  const std::pair<const char*, int32_t> ids[] = {{"tokenizer.ggml.bos_token_id", v.vocab.bos},
+                                                 {"tokenizer.ggml.eos_token_id", v.vocab.eos},
+                                                 {"tokenizer.ggml.unknown_token_id", v.vocab.unk}};
+  for (const auto& [key, id] : ids) {
+    if (id >= 0) m.emplace_back(key, GgufValue::make_uint(GgufValueType::UINT32, static_cast<uint32_t>(id)));
+  }
+  m.emplace_back("tokenizer.ggml.add_bos_token", GgufValue::make_bool(v.vocab.add_bos));
+  m.emplace_back("tokenizer.ggml.add_space_prefix", GgufValue::make_bool(v.vocab.add_space_prefix));
+  return m;
 }
 
 }  // namespace nibble::model

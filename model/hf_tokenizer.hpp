@@ -8,7 +8,10 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <utility>
+#include <vector>
 
+#include "model/gguf.hpp"
 #include "model/tokenizer.hpp"
 
 namespace nibble::model {
@@ -17,5 +20,12 @@ namespace nibble::model {
 // and what is wrong or unsupported otherwise. n_vocab > 0: the model's vocabulary size; ids past
 // the tokenizer's become unused "[PADn]" tokens, as convert_hf_to_gguf.py pads them.
 std::shared_ptr<const Tokenizer> load_hf_tokenizer(const std::string& dir, int64_t n_vocab = -1);
+
+// The same tokenizer as GGUF tokenizer.ggml.* metadata (model "llama" or "gpt2", tokens, scores,
+// token types, merges and pre-tokenizer for "gpt2", BOS/EOS/UNK ids, add_bos_token,
+// add_space_prefix), so that Tokenizer::from_gguf on a file holding it encodes as load_hf_tokenizer
+// does. Empty when the directory has no tokenizer.json; throws like load_hf_tokenizer.
+std::vector<std::pair<std::string, GgufValue>> hf_tokenizer_gguf_metadata(const std::string& dir,
+                                                                          int64_t n_vocab = -1);
 
 }  // namespace nibble::model

@@ -9,7 +9,6 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 #include <string>
-#include <tuple>
 #include <vector>
 
 #include "model/gguf.hpp"
@@ -69,64 +68,14 @@ std::vector<VectorCase> read_vectors(const fs::path& vocab_path) {
   return cases;
 }
 
-std::vector<std::string> gguf_strings(const GgufFile& file, const std::string& key) {
-  std::vector<std::string> out;
-  for (const GgufValue& v : file.find(key)->array) out.push_back(v.s);
-  return out;
-}
-
-// tokenizer.json of a GGUF vocabulary: token types 3 (control) become special added tokens; for
-// "llama" the merges are derived from the scores as transformers' SentencePieceExtractor does.
-json tokenizer_json_of(const GgufFile& file) {
-  const std::string kind = file.find("tokenizer.ggml.model")->s;
-  const std::vector<std::string> tokens = gguf_strings(file, "tokenizer.ggml.tokens");
-  std::vector<int64_t> types(tokens.size(), 1);
-  if (const GgufValue* t = file.find("tokenizer.ggml.token_type")) {
-    for (size_t i = 0; i < tokens.size(); ++i) types[i] = t->array[i].i != 0 ? t->array[i].i : t->array[i].u;
-  }
-  json vocab = json::object();
-  json added = json::array();
-  std::unordered_map<std::string, int32_t> id_of;
-  for (size_t i = 0; i < tokens.size(); ++i) {
-    vocab[tokens[i]] = i;
-    id_of[tokens[i]] = static_cast<int32_t>(i);
-    if (types[i] == 3) added.push_back({{"id", i}, {"content", tokens[i]}, {"special", true}});
-  }
-  json model = {{"type", "BPE"}, {"vocab", vocab}};
-  json root = {{"version", "1.0"}, {"added_tokens", added}, {"model", nullptr}};
-  if (kind == "llama") {
-    const GgufValue* scores = file.find("tokenizer.ggml.scores");
-    std::vector<std::tuple<float, int32_t, int32_t, int32_t>> merges;  // -score, piece, left, right
-    for (size_t i = 0; i < tokens.size(); ++i) {
-      if (types[i] != 1) continue;
-      const std::string& piece = tokens[i];
-      for (size_t cut = 1; cut < piece.size(); ++cut) {
-        const auto l = id_of.find(piece.substr(0, cut));
-        const auto r = id_of.find(piece.substr(cut));
-        if (l == id_of.end() || r == id_of.end() || types[l->second] != 1 || types[r->second] != 1) continue;
-        merges.emplace_back(-static_cast<float>(scores->array[i].f), static_cast<int32_t>(i), l->second,
-                            r->second);
-      }
-    }
-    std::sort(merges.begin(), merges.end());
-    json merge_list = json::array();
-    for (const auto& [score, piece, l, r] : merges) merge_list.push_back(tokens[l] + " " + tokens[r]);
-    model["merges"] = merge_list;
-    model["byte_fallback"] = true;
-    model["unk_token"] = "<unk>";
-    root["normalizer"] = {{"type", "Sequence"},
-                          {"normalizers",
-                           {{{"type", "Prepend"}, {"prepend", kSpace}},
-                            {{"type", "Replace"}, {"pattern", {{"String", " "}}}, {"content", kSpace}}}}};
-    root["pre_tokenizer"] = nullptr;
-  } else {
-    model["merges"] = gguf_strings(file, "tokenizer.ggml.merges");
-    model["byte_fallback"] = false;
-    root["normalizer"] = nullptr;
-    root["pre_tokenizer"] = {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"use_regex", true}};
-  }
-  root["model"] = model;
-  return root;
+// The tokenizer of `dir`/tokenizer.json written as GGUF metadata (as `nibble quantize` writes it for an
+// HF checkpoint) and read back from that file.
+std::shared_ptr<const Tokenizer> tokenizer_through_gguf(const fs::path& dir) {
+  GgufWriter writer;
+  for (const auto& [key, value] : hf_tokenizer_gguf_metadata(dir.string())) writer.set(key, value);
+  const fs::path path = dir / "vocab.gguf";
+  writer.write(path.string());
+  return Tokenizer::from_gguf(*GgufFile::open(path.string()));
 }
 
 void check_vectors_through_json(const fs::path& vocab_path, TokenizerKind kind) {
@@ -134,7 +83,7 @@ void check_vectors_through_json(const fs::path& vocab_path, TokenizerKind kind) 
   const auto file = GgufFile::open(vocab_path.string());
   const auto reference = Tokenizer::from_gguf(*file);
   test::TempDir tmp;
-  write_text(tmp.path() / "tokenizer.json", tokenizer_json_of(*file).dump());
+  write_text(tmp.path() / "tokenizer.json", test::tokenizer_json_of(*file));
   // BOS / EOS by text, as tokenizer_config.json names them.
   json config = json::object();
   if (reference->bos_id() >= 0) config["bos_token"] = reference->token_text(reference->bos_id());
@@ -148,6 +97,14 @@ void check_vectors_through_json(const fs::path& vocab_path, TokenizerKind kind) 
   EXPECT_EQ(tokenizer->bos_id(), reference->bos_id());
   EXPECT_EQ(tokenizer->eos_id(), reference->eos_id());
   EXPECT_EQ(tokenizer->add_bos_default(), reference->add_bos_default());
+  // The same tokenizer as GGUF metadata.
+  const auto via_gguf = tokenizer_through_gguf(tmp.path());
+  ASSERT_EQ(via_gguf->kind(), kind);
+  ASSERT_EQ(via_gguf->n_vocab(), reference->n_vocab());
+  EXPECT_EQ(via_gguf->bos_id(), reference->bos_id());
+  EXPECT_EQ(via_gguf->eos_id(), reference->eos_id());
+  EXPECT_EQ(via_gguf->add_bos_default(), reference->add_bos_default());
+  EXPECT_EQ(via_gguf->add_space_prefix(), reference->add_space_prefix());
   const auto cases = read_vectors(vocab_path);
   ASSERT_FALSE(cases.empty());
   int passed = 0;
@@ -156,6 +113,7 @@ void check_vectors_through_json(const fs::path& vocab_path, TokenizerKind kind) 
     EXPECT_EQ(got, c.expected) << "'" << c.text << "'";
     passed += got == c.expected;
     EXPECT_EQ(tokenizer->decode(got), reference->decode(c.expected)) << "'" << c.text << "'";
+    EXPECT_EQ(via_gguf->encode(c.text, false), c.expected) << "GGUF metadata: '" << c.text << "'";
   }
   std::printf("%s via tokenizer.json: %d/%zu vectors match\n", vocab_path.filename().c_str(), passed,
               cases.size());
@@ -178,7 +136,7 @@ TEST(HfTokenizer, Llama3StyleSplitThenByteLevel) {
   const fs::path path = dir / "tokenizer" / "ggml-vocab-gpt-2.gguf";
   if (!fs::exists(path)) GTEST_SKIP() << path << " not found";
   const auto file = GgufFile::open(path.string());
-  json root = tokenizer_json_of(*file);
+  json root = json::parse(test::tokenizer_json_of(*file));
   root["pre_tokenizer"] = {{"type", "Sequence"},
                            {"pretokenizers",
                             {{{"type", "Split"},
@@ -200,44 +158,15 @@ TEST(HfTokenizer, Llama3StyleSplitThenByteLevel) {
   std::vector<std::string> pieces;
   for (const int32_t id : ids) pieces.push_back(tok->token_bytes(id));
   EXPECT_EQ(pieces, (std::vector<std::string>{"123", "456", "7"}));
-}
-
-// A small Llama-2 style tokenizer.json of `n` tokens: <unk> <s> </s>, "▁", printable ASCII, then
-// merges of frequent letter pairs.
-json tiny_llama_tokenizer(int n) {
-  std::vector<std::string> tokens = {"<unk>", "<s>", "</s>", kSpace};
-  for (char c = 0x21; c < 0x7F; ++c) tokens.emplace_back(1, c);
-  json merges = json::array();
-  const std::vector<std::string> letters = {kSpace, "e", "t", "a", "o", "i", "n", "s", "h", "r", "l", "d"};
-  for (const std::string& a : letters) {
-    for (const std::string& b : letters) {
-      if (static_cast<int>(tokens.size()) >= n || b == kSpace) continue;
-      merges.push_back(a + " " + b);
-      tokens.push_back(a + b);
-    }
-  }
-  json vocab = json::object();
-  for (size_t i = 0; i < tokens.size(); ++i) vocab[tokens[i]] = i;
-  json added = json::array();
-  for (int i = 0; i < 3; ++i) added.push_back({{"id", i}, {"content", tokens[i]}, {"special", true}});
-  return {{"added_tokens", added},
-          {"normalizer",
-           {{"type", "Sequence"},
-            {"normalizers",
-             {{{"type", "Prepend"}, {"prepend", kSpace}},
-              {{"type", "Replace"}, {"pattern", {{"String", " "}}}, {"content", kSpace}}}}}},
-          {"pre_tokenizer", nullptr},
-          {"model",
-           {{"type", "BPE"},
-            {"vocab", vocab},
-            {"merges", merges},
-            {"byte_fallback", true},
-            {"unk_token", "<unk>"}}}};
+  // As GGUF metadata: the Llama 3 pre-tokenizer and its default BOS survive.
+  const auto via_gguf = tokenizer_through_gguf(tmp.path());
+  EXPECT_TRUE(via_gguf->add_bos_default());
+  EXPECT_EQ(via_gguf->encode("1234567", false), ids);
 }
 
 TEST(HfTokenizer, TinyLlamaStyleEncodesWithMerges) {
   test::TempDir tmp;
-  write_text(tmp.path() / "tokenizer.json", tiny_llama_tokenizer(192).dump());
+  write_text(tmp.path() / "tokenizer.json", test::tiny_llama_tokenizer_json(192));
   write_text(tmp.path() / "tokenizer_config.json", R"({"add_bos_token": true, "bos_token": "<s>",
       "eos_token": {"content": "</s>"}})");
   const auto tok = load_hf_tokenizer(tmp.path().string());
@@ -305,7 +234,7 @@ TEST(HfTokenizer, GenerateRunsOnAnHfDirectoryWithTokenizerJson) {
   test::TempDir tmp;
   for (const char* name : {"config.json", "model.safetensors"})
     fs::copy_file(source / name, tmp.path() / name);
-  write_text(tmp.path() / "tokenizer.json", tiny_llama_tokenizer(192).dump());
+  write_text(tmp.path() / "tokenizer.json", test::tiny_llama_tokenizer_json(192));
   const auto r = test::run_command(test::nibble_bin() + " generate --model " + tmp.path().string() +
                                    " --prompt \"the road\" --max-tokens 4 --threads 1");
   EXPECT_EQ(r.exit_code, 0) << r.output;

@@ -1,10 +1,13 @@
 // Model-file subcommands: tokenize, logits, make-model, quantize.
+#include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <memory>
 
 #include "cluster/cli/commands.hpp"
 #include "cluster/cli/model_session.hpp"
+#include "model/hf_checkpoint.hpp"
+#include "model/hf_to_gguf.hpp"
 #include "model/random_model.hpp"
 #include "model/requantize.hpp"
 #include "worker/calibrated_quantize.hpp"
@@ -23,6 +26,36 @@ kernels::DType parse_matrix_type(const std::string& name) {
   if (name == "f16") return kernels::DType::F16;
   if (name == "f32") return kernels::DType::F32;
   throw std::invalid_argument("unknown --type '" + name + "' (expected q4_0, q4_k, q8_0, f16 or f32)");
+}
+
+// A file removed when the object goes, also when quantization fails.
+struct ScratchFile {
+  std::string path;
+  ~ScratchFile() {
+    std::error_code ignored;
+    if (!path.empty()) std::filesystem::remove(path, ignored);
+  }
+};
+
+// The quantizers read GGUF, so a Hugging Face checkpoint directory is converted to one first (same
+// dtypes, GGUF names and RoPE row order), next to the output so that it lands on the output's disk.
+std::shared_ptr<const model::GgufFile> open_quantize_input(const std::string& in, const std::string& out,
+                                                           bool require_tokenizer, ScratchFile& scratch) {
+  if (!model::HfCheckpoint::is_checkpoint_dir(in)) return model::GgufFile::open(in);
+  std::string base = out;
+  while (base.size() > 1 && base.back() == '/') base.pop_back();  // a --format gptq directory
+  scratch.path = base + ".hf-source.gguf";
+  model::convert_hf_to_gguf(in, scratch.path, require_tokenizer);
+  return model::GgufFile::open(scratch.path);
+}
+
+// A GPTQ directory made from an HF checkpoint keeps its tokenizer, so that it takes text as well.
+void copy_tokenizer_files(const std::string& hf_dir, const std::string& out_dir) {
+  namespace fs = std::filesystem;
+  for (const char* name : {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"}) {
+    const fs::path from = fs::path(hf_dir) / name;
+    if (fs::exists(from)) fs::copy_file(from, fs::path(out_dir) / name, fs::copy_options::overwrite_existing);
+  }
 }
 
 }  // namespace
@@ -145,7 +178,10 @@ Runner add_quantize(CLI::App& app) {
     int64_t sensitivity_samples = 8;
   };
   auto a = std::make_shared<Args>();
-  app.add_option("--model,-m", a->in, "Input GGUF (F32/F16/BF16 or quantized)")->required();
+  app.add_option("--model,-m", a->in,
+                 "Input GGUF (F32/F16/BF16 or quantized), or a Hugging Face checkpoint directory (converted "
+                 "to a scratch GGUF next to the output first; tokenizer.json gives the vocabulary)")
+      ->required();
   app.add_option("--out,-o", a->out, "Output GGUF path (--format gptq: a directory)")->required();
   app.add_option("--format", a->format,
                  "gguf (default) or gptq: a GPTQ checkpoint directory (asymmetric INT4, --group-size)")
@@ -179,29 +215,37 @@ Runner add_quantize(CLI::App& app) {
   return [a]() {
     if (!std::filesystem::exists(a->in)) throw std::runtime_error("model file not found: " + a->in);
     const worker::QuantMethod method = worker::parse_quant_method(a->method);
-    auto file = model::GgufFile::open(a->in);
     const bool gptq_dir = a->format == "gptq";
     const bool mixed = !a->size_budget.empty() || a->bits_per_weight > 0;
     if (gptq_dir && mixed)
       throw std::invalid_argument(
           "--format gptq writes one 4-bit grid: no --size-budget / --bits-per-weight");
+    const bool calibrated = method != worker::QuantMethod::rtn || mixed;
+    // Options are checked before an HF checkpoint is converted, which takes a while for a large one.
+    if (calibrated && a->calib.empty())
+      throw std::invalid_argument((mixed ? std::string("a size budget") : "--method " + a->method) +
+                                  " needs --calib FILE");
+    const kernels::DType type = parse_matrix_type(a->type);
+    std::string text;
+    if (calibrated) {
+      std::ifstream text_file(a->calib, std::ios::binary);
+      if (!text_file) throw std::runtime_error("cannot read calibration text " + a->calib);
+      text.assign(std::istreambuf_iterator<char>(text_file), std::istreambuf_iterator<char>());
+    }
+    // Only a GPTQ directory by RTN needs no tokenizer: it holds no vocabulary and reads no text.
+    ScratchFile scratch;
+    const auto file = open_quantize_input(a->in, a->out, !gptq_dir || calibrated, scratch);
     if (method == worker::QuantMethod::rtn && gptq_dir) {
       worker::CalibratedQuantizeOptions o;
       o.method = method;
       worker::export_gptq_checkpoint(file, "", a->out, model::QuantGrid::int4_asym(a->group_size), o);
-    } else if (method == worker::QuantMethod::rtn && !mixed) {
+    } else if (!calibrated) {
       if (!a->calib.empty()) std::cerr << "note: --calib is not used by --method rtn\n";
-      model::requantize_gguf(*file, a->out, parse_matrix_type(a->type), a->pure);
+      model::requantize_gguf(*file, a->out, type, a->pure);
     } else {
-      if (a->calib.empty())
-        throw std::invalid_argument((mixed ? std::string("a size budget") : "--method " + a->method) +
-                                    " needs --calib FILE");
-      std::ifstream text_file(a->calib, std::ios::binary);
-      if (!text_file) throw std::runtime_error("cannot read calibration text " + a->calib);
-      const std::string text((std::istreambuf_iterator<char>(text_file)), std::istreambuf_iterator<char>());
       worker::CalibratedQuantizeOptions o;
       o.method = method;
-      o.type = parse_matrix_type(a->type);
+      o.type = type;
       o.pure = a->pure;
       o.calibration_name = std::filesystem::path(a->calib).filename().string();
       o.samples = a->samples;
@@ -226,6 +270,7 @@ Runner add_quantize(CLI::App& app) {
         worker::calibrated_quantize_gguf(file, text, a->out, o);
       }
     }
+    if (gptq_dir && model::HfCheckpoint::is_checkpoint_dir(a->in)) copy_tokenizer_files(a->in, a->out);
     const std::string written = gptq_dir ? a->out + "/model.safetensors" : a->out;
     std::cerr << "wrote " << written << " (" << std::filesystem::file_size(written) << " bytes)\n";
     return 0;

@@ -10,12 +10,116 @@
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <nlohmann/json.hpp>
 #include <sstream>
 #include <stdexcept>
+#include <tuple>
+#include <unordered_map>
 
 #include "kernels/quantize.hpp"
 
 namespace nibble::test {
+
+namespace {
+
+using nlohmann::json;
+
+constexpr const char* kSpace = "\xE2\x96\x81";  // U+2581, SentencePiece's space
+
+std::vector<std::string> gguf_strings(const model::GgufFile& file, const std::string& key) {
+  std::vector<std::string> out;
+  for (const model::GgufValue& v : file.find(key)->array) out.push_back(v.s);
+  return out;
+}
+
+json tokenizer_json_object(const model::GgufFile& file) {
+  const std::string kind = file.find("tokenizer.ggml.model")->s;
+  const std::vector<std::string> tokens = gguf_strings(file, "tokenizer.ggml.tokens");
+  std::vector<int64_t> types(tokens.size(), 1);
+  if (const model::GgufValue* t = file.find("tokenizer.ggml.token_type")) {
+    for (size_t i = 0; i < tokens.size(); ++i) types[i] = t->array[i].i != 0 ? t->array[i].i : t->array[i].u;
+  }
+  json vocab = json::object();
+  json added = json::array();
+  std::unordered_map<std::string, int32_t> id_of;
+  for (size_t i = 0; i < tokens.size(); ++i) {
+    vocab[tokens[i]] = i;
+    id_of[tokens[i]] = static_cast<int32_t>(i);
+    if (types[i] == 3) added.push_back({{"id", i}, {"content", tokens[i]}, {"special", true}});
+  }
+  json model = {{"type", "BPE"}, {"vocab", vocab}};
+  json root = {{"version", "1.0"}, {"added_tokens", added}, {"model", nullptr}};
+  if (kind == "llama") {
+    const model::GgufValue* scores = file.find("tokenizer.ggml.scores");
+    std::vector<std::tuple<float, int32_t, int32_t, int32_t>> merges;  // -score, piece, left, right
+    for (size_t i = 0; i < tokens.size(); ++i) {
+      if (types[i] != 1) continue;
+      const std::string& piece = tokens[i];
+      for (size_t cut = 1; cut < piece.size(); ++cut) {
+        const auto l = id_of.find(piece.substr(0, cut));
+        const auto r = id_of.find(piece.substr(cut));
+        if (l == id_of.end() || r == id_of.end() || types[l->second] != 1 || types[r->second] != 1) continue;
+        merges.emplace_back(-static_cast<float>(scores->array[i].f), static_cast<int32_t>(i), l->second,
+                            r->second);
+      }
+    }
+    std::sort(merges.begin(), merges.end());
+    json merge_list = json::array();
+    for (const auto& [score, piece, l, r] : merges) merge_list.push_back(tokens[l] + " " + tokens[r]);
+    model["merges"] = merge_list;
+    model["byte_fallback"] = true;
+    model["unk_token"] = "<unk>";
+    root["normalizer"] = {{"type", "Sequence"},
+                          {"normalizers",
+                           {{{"type", "Prepend"}, {"prepend", kSpace}},
+                            {{"type", "Replace"}, {"pattern", {{"String", " "}}}, {"content", kSpace}}}}};
+    root["pre_tokenizer"] = nullptr;
+  } else {
+    model["merges"] = gguf_strings(file, "tokenizer.ggml.merges");
+    model["byte_fallback"] = false;
+    root["normalizer"] = nullptr;
+    root["pre_tokenizer"] = {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"use_regex", true}};
+  }
+  root["model"] = model;
+  return root;
+}
+
+json tiny_llama_tokenizer_object(int n) {
+  std::vector<std::string> tokens = {"<unk>", "<s>", "</s>", kSpace};
+  for (char c = 0x21; c < 0x7F; ++c) tokens.emplace_back(1, c);
+  json merges = json::array();
+  const std::vector<std::string> letters = {kSpace, "e", "t", "a", "o", "i", "n", "s", "h", "r", "l", "d"};
+  for (const std::string& a : letters) {
+    for (const std::string& b : letters) {
+      if (static_cast<int>(tokens.size()) >= n || b == kSpace) continue;
+      merges.push_back(a + " " + b);
+      tokens.push_back(a + b);
+    }
+  }
+  json vocab = json::object();
+  for (size_t i = 0; i < tokens.size(); ++i) vocab[tokens[i]] = i;
+  json added = json::array();
+  for (int i = 0; i < 3; ++i) added.push_back({{"id", i}, {"content", tokens[i]}, {"special", true}});
+  return {{"added_tokens", added},
+          {"normalizer",
+           {{"type", "Sequence"},
+            {"normalizers",
+             {{{"type", "Prepend"}, {"prepend", kSpace}},
+              {{"type", "Replace"}, {"pattern", {{"String", " "}}}, {"content", kSpace}}}}}},
+          {"pre_tokenizer", nullptr},
+          {"model",
+           {{"type", "BPE"},
+            {"vocab", vocab},
+            {"merges", merges},
+            {"byte_fallback", true},
+            {"unk_token", "<unk>"}}}};
+}
+
+}  // namespace
+
+std::string tokenizer_json_of(const model::GgufFile& file) { return tokenizer_json_object(file).dump(); }
+
+std::string tiny_llama_tokenizer_json(int n) { return tiny_llama_tokenizer_object(n).dump(); }
 
 std::optional<std::filesystem::path> fixtures_dir() {
   const char* env = std::getenv("NIBBLE_FIXTURES");

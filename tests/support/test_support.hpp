@@ -51,6 +51,13 @@ std::vector<uint8_t> read_file_bytes(const std::filesystem::path& path);
 // A whole tensor of any type as floats (a failed row dequantization fails the current test).
 std::vector<float> dequantize_tensor(const model::GgufFile& file, const model::GgufTensorInfo& tensor);
 void write_file_bytes(const std::filesystem::path& path, const std::vector<uint8_t>& bytes);
+// tokenizer.json (as transformers' converters would write it) of a GGUF vocabulary: token types 3
+// (control) become special added tokens; for "llama" the merges are derived from the scores as
+// transformers' SentencePieceExtractor does.
+std::string tokenizer_json_of(const model::GgufFile& file);
+// A small Llama-2 style tokenizer.json of `n` tokens: <unk> <s> </s>, "▁", printable ASCII, then
+// merges of frequent letter pairs.
+std::string tiny_llama_tokenizer_json(int n);
 // The largest relative RMS error of `a` against `b` over rows of `row` values ([rows, row] each).
 double max_relative_rms(const std::vector<float>& a, const std::vector<float>& b, int64_t row);
 

@@ -8,12 +8,24 @@ namespace nibble::model {
 
 std::vector<std::vector<int32_t>> calibration_windows(const Tokenizer& tokenizer, std::string_view text,
                                                       int64_t n, int64_t length, uint64_t seed) {
+  return calibration_windows(tokenizer, tokenizer.encode(text, false), n, length, seed);
+}
+
+std::vector<std::vector<int32_t>> calibration_windows(const Tokenizer& tokenizer,
+                                                      std::span<const int32_t> tokens, int64_t n,
+                                                      int64_t length, uint64_t seed) {
+  for (size_t i = 0; i < tokens.size(); ++i) {
+    if (tokens[i] < 0 || tokens[i] >= tokenizer.n_vocab()) {
+      throw std::invalid_argument("calibration token " + std::to_string(i) + " is " +
+                                  std::to_string(tokens[i]) + ", outside the vocabulary of " +
+                                  std::to_string(tokenizer.n_vocab()));
+    }
+  }
   if (n <= 0 || length <= 0) {
     throw std::invalid_argument("calibration needs a positive number of samples and sample length (got " +
                                 std::to_string(n) + " x " + std::to_string(length) + ")");
   }
   const bool bos = tokenizer.add_bos_default();
-  const std::vector<int32_t> tokens = tokenizer.encode(text, false);
   const int64_t body = bos ? length - 1 : length;
   const auto available = static_cast<int64_t>(tokens.size());
   if (available < body || (body == 0 && available == 0)) {

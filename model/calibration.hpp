@@ -1,6 +1,7 @@
 #pragma once
 // Calibration data for calibrated quantization (GPTQ, AWQ): token windows cut from a text.
 #include <cstdint>
+#include <span>
 #include <string_view>
 #include <vector>
 
@@ -16,5 +17,11 @@ namespace nibble::model {
 // not positive or the text has fewer tokens than a window needs.
 std::vector<std::vector<int32_t>> calibration_windows(const Tokenizer& tokenizer, std::string_view text,
                                                       int64_t n, int64_t length, uint64_t seed);
+// The same from a token stream that is already tokenized (a token file): BOS is added the same way.
+// Throws std::invalid_argument as above, and for an id outside the tokenizer's vocabulary (naming
+// its position in the stream).
+std::vector<std::vector<int32_t>> calibration_windows(const Tokenizer& tokenizer,
+                                                      std::span<const int32_t> tokens, int64_t n,
+                                                      int64_t length, uint64_t seed);
 
 }  // namespace nibble::model

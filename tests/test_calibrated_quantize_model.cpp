@@ -205,6 +205,16 @@ TEST(CalibratedQuantizeModel, CalibrationWindowsAreReproducible) {
   }
   EXPECT_THROW(model::calibration_windows(*tokenizer, "too short", 1, 64, 0), std::invalid_argument);
   EXPECT_THROW(model::calibration_windows(*tokenizer, calibration_part(), 0, 64, 0), std::invalid_argument);
+  // A token file's stream gives the windows of the text it was tokenized from.
+  std::vector<int32_t> ids = tokenizer->encode(calibration_part(), false);
+  EXPECT_EQ(model::calibration_windows(*tokenizer, ids, 5, 40, 9), a);
+  ids[17] = static_cast<int32_t>(tokenizer->n_vocab());
+  try {
+    model::calibration_windows(*tokenizer, ids, 5, 40, 9);
+    ADD_FAILURE() << "an out-of-vocabulary id was taken";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("calibration token 17"), std::string::npos) << e.what();
+  }
 }
 
 TEST(CalibratedQuantizeModel, CommandLine) {
@@ -229,6 +239,26 @@ TEST(CalibratedQuantizeModel, CommandLine) {
   const auto g = model::GgufFile::open((dir.path() / "g.gguf").string());
   EXPECT_EQ(g->get_string("nibble.quantization.calibration_file"), "calib.txt");
   EXPECT_EQ(g->get_uint("nibble.quantization.calibration_seed"), 3u);
+
+  // The same calibration as a token file (the text's ids): the same file, byte for byte (the
+  // metadata records the file name, so both are called calib.txt).
+  const auto tokenizer = model::Tokenizer::from_gguf(*model::GgufFile::open(source.string()));
+  std::string ids;
+  for (int32_t id : tokenizer->encode(calibration_part(), false))
+    ids += std::to_string(id) + (id % 7 ? " " : "\n");
+  fs::create_directory(dir.path() / "ids");
+  std::ofstream(dir.path() / "ids" / "calib.txt") << ids;
+  const test::CommandResult from_ids = test::run_command(
+      base + (dir.path() / "t.gguf").string() + " --method gptq --calib-format tokens --calib " +
+      (dir.path() / "ids" / "calib.txt").string() + " --calib-samples 4 --calib-len 32 --seed 3 -t 2 2>&1");
+  ASSERT_EQ(from_ids.exit_code, 0) << from_ids.output;
+  EXPECT_EQ(test::read_file_bytes(dir.path() / "t.gguf"), test::read_file_bytes(dir.path() / "g.gguf"));
+  std::ofstream(dir.path() / "ids" / "bad.txt") << "1 2 3 x4 5";
+  const test::CommandResult bad_ids = test::run_command(base + (dir.path() / "x.gguf").string() +
+                                                        " --method gptq --calib-format tokens --calib " +
+                                                        (dir.path() / "ids" / "bad.txt").string() + " 2>&1");
+  EXPECT_NE(bad_ids.exit_code, 0);
+  EXPECT_NE(bad_ids.output.find("bad.txt: token 3 is 'x4'"), std::string::npos) << bad_ids.output;
 
   const test::CommandResult no_calib =
       test::run_command(base + (dir.path() / "x.gguf").string() + " --method gptq 2>&1");

@@ -269,6 +269,16 @@ const char* quant_method_name(QuantMethod method) {
   return "?";
 }
 
+std::vector<std::vector<int32_t>> calibration_windows(const model::Tokenizer& tokenizer,
+                                                      std::string_view text,
+                                                      const CalibratedQuantizeOptions& options) {
+  if (!options.calibration_tokens.empty()) {
+    return model::calibration_windows(tokenizer, options.calibration_tokens, options.samples, options.length,
+                                      options.seed);
+  }
+  return model::calibration_windows(tokenizer, text, options.samples, options.length, options.seed);
+}
+
 void calibrated_quantize_gguf(std::shared_ptr<const model::GgufFile> in, std::string_view calibration_text,
                               const std::string& out_path, const CalibratedQuantizeOptions& options) {
   if (options.method == QuantMethod::rtn) {
@@ -306,8 +316,7 @@ void calibrated_quantize_gguf(std::shared_ptr<const model::GgufFile> in, std::st
     }
   }
   const auto tokenizer = model::Tokenizer::from_gguf(file);
-  const auto windows =
-      model::calibration_windows(*tokenizer, calibration_text, options.samples, options.length, options.seed);
+  const auto windows = calibration_windows(*tokenizer, calibration_text, options);
   kernels::ThreadPool pool(options.threads);
 
   TensorBytes quantized;

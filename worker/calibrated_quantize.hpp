@@ -25,6 +25,7 @@
 #include "model/gguf.hpp"
 #include "model/gptq.hpp"
 #include "model/quant_grid.hpp"
+#include "model/tokenizer.hpp"
 
 namespace nibble::worker {
 
@@ -38,8 +39,11 @@ struct CalibratedQuantizeOptions {
   kernels::DType type = kernels::DType::Q4_0;  // Q4_0 or Q4_K
   bool pure = false;                           // token_embd and output 4-bit (RTN) too
   std::string calibration_name;                // recorded in the output's metadata
-  int64_t samples = 128;                       // calibration windows
-  int64_t length = 512;                        // tokens per window
+  // A token file's ids (whitespace-separated in the file): when set, windows are cut from them
+  // instead of from the tokenized text.
+  std::vector<int32_t> calibration_tokens;
+  int64_t samples = 128;  // calibration windows
+  int64_t length = 512;   // tokens per window
   uint64_t seed = 0;
   model::GptqOptions gptq;
   model::AwqOptions awq = {20, 4096};  // AWQ's error is measured on at most 4096 rows per input
@@ -55,6 +59,11 @@ struct CalibratedQuantizeOptions {
   std::map<std::string, kernels::DType> tensor_types;
   std::vector<std::pair<std::string, model::GgufValue>> metadata;
 };
+
+// The calibration windows of a run: from options.calibration_tokens when set, else from `text`.
+std::vector<std::vector<int32_t>> calibration_windows(const model::Tokenizer& tokenizer,
+                                                      std::string_view text,
+                                                      const CalibratedQuantizeOptions& options);
 
 // Writes `out_path`: `in`'s metadata (general.file_type for the type; nibble.quantization.method,
 // .calibration_file, .calibration_samples, .calibration_length, .calibration_seed added) and its

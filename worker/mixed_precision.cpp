@@ -284,8 +284,7 @@ MixedPrecisionPlan plan_mixed_precision(const std::shared_ptr<const model::GgufF
   const model::QuantGrid grid =
       options.type == DType::Q4_0 ? model::QuantGrid::q4_0() : model::QuantGrid::q4_k();
   const auto tokenizer = model::Tokenizer::from_gguf(file);
-  auto windows =
-      model::calibration_windows(*tokenizer, calibration_text, options.samples, options.length, options.seed);
+  auto windows = calibration_windows(*tokenizer, calibration_text, options);
   if (mixed.sensitivity_samples > 0 && static_cast<int64_t>(windows.size()) > mixed.sensitivity_samples)
     windows.resize(static_cast<size_t>(mixed.sensitivity_samples));
   kernels::ThreadPool pool(options.threads);

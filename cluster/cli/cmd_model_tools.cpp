@@ -1,8 +1,10 @@
 // Model-file subcommands: tokenize, logits, make-model, quantize.
+#include <climits>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <memory>
+#include <sstream>
 
 #include "cluster/cli/commands.hpp"
 #include "cluster/cli/model_session.hpp"
@@ -26,6 +28,27 @@ kernels::DType parse_matrix_type(const std::string& name) {
   if (name == "f16") return kernels::DType::F16;
   if (name == "f32") return kernels::DType::F32;
   throw std::invalid_argument("unknown --type '" + name + "' (expected q4_0, q4_k, q8_0, f16 or f32)");
+}
+
+// A token file: token ids separated by whitespace. Throws naming the file and the first bad word.
+std::vector<int32_t> parse_token_ids(const std::string& text, const std::string& path) {
+  std::vector<int32_t> ids;
+  std::istringstream words(text);
+  for (std::string word; words >> word;) {
+    size_t used = 0;
+    long long id = -1;
+    try {
+      id = std::stoll(word, &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+    if (used != word.size() || id < 0 || id > INT32_MAX) {
+      throw std::invalid_argument(path + ": token " + std::to_string(ids.size()) + " is '" + word +
+                                  "', not a token id");
+    }
+    ids.push_back(static_cast<int32_t>(id));
+  }
+  return ids;
 }
 
 // A file removed when the object goes, also when quantization fails.
@@ -166,7 +189,7 @@ Runner add_make_model(CLI::App& app) {
 
 Runner add_quantize(CLI::App& app) {
   struct Args {
-    std::string in, out, type = "q4_0", method = "rtn", calib, format = "gguf";
+    std::string in, out, type = "q4_0", method = "rtn", calib, calib_format = "text", format = "gguf";
     int64_t group_size = 128;
     bool pure = false, act_order = false, awq_clip = false;
     int64_t samples = 128, length = 512;
@@ -191,7 +214,10 @@ Runner add_quantize(CLI::App& app) {
   app.add_option("--type", a->type, "Matrix type: q4_0, q4_k, q8_0, f16, f32 (gptq / awq: q4_0 or q4_k)");
   app.add_flag("--pure", a->pure, "Quantize every matrix, the embedding and output head included");
   app.add_option("--method", a->method, "rtn (round to nearest, default), gptq or awq (need --calib)");
-  app.add_option("--calib", a->calib, "Calibration text file (gptq, awq)");
+  app.add_option("--calib", a->calib,
+                 "Calibration text file (gptq, awq), or token file (--calib-format tokens)");
+  app.add_option("--calib-format", a->calib_format, "text, or tokens: whitespace-separated token ids")
+      ->check(CLI::IsMember({"text", "tokens"}));
   app.add_option("--calib-samples", a->samples, "Calibration windows")->check(CLI::PositiveNumber);
   app.add_option("--calib-len", a->length, "Tokens per calibration window")->check(CLI::PositiveNumber);
   app.add_option("--seed", a->seed, "Seed for drawing the calibration windows");
@@ -227,10 +253,15 @@ Runner add_quantize(CLI::App& app) {
                                   " needs --calib FILE");
     const kernels::DType type = parse_matrix_type(a->type);
     std::string text;
+    std::vector<int32_t> calibration_tokens;
     if (calibrated) {
       std::ifstream text_file(a->calib, std::ios::binary);
-      if (!text_file) throw std::runtime_error("cannot read calibration text " + a->calib);
+      if (!text_file) throw std::runtime_error("cannot read calibration " + a->calib_format + " " + a->calib);
       text.assign(std::istreambuf_iterator<char>(text_file), std::istreambuf_iterator<char>());
+      if (a->calib_format == "tokens") {
+        calibration_tokens = parse_token_ids(text, a->calib);
+        text.clear();
+      }
     }
     // Only a GPTQ directory by RTN needs no tokenizer: it holds no vocabulary and reads no text.
     ScratchFile scratch;
@@ -248,6 +279,7 @@ Runner add_quantize(CLI::App& app) {
       o.type = type;
       o.pure = a->pure;
       o.calibration_name = std::filesystem::path(a->calib).filename().string();
+      o.calibration_tokens = std::move(calibration_tokens);
       o.samples = a->samples;
       o.length = a->length;
       o.seed = a->seed;

@@ -284,6 +284,20 @@ int serve(const std::string& config_path) {
       draft_file_bytes = flat.empty() ? 0 : flat.back();
     }
   }
+  // A sampling rank that holds the whole target measures what verification (and a draft next to
+  // it) costs, before the barrier: the service answers health requests only once this is done, so
+  // the first request does not wait for it.
+  speculative::CostModel measured_costs;
+  if (sampling_rank && config.draft.has_value() && config.num_workers() == 1) {
+    if (draft != nullptr) {
+      measured_costs =
+          speculative::CostModel::measure(*model, *draft, *pool, config.scheduler.max_batch_tokens);
+    } else {
+      measured_costs.target =
+          speculative::CostModel::measure_model(*model, *pool, config.scheduler.max_batch_tokens);
+      measured_costs.draft = draft_costs;
+    }
+  }
 
   std::vector<int> pids(static_cast<size_t>(world_size));
   const int my_pid = static_cast<int>(getpid());
@@ -318,16 +332,7 @@ int serve(const std::string& config_path) {
         settings.block_size = config.kv_cache.block_size;
         const bool draft_here = draft != nullptr;
         if (config.num_workers() == 1) {
-          // This rank holds the whole target: measure what verification costs here, and drafting
-          // here or on the draft rank.
-          if (draft_here) {
-            settings.costs =
-                speculative::CostModel::measure(*model, *draft, *pool, config.scheduler.max_batch_tokens);
-          } else {
-            settings.costs.target =
-                speculative::CostModel::measure_model(*model, *pool, config.scheduler.max_batch_tokens);
-            settings.costs.draft = draft_costs;
-          }
+          settings.costs = measured_costs;  // this rank holds the whole target
         } else {
           // Sharded target: estimate from weight bytes (decode is memory-bound).
           const double bytes =

@@ -77,6 +77,9 @@ rm -f "$pid_file" "$exit_file"
 : >"$log"
 
 export OMPI_MCA_btl_vader_single_copy_mechanism="${OMPI_MCA_btl_vader_single_copy_mechanism:-none}"
+# When a rank dies mpirun sends the others SIGTERM, then SIGKILL after this many seconds (Open MPI's
+# default is 1): the coordinator needs the time to answer every open request with an error.
+export OMPI_MCA_odls_base_sigkill_timeout="${OMPI_MCA_odls_base_sigkill_timeout:-5}"
 # --oversubscribe: more ranks than cores is fine here (the coordinator mostly waits; `threads: auto`
 # shares the cores among the workers). --bind-to none: a worker runs a thread pool, which a binding
 # to one core would squeeze onto that core.

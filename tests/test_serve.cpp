@@ -79,6 +79,9 @@ class ServeJob {
       dup2(fd, 2);
       setenv("OMPI_MCA_btl_vader_single_copy_mechanism", "none", 1);
       setenv("OMPI_MCA_rmaps_base_oversubscribe", "1", 1);
+      // As deploy/launch-local.sh: after a rank dies, 5 s from SIGTERM to SIGKILL (Open MPI's 1 s
+      // default can cut the coordinator off before it has answered every open request).
+      setenv("OMPI_MCA_odls_base_sigkill_timeout", "5", 1);
       std::vector<char*> argv;
       for (std::string& a : args) argv.push_back(a.data());
       argv.push_back(nullptr);

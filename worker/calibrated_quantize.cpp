@@ -1,5 +1,6 @@
 #include "worker/calibrated_quantize.hpp"
 
+#include <algorithm>
 #include <chrono>
 #include <cstring>
 #include <map>
@@ -269,6 +270,15 @@ const char* quant_method_name(QuantMethod method) {
   return "?";
 }
 
+std::string progress_bar(int64_t done, int64_t total, int width) {
+  const int64_t filled = total > 0 ? std::clamp<int64_t>(done * width / total, 0, width) : 0;
+  std::string bar = "[";
+  bar.append(static_cast<size_t>(filled), '#');
+  bar.append(static_cast<size_t>(width - filled), '.');
+  bar += ']';
+  return bar;
+}
+
 std::vector<std::vector<int32_t>> calibration_windows(const model::Tokenizer& tokenizer,
                                                       std::string_view text,
                                                       const CalibratedQuantizeOptions& options) {
@@ -334,8 +344,8 @@ void calibrated_quantize_gguf(std::shared_ptr<const model::GgufFile> in, std::st
     if (options.progress) {
       const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
       std::ostringstream line;
-      line << quant_method_name(options.method) << ": layer " << l + 1 << "/" << config.n_layer << " done in "
-           << seconds << " s";
+      line << quant_method_name(options.method) << ": " << progress_bar(l + 1, config.n_layer) << " layer "
+           << l + 1 << "/" << config.n_layer << " done in " << seconds << " s";
       options.progress(line.str());
     }
   }

@@ -60,6 +60,9 @@ struct CalibratedQuantizeOptions {
   std::vector<std::pair<std::string, model::GgufValue>> metadata;
 };
 
+// A text progress bar for the per-layer lines of long runs: "[######..............]".
+std::string progress_bar(int64_t done, int64_t total, int width = 20);
+
 // The calibration windows of a run: from options.calibration_tokens when set, else from `text`.
 std::vector<std::vector<int32_t>> calibration_windows(const model::Tokenizer& tokenizer,
                                                       std::string_view text,

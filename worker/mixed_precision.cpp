@@ -378,8 +378,9 @@ MixedPrecisionPlan plan_mixed_precision(const std::shared_ptr<const model::GgufF
       }
     }
     std::ostringstream line;
-    line << "mixed: layer " << l + 1 << "/" << config.n_layer << " measured in "
-         << std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() << " s";
+    line << "mixed: " << progress_bar(l + 1, config.n_layer) << " layer " << l + 1 << "/" << config.n_layer
+         << " measured in " << std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count()
+         << " s";
     progress(line.str());
   }
 

@@ -259,17 +259,48 @@ Int4Linear read_quantized_linear(const HfCheckpoint& ckpt, const HfQuantization&
   return l;
 }
 
+namespace {
+
+// Whether every aligned run of 32 columns lies in one group.
+bool groups_are_block_runs(const std::vector<int32_t>& group, int64_t k) {
+  constexpr int64_t kBlock = kernels::kQK4_0;
+  if (k % kBlock != 0) return false;
+  for (int64_t j = 0; j < k; ++j)
+    if (group[static_cast<size_t>(j)] != group[static_cast<size_t>(j - j % kBlock)]) return false;
+  return true;
+}
+
+}  // namespace
+
 MatmulMatrix to_matmul_type(const Int4Linear& l) {
   const int64_t n = l.n_out, k = l.k, groups = l.groups;
   constexpr int64_t kBlock = kernels::kQK4_0;
   static_assert(kernels::kQK4_0 == kernels::kQK8_0);
-  // One group per aligned run of 32 inputs, scales that fp16 holds exactly: Q4_0 or Q8_0 blocks.
-  bool blocks = k % kBlock == 0;
-  for (int64_t b = 0; blocks && b < k / kBlock; ++b) {
-    for (int64_t j = 1; j < kBlock; ++j)
-      blocks =
-          blocks && l.group[static_cast<size_t>(b * kBlock + j)] == l.group[static_cast<size_t>(b * kBlock)];
+  // Act-order (GPTQ desc_act): a group's columns are scattered over the row. Sorted by group they
+  // are runs of the group size, so the matrix is stored in that column order (exactly, in 4 or 8
+  // bits) and the input is gathered in the same order before the matmul, as exllama does.
+  if (k % kBlock == 0 && !groups_are_block_runs(l.group, k)) {
+    std::vector<int32_t> order(static_cast<size_t>(k));
+    for (int64_t j = 0; j < k; ++j) order[static_cast<size_t>(j)] = static_cast<int32_t>(j);
+    std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) {
+      return l.group[static_cast<size_t>(a)] < l.group[static_cast<size_t>(b)];
+    });
+    Int4Linear sorted = l;
+    for (int64_t j = 0; j < k; ++j)
+      sorted.group[static_cast<size_t>(j)] = l.group[static_cast<size_t>(order[j])];
+    for (int64_t r = 0; r < n; ++r)
+      for (int64_t j = 0; j < k; ++j)
+        sorted.levels[static_cast<size_t>(r * k + j)] = l.levels[static_cast<size_t>(r * k + order[j])];
+    if (groups_are_block_runs(sorted.group, k)) {
+      MatmulMatrix out = to_matmul_type(sorted);
+      if (out.type != kernels::DType::F16) {
+        out.input_order = std::move(order);
+        return out;
+      }
+    }
   }
+  // One group per aligned run of 32 inputs, scales that fp16 holds exactly: Q4_0 or Q8_0 blocks.
+  bool blocks = groups_are_block_runs(l.group, k);
   bool zeros_are_8 = true;
   for (size_t i = 0; blocks && i < l.scales.size(); ++i) {
     blocks = kernels::fp16_to_fp32(kernels::fp32_to_fp16(l.scales[i])) == l.scales[i];

@@ -27,8 +27,12 @@
 //         Q4_0 decodes (q − 8) · d with fp16 d, the same float products.
 //   Q8_0  bit-exact, 8.5 bits a weight: the same layout with any zeros (asymmetric GPTQ, AWQ):
 //         q − z in [−16, 15] fits the int8 and d = s.
-//   F16   otherwise (act-order g_idx that mixes groups inside a run of 32, or k not a multiple of
-//         32): (q − z) · s rounded to fp16, a relative error of at most 2⁻¹¹ per weight.
+//   Act-order (g_idx that mixes groups inside a run of 32): the columns are stored sorted by group,
+//         which makes each group a run of whole blocks, and then as above (Q4_0 or Q8_0, exact);
+//         MatmulMatrix::input_order says how to gather the input.
+//   F16   otherwise (k not a multiple of 32, groups that are not multiples of 32 columns, scales
+//         fp16 cannot hold): (q − z) · s rounded to fp16, a relative error of at most 2⁻¹¹ per
+//         weight.
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -90,6 +94,9 @@ Int4Linear read_quantized_linear(const HfCheckpoint& checkpoint, const HfQuantiz
 struct MatmulMatrix {
   kernels::DType type = kernels::DType::F16;
   std::vector<uint8_t> data;
+  // Empty, or for act-order layers whose groups are not runs of 32: the columns sorted by group, so
+  // column c of data multiplies input input_order[c]: [k].
+  std::vector<int32_t> input_order;
 };
 MatmulMatrix to_matmul_type(const Int4Linear& linear);
 

@@ -37,7 +37,7 @@ const GgufTensorInfo& require(const GgufFile& file, const std::string& name, std
 
 WeightMatrix matrix(const GgufFile& file, const std::string& name, int64_t k, int64_t n_out) {
   const GgufTensorInfo& t = require(file, name, {k, n_out});
-  return WeightMatrix{t.type, file.tensor_data(t), n_out, k, nullptr, nullptr};
+  return WeightMatrix{t.type, file.tensor_data(t), n_out, k, nullptr, nullptr, nullptr};
 }
 
 std::vector<float> vector_f32(const GgufFile& file, const std::string& name, int64_t n) {
@@ -97,7 +97,7 @@ kernels::DType float_type(const HfCheckpoint::Tensor& t) {
 // x · Wᵀ with W: [n_out, k], the layout of a torch Linear weight.
 WeightMatrix matrix(const HfCheckpoint& ckpt, const std::string& name, int64_t n_out, int64_t k) {
   const HfCheckpoint::Tensor& t = require(ckpt, name, {n_out, k});
-  WeightMatrix w{float_type(t), t.data(), n_out, k, nullptr, nullptr};
+  WeightMatrix w{float_type(t), t.data(), n_out, k, nullptr, nullptr, nullptr};
   // The format does not align tensors; the kernels read whole elements, so copy a misaligned one.
   if (reinterpret_cast<uintptr_t>(w.data) % static_cast<uintptr_t>(safetensors_dtype_bytes(t.info->dtype)) !=
       0) {
@@ -126,7 +126,10 @@ WeightMatrix linear(const HfCheckpoint& ckpt, const std::optional<HfQuantization
   }
   MatmulMatrix converted = to_matmul_type(read_quantized_linear(ckpt, *quant, base, n_out, k));
   auto owned = std::make_shared<std::vector<uint8_t>>(std::move(converted.data));
-  return WeightMatrix{converted.type, owned->data(), n_out, k, nullptr, std::move(owned)};
+  WeightMatrix w{converted.type, owned->data(), n_out, k, nullptr, std::move(owned), nullptr};
+  if (!converted.input_order.empty())
+    w.input_order = std::make_shared<const std::vector<int32_t>>(std::move(converted.input_order));
+  return w;
 }
 
 // HF applies RoPE to the two halves of each head (x[i] with x[i + d/2], "NeoX style"); GGUF and

@@ -30,6 +30,9 @@ struct WeightMatrix {
   // tensor-parallel column slice copied at load). pack_for_cpu(release_source) frees it (and sets
   // data to null) once the packed copy exists.
   std::shared_ptr<const std::vector<uint8_t>> owned;
+  // Set for GPTQ act-order layers (model/hf_quantized.hpp): the columns are stored grouped, so that
+  // each group is a run of whole blocks; column c then multiplies input (*input_order)[c]: [k].
+  std::shared_ptr<const std::vector<int32_t>> input_order;
 };
 
 // The seven weight matrices of a layer, in forward order.

@@ -409,16 +409,22 @@ fs::path hf_checkpoint_with_tokenizer(const fs::path& dir, const std::string& ch
   return copy;
 }
 
-// Hugging Face checkpoints are served as they are: a float32 one tensor-parallel, GPTQ and AWQ
-// ones pipeline-parallel (their 88-wide FFN cannot be split into 32-wide quantization blocks), with
-// the same greedy output as single-process `nibble generate` on the same directory.
+// Hugging Face checkpoints are served as they are: float32, GPTQ and AWQ ones, act-order included,
+// tensor- or pipeline-parallel, with the same greedy output as single-process `nibble generate` on
+// the same directory.
 TEST(Serve, HuggingFaceGptqAndAwqDirectoriesServeLikeGenerate) {
   test::TempDir models;
   const struct {
     const char* checkpoint;
     int tensor, pipeline;
   } cases[] = {
-      {"hf-tiny-llama/f32", 2, 1}, {"gptq-tiny-llama/gptq-g32-sym", 1, 2}, {"gptq-tiny-llama/awq-g64", 1, 2}};
+      {"hf-tiny-llama/f32", 2, 1},
+      {"gptq-tiny-llama/gptq-g32-sym", 1, 2},
+      {"gptq-tiny-llama/awq-g64", 1, 2},
+      // act-order: stored by group; the tensor-parallel column slices go back to input order
+      {"gptq-tiny-llama/gptq-g32-asym-actorder", 2, 1},
+      {"gptq-tiny-llama/gptq-g128-sym-actorder", 2, 1},
+  };
   for (const auto& c : cases) {
     SCOPED_TRACE(c.checkpoint);
     const std::string model = hf_checkpoint_with_tokenizer(models.path(), c.checkpoint).string();

@@ -103,10 +103,11 @@ std::shared_ptr<DeviceMemory> upload(const void* host, size_t bytes) {
   return mem;
 }
 
-// How a matrix is stored on the device: GGUF Q4_0 blocks as in the file, or fp16 rows.
+// How a matrix is stored on the device: GGUF Q4_0 blocks as in the file, or fp16 rows (also for
+// act-order GPTQ matrices, whose grouped columns go back to input order on upload).
 enum class DeviceKind { q4_0, f16 };
 DeviceKind device_kind(const model::WeightMatrix& w) {
-  return w.type == kernels::DType::Q4_0 ? DeviceKind::q4_0 : DeviceKind::f16;
+  return w.type == kernels::DType::Q4_0 && w.input_order == nullptr ? DeviceKind::q4_0 : DeviceKind::f16;
 }
 
 struct DeviceMatrix {
@@ -143,7 +144,10 @@ DeviceMatrix upload_matrix(std::initializer_list<const model::WeightMatrix*> par
           continue;
         }
         check(kernels::dequantize_row(w->type, src, row.data(), d.k), "dequantize_row (weight upload)");
-        for (int64_t i = 0; i < d.k; ++i) out[i] = kernels::fp32_to_fp16(row[static_cast<size_t>(i)]);
+        for (int64_t i = 0; i < d.k; ++i) {
+          const int64_t to = w->input_order != nullptr ? (*w->input_order)[static_cast<size_t>(i)] : i;
+          out[to] = kernels::fp32_to_fp16(row[static_cast<size_t>(i)]);
+        }
       }
     }
   }

@@ -41,6 +41,30 @@ model::WeightMatrix row_slice(const model::WeightMatrix& w, int64_t begin, int64
 // Columns (input features) [begin, begin + count) of every row of w, copied into owned memory:
 // [n_out, count] in w's type. begin and count must be whole blocks of the type.
 model::WeightMatrix column_slice(const model::WeightMatrix& w, int64_t begin, int64_t count) {
+  if (w.input_order != nullptr) {
+    // Act-order columns are stored by group, not in input order: the slice is taken from the
+    // decoded rows in input order, as F32 (which holds (q - z) * s exactly).
+    const std::vector<int32_t>& order = *w.input_order;
+    auto owned = std::make_shared<std::vector<uint8_t>>(static_cast<size_t>(w.n_out * count) * sizeof(float));
+    auto* out = reinterpret_cast<float*>(owned->data());
+    std::vector<float> row(static_cast<size_t>(w.k));
+    for (int64_t r = 0; r < w.n_out; ++r) {
+      if (kernels::dequantize_row(w.type, w.data + r * w.row_bytes(), row.data(), w.k) != kernels::Status::ok)
+        throw std::invalid_argument("tensor parallel: cannot decode an act-order matrix");
+      for (int64_t c = 0; c < w.k; ++c) {
+        const int64_t input = order[static_cast<size_t>(c)];
+        if (input >= begin && input < begin + count)
+          out[r * count + input - begin] = row[static_cast<size_t>(c)];
+      }
+    }
+    model::WeightMatrix s;
+    s.type = kernels::DType::F32;
+    s.data = owned->data();
+    s.n_out = w.n_out;
+    s.k = count;
+    s.owned = std::move(owned);
+    return s;
+  }
   const int64_t block = kernels::type_info(w.type).block_elems;
   if (begin % block != 0 || count % block != 0) {
     throw std::invalid_argument("tensor parallel: columns [" + std::to_string(begin) + ", " +
@@ -203,6 +227,13 @@ void LlamaModel::set_layer_matrix(int64_t layer, model::LayerMatrix which, const
 
 void LlamaModel::matmul(const model::WeightMatrix& w, const float* x, int64_t m, float* y,
                         kernels::ThreadPool& pool) {
+  if (w.input_order != nullptr) {  // act-order GPTQ: the input in the order the columns are stored
+    const std::vector<int32_t>& order = *w.input_order;
+    gathered_.resize(static_cast<size_t>(m * w.k));
+    for (int64_t r = 0; r < m; ++r)
+      for (int64_t c = 0; c < w.k; ++c) gathered_[static_cast<size_t>(r * w.k + c)] = x[r * w.k + order[c]];
+    x = gathered_.data();
+  }
   if (w.packed != nullptr) {
     check(kernels::matmul_packed(*w.packed, x, m, y, pool), "matmul");
   } else {

@@ -142,6 +142,7 @@ class LlamaModel {
   std::vector<int64_t> vocab_counts_;        // [shard.size] output rows per shard
   // Scratch reused across calls: [n, dim] activations (dims local to the shard).
   std::vector<float> x_, h_, q_, k_, v_, attn_, gate_, up_, picked_, local_logits_;
+  std::vector<float> gathered_;  // [m, k] the input in an act-order matrix's column order
 };
 
 }  // namespace nibble::worker

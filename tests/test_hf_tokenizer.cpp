@@ -25,47 +25,9 @@ using nlohmann::json;
 
 constexpr const char* kSpace = "\xE2\x96\x81";
 
-std::string read_text(const fs::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::ostringstream buffer;
-  buffer << in.rdbuf();
-  return buffer.str();
-}
-
 void write_text(const fs::path& path, const std::string& text) {
   std::ofstream out(path, std::ios::binary);
   out << text;
-}
-
-struct VectorCase {
-  std::string text;
-  std::vector<int32_t> expected;
-};
-
-// llama.cpp's test-tokenizer-0 format (see test_tokenizer.cpp).
-std::vector<VectorCase> read_vectors(const fs::path& vocab_path) {
-  const std::string raw = read_text(vocab_path.string() + ".inp");
-  const std::string separator = "\n__ggml_vocab_test__\n";
-  std::vector<std::string> inputs;
-  for (size_t pos = 0; pos < raw.size();) {
-    const size_t next = raw.find(separator, pos);
-    if (next == std::string::npos) {
-      inputs.push_back(raw.substr(pos));
-      break;
-    }
-    inputs.push_back(raw.substr(pos, next - pos));
-    pos = next + separator.size();
-  }
-  std::ifstream out(vocab_path.string() + ".out");
-  std::vector<VectorCase> cases;
-  size_t i = 0;
-  for (std::string line; std::getline(out, line) && i < inputs.size(); ++i) {
-    std::istringstream ids(line);
-    std::vector<int32_t> expected;
-    for (int32_t id = 0; ids >> id;) expected.push_back(id);
-    cases.push_back({inputs[i], expected});
-  }
-  return cases;
 }
 
 // The tokenizer of `dir`/tokenizer.json written as GGUF metadata (as `nibble quantize` writes it for an
@@ -105,10 +67,10 @@ void check_vectors_through_json(const fs::path& vocab_path, TokenizerKind kind) 
   EXPECT_EQ(via_gguf->eos_id(), reference->eos_id());
   EXPECT_EQ(via_gguf->add_bos_default(), reference->add_bos_default());
   EXPECT_EQ(via_gguf->add_space_prefix(), reference->add_space_prefix());
-  const auto cases = read_vectors(vocab_path);
+  const auto cases = test::read_tokenizer_vectors(vocab_path);
   ASSERT_FALSE(cases.empty());
   int passed = 0;
-  for (const VectorCase& c : cases) {
+  for (const test::VectorCase& c : cases) {
     const std::vector<int32_t> got = tokenizer->encode(c.text, /*add_bos=*/false);
     EXPECT_EQ(got, c.expected) << "'" << c.text << "'";
     passed += got == c.expected;

@@ -374,36 +374,13 @@ TEST(Serve, DraftOnItsOwnRankSamplesTheSameTokensAsNextToTheSampler) {
   EXPECT_EQ(accepted[1], accepted[0]);
 }
 
-// A copy of a committed Hugging Face test checkpoint with a tokenizer.json added (Llama-2 style:
-// <unk> <s> </s>, "▁", printable ASCII as far as the model's vocabulary goes, byte fallback).
+// A copy of a committed Hugging Face test checkpoint with a small Llama-2 style tokenizer.json of
+// the model's vocabulary size added.
 fs::path hf_checkpoint_with_tokenizer(const fs::path& dir, const std::string& checkpoint) {
   const fs::path copy = dir / fs::path(checkpoint).filename();
   fs::copy(test::test_data_dir() / checkpoint, copy, fs::copy_options::recursive);
-  nlohmann::json vocab = nlohmann::json::object();
-  const std::string space = "\xE2\x96\x81";
-  int id = 0;
-  for (const std::string t : {"<unk>", "<s>", "</s>"}) vocab[t] = id++;
-  vocab[space] = id++;
   const int n_vocab = nlohmann::json::parse(std::ifstream(copy / "config.json"))["vocab_size"].get<int>();
-  for (char c = 0x21; c < 0x7F && id < n_vocab; ++c) vocab[std::string(1, c)] = id++;
-  nlohmann::json added = nlohmann::json::array();
-  for (int i = 0; i < 3; ++i)
-    added.push_back({{"id", i}, {"content", i == 0 ? "<unk>" : i == 1 ? "<s>" : "</s>"}, {"special", true}});
-  const nlohmann::json tokenizer = {
-      {"added_tokens", added},
-      {"normalizer",
-       {{"type", "Sequence"},
-        {"normalizers",
-         {{{"type", "Prepend"}, {"prepend", space}},
-          {{"type", "Replace"}, {"pattern", {{"String", " "}}}, {"content", space}}}}}},
-      {"pre_tokenizer", nullptr},
-      {"model",
-       {{"type", "BPE"},
-        {"vocab", vocab},
-        {"merges", nlohmann::json::array()},
-        {"byte_fallback", true},
-        {"unk_token", "<unk>"}}}};
-  std::ofstream(copy / "tokenizer.json") << tokenizer.dump();
+  std::ofstream(copy / "tokenizer.json") << test::tiny_llama_tokenizer_json(n_vocab);
   std::ofstream(copy / "tokenizer_config.json")
       << R"({"add_bos_token": true, "bos_token": "<s>", "eos_token": "</s>"})";
   return copy;

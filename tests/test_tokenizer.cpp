@@ -24,14 +24,6 @@ namespace fs = std::filesystem;
 // ---------------------------------------------------------------------------------------------
 // Helpers
 
-std::string read_text(const fs::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  EXPECT_TRUE(in) << "cannot open " << path;
-  std::ostringstream buffer;
-  buffer << in.rdbuf();
-  return buffer.str();
-}
-
 // Printable form of a test string for failure messages.
 std::string escaped(const std::string& s) {
   std::string out;
@@ -56,44 +48,6 @@ std::string join(const std::vector<int32_t>& ids) {
     out += std::to_string(ids[i]);
   }
   return out;
-}
-
-struct VectorCase {
-  std::string text;
-  std::vector<int32_t> expected;
-};
-
-// Reads `<vocab>.inp` / `<vocab>.out` exactly as llama.cpp's test-tokenizer-0 does: inputs are the
-// stretches between "\n__ggml_vocab_test__\n" separators (the file ends with one, which leaves no
-// final empty input); outputs are one stripped line of space-separated ids per input.
-std::vector<VectorCase> read_vectors(const fs::path& vocab_path) {
-  const std::string raw = read_text(vocab_path.string() + ".inp");
-  const std::string separator = "\n__ggml_vocab_test__\n";
-  std::vector<std::string> inputs;
-  for (size_t pos = 0; pos < raw.size();) {
-    const size_t next = raw.find(separator, pos);
-    if (next == std::string::npos) {
-      inputs.push_back(raw.substr(pos));
-      break;
-    }
-    inputs.push_back(raw.substr(pos, next - pos));
-    pos = next + separator.size();
-  }
-
-  std::ifstream out(vocab_path.string() + ".out");
-  std::vector<std::vector<int32_t>> outputs;
-  for (std::string line; std::getline(out, line);) {
-    std::istringstream ids(line);
-    std::vector<int32_t> expected;
-    for (int32_t id = 0; ids >> id;) expected.push_back(id);
-    outputs.push_back(expected);
-  }
-  EXPECT_EQ(inputs.size(), outputs.size()) << "input and output files disagree on the number of tests";
-
-  std::vector<VectorCase> cases;
-  for (size_t i = 0; i < std::min(inputs.size(), outputs.size()); ++i)
-    cases.push_back({inputs[i], outputs[i]});
-  return cases;
 }
 
 // True when `s` is entirely complete, well-formed UTF-8 characters.
@@ -150,10 +104,10 @@ void check_vectors(const fs::path& vocab_path, TokenizerKind kind) {
   if (!fs::exists(vocab_path)) GTEST_SKIP() << vocab_path << " not found";
   const auto tokenizer = load_fixture_tokenizer(vocab_path);
   ASSERT_EQ(tokenizer->kind(), kind);
-  const auto cases = read_vectors(vocab_path);
+  const auto cases = test::read_tokenizer_vectors(vocab_path);
   ASSERT_FALSE(cases.empty());
   int passed = 0;
-  for (const VectorCase& c : cases) {
+  for (const test::VectorCase& c : cases) {
     const std::vector<int32_t> got = tokenizer->encode(c.text, /*add_bos=*/false);
     if (got == c.expected) {
       ++passed;
@@ -180,7 +134,7 @@ TEST(TokenizerFixtures, SpmRoundTripsTestStrings) {
   const fs::path path = dir / "tokenizer" / "ggml-vocab-llama-spm.gguf";
   if (!fs::exists(path)) GTEST_SKIP() << path << " not found";
   const auto tokenizer = load_fixture_tokenizer(path);
-  for (const VectorCase& c : read_vectors(path)) {
+  for (const test::VectorCase& c : test::read_tokenizer_vectors(path)) {
     EXPECT_EQ(tokenizer->decode(tokenizer->encode(c.text, false)), c.text) << "'" << escaped(c.text) << "'";
     // BOS decodes to nothing and the space prefix is still removed after it.
     EXPECT_EQ(tokenizer->decode(tokenizer->encode(c.text, true)), c.text) << "'" << escaped(c.text) << "'";
@@ -192,7 +146,7 @@ TEST(TokenizerFixtures, BpeRoundTripsTestStrings) {
   const fs::path path = dir / "tokenizer" / "ggml-vocab-gpt-2.gguf";
   if (!fs::exists(path)) GTEST_SKIP() << path << " not found";
   const auto tokenizer = load_fixture_tokenizer(path);
-  for (const VectorCase& c : read_vectors(path)) {
+  for (const test::VectorCase& c : test::read_tokenizer_vectors(path)) {
     EXPECT_EQ(tokenizer->decode(tokenizer->encode(c.text, false)), c.text) << "'" << escaped(c.text) << "'";
   }
 }

@@ -86,7 +86,7 @@ json tokenizer_json_object(const model::GgufFile& file) {
 
 json tiny_llama_tokenizer_object(int n) {
   std::vector<std::string> tokens = {"<unk>", "<s>", "</s>", kSpace};
-  for (char c = 0x21; c < 0x7F; ++c) tokens.emplace_back(1, c);
+  for (char c = 0x21; c < 0x7F && static_cast<int>(tokens.size()) < n; ++c) tokens.emplace_back(1, c);
   json merges = json::array();
   const std::vector<std::string> letters = {kSpace, "e", "t", "a", "o", "i", "n", "s", "h", "r", "l", "d"};
   for (const std::string& a : letters) {
@@ -120,6 +120,47 @@ json tiny_llama_tokenizer_object(int n) {
 std::string tokenizer_json_of(const model::GgufFile& file) { return tokenizer_json_object(file).dump(); }
 
 std::string tiny_llama_tokenizer_json(int n) { return tiny_llama_tokenizer_object(n).dump(); }
+
+namespace {
+std::string read_whole_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  EXPECT_TRUE(in) << "cannot open " << path;
+  return std::string(std::istreambuf_iterator<char>(in), {});
+}
+}  // namespace
+
+// Reads `<vocab>.inp` / `<vocab>.out` exactly as llama.cpp's test-tokenizer-0 does: inputs are the
+// stretches between "\n__ggml_vocab_test__\n" separators (the file ends with one, which leaves no
+// final empty input); outputs are one stripped line of space-separated ids per input.
+std::vector<VectorCase> read_tokenizer_vectors(const std::filesystem::path& vocab_path) {
+  const std::string raw = read_whole_file(vocab_path.string() + ".inp");
+  const std::string separator = "\n__ggml_vocab_test__\n";
+  std::vector<std::string> inputs;
+  for (size_t pos = 0; pos < raw.size();) {
+    const size_t next = raw.find(separator, pos);
+    if (next == std::string::npos) {
+      inputs.push_back(raw.substr(pos));
+      break;
+    }
+    inputs.push_back(raw.substr(pos, next - pos));
+    pos = next + separator.size();
+  }
+
+  std::ifstream out(vocab_path.string() + ".out");
+  std::vector<std::vector<int32_t>> outputs;
+  for (std::string line; std::getline(out, line);) {
+    std::istringstream ids(line);
+    std::vector<int32_t> expected;
+    for (int32_t id = 0; ids >> id;) expected.push_back(id);
+    outputs.push_back(expected);
+  }
+  EXPECT_EQ(inputs.size(), outputs.size()) << "input and output files disagree on the number of tests";
+
+  std::vector<VectorCase> cases;
+  for (size_t i = 0; i < std::min(inputs.size(), outputs.size()); ++i)
+    cases.push_back({inputs[i], outputs[i]});
+  return cases;
+}
 
 std::optional<std::filesystem::path> fixtures_dir() {
   const char* env = std::getenv("NIBBLE_FIXTURES");

@@ -55,9 +55,15 @@ void write_file_bytes(const std::filesystem::path& path, const std::vector<uint8
 // (control) become special added tokens; for "llama" the merges are derived from the scores as
 // transformers' SentencePieceExtractor does.
 std::string tokenizer_json_of(const model::GgufFile& file);
-// A small Llama-2 style tokenizer.json of `n` tokens: <unk> <s> </s>, "▁", printable ASCII, then
-// merges of frequent letter pairs.
+// A small Llama-2 style tokenizer.json of `n` tokens: <unk> <s> </s>, "▁", printable ASCII (as much
+// as fits), then merges of frequent letter pairs.
 std::string tiny_llama_tokenizer_json(int n);
+// One of llama.cpp's tokenizer test vectors: a text and the ids it must encode to (no BOS).
+struct VectorCase {
+  std::string text;
+  std::vector<int32_t> expected;
+};
+std::vector<VectorCase> read_tokenizer_vectors(const std::filesystem::path& vocab_path);
 // The largest relative RMS error of `a` against `b` over rows of `row` values ([rows, row] each).
 double max_relative_rms(const std::vector<float>& a, const std::vector<float>& b, int64_t row);
 

@@ -42,6 +42,17 @@ std::string read_text(const fs::path& path) {
   return std::string(std::istreambuf_iterator<char>(in), {});
 }
 
+// The file once it contains `needle` (mpirun and srun forward a rank's output on their own
+// schedule, so lines printed before the service answered may arrive after), or as it is after 10 s.
+std::string read_text_once_it_has(const fs::path& path, const std::string& needle) {
+  std::string text = read_text(path);
+  for (int i = 0; i < 100 && text.find(needle) == std::string::npos; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    text = read_text(path);
+  }
+  return text;
+}
+
 std::string quoted(const std::string& s) { return "'" + s + "'"; }
 
 // Runs a deploy script with NIBBLE_BIN set, under `timeout`; stderr goes to `stderr_file` so that
@@ -125,7 +136,7 @@ TEST(Deploy, LaunchLocalServesARequestAndStopLocalEndsTheJobWithExitZero) {
   const std::string launch_log = read_text(launch_err);
   EXPECT_NE(launch_log.find("-np 3 "), std::string::npos) << "np = 1 + 2 x 1: " << launch_log;
   EXPECT_NE(launch_log.find("--allow-run-as-root"), std::string::npos) << launch_log;
-  const std::string serve_log = read_text(run_dir / "serve.log");
+  const std::string serve_log = read_text_once_it_has(run_dir / "serve.log", "worker rank 2:");
   EXPECT_NE(serve_log.find("listening on " + endpoint), std::string::npos) << serve_log;
   EXPECT_NE(serve_log.find("worker rank 2: stage 0, tensor rank 1"), std::string::npos) << serve_log;
 
@@ -485,7 +496,7 @@ TEST(Deploy, SlurmBatchJobServesUnderSrunPmixAndEndsCleanly) {
   const fs::path log2 = dir.path() / "job2.log";
   const std::string job2 = submit_serve_job(slurm, config, log2);
   ASSERT_TRUE(wait_until_serving(slurm, job2, endpoint)) << read_text(log2);
-  const std::string log2_text = read_text(log2);
+  const std::string log2_text = read_text_once_it_has(log2, "worker rank 4:");  // the last of 4
   std::vector<int> worker_pids;
   const std::regex pid_of("worker rank [0-9]+: .* pid ([0-9]+)");
   for (std::sregex_iterator it(log2_text.begin(), log2_text.end(), pid_of), end; it != end; ++it)

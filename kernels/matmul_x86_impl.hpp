@@ -330,6 +330,119 @@ struct FloatFamily {
   }
 };
 
+#ifdef __AVX512F__
+// GCC 12's AVX-512 extract/cast intrinsics pass an "undefined" vector that -Wuninitialized flags
+// (GCC bug 105593, fixed in 13).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// 512-bit float weights (the AVX-512 compilation only). With 32 vector registers a tile holds up
+// to 6 activation rows × 4 weight rows of accumulators, so a speculative verification (k + 1 <= 6
+// rows) converts each weight once, and a matrix-vector product converts 16 weights per
+// instruction instead of 8. Every tile shape sums a (row, output) pair in the same order (16 lanes
+// over k, the tail masked into the same lanes, then reduce4), so results do not depend on how
+// many rows a call has: a verification pass reproduces plain decoding bit for bit.
+template <FloatWeight kType>
+struct FloatFamily512 {
+  using Element = std::conditional_t<kType == FloatWeight::f32, float, uint16_t>;
+  static constexpr int kMaxRows = 6;
+  static constexpr int kMaxCols = 4;
+
+  static __m512 widen16(__m256i bits) {
+    if constexpr (kType == FloatWeight::f16) {
+      return _mm512_cvtph_ps(bits);
+    } else {
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+    }
+  }
+  static __m512 load16(const Element* p) {
+    if constexpr (kType == FloatWeight::f32) {
+      return _mm512_loadu_ps(p);
+    } else {
+      return widen16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    }
+  }
+  // The first n < 16 elements, zeros above (masked loads never touch memory past n).
+  static __m512 load16_masked(const Element* p, __mmask16 mask) {
+    if constexpr (kType == FloatWeight::f32) {
+      return _mm512_maskz_loadu_ps(mask, p);
+    } else {
+      return widen16(_mm256_maskz_loadu_epi16(mask, p));
+    }
+  }
+
+  // The four sums of a0..a3 as one vector: fold 16 lanes to 8, then one hadd tree. Missing
+  // columns pass zeros, which leave the other sums' order unchanged.
+  static __m128 reduce4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
+    auto fold = [](__m512 a) {
+      return _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1));
+    };
+    const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(fold(a0), fold(a1)), _mm256_hadd_ps(fold(a2), fold(a3)));
+    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+  }
+
+  template <int RM, int RN>
+  static void tile(const MatmulOperands& op, int64_t r0, int64_t o0) {
+    const Element* w[RN];
+    const float* x[RM];
+    NIBBLE_UNROLL
+    for (int j = 0; j < RN; ++j) w[j] = reinterpret_cast<const Element*>(op.w + (o0 + j) * op.w_stride);
+    NIBBLE_UNROLL
+    for (int i = 0; i < RM; ++i) x[i] = reinterpret_cast<const float*>(op.x + (r0 + i) * op.x_stride);
+    __m512 acc[RM][RN];
+    NIBBLE_UNROLL
+    for (int i = 0; i < RM; ++i) NIBBLE_UNROLL
+    for (int j = 0; j < RN; ++j) acc[i][j] = _mm512_setzero_ps();
+    const int64_t k_vec = op.k / 16 * 16;
+    for (int64_t e = 0; e < k_vec; e += 16) {
+      __m512 w_v[RN];
+      NIBBLE_UNROLL
+      for (int j = 0; j < RN; ++j) w_v[j] = load16(w[j] + e);
+      NIBBLE_UNROLL
+      for (int i = 0; i < RM; ++i) {
+        const __m512 x_v = _mm512_loadu_ps(x[i] + e);
+        NIBBLE_UNROLL
+        for (int j = 0; j < RN; ++j) acc[i][j] = _mm512_fmadd_ps(w_v[j], x_v, acc[i][j]);
+      }
+    }
+    if (k_vec < op.k) {
+      const auto mask = static_cast<__mmask16>((1u << (op.k - k_vec)) - 1);
+      __m512 w_v[RN];
+      NIBBLE_UNROLL
+      for (int j = 0; j < RN; ++j) w_v[j] = load16_masked(w[j] + k_vec, mask);
+      NIBBLE_UNROLL
+      for (int i = 0; i < RM; ++i) {
+        const __m512 x_v = _mm512_maskz_loadu_ps(mask, x[i] + k_vec);
+        NIBBLE_UNROLL
+        for (int j = 0; j < RN; ++j) acc[i][j] = _mm512_fmadd_ps(w_v[j], x_v, acc[i][j]);
+      }
+    }
+    const __m512 zero = _mm512_setzero_ps();
+    NIBBLE_UNROLL
+    for (int i = 0; i < RM; ++i) {
+      const __m128 sums =
+          reduce4(acc[i][0], RN > 1 ? acc[i][RN > 1 ? 1 : 0] : zero, RN > 2 ? acc[i][RN > 2 ? 2 : 0] : zero,
+                  RN > 3 ? acc[i][RN > 3 ? 3 : 0] : zero);
+      float* y = op.y + (r0 + i) * op.y_stride + o0;
+      if constexpr (RN == 4) {
+        _mm_storeu_ps(y, sums);
+      } else {
+        alignas(16) float lanes[4];
+        _mm_store_ps(lanes, sums);
+        for (int j = 0; j < RN; ++j) y[j] = lanes[j];
+      }
+    }
+  }
+};
+
+// Up to 6 activation rows per tile, 4 weight rows.
+template <typename Kernel>
+void matmul_range_512(const MatmulOperands& op, int64_t o_begin, int64_t o_end) {
+  tiled_range<Kernel, Kernel::kMaxRows, Kernel::kMaxCols>(op, o_begin, o_end);
+}
+#pragma GCC diagnostic pop
+#endif  // __AVX512F__
+
 // ---- Q4_K / Q6_K weights × Q8_K activations ----
 //
 // A weight super-block is first unpacked into unsigned quants plus 16-bit scale vectors laid out
@@ -553,9 +666,15 @@ void f16_axpy_rows(const float* w, const uint16_t* rows, int64_t row_stride, int
 nibble::kernels::detail::IsaKernels make_x86_kernels(const char* isa_name) {
   return nibble::kernels::detail::IsaKernels{
       isa_name,
+#ifdef __AVX512F__
+      matmul_range_512<FloatFamily512<FloatWeight::f32>>,
+      matmul_range_512<FloatFamily512<FloatWeight::f16>>,
+      matmul_range_512<FloatFamily512<FloatWeight::bf16>>,
+#else
       matmul_range<FloatFamily<FloatWeight::f32>>,
       matmul_range<FloatFamily<FloatWeight::f16>>,
       matmul_range<FloatFamily<FloatWeight::bf16>>,
+#endif
       matmul_range<Q8_0Family<true>>,
       matmul_range<Q8_0Family<false>>,
       kquant_range<KQuantFamily<true>>,

@@ -128,6 +128,30 @@ TEST_P(KernelMatmul, MatchesReferenceAndScalar) {
   }
 }
 
+// Speculative verification multiplies k + 1 rows where plain decoding multiplies one, and greedy
+// output must not change: every tile shape has to sum a (row, output) pair in the same order, so
+// each row of an m-row product equals that row multiplied alone, bit for bit.
+TEST_P(KernelMatmul, RowsDoNotDependOnTheBatch) {
+  const auto& [isa, type] = GetParam();
+  ForcedIsa forced;
+  if (!forced.force(isa)) GTEST_SKIP() << "this CPU does not support " << isa;
+  const int64_t n_out = 37;
+  const int64_t k = test_k(type);
+  const std::vector<uint8_t> w = random_weights(type, n_out, k, 7);
+  ThreadPool pool(2);
+  for (int64_t m : {2, 5, 6, 7, 13}) {
+    SCOPED_TRACE("m=" + std::to_string(m));
+    const std::vector<float> x = test::random_floats(static_cast<size_t>(m * k), 500 + m);
+    std::vector<float> y(m * n_out), y_row(n_out);
+    ASSERT_EQ(matmul(type, w.data(), n_out, k, x.data(), m, y.data(), pool), Status::ok);
+    for (int64_t r = 0; r < m; ++r) {
+      ASSERT_EQ(matmul(type, w.data(), n_out, k, x.data() + r * k, 1, y_row.data(), pool), Status::ok);
+      for (int64_t o = 0; o < n_out; ++o)
+        ASSERT_EQ(y[r * n_out + o], y_row[o]) << type_name(type) << " row " << r << " output " << o;
+    }
+  }
+}
+
 std::string param_name(const ::testing::TestParamInfo<MatmulParam>& info) {
   return std::get<0>(info.param) + "_" + type_name(std::get<1>(info.param));
 }

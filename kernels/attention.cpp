@@ -9,12 +9,6 @@
 
 namespace nibble::kernels {
 
-namespace {
-
-float round_to_fp16(float x) { return fp16_to_fp32(fp32_to_fp16(x)); }
-
-}  // namespace
-
 Status paged_attention(const PagedAttentionShape& shape, const float* q, const uint16_t* k_cache,
                        const uint16_t* v_cache, const int32_t* block_tables, const int32_t* token_seq,
                        const int32_t* token_pos, float scale, float* out, ThreadPool& pool) {
@@ -42,9 +36,9 @@ Status paged_attention(const PagedAttentionShape& shape, const float* q, const u
       const int64_t kv_head = h / group;
       const int32_t* table = block_tables + static_cast<int64_t>(token_seq[t]) * s.max_blocks_per_seq;
       const int64_t n_pos = static_cast<int64_t>(token_pos[t]) + 1;
-      q_f16.resize(s.head_dim);
-      for (int64_t d = 0; d < s.head_dim; ++d)
-        q_f16[d] = round_to_fp16(q[(t * s.n_head + h) * s.head_dim + d]);
+      const float* q_row = q + (t * s.n_head + h) * s.head_dim;
+      q_f16.assign(q_row, q_row + s.head_dim);
+      isa.round_to_f16(q_f16.data(), s.head_dim);
       // Positions come a block at a time: consecutive slots of a block are kv_row apart.
       auto for_each_block = [&](auto&& visit) {
         for (int64_t first = 0; first < n_pos; first += s.block_size) {
@@ -59,13 +53,7 @@ Status paged_attention(const PagedAttentionShape& shape, const float* q, const u
         isa.f16_dot_rows(q_f16.data(), k_cache + offset, kv_row, count, s.head_dim, scale,
                          scores.data() + first);
       });
-      const float max_score = *std::max_element(scores.begin(), scores.end());
-      float sum = 0.0f;
-      for (int64_t p = 0; p < n_pos; ++p) {
-        scores[p] = std::exp(scores[p] - max_score);
-        sum += scores[p];
-      }
-      for (int64_t p = 0; p < n_pos; ++p) scores[p] = round_to_fp16(scores[p] / sum);
+      isa.softmax_to_f16(scores.data(), n_pos);
       float* o = out + (t * s.n_head + h) * s.head_dim;
       std::fill(o, o + s.head_dim, 0.0f);
       for_each_block([&](int64_t first, int64_t count, int64_t offset) {

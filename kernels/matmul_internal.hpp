@@ -53,6 +53,10 @@ struct IsaKernels {
                        float scale, float* scores);
   void (*f16_axpy_rows)(const float* w, const uint16_t* rows, int64_t row_stride, int64_t n_rows, int64_t dim,
                         float* out);
+  // x[0, n) rounded to the nearest fp16 value (ties to even), in place.
+  void (*round_to_f16)(float* x, int64_t n);
+  // scores[0, n) (n >= 1) replaced by their softmax, each probability rounded to fp16.
+  void (*softmax_to_f16)(float* scores, int64_t n);
 };
 
 // The kernel set in use: the best the CPU supports, or the one matmul_force_isa() chose.

@@ -1,5 +1,6 @@
 // Portable kernels: one dot product per (activation row, weight row), integer block dot products
 // for the quantized types. They define the integer math the SIMD kernels must reproduce.
+#include <cmath>
 #include <cstring>
 
 #include "kernels/matmul_internal.hpp"
@@ -193,6 +194,18 @@ void f16_axpy_rows(const float* w, const uint16_t* rows, int64_t row_stride, int
     for (int64_t d = 0; d < dim; ++d) out[d] += w[r] * fp16_to_fp32(rows[r * row_stride + d]);
 }
 
+void round_to_f16(float* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] = fp16_to_fp32(fp32_to_fp16(x[i]));
+}
+
+void softmax_to_f16(float* scores, int64_t n) {
+  float max_score = scores[0];
+  for (int64_t i = 1; i < n; ++i) max_score = scores[i] > max_score ? scores[i] : max_score;
+  float sum = 0.0f;
+  for (int64_t i = 0; i < n; ++i) sum += scores[i] = std::exp(scores[i] - max_score);
+  for (int64_t i = 0; i < n; ++i) scores[i] = fp16_to_fp32(fp32_to_fp16(scores[i] / sum));
+}
+
 const IsaKernels kScalarKernels{
     "scalar",
     float_range<dot_f32>,
@@ -208,6 +221,8 @@ const IsaKernels kScalarKernels{
     q8_0_block_info,
     f16_dot_rows,
     f16_axpy_rows,
+    round_to_f16,
+    softmax_to_f16,
 };
 
 }  // namespace

@@ -40,6 +40,13 @@ inline float bf16_bits_to_float(uint16_t b) {
   return f;
 }
 
+inline float hmax_ps(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  return _mm_cvtss_f32(m);
+}
+
 inline float hsum_ps(__m256 v) {
   __m128 sum = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   sum = _mm_add_ps(sum, _mm_movehl_ps(sum, sum));
@@ -201,6 +208,25 @@ struct PackedQ4_0 {
     const __m256i low4 = _mm256_set1_epi8(0x0F);
     for (int64_t b = 0; b < n_blocks; ++b) {
       const uint8_t* group = panel + b * kGroupBytes;
+#ifdef __AVX512VNNI__
+      // VNNI: vpdpbusd adds the four u8 x s8 products of each lane straight into 32 bits, the same
+      // integer sum as maddubs + pairwise_sum_i16 in one instruction per chunk half.
+      __m256i sum32[RM];
+      NIBBLE_UNROLL
+      for (int i = 0; i < RM; ++i) sum32[i] = _mm256_setzero_si256();
+      NIBBLE_UNROLL
+      for (int c = 0; c < 4; ++c) {
+        const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(group + 16 + 32 * c));
+        const __m256i low = _mm256_and_si256(packed, low4);
+        const __m256i high = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low4);
+        NIBBLE_UNROLL
+        for (int i = 0; i < RM; ++i) {
+          const int8_t* xq = x[i][b].qs;
+          sum32[i] = _mm256_dpbusd_epi32(sum32[i], low, broadcast_4_bytes(xq + 4 * c));
+          sum32[i] = _mm256_dpbusd_epi32(sum32[i], high, broadcast_4_bytes(xq + 16 + 4 * c));
+        }
+      }
+#else
       __m256i sum16[RM];
       NIBBLE_UNROLL
       for (int i = 0; i < RM; ++i) sum16[i] = _mm256_setzero_si256();
@@ -218,11 +244,16 @@ struct PackedQ4_0 {
           register_barrier(sum16[i]);
         }
       }
+#endif
       const __m256 w_d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(group)));
       NIBBLE_UNROLL
       for (int i = 0; i < RM; ++i) {
+#ifdef __AVX512VNNI__
+        const __m256i dot = _mm256_sub_epi32(sum32[i], _mm256_set1_epi32(info[i][b].sum_times_8));
+#else
         const __m256i dot =
             _mm256_sub_epi32(pairwise_sum_i16(sum16[i]), _mm256_set1_epi32(info[i][b].sum_times_8));
+#endif
         acc[i] = _mm256_fmadd_ps(_mm256_mul_ps(w_d, _mm256_set1_ps(info[i][b].d)), _mm256_cvtepi32_ps(dot),
                                  acc[i]);
       }
@@ -662,6 +693,67 @@ void f16_axpy_rows(const float* w, const uint16_t* rows, int64_t row_stride, int
   }
 }
 
+void round_to_f16(float* x, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(x + i,
+                     _mm256_cvtph_ps(_mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT)));
+  for (; i < n; ++i) x[i] = _cvtsh_ss(_cvtss_sh(x[i], _MM_FROUND_TO_NEAREST_INT));
+}
+
+// e^x for x <= 0 (softmax arguments), 8 lanes: Cephes' expf (range reduction by ln 2 in two parts,
+// degree-6 polynomial, about 1 ulp); below -87.3 the result is 0.
+inline __m256 exp_nonpositive(__m256 x) {
+  const __m256 underflow = _mm256_cmp_ps(x, _mm256_set1_ps(-87.3f), _CMP_LT_OQ);
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  const __m256 y = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.0f));
+  const __m256i scale =
+      _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(underflow, _mm256_mul_ps(y, _mm256_castsi256_ps(scale)));
+}
+
+void softmax_to_f16(float* scores, int64_t n) {
+  int64_t i = 0;
+  __m256 max_v = _mm256_set1_ps(scores[0]);
+  for (; i + 8 <= n; i += 8) max_v = _mm256_max_ps(max_v, _mm256_loadu_ps(scores + i));
+  float max_score = hmax_ps(max_v);
+  for (; i < n; ++i) max_score = scores[i] > max_score ? scores[i] : max_score;
+  const __m256 max_b = _mm256_set1_ps(max_score);
+  __m256 sum_v = _mm256_setzero_ps();
+  const int64_t n_vec = n / 8 * 8;
+  for (i = 0; i < n_vec; i += 8) {
+    const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(scores + i), max_b));
+    _mm256_storeu_ps(scores + i, e);
+    sum_v = _mm256_add_ps(sum_v, e);
+  }
+  if (i < n) {  // the tail through a padded vector, so that it sees the same exp
+    alignas(32) float tail[8];
+    for (int64_t j = 0; j < 8; ++j) tail[j] = i + j < n ? scores[i + j] - max_score : -100.0f;
+    const __m256 e = exp_nonpositive(_mm256_load_ps(tail));
+    _mm256_store_ps(tail, e);
+    for (int64_t j = 0; i + j < n; ++j) scores[i + j] = tail[j];
+    sum_v = _mm256_add_ps(sum_v, e);  // padded lanes add exactly 0 (below the underflow bound)
+  }
+  const __m256 inv = _mm256_set1_ps(1.0f / hsum_ps(sum_v));
+  for (i = 0; i < n_vec; i += 8) {
+    const __m256 prob = _mm256_mul_ps(_mm256_loadu_ps(scores + i), inv);
+    _mm256_storeu_ps(scores + i, _mm256_cvtph_ps(_mm256_cvtps_ph(prob, _MM_FROUND_TO_NEAREST_INT)));
+  }
+  for (; i < n; ++i)
+    scores[i] = _cvtsh_ss(
+        _cvtss_sh(scores[i] * _mm_cvtss_f32(_mm256_castps256_ps128(inv)), _MM_FROUND_TO_NEAREST_INT));
+}
+
 // The table every x86 ISA file registers: the same kernels, compiled with that file's flags.
 nibble::kernels::detail::IsaKernels make_x86_kernels(const char* isa_name) {
   return nibble::kernels::detail::IsaKernels{
@@ -685,6 +777,8 @@ nibble::kernels::detail::IsaKernels make_x86_kernels(const char* isa_name) {
       q8_0_block_info,
       f16_dot_rows,
       f16_axpy_rows,
+      round_to_f16,
+      softmax_to_f16,
   };
 }
 

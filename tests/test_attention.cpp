@@ -13,6 +13,7 @@
 
 #include "kernels/attention.hpp"
 #include "kernels/matmul.hpp"
+#include "kernels/matmul_internal.hpp"
 #include "kernels/quant_types.hpp"
 
 namespace nibble::kernels {
@@ -119,6 +120,52 @@ TEST_P(PagedAttentionTest, MatchesTheReferenceOnEveryKernelSet) {
 INSTANTIATE_TEST_SUITE_P(OddSizes, PagedAttentionTest,
                          ::testing::Values(Case{4, 4, 32, 16}, Case{6, 2, 36, 5}, Case{3, 1, 13, 16},
                                            Case{8, 4, 64, 5}, Case{9, 3, 40, 7}));
+
+// The softmax and fp16 rounding helpers of every kernel set: rounding must equal the scalar
+// fp16 conversion exactly (ties to even); the softmax must be within a few fp16 ulps of the
+// double-precision one, sum to 1, and send scores far below the maximum to 0, for lengths with and
+// without a vector tail.
+TEST(PagedAttention, SoftmaxAndRoundingHelpersOnEveryKernelSet) {
+  const std::string original = matmul_isa();
+  std::mt19937 rng(11);
+  std::uniform_real_distribution<float> wide(-30.0f, 30.0f);
+  int sets = 0;
+  for (const char* isa : {"scalar", "avx2", "avx512"}) {
+    if (!matmul_force_isa(isa)) continue;
+    SCOPED_TRACE(isa);
+    ++sets;
+    const detail::IsaKernels& k = detail::active_kernels();
+    for (int64_t n : {1, 7, 8, 29, 130}) {
+      SCOPED_TRACE("n=" + std::to_string(n));
+      std::vector<float> x(static_cast<size_t>(n));
+      for (float& v : x) v = wide(rng);
+      x[0] = 1.0f + 1.0f / 2048.0f;  // an exact fp16 tie: rounds to even (1.0)
+      std::vector<float> rounded = x;
+      k.round_to_f16(rounded.data(), n);
+      for (int64_t i = 0; i < n; ++i) ASSERT_EQ(rounded[i], fp16_to_fp32(fp32_to_fp16(x[i]))) << i;
+      EXPECT_EQ(rounded[0], 1.0f);
+
+      std::vector<float> scores = x;
+      if (n > 2) scores[1] = -200.0f;  // e^(-200 - max) underflows: weight 0
+      const std::vector<float> before = scores;
+      k.softmax_to_f16(scores.data(), n);
+      double max_score = *std::max_element(before.begin(), before.end()), sum_exp = 0, sum = 0;
+      for (float v : before) sum_exp += std::exp(static_cast<double>(v) - max_score);
+      for (int64_t i = 0; i < n; ++i) {
+        const double want = std::exp(static_cast<double>(before[i]) - max_score) / sum_exp;
+        EXPECT_NEAR(scores[i], want, 2e-3 * want + 1e-7) << i;  // fp16 rounding: 2^-11 relative
+        EXPECT_EQ(scores[i], fp16_to_fp32(fp32_to_fp16(scores[i]))) << "not an fp16 value at " << i;
+        sum += scores[i];
+      }
+      EXPECT_NEAR(sum, 1.0, 2e-3);
+      if (n > 2) {
+        EXPECT_EQ(scores[1], 0.0f);
+      }
+    }
+  }
+  matmul_force_isa(original.c_str());
+  EXPECT_GE(sets, 1);
+}
 
 TEST(PagedAttention, RejectsBadShapesAndPositions) {
   ThreadPool pool(1);

@@ -120,13 +120,15 @@ TEST(HfLlama, F32LogitsMatchTransformersPlainAttention) {
 }
 
 // BF16 weights, tied head. The reference is transformers' float32 forward of the same bfloat16
-// weights, and Nibble's BF16 matmul widens them to float exactly, so the bound is F32's; a bound
-// for rounding the weights themselves to 16 bits would be ~1e-2 and hide binding mistakes.
+// weights, and Nibble's BF16 matmul widens them to float exactly, so what is left is float
+// summation order and the fp16 KV cache: measured 9e-5 with the AVX2 kernels, 1.06e-4 with the
+// AVX-512 ones, hence 2e-4. A bound for rounding the weights themselves to 16 bits would be ~1e-2
+// and hide binding mistakes.
 TEST(HfLlama, Bf16TiedLogitsMatchTransformers) {
   auto model = LlamaModel::load((reference_root() / "bf16-tied").string());
   EXPECT_TRUE(model->config().tied_output);
   const Reference ref = load_reference("bf16-tied");
-  EXPECT_LT(worst_sequence_error(run_sequences(*model, ref), ref, model->config().n_vocab), 1e-4);
+  EXPECT_LT(worst_sequence_error(run_sequences(*model, ref), ref, model->config().n_vocab), 2e-4);
 }
 
 // Rounding the F32 model's weights to 16 bits (what a user's F16/BF16 copy of a checkpoint does):

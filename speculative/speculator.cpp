@@ -26,25 +26,66 @@ double CostModel::interpolate(const std::vector<std::pair<int64_t, double>>& poi
 
 namespace {
 
-// Seconds of a forward pass over `tokens` tokens of one sequence: the fastest of several runs,
-// since other work on the machine only ever adds time.
-double time_forward(worker::LlamaModel& model, kernels::ThreadPool& pool, int64_t tokens) {
-  const int64_t block = 16;
-  const int64_t blocks = (tokens + block - 1) / block;
-  worker::KvCache cache(model.shard_config(), blocks, block);
-  std::vector<int32_t> table(static_cast<size_t>(blocks));
-  for (int64_t b = 0; b < blocks; ++b) table[static_cast<size_t>(b)] = static_cast<int32_t>(b);
-  std::vector<int32_t> ids(static_cast<size_t>(tokens));
-  for (int64_t t = 0; t < tokens; ++t) ids[static_cast<size_t>(t)] = static_cast<int32_t>(3 + t % 200);
-  worker::ForwardBatch batch = worker::ForwardBatch::single(ids, 0, table, /*all_logits=*/true);
-  std::vector<float> logits;
-  std::vector<double> runs;
-  for (int rep = 0; rep < 5; ++rep) {
-    const auto start = std::chrono::steady_clock::now();
-    model.forward(batch, cache, pool, logits);
-    runs.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+// One model's timing run: a scratch cache holding a context of kContext tokens, after which
+// passes of n tokens (every row's logits, as a verification wants) are timed. Decoding happens
+// after a prompt, so the passes see attention over a realistic context rather than none.
+class PassTimer {
+ public:
+  static constexpr int64_t kContext = 64;
+
+  PassTimer(worker::LlamaModel& model, kernels::ThreadPool& pool, int64_t max_tokens)
+      : model_(model), pool_(pool) {
+    const int64_t block = 16;
+    const int64_t blocks = (kContext + max_tokens + block - 1) / block;
+    cache_ = std::make_unique<worker::KvCache>(model.shard_config(), blocks, block);
+    for (int64_t b = 0; b < blocks; ++b) table_.push_back(static_cast<int32_t>(b));
+    model_.forward(worker::ForwardBatch::single(ids(kContext), 0, table_, false), *cache_, pool_, logits_);
   }
-  return *std::min_element(runs.begin(), runs.end());
+
+  // Seconds of one pass of n tokens at positions kContext...
+  double time(int64_t n) {
+    const worker::ForwardBatch batch = worker::ForwardBatch::single(ids(n), kContext, table_, true);
+    const auto start = std::chrono::steady_clock::now();
+    model_.forward(batch, *cache_, pool_, logits_);
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  }
+
+ private:
+  static std::vector<int32_t> ids(int64_t n) {
+    std::vector<int32_t> out(static_cast<size_t>(n));
+    for (int64_t t = 0; t < n; ++t) out[static_cast<size_t>(t)] = static_cast<int32_t>(3 + t % 200);
+    return out;
+  }
+
+  worker::LlamaModel& model_;
+  kernels::ThreadPool& pool_;
+  std::unique_ptr<worker::KvCache> cache_;
+  std::vector<int32_t> table_;
+  std::vector<float> logits_;
+};
+
+// Passes of 1, 2, 4, ... max_tokens tokens of each model, timed alternately (so that both see the
+// same machine: on a shared host a disturbance can last longer than one model's whole timing) after
+// one warm-up pass each; per size the fastest of the runs, since other work only ever adds time;
+// then made non-decreasing in the token count (a size that timed faster than a smaller one was
+// measured while the smaller one was disturbed, so the smaller one gets the lower time).
+std::vector<std::vector<std::pair<int64_t, double>>> time_models(
+    const std::vector<worker::LlamaModel*>& models, kernels::ThreadPool& pool, int64_t max_tokens) {
+  max_tokens = std::max<int64_t>(1, max_tokens);
+  std::vector<std::unique_ptr<PassTimer>> timers;
+  for (worker::LlamaModel* m : models) timers.push_back(std::make_unique<PassTimer>(*m, pool, max_tokens));
+  std::vector<std::vector<std::pair<int64_t, double>>> points(models.size());
+  for (int64_t n = 1; n <= max_tokens; n *= 2) {
+    std::vector<double> best(models.size(), std::numeric_limits<double>::infinity());
+    for (auto& t : timers) t->time(n);  // warm-up
+    const int runs = n <= 16 ? 9 : 5;
+    for (int run = 0; run < runs; ++run)
+      for (size_t i = 0; i < timers.size(); ++i) best[i] = std::min(best[i], timers[i]->time(n));
+    for (size_t i = 0; i < models.size(); ++i) points[i].emplace_back(n, best[i]);
+  }
+  for (auto& p : points)
+    for (size_t i = p.size() - 1; i-- > 0;) p[i].second = std::min(p[i].second, p[i + 1].second);
+  return points;
 }
 
 }  // namespace
@@ -52,19 +93,13 @@ double time_forward(worker::LlamaModel& model, kernels::ThreadPool& pool, int64_
 std::vector<std::pair<int64_t, double>> CostModel::measure_model(worker::LlamaModel& model,
                                                                  kernels::ThreadPool& pool,
                                                                  int64_t max_tokens) {
-  std::vector<std::pair<int64_t, double>> points;
-  for (int64_t n = 1; n <= std::max<int64_t>(1, max_tokens); n *= 2)
-    points.emplace_back(n, time_forward(model, pool, n));
-  // More tokens never cost less: a size that timed faster than a smaller one was measured while
-  // the smaller one was disturbed, so the smaller one gets the lower time.
-  for (size_t i = points.size() - 1; i-- > 0;)
-    points[i].second = std::min(points[i].second, points[i + 1].second);
-  return points;
+  return time_models({&model}, pool, max_tokens).front();
 }
 
 CostModel CostModel::measure(worker::LlamaModel& target, worker::LlamaModel& draft, kernels::ThreadPool& pool,
                              int64_t max_tokens) {
-  return {measure_model(target, pool, max_tokens), measure_model(draft, pool, max_tokens)};
+  auto points = time_models({&target, &draft}, pool, max_tokens);
+  return {std::move(points[0]), std::move(points[1])};
 }
 
 Speculator::Speculator(worker::LlamaModel& draft, kernels::ThreadPool& pool, SpeculatorSettings settings)

@@ -30,9 +30,9 @@ struct CostModel {
   double draft_seconds(int64_t tokens) const { return interpolate(draft, tokens); }
   bool empty() const { return target.empty() || draft.empty(); }
 
-  // Times forward passes of 1, 2, 4, ... max_tokens tokens (one sequence; the fastest of a few
-  // runs each, made non-decreasing in the token count) on scratch KV caches. Takes well under a second for
-  // models that fit a CPU test.
+  // Times forward passes of 1, 2, 4, ... max_tokens tokens (one sequence, after a 64-token
+  // context; the two models alternately, the fastest of several runs each, made non-decreasing in
+  // the token count) on scratch KV caches. Takes well under a second for models that fit a CPU test.
   static CostModel measure(worker::LlamaModel& target, worker::LlamaModel& draft, kernels::ThreadPool& pool,
                            int64_t max_tokens);
   // The same for one model (for a target and a draft that run in different processes).

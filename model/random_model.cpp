@@ -3,12 +3,14 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <map>
 #include <random>
 #include <stdexcept>
 #include <unordered_set>
 
 #include "kernels/quantize.hpp"
 #include "model/gguf.hpp"
+#include "model/tokenizer.hpp"
 
 namespace nibble::model {
 
@@ -141,6 +143,8 @@ int64_t LlamaShape::n_params() const {
   return 2 * n_vocab * n_embd + n_embd + n_layer * per_layer;
 }
 
+const char* const kShapeNames = "tiny, llama-1b, llama-8b or llama-70b";
+
 LlamaShape llama_shape_by_name(const std::string& name) {
   LlamaShape s;
   if (name == "tiny") {
@@ -151,16 +155,30 @@ LlamaShape llama_shape_by_name(const std::string& name) {
     s.n_ff = 256;
     s.n_vocab = 4096;
     s.n_ctx = 2048;
-  } else if (name == "llama-1b") {
-    s.n_embd = 2048;
-    s.n_layer = 16;
-    s.n_head = 32;
+  } else if (name == "llama-1b" || name == "llama-8b" || name == "llama-70b") {
+    // Llama 3 (3.2-1B, 3.1-8B, 3.1-70B): one vocabulary, 8 KV heads, rope base 500000.
     s.n_head_kv = 8;
-    s.n_ff = 8192;
-    s.n_vocab = 32000;
-    s.n_ctx = 2048;
+    s.n_vocab = 128256;
+    s.n_ctx = 8192;
+    s.rope_base = 500000.0f;
+    if (name == "llama-1b") {
+      s.n_embd = 2048;
+      s.n_layer = 16;
+      s.n_head = 32;
+      s.n_ff = 8192;
+    } else if (name == "llama-8b") {
+      s.n_embd = 4096;
+      s.n_layer = 32;
+      s.n_head = 32;
+      s.n_ff = 14336;
+    } else {
+      s.n_embd = 8192;
+      s.n_layer = 80;
+      s.n_head = 64;
+      s.n_ff = 28672;
+    }
   } else {
-    throw std::invalid_argument("unknown model shape '" + name + "' (expected tiny or llama-1b)");
+    throw std::invalid_argument("unknown model shape '" + name + "' (expected " + kShapeNames + ")");
   }
   return s;
 }
@@ -244,6 +262,36 @@ SyntheticVocab make_synthetic_vocab(int64_t n_vocab) {
   return v;
 }
 
+std::vector<std::pair<std::string, GgufValue>> synthetic_tokenizer_metadata(int64_t n_vocab) {
+  const SyntheticVocab vocab = make_synthetic_vocab(n_vocab);
+  std::vector<GgufValue> tokens, scores, types;
+  tokens.reserve(vocab.tokens.size());
+  scores.reserve(vocab.tokens.size());
+  types.reserve(vocab.tokens.size());
+  for (const std::string& t : vocab.tokens) tokens.push_back(GgufValue::make_string(t));
+  for (const float x : vocab.scores) scores.push_back(GgufValue::make_float(GgufValueType::FLOAT32, x));
+  for (const int32_t t : vocab.token_types) types.push_back(GgufValue::make_int(GgufValueType::INT32, t));
+  std::vector<std::pair<std::string, GgufValue>> m;
+  m.emplace_back("tokenizer.ggml.model", GgufValue::make_string("llama"));
+  m.emplace_back("tokenizer.ggml.tokens", GgufValue::make_array(GgufValueType::STRING, std::move(tokens)));
+  m.emplace_back("tokenizer.ggml.scores", GgufValue::make_array(GgufValueType::FLOAT32, std::move(scores)));
+  m.emplace_back("tokenizer.ggml.token_type", GgufValue::make_array(GgufValueType::INT32, std::move(types)));
+  m.emplace_back("tokenizer.ggml.bos_token_id", GgufValue::make_uint(GgufValueType::UINT32, 1));
+  m.emplace_back("tokenizer.ggml.eos_token_id", GgufValue::make_uint(GgufValueType::UINT32, 2));
+  m.emplace_back("tokenizer.ggml.unknown_token_id", GgufValue::make_uint(GgufValueType::UINT32, 0));
+  m.emplace_back("tokenizer.ggml.add_bos_token", GgufValue::make_bool(true));
+  m.emplace_back("tokenizer.ggml.add_eos_token", GgufValue::make_bool(false));
+  m.emplace_back("tokenizer.ggml.add_space_prefix", GgufValue::make_bool(true));
+  return m;
+}
+
+std::shared_ptr<const Tokenizer> make_synthetic_tokenizer(int64_t n_vocab) {
+  auto entries = synthetic_tokenizer_metadata(n_vocab);
+  std::map<std::string, GgufValue> metadata;
+  for (auto& [key, value] : entries) metadata.emplace(key, std::move(value));
+  return Tokenizer::from_metadata(metadata, "synthetic vocabulary of " + std::to_string(n_vocab) + " tokens");
+}
+
 void write_random_llama(const std::string& path, const LlamaShape& shape, kernels::DType matrix_type,
                         uint64_t seed) {
   const LlamaShape& s = shape;
@@ -267,7 +315,6 @@ void write_random_llama(const std::string& path, const LlamaShape& shape, kernel
   }
   const int64_t head_dim = s.n_embd / s.n_head;
   const int64_t kv_dim = s.n_head_kv * head_dim;
-  const SyntheticVocab vocab = make_synthetic_vocab(s.n_vocab);
 
   GgufWriter w;
   w.set_string("general.architecture", "llama");
@@ -286,16 +333,7 @@ void write_random_llama(const std::string& path, const LlamaShape& shape, kernel
   w.set_float32("llama.attention.layer_norm_rms_epsilon", s.rms_eps);
   w.set_uint32("llama.rope.dimension_count", static_cast<uint32_t>(head_dim));
   w.set_uint32("llama.vocab_size", static_cast<uint32_t>(s.n_vocab));
-  w.set_string("tokenizer.ggml.model", "llama");
-  w.set_string_array("tokenizer.ggml.tokens", vocab.tokens);
-  w.set_float_array("tokenizer.ggml.scores", vocab.scores);
-  w.set_int32_array("tokenizer.ggml.token_type", vocab.token_types);
-  w.set_uint32("tokenizer.ggml.bos_token_id", 1);
-  w.set_uint32("tokenizer.ggml.eos_token_id", 2);
-  w.set_uint32("tokenizer.ggml.unknown_token_id", 0);
-  w.set_bool("tokenizer.ggml.add_bos_token", true);
-  w.set_bool("tokenizer.ggml.add_eos_token", false);
-  w.set_bool("tokenizer.ggml.add_space_prefix", true);
+  for (auto& [key, value] : synthetic_tokenizer_metadata(s.n_vocab)) w.set(key, std::move(value));
 
   // Each tensor gets its own seed from one master stream, so tensors are independent of each
   // other's sizes and generation order.

@@ -3,10 +3,14 @@
 // and metadata keys, plus a small synthetic SentencePiece-style vocabulary, so the whole engine
 // (loader, tokenizer, forward pass, benchmarks) can run without downloading a model.
 #include <cstdint>
+#include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "kernels/quant_types.hpp"
+#include "model/gguf.hpp"
+#include "model/tokenizer.hpp"
 
 namespace nibble::model {
 
@@ -26,9 +30,11 @@ struct LlamaShape {
   int64_t n_params() const;
 };
 
-// "tiny" (embd 128, 2 layers, 4 / 2 heads, ffn 256, vocab 4096, ctx 2048) or "llama-1b" (the
-// TinyLlama 1.1B shape: embd 2048, 16 layers, 32 / 8 heads, ffn 8192, vocab 32000, ctx 2048).
-// Throws std::invalid_argument for other names.
+// "tiny" (embd 128, 2 layers, 4 / 2 heads, ffn 256, vocab 4096, ctx 2048) or a Llama 3 shape (vocab
+// 128256, 8 KV heads, ctx 8192, rope base 500000): "llama-1b" (Llama-3.2-1B: embd 2048, 16 layers,
+// 32 heads, ffn 8192), "llama-8b" (embd 4096, 32 layers, 32 heads, ffn 14336) or "llama-70b" (embd
+// 8192, 80 layers, 64 heads, ffn 28672). Throws std::invalid_argument listing the names for others.
+extern const char* const kShapeNames;  // the names above, for messages
 LlamaShape llama_shape_by_name(const std::string& name);
 
 // The synthetic vocabulary written by write_random_llama: n_vocab pieces with their scores and
@@ -42,6 +48,13 @@ struct SyntheticVocab {
   std::vector<int32_t> token_types;
 };
 SyntheticVocab make_synthetic_vocab(int64_t n_vocab);
+
+// The tokenizer.ggml.* metadata write_random_llama stores for that vocabulary (SentencePiece "llama"
+// model, BOS 1, EOS 2, UNK 0, BOS added, space prefix), in the order it writes them.
+std::vector<std::pair<std::string, GgufValue>> synthetic_tokenizer_metadata(int64_t n_vocab);
+// The tokenizer a write_random_llama file of this vocabulary size gives (Tokenizer::from_metadata on
+// the metadata above), for models with no file (dummy checkpoints). Throws like make_synthetic_vocab.
+std::shared_ptr<const Tokenizer> make_synthetic_tokenizer(int64_t n_vocab);
 
 // Writes a complete Llama GGUF v3 file: metadata (general.*, llama.*, tokenizer.ggml.*), and
 // tensors token_embd.weight [n_embd, n_vocab], blk.N.{attn_norm, attn_q, attn_k, attn_v,

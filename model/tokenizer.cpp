@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <array>
+#include <map>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -38,15 +39,16 @@ bool is_signed_type(GgufValueType t) {
 
 int64_t integer_of(const GgufValue& v) { return is_signed_type(v.type) ? v.i : static_cast<int64_t>(v.u); }
 
-// Reads tokenizer.ggml.* into a Vocab, reporting every problem as a GgufError naming the file.
+// Reads tokenizer.ggml.* into a Vocab, reporting every problem as a GgufError naming the source.
 class VocabLoader {
  public:
-  explicit VocabLoader(const GgufFile& file) : file_(file) {}
+  VocabLoader(const std::map<std::string, GgufValue>& metadata, const std::string& source)
+      : metadata_(metadata), source_(source) {}
 
-  [[noreturn]] void fail(const std::string& what) const { throw GgufError(file_.path() + ": " + what); }
+  [[noreturn]] void fail(const std::string& what) const { throw GgufError(source_ + ": " + what); }
 
   const GgufValue& require_array(const std::string& key) const {
-    const GgufValue* v = file_.find(key);
+    const GgufValue* v = find(key);
     if (v == nullptr) fail("missing " + key + " (not a model with a tokenizer?)");
     if (v->type != GgufValueType::ARRAY)
       fail(key + " is " + gguf_value_type_name(v->type) + ", expected an array");
@@ -54,14 +56,14 @@ class VocabLoader {
   }
 
   std::string model() const {
-    const GgufValue* v = file_.find("tokenizer.ggml.model");
+    const GgufValue* v = find("tokenizer.ggml.model");
     if (v == nullptr) fail("missing tokenizer.ggml.model");
     if (v->type != GgufValueType::STRING) fail("tokenizer.ggml.model is not a string");
     return v->s;
   }
 
   std::string pre() const {
-    const GgufValue* v = file_.find("tokenizer.ggml.pre");
+    const GgufValue* v = find("tokenizer.ggml.pre");
     if (v == nullptr) return "";
     if (v->type != GgufValueType::STRING) fail("tokenizer.ggml.pre is not a string");
     return v->s;
@@ -77,7 +79,7 @@ class VocabLoader {
   }
 
   std::optional<bool> flag(const std::string& key) const {
-    const GgufValue* v = file_.find(key);
+    const GgufValue* v = find(key);
     if (v == nullptr) return std::nullopt;
     if (v->type == GgufValueType::BOOL) return v->u != 0;
     if (is_integer_type(v->type)) return integer_of(*v) != 0;
@@ -86,7 +88,7 @@ class VocabLoader {
 
   // A token id key: nullopt when absent or negative (meaning "none"); GgufError when out of range.
   std::optional<int32_t> token_id(const std::string& key, int32_t n_vocab) const {
-    const GgufValue* v = file_.find(key);
+    const GgufValue* v = find(key);
     if (v == nullptr) return std::nullopt;
     if (!is_integer_type(v->type))
       fail(key + " is " + gguf_value_type_name(v->type) + ", expected an integer");
@@ -108,7 +110,7 @@ class VocabLoader {
     if (n == 0) fail("tokenizer.ggml.tokens is empty");
 
     vocab.score.assign(n, 0.0f);
-    if (const GgufValue* scores = file_.find("tokenizer.ggml.scores")) {
+    if (const GgufValue* scores = find("tokenizer.ggml.scores")) {
       if (scores->type != GgufValueType::ARRAY ||
           (scores->array_type != GgufValueType::FLOAT32 && scores->array_type != GgufValueType::INT32)) {
         fail("tokenizer.ggml.scores must be an array of FLOAT32 or INT32");
@@ -125,7 +127,7 @@ class VocabLoader {
     }
 
     vocab.type.assign(n, TokenType::normal);
-    if (const GgufValue* types = file_.find("tokenizer.ggml.token_type")) {
+    if (const GgufValue* types = find("tokenizer.ggml.token_type")) {
       if (types->type != GgufValueType::ARRAY || !is_integer_type(types->array_type)) {
         fail("tokenizer.ggml.token_type must be an array of integers");
       }
@@ -173,13 +175,24 @@ class VocabLoader {
   }
 
  private:
-  const GgufFile& file_;
+  const GgufValue* find(const std::string& key) const {
+    const auto it = metadata_.find(key);
+    return it == metadata_.end() ? nullptr : &it->second;
+  }
+
+  const std::map<std::string, GgufValue>& metadata_;
+  const std::string& source_;
 };
 
 }  // namespace
 
 std::shared_ptr<const Tokenizer> Tokenizer::from_gguf(const GgufFile& file) {
-  const VocabLoader loader(file);
+  return from_metadata(file.metadata(), file.path());
+}
+
+std::shared_ptr<const Tokenizer> Tokenizer::from_metadata(const std::map<std::string, GgufValue>& metadata,
+                                                          const std::string& source) {
+  const VocabLoader loader(metadata, source);
   const std::string model = loader.model();
   if (model == "llama") return make_spm_tokenizer(loader.load(/*spm=*/true));
   if (model == "gpt2") {

@@ -3,6 +3,7 @@
 // score-driven merges with byte fallback) and byte-level BPE ("gpt2", ranked merges with GPT-2's
 // pre-tokenizer regex). Behaviour matches llama.cpp's, checked against its test vectors.
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -19,6 +20,10 @@ class Tokenizer {
   // Reads tokenizer.ggml.* keys (model, tokens, scores, token_type, merges, bos/eos/unk/pad ids,
   // add_bos_token, add_space_prefix). Throws GgufError when they are missing or inconsistent.
   static std::shared_ptr<const Tokenizer> from_gguf(const GgufFile& file);
+  // The same from GGUF metadata held in memory (e.g. the synthetic vocabulary of a dummy model);
+  // `source` names it in errors.
+  static std::shared_ptr<const Tokenizer> from_metadata(const std::map<std::string, GgufValue>& metadata,
+                                                        const std::string& source);
   virtual ~Tokenizer() = default;
 
   virtual TokenizerKind kind() const = 0;

@@ -54,6 +54,44 @@ TEST_F(CliTest, DeviceCudaRunsOrSaysWhyNot) {
   EXPECT_EQ(run("generate -m " + model_ + " -p 'hello' --device tpu").exit_code == 0, false);
 }
 
+// A dummy model needs no file: generate runs on the CPU with the synthetic vocabulary, the same
+// tokens every time for a seed; bench-gpu on one runs on a GPU or says why it cannot.
+TEST_F(CliTest, DummyModelGeneratesOnTheCpu) {
+  const std::string args =
+      "generate -m dummy:tiny -p 'Once upon a time' --max-tokens 8 --temperature 0 --json";
+  const auto j = run_json(args);
+  EXPECT_EQ(j["prompt_tokens"][0], 1) << "BOS first";
+  EXPECT_EQ(j["tokens"].size(), 8u) << j.dump();
+  EXPECT_EQ(run_json(args)["tokens"], j["tokens"]);
+  EXPECT_NE(
+      run_json("generate -m dummy:tiny:seed=9 -p 'Once upon a time' --max-tokens 8 --temperature 0 --json")
+          ["tokens"],
+      j["tokens"]);
+  const auto text = run("generate -m dummy:tiny -p 'hello' -n 4 --temperature 0");
+  EXPECT_EQ(text.exit_code, 0) << text.output;
+  EXPECT_FALSE(text.output.empty());
+  const auto unknown = run("generate -m dummy:llama-3b -p 'hello' -n 4");
+  EXPECT_EQ(unknown.exit_code, 1) << unknown.output;
+  EXPECT_NE(unknown.output.find("llama-70b"), std::string::npos)
+      << "lists the known shapes: " << unknown.output;
+}
+
+TEST_F(CliTest, BenchGpuOnADummyModelRunsOrSaysWhyNot) {
+  const auto r =
+      run("bench-gpu --model dummy:tiny --batch 1,2 --prompt-tokens 32 --gen-tokens 4 --repetitions 1 "
+          "--prefill-batch 2 --json");
+  if (r.exit_code == 0) {
+    const auto j = nlohmann::json::parse(r.output);
+    EXPECT_EQ(j.at("decode").size(), 2u) << r.output;
+    EXPECT_GT(j.at("decode")[0].at("decode_tokens_per_second").get<double>(), 0.0) << r.output;
+  } else {
+    EXPECT_EQ(r.exit_code, 1) << r.output;
+    EXPECT_EQ(line_count(r.output), 1u) << r.output;
+    EXPECT_NE(r.output.find("bench-gpu: "), std::string::npos) << r.output;
+    EXPECT_NE(r.output.find("CUDA"), std::string::npos) << r.output;
+  }
+}
+
 TEST_F(CliTest, TokenizeMatchesTheLibrary) {
   const auto r = run("tokenize --model " + model_ + " --text 'hello world'");
   ASSERT_EQ(r.exit_code, 0) << r.output;

@@ -255,6 +255,11 @@ TEST(ClusterConfig, LoadResolvesModelPathsAgainstTheFile) {
   EXPECT_EQ(config.source, file.string());
   EXPECT_EQ(config.model.path, (folder / "models/t.gguf").string());
   EXPECT_EQ(config.draft->path, "/abs/d.gguf");
+  // A dummy model names no file: kept as written.
+  std::ofstream(file) << "model: {path: \"dummy:llama-70b\"}\ndraft: {path: \"dummy:llama-1b:seed=2\"}\n";
+  const ClusterConfig dummy = load_cluster_config(file.string());
+  EXPECT_EQ(dummy.model.path, "dummy:llama-70b");
+  EXPECT_EQ(dummy.draft->path, "dummy:llama-1b:seed=2");
 
   std::ofstream(file) << "model: {path: m}\nparallel:\n  tensor: x\n";
   try {

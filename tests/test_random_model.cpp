@@ -47,10 +47,34 @@ TEST(RandomModel, NamedShapes) {
   EXPECT_EQ(big.n_head, 32);
   EXPECT_EQ(big.n_head_kv, 8);
   EXPECT_EQ(big.n_ff, 8192);
-  EXPECT_EQ(big.n_vocab, 32000);
-  EXPECT_EQ(big.n_ctx, 2048);
-  // 16 layers of 60.8M weights plus 2 x 65.5M for the embedding and the output head.
-  EXPECT_EQ(big.n_params(), 1104218112);
+  EXPECT_EQ(big.n_vocab, 128256);
+  EXPECT_EQ(big.n_ctx, 8192);
+  EXPECT_EQ(big.rope_base, 500000.0f);
+  // Per layer: norms 2 x 2048 + q/o 2 x 2048^2 + k/v 2 x 2048 x 512 + ffn 3 x 2048 x 8192
+  // = 60821504; x 16 = 973144064, plus embedding and head 2 x 128256 x 2048 = 525336576 and the
+  // output norm 2048.
+  EXPECT_EQ(big.n_params(), 1498482688);
+  const LlamaShape b8 = llama_shape_by_name("llama-8b");
+  EXPECT_EQ(b8.n_embd, 4096);
+  EXPECT_EQ(b8.n_layer, 32);
+  EXPECT_EQ(b8.n_head, 32);
+  EXPECT_EQ(b8.n_head_kv, 8);
+  EXPECT_EQ(b8.n_ff, 14336);
+  EXPECT_EQ(b8.n_vocab, 128256);
+  // Per layer: 2 x 4096 + 2 x 4096^2 + 2 x 4096 x 1024 + 3 x 4096 x 14336 = 218112000; x 32 =
+  // 6979584000, plus 2 x 128256 x 4096 = 1050673152 and 4096: Llama 3.1 8B's 8.03B.
+  EXPECT_EQ(b8.n_params(), 8030261248);
+  const LlamaShape b70 = llama_shape_by_name("llama-70b");
+  EXPECT_EQ(b70.n_embd, 8192);
+  EXPECT_EQ(b70.n_layer, 80);
+  EXPECT_EQ(b70.n_head, 64);
+  EXPECT_EQ(b70.n_head_kv, 8);
+  EXPECT_EQ(b70.n_ff, 28672);
+  EXPECT_EQ(b70.n_vocab, 128256);
+  EXPECT_EQ(b70.n_ctx, 8192);
+  // Per layer: 2 x 8192 + 2 x 8192^2 + 2 x 8192 x 1024 + 3 x 8192 x 28672 = 855654400; x 80 =
+  // 68452352000, plus 2 x 128256 x 8192 = 2101346304 and 8192: Llama 3.1 70B's 70.55B.
+  EXPECT_EQ(b70.n_params(), 70553706496);
   EXPECT_THROW(llama_shape_by_name("huge"), std::invalid_argument);
 }
 
@@ -211,9 +235,9 @@ TEST(RandomModel, FileSizeMatchesParameterCount) {
   EXPECT_LE(file_size - static_cast<int64_t>(f->data_offset()),
             data_bytes + 32 * static_cast<int64_t>(f->tensors().size()));
   EXPECT_LT(f->data_offset(), 200u * 1024);
-  // For the 1.1B shape that means about 18/32 bytes per weight: ~621 MB.
+  // For the 1.5B llama-1b shape that means about 18/32 bytes per weight: ~843 MB.
   const LlamaShape big = llama_shape_by_name("llama-1b");
-  EXPECT_NEAR(static_cast<double>(big.n_params()) * 18 / 32 / 1e6, 621.1, 0.5);
+  EXPECT_NEAR(static_cast<double>(big.n_params()) * 18 / 32 / 1e6, 842.9, 0.5);
 }
 
 TEST(RandomModel, RejectsBadArguments) {

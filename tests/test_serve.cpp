@@ -421,6 +421,19 @@ TEST(Serve, HuggingFaceGptqAndAwqDirectoriesServeLikeGenerate) {
   EXPECT_NE(job.log().find("has no tokenizer.json"), std::string::npos) << job.log();
 }
 
+// A dummy model (random weights made at load, no file) serves like `nibble generate` on it, with a
+// dummy draft of another seed (same shape, so the same synthetic vocabulary).
+TEST(Serve, DummyModelServesLikeGenerate) {
+  const Expected expected = nibble_generate("dummy:tiny", "hello world", 12);
+  ASSERT_EQ(expected.tokens.size(), 12u);
+  test::TempDir dir;
+  ServeJob job(dir.path(), "dummy:tiny", 2, 1, "context: 128\ndraft: { path: \"dummy:tiny:seed=1\" }\n");
+  ASSERT_TRUE(job.wait_ready()) << job.log();
+  const protocol::Final f = Client(job.endpoint()).generate(greedy("dummy", std::string("hello world"), 12));
+  EXPECT_EQ(f.tokens, expected.tokens);
+  EXPECT_EQ(f.text, expected.text);
+}
+
 TEST(Serve, DraftWithAnotherVocabularyIsRefusedAtStartUp) {
   test::TempDir dir;
   const std::string target = make_tiny_model(dir.path());

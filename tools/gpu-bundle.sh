@@ -8,7 +8,8 @@
 #   bash tools/gpu-bundle.sh [BUILD_DIR]     # default build-cuda/, configured with -DNIBBLE_CUDA=ON
 #   then, on the device machine (the session's device tool, carrying .gpu):  bash .gpu/run.sh
 #
-# run.sh runs every CUDA test binary, `nibble bench-gpu` and tools/bench_tinygemm.py, writing the
+# run.sh runs every CUDA test binary, `nibble bench-gpu` (the kernel table, then end to end on the
+# dummy llama-70b with the dummy llama-1b as draft) and tools/bench_tinygemm.py, writing the
 # logs and JSON to $OUT (or .gpu/out) for docs/perf/gpu.md.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -36,7 +37,7 @@ done | sort -u | grep -Ev '/(libc|libm|libdl|librt|libpthread|libresolv|libutil|
   while read -r lib; do cp -L "$lib" "$out/lib/"; done
 cat >"$out/run.sh" <<'RUN'
 #!/usr/bin/env bash
-# On the GPU machine, from the repository root: CUDA tests, then the kernel benchmarks.
+# On the GPU machine, from the repository root: CUDA tests, then the kernel and end-to-end benchmarks.
 set -uo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 out="${OUT:-$here/out}"
@@ -54,6 +55,10 @@ python3 "$(dirname "$here")/tools/bench_tinygemm.py" --out "$out/tinygemm.json" 
   echo "tinygemm failed: $(tail -3 "$out/tinygemm.log")"
 tg=(); [ -s "$out/tinygemm.json" ] && tg=(--tinygemm "$out/tinygemm.json")
 "$here/bin/nibble" bench-gpu "${tg[@]}" 2>&1 | tee "$out/bench-gpu.txt" || status=1
+# End to end on dummy models (random Q4_0 weights made on the GPU: no files to carry): the 70B target
+# and the 1B draft's decode step times, for docs/perf/gpu.md.
+timeout 300 "$here/bin/nibble" bench-gpu --model dummy:llama-70b --draft dummy:llama-1b --batch 1,8,32,64 2>&1 |
+  tee "$out/bench-gpu-e2e.txt" || status=1
 exit $status
 RUN
 chmod +x "$out/run.sh"

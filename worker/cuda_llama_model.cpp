@@ -12,11 +12,13 @@
 #include <stdexcept>
 #include <tuple>
 #include <utility>
+#include <vector>
 
 #include "kernels/cuda/attention_decode.cuh"
 #include "kernels/cuda/convert.cuh"
 #include "kernels/cuda/embedding.cuh"
 #include "kernels/cuda/paged_attention.cuh"
+#include "kernels/cuda/random_weights.cuh"
 #include "kernels/cuda/residual_norm.cuh"
 #include "kernels/cuda/rope_kv_write.cuh"
 #include "kernels/cuda/sampling.cuh"
@@ -182,6 +184,38 @@ Projection upload_projection(std::initializer_list<const model::WeightMatrix*> p
   return p;
 }
 
+// A dummy checkpoint's matrix made on the device: the parts ({n_out, seed} each, all with row length
+// k) stacked as upload_matrix stacks them, each filled into its row range with the generator that
+// LlamaCheckpoint::bind_weights uses on the host, so the weights equal the CPU model's bit for bit.
+DeviceMatrix dummy_matrix(int64_t k, const std::vector<std::pair<int64_t, uint64_t>>& parts,
+                          cudaStream_t stream) {
+  DeviceMatrix d;
+  d.kind = DeviceKind::q4_0;
+  d.k = k;
+  for (const auto& part : parts) d.n_out += part.first;
+  const int64_t row_bytes = kernels::row_bytes(kernels::DType::Q4_0, k);
+  d.mem = std::make_shared<DeviceMemory>(static_cast<size_t>(d.n_out * row_bytes));
+  int64_t row = 0;
+  for (const auto& [n_out, seed] : parts) {
+    check(kc::fill_random_q4_0(d.mem->as<uint8_t>() + row * row_bytes, n_out, k, seed, stream),
+          "fill_random_q4_0 (dummy weights)");
+    row += n_out;
+  }
+  return d;
+}
+
+DeviceMatrix dummy_layer_matrix(const model::LlamaCheckpoint& ckpt, int64_t layer,
+                                std::initializer_list<model::LayerMatrix> which, cudaStream_t stream) {
+  const model::LlamaConfig& c = ckpt.config();
+  const int64_t k = model::layer_matrix_shape(c, *which.begin()).second;
+  std::vector<std::pair<int64_t, uint64_t>> parts;
+  for (const model::LayerMatrix m : which) {
+    parts.emplace_back(model::layer_matrix_shape(c, m).first,
+                       ckpt.dummy_tensor_seed(model::DummyTensor::matrix, layer, m));
+  }
+  return dummy_matrix(k, parts, stream);
+}
+
 // Batches up to this many tokens are replayed from captured graphs with CudaModelOptions::graphs.
 constexpr int64_t kGraphMaxTokens = 64;
 constexpr size_t kCublasWorkspaceBytes = size_t{32} << 20;
@@ -202,6 +236,13 @@ std::string cuda_unavailable_reason() {
   if (err != cudaSuccess) return std::string("no usable CUDA device: ") + cudaGetErrorString(err);
   if (count == 0) return "no CUDA device found";
   return {};
+}
+
+CudaMemoryInfo cuda_memory_info(int device) {
+  require_device(device);
+  size_t free_bytes = 0, total_bytes = 0;
+  cuda_check(cudaMemGetInfo(&free_bytes, &total_bytes), "cudaMemGetInfo");
+  return {static_cast<int64_t>(free_bytes), static_cast<int64_t>(total_bytes)};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -307,6 +348,8 @@ struct CudaLlamaModel::Impl {
     }
   }
 
+  // A dummy checkpoint's weights, generated on the device (see dummy_matrix); norms on the host.
+  void make_dummy_weights();
   void validate(const ForwardBatch& batch, const CudaKvCache& cache) const;
   struct Plan;
   Plan plan_batch(const ForwardBatch& batch, const CudaKvCache& cache, bool greedy,
@@ -322,6 +365,28 @@ struct CudaLlamaModel::Impl {
   void forward_impl(const ForwardBatch& batch, CudaKvCache& cache, std::vector<float>* logits_out,
                     std::vector<int32_t>* ids_out);
 };
+
+void CudaLlamaModel::Impl::make_dummy_weights() {
+  using model::DummyTensor;
+  using model::LayerMatrix;
+  const model::LlamaCheckpoint& ckpt = *checkpoint;
+  const auto& c = config;
+  embedding = dummy_matrix(c.n_embd, {{c.n_vocab, ckpt.dummy_tensor_seed(DummyTensor::embedding)}}, stream);
+  head = dummy_matrix(c.n_embd, {{c.n_vocab, ckpt.dummy_tensor_seed(DummyTensor::head)}}, stream);
+  output_norm = upload_floats(ckpt.dummy_norm(DummyTensor::output_norm));
+  for (int64_t i = 0; i < c.n_layer; ++i) {
+    Layer l;
+    l.attn_norm = upload_floats(ckpt.dummy_norm(DummyTensor::attn_norm, i));
+    l.ffn_norm = upload_floats(ckpt.dummy_norm(DummyTensor::ffn_norm, i));
+    l.qkv.parts.push_back(
+        dummy_layer_matrix(ckpt, i, {LayerMatrix::attn_q, LayerMatrix::attn_k, LayerMatrix::attn_v}, stream));
+    l.wo = dummy_layer_matrix(ckpt, i, {LayerMatrix::attn_output}, stream);
+    l.gate_up.parts.push_back(
+        dummy_layer_matrix(ckpt, i, {LayerMatrix::ffn_gate, LayerMatrix::ffn_up}, stream));
+    l.down = dummy_layer_matrix(ckpt, i, {LayerMatrix::ffn_down}, stream);
+    layers.push_back(std::move(l));
+  }
+}
 
 void CudaLlamaModel::Impl::validate(const ForwardBatch& batch, const CudaKvCache& cache) const {
   const auto& c = config;
@@ -685,6 +750,12 @@ CudaLlamaModel::CudaLlamaModel(std::shared_ptr<const model::LlamaCheckpoint> che
   cublas_check(cublasSetWorkspace(m.cublas, m.cublas_workspace.as<void>(), kCublasWorkspaceBytes),
                "cublasSetWorkspace");
 
+  if (m.checkpoint->is_dummy()) {
+    // Never on the host: llama-70b's weights would take ~40 GB there.
+    m.make_dummy_weights();
+    cuda_check(cudaDeviceSynchronize(), "dummy weights");
+    return;
+  }
   const model::LlamaWeights weights = m.checkpoint->bind_weights();
   m.embedding = upload_matrix({&weights.token_embd});
   const bool share_head = weights.output.data == weights.token_embd.data &&

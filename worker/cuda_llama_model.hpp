@@ -25,6 +25,11 @@
 // agree. The embedding table is Q4_0 or fp16 (embedding_lookup_f16's output is fp16 of the exact
 // value either way, so converting a table to fp16 at load changes nothing); a tied head shares it.
 // Norm weights are fp32.
+//
+// A dummy checkpoint (model/llama_checkpoint.hpp, "dummy:<shape>") is never bound on the host (a
+// 70B one would need ~40 GB there): its Q4_0 matrices are generated in place on the device by
+// kernels::cuda::fill_random_q4_0 with the checkpoint's per-tensor seeds, q/k/v and gate/up stacked
+// as above, and its norms on the host by the same rule, so that it is the CPU's dummy model exactly.
 #include <cstdint>
 #include <memory>
 #include <stdexcept>
@@ -45,6 +50,14 @@ class CudaUnavailable : public std::runtime_error {
 
 // Empty when this build has CUDA and a device is usable, otherwise why not (for messages).
 std::string cuda_unavailable_reason();
+
+// A device's free and total memory in bytes (cudaMemGetInfo; selects the device). Throws
+// CudaUnavailable without a usable device.
+struct CudaMemoryInfo {
+  int64_t free = 0;
+  int64_t total = 0;
+};
+CudaMemoryInfo cuda_memory_info(int device = 0);
 
 // The paged KV cache in device memory: for every layer, K and V as [n_blocks, block_size,
 // n_head_kv, head_dim] fp16, the layout of worker::KvCache and of the CUDA attention kernels.
@@ -87,7 +100,7 @@ struct CudaModelOptions {
 
 class CudaLlamaModel {
  public:
-  // Opens a GGUF file or HF checkpoint directory (see LlamaModel::load) and uploads it.
+  // Opens a GGUF file, HF checkpoint directory or dummy spec (see LlamaModel::load) and uploads it.
   static std::unique_ptr<CudaLlamaModel> load(const std::string& path, CudaModelOptions options = {});
   // Throws CudaUnavailable without a usable device, std::invalid_argument for a model the GPU path
   // cannot run (n_embd or n_ff not a multiple of 32, head_dim odd or above 256), std::runtime_error

@@ -14,6 +14,8 @@ std::string cuda_unavailable_reason() {
   return "this nibble was built without CUDA (configure with -DNIBBLE_CUDA=ON where nvcc is installed)";
 }
 
+CudaMemoryInfo cuda_memory_info(int) { unavailable(); }
+
 struct CudaLlamaModel::Impl {};
 
 CudaKvCache::CudaKvCache(const model::LlamaConfig&, int64_t, int64_t, int)

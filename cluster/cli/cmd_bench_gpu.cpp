@@ -1,16 +1,26 @@
 // `nibble bench-gpu`: the CUDA W4A16 kernel on Llama-70B's matrix shapes against fp16 cuBLAS in the
 // same run, as achieved bandwidth and as a fraction of the device's measured copy bandwidth; with
 // --tinygemm, also against PyTorch's int4 kernel timed by tools/bench_tinygemm.py on the same shapes.
+//
+// With --model (e.g. dummy:llama-70b, random weights made on the GPU), the whole model instead:
+// load time and device memory, prefill tokens/s, and per batch size the decode step time against
+// the floor of reading every weight byte once at copy bandwidth; with --draft, the draft's step time
+// at the same batch sizes (the cost side of speculative decoding).
+#include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <fstream>
 #include <iostream>
 #include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
+#include <random>
 #include <sstream>
 #include <tuple>
 
 #include "cluster/cli/commands.hpp"
+#include "model/llama_checkpoint.hpp"
+#include "worker/cuda_llama_model.hpp"
 #ifdef NIBBLE_WITH_CUDA
 #include "kernels/cuda/matmul_bench.cuh"
 #endif
@@ -25,15 +35,242 @@ struct Args {
   std::string tinygemm;
   int iterations = 20, repetitions = 5;
   bool json = false;
+  // End-to-end mode (--model).
+  std::string model, draft;
+  std::string batch = "1,8,32,64";
+  int prompt_tokens = 512, gen_tokens = 64, prefill_batch = 8;
 };
 
-#ifdef NIBBLE_WITH_CUDA
 std::vector<int64_t> parse_list(const std::string& text) {
   std::vector<int64_t> out;
   std::stringstream in(text);
   for (std::string item; std::getline(in, item, ',');) out.push_back(std::stoll(item));
   return out;
 }
+
+// ---------------------------------------------------------------------------------------------
+// End to end (--model)
+
+using Clock = std::chrono::steady_clock;
+constexpr int64_t kBlockSize = 16;
+constexpr int kShortPrompt =
+    16;  // each decoding sequence's prompt: decode steps then attend over a short context
+
+double seconds_since(Clock::time_point start) {
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+// A model on the GPU with a KV cache of `max_seqs` rows of `mbps` blocks (row s: blocks s * mbps..).
+struct GpuModel {
+  std::unique_ptr<worker::CudaLlamaModel> model;
+  std::unique_ptr<worker::CudaKvCache> cache;
+  int64_t mbps = 0;
+  double load_seconds = 0.0;
+  int64_t model_device_bytes = 0;  // device memory the model took (weights, buffers, cuBLAS workspace)
+  int64_t cache_device_bytes = 0;
+};
+
+GpuModel load_gpu_model(const std::string& path, int64_t max_seqs, int64_t max_seq_tokens) {
+  GpuModel g;
+  const auto checkpoint = model::LlamaCheckpoint::open(path);  // a bad path or dummy spec fails here
+  const int64_t free_before = worker::cuda_memory_info().free;
+  worker::CudaModelOptions options;
+  options.graphs = true;  // decode steps as served: one graph launch each
+  const auto start = Clock::now();
+  g.model = std::make_unique<worker::CudaLlamaModel>(checkpoint, options);
+  g.load_seconds = seconds_since(start);
+  const int64_t free_model = worker::cuda_memory_info().free;
+  g.model_device_bytes = free_before - free_model;
+  g.mbps = (max_seq_tokens + kBlockSize - 1) / kBlockSize;
+  g.cache = std::make_unique<worker::CudaKvCache>(g.model->config(), max_seqs * g.mbps, kBlockSize);
+  g.cache_device_bytes = free_model - worker::cuda_memory_info().free;
+  return g;
+}
+
+// Sequence s brings tokens[s] at positions start..; the ids of each sequence's last token come back.
+worker::ForwardBatch make_batch(const std::vector<std::vector<int32_t>>& tokens, int32_t start,
+                                int64_t mbps) {
+  worker::ForwardBatch b;
+  b.max_blocks_per_seq = mbps;
+  for (size_t s = 0; s < tokens.size(); ++s) {
+    b.add_sequence(tokens[s], start, static_cast<int32_t>(s), 1);
+    for (int64_t i = 0; i < mbps; ++i)
+      b.block_tables.push_back(static_cast<int32_t>(static_cast<int64_t>(s) * mbps + i));
+  }
+  return b;
+}
+
+// Random non-special tokens: content does not change the work done.
+std::vector<std::vector<int32_t>> random_prompts(int64_t seqs, int tokens, int64_t n_vocab,
+                                                 std::mt19937& rng) {
+  std::uniform_int_distribution<int32_t> pick(3, static_cast<int32_t>(n_vocab - 1));
+  std::vector<std::vector<int32_t>> out(static_cast<size_t>(seqs),
+                                        std::vector<int32_t>(static_cast<size_t>(tokens)));
+  for (auto& seq : out)
+    for (auto& t : seq) t = pick(rng);
+  return out;
+}
+
+// Prompt tokens per second of `seqs` prompts of `tokens` in one forward pass (median of repetitions,
+// after one untimed pass that sizes the buffers).
+double time_prefill(GpuModel& g, int64_t seqs, int tokens, int repetitions, std::mt19937& rng) {
+  const auto batch = make_batch(random_prompts(seqs, tokens, g.model->config().n_vocab, rng), 0, g.mbps);
+  std::vector<int32_t> ids;
+  g.model->forward_greedy(batch, *g.cache, ids);
+  std::vector<double> runs;
+  for (int r = 0; r < repetitions; ++r) {
+    const auto start = Clock::now();
+    g.model->forward_greedy(batch, *g.cache, ids);
+    runs.push_back(seconds_since(start));
+  }
+  return static_cast<double>(seqs * tokens) / median(runs);
+}
+
+// Seconds per decode step of `seqs` sequences: each prefills a short prompt, then decodes gen_tokens
+// greedy tokens, one step for all of them; only the decode steps are timed. Median over repetitions,
+// after an untimed one of two steps (it captures the step's graph).
+double time_decode_step(GpuModel& g, int64_t seqs, int gen_tokens, int repetitions, std::mt19937& rng) {
+  std::vector<double> runs;
+  for (int r = -1; r < repetitions; ++r) {
+    const int steps = r < 0 ? 2 : gen_tokens;
+    std::vector<int32_t> ids;
+    g.model->forward_greedy(
+        make_batch(random_prompts(seqs, kShortPrompt, g.model->config().n_vocab, rng), 0, g.mbps), *g.cache,
+        ids);
+    const auto start = Clock::now();
+    for (int i = 0; i < steps; ++i) {
+      std::vector<std::vector<int32_t>> next(static_cast<size_t>(seqs));
+      for (size_t s = 0; s < next.size(); ++s) next[s] = {ids[s]};
+      g.model->forward_greedy(make_batch(next, kShortPrompt + i, g.mbps), *g.cache, ids);
+    }
+    if (r >= 0) runs.push_back(seconds_since(start) / steps);
+  }
+  return median(runs);
+}
+
+double copy_bandwidth_gbps() {
+#ifdef NIBBLE_WITH_CUDA
+  double gbps = 0.0;
+  std::string error;
+  if (kernels::cuda::measure_copy_bandwidth(gbps, error) != kernels::Status::ok)
+    throw std::runtime_error("measuring the copy bandwidth failed: " + error);
+  return gbps;
+#else
+  throw std::runtime_error("bench-gpu: " + worker::cuda_unavailable_reason());
+#endif
+}
+
+int run_model(const Args& a) {
+  const std::vector<int64_t> batches = parse_list(a.batch);
+  if (batches.empty() || *std::min_element(batches.begin(), batches.end()) < 1)
+    throw std::invalid_argument("--batch needs positive sizes, e.g. 1,8,32,64");
+  // Checked first, so that a bad spec is named even without a GPU.
+  model::LlamaCheckpoint::open(a.model);
+  if (!a.draft.empty()) model::LlamaCheckpoint::open(a.draft);
+  const std::string why = worker::cuda_unavailable_reason();
+  if (!why.empty()) throw std::runtime_error("bench-gpu: " + why);
+
+  const int64_t max_batch = *std::max_element(batches.begin(), batches.end());
+  const int64_t decode_tokens = kShortPrompt + a.gen_tokens;
+  GpuModel target = load_gpu_model(a.model, std::max<int64_t>(max_batch, a.prefill_batch),
+                                   std::max<int64_t>(a.prompt_tokens, decode_tokens));
+  const double copy_gbps = copy_bandwidth_gbps();
+  const int64_t weight_bytes = target.model->weight_bytes();
+  // A decode step reads every weight byte at least once (the embedding table too: counted, though a
+  // step reads one row of it, ~1.5% of llama-70b).
+  const double floor_s = static_cast<double>(weight_bytes) / (copy_gbps * 1e9);
+  std::mt19937 rng(42);
+  const double pp_one = time_prefill(target, 1, a.prompt_tokens, a.repetitions, rng);
+  const double pp_batch = time_prefill(target, a.prefill_batch, a.prompt_tokens, a.repetitions, rng);
+  std::vector<double> step_s;
+  for (const int64_t b : batches)
+    step_s.push_back(time_decode_step(target, b, a.gen_tokens, a.repetitions, rng));
+
+  std::vector<double> draft_step_s;
+  GpuModel draft;
+  if (!a.draft.empty()) {
+    draft = load_gpu_model(a.draft, max_batch, decode_tokens);
+    for (const int64_t b : batches)
+      draft_step_s.push_back(time_decode_step(draft, b, a.gen_tokens, a.repetitions, rng));
+  }
+
+  const auto gib = [](int64_t bytes) { return static_cast<double>(bytes) / (1024.0 * 1024.0 * 1024.0); };
+  nlohmann::json rows = nlohmann::json::array();
+  for (size_t i = 0; i < batches.size(); ++i) {
+    nlohmann::json row{{"batch", batches[i]},
+                       {"decode_tokens_per_second", static_cast<double>(batches[i]) / step_s[i]},
+                       {"ms_per_step", step_s[i] * 1e3},
+                       {"floor_fraction", floor_s / step_s[i]}};
+    if (!draft_step_s.empty()) {
+      row["draft_ms_per_step"] = draft_step_s[i] * 1e3;
+      row["draft_target_step_ratio"] = draft_step_s[i] / step_s[i];
+    }
+    rows.push_back(row);
+  }
+  if (a.json) {
+    nlohmann::json out{{"model", a.model},
+                       {"load_seconds", target.load_seconds},
+                       {"weight_bytes", weight_bytes},
+                       {"model_device_bytes", target.model_device_bytes},
+                       {"kv_cache_device_bytes", target.cache_device_bytes},
+                       {"copy_gbps", copy_gbps},
+                       {"decode_floor_ms", floor_s * 1e3},
+                       {"prompt_tokens", a.prompt_tokens},
+                       {"gen_tokens", a.gen_tokens},
+                       {"repetitions", a.repetitions},
+                       {"prefill_tokens_per_second", pp_one},
+                       {"prefill_batch", a.prefill_batch},
+                       {"prefill_batch_tokens_per_second", pp_batch},
+                       {"decode", rows}};
+    if (!a.draft.empty()) {
+      out["draft"] = {{"model", a.draft},
+                      {"load_seconds", draft.load_seconds},
+                      {"weight_bytes", draft.model->weight_bytes()},
+                      {"model_device_bytes", draft.model_device_bytes}};
+    }
+    std::cout << out.dump() << "\n";
+    return 0;
+  }
+  std::printf(
+      "model %s: loaded in %.1f s; weights %.2f GiB on the device; device memory used %.2f GiB "
+      "(+ %.2f GiB KV cache)\n",
+      a.model.c_str(), target.load_seconds, gib(weight_bytes), gib(target.model_device_bytes),
+      gib(target.cache_device_bytes));
+  if (!a.draft.empty()) {
+    std::printf("draft %s: loaded in %.1f s; weights %.2f GiB; device memory used %.2f GiB\n",
+                a.draft.c_str(), draft.load_seconds, gib(draft.model->weight_bytes()),
+                gib(draft.model_device_bytes));
+  }
+  std::printf("copy bandwidth (read + write) %.0f GB/s: decode floor %.2f ms per step (weights read once)\n",
+              copy_gbps, floor_s * 1e3);
+  std::printf("prefill %d tokens: %.0f tokens/s (1 prompt), %.0f tokens/s (%d prompts in one pass)\n\n",
+              a.prompt_tokens, pp_one, pp_batch, a.prefill_batch);
+  std::printf("%5s | %12s %9s %7s", "batch", "decode tok/s", "ms/step", "%floor");
+  if (!draft_step_s.empty()) std::printf(" | %13s %12s", "draft ms/step", "draft/target");
+  std::printf("\n");
+  for (size_t i = 0; i < batches.size(); ++i) {
+    std::printf("%5lld | %12.1f %9.2f %6.0f%%", static_cast<long long>(batches[i]),
+                static_cast<double>(batches[i]) / step_s[i], step_s[i] * 1e3, 100.0 * floor_s / step_s[i]);
+    if (!draft_step_s.empty())
+      std::printf(" | %13.2f %12.3f", draft_step_s[i] * 1e3, draft_step_s[i] / step_s[i]);
+    std::printf("\n");
+  }
+  std::printf(
+      "\nDecode: B sequences after a %d-token prompt each, %d greedy steps timed (median of %d), CUDA "
+      "graphs on. %%floor: the floor over the step time.\n",
+      kShortPrompt, a.gen_tokens, a.repetitions);
+  return 0;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernels (without --model)
+
+#ifdef NIBBLE_WITH_CUDA
 
 // "KxN" items: input features x output features.
 std::vector<kernels::cuda::MatmulShape> parse_shapes(const std::string& text) {
@@ -58,7 +295,7 @@ std::map<std::tuple<int64_t, int64_t, int64_t>, double> read_tinygemm(const std:
   return out;
 }
 
-int run(const Args& a) {
+int run_kernels(const Args& a) {
   kernels::cuda::MatmulBenchResult result;
   std::string error;
   const kernels::Status st = kernels::cuda::run_matmul_bench(parse_shapes(a.shapes), parse_list(a.rows),
@@ -118,11 +355,13 @@ int run(const Args& a) {
   return 0;
 }
 #else
-int run(const Args&) {
+int run_kernels(const Args&) {
   throw std::runtime_error(
       "this nibble was built without CUDA (configure with -DNIBBLE_CUDA=ON where nvcc exists)");
 }
 #endif
+
+int run(const Args& a) { return a.model.empty() ? run_kernels(a) : run_model(a); }
 
 }  // namespace
 
@@ -135,6 +374,17 @@ Runner add_bench_gpu(CLI::App& app) {
       ->check(CLI::PositiveNumber);
   app.add_option("--tinygemm", a->tinygemm, "JSON from tools/bench_tinygemm.py (same shapes, same machine)");
   app.add_flag("--json", a->json, "Print one JSON object");
+  app.add_option("--model,-m", a->model,
+                 "End to end instead of the kernel table: a model (GGUF, HF directory or dummy:<shape>, "
+                 "e.g. dummy:llama-70b) on the GPU");
+  app.add_option("--draft", a->draft, "With --model: also time this draft model's decode steps");
+  app.add_option("--batch", a->batch, "With --model: decode batch sizes, comma-separated");
+  app.add_option("--prompt-tokens", a->prompt_tokens, "With --model: prompt length for the prefill test")
+      ->check(CLI::PositiveNumber);
+  app.add_option("--gen-tokens", a->gen_tokens, "With --model: decode steps timed per repetition")
+      ->check(CLI::PositiveNumber);
+  app.add_option("--prefill-batch", a->prefill_batch, "With --model: prompts in the batched prefill test")
+      ->check(CLI::PositiveNumber);
   return [a]() { return run(*a); };
 }
 

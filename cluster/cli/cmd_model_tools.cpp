@@ -169,7 +169,7 @@ Runner add_make_model(CLI::App& app) {
     int64_t vocab = 0;
   };
   auto a = std::make_shared<Args>();
-  app.add_option("--shape", a->shape, "Named shape: tiny, llama-1b");
+  app.add_option("--shape", a->shape, "Named shape: tiny, llama-1b, llama-8b, llama-70b");
   app.add_option("--type", a->type, "Matrix type: q4_0, q8_0, f16, f32");
   app.add_option("--seed", a->seed, "Weight seed");
   app.add_option(

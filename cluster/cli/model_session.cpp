@@ -6,6 +6,7 @@
 
 #include "cluster/cli/commands.hpp"
 #include "model/hf_tokenizer.hpp"
+#include "model/random_model.hpp"
 
 namespace nibble::cli {
 
@@ -17,6 +18,7 @@ int default_threads() {
 std::shared_ptr<const model::Tokenizer> open_tokenizer(const model::LlamaCheckpoint& checkpoint) {
   std::shared_ptr<const model::Tokenizer> tokenizer =
       checkpoint.gguf() != nullptr ? model::Tokenizer::from_gguf(*checkpoint.gguf())
+      : checkpoint.is_dummy()      ? model::make_synthetic_tokenizer(checkpoint.config().n_vocab)
                                    : model::load_hf_tokenizer(checkpoint.path(), checkpoint.config().n_vocab);
   if (tokenizer != nullptr && tokenizer->n_vocab() != checkpoint.config().n_vocab) {
     throw std::runtime_error(checkpoint.path() + ": vocabulary has " + std::to_string(tokenizer->n_vocab()) +
@@ -27,7 +29,8 @@ std::shared_ptr<const model::Tokenizer> open_tokenizer(const model::LlamaCheckpo
 }
 
 ModelSession ModelSession::open(const std::string& path, int threads, bool cpu_model) {
-  if (!std::filesystem::exists(path)) throw std::runtime_error("model file not found: " + path);
+  if (!model::LlamaCheckpoint::is_dummy_spec(path) && !std::filesystem::exists(path))
+    throw std::runtime_error("model file not found: " + path);
   if (threads < 1) throw std::invalid_argument("--threads must be at least 1");
   ModelSession s;
   s.checkpoint = model::LlamaCheckpoint::open(path);

@@ -1,6 +1,7 @@
 #pragma once
-// What every model-using subcommand loads: the model (a GGUF file or a Hugging Face checkpoint
-// directory), its tokenizer when it has one, and the CPU model (unless a GPU model runs instead).
+// What every model-using subcommand loads: the model (a GGUF file, a Hugging Face checkpoint
+// directory or a dummy "dummy:<shape>"), its tokenizer when it has one, and the CPU model (unless a GPU model
+// runs instead).
 #include <memory>
 #include <string>
 
@@ -10,8 +11,9 @@
 
 namespace nibble::cli {
 
-// The tokenizer of a checkpoint: the GGUF vocabulary, or an HF directory's tokenizer.json (null
-// when it has none). Throws when its size disagrees with the model's vocabulary.
+// The tokenizer of a checkpoint: the GGUF vocabulary, an HF directory's tokenizer.json (null when
+// it has none), or for a dummy the synthetic vocabulary of its size (model/random_model.hpp). Throws when its
+// size disagrees with the model's vocabulary.
 std::shared_ptr<const model::Tokenizer> open_tokenizer(const model::LlamaCheckpoint& checkpoint);
 
 struct ModelSession {

@@ -396,6 +396,7 @@ ClusterConfig load_cluster_config(const std::string& path) {
   // Model paths are relative to the config file, not to wherever mpirun happened to be started.
   const std::filesystem::path folder = std::filesystem::path(path).parent_path();
   auto resolve = [&folder](std::string& model_path) {
+    if (model_path.rfind("dummy:", 0) == 0) return;  // a dummy model (model/llama_checkpoint.hpp), no file
     const std::filesystem::path model(model_path);
     if (model.is_relative()) model_path = (folder / model).lexically_normal().string();
   };

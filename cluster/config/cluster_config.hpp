@@ -73,7 +73,9 @@ const char* device_name(Device device);
 const char* draft_placement_name(DraftPlacement placement);
 
 struct ModelConfig {
-  std::string path;  // as written, or resolved against the config file's folder by load_cluster_config
+  // As written, or resolved against the config file's folder by load_cluster_config; "dummy:<shape>"
+  // (random weights, no file) is kept as written.
+  std::string path;
 
   bool operator==(const ModelConfig&) const = default;
 };

@@ -172,6 +172,21 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
 
 }  // namespace
 
+Status measure_copy_bandwidth(double& gbps, std::string& error) {
+  cudaStream_t stream = nullptr;
+  try {
+    check(cudaStreamCreate(&stream), "cudaStreamCreate");
+    gbps = measure_copy_gbps(stream);
+    check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+  } catch (const BenchFailure& e) {
+    error = e.what();
+    if (stream != nullptr) cudaStreamDestroy(stream);
+    return Status::device_error;
+  }
+  cudaStreamDestroy(stream);
+  return Status::ok;
+}
+
 Status run_matmul_bench(const std::vector<MatmulShape>& shapes, const std::vector<int64_t>& ms,
                         int iterations, int repetitions, MatmulBenchResult& result, std::string& error) {
   if (ms.empty() || iterations < 1 || repetitions < 1) return Status::invalid_argument;

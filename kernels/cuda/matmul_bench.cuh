@@ -31,6 +31,12 @@ struct MatmulBenchResult {
   std::vector<MatmulBenchRow> rows;
 };
 
+// The current device's copy bandwidth (device to device, bytes read plus bytes written per second,
+// in GB/s; median of 5 loops of 10 copies of 1 GiB), as run_matmul_bench measures it: the speed
+// limit of anything that streams its weights from device memory. Returns device_error (with `error`
+// set) when a CUDA call fails.
+Status measure_copy_bandwidth(double& gbps, std::string& error);
+
 // Times every shape at every m (median of `repetitions` timed loops of `iterations` products each,
 // after a warm-up). Returns device_error (with `error` set) when a CUDA or cuBLAS call fails,
 // invalid_argument for a k not a multiple of 32 or an m below 1.

@@ -333,20 +333,13 @@ struct CpuRun {
   std::vector<std::vector<float>> rows;  // rows[i]: the logits that chose tokens[i]
 };
 
-void check_fixture_greedy(const std::string& name, k::DType weight_kind) {
-  NIBBLE_REQUIRE_CUDA_DEVICE();
-  NIBBLE_REQUIRE_FIXTURES(fixtures);
-  const auto model_path = fixtures / "models" / (name + ".gguf");
-  const auto prompt_path = fixtures / "models" / "tiny-llama-q4_0.tokens";  // the Llama-2 vocabulary's prompt
-  if (!std::filesystem::exists(model_path) || !std::filesystem::exists(prompt_path))
-    GTEST_SKIP() << "fixture " << model_path << " or " << prompt_path << " not found";
-  const std::vector<int32_t> prompt = fixture_prompt(prompt_path);
-  ASSERT_FALSE(prompt.empty());
-  const int n_gen = 32;
+// Greedy generation of n_gen tokens after `prompt` on both devices (see the file comment).
+void check_greedy(const std::string& name, const std::string& model_path, const std::vector<int32_t>& prompt,
+                  k::DType weight_kind, int n_gen) {
   const double bound = bound_for(weight_kind);
   const double ambiguous = 2.0 * kMaxErrorPerRms * bound;  // top-2 gap / rms below this: either token
 
-  const auto checkpoint = m::LlamaCheckpoint::open(model_path.string());
+  const auto checkpoint = m::LlamaCheckpoint::open(model_path);
   w::LlamaModel cpu(checkpoint);
   w::CudaLlamaModel gpu(checkpoint);
   const int64_t n_vocab = cpu.config().n_vocab;
@@ -416,6 +409,34 @@ void check_fixture_greedy(const std::string& name, k::DType weight_kind) {
     std::cout << "  " << name << ": teacher-forced, worst row relative RMS " << worst << " (bound " << bound
               << "), argmax compared at " << compared << " of " << n_gen << " positions\n";
   }
+}
+
+void check_fixture_greedy(const std::string& name, k::DType weight_kind) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  NIBBLE_REQUIRE_FIXTURES(fixtures);
+  const auto model_path = fixtures / "models" / (name + ".gguf");
+  const auto prompt_path = fixtures / "models" / "tiny-llama-q4_0.tokens";  // the Llama-2 vocabulary's prompt
+  if (!std::filesystem::exists(model_path) || !std::filesystem::exists(prompt_path))
+    GTEST_SKIP() << "fixture " << model_path << " or " << prompt_path << " not found";
+  const std::vector<int32_t> prompt = fixture_prompt(prompt_path);
+  ASSERT_FALSE(prompt.empty());
+  check_greedy(name, model_path.string(), prompt, weight_kind, 32);
+}
+
+// A dummy model: its weights are generated on the device (never bound on the host), with the
+// CPU's per-tensor seeds, so it is the same model, and greedy decoding agrees like a file's.
+TEST(CudaLlamaModelDummy, GreedyTokensMatchTheCpuDummyTiny) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  const auto tokenizer = m::make_synthetic_tokenizer(m::llama_shape_by_name("tiny").n_vocab);
+  const std::vector<int32_t> prompt = tokenizer->encode("Once upon a time, the quick brown fox", true);
+  check_greedy("dummy:tiny", "dummy:tiny", prompt, k::DType::Q4_0, 16);
+  w::CudaLlamaModel gpu(m::LlamaCheckpoint::open("dummy:tiny:seed=5"));
+  EXPECT_TRUE(gpu.checkpoint().is_dummy());
+  EXPECT_EQ(gpu.checkpoint().dummy_seed(), 5u);
+  // Q4_0 matrices only, as LlamaCheckpoint::weight_bytes counts them (less the f32 norms).
+  const auto& c = gpu.config();
+  EXPECT_EQ(gpu.weight_bytes(),
+            static_cast<int64_t>(gpu.checkpoint().weight_bytes()) - (2 * c.n_layer + 1) * c.n_embd * 4);
 }
 
 TEST(CudaLlamaModelFixtures, GreedyTokensMatchTheCpuTinyLlamaQ4_0) {

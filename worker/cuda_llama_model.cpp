@@ -272,6 +272,11 @@ std::string cuda_unavailable_reason() {
   return {};
 }
 
+int cuda_device_count() {
+  int count = 0;
+  return cudaGetDeviceCount(&count) == cudaSuccess ? count : 0;
+}
+
 CudaMemoryInfo cuda_memory_info(int device) {
   require_device(device);
   size_t free_bytes = 0, total_bytes = 0;

@@ -67,6 +67,8 @@ class CudaUnavailable : public std::runtime_error {
 
 // Empty when this build has CUDA and a device is usable, otherwise why not (for messages).
 std::string cuda_unavailable_reason();
+// The number of usable CUDA devices: 0 without CUDA or without a device.
+int cuda_device_count();
 
 // A device's free and total memory in bytes (cudaMemGetInfo; selects the device). Throws
 // CudaUnavailable without a usable device.

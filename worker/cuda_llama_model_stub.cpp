@@ -14,6 +14,8 @@ std::string cuda_unavailable_reason() {
   return "this nibble was built without CUDA (configure with -DNIBBLE_CUDA=ON where nvcc is installed)";
 }
 
+int cuda_device_count() { return 0; }
+
 CudaMemoryInfo cuda_memory_info(int) { unavailable(); }
 
 struct CudaLlamaModel::Impl {};

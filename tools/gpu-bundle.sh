@@ -16,7 +16,9 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 build="${1:-$root/build-cuda}"
 out="$root/.gpu"
-grep -qs '^/.gpu/' "$root/.git/info/exclude" 2>/dev/null || { mkdir -p "$root/.git/info"; echo '/.gpu/' >>"$root/.git/info/exclude"; }
+# (through git, so that it also works in a worktree, whose .git is a file)
+exclude="$(git -C "$root" rev-parse --path-format=absolute --git-path info/exclude)"
+grep -qs '^/.gpu/' "$exclude" 2>/dev/null || { mkdir -p "$(dirname "$exclude")"; echo '/.gpu/' >>"$exclude"; }
 [ -x "$build/bin/nibble" ] || { echo "gpu-bundle: $build/bin/nibble not found (configure with -DNIBBLE_CUDA=ON and build)" >&2; exit 1; }
 rm -rf "$out"
 mkdir -p "$out/bin" "$out/tests" "$out/lib"

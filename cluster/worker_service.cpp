@@ -13,17 +13,10 @@ namespace {
 constexpr int kHiddenTag = 7;  // stage-to-stage hidden states on the pipeline communicator
 }
 
-WorkerService::WorkerService(worker::LlamaModel& model, kernels::ThreadPool& pool,
-                             parallel::Communicator* pipeline, zmq::socket_t& steps, zmq::socket_t* results,
-                             int64_t num_blocks, int64_t block_size, speculative::Speculator* speculator)
-    : model_(model),
-      pool_(pool),
-      pipeline_(pipeline),
-      steps_(steps),
-      results_(results),
-      speculator_(speculator),
-      cache_(model.shard_config(), num_blocks, block_size) {
-  if (!model.is_first_stage() || !model.is_last_stage()) {
+WorkerService::WorkerService(WorkerStage& stage, parallel::Communicator* pipeline, zmq::socket_t& steps,
+                             zmq::socket_t* results, speculative::Speculator* speculator)
+    : model_(stage), pipeline_(pipeline), steps_(steps), results_(results), speculator_(speculator) {
+  if (!stage.is_first_stage() || !stage.is_last_stage()) {
     if (pipeline_ == nullptr) throw std::invalid_argument("a pipeline stage needs its pipeline communicator");
   }
 }
@@ -81,7 +74,7 @@ protocol::StepResult WorkerService::execute(const protocol::WorkerStep& step) {
     pipeline_->recv(hidden_in_.data(), hidden_bytes, pipeline_->rank() - 1, kHiddenTag);
     hidden_in = hidden_in_.data();
   }
-  model_.forward_stage(batch, cache_, pool_, hidden_in, out_);
+  model_.forward_stage(batch, hidden_in, out_);
   if (!model_.is_last_stage()) {
     if (n > 0) pipeline_->send(out_.data(), hidden_bytes, pipeline_->rank() + 1, kHiddenTag);
     return {step.step_id, {}};

@@ -14,27 +14,25 @@
 #include <zmq.hpp>
 
 #include "cluster/protocol/worker_protocol.hpp"
-#include "kernels/thread_pool.hpp"
+#include "cluster/worker_stage.hpp"
 #include "parallel/communicator.hpp"
 #include "speculative/speculator.hpp"
-#include "worker/kv_cache.hpp"
-#include "worker/llama_model.hpp"
 #include "worker/sampler.hpp"
 
 namespace nibble::cluster {
 
 class WorkerService {
  public:
-  // model: this rank's shard and stage (not owned). pipeline: the group of this tensor rank across
-  // stages (rank = stage), null when there is one stage. steps: connected PULL socket. results:
-  // connected PUSH socket on the sampling rank, null elsewhere. num_blocks / block_size: the
-  // coordinator's KV block geometry (every worker holds the same block ids for its layers).
+  // stage: this rank's shard and stage with its KV cache, on the CPU or a GPU (not owned; its cache
+  // has the coordinator's KV block geometry: every worker holds the same block ids for its layers).
+  // pipeline: the group of this tensor rank across stages (rank = stage), null when there is one
+  // stage; a host communicator (the hidden states travel in host memory). steps: connected PULL
+  // socket. results: connected PUSH socket on the sampling rank, null elsewhere.
   // speculator: the draft side of speculative decoding, on the sampling rank only (null elsewhere
   // and when no draft is configured): entries with n_draft > 0 are verified with the exact rule,
   // and every sampled sequence gets its next proposals in the result.
-  WorkerService(worker::LlamaModel& model, kernels::ThreadPool& pool, parallel::Communicator* pipeline,
-                zmq::socket_t& steps, zmq::socket_t* results, int64_t num_blocks, int64_t block_size,
-                speculative::Speculator* speculator = nullptr);
+  WorkerService(WorkerStage& stage, parallel::Communicator* pipeline, zmq::socket_t& steps,
+                zmq::socket_t* results, speculative::Speculator* speculator = nullptr);
 
   // Runs steps until a shutdown step. Throws on any failure (the caller ends the whole job: a rank
   // that stops mid-step would leave its peers waiting in a collective).
@@ -50,13 +48,11 @@ class WorkerService {
     std::vector<float> draft_probs;  // [proposals, n_vocab] q of the last proposals sent
   };
 
-  worker::LlamaModel& model_;
-  kernels::ThreadPool& pool_;
+  WorkerStage& model_;
   parallel::Communicator* pipeline_;
   zmq::socket_t& steps_;
   zmq::socket_t* results_;
   speculative::Speculator* speculator_;
-  worker::KvCache cache_;
   std::unordered_map<uint64_t, std::unique_ptr<SequenceState>> sequences_;
   std::vector<float> hidden_in_, out_;
 };

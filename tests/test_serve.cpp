@@ -8,6 +8,8 @@
 //   - bad input of every kind gets an error reply and the service keeps serving
 //   - a killed worker ends every open request with an error and the job exits non-zero
 //   - a shutdown request stops every rank with exit code 0
+//   - device: cuda serves T=2 and P=2 like CPU generate on a GPU (skips without one), and fails at
+//     start-up with the reason on every worker rank without one
 #include <fcntl.h>
 #include <gtest/gtest.h>
 #include <signal.h>
@@ -30,6 +32,7 @@
 #include "model/random_model.hpp"
 #include "model/tokenizer.hpp"
 #include "tests/support/test_support.hpp"
+#include "worker/cuda_llama_model.hpp"
 #include "worker/llama_model.hpp"
 
 namespace nibble::cluster {
@@ -448,6 +451,57 @@ TEST(Serve, DraftWithAnotherVocabularyIsRefusedAtStartUp) {
   EXPECT_NE(*code, 0);
   EXPECT_NE(job.log().find("draft-4000.gguf"), std::string::npos) << job.log();
   EXPECT_NE(job.log().find("4000"), std::string::npos) << job.log();
+}
+
+// device: cuda without a usable GPU (no device, or a build without CUDA): every worker rank says
+// why at start-up, and the job exits non-zero instead of serving on the CPU.
+TEST(Serve, CudaDeviceWithoutAGpuFailsAtStartUpWithTheReason) {
+  const std::string why = worker::cuda_unavailable_reason();
+  if (why.empty()) GTEST_SKIP() << "a CUDA device is usable here (Serve.CudaServesLikeCpuGenerate covers it)";
+  test::TempDir dir;
+  ServeJob job(dir.path(), make_tiny_model(dir.path()), 2, 1, "device: cuda\n");
+  EXPECT_FALSE(job.wait_ready(30s));
+  const std::optional<int> code = job.wait_exit(30s);
+  ASSERT_TRUE(code.has_value());
+  EXPECT_NE(*code, 0);
+  const std::string log = job.log();
+  for (int rank : {1, 2}) {
+    EXPECT_NE(log.find("rank " + std::to_string(rank) + ": error: device: cuda: " + why), std::string::npos)
+        << log;
+  }
+}
+
+// device: cuda on a GPU: T=2 (both workers on the one GPU here: reductions through the host) and
+// P=2 give the greedy tokens of single-process CPU `nibble generate` for a project-made Q4_0 model.
+TEST(Serve, CudaServesLikeCpuGenerate) {
+  const std::string why = worker::cuda_unavailable_reason();
+  if (!why.empty()) GTEST_SKIP() << "no CUDA device: " << why;
+  if (!fs::exists(NIBBLE_MPIEXEC)) GTEST_SKIP() << "mpirun (" << NIBBLE_MPIEXEC << ") is absent";
+  test::TempDir models;
+  const std::string model = make_tiny_model(models.path());
+  std::vector<Expected> expected;
+  for (const std::string& p : kPrompts) expected.push_back(nibble_generate(model, p, 24));
+  for (const Shape shape : {Shape{2, 1}, Shape{1, 2}}) {
+    SCOPED_TRACE("T" + std::to_string(shape.tensor) + " P" + std::to_string(shape.pipeline));
+    test::TempDir dir;
+    ServeJob job(dir.path(), model, shape.tensor, shape.pipeline,
+                 "device: cuda\nscheduler: { prefill_chunk: 16 }\nkv_cache: { num_blocks: 64 }\n");
+    ASSERT_TRUE(job.wait_ready()) << job.log();
+    if (shape.tensor == 2) {
+      const bool one_gpu = worker::cuda_device_count() == 1;
+      EXPECT_NE(job.log().find(one_gpu ? "reductions through host memory" : "reductions over NCCL"),
+                std::string::npos)
+          << job.log();
+    }
+    EXPECT_NE(job.log().find(", GPU "), std::string::npos) << job.log();
+    Client client(job.endpoint());
+    for (size_t i = 0; i < kPrompts.size(); ++i) {
+      SCOPED_TRACE("prompt " + std::to_string(i));
+      const protocol::Final f = client.generate(greedy(numbered("p", i), kPrompts[i], 24));
+      EXPECT_EQ(f.tokens, expected[i].tokens);
+      EXPECT_EQ(f.text, expected[i].text);
+    }
+  }
 }
 
 // small-llama's Q4_K attention output has 256-wide blocks, one per row of 256 inputs: its 4 heads

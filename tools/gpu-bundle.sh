@@ -8,19 +8,25 @@
 #   bash tools/gpu-bundle.sh [BUILD_DIR]     # default build-cuda/, configured with -DNIBBLE_CUDA=ON
 #   then, on the device machine (the session's device tool, carrying .gpu):  bash .gpu/run.sh
 #
-# run.sh runs every CUDA test binary, `nibble bench-gpu` (the kernel table, then end to end on the
-# dummy llama-70b with the dummy llama-1b as draft) and tools/bench_tinygemm.py, writing the
-# logs and JSON to $OUT (or .gpu/out) for docs/perf/gpu.md.
+# run.sh runs every CUDA test binary (and, where mpirun exists, the MPI + GPU tests), `nibble
+# bench-gpu` (the kernel table, then end to end on the dummy llama-70b with the dummy llama-1b as
+# draft) and tools/bench_tinygemm.py, writing the logs and JSON to $OUT (or .gpu/out) for
+# docs/perf/gpu.md.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 build="${1:-$root/build-cuda}"
 out="$root/.gpu"
-grep -qs '^/.gpu/' "$root/.git/info/exclude" 2>/dev/null || { mkdir -p "$root/.git/info"; echo '/.gpu/' >>"$root/.git/info/exclude"; }
+# (through git, so that it also works in a worktree, whose .git is a file)
+exclude="$(git -C "$root" rev-parse --path-format=absolute --git-path info/exclude)"
+grep -qs '^/.gpu/' "$exclude" 2>/dev/null || { mkdir -p "$(dirname "$exclude")"; echo '/.gpu/' >>"$exclude"; }
 [ -x "$build/bin/nibble" ] || { echo "gpu-bundle: $build/bin/nibble not found (configure with -DNIBBLE_CUDA=ON and build)" >&2; exit 1; }
 rm -rf "$out"
 mkdir -p "$out/bin" "$out/tests" "$out/lib"
 cp "$build/bin/nibble" "$out/bin/"
 cp "$build"/tests/cuda/test_cuda_* "$out/tests/" 2>/dev/null || true
+# The MPI + GPU tests: run.sh runs them only where mpirun exists (the bundle cannot carry Open MPI's
+# launcher, see docs/perf/gpu.md).
+cp "$build/tests/mpi/test_mpi_cuda_tensor_parallel" "$build/tests/test_serve" "$out/tests/" 2>/dev/null || true
 find "$out/tests" -name '*.cmake' -delete
 # Fixture models for test_cuda_llama_model's greedy comparisons (they skip without them), e.g.
 # NIBBLE_BUNDLE_FIXTURES="tiny-llama-q4_0 tiny-llama-q8_0" (tiny-llama-f32 is 35 MB of the 64 MiB).
@@ -51,6 +57,16 @@ status=0
 for t in "$here"/tests/test_cuda_*; do
   "$t" --gtest_brief=1 2>&1 | tee -a "$out/cuda-tests.log" || status=1
 done
+# Tensor parallelism across processes and `nibble serve` on the GPU need mpirun, which this bundle
+# cannot carry: run them where the machine has one, say so otherwise.
+if command -v mpirun >/dev/null 2>&1; then
+  mpirun --allow-run-as-root --oversubscribe -np 2 "$here/tests/test_mpi_cuda_tensor_parallel" --gtest_brief=1 2>&1 |
+    tee -a "$out/cuda-tests.log" || status=1
+  "$here/tests/test_serve" --gtest_brief=1 --gtest_filter='Serve.Cuda*' 2>&1 | tee -a "$out/cuda-tests.log" || status=1
+else
+  echo "skipped test_mpi_cuda_tensor_parallel and test_serve --gtest_filter='Serve.Cuda*': no mpirun on this machine" |
+    tee -a "$out/cuda-tests.log"
+fi
 python3 "$(dirname "$here")/tools/bench_tinygemm.py" --out "$out/tinygemm.json" 2>"$out/tinygemm.log" ||
   echo "tinygemm failed: $(tail -3 "$out/tinygemm.log")"
 tg=(); [ -s "$out/tinygemm.json" ] && tg=(--tinygemm "$out/tinygemm.json")

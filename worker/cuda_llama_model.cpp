@@ -27,6 +27,7 @@
 #include "kernels/cuda/w4a16_gemv.cuh"
 #include "kernels/quant_types.hpp"
 #include "kernels/quantize.hpp"
+#include "worker/weight_shard.hpp"
 
 namespace nibble::worker {
 
@@ -184,36 +185,69 @@ Projection upload_projection(std::initializer_list<const model::WeightMatrix*> p
   return p;
 }
 
-// A dummy checkpoint's matrix made on the device: the parts ({n_out, seed} each, all with row length
-// k) stacked as upload_matrix stacks them, each filled into its row range with the generator that
-// LlamaCheckpoint::bind_weights uses on the host, so the weights equal the CPU model's bit for bit.
-DeviceMatrix dummy_matrix(int64_t k, const std::vector<std::pair<int64_t, uint64_t>>& parts,
+// One part of a dummy checkpoint's stacked matrix: the whole tensor's rows and seed, and the rows of
+// it this shard keeps.
+struct DummyPart {
+  int64_t n_out = 0;
+  uint64_t seed = 0;
+  ShardRange rows;
+};
+
+// A dummy checkpoint's matrix made on the device: the parts (row length k each) stacked as
+// upload_matrix stacks them, each generated with the generator that LlamaCheckpoint::bind_weights
+// uses on the host, so the weights equal the CPU model's bit for bit. cols: the input columns kept
+// (whole blocks of 32). A whole part is generated in place; a sliced one whole in a temporary
+// buffer, then its rows and columns copied out (the cost of sharding a dummy: every shard
+// generates every whole matrix).
+DeviceMatrix dummy_matrix(int64_t k, ShardRange cols, const std::vector<DummyPart>& parts,
                           cudaStream_t stream) {
   DeviceMatrix d;
   d.kind = DeviceKind::q4_0;
-  d.k = k;
-  for (const auto& part : parts) d.n_out += part.first;
-  const int64_t row_bytes = kernels::row_bytes(kernels::DType::Q4_0, k);
+  d.k = static_cast<int64_t>(cols.count);
+  if (cols.begin % 32 != 0 || cols.count % 32 != 0) {
+    throw std::invalid_argument("tensor parallel: dummy columns [" + std::to_string(cols.begin) + ", " +
+                                std::to_string(cols.end()) + ") do not fall on Q4_0 block boundaries (32)");
+  }
+  for (const DummyPart& part : parts) d.n_out += static_cast<int64_t>(part.rows.count);
+  const int64_t whole_row_bytes = kernels::row_bytes(kernels::DType::Q4_0, k);
+  const int64_t row_bytes = kernels::row_bytes(kernels::DType::Q4_0, d.k);
+  const int64_t col_offset = kernels::row_bytes(kernels::DType::Q4_0, static_cast<int64_t>(cols.begin));
   d.mem = std::make_shared<DeviceMemory>(static_cast<size_t>(d.n_out * row_bytes));
   int64_t row = 0;
-  for (const auto& [n_out, seed] : parts) {
-    check(kc::fill_random_q4_0(d.mem->as<uint8_t>() + row * row_bytes, n_out, k, seed, stream),
-          "fill_random_q4_0 (dummy weights)");
-    row += n_out;
+  for (const DummyPart& part : parts) {
+    uint8_t* dst = d.mem->as<uint8_t>() + row * row_bytes;
+    const auto count = static_cast<int64_t>(part.rows.count);
+    if (count == part.n_out && d.k == k) {
+      check(kc::fill_random_q4_0(dst, part.n_out, k, part.seed, stream), "fill_random_q4_0 (dummy weights)");
+    } else {
+      DeviceMemory whole(static_cast<size_t>(part.n_out * whole_row_bytes));
+      check(kc::fill_random_q4_0(whole.as<uint8_t>(), part.n_out, k, part.seed, stream),
+            "fill_random_q4_0 (dummy weights)");
+      cuda_check(cudaMemcpy2DAsync(dst, static_cast<size_t>(row_bytes),
+                                   whole.as<uint8_t>() +
+                                       static_cast<int64_t>(part.rows.begin) * whole_row_bytes + col_offset,
+                                   static_cast<size_t>(whole_row_bytes), static_cast<size_t>(row_bytes),
+                                   static_cast<size_t>(count), cudaMemcpyDeviceToDevice, stream),
+                 "cudaMemcpy2DAsync (dummy shard)");
+      cuda_check(cudaStreamSynchronize(stream), "dummy shard");  // before `whole` is freed
+    }
+    row += count;
   }
   return d;
 }
 
+// Layer `layer`'s matrices `which` stacked, each part cut to rows[i] and every part to cols.
 DeviceMatrix dummy_layer_matrix(const model::LlamaCheckpoint& ckpt, int64_t layer,
-                                std::initializer_list<model::LayerMatrix> which, cudaStream_t stream) {
+                                std::initializer_list<std::pair<model::LayerMatrix, ShardRange>> which,
+                                ShardRange cols, cudaStream_t stream) {
   const model::LlamaConfig& c = ckpt.config();
-  const int64_t k = model::layer_matrix_shape(c, *which.begin()).second;
-  std::vector<std::pair<int64_t, uint64_t>> parts;
-  for (const model::LayerMatrix m : which) {
-    parts.emplace_back(model::layer_matrix_shape(c, m).first,
-                       ckpt.dummy_tensor_seed(model::DummyTensor::matrix, layer, m));
+  const int64_t k = model::layer_matrix_shape(c, which.begin()->first).second;
+  std::vector<DummyPart> parts;
+  for (const auto& [m, rows] : which) {
+    parts.push_back({model::layer_matrix_shape(c, m).first,
+                     ckpt.dummy_tensor_seed(model::DummyTensor::matrix, layer, m), rows});
   }
-  return dummy_matrix(k, parts, stream);
+  return dummy_matrix(k, cols, parts, stream);
 }
 
 // Batches up to this many tokens are replayed from captured graphs with CudaModelOptions::graphs.
@@ -236,6 +270,11 @@ std::string cuda_unavailable_reason() {
   if (err != cudaSuccess) return std::string("no usable CUDA device: ") + cudaGetErrorString(err);
   if (count == 0) return "no CUDA device found";
   return {};
+}
+
+int cuda_device_count() {
+  int count = 0;
+  return cudaGetDeviceCount(&count) == cudaSuccess ? count : 0;
 }
 
 CudaMemoryInfo cuda_memory_info(int device) {
@@ -280,28 +319,38 @@ std::vector<uint16_t> CudaKvCache::layer_to_host(int64_t layer, bool values) con
 
 struct CudaLlamaModel::Impl {
   std::shared_ptr<const model::LlamaCheckpoint> checkpoint;
-  model::LlamaConfig config;
+  model::LlamaConfig config;        // the whole model's
+  model::LlamaConfig shard_config;  // this shard's heads, ffn rows and stage layers
   CudaModelOptions options;
+  TensorShard shard;
+  ShardReducer* reducer = nullptr;  // null when unsharded (no collectives)
+  int64_t layer_begin = 0, layer_end = 0;
+  ModelShard split;  // what this shard owns (the whole model when unsharded)
   cudaStream_t stream = nullptr;
   cublasHandle_t cublas = nullptr;
 
-  DeviceMatrix embedding;  // Q4_0 or fp16 rows, [n_vocab, n_embd]
-  std::vector<Layer> layers;
-  std::shared_ptr<DeviceMemory> output_norm;
-  DeviceMatrix head;  // [n_vocab, n_embd]; shares embedding's memory when tied and kinds agree
+  DeviceMatrix embedding;     // Q4_0 or fp16 rows, [n_vocab, n_embd] (whole on every shard); first stage only
+  std::vector<Layer> layers;  // the stage's
+  std::shared_ptr<DeviceMemory> output_norm;  // last stage only
+  // [local vocab, n_embd], last stage only; shares embedding's memory when unsharded, tied and
+  // the kinds agree.
+  DeviceMatrix head;
 
   // Activations, grown on demand. n: batch tokens.
-  DeviceMemory meta;              // int32 metadata (see forward_impl)
-  DeviceMemory h16;               // [n, n_embd] half: embedding rows, then each norm's output
-  DeviceMemory resid;             // [n, n_embd] float: the residual stream
-  DeviceMemory delta;             // [n, n_embd] float: wo and w_down outputs
-  DeviceMemory qkv;               // [n, q_dim + 2 kv_dim] float
-  DeviceMemory q16;               // [n, q_dim] half
-  DeviceMemory att16;             // [n, q_dim] half
-  DeviceMemory gate_up;           // [n, 2 n_ff] float
-  DeviceMemory act16;             // [n, n_ff] half
-  DeviceMemory picked16;          // [n_out, n_embd] half
-  DeviceMemory logits;            // [n_out, n_vocab] float
+  DeviceMemory meta;               // int32 metadata (see forward_impl)
+  DeviceMemory h16;                // [n, n_embd] half: embedding rows, then each norm's output
+  DeviceMemory resid;              // [n, n_embd] float: the residual stream
+  DeviceMemory delta;              // [n, n_embd] float: wo and w_down outputs
+  DeviceMemory qkv;                // [n, q_dim + 2 kv_dim] float
+  DeviceMemory q16;                // [n, q_dim] half
+  DeviceMemory att16;              // [n, q_dim] half
+  DeviceMemory gate_up;            // [n, 2 n_ff] float
+  DeviceMemory act16;              // [n, n_ff] half
+  DeviceMemory picked16;           // [n_out, n_embd] half
+  DeviceMemory logits;             // [n_out, n_vocab] float
+  DeviceMemory local_logits;       // [n_out, local vocab] float, sharded heads only
+  std::vector<float> host_reduce;  // host copies for a reducer without device_pointers()
+  std::vector<float> host_gathered;
   DeviceMemory ids;               // [n_out] int32
   DeviceMemory workspace;         // attention_decode's partials
   DeviceMemory flag;              // [1] int32: bad metadata seen on the device
@@ -348,8 +397,18 @@ struct CudaLlamaModel::Impl {
     }
   }
 
+  bool first_stage() const { return layer_begin == 0; }
+  bool last_stage() const { return layer_end == config.n_layer; }
+  // Graphs need a pass without host synchronization: no reducer.
+  bool use_graphs(int64_t n) const { return options.graphs && reducer == nullptr && n <= kGraphMaxTokens; }
+  // The all-reduce of data: [count] floats on the device (see the class comment).
+  void reduce_sum(float* data, size_t count);
+  // logits: [n_out, n_vocab] on the device from every shard's local_logits: [n_out, local vocab].
+  void gather_logits(int64_t n_out);
   // A dummy checkpoint's weights, generated on the device (see dummy_matrix); norms on the host.
   void make_dummy_weights();
+  // weights: the stage's layers, bound and not yet sliced.
+  void upload_weights(model::LlamaWeights weights);
   void validate(const ForwardBatch& batch, const CudaKvCache& cache) const;
   struct Plan;
   Plan plan_batch(const ForwardBatch& batch, const CudaKvCache& cache, bool greedy,
@@ -361,9 +420,10 @@ struct CudaLlamaModel::Impl {
   // Replays the plan's graph, capturing it first when it is new.
   void launch_graph(const Plan& p);
   void clear_graphs();
-  // The whole pass; ids_out: argmax ids come back instead of logits.
-  void forward_impl(const ForwardBatch& batch, CudaKvCache& cache, std::vector<float>* logits_out,
-                    std::vector<int32_t>* ids_out);
+  // The whole pass; ids_out: argmax ids come back instead of logits; on a stage that is not the
+  // last, logits_out gets the hidden states.
+  void forward_impl(const ForwardBatch& batch, CudaKvCache& cache, const float* hidden_in,
+                    std::vector<float>* logits_out, std::vector<int32_t>* ids_out);
 };
 
 void CudaLlamaModel::Impl::make_dummy_weights() {
@@ -371,21 +431,95 @@ void CudaLlamaModel::Impl::make_dummy_weights() {
   using model::LayerMatrix;
   const model::LlamaCheckpoint& ckpt = *checkpoint;
   const auto& c = config;
-  embedding = dummy_matrix(c.n_embd, {{c.n_vocab, ckpt.dummy_tensor_seed(DummyTensor::embedding)}}, stream);
-  head = dummy_matrix(c.n_embd, {{c.n_vocab, ckpt.dummy_tensor_seed(DummyTensor::head)}}, stream);
-  output_norm = upload_floats(ckpt.dummy_norm(DummyTensor::output_norm));
-  for (int64_t i = 0; i < c.n_layer; ++i) {
+  const auto whole = [](int64_t n) { return ShardRange{0, static_cast<size_t>(n)}; };
+  const auto scaled = [](ShardRange r, int64_t by) {
+    return ShardRange{r.begin * static_cast<size_t>(by), r.count * static_cast<size_t>(by)};
+  };
+  if (first_stage()) {
+    embedding =
+        dummy_matrix(c.n_embd, whole(c.n_embd),
+                     {{c.n_vocab, ckpt.dummy_tensor_seed(DummyTensor::embedding), whole(c.n_vocab)}}, stream);
+  }
+  if (last_stage()) {
+    head = dummy_matrix(c.n_embd, whole(c.n_embd),
+                        {{c.n_vocab, ckpt.dummy_tensor_seed(DummyTensor::head), split.vocab}}, stream);
+    output_norm = upload_floats(ckpt.dummy_norm(DummyTensor::output_norm));
+  }
+  const ShardRange q_rows = scaled(split.heads.q_heads, c.head_dim);
+  const ShardRange kv_rows = scaled(split.heads.kv_heads, c.head_dim);
+  for (int64_t i = layer_begin; i < layer_end; ++i) {
     Layer l;
     l.attn_norm = upload_floats(ckpt.dummy_norm(DummyTensor::attn_norm, i));
     l.ffn_norm = upload_floats(ckpt.dummy_norm(DummyTensor::ffn_norm, i));
-    l.qkv.parts.push_back(
-        dummy_layer_matrix(ckpt, i, {LayerMatrix::attn_q, LayerMatrix::attn_k, LayerMatrix::attn_v}, stream));
-    l.wo = dummy_layer_matrix(ckpt, i, {LayerMatrix::attn_output}, stream);
+    l.qkv.parts.push_back(dummy_layer_matrix(
+        ckpt, i,
+        {{LayerMatrix::attn_q, q_rows}, {LayerMatrix::attn_k, kv_rows}, {LayerMatrix::attn_v, kv_rows}},
+        whole(c.n_embd), stream));
+    l.wo = dummy_layer_matrix(ckpt, i, {{LayerMatrix::attn_output, whole(c.n_embd)}}, q_rows, stream);
     l.gate_up.parts.push_back(
-        dummy_layer_matrix(ckpt, i, {LayerMatrix::ffn_gate, LayerMatrix::ffn_up}, stream));
-    l.down = dummy_layer_matrix(ckpt, i, {LayerMatrix::ffn_down}, stream);
+        dummy_layer_matrix(ckpt, i, {{LayerMatrix::ffn_gate, split.ff}, {LayerMatrix::ffn_up, split.ff}},
+                           whole(c.n_embd), stream));
+    l.down = dummy_layer_matrix(ckpt, i, {{LayerMatrix::ffn_down, whole(c.n_embd)}}, split.ff, stream);
     layers.push_back(std::move(l));
   }
+}
+
+void CudaLlamaModel::Impl::upload_weights(model::LlamaWeights weights) {
+  const model::WeightMatrix whole_embedding = weights.token_embd;  // every shard keeps every row
+  const bool tied = weights.output.data == weights.token_embd.data;
+  if (shard.size > 1) slice_weights(weights, split, config.head_dim, first_stage(), last_stage());
+  if (first_stage()) embedding = upload_matrix({&whole_embedding});
+  if (last_stage()) {
+    const bool share_head = first_stage() && shard.size == 1 && tied &&
+                            device_kind(weights.output) == device_kind(weights.token_embd);
+    head = share_head ? embedding : upload_matrix({&weights.output});
+    output_norm = upload_floats(weights.output_norm);
+  }
+  for (const model::LlamaLayerWeights& lw : weights.layers) {
+    Layer l;
+    l.attn_norm = upload_floats(lw.attn_norm);
+    l.ffn_norm = upload_floats(lw.ffn_norm);
+    l.qkv = upload_projection({&lw.wq, &lw.wk, &lw.wv});
+    l.wo = upload_matrix({&lw.wo});
+    l.gate_up = upload_projection({&lw.w_gate, &lw.w_up});
+    l.down = upload_matrix({&lw.w_down});
+    layers.push_back(std::move(l));
+  }
+}
+
+void CudaLlamaModel::Impl::reduce_sum(float* data, size_t count) {
+  if (reducer == nullptr) return;
+  if (reducer->device_pointers()) {  // NCCL runs on its own stream: the sums must be complete
+    cuda_check(cudaStreamSynchronize(stream), "before an all-reduce");
+    reducer->sum(data, count);
+    return;
+  }
+  host_reduce.resize(count);
+  cuda_check(cudaMemcpyAsync(host_reduce.data(), data, count * sizeof(float), cudaMemcpyDeviceToHost, stream),
+             "cudaMemcpyAsync (all-reduce to host)");
+  cuda_check(cudaStreamSynchronize(stream), "before an all-reduce");
+  reducer->sum(host_reduce.data(), count);
+  // From pageable memory the copy has staged host_reduce before it returns: the buffer may be reused.
+  cuda_check(cudaMemcpyAsync(data, host_reduce.data(), count * sizeof(float), cudaMemcpyHostToDevice, stream),
+             "cudaMemcpyAsync (all-reduce from host)");
+}
+
+void CudaLlamaModel::Impl::gather_logits(int64_t n_out) {
+  const int64_t local = split.vocab_counts[static_cast<size_t>(shard.rank)];
+  cuda_check(cudaStreamSynchronize(stream), "before the logits gather");
+  if (reducer->device_pointers()) {
+    reducer->gather_columns(local_logits.as<float>(), n_out, split.vocab_counts, logits.as<float>());
+    return;
+  }
+  host_reduce.resize(static_cast<size_t>(n_out * local));
+  host_gathered.resize(static_cast<size_t>(n_out * config.n_vocab));
+  cuda_check(cudaMemcpy(host_reduce.data(), local_logits.as<float>(), host_reduce.size() * sizeof(float),
+                        cudaMemcpyDeviceToHost),
+             "cudaMemcpy (local logits to host)");
+  reducer->gather_columns(host_reduce.data(), n_out, split.vocab_counts, host_gathered.data());
+  cuda_check(cudaMemcpyAsync(logits.as<float>(), host_gathered.data(), host_gathered.size() * sizeof(float),
+                             cudaMemcpyHostToDevice, stream),
+             "cudaMemcpyAsync (gathered logits to the device)");
 }
 
 void CudaLlamaModel::Impl::validate(const ForwardBatch& batch, const CudaKvCache& cache) const {
@@ -394,10 +528,10 @@ void CudaLlamaModel::Impl::validate(const ForwardBatch& batch, const CudaKvCache
   if (batch.positions.size() != batch.tokens.size() || batch.seq_index.size() != batch.tokens.size()) {
     throw std::invalid_argument("forward batch: tokens, positions and seq_index differ in length");
   }
-  if (cache.kv_dim() != c.kv_dim() || cache.n_layer() != c.n_layer) {
+  if (cache.kv_dim() != shard_config.kv_dim() || cache.n_layer() != shard_config.n_layer) {
     throw std::invalid_argument("the CUDA KV cache was sized for another model (KV width " +
                                 std::to_string(cache.kv_dim()) + ", " + std::to_string(cache.n_layer()) +
-                                " layers)");
+                                " layers; size it from shard_config())");
   }
   const int64_t mbps = batch.max_blocks_per_seq;
   const int64_t n_seqs = mbps > 0 ? static_cast<int64_t>(batch.block_tables.size()) / mbps : 0;
@@ -460,7 +594,7 @@ CudaLlamaModel::Impl::Plan CudaLlamaModel::Impl::plan_batch(const ForwardBatch& 
   p.mbps = batch.max_blocks_per_seq;
   p.greedy = greedy;
   p.cache = &cache;
-  const int64_t group = c.n_head / c.n_head_kv;
+  const int64_t group = shard_config.n_head / shard_config.n_head_kv;
 
   // Runs: maximal stretches of consecutive batch rows of one sequence at consecutive positions. As
   // attention_decode "sequences" (each with its own copy of the table row) they cover any batch.
@@ -507,8 +641,8 @@ CudaLlamaModel::Impl::Plan CudaLlamaModel::Impl::plan_batch(const ForwardBatch& 
     p.dshape.n_seqs = p.n_runs;
     p.dshape.tokens = p.n;
     p.dshape.max_q_len = max_run;
-    p.dshape.n_head = c.n_head;
-    p.dshape.n_head_kv = c.n_head_kv;
+    p.dshape.n_head = shard_config.n_head;
+    p.dshape.n_head_kv = shard_config.n_head_kv;
     p.dshape.head_dim = c.head_dim;
     p.dshape.block_size = cache.block_size();
     p.dshape.num_blocks = cache.n_blocks();
@@ -523,7 +657,7 @@ CudaLlamaModel::Impl::Plan CudaLlamaModel::Impl::plan_batch(const ForwardBatch& 
 }
 
 bool CudaLlamaModel::Impl::reserve_buffers(const Plan& p) {
-  const auto& c = config;
+  const auto& c = shard_config;  // local heads and ffn rows; n_embd and n_vocab are whole
   const int64_t n = p.n, rows_out = std::max<int64_t>(p.n_out, 1);
   bool moved = false;
   moved |= meta.reserve(p.meta_count * sizeof(int32_t));
@@ -537,6 +671,9 @@ bool CudaLlamaModel::Impl::reserve_buffers(const Plan& p) {
   moved |= act16.reserve(static_cast<size_t>(n * c.n_ff) * sizeof(__half));
   moved |= picked16.reserve(static_cast<size_t>(rows_out * c.n_embd) * sizeof(__half));
   moved |= logits.reserve(static_cast<size_t>(rows_out * c.n_vocab) * sizeof(float));
+  if (shard.size > 1 && last_stage()) {
+    moved |= local_logits.reserve(static_cast<size_t>(rows_out * head.n_out) * sizeof(float));
+  }
   moved |= ids.reserve(static_cast<size_t>(rows_out) * sizeof(int32_t));
   moved |= flag.reserve(sizeof(int32_t));
   if (p.use_decode) moved |= workspace.reserve(kc::attention_decode_workspace_bytes(p.dshape));
@@ -544,7 +681,7 @@ bool CudaLlamaModel::Impl::reserve_buffers(const Plan& p) {
 }
 
 void CudaLlamaModel::Impl::enqueue(const Plan& p) {
-  const auto& c = config;
+  const auto& c = shard_config;  // local heads, ffn rows and layers; n_embd, n_vocab, head_dim whole
   const int64_t n = p.n, n_out = p.n_out;
   const int64_t q_dim = c.q_dim(), kv_dim = c.kv_dim(), qkv_dim = q_dim + 2 * kv_dim;
   const CudaKvCache& cache = *p.cache;
@@ -555,12 +692,15 @@ void CudaLlamaModel::Impl::enqueue(const Plan& p) {
   auto* h = h16.as<__half>();
   auto* x = resid.as<float>();
   auto* dl = delta.as<float>();
-  check(kc::embedding_lookup_f16(
-            embedding.mem->as<void>(),
-            embedding.kind == DeviceKind::q4_0 ? kernels::DType::Q4_0 : kernels::DType::F16, embedding.n_out,
-            c.n_embd, 0, md + p.off_tokens, n, h, flag_d, stream),
-        "embedding lookup");
-  check(kc::f16_to_f32(h, x, n * c.n_embd, stream), "f16_to_f32");
+  if (first_stage()) {  // later stages find the previous stage's hidden states in resid
+    check(kc::embedding_lookup_f16(
+              embedding.mem->as<void>(),
+              embedding.kind == DeviceKind::q4_0 ? kernels::DType::Q4_0 : kernels::DType::F16,
+              embedding.n_out, c.n_embd, 0, md + p.off_tokens, n, h, flag_d, stream),
+          "embedding lookup");
+    check(kc::f16_to_f32(h, x, n * c.n_embd, stream), "f16_to_f32");
+  }
+  const auto hidden_count = static_cast<size_t>(n * c.n_embd);
 
   kc::RopeKvWriteShape rshape;
   rshape.tokens = n;
@@ -617,7 +757,8 @@ void CudaLlamaModel::Impl::enqueue(const Plan& p) {
                                     md + p.off_pos, scale, att16.as<__half>(), flag_d, stream),
             "paged_attention_f16");
     }
-    matmul(w.wo, att16.as<__half>(), n, dl);
+    matmul(w.wo, att16.as<__half>(), n, dl);  // partial over the shard's heads
+    reduce_sum(dl, hidden_count);
     check(kc::add_rms_norm_f32(x, dl, w.ffn_norm->as<float>(), h, n, c.n_embd, c.rms_eps, stream),
           "add_rms_norm_f32");
     auto* gu = gate_up.as<float>();
@@ -626,7 +767,13 @@ void CudaLlamaModel::Impl::enqueue(const Plan& p) {
     check(kc::swiglu_f32_to_f16(gu, stacked ? gu + c.n_ff : gu + n * c.n_ff, stacked ? 2 * c.n_ff : c.n_ff,
                                 act16.as<__half>(), n, c.n_ff, stream),
           "swiglu_f32_to_f16");
-    matmul(w.down, act16.as<__half>(), n, dl);
+    matmul(w.down, act16.as<__half>(), n, dl);  // partial over the shard's ffn rows
+    reduce_sum(dl, hidden_count);
+  }
+  if (!last_stage()) {  // the last w_down output joins the residual, which goes to the next stage
+    const float one = 1.0f;
+    cublas_check(cublasSaxpy(cublas, static_cast<int>(hidden_count), &one, dl, 1, x, 1), "cublasSaxpy");
+    return;
   }
   // The last w_down output joins the residual, and the output norm runs on every row (cheap next to
   // the head, which runs only on the logit rows).
@@ -635,7 +782,12 @@ void CudaLlamaModel::Impl::enqueue(const Plan& p) {
   if (n_out > 0) {
     check(kc::gather_rows_f16(h, n, c.n_embd, md + p.off_rows, n_out, picked16.as<__half>(), flag_d, stream),
           "gather_rows_f16");
-    matmul(head, picked16.as<__half>(), n_out, logits.as<float>());
+    if (shard.size == 1) {
+      matmul(head, picked16.as<__half>(), n_out, logits.as<float>());
+    } else {  // the shard's vocabulary columns, gathered into full rows
+      matmul(head, picked16.as<__half>(), n_out, local_logits.as<float>());
+      gather_logits(n_out);
+    }
     if (p.greedy) {
       check(kc::argmax_rows(logits.as<float>(), n_out, c.n_vocab, ids.as<int32_t>(), stream), "argmax_rows");
     }
@@ -670,9 +822,15 @@ void CudaLlamaModel::Impl::launch_graph(const Plan& p) {
   cuda_check(cudaGraphLaunch(it->second, stream), "cudaGraphLaunch");
 }
 
-void CudaLlamaModel::Impl::forward_impl(const ForwardBatch& batch, CudaKvCache& cache,
+void CudaLlamaModel::Impl::forward_impl(const ForwardBatch& batch, CudaKvCache& cache, const float* hidden_in,
                                         std::vector<float>* logits_out, std::vector<int32_t>* ids_out) {
   validate(batch, cache);
+  if ((hidden_in == nullptr) != first_stage()) {
+    throw std::invalid_argument(first_stage() ? "the first pipeline stage embeds tokens: no hidden_in"
+                                              : "a later pipeline stage needs hidden_in");
+  }
+  if (ids_out != nullptr && !last_stage())
+    throw std::logic_error("forward_greedy: only the last stage has logits");
   const auto& c = config;
   const auto n = static_cast<int64_t>(batch.tokens.size());
   const auto n_out = static_cast<int64_t>(batch.logit_rows.size());
@@ -688,7 +846,12 @@ void CudaLlamaModel::Impl::forward_impl(const ForwardBatch& batch, CudaKvCache& 
   cuda_check(cudaMemcpyAsync(meta.as<int32_t>(), meta_host.data(), meta_host.size() * sizeof(int32_t),
                              cudaMemcpyHostToDevice, stream),
              "cudaMemcpyAsync (batch metadata)");
-  if (options.graphs && n <= kGraphMaxTokens) {
+  const size_t hidden_bytes = static_cast<size_t>(n * c.n_embd) * sizeof(float);
+  if (hidden_in != nullptr) {
+    cuda_check(cudaMemcpyAsync(resid.as<float>(), hidden_in, hidden_bytes, cudaMemcpyHostToDevice, stream),
+               "cudaMemcpyAsync (hidden states in)");
+  }
+  if (use_graphs(n)) {
     launch_graph(p);
   } else {
     enqueue(p);
@@ -697,7 +860,12 @@ void CudaLlamaModel::Impl::forward_impl(const ForwardBatch& batch, CudaKvCache& 
   flag_host = 0;
   cuda_check(cudaMemcpyAsync(&flag_host, flag.as<int32_t>(), sizeof(int32_t), cudaMemcpyDeviceToHost, stream),
              "cudaMemcpyAsync (error flag)");
-  if (logits_out != nullptr) {
+  if (logits_out != nullptr && !last_stage()) {
+    logits_out->resize(static_cast<size_t>(n * c.n_embd));
+    cuda_check(
+        cudaMemcpyAsync(logits_out->data(), resid.as<float>(), hidden_bytes, cudaMemcpyDeviceToHost, stream),
+        "cudaMemcpyAsync (hidden states out)");
+  } else if (logits_out != nullptr) {
     logits_out->resize(static_cast<size_t>(n_out * c.n_vocab));
     if (n_out > 0) {
       cuda_check(cudaMemcpyAsync(logits_out->data(), logits.as<float>(), logits_out->size() * sizeof(float),
@@ -721,18 +889,56 @@ void CudaLlamaModel::Impl::forward_impl(const ForwardBatch& batch, CudaKvCache& 
   }
 }
 
-std::unique_ptr<CudaLlamaModel> CudaLlamaModel::load(const std::string& path, CudaModelOptions options) {
-  return std::make_unique<CudaLlamaModel>(model::LlamaCheckpoint::open(path), options);
+std::unique_ptr<CudaLlamaModel> CudaLlamaModel::load(const std::string& path, CudaModelOptions options,
+                                                     TensorShard shard, ShardReducer* reducer,
+                                                     LayerRange layers) {
+  return std::make_unique<CudaLlamaModel>(model::LlamaCheckpoint::open(path), options, shard, reducer,
+                                          layers);
 }
 
 CudaLlamaModel::CudaLlamaModel(std::shared_ptr<const model::LlamaCheckpoint> checkpoint,
-                               CudaModelOptions options)
+                               CudaModelOptions options, TensorShard shard, ShardReducer* reducer,
+                               LayerRange layers)
     : impl_(std::make_unique<Impl>()) {
   Impl& m = *impl_;
   m.checkpoint = std::move(checkpoint);
   m.config = m.checkpoint->config();
   m.options = options;
+  m.shard = shard;
   const auto& c = m.config;
+  if (shard.size < 1 || shard.rank < 0 || shard.rank >= shard.size) {
+    throw std::invalid_argument("tensor shard " + std::to_string(shard.rank) + " of " +
+                                std::to_string(shard.size) + " is not a valid shard");
+  }
+  if (shard.size > 1) {
+    if (reducer == nullptr) throw std::invalid_argument("a sharded model needs a ShardReducer");
+    m.reducer = reducer;
+  }
+  m.layer_begin = layers.begin;
+  m.layer_end = layers.end < 0 ? c.n_layer : layers.end;
+  if (m.layer_begin < 0 || m.layer_begin >= m.layer_end || m.layer_end > c.n_layer) {
+    throw std::invalid_argument("layer range [" + std::to_string(m.layer_begin) + ", " +
+                                std::to_string(m.layer_end) + ") is not inside the model's " +
+                                std::to_string(c.n_layer) + " layers");
+  }
+  // The weights are bound (views into the file, or converted) before the device is touched, so that
+  // a split that cannot be made fails first. A dummy's matrices are all Q4_0: blocks of 32.
+  model::LlamaConfig stage = c;
+  stage.n_layer = m.layer_end - m.layer_begin;
+  model::LlamaWeights weights;
+  if (m.checkpoint->is_dummy()) {
+    m.split = plan_shard(stage, shard, 32);
+  } else {
+    weights = m.checkpoint->bind_weights(m.layer_begin, m.layer_end);
+    weights.layers.erase(weights.layers.begin() + m.layer_end, weights.layers.end());
+    weights.layers.erase(weights.layers.begin(), weights.layers.begin() + m.layer_begin);
+    m.split = plan_shard(stage, shard, ffn_down_granularity(weights.layers));
+  }
+  m.shard_config = m.split.config;
+  if (m.shard_config.n_ff % 32 != 0) {
+    throw std::invalid_argument("the CUDA forward pass needs each shard's n_ff (" +
+                                std::to_string(m.shard_config.n_ff) + ") to be a multiple of 32");
+  }
   if (c.n_embd % 32 != 0 || c.n_ff % 32 != 0) {
     throw std::invalid_argument("the CUDA forward pass needs n_embd and n_ff to be multiples of 32");
   }
@@ -756,22 +962,7 @@ CudaLlamaModel::CudaLlamaModel(std::shared_ptr<const model::LlamaCheckpoint> che
     cuda_check(cudaDeviceSynchronize(), "dummy weights");
     return;
   }
-  const model::LlamaWeights weights = m.checkpoint->bind_weights();
-  m.embedding = upload_matrix({&weights.token_embd});
-  const bool share_head = weights.output.data == weights.token_embd.data &&
-                          device_kind(weights.output) == device_kind(weights.token_embd);
-  m.head = share_head ? m.embedding : upload_matrix({&weights.output});
-  m.output_norm = upload_floats(weights.output_norm);
-  for (const model::LlamaLayerWeights& lw : weights.layers) {
-    Layer l;
-    l.attn_norm = upload_floats(lw.attn_norm);
-    l.ffn_norm = upload_floats(lw.ffn_norm);
-    l.qkv = upload_projection({&lw.wq, &lw.wk, &lw.wv});
-    l.wo = upload_matrix({&lw.wo});
-    l.gate_up = upload_projection({&lw.w_gate, &lw.w_up});
-    l.down = upload_matrix({&lw.w_down});
-    m.layers.push_back(std::move(l));
-  }
+  m.upload_weights(std::move(weights));
   // A pageable cudaMemcpy may return before its DMA lands, and the model's stream does not wait for
   // the legacy default stream: make the uploads complete before the first forward pass.
   cuda_check(cudaDeviceSynchronize(), "weight upload");
@@ -780,6 +971,11 @@ CudaLlamaModel::CudaLlamaModel(std::shared_ptr<const model::LlamaCheckpoint> che
 CudaLlamaModel::~CudaLlamaModel() = default;
 
 const model::LlamaConfig& CudaLlamaModel::config() const { return impl_->config; }
+const model::LlamaConfig& CudaLlamaModel::shard_config() const { return impl_->shard_config; }
+TensorShard CudaLlamaModel::shard() const { return impl_->shard; }
+LayerRange CudaLlamaModel::layers() const { return {impl_->layer_begin, impl_->layer_end}; }
+bool CudaLlamaModel::is_first_stage() const { return impl_->first_stage(); }
+bool CudaLlamaModel::is_last_stage() const { return impl_->last_stage(); }
 const model::LlamaCheckpoint& CudaLlamaModel::checkpoint() const { return *impl_->checkpoint; }
 
 int64_t CudaLlamaModel::weight_bytes() const {
@@ -792,12 +988,17 @@ int64_t CudaLlamaModel::weight_bytes() const {
 int64_t CudaLlamaModel::captured_graphs() const { return static_cast<int64_t>(impl_->graphs.size()); }
 
 void CudaLlamaModel::forward(const ForwardBatch& batch, CudaKvCache& cache, std::vector<float>& logits) {
-  impl_->forward_impl(batch, cache, &logits, nullptr);
+  impl_->forward_impl(batch, cache, nullptr, &logits, nullptr);
 }
 
 void CudaLlamaModel::forward_greedy(const ForwardBatch& batch, CudaKvCache& cache,
                                     std::vector<int32_t>& ids) {
-  impl_->forward_impl(batch, cache, nullptr, &ids);
+  impl_->forward_impl(batch, cache, nullptr, nullptr, &ids);
+}
+
+void CudaLlamaModel::forward_stage(const ForwardBatch& batch, CudaKvCache& cache, const float* hidden_in,
+                                   std::vector<float>& out) {
+  impl_->forward_impl(batch, cache, hidden_in, &out, nullptr);
 }
 
 }  // namespace nibble::worker

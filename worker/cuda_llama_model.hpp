@@ -30,6 +30,22 @@
 // 70B one would need ~40 GB there): its Q4_0 matrices are generated in place on the device by
 // kernels::cuda::fill_random_q4_0 with the checkpoint's per-tensor seeds, q/k/v and gate/up stacked
 // as above, and its norms on the host by the same rule, so that it is the CPU's dummy model exactly.
+//
+// Tensor and pipeline parallelism have LlamaModel's semantics (see there): a TensorShard of size
+// T > 1 holds one Megatron shard, cut by worker/weight_shard (the CPU's slicing, so both hold the
+// same slices), and forward is a collective over the T shards; a LayerRange holds one pipeline
+// stage (forward_stage). The partial sums after attn_output and ffn_down go through
+// ShardReducer::sum, the vocabulary-parallel logits through gather_columns, at the same points
+// as on the CPU. A reducer with device_pointers() (NCCL) gets device buffers after the stream has
+// been synchronized; any other (MPI, an in-process test group) gets host copies: each reduction
+// copies [tokens, n_embd] floats to the host and back, which costs a round trip per reduction
+// (fine for correctness and for ranks that share a GPU; NCCL is the fast path). Unlike the CPU,
+// the first stage keeps the whole embedding table on every shard (embedding_lookup_f16 gathers
+// rows, it cannot zero the rows of other shards' tokens), which saves the embedding's all-reduce
+// at the cost of n_vocab x n_embd weights per GPU (0.56 GB for Llama-3-70B in Q4_0).
+// A dummy checkpoint shards too: each part is generated whole in a temporary device buffer and
+// the shard's rows or columns copied out (every rank generates the whole matrices: T times the
+// generation work, and one whole matrix of temporary device memory at a time).
 #include <cstdint>
 #include <memory>
 #include <stdexcept>
@@ -39,6 +55,7 @@
 #include "model/llama_checkpoint.hpp"
 #include "model/llama_config.hpp"
 #include "worker/llama_model.hpp"
+#include "worker/tensor_shard.hpp"
 
 namespace nibble::worker {
 
@@ -50,6 +67,8 @@ class CudaUnavailable : public std::runtime_error {
 
 // Empty when this build has CUDA and a device is usable, otherwise why not (for messages).
 std::string cuda_unavailable_reason();
+// The number of usable CUDA devices: 0 without CUDA or without a device.
+int cuda_device_count();
 
 // A device's free and total memory in bytes (cudaMemGetInfo; selects the device). Throws
 // CudaUnavailable without a usable device.
@@ -94,24 +113,39 @@ struct CudaModelOptions {
   // Replay batches of up to 64 tokens from CUDA graphs, captured once per batch shape (tokens, logit
   // rows, sequences' table width, runs, greedy or not, the cache). Decode steps of a fixed batch
   // shape then cost one graph launch instead of ~10 launches per layer. Graphs are dropped when a
-  // buffer has to grow. The results equal direct launches (same kernels, same arguments).
+  // buffer has to grow. The results equal direct launches (same kernels, same arguments). Ignored
+  // by a sharded model (T > 1): its reductions synchronize the stream mid-pass (and with a host
+  // reducer call into MPI), which a graph cannot hold. A single-shard pipeline stage keeps them.
   bool graphs = false;
 };
 
 class CudaLlamaModel {
  public:
-  // Opens a GGUF file, HF checkpoint directory or dummy spec (see LlamaModel::load) and uploads it.
-  static std::unique_ptr<CudaLlamaModel> load(const std::string& path, CudaModelOptions options = {});
-  // Throws CudaUnavailable without a usable device, std::invalid_argument for a model the GPU path
-  // cannot run (n_embd or n_ff not a multiple of 32, head_dim odd or above 256), std::runtime_error
-  // when a CUDA call fails (e.g. out of device memory).
+  // Opens a GGUF file, HF checkpoint directory or dummy spec (see LlamaModel::load) and uploads
+  // its shard of its stage (see the constructor).
+  static std::unique_ptr<CudaLlamaModel> load(const std::string& path, CudaModelOptions options = {},
+                                              TensorShard shard = {}, ShardReducer* reducer = nullptr,
+                                              LayerRange layers = {});
+  // shard, reducer, layers: as for LlamaModel (the reducer is required when shard.size > 1, not
+  // owned, must outlive the model; see the class comment for where its buffers live). Throws
+  // CudaUnavailable without a usable device, std::invalid_argument for a model the GPU path cannot
+  // run (n_embd or n_ff not a multiple of 32, head_dim odd or above 256) or split that way,
+  // std::runtime_error when a CUDA call fails (e.g. out of device memory).
   explicit CudaLlamaModel(std::shared_ptr<const model::LlamaCheckpoint> checkpoint,
-                          CudaModelOptions options = {});
+                          CudaModelOptions options = {}, TensorShard shard = {},
+                          ShardReducer* reducer = nullptr, LayerRange layers = {});
   ~CudaLlamaModel();
   CudaLlamaModel(const CudaLlamaModel&) = delete;
   CudaLlamaModel& operator=(const CudaLlamaModel&) = delete;
 
+  // The whole model's hyperparameters (logits are always [*, config().n_vocab]).
   const model::LlamaConfig& config() const;
+  // This shard's share (local n_head, n_head_kv, n_ff, n_layer): size the CudaKvCache from this.
+  const model::LlamaConfig& shard_config() const;
+  TensorShard shard() const;
+  LayerRange layers() const;
+  bool is_first_stage() const;
+  bool is_last_stage() const;
   const model::LlamaCheckpoint& checkpoint() const;
   // Bytes of weights held in device memory.
   int64_t weight_bytes() const;
@@ -125,7 +159,14 @@ class CudaLlamaModel {
   void forward(const ForwardBatch& batch, CudaKvCache& cache, std::vector<float>& logits);
   // The same pass, but only the argmax of each logit row comes back (argmax_rows on the device, ties
   // to the lowest id as worker::Sampler at temperature 0): ids resized to [batch.logit_rows.size()].
+  // Last stage only (throws std::logic_error elsewhere).
   void forward_greedy(const ForwardBatch& batch, CudaKvCache& cache, std::vector<int32_t>& ids);
+  // One pipeline stage's part of forward, as LlamaModel::forward_stage: hidden_in: host
+  // [batch.tokens.size(), n_embd] from the previous stage, or null on the first stage. out: on the
+  // last stage the logits as in forward, elsewhere resized to [batch.tokens.size(), n_embd] (host),
+  // the hidden states for the next stage.
+  void forward_stage(const ForwardBatch& batch, CudaKvCache& cache, const float* hidden_in,
+                     std::vector<float>& out);
 
  private:
   struct Impl;

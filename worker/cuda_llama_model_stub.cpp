@@ -14,6 +14,8 @@ std::string cuda_unavailable_reason() {
   return "this nibble was built without CUDA (configure with -DNIBBLE_CUDA=ON where nvcc is installed)";
 }
 
+int cuda_device_count() { return 0; }
+
 CudaMemoryInfo cuda_memory_info(int) { unavailable(); }
 
 struct CudaLlamaModel::Impl {};
@@ -25,17 +27,29 @@ CudaKvCache::CudaKvCache(const model::LlamaConfig&, int64_t, int64_t, int)
 CudaKvCache::~CudaKvCache() = default;
 std::vector<uint16_t> CudaKvCache::layer_to_host(int64_t, bool) const { unavailable(); }
 
-std::unique_ptr<CudaLlamaModel> CudaLlamaModel::load(const std::string&, CudaModelOptions) { unavailable(); }
-CudaLlamaModel::CudaLlamaModel(std::shared_ptr<const model::LlamaCheckpoint>, CudaModelOptions) {
+std::unique_ptr<CudaLlamaModel> CudaLlamaModel::load(const std::string&, CudaModelOptions, TensorShard,
+                                                     ShardReducer*, LayerRange) {
+  unavailable();
+}
+CudaLlamaModel::CudaLlamaModel(std::shared_ptr<const model::LlamaCheckpoint>, CudaModelOptions, TensorShard,
+                               ShardReducer*, LayerRange) {
   unavailable();
 }
 CudaLlamaModel::~CudaLlamaModel() = default;
 const model::LlamaConfig& CudaLlamaModel::config() const { unavailable(); }
+const model::LlamaConfig& CudaLlamaModel::shard_config() const { unavailable(); }
+TensorShard CudaLlamaModel::shard() const { unavailable(); }
+LayerRange CudaLlamaModel::layers() const { unavailable(); }
+bool CudaLlamaModel::is_first_stage() const { unavailable(); }
+bool CudaLlamaModel::is_last_stage() const { unavailable(); }
 const model::LlamaCheckpoint& CudaLlamaModel::checkpoint() const { unavailable(); }
 int64_t CudaLlamaModel::weight_bytes() const { unavailable(); }
 int64_t CudaLlamaModel::captured_graphs() const { unavailable(); }
 void CudaLlamaModel::forward(const ForwardBatch&, CudaKvCache&, std::vector<float>&) { unavailable(); }
 void CudaLlamaModel::forward_greedy(const ForwardBatch&, CudaKvCache&, std::vector<int32_t>&) {
+  unavailable();
+}
+void CudaLlamaModel::forward_stage(const ForwardBatch&, CudaKvCache&, const float*, std::vector<float>&) {
   unavailable();
 }
 

@@ -12,6 +12,7 @@
 #include "kernels/quantize.hpp"
 #include "kernels/rms_norm.hpp"
 #include "kernels/rope.hpp"
+#include "worker/weight_shard.hpp"
 
 namespace nibble::worker {
 
@@ -21,69 +22,6 @@ void check(kernels::Status status, const char* what) {
   if (status != kernels::Status::ok) {
     throw std::runtime_error(std::string(what) + " failed: " + kernels::status_name(status));
   }
-}
-
-// Rows [begin, begin + count) of w: a view into the same memory, or for a matrix that owns its
-// memory (e.g. HF q/k permuted at load) a copy, so that the other shards' rows are freed.
-model::WeightMatrix row_slice(const model::WeightMatrix& w, int64_t begin, int64_t count) {
-  model::WeightMatrix s = w;
-  s.data = w.data + begin * w.row_bytes();
-  s.n_out = count;
-  s.packed = nullptr;
-  if (w.owned != nullptr) {
-    auto owned = std::make_shared<std::vector<uint8_t>>(s.data, s.data + count * w.row_bytes());
-    s.data = owned->data();
-    s.owned = std::move(owned);
-  }
-  return s;
-}
-
-// Columns (input features) [begin, begin + count) of every row of w, copied into owned memory:
-// [n_out, count] in w's type. begin and count must be whole blocks of the type.
-model::WeightMatrix column_slice(const model::WeightMatrix& w, int64_t begin, int64_t count) {
-  if (w.input_order != nullptr) {
-    // Act-order columns are stored by group, not in input order: the slice is taken from the
-    // decoded rows in input order, as F32 (which holds (q - z) * s exactly).
-    const std::vector<int32_t>& order = *w.input_order;
-    auto owned = std::make_shared<std::vector<uint8_t>>(static_cast<size_t>(w.n_out * count) * sizeof(float));
-    auto* out = reinterpret_cast<float*>(owned->data());
-    std::vector<float> row(static_cast<size_t>(w.k));
-    for (int64_t r = 0; r < w.n_out; ++r) {
-      if (kernels::dequantize_row(w.type, w.data + r * w.row_bytes(), row.data(), w.k) != kernels::Status::ok)
-        throw std::invalid_argument("tensor parallel: cannot decode an act-order matrix");
-      for (int64_t c = 0; c < w.k; ++c) {
-        const int64_t input = order[static_cast<size_t>(c)];
-        if (input >= begin && input < begin + count)
-          out[r * count + input - begin] = row[static_cast<size_t>(c)];
-      }
-    }
-    model::WeightMatrix s;
-    s.type = kernels::DType::F32;
-    s.data = owned->data();
-    s.n_out = w.n_out;
-    s.k = count;
-    s.owned = std::move(owned);
-    return s;
-  }
-  const int64_t block = kernels::type_info(w.type).block_elems;
-  if (begin % block != 0 || count % block != 0) {
-    throw std::invalid_argument("tensor parallel: columns [" + std::to_string(begin) + ", " +
-                                std::to_string(begin + count) + ") do not fall on " +
-                                kernels::type_name(w.type) + " block boundaries (" + std::to_string(block) +
-                                ")");
-  }
-  const int64_t offset = kernels::row_bytes(w.type, begin);
-  const int64_t bytes = kernels::row_bytes(w.type, count);
-  auto owned = std::make_shared<std::vector<uint8_t>>(static_cast<size_t>(w.n_out * bytes));
-  for (int64_t r = 0; r < w.n_out; ++r)
-    std::memcpy(owned->data() + r * bytes, w.data + r * w.row_bytes() + offset, static_cast<size_t>(bytes));
-  model::WeightMatrix s;
-  s.type = w.type;
-  s.data = owned->data();
-  s.n_out = w.n_out;
-  s.k = count;
-  s.owned = std::move(owned);
-  return s;
 }
 
 int64_t i64(size_t v) { return static_cast<int64_t>(v); }
@@ -170,41 +108,11 @@ const model::GgufFile& LlamaModel::file() const {
 }
 
 void LlamaModel::bind_shard() {
-  const auto& c = config_;
-  const auto size = static_cast<size_t>(shard_.size);
-  const auto rank = static_cast<size_t>(shard_.rank);
-  const HeadShard heads =
-      split_heads(static_cast<size_t>(c.n_head), static_cast<size_t>(c.n_head_kv), size, rank);
-  // ffn rows: whole blocks of every layer's ffn_down type (mixed quantizations use several), so
-  // that its column slices stay block-aligned.
-  size_t down_block = 1;
-  for (const model::LlamaLayerWeights& l : weights_.layers)
-    down_block = std::max(down_block, static_cast<size_t>(kernels::type_info(l.w_down.type).block_elems));
-  const ShardRange ff = split_rows(static_cast<size_t>(c.n_ff), size, rank, down_block);
-  const ShardRange vocab = split_vocab(static_cast<size_t>(c.n_vocab), size, rank);
-  vocab_counts_.clear();
-  for (size_t r = 0; r < size; ++r)
-    vocab_counts_.push_back(i64(split_vocab(static_cast<size_t>(c.n_vocab), size, r).count));
-
-  shard_config_.n_head = i64(heads.q_heads.count);
-  shard_config_.n_head_kv = i64(heads.kv_heads.count);
-  shard_config_.n_ff = i64(ff.count);
-
-  const int64_t hd = c.head_dim;
-  for (model::LlamaLayerWeights& l : weights_.layers) {
-    l.wq = row_slice(l.wq, i64(heads.q_heads.begin) * hd, i64(heads.q_heads.count) * hd);
-    l.wk = row_slice(l.wk, i64(heads.kv_heads.begin) * hd, i64(heads.kv_heads.count) * hd);
-    l.wv = row_slice(l.wv, i64(heads.kv_heads.begin) * hd, i64(heads.kv_heads.count) * hd);
-    l.wo = column_slice(l.wo, i64(heads.q_heads.begin) * hd, i64(heads.q_heads.count) * hd);
-    l.w_gate = row_slice(l.w_gate, i64(ff.begin), i64(ff.count));
-    l.w_up = row_slice(l.w_up, i64(ff.begin), i64(ff.count));
-    l.w_down = column_slice(l.w_down, i64(ff.begin), i64(ff.count));
-  }
-  if (is_last_stage()) weights_.output = row_slice(weights_.output, i64(vocab.begin), i64(vocab.count));
-  if (is_first_stage()) {
-    weights_.token_embd = row_slice(weights_.token_embd, i64(vocab.begin), i64(vocab.count));
-    embd_begin_ = i64(vocab.begin);
-  }
+  const ModelShard s = plan_shard(shard_config_, shard_, ffn_down_granularity(weights_.layers));
+  shard_config_ = s.config;
+  vocab_counts_ = s.vocab_counts;
+  slice_weights(weights_, s, config_.head_dim, is_first_stage(), is_last_stage());
+  if (is_first_stage()) embd_begin_ = i64(s.vocab.begin);
 }
 
 void LlamaModel::set_layer_matrix(int64_t layer, model::LayerMatrix which, const std::vector<float>& values) {

@@ -158,6 +158,12 @@ class ShardReducer {
   // each row. col_counts: [size], the same on every shard. Used for the vocabulary-parallel logits.
   virtual void gather_columns(const float* local, int64_t rows, const std::vector<int64_t>& col_counts,
                               float* out) = 0;
+
+  // Where the buffers of sum and gather_columns live. false (the default): host memory, as the
+  // CPU forward pass and a host communicator (MPI) want them; the GPU forward pass then copies each
+  // buffer to the host and back. true: device memory of the caller's GPU (an NCCL group), passed
+  // to the reducer as they are.
+  virtual bool device_pointers() const { return false; }
 };
 
 // The group of one: sum is a no-op, gather_columns a copy.

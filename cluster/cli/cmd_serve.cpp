@@ -27,13 +27,19 @@
 #include "cluster/draft_service.hpp"
 #include "cluster/remote_draft.hpp"
 #include "cluster/worker_service.hpp"
+#include "cluster/worker_stage.hpp"
 #include "parallel/communicator_reducer.hpp"
 #include "parallel/mpi_communicator.hpp"
 #include "parallel/rank_layout.hpp"
 #include "speculative/local_draft.hpp"
 #include "speculative/speculator.hpp"
 #include "speculative/vocab_match.hpp"
+#include "worker/cuda_llama_model.hpp"
 #include "worker/tensor_shard.hpp"
+#if NIBBLE_WITH_CUDA
+#include "parallel/nccl_communicator.hpp"
+#include "parallel/nccl_reducer.hpp"
+#endif
 
 namespace nibble::cli {
 namespace {
@@ -86,21 +92,24 @@ std::string bind_ephemeral(zmq::socket_t& socket, bool single_host) {
   return endpoint;
 }
 
-// KV blocks this worker can hold: the configured count, or memory_fraction of the memory now
-// available shared among the workers on this host, but never more than max_running full contexts.
-int64_t blocks_for_this_worker(const cluster::ClusterConfig& config, const worker::LlamaModel& model,
-                               int workers_on_host) {
+// KV blocks this worker can hold: the configured count, or memory_fraction of `available` bytes
+// (host memory, or the GPU's free memory once every worker's weights are loaded) shared among the
+// `sharers` workers that draw on it, but never more than max_running full contexts.
+int64_t blocks_for_this_worker(const cluster::ClusterConfig& config, const model::LlamaConfig& shard_config,
+                               double available, int sharers) {
   if (config.kv_cache.num_blocks > 0) return config.kv_cache.num_blocks;
-  struct sysinfo info {};
-  sysinfo(&info);
-  const double available = static_cast<double>(info.freeram + info.bufferram) * info.mem_unit;
-  const int64_t per_block =
-      worker::KvCache::bytes_per_block(model.shard_config(), config.kv_cache.block_size);
+  const int64_t per_block = worker::KvCache::bytes_per_block(shard_config, config.kv_cache.block_size);
   const auto by_memory = static_cast<int64_t>(available * config.kv_cache.memory_fraction /
-                                              std::max(1, workers_on_host) / per_block);
+                                              std::max(1, sharers) / static_cast<double>(per_block));
   const int64_t blocks_per_context =
       (config.context + config.kv_cache.block_size - 1) / config.kv_cache.block_size;
   return std::max<int64_t>(1, std::min(by_memory, blocks_per_context * config.scheduler.max_running));
+}
+
+double host_available_bytes() {
+  struct sysinfo info {};
+  sysinfo(&info);
+  return static_cast<double>(info.freeram + info.bufferram) * info.mem_unit;
 }
 
 extern "C" void on_terminate(int) { cluster::Coordinator::request_abort(); }
@@ -130,10 +139,6 @@ int serve(const std::string& config_path) {
               std::to_string(config.world_size()) + " ranks, but mpirun started " +
               std::to_string(world_size) + " (use mpirun -np " + std::to_string(config.world_size()) + ")");
         }
-        if (config.device == cluster::Device::cuda) {
-          throw std::runtime_error(
-              "device: cuda: this build serves on the CPU only (the CUDA backend is not built)");
-        }
         layout.emplace(world_size, config.parallel.tensor, config.parallel.pipeline,
                        config.draft_has_own_rank());
       })) {
@@ -153,10 +158,58 @@ int serve(const std::string& config_path) {
   // loads its tensor shard of its stage's layers.
   parallel::ParallelGroups groups = parallel::make_groups(MPI_COMM_WORLD, *layout);
   const parallel::RankInfo me = parallel::describe_this_rank(MPI_COMM_WORLD, *layout);
+
+  // With device: cuda every worker (not the coordinator, not the draft rank: the draft stays on the
+  // CPU) takes GPU local_rank % devices on its host, and refuses to start without one.
+  const bool cuda = config.device == cluster::Device::cuda;
+  const bool gpu_rank = cuda && me.role == parallel::Role::worker;
+  int device = -1;
+  if (!phase(world_rank, true, [&] {
+        if (!gpu_rank) return;
+        const std::string why = worker::cuda_unavailable_reason();
+        if (!why.empty()) throw std::runtime_error("device: cuda: " + why);
+        device = me.local_rank % worker::cuda_device_count();
+      })) {
+    return fail();
+  }
+  std::vector<int> devices(static_cast<size_t>(world_size));
+  MPI_Allgather(&device, 1, MPI_INT, devices.data(), 1, MPI_INT, MPI_COMM_WORLD);
+  // Workers on one host with one device id share that GPU.
+  auto same_gpu = [&](int a, int b) {
+    return devices[static_cast<size_t>(a)] >= 0 &&
+           devices[static_cast<size_t>(a)] == devices[static_cast<size_t>(b)] &&
+           std::strcmp(hosts[static_cast<size_t>(a)].data(), hosts[static_cast<size_t>(b)].data()) == 0;
+  };
+  int gpu_sharers = 0;  // workers on this rank's GPU, itself included
+  for (int r = 1; r < world_size; ++r) gpu_sharers += gpu_rank && same_gpu(r, world_rank);
+  // The tensor group reduces over NCCL when each of its ranks has a GPU of its own; ranks that share
+  // a GPU reduce through host memory over MPI (NCCL needs one rank per device). Stage-to-stage
+  // hidden states always go through the host over MPI. Every rank of a group sees the same devices,
+  // so the group agrees.
+  bool nccl = gpu_rank && config.parallel.tensor > 1;
+  for (size_t i = 0; nccl && i < me.tensor_group.size(); ++i)
+    for (size_t j = i + 1; j < me.tensor_group.size(); ++j)
+      nccl = nccl && !same_gpu(me.tensor_group[i], me.tensor_group[j]);
+  if (gpu_rank && me.tp_rank == 0 && config.parallel.tensor > 1) {
+    std::fprintf(stderr, "nibble serve: stage %d: %d tensor ranks on %s: reductions %s\n", me.stage,
+                 config.parallel.tensor, nccl ? "a GPU each" : "shared GPUs",
+                 nccl ? "over NCCL on the GPUs"
+                      : "through host memory over MPI (each one copied device -> host -> device)");
+    std::fflush(stderr);
+  }
+#if NIBBLE_WITH_CUDA
+  std::unique_ptr<parallel::NcclCommunicator> nccl_group;
+  if (!phase(world_rank, true, [&] {
+        if (nccl) nccl_group = parallel::NcclCommunicator::create(*groups.tensor, device);
+      })) {
+    return fail();
+  }
+#endif
   std::shared_ptr<const model::LlamaCheckpoint> file;  // a GGUF file or a Hugging Face directory
   std::shared_ptr<const model::Tokenizer> tokenizer;
-  std::unique_ptr<parallel::CommunicatorReducer> reducer;
-  std::unique_ptr<worker::LlamaModel> model;
+  std::unique_ptr<worker::ShardReducer> reducer;
+  std::unique_ptr<worker::LlamaModel> model;          // device: cpu
+  std::unique_ptr<worker::CudaLlamaModel> gpu_model;  // device: cuda
   std::unique_ptr<kernels::ThreadPool> pool;
   std::unique_ptr<worker::LlamaModel> draft;
   const bool draft_rank = me.role == parallel::Role::draft;
@@ -193,16 +246,39 @@ int serve(const std::string& config_path) {
         const worker::ShardRange layers = worker::split_layers(static_cast<size_t>(whole.n_layer),
                                                                static_cast<size_t>(config.parallel.pipeline),
                                                                static_cast<size_t>(me.stage));
-        if (config.parallel.tensor > 1)
-          reducer = std::make_unique<parallel::CommunicatorReducer>(*groups.tensor);
-        model = std::make_unique<worker::LlamaModel>(
-            file, worker::TensorShard{me.tp_rank, config.parallel.tensor}, reducer.get(),
-            worker::LayerRange{static_cast<int64_t>(layers.begin), static_cast<int64_t>(layers.end())});
+        if (config.parallel.tensor > 1) {
+#if NIBBLE_WITH_CUDA
+          if (nccl) reducer = std::make_unique<parallel::NcclReducer>(*nccl_group);
+#endif
+          if (reducer == nullptr) reducer = std::make_unique<parallel::CommunicatorReducer>(*groups.tensor);
+        }
+        const worker::TensorShard shard{me.tp_rank, config.parallel.tensor};
+        const worker::LayerRange range{static_cast<int64_t>(layers.begin),
+                                       static_cast<int64_t>(layers.end())};
+        if (gpu_rank) {
+          worker::CudaModelOptions options;
+          options.device = device;
+          options.graphs = true;  // used only without a reducer (see CudaModelOptions)
+          gpu_model = std::make_unique<worker::CudaLlamaModel>(file, options, shard, reducer.get(), range);
+        } else {
+          model = std::make_unique<worker::LlamaModel>(file, shard, reducer.get(), range);
+          num_blocks =
+              blocks_for_this_worker(config, model->shard_config(), host_available_bytes(), workers_on_host);
+        }
         threads = config.worker_threads(default_threads(), workers_on_host);
         pool = std::make_unique<kernels::ThreadPool>(threads);
-        num_blocks = blocks_for_this_worker(config, *model, workers_on_host);
         if (sampling_rank && config.draft.has_value() && !config.draft_has_own_rank())
           draft = worker::LlamaModel::load(config.draft->path);
+      })) {
+    return fail();
+  }
+  // A GPU's free memory counts once every worker on it holds its weights (the phase above ended
+  // on every rank).
+  if (!phase(world_rank, true, [&] {
+        if (gpu_model == nullptr) return;
+        num_blocks =
+            blocks_for_this_worker(config, gpu_model->shard_config(),
+                                   static_cast<double>(worker::cuda_memory_info(device).free), gpu_sharers);
       })) {
     return fail();
   }
@@ -288,7 +364,9 @@ int serve(const std::string& config_path) {
   // it) costs, before the barrier: the service answers health requests only once this is done, so
   // the first request does not wait for it.
   speculative::CostModel measured_costs;
-  if (sampling_rank && config.draft.has_value() && config.num_workers() == 1) {
+  // (A GPU target is not timed: its cost comes from weight bytes below, as for a sharded target.)
+  const bool whole_cpu_target = config.num_workers() == 1 && !cuda;
+  if (sampling_rank && config.draft.has_value() && whole_cpu_target) {
     if (draft != nullptr) {
       measured_costs =
           speculative::CostModel::measure(*model, *draft, *pool, config.scheduler.max_batch_tokens);
@@ -331,10 +409,11 @@ int serve(const std::string& config_path) {
         settings.num_blocks = num_blocks;
         settings.block_size = config.kv_cache.block_size;
         const bool draft_here = draft != nullptr;
-        if (config.num_workers() == 1) {
+        if (whole_cpu_target) {
           settings.costs = measured_costs;  // this rank holds the whole target
         } else {
-          // Sharded target: estimate from weight bytes (decode is memory-bound).
+          // Sharded or GPU target: estimate from weight bytes (decode is memory-bound; for a GPU
+          // target with a CPU draft this underestimates the draft's cost).
           const double bytes =
               draft_here ? static_cast<double>(draft->checkpoint().weight_bytes()) : draft_file_bytes;
           settings.draft_cost = bytes / static_cast<double>(file->weight_bytes());
@@ -346,9 +425,16 @@ int serve(const std::string& config_path) {
           speculator = std::make_unique<speculative::Speculator>(*remote, settings);
         }
       }
-      cluster::WorkerService service(
-          *model, *pool, config.parallel.pipeline > 1 ? groups.pipeline.get() : nullptr, steps,
-          sampling_rank ? &results : nullptr, num_blocks, config.kv_cache.block_size, speculator.get());
+      std::unique_ptr<cluster::WorkerStage> stage;
+      if (gpu_model != nullptr) {
+        stage = std::make_unique<cluster::CudaWorkerStage>(*gpu_model, device, num_blocks,
+                                                           config.kv_cache.block_size);
+      } else {
+        stage =
+            std::make_unique<cluster::CpuWorkerStage>(*model, *pool, num_blocks, config.kv_cache.block_size);
+      }
+      cluster::WorkerService service(*stage, config.parallel.pipeline > 1 ? groups.pipeline.get() : nullptr,
+                                     steps, sampling_rank ? &results : nullptr, speculator.get());
       service.run();
       if (remote != nullptr) remote->shutdown();
     } catch (const std::exception& e) {
@@ -375,9 +461,10 @@ int serve(const std::string& config_path) {
                    pids[static_cast<size_t>(r)], hosts[static_cast<size_t>(r)].data());
       continue;
     }
-    std::fprintf(stderr, "nibble serve: worker rank %d: stage %d, tensor rank %d, pid %d on %s\n", r,
-                 info.stage, info.tp_rank, pids[static_cast<size_t>(r)],
-                 hosts[static_cast<size_t>(r)].data());
+    const int gpu = devices[static_cast<size_t>(r)];
+    std::fprintf(stderr, "nibble serve: worker rank %d: stage %d, tensor rank %d, pid %d on %s%s\n", r,
+                 info.stage, info.tp_rank, pids[static_cast<size_t>(r)], hosts[static_cast<size_t>(r)].data(),
+                 gpu >= 0 ? (", GPU " + std::to_string(gpu)).c_str() : "");
   }
   std::fflush(stderr);
 

@@ -18,7 +18,7 @@
 //     tensor: 1                  # T: tensor-parallel ranks per pipeline stage, >= 1
 //     pipeline: 1                # P: pipeline stages, >= 1
 //     micro_batches: <pipeline>  # micro-batches in flight through the pipeline, >= 1
-//   device: cpu                  # cpu | cuda
+//   device: cpu                  # cpu | cuda (workers on GPU local rank % GPUs; CUDA builds only)
 //   threads: auto                # CPU threads per worker: an integer >= 1, or auto
 //   server:
 //     listen: "tcp://127.0.0.1:5555"  # client ROUTER endpoint, tcp:// or ipc://

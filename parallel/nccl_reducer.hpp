@@ -1,0 +1,40 @@
+#pragma once
+// worker::ShardReducer over an NCCL group, for tensor-parallel GPU workers that each own a GPU: the
+// buffers are device memory of the group's device (device_pointers() is true), so that
+// CudaLlamaModel hands its activations over without copying them through the host. Built only
+// with CUDA. (A group of ranks that share one GPU uses CommunicatorReducer over MPI instead.)
+#include <vector>
+
+#include "parallel/nccl_communicator.hpp"
+#include "worker/tensor_shard.hpp"
+
+namespace nibble::parallel {
+
+class NcclReducer final : public worker::ShardReducer {
+ public:
+  // group: the tensor-parallel group, whose rank r holds TensorShard{r, size}. Must outlive this.
+  explicit NcclReducer(NcclCommunicator& group) : group_(group) {}
+  ~NcclReducer() override;
+  NcclReducer(const NcclReducer&) = delete;
+  NcclReducer& operator=(const NcclReducer&) = delete;
+
+  // data: [n] floats in device memory.
+  void sum(float* data, size_t n) override;
+  // local: [rows, col_counts[rank]], out: [rows, Σ col_counts], both device memory. As
+  // CommunicatorReducer: each rank's block padded to the widest ([rows, max_cols]), all-gathered
+  // into [size, rows, max_cols], then copied into place with strided device copies.
+  void gather_columns(const float* local, int64_t rows, const std::vector<int64_t>& col_counts,
+                      float* out) override;
+  bool device_pointers() const override { return true; }
+
+ private:
+  // Grows the device scratch to hold `floats` floats in each of send_ and recv_.
+  void reserve(size_t send_floats, size_t recv_floats);
+
+  NcclCommunicator& group_;
+  float* send_ = nullptr;  // [rows, max_cols] device
+  float* recv_ = nullptr;  // [size, rows, max_cols] device
+  size_t send_cap_ = 0, recv_cap_ = 0;
+};
+
+}  // namespace nibble::parallel

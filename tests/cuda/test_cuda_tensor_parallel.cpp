@@ -1,0 +1,187 @@
+// Tensor and pipeline parallelism of the GPU forward pass in one process (skips without a device):
+// T = 2 CudaLlamaModel shards in two threads on the one GPU, their collectives through the
+// in-process host reducer (tests/support/thread_group.hpp), must give the whole GPU model's logits
+// (only the summation order of the partial sums differs) and the CPU model's within the GPU-vs-CPU
+// bounds of test_cuda_llama_model; two pipeline stages chained must give the whole GPU model's
+// logits exactly (the same kernels on the same values). The vocabulary is odd, so the logits
+// gather is uneven.
+#include <gtest/gtest.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "kernels/thread_pool.hpp"
+#include "model/random_model.hpp"
+#include "tests/cuda/cuda_test_util.hpp"
+#include "tests/support/test_support.hpp"
+#include "tests/support/thread_group.hpp"
+#include "worker/cuda_llama_model.hpp"
+#include "worker/kv_cache.hpp"
+#include "worker/llama_model.hpp"
+
+namespace k = nibble::kernels;
+namespace m = nibble::model;
+namespace w = nibble::worker;
+namespace t = nibble::test;
+
+namespace {
+
+// GPU vs CPU (test_cuda_llama_model's bounds: fp16 activations against the CPU's Q8_0 ones).
+constexpr double kQuantizedBound = 4e-2;
+constexpr double kFloatBound = 3e-3;
+// Sharded vs whole on the GPU: the same products, summed in another order before an fp16 rounding
+// (measured bound is to be filled from the first GPU run; an fp16 ulp on a few elements stays far
+// below this).
+constexpr double kShardBound = 2e-3;
+
+constexpr int64_t kVocab = 1001;  // odd: 501 + 500 columns over two shards
+
+std::string random_model(const std::filesystem::path& dir, k::DType type) {
+  m::LlamaShape s = m::llama_shape_by_name("tiny");  // 4 heads, 2 KV heads, n_ff 256, 2 layers
+  s.n_vocab = kVocab;
+  s.n_layer = 4;  // two layers per pipeline stage
+  const std::string path = (dir / ("model-" + std::string(k::type_name(type)) + ".gguf")).string();
+  m::write_random_llama(path, s, type, /*seed=*/23);
+  return path;
+}
+
+// A 13-token prefill with every token's logits, then 4 decode steps; the steps' logits (or a
+// non-last stage's hidden states) concatenated. `stage` runs one step: (batch, its output).
+template <class Step>
+std::vector<float> run_conversation(Step&& stage) {
+  std::vector<int32_t> prompt;
+  for (int i = 0; i < 13; ++i) prompt.push_back(3 + (i * 131 + 17) % static_cast<int>(kVocab - 3));
+  const std::vector<int32_t> table = {1, 0};  // out of order on purpose
+  std::vector<float> all, out;
+  stage(w::ForwardBatch::single(prompt, 0, table, true), out);
+  all.insert(all.end(), out.begin(), out.end());
+  for (int32_t step = 0; step < 4; ++step) {
+    stage(w::ForwardBatch::single({5 + step * 37}, 13 + step, table, false), out);
+    all.insert(all.end(), out.begin(), out.end());
+  }
+  return all;
+}
+
+std::vector<float> gpu_logits(w::CudaLlamaModel& model) {
+  w::CudaKvCache cache(model.shard_config(), 2, 16);
+  return run_conversation(
+      [&](const w::ForwardBatch& b, std::vector<float>& out) { model.forward(b, cache, out); });
+}
+
+// T shards of `path` in T threads; every shard's gathered logits.
+std::vector<std::vector<float>> sharded_gpu_logits(const std::string& path, int tensor) {
+  t::ThreadGroup group(tensor);
+  std::vector<std::unique_ptr<t::ThreadGroup::Reducer>> reducers;
+  std::vector<std::unique_ptr<w::CudaLlamaModel>> shards;
+  for (int r = 0; r < tensor; ++r) {
+    reducers.push_back(std::make_unique<t::ThreadGroup::Reducer>(group, r));
+    w::CudaModelOptions options;
+    options.graphs = true;  // ignored by a sharded model: the host reductions cannot be captured
+    shards.push_back(
+        w::CudaLlamaModel::load(path, options, w::TensorShard{r, tensor}, reducers.back().get()));
+  }
+  std::vector<std::vector<float>> got(static_cast<size_t>(tensor));
+  std::vector<std::thread> threads;
+  for (int r = 0; r < tensor; ++r) {
+    threads.emplace_back([&, r] {
+      try {
+        got[r] = gpu_logits(*shards[r]);
+      } catch (const std::exception& e) {
+        // The other shard would wait at the barrier forever: stop the test program loudly instead.
+        std::fprintf(stderr, "shard %d: %s\n", r, e.what());
+        std::abort();
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  for (int r = 0; r < tensor; ++r) EXPECT_EQ(shards[r]->captured_graphs(), 0) << "rank " << r;
+  return got;
+}
+
+class CudaTensorParallel : public ::testing::TestWithParam<k::DType> {};
+
+TEST_P(CudaTensorParallel, TwoShardsGiveTheWholeModelsLogitsOnTheGpuAndTheCpu) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  t::TempDir tmp;
+  const std::string path = random_model(tmp.path(), GetParam());
+  std::vector<float> whole, cpu;
+  {
+    auto model = w::CudaLlamaModel::load(path);
+    whole = gpu_logits(*model);
+  }
+  {
+    auto model = w::LlamaModel::load(path);
+    k::ThreadPool pool(1);
+    w::KvCache cache(model->shard_config(), 2, 16);
+    cpu = run_conversation(
+        [&](const w::ForwardBatch& b, std::vector<float>& out) { model->forward(b, cache, pool, out); });
+  }
+  const std::vector<std::vector<float>> shards = sharded_gpu_logits(path, 2);
+  const double cpu_bound = GetParam() == k::DType::F16 ? kFloatBound : kQuantizedBound;
+  for (size_t r = 0; r < shards.size(); ++r) {
+    ASSERT_EQ(shards[r].size(), whole.size()) << "rank " << r;
+    EXPECT_LT(t::max_relative_rms(shards[r], whole, kVocab), kShardBound) << "rank " << r;
+    EXPECT_LT(t::max_relative_rms(shards[r], cpu, kVocab), cpu_bound) << "rank " << r;
+    EXPECT_EQ(shards[r], shards[0]) << "every shard gathers the same rows";
+  }
+}
+
+TEST_P(CudaTensorParallel, TwoPipelineStagesChainedGiveTheWholeModelsLogits) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  t::TempDir tmp;
+  const std::string path = random_model(tmp.path(), GetParam());
+  std::vector<float> whole;
+  {
+    auto model = w::CudaLlamaModel::load(path);
+    whole = gpu_logits(*model);
+  }
+  w::CudaModelOptions options;
+  options.graphs = true;  // a single-shard stage keeps them
+  auto first = w::CudaLlamaModel::load(path, options, {}, nullptr, w::LayerRange{0, 2});
+  auto last = w::CudaLlamaModel::load(path, options, {}, nullptr, w::LayerRange{2, -1});
+  ASSERT_TRUE(first->is_first_stage() && !first->is_last_stage());
+  ASSERT_TRUE(!last->is_first_stage() && last->is_last_stage());
+  EXPECT_EQ(first->shard_config().n_layer, 2);
+  w::CudaKvCache first_cache(first->shard_config(), 2, 16), last_cache(last->shard_config(), 2, 16);
+  std::vector<float> hidden;
+  const std::vector<float> chained = run_conversation([&](const w::ForwardBatch& b, std::vector<float>& out) {
+    first->forward_stage(b, first_cache, nullptr, hidden);
+    ASSERT_EQ(hidden.size(), b.tokens.size() * static_cast<size_t>(first->config().n_embd));
+    last->forward_stage(b, last_cache, hidden.data(), out);
+  });
+  ASSERT_EQ(chained.size(), whole.size());
+  EXPECT_LE(t::max_relative_rms(chained, whole, kVocab), 1e-6);
+  EXPECT_GT(first->captured_graphs() + last->captured_graphs(), 0) << "decode steps of a stage replay graphs";
+  std::vector<int32_t> ids;
+  EXPECT_THROW(first->forward_greedy(w::ForwardBatch::single({1}, 0, {0}, false), first_cache, ids),
+               std::logic_error);
+}
+
+INSTANTIATE_TEST_SUITE_P(Types, CudaTensorParallel, ::testing::Values(k::DType::Q4_0, k::DType::F16),
+                         [](const auto& param_info) { return std::string(k::type_name(param_info.param)); });
+
+// A dummy shards by slicing the whole generated matrices: T = 2 on the GPU equals the whole dummy.
+TEST(CudaTensorParallelDummy, TwoShardsOfDummyTinyGiveTheWholeModelsLogits) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  std::vector<float> whole;
+  {
+    auto model = w::CudaLlamaModel::load("dummy:tiny");
+    whole = gpu_logits(*model);
+  }
+  const int64_t n_vocab = m::llama_shape_by_name("tiny").n_vocab;
+  const std::vector<std::vector<float>> shards = sharded_gpu_logits("dummy:tiny", 2);
+  for (size_t r = 0; r < shards.size(); ++r) {
+    ASSERT_EQ(shards[r].size(), whole.size()) << "rank " << r;
+    EXPECT_LT(t::max_relative_rms(shards[r], whole, n_vocab), kShardBound) << "rank " << r;
+  }
+}
+
+// The dummy run_conversation uses kVocab for its token ids, which stay inside tiny's 4096.
+static_assert(kVocab < 4096);
+
+}  // namespace

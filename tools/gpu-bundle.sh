@@ -54,23 +54,25 @@ export NIBBLE_BIN="$here/bin/nibble"
 [ -d "$here/fixtures" ] && export NIBBLE_FIXTURES="$here/fixtures"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee "$out/device.txt"
 status=0
+# Each binary under a time limit: a device session has ~15 minutes in all, and a hung kernel must not
+# take the benchmarks' share.
 for t in "$here"/tests/test_cuda_*; do
-  "$t" --gtest_brief=1 2>&1 | tee -a "$out/cuda-tests.log" || status=1
+  timeout 120 "$t" --gtest_brief=1 2>&1 | tee -a "$out/cuda-tests.log" || status=1
 done
 # Tensor parallelism across processes and `nibble serve` on the GPU need mpirun, which this bundle
 # cannot carry: run them where the machine has one, say so otherwise.
 if command -v mpirun >/dev/null 2>&1; then
-  mpirun --allow-run-as-root --oversubscribe -np 2 "$here/tests/test_mpi_cuda_tensor_parallel" --gtest_brief=1 2>&1 |
+  timeout 120 mpirun --allow-run-as-root --oversubscribe -np 2 "$here/tests/test_mpi_cuda_tensor_parallel" --gtest_brief=1 2>&1 |
     tee -a "$out/cuda-tests.log" || status=1
-  "$here/tests/test_serve" --gtest_brief=1 --gtest_filter='Serve.Cuda*' 2>&1 | tee -a "$out/cuda-tests.log" || status=1
+  timeout 180 "$here/tests/test_serve" --gtest_brief=1 --gtest_filter='Serve.Cuda*' 2>&1 | tee -a "$out/cuda-tests.log" || status=1
 else
   echo "skipped test_mpi_cuda_tensor_parallel and test_serve --gtest_filter='Serve.Cuda*': no mpirun on this machine" |
     tee -a "$out/cuda-tests.log"
 fi
-python3 "$(dirname "$here")/tools/bench_tinygemm.py" --out "$out/tinygemm.json" 2>"$out/tinygemm.log" ||
+timeout 120 python3 "$(dirname "$here")/tools/bench_tinygemm.py" --out "$out/tinygemm.json" 2>"$out/tinygemm.log" ||
   echo "tinygemm failed: $(tail -3 "$out/tinygemm.log")"
 tg=(); [ -s "$out/tinygemm.json" ] && tg=(--tinygemm "$out/tinygemm.json")
-"$here/bin/nibble" bench-gpu "${tg[@]}" 2>&1 | tee "$out/bench-gpu.txt" || status=1
+timeout 180 "$here/bin/nibble" bench-gpu "${tg[@]}" 2>&1 | tee "$out/bench-gpu.txt" || status=1
 # End to end on dummy models (random Q4_0 weights made on the GPU: no files to carry): the 70B target
 # and the 1B draft's decode step times, for docs/perf/gpu.md.
 timeout 300 "$here/bin/nibble" bench-gpu --model dummy:llama-70b --draft dummy:llama-1b --batch 1,8,32,64 2>&1 |

@@ -307,8 +307,9 @@ int run_kernels(const Args& a) {
   if (!a.json) {
     std::printf("device: %s\ncopy bandwidth (read + write): %.0f GB/s\n\n", result.device.c_str(),
                 result.copy_gbps);
-    std::printf("%-12s %4s | %10s %8s %6s | %10s %8s | %8s | %11s %8s\n", "k x n_out", "m", "W4A16 us",
-                "GB/s", "%copy", "cuBLAS us", "GB/s", "vs fp16", "tinygemm us", "vs tg");
+    std::printf("%-12s %4s | %10s %8s %6s | %8s %6s | %10s %8s | %8s | %11s %8s\n", "k x n_out", "m",
+                "W4A16 us", "GB/s", "%copy", "split us", "%copy", "cuBLAS us", "GB/s", "vs fp16",
+                "tinygemm us", "vs tg");
   }
   for (const auto& r : result.rows) {
     const double ours_gbps = r.ours_bytes / (r.ours_us * 1e-6) / 1e9;
@@ -325,6 +326,10 @@ int run_kernels(const Args& a) {
                        {"cublas_fp16_us", r.cublas_us},
                        {"cublas_gbps", cublas_gbps},
                        {"speedup_vs_cublas", r.cublas_us / r.ours_us}};
+    if (r.split_us > 0) {
+      row["w4a16_split_us"] = r.split_us;
+      row["split_gbps"] = r.ours_bytes / (r.split_us * 1e-6) / 1e9;
+    }
     if (tg_us > 0) {
       row["tinygemm_us"] = tg_us;
       row["speedup_vs_tinygemm"] = tg_us / r.ours_us;
@@ -334,9 +339,15 @@ int run_kernels(const Args& a) {
       char shape[32];
       std::snprintf(shape, sizeof shape, "%lldx%lld", static_cast<long long>(r.shape.k),
                     static_cast<long long>(r.shape.n_out));
-      std::printf("%-12s %4lld | %10.1f %8.0f %5.0f%% | %10.1f %8.0f | %7.2fx |", shape,
-                  static_cast<long long>(r.m), r.ours_us, ours_gbps, 100.0 * ours_gbps / result.copy_gbps,
-                  r.cublas_us, cublas_gbps, r.cublas_us / r.ours_us);
+      std::printf("%-12s %4lld | %10.1f %8.0f %5.0f%% |", shape, static_cast<long long>(r.m), r.ours_us,
+                  ours_gbps, 100.0 * ours_gbps / result.copy_gbps);
+      if (r.split_us > 0) {
+        const double split_gbps = r.ours_bytes / (r.split_us * 1e-6) / 1e9;
+        std::printf(" %8.1f %5.0f%% |", r.split_us, 100.0 * split_gbps / result.copy_gbps);
+      } else {
+        std::printf(" %8s %6s |", "-", "-");
+      }
+      std::printf(" %10.1f %8.0f | %7.2fx |", r.cublas_us, cublas_gbps, r.cublas_us / r.ours_us);
       if (tg_us > 0)
         std::printf(" %11.1f %7.2fx\n", tg_us, tg_us / r.ours_us);
       else
@@ -349,8 +360,9 @@ int run_kernels(const Args& a) {
         << "\n";
   } else {
     std::printf(
-        "\nW4A16 = GGUF Q4_0 weights x fp16 activations, fp32 accumulation (m > 32: one 32-row call per "
-        "32 rows). GB/s counts the bytes each product must move.\n");
+        "\nW4A16 = GGUF Q4_0 weights x fp16 activations, fp32 accumulation (m <= 32: w4a16_gemv, above: the "
+        "tensor-core w4a16_gemm). split = the same GEMV on the split layout (16-byte nibble loads, "
+        "kernels/q4_0_split.hpp). GB/s counts the bytes each product must move.\n");
   }
   return 0;
 }

@@ -120,7 +120,7 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
   fill_halves<<<kFillGrid, kFillBlock, 0, stream>>>(xh, max_m * k, 1.0f, 7);
   check(cudaGetLastError(), "fill x");
 
-  std::vector<double> ours(ms.size()), theirs(ms.size());
+  std::vector<double> ours(ms.size()), theirs(ms.size()), split(ms.size(), 0.0);
   {
     DeviceMemory w(q4_bytes * q4_copies);
     fill_q4_0<<<kFillGrid, kFillBlock, 0, stream>>>(
@@ -135,6 +135,30 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
                               ? w4a16_gemv_q4_0(wi, n, k, xh, m, static_cast<float*>(y.ptr), stream)
                               : w4a16_gemm_q4_0(wi, n, k, xh, m, static_cast<float*>(y.ptr), stream);
         if (st != Status::ok) throw BenchFailure(std::string("W4A16 kernel failed: ") + status_name(st));
+      });
+    }
+  }
+  {
+    // The split layout (kernels/q4_0_split.hpp): the same bytes in two arrays; values do not matter
+    // for timing, only that the scales are ordinary numbers.
+    const size_t quant_bytes = static_cast<size_t>(n * k / 2),
+                 scale_count = static_cast<size_t>(n * (k / kQK4_0));
+    DeviceMemory quants(quant_bytes * q4_copies), scales(scale_count * sizeof(__half) * q4_copies);
+    fill_halves<<<kFillGrid, kFillBlock, 0, stream>>>(
+        static_cast<__half*>(quants.ptr), static_cast<int64_t>(quant_bytes / 2) * q4_copies, 1.0f, 17);
+    fill_halves<<<kFillGrid, kFillBlock, 0, stream>>>(
+        static_cast<__half*>(scales.ptr), static_cast<int64_t>(scale_count) * q4_copies, 0.01f, 19);
+    check(cudaGetLastError(), "fill split weights");
+    for (size_t mi = 0; mi < ms.size(); ++mi) {
+      const int64_t m = ms[mi];
+      if (m > kW4A16GemvMaxM) continue;
+      split[mi] = time_us(stream, iterations, repetitions, [&](int i) {
+        const size_t copy = static_cast<size_t>(i % q4_copies);
+        const Status st = w4a16_gemv_q4_0_split(static_cast<const uint8_t*>(quants.ptr) + quant_bytes * copy,
+                                                static_cast<const __half*>(scales.ptr) + scale_count * copy,
+                                                n, k, xh, m, static_cast<float*>(y.ptr), stream);
+        if (st != Status::ok)
+          throw BenchFailure(std::string("W4A16 split kernel failed: ") + status_name(st));
       });
     }
   }
@@ -163,6 +187,7 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
     row.m = ms[mi];
     row.ours_us = ours[mi];
     row.ours_kernel = ms[mi] <= kW4A16GemvMaxM ? "gemv" : "gemm";
+    row.split_us = split[mi];
     row.cublas_us = theirs[mi];
     row.ours_bytes = static_cast<double>(q4_bytes) + 2.0 * ms[mi] * k + 4.0 * ms[mi] * n;
     row.cublas_bytes = static_cast<double>(f16_bytes) + 2.0 * ms[mi] * k + 2.0 * ms[mi] * n;

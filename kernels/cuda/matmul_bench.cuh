@@ -20,6 +20,7 @@ struct MatmulBenchRow {
   int64_t m = 0;                     // activation rows
   double ours_us = 0.0;              // Q4_0 x fp16 (W4A16)
   const char* ours_kernel = "gemv";  // w4a16_gemv for m <= 32, the tensor-core w4a16_gemm above
+  double split_us = 0.0;             // m <= 32: w4a16_gemv_q4_0_split (16-byte loads), same bytes
   double cublas_us = 0.0;            // fp16 x fp16 cublasGemmEx, fp32 accumulation
   double ours_bytes = 0.0;           // bytes one product must move: Q4_0 weights + fp16 x + fp32 y
   double cublas_bytes = 0.0;         // fp16 weights + fp16 x + fp16 y

@@ -1,6 +1,8 @@
 // One warp per output row. Lane l handles the row's Q4_0 blocks l, l + 32, ...: it dequantizes the
 // block's 32 weights into registers once and uses them for every activation row, so each weight
 // byte is read from memory exactly once per call. Partial sums are reduced with warp shuffles.
+// Two weight layouts share the kernel: GGUF blocks as stored, and the split layout whose 16-byte
+// nibble loads coalesce across the warp (kernels/q4_0_split.hpp).
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -13,27 +15,15 @@ namespace {
 constexpr int kWarpSize = 32;
 constexpr int kWarpsPerBlock = 4;
 
-// MaxM: compile-time upper bound on m, so the accumulators stay in registers; m <= MaxM at run time.
-template <int MaxM>
-__global__ void __launch_bounds__(kWarpSize* kWarpsPerBlock)
-    gemv_q4_0_kernel(const uint8_t* __restrict__ w, int64_t n_out, int64_t k, const __half* __restrict__ x,
-                     int m, float* __restrict__ y) {
-  const int lane = threadIdx.x % kWarpSize;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarpSize;
-  if (row >= n_out) return;  // whole warps exit together: the shuffles below stay full-warp
-
-  const int64_t nb = k / kQK4_0;
-  const uint8_t* wrow = w + row * nb * static_cast<int64_t>(sizeof(BlockQ4_0));
-
-  float acc[MaxM];
-#pragma unroll
-  for (int r = 0; r < MaxM; ++r) acc[r] = 0.0f;
-
-  for (int64_t b = lane; b < nb; b += kWarpSize) {
-    // The block is 2-byte aligned: read the scale and the 16 nibble bytes as 9 half-words.
-    const auto* blk = reinterpret_cast<const uint16_t*>(wrow + b * static_cast<int64_t>(sizeof(BlockQ4_0)));
+// Where a row's Q4_0 blocks are: GGUF's 18-byte blocks (read as nine 2-byte words, the only
+// alignment they have), or the split layout of kernels/q4_0_split.hpp (one 16-byte load of nibbles,
+// the scale from its own array). Both give the 32 dequantized weights of block b in element order.
+struct GgufBlocks {
+  const uint8_t* w;
+  __device__ void load(int64_t row, int64_t nb, int64_t b, float (&wv)[kQK4_0]) const {
+    const auto* blk =
+        reinterpret_cast<const uint16_t*>(w + (row * nb + b) * static_cast<int64_t>(sizeof(BlockQ4_0)));
     const float d = __half2float(__ushort_as_half(__ldg(blk)));
-    float wv[kQK4_0];
 #pragma unroll
     for (int j = 0; j < kQK4_0 / 4; ++j) {
       const unsigned q2 = __ldg(blk + 1 + j);  // qs[2j] in the low byte, qs[2j+1] in the high byte
@@ -42,6 +32,47 @@ __global__ void __launch_bounds__(kWarpSize* kWarpsPerBlock)
       wv[2 * j + 16] = d * static_cast<float>(static_cast<int>((q2 >> 4) & 0xF) - 8);
       wv[2 * j + 17] = d * static_cast<float>(static_cast<int>((q2 >> 12) & 0xF) - 8);
     }
+  }
+};
+
+struct SplitBlocks {
+  const uint8_t* quants;
+  const __half* scales;
+  __device__ void load(int64_t row, int64_t nb, int64_t b, float (&wv)[kQK4_0]) const {
+    const uint4 q = __ldg(reinterpret_cast<const uint4*>(quants) + row * nb + b);
+    const float d = __half2float(__ldg(scales + row * nb + b));
+    const unsigned words[4] = {q.x, q.y, q.z, q.w};  // qs[4i..4i+3], little-endian
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+#pragma unroll
+      for (int t = 0; t < 4; ++t) {
+        const unsigned byte = (words[i] >> (8 * t)) & 0xFF;
+        wv[4 * i + t] = d * static_cast<float>(static_cast<int>(byte & 0xF) - 8);
+        wv[4 * i + t + 16] = d * static_cast<float>(static_cast<int>(byte >> 4) - 8);
+      }
+    }
+  }
+};
+
+// MaxM: compile-time upper bound on m, so the accumulators stay in registers; m <= MaxM at run time.
+// The arithmetic after the weights are loaded is the same for both layouts, so their results are
+// bit-identical.
+template <int MaxM, typename Blocks>
+__global__ void __launch_bounds__(kWarpSize* kWarpsPerBlock)
+    gemv_q4_0_kernel(Blocks blocks, int64_t n_out, int64_t k, const __half* __restrict__ x, int m,
+                     float* __restrict__ y) {
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarpSize;
+  if (row >= n_out) return;  // whole warps exit together: the shuffles below stay full-warp
+
+  const int64_t nb = k / kQK4_0;
+  float acc[MaxM];
+#pragma unroll
+  for (int r = 0; r < MaxM; ++r) acc[r] = 0.0f;
+
+  for (int64_t b = lane; b < nb; b += kWarpSize) {
+    float wv[kQK4_0];
+    blocks.load(row, nb, b, wv);
 #pragma unroll
     for (int r = 0; r < MaxM; ++r) {
       if (r < m) {
@@ -75,40 +106,54 @@ __global__ void __launch_bounds__(kWarpSize* kWarpsPerBlock)
   }
 }
 
-template <int MaxM>
-void launch(const uint8_t* w, int64_t n_out, int64_t k, const __half* x, int m, float* y,
-            cudaStream_t stream) {
+template <int MaxM, typename Blocks>
+void launch(Blocks blocks, int64_t n_out, int64_t k, const __half* x, int m, float* y, cudaStream_t stream) {
   const auto grid = static_cast<unsigned>((n_out + kWarpsPerBlock - 1) / kWarpsPerBlock);
-  gemv_q4_0_kernel<MaxM><<<grid, kWarpSize * kWarpsPerBlock, 0, stream>>>(w, n_out, k, x, m, y);
+  gemv_q4_0_kernel<MaxM><<<grid, kWarpSize * kWarpsPerBlock, 0, stream>>>(blocks, n_out, k, x, m, y);
 }
 
-}  // namespace
-
-Status w4a16_gemv_q4_0(const uint8_t* w, int64_t n_out, int64_t k, const __half* x, int64_t m, float* y,
-                       cudaStream_t stream) {
-  if (w == nullptr || x == nullptr || y == nullptr) return Status::invalid_argument;
+// Shared argument checks (the weight pointers are checked by the callers) and the MaxM dispatch.
+template <typename Blocks>
+Status run(Blocks blocks, int64_t n_out, int64_t k, const __half* x, int64_t m, float* y,
+           cudaStream_t stream) {
+  if (x == nullptr || y == nullptr) return Status::invalid_argument;
   if (n_out < 0 || k < 0 || k % kQK4_0 != 0) return Status::invalid_argument;
   if (m < 1 || m > kW4A16GemvMaxM) return Status::invalid_argument;
-  if (reinterpret_cast<uintptr_t>(w) % 2 != 0 || reinterpret_cast<uintptr_t>(x) % 16 != 0) {
-    return Status::invalid_argument;
-  }
+  if (reinterpret_cast<uintptr_t>(x) % 16 != 0) return Status::invalid_argument;
   // The grid's x dimension is at most 2^31 - 1 blocks.
   if ((n_out + kWarpsPerBlock - 1) / kWarpsPerBlock > INT32_MAX) return Status::invalid_argument;
   if (n_out == 0) return Status::ok;
 
   const int mi = static_cast<int>(m);
   if (mi <= 1) {
-    launch<1>(w, n_out, k, x, mi, y, stream);
+    launch<1>(blocks, n_out, k, x, mi, y, stream);
   } else if (mi <= 4) {
-    launch<4>(w, n_out, k, x, mi, y, stream);
+    launch<4>(blocks, n_out, k, x, mi, y, stream);
   } else if (mi <= 8) {
-    launch<8>(w, n_out, k, x, mi, y, stream);
+    launch<8>(blocks, n_out, k, x, mi, y, stream);
   } else if (mi <= 16) {
-    launch<16>(w, n_out, k, x, mi, y, stream);
+    launch<16>(blocks, n_out, k, x, mi, y, stream);
   } else {
-    launch<32>(w, n_out, k, x, mi, y, stream);
+    launch<32>(blocks, n_out, k, x, mi, y, stream);
   }
   return cudaGetLastError() == cudaSuccess ? Status::ok : Status::device_error;
+}
+
+}  // namespace
+
+Status w4a16_gemv_q4_0(const uint8_t* w, int64_t n_out, int64_t k, const __half* x, int64_t m, float* y,
+                       cudaStream_t stream) {
+  if (w == nullptr || reinterpret_cast<uintptr_t>(w) % 2 != 0) return Status::invalid_argument;
+  return run(GgufBlocks{w}, n_out, k, x, m, y, stream);
+}
+
+Status w4a16_gemv_q4_0_split(const uint8_t* quants, const __half* scales, int64_t n_out, int64_t k,
+                             const __half* x, int64_t m, float* y, cudaStream_t stream) {
+  if (quants == nullptr || scales == nullptr || reinterpret_cast<uintptr_t>(quants) % 16 != 0 ||
+      reinterpret_cast<uintptr_t>(scales) % 2 != 0) {
+    return Status::invalid_argument;
+  }
+  return run(SplitBlocks{quants, scales}, n_out, k, x, m, y, stream);
 }
 
 }  // namespace nibble::kernels::cuda

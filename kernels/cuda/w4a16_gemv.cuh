@@ -3,7 +3,8 @@
 //   y[m, n_out] = x[m, k] · W[n_out, k]ᵀ,  1 <= m <= 32 (the memory-bound decode shape).
 // Weights are read straight from the GGUF layout (kernels::BlockQ4_0, 18 bytes per 32 elements:
 // fp16 scale d, element j in the low nibble of qs[j] and element j+16 in the high nibble, value
-// (q - 8) * d); no repacking.
+// (q - 8) * d), or repacked into the split layout of kernels/q4_0_split.hpp, whose nibbles are one
+// aligned 16-byte load per block (w4a16_gemv_q4_0_split; bit-identical results).
 #include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
 
@@ -24,5 +25,11 @@ constexpr int64_t kW4A16GemvMaxM = 32;
 // Returns invalid_argument (nothing launched) for a bad argument, device_error if the launch fails.
 Status w4a16_gemv_q4_0(const uint8_t* w, int64_t n_out, int64_t k, const __half* x, int64_t m, float* y,
                        cudaStream_t stream);
+
+// The same product from the split layout (kernels::split_q4_0), all device pointers:
+// quants: [n_out, k / 2] bytes, 16-byte aligned; scales: [n_out, k / 32] __half, 2-byte aligned;
+// x, y, k, m as above. Returns what w4a16_gemv_q4_0 returns, bit-identical results.
+Status w4a16_gemv_q4_0_split(const uint8_t* quants, const __half* scales, int64_t n_out, int64_t k,
+                             const __half* x, int64_t m, float* y, cudaStream_t stream);
 
 }  // namespace nibble::kernels::cuda

@@ -1,12 +1,52 @@
 #pragma once
-// Shared by the MPI test programs: on ranks other than 0 gtest's report is replaced by this
-// listener, which prints failed assertions only, prefixed with the rank.
+// Shared by the MPI test programs: this rank's place in MPI_COMM_WORLD, a per-rank temporary
+// directory, and the gtest set-up under which only rank 0 reports in full.
 #include <gtest/gtest.h>
 #include <mpi.h>
+#include <unistd.h>
 
 #include <cstdio>
+#include <filesystem>
+#include <stdexcept>
+#include <string>
+#include <system_error>
 
 namespace nibble::test {
+
+inline int world_rank() {
+  int rank = 0;
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  return rank;
+}
+
+inline int world_size() {
+  int size = 0;
+  MPI_Comm_size(MPI_COMM_WORLD, &size);
+  return size;
+}
+
+// A fresh directory for this rank's files (e.g. its copy of a model), removed by the destructor.
+class RankTempDir {
+ public:
+  RankTempDir() {
+    std::string pattern = (std::filesystem::temp_directory_path() / "nibble_rank_XXXXXX").string();
+    if (::mkdtemp(pattern.data()) == nullptr) throw std::runtime_error("mkdtemp failed");
+    path_ = pattern;
+  }
+  ~RankTempDir() {
+    std::error_code ignored;
+    std::filesystem::remove_all(path_, ignored);
+  }
+  RankTempDir(const RankTempDir&) = delete;
+  RankTempDir& operator=(const RankTempDir&) = delete;
+  const std::filesystem::path& path() const { return path_; }
+
+ private:
+  std::filesystem::path path_;
+};
+
+// On ranks other than 0 gtest's report is replaced by this listener, which prints failed
+// assertions only, prefixed with the rank.
 
 class FailurePrinter : public ::testing::EmptyTestEventListener {
  public:

@@ -28,6 +28,9 @@
 namespace nibble::parallel {
 namespace {
 
+using test::world_rank;
+using test::world_size;
+
 int g_tensor = 0;
 int g_pipeline = 0;
 
@@ -35,18 +38,6 @@ int g_pipeline = 0;
 const size_t kCounts[] = {1, 7, 1001, 65537};
 // A small odd chunk limit, so that the chunked code paths run on buffers that fit in memory.
 constexpr size_t kSmallChunk = 333;
-
-int world_rank() {
-  int rank = 0;
-  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-  return rank;
-}
-
-int world_size() {
-  int size = 0;
-  MPI_Comm_size(MPI_COMM_WORLD, &size);
-  return size;
-}
 
 std::vector<float> random_values(size_t count, uint32_t seed) {
   std::mt19937 generator(seed);

@@ -26,40 +26,25 @@
 namespace nibble::parallel {
 namespace {
 
-int world_rank() {
-  int rank = 0;
-  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-  return rank;
-}
-
-int world_size() {
-  int size = 0;
-  MPI_Comm_size(MPI_COMM_WORLD, &size);
-  return size;
-}
+using test::world_rank;
+using test::world_size;
 
 // This rank's copy of the project-made model (write_random_llama is deterministic), in a fresh
 // directory removed by the destructor. n_vocab 4093 splits unevenly.
 class RankModel {
  public:
-  explicit RankModel(kernels::DType type) {
-    std::string pattern = (std::filesystem::temp_directory_path() / "nibble_cudatp_XXXXXX").string();
-    if (::mkdtemp(pattern.data()) == nullptr) throw std::runtime_error("mkdtemp failed");
-    dir_ = pattern;
+  explicit RankModel(kernels::DType type) : path((dir_.path() / "model.gguf").string()) {
     model::LlamaShape shape = model::llama_shape_by_name("tiny");
     shape.n_vocab = n_vocab;
-    path = (dir_ / "model.gguf").string();
     model::write_random_llama(path, shape, type, 5);
   }
-  ~RankModel() {
-    std::error_code ignored;
-    std::filesystem::remove_all(dir_, ignored);
-  }
   static constexpr int64_t n_vocab = 4093;
-  std::string path;
 
  private:
-  std::filesystem::path dir_;
+  test::RankTempDir dir_;  // declared before path, which is made from it
+
+ public:
+  const std::string path;
 };
 
 // An 11-token prefill with logits for every token, then 3 decode steps: [11 + 3, n_vocab].
@@ -139,7 +124,7 @@ TEST(CudaTensorParallelMpi, NcclRanksOnTheirOwnGpusGatherTheWholeModelsLogits) {
 int main(int argc, char** argv) {
   MPI_Init(&argc, &argv);
   ::testing::InitGoogleTest(&argc, argv);
-  const int any_failed = nibble::test::run_all_tests_on_every_rank(nibble::parallel::world_rank());
+  const int any_failed = nibble::test::run_all_tests_on_every_rank(nibble::test::world_rank());
   MPI_Finalize();
   return any_failed;
 }

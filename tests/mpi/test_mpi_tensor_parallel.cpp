@@ -27,29 +27,8 @@
 namespace nibble::parallel {
 namespace {
 
-int world_rank() {
-  int rank = 0;
-  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-  return rank;
-}
-
-// A fresh directory for this rank's model file, removed by the destructor.
-class RankTempDir {
- public:
-  RankTempDir() {
-    std::string pattern = (std::filesystem::temp_directory_path() / "nibble_tp_XXXXXX").string();
-    if (::mkdtemp(pattern.data()) == nullptr) throw std::runtime_error("mkdtemp failed");
-    path_ = pattern;
-  }
-  ~RankTempDir() {
-    std::error_code ignored;
-    std::filesystem::remove_all(path_, ignored);
-  }
-  const std::filesystem::path& path() const { return path_; }
-
- private:
-  std::filesystem::path path_;
-};
+using test::RankTempDir;
+using test::world_rank;
 
 // An 11-token prefill with logits for every token, then 3 decode steps: [11 + 3, n_vocab].
 std::vector<float> run_conversation(worker::LlamaModel& model, kernels::ThreadPool& pool) {

@@ -14,39 +14,11 @@
 #include "kernels/q4_0_split.hpp"
 #include "kernels/quant_types.hpp"
 #include "kernels/quantize.hpp"
+#include "tests/cuda/cuda_test_util.hpp"
 
 namespace k = nibble::kernels;
 
-namespace {
-
-// Empty when a CUDA device is usable, otherwise why not.
-std::string no_device_reason() {
-  int count = 0;
-  const cudaError_t err = cudaGetDeviceCount(&count);
-  if (err != cudaSuccess) return cudaGetErrorString(err);
-  if (count == 0) return "cudaGetDeviceCount returned 0 devices";
-  return {};
-}
-
-#define NIBBLE_REQUIRE_CUDA_DEVICE()                                   \
-  do {                                                                 \
-    const std::string reason = no_device_reason();                     \
-    if (!reason.empty()) GTEST_SKIP() << "no CUDA device: " << reason; \
-  } while (0)
-
-// Owns one device allocation.
-template <typename T>
-struct DeviceBuffer {
-  T* ptr = nullptr;
-  explicit DeviceBuffer(size_t count) {
-    if (cudaMalloc(reinterpret_cast<void**>(&ptr), count * sizeof(T)) != cudaSuccess) ptr = nullptr;
-  }
-  ~DeviceBuffer() { cudaFree(ptr); }
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-};
-
-}  // namespace
+using nibble::cuda_test::DeviceBuffer;
 
 TEST(CudaW4A16Gemv, MatchesCpuReference) {
   NIBBLE_REQUIRE_CUDA_DEVICE();

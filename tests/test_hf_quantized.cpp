@@ -15,6 +15,7 @@
 #include <map>
 #include <nlohmann/json.hpp>
 
+#include "kernels/int4_groups.hpp"
 #include "kernels/quantize.hpp"
 #include "kernels/thread_pool.hpp"
 #include "model/hf_quantized.hpp"
@@ -165,6 +166,46 @@ TEST(HfQuantized, LayersLoadAsTheExpectedTypesAndExactOnesBitExact) {
       }
     }
     std::cout << e.variant << ": " << exact << " of " << 7 * c.n_layer << " layers bit-exact\n";
+  }
+}
+
+// The GPU reads these layers as group-wise INT4 (kernels/int4_groups.hpp, in CudaLlamaModel's
+// upload), 4.125 to 4.75 bits a weight instead of Q8_0's 8.5: every Q4_0 and Q8_0 layer of every
+// variant is exactly INT4 with one scale and zero per group at the checkpoint's own group size
+// (the largest of 128, 64, 32 dividing the row and within the group; per-channel: the row), and its
+// reference dequantization is the CPU's, value for value.
+TEST(HfQuantized, LayersAreExactlyGroupwiseInt4ForTheGpu) {
+  for (const Expectation& e : kExpected) {
+    SCOPED_TRACE(e.variant);
+    const auto ckpt = LlamaCheckpoint::open((data_root() / e.variant).string());
+    const auto q = read_hf_quantization(*ckpt->hf());
+    ASSERT_TRUE(q.has_value());
+    const LlamaWeights w = ckpt->bind_weights();
+    for (int64_t l = 0; l < ckpt->config().n_layer; ++l) {
+      for (int m = 0; m < 7; ++m) {
+        const WeightMatrix& matrix = w.layers[static_cast<size_t>(l)].matrix(kLayerMatrices[m]);
+        SCOPED_TRACE("layer " + std::to_string(l) + " " + kLinears[m]);
+        const int64_t group = q->group_size < 0 ? matrix.k : q->group_size;
+        int64_t want = 0;
+        for (const int64_t g : {int64_t{128}, int64_t{64}, int64_t{32}}) {
+          if (want == 0 && g <= group && matrix.k % g == 0) want = g;
+        }
+        ASSERT_EQ(kernels::int4_group_size(matrix.type, matrix.data, matrix.n_out, matrix.k), want);
+        const auto groups = static_cast<size_t>(matrix.n_out * matrix.k / want);
+        std::vector<uint8_t> quants(static_cast<size_t>(matrix.n_out * matrix.k / 2)), zeros(groups);
+        std::vector<uint16_t> scales(groups);
+        ASSERT_EQ(kernels::int4_groups_from_blocks(matrix.type, matrix.data, matrix.n_out, matrix.k, want,
+                                                   quants.data(), scales.data(), zeros.data()),
+                  kernels::Status::ok);
+        std::vector<float> cpu(static_cast<size_t>(matrix.n_out * matrix.k)), gpu(cpu.size());
+        ASSERT_EQ(kernels::dequantize_row(matrix.type, matrix.data, cpu.data(), matrix.n_out * matrix.k),
+                  kernels::Status::ok);
+        ASSERT_EQ(kernels::dequantize_int4_groups(quants.data(), scales.data(), zeros.data(), matrix.n_out,
+                                                  matrix.k, want, gpu.data()),
+                  kernels::Status::ok);
+        ASSERT_EQ(gpu, cpu);
+      }
+    }
   }
 }
 

@@ -25,6 +25,7 @@
 #include "kernels/cuda/swiglu.cuh"
 #include "kernels/cuda/w4a16_gemm.cuh"
 #include "kernels/cuda/w4a16_gemv.cuh"
+#include "kernels/int4_groups.hpp"
 #include "kernels/quant_types.hpp"
 #include "kernels/quantize.hpp"
 #include "worker/weight_shard.hpp"
@@ -106,35 +107,79 @@ std::shared_ptr<DeviceMemory> upload(const void* host, size_t bytes) {
   return mem;
 }
 
-// How a matrix is stored on the device: GGUF Q4_0 blocks as in the file, or fp16 rows (also for
-// act-order GPTQ matrices, whose grouped columns go back to input order on upload).
-enum class DeviceKind { q4_0, f16 };
-DeviceKind device_kind(const model::WeightMatrix& w) {
-  return w.type == kernels::DType::Q4_0 && w.input_order == nullptr ? DeviceKind::q4_0 : DeviceKind::f16;
+// How a matrix is stored on the device, read by the W4A16 kernels where its weights are 4-bit:
+//   q4_0         GGUF Q4_0 blocks as in the file
+//   q4_k         GGUF Q4_K super-blocks as in the file (k a multiple of 256)
+//   int4_groups  group-wise INT4 (kernels/int4_groups.hpp) recovered exactly from Q8_0 blocks of
+//                asymmetric GPTQ / AWQ, or from Q4_0 blocks that share scales over 64 or 128 inputs
+//                (symmetric GPTQ): 4.125 bits a weight at group 128
+//   f16          fp16 rows for everything else (Q8_0 of 8-bit weights, Q6_K, F32, ...; and act-order
+//                GPTQ matrices, whose grouped columns go back to input order on upload), cuBLAS
+// Lookup tables (the embedding) are only ever q4_0 or f16: that is what embedding_lookup_f16 reads.
+enum class DeviceKind { q4_0, q4_k, int4_groups, f16 };
+DeviceKind device_kind(const model::WeightMatrix& w, bool lookup = false) {
+  if (w.input_order != nullptr) return DeviceKind::f16;
+  if (w.type == kernels::DType::Q4_0) {
+    if (lookup) return DeviceKind::q4_0;
+    return kernels::int4_group_size(w.type, w.data, w.n_out, w.k) >= 64 ? DeviceKind::int4_groups
+                                                                        : DeviceKind::q4_0;
+  }
+  if (lookup) return DeviceKind::f16;
+  if (w.type == kernels::DType::Q4_K && w.k % kernels::kQK_K == 0) return DeviceKind::q4_k;
+  if (w.type == kernels::DType::Q8_0 && kernels::int4_group_size(w.type, w.data, w.n_out, w.k) > 0) {
+    return DeviceKind::int4_groups;
+  }
+  return DeviceKind::f16;
 }
 
 struct DeviceMatrix {
   DeviceKind kind = DeviceKind::f16;
   std::shared_ptr<DeviceMemory> mem;
   int64_t n_out = 0, k = 0;
+  // int4_groups: inputs per group, and where the scales ([n_out, k / group] fp16) and zeros
+  // ([n_out, k / group] bytes) follow the nibbles ([n_out, k / 2] bytes) in mem.
+  int64_t group = 0;
+  size_t scales_offset = 0, zeros_offset = 0;
   int64_t bytes() const { return mem != nullptr ? static_cast<int64_t>(mem->bytes()) : 0; }
 };
 
-// The rows of `parts` (same k and device kind) stacked into one device matrix.
-DeviceMatrix upload_matrix(std::initializer_list<const model::WeightMatrix*> parts) {
+// The rows of `parts` (same k and device kind) stacked into one device matrix; lookup: for
+// embedding_lookup_f16 (see device_kind).
+DeviceMatrix upload_matrix(std::initializer_list<const model::WeightMatrix*> parts, bool lookup = false) {
   DeviceMatrix d;
   const model::WeightMatrix& first = **parts.begin();
-  d.kind = device_kind(first);
+  d.kind = device_kind(first, lookup);
   d.k = first.k;
   for (const model::WeightMatrix* w : parts) {
     if (w->data == nullptr) throw std::invalid_argument("a weight matrix has no data to upload");
-    if (w->k != d.k || device_kind(*w) != d.kind) throw std::logic_error("upload_matrix: parts disagree");
+    if (w->k != d.k || device_kind(*w, lookup) != d.kind)
+      throw std::logic_error("upload_matrix: parts disagree");
     d.n_out += w->n_out;
   }
   std::vector<uint8_t> host;
-  if (d.kind == DeviceKind::q4_0) {
+  if (d.kind == DeviceKind::q4_0 || d.kind == DeviceKind::q4_k) {
     for (const model::WeightMatrix* w : parts)
       host.insert(host.end(), w->data, w->data + w->n_out * w->row_bytes());
+  } else if (d.kind == DeviceKind::int4_groups) {
+    // The narrowest group any part needs (an exact group of 128 is exact at 64 and 32 too).
+    d.group = 128;
+    for (const model::WeightMatrix* w : parts)
+      d.group = std::min(d.group, kernels::int4_group_size(w->type, w->data, w->n_out, w->k));
+    const auto groups = static_cast<size_t>(d.n_out * (d.k / d.group));
+    const auto quant_bytes = static_cast<size_t>(d.n_out * d.k / 2);
+    d.scales_offset = (quant_bytes + 15) / 16 * 16;
+    d.zeros_offset = d.scales_offset + groups * sizeof(uint16_t);
+    host.resize(d.zeros_offset + groups);
+    int64_t row = 0;
+    for (const model::WeightMatrix* w : parts) {
+      const int64_t g0 = row * (d.k / d.group);
+      check(kernels::int4_groups_from_blocks(w->type, w->data, w->n_out, w->k, d.group,
+                                             host.data() + row * d.k / 2,
+                                             reinterpret_cast<uint16_t*>(host.data() + d.scales_offset) + g0,
+                                             host.data() + d.zeros_offset + g0),
+            "int4_groups_from_blocks (weight upload)");
+      row += w->n_out;
+    }
   } else {
     host.resize(static_cast<size_t>(d.n_out * d.k) * sizeof(uint16_t));
     auto* out = reinterpret_cast<uint16_t*>(host.data());
@@ -370,12 +415,29 @@ struct CudaLlamaModel::Impl {
   }
 
   void matmul(const DeviceMatrix& w, const __half* x, int64_t m, float* y) {
-    if (w.kind == DeviceKind::q4_0) {
-      const uint8_t* wd = w.mem->as<uint8_t>();
-      check(m <= kc::kW4A16GemvMaxM ? kc::w4a16_gemv_q4_0(wd, w.n_out, w.k, x, m, y, stream)
-                                    : kc::w4a16_gemm_q4_0(wd, w.n_out, w.k, x, m, y, stream),
-            "W4A16 matmul");
-      return;
+    const bool gemv = m <= kc::kW4A16GemvMaxM;
+    const auto* wd = w.mem != nullptr ? w.mem->as<uint8_t>() : nullptr;
+    switch (w.kind) {
+      case DeviceKind::q4_0:
+        check(gemv ? kc::w4a16_gemv_q4_0(wd, w.n_out, w.k, x, m, y, stream)
+                   : kc::w4a16_gemm_q4_0(wd, w.n_out, w.k, x, m, y, stream),
+              "W4A16 matmul (Q4_0)");
+        return;
+      case DeviceKind::q4_k:
+        check(gemv ? kc::w4a16_gemv_q4_k(wd, w.n_out, w.k, x, m, y, stream)
+                   : kc::w4a16_gemm_q4_k(wd, w.n_out, w.k, x, m, y, stream),
+              "W4A16 matmul (Q4_K)");
+        return;
+      case DeviceKind::int4_groups: {
+        const auto* scales = reinterpret_cast<const __half*>(wd + w.scales_offset);
+        const uint8_t* zeros = wd + w.zeros_offset;
+        check(gemv ? kc::w4a16_gemv_int4_groups(wd, scales, zeros, w.group, w.n_out, w.k, x, m, y, stream)
+                   : kc::w4a16_gemm_int4_groups(wd, scales, zeros, w.group, w.n_out, w.k, x, m, y, stream),
+              "W4A16 matmul (INT4 groups)");
+        return;
+      }
+      case DeviceKind::f16:
+        break;
     }
     // Column-major view: W row-major [n_out, k] is W^T column-major with ld k; x [m, k] row-major is
     // column-major [k, m]; y = W x^T column-major [n_out, m] is row-major [m, n_out].
@@ -468,10 +530,10 @@ void CudaLlamaModel::Impl::upload_weights(model::LlamaWeights weights) {
   const model::WeightMatrix whole_embedding = weights.token_embd;  // every shard keeps every row
   const bool tied = weights.output.data == weights.token_embd.data;
   if (shard.size > 1) slice_weights(weights, split, config.head_dim, first_stage(), last_stage());
-  if (first_stage()) embedding = upload_matrix({&whole_embedding});
+  if (first_stage()) embedding = upload_matrix({&whole_embedding}, /*lookup=*/true);
   if (last_stage()) {
-    const bool share_head = first_stage() && shard.size == 1 && tied &&
-                            device_kind(weights.output) == device_kind(weights.token_embd);
+    const bool share_head =
+        first_stage() && shard.size == 1 && tied && device_kind(weights.output) == embedding.kind;
     head = share_head ? embedding : upload_matrix({&weights.output});
     output_norm = upload_floats(weights.output_norm);
   }

@@ -1,12 +1,12 @@
 #pragma once
-// CUDA prefill GEMM for GGUF Q4_0 weights and fp16 activations on tensor cores (WMMA 16×16×16,
-// fp32 accumulation): y[m, n_out] = x[m, k] · W[n_out, k]ᵀ for any m >= 1 (the many-row shape;
-// w4a16_gemv is the better choice for m <= 8 or so). Weights are read straight from the GGUF layout
-// (kernels::BlockQ4_0, 18 bytes per 32 elements, no repacking) and dequantized tile by tile into
-// shared memory as fp16.
+// CUDA prefill GEMM for 4-bit weights (GGUF Q4_0 and Q4_K, group-wise INT4) and fp16 activations on tensor
+// cores (WMMA 16×16×16, fp32 accumulation): y[m, n_out] = x[m, k] · W[n_out, k]ᵀ for any m >= 1 (the many-row
+// shape; w4a16_gemv is the better choice for m <= 8 or so). Weights are read in the layouts the GEMV reads
+// (the same readers, kernels/cuda/w4a16_weights.cuh) and dequantized tile by tile into shared memory
+// as fp16.
 //
-// Numerics: a dequantized weight (q - 8) · d needs up to 14 significant bits, so rounding it to fp16
-// for the tensor cores costs up to 2^-11 relative per weight (the GEMV keeps it exact in fp32). The
+// Numerics: a dequantized weight (q - 8) · d needs up to 14 significant bits (Q4_K's more), so rounding it to
+// fp16 for the tensor cores costs up to 2^-11 relative per weight (the GEMV keeps it exact in fp32). The
 // error stays below 2^-11 · Σ|x · w| (typically far below: the roundings have random signs).
 #include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
@@ -24,6 +24,15 @@ namespace nibble::kernels::cuda {
 // k must be a multiple of 32, m >= 1, n_out >= 0. Enqueues one kernel on `stream` (asynchronous).
 // Returns invalid_argument (nothing launched) for a bad argument, device_error if the launch fails.
 Status w4a16_gemm_q4_0(const uint8_t* w, int64_t n_out, int64_t k, const __half* x, int64_t m, float* y,
+                       cudaStream_t stream);
+
+// Group-wise INT4 (kernels/int4_groups.hpp); arguments as w4a16_gemv_int4_groups's, any m >= 1.
+Status w4a16_gemm_int4_groups(const uint8_t* quants, const __half* scales, const uint8_t* zeros,
+                              int64_t group, int64_t n_out, int64_t k, const __half* x, int64_t m, float* y,
+                              cudaStream_t stream);
+
+// GGUF Q4_K blocks as stored; arguments as w4a16_gemv_q4_k's (16-byte aligned, k % 256 == 0), any m >= 1.
+Status w4a16_gemm_q4_k(const uint8_t* w, int64_t n_out, int64_t k, const __half* x, int64_t m, float* y,
                        cudaStream_t stream);
 
 }  // namespace nibble::kernels::cuda

@@ -1,66 +1,33 @@
-// One warp per output row. Lane l handles the row's Q4_0 blocks l, l + 32, ...: it dequantizes the
-// block's 32 weights into registers once and uses them for every activation row, so each weight
+// One warp per output row. Lane l handles the row's 32-weight units l, l + 32, ...: it dequantizes the
+// unit's 32 weights into registers once and uses them for every activation row, so each weight
 // byte is read from memory exactly once per call. Partial sums are reduced with warp shuffles.
-// Two weight layouts share the kernel: GGUF blocks as stored, and the split layout whose 16-byte
-// nibble loads coalesce across the warp (kernels/q4_0_split.hpp).
+// Every weight layout shares the kernel through a loader that dequantizes one 32-weight unit: Q4_0
+// GGUF blocks as stored, the split layout whose 16-byte nibble loads coalesce across the warp
+// (kernels/q4_0_split.hpp), group-wise INT4 (kernels/int4_groups.hpp) and GGUF Q4_K super-blocks.
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include "kernels/cuda/w4a16_gemv.cuh"
-#include "kernels/quant_types.hpp"
+#include "kernels/cuda/w4a16_weights.cuh"
 
 namespace nibble::kernels::cuda {
 namespace {
 
+using w4a16::GgufQ4_0Blocks;
+using w4a16::Int4GroupBlocks;
+using w4a16::Q4KBlocks;
+using w4a16::SplitQ4_0Blocks;
+
 constexpr int kWarpSize = 32;
 constexpr int kWarpsPerBlock = 4;
 
-// Where a row's Q4_0 blocks are: GGUF's 18-byte blocks (read as nine 2-byte words, the only
-// alignment they have), or the split layout of kernels/q4_0_split.hpp (one 16-byte load of nibbles,
-// the scale from its own array). Both give the 32 dequantized weights of block b in element order.
-struct GgufBlocks {
-  const uint8_t* w;
-  __device__ void load(int64_t row, int64_t nb, int64_t b, float (&wv)[kQK4_0]) const {
-    const auto* blk =
-        reinterpret_cast<const uint16_t*>(w + (row * nb + b) * static_cast<int64_t>(sizeof(BlockQ4_0)));
-    const float d = __half2float(__ushort_as_half(__ldg(blk)));
-#pragma unroll
-    for (int j = 0; j < kQK4_0 / 4; ++j) {
-      const unsigned q2 = __ldg(blk + 1 + j);  // qs[2j] in the low byte, qs[2j+1] in the high byte
-      wv[2 * j] = d * static_cast<float>(static_cast<int>(q2 & 0xF) - 8);
-      wv[2 * j + 1] = d * static_cast<float>(static_cast<int>((q2 >> 8) & 0xF) - 8);
-      wv[2 * j + 16] = d * static_cast<float>(static_cast<int>((q2 >> 4) & 0xF) - 8);
-      wv[2 * j + 17] = d * static_cast<float>(static_cast<int>((q2 >> 12) & 0xF) - 8);
-    }
-  }
-};
-
-struct SplitBlocks {
-  const uint8_t* quants;
-  const __half* scales;
-  __device__ void load(int64_t row, int64_t nb, int64_t b, float (&wv)[kQK4_0]) const {
-    const uint4 q = __ldg(reinterpret_cast<const uint4*>(quants) + row * nb + b);
-    const float d = __half2float(__ldg(scales + row * nb + b));
-    const unsigned words[4] = {q.x, q.y, q.z, q.w};  // qs[4i..4i+3], little-endian
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-#pragma unroll
-      for (int t = 0; t < 4; ++t) {
-        const unsigned byte = (words[i] >> (8 * t)) & 0xFF;
-        wv[4 * i + t] = d * static_cast<float>(static_cast<int>(byte & 0xF) - 8);
-        wv[4 * i + t + 16] = d * static_cast<float>(static_cast<int>(byte >> 4) - 8);
-      }
-    }
-  }
-};
-
 // MaxM: compile-time upper bound on m, so the accumulators stay in registers; m <= MaxM at run time.
-// The arithmetic after the weights are loaded is the same for both layouts, so their results are
-// bit-identical.
+// The arithmetic after the weights are loaded is the same for every layout, so layouts that load the
+// same weights give bit-identical results.
 template <int MaxM, typename Blocks>
 __global__ void __launch_bounds__(kWarpSize* kWarpsPerBlock)
-    gemv_q4_0_kernel(Blocks blocks, int64_t n_out, int64_t k, const __half* __restrict__ x, int m,
-                     float* __restrict__ y) {
+    gemv_w4a16_kernel(Blocks blocks, int64_t n_out, int64_t k, const __half* __restrict__ x, int m,
+                      float* __restrict__ y) {
   const int lane = threadIdx.x % kWarpSize;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarpSize;
   if (row >= n_out) return;  // whole warps exit together: the shuffles below stay full-warp
@@ -109,7 +76,7 @@ __global__ void __launch_bounds__(kWarpSize* kWarpsPerBlock)
 template <int MaxM, typename Blocks>
 void launch(Blocks blocks, int64_t n_out, int64_t k, const __half* x, int m, float* y, cudaStream_t stream) {
   const auto grid = static_cast<unsigned>((n_out + kWarpsPerBlock - 1) / kWarpsPerBlock);
-  gemv_q4_0_kernel<MaxM><<<grid, kWarpSize * kWarpsPerBlock, 0, stream>>>(blocks, n_out, k, x, m, y);
+  gemv_w4a16_kernel<MaxM><<<grid, kWarpSize * kWarpsPerBlock, 0, stream>>>(blocks, n_out, k, x, m, y);
 }
 
 // Shared argument checks (the weight pointers are checked by the callers) and the MaxM dispatch.
@@ -144,7 +111,7 @@ Status run(Blocks blocks, int64_t n_out, int64_t k, const __half* x, int64_t m, 
 Status w4a16_gemv_q4_0(const uint8_t* w, int64_t n_out, int64_t k, const __half* x, int64_t m, float* y,
                        cudaStream_t stream) {
   if (w == nullptr || reinterpret_cast<uintptr_t>(w) % 2 != 0) return Status::invalid_argument;
-  return run(GgufBlocks{w}, n_out, k, x, m, y, stream);
+  return run(GgufQ4_0Blocks{w}, n_out, k, x, m, y, stream);
 }
 
 Status w4a16_gemv_q4_0_split(const uint8_t* quants, const __half* scales, int64_t n_out, int64_t k,
@@ -153,7 +120,26 @@ Status w4a16_gemv_q4_0_split(const uint8_t* quants, const __half* scales, int64_
       reinterpret_cast<uintptr_t>(scales) % 2 != 0) {
     return Status::invalid_argument;
   }
-  return run(SplitBlocks{quants, scales}, n_out, k, x, m, y, stream);
+  return run(SplitQ4_0Blocks{quants, scales}, n_out, k, x, m, y, stream);
+}
+
+Status w4a16_gemv_int4_groups(const uint8_t* quants, const __half* scales, const uint8_t* zeros,
+                              int64_t group, int64_t n_out, int64_t k, const __half* x, int64_t m, float* y,
+                              cudaStream_t stream) {
+  if (quants == nullptr || scales == nullptr || zeros == nullptr ||
+      reinterpret_cast<uintptr_t>(quants) % 16 != 0 || reinterpret_cast<uintptr_t>(scales) % 2 != 0) {
+    return Status::invalid_argument;
+  }
+  if ((group != 32 && group != 64 && group != 128) || k % group != 0) return Status::invalid_argument;
+  const int shift = group == 32 ? 0 : group == 64 ? 1 : 2;
+  return run(Int4GroupBlocks{quants, scales, zeros, shift}, n_out, k, x, m, y, stream);
+}
+
+Status w4a16_gemv_q4_k(const uint8_t* w, int64_t n_out, int64_t k, const __half* x, int64_t m, float* y,
+                       cudaStream_t stream) {
+  if (w == nullptr || reinterpret_cast<uintptr_t>(w) % 16 != 0 || k % kQK_K != 0)
+    return Status::invalid_argument;
+  return run(Q4KBlocks{w}, n_out, k, x, m, y, stream);
 }
 
 }  // namespace nibble::kernels::cuda

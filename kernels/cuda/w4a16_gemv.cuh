@@ -4,7 +4,8 @@
 // Weights are read straight from the GGUF layout (kernels::BlockQ4_0, 18 bytes per 32 elements:
 // fp16 scale d, element j in the low nibble of qs[j] and element j+16 in the high nibble, value
 // (q - 8) * d), or repacked into the split layout of kernels/q4_0_split.hpp, whose nibbles are one
-// aligned 16-byte load per block (w4a16_gemv_q4_0_split; bit-identical results).
+// aligned 16-byte load per block (w4a16_gemv_q4_0_split; bit-identical results). Also: group-wise
+// INT4 (GPTQ / AWQ style, kernels/int4_groups.hpp) and GGUF Q4_K super-blocks, read as stored.
 #include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
 
@@ -31,5 +32,19 @@ Status w4a16_gemv_q4_0(const uint8_t* w, int64_t n_out, int64_t k, const __half*
 // x, y, k, m as above. Returns what w4a16_gemv_q4_0 returns, bit-identical results.
 Status w4a16_gemv_q4_0_split(const uint8_t* quants, const __half* scales, int64_t n_out, int64_t k,
                              const __half* x, int64_t m, float* y, cudaStream_t stream);
+
+// Group-wise INT4 (kernels/int4_groups.hpp), all device pointers:
+// quants: [n_out, k / 2] bytes, 16-byte aligned; scales: [n_out, k / group] __half, 2-byte aligned;
+// zeros: [n_out, k / group] bytes; weight (q - z) * s. group: 32, 64 or 128, dividing k. x, y, m as
+// above. At group 32 with every zero 8 the results equal w4a16_gemv_q4_0_split's bit for bit.
+Status w4a16_gemv_int4_groups(const uint8_t* quants, const __half* scales, const uint8_t* zeros,
+                              int64_t group, int64_t n_out, int64_t k, const __half* x, int64_t m, float* y,
+                              cudaStream_t stream);
+
+// GGUF Q4_K (kernels::BlockQ4_K, 144 bytes per 256 weights), read as stored:
+// w: [n_out, k / 256] blocks, rows k / 256 * 144 bytes apart, 16-byte aligned; k a multiple of 256.
+// Each weight is (d * scale) * q - dmin * min rounded as kernels::dequantize_row rounds it.
+Status w4a16_gemv_q4_k(const uint8_t* w, int64_t n_out, int64_t k, const __half* x, int64_t m, float* y,
+                       cudaStream_t stream);
 
 }  // namespace nibble::kernels::cuda

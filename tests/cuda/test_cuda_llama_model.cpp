@@ -39,7 +39,9 @@
 #include <vector>
 
 #include "kernels/thread_pool.hpp"
+#include "model/gguf.hpp"
 #include "model/random_model.hpp"
+#include "model/requantize.hpp"
 #include "tests/cuda/cuda_test_util.hpp"
 #include "tests/support/test_support.hpp"
 #include "worker/cuda_llama_model.hpp"
@@ -222,6 +224,46 @@ INSTANTIATE_TEST_SUITE_P(Shapes, CudaLlamaModelRandom,
                            return std::string(std::get<0>(p.param).name) +
                                   (std::get<1>(p.param) ? "_decode_kernel" : "_general_kernel");
                          });
+
+// A layer matrix's device bytes when it is read by a W4A16 kernel: at most 4.5 bits a weight (Q4_0,
+// Q4_K; group-wise INT4 is 4.125 to 4.75), where an fp16 fallback would take 16. Embedding and head
+// (fp16 or Q4_0 or Q8_0-as-fp16 here) are counted at 2 bytes a weight.
+int64_t four_bit_weight_bytes_bound(const m::LlamaConfig& c) {
+  const int64_t per_layer =
+      c.n_embd * (c.q_dim() + 2 * c.kv_dim()) + c.q_dim() * c.n_embd + 3 * c.n_embd * c.n_ff;
+  const int64_t padding = 16 * 8;  // int4_groups pads its nibbles to 16 bytes, per matrix
+  return c.n_layer * (per_layer * 9 / 16 + padding) + 2 * c.n_vocab * c.n_embd * 2;
+}
+
+// Q4_K weights (a requantized random model; not pure, so embedding and head are Q8_0): the GPU reads
+// the Q4_K super-blocks as stored (w4a16_gemv_q4_k for decode, w4a16_gemm_q4_k for the prompt).
+TEST(CudaLlamaModel, Q4KModelMatchesTheCpu) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  t::TempDir dir;
+  m::LlamaShape shape = tiny_shape(256, 4, 2);
+  shape.n_ff = 768;  // Q4_K rows are whole 256-weight super-blocks
+  const std::string f32 = random_model(dir.path(), shape, k::DType::F32);
+  const std::string q4k = (dir.path() / "model-q4_k.gguf").string();
+  m::requantize_gguf(*m::GgufFile::open(f32), q4k, k::DType::Q4_K, /*pure=*/false);
+  compare_scenario(q4k, kQuantizedBound, /*decode_attention=*/true);
+  const auto checkpoint = m::LlamaCheckpoint::open(q4k);
+  w::CudaLlamaModel gpu(checkpoint);
+  EXPECT_LE(gpu.weight_bytes(), four_bit_weight_bytes_bound(checkpoint->config()));
+}
+
+// GPTQ / AWQ checkpoints (tests/data/gptq-tiny-llama): asymmetric AWQ at group 64 and per-channel
+// GPTQ are Q8_0 on the CPU and group-wise INT4 on the GPU; symmetric GPTQ at group 32 is Q4_0 on both.
+TEST(CudaLlamaModel, GptqAndAwqCheckpointsMatchTheCpu) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  for (const char* name : {"awq-g64", "gptq-perchannel-asym-v2", "gptq-g32-sym"}) {
+    SCOPED_TRACE(name);
+    const std::string path = (t::test_data_dir() / "gptq-tiny-llama" / name).string();
+    compare_scenario(path, kQuantizedBound, /*decode_attention=*/true);
+    const auto checkpoint = m::LlamaCheckpoint::open(path);
+    w::CudaLlamaModel gpu(checkpoint);
+    EXPECT_LE(gpu.weight_bytes(), four_bit_weight_bytes_bound(checkpoint->config()));
+  }
+}
 
 TEST(CudaLlamaModel, RejectsBadBatchesOnTheHost) {
   NIBBLE_REQUIRE_CUDA_DEVICE();

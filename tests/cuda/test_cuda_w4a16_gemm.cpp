@@ -1,5 +1,6 @@
-// The CUDA Q4_0 × fp16 tensor-core prefill GEMM against a plain CPU reference (double accumulation of
-// the exactly dequantized weights and the fp16 activations). Skips when there is no CUDA device.
+// The CUDA W4A16 tensor-core prefill GEMM (Q4_0, Q4_K, group-wise INT4) against a plain CPU reference (double
+// accumulation of the exactly dequantized weights and the fp16 activations). Skips when there is no CUDA
+// device.
 //
 // Error bound, relative to Σ|x · w| (|y| itself can cancel towards 0): the kernel rounds each
 // dequantized weight to fp16 (at most 2^-11 ≈ 4.9e-4 relative), the fp16 × fp16 products are exact
@@ -17,72 +18,82 @@
 #include <vector>
 
 #include "kernels/cuda/w4a16_gemm.cuh"
+#include "kernels/int4_groups.hpp"
 #include "kernels/quant_types.hpp"
 #include "kernels/quantize.hpp"
 #include "tests/cuda/cuda_test_util.hpp"
+#include "tests/cuda/w4a16_test_util.hpp"
 
 namespace k = nibble::kernels;
+using nibble::cuda_test::asymmetric_int4_blocks;
 using nibble::cuda_test::DeviceBuffer;
+using nibble::cuda_test::expect_matches_reference;
+using nibble::cuda_test::random_quantized;
 
 TEST(CudaW4A16Gemm, MatchesCpuReference) {
   NIBBLE_REQUIRE_CUDA_DEVICE();
   std::mt19937 rng(4321);
-  std::normal_distribution<float> normal(0.0f, 1.0f);
   struct Case {
     int64_t n_out, k;
   };
-  const Case cases[] = {{37, 4128}, {1001, 4128}, {4099, 96}, {64, 32}};
-  const int64_t ms[] = {1, 33, 64, 257};
-  for (const Case c : cases) {
-    const int64_t row_bytes = k::row_bytes(k::DType::Q4_0, c.k);
-    std::vector<uint8_t> wq(static_cast<size_t>(c.n_out * row_bytes));
-    std::vector<float> wf(static_cast<size_t>(c.n_out * c.k));
-    std::vector<float> row(static_cast<size_t>(c.k));
-    for (int64_t o = 0; o < c.n_out; ++o) {
-      for (auto& v : row) v = normal(rng) * 0.05f;
-      ASSERT_EQ(k::quantize_row(k::DType::Q4_0, row.data(), wq.data() + o * row_bytes, c.k), k::Status::ok);
-      ASSERT_EQ(k::dequantize_row(k::DType::Q4_0, wq.data() + o * row_bytes, wf.data() + o * c.k, c.k),
-                k::Status::ok);
-    }
+  for (const Case c : {Case{37, 4128}, Case{1001, 4128}, Case{4099, 96}, Case{64, 32}}) {
+    std::vector<uint8_t> wq;
+    std::vector<float> wf;
+    ASSERT_NO_FATAL_FAILURE(random_quantized(k::DType::Q4_0, c.n_out, c.k, rng, wq, wf));
     DeviceBuffer<uint8_t> dw(wq);
     ASSERT_NE(dw.ptr, nullptr);
-    for (const int64_t m : ms) {
-      SCOPED_TRACE("n_out=" + std::to_string(c.n_out) + " k=" + std::to_string(c.k) +
-                   " m=" + std::to_string(m));
-      std::vector<uint16_t> xh(static_cast<size_t>(m * c.k));
-      std::vector<float> xf(xh.size());
-      for (size_t i = 0; i < xh.size(); ++i) {
-        xh[i] = k::fp32_to_fp16(normal(rng));
-        xf[i] = k::fp16_to_fp32(xh[i]);
-      }
-      DeviceBuffer<uint16_t> dx(xh);
-      DeviceBuffer<float> dy(std::vector<float>(static_cast<size_t>(m * c.n_out), NAN));
-      ASSERT_TRUE(dx.ptr && dy.ptr);
-      ASSERT_EQ(k::cuda::w4a16_gemm_q4_0(dw.ptr, c.n_out, c.k, reinterpret_cast<const __half*>(dx.ptr), m,
-                                         dy.ptr, nullptr),
-                k::Status::ok);
-      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-      const std::vector<float> y = dy.to_host();
-      ASSERT_EQ(y.size(), static_cast<size_t>(m * c.n_out));
-      int bad = 0;
-      for (int64_t r = 0; r < m; ++r) {
-        for (int64_t o = 0; o < c.n_out; ++o) {
-          double ref = 0.0;
-          double mag = 0.0;
-          for (int64_t i = 0; i < c.k; ++i) {
-            const double p = static_cast<double>(xf[r * c.k + i]) * wf[o * c.k + i];
-            ref += p;
-            mag += std::fabs(p);
-          }
-          const double got = y[r * c.n_out + o];
-          const double rel = std::fabs(got - ref) / (mag > 0.0 ? mag : 1.0);
-          if (!(rel < 2e-3) && ++bad <= 5) {
-            ADD_FAILURE() << "y[" << r << ", " << o << "] = " << got << ", reference " << ref
-                          << ", relative error " << rel;
-          }
-        }
-      }
-      ASSERT_EQ(bad, 0);
+    for (const int64_t m : {int64_t{1}, int64_t{33}, int64_t{64}, int64_t{257}}) {
+      expect_matches_reference(wf, c.n_out, c.k, m, 2e-3, rng, [&](const __half* x, int64_t mm, float* y) {
+        return k::cuda::w4a16_gemm_q4_0(dw.ptr, c.n_out, c.k, x, mm, y, nullptr);
+      });
+    }
+  }
+}
+
+// GGUF Q4_K as stored (the weights of a Q4_K_M model's attention and FFN matrices).
+TEST(CudaW4A16Gemm, Q4KMatchesCpuReference) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  std::mt19937 rng(17);
+  struct Case {
+    int64_t n_out, k;
+  };
+  for (const Case c : {Case{37, 4352}, Case{1001, 512}, Case{130, 256}}) {
+    std::vector<uint8_t> wq;
+    std::vector<float> wf;
+    ASSERT_NO_FATAL_FAILURE(random_quantized(k::DType::Q4_K, c.n_out, c.k, rng, wq, wf));
+    DeviceBuffer<uint8_t> dw(wq);
+    ASSERT_NE(dw.ptr, nullptr);
+    for (const int64_t m : {int64_t{1}, int64_t{65}, int64_t{257}}) {
+      expect_matches_reference(wf, c.n_out, c.k, m, 2e-3, rng, [&](const __half* x, int64_t mm, float* y) {
+        return k::cuda::w4a16_gemm_q4_k(dw.ptr, c.n_out, c.k, x, mm, y, nullptr);
+      });
+    }
+  }
+}
+
+// Group-wise INT4 with asymmetric zeros (GPTQ / AWQ as loaded), groups of 32 and 128.
+TEST(CudaW4A16Gemm, Int4GroupsMatchCpuReference) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  std::mt19937 rng(23);
+  for (const int64_t group : {int64_t{32}, int64_t{128}}) {
+    const int64_t n_out = 1001, kk = 4224;
+    const std::vector<k::BlockQ8_0> blocks = asymmetric_int4_blocks(n_out, kk, group, rng);
+    std::vector<float> wf(static_cast<size_t>(n_out * kk));
+    ASSERT_EQ(k::dequantize_row(k::DType::Q8_0, blocks.data(), wf.data(), n_out * kk), k::Status::ok);
+    std::vector<uint8_t> quants(static_cast<size_t>(n_out * kk / 2)),
+        zeros(static_cast<size_t>(n_out * kk / group));
+    std::vector<uint16_t> scales(zeros.size());
+    ASSERT_EQ(k::int4_groups_from_blocks(k::DType::Q8_0, blocks.data(), n_out, kk, group, quants.data(),
+                                         scales.data(), zeros.data()),
+              k::Status::ok);
+    DeviceBuffer<uint8_t> dq(quants), dz(zeros);
+    DeviceBuffer<uint16_t> ds(scales);
+    ASSERT_TRUE(dq.ptr && dz.ptr && ds.ptr);
+    for (const int64_t m : {int64_t{1}, int64_t{100}}) {
+      expect_matches_reference(wf, n_out, kk, m, 2e-3, rng, [&](const __half* x, int64_t mm, float* y) {
+        return k::cuda::w4a16_gemm_int4_groups(dq.ptr, reinterpret_cast<const __half*>(ds.ptr), dz.ptr, group,
+                                               n_out, kk, x, mm, y, nullptr);
+      });
     }
   }
 }

@@ -1,99 +1,128 @@
-// The CUDA Q4_0 × fp16 decode GEMV against a plain CPU reference (double accumulation of the
-// dequantized weights and the fp16 activations). Skips when there is no CUDA device.
+// The CUDA W4A16 decode GEMV (Q4_0, Q4_K, group-wise INT4) against a plain CPU reference (double
+// accumulation of the dequantized weights and the fp16 activations).
+//
+// Error bound: every x (fp16) and every dequantized weight is exact in fp32, so the kernel's only
+// errors are the fp32 roundings of its k products-and-sums (FMAs) and of the shuffle reduction: at
+// most about (k + 5) * 2^-24 * sum|x * w| ≈ 2.6e-4 * sum|x * w| for k = 4352, against a 1e-3 bound. Skips
+// when there is no CUDA device.
 #include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
 #include <gtest/gtest.h>
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <random>
 #include <string>
 #include <vector>
 
 #include "kernels/cuda/w4a16_gemv.cuh"
+#include "kernels/int4_groups.hpp"
 #include "kernels/q4_0_split.hpp"
 #include "kernels/quant_types.hpp"
 #include "kernels/quantize.hpp"
 #include "tests/cuda/cuda_test_util.hpp"
+#include "tests/cuda/w4a16_test_util.hpp"
 
 namespace k = nibble::kernels;
 
+using nibble::cuda_test::asymmetric_int4_blocks;
 using nibble::cuda_test::DeviceBuffer;
+using nibble::cuda_test::expect_matches_reference;
+using nibble::cuda_test::random_quantized;
 
 TEST(CudaW4A16Gemv, MatchesCpuReference) {
   NIBBLE_REQUIRE_CUDA_DEVICE();
   std::mt19937 rng(1234);
-  std::normal_distribution<float> normal(0.0f, 1.0f);
-  const int64_t n_outs[] = {1, 37, 4099};
-  const int64_t ks[] = {32, 96, 4128};
-  const int64_t ms[] = {1, 3, 16, 32};
-  for (const int64_t n_out : n_outs) {
-    for (const int64_t kk : ks) {
-      // Random weights, quantized to Q4_0 by the project's quantizer, then dequantized back: the
-      // reference uses exactly the values the kernel sees.
-      const int64_t row_bytes = k::row_bytes(k::DType::Q4_0, kk);
-      std::vector<uint8_t> wq(static_cast<size_t>(n_out * row_bytes));
-      std::vector<float> wf(static_cast<size_t>(n_out * kk));
-      std::vector<float> row(static_cast<size_t>(kk));
-      for (int64_t o = 0; o < n_out; ++o) {
-        for (auto& v : row) v = normal(rng) * 0.05f;
-        ASSERT_EQ(k::quantize_row(k::DType::Q4_0, row.data(), wq.data() + o * row_bytes, kk), k::Status::ok);
-        ASSERT_EQ(k::dequantize_row(k::DType::Q4_0, wq.data() + o * row_bytes, wf.data() + o * kk, kk),
-                  k::Status::ok);
-      }
-      DeviceBuffer<uint8_t> dw(wq.size());
+  for (const int64_t n_out : {int64_t{1}, int64_t{37}, int64_t{4099}}) {
+    for (const int64_t kk : {int64_t{32}, int64_t{96}, int64_t{4128}}) {
+      std::vector<uint8_t> wq;
+      std::vector<float> wf;
+      ASSERT_NO_FATAL_FAILURE(random_quantized(k::DType::Q4_0, n_out, kk, rng, wq, wf));
+      DeviceBuffer<uint8_t> dw(wq);
       ASSERT_NE(dw.ptr, nullptr);
-      ASSERT_EQ(cudaMemcpy(dw.ptr, wq.data(), wq.size(), cudaMemcpyHostToDevice), cudaSuccess);
+      for (const int64_t m : {int64_t{1}, int64_t{3}, int64_t{16}, int64_t{32}}) {
+        expect_matches_reference(wf, n_out, kk, m, 1e-3, rng, [&](const __half* x, int64_t mm, float* y) {
+          return k::cuda::w4a16_gemv_q4_0(dw.ptr, n_out, kk, x, mm, y, nullptr);
+        });
+      }
+    }
+  }
+}
 
-      for (const int64_t m : ms) {
-        SCOPED_TRACE("n_out=" + std::to_string(n_out) + " k=" + std::to_string(kk) +
-                     " m=" + std::to_string(m));
-        std::vector<k::f16_bits> xh(static_cast<size_t>(m * kk));
-        std::vector<float> xf(xh.size());
-        for (size_t i = 0; i < xh.size(); ++i) {
-          xh[i] = k::fp32_to_fp16(normal(rng));
-          xf[i] = k::fp16_to_fp32(xh[i]);
-        }
-        DeviceBuffer<k::f16_bits> dx(xh.size());
-        DeviceBuffer<float> dy(static_cast<size_t>(m * n_out));
-        ASSERT_NE(dx.ptr, nullptr);
-        ASSERT_NE(dy.ptr, nullptr);
-        ASSERT_EQ(cudaMemcpy(dx.ptr, xh.data(), xh.size() * sizeof(k::f16_bits), cudaMemcpyHostToDevice),
-                  cudaSuccess);
-        ASSERT_EQ(cudaMemset(dy.ptr, 0xff, static_cast<size_t>(m * n_out) * sizeof(float)),
-                  cudaSuccess);  // NaNs
-        ASSERT_EQ(k::cuda::w4a16_gemv_q4_0(dw.ptr, n_out, kk, reinterpret_cast<const __half*>(dx.ptr), m,
-                                           dy.ptr, nullptr),
+// GGUF Q4_K read as stored: two super-blocks' worth of odd row counts, and a long row (k = 4352,
+// 17 super-blocks), so every sub-block's 6-bit scale and min unpacking and both nibble halves are used.
+TEST(CudaW4A16Gemv, Q4KMatchesCpuReference) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  std::mt19937 rng(99);
+  for (const int64_t n_out : {int64_t{1}, int64_t{37}, int64_t{4099}}) {
+    for (const int64_t kk : {int64_t{256}, int64_t{512}, int64_t{4352}}) {
+      std::vector<uint8_t> wq;
+      std::vector<float> wf;
+      ASSERT_NO_FATAL_FAILURE(random_quantized(k::DType::Q4_K, n_out, kk, rng, wq, wf));
+      DeviceBuffer<uint8_t> dw(wq);
+      ASSERT_NE(dw.ptr, nullptr);
+      for (const int64_t m : {int64_t{1}, int64_t{5}, int64_t{32}}) {
+        expect_matches_reference(wf, n_out, kk, m, 1e-3, rng, [&](const __half* x, int64_t mm, float* y) {
+          return k::cuda::w4a16_gemv_q4_k(dw.ptr, n_out, kk, x, mm, y, nullptr);
+        });
+      }
+    }
+  }
+  DeviceBuffer<uint8_t> dw(static_cast<size_t>(2 * 144 + 16));
+  DeviceBuffer<k::f16_bits> dx(512);
+  DeviceBuffer<float> dy(2);
+  const auto* x = reinterpret_cast<const __half*>(dx.ptr);
+  EXPECT_EQ(k::cuda::w4a16_gemv_q4_k(dw.ptr, 1, 288, x, 1, dy.ptr, nullptr), k::Status::invalid_argument);
+  EXPECT_EQ(k::cuda::w4a16_gemv_q4_k(dw.ptr + 2, 1, 256, x, 1, dy.ptr, nullptr), k::Status::invalid_argument);
+  EXPECT_EQ(cudaGetLastError(), cudaSuccess);
+}
+
+// Group-wise INT4 with asymmetric zeros, as GPTQ / AWQ checkpoints load (model/hf_quantized.hpp):
+// Q8_0 blocks of "level minus zero" with one scale per group, converted by int4_groups_from_blocks.
+TEST(CudaW4A16Gemv, Int4GroupsMatchCpuReference) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  std::mt19937 rng(7);
+  for (const int64_t group : {int64_t{32}, int64_t{128}}) {
+    for (const int64_t n_out : {int64_t{1}, int64_t{37}, int64_t{4099}}) {
+      for (const int64_t kk : {int64_t{128}, int64_t{384}, int64_t{4224}}) {
+        const std::vector<k::BlockQ8_0> blocks = asymmetric_int4_blocks(n_out, kk, group, rng);
+        std::vector<float> wf(static_cast<size_t>(n_out * kk));
+        ASSERT_EQ(k::dequantize_row(k::DType::Q8_0, blocks.data(), wf.data(), n_out * kk), k::Status::ok);
+        ASSERT_EQ(k::int4_group_size(k::DType::Q8_0, blocks.data(), n_out, kk), group);
+        std::vector<uint8_t> quants(static_cast<size_t>(n_out * kk / 2)),
+            zeros(static_cast<size_t>(n_out * kk / group));
+        std::vector<uint16_t> scales(zeros.size());
+        ASSERT_EQ(k::int4_groups_from_blocks(k::DType::Q8_0, blocks.data(), n_out, kk, group, quants.data(),
+                                             scales.data(), zeros.data()),
                   k::Status::ok);
-        ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-        std::vector<float> y(static_cast<size_t>(m * n_out));
-        ASSERT_EQ(cudaMemcpy(y.data(), dy.ptr, y.size() * sizeof(float), cudaMemcpyDeviceToHost),
-                  cudaSuccess);
-
-        // Error bound: every x (fp16) and every dequantized weight (q - 8) * d (a 4-bit integer times
-        // an fp16 scale) is exact in fp32, so the kernel's only errors are the fp32 roundings of its
-        // k products-and-sums (FMAs) and of the shuffle reduction: at most about (k + 5) * 2^-24 *
-        // sum|x * w| ≈ 2.5e-4 * sum|x * w| for k = 4128. The error is therefore measured relative to
-        // sum|x * w| (not |y|, which can cancel towards 0), against a 1e-3 bound.
-        int bad = 0;
-        for (int64_t r = 0; r < m; ++r) {
-          for (int64_t o = 0; o < n_out; ++o) {
-            double ref = 0.0;
-            double mag = 0.0;
-            for (int64_t i = 0; i < kk; ++i) {
-              const double p = static_cast<double>(xf[r * kk + i]) * wf[o * kk + i];
-              ref += p;
-              mag += std::fabs(p);
-            }
-            const double got = y[r * n_out + o];
-            const double rel = std::fabs(got - ref) / (mag > 0.0 ? mag : 1.0);
-            if (!(rel < 1e-3) && ++bad <= 5) {
-              ADD_FAILURE() << "y[" << r << ", " << o << "] = " << got << ", reference " << ref
-                            << ", relative error " << rel;
-            }
-          }
+        DeviceBuffer<uint8_t> dq(quants), dz(zeros);
+        DeviceBuffer<uint16_t> ds(scales);
+        ASSERT_TRUE(dq.ptr && dz.ptr && ds.ptr);
+        const auto* sp = reinterpret_cast<const __half*>(ds.ptr);
+        for (const int64_t m : {int64_t{1}, int64_t{7}, int64_t{32}}) {
+          expect_matches_reference(wf, n_out, kk, m, 1e-3, rng, [&](const __half* x, int64_t mm, float* y) {
+            return k::cuda::w4a16_gemv_int4_groups(dq.ptr, sp, dz.ptr, group, n_out, kk, x, mm, y, nullptr);
+          });
         }
-        ASSERT_EQ(bad, 0);
+        if (n_out == 37 &&
+            kk == 384) {  // group 128 does not divide 96 inputs; misaligned quants; a null zero
+          DeviceBuffer<float> dy(static_cast<size_t>(n_out));
+          DeviceBuffer<k::f16_bits> dx(static_cast<size_t>(kk));
+          const auto* x = reinterpret_cast<const __half*>(dx.ptr);
+          EXPECT_EQ(
+              k::cuda::w4a16_gemv_int4_groups(dq.ptr, sp, dz.ptr, 128, n_out, 96, x, 1, dy.ptr, nullptr),
+              k::Status::invalid_argument);
+          EXPECT_EQ(k::cuda::w4a16_gemv_int4_groups(dq.ptr, sp, dz.ptr, 48, n_out, kk, x, 1, dy.ptr, nullptr),
+                    k::Status::invalid_argument);
+          EXPECT_EQ(k::cuda::w4a16_gemv_int4_groups(dq.ptr + 8, sp, dz.ptr, group, n_out, kk, x, 1, dy.ptr,
+                                                    nullptr),
+                    k::Status::invalid_argument);
+          EXPECT_EQ(
+              k::cuda::w4a16_gemv_int4_groups(dq.ptr, sp, nullptr, group, n_out, kk, x, 1, dy.ptr, nullptr),
+              k::Status::invalid_argument);
+          EXPECT_EQ(cudaGetLastError(), cudaSuccess);
+        }
       }
     }
   }
@@ -189,6 +218,55 @@ TEST(CudaW4A16Gemv, SplitLayoutEqualsGgufLayoutBitForBit) {
                 k::Status::invalid_argument);
       EXPECT_EQ(k::cuda::w4a16_gemv_q4_0_split(dq.ptr, nullptr, n_out, kk, x, 1, dy.ptr, nullptr),
                 k::Status::invalid_argument);
+    }
+  }
+}
+
+// Group-wise INT4 made from Q4_0 blocks (zero 8) loads the very weights the Q4_0 kernels load, and
+// runs the same arithmetic: outputs equal the GGUF-layout kernel's bit for bit, at group 32 (any
+// GGUF Q4_0) and at group 128 (symmetric GPTQ: four blocks sharing a scale). A wrong group index
+// or zero would differ at once.
+TEST(CudaW4A16Gemv, Int4GroupsOfQ4_0EqualQ4_0BitForBit) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  std::mt19937 rng(5);
+  std::uniform_int_distribution<int> byte(0, 255);
+  std::uniform_real_distribution<float> scale(0.001f, 0.02f);
+  const int64_t n_out = 1001, kk = 4224;
+  for (const int64_t group : {int64_t{32}, int64_t{128}}) {
+    SCOPED_TRACE("group " + std::to_string(group));
+    std::vector<k::BlockQ4_0> blocks(static_cast<size_t>(n_out * kk / 32));
+    for (size_t b = 0; b < blocks.size(); ++b) {
+      blocks[b].d = b % static_cast<size_t>(group / 32) == 0 ? k::fp32_to_fp16(scale(rng)) : blocks[b - 1].d;
+      for (auto& q : blocks[b].qs) q = static_cast<uint8_t>(byte(rng));
+    }
+    ASSERT_EQ(k::int4_group_size(k::DType::Q4_0, blocks.data(), n_out, kk), group == 32 ? 32 : 128);
+    std::vector<uint8_t> quants(static_cast<size_t>(n_out * kk / 2)),
+        zeros(static_cast<size_t>(n_out * kk / group));
+    std::vector<uint16_t> scales(zeros.size());
+    ASSERT_EQ(k::int4_groups_from_blocks(k::DType::Q4_0, blocks.data(), n_out, kk, group, quants.data(),
+                                         scales.data(), zeros.data()),
+              k::Status::ok);
+    std::vector<uint8_t> raw(blocks.size() * sizeof(k::BlockQ4_0));
+    std::memcpy(raw.data(), blocks.data(), raw.size());
+    DeviceBuffer<uint8_t> dw(raw), dq(quants), dz(zeros);
+    DeviceBuffer<uint16_t> ds(scales);
+    ASSERT_TRUE(dw.ptr && dq.ptr && dz.ptr && ds.ptr);
+    for (const int64_t m : {int64_t{1}, int64_t{9}, int64_t{32}}) {
+      std::vector<k::f16_bits> xh(static_cast<size_t>(m * kk));
+      std::normal_distribution<float> normal(0.0f, 1.0f);
+      for (auto& v : xh) v = k::fp32_to_fp16(normal(rng));
+      DeviceBuffer<k::f16_bits> dx(xh);
+      DeviceBuffer<float> dy(static_cast<size_t>(m * n_out)), dy_groups(static_cast<size_t>(m * n_out));
+      ASSERT_TRUE(dx.ptr && dy.ptr && dy_groups.ptr);
+      const auto* x = reinterpret_cast<const __half*>(dx.ptr);
+      ASSERT_EQ(k::cuda::w4a16_gemv_q4_0(dw.ptr, n_out, kk, x, m, dy.ptr, nullptr), k::Status::ok);
+      ASSERT_EQ(k::cuda::w4a16_gemv_int4_groups(dq.ptr, reinterpret_cast<const __half*>(ds.ptr), dz.ptr,
+                                                group, n_out, kk, x, m, dy_groups.ptr, nullptr),
+                k::Status::ok);
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      const std::vector<float> y = dy.to_host(), y_groups = dy_groups.to_host();
+      ASSERT_EQ(y.size(), y_groups.size());
+      for (size_t i = 0; i < y.size(); ++i) ASSERT_EQ(y_groups[i], y[i]) << "m=" << m << " output " << i;
     }
   }
 }

@@ -1,0 +1,165 @@
+#pragma once
+// Device-side readers of the W4A16 weight layouts, shared by the decode GEMV (w4a16_gemv) and the
+// prefill GEMM (w4a16_gemm). Each reader's load(row, nb, b, wv) dequantizes the 32 weights of unit b
+// (inputs 32b .. 32b + 31) of weight row `row`, whose rows hold nb = k / 32 units, into fp32
+// registers in input order. The kernels only see this interface, so a layout's arithmetic is the
+// same in both, and a new layout is one struct.
+//
+// The readers are __host__ __device__: on the host, load_ro is a plain load and the rounded products
+// are plain float arithmetic (the host build has no FMA contraction), so the CPU test
+// test_w4a16_weight_readers checks each reader's indexing and arithmetic against
+// kernels::dequantize_row without a GPU.
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "kernels/quant_types.hpp"
+
+namespace nibble::kernels::cuda::w4a16 {
+
+// #pragma unroll for device code only (the host compiler warns about the pragma).
+#if defined(__CUDA_ARCH__)
+#define NIBBLE_DEVICE_UNROLL _Pragma("unroll")
+#else
+#define NIBBLE_DEVICE_UNROLL
+#endif
+
+// A read-only load: through the read-only data cache on the device.
+template <typename T>
+__host__ __device__ inline T load_ro(const T* p) {
+#if defined(__CUDA_ARCH__)
+  return __ldg(p);
+#else
+  return *p;
+#endif
+}
+
+// a * b and a - b rounded once each: never fused into an FMA, so the device rounds as the CPU does.
+__host__ __device__ inline float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+__host__ __device__ inline float sub_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fsub_rn(a, b);
+#else
+  return a - b;
+#endif
+}
+
+// Where a row's Q4_0 blocks are: GGUF's 18-byte blocks (read as nine 2-byte words, the only
+// alignment they have), or the split layout of kernels/q4_0_split.hpp (one 16-byte load of nibbles,
+// the scale from its own array). Both give the 32 dequantized weights of block b in element order.
+struct GgufQ4_0Blocks {
+  const uint8_t* w;
+  __host__ __device__ void load(int64_t row, int64_t nb, int64_t b, float (&wv)[kQK4_0]) const {
+    const auto* blk =
+        reinterpret_cast<const uint16_t*>(w + (row * nb + b) * static_cast<int64_t>(sizeof(BlockQ4_0)));
+    const float d = __half2float(__ushort_as_half(load_ro(blk)));
+    NIBBLE_DEVICE_UNROLL
+    for (int j = 0; j < kQK4_0 / 4; ++j) {
+      const unsigned q2 = load_ro(blk + 1 + j);  // qs[2j] in the low byte, qs[2j+1] in the high byte
+      wv[2 * j] = d * static_cast<float>(static_cast<int>(q2 & 0xF) - 8);
+      wv[2 * j + 1] = d * static_cast<float>(static_cast<int>((q2 >> 8) & 0xF) - 8);
+      wv[2 * j + 16] = d * static_cast<float>(static_cast<int>((q2 >> 4) & 0xF) - 8);
+      wv[2 * j + 17] = d * static_cast<float>(static_cast<int>((q2 >> 12) & 0xF) - 8);
+    }
+  }
+};
+
+struct SplitQ4_0Blocks {
+  const uint8_t* quants;
+  const __half* scales;
+  __host__ __device__ void load(int64_t row, int64_t nb, int64_t b, float (&wv)[kQK4_0]) const {
+    const uint4 q = load_ro(reinterpret_cast<const uint4*>(quants) + row * nb + b);
+    const float d = __half2float(load_ro(scales + row * nb + b));
+    const unsigned words[4] = {q.x, q.y, q.z, q.w};  // qs[4i..4i+3], little-endian
+    NIBBLE_DEVICE_UNROLL
+    for (int i = 0; i < 4; ++i) {
+      NIBBLE_DEVICE_UNROLL
+      for (int t = 0; t < 4; ++t) {
+        const unsigned byte = (words[i] >> (8 * t)) & 0xFF;
+        wv[4 * i + t] = d * static_cast<float>(static_cast<int>(byte & 0xF) - 8);
+        wv[4 * i + t + 16] = d * static_cast<float>(static_cast<int>(byte >> 4) - 8);
+      }
+    }
+  }
+};
+
+// Group-wise INT4 (kernels/int4_groups.hpp): the split layout's nibbles with one fp16 scale and one
+// zero per group of 32 << group_shift inputs. At group 32 with zeros of 8 its weights are the split
+// layout's, computed the same way (d * float(q - z)), so the results are bit-identical.
+struct Int4GroupBlocks {
+  const uint8_t* quants;
+  const __half* scales;
+  const uint8_t* zeros;
+  int group_shift;  // log2(group / 32)
+  __host__ __device__ void load(int64_t row, int64_t nb, int64_t b, float (&wv)[kQK4_0]) const {
+    const uint4 q = load_ro(reinterpret_cast<const uint4*>(quants) + row * nb + b);
+    const int64_t g = (row * nb + b) >> group_shift;  // rows are whole groups
+    const float d = __half2float(load_ro(scales + g));
+    const int z = load_ro(zeros + g);
+    const unsigned words[4] = {q.x, q.y, q.z, q.w};
+    NIBBLE_DEVICE_UNROLL
+    for (int i = 0; i < 4; ++i) {
+      NIBBLE_DEVICE_UNROLL
+      for (int t = 0; t < 4; ++t) {
+        const unsigned byte = (words[i] >> (8 * t)) & 0xFF;
+        wv[4 * i + t] = d * static_cast<float>(static_cast<int>(byte & 0xF) - z);
+        wv[4 * i + t + 16] = d * static_cast<float>(static_cast<int>(byte >> 4) - z);
+      }
+    }
+  }
+};
+
+// GGUF Q4_K super-blocks as stored (144 bytes per 256 weights, so 16-byte aligned when the matrix
+// is): 32-weight unit b is sub-block b % 8 of super-block b / 8. Its 16-byte header (d, dmin, 12
+// bytes of 6-bit scales and mins) is one load; its 32 levels are the low (even sub-block) or high
+// (odd) nibbles of the 32 qs bytes it shares with its neighbour, which reads the same two 16-byte
+// loads (an L1 hit: each byte still comes from memory once). The value is
+// (d * scale) * q - dmin * min, rounded as the CPU's dequantize_row rounds it (no FMA contraction).
+struct Q4KBlocks {
+  const uint8_t* w;
+  __host__ __device__ void load(int64_t row, int64_t nb, int64_t b, float (&wv)[kQK4_0]) const {
+    const int64_t super_blocks = nb / (kQK_K / kQK4_0);
+    const uint8_t* blk =
+        w + (row * super_blocks + b / (kQK_K / kQK4_0)) * static_cast<int64_t>(sizeof(BlockQ4_K));
+    const int j = static_cast<int>(b % (kQK_K / kQK4_0));
+    const uint4 head = load_ro(reinterpret_cast<const uint4*>(blk));
+    const float d = __half2float(__ushort_as_half(static_cast<unsigned short>(head.x & 0xFFFF)));
+    const float dmin = __half2float(__ushort_as_half(static_cast<unsigned short>(head.x >> 16)));
+    // BlockQ4_K::scales[i] (header bytes 4..15), from the words: no local array to index at run time.
+    const auto sc = [&head](int i) -> int {
+      const unsigned word = i < 4 ? head.y : i < 8 ? head.z : head.w;
+      return static_cast<int>((word >> (8 * (i % 4))) & 0xFF);
+    };
+    int scale, min;
+    if (j < 4) {  // unpacked as kernels/quant_internal.hpp's q4_k_scale_min does
+      scale = sc(j) & 63;
+      min = sc(j + 4) & 63;
+    } else {
+      scale = (sc(j + 4) & 0xF) | ((sc(j - 4) >> 6) << 4);
+      min = (sc(j + 4) >> 4) | ((sc(j) >> 6) << 4);
+    }
+    const float ds = mul_rn(d, static_cast<float>(scale));
+    const float dm = mul_rn(dmin, static_cast<float>(min));
+    const auto* qs = reinterpret_cast<const uint4*>(blk + 16 + 32 * (j / 2));
+    const uint4 q0 = load_ro(qs);
+    const uint4 q1 = load_ro(qs + 1);
+    const unsigned words[8] = {q0.x, q0.y, q0.z, q0.w, q1.x, q1.y, q1.z, q1.w};
+    const int shift = 4 * (j % 2);
+    NIBBLE_DEVICE_UNROLL
+    for (int i = 0; i < 8; ++i) {
+      NIBBLE_DEVICE_UNROLL
+      for (int t = 0; t < 4; ++t) {
+        const unsigned level = (words[i] >> (8 * t + shift)) & 0xF;
+        wv[4 * i + t] = sub_rn(mul_rn(ds, static_cast<float>(level)), dm);
+      }
+    }
+  }
+};
+
+}  // namespace nibble::kernels::cuda::w4a16

@@ -1,0 +1,138 @@
+// The W4A16 kernels' weight readers (kernels/cuda/w4a16_weights.cuh) compiled for the host: each
+// reader's 32 weights of every unit of every row equal the CPU's dequantization bit for bit (Q4_0,
+// the split Q4_0 layout, group-wise INT4, Q4_K), on random blocks of odd sizes. This runs without a
+// GPU, so the indexing and arithmetic that the GEMV and GEMM share are checked on every machine;
+// test_cuda_w4a16_gemv / _gemm check the kernels around them on a GPU.
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "kernels/cuda/w4a16_weights.cuh"
+#include "kernels/int4_groups.hpp"
+#include "kernels/q4_0_split.hpp"
+#include "kernels/quant_types.hpp"
+#include "kernels/quantize.hpp"
+
+namespace k = nibble::kernels;
+namespace w4a16 = nibble::kernels::cuda::w4a16;
+
+namespace {
+
+// Bytes in 16-byte aligned storage, as device allocations are.
+struct Aligned {
+  std::vector<uint4> storage;
+  explicit Aligned(const void* data, size_t bytes) : storage((bytes + 15) / 16) {
+    std::memcpy(storage.data(), data, bytes);
+  }
+  const uint8_t* bytes() const { return reinterpret_cast<const uint8_t*>(storage.data()); }
+};
+
+// Every unit of every row read by `reader` against want: [n_out, k].
+template <typename Reader>
+void expect_reads(const Reader& reader, int64_t n_out, int64_t kk, const std::vector<float>& want) {
+  const int64_t nb = kk / k::kQK4_0;
+  for (int64_t r = 0; r < n_out; ++r) {
+    for (int64_t b = 0; b < nb; ++b) {
+      float wv[k::kQK4_0];
+      reader.load(r, nb, b, wv);
+      for (int j = 0; j < k::kQK4_0; ++j) {
+        ASSERT_EQ(wv[j], want[static_cast<size_t>(r * kk + b * k::kQK4_0 + j)])
+            << "row " << r << " unit " << b << " weight " << j;
+      }
+    }
+  }
+}
+
+std::vector<uint8_t> random_rows(k::DType type, int64_t n_out, int64_t kk, std::mt19937& rng) {
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  const int64_t rb = k::row_bytes(type, kk);
+  std::vector<uint8_t> blocks(static_cast<size_t>(n_out * rb));
+  std::vector<float> row(static_cast<size_t>(kk));
+  for (int64_t o = 0; o < n_out; ++o) {
+    // Rows of different magnitudes and offsets, so K-quant mins and scales vary.
+    const float scale = 0.01f + 0.2f * static_cast<float>(o % 5);
+    const float offset = static_cast<float>(o % 3) * 0.1f;
+    for (float& v : row) v = normal(rng) * scale + offset;
+    EXPECT_EQ(k::quantize_row(type, row.data(), blocks.data() + o * rb, kk), k::Status::ok);
+  }
+  return blocks;
+}
+
+std::vector<float> dequantized(k::DType type, const void* blocks, int64_t n_out, int64_t kk) {
+  std::vector<float> out(static_cast<size_t>(n_out * kk));
+  EXPECT_EQ(k::dequantize_row(type, blocks, out.data(), n_out * kk), k::Status::ok);
+  return out;
+}
+
+}  // namespace
+
+TEST(W4A16WeightReaders, Q4_0BothLayoutsReadTheCpuWeights) {
+  std::mt19937 rng(1);
+  for (const int64_t n_out : {int64_t{1}, int64_t{7}}) {
+    for (const int64_t kk : {int64_t{32}, int64_t{160}, int64_t{4128}}) {
+      SCOPED_TRACE("n_out=" + std::to_string(n_out) + " k=" + std::to_string(kk));
+      const std::vector<uint8_t> blocks = random_rows(k::DType::Q4_0, n_out, kk, rng);
+      const std::vector<float> want = dequantized(k::DType::Q4_0, blocks.data(), n_out, kk);
+      const Aligned gguf(blocks.data(), blocks.size());
+      expect_reads(w4a16::GgufQ4_0Blocks{gguf.bytes()}, n_out, kk, want);
+      std::vector<uint8_t> quants(static_cast<size_t>(n_out * kk / 2));
+      std::vector<uint16_t> scales(static_cast<size_t>(n_out * kk / 32));
+      ASSERT_EQ(k::split_q4_0(blocks.data(), n_out, kk, quants.data(), scales.data()), k::Status::ok);
+      const Aligned q(quants.data(), quants.size()), s(scales.data(), scales.size() * 2);
+      expect_reads(w4a16::SplitQ4_0Blocks{q.bytes(), reinterpret_cast<const __half*>(s.bytes())}, n_out, kk,
+                   want);
+    }
+  }
+}
+
+TEST(W4A16WeightReaders, Q4KReadsTheCpuWeights) {
+  std::mt19937 rng(2);
+  for (const int64_t n_out : {int64_t{1}, int64_t{5}}) {
+    for (const int64_t kk : {int64_t{256}, int64_t{768}, int64_t{4352}}) {
+      SCOPED_TRACE("n_out=" + std::to_string(n_out) + " k=" + std::to_string(kk));
+      const std::vector<uint8_t> blocks = random_rows(k::DType::Q4_K, n_out, kk, rng);
+      const std::vector<float> want = dequantized(k::DType::Q4_K, blocks.data(), n_out, kk);
+      const Aligned w(blocks.data(), blocks.size());
+      expect_reads(w4a16::Q4KBlocks{w.bytes()}, n_out, kk, want);
+    }
+  }
+}
+
+TEST(W4A16WeightReaders, Int4GroupsReadTheCpuWeights) {
+  std::mt19937 rng(3);
+  std::uniform_int_distribution<int> level(0, 15), zero(0, 16);
+  std::uniform_real_distribution<float> scale(0.001f, 0.5f);
+  for (const int64_t group : {int64_t{32}, int64_t{64}, int64_t{128}}) {
+    for (const int64_t n_out : {int64_t{1}, int64_t{9}}) {
+      const int64_t kk = 384;
+      SCOPED_TRACE("group=" + std::to_string(group) + " n_out=" + std::to_string(n_out));
+      // Q8_0 blocks of asymmetric INT4 (GPTQ / AWQ as loaded): per group one scale, one zero.
+      std::vector<k::BlockQ8_0> blocks(static_cast<size_t>(n_out * kk / 32));
+      for (int64_t g = 0; g < n_out * kk / group; ++g) {
+        const k::f16_bits d = k::fp32_to_fp16(scale(rng));
+        const int z = zero(rng);
+        for (int64_t b = 0; b < group / 32; ++b) {
+          blocks[static_cast<size_t>(g * group / 32 + b)].d = d;
+          for (auto& v : blocks[static_cast<size_t>(g * group / 32 + b)].qs)
+            v = static_cast<int8_t>(level(rng) - z);
+        }
+      }
+      const std::vector<float> want = dequantized(k::DType::Q8_0, blocks.data(), n_out, kk);
+      std::vector<uint8_t> quants(static_cast<size_t>(n_out * kk / 2)),
+          zeros(static_cast<size_t>(n_out * kk / group));
+      std::vector<uint16_t> scales(zeros.size());
+      ASSERT_EQ(k::int4_groups_from_blocks(k::DType::Q8_0, blocks.data(), n_out, kk, group, quants.data(),
+                                           scales.data(), zeros.data()),
+                k::Status::ok);
+      const Aligned q(quants.data(), quants.size()), s(scales.data(), scales.size() * 2),
+          z(zeros.data(), zeros.size());
+      const int shift = group == 32 ? 0 : group == 64 ? 1 : 2;
+      expect_reads(
+          w4a16::Int4GroupBlocks{q.bytes(), reinterpret_cast<const __half*>(s.bytes()), z.bytes(), shift},
+          n_out, kk, want);
+    }
+  }
+}

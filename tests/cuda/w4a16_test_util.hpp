@@ -1,0 +1,106 @@
+#pragma once
+// Helpers shared by the W4A16 kernel tests (GEMV and GEMM): random quantized weights with their
+// exact dequantization, and the comparison of a kernel's output with a double-precision reference.
+#include <cuda_fp16.h>
+#include <cuda_runtime_api.h>
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "kernels/quant_types.hpp"
+#include "kernels/quantize.hpp"
+#include "tests/cuda/cuda_test_util.hpp"
+
+namespace nibble::cuda_test {
+
+namespace k = nibble::kernels;
+
+// Runs launch(x, m, y) (device pointers; x: [m, k] fp16, y: [m, n_out] float) on random activations
+// and compares y with a double-precision product of x and wf: [n_out, k], the weights the kernel
+// should see, dequantized on the CPU.
+//
+// The error is measured relative to sum|x * w| (not |y|, which can cancel towards 0) against `bound`;
+// each test says why its bound holds.
+template <typename Launch>
+void expect_matches_reference(const std::vector<float>& wf, int64_t n_out, int64_t kk, int64_t m,
+                              double bound, std::mt19937& rng, Launch launch) {
+  SCOPED_TRACE("n_out=" + std::to_string(n_out) + " k=" + std::to_string(kk) + " m=" + std::to_string(m));
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<k::f16_bits> xh(static_cast<size_t>(m * kk));
+  std::vector<float> xf(xh.size());
+  for (size_t i = 0; i < xh.size(); ++i) {
+    xh[i] = k::fp32_to_fp16(normal(rng));
+    xf[i] = k::fp16_to_fp32(xh[i]);
+  }
+  DeviceBuffer<k::f16_bits> dx(xh.size());
+  DeviceBuffer<float> dy(static_cast<size_t>(m * n_out));
+  ASSERT_NE(dx.ptr, nullptr);
+  ASSERT_NE(dy.ptr, nullptr);
+  ASSERT_EQ(cudaMemcpy(dx.ptr, xh.data(), xh.size() * sizeof(k::f16_bits), cudaMemcpyHostToDevice),
+            cudaSuccess);
+  ASSERT_EQ(cudaMemset(dy.ptr, 0xff, static_cast<size_t>(m * n_out) * sizeof(float)), cudaSuccess);  // NaNs
+  ASSERT_EQ(launch(reinterpret_cast<const __half*>(dx.ptr), m, dy.ptr), k::Status::ok);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  std::vector<float> y(static_cast<size_t>(m * n_out));
+  ASSERT_EQ(cudaMemcpy(y.data(), dy.ptr, y.size() * sizeof(float), cudaMemcpyDeviceToHost), cudaSuccess);
+  int bad = 0;
+  for (int64_t r = 0; r < m; ++r) {
+    for (int64_t o = 0; o < n_out; ++o) {
+      double ref = 0.0;
+      double mag = 0.0;
+      for (int64_t i = 0; i < kk; ++i) {
+        const double p = static_cast<double>(xf[r * kk + i]) * wf[o * kk + i];
+        ref += p;
+        mag += std::fabs(p);
+      }
+      const double got = y[r * n_out + o];
+      const double rel = std::fabs(got - ref) / (mag > 0.0 ? mag : 1.0);
+      if (!(rel < bound) && ++bad <= 5) {
+        ADD_FAILURE() << "y[" << r << ", " << o << "] = " << got << ", reference " << ref
+                      << ", relative error " << rel;
+      }
+    }
+  }
+  ASSERT_EQ(bad, 0);
+}
+
+// n_out rows of k random weights quantized by the project's quantizer to `type` (wq), and the same
+// rows dequantized back (wf): the reference uses exactly the values the kernel sees.
+inline void random_quantized(k::DType type, int64_t n_out, int64_t kk, std::mt19937& rng,
+                             std::vector<uint8_t>& wq, std::vector<float>& wf) {
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  const int64_t row_bytes = k::row_bytes(type, kk);
+  wq.assign(static_cast<size_t>(n_out * row_bytes), 0);
+  wf.assign(static_cast<size_t>(n_out * kk), 0.0f);
+  std::vector<float> row(static_cast<size_t>(kk));
+  for (int64_t o = 0; o < n_out; ++o) {
+    for (auto& v : row) v = normal(rng) * 0.05f;
+    ASSERT_EQ(k::quantize_row(type, row.data(), wq.data() + o * row_bytes, kk), k::Status::ok);
+    ASSERT_EQ(k::dequantize_row(type, wq.data() + o * row_bytes, wf.data() + o * kk, kk), k::Status::ok);
+  }
+}
+
+// Q8_0 blocks holding asymmetric group-wise INT4, as model/hf_quantized.hpp loads GPTQ / AWQ: per
+// group of `group` inputs one random fp16 scale and zero z in 0..15, every value a level 0..15 minus z.
+inline std::vector<k::BlockQ8_0> asymmetric_int4_blocks(int64_t n_out, int64_t kk, int64_t group,
+                                                        std::mt19937& rng) {
+  std::uniform_int_distribution<int> level(0, 15), zero(0, 15);
+  std::uniform_real_distribution<float> scale(0.001f, 0.02f);
+  std::vector<k::BlockQ8_0> blocks(static_cast<size_t>(n_out * kk / 32));
+  for (int64_t g = 0; g < n_out * kk / group; ++g) {
+    const k::f16_bits d = k::fp32_to_fp16(scale(rng));
+    const int z = zero(rng);
+    for (int64_t b = 0; b < group / 32; ++b) {
+      k::BlockQ8_0& blk = blocks[static_cast<size_t>(g * group / 32 + b)];
+      blk.d = d;
+      for (auto& q : blk.qs) q = static_cast<int8_t>(level(rng) - z);
+    }
+  }
+  return blocks;
+}
+
+}  // namespace nibble::cuda_test

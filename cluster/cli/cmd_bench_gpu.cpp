@@ -307,9 +307,9 @@ int run_kernels(const Args& a) {
   if (!a.json) {
     std::printf("device: %s\ncopy bandwidth (read + write): %.0f GB/s\n\n", result.device.c_str(),
                 result.copy_gbps);
-    std::printf("%-12s %4s | %10s %8s %6s | %8s %6s | %10s %8s | %8s | %11s %8s\n", "k x n_out", "m",
-                "W4A16 us", "GB/s", "%copy", "split us", "%copy", "cuBLAS us", "GB/s", "vs fp16",
-                "tinygemm us", "vs tg");
+    std::printf("%-12s %4s | %10s %8s %6s | %8s %6s | %8s %6s | %8s %6s | %10s %8s | %8s | %11s %8s %8s\n",
+                "k x n_out", "m", "W4A16 us", "GB/s", "%copy", "split us", "%copy", "g128 us", "%copy",
+                "Q4_K us", "%copy", "cuBLAS us", "GB/s", "vs fp16", "tinygemm us", "vs tg", "g128/tg");
   }
   for (const auto& r : result.rows) {
     const double ours_gbps = r.ours_bytes / (r.ours_us * 1e-6) / 1e9;
@@ -330,9 +330,19 @@ int run_kernels(const Args& a) {
       row["w4a16_split_us"] = r.split_us;
       row["split_gbps"] = r.ours_bytes / (r.split_us * 1e-6) / 1e9;
     }
+    if (r.g128_us > 0) {
+      row["w4a16_g128_us"] = r.g128_us;
+      row["g128_gbps"] = r.g128_bytes / (r.g128_us * 1e-6) / 1e9;
+      row["g128_speedup_vs_cublas"] = r.cublas_us / r.g128_us;
+    }
+    if (r.q4k_us > 0) {
+      row["w4a16_q4k_us"] = r.q4k_us;
+      row["q4k_gbps"] = r.q4k_bytes / (r.q4k_us * 1e-6) / 1e9;
+    }
     if (tg_us > 0) {
       row["tinygemm_us"] = tg_us;
       row["speedup_vs_tinygemm"] = tg_us / r.ours_us;
+      if (r.g128_us > 0) row["g128_speedup_vs_tinygemm"] = tg_us / r.g128_us;
     }
     rows.push_back(row);
     if (!a.json) {
@@ -341,17 +351,21 @@ int run_kernels(const Args& a) {
                     static_cast<long long>(r.shape.n_out));
       std::printf("%-12s %4lld | %10.1f %8.0f %5.0f%% |", shape, static_cast<long long>(r.m), r.ours_us,
                   ours_gbps, 100.0 * ours_gbps / result.copy_gbps);
-      if (r.split_us > 0) {
-        const double split_gbps = r.ours_bytes / (r.split_us * 1e-6) / 1e9;
-        std::printf(" %8.1f %5.0f%% |", r.split_us, 100.0 * split_gbps / result.copy_gbps);
-      } else {
-        std::printf(" %8s %6s |", "-", "-");
-      }
+      const auto timed = [&](double us, double bytes) {
+        if (us > 0)
+          std::printf(" %8.1f %5.0f%% |", us, 100.0 * bytes / (us * 1e-6) / 1e9 / result.copy_gbps);
+        else
+          std::printf(" %8s %6s |", "-", "-");
+      };
+      timed(r.split_us, r.ours_bytes);
+      timed(r.g128_us, r.g128_bytes);
+      timed(r.q4k_us, r.q4k_bytes);
       std::printf(" %10.1f %8.0f | %7.2fx |", r.cublas_us, cublas_gbps, r.cublas_us / r.ours_us);
       if (tg_us > 0)
-        std::printf(" %11.1f %7.2fx\n", tg_us, tg_us / r.ours_us);
+        std::printf(" %11.1f %7.2fx %7.2fx\n", tg_us, tg_us / r.ours_us,
+                    r.g128_us > 0 ? tg_us / r.g128_us : 0.0);
       else
-        std::printf(" %11s %8s\n", "-", "-");
+        std::printf(" %11s %8s %8s\n", "-", "-", "-");
     }
   }
   if (a.json) {
@@ -362,7 +376,11 @@ int run_kernels(const Args& a) {
     std::printf(
         "\nW4A16 = GGUF Q4_0 weights x fp16 activations, fp32 accumulation (m <= 32: w4a16_gemv, above: the "
         "tensor-core w4a16_gemm). split = the same GEMV on the split layout (16-byte nibble loads, "
-        "kernels/q4_0_split.hpp). GB/s counts the bytes each product must move.\n");
+        "kernels/q4_0_split.hpp). g128 = group-wise INT4, one fp16 scale and zero per 128 weights (GPTQ / "
+        "AWQ, "
+        "kernels/int4_groups.hpp; tinygemm's grouping). Q4_K = GGUF Q4_K super-blocks as stored. %%copy and "
+        "GB/s "
+        "count the bytes each product must move.\n");
   }
   return 0;
 }

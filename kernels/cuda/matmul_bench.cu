@@ -162,6 +162,59 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
       });
     }
   }
+  std::vector<double> g128(ms.size(), 0.0), q4k(ms.size(), 0.0);
+  const size_t g128_quant_bytes = static_cast<size_t>(n * k / 2);
+  const size_t g128_groups = static_cast<size_t>(n * (k / 128));
+  // nibbles, then scales, then zeros, each 16-byte aligned (as CudaLlamaModel stores them)
+  const size_t g128_stride = (g128_quant_bytes + g128_groups * 2 + g128_groups + 15) / 16 * 16;
+  const size_t g128_bytes = g128_quant_bytes + g128_groups * 3;
+  if (k % 128 == 0) {
+    const int copies = copies_for(g128_stride, l2_bytes);
+    DeviceMemory w(g128_stride * copies);
+    for (int c = 0; c < copies; ++c) {
+      uint8_t* base = static_cast<uint8_t*>(w.ptr) + g128_stride * c;
+      fill_halves<<<kFillGrid, kFillBlock, 0, stream>>>(
+          reinterpret_cast<__half*>(base), static_cast<int64_t>(g128_quant_bytes / 2), 1.0f, 23 + c);
+      fill_halves<<<kFillGrid, kFillBlock, 0, stream>>>(reinterpret_cast<__half*>(base + g128_quant_bytes),
+                                                        static_cast<int64_t>(g128_groups), 0.01f, 29 + c);
+      check(cudaMemsetAsync(base + g128_quant_bytes + g128_groups * 2, 8, g128_groups, stream), "zeros");
+    }
+    check(cudaGetLastError(), "fill group-128 weights");
+    for (size_t mi = 0; mi < ms.size(); ++mi) {
+      const int64_t m = ms[mi];
+      g128[mi] = time_us(stream, iterations, repetitions, [&](int i) {
+        const uint8_t* base =
+            static_cast<const uint8_t*>(w.ptr) + g128_stride * static_cast<size_t>(i % copies);
+        const auto* scales = reinterpret_cast<const __half*>(base + g128_quant_bytes);
+        const uint8_t* zeros = base + g128_quant_bytes + g128_groups * 2;
+        auto* yf = static_cast<float*>(y.ptr);
+        const Status st = m <= kW4A16GemvMaxM
+                              ? w4a16_gemv_int4_groups(base, scales, zeros, 128, n, k, xh, m, yf, stream)
+                              : w4a16_gemm_int4_groups(base, scales, zeros, 128, n, k, xh, m, yf, stream);
+        if (st != Status::ok)
+          throw BenchFailure(std::string("W4A16 group-128 kernel failed: ") + status_name(st));
+      });
+    }
+  }
+  const size_t q4k_bytes = static_cast<size_t>(n * (k / kQK_K)) * sizeof(BlockQ4_K);
+  if (k % kQK_K == 0) {
+    const int copies = copies_for(q4k_bytes, l2_bytes);
+    DeviceMemory w(q4k_bytes * copies);
+    // Random halves: every d and dmin an ordinary small number, the rest random bits.
+    fill_halves<<<kFillGrid, kFillBlock, 0, stream>>>(
+        static_cast<__half*>(w.ptr), static_cast<int64_t>(q4k_bytes / 2) * copies, 0.01f, 31);
+    check(cudaGetLastError(), "fill Q4_K weights");
+    for (size_t mi = 0; mi < ms.size(); ++mi) {
+      const int64_t m = ms[mi];
+      q4k[mi] = time_us(stream, iterations, repetitions, [&](int i) {
+        const uint8_t* wi = static_cast<const uint8_t*>(w.ptr) + q4k_bytes * static_cast<size_t>(i % copies);
+        const Status st = m <= kW4A16GemvMaxM
+                              ? w4a16_gemv_q4_k(wi, n, k, xh, m, static_cast<float*>(y.ptr), stream)
+                              : w4a16_gemm_q4_k(wi, n, k, xh, m, static_cast<float*>(y.ptr), stream);
+        if (st != Status::ok) throw BenchFailure(std::string("W4A16 Q4_K kernel failed: ") + status_name(st));
+      });
+    }
+  }
   {
     DeviceMemory w(f16_bytes * f16_copies);
     fill_halves<<<kFillGrid, kFillBlock, 0, stream>>>(static_cast<__half*>(w.ptr), n * k * f16_copies, 0.02f,
@@ -188,6 +241,10 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
     row.ours_us = ours[mi];
     row.ours_kernel = ms[mi] <= kW4A16GemvMaxM ? "gemv" : "gemm";
     row.split_us = split[mi];
+    row.g128_us = g128[mi];
+    row.q4k_us = q4k[mi];
+    row.g128_bytes = static_cast<double>(g128_bytes) + 2.0 * ms[mi] * k + 4.0 * ms[mi] * n;
+    row.q4k_bytes = static_cast<double>(q4k_bytes) + 2.0 * ms[mi] * k + 4.0 * ms[mi] * n;
     row.cublas_us = theirs[mi];
     row.ours_bytes = static_cast<double>(q4_bytes) + 2.0 * ms[mi] * k + 4.0 * ms[mi] * n;
     row.cublas_bytes = static_cast<double>(f16_bytes) + 2.0 * ms[mi] * k + 2.0 * ms[mi] * n;

@@ -17,6 +17,7 @@
 #include "kernels/cuda/attention_decode.cuh"
 #include "kernels/cuda/convert.cuh"
 #include "kernels/cuda/embedding.cuh"
+#include "kernels/cuda/int4_groups.cuh"
 #include "kernels/cuda/paged_attention.cuh"
 #include "kernels/cuda/random_weights.cuh"
 #include "kernels/cuda/residual_norm.cuh"
@@ -281,6 +282,35 @@ DeviceMatrix dummy_matrix(int64_t k, ShardRange cols, const std::vector<DummyPar
   return d;
 }
 
+// A Q4_0 matrix made on the device (dummy weights) as group-wise INT4 at the widest group dividing
+// its rows (128 for every Llama shape): 4.19 bits a weight instead of 4.5, as a GPTQ group-128
+// checkpoint would be. Every block of a dummy matrix has the same scale (random_q4_0_scale), so the
+// conversion is exact, and the device checks that it was.
+DeviceMatrix to_int4_groups(const DeviceMatrix& q4, cudaStream_t stream) {
+  DeviceMatrix d;
+  d.kind = DeviceKind::int4_groups;
+  d.n_out = q4.n_out;
+  d.k = q4.k;
+  d.group = q4.k % 128 == 0 ? 128 : q4.k % 64 == 0 ? 64 : 32;
+  const auto groups = static_cast<size_t>(d.n_out * (d.k / d.group));
+  d.scales_offset = (static_cast<size_t>(d.n_out * d.k / 2) + 15) / 16 * 16;
+  d.zeros_offset = d.scales_offset + groups * sizeof(uint16_t);
+  d.mem = std::make_shared<DeviceMemory>(d.zeros_offset + groups);
+  DeviceMemory mismatch(sizeof(int32_t));
+  cuda_check(cudaMemsetAsync(mismatch.as<int32_t>(), 0, sizeof(int32_t), stream), "cudaMemsetAsync");
+  uint8_t* base = d.mem->as<uint8_t>();
+  check(kc::int4_groups_from_q4_0(q4.mem->as<uint8_t>(), d.n_out, d.k, d.group, base,
+                                  reinterpret_cast<uint16_t*>(base + d.scales_offset), base + d.zeros_offset,
+                                  mismatch.as<int32_t>(), stream),
+        "int4_groups_from_q4_0 (dummy weights)");
+  int32_t host = 0;
+  cuda_check(cudaMemcpyAsync(&host, mismatch.as<int32_t>(), sizeof host, cudaMemcpyDeviceToHost, stream),
+             "cudaMemcpyAsync");
+  cuda_check(cudaStreamSynchronize(stream), "int4_groups_from_q4_0");  // before q4 and mismatch are freed
+  if (host != 0) throw std::logic_error("dummy weights: a Q4_0 group holds more than one scale");
+  return d;
+}
+
 // Layer `layer`'s matrices `which` stacked, each part cut to rows[i] and every part to cols.
 DeviceMatrix dummy_layer_matrix(const model::LlamaCheckpoint& ckpt, int64_t layer,
                                 std::initializer_list<std::pair<model::LayerMatrix, ShardRange>> which,
@@ -292,7 +322,7 @@ DeviceMatrix dummy_layer_matrix(const model::LlamaCheckpoint& ckpt, int64_t laye
     parts.push_back({model::layer_matrix_shape(c, m).first,
                      ckpt.dummy_tensor_seed(model::DummyTensor::matrix, layer, m), rows});
   }
-  return dummy_matrix(k, cols, parts, stream);
+  return to_int4_groups(dummy_matrix(k, cols, parts, stream), stream);
 }
 
 // Batches up to this many tokens are replayed from captured graphs with CudaModelOptions::graphs.
@@ -503,8 +533,10 @@ void CudaLlamaModel::Impl::make_dummy_weights() {
                      {{c.n_vocab, ckpt.dummy_tensor_seed(DummyTensor::embedding), whole(c.n_vocab)}}, stream);
   }
   if (last_stage()) {
-    head = dummy_matrix(c.n_embd, whole(c.n_embd),
-                        {{c.n_vocab, ckpt.dummy_tensor_seed(DummyTensor::head), split.vocab}}, stream);
+    head = to_int4_groups(
+        dummy_matrix(c.n_embd, whole(c.n_embd),
+                     {{c.n_vocab, ckpt.dummy_tensor_seed(DummyTensor::head), split.vocab}}, stream),
+        stream);
     output_norm = upload_floats(ckpt.dummy_norm(DummyTensor::output_norm));
   }
   const ShardRange q_rows = scaled(split.heads.q_heads, c.head_dim);

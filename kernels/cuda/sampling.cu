@@ -8,7 +8,8 @@
 //     (s descending, id ascending) order with no reliance on sort stability. s == ±0 is made +0
 //     (the CPU compares -0 == +0).
 //  2. CUB's segmented radix sort, one segment per row.
-//  3. select: one block per row walks the sorted row: the softmax normalizer over the top-k
+//  3. select: one block per row walks the sorted row (distribution_rows: the same, writing the kept
+//     candidates' probabilities into a dense row instead of drawing): the softmax normalizer over the top-k
 //     candidates, the top-p cut and the min-p cut (first-index searches over block-wide inclusive
 //     scans in chunks of the block size), the kept mass, and finally the inverse-CDF draw.
 // Performance idea: a radix-select pre-pass to the top-k (or the top-p mass) instead of a full sort.
@@ -145,16 +146,31 @@ __device__ int64_t first_prefix_reaching(int64_t n, F f, double target, bool ge,
   return n;
 }
 
+// Draws one id per row (dense == nullptr: ids, uniforms used) or writes each row's whole
+// distribution as a dense vector (dense != nullptr: [rows, n_vocab], ids and uniforms unused).
 __global__ void __launch_bounds__(kSelectThreads)
     select_kernel(const uint64_t* __restrict__ sorted, int64_t n_vocab,
                   const SamplingRowParams* __restrict__ params, const double* __restrict__ uniforms,
-                  int32_t* __restrict__ ids) {
+                  int32_t* __restrict__ ids, float* __restrict__ dense) {
   __shared__ SelectShared sh;
   const int64_t row = blockIdx.x;
   const uint64_t* keys = sorted + row * n_vocab;
   const SamplingRowParams prm = params[row];
+  float* dense_row = dense != nullptr ? dense + row * n_vocab : nullptr;
+  if (dense_row != nullptr) {
+    for (int64_t i = threadIdx.x; i < n_vocab; i += kSelectThreads) dense_row[i] = 0.0f;
+    __syncthreads();  // zeros before any thread writes a probability
+  }
+  // The one-token outcomes: the whole distribution on keys[0].
+  const auto single = [&] {
+    if (threadIdx.x != 0) return;
+    if (dense_row != nullptr)
+      dense_row[key_id(keys[0])] = 1.0f;
+    else
+      ids[row] = key_id(keys[0]);
+  };
   if (!(prm.temperature > 0.0f)) {  // greedy: the first key is the maximum with the lowest id
-    if (threadIdx.x == 0) ids[row] = key_id(keys[0]);
+    single();
     return;
   }
   const int64_t n_cand = prm.top_k > 0 && prm.top_k < n_vocab ? prm.top_k : n_vocab;
@@ -189,7 +205,7 @@ __global__ void __launch_bounds__(kSelectThreads)
     __syncthreads();
   }
   if (n_keep == 1) {  // the CPU returns the only candidate without drawing
-    if (threadIdx.x == 0) ids[row] = key_id(keys[0]);
+    single();
     return;
   }
 
@@ -201,6 +217,11 @@ __global__ void __launch_bounds__(kSelectThreads)
   const auto final_p = [&](int64_t i) {
     return static_cast<double>(static_cast<float>(prob(i) / kept_mass));
   };
+  if (dense_row != nullptr) {
+    for (int64_t i = threadIdx.x; i < n_keep; i += kSelectThreads)
+      dense_row[key_id(keys[i])] = static_cast<float>(final_p(i));
+    return;
+  }
   int64_t pick = first_prefix_reaching(n_keep, final_p, uniforms[row], false, sh);
   if (pick >= n_keep) pick = n_keep - 1;  // rounding left u just above the total
   if (threadIdx.x == 0) ids[row] = key_id(keys[pick]);
@@ -244,12 +265,12 @@ Status sample_rows_workspace_bytes(int64_t rows, int64_t n_vocab, size_t* bytes)
   return Status::ok;
 }
 
-Status sample_rows(const float* logits, const SamplingRowParams* params, const double* uniforms, int64_t rows,
-                   int64_t n_vocab, int32_t* ids, void* workspace, size_t workspace_bytes,
+namespace {
+
+// sample_rows and distribution_rows: the same keys, sort and selection; `dense` chooses the output.
+Status select_rows(const float* logits, const SamplingRowParams* params, const double* uniforms, int64_t rows,
+                   int64_t n_vocab, int32_t* ids, float* dense, void* workspace, size_t workspace_bytes,
                    cudaStream_t stream) {
-  if (logits == nullptr || params == nullptr || uniforms == nullptr || ids == nullptr) {
-    return Status::invalid_argument;
-  }
   if (!sizes_ok(rows, n_vocab)) return Status::invalid_argument;
   if (rows == 0) return Status::ok;
   size_t need = 0;
@@ -281,8 +302,27 @@ Status sample_rows(const float* logits, const SamplingRowParams* params, const d
     return Status::device_error;
   }
   select_kernel<<<static_cast<unsigned>(rows), kSelectThreads, 0, stream>>>(keys_out, n_vocab, params,
-                                                                            uniforms, ids);
+                                                                            uniforms, ids, dense);
   return cudaGetLastError() == cudaSuccess ? Status::ok : Status::device_error;
+}
+
+}  // namespace
+
+Status sample_rows(const float* logits, const SamplingRowParams* params, const double* uniforms, int64_t rows,
+                   int64_t n_vocab, int32_t* ids, void* workspace, size_t workspace_bytes,
+                   cudaStream_t stream) {
+  if (logits == nullptr || params == nullptr || uniforms == nullptr || ids == nullptr) {
+    return Status::invalid_argument;
+  }
+  return select_rows(logits, params, uniforms, rows, n_vocab, ids, nullptr, workspace, workspace_bytes,
+                     stream);
+}
+
+Status distribution_rows(const float* logits, const SamplingRowParams* params, int64_t rows, int64_t n_vocab,
+                         float* probs, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+  if (logits == nullptr || params == nullptr || probs == nullptr) return Status::invalid_argument;
+  return select_rows(logits, params, nullptr, rows, n_vocab, nullptr, probs, workspace, workspace_bytes,
+                     stream);
 }
 
 }  // namespace nibble::kernels::cuda

@@ -54,4 +54,12 @@ Status sample_rows(const float* logits, const SamplingRowParams* params, const d
                    int64_t n_vocab, int32_t* ids, void* workspace, size_t workspace_bytes,
                    cudaStream_t stream);
 
+// The distribution sample_rows draws from, as dense rows: what speculative::dense_distribution
+// computes on the host (worker::Sampler::distribution's kept candidates, each probability
+// renormalized and rounded to float, zeros elsewhere; one-hot on the argmax for greedy rows), for
+// the speculative acceptance kernel. The same keys, sort and workspace as sample_rows.
+// probs: [rows, n_vocab] float output; the other arguments as sample_rows's.
+Status distribution_rows(const float* logits, const SamplingRowParams* params, int64_t rows, int64_t n_vocab,
+                         float* probs, void* workspace, size_t workspace_bytes, cudaStream_t stream);
+
 }  // namespace nibble::kernels::cuda

@@ -97,11 +97,9 @@ TEST(CudaSampling, ArgmaxMatchesCpuWithTiesToTheLowestId) {
   }
 }
 
-TEST(CudaSampling, SampleRowsMatchesCpuSampler) {
-  NIBBLE_REQUIRE_CUDA_DEVICE();
-  std::mt19937 rng(99);
-  std::uniform_real_distribution<double> uniform(0.0, 1.0);
-  std::vector<k::cuda::SamplingRowParams> settings = {
+// Row settings that exercise every filter and their combinations.
+std::vector<k::cuda::SamplingRowParams> sampling_settings() {
+  return {
       {0.0f, 0, 1.0f, 0.0f},        // greedy
       {1.0f, 0, 1.0f, 0.0f},        // plain temperature over the whole vocabulary
       {0.7f, 40, 1.0f, 0.0f},       // top-k
@@ -113,6 +111,22 @@ TEST(CudaSampling, SampleRowsMatchesCpuSampler) {
       {1.0f, 1 << 30, 1.0f, 0.0f},  // top-k beyond the vocabulary: off
       {0.8f, 7, 0.95f, 0.0f},       // top-k with ties at its boundary (coarse rows)
   };
+}
+
+w::Sampler cpu_sampler(const k::cuda::SamplingRowParams& sp) {
+  w::SamplingParams cpu;
+  cpu.temperature = sp.temperature;
+  cpu.top_k = sp.top_k;
+  cpu.top_p = sp.top_p;
+  cpu.min_p = sp.min_p;
+  return w::Sampler(cpu);
+}
+
+TEST(CudaSampling, SampleRowsMatchesCpuSampler) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  std::mt19937 rng(99);
+  std::uniform_real_distribution<double> uniform(0.0, 1.0);
+  const std::vector<k::cuda::SamplingRowParams> settings = sampling_settings();
   const int draws_per_setting = 3;
   for (const int64_t n_vocab : {1, 1001, 32000, 128256}) {
     SCOPED_TRACE("n_vocab=" + std::to_string(n_vocab));
@@ -124,12 +138,7 @@ TEST(CudaSampling, SampleRowsMatchesCpuSampler) {
     for (int64_t r = 0; r < rows; ++r) {
       const auto& sp = settings[static_cast<size_t>(r / draws_per_setting)];
       params.push_back(sp);
-      w::SamplingParams cpu;
-      cpu.temperature = sp.temperature;
-      cpu.top_k = sp.top_k;
-      cpu.top_p = sp.top_p;
-      cpu.min_p = sp.min_p;
-      const w::Sampler sampler(cpu);
+      const w::Sampler sampler = cpu_sampler(sp);
       const auto dist = sampler.distribution(x.data() + r * n_vocab, n_vocab, {});
       double u = uniform(rng);
       double margin = 0.0;
@@ -160,6 +169,46 @@ TEST(CudaSampling, SampleRowsMatchesCpuSampler) {
       EXPECT_EQ(got[r], want[r]) << "row " << r << " (temperature " << sp.temperature << ", top_k "
                                  << sp.top_k << ", top_p " << sp.top_p << ", min_p " << sp.min_p << ", u "
                                  << us[r] << ")";
+    }
+  }
+}
+
+// The dense distributions the speculative acceptance kernel takes: the CPU sampler's distribution
+// (the same kept candidates; each probability the CPU's float up to the GPU's summation order, so
+// within a few float ulps), zeros elsewhere, one-hot on the argmax for greedy rows.
+TEST(CudaSampling, DistributionRowsMatchCpuSampler) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  std::mt19937 rng(5);
+  const std::vector<k::cuda::SamplingRowParams> settings = sampling_settings();
+  for (const int64_t n_vocab : {1, 1001, 128256}) {
+    SCOPED_TRACE("n_vocab=" + std::to_string(n_vocab));
+    const auto rows = static_cast<int64_t>(settings.size());
+    const std::vector<float> x = make_logits(rows, n_vocab, rng);
+    size_t ws = 0;
+    ASSERT_EQ(k::cuda::sample_rows_workspace_bytes(rows, n_vocab, &ws), k::Status::ok);
+    DeviceBuffer<float> dx(x), dprobs(static_cast<size_t>(rows * n_vocab));
+    DeviceBuffer<k::cuda::SamplingRowParams> dp(settings);
+    DeviceBuffer<uint8_t> dws(ws);
+    ASSERT_TRUE(dx.ptr && dprobs.ptr && dp.ptr && dws.ptr);
+    ASSERT_EQ(cudaMemset(dprobs.ptr, 0xff, static_cast<size_t>(rows * n_vocab) * sizeof(float)), cudaSuccess);
+    ASSERT_EQ(k::cuda::distribution_rows(dx.ptr, dp.ptr, rows, n_vocab, dprobs.ptr, dws.ptr, ws, nullptr),
+              k::Status::ok);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    const std::vector<float> got = dprobs.to_host();
+    ASSERT_EQ(got.size(), static_cast<size_t>(rows * n_vocab));
+    for (int64_t r = 0; r < rows; ++r) {
+      SCOPED_TRACE("row " + std::to_string(r));
+      std::vector<float> want(static_cast<size_t>(n_vocab), 0.0f);
+      for (const auto& tp :
+           cpu_sampler(settings[static_cast<size_t>(r)]).distribution(x.data() + r * n_vocab, n_vocab, {}))
+        want[static_cast<size_t>(tp.id)] = tp.p;
+      int bad = 0;
+      for (int64_t v = 0; v < n_vocab; ++v) {
+        const float g = got[static_cast<size_t>(r * n_vocab + v)], e = want[static_cast<size_t>(v)];
+        const bool ok = (e == 0.0f) == (g == 0.0f) && std::fabs(g - e) <= 1e-6f * e;
+        if (!ok && ++bad <= 5) ADD_FAILURE() << "id " << v << ": GPU " << g << ", CPU " << e;
+      }
+      ASSERT_EQ(bad, 0);
     }
   }
 }

@@ -52,6 +52,8 @@ export LD_LIBRARY_PATH="$here/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
 # The tests that run the CLI use this nibble; the fixture tests read the bundled fixtures, if any.
 export NIBBLE_BIN="$here/bin/nibble"
 [ -d "$here/fixtures" ] && export NIBBLE_FIXTURES="$here/fixtures"
+# tests/data of this checkout (the binaries were built elsewhere): the GPTQ / AWQ test checkpoints.
+export NIBBLE_TEST_DATA_DIR="$(dirname "$here")/tests/data"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee "$out/device.txt"
 status=0
 # Each binary under a time limit: a device session has ~15 minutes in all, and a hung kernel must not

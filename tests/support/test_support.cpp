@@ -169,7 +169,12 @@ std::optional<std::filesystem::path> fixtures_dir() {
   return path;
 }
 
-std::filesystem::path test_data_dir() { return NIBBLE_TEST_DATA_DIR; }
+std::filesystem::path test_data_dir() {
+  // Overridable for test binaries run from another checkout (tools/gpu-bundle.sh's run.sh).
+  const char* env = std::getenv("NIBBLE_TEST_DATA_DIR");
+  return env != nullptr && *env != '\0' ? std::filesystem::path(env)
+                                        : std::filesystem::path(NIBBLE_TEST_DATA_DIR);
+}
 
 std::string nibble_bin() {
   const char* env = std::getenv("NIBBLE_BIN");

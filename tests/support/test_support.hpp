@@ -15,8 +15,8 @@ namespace nibble::test {
 // The fixtures directory (NIBBLE_FIXTURES, else CMake's NIBBLE_FIXTURES_DIR), or nullopt when it
 // does not exist.
 std::optional<std::filesystem::path> fixtures_dir();
-// The test data committed in the repository (tests/data).
-// tests/data of the source tree (NIBBLE_TEST_DATA_DIR in the environment overrides it).
+// The test data committed in the repository (tests/data; NIBBLE_TEST_DATA_DIR in the environment
+// overrides the path).
 std::filesystem::path test_data_dir();
 // The fixed English text the calibration tests use (tests/data/calibration-text.txt, a snapshot so
 // that editing the docs cannot move their figures): its first 70 % for calibration, the rest for

@@ -19,6 +19,7 @@
 #include "kernels/cuda/embedding.cuh"
 #include "kernels/cuda/int4_groups.cuh"
 #include "kernels/cuda/paged_attention.cuh"
+#include "kernels/cuda/prefill_attention.cuh"
 #include "kernels/cuda/random_weights.cuh"
 #include "kernels/cuda/residual_norm.cuh"
 #include "kernels/cuda/rope_kv_write.cuh"
@@ -433,9 +434,9 @@ struct CudaLlamaModel::Impl {
   DeviceMemory cublas_workspace;  // set as cuBLAS's workspace, so that graph capture allocates nothing
   std::vector<int32_t> meta_host;
   // Captured passes by plan key (CudaModelOptions::graphs).
-  std::map<
-      std::tuple<int64_t, int64_t, int64_t, int64_t, bool, bool, int64_t, size_t, const void*, uint16_t*>,
-      cudaGraphExec_t>
+  std::map<std::tuple<int64_t, int64_t, int64_t, int64_t, bool, bool, int64_t, size_t, const void*, uint16_t*,
+                      int64_t>,
+           cudaGraphExec_t>
       graphs;
 
   ~Impl() {
@@ -666,15 +667,16 @@ void CudaLlamaModel::Impl::validate(const ForwardBatch& batch, const CudaKvCache
 struct CudaLlamaModel::Impl::Plan {
   int64_t n = 0, n_out = 0, n_runs = 0, mbps = 0;
   bool use_decode = false, greedy = false;
+  int64_t n_tiles = 0;  // > 0: prompt-chunk attention on prefill_attention_f16's tiles (else paged)
   int64_t off_tokens = 0, off_pos = 0, off_seq = 0, off_tables = 0, off_rows = 0;
-  int64_t off_seq_lens = 0, off_query_start = 0, off_run_tables = 0;
+  int64_t off_seq_lens = 0, off_query_start = 0, off_run_tables = 0, off_tiles = 0;
   kc::DecodeAttentionShape dshape;
   const CudaKvCache* cache = nullptr;
   size_t meta_count = 0;
 
   auto key() const {
     return std::make_tuple(n, n_out, n_runs, mbps, use_decode, greedy, dshape.max_q_len, meta_count,
-                           static_cast<const void*>(cache), cache->k(0));
+                           static_cast<const void*>(cache), cache->k(0), n_tiles);
   }
 };
 
@@ -745,6 +747,19 @@ CudaLlamaModel::Impl::Plan CudaLlamaModel::Impl::plan_batch(const ForwardBatch& 
     // only on the batch's shape, so decode steps keep one plan (and one graph) as sequences grow.
     // Splits past a sequence's length return at once.
     p.dshape.max_seq_len = p.mbps * cache.block_size();
+  } else if (const int64_t tile_tokens =
+                 kc::prefill_attention_tile_tokens(shard_config.n_head, shard_config.n_head_kv);
+             (c.head_dim == 64 || c.head_dim == 128) && tile_tokens > 0) {
+    // Prompt chunks: the runs cut into prefill_attention_f16's tiles.
+    std::vector<int32_t> tiles;
+    for (int64_t r = 0; r < p.n_runs; ++r) {
+      for (int64_t off = 0; off < run_len[r]; off += tile_tokens) {
+        tiles.push_back(static_cast<int32_t>(run_start[r] + off));
+        tiles.push_back(static_cast<int32_t>(std::min<int64_t>(tile_tokens, run_len[r] - off)));
+      }
+    }
+    p.n_tiles = static_cast<int64_t>(tiles.size() / 2);
+    p.off_tiles = append(tiles);
   }
   p.meta_count = meta_out.size();
   return p;
@@ -847,9 +862,16 @@ void CudaLlamaModel::Impl::enqueue(const Plan& p) {
                                  workspace.as<void>(), workspace.bytes(), flag_d, stream),
             "attention_decode");
     } else {
-      check(kc::paged_attention_f16(pshape, q16.as<__half>(), kc_l, vc_l, md + p.off_tables, md + p.off_seq,
-                                    md + p.off_pos, scale, att16.as<__half>(), flag_d, stream),
-            "paged_attention_f16");
+      if (p.n_tiles > 0) {
+        check(kc::prefill_attention_f16(pshape, q16.as<__half>(), kc_l, vc_l, md + p.off_tables,
+                                        md + p.off_seq, md + p.off_pos, md + p.off_tiles, p.n_tiles, scale,
+                                        att16.as<__half>(), flag_d, stream),
+              "prefill_attention_f16");
+      } else {
+        check(kc::paged_attention_f16(pshape, q16.as<__half>(), kc_l, vc_l, md + p.off_tables, md + p.off_seq,
+                                      md + p.off_pos, scale, att16.as<__half>(), flag_d, stream),
+              "paged_attention_f16");
+      }
     }
     matmul(w.wo, att16.as<__half>(), n, dl);  // partial over the shard's heads
     reduce_sum(dl, hidden_count);

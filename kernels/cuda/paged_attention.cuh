@@ -7,8 +7,10 @@
 // this takes any head_dim up to 256). Decode and short verification batches go to attention_decode,
 // which splits long contexts across blocks; this kernel does not split: one warp walks all pos + 1
 // positions of its (token, head), so a query's cost is O(pos · head_dim) on one warp and a prompt
-// chunk of c tokens at context L costs O(c · L) warp steps per head. Fine for prompt chunks up to a
-// few thousand tokens; a tiled tensor-core prefill kernel is the upgrade path.
+// chunk of c tokens at context L costs O(c · L) warp steps per head, each reading its K/V rows
+// itself. For head_dim 64 and 128 the forward pass takes prefill_attention_f16 instead (the same
+// arithmetic, K/V tiles shared by 32 query rows); this kernel is its reference and the path for
+// other head sizes.
 //
 // KV cache device layout (one layer), as in attention_decode.cuh and worker::KvCache:
 //   k_cache, v_cache: [num_blocks, block_size, n_head_kv, head_dim] __half

@@ -27,6 +27,7 @@
 #include "kernels/attention.hpp"
 #include "kernels/cuda/convert.cuh"
 #include "kernels/cuda/paged_attention.cuh"
+#include "kernels/cuda/prefill_attention.cuh"
 #include "kernels/cuda/residual_norm.cuh"
 #include "kernels/cuda/rope_kv_write.cuh"
 #include "kernels/cuda/swiglu.cuh"
@@ -381,6 +382,122 @@ TEST(CudaPagedAttention, MatchesCpuOnMixedBatches) {
     const auto got = dout.to_host();
     ASSERT_EQ(got.size(), ref.size());
     EXPECT_EQ(count_bad(got, ref, mag, 1.5e-3, 1e-6), 0);
+  }
+}
+
+// Tiles as CudaLlamaModel plans them: runs of batch-consecutive tokens of one sequence at
+// consecutive positions, cut at tile_tokens. [n_tiles, 2]: (first token, count).
+std::vector<int32_t> prefill_tiles(const std::vector<int32_t>& seq, const std::vector<int32_t>& pos,
+                                   int64_t tile_tokens) {
+  std::vector<int32_t> tiles;
+  for (size_t t = 0; t < seq.size();) {
+    size_t end = t + 1;
+    while (end < seq.size() && seq[end] == seq[t] && pos[end] == pos[end - 1] + 1 &&
+           static_cast<int64_t>(end - t) < tile_tokens)
+      ++end;
+    tiles.push_back(static_cast<int32_t>(t));
+    tiles.push_back(static_cast<int32_t>(end - t));
+    t = end;
+  }
+  return tiles;
+}
+
+// The tiled prefill kernel runs paged_attention_f16's arithmetic step for step (which the test above
+// checks against the CPU): outputs must be equal bit for bit, for every head grouping the tiles
+// support, on prompt chunks that start at 0 and past it, single decode tokens, and runs longer than
+// a tile. A wrong row-to-head mapping, causal mask or tile offset would differ at once.
+TEST(CudaPrefillAttention, EqualsPagedAttentionBitForBit) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  std::mt19937 rng(31);
+  for (const int64_t head_dim : {64, 128}) {
+    for (const int64_t group : {1, 2, 4, 8}) {
+      SCOPED_TRACE("head_dim=" + std::to_string(head_dim) + " group=" + std::to_string(group));
+      const int64_t n_head_kv = 2, n_head = n_head_kv * group, block_size = 7, mbps = 12;
+      // Sequence 0: a 45-token chunk at positions 17..61; 1: a 13-token prompt from 0; 2: one decode
+      // token at 70; 3: two tokens at 5, 6; then sequence 0 again at 62 (a run of its own).
+      std::vector<int32_t> seq, pos;
+      const auto add_run = [&](int32_t s, int32_t from, int32_t n) {
+        for (int32_t p = from; p < from + n; ++p) {
+          seq.push_back(s);
+          pos.push_back(p);
+        }
+      };
+      add_run(0, 17, 45);
+      add_run(1, 0, 13);
+      add_run(2, 70, 1);
+      add_run(3, 5, 2);
+      add_run(0, 62, 1);
+      const auto tokens = static_cast<int64_t>(pos.size());
+      const int64_t num_blocks = 4 * mbps + 3;
+      std::vector<int32_t> ids(static_cast<size_t>(num_blocks));
+      std::iota(ids.begin(), ids.end(), 0);
+      std::shuffle(ids.begin(), ids.end(), rng);
+      const std::vector<int32_t> tables(ids.begin(), ids.begin() + 4 * mbps);
+      const int64_t kv_dim = n_head_kv * head_dim;
+      const auto q = random_f16(static_cast<size_t>(tokens * n_head * head_dim), 1.0f, rng);
+      const auto kc = random_f16(static_cast<size_t>(num_blocks * block_size * kv_dim), 1.0f, rng);
+      const auto vc = random_f16(static_cast<size_t>(num_blocks * block_size * kv_dim), 1.0f, rng);
+      const int64_t tile_tokens = k::cuda::prefill_attention_tile_tokens(n_head, n_head_kv);
+      ASSERT_EQ(tile_tokens, 32 / group);
+      const std::vector<int32_t> tiles = prefill_tiles(seq, pos, tile_tokens);
+
+      DeviceBuffer<uint16_t> dq(q), dk(kc), dv(vc), dpaged(q.size()), dtiled(q.size());
+      DeviceBuffer<int32_t> dt(tables), ds(seq), dp(pos), dtiles(tiles), dflag(std::vector<int32_t>{0});
+      ASSERT_TRUE(dq.ptr && dk.ptr && dv.ptr && dpaged.ptr && dtiled.ptr && dt.ptr && ds.ptr && dp.ptr &&
+                  dtiles.ptr && dflag.ptr);
+      k::cuda::PagedAttentionShape s;
+      s.tokens = tokens;
+      s.n_head = n_head;
+      s.n_head_kv = n_head_kv;
+      s.head_dim = head_dim;
+      s.block_size = block_size;
+      s.num_blocks = num_blocks;
+      s.max_blocks_per_seq = mbps;
+      const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
+      ASSERT_EQ(k::cuda::paged_attention_f16(s, as_half(dq.ptr), as_half(dk.ptr), as_half(dv.ptr), dt.ptr,
+                                             ds.ptr, dp.ptr, scale, as_half(dpaged.ptr), dflag.ptr, nullptr),
+                k::Status::ok);
+      ASSERT_EQ(cudaMemset(dtiled.ptr, 0xff, q.size() * sizeof(uint16_t)), cudaSuccess);
+      ASSERT_EQ(k::cuda::prefill_attention_f16(
+                    s, as_half(dq.ptr), as_half(dk.ptr), as_half(dv.ptr), dt.ptr, ds.ptr, dp.ptr, dtiles.ptr,
+                    static_cast<int64_t>(tiles.size() / 2), scale, as_half(dtiled.ptr), dflag.ptr, nullptr),
+                k::Status::ok);
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      EXPECT_EQ(dflag.to_host(), std::vector<int32_t>{0});
+      const auto want = dpaged.to_host(), got = dtiled.to_host();
+      ASSERT_EQ(got.size(), want.size());
+      for (size_t i = 0; i < got.size(); ++i) {
+        ASSERT_EQ(got[i], want[i]) << "element " << i << " (token " << i / (n_head * head_dim) << ", head "
+                                   << (i / head_dim) % n_head << ")";
+      }
+
+      // A tile that spans two sequences is refused on the device: the flag, zeros for its tokens.
+      std::vector<int32_t> bad_tiles = tiles;
+      const size_t last = bad_tiles.size() - 2;  // the lone token of sequence 0 at 62 ...
+      bad_tiles[last] -= 1;                      // ... now starting at sequence 3's token at 6
+      bad_tiles[last + 1] = 2;
+      DeviceBuffer<int32_t> dbad(bad_tiles);
+      ASSERT_EQ(cudaMemset(dflag.ptr, 0, sizeof(int32_t)), cudaSuccess);
+      ASSERT_EQ(
+          k::cuda::prefill_attention_f16(s, as_half(dq.ptr), as_half(dk.ptr), as_half(dv.ptr), dt.ptr, ds.ptr,
+                                         dp.ptr, dbad.ptr, static_cast<int64_t>(bad_tiles.size() / 2), scale,
+                                         as_half(dtiled.ptr), dflag.ptr, nullptr),
+          k::Status::ok);
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      EXPECT_EQ(dflag.to_host(), std::vector<int32_t>{1});
+      const auto zeroed = dtiled.to_host();
+      for (int64_t e = 0; e < n_head * head_dim; ++e)
+        EXPECT_EQ(zeroed[static_cast<size_t>((tokens - 1) * n_head * head_dim + e)], 0) << "element " << e;
+      if (head_dim == 64 && group == 1) {  // argument checks, once
+        s.head_dim = 96;
+        EXPECT_EQ(k::cuda::prefill_attention_f16(s, as_half(dq.ptr), as_half(dk.ptr), as_half(dv.ptr), dt.ptr,
+                                                 ds.ptr, dp.ptr, dtiles.ptr, 1, scale, as_half(dtiled.ptr),
+                                                 dflag.ptr, nullptr),
+                  k::Status::invalid_argument);
+        EXPECT_EQ(k::cuda::prefill_attention_tile_tokens(66, 1), 0);  // 66 query heads per KV head
+        EXPECT_EQ(k::cuda::prefill_attention_tile_tokens(6, 4), 0);   // not a grouping
+      }
+    }
   }
 }
 

@@ -210,8 +210,9 @@ TEST_P(CudaLlamaModelRandom, LogitsMatchTheCpuOverMultiSequenceBatches) {
   compare_scenario(path, bound_for(rc.type), decode_attention);
 }
 
-// head_dim 64 and 128 take attention_decode for decode steps (when decode_attention is on); 32
-// always takes paged_attention_f16. Groups of 2 and 4 query heads per KV head.
+// head_dim 64 and 128 take attention_decode for decode steps (when decode_attention is on) and
+// prefill_attention_f16's tiles for prompt chunks (for everything when it is off); 32 always takes
+// paged_attention_f16. Groups of 2 and 4 query heads per KV head.
 const RandomCase kRandomCases[] = {
     {"hd64_q4_0", 256, 4, 2, k::DType::Q4_0},  {"hd64_f16", 256, 4, 2, k::DType::F16},
     {"hd128_q4_0", 256, 2, 1, k::DType::Q4_0}, {"hd128_f32", 256, 2, 1, k::DType::F32},

@@ -6,7 +6,10 @@
 # CUDA's own or the C runtime's.
 #
 #   bash tools/gpu-bundle.sh [BUILD_DIR]     # default build-cuda/, configured with -DNIBBLE_CUDA=ON
-#   then, on the device machine (the session's device tool, carrying .gpu):  bash .gpu/run.sh
+#   then, on the device machine (the session's device tool, carrying .gpu.tar.xz):
+#     tar xJf .gpu.tar.xz && bash .gpu/run.sh
+# The archive (xz: about half the size) keeps the bundle, fixtures included, under the device tool's
+# 64 MiB limit for everything it carries with the tree.
 #
 # run.sh runs every CUDA test binary (and, where mpirun exists, the MPI + GPU tests), `nibble
 # bench-gpu` (the kernel table, then end to end on the dummy llama-70b with the dummy llama-1b as
@@ -19,6 +22,7 @@ out="$root/.gpu"
 # (through git, so that it also works in a worktree, whose .git is a file)
 exclude="$(git -C "$root" rev-parse --path-format=absolute --git-path info/exclude)"
 grep -qs '^/.gpu/' "$exclude" 2>/dev/null || { mkdir -p "$(dirname "$exclude")"; echo '/.gpu/' >>"$exclude"; }
+grep -qs '^/.gpu.tar.xz' "$exclude" 2>/dev/null || echo '/.gpu.tar.xz' >>"$exclude"
 [ -x "$build/bin/nibble" ] || { echo "gpu-bundle: $build/bin/nibble not found (configure with -DNIBBLE_CUDA=ON and build)" >&2; exit 1; }
 rm -rf "$out"
 mkdir -p "$out/bin" "$out/tests" "$out/lib"
@@ -44,7 +48,9 @@ done | sort -u | grep -Ev '/(libc|libm|libdl|librt|libpthread|libresolv|libutil|
 cat >"$out/run.sh" <<'RUN'
 #!/usr/bin/env bash
 # On the GPU machine, from the repository root: CUDA tests, then the kernel and end-to-end benchmarks.
+#   bash .gpu/run.sh [all|tests|bench]    (all: both, in that order)
 set -uo pipefail
+phase="${1:-all}"
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 out="${OUT:-$here/out}"
 mkdir -p "$out"
@@ -56,6 +62,7 @@ export NIBBLE_BIN="$here/bin/nibble"
 export NIBBLE_TEST_DATA_DIR="$(dirname "$here")/tests/data"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee "$out/device.txt"
 status=0
+if [ "$phase" = all ] || [ "$phase" = tests ]; then
 # Each binary under a time limit: a device session has ~15 minutes in all, and a hung kernel must not
 # take the benchmarks' share.
 for t in "$here"/tests/test_cuda_*; do
@@ -81,7 +88,10 @@ timeout 180 "$here/bin/nibble" bench-gpu "${tg[@]}" 2>&1 | tee "$out/bench-gpu.t
 # and the 1B draft's decode step times, for docs/perf/gpu.md.
 timeout 300 "$here/bin/nibble" bench-gpu --model dummy:llama-70b --draft dummy:llama-1b --batch 1,8,32,64 2>&1 |
   tee "$out/bench-gpu-e2e.txt" || status=1
+fi
 exit $status
 RUN
 chmod +x "$out/run.sh"
-du -sh "$out" | awk '{print "gpu-bundle: " $1 " in .gpu/ (the device tool carries at most 64 MiB with the tree)"}'
+tar -C "$root" -cJf "$root/.gpu.tar.xz" .gpu
+du -sh "$out" "$root/.gpu.tar.xz" | awk '{printf "gpu-bundle: %s in %s\n", $1, $2}'
+echo "gpu-bundle: device tool: carry [\".gpu.tar.xz\"], command \"tar xJf .gpu.tar.xz && bash .gpu/run.sh\" (at most 64 MiB with the tree)"

@@ -307,9 +307,10 @@ int run_kernels(const Args& a) {
   if (!a.json) {
     std::printf("device: %s\ncopy bandwidth (read + write): %.0f GB/s\n\n", result.device.c_str(),
                 result.copy_gbps);
-    std::printf("%-12s %4s | %10s %8s %6s | %8s %6s | %8s %6s | %8s %6s | %10s %8s | %8s | %11s %8s %8s\n",
-                "k x n_out", "m", "W4A16 us", "GB/s", "%copy", "split us", "%copy", "g128 us", "%copy",
-                "Q4_K us", "%copy", "cuBLAS us", "GB/s", "vs fp16", "tinygemm us", "vs tg", "g128/tg");
+    std::printf(
+        "%-12s %4s | %10s %8s %6s | %8s %6s | %8s %6s | %8s %6s | %8s %6s | %10s %8s | %8s | %11s %8s %8s\n",
+        "k x n_out", "m", "W4A16 us", "GB/s", "%copy", "split us", "%copy", "g128 us", "%copy", "mma us",
+        "%copy", "Q4_K us", "%copy", "cuBLAS us", "GB/s", "vs fp16", "tinygemm us", "vs tg", "g128/tg");
   }
   for (const auto& r : result.rows) {
     const double ours_gbps = r.ours_bytes / (r.ours_us * 1e-6) / 1e9;
@@ -335,6 +336,11 @@ int run_kernels(const Args& a) {
       row["g128_gbps"] = r.g128_bytes / (r.g128_us * 1e-6) / 1e9;
       row["g128_speedup_vs_cublas"] = r.cublas_us / r.g128_us;
     }
+    if (r.g128_mma_us > 0) {
+      row["w4a16_g128_mma_us"] = r.g128_mma_us;
+      row["g128_mma_gbps"] = r.g128_bytes / (r.g128_mma_us * 1e-6) / 1e9;
+      row["g128_mma_speedup_vs_cublas"] = r.cublas_us / r.g128_mma_us;
+    }
     if (r.q4k_us > 0) {
       row["w4a16_q4k_us"] = r.q4k_us;
       row["q4k_gbps"] = r.q4k_bytes / (r.q4k_us * 1e-6) / 1e9;
@@ -359,6 +365,7 @@ int run_kernels(const Args& a) {
       };
       timed(r.split_us, r.ours_bytes);
       timed(r.g128_us, r.g128_bytes);
+      timed(r.g128_mma_us, r.g128_bytes);
       timed(r.q4k_us, r.q4k_bytes);
       std::printf(" %10.1f %8.0f | %7.2fx |", r.cublas_us, cublas_gbps, r.cublas_us / r.ours_us);
       if (tg_us > 0)
@@ -378,7 +385,8 @@ int run_kernels(const Args& a) {
         "tensor-core w4a16_gemm). split = the same GEMV on the split layout (16-byte nibble loads, "
         "kernels/q4_0_split.hpp). g128 = group-wise INT4, one fp16 scale and zero per 128 weights (GPTQ / "
         "AWQ, "
-        "kernels/int4_groups.hpp; tinygemm's grouping). Q4_K = GGUF Q4_K super-blocks as stored. %%copy and "
+        "kernels/int4_groups.hpp; tinygemm's grouping); mma = the same weights on the mma.sync GEMM (m > "
+        "32). Q4_K = GGUF Q4_K super-blocks as stored. %%copy and "
         "GB/s "
         "count the bytes each product must move.\n");
   }

@@ -23,6 +23,7 @@ struct MatmulBenchRow {
   const char* ours_kernel = "gemv";  // w4a16_gemv for m <= 32, the tensor-core w4a16_gemm above
   double split_us = 0.0;             // m <= 32: w4a16_gemv_q4_0_split (16-byte loads), same bytes
   double g128_us = 0.0;       // group-wise INT4, group 128 (w4a16_*_int4_groups; GPTQ / AWQ); 0: k % 128 != 0
+  double g128_mma_us = 0.0;   // the same on w4a16_gemm_int4_groups_mma (m > 32 only)
   double q4k_us = 0.0;        // GGUF Q4_K as stored (w4a16_*_q4_k); 0: k % 256 != 0
   double cublas_us = 0.0;     // fp16 x fp16 cublasGemmEx, fp32 accumulation
   double ours_bytes = 0.0;    // bytes one product must move: Q4_0 weights + fp16 x + fp32 y

@@ -113,6 +113,133 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// ---- mma.sync variant for group-wise INT4 ----
+// Block tile 64 rows (m) x 128 outputs (n), 4 warps, warp w owning outputs 32w .. 32w + 31 of the
+// tile for all 64 rows: 4 m16 x 4 n8 accumulator tiles (64 floats a lane). Per 32-input unit: the
+// x tile (64 x 32 fp16) and the weight tile (128 rows x 16 nibble bytes) are copied into shared
+// memory with cp.async, double-buffered (unit kb + 1 loads while kb computes); A fragments are read
+// from the x tile as PTX's m16n8k16 layout places them, B fragments are dequantized from four
+// nibble bytes per lane and row (int4_unit_b_fragments), scale and zero read through the read-only
+// cache. Out-of-range rows and outputs are zero-filled by the copies (src-size 0).
+constexpr int kMmaBM = 64;
+constexpr int kMmaBN = 128;
+constexpr int kMmaLdX = kQK4_0 + 8;  // halves per staged x row: 80 bytes, conflict-free A reads
+
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
+  const auto dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  const int bytes = valid ? 16 : 0;  // 0: the 16 bytes are zero-filled, nothing is read
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+__global__ void __launch_bounds__(kThreads)
+    gemm_int4_groups_mma_kernel(const uint8_t* __restrict__ quants, const __half* __restrict__ scales,
+                                const uint8_t* __restrict__ zeros, int group_shift, int64_t n_out, int64_t k,
+                                const __half* __restrict__ x, int64_t m, float* __restrict__ y) {
+  __shared__ __align__(16) __half x_s[2][kMmaBM][kMmaLdX];
+  __shared__ __align__(16) uint8_t w_s[2][kMmaBN][16];
+
+  const int tid = threadIdx.x;
+  const int lane = tid % 32, warp = tid / 32;
+  const int g = lane / 4, t = lane % 4;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kMmaBM;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kMmaBN;
+  const int64_t nb = k / kQK4_0;
+  const int64_t groups_per_row = nb >> group_shift;
+
+  // Unit kb's tiles into buffer `buf`: x rows are 4 chunks of 16 bytes (2 per thread), weight rows
+  // one chunk (1 per thread).
+  const auto load_unit = [&](int64_t kb, int buf) {
+    for (int c = tid; c < kMmaBM * 4; c += kThreads) {
+      const int r = c / 4, part = c % 4;
+      const bool valid = m0 + r < m;
+      cp_async_16(&x_s[buf][r][part * 8], valid ? x + (m0 + r) * k + kb * kQK4_0 + part * 8 : x, valid);
+    }
+    const bool valid = n0 + tid < n_out;
+    cp_async_16(w_s[buf][tid], valid ? quants + ((n0 + tid) * nb + kb) * 16 : quants, valid);
+    cp_async_commit();
+  };
+
+  float acc[4][4][4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
+
+  load_unit(0, 0);
+  for (int64_t kb = 0; kb < nb; ++kb) {
+    const int buf = static_cast<int>(kb % 2);
+    if (kb + 1 < nb) {
+      load_unit(kb + 1, buf ^ 1);
+      cp_async_wait<1>();  // unit kb has landed; kb + 1 may still be in flight
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+
+    // B fragments of the warp's 4 n8 tiles for both 16-deep steps of the unit.
+    uint32_t b[4][2][2];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int row = warp * 32 + j * 8 + g;
+      const int64_t n = n0 + row;
+      float scale = 0.0f;
+      int zero = 0;
+      if (n < n_out) {
+        const int64_t gi = n * groups_per_row + (kb >> group_shift);
+        scale = __half2float(__ldg(scales + gi));
+        zero = __ldg(zeros + gi);
+      }
+      const auto* w16 = reinterpret_cast<const uint16_t*>(w_s[buf][row]);
+      w4a16::int4_unit_b_fragments(w16[t], w16[t + 4], scale, zero, b[j]);
+    }
+#pragma unroll
+    for (int st = 0; st < 2; ++st) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        // A fragment of m16 tile i, inputs 16 st .. 16 st + 15: rows g and g + 8, inputs 2t, 2t + 1
+        // and 2t + 8, 2t + 9 (PTX's a0..a7 order).
+        const __half* r0 = &x_s[buf][i * 16 + g][st * 16 + 2 * t];
+        const __half* r1 = &x_s[buf][i * 16 + g + 8][st * 16 + 2 * t];
+        const uint32_t a[4] = {*reinterpret_cast<const uint32_t*>(r0), *reinterpret_cast<const uint32_t*>(r1),
+                               *reinterpret_cast<const uint32_t*>(r0 + 8),
+                               *reinterpret_cast<const uint32_t*>(r1 + 8)};
+#pragma unroll
+        for (int j = 0; j < 4; ++j) mma_16816(acc[i][j], a, b[j][st]);
+      }
+    }
+    __syncthreads();  // buffer `buf` is consumed before unit kb + 2 is copied into it
+  }
+
+  // D fragment: rows g and g + 8 of the m16 tile, outputs 2t and 2t + 1 of the n8 tile.
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int64_t r = m0 + i * 16 + g + (e / 2) * 8;
+        const int64_t c = n0 + warp * 32 + j * 8 + 2 * t + e % 2;
+        if (r < m && c < n_out) y[r * n_out + c] = acc[i][j][e];
+      }
+    }
+  }
+}
+
 // Shared argument checks (the weight pointers are checked by the callers) and the launch.
 template <typename Blocks>
 Status run(Blocks blocks, int64_t n_out, int64_t k, const __half* x, int64_t m, float* y,
@@ -147,6 +274,32 @@ Status w4a16_gemm_int4_groups(const uint8_t* quants, const __half* scales, const
   if ((group != 32 && group != 64 && group != 128) || k % group != 0) return Status::invalid_argument;
   const int shift = group == 32 ? 0 : group == 64 ? 1 : 2;
   return run(w4a16::Int4GroupBlocks{quants, scales, zeros, shift}, n_out, k, x, m, y, stream);
+}
+
+Status w4a16_gemm_int4_groups_mma(const uint8_t* quants, const __half* scales, const uint8_t* zeros,
+                                  int64_t group, int64_t n_out, int64_t k, const __half* x, int64_t m,
+                                  float* y, cudaStream_t stream) {
+  if (quants == nullptr || scales == nullptr || zeros == nullptr || x == nullptr || y == nullptr)
+    return Status::invalid_argument;
+  if (reinterpret_cast<uintptr_t>(quants) % 16 != 0 || reinterpret_cast<uintptr_t>(scales) % 2 != 0 ||
+      reinterpret_cast<uintptr_t>(x) % 16 != 0) {
+    return Status::invalid_argument;
+  }
+  if ((group != 32 && group != 64 && group != 128) || k % group != 0 || n_out < 0 || k < 0 || m < 1)
+    return Status::invalid_argument;
+  const int64_t grid_x = (n_out + kMmaBN - 1) / kMmaBN;
+  const int64_t grid_y = (m + kMmaBM - 1) / kMmaBM;
+  if (grid_x > INT32_MAX || grid_y > 65535) return Status::invalid_argument;
+  if (n_out == 0 || k == 0) {
+    if (n_out > 0 &&
+        cudaMemsetAsync(y, 0, static_cast<size_t>(m * n_out) * sizeof(float), stream) != cudaSuccess)
+      return Status::device_error;
+    return Status::ok;
+  }
+  const int shift = group == 32 ? 0 : group == 64 ? 1 : 2;
+  const dim3 grid(static_cast<unsigned>(grid_x), static_cast<unsigned>(grid_y));
+  gemm_int4_groups_mma_kernel<<<grid, kThreads, 0, stream>>>(quants, scales, zeros, shift, n_out, k, x, m, y);
+  return cudaGetLastError() == cudaSuccess ? Status::ok : Status::device_error;
 }
 
 Status w4a16_gemm_q4_k(const uint8_t* w, int64_t n_out, int64_t k, const __half* x, int64_t m, float* y,

@@ -31,6 +31,14 @@ Status w4a16_gemm_int4_groups(const uint8_t* quants, const __half* scales, const
                               int64_t group, int64_t n_out, int64_t k, const __half* x, int64_t m, float* y,
                               cudaStream_t stream);
 
+// The same product on mma.sync tensor-core instructions with cp.async double buffering (64 x 128
+// output tiles, B fragments dequantized from the nibbles in registers): the candidate to replace the
+// WMMA kernel above once a GPU run shows it faster (`nibble bench-gpu` times both). Arguments and
+// numerics as w4a16_gemm_int4_groups's.
+Status w4a16_gemm_int4_groups_mma(const uint8_t* quants, const __half* scales, const uint8_t* zeros,
+                                  int64_t group, int64_t n_out, int64_t k, const __half* x, int64_t m,
+                                  float* y, cudaStream_t stream);
+
 // GGUF Q4_K blocks as stored; arguments as w4a16_gemv_q4_k's (16-byte aligned, k % 256 == 0), any m >= 1.
 Status w4a16_gemm_q4_k(const uint8_t* w, int64_t n_out, int64_t k, const __half* x, int64_t m, float* y,
                        cudaStream_t stream);

@@ -162,4 +162,28 @@ struct Q4KBlocks {
   }
 };
 
+// Tensor-core B operands straight from group-wise INT4 (the split nibble order above): the two
+// mma.sync.m16n8k16 B fragments (k 0..15 and 16..31 of one 32-input unit) that lane (g = lane / 4,
+// t = lane % 4) holds for weight row g of an n8 tile. PTX's layout puts inputs 2t, 2t + 1 (b0, b1)
+// and 2t + 8, 2t + 9 (b2, b3) of a 16-deep step in a lane; in the split order input j is the low
+// nibble of byte j and input j + 16 its high nibble, so both steps come from four bytes:
+// lo = bytes 2t, 2t + 1 and hi = bytes 2t + 8, 2t + 9 of the row's unit (little-endian words).
+// frag[s][0] packs inputs 16s + 2t (low half) and 16s + 2t + 1; frag[s][1] inputs 16s + 2t + 8, + 9.
+// Values are fp16 of (q - zero) * scale, rounded once (as the WMMA GEMM rounds them).
+__host__ __device__ inline uint32_t pack_halves(float lo, float hi) {
+  return static_cast<uint32_t>(__half_as_ushort(__float2half_rn(lo))) |
+         (static_cast<uint32_t>(__half_as_ushort(__float2half_rn(hi))) << 16);
+}
+__host__ __device__ inline void int4_unit_b_fragments(unsigned lo, unsigned hi, float scale, int zero,
+                                                      uint32_t (&frag)[2][2]) {
+  const auto value = [&](unsigned word, int shift) {
+    return static_cast<float>(static_cast<int>((word >> shift) & 0xF) - zero) * scale;
+  };
+  NIBBLE_DEVICE_UNROLL
+  for (int s = 0; s < 2; ++s) {  // s = 1: the high nibbles
+    frag[s][0] = pack_halves(value(lo, 4 * s), value(lo, 8 + 4 * s));
+    frag[s][1] = pack_halves(value(hi, 4 * s), value(hi, 8 + 4 * s));
+  }
+}
+
 }  // namespace nibble::kernels::cuda::w4a16

@@ -95,6 +95,14 @@ TEST(CudaW4A16Gemm, Int4GroupsMatchCpuReference) {
                                                n_out, kk, x, mm, y, nullptr);
       });
     }
+    // The mma.sync variant, on row counts around its 64-row tile (same bound: the same fp16 weights).
+    for (const int64_t m : {int64_t{1}, int64_t{63}, int64_t{64}, int64_t{257}}) {
+      SCOPED_TRACE("mma.sync kernel");
+      expect_matches_reference(wf, n_out, kk, m, 2e-3, rng, [&](const __half* x, int64_t mm, float* y) {
+        return k::cuda::w4a16_gemm_int4_groups_mma(dq.ptr, reinterpret_cast<const __half*>(ds.ptr), dz.ptr,
+                                                   group, n_out, kk, x, mm, y, nullptr);
+      });
+    }
   }
 }
 

@@ -136,3 +136,41 @@ TEST(W4A16WeightReaders, Int4GroupsReadTheCpuWeights) {
     }
   }
 }
+
+// The tensor-core B fragments of group-wise INT4 (int4_unit_b_fragments) hold, for lane (g, t),
+// the inputs PTX's mma.m16n8k16 B layout assigns to it: inputs 2t, 2t + 1 (b0, b1) and 2t + 8,
+// 2t + 9 (b2, b3) of each 16-deep step, for weight row g; checked for every lane of a random
+// unit against the reference dequantization, rounded to fp16.
+TEST(W4A16WeightReaders, Int4FragmentsFollowThePtxLayout) {
+  std::mt19937 rng(4);
+  std::uniform_int_distribution<int> byte(0, 255), zero(0, 16);
+  for (int trial = 0; trial < 20; ++trial) {
+    uint8_t unit[8][16];  // an n8 tile's rows, one 32-input unit each
+    float scale[8];
+    int z[8];
+    for (int r = 0; r < 8; ++r) {
+      for (auto& v : unit[r]) v = static_cast<uint8_t>(byte(rng));
+      scale[r] = 0.001f * static_cast<float>(1 + byte(rng));
+      z[r] = zero(rng);
+    }
+    for (int lane = 0; lane < 32; ++lane) {
+      const int g = lane / 4, t = lane % 4;
+      const auto word = [&](int at) { return static_cast<unsigned>(unit[g][at] | (unit[g][at + 1] << 8)); };
+      uint32_t frag[2][2];
+      w4a16::int4_unit_b_fragments(word(2 * t), word(2 * t + 8), scale[g], z[g], frag);
+      // Input j of the unit in the split order: byte j % 16, low nibble for j < 16.
+      const auto input = [&](int j) {
+        const int q = j < 16 ? unit[g][j] & 0xF : unit[g][j - 16] >> 4;
+        return k::fp16_to_fp32(k::fp32_to_fp16(static_cast<float>(q - z[g]) * scale[g]));
+      };
+      for (int st = 0; st < 2; ++st) {
+        const int base = 16 * st + 2 * t;
+        const int want[4] = {base, base + 1, base + 8, base + 9};  // b0, b1, b2, b3
+        for (int e = 0; e < 4; ++e) {
+          const auto bits = static_cast<uint16_t>(frag[st][e / 2] >> (16 * (e % 2)));
+          ASSERT_EQ(k::fp16_to_fp32(bits), input(want[e])) << "lane " << lane << " step " << st << " b" << e;
+        }
+      }
+    }
+  }
+}

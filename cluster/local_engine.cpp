@@ -5,15 +5,23 @@
 
 namespace nibble::cluster {
 
+LocalEngine::LocalEngine(worker::ForwardModel& model, const model::Tokenizer& tokenizer,
+                         const SchedulerConfig& config, speculative::Speculator* speculator)
+    : model_(model),
+      tokenizer_(tokenizer),
+      scheduler_(config),
+      speculator_(speculator),
+      cache_(model.make_cache(config.num_blocks, config.block_size)) {}
+
 LocalEngine::LocalEngine(worker::LlamaModel& model, const model::Tokenizer& tokenizer,
                          kernels::ThreadPool& pool, const SchedulerConfig& config,
                          speculative::Speculator* speculator)
-    : model_(model),
+    : owned_(std::make_unique<worker::CpuForwardModel>(model, pool)),
+      model_(*owned_),
       tokenizer_(tokenizer),
-      pool_(pool),
       scheduler_(config),
       speculator_(speculator),
-      cache_(model.config(), config.num_blocks, config.block_size) {}
+      cache_(model_.make_cache(config.num_blocks, config.block_size)) {}
 
 Admission LocalEngine::submit(EngineRequest request) {
   worker::validate(request.sampling);
@@ -97,7 +105,7 @@ std::vector<EngineResult> LocalEngine::step() {
     batch.add_sequence(entry.tokens, entry.start_pos, entry.table_row, entry.sample ? entry.n_draft + 1 : 0);
     if (entry.sample) sampled.push_back(&entry);
   }
-  model_.forward(batch, cache_, pool_, logits_);
+  model_.forward(batch, *cache_, logits_);
 
   const int64_t n_vocab = model_.config().n_vocab;
   std::vector<uint64_t> continuing;

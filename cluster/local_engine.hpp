@@ -13,6 +13,7 @@
 #include "speculative/rejection_sampler.hpp"
 #include "speculative/speculator.hpp"
 #include "worker/completion.hpp"
+#include "worker/forward_model.hpp"
 #include "worker/kv_cache.hpp"
 #include "worker/llama_model.hpp"
 #include "worker/sampler.hpp"
@@ -37,6 +38,10 @@ class LocalEngine {
  public:
   // speculator: optional draft side of speculative decoding (not owned); decode steps then verify
   // the draft's proposals with the exact acceptance rule.
+  // model: the whole target on the CPU or a GPU (not owned).
+  LocalEngine(worker::ForwardModel& model, const model::Tokenizer& tokenizer, const SchedulerConfig& config,
+              speculative::Speculator* speculator = nullptr);
+  // The same for a CPU model on `pool` (both not owned).
   LocalEngine(worker::LlamaModel& model, const model::Tokenizer& tokenizer, kernels::ThreadPool& pool,
               const SchedulerConfig& config, speculative::Speculator* speculator = nullptr);
 
@@ -60,12 +65,12 @@ class LocalEngine {
   // True when the draft proposed for at least one sequence.
   bool propose_drafts(const std::vector<uint64_t>& continuing);
 
-  worker::LlamaModel& model_;
+  std::unique_ptr<worker::ForwardModel> owned_;  // the CPU constructor's wrapper
+  worker::ForwardModel& model_;
   const model::Tokenizer& tokenizer_;
-  kernels::ThreadPool& pool_;
   Scheduler scheduler_;
   speculative::Speculator* speculator_;
-  worker::KvCache cache_;
+  std::unique_ptr<worker::ForwardCache> cache_;
   std::unordered_map<uint64_t, std::unique_ptr<RequestState>> states_;
   std::vector<float> logits_;
 };

@@ -6,12 +6,18 @@
 
 namespace nibble::speculative {
 
+LocalDraft::LocalDraft(worker::ForwardModel& draft, int64_t num_blocks, int64_t block_size)
+    : draft_(draft),
+      block_size_(block_size),
+      cache_(draft.make_cache(num_blocks, block_size)),
+      allocator_(num_blocks) {}
+
 LocalDraft::LocalDraft(worker::LlamaModel& draft, kernels::ThreadPool& pool, int64_t num_blocks,
                        int64_t block_size)
-    : draft_(draft),
-      pool_(pool),
+    : owned_(std::make_unique<worker::CpuForwardModel>(draft, pool)),
+      draft_(*owned_),
       block_size_(block_size),
-      cache_(draft.shard_config(), num_blocks, block_size),
+      cache_(draft_.make_cache(num_blocks, block_size)),
       allocator_(num_blocks) {}
 
 LocalDraft::SequenceState& LocalDraft::state(uint64_t seq_id, const worker::SamplingParams& sampling) {
@@ -93,7 +99,7 @@ std::vector<Proposal> LocalDraft::propose(const std::vector<ProposalRequest>& re
       table.resize(static_cast<size_t>(max_blocks), -1);
       batch.block_tables.insert(batch.block_tables.end(), table.begin(), table.end());
     }
-    draft_.forward(batch, cache_, pool_, logits_);
+    draft_.forward(batch, *cache_, logits_);
     for (size_t i = 0; i < active.size(); ++i) {
       Work& w = *active[i];
       w.state->fed.assign(w.history.begin(), w.history.end());

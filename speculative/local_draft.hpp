@@ -14,6 +14,7 @@
 
 #include "kernels/thread_pool.hpp"
 #include "speculative/draft_proposer.hpp"
+#include "worker/forward_model.hpp"
 #include "worker/kv_cache.hpp"
 #include "worker/llama_model.hpp"
 #include "worker/sampler.hpp"
@@ -22,14 +23,17 @@ namespace nibble::speculative {
 
 class LocalDraft final : public DraftProposer {
  public:
-  // draft: the whole draft model (not owned); its vocabulary must already have been checked against
-  // the target's (vocab_match.hpp). num_blocks / block_size: the draft cache's own budget.
+  // draft: the whole draft model (not owned), on the CPU or a GPU; its vocabulary must already have
+  // been checked against the target's (vocab_match.hpp). num_blocks / block_size: the draft cache's
+  // own budget.
+  LocalDraft(worker::ForwardModel& draft, int64_t num_blocks, int64_t block_size);
+  // The same for a CPU model on `pool` (both not owned).
   LocalDraft(worker::LlamaModel& draft, kernels::ThreadPool& pool, int64_t num_blocks, int64_t block_size);
 
   std::vector<Proposal> propose(const std::vector<ProposalRequest>& requests) override;
   void release(uint64_t seq_id) override;
 
-  const worker::LlamaModel& model() const { return draft_; }
+  const worker::ForwardModel& model() const { return draft_; }
 
  private:
   struct SequenceState {
@@ -39,10 +43,10 @@ class LocalDraft final : public DraftProposer {
   };
   SequenceState& state(uint64_t seq_id, const worker::SamplingParams& sampling);
 
-  worker::LlamaModel& draft_;
-  kernels::ThreadPool& pool_;
+  std::unique_ptr<worker::ForwardModel> owned_;  // the CPU constructor's wrapper
+  worker::ForwardModel& draft_;
   int64_t block_size_;
-  worker::KvCache cache_;
+  std::unique_ptr<worker::ForwardCache> cache_;
   worker::BlockAllocator allocator_;
   std::unordered_map<uint64_t, SequenceState> sequences_;
   std::vector<float> logits_;

@@ -32,21 +32,18 @@ namespace {
 class PassTimer {
  public:
   static constexpr int64_t kContext = 64;
-
-  PassTimer(worker::LlamaModel& model, kernels::ThreadPool& pool, int64_t max_tokens)
-      : model_(model), pool_(pool) {
+  PassTimer(worker::ForwardModel& model, int64_t max_tokens) : model_(model) {
     const int64_t block = 16;
     const int64_t blocks = (kContext + max_tokens + block - 1) / block;
-    cache_ = std::make_unique<worker::KvCache>(model.shard_config(), blocks, block);
+    cache_ = model.make_cache(blocks, block);
     for (int64_t b = 0; b < blocks; ++b) table_.push_back(static_cast<int32_t>(b));
-    model_.forward(worker::ForwardBatch::single(ids(kContext), 0, table_, false), *cache_, pool_, logits_);
+    model_.forward(worker::ForwardBatch::single(ids(kContext), 0, table_, false), *cache_, logits_);
   }
-
   // Seconds of one pass of n tokens at positions kContext...
   double time(int64_t n) {
     const worker::ForwardBatch batch = worker::ForwardBatch::single(ids(n), kContext, table_, true);
     const auto start = std::chrono::steady_clock::now();
-    model_.forward(batch, *cache_, pool_, logits_);
+    model_.forward(batch, *cache_, logits_);
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   }
 
@@ -56,10 +53,8 @@ class PassTimer {
     for (int64_t t = 0; t < n; ++t) out[static_cast<size_t>(t)] = static_cast<int32_t>(3 + t % 200);
     return out;
   }
-
-  worker::LlamaModel& model_;
-  kernels::ThreadPool& pool_;
-  std::unique_ptr<worker::KvCache> cache_;
+  worker::ForwardModel& model_;
+  std::unique_ptr<worker::ForwardCache> cache_;
   std::vector<int32_t> table_;
   std::vector<float> logits_;
 };
@@ -70,10 +65,10 @@ class PassTimer {
 // then made non-decreasing in the token count (a size that timed faster than a smaller one was
 // measured while the smaller one was disturbed, so the smaller one gets the lower time).
 std::vector<std::vector<std::pair<int64_t, double>>> time_models(
-    const std::vector<worker::LlamaModel*>& models, kernels::ThreadPool& pool, int64_t max_tokens) {
+    const std::vector<worker::ForwardModel*>& models, int64_t max_tokens) {
   max_tokens = std::max<int64_t>(1, max_tokens);
   std::vector<std::unique_ptr<PassTimer>> timers;
-  for (worker::LlamaModel* m : models) timers.push_back(std::make_unique<PassTimer>(*m, pool, max_tokens));
+  for (worker::ForwardModel* m : models) timers.push_back(std::make_unique<PassTimer>(*m, max_tokens));
   std::vector<std::vector<std::pair<int64_t, double>>> points(models.size());
   for (int64_t n = 1; n <= max_tokens; n *= 2) {
     std::vector<double> best(models.size(), std::numeric_limits<double>::infinity());
@@ -90,20 +85,36 @@ std::vector<std::vector<std::pair<int64_t, double>>> time_models(
 
 }  // namespace
 
+std::vector<std::pair<int64_t, double>> CostModel::measure_model(worker::ForwardModel& model,
+                                                                 int64_t max_tokens) {
+  return time_models({&model}, max_tokens).front();
+}
+
 std::vector<std::pair<int64_t, double>> CostModel::measure_model(worker::LlamaModel& model,
                                                                  kernels::ThreadPool& pool,
                                                                  int64_t max_tokens) {
-  return time_models({&model}, pool, max_tokens).front();
+  worker::CpuForwardModel cpu(model, pool);
+  return measure_model(cpu, max_tokens);
+}
+
+CostModel CostModel::measure(worker::ForwardModel& target, worker::ForwardModel& draft, int64_t max_tokens) {
+  auto points = time_models({&target, &draft}, max_tokens);
+  return {std::move(points[0]), std::move(points[1])};
 }
 
 CostModel CostModel::measure(worker::LlamaModel& target, worker::LlamaModel& draft, kernels::ThreadPool& pool,
                              int64_t max_tokens) {
-  auto points = time_models({&target, &draft}, pool, max_tokens);
-  return {std::move(points[0]), std::move(points[1])};
+  worker::CpuForwardModel cpu_target(target, pool), cpu_draft(draft, pool);
+  return measure(cpu_target, cpu_draft, max_tokens);
 }
 
 Speculator::Speculator(worker::LlamaModel& draft, kernels::ThreadPool& pool, SpeculatorSettings settings)
     : owned_drafts_(std::make_unique<LocalDraft>(draft, pool, settings.num_blocks, settings.block_size)),
+      drafts_(*owned_drafts_),
+      settings_(settings) {}
+
+Speculator::Speculator(worker::ForwardModel& draft, SpeculatorSettings settings)
+    : owned_drafts_(std::make_unique<LocalDraft>(draft, settings.num_blocks, settings.block_size)),
       drafts_(*owned_drafts_),
       settings_(settings) {}
 

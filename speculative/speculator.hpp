@@ -12,6 +12,7 @@
 
 #include "kernels/thread_pool.hpp"
 #include "speculative/draft_proposer.hpp"
+#include "worker/forward_model.hpp"
 #include "worker/kv_cache.hpp"
 #include "worker/llama_model.hpp"
 #include "worker/sampler.hpp"
@@ -33,9 +34,14 @@ struct CostModel {
   // Times forward passes of 1, 2, 4, ... max_tokens tokens (one sequence, after a 64-token
   // context; the two models alternately, the fastest of several runs each, made non-decreasing in
   // the token count) on scratch KV caches. Takes well under a second for models that fit a CPU test.
+  // The models may run on the CPU or a GPU (a GPU pass is timed to its completion: its logits come
+  // back to the host).
+  static CostModel measure(worker::ForwardModel& target, worker::ForwardModel& draft, int64_t max_tokens);
   static CostModel measure(worker::LlamaModel& target, worker::LlamaModel& draft, kernels::ThreadPool& pool,
                            int64_t max_tokens);
   // The same for one model (for a target and a draft that run in different processes).
+  static std::vector<std::pair<int64_t, double>> measure_model(worker::ForwardModel& model,
+                                                               int64_t max_tokens);
   static std::vector<std::pair<int64_t, double>> measure_model(worker::LlamaModel& model,
                                                                kernels::ThreadPool& pool, int64_t max_tokens);
 
@@ -70,6 +76,8 @@ class Speculator {
   // blocks of its own; not owned). Its vocabulary must already have been checked against the
   // target's (vocab_match.hpp).
   Speculator(worker::LlamaModel& draft, kernels::ThreadPool& pool, SpeculatorSettings settings);
+  // The same for a draft on the CPU or a GPU (worker/forward_model.hpp; not owned).
+  Speculator(worker::ForwardModel& draft, SpeculatorSettings settings);
   // drafts: where proposals come from, e.g. a draft on a rank of its own (not owned).
   Speculator(DraftProposer& drafts, SpeculatorSettings settings);
 

@@ -2,6 +2,7 @@
 // the same engine (continuous batching, LocalEngine), at several batch sizes: end-to-end generated
 // tokens per second with and without the draft, the speedup, the acceptance rate, tokens per target
 // step, and the draft's cost per token relative to the target's (both measured decoding alone).
+// --device cuda runs both models on one GPU (worker::CudaForwardModel) through the same engine.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -15,6 +16,8 @@
 #include "cluster/local_engine.hpp"
 #include "speculative/speculator.hpp"
 #include "speculative/vocab_match.hpp"
+#include "worker/cuda_llama_model.hpp"
+#include "worker/forward_model.hpp"
 
 namespace nibble::cli {
 namespace {
@@ -29,6 +32,7 @@ struct Args {
   int max_batch = 16;
   int repetitions = 3;
   bool json = false;
+  std::string device = "cpu";
 };
 
 // Prompts of ordinary English (the fixture pair was trained on fortune files); batches cycle them.
@@ -50,8 +54,8 @@ struct Measured {
   double tokens_per_second() const { return seconds > 0 ? static_cast<double>(tokens) / seconds : 0; }
 };
 
-Measured run_batch(worker::LlamaModel& target, const model::Tokenizer& tokenizer, kernels::ThreadPool& pool,
-                   worker::LlamaModel* draft, const speculative::SpeculatorSettings& settings, int batch,
+Measured run_batch(worker::ForwardModel& target, const model::Tokenizer& tokenizer,
+                   worker::ForwardModel* draft, const speculative::SpeculatorSettings& settings, int batch,
                    int gen_tokens) {
   cluster::SchedulerConfig config;
   config.max_running = batch;
@@ -61,8 +65,8 @@ Measured run_batch(worker::LlamaModel& target, const model::Tokenizer& tokenizer
   config.block_size = 16;
   config.num_blocks = batch * (1024 / 16);
   std::unique_ptr<speculative::Speculator> speculator;
-  if (draft != nullptr) speculator = std::make_unique<speculative::Speculator>(*draft, pool, settings);
-  cluster::LocalEngine engine(target, tokenizer, pool, config, speculator.get());
+  if (draft != nullptr) speculator = std::make_unique<speculative::Speculator>(*draft, settings);
+  cluster::LocalEngine engine(target, tokenizer, config, speculator.get());
   for (int i = 0; i < batch; ++i) {
     cluster::EngineRequest r;
     r.id = static_cast<uint64_t>(i);
@@ -83,22 +87,51 @@ Measured run_batch(worker::LlamaModel& target, const model::Tokenizer& tokenizer
   return m;
 }
 
+// A model session's forward pass on the chosen device; the GPU model is owned here.
+struct DeviceModel {
+  std::unique_ptr<worker::CudaLlamaModel> gpu;
+  std::unique_ptr<worker::ForwardModel> forward;
+};
+
+DeviceModel make_device_model(ModelSession& session, kernels::ThreadPool& pool, bool cuda) {
+  DeviceModel r;
+  if (cuda) {
+    worker::CudaModelOptions options;
+    options.graphs = true;  // decode steps as served: one graph launch each
+    r.gpu = std::make_unique<worker::CudaLlamaModel>(session.checkpoint, options);
+    r.forward = std::make_unique<worker::CudaForwardModel>(*r.gpu, /*device=*/0);
+  } else {
+    r.forward = std::make_unique<worker::CpuForwardModel>(*session.model, pool);
+  }
+  return r;
+}
+
 int run(const Args& a) {
-  ModelSession target = ModelSession::open(a.model, a.threads);
-  ModelSession draft = ModelSession::open(a.draft, 1);
-  speculative::check_vocab_match(target.require_tokenizer(), draft.require_tokenizer(), a.draft);
+  const bool cuda = a.device == "cuda";
+  if (cuda) {
+    const std::string why = worker::cuda_unavailable_reason();
+    if (!why.empty()) throw std::runtime_error("--device cuda: " + why);
+  }
+  ModelSession target_session = ModelSession::open(a.model, a.threads, /*cpu_model=*/!cuda);
+  ModelSession draft_session = ModelSession::open(a.draft, 1, /*cpu_model=*/!cuda);
+  speculative::check_vocab_match(target_session.require_tokenizer(), draft_session.require_tokenizer(),
+                                 a.draft);
+  // Both models on the target's threads (the draft runs between the target's passes, not beside them).
+  DeviceModel target = make_device_model(target_session, *target_session.pool, cuda);
+  DeviceModel draft = make_device_model(draft_session, *target_session.pool, cuda);
+  const model::Tokenizer& target_tokenizer = *target_session.tokenizer;
+  const model::Tokenizer& draft_tokenizer = *draft_session.tokenizer;
   std::vector<int> batches;
   std::stringstream list(a.batches);
   for (std::string item; std::getline(list, item, ',');) batches.push_back(std::stoi(item));
 
   // What the adaptive mode decides with: measured pass times of both models.
-  const speculative::CostModel costs =
-      speculative::CostModel::measure(*target.model, *draft.model, *target.pool, 256);
+  const speculative::CostModel costs = speculative::CostModel::measure(*target.forward, *draft.forward, 256);
   nlohmann::json rows = nlohmann::json::array();
   if (!a.json) {
-    std::printf("target %s\ndraft  %s\nthreads %d, %d tokens per request, temperature 0, k %s%d\n\n",
-                a.model.c_str(), a.draft.c_str(), a.threads, a.gen_tokens,
-                a.fixed_k ? "" : "<= ", a.draft_tokens);
+    std::printf("target %s\ndraft  %s\n%s, %d tokens per request, temperature 0, k %s%d\n\n", a.model.c_str(),
+                a.draft.c_str(), cuda ? "device cuda" : ("threads " + std::to_string(a.threads)).c_str(),
+                a.gen_tokens, a.fixed_k ? "" : "<= ", a.draft_tokens);
     // The cost model's view: what one forward pass of n tokens costs each model.
     std::printf("measured forward passes (ms):");
     for (size_t i = 0; i < costs.target.size(); ++i)
@@ -119,13 +152,11 @@ int run(const Args& a) {
     std::vector<Measured> plains, drafts, specs;
     settings.costs = costs;
     for (int rep = 0; rep < a.repetitions; ++rep) {
-      plains.push_back(
-          run_batch(*target.model, *target.tokenizer, *target.pool, nullptr, settings, batch, a.gen_tokens));
-      specs.push_back(run_batch(*target.model, *target.tokenizer, *target.pool, draft.model.get(), settings,
-                                batch, a.gen_tokens));
+      plains.push_back(run_batch(*target.forward, target_tokenizer, nullptr, settings, batch, a.gen_tokens));
+      specs.push_back(
+          run_batch(*target.forward, target_tokenizer, draft.forward.get(), settings, batch, a.gen_tokens));
       // The draft decoding alone, on the same threads: its cost per token relative to the target's.
-      drafts.push_back(
-          run_batch(*draft.model, *draft.tokenizer, *target.pool, nullptr, settings, batch, a.gen_tokens));
+      drafts.push_back(run_batch(*draft.forward, draft_tokenizer, nullptr, settings, batch, a.gen_tokens));
     }
     auto median = [](std::vector<Measured> runs) {
       std::sort(runs.begin(), runs.end(), [](const Measured& x, const Measured& y) {
@@ -162,6 +193,7 @@ int run(const Args& a) {
   if (a.json) {
     std::cout << nlohmann::json{{"target", a.model},
                                 {"draft", a.draft},
+                                {"device", a.device},
                                 {"threads", a.threads},
                                 {"gen_tokens", a.gen_tokens},
                                 {"max_draft_tokens", a.draft_tokens},
@@ -190,6 +222,8 @@ Runner add_bench_speculative(CLI::App& app) {
   app.add_option("--repetitions", a->repetitions, "Runs of each mode; the median is reported")
       ->check(CLI::Range(1, 100));
   app.add_flag("--json", a->json, "Print one JSON object");
+  app.add_option("--device", a->device, "cpu, or cuda (target and draft on one GPU)")
+      ->check(CLI::IsMember({"cpu", "cuda"}));
   return [a] { return run(*a); };
 }
 

@@ -425,15 +425,14 @@ int serve(const std::string& config_path) {
           speculator = std::make_unique<speculative::Speculator>(*remote, settings);
         }
       }
-      std::unique_ptr<cluster::WorkerStage> stage;
+      std::unique_ptr<worker::ForwardModel> shard_model;
       if (gpu_model != nullptr) {
-        stage = std::make_unique<cluster::CudaWorkerStage>(*gpu_model, device, num_blocks,
-                                                           config.kv_cache.block_size);
+        shard_model = std::make_unique<worker::CudaForwardModel>(*gpu_model, device);
       } else {
-        stage =
-            std::make_unique<cluster::CpuWorkerStage>(*model, *pool, num_blocks, config.kv_cache.block_size);
+        shard_model = std::make_unique<worker::CpuForwardModel>(*model, *pool);
       }
-      cluster::WorkerService service(*stage, config.parallel.pipeline > 1 ? groups.pipeline.get() : nullptr,
+      cluster::WorkerStage stage(*shard_model, num_blocks, config.kv_cache.block_size);
+      cluster::WorkerService service(stage, config.parallel.pipeline > 1 ? groups.pipeline.get() : nullptr,
                                      steps, sampling_rank ? &results : nullptr, speculator.get());
       service.run();
       if (remote != nullptr) remote->shutdown();

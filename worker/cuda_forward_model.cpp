@@ -1,0 +1,32 @@
+// CudaForwardModel (worker/forward_model.hpp): built into nibble_worker_cuda, the real GPU model or
+// its stub, so that it links in every build.
+#include <stdexcept>
+
+#include "worker/forward_model.hpp"
+
+namespace nibble::worker {
+
+namespace {
+struct CudaCache final : ForwardCache {
+  CudaCache(const model::LlamaConfig& config, int64_t num_blocks, int64_t block_size, int device)
+      : cache(config, num_blocks, block_size, device) {}
+  CudaKvCache cache;
+};
+}  // namespace
+
+std::unique_ptr<ForwardCache> CudaForwardModel::make_cache(int64_t num_blocks, int64_t block_size) const {
+  return std::make_unique<CudaCache>(model_.shard_config(), num_blocks, block_size, device_);
+}
+
+void CudaForwardModel::forward_stage(const ForwardBatch& batch, ForwardCache& cache, const float* hidden_in,
+                                     std::vector<float>& out) {
+  auto* own = dynamic_cast<CudaCache*>(&cache);
+  if (own == nullptr) throw std::logic_error("CudaForwardModel: a cache made by another kind of model");
+  if (hidden_in == nullptr && model_.is_first_stage() && model_.is_last_stage()) {
+    model_.forward(batch, own->cache, out);  // the whole model (CUDA graphs where they apply)
+  } else {
+    model_.forward_stage(batch, own->cache, hidden_in, out);
+  }
+}
+
+}  // namespace nibble::worker

@@ -1,0 +1,82 @@
+#pragma once
+// A model's forward pass with its KV caches, whatever runs it: the CPU (LlamaModel with a thread
+// pool) or a GPU (CudaLlamaModel on a device). The engines above (the local continuous-batching
+// engine, the draft, the speculation cost model, a worker rank's stage) need only this: make a
+// cache, run a batch with host hidden states in and host logits or hidden states out. One code path
+// then serves both backends, and speculative decoding runs on the GPU as it runs on the CPU.
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "kernels/thread_pool.hpp"
+#include "model/llama_config.hpp"
+#include "worker/cuda_llama_model.hpp"
+#include "worker/kv_cache.hpp"
+#include "worker/llama_model.hpp"
+
+namespace nibble::worker {
+
+// A KV cache made by a ForwardModel; only that model's forward_stage takes it.
+class ForwardCache {
+ public:
+  virtual ~ForwardCache() = default;
+};
+
+class ForwardModel {
+ public:
+  virtual ~ForwardModel() = default;
+  // The whole model's hyperparameters (n_embd of hidden states, n_vocab of logits), and this
+  // shard's (local heads, ffn rows and stage layers).
+  virtual const model::LlamaConfig& config() const = 0;
+  virtual const model::LlamaConfig& shard_config() const = 0;
+  virtual bool is_first_stage() const = 0;
+  virtual bool is_last_stage() const = 0;
+  // A cache of num_blocks blocks of block_size positions for this model's shard.
+  virtual std::unique_ptr<ForwardCache> make_cache(int64_t num_blocks, int64_t block_size) const = 0;
+  // LlamaModel::forward_stage's contract (hidden_in: host [tokens, n_embd] or null on the first
+  // stage; out: host logits on the last stage, hidden states elsewhere). Throws std::logic_error for
+  // a cache another kind of model made.
+  virtual void forward_stage(const ForwardBatch& batch, ForwardCache& cache, const float* hidden_in,
+                             std::vector<float>& out) = 0;
+  // A whole model's pass: logits [batch.logit_rows.size(), n_vocab].
+  void forward(const ForwardBatch& batch, ForwardCache& cache, std::vector<float>& logits) {
+    forward_stage(batch, cache, nullptr, logits);
+  }
+};
+
+// The CPU model (not owned) on a thread pool (not owned).
+class CpuForwardModel final : public ForwardModel {
+ public:
+  CpuForwardModel(LlamaModel& model, kernels::ThreadPool& pool) : model_(model), pool_(pool) {}
+  const model::LlamaConfig& config() const override { return model_.config(); }
+  const model::LlamaConfig& shard_config() const override { return model_.shard_config(); }
+  bool is_first_stage() const override { return model_.is_first_stage(); }
+  bool is_last_stage() const override { return model_.is_last_stage(); }
+  std::unique_ptr<ForwardCache> make_cache(int64_t num_blocks, int64_t block_size) const override;
+  void forward_stage(const ForwardBatch& batch, ForwardCache& cache, const float* hidden_in,
+                     std::vector<float>& out) override;
+
+ private:
+  LlamaModel& model_;
+  kernels::ThreadPool& pool_;
+};
+
+// The GPU model (not owned); its caches live on `device`. In a build without CUDA the model cannot
+// exist (CudaLlamaModel's constructor throws CudaUnavailable), so neither can this.
+class CudaForwardModel final : public ForwardModel {
+ public:
+  CudaForwardModel(CudaLlamaModel& model, int device) : model_(model), device_(device) {}
+  const model::LlamaConfig& config() const override { return model_.config(); }
+  const model::LlamaConfig& shard_config() const override { return model_.shard_config(); }
+  bool is_first_stage() const override { return model_.is_first_stage(); }
+  bool is_last_stage() const override { return model_.is_last_stage(); }
+  std::unique_ptr<ForwardCache> make_cache(int64_t num_blocks, int64_t block_size) const override;
+  void forward_stage(const ForwardBatch& batch, ForwardCache& cache, const float* hidden_in,
+                     std::vector<float>& out) override;
+
+ private:
+  CudaLlamaModel& model_;
+  int device_;
+};
+
+}  // namespace nibble::worker

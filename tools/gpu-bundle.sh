@@ -88,6 +88,14 @@ timeout 180 "$here/bin/nibble" bench-gpu "${tg[@]}" 2>&1 | tee "$out/bench-gpu.t
 # and the 1B draft's decode step times, for docs/perf/gpu.md.
 timeout 300 "$here/bin/nibble" bench-gpu --model dummy:llama-70b --draft dummy:llama-1b --batch 1,8,32,64 2>&1 |
   tee "$out/bench-gpu-e2e.txt" || status=1
+# Speculative decoding end to end on the GPU with the fixtures' trained pair (when bundled: add
+# fortune-target-f16 to NIBBLE_BUNDLE_FIXTURES); its Q4_0 draft is made here by the quantizer.
+target="$here/fixtures/models/fortune-target-f16.gguf"
+if [ -f "$target" ]; then
+  "$here/bin/nibble" quantize -m "$target" -o "$here/fortune-target-q4_0.gguf" --type q4_0 --pure >/dev/null &&
+    timeout 240 "$here/bin/nibble" bench-spec --device cuda --model "$target" --draft "$here/fortune-target-q4_0.gguf" \
+      --batch 1,8,32 --gen-tokens 128 --repetitions 3 2>&1 | tee "$out/bench-spec-gpu.txt" || status=1
+fi
 fi
 exit $status
 RUN

@@ -429,6 +429,9 @@ struct CudaLlamaModel::Impl {
   std::vector<float> host_gathered;
   DeviceMemory ids;               // [n_out] int32
   DeviceMemory workspace;         // attention_decode's partials
+  DeviceMemory sample_params;     // [n_out] SamplingRowParams (forward_sample)
+  DeviceMemory sample_uniforms;   // [n_out] double
+  DeviceMemory sample_workspace;  // sample_rows' keys and sort storage
   DeviceMemory flag;              // [1] int32: bad metadata seen on the device
   int32_t flag_host = 0;          // its copy (a member: the copy is asynchronous)
   DeviceMemory cublas_workspace;  // set as cuBLAS's workspace, so that graph capture allocates nothing
@@ -515,8 +518,13 @@ struct CudaLlamaModel::Impl {
   void clear_graphs();
   // The whole pass; ids_out: argmax ids come back instead of logits; on a stage that is not the
   // last, logits_out gets the hidden states.
+  // sampling: per logit row, when the ids are to be sampled rather than the argmax.
+  struct RowSampling {
+    const std::vector<kc::SamplingRowParams>* params = nullptr;
+    const std::vector<double>* uniforms = nullptr;
+  };
   void forward_impl(const ForwardBatch& batch, CudaKvCache& cache, const float* hidden_in,
-                    std::vector<float>* logits_out, std::vector<int32_t>* ids_out);
+                    std::vector<float>* logits_out, std::vector<int32_t>* ids_out, RowSampling sampling);
 };
 
 void CudaLlamaModel::Impl::make_dummy_weights() {
@@ -939,7 +947,8 @@ void CudaLlamaModel::Impl::launch_graph(const Plan& p) {
 }
 
 void CudaLlamaModel::Impl::forward_impl(const ForwardBatch& batch, CudaKvCache& cache, const float* hidden_in,
-                                        std::vector<float>* logits_out, std::vector<int32_t>* ids_out) {
+                                        std::vector<float>* logits_out, std::vector<int32_t>* ids_out,
+                                        RowSampling sampling) {
   validate(batch, cache);
   if ((hidden_in == nullptr) != first_stage()) {
     throw std::invalid_argument(first_stage() ? "the first pipeline stage embeds tokens: no hidden_in"
@@ -956,7 +965,9 @@ void CudaLlamaModel::Impl::forward_impl(const ForwardBatch& batch, CudaKvCache& 
     return;
   }
   cuda_check(cudaSetDevice(options.device), "cudaSetDevice");
-  const Plan p = plan_batch(batch, cache, ids_out != nullptr, meta_host);
+  // Sampled ids: the pass computes the logits (not the argmax), then sample_rows draws from them.
+  const bool sample = sampling.params != nullptr;
+  const Plan p = plan_batch(batch, cache, ids_out != nullptr && !sample, meta_host);
   // A buffer that moved invalidates every captured graph (they hold its old address).
   if (reserve_buffers(p)) clear_graphs();
   cuda_check(cudaMemcpyAsync(meta.as<int32_t>(), meta_host.data(), meta_host.size() * sizeof(int32_t),
@@ -973,6 +984,24 @@ void CudaLlamaModel::Impl::forward_impl(const ForwardBatch& batch, CudaKvCache& 
     enqueue(p);
   }
 
+  if (sample && n_out > 0) {
+    size_t ws = 0;
+    check(kc::sample_rows_workspace_bytes(n_out, c.n_vocab, &ws), "sample_rows_workspace_bytes");
+    sample_workspace.reserve(ws);
+    sample_params.reserve(static_cast<size_t>(n_out) * sizeof(kc::SamplingRowParams));
+    sample_uniforms.reserve(static_cast<size_t>(n_out) * sizeof(double));
+    cuda_check(cudaMemcpyAsync(sample_params.as<void>(), sampling.params->data(),
+                               static_cast<size_t>(n_out) * sizeof(kc::SamplingRowParams),
+                               cudaMemcpyHostToDevice, stream),
+               "cudaMemcpyAsync (sampling parameters)");
+    cuda_check(cudaMemcpyAsync(sample_uniforms.as<void>(), sampling.uniforms->data(),
+                               static_cast<size_t>(n_out) * sizeof(double), cudaMemcpyHostToDevice, stream),
+               "cudaMemcpyAsync (uniforms)");
+    check(kc::sample_rows(logits.as<float>(), sample_params.as<kc::SamplingRowParams>(),
+                          sample_uniforms.as<double>(), n_out, c.n_vocab, ids.as<int32_t>(),
+                          sample_workspace.as<void>(), sample_workspace.bytes(), stream),
+          "sample_rows");
+  }
   flag_host = 0;
   cuda_check(cudaMemcpyAsync(&flag_host, flag.as<int32_t>(), sizeof(int32_t), cudaMemcpyDeviceToHost, stream),
              "cudaMemcpyAsync (error flag)");
@@ -1104,17 +1133,44 @@ int64_t CudaLlamaModel::weight_bytes() const {
 int64_t CudaLlamaModel::captured_graphs() const { return static_cast<int64_t>(impl_->graphs.size()); }
 
 void CudaLlamaModel::forward(const ForwardBatch& batch, CudaKvCache& cache, std::vector<float>& logits) {
-  impl_->forward_impl(batch, cache, nullptr, &logits, nullptr);
+  impl_->forward_impl(batch, cache, nullptr, &logits, nullptr, Impl::RowSampling{});
 }
 
 void CudaLlamaModel::forward_greedy(const ForwardBatch& batch, CudaKvCache& cache,
                                     std::vector<int32_t>& ids) {
-  impl_->forward_impl(batch, cache, nullptr, nullptr, &ids);
+  impl_->forward_impl(batch, cache, nullptr, nullptr, &ids, Impl::RowSampling{});
+}
+
+void CudaLlamaModel::forward_sample(const ForwardBatch& batch, CudaKvCache& cache,
+                                    const std::vector<SamplingParams>& params,
+                                    const std::vector<double>& uniforms, std::vector<int32_t>& ids) {
+  const size_t rows = batch.logit_rows.size();
+  if (params.size() != rows || uniforms.size() != rows) {
+    throw std::invalid_argument("forward_sample: " + std::to_string(params.size()) +
+                                " sampling settings and " + std::to_string(uniforms.size()) +
+                                " uniforms for " + std::to_string(rows) + " logit rows");
+  }
+  std::vector<kc::SamplingRowParams> rows_params(rows);
+  for (size_t r = 0; r < rows; ++r) {
+    const SamplingParams& sp = params[r];
+    validate(sp);
+    if (sp.repetition_penalty != 1.0f) {
+      throw std::invalid_argument(
+          "forward_sample: the repetition penalty needs each sequence's history; sample forward()'s logits "
+          "on "
+          "the host instead");
+    }
+    if (!(uniforms[r] >= 0.0 && uniforms[r] < 1.0))
+      throw std::invalid_argument("forward_sample: uniform " + std::to_string(uniforms[r]) +
+                                  " is outside [0, 1)");
+    rows_params[r] = {sp.temperature, sp.top_k, sp.top_p, sp.min_p};
+  }
+  impl_->forward_impl(batch, cache, nullptr, nullptr, &ids, Impl::RowSampling{&rows_params, &uniforms});
 }
 
 void CudaLlamaModel::forward_stage(const ForwardBatch& batch, CudaKvCache& cache, const float* hidden_in,
                                    std::vector<float>& out) {
-  impl_->forward_impl(batch, cache, hidden_in, &out, nullptr);
+  impl_->forward_impl(batch, cache, hidden_in, &out, nullptr, Impl::RowSampling{});
 }
 
 }  // namespace nibble::worker

@@ -55,6 +55,7 @@
 #include "model/llama_checkpoint.hpp"
 #include "model/llama_config.hpp"
 #include "worker/llama_model.hpp"
+#include "worker/sampler.hpp"
 #include "worker/tensor_shard.hpp"
 
 namespace nibble::worker {
@@ -161,6 +162,15 @@ class CudaLlamaModel {
   // to the lowest id as worker::Sampler at temperature 0): ids resized to [batch.logit_rows.size()].
   // Last stage only (throws std::logic_error elsewhere).
   void forward_greedy(const ForwardBatch& batch, CudaKvCache& cache, std::vector<int32_t>& ids);
+  // The same pass with every logit row sampled on the device (kernels/cuda/sampling.cuh's
+  // sample_rows: worker::Sampler's temperature, top-k, top-p and min-p, one draw by inverse CDF with
+  // the row's uniform), so that only the ids come back. params, uniforms: [batch.logit_rows.size()]
+  // (uniforms in [0, 1), e.g. each sequence's Sampler::uniform()). Last stage only. Throws
+  // std::invalid_argument for a size mismatch, a uniform outside [0, 1) or a repetition penalty
+  // (it needs the history: apply it to forward()'s logits on the host instead).
+  void forward_sample(const ForwardBatch& batch, CudaKvCache& cache,
+                      const std::vector<SamplingParams>& params, const std::vector<double>& uniforms,
+                      std::vector<int32_t>& ids);
   // One pipeline stage's part of forward, as LlamaModel::forward_stage: hidden_in: host
   // [batch.tokens.size(), n_embd] from the previous stage, or null on the first stage. out: on the
   // last stage the logits as in forward, elsewhere resized to [batch.tokens.size(), n_embd] (host),

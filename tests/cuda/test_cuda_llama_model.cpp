@@ -266,6 +266,70 @@ TEST(CudaLlamaModel, GptqAndAwqCheckpointsMatchTheCpu) {
   }
 }
 
+// Sampling on the device (forward_sample): each logit row's id is the one worker::Sampler's
+// distribution of forward()'s logits for that row gives by inverse CDF with the row's uniform (u kept
+// away from the cumulative boundaries, where the GPU's summation order may tip the choice).
+TEST(CudaLlamaModel, ForwardSampleDrawsWhatTheSamplerWouldFromTheLogits) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  t::TempDir dir;
+  const std::string path = random_model(dir.path(), tiny_shape(256, 4, 2), k::DType::Q4_0);
+  w::CudaLlamaModel gpu(m::LlamaCheckpoint::open(path));
+  w::CudaKvCache cache(gpu.config(), 8, 16);
+  // Logits for every one of 7 prompt tokens: 7 rows, each with its own settings.
+  const auto batch = w::ForwardBatch::single({5, 6, 7, 8, 9, 10, 11}, 0, {0, 1}, true);
+  std::vector<float> logits;
+  gpu.forward(batch, cache, logits);
+  const int64_t n_vocab = gpu.config().n_vocab;
+  ASSERT_EQ(logits.size(), static_cast<size_t>(7 * n_vocab));
+  std::vector<w::SamplingParams> params(7);
+  const float temperatures[] = {0.0f, 1.0f, 0.7f, 1.3f, 1.0f, 0.5f, 2.0f};
+  for (size_t r = 0; r < params.size(); ++r) params[r].temperature = temperatures[r];
+  params[2].top_k = 40;
+  params[3].top_p = 0.9f;
+  params[4].top_k = 50;
+  params[4].top_p = 0.8f;
+  params[4].min_p = 0.05f;
+  params[5].min_p = 0.1f;
+  std::mt19937 rng(3);
+  std::uniform_real_distribution<double> uniform(0.0, 1.0);
+  std::vector<double> us;
+  std::vector<int32_t> want;
+  for (size_t r = 0; r < params.size(); ++r) {
+    const auto dist = w::Sampler(params[r]).distribution(logits.data() + r * n_vocab, n_vocab, {});
+    for (int tries = 0;; ++tries) {
+      ASSERT_LT(tries, 100);
+      const double u = uniform(rng);
+      double cumulative = 0.0, margin = 1.0;
+      int32_t id = dist.back().id;
+      bool found = false;
+      for (const auto& tp : dist) {
+        const double before = cumulative;
+        cumulative += tp.p;
+        margin = std::min({margin, std::fabs(u - before), std::fabs(u - cumulative)});
+        if (!found && u < cumulative) {
+          id = tp.id;
+          found = true;
+        }
+      }
+      if (margin < 1e-6 && dist.size() > 1) continue;
+      us.push_back(u);
+      want.push_back(id);
+      break;
+    }
+  }
+  std::vector<int32_t> ids;
+  gpu.forward_sample(batch, cache, params, us, ids);
+  EXPECT_EQ(ids, want);
+  // Refused: a repetition penalty, a size mismatch, a uniform of 1.
+  params[1].repetition_penalty = 1.1f;
+  EXPECT_THROW(gpu.forward_sample(batch, cache, params, us, ids), std::invalid_argument);
+  params[1].repetition_penalty = 1.0f;
+  EXPECT_THROW(gpu.forward_sample(batch, cache, std::vector<w::SamplingParams>(6), us, ids),
+               std::invalid_argument);
+  us[0] = 1.0;
+  EXPECT_THROW(gpu.forward_sample(batch, cache, params, us, ids), std::invalid_argument);
+}
+
 TEST(CudaLlamaModel, RejectsBadBatchesOnTheHost) {
   NIBBLE_REQUIRE_CUDA_DEVICE();
   t::TempDir dir;

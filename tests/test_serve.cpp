@@ -504,6 +504,38 @@ TEST(Serve, CudaServesLikeCpuGenerate) {
   }
 }
 
+// device: cuda with a draft next to the sampling worker: target and draft on the GPU (the engine's
+// speculation over worker::CudaForwardModel), T=1 and P=2, greedy tokens equal to CPU `nibble
+// generate` without a draft (the target as its own draft, and an unrelated one).
+TEST(Serve, CudaSpeculativeServesLikeCpuGenerate) {
+  const std::string why = worker::cuda_unavailable_reason();
+  if (!why.empty()) GTEST_SKIP() << "no CUDA device: " << why;
+  if (!fs::exists(NIBBLE_MPIEXEC)) GTEST_SKIP() << "mpirun (" << NIBBLE_MPIEXEC << ") is absent";
+  test::TempDir models;
+  const std::string model = make_tiny_model(models.path());
+  const std::string other = (models.path() / "other.gguf").string();
+  model::write_random_llama(other, model::llama_shape_by_name("tiny"), kernels::DType::Q4_0, 9);
+  std::vector<Expected> expected;
+  for (const std::string& p : kPrompts) expected.push_back(nibble_generate(model, p, 24));
+  for (const std::string& draft : {model, other}) {
+    for (const int pipeline : {1, 2}) {
+      SCOPED_TRACE("draft " + draft + ", P" + std::to_string(pipeline));
+      test::TempDir dir;
+      ServeJob job(dir.path(), model, 1, pipeline,
+                   "device: cuda\nkv_cache: { num_blocks: 64 }\ndraft: { path: \"" + draft +
+                       "\", max_draft_tokens: 3 }\n");
+      ASSERT_TRUE(job.wait_ready()) << job.log();
+      EXPECT_NE(job.log().find("on its GPU"), std::string::npos) << job.log();
+      Client client(job.endpoint());
+      for (size_t i = 0; i < kPrompts.size(); ++i) {
+        SCOPED_TRACE("prompt " + std::to_string(i));
+        const protocol::Final f = client.generate(greedy(numbered("p", i), kPrompts[i], 24));
+        EXPECT_EQ(f.tokens, expected[i].tokens);
+      }
+    }
+  }
+}
+
 // small-llama's Q4_K attention output has 256-wide blocks, one per row of 256 inputs: its 4 heads
 // cannot be split into tensor-parallel column slices, so it is served pipeline-parallel only, and a
 // tensor-parallel start-up must fail with a message saying so.

@@ -95,10 +95,14 @@ std::string bind_ephemeral(zmq::socket_t& socket, bool single_host) {
 // KV blocks this worker can hold: the configured count, or memory_fraction of `available` bytes
 // (host memory, or the GPU's free memory once every worker's weights are loaded) shared among the
 // `sharers` workers that draw on it, but never more than max_running full contexts.
+// draft_config: a draft whose cache (as many blocks as the target's) shares this memory, or null.
 int64_t blocks_for_this_worker(const cluster::ClusterConfig& config, const model::LlamaConfig& shard_config,
-                               double available, int sharers) {
+                               double available, int sharers,
+                               const model::LlamaConfig* draft_config = nullptr) {
   if (config.kv_cache.num_blocks > 0) return config.kv_cache.num_blocks;
-  const int64_t per_block = worker::KvCache::bytes_per_block(shard_config, config.kv_cache.block_size);
+  int64_t per_block = worker::KvCache::bytes_per_block(shard_config, config.kv_cache.block_size);
+  if (draft_config != nullptr)
+    per_block += worker::KvCache::bytes_per_block(*draft_config, config.kv_cache.block_size);
   const auto by_memory = static_cast<int64_t>(available * config.kv_cache.memory_fraction /
                                               std::max(1, sharers) / static_cast<double>(per_block));
   const int64_t blocks_per_context =
@@ -159,8 +163,9 @@ int serve(const std::string& config_path) {
   parallel::ParallelGroups groups = parallel::make_groups(MPI_COMM_WORLD, *layout);
   const parallel::RankInfo me = parallel::describe_this_rank(MPI_COMM_WORLD, *layout);
 
-  // With device: cuda every worker (not the coordinator, not the draft rank: the draft stays on the
-  // CPU) takes GPU local_rank % devices on its host, and refuses to start without one.
+  // With device: cuda every worker (not the coordinator, not the draft rank: a draft of its own stays
+  // on the CPU) takes GPU local_rank % devices on its host, and refuses to start without one. A draft
+  // co-located with the sampling worker runs on that worker's GPU.
   const bool cuda = config.device == cluster::Device::cuda;
   const bool gpu_rank = cuda && me.role == parallel::Role::worker;
   int device = -1;
@@ -212,6 +217,7 @@ int serve(const std::string& config_path) {
   std::unique_ptr<worker::CudaLlamaModel> gpu_model;  // device: cuda
   std::unique_ptr<kernels::ThreadPool> pool;
   std::unique_ptr<worker::LlamaModel> draft;
+  std::unique_ptr<worker::CudaLlamaModel> gpu_draft;  // device: cuda, the draft next to the sampling worker
   const bool draft_rank = me.role == parallel::Role::draft;
   const bool sampling_rank = me.role == parallel::Role::worker && me.is_last_stage && me.tp_rank == 0;
   const int sampling_world_rank = layout->world_rank_of(config.parallel.pipeline - 1, 0);
@@ -267,8 +273,17 @@ int serve(const std::string& config_path) {
         }
         threads = config.worker_threads(default_threads(), workers_on_host);
         pool = std::make_unique<kernels::ThreadPool>(threads);
-        if (sampling_rank && config.draft.has_value() && !config.draft_has_own_rank())
-          draft = worker::LlamaModel::load(config.draft->path);
+        if (sampling_rank && config.draft.has_value() && !config.draft_has_own_rank()) {
+          if (gpu_rank) {
+            worker::CudaModelOptions options;
+            options.device = device;
+            options.graphs = true;
+            gpu_draft = std::make_unique<worker::CudaLlamaModel>(
+                model::LlamaCheckpoint::open(config.draft->path), options);
+          } else {
+            draft = worker::LlamaModel::load(config.draft->path);
+          }
+        }
       })) {
     return fail();
   }
@@ -276,9 +291,9 @@ int serve(const std::string& config_path) {
   // on every rank).
   if (!phase(world_rank, true, [&] {
         if (gpu_model == nullptr) return;
-        num_blocks =
-            blocks_for_this_worker(config, gpu_model->shard_config(),
-                                   static_cast<double>(worker::cuda_memory_info(device).free), gpu_sharers);
+        num_blocks = blocks_for_this_worker(
+            config, gpu_model->shard_config(), static_cast<double>(worker::cuda_memory_info(device).free),
+            gpu_sharers, gpu_draft != nullptr ? &gpu_draft->config() : nullptr);
       })) {
     return fail();
   }
@@ -400,6 +415,7 @@ int serve(const std::string& config_path) {
   if (!coordinator) {
     int code = 0;
     try {
+      std::unique_ptr<worker::ForwardModel> draft_forward;  // the GPU draft's (declared before its user)
       std::unique_ptr<speculative::Speculator> speculator;
       std::unique_ptr<cluster::RemoteDraft> remote;
       if (sampling_rank && config.draft.has_value()) {
@@ -408,17 +424,22 @@ int serve(const std::string& config_path) {
         settings.adaptive = config.draft->adaptive;
         settings.num_blocks = num_blocks;
         settings.block_size = config.kv_cache.block_size;
-        const bool draft_here = draft != nullptr;
+        const bool draft_here = draft != nullptr || gpu_draft != nullptr;
         if (whole_cpu_target) {
           settings.costs = measured_costs;  // this rank holds the whole target
         } else {
           // Sharded or GPU target: estimate from weight bytes (decode is memory-bound; for a GPU
           // target with a CPU draft this underestimates the draft's cost).
-          const double bytes =
-              draft_here ? static_cast<double>(draft->checkpoint().weight_bytes()) : draft_file_bytes;
+          const double bytes = draft != nullptr ? static_cast<double>(draft->checkpoint().weight_bytes())
+                               : gpu_draft != nullptr
+                                   ? static_cast<double>(gpu_draft->checkpoint().weight_bytes())
+                                   : draft_file_bytes;
           settings.draft_cost = bytes / static_cast<double>(file->weight_bytes());
         }
-        if (draft_here) {
+        if (gpu_draft != nullptr) {
+          draft_forward = std::make_unique<worker::CudaForwardModel>(*gpu_draft, device);
+          speculator = std::make_unique<speculative::Speculator>(*draft_forward, settings);
+        } else if (draft_here) {
           speculator = std::make_unique<speculative::Speculator>(*draft, *pool, settings);
         } else {
           remote = std::make_unique<cluster::RemoteDraft>(to_draft);
@@ -464,6 +485,10 @@ int serve(const std::string& config_path) {
     std::fprintf(stderr, "nibble serve: worker rank %d: stage %d, tensor rank %d, pid %d on %s%s\n", r,
                  info.stage, info.tp_rank, pids[static_cast<size_t>(r)], hosts[static_cast<size_t>(r)].data(),
                  gpu >= 0 ? (", GPU " + std::to_string(gpu)).c_str() : "");
+  }
+  if (config.draft.has_value() && !config.draft_has_own_rank()) {
+    std::fprintf(stderr, "nibble serve: draft %s next to the sampling worker (rank %d), on its %s\n",
+                 config.draft->path.c_str(), sampling_world_rank, cuda ? "GPU" : "CPU");
   }
   std::fflush(stderr);
 

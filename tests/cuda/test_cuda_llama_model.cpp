@@ -32,6 +32,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <nlohmann/json.hpp>
 #include <numeric>
 #include <random>
 #include <sstream>
@@ -572,6 +573,25 @@ TEST(CudaLlamaModelCli, GenerateOnTheGpuGivesTheRequestedTokens) {
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_NE(r.output.find("\"device\":\"cuda\""), std::string::npos) << r.output;
   EXPECT_NE(r.output.find("\"finish_reason\""), std::string::npos) << r.output;
+}
+
+// bench-spec --device cuda: target and draft on the GPU through the engine; the target as its own
+// draft accepts every proposal, so the JSON row reports an acceptance rate of 1 and more than one
+// token per verification.
+TEST(CudaLlamaModelCli, BenchSpecOnTheGpuRunsTheEngineWithADraft) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  t::TempDir dir;
+  const std::string path = random_model(dir.path(), tiny_shape(256, 4, 2), k::DType::Q4_0);
+  const auto r = t::run_command(t::nibble_bin() + " bench-spec --device cuda --model " + path + " --draft " +
+                                path + " --batch 1 --gen-tokens 16 --repetitions 1 --fixed-k --json 2>&1");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const auto json_start = r.output.find('{');
+  ASSERT_NE(json_start, std::string::npos) << r.output;
+  const auto j = nlohmann::json::parse(r.output.substr(json_start));
+  EXPECT_EQ(j["device"], "cuda");
+  ASSERT_EQ(j["rows"].size(), 1u);
+  EXPECT_EQ(j["rows"][0]["acceptance_rate"].get<double>(), 1.0) << r.output;
+  EXPECT_GT(j["rows"][0]["tokens_per_verify_step"].get<double>(), 1.0) << r.output;
 }
 
 }  // namespace

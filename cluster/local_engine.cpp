@@ -105,18 +105,32 @@ std::vector<EngineResult> LocalEngine::step() {
     batch.add_sequence(entry.tokens, entry.start_pos, entry.table_row, entry.sample ? entry.n_draft + 1 : 0);
     if (entry.sample) sampled.push_back(&entry);
   }
-  model_.forward(batch, *cache_, logits_);
+  // Greedy rows without a repetition penalty need only each row's argmax (on a GPU found on the
+  // device: no logits cross to the host); any other row needs the logits.
+  const bool argmax_only = std::all_of(sampled.begin(), sampled.end(), [&](const StepEntry* e) {
+    const worker::SamplingParams& p = states_.at(e->seq_id)->sampler.params();
+    return p.temperature <= 0.0f && p.repetition_penalty == 1.0f;
+  });
+  if (argmax_only) {
+    model_.forward_argmax(batch, *cache_, argmax_);
+  } else {
+    model_.forward(batch, *cache_, logits_);
+  }
 
   const int64_t n_vocab = model_.config().n_vocab;
   std::vector<uint64_t> continuing;
   const float* rows = logits_.data();
+  size_t row = 0;  // the entry's first logit row
   for (const StepEntry* entry : sampled) {
     const uint64_t id = entry->seq_id;
     RequestState& state = *states_.at(id);
     const float* entry_rows = rows;
-    rows += (entry->n_draft + 1) * n_vocab;
+    const size_t entry_row = row;
+    row += static_cast<size_t>(entry->n_draft + 1);
+    if (!argmax_only) rows += (entry->n_draft + 1) * n_vocab;
     if (entry->n_draft == 0) {
-      const int32_t token = state.sampler.sample(entry_rows, n_vocab, state.history);
+      const int32_t token =
+          argmax_only ? argmax_[entry_row] : state.sampler.sample(entry_rows, n_vocab, state.history);
       ++produced;
       if (!deliver(id, std::span(&token, 1), finished)) {
         scheduler_.append_token(id, token);
@@ -126,11 +140,16 @@ std::vector<EngineResult> LocalEngine::step() {
     }
     const std::span<const int32_t> drafts(entry->tokens.data() + entry->tokens.size() - entry->n_draft,
                                           static_cast<size_t>(entry->n_draft));
-    const speculative::Verification v = speculative::verify_logits(
-        state.sampler, entry_rows, n_vocab, state.history, drafts,
-        std::span<const float>(
-            state.draft_probs.data(),
-            std::min(state.draft_probs.size(), static_cast<size_t>(entry->n_draft * n_vocab))));
+    const speculative::Verification v =
+        argmax_only
+            ? speculative::verify_argmax(std::span<const int32_t>(argmax_.data() + entry_row,
+                                                                  static_cast<size_t>(entry->n_draft + 1)),
+                                         drafts)
+            : speculative::verify_logits(
+                  state.sampler, entry_rows, n_vocab, state.history, drafts,
+                  std::span<const float>(
+                      state.draft_probs.data(),
+                      std::min(state.draft_probs.size(), static_cast<size_t>(entry->n_draft * n_vocab))));
     speculator_->record(id, entry->n_draft, v.accepted);
     produced += static_cast<int64_t>(v.tokens.size());
     if (!deliver(id, v.tokens, finished)) {

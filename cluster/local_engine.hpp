@@ -73,6 +73,7 @@ class LocalEngine {
   std::unique_ptr<worker::ForwardCache> cache_;
   std::unordered_map<uint64_t, std::unique_ptr<RequestState>> states_;
   std::vector<float> logits_;
+  std::vector<int32_t> argmax_;  // per logit row, when every sampled row is greedy
 };
 
 }  // namespace nibble::cluster

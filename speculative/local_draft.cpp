@@ -99,13 +99,24 @@ std::vector<Proposal> LocalDraft::propose(const std::vector<ProposalRequest>& re
       table.resize(static_cast<size_t>(max_blocks), -1);
       batch.block_tables.insert(batch.block_tables.end(), table.begin(), table.end());
     }
-    draft_.forward(batch, *cache_, logits_);
+    // Greedy rows without a repetition penalty need only the argmax (a GPU draft keeps its logits).
+    const bool argmax_only = std::all_of(active.begin(), active.end(), [](const Work* w) {
+      const worker::SamplingParams& p = w->state->sampler->params();
+      return p.temperature <= 0.0f && p.repetition_penalty == 1.0f;
+    });
+    if (argmax_only) {
+      draft_.forward_argmax(batch, *cache_, argmax_);
+    } else {
+      draft_.forward(batch, *cache_, logits_);
+    }
     for (size_t i = 0; i < active.size(); ++i) {
       Work& w = *active[i];
       w.state->fed.assign(w.history.begin(), w.history.end());
-      const float* row = logits_.data() + i * n_vocab;
+      const float* row = argmax_only ? nullptr : logits_.data() + i * n_vocab;
       int32_t token = 0;
-      if (w.state->sampler->params().temperature <= 0.0f) {
+      if (argmax_only) {
+        token = argmax_[i];
+      } else if (w.state->sampler->params().temperature <= 0.0f) {
         token = greedy_token(*w.state->sampler, row, n_vocab, w.history);  // no q needed at temperature 0
       } else {
         std::vector<float> q = dense_distribution(*w.state->sampler, row, n_vocab, w.history);

@@ -50,6 +50,7 @@ class LocalDraft final : public DraftProposer {
   worker::BlockAllocator allocator_;
   std::unordered_map<uint64_t, SequenceState> sequences_;
   std::vector<float> logits_;
+  std::vector<int32_t> argmax_;  // per active row, when every row is greedy
 };
 
 }  // namespace nibble::speculative

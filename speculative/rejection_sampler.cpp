@@ -185,4 +185,18 @@ Verification verify_logits(worker::Sampler& sampler, const float* target_logits,
   return v;
 }
 
+Verification verify_argmax(std::span<const int32_t> target_argmax, std::span<const int32_t> draft_tokens) {
+  if (target_argmax.size() != draft_tokens.size() + 1) {
+    fail("verify_argmax: " + std::to_string(target_argmax.size()) + " target rows for " +
+         std::to_string(draft_tokens.size()) + " draft tokens (need k + 1)");
+  }
+  Verification v;
+  for (size_t i = 0; i < target_argmax.size(); ++i) {
+    v.tokens.push_back(target_argmax[i]);
+    if (i == draft_tokens.size() || draft_tokens[i] != target_argmax[i]) break;
+    ++v.accepted;
+  }
+  return v;
+}
+
 }  // namespace nibble::speculative

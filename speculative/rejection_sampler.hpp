@@ -88,4 +88,10 @@ Verification verify_logits(worker::Sampler& sampler, const float* target_logits,
                            std::span<const int32_t> history, std::span<const int32_t> draft_tokens,
                            std::span<const float> draft_probs);
 
+// verify_logits at temperature 0 without a repetition penalty, from the target's argmaxes alone (a
+// GPU finds them on the device): accept while draft_tokens[i] == target_argmax[i], then emit the
+// target's argmax at the first mismatch (or the bonus position). target_argmax: [k + 1]; draft_tokens:
+// [k]. Throws std::invalid_argument when the sizes do not match.
+Verification verify_argmax(std::span<const int32_t> target_argmax, std::span<const int32_t> draft_tokens);
+
 }  // namespace nibble::speculative

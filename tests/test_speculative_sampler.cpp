@@ -572,3 +572,40 @@ TEST(SpeculativeDenseDistribution, MatchesTheSamplerAndItsPenaltyHistory) {
 
 }  // namespace
 }  // namespace nibble::speculative
+
+namespace nibble::speculative {
+namespace {
+
+// Greedy verification from the target's argmaxes alone (what a GPU hands back) equals
+// verify_logits at temperature 0 on the full logits, for drafts that agree for a while and then
+// not, and for every k; a wrong count of rows is refused.
+TEST(SpeculativeArgmax, VerifyArgmaxEqualsGreedyVerifyLogits) {
+  std::mt19937 rng(12);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  const int64_t n_vocab = 301;
+  Sampler sampler(SamplingParams{});  // temperature 0
+  for (int trial = 0; trial < 200; ++trial) {
+    const int k = trial % 6;
+    std::vector<float> logits(static_cast<size_t>((k + 1) * n_vocab));
+    for (float& v : logits) v = normal(rng);
+    std::vector<int32_t> argmax, drafts;
+    for (int i = 0; i <= k; ++i) {
+      const float* row = logits.data() + i * n_vocab;
+      argmax.push_back(static_cast<int32_t>(std::max_element(row, row + n_vocab) - row));
+    }
+    const int agree = static_cast<int>(rng() % (k + 1));  // drafts match the first `agree` argmaxes
+    for (int i = 0; i < k; ++i)
+      drafts.push_back(i < agree ? argmax[static_cast<size_t>(i)]
+                                 : static_cast<int32_t>((argmax[static_cast<size_t>(i)] + 1) % n_vocab));
+    const Verification want = verify_logits(sampler, logits.data(), n_vocab, {}, drafts, {});
+    const Verification got = verify_argmax(argmax, drafts);
+    ASSERT_EQ(got.accepted, want.accepted) << "trial " << trial;
+    ASSERT_EQ(got.tokens, want.tokens) << "trial " << trial;
+    ASSERT_EQ(got.accepted, agree);
+  }
+  const std::vector<int32_t> two = {1, 2};
+  EXPECT_THROW(verify_argmax(two, two), std::invalid_argument);
+}
+
+}  // namespace
+}  // namespace nibble::speculative

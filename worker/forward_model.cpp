@@ -1,5 +1,6 @@
 #include "worker/forward_model.hpp"
 
+#include <algorithm>
 #include <stdexcept>
 
 namespace nibble::worker {
@@ -11,6 +12,16 @@ struct CpuCache final : ForwardCache {
   KvCache cache;
 };
 }  // namespace
+
+void ForwardModel::forward_argmax(const ForwardBatch& batch, ForwardCache& cache, std::vector<int32_t>& ids) {
+  forward(batch, cache, argmax_logits_);
+  const int64_t n_vocab = config().n_vocab;
+  ids.resize(batch.logit_rows.size());
+  for (size_t r = 0; r < ids.size(); ++r) {
+    const float* row = argmax_logits_.data() + static_cast<int64_t>(r) * n_vocab;
+    ids[r] = static_cast<int32_t>(std::max_element(row, row + n_vocab) - row);  // the first maximum
+  }
+}
 
 std::unique_ptr<ForwardCache> CpuForwardModel::make_cache(int64_t num_blocks, int64_t block_size) const {
   return std::make_unique<CpuCache>(model_.shard_config(), num_blocks, block_size);

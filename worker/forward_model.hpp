@@ -42,6 +42,14 @@ class ForwardModel {
   void forward(const ForwardBatch& batch, ForwardCache& cache, std::vector<float>& logits) {
     forward_stage(batch, cache, nullptr, logits);
   }
+  // A whole model's pass where only each logit row's argmax is wanted (ties to the lowest id, as
+  // worker::Sampler at temperature 0): ids resized to [batch.logit_rows.size()]. What greedy
+  // decoding and greedy verification need; a GPU finds it on the device, so only ids come back. The
+  // default runs forward() and scans the logits on the host.
+  virtual void forward_argmax(const ForwardBatch& batch, ForwardCache& cache, std::vector<int32_t>& ids);
+
+ private:
+  std::vector<float> argmax_logits_;  // forward_argmax's scratch (kept: rows of n_vocab floats)
 };
 
 // The CPU model (not owned) on a thread pool (not owned).
@@ -73,6 +81,7 @@ class CudaForwardModel final : public ForwardModel {
   std::unique_ptr<ForwardCache> make_cache(int64_t num_blocks, int64_t block_size) const override;
   void forward_stage(const ForwardBatch& batch, ForwardCache& cache, const float* hidden_in,
                      std::vector<float>& out) override;
+  void forward_argmax(const ForwardBatch& batch, ForwardCache& cache, std::vector<int32_t>& ids) override;
 
  private:
   CudaLlamaModel& model_;

@@ -74,7 +74,21 @@ protocol::StepResult WorkerService::execute(const protocol::WorkerStep& step) {
     pipeline_->recv(hidden_in_.data(), hidden_bytes, pipeline_->rank() - 1, kHiddenTag);
     hidden_in = hidden_in_.data();
   }
-  model_.forward_stage(batch, hidden_in, out_);
+  // Greedy rows without a repetition penalty need only each row's argmax (on a GPU found on the
+  // device: no logits cross to the host). A rank that does not sample takes the same path (the
+  // collectives inside the pass are the same either way).
+  const bool argmax_only = model_.is_last_stage() &&
+                           std::all_of(sampled.begin(), sampled.end(), [&](const protocol::PlanEntry* e) {
+                             const auto it = sequences_.find(e->seq_id);
+                             if (it == sequences_.end()) return false;
+                             const worker::SamplingParams& p = it->second->sampler.params();
+                             return p.temperature <= 0.0f && p.repetition_penalty == 1.0f;
+                           });
+  if (argmax_only) {
+    model_.forward_stage_argmax(batch, hidden_in, argmax_);
+  } else {
+    model_.forward_stage(batch, hidden_in, out_);
+  }
   if (!model_.is_last_stage()) {
     if (n > 0) pipeline_->send(out_.data(), hidden_bytes, pipeline_->rank() + 1, kHiddenTag);
     return {step.step_id, {}};
@@ -84,13 +98,16 @@ protocol::StepResult WorkerService::execute(const protocol::WorkerStep& step) {
   if (!samples) return result;
   const int64_t n_vocab = model_.config().n_vocab;
   const float* rows = out_.data();
+  size_t row = 0;  // the entry's first logit row
   std::vector<speculative::ProposalRequest> proposals;
   std::vector<std::vector<int32_t>> sequences;  // tokens so far of each proposing sequence
   sequences.reserve(sampled.size());
   for (const protocol::PlanEntry* entry_ptr : sampled) {
     const protocol::PlanEntry& entry = *entry_ptr;
     const float* entry_rows = rows;
-    rows += (entry.n_draft + 1) * n_vocab;
+    const size_t entry_row = row;
+    row += static_cast<size_t>(entry.n_draft + 1);
+    if (!argmax_only) rows += (entry.n_draft + 1) * n_vocab;
     const auto it = sequences_.find(entry.seq_id);
     if (it == sequences_.end()) {
       throw std::runtime_error("step " + std::to_string(step.step_id) + " samples sequence " +
@@ -100,7 +117,7 @@ protocol::StepResult WorkerService::execute(const protocol::WorkerStep& step) {
     protocol::SampledToken out{entry.seq_id, 0, {}, entry.n_draft, {}};
     const size_t last_known = static_cast<size_t>(entry.start_pos) + entry.tokens.size() - entry.n_draft;
     if (entry.n_draft == 0) {
-      out.token = state.sampler.sample(entry_rows, n_vocab, state.history);
+      out.token = argmax_only ? argmax_[entry_row] : state.sampler.sample(entry_rows, n_vocab, state.history);
     } else {
       const bool greedy = state.sampler.params().temperature <= 0.0f;
       if (speculator_ == nullptr ||
@@ -110,12 +127,17 @@ protocol::StepResult WorkerService::execute(const protocol::WorkerStep& step) {
       }
       const std::span<const int32_t> drafts(entry.tokens.data() + entry.tokens.size() - entry.n_draft,
                                             static_cast<size_t>(entry.n_draft));
-      const speculative::Verification v = speculative::verify_logits(
-          state.sampler, entry_rows, n_vocab, std::span<const int32_t>(state.history.data(), last_known),
-          drafts,
-          std::span<const float>(
-              state.draft_probs.data(),
-              std::min(state.draft_probs.size(), static_cast<size_t>(entry.n_draft * n_vocab))));
+      const speculative::Verification v =
+          argmax_only
+              ? speculative::verify_argmax(std::span<const int32_t>(argmax_.data() + entry_row,
+                                                                    static_cast<size_t>(entry.n_draft + 1)),
+                                           drafts)
+              : speculative::verify_logits(
+                    state.sampler, entry_rows, n_vocab,
+                    std::span<const int32_t>(state.history.data(), last_known), drafts,
+                    std::span<const float>(
+                        state.draft_probs.data(),
+                        std::min(state.draft_probs.size(), static_cast<size_t>(entry.n_draft * n_vocab))));
       speculator_->record(entry.seq_id, entry.n_draft, v.accepted);
       out.accepted_drafts.assign(v.tokens.begin(), v.tokens.end() - 1);
       out.token = v.tokens.back();

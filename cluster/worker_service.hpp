@@ -55,6 +55,7 @@ class WorkerService {
   speculative::Speculator* speculator_;
   std::unordered_map<uint64_t, std::unique_ptr<SequenceState>> sequences_;
   std::vector<float> hidden_in_, out_;
+  std::vector<int32_t> argmax_;  // per logit row, when every sampled row is greedy
 };
 
 }  // namespace nibble::cluster

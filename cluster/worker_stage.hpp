@@ -27,6 +27,11 @@ class WorkerStage {
   void forward_stage(const worker::ForwardBatch& batch, const float* hidden_in, std::vector<float>& out) {
     model_.forward_stage(batch, *cache_, hidden_in, out);
   }
+  // The last stage's pass with only each logit row's argmax back (ForwardModel::forward_stage_argmax).
+  void forward_stage_argmax(const worker::ForwardBatch& batch, const float* hidden_in,
+                            std::vector<int32_t>& ids) {
+    model_.forward_stage_argmax(batch, *cache_, hidden_in, ids);
+  }
 
  private:
   worker::ForwardModel& model_;

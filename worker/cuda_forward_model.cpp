@@ -29,15 +29,11 @@ void CudaForwardModel::forward_stage(const ForwardBatch& batch, ForwardCache& ca
   }
 }
 
-void CudaForwardModel::forward_argmax(const ForwardBatch& batch, ForwardCache& cache,
-                                      std::vector<int32_t>& ids) {
+void CudaForwardModel::forward_stage_argmax(const ForwardBatch& batch, ForwardCache& cache,
+                                            const float* hidden_in, std::vector<int32_t>& ids) {
   auto* own = dynamic_cast<CudaCache*>(&cache);
   if (own == nullptr) throw std::logic_error("CudaForwardModel: a cache made by another kind of model");
-  if (!model_.is_first_stage() || !model_.is_last_stage()) {
-    ForwardModel::forward_argmax(batch, cache, ids);  // (a stage's logits need the host anyway)
-    return;
-  }
-  model_.forward_greedy(batch, own->cache, ids);  // argmax_rows on the device
+  model_.forward_stage_greedy(batch, own->cache, hidden_in, ids);  // argmax_rows on the device
 }
 
 }  // namespace nibble::worker

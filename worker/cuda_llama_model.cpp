@@ -1141,6 +1141,11 @@ void CudaLlamaModel::forward_greedy(const ForwardBatch& batch, CudaKvCache& cach
   impl_->forward_impl(batch, cache, nullptr, nullptr, &ids, Impl::RowSampling{});
 }
 
+void CudaLlamaModel::forward_stage_greedy(const ForwardBatch& batch, CudaKvCache& cache,
+                                          const float* hidden_in, std::vector<int32_t>& ids) {
+  impl_->forward_impl(batch, cache, hidden_in, nullptr, &ids, Impl::RowSampling{});
+}
+
 void CudaLlamaModel::forward_sample(const ForwardBatch& batch, CudaKvCache& cache,
                                     const std::vector<SamplingParams>& params,
                                     const std::vector<double>& uniforms, std::vector<int32_t>& ids) {

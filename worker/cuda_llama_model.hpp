@@ -162,6 +162,10 @@ class CudaLlamaModel {
   // to the lowest id as worker::Sampler at temperature 0): ids resized to [batch.logit_rows.size()].
   // Last stage only (throws std::logic_error elsewhere).
   void forward_greedy(const ForwardBatch& batch, CudaKvCache& cache, std::vector<int32_t>& ids);
+  // The same on the last pipeline stage of several: hidden_in as in forward_stage (null on a first
+  // stage, which is then the whole model).
+  void forward_stage_greedy(const ForwardBatch& batch, CudaKvCache& cache, const float* hidden_in,
+                            std::vector<int32_t>& ids);
   // The same pass with every logit row sampled on the device (kernels/cuda/sampling.cuh's
   // sample_rows: worker::Sampler's temperature, top-k, top-p and min-p, one draw by inverse CDF with
   // the row's uniform), so that only the ids come back. params, uniforms: [batch.logit_rows.size()]

@@ -49,6 +49,10 @@ void CudaLlamaModel::forward(const ForwardBatch&, CudaKvCache&, std::vector<floa
 void CudaLlamaModel::forward_greedy(const ForwardBatch&, CudaKvCache&, std::vector<int32_t>&) {
   unavailable();
 }
+void CudaLlamaModel::forward_stage_greedy(const ForwardBatch&, CudaKvCache&, const float*,
+                                          std::vector<int32_t>&) {
+  unavailable();
+}
 void CudaLlamaModel::forward_sample(const ForwardBatch&, CudaKvCache&, const std::vector<SamplingParams>&,
                                     const std::vector<double>&, std::vector<int32_t>&) {
   unavailable();

@@ -13,8 +13,10 @@ struct CpuCache final : ForwardCache {
 };
 }  // namespace
 
-void ForwardModel::forward_argmax(const ForwardBatch& batch, ForwardCache& cache, std::vector<int32_t>& ids) {
-  forward(batch, cache, argmax_logits_);
+void ForwardModel::forward_stage_argmax(const ForwardBatch& batch, ForwardCache& cache,
+                                        const float* hidden_in, std::vector<int32_t>& ids) {
+  if (!is_last_stage()) throw std::logic_error("forward_stage_argmax: only the last stage has logits");
+  forward_stage(batch, cache, hidden_in, argmax_logits_);
   const int64_t n_vocab = config().n_vocab;
   ids.resize(batch.logit_rows.size());
   for (size_t r = 0; r < ids.size(); ++r) {

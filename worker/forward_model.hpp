@@ -42,11 +42,16 @@ class ForwardModel {
   void forward(const ForwardBatch& batch, ForwardCache& cache, std::vector<float>& logits) {
     forward_stage(batch, cache, nullptr, logits);
   }
-  // A whole model's pass where only each logit row's argmax is wanted (ties to the lowest id, as
-  // worker::Sampler at temperature 0): ids resized to [batch.logit_rows.size()]. What greedy
-  // decoding and greedy verification need; a GPU finds it on the device, so only ids come back. The
-  // default runs forward() and scans the logits on the host.
-  virtual void forward_argmax(const ForwardBatch& batch, ForwardCache& cache, std::vector<int32_t>& ids);
+  // The last stage's pass where only each logit row's argmax is wanted (ties to the lowest id, as
+  // worker::Sampler at temperature 0): ids resized to [batch.logit_rows.size()]; hidden_in as in
+  // forward_stage. What greedy decoding and greedy verification need; a GPU finds it on the device,
+  // so only ids come back. The default runs forward_stage() and scans the logits on the host.
+  virtual void forward_stage_argmax(const ForwardBatch& batch, ForwardCache& cache, const float* hidden_in,
+                                    std::vector<int32_t>& ids);
+  // The same for a whole model.
+  void forward_argmax(const ForwardBatch& batch, ForwardCache& cache, std::vector<int32_t>& ids) {
+    forward_stage_argmax(batch, cache, nullptr, ids);
+  }
 
  private:
   std::vector<float> argmax_logits_;  // forward_argmax's scratch (kept: rows of n_vocab floats)
@@ -81,7 +86,8 @@ class CudaForwardModel final : public ForwardModel {
   std::unique_ptr<ForwardCache> make_cache(int64_t num_blocks, int64_t block_size) const override;
   void forward_stage(const ForwardBatch& batch, ForwardCache& cache, const float* hidden_in,
                      std::vector<float>& out) override;
-  void forward_argmax(const ForwardBatch& batch, ForwardCache& cache, std::vector<int32_t>& ids) override;
+  void forward_stage_argmax(const ForwardBatch& batch, ForwardCache& cache, const float* hidden_in,
+                            std::vector<int32_t>& ids) override;
 
  private:
   CudaLlamaModel& model_;

@@ -160,6 +160,19 @@ TEST_P(CudaTensorParallel, TwoPipelineStagesChainedGiveTheWholeModelsLogits) {
   std::vector<int32_t> ids;
   EXPECT_THROW(first->forward_greedy(w::ForwardBatch::single({1}, 0, {0}, false), first_cache, ids),
                std::logic_error);
+  // The last stage's argmax on the device (forward_stage_greedy, what a GPU worker sends for greedy
+  // requests) equals the argmax of its logits for the same hidden states; positions are rewritten
+  // with the same values.
+  const auto batch = w::ForwardBatch::single({5, 6, 7}, 0, {0, 1}, true);
+  std::vector<float> logits;
+  first->forward_stage(batch, first_cache, nullptr, hidden);
+  last->forward_stage(batch, last_cache, hidden.data(), logits);
+  last->forward_stage_greedy(batch, last_cache, hidden.data(), ids);
+  ASSERT_EQ(ids.size(), 3u);
+  for (size_t r = 0; r < ids.size(); ++r) {
+    const float* row = logits.data() + r * kVocab;
+    EXPECT_EQ(ids[r], static_cast<int32_t>(std::max_element(row, row + kVocab) - row)) << "row " << r;
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Types, CudaTensorParallel, ::testing::Values(k::DType::Q4_0, k::DType::F16),

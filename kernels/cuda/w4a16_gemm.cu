@@ -267,26 +267,21 @@ Status w4a16_gemm_q4_0(const uint8_t* w, int64_t n_out, int64_t k, const __half*
 Status w4a16_gemm_int4_groups(const uint8_t* quants, const __half* scales, const uint8_t* zeros,
                               int64_t group, int64_t n_out, int64_t k, const __half* x, int64_t m, float* y,
                               cudaStream_t stream) {
-  if (quants == nullptr || scales == nullptr || zeros == nullptr ||
-      reinterpret_cast<uintptr_t>(quants) % 16 != 0 || reinterpret_cast<uintptr_t>(scales) % 2 != 0) {
+  w4a16::Int4GroupBlocks blocks{};
+  if (!w4a16::make_int4_group_blocks(quants, scales, zeros, group, k, blocks))
     return Status::invalid_argument;
-  }
-  if ((group != 32 && group != 64 && group != 128) || k % group != 0) return Status::invalid_argument;
-  const int shift = group == 32 ? 0 : group == 64 ? 1 : 2;
-  return run(w4a16::Int4GroupBlocks{quants, scales, zeros, shift}, n_out, k, x, m, y, stream);
+  return run(blocks, n_out, k, x, m, y, stream);
 }
 
 Status w4a16_gemm_int4_groups_mma(const uint8_t* quants, const __half* scales, const uint8_t* zeros,
                                   int64_t group, int64_t n_out, int64_t k, const __half* x, int64_t m,
                                   float* y, cudaStream_t stream) {
-  if (quants == nullptr || scales == nullptr || zeros == nullptr || x == nullptr || y == nullptr)
+  w4a16::Int4GroupBlocks blocks{};
+  if (!w4a16::make_int4_group_blocks(quants, scales, zeros, group, k, blocks))
     return Status::invalid_argument;
-  if (reinterpret_cast<uintptr_t>(quants) % 16 != 0 || reinterpret_cast<uintptr_t>(scales) % 2 != 0 ||
-      reinterpret_cast<uintptr_t>(x) % 16 != 0) {
+  if (x == nullptr || y == nullptr || reinterpret_cast<uintptr_t>(x) % 16 != 0)
     return Status::invalid_argument;
-  }
-  if ((group != 32 && group != 64 && group != 128) || k % group != 0 || n_out < 0 || k < 0 || m < 1)
-    return Status::invalid_argument;
+  if (n_out < 0 || k < 0 || m < 1) return Status::invalid_argument;
   const int64_t grid_x = (n_out + kMmaBN - 1) / kMmaBN;
   const int64_t grid_y = (m + kMmaBM - 1) / kMmaBM;
   if (grid_x > INT32_MAX || grid_y > 65535) return Status::invalid_argument;
@@ -296,9 +291,9 @@ Status w4a16_gemm_int4_groups_mma(const uint8_t* quants, const __half* scales, c
       return Status::device_error;
     return Status::ok;
   }
-  const int shift = group == 32 ? 0 : group == 64 ? 1 : 2;
   const dim3 grid(static_cast<unsigned>(grid_x), static_cast<unsigned>(grid_y));
-  gemm_int4_groups_mma_kernel<<<grid, kThreads, 0, stream>>>(quants, scales, zeros, shift, n_out, k, x, m, y);
+  gemm_int4_groups_mma_kernel<<<grid, kThreads, 0, stream>>>(quants, scales, zeros, blocks.group_shift, n_out,
+                                                             k, x, m, y);
   return cudaGetLastError() == cudaSuccess ? Status::ok : Status::device_error;
 }
 

@@ -126,13 +126,10 @@ Status w4a16_gemv_q4_0_split(const uint8_t* quants, const __half* scales, int64_
 Status w4a16_gemv_int4_groups(const uint8_t* quants, const __half* scales, const uint8_t* zeros,
                               int64_t group, int64_t n_out, int64_t k, const __half* x, int64_t m, float* y,
                               cudaStream_t stream) {
-  if (quants == nullptr || scales == nullptr || zeros == nullptr ||
-      reinterpret_cast<uintptr_t>(quants) % 16 != 0 || reinterpret_cast<uintptr_t>(scales) % 2 != 0) {
+  Int4GroupBlocks blocks{};
+  if (!w4a16::make_int4_group_blocks(quants, scales, zeros, group, k, blocks))
     return Status::invalid_argument;
-  }
-  if ((group != 32 && group != 64 && group != 128) || k % group != 0) return Status::invalid_argument;
-  const int shift = group == 32 ? 0 : group == 64 ? 1 : 2;
-  return run(Int4GroupBlocks{quants, scales, zeros, shift}, n_out, k, x, m, y, stream);
+  return run(blocks, n_out, k, x, m, y, stream);
 }
 
 Status w4a16_gemv_q4_k(const uint8_t* w, int64_t n_out, int64_t k, const __half* x, int64_t m, float* y,

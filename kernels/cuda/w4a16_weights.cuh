@@ -115,6 +115,20 @@ struct Int4GroupBlocks {
   }
 };
 
+// The group-wise INT4 reader for the launchers' arguments (all device pointers, see
+// w4a16_gemv_int4_groups): false for a null or misaligned array (quants 16-byte, scales 2-byte) or
+// a group other than 32, 64 or 128 that divides k.
+inline bool make_int4_group_blocks(const uint8_t* quants, const __half* scales, const uint8_t* zeros,
+                                   int64_t group, int64_t k, Int4GroupBlocks& out) {
+  if (quants == nullptr || scales == nullptr || zeros == nullptr ||
+      reinterpret_cast<uintptr_t>(quants) % 16 != 0 || reinterpret_cast<uintptr_t>(scales) % 2 != 0) {
+    return false;
+  }
+  if ((group != 32 && group != 64 && group != 128) || k % group != 0) return false;
+  out = Int4GroupBlocks{quants, scales, zeros, group == 32 ? 0 : group == 64 ? 1 : 2};
+  return true;
+}
+
 // GGUF Q4_K super-blocks as stored (144 bytes per 256 weights, so 16-byte aligned when the matrix
 // is): 32-weight unit b is sub-block b % 8 of super-block b / 8. Its 16-byte header (d, dmin, 12
 // bytes of 6-bit scales and mins) is one load; its 32 levels are the low (even sub-block) or high

@@ -136,16 +136,7 @@ __global__ void __launch_bounds__(kThreads) split_kernel(Params p) {
     __syncthreads();  // the previous tile is consumed (and, first time, q_s is written)
     if (tid < kTile) {
       const int64_t pos = t0 + tid;
-      int64_t slot = -1;
-      if (pos < kv_end) {
-        const int64_t blk = table[pos / p.block_size];
-        if (blk >= 0 && blk < p.num_blocks) {
-          slot = blk * p.block_size + pos % p.block_size;
-        } else {
-          detail::raise_flag(p.error_flag);
-        }
-      }
-      slot_s[tid] = slot;
+      slot_s[tid] = detail::paged_slot(table, pos, kv_end, p.block_size, p.num_blocks, p.error_flag);
     }
     __syncthreads();
     // Gather K and V rows of this KV head; masked positions get zeros (never garbage: 0 * NaN).
@@ -191,12 +182,8 @@ __global__ void __launch_bounds__(kThreads) split_kernel(Params p) {
         }
         score = dot * p.scale;
       }
-      const float m_new = fmaxf(m[rr], detail::warp_max(score));
-      if (m_new == -INFINITY) continue;         // nothing visible yet for this row (uniform over the warp)
-      const float alpha = expf(m[rr] - m_new);  // m = -inf: 0
-      const float w = expf(score - m_new);      // masked: 0
-      l[rr] = l[rr] * alpha + detail::warp_sum(w);
-      m[rr] = m_new;
+      float w, alpha;
+      if (!detail::online_softmax_step(score, m[rr], l[rr], w, alpha)) continue;  // nothing visible yet
 #pragma unroll
       for (int i = 0; i < kPerLane; ++i) acc[rr][i] *= alpha;
 #pragma unroll 4

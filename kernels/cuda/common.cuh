@@ -51,4 +51,30 @@ __device__ __forceinline__ void raise_flag(int32_t* flag) {
   if (flag != nullptr) *reinterpret_cast<volatile int32_t*>(flag) = 1;
 }
 
+// The paged KV cache slot of key position `pos` of a sequence whose block-table row is `table`: -1
+// for a position at or past `limit` (outside the window being read), and -1 with the flag raised for
+// a block id outside [0, num_blocks) (never read through).
+__device__ __forceinline__ int64_t paged_slot(const int32_t* table, int64_t pos, int64_t limit,
+                                              int64_t block_size, int64_t num_blocks, int32_t* flag) {
+  if (pos >= limit) return -1;
+  const int64_t blk = table[pos / block_size];
+  if (blk >= 0 && blk < num_blocks) return blk * block_size + pos % block_size;
+  raise_flag(flag);
+  return -1;
+}
+
+// A warp's online-softmax step over a tile of keys (lane j holds key j's score, -inf when masked),
+// the one the attention kernels share: false, state unchanged, while nothing is visible yet (uniform
+// over the warp); otherwise the running max m and normalizer l are updated, w is this lane's weight
+// exp(score - m) and alpha the factor every accumulator must be scaled by (0 the first time).
+__device__ __forceinline__ bool online_softmax_step(float score, float& m, float& l, float& w, float& alpha) {
+  const float m_new = fmaxf(m, warp_max(score));
+  if (m_new == -INFINITY) return false;
+  alpha = expf(m - m_new);  // m = -inf: 0
+  w = expf(score - m_new);  // masked: 0
+  l = l * alpha + warp_sum(w);
+  m = m_new;
+  return true;
+}
+
 }  // namespace nibble::kernels::cuda::detail

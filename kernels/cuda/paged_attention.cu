@@ -66,15 +66,7 @@ __global__ void __launch_bounds__(kThreads) paged_attention_kernel(Params p) {
 
   for (int64_t p0 = 0; p0 < n_pos; p0 += kWarpSize) {
     const int64_t my_pos = p0 + lane;
-    long long slot = -1;
-    if (my_pos < n_pos) {
-      const int64_t blk = table[my_pos / p.block_size];
-      if (blk >= 0 && blk < p.num_blocks) {
-        slot = blk * p.block_size + my_pos % p.block_size;
-      } else {
-        detail::raise_flag(p.error_flag);
-      }
-    }
+    const long long slot = detail::paged_slot(table, my_pos, n_pos, p.block_size, p.num_blocks, p.error_flag);
     float score = -INFINITY;
     if (slot >= 0) {
       const auto* k2 = reinterpret_cast<const __half2*>(p.k_cache + slot * kv_row + kvh * hd);
@@ -86,12 +78,8 @@ __global__ void __launch_bounds__(kThreads) paged_attention_kernel(Params p) {
       }
       score = dot * p.scale;
     }
-    const float m_new = fmaxf(m, detail::warp_max(score));
-    if (m_new == -INFINITY) continue;     // nothing visible yet (uniform over the warp)
-    const float alpha = expf(m - m_new);  // m = -inf: 0
-    const float w = expf(score - m_new);  // masked: 0
-    l = l * alpha + detail::warp_sum(w);
-    m = m_new;
+    float w, alpha;
+    if (!detail::online_softmax_step(score, m, l, w, alpha)) continue;  // nothing visible yet
 #pragma unroll
     for (int i = 0; i < kMaxPerLane; ++i) acc[i] *= alpha;
     const int in_tile = n_pos - p0 < kWarpSize ? static_cast<int>(n_pos - p0) : kWarpSize;

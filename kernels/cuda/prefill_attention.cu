@@ -105,17 +105,7 @@ __global__ void __launch_bounds__(kThreads) prefill_attention_kernel(Params p) {
   for (int64_t p0 = 0; p0 < n_keys; p0 += kKeys) {
     __syncthreads();  // q staged (first tile); the previous tile consumed (later ones)
     if (warp == 0) {
-      const int64_t key = p0 + lane;
-      long long slot = -1;
-      if (key < n_keys) {
-        const int64_t blk = table[key / p.block_size];
-        if (blk >= 0 && blk < p.num_blocks) {
-          slot = blk * p.block_size + key % p.block_size;
-        } else {
-          detail::raise_flag(p.error_flag);
-        }
-      }
-      slot_s[lane] = slot;
+      slot_s[lane] = detail::paged_slot(table, p0 + lane, n_keys, p.block_size, p.num_blocks, p.error_flag);
     }
     __syncthreads();
     for (int e = threadIdx.x; e < kKeys * (HD / 2); e += kThreads) {
@@ -149,12 +139,8 @@ __global__ void __launch_bounds__(kThreads) prefill_attention_kernel(Params p) {
         }
         score = dot * p.scale;
       }
-      const float m_new = fmaxf(m[rr], detail::warp_max(score));
-      if (m_new == -INFINITY) continue;         // nothing visible yet (uniform)
-      const float alpha = expf(m[rr] - m_new);  // m = -inf: 0
-      const float w = expf(score - m_new);      // masked: 0
-      l[rr] = l[rr] * alpha + detail::warp_sum(w);
-      m[rr] = m_new;
+      float w, alpha;
+      if (!detail::online_softmax_step(score, m[rr], l[rr], w, alpha)) continue;  // nothing visible yet
 #pragma unroll
       for (int i = 0; i < kPerLane; ++i) acc[rr][i] *= alpha;
       const int in_tile = n_pos - p0 < kKeys ? static_cast<int>(n_pos - p0) : kKeys;

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every test on a fresh Debian machine: install what is needed, build with warnings as errors, run
 # ctest. Fixture-based tests read ../shared/fixtures (override: NIBBLE_FIXTURES_DIR) and skip with a
-# message when it is absent.
+# message when it is absent. llama.cpp's programs for the bench-spec peer test are built into
+# ~/.cache/nibble/llama.cpp (NIBBLE_LLAMA_CPP_BIN overrides where tests look).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 build="${NIBBLE_BUILD_DIR:-$root/build}"
@@ -9,4 +10,7 @@ bash "$root/deploy/install-deps.sh" --tests
 fixtures=()
 [ -n "${NIBBLE_FIXTURES_DIR:-}" ] && fixtures=(-DNIBBLE_FIXTURES_DIR="$NIBBLE_FIXTURES_DIR")
 bash "$root/deploy/build.sh" -DNIBBLE_WERROR=ON "${fixtures[@]}"
+# llama.cpp's speculative decoding, the peer that bench-spec's peer test runs (built once, from PyPI's
+# llama-cpp-python source); without it that one test skips and says so.
+bash "$root/tools/build-llama-cpp.sh" || echo "test: llama.cpp peer not built; CliTest.BenchSpecRunsLlamaCppSpeculativeDecodingAsItsPeer will skip"
 ctest --test-dir "$build" --output-on-failure -j "$(nproc)" --timeout 900

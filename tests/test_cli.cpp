@@ -2,6 +2,8 @@
 // error and a non-zero exit.
 #include <gtest/gtest.h>
 
+#include <cstdlib>
+#include <filesystem>
 #include <nlohmann/json.hpp>
 
 #include "model/gguf.hpp"
@@ -147,6 +149,60 @@ TEST_F(CliTest, BenchReportsPositiveRates) {
   EXPECT_GT(j["prompt_tokens_per_second"].get<double>(), 0.0);
   EXPECT_GT(j["gen_tokens_per_second"].get<double>(), 0.0);
   EXPECT_GT(j["peak_rss_mib"].get<double>(), 0.0);
+}
+
+// The target as its own draft at temperature 0 accepts every proposal; a peer that is not there is
+// reported by path in its row and the bench's own figures still come out.
+TEST_F(CliTest, BenchSpecReportsItsFiguresAndAMissingPeerByName) {
+  const auto j = run_json("bench-spec --model " + model_ + " --draft " + model_ +
+                          " --batch 1,2 --gen-tokens 8 --repetitions 1 --threads 1 --fixed-k --peer "
+                          "--peer-bin /nonexistent-llama --json");
+  ASSERT_EQ(j["rows"].size(), 2u);
+  const auto& batch1 = j["rows"][0];
+  EXPECT_GT(batch1["proposed"].get<int64_t>(), 0);
+  EXPECT_EQ(batch1["accepted"], batch1["proposed"]);
+  EXPECT_GT(batch1["speculative_tokens_per_second"].get<double>(), 0.0);
+  EXPECT_NE(batch1["peer"]["error"].get<std::string>().find("/nonexistent-llama/llama-speculative"),
+            std::string::npos)
+      << batch1.dump();
+  EXPECT_FALSE(j["rows"][1].contains("peer")) << "llama.cpp's programs decode one sequence: batch 1 only";
+}
+
+// llama.cpp's own speculative decoding, run beside Nibble's on the trained fixture pair. Needs the
+// fixtures and llama.cpp's programs (tools/build-llama-cpp.sh; NIBBLE_LLAMA_CPP_BIN or its default
+// folder). The target as its own draft: both engines accept (nearly) everything, and the printed
+// ratio is Nibble's speculative rate over llama.cpp's.
+TEST_F(CliTest, BenchSpecRunsLlamaCppSpeculativeDecodingAsItsPeer) {
+  NIBBLE_REQUIRE_FIXTURES(fixtures);
+  const char* env = std::getenv("NIBBLE_LLAMA_CPP_BIN");
+  const char* home = std::getenv("HOME");
+  const std::filesystem::path bin =
+      env != nullptr ? std::filesystem::path(env)
+                     : std::filesystem::path(home != nullptr ? home : ".") / ".cache/nibble/llama.cpp/bin";
+  if (!std::filesystem::exists(bin / "llama-speculative") || !std::filesystem::exists(bin / "llama-bench"))
+    GTEST_SKIP() << "llama.cpp's llama-speculative and llama-bench not in " << bin
+                 << ": build them with tools/build-llama-cpp.sh";
+  const std::string target = (fixtures / "models" / "fortune-target-f16.gguf").string();
+  const auto j =
+      run_json("bench-spec --model " + target + " --draft " + target +
+               " --batch 1 --gen-tokens 32 --repetitions 1 --threads 2 --fixed-k --peer --peer-bin " +
+               bin.string() + " --json");
+  const auto& row = j["rows"][0];
+  ASSERT_FALSE(row["peer"].contains("error")) << row.dump();
+  const auto& peer = row["peer"];
+  EXPECT_EQ(row["accepted"], row["proposed"]);
+  EXPECT_GT(peer["proposed"].get<int64_t>(), 0);
+  EXPECT_GT(peer["acceptance_rate"].get<double>(), 0.9) << peer.dump();
+  EXPECT_LE(peer["accepted"].get<int64_t>(), peer["proposed"].get<int64_t>());
+  EXPECT_GT(peer["plain_tokens_per_second"].get<double>(), 0.0);
+  EXPECT_NEAR(
+      peer["speedup"].get<double>(),
+      peer["speculative_tokens_per_second"].get<double>() / peer["plain_tokens_per_second"].get<double>(),
+      1e-9);
+  EXPECT_NEAR(peer["nibble_speculative_ratio"].get<double>(),
+              row["speculative_tokens_per_second"].get<double>() /
+                  peer["speculative_tokens_per_second"].get<double>(),
+              1e-9);
 }
 
 TEST_F(CliTest, QuantizedCopyLoadsAndGenerates) {

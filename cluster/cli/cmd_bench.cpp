@@ -13,6 +13,7 @@
 
 #include "cluster/cli/commands.hpp"
 #include "cluster/cli/model_session.hpp"
+#include "cluster/cli/peer_process.hpp"
 #include "kernels/matmul.hpp"
 
 namespace nibble::cli {
@@ -46,20 +47,9 @@ nlohmann::json run_peer(const std::string& script, const std::string& model, int
     if (!tokens.empty()) tokens += ',';
     tokens += std::to_string(t);
   }
-  const std::string command = "python3 '" + script + "' --model '" + model + "' --threads " +
-                              std::to_string(threads) + " --tokens " + tokens + " --gen-tokens " +
-                              std::to_string(gen_tokens) + " --repetitions " + std::to_string(repetitions) +
-                              " 2>/dev/null";
-  std::string output;
-  if (FILE* pipe = popen(command.c_str(), "r")) {
-    char buffer[4096];
-    size_t n = 0;
-    while ((n = fread(buffer, 1, sizeof buffer, pipe)) > 0) output.append(buffer, n);
-    pclose(pipe);
-  }
-  const auto parsed = nlohmann::json::parse(output, nullptr, false);
-  if (parsed.is_discarded() || !parsed.is_object()) return {{"error", "the peer script printed no result"}};
-  return parsed;
+  return run_peer_script(
+      script, {"--model", model, "--threads", std::to_string(threads), "--tokens", tokens, "--gen-tokens",
+               std::to_string(gen_tokens), "--repetitions", std::to_string(repetitions)});
 }
 
 }  // namespace

@@ -3,9 +3,12 @@
 // tokens per second with and without the draft, the speedup, the acceptance rate, tokens per target
 // step, and the draft's cost per token relative to the target's (both measured decoding alone).
 // --device cuda runs both models on one GPU (worker::CudaForwardModel) through the same engine.
+// --peer also runs llama.cpp's own speculative decoding (llama-speculative, tools/build-llama-cpp.sh)
+// at batch 1 on the same models, prompt, k and threads, alternating with Nibble's runs.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <iostream>
 #include <memory>
 #include <nlohmann/json.hpp>
@@ -13,6 +16,7 @@
 
 #include "cluster/cli/commands.hpp"
 #include "cluster/cli/model_session.hpp"
+#include "cluster/cli/peer_process.hpp"
 #include "cluster/local_engine.hpp"
 #include "speculative/speculator.hpp"
 #include "speculative/vocab_match.hpp"
@@ -33,6 +37,16 @@ struct Args {
   int repetitions = 3;
   bool json = false;
   std::string device = "cpu";
+  bool peer = false;
+  std::string peer_bin = default_peer_bin();
+  std::string peer_script = NIBBLE_SPEC_PEER_SCRIPT;
+
+  // Where tools/build-llama-cpp.sh puts llama.cpp's programs: $NIBBLE_LLAMA_CPP_BIN, else its default.
+  static std::string default_peer_bin() {
+    if (const char* env = std::getenv("NIBBLE_LLAMA_CPP_BIN")) return env;
+    const char* home = std::getenv("HOME");
+    return std::string(home != nullptr ? home : ".") + "/.cache/nibble/llama.cpp/bin";
+  }
 };
 
 // Prompts of ordinary English (the fixture pair was trained on fortune files); batches cycle them.
@@ -106,6 +120,38 @@ DeviceModel make_device_model(ModelSession& session, kernels::ThreadPool& pool, 
   return r;
 }
 
+// llama.cpp's figures at batch 1: medians over the repetitions (each a one-run call of the driver),
+// acceptance over all of them; {"error": ...} from the first run that failed.
+nlohmann::json summarize_peer(const std::vector<nlohmann::json>& runs) {
+  for (const nlohmann::json& r : runs)
+    if (r.contains("error")) return r;
+  auto median_of = [&](const char* key) {
+    std::vector<double> v;
+    for (const nlohmann::json& r : runs) v.push_back(r.at(key).get<double>());
+    std::sort(v.begin(), v.end());
+    return v[v.size() / 2];
+  };
+  int64_t drafted = 0, accepted = 0;
+  for (const nlohmann::json& r : runs) {
+    drafted += r.at("drafted").get<int64_t>();
+    accepted += r.at("accepted").get<int64_t>();
+  }
+  const double plain = median_of("plain_tokens_per_second"),
+               spec = median_of("speculative_tokens_per_second"),
+               draft = median_of("draft_alone_tokens_per_second");
+  return {
+      {"name", "llama.cpp"},
+      {"build_commit", runs.front().value("build_commit", std::string())},
+      {"plain_tokens_per_second", plain},
+      {"draft_alone_tokens_per_second", draft},
+      {"speculative_tokens_per_second", spec},
+      {"speedup", spec / plain},
+      {"proposed", drafted},
+      {"accepted", accepted},
+      {"acceptance_rate", drafted > 0 ? static_cast<double>(accepted) / static_cast<double>(drafted) : 0.0},
+      {"draft_cost_relative", plain / draft}};
+}
+
 int run(const Args& a) {
   const bool cuda = a.device == "cuda";
   if (cuda) {
@@ -150,6 +196,8 @@ int run(const Args& a) {
     // Plain and speculative runs alternate, and each figure is the median of its runs: this
     // machine's speed drifts by 10-15% between back-to-back runs, as much as some of the effects.
     std::vector<Measured> plains, drafts, specs;
+    std::vector<nlohmann::json> peer_runs;  // llama.cpp, batch 1 only: its programs decode one sequence
+    const bool with_peer = a.peer && batch == 1;
     settings.costs = costs;
     for (int rep = 0; rep < a.repetitions; ++rep) {
       plains.push_back(run_batch(*target.forward, target_tokenizer, nullptr, settings, batch, a.gen_tokens));
@@ -157,6 +205,12 @@ int run(const Args& a) {
           run_batch(*target.forward, target_tokenizer, draft.forward.get(), settings, batch, a.gen_tokens));
       // The draft decoding alone, on the same threads: its cost per token relative to the target's.
       drafts.push_back(run_batch(*draft.forward, draft_tokenizer, nullptr, settings, batch, a.gen_tokens));
+      if (with_peer)
+        peer_runs.push_back(run_peer_script(
+            a.peer_script,
+            {"--bin", a.peer_bin, "--model", a.model, "--draft", a.draft, "--prompt", kPrompts[0],
+             "--threads", std::to_string(a.threads), "--gen-tokens", std::to_string(a.gen_tokens),
+             "--draft-tokens", std::to_string(a.draft_tokens), "--repetitions", "1"}));
     }
     auto median = [](std::vector<Measured> runs) {
       std::sort(runs.begin(), runs.end(), [](const Measured& x, const Measured& y) {
@@ -183,10 +237,32 @@ int run(const Args& a) {
                     {"verify_steps", spec.stats.steps},
                     {"tokens_per_verify_step", per_verify},
                     {"draft_cost_relative", draft_cost}});
+    nlohmann::json peer;
+    if (with_peer) {
+      peer = summarize_peer(peer_runs);
+      if (!peer.contains("error"))
+        peer["nibble_speculative_ratio"] =
+            spec.tokens_per_second() / peer["speculative_tokens_per_second"].get<double>();
+      rows.back()["peer"] = peer;
+    }
     if (!a.json) {
       std::printf("%6d %12.1f %12.1f %12.1f %7.2fx %9.1f%% %12.2f %11.2f\n", batch, plain.tokens_per_second(),
                   draft_alone.tokens_per_second(), spec.tokens_per_second(), speedup, 100.0 * acceptance,
                   per_verify, draft_cost);
+      if (with_peer && peer.contains("error")) {
+        std::printf("%6s peer: %s\n", "", peer["error"].get<std::string>().c_str());
+      } else if (with_peer) {
+        std::printf("%6s %12.1f %12.1f %12.1f %7.2fx %9.1f%% %12s %11.2f  llama.cpp %s (llama-speculative)\n",
+                    "", peer["plain_tokens_per_second"].get<double>(),
+                    peer["draft_alone_tokens_per_second"].get<double>(),
+                    peer["speculative_tokens_per_second"].get<double>(), peer["speedup"].get<double>(),
+                    100.0 * peer["acceptance_rate"].get<double>(), "",
+                    peer["draft_cost_relative"].get<double>(),
+                    peer["build_commit"].get<std::string>().c_str());
+        std::printf("%6s nibble/llama.cpp: speculative %.2fx, plain %.2fx\n", "",
+                    peer["nibble_speculative_ratio"].get<double>(),
+                    plain.tokens_per_second() / peer["plain_tokens_per_second"].get<double>());
+      }
       std::fflush(stdout);
     }
   }
@@ -224,6 +300,13 @@ Runner add_bench_speculative(CLI::App& app) {
   app.add_flag("--json", a->json, "Print one JSON object");
   app.add_option("--device", a->device, "cpu, or cuda (target and draft on one GPU)")
       ->check(CLI::IsMember({"cpu", "cuda"}));
+  app.add_flag("--peer", a->peer,
+               "At batch 1 also run llama.cpp's speculative decoding (llama-speculative) and plain decoding "
+               "(llama-bench) on the same models, prompt, k and threads, and print the ratios");
+  app.add_option("--peer-bin", a->peer_bin,
+                 "Folder with llama-speculative and llama-bench (tools/build-llama-cpp.sh; default "
+                 "$NIBBLE_LLAMA_CPP_BIN or ~/.cache/nibble/llama.cpp/bin)");
+  app.add_option("--peer-script", a->peer_script, "The peer driver script");
   return [a] { return run(*a); };
 }
 

@@ -9,6 +9,7 @@
 #include <cstring>
 #include <initializer_list>
 #include <map>
+#include <set>
 #include <stdexcept>
 #include <tuple>
 #include <utility>
@@ -328,6 +329,14 @@ DeviceMatrix dummy_layer_matrix(const model::LlamaCheckpoint& ckpt, int64_t laye
 
 // Batches up to this many tokens are replayed from captured graphs with CudaModelOptions::graphs.
 constexpr int64_t kGraphMaxTokens = 64;
+// Graphs held at most (all are dropped when one more is needed), and batch shapes remembered as
+// seen once (a shape is captured when seen again): a long-running server meets many shapes.
+constexpr size_t kMaxGraphs = 128;
+constexpr size_t kMaxSeenShapes = 4096;
+// attention_decode's positions per split, fixed: each query's sum then runs in an order that does
+// not depend on the rest of the batch, so a verification row equals the decode step it replaces bit
+// for bit (greedy speculation stays exact at any context length).
+constexpr int64_t kDecodeSplitTokens = 256;
 constexpr size_t kCublasWorkspaceBytes = size_t{32} << 20;
 
 struct Layer {
@@ -438,9 +447,10 @@ struct CudaLlamaModel::Impl {
   std::vector<int32_t> meta_host;
   // Captured passes by plan key (CudaModelOptions::graphs).
   std::map<std::tuple<int64_t, int64_t, int64_t, int64_t, bool, bool, int64_t, size_t, const void*, uint16_t*,
-                      int64_t>,
+                      int64_t, int64_t>,
            cudaGraphExec_t>
       graphs;
+  std::set<decltype(graphs)::key_type> seen_once;  // shapes run directly once, captured when seen again
 
   ~Impl() {
     clear_graphs();
@@ -509,8 +519,10 @@ struct CudaLlamaModel::Impl {
   struct Plan;
   Plan plan_batch(const ForwardBatch& batch, const CudaKvCache& cache, bool greedy,
                   std::vector<int32_t>& meta_out) const;
-  // Grows the buffers for the plan; true when one moved.
+  // Grows every buffer the plan needs; true when one moved (captured graphs hold old addresses).
+  // On failure every graph is dropped first.
   bool reserve_buffers(const Plan& p);
+  bool grow_buffers(const Plan& p);
   // Enqueues the pass on the stream (or into a capture): reads the metadata already in `meta`.
   void enqueue(const Plan& p);
   // Replays the plan's graph, capturing it first when it is new.
@@ -683,8 +695,10 @@ struct CudaLlamaModel::Impl::Plan {
   size_t meta_count = 0;
 
   auto key() const {
+    // The cache's geometry as well as its addresses: a new cache may reuse a freed one's memory.
     return std::make_tuple(n, n_out, n_runs, mbps, use_decode, greedy, dshape.max_q_len, meta_count,
-                           static_cast<const void*>(cache), cache->k(0), n_tiles);
+                           static_cast<const void*>(cache), cache->k(0), n_tiles,
+                           cache->block_size() * (int64_t{1} << 32) + cache->n_blocks());
   }
 };
 
@@ -695,7 +709,12 @@ CudaLlamaModel::Impl::Plan CudaLlamaModel::Impl::plan_batch(const ForwardBatch& 
   Plan p;
   p.n = static_cast<int64_t>(batch.tokens.size());
   p.n_out = static_cast<int64_t>(batch.logit_rows.size());
-  p.mbps = batch.max_blocks_per_seq;
+  // Table rows padded with -1 to a power of two (never past the cache's block count unless the
+  // batch's own width is): decode steps keep their plan, and graph, while sequences grow.
+  const int64_t batch_mbps = batch.max_blocks_per_seq;
+  p.mbps = 1;
+  while (p.mbps < batch_mbps) p.mbps *= 2;
+  p.mbps = std::max(batch_mbps, std::min(p.mbps, cache.n_blocks()));
   p.greedy = greedy;
   p.cache = &cache;
   const int64_t group = shard_config.n_head / shard_config.n_head_kv;
@@ -727,7 +746,15 @@ CudaLlamaModel::Impl::Plan CudaLlamaModel::Impl::plan_batch(const ForwardBatch& 
   p.off_tokens = append(batch.tokens);
   p.off_pos = append(batch.positions);
   p.off_seq = append(batch.seq_index);
-  p.off_tables = append(batch.block_tables);
+  std::vector<int32_t> tables(
+      static_cast<size_t>(batch_mbps > 0 ? batch.block_tables.size() / batch_mbps : 0) *
+          static_cast<size_t>(p.mbps),
+      -1);
+  for (size_t row = 0; batch_mbps > 0 && row < tables.size() / static_cast<size_t>(p.mbps); ++row) {
+    std::copy_n(batch.block_tables.begin() + static_cast<int64_t>(row) * batch_mbps, batch_mbps,
+                tables.begin() + static_cast<int64_t>(row) * p.mbps);
+  }
+  p.off_tables = append(tables);
   p.off_rows = append(batch.logit_rows);
   if (p.use_decode) {
     std::vector<int32_t> seq_lens, query_start, run_tables;
@@ -735,7 +762,7 @@ CudaLlamaModel::Impl::Plan CudaLlamaModel::Impl::plan_batch(const ForwardBatch& 
       const int64_t last = run_start[r] + run_len[r] - 1;
       seq_lens.push_back(batch.positions[last] + 1);
       query_start.push_back(run_start[r]);
-      const auto row = batch.block_tables.begin() + batch.seq_index[run_start[r]] * p.mbps;
+      const auto row = tables.begin() + batch.seq_index[run_start[r]] * p.mbps;
       run_tables.insert(run_tables.end(), row, row + p.mbps);
     }
     query_start.push_back(static_cast<int32_t>(p.n));
@@ -751,10 +778,11 @@ CudaLlamaModel::Impl::Plan CudaLlamaModel::Impl::plan_batch(const ForwardBatch& 
     p.dshape.block_size = cache.block_size();
     p.dshape.num_blocks = cache.n_blocks();
     p.dshape.max_blocks_per_seq = p.mbps;
-    // The tables' capacity rather than the batch's longest sequence: the split grid then depends
-    // only on the batch's shape, so decode steps keep one plan (and one graph) as sequences grow.
+    // The (padded) tables' capacity rather than the batch's longest sequence: the split grid then
+    // depends only on the plan, so decode steps keep one plan (and one graph) as sequences grow.
     // Splits past a sequence's length return at once.
     p.dshape.max_seq_len = p.mbps * cache.block_size();
+    p.dshape.split_tokens = kDecodeSplitTokens;
   } else if (const int64_t tile_tokens =
                  kc::prefill_attention_tile_tokens(shard_config.n_head, shard_config.n_head_kv);
              (c.head_dim == 64 || c.head_dim == 128) && tile_tokens > 0) {
@@ -774,6 +802,15 @@ CudaLlamaModel::Impl::Plan CudaLlamaModel::Impl::plan_batch(const ForwardBatch& 
 }
 
 bool CudaLlamaModel::Impl::reserve_buffers(const Plan& p) {
+  try {
+    return grow_buffers(p);
+  } catch (...) {
+    clear_graphs();  // buffers that moved before the failure are not reported: drop every graph
+    throw;
+  }
+}
+
+bool CudaLlamaModel::Impl::grow_buffers(const Plan& p) {
   const auto& c = shard_config;  // local heads and ffn rows; n_embd and n_vocab are whole
   const int64_t n = p.n, rows_out = std::max<int64_t>(p.n_out, 1);
   bool moved = false;
@@ -926,7 +963,15 @@ void CudaLlamaModel::Impl::clear_graphs() {
 void CudaLlamaModel::Impl::launch_graph(const Plan& p) {
   const auto key = p.key();
   auto it = graphs.find(key);
+  if (it == graphs.end() && seen_once.insert(key).second) {
+    // First sight: run directly. One-off shapes (prompts) are never captured, and a model's first
+    // pass (cuBLAS's and every kernel's first use) is not made inside a capture.
+    if (seen_once.size() > kMaxSeenShapes) seen_once = {key};
+    enqueue(p);
+    return;
+  }
   if (it == graphs.end()) {
+    if (graphs.size() >= kMaxGraphs) clear_graphs();
     cuda_check(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture");
     cudaGraph_t graph = nullptr;
     try {

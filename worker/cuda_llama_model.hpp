@@ -111,10 +111,12 @@ struct CudaModelOptions {
   // speculative verification) use attention_decode when head_dim is 64 or 128; false sends every
   // batch to the general paged_attention_f16 (tests compare the two).
   bool decode_attention = true;
-  // Replay batches of up to 64 tokens from CUDA graphs, captured once per batch shape (tokens, logit
-  // rows, sequences' table width, runs, greedy or not, the cache). Decode steps of a fixed batch
-  // shape then cost one graph launch instead of ~10 launches per layer. Graphs are dropped when a
-  // buffer has to grow. The results equal direct launches (same kernels, same arguments). Ignored
+  // Replay batches of up to 64 tokens from CUDA graphs, captured the second time a batch shape
+  // (tokens, logit rows, table width rounded up to a power of two, runs, greedy or not, the cache)
+  // is seen: one-off shapes such as prompts run directly. Decode steps of a fixed batch shape then
+  // cost one graph launch instead of ~10 launches per layer. Graphs are dropped when a buffer has to
+  // grow, and all at once when 128 are held. The results equal direct launches (same kernels, same
+  // arguments). Ignored
   // by a sharded model (T > 1): its reductions synchronize the stream mid-pass (and with a host
   // reducer call into MPI), which a graph cannot hold. A single-shard pipeline stage keeps them.
   bool graphs = false;

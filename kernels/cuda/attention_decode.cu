@@ -180,14 +180,17 @@ __global__ void __launch_bounds__(kThreads) split_kernel(Params p) {
           dot = fmaf(a.x, b.x, dot);
           dot = fmaf(a.y, b.y, dot);
         }
-        score = dot * p.scale;
+        score = __fmul_rn(dot, p.scale);  // never fused: the kernels must round alike
       }
       float w, alpha;
       if (!detail::online_softmax_step(score, m[rr], l[rr], w, alpha)) continue;  // nothing visible yet
 #pragma unroll
       for (int i = 0; i < kPerLane; ++i) acc[rr][i] *= alpha;
+      // Only the tile's positions this query may see (uniform over the warp): a later draft
+      // position whose fp16 V is inf would otherwise turn 0 * inf into NaN here.
+      const int visible = static_cast<int>(min(static_cast<int64_t>(kTile), min(q_pos + 1, kv_end) - t0));
 #pragma unroll 4
-      for (int j = 0; j < kTile; ++j) {
+      for (int j = 0; j < visible; ++j) {
         const float wj = __shfl_sync(kFullMask, w, j);
         const auto* v2 = reinterpret_cast<const __half2*>(v_s + j * D + lane * kPerLane);
 #pragma unroll

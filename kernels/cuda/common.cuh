@@ -70,9 +70,11 @@ __device__ __forceinline__ int64_t paged_slot(const int32_t* table, int64_t pos,
 __device__ __forceinline__ bool online_softmax_step(float score, float& m, float& l, float& w, float& alpha) {
   const float m_new = fmaxf(m, warp_max(score));
   if (m_new == -INFINITY) return false;
-  alpha = expf(m - m_new);  // m = -inf: 0
-  w = expf(score - m_new);  // masked: 0
-  l = l * alpha + warp_sum(w);
+  // Explicitly rounded operations, so that ptxas cannot contract them differently in different
+  // kernels (prefill_attention must equal paged_attention bit for bit).
+  alpha = expf(__fsub_rn(m, m_new));  // m = -inf: 0
+  w = expf(__fsub_rn(score, m_new));  // masked: 0
+  l = fmaf(l, alpha, warp_sum(w));
   m = m_new;
   return true;
 }

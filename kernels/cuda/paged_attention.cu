@@ -76,7 +76,7 @@ __global__ void __launch_bounds__(kThreads) paged_attention_kernel(Params p) {
         dot = fmaf(q_s[warp][2 * d], kk.x, dot);
         dot = fmaf(q_s[warp][2 * d + 1], kk.y, dot);
       }
-      score = dot * p.scale;
+      score = __fmul_rn(dot, p.scale);  // never fused: the kernels must round alike
     }
     float w, alpha;
     if (!detail::online_softmax_step(score, m, l, w, alpha)) continue;  // nothing visible yet

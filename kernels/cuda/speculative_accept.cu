@@ -74,15 +74,15 @@ __global__ void __launch_bounds__(kThreads)
   int32_t* out = out_tokens + s * (k_max + 1);
   if (threadIdx.x == 0) {
     int accepted = 0, rejected = 0;
-    if (k < 0 || k > k_max) {
-      accepted = -1;
-    } else {
+    if (k < 0 || k > k_max) accepted = -1;
+    // Every proposal is checked before any is judged, as verify() does: a bad token after the
+    // first rejection is still the caller's error.
+    for (int i = 0; accepted >= 0 && i < k; ++i) {
+      if (tokens[i] < 0 || tokens[i] >= n_vocab) accepted = -1;
+    }
+    if (accepted >= 0) {
       for (int i = 0; i < k; ++i) {
         const int32_t x = tokens[i];
-        if (x < 0 || x >= n_vocab) {
-          accepted = -1;
-          break;
-        }
         const double qx = draft_probs[(s * k_max + i) * n_vocab + x];
         const double px = target_probs[(s * (k_max + 1) + i) * n_vocab + x];
         if (qx > 0.0 && u[i] * qx < px) {
@@ -121,6 +121,11 @@ __global__ void __launch_bounds__(kThreads)
   if (pick < 0)
     pick = inverse_cdf([&](int64_t v) { return static_cast<double>(p[v]); }, n_vocab, final_u, sh);
   if (threadIdx.x == 0) {
+    if (pick < 0) {  // p sums to 0: not a distribution (verify() throws here)
+      *bad_input = 1;
+      out_accepted[s] = -1;
+      return;
+    }
     out[accepted] = static_cast<int32_t>(pick);
     out_accepted[s] = accepted;
   }
@@ -137,7 +142,7 @@ Status speculative_accept(const int32_t* draft_tokens, const int32_t* draft_coun
     return Status::invalid_argument;
   }
   if (k_max > 0 && (draft_tokens == nullptr || draft_probs == nullptr)) return Status::invalid_argument;
-  if (seqs < 0 || seqs > INT32_MAX || k_max < 0 || k_max > 1024 || n_vocab < 1)
+  if (seqs < 0 || seqs > INT32_MAX || k_max < 0 || k_max > 1024 || n_vocab < 1 || n_vocab > INT32_MAX)
     return Status::invalid_argument;
   if (seqs == 0) return Status::ok;
   accept_kernel<<<static_cast<unsigned>(seqs), kThreads, 0, stream>>>(draft_tokens, draft_counts, draft_probs,

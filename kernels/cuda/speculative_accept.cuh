@@ -25,8 +25,9 @@ namespace nibble::kernels::cuda {
 // uniforms:     [seqs, k_max + 1] double in [0, 1)
 // out_tokens:   [seqs, k_max + 1] int32: the accepted prefix, then the drawn token (later entries
 //               untouched)
-// out_accepted: [seqs] int32: draft tokens accepted, 0..k; -1 for a sequence whose count or a draft
-//               token is out of range (then *bad_input is set to 1; the caller clears it)
+// out_accepted: [seqs] int32: draft tokens accepted, 0..k; -1 for a sequence whose count or any of
+//               its draft tokens is out of range, or whose final target row sums to 0 (then
+//               *bad_input is set to 1; the caller clears it)
 // bad_input:    [1] int32
 // seqs >= 0, k_max >= 0, n_vocab >= 1. Enqueues one kernel (a block per sequence) on `stream`.
 // Returns invalid_argument (nothing launched) for a bad argument, device_error if the launch fails.

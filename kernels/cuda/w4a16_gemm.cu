@@ -123,17 +123,19 @@ __global__ void __launch_bounds__(kThreads)
 // cache. Out-of-range rows and outputs are zero-filled by the copies (src-size 0).
 constexpr int kMmaBM = 64;
 constexpr int kMmaBN = 128;
+static_assert(kThreads == kMmaBN, "each thread copies one weight row of the tile per unit");
 constexpr int kMmaLdX = kQK4_0 + 8;  // halves per staged x row: 80 bytes, conflict-free A reads
 
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
   const auto dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   const int bytes = valid ? 16 : 0;  // 0: the 16 bytes are zero-filled, nothing is read
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(bytes));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(bytes)
+               : "memory");
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
 __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {

@@ -6,8 +6,10 @@
 // Error bound: out[d] = Σ_p w_p v_p[d] is a convex combination, so |out[d]| <= max_p |v_p[d]|. The
 // kernel's fp16 output rounding costs at most 2^-11 ≈ 4.9e-4 of |out|; its fp32 scores are off by
 // about head_dim · 2^-24 · Σ|q·k| · scale ≈ 1e-4 at most here (a relative error of that size in
-// the weights), and fp32 exp/accumulation adds ~1e-6. So |got - ref| <= 1e-3 · max_p |v_p[d]| +
-// 1e-6 over the positions the query sees.
+// the weights, which moves out[d] by at most that much of max_p |v_p[d]|), and fp32
+// exp/accumulation adds ~1e-6. So |got - ref| <= 5e-4 · |ref| + 2e-4 · max_p |v_p[d]| + 1e-6 over
+// the positions the query sees: tight enough that losing one position of a 1000-long sequence
+// (an error of about 1e-3 · max |v|) fails.
 #include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
 #include <gtest/gtest.h>
@@ -140,7 +142,7 @@ int compare_with_reference(const Problem& pr, float scale, const std::vector<uin
           }
           const double g = k::fp16_to_fp32(got[(token * s.n_head + h) * D + d]);
           const double err = std::fabs(g - ref);
-          if (!(err <= 1e-3 * mag + 1e-6) && ++bad <= 5) {
+          if (!(err <= 5e-4 * std::fabs(ref) + 2e-4 * mag + 1e-6) && ++bad <= 5) {
             ADD_FAILURE() << "seq " << i << " query " << qi << " (position " << pos << ") head " << h
                           << " dim " << d << ": got " << g << ", reference " << ref << ", error " << err;
           }
@@ -158,7 +160,7 @@ TEST(CudaAttentionDecode, MatchesDoubleReference) {
   std::mt19937 rng(2024);
   const int64_t n_head_kv = 2;
   for (const int64_t head_dim : {64, 128}) {
-    for (const int64_t group : {1, 4, 8}) {
+    for (const int64_t group : {1, 2, 4, 8}) {  // with 1..8 queries: 1 to 64 rows per KV head
       for (const bool verify : {false, true}) {
         for (const int64_t split : {0, 32, 96}) {
           SCOPED_TRACE("head_dim=" + std::to_string(head_dim) + " group=" + std::to_string(group) +

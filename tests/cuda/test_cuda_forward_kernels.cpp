@@ -410,7 +410,8 @@ TEST(CudaPrefillAttention, EqualsPagedAttentionBitForBit) {
   NIBBLE_REQUIRE_CUDA_DEVICE();
   std::mt19937 rng(31);
   for (const int64_t head_dim : {64, 128}) {
-    for (const int64_t group : {1, 2, 4, 8}) {
+    // 3: 10-token tiles fill 30 of 32 rows; 16: tiles of 2 tokens.
+    for (const int64_t group : {1, 2, 3, 4, 8, 16}) {
       SCOPED_TRACE("head_dim=" + std::to_string(head_dim) + " group=" + std::to_string(group));
       const int64_t n_head_kv = 2, n_head = n_head_kv * group, block_size = 7, mbps = 12;
       // Sequence 0: a 45-token chunk at positions 17..61; 1: a 13-token prompt from 0; 2: one decode

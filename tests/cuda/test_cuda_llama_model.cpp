@@ -254,7 +254,8 @@ TEST(CudaLlamaModel, Q4KModelMatchesTheCpu) {
 }
 
 // GPTQ / AWQ checkpoints (tests/data/gptq-tiny-llama): asymmetric AWQ at group 64 and per-channel
-// GPTQ are Q8_0 on the CPU and group-wise INT4 on the GPU; symmetric GPTQ at group 32 is Q4_0 on both.
+// GPTQ are Q8_0 on the CPU and group-wise INT4 on the GPU; symmetric GPTQ at group 32 is Q4_0 on both;
+// act-order GPTQ is fp16 on the GPU.
 TEST(CudaLlamaModel, GptqAndAwqCheckpointsMatchTheCpu) {
   NIBBLE_REQUIRE_CUDA_DEVICE();
   for (const char* name : {"awq-g64", "gptq-perchannel-asym-v2", "gptq-g32-sym"}) {
@@ -264,6 +265,12 @@ TEST(CudaLlamaModel, GptqAndAwqCheckpointsMatchTheCpu) {
     const auto checkpoint = m::LlamaCheckpoint::open(path);
     w::CudaLlamaModel gpu(checkpoint);
     EXPECT_LE(gpu.weight_bytes(), four_bit_weight_bytes_bound(checkpoint->config()));
+  }
+  // Act-order GPTQ goes up as fp16 with its input permutation applied at upload.
+  for (const char* name : {"gptq-g128-sym-actorder", "gptq-g32-asym-actorder"}) {
+    SCOPED_TRACE(name);
+    compare_scenario((t::test_data_dir() / "gptq-tiny-llama" / name).string(), kQuantizedBound,
+                     /*decode_attention=*/true);
   }
 }
 
@@ -361,9 +368,10 @@ TEST(CudaLlamaModel, RejectsBadBatchesOnTheHost) {
 
 // Graph replay (CudaModelOptions::graphs) against direct launches: the same kernels with the same
 // arguments, so Q4_0 models (no cuBLAS) must agree bit for bit, and F16 models (cuBLAS, whose
-// algorithm choice under capture could in principle differ) to 1e-6 relative. Also checks that
-// decode steps of one shape reuse one graph and that growing the buffers (a long batch after
-// capture) drops the graphs instead of replaying stale addresses.
+// algorithm choice under capture could in principle differ) to 1e-6 relative. Also checks that a
+// shape seen once runs directly, that decode steps of one shape reuse one graph (also while the
+// tables widen within a power of two), and that growing the buffers (a long batch after capture)
+// drops the graphs instead of replaying stale addresses.
 void check_graph_replay(k::DType type) {
   NIBBLE_REQUIRE_CUDA_DEVICE();
   t::TempDir dir;
@@ -380,7 +388,9 @@ void check_graph_replay(k::DType type) {
   std::mt19937 rng(5);
   std::uniform_int_distribution<int32_t> token(3, static_cast<int32_t>(c.n_vocab) - 1);
   int32_t next_pos[2] = {0, 0};
-  auto step = [&](const std::vector<Entry>& entries, bool greedy) {
+  // width: the table row width the batch passes (its first `width` blocks of each row; -1: mbps).
+  auto step = [&](const std::vector<Entry>& entries, bool greedy, int64_t width = -1) {
+    if (width < 0) width = mbps;
     w::ForwardBatch batch;
     for (const Entry& e : entries) {
       std::vector<int32_t> toks(static_cast<size_t>(e.count));
@@ -388,8 +398,10 @@ void check_graph_replay(k::DType type) {
       batch.add_sequence(toks, next_pos[e.row], e.row, e.logits_for_last);
       next_pos[e.row] += e.count;
     }
-    batch.block_tables = tables;
-    batch.max_blocks_per_seq = mbps;
+    for (int64_t row = 0; row < 2; ++row)
+      batch.block_tables.insert(batch.block_tables.end(), tables.begin() + row * mbps,
+                                tables.begin() + row * mbps + width);
+    batch.max_blocks_per_seq = width;
     if (greedy) {
       std::vector<int32_t> a, b;
       direct.forward_greedy(batch, direct_cache, a);
@@ -407,16 +419,23 @@ void check_graph_replay(k::DType type) {
       EXPECT_LE(t::max_relative_rms(b, a, c.n_vocab), 1e-6);
     }
   };
-  step({{0, 20, 1}, {1, 9, 1}}, false);  // prompts: captured too (29 tokens)
-  const int64_t after_prompts = graphed.captured_graphs();
-  EXPECT_EQ(after_prompts, 1);
-  for (int i = 0; i < 5; ++i) step({{0, 1, 1}, {1, 1, 1}}, false);
-  EXPECT_EQ(graphed.captured_graphs(), 2) << "decode steps of one shape share one graph";
-  step({{0, 1, 1}, {1, 1, 1}}, true);  // the greedy variant is its own graph
+  step({{0, 20, 1}, {1, 9, 1}}, false);  // prompts (29 tokens): a shape seen once runs directly
+  EXPECT_EQ(graphed.captured_graphs(), 0);
+  step({{0, 1, 1}, {1, 1, 1}}, false);  // first decode step: direct
+  EXPECT_EQ(graphed.captured_graphs(), 0);
+  for (int i = 0; i < 4; ++i) step({{0, 1, 1}, {1, 1, 1}}, false);
+  EXPECT_EQ(graphed.captured_graphs(), 1) << "decode steps of one shape share one graph";
+  step({{0, 1, 1}, {1, 1, 1}}, false, 5);  // tables 5 and 7 wide: padded to 8, the same graph
+  step({{0, 1, 1}, {1, 1, 1}}, false, 7);
+  EXPECT_EQ(graphed.captured_graphs(), 1) << "a table width within the same power of two";
+  step({{0, 1, 1}, {1, 1, 1}}, false, 4);  // padded to 4: a new shape, direct the first time
+  step({{0, 1, 1}, {1, 1, 1}}, false, 4);
+  EXPECT_EQ(graphed.captured_graphs(), 2);
+  for (int i = 0; i < 2; ++i) step({{0, 1, 1}, {1, 1, 1}}, true);  // the greedy variant is its own graph
   EXPECT_EQ(graphed.captured_graphs(), 3);
   step({{1, 70, 1}}, false);  // longer than graphs take: direct launches, buffers grow, graphs dropped
   EXPECT_EQ(graphed.captured_graphs(), 0);
-  for (int i = 0; i < 3; ++i) step({{0, 1, 1}, {1, 1, 1}}, false);  // recaptured at the new addresses
+  for (int i = 0; i < 3; ++i) step({{0, 1, 1}, {1, 1, 1}}, false);  // seen before: recaptured at once
   EXPECT_EQ(graphed.captured_graphs(), 1);
 }
 
@@ -541,9 +560,20 @@ TEST(CudaLlamaModelDummy, GreedyTokensMatchTheCpuDummyTiny) {
   w::CudaLlamaModel gpu(m::LlamaCheckpoint::open("dummy:tiny:seed=5"));
   EXPECT_TRUE(gpu.checkpoint().is_dummy());
   EXPECT_EQ(gpu.checkpoint().dummy_seed(), 5u);
-  // Q4_0 matrices only, as LlamaCheckpoint::weight_bytes counts them (less the f32 norms).
+  // The embedding as Q4_0 (18 bytes per 32 weights); every other matrix as INT4 groups of 128 (a
+  // 16-byte-aligned nibble array, then an fp16 scale and a uint8 zero per group). q/k/v and
+  // gate/up are stacked, one allocation each.
   const auto& c = gpu.config();
+  const auto int4 = [](int64_t n_out, int64_t k) {
+    const int64_t group = k % 128 == 0 ? 128 : k % 64 == 0 ? 64 : 32;
+    return (n_out * k / 2 + 15) / 16 * 16 + 3 * (n_out * k / group);
+  };
+  const int64_t per_layer = int4(c.q_dim() + 2 * c.kv_dim(), c.n_embd) + int4(c.n_embd, c.q_dim()) +
+                            int4(2 * c.n_ff, c.n_embd) + int4(c.n_embd, c.n_ff);
   EXPECT_EQ(gpu.weight_bytes(),
+            c.n_vocab * c.n_embd / 32 * 18 + int4(c.n_vocab, c.n_embd) + c.n_layer * per_layer);
+  // Fewer bytes than the Q4_0 file would hold (4.19 bits a weight against 4.5), as the 70B floor assumes.
+  EXPECT_LT(gpu.weight_bytes(),
             static_cast<int64_t>(gpu.checkpoint().weight_bytes()) - (2 * c.n_layer + 1) * c.n_embd * 4);
 }
 

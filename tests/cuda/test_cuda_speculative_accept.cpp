@@ -1,11 +1,13 @@
 // The device acceptance rule (kernels/cuda/speculative_accept) against the CPU's
 // speculative::verify with the same uniforms: the same accepted count and tokens for a batch of
 // sequences with different proposal counts, over random distributions (sparse and dense, drafts
-// good and bad), at temperature 0 (one-hot rows), and where p == q (the residual is empty and p is
-// drawn from). Bad counts and tokens are reported per sequence. Skips without a CUDA device.
+// good and bad), at temperature 0 (one-hot rows), where p == q (everything is accepted: the bonus
+// path), and where p == q but the proposed token has q = 0 (rejected with an empty residual, so the
+// replacement is drawn from p). Bad counts and tokens are reported per sequence. Skips without a CUDA device.
 #include <cuda_runtime_api.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <random>
 #include <string>
@@ -77,7 +79,8 @@ sp::Verification run_host(const Batch& b, int64_t s) {
 }
 
 // A batch: sequence s proposes counts[s] tokens drawn from its q rows. mode 0: random sparse or
-// dense rows; 1: one-hot rows (temperature 0) with the draft agreeing for a while; 2: p == q.
+// dense rows; 1: one-hot rows (temperature 0) with the draft agreeing for a while; 2: p == q;
+// 3: p == q with sparse rows, and now and then a proposal outside their support.
 Batch make_batch(int64_t seqs, int64_t k_max, int64_t n_vocab, int mode, std::mt19937& rng) {
   Batch b;
   b.seqs = seqs;
@@ -99,7 +102,8 @@ Batch make_batch(int64_t seqs, int64_t k_max, int64_t n_vocab, int mode, std::mt
         q[static_cast<size_t>(rng() % 4 == 0 ? id(rng) : best)] = 1.0f;  // the draft agrees 3 times in 4
       } else {
         p = random_distribution(n_vocab, support, rng);
-        q = mode == 2 ? p : random_distribution(n_vocab, rng() % 2 == 0 ? support : n_vocab, rng);
+        if (mode == 3 && support == n_vocab) p = random_distribution(n_vocab, 3, rng);
+        q = mode >= 2 ? p : random_distribution(n_vocab, rng() % 2 == 0 ? support : n_vocab, rng);
         if (mode == 0 && rng() % 3 == 0) {  // a draft close to the target: mostly accepted
           for (size_t v = 0; v < q.size(); ++v) q[v] = 0.8f * p[v] + 0.2f * q[v];
         }
@@ -107,7 +111,16 @@ Batch make_batch(int64_t seqs, int64_t k_max, int64_t n_vocab, int mode, std::mt
       b.p.insert(b.p.end(), p.begin(), p.end());
       if (i < k_max) {
         b.q.insert(b.q.end(), q.begin(), q.end());
-        b.tokens.push_back(sp::sample_dense(q.data(), n_vocab, uniform(rng)));
+        int32_t token = sp::sample_dense(q.data(), n_vocab, uniform(rng));
+        if (mode == 3 && rng() % 2 == 0) {  // a token the draft gave no mass: rejected, empty residual
+          for (int64_t v = id(rng), tries = 0; tries < n_vocab; v = (v + 1) % n_vocab, ++tries) {
+            if (q[static_cast<size_t>(v)] == 0.0f) {
+              token = static_cast<int32_t>(v);
+              break;
+            }
+          }
+        }
+        b.tokens.push_back(token);
       }
       b.uniforms.push_back(uniform(rng));
     }
@@ -120,7 +133,7 @@ Batch make_batch(int64_t seqs, int64_t k_max, int64_t n_vocab, int mode, std::mt
 TEST(CudaSpeculativeAccept, MatchesCpuVerify) {
   NIBBLE_REQUIRE_CUDA_DEVICE();
   std::mt19937 rng(2024);
-  for (const int mode : {0, 1, 2}) {
+  for (const int mode : {0, 1, 2, 3}) {
     for (const int64_t n_vocab : {int64_t{7}, int64_t{1001}, int64_t{32000}}) {
       for (const int64_t k_max : {int64_t{1}, int64_t{3}, int64_t{5}}) {
         SCOPED_TRACE("mode " + std::to_string(mode) + " n_vocab " + std::to_string(n_vocab) + " k_max " +
@@ -130,9 +143,14 @@ TEST(CudaSpeculativeAccept, MatchesCpuVerify) {
         int32_t bad = -1;
         ASSERT_NO_FATAL_FAILURE(run_device(b, tokens, accepted, bad));
         EXPECT_EQ(bad, 0);
-        int64_t total_accepted = 0;
+        int64_t total_accepted = 0, empty_residuals = 0;
         for (int64_t s = 0; s < b.seqs; ++s) {
           const sp::Verification want = run_host(b, s);
+          if (want.accepted < b.counts[static_cast<size_t>(s)]) {
+            const size_t row = static_cast<size_t>(s * k_max + want.accepted);
+            empty_residuals +=
+                b.q[row * static_cast<size_t>(n_vocab) + static_cast<size_t>(b.tokens[row])] == 0.0f;
+          }
           ASSERT_EQ(accepted[static_cast<size_t>(s)], want.accepted) << "sequence " << s;
           for (int i = 0; i <= want.accepted; ++i) {
             EXPECT_EQ(tokens[static_cast<size_t>(s * (k_max + 1) + i)], want.tokens[static_cast<size_t>(i)])
@@ -143,6 +161,9 @@ TEST(CudaSpeculativeAccept, MatchesCpuVerify) {
         if (mode != 0) {
           EXPECT_GT(total_accepted, 0);  // the accepting branch ran
         }
+        if (mode == 3) {
+          EXPECT_GT(empty_residuals, 0);  // the draw from p after an empty residual ran
+        }
       }
     }
   }
@@ -151,15 +172,19 @@ TEST(CudaSpeculativeAccept, MatchesCpuVerify) {
 TEST(CudaSpeculativeAccept, ReportsBadCountsAndTokens) {
   NIBBLE_REQUIRE_CUDA_DEVICE();
   std::mt19937 rng(3);
-  Batch b = make_batch(3, 2, 11, 0, rng);
-  b.counts = {2, 3, 2};  // sequence 1: more proposals than k_max
-  b.tokens[4] = 11;      // sequence 2's first token: outside the vocabulary
+  Batch b = make_batch(5, 2, 11, 0, rng);
+  b.counts = {2, 3, 2, 2, 0};  // sequence 1: more proposals than k_max
+  b.tokens[4] = 11;            // sequence 2's first token: outside the vocabulary
+  b.tokens[7] = -5;            // sequence 3's second token, whatever becomes of the first
+  std::fill_n(b.p.begin() + 4 * 3 * 11, 11, 0.0f);  // sequence 4's bonus row: no distribution
   std::vector<int32_t> tokens, accepted;
   int32_t bad = 0;
   ASSERT_NO_FATAL_FAILURE(run_device(b, tokens, accepted, bad));
   EXPECT_EQ(bad, 1);
   EXPECT_EQ(accepted[1], -1);
   EXPECT_EQ(accepted[2], -1);
+  EXPECT_EQ(accepted[3], -1);
+  EXPECT_EQ(accepted[4], -1);
   EXPECT_EQ(accepted[0], run_host(b, 0).accepted);  // the good sequence is unaffected
   DeviceBuffer<int32_t> one(1);
   EXPECT_EQ(k::cuda::speculative_accept(nullptr, one.ptr, nullptr, nullptr, nullptr, 1, 0, 11, one.ptr,

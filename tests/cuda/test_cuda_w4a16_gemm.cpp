@@ -71,12 +71,18 @@ TEST(CudaW4A16Gemm, Q4KMatchesCpuReference) {
   }
 }
 
-// Group-wise INT4 with asymmetric zeros (GPTQ / AWQ as loaded), groups of 32 and 128.
+// Group-wise INT4 with asymmetric zeros (GPTQ / AWQ as loaded), groups of 32, 64 and 128, on large
+// shapes and on ones smaller than a tile (5 outputs of one 32-input unit; 130 outputs, group 64).
 TEST(CudaW4A16Gemm, Int4GroupsMatchCpuReference) {
   NIBBLE_REQUIRE_CUDA_DEVICE();
   std::mt19937 rng(23);
-  for (const int64_t group : {int64_t{32}, int64_t{128}}) {
-    const int64_t n_out = 1001, kk = 4224;
+  struct Case {
+    int64_t group, n_out, kk;
+  };
+  for (const Case c : {Case{32, 1001, 4224}, Case{128, 1001, 4224}, Case{64, 130, 192}, Case{32, 5, 32}}) {
+    const int64_t group = c.group, n_out = c.n_out, kk = c.kk;
+    SCOPED_TRACE("group " + std::to_string(group) + " n_out " + std::to_string(n_out) + " k " +
+                 std::to_string(kk));
     const std::vector<k::BlockQ8_0> blocks = asymmetric_int4_blocks(n_out, kk, group, rng);
     std::vector<float> wf(static_cast<size_t>(n_out * kk));
     ASSERT_EQ(k::dequantize_row(k::DType::Q8_0, blocks.data(), wf.data(), n_out * kk), k::Status::ok);
@@ -96,7 +102,7 @@ TEST(CudaW4A16Gemm, Int4GroupsMatchCpuReference) {
       });
     }
     // The mma.sync variant, on row counts around its 64-row tile (same bound: the same fp16 weights).
-    for (const int64_t m : {int64_t{1}, int64_t{63}, int64_t{64}, int64_t{257}}) {
+    for (const int64_t m : {int64_t{1}, int64_t{63}, int64_t{64}, int64_t{65}, int64_t{257}}) {
       SCOPED_TRACE("mma.sync kernel");
       expect_matches_reference(wf, n_out, kk, m, 2e-3, rng, [&](const __half* x, int64_t mm, float* y) {
         return k::cuda::w4a16_gemm_int4_groups_mma(dq.ptr, reinterpret_cast<const __half*>(ds.ptr), dz.ptr,

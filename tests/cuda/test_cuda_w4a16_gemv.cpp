@@ -83,7 +83,7 @@ TEST(CudaW4A16Gemv, Q4KMatchesCpuReference) {
 TEST(CudaW4A16Gemv, Int4GroupsMatchCpuReference) {
   NIBBLE_REQUIRE_CUDA_DEVICE();
   std::mt19937 rng(7);
-  for (const int64_t group : {int64_t{32}, int64_t{128}}) {
+  for (const int64_t group : {int64_t{32}, int64_t{64}, int64_t{128}}) {
     for (const int64_t n_out : {int64_t{1}, int64_t{37}, int64_t{4099}}) {
       for (const int64_t kk : {int64_t{128}, int64_t{384}, int64_t{4224}}) {
         const std::vector<k::BlockQ8_0> blocks = asymmetric_int4_blocks(n_out, kk, group, rng);

@@ -308,9 +308,11 @@ int run_kernels(const Args& a) {
     std::printf("device: %s\ncopy bandwidth (read + write): %.0f GB/s\n\n", result.device.c_str(),
                 result.copy_gbps);
     std::printf(
-        "%-12s %4s | %10s %8s %6s | %8s %6s | %8s %6s | %8s %6s | %8s %6s | %10s %8s | %8s | %11s %8s %8s\n",
-        "k x n_out", "m", "W4A16 us", "GB/s", "%copy", "split us", "%copy", "g128 us", "%copy", "mma us",
-        "%copy", "Q4_K us", "%copy", "cuBLAS us", "GB/s", "vs fp16", "tinygemm us", "vs tg", "g128/tg");
+        "%-12s %4s | %10s %8s %6s | %8s %6s | %8s %6s | %10s %6s | %8s %6s | %8s %6s | %10s %8s | %8s | "
+        "%11s %8s %8s\n",
+        "k x n_out", "m", "W4A16 us", "GB/s", "%copy", "split us", "%copy", "g128 us", "%copy", "g128 tc us",
+        "%copy", "mma us", "%copy", "Q4_K us", "%copy", "cuBLAS us", "GB/s", "vs fp16", "tinygemm us",
+        "vs tg", "g128/tg");
   }
   for (const auto& r : result.rows) {
     const double ours_gbps = r.ours_bytes / (r.ours_us * 1e-6) / 1e9;
@@ -336,6 +338,11 @@ int run_kernels(const Args& a) {
       row["g128_gbps"] = r.g128_bytes / (r.g128_us * 1e-6) / 1e9;
       row["g128_speedup_vs_cublas"] = r.cublas_us / r.g128_us;
     }
+    if (r.g128_tc_us > 0) {
+      row["w4a16_g128_tc_us"] = r.g128_tc_us;
+      row["g128_tc_gbps"] = r.g128_bytes / (r.g128_tc_us * 1e-6) / 1e9;
+      row["g128_tc_speedup_vs_cublas"] = r.cublas_us / r.g128_tc_us;
+    }
     if (r.g128_mma_us > 0) {
       row["w4a16_g128_mma_us"] = r.g128_mma_us;
       row["g128_mma_gbps"] = r.g128_bytes / (r.g128_mma_us * 1e-6) / 1e9;
@@ -357,14 +364,15 @@ int run_kernels(const Args& a) {
                     static_cast<long long>(r.shape.n_out));
       std::printf("%-12s %4lld | %10.1f %8.0f %5.0f%% |", shape, static_cast<long long>(r.m), r.ours_us,
                   ours_gbps, 100.0 * ours_gbps / result.copy_gbps);
-      const auto timed = [&](double us, double bytes) {
+      const auto timed = [&](double us, double bytes, int width = 8) {
         if (us > 0)
-          std::printf(" %8.1f %5.0f%% |", us, 100.0 * bytes / (us * 1e-6) / 1e9 / result.copy_gbps);
+          std::printf(" %*.1f %5.0f%% |", width, us, 100.0 * bytes / (us * 1e-6) / 1e9 / result.copy_gbps);
         else
-          std::printf(" %8s %6s |", "-", "-");
+          std::printf(" %*s %6s |", width, "-", "-");
       };
       timed(r.split_us, r.ours_bytes);
       timed(r.g128_us, r.g128_bytes);
+      timed(r.g128_tc_us, r.g128_bytes, 10);
       timed(r.g128_mma_us, r.g128_bytes);
       timed(r.q4k_us, r.q4k_bytes);
       std::printf(" %10.1f %8.0f | %7.2fx |", r.cublas_us, cublas_gbps, r.cublas_us / r.ours_us);
@@ -385,7 +393,8 @@ int run_kernels(const Args& a) {
         "tensor-core w4a16_gemm). split = the same GEMV on the split layout (16-byte nibble loads, "
         "kernels/q4_0_split.hpp). g128 = group-wise INT4, one fp16 scale and zero per 128 weights (GPTQ / "
         "AWQ, "
-        "kernels/int4_groups.hpp; tinygemm's grouping); mma = the same weights on the mma.sync GEMM (m > "
+        "kernels/int4_groups.hpp; tinygemm's grouping); g128 tc = the same weights on the tensor-core GEMV "
+        "(w4a16_gemv_int4_groups_mma, m <= 16); mma = the same weights on the mma.sync GEMM (m > "
         "32). Q4_K = GGUF Q4_K super-blocks as stored. %%copy and "
         "GB/s "
         "count the bytes each product must move.\n");

@@ -10,6 +10,7 @@
 #include "kernels/cuda/matmul_bench.cuh"
 #include "kernels/cuda/w4a16_gemm.cuh"
 #include "kernels/cuda/w4a16_gemv.cuh"
+#include "kernels/cuda/w4a16_gemv_mma.cuh"
 #include "kernels/quant_types.hpp"
 
 namespace nibble::kernels::cuda {
@@ -162,7 +163,8 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
       });
     }
   }
-  std::vector<double> g128(ms.size(), 0.0), g128_mma(ms.size(), 0.0), q4k(ms.size(), 0.0);
+  std::vector<double> g128(ms.size(), 0.0), g128_mma(ms.size(), 0.0), g128_tc(ms.size(), 0.0),
+      q4k(ms.size(), 0.0);
   const size_t g128_quant_bytes = static_cast<size_t>(n * k / 2);
   const size_t g128_groups = static_cast<size_t>(n * (k / 128));
   // nibbles, then scales, then zeros, each 16-byte aligned (as CudaLlamaModel stores them)
@@ -194,6 +196,19 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
         if (st != Status::ok)
           throw BenchFailure(std::string("W4A16 group-128 kernel failed: ") + status_name(st));
       });
+      if (m <= kW4A16GemvMmaMaxM) {
+        // The tensor-core GEMV on the same weights, timed the same way.
+        g128_tc[mi] = time_us(stream, iterations, repetitions, [&](int i) {
+          const uint8_t* base =
+              static_cast<const uint8_t*>(w.ptr) + g128_stride * static_cast<size_t>(i % copies);
+          const auto* scales = reinterpret_cast<const __half*>(base + g128_quant_bytes);
+          const uint8_t* zeros = base + g128_quant_bytes + g128_groups * 2;
+          const Status st = w4a16_gemv_int4_groups_mma(base, scales, zeros, 128, n, k, xh, m,
+                                                       static_cast<float*>(y.ptr), stream);
+          if (st != Status::ok)
+            throw BenchFailure(std::string("W4A16 tensor-core GEMV failed: ") + status_name(st));
+        });
+      }
       if (m <= kW4A16GemvMaxM) continue;
       g128_mma[mi] = time_us(stream, iterations, repetitions, [&](int i) {
         const uint8_t* base =
@@ -253,6 +268,7 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
     row.split_us = split[mi];
     row.g128_us = g128[mi];
     row.g128_mma_us = g128_mma[mi];
+    row.g128_tc_us = g128_tc[mi];
     row.q4k_us = q4k[mi];
     row.g128_bytes = static_cast<double>(g128_bytes) + 2.0 * ms[mi] * k + 4.0 * ms[mi] * n;
     row.q4k_bytes = static_cast<double>(q4k_bytes) + 2.0 * ms[mi] * k + 4.0 * ms[mi] * n;

@@ -1,8 +1,8 @@
 #pragma once
 // The GPU kernel benchmark behind `nibble bench-gpu`: the W4A16 kernels (Q4_0 in both layouts,
-// group-wise INT4 at group 128, Q4_K) against fp16 cuBLAS on the same shapes, both against the device's
-// measured copy bandwidth. Weights rotate among enough copies that every call reads them from device memory,
-// not from L2.
+// group-wise INT4 at group 128 on the SIMT GEMV, the tensor-core GEMV and the GEMMs, Q4_K) against fp16
+// cuBLAS on the same shapes, both against the device's measured copy bandwidth. Weights rotate among enough
+// copies that every call reads them from device memory, not from L2.
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -24,6 +24,7 @@ struct MatmulBenchRow {
   double split_us = 0.0;             // m <= 32: w4a16_gemv_q4_0_split (16-byte loads), same bytes
   double g128_us = 0.0;       // group-wise INT4, group 128 (w4a16_*_int4_groups; GPTQ / AWQ); 0: k % 128 != 0
   double g128_mma_us = 0.0;   // the same on w4a16_gemm_int4_groups_mma (m > 32 only)
+  double g128_tc_us = 0.0;    // the same on the tensor-core GEMV w4a16_gemv_int4_groups_mma (m <= 16 only)
   double q4k_us = 0.0;        // GGUF Q4_K as stored (w4a16_*_q4_k); 0: k % 256 != 0
   double cublas_us = 0.0;     // fp16 x fp16 cublasGemmEx, fp32 accumulation
   double ours_bytes = 0.0;    // bytes one product must move: Q4_0 weights + fp16 x + fp32 y

@@ -11,6 +11,7 @@
 #include <cuda_runtime.h>
 #include <mma.h>
 
+#include "kernels/cuda/mma.cuh"
 #include "kernels/cuda/w4a16_gemm.cuh"
 #include "kernels/cuda/w4a16_weights.cuh"
 #include "kernels/quant_types.hpp"
@@ -126,25 +127,10 @@ constexpr int kMmaBN = 128;
 static_assert(kThreads == kMmaBN, "each thread copies one weight row of the tile per unit");
 constexpr int kMmaLdX = kQK4_0 + 8;  // halves per staged x row: 80 bytes, conflict-free A reads
 
-__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
-  const auto dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  const int bytes = valid ? 16 : 0;  // 0: the 16 bytes are zero-filled, nothing is read
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(bytes)
-               : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
-__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
+using detail::cp_async_16;
+using detail::cp_async_commit;
+using detail::cp_async_wait;
+using detail::mma_16816;
 
 __global__ void __launch_bounds__(kThreads)
     gemm_int4_groups_mma_kernel(const uint8_t* __restrict__ quants, const __half* __restrict__ scales,

@@ -184,19 +184,45 @@ struct Q4KBlocks {
 // lo = bytes 2t, 2t + 1 and hi = bytes 2t + 8, 2t + 9 of the row's unit (little-endian words).
 // frag[s][0] packs inputs 16s + 2t (low half) and 16s + 2t + 1; frag[s][1] inputs 16s + 2t + 8, + 9.
 // Values are fp16 of (q - zero) * scale, rounded once (as the WMMA GEMM rounds them).
+//
+// On the device the halves are built without leaving fp16 (Marlin's trick): a nibble q OR-ed into
+// the fp16 bit pattern of 1024 is exactly 1024 + q; subtracting 1024 + zero gives q - zero exactly,
+// and one hmul2 by the fp16 scale rounds the product once, so the bits equal the float path's
+// (exact product, one rounding) at about a third of the instructions. nibble_pairs_plus_1024 is the
+// shared bit manipulation; the host test runs it through the float path.
 __host__ __device__ inline uint32_t pack_halves(float lo, float hi) {
   return static_cast<uint32_t>(__half_as_ushort(__float2half_rn(lo))) |
          (static_cast<uint32_t>(__half_as_ushort(__float2half_rn(hi))) << 16);
 }
+// Two fp16 values 1024 + q: q the nibble at bit 4s of byte 0 of `word` (low half) and of byte 1
+// (high half).
+__host__ __device__ inline uint32_t nibble_pairs_plus_1024(unsigned word, int s) {
+  const uint32_t spread = (word & 0xFFu) | ((word & 0xFF00u) << 8);  // byte 1 moves to bits 16..23
+  return ((spread >> (4 * s)) & 0x000F000Fu) | 0x64006400u;          // 0x6400: fp16 1024
+}
 __host__ __device__ inline void int4_unit_b_fragments(unsigned lo, unsigned hi, float scale, int zero,
                                                       uint32_t (&frag)[2][2]) {
-  const auto value = [&](unsigned word, int shift) {
-    return static_cast<float>(static_cast<int>((word >> shift) & 0xF) - zero) * scale;
+#if defined(__CUDA_ARCH__)
+  const __half2 offset = __half2half2(__ushort_as_half(static_cast<unsigned short>(0x6400 + zero)));
+  const __half2 scale2 = __half2half2(__float2half_rn(scale));  // exact: scale came from fp16
+  const auto dequant = [&](uint32_t biased) {
+    uint32_t bits = biased;
+    const __half2 v = __hmul2(__hsub2(*reinterpret_cast<const __half2*>(&bits), offset), scale2);
+    return *reinterpret_cast<const uint32_t*>(&v);
   };
+#else
+  const auto dequant = [&](uint32_t biased) {
+    const auto half_value = [](uint32_t h) {
+      return static_cast<float>(__half2float(__ushort_as_half(static_cast<unsigned short>(h & 0xFFFFu))));
+    };
+    return pack_halves((half_value(biased) - static_cast<float>(1024 + zero)) * scale,
+                       (half_value(biased >> 16) - static_cast<float>(1024 + zero)) * scale);
+  };
+#endif
   NIBBLE_DEVICE_UNROLL
   for (int s = 0; s < 2; ++s) {  // s = 1: the high nibbles
-    frag[s][0] = pack_halves(value(lo, 4 * s), value(lo, 8 + 4 * s));
-    frag[s][1] = pack_halves(value(hi, 4 * s), value(hi, 8 + 4 * s));
+    frag[s][0] = dequant(nibble_pairs_plus_1024(lo, s));
+    frag[s][1] = dequant(nibble_pairs_plus_1024(hi, s));
   }
 }
 

@@ -1,5 +1,5 @@
-// The CUDA W4A16 decode GEMV (Q4_0, Q4_K, group-wise INT4) against a plain CPU reference (double
-// accumulation of the dequantized weights and the fp16 activations).
+// The CUDA W4A16 decode GEMV (Q4_0, Q4_K, group-wise INT4; and the tensor-core GEMV for group-wise INT4)
+// against a plain CPU reference (double accumulation of the dequantized weights and the fp16 activations).
 //
 // Error bound: every x (fp16) and every dequantized weight is exact in fp32, so the kernel's only
 // errors are the fp32 roundings of its k products-and-sums (FMAs) and of the shuffle reduction: at
@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "kernels/cuda/w4a16_gemv.cuh"
+#include "kernels/cuda/w4a16_gemv_mma.cuh"
 #include "kernels/int4_groups.hpp"
 #include "kernels/q4_0_split.hpp"
 #include "kernels/quant_types.hpp"
@@ -126,6 +127,125 @@ TEST(CudaW4A16Gemv, Int4GroupsMatchCpuReference) {
       }
     }
   }
+}
+
+// The tensor-core GEMV (w4a16_gemv_int4_groups_mma) on the same kind of weights. Its error bound is the
+// mma GEMM's (test_cuda_w4a16_gemm.cpp): each weight rounded once to fp16 (at most 2^-11 relative),
+// exact fp16 products, fp32 sums; below about 1e-3 of Σ|x · w| for k = 4224, checked against 2e-3.
+// Shapes: a single output, outputs around the 128-output tile (37, 130) and many tiles (4099); one
+// 32-input unit, a partial 256-input stage (192), and 16.5 stages (4224, split across a cluster on
+// small n_out); m from 1 to the 16-row tile.
+TEST(CudaW4A16Gemv, Int4GroupsMmaMatchCpuReference) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  std::mt19937 rng(31);
+  for (const int64_t group : {int64_t{32}, int64_t{64}, int64_t{128}}) {
+    for (const int64_t n_out : {int64_t{1}, int64_t{37}, int64_t{130}, int64_t{4099}}) {
+      for (const int64_t kk : {int64_t{32}, int64_t{192}, int64_t{4224}}) {
+        if (kk % group != 0) continue;
+        SCOPED_TRACE("group " + std::to_string(group));
+        const std::vector<k::BlockQ8_0> blocks = asymmetric_int4_blocks(n_out, kk, group, rng);
+        std::vector<float> wf(static_cast<size_t>(n_out * kk));
+        ASSERT_EQ(k::dequantize_row(k::DType::Q8_0, blocks.data(), wf.data(), n_out * kk), k::Status::ok);
+        std::vector<uint8_t> quants(static_cast<size_t>(n_out * kk / 2)),
+            zeros(static_cast<size_t>(n_out * kk / group));
+        std::vector<uint16_t> scales(zeros.size());
+        ASSERT_EQ(k::int4_groups_from_blocks(k::DType::Q8_0, blocks.data(), n_out, kk, group, quants.data(),
+                                             scales.data(), zeros.data()),
+                  k::Status::ok);
+        DeviceBuffer<uint8_t> dq(quants), dz(zeros);
+        DeviceBuffer<uint16_t> ds(scales);
+        ASSERT_TRUE(dq.ptr && dz.ptr && ds.ptr);
+        const auto* sp = reinterpret_cast<const __half*>(ds.ptr);
+        // The largest shape only at the ends of the m range: the host reference is m · n_out · k.
+        const bool large = n_out * kk > 1000000;
+        for (const int64_t m : {int64_t{1}, int64_t{3}, int64_t{8}, int64_t{16}}) {
+          if (large && m != 1 && m != 16) continue;
+          expect_matches_reference(wf, n_out, kk, m, 2e-3, rng, [&](const __half* x, int64_t mm, float* y) {
+            return k::cuda::w4a16_gemv_int4_groups_mma(dq.ptr, sp, dz.ptr, group, n_out, kk, x, mm, y,
+                                                       nullptr);
+          });
+        }
+      }
+    }
+  }
+}
+
+// Bit-for-bit: two calls give the same y (fixed-order sums, no atomics), and a row's outputs do not
+// depend on the other rows (m = 16 and m = 1 agree on row 0), on a shape whose inputs are split over
+// a cluster (few outputs, long rows) and on one that is not. Then the argument checks.
+TEST(CudaW4A16Gemv, Int4GroupsMmaIsReproducibleAndChecksArguments) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  std::mt19937 rng(37);
+  const int64_t group = 128;
+  for (const int64_t n_out : {int64_t{130}, int64_t{4099}}) {
+    SCOPED_TRACE("n_out " + std::to_string(n_out));
+    const int64_t kk = 4224, m = 16;
+    const std::vector<k::BlockQ8_0> blocks = asymmetric_int4_blocks(n_out, kk, group, rng);
+    std::vector<uint8_t> quants(static_cast<size_t>(n_out * kk / 2)),
+        zeros(static_cast<size_t>(n_out * kk / group));
+    std::vector<uint16_t> scales(zeros.size());
+    ASSERT_EQ(k::int4_groups_from_blocks(k::DType::Q8_0, blocks.data(), n_out, kk, group, quants.data(),
+                                         scales.data(), zeros.data()),
+              k::Status::ok);
+    std::normal_distribution<float> normal(0.0f, 1.0f);
+    std::vector<k::f16_bits> xh(static_cast<size_t>(m * kk));
+    for (auto& v : xh) v = k::fp32_to_fp16(normal(rng));
+    DeviceBuffer<uint8_t> dq(quants), dz(zeros);
+    DeviceBuffer<uint16_t> ds(scales);
+    DeviceBuffer<k::f16_bits> dx(xh);
+    DeviceBuffer<float> dy1(static_cast<size_t>(m * n_out)), dy2(static_cast<size_t>(m * n_out)),
+        dy_row(static_cast<size_t>(n_out));
+    ASSERT_TRUE(dq.ptr && dz.ptr && ds.ptr && dx.ptr && dy1.ptr && dy2.ptr && dy_row.ptr);
+    const auto* sp = reinterpret_cast<const __half*>(ds.ptr);
+    const auto* x = reinterpret_cast<const __half*>(dx.ptr);
+    ASSERT_EQ(
+        k::cuda::w4a16_gemv_int4_groups_mma(dq.ptr, sp, dz.ptr, group, n_out, kk, x, m, dy1.ptr, nullptr),
+        k::Status::ok);
+    ASSERT_EQ(
+        k::cuda::w4a16_gemv_int4_groups_mma(dq.ptr, sp, dz.ptr, group, n_out, kk, x, m, dy2.ptr, nullptr),
+        k::Status::ok);
+    ASSERT_EQ(
+        k::cuda::w4a16_gemv_int4_groups_mma(dq.ptr, sp, dz.ptr, group, n_out, kk, x, 1, dy_row.ptr, nullptr),
+        k::Status::ok);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    const std::vector<float> y1 = dy1.to_host(), y2 = dy2.to_host(), y_row = dy_row.to_host();
+    ASSERT_EQ(y1.size(), y2.size());
+    ASSERT_EQ(y_row.size(), static_cast<size_t>(n_out));
+    EXPECT_EQ(std::memcmp(y1.data(), y2.data(), y1.size() * sizeof(float)), 0) << "two calls differ";
+    EXPECT_EQ(std::memcmp(y1.data(), y_row.data(), y_row.size() * sizeof(float)), 0) << "row 0 depends on m";
+  }
+
+  const int64_t n_out = 37, kk = 192;
+  DeviceBuffer<uint8_t> dq(static_cast<size_t>(n_out * kk / 2)), dz(static_cast<size_t>(n_out * kk / 32));
+  DeviceBuffer<uint16_t> ds(static_cast<size_t>(n_out * kk / 32));
+  DeviceBuffer<k::f16_bits> dx(static_cast<size_t>(17 * kk + 8));
+  DeviceBuffer<float> dy(static_cast<size_t>(17 * n_out));
+  ASSERT_TRUE(dq.ptr && dz.ptr && ds.ptr && dx.ptr && dy.ptr);
+  const auto* sp = reinterpret_cast<const __half*>(ds.ptr);
+  const auto* x = reinterpret_cast<const __half*>(dx.ptr);
+  const auto call = [&](int64_t group_size, int64_t kdim, const __half* xp, int64_t m, float* y) {
+    return k::cuda::w4a16_gemv_int4_groups_mma(dq.ptr, sp, dz.ptr, group_size, n_out, kdim, xp, m, y,
+                                               nullptr);
+  };
+  EXPECT_EQ(call(32, kk, x, 17, dy.ptr), k::Status::invalid_argument);  // more rows than the m16 tile
+  EXPECT_EQ(call(32, kk, x, 0, dy.ptr), k::Status::invalid_argument);
+  EXPECT_EQ(call(32, kk, reinterpret_cast<const __half*>(dx.ptr + 4), 1, dy.ptr),
+            k::Status::invalid_argument);                               // x 8-byte but not 16-byte aligned
+  EXPECT_EQ(call(128, kk, x, 1, dy.ptr), k::Status::invalid_argument);  // group 128 does not divide 192
+  EXPECT_EQ(call(48, kk, x, 1, dy.ptr), k::Status::invalid_argument);
+  EXPECT_EQ(call(32, kk, x, 1, nullptr), k::Status::invalid_argument);
+  EXPECT_EQ(k::cuda::w4a16_gemv_int4_groups_mma(dq.ptr + 8, sp, dz.ptr, 32, n_out, kk, x, 1, dy.ptr, nullptr),
+            k::Status::invalid_argument);      // quants not 16-byte aligned
+  EXPECT_EQ(cudaGetLastError(), cudaSuccess);  // nothing was launched
+  // No outputs: nothing to do; no inputs: zeros.
+  EXPECT_EQ(k::cuda::w4a16_gemv_int4_groups_mma(dq.ptr, sp, dz.ptr, 32, 0, kk, x, 1, dy.ptr, nullptr),
+            k::Status::ok);
+  ASSERT_EQ(cudaMemset(dy.ptr, 0xff, static_cast<size_t>(3 * n_out) * sizeof(float)), cudaSuccess);
+  EXPECT_EQ(call(32, 0, x, 3, dy.ptr), k::Status::ok);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  const std::vector<float> y = dy.to_host();
+  ASSERT_EQ(y.size(), static_cast<size_t>(17 * n_out));
+  for (int64_t i = 0; i < 3 * n_out; ++i) ASSERT_EQ(y[static_cast<size_t>(i)], 0.0f) << "output " << i;
 }
 
 TEST(CudaW4A16Gemv, RejectsBadArguments) {

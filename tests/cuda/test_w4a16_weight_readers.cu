@@ -150,7 +150,8 @@ TEST(W4A16WeightReaders, Int4FragmentsFollowThePtxLayout) {
     int z[8];
     for (int r = 0; r < 8; ++r) {
       for (auto& v : unit[r]) v = static_cast<uint8_t>(byte(rng));
-      scale[r] = 0.001f * static_cast<float>(1 + byte(rng));
+      // Scales as the kernels get them: fp16 values (the device path relies on that).
+      scale[r] = k::fp16_to_fp32(k::fp32_to_fp16(0.001f * static_cast<float>(1 + byte(rng))));
       z[r] = zero(rng);
     }
     for (int lane = 0; lane < 32; ++lane) {

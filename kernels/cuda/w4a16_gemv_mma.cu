@@ -1,0 +1,390 @@
+// Tensor-core decode GEMV (w4a16_gemv_mma.cuh). Design, and why:
+//
+// - Block = 8 warps on one tile of 128 outputs. Warp (wn, wk) owns outputs 64 wn .. 64 wn + 63 (eight
+//   n8 tiles, 32 fp32 accumulators a lane) and part wk of every stage's inputs. One A fragment (the m16
+//   x tile) feeds eight mmas, and the staged x is shared by the 128 outputs, so at m = 16 x adds half a
+//   byte from L2 per weight byte (64 outputs per block would add a whole one).
+// - Stage = 8 units of 32 inputs (256 inputs): 128 rows x 128 contiguous bytes of nibbles (16 KB, one
+//   full cache line per row), the x tile's m real rows x 256 inputs (rows m..15 are zeroed once and
+//   never copied), and the stage's scales and zeros. Warp wk takes units 2 wk, 2 wk + 1 of each stage.
+// - 4 stages of cp.async (3 in flight while one is computed): 48 KB of weights in flight per block,
+//   one block per SM (121 KB of shared memory), enough to cover device-memory latency at full
+//   bandwidth (~4 TB/s x ~1 us / 132 SMs ≈ 30 KB per SM).
+// - Scales and zeros cannot be copied with cp.async (2-byte alignment, rows k / group apart), so each
+//   thread loads its share of a stage's (scale, zero) pairs into registers one iteration before it
+//   stores them to shared memory, and the lines were prefetched into L2 two iterations before that:
+//   the loads neither stall on device memory nor sit on the critical path of the copies.
+// - K is split across the 4 warps of a column half and across the blocks of a thread-block cluster
+//   (Hopper): with few output tiles (n_out = 1024: 8 tiles) a cluster of up to 8 blocks shares each
+//   tile's inputs, so the grid still has about one block per SM. The partial sums are reduced in a
+//   fixed order (warps 0..3 in shared memory, then cluster ranks 0..C-1 through distributed shared
+//   memory), so results are bit-reproducible without atomics, a workspace or a second pass. The split
+//   depends only on n_out, k and the SM count, never on m.
+// - Weights are dequantized in registers by w4a16::int4_unit_b_fragments (as the mma GEMM does);
+//   out-of-range rows, units and groups are zero-filled (cp.async src-size 0, scale and zero 0), so
+//   ragged edges compute exact zeros and are simply not stored.
+#include <cooperative_groups.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <atomic>
+
+#include "kernels/cuda/mma.cuh"
+#include "kernels/cuda/w4a16_gemv_mma.cuh"
+#include "kernels/cuda/w4a16_weights.cuh"
+#include "kernels/quant_types.hpp"
+
+namespace nibble::kernels::cuda {
+namespace {
+
+namespace cg = cooperative_groups;
+using detail::cp_async_16;
+using detail::cp_async_commit;
+using detail::cp_async_wait;
+using detail::ldmatrix_x4;
+using detail::mma_16816;
+using detail::prefetch_l2;
+
+constexpr int kWarpsN = 2;                            // warps side by side along the outputs
+constexpr int kWarpsK = 4;                            // warps splitting each stage's inputs
+constexpr int kThreads = 32 * kWarpsN * kWarpsK;      // 256
+constexpr int kTilesPerWarp = 8;                      // n8 tiles: 64 outputs a warp
+constexpr int kTileN = 8 * kTilesPerWarp * kWarpsN;   // 128 outputs a block
+constexpr int kUnitsPerWarp = 2;                      // 32-input units per warp per stage
+constexpr int kStageUnits = kUnitsPerWarp * kWarpsK;  // 8
+constexpr int kStageInputs = kStageUnits * kQK4_0;    // 256
+constexpr int kStages = 4;
+constexpr int kMaxSplits = 8;                    // the portable cluster size
+constexpr int kMaxGroupsPerStage = kStageUnits;  // group 32
+
+// One stage slot of shared memory: weight rows, then the x tile, then (scale, zero) pairs.
+constexpr int kWRowBytes = kStageUnits * 16 + 16;  // +16: the 8 rows an LDS touches fall on 8 bank quads
+constexpr int kWSlotBytes = kTileN * kWRowBytes;
+constexpr int kXRowHalves = kStageInputs + 8;  // +16 bytes: ldmatrix's 8 row addresses on distinct banks
+constexpr int kXSlotBytes = 16 * kXRowHalves * 2;
+constexpr int kPairSlotBytes = kTileN * kMaxGroupsPerStage * 4;  // [128 rows][8 groups] packed pairs
+constexpr int kSlotBytes = kWSlotBytes + kXSlotBytes + kPairSlotBytes;
+constexpr int kSmemBytes = kStages * kSlotBytes;
+// After the pipeline the same memory holds the warps' partial sums: [kWarpsK][16 rows][kRedLd].
+constexpr int kRedLd = kTileN + 8;  // +8 floats: the float2 stores of 8 rows spread over the banks
+
+// Per thread and stage: weight chunks (16 bytes), x chunks, (scale, zero) pairs.
+constexpr int kWChunks = kTileN * kStageUnits / kThreads;
+constexpr int kWRowStep = kThreads / kStageUnits;
+constexpr int kXParts = kStageInputs / 8;  // 16-byte parts of an x row's stage
+constexpr int kXChunks = 16 * kXParts / kThreads;
+constexpr int kXRowStep = kThreads / kXParts;
+constexpr int kPairsPerThread = kTileN * kMaxGroupsPerStage / kThreads;
+
+static_assert(kWSlotBytes % 16 == 0 && kXSlotBytes % 16 == 0 && kSlotBytes % 16 == 0, "16-byte copies");
+static_assert(kWChunks * kThreads == kTileN * kStageUnits && kXChunks * kThreads == 16 * kXParts);
+static_assert(kPairsPerThread * kThreads == kTileN * kMaxGroupsPerStage);
+static_assert(kThreads == 2 * kTileN, "the L2 prefetch gives one thread per row to scales, one to zeros");
+static_assert(kWarpsK * 16 * kRedLd * 4 <= kSmemBytes, "the reduction buffer aliases the pipeline");
+static_assert(kStages >= 2);
+
+// Grid (output tiles, splits), clusters of (1, splits): block (tile, split) computes outputs
+// 128 tile .. 128 tile + 127 over stages [split · stages_per_split, + stages_per_split) of the inputs.
+__global__ void __launch_bounds__(kThreads, 1)
+    gemv_int4_groups_mma_kernel(const uint8_t* __restrict__ quants, const __half* __restrict__ scales,
+                                const uint8_t* __restrict__ zeros, int group_shift, int64_t n_out, int64_t k,
+                                const __half* __restrict__ x, int m, float* __restrict__ y,
+                                int stages_per_split) {
+  extern __shared__ __align__(16) uint8_t smem[];
+  const int tid = threadIdx.x;
+  const int lane = tid % 32, warp = tid / 32;
+  const int g = lane / 4, t = lane % 4;
+  const int wn = warp / kWarpsK, wk = warp % kWarpsK;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kTileN;
+  const int split = static_cast<int>(blockIdx.y), splits = static_cast<int>(gridDim.y);
+  const int64_t units = k / kQK4_0;  // per weight row
+  const int64_t stages_total = (units + kStageUnits - 1) / kStageUnits;
+  const int64_t stage_begin = min(static_cast<int64_t>(split) * stages_per_split, stages_total);
+  const int n_stages = static_cast<int>(min(stage_begin + stages_per_split, stages_total) - stage_begin);
+  const int groups_per_stage = kStageUnits >> group_shift;
+  const int64_t groups_per_row = units >> group_shift;
+
+  // Each thread's share of a stage, as offsets from stage 0 of the split (the loops below only add
+  // the stage's offset). Copies: unit tid % 8 of weight rows tid / 8 + 32 i (8 threads read a row's 128
+  // contiguous bytes) and 16-byte part tid % 32 of x rows tid / 32 + 8 i that are < m.
+  const int w_unit = tid % kStageUnits, w_row0 = tid / kStageUnits;
+  const uint8_t* w_src[kWChunks];
+  bool w_row_ok[kWChunks];
+#pragma unroll
+  for (int i = 0; i < kWChunks; ++i) {
+    const int64_t row = n0 + w_row0 + i * kWRowStep;
+    w_row_ok[i] = row < n_out;
+    w_src[i] = w_row_ok[i] ? quants + (row * units + stage_begin * kStageUnits + w_unit) * 16 : quants;
+  }
+  const int64_t w_units_left = units - stage_begin * kStageUnits - w_unit;
+  const int w_dst = (w_row0 * kWRowBytes) + w_unit * 16;
+  const int x_part = tid % kXParts, x_row0 = tid / kXParts;
+  const __half* x_src = x + x_row0 * k + stage_begin * kStageInputs + x_part * 8;  // + i * kXRowStep rows
+  const int64_t x_inputs_left = k - stage_begin * kStageInputs - x_part * 8;
+  const int x_dst = kWSlotBytes + (x_row0 * kXRowHalves + x_part * 8) * 2;
+  const auto load_stage = [&](int stage, int slot) {  // stage: relative to stage_begin
+    uint8_t* slot_base = smem + slot * kSlotBytes;
+    const bool unit_ok = static_cast<int64_t>(stage) * kStageUnits < w_units_left;
+#pragma unroll
+    for (int i = 0; i < kWChunks; ++i) {
+      const bool valid = w_row_ok[i] && unit_ok;
+      cp_async_16(slot_base + w_dst + i * kWRowStep * kWRowBytes,
+                  valid ? w_src[i] + stage * (kStageUnits * 16) : quants, valid);
+    }
+    const bool input_ok = static_cast<int64_t>(stage) * kStageInputs < x_inputs_left;
+#pragma unroll
+    for (int i = 0; i < kXChunks; ++i) {
+      if (x_row0 + i * kXRowStep < m) {
+        cp_async_16(slot_base + x_dst + i * kXRowStep * kXRowHalves * 2,
+                    input_ok ? x_src + i * kXRowStep * k + stage * kStageInputs : x, input_ok);
+      }
+    }
+  };
+
+  // (scale, zero) pairs p = tid + 256 i of a stage (i < groups_per_stage / 2): row p / groups_per_stage,
+  // group tid % groups_per_stage of the stage, packed as scale bits | zero << 16 (0 outside the matrix:
+  // a weight of exactly 0). Stored at [row][group] of the slot's [128][8] pairs.
+  const int pair_row_shift = 3 - group_shift;  // log2(groups_per_stage)
+  const int pairs_used = groups_per_stage / 2;
+  const int pair_group = tid & (groups_per_stage - 1), pair_row0 = tid >> pair_row_shift;
+  const int pair_row_step = kThreads >> pair_row_shift;
+  // Pairs i < pair_count lie inside the matrix's rows (and inside the slot's 128 rows).
+  const int64_t pair_rows_left = n_out - n0 - pair_row0;
+  const int pair_count = static_cast<int>(
+      min(static_cast<int64_t>(pairs_used), (pair_rows_left + pair_row_step - 1) / pair_row_step));
+  const int64_t pair_groups_left = groups_per_row - stage_begin * groups_per_stage - pair_group;
+  const int64_t pair_at = (n0 + pair_row0) * groups_per_row + stage_begin * groups_per_stage + pair_group;
+  const __half* pair_scales = scales + pair_at;
+  const uint8_t* pair_zeros = zeros + pair_at;
+  const int64_t pair_step = static_cast<int64_t>(pair_row_step) * groups_per_row;  // between i and i + 1
+  const int pair_dst = kWSlotBytes + kXSlotBytes + (pair_row0 * kMaxGroupsPerStage + pair_group) * 4;
+  const auto load_pairs = [&](int stage, uint32_t(&pairs)[kPairsPerThread]) {
+    const int offset = stage * groups_per_stage;
+    const bool group_ok = offset < pair_groups_left;
+#pragma unroll
+    for (int i = 0; i < kPairsPerThread; ++i) {
+      pairs[i] = 0;
+      if (group_ok && i < pair_count) {
+        const int64_t at = offset + i * pair_step;
+        pairs[i] = static_cast<uint32_t>(__half_as_ushort(__ldg(pair_scales + at))) |
+                   (static_cast<uint32_t>(__ldg(pair_zeros + at)) << 16);
+      }
+    }
+  };
+  const auto store_pairs = [&](int slot, const uint32_t(&pairs)[kPairsPerThread]) {
+    uint8_t* slot_base = smem + slot * kSlotBytes;
+#pragma unroll
+    for (int i = 0; i < kPairsPerThread; ++i) {
+      if (i < pairs_used) {
+        *reinterpret_cast<uint32_t*>(slot_base + pair_dst + i * pair_row_step * kMaxGroupsPerStage * 4) =
+            pairs[i];
+      }
+    }
+  };
+  // L2 prefetch of a stage's pairs: threads 0..127 the scales of row tid, threads 128..255 its zeros
+  // (the first byte: a range that straddles a line has its rest prefetched with the next stage).
+  const int64_t prefetch_row = n0 + tid % kTileN;
+  const bool prefetch_ok = prefetch_row < n_out;
+  const int64_t prefetch_at = prefetch_row * groups_per_row + stage_begin * groups_per_stage;
+  const char* prefetch_base = tid < kTileN ? reinterpret_cast<const char*>(scales + prefetch_at)
+                                           : reinterpret_cast<const char*>(zeros + prefetch_at);
+  const int prefetch_stride = tid < kTileN ? groups_per_stage * 2 : groups_per_stage;  // bytes per stage
+  const int64_t groups_left = groups_per_row - stage_begin * groups_per_stage;
+  const auto prefetch_pairs = [&](int stage) {
+    if (prefetch_ok && static_cast<int64_t>(stage) * groups_per_stage < groups_left)
+      prefetch_l2(prefetch_base + stage * prefetch_stride);
+  };
+
+  float acc[kTilesPerWarp][4];
+#pragma unroll
+  for (int j = 0; j < kTilesPerWarp; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[j][e] = 0.0f;
+
+  // Warp (wn, wk) on a staged stage: its 2 units' A fragments (ldmatrix: lane l gives row l % 16,
+  // inputs 8 (l / 16) ..), then per n8 tile and unit the B fragments and two 16-deep mmas.
+  const int a_row = lane % 16, a_col = (lane / 16) * 8;
+  const auto compute = [&](int slot) {
+    const uint8_t* base = smem + slot * kSlotBytes;
+    const auto* xs = reinterpret_cast<const __half*>(base + kWSlotBytes);
+    const auto* pairs = reinterpret_cast<const uint32_t*>(base + kWSlotBytes + kXSlotBytes);
+    uint32_t a[kUnitsPerWarp][2][4];
+#pragma unroll
+    for (int u = 0; u < kUnitsPerWarp; ++u) {
+#pragma unroll
+      for (int st = 0; st < 2; ++st) {
+        const int input = (wk * kUnitsPerWarp + u) * kQK4_0 + st * 16 + a_col;
+        ldmatrix_x4(a[u][st], xs + a_row * kXRowHalves + input);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kTilesPerWarp; ++j) {
+      const int row = wn * (8 * kTilesPerWarp) + j * 8 + g;
+#pragma unroll
+      for (int u = 0; u < kUnitsPerWarp; ++u) {
+        const int unit = wk * kUnitsPerWarp + u;
+        const auto* w16 = reinterpret_cast<const uint16_t*>(base + row * kWRowBytes + unit * 16);
+        const uint32_t pair = pairs[row * kMaxGroupsPerStage + (unit >> group_shift)];
+        const float scale = __half2float(__ushort_as_half(static_cast<unsigned short>(pair & 0xFFFF)));
+        uint32_t b[2][2];
+        w4a16::int4_unit_b_fragments(w16[t], w16[t + 4], scale, static_cast<int>(pair >> 16), b);
+        mma_16816(acc[j], a[u][0], b[0]);
+        mma_16816(acc[j], a[u][1], b[1]);
+      }
+    }
+  };
+
+  // Prologue: x rows m..15 of every slot are zero for good (never copied); stages 0..2 in flight;
+  // their pairs stored; stage 3's pairs in registers; stages 4 and 5's pairs on their way to L2.
+  for (int e = tid; e < kStages * (16 - m) * (kXRowHalves / 8); e += kThreads) {
+    const int per_slot = (16 - m) * (kXRowHalves / 8);
+    const int slot = e / per_slot, r = m + (e % per_slot) / (kXRowHalves / 8), c = e % (kXRowHalves / 8);
+    *reinterpret_cast<uint4*>(smem + slot * kSlotBytes + kWSlotBytes + (r * kXRowHalves + c * 8) * 2) =
+        make_uint4(0, 0, 0, 0);
+  }
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < n_stages) load_stage(s, s);
+    cp_async_commit();  // empty groups too: group i always holds stage i
+  }
+  uint32_t pairs_next[kPairsPerThread];
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < n_stages) {
+      load_pairs(s, pairs_next);
+      store_pairs(s, pairs_next);
+    }
+  }
+  if (kStages - 1 < n_stages) load_pairs(kStages - 1, pairs_next);
+  for (int s = kStages; s < kStages + 2 && s < n_stages; ++s) prefetch_pairs(s);
+
+  for (int i = 0; i < n_stages; ++i) {
+    cp_async_wait<kStages - 2>();  // stage i has landed (this thread's copies)
+    __syncthreads();  // ... everyone's; and every warp is done with stage i - 1, whose slot is refilled
+    const int fill = i + kStages - 1;
+    if (fill < n_stages) {
+      store_pairs(fill % kStages, pairs_next);
+      load_stage(fill, fill % kStages);
+    }
+    cp_async_commit();
+    if (fill + 1 < n_stages) load_pairs(fill + 1, pairs_next);  // stored next iteration
+    if (fill + 3 < n_stages) prefetch_pairs(fill + 3);          // loaded two iterations from now
+    compute(i % kStages);
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // the pipeline's memory becomes the reduction buffer
+
+  // Partial sums of warp (wn, wk) -> red[wk][row][column]; D fragment: rows g and g + 8, columns 2t, 2t + 1.
+  auto* red = reinterpret_cast<float*>(smem);
+#pragma unroll
+  for (int j = 0; j < kTilesPerWarp; ++j) {
+    const int c = wn * (8 * kTilesPerWarp) + j * 8 + 2 * t;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      *reinterpret_cast<float2*>(red + (wk * 16 + g + 8 * h) * kRedLd + c) =
+          make_float2(acc[j][2 * h], acc[j][2 * h + 1]);
+    }
+  }
+  __syncthreads();
+  // The block's sum over its warps, in warp order, into red[0]; without a cluster straight into y.
+  for (int e = tid; e < m * kTileN; e += kThreads) {
+    const int r = e / kTileN, c = e % kTileN;
+    float v = red[r * kRedLd + c];
+#pragma unroll
+    for (int w = 1; w < kWarpsK; ++w) v += red[(w * 16 + r) * kRedLd + c];
+    if (splits == 1) {
+      if (n0 + c < n_out) y[r * n_out + n0 + c] = v;
+    } else {
+      red[r * kRedLd + c] = v;
+    }
+  }
+  if (splits > 1) {
+    // Cluster rank q == blockIdx.y == split q (cluster dims (1, splits)). Rank `split` sums its share
+    // of the tile's m x 128 outputs over ranks 0..splits-1 in order and stores it.
+    cg::cluster_group cluster = cg::this_cluster();
+    cluster.sync();  // every rank's red[0] is complete and visible cluster-wide
+    const int total = m * kTileN;
+    const int share = (total + splits - 1) / splits;
+    const int end = min(total, (split + 1) * share);
+    for (int e = split * share + tid; e < end; e += kThreads) {
+      const int r = e / kTileN, c = e % kTileN;
+      float* local = red + r * kRedLd + c;
+      float v = *cluster.map_shared_rank(local, 0);
+      for (int q = 1; q < splits; ++q) v += *cluster.map_shared_rank(local, q);
+      if (n0 + c < n_out) y[r * n_out + n0 + c] = v;
+    }
+    cluster.sync();  // no block leaves (freeing its shared memory) while another still reads it
+  }
+}
+
+// The split of the inputs over a cluster: about one block per SM (no more: a second partial wave
+// would cost more than the split saves), at most 8, never more splits than stages. Depends on n_out,
+// k and the SM count only, so every m gets the same sums.
+void choose_split(int64_t n_out, int64_t k, int sm_count, int& splits, int& stages_per_split) {
+  const int64_t tiles = (n_out + kTileN - 1) / kTileN;
+  const int64_t stages_total = (k / kQK4_0 + kStageUnits - 1) / kStageUnits;
+  const int64_t want = std::clamp<int64_t>(sm_count / tiles, 1, std::min<int64_t>(kMaxSplits, stages_total));
+  stages_per_split = static_cast<int>((stages_total + want - 1) / want);
+  splits = static_cast<int>((stages_total + stages_per_split - 1) / stages_per_split);
+}
+
+// cudaFuncSetAttribute for the dynamic shared memory (above the 48 KB default), once per device.
+bool allow_shared_memory(int device) {
+  static std::atomic<uint64_t> done{0};
+  const uint64_t bit = device < 64 ? uint64_t{1} << device : 0;
+  if (bit != 0 && (done.load(std::memory_order_acquire) & bit) != 0) return true;
+  if (cudaFuncSetAttribute(gemv_int4_groups_mma_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           kSmemBytes) != cudaSuccess)
+    return false;
+  done.fetch_or(bit, std::memory_order_acq_rel);
+  return true;
+}
+
+}  // namespace
+
+Status w4a16_gemv_int4_groups_mma(const uint8_t* quants, const __half* scales, const uint8_t* zeros,
+                                  int64_t group, int64_t n_out, int64_t k, const __half* x, int64_t m,
+                                  float* y, cudaStream_t stream) {
+  w4a16::Int4GroupBlocks blocks{};
+  if (!w4a16::make_int4_group_blocks(quants, scales, zeros, group, k, blocks))
+    return Status::invalid_argument;
+  if (x == nullptr || y == nullptr || reinterpret_cast<uintptr_t>(x) % 16 != 0)
+    return Status::invalid_argument;
+  if (n_out < 0 || k < 0 || m < 1 || m > kW4A16GemvMmaMaxM) return Status::invalid_argument;
+  const int64_t tiles = (n_out + kTileN - 1) / kTileN;
+  if (tiles > INT32_MAX) return Status::invalid_argument;
+  if (n_out == 0) return Status::ok;
+  if (k == 0) {
+    return cudaMemsetAsync(y, 0, static_cast<size_t>(m * n_out) * sizeof(float), stream) == cudaSuccess
+               ? Status::ok
+               : Status::device_error;
+  }
+  int device = 0, sm_count = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
+      !allow_shared_memory(device))
+    return Status::device_error;
+  int splits = 1, stages_per_split = 1;
+  choose_split(n_out, k, sm_count, splits, stages_per_split);
+
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(splits), 1);
+  config.blockDim = dim3(kThreads, 1, 1);
+  config.dynamicSmemBytes = kSmemBytes;
+  config.stream = stream;
+  cudaLaunchAttribute cluster{};
+  cluster.id = cudaLaunchAttributeClusterDimension;
+  cluster.val.clusterDim.x = 1;
+  cluster.val.clusterDim.y = static_cast<unsigned>(splits);
+  cluster.val.clusterDim.z = 1;
+  config.attrs = &cluster;
+  config.numAttrs = 1;
+  const cudaError_t launched =
+      cudaLaunchKernelEx(&config, gemv_int4_groups_mma_kernel, quants, scales, zeros, blocks.group_shift,
+                         n_out, k, x, static_cast<int>(m), y, stages_per_split);
+  const cudaError_t last = cudaGetLastError();
+  return launched == cudaSuccess && last == cudaSuccess ? Status::ok : Status::device_error;
+}
+
+}  // namespace nibble::kernels::cuda

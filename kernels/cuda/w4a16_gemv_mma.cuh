@@ -1,0 +1,40 @@
+#pragma once
+// Tensor-core decode GEMV for group-wise INT4 weights (kernels/int4_groups.hpp) and fp16 activations:
+//   y[m, n_out] = x[m, k] · W[n_out, k]ᵀ,  1 <= m <= 16,
+// the bandwidth-oriented small-m sibling of w4a16_gemm_int4_groups_mma: the activation rows are one
+// zero-padded m16 tile, weights stream through shared memory (cp.async, 4 stages) and are dequantized
+// in registers into mma.sync B fragments. The SIMT w4a16_gemv_int4_groups does m FMAs per weight on
+// the CUDA cores, which makes it compute-bound from a few rows on; here the tensor cores do them.
+//
+// Numerics: as the mma GEMM's, each weight (q - zero) · scale rounded once to fp16, products summed in
+// fp32 (error below 2^-11 · Σ|x · w| plus the fp32 sums). Results are bit-reproducible run to run (no
+// atomics, every sum in a fixed order), and a row's outputs do not depend on m (the split of the work
+// depends only on n_out, k and the device's SM count), so batching decode rows changes no bits.
+#include <cuda_fp16.h>
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "kernels/status.hpp"
+
+namespace nibble::kernels::cuda {
+
+// Largest number of activation rows one call handles (one m16 tensor-core tile).
+constexpr int64_t kW4A16GemvMmaMaxM = 16;
+
+// All pointers are device pointers.
+// quants: [n_out, k / 2] bytes, 16-byte aligned: per 32-input unit, input j in the low nibble of
+//         byte j and input j + 16 in its high nibble (the split order of kernels/int4_groups.hpp)
+// scales: [n_out, k / group] __half, 2-byte aligned
+// zeros:  [n_out, k / group] uint8 (0..15); weight = (q - zero) · scale
+// x:      [m, k] __half, row-major (rows k apart), 16-byte aligned
+// y:      [m, n_out] float, row-major (rows n_out apart); every element written
+// group: 32, 64 or 128, dividing k; 1 <= m <= 16; n_out >= 0 (0: nothing launched); k == 0 gives
+// zeros. Enqueues work on `stream` (asynchronous). Returns invalid_argument (nothing launched) for a
+// bad argument, device_error if a CUDA call fails. Same arguments and layout as
+// w4a16_gemv_int4_groups (kernels/cuda/w4a16_gemv.cuh).
+Status w4a16_gemv_int4_groups_mma(const uint8_t* quants, const __half* scales, const uint8_t* zeros,
+                                  int64_t group, int64_t n_out, int64_t k, const __half* x, int64_t m,
+                                  float* y, cudaStream_t stream);
+
+}  // namespace nibble::kernels::cuda

@@ -18,16 +18,16 @@
 #include <vector>
 
 #include "kernels/cuda/w4a16_gemm.cuh"
-#include "kernels/int4_groups.hpp"
 #include "kernels/quant_types.hpp"
 #include "kernels/quantize.hpp"
 #include "tests/cuda/cuda_test_util.hpp"
 #include "tests/cuda/w4a16_test_util.hpp"
 
 namespace k = nibble::kernels;
-using nibble::cuda_test::asymmetric_int4_blocks;
 using nibble::cuda_test::DeviceBuffer;
+using nibble::cuda_test::DeviceInt4Groups;
 using nibble::cuda_test::expect_matches_reference;
+using nibble::cuda_test::make_device_int4_groups;
 using nibble::cuda_test::random_quantized;
 
 TEST(CudaW4A16Gemm, MatchesCpuReference) {
@@ -83,30 +83,22 @@ TEST(CudaW4A16Gemm, Int4GroupsMatchCpuReference) {
     const int64_t group = c.group, n_out = c.n_out, kk = c.kk;
     SCOPED_TRACE("group " + std::to_string(group) + " n_out " + std::to_string(n_out) + " k " +
                  std::to_string(kk));
-    const std::vector<k::BlockQ8_0> blocks = asymmetric_int4_blocks(n_out, kk, group, rng);
-    std::vector<float> wf(static_cast<size_t>(n_out * kk));
-    ASSERT_EQ(k::dequantize_row(k::DType::Q8_0, blocks.data(), wf.data(), n_out * kk), k::Status::ok);
-    std::vector<uint8_t> quants(static_cast<size_t>(n_out * kk / 2)),
-        zeros(static_cast<size_t>(n_out * kk / group));
-    std::vector<uint16_t> scales(zeros.size());
-    ASSERT_EQ(k::int4_groups_from_blocks(k::DType::Q8_0, blocks.data(), n_out, kk, group, quants.data(),
-                                         scales.data(), zeros.data()),
-              k::Status::ok);
-    DeviceBuffer<uint8_t> dq(quants), dz(zeros);
-    DeviceBuffer<uint16_t> ds(scales);
-    ASSERT_TRUE(dq.ptr && dz.ptr && ds.ptr);
+    DeviceInt4Groups weights;
+    ASSERT_NO_FATAL_FAILURE(make_device_int4_groups(n_out, kk, group, rng, weights));
+    const std::vector<float>& wf = weights.wf;
+    const uint8_t* const dq = weights.quants->ptr;
+    const uint8_t* const dz = weights.zeros->ptr;
+    const __half* const sp = weights.scales_half();
     for (const int64_t m : {int64_t{1}, int64_t{100}}) {
       expect_matches_reference(wf, n_out, kk, m, 2e-3, rng, [&](const __half* x, int64_t mm, float* y) {
-        return k::cuda::w4a16_gemm_int4_groups(dq.ptr, reinterpret_cast<const __half*>(ds.ptr), dz.ptr, group,
-                                               n_out, kk, x, mm, y, nullptr);
+        return k::cuda::w4a16_gemm_int4_groups(dq, sp, dz, group, n_out, kk, x, mm, y, nullptr);
       });
     }
     // The mma.sync variant, on row counts around its 64-row tile (same bound: the same fp16 weights).
     for (const int64_t m : {int64_t{1}, int64_t{63}, int64_t{64}, int64_t{65}, int64_t{257}}) {
       SCOPED_TRACE("mma.sync kernel");
       expect_matches_reference(wf, n_out, kk, m, 2e-3, rng, [&](const __half* x, int64_t mm, float* y) {
-        return k::cuda::w4a16_gemm_int4_groups_mma(dq.ptr, reinterpret_cast<const __half*>(ds.ptr), dz.ptr,
-                                                   group, n_out, kk, x, mm, y, nullptr);
+        return k::cuda::w4a16_gemm_int4_groups_mma(dq, sp, dz, group, n_out, kk, x, mm, y, nullptr);
       });
     }
   }

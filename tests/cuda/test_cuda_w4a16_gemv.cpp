@@ -27,9 +27,10 @@
 
 namespace k = nibble::kernels;
 
-using nibble::cuda_test::asymmetric_int4_blocks;
 using nibble::cuda_test::DeviceBuffer;
+using nibble::cuda_test::DeviceInt4Groups;
 using nibble::cuda_test::expect_matches_reference;
+using nibble::cuda_test::make_device_int4_groups;
 using nibble::cuda_test::random_quantized;
 
 TEST(CudaW4A16Gemv, MatchesCpuReference) {
@@ -87,23 +88,15 @@ TEST(CudaW4A16Gemv, Int4GroupsMatchCpuReference) {
   for (const int64_t group : {int64_t{32}, int64_t{64}, int64_t{128}}) {
     for (const int64_t n_out : {int64_t{1}, int64_t{37}, int64_t{4099}}) {
       for (const int64_t kk : {int64_t{128}, int64_t{384}, int64_t{4224}}) {
-        const std::vector<k::BlockQ8_0> blocks = asymmetric_int4_blocks(n_out, kk, group, rng);
-        std::vector<float> wf(static_cast<size_t>(n_out * kk));
-        ASSERT_EQ(k::dequantize_row(k::DType::Q8_0, blocks.data(), wf.data(), n_out * kk), k::Status::ok);
-        ASSERT_EQ(k::int4_group_size(k::DType::Q8_0, blocks.data(), n_out, kk), group);
-        std::vector<uint8_t> quants(static_cast<size_t>(n_out * kk / 2)),
-            zeros(static_cast<size_t>(n_out * kk / group));
-        std::vector<uint16_t> scales(zeros.size());
-        ASSERT_EQ(k::int4_groups_from_blocks(k::DType::Q8_0, blocks.data(), n_out, kk, group, quants.data(),
-                                             scales.data(), zeros.data()),
-                  k::Status::ok);
-        DeviceBuffer<uint8_t> dq(quants), dz(zeros);
-        DeviceBuffer<uint16_t> ds(scales);
-        ASSERT_TRUE(dq.ptr && dz.ptr && ds.ptr);
-        const auto* sp = reinterpret_cast<const __half*>(ds.ptr);
+        DeviceInt4Groups weights;
+        ASSERT_NO_FATAL_FAILURE(make_device_int4_groups(n_out, kk, group, rng, weights));
+        const std::vector<float>& wf = weights.wf;
+        uint8_t* const dq = weights.quants->ptr;
+        const uint8_t* const dz = weights.zeros->ptr;
+        const __half* const sp = weights.scales_half();
         for (const int64_t m : {int64_t{1}, int64_t{7}, int64_t{32}}) {
           expect_matches_reference(wf, n_out, kk, m, 1e-3, rng, [&](const __half* x, int64_t mm, float* y) {
-            return k::cuda::w4a16_gemv_int4_groups(dq.ptr, sp, dz.ptr, group, n_out, kk, x, mm, y, nullptr);
+            return k::cuda::w4a16_gemv_int4_groups(dq, sp, dz, group, n_out, kk, x, mm, y, nullptr);
           });
         }
         if (n_out == 37 &&
@@ -111,17 +104,14 @@ TEST(CudaW4A16Gemv, Int4GroupsMatchCpuReference) {
           DeviceBuffer<float> dy(static_cast<size_t>(n_out));
           DeviceBuffer<k::f16_bits> dx(static_cast<size_t>(kk));
           const auto* x = reinterpret_cast<const __half*>(dx.ptr);
-          EXPECT_EQ(
-              k::cuda::w4a16_gemv_int4_groups(dq.ptr, sp, dz.ptr, 128, n_out, 96, x, 1, dy.ptr, nullptr),
-              k::Status::invalid_argument);
-          EXPECT_EQ(k::cuda::w4a16_gemv_int4_groups(dq.ptr, sp, dz.ptr, 48, n_out, kk, x, 1, dy.ptr, nullptr),
+          EXPECT_EQ(k::cuda::w4a16_gemv_int4_groups(dq, sp, dz, 128, n_out, 96, x, 1, dy.ptr, nullptr),
                     k::Status::invalid_argument);
-          EXPECT_EQ(k::cuda::w4a16_gemv_int4_groups(dq.ptr + 8, sp, dz.ptr, group, n_out, kk, x, 1, dy.ptr,
-                                                    nullptr),
+          EXPECT_EQ(k::cuda::w4a16_gemv_int4_groups(dq, sp, dz, 48, n_out, kk, x, 1, dy.ptr, nullptr),
                     k::Status::invalid_argument);
-          EXPECT_EQ(
-              k::cuda::w4a16_gemv_int4_groups(dq.ptr, sp, nullptr, group, n_out, kk, x, 1, dy.ptr, nullptr),
-              k::Status::invalid_argument);
+          EXPECT_EQ(k::cuda::w4a16_gemv_int4_groups(dq + 8, sp, dz, group, n_out, kk, x, 1, dy.ptr, nullptr),
+                    k::Status::invalid_argument);
+          EXPECT_EQ(k::cuda::w4a16_gemv_int4_groups(dq, sp, nullptr, group, n_out, kk, x, 1, dy.ptr, nullptr),
+                    k::Status::invalid_argument);
           EXPECT_EQ(cudaGetLastError(), cudaSuccess);
         }
       }
@@ -143,26 +133,18 @@ TEST(CudaW4A16Gemv, Int4GroupsMmaMatchCpuReference) {
       for (const int64_t kk : {int64_t{32}, int64_t{192}, int64_t{4224}}) {
         if (kk % group != 0) continue;
         SCOPED_TRACE("group " + std::to_string(group));
-        const std::vector<k::BlockQ8_0> blocks = asymmetric_int4_blocks(n_out, kk, group, rng);
-        std::vector<float> wf(static_cast<size_t>(n_out * kk));
-        ASSERT_EQ(k::dequantize_row(k::DType::Q8_0, blocks.data(), wf.data(), n_out * kk), k::Status::ok);
-        std::vector<uint8_t> quants(static_cast<size_t>(n_out * kk / 2)),
-            zeros(static_cast<size_t>(n_out * kk / group));
-        std::vector<uint16_t> scales(zeros.size());
-        ASSERT_EQ(k::int4_groups_from_blocks(k::DType::Q8_0, blocks.data(), n_out, kk, group, quants.data(),
-                                             scales.data(), zeros.data()),
-                  k::Status::ok);
-        DeviceBuffer<uint8_t> dq(quants), dz(zeros);
-        DeviceBuffer<uint16_t> ds(scales);
-        ASSERT_TRUE(dq.ptr && dz.ptr && ds.ptr);
-        const auto* sp = reinterpret_cast<const __half*>(ds.ptr);
+        DeviceInt4Groups weights;
+        ASSERT_NO_FATAL_FAILURE(make_device_int4_groups(n_out, kk, group, rng, weights));
+        const std::vector<float>& wf = weights.wf;
+        uint8_t* const dq = weights.quants->ptr;
+        const uint8_t* const dz = weights.zeros->ptr;
+        const __half* const sp = weights.scales_half();
         // The largest shape only at the ends of the m range: the host reference is m · n_out · k.
         const bool large = n_out * kk > 1000000;
         for (const int64_t m : {int64_t{1}, int64_t{3}, int64_t{8}, int64_t{16}}) {
           if (large && m != 1 && m != 16) continue;
           expect_matches_reference(wf, n_out, kk, m, 2e-3, rng, [&](const __half* x, int64_t mm, float* y) {
-            return k::cuda::w4a16_gemv_int4_groups_mma(dq.ptr, sp, dz.ptr, group, n_out, kk, x, mm, y,
-                                                       nullptr);
+            return k::cuda::w4a16_gemv_int4_groups_mma(dq, sp, dz, group, n_out, kk, x, mm, y, nullptr);
           });
         }
       }
@@ -180,33 +162,25 @@ TEST(CudaW4A16Gemv, Int4GroupsMmaIsReproducibleAndChecksArguments) {
   for (const int64_t n_out : {int64_t{130}, int64_t{4099}}) {
     SCOPED_TRACE("n_out " + std::to_string(n_out));
     const int64_t kk = 4224, m = 16;
-    const std::vector<k::BlockQ8_0> blocks = asymmetric_int4_blocks(n_out, kk, group, rng);
-    std::vector<uint8_t> quants(static_cast<size_t>(n_out * kk / 2)),
-        zeros(static_cast<size_t>(n_out * kk / group));
-    std::vector<uint16_t> scales(zeros.size());
-    ASSERT_EQ(k::int4_groups_from_blocks(k::DType::Q8_0, blocks.data(), n_out, kk, group, quants.data(),
-                                         scales.data(), zeros.data()),
-              k::Status::ok);
+    DeviceInt4Groups weights;
+    ASSERT_NO_FATAL_FAILURE(make_device_int4_groups(n_out, kk, group, rng, weights));
+    const uint8_t* const dq = weights.quants->ptr;
+    const uint8_t* const dz = weights.zeros->ptr;
+    const __half* const sp = weights.scales_half();
     std::normal_distribution<float> normal(0.0f, 1.0f);
     std::vector<k::f16_bits> xh(static_cast<size_t>(m * kk));
     for (auto& v : xh) v = k::fp32_to_fp16(normal(rng));
-    DeviceBuffer<uint8_t> dq(quants), dz(zeros);
-    DeviceBuffer<uint16_t> ds(scales);
     DeviceBuffer<k::f16_bits> dx(xh);
     DeviceBuffer<float> dy1(static_cast<size_t>(m * n_out)), dy2(static_cast<size_t>(m * n_out)),
         dy_row(static_cast<size_t>(n_out));
-    ASSERT_TRUE(dq.ptr && dz.ptr && ds.ptr && dx.ptr && dy1.ptr && dy2.ptr && dy_row.ptr);
-    const auto* sp = reinterpret_cast<const __half*>(ds.ptr);
+    ASSERT_TRUE(dx.ptr && dy1.ptr && dy2.ptr && dy_row.ptr);
     const auto* x = reinterpret_cast<const __half*>(dx.ptr);
-    ASSERT_EQ(
-        k::cuda::w4a16_gemv_int4_groups_mma(dq.ptr, sp, dz.ptr, group, n_out, kk, x, m, dy1.ptr, nullptr),
-        k::Status::ok);
-    ASSERT_EQ(
-        k::cuda::w4a16_gemv_int4_groups_mma(dq.ptr, sp, dz.ptr, group, n_out, kk, x, m, dy2.ptr, nullptr),
-        k::Status::ok);
-    ASSERT_EQ(
-        k::cuda::w4a16_gemv_int4_groups_mma(dq.ptr, sp, dz.ptr, group, n_out, kk, x, 1, dy_row.ptr, nullptr),
-        k::Status::ok);
+    ASSERT_EQ(k::cuda::w4a16_gemv_int4_groups_mma(dq, sp, dz, group, n_out, kk, x, m, dy1.ptr, nullptr),
+              k::Status::ok);
+    ASSERT_EQ(k::cuda::w4a16_gemv_int4_groups_mma(dq, sp, dz, group, n_out, kk, x, m, dy2.ptr, nullptr),
+              k::Status::ok);
+    ASSERT_EQ(k::cuda::w4a16_gemv_int4_groups_mma(dq, sp, dz, group, n_out, kk, x, 1, dy_row.ptr, nullptr),
+              k::Status::ok);
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
     const std::vector<float> y1 = dy1.to_host(), y2 = dy2.to_host(), y_row = dy_row.to_host();
     ASSERT_EQ(y1.size(), y2.size());

@@ -7,10 +7,12 @@
 
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <random>
 #include <string>
 #include <vector>
 
+#include "kernels/int4_groups.hpp"
 #include "kernels/quant_types.hpp"
 #include "kernels/quantize.hpp"
 #include "tests/cuda/cuda_test_util.hpp"
@@ -101,6 +103,32 @@ inline std::vector<k::BlockQ8_0> asymmetric_int4_blocks(int64_t n_out, int64_t k
     }
   }
   return blocks;
+}
+
+// asymmetric_int4_blocks converted to group-wise INT4 (kernels/int4_groups.hpp) and uploaded, as the
+// model uploads GPTQ / AWQ weights; wf: [n_out, kk] their exact dequantization.
+struct DeviceInt4Groups {
+  std::vector<float> wf;
+  std::unique_ptr<DeviceBuffer<uint8_t>> quants, zeros;  // [n_out, kk / 2], [n_out, kk / group]
+  std::unique_ptr<DeviceBuffer<uint16_t>> scales;        // [n_out, kk / group] fp16
+  const __half* scales_half() const { return reinterpret_cast<const __half*>(scales->ptr); }
+};
+inline void make_device_int4_groups(int64_t n_out, int64_t kk, int64_t group, std::mt19937& rng,
+                                    DeviceInt4Groups& out) {
+  const std::vector<k::BlockQ8_0> blocks = asymmetric_int4_blocks(n_out, kk, group, rng);
+  out.wf.resize(static_cast<size_t>(n_out * kk));
+  ASSERT_EQ(k::dequantize_row(k::DType::Q8_0, blocks.data(), out.wf.data(), n_out * kk), k::Status::ok);
+  ASSERT_EQ(k::int4_group_size(k::DType::Q8_0, blocks.data(), n_out, kk), group);
+  std::vector<uint8_t> quants(static_cast<size_t>(n_out * kk / 2)),
+      zeros(static_cast<size_t>(n_out * kk / group));
+  std::vector<uint16_t> scales(zeros.size());
+  ASSERT_EQ(k::int4_groups_from_blocks(k::DType::Q8_0, blocks.data(), n_out, kk, group, quants.data(),
+                                       scales.data(), zeros.data()),
+            k::Status::ok);
+  out.quants = std::make_unique<DeviceBuffer<uint8_t>>(quants);
+  out.zeros = std::make_unique<DeviceBuffer<uint8_t>>(zeros);
+  out.scales = std::make_unique<DeviceBuffer<uint16_t>>(scales);
+  ASSERT_TRUE(out.quants->ptr && out.zeros->ptr && out.scales->ptr);
 }
 
 }  // namespace nibble::cuda_test

@@ -185,14 +185,29 @@ struct Q4KBlocks {
 // frag[s][0] packs inputs 16s + 2t (low half) and 16s + 2t + 1; frag[s][1] inputs 16s + 2t + 8, + 9.
 // Values are fp16 of (q - zero) * scale, rounded once (as the WMMA GEMM rounds them).
 //
-// On the device the halves are built without leaving fp16 (Marlin's trick): a nibble q OR-ed into
-// the fp16 bit pattern of 1024 is exactly 1024 + q; subtracting 1024 + zero gives q - zero exactly,
-// and one hmul2 by the fp16 scale rounds the product once, so the bits equal the float path's
-// (exact product, one rounding) at about a third of the instructions. nibble_pairs_plus_1024 is the
-// shared bit manipulation; the host test runs it through the float path.
-__host__ __device__ inline uint32_t pack_halves(float lo, float hi) {
-  return static_cast<uint32_t>(__half_as_ushort(__float2half_rn(lo))) |
-         (static_cast<uint32_t>(__half_as_ushort(__float2half_rn(hi))) << 16);
+// The halves are built without leaving fp16 (Marlin's trick): a nibble q OR-ed into the fp16 bit
+// pattern of 1024 is exactly 1024 + q; subtracting 1024 + zero gives q - zero exactly, and one hmul2
+// by the fp16 scale rounds the product once, so the bits equal those of the exact product rounded
+// once, at about a third of the instructions of converting through float. The fp16 intrinsics also
+// run on the host, so the CPU test checks this very code.
+
+// A register of two fp16 values as a __half2 and back: a plain reinterpretation on the device
+// (packing through __halves2half2 there costs byte permutes), portable code on the host.
+__host__ __device__ inline __half2 bits_half2(uint32_t bits) {
+#if defined(__CUDA_ARCH__)
+  return *reinterpret_cast<const __half2*>(&bits);
+#else
+  return __halves2half2(__ushort_as_half(static_cast<unsigned short>(bits & 0xFFFFu)),
+                        __ushort_as_half(static_cast<unsigned short>(bits >> 16)));
+#endif
+}
+__host__ __device__ inline uint32_t half2_bits(__half2 v) {
+#if defined(__CUDA_ARCH__)
+  return *reinterpret_cast<const uint32_t*>(&v);
+#else
+  return static_cast<uint32_t>(__half_as_ushort(__low2half(v))) |
+         (static_cast<uint32_t>(__half_as_ushort(__high2half(v))) << 16);
+#endif
 }
 // Two fp16 values 1024 + q: q the nibble at bit 4s of byte 0 of `word` (low half) and of byte 1
 // (high half).
@@ -202,23 +217,12 @@ __host__ __device__ inline uint32_t nibble_pairs_plus_1024(unsigned word, int s)
 }
 __host__ __device__ inline void int4_unit_b_fragments(unsigned lo, unsigned hi, float scale, int zero,
                                                       uint32_t (&frag)[2][2]) {
-#if defined(__CUDA_ARCH__)
   const __half2 offset = __half2half2(__ushort_as_half(static_cast<unsigned short>(0x6400 + zero)));
   const __half2 scale2 = __half2half2(__float2half_rn(scale));  // exact: scale came from fp16
   const auto dequant = [&](uint32_t biased) {
-    uint32_t bits = biased;
-    const __half2 v = __hmul2(__hsub2(*reinterpret_cast<const __half2*>(&bits), offset), scale2);
-    return *reinterpret_cast<const uint32_t*>(&v);
+    // _rn: never contracted into an fma.
+    return half2_bits(__hmul2_rn(__hsub2_rn(bits_half2(biased), offset), scale2));
   };
-#else
-  const auto dequant = [&](uint32_t biased) {
-    const auto half_value = [](uint32_t h) {
-      return static_cast<float>(__half2float(__ushort_as_half(static_cast<unsigned short>(h & 0xFFFFu))));
-    };
-    return pack_halves((half_value(biased) - static_cast<float>(1024 + zero)) * scale,
-                       (half_value(biased >> 16) - static_cast<float>(1024 + zero)) * scale);
-  };
-#endif
   NIBBLE_DEVICE_UNROLL
   for (int s = 0; s < 2; ++s) {  // s = 1: the high nibbles
     frag[s][0] = dequant(nibble_pairs_plus_1024(lo, s));

@@ -182,43 +182,27 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
       check(cudaMemsetAsync(base + g128_quant_bytes + g128_groups * 2, 8, g128_groups, stream), "zeros");
     }
     check(cudaGetLastError(), "fill group-128 weights");
+    // Every group-128 kernel has the same signature; each is timed on the rotating weight copies.
+    using Int4GroupsKernel = Status (*)(const uint8_t*, const __half*, const uint8_t*, int64_t, int64_t,
+                                        int64_t, const __half*, int64_t, float*, cudaStream_t);
+    const auto time_g128 = [&](Int4GroupsKernel kernel, int64_t m, const char* what) {
+      return time_us(stream, iterations, repetitions, [&](int i) {
+        const uint8_t* base =
+            static_cast<const uint8_t*>(w.ptr) + g128_stride * static_cast<size_t>(i % copies);
+        const auto* scales = reinterpret_cast<const __half*>(base + g128_quant_bytes);
+        const uint8_t* zeros = base + g128_quant_bytes + g128_groups * 2;
+        const Status st = kernel(base, scales, zeros, 128, n, k, xh, m, static_cast<float*>(y.ptr), stream);
+        if (st != Status::ok) throw BenchFailure(std::string(what) + " failed: " + status_name(st));
+      });
+    };
     for (size_t mi = 0; mi < ms.size(); ++mi) {
       const int64_t m = ms[mi];
-      g128[mi] = time_us(stream, iterations, repetitions, [&](int i) {
-        const uint8_t* base =
-            static_cast<const uint8_t*>(w.ptr) + g128_stride * static_cast<size_t>(i % copies);
-        const auto* scales = reinterpret_cast<const __half*>(base + g128_quant_bytes);
-        const uint8_t* zeros = base + g128_quant_bytes + g128_groups * 2;
-        auto* yf = static_cast<float*>(y.ptr);
-        const Status st = m <= kW4A16GemvMaxM
-                              ? w4a16_gemv_int4_groups(base, scales, zeros, 128, n, k, xh, m, yf, stream)
-                              : w4a16_gemm_int4_groups(base, scales, zeros, 128, n, k, xh, m, yf, stream);
-        if (st != Status::ok)
-          throw BenchFailure(std::string("W4A16 group-128 kernel failed: ") + status_name(st));
-      });
-      if (m <= kW4A16GemvMmaMaxM) {
-        // The tensor-core GEMV on the same weights, timed the same way.
-        g128_tc[mi] = time_us(stream, iterations, repetitions, [&](int i) {
-          const uint8_t* base =
-              static_cast<const uint8_t*>(w.ptr) + g128_stride * static_cast<size_t>(i % copies);
-          const auto* scales = reinterpret_cast<const __half*>(base + g128_quant_bytes);
-          const uint8_t* zeros = base + g128_quant_bytes + g128_groups * 2;
-          const Status st = w4a16_gemv_int4_groups_mma(base, scales, zeros, 128, n, k, xh, m,
-                                                       static_cast<float*>(y.ptr), stream);
-          if (st != Status::ok)
-            throw BenchFailure(std::string("W4A16 tensor-core GEMV failed: ") + status_name(st));
-        });
-      }
-      if (m <= kW4A16GemvMaxM) continue;
-      g128_mma[mi] = time_us(stream, iterations, repetitions, [&](int i) {
-        const uint8_t* base =
-            static_cast<const uint8_t*>(w.ptr) + g128_stride * static_cast<size_t>(i % copies);
-        const auto* scales = reinterpret_cast<const __half*>(base + g128_quant_bytes);
-        const uint8_t* zeros = base + g128_quant_bytes + g128_groups * 2;
-        const Status st = w4a16_gemm_int4_groups_mma(base, scales, zeros, 128, n, k, xh, m,
-                                                     static_cast<float*>(y.ptr), stream);
-        if (st != Status::ok) throw BenchFailure(std::string("W4A16 mma kernel failed: ") + status_name(st));
-      });
+      g128[mi] = m <= kW4A16GemvMaxM ? time_g128(w4a16_gemv_int4_groups, m, "W4A16 group-128 kernel")
+                                     : time_g128(w4a16_gemm_int4_groups, m, "W4A16 group-128 kernel");
+      // The tensor-core GEMV on the same weights (up to 16 rows), and the mma GEMM (past 32).
+      if (m <= kW4A16GemvMmaMaxM)
+        g128_tc[mi] = time_g128(w4a16_gemv_int4_groups_mma, m, "W4A16 tensor-core GEMV");
+      if (m > kW4A16GemvMaxM) g128_mma[mi] = time_g128(w4a16_gemm_int4_groups_mma, m, "W4A16 mma kernel");
     }
   }
   const size_t q4k_bytes = static_cast<size_t>(n * (k / kQK_K)) * sizeof(BlockQ4_K);

@@ -265,9 +265,7 @@ Status w4a16_gemm_int4_groups_mma(const uint8_t* quants, const __half* scales, c
                                   int64_t group, int64_t n_out, int64_t k, const __half* x, int64_t m,
                                   float* y, cudaStream_t stream) {
   w4a16::Int4GroupBlocks blocks{};
-  if (!w4a16::make_int4_group_blocks(quants, scales, zeros, group, k, blocks))
-    return Status::invalid_argument;
-  if (x == nullptr || y == nullptr || reinterpret_cast<uintptr_t>(x) % 16 != 0)
+  if (!w4a16::make_int4_group_operands(quants, scales, zeros, group, k, x, y, blocks))
     return Status::invalid_argument;
   if (n_out < 0 || k < 0 || m < 1) return Status::invalid_argument;
   const int64_t grid_x = (n_out + kMmaBN - 1) / kMmaBN;

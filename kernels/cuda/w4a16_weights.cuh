@@ -128,6 +128,13 @@ inline bool make_int4_group_blocks(const uint8_t* quants, const __half* scales, 
   out = Int4GroupBlocks{quants, scales, zeros, group == 32 ? 0 : group == 64 ? 1 : 2};
   return true;
 }
+// The same for the tensor-core launchers, which also take x (16-byte aligned for cp.async) and y here.
+inline bool make_int4_group_operands(const uint8_t* quants, const __half* scales, const uint8_t* zeros,
+                                     int64_t group, int64_t k, const __half* x, const float* y,
+                                     Int4GroupBlocks& out) {
+  return make_int4_group_blocks(quants, scales, zeros, group, k, out) && x != nullptr && y != nullptr &&
+         reinterpret_cast<uintptr_t>(x) % 16 == 0;
+}
 
 // GGUF Q4_K super-blocks as stored (144 bytes per 256 weights, so 16-byte aligned when the matrix
 // is): 32-weight unit b is sub-block b % 8 of super-block b / 8. Its 16-byte header (d, dmin, 12

@@ -28,6 +28,8 @@
 #include "kernels/cuda/swiglu.cuh"
 #include "kernels/cuda/w4a16_gemm.cuh"
 #include "kernels/cuda/w4a16_gemv.cuh"
+#include "kernels/cuda/w4a16_gemv_mma.cuh"
+#include "kernels/cuda/w4a16_tuning.cuh"
 #include "kernels/int4_groups.hpp"
 #include "kernels/quant_types.hpp"
 #include "kernels/quantize.hpp"
@@ -143,6 +145,8 @@ struct DeviceMatrix {
   // ([n_out, k / group] bytes) follow the nibbles ([n_out, k / 2] bytes) in mem.
   int64_t group = 0;
   size_t scales_offset = 0, zeros_offset = 0;
+  // int4_groups: the kernels chosen for its shape (CudaModelOptions::int4_kernels).
+  bool decode_tensor_cores = false, prefill_mma = false;
   int64_t bytes() const { return mem != nullptr ? static_cast<int64_t>(mem->bytes()) : 0; }
 };
 
@@ -451,6 +455,7 @@ struct CudaLlamaModel::Impl {
            cudaGraphExec_t>
       graphs;
   std::set<decltype(graphs)::key_type> seen_once;  // shapes run directly once, captured when seen again
+  std::vector<CudaInt4KernelChoice> int4_choices;  // per int4_groups shape (choose_int4_kernels)
 
   ~Impl() {
     clear_graphs();
@@ -475,8 +480,12 @@ struct CudaLlamaModel::Impl {
       case DeviceKind::int4_groups: {
         const auto* scales = reinterpret_cast<const __half*>(wd + w.scales_offset);
         const uint8_t* zeros = wd + w.zeros_offset;
-        check(gemv ? kc::w4a16_gemv_int4_groups(wd, scales, zeros, w.group, w.n_out, w.k, x, m, y, stream)
-                   : kc::w4a16_gemm_int4_groups(wd, scales, zeros, w.group, w.n_out, w.k, x, m, y, stream),
+        const auto kernel = m <= kc::kW4A16GemvMmaMaxM && w.decode_tensor_cores
+                                ? kc::w4a16_gemv_int4_groups_mma
+                            : gemv          ? kc::w4a16_gemv_int4_groups
+                            : w.prefill_mma ? kc::w4a16_gemm_int4_groups_mma
+                                            : kc::w4a16_gemm_int4_groups;
+        check(kernel(wd, scales, zeros, w.group, w.n_out, w.k, x, m, y, stream),
               "W4A16 matmul (INT4 groups)");
         return;
       }
@@ -515,6 +524,9 @@ struct CudaLlamaModel::Impl {
   void make_dummy_weights();
   // weights: the stage's layers, bound and not yet sliced.
   void upload_weights(model::LlamaWeights weights);
+  // Sets every int4_groups matrix's kernels by options.int4_kernels (timing them when measured) and
+  // records the choices per shape in int4_choices.
+  void choose_int4_kernels();
   void validate(const ForwardBatch& batch, const CudaKvCache& cache) const;
   struct Plan;
   Plan plan_batch(const ForwardBatch& batch, const CudaKvCache& cache, bool greedy,
@@ -599,6 +611,68 @@ void CudaLlamaModel::Impl::upload_weights(model::LlamaWeights weights) {
     l.gate_up = upload_projection({&lw.w_gate, &lw.w_up});
     l.down = upload_matrix({&lw.w_down});
     layers.push_back(std::move(l));
+  }
+}
+
+void CudaLlamaModel::Impl::choose_int4_kernels() {
+  // The matrices by shape, shapes in order of first appearance.
+  std::vector<std::pair<CudaInt4KernelChoice, std::vector<DeviceMatrix*>>> shapes;
+  const auto add = [&](DeviceMatrix& w) {
+    if (w.kind != DeviceKind::int4_groups) return;
+    for (auto& [choice, list] : shapes) {
+      if (choice.n_out == w.n_out && choice.k == w.k && choice.group == w.group) {
+        list.push_back(&w);
+        return;
+      }
+    }
+    CudaInt4KernelChoice choice;
+    choice.n_out = w.n_out;
+    choice.k = w.k;
+    choice.group = w.group;
+    shapes.push_back({choice, {&w}});
+  };
+  for (Layer& l : layers) {
+    for (DeviceMatrix& part : l.qkv.parts) add(part);
+    add(l.wo);
+    for (DeviceMatrix& part : l.gate_up.parts) add(part);
+    add(l.down);
+  }
+  if (last_stage()) add(head);
+  int4_choices.clear();
+  for (auto& [choice, list] : shapes) {
+    choice.matrices = static_cast<int64_t>(list.size());
+    if (options.int4_kernels == Int4Kernels::measured) {
+      std::vector<kc::Int4GroupsMatrix> matrices;
+      for (const DeviceMatrix* w : list) {
+        const uint8_t* base = w->mem->as<uint8_t>();
+        matrices.push_back(
+            {base, reinterpret_cast<const __half*>(base + w->scales_offset), base + w->zeros_offset});
+      }
+      kc::Int4GroupsTuning t;
+      std::string error;
+      const kernels::Status st =
+          kc::tune_int4_groups(matrices, choice.group, choice.n_out, choice.k, stream, t, error);
+      if (st != kernels::Status::ok) {
+        throw std::runtime_error("timing the INT4 kernels for a " + std::to_string(choice.n_out) + " x " +
+                                 std::to_string(choice.k) +
+                                 " matrix failed: " + (error.empty() ? kernels::status_name(st) : error));
+      }
+      choice.decode_tensor_cores = t.decode_tensor_cores;
+      choice.prefill_mma = t.prefill_mma;
+      std::copy(std::begin(t.gemv_cuda_cores_us), std::end(t.gemv_cuda_cores_us), choice.gemv_cuda_cores_us);
+      std::copy(std::begin(t.gemv_tensor_cores_us), std::end(t.gemv_tensor_cores_us),
+                choice.gemv_tensor_cores_us);
+      choice.gemm_wmma_us = t.gemm_wmma_us;
+      choice.gemm_mma_us = t.gemm_mma_us;
+      choice.skipped = t.skipped;
+    } else {
+      choice.decode_tensor_cores = choice.prefill_mma = options.int4_kernels == Int4Kernels::tensor_cores;
+    }
+    for (DeviceMatrix* w : list) {
+      w->decode_tensor_cores = choice.decode_tensor_cores;
+      w->prefill_mma = choice.prefill_mma;
+    }
+    int4_choices.push_back(choice);
   }
 }
 
@@ -1150,12 +1224,13 @@ CudaLlamaModel::CudaLlamaModel(std::shared_ptr<const model::LlamaCheckpoint> che
     // Never on the host: llama-70b's weights would take ~40 GB there.
     m.make_dummy_weights();
     cuda_check(cudaDeviceSynchronize(), "dummy weights");
-    return;
+  } else {
+    m.upload_weights(std::move(weights));
+    // A pageable cudaMemcpy may return before its DMA lands, and the model's stream does not wait
+    // for the legacy default stream: make the uploads complete before the first forward pass.
+    cuda_check(cudaDeviceSynchronize(), "weight upload");
   }
-  m.upload_weights(std::move(weights));
-  // A pageable cudaMemcpy may return before its DMA lands, and the model's stream does not wait for
-  // the legacy default stream: make the uploads complete before the first forward pass.
-  cuda_check(cudaDeviceSynchronize(), "weight upload");
+  m.choose_int4_kernels();
 }
 
 CudaLlamaModel::~CudaLlamaModel() = default;
@@ -1176,6 +1251,10 @@ int64_t CudaLlamaModel::weight_bytes() const {
 }
 
 int64_t CudaLlamaModel::captured_graphs() const { return static_cast<int64_t>(impl_->graphs.size()); }
+
+const std::vector<CudaInt4KernelChoice>& CudaLlamaModel::int4_kernel_choices() const {
+  return impl_->int4_choices;
+}
 
 void CudaLlamaModel::forward(const ForwardBatch& batch, CudaKvCache& cache, std::vector<float>& logits) {
   impl_->forward_impl(batch, cache, nullptr, &logits, nullptr, Impl::RowSampling{});

@@ -16,20 +16,26 @@
 // Q8_0 for Q4_0/Q8_0 weights instead), matrix outputs fp32. The last norm runs on every row and the
 // head only on the logit rows.
 //
-// Weights are uploaded at construction. Q4_0 matrices stay Q4_0 (w4a16_gemv for up to 32 rows,
-// the tensor-core w4a16_gemm above). Every other type (F32, F16, BF16, Q8_0, Q4_K, Q6_K) is
-// dequantized on the host and stored as fp16, multiplied by cuBLAS (fp16 inputs, fp32
-// accumulation and output): no kernel of ours reads them, and fp16 costs at most 2^-11 relative
-// per weight (F32), the same order as the fp16 activations, while re-quantizing to Q4_0 would change
-// the model. q/k/v and gate/up are concatenated into one matrix each when their device types
-// agree. The embedding table is Q4_0 or fp16 (embedding_lookup_f16's output is fp16 of the exact
-// value either way, so converting a table to fp16 at load changes nothing); a tied head shares it.
+// Weights are uploaded at construction. 4-bit matrices stay 4-bit: GGUF Q4_0 and Q4_K as stored,
+// GPTQ / AWQ (and Q4_0 whose scale repeats over 64 or 128 inputs) as group-wise INT4 (the kinds are
+// listed in cuda_llama_model.cpp). Up to 32 rows take a GEMV, more a tensor-core GEMM; for group-wise
+// INT4, which of two kernels serves each regime (CUDA-core or tensor-core GEMV for 1..16 rows, WMMA or
+// mma GEMM) is chosen per matrix shape at load, by timing both on this device
+// (CudaModelOptions::int4_kernels, kernels/cuda/w4a16_tuning.cuh). Every other type (F32, F16,
+// BF16, Q8_0 of 8-bit weights, Q6_K) is dequantized on the host and stored as fp16, multiplied by
+// cuBLAS (fp16 inputs, fp32 accumulation and output): fp16 costs at most 2^-11 relative per weight
+// (F32), the same order as the fp16 activations, while re-quantizing to 4 bits would change the
+// model. q/k/v and gate/up are concatenated into one matrix each when their device types agree. The
+// embedding table is Q4_0 or fp16 (embedding_lookup_f16's output is fp16 of the exact value either
+// way, so converting a table to fp16 at load changes nothing); a tied head shares it.
 // Norm weights are fp32.
 //
 // A dummy checkpoint (model/llama_checkpoint.hpp, "dummy:<shape>") is never bound on the host (a
 // 70B one would need ~40 GB there): its Q4_0 matrices are generated in place on the device by
 // kernels::cuda::fill_random_q4_0 with the checkpoint's per-tensor seeds, q/k/v and gate/up stacked
 // as above, and its norms on the host by the same rule, so that it is the CPU's dummy model exactly.
+// Each block of a dummy matrix shares one scale, so its layer matrices and head convert exactly to
+// group-wise INT4 at group 128 on the device (what a GPTQ group-128 70B model would hold).
 //
 // Tensor and pipeline parallelism have LlamaModel's semantics (see there): a TensorShard of size
 // T > 1 holds one Megatron shard, cut by worker/weight_shard (the CPU's slicing, so both hold the
@@ -105,8 +111,28 @@ class CudaKvCache {
   uint16_t* base_ = nullptr;
 };
 
+// How group-wise INT4 matrices (GPTQ / AWQ, dummy weights, Q4_0 whose scale repeats over 64 or more
+// inputs) pick their kernels (kernels/cuda/w4a16_tuning.cuh):
+//   measured:     the faster on this device, timed per matrix shape on the model's weights at load;
+//   cuda_cores:   the CUDA-core GEMV (up to 32 rows) and the WMMA GEMM (more);
+//   tensor_cores: the tensor-core GEMV (up to 16 rows; the CUDA-core one to 32) and the mma GEMM.
+enum class Int4Kernels { measured, cuda_cores, tensor_cores };
+
+// The kernels one group-wise INT4 matrix shape uses, with the load-time times behind the choice
+// (device microseconds per product; 0 when not timed: a fixed choice, or a candidate that failed).
+struct CudaInt4KernelChoice {
+  int64_t n_out = 0, k = 0, group = 0;
+  int64_t matrices = 0;              // how many of the model's matrices have this shape
+  bool decode_tensor_cores = false;  // 1..16 rows on the tensor-core GEMV
+  bool prefill_mma = false;          // over 32 rows on the mma GEMM (else the WMMA one)
+  double gemv_cuda_cores_us[2] = {}, gemv_tensor_cores_us[2] = {};  // at 1 and 16 rows
+  double gemm_wmma_us = 0.0, gemm_mma_us = 0.0;                     // at 256 rows
+  std::string skipped;  // candidates that failed to launch, and how
+};
+
 struct CudaModelOptions {
   int device = 0;
+  Int4Kernels int4_kernels = Int4Kernels::measured;
   // Batches whose every sequence brings at most 64 / (n_head / n_head_kv) consecutive tokens (decode,
   // speculative verification) use attention_decode when head_dim is 64 or 128; false sends every
   // batch to the general paged_attention_f16 (tests compare the two).
@@ -154,6 +180,9 @@ class CudaLlamaModel {
   int64_t weight_bytes() const;
   // CUDA graphs captured and held now (CudaModelOptions::graphs), for tests.
   int64_t captured_graphs() const;
+  // Per group-wise INT4 matrix shape, the kernels it uses (CudaModelOptions::int4_kernels), in the
+  // order the shapes first occur (q/k/v, attn_output, gate/up, down, head); empty without such matrices.
+  const std::vector<CudaInt4KernelChoice>& int4_kernel_choices() const;
 
   // As LlamaModel::forward: fills the cache at the batch's positions and resizes logits to
   // [batch.logit_rows.size(), n_vocab] (fp32, copied back). Blocks until the results are on the host.

@@ -39,6 +39,7 @@ struct Args {
   std::string model, draft;
   std::string batch = "1,8,32,64";
   int prompt_tokens = 512, gen_tokens = 64, prefill_batch = 8;
+  worker::Int4Kernels int4_kernels = worker::Int4Kernels::measured;
 };
 
 std::vector<int64_t> parse_list(const std::string& text) {
@@ -75,12 +76,14 @@ struct GpuModel {
   int64_t cache_device_bytes = 0;
 };
 
-GpuModel load_gpu_model(const std::string& path, int64_t max_seqs, int64_t max_seq_tokens) {
+GpuModel load_gpu_model(const std::string& path, int64_t max_seqs, int64_t max_seq_tokens,
+                        worker::Int4Kernels int4_kernels) {
   GpuModel g;
   const auto checkpoint = model::LlamaCheckpoint::open(path);  // a bad path or dummy spec fails here
   const int64_t free_before = worker::cuda_memory_info().free;
   worker::CudaModelOptions options;
   options.graphs = true;  // decode steps as served: one graph launch each
+  options.int4_kernels = int4_kernels;
   const auto start = Clock::now();
   g.model = std::make_unique<worker::CudaLlamaModel>(checkpoint, options);
   g.load_seconds = seconds_since(start);
@@ -153,6 +156,34 @@ double time_decode_step(GpuModel& g, int64_t seqs, int gen_tokens, int repetitio
   return median(runs);
 }
 
+// The INT4 kernels the model chose at load, per matrix shape, with the times behind each choice.
+void print_int4_choices(const worker::CudaLlamaModel& model, double copy_gbps) {
+  const auto& choices = model.int4_kernel_choices();
+  if (choices.empty()) return;
+  std::printf(
+      "\nINT4 kernels per matrix shape (us per product at load; CUDA-core vs tensor-core GEMV at 1 and 16 "
+      "rows, WMMA vs mma GEMM at 256 rows; %%copy at 1 row of the chosen GEMV):\n");
+  std::printf("%-14s %5s %4s | %9s %9s %9s %9s %-12s %6s | %9s %9s %-5s\n", "n_out x k", "mats", "grp",
+              "cc 1", "tc 1", "cc 16", "tc 16", "decode", "%copy", "wmma 256", "mma 256", "prefill");
+  for (const worker::CudaInt4KernelChoice& ch : choices) {
+    char shape[40];
+    std::snprintf(shape, sizeof shape, "%lldx%lld", static_cast<long long>(ch.n_out),
+                  static_cast<long long>(ch.k));
+    const double one_us = ch.decode_tensor_cores ? ch.gemv_tensor_cores_us[0] : ch.gemv_cuda_cores_us[0];
+    // Bytes of one product at 1 row: nibbles, a scale and a zero per group, x and y.
+    const double bytes = static_cast<double>(ch.n_out) * static_cast<double>(ch.k) *
+                             (0.5 + 3.0 / static_cast<double>(ch.group)) +
+                         2.0 * static_cast<double>(ch.k) + 4.0 * static_cast<double>(ch.n_out);
+    std::printf("%-14s %5lld %4lld | %9.1f %9.1f %9.1f %9.1f %-12s %5.0f%% | %9.1f %9.1f %-5s\n", shape,
+                static_cast<long long>(ch.matrices), static_cast<long long>(ch.group),
+                ch.gemv_cuda_cores_us[0], ch.gemv_tensor_cores_us[0], ch.gemv_cuda_cores_us[1],
+                ch.gemv_tensor_cores_us[1], ch.decode_tensor_cores ? "tensor cores" : "CUDA cores",
+                one_us > 0 ? 100.0 * bytes / (one_us * 1e-6) / 1e9 / copy_gbps : 0.0, ch.gemm_wmma_us,
+                ch.gemm_mma_us, ch.prefill_mma ? "mma" : "WMMA");
+    if (!ch.skipped.empty()) std::printf("  skipped: %s\n", ch.skipped.c_str());
+  }
+}
+
 double copy_bandwidth_gbps() {
 #ifdef NIBBLE_WITH_CUDA
   double gbps = 0.0;
@@ -178,7 +209,7 @@ int run_model(const Args& a) {
   const int64_t max_batch = *std::max_element(batches.begin(), batches.end());
   const int64_t decode_tokens = kShortPrompt + a.gen_tokens;
   GpuModel target = load_gpu_model(a.model, std::max<int64_t>(max_batch, a.prefill_batch),
-                                   std::max<int64_t>(a.prompt_tokens, decode_tokens));
+                                   std::max<int64_t>(a.prompt_tokens, decode_tokens), a.int4_kernels);
   const double copy_gbps = copy_bandwidth_gbps();
   const int64_t weight_bytes = target.model->weight_bytes();
   // A decode step reads every weight byte at least once (the embedding table too: counted, though a
@@ -194,7 +225,7 @@ int run_model(const Args& a) {
   std::vector<double> draft_step_s;
   GpuModel draft;
   if (!a.draft.empty()) {
-    draft = load_gpu_model(a.draft, max_batch, decode_tokens);
+    draft = load_gpu_model(a.draft, max_batch, decode_tokens, a.int4_kernels);
     for (const int64_t b : batches)
       draft_step_s.push_back(time_decode_step(draft, b, a.gen_tokens, a.repetitions, rng));
   }
@@ -212,8 +243,23 @@ int run_model(const Args& a) {
     }
     rows.push_back(row);
   }
+  nlohmann::json int4 = nlohmann::json::array();
+  for (const worker::CudaInt4KernelChoice& ch : target.model->int4_kernel_choices()) {
+    int4.push_back({{"n_out", ch.n_out},
+                    {"k", ch.k},
+                    {"group", ch.group},
+                    {"matrices", ch.matrices},
+                    {"decode_kernel", ch.decode_tensor_cores ? "tensor_cores" : "cuda_cores"},
+                    {"prefill_kernel", ch.prefill_mma ? "mma" : "wmma"},
+                    {"gemv_cuda_cores_us", ch.gemv_cuda_cores_us},
+                    {"gemv_tensor_cores_us", ch.gemv_tensor_cores_us},
+                    {"gemm_wmma_us", ch.gemm_wmma_us},
+                    {"gemm_mma_us", ch.gemm_mma_us},
+                    {"skipped", ch.skipped}});
+  }
   if (a.json) {
     nlohmann::json out{{"model", a.model},
+                       {"int4_kernels", int4},
                        {"load_seconds", target.load_seconds},
                        {"weight_bytes", weight_bytes},
                        {"model_device_bytes", target.model_device_bytes},
@@ -248,6 +294,7 @@ int run_model(const Args& a) {
   }
   std::printf("copy bandwidth (read + write) %.0f GB/s: decode floor %.2f ms per step (weights read once)\n",
               copy_gbps, floor_s * 1e3);
+  print_int4_choices(*target.model, copy_gbps);
   std::printf("prefill %d tokens: %.0f tokens/s (1 prompt), %.0f tokens/s (%d prompts in one pass)\n\n",
               a.prompt_tokens, pp_one, pp_batch, a.prefill_batch);
   std::printf("%5s | %12s %9s %7s", "batch", "decode tok/s", "ms/step", "%floor");
@@ -432,6 +479,13 @@ Runner add_bench_gpu(CLI::App& app) {
       ->check(CLI::PositiveNumber);
   app.add_option("--prefill-batch", a->prefill_batch, "With --model: prompts in the batched prefill test")
       ->check(CLI::PositiveNumber);
+  app.add_option("--int4-kernels", a->int4_kernels,
+                 "With --model: how group-wise INT4 matrices pick their kernels: measured (timed at load, "
+                 "the default), cuda-cores or tensor-cores")
+      ->transform(CLI::CheckedTransformer(
+          std::map<std::string, worker::Int4Kernels>{{"measured", worker::Int4Kernels::measured},
+                                                     {"cuda-cores", worker::Int4Kernels::cuda_cores},
+                                                     {"tensor-cores", worker::Int4Kernels::tensor_cores}}));
   return [a]() { return run(*a); };
 }
 

@@ -7,6 +7,7 @@
 #include <memory>
 #include <stdexcept>
 
+#include "kernels/cuda/event_timer.cuh"
 #include "kernels/cuda/matmul_bench.cuh"
 #include "kernels/cuda/w4a16_gemm.cuh"
 #include "kernels/cuda/w4a16_gemv.cuh"
@@ -74,28 +75,21 @@ int copies_for(size_t bytes, int l2_bytes) {
   return static_cast<int>(std::clamp<size_t>((want + bytes - 1) / bytes, 2, 64));
 }
 
-// Median over repetitions of the mean time of one call, in microseconds. `call(i)` enqueues
-// product i (it picks its weight copy from i).
+// Median over repetitions of the mean time of one call, in microseconds (median_call_us). `call(i)`
+// enqueues product i (it picks its weight copy from i) and throws BenchFailure when it cannot.
 template <typename Call>
 double time_us(cudaStream_t stream, int iterations, int repetitions, Call call) {
-  for (int i = 0; i < 3; ++i) call(i);
-  cudaEvent_t start, stop;
-  check(cudaEventCreate(&start), "cudaEventCreate");
-  check(cudaEventCreate(&stop), "cudaEventCreate");
-  std::vector<double> runs;
-  for (int r = 0; r < repetitions; ++r) {
-    check(cudaEventRecord(start, stream), "cudaEventRecord");
-    for (int i = 0; i < iterations; ++i) call(i);
-    check(cudaEventRecord(stop, stream), "cudaEventRecord");
-    check(cudaEventSynchronize(stop), "cudaEventSynchronize");
-    float ms = 0.0f;
-    check(cudaEventElapsedTime(&ms, start, stop), "cudaEventElapsedTime");
-    runs.push_back(1e3 * static_cast<double>(ms) / iterations);
-  }
-  cudaEventDestroy(start);
-  cudaEventDestroy(stop);
-  std::sort(runs.begin(), runs.end());
-  return runs[runs.size() / 2];
+  double us = 0.0;
+  cudaError_t err = cudaSuccess;
+  median_call_us(
+      stream, iterations, repetitions,
+      [&](int i) {
+        call(i);
+        return true;
+      },
+      us, err);
+  check(err, "timing with CUDA events");
+  return us;
 }
 
 double measure_copy_gbps(cudaStream_t stream) {

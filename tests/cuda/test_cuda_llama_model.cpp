@@ -122,11 +122,13 @@ struct Entry {
 
 // Runs the scenario on both devices and checks every step's logits, the KV cache at the end and
 // the greedy ids of the last step.
-void compare_scenario(const std::string& path, double bound, bool decode_attention) {
+void compare_scenario(const std::string& path, double bound, bool decode_attention,
+                      w::Int4Kernels int4_kernels = w::Int4Kernels::measured) {
   const auto checkpoint = m::LlamaCheckpoint::open(path);
   w::LlamaModel cpu(checkpoint);
   w::CudaModelOptions options;
   options.decode_attention = decode_attention;
+  options.int4_kernels = int4_kernels;
   w::CudaLlamaModel gpu(checkpoint, options);
   const auto& c = cpu.config();
   const int64_t block_size = 8, mbps = 8, n_blocks = 2 * mbps + 5;
@@ -266,11 +268,60 @@ TEST(CudaLlamaModel, GptqAndAwqCheckpointsMatchTheCpu) {
     w::CudaLlamaModel gpu(checkpoint);
     EXPECT_LE(gpu.weight_bytes(), four_bit_weight_bytes_bound(checkpoint->config()));
   }
+  // The group-wise INT4 ones on each kernel family, whichever the load-time timing would pick.
+  for (const char* name : {"awq-g64", "gptq-perchannel-asym-v2"}) {
+    for (const auto kernels : {w::Int4Kernels::cuda_cores, w::Int4Kernels::tensor_cores}) {
+      SCOPED_TRACE(std::string(name) +
+                   (kernels == w::Int4Kernels::cuda_cores ? " CUDA cores" : " tensor cores"));
+      compare_scenario((t::test_data_dir() / "gptq-tiny-llama" / name).string(), kQuantizedBound,
+                       /*decode_attention=*/true, kernels);
+    }
+  }
   // Act-order GPTQ goes up as fp16 with its input permutation applied at upload.
   for (const char* name : {"gptq-g128-sym-actorder", "gptq-g32-asym-actorder"}) {
     SCOPED_TRACE(name);
     compare_scenario((t::test_data_dir() / "gptq-tiny-llama" / name).string(), kQuantizedBound,
                      /*decode_attention=*/true);
+  }
+}
+
+// Every group-wise INT4 matrix shape gets a kernel choice: timed at load by default (every candidate
+// gets a time, and the choice is the rule's on those times), fixed and untimed otherwise.
+TEST(CudaLlamaModel, ChoosesTheInt4KernelsPerMatrixShape) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  const auto checkpoint =
+      m::LlamaCheckpoint::open((t::test_data_dir() / "gptq-tiny-llama" / "awq-g64").string());
+  const auto& c = checkpoint->config();
+  w::CudaLlamaModel measured(checkpoint);
+  const auto& choices = measured.int4_kernel_choices();
+  ASSERT_FALSE(choices.empty());
+  int64_t matrices = 0;
+  for (const w::CudaInt4KernelChoice& ch : choices) {
+    SCOPED_TRACE(std::to_string(ch.n_out) + " x " + std::to_string(ch.k));
+    EXPECT_EQ(ch.group, 64);
+    EXPECT_EQ(ch.skipped, "");
+    EXPECT_GT(ch.gemv_cuda_cores_us[0], 0.0);
+    EXPECT_GT(ch.gemv_tensor_cores_us[1], 0.0);
+    EXPECT_GT(ch.gemm_wmma_us, 0.0);
+    EXPECT_GT(ch.gemm_mma_us, 0.0);
+    EXPECT_EQ(ch.prefill_mma, ch.gemm_mma_us < ch.gemm_wmma_us);
+    const double ratio = (ch.gemv_tensor_cores_us[0] / ch.gemv_cuda_cores_us[0]) *
+                         (ch.gemv_tensor_cores_us[1] / ch.gemv_cuda_cores_us[1]);
+    EXPECT_EQ(ch.decode_tensor_cores, ratio < 1.0);
+    matrices += ch.matrices;
+  }
+  // q/k/v, attn_output, gate/up and down in every layer (stacked or not: at least 4 a layer).
+  EXPECT_GE(matrices, 4 * c.n_layer);
+  for (const auto fixed : {w::Int4Kernels::cuda_cores, w::Int4Kernels::tensor_cores}) {
+    w::CudaModelOptions options;
+    options.int4_kernels = fixed;
+    w::CudaLlamaModel gpu(checkpoint, options);
+    ASSERT_EQ(gpu.int4_kernel_choices().size(), choices.size());
+    for (const w::CudaInt4KernelChoice& ch : gpu.int4_kernel_choices()) {
+      EXPECT_EQ(ch.decode_tensor_cores, fixed == w::Int4Kernels::tensor_cores);
+      EXPECT_EQ(ch.prefill_mma, fixed == w::Int4Kernels::tensor_cores);
+      EXPECT_EQ(ch.gemv_cuda_cores_us[0], 0.0);  // not timed
+    }
   }
 }
 

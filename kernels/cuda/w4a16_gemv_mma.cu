@@ -319,12 +319,14 @@ __global__ void __launch_bounds__(kThreads, 1)
 }
 
 // The split of the inputs over a cluster: about one block per SM (no more: a second partial wave
-// would cost more than the split saves), at most 8, never more splits than stages. Depends on n_out,
-// k and the SM count only, so every m gets the same sums.
-void choose_split(int64_t n_out, int64_t k, int sm_count, int& splits, int& stages_per_split) {
+// would cost more than the split saves), at most 8 and the largest cluster the device fits, never
+// more splits than stages. Depends on n_out, k and the device only, so every m gets the same sums.
+void choose_split(int64_t n_out, int64_t k, int sm_count, int max_cluster, int& splits,
+                  int& stages_per_split) {
   const int64_t tiles = (n_out + kTileN - 1) / kTileN;
   const int64_t stages_total = (k / kQK4_0 + kStageUnits - 1) / kStageUnits;
-  const int64_t want = std::clamp<int64_t>(sm_count / tiles, 1, std::min<int64_t>(kMaxSplits, stages_total));
+  const int64_t want = std::clamp<int64_t>(
+      sm_count / tiles, 1, std::min<int64_t>(std::min(kMaxSplits, max_cluster), stages_total));
   stages_per_split = static_cast<int>((stages_total + want - 1) / want);
   splits = static_cast<int>((stages_total + stages_per_split - 1) / stages_per_split);
 }
@@ -339,6 +341,43 @@ bool allow_shared_memory(int device) {
     return false;
   done.fetch_or(bit, std::memory_order_acq_rel);
   return true;
+}
+
+// The largest cluster (8, 4, 2 or 1 blocks) of which the device can hold at least one at a time with
+// this kernel's shared memory (cudaOccupancyMaxActiveClusters), once per device: a partitioned GPU
+// (MIG) or a GPC with few SMs may not fit 8 blocks of ~121 KB. 0 when the query fails.
+int max_cluster_size(int device) {
+  static std::atomic<uint64_t> known[64] = {};  // per device: 0 unknown, else size + 1
+  if (device >= 0 && device < 64) {
+    const uint64_t v = known[device].load(std::memory_order_acquire);
+    if (v != 0) return static_cast<int>(v - 1);
+  }
+  int best = 1;
+  for (int size = kMaxSplits; size > 1; size /= 2) {
+    cudaLaunchConfig_t config{};
+    config.gridDim = dim3(1, static_cast<unsigned>(size), 1);
+    config.blockDim = dim3(kThreads, 1, 1);
+    config.dynamicSmemBytes = kSmemBytes;
+    cudaLaunchAttribute cluster{};
+    cluster.id = cudaLaunchAttributeClusterDimension;
+    cluster.val.clusterDim.x = 1;
+    cluster.val.clusterDim.y = static_cast<unsigned>(size);
+    cluster.val.clusterDim.z = 1;
+    config.attrs = &cluster;
+    config.numAttrs = 1;
+    int clusters = 0;
+    if (cudaOccupancyMaxActiveClusters(&clusters, gemv_int4_groups_mma_kernel, &config) != cudaSuccess) {
+      cudaGetLastError();  // the query's error is not the caller's
+      return 0;
+    }
+    if (clusters >= 1) {
+      best = size;
+      break;
+    }
+  }
+  if (device >= 0 && device < 64)
+    known[device].store(static_cast<uint64_t>(best) + 1, std::memory_order_release);
+  return best;
 }
 
 }  // namespace
@@ -363,8 +402,10 @@ Status w4a16_gemv_int4_groups_mma(const uint8_t* quants, const __half* scales, c
       cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
       !allow_shared_memory(device))
     return Status::device_error;
+  const int max_cluster = max_cluster_size(device);
+  if (max_cluster < 1) return Status::device_error;
   int splits = 1, stages_per_split = 1;
-  choose_split(n_out, k, sm_count, splits, stages_per_split);
+  choose_split(n_out, k, sm_count, max_cluster, splits, stages_per_split);
 
   cudaLaunchConfig_t config{};
   config.gridDim = dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(splits), 1);

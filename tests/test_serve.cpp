@@ -18,6 +18,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <mutex>
@@ -49,6 +50,13 @@ struct ServePlacement {
   bool draft_rank = false;               // one more rank: the config puts the draft on its own rank
 };
 
+// The mpirun the jobs start: $NIBBLE_MPIEXEC when set (a relocated Open MPI, such as the GPU bundle's,
+// whose path differs from the build machine's), else the one CMake found.
+std::string mpiexec() {
+  const char* env = std::getenv("NIBBLE_MPIEXEC");
+  return env != nullptr && *env != '\0' ? env : NIBBLE_MPIEXEC;
+}
+
 // One `mpirun ... nibble serve` job, its output in a log file. The destructor stops it (shutdown
 // request, then SIGKILL of its process group if it does not go).
 class ServeJob {
@@ -66,7 +74,7 @@ class ServeJob {
                           << "threads: 1\n"
                           << "server: { listen: \"" << listen << "\" }\n"
                           << extra_yaml;
-    std::vector<std::string> args = {NIBBLE_MPIEXEC, "--allow-run-as-root", "--oversubscribe"};
+    std::vector<std::string> args = {mpiexec(), "--allow-run-as-root", "--oversubscribe"};
     args.insert(args.end(), placement.mpirun_args.begin(), placement.mpirun_args.end());
     ranks_ = 1 + tensor * pipeline + (placement.draft_rank ? 1 : 0);
     const int ranks = ranks_;
@@ -88,7 +96,7 @@ class ServeJob {
       std::vector<char*> argv;
       for (std::string& a : args) argv.push_back(a.data());
       argv.push_back(nullptr);
-      execv(NIBBLE_MPIEXEC, argv.data());
+      execv(argv[0], argv.data());
       _exit(127);
     }
     setpgid(pid_, pid_);
@@ -476,7 +484,7 @@ TEST(Serve, CudaDeviceWithoutAGpuFailsAtStartUpWithTheReason) {
 TEST(Serve, CudaServesLikeCpuGenerate) {
   const std::string why = worker::cuda_unavailable_reason();
   if (!why.empty()) GTEST_SKIP() << "no CUDA device: " << why;
-  if (!fs::exists(NIBBLE_MPIEXEC)) GTEST_SKIP() << "mpirun (" << NIBBLE_MPIEXEC << ") is absent";
+  if (!fs::exists(mpiexec())) GTEST_SKIP() << "mpirun (" << mpiexec() << ") is absent";
   test::TempDir models;
   const std::string model = make_tiny_model(models.path());
   std::vector<Expected> expected;
@@ -510,7 +518,7 @@ TEST(Serve, CudaServesLikeCpuGenerate) {
 TEST(Serve, CudaSpeculativeServesLikeCpuGenerate) {
   const std::string why = worker::cuda_unavailable_reason();
   if (!why.empty()) GTEST_SKIP() << "no CUDA device: " << why;
-  if (!fs::exists(NIBBLE_MPIEXEC)) GTEST_SKIP() << "mpirun (" << NIBBLE_MPIEXEC << ") is absent";
+  if (!fs::exists(mpiexec())) GTEST_SKIP() << "mpirun (" << mpiexec() << ") is absent";
   test::TempDir models;
   const std::string model = make_tiny_model(models.path());
   const std::string other = (models.path() / "other.gguf").string();

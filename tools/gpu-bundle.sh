@@ -11,7 +11,7 @@
 # The archive (xz: about half the size) keeps the bundle, fixtures included, under the device tool's
 # 64 MiB limit for everything it carries with the tree.
 #
-# run.sh runs every CUDA test binary (and, where mpirun exists, the MPI + GPU tests), `nibble
+# run.sh runs every CUDA test binary and the MPI + GPU tests (with the bundled Open MPI), `nibble
 # bench-gpu` (the kernel table, then end to end on the dummy llama-70b with the dummy llama-1b as
 # draft) and tools/bench_tinygemm.py, writing the logs and JSON to $OUT (or .gpu/out) for
 # docs/perf/gpu.md.
@@ -28,9 +28,20 @@ rm -rf "$out"
 mkdir -p "$out/bin" "$out/tests" "$out/lib"
 cp "$build/bin/nibble" "$out/bin/"
 cp "$build"/tests/cuda/test_cuda_* "$out/tests/" 2>/dev/null || true
-# The MPI + GPU tests: run.sh runs them only where mpirun exists (the bundle cannot carry Open MPI's
-# launcher, see docs/perf/gpu.md).
+# The MPI + GPU tests, and Open MPI itself (the device machine has none): the launcher, libraries,
+# plugins and help files of Debian's packages, mirrored under .gpu/mpi and relocated there by run.sh
+# (OPAL_PREFIX, PMIX_PKG*DIR); about 6 MB of the archive.
 cp "$build/tests/mpi/test_mpi_cuda_tensor_parallel" "$build/tests/test_serve" "$out/tests/" 2>/dev/null || true
+mpi_packages="openmpi-bin libopenmpi3 openmpi-common libpmix2"
+if dpkg -L $mpi_packages >/dev/null 2>&1; then
+  dpkg -L $mpi_packages | grep -Ev '^/usr/share/(doc|man|lintian)/|/include/|\.a$|/pkgconfig/' |
+    while read -r f; do
+      if [ -f "$f" ] || [ -L "$f" ]; then mkdir -p "$out/mpi$(dirname "$f")" && cp -a "$f" "$out/mpi$f"; fi
+    done
+  ln -sf orterun "$out/mpi/usr/bin/mpirun"
+else
+  echo "gpu-bundle: Open MPI's packages ($mpi_packages) are not installed: the MPI + GPU tests will need an mpirun there" >&2
+fi
 find "$out/tests" -name '*.cmake' -delete
 # Fixture models for test_cuda_llama_model's greedy comparisons (they skip without them), e.g.
 # NIBBLE_BUNDLE_FIXTURES="tiny-llama-q4_0 tiny-llama-q8_0" (tiny-llama-f32 is 35 MB of the 64 MiB).
@@ -41,9 +52,12 @@ if [ -n "${NIBBLE_BUNDLE_FIXTURES:-}" ]; then
   for m in $NIBBLE_BUNDLE_FIXTURES; do cp "$fixtures/models/$m.gguf" "$out/fixtures/models/"; done
 fi
 # Shared libraries: everything ldd resolves except the C/C++ runtime and CUDA's own libraries.
-for f in "$out"/bin/* "$out"/tests/*; do
-  ldd "$f" | awk '/=> \//{print $3}'
-done | sort -u | grep -Ev '/(libc|libm|libdl|librt|libpthread|libresolv|libutil|libnsl|libanl|libgcc_s|libstdc\+\+|ld-linux[^/]*)\.so|/libcu(da|dart|blas|blasLt)\.so|/libnccl\.so' |
+# Open MPI's own libraries and plugins resolve inside .gpu/mpi; their dependencies come here too.
+{
+  for f in "$out"/bin/* "$out"/tests/*; do ldd "$f"; done
+  [ -d "$out/mpi" ] && find "$out/mpi" -type f \( -name '*.so*' -o -path '*/bin/*' \) -exec ldd {} \; 2>/dev/null
+} | awk '/=> \//{print $3}' | sort -u |
+  grep -Ev '/(libc|libm|libdl|librt|libpthread|libresolv|libutil|libnsl|libanl|libgcc_s|libstdc\+\+|ld-linux[^/]*)\.so|/libcu(da|dart|blas|blasLt)\.so|/libnccl\.so|/openmpi/lib/|/pmix2/lib/' |
   while read -r lib; do cp -L "$lib" "$out/lib/"; done
 cat >"$out/run.sh" <<'RUN'
 #!/usr/bin/env bash
@@ -68,9 +82,17 @@ if [ "$phase" = all ] || [ "$phase" = tests ]; then
 for t in "$here"/tests/test_cuda_*; do
   timeout 120 "$t" --gtest_brief=1 2>&1 | tee -a "$out/cuda-tests.log" || status=1
 done
-# Tensor parallelism across processes and `nibble serve` on the GPU need mpirun, which this bundle
-# cannot carry: run them where the machine has one, say so otherwise.
-if command -v mpirun >/dev/null 2>&1; then
+# Tensor parallelism across processes and `nibble serve` on the GPU need mpirun: the machine's own,
+# else the bundled Open MPI, relocated (its configuration file lives outside its prefix, so it is
+# named: it keeps the UCX and libfabric transports out, as Debian's does).
+have_mpirun() { local p; p="$(command -v mpirun)" && [ -x "$p" ]; }
+if ! have_mpirun && [ -x "$here/mpi/usr/bin/orterun" ]; then
+  pmix="$here/mpi/usr/lib/x86_64-linux-gnu/pmix2"
+  export OPAL_PREFIX="$here/mpi/usr" PMIX_PKGLIBDIR="$pmix/lib/pmix" PMIX_PKGDATADIR="$pmix/share/pmix" \
+    OMPI_MCA_mca_base_param_files="$here/mpi/etc/openmpi/openmpi-mca-params.conf" PATH="$here/mpi/usr/bin:$PATH"
+fi
+if have_mpirun; then
+  export NIBBLE_MPIEXEC="$(command -v mpirun)"  # test_serve's jobs (its built-in path is the build machine's)
   timeout 120 mpirun --allow-run-as-root --oversubscribe -np 2 "$here/tests/test_mpi_cuda_tensor_parallel" --gtest_brief=1 2>&1 |
     tee -a "$out/cuda-tests.log" || status=1
   timeout 180 "$here/tests/test_serve" --gtest_brief=1 --gtest_filter='Serve.Cuda*' 2>&1 | tee -a "$out/cuda-tests.log" || status=1
@@ -78,6 +100,8 @@ else
   echo "skipped test_mpi_cuda_tensor_parallel and test_serve --gtest_filter='Serve.Cuda*': no mpirun on this machine" |
     tee -a "$out/cuda-tests.log"
 fi
+fi
+if [ "$phase" = all ] || [ "$phase" = bench ]; then
 # tinygemm at group 128 (4.25 bits a weight, its usual GPTQ / AWQ setting): the grouping of bench-gpu's
 # g128 column, and fewer bytes than Q4_0's 4.5 bits, so the harder comparison for the Q4_0 column.
 timeout 120 python3 "$(dirname "$here")/tools/bench_tinygemm.py" --group-size 128 --out "$out/tinygemm.json" 2>"$out/tinygemm.log" ||

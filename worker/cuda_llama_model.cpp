@@ -465,16 +465,17 @@ struct CudaLlamaModel::Impl {
 
   void matmul(const DeviceMatrix& w, const __half* x, int64_t m, float* y) {
     const bool gemv = m <= kc::kW4A16GemvMaxM;
+    const bool pdl = options.programmatic_launch;
     const auto* wd = w.mem != nullptr ? w.mem->as<uint8_t>() : nullptr;
     switch (w.kind) {
       case DeviceKind::q4_0:
-        check(gemv ? kc::w4a16_gemv_q4_0(wd, w.n_out, w.k, x, m, y, stream)
-                   : kc::w4a16_gemm_q4_0(wd, w.n_out, w.k, x, m, y, stream),
+        check(gemv ? kc::w4a16_gemv_q4_0(wd, w.n_out, w.k, x, m, y, stream, pdl)
+                   : kc::w4a16_gemm_q4_0(wd, w.n_out, w.k, x, m, y, stream, pdl),
               "W4A16 matmul (Q4_0)");
         return;
       case DeviceKind::q4_k:
-        check(gemv ? kc::w4a16_gemv_q4_k(wd, w.n_out, w.k, x, m, y, stream)
-                   : kc::w4a16_gemm_q4_k(wd, w.n_out, w.k, x, m, y, stream),
+        check(gemv ? kc::w4a16_gemv_q4_k(wd, w.n_out, w.k, x, m, y, stream, pdl)
+                   : kc::w4a16_gemm_q4_k(wd, w.n_out, w.k, x, m, y, stream, pdl),
               "W4A16 matmul (Q4_K)");
         return;
       case DeviceKind::int4_groups: {
@@ -485,7 +486,7 @@ struct CudaLlamaModel::Impl {
                             : gemv          ? kc::w4a16_gemv_int4_groups
                             : w.prefill_mma ? kc::w4a16_gemm_int4_groups_mma
                                             : kc::w4a16_gemm_int4_groups;
-        check(kernel(wd, scales, zeros, w.group, w.n_out, w.k, x, m, y, stream),
+        check(kernel(wd, scales, zeros, w.group, w.n_out, w.k, x, m, y, stream, pdl),
               "W4A16 matmul (INT4 groups)");
         return;
       }
@@ -1251,6 +1252,12 @@ int64_t CudaLlamaModel::weight_bytes() const {
 }
 
 int64_t CudaLlamaModel::captured_graphs() const { return static_cast<int64_t>(impl_->graphs.size()); }
+
+void CudaLlamaModel::set_programmatic_launch(bool on) {
+  if (impl_->options.programmatic_launch == on) return;
+  impl_->options.programmatic_launch = on;
+  impl_->clear_graphs();  // they hold launches of the other kind
+}
 
 const std::vector<CudaInt4KernelChoice>& CudaLlamaModel::int4_kernel_choices() const {
   return impl_->int4_choices;

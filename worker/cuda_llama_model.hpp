@@ -146,6 +146,11 @@ struct CudaModelOptions {
   // by a sharded model (T > 1): its reductions synchronize the stream mid-pass (and with a host
   // reducer call into MPI), which a graph cannot hold. A single-shard pipeline stage keeps them.
   bool graphs = false;
+  // Launch the W4A16 matrix products as programmatic dependent launches (Hopper's PDL,
+  // kernels/cuda/dependent_launch.cuh): each may start while the norm, attention or SwiGLU kernel
+  // before it still runs, and its first weights are on their way before it waits for that kernel's
+  // output. The same results; off until a GPU run shows what it saves (bench-gpu --model times both).
+  bool programmatic_launch = false;
 };
 
 class CudaLlamaModel {
@@ -180,6 +185,8 @@ class CudaLlamaModel {
   int64_t weight_bytes() const;
   // CUDA graphs captured and held now (CudaModelOptions::graphs), for tests.
   int64_t captured_graphs() const;
+  // Switches CudaModelOptions::programmatic_launch for later passes (drops captured graphs).
+  void set_programmatic_launch(bool on);
   // Per group-wise INT4 matrix shape, the kernels it uses (CudaModelOptions::int4_kernels), in the
   // order the shapes first occur (q/k/v, attn_output, gate/up, down, head); empty without such matrices.
   const std::vector<CudaInt4KernelChoice>& int4_kernel_choices() const;

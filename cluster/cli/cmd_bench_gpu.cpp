@@ -228,6 +228,17 @@ int run_model(const Args& a) {
     draft = load_gpu_model(a.draft, max_batch, decode_tokens, a.int4_kernels);
     for (const int64_t b : batches)
       draft_step_s.push_back(time_decode_step(draft, b, a.gen_tokens, a.repetitions, rng));
+  }  // The target again with its matrix products launched programmatically (PDL): last, so that a
+  // failure there (the feature has not run on a GPU yet) costs none of the figures above.
+  std::vector<double> pdl_step_s;
+  std::string pdl_error;
+  try {
+    target.model->set_programmatic_launch(true);
+    for (const int64_t b : batches)
+      pdl_step_s.push_back(time_decode_step(target, b, a.gen_tokens, a.repetitions, rng));
+  } catch (const std::exception& e) {
+    pdl_step_s.clear();
+    pdl_error = e.what();
   }
 
   const auto gib = [](int64_t bytes) { return static_cast<double>(bytes) / (1024.0 * 1024.0 * 1024.0); };
@@ -240,6 +251,10 @@ int run_model(const Args& a) {
     if (!draft_step_s.empty()) {
       row["draft_ms_per_step"] = draft_step_s[i] * 1e3;
       row["draft_target_step_ratio"] = draft_step_s[i] / step_s[i];
+    }
+    if (!pdl_step_s.empty()) {
+      row["pdl_ms_per_step"] = pdl_step_s[i] * 1e3;
+      row["pdl_floor_fraction"] = floor_s / pdl_step_s[i];
     }
     rows.push_back(row);
   }
@@ -273,6 +288,7 @@ int run_model(const Args& a) {
                        {"prefill_batch", a.prefill_batch},
                        {"prefill_batch_tokens_per_second", pp_batch},
                        {"decode", rows}};
+    if (!pdl_error.empty()) out["pdl_error"] = pdl_error;
     if (!a.draft.empty()) {
       out["draft"] = {{"model", a.draft},
                       {"load_seconds", draft.load_seconds},
@@ -299,18 +315,23 @@ int run_model(const Args& a) {
               a.prompt_tokens, pp_one, pp_batch, a.prefill_batch);
   std::printf("%5s | %12s %9s %7s", "batch", "decode tok/s", "ms/step", "%floor");
   if (!draft_step_s.empty()) std::printf(" | %13s %12s", "draft ms/step", "draft/target");
+  if (!pdl_step_s.empty()) std::printf(" | %11s %9s", "PDL ms/step", "PDL %floor");
   std::printf("\n");
   for (size_t i = 0; i < batches.size(); ++i) {
     std::printf("%5lld | %12.1f %9.2f %6.0f%%", static_cast<long long>(batches[i]),
                 static_cast<double>(batches[i]) / step_s[i], step_s[i] * 1e3, 100.0 * floor_s / step_s[i]);
     if (!draft_step_s.empty())
       std::printf(" | %13.2f %12.3f", draft_step_s[i] * 1e3, draft_step_s[i] / step_s[i]);
+    if (!pdl_step_s.empty())
+      std::printf(" | %11.2f %8.0f%%", pdl_step_s[i] * 1e3, 100.0 * floor_s / pdl_step_s[i]);
     std::printf("\n");
   }
   std::printf(
       "\nDecode: B sequences after a %d-token prompt each, %d greedy steps timed (median of %d), CUDA "
-      "graphs on. %%floor: the floor over the step time.\n",
+      "graphs on. %%floor: the floor over the step time. PDL: the same with the matrix products launched "
+      "programmatically (CudaModelOptions::programmatic_launch).\n",
       kShortPrompt, a.gen_tokens, a.repetitions);
+  if (!pdl_error.empty()) std::printf("PDL run failed: %s\n", pdl_error.c_str());
   return 0;
 }
 

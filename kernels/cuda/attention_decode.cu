@@ -19,6 +19,7 @@
 
 #include "kernels/cuda/attention_decode.cuh"
 #include "kernels/cuda/common.cuh"
+#include "kernels/cuda/dependent_launch.cuh"
 
 namespace nibble::kernels::cuda {
 namespace {
@@ -220,6 +221,7 @@ __global__ void __launch_bounds__(kThreads) split_kernel(Params p) {
 
 template <int D>
 __global__ void __launch_bounds__(kThreads) combine_kernel(Params p) {
+  detail::allow_dependent_launch();  // the output projection may start (it waits for us)
   constexpr int kPerLane = D / kWarpSize;
   const int64_t head = blockIdx.x;
   const int64_t s = blockIdx.y;

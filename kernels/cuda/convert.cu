@@ -5,6 +5,7 @@
 
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/convert.cuh"
+#include "kernels/cuda/dependent_launch.cuh"
 
 namespace nibble::kernels::cuda {
 namespace {
@@ -21,6 +22,7 @@ __global__ void __launch_bounds__(kThreads) f16_to_f32_kernel(const __half* x, f
 __global__ void __launch_bounds__(kThreads)
     gather_rows_kernel(const __half* src, int64_t src_rows, int64_t n_cols, const int32_t* rows, __half* dst,
                        int32_t* error_flag) {
+  detail::allow_dependent_launch();  // the head's product may start (it waits for us)
   const int64_t r = blockIdx.x;
   const int64_t from = rows[r];
   __half* out = dst + r * n_cols;

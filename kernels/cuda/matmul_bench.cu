@@ -178,14 +178,15 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
     check(cudaGetLastError(), "fill group-128 weights");
     // Every group-128 kernel has the same signature; each is timed on the rotating weight copies.
     using Int4GroupsKernel = Status (*)(const uint8_t*, const __half*, const uint8_t*, int64_t, int64_t,
-                                        int64_t, const __half*, int64_t, float*, cudaStream_t);
+                                        int64_t, const __half*, int64_t, float*, cudaStream_t, bool);
     const auto time_g128 = [&](Int4GroupsKernel kernel, int64_t m, const char* what) {
       return time_us(stream, iterations, repetitions, [&](int i) {
         const uint8_t* base =
             static_cast<const uint8_t*>(w.ptr) + g128_stride * static_cast<size_t>(i % copies);
         const auto* scales = reinterpret_cast<const __half*>(base + g128_quant_bytes);
         const uint8_t* zeros = base + g128_quant_bytes + g128_groups * 2;
-        const Status st = kernel(base, scales, zeros, 128, n, k, xh, m, static_cast<float*>(y.ptr), stream);
+        const Status st =
+            kernel(base, scales, zeros, 128, n, k, xh, m, static_cast<float*>(y.ptr), stream, false);
         if (st != Status::ok) throw BenchFailure(std::string(what) + " failed: " + status_name(st));
       });
     };

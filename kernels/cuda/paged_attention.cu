@@ -9,6 +9,7 @@
 #include <cmath>
 
 #include "kernels/cuda/common.cuh"
+#include "kernels/cuda/dependent_launch.cuh"
 #include "kernels/cuda/paged_attention.cuh"
 
 namespace nibble::kernels::cuda {
@@ -36,6 +37,7 @@ struct Params {
 
 __global__ void __launch_bounds__(kThreads) paged_attention_kernel(Params p) {
   __shared__ float q_s[kWarps][kPagedAttentionMaxHeadDim];
+  detail::allow_dependent_launch();  // the output projection may start (it waits for us)
   const int lane = threadIdx.x % kWarpSize;
   const int warp = threadIdx.x / kWarpSize;
   const int64_t t = blockIdx.x;

@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 
 #include "kernels/cuda/common.cuh"
+#include "kernels/cuda/dependent_launch.cuh"
 #include "kernels/cuda/residual_norm.cuh"
 
 namespace nibble::kernels::cuda {
@@ -16,6 +17,7 @@ __global__ void __launch_bounds__(kThreads)
     add_rms_norm_kernel(float* residual, const float* delta, const float* __restrict__ weight, __half* y,
                         int64_t n, float eps) {
   __shared__ float scratch[detail::kWarpSize];
+  detail::allow_dependent_launch();  // the matrix product that reads y may start (it waits for us)
   const int64_t row_off = static_cast<int64_t>(blockIdx.x) * n;
   float* rr = residual + row_off;
   const float* dr = delta != nullptr ? delta + row_off : nullptr;

@@ -3,6 +3,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "kernels/cuda/dependent_launch.cuh"
 #include "kernels/cuda/swiglu.cuh"
 
 namespace nibble::kernels::cuda {
@@ -24,6 +25,7 @@ __global__ void __launch_bounds__(kThreads)
 __global__ void __launch_bounds__(kThreads)
     swiglu_f32_kernel(const float* gate, const float* up, int64_t in_stride, __half* out, int64_t n_ff,
                       int64_t n) {
+  detail::allow_dependent_launch();  // the down projection may start (it waits for us)
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < n; i += stride) {
     const int64_t r = i / n_ff;

@@ -11,6 +11,7 @@
 #include <cuda_runtime.h>
 #include <mma.h>
 
+#include "kernels/cuda/dependent_launch.cuh"
 #include "kernels/cuda/mma.cuh"
 #include "kernels/cuda/w4a16_gemm.cuh"
 #include "kernels/cuda/w4a16_weights.cuh"
@@ -37,6 +38,7 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ __align__(32) __half a_s[kBM * kLdA];
   __shared__ __align__(32) __half b_s[kBN * kLdB];
   __shared__ __align__(32) float c_s[kBM * kLdC];
+  detail::wait_for_prior_grids();  // a no-op unless launched programmatically
 
   const int tid = threadIdx.x;
   const int warp = tid / 32;
@@ -138,6 +140,7 @@ __global__ void __launch_bounds__(kThreads)
                                 const __half* __restrict__ x, int64_t m, float* __restrict__ y) {
   __shared__ __align__(16) __half x_s[2][kMmaBM][kMmaLdX];
   __shared__ __align__(16) uint8_t w_s[2][kMmaBN][16];
+  detail::wait_for_prior_grids();  // a no-op unless launched programmatically
 
   const int tid = threadIdx.x;
   const int lane = tid % 32, warp = tid / 32;
@@ -230,8 +233,8 @@ __global__ void __launch_bounds__(kThreads)
 
 // Shared argument checks (the weight pointers are checked by the callers) and the launch.
 template <typename Blocks>
-Status run(Blocks blocks, int64_t n_out, int64_t k, const __half* x, int64_t m, float* y,
-           cudaStream_t stream) {
+Status run(Blocks blocks, int64_t n_out, int64_t k, const __half* x, int64_t m, float* y, cudaStream_t stream,
+           bool programmatic) {
   if (x == nullptr || y == nullptr) return Status::invalid_argument;
   if (n_out < 0 || k < 0 || k % kQK4_0 != 0 || m < 1) return Status::invalid_argument;
   if (reinterpret_cast<uintptr_t>(x) % 16 != 0) return Status::invalid_argument;
@@ -240,30 +243,32 @@ Status run(Blocks blocks, int64_t n_out, int64_t k, const __half* x, int64_t m, 
   if (grid_x > INT32_MAX || grid_y > 65535) return Status::invalid_argument;
   if (n_out == 0) return Status::ok;
   const dim3 grid(static_cast<unsigned>(grid_x), static_cast<unsigned>(grid_y));
-  gemm_w4a16_kernel<<<grid, kThreads, 0, stream>>>(blocks, n_out, k, x, m, y);
-  return cudaGetLastError() == cudaSuccess ? Status::ok : Status::device_error;
+  const cudaError_t launched = detail::launch_kernel(gemm_w4a16_kernel<Blocks>, grid, dim3(kThreads), 0,
+                                                     stream, programmatic, blocks, n_out, k, x, m, y);
+  const cudaError_t last = cudaGetLastError();
+  return launched == cudaSuccess && last == cudaSuccess ? Status::ok : Status::device_error;
 }
 
 }  // namespace
 
 Status w4a16_gemm_q4_0(const uint8_t* w, int64_t n_out, int64_t k, const __half* x, int64_t m, float* y,
-                       cudaStream_t stream) {
+                       cudaStream_t stream, bool programmatic) {
   if (w == nullptr || reinterpret_cast<uintptr_t>(w) % 2 != 0) return Status::invalid_argument;
-  return run(w4a16::GgufQ4_0Blocks{w}, n_out, k, x, m, y, stream);
+  return run(w4a16::GgufQ4_0Blocks{w}, n_out, k, x, m, y, stream, programmatic);
 }
 
 Status w4a16_gemm_int4_groups(const uint8_t* quants, const __half* scales, const uint8_t* zeros,
                               int64_t group, int64_t n_out, int64_t k, const __half* x, int64_t m, float* y,
-                              cudaStream_t stream) {
+                              cudaStream_t stream, bool programmatic) {
   w4a16::Int4GroupBlocks blocks{};
   if (!w4a16::make_int4_group_blocks(quants, scales, zeros, group, k, blocks))
     return Status::invalid_argument;
-  return run(blocks, n_out, k, x, m, y, stream);
+  return run(blocks, n_out, k, x, m, y, stream, programmatic);
 }
 
 Status w4a16_gemm_int4_groups_mma(const uint8_t* quants, const __half* scales, const uint8_t* zeros,
                                   int64_t group, int64_t n_out, int64_t k, const __half* x, int64_t m,
-                                  float* y, cudaStream_t stream) {
+                                  float* y, cudaStream_t stream, bool programmatic) {
   w4a16::Int4GroupBlocks blocks{};
   if (!w4a16::make_int4_group_operands(quants, scales, zeros, group, k, x, y, blocks))
     return Status::invalid_argument;
@@ -278,16 +283,18 @@ Status w4a16_gemm_int4_groups_mma(const uint8_t* quants, const __half* scales, c
     return Status::ok;
   }
   const dim3 grid(static_cast<unsigned>(grid_x), static_cast<unsigned>(grid_y));
-  gemm_int4_groups_mma_kernel<<<grid, kThreads, 0, stream>>>(quants, scales, zeros, blocks.group_shift, n_out,
-                                                             k, x, m, y);
-  return cudaGetLastError() == cudaSuccess ? Status::ok : Status::device_error;
+  const cudaError_t launched =
+      detail::launch_kernel(gemm_int4_groups_mma_kernel, grid, dim3(kThreads), 0, stream, programmatic,
+                            quants, scales, zeros, blocks.group_shift, n_out, k, x, m, y);
+  const cudaError_t last = cudaGetLastError();
+  return launched == cudaSuccess && last == cudaSuccess ? Status::ok : Status::device_error;
 }
 
 Status w4a16_gemm_q4_k(const uint8_t* w, int64_t n_out, int64_t k, const __half* x, int64_t m, float* y,
-                       cudaStream_t stream) {
+                       cudaStream_t stream, bool programmatic) {
   if (w == nullptr || reinterpret_cast<uintptr_t>(w) % 16 != 0 || k % kQK_K != 0)
     return Status::invalid_argument;
-  return run(w4a16::Q4KBlocks{w}, n_out, k, x, m, y, stream);
+  return run(w4a16::Q4KBlocks{w}, n_out, k, x, m, y, stream, programmatic);
 }
 
 }  // namespace nibble::kernels::cuda

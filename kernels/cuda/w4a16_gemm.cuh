@@ -21,15 +21,17 @@ namespace nibble::kernels::cuda {
 // w: [n_out, k / 32] Q4_0 blocks (BlockQ4_0), rows k / 32 * 18 bytes apart, 2-byte aligned
 // x: [m, k] __half, row-major (rows k apart), 16-byte aligned
 // y: [m, n_out] float, row-major (rows n_out apart)
-// k must be a multiple of 32, m >= 1, n_out >= 0. Enqueues one kernel on `stream` (asynchronous).
-// Returns invalid_argument (nothing launched) for a bad argument, device_error if the launch fails.
+// k must be a multiple of 32, m >= 1, n_out >= 0. Enqueues one kernel on `stream` (asynchronous);
+// programmatic: as a programmatic dependent launch (kernels/cuda/dependent_launch.cuh; the same
+// results). Returns invalid_argument (nothing launched) for a bad argument, device_error if the
+// launch fails.
 Status w4a16_gemm_q4_0(const uint8_t* w, int64_t n_out, int64_t k, const __half* x, int64_t m, float* y,
-                       cudaStream_t stream);
+                       cudaStream_t stream, bool programmatic = false);
 
 // Group-wise INT4 (kernels/int4_groups.hpp); arguments as w4a16_gemv_int4_groups's, any m >= 1.
 Status w4a16_gemm_int4_groups(const uint8_t* quants, const __half* scales, const uint8_t* zeros,
                               int64_t group, int64_t n_out, int64_t k, const __half* x, int64_t m, float* y,
-                              cudaStream_t stream);
+                              cudaStream_t stream, bool programmatic = false);
 
 // The same product on mma.sync tensor-core instructions with cp.async double buffering (64 x 128
 // output tiles, B fragments dequantized from the nibbles in registers): the candidate to replace the
@@ -37,10 +39,10 @@ Status w4a16_gemm_int4_groups(const uint8_t* quants, const __half* scales, const
 // numerics as w4a16_gemm_int4_groups's.
 Status w4a16_gemm_int4_groups_mma(const uint8_t* quants, const __half* scales, const uint8_t* zeros,
                                   int64_t group, int64_t n_out, int64_t k, const __half* x, int64_t m,
-                                  float* y, cudaStream_t stream);
+                                  float* y, cudaStream_t stream, bool programmatic = false);
 
 // GGUF Q4_K blocks as stored; arguments as w4a16_gemv_q4_k's (16-byte aligned, k % 256 == 0), any m >= 1.
 Status w4a16_gemm_q4_k(const uint8_t* w, int64_t n_out, int64_t k, const __half* x, int64_t m, float* y,
-                       cudaStream_t stream);
+                       cudaStream_t stream, bool programmatic = false);
 
 }  // namespace nibble::kernels::cuda

@@ -7,6 +7,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "kernels/cuda/dependent_launch.cuh"
 #include "kernels/cuda/w4a16_gemv.cuh"
 #include "kernels/cuda/w4a16_weights.cuh"
 
@@ -37,6 +38,9 @@ __global__ void __launch_bounds__(kWarpSize* kWarpsPerBlock)
 #pragma unroll
   for (int r = 0; r < MaxM; ++r) acc[r] = 0.0f;
 
+  // A programmatic launch waits here for the kernel that wrote x (loading the first weights before
+  // the wait would keep 32 more registers live across it: half the warps per SM at m = 1).
+  detail::wait_for_prior_grids();
   for (int64_t b = lane; b < nb; b += kWarpSize) {
     float wv[kQK4_0];
     blocks.load(row, nb, b, wv);
@@ -74,15 +78,17 @@ __global__ void __launch_bounds__(kWarpSize* kWarpsPerBlock)
 }
 
 template <int MaxM, typename Blocks>
-void launch(Blocks blocks, int64_t n_out, int64_t k, const __half* x, int m, float* y, cudaStream_t stream) {
+cudaError_t launch(Blocks blocks, int64_t n_out, int64_t k, const __half* x, int m, float* y,
+                   cudaStream_t stream, bool programmatic) {
   const auto grid = static_cast<unsigned>((n_out + kWarpsPerBlock - 1) / kWarpsPerBlock);
-  gemv_w4a16_kernel<MaxM><<<grid, kWarpSize * kWarpsPerBlock, 0, stream>>>(blocks, n_out, k, x, m, y);
+  return detail::launch_kernel(gemv_w4a16_kernel<MaxM, Blocks>, dim3(grid), dim3(kWarpSize * kWarpsPerBlock),
+                               0, stream, programmatic, blocks, n_out, k, x, m, y);
 }
 
 // Shared argument checks (the weight pointers are checked by the callers) and the MaxM dispatch.
 template <typename Blocks>
-Status run(Blocks blocks, int64_t n_out, int64_t k, const __half* x, int64_t m, float* y,
-           cudaStream_t stream) {
+Status run(Blocks blocks, int64_t n_out, int64_t k, const __half* x, int64_t m, float* y, cudaStream_t stream,
+           bool programmatic) {
   if (x == nullptr || y == nullptr) return Status::invalid_argument;
   if (n_out < 0 || k < 0 || k % kQK4_0 != 0) return Status::invalid_argument;
   if (m < 1 || m > kW4A16GemvMaxM) return Status::invalid_argument;
@@ -92,51 +98,46 @@ Status run(Blocks blocks, int64_t n_out, int64_t k, const __half* x, int64_t m, 
   if (n_out == 0) return Status::ok;
 
   const int mi = static_cast<int>(m);
-  if (mi <= 1) {
-    launch<1>(blocks, n_out, k, x, mi, y, stream);
-  } else if (mi <= 4) {
-    launch<4>(blocks, n_out, k, x, mi, y, stream);
-  } else if (mi <= 8) {
-    launch<8>(blocks, n_out, k, x, mi, y, stream);
-  } else if (mi <= 16) {
-    launch<16>(blocks, n_out, k, x, mi, y, stream);
-  } else {
-    launch<32>(blocks, n_out, k, x, mi, y, stream);
-  }
-  return cudaGetLastError() == cudaSuccess ? Status::ok : Status::device_error;
+  const cudaError_t launched = mi <= 1    ? launch<1>(blocks, n_out, k, x, mi, y, stream, programmatic)
+                               : mi <= 4  ? launch<4>(blocks, n_out, k, x, mi, y, stream, programmatic)
+                               : mi <= 8  ? launch<8>(blocks, n_out, k, x, mi, y, stream, programmatic)
+                               : mi <= 16 ? launch<16>(blocks, n_out, k, x, mi, y, stream, programmatic)
+                                          : launch<32>(blocks, n_out, k, x, mi, y, stream, programmatic);
+  const cudaError_t last = cudaGetLastError();
+  return launched == cudaSuccess && last == cudaSuccess ? Status::ok : Status::device_error;
 }
 
 }  // namespace
 
 Status w4a16_gemv_q4_0(const uint8_t* w, int64_t n_out, int64_t k, const __half* x, int64_t m, float* y,
-                       cudaStream_t stream) {
+                       cudaStream_t stream, bool programmatic) {
   if (w == nullptr || reinterpret_cast<uintptr_t>(w) % 2 != 0) return Status::invalid_argument;
-  return run(GgufQ4_0Blocks{w}, n_out, k, x, m, y, stream);
+  return run(GgufQ4_0Blocks{w}, n_out, k, x, m, y, stream, programmatic);
 }
 
 Status w4a16_gemv_q4_0_split(const uint8_t* quants, const __half* scales, int64_t n_out, int64_t k,
-                             const __half* x, int64_t m, float* y, cudaStream_t stream) {
+                             const __half* x, int64_t m, float* y, cudaStream_t stream, bool programmatic) {
   if (quants == nullptr || scales == nullptr || reinterpret_cast<uintptr_t>(quants) % 16 != 0 ||
       reinterpret_cast<uintptr_t>(scales) % 2 != 0) {
     return Status::invalid_argument;
   }
-  return run(SplitQ4_0Blocks{quants, scales}, n_out, k, x, m, y, stream);
+  return run(SplitQ4_0Blocks{quants, scales}, n_out, k, x, m, y, stream, programmatic);
 }
 
 Status w4a16_gemv_int4_groups(const uint8_t* quants, const __half* scales, const uint8_t* zeros,
                               int64_t group, int64_t n_out, int64_t k, const __half* x, int64_t m, float* y,
-                              cudaStream_t stream) {
+                              cudaStream_t stream, bool programmatic) {
   Int4GroupBlocks blocks{};
   if (!w4a16::make_int4_group_blocks(quants, scales, zeros, group, k, blocks))
     return Status::invalid_argument;
-  return run(blocks, n_out, k, x, m, y, stream);
+  return run(blocks, n_out, k, x, m, y, stream, programmatic);
 }
 
 Status w4a16_gemv_q4_k(const uint8_t* w, int64_t n_out, int64_t k, const __half* x, int64_t m, float* y,
-                       cudaStream_t stream) {
+                       cudaStream_t stream, bool programmatic) {
   if (w == nullptr || reinterpret_cast<uintptr_t>(w) % 16 != 0 || k % kQK_K != 0)
     return Status::invalid_argument;
-  return run(Q4KBlocks{w}, n_out, k, x, m, y, stream);
+  return run(Q4KBlocks{w}, n_out, k, x, m, y, stream, programmatic);
 }
 
 }  // namespace nibble::kernels::cuda

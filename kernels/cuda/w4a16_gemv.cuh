@@ -22,16 +22,19 @@ constexpr int64_t kW4A16GemvMaxM = 32;
 // w: [n_out, k / 32] Q4_0 blocks (BlockQ4_0), rows k / 32 * 18 bytes apart, 2-byte aligned
 // x: [m, k] __half, row-major (rows k apart), 16-byte aligned
 // y: [m, n_out] float, row-major (rows n_out apart)
-// k must be a multiple of 32 and 1 <= m <= 32. Enqueues one kernel on `stream` (asynchronous).
-// Returns invalid_argument (nothing launched) for a bad argument, device_error if the launch fails.
+// k must be a multiple of 32 and 1 <= m <= 32. Enqueues one kernel on `stream` (asynchronous);
+// programmatic: as a programmatic dependent launch (kernels/cuda/dependent_launch.cuh: its blocks
+// may be scheduled before the previous kernel ends and wait for its results; the same results). Returns
+// invalid_argument (nothing launched) for a bad argument, device_error if the launch fails.
 Status w4a16_gemv_q4_0(const uint8_t* w, int64_t n_out, int64_t k, const __half* x, int64_t m, float* y,
-                       cudaStream_t stream);
+                       cudaStream_t stream, bool programmatic = false);
 
 // The same product from the split layout (kernels::split_q4_0), all device pointers:
 // quants: [n_out, k / 2] bytes, 16-byte aligned; scales: [n_out, k / 32] __half, 2-byte aligned;
 // x, y, k, m as above. Returns what w4a16_gemv_q4_0 returns, bit-identical results.
 Status w4a16_gemv_q4_0_split(const uint8_t* quants, const __half* scales, int64_t n_out, int64_t k,
-                             const __half* x, int64_t m, float* y, cudaStream_t stream);
+                             const __half* x, int64_t m, float* y, cudaStream_t stream,
+                             bool programmatic = false);
 
 // Group-wise INT4 (kernels/int4_groups.hpp), all device pointers:
 // quants: [n_out, k / 2] bytes, 16-byte aligned; scales: [n_out, k / group] __half, 2-byte aligned;
@@ -39,12 +42,12 @@ Status w4a16_gemv_q4_0_split(const uint8_t* quants, const __half* scales, int64_
 // above. At group 32 with every zero 8 the results equal w4a16_gemv_q4_0_split's bit for bit.
 Status w4a16_gemv_int4_groups(const uint8_t* quants, const __half* scales, const uint8_t* zeros,
                               int64_t group, int64_t n_out, int64_t k, const __half* x, int64_t m, float* y,
-                              cudaStream_t stream);
+                              cudaStream_t stream, bool programmatic = false);
 
 // GGUF Q4_K (kernels::BlockQ4_K, 144 bytes per 256 weights), read as stored:
 // w: [n_out, k / 256] blocks, rows k / 256 * 144 bytes apart, 16-byte aligned; k a multiple of 256.
 // Each weight is (d * scale) * q - dmin * min rounded as kernels::dequantize_row rounds it.
 Status w4a16_gemv_q4_k(const uint8_t* w, int64_t n_out, int64_t k, const __half* x, int64_t m, float* y,
-                       cudaStream_t stream);
+                       cudaStream_t stream, bool programmatic = false);
 
 }  // namespace nibble::kernels::cuda

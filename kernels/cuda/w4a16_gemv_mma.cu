@@ -30,6 +30,7 @@
 #include <algorithm>
 #include <atomic>
 
+#include "kernels/cuda/dependent_launch.cuh"
 #include "kernels/cuda/mma.cuh"
 #include "kernels/cuda/w4a16_gemv_mma.cuh"
 #include "kernels/cuda/w4a16_weights.cuh"
@@ -123,7 +124,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   const __half* x_src = x + x_row0 * k + stage_begin * kStageInputs + x_part * 8;  // + i * kXRowStep rows
   const int64_t x_inputs_left = k - stage_begin * kStageInputs - x_part * 8;
   const int x_dst = kWSlotBytes + (x_row0 * kXRowHalves + x_part * 8) * 2;
-  const auto load_stage = [&](int stage, int slot) {  // stage: relative to stage_begin
+  // A stage's copies (stage: relative to stage_begin): its weights, then its x rows.
+  const auto load_stage_weights = [&](int stage, int slot) {
     uint8_t* slot_base = smem + slot * kSlotBytes;
     const bool unit_ok = static_cast<int64_t>(stage) * kStageUnits < w_units_left;
 #pragma unroll
@@ -132,6 +134,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       cp_async_16(slot_base + w_dst + i * kWRowStep * kWRowBytes,
                   valid ? w_src[i] + stage * (kStageUnits * 16) : quants, valid);
     }
+  };
+  const auto load_stage_x = [&](int stage, int slot) {
+    uint8_t* slot_base = smem + slot * kSlotBytes;
     const bool input_ok = static_cast<int64_t>(stage) * kStageInputs < x_inputs_left;
 #pragma unroll
     for (int i = 0; i < kXChunks; ++i) {
@@ -140,6 +145,10 @@ __global__ void __launch_bounds__(kThreads, 1)
                     input_ok ? x_src + i * kXRowStep * k + stage * kStageInputs : x, input_ok);
       }
     }
+  };
+  const auto load_stage = [&](int stage, int slot) {
+    load_stage_weights(stage, slot);
+    load_stage_x(stage, slot);
   };
 
   // (scale, zero) pairs p = tid + 256 i of a stage (i < groups_per_stage / 2): row p / groups_per_stage,
@@ -237,6 +246,10 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   // Prologue: x rows m..15 of every slot are zero for good (never copied); stages 0..2 in flight;
   // their pairs stored; stage 3's pairs in registers; stages 4 and 5's pairs on their way to L2.
+  // Everything but x is weights, which no kernel writes: it all goes before the wait for the previous
+  // kernel (a no-op unless launched programmatically), so that the first 48 KB of weights are on
+  // their way while that kernel finishes. Stages 0..2's weights then share cp.async group 0 with
+  // stage 0's x (group i still holds all of stage i).
   for (int e = tid; e < kStages * (16 - m) * (kXRowHalves / 8); e += kThreads) {
     const int per_slot = (16 - m) * (kXRowHalves / 8);
     const int slot = e / per_slot, r = m + (e % per_slot) / (kXRowHalves / 8), c = e % (kXRowHalves / 8);
@@ -244,10 +257,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         make_uint4(0, 0, 0, 0);
   }
 #pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < n_stages) load_stage(s, s);
-    cp_async_commit();  // empty groups too: group i always holds stage i
-  }
+  for (int s = 0; s < kStages - 1; ++s)
+    if (s < n_stages) load_stage_weights(s, s);
   uint32_t pairs_next[kPairsPerThread];
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
@@ -258,6 +269,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   if (kStages - 1 < n_stages) load_pairs(kStages - 1, pairs_next);
   for (int s = kStages; s < kStages + 2 && s < n_stages; ++s) prefetch_pairs(s);
+  detail::wait_for_prior_grids();
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < n_stages) load_stage_x(s, s);
+    cp_async_commit();  // empty groups too: group i always holds stage i
+  }
 
   for (int i = 0; i < n_stages; ++i) {
     cp_async_wait<kStages - 2>();  // stage i has landed (this thread's copies)
@@ -384,7 +401,7 @@ int max_cluster_size(int device) {
 
 Status w4a16_gemv_int4_groups_mma(const uint8_t* quants, const __half* scales, const uint8_t* zeros,
                                   int64_t group, int64_t n_out, int64_t k, const __half* x, int64_t m,
-                                  float* y, cudaStream_t stream) {
+                                  float* y, cudaStream_t stream, bool programmatic) {
   w4a16::Int4GroupBlocks blocks{};
   if (!w4a16::make_int4_group_operands(quants, scales, zeros, group, k, x, y, blocks))
     return Status::invalid_argument;
@@ -412,13 +429,14 @@ Status w4a16_gemv_int4_groups_mma(const uint8_t* quants, const __half* scales, c
   config.blockDim = dim3(kThreads, 1, 1);
   config.dynamicSmemBytes = kSmemBytes;
   config.stream = stream;
-  cudaLaunchAttribute cluster{};
-  cluster.id = cudaLaunchAttributeClusterDimension;
-  cluster.val.clusterDim.x = 1;
-  cluster.val.clusterDim.y = static_cast<unsigned>(splits);
-  cluster.val.clusterDim.z = 1;
-  config.attrs = &cluster;
-  config.numAttrs = 1;
+  cudaLaunchAttribute attrs[2] = {};
+  attrs[0].id = cudaLaunchAttributeClusterDimension;
+  attrs[0].val.clusterDim.x = 1;
+  attrs[0].val.clusterDim.y = static_cast<unsigned>(splits);
+  attrs[0].val.clusterDim.z = 1;
+  attrs[1] = detail::programmatic_launch_attribute();
+  config.attrs = attrs;
+  config.numAttrs = programmatic ? 2 : 1;
   const cudaError_t launched =
       cudaLaunchKernelEx(&config, gemv_int4_groups_mma_kernel, quants, scales, zeros, blocks.group_shift,
                          n_out, k, x, static_cast<int>(m), y, stages_per_split);

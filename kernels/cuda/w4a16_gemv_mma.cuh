@@ -30,11 +30,13 @@ constexpr int64_t kW4A16GemvMmaMaxM = 16;
 // x:      [m, k] __half, row-major (rows k apart), 16-byte aligned
 // y:      [m, n_out] float, row-major (rows n_out apart); every element written
 // group: 32, 64 or 128, dividing k; 1 <= m <= 16; n_out >= 0 (0: nothing launched); k == 0 gives
-// zeros. Enqueues work on `stream` (asynchronous). Returns invalid_argument (nothing launched) for a
-// bad argument, device_error if a CUDA call fails. Same arguments and layout as
-// w4a16_gemv_int4_groups (kernels/cuda/w4a16_gemv.cuh).
+// zeros. Enqueues work on `stream` (asynchronous); programmatic: as a programmatic dependent launch
+// (kernels/cuda/dependent_launch.cuh), which starts the copies of the first three stages' weights
+// before waiting for the previous kernel. Returns invalid_argument (nothing launched) for a bad
+// argument, device_error if a CUDA call fails. Same arguments and layout as w4a16_gemv_int4_groups
+// (kernels/cuda/w4a16_gemv.cuh).
 Status w4a16_gemv_int4_groups_mma(const uint8_t* quants, const __half* scales, const uint8_t* zeros,
                                   int64_t group, int64_t n_out, int64_t k, const __half* x, int64_t m,
-                                  float* y, cudaStream_t stream);
+                                  float* y, cudaStream_t stream, bool programmatic = false);
 
 }  // namespace nibble::kernels::cuda

@@ -22,7 +22,7 @@ void choose_int4_groups_kernels(Int4GroupsTuning& t) {
 namespace {
 
 using Int4GroupsKernel = Status (*)(const uint8_t*, const __half*, const uint8_t*, int64_t, int64_t, int64_t,
-                                    const __half*, int64_t, float*, cudaStream_t);
+                                    const __half*, int64_t, float*, cudaStream_t, bool);
 
 struct Scratch {
   void* ptr = nullptr;
@@ -60,7 +60,7 @@ Status tune_int4_groups(const std::vector<Int4GroupsMatrix>& matrices, int64_t g
         [&](int i) {
           const Int4GroupsMatrix& w = matrices[static_cast<size_t>(i) % matrices.size()];
           launch = kernel(w.quants, w.scales, w.zeros, group, n_out, k, static_cast<const __half*>(x.ptr), m,
-                          static_cast<float*>(y.ptr), stream);
+                          static_cast<float*>(y.ptr), stream, /*programmatic=*/false);
           return launch == Status::ok;
         },
         us, event_err);

@@ -123,12 +123,13 @@ struct Entry {
 // Runs the scenario on both devices and checks every step's logits, the KV cache at the end and
 // the greedy ids of the last step.
 void compare_scenario(const std::string& path, double bound, bool decode_attention,
-                      w::Int4Kernels int4_kernels = w::Int4Kernels::measured) {
+                      w::Int4Kernels int4_kernels = w::Int4Kernels::measured, bool programmatic = false) {
   const auto checkpoint = m::LlamaCheckpoint::open(path);
   w::LlamaModel cpu(checkpoint);
   w::CudaModelOptions options;
   options.decode_attention = decode_attention;
   options.int4_kernels = int4_kernels;
+  options.programmatic_launch = programmatic;
   w::CudaLlamaModel gpu(checkpoint, options);
   const auto& c = cpu.config();
   const int64_t block_size = 8, mbps = 8, n_blocks = 2 * mbps + 5;
@@ -268,13 +269,17 @@ TEST(CudaLlamaModel, GptqAndAwqCheckpointsMatchTheCpu) {
     w::CudaLlamaModel gpu(checkpoint);
     EXPECT_LE(gpu.weight_bytes(), four_bit_weight_bytes_bound(checkpoint->config()));
   }
-  // The group-wise INT4 ones on each kernel family, whichever the load-time timing would pick.
+  // The group-wise INT4 ones on each kernel family, whichever the load-time timing would pick, and
+  // with the products launched programmatically (PDL).
   for (const char* name : {"awq-g64", "gptq-perchannel-asym-v2"}) {
     for (const auto kernels : {w::Int4Kernels::cuda_cores, w::Int4Kernels::tensor_cores}) {
-      SCOPED_TRACE(std::string(name) +
-                   (kernels == w::Int4Kernels::cuda_cores ? " CUDA cores" : " tensor cores"));
-      compare_scenario((t::test_data_dir() / "gptq-tiny-llama" / name).string(), kQuantizedBound,
-                       /*decode_attention=*/true, kernels);
+      for (const bool programmatic : {false, true}) {
+        SCOPED_TRACE(std::string(name) +
+                     (kernels == w::Int4Kernels::cuda_cores ? " CUDA cores" : " tensor cores") +
+                     (programmatic ? ", programmatic launches" : ""));
+        compare_scenario((t::test_data_dir() / "gptq-tiny-llama" / name).string(), kQuantizedBound,
+                         /*decode_attention=*/true, kernels, programmatic);
+      }
     }
   }
   // Act-order GPTQ goes up as fp16 with its input permutation applied at upload.
@@ -423,13 +428,16 @@ TEST(CudaLlamaModel, RejectsBadBatchesOnTheHost) {
 // shape seen once runs directly, that decode steps of one shape reuse one graph (also while the
 // tables widen within a power of two), and that growing the buffers (a long batch after capture)
 // drops the graphs instead of replaying stale addresses.
-void check_graph_replay(k::DType type) {
+// programmatic: the graphed model also launches its matrix products programmatically (PDL), which
+// must change no bit either.
+void check_graph_replay(k::DType type, bool programmatic = false) {
   NIBBLE_REQUIRE_CUDA_DEVICE();
   t::TempDir dir;
   const std::string path = random_model(dir.path(), tiny_shape(256, 4, 2), type);
   const auto checkpoint = m::LlamaCheckpoint::open(path);
   w::CudaModelOptions direct_options, graph_options;
   graph_options.graphs = true;
+  graph_options.programmatic_launch = programmatic;
   w::CudaLlamaModel direct(checkpoint, direct_options), graphed(checkpoint, graph_options);
   const auto& c = direct.config();
   const int64_t block_size = 16, mbps = 8;
@@ -492,6 +500,9 @@ void check_graph_replay(k::DType type) {
 
 TEST(CudaLlamaModelGraphs, ReplayEqualsDirectLaunchesQ4_0) { check_graph_replay(k::DType::Q4_0); }
 TEST(CudaLlamaModelGraphs, ReplayEqualsDirectLaunchesF16) { check_graph_replay(k::DType::F16); }
+TEST(CudaLlamaModelGraphs, ProgrammaticLaunchesInGraphsEqualDirectLaunchesQ4_0) {
+  check_graph_replay(k::DType::Q4_0, /*programmatic=*/true);
+}
 
 // The fixture prompt (the first n_prompt ids of M.tokens).
 std::vector<int32_t> fixture_prompt(const std::filesystem::path& tokens_file) {

@@ -1,0 +1,93 @@
+// Programmatic dependent launches (kernels/cuda/dependent_launch.cuh): every W4A16 kernel launched
+// that way right after the kernel that writes its input (add_rms_norm_f32, as in the forward pass)
+// must read that kernel's output, not what the buffer held before, and give the bits of a plain
+// launch. The input buffer is filled with NaNs before each norm, so a product that read too early
+// would come out NaN.
+#include <cuda_fp16.h>
+#include <cuda_runtime_api.h>
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <functional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "kernels/cuda/residual_norm.cuh"
+#include "kernels/cuda/w4a16_gemm.cuh"
+#include "kernels/cuda/w4a16_gemv.cuh"
+#include "kernels/cuda/w4a16_gemv_mma.cuh"
+#include "tests/cuda/cuda_test_util.hpp"
+#include "tests/cuda/w4a16_test_util.hpp"
+
+namespace {
+
+namespace kc = nibble::kernels::cuda;
+namespace ct = nibble::cuda_test;
+using nibble::kernels::Status;
+
+using Int4Kernel = Status (*)(const uint8_t*, const __half*, const uint8_t*, int64_t, int64_t, int64_t,
+                              const __half*, int64_t, float*, cudaStream_t, bool);
+
+struct Case {
+  const char* name;
+  Int4Kernel kernel;
+  int64_t m;
+};
+
+TEST(CudaDependentLaunch, ProductsLaunchedProgrammaticallyReadTheNormsOutput) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  const int64_t k = 8192, n_out = 3001, group = 128;
+  std::mt19937 rng(11);
+  ct::DeviceInt4Groups w;
+  ASSERT_NO_FATAL_FAILURE(ct::make_device_int4_groups(n_out, k, group, rng, w));
+  const int64_t max_m = 48;
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> residual_host(static_cast<size_t>(max_m * k)), norm_weight_host(static_cast<size_t>(k));
+  for (auto& v : residual_host) v = normal(rng);
+  for (auto& v : norm_weight_host) v = 0.5f + 0.1f * normal(rng);
+  ct::DeviceBuffer<float> residual(residual_host), norm_weight(norm_weight_host);
+  ct::DeviceBuffer<uint16_t> x(static_cast<size_t>(max_m * k));
+  ct::DeviceBuffer<float> y(static_cast<size_t>(max_m * n_out));
+  ASSERT_TRUE(residual.ptr && norm_weight.ptr && x.ptr && y.ptr);
+  cudaStream_t stream = nullptr;
+  ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
+  auto* xh = reinterpret_cast<__half*>(x.ptr);
+
+  // NaNs into x, the norm writes x, the product reads it; y back on the host.
+  const auto run = [&](const Case& c, bool programmatic) {
+    EXPECT_EQ(cudaMemsetAsync(x.ptr, 0xFF, x.count * sizeof(uint16_t), stream), cudaSuccess);
+    EXPECT_EQ(cudaMemsetAsync(y.ptr, 0, y.count * sizeof(float), stream), cudaSuccess);
+    EXPECT_EQ(kc::add_rms_norm_f32(residual.ptr, nullptr, norm_weight.ptr, xh, c.m, k, 1e-5f, stream),
+              Status::ok);
+    EXPECT_EQ(c.kernel(w.quants->ptr, w.scales_half(), w.zeros->ptr, group, n_out, k, xh, c.m, y.ptr, stream,
+                       programmatic),
+              Status::ok);
+    EXPECT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+    std::vector<float> out = y.to_host();
+    out.resize(static_cast<size_t>(c.m * n_out));
+    return out;
+  };
+  const Case cases[] = {
+      {"CUDA-core GEMV", kc::w4a16_gemv_int4_groups, 1},
+      {"CUDA-core GEMV", kc::w4a16_gemv_int4_groups, 7},
+      {"tensor-core GEMV", kc::w4a16_gemv_int4_groups_mma, 1},
+      {"tensor-core GEMV", kc::w4a16_gemv_int4_groups_mma, 16},
+      {"WMMA GEMM", kc::w4a16_gemm_int4_groups, 48},
+      {"mma GEMM", kc::w4a16_gemm_int4_groups_mma, 48},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(std::string(c.name) + ", m = " + std::to_string(c.m));
+    const std::vector<float> plain = run(c, false);
+    for (float v : plain) ASSERT_TRUE(std::isfinite(v)) << "the plain launch read NaNs";
+    // Repeated: a missing wait would be a race, not a certainty.
+    for (int rep = 0; rep < 20; ++rep) {
+      const std::vector<float> programmatic = run(c, true);
+      ASSERT_EQ(programmatic, plain) << "repetition " << rep;
+    }
+  }
+  cudaStreamDestroy(stream);
+}
+
+}  // namespace

@@ -145,8 +145,9 @@ struct DeviceMatrix {
   // ([n_out, k / group] bytes) follow the nibbles ([n_out, k / 2] bytes) in mem.
   int64_t group = 0;
   size_t scales_offset = 0, zeros_offset = 0;
-  // int4_groups: the kernels chosen for its shape (CudaModelOptions::int4_kernels).
-  bool decode_tensor_cores = false, prefill_mma = false;
+  // int4_groups: the kernel chosen for its shape per row range (CudaModelOptions::int4_kernels).
+  kc::Int4Kernel int4_kernel[kc::kInt4RowRanges] = {
+      kc::Int4Kernel::gemv_cuda_cores, kc::Int4Kernel::gemv_cuda_cores, kc::Int4Kernel::gemm_wmma};
   int64_t bytes() const { return mem != nullptr ? static_cast<int64_t>(mem->bytes()) : 0; }
 };
 
@@ -481,11 +482,11 @@ struct CudaLlamaModel::Impl {
       case DeviceKind::int4_groups: {
         const auto* scales = reinterpret_cast<const __half*>(wd + w.scales_offset);
         const uint8_t* zeros = wd + w.zeros_offset;
-        const auto kernel = m <= kc::kW4A16GemvMmaMaxM && w.decode_tensor_cores
-                                ? kc::w4a16_gemv_int4_groups_mma
-                            : gemv          ? kc::w4a16_gemv_int4_groups
-                            : w.prefill_mma ? kc::w4a16_gemm_int4_groups_mma
-                                            : kc::w4a16_gemm_int4_groups;
+        const kc::Int4Kernel which = w.int4_kernel[kc::int4_row_range(m)];
+        const auto kernel = which == kc::Int4Kernel::gemv_cuda_cores     ? kc::w4a16_gemv_int4_groups
+                            : which == kc::Int4Kernel::gemv_tensor_cores ? kc::w4a16_gemv_int4_groups_mma
+                            : which == kc::Int4Kernel::gemm_mma          ? kc::w4a16_gemm_int4_groups_mma
+                                                                         : kc::w4a16_gemm_int4_groups;
         check(kernel(wd, scales, zeros, w.group, w.n_out, w.k, x, m, y, stream, pdl),
               "W4A16 matmul (INT4 groups)");
         return;
@@ -615,6 +616,15 @@ void CudaLlamaModel::Impl::upload_weights(model::LlamaWeights weights) {
   }
 }
 
+// CudaInt4KernelChoice mirrors the tuning's constants without CUDA headers.
+static_assert(kc::kInt4RowRanges == 3 && kc::kInt4Kernels == 4);
+static_assert(CudaInt4KernelChoice::range_timed_rows[0][0] == kc::kInt4RangeTimedRows[0][0] &&
+              CudaInt4KernelChoice::range_timed_rows[0][1] == kc::kInt4RangeTimedRows[0][1] &&
+              CudaInt4KernelChoice::range_timed_rows[1][0] == kc::kInt4RangeTimedRows[1][0] &&
+              CudaInt4KernelChoice::range_timed_rows[1][1] == kc::kInt4RangeTimedRows[1][1] &&
+              CudaInt4KernelChoice::range_timed_rows[2][0] == kc::kInt4RangeTimedRows[2][0] &&
+              CudaInt4KernelChoice::range_timed_rows[2][1] == kc::kInt4RangeTimedRows[2][1]);
+
 void CudaLlamaModel::Impl::choose_int4_kernels() {
   // The matrices by shape, shapes in order of first appearance.
   std::vector<std::pair<CudaInt4KernelChoice, std::vector<DeviceMatrix*>>> shapes;
@@ -642,6 +652,7 @@ void CudaLlamaModel::Impl::choose_int4_kernels() {
   int4_choices.clear();
   for (auto& [choice, list] : shapes) {
     choice.matrices = static_cast<int64_t>(list.size());
+    kc::Int4GroupsTuning t;
     if (options.int4_kernels == Int4Kernels::measured) {
       std::vector<kc::Int4GroupsMatrix> matrices;
       for (const DeviceMatrix* w : list) {
@@ -649,7 +660,6 @@ void CudaLlamaModel::Impl::choose_int4_kernels() {
         matrices.push_back(
             {base, reinterpret_cast<const __half*>(base + w->scales_offset), base + w->zeros_offset});
       }
-      kc::Int4GroupsTuning t;
       std::string error;
       const kernels::Status st =
           kc::tune_int4_groups(matrices, choice.group, choice.n_out, choice.k, stream, t, error);
@@ -658,20 +668,15 @@ void CudaLlamaModel::Impl::choose_int4_kernels() {
                                  std::to_string(choice.k) +
                                  " matrix failed: " + (error.empty() ? kernels::status_name(st) : error));
       }
-      choice.decode_tensor_cores = t.decode_tensor_cores;
-      choice.prefill_mma = t.prefill_mma;
-      std::copy(std::begin(t.gemv_cuda_cores_us), std::end(t.gemv_cuda_cores_us), choice.gemv_cuda_cores_us);
-      std::copy(std::begin(t.gemv_tensor_cores_us), std::end(t.gemv_tensor_cores_us),
-                choice.gemv_tensor_cores_us);
-      choice.gemm_wmma_us = t.gemm_wmma_us;
-      choice.gemm_mma_us = t.gemm_mma_us;
+      std::copy(&t.us[0][0][0], &t.us[0][0][0] + sizeof t.us / sizeof(double), &choice.us[0][0][0]);
       choice.skipped = t.skipped;
-    } else {
-      choice.decode_tensor_cores = choice.prefill_mma = options.int4_kernels == Int4Kernels::tensor_cores;
-    }
-    for (DeviceMatrix* w : list) {
-      w->decode_tensor_cores = choice.decode_tensor_cores;
-      w->prefill_mma = choice.prefill_mma;
+    } else if (options.int4_kernels == Int4Kernels::tensor_cores) {
+      t.chosen[0] = kc::Int4Kernel::gemv_tensor_cores;
+      t.chosen[1] = t.chosen[2] = kc::Int4Kernel::gemm_mma;
+    }  // cuda_cores: Int4GroupsTuning's defaults
+    for (int r = 0; r < kc::kInt4RowRanges; ++r) {
+      choice.chosen[r] = static_cast<int>(t.chosen[r]);
+      for (DeviceMatrix* w : list) w->int4_kernel[r] = t.chosen[r];
     }
     int4_choices.push_back(choice);
   }

@@ -18,9 +18,9 @@
 //
 // Weights are uploaded at construction. 4-bit matrices stay 4-bit: GGUF Q4_0 and Q4_K as stored,
 // GPTQ / AWQ (and Q4_0 whose scale repeats over 64 or 128 inputs) as group-wise INT4 (the kinds are
-// listed in cuda_llama_model.cpp). Up to 32 rows take a GEMV, more a tensor-core GEMM; for group-wise
-// INT4, which of two kernels serves each regime (CUDA-core or tensor-core GEMV for 1..16 rows, WMMA or
-// mma GEMM) is chosen per matrix shape at load, by timing both on this device
+// listed in cuda_llama_model.cpp). Q4_0 and Q4_K take a GEMV up to 32 rows, a tensor-core GEMM
+// above; group-wise INT4 takes, per matrix shape and row range (1-16, 17-32, more), the fastest of its
+// four kernels (CUDA-core or tensor-core GEMV, WMMA or mma GEMM) as timed on this device at load
 // (CudaModelOptions::int4_kernels, kernels/cuda/w4a16_tuning.cuh). Every other type (F32, F16,
 // BF16, Q8_0 of 8-bit weights, Q6_K) is dequantized on the host and stored as fp16, multiplied by
 // cuBLAS (fp16 inputs, fp32 accumulation and output): fp16 costs at most 2^-11 relative per weight
@@ -112,22 +112,25 @@ class CudaKvCache {
 };
 
 // How group-wise INT4 matrices (GPTQ / AWQ, dummy weights, Q4_0 whose scale repeats over 64 or more
-// inputs) pick their kernels (kernels/cuda/w4a16_tuning.cuh):
-//   measured:     the faster on this device, timed per matrix shape on the model's weights at load;
-//   cuda_cores:   the CUDA-core GEMV (up to 32 rows) and the WMMA GEMM (more);
-//   tensor_cores: the tensor-core GEMV (up to 16 rows; the CUDA-core one to 32) and the mma GEMM.
+// inputs) pick their kernels (kernels/cuda/w4a16_tuning.cuh), per range of activation rows:
+//   measured:     the fastest on this device, timed per matrix shape on the model's weights at load;
+//   cuda_cores:   the CUDA-core GEMV up to 32 rows, the WMMA GEMM above;
+//   tensor_cores: the tensor-core GEMV up to 16 rows, the mma GEMM above.
 enum class Int4Kernels { measured, cuda_cores, tensor_cores };
 
-// The kernels one group-wise INT4 matrix shape uses, with the load-time times behind the choice
-// (device microseconds per product; 0 when not timed: a fixed choice, or a candidate that failed).
+// The kernels one group-wise INT4 matrix shape uses, with the load-time times behind the choice.
 struct CudaInt4KernelChoice {
+  static constexpr const char* kernel_names[4] = {"CUDA-core GEMV", "tensor-core GEMV", "WMMA GEMM",
+                                                  "mma GEMM"};
+  // The row ranges 1-16, 17-32 and over 32, and the row counts each is timed at (0: none).
+  static constexpr int64_t range_timed_rows[3][2] = {{1, 16}, {32, 0}, {256, 0}};
   int64_t n_out = 0, k = 0, group = 0;
-  int64_t matrices = 0;              // how many of the model's matrices have this shape
-  bool decode_tensor_cores = false;  // 1..16 rows on the tensor-core GEMV
-  bool prefill_mma = false;          // over 32 rows on the mma GEMM (else the WMMA one)
-  double gemv_cuda_cores_us[2] = {}, gemv_tensor_cores_us[2] = {};  // at 1 and 16 rows
-  double gemm_wmma_us = 0.0, gemm_mma_us = 0.0;                     // at 256 rows
-  std::string skipped;  // candidates that failed to launch, and how
+  int64_t matrices = 0;       // how many of the model's matrices have this shape
+  int chosen[3] = {0, 0, 2};  // per range, the kernel (an index into kernel_names)
+  double us[3][4][2] = {};    // device microseconds per product by range, kernel and timed row
+                              // count; 0: not timed (a fixed choice, a kernel that does not take
+                              // that many rows, or one that failed to launch)
+  std::string skipped;        // candidates that failed to launch, and how
 };
 
 struct CudaModelOptions {

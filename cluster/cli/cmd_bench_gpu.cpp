@@ -156,30 +156,49 @@ double time_decode_step(GpuModel& g, int64_t seqs, int gen_tokens, int repetitio
   return median(runs);
 }
 
-// The INT4 kernels the model chose at load, per matrix shape, with the times behind each choice.
+// The INT4 kernels the model chose at load, per matrix shape and row range, with the times behind
+// each choice and the chosen kernel's fraction of the copy bandwidth.
 void print_int4_choices(const worker::CudaLlamaModel& model, double copy_gbps) {
+  using Choice = worker::CudaInt4KernelChoice;
   const auto& choices = model.int4_kernel_choices();
   if (choices.empty()) return;
   std::printf(
-      "\nINT4 kernels per matrix shape (us per product at load; CUDA-core vs tensor-core GEMV at 1 and 16 "
-      "rows, WMMA vs mma GEMM at 256 rows; %%copy at 1 row of the chosen GEMV):\n");
-  std::printf("%-14s %5s %4s | %9s %9s %9s %9s %-12s %6s | %9s %9s %-5s\n", "n_out x k", "mats", "grp",
-              "cc 1", "tc 1", "cc 16", "tc 16", "decode", "%copy", "wmma 256", "mma 256", "prefill");
-  for (const worker::CudaInt4KernelChoice& ch : choices) {
-    char shape[40];
-    std::snprintf(shape, sizeof shape, "%lldx%lld", static_cast<long long>(ch.n_out),
-                  static_cast<long long>(ch.k));
-    const double one_us = ch.decode_tensor_cores ? ch.gemv_tensor_cores_us[0] : ch.gemv_cuda_cores_us[0];
-    // Bytes of one product at 1 row: nibbles, a scale and a zero per group, x and y.
-    const double bytes = static_cast<double>(ch.n_out) * static_cast<double>(ch.k) *
-                             (0.5 + 3.0 / static_cast<double>(ch.group)) +
-                         2.0 * static_cast<double>(ch.k) + 4.0 * static_cast<double>(ch.n_out);
-    std::printf("%-14s %5lld %4lld | %9.1f %9.1f %9.1f %9.1f %-12s %5.0f%% | %9.1f %9.1f %-5s\n", shape,
-                static_cast<long long>(ch.matrices), static_cast<long long>(ch.group),
-                ch.gemv_cuda_cores_us[0], ch.gemv_tensor_cores_us[0], ch.gemv_cuda_cores_us[1],
-                ch.gemv_tensor_cores_us[1], ch.decode_tensor_cores ? "tensor cores" : "CUDA cores",
-                one_us > 0 ? 100.0 * bytes / (one_us * 1e-6) / 1e9 / copy_gbps : 0.0, ch.gemm_wmma_us,
-                ch.gemm_mma_us, ch.prefill_mma ? "mma" : "WMMA");
+      "\nINT4 kernels per matrix shape and row range (device us per product, timed at load on the model's "
+      "weights; *: chosen for the range; %%copy: the chosen kernel's bytes moved over copy bandwidth):\n");
+  std::printf("%-26s %5s |", "n_out x k (matrices, group)", "rows");
+  for (const char* name : Choice::kernel_names) std::printf(" %17s", name);
+  std::printf(" | %6s\n", "%copy");
+  for (const Choice& ch : choices) {
+    char shape[64];
+    std::snprintf(shape, sizeof shape, "%lldx%lld (%lld, g%lld)", static_cast<long long>(ch.n_out),
+                  static_cast<long long>(ch.k), static_cast<long long>(ch.matrices),
+                  static_cast<long long>(ch.group));
+    bool first = true;
+    for (int r = 0; r < 3; ++r) {
+      for (int c = 0; c < 2; ++c) {
+        const int64_t m = Choice::range_timed_rows[r][c];
+        if (m == 0) continue;
+        std::printf("%-26s %5lld |", first ? shape : "", static_cast<long long>(m));
+        first = false;
+        for (int kernel = 0; kernel < 4; ++kernel) {
+          const double us = ch.us[r][kernel][c];
+          if (us > 0)
+            std::printf(" %16.1f%s", us, kernel == ch.chosen[r] ? "*" : " ");
+          else
+            std::printf(" %16s%s", "-", kernel == ch.chosen[r] ? "*" : " ");
+        }
+        // Bytes one product moves: nibbles, a scale and a zero per group, x (fp16) and y (fp32).
+        const double bytes =
+            static_cast<double>(ch.n_out) * static_cast<double>(ch.k) *
+                (0.5 + 3.0 / static_cast<double>(ch.group)) +
+            static_cast<double>(m) * (2.0 * static_cast<double>(ch.k) + 4.0 * static_cast<double>(ch.n_out));
+        const double chosen_us = ch.us[r][ch.chosen[r]][c];
+        if (chosen_us > 0)
+          std::printf(" | %5.0f%%\n", 100.0 * bytes / (chosen_us * 1e-6) / 1e9 / copy_gbps);
+        else
+          std::printf(" | %6s\n", "-");
+      }
+    }
     if (!ch.skipped.empty()) std::printf("  skipped: %s\n", ch.skipped.c_str());
   }
 }
@@ -260,16 +279,29 @@ int run_model(const Args& a) {
   }
   nlohmann::json int4 = nlohmann::json::array();
   for (const worker::CudaInt4KernelChoice& ch : target.model->int4_kernel_choices()) {
+    nlohmann::json ranges = nlohmann::json::array();
+    for (int r = 0; r < 3; ++r) {
+      nlohmann::json timed = nlohmann::json::array();
+      for (int c = 0; c < 2; ++c) {
+        const int64_t m = worker::CudaInt4KernelChoice::range_timed_rows[r][c];
+        if (m == 0) continue;
+        nlohmann::json us = nlohmann::json::object();
+        for (int kernel = 0; kernel < 4; ++kernel)
+          if (ch.us[r][kernel][c] > 0)
+            us[worker::CudaInt4KernelChoice::kernel_names[kernel]] = ch.us[r][kernel][c];
+        timed.push_back({{"rows", m}, {"us", us}});
+      }
+      ranges.push_back({{"max_rows", r == 0   ? 16
+                                     : r == 1 ? 32
+                                              : -1},
+                        {"chosen", worker::CudaInt4KernelChoice::kernel_names[ch.chosen[r]]},
+                        {"timed", timed}});
+    }
     int4.push_back({{"n_out", ch.n_out},
                     {"k", ch.k},
                     {"group", ch.group},
                     {"matrices", ch.matrices},
-                    {"decode_kernel", ch.decode_tensor_cores ? "tensor_cores" : "cuda_cores"},
-                    {"prefill_kernel", ch.prefill_mma ? "mma" : "wmma"},
-                    {"gemv_cuda_cores_us", ch.gemv_cuda_cores_us},
-                    {"gemv_tensor_cores_us", ch.gemv_tensor_cores_us},
-                    {"gemm_wmma_us", ch.gemm_wmma_us},
-                    {"gemm_mma_us", ch.gemm_mma_us},
+                    {"ranges", ranges},
                     {"skipped", ch.skipped}});
   }
   if (a.json) {

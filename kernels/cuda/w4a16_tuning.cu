@@ -1,6 +1,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
 
 #include "kernels/cuda/event_timer.cuh"
@@ -11,12 +12,45 @@
 
 namespace nibble::kernels::cuda {
 
+const char* int4_kernel_name(Int4Kernel kernel) {
+  switch (kernel) {
+    case Int4Kernel::gemv_cuda_cores:
+      return "CUDA-core GEMV";
+    case Int4Kernel::gemv_tensor_cores:
+      return "tensor-core GEMV";
+    case Int4Kernel::gemm_wmma:
+      return "WMMA GEMM";
+    case Int4Kernel::gemm_mma:
+      return "mma GEMM";
+  }
+  return "?";
+}
+
+int64_t int4_kernel_max_rows(Int4Kernel kernel) {
+  switch (kernel) {
+    case Int4Kernel::gemv_cuda_cores:
+      return kW4A16GemvMaxM;
+    case Int4Kernel::gemv_tensor_cores:
+      return kW4A16GemvMmaMaxM;
+    default:
+      return INT64_MAX;
+  }
+}
+
 void choose_int4_groups_kernels(Int4GroupsTuning& t) {
-  const double* cc = t.gemv_cuda_cores_us;
-  const double* tc = t.gemv_tensor_cores_us;
-  t.decode_tensor_cores = cc[0] > 0.0 && cc[1] > 0.0 && tc[0] > 0.0 && tc[1] > 0.0 &&
-                          std::sqrt((tc[0] / cc[0]) * (tc[1] / cc[1])) < 1.0;
-  t.prefill_mma = t.gemm_mma_us > 0.0 && (t.gemm_wmma_us <= 0.0 || t.gemm_mma_us < t.gemm_wmma_us);
+  for (int r = 0; r < kInt4RowRanges; ++r) {
+    double best = 0.0;
+    for (int kernel = 0; kernel < kInt4Kernels; ++kernel) {
+      const double* us = t.us[r][kernel];
+      const bool two = kInt4RangeTimedRows[r][1] > 0;
+      if (!(us[0] > 0.0) || (two && !(us[1] > 0.0))) continue;
+      const double mean = two ? std::sqrt(us[0] * us[1]) : us[0];
+      if (best == 0.0 || mean < best) {
+        best = mean;
+        t.chosen[r] = static_cast<Int4Kernel>(kernel);
+      }
+    }
+  }
 }
 
 namespace {
@@ -24,10 +58,26 @@ namespace {
 using Int4GroupsKernel = Status (*)(const uint8_t*, const __half*, const uint8_t*, int64_t, int64_t, int64_t,
                                     const __half*, int64_t, float*, cudaStream_t, bool);
 
+Int4GroupsKernel launcher(Int4Kernel kernel) {
+  switch (kernel) {
+    case Int4Kernel::gemv_cuda_cores:
+      return w4a16_gemv_int4_groups;
+    case Int4Kernel::gemv_tensor_cores:
+      return w4a16_gemv_int4_groups_mma;
+    case Int4Kernel::gemm_wmma:
+      return w4a16_gemm_int4_groups;
+    case Int4Kernel::gemm_mma:
+      return w4a16_gemm_int4_groups_mma;
+  }
+  return nullptr;
+}
+
 struct Scratch {
   void* ptr = nullptr;
   ~Scratch() { cudaFree(ptr); }
 };
+
+constexpr int64_t kMaxTimedRows = 256;
 
 }  // namespace
 
@@ -42,17 +92,18 @@ Status tune_int4_groups(const std::vector<Int4GroupsMatrix>& matrices, int64_t g
     error = std::string(what) + ": " + cudaGetErrorString(err);
     return Status::device_error;
   };
-  cudaError_t err = cudaMalloc(&x.ptr, static_cast<size_t>(kTunePrefillRows * k) * sizeof(__half));
+  cudaError_t err = cudaMalloc(&x.ptr, static_cast<size_t>(kMaxTimedRows * k) * sizeof(__half));
   if (err == cudaSuccess)
-    err = cudaMalloc(&y.ptr, static_cast<size_t>(kTunePrefillRows * n_out) * sizeof(float));
+    err = cudaMalloc(&y.ptr, static_cast<size_t>(kMaxTimedRows * n_out) * sizeof(float));
   if (err != cudaSuccess) return fail(err, "cudaMalloc (tuning activations)");
   // Every half 0x2C2C (about 0.06): ordinary finite inputs; the kernels' time does not depend on them.
-  err = cudaMemsetAsync(x.ptr, 0x2C, static_cast<size_t>(kTunePrefillRows * k) * sizeof(__half), stream);
+  err = cudaMemsetAsync(x.ptr, 0x2C, static_cast<size_t>(kMaxTimedRows * k) * sizeof(__half), stream);
   if (err != cudaSuccess) return fail(err, "cudaMemsetAsync (tuning activations)");
 
   // Enough products per loop to visit every matrix (up to 32), so that L2 holds few of them.
   const int iterations = static_cast<int>(std::clamp<size_t>(matrices.size(), 8, 32));
-  const auto time = [&](Int4GroupsKernel kernel, int64_t m, const char* name, double& us) -> Status {
+  const auto time = [&](Int4Kernel which, int64_t m, double& us) -> Status {
+    const Int4GroupsKernel kernel = launcher(which);
     Status launch = Status::ok;
     cudaError_t event_err = cudaSuccess;
     const bool timed = median_call_us(
@@ -70,21 +121,23 @@ Status tune_int4_groups(const std::vector<Int4GroupsMatrix>& matrices, int64_t g
     // A launch that failed: a sticky error (the context is lost) ends the tuning; otherwise this
     // candidate is out.
     const cudaError_t sticky = cudaStreamSynchronize(stream);
-    if (sticky != cudaSuccess) return fail(sticky, name);
+    if (sticky != cudaSuccess) return fail(sticky, int4_kernel_name(which));
     if (!out.skipped.empty()) out.skipped += "; ";
-    out.skipped += std::string(name) + " (" + std::to_string(m) + " rows): " + status_name(launch);
+    out.skipped +=
+        std::string(int4_kernel_name(which)) + " (" + std::to_string(m) + " rows): " + status_name(launch);
     return Status::ok;
   };
-  Status st = Status::ok;
-  for (int r = 0; r < 2 && st == Status::ok; ++r) {
-    st = time(w4a16_gemv_int4_groups, kTuneDecodeRows[r], "CUDA-core GEMV", out.gemv_cuda_cores_us[r]);
-    if (st == Status::ok)
-      st = time(w4a16_gemv_int4_groups_mma, kTuneDecodeRows[r], "tensor-core GEMV",
-                out.gemv_tensor_cores_us[r]);
+  for (int r = 0; r < kInt4RowRanges; ++r) {
+    for (int kernel = 0; kernel < kInt4Kernels; ++kernel) {
+      const auto which = static_cast<Int4Kernel>(kernel);
+      for (int c = 0; c < 2; ++c) {
+        const int64_t m = kInt4RangeTimedRows[r][c];
+        if (m == 0 || m > int4_kernel_max_rows(which)) continue;
+        const Status st = time(which, m, out.us[r][kernel][c]);
+        if (st != Status::ok) return st;
+      }
+    }
   }
-  if (st == Status::ok) st = time(w4a16_gemm_int4_groups, kTunePrefillRows, "WMMA GEMM", out.gemm_wmma_us);
-  if (st == Status::ok) st = time(w4a16_gemm_int4_groups_mma, kTunePrefillRows, "mma GEMM", out.gemm_mma_us);
-  if (st != Status::ok) return st;
   err = cudaStreamSynchronize(stream);
   if (err != cudaSuccess) return fail(err, "tuning W4A16 kernels");
   choose_int4_groups_kernels(out);

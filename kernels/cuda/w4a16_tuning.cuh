@@ -1,12 +1,15 @@
 #pragma once
-// Which group-wise INT4 kernels multiply one weight shape on this device, chosen by timing them on
-// the model's own weights when it loads (TensorRT-LLM's GEMM plugin profiles its tactics the same way
-// when it builds an engine). Two choices, each between kernels with the same arguments and layout:
-//   decode, 1..16 rows: the CUDA-core w4a16_gemv_int4_groups or the tensor-core w4a16_gemv_int4_groups_mma
-//     (17..32 rows always take the CUDA-core GEMV, the only one that goes that far);
-//   prefill, over 32 rows: the WMMA w4a16_gemm_int4_groups or the mma.sync w4a16_gemm_int4_groups_mma.
-// One kernel serves every row count of a regime, so a row's bits do not change with how many decode
-// rows share its batch (each kernel's outputs per row do not depend on m).
+// Which group-wise INT4 kernel multiplies one weight shape on this device, per range of activation
+// rows, chosen by timing the candidates on the model's own weights when it loads (TensorRT-LLM's
+// GEMM plugin profiles its tactics the same way when it builds an engine). The four kernels take
+// the same arguments and layout:
+//   CUDA-core GEMV    w4a16_gemv_int4_groups       (up to 32 rows; m FMAs per weight on the CUDA cores)
+//   tensor-core GEMV  w4a16_gemv_int4_groups_mma   (up to 16 rows; one m16 tile)
+//   WMMA GEMM         w4a16_gemm_int4_groups       (any rows)
+//   mma GEMM          w4a16_gemm_int4_groups_mma   (any rows)
+// Ranges: 1-16 rows (decode; timed at 1 and 16), 17-32 rows (timed at 32), over 32 (prefill; timed
+// at 256). One kernel serves a whole range, and each kernel's outputs for a row do not depend on m,
+// so a row's bits do not change with how many other rows of its range share the batch.
 #include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
 
@@ -25,33 +28,42 @@ struct Int4GroupsMatrix {
   const uint8_t* zeros = nullptr;   // [n_out, k / group]
 };
 
-// The row counts timed: decode at both ends of the tensor-core GEMV's range, prefill at one tile-rich m.
-constexpr int64_t kTuneDecodeRows[2] = {1, 16};
-constexpr int64_t kTunePrefillRows = 256;
+enum class Int4Kernel : int { gemv_cuda_cores = 0, gemv_tensor_cores, gemm_wmma, gemm_mma };
+constexpr int kInt4Kernels = 4;
+const char* int4_kernel_name(Int4Kernel kernel);  // "CUDA-core GEMV", ...
+// The most rows `kernel` takes in one call (INT64_MAX: any).
+int64_t int4_kernel_max_rows(Int4Kernel kernel);
+
+// The row ranges, and the row counts each is timed at (a second count of 0: one only).
+constexpr int kInt4RowRanges = 3;
+constexpr int64_t kInt4RangeMaxRows[kInt4RowRanges] = {16, 32, INT64_MAX};
+constexpr int64_t kInt4RangeTimedRows[kInt4RowRanges][2] = {{1, 16}, {32, 0}, {256, 0}};
+// The range m rows fall in (m >= 1).
+inline int int4_row_range(int64_t m) { return m <= 16 ? 0 : m <= 32 ? 1 : 2; }
 
 struct Int4GroupsTuning {
-  // Device microseconds per product (median of repeated loops); 0 when the kernel failed to launch
-  // (`skipped` says which and how).
-  double gemv_cuda_cores_us[2] = {};  // at kTuneDecodeRows
-  double gemv_tensor_cores_us[2] = {};
-  double gemm_wmma_us = 0.0, gemm_mma_us = 0.0;  // at kTunePrefillRows
-  bool decode_tensor_cores = false;              // w4a16_gemv_int4_groups_mma for 1..16 rows
-  bool prefill_mma = false;                      // w4a16_gemm_int4_groups_mma over 32 rows
-  std::string skipped;  // candidates that failed, e.g. "tensor-core GEMV: device_error"
+  // Device microseconds per product (median of repeated loops) by range, kernel and timed row count;
+  // 0 where the kernel does not take that many rows or failed to launch (`skipped` says which).
+  double us[kInt4RowRanges][kInt4Kernels][2] = {};
+  Int4Kernel chosen[kInt4RowRanges] = {Int4Kernel::gemv_cuda_cores, Int4Kernel::gemv_cuda_cores,
+                                       Int4Kernel::gemm_wmma};
+  std::string skipped;  // candidates that failed, e.g. "tensor-core GEMV (1 rows): device_error"
 };
 
-// The rule, from the times: the tensor-core GEMV when the geometric mean of its time ratios to the
-// CUDA-core GEMV over kTuneDecodeRows is below 1; the mma GEMM when it is faster than the WMMA one. A
-// candidate without a time (0) never wins, and ties keep the CUDA-core GEMV and the WMMA GEMM.
+// The rule, from the times: per range, the kernel with the smallest geometric mean of its times at
+// the range's timed row counts, among those timed at all of them; ties go to the lower Int4Kernel
+// (CUDA cores before tensor cores, WMMA before mma). A range with no timed kernel keeps the default
+// above (what the model used before any timing).
 void choose_int4_groups_kernels(Int4GroupsTuning& t);
 
-// Times the four kernels on `matrices` (one shape, e.g. that matrix in every layer: the products rotate
-// among them, so that with enough of them the weights stream from device memory as in a forward pass
-// rather than from L2) and chooses (choose_int4_groups_kernels). A candidate that fails to launch is
-// left out and named in `skipped` (the launch error is cleared; kernel tests report such failures).
-// Allocates its activations ([kTunePrefillRows, k] fp16, [kTunePrefillRows, n_out] fp32) and frees
-// them; synchronizes `stream`. Returns invalid_argument for an empty list, a group other than 32, 64
-// or 128 dividing k, or n_out < 1; device_error (with `error` set) when allocation or timing fails.
+// Times every kernel that takes a range's rows on `matrices` (one shape, e.g. that matrix in every
+// layer: the products rotate among them, so that with enough of them the weights stream from device
+// memory as in a forward pass rather than from L2) and chooses (choose_int4_groups_kernels). A
+// candidate that fails to launch is left out and named in `skipped` (the launch error is cleared;
+// the kernel tests report such failures). Allocates its activations ([256, k] fp16, [256, n_out]
+// fp32) and frees them; synchronizes `stream`. Returns invalid_argument for an empty list, a group
+// other than 32, 64 or 128 dividing k, or n_out < 1; device_error (with `error` set) when
+// allocation or timing fails.
 Status tune_int4_groups(const std::vector<Int4GroupsMatrix>& matrices, int64_t group, int64_t n_out,
                         int64_t k, cudaStream_t stream, Int4GroupsTuning& out, std::string& error);
 

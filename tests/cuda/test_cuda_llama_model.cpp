@@ -290,10 +290,12 @@ TEST(CudaLlamaModel, GptqAndAwqCheckpointsMatchTheCpu) {
   }
 }
 
-// Every group-wise INT4 matrix shape gets a kernel choice: timed at load by default (every candidate
-// gets a time, and the choice is the rule's on those times), fixed and untimed otherwise.
+// Every group-wise INT4 matrix shape gets a kernel per row range: timed at load by default (every
+// kernel that takes a range's rows gets a time there, and the choice is the fastest by the rule),
+// fixed and untimed otherwise.
 TEST(CudaLlamaModel, ChoosesTheInt4KernelsPerMatrixShape) {
   NIBBLE_REQUIRE_CUDA_DEVICE();
+  using Choice = w::CudaInt4KernelChoice;
   const auto checkpoint =
       m::LlamaCheckpoint::open((t::test_data_dir() / "gptq-tiny-llama" / "awq-g64").string());
   const auto& c = checkpoint->config();
@@ -301,31 +303,56 @@ TEST(CudaLlamaModel, ChoosesTheInt4KernelsPerMatrixShape) {
   const auto& choices = measured.int4_kernel_choices();
   ASSERT_FALSE(choices.empty());
   int64_t matrices = 0;
-  for (const w::CudaInt4KernelChoice& ch : choices) {
+  // The kernels that take m rows: CUDA-core GEMV up to 32, tensor-core GEMV up to 16, GEMMs any.
+  const auto takes = [](int kernel, int64_t m) {
+    return kernel == 0 ? m <= 32 : kernel == 1 ? m <= 16 : true;
+  };
+  for (const Choice& ch : choices) {
     SCOPED_TRACE(std::to_string(ch.n_out) + " x " + std::to_string(ch.k));
     EXPECT_EQ(ch.group, 64);
     EXPECT_EQ(ch.skipped, "");
-    EXPECT_GT(ch.gemv_cuda_cores_us[0], 0.0);
-    EXPECT_GT(ch.gemv_tensor_cores_us[1], 0.0);
-    EXPECT_GT(ch.gemm_wmma_us, 0.0);
-    EXPECT_GT(ch.gemm_mma_us, 0.0);
-    EXPECT_EQ(ch.prefill_mma, ch.gemm_mma_us < ch.gemm_wmma_us);
-    const double ratio = (ch.gemv_tensor_cores_us[0] / ch.gemv_cuda_cores_us[0]) *
-                         (ch.gemv_tensor_cores_us[1] / ch.gemv_cuda_cores_us[1]);
-    EXPECT_EQ(ch.decode_tensor_cores, ratio < 1.0);
+    for (int r = 0; r < 3; ++r) {
+      SCOPED_TRACE("row range " + std::to_string(r));
+      double best = 0.0;
+      int best_kernel = -1;
+      for (int kernel = 0; kernel < 4; ++kernel) {
+        double log_sum = 0.0;
+        int counts = 0;
+        for (int cnt = 0; cnt < 2; ++cnt) {
+          const int64_t rows = Choice::range_timed_rows[r][cnt];
+          if (rows == 0) continue;
+          if (takes(kernel, rows)) {
+            EXPECT_GT(ch.us[r][kernel][cnt], 0.0)
+                << Choice::kernel_names[kernel] << " at " << rows << " rows";
+            log_sum += std::log(ch.us[r][kernel][cnt]);
+            ++counts;
+          } else {
+            EXPECT_EQ(ch.us[r][kernel][cnt], 0.0) << Choice::kernel_names[kernel] << " cannot take " << rows;
+          }
+        }
+        const bool eligible = counts == (Choice::range_timed_rows[r][1] > 0 ? 2 : 1);
+        if (eligible && (best_kernel < 0 || log_sum / counts < best)) {
+          best = log_sum / counts;
+          best_kernel = kernel;
+        }
+      }
+      EXPECT_EQ(ch.chosen[r], best_kernel);
+      EXPECT_TRUE(takes(ch.chosen[r], r == 0 ? 16 : r == 1 ? 32 : 1000));
+    }
     matrices += ch.matrices;
   }
   // q/k/v, attn_output, gate/up and down in every layer (stacked or not: at least 4 a layer).
   EXPECT_GE(matrices, 4 * c.n_layer);
+  const int cuda_cores[3] = {0, 0, 2}, tensor_cores[3] = {1, 3, 3};
   for (const auto fixed : {w::Int4Kernels::cuda_cores, w::Int4Kernels::tensor_cores}) {
     w::CudaModelOptions options;
     options.int4_kernels = fixed;
     w::CudaLlamaModel gpu(checkpoint, options);
     ASSERT_EQ(gpu.int4_kernel_choices().size(), choices.size());
-    for (const w::CudaInt4KernelChoice& ch : gpu.int4_kernel_choices()) {
-      EXPECT_EQ(ch.decode_tensor_cores, fixed == w::Int4Kernels::tensor_cores);
-      EXPECT_EQ(ch.prefill_mma, fixed == w::Int4Kernels::tensor_cores);
-      EXPECT_EQ(ch.gemv_cuda_cores_us[0], 0.0);  // not timed
+    for (const Choice& ch : gpu.int4_kernel_choices()) {
+      for (int r = 0; r < 3; ++r)
+        EXPECT_EQ(ch.chosen[r], (fixed == w::Int4Kernels::cuda_cores ? cuda_cores : tensor_cores)[r]);
+      EXPECT_EQ(ch.us[0][0][0], 0.0);  // not timed
     }
   }
 }

@@ -6,6 +6,8 @@
 #include <random>
 #include <vector>
 
+#include "kernels/cuda/w4a16_gemv.cuh"
+#include "kernels/cuda/w4a16_gemv_mma.cuh"
 #include "kernels/cuda/w4a16_tuning.cuh"
 #include "tests/cuda/w4a16_test_util.hpp"
 
@@ -15,33 +17,57 @@ namespace kc = nibble::kernels::cuda;
 namespace ct = nibble::cuda_test;
 using nibble::kernels::Status;
 
-kc::Int4GroupsTuning times(double cc1, double tc1, double cc16, double tc16, double wmma, double mma) {
+constexpr int kCudaCores = 0, kTensorCores = 1, kWmma = 2, kMma = 3;
+
+// A tuning with the given times (0: not timed) for the 1-16 row range (at 1 and 16 rows) and the
+// rule's choice there.
+kc::Int4Kernel choose_small(const double (&us)[4][2]) {
   kc::Int4GroupsTuning t;
-  t.gemv_cuda_cores_us[0] = cc1;
-  t.gemv_tensor_cores_us[0] = tc1;
-  t.gemv_cuda_cores_us[1] = cc16;
-  t.gemv_tensor_cores_us[1] = tc16;
-  t.gemm_wmma_us = wmma;
-  t.gemm_mma_us = mma;
+  for (int kernel = 0; kernel < 4; ++kernel)
+    for (int c = 0; c < 2; ++c) t.us[0][kernel][c] = us[kernel][c];
   kc::choose_int4_groups_kernels(t);
-  return t;
+  return t.chosen[0];
 }
 
-TEST(W4A16Tuning, TheTensorCoreGemvWinsOnTheGeometricMeanOfItsRatios) {
-  EXPECT_TRUE(times(10, 9, 40, 30, 100, 100).decode_tensor_cores);    // faster at both row counts
-  EXPECT_TRUE(times(10, 11, 40, 20, 100, 100).decode_tensor_cores);   // 1.1 x 0.5 < 1
-  EXPECT_FALSE(times(10, 8, 40, 60, 100, 100).decode_tensor_cores);   // 0.8 x 1.5 > 1
-  EXPECT_FALSE(times(10, 10, 40, 40, 100, 100).decode_tensor_cores);  // a tie keeps the CUDA cores
-  EXPECT_FALSE(times(10, 0, 40, 20, 100, 100).decode_tensor_cores);   // not timed (failed): never wins
-  EXPECT_FALSE(times(0, 5, 0, 20, 100, 100).decode_tensor_cores);
+TEST(W4A16Tuning, EachRangeTakesTheSmallestGeometricMeanOfItsTimes) {
+  using K = kc::Int4Kernel;
+  EXPECT_EQ(choose_small({{10, 40}, {9, 30}, {50, 60}, {40, 50}}), K::gemv_tensor_cores);   // faster at both
+  EXPECT_EQ(choose_small({{10, 40}, {11, 20}, {50, 60}, {40, 50}}), K::gemv_tensor_cores);  // sqrt(220) < 20
+  EXPECT_EQ(choose_small({{10, 40}, {8, 60}, {50, 60}, {40, 50}}), K::gemv_cuda_cores);     // sqrt(480) > 20
+  EXPECT_EQ(choose_small({{10, 40}, {10, 40}, {50, 60}, {40, 50}}), K::gemv_cuda_cores);  // a tie: the lower
+  EXPECT_EQ(choose_small({{10, 40}, {0, 20}, {50, 60}, {40, 50}}), K::gemv_cuda_cores);   // one time missing
+  EXPECT_EQ(choose_small({{30, 90}, {20, 60}, {15, 40}, {14, 41}}), K::gemm_mma);         // 23.96 < 24.49
+  EXPECT_EQ(choose_small({{0, 0}, {0, 0}, {0, 0}, {0, 0}}), K::gemv_cuda_cores);          // nothing: default
+
+  kc::Int4GroupsTuning t;
+  t.us[1][kCudaCores][0] = 100;  // 32 rows
+  t.us[1][kWmma][0] = 60;
+  t.us[1][kMma][0] = 50;
+  t.us[2][kWmma][0] = 400;  // 256 rows
+  t.us[2][kMma][0] = 401;
+  kc::choose_int4_groups_kernels(t);
+  EXPECT_EQ(t.chosen[1], K::gemm_mma);
+  EXPECT_EQ(t.chosen[2], K::gemm_wmma);
+  t.us[2][kWmma][0] = 0;  // the WMMA GEMM failed
+  kc::choose_int4_groups_kernels(t);
+  EXPECT_EQ(t.chosen[2], K::gemm_mma);
+  (void)kTensorCores;
 }
 
-TEST(W4A16Tuning, TheMmaGemmWinsWhenFaster) {
-  EXPECT_TRUE(times(1, 1, 1, 1, 100, 99).prefill_mma);
-  EXPECT_FALSE(times(1, 1, 1, 1, 100, 100).prefill_mma);
-  EXPECT_FALSE(times(1, 1, 1, 1, 100, 101).prefill_mma);
-  EXPECT_FALSE(times(1, 1, 1, 1, 100, 0).prefill_mma);
-  EXPECT_TRUE(times(1, 1, 1, 1, 0, 50).prefill_mma);  // the WMMA GEMM failed
+TEST(W4A16Tuning, RangesAndKernelLimits) {
+  EXPECT_EQ(kc::int4_row_range(1), 0);
+  EXPECT_EQ(kc::int4_row_range(16), 0);
+  EXPECT_EQ(kc::int4_row_range(17), 1);
+  EXPECT_EQ(kc::int4_row_range(32), 1);
+  EXPECT_EQ(kc::int4_row_range(33), 2);
+  EXPECT_EQ(kc::int4_kernel_max_rows(kc::Int4Kernel::gemv_cuda_cores), kc::kW4A16GemvMaxM);
+  EXPECT_EQ(kc::int4_kernel_max_rows(kc::Int4Kernel::gemv_tensor_cores), kc::kW4A16GemvMmaMaxM);
+  // Every range's timed row counts lie inside it.
+  for (int r = 0; r < kc::kInt4RowRanges; ++r)
+    for (int c = 0; c < 2; ++c)
+      if (kc::kInt4RangeTimedRows[r][c] > 0) {
+        EXPECT_EQ(kc::int4_row_range(kc::kInt4RangeTimedRows[r][c]), r);
+      }
 }
 
 TEST(W4A16Tuning, RejectsBadArgumentsBeforeTouchingTheDevice) {
@@ -76,21 +102,31 @@ TEST(W4A16Tuning, TimesEveryCandidateOnTheDeviceAndChoosesByTheRule) {
     ASSERT_EQ(kc::tune_int4_groups(matrices, group, n_out, k, stream, t, error), Status::ok) << error;
     cudaStreamDestroy(stream);
     EXPECT_EQ(t.skipped, "");
-    for (int r = 0; r < 2; ++r) {
-      EXPECT_GT(t.gemv_cuda_cores_us[r], 0.0);
-      EXPECT_GT(t.gemv_tensor_cores_us[r], 0.0);
+    // Every kernel that takes a range's timed rows has a time there; the others none.
+    for (int r = 0; r < kc::kInt4RowRanges; ++r) {
+      for (int kernel = 0; kernel < kc::kInt4Kernels; ++kernel) {
+        for (int c = 0; c < 2; ++c) {
+          const int64_t rows = kc::kInt4RangeTimedRows[r][c];
+          if (rows == 0) continue;
+          if (rows <= kc::int4_kernel_max_rows(static_cast<kc::Int4Kernel>(kernel)))
+            EXPECT_GT(t.us[r][kernel][c], 0.0) << kernel << " at " << rows << " rows";
+          else
+            EXPECT_EQ(t.us[r][kernel][c], 0.0) << kernel << " at " << rows << " rows";
+        }
+      }
     }
-    EXPECT_GT(t.gemm_wmma_us, 0.0);
-    EXPECT_GT(t.gemm_mma_us, 0.0);
-    // 256 rows cost more than 1 on the same kernel family (a timer that returned noise would not).
-    EXPECT_GT(t.gemm_wmma_us, 0.5 * t.gemv_cuda_cores_us[0]);
+    // 256 rows cost more than 1 on the same kernel (a timer that returned noise would not).
+    EXPECT_GT(t.us[2][kWmma][0], 0.5 * t.us[0][kWmma][0]);
     kc::Int4GroupsTuning again = t;
     kc::choose_int4_groups_kernels(again);
-    EXPECT_EQ(again.decode_tensor_cores, t.decode_tensor_cores);
-    EXPECT_EQ(again.prefill_mma, t.prefill_mma);
-    std::cout << "  us: GEMV CUDA cores " << t.gemv_cuda_cores_us[0] << " / " << t.gemv_cuda_cores_us[1]
-              << ", tensor cores " << t.gemv_tensor_cores_us[0] << " / " << t.gemv_tensor_cores_us[1]
-              << "; GEMM WMMA " << t.gemm_wmma_us << ", mma " << t.gemm_mma_us << "\n";
+    for (int r = 0; r < kc::kInt4RowRanges; ++r) EXPECT_EQ(again.chosen[r], t.chosen[r]);
+    for (int r = 0; r < kc::kInt4RowRanges; ++r) {
+      std::cout << "  rows " << kc::kInt4RangeTimedRows[r][0] << ":";
+      for (int kernel = 0; kernel < kc::kInt4Kernels; ++kernel)
+        std::cout << " " << kc::int4_kernel_name(static_cast<kc::Int4Kernel>(kernel)) << " "
+                  << t.us[r][kernel][0];
+      std::cout << " -> " << kc::int4_kernel_name(t.chosen[r]) << "\n";
+    }
   }
 }
 

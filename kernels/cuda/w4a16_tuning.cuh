@@ -39,7 +39,9 @@ constexpr int kInt4RowRanges = 3;
 constexpr int64_t kInt4RangeMaxRows[kInt4RowRanges] = {16, 32, INT64_MAX};
 constexpr int64_t kInt4RangeTimedRows[kInt4RowRanges][2] = {{1, 16}, {32, 0}, {256, 0}};
 // The range m rows fall in (m >= 1).
-inline int int4_row_range(int64_t m) { return m <= 16 ? 0 : m <= 32 ? 1 : 2; }
+inline int int4_row_range(int64_t m) {
+  return m <= kInt4RangeMaxRows[0] ? 0 : m <= kInt4RangeMaxRows[1] ? 1 : 2;
+}
 
 struct Int4GroupsTuning {
   // Device microseconds per product (median of repeated loops) by range, kernel and timed row count;

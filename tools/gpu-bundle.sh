@@ -69,6 +69,16 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 out="${OUT:-$here/out}"
 mkdir -p "$out"
 export LD_LIBRARY_PATH="$here/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
+# NCCL is not part of the CUDA toolkit and too big to carry (~200 MB): where the loader cannot find a
+# library, look in the NVIDIA wheels PyPI's PyTorch brings (nvidia/*/lib: nvidia-nccl-cu13, ...),
+# after everything else, so that the toolkit's own libraries keep precedence.
+if ldd "$here/bin/nibble" | grep -q "not found"; then
+  for d in $(python3 -c 'import glob, os, sys
+print(" ".join(sorted({os.path.dirname(p) for sp in sys.path if sp for p in glob.glob(os.path.join(sp, "nvidia", "*", "lib", "lib*.so*"))})))' 2>/dev/null); do
+    LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$d"
+  done
+  if ldd "$here/bin/nibble" | grep "not found"; then echo "run.sh: the libraries above are missing"; fi
+fi
 # The tests that run the CLI use this nibble; the fixture tests read the bundled fixtures, if any.
 export NIBBLE_BIN="$here/bin/nibble"
 [ -d "$here/fixtures" ] && export NIBBLE_FIXTURES="$here/fixtures"

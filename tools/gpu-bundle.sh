@@ -68,12 +68,15 @@ phase="${1:-all}"
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 out="${OUT:-$here/out}"
 mkdir -p "$out"
+# Python (PyTorch) runs with the machine's own library path: the bundled Debian libraries (zlib, ...)
+# are older than the image's and are for Nibble's binaries only.
+python_ld="${LD_LIBRARY_PATH:-}"
 export LD_LIBRARY_PATH="$here/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
 # NCCL is not part of the CUDA toolkit and too big to carry (~200 MB): where the loader cannot find a
 # library, look in the NVIDIA wheels PyPI's PyTorch brings (nvidia/*/lib: nvidia-nccl-cu13, ...),
 # after everything else, so that the toolkit's own libraries keep precedence.
 if ldd "$here/bin/nibble" | grep -q "not found"; then
-  for d in $(python3 -c 'import glob, os, sys
+  for d in $(LD_LIBRARY_PATH="$python_ld" python3 -c 'import glob, os, sys
 print(" ".join(sorted({os.path.dirname(p) for sp in sys.path if sp for p in glob.glob(os.path.join(sp, "nvidia", "*", "lib", "lib*.so*"))})))' 2>/dev/null); do
     LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$d"
   done
@@ -114,7 +117,7 @@ fi
 if [ "$phase" = all ] || [ "$phase" = bench ]; then
 # tinygemm at group 128 (4.25 bits a weight, its usual GPTQ / AWQ setting): the grouping of bench-gpu's
 # g128 column, and fewer bytes than Q4_0's 4.5 bits, so the harder comparison for the Q4_0 column.
-timeout 120 python3 "$(dirname "$here")/tools/bench_tinygemm.py" --group-size 128 --out "$out/tinygemm.json" 2>"$out/tinygemm.log" ||
+LD_LIBRARY_PATH="$python_ld" timeout 120 python3 "$(dirname "$here")/tools/bench_tinygemm.py" --group-size 128 --out "$out/tinygemm.json" 2>"$out/tinygemm.log" ||
   echo "tinygemm failed: $(tail -3 "$out/tinygemm.log")"
 tg=(); [ -s "$out/tinygemm.json" ] && tg=(--tinygemm "$out/tinygemm.json")
 timeout 180 "$here/bin/nibble" bench-gpu "${tg[@]}" 2>&1 | tee "$out/bench-gpu.txt" || status=1

@@ -105,14 +105,29 @@ std::vector<EngineResult> LocalEngine::step() {
     batch.add_sequence(entry.tokens, entry.start_pos, entry.table_row, entry.sample ? entry.n_draft + 1 : 0);
     if (entry.sample) sampled.push_back(&entry);
   }
-  // Greedy rows without a repetition penalty need only each row's argmax (on a GPU found on the
-  // device: no logits cross to the host); any other row needs the logits.
+  // Greedy rows without a repetition penalty need only each row's argmax, and plain sampled rows
+  // without one only their sampled id, drawn with the request's next uniform (on a GPU both are found
+  // on the device: no logits cross to the host); verifying drafts at temperature > 0 or a penalty
+  // needs the logits.
+  const auto params_of = [&](const StepEntry* e) -> const worker::SamplingParams& {
+    return states_.at(e->seq_id)->sampler.params();
+  };
   const bool argmax_only = std::all_of(sampled.begin(), sampled.end(), [&](const StepEntry* e) {
-    const worker::SamplingParams& p = states_.at(e->seq_id)->sampler.params();
-    return p.temperature <= 0.0f && p.repetition_penalty == 1.0f;
+    return params_of(e).temperature <= 0.0f && params_of(e).repetition_penalty == 1.0f;
   });
+  const bool ids_only = argmax_only || std::all_of(sampled.begin(), sampled.end(), [&](const StepEntry* e) {
+                          return e->n_draft == 0 && params_of(e).repetition_penalty == 1.0f;
+                        });
   if (argmax_only) {
     model_.forward_argmax(batch, *cache_, argmax_);
+  } else if (ids_only) {
+    sample_params_.clear();
+    sample_uniforms_.clear();
+    for (const StepEntry* e : sampled) {
+      sample_params_.push_back(params_of(e));
+      sample_uniforms_.push_back(states_.at(e->seq_id)->sampler.uniform());  // the draw sample() would make
+    }
+    model_.forward_sample(batch, *cache_, sample_params_, sample_uniforms_, argmax_);
   } else {
     model_.forward(batch, *cache_, logits_);
   }
@@ -127,10 +142,10 @@ std::vector<EngineResult> LocalEngine::step() {
     const float* entry_rows = rows;
     const size_t entry_row = row;
     row += static_cast<size_t>(entry->n_draft + 1);
-    if (!argmax_only) rows += (entry->n_draft + 1) * n_vocab;
+    if (!ids_only) rows += (entry->n_draft + 1) * n_vocab;
     if (entry->n_draft == 0) {
       const int32_t token =
-          argmax_only ? argmax_[entry_row] : state.sampler.sample(entry_rows, n_vocab, state.history);
+          ids_only ? argmax_[entry_row] : state.sampler.sample(entry_rows, n_vocab, state.history);
       ++produced;
       if (!deliver(id, std::span(&token, 1), finished)) {
         scheduler_.append_token(id, token);

@@ -77,15 +77,33 @@ protocol::StepResult WorkerService::execute(const protocol::WorkerStep& step) {
   // Greedy rows without a repetition penalty need only each row's argmax (on a GPU found on the
   // device: no logits cross to the host). A rank that does not sample takes the same path (the
   // collectives inside the pass are the same either way).
-  const bool argmax_only = model_.is_last_stage() &&
-                           std::all_of(sampled.begin(), sampled.end(), [&](const protocol::PlanEntry* e) {
-                             const auto it = sequences_.find(e->seq_id);
-                             if (it == sequences_.end()) return false;
-                             const worker::SamplingParams& p = it->second->sampler.params();
-                             return p.temperature <= 0.0f && p.repetition_penalty == 1.0f;
-                           });
+  // Plain sampled rows without a penalty need only their sampled id, drawn with the sequence's next
+  // uniform (on a GPU on the device too).
+  const auto all_sampled = [&](auto&& pred) {
+    return model_.is_last_stage() &&
+           std::all_of(sampled.begin(), sampled.end(), [&](const protocol::PlanEntry* e) {
+             const auto it = sequences_.find(e->seq_id);
+             return it != sequences_.end() && pred(*e, it->second->sampler.params());
+           });
+  };
+  const bool argmax_only = all_sampled([](const protocol::PlanEntry&, const worker::SamplingParams& p) {
+    return p.temperature <= 0.0f && p.repetition_penalty == 1.0f;
+  });
+  const bool ids_only =
+      argmax_only || all_sampled([](const protocol::PlanEntry& e, const worker::SamplingParams& p) {
+        return e.n_draft == 0 && p.repetition_penalty == 1.0f;
+      });
   if (argmax_only) {
     model_.forward_stage_argmax(batch, hidden_in, argmax_);
+  } else if (ids_only) {
+    sample_params_.clear();
+    sample_uniforms_.clear();
+    for (const protocol::PlanEntry* e : sampled) {
+      SequenceState& state = *sequences_.at(e->seq_id);
+      sample_params_.push_back(state.sampler.params());
+      sample_uniforms_.push_back(state.sampler.uniform());  // the draw sample() would make
+    }
+    model_.forward_stage_sample(batch, hidden_in, sample_params_, sample_uniforms_, argmax_);
   } else {
     model_.forward_stage(batch, hidden_in, out_);
   }
@@ -107,7 +125,7 @@ protocol::StepResult WorkerService::execute(const protocol::WorkerStep& step) {
     const float* entry_rows = rows;
     const size_t entry_row = row;
     row += static_cast<size_t>(entry.n_draft + 1);
-    if (!argmax_only) rows += (entry.n_draft + 1) * n_vocab;
+    if (!ids_only) rows += (entry.n_draft + 1) * n_vocab;
     const auto it = sequences_.find(entry.seq_id);
     if (it == sequences_.end()) {
       throw std::runtime_error("step " + std::to_string(step.step_id) + " samples sequence " +
@@ -117,7 +135,7 @@ protocol::StepResult WorkerService::execute(const protocol::WorkerStep& step) {
     protocol::SampledToken out{entry.seq_id, 0, {}, entry.n_draft, {}};
     const size_t last_known = static_cast<size_t>(entry.start_pos) + entry.tokens.size() - entry.n_draft;
     if (entry.n_draft == 0) {
-      out.token = argmax_only ? argmax_[entry_row] : state.sampler.sample(entry_rows, n_vocab, state.history);
+      out.token = ids_only ? argmax_[entry_row] : state.sampler.sample(entry_rows, n_vocab, state.history);
     } else {
       const bool greedy = state.sampler.params().temperature <= 0.0f;
       if (speculator_ == nullptr ||

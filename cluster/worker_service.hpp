@@ -55,7 +55,9 @@ class WorkerService {
   speculative::Speculator* speculator_;
   std::unordered_map<uint64_t, std::unique_ptr<SequenceState>> sequences_;
   std::vector<float> hidden_in_, out_;
-  std::vector<int32_t> argmax_;  // per logit row, when every sampled row is greedy
+  std::vector<int32_t> argmax_;  // per logit row, when every row is greedy or plain sampled (ids only)
+  std::vector<worker::SamplingParams> sample_params_;  // per logit row of a sampled ids-only step
+  std::vector<double> sample_uniforms_;
 };
 
 }  // namespace nibble::cluster

@@ -63,13 +63,20 @@ TEST_F(LocalEngineTest, BatchedAndPreemptedOutputEqualsEachRequestAlone) {
   config.block_size = 4;
   config.num_blocks = 40;  // 160 positions for 24 requests of up to 55: forces preemption
   config.context = 256;
-  for (float temperature : {0.0f, 0.9f}) {
+  // Greedy steps take the argmax path and plain sampled ones the ids-only path
+  // (ForwardModel::forward_sample); a repetition penalty on every third request sends the steps it
+  // joins through the logits and the host sampler: each request's tokens must not depend on which.
+  for (const auto& [temperature, penalty] :
+       {std::pair{0.0f, false}, std::pair{0.9f, false}, std::pair{0.9f, true}}) {
     LocalEngine engine(*model_, *tokenizer_, pool_, config);
-    const auto requests = mixed_requests(24, temperature);
+    auto requests = mixed_requests(24, temperature);
+    if (penalty)
+      for (size_t i = 0; i < requests.size(); i += 3) requests[i].sampling.repetition_penalty = 1.1f;
     const auto results = run_all(engine, requests);
     ASSERT_EQ(results.size(), requests.size());
     for (const auto& r : requests) {
-      EXPECT_EQ(results.at(r.id).tokens, alone(r)) << "request " << r.id << " at temperature " << temperature;
+      EXPECT_EQ(results.at(r.id).tokens, alone(r))
+          << "request " << r.id << " at temperature " << temperature << (penalty ? ", penalties" : "");
       EXPECT_EQ(results.at(r.id).finish, worker::FinishReason::length);
     }
     EXPECT_EQ(engine.scheduler().free_blocks(), config.num_blocks);

@@ -36,4 +36,17 @@ void CudaForwardModel::forward_stage_argmax(const ForwardBatch& batch, ForwardCa
   model_.forward_stage_greedy(batch, own->cache, hidden_in, ids);  // argmax_rows on the device
 }
 
+void CudaForwardModel::forward_stage_sample(const ForwardBatch& batch, ForwardCache& cache,
+                                            const float* hidden_in, const std::vector<SamplingParams>& params,
+                                            const std::vector<double>& uniforms, std::vector<int32_t>& ids) {
+  auto* own = dynamic_cast<CudaCache*>(&cache);
+  if (own == nullptr) throw std::logic_error("CudaForwardModel: a cache made by another kind of model");
+  if (hidden_in == nullptr && model_.is_first_stage() && model_.is_last_stage()) {
+    check_sample_rows(batch, params, uniforms);
+    model_.forward_sample(batch, own->cache, params, uniforms, ids);  // sample_rows on the device
+  } else {
+    ForwardModel::forward_stage_sample(batch, cache, hidden_in, params, uniforms, ids);  // a pipeline stage
+  }
+}
+
 }  // namespace nibble::worker

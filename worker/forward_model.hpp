@@ -13,6 +13,7 @@
 #include "worker/cuda_llama_model.hpp"
 #include "worker/kv_cache.hpp"
 #include "worker/llama_model.hpp"
+#include "worker/sampler.hpp"
 
 namespace nibble::worker {
 
@@ -52,10 +53,30 @@ class ForwardModel {
   void forward_argmax(const ForwardBatch& batch, ForwardCache& cache, std::vector<int32_t>& ids) {
     forward_stage_argmax(batch, cache, nullptr, ids);
   }
+  // The last stage's pass with every logit row sampled: row r's id is what
+  // Sampler(params[r]).sample_with_uniform(logits of row r, n_vocab, {}, uniforms[r]) picks (greedy
+  // rows: the argmax), ids resized to [batch.logit_rows.size()]. What plain sampled decoding needs; a
+  // GPU samples on the device (kernels/cuda/sampling), so only ids come back where the logits would
+  // be n_vocab floats a row. params, uniforms: [batch.logit_rows.size()] (uniforms in [0, 1), e.g.
+  // each row's Sampler::uniform()). Throws std::invalid_argument for a size mismatch, a uniform
+  // outside [0, 1) or a repetition penalty (it needs the history: sample forward()'s logits then).
+  // The default runs forward_stage() and samples on the host.
+  virtual void forward_stage_sample(const ForwardBatch& batch, ForwardCache& cache, const float* hidden_in,
+                                    const std::vector<SamplingParams>& params,
+                                    const std::vector<double>& uniforms, std::vector<int32_t>& ids);
+  void forward_sample(const ForwardBatch& batch, ForwardCache& cache,
+                      const std::vector<SamplingParams>& params, const std::vector<double>& uniforms,
+                      std::vector<int32_t>& ids) {
+    forward_stage_sample(batch, cache, nullptr, params, uniforms, ids);
+  }
 
  private:
-  std::vector<float> argmax_logits_;  // forward_argmax's scratch (kept: rows of n_vocab floats)
+  std::vector<float> argmax_logits_;  // forward_argmax's and forward_sample's scratch (n_vocab floats a row)
 };
+
+// forward_stage_sample's argument checks (shared by its implementations).
+void check_sample_rows(const ForwardBatch& batch, const std::vector<SamplingParams>& params,
+                       const std::vector<double>& uniforms);
 
 // The CPU model (not owned) on a thread pool (not owned).
 class CpuForwardModel final : public ForwardModel {
@@ -87,6 +108,9 @@ class CudaForwardModel final : public ForwardModel {
   void forward_stage(const ForwardBatch& batch, ForwardCache& cache, const float* hidden_in,
                      std::vector<float>& out) override;
   void forward_stage_argmax(const ForwardBatch& batch, ForwardCache& cache, const float* hidden_in,
+                            std::vector<int32_t>& ids) override;
+  void forward_stage_sample(const ForwardBatch& batch, ForwardCache& cache, const float* hidden_in,
+                            const std::vector<SamplingParams>& params, const std::vector<double>& uniforms,
                             std::vector<int32_t>& ids) override;
 
  private:

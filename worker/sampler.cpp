@@ -83,9 +83,14 @@ std::vector<TokenProbability> Sampler::distribution(const float* logits, int64_t
 }
 
 int32_t Sampler::sample(const float* logits, int64_t n_vocab, std::span<const int32_t> history) {
+  const double u = uniform();
+  return sample_with_uniform(logits, n_vocab, history, u);
+}
+
+int32_t Sampler::sample_with_uniform(const float* logits, int64_t n_vocab, std::span<const int32_t> history,
+                                     double u) const {
   const std::vector<TokenProbability> dist = distribution(logits, n_vocab, history);
   if (dist.size() == 1) return dist.front().id;
-  const double u = uniform();
   double cumulative = 0.0;
   for (const auto& tp : dist) {
     cumulative += tp.p;

@@ -34,8 +34,13 @@ class Sampler {
   explicit Sampler(const SamplingParams& params);
   const SamplingParams& params() const { return params_; }
 
-  // logits: [n_vocab]; history: tokens so far (prompt and generated), for the penalty.
+  // logits: [n_vocab]; history: tokens so far (prompt and generated), for the penalty. Draws exactly
+  // one uniform per call (also when one candidate is left, or at temperature 0), so that a sampler
+  // fed this stream's draws one per row (ForwardModel::forward_sample, on the GPU) picks the same ids.
   int32_t sample(const float* logits, int64_t n_vocab, std::span<const int32_t> history);
+  // The id sample() picks with the uniform u in [0, 1) (inverse CDF over distribution()), no draw.
+  int32_t sample_with_uniform(const float* logits, int64_t n_vocab, std::span<const int32_t> history,
+                              double u) const;
   // The distribution sample() draws from, as (id, probability) pairs with p > 0, summing to 1. At
   // temperature 0 it is the one-hot argmax.
   std::vector<TokenProbability> distribution(const float* logits, int64_t n_vocab,

@@ -27,8 +27,9 @@ struct EngineRun {
   speculative::SpeculatorStats stats;
 };
 
+// sampling: every request's settings (seeded per request); greedy when null.
 EngineRun run(worker::ForwardModel& target, const model::Tokenizer& tokenizer, worker::ForwardModel* draft,
-              int k) {
+              int k, const worker::SamplingParams* sampling = nullptr) {
   SchedulerConfig config;
   config.num_blocks = 256;
   config.block_size = 16;
@@ -52,7 +53,10 @@ EngineRun run(worker::ForwardModel& target, const model::Tokenizer& tokenizer, w
     r.prompt.push_back(1);
     for (int t = 0; t < 3 + (i * 7) % 29; ++t)
       r.prompt.push_back(static_cast<int32_t>(3 + (i * 131 + t * 17) % (n_vocab - 3)));
-    r.sampling.temperature = 0.0f;
+    if (sampling != nullptr) {
+      r.sampling = *sampling;
+      r.sampling.seed = 1000 + static_cast<uint64_t>(i);
+    }
     r.limits.max_tokens = 24 - i % 5;
     r.limits.ignore_eos = true;
     EXPECT_EQ(engine.submit(r), Admission::accepted);
@@ -92,6 +96,51 @@ TEST(CudaSpeculativeEngine, GreedyOutputWithADraftEqualsPlainAndTheTargetAccepts
     EXPECT_LT(unrelated.stats.accepted,
               unrelated.stats.proposed);  // rejections happened and were rolled back
   }
+}
+
+// The GPU model without its device sampler: the engine's sampled rows then bring their logits to the
+// host (ForwardModel's default forward_stage_sample).
+class HostSampled final : public worker::ForwardModel {
+ public:
+  explicit HostSampled(worker::ForwardModel& inner) : inner_(inner) {}
+  const model::LlamaConfig& config() const override { return inner_.config(); }
+  const model::LlamaConfig& shard_config() const override { return inner_.shard_config(); }
+  bool is_first_stage() const override { return inner_.is_first_stage(); }
+  bool is_last_stage() const override { return inner_.is_last_stage(); }
+  std::unique_ptr<worker::ForwardCache> make_cache(int64_t num_blocks, int64_t block_size) const override {
+    return inner_.make_cache(num_blocks, block_size);
+  }
+  void forward_stage(const worker::ForwardBatch& batch, worker::ForwardCache& cache, const float* hidden_in,
+                     std::vector<float>& out) override {
+    inner_.forward_stage(batch, cache, hidden_in, out);
+  }
+
+ private:
+  worker::ForwardModel& inner_;
+};
+
+// Sampled decoding draws each row's id on the device (only ids cross to the host) and gives the
+// tokens that sampling the same logits on the host with the same per-request streams gives.
+TEST(CudaSpeculativeEngine, SampledDecodingOnTheDeviceEqualsSamplingTheLogitsOnTheHost) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  test::TempDir tmp;
+  const std::string path = (tmp.path() / "target.gguf").string();
+  model::write_random_llama(path, model::llama_shape_by_name("tiny"), kernels::DType::Q4_0, 5);
+  const auto ckpt = model::LlamaCheckpoint::open(path);
+  const auto tokenizer = model::Tokenizer::from_gguf(*ckpt->gguf());
+  worker::CudaLlamaModel gpu(ckpt);
+  worker::CudaForwardModel on_device(gpu, 0);
+  HostSampled on_host(on_device);
+  worker::SamplingParams sampling;
+  sampling.temperature = 0.8f;
+  sampling.top_k = 50;
+  sampling.top_p = 0.95f;
+  const EngineRun device = run(on_device, *tokenizer, nullptr, 0, &sampling);
+  const EngineRun host = run(on_host, *tokenizer, nullptr, 0, &sampling);
+  ASSERT_EQ(device.tokens.size(), 5u);
+  EXPECT_EQ(device.tokens, host.tokens);
+  // Sampling, not the argmax: greedy decoding gives other tokens for some request.
+  EXPECT_NE(device.tokens, run(on_device, *tokenizer, nullptr, 0).tokens);
 }
 
 }  // namespace

@@ -1,0 +1,105 @@
+// ForwardModel's sampled pass (forward_sample) on the CPU, and the one-uniform-per-call contract of
+// Sampler::sample that lets a device sampler reproduce the host's streams.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "model/random_model.hpp"
+#include "tests/support/test_support.hpp"
+#include "worker/forward_model.hpp"
+#include "worker/sampler.hpp"
+
+namespace nibble::worker {
+namespace {
+
+TEST(Sampler, SampleDrawsExactlyOneUniformPerCallAndPicksAsSampleWithUniform) {
+  const auto logits = test::random_floats(301, 4, -3.0f, 3.0f);
+  for (const SamplingParams& params :
+       {SamplingParams{.temperature = 0.7f, .top_k = 20, .seed = 3},
+        SamplingParams{.temperature = 1.0f, .top_k = 1, .seed = 3},  // one left
+        SamplingParams{.temperature = 0.0f, .seed = 3}}) {           // greedy
+    Sampler sampler(params), stream(params);
+    for (int i = 0; i < 20; ++i) {
+      const double u = stream.uniform();
+      EXPECT_EQ(sampler.sample(logits.data(), 301, {}),
+                sampler.sample_with_uniform(logits.data(), 301, {}, u));
+    }
+    EXPECT_EQ(sampler.uniform(), stream.uniform()) << "the streams stay in step";
+  }
+}
+
+class ForwardModelTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    const std::string path = (tmp_.path() / "model.gguf").string();
+    model::write_random_llama(path, model::llama_shape_by_name("tiny"), kernels::DType::Q4_0, 5);
+    model_ = LlamaModel::load(path);
+  }
+  // Two sequences: a 5-token prompt with logits for its last 2 tokens, a 3-token one with 1.
+  ForwardBatch batch() const {
+    ForwardBatch b;
+    const std::vector<int32_t> first = {3, 17, 29, 101, 7}, second = {9, 250, 4};
+    b.add_sequence(first, 0, 0, 2);
+    b.add_sequence(second, 0, 1, 1);
+    b.block_tables = {0, 1, 2, 3};
+    b.max_blocks_per_seq = 2;
+    return b;
+  }
+  test::TempDir tmp_;
+  std::unique_ptr<LlamaModel> model_;
+  kernels::ThreadPool pool_{2};
+};
+
+TEST_F(ForwardModelTest, ForwardSampleDrawsEachRowFromItsLogitsWithItsUniform) {
+  CpuForwardModel cpu(*model_, pool_);
+  const int64_t n_vocab = cpu.config().n_vocab;
+  std::vector<float> logits;
+  auto cache = cpu.make_cache(4, 4);
+  cpu.forward(batch(), *cache, logits);
+  const std::vector<SamplingParams> params = {{.temperature = 0.9f, .top_p = 0.9f, .seed = 1},
+                                              {.temperature = 0.0f},
+                                              {.temperature = 1.5f, .top_k = 40, .min_p = 0.01f}};
+  for (const double base : {0.05, 0.5, 0.95}) {
+    const std::vector<double> uniforms = {base, 1.0 - base, base * 0.5};
+    std::vector<int32_t> ids;
+    auto fresh = cpu.make_cache(4, 4);
+    cpu.forward_sample(batch(), *fresh, params, uniforms, ids);
+    ASSERT_EQ(ids.size(), 3u);
+    for (size_t r = 0; r < ids.size(); ++r) {
+      EXPECT_EQ(ids[r],
+                Sampler(params[r]).sample_with_uniform(logits.data() + r * n_vocab, n_vocab, {}, uniforms[r]))
+          << "row " << r << ", u " << uniforms[r];
+    }
+    const float* greedy_row = logits.data() + n_vocab;
+    EXPECT_EQ(ids[1], std::max_element(greedy_row, greedy_row + n_vocab) - greedy_row);
+  }
+}
+
+TEST_F(ForwardModelTest, ForwardSampleRejectsWhatItCannotSample) {
+  CpuForwardModel cpu(*model_, pool_);
+  auto cache = cpu.make_cache(4, 4);
+  std::vector<int32_t> ids;
+  const std::vector<SamplingParams> three(3, SamplingParams{.temperature = 1.0f});
+  const auto message = [&](const std::vector<SamplingParams>& params, const std::vector<double>& uniforms) {
+    try {
+      cpu.forward_sample(batch(), *cache, params, uniforms, ids);
+    } catch (const std::invalid_argument& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  EXPECT_NE(message(three, {0.5, 0.5}).find("2 uniforms for 3 logit rows"), std::string::npos);
+  EXPECT_NE(message(three, {0.5, 1.0, 0.5}).find("outside [0, 1)"), std::string::npos);
+  std::vector<SamplingParams> penalized = three;
+  penalized[2].repetition_penalty = 1.2f;
+  EXPECT_NE(message(penalized, {0.5, 0.5, 0.5}).find("repetition penalty"), std::string::npos);
+  std::vector<SamplingParams> bad = three;
+  bad[0].top_p = 0.0f;
+  EXPECT_NE(message(bad, {0.5, 0.5, 0.5}).find("top_p"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace nibble::worker

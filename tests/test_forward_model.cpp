@@ -10,6 +10,7 @@
 #include "model/random_model.hpp"
 #include "tests/support/test_support.hpp"
 #include "worker/forward_model.hpp"
+#include "worker/generator.hpp"
 #include "worker/sampler.hpp"
 
 namespace nibble::worker {
@@ -99,6 +100,51 @@ TEST_F(ForwardModelTest, ForwardSampleRejectsWhatItCannotSample) {
   std::vector<SamplingParams> bad = three;
   bad[0].top_p = 0.0f;
   EXPECT_NE(message(bad, {0.5, 0.5, 0.5}).find("top_p"), std::string::npos);
+}
+
+// A Generator over a GeneratorModel that returns only ids (as the GPU one does) gives the tokens of
+// the host Generator, which samples the logits: greedy, sampled (one uniform per token, none for
+// prompt chunks that only fill the cache) and, through the logits, with a repetition penalty.
+TEST_F(ForwardModelTest, GeneratorOnAnIdsOnlyModelGivesTheHostGeneratorsTokens) {
+  const auto tokenizer = model::Tokenizer::from_gguf(model_->file());
+  const int64_t context = 64;
+  CpuForwardModel cpu(*model_, pool_);
+  auto cache = cpu.make_cache(Generator::blocks_for(context), Generator::kBlockSize);
+  int sample_calls = 0, forward_calls = 0;
+  GeneratorModel ids_model;
+  ids_model.n_vocab = cpu.config().n_vocab;
+  ids_model.forward = [&](const ForwardBatch& b, std::vector<float>& logits) {
+    ++forward_calls;
+    cpu.forward(b, *cache, logits);
+  };
+  ids_model.greedy = [&](const ForwardBatch& b, std::vector<int32_t>& ids) {
+    cpu.forward_argmax(b, *cache, ids);
+  };
+  ids_model.sample = [&](const ForwardBatch& b, const std::vector<SamplingParams>& params,
+                         const std::vector<double>& uniforms, std::vector<int32_t>& ids) {
+    ++sample_calls;
+    cpu.forward_sample(b, *cache, params, uniforms, ids);
+  };
+  Generator on_ids(std::move(ids_model), *tokenizer, context);
+  Generator on_host(*model_, *tokenizer, pool_, context);
+  const std::vector<int32_t> prompt = {1, 45, 99, 3, 120, 7, 2000, 31, 8, 77};
+  for (const SamplingParams& sampling :
+       {SamplingParams{.temperature = 0.0f}, SamplingParams{.temperature = 0.8f, .top_k = 40, .seed = 11},
+        SamplingParams{.temperature = 1.1f, .top_p = 0.9f, .seed = 12},
+        SamplingParams{.temperature = 0.8f, .repetition_penalty = 1.2f, .seed = 13}}) {
+    SCOPED_TRACE("temperature " + std::to_string(sampling.temperature) + ", penalty " +
+                 std::to_string(sampling.repetition_penalty));
+    GenerateOptions options;
+    options.max_tokens = 24;
+    options.ignore_eos = true;
+    options.prefill_chunk = 4;  // three prompt chunks: only the last one's pass gives a token
+    options.sampling = sampling;
+    sample_calls = forward_calls = 0;
+    EXPECT_EQ(on_ids.generate(prompt, options).tokens, on_host.generate(prompt, options).tokens);
+    const bool sampled = sampling.temperature > 0.0f && sampling.repetition_penalty == 1.0f;
+    EXPECT_EQ(sample_calls, sampled ? 3 + 23 : 0);  // prompt chunks, then one pass per token but the last
+    EXPECT_EQ(forward_calls, sampling.repetition_penalty != 1.0f ? 3 + 23 : 0);
+  }
 }
 
 }  // namespace

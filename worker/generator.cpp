@@ -62,12 +62,22 @@ GenerateResult Generator::generate(const std::vector<int32_t>& prompt_tokens, co
   std::vector<int32_t> history = prompt_tokens;
   std::vector<float> logits;
   std::vector<int32_t> ids;
-  // Greedy without a repetition penalty is the argmax: let the model return only the ids.
-  const bool ids_only = model_.greedy && options.sampling.temperature <= 0.0f &&
-                        (options.sampling.repetition_penalty == 1.0f || options.sampling.repeat_last_n <= 0);
-  auto run = [&](const ForwardBatch& batch) {
-    if (ids_only) {
+  // Without a repetition penalty the model can return only the ids: the argmax when greedy, else the
+  // id drawn with the sampler's next uniform (taken when the pass gives the next token, as
+  // sampler.sample() would; passes that only fill the cache draw nothing).
+  const bool no_penalty = options.sampling.repetition_penalty == 1.0f || options.sampling.repeat_last_n <= 0;
+  const bool greedy_ids = no_penalty && model_.greedy && options.sampling.temperature <= 0.0f;
+  const bool sampled_ids = no_penalty && !greedy_ids && model_.sample;
+  const bool ids_only = greedy_ids || sampled_ids;
+  std::vector<SamplingParams> sample_params(1, options.sampling);
+  sample_params[0].repetition_penalty = 1.0f;  // off (repeat_last_n <= 0) either way
+  std::vector<double> uniform(1, 0.0);
+  auto run = [&](const ForwardBatch& batch, bool gives_token) {
+    if (greedy_ids) {
       model_.greedy(batch, ids);
+    } else if (sampled_ids) {
+      uniform[0] = gives_token ? sampler.uniform() : 0.0;
+      model_.sample(batch, sample_params, uniform, ids);
     } else {
       model_.forward(batch, logits);
     }
@@ -79,7 +89,7 @@ GenerateResult Generator::generate(const std::vector<int32_t>& prompt_tokens, co
   for (int64_t begin = 0; begin < n_prompt; begin += options.prefill_chunk) {
     const int64_t end = std::min(n_prompt, begin + options.prefill_chunk);
     std::vector<int32_t> chunk(prompt_tokens.begin() + begin, prompt_tokens.begin() + end);
-    run(ForwardBatch::single(chunk, static_cast<int32_t>(begin), table, false));
+    run(ForwardBatch::single(chunk, static_cast<int32_t>(begin), table, false), end == n_prompt);
   }
 
   auto decode_start = start;
@@ -94,7 +104,7 @@ GenerateResult Generator::generate(const std::vector<int32_t>& prompt_tokens, co
     if (on_token && (!delta.empty() || !completion.finished())) on_token(delta, token);
     if (completion.finished()) break;
     const int32_t pos = static_cast<int32_t>(n_prompt + step);
-    run(ForwardBatch::single({token}, pos, table, false));
+    run(ForwardBatch::single({token}, pos, table, false), true);
   }
   result.tokens = completion.tokens();
   result.text = completion.text();

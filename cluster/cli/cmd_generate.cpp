@@ -92,6 +92,10 @@ Runner add_generate(CLI::App& app) {
       m.greedy = [&](const worker::ForwardBatch& b, std::vector<int32_t>& ids) {
         gpu->forward_greedy(b, *gpu_cache, ids);
       };
+      m.sample = [&](const worker::ForwardBatch& b, const std::vector<worker::SamplingParams>& params,
+                     const std::vector<double>& uniforms, std::vector<int32_t>& ids) {
+        gpu->forward_sample(b, *gpu_cache, params, uniforms, ids);  // drawn on the device
+      };
       generator_ptr = std::make_unique<worker::Generator>(std::move(m), tokenizer, context);
     } else {
       generator_ptr = std::make_unique<worker::Generator>(*s.model, tokenizer, *s.pool, context);

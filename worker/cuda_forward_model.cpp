@@ -42,7 +42,6 @@ void CudaForwardModel::forward_stage_sample(const ForwardBatch& batch, ForwardCa
   auto* own = dynamic_cast<CudaCache*>(&cache);
   if (own == nullptr) throw std::logic_error("CudaForwardModel: a cache made by another kind of model");
   if (hidden_in == nullptr && model_.is_first_stage() && model_.is_last_stage()) {
-    check_sample_rows(batch, params, uniforms);
     model_.forward_sample(batch, own->cache, params, uniforms, ids);  // sample_rows on the device
   } else {
     ForwardModel::forward_stage_sample(batch, cache, hidden_in, params, uniforms, ids);  // a pipeline stage

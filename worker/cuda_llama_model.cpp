@@ -33,6 +33,7 @@
 #include "kernels/int4_groups.hpp"
 #include "kernels/quant_types.hpp"
 #include "kernels/quantize.hpp"
+#include "worker/forward_model.hpp"
 #include "worker/weight_shard.hpp"
 
 namespace nibble::worker {
@@ -482,11 +483,7 @@ struct CudaLlamaModel::Impl {
       case DeviceKind::int4_groups: {
         const auto* scales = reinterpret_cast<const __half*>(wd + w.scales_offset);
         const uint8_t* zeros = wd + w.zeros_offset;
-        const kc::Int4Kernel which = w.int4_kernel[kc::int4_row_range(m)];
-        const auto kernel = which == kc::Int4Kernel::gemv_cuda_cores     ? kc::w4a16_gemv_int4_groups
-                            : which == kc::Int4Kernel::gemv_tensor_cores ? kc::w4a16_gemv_int4_groups_mma
-                            : which == kc::Int4Kernel::gemm_mma          ? kc::w4a16_gemm_int4_groups_mma
-                                                                         : kc::w4a16_gemm_int4_groups;
+        const auto kernel = kc::int4_kernel_launcher(w.int4_kernel[kc::int4_row_range(m)]);
         check(kernel(wd, scales, zeros, w.group, w.n_out, w.k, x, m, y, stream, pdl),
               "W4A16 matmul (INT4 groups)");
         return;
@@ -1285,27 +1282,10 @@ void CudaLlamaModel::forward_stage_greedy(const ForwardBatch& batch, CudaKvCache
 void CudaLlamaModel::forward_sample(const ForwardBatch& batch, CudaKvCache& cache,
                                     const std::vector<SamplingParams>& params,
                                     const std::vector<double>& uniforms, std::vector<int32_t>& ids) {
-  const size_t rows = batch.logit_rows.size();
-  if (params.size() != rows || uniforms.size() != rows) {
-    throw std::invalid_argument("forward_sample: " + std::to_string(params.size()) +
-                                " sampling settings and " + std::to_string(uniforms.size()) +
-                                " uniforms for " + std::to_string(rows) + " logit rows");
-  }
-  std::vector<kc::SamplingRowParams> rows_params(rows);
-  for (size_t r = 0; r < rows; ++r) {
-    const SamplingParams& sp = params[r];
-    validate(sp);
-    if (sp.repetition_penalty != 1.0f) {
-      throw std::invalid_argument(
-          "forward_sample: the repetition penalty needs each sequence's history; sample forward()'s logits "
-          "on "
-          "the host instead");
-    }
-    if (!(uniforms[r] >= 0.0 && uniforms[r] < 1.0))
-      throw std::invalid_argument("forward_sample: uniform " + std::to_string(uniforms[r]) +
-                                  " is outside [0, 1)");
-    rows_params[r] = {sp.temperature, sp.top_k, sp.top_p, sp.min_p};
-  }
+  check_sample_rows(batch, params, uniforms);
+  std::vector<kc::SamplingRowParams> rows_params;
+  for (const SamplingParams& sp : params)
+    rows_params.push_back({sp.temperature, sp.top_k, sp.top_p, sp.min_p});
   impl_->forward_impl(batch, cache, nullptr, nullptr, &ids, Impl::RowSampling{&rows_params, &uniforms});
 }
 

@@ -12,6 +12,7 @@
 #include "kernels/cuda/w4a16_gemm.cuh"
 #include "kernels/cuda/w4a16_gemv.cuh"
 #include "kernels/cuda/w4a16_gemv_mma.cuh"
+#include "kernels/cuda/w4a16_tuning.cuh"
 #include "kernels/quant_types.hpp"
 
 namespace nibble::kernels::cuda {
@@ -177,9 +178,7 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
     }
     check(cudaGetLastError(), "fill group-128 weights");
     // Every group-128 kernel has the same signature; each is timed on the rotating weight copies.
-    using Int4GroupsKernel = Status (*)(const uint8_t*, const __half*, const uint8_t*, int64_t, int64_t,
-                                        int64_t, const __half*, int64_t, float*, cudaStream_t, bool);
-    const auto time_g128 = [&](Int4GroupsKernel kernel, int64_t m, const char* what) {
+    const auto time_g128 = [&](Int4GroupsLauncher kernel, int64_t m, const char* what) {
       return time_us(stream, iterations, repetitions, [&](int i) {
         const uint8_t* base =
             static_cast<const uint8_t*>(w.ptr) + g128_stride * static_cast<size_t>(i % copies);

@@ -37,6 +37,20 @@ int64_t int4_kernel_max_rows(Int4Kernel kernel) {
   }
 }
 
+Int4GroupsLauncher int4_kernel_launcher(Int4Kernel kernel) {
+  switch (kernel) {
+    case Int4Kernel::gemv_cuda_cores:
+      return w4a16_gemv_int4_groups;
+    case Int4Kernel::gemv_tensor_cores:
+      return w4a16_gemv_int4_groups_mma;
+    case Int4Kernel::gemm_wmma:
+      return w4a16_gemm_int4_groups;
+    case Int4Kernel::gemm_mma:
+      return w4a16_gemm_int4_groups_mma;
+  }
+  return w4a16_gemm_int4_groups;
+}
+
 void choose_int4_groups_kernels(Int4GroupsTuning& t) {
   for (int r = 0; r < kInt4RowRanges; ++r) {
     double best = 0.0;
@@ -54,23 +68,6 @@ void choose_int4_groups_kernels(Int4GroupsTuning& t) {
 }
 
 namespace {
-
-using Int4GroupsKernel = Status (*)(const uint8_t*, const __half*, const uint8_t*, int64_t, int64_t, int64_t,
-                                    const __half*, int64_t, float*, cudaStream_t, bool);
-
-Int4GroupsKernel launcher(Int4Kernel kernel) {
-  switch (kernel) {
-    case Int4Kernel::gemv_cuda_cores:
-      return w4a16_gemv_int4_groups;
-    case Int4Kernel::gemv_tensor_cores:
-      return w4a16_gemv_int4_groups_mma;
-    case Int4Kernel::gemm_wmma:
-      return w4a16_gemm_int4_groups;
-    case Int4Kernel::gemm_mma:
-      return w4a16_gemm_int4_groups_mma;
-  }
-  return nullptr;
-}
 
 struct Scratch {
   void* ptr = nullptr;
@@ -103,7 +100,7 @@ Status tune_int4_groups(const std::vector<Int4GroupsMatrix>& matrices, int64_t g
   // Enough products per loop to visit every matrix (up to 32), so that L2 holds few of them.
   const int iterations = static_cast<int>(std::clamp<size_t>(matrices.size(), 8, 32));
   const auto time = [&](Int4Kernel which, int64_t m, double& us) -> Status {
-    const Int4GroupsKernel kernel = launcher(which);
+    const Int4GroupsLauncher kernel = int4_kernel_launcher(which);
     Status launch = Status::ok;
     cudaError_t event_err = cudaSuccess;
     const bool timed = median_call_us(

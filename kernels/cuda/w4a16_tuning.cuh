@@ -33,6 +33,11 @@ constexpr int kInt4Kernels = 4;
 const char* int4_kernel_name(Int4Kernel kernel);  // "CUDA-core GEMV", ...
 // The most rows `kernel` takes in one call (INT64_MAX: any).
 int64_t int4_kernel_max_rows(Int4Kernel kernel);
+// The launcher of `kernel` (they share one signature: w4a16_gemv_int4_groups's).
+using Int4GroupsLauncher = Status (*)(const uint8_t* quants, const __half* scales, const uint8_t* zeros,
+                                      int64_t group, int64_t n_out, int64_t k, const __half* x, int64_t m,
+                                      float* y, cudaStream_t stream, bool programmatic);
+Int4GroupsLauncher int4_kernel_launcher(Int4Kernel kernel);
 
 // The row ranges, and the row counts each is timed at (a second count of 0: one only).
 constexpr int kInt4RowRanges = 3;

@@ -18,6 +18,7 @@
 #include "kernels/cuda/w4a16_gemm.cuh"
 #include "kernels/cuda/w4a16_gemv.cuh"
 #include "kernels/cuda/w4a16_gemv_mma.cuh"
+#include "kernels/cuda/w4a16_tuning.cuh"
 #include "tests/cuda/cuda_test_util.hpp"
 #include "tests/cuda/w4a16_test_util.hpp"
 
@@ -27,12 +28,9 @@ namespace kc = nibble::kernels::cuda;
 namespace ct = nibble::cuda_test;
 using nibble::kernels::Status;
 
-using Int4Kernel = Status (*)(const uint8_t*, const __half*, const uint8_t*, int64_t, int64_t, int64_t,
-                              const __half*, int64_t, float*, cudaStream_t, bool);
-
 struct Case {
   const char* name;
-  Int4Kernel kernel;
+  kc::Int4GroupsLauncher kernel;
   int64_t m;
 };
 

@@ -28,7 +28,6 @@
 #include "kernels/cuda/swiglu.cuh"
 #include "kernels/cuda/w4a16_gemm.cuh"
 #include "kernels/cuda/w4a16_gemv.cuh"
-#include "kernels/cuda/w4a16_gemv_mma.cuh"
 #include "kernels/cuda/w4a16_tuning.cuh"
 #include "kernels/int4_groups.hpp"
 #include "kernels/quant_types.hpp"

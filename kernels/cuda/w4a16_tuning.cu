@@ -52,18 +52,24 @@ Int4GroupsLauncher int4_kernel_launcher(Int4Kernel kernel) {
 }
 
 void choose_int4_groups_kernels(Int4GroupsTuning& t) {
+  const Int4GroupsTuning defaults;
   for (int r = 0; r < kInt4RowRanges; ++r) {
-    double best = 0.0;
-    for (int kernel = 0; kernel < kInt4Kernels; ++kernel) {
+    const bool two = kInt4RangeTimedRows[r][1] > 0;
+    const auto mean_us = [&](int kernel) {  // 0: not timed at every count
       const double* us = t.us[r][kernel];
-      const bool two = kInt4RangeTimedRows[r][1] > 0;
-      if (!(us[0] > 0.0) || (two && !(us[1] > 0.0))) continue;
-      const double mean = two ? std::sqrt(us[0] * us[1]) : us[0];
-      if (best == 0.0 || mean < best) {
-        best = mean;
-        t.chosen[r] = static_cast<Int4Kernel>(kernel);
-      }
+      if (!(us[0] > 0.0) || (two && !(us[1] > 0.0))) return 0.0;
+      return two ? std::sqrt(us[0] * us[1]) : us[0];
+    };
+    int best = -1;
+    for (int kernel = 0; kernel < kInt4Kernels; ++kernel) {
+      const double mean = mean_us(kernel);
+      if (mean > 0.0 && (best < 0 || mean < mean_us(best))) best = kernel;
     }
+    const int fallback = static_cast<int>(defaults.chosen[r]);
+    const double fallback_us = mean_us(fallback);
+    if (best < 0 || (fallback_us > 0.0 && mean_us(best) > (1.0 - kInt4MinGain) * fallback_us))
+      best = fallback;
+    t.chosen[r] = static_cast<Int4Kernel>(best);
   }
 }
 

@@ -58,9 +58,12 @@ struct Int4GroupsTuning {
 };
 
 // The rule, from the times: per range, the kernel with the smallest geometric mean of its times at
-// the range's timed row counts, among those timed at all of them; ties go to the lower Int4Kernel
-// (CUDA cores before tensor cores, WMMA before mma). A range with no timed kernel keeps the default
-// above (what the model used before any timing).
+// the range's timed row counts, among those timed at all of them (ties to the lower Int4Kernel);
+// but the range's default above (what the model used before any timing) stays unless that kernel
+// is at least kInt4MinGain faster, so that timing noise between near-equal kernels does not change
+// a model's kernels, and so its output bits, from one load to the next. A range with no timed
+// kernel keeps its default.
+constexpr double kInt4MinGain = 0.05;
 void choose_int4_groups_kernels(Int4GroupsTuning& t);
 
 // Times every kernel that takes a range's rows on `matrices` (one shape, e.g. that matrix in every

@@ -311,10 +311,12 @@ TEST(CudaLlamaModel, ChoosesTheInt4KernelsPerMatrixShape) {
     SCOPED_TRACE(std::to_string(ch.n_out) + " x " + std::to_string(ch.k));
     EXPECT_EQ(ch.group, 64);
     EXPECT_EQ(ch.skipped, "");
+    const int defaults[3] = {0, 0, 2};  // the kernels kept unless another is 5% faster
     for (int r = 0; r < 3; ++r) {
       SCOPED_TRACE("row range " + std::to_string(r));
       double best = 0.0;
       int best_kernel = -1;
+      double mean_log[4] = {0, 0, 0, 0};
       for (int kernel = 0; kernel < 4; ++kernel) {
         double log_sum = 0.0;
         int counts = 0;
@@ -331,11 +333,13 @@ TEST(CudaLlamaModel, ChoosesTheInt4KernelsPerMatrixShape) {
           }
         }
         const bool eligible = counts == (Choice::range_timed_rows[r][1] > 0 ? 2 : 1);
+        if (eligible) mean_log[kernel] = log_sum / counts;
         if (eligible && (best_kernel < 0 || log_sum / counts < best)) {
           best = log_sum / counts;
           best_kernel = kernel;
         }
       }
+      if (std::exp(best) > 0.95 * std::exp(mean_log[defaults[r]])) best_kernel = defaults[r];
       EXPECT_EQ(ch.chosen[r], best_kernel);
       EXPECT_TRUE(takes(ch.chosen[r], r == 0 ? 16 : r == 1 ? 32 : 1000));
     }

@@ -29,7 +29,7 @@ kc::Int4Kernel choose_small(const double (&us)[4][2]) {
   return t.chosen[0];
 }
 
-TEST(W4A16Tuning, EachRangeTakesTheSmallestGeometricMeanOfItsTimes) {
+TEST(W4A16Tuning, EachRangeTakesTheSmallestGeometricMeanOfItsTimesByAMargin) {
   using K = kc::Int4Kernel;
   EXPECT_EQ(choose_small({{10, 40}, {9, 30}, {50, 60}, {40, 50}}), K::gemv_tensor_cores);   // faster at both
   EXPECT_EQ(choose_small({{10, 40}, {11, 20}, {50, 60}, {40, 50}}), K::gemv_tensor_cores);  // sqrt(220) < 20
@@ -38,6 +38,9 @@ TEST(W4A16Tuning, EachRangeTakesTheSmallestGeometricMeanOfItsTimes) {
   EXPECT_EQ(choose_small({{10, 40}, {0, 20}, {50, 60}, {40, 50}}), K::gemv_cuda_cores);   // one time missing
   EXPECT_EQ(choose_small({{30, 90}, {20, 60}, {15, 40}, {14, 41}}), K::gemm_mma);         // 23.96 < 24.49
   EXPECT_EQ(choose_small({{0, 0}, {0, 0}, {0, 0}, {0, 0}}), K::gemv_cuda_cores);          // nothing: default
+  // The default (CUDA-core GEMV here) stays unless another is at least kInt4MinGain faster.
+  EXPECT_EQ(choose_small({{10, 40}, {9.9, 39}, {50, 60}, {40, 50}}), K::gemv_cuda_cores);    // 1.7% faster
+  EXPECT_EQ(choose_small({{10, 40}, {9.5, 37}, {50, 60}, {40, 50}}), K::gemv_tensor_cores);  // 5.3% faster
 
   kc::Int4GroupsTuning t;
   t.us[1][kCudaCores][0] = 100;  // 32 rows
@@ -48,6 +51,13 @@ TEST(W4A16Tuning, EachRangeTakesTheSmallestGeometricMeanOfItsTimes) {
   kc::choose_int4_groups_kernels(t);
   EXPECT_EQ(t.chosen[1], K::gemm_mma);
   EXPECT_EQ(t.chosen[2], K::gemm_wmma);
+  t.us[2][kMma][0] = 390;  // 2.5% faster than the default WMMA GEMM: not enough
+  kc::choose_int4_groups_kernels(t);
+  EXPECT_EQ(t.chosen[2], K::gemm_wmma);
+  t.us[2][kMma][0] = 370;  // 7.5% faster
+  kc::choose_int4_groups_kernels(t);
+  EXPECT_EQ(t.chosen[2], K::gemm_mma);
+  t.us[2][kMma][0] = 401;
   t.us[2][kWmma][0] = 0;  // the WMMA GEMM failed
   kc::choose_int4_groups_kernels(t);
   EXPECT_EQ(t.chosen[2], K::gemm_mma);

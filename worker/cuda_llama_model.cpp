@@ -106,6 +106,36 @@ class DeviceMemory {
   size_t bytes_ = 0;
 };
 
+// Page-locked host memory, reserve() as DeviceMemory's: the small per-pass copies (metadata up, the
+// error flag and ids down) go straight to and from it, where pageable memory would make the driver
+// stage each one through a buffer of its own and wait for it.
+class PinnedMemory {
+ public:
+  PinnedMemory() = default;
+  ~PinnedMemory() {
+    if (ptr_ != nullptr) cudaFreeHost(ptr_);
+  }
+  PinnedMemory(const PinnedMemory&) = delete;
+  PinnedMemory& operator=(const PinnedMemory&) = delete;
+
+  void reserve(size_t bytes) {
+    if (bytes <= bytes_ && ptr_ != nullptr) return;
+    if (ptr_ != nullptr) cuda_check(cudaFreeHost(ptr_), "cudaFreeHost");
+    ptr_ = nullptr;
+    bytes_ = 0;
+    cuda_check(cudaMallocHost(&ptr_, bytes == 0 ? 1 : bytes), "cudaMallocHost");
+    bytes_ = bytes;
+  }
+  template <typename T>
+  T* as() const {
+    return static_cast<T*>(ptr_);
+  }
+
+ private:
+  void* ptr_ = nullptr;
+  size_t bytes_ = 0;
+};
+
 std::shared_ptr<DeviceMemory> upload(const void* host, size_t bytes) {
   auto mem = std::make_shared<DeviceMemory>(bytes);
   if (bytes > 0) cuda_check(cudaMemcpy(mem->as<void>(), host, bytes, cudaMemcpyHostToDevice), "cudaMemcpy");
@@ -447,7 +477,8 @@ struct CudaLlamaModel::Impl {
   DeviceMemory sample_uniforms;   // [n_out] double
   DeviceMemory sample_workspace;  // sample_rows' keys and sort storage
   DeviceMemory flag;              // [1] int32: bad metadata seen on the device
-  int32_t flag_host = 0;          // its copy (a member: the copy is asynchronous)
+  PinnedMemory meta_pinned;       // meta_host's copy, uploaded from here
+  PinnedMemory results_pinned;    // the flag's copy, then the ids ([1 + n_out] int32)
   DeviceMemory cublas_workspace;  // set as cuBLAS's workspace, so that graph capture allocates nothing
   std::vector<int32_t> meta_host;
   // Captured passes by plan key (CudaModelOptions::graphs).
@@ -1091,7 +1122,10 @@ void CudaLlamaModel::Impl::forward_impl(const ForwardBatch& batch, CudaKvCache& 
   const Plan p = plan_batch(batch, cache, ids_out != nullptr && !sample, meta_host);
   // A buffer that moved invalidates every captured graph (they hold its old address).
   if (reserve_buffers(p)) clear_graphs();
-  cuda_check(cudaMemcpyAsync(meta.as<int32_t>(), meta_host.data(), meta_host.size() * sizeof(int32_t),
+  const size_t meta_bytes = meta_host.size() * sizeof(int32_t);
+  meta_pinned.reserve(meta_bytes);  // the previous pass has synchronized: no copy still reads it
+  std::memcpy(meta_pinned.as<int32_t>(), meta_host.data(), meta_bytes);
+  cuda_check(cudaMemcpyAsync(meta.as<int32_t>(), meta_pinned.as<int32_t>(), meta_bytes,
                              cudaMemcpyHostToDevice, stream),
              "cudaMemcpyAsync (batch metadata)");
   const size_t hidden_bytes = static_cast<size_t>(n * c.n_embd) * sizeof(float);
@@ -1123,8 +1157,11 @@ void CudaLlamaModel::Impl::forward_impl(const ForwardBatch& batch, CudaKvCache& 
                           sample_workspace.as<void>(), sample_workspace.bytes(), stream),
           "sample_rows");
   }
-  flag_host = 0;
-  cuda_check(cudaMemcpyAsync(&flag_host, flag.as<int32_t>(), sizeof(int32_t), cudaMemcpyDeviceToHost, stream),
+  results_pinned.reserve(static_cast<size_t>(1 + n_out) * sizeof(int32_t));
+  int32_t* flag_host = results_pinned.as<int32_t>();
+  int32_t* ids_host = flag_host + 1;
+  *flag_host = 0;
+  cuda_check(cudaMemcpyAsync(flag_host, flag.as<int32_t>(), sizeof(int32_t), cudaMemcpyDeviceToHost, stream),
              "cudaMemcpyAsync (error flag)");
   if (logits_out != nullptr && !last_stage()) {
     logits_out->resize(static_cast<size_t>(n * c.n_embd));
@@ -1139,16 +1176,14 @@ void CudaLlamaModel::Impl::forward_impl(const ForwardBatch& batch, CudaKvCache& 
                  "cudaMemcpyAsync (logits)");
     }
   }
-  if (ids_out != nullptr) {
-    ids_out->resize(static_cast<size_t>(n_out));
-    if (n_out > 0) {
-      cuda_check(cudaMemcpyAsync(ids_out->data(), ids.as<int32_t>(), ids_out->size() * sizeof(int32_t),
-                                 cudaMemcpyDeviceToHost, stream),
-                 "cudaMemcpyAsync (ids)");
-    }
+  if (ids_out != nullptr && n_out > 0) {
+    cuda_check(cudaMemcpyAsync(ids_host, ids.as<int32_t>(), static_cast<size_t>(n_out) * sizeof(int32_t),
+                               cudaMemcpyDeviceToHost, stream),
+               "cudaMemcpyAsync (ids)");
   }
   cuda_check(cudaStreamSynchronize(stream), "forward pass");
-  if (flag_host != 0) {
+  if (ids_out != nullptr) ids_out->assign(ids_host, ids_host + n_out);
+  if (*flag_host != 0) {
     throw std::runtime_error(
         "the CUDA forward pass found bad metadata on the device (a token, position or "
         "block id out of range) that the host checks missed");

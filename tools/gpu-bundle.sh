@@ -63,6 +63,7 @@ cat >"$out/run.sh" <<'RUN'
 #!/usr/bin/env bash
 # On the GPU machine, from the repository root: CUDA tests, then the kernel and end-to-end benchmarks.
 #   bash .gpu/run.sh [all|tests|bench]    (all: both, in that order)
+#   bash .gpu/run.sh sanitize [TEST_BINARY [TOOL]]   (compute-sanitizer, memcheck by default)
 set -uo pipefail
 phase="${1:-all}"
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -115,6 +116,15 @@ else
   echo "skipped test_mpi_cuda_tensor_parallel and test_serve --gtest_filter='Serve.Cuda*': no mpirun on this machine" |
     tee -a "$out/cuda-tests.log"
 fi
+fi
+# When a kernel test fails: its binary again under compute-sanitizer (memcheck, or the tool the third
+# argument names: racecheck, synccheck, initcheck), e.g. `run.sh sanitize test_cuda_w4a16_gemv racecheck`.
+if [ "$phase" = sanitize ]; then
+  sanitizer="$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)"
+  for t in "$here"/tests/${2:-test_cuda_*}; do
+    timeout 500 "$sanitizer" --tool "${3:-memcheck}" --error-exitcode 1 "$t" --gtest_brief=1 2>&1 |
+      tee -a "$out/sanitizer.log" || status=1
+  done
 fi
 if [ "$phase" = all ] || [ "$phase" = bench ]; then
 # tinygemm at group 128 (4.25 bits a weight, its usual GPTQ / AWQ setting): the grouping of bench-gpu's

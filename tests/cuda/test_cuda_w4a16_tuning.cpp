@@ -17,7 +17,7 @@ namespace kc = nibble::kernels::cuda;
 namespace ct = nibble::cuda_test;
 using nibble::kernels::Status;
 
-constexpr int kCudaCores = 0, kTensorCores = 1, kWmma = 2, kMma = 3;
+constexpr int kCudaCores = 0, kWmma = 2, kMma = 3;  // Int4Kernel indices
 
 // A tuning with the given times (0: not timed) for the 1-16 row range (at 1 and 16 rows) and the
 // rule's choice there.
@@ -61,7 +61,6 @@ TEST(W4A16Tuning, EachRangeTakesTheSmallestGeometricMeanOfItsTimesByAMargin) {
   t.us[2][kWmma][0] = 0;  // the WMMA GEMM failed
   kc::choose_int4_groups_kernels(t);
   EXPECT_EQ(t.chosen[2], K::gemm_mma);
-  (void)kTensorCores;
 }
 
 TEST(W4A16Tuning, RangesAndKernelLimits) {

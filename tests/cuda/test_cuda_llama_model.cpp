@@ -717,4 +717,33 @@ TEST(CudaLlamaModelCli, BenchSpecOnTheGpuRunsTheEngineWithADraft) {
   EXPECT_GT(j["rows"][0]["tokens_per_verify_step"].get<double>(), 1.0) << r.output;
 }
 
+// bench-gpu --model on a dummy model (its matrices are group-wise INT4 on the device): the decode rows,
+// the kernel chosen per matrix shape and row range with the candidates' times, and the decode steps
+// again with programmatic launches.
+TEST(CudaLlamaModelCli, BenchGpuReportsTheInt4KernelChoicesAndProgrammaticLaunches) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  const auto r = t::run_command(t::nibble_bin() +
+                                " bench-gpu --model dummy:tiny --batch 1,2 --prompt-tokens 32 --gen-tokens 4 "
+                                "--repetitions 1 --prefill-batch 2 --json 2>&1");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const auto json_start = r.output.find('{');
+  ASSERT_NE(json_start, std::string::npos) << r.output;
+  const auto j = nlohmann::json::parse(r.output.substr(json_start));
+  ASSERT_EQ(j["decode"].size(), 2u) << r.output;
+  EXPECT_FALSE(j.contains("pdl_error")) << r.output;
+  for (const auto& row : j["decode"]) EXPECT_GT(row["pdl_ms_per_step"].get<double>(), 0.0) << r.output;
+  ASSERT_FALSE(j["int4_kernels"].empty()) << r.output;
+  for (const auto& shape : j["int4_kernels"]) {
+    EXPECT_EQ(shape["group"], 128) << r.output;
+    ASSERT_EQ(shape["ranges"].size(), 3u) << r.output;
+    for (const auto& range : shape["ranges"]) {
+      // The chosen kernel is among those timed for the range.
+      bool timed = false;
+      for (const auto& at : range["timed"])
+        timed = timed || at["us"].contains(range["chosen"].get<std::string>());
+      EXPECT_TRUE(timed) << range.dump();
+    }
+  }
+}
+
 }  // namespace

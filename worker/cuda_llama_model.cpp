@@ -176,8 +176,8 @@ struct DeviceMatrix {
   int64_t group = 0;
   size_t scales_offset = 0, zeros_offset = 0;
   // int4_groups: the kernel chosen for its shape per row range (CudaModelOptions::int4_kernels).
-  kc::Int4Kernel int4_kernel[kc::kInt4RowRanges] = {
-      kc::Int4Kernel::gemv_cuda_cores, kc::Int4Kernel::gemv_cuda_cores, kc::Int4Kernel::gemm_wmma};
+  kc::Int4Kernel int4_kernel[kc::kInt4RowRanges] = {kc::kInt4DefaultKernels[0], kc::kInt4DefaultKernels[1],
+                                                    kc::kInt4DefaultKernels[2]};
   int64_t bytes() const { return mem != nullptr ? static_cast<int64_t>(mem->bytes()) : 0; }
 };
 
@@ -645,6 +645,9 @@ void CudaLlamaModel::Impl::upload_weights(model::LlamaWeights weights) {
 
 // CudaInt4KernelChoice mirrors the tuning's constants without CUDA headers.
 static_assert(kc::kInt4RowRanges == 3 && kc::kInt4Kernels == 4);
+static_assert(CudaInt4KernelChoice{}.chosen[0] == static_cast<int>(kc::kInt4DefaultKernels[0]) &&
+              CudaInt4KernelChoice{}.chosen[1] == static_cast<int>(kc::kInt4DefaultKernels[1]) &&
+              CudaInt4KernelChoice{}.chosen[2] == static_cast<int>(kc::kInt4DefaultKernels[2]));
 static_assert(CudaInt4KernelChoice::range_timed_rows[0][0] == kc::kInt4RangeTimedRows[0][0] &&
               CudaInt4KernelChoice::range_timed_rows[0][1] == kc::kInt4RangeTimedRows[0][1] &&
               CudaInt4KernelChoice::range_timed_rows[1][0] == kc::kInt4RangeTimedRows[1][0] &&

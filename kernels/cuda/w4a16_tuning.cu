@@ -52,7 +52,6 @@ Int4GroupsLauncher int4_kernel_launcher(Int4Kernel kernel) {
 }
 
 void choose_int4_groups_kernels(Int4GroupsTuning& t) {
-  const Int4GroupsTuning defaults;
   for (int r = 0; r < kInt4RowRanges; ++r) {
     const bool two = kInt4RangeTimedRows[r][1] > 0;
     const auto mean_us = [&](int kernel) {  // 0: not timed at every count
@@ -65,7 +64,7 @@ void choose_int4_groups_kernels(Int4GroupsTuning& t) {
       const double mean = mean_us(kernel);
       if (mean > 0.0 && (best < 0 || mean < mean_us(best))) best = kernel;
     }
-    const int fallback = static_cast<int>(defaults.chosen[r]);
+    const int fallback = static_cast<int>(kInt4DefaultKernels[r]);
     const double fallback_us = mean_us(fallback);
     if (best < 0 || (fallback_us > 0.0 && mean_us(best) > (1.0 - kInt4MinGain) * fallback_us))
       best = fallback;

@@ -48,12 +48,17 @@ inline int int4_row_range(int64_t m) {
   return m <= kInt4RangeMaxRows[0] ? 0 : m <= kInt4RangeMaxRows[1] ? 1 : 2;
 }
 
+// Per range, the kernel used without timing (and kept unless another is kInt4MinGain faster): what
+// the model ran before the tensor-core kernels existed.
+constexpr Int4Kernel kInt4DefaultKernels[kInt4RowRanges] = {
+    Int4Kernel::gemv_cuda_cores, Int4Kernel::gemv_cuda_cores, Int4Kernel::gemm_wmma};
+
 struct Int4GroupsTuning {
   // Device microseconds per product (median of repeated loops) by range, kernel and timed row count;
   // 0 where the kernel does not take that many rows or failed to launch (`skipped` says which).
   double us[kInt4RowRanges][kInt4Kernels][2] = {};
-  Int4Kernel chosen[kInt4RowRanges] = {Int4Kernel::gemv_cuda_cores, Int4Kernel::gemv_cuda_cores,
-                                       Int4Kernel::gemm_wmma};
+  Int4Kernel chosen[kInt4RowRanges] = {kInt4DefaultKernels[0], kInt4DefaultKernels[1],
+                                       kInt4DefaultKernels[2]};
   std::string skipped;  // candidates that failed, e.g. "tensor-core GEMV (1 rows): device_error"
 };
 

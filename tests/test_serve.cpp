@@ -492,8 +492,9 @@ TEST(Serve, CudaServesLikeCpuGenerate) {
   for (const Shape shape : {Shape{2, 1}, Shape{1, 2}}) {
     SCOPED_TRACE("T" + std::to_string(shape.tensor) + " P" + std::to_string(shape.pipeline));
     test::TempDir dir;
-    ServeJob job(dir.path(), model, shape.tensor, shape.pipeline,
-                 "device: cuda\nscheduler: { prefill_chunk: 16 }\nkv_cache: { num_blocks: 64 }\n");
+    ServeJob job(
+        dir.path(), model, shape.tensor, shape.pipeline,
+        "device: cuda\ncontext: 1024\nscheduler: { prefill_chunk: 16 }\nkv_cache: { num_blocks: 64 }\n");
     ASSERT_TRUE(job.wait_ready()) << job.log();
     if (shape.tensor == 2) {
       const bool one_gpu = worker::cuda_device_count() == 1;
@@ -530,7 +531,7 @@ TEST(Serve, CudaSpeculativeServesLikeCpuGenerate) {
       SCOPED_TRACE("draft " + draft + ", P" + std::to_string(pipeline));
       test::TempDir dir;
       ServeJob job(dir.path(), model, 1, pipeline,
-                   "device: cuda\nkv_cache: { num_blocks: 64 }\ndraft: { path: \"" + draft +
+                   "device: cuda\ncontext: 1024\nkv_cache: { num_blocks: 64 }\ndraft: { path: \"" + draft +
                        "\", max_draft_tokens: 3 }\n");
       ASSERT_TRUE(job.wait_ready()) << job.log();
       EXPECT_NE(job.log().find("on its GPU"), std::string::npos) << job.log();

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <initializer_list>
 #include <map>
@@ -177,7 +178,7 @@ struct DeviceMatrix {
   size_t scales_offset = 0, zeros_offset = 0;
   // int4_groups: the kernel chosen for its shape per row range (CudaModelOptions::int4_kernels).
   kc::Int4Kernel int4_kernel[kc::kInt4RowRanges] = {kc::kInt4DefaultKernels[0], kc::kInt4DefaultKernels[1],
-                                                    kc::kInt4DefaultKernels[2]};
+                                                    kc::kInt4DefaultKernels[2], kc::kInt4DefaultKernels[3]};
   int64_t bytes() const { return mem != nullptr ? static_cast<int64_t>(mem->bytes()) : 0; }
 };
 
@@ -644,16 +645,19 @@ void CudaLlamaModel::Impl::upload_weights(model::LlamaWeights weights) {
 }
 
 // CudaInt4KernelChoice mirrors the tuning's constants without CUDA headers.
-static_assert(kc::kInt4RowRanges == 3 && kc::kInt4Kernels == 4);
-static_assert(CudaInt4KernelChoice{}.chosen[0] == static_cast<int>(kc::kInt4DefaultKernels[0]) &&
-              CudaInt4KernelChoice{}.chosen[1] == static_cast<int>(kc::kInt4DefaultKernels[1]) &&
-              CudaInt4KernelChoice{}.chosen[2] == static_cast<int>(kc::kInt4DefaultKernels[2]));
-static_assert(CudaInt4KernelChoice::range_timed_rows[0][0] == kc::kInt4RangeTimedRows[0][0] &&
-              CudaInt4KernelChoice::range_timed_rows[0][1] == kc::kInt4RangeTimedRows[0][1] &&
-              CudaInt4KernelChoice::range_timed_rows[1][0] == kc::kInt4RangeTimedRows[1][0] &&
-              CudaInt4KernelChoice::range_timed_rows[1][1] == kc::kInt4RangeTimedRows[1][1] &&
-              CudaInt4KernelChoice::range_timed_rows[2][0] == kc::kInt4RangeTimedRows[2][0] &&
-              CudaInt4KernelChoice::range_timed_rows[2][1] == kc::kInt4RangeTimedRows[2][1]);
+static_assert(kc::kInt4RowRanges == CudaInt4KernelChoice::kRanges && kc::kInt4Kernels == 4);
+static constexpr bool choice_mirrors_tuning() {
+  for (int r = 0; r < kc::kInt4RowRanges; ++r) {
+    if (CudaInt4KernelChoice{}.chosen[r] != static_cast<int>(kc::kInt4DefaultKernels[r])) return false;
+    if (CudaInt4KernelChoice::range_max_rows[r] !=
+        (kc::kInt4RangeMaxRows[r] == INT64_MAX ? -1 : kc::kInt4RangeMaxRows[r]))
+      return false;
+    for (int c = 0; c < 2; ++c)
+      if (CudaInt4KernelChoice::range_timed_rows[r][c] != kc::kInt4RangeTimedRows[r][c]) return false;
+  }
+  return true;
+}
+static_assert(choice_mirrors_tuning());
 
 void CudaLlamaModel::Impl::choose_int4_kernels() {
   // The matrices by shape, shapes in order of first appearance.
@@ -701,8 +705,8 @@ void CudaLlamaModel::Impl::choose_int4_kernels() {
       std::copy(&t.us[0][0][0], &t.us[0][0][0] + sizeof t.us / sizeof(double), &choice.us[0][0][0]);
       choice.skipped = t.skipped;
     } else if (options.int4_kernels == Int4Kernels::tensor_cores) {
-      t.chosen[0] = kc::Int4Kernel::gemv_tensor_cores;
-      t.chosen[1] = t.chosen[2] = kc::Int4Kernel::gemm_mma;
+      t.chosen[0] = t.chosen[1] = kc::Int4Kernel::gemv_tensor_cores;
+      t.chosen[2] = t.chosen[3] = kc::Int4Kernel::gemm_mma;
     }  // cuda_cores: Int4GroupsTuning's defaults
     for (int r = 0; r < kc::kInt4RowRanges; ++r) {
       choice.chosen[r] = static_cast<int>(t.chosen[r]);

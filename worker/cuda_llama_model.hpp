@@ -122,15 +122,18 @@ enum class Int4Kernels { measured, cuda_cores, tensor_cores };
 struct CudaInt4KernelChoice {
   static constexpr const char* kernel_names[4] = {"CUDA-core GEMV", "tensor-core GEMV", "WMMA GEMM",
                                                   "mma GEMM"};
-  // The row ranges 1-16, 17-32 and over 32, and the row counts each is timed at (0: none).
-  static constexpr int64_t range_timed_rows[3][2] = {{1, 16}, {32, 0}, {256, 0}};
+  // The row ranges 1, 2-16, 17-32 and over 32 (their largest row counts; -1: any), and the row
+  // counts each is timed at (0: none).
+  static constexpr int kRanges = 4;
+  static constexpr int64_t range_max_rows[kRanges] = {1, 16, 32, -1};
+  static constexpr int64_t range_timed_rows[kRanges][2] = {{1, 0}, {4, 16}, {32, 0}, {256, 0}};
   int64_t n_out = 0, k = 0, group = 0;
-  int64_t matrices = 0;       // how many of the model's matrices have this shape
-  int chosen[3] = {0, 0, 2};  // per range, the kernel (an index into kernel_names)
-  double us[3][4][2] = {};    // device microseconds per product by range, kernel and timed row
-                              // count; 0: not timed (a fixed choice, a kernel that does not take
-                              // that many rows, or one that failed to launch)
-  std::string skipped;        // candidates that failed to launch, and how
+  int64_t matrices = 0;                // how many of the model's matrices have this shape
+  int chosen[kRanges] = {0, 0, 0, 2};  // per range, the kernel (an index into kernel_names)
+  double us[kRanges][4][2] = {};       // device microseconds per product by range, kernel and timed
+                                       // row count; 0: not timed (a fixed choice, a kernel that does
+                                       // not take that many rows, or one that failed to launch)
+  std::string skipped;                 // candidates that failed to launch, and how
 };
 
 struct CudaModelOptions {

@@ -174,7 +174,7 @@ void print_int4_choices(const worker::CudaLlamaModel& model, double copy_gbps) {
                   static_cast<long long>(ch.k), static_cast<long long>(ch.matrices),
                   static_cast<long long>(ch.group));
     bool first = true;
-    for (int r = 0; r < 3; ++r) {
+    for (int r = 0; r < Choice::kRanges; ++r) {
       for (int c = 0; c < 2; ++c) {
         const int64_t m = Choice::range_timed_rows[r][c];
         if (m == 0) continue;
@@ -215,6 +215,15 @@ double copy_bandwidth_gbps() {
 #endif
 }
 
+// One line to stderr, flushed: "bench-gpu: ...".
+template <typename... Values>
+void progress(const char* format, Values... values) {
+  std::fprintf(stderr, "bench-gpu: ");
+  std::fprintf(stderr, format, values...);
+  std::fprintf(stderr, "\n");
+  std::fflush(stderr);
+}
+
 int run_model(const Args& a) {
   const std::vector<int64_t> batches = parse_list(a.batch);
   if (batches.empty() || *std::min_element(batches.begin(), batches.end()) < 1)
@@ -234,27 +243,47 @@ int run_model(const Args& a) {
   // A decode step reads every weight byte at least once (the embedding table too: counted, though a
   // step reads one row of it, ~1.5% of llama-70b).
   const double floor_s = static_cast<double>(weight_bytes) / (copy_gbps * 1e9);
+  // Each figure also goes to stderr as soon as it is measured: a run cut short by a time limit (a
+  // device session's) keeps what it measured, though the tables come at the end.
+  progress("%s loaded in %.1f s, decode floor %.2f ms/step", a.model.c_str(), target.load_seconds,
+           floor_s * 1e3);
+  for (const worker::CudaInt4KernelChoice& ch : target.model->int4_kernel_choices()) {
+    progress("INT4 %lldx%lld: rows 1 %s, 2-16 %s, 17-32 %s, over 32 %s", static_cast<long long>(ch.n_out),
+             static_cast<long long>(ch.k), worker::CudaInt4KernelChoice::kernel_names[ch.chosen[0]],
+             worker::CudaInt4KernelChoice::kernel_names[ch.chosen[1]],
+             worker::CudaInt4KernelChoice::kernel_names[ch.chosen[2]],
+             worker::CudaInt4KernelChoice::kernel_names[ch.chosen[3]]);
+  }
   std::mt19937 rng(42);
   const double pp_one = time_prefill(target, 1, a.prompt_tokens, a.repetitions, rng);
+  progress("prefill %d tokens, 1 prompt: %.0f tokens/s", a.prompt_tokens, pp_one);
   const double pp_batch = time_prefill(target, a.prefill_batch, a.prompt_tokens, a.repetitions, rng);
+  progress("prefill %d tokens, %d prompts: %.0f tokens/s", a.prompt_tokens, a.prefill_batch, pp_batch);
   std::vector<double> step_s;
-  for (const int64_t b : batches)
+  for (const int64_t b : batches) {
     step_s.push_back(time_decode_step(target, b, a.gen_tokens, a.repetitions, rng));
+    progress("batch %lld: %.2f ms/step, %.0f%% of the floor", static_cast<long long>(b), step_s.back() * 1e3,
+             100.0 * floor_s / step_s.back());
+  }
 
   std::vector<double> draft_step_s;
   GpuModel draft;
   if (!a.draft.empty()) {
     draft = load_gpu_model(a.draft, max_batch, decode_tokens, a.int4_kernels);
-    for (const int64_t b : batches)
+    for (const int64_t b : batches) {
       draft_step_s.push_back(time_decode_step(draft, b, a.gen_tokens, a.repetitions, rng));
+      progress("draft batch %lld: %.2f ms/step", static_cast<long long>(b), draft_step_s.back() * 1e3);
+    }
   }  // The target again with its matrix products launched programmatically (PDL): last, so that a
   // failure there (the feature has not run on a GPU yet) costs none of the figures above.
   std::vector<double> pdl_step_s;
   std::string pdl_error;
   try {
     target.model->set_programmatic_launch(true);
-    for (const int64_t b : batches)
+    for (const int64_t b : batches) {
       pdl_step_s.push_back(time_decode_step(target, b, a.gen_tokens, a.repetitions, rng));
+      progress("PDL batch %lld: %.2f ms/step", static_cast<long long>(b), pdl_step_s.back() * 1e3);
+    }
   } catch (const std::exception& e) {
     pdl_step_s.clear();
     pdl_error = e.what();
@@ -280,7 +309,7 @@ int run_model(const Args& a) {
   nlohmann::json int4 = nlohmann::json::array();
   for (const worker::CudaInt4KernelChoice& ch : target.model->int4_kernel_choices()) {
     nlohmann::json ranges = nlohmann::json::array();
-    for (int r = 0; r < 3; ++r) {
+    for (int r = 0; r < worker::CudaInt4KernelChoice::kRanges; ++r) {
       nlohmann::json timed = nlohmann::json::array();
       for (int c = 0; c < 2; ++c) {
         const int64_t m = worker::CudaInt4KernelChoice::range_timed_rows[r][c];
@@ -291,9 +320,7 @@ int run_model(const Args& a) {
             us[worker::CudaInt4KernelChoice::kernel_names[kernel]] = ch.us[r][kernel][c];
         timed.push_back({{"rows", m}, {"us", us}});
       }
-      ranges.push_back({{"max_rows", r == 0   ? 16
-                                     : r == 1 ? 32
-                                              : -1},
+      ranges.push_back({{"max_rows", worker::CudaInt4KernelChoice::range_max_rows[r]},
                         {"chosen", worker::CudaInt4KernelChoice::kernel_names[ch.chosen[r]]},
                         {"timed", timed}});
     }

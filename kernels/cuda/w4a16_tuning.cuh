@@ -7,9 +7,13 @@
 //   tensor-core GEMV  w4a16_gemv_int4_groups_mma   (up to 16 rows; one m16 tile)
 //   WMMA GEMM         w4a16_gemm_int4_groups       (any rows)
 //   mma GEMM          w4a16_gemm_int4_groups_mma   (any rows)
-// Ranges: 1-16 rows (decode; timed at 1 and 16), 17-32 rows (timed at 32), over 32 (prefill; timed
-// at 256). One kernel serves a whole range, and each kernel's outputs for a row do not depend on m,
-// so a row's bits do not change with how many other rows of its range share the batch.
+// Ranges: 1 row (batch-1 decode), 2-16 rows (batched decode; timed at 4 and 16), 17-32 rows (timed at
+// 32), over 32 (prefill; timed at 256). One row has its own range because the CUDA-core GEMV wins
+// there and only there: on an H200 (2026-12-04, llama-70b's shapes) it took 26-302 us against the
+// tensor-core GEMV's 30-383 us at 1 row, but 318-4313 us against 32-409 us at 16, so one range for
+// 1-16 chose the tensor-core GEMV and made batch-1 decode 21% slower. One kernel serves a whole
+// range, and each kernel's outputs for a row do not depend on m, so a row's bits do not change with
+// how many other rows of its range share the batch.
 #include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
 
@@ -40,25 +44,28 @@ using Int4GroupsLauncher = Status (*)(const uint8_t* quants, const __half* scale
 Int4GroupsLauncher int4_kernel_launcher(Int4Kernel kernel);
 
 // The row ranges, and the row counts each is timed at (a second count of 0: one only).
-constexpr int kInt4RowRanges = 3;
-constexpr int64_t kInt4RangeMaxRows[kInt4RowRanges] = {16, 32, INT64_MAX};
-constexpr int64_t kInt4RangeTimedRows[kInt4RowRanges][2] = {{1, 16}, {32, 0}, {256, 0}};
+constexpr int kInt4RowRanges = 4;
+constexpr int64_t kInt4RangeMaxRows[kInt4RowRanges] = {1, 16, 32, INT64_MAX};
+constexpr int64_t kInt4RangeTimedRows[kInt4RowRanges][2] = {{1, 0}, {4, 16}, {32, 0}, {256, 0}};
 // The range m rows fall in (m >= 1).
 inline int int4_row_range(int64_t m) {
-  return m <= kInt4RangeMaxRows[0] ? 0 : m <= kInt4RangeMaxRows[1] ? 1 : 2;
+  int r = 0;
+  while (m > kInt4RangeMaxRows[r]) ++r;
+  return r;
 }
 
 // Per range, the kernel used without timing (and kept unless another is kInt4MinGain faster): what
 // the model ran before the tensor-core kernels existed.
 constexpr Int4Kernel kInt4DefaultKernels[kInt4RowRanges] = {
-    Int4Kernel::gemv_cuda_cores, Int4Kernel::gemv_cuda_cores, Int4Kernel::gemm_wmma};
+    Int4Kernel::gemv_cuda_cores, Int4Kernel::gemv_cuda_cores, Int4Kernel::gemv_cuda_cores,
+    Int4Kernel::gemm_wmma};
 
 struct Int4GroupsTuning {
   // Device microseconds per product (median of repeated loops) by range, kernel and timed row count;
   // 0 where the kernel does not take that many rows or failed to launch (`skipped` says which).
   double us[kInt4RowRanges][kInt4Kernels][2] = {};
-  Int4Kernel chosen[kInt4RowRanges] = {kInt4DefaultKernels[0], kInt4DefaultKernels[1],
-                                       kInt4DefaultKernels[2]};
+  Int4Kernel chosen[kInt4RowRanges] = {kInt4DefaultKernels[0], kInt4DefaultKernels[1], kInt4DefaultKernels[2],
+                                       kInt4DefaultKernels[3]};
   std::string skipped;  // candidates that failed, e.g. "tensor-core GEMV (1 rows): device_error"
 };
 

@@ -58,6 +58,14 @@ namespace {
 
 constexpr double kQuantizedBound = 4e-2;
 constexpr double kFloatBound = 3e-3;
+// The GPTQ / AWQ test checkpoints (tests/data/gptq-tiny-llama). Where the CPU holds them as Q8_0 (the
+// INT4 weights rounded a second time, to 8-bit blocks with one symmetric scale; the GPU reads them as
+// stored, or as fp16 for act-order), on top of its 8-bit activations. Measured on an H200
+// (2026-12-04): worst rows 4.2e-2 (per-channel GPTQ) to 6.3e-2 (act-order GPTQ at group 32), the
+// same to the digit on every INT4 kernel family; and 5.0e-2 for symmetric GPTQ at group 32, Q4_0 on
+// both, where only the activations differ: this model's activations lose more to 8 bits than the
+// random models' (2.5e-2 to 3.5e-2 measured there, within kQuantizedBound).
+constexpr double kCheckpointBound = 1e-1;
 constexpr double kMaxErrorPerRms = 5.0;  // largest element error / RMS error of a row
 
 double bound_for(k::DType type) {
@@ -264,7 +272,7 @@ TEST(CudaLlamaModel, GptqAndAwqCheckpointsMatchTheCpu) {
   for (const char* name : {"awq-g64", "gptq-perchannel-asym-v2", "gptq-g32-sym"}) {
     SCOPED_TRACE(name);
     const std::string path = (t::test_data_dir() / "gptq-tiny-llama" / name).string();
-    compare_scenario(path, kQuantizedBound, /*decode_attention=*/true);
+    compare_scenario(path, kCheckpointBound, /*decode_attention=*/true);
     const auto checkpoint = m::LlamaCheckpoint::open(path);
     w::CudaLlamaModel gpu(checkpoint);
     EXPECT_LE(gpu.weight_bytes(), four_bit_weight_bytes_bound(checkpoint->config()));
@@ -277,7 +285,7 @@ TEST(CudaLlamaModel, GptqAndAwqCheckpointsMatchTheCpu) {
         SCOPED_TRACE(std::string(name) +
                      (kernels == w::Int4Kernels::cuda_cores ? " CUDA cores" : " tensor cores") +
                      (programmatic ? ", programmatic launches" : ""));
-        compare_scenario((t::test_data_dir() / "gptq-tiny-llama" / name).string(), kQuantizedBound,
+        compare_scenario((t::test_data_dir() / "gptq-tiny-llama" / name).string(), kCheckpointBound,
                          /*decode_attention=*/true, kernels, programmatic);
       }
     }
@@ -285,7 +293,7 @@ TEST(CudaLlamaModel, GptqAndAwqCheckpointsMatchTheCpu) {
   // Act-order GPTQ goes up as fp16 with its input permutation applied at upload.
   for (const char* name : {"gptq-g128-sym-actorder", "gptq-g32-asym-actorder"}) {
     SCOPED_TRACE(name);
-    compare_scenario((t::test_data_dir() / "gptq-tiny-llama" / name).string(), kQuantizedBound,
+    compare_scenario((t::test_data_dir() / "gptq-tiny-llama" / name).string(), kCheckpointBound,
                      /*decode_attention=*/true);
   }
 }
@@ -311,8 +319,8 @@ TEST(CudaLlamaModel, ChoosesTheInt4KernelsPerMatrixShape) {
     SCOPED_TRACE(std::to_string(ch.n_out) + " x " + std::to_string(ch.k));
     EXPECT_EQ(ch.group, 64);
     EXPECT_EQ(ch.skipped, "");
-    const int defaults[3] = {0, 0, 2};  // the kernels kept unless another is 5% faster
-    for (int r = 0; r < 3; ++r) {
+    const int defaults[Choice::kRanges] = {0, 0, 0, 2};  // kept unless another is 5% faster
+    for (int r = 0; r < Choice::kRanges; ++r) {
       SCOPED_TRACE("row range " + std::to_string(r));
       double best = 0.0;
       int best_kernel = -1;
@@ -341,20 +349,20 @@ TEST(CudaLlamaModel, ChoosesTheInt4KernelsPerMatrixShape) {
       }
       if (std::exp(best) > 0.95 * std::exp(mean_log[defaults[r]])) best_kernel = defaults[r];
       EXPECT_EQ(ch.chosen[r], best_kernel);
-      EXPECT_TRUE(takes(ch.chosen[r], r == 0 ? 16 : r == 1 ? 32 : 1000));
+      EXPECT_TRUE(takes(ch.chosen[r], Choice::range_max_rows[r] < 0 ? 1000 : Choice::range_max_rows[r]));
     }
     matrices += ch.matrices;
   }
   // q/k/v, attn_output, gate/up and down in every layer (stacked or not: at least 4 a layer).
   EXPECT_GE(matrices, 4 * c.n_layer);
-  const int cuda_cores[3] = {0, 0, 2}, tensor_cores[3] = {1, 3, 3};
+  const int cuda_cores[Choice::kRanges] = {0, 0, 0, 2}, tensor_cores[Choice::kRanges] = {1, 1, 3, 3};
   for (const auto fixed : {w::Int4Kernels::cuda_cores, w::Int4Kernels::tensor_cores}) {
     w::CudaModelOptions options;
     options.int4_kernels = fixed;
     w::CudaLlamaModel gpu(checkpoint, options);
     ASSERT_EQ(gpu.int4_kernel_choices().size(), choices.size());
     for (const Choice& ch : gpu.int4_kernel_choices()) {
-      for (int r = 0; r < 3; ++r)
+      for (int r = 0; r < Choice::kRanges; ++r)
         EXPECT_EQ(ch.chosen[r], (fixed == w::Int4Kernels::cuda_cores ? cuda_cores : tensor_cores)[r]);
       EXPECT_EQ(ch.us[0][0][0], 0.0);  // not timed
     }
@@ -735,7 +743,7 @@ TEST(CudaLlamaModelCli, BenchGpuReportsTheInt4KernelChoicesAndProgrammaticLaunch
   ASSERT_FALSE(j["int4_kernels"].empty()) << r.output;
   for (const auto& shape : j["int4_kernels"]) {
     EXPECT_EQ(shape["group"], 128) << r.output;
-    ASSERT_EQ(shape["ranges"].size(), 3u) << r.output;
+    ASSERT_EQ(shape["ranges"].size(), 4u) << r.output;
     for (const auto& range : shape["ranges"]) {
       // The chosen kernel is among those timed for the range.
       bool timed = false;

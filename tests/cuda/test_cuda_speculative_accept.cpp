@@ -23,17 +23,17 @@ using nibble::cuda_test::DeviceBuffer;
 
 namespace {
 
-// A random distribution over n ids: `support` of them (or all) with random positive mass,
-// normalized in float.
+// A random distribution over n ids: `support` of them (all when support >= n) with random positive
+// mass, normalized in float.
 std::vector<float> random_distribution(int64_t n, int64_t support, std::mt19937& rng) {
   std::vector<float> row(static_cast<size_t>(n), 0.0f);
   std::uniform_int_distribution<int64_t> id(0, n - 1);
   std::exponential_distribution<float> mass(1.0f);
   double total = 0.0;
-  for (int64_t i = 0; i < support; ++i) {
-    float& v = row[static_cast<size_t>(support >= n ? i : id(rng))];
-    v += mass(rng);
-    total += v;
+  for (int64_t i = 0; i < std::min(support, n); ++i) {
+    const float m = mass(rng);
+    row[static_cast<size_t>(support >= n ? i : id(rng))] += m;  // an id drawn twice gets both masses
+    total += m;
   }
   for (float& v : row) v = static_cast<float>(v / total);
   return row;

@@ -374,6 +374,9 @@ constexpr size_t kMaxSeenShapes = 4096;
 // for bit (greedy speculation stays exact at any context length).
 constexpr int64_t kDecodeSplitTokens = 256;
 constexpr size_t kCublasWorkspaceBytes = size_t{32} << 20;
+// The chunks of an INT4 matrix that dequant + cuBLAS dequantizes at a time (w4a16_dequant_cublas.cuh):
+// 4096 rows of llama-70b's k = 8192, 1152 of k = 28672. Only models with group-wise INT4 matrices take it.
+constexpr int64_t kDequantScratchBytes = int64_t{64} << 20;
 
 struct Layer {
   std::shared_ptr<DeviceMemory> attn_norm, ffn_norm;  // [n_embd] float
@@ -481,6 +484,8 @@ struct CudaLlamaModel::Impl {
   PinnedMemory meta_pinned;       // meta_host's copy, uploaded from here
   PinnedMemory results_pinned;    // the flag's copy, then the ids ([1 + n_out] int32)
   DeviceMemory cublas_workspace;  // set as cuBLAS's workspace, so that graph capture allocates nothing
+  DeviceMemory dequant_scratch;   // dequant + cuBLAS's chunks (choose_int4_kernels sizes it)
+  kc::Int4CublasContext dequant_cublas;
   std::vector<int32_t> meta_host;
   // Captured passes by plan key (CudaModelOptions::graphs).
   std::map<std::tuple<int64_t, int64_t, int64_t, int64_t, bool, bool, int64_t, size_t, const void*, uint16_t*,
@@ -514,8 +519,8 @@ struct CudaLlamaModel::Impl {
       case DeviceKind::int4_groups: {
         const auto* scales = reinterpret_cast<const __half*>(wd + w.scales_offset);
         const uint8_t* zeros = wd + w.zeros_offset;
-        const auto kernel = kc::int4_kernel_launcher(w.int4_kernel[kc::int4_row_range(m)]);
-        check(kernel(wd, scales, zeros, w.group, w.n_out, w.k, x, m, y, stream, pdl),
+        check(kc::launch_int4_kernel(w.int4_kernel[kc::int4_row_range(m)], &dequant_cublas, wd, scales, zeros,
+                                     w.group, w.n_out, w.k, x, m, y, stream, pdl),
               "W4A16 matmul (INT4 groups)");
         return;
       }
@@ -645,7 +650,8 @@ void CudaLlamaModel::Impl::upload_weights(model::LlamaWeights weights) {
 }
 
 // CudaInt4KernelChoice mirrors the tuning's constants without CUDA headers.
-static_assert(kc::kInt4RowRanges == CudaInt4KernelChoice::kRanges && kc::kInt4Kernels == 4);
+static_assert(kc::kInt4RowRanges == CudaInt4KernelChoice::kRanges &&
+              kc::kInt4Kernels == CudaInt4KernelChoice::kKernels);
 static constexpr bool choice_mirrors_tuning() {
   for (int r = 0; r < kc::kInt4RowRanges; ++r) {
     if (CudaInt4KernelChoice{}.chosen[r] != static_cast<int>(kc::kInt4DefaultKernels[r])) return false;
@@ -684,6 +690,15 @@ void CudaLlamaModel::Impl::choose_int4_kernels() {
   }
   if (last_stage()) add(head);
   int4_choices.clear();
+  // dequant + cuBLAS's scratch: a chunk of the largest matrix, at most kDequantScratchBytes.
+  int64_t largest = 0;
+  for (const auto& [choice, list] : shapes) largest = std::max(largest, choice.n_out * choice.k);
+  dequant_cublas = {};
+  if (largest > 0) {
+    dequant_scratch.reserve(static_cast<size_t>(std::min(largest * 2, kDequantScratchBytes)));
+    dequant_cublas = {cublas, dequant_scratch.as<__half>(),
+                      static_cast<int64_t>(dequant_scratch.bytes() / 2)};
+  }
   for (auto& [choice, list] : shapes) {
     choice.matrices = static_cast<int64_t>(list.size());
     kc::Int4GroupsTuning t;
@@ -695,8 +710,8 @@ void CudaLlamaModel::Impl::choose_int4_kernels() {
             {base, reinterpret_cast<const __half*>(base + w->scales_offset), base + w->zeros_offset});
       }
       std::string error;
-      const kernels::Status st =
-          kc::tune_int4_groups(matrices, choice.group, choice.n_out, choice.k, stream, t, error);
+      const kernels::Status st = kc::tune_int4_groups(matrices, choice.group, choice.n_out, choice.k,
+                                                      &dequant_cublas, stream, t, error);
       if (st != kernels::Status::ok) {
         throw std::runtime_error("timing the INT4 kernels for a " + std::to_string(choice.n_out) + " x " +
                                  std::to_string(choice.k) +

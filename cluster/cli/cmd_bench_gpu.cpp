@@ -225,6 +225,9 @@ void progress(const char* format, Values... values) {
 }
 
 int run_model(const Args& a) {
+  const auto report = [&a](const char* format, auto... values) {
+    if (!a.json) progress(format, values...);
+  };
   const std::vector<int64_t> batches = parse_list(a.batch);
   if (batches.empty() || *std::min_element(batches.begin(), batches.end()) < 1)
     throw std::invalid_argument("--batch needs positive sizes, e.g. 1,8,32,64");
@@ -243,27 +246,27 @@ int run_model(const Args& a) {
   // A decode step reads every weight byte at least once (the embedding table too: counted, though a
   // step reads one row of it, ~1.5% of llama-70b).
   const double floor_s = static_cast<double>(weight_bytes) / (copy_gbps * 1e9);
-  // Each figure also goes to stderr as soon as it is measured: a run cut short by a time limit (a
-  // device session's) keeps what it measured, though the tables come at the end.
-  progress("%s loaded in %.1f s, decode floor %.2f ms/step", a.model.c_str(), target.load_seconds,
-           floor_s * 1e3);
+  // Each figure also goes to stderr as soon as it is measured (text mode): a run cut short by a time
+  // limit (a device session's) keeps what it measured, though the tables come at the end.
+  report("%s loaded in %.1f s, decode floor %.2f ms/step", a.model.c_str(), target.load_seconds,
+         floor_s * 1e3);
   for (const worker::CudaInt4KernelChoice& ch : target.model->int4_kernel_choices()) {
-    progress("INT4 %lldx%lld: rows 1 %s, 2-16 %s, 17-32 %s, over 32 %s", static_cast<long long>(ch.n_out),
-             static_cast<long long>(ch.k), worker::CudaInt4KernelChoice::kernel_names[ch.chosen[0]],
-             worker::CudaInt4KernelChoice::kernel_names[ch.chosen[1]],
-             worker::CudaInt4KernelChoice::kernel_names[ch.chosen[2]],
-             worker::CudaInt4KernelChoice::kernel_names[ch.chosen[3]]);
+    report("INT4 %lldx%lld: rows 1 %s, 2-16 %s, 17-32 %s, over 32 %s", static_cast<long long>(ch.n_out),
+           static_cast<long long>(ch.k), worker::CudaInt4KernelChoice::kernel_names[ch.chosen[0]],
+           worker::CudaInt4KernelChoice::kernel_names[ch.chosen[1]],
+           worker::CudaInt4KernelChoice::kernel_names[ch.chosen[2]],
+           worker::CudaInt4KernelChoice::kernel_names[ch.chosen[3]]);
   }
   std::mt19937 rng(42);
   const double pp_one = time_prefill(target, 1, a.prompt_tokens, a.repetitions, rng);
-  progress("prefill %d tokens, 1 prompt: %.0f tokens/s", a.prompt_tokens, pp_one);
+  report("prefill %d tokens, 1 prompt: %.0f tokens/s", a.prompt_tokens, pp_one);
   const double pp_batch = time_prefill(target, a.prefill_batch, a.prompt_tokens, a.repetitions, rng);
-  progress("prefill %d tokens, %d prompts: %.0f tokens/s", a.prompt_tokens, a.prefill_batch, pp_batch);
+  report("prefill %d tokens, %d prompts: %.0f tokens/s", a.prompt_tokens, a.prefill_batch, pp_batch);
   std::vector<double> step_s;
   for (const int64_t b : batches) {
     step_s.push_back(time_decode_step(target, b, a.gen_tokens, a.repetitions, rng));
-    progress("batch %lld: %.2f ms/step, %.0f%% of the floor", static_cast<long long>(b), step_s.back() * 1e3,
-             100.0 * floor_s / step_s.back());
+    report("batch %lld: %.2f ms/step, %.0f%% of the floor", static_cast<long long>(b), step_s.back() * 1e3,
+           100.0 * floor_s / step_s.back());
   }
 
   std::vector<double> draft_step_s;
@@ -272,7 +275,7 @@ int run_model(const Args& a) {
     draft = load_gpu_model(a.draft, max_batch, decode_tokens, a.int4_kernels);
     for (const int64_t b : batches) {
       draft_step_s.push_back(time_decode_step(draft, b, a.gen_tokens, a.repetitions, rng));
-      progress("draft batch %lld: %.2f ms/step", static_cast<long long>(b), draft_step_s.back() * 1e3);
+      report("draft batch %lld: %.2f ms/step", static_cast<long long>(b), draft_step_s.back() * 1e3);
     }
   }  // The target again with its matrix products launched programmatically (PDL): last, so that a
   // failure there (the feature has not run on a GPU yet) costs none of the figures above.
@@ -282,7 +285,7 @@ int run_model(const Args& a) {
     target.model->set_programmatic_launch(true);
     for (const int64_t b : batches) {
       pdl_step_s.push_back(time_decode_step(target, b, a.gen_tokens, a.repetitions, rng));
-      progress("PDL batch %lld: %.2f ms/step", static_cast<long long>(b), pdl_step_s.back() * 1e3);
+      report("PDL batch %lld: %.2f ms/step", static_cast<long long>(b), pdl_step_s.back() * 1e3);
     }
   } catch (const std::exception& e) {
     pdl_step_s.clear();
@@ -435,11 +438,11 @@ int run_kernels(const Args& a) {
     std::printf("device: %s\ncopy bandwidth (read + write): %.0f GB/s\n\n", result.device.c_str(),
                 result.copy_gbps);
     std::printf(
-        "%-12s %4s | %10s %8s %6s | %8s %6s | %8s %6s | %10s %6s | %8s %6s | %8s %6s | %10s %8s | %8s %9s | "
-        "%11s %8s %8s\n",
+        "%-12s %4s | %10s %8s %6s | %8s %6s | %8s %6s | %10s %6s | %8s %6s | %8s %6s | %8s %6s | %10s %8s | "
+        "%8s %9s | %11s %8s %8s\n",
         "k x n_out", "m", "W4A16 us", "GB/s", "%copy", "split us", "%copy", "g128 us", "%copy", "g128 tc us",
-        "%copy", "mma us", "%copy", "Q4_K us", "%copy", "cuBLAS us", "GB/s", "vs fp16", "best/fp16",
-        "tinygemm us", "vs tg", "best/tg");
+        "%copy", "mma us", "%copy", "deq us", "%copy", "Q4_K us", "%copy", "cuBLAS us", "GB/s", "vs fp16",
+        "best/fp16", "tinygemm us", "vs tg", "best/tg");
   }
   for (const auto& r : result.rows) {
     const double ours_gbps = r.ours_bytes / (r.ours_us * 1e-6) / 1e9;
@@ -448,7 +451,7 @@ int run_kernels(const Args& a) {
     const double tg_us = tg == tinygemm.end() ? 0.0 : tg->second;
     // The fastest group-128 kernel at this m (the one the model's load-time timing would pick).
     double best_g128_us = 0.0;
-    for (const double us : {r.g128_us, r.g128_tc_us, r.g128_mma_us})
+    for (const double us : {r.g128_us, r.g128_tc_us, r.g128_mma_us, r.g128_deq_us})
       if (us > 0 && (best_g128_us == 0.0 || us < best_g128_us)) best_g128_us = us;
     nlohmann::json row{{"k", r.shape.k},
                        {"n_out", r.shape.n_out},
@@ -478,6 +481,10 @@ int run_kernels(const Args& a) {
       row["w4a16_g128_mma_us"] = r.g128_mma_us;
       row["g128_mma_gbps"] = r.g128_bytes / (r.g128_mma_us * 1e-6) / 1e9;
       row["g128_mma_speedup_vs_cublas"] = r.cublas_us / r.g128_mma_us;
+    }
+    if (r.g128_deq_us > 0) {
+      row["w4a16_g128_dequant_cublas_us"] = r.g128_deq_us;
+      row["g128_dequant_cublas_speedup_vs_cublas"] = r.cublas_us / r.g128_deq_us;
     }
     if (best_g128_us > 0) {
       row["g128_best_us"] = best_g128_us;
@@ -511,6 +518,7 @@ int run_kernels(const Args& a) {
       timed(r.g128_us, r.g128_bytes);
       timed(r.g128_tc_us, r.g128_bytes, 10);
       timed(r.g128_mma_us, r.g128_bytes);
+      timed(r.g128_deq_us, r.g128_bytes);
       timed(r.q4k_us, r.q4k_bytes);
       std::printf(" %10.1f %8.0f | %7.2fx %8.2fx |", r.cublas_us, cublas_gbps, r.cublas_us / r.ours_us,
                   best_g128_us > 0 ? r.cublas_us / best_g128_us : 0.0);
@@ -533,7 +541,9 @@ int run_kernels(const Args& a) {
         "AWQ, "
         "kernels/int4_groups.hpp; tinygemm's grouping); g128 tc = the same weights on the tensor-core GEMV "
         "(w4a16_gemv_int4_groups_mma, m <= 16); mma = the same weights on the mma.sync GEMM (m > "
-        "32). best = the fastest of the group-128 kernels at that m (what the model's load-time timing picks "
+        "32); deq = the same weights dequantized to fp16 in 64 MiB chunks for cuBLAS (m >= 17; "
+        "w4a16_int4_groups_dequant_cublas). best = the fastest of the group-128 kernels at that m (what the "
+        "model's load-time timing picks "
         "from), against fp16 cuBLAS and tinygemm. Q4_K = GGUF Q4_K super-blocks as stored. %%copy and "
         "GB/s "
         "count the bytes each product must move.\n");

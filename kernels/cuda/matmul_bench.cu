@@ -159,7 +159,7 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
     }
   }
   std::vector<double> g128(ms.size(), 0.0), g128_mma(ms.size(), 0.0), g128_tc(ms.size(), 0.0),
-      q4k(ms.size(), 0.0);
+      g128_deq(ms.size(), 0.0), q4k(ms.size(), 0.0);
   const size_t g128_quant_bytes = static_cast<size_t>(n * k / 2);
   const size_t g128_groups = static_cast<size_t>(n * (k / 128));
   // nibbles, then scales, then zeros, each 16-byte aligned (as CudaLlamaModel stores them)
@@ -197,6 +197,22 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
       if (m <= kW4A16GemvMmaMaxM)
         g128_tc[mi] = time_g128(w4a16_gemv_int4_groups_mma, m, "W4A16 tensor-core GEMV");
       if (m > kW4A16GemvMaxM) g128_mma[mi] = time_g128(w4a16_gemm_int4_groups_mma, m, "W4A16 mma kernel");
+    }
+    // Dequantized to fp16 in chunks for cuBLAS, with the model's scratch size (from 17 rows).
+    const int64_t scratch_halves = std::min<int64_t>(n * k, (int64_t{64} << 20) / 2);
+    DeviceMemory scratch(static_cast<size_t>(scratch_halves) * sizeof(__half));
+    const Int4CublasContext context{cublas, static_cast<__half*>(scratch.ptr), scratch_halves};
+    for (size_t mi = 0; mi < ms.size(); ++mi) {
+      const int64_t m = ms[mi];
+      if (m < 17) continue;
+      g128_deq[mi] = time_us(stream, iterations, repetitions, [&](int i) {
+        const uint8_t* base =
+            static_cast<const uint8_t*>(w.ptr) + g128_stride * static_cast<size_t>(i % copies);
+        const Status st = w4a16_int4_groups_dequant_cublas(
+            context, base, reinterpret_cast<const __half*>(base + g128_quant_bytes),
+            base + g128_quant_bytes + g128_groups * 2, 128, n, k, xh, m, static_cast<float*>(y.ptr), stream);
+        if (st != Status::ok) throw BenchFailure(std::string("dequant + cuBLAS failed: ") + status_name(st));
+      });
     }
   }
   const size_t q4k_bytes = static_cast<size_t>(n * (k / kQK_K)) * sizeof(BlockQ4_K);
@@ -247,6 +263,7 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
     row.g128_us = g128[mi];
     row.g128_mma_us = g128_mma[mi];
     row.g128_tc_us = g128_tc[mi];
+    row.g128_deq_us = g128_deq[mi];
     row.q4k_us = q4k[mi];
     row.g128_bytes = static_cast<double>(g128_bytes) + 2.0 * ms[mi] * k + 4.0 * ms[mi] * n;
     row.q4k_bytes = static_cast<double>(q4k_bytes) + 2.0 * ms[mi] * k + 4.0 * ms[mi] * n;

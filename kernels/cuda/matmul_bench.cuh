@@ -1,6 +1,7 @@
 #pragma once
 // The GPU kernel benchmark behind `nibble bench-gpu`: the W4A16 kernels (Q4_0 in both layouts,
-// group-wise INT4 at group 128 on the SIMT GEMV, the tensor-core GEMV and the GEMMs, Q4_K) against fp16
+// group-wise INT4 at group 128 on the SIMT GEMV, the tensor-core GEMV, the GEMMs and dequantized for
+// cuBLAS, Q4_K) against fp16
 // cuBLAS on the same shapes, both against the device's measured copy bandwidth. Weights rotate among enough
 // copies that every call reads them from device memory, not from L2.
 #include <cstdint>
@@ -22,11 +23,13 @@ struct MatmulBenchRow {
   double ours_us = 0.0;              // Q4_0 x fp16 (W4A16)
   const char* ours_kernel = "gemv";  // w4a16_gemv for m <= 32, the tensor-core w4a16_gemm above
   double split_us = 0.0;             // m <= 32: w4a16_gemv_q4_0_split (16-byte loads), same bytes
-  double g128_us = 0.0;       // group-wise INT4, group 128 (w4a16_*_int4_groups; GPTQ / AWQ); 0: k % 128 != 0
-  double g128_mma_us = 0.0;   // the same on w4a16_gemm_int4_groups_mma (m > 32 only)
-  double g128_tc_us = 0.0;    // the same on the tensor-core GEMV w4a16_gemv_int4_groups_mma (m <= 16 only)
-  double q4k_us = 0.0;        // GGUF Q4_K as stored (w4a16_*_q4_k); 0: k % 256 != 0
-  double cublas_us = 0.0;     // fp16 x fp16 cublasGemmEx, fp32 accumulation
+  double g128_us = 0.0;      // group-wise INT4, group 128 (w4a16_*_int4_groups; GPTQ / AWQ); 0: k % 128 != 0
+  double g128_mma_us = 0.0;  // the same on w4a16_gemm_int4_groups_mma (m > 32 only)
+  double g128_tc_us = 0.0;   // the same on the tensor-core GEMV w4a16_gemv_int4_groups_mma (m <= 16 only)
+  double g128_deq_us =
+      0.0;                 // the same dequantized to fp16 in chunks for cuBLAS (m >= 17 only; 64 MiB scratch)
+  double q4k_us = 0.0;     // GGUF Q4_K as stored (w4a16_*_q4_k); 0: k % 256 != 0
+  double cublas_us = 0.0;  // fp16 x fp16 cublasGemmEx, fp32 accumulation
   double ours_bytes = 0.0;    // bytes one product must move: Q4_0 weights + fp16 x + fp32 y
   double g128_bytes = 0.0;    // nibbles + fp16 scale + zero byte per 128 weights, + x + y
   double q4k_bytes = 0.0;     // 144 bytes per 256 weights, + x + y

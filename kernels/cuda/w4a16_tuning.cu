@@ -22,9 +22,13 @@ const char* int4_kernel_name(Int4Kernel kernel) {
       return "WMMA GEMM";
     case Int4Kernel::gemm_mma:
       return "mma GEMM";
+    case Int4Kernel::dequant_cublas:
+      return "dequant + cuBLAS";
   }
   return "?";
 }
+
+int64_t int4_kernel_min_rows(Int4Kernel kernel) { return kernel == Int4Kernel::dequant_cublas ? 17 : 1; }
 
 int64_t int4_kernel_max_rows(Int4Kernel kernel) {
   switch (kernel) {
@@ -47,8 +51,22 @@ Int4GroupsLauncher int4_kernel_launcher(Int4Kernel kernel) {
       return w4a16_gemm_int4_groups;
     case Int4Kernel::gemm_mma:
       return w4a16_gemm_int4_groups_mma;
+    case Int4Kernel::dequant_cublas:
+      return nullptr;
   }
-  return w4a16_gemm_int4_groups;
+  return nullptr;
+}
+
+Status launch_int4_kernel(Int4Kernel kernel, const Int4CublasContext* cublas, const uint8_t* quants,
+                          const __half* scales, const uint8_t* zeros, int64_t group, int64_t n_out, int64_t k,
+                          const __half* x, int64_t m, float* y, cudaStream_t stream, bool programmatic) {
+  if (kernel == Int4Kernel::dequant_cublas) {
+    if (cublas == nullptr) return Status::invalid_argument;
+    return w4a16_int4_groups_dequant_cublas(*cublas, quants, scales, zeros, group, n_out, k, x, m, y, stream);
+  }
+  const Int4GroupsLauncher launcher = int4_kernel_launcher(kernel);
+  if (launcher == nullptr) return Status::invalid_argument;
+  return launcher(quants, scales, zeros, group, n_out, k, x, m, y, stream, programmatic);
 }
 
 void choose_int4_groups_kernels(Int4GroupsTuning& t) {
@@ -84,7 +102,8 @@ constexpr int64_t kMaxTimedRows = 256;
 }  // namespace
 
 Status tune_int4_groups(const std::vector<Int4GroupsMatrix>& matrices, int64_t group, int64_t n_out,
-                        int64_t k, cudaStream_t stream, Int4GroupsTuning& out, std::string& error) {
+                        int64_t k, const Int4CublasContext* cublas, cudaStream_t stream,
+                        Int4GroupsTuning& out, std::string& error) {
   out = Int4GroupsTuning{};
   if (matrices.empty() || n_out < 1 || k < 1 || (group != 32 && group != 64 && group != 128) ||
       k % group != 0)
@@ -105,15 +124,16 @@ Status tune_int4_groups(const std::vector<Int4GroupsMatrix>& matrices, int64_t g
   // Enough products per loop to visit every matrix (up to 32), so that L2 holds few of them.
   const int iterations = static_cast<int>(std::clamp<size_t>(matrices.size(), 8, 32));
   const auto time = [&](Int4Kernel which, int64_t m, double& us) -> Status {
-    const Int4GroupsLauncher kernel = int4_kernel_launcher(which);
     Status launch = Status::ok;
     cudaError_t event_err = cudaSuccess;
     const bool timed = median_call_us(
         stream, iterations, /*repetitions=*/3,
         [&](int i) {
           const Int4GroupsMatrix& w = matrices[static_cast<size_t>(i) % matrices.size()];
-          launch = kernel(w.quants, w.scales, w.zeros, group, n_out, k, static_cast<const __half*>(x.ptr), m,
-                          static_cast<float*>(y.ptr), stream, /*programmatic=*/false);
+          launch =
+              launch_int4_kernel(which, cublas, w.quants, w.scales, w.zeros, group, n_out, k,
+                                 static_cast<const __half*>(x.ptr), m, static_cast<float*>(y.ptr), stream,
+                                 /*programmatic=*/false);
           return launch == Status::ok;
         },
         us, event_err);
@@ -134,7 +154,8 @@ Status tune_int4_groups(const std::vector<Int4GroupsMatrix>& matrices, int64_t g
       const auto which = static_cast<Int4Kernel>(kernel);
       for (int c = 0; c < 2; ++c) {
         const int64_t m = kInt4RangeTimedRows[r][c];
-        if (m == 0 || m > int4_kernel_max_rows(which)) continue;
+        if (m == 0 || m > int4_kernel_max_rows(which) || m < int4_kernel_min_rows(which)) continue;
+        if (which == Int4Kernel::dequant_cublas && cublas == nullptr) continue;
         const Status st = time(which, m, out.us[r][kernel][c]);
         if (st != Status::ok) return st;
       }

@@ -1,12 +1,13 @@
 #pragma once
 // Which group-wise INT4 kernel multiplies one weight shape on this device, per range of activation
 // rows, chosen by timing the candidates on the model's own weights when it loads (TensorRT-LLM's
-// GEMM plugin profiles its tactics the same way when it builds an engine). The four kernels take
-// the same arguments and layout:
-//   CUDA-core GEMV    w4a16_gemv_int4_groups       (up to 32 rows; m FMAs per weight on the CUDA cores)
-//   tensor-core GEMV  w4a16_gemv_int4_groups_mma   (up to 16 rows; one m16 tile)
-//   WMMA GEMM         w4a16_gemm_int4_groups       (any rows)
-//   mma GEMM          w4a16_gemm_int4_groups_mma   (any rows)
+// GEMM plugin profiles its tactics the same way when it builds an engine). The five candidates take
+// the same operands and layout:
+//   CUDA-core GEMV    w4a16_gemv_int4_groups           (up to 32 rows; m FMAs per weight on the CUDA cores)
+//   tensor-core GEMV  w4a16_gemv_int4_groups_mma       (up to 16 rows; one m16 tile)
+//   WMMA GEMM         w4a16_gemm_int4_groups           (any rows)
+//   mma GEMM          w4a16_gemm_int4_groups_mma       (any rows)
+//   dequant + cuBLAS  w4a16_int4_groups_dequant_cublas (17 rows or more; needs a cuBLAS handle and scratch)
 // Ranges: 1 row (batch-1 decode), 2-16 rows (batched decode; timed at 4 and 16), 17-32 rows (timed at
 // 32), over 32 (prefill; timed at 256). One row has its own range because the CUDA-core GEMV wins
 // there and only there: on an H200 (2026-12-04, llama-70b's shapes) it took 26-302 us against the
@@ -21,6 +22,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/cuda/w4a16_dequant_cublas.cuh"
 #include "kernels/status.hpp"
 
 namespace nibble::kernels::cuda {
@@ -32,16 +34,26 @@ struct Int4GroupsMatrix {
   const uint8_t* zeros = nullptr;   // [n_out, k / group]
 };
 
-enum class Int4Kernel : int { gemv_cuda_cores = 0, gemv_tensor_cores, gemm_wmma, gemm_mma };
-constexpr int kInt4Kernels = 4;
+enum class Int4Kernel : int { gemv_cuda_cores = 0, gemv_tensor_cores, gemm_wmma, gemm_mma, dequant_cublas };
+constexpr int kInt4Kernels = 5;
 const char* int4_kernel_name(Int4Kernel kernel);  // "CUDA-core GEMV", ...
 // The most rows `kernel` takes in one call (INT64_MAX: any).
 int64_t int4_kernel_max_rows(Int4Kernel kernel);
-// The launcher of `kernel` (they share one signature: w4a16_gemv_int4_groups's).
+// The fewest rows it is a candidate for: 17 for dequant + cuBLAS (dequantizing costs more than the
+// decode GEMVs' whole product), 1 for the others.
+int64_t int4_kernel_min_rows(Int4Kernel kernel);
+// The launcher of one of our own kernels (they share one signature: w4a16_gemv_int4_groups's);
+// nullptr for dequant + cuBLAS, which needs a context (launch_int4_kernel).
 using Int4GroupsLauncher = Status (*)(const uint8_t* quants, const __half* scales, const uint8_t* zeros,
                                       int64_t group, int64_t n_out, int64_t k, const __half* x, int64_t m,
                                       float* y, cudaStream_t stream, bool programmatic);
 Int4GroupsLauncher int4_kernel_launcher(Int4Kernel kernel);
+// Runs `kernel` on one product (arguments as w4a16_gemv_int4_groups). cublas: the context dequant +
+// cuBLAS needs (invalid_argument without one); the others ignore it. programmatic applies to our own
+// kernels only.
+Status launch_int4_kernel(Int4Kernel kernel, const Int4CublasContext* cublas, const uint8_t* quants,
+                          const __half* scales, const uint8_t* zeros, int64_t group, int64_t n_out, int64_t k,
+                          const __half* x, int64_t m, float* y, cudaStream_t stream, bool programmatic);
 
 // The row ranges, and the row counts each is timed at (a second count of 0: one only).
 constexpr int kInt4RowRanges = 4;
@@ -78,7 +90,8 @@ struct Int4GroupsTuning {
 constexpr double kInt4MinGain = 0.05;
 void choose_int4_groups_kernels(Int4GroupsTuning& t);
 
-// Times every kernel that takes a range's rows on `matrices` (one shape, e.g. that matrix in every
+// Times every kernel that takes a range's rows (dequant + cuBLAS only when `cublas` is given) on
+// `matrices` (one shape, e.g. that matrix in every
 // layer: the products rotate among them, so that with enough of them the weights stream from device
 // memory as in a forward pass rather than from L2) and chooses (choose_int4_groups_kernels). A
 // candidate that fails to launch is left out and named in `skipped` (the launch error is cleared;
@@ -87,6 +100,7 @@ void choose_int4_groups_kernels(Int4GroupsTuning& t);
 // other than 32, 64 or 128 dividing k, or n_out < 1; device_error (with `error` set) when
 // allocation or timing fails.
 Status tune_int4_groups(const std::vector<Int4GroupsMatrix>& matrices, int64_t group, int64_t n_out,
-                        int64_t k, cudaStream_t stream, Int4GroupsTuning& out, std::string& error);
+                        int64_t k, const Int4CublasContext* cublas, cudaStream_t stream,
+                        Int4GroupsTuning& out, std::string& error);
 
 }  // namespace nibble::kernels::cuda

@@ -311,9 +311,10 @@ TEST(CudaLlamaModel, ChoosesTheInt4KernelsPerMatrixShape) {
   const auto& choices = measured.int4_kernel_choices();
   ASSERT_FALSE(choices.empty());
   int64_t matrices = 0;
-  // The kernels that take m rows: CUDA-core GEMV up to 32, tensor-core GEMV up to 16, GEMMs any.
+  // The kernels that take m rows: CUDA-core GEMV up to 32, tensor-core GEMV up to 16, GEMMs any,
+  // dequant + cuBLAS from 17.
   const auto takes = [](int kernel, int64_t m) {
-    return kernel == 0 ? m <= 32 : kernel == 1 ? m <= 16 : true;
+    return kernel == 0 ? m <= 32 : kernel == 1 ? m <= 16 : kernel == 4 ? m >= 17 : true;
   };
   for (const Choice& ch : choices) {
     SCOPED_TRACE(std::to_string(ch.n_out) + " x " + std::to_string(ch.k));
@@ -324,8 +325,8 @@ TEST(CudaLlamaModel, ChoosesTheInt4KernelsPerMatrixShape) {
       SCOPED_TRACE("row range " + std::to_string(r));
       double best = 0.0;
       int best_kernel = -1;
-      double mean_log[4] = {0, 0, 0, 0};
-      for (int kernel = 0; kernel < 4; ++kernel) {
+      double mean_log[Choice::kKernels] = {};
+      for (int kernel = 0; kernel < Choice::kKernels; ++kernel) {
         double log_sum = 0.0;
         int counts = 0;
         for (int cnt = 0; cnt < 2; ++cnt) {
@@ -349,7 +350,9 @@ TEST(CudaLlamaModel, ChoosesTheInt4KernelsPerMatrixShape) {
       }
       if (std::exp(best) > 0.95 * std::exp(mean_log[defaults[r]])) best_kernel = defaults[r];
       EXPECT_EQ(ch.chosen[r], best_kernel);
-      EXPECT_TRUE(takes(ch.chosen[r], Choice::range_max_rows[r] < 0 ? 1000 : Choice::range_max_rows[r]));
+      const int64_t range_rows = Choice::range_max_rows[r] < 0 ? 1000 : Choice::range_max_rows[r];
+      EXPECT_TRUE(takes(ch.chosen[r], range_rows) &&
+                  (r == 0 || takes(ch.chosen[r], Choice::range_max_rows[r - 1] + 1)));
     }
     matrices += ch.matrices;
   }

@@ -1,5 +1,6 @@
 // The load-time choice between the CUDA-core and tensor-core INT4 kernels (kernels/cuda/w4a16_tuning):
 // the rule on given times (host only, runs everywhere) and the timing itself on a device.
+#include <cublas_v2.h>
 #include <gtest/gtest.h>
 
 #include <iostream>
@@ -104,12 +105,20 @@ TEST(W4A16Tuning, RangesAndKernelLimits) {
 TEST(W4A16Tuning, RejectsBadArgumentsBeforeTouchingTheDevice) {
   kc::Int4GroupsTuning t;
   std::string error;
-  EXPECT_EQ(kc::tune_int4_groups({}, 128, 256, 256, nullptr, t, error), Status::invalid_argument);
+  EXPECT_EQ(kc::tune_int4_groups({}, 128, 256, 256, nullptr, nullptr, t, error), Status::invalid_argument);
   const std::vector<kc::Int4GroupsMatrix> one(1);
-  EXPECT_EQ(kc::tune_int4_groups(one, 96, 256, 288, nullptr, t, error), Status::invalid_argument);  // group
-  EXPECT_EQ(kc::tune_int4_groups(one, 128, 256, 320, nullptr, t, error),
+  EXPECT_EQ(kc::tune_int4_groups(one, 96, 256, 288, nullptr, nullptr, t, error),
+            Status::invalid_argument);  // group
+  EXPECT_EQ(kc::tune_int4_groups(one, 128, 256, 320, nullptr, nullptr, t, error),
             Status::invalid_argument);  // k % 128
-  EXPECT_EQ(kc::tune_int4_groups(one, 128, 0, 256, nullptr, t, error), Status::invalid_argument);
+  EXPECT_EQ(kc::tune_int4_groups(one, 128, 0, 256, nullptr, nullptr, t, error), Status::invalid_argument);
+  // dequant + cuBLAS without its context, and the kernels' row limits.
+  EXPECT_EQ(kc::launch_int4_kernel(kc::Int4Kernel::dequant_cublas, nullptr, nullptr, nullptr, nullptr, 128,
+                                   256, 256, nullptr, 32, nullptr, nullptr, false),
+            Status::invalid_argument);
+  EXPECT_EQ(kc::int4_kernel_launcher(kc::Int4Kernel::dequant_cublas), nullptr);
+  EXPECT_EQ(kc::int4_kernel_min_rows(kc::Int4Kernel::dequant_cublas), 17);
+  EXPECT_EQ(kc::int4_kernel_min_rows(kc::Int4Kernel::gemm_mma), 1);
 }
 
 // Every candidate runs on real weights (three matrices of one odd shape, rotated), gets a time, and the
@@ -128,9 +137,17 @@ TEST(W4A16Tuning, TimesEveryCandidateOnTheDeviceAndChoosesByTheRule) {
     }
     cudaStream_t stream = nullptr;
     ASSERT_EQ(cudaStreamCreate(&stream), cudaSuccess);
+    cublasHandle_t cublas = nullptr;
+    ASSERT_EQ(cublasCreate(&cublas), CUBLAS_STATUS_SUCCESS);
+    ASSERT_EQ(cublasSetStream(cublas, stream), CUBLAS_STATUS_SUCCESS);
+    ct::DeviceBuffer<uint16_t> scratch(static_cast<size_t>(300 * k));  // 300 rows: 4 chunks of 1000
+    ASSERT_NE(scratch.ptr, nullptr);
+    const kc::Int4CublasContext context{cublas, reinterpret_cast<__half*>(scratch.ptr), 300 * k};
     kc::Int4GroupsTuning t;
     std::string error;
-    ASSERT_EQ(kc::tune_int4_groups(matrices, group, n_out, k, stream, t, error), Status::ok) << error;
+    ASSERT_EQ(kc::tune_int4_groups(matrices, group, n_out, k, &context, stream, t, error), Status::ok)
+        << error;
+    cublasDestroy(cublas);
     cudaStreamDestroy(stream);
     EXPECT_EQ(t.skipped, "");
     // Every kernel that takes a range's timed rows has a time there; the others none.
@@ -139,7 +156,8 @@ TEST(W4A16Tuning, TimesEveryCandidateOnTheDeviceAndChoosesByTheRule) {
         for (int c = 0; c < 2; ++c) {
           const int64_t rows = kc::kInt4RangeTimedRows[r][c];
           if (rows == 0) continue;
-          if (rows <= kc::int4_kernel_max_rows(static_cast<kc::Int4Kernel>(kernel)))
+          const auto which = static_cast<kc::Int4Kernel>(kernel);
+          if (rows <= kc::int4_kernel_max_rows(which) && rows >= kc::int4_kernel_min_rows(which))
             EXPECT_GT(t.us[r][kernel][c], 0.0) << kernel << " at " << rows << " rows";
           else
             EXPECT_EQ(t.us[r][kernel][c], 0.0) << kernel << " at " << rows << " rows";

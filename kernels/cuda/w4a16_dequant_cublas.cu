@@ -1,0 +1,108 @@
+#include <cuda_runtime.h>
+
+#include <algorithm>
+
+#include "kernels/cuda/w4a16_dequant_cublas.cuh"
+
+namespace nibble::kernels::cuda {
+namespace {
+
+constexpr int kRun = 32;  // inputs per 16-byte run of nibbles
+constexpr int kThreads = 256;
+
+bool valid_shape(const uint8_t* quants, const __half* scales, const uint8_t* zeros, int64_t group,
+                 int64_t n_out, int64_t k) {
+  return quants != nullptr && scales != nullptr && zeros != nullptr && n_out >= 0 && k > 0 &&
+         (group == 32 || group == 64 || group == 128) && k % group == 0 &&
+         reinterpret_cast<uintptr_t>(quants) % 16 == 0;
+}
+
+// One thread per 32-input run: its 16 nibble bytes in one load, 32 halves out in four 16-byte stores.
+__global__ void __launch_bounds__(kThreads)
+    dequantize_int4_groups_f16_kernel(const uint8_t* __restrict__ quants, const __half* __restrict__ scales,
+                                      const uint8_t* __restrict__ zeros, int64_t group, int64_t k,
+                                      int64_t row_begin, int64_t runs, __half* __restrict__ out) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (i >= runs) return;
+  const int64_t runs_per_row = k / kRun;
+  const int64_t row = row_begin + i / runs_per_row, run = i % runs_per_row;
+  const int64_t g = row * (k / group) + run * kRun / group;
+  const float scale = __half2float(scales[g]);
+  const int zero = zeros[g];
+  const uint4 q = __ldg(reinterpret_cast<const uint4*>(quants + row * (k / 2) + run * (kRun / 2)));
+  const uint32_t words[4] = {q.x, q.y, q.z, q.w};
+  // Input j in the low nibble of byte j, input j + 16 in its high nibble (int4_groups.hpp). The
+  // product of a level in -15..15 and an fp16 scale is exact in fp32, so this rounds once, to fp16.
+  __align__(16) __half v[kRun];
+#pragma unroll
+  for (int j = 0; j < kRun / 2; ++j) {
+    const int byte = static_cast<int>((words[j / 4] >> (8 * (j % 4))) & 0xFF);
+    v[j] = __float2half_rn(static_cast<float>((byte & 0xF) - zero) * scale);
+    v[j + kRun / 2] = __float2half_rn(static_cast<float>((byte >> 4) - zero) * scale);
+  }
+  uint4* dst = reinterpret_cast<uint4*>(out + i * kRun);
+  const uint4* src = reinterpret_cast<const uint4*>(v);
+#pragma unroll
+  for (int p = 0; p < 4; ++p) dst[p] = src[p];
+}
+
+}  // namespace
+
+Status dequantize_int4_groups_f16(const uint8_t* quants, const __half* scales, const uint8_t* zeros,
+                                  int64_t group, int64_t n_out, int64_t k, int64_t row_begin, int64_t rows,
+                                  __half* out, cudaStream_t stream) {
+  if (!valid_shape(quants, scales, zeros, group, n_out, k) || out == nullptr ||
+      reinterpret_cast<uintptr_t>(out) % 16 != 0 || row_begin < 0 || rows < 0 || row_begin + rows > n_out)
+    return Status::invalid_argument;
+  if (rows == 0) return Status::ok;
+  const int64_t runs = rows * (k / kRun);
+  const int64_t blocks = (runs + kThreads - 1) / kThreads;
+  if (blocks > INT32_MAX) return Status::invalid_argument;
+  dequantize_int4_groups_f16_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+      quants, scales, zeros, group, k, row_begin, runs, out);
+  return cudaGetLastError() == cudaSuccess ? Status::ok : Status::device_error;
+}
+
+int64_t int4_cublas_chunk_rows(const Int4CublasContext& context, int64_t n_out, int64_t k) {
+  if (k <= 0 || context.scratch_halves < k) return 0;
+  int64_t rows = context.scratch_halves / k;
+  if (rows >= 128) rows = rows / 128 * 128;
+  return std::min(rows, std::max<int64_t>(n_out, 1));
+}
+
+Status w4a16_int4_groups_dequant_cublas(const Int4CublasContext& context, const uint8_t* quants,
+                                        const __half* scales, const uint8_t* zeros, int64_t group,
+                                        int64_t n_out, int64_t k, const __half* x, int64_t m, float* y,
+                                        cudaStream_t stream) {
+  if (!valid_shape(quants, scales, zeros, group, n_out, k) || x == nullptr || y == nullptr || m < 1 ||
+      reinterpret_cast<uintptr_t>(x) % 16 != 0 || context.cublas == nullptr || context.scratch == nullptr ||
+      reinterpret_cast<uintptr_t>(context.scratch) % 16 != 0)
+    return Status::invalid_argument;
+  const int64_t chunk = int4_cublas_chunk_rows(context, n_out, k);
+  if (chunk < 1 || n_out > INT32_MAX || k > INT32_MAX || m > INT32_MAX) return Status::invalid_argument;
+  if (n_out == 0) return Status::ok;
+  // Only when it differs: cublasSetStream also resets the handle's workspace to cuBLAS's own pool,
+  // which would allocate inside a graph capture.
+  cudaStream_t current = nullptr;
+  if (cublasGetStream(context.cublas, &current) != CUBLAS_STATUS_SUCCESS) return Status::device_error;
+  if (current != stream && cublasSetStream(context.cublas, stream) != CUBLAS_STATUS_SUCCESS)
+    return Status::device_error;
+  const float one = 1.0f, zero = 0.0f;
+  for (int64_t r0 = 0; r0 < n_out; r0 += chunk) {
+    const int64_t rows = std::min(chunk, n_out - r0);
+    const Status st =
+        dequantize_int4_groups_f16(quants, scales, zeros, group, n_out, k, r0, rows, context.scratch, stream);
+    if (st != Status::ok) return st;
+    // Column-major view: the chunk [rows, k] row-major is its transpose with ld k; x [m, k] row-major
+    // is column-major [k, m]; y's columns r0 .. r0 + rows - 1 are rows of a column-major [n_out, m]
+    // with ld n_out.
+    if (cublasGemmEx(context.cublas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(rows), static_cast<int>(m),
+                     static_cast<int>(k), &one, context.scratch, CUDA_R_16F, static_cast<int>(k), x,
+                     CUDA_R_16F, static_cast<int>(k), &zero, y + r0, CUDA_R_32F, static_cast<int>(n_out),
+                     CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT) != CUBLAS_STATUS_SUCCESS)
+      return Status::device_error;
+  }
+  return Status::ok;
+}
+
+}  // namespace nibble::kernels::cuda

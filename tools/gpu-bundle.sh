@@ -67,6 +67,7 @@ cat >"$out/run.sh" <<'RUN'
 #   bash .gpu/run.sh mpi                  (the MPI + GPU tests alone)
 #   bash .gpu/run.sh kernels | e2e        (bench's two halves: the kernel table; llama-70b and bench-spec)
 #   bash .gpu/run.sh sanitize [TEST_BINARY [TOOL]]   (compute-sanitizer, memcheck by default)
+#   bash .gpu/run.sh profile              (Nsight Compute on the W4A16 kernels: ncu.txt)
 set -uo pipefail
 phase="${1:-all}"
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -133,6 +134,22 @@ if [ "$phase" = sanitize ]; then
   for t in "$here"/tests/${2:-test_cuda_*}; do
     timeout 500 "$sanitizer" --tool "${3:-memcheck}" --error-exitcode 1 "$t" --gtest_brief=1 2>&1 |
       tee -a "$out/sanitizer.log" || status=1
+  done
+fi
+# Nsight Compute's view of the decode kernels on llama-70b's 8192 x 8192 matrix (speed of light,
+# occupancy, warp stalls, memory): why the tensor-core GEMV stays at ~28% of copy bandwidth from 1 to
+# 16 rows, the CUDA-core GEMV at one row, and the mma GEMM at 64. Each kernel once, as bench-gpu
+# launches it (the first launch matching the name: Q4_0 for the CUDA-core GEMV).
+if [ "$phase" = profile ]; then
+  ncu="$(command -v ncu || echo /usr/local/cuda/bin/ncu)"
+  sections=(--section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats
+    --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis)
+  for spec in "gemv_int4_groups_mma_kernel 1" "gemv_int4_groups_mma_kernel 16" "gemv_w4a16_kernel 1" \
+    "gemm_int4_groups_mma_kernel 64"; do
+    set -- $spec
+    echo "=== $1, $2 rows" | tee -a "$out/ncu.txt"
+    timeout 120 "$ncu" --kernel-name "$1" --launch-count 1 "${sections[@]}" "$here/bin/nibble" bench-gpu \
+      --shapes 8192x8192 --rows "$2" --iterations 1 --repetitions 1 2>&1 | tee -a "$out/ncu.txt" || status=1
   done
 fi
 if [ "$phase" = all ] || [ "$phase" = bench ] || [ "$phase" = kernels ]; then

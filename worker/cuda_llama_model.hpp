@@ -121,9 +121,10 @@ enum class Int4Kernels { measured, cuda_cores, tensor_cores };
 
 // The kernels one group-wise INT4 matrix shape uses, with the load-time times behind the choice.
 struct CudaInt4KernelChoice {
-  static constexpr int kKernels = 5;
-  static constexpr const char* kernel_names[kKernels] = {"CUDA-core GEMV", "tensor-core GEMV", "WMMA GEMM",
-                                                         "mma GEMM", "dequant + cuBLAS"};
+  static constexpr int kKernels = 7;
+  static constexpr const char* kernel_names[kKernels] = {
+      "CUDA-core GEMV",   "tensor-core GEMV", "WMMA GEMM",       "mma GEMM",
+      "dequant + cuBLAS", "TC GEMV 512 thr",  "TC GEMV 2 blk/SM"};
   // The row ranges 1, 2-16, 17-32 and over 32 (their largest row counts; -1: any), and the row
   // counts each is timed at (0: none).
   static constexpr int kRanges = 4;

@@ -180,7 +180,7 @@ void print_int4_choices(const worker::CudaLlamaModel& model, double copy_gbps) {
         if (m == 0) continue;
         std::printf("%-26s %5lld |", first ? shape : "", static_cast<long long>(m));
         first = false;
-        for (int kernel = 0; kernel < 4; ++kernel) {
+        for (int kernel = 0; kernel < Choice::kKernels; ++kernel) {
           const double us = ch.us[r][kernel][c];
           if (us > 0)
             std::printf(" %16.1f%s", us, kernel == ch.chosen[r] ? "*" : " ");
@@ -318,7 +318,7 @@ int run_model(const Args& a) {
         const int64_t m = worker::CudaInt4KernelChoice::range_timed_rows[r][c];
         if (m == 0) continue;
         nlohmann::json us = nlohmann::json::object();
-        for (int kernel = 0; kernel < 4; ++kernel)
+        for (int kernel = 0; kernel < worker::CudaInt4KernelChoice::kKernels; ++kernel)
           if (ch.us[r][kernel][c] > 0)
             us[worker::CudaInt4KernelChoice::kernel_names[kernel]] = ch.us[r][kernel][c];
         timed.push_back({{"rows", m}, {"us", us}});

@@ -47,51 +47,74 @@ using detail::ldmatrix_x4;
 using detail::mma_16816;
 using detail::prefetch_l2;
 
-constexpr int kWarpsN = 2;                            // warps side by side along the outputs
-constexpr int kWarpsK = 4;                            // warps splitting each stage's inputs
-constexpr int kThreads = 32 * kWarpsN * kWarpsK;      // 256
-constexpr int kTilesPerWarp = 8;                      // n8 tiles: 64 outputs a warp
-constexpr int kTileN = 8 * kTilesPerWarp * kWarpsN;   // 128 outputs a block
-constexpr int kUnitsPerWarp = 2;                      // 32-input units per warp per stage
-constexpr int kStageUnits = kUnitsPerWarp * kWarpsK;  // 8
-constexpr int kStageInputs = kStageUnits * kQK4_0;    // 256
-constexpr int kStages = 4;
-constexpr int kMaxSplits = 8;                    // the portable cluster size
-constexpr int kMaxGroupsPerStage = kStageUnits;  // group 32
+constexpr int kMaxSplits = 8;  // the portable cluster size
 
-// One stage slot of shared memory: weight rows, then the x tile, then (scale, zero) pairs.
-constexpr int kWRowBytes = kStageUnits * 16 + 16;  // +16: the 8 rows an LDS touches fall on 8 bank quads
-constexpr int kWSlotBytes = kTileN * kWRowBytes;
-constexpr int kXRowHalves = kStageInputs + 8;  // +16 bytes: ldmatrix's 8 row addresses on distinct banks
-constexpr int kXSlotBytes = 16 * kXRowHalves * 2;
-constexpr int kPairSlotBytes = kTileN * kMaxGroupsPerStage * 4;  // [128 rows][8 groups] packed pairs
-constexpr int kSlotBytes = kWSlotBytes + kXSlotBytes + kPairSlotBytes;
-constexpr int kSmemBytes = kStages * kSlotBytes;
-// After the pipeline the same memory holds the warps' partial sums: [kWarpsK][16 rows][kRedLd].
-constexpr int kRedLd = kTileN + 8;  // +8 floats: the float2 stores of 8 rows spread over the banks
+// One variant of the kernel: warps splitting each stage's inputs (4: 256 threads, the design above;
+// 8: 512 threads, one unit each), pipeline stages, and blocks per SM it is built for (2 with 3
+// stages: two independent blocks of ~91 KB). Which is fastest is measured, not assumed: on an H200
+// the first one reached only ~28% of copy bandwidth at 1-16 rows, flat in m, which points at latency
+// (8 warps an SM) rather than bytes or math (docs/perf/gpu.md); the model's load-time timing picks.
+template <int WarpsK, int Stages, int BlocksPerSm>
+struct GemvMmaConfig {
+  static constexpr int kWarpsN = 2;                            // warps side by side along the outputs
+  static constexpr int kWarpsK = WarpsK;                       // warps splitting each stage's inputs
+  static constexpr int kThreads = 32 * kWarpsN * kWarpsK;      // 256 or 512
+  static constexpr int kTilesPerWarp = 8;                      // n8 tiles: 64 outputs a warp
+  static constexpr int kTileN = 8 * kTilesPerWarp * kWarpsN;   // 128 outputs a block
+  static constexpr int kStageUnits = 8;                        // 32-input units per stage
+  static constexpr int kUnitsPerWarp = kStageUnits / kWarpsK;  // per warp per stage
+  static constexpr int kStageInputs = kStageUnits * kQK4_0;    // 256
+  static constexpr int kStages = Stages;
+  static constexpr int kBlocksPerSm = BlocksPerSm;
+  static constexpr int kMaxGroupsPerStage = kStageUnits;  // group 32
 
-// Per thread and stage: weight chunks (16 bytes), x chunks, (scale, zero) pairs.
-constexpr int kWChunks = kTileN * kStageUnits / kThreads;
-constexpr int kWRowStep = kThreads / kStageUnits;
-constexpr int kXParts = kStageInputs / 8;  // 16-byte parts of an x row's stage
-constexpr int kXChunks = 16 * kXParts / kThreads;
-constexpr int kXRowStep = kThreads / kXParts;
-constexpr int kPairsPerThread = kTileN * kMaxGroupsPerStage / kThreads;
+  // One stage slot of shared memory: weight rows, then the x tile, then (scale, zero) pairs.
+  static constexpr int kWRowBytes = kStageUnits * 16 + 16;  // +16: an LDS's 8 rows on 8 bank quads
+  static constexpr int kWSlotBytes = kTileN * kWRowBytes;
+  static constexpr int kXRowHalves = kStageInputs + 8;  // +16 bytes: ldmatrix's 8 rows on distinct banks
+  static constexpr int kXSlotBytes = 16 * kXRowHalves * 2;
+  static constexpr int kPairSlotBytes = kTileN * kMaxGroupsPerStage * 4;  // [128 rows][8 groups] pairs
+  static constexpr int kSlotBytes = kWSlotBytes + kXSlotBytes + kPairSlotBytes;
+  static constexpr int kSmemBytes = kStages * kSlotBytes;
+  // After the pipeline the same memory holds the warps' partial sums: [kWarpsK][16 rows][kRedLd].
+  static constexpr int kRedLd = kTileN + 8;  // +8 floats: the float2 stores of 8 rows spread over banks
 
-static_assert(kWSlotBytes % 16 == 0 && kXSlotBytes % 16 == 0 && kSlotBytes % 16 == 0, "16-byte copies");
-static_assert(kWChunks * kThreads == kTileN * kStageUnits && kXChunks * kThreads == 16 * kXParts);
-static_assert(kPairsPerThread * kThreads == kTileN * kMaxGroupsPerStage);
-static_assert(kThreads == 2 * kTileN, "the L2 prefetch gives one thread per row to scales, one to zeros");
-static_assert(kWarpsK * 16 * kRedLd * 4 <= kSmemBytes, "the reduction buffer aliases the pipeline");
-static_assert(kStages >= 2);
+  // Per thread and stage: weight chunks (16 bytes), x chunks, (scale, zero) pairs (at most).
+  static constexpr int kWChunks = kTileN * kStageUnits / kThreads;
+  static constexpr int kWRowStep = kThreads / kStageUnits;
+  static constexpr int kXParts = kStageInputs / 8;  // 16-byte parts of an x row's stage
+  static constexpr int kXChunks = 16 * kXParts / kThreads;
+  static constexpr int kXRowStep = kThreads / kXParts;
+  static constexpr int kPairsPerThread = (kTileN * kMaxGroupsPerStage + kThreads - 1) / kThreads;
+
+  static_assert(kUnitsPerWarp * kWarpsK == kStageUnits && kUnitsPerWarp >= 1);
+  static_assert(kWSlotBytes % 16 == 0 && kXSlotBytes % 16 == 0 && kSlotBytes % 16 == 0, "16-byte copies");
+  static_assert(kWChunks * kThreads == kTileN * kStageUnits && kXChunks * kThreads == 16 * kXParts);
+  static_assert(kThreads >= 2 * kTileN, "the L2 prefetch gives one thread per row to scales, one to zeros");
+  static_assert(kWarpsK * 16 * kRedLd * 4 <= kSmemBytes, "the reduction buffer aliases the pipeline");
+  static_assert(kStages >= 2);
+  static_assert(kSmemBytes * kBlocksPerSm <= 227 * 1024, "an H100 / H200 SM's shared memory");
+};
+using GemvMma256 = GemvMmaConfig<4, 4, 1>;  // w4a16_gemv_int4_groups_mma
+using GemvMma512 = GemvMmaConfig<8, 4, 1>;  // w4a16_gemv_int4_groups_mma_512
+using GemvMma2Sm = GemvMmaConfig<4, 3, 2>;  // w4a16_gemv_int4_groups_mma_2bps
 
 // Grid (output tiles, splits), clusters of (1, splits): block (tile, split) computes outputs
 // 128 tile .. 128 tile + 127 over stages [split · stages_per_split, + stages_per_split) of the inputs.
-__global__ void __launch_bounds__(kThreads, 1)
+template <class C>
+__global__ void __launch_bounds__(C::kThreads, C::kBlocksPerSm)
     gemv_int4_groups_mma_kernel(const uint8_t* __restrict__ quants, const __half* __restrict__ scales,
                                 const uint8_t* __restrict__ zeros, int group_shift, int64_t n_out, int64_t k,
                                 const __half* __restrict__ x, int m, float* __restrict__ y,
                                 int stages_per_split) {
+  constexpr int kThreads = C::kThreads, kTileN = C::kTileN, kWarpsK = C::kWarpsK, kStages = C::kStages;
+  constexpr int kTilesPerWarp = C::kTilesPerWarp, kUnitsPerWarp = C::kUnitsPerWarp;
+  constexpr int kStageUnits = C::kStageUnits, kStageInputs = C::kStageInputs;
+  constexpr int kMaxGroupsPerStage = C::kMaxGroupsPerStage, kWRowBytes = C::kWRowBytes;
+  constexpr int kWSlotBytes = C::kWSlotBytes, kXRowHalves = C::kXRowHalves, kXSlotBytes = C::kXSlotBytes;
+  constexpr int kSlotBytes = C::kSlotBytes, kRedLd = C::kRedLd, kWChunks = C::kWChunks;
+  constexpr int kWRowStep = C::kWRowStep, kXParts = C::kXParts, kXChunks = C::kXChunks;
+  constexpr int kXRowStep = C::kXRowStep, kPairsPerThread = C::kPairsPerThread;
   extern __shared__ __align__(16) uint8_t smem[];
   const int tid = threadIdx.x;
   const int lane = tid % 32, warp = tid / 32;
@@ -151,17 +174,20 @@ __global__ void __launch_bounds__(kThreads, 1)
     load_stage_x(stage, slot);
   };
 
-  // (scale, zero) pairs p = tid + 256 i of a stage (i < groups_per_stage / 2): row p / groups_per_stage,
+  // (scale, zero) pairs p = tid + kThreads i of a stage (i < pairs_used): row p / groups_per_stage,
   // group tid % groups_per_stage of the stage, packed as scale bits | zero << 16 (0 outside the matrix:
-  // a weight of exactly 0). Stored at [row][group] of the slot's [128][8] pairs.
+  // a weight of exactly 0). Stored at [row][group] of the slot's [128][8] pairs. With 512 threads and
+  // group 128 (2 groups a stage) only the threads of rows 0..127 have one.
   const int pair_row_shift = 3 - group_shift;  // log2(groups_per_stage)
-  const int pairs_used = groups_per_stage / 2;
+  const int pairs_used = (groups_per_stage * kTileN + kThreads - 1) / kThreads;
   const int pair_group = tid & (groups_per_stage - 1), pair_row0 = tid >> pair_row_shift;
   const int pair_row_step = kThreads >> pair_row_shift;
   // Pairs i < pair_count lie inside the matrix's rows (and inside the slot's 128 rows).
   const int64_t pair_rows_left = n_out - n0 - pair_row0;
-  const int pair_count = static_cast<int>(
-      min(static_cast<int64_t>(pairs_used), (pair_rows_left + pair_row_step - 1) / pair_row_step));
+  const int pair_count = pair_row0 >= kTileN
+                             ? 0
+                             : static_cast<int>(min(static_cast<int64_t>(pairs_used),
+                                                    (pair_rows_left + pair_row_step - 1) / pair_row_step));
   const int64_t pair_groups_left = groups_per_row - stage_begin * groups_per_stage - pair_group;
   const int64_t pair_at = (n0 + pair_row0) * groups_per_row + stage_begin * groups_per_stage + pair_group;
   const __half* pair_scales = scales + pair_at;
@@ -185,7 +211,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     uint8_t* slot_base = smem + slot * kSlotBytes;
 #pragma unroll
     for (int i = 0; i < kPairsPerThread; ++i) {
-      if (i < pairs_used) {
+      if (i < pairs_used && pair_row0 + i * pair_row_step < kTileN) {
         *reinterpret_cast<uint32_t*>(slot_base + pair_dst + i * pair_row_step * kMaxGroupsPerStage * 4) =
             pairs[i];
       }
@@ -194,7 +220,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   // L2 prefetch of a stage's pairs: threads 0..127 the scales of row tid, threads 128..255 its zeros
   // (the first byte: a range that straddles a line has its rest prefetched with the next stage).
   const int64_t prefetch_row = n0 + tid % kTileN;
-  const bool prefetch_ok = prefetch_row < n_out;
+  const bool prefetch_ok = tid < 2 * kTileN && prefetch_row < n_out;
   const int64_t prefetch_at = prefetch_row * groups_per_row + stage_begin * groups_per_stage;
   const char* prefetch_base = tid < kTileN ? reinterpret_cast<const char*>(scales + prefetch_at)
                                            : reinterpret_cast<const char*>(zeros + prefetch_at);
@@ -338,23 +364,26 @@ __global__ void __launch_bounds__(kThreads, 1)
 // The split of the inputs over a cluster: about one block per SM (no more: a second partial wave
 // would cost more than the split saves), at most 8 and the largest cluster the device fits, never
 // more splits than stages. Depends on n_out, k and the device only, so every m gets the same sums.
+template <class C>
 void choose_split(int64_t n_out, int64_t k, int sm_count, int max_cluster, int& splits,
                   int& stages_per_split) {
-  const int64_t tiles = (n_out + kTileN - 1) / kTileN;
-  const int64_t stages_total = (k / kQK4_0 + kStageUnits - 1) / kStageUnits;
-  const int64_t want = std::clamp<int64_t>(
-      sm_count / tiles, 1, std::min<int64_t>(std::min(kMaxSplits, max_cluster), stages_total));
+  const int64_t tiles = (n_out + C::kTileN - 1) / C::kTileN;
+  const int64_t stages_total = (k / kQK4_0 + C::kStageUnits - 1) / C::kStageUnits;
+  const int64_t want =
+      std::clamp<int64_t>(sm_count * C::kBlocksPerSm / tiles, 1,
+                          std::min<int64_t>(std::min(kMaxSplits, max_cluster), stages_total));
   stages_per_split = static_cast<int>((stages_total + want - 1) / want);
   splits = static_cast<int>((stages_total + stages_per_split - 1) / stages_per_split);
 }
 
 // cudaFuncSetAttribute for the dynamic shared memory (above the 48 KB default), once per device.
+template <class C>
 bool allow_shared_memory(int device) {
   static std::atomic<uint64_t> done{0};
   const uint64_t bit = device < 64 ? uint64_t{1} << device : 0;
   if (bit != 0 && (done.load(std::memory_order_acquire) & bit) != 0) return true;
-  if (cudaFuncSetAttribute(gemv_int4_groups_mma_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                           kSmemBytes) != cudaSuccess)
+  if (cudaFuncSetAttribute(gemv_int4_groups_mma_kernel<C>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           C::kSmemBytes) != cudaSuccess)
     return false;
   done.fetch_or(bit, std::memory_order_acq_rel);
   return true;
@@ -363,6 +392,7 @@ bool allow_shared_memory(int device) {
 // The largest cluster (8, 4, 2 or 1 blocks) of which the device can hold at least one at a time with
 // this kernel's shared memory (cudaOccupancyMaxActiveClusters), once per device: a partitioned GPU
 // (MIG) or a GPC with few SMs may not fit 8 blocks of ~121 KB. 0 when the query fails.
+template <class C>
 int max_cluster_size(int device) {
   static std::atomic<uint64_t> known[64] = {};  // per device: 0 unknown, else size + 1
   if (device >= 0 && device < 64) {
@@ -373,8 +403,8 @@ int max_cluster_size(int device) {
   for (int size = kMaxSplits; size > 1; size /= 2) {
     cudaLaunchConfig_t config{};
     config.gridDim = dim3(1, static_cast<unsigned>(size), 1);
-    config.blockDim = dim3(kThreads, 1, 1);
-    config.dynamicSmemBytes = kSmemBytes;
+    config.blockDim = dim3(C::kThreads, 1, 1);
+    config.dynamicSmemBytes = C::kSmemBytes;
     cudaLaunchAttribute cluster{};
     cluster.id = cudaLaunchAttributeClusterDimension;
     cluster.val.clusterDim.x = 1;
@@ -383,7 +413,7 @@ int max_cluster_size(int device) {
     config.attrs = &cluster;
     config.numAttrs = 1;
     int clusters = 0;
-    if (cudaOccupancyMaxActiveClusters(&clusters, gemv_int4_groups_mma_kernel, &config) != cudaSuccess) {
+    if (cudaOccupancyMaxActiveClusters(&clusters, gemv_int4_groups_mma_kernel<C>, &config) != cudaSuccess) {
       cudaGetLastError();  // the query's error is not the caller's
       return 0;
     }
@@ -397,16 +427,15 @@ int max_cluster_size(int device) {
   return best;
 }
 
-}  // namespace
-
-Status w4a16_gemv_int4_groups_mma(const uint8_t* quants, const __half* scales, const uint8_t* zeros,
-                                  int64_t group, int64_t n_out, int64_t k, const __half* x, int64_t m,
-                                  float* y, cudaStream_t stream, bool programmatic) {
+template <class C>
+Status launch_gemv_mma(const uint8_t* quants, const __half* scales, const uint8_t* zeros, int64_t group,
+                       int64_t n_out, int64_t k, const __half* x, int64_t m, float* y, cudaStream_t stream,
+                       bool programmatic) {
   w4a16::Int4GroupBlocks blocks{};
   if (!w4a16::make_int4_group_operands(quants, scales, zeros, group, k, x, y, blocks))
     return Status::invalid_argument;
   if (n_out < 0 || k < 0 || m < 1 || m > kW4A16GemvMmaMaxM) return Status::invalid_argument;
-  const int64_t tiles = (n_out + kTileN - 1) / kTileN;
+  const int64_t tiles = (n_out + C::kTileN - 1) / C::kTileN;
   if (tiles > INT32_MAX) return Status::invalid_argument;
   if (n_out == 0) return Status::ok;
   if (k == 0) {
@@ -417,17 +446,17 @@ Status w4a16_gemv_int4_groups_mma(const uint8_t* quants, const __half* scales, c
   int device = 0, sm_count = 0;
   if (cudaGetDevice(&device) != cudaSuccess ||
       cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
-      !allow_shared_memory(device))
+      !allow_shared_memory<C>(device))
     return Status::device_error;
-  const int max_cluster = max_cluster_size(device);
+  const int max_cluster = max_cluster_size<C>(device);
   if (max_cluster < 1) return Status::device_error;
   int splits = 1, stages_per_split = 1;
-  choose_split(n_out, k, sm_count, max_cluster, splits, stages_per_split);
+  choose_split<C>(n_out, k, sm_count, max_cluster, splits, stages_per_split);
 
   cudaLaunchConfig_t config{};
   config.gridDim = dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(splits), 1);
-  config.blockDim = dim3(kThreads, 1, 1);
-  config.dynamicSmemBytes = kSmemBytes;
+  config.blockDim = dim3(C::kThreads, 1, 1);
+  config.dynamicSmemBytes = C::kSmemBytes;
   config.stream = stream;
   cudaLaunchAttribute attrs[2] = {};
   attrs[0].id = cudaLaunchAttributeClusterDimension;
@@ -438,10 +467,30 @@ Status w4a16_gemv_int4_groups_mma(const uint8_t* quants, const __half* scales, c
   config.attrs = attrs;
   config.numAttrs = programmatic ? 2 : 1;
   const cudaError_t launched =
-      cudaLaunchKernelEx(&config, gemv_int4_groups_mma_kernel, quants, scales, zeros, blocks.group_shift,
+      cudaLaunchKernelEx(&config, gemv_int4_groups_mma_kernel<C>, quants, scales, zeros, blocks.group_shift,
                          n_out, k, x, static_cast<int>(m), y, stages_per_split);
   const cudaError_t last = cudaGetLastError();
   return launched == cudaSuccess && last == cudaSuccess ? Status::ok : Status::device_error;
+}
+
+}  // namespace
+
+Status w4a16_gemv_int4_groups_mma(const uint8_t* quants, const __half* scales, const uint8_t* zeros,
+                                  int64_t group, int64_t n_out, int64_t k, const __half* x, int64_t m,
+                                  float* y, cudaStream_t stream, bool programmatic) {
+  return launch_gemv_mma<GemvMma256>(quants, scales, zeros, group, n_out, k, x, m, y, stream, programmatic);
+}
+
+Status w4a16_gemv_int4_groups_mma_512(const uint8_t* quants, const __half* scales, const uint8_t* zeros,
+                                      int64_t group, int64_t n_out, int64_t k, const __half* x, int64_t m,
+                                      float* y, cudaStream_t stream, bool programmatic) {
+  return launch_gemv_mma<GemvMma512>(quants, scales, zeros, group, n_out, k, x, m, y, stream, programmatic);
+}
+
+Status w4a16_gemv_int4_groups_mma_2bps(const uint8_t* quants, const __half* scales, const uint8_t* zeros,
+                                       int64_t group, int64_t n_out, int64_t k, const __half* x, int64_t m,
+                                       float* y, cudaStream_t stream, bool programmatic) {
+  return launch_gemv_mma<GemvMma2Sm>(quants, scales, zeros, group, n_out, k, x, m, y, stream, programmatic);
 }
 
 }  // namespace nibble::kernels::cuda

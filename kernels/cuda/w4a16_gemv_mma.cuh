@@ -39,4 +39,17 @@ Status w4a16_gemv_int4_groups_mma(const uint8_t* quants, const __half* scales, c
                                   int64_t group, int64_t n_out, int64_t k, const __half* x, int64_t m,
                                   float* y, cudaStream_t stream, bool programmatic = false);
 
+// The same product, arguments and results (bit for bit: the same sums in the same order? no: the
+// inputs are split differently among warps, so the fp32 sums differ in order) from two other
+// shapes of the same kernel, for the load-time timing to choose among (w4a16_tuning.cuh):
+//   _512:  512 threads (16 warps, one 32-input unit each per stage) and 4 stages, one block an SM;
+//   _2bps: 256 threads and 3 stages (~91 KB of shared memory), two blocks an SM.
+// Both give 16 warps an SM where the first gives 8. Each is deterministic and independent of m.
+Status w4a16_gemv_int4_groups_mma_512(const uint8_t* quants, const __half* scales, const uint8_t* zeros,
+                                      int64_t group, int64_t n_out, int64_t k, const __half* x, int64_t m,
+                                      float* y, cudaStream_t stream, bool programmatic = false);
+Status w4a16_gemv_int4_groups_mma_2bps(const uint8_t* quants, const __half* scales, const uint8_t* zeros,
+                                       int64_t group, int64_t n_out, int64_t k, const __half* x, int64_t m,
+                                       float* y, cudaStream_t stream, bool programmatic = false);
+
 }  // namespace nibble::kernels::cuda

@@ -24,6 +24,10 @@ const char* int4_kernel_name(Int4Kernel kernel) {
       return "mma GEMM";
     case Int4Kernel::dequant_cublas:
       return "dequant + cuBLAS";
+    case Int4Kernel::gemv_tensor_cores_512:
+      return "TC GEMV 512 thr";
+    case Int4Kernel::gemv_tensor_cores_2bps:
+      return "TC GEMV 2 blk/SM";
   }
   return "?";
 }
@@ -35,6 +39,8 @@ int64_t int4_kernel_max_rows(Int4Kernel kernel) {
     case Int4Kernel::gemv_cuda_cores:
       return kW4A16GemvMaxM;
     case Int4Kernel::gemv_tensor_cores:
+    case Int4Kernel::gemv_tensor_cores_512:
+    case Int4Kernel::gemv_tensor_cores_2bps:
       return kW4A16GemvMmaMaxM;
     default:
       return INT64_MAX;
@@ -53,6 +59,10 @@ Int4GroupsLauncher int4_kernel_launcher(Int4Kernel kernel) {
       return w4a16_gemm_int4_groups_mma;
     case Int4Kernel::dequant_cublas:
       return nullptr;
+    case Int4Kernel::gemv_tensor_cores_512:
+      return w4a16_gemv_int4_groups_mma_512;
+    case Int4Kernel::gemv_tensor_cores_2bps:
+      return w4a16_gemv_int4_groups_mma_2bps;
   }
   return nullptr;
 }

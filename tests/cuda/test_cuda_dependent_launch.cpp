@@ -72,6 +72,8 @@ TEST(CudaDependentLaunch, ProductsLaunchedProgrammaticallyReadTheNormsOutput) {
       {"CUDA-core GEMV", kc::w4a16_gemv_int4_groups, 7},
       {"tensor-core GEMV", kc::w4a16_gemv_int4_groups_mma, 1},
       {"tensor-core GEMV", kc::w4a16_gemv_int4_groups_mma, 16},
+      {"tensor-core GEMV, 512 threads", kc::w4a16_gemv_int4_groups_mma_512, 16},
+      {"tensor-core GEMV, 2 blocks an SM", kc::w4a16_gemv_int4_groups_mma_2bps, 1},
       {"WMMA GEMM", kc::w4a16_gemm_int4_groups, 48},
       {"mma GEMM", kc::w4a16_gemm_int4_groups_mma, 48},
   };

@@ -311,10 +311,10 @@ TEST(CudaLlamaModel, ChoosesTheInt4KernelsPerMatrixShape) {
   const auto& choices = measured.int4_kernel_choices();
   ASSERT_FALSE(choices.empty());
   int64_t matrices = 0;
-  // The kernels that take m rows: CUDA-core GEMV up to 32, tensor-core GEMV up to 16, GEMMs any,
-  // dequant + cuBLAS from 17.
+  // The kernels that take m rows: CUDA-core GEMV up to 32, the tensor-core GEMVs (1, 5, 6) up to 16,
+  // GEMMs any, dequant + cuBLAS from 17.
   const auto takes = [](int kernel, int64_t m) {
-    return kernel == 0 ? m <= 32 : kernel == 1 ? m <= 16 : kernel == 4 ? m >= 17 : true;
+    return kernel == 0 ? m <= 32 : kernel == 1 || kernel >= 5 ? m <= 16 : kernel == 4 ? m >= 17 : true;
   };
   for (const Choice& ch : choices) {
     SCOPED_TRACE(std::to_string(ch.n_out) + " x " + std::to_string(ch.k));

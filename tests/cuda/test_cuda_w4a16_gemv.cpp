@@ -14,6 +14,7 @@
 #include <cstring>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "kernels/cuda/w4a16_gemv.cuh"
@@ -125,31 +126,41 @@ TEST(CudaW4A16Gemv, Int4GroupsMatchCpuReference) {
 // Shapes: a single output, outputs around the 128-output tile (37, 130) and many tiles (4099); one
 // 32-input unit, a partial 256-input stage (192), and 16.5 stages (4224, split across a cluster on
 // small n_out); m from 1 to the 16-row tile.
+// The tensor-core GEMV's three shapes (w4a16_gemv_mma.cuh): 256 threads, 512 threads, 2 blocks an SM.
+using MmaGemv = k::Status (*)(const uint8_t*, const __half*, const uint8_t*, int64_t, int64_t, int64_t,
+                              const __half*, int64_t, float*, cudaStream_t, bool);
+const std::pair<const char*, MmaGemv> kMmaGemvs[] = {
+    {"256 threads", k::cuda::w4a16_gemv_int4_groups_mma},
+    {"512 threads", k::cuda::w4a16_gemv_int4_groups_mma_512},
+    {"2 blocks an SM", k::cuda::w4a16_gemv_int4_groups_mma_2bps},
+};
+
 TEST(CudaW4A16Gemv, Int4GroupsMmaMatchCpuReference) {
   NIBBLE_REQUIRE_CUDA_DEVICE();
   std::mt19937 rng(31);
-  for (const int64_t group : {int64_t{32}, int64_t{64}, int64_t{128}}) {
-    for (const int64_t n_out : {int64_t{1}, int64_t{37}, int64_t{130}, int64_t{4099}}) {
-      for (const int64_t kk : {int64_t{32}, int64_t{192}, int64_t{4224}}) {
-        if (kk % group != 0) continue;
-        SCOPED_TRACE("group " + std::to_string(group));
-        DeviceInt4Groups weights;
-        ASSERT_NO_FATAL_FAILURE(make_device_int4_groups(n_out, kk, group, rng, weights));
-        const std::vector<float>& wf = weights.wf;
-        uint8_t* const dq = weights.quants->ptr;
-        const uint8_t* const dz = weights.zeros->ptr;
-        const __half* const sp = weights.scales_half();
-        // The largest shape only at the ends of the m range: the host reference is m · n_out · k.
-        const bool large = n_out * kk > 1000000;
-        for (const int64_t m : {int64_t{1}, int64_t{3}, int64_t{8}, int64_t{16}}) {
-          if (large && m != 1 && m != 16) continue;
-          expect_matches_reference(wf, n_out, kk, m, 2e-3, rng, [&](const __half* x, int64_t mm, float* y) {
-            return k::cuda::w4a16_gemv_int4_groups_mma(dq, sp, dz, group, n_out, kk, x, mm, y, nullptr);
-          });
+  for (const auto& [variant, gemv] : kMmaGemvs)
+    for (const int64_t group : {int64_t{32}, int64_t{64}, int64_t{128}}) {
+      for (const int64_t n_out : {int64_t{1}, int64_t{37}, int64_t{130}, int64_t{4099}}) {
+        for (const int64_t kk : {int64_t{32}, int64_t{192}, int64_t{4224}}) {
+          if (kk % group != 0) continue;
+          SCOPED_TRACE(std::string(variant) + ", group " + std::to_string(group));
+          DeviceInt4Groups weights;
+          ASSERT_NO_FATAL_FAILURE(make_device_int4_groups(n_out, kk, group, rng, weights));
+          const std::vector<float>& wf = weights.wf;
+          uint8_t* const dq = weights.quants->ptr;
+          const uint8_t* const dz = weights.zeros->ptr;
+          const __half* const sp = weights.scales_half();
+          // The largest shape only at the ends of the m range: the host reference is m · n_out · k.
+          const bool large = n_out * kk > 1000000;
+          for (const int64_t m : {int64_t{1}, int64_t{3}, int64_t{8}, int64_t{16}}) {
+            if (large && m != 1 && m != 16) continue;
+            expect_matches_reference(wf, n_out, kk, m, 2e-3, rng, [&](const __half* x, int64_t mm, float* y) {
+              return gemv(dq, sp, dz, group, n_out, kk, x, mm, y, nullptr, false);
+            });
+          }
         }
       }
     }
-  }
 }
 
 // Bit-for-bit: two calls give the same y (fixed-order sums, no atomics), and a row's outputs do not
@@ -159,35 +170,34 @@ TEST(CudaW4A16Gemv, Int4GroupsMmaIsReproducibleAndChecksArguments) {
   NIBBLE_REQUIRE_CUDA_DEVICE();
   std::mt19937 rng(37);
   const int64_t group = 128;
-  for (const int64_t n_out : {int64_t{130}, int64_t{4099}}) {
-    SCOPED_TRACE("n_out " + std::to_string(n_out));
-    const int64_t kk = 4224, m = 16;
-    DeviceInt4Groups weights;
-    ASSERT_NO_FATAL_FAILURE(make_device_int4_groups(n_out, kk, group, rng, weights));
-    const uint8_t* const dq = weights.quants->ptr;
-    const uint8_t* const dz = weights.zeros->ptr;
-    const __half* const sp = weights.scales_half();
-    std::normal_distribution<float> normal(0.0f, 1.0f);
-    std::vector<k::f16_bits> xh(static_cast<size_t>(m * kk));
-    for (auto& v : xh) v = k::fp32_to_fp16(normal(rng));
-    DeviceBuffer<k::f16_bits> dx(xh);
-    DeviceBuffer<float> dy1(static_cast<size_t>(m * n_out)), dy2(static_cast<size_t>(m * n_out)),
-        dy_row(static_cast<size_t>(n_out));
-    ASSERT_TRUE(dx.ptr && dy1.ptr && dy2.ptr && dy_row.ptr);
-    const auto* x = reinterpret_cast<const __half*>(dx.ptr);
-    ASSERT_EQ(k::cuda::w4a16_gemv_int4_groups_mma(dq, sp, dz, group, n_out, kk, x, m, dy1.ptr, nullptr),
-              k::Status::ok);
-    ASSERT_EQ(k::cuda::w4a16_gemv_int4_groups_mma(dq, sp, dz, group, n_out, kk, x, m, dy2.ptr, nullptr),
-              k::Status::ok);
-    ASSERT_EQ(k::cuda::w4a16_gemv_int4_groups_mma(dq, sp, dz, group, n_out, kk, x, 1, dy_row.ptr, nullptr),
-              k::Status::ok);
-    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-    const std::vector<float> y1 = dy1.to_host(), y2 = dy2.to_host(), y_row = dy_row.to_host();
-    ASSERT_EQ(y1.size(), y2.size());
-    ASSERT_EQ(y_row.size(), static_cast<size_t>(n_out));
-    EXPECT_EQ(std::memcmp(y1.data(), y2.data(), y1.size() * sizeof(float)), 0) << "two calls differ";
-    EXPECT_EQ(std::memcmp(y1.data(), y_row.data(), y_row.size() * sizeof(float)), 0) << "row 0 depends on m";
-  }
+  for (const auto& [variant, gemv] : kMmaGemvs)
+    for (const int64_t n_out : {int64_t{130}, int64_t{4099}}) {
+      SCOPED_TRACE(std::string(variant) + ", n_out " + std::to_string(n_out));
+      const int64_t kk = 4224, m = 16;
+      DeviceInt4Groups weights;
+      ASSERT_NO_FATAL_FAILURE(make_device_int4_groups(n_out, kk, group, rng, weights));
+      const uint8_t* const dq = weights.quants->ptr;
+      const uint8_t* const dz = weights.zeros->ptr;
+      const __half* const sp = weights.scales_half();
+      std::normal_distribution<float> normal(0.0f, 1.0f);
+      std::vector<k::f16_bits> xh(static_cast<size_t>(m * kk));
+      for (auto& v : xh) v = k::fp32_to_fp16(normal(rng));
+      DeviceBuffer<k::f16_bits> dx(xh);
+      DeviceBuffer<float> dy1(static_cast<size_t>(m * n_out)), dy2(static_cast<size_t>(m * n_out)),
+          dy_row(static_cast<size_t>(n_out));
+      ASSERT_TRUE(dx.ptr && dy1.ptr && dy2.ptr && dy_row.ptr);
+      const auto* x = reinterpret_cast<const __half*>(dx.ptr);
+      ASSERT_EQ(gemv(dq, sp, dz, group, n_out, kk, x, m, dy1.ptr, nullptr, false), k::Status::ok);
+      ASSERT_EQ(gemv(dq, sp, dz, group, n_out, kk, x, m, dy2.ptr, nullptr, false), k::Status::ok);
+      ASSERT_EQ(gemv(dq, sp, dz, group, n_out, kk, x, 1, dy_row.ptr, nullptr, false), k::Status::ok);
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      const std::vector<float> y1 = dy1.to_host(), y2 = dy2.to_host(), y_row = dy_row.to_host();
+      ASSERT_EQ(y1.size(), y2.size());
+      ASSERT_EQ(y_row.size(), static_cast<size_t>(n_out));
+      EXPECT_EQ(std::memcmp(y1.data(), y2.data(), y1.size() * sizeof(float)), 0) << "two calls differ";
+      EXPECT_EQ(std::memcmp(y1.data(), y_row.data(), y_row.size() * sizeof(float)), 0)
+          << "row 0 depends on m";
+    }
 
   const int64_t n_out = 37, kk = 192;
   DeviceBuffer<uint8_t> dq(static_cast<size_t>(n_out * kk / 2)), dz(static_cast<size_t>(n_out * kk / 32));

@@ -5,13 +5,17 @@
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <initializer_list>
+#include <iterator>
 #include <map>
+#include <optional>
 #include <set>
 #include <stdexcept>
+#include <thread>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -441,6 +445,66 @@ std::vector<uint16_t> CudaKvCache::layer_to_host(int64_t layer, bool values) con
 // ---------------------------------------------------------------------------------------------
 // CudaLlamaModel
 
+// The sections of a pass that profile_greedy times (CudaStepProfile::sections, in this order).
+enum class Section : int { embedding, norms, qkv, rope_kv, attention, attn_out, gate_up, swiglu, down, head };
+constexpr const char* kSectionNames[] = {
+    "embedding", "norms", "qkv", "rope + KV write", "attention", "attention output", "gate / up",
+    "SwiGLU",    "down",  "head"};
+constexpr int kSections = static_cast<int>(std::size(kSectionNames));
+
+// CUDA events around the sections of one pass: each span is a (start, end) pair recorded on the
+// stream; the events are kept for the next profile.
+class StepTimer {
+ public:
+  StepTimer() = default;
+  StepTimer(const StepTimer&) = delete;
+  StepTimer& operator=(const StepTimer&) = delete;
+  ~StepTimer() {
+    for (cudaEvent_t e : events_) cudaEventDestroy(e);
+  }
+  void clear() { spans_.clear(); }
+  void begin(Section section, cudaStream_t stream) {
+    spans_.push_back({section, event(2 * spans_.size()), event(2 * spans_.size() + 1)});
+    cuda_check(cudaEventRecord(spans_.back().start, stream), "cudaEventRecord (profile)");
+  }
+  // Never throws (it runs in destructors); a failed record shows as a failed elapsed time in result().
+  void end(cudaStream_t stream) noexcept { cudaEventRecord(spans_.back().end, stream); }
+  // After the stream has synchronized.
+  CudaStepProfile result() const {
+    CudaStepProfile out;
+    double ms[kSections] = {};
+    for (const Span& s : spans_) {
+      float t = 0.0f;
+      cuda_check(cudaEventElapsedTime(&t, s.start, s.end), "cudaEventElapsedTime (profile)");
+      ms[static_cast<int>(s.section)] += t;
+    }
+    for (int i = 0; i < kSections; ++i) out.sections.emplace_back(kSectionNames[i], ms[i]);
+    if (!spans_.empty()) {
+      float t = 0.0f;
+      cuda_check(cudaEventElapsedTime(&t, spans_.front().start, spans_.back().end), "cudaEventElapsedTime");
+      out.total_ms = t;
+    }
+    out.spans = static_cast<int64_t>(spans_.size());
+    return out;
+  }
+
+ private:
+  struct Span {
+    Section section;
+    cudaEvent_t start, end;
+  };
+  cudaEvent_t event(size_t i) {
+    while (events_.size() <= i) {
+      cudaEvent_t e = nullptr;
+      cuda_check(cudaEventCreate(&e), "cudaEventCreate (profile)");
+      events_.push_back(e);
+    }
+    return events_[i];
+  }
+  std::vector<cudaEvent_t> events_;
+  std::vector<Span> spans_;
+};
+
 struct CudaLlamaModel::Impl {
   std::shared_ptr<const model::LlamaCheckpoint> checkpoint;
   model::LlamaConfig config;        // the whole model's
@@ -494,6 +558,25 @@ struct CudaLlamaModel::Impl {
       graphs;
   std::set<decltype(graphs)::key_type> seen_once;  // shapes run directly once, captured when seen again
   std::vector<CudaInt4KernelChoice> int4_choices;  // per int4_groups shape (choose_int4_kernels)
+  StepTimer* timer = nullptr;                      // set while profile_greedy runs its pass
+  std::unique_ptr<StepTimer> step_timer;
+  std::atomic<bool> stream_gate_open{true};  // profile_greedy holds the stream until this is set
+
+  // A span of `section` around the enqueues of its scope when a profile is being taken.
+  class Timed {
+   public:
+    Timed(const Impl& m, Section section) : m_(m) {
+      if (m_.timer != nullptr) m_.timer->begin(section, m_.stream);
+    }
+    ~Timed() {
+      if (m_.timer != nullptr) m_.timer->end(m_.stream);
+    }
+    Timed(const Timed&) = delete;
+    Timed& operator=(const Timed&) = delete;
+
+   private:
+    const Impl& m_;
+  };
 
   ~Impl() {
     clear_graphs();
@@ -976,6 +1059,7 @@ void CudaLlamaModel::Impl::enqueue(const Plan& p) {
   auto* x = resid.as<float>();
   auto* dl = delta.as<float>();
   if (first_stage()) {  // later stages find the previous stage's hidden states in resid
+    const Timed timed(*this, Section::embedding);
     check(kc::embedding_lookup_f16(
               embedding.mem->as<void>(),
               embedding.kind == DeviceKind::q4_0 ? kernels::DType::Q4_0 : kernels::DType::F16,
@@ -1009,11 +1093,17 @@ void CudaLlamaModel::Impl::enqueue(const Plan& p) {
   for (int64_t l = 0; l < c.n_layer; ++l) {
     const Layer& w = layers[static_cast<size_t>(l)];
     // The previous layer's w_down output joins the residual here (the first layer has none).
-    check(kc::add_rms_norm_f32(x, l == 0 ? nullptr : dl, w.attn_norm->as<float>(), h, n, c.n_embd, c.rms_eps,
-                               stream),
-          "add_rms_norm_f32");
+    {
+      const Timed timed(*this, Section::norms);
+      check(kc::add_rms_norm_f32(x, l == 0 ? nullptr : dl, w.attn_norm->as<float>(), h, n, c.n_embd,
+                                 c.rms_eps, stream),
+            "add_rms_norm_f32");
+    }
     auto* qkv_f = qkv.as<float>();
-    project(w.qkv, h, n, qkv_f);
+    {
+      const Timed timed(*this, Section::qkv);
+      project(w.qkv, h, n, qkv_f);
+    }
     const float *qp = qkv_f, *kp = nullptr, *vp = nullptr;
     if (w.qkv.parts.size() == 1) {  // stacked: rows [q | k | v]
       kp = qkv_f + q_dim;
@@ -1027,9 +1117,13 @@ void CudaLlamaModel::Impl::enqueue(const Plan& p) {
     }
     auto* kc_l = reinterpret_cast<__half*>(cache.k(l));
     auto* vc_l = reinterpret_cast<__half*>(cache.v(l));
-    check(kc::rope_kv_write(rshape, qp, kp, vp, md + p.off_pos, md + p.off_seq, md + p.off_tables,
-                            q16.as<__half>(), kc_l, vc_l, flag_d, stream),
-          "rope_kv_write");
+    {
+      const Timed timed(*this, Section::rope_kv);
+      check(kc::rope_kv_write(rshape, qp, kp, vp, md + p.off_pos, md + p.off_seq, md + p.off_tables,
+                              q16.as<__half>(), kc_l, vc_l, flag_d, stream),
+            "rope_kv_write");
+    }
+    std::optional<Timed> attention_span(std::in_place, *this, Section::attention);
     if (p.use_decode) {
       check(kc::attention_decode(p.dshape, q16.as<__half>(), kc_l, vc_l, md + p.off_run_tables,
                                  md + p.off_seq_lens, md + p.off_query_start, scale, att16.as<__half>(),
@@ -1047,17 +1141,33 @@ void CudaLlamaModel::Impl::enqueue(const Plan& p) {
               "paged_attention_f16");
       }
     }
-    matmul(w.wo, att16.as<__half>(), n, dl);  // partial over the shard's heads
+    attention_span.reset();
+    {
+      const Timed timed(*this, Section::attn_out);
+      matmul(w.wo, att16.as<__half>(), n, dl);  // partial over the shard's heads
+    }
     reduce_sum(dl, hidden_count);
-    check(kc::add_rms_norm_f32(x, dl, w.ffn_norm->as<float>(), h, n, c.n_embd, c.rms_eps, stream),
-          "add_rms_norm_f32");
+    {
+      const Timed timed(*this, Section::norms);
+      check(kc::add_rms_norm_f32(x, dl, w.ffn_norm->as<float>(), h, n, c.n_embd, c.rms_eps, stream),
+            "add_rms_norm_f32");
+    }
     auto* gu = gate_up.as<float>();
-    project(w.gate_up, h, n, gu);
+    {
+      const Timed timed(*this, Section::gate_up);
+      project(w.gate_up, h, n, gu);
+    }
     const bool stacked = w.gate_up.parts.size() == 1;
-    check(kc::swiglu_f32_to_f16(gu, stacked ? gu + c.n_ff : gu + n * c.n_ff, stacked ? 2 * c.n_ff : c.n_ff,
-                                act16.as<__half>(), n, c.n_ff, stream),
-          "swiglu_f32_to_f16");
-    matmul(w.down, act16.as<__half>(), n, dl);  // partial over the shard's ffn rows
+    {
+      const Timed timed(*this, Section::swiglu);
+      check(kc::swiglu_f32_to_f16(gu, stacked ? gu + c.n_ff : gu + n * c.n_ff, stacked ? 2 * c.n_ff : c.n_ff,
+                                  act16.as<__half>(), n, c.n_ff, stream),
+            "swiglu_f32_to_f16");
+    }
+    {
+      const Timed timed(*this, Section::down);
+      matmul(w.down, act16.as<__half>(), n, dl);  // partial over the shard's ffn rows
+    }
     reduce_sum(dl, hidden_count);
   }
   if (!last_stage()) {  // the last w_down output joins the residual, which goes to the next stage
@@ -1067,6 +1177,7 @@ void CudaLlamaModel::Impl::enqueue(const Plan& p) {
   }
   // The last w_down output joins the residual, and the output norm runs on every row (cheap next to
   // the head, which runs only on the logit rows).
+  const Timed timed(*this, Section::head);
   check(kc::add_rms_norm_f32(x, dl, output_norm->as<float>(), h, n, c.n_embd, c.rms_eps, stream),
         "add_rms_norm_f32");
   if (n_out > 0) {
@@ -1155,7 +1266,26 @@ void CudaLlamaModel::Impl::forward_impl(const ForwardBatch& batch, CudaKvCache& 
     cuda_check(cudaMemcpyAsync(resid.as<float>(), hidden_in, hidden_bytes, cudaMemcpyHostToDevice, stream),
                "cudaMemcpyAsync (hidden states in)");
   }
-  if (use_graphs(n)) {
+  if (timer != nullptr) {
+    // A profile: the stream waits (a host function spinning on stream_gate_open) until the whole
+    // pass is queued, so that the events time the device, not the host's launches. The gate opens
+    // on every way out of this block; the pass ends in a synchronize, so the host function has
+    // returned before the next profile closes the gate again.
+    stream_gate_open.store(false, std::memory_order_release);
+    struct OpenGate {
+      std::atomic<bool>& gate;
+      ~OpenGate() { gate.store(true, std::memory_order_release); }
+    } open_gate{stream_gate_open};
+    cuda_check(cudaLaunchHostFunc(
+                   stream,
+                   [](void* gate) {
+                     while (!static_cast<std::atomic<bool>*>(gate)->load(std::memory_order_acquire))
+                       std::this_thread::yield();
+                   },
+                   &stream_gate_open),
+               "cudaLaunchHostFunc (profile gate)");
+    enqueue(p);
+  } else if (use_graphs(n)) {
     launch_graph(p);
   } else {
     enqueue(p);
@@ -1328,6 +1458,21 @@ void CudaLlamaModel::forward(const ForwardBatch& batch, CudaKvCache& cache, std:
 void CudaLlamaModel::forward_greedy(const ForwardBatch& batch, CudaKvCache& cache,
                                     std::vector<int32_t>& ids) {
   impl_->forward_impl(batch, cache, nullptr, nullptr, &ids, Impl::RowSampling{});
+}
+
+CudaStepProfile CudaLlamaModel::profile_greedy(const ForwardBatch& batch, CudaKvCache& cache,
+                                               std::vector<int32_t>& ids) {
+  Impl& m = *impl_;
+  if (!m.step_timer) m.step_timer = std::make_unique<StepTimer>();
+  m.step_timer->clear();
+  m.timer = m.step_timer.get();
+  struct Stop {
+    Impl& m;
+    ~Stop() { m.timer = nullptr; }
+  } stop{m};
+  m.forward_impl(batch, cache, nullptr, nullptr, &ids, Impl::RowSampling{});
+  m.timer = nullptr;
+  return m.step_timer->result();
 }
 
 void CudaLlamaModel::forward_stage_greedy(const ForwardBatch& batch, CudaKvCache& cache,

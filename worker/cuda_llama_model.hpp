@@ -56,6 +56,7 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "model/llama_checkpoint.hpp"
@@ -139,6 +140,17 @@ struct CudaInt4KernelChoice {
   std::string skipped;                   // candidates that failed to launch, and how
 };
 
+// Where one forward pass's device time goes (CudaLlamaModel::profile_greedy): per section of the
+// pass, the device milliseconds between a CUDA event recorded before its first kernel and one
+// after its last, summed over the layers.
+struct CudaStepProfile {
+  // In pass order: "embedding", "norms", "qkv", "rope + KV write", "attention", "attention output",
+  // "gate / up", "SwiGLU", "down", "head" (the output norm, row gather, head matmul and argmax).
+  std::vector<std::pair<std::string, double>> sections;
+  double total_ms = 0.0;  // from the first section's start to the last one's end
+  int64_t spans = 0;      // timed spans (about one per kernel)
+};
+
 struct CudaModelOptions {
   int device = 0;
   Int4Kernels int4_kernels = Int4Kernels::measured;
@@ -209,6 +221,11 @@ class CudaLlamaModel {
   // to the lowest id as worker::Sampler at temperature 0): ids resized to [batch.logit_rows.size()].
   // Last stage only (throws std::logic_error elsewhere).
   void forward_greedy(const ForwardBatch& batch, CudaKvCache& cache, std::vector<int32_t>& ids);
+  // forward_greedy once more with every section of the pass timed by CUDA events: run directly
+  // (not from a captured graph, so the launch gaps a graph hides are in total_ms but in no section),
+  // with the stream held until the whole pass is queued, so that the host's launch speed does not
+  // show in the times. For benchmarks: the events cost a little device time themselves.
+  CudaStepProfile profile_greedy(const ForwardBatch& batch, CudaKvCache& cache, std::vector<int32_t>& ids);
   // The same on the last pipeline stage of several: hidden_in as in forward_stage (null on a first
   // stage, which is then the whole model).
   void forward_stage_greedy(const ForwardBatch& batch, CudaKvCache& cache, const float* hidden_in,

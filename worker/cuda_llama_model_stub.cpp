@@ -51,6 +51,9 @@ void CudaLlamaModel::forward(const ForwardBatch&, CudaKvCache&, std::vector<floa
 void CudaLlamaModel::forward_greedy(const ForwardBatch&, CudaKvCache&, std::vector<int32_t>&) {
   unavailable();
 }
+CudaStepProfile CudaLlamaModel::profile_greedy(const ForwardBatch&, CudaKvCache&, std::vector<int32_t>&) {
+  unavailable();
+}
 void CudaLlamaModel::forward_stage_greedy(const ForwardBatch&, CudaKvCache&, const float*,
                                           std::vector<int32_t>&) {
   unavailable();

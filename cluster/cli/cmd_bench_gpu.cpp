@@ -156,6 +156,22 @@ double time_decode_step(GpuModel& g, int64_t seqs, int gen_tokens, int repetitio
   return median(runs);
 }
 
+// One decode step of `seqs` sequences (after a short prompt and two untimed steps) with its sections
+// timed (CudaLlamaModel::profile_greedy).
+worker::CudaStepProfile profile_decode_step(GpuModel& g, int64_t seqs, std::mt19937& rng) {
+  std::vector<int32_t> ids;
+  g.model->forward_greedy(
+      make_batch(random_prompts(seqs, kShortPrompt, g.model->config().n_vocab, rng), 0, g.mbps), *g.cache,
+      ids);
+  const auto next_batch = [&](int step) {
+    std::vector<std::vector<int32_t>> next(static_cast<size_t>(seqs));
+    for (size_t s = 0; s < next.size(); ++s) next[s] = {ids[s]};
+    return make_batch(next, kShortPrompt + step, g.mbps);
+  };
+  for (int i = 0; i < 2; ++i) g.model->forward_greedy(next_batch(i), *g.cache, ids);
+  return g.model->profile_greedy(next_batch(2), *g.cache, ids);
+}
+
 // The INT4 kernels the model chose at load, per matrix shape and row range, with the times behind
 // each choice and the chosen kernel's fraction of the copy bandwidth.
 void print_int4_choices(const worker::CudaLlamaModel& model, double copy_gbps) {
@@ -269,6 +285,21 @@ int run_model(const Args& a) {
            100.0 * floor_s / step_s.back());
   }
 
+  // Where a step's time goes, per batch size.
+  std::vector<worker::CudaStepProfile> profiles;
+  for (const int64_t b : batches) {
+    profiles.push_back(profile_decode_step(target, b, rng));
+    std::string line;
+    for (const auto& [name, ms] : profiles.back().sections) {
+      if (ms <= 0.0) continue;
+      char part[64];
+      std::snprintf(part, sizeof part, "%s%s %.2f", line.empty() ? "" : ", ", name.c_str(), ms);
+      line += part;
+    }
+    report("batch %lld step profile (ms): total %.2f: %s", static_cast<long long>(b),
+           profiles.back().total_ms, line.c_str());
+  }
+
   std::vector<double> draft_step_s;
   GpuModel draft;
   if (!a.draft.empty()) {
@@ -351,6 +382,14 @@ int run_model(const Args& a) {
                        {"prefill_batch_tokens_per_second", pp_batch},
                        {"decode", rows}};
     if (!pdl_error.empty()) out["pdl_error"] = pdl_error;
+    nlohmann::json step_profiles = nlohmann::json::array();
+    for (size_t i = 0; i < batches.size(); ++i) {
+      nlohmann::json sections = nlohmann::json::object();
+      for (const auto& [name, ms] : profiles[i].sections) sections[name] = ms;
+      step_profiles.push_back(
+          {{"batch", batches[i]}, {"total_ms", profiles[i].total_ms}, {"sections", sections}});
+    }
+    out["step_profile"] = step_profiles;
     if (!a.draft.empty()) {
       out["draft"] = {{"model", a.draft},
                       {"load_seconds", draft.load_seconds},
@@ -394,6 +433,28 @@ int run_model(const Args& a) {
       "programmatically (CudaModelOptions::programmatic_launch).\n",
       kShortPrompt, a.gen_tokens, a.repetitions);
   if (!pdl_error.empty()) std::printf("PDL run failed: %s\n", pdl_error.c_str());
+  // The step profile: one decode step per batch size, each section's device ms (summed over layers).
+  std::printf(
+      "\nOne decode step, by section (device ms, summed over the layers; run directly with the whole step "
+      "queued first, so `gaps` is the launch gaps a graph replay would mostly hide):\n%-18s",
+      "section");
+  for (const int64_t b : batches) std::printf(" %9s%-3lld", "batch ", static_cast<long long>(b));
+  std::printf("\n");
+  for (size_t si = 0; si < profiles.front().sections.size(); ++si) {
+    std::printf("%-18s", profiles.front().sections[si].first.c_str());
+    for (const auto& pr : profiles)
+      std::printf(" %8.2f %3.0f%%", pr.sections[si].second, 100.0 * pr.sections[si].second / pr.total_ms);
+    std::printf("\n");
+  }
+  std::printf("%-18s", "gaps");
+  for (const auto& pr : profiles) {
+    double sum = 0.0;
+    for (const auto& [name, ms] : pr.sections) sum += ms;
+    std::printf(" %8.2f %3.0f%%", pr.total_ms - sum, 100.0 * (pr.total_ms - sum) / pr.total_ms);
+  }
+  std::printf("\n%-18s", "total");
+  for (const auto& pr : profiles) std::printf(" %8.2f %4s", pr.total_ms, "");
+  std::printf("\n");
   return 0;
 }
 

@@ -375,6 +375,46 @@ TEST(CudaLlamaModel, ChoosesTheInt4KernelsPerMatrixShape) {
 // Sampling on the device (forward_sample): each logit row's id is the one worker::Sampler's
 // distribution of forward()'s logits for that row gives by inverse CDF with the row's uniform (u kept
 // away from the cumulative boundaries, where the GPU's summation order may tip the choice).
+// profile_greedy: the same ids as forward_greedy (the same pass, only timed), every section the
+// pass runs has time and the others none, and the sections fit inside the total.
+TEST(CudaLlamaModel, ProfiledPassGivesTheSameIdsAndAccountsForItsTime) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  t::TempDir dir;
+  const std::string path = random_model(dir.path(), tiny_shape(256, 4, 2), k::DType::Q4_0);
+  w::CudaModelOptions options;
+  options.graphs = true;  // the profile bypasses the captured graph
+  w::CudaLlamaModel gpu(m::LlamaCheckpoint::open(path), options);
+  for (const int steps : {1, 3}) {  // a prompt, then decode steps (the second and third from a graph)
+    SCOPED_TRACE("steps " + std::to_string(steps));
+    w::CudaKvCache cache_a(gpu.config(), 8, 16), cache_b(gpu.config(), 8, 16);
+    std::vector<int32_t> plain, profiled;
+    w::CudaStepProfile profile;
+    std::vector<int32_t> tokens = {5, 6, 7, 8, 9};
+    int32_t pos = 0;
+    for (int i = 0; i < steps; ++i) {
+      const auto batch = w::ForwardBatch::single(tokens, pos, {0, 1}, false);
+      gpu.forward_greedy(batch, cache_a, plain);
+      profile = gpu.profile_greedy(batch, cache_b, profiled);
+      ASSERT_EQ(profiled, plain);
+      pos += static_cast<int32_t>(tokens.size());
+      tokens = {plain.back()};
+    }
+    ASSERT_EQ(profile.sections.size(), 10u);
+    double sum = 0.0;
+    for (const auto& [name, ms] : profile.sections) {
+      SCOPED_TRACE(name);
+      EXPECT_GT(ms, 0.0);  // a single-GPU whole model runs every section
+      sum += ms;
+    }
+    EXPECT_EQ(profile.sections[4].first, "attention");
+    EXPECT_LE(sum, profile.total_ms * 1.001);
+    EXPECT_GE(sum, profile.total_ms * 0.3);  // the gaps between sections are not most of a pass
+    // Embedding and head once, and nine spans a layer (two norms, qkv, rope, attention, its output,
+    // gate / up, SwiGLU, down).
+    EXPECT_EQ(profile.spans, 2 + 9 * gpu.config().n_layer);
+  }
+}
+
 TEST(CudaLlamaModel, ForwardSampleDrawsWhatTheSamplerWouldFromTheLogits) {
   NIBBLE_REQUIRE_CUDA_DEVICE();
   t::TempDir dir;
@@ -743,6 +783,11 @@ TEST(CudaLlamaModelCli, BenchGpuReportsTheInt4KernelChoicesAndProgrammaticLaunch
   ASSERT_EQ(j["decode"].size(), 2u) << r.output;
   EXPECT_FALSE(j.contains("pdl_error")) << r.output;
   for (const auto& row : j["decode"]) EXPECT_GT(row["pdl_ms_per_step"].get<double>(), 0.0) << r.output;
+  ASSERT_EQ(j["step_profile"].size(), 2u) << r.output;
+  for (const auto& row : j["step_profile"]) {
+    EXPECT_GT(row["total_ms"].get<double>(), 0.0) << r.output;
+    EXPECT_GT(row["sections"]["down"].get<double>(), 0.0) << r.output;
+  }
   ASSERT_FALSE(j["int4_kernels"].empty()) << r.output;
   for (const auto& shape : j["int4_kernels"]) {
     EXPECT_EQ(shape["group"], 128) << r.output;

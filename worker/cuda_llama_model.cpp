@@ -152,17 +152,19 @@ std::shared_ptr<DeviceMemory> upload(const void* host, size_t bytes) {
 //   q4_k         GGUF Q4_K super-blocks as in the file (k a multiple of 256)
 //   int4_groups  group-wise INT4 (kernels/int4_groups.hpp) recovered exactly from Q8_0 blocks of
 //                asymmetric GPTQ / AWQ, or from Q4_0 blocks that share scales over 64 or 128 inputs
-//                (symmetric GPTQ): 4.125 bits a weight at group 128
+//                (symmetric GPTQ): 4.125 bits a weight at group 128; and from any Q4_0 (group 32,
+//                zeros 8: 4.75 bits) with CudaModelOptions::q4_0_as_int4_groups
 //   f16          fp16 rows for everything else (Q8_0 of 8-bit weights, Q6_K, F32, ...; and act-order
 //                GPTQ matrices, whose grouped columns go back to input order on upload), cuBLAS
 // Lookup tables (the embedding) are only ever q4_0 or f16: that is what embedding_lookup_f16 reads.
 enum class DeviceKind { q4_0, q4_k, int4_groups, f16 };
-DeviceKind device_kind(const model::WeightMatrix& w, bool lookup = false) {
+// q4_0_min_group: the narrowest group at which Q4_0 matrices go up as int4_groups (32: all of them).
+DeviceKind device_kind(const model::WeightMatrix& w, int64_t q4_0_min_group, bool lookup = false) {
   if (w.input_order != nullptr) return DeviceKind::f16;
   if (w.type == kernels::DType::Q4_0) {
     if (lookup) return DeviceKind::q4_0;
-    return kernels::int4_group_size(w.type, w.data, w.n_out, w.k) >= 64 ? DeviceKind::int4_groups
-                                                                        : DeviceKind::q4_0;
+    return kernels::int4_group_size(w.type, w.data, w.n_out, w.k) >= q4_0_min_group ? DeviceKind::int4_groups
+                                                                                    : DeviceKind::q4_0;
   }
   if (lookup) return DeviceKind::f16;
   if (w.type == kernels::DType::Q4_K && w.k % kernels::kQK_K == 0) return DeviceKind::q4_k;
@@ -186,16 +188,17 @@ struct DeviceMatrix {
   int64_t bytes() const { return mem != nullptr ? static_cast<int64_t>(mem->bytes()) : 0; }
 };
 
-// The rows of `parts` (same k and device kind) stacked into one device matrix; lookup: for
-// embedding_lookup_f16 (see device_kind).
-DeviceMatrix upload_matrix(std::initializer_list<const model::WeightMatrix*> parts, bool lookup = false) {
+// The rows of `parts` (same k and device kind) stacked into one device matrix; q4_0_min_group and
+// lookup (for embedding_lookup_f16): see device_kind.
+DeviceMatrix upload_matrix(std::initializer_list<const model::WeightMatrix*> parts, int64_t q4_0_min_group,
+                           bool lookup = false) {
   DeviceMatrix d;
   const model::WeightMatrix& first = **parts.begin();
-  d.kind = device_kind(first, lookup);
+  d.kind = device_kind(first, q4_0_min_group, lookup);
   d.k = first.k;
   for (const model::WeightMatrix* w : parts) {
     if (w->data == nullptr) throw std::invalid_argument("a weight matrix has no data to upload");
-    if (w->k != d.k || device_kind(*w, lookup) != d.kind)
+    if (w->k != d.k || device_kind(*w, q4_0_min_group, lookup) != d.kind)
       throw std::logic_error("upload_matrix: parts disagree");
     d.n_out += w->n_out;
   }
@@ -261,14 +264,16 @@ struct Projection {
   }
 };
 
-Projection upload_projection(std::initializer_list<const model::WeightMatrix*> parts) {
+Projection upload_projection(std::initializer_list<const model::WeightMatrix*> parts,
+                             int64_t q4_0_min_group) {
   Projection p;
   bool same = true;
-  for (const model::WeightMatrix* w : parts) same = same && device_kind(*w) == device_kind(**parts.begin());
+  for (const model::WeightMatrix* w : parts)
+    same = same && device_kind(*w, q4_0_min_group) == device_kind(**parts.begin(), q4_0_min_group);
   if (same) {
-    p.parts.push_back(upload_matrix(parts));
+    p.parts.push_back(upload_matrix(parts, q4_0_min_group));
   } else {
-    for (const model::WeightMatrix* w : parts) p.parts.push_back(upload_matrix({w}));
+    for (const model::WeightMatrix* w : parts) p.parts.push_back(upload_matrix({w}, q4_0_min_group));
   }
   return p;
 }
@@ -713,21 +718,22 @@ void CudaLlamaModel::Impl::upload_weights(model::LlamaWeights weights) {
   const model::WeightMatrix whole_embedding = weights.token_embd;  // every shard keeps every row
   const bool tied = weights.output.data == weights.token_embd.data;
   if (shard.size > 1) slice_weights(weights, split, config.head_dim, first_stage(), last_stage());
-  if (first_stage()) embedding = upload_matrix({&whole_embedding}, /*lookup=*/true);
+  const int64_t q4_0_min_group = options.q4_0_as_int4_groups ? 32 : 64;
+  if (first_stage()) embedding = upload_matrix({&whole_embedding}, q4_0_min_group, /*lookup=*/true);
   if (last_stage()) {
-    const bool share_head =
-        first_stage() && shard.size == 1 && tied && device_kind(weights.output) == embedding.kind;
-    head = share_head ? embedding : upload_matrix({&weights.output});
+    const bool share_head = first_stage() && shard.size == 1 && tied &&
+                            device_kind(weights.output, q4_0_min_group) == embedding.kind;
+    head = share_head ? embedding : upload_matrix({&weights.output}, q4_0_min_group);
     output_norm = upload_floats(weights.output_norm);
   }
   for (const model::LlamaLayerWeights& lw : weights.layers) {
     Layer l;
     l.attn_norm = upload_floats(lw.attn_norm);
     l.ffn_norm = upload_floats(lw.ffn_norm);
-    l.qkv = upload_projection({&lw.wq, &lw.wk, &lw.wv});
-    l.wo = upload_matrix({&lw.wo});
-    l.gate_up = upload_projection({&lw.w_gate, &lw.w_up});
-    l.down = upload_matrix({&lw.w_down});
+    l.qkv = upload_projection({&lw.wq, &lw.wk, &lw.wv}, q4_0_min_group);
+    l.wo = upload_matrix({&lw.wo}, q4_0_min_group);
+    l.gate_up = upload_projection({&lw.w_gate, &lw.w_up}, q4_0_min_group);
+    l.down = upload_matrix({&lw.w_down}, q4_0_min_group);
     layers.push_back(std::move(l));
   }
 }

@@ -154,6 +154,12 @@ struct CudaStepProfile {
 struct CudaModelOptions {
   int device = 0;
   Int4Kernels int4_kernels = Int4Kernels::measured;
+  // Q4_0 matrices (not the embedding table) go up as group-wise INT4 at group 32 with zeros of 8:
+  // the same weights, bit for bit on the CUDA-core GEMV, at 4.75 bits a weight instead of 4.5, and
+  // every INT4 kernel becomes a candidate (on an H200 the tensor-core GEMV took 31.6 us on 8192 x
+  // 8192 at 16 rows where the Q4_0 GEMV took 320.8; the GEMMs and dequant + cuBLAS for prefill).
+  // false: GGUF Q4_0 blocks as stored (the CUDA-core GEMV up to 32 rows, the WMMA GEMM above).
+  bool q4_0_as_int4_groups = true;
   // Batches whose every sequence brings at most 64 / (n_head / n_head_kv) consecutive tokens (decode,
   // speculative verification) use attention_decode when head_dim is 64 or 128; false sends every
   // batch to the general paged_attention_f16 (tests compare the two).

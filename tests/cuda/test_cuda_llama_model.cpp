@@ -131,13 +131,15 @@ struct Entry {
 // Runs the scenario on both devices and checks every step's logits, the KV cache at the end and
 // the greedy ids of the last step.
 void compare_scenario(const std::string& path, double bound, bool decode_attention,
-                      w::Int4Kernels int4_kernels = w::Int4Kernels::measured, bool programmatic = false) {
+                      w::Int4Kernels int4_kernels = w::Int4Kernels::measured, bool programmatic = false,
+                      bool q4_0_as_int4_groups = true) {
   const auto checkpoint = m::LlamaCheckpoint::open(path);
   w::LlamaModel cpu(checkpoint);
   w::CudaModelOptions options;
   options.decode_attention = decode_attention;
   options.int4_kernels = int4_kernels;
   options.programmatic_launch = programmatic;
+  options.q4_0_as_int4_groups = q4_0_as_int4_groups;
   w::CudaLlamaModel gpu(checkpoint, options);
   const auto& c = cpu.config();
   const int64_t block_size = 8, mbps = 8, n_blocks = 2 * mbps + 5;
@@ -238,14 +240,42 @@ INSTANTIATE_TEST_SUITE_P(Shapes, CudaLlamaModelRandom,
                                   (std::get<1>(p.param) ? "_decode_kernel" : "_general_kernel");
                          });
 
-// A layer matrix's device bytes when it is read by a W4A16 kernel: at most 4.5 bits a weight (Q4_0,
-// Q4_K; group-wise INT4 is 4.125 to 4.75), where an fp16 fallback would take 16. Embedding and head
-// (fp16 or Q4_0 or Q8_0-as-fp16 here) are counted at 2 bytes a weight.
+// A layer matrix's device bytes when it is read by a W4A16 kernel: at most 4.75 bits a weight (Q4_0
+// and Q4_K 4.5; group-wise INT4 4.125 to 4.75, Q4_0 uploaded as INT4 groups of 32 the most), where an
+// fp16 fallback would take 16. Embedding and head (fp16 or Q4_0 or Q8_0-as-fp16 here) are counted at
+// 2 bytes a weight.
 int64_t four_bit_weight_bytes_bound(const m::LlamaConfig& c) {
   const int64_t per_layer =
       c.n_embd * (c.q_dim() + 2 * c.kv_dim()) + c.q_dim() * c.n_embd + 3 * c.n_embd * c.n_ff;
   const int64_t padding = 16 * 8;  // int4_groups pads its nibbles to 16 bytes, per matrix
-  return c.n_layer * (per_layer * 9 / 16 + padding) + 2 * c.n_vocab * c.n_embd * 2;
+  return c.n_layer * (per_layer * 19 / 32 + padding) + 2 * c.n_vocab * c.n_embd * 2;
+}
+
+// A Q4_0 model both ways it can go up: as GGUF blocks (the Q4_0 GEMV and GEMM) and as INT4 groups of
+// 32 (the default: every INT4 kernel, chosen by timing). The layer matrices' bytes: 18 per 32 weights
+// as stored, 16 + 2 + 1 as INT4 groups.
+TEST(CudaLlamaModel, Q4_0ModelMatchesTheCpuAsStoredAndAsInt4Groups) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  t::TempDir dir;
+  const std::string path = random_model(dir.path(), tiny_shape(256, 4, 2), k::DType::Q4_0);
+  const auto checkpoint = m::LlamaCheckpoint::open(path);
+  int64_t bytes[2] = {0, 0};
+  for (const bool as_groups : {false, true}) {
+    SCOPED_TRACE(as_groups ? "INT4 groups" : "Q4_0 blocks");
+    compare_scenario(path, kQuantizedBound, /*decode_attention=*/true, w::Int4Kernels::measured, false,
+                     as_groups);
+    w::CudaModelOptions options;
+    options.q4_0_as_int4_groups = as_groups;
+    w::CudaLlamaModel gpu(checkpoint, options);
+    EXPECT_EQ(gpu.int4_kernel_choices().empty(), !as_groups);
+    bytes[as_groups ? 1 : 0] = gpu.weight_bytes();
+  }
+  const auto& c = checkpoint->config();
+  const int64_t layer_weights =
+      c.n_layer * (c.n_embd * (c.q_dim() + 2 * c.kv_dim()) + c.q_dim() * c.n_embd + 3 * c.n_embd * c.n_ff);
+  // The difference is the layer matrices' (and an untied Q4_0 head's) 1 byte in 32, plus padding.
+  EXPECT_GE(bytes[1] - bytes[0], layer_weights / 32);
+  EXPECT_LE(bytes[1] - bytes[0], (layer_weights + c.n_vocab * c.n_embd) / 32 + 16 * 8 * c.n_layer + 16);
 }
 
 // Q4_K weights (a requantized random model; not pure, so embedding and head are Q8_0): the GPU reads

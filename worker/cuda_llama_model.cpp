@@ -188,6 +188,34 @@ struct DeviceMatrix {
   int64_t bytes() const { return mem != nullptr ? static_cast<int64_t>(mem->bytes()) : 0; }
 };
 
+// Q4_0 blocks on the device as group-wise INT4 at `group`, converted there (kernels/cuda/int4_groups:
+// the nibbles move unchanged, a group's scale is its first block's, every zero 8). Exact when every
+// block of a group has one scale (always at group 32), which the device checks.
+DeviceMatrix q4_0_to_int4_groups(const DeviceMatrix& q4, int64_t group, cudaStream_t stream) {
+  DeviceMatrix d;
+  d.kind = DeviceKind::int4_groups;
+  d.n_out = q4.n_out;
+  d.k = q4.k;
+  d.group = group;
+  const auto groups = static_cast<size_t>(d.n_out * (d.k / d.group));
+  d.scales_offset = (static_cast<size_t>(d.n_out * d.k / 2) + 15) / 16 * 16;
+  d.zeros_offset = d.scales_offset + groups * sizeof(uint16_t);
+  d.mem = std::make_shared<DeviceMemory>(d.zeros_offset + groups);
+  DeviceMemory mismatch(sizeof(int32_t));
+  cuda_check(cudaMemsetAsync(mismatch.as<int32_t>(), 0, sizeof(int32_t), stream), "cudaMemsetAsync");
+  uint8_t* base = d.mem->as<uint8_t>();
+  check(kc::int4_groups_from_q4_0(q4.mem->as<uint8_t>(), d.n_out, d.k, d.group, base,
+                                  reinterpret_cast<uint16_t*>(base + d.scales_offset), base + d.zeros_offset,
+                                  mismatch.as<int32_t>(), stream),
+        "int4_groups_from_q4_0");
+  int32_t host = 0;
+  cuda_check(cudaMemcpyAsync(&host, mismatch.as<int32_t>(), sizeof host, cudaMemcpyDeviceToHost, stream),
+             "cudaMemcpyAsync");
+  cuda_check(cudaStreamSynchronize(stream), "int4_groups_from_q4_0");  // before q4 and mismatch are freed
+  if (host != 0) throw std::logic_error("Q4_0 to INT4 groups: a group holds more than one scale");
+  return d;
+}
+
 // The rows of `parts` (same k and device kind) stacked into one device matrix; q4_0_min_group and
 // lookup (for embedding_lookup_f16): see device_kind.
 DeviceMatrix upload_matrix(std::initializer_list<const model::WeightMatrix*> parts, int64_t q4_0_min_group,
@@ -211,6 +239,16 @@ DeviceMatrix upload_matrix(std::initializer_list<const model::WeightMatrix*> par
     d.group = 128;
     for (const model::WeightMatrix* w : parts)
       d.group = std::min(d.group, kernels::int4_group_size(w->type, w->data, w->n_out, w->k));
+    if (first.type == kernels::DType::Q4_0) {  // every part is (device_kind): convert on the device
+      DeviceMatrix q4;
+      q4.kind = DeviceKind::q4_0;
+      q4.n_out = d.n_out;
+      q4.k = d.k;
+      for (const model::WeightMatrix* w : parts)
+        host.insert(host.end(), w->data, w->data + w->n_out * w->row_bytes());
+      q4.mem = upload(host.data(), host.size());
+      return q4_0_to_int4_groups(q4, d.group, nullptr);
+    }
     const auto groups = static_cast<size_t>(d.n_out * (d.k / d.group));
     const auto quant_bytes = static_cast<size_t>(d.n_out * d.k / 2);
     d.scales_offset = (quant_bytes + 15) / 16 * 16;
@@ -334,28 +372,7 @@ DeviceMatrix dummy_matrix(int64_t k, ShardRange cols, const std::vector<DummyPar
 // checkpoint would be. Every block of a dummy matrix has the same scale (random_q4_0_scale), so the
 // conversion is exact, and the device checks that it was.
 DeviceMatrix to_int4_groups(const DeviceMatrix& q4, cudaStream_t stream) {
-  DeviceMatrix d;
-  d.kind = DeviceKind::int4_groups;
-  d.n_out = q4.n_out;
-  d.k = q4.k;
-  d.group = q4.k % 128 == 0 ? 128 : q4.k % 64 == 0 ? 64 : 32;
-  const auto groups = static_cast<size_t>(d.n_out * (d.k / d.group));
-  d.scales_offset = (static_cast<size_t>(d.n_out * d.k / 2) + 15) / 16 * 16;
-  d.zeros_offset = d.scales_offset + groups * sizeof(uint16_t);
-  d.mem = std::make_shared<DeviceMemory>(d.zeros_offset + groups);
-  DeviceMemory mismatch(sizeof(int32_t));
-  cuda_check(cudaMemsetAsync(mismatch.as<int32_t>(), 0, sizeof(int32_t), stream), "cudaMemsetAsync");
-  uint8_t* base = d.mem->as<uint8_t>();
-  check(kc::int4_groups_from_q4_0(q4.mem->as<uint8_t>(), d.n_out, d.k, d.group, base,
-                                  reinterpret_cast<uint16_t*>(base + d.scales_offset), base + d.zeros_offset,
-                                  mismatch.as<int32_t>(), stream),
-        "int4_groups_from_q4_0 (dummy weights)");
-  int32_t host = 0;
-  cuda_check(cudaMemcpyAsync(&host, mismatch.as<int32_t>(), sizeof host, cudaMemcpyDeviceToHost, stream),
-             "cudaMemcpyAsync");
-  cuda_check(cudaStreamSynchronize(stream), "int4_groups_from_q4_0");  // before q4 and mismatch are freed
-  if (host != 0) throw std::logic_error("dummy weights: a Q4_0 group holds more than one scale");
-  return d;
+  return q4_0_to_int4_groups(q4, q4.k % 128 == 0 ? 128 : q4.k % 64 == 0 ? 64 : 32, stream);
 }
 
 // Layer `layer`'s matrices `which` stacked, each part cut to rows[i] and every part to cols.

@@ -118,8 +118,32 @@ std::vector<EngineResult> LocalEngine::step() {
   const bool ids_only = argmax_only || std::all_of(sampled.begin(), sampled.end(), [&](const StepEntry* e) {
                           return e->n_draft == 0 && params_of(e).repetition_penalty == 1.0f;
                         });
+  // Sampled drafts verified where the logits are (on a GPU: only ids come back), when the model can
+  // and every sampled entry verifies drafts at temperature > 0 without a penalty; each draws its
+  // k + 1 uniforms up front, as the host's verify does.
+  const int64_t n_vocab = model_.config().n_vocab;
+  const bool verify_on_model =
+      !argmax_only && !ids_only && model_.verifies_drafts() &&
+      std::all_of(sampled.begin(), sampled.end(), [&](const StepEntry* e) {
+        return e->n_draft > 0 && params_of(e).temperature > 0.0f && params_of(e).repetition_penalty == 1.0f &&
+               states_.at(e->seq_id)->draft_probs.size() >= static_cast<size_t>(e->n_draft * n_vocab);
+      });
   if (argmax_only) {
     model_.forward_argmax(batch, *cache_, argmax_);
+  } else if (verify_on_model) {
+    verify_uniforms_.assign(sampled.size(), {});
+    std::vector<worker::ForwardModel::VerifySequence> seqs;
+    for (size_t i = 0; i < sampled.size(); ++i) {
+      const StepEntry& e = *sampled[i];
+      RequestState& state = *states_.at(e.seq_id);
+      for (int j = 0; j <= e.n_draft; ++j) verify_uniforms_[i].push_back(state.sampler.uniform());
+      const auto k = static_cast<size_t>(e.n_draft);
+      seqs.push_back({state.sampler.params(),
+                      std::span<const int32_t>(e.tokens.data() + e.tokens.size() - k, k),
+                      std::span<const float>(state.draft_probs.data(), k * static_cast<size_t>(n_vocab)),
+                      verify_uniforms_[i]});
+    }
+    model_.forward_verify(batch, *cache_, seqs, verify_accepted_, verify_tokens_);
   } else if (ids_only) {
     sample_params_.clear();
     sample_uniforms_.clear();
@@ -132,17 +156,17 @@ std::vector<EngineResult> LocalEngine::step() {
     model_.forward(batch, *cache_, logits_);
   }
 
-  const int64_t n_vocab = model_.config().n_vocab;
   std::vector<uint64_t> continuing;
   const float* rows = logits_.data();
   size_t row = 0;  // the entry's first logit row
-  for (const StepEntry* entry : sampled) {
+  for (size_t si = 0; si < sampled.size(); ++si) {
+    const StepEntry* entry = sampled[si];
     const uint64_t id = entry->seq_id;
     RequestState& state = *states_.at(id);
     const float* entry_rows = rows;
     const size_t entry_row = row;
     row += static_cast<size_t>(entry->n_draft + 1);
-    if (!ids_only) rows += (entry->n_draft + 1) * n_vocab;
+    if (!ids_only && !verify_on_model) rows += (entry->n_draft + 1) * n_vocab;
     if (entry->n_draft == 0) {
       const int32_t token =
           ids_only ? argmax_[entry_row] : state.sampler.sample(entry_rows, n_vocab, state.history);
@@ -156,7 +180,8 @@ std::vector<EngineResult> LocalEngine::step() {
     const std::span<const int32_t> drafts(entry->tokens.data() + entry->tokens.size() - entry->n_draft,
                                           static_cast<size_t>(entry->n_draft));
     const speculative::Verification v =
-        argmax_only
+        verify_on_model ? speculative::Verification{verify_tokens_[si], verify_accepted_[si]}
+        : argmax_only
             ? speculative::verify_argmax(std::span<const int32_t>(argmax_.data() + entry_row,
                                                                   static_cast<size_t>(entry->n_draft + 1)),
                                          drafts)

@@ -75,6 +75,11 @@ class LocalEngine {
   std::vector<float> logits_;
   std::vector<int32_t> argmax_;  // per logit row, when every row is greedy or plain sampled (ids only)
   std::vector<worker::SamplingParams> sample_params_;  // per logit row of a sampled ids-only step
+  // A step whose drafts the model verifies itself (ForwardModel::forward_verify): per sampled entry
+  // its uniforms and results.
+  std::vector<std::vector<double>> verify_uniforms_;
+  std::vector<int32_t> verify_accepted_;
+  std::vector<std::vector<int32_t>> verify_tokens_;
   std::vector<double> sample_uniforms_;
 };
 

@@ -9,6 +9,7 @@
 #include "cluster/local_engine.hpp"
 #include "model/random_model.hpp"
 #include "model/requantize.hpp"
+#include "speculative/rejection_sampler.hpp"
 #include "speculative/speculator.hpp"
 #include "tests/support/test_support.hpp"
 
@@ -132,6 +133,96 @@ TEST(SpeculativeEngine, SameSeedSameOutputAloneAndBatched) {
   std::vector<EngineRequest> reseeded = reqs;
   for (EngineRequest& r : reseeded) r.sampling.seed += 77;
   EXPECT_NE(run(*target, draft.get(), reseeded, 4, true).tokens, batched.tokens);
+}
+
+// A backend that verifies sampled drafts itself (as a GPU does, ForwardModel::forward_verify), here on
+// the host: the CPU model's logits, the request's dense distributions and speculative::verify with
+// the uniforms the engine drew. It counts the calls, so the test sees the engine take that path.
+class SelfVerifyingCpuModel final : public worker::ForwardModel {
+ public:
+  SelfVerifyingCpuModel(worker::LlamaModel& model, kernels::ThreadPool& pool) : cpu_(model, pool) {}
+  const model::LlamaConfig& config() const override { return cpu_.config(); }
+  const model::LlamaConfig& shard_config() const override { return cpu_.shard_config(); }
+  bool is_first_stage() const override { return true; }
+  bool is_last_stage() const override { return true; }
+  std::unique_ptr<worker::ForwardCache> make_cache(int64_t num_blocks, int64_t block_size) const override {
+    return cpu_.make_cache(num_blocks, block_size);
+  }
+  void forward_stage(const worker::ForwardBatch& batch, worker::ForwardCache& cache, const float* hidden_in,
+                     std::vector<float>& out) override {
+    cpu_.forward_stage(batch, cache, hidden_in, out);
+  }
+  bool verifies_drafts() const override { return true; }
+  void forward_verify(const worker::ForwardBatch& batch, worker::ForwardCache& cache,
+                      const std::vector<VerifySequence>& seqs, std::vector<int32_t>& accepted,
+                      std::vector<std::vector<int32_t>>& tokens) override {
+    ++verify_calls;
+    std::vector<float> logits;
+    cpu_.forward(batch, cache, logits);
+    const int64_t n_vocab = config().n_vocab;
+    accepted.clear();
+    tokens.clear();
+    size_t row = 0;
+    for (const VerifySequence& seq : seqs) {
+      const auto k = static_cast<int64_t>(seq.drafts.size());
+      const worker::Sampler sampler(seq.params);
+      const std::vector<float> p = speculative::dense_distributions(sampler, logits.data() + row * n_vocab,
+                                                                    k + 1, n_vocab, {}, seq.drafts);
+      const speculative::Verification v =
+          speculative::verify(seq.drafts, seq.draft_probs, p, n_vocab, seq.uniforms);
+      accepted.push_back(v.accepted);
+      tokens.push_back(v.tokens);
+      row += static_cast<size_t>(k + 1);
+    }
+    EXPECT_EQ(row, batch.logit_rows.size());
+  }
+  int verify_calls = 0;
+
+ private:
+  worker::CpuForwardModel cpu_;
+};
+
+// The engine's path for a model that verifies drafts itself gives the tokens of its host
+// verification (same uniforms, same order), batched, with a draft that is sometimes rejected.
+TEST(SpeculativeEngine, AModelThatVerifiesDraftsItselfGivesTheHostVerificationsTokens) {
+  test::TempDir tmp;
+  const auto shape = model::llama_shape_by_name("tiny");
+  const std::string target_path = (tmp.path() / "target.gguf").string();
+  const std::string draft_path = (tmp.path() / "draft.gguf").string();
+  model::write_random_llama(target_path, shape, kernels::DType::Q8_0, 5);
+  model::requantize_gguf(*model::GgufFile::open(target_path), draft_path, kernels::DType::Q4_0,
+                         /*pure=*/true);
+  auto target = worker::LlamaModel::load(target_path);
+  auto draft = worker::LlamaModel::load(draft_path);
+  const auto reqs = requests(6, 0.8f, target->config().n_vocab);
+  const EngineRun host = run(*target, draft.get(), reqs, 3);
+
+  kernels::ThreadPool pool(2);
+  auto tokenizer = model::Tokenizer::from_gguf(target->file());
+  SchedulerConfig config;
+  config.num_blocks = 256;
+  config.block_size = 16;
+  config.max_batch_tokens = 128;
+  config.prefill_chunk = 32;
+  config.context = 512;
+  speculative::SpeculatorSettings settings;
+  settings.max_draft_tokens = 3;
+  settings.num_blocks = 256;
+  settings.adaptive = false;
+  settings.max_batch = 1000;
+  speculative::Speculator speculator(*draft, pool, settings);
+  SelfVerifyingCpuModel model(*target, pool);
+  LocalEngine engine(model, *tokenizer, config, &speculator);
+  for (const EngineRequest& r : reqs) ASSERT_EQ(engine.submit(r), Admission::accepted);
+  std::map<uint64_t, std::vector<int32_t>> tokens;
+  for (int steps = 0; !engine.idle() && steps < 20000; ++steps)
+    for (EngineResult& result : engine.step()) tokens[result.id] = result.tokens;
+  ASSERT_TRUE(engine.idle());
+  EXPECT_GT(model.verify_calls, 0);
+  EXPECT_EQ(tokens, host.tokens);
+  const speculative::SpeculatorStats stats = speculator.stats();
+  EXPECT_GT(stats.accepted, 0);
+  EXPECT_LT(stats.accepted, stats.proposed);  // some drafts were rejected: the residual draws ran
 }
 
 // The trained fixture pair: fortune-target with fortune-draft and with its own Q4_0.

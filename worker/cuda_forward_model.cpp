@@ -48,4 +48,19 @@ void CudaForwardModel::forward_stage_sample(const ForwardBatch& batch, ForwardCa
   }
 }
 
+bool CudaForwardModel::verifies_drafts() const {
+  return model_.is_first_stage() && model_.is_last_stage() && model_.shard().size == 1;
+}
+
+void CudaForwardModel::forward_verify(const ForwardBatch& batch, ForwardCache& cache,
+                                      const std::vector<VerifySequence>& seqs, std::vector<int32_t>& accepted,
+                                      std::vector<std::vector<int32_t>>& tokens) {
+  auto* own = dynamic_cast<CudaCache*>(&cache);
+  if (own == nullptr) throw std::logic_error("CudaForwardModel: a cache made by another kind of model");
+  std::vector<CudaVerifySequence> device_seqs;
+  device_seqs.reserve(seqs.size());
+  for (const VerifySequence& v : seqs) device_seqs.push_back({v.params, v.drafts, v.draft_probs, v.uniforms});
+  model_.forward_verify(batch, own->cache, device_seqs, accepted, tokens);
+}
+
 }  // namespace nibble::worker

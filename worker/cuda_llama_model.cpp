@@ -30,6 +30,7 @@
 #include "kernels/cuda/residual_norm.cuh"
 #include "kernels/cuda/rope_kv_write.cuh"
 #include "kernels/cuda/sampling.cuh"
+#include "kernels/cuda/speculative_accept.cuh"
 #include "kernels/cuda/swiglu.cuh"
 #include "kernels/cuda/w4a16_gemm.cuh"
 #include "kernels/cuda/w4a16_gemv.cuh"
@@ -566,6 +567,9 @@ struct CudaLlamaModel::Impl {
   DeviceMemory sample_params;     // [n_out] SamplingRowParams (forward_sample)
   DeviceMemory sample_uniforms;   // [n_out] double
   DeviceMemory sample_workspace;  // sample_rows' keys and sort storage
+  // forward_verify: the target's distributions packed as the logits, then per sequence in k_max + 1
+  // slots; the draft's in k_max; int32 tokens, counts and results; double uniforms.
+  DeviceMemory verify_p_packed, verify_p, verify_q, verify_ints, verify_uniforms;
   DeviceMemory flag;              // [1] int32: bad metadata seen on the device
   PinnedMemory meta_pinned;       // meta_host's copy, uploaded from here
   PinnedMemory results_pinned;    // the flag's copy, then the ids ([1 + n_out] int32)
@@ -1481,6 +1485,129 @@ void CudaLlamaModel::forward(const ForwardBatch& batch, CudaKvCache& cache, std:
 void CudaLlamaModel::forward_greedy(const ForwardBatch& batch, CudaKvCache& cache,
                                     std::vector<int32_t>& ids) {
   impl_->forward_impl(batch, cache, nullptr, nullptr, &ids, Impl::RowSampling{});
+}
+
+void CudaLlamaModel::forward_verify(const ForwardBatch& batch, CudaKvCache& cache,
+                                    const std::vector<CudaVerifySequence>& seqs,
+                                    std::vector<int32_t>& accepted,
+                                    std::vector<std::vector<int32_t>>& tokens) {
+  Impl& m = *impl_;
+  if (!m.first_stage() || !m.last_stage() || m.shard.size != 1)
+    throw std::logic_error("forward_verify: only a whole, unsharded model verifies on the device");
+  const int64_t n_vocab = m.config.n_vocab;
+  const auto v = static_cast<size_t>(n_vocab);
+  size_t rows = 0;
+  int64_t k_max = 0;
+  for (size_t s = 0; s < seqs.size(); ++s) {
+    const CudaVerifySequence& seq = seqs[s];
+    const size_t k = seq.drafts.size();
+    const std::string where = "forward_verify: sequence " + std::to_string(s) + ": ";
+    validate(seq.params);
+    if (k < 1) throw std::invalid_argument(where + "no draft tokens to verify");
+    if (seq.params.temperature <= 0.0f || seq.params.repetition_penalty != 1.0f)
+      throw std::invalid_argument(where + "needs temperature > 0 and no repetition penalty");
+    if (seq.draft_probs.size() != k * v || seq.uniforms.size() != k + 1) {
+      throw std::invalid_argument(where + std::to_string(seq.draft_probs.size()) +
+                                  " draft probabilities and " + std::to_string(seq.uniforms.size()) +
+                                  " uniforms for " + std::to_string(k) +
+                                  " drafts (need [k, n_vocab] and k + 1)");
+    }
+    for (const double u : seq.uniforms)
+      if (!(u >= 0.0 && u < 1.0)) throw std::invalid_argument(where + "a uniform outside [0, 1)");
+    rows += k + 1;
+    k_max = std::max(k_max, static_cast<int64_t>(k));
+  }
+  if (rows != batch.logit_rows.size()) {
+    throw std::invalid_argument("forward_verify: " + std::to_string(batch.logit_rows.size()) +
+                                " logit rows for sequences that verify " + std::to_string(rows) +
+                                " positions");
+  }
+  // The pass, its logits left on the device.
+  m.forward_impl(batch, cache, nullptr, nullptr, nullptr, Impl::RowSampling{});
+  accepted.clear();
+  tokens.clear();
+  if (seqs.empty()) return;
+
+  const auto n_seqs = static_cast<int64_t>(seqs.size());
+  const auto slots = static_cast<size_t>(k_max + 1);
+  std::vector<kc::SamplingRowParams> row_params;
+  std::vector<int32_t> ints(static_cast<size_t>(n_seqs) * (2 * slots + 1) + 1, 0);  // see below
+  std::vector<double> uniforms(static_cast<size_t>(n_seqs) * slots, 0.0);
+  // ints: draft tokens [n_seqs, k_max], counts [n_seqs], then the kernel's out tokens
+  // [n_seqs, k_max + 1], accepted [n_seqs] and bad-input flag [1].
+  int32_t* draft_tokens = ints.data();
+  int32_t* counts = draft_tokens + n_seqs * k_max;
+  int32_t* out_tokens = counts + n_seqs;
+  int32_t* out_accepted = out_tokens + n_seqs * (k_max + 1);  // then the bad-input flag
+  for (size_t s = 0; s < seqs.size(); ++s) {
+    const CudaVerifySequence& seq = seqs[s];
+    const auto k = static_cast<int64_t>(seq.drafts.size());
+    for (int64_t i = 0; i <= k; ++i)
+      row_params.push_back({seq.params.temperature, seq.params.top_k, seq.params.top_p, seq.params.min_p});
+    std::copy(seq.drafts.begin(), seq.drafts.end(), draft_tokens + static_cast<int64_t>(s) * k_max);
+    counts[s] = static_cast<int32_t>(k);
+    std::copy(seq.uniforms.begin(), seq.uniforms.end(), uniforms.begin() + static_cast<int64_t>(s * slots));
+  }
+  size_t ws = 0;
+  check(kc::sample_rows_workspace_bytes(static_cast<int64_t>(rows), n_vocab, &ws),
+        "sample_rows_workspace_bytes");
+  m.sample_workspace.reserve(ws);
+  m.sample_params.reserve(rows * sizeof(kc::SamplingRowParams));
+  m.verify_p_packed.reserve(rows * v * sizeof(float));
+  m.verify_p.reserve(static_cast<size_t>(n_seqs) * slots * v * sizeof(float));
+  m.verify_q.reserve(std::max<size_t>(1, static_cast<size_t>(n_seqs * k_max) * v) * sizeof(float));
+  m.verify_ints.reserve(ints.size() * sizeof(int32_t));
+  m.verify_uniforms.reserve(uniforms.size() * sizeof(double));
+  const cudaStream_t stream = m.stream;
+  cuda_check(cudaMemcpyAsync(m.sample_params.as<void>(), row_params.data(),
+                             rows * sizeof(kc::SamplingRowParams), cudaMemcpyHostToDevice, stream),
+             "cudaMemcpyAsync (verification settings)");
+  check(kc::distribution_rows(m.logits.as<float>(), m.sample_params.as<kc::SamplingRowParams>(),
+                              static_cast<int64_t>(rows), n_vocab, m.verify_p_packed.as<float>(),
+                              m.sample_workspace.as<void>(), m.sample_workspace.bytes(), stream),
+        "distribution_rows");
+  // Each sequence's k + 1 target rows and k draft rows into its slots of the kernel's layout.
+  size_t row = 0;
+  for (size_t s = 0; s < seqs.size(); ++s) {
+    const size_t k = seqs[s].drafts.size();
+    cuda_check(
+        cudaMemcpyAsync(m.verify_p.as<float>() + s * slots * v, m.verify_p_packed.as<float>() + row * v,
+                        (k + 1) * v * sizeof(float), cudaMemcpyDeviceToDevice, stream),
+        "cudaMemcpyAsync (target distributions)");
+    cuda_check(
+        cudaMemcpyAsync(m.verify_q.as<float>() + s * static_cast<size_t>(k_max) * v,
+                        seqs[s].draft_probs.data(), k * v * sizeof(float), cudaMemcpyHostToDevice, stream),
+        "cudaMemcpyAsync (draft distributions)");
+    row += k + 1;
+  }
+  auto* ints_d = m.verify_ints.as<int32_t>();
+  const size_t in_ints = static_cast<size_t>(n_seqs * (k_max + 1));  // draft tokens and counts
+  cuda_check(
+      cudaMemcpyAsync(ints_d, ints.data(), ints.size() * sizeof(int32_t), cudaMemcpyHostToDevice, stream),
+      "cudaMemcpyAsync (draft tokens)");
+  cuda_check(cudaMemcpyAsync(m.verify_uniforms.as<double>(), uniforms.data(),
+                             uniforms.size() * sizeof(double), cudaMemcpyHostToDevice, stream),
+             "cudaMemcpyAsync (uniforms)");
+  check(
+      kc::speculative_accept(ints_d, ints_d + n_seqs * k_max, m.verify_q.as<float>(), m.verify_p.as<float>(),
+                             m.verify_uniforms.as<double>(), n_seqs, k_max, n_vocab, ints_d + in_ints,
+                             ints_d + in_ints + n_seqs * (k_max + 1), ints_d + ints.size() - 1, stream),
+      "speculative_accept");
+  cuda_check(cudaMemcpyAsync(out_tokens, ints_d + in_ints, (ints.size() - in_ints) * sizeof(int32_t),
+                             cudaMemcpyDeviceToHost, stream),
+             "cudaMemcpyAsync (verification results)");
+  cuda_check(cudaStreamSynchronize(stream), "forward_verify");
+  for (size_t s = 0; s < seqs.size(); ++s) {
+    const int32_t a = out_accepted[s];
+    if (a < 0 || a > static_cast<int32_t>(seqs[s].drafts.size())) {
+      throw std::runtime_error(
+          "forward_verify: sequence " + std::to_string(s) +
+          ": a draft token outside the vocabulary, or a target distribution without mass");
+    }
+    accepted.push_back(a);
+    const int32_t* t = out_tokens + static_cast<int64_t>(s) * (k_max + 1);
+    tokens.emplace_back(t, t + a + 1);
+  }
 }
 
 CudaStepProfile CudaLlamaModel::profile_greedy(const ForwardBatch& batch, CudaKvCache& cache,

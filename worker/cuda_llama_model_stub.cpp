@@ -51,6 +51,10 @@ void CudaLlamaModel::forward(const ForwardBatch&, CudaKvCache&, std::vector<floa
 void CudaLlamaModel::forward_greedy(const ForwardBatch&, CudaKvCache&, std::vector<int32_t>&) {
   unavailable();
 }
+void CudaLlamaModel::forward_verify(const ForwardBatch&, CudaKvCache&, const std::vector<CudaVerifySequence>&,
+                                    std::vector<int32_t>&, std::vector<std::vector<int32_t>>&) {
+  unavailable();
+}
 CudaStepProfile CudaLlamaModel::profile_greedy(const ForwardBatch&, CudaKvCache&, std::vector<int32_t>&) {
   unavailable();
 }

@@ -61,6 +61,11 @@ void ForwardModel::forward_stage_sample(const ForwardBatch& batch, ForwardCache&
   }
 }
 
+void ForwardModel::forward_verify(const ForwardBatch&, ForwardCache&, const std::vector<VerifySequence>&,
+                                  std::vector<int32_t>&, std::vector<std::vector<int32_t>>&) {
+  throw std::logic_error("forward_verify: this backend does not verify drafts itself (verifies_drafts())");
+}
+
 std::unique_ptr<ForwardCache> CpuForwardModel::make_cache(int64_t num_blocks, int64_t block_size) const {
   return std::make_unique<CpuCache>(model_.shard_config(), num_blocks, block_size);
 }

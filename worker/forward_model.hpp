@@ -6,6 +6,7 @@
 // then serves both backends, and speculative decoding runs on the GPU as it runs on the CPU.
 #include <cstdint>
 #include <memory>
+#include <span>
 #include <vector>
 
 #include "kernels/thread_pool.hpp"
@@ -69,6 +70,25 @@ class ForwardModel {
                       std::vector<int32_t>& ids) {
     forward_stage_sample(batch, cache, nullptr, params, uniforms, ids);
   }
+  // Whether forward_verify runs here: a whole model on a GPU. The default: no (verify forward()'s
+  // logits on the host).
+  virtual bool verifies_drafts() const { return false; }
+  // A whole model's pass that verifies sampled draft tokens where the logits are, with
+  // speculative/rejection_sampler.hpp's rule and the same uniforms, so that only ids come back (a GPU:
+  // kernels/cuda/distribution_rows and speculative_accept). seqs: one per sequence of the batch, in
+  // batch order, each with k >= 1 drafts and exactly k + 1 logit rows (its verification positions);
+  // params temperature > 0 and no repetition penalty; draft_probs [k, n_vocab] the draft's dense
+  // distributions; uniforms [k + 1] in [0, 1). Fills accepted[s] (0..k) and tokens[s] (the accepted
+  // drafts, then the drawn token). Only where verifies_drafts(); the default throws std::logic_error.
+  struct VerifySequence {
+    SamplingParams params;
+    std::span<const int32_t> drafts;
+    std::span<const float> draft_probs;
+    std::span<const double> uniforms;
+  };
+  virtual void forward_verify(const ForwardBatch& batch, ForwardCache& cache,
+                              const std::vector<VerifySequence>& seqs, std::vector<int32_t>& accepted,
+                              std::vector<std::vector<int32_t>>& tokens);
 
  private:
   std::vector<float> argmax_logits_;  // forward_argmax's and forward_sample's scratch (n_vocab floats a row)
@@ -112,6 +132,10 @@ class CudaForwardModel final : public ForwardModel {
   void forward_stage_sample(const ForwardBatch& batch, ForwardCache& cache, const float* hidden_in,
                             const std::vector<SamplingParams>& params, const std::vector<double>& uniforms,
                             std::vector<int32_t>& ids) override;
+  // On the device (CudaLlamaModel::forward_verify) for a whole, unsharded model.
+  bool verifies_drafts() const override;
+  void forward_verify(const ForwardBatch& batch, ForwardCache& cache, const std::vector<VerifySequence>& seqs,
+                      std::vector<int32_t>& accepted, std::vector<std::vector<int32_t>>& tokens) override;
 
  private:
   CudaLlamaModel& model_;

@@ -12,7 +12,9 @@
 #include <vector>
 
 #include "cluster/local_engine.hpp"
+#include "model/gguf.hpp"
 #include "model/random_model.hpp"
+#include "model/requantize.hpp"
 #include "speculative/speculator.hpp"
 #include "tests/cuda/cuda_test_util.hpp"
 #include "tests/support/test_support.hpp"
@@ -141,6 +143,65 @@ TEST(CudaSpeculativeEngine, SampledDecodingOnTheDeviceEqualsSamplingTheLogitsOnT
   EXPECT_EQ(device.tokens, host.tokens);
   // Sampling, not the argmax: greedy decoding gives other tokens for some request.
   EXPECT_NE(device.tokens, run(on_device, *tokenizer, nullptr, 0).tokens);
+}
+
+// Sampled speculation verified on the device (CudaLlamaModel::forward_verify: the target's
+// distributions and the acceptance rule there, only ids back) gives the tokens of verifying the same
+// logits on the host with the same uniforms; the draft (the target's Q4_0) is accepted often but not
+// always, so acceptances, residual draws and bonus draws all run. Then the call's argument checks.
+TEST(CudaSpeculativeEngine, SampledSpeculationVerifiedOnTheDeviceEqualsVerifyingOnTheHost) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  test::TempDir tmp;
+  const std::string target_path = (tmp.path() / "target.gguf").string();
+  const std::string draft_path = (tmp.path() / "draft.gguf").string();
+  model::write_random_llama(target_path, model::llama_shape_by_name("tiny"), kernels::DType::Q8_0, 5);
+  model::requantize_gguf(*model::GgufFile::open(target_path), draft_path, kernels::DType::Q4_0,
+                         /*pure=*/true);
+  const auto ckpt = model::LlamaCheckpoint::open(target_path);
+  const auto tokenizer = model::Tokenizer::from_gguf(*ckpt->gguf());
+  worker::CudaLlamaModel gpu(ckpt);
+  worker::CudaLlamaModel draft_gpu(model::LlamaCheckpoint::open(draft_path));
+  worker::CudaForwardModel on_device(gpu, 0), draft(draft_gpu, 0);
+  HostSampled on_host(on_device);
+  ASSERT_TRUE(on_device.verifies_drafts());
+  ASSERT_FALSE(on_host.verifies_drafts());
+  worker::SamplingParams sampling;
+  sampling.temperature = 0.9f;
+  sampling.top_p = 0.95f;
+  const EngineRun device = run(on_device, *tokenizer, &draft, 3, &sampling);
+  const EngineRun host = run(on_host, *tokenizer, &draft, 3, &sampling);
+  ASSERT_EQ(device.tokens.size(), 5u);
+  EXPECT_EQ(device.tokens, host.tokens);
+  EXPECT_EQ(device.stats.accepted, host.stats.accepted);
+  EXPECT_GT(device.stats.accepted, 0u);
+  EXPECT_LT(device.stats.accepted, device.stats.proposed);
+
+  // Argument checks: rows that do not match the sequences' positions, a greedy row, too few uniforms.
+  worker::CudaKvCache cache(gpu.config(), 8, 16);
+  const auto batch = worker::ForwardBatch::single({5, 6, 7}, 0, {0, 1}, /*all_logits=*/true);  // 3 rows
+  const int64_t n_vocab = gpu.config().n_vocab;
+  const std::vector<int32_t> drafts = {6, 7};
+  const std::vector<float> q(static_cast<size_t>(2 * n_vocab), 1.0f / static_cast<float>(n_vocab));
+  const std::vector<double> us = {0.5, 0.25, 0.75};
+  std::vector<int32_t> accepted;
+  std::vector<std::vector<int32_t>> tokens;
+  worker::CudaVerifySequence seq{sampling, drafts, q, us};
+  std::vector<worker::CudaVerifySequence> seqs = {seq};
+  gpu.forward_verify(batch, cache, seqs, accepted, tokens);  // well-formed: 2 drafts, 3 rows
+  ASSERT_EQ(accepted.size(), 1u);
+  ASSERT_EQ(tokens.size(), 1u);
+  EXPECT_EQ(tokens[0].size(), static_cast<size_t>(accepted[0] + 1));
+  seqs[0].drafts = std::span<const int32_t>(drafts.data(), 1);
+  seqs[0].draft_probs = std::span<const float>(q.data(), static_cast<size_t>(n_vocab));
+  seqs[0].uniforms = std::span<const double>(us.data(), 2);
+  EXPECT_THROW(gpu.forward_verify(batch, cache, seqs, accepted, tokens),
+               std::invalid_argument);  // 2 of 3 rows
+  seqs[0] = seq;
+  seqs[0].params.temperature = 0.0f;
+  EXPECT_THROW(gpu.forward_verify(batch, cache, seqs, accepted, tokens), std::invalid_argument);
+  seqs[0] = seq;
+  seqs[0].uniforms = std::span<const double>(us.data(), 2);
+  EXPECT_THROW(gpu.forward_verify(batch, cache, seqs, accepted, tokens), std::invalid_argument);
 }
 
 }  // namespace

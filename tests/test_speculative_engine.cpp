@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <map>
+#include <memory>
 
 #include "cluster/local_engine.hpp"
 #include "model/random_model.hpp"
@@ -37,9 +38,11 @@ std::vector<EngineRequest> requests(int n, float temperature, int64_t n_vocab, i
   return out;
 }
 
-// Runs the requests through an engine; with a draft when `draft` is set.
+// Runs the requests through an engine; with a draft when `draft` is set; on `backend` (the target
+// behind another ForwardModel) when that is set.
 EngineRun run(worker::LlamaModel& target, worker::LlamaModel* draft, const std::vector<EngineRequest>& reqs,
-              int k, bool adaptive = false, int64_t num_blocks = 256) {
+              int k, bool adaptive = false, int64_t num_blocks = 256,
+              worker::ForwardModel* backend = nullptr) {
   kernels::ThreadPool pool(2);
   auto tokenizer = model::Tokenizer::from_gguf(target.file());
   SchedulerConfig config;
@@ -57,13 +60,15 @@ EngineRun run(worker::LlamaModel& target, worker::LlamaModel* draft, const std::
     settings.max_batch = 1000;
     speculator = std::make_unique<speculative::Speculator>(*draft, pool, settings);
   }
-  LocalEngine engine(target, *tokenizer, pool, config, speculator.get());
-  for (const EngineRequest& r : reqs) EXPECT_EQ(engine.submit(r), Admission::accepted);
+  const auto engine = backend != nullptr
+                          ? std::make_unique<LocalEngine>(*backend, *tokenizer, config, speculator.get())
+                          : std::make_unique<LocalEngine>(target, *tokenizer, pool, config, speculator.get());
+  for (const EngineRequest& r : reqs) EXPECT_EQ(engine->submit(r), Admission::accepted);
   EngineRun out;
-  for (int steps = 0; !engine.idle() && steps < 20000; ++steps) {
-    for (EngineResult& result : engine.step()) out.tokens[result.id] = result.tokens;
+  for (int steps = 0; !engine->idle() && steps < 20000; ++steps) {
+    for (EngineResult& result : engine->step()) out.tokens[result.id] = result.tokens;
   }
-  EXPECT_TRUE(engine.idle());
+  EXPECT_TRUE(engine->idle());
   if (speculator) out.stats = speculator->stats();
   return out;
 }
@@ -196,33 +201,13 @@ TEST(SpeculativeEngine, AModelThatVerifiesDraftsItselfGivesTheHostVerificationsT
   auto draft = worker::LlamaModel::load(draft_path);
   const auto reqs = requests(6, 0.8f, target->config().n_vocab);
   const EngineRun host = run(*target, draft.get(), reqs, 3);
-
   kernels::ThreadPool pool(2);
-  auto tokenizer = model::Tokenizer::from_gguf(target->file());
-  SchedulerConfig config;
-  config.num_blocks = 256;
-  config.block_size = 16;
-  config.max_batch_tokens = 128;
-  config.prefill_chunk = 32;
-  config.context = 512;
-  speculative::SpeculatorSettings settings;
-  settings.max_draft_tokens = 3;
-  settings.num_blocks = 256;
-  settings.adaptive = false;
-  settings.max_batch = 1000;
-  speculative::Speculator speculator(*draft, pool, settings);
   SelfVerifyingCpuModel model(*target, pool);
-  LocalEngine engine(model, *tokenizer, config, &speculator);
-  for (const EngineRequest& r : reqs) ASSERT_EQ(engine.submit(r), Admission::accepted);
-  std::map<uint64_t, std::vector<int32_t>> tokens;
-  for (int steps = 0; !engine.idle() && steps < 20000; ++steps)
-    for (EngineResult& result : engine.step()) tokens[result.id] = result.tokens;
-  ASSERT_TRUE(engine.idle());
+  const EngineRun self = run(*target, draft.get(), reqs, 3, false, 256, &model);
   EXPECT_GT(model.verify_calls, 0);
-  EXPECT_EQ(tokens, host.tokens);
-  const speculative::SpeculatorStats stats = speculator.stats();
-  EXPECT_GT(stats.accepted, 0);
-  EXPECT_LT(stats.accepted, stats.proposed);  // some drafts were rejected: the residual draws ran
+  EXPECT_EQ(self.tokens, host.tokens);
+  EXPECT_GT(self.stats.accepted, 0u);
+  EXPECT_LT(self.stats.accepted, self.stats.proposed);  // some drafts were rejected: the residual draws ran
 }
 
 // The trained fixture pair: fortune-target with fortune-draft and with its own Q4_0.

@@ -8,10 +8,12 @@
 // warp's row, so shuffles always run with all 32 lanes.
 //
 // Pass 2, combine_kernel: grid (query head, sequence), one warp per query: m = max m_s,
-// out = Σ e^(m_s - m) o_s / Σ e^(m_s - m) l_s over the sequence's splits.
+// out = Σ e^(m_s - m) o_s / Σ e^(m_s - m) l_s over the sequence's splits. With one split (every
+// context up to the split size) pass 1 writes out = o / l itself and pass 2 is not launched: the
+// same bits, since pass 2 would compute e^0 = 1, l_sum = fma(1, l, 0) = l and acc = fma(1, o, 0) = o.
 //
 // Performance ideas (not needed for correctness): keep q in registers, tensor-core mma for q·K and
-// P·V when rows >= 16, cp.async double-buffering of the K/V tiles, skip pass 2 with one split.
+// P·V when rows >= 16, cp.async double-buffering of the K/V tiles.
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -47,6 +49,7 @@ struct Params {
   int64_t tokens, max_q_len, n_head, n_head_kv, block_size, num_blocks, max_blocks_per_seq, max_seq_len;
   int64_t split_tokens;
   float scale;
+  bool single_split;  // one split: pass 1 writes `out` (see the top)
 };
 
 struct SeqInfo {
@@ -104,7 +107,8 @@ __global__ void __launch_bounds__(kThreads) split_kernel(Params p) {
   const SeqInfo seq = load_seq(p, s);
   if (!seq.ok) return;  // uniform over the block
   const int64_t kv_begin = split * p.split_tokens;
-  if (kv_begin >= seq.kv_len) return;  // beyond this sequence: pass 2 does not read this split
+  // Beyond this sequence: pass 2 does not read this split. (One split still writes its zero rows.)
+  if (kv_begin >= seq.kv_len && !p.single_split) return;
   const int64_t kv_end = kv_begin + p.split_tokens < seq.kv_len ? kv_begin + p.split_tokens : seq.kv_len;
   const int group = static_cast<int>(p.n_head / p.n_head_kv);
   const int n_rows = seq.n_q * group;  // <= kRows: the launcher sized RPW from max_q_len * group
@@ -204,6 +208,23 @@ __global__ void __launch_bounds__(kThreads) split_kernel(Params p) {
     }
   }
 
+  if (p.single_split) {
+    detail::allow_dependent_launch();  // the output projection may start (it waits for us)
+    // The final rows, as combine_kernel would write them from this one split.
+#pragma unroll
+    for (int rr = 0; rr < RPW; ++rr) {
+      const int r = warp + rr * kWarps;
+      if (r >= n_rows) continue;
+      const int64_t token = seq.q0 + r / group;
+      const int64_t head = kvh * group + r % group;
+      const float inv = l[rr] > 0.0f ? 1.0f / l[rr] : 0.0f;
+      __half* o = p.out + (token * p.n_head + head) * D + lane * kPerLane;
+#pragma unroll
+      for (int i = 0; i < kPerLane; i += 2)
+        *reinterpret_cast<__half2*>(o + i) = __floats2half2_rn(acc[rr][i] * inv, acc[rr][i + 1] * inv);
+    }
+    return;
+  }
   // Partials of every row of this split, including rows that saw no position (m = -inf, l = 0).
 #pragma unroll
   for (int rr = 0; rr < RPW; ++rr) {
@@ -369,6 +390,7 @@ Status attention_decode(const DecodeAttentionShape& shape, const __half* q, cons
   prm.max_seq_len = shape.max_seq_len;
   prm.split_tokens = plan.split_tokens;
   prm.scale = scale;
+  prm.single_split = plan.n_splits == 1;
 
   const int64_t rows_per_kv_head = shape.max_q_len * (shape.n_head / shape.n_head_kv);
   const int rpw = static_cast<int>((rows_per_kv_head + kWarps - 1) / kWarps);
@@ -378,6 +400,7 @@ Status attention_decode(const DecodeAttentionShape& shape, const __half* q, cons
     launch_split_rows<128>(rpw, prm, plan, shape.n_head_kv, shape.n_seqs, stream);
   }
   if (cudaGetLastError() != cudaSuccess) return Status::device_error;
+  if (prm.single_split) return Status::ok;
   const dim3 grid2(static_cast<unsigned>(shape.n_head), static_cast<unsigned>(shape.n_seqs));
   if (shape.head_dim == 64) {
     combine_kernel<64><<<grid2, kThreads, 0, stream>>>(prm);

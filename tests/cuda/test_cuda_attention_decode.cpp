@@ -185,6 +185,37 @@ TEST(CudaAttentionDecode, MatchesDoubleReference) {
   }
 }
 
+// With one split (every sequence within the split size) pass 1 writes the output itself; it must
+// equal, bit for bit, what the two passes give the same short sequences when a long one in the batch
+// makes several splits (each short one then goes through pass 2 with a single split of its own).
+TEST(CudaAttentionDecode, OneSplitWritesTheTwoPassResultBitForBit) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  std::mt19937 rng(77);
+  for (const int64_t head_dim : {64, 128}) {
+    SCOPED_TRACE("head_dim=" + std::to_string(head_dim));
+    const Problem with_long = make_problem({17, 200, 64, 1000}, {1, 3, 2, 1}, 8, 2, head_dim, 16, 256, rng);
+    Problem short_only = with_long;  // the first three sequences alone: the same tables, caches and queries
+    auto& s = short_only.shape;
+    s.n_seqs = 3;
+    s.max_seq_len = 200;
+    short_only.seq_lens.resize(3);
+    short_only.query_start.resize(4);
+    s.tokens = short_only.query_start.back();
+    short_only.q.resize(static_cast<size_t>(s.tokens * s.n_head * head_dim));
+    short_only.tables.resize(static_cast<size_t>(3 * s.max_blocks_per_seq));
+    const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
+    int32_t flag_long = -1, flag_short = -1;
+    const auto two_pass = run(with_long, scale, &flag_long);
+    const auto one_pass = run(short_only, scale, &flag_short);
+    EXPECT_EQ(flag_long, 0);
+    EXPECT_EQ(flag_short, 0);
+    ASSERT_EQ(one_pass.size(), short_only.q.size());
+    ASSERT_GE(two_pass.size(), one_pass.size());
+    EXPECT_TRUE(std::equal(one_pass.begin(), one_pass.end(), two_pass.begin()));
+    EXPECT_EQ(compare_with_reference(short_only, scale, one_pass), 0);
+  }
+}
+
 TEST(CudaAttentionDecode, BadMetadataRaisesTheFlagWithoutFaulting) {
   NIBBLE_REQUIRE_CUDA_DEVICE();
   std::mt19937 rng(5);

@@ -57,10 +57,7 @@ void CudaForwardModel::forward_verify(const ForwardBatch& batch, ForwardCache& c
                                       std::vector<std::vector<int32_t>>& tokens) {
   auto* own = dynamic_cast<CudaCache*>(&cache);
   if (own == nullptr) throw std::logic_error("CudaForwardModel: a cache made by another kind of model");
-  std::vector<CudaVerifySequence> device_seqs;
-  device_seqs.reserve(seqs.size());
-  for (const VerifySequence& v : seqs) device_seqs.push_back({v.params, v.drafts, v.draft_probs, v.uniforms});
-  model_.forward_verify(batch, own->cache, device_seqs, accepted, tokens);
+  model_.forward_verify(batch, own->cache, seqs, accepted, tokens);
 }
 
 }  // namespace nibble::worker

@@ -1488,8 +1488,7 @@ void CudaLlamaModel::forward_greedy(const ForwardBatch& batch, CudaKvCache& cach
 }
 
 void CudaLlamaModel::forward_verify(const ForwardBatch& batch, CudaKvCache& cache,
-                                    const std::vector<CudaVerifySequence>& seqs,
-                                    std::vector<int32_t>& accepted,
+                                    const std::vector<VerifySequence>& seqs, std::vector<int32_t>& accepted,
                                     std::vector<std::vector<int32_t>>& tokens) {
   Impl& m = *impl_;
   if (!m.first_stage() || !m.last_stage() || m.shard.size != 1)
@@ -1499,7 +1498,7 @@ void CudaLlamaModel::forward_verify(const ForwardBatch& batch, CudaKvCache& cach
   size_t rows = 0;
   int64_t k_max = 0;
   for (size_t s = 0; s < seqs.size(); ++s) {
-    const CudaVerifySequence& seq = seqs[s];
+    const VerifySequence& seq = seqs[s];
     const size_t k = seq.drafts.size();
     const std::string where = "forward_verify: sequence " + std::to_string(s) + ": ";
     validate(seq.params);
@@ -1540,7 +1539,7 @@ void CudaLlamaModel::forward_verify(const ForwardBatch& batch, CudaKvCache& cach
   int32_t* out_tokens = counts + n_seqs;
   int32_t* out_accepted = out_tokens + n_seqs * (k_max + 1);  // then the bad-input flag
   for (size_t s = 0; s < seqs.size(); ++s) {
-    const CudaVerifySequence& seq = seqs[s];
+    const VerifySequence& seq = seqs[s];
     const auto k = static_cast<int64_t>(seq.drafts.size());
     for (int64_t i = 0; i <= k; ++i)
       row_params.push_back({seq.params.temperature, seq.params.top_k, seq.params.top_p, seq.params.min_p});

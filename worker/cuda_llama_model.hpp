@@ -152,14 +152,6 @@ struct CudaStepProfile {
   int64_t spans = 0;      // timed spans (about one per kernel)
 };
 
-// One sequence's draft tokens to verify (CudaLlamaModel::forward_verify, ForwardModel::forward_verify).
-struct CudaVerifySequence {
-  SamplingParams params;               // temperature > 0, no repetition penalty
-  std::span<const int32_t> drafts;     // [k], k >= 1
-  std::span<const float> draft_probs;  // [k, n_vocab]: the draft's dense distributions
-  std::span<const double> uniforms;    // [k + 1] in [0, 1)
-};
-
 struct CudaModelOptions {
   int device = 0;
   Int4Kernels int4_kernels = Int4Kernels::measured;
@@ -251,9 +243,8 @@ class CudaLlamaModel {
   // accepted; tokens[s]: those drafts, then the drawn token. A whole unsharded model only. Throws
   // std::invalid_argument for a shape or settings mismatch, std::runtime_error for what the device
   // reports (a draft token outside the vocabulary, a target row with no mass).
-  void forward_verify(const ForwardBatch& batch, CudaKvCache& cache,
-                      const std::vector<CudaVerifySequence>& seqs, std::vector<int32_t>& accepted,
-                      std::vector<std::vector<int32_t>>& tokens);
+  void forward_verify(const ForwardBatch& batch, CudaKvCache& cache, const std::vector<VerifySequence>& seqs,
+                      std::vector<int32_t>& accepted, std::vector<std::vector<int32_t>>& tokens);
   void forward_stage_greedy(const ForwardBatch& batch, CudaKvCache& cache, const float* hidden_in,
                             std::vector<int32_t>& ids);
   // The same pass with every logit row sampled on the device (kernels/cuda/sampling.cuh's

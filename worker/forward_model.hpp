@@ -80,12 +80,7 @@ class ForwardModel {
   // params temperature > 0 and no repetition penalty; draft_probs [k, n_vocab] the draft's dense
   // distributions; uniforms [k + 1] in [0, 1). Fills accepted[s] (0..k) and tokens[s] (the accepted
   // drafts, then the drawn token). Only where verifies_drafts(); the default throws std::logic_error.
-  struct VerifySequence {
-    SamplingParams params;
-    std::span<const int32_t> drafts;
-    std::span<const float> draft_probs;
-    std::span<const double> uniforms;
-  };
+  using VerifySequence = worker::VerifySequence;
   virtual void forward_verify(const ForwardBatch& batch, ForwardCache& cache,
                               const std::vector<VerifySequence>& seqs, std::vector<int32_t>& accepted,
                               std::vector<std::vector<int32_t>>& tokens);

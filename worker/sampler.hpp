@@ -24,6 +24,15 @@ struct SamplingParams {
 // (0, 1], ...).
 void validate(const SamplingParams& params);
 
+// One sequence's sampled draft tokens to verify where the logits are (ForwardModel::forward_verify,
+// CudaLlamaModel::forward_verify).
+struct VerifySequence {
+  SamplingParams params;               // temperature > 0, no repetition penalty
+  std::span<const int32_t> drafts;     // [k], k >= 1
+  std::span<const float> draft_probs;  // [k, n_vocab]: the draft's dense distributions
+  std::span<const double> uniforms;    // [k + 1] in [0, 1)
+};
+
 struct TokenProbability {
   int32_t id;
   float p;

@@ -84,6 +84,16 @@ __device__ SeqInfo load_seq(const Params& p, int64_t s) {
   return info;
 }
 
+// A lane's N outputs of one (token, head) row: acc / l in fp16, zeros when l is 0 (nothing visible).
+// Both passes write through this, so one split's rows from pass 1 equal pass 2's bit for bit.
+template <int N>
+__device__ __forceinline__ void store_output_row(__half* out, const float (&acc)[N], float l) {
+  const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+#pragma unroll
+  for (int i = 0; i < N; i += 2)
+    *reinterpret_cast<__half2*>(out + i) = __floats2half2_rn(acc[i] * inv, acc[i + 1] * inv);
+}
+
 template <int D, int RPW>
 __global__ void __launch_bounds__(kThreads) split_kernel(Params p) {
   constexpr int kRows = kWarps * RPW;
@@ -208,30 +218,19 @@ __global__ void __launch_bounds__(kThreads) split_kernel(Params p) {
     }
   }
 
-  if (p.single_split) {
-    detail::allow_dependent_launch();  // the output projection may start (it waits for us)
-    // The final rows, as combine_kernel would write them from this one split.
-#pragma unroll
-    for (int rr = 0; rr < RPW; ++rr) {
-      const int r = warp + rr * kWarps;
-      if (r >= n_rows) continue;
-      const int64_t token = seq.q0 + r / group;
-      const int64_t head = kvh * group + r % group;
-      const float inv = l[rr] > 0.0f ? 1.0f / l[rr] : 0.0f;
-      __half* o = p.out + (token * p.n_head + head) * D + lane * kPerLane;
-#pragma unroll
-      for (int i = 0; i < kPerLane; i += 2)
-        *reinterpret_cast<__half2*>(o + i) = __floats2half2_rn(acc[rr][i] * inv, acc[rr][i + 1] * inv);
-    }
-    return;
-  }
-  // Partials of every row of this split, including rows that saw no position (m = -inf, l = 0).
+  // One split: the final rows, as combine_kernel would write them from it. Otherwise the partials of
+  // every row of this split, including rows that saw no position (m = -inf, l = 0).
+  if (p.single_split) detail::allow_dependent_launch();  // the output projection may start (it waits)
 #pragma unroll
   for (int rr = 0; rr < RPW; ++rr) {
     const int r = warp + rr * kWarps;
     if (r >= n_rows) continue;
     const int64_t token = seq.q0 + r / group;
     const int64_t head = kvh * group + r % group;
+    if (p.single_split) {
+      store_output_row(p.out + (token * p.n_head + head) * D + lane * kPerLane, acc[rr], l[rr]);
+      continue;
+    }
     const int64_t idx = (split * p.tokens + token) * p.n_head + head;
     float* o = p.o_part + idx * D + lane * kPerLane;
 #pragma unroll
@@ -272,12 +271,7 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(Params p) {
       }
     }
     // l_sum >= 1 whenever m_max is finite (the maximal split contributes e^0 · l >= 1).
-    const float inv = l_sum > 0.0f ? 1.0f / l_sum : 0.0f;
-    __half* o = p.out + (token * p.n_head + head) * D + lane * kPerLane;
-#pragma unroll
-    for (int i = 0; i < kPerLane; i += 2) {
-      *reinterpret_cast<__half2*>(o + i) = __floats2half2_rn(acc[i] * inv, acc[i + 1] * inv);
-    }
+    store_output_row(p.out + (token * p.n_head + head) * D + lane * kPerLane, acc, l_sum);
   }
 }
 

@@ -185,8 +185,8 @@ TEST(CudaSpeculativeEngine, SampledSpeculationVerifiedOnTheDeviceEqualsVerifying
   const std::vector<double> us = {0.5, 0.25, 0.75};
   std::vector<int32_t> accepted;
   std::vector<std::vector<int32_t>> tokens;
-  worker::CudaVerifySequence seq{sampling, drafts, q, us};
-  std::vector<worker::CudaVerifySequence> seqs = {seq};
+  worker::VerifySequence seq{sampling, drafts, q, us};
+  std::vector<worker::VerifySequence> seqs = {seq};
   gpu.forward_verify(batch, cache, seqs, accepted, tokens);  // well-formed: 2 drafts, 3 rows
   ASSERT_EQ(accepted.size(), 1u);
   ASSERT_EQ(tokens.size(), 1u);

@@ -48,6 +48,7 @@ TEST(ClusterConfig, MinimalConfigTakesDefaults) {
   EXPECT_EQ(config.parallel.pipeline, 1);
   EXPECT_EQ(config.parallel.micro_batches, 1);
   EXPECT_EQ(config.device, Device::cpu);
+  EXPECT_EQ(config.int4_kernels, Int4KernelChoice::measured);
   EXPECT_EQ(config.threads, 0);
   EXPECT_EQ(config.server.listen, "tcp://127.0.0.1:5555");
   EXPECT_EQ(config.server.max_queue, 256);
@@ -75,6 +76,7 @@ draft:
   placement: own_rank
 parallel: {tensor: 2, pipeline: 3, micro_batches: 4}
 device: cuda
+int4_kernels: tensor_cores
 threads: 7
 server:
   listen: "ipc:///tmp/nibble.sock"
@@ -101,6 +103,7 @@ context: 8192
   EXPECT_EQ(config.parallel.pipeline, 3);
   EXPECT_EQ(config.parallel.micro_batches, 4);
   EXPECT_EQ(config.device, Device::cuda);
+  EXPECT_EQ(config.int4_kernels, Int4KernelChoice::tensor_cores);
   EXPECT_EQ(config.threads, 7);
   EXPECT_EQ(config.worker_threads(64, 4), 7);
   EXPECT_EQ(config.server.listen, "ipc:///tmp/nibble.sock");
@@ -189,6 +192,8 @@ TEST(ClusterConfig, OutOfRangeValues) {
   expect_error("model: {path: m}\ndraft:\n  path: d\n  placement: first_stage\n", "draft.placement", 4,
                {"last_stage, own_rank"});
   expect_error("model: {path: m}\ndevice: gpu\n", "device", 2, {"expected one of cpu, cuda, got 'gpu'"});
+  expect_error("model: {path: m}\nint4_kernels: fastest\n", "int4_kernels", 2,
+               {"expected one of measured, cuda_cores, tensor_cores, got 'fastest'"});
   expect_error("model: {path: ''}\n", "model.path", 1, {"must not be empty"});
   expect_error("model: {path: m}\nparallel: {tensor: 4096, pipeline: 2}\n", "parallel", 2, {"8192 workers"});
 }
@@ -229,7 +234,8 @@ TEST(ClusterConfig, SyntaxErrorsAndEmptyFiles) {
 TEST(ClusterConfig, RenderRoundTrips) {
   const ClusterConfig full = parse_cluster_config(
       "model: {path: \"/m/t a.gguf\"}\ndraft: {path: d.gguf, placement: own_rank}\nparallel: {tensor: 2, "
-      "pipeline: 2}\ndevice: cuda\nthreads: 3\nserver: {listen: \"tcp://0.0.0.0:7000\"}\nkv_cache: "
+      "pipeline: 2}\ndevice: cuda\nint4_kernels: cuda_cores\nthreads: 3\nserver: {listen: "
+      "\"tcp://0.0.0.0:7000\"}\nkv_cache: "
       "{memory_fraction: 0.9}\n",
       "full.yaml");
   const std::string rendered = render_cluster_config(full);

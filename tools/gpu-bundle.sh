@@ -168,7 +168,7 @@ if [ "$phase" = all ] || [ "$phase" = bench ] || [ "$phase" = e2e ]; then
 # load), with the 1B draft's step times and the PDL column; the last run is the baseline on the
 # CUDA-core GEMV and WMMA GEMM alone.
 e2e=(--gen-tokens 16 --repetitions 3 --prompt-tokens 256 --prefill-batch 4)
-timeout 160 "$here/bin/nibble" bench-gpu --model dummy:llama-70b --draft dummy:llama-1b --batch 1,8,32,64 "${e2e[@]}" 2>&1 |
+timeout 300 "$here/bin/nibble" bench-gpu --model dummy:llama-70b --draft dummy:llama-1b --batch 1,8,32,64 "${e2e[@]}" 2>&1 |
   tee "$out/bench-gpu-e2e.txt" || status=1
 # Speculative decoding end to end on the GPU with the fixtures' trained pair (when bundled: add
 # fortune-target-f16 to NIBBLE_BUNDLE_FIXTURES); its Q4_0 draft is made here by the quantizer.

@@ -5,7 +5,6 @@
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -15,13 +14,13 @@
 #include <optional>
 #include <set>
 #include <stdexcept>
-#include <thread>
 #include <tuple>
 #include <utility>
 #include <vector>
 
 #include "kernels/cuda/attention_decode.cuh"
 #include "kernels/cuda/convert.cuh"
+#include "kernels/cuda/device_delay.cuh"
 #include "kernels/cuda/embedding.cuh"
 #include "kernels/cuda/int4_groups.cuh"
 #include "kernels/cuda/paged_attention.cuh"
@@ -404,6 +403,9 @@ constexpr size_t kCublasWorkspaceBytes = size_t{32} << 20;
 // The chunks of an INT4 matrix that dequant + cuBLAS dequantizes at a time (w4a16_dequant_cublas.cuh):
 // 4096 rows of llama-70b's k = 8192, 1152 of k = 28672. Only models with group-wise INT4 matrices take it.
 constexpr int64_t kDequantScratchBytes = int64_t{64} << 20;
+// profile_greedy's head start for the host: a 70B pass queues ~2,000 kernels and events in well under
+// this, and a step profile is a one-off.
+constexpr int64_t kProfileHeadStartNs = 50'000'000;
 
 struct Layer {
   std::shared_ptr<DeviceMemory> attn_norm, ffn_norm;  // [n_embd] float
@@ -586,7 +588,6 @@ struct CudaLlamaModel::Impl {
   std::vector<CudaInt4KernelChoice> int4_choices;  // per int4_groups shape (choose_int4_kernels)
   StepTimer* timer = nullptr;                      // set while profile_greedy runs its pass
   std::unique_ptr<StepTimer> step_timer;
-  std::atomic<bool> stream_gate_open{true};  // profile_greedy holds the stream until this is set
 
   // A span of `section` around the enqueues of its scope when a profile is being taken.
   class Timed {
@@ -1294,23 +1295,11 @@ void CudaLlamaModel::Impl::forward_impl(const ForwardBatch& batch, CudaKvCache& 
                "cudaMemcpyAsync (hidden states in)");
   }
   if (timer != nullptr) {
-    // A profile: the stream waits (a host function spinning on stream_gate_open) until the whole
-    // pass is queued, so that the events time the device, not the host's launches. The gate opens
-    // on every way out of this block; the pass ends in a synchronize, so the host function has
-    // returned before the next profile closes the gate again.
-    stream_gate_open.store(false, std::memory_order_release);
-    struct OpenGate {
-      std::atomic<bool>& gate;
-      ~OpenGate() { gate.store(true, std::memory_order_release); }
-    } open_gate{stream_gate_open};
-    cuda_check(cudaLaunchHostFunc(
-                   stream,
-                   [](void* gate) {
-                     while (!static_cast<std::atomic<bool>*>(gate)->load(std::memory_order_acquire))
-                       std::this_thread::yield();
-                   },
-                   &stream_gate_open),
-               "cudaLaunchHostFunc (profile gate)");
+    // A profile: the stream first runs a delay kernel while the host queues the whole pass behind it,
+    // so that the events time the device, not the host's launches. (A host function holding the
+    // stream until the pass is queued deadlocks once the launch queue is full: a 70B pass is ~2,000
+    // kernels and events.)
+    check(kc::device_delay(kProfileHeadStartNs, stream), "device_delay (profile)");
     enqueue(p);
   } else if (use_graphs(n)) {
     launch_graph(p);

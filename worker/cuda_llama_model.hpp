@@ -123,10 +123,10 @@ enum class Int4Kernels { measured, cuda_cores, tensor_cores };
 
 // The kernels one group-wise INT4 matrix shape uses, with the load-time times behind the choice.
 struct CudaInt4KernelChoice {
-  static constexpr int kKernels = 7;
+  static constexpr int kKernels = 8;
   static constexpr const char* kernel_names[kKernels] = {
-      "CUDA-core GEMV",   "tensor-core GEMV", "WMMA GEMM",       "mma GEMM",
-      "dequant + cuBLAS", "TC GEMV 512 thr",  "TC GEMV 2 blk/SM"};
+      "CUDA-core GEMV",   "tensor-core GEMV", "WMMA GEMM",        "mma GEMM",
+      "dequant + cuBLAS", "TC GEMV 512 thr",  "TC GEMV 2 blk/SM", "staged GEMV"};
   // The row ranges 1, 2-16, 17-32 and over 32 (their largest row counts; -1: any), and the row
   // counts each is timed at (0: none).
   static constexpr int kRanges = 4;
@@ -230,8 +230,9 @@ class CudaLlamaModel {
   void forward_greedy(const ForwardBatch& batch, CudaKvCache& cache, std::vector<int32_t>& ids);
   // forward_greedy once more with every section of the pass timed by CUDA events: run directly
   // (not from a captured graph, so the launch gaps a graph hides are in total_ms but in no section),
-  // with the stream held until the whole pass is queued, so that the host's launch speed does not
-  // show in the times. For benchmarks: the events cost a little device time themselves.
+  // behind a 50 ms device_delay kernel that lets the host queue the whole pass first, so that the
+  // host's launch speed does not show in the times. For benchmarks: the events cost a little device time
+  // themselves.
   CudaStepProfile profile_greedy(const ForwardBatch& batch, CudaKvCache& cache, std::vector<int32_t>& ids);
   // The same on the last pipeline stage of several: hidden_in as in forward_stage (null on a first
   // stage, which is then the whole model).

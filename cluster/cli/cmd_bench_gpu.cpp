@@ -499,11 +499,11 @@ int run_kernels(const Args& a) {
     std::printf("device: %s\ncopy bandwidth (read + write): %.0f GB/s\n\n", result.device.c_str(),
                 result.copy_gbps);
     std::printf(
-        "%-12s %4s | %10s %8s %6s | %8s %6s | %8s %6s | %10s %6s | %8s %6s | %8s %6s | %8s %6s | %10s %8s | "
-        "%8s %9s | %11s %8s %8s\n",
+        "%-12s %4s | %10s %8s %6s | %8s %6s | %8s %6s | %10s %6s | %9s %6s | %8s %6s | %8s %6s | %8s %6s | "
+        "%10s %8s | %8s %9s | %11s %8s %8s\n",
         "k x n_out", "m", "W4A16 us", "GB/s", "%copy", "split us", "%copy", "g128 us", "%copy", "g128 tc us",
-        "%copy", "mma us", "%copy", "deq us", "%copy", "Q4_K us", "%copy", "cuBLAS us", "GB/s", "vs fp16",
-        "best/fp16", "tinygemm us", "vs tg", "best/tg");
+        "%copy", "staged us", "%copy", "mma us", "%copy", "deq us", "%copy", "Q4_K us", "%copy", "cuBLAS us",
+        "GB/s", "vs fp16", "best/fp16", "tinygemm us", "vs tg", "best/tg");
   }
   for (const auto& r : result.rows) {
     const double ours_gbps = r.ours_bytes / (r.ours_us * 1e-6) / 1e9;
@@ -512,7 +512,7 @@ int run_kernels(const Args& a) {
     const double tg_us = tg == tinygemm.end() ? 0.0 : tg->second;
     // The fastest group-128 kernel at this m (the one the model's load-time timing would pick).
     double best_g128_us = 0.0;
-    for (const double us : {r.g128_us, r.g128_tc_us, r.g128_mma_us, r.g128_deq_us})
+    for (const double us : {r.g128_us, r.g128_tc_us, r.g128_staged_us, r.g128_mma_us, r.g128_deq_us})
       if (us > 0 && (best_g128_us == 0.0 || us < best_g128_us)) best_g128_us = us;
     nlohmann::json row{{"k", r.shape.k},
                        {"n_out", r.shape.n_out},
@@ -542,6 +542,11 @@ int run_kernels(const Args& a) {
       row["w4a16_g128_mma_us"] = r.g128_mma_us;
       row["g128_mma_gbps"] = r.g128_bytes / (r.g128_mma_us * 1e-6) / 1e9;
       row["g128_mma_speedup_vs_cublas"] = r.cublas_us / r.g128_mma_us;
+    }
+    if (r.g128_staged_us > 0) {
+      row["w4a16_g128_staged_us"] = r.g128_staged_us;
+      row["g128_staged_gbps"] = r.g128_bytes / (r.g128_staged_us * 1e-6) / 1e9;
+      row["g128_staged_speedup_vs_cublas"] = r.cublas_us / r.g128_staged_us;
     }
     if (r.g128_deq_us > 0) {
       row["w4a16_g128_dequant_cublas_us"] = r.g128_deq_us;
@@ -578,6 +583,7 @@ int run_kernels(const Args& a) {
       timed(r.split_us, r.ours_bytes);
       timed(r.g128_us, r.g128_bytes);
       timed(r.g128_tc_us, r.g128_bytes, 10);
+      timed(r.g128_staged_us, r.g128_bytes, 9);
       timed(r.g128_mma_us, r.g128_bytes);
       timed(r.g128_deq_us, r.g128_bytes);
       timed(r.q4k_us, r.q4k_bytes);
@@ -601,8 +607,10 @@ int run_kernels(const Args& a) {
         "kernels/q4_0_split.hpp). g128 = group-wise INT4, one fp16 scale and zero per 128 weights (GPTQ / "
         "AWQ, "
         "kernels/int4_groups.hpp; tinygemm's grouping); g128 tc = the same weights on the tensor-core GEMV "
-        "(w4a16_gemv_int4_groups_mma, m <= 16); mma = the same weights on the mma.sync GEMM (m > "
-        "32); deq = the same weights dequantized to fp16 in 64 MiB chunks for cuBLAS (m >= 17; "
+        "(w4a16_gemv_int4_groups_mma, m <= 16); staged = the same weights on the staged GEMV (m = 1; "
+        "w4a16_gemv_int4_groups_staged: scale factored out, fp32 activations in shared memory); mma = the "
+        "same weights on the mma.sync GEMM (m > 32); deq = the same weights dequantized to fp16 in 64 MiB "
+        "chunks for cuBLAS (m >= 17; "
         "w4a16_int4_groups_dequant_cublas). best = the fastest of the group-128 kernels at that m (what the "
         "model's load-time timing picks "
         "from), against fp16 cuBLAS and tinygemm. Q4_K = GGUF Q4_K super-blocks as stored. %%copy and "
@@ -642,13 +650,10 @@ Runner add_bench_gpu(CLI::App& app) {
       ->check(CLI::PositiveNumber);
   app.add_option("--prefill-batch", a->prefill_batch, "With --model: prompts in the batched prefill test")
       ->check(CLI::PositiveNumber);
-  app.add_option("--int4-kernels", a->int4_kernels,
-                 "With --model: how group-wise INT4 matrices pick their kernels: measured (timed at load, "
-                 "the default), cuda-cores or tensor-cores")
-      ->transform(CLI::CheckedTransformer(
-          std::map<std::string, worker::Int4Kernels>{{"measured", worker::Int4Kernels::measured},
-                                                     {"cuda-cores", worker::Int4Kernels::cuda_cores},
-                                                     {"tensor-cores", worker::Int4Kernels::tensor_cores}}));
+  add_int4_kernels_option(
+      app, a->int4_kernels,
+      "With --model: how group-wise INT4 matrices pick their kernels: measured (timed at load, "
+      "the default), cuda-cores or tensor-cores");
   return [a]() { return run(*a); };
 }
 

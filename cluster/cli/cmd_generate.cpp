@@ -29,6 +29,7 @@ struct GenerateArgs {
   std::vector<std::string> stop;
   bool json = false;
   std::string device = "cpu";
+  worker::Int4Kernels int4_kernels = worker::Int4Kernels::measured;
 };
 
 }  // namespace
@@ -55,6 +56,11 @@ Runner add_generate(CLI::App& app) {
   app.add_flag("--json", a->json, "Print one JSON object instead of streaming text");
   app.add_option("--device", a->device, "cpu, or cuda (one GPU; greedy decoding returns only token ids)")
       ->check(CLI::IsMember({"cpu", "cuda"}));
+  add_int4_kernels_option(
+      app, a->int4_kernels,
+      "With --device cuda: how group-wise INT4 matrices pick their kernels: measured (timed at "
+      "load, the default), cuda-cores or tensor-cores (fixed: the same kernels as a `nibble "
+      "serve` job with the same int4_kernels)");
 
   return [a]() {
     const bool cuda = a->device == "cuda";
@@ -81,7 +87,9 @@ Runner add_generate(CLI::App& app) {
     std::unique_ptr<worker::CudaKvCache> gpu_cache;
     std::unique_ptr<worker::Generator> generator_ptr;
     if (cuda) {
-      gpu = std::make_unique<worker::CudaLlamaModel>(s.checkpoint);
+      worker::CudaModelOptions gpu_options;
+      gpu_options.int4_kernels = a->int4_kernels;
+      gpu = std::make_unique<worker::CudaLlamaModel>(s.checkpoint, gpu_options);
       gpu_cache = std::make_unique<worker::CudaKvCache>(gpu->config(), worker::Generator::blocks_for(context),
                                                         worker::Generator::kBlockSize);
       worker::GeneratorModel m;

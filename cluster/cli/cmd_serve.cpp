@@ -116,6 +116,18 @@ double host_available_bytes() {
   return static_cast<double>(info.freeram + info.bufferram) * info.mem_unit;
 }
 
+worker::Int4Kernels worker_int4_kernels(cluster::Int4KernelChoice choice) {
+  switch (choice) {
+    case cluster::Int4KernelChoice::cuda_cores:
+      return worker::Int4Kernels::cuda_cores;
+    case cluster::Int4KernelChoice::tensor_cores:
+      return worker::Int4Kernels::tensor_cores;
+    case cluster::Int4KernelChoice::measured:
+      break;
+  }
+  return worker::Int4Kernels::measured;
+}
+
 extern "C" void on_terminate(int) { cluster::Coordinator::request_abort(); }
 
 int serve(const std::string& config_path) {
@@ -264,6 +276,7 @@ int serve(const std::string& config_path) {
         if (gpu_rank) {
           worker::CudaModelOptions options;
           options.device = device;
+          options.int4_kernels = worker_int4_kernels(config.int4_kernels);
           options.graphs = true;  // used only without a reducer (see CudaModelOptions)
           gpu_model = std::make_unique<worker::CudaLlamaModel>(file, options, shard, reducer.get(), range);
         } else {
@@ -277,6 +290,7 @@ int serve(const std::string& config_path) {
           if (gpu_rank) {
             worker::CudaModelOptions options;
             options.device = device;
+            options.int4_kernels = worker_int4_kernels(config.int4_kernels);
             options.graphs = true;
             gpu_draft = std::make_unique<worker::CudaLlamaModel>(
                 model::LlamaCheckpoint::open(config.draft->path), options);

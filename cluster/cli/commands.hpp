@@ -7,6 +7,8 @@
 #include <string>
 #include <vector>
 
+#include "worker/cuda_llama_model.hpp"
+
 namespace nibble::cli {
 
 using Runner = std::function<int()>;
@@ -26,6 +28,9 @@ Runner add_bench_gpu(CLI::App& app);
 
 // Thread count default: every core the machine has.
 int default_threads();
+
+// --int4-kernels (bench-gpu, generate): measured, cuda-cores or tensor-cores (worker::Int4Kernels).
+void add_int4_kernels_option(CLI::App& app, worker::Int4Kernels& value, const std::string& what);
 
 // --tokens: "1 2 3" or "1,2,3" -> ids; anything else (or no ids) is a usage error.
 std::vector<int32_t> parse_token_list(const std::string& text);

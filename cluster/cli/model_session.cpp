@@ -1,6 +1,7 @@
 #include "cluster/cli/model_session.hpp"
 
 #include <filesystem>
+#include <map>
 #include <stdexcept>
 #include <thread>
 
@@ -9,6 +10,14 @@
 #include "model/random_model.hpp"
 
 namespace nibble::cli {
+
+void add_int4_kernels_option(CLI::App& app, worker::Int4Kernels& value, const std::string& what) {
+  app.add_option("--int4-kernels", value, what)
+      ->transform(CLI::CheckedTransformer(
+          std::map<std::string, worker::Int4Kernels>{{"measured", worker::Int4Kernels::measured},
+                                                     {"cuda-cores", worker::Int4Kernels::cuda_cores},
+                                                     {"tensor-cores", worker::Int4Kernels::tensor_cores}}));
+}
 
 int default_threads() {
   const unsigned n = std::thread::hardware_concurrency();

@@ -247,6 +247,10 @@ ClusterConfig build_config(const Reader& reader, const Section& top, const std::
 
   if (const Entry* e = top.find("device"))
     config.device = static_cast<Device>(reader.choice(*e, {"cpu", "cuda"}));
+  if (const Entry* e = top.find("int4_kernels")) {
+    config.int4_kernels =
+        static_cast<Int4KernelChoice>(reader.choice(*e, {"measured", "cuda_cores", "tensor_cores"}));
+  }
 
   if (const Entry* e = top.find("threads")) {
     const bool automatic = e->value.IsScalar() && e->value.Scalar() == "auto";
@@ -343,6 +347,18 @@ ConfigError::ConfigError(std::string source, std::string key_path, int line, con
 
 const char* device_name(Device device) { return device == Device::cuda ? "cuda" : "cpu"; }
 
+const char* int4_kernel_choice_name(Int4KernelChoice choice) {
+  switch (choice) {
+    case Int4KernelChoice::cuda_cores:
+      return "cuda_cores";
+    case Int4KernelChoice::tensor_cores:
+      return "tensor_cores";
+    case Int4KernelChoice::measured:
+      break;
+  }
+  return "measured";
+}
+
 const char* draft_placement_name(DraftPlacement placement) {
   return placement == DraftPlacement::own_rank ? "own_rank" : "last_stage";
 }
@@ -354,8 +370,9 @@ int ClusterConfig::worker_threads(int host_cores, int workers_on_host) const {
 
 bool ClusterConfig::operator==(const ClusterConfig& other) const {
   return model == other.model && draft == other.draft && parallel == other.parallel &&
-         device == other.device && threads == other.threads && server == other.server &&
-         scheduler == other.scheduler && kv_cache == other.kv_cache && context == other.context;
+         device == other.device && int4_kernels == other.int4_kernels && threads == other.threads &&
+         server == other.server && scheduler == other.scheduler && kv_cache == other.kv_cache &&
+         context == other.context;
 }
 
 ClusterConfig parse_cluster_config(const std::string& yaml_text, const std::string& source_name) {
@@ -380,8 +397,9 @@ ClusterConfig parse_cluster_config(const std::string& yaml_text, const std::stri
   if (!root.IsMap())
     reader.fail("", line_of(root), "expected a mapping of keys at the top level, got " + describe(root));
 
-  const Section top = reader.section(Entry{"", 1, root}, {"model", "draft", "parallel", "device", "threads",
-                                                          "server", "scheduler", "kv_cache", "context"});
+  const Section top =
+      reader.section(Entry{"", 1, root}, {"model", "draft", "parallel", "device", "int4_kernels", "threads",
+                                          "server", "scheduler", "kv_cache", "context"});
   return build_config(reader, top, source_name);
 }
 
@@ -426,6 +444,7 @@ std::string render_cluster_config(const ClusterConfig& config) {
   out << YAML::Key << "micro_batches" << YAML::Value << config.parallel.micro_batches;
   out << YAML::EndMap;
   out << YAML::Key << "device" << YAML::Value << device_name(config.device);
+  out << YAML::Key << "int4_kernels" << YAML::Value << int4_kernel_choice_name(config.int4_kernels);
   out << YAML::Key << "threads" << YAML::Value;
   if (config.threads > 0) {
     out << config.threads;

@@ -19,6 +19,7 @@
 //     pipeline: 1                # P: pipeline stages, >= 1
 //     micro_batches: <pipeline>  # micro-batches in flight through the pipeline, >= 1
 //   device: cpu                  # cpu | cuda (workers on GPU local rank % GPUs; CUDA builds only)
+//   int4_kernels: measured       # device: cuda: measured | cuda_cores | tensor_cores (Int4KernelChoice)
 //   threads: auto                # CPU threads per worker: an integer >= 1, or auto
 //   server:
 //     listen: "tcp://127.0.0.1:5555"  # client ROUTER endpoint, tcp:// or ipc://
@@ -69,7 +70,14 @@ enum class DraftPlacement {
   own_rank,    // in a process of its own: the last world rank (world_size() counts it)
 };
 
+// How a GPU worker's group-wise INT4 matrices pick their kernels (worker::Int4Kernels): measured
+// times every candidate at load and takes the fastest per row range; cuda_cores and tensor_cores fix
+// the choice, so that every process of a job, and `nibble generate --int4-kernels` with the same
+// value, computes each product with the same kernels (bit-identical runs across processes).
+enum class Int4KernelChoice { measured, cuda_cores, tensor_cores };
+
 const char* device_name(Device device);
+const char* int4_kernel_choice_name(Int4KernelChoice choice);
 const char* draft_placement_name(DraftPlacement placement);
 
 struct ModelConfig {
@@ -133,6 +141,7 @@ struct ClusterConfig {
   std::optional<DraftConfig> draft;  // nullopt = no speculative decoding
   ParallelConfig parallel;
   Device device = Device::cpu;
+  Int4KernelChoice int4_kernels = Int4KernelChoice::measured;
   int threads = 0;  // 0 = auto; see worker_threads()
   ServerConfig server;
   SchedulerSettings scheduler;

@@ -26,6 +26,7 @@ struct MatmulBenchRow {
   double g128_us = 0.0;      // group-wise INT4, group 128 (w4a16_*_int4_groups; GPTQ / AWQ); 0: k % 128 != 0
   double g128_mma_us = 0.0;  // the same on w4a16_gemm_int4_groups_mma (m > 32 only)
   double g128_tc_us = 0.0;   // the same on the tensor-core GEMV w4a16_gemv_int4_groups_mma (m <= 16 only)
+  double g128_staged_us = 0.0;  // the same on the staged GEMV w4a16_gemv_int4_groups_staged (m == 1 only)
   double g128_deq_us =
       0.0;                 // the same dequantized to fp16 in chunks for cuBLAS (m >= 17 only; 64 MiB scratch)
   double q4k_us = 0.0;     // GGUF Q4_K as stored (w4a16_*_q4_k); 0: k % 256 != 0

@@ -20,6 +20,7 @@ namespace nibble::kernels::cuda {
 // delta:    [rows, n] float, or nullptr (then residual is only read)
 // weight:   [n] float
 // y:        [rows, n] __half
+// (residual, delta and y must not overlap.)
 // rows >= 0 (0: nothing to do), n >= 1, eps >= 0. Enqueues one kernel on `stream` (one block per row).
 // Returns invalid_argument (nothing launched) for a bad argument, device_error if the launch fails.
 Status add_rms_norm_f32(float* residual, const float* delta, const float* weight, __half* y, int64_t rows,

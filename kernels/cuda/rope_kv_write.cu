@@ -1,7 +1,9 @@
-// One block per token: the token's cos/sin table is built in shared memory exactly as in rope.cu
-// (the CPU's recurrence, step for step), then the block's threads rotate every (head, pair) of q and
-// k and copy v, rounding each value to fp16 once. Scalar 2-byte stores: head_dim may be odd in
-// principle and the rows are only 2-byte aligned in general.
+// One block per (token, head): the token's cos/sin table is built in shared memory exactly as in
+// rope.cu (the CPU's recurrence, step for step), then the block's threads rotate the head's pairs (a
+// q head, or a k head and copy the v head of the same index), rounding each value to fp16 once.
+// One block per token (its 64 + 8 heads in a loop of 128 threads, 64-bit index arithmetic) took ~31
+// us a layer for a single decode token on an H200: one SM doing the work of 72. Scalar 2-byte stores:
+// head_dim may be odd in principle and the rows are only 2-byte aligned in general.
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -32,34 +34,35 @@ struct Params {
   float theta_scale;
 };
 
-// Rotates the heads of one token's row `in` (n_heads × head_dim floats) into `out` (fp16); the
-// dims past rot_dims are copied.
-__device__ __forceinline__ void rotate_row(const float* in, __half* out, int64_t n_heads, int64_t head_dim,
-                                           int half_rot, const float* cos_t, const float* sin_t) {
-  const int64_t n = n_heads * head_dim;
-  for (int64_t e = threadIdx.x; e < n; e += kThreads) {
-    const int64_t d = e % head_dim;
+// Rotates one head (head_dim floats at `in`) into `out` (fp16); the dims past rot_dims are copied.
+__device__ __forceinline__ void rotate_head(const float* __restrict__ in, __half* __restrict__ out,
+                                            int head_dim, int half_rot, const float* cos_t,
+                                            const float* sin_t) {
+  for (int d = threadIdx.x; d < head_dim; d += kThreads) {
     if (d < 2 * half_rot) {
       if (d % 2 != 0) continue;  // the pair's even element does both
-      const int i = static_cast<int>(d / 2);
-      const float x0 = in[e];
-      const float x1 = in[e + 1];
+      const int i = d / 2;
+      const float x0 = in[d];
+      const float x1 = in[d + 1];
       // The CPU's expressions (kernels::rope_normal); no FMA contraction across the products.
       const float r0 = __fsub_rn(__fmul_rn(x0, cos_t[i]), __fmul_rn(x1, sin_t[i]));
       const float r1 = __fadd_rn(__fmul_rn(x0, sin_t[i]), __fmul_rn(x1, cos_t[i]));
-      out[e] = __float2half_rn(r0);
-      out[e + 1] = __float2half_rn(r1);
+      out[d] = __float2half_rn(r0);
+      out[d + 1] = __float2half_rn(r1);
     } else {
-      out[e] = __float2half_rn(in[e]);
+      out[d] = __float2half_rn(in[d]);
     }
   }
 }
 
+// Block (t, h): token t's head h, a q head for h < n_head, else k head h - n_head with the v head of
+// the same index.
 __global__ void __launch_bounds__(kThreads) rope_kv_write_kernel(Params p) {
   __shared__ float cos_t[kMaxRotDims / 2];
   __shared__ float sin_t[kMaxRotDims / 2];
   __shared__ int64_t slot_s;
   const int64_t t = blockIdx.x;
+  const int64_t head = blockIdx.y;
   const int32_t pos = p.token_pos[t];
   for (int i = threadIdx.x; i < p.half_rot; i += kThreads) {
     float theta = static_cast<float>(pos);
@@ -67,7 +70,8 @@ __global__ void __launch_bounds__(kThreads) rope_kv_write_kernel(Params p) {
     cos_t[i] = cosf(theta);
     sin_t[i] = sinf(theta);
   }
-  if (threadIdx.x == 0) {
+  const bool is_q = head < p.n_head;
+  if (threadIdx.x == 0 && !is_q) {
     int64_t slot = -1;
     const int64_t seq = p.token_seq[t];
     if (pos >= 0 && seq >= 0 && pos / p.block_size < p.max_blocks_per_seq) {
@@ -79,16 +83,21 @@ __global__ void __launch_bounds__(kThreads) rope_kv_write_kernel(Params p) {
   }
   __syncthreads();
 
-  const int64_t q_dim = p.n_head * p.head_dim;
-  const int64_t kv_dim = p.n_head_kv * p.head_dim;
-  rotate_row(p.q + t * p.q_stride, p.q_out + t * q_dim, p.n_head, p.head_dim, p.half_rot, cos_t, sin_t);
+  const int head_dim = static_cast<int>(p.head_dim);
+  if (is_q) {
+    rotate_head(p.q + t * p.q_stride + head * head_dim, p.q_out + (t * p.n_head + head) * head_dim, head_dim,
+                p.half_rot, cos_t, sin_t);
+    return;
+  }
   const int64_t slot = slot_s;
   if (slot < 0) return;  // uniform over the block
-  rotate_row(p.k + t * p.kv_stride, p.k_cache + slot * kv_dim, p.n_head_kv, p.head_dim, p.half_rot, cos_t,
-             sin_t);
-  const float* vr = p.v + t * p.kv_stride;
-  __half* vc = p.v_cache + slot * kv_dim;
-  for (int64_t e = threadIdx.x; e < kv_dim; e += kThreads) vc[e] = __float2half_rn(vr[e]);
+  const int64_t kv_head = head - p.n_head;
+  const int64_t kv_dim = p.n_head_kv * p.head_dim;
+  rotate_head(p.k + t * p.kv_stride + kv_head * head_dim, p.k_cache + slot * kv_dim + kv_head * head_dim,
+              head_dim, p.half_rot, cos_t, sin_t);
+  const float* vr = p.v + t * p.kv_stride + kv_head * head_dim;
+  __half* vc = p.v_cache + slot * kv_dim + kv_head * head_dim;
+  for (int d = threadIdx.x; d < head_dim; d += kThreads) vc[d] = __float2half_rn(vr[d]);
 }
 
 }  // namespace
@@ -103,6 +112,8 @@ Status rope_kv_write(const RopeKvWriteShape& s, const float* q, const float* k, 
   }
   if (s.tokens < 0 || s.tokens > INT32_MAX || s.n_head < 1 || s.n_head_kv < 1 || s.head_dim < 1)
     return Status::invalid_argument;
+  // The grid's y dimension holds every head (at most 65535); head offsets are int.
+  if (s.n_head + s.n_head_kv > 65535 || s.head_dim > (int64_t{1} << 20)) return Status::invalid_argument;
   if (s.rot_dims < 2 || s.rot_dims > s.head_dim || s.rot_dims % 2 != 0 || s.rot_dims > kMaxRotDims)
     return Status::invalid_argument;
   if (!(s.rope_base > 0.0f)) return Status::invalid_argument;
@@ -132,7 +143,8 @@ Status rope_kv_write(const RopeKvWriteShape& s, const float* q, const float* k, 
   p.half_rot = static_cast<int>(s.rot_dims / 2);
   // Exactly the CPU's factor (kernels::rope_normal): std::pow in float.
   p.theta_scale = std::pow(s.rope_base, -2.0f / static_cast<float>(s.rot_dims));
-  rope_kv_write_kernel<<<static_cast<unsigned>(s.tokens), kThreads, 0, stream>>>(p);
+  const dim3 grid(static_cast<unsigned>(s.tokens), static_cast<unsigned>(s.n_head + s.n_head_kv));
+  rope_kv_write_kernel<<<grid, kThreads, 0, stream>>>(p);
   return cudaGetLastError() == cudaSuccess ? Status::ok : Status::device_error;
 }
 

@@ -48,7 +48,8 @@ struct RopeKvWriteShape {
 // q_out:        [tokens, n_head, head_dim] __half
 // k_cache, v_cache: one layer of the cache (see above)
 // error_flag:   [1] int32 or nullptr
-// tokens >= 0 (0: nothing to do). Enqueues one kernel on `stream` (one block per token).
+// tokens >= 0 (0: nothing to do). Enqueues one kernel on `stream` (one block per token and head;
+// n_head + n_head_kv <= 65535).
 // Returns invalid_argument (nothing launched) for a bad argument, device_error if the launch fails.
 Status rope_kv_write(const RopeKvWriteShape& shape, const float* q, const float* k, const float* v,
                      const int32_t* token_pos, const int32_t* token_seq, const int32_t* block_tables,

@@ -77,6 +77,74 @@ __global__ void __launch_bounds__(kWarpSize* kWarpsPerBlock)
   }
 }
 
+// The staged GEMV (w4a16_gemv_int4_groups_staged): one activation row, one output row a warp, 16
+// warps a block. Per chunk of 4096 inputs the block widens the activations to fp32 in shared memory
+// once (each unit's 32 floats padded to 36, so that the 8 lanes of a quarter-warp's 16-byte reads and
+// writes fall on distinct banks), then every lane takes 4 units of its row: their weight loads are
+// issued together, then each unit is int4_unit_level_dot (a byte permute, an add and an FMA a
+// weight) times the group's scale. Two chunk buffers, so one barrier a chunk: a warp can only stage
+// chunk c + 2 into a buffer after the barrier of chunk c + 1, which every warp reaches after its
+// work on chunk c.
+constexpr int kStagedWarps = 16;
+constexpr int kStagedThreads = kWarpSize * kStagedWarps;
+constexpr int kStagedUnitsPerLane = 4;
+constexpr int kStagedChunkUnits = kWarpSize * kStagedUnitsPerLane;  // 128 units = 4096 inputs
+constexpr int kStagedUnitFloats = kQK4_0 + 4;
+
+__global__ void __launch_bounds__(kStagedThreads)
+    gemv_int4_groups_staged_kernel(Int4GroupBlocks w, int64_t n_out, int64_t k, const __half* __restrict__ x,
+                                   float* __restrict__ y) {
+  __shared__ __align__(16) float xs[2][kStagedChunkUnits * kStagedUnitFloats];  // 2 x 18 KB
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t warp_row = static_cast<int64_t>(blockIdx.x) * kStagedWarps + threadIdx.x / kWarpSize;
+  // A warp past the last row still stages activations and meets the barriers; it reads the last row
+  // again and stores nothing.
+  const int64_t row = warp_row < n_out ? warp_row : n_out - 1;
+  const int64_t nb = k / kQK4_0;
+  const auto* quants = reinterpret_cast<const uint4*>(w.quants) + row * nb;
+  float acc = 0.0f;
+
+  detail::wait_for_prior_grids();  // x comes from the previous kernel
+  for (int64_t c0 = 0, chunk = 0; c0 < nb; c0 += kStagedChunkUnits, ++chunk) {
+    const int units = static_cast<int>(nb - c0 < kStagedChunkUnits ? nb - c0 : kStagedChunkUnits);
+    // This lane's units of the chunk: their loads first, all in flight together.
+    uint4 q[kStagedUnitsPerLane];
+    float scale[kStagedUnitsPerLane], neg_biased_zero[kStagedUnitsPerLane];
+#pragma unroll
+    for (int i = 0; i < kStagedUnitsPerLane; ++i) {
+      const int u = lane + kWarpSize * i;
+      if (u < units) {
+        const int64_t g = (row * nb + c0 + u) >> w.group_shift;
+        q[i] = __ldg(quants + c0 + u);
+        scale[i] = __half2float(__ldg(w.scales + g));
+        neg_biased_zero[i] = -w4a16::two23_plus(__ldg(w.zeros + g));
+      }
+    }
+    // The chunk's activations, 8 a thread per step, into this chunk's buffer.
+    float* buf = xs[chunk & 1];
+    for (int p = threadIdx.x; p < units * 4; p += kStagedThreads) {
+      const uint4 v = __ldg(reinterpret_cast<const uint4*>(x + c0 * kQK4_0) + p);
+      const __half2* h = reinterpret_cast<const __half2*>(&v);
+      const float2 a = __half22float2(h[0]), b = __half22float2(h[1]);
+      const float2 c = __half22float2(h[2]), d = __half22float2(h[3]);
+      auto* dst = reinterpret_cast<float4*>(buf + (p / 4) * kStagedUnitFloats + (p % 4) * 8);
+      dst[0] = make_float4(a.x, a.y, b.x, b.y);
+      dst[1] = make_float4(c.x, c.y, d.x, d.y);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < kStagedUnitsPerLane; ++i) {
+      const int u = lane + kWarpSize * i;
+      if (u < units)
+        acc = fmaf(scale[i],
+                   w4a16::int4_unit_level_dot(q[i], neg_biased_zero[i], buf + u * kStagedUnitFloats), acc);
+    }
+  }
+#pragma unroll
+  for (int off = kWarpSize / 2; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+  if (lane == 0 && warp_row < n_out) y[warp_row] = acc;
+}
+
 template <int MaxM, typename Blocks>
 cudaError_t launch(Blocks blocks, int64_t n_out, int64_t k, const __half* x, int m, float* y,
                    cudaStream_t stream, bool programmatic) {
@@ -131,6 +199,26 @@ Status w4a16_gemv_int4_groups(const uint8_t* quants, const __half* scales, const
   if (!w4a16::make_int4_group_blocks(quants, scales, zeros, group, k, blocks))
     return Status::invalid_argument;
   return run(blocks, n_out, k, x, m, y, stream, programmatic);
+}
+
+Status w4a16_gemv_int4_groups_staged(const uint8_t* quants, const __half* scales, const uint8_t* zeros,
+                                     int64_t group, int64_t n_out, int64_t k, const __half* x, int64_t m,
+                                     float* y, cudaStream_t stream, bool programmatic) {
+  Int4GroupBlocks blocks{};
+  if (!w4a16::make_int4_group_blocks(quants, scales, zeros, group, k, blocks))
+    return Status::invalid_argument;
+  if (x == nullptr || y == nullptr || m != 1 || n_out < 0 || k < 0 || k % kQK4_0 != 0 ||
+      reinterpret_cast<uintptr_t>(x) % 16 != 0) {
+    return Status::invalid_argument;
+  }
+  if ((n_out + kStagedWarps - 1) / kStagedWarps > INT32_MAX) return Status::invalid_argument;
+  if (n_out == 0) return Status::ok;
+  const auto grid = static_cast<unsigned>((n_out + kStagedWarps - 1) / kStagedWarps);
+  const cudaError_t launched =
+      detail::launch_kernel(gemv_int4_groups_staged_kernel, dim3(grid), dim3(kStagedThreads), 0, stream,
+                            programmatic, blocks, n_out, k, x, y);
+  const cudaError_t last = cudaGetLastError();
+  return launched == cudaSuccess && last == cudaSuccess ? Status::ok : Status::device_error;
 }
 
 Status w4a16_gemv_q4_k(const uint8_t* w, int64_t n_out, int64_t k, const __half* x, int64_t m, float* y,

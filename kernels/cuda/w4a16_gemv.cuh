@@ -44,6 +44,16 @@ Status w4a16_gemv_int4_groups(const uint8_t* quants, const __half* scales, const
                               int64_t group, int64_t n_out, int64_t k, const __half* x, int64_t m, float* y,
                               cudaStream_t stream, bool programmatic = false);
 
+// The same product at one activation row (m == 1; invalid_argument otherwise) computed as
+// scale * sum x * (q - z) per 32-input unit (w4a16::int4_unit_level_dot) with the activations widened
+// to fp32 in shared memory once per block: about three instructions a weight instead of six, for
+// batch-1 decode, where the one above is bound by the SMs' issue rate (docs/perf/gpu.md). Not the
+// same bits as w4a16_gemv_int4_groups (the scale multiplies the unit's sum, not each weight); the
+// same error bound. A load-time candidate for one row (w4a16_tuning.cuh).
+Status w4a16_gemv_int4_groups_staged(const uint8_t* quants, const __half* scales, const uint8_t* zeros,
+                                     int64_t group, int64_t n_out, int64_t k, const __half* x, int64_t m,
+                                     float* y, cudaStream_t stream, bool programmatic = false);
+
 // GGUF Q4_K (kernels::BlockQ4_K, 144 bytes per 256 weights), read as stored:
 // w: [n_out, k / 256] blocks, rows k / 256 * 144 bytes apart, 16-byte aligned; k a multiple of 256.
 // Each weight is (d * scale) * q - dmin * min rounded as kernels::dequantize_row rounds it.

@@ -28,6 +28,8 @@ const char* int4_kernel_name(Int4Kernel kernel) {
       return "TC GEMV 512 thr";
     case Int4Kernel::gemv_tensor_cores_2bps:
       return "TC GEMV 2 blk/SM";
+    case Int4Kernel::gemv_cuda_cores_staged:
+      return "staged GEMV";
   }
   return "?";
 }
@@ -38,6 +40,8 @@ int64_t int4_kernel_max_rows(Int4Kernel kernel) {
   switch (kernel) {
     case Int4Kernel::gemv_cuda_cores:
       return kW4A16GemvMaxM;
+    case Int4Kernel::gemv_cuda_cores_staged:
+      return 1;
     case Int4Kernel::gemv_tensor_cores:
     case Int4Kernel::gemv_tensor_cores_512:
     case Int4Kernel::gemv_tensor_cores_2bps:
@@ -63,6 +67,8 @@ Int4GroupsLauncher int4_kernel_launcher(Int4Kernel kernel) {
       return w4a16_gemv_int4_groups_mma_512;
     case Int4Kernel::gemv_tensor_cores_2bps:
       return w4a16_gemv_int4_groups_mma_2bps;
+    case Int4Kernel::gemv_cuda_cores_staged:
+      return w4a16_gemv_int4_groups_staged;
   }
   return nullptr;
 }

@@ -1,7 +1,7 @@
 #pragma once
 // Which group-wise INT4 kernel multiplies one weight shape on this device, per range of activation
 // rows, chosen by timing the candidates on the model's own weights when it loads (TensorRT-LLM's
-// GEMM plugin profiles its tactics the same way when it builds an engine). The seven candidates take
+// GEMM plugin profiles its tactics the same way when it builds an engine). The eight candidates take
 // the same operands and layout:
 //   CUDA-core GEMV    w4a16_gemv_int4_groups           (up to 32 rows; m FMAs per weight on the CUDA cores)
 //   tensor-core GEMV  w4a16_gemv_int4_groups_mma       (up to 16 rows; one m16 tile)
@@ -10,6 +10,8 @@
 //   dequant + cuBLAS  w4a16_int4_groups_dequant_cublas (17 rows or more; needs a cuBLAS handle and scratch)
 //   tensor-core GEMV 512 threads / 2 blocks an SM: w4a16_gemv_int4_groups_mma_512 / _2bps (up to 16 rows;
 //                     the tensor-core GEMV with twice the warps an SM, w4a16_gemv_mma.cuh)
+//   staged GEMV       w4a16_gemv_int4_groups_staged   (1 row; the unit's scale factored out, fp32
+//                     activations in shared memory: fewer instructions a weight)
 // Ranges: 1 row (batch-1 decode), 2-16 rows (batched decode; timed at 4 and 16), 17-32 rows (timed at
 // 32), over 32 (prefill; timed at 256). One row has its own range because the CUDA-core GEMV wins
 // there and only there: on an H200 (2026-12-04, llama-70b's shapes) it took 26-302 us against the
@@ -43,9 +45,10 @@ enum class Int4Kernel : int {
   gemm_mma,
   dequant_cublas,
   gemv_tensor_cores_512,
-  gemv_tensor_cores_2bps
+  gemv_tensor_cores_2bps,
+  gemv_cuda_cores_staged
 };
-constexpr int kInt4Kernels = 7;
+constexpr int kInt4Kernels = 8;
 const char* int4_kernel_name(Int4Kernel kernel);  // "CUDA-core GEMV", ...
 // The most rows `kernel` takes in one call (INT64_MAX: any).
 int64_t int4_kernel_max_rows(Int4Kernel kernel);

@@ -11,6 +11,7 @@
 // kernels::dequantize_row without a GPU.
 #include <cuda_fp16.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -135,6 +136,48 @@ struct Int4GroupBlocks {
     }
   }
 };
+
+// 2^23 + (byte t of `word`) as a float: one byte permute on the device (the byte under 0x4B's exponent
+// and two zero bytes), the same bits by shifts on the host.
+__host__ __device__ inline float two23_plus_byte(uint32_t word, int t) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(__byte_perm(word, 0x4B000000u, 0x7650u | static_cast<unsigned>(t)));
+#else
+  return bits_float(0x4B000000u | ((word >> (8 * t)) & 0xFFu));
+#endif
+}
+
+// sum over the 32 inputs of one group-wise INT4 unit (the split nibble order: byte j holds input j in
+// its low nibble and input j + 16 in its high one) of x[i] * (q[i] - z), the levels' dot product
+// with the scale left out: the staged GEMV multiplies it by the group's scale once per unit instead
+// of once per weight. q - z is exact ((2^23 + q) - (2^23 + z)), and so is each product (an fp16 value
+// times an integer of at most 4 bits); the sum is fp32 FMAs in the order 0..3, 16..19, 4..7, 20..23,
+// ... Per weight that is a byte permute, an add and an FMA; the dequantizing readers above with the
+// GEMV's fp16 activations take about six (extract, bias, subtract, scale, convert x, FMA), and at an
+// H200's issue rate that alone caps the CUDA-core GEMV near the ~1.8 TB/s it measured.
+// q: the unit's 16 bytes; neg_biased_zero: -(2^23 + z); x: the unit's 32 activations in fp32,
+// 16-byte aligned (shared memory in the kernel).
+__host__ __device__ inline float int4_unit_level_dot(const uint4& q, float neg_biased_zero, const float* x) {
+  const unsigned words[4] = {q.x, q.y, q.z, q.w};
+  const auto* x4 = reinterpret_cast<const float4*>(x);
+  float s = 0.0f;
+  NIBBLE_DEVICE_UNROLL
+  for (int i = 0; i < 4; ++i) {
+    const uint32_t lo = words[i] & 0x0F0F0F0Fu;         // inputs 4i .. 4i + 3
+    const uint32_t hi = (words[i] >> 4) & 0x0F0F0F0Fu;  // inputs 16 + 4i .. 16 + 4i + 3
+    const float4 xl = x4[i];
+    const float4 xh = x4[4 + i];
+    s = fmaf(xl.x, two23_plus_byte(lo, 0) + neg_biased_zero, s);
+    s = fmaf(xl.y, two23_plus_byte(lo, 1) + neg_biased_zero, s);
+    s = fmaf(xl.z, two23_plus_byte(lo, 2) + neg_biased_zero, s);
+    s = fmaf(xl.w, two23_plus_byte(lo, 3) + neg_biased_zero, s);
+    s = fmaf(xh.x, two23_plus_byte(hi, 0) + neg_biased_zero, s);
+    s = fmaf(xh.y, two23_plus_byte(hi, 1) + neg_biased_zero, s);
+    s = fmaf(xh.z, two23_plus_byte(hi, 2) + neg_biased_zero, s);
+    s = fmaf(xh.w, two23_plus_byte(hi, 3) + neg_biased_zero, s);
+  }
+  return s;
+}
 
 // The group-wise INT4 reader for the launchers' arguments (all device pointers, see
 // w4a16_gemv_int4_groups): false for a null or misaligned array (quants 16-byte, scales 2-byte) or

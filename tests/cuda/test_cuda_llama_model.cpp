@@ -342,9 +342,13 @@ TEST(CudaLlamaModel, ChoosesTheInt4KernelsPerMatrixShape) {
   ASSERT_FALSE(choices.empty());
   int64_t matrices = 0;
   // The kernels that take m rows: CUDA-core GEMV up to 32, the tensor-core GEMVs (1, 5, 6) up to 16,
-  // GEMMs any, dequant + cuBLAS from 17.
+  // GEMMs any, dequant + cuBLAS from 17, the staged GEMV (7) one.
   const auto takes = [](int kernel, int64_t m) {
-    return kernel == 0 ? m <= 32 : kernel == 1 || kernel >= 5 ? m <= 16 : kernel == 4 ? m >= 17 : true;
+    return kernel == 7                  ? m == 1
+           : kernel == 0                ? m <= 32
+           : kernel == 1 || kernel >= 5 ? m <= 16
+           : kernel == 4                ? m >= 17
+                                        : true;
   };
   for (const Choice& ch : choices) {
     SCOPED_TRACE(std::to_string(ch.n_out) + " x " + std::to_string(ch.k));
@@ -542,12 +546,16 @@ TEST(CudaLlamaModel, RejectsBadBatchesOnTheHost) {
 // drops the graphs instead of replaying stale addresses.
 // programmatic: the graphed model also launches its matrix products programmatically (PDL), which
 // must change no bit either.
-void check_graph_replay(k::DType type, bool programmatic = false) {
+// int4_kernels: fixed for both models, so that they run the same kernels (measured choices are timed
+// per model and may differ between the two; Q4_0 goes up as INT4 groups).
+void check_graph_replay(k::DType type, bool programmatic = false,
+                        w::Int4Kernels int4_kernels = w::Int4Kernels::cuda_cores) {
   NIBBLE_REQUIRE_CUDA_DEVICE();
   t::TempDir dir;
   const std::string path = random_model(dir.path(), tiny_shape(256, 4, 2), type);
   const auto checkpoint = m::LlamaCheckpoint::open(path);
   w::CudaModelOptions direct_options, graph_options;
+  direct_options.int4_kernels = graph_options.int4_kernels = int4_kernels;
   graph_options.graphs = true;
   graph_options.programmatic_launch = programmatic;
   w::CudaLlamaModel direct(checkpoint, direct_options), graphed(checkpoint, graph_options);
@@ -611,6 +619,9 @@ void check_graph_replay(k::DType type, bool programmatic = false) {
 }
 
 TEST(CudaLlamaModelGraphs, ReplayEqualsDirectLaunchesQ4_0) { check_graph_replay(k::DType::Q4_0); }
+TEST(CudaLlamaModelGraphs, ReplayEqualsDirectLaunchesQ4_0OnTensorCores) {
+  check_graph_replay(k::DType::Q4_0, false, w::Int4Kernels::tensor_cores);
+}
 TEST(CudaLlamaModelGraphs, ReplayEqualsDirectLaunchesF16) { check_graph_replay(k::DType::F16); }
 TEST(CudaLlamaModelGraphs, ProgrammaticLaunchesInGraphsEqualDirectLaunchesQ4_0) {
   check_graph_replay(k::DType::Q4_0, /*programmatic=*/true);

@@ -136,12 +136,15 @@ TEST_P(CudaTensorParallel, TwoPipelineStagesChainedGiveTheWholeModelsLogits) {
   NIBBLE_REQUIRE_CUDA_DEVICE();
   t::TempDir tmp;
   const std::string path = random_model(tmp.path(), GetParam());
+  // The same INT4 kernels in the whole model and both stages (measured choices are timed per model
+  // and may differ between them; Q4_0 goes up as INT4 groups).
+  w::CudaModelOptions options;
+  options.int4_kernels = w::Int4Kernels::cuda_cores;
   std::vector<float> whole;
   {
-    auto model = w::CudaLlamaModel::load(path);
+    auto model = w::CudaLlamaModel::load(path, options);
     whole = gpu_logits(*model);
   }
-  w::CudaModelOptions options;
   options.graphs = true;  // a single-shard stage keeps them
   auto first = w::CudaLlamaModel::load(path, options, {}, nullptr, w::LayerRange{0, 2});
   auto last = w::CudaLlamaModel::load(path, options, {}, nullptr, w::LayerRange{2, -1});

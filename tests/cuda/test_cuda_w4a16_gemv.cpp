@@ -1,4 +1,5 @@
-// The CUDA W4A16 decode GEMV (Q4_0, Q4_K, group-wise INT4; and the tensor-core GEMV for group-wise INT4)
+// The CUDA W4A16 decode GEMV (Q4_0, Q4_K, group-wise INT4; and the tensor-core and staged GEMVs for
+// group-wise INT4)
 // against a plain CPU reference (double accumulation of the dequantized weights and the fp16 activations).
 //
 // Error bound: every x (fp16) and every dequantized weight is exact in fp32, so the kernel's only
@@ -100,6 +101,10 @@ TEST(CudaW4A16Gemv, Int4GroupsMatchCpuReference) {
             return k::cuda::w4a16_gemv_int4_groups(dq, sp, dz, group, n_out, kk, x, mm, y, nullptr);
           });
         }
+        // The staged GEMV (one activation row): 4224 inputs are a full 4096-input chunk and a partial one.
+        expect_matches_reference(wf, n_out, kk, 1, 1e-3, rng, [&](const __half* x, int64_t mm, float* y) {
+          return k::cuda::w4a16_gemv_int4_groups_staged(dq, sp, dz, group, n_out, kk, x, mm, y, nullptr);
+        });
         if (n_out == 37 &&
             kk == 384) {  // group 128 does not divide 96 inputs; misaligned quants; a null zero
           DeviceBuffer<float> dy(static_cast<size_t>(n_out));
@@ -113,6 +118,14 @@ TEST(CudaW4A16Gemv, Int4GroupsMatchCpuReference) {
                     k::Status::invalid_argument);
           EXPECT_EQ(k::cuda::w4a16_gemv_int4_groups(dq, sp, nullptr, group, n_out, kk, x, 1, dy.ptr, nullptr),
                     k::Status::invalid_argument);
+          EXPECT_EQ(
+              k::cuda::w4a16_gemv_int4_groups_staged(dq, sp, dz, group, n_out, kk, x, 2, dy.ptr, nullptr),
+              k::Status::invalid_argument)
+              << "the staged GEMV takes one activation row";
+          EXPECT_EQ(
+              k::cuda::w4a16_gemv_int4_groups_staged(dq, sp, dz, group, n_out, kk, x + 1, 1, dy.ptr, nullptr),
+              k::Status::invalid_argument)
+              << "misaligned activations";
           EXPECT_EQ(cudaGetLastError(), cudaSuccess);
         }
       }

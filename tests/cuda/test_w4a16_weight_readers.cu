@@ -5,6 +5,7 @@
 // test_cuda_w4a16_gemv / _gemm check the kernels around them on a GPU.
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <cstring>
 #include <random>
 #include <string>
@@ -65,6 +66,34 @@ std::vector<float> dequantized(k::DType type, const void* blocks, int64_t n_out,
   std::vector<float> out(static_cast<size_t>(n_out * kk));
   EXPECT_EQ(k::dequantize_row(type, blocks, out.data(), n_out * kk), k::Status::ok);
   return out;
+}
+
+// The staged GEMV's unit arithmetic: sum over the unit of x * (q - z) in the split nibble order, against
+// a double-precision sum of the same products (each product is exact in fp32, so only the 32 fp32
+// additions round: at most 32 * 2^-24 of the sum of |products|), for every zero 0..15.
+TEST(W4A16WeightReaders, UnitLevelDotMatchesTheLevelsDotProduct) {
+  std::mt19937 rng(77);
+  std::uniform_int_distribution<int> byte(0, 255);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (int trial = 0; trial < 200; ++trial) {
+    uint8_t bytes[16];
+    for (uint8_t& b : bytes) b = static_cast<uint8_t>(byte(rng));
+    uint4 q;
+    std::memcpy(&q, bytes, sizeof q);
+    alignas(16) float x[32];
+    for (float& v : x) v = k::fp16_to_fp32(k::fp32_to_fp16(normal(rng)));  // fp16 activations
+    const int z = trial % 16;
+    double want = 0.0, magnitude = 0.0;
+    for (int j = 0; j < 16; ++j) {  // byte j: input j (low nibble), input j + 16 (high nibble)
+      const double lo = static_cast<double>(x[j]) * ((bytes[j] & 0xF) - z);
+      const double hi = static_cast<double>(x[j + 16]) * ((bytes[j] >> 4) - z);
+      want += lo + hi;
+      magnitude += std::fabs(lo) + std::fabs(hi);
+    }
+    const float got = w4a16::int4_unit_level_dot(q, -(w4a16::kTwo23 + static_cast<float>(z)), x);
+    EXPECT_LE(std::fabs(static_cast<double>(got) - want), 32.0 * 0x1.0p-24 * magnitude + 1e-30)
+        << "trial " << trial << " zero " << z;
+  }
 }
 
 }  // namespace

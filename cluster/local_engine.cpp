@@ -106,18 +106,17 @@ std::vector<EngineResult> LocalEngine::step() {
     if (entry.sample) sampled.push_back(&entry);
   }
   // Greedy rows without a repetition penalty need only each row's argmax, and plain sampled rows
-  // without one only their sampled id, drawn with the request's next uniform (on a GPU both are found
-  // on the device: no logits cross to the host); verifying drafts at temperature > 0 or a penalty
-  // needs the logits.
+  // (a penalty included: the histories go with them) only their sampled id, drawn with the request's
+  // next uniform (on a GPU both are found on the device: no logits cross to the host); verifying
+  // drafts with a penalty, or at temperature > 0 where the model cannot, needs the logits.
   const auto params_of = [&](const StepEntry* e) -> const worker::SamplingParams& {
     return states_.at(e->seq_id)->sampler.params();
   };
   const bool argmax_only = std::all_of(sampled.begin(), sampled.end(), [&](const StepEntry* e) {
     return params_of(e).temperature <= 0.0f && params_of(e).repetition_penalty == 1.0f;
   });
-  const bool ids_only = argmax_only || std::all_of(sampled.begin(), sampled.end(), [&](const StepEntry* e) {
-                          return e->n_draft == 0 && params_of(e).repetition_penalty == 1.0f;
-                        });
+  const bool ids_only = argmax_only || std::all_of(sampled.begin(), sampled.end(),
+                                                   [&](const StepEntry* e) { return e->n_draft == 0; });
   // Sampled drafts verified where the logits are (on a GPU: only ids come back), when the model can
   // and every sampled entry verifies drafts at temperature > 0 without a penalty; each draws its
   // k + 1 uniforms up front, as the host's verify does.
@@ -147,11 +146,14 @@ std::vector<EngineResult> LocalEngine::step() {
   } else if (ids_only) {
     sample_params_.clear();
     sample_uniforms_.clear();
+    sample_histories_.clear();
     for (const StepEntry* e : sampled) {
+      RequestState& state = *states_.at(e->seq_id);
       sample_params_.push_back(params_of(e));
-      sample_uniforms_.push_back(states_.at(e->seq_id)->sampler.uniform());  // the draw sample() would make
+      sample_uniforms_.push_back(state.sampler.uniform());  // the draw sample() would make
+      sample_histories_.push_back(state.history);
     }
-    model_.forward_sample(batch, *cache_, sample_params_, sample_uniforms_, argmax_);
+    model_.forward_sample(batch, *cache_, sample_params_, sample_uniforms_, argmax_, sample_histories_);
   } else {
     model_.forward(batch, *cache_, logits_);
   }

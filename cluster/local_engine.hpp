@@ -81,6 +81,7 @@ class LocalEngine {
   std::vector<int32_t> verify_accepted_;
   std::vector<std::vector<int32_t>> verify_tokens_;
   std::vector<double> sample_uniforms_;
+  worker::TokenHistories sample_histories_;  // the rows' tokens so far, for the repetition penalty
 };
 
 }  // namespace nibble::cluster

@@ -77,8 +77,8 @@ protocol::StepResult WorkerService::execute(const protocol::WorkerStep& step) {
   // Greedy rows without a repetition penalty need only each row's argmax (on a GPU found on the
   // device: no logits cross to the host). A rank that does not sample takes the same path (the
   // collectives inside the pass are the same either way).
-  // Plain sampled rows without a penalty need only their sampled id, drawn with the sequence's next
-  // uniform (on a GPU on the device too).
+  // Plain sampled rows (a repetition penalty included: the histories go with them) need only their
+  // sampled id, drawn with the sequence's next uniform (on a GPU on the device too).
   const auto all_sampled = [&](auto&& pred) {
     return model_.is_last_stage() &&
            std::all_of(sampled.begin(), sampled.end(), [&](const protocol::PlanEntry* e) {
@@ -90,20 +90,22 @@ protocol::StepResult WorkerService::execute(const protocol::WorkerStep& step) {
     return p.temperature <= 0.0f && p.repetition_penalty == 1.0f;
   });
   const bool ids_only =
-      argmax_only || all_sampled([](const protocol::PlanEntry& e, const worker::SamplingParams& p) {
-        return e.n_draft == 0 && p.repetition_penalty == 1.0f;
-      });
+      argmax_only ||
+      all_sampled([](const protocol::PlanEntry& e, const worker::SamplingParams&) { return e.n_draft == 0; });
   if (argmax_only) {
     model_.forward_stage_argmax(batch, hidden_in, argmax_);
   } else if (ids_only) {
     sample_params_.clear();
     sample_uniforms_.clear();
+    sample_histories_.clear();
     for (const protocol::PlanEntry* e : sampled) {
       SequenceState& state = *sequences_.at(e->seq_id);
       sample_params_.push_back(state.sampler.params());
       sample_uniforms_.push_back(state.sampler.uniform());  // the draw sample() would make
+      sample_histories_.push_back(state.history);
     }
-    model_.forward_stage_sample(batch, hidden_in, sample_params_, sample_uniforms_, argmax_);
+    model_.forward_stage_sample(batch, hidden_in, sample_params_, sample_uniforms_, sample_histories_,
+                                argmax_);
   } else {
     model_.forward_stage(batch, hidden_in, out_);
   }

@@ -58,6 +58,7 @@ class WorkerService {
   std::vector<int32_t> argmax_;  // per logit row, when every row is greedy or plain sampled (ids only)
   std::vector<worker::SamplingParams> sample_params_;  // per logit row of a sampled ids-only step
   std::vector<double> sample_uniforms_;
+  worker::TokenHistories sample_histories_;  // the rows' tokens so far, for the repetition penalty
 };
 
 }  // namespace nibble::cluster

@@ -35,8 +35,9 @@ class WorkerStage {
   // The last stage's pass with each logit row sampled (ForwardModel::forward_stage_sample).
   void forward_stage_sample(const worker::ForwardBatch& batch, const float* hidden_in,
                             const std::vector<worker::SamplingParams>& params,
-                            const std::vector<double>& uniforms, std::vector<int32_t>& ids) {
-    model_.forward_stage_sample(batch, *cache_, hidden_in, params, uniforms, ids);
+                            const std::vector<double>& uniforms, const worker::TokenHistories& histories,
+                            std::vector<int32_t>& ids) {
+    model_.forward_stage_sample(batch, *cache_, hidden_in, params, uniforms, histories, ids);
   }
 
  private:

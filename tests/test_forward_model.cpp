@@ -79,6 +79,54 @@ TEST_F(ForwardModelTest, ForwardSampleDrawsEachRowFromItsLogitsWithItsUniform) {
   }
 }
 
+// With a repetition penalty the rows' histories go along: each id is what the host sampler picks from
+// the row's logits with that history and uniform. The histories hold each row's unpenalized choice,
+// so the penalty must change some of them (it did nothing if it were dropped).
+TEST_F(ForwardModelTest, ForwardSampleAppliesTheRepetitionPenaltyWithTheRowsHistories) {
+  CpuForwardModel cpu(*model_, pool_);
+  const int64_t n_vocab = cpu.config().n_vocab;
+  std::vector<float> logits;
+  auto cache = cpu.make_cache(4, 4);
+  cpu.forward(batch(), *cache, logits);
+  std::vector<SamplingParams> params = {{.temperature = 0.0f, .repetition_penalty = 3.0f},
+                                        {.temperature = 0.7f, .repetition_penalty = 1.5f, .seed = 2},
+                                        {.temperature = 0.0f}};
+  const std::vector<double> uniforms = {0.3, 0.6, 0.9};
+  std::vector<std::vector<int32_t>> rows_history(3);
+  for (int64_t r = 0; r < 3; ++r) {
+    const float* row = logits.data() + r * n_vocab;
+    const auto top = static_cast<int32_t>(std::max_element(row, row + n_vocab) - row);
+    rows_history[static_cast<size_t>(r)] = {5, top, 7, top};  // the top token, twice (penalized once)
+  }
+  const TokenHistories histories(rows_history.begin(), rows_history.end());
+  std::vector<int32_t> ids, plain;
+  auto fresh = cpu.make_cache(4, 4);
+  cpu.forward_sample(batch(), *fresh, params, uniforms, ids, histories);
+  ASSERT_EQ(ids.size(), 3u);
+  for (size_t r = 0; r < ids.size(); ++r) {
+    EXPECT_EQ(ids[r], Sampler(params[r]).sample_with_uniform(logits.data() + r * n_vocab, n_vocab,
+                                                             histories[r], uniforms[r]))
+        << "row " << r;
+  }
+  EXPECT_NE(ids[0], rows_history[0][1]) << "a penalty of 3 on the top logit moves greedy off it";
+  EXPECT_EQ(ids[2], rows_history[2][1]) << "no penalty: the history changes nothing";
+}
+
+TEST(RepetitionPenalty, PenalizesEachDistinctRecentTokenOnceByTheLlamaCppRule) {
+  const SamplingParams p{.repetition_penalty = 2.0f, .repeat_last_n = 4};
+  const std::vector<int32_t> history = {1, 2, 9, 3, 3, -1, 9, 50};  // last 4: 3, -1, 9, 50
+  EXPECT_EQ(penalized_tokens(p, history, 10), (std::vector<int32_t>{3, 9})) << "window, range, dedup, order";
+  EXPECT_TRUE(penalized_tokens(SamplingParams{.repeat_last_n = 4}, history, 10).empty()) << "penalty 1";
+  EXPECT_TRUE(
+      penalized_tokens(SamplingParams{.repetition_penalty = 2.0f, .repeat_last_n = 0}, history, 10).empty());
+  std::vector<float> logits = {0, 1, 2, 4.0f, 4, 5, 6, 7, 8, -3.0f};
+  std::vector<float> want = logits;
+  want[3] = 2.0f;   // positive: divided
+  want[9] = -6.0f;  // negative: multiplied
+  apply_repetition_penalty(p, history, logits.data(), 10);
+  EXPECT_EQ(logits, want);
+}
+
 TEST_F(ForwardModelTest, ForwardSampleRejectsWhatItCannotSample) {
   CpuForwardModel cpu(*model_, pool_);
   auto cache = cpu.make_cache(4, 4);
@@ -97,6 +145,13 @@ TEST_F(ForwardModelTest, ForwardSampleRejectsWhatItCannotSample) {
   std::vector<SamplingParams> penalized = three;
   penalized[2].repetition_penalty = 1.2f;
   EXPECT_NE(message(penalized, {0.5, 0.5, 0.5}).find("repetition penalty"), std::string::npos);
+  const std::vector<int32_t> history = {3, 17};
+  try {
+    cpu.forward_sample(batch(), *cache, penalized, {0.5, 0.5, 0.5}, ids, TokenHistories{history, history});
+    ADD_FAILURE() << "two histories for three rows were taken";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("2 histories for 3 logit rows"), std::string::npos) << e.what();
+  }
   std::vector<SamplingParams> bad = three;
   bad[0].top_p = 0.0f;
   EXPECT_NE(message(bad, {0.5, 0.5, 0.5}).find("top_p"), std::string::npos);

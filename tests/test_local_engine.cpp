@@ -65,9 +65,10 @@ TEST_F(LocalEngineTest, BatchedAndPreemptedOutputEqualsEachRequestAlone) {
   config.context = 256;
   // Greedy steps take the argmax path and plain sampled ones the ids-only path
   // (ForwardModel::forward_sample); a repetition penalty on every third request sends the steps it
-  // joins through the logits and the host sampler: each request's tokens must not depend on which.
+  // joins through the ids-only path with the rows' histories (greedy ones too): each request's tokens
+  // must not depend on which.
   for (const auto& [temperature, penalty] :
-       {std::pair{0.0f, false}, std::pair{0.9f, false}, std::pair{0.9f, true}}) {
+       {std::pair{0.0f, false}, std::pair{0.9f, false}, std::pair{0.9f, true}, std::pair{0.0f, true}}) {
     LocalEngine engine(*model_, *tokenizer_, pool_, config);
     auto requests = mixed_requests(24, temperature);
     if (penalty)

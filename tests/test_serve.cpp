@@ -260,6 +260,39 @@ TEST_P(ServeShapes, GreedyOutputEqualsSingleProcessGenerate) {
   expect_same_as_generate(make_tiny_model(models.path()), GetParam().tensor, GetParam().pipeline);
 }
 
+// Sampled requests with a repetition penalty (temperature 0.8, top-k 40, top-p 0.95, min-p 0.05,
+// penalty 1.3, fixed seeds) give single-process `nibble generate`'s tokens: the sampling worker draws
+// them from the same streams with the same histories (on a GPU the penalty is applied on the device).
+TEST_P(ServeShapes, SampledWithARepetitionPenaltyEqualsSingleProcessGenerate) {
+  test::TempDir models;
+  const std::string model = make_tiny_model(models.path());
+  test::TempDir dir;
+  ServeJob job(dir.path(), model, GetParam().tensor, GetParam().pipeline,
+               "scheduler: { prefill_chunk: 16 }\n");
+  ASSERT_TRUE(job.wait_ready()) << job.log();
+  Client client(job.endpoint());
+  for (size_t i = 0; i < kPrompts.size(); ++i) {
+    SCOPED_TRACE("prompt " + std::to_string(i));
+    const uint64_t seed = 5 + i;
+    const test::CommandResult r =
+        test::run_command(test::nibble_bin() + " generate --model '" + model + "' --prompt '" + kPrompts[i] +
+                          "' --max-tokens 24 --temperature 0.8 --top-k 40 --top-p 0.95 --min-p 0.05 "
+                          "--repeat-penalty 1.3 --seed " +
+                          std::to_string(seed) + " --threads 1 --json");
+    ASSERT_EQ(r.exit_code, 0) << r.output;
+    const auto want = nlohmann::json::parse(r.output.substr(r.output.find('{')));
+    protocol::GenerateRequest request = greedy(numbered("r", i), kPrompts[i], 24);
+    request.sampling.temperature = 0.8f;
+    request.sampling.top_k = 40;
+    request.sampling.top_p = 0.95f;
+    request.sampling.min_p = 0.05f;
+    request.sampling.repetition_penalty = 1.3f;
+    request.sampling.seed = seed;
+    const protocol::Final f = client.generate(request);
+    EXPECT_EQ(f.tokens, want["tokens"].get<std::vector<int32_t>>());
+  }
+}
+
 TEST_P(ServeShapes, FixtureModelsGreedyOutputEqualsSingleProcessGenerate) {
   NIBBLE_REQUIRE_FIXTURES(fixtures);
   for (const char* name : {"tiny-llama-f32.gguf", "tiny-llama-q8_0.gguf", "tiny-llama-q4_0.gguf"}) {

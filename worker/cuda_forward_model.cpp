@@ -38,13 +38,15 @@ void CudaForwardModel::forward_stage_argmax(const ForwardBatch& batch, ForwardCa
 
 void CudaForwardModel::forward_stage_sample(const ForwardBatch& batch, ForwardCache& cache,
                                             const float* hidden_in, const std::vector<SamplingParams>& params,
-                                            const std::vector<double>& uniforms, std::vector<int32_t>& ids) {
+                                            const std::vector<double>& uniforms,
+                                            const TokenHistories& histories, std::vector<int32_t>& ids) {
   auto* own = dynamic_cast<CudaCache*>(&cache);
   if (own == nullptr) throw std::logic_error("CudaForwardModel: a cache made by another kind of model");
   if (hidden_in == nullptr && model_.is_first_stage() && model_.is_last_stage()) {
-    model_.forward_sample(batch, own->cache, params, uniforms, ids);  // sample_rows on the device
+    model_.forward_sample(batch, own->cache, params, uniforms, ids, histories);  // on the device
   } else {
-    ForwardModel::forward_stage_sample(batch, cache, hidden_in, params, uniforms, ids);  // a pipeline stage
+    ForwardModel::forward_stage_sample(batch, cache, hidden_in, params, uniforms, histories,
+                                       ids);  // a pipeline stage
   }
 }
 

@@ -569,6 +569,7 @@ struct CudaLlamaModel::Impl {
   DeviceMemory sample_params;     // [n_out] SamplingRowParams (forward_sample)
   DeviceMemory sample_uniforms;   // [n_out] double
   DeviceMemory sample_workspace;  // sample_rows' keys and sort storage
+  DeviceMemory penalty_buffer;    // the repetition penalty's ids, offsets and penalties (forward_sample)
   // forward_verify: the target's distributions packed as the logits, then per sequence in k_max + 1
   // slots; the draft's in k_max; int32 tokens, counts and results; double uniforms.
   DeviceMemory verify_p_packed, verify_p, verify_q, verify_ints, verify_uniforms;
@@ -691,6 +692,10 @@ struct CudaLlamaModel::Impl {
   struct RowSampling {
     const std::vector<kc::SamplingRowParams>* params = nullptr;
     const std::vector<double>* uniforms = nullptr;
+    // The repetition penalty (empty: none): per row its penalized tokens in CSR form and its penalty.
+    const std::vector<int32_t>* penalty_ids = nullptr;      // [penalty_offsets.back()]
+    const std::vector<int32_t>* penalty_offsets = nullptr;  // [rows + 1]
+    const std::vector<float>* penalties = nullptr;          // [rows]
   };
   void forward_impl(const ForwardBatch& batch, CudaKvCache& cache, const float* hidden_in,
                     std::vector<float>* logits_out, std::vector<int32_t>* ids_out, RowSampling sampling);
@@ -1320,6 +1325,25 @@ void CudaLlamaModel::Impl::forward_impl(const ForwardBatch& batch, CudaKvCache& 
     cuda_check(cudaMemcpyAsync(sample_uniforms.as<void>(), sampling.uniforms->data(),
                                static_cast<size_t>(n_out) * sizeof(double), cudaMemcpyHostToDevice, stream),
                "cudaMemcpyAsync (uniforms)");
+    if (sampling.penalties != nullptr && !sampling.penalties->empty()) {
+      // [offsets (rows + 1)][penalties (rows)][ids], int32 and float words, one copy.
+      const size_t n_ids = sampling.penalty_ids->size();
+      const size_t words = static_cast<size_t>(2 * n_out + 1) + n_ids;
+      penalty_buffer.reserve(words * sizeof(int32_t));
+      std::vector<int32_t> packed(words);
+      std::copy(sampling.penalty_offsets->begin(), sampling.penalty_offsets->end(), packed.begin());
+      std::memcpy(packed.data() + n_out + 1, sampling.penalties->data(),
+                  static_cast<size_t>(n_out) * sizeof(float));
+      std::copy(sampling.penalty_ids->begin(), sampling.penalty_ids->end(), packed.begin() + 2 * n_out + 1);
+      // Pageable source: the copy has read it when the call returns.
+      cuda_check(cudaMemcpyAsync(penalty_buffer.as<int32_t>(), packed.data(), words * sizeof(int32_t),
+                                 cudaMemcpyHostToDevice, stream),
+                 "cudaMemcpyAsync (repetition penalty)");
+      const int32_t* d = penalty_buffer.as<int32_t>();
+      check(kc::apply_repetition_penalty(logits.as<float>(), n_out, c.n_vocab, d + 2 * n_out + 1, d,
+                                         reinterpret_cast<const float*>(d + n_out + 1), stream),
+            "apply_repetition_penalty");
+    }
     check(kc::sample_rows(logits.as<float>(), sample_params.as<kc::SamplingRowParams>(),
                           sample_uniforms.as<double>(), n_out, c.n_vocab, ids.as<int32_t>(),
                           sample_workspace.as<void>(), sample_workspace.bytes(), stream),
@@ -1620,12 +1644,31 @@ void CudaLlamaModel::forward_stage_greedy(const ForwardBatch& batch, CudaKvCache
 
 void CudaLlamaModel::forward_sample(const ForwardBatch& batch, CudaKvCache& cache,
                                     const std::vector<SamplingParams>& params,
-                                    const std::vector<double>& uniforms, std::vector<int32_t>& ids) {
-  check_sample_rows(batch, params, uniforms);
+                                    const std::vector<double>& uniforms, std::vector<int32_t>& ids,
+                                    const TokenHistories& histories) {
+  check_sample_rows(batch, params, uniforms, histories);
   std::vector<kc::SamplingRowParams> rows_params;
   for (const SamplingParams& sp : params)
     rows_params.push_back({sp.temperature, sp.top_k, sp.top_p, sp.min_p});
-  impl_->forward_impl(batch, cache, nullptr, nullptr, &ids, Impl::RowSampling{&rows_params, &uniforms});
+  Impl::RowSampling sampling{&rows_params, &uniforms};
+  // The rows' penalized tokens (worker::penalized_tokens, as the host sampler finds them).
+  std::vector<int32_t> penalty_ids, penalty_offsets{0};
+  std::vector<float> penalties;
+  const bool any_penalty = std::any_of(params.begin(), params.end(), [](const SamplingParams& sp) {
+    return sp.repetition_penalty != 1.0f && sp.repeat_last_n > 0;
+  });
+  if (any_penalty) {
+    for (size_t r = 0; r < params.size(); ++r) {
+      const std::vector<int32_t> row = penalized_tokens(params[r], histories[r], config().n_vocab);
+      penalty_ids.insert(penalty_ids.end(), row.begin(), row.end());
+      penalty_offsets.push_back(static_cast<int32_t>(penalty_ids.size()));
+      penalties.push_back(params[r].repetition_penalty);
+    }
+    sampling.penalty_ids = &penalty_ids;
+    sampling.penalty_offsets = &penalty_offsets;
+    sampling.penalties = &penalties;
+  }
+  impl_->forward_impl(batch, cache, nullptr, nullptr, &ids, sampling);
 }
 
 void CudaLlamaModel::forward_stage(const ForwardBatch& batch, CudaKvCache& cache, const float* hidden_in,

@@ -249,14 +249,16 @@ class CudaLlamaModel {
   void forward_stage_greedy(const ForwardBatch& batch, CudaKvCache& cache, const float* hidden_in,
                             std::vector<int32_t>& ids);
   // The same pass with every logit row sampled on the device (kernels/cuda/sampling.cuh's
-  // sample_rows: worker::Sampler's temperature, top-k, top-p and min-p, one draw by inverse CDF with
-  // the row's uniform), so that only the ids come back. params, uniforms: [batch.logit_rows.size()]
-  // (uniforms in [0, 1), e.g. each sequence's Sampler::uniform()). Last stage only. Throws
-  // std::invalid_argument for a size mismatch, a uniform outside [0, 1) or a repetition penalty
-  // (it needs the history: apply it to forward()'s logits on the host instead).
+  // apply_repetition_penalty, then sample_rows: worker::Sampler's penalty, temperature, top-k, top-p
+  // and min-p, one draw by inverse CDF with the row's uniform), so that only the ids come back.
+  // params, uniforms: [batch.logit_rows.size()] (uniforms in [0, 1), e.g. each sequence's
+  // Sampler::uniform()); histories: as ForwardModel::forward_stage_sample's (empty without a
+  // penalty; each row's penalized tokens, worker::penalized_tokens, go up with the step). Last
+  // stage only. Throws std::invalid_argument for a size mismatch, a uniform outside [0, 1) or a
+  // penalty without histories.
   void forward_sample(const ForwardBatch& batch, CudaKvCache& cache,
                       const std::vector<SamplingParams>& params, const std::vector<double>& uniforms,
-                      std::vector<int32_t>& ids);
+                      std::vector<int32_t>& ids, const TokenHistories& histories = {});
   // One pipeline stage's part of forward, as LlamaModel::forward_stage: hidden_in: host
   // [batch.tokens.size(), n_embd] from the previous stage, or null on the first stage. out: on the
   // last stage the logits as in forward, elsewhere resized to [batch.tokens.size(), n_embd] (host),

@@ -63,7 +63,8 @@ void CudaLlamaModel::forward_stage_greedy(const ForwardBatch&, CudaKvCache&, con
   unavailable();
 }
 void CudaLlamaModel::forward_sample(const ForwardBatch&, CudaKvCache&, const std::vector<SamplingParams>&,
-                                    const std::vector<double>&, std::vector<int32_t>&) {
+                                    const std::vector<double>&, std::vector<int32_t>&,
+                                    const TokenHistories&) {
   unavailable();
 }
 void CudaLlamaModel::forward_stage(const ForwardBatch&, CudaKvCache&, const float*, std::vector<float>&) {

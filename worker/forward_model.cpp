@@ -27,19 +27,22 @@ void ForwardModel::forward_stage_argmax(const ForwardBatch& batch, ForwardCache&
 }
 
 void check_sample_rows(const ForwardBatch& batch, const std::vector<SamplingParams>& params,
-                       const std::vector<double>& uniforms) {
+                       const std::vector<double>& uniforms, const TokenHistories& histories) {
   const size_t rows = batch.logit_rows.size();
   if (params.size() != rows || uniforms.size() != rows) {
     throw std::invalid_argument("forward_sample: " + std::to_string(params.size()) +
                                 " sampling settings and " + std::to_string(uniforms.size()) +
                                 " uniforms for " + std::to_string(rows) + " logit rows");
   }
+  if (!histories.empty() && histories.size() != rows) {
+    throw std::invalid_argument("forward_sample: " + std::to_string(histories.size()) + " histories for " +
+                                std::to_string(rows) + " logit rows");
+  }
   for (size_t r = 0; r < rows; ++r) {
     validate(params[r]);
-    if (params[r].repetition_penalty != 1.0f) {
-      throw std::invalid_argument(
-          "forward_sample: the repetition penalty needs each sequence's history; sample forward()'s logits "
-          "instead");
+    if (params[r].repetition_penalty != 1.0f && histories.empty()) {
+      throw std::invalid_argument("forward_sample: row " + std::to_string(r) +
+                                  " has a repetition penalty, which needs the rows' histories");
     }
     if (!(uniforms[r] >= 0.0 && uniforms[r] < 1.0))
       throw std::invalid_argument("forward_sample: uniform " + std::to_string(uniforms[r]) +
@@ -49,15 +52,17 @@ void check_sample_rows(const ForwardBatch& batch, const std::vector<SamplingPara
 
 void ForwardModel::forward_stage_sample(const ForwardBatch& batch, ForwardCache& cache,
                                         const float* hidden_in, const std::vector<SamplingParams>& params,
-                                        const std::vector<double>& uniforms, std::vector<int32_t>& ids) {
+                                        const std::vector<double>& uniforms, const TokenHistories& histories,
+                                        std::vector<int32_t>& ids) {
   if (!is_last_stage()) throw std::logic_error("forward_stage_sample: only the last stage has logits");
-  check_sample_rows(batch, params, uniforms);
+  check_sample_rows(batch, params, uniforms, histories);
   forward_stage(batch, cache, hidden_in, argmax_logits_);
   const int64_t n_vocab = config().n_vocab;
   ids.resize(batch.logit_rows.size());
   for (size_t r = 0; r < ids.size(); ++r) {
-    ids[r] = Sampler(params[r]).sample_with_uniform(argmax_logits_.data() + static_cast<int64_t>(r) * n_vocab,
-                                                    n_vocab, {}, uniforms[r]);
+    ids[r] = Sampler(params[r]).sample_with_uniform(
+        argmax_logits_.data() + static_cast<int64_t>(r) * n_vocab, n_vocab,
+        histories.empty() ? std::span<const int32_t>{} : histories[r], uniforms[r]);
   }
 }
 

@@ -55,20 +55,23 @@ class ForwardModel {
     forward_stage_argmax(batch, cache, nullptr, ids);
   }
   // The last stage's pass with every logit row sampled: row r's id is what
-  // Sampler(params[r]).sample_with_uniform(logits of row r, n_vocab, {}, uniforms[r]) picks (greedy
-  // rows: the argmax), ids resized to [batch.logit_rows.size()]. What plain sampled decoding needs; a
-  // GPU samples on the device (kernels/cuda/sampling), so only ids come back where the logits would
-  // be n_vocab floats a row. params, uniforms: [batch.logit_rows.size()] (uniforms in [0, 1), e.g.
-  // each row's Sampler::uniform()). Throws std::invalid_argument for a size mismatch, a uniform
-  // outside [0, 1) or a repetition penalty (it needs the history: sample forward()'s logits then).
-  // The default runs forward_stage() and samples on the host.
+  // Sampler(params[r]).sample_with_uniform(logits of row r, n_vocab, histories[r], uniforms[r])
+  // picks (greedy rows: the argmax after the penalty), ids resized to [batch.logit_rows.size()]. What
+  // plain sampled decoding needs; a GPU samples (and applies the repetition penalty) on the device
+  // (kernels/cuda/sampling), so only ids come back where the logits would be n_vocab floats a row.
+  // params, uniforms: [batch.logit_rows.size()] (uniforms in [0, 1), e.g. each row's
+  // Sampler::uniform()); histories: each row's tokens so far, for the repetition penalty: empty when
+  // no row has one, else one a row. Throws std::invalid_argument for a size mismatch, a uniform
+  // outside [0, 1) or a penalty without histories. The default runs forward_stage() and samples on
+  // the host.
   virtual void forward_stage_sample(const ForwardBatch& batch, ForwardCache& cache, const float* hidden_in,
                                     const std::vector<SamplingParams>& params,
-                                    const std::vector<double>& uniforms, std::vector<int32_t>& ids);
+                                    const std::vector<double>& uniforms, const TokenHistories& histories,
+                                    std::vector<int32_t>& ids);
   void forward_sample(const ForwardBatch& batch, ForwardCache& cache,
                       const std::vector<SamplingParams>& params, const std::vector<double>& uniforms,
-                      std::vector<int32_t>& ids) {
-    forward_stage_sample(batch, cache, nullptr, params, uniforms, ids);
+                      std::vector<int32_t>& ids, const TokenHistories& histories = {}) {
+    forward_stage_sample(batch, cache, nullptr, params, uniforms, histories, ids);
   }
   // Whether forward_verify runs here: a whole model on a GPU. The default: no (verify forward()'s
   // logits on the host).
@@ -91,7 +94,7 @@ class ForwardModel {
 
 // forward_stage_sample's argument checks (shared by its implementations).
 void check_sample_rows(const ForwardBatch& batch, const std::vector<SamplingParams>& params,
-                       const std::vector<double>& uniforms);
+                       const std::vector<double>& uniforms, const TokenHistories& histories);
 
 // The CPU model (not owned) on a thread pool (not owned).
 class CpuForwardModel final : public ForwardModel {
@@ -126,7 +129,7 @@ class CudaForwardModel final : public ForwardModel {
                             std::vector<int32_t>& ids) override;
   void forward_stage_sample(const ForwardBatch& batch, ForwardCache& cache, const float* hidden_in,
                             const std::vector<SamplingParams>& params, const std::vector<double>& uniforms,
-                            std::vector<int32_t>& ids) override;
+                            const TokenHistories& histories, std::vector<int32_t>& ids) override;
   // On the device (CudaLlamaModel::forward_verify) for a whole, unsharded model.
   bool verifies_drafts() const override;
   void forward_verify(const ForwardBatch& batch, ForwardCache& cache, const std::vector<VerifySequence>& seqs,

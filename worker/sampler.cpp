@@ -4,7 +4,6 @@
 #include <cmath>
 #include <stdexcept>
 #include <string>
-#include <unordered_set>
 
 namespace nibble::worker {
 
@@ -19,6 +18,26 @@ void validate(const SamplingParams& p) {
   if (p.repeat_last_n < 0) fail("repeat_last_n must be >= 0");
 }
 
+std::vector<int32_t> penalized_tokens(const SamplingParams& params, std::span<const int32_t> history,
+                                      int64_t n_vocab) {
+  std::vector<int32_t> ids;
+  if (params.repetition_penalty == 1.0f || params.repeat_last_n <= 0) return ids;
+  const size_t window = std::min(history.size(), static_cast<size_t>(params.repeat_last_n));
+  for (size_t i = history.size() - window; i < history.size(); ++i)
+    if (history[i] >= 0 && history[i] < n_vocab) ids.push_back(history[i]);
+  std::sort(ids.begin(), ids.end());
+  ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
+  return ids;
+}
+
+void apply_repetition_penalty(const SamplingParams& params, std::span<const int32_t> history, float* logits,
+                              int64_t n_vocab) {
+  for (const int32_t id : penalized_tokens(params, history, n_vocab)) {
+    float& v = logits[id];
+    v = v > 0.0f ? v / params.repetition_penalty : v * params.repetition_penalty;
+  }
+}
+
 Sampler::Sampler(const SamplingParams& params) : params_(params), rng_(params.seed) { validate(params); }
 
 double Sampler::uniform() { return static_cast<double>(rng_() >> 11) * 0x1.0p-53; }
@@ -26,15 +45,7 @@ double Sampler::uniform() { return static_cast<double>(rng_() >> 11) * 0x1.0p-53
 std::vector<TokenProbability> Sampler::distribution(const float* logits, int64_t n_vocab,
                                                     std::span<const int32_t> history) const {
   std::vector<float> adjusted(logits, logits + n_vocab);
-  if (params_.repetition_penalty != 1.0f && params_.repeat_last_n > 0) {
-    const size_t window = std::min(history.size(), static_cast<size_t>(params_.repeat_last_n));
-    std::unordered_set<int32_t> seen(history.end() - static_cast<std::ptrdiff_t>(window), history.end());
-    for (int32_t id : seen) {
-      if (id < 0 || id >= n_vocab) continue;
-      float& v = adjusted[id];
-      v = v > 0.0f ? v / params_.repetition_penalty : v * params_.repetition_penalty;
-    }
-  }
+  apply_repetition_penalty(params_, history, adjusted.data(), n_vocab);
   if (params_.temperature <= 0.0f) {
     const auto best = std::max_element(adjusted.begin(), adjusted.end()) - adjusted.begin();
     return {{static_cast<int32_t>(best), 1.0f}};

@@ -24,6 +24,19 @@ struct SamplingParams {
 // (0, 1], ...).
 void validate(const SamplingParams& params);
 
+// Each sampled row's tokens so far (prompt and generated), for the repetition penalty of a batched
+// sampler (ForwardModel::forward_sample, CudaLlamaModel::forward_sample).
+using TokenHistories = std::vector<std::span<const int32_t>>;
+
+// The tokens the repetition penalty applies to: the distinct ids in [0, n_vocab) among the last
+// repeat_last_n of history, ascending; empty when the penalty is off (1, or repeat_last_n 0).
+std::vector<int32_t> penalized_tokens(const SamplingParams& params, std::span<const int32_t> history,
+                                      int64_t n_vocab);
+// The penalty on one logit row (llama.cpp's rule): each penalized token's logit divided by the
+// penalty when positive, multiplied by it otherwise. logits: [n_vocab].
+void apply_repetition_penalty(const SamplingParams& params, std::span<const int32_t> history, float* logits,
+                              int64_t n_vocab);
+
 // One sequence's sampled draft tokens to verify where the logits are (ForwardModel::forward_verify,
 // CudaLlamaModel::forward_verify).
 struct VerifySequence {

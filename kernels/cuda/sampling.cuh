@@ -36,6 +36,19 @@ struct SamplingRowParams {
 // Returns invalid_argument (nothing launched) for a bad argument, device_error if the launch fails.
 Status argmax_rows(const float* logits, int64_t rows, int64_t n_vocab, int32_t* ids, cudaStream_t stream);
 
+// The repetition penalty on logit rows before sampling (worker::apply_repetition_penalty's rule:
+// a penalized token's logit divided by the row's penalty when positive, multiplied otherwise).
+// logits:    [rows, n_vocab] float, modified in place
+// ids:       [offsets[rows]] int32: row r's penalized tokens are ids[offsets[r] .. offsets[r + 1]),
+//            distinct within a row (worker::penalized_tokens); ids outside [0, n_vocab) are skipped;
+//            may be nullptr when no row has any
+// offsets:   [rows + 1] int32, offsets[0] = 0, non-decreasing
+// penalties: [rows] float > 0 (1 for a row without a penalty)
+// rows >= 0 (0: nothing to do), n_vocab >= 1. Enqueues one kernel on `stream`.
+// Returns invalid_argument (nothing launched) for a bad argument, device_error if the launch fails.
+Status apply_repetition_penalty(float* logits, int64_t rows, int64_t n_vocab, const int32_t* ids,
+                                const int32_t* offsets, const float* penalties, cudaStream_t stream);
+
 // Scratch bytes sample_rows needs for rows × n_vocab (two sorted-key buffers of 8 bytes per logit,
 // the segment offsets and CUB's sort storage). Asks CUB, so it needs the CUDA runtime and a device:
 // returns device_error without one, invalid_argument for bad sizes.

@@ -500,7 +500,26 @@ TEST(CudaLlamaModel, ForwardSampleDrawsWhatTheSamplerWouldFromTheLogits) {
   std::vector<int32_t> ids;
   gpu.forward_sample(batch, cache, params, us, ids);
   EXPECT_EQ(ids, want);
-  // Refused: a repetition penalty, a size mismatch, a uniform of 1.
+  // With a repetition penalty on the greedy row and a sampled one, and histories holding each row's
+  // unpenalized choice: the host sampler's ids for the same logits, histories and uniforms.
+  std::vector<w::SamplingParams> penalized = params;
+  penalized[0].repetition_penalty = 3.0f;
+  penalized[1].repetition_penalty = 1.5f;
+  std::vector<std::vector<int32_t>> rows_history;
+  for (int32_t id : want) rows_history.push_back({id, 1, id});
+  const w::TokenHistories histories(rows_history.begin(), rows_history.end());
+  std::vector<int32_t> penalized_ids;
+  gpu.forward_sample(batch, cache, penalized, us, penalized_ids, histories);
+  ASSERT_EQ(penalized_ids.size(), want.size());
+  for (size_t r = 0; r < 2; ++r) {
+    EXPECT_EQ(penalized_ids[r],
+              w::Sampler(penalized[r])
+                  .sample_with_uniform(logits.data() + r * n_vocab, n_vocab, histories[r], us[r]))
+        << "row " << r;
+  }
+  EXPECT_NE(penalized_ids[0], want[0]) << "a penalty of 3 on the top logit moves greedy off it";
+  for (size_t r = 2; r < want.size(); ++r) EXPECT_EQ(penalized_ids[r], want[r]) << "row " << r;
+  // Refused: a repetition penalty without histories, a size mismatch, a uniform of 1.
   params[1].repetition_penalty = 1.1f;
   EXPECT_THROW(gpu.forward_sample(batch, cache, params, us, ids), std::invalid_argument);
   params[1].repetition_penalty = 1.0f;

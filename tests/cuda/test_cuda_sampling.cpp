@@ -1,6 +1,6 @@
-// CUDA greedy and temperature/top-k/top-p/min-p sampling against worker::Sampler (its own source is
-// compiled into this test): the same logits, settings and uniform draw must give the same token id.
-// Skips when there is no CUDA device.
+// CUDA greedy and temperature/top-k/top-p/min-p sampling and the repetition penalty against worker::Sampler
+// (its own source is compiled into this test): the same logits, settings and uniform draw must give the same
+// token id. Skips when there is no CUDA device.
 //
 // The GPU sums probabilities in a different order than the CPU, so its cumulative boundaries differ
 // from the CPU's by rounding only (~1e-13 here). Draws are therefore kept at least 1e-9 away from
@@ -211,6 +211,43 @@ TEST(CudaSampling, DistributionRowsMatchCpuSampler) {
       ASSERT_EQ(bad, 0);
     }
   }
+}
+
+// The repetition penalty kernel against worker::apply_repetition_penalty, bit for bit: rows of odd
+// sizes, random histories (repeats, ids out of range, windows shorter and longer than the history),
+// penalties above and below 1, and rows without one.
+TEST(CudaSampling, RepetitionPenaltyMatchesTheCpuRule) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  std::mt19937 rng(31);
+  for (const int64_t n_vocab : {int64_t{1}, int64_t{37}, int64_t{5003}}) {
+    const int64_t rows = 7;
+    std::vector<float> logits = make_logits(rows, n_vocab, rng), want = logits;
+    std::uniform_int_distribution<int32_t> token(-2, static_cast<int32_t>(n_vocab) + 1);
+    std::vector<int32_t> ids, offsets{0};
+    std::vector<float> penalties;
+    for (int64_t r = 0; r < rows; ++r) {
+      w::SamplingParams p;
+      p.repetition_penalty = r == 3 ? 1.0f : (r % 2 == 0 ? 1.3f : 0.8f);
+      p.repeat_last_n = static_cast<int32_t>(5 + 20 * r);
+      std::vector<int32_t> history(static_cast<size_t>(3 + 17 * r));
+      for (int32_t& t : history) t = token(rng) % static_cast<int32_t>(std::min<int64_t>(n_vocab + 2, 60));
+      w::apply_repetition_penalty(p, history, want.data() + r * n_vocab, n_vocab);
+      const std::vector<int32_t> row = w::penalized_tokens(p, history, n_vocab);
+      ids.insert(ids.end(), row.begin(), row.end());
+      offsets.push_back(static_cast<int32_t>(ids.size()));
+      penalties.push_back(p.repetition_penalty);
+    }
+    ASSERT_NE(logits, want) << "the penalty changed something";
+    DeviceBuffer<float> d_logits(logits), d_penalties(penalties);
+    DeviceBuffer<int32_t> d_ids(ids.empty() ? std::vector<int32_t>{0} : ids), d_offsets(offsets);
+    ASSERT_EQ(k::cuda::apply_repetition_penalty(d_logits.ptr, rows, n_vocab, d_ids.ptr, d_offsets.ptr,
+                                                d_penalties.ptr, nullptr),
+              k::Status::ok);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    EXPECT_EQ(d_logits.to_host(), want) << "n_vocab " << n_vocab;
+  }
+  EXPECT_EQ(k::cuda::apply_repetition_penalty(nullptr, 1, 4, nullptr, nullptr, nullptr, nullptr),
+            k::Status::invalid_argument);
 }
 
 TEST(CudaSampling, RejectsBadArguments) {

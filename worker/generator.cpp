@@ -62,22 +62,21 @@ GenerateResult Generator::generate(const std::vector<int32_t>& prompt_tokens, co
   std::vector<int32_t> history = prompt_tokens;
   std::vector<float> logits;
   std::vector<int32_t> ids;
-  // Without a repetition penalty the model can return only the ids: the argmax when greedy, else the
-  // id drawn with the sampler's next uniform (taken when the pass gives the next token, as
-  // sampler.sample() would; passes that only fill the cache draw nothing).
+  // The model can return only the ids: the argmax when greedy without a repetition penalty, else the
+  // id drawn with the sampler's next uniform and the history so far (the uniform taken when the pass
+  // gives the next token, as sampler.sample() would; passes that only fill the cache draw nothing).
   const bool no_penalty = options.sampling.repetition_penalty == 1.0f || options.sampling.repeat_last_n <= 0;
   const bool greedy_ids = no_penalty && model_.greedy && options.sampling.temperature <= 0.0f;
-  const bool sampled_ids = no_penalty && !greedy_ids && model_.sample;
+  const bool sampled_ids = !greedy_ids && model_.sample;
   const bool ids_only = greedy_ids || sampled_ids;
-  std::vector<SamplingParams> sample_params(1, options.sampling);
-  sample_params[0].repetition_penalty = 1.0f;  // off (repeat_last_n <= 0) either way
+  const std::vector<SamplingParams> sample_params(1, options.sampling);
   std::vector<double> uniform(1, 0.0);
   auto run = [&](const ForwardBatch& batch, bool gives_token) {
     if (greedy_ids) {
       model_.greedy(batch, ids);
     } else if (sampled_ids) {
       uniform[0] = gives_token ? sampler.uniform() : 0.0;
-      model_.sample(batch, sample_params, uniform, ids);
+      model_.sample(batch, sample_params, uniform, TokenHistories{history}, ids);
     } else {
       model_.forward(batch, logits);
     }

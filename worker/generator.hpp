@@ -48,11 +48,12 @@ struct GeneratorModel {
   // sampler at temperature 0). Used for greedy requests without a repetition penalty, so that only
   // ids cross from a device.
   std::function<void(const ForwardBatch& batch, std::vector<int32_t>& ids)> greedy;
-  // Optional: each logit row sampled with its settings and uniform (ForwardModel::forward_sample's
-  // contract). Used for sampled requests without a repetition penalty, so that only ids cross from a
-  // device there too.
+  // Optional: each logit row sampled with its settings, uniform and history (ForwardModel::
+  // forward_sample's contract). Used for sampled requests, and for greedy ones with a repetition
+  // penalty, so that only ids cross from a device there too.
   std::function<void(const ForwardBatch& batch, const std::vector<SamplingParams>& params,
-                     const std::vector<double>& uniforms, std::vector<int32_t>& ids)>
+                     const std::vector<double>& uniforms, const TokenHistories& histories,
+                     std::vector<int32_t>& ids)>
       sample;
 };
 

@@ -101,8 +101,9 @@ Runner add_generate(CLI::App& app) {
         gpu->forward_greedy(b, *gpu_cache, ids);
       };
       m.sample = [&](const worker::ForwardBatch& b, const std::vector<worker::SamplingParams>& params,
-                     const std::vector<double>& uniforms, std::vector<int32_t>& ids) {
-        gpu->forward_sample(b, *gpu_cache, params, uniforms, ids);  // drawn on the device
+                     const std::vector<double>& uniforms, const worker::TokenHistories& histories,
+                     std::vector<int32_t>& ids) {
+        gpu->forward_sample(b, *gpu_cache, params, uniforms, ids, histories);  // drawn on the device
       };
       generator_ptr = std::make_unique<worker::Generator>(std::move(m), tokenizer, context);
     } else {

@@ -92,8 +92,32 @@ protocol::StepResult WorkerService::execute(const protocol::WorkerStep& step) {
   const bool ids_only =
       argmax_only ||
       all_sampled([](const protocol::PlanEntry& e, const worker::SamplingParams&) { return e.n_draft == 0; });
+  // Sampled drafts verified where the logits are (a whole model on a GPU: only ids come back), when
+  // every sampled entry verifies drafts at temperature > 0 without a penalty; each draws its k + 1
+  // uniforms up front, as the host's verify does (LocalEngine takes the same path).
+  const int64_t n_vocab = model_.config().n_vocab;
+  const bool verify_on_model =
+      !argmax_only && !ids_only && hidden_in == nullptr && model_.verifies_drafts() &&
+      all_sampled([&](const protocol::PlanEntry& e, const worker::SamplingParams& p) {
+        return e.n_draft > 0 && p.temperature > 0.0f && p.repetition_penalty == 1.0f &&
+               sequences_.at(e.seq_id)->draft_probs.size() >= static_cast<size_t>(e.n_draft * n_vocab);
+      });
   if (argmax_only) {
     model_.forward_stage_argmax(batch, hidden_in, argmax_);
+  } else if (verify_on_model) {
+    verify_uniforms_.assign(sampled.size(), {});
+    std::vector<worker::VerifySequence> seqs;
+    for (size_t i = 0; i < sampled.size(); ++i) {
+      const protocol::PlanEntry& e = *sampled[i];
+      SequenceState& state = *sequences_.at(e.seq_id);
+      for (int j = 0; j <= e.n_draft; ++j) verify_uniforms_[i].push_back(state.sampler.uniform());
+      const auto k = static_cast<size_t>(e.n_draft);
+      seqs.push_back({state.sampler.params(),
+                      std::span<const int32_t>(e.tokens.data() + e.tokens.size() - k, k),
+                      std::span<const float>(state.draft_probs.data(), k * static_cast<size_t>(n_vocab)),
+                      verify_uniforms_[i]});
+    }
+    model_.forward_verify(batch, seqs, verify_accepted_, verify_tokens_);
   } else if (ids_only) {
     sample_params_.clear();
     sample_uniforms_.clear();
@@ -116,18 +140,17 @@ protocol::StepResult WorkerService::execute(const protocol::WorkerStep& step) {
 
   protocol::StepResult result{step.step_id, {}};
   if (!samples) return result;
-  const int64_t n_vocab = model_.config().n_vocab;
   const float* rows = out_.data();
   size_t row = 0;  // the entry's first logit row
   std::vector<speculative::ProposalRequest> proposals;
   std::vector<std::vector<int32_t>> sequences;  // tokens so far of each proposing sequence
   sequences.reserve(sampled.size());
-  for (const protocol::PlanEntry* entry_ptr : sampled) {
-    const protocol::PlanEntry& entry = *entry_ptr;
+  for (size_t si = 0; si < sampled.size(); ++si) {
+    const protocol::PlanEntry& entry = *sampled[si];
     const float* entry_rows = rows;
     const size_t entry_row = row;
     row += static_cast<size_t>(entry.n_draft + 1);
-    if (!ids_only) rows += (entry.n_draft + 1) * n_vocab;
+    if (!ids_only && !verify_on_model) rows += (entry.n_draft + 1) * n_vocab;
     const auto it = sequences_.find(entry.seq_id);
     if (it == sequences_.end()) {
       throw std::runtime_error("step " + std::to_string(step.step_id) + " samples sequence " +
@@ -148,7 +171,8 @@ protocol::StepResult WorkerService::execute(const protocol::WorkerStep& step) {
       const std::span<const int32_t> drafts(entry.tokens.data() + entry.tokens.size() - entry.n_draft,
                                             static_cast<size_t>(entry.n_draft));
       const speculative::Verification v =
-          argmax_only
+          verify_on_model ? speculative::Verification{verify_tokens_[si], verify_accepted_[si]}
+          : argmax_only
               ? speculative::verify_argmax(std::span<const int32_t>(argmax_.data() + entry_row,
                                                                     static_cast<size_t>(entry.n_draft + 1)),
                                            drafts)

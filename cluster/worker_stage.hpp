@@ -39,6 +39,13 @@ class WorkerStage {
                             std::vector<int32_t>& ids) {
     model_.forward_stage_sample(batch, *cache_, hidden_in, params, uniforms, histories, ids);
   }
+  // Whether the model verifies sampled drafts where its logits are (ForwardModel::verifies_drafts:
+  // a whole model on a GPU), and that pass (ForwardModel::forward_verify).
+  bool verifies_drafts() const { return model_.verifies_drafts(); }
+  void forward_verify(const worker::ForwardBatch& batch, const std::vector<worker::VerifySequence>& seqs,
+                      std::vector<int32_t>& accepted, std::vector<std::vector<int32_t>>& tokens) {
+    model_.forward_verify(batch, *cache_, seqs, accepted, tokens);
+  }
 
  private:
   worker::ForwardModel& model_;

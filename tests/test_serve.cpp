@@ -230,6 +230,15 @@ std::string make_tiny_model(const fs::path& dir, kernels::DType type = kernels::
 const std::vector<std::string> kPrompts = {"The quick brown fox jumps over the lazy dog. Once upon a time",
                                            "Hello", "a b c d e f g h i j k l m n o p q r s t u v w x y z"};
 
+// The CUDA serving tests compare with single-process `nibble generate --device cuda` on the same
+// INT4 kernels (int4_kernels: cuda_cores in the job, --int4-kernels cuda-cores there): the GPU's
+// logits differ from the CPU's (which feeds every matrix 8-bit activations) by ~1e-2 relative RMS, so
+// a random model's near-ties may go either way over 24 greedy tokens; the CPU-GPU agreement is
+// test_cuda_llama_model's, which compares tokens only where the CPU's top-2 gap is clear.
+const std::string kCudaGenerate = "--device cuda --int4-kernels cuda-cores";
+const std::string kCudaJob =
+    "device: cuda\nint4_kernels: cuda_cores\ncontext: 1024\nkv_cache: { num_blocks: 64 }\n";
+
 void expect_same_as_generate(const std::string& model, int tensor, int pipeline) {
   std::vector<Expected> expected;
   for (const std::string& p : kPrompts) expected.push_back(nibble_generate(model, p, 24));
@@ -420,6 +429,50 @@ TEST(Serve, DraftOnItsOwnRankSamplesTheSameTokensAsNextToTheSampler) {
   EXPECT_EQ(accepted[1], accepted[0]);
 }
 
+// device: cuda, sampled requests with a draft next to the sampling worker: at P=1 (a whole model on
+// the GPU) the worker verifies the drafts on the device (CudaLlamaModel::forward_verify: only ids come
+// back), at P=2 its last stage verifies downloaded logits on the host. Same pinned kernels, so the same
+// logits and, with the same uniforms, the same tokens (fixed k: the adaptive mode's timing could
+// choose differently in the two jobs).
+TEST(Serve, CudaSampledSpeculationVerifiedOnTheDeviceEqualsTheHostsVerification) {
+  const std::string why = worker::cuda_unavailable_reason();
+  if (!why.empty()) GTEST_SKIP() << "no CUDA device: " << why;
+  if (!fs::exists(mpiexec())) GTEST_SKIP() << "mpirun (" << mpiexec() << ") is absent";
+  test::TempDir models;
+  const std::string model = make_tiny_model(models.path());
+  const std::string other = (models.path() / "other.gguf").string();
+  model::write_random_llama(other, model::llama_shape_by_name("tiny"), kernels::DType::Q4_0, 9);
+  for (const std::string& draft : {model, other}) {
+    SCOPED_TRACE("draft " + draft);
+    std::vector<std::vector<int32_t>> outputs[2];
+    uint64_t accepted[2] = {0, 0};
+    for (const int pipeline : {1, 2}) {
+      test::TempDir dir;
+      ServeJob job(dir.path(), model, 1, pipeline,
+                   kCudaJob + "draft: { path: \"" + draft + "\", max_draft_tokens: 3, adaptive: false }\n");
+      ASSERT_TRUE(job.wait_ready()) << job.log();
+      EXPECT_NE(job.log().find(pipeline == 1 ? "verified on the GPU" : "verified on the host"),
+                std::string::npos)
+          << job.log();
+      Client client(job.endpoint());
+      for (size_t i = 0; i < kPrompts.size(); ++i) {
+        protocol::GenerateRequest request = greedy(numbered("s", i), kPrompts[i], 24);
+        request.sampling.temperature = 0.9f;
+        request.sampling.top_k = 40;
+        request.sampling.seed = 7 + i;
+        const protocol::Final f = client.generate(request);
+        outputs[pipeline - 1].push_back(f.tokens);
+        accepted[pipeline - 1] += f.draft_accepted;
+      }
+    }
+    EXPECT_EQ(outputs[0], outputs[1]);
+    EXPECT_EQ(accepted[0], accepted[1]);
+    if (draft == model) {
+      EXPECT_GT(accepted[0], 0u) << "the target as its own draft has proposals accepted";
+    }
+  }
+}
+
 // A copy of a committed Hugging Face test checkpoint with a small Llama-2 style tokenizer.json of
 // the model's vocabulary size added.
 fs::path hf_checkpoint_with_tokenizer(const fs::path& dir, const std::string& checkpoint) {
@@ -514,15 +567,6 @@ TEST(Serve, CudaDeviceWithoutAGpuFailsAtStartUpWithTheReason) {
         << log;
   }
 }
-
-// The CUDA serving tests compare with single-process `nibble generate --device cuda` on the same
-// INT4 kernels (int4_kernels: cuda_cores in the job, --int4-kernels cuda-cores there): the GPU's
-// logits differ from the CPU's (which feeds every matrix 8-bit activations) by ~1e-2 relative RMS, so
-// a random model's near-ties may go either way over 24 greedy tokens; the CPU-GPU agreement is
-// test_cuda_llama_model's, which compares tokens only where the CPU's top-2 gap is clear.
-const std::string kCudaGenerate = "--device cuda --int4-kernels cuda-cores";
-const std::string kCudaJob =
-    "device: cuda\nint4_kernels: cuda_cores\ncontext: 1024\nkv_cache: { num_blocks: 64 }\n";
 
 // device: cuda on a GPU: T=2 (both workers on the one GPU here: reductions through the host) and
 // P=2 give the greedy tokens of single-process `nibble generate --device cuda` for a project-made

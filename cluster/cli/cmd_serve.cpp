@@ -501,8 +501,14 @@ int serve(const std::string& config_path) {
                  gpu >= 0 ? (", GPU " + std::to_string(gpu)).c_str() : "");
   }
   if (config.draft.has_value() && !config.draft_has_own_rank()) {
-    std::fprintf(stderr, "nibble serve: draft %s next to the sampling worker (rank %d), on its %s\n",
-                 config.draft->path.c_str(), sampling_world_rank, cuda ? "GPU" : "CPU");
+    // A whole model on a GPU (one worker) verifies sampled drafts on the device
+    // (worker::CudaForwardModel::verifies_drafts); otherwise the sampling worker verifies its logits.
+    const bool verify_on_gpu = cuda && config.num_workers() == 1;
+    std::fprintf(stderr,
+                 "nibble serve: draft %s next to the sampling worker (rank %d), on its %s; sampled drafts "
+                 "verified on the %s\n",
+                 config.draft->path.c_str(), sampling_world_rank, cuda ? "GPU" : "CPU",
+                 verify_on_gpu ? "GPU" : "host");
   }
   std::fflush(stderr);
 

@@ -124,23 +124,18 @@ std::vector<EngineResult> LocalEngine::step() {
   const bool verify_on_model =
       !argmax_only && !ids_only && model_.verifies_drafts() &&
       std::all_of(sampled.begin(), sampled.end(), [&](const StepEntry* e) {
-        return e->n_draft > 0 && params_of(e).temperature > 0.0f && params_of(e).repetition_penalty == 1.0f &&
-               states_.at(e->seq_id)->draft_probs.size() >= static_cast<size_t>(e->n_draft * n_vocab);
+        return worker::verifiable_on_model(params_of(e), e->n_draft,
+                                           states_.at(e->seq_id)->draft_probs.size(), n_vocab);
       });
   if (argmax_only) {
     model_.forward_argmax(batch, *cache_, argmax_);
   } else if (verify_on_model) {
-    verify_uniforms_.assign(sampled.size(), {});
+    verify_uniforms_.resize(sampled.size());
     std::vector<worker::ForwardModel::VerifySequence> seqs;
     for (size_t i = 0; i < sampled.size(); ++i) {
-      const StepEntry& e = *sampled[i];
-      RequestState& state = *states_.at(e.seq_id);
-      for (int j = 0; j <= e.n_draft; ++j) verify_uniforms_[i].push_back(state.sampler.uniform());
-      const auto k = static_cast<size_t>(e.n_draft);
-      seqs.push_back({state.sampler.params(),
-                      std::span<const int32_t>(e.tokens.data() + e.tokens.size() - k, k),
-                      std::span<const float>(state.draft_probs.data(), k * static_cast<size_t>(n_vocab)),
-                      verify_uniforms_[i]});
+      RequestState& state = *states_.at(sampled[i]->seq_id);
+      seqs.push_back(worker::verify_sequence(state.sampler, sampled[i]->tokens, sampled[i]->n_draft,
+                                             state.draft_probs, n_vocab, verify_uniforms_[i]));
     }
     model_.forward_verify(batch, *cache_, seqs, verify_accepted_, verify_tokens_);
   } else if (ids_only) {

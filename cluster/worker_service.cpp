@@ -99,23 +99,18 @@ protocol::StepResult WorkerService::execute(const protocol::WorkerStep& step) {
   const bool verify_on_model =
       !argmax_only && !ids_only && hidden_in == nullptr && model_.verifies_drafts() &&
       all_sampled([&](const protocol::PlanEntry& e, const worker::SamplingParams& p) {
-        return e.n_draft > 0 && p.temperature > 0.0f && p.repetition_penalty == 1.0f &&
-               sequences_.at(e.seq_id)->draft_probs.size() >= static_cast<size_t>(e.n_draft * n_vocab);
+        return worker::verifiable_on_model(p, e.n_draft, sequences_.at(e.seq_id)->draft_probs.size(),
+                                           n_vocab);
       });
   if (argmax_only) {
     model_.forward_stage_argmax(batch, hidden_in, argmax_);
   } else if (verify_on_model) {
-    verify_uniforms_.assign(sampled.size(), {});
+    verify_uniforms_.resize(sampled.size());
     std::vector<worker::VerifySequence> seqs;
     for (size_t i = 0; i < sampled.size(); ++i) {
-      const protocol::PlanEntry& e = *sampled[i];
-      SequenceState& state = *sequences_.at(e.seq_id);
-      for (int j = 0; j <= e.n_draft; ++j) verify_uniforms_[i].push_back(state.sampler.uniform());
-      const auto k = static_cast<size_t>(e.n_draft);
-      seqs.push_back({state.sampler.params(),
-                      std::span<const int32_t>(e.tokens.data() + e.tokens.size() - k, k),
-                      std::span<const float>(state.draft_probs.data(), k * static_cast<size_t>(n_vocab)),
-                      verify_uniforms_[i]});
+      SequenceState& state = *sequences_.at(sampled[i]->seq_id);
+      seqs.push_back(worker::verify_sequence(state.sampler, sampled[i]->tokens, sampled[i]->n_draft,
+                                             state.draft_probs, n_vocab, verify_uniforms_[i]));
     }
     model_.forward_verify(batch, seqs, verify_accepted_, verify_tokens_);
   } else if (ids_only) {

@@ -239,6 +239,22 @@ const std::string kCudaGenerate = "--device cuda --int4-kernels cuda-cores";
 const std::string kCudaJob =
     "device: cuda\nint4_kernels: cuda_cores\ncontext: 1024\nkv_cache: { num_blocks: 64 }\n";
 
+// Why a `device: cuda` job cannot run here ("" when it can): no usable GPU, or no mpirun.
+std::string cuda_job_skip_reason() {
+  if (const std::string why = worker::cuda_unavailable_reason(); !why.empty())
+    return "no CUDA device: " + why;
+  if (!fs::exists(mpiexec())) return "mpirun (" + mpiexec() + ") is absent";
+  return "";
+}
+
+// A random model of the tiny shape but another seed than make_tiny_model's: a draft whose proposals
+// are mostly rejected.
+std::string make_unrelated_draft(const fs::path& dir) {
+  const std::string path = (dir / "other.gguf").string();
+  model::write_random_llama(path, model::llama_shape_by_name("tiny"), kernels::DType::Q4_0, 9);
+  return path;
+}
+
 void expect_same_as_generate(const std::string& model, int tensor, int pipeline) {
   std::vector<Expected> expected;
   for (const std::string& p : kPrompts) expected.push_back(nibble_generate(model, p, 24));
@@ -435,13 +451,10 @@ TEST(Serve, DraftOnItsOwnRankSamplesTheSameTokensAsNextToTheSampler) {
 // logits and, with the same uniforms, the same tokens (fixed k: the adaptive mode's timing could
 // choose differently in the two jobs).
 TEST(Serve, CudaSampledSpeculationVerifiedOnTheDeviceEqualsTheHostsVerification) {
-  const std::string why = worker::cuda_unavailable_reason();
-  if (!why.empty()) GTEST_SKIP() << "no CUDA device: " << why;
-  if (!fs::exists(mpiexec())) GTEST_SKIP() << "mpirun (" << mpiexec() << ") is absent";
+  if (const std::string why = cuda_job_skip_reason(); !why.empty()) GTEST_SKIP() << why;
   test::TempDir models;
   const std::string model = make_tiny_model(models.path());
-  const std::string other = (models.path() / "other.gguf").string();
-  model::write_random_llama(other, model::llama_shape_by_name("tiny"), kernels::DType::Q4_0, 9);
+  const std::string other = make_unrelated_draft(models.path());
   for (const std::string& draft : {model, other}) {
     SCOPED_TRACE("draft " + draft);
     std::vector<std::vector<int32_t>> outputs[2];
@@ -572,9 +585,7 @@ TEST(Serve, CudaDeviceWithoutAGpuFailsAtStartUpWithTheReason) {
 // P=2 give the greedy tokens of single-process `nibble generate --device cuda` for a project-made
 // Q4_0 model.
 TEST(Serve, CudaServesLikeCudaGenerate) {
-  const std::string why = worker::cuda_unavailable_reason();
-  if (!why.empty()) GTEST_SKIP() << "no CUDA device: " << why;
-  if (!fs::exists(mpiexec())) GTEST_SKIP() << "mpirun (" << mpiexec() << ") is absent";
+  if (const std::string why = cuda_job_skip_reason(); !why.empty()) GTEST_SKIP() << why;
   test::TempDir models;
   const std::string model = make_tiny_model(models.path());
   std::vector<Expected> expected;
@@ -606,13 +617,10 @@ TEST(Serve, CudaServesLikeCudaGenerate) {
 // speculation over worker::CudaForwardModel), T=1 and P=2, greedy tokens equal to `nibble generate
 // --device cuda` without a draft (the target as its own draft, and an unrelated one).
 TEST(Serve, CudaSpeculativeServesLikeCudaGenerate) {
-  const std::string why = worker::cuda_unavailable_reason();
-  if (!why.empty()) GTEST_SKIP() << "no CUDA device: " << why;
-  if (!fs::exists(mpiexec())) GTEST_SKIP() << "mpirun (" << mpiexec() << ") is absent";
+  if (const std::string why = cuda_job_skip_reason(); !why.empty()) GTEST_SKIP() << why;
   test::TempDir models;
   const std::string model = make_tiny_model(models.path());
-  const std::string other = (models.path() / "other.gguf").string();
-  model::write_random_llama(other, model::llama_shape_by_name("tiny"), kernels::DType::Q4_0, 9);
+  const std::string other = make_unrelated_draft(models.path());
   std::vector<Expected> expected;
   for (const std::string& p : kPrompts) expected.push_back(nibble_generate(model, p, 24, kCudaGenerate));
   for (const std::string& draft : {model, other}) {

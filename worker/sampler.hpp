@@ -46,6 +46,19 @@ struct VerifySequence {
   std::span<const double> uniforms;    // [k + 1] in [0, 1)
 };
 
+// Whether a sequence's step can be verified where the logits are: it verifies k >= 1 drafts at
+// temperature > 0 without a repetition penalty, and the draft's k distributions (draft_probs floats)
+// are at hand.
+bool verifiable_on_model(const SamplingParams& params, int k, size_t draft_probs, int64_t n_vocab);
+
+class Sampler;
+// The VerifySequence of a sequence whose step fed `tokens`, the last k of them its drafts, with its
+// k + 1 uniforms drawn from `sampler` now into `uniforms` (speculative::verify draws as many, in the
+// same order), which the result points into. draft_probs: at least [k, n_vocab].
+VerifySequence verify_sequence(Sampler& sampler, std::span<const int32_t> tokens, int k,
+                               std::span<const float> draft_probs, int64_t n_vocab,
+                               std::vector<double>& uniforms);
+
 struct TokenProbability {
   int32_t id;
   float p;

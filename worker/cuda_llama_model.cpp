@@ -184,7 +184,8 @@ struct DeviceMatrix {
   size_t scales_offset = 0, zeros_offset = 0;
   // int4_groups: the kernel chosen for its shape per row range (CudaModelOptions::int4_kernels).
   kc::Int4Kernel int4_kernel[kc::kInt4RowRanges] = {kc::kInt4DefaultKernels[0], kc::kInt4DefaultKernels[1],
-                                                    kc::kInt4DefaultKernels[2], kc::kInt4DefaultKernels[3]};
+                                                    kc::kInt4DefaultKernels[2], kc::kInt4DefaultKernels[3],
+                                                    kc::kInt4DefaultKernels[4]};
   int64_t bytes() const { return mem != nullptr ? static_cast<int64_t>(mem->bytes()) : 0; }
 };
 
@@ -837,7 +838,8 @@ void CudaLlamaModel::Impl::choose_int4_kernels() {
       choice.skipped = t.skipped;
     } else if (options.int4_kernels == Int4Kernels::tensor_cores) {
       t.chosen[0] = t.chosen[1] = kc::Int4Kernel::gemv_tensor_cores;
-      t.chosen[2] = t.chosen[3] = kc::Int4Kernel::gemm_mma;
+      t.chosen[2] = kc::Int4Kernel::gemv_tensor_cores_32rows;
+      t.chosen[3] = t.chosen[4] = kc::Int4Kernel::gemm_tensor_cores_64rows;
     }  // cuda_cores: Int4GroupsTuning's defaults
     for (int r = 0; r < kc::kInt4RowRanges; ++r) {
       choice.chosen[r] = static_cast<int>(t.chosen[r]);

@@ -118,27 +118,28 @@ class CudaKvCache {
 //   measured:     the fastest on this device, timed per matrix shape on the model's weights at load
 //                 (from 17 rows on, dequantizing chunks to fp16 for cuBLAS is a candidate too);
 //   cuda_cores:   the CUDA-core GEMV up to 32 rows, the WMMA GEMM above;
-//   tensor_cores: the tensor-core GEMV up to 16 rows, the mma GEMM above.
+//   tensor_cores: the tensor-core GEMV up to 16 rows, its two-tile shape up to 32, the 64-row
+//                 tensor-core GEMM above.
 enum class Int4Kernels { measured, cuda_cores, tensor_cores };
 
 // The kernels one group-wise INT4 matrix shape uses, with the load-time times behind the choice.
 struct CudaInt4KernelChoice {
-  static constexpr int kKernels = 8;
+  static constexpr int kKernels = 10;
   static constexpr const char* kernel_names[kKernels] = {
-      "CUDA-core GEMV",   "tensor-core GEMV", "WMMA GEMM",        "mma GEMM",
-      "dequant + cuBLAS", "TC GEMV 512 thr",  "TC GEMV 2 blk/SM", "staged GEMV"};
-  // The row ranges 1, 2-16, 17-32 and over 32 (their largest row counts; -1: any), and the row
-  // counts each is timed at (0: none).
-  static constexpr int kRanges = 4;
-  static constexpr int64_t range_max_rows[kRanges] = {1, 16, 32, -1};
-  static constexpr int64_t range_timed_rows[kRanges][2] = {{1, 0}, {4, 16}, {32, 0}, {256, 0}};
+      "CUDA-core GEMV",  "tensor-core GEMV", "WMMA GEMM",   "mma GEMM",        "dequant + cuBLAS",
+      "TC GEMV 512 thr", "TC GEMV 2 blk/SM", "staged GEMV", "TC GEMV 32 rows", "TC GEMM 64 rows"};
+  // The row ranges 1, 2-16, 17-32, 33-64 and over 64 (their largest row counts; -1: any), and the
+  // row counts each is timed at (0: none).
+  static constexpr int kRanges = 5;
+  static constexpr int64_t range_max_rows[kRanges] = {1, 16, 32, 64, -1};
+  static constexpr int64_t range_timed_rows[kRanges][2] = {{1, 0}, {4, 16}, {32, 0}, {64, 0}, {256, 0}};
   int64_t n_out = 0, k = 0, group = 0;
-  int64_t matrices = 0;                  // how many of the model's matrices have this shape
-  int chosen[kRanges] = {0, 0, 0, 2};    // per range, the kernel (an index into kernel_names)
-  double us[kRanges][kKernels][2] = {};  // device microseconds per product by range, kernel and timed
-                                         // row count; 0: not timed (a fixed choice, a kernel that does
-                                         // not take that many rows, or one that failed to launch)
-  std::string skipped;                   // candidates that failed to launch, and how
+  int64_t matrices = 0;                   // how many of the model's matrices have this shape
+  int chosen[kRanges] = {0, 0, 0, 2, 2};  // per range, the kernel (an index into kernel_names)
+  double us[kRanges][kKernels][2] = {};   // device microseconds per product by range, kernel and timed
+                                          // row count; 0: not timed (a fixed choice, a kernel that does
+                                          // not take that many rows, or one that failed to launch)
+  std::string skipped;                    // candidates that failed to launch, and how
 };
 
 // Where one forward pass's device time goes (CudaLlamaModel::profile_greedy): per section of the

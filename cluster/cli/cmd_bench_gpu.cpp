@@ -267,11 +267,13 @@ int run_model(const Args& a) {
   report("%s loaded in %.1f s, decode floor %.2f ms/step", a.model.c_str(), target.load_seconds,
          floor_s * 1e3);
   for (const worker::CudaInt4KernelChoice& ch : target.model->int4_kernel_choices()) {
-    report("INT4 %lldx%lld: rows 1 %s, 2-16 %s, 17-32 %s, over 32 %s", static_cast<long long>(ch.n_out),
-           static_cast<long long>(ch.k), worker::CudaInt4KernelChoice::kernel_names[ch.chosen[0]],
+    report("INT4 %lldx%lld: rows 1 %s, 2-16 %s, 17-32 %s, 33-64 %s, over 64 %s",
+           static_cast<long long>(ch.n_out), static_cast<long long>(ch.k),
+           worker::CudaInt4KernelChoice::kernel_names[ch.chosen[0]],
            worker::CudaInt4KernelChoice::kernel_names[ch.chosen[1]],
            worker::CudaInt4KernelChoice::kernel_names[ch.chosen[2]],
-           worker::CudaInt4KernelChoice::kernel_names[ch.chosen[3]]);
+           worker::CudaInt4KernelChoice::kernel_names[ch.chosen[3]],
+           worker::CudaInt4KernelChoice::kernel_names[ch.chosen[4]]);
   }
   std::mt19937 rng(42);
   const double pp_one = time_prefill(target, 1, a.prompt_tokens, a.repetitions, rng);
@@ -500,10 +502,11 @@ int run_kernels(const Args& a) {
                 result.copy_gbps);
     std::printf(
         "%-12s %4s | %10s %8s %6s | %8s %6s | %8s %6s | %10s %6s | %9s %6s | %8s %6s | %8s %6s | %8s %6s | "
-        "%10s %8s | %8s %9s | %11s %8s %8s\n",
+        "%8s %6s | %8s %6s | %10s %8s | %8s %9s | %11s %8s %8s\n",
         "k x n_out", "m", "W4A16 us", "GB/s", "%copy", "split us", "%copy", "g128 us", "%copy", "g128 tc us",
-        "%copy", "staged us", "%copy", "mma us", "%copy", "deq us", "%copy", "Q4_K us", "%copy", "cuBLAS us",
-        "GB/s", "vs fp16", "best/fp16", "tinygemm us", "vs tg", "best/tg");
+        "%copy", "staged us", "%copy", "tc32 us", "%copy", "tc64 us", "%copy", "mma us", "%copy", "deq us",
+        "%copy", "Q4_K us", "%copy", "cuBLAS us", "GB/s", "vs fp16", "best/fp16", "tinygemm us", "vs tg",
+        "best/tg");
   }
   for (const auto& r : result.rows) {
     const double ours_gbps = r.ours_bytes / (r.ours_us * 1e-6) / 1e9;
@@ -512,7 +515,8 @@ int run_kernels(const Args& a) {
     const double tg_us = tg == tinygemm.end() ? 0.0 : tg->second;
     // The fastest group-128 kernel at this m (the one the model's load-time timing would pick).
     double best_g128_us = 0.0;
-    for (const double us : {r.g128_us, r.g128_tc_us, r.g128_staged_us, r.g128_mma_us, r.g128_deq_us})
+    for (const double us : {r.g128_us, r.g128_tc_us, r.g128_staged_us, r.g128_tc32_us, r.g128_tc64_us,
+                            r.g128_mma_us, r.g128_deq_us})
       if (us > 0 && (best_g128_us == 0.0 || us < best_g128_us)) best_g128_us = us;
     nlohmann::json row{{"k", r.shape.k},
                        {"n_out", r.shape.n_out},
@@ -547,6 +551,14 @@ int run_kernels(const Args& a) {
       row["w4a16_g128_staged_us"] = r.g128_staged_us;
       row["g128_staged_gbps"] = r.g128_bytes / (r.g128_staged_us * 1e-6) / 1e9;
       row["g128_staged_speedup_vs_cublas"] = r.cublas_us / r.g128_staged_us;
+    }
+    if (r.g128_tc32_us > 0) {
+      row["w4a16_g128_tc32_us"] = r.g128_tc32_us;
+      row["g128_tc32_speedup_vs_cublas"] = r.cublas_us / r.g128_tc32_us;
+    }
+    if (r.g128_tc64_us > 0) {
+      row["w4a16_g128_tc64_us"] = r.g128_tc64_us;
+      row["g128_tc64_speedup_vs_cublas"] = r.cublas_us / r.g128_tc64_us;
     }
     if (r.g128_deq_us > 0) {
       row["w4a16_g128_dequant_cublas_us"] = r.g128_deq_us;
@@ -584,6 +596,8 @@ int run_kernels(const Args& a) {
       timed(r.g128_us, r.g128_bytes);
       timed(r.g128_tc_us, r.g128_bytes, 10);
       timed(r.g128_staged_us, r.g128_bytes, 9);
+      timed(r.g128_tc32_us, r.g128_bytes);
+      timed(r.g128_tc64_us, r.g128_bytes);
       timed(r.g128_mma_us, r.g128_bytes);
       timed(r.g128_deq_us, r.g128_bytes);
       timed(r.q4k_us, r.q4k_bytes);
@@ -608,7 +622,9 @@ int run_kernels(const Args& a) {
         "AWQ, "
         "kernels/int4_groups.hpp; tinygemm's grouping); g128 tc = the same weights on the tensor-core GEMV "
         "(w4a16_gemv_int4_groups_mma, m <= 16); staged = the same weights on the staged GEMV (m = 1; "
-        "w4a16_gemv_int4_groups_staged: scale factored out, fp32 activations in shared memory); mma = the "
+        "w4a16_gemv_int4_groups_staged: scale factored out, fp32 activations in shared memory); tc32 = the "
+        "tensor-core GEMV on two m16 tiles (m <= 32); tc64 = the tensor-core GEMM on 64-row slabs "
+        "(w4a16_gemm_int4_groups_mma_64rows, any m); mma = the "
         "same weights on the mma.sync GEMM (m > 32); deq = the same weights dequantized to fp16 in 64 MiB "
         "chunks for cuBLAS (m >= 17; "
         "w4a16_int4_groups_dequant_cublas). best = the fastest of the group-128 kernels at that m (what the "

@@ -159,7 +159,8 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
     }
   }
   std::vector<double> g128(ms.size(), 0.0), g128_mma(ms.size(), 0.0), g128_tc(ms.size(), 0.0),
-      g128_staged(ms.size(), 0.0), g128_deq(ms.size(), 0.0), q4k(ms.size(), 0.0);
+      g128_staged(ms.size(), 0.0), g128_tc32(ms.size(), 0.0), g128_tc64(ms.size(), 0.0),
+      g128_deq(ms.size(), 0.0), q4k(ms.size(), 0.0);
   const size_t g128_quant_bytes = static_cast<size_t>(n * k / 2);
   const size_t g128_groups = static_cast<size_t>(n * (k / 128));
   // nibbles, then scales, then zeros, each 16-byte aligned (as CudaLlamaModel stores them)
@@ -198,6 +199,9 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
         g128_tc[mi] = time_g128(w4a16_gemv_int4_groups_mma, m, "W4A16 tensor-core GEMV");
       if (m > kW4A16GemvMaxM) g128_mma[mi] = time_g128(w4a16_gemm_int4_groups_mma, m, "W4A16 mma kernel");
       if (m == 1) g128_staged[mi] = time_g128(w4a16_gemv_int4_groups_staged, m, "W4A16 staged GEMV");
+      if (m <= kW4A16GemvMma32RowsMaxM)
+        g128_tc32[mi] = time_g128(w4a16_gemv_int4_groups_mma_32rows, m, "W4A16 tensor-core GEMV, 32 rows");
+      g128_tc64[mi] = time_g128(w4a16_gemm_int4_groups_mma_64rows, m, "W4A16 tensor-core GEMM, 64 rows");
     }
     // Dequantized to fp16 in chunks for cuBLAS, with the model's scratch size (from 17 rows).
     const int64_t scratch_halves = std::min<int64_t>(n * k, (int64_t{64} << 20) / 2);
@@ -265,6 +269,8 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
     row.g128_mma_us = g128_mma[mi];
     row.g128_tc_us = g128_tc[mi];
     row.g128_staged_us = g128_staged[mi];
+    row.g128_tc32_us = g128_tc32[mi];
+    row.g128_tc64_us = g128_tc64[mi];
     row.g128_deq_us = g128_deq[mi];
     row.q4k_us = q4k[mi];
     row.g128_bytes = static_cast<double>(g128_bytes) + 2.0 * ms[mi] * k + 4.0 * ms[mi] * n;

@@ -49,21 +49,27 @@ using detail::prefetch_l2;
 
 constexpr int kMaxSplits = 8;  // the portable cluster size
 
-// One variant of the kernel: warps splitting each stage's inputs (4: 256 threads, the design above;
-// 8: 512 threads, one unit each), pipeline stages, and blocks per SM it is built for (2 with 3
-// stages: two independent blocks of ~91 KB). Which is fastest is measured, not assumed: on an H200
-// the first one reached only ~28% of copy bandwidth at 1-16 rows, flat in m, which points at latency
-// (8 warps an SM) rather than bytes or math (docs/perf/gpu.md); the model's load-time timing picks.
-template <int WarpsK, int Stages, int BlocksPerSm>
+// One variant of the kernel: m16 tiles of activation rows a block computes (1: the decode GEMV, up
+// to 16 rows; 2: up to 32; 4: 64-row slabs of any m), warps side by side along the 128 outputs,
+// warps splitting each stage's inputs (4: 256 threads, the design above; 8: 512 threads, one unit
+// each), pipeline stages, and blocks per SM it is built for (2 with 3 stages: two independent blocks
+// of ~91 KB). Which is fastest is measured, not assumed: on an H200 the first one reached only ~28%
+// of copy bandwidth at 1-16 rows, flat in m, which points at latency (8 warps an SM) rather than
+// bytes or math (docs/perf/gpu.md); the model's load-time timing picks. More m16 tiles reuse each
+// dequantized B fragment for more mmas (8 per fragment at 64 rows), which is what makes 17-64 rows
+// cheap here where dequant + cuBLAS moves the weights three times in 16 bits.
+template <int MTiles, int WarpsN, int WarpsK, int Stages, int BlocksPerSm>
 struct GemvMmaConfig {
-  static constexpr int kWarpsN = 2;                            // warps side by side along the outputs
-  static constexpr int kWarpsK = WarpsK;                       // warps splitting each stage's inputs
-  static constexpr int kThreads = 32 * kWarpsN * kWarpsK;      // 256 or 512
-  static constexpr int kTilesPerWarp = 8;                      // n8 tiles: 64 outputs a warp
-  static constexpr int kTileN = 8 * kTilesPerWarp * kWarpsN;   // 128 outputs a block
-  static constexpr int kStageUnits = 8;                        // 32-input units per stage
-  static constexpr int kUnitsPerWarp = kStageUnits / kWarpsK;  // per warp per stage
-  static constexpr int kStageInputs = kStageUnits * kQK4_0;    // 256
+  static constexpr int kMTiles = MTiles;                        // m16 tiles a block computes
+  static constexpr int kRows = 16 * kMTiles;                    // activation rows a block computes
+  static constexpr int kWarpsN = WarpsN;                        // warps side by side along the outputs
+  static constexpr int kWarpsK = WarpsK;                        // warps splitting each stage's inputs
+  static constexpr int kThreads = 32 * kWarpsN * kWarpsK;       // 256 or 512
+  static constexpr int kTileN = 128;                            // outputs a block
+  static constexpr int kTilesPerWarp = kTileN / (8 * kWarpsN);  // n8 tiles a warp
+  static constexpr int kStageUnits = 8;                         // 32-input units per stage
+  static constexpr int kUnitsPerWarp = kStageUnits / kWarpsK;   // per warp per stage
+  static constexpr int kStageInputs = kStageUnits * kQK4_0;     // 256
   static constexpr int kStages = Stages;
   static constexpr int kBlocksPerSm = BlocksPerSm;
   static constexpr int kMaxGroupsPerStage = kStageUnits;  // group 32
@@ -72,42 +78,49 @@ struct GemvMmaConfig {
   static constexpr int kWRowBytes = kStageUnits * 16 + 16;  // +16: an LDS's 8 rows on 8 bank quads
   static constexpr int kWSlotBytes = kTileN * kWRowBytes;
   static constexpr int kXRowHalves = kStageInputs + 8;  // +16 bytes: ldmatrix's 8 rows on distinct banks
-  static constexpr int kXSlotBytes = 16 * kXRowHalves * 2;
+  static constexpr int kXSlotBytes = kRows * kXRowHalves * 2;
   static constexpr int kPairSlotBytes = kTileN * kMaxGroupsPerStage * 4;  // [128 rows][8 groups] pairs
   static constexpr int kSlotBytes = kWSlotBytes + kXSlotBytes + kPairSlotBytes;
   static constexpr int kSmemBytes = kStages * kSlotBytes;
-  // After the pipeline the same memory holds the warps' partial sums: [kWarpsK][16 rows][kRedLd].
+  // After the pipeline the same memory holds the warps' partial sums: [kWarpsK][kRows][kRedLd].
   static constexpr int kRedLd = kTileN + 8;  // +8 floats: the float2 stores of 8 rows spread over banks
 
   // Per thread and stage: weight chunks (16 bytes), x chunks, (scale, zero) pairs (at most).
   static constexpr int kWChunks = kTileN * kStageUnits / kThreads;
   static constexpr int kWRowStep = kThreads / kStageUnits;
   static constexpr int kXParts = kStageInputs / 8;  // 16-byte parts of an x row's stage
-  static constexpr int kXChunks = 16 * kXParts / kThreads;
+  static constexpr int kXChunks = kRows * kXParts / kThreads;
   static constexpr int kXRowStep = kThreads / kXParts;
   static constexpr int kPairsPerThread = (kTileN * kMaxGroupsPerStage + kThreads - 1) / kThreads;
 
   static_assert(kUnitsPerWarp * kWarpsK == kStageUnits && kUnitsPerWarp >= 1);
+  static_assert(kTilesPerWarp * 8 * kWarpsN == kTileN && kTilesPerWarp >= 1);
   static_assert(kWSlotBytes % 16 == 0 && kXSlotBytes % 16 == 0 && kSlotBytes % 16 == 0, "16-byte copies");
-  static_assert(kWChunks * kThreads == kTileN * kStageUnits && kXChunks * kThreads == 16 * kXParts);
+  static_assert(kWChunks * kThreads == kTileN * kStageUnits && kXChunks * kThreads == kRows * kXParts);
   static_assert(kThreads >= 2 * kTileN, "the L2 prefetch gives one thread per row to scales, one to zeros");
-  static_assert(kWarpsK * 16 * kRedLd * 4 <= kSmemBytes, "the reduction buffer aliases the pipeline");
+  static_assert(kWarpsK * kRows * kRedLd * 4 <= kSmemBytes, "the reduction buffer aliases the pipeline");
   static_assert(kStages >= 2);
   static_assert(kSmemBytes * kBlocksPerSm <= 227 * 1024, "an H100 / H200 SM's shared memory");
 };
-using GemvMma256 = GemvMmaConfig<4, 4, 1>;  // w4a16_gemv_int4_groups_mma
-using GemvMma512 = GemvMmaConfig<8, 4, 1>;  // w4a16_gemv_int4_groups_mma_512
-using GemvMma2Sm = GemvMmaConfig<4, 3, 2>;  // w4a16_gemv_int4_groups_mma_2bps
+using GemvMma256 = GemvMmaConfig<1, 2, 4, 4, 1>;     // w4a16_gemv_int4_groups_mma
+using GemvMma512 = GemvMmaConfig<1, 2, 8, 4, 1>;     // w4a16_gemv_int4_groups_mma_512
+using GemvMma2Sm = GemvMmaConfig<1, 2, 4, 3, 2>;     // w4a16_gemv_int4_groups_mma_2bps
+using GemvMma32Rows = GemvMmaConfig<2, 2, 4, 4, 1>;  // w4a16_gemv_int4_groups_mma_32rows (154 KB)
+// w4a16_gemm_int4_groups_mma_64rows: four warps along the outputs (32 each) so that the 4 x 4 n8
+// accumulator tiles stay at 64 floats a lane; 3 stages (165 KB: the x tile is 33 KB a stage).
+using GemmMma64Rows = GemvMmaConfig<4, 4, 2, 3, 1>;
 
-// Grid (output tiles, splits), clusters of (1, splits): block (tile, split) computes outputs
-// 128 tile .. 128 tile + 127 over stages [split · stages_per_split, + stages_per_split) of the inputs.
+// Grid (output tiles, splits, row slabs), clusters of (1, splits, 1): block (tile, split, slab)
+// computes outputs 128 tile .. 128 tile + 127 of activation rows kRows slab .. kRows slab + kRows - 1
+// (those < m_total) over stages [split · stages_per_split, + stages_per_split) of the inputs.
 template <class C>
 __global__ void __launch_bounds__(C::kThreads, C::kBlocksPerSm)
     gemv_int4_groups_mma_kernel(const uint8_t* __restrict__ quants, const __half* __restrict__ scales,
                                 const uint8_t* __restrict__ zeros, int group_shift, int64_t n_out, int64_t k,
-                                const __half* __restrict__ x, int m, float* __restrict__ y,
+                                const __half* __restrict__ x_all, int m_total, float* __restrict__ y_all,
                                 int stages_per_split) {
   constexpr int kThreads = C::kThreads, kTileN = C::kTileN, kWarpsK = C::kWarpsK, kStages = C::kStages;
+  constexpr int kMTiles = C::kMTiles, kRows = C::kRows;
   constexpr int kTilesPerWarp = C::kTilesPerWarp, kUnitsPerWarp = C::kUnitsPerWarp;
   constexpr int kStageUnits = C::kStageUnits, kStageInputs = C::kStageInputs;
   constexpr int kMaxGroupsPerStage = C::kMaxGroupsPerStage, kWRowBytes = C::kWRowBytes;
@@ -122,6 +135,11 @@ __global__ void __launch_bounds__(C::kThreads, C::kBlocksPerSm)
   const int wn = warp / kWarpsK, wk = warp % kWarpsK;
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kTileN;
   const int split = static_cast<int>(blockIdx.y), splits = static_cast<int>(gridDim.y);
+  const int64_t row0 = static_cast<int64_t>(blockIdx.z) * kRows;  // this block's slab of rows
+  const int m = min(kRows, m_total - static_cast<int>(row0));     // its rows, 1..kRows
+  const int m_tiles = (m + 15) / 16;  // m16 tiles holding a real row (warp-uniform)
+  const __half* __restrict__ x = x_all + row0 * k;
+  float* __restrict__ y = y_all + row0 * n_out;
   const int64_t units = k / kQK4_0;  // per weight row
   const int64_t stages_total = (units + kStageUnits - 1) / kStageUnits;
   const int64_t stage_begin = min(static_cast<int64_t>(split) * stages_per_split, stages_total);
@@ -231,53 +249,62 @@ __global__ void __launch_bounds__(C::kThreads, C::kBlocksPerSm)
       prefetch_l2(prefetch_base + stage * prefetch_stride);
   };
 
-  float acc[kTilesPerWarp][4];
+  float acc[kMTiles][kTilesPerWarp][4];
 #pragma unroll
-  for (int j = 0; j < kTilesPerWarp; ++j)
+  for (int i = 0; i < kMTiles; ++i)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) acc[j][e] = 0.0f;
+    for (int j = 0; j < kTilesPerWarp; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
 
-  // Warp (wn, wk) on a staged stage: its 2 units' A fragments (ldmatrix: lane l gives row l % 16,
-  // inputs 8 (l / 16) ..), then per n8 tile and unit the B fragments and two 16-deep mmas.
+  // Warp (wn, wk) on a staged stage, unit by unit: the unit's A fragments of every m16 tile with a
+  // real row (ldmatrix: lane l gives row l % 16, inputs 8 (l / 16) ..), then per n8 tile the B
+  // fragments, dequantized once, and two 16-deep mmas per m16 tile. Each accumulator sees its units
+  // in the same order whatever kMTiles is, so a row's sums do not depend on the tiles around it.
   const int a_row = lane % 16, a_col = (lane / 16) * 8;
   const auto compute = [&](int slot) {
     const uint8_t* base = smem + slot * kSlotBytes;
     const auto* xs = reinterpret_cast<const __half*>(base + kWSlotBytes);
     const auto* pairs = reinterpret_cast<const uint32_t*>(base + kWSlotBytes + kXSlotBytes);
-    uint32_t a[kUnitsPerWarp][2][4];
 #pragma unroll
     for (int u = 0; u < kUnitsPerWarp; ++u) {
+      const int unit = wk * kUnitsPerWarp + u;
+      uint32_t a[kMTiles][2][4];
 #pragma unroll
-      for (int st = 0; st < 2; ++st) {
-        const int input = (wk * kUnitsPerWarp + u) * kQK4_0 + st * 16 + a_col;
-        ldmatrix_x4(a[u][st], xs + a_row * kXRowHalves + input);
+      for (int i = 0; i < kMTiles; ++i) {
+        if (i < m_tiles) {
+#pragma unroll
+          for (int st = 0; st < 2; ++st)
+            ldmatrix_x4(a[i][st], xs + (i * 16 + a_row) * kXRowHalves + unit * kQK4_0 + st * 16 + a_col);
+        }
       }
-    }
 #pragma unroll
-    for (int j = 0; j < kTilesPerWarp; ++j) {
-      const int row = wn * (8 * kTilesPerWarp) + j * 8 + g;
-#pragma unroll
-      for (int u = 0; u < kUnitsPerWarp; ++u) {
-        const int unit = wk * kUnitsPerWarp + u;
+      for (int j = 0; j < kTilesPerWarp; ++j) {
+        const int row = wn * (8 * kTilesPerWarp) + j * 8 + g;
         const auto* w16 = reinterpret_cast<const uint16_t*>(base + row * kWRowBytes + unit * 16);
         const uint32_t pair = pairs[row * kMaxGroupsPerStage + (unit >> group_shift)];
         const float scale = __half2float(__ushort_as_half(static_cast<unsigned short>(pair & 0xFFFF)));
         uint32_t b[2][2];
         w4a16::int4_unit_b_fragments(w16[t], w16[t + 4], scale, static_cast<int>(pair >> 16), b);
-        mma_16816(acc[j], a[u][0], b[0]);
-        mma_16816(acc[j], a[u][1], b[1]);
+#pragma unroll
+        for (int i = 0; i < kMTiles; ++i) {
+          if (i < m_tiles) {
+            mma_16816(acc[i][j], a[i][0], b[0]);
+            mma_16816(acc[i][j], a[i][1], b[1]);
+          }
+        }
       }
     }
   };
 
-  // Prologue: x rows m..15 of every slot are zero for good (never copied); stages 0..2 in flight;
+  // Prologue: x rows m..kRows-1 of every slot are zero for good (never copied); stages 0..2 in flight;
   // their pairs stored; stage 3's pairs in registers; stages 4 and 5's pairs on their way to L2.
   // Everything but x is weights, which no kernel writes: it all goes before the wait for the previous
   // kernel (a no-op unless launched programmatically), so that the first 48 KB of weights are on
   // their way while that kernel finishes. Stages 0..2's weights then share cp.async group 0 with
   // stage 0's x (group i still holds all of stage i).
-  for (int e = tid; e < kStages * (16 - m) * (kXRowHalves / 8); e += kThreads) {
-    const int per_slot = (16 - m) * (kXRowHalves / 8);
+  for (int e = tid; e < kStages * (kRows - m) * (kXRowHalves / 8); e += kThreads) {
+    const int per_slot = (kRows - m) * (kXRowHalves / 8);
     const int slot = e / per_slot, r = m + (e % per_slot) / (kXRowHalves / 8), c = e % (kXRowHalves / 8);
     *reinterpret_cast<uint4*>(smem + slot * kSlotBytes + kWSlotBytes + (r * kXRowHalves + c * 8) * 2) =
         make_uint4(0, 0, 0, 0);
@@ -318,15 +345,20 @@ __global__ void __launch_bounds__(C::kThreads, C::kBlocksPerSm)
   cp_async_wait<0>();
   __syncthreads();  // the pipeline's memory becomes the reduction buffer
 
-  // Partial sums of warp (wn, wk) -> red[wk][row][column]; D fragment: rows g and g + 8, columns 2t, 2t + 1.
+  // Partial sums of warp (wn, wk) -> red[wk][row][column]; D fragment of m16 tile i: rows 16 i + g
+  // and 16 i + g + 8, columns 2t, 2t + 1.
   auto* red = reinterpret_cast<float*>(smem);
 #pragma unroll
-  for (int j = 0; j < kTilesPerWarp; ++j) {
-    const int c = wn * (8 * kTilesPerWarp) + j * 8 + 2 * t;
+  for (int i = 0; i < kMTiles; ++i) {
+    if (i >= m_tiles) continue;
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      *reinterpret_cast<float2*>(red + (wk * 16 + g + 8 * h) * kRedLd + c) =
-          make_float2(acc[j][2 * h], acc[j][2 * h + 1]);
+    for (int j = 0; j < kTilesPerWarp; ++j) {
+      const int c = wn * (8 * kTilesPerWarp) + j * 8 + 2 * t;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        *reinterpret_cast<float2*>(red + (wk * kRows + i * 16 + g + 8 * h) * kRedLd + c) =
+            make_float2(acc[i][j][2 * h], acc[i][j][2 * h + 1]);
+      }
     }
   }
   __syncthreads();
@@ -335,7 +367,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kBlocksPerSm)
     const int r = e / kTileN, c = e % kTileN;
     float v = red[r * kRedLd + c];
 #pragma unroll
-    for (int w = 1; w < kWarpsK; ++w) v += red[(w * 16 + r) * kRedLd + c];
+    for (int w = 1; w < kWarpsK; ++w) v += red[(w * kRows + r) * kRedLd + c];
     if (splits == 1) {
       if (n0 + c < n_out) y[r * n_out + n0 + c] = v;
     } else {
@@ -427,16 +459,19 @@ int max_cluster_size(int device) {
   return best;
 }
 
+// max_m: the most rows one call takes (C::kRows for the GEMVs; more for the 64-row GEMM, whose
+// slabs of C::kRows rows are the grid's third dimension).
 template <class C>
 Status launch_gemv_mma(const uint8_t* quants, const __half* scales, const uint8_t* zeros, int64_t group,
                        int64_t n_out, int64_t k, const __half* x, int64_t m, float* y, cudaStream_t stream,
-                       bool programmatic) {
+                       bool programmatic, int64_t max_m = C::kRows) {
   w4a16::Int4GroupBlocks blocks{};
   if (!w4a16::make_int4_group_operands(quants, scales, zeros, group, k, x, y, blocks))
     return Status::invalid_argument;
-  if (n_out < 0 || k < 0 || m < 1 || m > kW4A16GemvMmaMaxM) return Status::invalid_argument;
+  if (n_out < 0 || k < 0 || m < 1 || m > max_m) return Status::invalid_argument;
   const int64_t tiles = (n_out + C::kTileN - 1) / C::kTileN;
-  if (tiles > INT32_MAX) return Status::invalid_argument;
+  const int64_t slabs = (m + C::kRows - 1) / C::kRows;
+  if (tiles > INT32_MAX || slabs > 65535) return Status::invalid_argument;
   if (n_out == 0) return Status::ok;
   if (k == 0) {
     return cudaMemsetAsync(y, 0, static_cast<size_t>(m * n_out) * sizeof(float), stream) == cudaSuccess
@@ -454,7 +489,8 @@ Status launch_gemv_mma(const uint8_t* quants, const __half* scales, const uint8_
   choose_split<C>(n_out, k, sm_count, max_cluster, splits, stages_per_split);
 
   cudaLaunchConfig_t config{};
-  config.gridDim = dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(splits), 1);
+  config.gridDim =
+      dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(splits), static_cast<unsigned>(slabs));
   config.blockDim = dim3(C::kThreads, 1, 1);
   config.dynamicSmemBytes = C::kSmemBytes;
   config.stream = stream;
@@ -491,6 +527,20 @@ Status w4a16_gemv_int4_groups_mma_2bps(const uint8_t* quants, const __half* scal
                                        int64_t group, int64_t n_out, int64_t k, const __half* x, int64_t m,
                                        float* y, cudaStream_t stream, bool programmatic) {
   return launch_gemv_mma<GemvMma2Sm>(quants, scales, zeros, group, n_out, k, x, m, y, stream, programmatic);
+}
+
+Status w4a16_gemv_int4_groups_mma_32rows(const uint8_t* quants, const __half* scales, const uint8_t* zeros,
+                                         int64_t group, int64_t n_out, int64_t k, const __half* x, int64_t m,
+                                         float* y, cudaStream_t stream, bool programmatic) {
+  return launch_gemv_mma<GemvMma32Rows>(quants, scales, zeros, group, n_out, k, x, m, y, stream,
+                                        programmatic);
+}
+
+Status w4a16_gemm_int4_groups_mma_64rows(const uint8_t* quants, const __half* scales, const uint8_t* zeros,
+                                         int64_t group, int64_t n_out, int64_t k, const __half* x, int64_t m,
+                                         float* y, cudaStream_t stream, bool programmatic) {
+  return launch_gemv_mma<GemmMma64Rows>(quants, scales, zeros, group, n_out, k, x, m, y, stream, programmatic,
+                                        int64_t{65535} * GemmMma64Rows::kRows);
 }
 
 }  // namespace nibble::kernels::cuda

@@ -52,4 +52,19 @@ Status w4a16_gemv_int4_groups_mma_2bps(const uint8_t* quants, const __half* scal
                                        int64_t group, int64_t n_out, int64_t k, const __half* x, int64_t m,
                                        float* y, cudaStream_t stream, bool programmatic = false);
 
+// The same kernel on more activation rows, for batched decode past 16 rows and for prefill, where
+// dequant + cuBLAS writes and reads 16-bit copies of the weights and the SIMT kernels run out of
+// FMAs: each dequantized B fragment feeds an mma per m16 tile of rows. Arguments, layout and
+// numerics as above; deterministic, and a row's outputs do not depend on m (nor on its slab).
+//   _32rows: two m16 tiles, 1 <= m <= kW4A16GemvMma32RowsMaxM (256 threads, 4 stages).
+//   _64rows: four m16 tiles, any m >= 1 (up to 65535 slabs): the rows go in slabs of 64, one slab per
+//            grid layer, each reading the weights again (from L2 when the slabs run together).
+constexpr int64_t kW4A16GemvMma32RowsMaxM = 32;
+Status w4a16_gemv_int4_groups_mma_32rows(const uint8_t* quants, const __half* scales, const uint8_t* zeros,
+                                         int64_t group, int64_t n_out, int64_t k, const __half* x, int64_t m,
+                                         float* y, cudaStream_t stream, bool programmatic = false);
+Status w4a16_gemm_int4_groups_mma_64rows(const uint8_t* quants, const __half* scales, const uint8_t* zeros,
+                                         int64_t group, int64_t n_out, int64_t k, const __half* x, int64_t m,
+                                         float* y, cudaStream_t stream, bool programmatic = false);
+
 }  // namespace nibble::kernels::cuda

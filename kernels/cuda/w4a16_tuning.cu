@@ -30,6 +30,10 @@ const char* int4_kernel_name(Int4Kernel kernel) {
       return "TC GEMV 2 blk/SM";
     case Int4Kernel::gemv_cuda_cores_staged:
       return "staged GEMV";
+    case Int4Kernel::gemv_tensor_cores_32rows:
+      return "TC GEMV 32 rows";
+    case Int4Kernel::gemm_tensor_cores_64rows:
+      return "TC GEMM 64 rows";
   }
   return "?";
 }
@@ -46,6 +50,8 @@ int64_t int4_kernel_max_rows(Int4Kernel kernel) {
     case Int4Kernel::gemv_tensor_cores_512:
     case Int4Kernel::gemv_tensor_cores_2bps:
       return kW4A16GemvMmaMaxM;
+    case Int4Kernel::gemv_tensor_cores_32rows:
+      return kW4A16GemvMma32RowsMaxM;
     default:
       return INT64_MAX;
   }
@@ -69,6 +75,10 @@ Int4GroupsLauncher int4_kernel_launcher(Int4Kernel kernel) {
       return w4a16_gemv_int4_groups_mma_2bps;
     case Int4Kernel::gemv_cuda_cores_staged:
       return w4a16_gemv_int4_groups_staged;
+    case Int4Kernel::gemv_tensor_cores_32rows:
+      return w4a16_gemv_int4_groups_mma_32rows;
+    case Int4Kernel::gemm_tensor_cores_64rows:
+      return w4a16_gemm_int4_groups_mma_64rows;
   }
   return nullptr;
 }

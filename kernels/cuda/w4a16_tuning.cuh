@@ -1,7 +1,7 @@
 #pragma once
 // Which group-wise INT4 kernel multiplies one weight shape on this device, per range of activation
 // rows, chosen by timing the candidates on the model's own weights when it loads (TensorRT-LLM's
-// GEMM plugin profiles its tactics the same way when it builds an engine). The eight candidates take
+// GEMM plugin profiles its tactics the same way when it builds an engine). The ten candidates take
 // the same operands and layout:
 //   CUDA-core GEMV    w4a16_gemv_int4_groups           (up to 32 rows; m FMAs per weight on the CUDA cores)
 //   tensor-core GEMV  w4a16_gemv_int4_groups_mma       (up to 16 rows; one m16 tile)
@@ -12,11 +12,13 @@
 //                     the tensor-core GEMV with twice the warps an SM, w4a16_gemv_mma.cuh)
 //   staged GEMV       w4a16_gemv_int4_groups_staged   (1 row; the unit's scale factored out, fp32
 //                     activations in shared memory: fewer instructions a weight)
+//   TC GEMV 32 rows   w4a16_gemv_int4_groups_mma_32rows (up to 32 rows: two m16 tiles)
+//   TC GEMM 64 rows   w4a16_gemm_int4_groups_mma_64rows (any rows, in slabs of four m16 tiles)
 // Ranges: 1 row (batch-1 decode), 2-16 rows (batched decode; timed at 4 and 16), 17-32 rows (timed at
-// 32), over 32 (prefill; timed at 256). One row has its own range because the CUDA-core GEMV wins
-// there and only there: on an H200 (2026-12-04, llama-70b's shapes) it took 26-302 us against the
-// tensor-core GEMV's 30-383 us at 1 row, but 318-4313 us against 32-409 us at 16, so one range for
-// 1-16 chose the tensor-core GEMV and made batch-1 decode 21% slower. One kernel serves a whole
+// 32), 33-64 (large-batch decode; timed at 64), over 64 (prefill; timed at 256). One row has its own range
+// because the CUDA-core GEMV wins there and only there: on an H200 (2026-12-04, llama-70b's shapes) it took
+// 26-302 us against the tensor-core GEMV's 30-383 us at 1 row, but 318-4313 us against 32-409 us at 16, so
+// one range for 1-16 chose the tensor-core GEMV and made batch-1 decode 21% slower. One kernel serves a whole
 // range, and each kernel's outputs for a row do not depend on m, so a row's bits do not change with
 // how many other rows of its range share the batch.
 #include <cuda_fp16.h>
@@ -46,9 +48,11 @@ enum class Int4Kernel : int {
   dequant_cublas,
   gemv_tensor_cores_512,
   gemv_tensor_cores_2bps,
-  gemv_cuda_cores_staged
+  gemv_cuda_cores_staged,
+  gemv_tensor_cores_32rows,
+  gemm_tensor_cores_64rows
 };
-constexpr int kInt4Kernels = 8;
+constexpr int kInt4Kernels = 10;
 const char* int4_kernel_name(Int4Kernel kernel);  // "CUDA-core GEMV", ...
 // The most rows `kernel` takes in one call (INT64_MAX: any).
 int64_t int4_kernel_max_rows(Int4Kernel kernel);
@@ -69,9 +73,9 @@ Status launch_int4_kernel(Int4Kernel kernel, const Int4CublasContext* cublas, co
                           const __half* x, int64_t m, float* y, cudaStream_t stream, bool programmatic);
 
 // The row ranges, and the row counts each is timed at (a second count of 0: one only).
-constexpr int kInt4RowRanges = 4;
-constexpr int64_t kInt4RangeMaxRows[kInt4RowRanges] = {1, 16, 32, INT64_MAX};
-constexpr int64_t kInt4RangeTimedRows[kInt4RowRanges][2] = {{1, 0}, {4, 16}, {32, 0}, {256, 0}};
+constexpr int kInt4RowRanges = 5;
+constexpr int64_t kInt4RangeMaxRows[kInt4RowRanges] = {1, 16, 32, 64, INT64_MAX};
+constexpr int64_t kInt4RangeTimedRows[kInt4RowRanges][2] = {{1, 0}, {4, 16}, {32, 0}, {64, 0}, {256, 0}};
 // The range m rows fall in (m >= 1).
 inline int int4_row_range(int64_t m) {
   int r = 0;
@@ -83,14 +87,14 @@ inline int int4_row_range(int64_t m) {
 // the model ran before the tensor-core kernels existed.
 constexpr Int4Kernel kInt4DefaultKernels[kInt4RowRanges] = {
     Int4Kernel::gemv_cuda_cores, Int4Kernel::gemv_cuda_cores, Int4Kernel::gemv_cuda_cores,
-    Int4Kernel::gemm_wmma};
+    Int4Kernel::gemm_wmma, Int4Kernel::gemm_wmma};
 
 struct Int4GroupsTuning {
   // Device microseconds per product (median of repeated loops) by range, kernel and timed row count;
   // 0 where the kernel does not take that many rows or failed to launch (`skipped` says which).
   double us[kInt4RowRanges][kInt4Kernels][2] = {};
   Int4Kernel chosen[kInt4RowRanges] = {kInt4DefaultKernels[0], kInt4DefaultKernels[1], kInt4DefaultKernels[2],
-                                       kInt4DefaultKernels[3]};
+                                       kInt4DefaultKernels[3], kInt4DefaultKernels[4]};
   std::string skipped;  // candidates that failed, e.g. "tensor-core GEMV (1 rows): device_error"
 };
 

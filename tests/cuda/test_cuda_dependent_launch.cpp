@@ -40,7 +40,7 @@ TEST(CudaDependentLaunch, ProductsLaunchedProgrammaticallyReadTheNormsOutput) {
   std::mt19937 rng(11);
   ct::DeviceInt4Groups w;
   ASSERT_NO_FATAL_FAILURE(ct::make_device_int4_groups(n_out, k, group, rng, w));
-  const int64_t max_m = 48;
+  const int64_t max_m = 80;
   std::normal_distribution<float> normal(0.0f, 1.0f);
   std::vector<float> residual_host(static_cast<size_t>(max_m * k)), norm_weight_host(static_cast<size_t>(k));
   for (auto& v : residual_host) v = normal(rng);
@@ -76,6 +76,8 @@ TEST(CudaDependentLaunch, ProductsLaunchedProgrammaticallyReadTheNormsOutput) {
       {"tensor-core GEMV, 2 blocks an SM", kc::w4a16_gemv_int4_groups_mma_2bps, 1},
       {"WMMA GEMM", kc::w4a16_gemm_int4_groups, 48},
       {"mma GEMM", kc::w4a16_gemm_int4_groups_mma, 48},
+      {"tensor-core GEMV, 32 rows", kc::w4a16_gemv_int4_groups_mma_32rows, 29},
+      {"tensor-core GEMM, 64-row slabs", kc::w4a16_gemm_int4_groups_mma_64rows, 80},
   };
   for (const Case& c : cases) {
     SCOPED_TRACE(std::string(c.name) + ", m = " + std::to_string(c.m));

@@ -341,20 +341,21 @@ TEST(CudaLlamaModel, ChoosesTheInt4KernelsPerMatrixShape) {
   const auto& choices = measured.int4_kernel_choices();
   ASSERT_FALSE(choices.empty());
   int64_t matrices = 0;
-  // The kernels that take m rows: CUDA-core GEMV up to 32, the tensor-core GEMVs (1, 5, 6) up to 16,
-  // GEMMs any, dequant + cuBLAS from 17, the staged GEMV (7) one.
+  // The kernels that take m rows: CUDA-core GEMV (0) and the two-tile tensor-core GEMV (8) up to 32,
+  // the tensor-core GEMVs (1, 5, 6) up to 16, GEMMs (2, 3, 9) any, dequant + cuBLAS (4) from 17, the
+  // staged GEMV (7) one.
   const auto takes = [](int kernel, int64_t m) {
-    return kernel == 7                  ? m == 1
-           : kernel == 0                ? m <= 32
-           : kernel == 1 || kernel >= 5 ? m <= 16
-           : kernel == 4                ? m >= 17
-                                        : true;
+    return kernel == 7                                 ? m == 1
+           : kernel == 0 || kernel == 8                ? m <= 32
+           : kernel == 1 || kernel == 5 || kernel == 6 ? m <= 16
+           : kernel == 4                               ? m >= 17
+                                                       : true;
   };
   for (const Choice& ch : choices) {
     SCOPED_TRACE(std::to_string(ch.n_out) + " x " + std::to_string(ch.k));
     EXPECT_EQ(ch.group, 64);
     EXPECT_EQ(ch.skipped, "");
-    const int defaults[Choice::kRanges] = {0, 0, 0, 2};  // kept unless another is 5% faster
+    const int defaults[Choice::kRanges] = {0, 0, 0, 2, 2};  // kept unless another is 5% faster
     for (int r = 0; r < Choice::kRanges; ++r) {
       SCOPED_TRACE("row range " + std::to_string(r));
       double best = 0.0;
@@ -392,7 +393,7 @@ TEST(CudaLlamaModel, ChoosesTheInt4KernelsPerMatrixShape) {
   }
   // q/k/v, attn_output, gate/up and down in every layer (stacked or not: at least 4 a layer).
   EXPECT_GE(matrices, 4 * c.n_layer);
-  const int cuda_cores[Choice::kRanges] = {0, 0, 0, 2}, tensor_cores[Choice::kRanges] = {1, 1, 3, 3};
+  const int cuda_cores[Choice::kRanges] = {0, 0, 0, 2, 2}, tensor_cores[Choice::kRanges] = {1, 1, 8, 9, 9};
   for (const auto fixed : {w::Int4Kernels::cuda_cores, w::Int4Kernels::tensor_cores}) {
     w::CudaModelOptions options;
     options.int4_kernels = fixed;
@@ -851,7 +852,7 @@ TEST(CudaLlamaModelCli, BenchGpuReportsTheInt4KernelChoicesAndProgrammaticLaunch
   ASSERT_FALSE(j["int4_kernels"].empty()) << r.output;
   for (const auto& shape : j["int4_kernels"]) {
     EXPECT_EQ(shape["group"], 128) << r.output;
-    ASSERT_EQ(shape["ranges"].size(), 4u) << r.output;
+    ASSERT_EQ(shape["ranges"].size(), static_cast<size_t>(w::CudaInt4KernelChoice::kRanges)) << r.output;
     for (const auto& range : shape["ranges"]) {
       // The chosen kernel is among those timed for the range.
       bool timed = false;

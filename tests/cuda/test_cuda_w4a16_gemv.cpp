@@ -139,19 +139,28 @@ TEST(CudaW4A16Gemv, Int4GroupsMatchCpuReference) {
 // Shapes: a single output, outputs around the 128-output tile (37, 130) and many tiles (4099); one
 // 32-input unit, a partial 256-input stage (192), and 16.5 stages (4224, split across a cluster on
 // small n_out); m from 1 to the 16-row tile.
-// The tensor-core GEMV's three shapes (w4a16_gemv_mma.cuh): 256 threads, 512 threads, 2 blocks an SM.
+// The tensor-core GEMV's shapes (w4a16_gemv_mma.cuh): 256 threads, 512 threads, 2 blocks an SM (one
+// m16 tile), two m16 tiles, and the GEMM of 64-row slabs; with the row counts each is tested at
+// (the GEMM's 130: three slabs, the last of two rows).
 using MmaGemv = k::Status (*)(const uint8_t*, const __half*, const uint8_t*, int64_t, int64_t, int64_t,
                               const __half*, int64_t, float*, cudaStream_t, bool);
-const std::pair<const char*, MmaGemv> kMmaGemvs[] = {
-    {"256 threads", k::cuda::w4a16_gemv_int4_groups_mma},
-    {"512 threads", k::cuda::w4a16_gemv_int4_groups_mma_512},
-    {"2 blocks an SM", k::cuda::w4a16_gemv_int4_groups_mma_2bps},
+struct MmaGemvVariant {
+  const char* name;
+  MmaGemv gemv;
+  std::vector<int64_t> ms;  // ascending; the last is the most rows tested
+};
+const MmaGemvVariant kMmaGemvs[] = {
+    {"256 threads", k::cuda::w4a16_gemv_int4_groups_mma, {1, 3, 8, 16}},
+    {"512 threads", k::cuda::w4a16_gemv_int4_groups_mma_512, {1, 3, 8, 16}},
+    {"2 blocks an SM", k::cuda::w4a16_gemv_int4_groups_mma_2bps, {1, 3, 8, 16}},
+    {"32 rows", k::cuda::w4a16_gemv_int4_groups_mma_32rows, {1, 5, 17, 32}},
+    {"64-row slabs", k::cuda::w4a16_gemm_int4_groups_mma_64rows, {1, 17, 64, 130}},
 };
 
 TEST(CudaW4A16Gemv, Int4GroupsMmaMatchCpuReference) {
   NIBBLE_REQUIRE_CUDA_DEVICE();
   std::mt19937 rng(31);
-  for (const auto& [variant, gemv] : kMmaGemvs)
+  for (const auto& [variant, gemv, ms] : kMmaGemvs)
     for (const int64_t group : {int64_t{32}, int64_t{64}, int64_t{128}}) {
       for (const int64_t n_out : {int64_t{1}, int64_t{37}, int64_t{130}, int64_t{4099}}) {
         for (const int64_t kk : {int64_t{32}, int64_t{192}, int64_t{4224}}) {
@@ -163,10 +172,11 @@ TEST(CudaW4A16Gemv, Int4GroupsMmaMatchCpuReference) {
           uint8_t* const dq = weights.quants->ptr;
           const uint8_t* const dz = weights.zeros->ptr;
           const __half* const sp = weights.scales_half();
-          // The largest shape only at the ends of the m range: the host reference is m · n_out · k.
+          // The largest shape only at 1 and the most rows up to 64: the host reference is m · n_out · k.
           const bool large = n_out * kk > 1000000;
-          for (const int64_t m : {int64_t{1}, int64_t{3}, int64_t{8}, int64_t{16}}) {
-            if (large && m != 1 && m != 16) continue;
+          const int64_t large_m = ms.back() <= 64 ? ms.back() : ms[ms.size() - 2];
+          for (const int64_t m : ms) {
+            if (large && m != 1 && m != large_m) continue;
             expect_matches_reference(wf, n_out, kk, m, 2e-3, rng, [&](const __half* x, int64_t mm, float* y) {
               return gemv(dq, sp, dz, group, n_out, kk, x, mm, y, nullptr, false);
             });
@@ -177,16 +187,17 @@ TEST(CudaW4A16Gemv, Int4GroupsMmaMatchCpuReference) {
 }
 
 // Bit-for-bit: two calls give the same y (fixed-order sums, no atomics), and a row's outputs do not
-// depend on the other rows (m = 16 and m = 1 agree on row 0), on a shape whose inputs are split over
-// a cluster (few outputs, long rows) and on one that is not. Then the argument checks.
+// depend on the other rows (the most rows tested and m = 1 agree on the first row, and on the last
+// row: the 64-row GEMM's last slab), on a shape whose inputs are split over a cluster (few outputs,
+// long rows) and on one that is not. Then the argument checks.
 TEST(CudaW4A16Gemv, Int4GroupsMmaIsReproducibleAndChecksArguments) {
   NIBBLE_REQUIRE_CUDA_DEVICE();
   std::mt19937 rng(37);
   const int64_t group = 128;
-  for (const auto& [variant, gemv] : kMmaGemvs)
+  for (const auto& [variant, gemv, ms] : kMmaGemvs)
     for (const int64_t n_out : {int64_t{130}, int64_t{4099}}) {
       SCOPED_TRACE(std::string(variant) + ", n_out " + std::to_string(n_out));
-      const int64_t kk = 4224, m = 16;
+      const int64_t kk = 4224, m = ms.back();
       DeviceInt4Groups weights;
       ASSERT_NO_FATAL_FAILURE(make_device_int4_groups(n_out, kk, group, rng, weights));
       const uint8_t* const dq = weights.quants->ptr;
@@ -197,19 +208,25 @@ TEST(CudaW4A16Gemv, Int4GroupsMmaIsReproducibleAndChecksArguments) {
       for (auto& v : xh) v = k::fp32_to_fp16(normal(rng));
       DeviceBuffer<k::f16_bits> dx(xh);
       DeviceBuffer<float> dy1(static_cast<size_t>(m * n_out)), dy2(static_cast<size_t>(m * n_out)),
-          dy_row(static_cast<size_t>(n_out));
-      ASSERT_TRUE(dx.ptr && dy1.ptr && dy2.ptr && dy_row.ptr);
+          dy_row(static_cast<size_t>(n_out)), dy_last(static_cast<size_t>(n_out));
+      ASSERT_TRUE(dx.ptr && dy1.ptr && dy2.ptr && dy_row.ptr && dy_last.ptr);
       const auto* x = reinterpret_cast<const __half*>(dx.ptr);
       ASSERT_EQ(gemv(dq, sp, dz, group, n_out, kk, x, m, dy1.ptr, nullptr, false), k::Status::ok);
       ASSERT_EQ(gemv(dq, sp, dz, group, n_out, kk, x, m, dy2.ptr, nullptr, false), k::Status::ok);
       ASSERT_EQ(gemv(dq, sp, dz, group, n_out, kk, x, 1, dy_row.ptr, nullptr, false), k::Status::ok);
+      ASSERT_EQ(gemv(dq, sp, dz, group, n_out, kk, x + (m - 1) * kk, 1, dy_last.ptr, nullptr, false),
+                k::Status::ok);
       ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-      const std::vector<float> y1 = dy1.to_host(), y2 = dy2.to_host(), y_row = dy_row.to_host();
+      const std::vector<float> y1 = dy1.to_host(), y2 = dy2.to_host(), y_row = dy_row.to_host(),
+                               y_last = dy_last.to_host();
       ASSERT_EQ(y1.size(), y2.size());
       ASSERT_EQ(y_row.size(), static_cast<size_t>(n_out));
+      ASSERT_EQ(y_last.size(), static_cast<size_t>(n_out));
       EXPECT_EQ(std::memcmp(y1.data(), y2.data(), y1.size() * sizeof(float)), 0) << "two calls differ";
       EXPECT_EQ(std::memcmp(y1.data(), y_row.data(), y_row.size() * sizeof(float)), 0)
           << "row 0 depends on m";
+      EXPECT_EQ(std::memcmp(y1.data() + (m - 1) * n_out, y_last.data(), y_last.size() * sizeof(float)), 0)
+          << "row " << m - 1 << " depends on the rows before it";
     }
 
   const int64_t n_out = 37, kk = 192;
@@ -225,6 +242,12 @@ TEST(CudaW4A16Gemv, Int4GroupsMmaIsReproducibleAndChecksArguments) {
                                                nullptr);
   };
   EXPECT_EQ(call(32, kk, x, 17, dy.ptr), k::Status::invalid_argument);  // more rows than the m16 tile
+  EXPECT_EQ(
+      k::cuda::w4a16_gemv_int4_groups_mma_32rows(dq.ptr, sp, dz.ptr, 32, n_out, kk, x, 33, dy.ptr, nullptr),
+      k::Status::invalid_argument);  // more rows than two m16 tiles
+  EXPECT_EQ(
+      k::cuda::w4a16_gemm_int4_groups_mma_64rows(dq.ptr, sp, dz.ptr, 32, n_out, kk, x, 0, dy.ptr, nullptr),
+      k::Status::invalid_argument);
   EXPECT_EQ(call(32, kk, x, 0, dy.ptr), k::Status::invalid_argument);
   EXPECT_EQ(call(32, kk, reinterpret_cast<const __half*>(dx.ptr + 4), 1, dy.ptr),
             k::Status::invalid_argument);                               // x 8-byte but not 16-byte aligned

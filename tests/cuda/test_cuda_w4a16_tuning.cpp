@@ -18,7 +18,7 @@ namespace kc = nibble::kernels::cuda;
 namespace ct = nibble::cuda_test;
 using nibble::kernels::Status;
 
-constexpr int kCudaCores = 0, kWmma = 2, kMma = 3;  // Int4Kernel indices
+constexpr int kCudaCores = 0, kWmma = 2, kMma = 3, kTc64Rows = 9;  // Int4Kernel indices
 
 // A tuning with the given times (0: not timed) for the 2-16 row range (at 4 and 16 rows) and the
 // rule's choice there.
@@ -47,21 +47,27 @@ TEST(W4A16Tuning, EachRangeTakesTheSmallestGeometricMeanOfItsTimesByAMargin) {
   t.us[2][kCudaCores][0] = 100;  // 32 rows
   t.us[2][kWmma][0] = 60;
   t.us[2][kMma][0] = 50;
-  t.us[3][kWmma][0] = 400;  // 256 rows
-  t.us[3][kMma][0] = 401;
+  t.us[4][kWmma][0] = 400;  // 256 rows (over 64)
+  t.us[4][kMma][0] = 401;
   kc::choose_int4_groups_kernels(t);
   EXPECT_EQ(t.chosen[2], K::gemm_mma);
-  EXPECT_EQ(t.chosen[3], K::gemm_wmma);
-  t.us[3][kMma][0] = 390;  // 2.5% faster than the default WMMA GEMM: not enough
+  EXPECT_EQ(t.chosen[3], K::gemm_wmma);  // 33-64 rows: nothing timed, the default
+  EXPECT_EQ(t.chosen[4], K::gemm_wmma);
+  t.us[4][kMma][0] = 390;  // 2.5% faster than the default WMMA GEMM: not enough
   kc::choose_int4_groups_kernels(t);
-  EXPECT_EQ(t.chosen[3], K::gemm_wmma);
-  t.us[3][kMma][0] = 370;  // 7.5% faster
+  EXPECT_EQ(t.chosen[4], K::gemm_wmma);
+  t.us[4][kMma][0] = 370;  // 7.5% faster
   kc::choose_int4_groups_kernels(t);
-  EXPECT_EQ(t.chosen[3], K::gemm_mma);
-  t.us[3][kMma][0] = 401;
-  t.us[3][kWmma][0] = 0;  // the WMMA GEMM failed
+  EXPECT_EQ(t.chosen[4], K::gemm_mma);
+  t.us[4][kMma][0] = 401;
+  t.us[4][kWmma][0] = 0;  // the WMMA GEMM failed
   kc::choose_int4_groups_kernels(t);
-  EXPECT_EQ(t.chosen[3], K::gemm_mma);
+  EXPECT_EQ(t.chosen[4], K::gemm_mma);
+  t.us[3][kWmma][0] = 300;  // 64 rows: the 64-row tensor-core GEMM, the two-tile GEMV cannot take them
+  t.us[3][kTc64Rows][0] = 40;
+  kc::choose_int4_groups_kernels(t);
+  EXPECT_EQ(t.chosen[3], K::gemm_tensor_cores_64rows);
+  EXPECT_EQ(t.chosen[4], K::gemm_mma);  // each range by its own times
 }
 
 // llama-70b's 8192 x 8192 matrix on an H200 (2026-12-04, us per product): the CUDA-core GEMV is the
@@ -91,9 +97,17 @@ TEST(W4A16Tuning, RangesAndKernelLimits) {
   EXPECT_EQ(kc::int4_row_range(17), 2);
   EXPECT_EQ(kc::int4_row_range(32), 2);
   EXPECT_EQ(kc::int4_row_range(33), 3);
-  EXPECT_EQ(kc::int4_row_range(100000), 3);
+  EXPECT_EQ(kc::int4_row_range(64), 3);
+  EXPECT_EQ(kc::int4_row_range(65), 4);
+  EXPECT_EQ(kc::int4_row_range(100000), 4);
   EXPECT_EQ(kc::int4_kernel_max_rows(kc::Int4Kernel::gemv_cuda_cores), kc::kW4A16GemvMaxM);
   EXPECT_EQ(kc::int4_kernel_max_rows(kc::Int4Kernel::gemv_tensor_cores), kc::kW4A16GemvMmaMaxM);
+  EXPECT_EQ(kc::int4_kernel_max_rows(kc::Int4Kernel::gemv_tensor_cores_32rows), 32);
+  EXPECT_EQ(kc::int4_kernel_max_rows(kc::Int4Kernel::gemm_tensor_cores_64rows), INT64_MAX);
+  EXPECT_EQ(kc::int4_kernel_launcher(kc::Int4Kernel::gemv_tensor_cores_32rows),
+            kc::w4a16_gemv_int4_groups_mma_32rows);
+  EXPECT_EQ(kc::int4_kernel_launcher(kc::Int4Kernel::gemm_tensor_cores_64rows),
+            kc::w4a16_gemm_int4_groups_mma_64rows);
   // Every range's timed row counts lie inside it.
   for (int r = 0; r < kc::kInt4RowRanges; ++r)
     for (int c = 0; c < 2; ++c)
@@ -165,7 +179,7 @@ TEST(W4A16Tuning, TimesEveryCandidateOnTheDeviceAndChoosesByTheRule) {
       }
     }
     // 256 rows cost more than 1 on the same kernel (a timer that returned noise would not).
-    EXPECT_GT(t.us[3][kWmma][0], 0.5 * t.us[0][kWmma][0]);
+    EXPECT_GT(t.us[4][kWmma][0], 0.5 * t.us[0][kWmma][0]);
     kc::Int4GroupsTuning again = t;
     kc::choose_int4_groups_kernels(again);
     for (int r = 0; r < kc::kInt4RowRanges; ++r) EXPECT_EQ(again.chosen[r], t.chosen[r]);

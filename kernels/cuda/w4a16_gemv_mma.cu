@@ -110,7 +110,7 @@ using GemvMma32Rows = GemvMmaConfig<2, 2, 4, 4, 1>;  // w4a16_gemv_int4_groups_m
 // accumulator tiles stay at 64 floats a lane; 3 stages (165 KB: the x tile is 33 KB a stage).
 using GemmMma64Rows = GemvMmaConfig<4, 4, 2, 3, 1>;
 
-// Grid (output tiles, splits, row slabs), clusters of (1, splits, 1): block (tile, split, slab)
+// Grid (row slabs, output tiles, splits), clusters of (1, 1, splits): block (slab, tile, split)
 // computes outputs 128 tile .. 128 tile + 127 of activation rows kRows slab .. kRows slab + kRows - 1
 // (those < m_total) over stages [split · stages_per_split, + stages_per_split) of the inputs.
 template <class C>
@@ -133,9 +133,9 @@ __global__ void __launch_bounds__(C::kThreads, C::kBlocksPerSm)
   const int lane = tid % 32, warp = tid / 32;
   const int g = lane / 4, t = lane % 4;
   const int wn = warp / kWarpsK, wk = warp % kWarpsK;
-  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kTileN;
-  const int split = static_cast<int>(blockIdx.y), splits = static_cast<int>(gridDim.y);
-  const int64_t row0 = static_cast<int64_t>(blockIdx.z) * kRows;  // this block's slab of rows
+  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kTileN;
+  const int split = static_cast<int>(blockIdx.z), splits = static_cast<int>(gridDim.z);
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRows;  // this block's slab of rows
   const int m = min(kRows, m_total - static_cast<int>(row0));     // its rows, 1..kRows
   const int m_tiles = (m + 15) / 16;  // m16 tiles holding a real row (warp-uniform)
   const __half* __restrict__ x = x_all + row0 * k;
@@ -375,7 +375,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kBlocksPerSm)
     }
   }
   if (splits > 1) {
-    // Cluster rank q == blockIdx.y == split q (cluster dims (1, splits)). Rank `split` sums its share
+    // Cluster rank q == blockIdx.z == split q (cluster dims (1, 1, splits)). Rank `split` sums its share
     // of the tile's m x 128 outputs over ranks 0..splits-1 in order and stores it.
     cg::cluster_group cluster = cg::this_cluster();
     cluster.sync();  // every rank's red[0] is complete and visible cluster-wide
@@ -434,14 +434,14 @@ int max_cluster_size(int device) {
   int best = 1;
   for (int size = kMaxSplits; size > 1; size /= 2) {
     cudaLaunchConfig_t config{};
-    config.gridDim = dim3(1, static_cast<unsigned>(size), 1);
+    config.gridDim = dim3(1, 1, static_cast<unsigned>(size));
     config.blockDim = dim3(C::kThreads, 1, 1);
     config.dynamicSmemBytes = C::kSmemBytes;
     cudaLaunchAttribute cluster{};
     cluster.id = cudaLaunchAttributeClusterDimension;
     cluster.val.clusterDim.x = 1;
-    cluster.val.clusterDim.y = static_cast<unsigned>(size);
-    cluster.val.clusterDim.z = 1;
+    cluster.val.clusterDim.y = 1;
+    cluster.val.clusterDim.z = static_cast<unsigned>(size);
     config.attrs = &cluster;
     config.numAttrs = 1;
     int clusters = 0;
@@ -471,7 +471,7 @@ Status launch_gemv_mma(const uint8_t* quants, const __half* scales, const uint8_
   if (n_out < 0 || k < 0 || m < 1 || m > max_m) return Status::invalid_argument;
   const int64_t tiles = (n_out + C::kTileN - 1) / C::kTileN;
   const int64_t slabs = (m + C::kRows - 1) / C::kRows;
-  if (tiles > INT32_MAX || slabs > 65535) return Status::invalid_argument;
+  if (tiles > 65535 || slabs > INT32_MAX) return Status::invalid_argument;
   if (n_out == 0) return Status::ok;
   if (k == 0) {
     return cudaMemsetAsync(y, 0, static_cast<size_t>(m * n_out) * sizeof(float), stream) == cudaSuccess
@@ -489,16 +489,19 @@ Status launch_gemv_mma(const uint8_t* quants, const __half* scales, const uint8_
   choose_split<C>(n_out, k, sm_count, max_cluster, splits, stages_per_split);
 
   cudaLaunchConfig_t config{};
+  // Slabs vary fastest: the blocks (and clusters) of one output tile's slabs are launched one after
+  // another and run together, so the tile's weights come from device memory once and from L2 for
+  // the other slabs.
   config.gridDim =
-      dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(splits), static_cast<unsigned>(slabs));
+      dim3(static_cast<unsigned>(slabs), static_cast<unsigned>(tiles), static_cast<unsigned>(splits));
   config.blockDim = dim3(C::kThreads, 1, 1);
   config.dynamicSmemBytes = C::kSmemBytes;
   config.stream = stream;
   cudaLaunchAttribute attrs[2] = {};
   attrs[0].id = cudaLaunchAttributeClusterDimension;
   attrs[0].val.clusterDim.x = 1;
-  attrs[0].val.clusterDim.y = static_cast<unsigned>(splits);
-  attrs[0].val.clusterDim.z = 1;
+  attrs[0].val.clusterDim.y = 1;
+  attrs[0].val.clusterDim.z = static_cast<unsigned>(splits);
   attrs[1] = detail::programmatic_launch_attribute();
   config.attrs = attrs;
   config.numAttrs = programmatic ? 2 : 1;
@@ -540,7 +543,7 @@ Status w4a16_gemm_int4_groups_mma_64rows(const uint8_t* quants, const __half* sc
                                          int64_t group, int64_t n_out, int64_t k, const __half* x, int64_t m,
                                          float* y, cudaStream_t stream, bool programmatic) {
   return launch_gemv_mma<GemmMma64Rows>(quants, scales, zeros, group, n_out, k, x, m, y, stream, programmatic,
-                                        int64_t{65535} * GemmMma64Rows::kRows);
+                                        INT32_MAX);
 }
 
 }  // namespace nibble::kernels::cuda

@@ -29,8 +29,8 @@ constexpr int64_t kW4A16GemvMmaMaxM = 16;
 // zeros:  [n_out, k / group] uint8 (0..15); weight = (q - zero) · scale
 // x:      [m, k] __half, row-major (rows k apart), 16-byte aligned
 // y:      [m, n_out] float, row-major (rows n_out apart); every element written
-// group: 32, 64 or 128, dividing k; 1 <= m <= 16; n_out >= 0 (0: nothing launched); k == 0 gives
-// zeros. Enqueues work on `stream` (asynchronous); programmatic: as a programmatic dependent launch
+// group: 32, 64 or 128, dividing k; 1 <= m <= 16; 0 <= n_out <= 65535 · 128 (0: nothing launched); k == 0
+// gives zeros. Enqueues work on `stream` (asynchronous); programmatic: as a programmatic dependent launch
 // (kernels/cuda/dependent_launch.cuh), which starts the copies of the first three stages' weights
 // before waiting for the previous kernel. Returns invalid_argument (nothing launched) for a bad
 // argument, device_error if a CUDA call fails. Same arguments and layout as w4a16_gemv_int4_groups
@@ -57,8 +57,9 @@ Status w4a16_gemv_int4_groups_mma_2bps(const uint8_t* quants, const __half* scal
 // FMAs: each dequantized B fragment feeds an mma per m16 tile of rows. Arguments, layout and
 // numerics as above; deterministic, and a row's outputs do not depend on m (nor on its slab).
 //   _32rows: two m16 tiles, 1 <= m <= kW4A16GemvMma32RowsMaxM (256 threads, 4 stages).
-//   _64rows: four m16 tiles, any m >= 1 (up to 65535 slabs): the rows go in slabs of 64, one slab per
-//            grid layer, each reading the weights again (from L2 when the slabs run together).
+//   _64rows: four m16 tiles, 1 <= m <= INT32_MAX: the rows go in slabs of 64, the slabs of an
+//            output tile run side by side, so its weights come from device memory once and from L2
+//            for the other slabs.
 constexpr int64_t kW4A16GemvMma32RowsMaxM = 32;
 Status w4a16_gemv_int4_groups_mma_32rows(const uint8_t* quants, const __half* scales, const uint8_t* zeros,
                                          int64_t group, int64_t n_out, int64_t k, const __half* x, int64_t m,

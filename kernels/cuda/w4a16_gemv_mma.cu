@@ -193,8 +193,8 @@ __global__ void __launch_bounds__(C::kThreads, C::kBlocksPerSm)
   };
 
   // (scale, zero) pairs p = tid + kThreads i of a stage (i < pairs_used): row p / groups_per_stage,
-  // group tid % groups_per_stage of the stage, packed as scale bits | zero << 16 (0 outside the matrix:
-  // a weight of exactly 0). Stored at [row][group] of the slot's [128][8] pairs. With 512 threads and
+  // group tid % groups_per_stage of the stage, packed by w4a16::int4_packed_scale_zero (0 outside the
+  // matrix: a weight of exactly 0). Stored at [row][group] of the slot's [128][8] pairs. With 512 threads and
   // group 128 (2 groups a stage) only the threads of rows 0..127 have one.
   const int pair_row_shift = 3 - group_shift;  // log2(groups_per_stage)
   const int pairs_used = (groups_per_stage * kTileN + kThreads - 1) / kThreads;
@@ -220,8 +220,8 @@ __global__ void __launch_bounds__(C::kThreads, C::kBlocksPerSm)
       pairs[i] = 0;
       if (group_ok && i < pair_count) {
         const int64_t at = offset + i * pair_step;
-        pairs[i] = static_cast<uint32_t>(__half_as_ushort(__ldg(pair_scales + at))) |
-                   (static_cast<uint32_t>(__ldg(pair_zeros + at)) << 16);
+        pairs[i] =
+            w4a16::int4_packed_scale_zero(__half_as_ushort(__ldg(pair_scales + at)), __ldg(pair_zeros + at));
       }
     }
   };
@@ -282,10 +282,9 @@ __global__ void __launch_bounds__(C::kThreads, C::kBlocksPerSm)
       for (int j = 0; j < kTilesPerWarp; ++j) {
         const int row = wn * (8 * kTilesPerWarp) + j * 8 + g;
         const auto* w16 = reinterpret_cast<const uint16_t*>(base + row * kWRowBytes + unit * 16);
-        const uint32_t pair = pairs[row * kMaxGroupsPerStage + (unit >> group_shift)];
-        const float scale = __half2float(__ushort_as_half(static_cast<unsigned short>(pair & 0xFFFF)));
         uint32_t b[2][2];
-        w4a16::int4_unit_b_fragments(w16[t], w16[t + 4], scale, static_cast<int>(pair >> 16), b);
+        w4a16::int4_unit_b_fragments_packed(w16[t], w16[t + 4],
+                                            pairs[row * kMaxGroupsPerStage + (unit >> group_shift)], b);
 #pragma unroll
         for (int i = 0; i < kMTiles; ++i) {
           if (i < m_tiles) {

@@ -186,8 +186,18 @@ TEST(W4A16WeightReaders, Int4FragmentsFollowThePtxLayout) {
     for (int lane = 0; lane < 32; ++lane) {
       const int g = lane / 4, t = lane % 4;
       const auto word = [&](int at) { return static_cast<unsigned>(unit[g][at] | (unit[g][at + 1] << 8)); };
-      uint32_t frag[2][2];
+      uint32_t frag[2][2], packed[2][2];
       w4a16::int4_unit_b_fragments(word(2 * t), word(2 * t + 8), scale[g], z[g], frag);
+      // The tensor-core GEMV's form (scale and zero packed in one word as it stages them): the same
+      // bits; and the word 0 of rows outside the matrix gives zeros.
+      w4a16::int4_unit_b_fragments_packed(word(2 * t), word(2 * t + 8),
+                                          w4a16::int4_packed_scale_zero(k::fp32_to_fp16(scale[g]), z[g]),
+                                          packed);
+      for (int s = 0; s < 2; ++s)
+        for (int h = 0; h < 2; ++h) ASSERT_EQ(packed[s][h], frag[s][h]) << "lane " << lane;
+      w4a16::int4_unit_b_fragments_packed(word(2 * t), word(2 * t + 8), 0u, packed);
+      for (int s = 0; s < 2; ++s)
+        for (int h = 0; h < 2; ++h) ASSERT_EQ(packed[s][h] & 0x7FFF7FFFu, 0u) << "lane " << lane;
       // Input j of the unit in the split order: byte j % 16, low nibble for j < 16.
       const auto input = [&](int j) {
         const int q = j < 16 ? unit[g][j] & 0xF : unit[g][j - 16] >> 4;

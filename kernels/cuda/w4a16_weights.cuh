@@ -283,8 +283,13 @@ __host__ __device__ inline uint32_t half2_bits(__half2 v) {
 // Two fp16 values 1024 + q: q the nibble at bit 4s of byte 0 of `word` (low half) and of byte 1
 // (high half).
 __host__ __device__ inline uint32_t nibble_pairs_plus_1024(unsigned word, int s) {
-  const uint32_t spread = (word & 0xFFu) | ((word & 0xFF00u) << 8);  // byte 1 moves to bits 16..23
-  return ((spread >> (4 * s)) & 0x000F000Fu) | 0x64006400u;          // 0x6400: fp16 1024
+  // Byte 0 stays, byte 1 moves to bits 16..23, the rest is zero: one byte permute on the device.
+#if defined(__CUDA_ARCH__)
+  const uint32_t spread = __byte_perm(word, 0, 0x4140);
+#else
+  const uint32_t spread = (word & 0xFFu) | ((word & 0xFF00u) << 8);
+#endif
+  return ((spread >> (4 * s)) & 0x000F000Fu) | 0x64006400u;  // 0x6400: fp16 1024
 }
 // A group's (scale, zero) as the tensor-core GEMV stages it in shared memory: the fp16 scale's bits
 // in the low half, the fp16 bits of 1024 + zero in the high half. A lane then broadcasts each half

@@ -34,7 +34,8 @@ Admission LocalEngine::submit(EngineRequest request) {
                                     RequestState{worker::Sampler(request.sampling),
                                                  worker::Completion(tokenizer_, request.limits),
                                                  request.prompt,
-                                                 {}}));
+                                                 {},
+                                                 nullptr}));
   }
   return admission;
 }
@@ -72,12 +73,15 @@ bool LocalEngine::propose_drafts(const std::vector<uint64_t>& continuing) {
   for (uint64_t id : continuing) {
     const RequestState& state = *states_.at(id);
     const int k = speculator_->choose_k(id, state.sampler.params(), batch);
-    requests.push_back({id, state.history, &state.sampler.params(), k});
+    // A model that verifies on its GPU takes the draft's distributions where a GPU draft makes them.
+    requests.push_back({id, state.history, &state.sampler.params(), k, model_.verifies_drafts()});
     proposed = proposed || k > 0;
   }
   if (!proposed) return false;
   for (speculative::Proposal& p : speculator_->propose(requests)) {
-    states_.at(p.seq_id)->draft_probs = std::move(p.probs);
+    RequestState& state = *states_.at(p.seq_id);
+    state.draft_probs = std::move(p.probs);
+    state.draft_kept = std::move(p.kept);
     scheduler_.set_draft(p.seq_id, std::move(p.tokens));
   }
   return true;
@@ -124,8 +128,9 @@ std::vector<EngineResult> LocalEngine::step() {
   const bool verify_on_model =
       !argmax_only && !ids_only && model_.verifies_drafts() &&
       std::all_of(sampled.begin(), sampled.end(), [&](const StepEntry* e) {
-        return worker::verifiable_on_model(params_of(e), e->n_draft,
-                                           states_.at(e->seq_id)->draft_probs.size(), n_vocab);
+        const RequestState& state = *states_.at(e->seq_id);
+        return worker::verifiable_on_model(params_of(e), e->n_draft, state.draft_probs.size(), n_vocab,
+                                           state.draft_kept != nullptr ? state.draft_kept->rows() : 0);
       });
   if (argmax_only) {
     model_.forward_argmax(batch, *cache_, argmax_);
@@ -134,8 +139,11 @@ std::vector<EngineResult> LocalEngine::step() {
     std::vector<worker::ForwardModel::VerifySequence> seqs;
     for (size_t i = 0; i < sampled.size(); ++i) {
       RequestState& state = *states_.at(sampled[i]->seq_id);
+      // Host rows when the draft sent them, else the rows it kept on its device.
+      const bool host_rows = state.draft_probs.size() >= static_cast<size_t>(sampled[i]->n_draft * n_vocab);
       seqs.push_back(worker::verify_sequence(state.sampler, sampled[i]->tokens, sampled[i]->n_draft,
-                                             state.draft_probs, n_vocab, verify_uniforms_[i]));
+                                             state.draft_probs, n_vocab, verify_uniforms_[i],
+                                             host_rows ? nullptr : state.draft_kept.get()));
     }
     model_.forward_verify(batch, *cache_, seqs, verify_accepted_, verify_tokens_);
   } else if (ids_only) {
@@ -176,6 +184,9 @@ std::vector<EngineResult> LocalEngine::step() {
     }
     const std::span<const int32_t> drafts(entry->tokens.data() + entry->tokens.size() - entry->n_draft,
                                           static_cast<size_t>(entry->n_draft));
+    // A host verification of drafts whose distributions the draft kept on its GPU copies them here.
+    if (!verify_on_model && !argmax_only && state.draft_probs.empty() && state.draft_kept != nullptr)
+      state.draft_kept->copy_to_host(0, entry->n_draft, state.draft_probs);
     const speculative::Verification v =
         verify_on_model ? speculative::Verification{verify_tokens_[si], verify_accepted_[si]}
         : argmax_only

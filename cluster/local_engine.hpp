@@ -59,6 +59,9 @@ class LocalEngine {
     worker::Completion completion;
     std::vector<int32_t> history;    // prompt and generated tokens, for the repetition penalty
     std::vector<float> draft_probs;  // [n_draft, n_vocab] q of the proposals in the scheduler
+    // Or the same rows kept on the draft's GPU (draft_probs then empty until a host verification
+    // needs them).
+    std::shared_ptr<const worker::KeptRows> draft_kept;
   };
   // Adds accepted tokens to the request; true when it finished (then it is gone).
   bool deliver(uint64_t id, std::span<const int32_t> tokens, std::vector<EngineResult>& finished);

@@ -64,7 +64,7 @@ std::vector<speculative::Proposal> RemoteDraft::propose(
         p.tokens.size() > static_cast<size_t>(request.sequences[i].k)) {
       throw std::runtime_error("draft rank: proposal " + std::to_string(i) + " does not answer its request");
     }
-    out.push_back({p.seq_id, std::move(p.tokens), std::move(p.probs)});
+    out.push_back({p.seq_id, std::move(p.tokens), std::move(p.probs), nullptr});
   }
   return out;
 }

@@ -41,8 +41,8 @@ protocol::StepResult WorkerService::execute(const protocol::WorkerStep& step) {
   const bool samples = results_ != nullptr;
   for (const protocol::SequenceSampling& s : step.new_sequences) {
     if (!samples) continue;
-    sequences_[s.seq_id] =
-        std::make_unique<SequenceState>(SequenceState{worker::Sampler(to_sampling_params(s)), {}, {}});
+    sequences_[s.seq_id] = std::make_unique<SequenceState>(
+        SequenceState{worker::Sampler(to_sampling_params(s)), {}, {}, nullptr});
   }
   for (uint64_t id : step.released) {
     sequences_.erase(id);
@@ -99,8 +99,9 @@ protocol::StepResult WorkerService::execute(const protocol::WorkerStep& step) {
   const bool verify_on_model =
       !argmax_only && !ids_only && hidden_in == nullptr && model_.verifies_drafts() &&
       all_sampled([&](const protocol::PlanEntry& e, const worker::SamplingParams& p) {
-        return worker::verifiable_on_model(p, e.n_draft, sequences_.at(e.seq_id)->draft_probs.size(),
-                                           n_vocab);
+        const SequenceState& state = *sequences_.at(e.seq_id);
+        return worker::verifiable_on_model(p, e.n_draft, state.draft_probs.size(), n_vocab,
+                                           state.draft_kept != nullptr ? state.draft_kept->rows() : 0);
       });
   if (argmax_only) {
     model_.forward_stage_argmax(batch, hidden_in, argmax_);
@@ -109,8 +110,11 @@ protocol::StepResult WorkerService::execute(const protocol::WorkerStep& step) {
     std::vector<worker::VerifySequence> seqs;
     for (size_t i = 0; i < sampled.size(); ++i) {
       SequenceState& state = *sequences_.at(sampled[i]->seq_id);
+      // Host rows when the draft sent them, else the rows it kept on its device.
+      const bool host_rows = state.draft_probs.size() >= static_cast<size_t>(sampled[i]->n_draft * n_vocab);
       seqs.push_back(worker::verify_sequence(state.sampler, sampled[i]->tokens, sampled[i]->n_draft,
-                                             state.draft_probs, n_vocab, verify_uniforms_[i]));
+                                             state.draft_probs, n_vocab, verify_uniforms_[i],
+                                             host_rows ? nullptr : state.draft_kept.get()));
     }
     model_.forward_verify(batch, seqs, verify_accepted_, verify_tokens_);
   } else if (ids_only) {
@@ -158,8 +162,13 @@ protocol::StepResult WorkerService::execute(const protocol::WorkerStep& step) {
       out.token = ids_only ? argmax_[entry_row] : state.sampler.sample(entry_rows, n_vocab, state.history);
     } else {
       const bool greedy = state.sampler.params().temperature <= 0.0f;
+      // A host verification of drafts whose distributions the draft kept on its GPU copies them here.
+      if (!verify_on_model && !argmax_only && state.draft_probs.empty() && state.draft_kept != nullptr &&
+          state.draft_kept->rows() >= entry.n_draft)
+        state.draft_kept->copy_to_host(0, entry.n_draft, state.draft_probs);
       if (speculator_ == nullptr ||
-          (!greedy && state.draft_probs.size() < static_cast<size_t>(entry.n_draft * n_vocab))) {
+          (!greedy && !verify_on_model &&
+           state.draft_probs.size() < static_cast<size_t>(entry.n_draft * n_vocab))) {
         throw std::runtime_error("step " + std::to_string(step.step_id) + " verifies drafts of sequence " +
                                  std::to_string(entry.seq_id) + " that this rank did not propose");
       }
@@ -189,7 +198,9 @@ protocol::StepResult WorkerService::execute(const protocol::WorkerStep& step) {
       // The batch is every sequence in the step, also those still in their prompts (see LocalEngine).
       const int k = speculator_->choose_k(entry.seq_id, state.sampler.params(),
                                           static_cast<int64_t>(step.entries.size()));
-      proposals.push_back({entry.seq_id, sequences.back(), &state.sampler.params(), k});
+      // A stage that verifies on its GPU takes the draft's distributions where a GPU draft makes them.
+      proposals.push_back({entry.seq_id, sequences.back(), &state.sampler.params(), k,
+                           model_.is_first_stage() && model_.verifies_drafts()});
     }
     result.sampled.push_back(std::move(out));
   }
@@ -219,7 +230,9 @@ protocol::StepResult WorkerService::execute(const protocol::WorkerStep& step) {
     for (protocol::SampledToken& out : result.sampled) {
       if (next < made.size() && made[next].seq_id == out.seq_id) {
         out.draft = std::move(made[next].tokens);
-        sequences_.at(out.seq_id)->draft_probs = std::move(made[next].probs);
+        SequenceState& state = *sequences_.at(out.seq_id);
+        state.draft_probs = std::move(made[next].probs);
+        state.draft_kept = std::move(made[next].kept);
         ++next;
       }
     }

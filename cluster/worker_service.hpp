@@ -46,6 +46,9 @@ class WorkerService {
     worker::Sampler sampler;
     std::vector<int32_t> history;    // every token fed so far, by position (for the repetition penalty)
     std::vector<float> draft_probs;  // [proposals, n_vocab] q of the last proposals sent
+    // Or the same rows kept on the draft's GPU (draft_probs then empty until a host verification
+    // needs them).
+    std::shared_ptr<const worker::KeptRows> draft_kept;
   };
 
   WorkerStage& model_;

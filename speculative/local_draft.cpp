@@ -45,7 +45,8 @@ std::vector<Proposal> LocalDraft::propose(const std::vector<ProposalRequest>& re
     SequenceState* state;
     int k;
     Proposal proposal;
-    std::vector<int32_t> history;  // tokens then the proposals so far
+    std::vector<int32_t> history;            // tokens then the proposals so far
+    std::shared_ptr<worker::KeptRows> kept;  // its k distributions, when kept on the draft's device
   };
   std::vector<Work> work;
   for (const ProposalRequest& r : requests) {
@@ -66,10 +67,28 @@ std::vector<Proposal> LocalDraft::propose(const std::vector<ProposalRequest>& re
     Proposal p;
     p.seq_id = r.seq_id;
     if (k == 0) {
-      work.push_back({&r, &s, 0, std::move(p), {}});
+      work.push_back({&r, &s, 0, std::move(p), {}, nullptr});
       continue;
     }
-    work.push_back({&r, &s, k, std::move(p), std::vector<int32_t>(r.tokens.begin(), r.tokens.end())});
+    work.push_back(
+        {&r, &s, k, std::move(p), std::vector<int32_t>(r.tokens.begin(), r.tokens.end()), nullptr});
+  }
+
+  // The distributions stay on the draft's device when every proposing request asks for that and
+  // each is either sampled without a penalty (its rows kept) or greedy without one (no
+  // distribution wanted): then every round's rows are found there and only ids come back.
+  const auto greedy_plain = [](const worker::SamplingParams& p) {
+    return p.temperature <= 0.0f && p.repetition_penalty == 1.0f;
+  };
+  const bool keep =
+      draft_.keeps_draft_distributions() && std::all_of(work.begin(), work.end(), [&](const Work& w) {
+        const worker::SamplingParams& p = w.state->sampler->params();
+        return w.k == 0 || (w.request->keep_distributions && p.repetition_penalty == 1.0f);
+      });
+  if (keep) {
+    for (Work& w : work) {
+      if (w.k > 0 && !greedy_plain(w.state->sampler->params())) w.kept = draft_.make_kept_rows(w.k);
+    }
   }
 
   // Round 0 feeds every sequence's catch-up tokens; round i > 0 feeds proposal i.
@@ -100,21 +119,33 @@ std::vector<Proposal> LocalDraft::propose(const std::vector<ProposalRequest>& re
       batch.block_tables.insert(batch.block_tables.end(), table.begin(), table.end());
     }
     // Greedy rows without a repetition penalty need only the argmax (a GPU draft keeps its logits).
-    const bool argmax_only = std::all_of(active.begin(), active.end(), [](const Work* w) {
-      const worker::SamplingParams& p = w->state->sampler->params();
-      return p.temperature <= 0.0f && p.repetition_penalty == 1.0f;
+    const bool argmax_only = std::all_of(active.begin(), active.end(), [&](const Work* w) {
+      return greedy_plain(w->state->sampler->params());
     });
+    const bool ids_only = argmax_only || keep;
     if (argmax_only) {
       draft_.forward_argmax(batch, *cache_, argmax_);
+    } else if (keep) {
+      // Each sampled row draws the uniform the host path would, in the same order per sequence.
+      std::vector<worker::SamplingParams> params;
+      std::vector<double> uniforms;
+      std::vector<worker::KeptRowRef> rows;
+      for (Work* w : active) {
+        params.push_back(w->state->sampler->params());
+        const bool sampled = w->kept != nullptr;
+        uniforms.push_back(sampled ? w->state->sampler->uniform() : 0.0);
+        rows.push_back({w->kept.get(), round});
+      }
+      draft_.forward_draft_sample(batch, *cache_, params, uniforms, rows, argmax_);
     } else {
       draft_.forward(batch, *cache_, logits_);
     }
     for (size_t i = 0; i < active.size(); ++i) {
       Work& w = *active[i];
       w.state->fed.assign(w.history.begin(), w.history.end());
-      const float* row = argmax_only ? nullptr : logits_.data() + i * n_vocab;
+      const float* row = ids_only ? nullptr : logits_.data() + i * n_vocab;
       int32_t token = 0;
-      if (argmax_only) {
+      if (ids_only) {
         token = argmax_[i];
       } else if (w.state->sampler->params().temperature <= 0.0f) {
         token = greedy_token(*w.state->sampler, row, n_vocab, w.history);  // no q needed at temperature 0
@@ -129,7 +160,10 @@ std::vector<Proposal> LocalDraft::propose(const std::vector<ProposalRequest>& re
   }
 
   std::vector<Proposal> out;
-  for (Work& w : work) out.push_back(std::move(w.proposal));
+  for (Work& w : work) {
+    w.proposal.kept = std::move(w.kept);
+    out.push_back(std::move(w.proposal));
+  }
   return out;
 }
 

@@ -6,7 +6,10 @@
 //
 // Proposals x_i ~ q_i are drawn with the draft's own per-sequence stream (seeded from the request's
 // seed), after the same penalty/temperature/top-k/top-p/min-p transformation as the target, and q_i
-// is handed back for the acceptance test (rejection_sampler.hpp).
+// is handed back for the acceptance test (rejection_sampler.hpp): as host rows, or, when every
+// request of a call asks for it and the draft can (ForwardModel::keeps_draft_distributions: a whole
+// model on a GPU), kept on the draft's device, so that only ids cross to the host (the proposals
+// are the same either way: the device draws as the host does).
 #include <cstdint>
 #include <memory>
 #include <unordered_map>
@@ -50,7 +53,7 @@ class LocalDraft final : public DraftProposer {
   worker::BlockAllocator allocator_;
   std::unordered_map<uint64_t, SequenceState> sequences_;
   std::vector<float> logits_;
-  std::vector<int32_t> argmax_;  // per active row, when every row is greedy
+  std::vector<int32_t> argmax_;  // per active row, when every row is greedy or keeps its distribution
 };
 
 }  // namespace nibble::speculative

@@ -38,11 +38,12 @@ std::vector<EngineRequest> requests(int n, float temperature, int64_t n_vocab, i
   return out;
 }
 
-// Runs the requests through an engine; with a draft when `draft` is set; on `backend` (the target
-// behind another ForwardModel) when that is set.
+// Runs the requests through an engine; with a draft when `draft` (or `draft_backend`: the draft
+// behind another ForwardModel) is set; on `backend` (the target behind another ForwardModel) when
+// that is set.
 EngineRun run(worker::LlamaModel& target, worker::LlamaModel* draft, const std::vector<EngineRequest>& reqs,
-              int k, bool adaptive = false, int64_t num_blocks = 256,
-              worker::ForwardModel* backend = nullptr) {
+              int k, bool adaptive = false, int64_t num_blocks = 256, worker::ForwardModel* backend = nullptr,
+              worker::ForwardModel* draft_backend = nullptr) {
   kernels::ThreadPool pool(2);
   auto tokenizer = model::Tokenizer::from_gguf(target.file());
   SchedulerConfig config;
@@ -52,13 +53,15 @@ EngineRun run(worker::LlamaModel& target, worker::LlamaModel* draft, const std::
   config.prefill_chunk = 32;
   config.context = 512;
   std::unique_ptr<speculative::Speculator> speculator;
-  if (draft != nullptr) {
+  if (draft != nullptr || draft_backend != nullptr) {
     speculative::SpeculatorSettings settings;
     settings.max_draft_tokens = k;
     settings.num_blocks = 256;
     settings.adaptive = adaptive;
     settings.max_batch = 1000;
-    speculator = std::make_unique<speculative::Speculator>(*draft, pool, settings);
+    speculator = draft_backend != nullptr
+                     ? std::make_unique<speculative::Speculator>(*draft_backend, settings)
+                     : std::make_unique<speculative::Speculator>(*draft, pool, settings);
   }
   const auto engine = backend != nullptr
                           ? std::make_unique<LocalEngine>(*backend, *tokenizer, config, speculator.get())
@@ -173,8 +176,16 @@ class SelfVerifyingCpuModel final : public worker::ForwardModel {
       const worker::Sampler sampler(seq.params);
       const std::vector<float> p = speculative::dense_distributions(sampler, logits.data() + row * n_vocab,
                                                                     k + 1, n_vocab, {}, seq.drafts);
-      const speculative::Verification v =
-          speculative::verify(seq.drafts, seq.draft_probs, p, n_vocab, seq.uniforms);
+      // The draft's rows as the engine gives them: host rows, or rows kept where the draft made them.
+      std::vector<float> kept;
+      if (seq.kept_probs != nullptr) {
+        EXPECT_TRUE(seq.draft_probs.empty());
+        seq.kept_probs->copy_to_host(0, k, kept);
+        ++kept_verifications;
+      }
+      const speculative::Verification v = speculative::verify(
+          seq.drafts, seq.kept_probs != nullptr ? std::span<const float>(kept) : seq.draft_probs, p, n_vocab,
+          seq.uniforms);
       accepted.push_back(v.accepted);
       tokens.push_back(v.tokens);
       row += static_cast<size_t>(k + 1);
@@ -182,6 +193,72 @@ class SelfVerifyingCpuModel final : public worker::ForwardModel {
     EXPECT_EQ(row, batch.logit_rows.size());
   }
   int verify_calls = 0;
+  int kept_verifications = 0;  // sequences verified against rows a draft kept
+
+ private:
+  worker::CpuForwardModel cpu_;
+};
+
+// Rows a host backend keeps, standing in for a GPU's device memory: no device pointer, copied only.
+class HostKeptRows final : public worker::KeptRows {
+ public:
+  HostKeptRows(int64_t rows, int64_t row_size, int& copies)
+      : KeptRows(rows, row_size), data(static_cast<size_t>(rows * row_size)), copies_(copies) {}
+  const float* device_data() const override { return nullptr; }
+  void copy_to_host(int64_t first, int64_t count, std::vector<float>& out) const override {
+    if (first < 0 || count < 0 || first + count > rows()) throw std::out_of_range("HostKeptRows");
+    ++copies_;
+    out.assign(data.begin() + first * row_size(), data.begin() + (first + count) * row_size());
+  }
+  std::vector<float> data;
+
+ private:
+  int& copies_;
+};
+
+// A draft that keeps its proposals' distributions (as a GPU does, ForwardModel::forward_draft_sample),
+// here on the host: the CPU model's logits, the request's dense distribution, and sample_dense with
+// the uniform the engine's draft drew. It counts its passes and the copies of what it kept.
+class KeepingCpuDraft final : public worker::ForwardModel {
+ public:
+  KeepingCpuDraft(worker::LlamaModel& model, kernels::ThreadPool& pool) : cpu_(model, pool) {}
+  const model::LlamaConfig& config() const override { return cpu_.config(); }
+  const model::LlamaConfig& shard_config() const override { return cpu_.shard_config(); }
+  bool is_first_stage() const override { return true; }
+  bool is_last_stage() const override { return true; }
+  std::unique_ptr<worker::ForwardCache> make_cache(int64_t num_blocks, int64_t block_size) const override {
+    return cpu_.make_cache(num_blocks, block_size);
+  }
+  void forward_stage(const worker::ForwardBatch& batch, worker::ForwardCache& cache, const float* hidden_in,
+                     std::vector<float>& out) override {
+    cpu_.forward_stage(batch, cache, hidden_in, out);
+  }
+  bool keeps_draft_distributions() const override { return true; }
+  std::shared_ptr<worker::KeptRows> make_kept_rows(int64_t rows) override {
+    return std::make_shared<HostKeptRows>(rows, config().n_vocab, copies);
+  }
+  void forward_draft_sample(const worker::ForwardBatch& batch, worker::ForwardCache& cache,
+                            const std::vector<worker::SamplingParams>& params,
+                            const std::vector<double>& uniforms, const std::vector<worker::KeptRowRef>& keep,
+                            std::vector<int32_t>& ids) override {
+    ++draft_passes;
+    std::vector<float> logits;
+    cpu_.forward(batch, cache, logits);
+    const int64_t n_vocab = config().n_vocab;
+    ids.clear();
+    for (size_t r = 0; r < batch.logit_rows.size(); ++r) {
+      EXPECT_EQ(params[r].repetition_penalty, 1.0f);
+      const std::vector<float> q = speculative::dense_distribution(
+          worker::Sampler(params[r]), logits.data() + static_cast<int64_t>(r) * n_vocab, n_vocab, {});
+      ids.push_back(speculative::sample_dense(q.data(), n_vocab, uniforms[r]));
+      if (keep[r].rows != nullptr) {
+        auto& kept = dynamic_cast<HostKeptRows&>(*keep[r].rows);
+        std::copy(q.begin(), q.end(), kept.data.begin() + keep[r].row * n_vocab);
+      }
+    }
+  }
+  int draft_passes = 0;
+  int copies = 0;  // kept rows copied back to the host (verifications that ran there)
 
  private:
   worker::CpuForwardModel cpu_;
@@ -208,6 +285,50 @@ TEST(SpeculativeEngine, AModelThatVerifiesDraftsItselfGivesTheHostVerificationsT
   EXPECT_EQ(self.tokens, host.tokens);
   EXPECT_GT(self.stats.accepted, 0u);
   EXPECT_LT(self.stats.accepted, self.stats.proposed);  // some drafts were rejected: the residual draws ran
+}
+
+// A draft that keeps its distributions where it made them (a GPU draft) gives the proposals, and so
+// the tokens, of the host draft: with a target that verifies on its own (it then gets the kept rows,
+// not host rows) and with one that verifies on the host (which copies them back); sequences that
+// join the batch at different steps make both paths run in one engine.
+TEST(SpeculativeEngine, ADraftThatKeepsItsDistributionsGivesTheHostDraftsTokens) {
+  test::TempDir tmp;
+  const auto shape = model::llama_shape_by_name("tiny");
+  const std::string target_path = (tmp.path() / "target.gguf").string();
+  const std::string draft_path = (tmp.path() / "draft.gguf").string();
+  model::write_random_llama(target_path, shape, kernels::DType::Q8_0, 5);
+  model::requantize_gguf(*model::GgufFile::open(target_path), draft_path, kernels::DType::Q4_0,
+                         /*pure=*/true);
+  auto target = worker::LlamaModel::load(target_path);
+  auto draft = worker::LlamaModel::load(draft_path);
+  std::vector<EngineRequest> reqs = requests(6, 0.8f, target->config().n_vocab);
+  // A short greedy request among them: its rows keep nothing, and while it runs the steps verify on
+  // the host (the target verifies on its own only when every entry is sampled).
+  reqs[1].sampling.temperature = 0.0f;
+  reqs[1].limits.max_tokens = 6;
+  kernels::ThreadPool pool(2);
+  for (const bool target_verifies : {true, false}) {
+    SCOPED_TRACE(target_verifies ? "the target verifies on its own" : "the target verifies on the host");
+    SelfVerifyingCpuModel self(*target, pool);
+    worker::CpuForwardModel plain(*target, pool);
+    worker::ForwardModel* backend = target_verifies ? static_cast<worker::ForwardModel*>(&self) : &plain;
+    const EngineRun host = run(*target, draft.get(), reqs, 3, false, 256, backend);
+    const int host_kept = self.kept_verifications;
+    KeepingCpuDraft keeping(*draft, pool);
+    const EngineRun kept = run(*target, nullptr, reqs, 3, false, 256, backend, &keeping);
+    EXPECT_EQ(kept.tokens, host.tokens);
+    EXPECT_GT(kept.stats.accepted, 0u);
+    EXPECT_LT(kept.stats.accepted, kept.stats.proposed);  // rejections: residual draws against the kept q
+    EXPECT_EQ(host_kept, 0);
+    if (target_verifies) {
+      EXPECT_GT(keeping.draft_passes, 0);
+      EXPECT_GT(self.kept_verifications, 0) << "the target never got the kept rows";
+      EXPECT_GT(keeping.copies, 0) << "no step verified kept rows on the host (a step with a plain entry)";
+    } else {
+      EXPECT_EQ(keeping.draft_passes, 0) << "a host verifier asks for host rows";
+      EXPECT_EQ(keeping.copies, 0);
+    }
+  }
 }
 
 // The trained fixture pair: fortune-target with fortune-draft and with its own Q4_0.

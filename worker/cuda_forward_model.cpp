@@ -50,6 +50,15 @@ void CudaForwardModel::forward_stage_sample(const ForwardBatch& batch, ForwardCa
   }
 }
 
+void CudaForwardModel::forward_draft_sample(const ForwardBatch& batch, ForwardCache& cache,
+                                            const std::vector<SamplingParams>& params,
+                                            const std::vector<double>& uniforms,
+                                            const std::vector<KeptRowRef>& keep, std::vector<int32_t>& ids) {
+  auto* own = dynamic_cast<CudaCache*>(&cache);
+  if (own == nullptr) throw std::logic_error("CudaForwardModel: a cache made by another kind of model");
+  model_.forward_draft_sample(batch, own->cache, params, uniforms, keep, ids);
+}
+
 bool CudaForwardModel::verifies_drafts() const {
   return model_.is_first_stage() && model_.is_last_stage() && model_.shard().size == 1;
 }

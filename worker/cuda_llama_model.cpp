@@ -11,6 +11,8 @@
 #include <initializer_list>
 #include <iterator>
 #include <map>
+#include <memory>
+#include <mutex>
 #include <optional>
 #include <set>
 #include <stdexcept>
@@ -138,6 +140,79 @@ class PinnedMemory {
 
  private:
   void* ptr_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+// The device memory of the draft-distribution stores (CudaLlamaModel::make_kept_rows), shared with
+// every store it handed out: a store's memory comes back here when its last handle goes, for the
+// next store (cudaFree would wait for the whole device), and the pool lives as long as a store does.
+class KeptRowsPool {
+ public:
+  explicit KeptRowsPool(int device) : device_(device) {}
+  ~KeptRowsPool() {
+    int current = 0;
+    const bool switched =
+        cudaGetDevice(&current) == cudaSuccess && current != device_ && cudaSetDevice(device_) == cudaSuccess;
+    for (auto& [bytes, ptr] : free_) cudaFree(ptr);
+    if (switched) cudaSetDevice(current);
+  }
+  KeptRowsPool(const KeptRowsPool&) = delete;
+  KeptRowsPool& operator=(const KeptRowsPool&) = delete;
+
+  // A block of at least `bytes` (a free one no more than twice that, else a new one on the current
+  // device, which the caller has set to device()); its size in `got`.
+  float* take(size_t bytes, size_t& got) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      const auto it = free_.lower_bound(bytes);
+      if (it != free_.end() && it->first <= 2 * bytes) {
+        got = it->first;
+        float* p = it->second;
+        free_.erase(it);
+        return p;
+      }
+    }
+    void* p = nullptr;
+    cuda_check(cudaMalloc(&p, bytes), "cudaMalloc (kept draft distributions)");
+    got = bytes;
+    return static_cast<float*>(p);
+  }
+  void give(float* p, size_t bytes) {
+    std::lock_guard<std::mutex> lock(mu_);
+    free_.emplace(bytes, p);
+  }
+  int device() const { return device_; }
+
+ private:
+  std::mutex mu_;
+  std::multimap<size_t, float*> free_;
+  int device_;
+};
+
+class CudaKeptRows final : public KeptRows {
+ public:
+  CudaKeptRows(std::shared_ptr<KeptRowsPool> pool, int64_t rows, int64_t row_size)
+      : KeptRows(rows, row_size), pool_(std::move(pool)) {
+    data_ = pool_->take(static_cast<size_t>(rows * row_size) * sizeof(float), bytes_);
+  }
+  ~CudaKeptRows() override { pool_->give(data_, bytes_); }
+  const float* device_data() const override { return data_; }
+  float* data() const { return data_; }
+  const KeptRowsPool* pool() const { return pool_.get(); }
+  void copy_to_host(int64_t first, int64_t count, std::vector<float>& out) const override {
+    if (first < 0 || count < 0 || first + count > rows())
+      throw std::out_of_range("kept rows " + std::to_string(first) + " + " + std::to_string(count) + " of " +
+                              std::to_string(rows()));
+    out.resize(static_cast<size_t>(count * row_size()));
+    // The rows were complete when forward_draft_sample returned (it waits for its stream).
+    cuda_check(cudaMemcpy(out.data(), data_ + first * row_size(), out.size() * sizeof(float),
+                          cudaMemcpyDeviceToHost),
+               "cudaMemcpy (kept draft distributions)");
+  }
+
+ private:
+  std::shared_ptr<KeptRowsPool> pool_;
+  float* data_ = nullptr;
   size_t bytes_ = 0;
 };
 
@@ -574,9 +649,10 @@ struct CudaLlamaModel::Impl {
   // forward_verify: the target's distributions packed as the logits, then per sequence in k_max + 1
   // slots; the draft's in k_max; int32 tokens, counts and results; double uniforms.
   DeviceMemory verify_p_packed, verify_p, verify_q, verify_ints, verify_uniforms;
-  DeviceMemory flag;              // [1] int32: bad metadata seen on the device
-  PinnedMemory meta_pinned;       // meta_host's copy, uploaded from here
-  PinnedMemory results_pinned;    // the flag's copy, then the ids ([1 + n_out] int32)
+  std::shared_ptr<KeptRowsPool> kept_pool;  // make_kept_rows's stores (made on first use)
+  DeviceMemory flag;                        // [1] int32: bad metadata seen on the device
+  PinnedMemory meta_pinned;                 // meta_host's copy, uploaded from here
+  PinnedMemory results_pinned;              // the flag's copy, then the ids ([1 + n_out] int32)
   DeviceMemory cublas_workspace;  // set as cuBLAS's workspace, so that graph capture allocates nothing
   DeviceMemory dequant_scratch;   // dequant + cuBLAS's chunks (choose_int4_kernels sizes it)
   kc::Int4CublasContext dequant_cublas;
@@ -1520,11 +1596,23 @@ void CudaLlamaModel::forward_verify(const ForwardBatch& batch, CudaKvCache& cach
     if (k < 1) throw std::invalid_argument(where + "no draft tokens to verify");
     if (seq.params.temperature <= 0.0f || seq.params.repetition_penalty != 1.0f)
       throw std::invalid_argument(where + "needs temperature > 0 and no repetition penalty");
-    if (seq.draft_probs.size() != k * v || seq.uniforms.size() != k + 1) {
+    if (seq.kept_probs != nullptr) {
+      const KeptRows& kept = *seq.kept_probs;
+      if (kept.device_data() == nullptr || kept.row_size() != n_vocab ||
+          kept.rows() < static_cast<int64_t>(k) || !seq.draft_probs.empty()) {
+        throw std::invalid_argument(where + "kept draft distributions of " + std::to_string(kept.rows()) +
+                                    " rows of " + std::to_string(kept.row_size()) + " (" +
+                                    (kept.device_data() == nullptr ? "on the host" : "on a device") +
+                                    ") for " + std::to_string(k) + " drafts (need device rows of n_vocab)");
+      }
+    } else if (seq.draft_probs.size() != k * v) {
       throw std::invalid_argument(where + std::to_string(seq.draft_probs.size()) +
-                                  " draft probabilities and " + std::to_string(seq.uniforms.size()) +
-                                  " uniforms for " + std::to_string(k) +
-                                  " drafts (need [k, n_vocab] and k + 1)");
+                                  " draft probabilities for " + std::to_string(k) +
+                                  " drafts (need [k, n_vocab])");
+    }
+    if (seq.uniforms.size() != k + 1) {
+      throw std::invalid_argument(where + std::to_string(seq.uniforms.size()) + " uniforms for " +
+                                  std::to_string(k) + " drafts (need k + 1)");
     }
     for (const double u : seq.uniforms)
       if (!(u >= 0.0 && u < 1.0)) throw std::invalid_argument(where + "a uniform outside [0, 1)");
@@ -1588,10 +1676,14 @@ void CudaLlamaModel::forward_verify(const ForwardBatch& batch, CudaKvCache& cach
         cudaMemcpyAsync(m.verify_p.as<float>() + s * slots * v, m.verify_p_packed.as<float>() + row * v,
                         (k + 1) * v * sizeof(float), cudaMemcpyDeviceToDevice, stream),
         "cudaMemcpyAsync (target distributions)");
-    cuda_check(
-        cudaMemcpyAsync(m.verify_q.as<float>() + s * static_cast<size_t>(k_max) * v,
-                        seqs[s].draft_probs.data(), k * v * sizeof(float), cudaMemcpyHostToDevice, stream),
-        "cudaMemcpyAsync (draft distributions)");
+    // The draft's rows: from the host, or (kept where a GPU draft made them) from device memory,
+    // possibly another device's (a peer copy).
+    const KeptRows* kept = seqs[s].kept_probs;
+    cuda_check(cudaMemcpyAsync(m.verify_q.as<float>() + s * static_cast<size_t>(k_max) * v,
+                               kept != nullptr ? kept->device_data() : seqs[s].draft_probs.data(),
+                               k * v * sizeof(float),
+                               kept != nullptr ? cudaMemcpyDeviceToDevice : cudaMemcpyHostToDevice, stream),
+               "cudaMemcpyAsync (draft distributions)");
     row += k + 1;
   }
   auto* ints_d = m.verify_ints.as<int32_t>();
@@ -1621,6 +1713,91 @@ void CudaLlamaModel::forward_verify(const ForwardBatch& batch, CudaKvCache& cach
     accepted.push_back(a);
     const int32_t* t = out_tokens + static_cast<int64_t>(s) * (k_max + 1);
     tokens.emplace_back(t, t + a + 1);
+  }
+}
+
+std::shared_ptr<KeptRows> CudaLlamaModel::make_kept_rows(int64_t rows) {
+  Impl& m = *impl_;
+  if (rows < 1) throw std::invalid_argument("make_kept_rows: " + std::to_string(rows) + " rows");
+  cuda_check(cudaSetDevice(m.options.device), "cudaSetDevice");
+  if (m.kept_pool == nullptr) m.kept_pool = std::make_shared<KeptRowsPool>(m.options.device);
+  return std::make_shared<CudaKeptRows>(m.kept_pool, rows, m.config.n_vocab);
+}
+
+void CudaLlamaModel::forward_draft_sample(const ForwardBatch& batch, CudaKvCache& cache,
+                                          const std::vector<SamplingParams>& params,
+                                          const std::vector<double>& uniforms,
+                                          const std::vector<KeptRowRef>& keep, std::vector<int32_t>& ids) {
+  Impl& m = *impl_;
+  if (!m.first_stage() || !m.last_stage() || m.shard.size != 1)
+    throw std::logic_error("forward_draft_sample: only a whole, unsharded model drafts on the device");
+  const size_t rows = batch.logit_rows.size();
+  if (params.size() != rows || uniforms.size() != rows || keep.size() != rows) {
+    throw std::invalid_argument("forward_draft_sample: " + std::to_string(params.size()) + " settings, " +
+                                std::to_string(uniforms.size()) + " uniforms and " +
+                                std::to_string(keep.size()) + " stores for " + std::to_string(rows) +
+                                " logit rows");
+  }
+  const int64_t n_vocab = m.config.n_vocab;
+  const auto v = static_cast<size_t>(n_vocab);
+  std::vector<kc::SamplingRowParams> row_params;
+  for (size_t r = 0; r < rows; ++r) {
+    const std::string where = "forward_draft_sample: row " + std::to_string(r) + ": ";
+    validate(params[r]);
+    if (params[r].repetition_penalty != 1.0f) throw std::invalid_argument(where + "a repetition penalty");
+    if (!(uniforms[r] >= 0.0 && uniforms[r] < 1.0))
+      throw std::invalid_argument(where + "a uniform outside [0, 1)");
+    if (keep[r].rows != nullptr) {
+      const auto* kept = dynamic_cast<const CudaKeptRows*>(keep[r].rows);
+      if (kept == nullptr || kept->pool() != m.kept_pool.get())
+        throw std::invalid_argument(where + "a store this model did not make");
+      if (keep[r].row < 0 || keep[r].row >= kept->rows())
+        throw std::invalid_argument(where + "row " + std::to_string(keep[r].row) + " of a store of " +
+                                    std::to_string(kept->rows()));
+    }
+    row_params.push_back({params[r].temperature, params[r].top_k, params[r].top_p, params[r].min_p});
+  }
+  // The pass, its logits left on the device.
+  m.forward_impl(batch, cache, nullptr, nullptr, nullptr, Impl::RowSampling{});
+  ids.assign(rows, 0);
+  if (rows == 0) return;
+  size_t ws = 0;
+  check(kc::sample_rows_workspace_bytes(static_cast<int64_t>(rows), n_vocab, &ws),
+        "sample_rows_workspace_bytes");
+  m.sample_workspace.reserve(ws);
+  m.sample_params.reserve(rows * sizeof(kc::SamplingRowParams));
+  m.sample_uniforms.reserve(rows * sizeof(double));
+  m.verify_p_packed.reserve(rows * v * sizeof(float));
+  m.verify_ints.reserve(rows * sizeof(int32_t));
+  const cudaStream_t stream = m.stream;
+  cuda_check(cudaMemcpyAsync(m.sample_params.as<void>(), row_params.data(),
+                             rows * sizeof(kc::SamplingRowParams), cudaMemcpyHostToDevice, stream),
+             "cudaMemcpyAsync (draft settings)");
+  cuda_check(cudaMemcpyAsync(m.sample_uniforms.as<void>(), uniforms.data(), rows * sizeof(double),
+                             cudaMemcpyHostToDevice, stream),
+             "cudaMemcpyAsync (draft uniforms)");
+  float* q = m.verify_p_packed.as<float>();
+  check(kc::distribution_rows(m.logits.as<float>(), m.sample_params.as<kc::SamplingRowParams>(),
+                              static_cast<int64_t>(rows), n_vocab, q, m.sample_workspace.as<void>(),
+                              m.sample_workspace.bytes(), stream),
+        "distribution_rows");
+  check(kc::sample_dense_rows(q, m.sample_uniforms.as<double>(), static_cast<int64_t>(rows), n_vocab,
+                              m.verify_ints.as<int32_t>(), stream),
+        "sample_dense_rows");
+  for (size_t r = 0; r < rows; ++r) {
+    if (keep[r].rows == nullptr) continue;
+    auto* kept = static_cast<CudaKeptRows*>(keep[r].rows);
+    cuda_check(cudaMemcpyAsync(kept->data() + keep[r].row * n_vocab, q + r * v, v * sizeof(float),
+                               cudaMemcpyDeviceToDevice, stream),
+               "cudaMemcpyAsync (keep a draft distribution)");
+  }
+  cuda_check(cudaMemcpyAsync(ids.data(), m.verify_ints.as<int32_t>(), rows * sizeof(int32_t),
+                             cudaMemcpyDeviceToHost, stream),
+             "cudaMemcpyAsync (draft ids)");
+  cuda_check(cudaStreamSynchronize(stream), "forward_draft_sample");  // the kept rows are complete too
+  for (size_t r = 0; r < rows; ++r) {
+    if (ids[r] < 0 || ids[r] >= n_vocab)
+      throw std::runtime_error("forward_draft_sample: row " + std::to_string(r) + " has no probability mass");
   }
 }
 

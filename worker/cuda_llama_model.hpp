@@ -240,11 +240,11 @@ class CudaLlamaModel {
   // Speculative verification of sampled drafts on the device: the pass's logits stay there,
   // distribution_rows turns each row into the request's dense distribution p, and
   // speculative_accept applies speculative::verify's rule with the given uniforms, so the draft's
-  // rows go up and only ids come back. seqs: one per sequence of the batch in batch order, each
-  // with exactly k + 1 logit rows (its k drafts' positions and the bonus one). accepted[s]: drafts
-  // accepted; tokens[s]: those drafts, then the drawn token. A whole unsharded model only. Throws
-  // std::invalid_argument for a shape or settings mismatch, std::runtime_error for what the device
-  // reports (a draft token outside the vocabulary, a target row with no mass).
+  // rows go up (or, kept on a GPU by forward_draft_sample, are copied there) and only ids come back. seqs:
+  // one per sequence of the batch in batch order, each with exactly k + 1 logit rows (its k drafts' positions
+  // and the bonus one). accepted[s]: drafts accepted; tokens[s]: those drafts, then the drawn token. A whole
+  // unsharded model only. Throws std::invalid_argument for a shape or settings mismatch, std::runtime_error
+  // for what the device reports (a draft token outside the vocabulary, a target row with no mass).
   void forward_verify(const ForwardBatch& batch, CudaKvCache& cache, const std::vector<VerifySequence>& seqs,
                       std::vector<int32_t>& accepted, std::vector<std::vector<int32_t>>& tokens);
   void forward_stage_greedy(const ForwardBatch& batch, CudaKvCache& cache, const float* hidden_in,
@@ -260,6 +260,22 @@ class CudaLlamaModel {
   void forward_sample(const ForwardBatch& batch, CudaKvCache& cache,
                       const std::vector<SamplingParams>& params, const std::vector<double>& uniforms,
                       std::vector<int32_t>& ids, const TokenHistories& histories = {});
+  // A store of `rows` rows of n_vocab floats on this model's device, for forward_draft_sample to keep
+  // distributions in. Its memory comes from a pool of the model's and goes back there (not to
+  // cudaFree, which would wait for the whole device) when the last handle goes; the pool outlives
+  // the model while a handle does. Throws std::invalid_argument for rows < 1.
+  std::shared_ptr<KeptRows> make_kept_rows(int64_t rows);
+  // A draft's pass that keeps its distributions on the device: per logit row r, distribution_rows
+  // makes q (speculative::dense_distribution's: the sampler's kept candidates renormalized, one-hot
+  // on the argmax at temperature 0), sample_dense_rows draws ids[r] from it with uniforms[r]
+  // (speculative::sample_dense's inverse CDF in id order; the uniform is unused at temperature 0),
+  // and q goes to keep[r] (a store from this model's make_kept_rows; rows == nullptr: not kept).
+  // Only ids come back. No repetition penalty; a whole, unsharded model. Throws
+  // std::invalid_argument for a size mismatch, a penalty, a uniform outside [0, 1), or a store this
+  // model did not make or a row outside it; std::logic_error on a shard or stage.
+  void forward_draft_sample(const ForwardBatch& batch, CudaKvCache& cache,
+                            const std::vector<SamplingParams>& params, const std::vector<double>& uniforms,
+                            const std::vector<KeptRowRef>& keep, std::vector<int32_t>& ids);
   // One pipeline stage's part of forward, as LlamaModel::forward_stage: hidden_in: host
   // [batch.tokens.size(), n_embd] from the previous stage, or null on the first stage. out: on the
   // last stage the logits as in forward, elsewhere resized to [batch.tokens.size(), n_embd] (host),

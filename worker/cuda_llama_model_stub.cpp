@@ -67,6 +67,12 @@ void CudaLlamaModel::forward_sample(const ForwardBatch&, CudaKvCache&, const std
                                     const TokenHistories&) {
   unavailable();
 }
+std::shared_ptr<KeptRows> CudaLlamaModel::make_kept_rows(int64_t) { unavailable(); }
+void CudaLlamaModel::forward_draft_sample(const ForwardBatch&, CudaKvCache&,
+                                          const std::vector<SamplingParams>&, const std::vector<double>&,
+                                          const std::vector<KeptRowRef>&, std::vector<int32_t>&) {
+  unavailable();
+}
 void CudaLlamaModel::forward_stage(const ForwardBatch&, CudaKvCache&, const float*, std::vector<float>&) {
   unavailable();
 }

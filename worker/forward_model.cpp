@@ -71,6 +71,16 @@ void ForwardModel::forward_verify(const ForwardBatch&, ForwardCache&, const std:
   throw std::logic_error("forward_verify: this backend does not verify drafts itself (verifies_drafts())");
 }
 
+std::shared_ptr<KeptRows> ForwardModel::make_kept_rows(int64_t) {
+  throw std::logic_error("make_kept_rows: this backend does not keep draft distributions");
+}
+
+void ForwardModel::forward_draft_sample(const ForwardBatch&, ForwardCache&,
+                                        const std::vector<SamplingParams>&, const std::vector<double>&,
+                                        const std::vector<KeptRowRef>&, std::vector<int32_t>&) {
+  throw std::logic_error("forward_draft_sample: this backend does not keep draft distributions");
+}
+
 std::unique_ptr<ForwardCache> CpuForwardModel::make_cache(int64_t num_blocks, int64_t block_size) const {
   return std::make_unique<CpuCache>(model_.shard_config(), num_blocks, block_size);
 }

@@ -87,6 +87,22 @@ class ForwardModel {
   virtual void forward_verify(const ForwardBatch& batch, ForwardCache& cache,
                               const std::vector<VerifySequence>& seqs, std::vector<int32_t>& accepted,
                               std::vector<std::vector<int32_t>>& tokens);
+  // Whether, as a draft, this model keeps its sampled proposals' distributions where it makes them
+  // (a whole model on a GPU), so that only ids cross to the host and a target on that device
+  // verifies against them there (VerifySequence::kept_probs). The default: no.
+  virtual bool keeps_draft_distributions() const { return false; }
+  // A store of `rows` rows of n_vocab floats for forward_draft_sample. The default throws
+  // std::logic_error (only where keeps_draft_distributions()).
+  virtual std::shared_ptr<KeptRows> make_kept_rows(int64_t rows);
+  // A draft's whole-model pass: per logit row r, its dense distribution q (what
+  // speculative::dense_distribution makes of the row's logits: one-hot on the argmax at temperature
+  // 0) into keep[r] (a store from this model's make_kept_rows; rows == nullptr: not kept), and ids[r]
+  // drawn from q with uniforms[r] as speculative::sample_dense draws (unused at temperature 0). No
+  // repetition penalty. Only where keeps_draft_distributions(); the default throws std::logic_error.
+  virtual void forward_draft_sample(const ForwardBatch& batch, ForwardCache& cache,
+                                    const std::vector<SamplingParams>& params,
+                                    const std::vector<double>& uniforms, const std::vector<KeptRowRef>& keep,
+                                    std::vector<int32_t>& ids);
 
  private:
   std::vector<float> argmax_logits_;  // forward_argmax's and forward_sample's scratch (n_vocab floats a row)
@@ -134,6 +150,12 @@ class CudaForwardModel final : public ForwardModel {
   bool verifies_drafts() const override;
   void forward_verify(const ForwardBatch& batch, ForwardCache& cache, const std::vector<VerifySequence>& seqs,
                       std::vector<int32_t>& accepted, std::vector<std::vector<int32_t>>& tokens) override;
+  // On the device too (CudaLlamaModel::forward_draft_sample), for a whole, unsharded model.
+  bool keeps_draft_distributions() const override { return verifies_drafts(); }
+  std::shared_ptr<KeptRows> make_kept_rows(int64_t rows) override { return model_.make_kept_rows(rows); }
+  void forward_draft_sample(const ForwardBatch& batch, ForwardCache& cache,
+                            const std::vector<SamplingParams>& params, const std::vector<double>& uniforms,
+                            const std::vector<KeptRowRef>& keep, std::vector<int32_t>& ids) override;
 
  private:
   CudaLlamaModel& model_;

@@ -38,17 +38,19 @@ void apply_repetition_penalty(const SamplingParams& params, std::span<const int3
   }
 }
 
-bool verifiable_on_model(const SamplingParams& params, int k, size_t draft_probs, int64_t n_vocab) {
+bool verifiable_on_model(const SamplingParams& params, int k, size_t draft_probs, int64_t n_vocab,
+                         int64_t kept_rows) {
   return k > 0 && params.temperature > 0.0f && params.repetition_penalty == 1.0f &&
-         draft_probs >= static_cast<size_t>(k) * static_cast<size_t>(n_vocab);
+         (draft_probs >= static_cast<size_t>(k) * static_cast<size_t>(n_vocab) || kept_rows >= k);
 }
 
 VerifySequence verify_sequence(Sampler& sampler, std::span<const int32_t> tokens, int k,
                                std::span<const float> draft_probs, int64_t n_vocab,
-                               std::vector<double>& uniforms) {
+                               std::vector<double>& uniforms, const KeptRows* kept) {
   uniforms.clear();
   for (int j = 0; j <= k; ++j) uniforms.push_back(sampler.uniform());
   const auto kk = static_cast<size_t>(k);
+  if (kept != nullptr) return {sampler.params(), tokens.last(kk), {}, uniforms, kept};
   return {sampler.params(), tokens.last(kk), draft_probs.first(kk * static_cast<size_t>(n_vocab)), uniforms};
 }
 

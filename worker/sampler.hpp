@@ -8,6 +8,8 @@
 #include <utility>
 #include <vector>
 
+#include "worker/kept_rows.hpp"
+
 namespace nibble::worker {
 
 struct SamplingParams {
@@ -42,22 +44,27 @@ void apply_repetition_penalty(const SamplingParams& params, std::span<const int3
 struct VerifySequence {
   SamplingParams params;               // temperature > 0, no repetition penalty
   std::span<const int32_t> drafts;     // [k], k >= 1
-  std::span<const float> draft_probs;  // [k, n_vocab]: the draft's dense distributions
+  std::span<const float> draft_probs;  // [k, n_vocab]: the draft's dense distributions (host)
   std::span<const double> uniforms;    // [k + 1] in [0, 1)
+  // Instead of draft_probs (then empty): the same rows kept where the draft made them (rows 0..k-1
+  // of a store of at least k rows of n_vocab), not owned.
+  const KeptRows* kept_probs = nullptr;
 };
 
 // Whether a sequence's step can be verified where the logits are: it verifies k >= 1 drafts at
-// temperature > 0 without a repetition penalty, and the draft's k distributions (draft_probs floats)
-// are at hand.
-bool verifiable_on_model(const SamplingParams& params, int k, size_t draft_probs, int64_t n_vocab);
+// temperature > 0 without a repetition penalty, and the draft's k distributions are at hand, as
+// draft_probs floats on the host or kept_rows rows where the draft made them.
+bool verifiable_on_model(const SamplingParams& params, int k, size_t draft_probs, int64_t n_vocab,
+                         int64_t kept_rows = 0);
 
 class Sampler;
 // The VerifySequence of a sequence whose step fed `tokens`, the last k of them its drafts, with its
 // k + 1 uniforms drawn from `sampler` now into `uniforms` (speculative::verify draws as many, in the
-// same order), which the result points into. draft_probs: at least [k, n_vocab].
+// same order), which the result points into. draft_probs: at least [k, n_vocab]; or, when kept is
+// set (at least k rows), empty: the draft's distributions are kept's.
 VerifySequence verify_sequence(Sampler& sampler, std::span<const int32_t> tokens, int k,
                                std::span<const float> draft_probs, int64_t n_vocab,
-                               std::vector<double>& uniforms);
+                               std::vector<double>& uniforms, const KeptRows* kept = nullptr);
 
 struct TokenProbability {
   int32_t id;

@@ -131,7 +131,28 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// One block per row: the draft's draw from its own dense distribution (sample_dense).
+__global__ void __launch_bounds__(kThreads)
+    sample_dense_kernel(const float* __restrict__ probs, const double* __restrict__ uniforms, int64_t n_vocab,
+                        int32_t* __restrict__ ids) {
+  __shared__ AcceptShared sh;
+  const int64_t r = blockIdx.x;
+  const float* p = probs + r * n_vocab;
+  const int64_t pick =
+      inverse_cdf([&](int64_t v) { return static_cast<double>(p[v]); }, n_vocab, uniforms[r], sh);
+  if (threadIdx.x == 0) ids[r] = static_cast<int32_t>(pick);
+}
+
 }  // namespace
+
+Status sample_dense_rows(const float* probs, const double* uniforms, int64_t rows, int64_t n_vocab,
+                         int32_t* ids, cudaStream_t stream) {
+  if (probs == nullptr || uniforms == nullptr || ids == nullptr) return Status::invalid_argument;
+  if (rows < 0 || rows > INT32_MAX || n_vocab < 1 || n_vocab > INT32_MAX) return Status::invalid_argument;
+  if (rows == 0) return Status::ok;
+  sample_dense_kernel<<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(probs, uniforms, n_vocab, ids);
+  return cudaGetLastError() == cudaSuccess ? Status::ok : Status::device_error;
+}
 
 Status speculative_accept(const int32_t* draft_tokens, const int32_t* draft_counts, const float* draft_probs,
                           const float* target_probs, const double* uniforms, int64_t seqs, int64_t k_max,

@@ -36,4 +36,16 @@ Status speculative_accept(const int32_t* draft_tokens, const int32_t* draft_coun
                           int64_t n_vocab, int32_t* out_tokens, int32_t* out_accepted, int32_t* bad_input,
                           cudaStream_t stream);
 
+// The draft's side: one draw per row from its dense distribution by the same inverse CDF
+// (speculative/rejection_sampler.hpp's sample_dense: the first id of positive probability whose
+// running sum exceeds u times the row's total, in id order), so that a draft on the GPU proposes
+// what it would on the host and keeps its distributions where they were made.
+// probs:    [rows, n_vocab] float >= 0 (distribution_rows's output)
+// uniforms: [rows] double in [0, 1)
+// ids:      [rows] int32 output; -1 for a row that sums to 0 (not a distribution)
+// rows >= 0 (0: nothing to do), n_vocab >= 1. Enqueues one kernel (a block per row) on `stream`.
+// Returns invalid_argument (nothing launched) for a bad argument, device_error if the launch fails.
+Status sample_dense_rows(const float* probs, const double* uniforms, int64_t rows, int64_t n_vocab,
+                         int32_t* ids, cudaStream_t stream);
+
 }  // namespace nibble::kernels::cuda

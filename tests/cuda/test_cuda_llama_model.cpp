@@ -43,6 +43,7 @@
 #include "model/gguf.hpp"
 #include "model/random_model.hpp"
 #include "model/requantize.hpp"
+#include "speculative/rejection_sampler.hpp"
 #include "tests/cuda/cuda_test_util.hpp"
 #include "tests/support/test_support.hpp"
 #include "worker/cuda_llama_model.hpp"
@@ -52,6 +53,7 @@
 namespace k = nibble::kernels;
 namespace m = nibble::model;
 namespace w = nibble::worker;
+namespace sp = nibble::speculative;
 namespace t = nibble::test;
 
 namespace {
@@ -528,6 +530,81 @@ TEST(CudaLlamaModel, ForwardSampleDrawsWhatTheSamplerWouldFromTheLogits) {
                std::invalid_argument);
   us[0] = 1.0;
   EXPECT_THROW(gpu.forward_sample(batch, cache, params, us, ids), std::invalid_argument);
+}
+
+// A draft's pass that keeps its distributions on the device (forward_draft_sample): each kept row is
+// the host's dense distribution of the same logits (speculative::dense_distribution), each id is what
+// speculative::sample_dense draws from that row with the row's uniform, a greedy row keeps nothing
+// and takes the argmax; a store's memory is reused once its handle goes; bad arguments are refused.
+TEST(CudaLlamaModel, ForwardDraftSampleKeepsTheDistributionsItDrawsFrom) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  t::TempDir dir;
+  const std::string path = random_model(dir.path(), tiny_shape(256, 4, 2), k::DType::Q4_0);
+  w::CudaLlamaModel gpu(m::LlamaCheckpoint::open(path));
+  w::CudaKvCache cache(gpu.config(), 8, 16);
+  const auto batch = w::ForwardBatch::single({5, 6, 7, 8, 9}, 0, {0, 1}, true);  // 5 logit rows
+  std::vector<float> logits;
+  gpu.forward(batch, cache, logits);
+  const int64_t n_vocab = gpu.config().n_vocab;
+  ASSERT_EQ(logits.size(), static_cast<size_t>(5 * n_vocab));
+  std::vector<w::SamplingParams> params(5);
+  const float temperatures[] = {0.8f, 1.0f, 0.0f, 1.3f, 0.6f};
+  for (size_t r = 0; r < params.size(); ++r) params[r].temperature = temperatures[r];
+  params[0].top_k = 40;
+  params[1].top_p = 0.9f;
+  params[3].min_p = 0.05f;
+  const std::vector<double> us = {0.31, 0.77, 0.5, 0.05, 0.93};
+  std::shared_ptr<w::KeptRows> kept = gpu.make_kept_rows(4);
+  ASSERT_NE(kept->device_data(), nullptr);
+  EXPECT_EQ(kept->row_size(), n_vocab);
+  // Rows 0, 1, 3, 4 kept in store rows 3, 0, 1, 2; the greedy row 2 keeps nothing.
+  const std::vector<w::KeptRowRef> keep = {
+      {kept.get(), 3}, {kept.get(), 0}, {}, {kept.get(), 1}, {kept.get(), 2}};
+  std::vector<int32_t> ids;
+  gpu.forward_draft_sample(batch, cache, params, us, keep, ids);
+  ASSERT_EQ(ids.size(), 5u);
+  for (size_t r = 0; r < 5; ++r) {
+    SCOPED_TRACE("row " + std::to_string(r));
+    const float* row = logits.data() + r * n_vocab;
+    if (keep[r].rows == nullptr) {
+      EXPECT_EQ(ids[r], std::max_element(row, row + n_vocab) - row);
+      continue;
+    }
+    const std::vector<float> want = sp::dense_distribution(w::Sampler(params[r]), row, n_vocab, {});
+    std::vector<float> got;
+    kept->copy_to_host(keep[r].row, 1, got);
+    ASSERT_EQ(got.size(), want.size());
+    for (int64_t v = 0; v < n_vocab; ++v) {
+      ASSERT_EQ(got[static_cast<size_t>(v)] == 0.0f, want[static_cast<size_t>(v)] == 0.0f) << "id " << v;
+      ASSERT_NEAR(got[static_cast<size_t>(v)], want[static_cast<size_t>(v)], 1e-6f) << "id " << v;
+    }
+    EXPECT_EQ(ids[r], sp::sample_dense(got.data(), n_vocab, us[r]));
+  }
+  // The store's memory goes back to the model's pool and comes out again for the next store.
+  const float* memory = kept->device_data();
+  std::weak_ptr<w::KeptRows> gone = kept;
+  kept.reset();
+  EXPECT_TRUE(gone.expired());
+  EXPECT_EQ(gpu.make_kept_rows(4)->device_data(), memory);
+  // Refused: a penalty, a uniform of 1, a store another model made, a row outside the store, no rows.
+  const std::shared_ptr<w::KeptRows> store = gpu.make_kept_rows(2);
+  const std::vector<w::KeptRowRef> in_store = {{store.get(), 0}, {store.get(), 1}, {}, {}, {}};
+  auto penalized = params;
+  penalized[1].repetition_penalty = 1.2f;
+  EXPECT_THROW(gpu.forward_draft_sample(batch, cache, penalized, us, in_store, ids), std::invalid_argument);
+  auto bad_us = us;
+  bad_us[0] = 1.0;
+  EXPECT_THROW(gpu.forward_draft_sample(batch, cache, params, bad_us, in_store, ids), std::invalid_argument);
+  w::CudaLlamaModel other(m::LlamaCheckpoint::open(path));
+  const std::shared_ptr<w::KeptRows> foreign = other.make_kept_rows(2);
+  EXPECT_THROW(gpu.forward_draft_sample(batch, cache, params, us, {{foreign.get(), 0}, {}, {}, {}, {}}, ids),
+               std::invalid_argument);
+  EXPECT_THROW(gpu.forward_draft_sample(batch, cache, params, us, {{store.get(), 2}, {}, {}, {}, {}}, ids),
+               std::invalid_argument);
+  EXPECT_THROW(gpu.forward_draft_sample(batch, cache, params, us, {{}, {}, {}, {}}, ids),
+               std::invalid_argument);
+  EXPECT_THROW(gpu.make_kept_rows(0), std::invalid_argument);
+  EXPECT_THROW(store->copy_to_host(1, 2, logits), std::out_of_range);
 }
 
 TEST(CudaLlamaModel, RejectsBadBatchesOnTheHost) {

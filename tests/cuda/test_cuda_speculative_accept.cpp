@@ -8,6 +8,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <random>
 #include <string>
@@ -196,3 +197,48 @@ TEST(CudaSpeculativeAccept, ReportsBadCountsAndTokens) {
             k::Status::invalid_argument);  // k_max 2 without tokens or draft rows
   EXPECT_EQ(cudaGetLastError(), cudaSuccess);
 }
+
+namespace {
+
+// The draft's device draw (sample_dense_rows) against speculative::sample_dense with the same
+// uniforms: random rows of odd widths, sparse and dense, one-hot rows, uniforms at the ends of [0, 1),
+// and a row of zeros (reported as -1, where the host throws).
+TEST(CudaSpeculativeAccept, SampleDenseRowsMatchesTheHostsDraw) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  std::mt19937 rng(23);
+  std::uniform_real_distribution<double> uniform(0.0, 1.0);
+  for (const int64_t n_vocab : {int64_t{1}, int64_t{7}, int64_t{300}, int64_t{32003}}) {
+    SCOPED_TRACE("n_vocab " + std::to_string(n_vocab));
+    const int64_t rows = 37;
+    std::vector<float> probs;
+    std::vector<double> uniforms;
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t support = r % 4 == 0 ? 1 : r % 4 == 1 ? 3 : r % 4 == 2 ? 50 : n_vocab;
+      const std::vector<float> row = random_distribution(n_vocab, support, rng);
+      probs.insert(probs.end(), row.begin(), row.end());
+      uniforms.push_back(r == 1 ? 0.0 : r == 2 ? std::nextafter(1.0, 0.0) : uniform(rng));
+    }
+    probs.resize(static_cast<size_t>((rows + 1) * n_vocab), 0.0f);  // a last row of zeros
+    uniforms.push_back(0.5);
+    DeviceBuffer<float> dp(probs);
+    DeviceBuffer<double> du(uniforms);
+    DeviceBuffer<int32_t> dids(static_cast<size_t>(rows + 1));
+    ASSERT_TRUE(dp.ptr && du.ptr && dids.ptr);
+    ASSERT_EQ(k::cuda::sample_dense_rows(dp.ptr, du.ptr, rows + 1, n_vocab, dids.ptr, nullptr),
+              k::Status::ok);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    const std::vector<int32_t> ids = dids.to_host();
+    ASSERT_EQ(ids.size(), static_cast<size_t>(rows + 1));
+    for (int64_t r = 0; r < rows; ++r) {
+      EXPECT_EQ(ids[static_cast<size_t>(r)],
+                sp::sample_dense(probs.data() + r * n_vocab, n_vocab, uniforms[static_cast<size_t>(r)]))
+          << "row " << r;
+    }
+    EXPECT_EQ(ids.back(), -1) << "a row without mass";
+  }
+  EXPECT_EQ(k::cuda::sample_dense_rows(nullptr, nullptr, 1, 5, nullptr, nullptr),
+            k::Status::invalid_argument);
+  EXPECT_EQ(cudaGetLastError(), cudaSuccess);
+}
+
+}  // namespace

@@ -148,7 +148,9 @@ TEST(CudaSpeculativeEngine, SampledDecodingOnTheDeviceEqualsSamplingTheLogitsOnT
 // Sampled speculation verified on the device (CudaLlamaModel::forward_verify: the target's
 // distributions and the acceptance rule there, only ids back) gives the tokens of verifying the same
 // logits on the host with the same uniforms; the draft (the target's Q4_0) is accepted often but not
-// always, so acceptances, residual draws and bonus draws all run. Then the call's argument checks.
+// always, so acceptances, residual draws and bonus draws all run. On the device the draft also keeps
+// its distributions there (forward_draft_sample: drawn and kept on the GPU, verified from there),
+// where the host run's draft hands them over as host rows. Then the call's argument checks.
 TEST(CudaSpeculativeEngine, SampledSpeculationVerifiedOnTheDeviceEqualsVerifyingOnTheHost) {
   NIBBLE_REQUIRE_CUDA_DEVICE();
   test::TempDir tmp;

@@ -92,12 +92,12 @@ protocol::StepResult WorkerService::execute(const protocol::WorkerStep& step) {
   const bool ids_only =
       argmax_only ||
       all_sampled([](const protocol::PlanEntry& e, const worker::SamplingParams&) { return e.n_draft == 0; });
-  // Sampled drafts verified where the logits are (a whole model on a GPU: only ids come back), when
-  // every sampled entry verifies drafts at temperature > 0 without a penalty; each draws its k + 1
+  // Sampled drafts verified where the logits are (a GPU's last stage, whole or a shard: only ids come back),
+  // when every sampled entry verifies drafts at temperature > 0 without a penalty; each draws its k + 1
   // uniforms up front, as the host's verify does (LocalEngine takes the same path).
   const int64_t n_vocab = model_.config().n_vocab;
   const bool verify_on_model =
-      !argmax_only && !ids_only && hidden_in == nullptr && model_.verifies_drafts() &&
+      !argmax_only && !ids_only && model_.verifies_drafts() &&
       all_sampled([&](const protocol::PlanEntry& e, const worker::SamplingParams& p) {
         const SequenceState& state = *sequences_.at(e.seq_id);
         return worker::verifiable_on_model(p, e.n_draft, state.draft_probs.size(), n_vocab,
@@ -116,7 +116,7 @@ protocol::StepResult WorkerService::execute(const protocol::WorkerStep& step) {
                                              state.draft_probs, n_vocab, verify_uniforms_[i],
                                              host_rows ? nullptr : state.draft_kept.get()));
     }
-    model_.forward_verify(batch, seqs, verify_accepted_, verify_tokens_);
+    model_.forward_stage_verify(batch, hidden_in, seqs, verify_accepted_, verify_tokens_);
   } else if (ids_only) {
     sample_params_.clear();
     sample_uniforms_.clear();
@@ -199,8 +199,8 @@ protocol::StepResult WorkerService::execute(const protocol::WorkerStep& step) {
       const int k = speculator_->choose_k(entry.seq_id, state.sampler.params(),
                                           static_cast<int64_t>(step.entries.size()));
       // A stage that verifies on its GPU takes the draft's distributions where a GPU draft makes them.
-      proposals.push_back({entry.seq_id, sequences.back(), &state.sampler.params(), k,
-                           model_.is_first_stage() && model_.verifies_drafts()});
+      proposals.push_back(
+          {entry.seq_id, sequences.back(), &state.sampler.params(), k, model_.verifies_drafts()});
     }
     result.sampled.push_back(std::move(out));
   }

@@ -62,7 +62,7 @@ class WorkerService {
   std::vector<worker::SamplingParams> sample_params_;  // per logit row of a sampled ids-only step
   std::vector<double> sample_uniforms_;
   worker::TokenHistories sample_histories_;  // the rows' tokens so far, for the repetition penalty
-  // A step verified on the model (WorkerStage::forward_verify): per sampled entry its k + 1 uniforms,
+  // A step verified on the model (WorkerStage::forward_stage_verify): per sampled entry its k + 1 uniforms,
   // then the accepted count and tokens.
   std::vector<std::vector<double>> verify_uniforms_;
   std::vector<int32_t> verify_accepted_;

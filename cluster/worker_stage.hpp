@@ -40,11 +40,12 @@ class WorkerStage {
     model_.forward_stage_sample(batch, *cache_, hidden_in, params, uniforms, histories, ids);
   }
   // Whether the model verifies sampled drafts where its logits are (ForwardModel::verifies_drafts:
-  // a whole model on a GPU), and that pass (ForwardModel::forward_verify).
+  // a GPU's last stage), and that pass (ForwardModel::forward_stage_verify; hidden_in as above).
   bool verifies_drafts() const { return model_.verifies_drafts(); }
-  void forward_verify(const worker::ForwardBatch& batch, const std::vector<worker::VerifySequence>& seqs,
-                      std::vector<int32_t>& accepted, std::vector<std::vector<int32_t>>& tokens) {
-    model_.forward_verify(batch, *cache_, seqs, accepted, tokens);
+  void forward_stage_verify(const worker::ForwardBatch& batch, const float* hidden_in,
+                            const std::vector<worker::VerifySequence>& seqs, std::vector<int32_t>& accepted,
+                            std::vector<std::vector<int32_t>>& tokens) {
+    model_.forward_stage_verify(batch, *cache_, hidden_in, seqs, accepted, tokens);
   }
 
  private:

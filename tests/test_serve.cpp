@@ -18,6 +18,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
@@ -445,28 +446,33 @@ TEST(Serve, DraftOnItsOwnRankSamplesTheSameTokensAsNextToTheSampler) {
   EXPECT_EQ(accepted[1], accepted[0]);
 }
 
-// device: cuda, sampled requests with a draft next to the sampling worker: at P=1 (a whole model on
-// the GPU) the worker verifies the drafts on the device (CudaLlamaModel::forward_verify: only ids come
-// back), at P=2 its last stage verifies downloaded logits on the host. Same pinned kernels, so the same
-// logits and, with the same uniforms, the same tokens (fixed k: the adaptive mode's timing could
-// choose differently in the two jobs).
-TEST(Serve, CudaSampledSpeculationVerifiedOnTheDeviceEqualsTheHostsVerification) {
+// device: cuda, sampled requests with a draft next to the sampling worker: the worker's stage verifies
+// the drafts on the device whatever the layout (CudaLlamaModel::forward_stage_verify: only ids come
+// back), as a whole model at P=1, as the last of two pipeline stages at P=2 (its hidden states come
+// from the first), and as one of two tensor shards at T=2 (the vocabulary columns gathered on the
+// device, the shards reducing through the host). Same pinned kernels and uniforms, so the same
+// tokens in every layout (fixed k: the adaptive mode's timing could choose differently). That this
+// equals verifying on the host: CudaSpeculativeEngine.SampledSpeculationVerifiedOnTheDeviceEquals-
+// VerifyingOnTheHost.
+TEST(Serve, CudaSampledSpeculationVerifiedOnTheDeviceInEveryLayout) {
   if (const std::string why = cuda_job_skip_reason(); !why.empty()) GTEST_SKIP() << why;
   test::TempDir models;
   const std::string model = make_tiny_model(models.path());
   const std::string other = make_unrelated_draft(models.path());
+  const struct { int tensor, pipeline; } layouts[] = {{1, 1}, {1, 2}, {2, 1}};
   for (const std::string& draft : {model, other}) {
     SCOPED_TRACE("draft " + draft);
-    std::vector<std::vector<int32_t>> outputs[2];
-    uint64_t accepted[2] = {0, 0};
-    for (const int pipeline : {1, 2}) {
+    std::vector<std::vector<int32_t>> outputs[3];
+    uint64_t accepted[3] = {0, 0, 0};
+    for (size_t l = 0; l < 3; ++l) {
+      char layout[32];
+      std::snprintf(layout, sizeof layout, "T%d P%d", layouts[l].tensor, layouts[l].pipeline);
+      SCOPED_TRACE(layout);
       test::TempDir dir;
-      ServeJob job(dir.path(), model, 1, pipeline,
+      ServeJob job(dir.path(), model, layouts[l].tensor, layouts[l].pipeline,
                    kCudaJob + "draft: { path: \"" + draft + "\", max_draft_tokens: 3, adaptive: false }\n");
       ASSERT_TRUE(job.wait_ready()) << job.log();
-      EXPECT_NE(job.log().find(pipeline == 1 ? "verified on the GPU" : "verified on the host"),
-                std::string::npos)
-          << job.log();
+      EXPECT_NE(job.log().find("verified on the GPU"), std::string::npos) << job.log();
       Client client(job.endpoint());
       for (size_t i = 0; i < kPrompts.size(); ++i) {
         protocol::GenerateRequest request = greedy(numbered("s", i), kPrompts[i], 24);
@@ -474,12 +480,14 @@ TEST(Serve, CudaSampledSpeculationVerifiedOnTheDeviceEqualsTheHostsVerification)
         request.sampling.top_k = 40;
         request.sampling.seed = 7 + i;
         const protocol::Final f = client.generate(request);
-        outputs[pipeline - 1].push_back(f.tokens);
-        accepted[pipeline - 1] += f.draft_accepted;
+        outputs[l].push_back(f.tokens);
+        accepted[l] += f.draft_accepted;
       }
     }
-    EXPECT_EQ(outputs[0], outputs[1]);
-    EXPECT_EQ(accepted[0], accepted[1]);
+    for (size_t l = 1; l < 3; ++l) {
+      EXPECT_EQ(outputs[l], outputs[0]) << "layout " << l;
+      EXPECT_EQ(accepted[l], accepted[0]) << "layout " << l;
+    }
     if (draft == model) {
       EXPECT_GT(accepted[0], 0u) << "the target as its own draft has proposals accepted";
     }

@@ -161,12 +161,13 @@ class SelfVerifyingCpuModel final : public worker::ForwardModel {
     cpu_.forward_stage(batch, cache, hidden_in, out);
   }
   bool verifies_drafts() const override { return true; }
-  void forward_verify(const worker::ForwardBatch& batch, worker::ForwardCache& cache,
-                      const std::vector<VerifySequence>& seqs, std::vector<int32_t>& accepted,
-                      std::vector<std::vector<int32_t>>& tokens) override {
+  void forward_stage_verify(const worker::ForwardBatch& batch, worker::ForwardCache& cache,
+                            const float* hidden_in, const std::vector<VerifySequence>& seqs,
+                            std::vector<int32_t>& accepted,
+                            std::vector<std::vector<int32_t>>& tokens) override {
     ++verify_calls;
     std::vector<float> logits;
-    cpu_.forward(batch, cache, logits);
+    cpu_.forward_stage(batch, cache, hidden_in, logits);
     const int64_t n_vocab = config().n_vocab;
     accepted.clear();
     tokens.clear();

@@ -59,16 +59,17 @@ void CudaForwardModel::forward_draft_sample(const ForwardBatch& batch, ForwardCa
   model_.forward_draft_sample(batch, own->cache, params, uniforms, keep, ids);
 }
 
-bool CudaForwardModel::verifies_drafts() const {
+bool CudaForwardModel::keeps_draft_distributions() const {
   return model_.is_first_stage() && model_.is_last_stage() && model_.shard().size == 1;
 }
 
-void CudaForwardModel::forward_verify(const ForwardBatch& batch, ForwardCache& cache,
-                                      const std::vector<VerifySequence>& seqs, std::vector<int32_t>& accepted,
-                                      std::vector<std::vector<int32_t>>& tokens) {
+void CudaForwardModel::forward_stage_verify(const ForwardBatch& batch, ForwardCache& cache,
+                                            const float* hidden_in, const std::vector<VerifySequence>& seqs,
+                                            std::vector<int32_t>& accepted,
+                                            std::vector<std::vector<int32_t>>& tokens) {
   auto* own = dynamic_cast<CudaCache*>(&cache);
   if (own == nullptr) throw std::logic_error("CudaForwardModel: a cache made by another kind of model");
-  model_.forward_verify(batch, own->cache, seqs, accepted, tokens);
+  model_.forward_stage_verify(batch, own->cache, hidden_in, seqs, accepted, tokens);
 }
 
 }  // namespace nibble::worker

@@ -1578,12 +1578,12 @@ void CudaLlamaModel::forward_greedy(const ForwardBatch& batch, CudaKvCache& cach
   impl_->forward_impl(batch, cache, nullptr, nullptr, &ids, Impl::RowSampling{});
 }
 
-void CudaLlamaModel::forward_verify(const ForwardBatch& batch, CudaKvCache& cache,
-                                    const std::vector<VerifySequence>& seqs, std::vector<int32_t>& accepted,
-                                    std::vector<std::vector<int32_t>>& tokens) {
+void CudaLlamaModel::forward_stage_verify(const ForwardBatch& batch, CudaKvCache& cache,
+                                          const float* hidden_in, const std::vector<VerifySequence>& seqs,
+                                          std::vector<int32_t>& accepted,
+                                          std::vector<std::vector<int32_t>>& tokens) {
   Impl& m = *impl_;
-  if (!m.first_stage() || !m.last_stage() || m.shard.size != 1)
-    throw std::logic_error("forward_verify: only a whole, unsharded model verifies on the device");
+  if (!m.last_stage()) throw std::logic_error("forward_verify: only the last stage has logits to verify");
   const int64_t n_vocab = m.config.n_vocab;
   const auto v = static_cast<size_t>(n_vocab);
   size_t rows = 0;
@@ -1624,8 +1624,8 @@ void CudaLlamaModel::forward_verify(const ForwardBatch& batch, CudaKvCache& cach
                                 " logit rows for sequences that verify " + std::to_string(rows) +
                                 " positions");
   }
-  // The pass, its logits left on the device.
-  m.forward_impl(batch, cache, nullptr, nullptr, nullptr, Impl::RowSampling{});
+  // The pass, its logits (gathered whole on a tensor shard) left on the device.
+  m.forward_impl(batch, cache, hidden_in, nullptr, nullptr, Impl::RowSampling{});
   accepted.clear();
   tokens.clear();
   if (seqs.empty()) return;

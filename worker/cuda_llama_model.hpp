@@ -242,11 +242,20 @@ class CudaLlamaModel {
   // speculative_accept applies speculative::verify's rule with the given uniforms, so the draft's
   // rows go up (or, kept on a GPU by forward_draft_sample, are copied there) and only ids come back. seqs:
   // one per sequence of the batch in batch order, each with exactly k + 1 logit rows (its k drafts' positions
-  // and the bonus one). accepted[s]: drafts accepted; tokens[s]: those drafts, then the drawn token. A whole
-  // unsharded model only. Throws std::invalid_argument for a shape or settings mismatch, std::runtime_error
-  // for what the device reports (a draft token outside the vocabulary, a target row with no mass).
+  // and the bonus one). accepted[s]: drafts accepted; tokens[s]: those drafts, then the drawn token.
+  // Throws std::invalid_argument for a shape or settings mismatch, std::runtime_error for what the
+  // device reports (a draft token outside the vocabulary, a target row with no mass).
   void forward_verify(const ForwardBatch& batch, CudaKvCache& cache, const std::vector<VerifySequence>& seqs,
-                      std::vector<int32_t>& accepted, std::vector<std::vector<int32_t>>& tokens);
+                      std::vector<int32_t>& accepted, std::vector<std::vector<int32_t>>& tokens) {
+    forward_stage_verify(batch, cache, nullptr, seqs, accepted, tokens);
+  }
+  // The same on any last stage: a later pipeline stage (hidden_in as in forward_stage) or a tensor
+  // shard, whose vocabulary columns are gathered into whole rows on the device before the
+  // distributions are made (every shard of the stage runs the pass and its gather; the one that
+  // samples verifies). Throws std::logic_error on a stage that is not the last.
+  void forward_stage_verify(const ForwardBatch& batch, CudaKvCache& cache, const float* hidden_in,
+                            const std::vector<VerifySequence>& seqs, std::vector<int32_t>& accepted,
+                            std::vector<std::vector<int32_t>>& tokens);
   void forward_stage_greedy(const ForwardBatch& batch, CudaKvCache& cache, const float* hidden_in,
                             std::vector<int32_t>& ids);
   // The same pass with every logit row sampled on the device (kernels/cuda/sampling.cuh's

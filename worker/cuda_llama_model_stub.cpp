@@ -51,8 +51,9 @@ void CudaLlamaModel::forward(const ForwardBatch&, CudaKvCache&, std::vector<floa
 void CudaLlamaModel::forward_greedy(const ForwardBatch&, CudaKvCache&, std::vector<int32_t>&) {
   unavailable();
 }
-void CudaLlamaModel::forward_verify(const ForwardBatch&, CudaKvCache&, const std::vector<VerifySequence>&,
-                                    std::vector<int32_t>&, std::vector<std::vector<int32_t>>&) {
+void CudaLlamaModel::forward_stage_verify(const ForwardBatch&, CudaKvCache&, const float*,
+                                          const std::vector<VerifySequence>&, std::vector<int32_t>&,
+                                          std::vector<std::vector<int32_t>>&) {
   unavailable();
 }
 CudaStepProfile CudaLlamaModel::profile_greedy(const ForwardBatch&, CudaKvCache&, std::vector<int32_t>&) {

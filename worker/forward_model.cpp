@@ -66,8 +66,9 @@ void ForwardModel::forward_stage_sample(const ForwardBatch& batch, ForwardCache&
   }
 }
 
-void ForwardModel::forward_verify(const ForwardBatch&, ForwardCache&, const std::vector<VerifySequence>&,
-                                  std::vector<int32_t>&, std::vector<std::vector<int32_t>>&) {
+void ForwardModel::forward_stage_verify(const ForwardBatch&, ForwardCache&, const float*,
+                                        const std::vector<VerifySequence>&, std::vector<int32_t>&,
+                                        std::vector<std::vector<int32_t>>&) {
   throw std::logic_error("forward_verify: this backend does not verify drafts itself (verifies_drafts())");
 }
 

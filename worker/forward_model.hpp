@@ -73,20 +73,27 @@ class ForwardModel {
                       std::vector<int32_t>& ids, const TokenHistories& histories = {}) {
     forward_stage_sample(batch, cache, nullptr, params, uniforms, histories, ids);
   }
-  // Whether forward_verify runs here: a whole model on a GPU. The default: no (verify forward()'s
-  // logits on the host).
+  // Whether forward_stage_verify runs here: a GPU's last stage, whole or a tensor shard (its logits
+  // are gathered on the device) or the last of several pipeline stages. The default: no (verify
+  // forward_stage()'s logits on the host).
   virtual bool verifies_drafts() const { return false; }
-  // A whole model's pass that verifies sampled draft tokens where the logits are, with
+  // The last stage's pass that verifies sampled draft tokens where the logits are, with
   // speculative/rejection_sampler.hpp's rule and the same uniforms, so that only ids come back (a GPU:
   // kernels/cuda/distribution_rows and speculative_accept). seqs: one per sequence of the batch, in
   // batch order, each with k >= 1 drafts and exactly k + 1 logit rows (its verification positions);
   // params temperature > 0 and no repetition penalty; draft_probs [k, n_vocab] the draft's dense
   // distributions; uniforms [k + 1] in [0, 1). Fills accepted[s] (0..k) and tokens[s] (the accepted
-  // drafts, then the drawn token). Only where verifies_drafts(); the default throws std::logic_error.
+  // drafts, then the drawn token). hidden_in as in forward_stage (a last stage's input). Only where
+  // verifies_drafts(); the default throws std::logic_error.
   using VerifySequence = worker::VerifySequence;
-  virtual void forward_verify(const ForwardBatch& batch, ForwardCache& cache,
-                              const std::vector<VerifySequence>& seqs, std::vector<int32_t>& accepted,
-                              std::vector<std::vector<int32_t>>& tokens);
+  virtual void forward_stage_verify(const ForwardBatch& batch, ForwardCache& cache, const float* hidden_in,
+                                    const std::vector<VerifySequence>& seqs, std::vector<int32_t>& accepted,
+                                    std::vector<std::vector<int32_t>>& tokens);
+  // The same for a whole model.
+  void forward_verify(const ForwardBatch& batch, ForwardCache& cache, const std::vector<VerifySequence>& seqs,
+                      std::vector<int32_t>& accepted, std::vector<std::vector<int32_t>>& tokens) {
+    forward_stage_verify(batch, cache, nullptr, seqs, accepted, tokens);
+  }
   // Whether, as a draft, this model keeps its sampled proposals' distributions where it makes them
   // (a whole model on a GPU), so that only ids cross to the host and a target on that device
   // verifies against them there (VerifySequence::kept_probs). The default: no.
@@ -146,12 +153,13 @@ class CudaForwardModel final : public ForwardModel {
   void forward_stage_sample(const ForwardBatch& batch, ForwardCache& cache, const float* hidden_in,
                             const std::vector<SamplingParams>& params, const std::vector<double>& uniforms,
                             const TokenHistories& histories, std::vector<int32_t>& ids) override;
-  // On the device (CudaLlamaModel::forward_verify) for a whole, unsharded model.
-  bool verifies_drafts() const override;
-  void forward_verify(const ForwardBatch& batch, ForwardCache& cache, const std::vector<VerifySequence>& seqs,
-                      std::vector<int32_t>& accepted, std::vector<std::vector<int32_t>>& tokens) override;
+  // On the device (CudaLlamaModel::forward_stage_verify) on the last stage, sharded or not.
+  bool verifies_drafts() const override { return model_.is_last_stage(); }
+  void forward_stage_verify(const ForwardBatch& batch, ForwardCache& cache, const float* hidden_in,
+                            const std::vector<VerifySequence>& seqs, std::vector<int32_t>& accepted,
+                            std::vector<std::vector<int32_t>>& tokens) override;
   // On the device too (CudaLlamaModel::forward_draft_sample), for a whole, unsharded model.
-  bool keeps_draft_distributions() const override { return verifies_drafts(); }
+  bool keeps_draft_distributions() const override;
   std::shared_ptr<KeptRows> make_kept_rows(int64_t rows) override { return model_.make_kept_rows(rows); }
   void forward_draft_sample(const ForwardBatch& batch, ForwardCache& cache,
                             const std::vector<SamplingParams>& params, const std::vector<double>& uniforms,

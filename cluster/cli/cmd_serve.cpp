@@ -501,9 +501,9 @@ int serve(const std::string& config_path) {
                  gpu >= 0 ? (", GPU " + std::to_string(gpu)).c_str() : "");
   }
   if (config.draft.has_value() && !config.draft_has_own_rank()) {
-    // A whole model on a GPU (one worker) verifies sampled drafts on the device
-    // (worker::CudaForwardModel::verifies_drafts); otherwise the sampling worker verifies its logits.
-    const bool verify_on_gpu = cuda && config.num_workers() == 1;
+    // The sampling worker's stage on a GPU (the last, whole or a tensor shard) verifies sampled drafts on
+    // the device (worker::CudaForwardModel::verifies_drafts); on the CPU it verifies its logits.
+    const bool verify_on_gpu = cuda;
     std::fprintf(stderr,
                  "nibble serve: draft %s next to the sampling worker (rank %d), on its %s; sampled drafts "
                  "verified on the %s\n",

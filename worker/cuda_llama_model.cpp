@@ -5,6 +5,7 @@
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -159,14 +160,14 @@ class KeptRowsPool {
   KeptRowsPool(const KeptRowsPool&) = delete;
   KeptRowsPool& operator=(const KeptRowsPool&) = delete;
 
-  // A block of at least `bytes` (a free one no more than twice that, else a new one on the current
-  // device, which the caller has set to device()); its size in `got`.
-  float* take(size_t bytes, size_t& got) {
+  // A block of `bytes` (a free one of that size, else a new one on the current device, which the
+  // caller has set to device()). Callers round sizes to a few classes (CudaKeptRows: a power of two
+  // of rows), so that freed blocks serve later stores and the pool stays a few blocks per class.
+  float* take(size_t bytes) {
     {
       std::lock_guard<std::mutex> lock(mu_);
-      const auto it = free_.lower_bound(bytes);
-      if (it != free_.end() && it->first <= 2 * bytes) {
-        got = it->first;
+      const auto it = free_.find(bytes);
+      if (it != free_.end()) {
         float* p = it->second;
         free_.erase(it);
         return p;
@@ -174,7 +175,6 @@ class KeptRowsPool {
     }
     void* p = nullptr;
     cuda_check(cudaMalloc(&p, bytes), "cudaMalloc (kept draft distributions)");
-    got = bytes;
     return static_cast<float*>(p);
   }
   void give(float* p, size_t bytes) {
@@ -192,8 +192,10 @@ class KeptRowsPool {
 class CudaKeptRows final : public KeptRows {
  public:
   CudaKeptRows(std::shared_ptr<KeptRowsPool> pool, int64_t rows, int64_t row_size)
-      : KeptRows(rows, row_size), pool_(std::move(pool)) {
-    data_ = pool_->take(static_cast<size_t>(rows * row_size) * sizeof(float), bytes_);
+      : KeptRows(rows, row_size),
+        pool_(std::move(pool)),
+        bytes_(std::bit_ceil(static_cast<uint64_t>(rows)) * static_cast<size_t>(row_size) * sizeof(float)) {
+    data_ = pool_->take(bytes_);
   }
   ~CudaKeptRows() override { pool_->give(data_, bytes_); }
   const float* device_data() const override { return data_; }
@@ -212,8 +214,8 @@ class CudaKeptRows final : public KeptRows {
 
  private:
   std::shared_ptr<KeptRowsPool> pool_;
+  size_t bytes_;
   float* data_ = nullptr;
-  size_t bytes_ = 0;
 };
 
 std::shared_ptr<DeviceMemory> upload(const void* host, size_t bytes) {

@@ -560,6 +560,10 @@ int run_kernels(const Args& a) {
       row["w4a16_g128_tc64_us"] = r.g128_tc64_us;
       row["g128_tc64_speedup_vs_cublas"] = r.cublas_us / r.g128_tc64_us;
     }
+    if (r.g128_tc_loads_us > 0) {
+      row["g128_tc_loads_only_us"] = r.g128_tc_loads_us;
+      row["g128_tc_compute_only_us"] = r.g128_tc_compute_us;
+    }
     if (r.g128_deq_us > 0) {
       row["w4a16_g128_dequant_cublas_us"] = r.g128_deq_us;
       row["g128_dequant_cublas_speedup_vs_cublas"] = r.cublas_us / r.g128_deq_us;
@@ -608,6 +612,25 @@ int run_kernels(const Args& a) {
                     best_g128_us > 0 ? tg_us / best_g128_us : 0.0);
       else
         std::printf(" %11s %8s %8s\n", "-", "-", "-");
+    }
+  }
+  if (!a.json) {
+    // The tensor-core GEMV cut in two: whichever part alone takes nearly the whole kernel's time sets
+    // its pace (both well below it: latency, the pipeline's barriers and hand-offs).
+    std::printf(
+        "\nTensor-core GEMV (256 threads) by part, us: whole = g128 tc; loads = its pipeline streaming the "
+        "weights without computing; compute = its dequantize-and-mma work on staged data without loading\n");
+    std::printf("%-12s %4s | %8s %8s %6s %8s %6s\n", "k x n_out", "m", "whole", "loads", "%copy", "compute",
+                "%whole");
+    for (const auto& r : result.rows) {
+      if (!(r.g128_tc_loads_us > 0)) continue;
+      char shape[32];
+      std::snprintf(shape, sizeof shape, "%lldx%lld", static_cast<long long>(r.shape.k),
+                    static_cast<long long>(r.shape.n_out));
+      std::printf("%-12s %4lld | %8.1f %8.1f %5.0f%% %8.1f %5.0f%%\n", shape, static_cast<long long>(r.m),
+                  r.g128_tc_us, r.g128_tc_loads_us,
+                  100.0 * r.g128_bytes / (r.g128_tc_loads_us * 1e-6) / 1e9 / result.copy_gbps,
+                  r.g128_tc_compute_us, 100.0 * r.g128_tc_compute_us / r.g128_tc_us);
     }
   }
   if (a.json) {

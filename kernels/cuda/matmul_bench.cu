@@ -160,7 +160,8 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
   }
   std::vector<double> g128(ms.size(), 0.0), g128_mma(ms.size(), 0.0), g128_tc(ms.size(), 0.0),
       g128_staged(ms.size(), 0.0), g128_tc32(ms.size(), 0.0), g128_tc64(ms.size(), 0.0),
-      g128_deq(ms.size(), 0.0), q4k(ms.size(), 0.0);
+      g128_tc_loads(ms.size(), 0.0), g128_tc_compute(ms.size(), 0.0), g128_deq(ms.size(), 0.0),
+      q4k(ms.size(), 0.0);
   const size_t g128_quant_bytes = static_cast<size_t>(n * k / 2);
   const size_t g128_groups = static_cast<size_t>(n * (k / 128));
   // nibbles, then scales, then zeros, each 16-byte aligned (as CudaLlamaModel stores them)
@@ -202,6 +203,22 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
       if (m <= kW4A16GemvMma32RowsMaxM)
         g128_tc32[mi] = time_g128(w4a16_gemv_int4_groups_mma_32rows, m, "W4A16 tensor-core GEMV, 32 rows");
       g128_tc64[mi] = time_g128(w4a16_gemm_int4_groups_mma_64rows, m, "W4A16 tensor-core GEMM, 64 rows");
+      if (m <= kW4A16GemvMmaMaxM) {
+        g128_tc_loads[mi] = time_g128(
+            [](const uint8_t* q, const __half* s, const uint8_t* z, int64_t g, int64_t n_out, int64_t kk,
+               const __half* x, int64_t rows, float* out, cudaStream_t st, bool) {
+              return w4a16_gemv_int4_groups_mma_probe(GemvMmaProbe::loads_only, q, s, z, g, n_out, kk, x,
+                                                      rows, out, st);
+            },
+            m, "W4A16 tensor-core GEMV, loads only");
+        g128_tc_compute[mi] = time_g128(
+            [](const uint8_t* q, const __half* s, const uint8_t* z, int64_t g, int64_t n_out, int64_t kk,
+               const __half* x, int64_t rows, float* out, cudaStream_t st, bool) {
+              return w4a16_gemv_int4_groups_mma_probe(GemvMmaProbe::compute_only, q, s, z, g, n_out, kk, x,
+                                                      rows, out, st);
+            },
+            m, "W4A16 tensor-core GEMV, compute only");
+      }
     }
     // Dequantized to fp16 in chunks for cuBLAS, with the model's scratch size (from 17 rows).
     const int64_t scratch_halves = std::min<int64_t>(n * k, (int64_t{64} << 20) / 2);
@@ -271,6 +288,8 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
     row.g128_staged_us = g128_staged[mi];
     row.g128_tc32_us = g128_tc32[mi];
     row.g128_tc64_us = g128_tc64[mi];
+    row.g128_tc_loads_us = g128_tc_loads[mi];
+    row.g128_tc_compute_us = g128_tc_compute[mi];
     row.g128_deq_us = g128_deq[mi];
     row.q4k_us = q4k[mi];
     row.g128_bytes = static_cast<double>(g128_bytes) + 2.0 * ms[mi] * k + 4.0 * ms[mi] * n;

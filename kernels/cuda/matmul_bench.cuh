@@ -30,6 +30,9 @@ struct MatmulBenchRow {
   double g128_tc32_us =
       0.0;  // the same on the two-tile tensor-core GEMV (w4a16_gemv_int4_groups_mma_32rows, m <= 32)
   double g128_tc64_us = 0.0;  // the same on the 64-row tensor-core GEMM (w4a16_gemm_int4_groups_mma_64rows)
+  // The tensor-core GEMV cut in two (w4a16_gemv_int4_groups_mma_probe, m <= 16): its weight stream
+  // alone and its dequantize-and-mma work alone.
+  double g128_tc_loads_us = 0.0, g128_tc_compute_us = 0.0;
   double g128_deq_us =
       0.0;                 // the same dequantized to fp16 in chunks for cuBLAS (m >= 17 only; 64 MiB scratch)
   double q4k_us = 0.0;     // GGUF Q4_K as stored (w4a16_*_q4_k); 0: k % 256 != 0

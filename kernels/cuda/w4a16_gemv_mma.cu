@@ -58,8 +58,12 @@ constexpr int kMaxSplits = 8;  // the portable cluster size
 // bytes or math (docs/perf/gpu.md); the model's load-time timing picks. More m16 tiles reuse each
 // dequantized B fragment for more mmas (8 per fragment at 64 rows), which is what makes 17-64 rows
 // cheap here where dequant + cuBLAS moves the weights three times in 16 bits.
-template <int MTiles, int WarpsN, int WarpsK, int Stages, int BlocksPerSm>
+// Probe: a benchmark's cut-down kernel (w4a16_gemv_int4_groups_mma_probe): 1 streams the weights
+// through the pipeline without computing, 2 computes on the first stages' data without loading more.
+constexpr int kProbeNone = 0, kProbeLoadsOnly = 1, kProbeComputeOnly = 2;
+template <int MTiles, int WarpsN, int WarpsK, int Stages, int BlocksPerSm, int Probe = kProbeNone>
 struct GemvMmaConfig {
+  static constexpr int kProbe = Probe;
   static constexpr int kMTiles = MTiles;                        // m16 tiles a block computes
   static constexpr int kRows = 16 * kMTiles;                    // activation rows a block computes
   static constexpr int kWarpsN = WarpsN;                        // warps side by side along the outputs
@@ -102,9 +106,11 @@ struct GemvMmaConfig {
   static_assert(kStages >= 2);
   static_assert(kSmemBytes * kBlocksPerSm <= 227 * 1024, "an H100 / H200 SM's shared memory");
 };
-using GemvMma256 = GemvMmaConfig<1, 2, 4, 4, 1>;     // w4a16_gemv_int4_groups_mma
-using GemvMma512 = GemvMmaConfig<1, 2, 8, 4, 1>;     // w4a16_gemv_int4_groups_mma_512
-using GemvMma2Sm = GemvMmaConfig<1, 2, 4, 3, 2>;     // w4a16_gemv_int4_groups_mma_2bps
+using GemvMma256 = GemvMmaConfig<1, 2, 4, 4, 1>;                         // w4a16_gemv_int4_groups_mma
+using GemvMma512 = GemvMmaConfig<1, 2, 8, 4, 1>;                         // w4a16_gemv_int4_groups_mma_512
+using GemvMma2Sm = GemvMmaConfig<1, 2, 4, 3, 2>;                         // w4a16_gemv_int4_groups_mma_2bps
+using GemvMmaLoadsOnly = GemvMmaConfig<1, 2, 4, 4, 1, kProbeLoadsOnly>;  // probes of GemvMma256
+using GemvMmaComputeOnly = GemvMmaConfig<1, 2, 4, 4, 1, kProbeComputeOnly>;
 using GemvMma32Rows = GemvMmaConfig<2, 2, 4, 4, 1>;  // w4a16_gemv_int4_groups_mma_32rows (154 KB)
 // w4a16_gemm_int4_groups_mma_64rows: four warps along the outputs (32 each) so that the 4 x 4 n8
 // accumulator tiles stay at 64 floats a lane; 3 stages (165 KB: the x tile is 33 KB a stage).
@@ -332,14 +338,15 @@ __global__ void __launch_bounds__(C::kThreads, C::kBlocksPerSm)
     cp_async_wait<kStages - 2>();  // stage i has landed (this thread's copies)
     __syncthreads();  // ... everyone's; and every warp is done with stage i - 1, whose slot is refilled
     const int fill = i + kStages - 1;
-    if (fill < n_stages) {
+    constexpr bool kLoads = C::kProbe != kProbeComputeOnly;
+    if (kLoads && fill < n_stages) {
       store_pairs(fill % kStages, pairs_next);
       load_stage(fill, fill % kStages);
     }
     cp_async_commit();
-    if (fill + 1 < n_stages) load_pairs(fill + 1, pairs_next);  // stored next iteration
-    if (fill + 3 < n_stages) prefetch_pairs(fill + 3);          // loaded two iterations from now
-    compute(i % kStages);
+    if (kLoads && fill + 1 < n_stages) load_pairs(fill + 1, pairs_next);  // stored next iteration
+    if (kLoads && fill + 3 < n_stages) prefetch_pairs(fill + 3);          // loaded two iterations from now
+    if constexpr (C::kProbe != kProbeLoadsOnly) compute(i % kStages);
   }
   cp_async_wait<0>();
   __syncthreads();  // the pipeline's memory becomes the reduction buffer
@@ -529,6 +536,22 @@ Status w4a16_gemv_int4_groups_mma_2bps(const uint8_t* quants, const __half* scal
                                        int64_t group, int64_t n_out, int64_t k, const __half* x, int64_t m,
                                        float* y, cudaStream_t stream, bool programmatic) {
   return launch_gemv_mma<GemvMma2Sm>(quants, scales, zeros, group, n_out, k, x, m, y, stream, programmatic);
+}
+
+Status w4a16_gemv_int4_groups_mma_probe(GemvMmaProbe probe, const uint8_t* quants, const __half* scales,
+                                        const uint8_t* zeros, int64_t group, int64_t n_out, int64_t k,
+                                        const __half* x, int64_t m, float* y, cudaStream_t stream) {
+  switch (probe) {
+    case GemvMmaProbe::whole:
+      return launch_gemv_mma<GemvMma256>(quants, scales, zeros, group, n_out, k, x, m, y, stream, false);
+    case GemvMmaProbe::loads_only:
+      return launch_gemv_mma<GemvMmaLoadsOnly>(quants, scales, zeros, group, n_out, k, x, m, y, stream,
+                                               false);
+    case GemvMmaProbe::compute_only:
+      return launch_gemv_mma<GemvMmaComputeOnly>(quants, scales, zeros, group, n_out, k, x, m, y, stream,
+                                                 false);
+  }
+  return Status::invalid_argument;
 }
 
 Status w4a16_gemv_int4_groups_mma_32rows(const uint8_t* quants, const __half* scales, const uint8_t* zeros,

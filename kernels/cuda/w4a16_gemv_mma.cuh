@@ -68,4 +68,15 @@ Status w4a16_gemm_int4_groups_mma_64rows(const uint8_t* quants, const __half* sc
                                          int64_t group, int64_t n_out, int64_t k, const __half* x, int64_t m,
                                          float* y, cudaStream_t stream, bool programmatic = false);
 
+// For the benchmark only: what limits the tensor-core GEMV (the 256-thread shape). `whole` is
+// w4a16_gemv_int4_groups_mma itself; `loads_only` streams every stage's weights, activations and
+// scales through the same pipeline and barriers but computes nothing (y gets zeros); `compute_only`
+// loads the first stages only and computes every stage on whatever the slots hold (y is
+// meaningless). Their times against the whole kernel's say whether memory or the dequantize-and-mma
+// work sets its pace. Arguments as w4a16_gemv_int4_groups_mma's.
+enum class GemvMmaProbe { whole, loads_only, compute_only };
+Status w4a16_gemv_int4_groups_mma_probe(GemvMmaProbe probe, const uint8_t* quants, const __half* scales,
+                                        const uint8_t* zeros, int64_t group, int64_t n_out, int64_t k,
+                                        const __half* x, int64_t m, float* y, cudaStream_t stream);
+
 }  // namespace nibble::kernels::cuda

@@ -268,6 +268,46 @@ TEST(CudaW4A16Gemv, Int4GroupsMmaIsReproducibleAndChecksArguments) {
   for (int64_t i = 0; i < 3 * n_out; ++i) ASSERT_EQ(y[static_cast<size_t>(i)], 0.0f) << "output " << i;
 }
 
+// The benchmark's probes of the tensor-core GEMV (w4a16_gemv_int4_groups_mma_probe): `whole` is the
+// kernel itself, bit for bit; `loads_only` computes nothing, so every output is 0 (a probe that still
+// multiplied would not time the loads alone); `compute_only` runs; bad arguments are refused as the
+// kernel refuses them.
+TEST(CudaW4A16Gemv, TensorCoreGemvProbesAreTheKernelAndItsParts) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  std::mt19937 rng(41);
+  const int64_t n_out = 300, kk = 4224, group = 128, m = 5;
+  DeviceInt4Groups weights;
+  ASSERT_NO_FATAL_FAILURE(make_device_int4_groups(n_out, kk, group, rng, weights));
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<k::f16_bits> xh(static_cast<size_t>(m * kk));
+  for (auto& v : xh) v = k::fp32_to_fp16(normal(rng));
+  DeviceBuffer<k::f16_bits> dx(xh);
+  DeviceBuffer<float> dy(static_cast<size_t>(m * n_out)), dprobe(static_cast<size_t>(m * n_out));
+  ASSERT_TRUE(dx.ptr && dy.ptr && dprobe.ptr);
+  const auto* x = reinterpret_cast<const __half*>(dx.ptr);
+  const auto probe = [&](k::cuda::GemvMmaProbe which, int64_t rows, float* y) {
+    return k::cuda::w4a16_gemv_int4_groups_mma_probe(which, weights.quants->ptr, weights.scales_half(),
+                                                     weights.zeros->ptr, group, n_out, kk, x, rows, y,
+                                                     nullptr);
+  };
+  ASSERT_EQ(k::cuda::w4a16_gemv_int4_groups_mma(weights.quants->ptr, weights.scales_half(),
+                                                weights.zeros->ptr, group, n_out, kk, x, m, dy.ptr, nullptr),
+            k::Status::ok);
+  ASSERT_EQ(probe(k::cuda::GemvMmaProbe::whole, m, dprobe.ptr), k::Status::ok);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  const std::vector<float> y = dy.to_host(), whole = dprobe.to_host();
+  EXPECT_EQ(std::memcmp(y.data(), whole.data(), y.size() * sizeof(float)), 0);
+  ASSERT_EQ(cudaMemset(dprobe.ptr, 0xff, dprobe.count * sizeof(float)), cudaSuccess);
+  ASSERT_EQ(probe(k::cuda::GemvMmaProbe::loads_only, m, dprobe.ptr), k::Status::ok);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  for (const float v : dprobe.to_host()) ASSERT_EQ(v, 0.0f);
+  ASSERT_EQ(probe(k::cuda::GemvMmaProbe::compute_only, m, dprobe.ptr), k::Status::ok);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  EXPECT_EQ(probe(k::cuda::GemvMmaProbe::loads_only, 17, dprobe.ptr), k::Status::invalid_argument);
+  EXPECT_EQ(probe(k::cuda::GemvMmaProbe::compute_only, 0, dprobe.ptr), k::Status::invalid_argument);
+  EXPECT_EQ(cudaGetLastError(), cudaSuccess);
+}
+
 TEST(CudaW4A16Gemv, RejectsBadArguments) {
   NIBBLE_REQUIRE_CUDA_DEVICE();
   const int64_t n_out = 4;

@@ -61,9 +61,15 @@ constexpr int kMaxSplits = 8;  // the portable cluster size
 // Probe: a benchmark's cut-down kernel (w4a16_gemv_int4_groups_mma_probe): 1 streams the weights
 // through the pipeline without computing, 2 computes on the first stages' data without loading more.
 constexpr int kProbeNone = 0, kProbeLoadsOnly = 1, kProbeComputeOnly = 2;
-template <int MTiles, int WarpsN, int WarpsK, int Stages, int BlocksPerSm, int Probe = kProbeNone>
+// Format: the weights' layout. Group-wise INT4 (kernels/int4_groups.hpp), or GGUF Q4_K super-blocks
+// as stored: a stage of 256 inputs is one super-block a row, whose 128 qs bytes are staged as they
+// are (16 bytes into the 144-byte block) and whose header gives the stage's 8 (scale, min) pairs.
+constexpr int kFormatInt4Groups = 0, kFormatQ4K = 1;
+template <int MTiles, int WarpsN, int WarpsK, int Stages, int BlocksPerSm, int Probe = kProbeNone,
+          int Format = kFormatInt4Groups>
 struct GemvMmaConfig {
   static constexpr int kProbe = Probe;
+  static constexpr int kFormat = Format;
   static constexpr int kMTiles = MTiles;                        // m16 tiles a block computes
   static constexpr int kRows = 16 * kMTiles;                    // activation rows a block computes
   static constexpr int kWarpsN = WarpsN;                        // warps side by side along the outputs
@@ -115,6 +121,10 @@ using GemvMma32Rows = GemvMmaConfig<2, 2, 4, 4, 1>;  // w4a16_gemv_int4_groups_m
 // w4a16_gemm_int4_groups_mma_64rows: four warps along the outputs (32 each) so that the 4 x 4 n8
 // accumulator tiles stay at 64 floats a lane; 3 stages (165 KB: the x tile is 33 KB a stage).
 using GemmMma64Rows = GemvMmaConfig<4, 4, 2, 3, 1>;
+// The same three shapes on Q4_K (w4a16_gemv_q4_k_mma, _32rows, w4a16_gemm_q4_k_mma_64rows).
+using GemvMmaQ4K = GemvMmaConfig<1, 2, 4, 4, 1, kProbeNone, kFormatQ4K>;
+using GemvMma32RowsQ4K = GemvMmaConfig<2, 2, 4, 4, 1, kProbeNone, kFormatQ4K>;
+using GemmMma64RowsQ4K = GemvMmaConfig<4, 4, 2, 3, 1, kProbeNone, kFormatQ4K>;
 
 // Grid (row slabs, output tiles, splits), clusters of (1, 1, splits): block (slab, tile, split)
 // computes outputs 128 tile .. 128 tile + 127 of activation rows kRows slab .. kRows slab + kRows - 1
@@ -127,6 +137,11 @@ __global__ void __launch_bounds__(C::kThreads, C::kBlocksPerSm)
                                 int stages_per_split) {
   constexpr int kThreads = C::kThreads, kTileN = C::kTileN, kWarpsK = C::kWarpsK, kStages = C::kStages;
   constexpr int kMTiles = C::kMTiles, kRows = C::kRows;
+  constexpr bool kQ4K = C::kFormat == kFormatQ4K;
+  // Bytes between a row's consecutive stages in the source: 128 of nibbles, or a 144-byte Q4_K block.
+  constexpr int kSrcStageBytes = kQ4K ? static_cast<int>(sizeof(BlockQ4_K)) : C::kStageUnits * 16;
+  static_assert(!kQ4K || (C::kStageUnits * kQK4_0 == kQK_K && C::kStageUnits * 16 + 16 == sizeof(BlockQ4_K)),
+                "a Q4_K stage is one super-block: 16 header bytes, then 128 of nibbles");
   constexpr int kTilesPerWarp = C::kTilesPerWarp, kUnitsPerWarp = C::kUnitsPerWarp;
   constexpr int kStageUnits = C::kStageUnits, kStageInputs = C::kStageInputs;
   constexpr int kMaxGroupsPerStage = C::kMaxGroupsPerStage, kWRowBytes = C::kWRowBytes;
@@ -163,7 +178,12 @@ __global__ void __launch_bounds__(C::kThreads, C::kBlocksPerSm)
   for (int i = 0; i < kWChunks; ++i) {
     const int64_t row = n0 + w_row0 + i * kWRowStep;
     w_row_ok[i] = row < n_out;
-    w_src[i] = w_row_ok[i] ? quants + (row * units + stage_begin * kStageUnits + w_unit) * 16 : quants;
+    if constexpr (kQ4K) {  // units * 18 = the row's Q4_K bytes (144 per 8 units)
+      w_src[i] =
+          w_row_ok[i] ? quants + row * units * 18 + stage_begin * kSrcStageBytes + 16 + w_unit * 16 : quants;
+    } else {
+      w_src[i] = w_row_ok[i] ? quants + (row * units + stage_begin * kStageUnits + w_unit) * 16 : quants;
+    }
   }
   const int64_t w_units_left = units - stage_begin * kStageUnits - w_unit;
   const int w_dst = (w_row0 * kWRowBytes) + w_unit * 16;
@@ -179,7 +199,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kBlocksPerSm)
     for (int i = 0; i < kWChunks; ++i) {
       const bool valid = w_row_ok[i] && unit_ok;
       cp_async_16(slot_base + w_dst + i * kWRowStep * kWRowBytes,
-                  valid ? w_src[i] + stage * (kStageUnits * 16) : quants, valid);
+                  valid ? w_src[i] + stage * kSrcStageBytes : quants, valid);
     }
   };
   const auto load_stage_x = [&](int stage, int slot) {
@@ -214,9 +234,13 @@ __global__ void __launch_bounds__(C::kThreads, C::kBlocksPerSm)
                                                     (pair_rows_left + pair_row_step - 1) / pair_row_step));
   const int64_t pair_groups_left = groups_per_row - stage_begin * groups_per_stage - pair_group;
   const int64_t pair_at = (n0 + pair_row0) * groups_per_row + stage_begin * groups_per_stage + pair_group;
-  const __half* pair_scales = scales + pair_at;
-  const uint8_t* pair_zeros = zeros + pair_at;
+  const __half* pair_scales = kQ4K ? nullptr : scales + pair_at;
+  const uint8_t* pair_zeros = kQ4K ? nullptr : zeros + pair_at;
   const int64_t pair_step = static_cast<int64_t>(pair_row_step) * groups_per_row;  // between i and i + 1
+  // Q4_K: the header of row pair_row0's super-block of the split's first stage (pair_step rows apart).
+  const uint8_t* pair_blocks =
+      kQ4K ? quants + (n0 + pair_row0) * units * 18 + stage_begin * kSrcStageBytes : nullptr;
+  const int64_t pair_block_step = static_cast<int64_t>(pair_row_step) * units * 18;
   const int pair_dst = kWSlotBytes + kXSlotBytes + (pair_row0 * kMaxGroupsPerStage + pair_group) * 4;
   const auto load_pairs = [&](int stage, uint32_t(&pairs)[kPairsPerThread]) {
     const int offset = stage * groups_per_stage;
@@ -225,9 +249,15 @@ __global__ void __launch_bounds__(C::kThreads, C::kBlocksPerSm)
     for (int i = 0; i < kPairsPerThread; ++i) {
       pairs[i] = 0;
       if (group_ok && i < pair_count) {
-        const int64_t at = offset + i * pair_step;
-        pairs[i] =
-            w4a16::int4_packed_scale_zero(__half_as_ushort(__ldg(pair_scales + at)), __ldg(pair_zeros + at));
+        if constexpr (kQ4K) {
+          const auto* head =
+              reinterpret_cast<const uint4*>(pair_blocks + stage * kSrcStageBytes + i * pair_block_step);
+          pairs[i] = w4a16::q4_k_packed_scale_min(__ldg(head), pair_group);
+        } else {
+          const int64_t at = offset + i * pair_step;
+          pairs[i] = w4a16::int4_packed_scale_zero(__half_as_ushort(__ldg(pair_scales + at)),
+                                                   __ldg(pair_zeros + at));
+        }
       }
     }
   };
@@ -243,12 +273,17 @@ __global__ void __launch_bounds__(C::kThreads, C::kBlocksPerSm)
   };
   // L2 prefetch of a stage's pairs: threads 0..127 the scales of row tid, threads 128..255 its zeros
   // (the first byte: a range that straddles a line has its rest prefetched with the next stage).
+  // Q4_K: threads 0..127 the header of row tid's super-block.
   const int64_t prefetch_row = n0 + tid % kTileN;
-  const bool prefetch_ok = tid < 2 * kTileN && prefetch_row < n_out;
+  const bool prefetch_ok = tid < (kQ4K ? 1 : 2) * kTileN && prefetch_row < n_out;
   const int64_t prefetch_at = prefetch_row * groups_per_row + stage_begin * groups_per_stage;
-  const char* prefetch_base = tid < kTileN ? reinterpret_cast<const char*>(scales + prefetch_at)
-                                           : reinterpret_cast<const char*>(zeros + prefetch_at);
-  const int prefetch_stride = tid < kTileN ? groups_per_stage * 2 : groups_per_stage;  // bytes per stage
+  const char* prefetch_base =
+      kQ4K ? reinterpret_cast<const char*>(quants + prefetch_row * units * 18 + stage_begin * kSrcStageBytes)
+      : tid < kTileN ? reinterpret_cast<const char*>(scales + prefetch_at)
+                     : reinterpret_cast<const char*>(zeros + prefetch_at);
+  const int prefetch_stride = kQ4K           ? kSrcStageBytes
+                              : tid < kTileN ? groups_per_stage * 2
+                                             : groups_per_stage;  // bytes per stage
   const int64_t groups_left = groups_per_row - stage_begin * groups_per_stage;
   const auto prefetch_pairs = [&](int stage) {
     if (prefetch_ok && static_cast<int64_t>(stage) * groups_per_stage < groups_left)
@@ -287,10 +322,16 @@ __global__ void __launch_bounds__(C::kThreads, C::kBlocksPerSm)
 #pragma unroll
       for (int j = 0; j < kTilesPerWarp; ++j) {
         const int row = wn * (8 * kTilesPerWarp) + j * 8 + g;
-        const auto* w16 = reinterpret_cast<const uint16_t*>(base + row * kWRowBytes + unit * 16);
         uint32_t b[2][2];
-        w4a16::int4_unit_b_fragments_packed(w16[t], w16[t + 4],
-                                            pairs[row * kMaxGroupsPerStage + (unit >> group_shift)], b);
+        if constexpr (kQ4K) {  // sub-block `unit`: the low or high nibbles of 32-byte chunk unit / 2
+          const auto* w16 = reinterpret_cast<const uint16_t*>(base + row * kWRowBytes + (unit / 2) * 32);
+          w4a16::q4_k_unit_b_fragments(w16[t], w16[t + 4], w16[t + 8], w16[t + 12], unit & 1,
+                                       pairs[row * kMaxGroupsPerStage + unit], b);
+        } else {
+          const auto* w16 = reinterpret_cast<const uint16_t*>(base + row * kWRowBytes + unit * 16);
+          w4a16::int4_unit_b_fragments_packed(w16[t], w16[t + 4],
+                                              pairs[row * kMaxGroupsPerStage + (unit >> group_shift)], b);
+        }
 #pragma unroll
         for (int i = 0; i < kMTiles; ++i) {
           if (i < m_tiles) {
@@ -466,14 +507,21 @@ int max_cluster_size(int device) {
 }
 
 // max_m: the most rows one call takes (C::kRows for the GEMVs; more for the 64-row GEMM, whose
-// slabs of C::kRows rows are the grid's third dimension).
+// slabs of C::kRows rows are the grid's third dimension). Q4_K: quants are the blocks, scales and
+// zeros unused, group 32 (a sub-block).
 template <class C>
 Status launch_gemv_mma(const uint8_t* quants, const __half* scales, const uint8_t* zeros, int64_t group,
                        int64_t n_out, int64_t k, const __half* x, int64_t m, float* y, cudaStream_t stream,
                        bool programmatic, int64_t max_m = C::kRows) {
   w4a16::Int4GroupBlocks blocks{};
-  if (!w4a16::make_int4_group_operands(quants, scales, zeros, group, k, x, y, blocks))
+  if constexpr (C::kFormat == kFormatQ4K) {
+    if (quants == nullptr || reinterpret_cast<uintptr_t>(quants) % 16 != 0 || k % kQK_K != 0 ||
+        x == nullptr || y == nullptr || reinterpret_cast<uintptr_t>(x) % 16 != 0)
+      return Status::invalid_argument;
+    blocks.group_shift = 0;
+  } else if (!w4a16::make_int4_group_operands(quants, scales, zeros, group, k, x, y, blocks)) {
     return Status::invalid_argument;
+  }
   if (n_out < 0 || k < 0 || m < 1 || m > max_m) return Status::invalid_argument;
   const int64_t tiles = (n_out + C::kTileN - 1) / C::kTileN;
   const int64_t slabs = (m + C::kRows - 1) / C::kRows;
@@ -536,6 +584,23 @@ Status w4a16_gemv_int4_groups_mma_2bps(const uint8_t* quants, const __half* scal
                                        int64_t group, int64_t n_out, int64_t k, const __half* x, int64_t m,
                                        float* y, cudaStream_t stream, bool programmatic) {
   return launch_gemv_mma<GemvMma2Sm>(quants, scales, zeros, group, n_out, k, x, m, y, stream, programmatic);
+}
+
+Status w4a16_gemv_q4_k_mma(const uint8_t* w, int64_t n_out, int64_t k, const __half* x, int64_t m, float* y,
+                           cudaStream_t stream, bool programmatic) {
+  return launch_gemv_mma<GemvMmaQ4K>(w, nullptr, nullptr, kQK4_0, n_out, k, x, m, y, stream, programmatic);
+}
+
+Status w4a16_gemv_q4_k_mma_32rows(const uint8_t* w, int64_t n_out, int64_t k, const __half* x, int64_t m,
+                                  float* y, cudaStream_t stream, bool programmatic) {
+  return launch_gemv_mma<GemvMma32RowsQ4K>(w, nullptr, nullptr, kQK4_0, n_out, k, x, m, y, stream,
+                                           programmatic);
+}
+
+Status w4a16_gemm_q4_k_mma_64rows(const uint8_t* w, int64_t n_out, int64_t k, const __half* x, int64_t m,
+                                  float* y, cudaStream_t stream, bool programmatic) {
+  return launch_gemv_mma<GemmMma64RowsQ4K>(w, nullptr, nullptr, kQK4_0, n_out, k, x, m, y, stream,
+                                           programmatic, INT32_MAX);
 }
 
 Status w4a16_gemv_int4_groups_mma_probe(GemvMmaProbe probe, const uint8_t* quants, const __half* scales,

@@ -68,6 +68,18 @@ Status w4a16_gemm_int4_groups_mma_64rows(const uint8_t* quants, const __half* sc
                                          int64_t group, int64_t n_out, int64_t k, const __half* x, int64_t m,
                                          float* y, cudaStream_t stream, bool programmatic = false);
 
+// The same kernels on GGUF Q4_K super-blocks as stored (no conversion at load: a stage of 256 inputs
+// is one super-block a row; its header gives the 8 sub-blocks' scales and mins, each rounded to fp16,
+// and a weight is scale * q - min rounded once to fp16: w4a16::q4_k_unit_b_fragments).
+// w: [n_out, k / 256] BlockQ4_K, 16-byte aligned; k % 256 == 0; the rest as above:
+// w4a16_gemv_q4_k_mma 1 <= m <= 16, _32rows m <= 32, w4a16_gemm_q4_k_mma_64rows any m >= 1.
+Status w4a16_gemv_q4_k_mma(const uint8_t* w, int64_t n_out, int64_t k, const __half* x, int64_t m, float* y,
+                           cudaStream_t stream, bool programmatic = false);
+Status w4a16_gemv_q4_k_mma_32rows(const uint8_t* w, int64_t n_out, int64_t k, const __half* x, int64_t m,
+                                  float* y, cudaStream_t stream, bool programmatic = false);
+Status w4a16_gemm_q4_k_mma_64rows(const uint8_t* w, int64_t n_out, int64_t k, const __half* x, int64_t m,
+                                  float* y, cudaStream_t stream, bool programmatic = false);
+
 // For the benchmark only: what limits the tensor-core GEMV (the 256-thread shape). `whole` is
 // w4a16_gemv_int4_groups_mma itself; `loads_only` streams every stage's weights, activations and
 // scales through the same pipeline and barriers but computes nothing (y gets zeros); `compute_only`

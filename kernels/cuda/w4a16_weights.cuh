@@ -334,4 +334,65 @@ __host__ __device__ inline void int4_unit_b_fragments(unsigned lo, unsigned hi, 
                                frag);
 }
 
+// The same B fragments from GGUF Q4_K super-blocks as stored, for the tensor-core GEMV, which stages
+// a super-block's 128 qs bytes unchanged: sub-block u's 32 levels are the low (even u) or high (odd
+// u) nibbles of qs bytes 32 (u / 2) .. 32 (u / 2) + 31, input i in byte i. So lane (g, t) reads four
+// little-endian 16-bit words of that chunk: w0 = bytes 2t, 2t + 1 (k-step 0's inputs 2t, 2t + 1),
+// w8 = bytes 2t + 8, 2t + 9, w16 and w24 (k-step 1's), and `high` picks the sub-block's nibbles.
+// A weight is fp16(d * scale) * q - fp16(dmin * min) in one fp16 fma: the sub-block's scale and min
+// are rounded to fp16 first (2^-12 relative each), within the fp16 rounding the tensor-core paths
+// apply to every weight; not the bits of Q4KBlocks, whose fp32 weights the CUDA-core GEMV uses.
+
+// Sub-block j's scale and min, from the super-block's 16-byte header as four little-endian words
+// (d | dmin << 16, then the 12 bytes of 6-bit scales and mins), as the tensor-core GEMV stages them:
+// fp16(d * scale) in the low half, fp16(-(dmin * min)) in the high half.
+__host__ __device__ inline uint32_t q4_k_packed_scale_min(uint4 head, int j) {
+  const float d = __half2float(__ushort_as_half(static_cast<unsigned short>(head.x & 0xFFFF)));
+  const float dmin = __half2float(__ushort_as_half(static_cast<unsigned short>(head.x >> 16)));
+  const auto sc = [&head](int i) -> int {
+    const unsigned word = i < 4 ? head.y : i < 8 ? head.z : head.w;
+    return static_cast<int>((word >> (8 * (i % 4))) & 0xFF);
+  };
+  int scale, min;
+  if (j < 4) {  // kernels/quant_internal.hpp's q4_k_scale_min
+    scale = sc(j) & 63;
+    min = sc(j + 4) & 63;
+  } else {
+    scale = (sc(j + 4) & 0xF) | ((sc(j - 4) >> 6) << 4);
+    min = (sc(j + 4) >> 4) | ((sc(j) >> 6) << 4);
+  }
+  const float ds = mul_rn(d, static_cast<float>(scale));  // exact in fp32: 11 x 6 bits
+  const float dm = mul_rn(dmin, static_cast<float>(min));
+  return static_cast<uint32_t>(__half_as_ushort(__float2half_rn(ds))) |
+         (static_cast<uint32_t>(__half_as_ushort(__float2half_rn(-dm))) << 16);
+}
+// a * b + c on two fp16 values, rounded once (the device's fma; on the host exact in double, then
+// rounded to fp16: the same for the operands here, a level times a scale plus a min).
+__host__ __device__ inline __half2 fma_half2_rn(__half2 a, __half2 b, __half2 c) {
+#if defined(__CUDA_ARCH__)
+  return __hfma2(a, b, c);
+#else
+  const auto one = [](__half x, __half y, __half z) {
+    return __double2half(static_cast<double>(__half2float(x)) * static_cast<double>(__half2float(y)) +
+                         static_cast<double>(__half2float(z)));
+  };
+  return __halves2half2(one(__low2half(a), __low2half(b), __low2half(c)),
+                        one(__high2half(a), __high2half(b), __high2half(c)));
+#endif
+}
+__host__ __device__ inline void q4_k_unit_b_fragments(unsigned w0, unsigned w8, unsigned w16, unsigned w24,
+                                                      int high, uint32_t scale_min, uint32_t (&frag)[2][2]) {
+  const __half2 scale2 = bits_half2(low_half_twice(scale_min));
+  const __half2 neg_min2 = bits_half2(high_half_twice(scale_min));
+  const __half2 bias = bits_half2(0x64006400u);  // 1024, 1024
+  const auto dequant = [&](uint32_t biased) {
+    // 1024 + q - 1024 = q exactly; then q * scale - min rounded once.
+    return half2_bits(fma_half2_rn(__hsub2_rn(bits_half2(biased), bias), scale2, neg_min2));
+  };
+  frag[0][0] = dequant(nibble_pairs_plus_1024(w0, high));
+  frag[0][1] = dequant(nibble_pairs_plus_1024(w8, high));
+  frag[1][0] = dequant(nibble_pairs_plus_1024(w16, high));
+  frag[1][1] = dequant(nibble_pairs_plus_1024(w24, high));
+}
+
 }  // namespace nibble::kernels::cuda::w4a16

@@ -82,6 +82,73 @@ TEST(CudaW4A16Gemv, Q4KMatchesCpuReference) {
   EXPECT_EQ(cudaGetLastError(), cudaSuccess);
 }
 
+// Q4_K as stored on the tensor-core GEMV's three row shapes (w4a16_gemv_q4_k_mma, _32rows,
+// w4a16_gemm_q4_k_mma_64rows). Error bound: each sub-block's scale and min are rounded to fp16
+// (2^-12 relative each) and each weight once more (2^-11), the products are exact and summed in fp32:
+// per weight at most 2^-12 (|scale * q| + |min|) + 2^-11 |w|, and |scale * q| + |min| stays within
+// a few |w| on these rows (mins are at most the row's offset plus a few scales), so below about 2e-3
+// of sum|x * w| even if every rounding had one sign; checked against 3e-3. Shapes: one super-block,
+// two, and 17 (split over a cluster on few outputs); outputs around the 128-output tile; m across each
+// shape's range, and three slabs of 64 (130 rows) for the GEMM; then bits: a row alone equals that
+// row in a batch, and the argument checks.
+TEST(CudaW4A16Gemv, Q4KTensorCoreKernelsMatchCpuReference) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  using Q4KMma =
+      k::Status (*)(const uint8_t*, int64_t, int64_t, const __half*, int64_t, float*, cudaStream_t, bool);
+  const struct {
+    const char* name;
+    Q4KMma gemv;
+    std::vector<int64_t> ms;
+  } variants[] = {
+      {"one m16 tile", k::cuda::w4a16_gemv_q4_k_mma, {1, 3, 16}},
+      {"32 rows", k::cuda::w4a16_gemv_q4_k_mma_32rows, {1, 17, 32}},
+      {"64-row slabs", k::cuda::w4a16_gemm_q4_k_mma_64rows, {1, 40, 130}},
+  };
+  std::mt19937 rng(101);
+  for (const auto& [name, gemv, ms] : variants) {
+    for (const int64_t n_out : {int64_t{1}, int64_t{130}, int64_t{4099}}) {
+      for (const int64_t kk : {int64_t{256}, int64_t{512}, int64_t{4352}}) {
+        SCOPED_TRACE(name);
+        std::vector<uint8_t> wq;
+        std::vector<float> wf;
+        ASSERT_NO_FATAL_FAILURE(random_quantized(k::DType::Q4_K, n_out, kk, rng, wq, wf));
+        DeviceBuffer<uint8_t> dw(wq);
+        ASSERT_NE(dw.ptr, nullptr);
+        const bool large = n_out * kk > 1000000;
+        for (const int64_t m : ms) {
+          if (large && m > 64) continue;  // the host reference is m * n_out * k
+          expect_matches_reference(wf, n_out, kk, m, 3e-3, rng, [&](const __half* x, int64_t mm, float* y) {
+            return gemv(dw.ptr, n_out, kk, x, mm, y, nullptr, false);
+          });
+        }
+        if (kk != 4352 || n_out != 130) continue;
+        // A row's bits do not depend on the rows around it: the last row of the most rows, alone.
+        const int64_t m = ms.back();
+        std::normal_distribution<float> normal(0.0f, 1.0f);
+        std::vector<k::f16_bits> xh(static_cast<size_t>(m * kk));
+        for (auto& v : xh) v = k::fp32_to_fp16(normal(rng));
+        DeviceBuffer<k::f16_bits> dx(xh);
+        DeviceBuffer<float> dy(static_cast<size_t>(m * n_out)), dlast(static_cast<size_t>(n_out));
+        ASSERT_TRUE(dx.ptr && dy.ptr && dlast.ptr);
+        const auto* x = reinterpret_cast<const __half*>(dx.ptr);
+        ASSERT_EQ(gemv(dw.ptr, n_out, kk, x, m, dy.ptr, nullptr, false), k::Status::ok);
+        ASSERT_EQ(gemv(dw.ptr, n_out, kk, x + (m - 1) * kk, 1, dlast.ptr, nullptr, false), k::Status::ok);
+        ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+        const std::vector<float> y = dy.to_host(), last = dlast.to_host();
+        EXPECT_EQ(std::memcmp(y.data() + (m - 1) * n_out, last.data(), last.size() * sizeof(float)), 0);
+        // Refused: k not a multiple of 256, misaligned blocks, no rows, too many rows for the shape.
+        EXPECT_EQ(gemv(dw.ptr, n_out, 288, x, 1, dy.ptr, nullptr, false), k::Status::invalid_argument);
+        EXPECT_EQ(gemv(dw.ptr + 8, n_out, kk, x, 1, dy.ptr, nullptr, false), k::Status::invalid_argument);
+        EXPECT_EQ(gemv(dw.ptr, n_out, kk, x, 0, dy.ptr, nullptr, false), k::Status::invalid_argument);
+        if (m <= 32) {
+          EXPECT_EQ(gemv(dw.ptr, n_out, kk, x, m + 1, dy.ptr, nullptr, false), k::Status::invalid_argument);
+        }
+        EXPECT_EQ(cudaGetLastError(), cudaSuccess);
+      }
+    }
+  }
+}
+
 // Group-wise INT4 with asymmetric zeros, as GPTQ / AWQ checkpoints load (model/hf_quantized.hpp):
 // Q8_0 blocks of "level minus zero" with one scale per group, converted by int4_groups_from_blocks.
 TEST(CudaW4A16Gemv, Int4GroupsMatchCpuReference) {

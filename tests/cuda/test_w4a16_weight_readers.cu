@@ -214,3 +214,51 @@ TEST(W4A16WeightReaders, Int4FragmentsFollowThePtxLayout) {
     }
   }
 }
+
+namespace {
+
+// The tensor-core B fragments of Q4_K as stored (q4_k_unit_b_fragments with q4_k_packed_scale_min)
+// hold, for lane (g, t) and every sub-block of random super-blocks, PTX's inputs 2t, 2t + 1, 2t + 8,
+// 2t + 9 of each 16-deep step, with the CPU's weight (dequantize_row) to within the fp16 roundings
+// of the scale, the min and the result (a wrong nibble or sub-block would be off by a level or more).
+TEST(W4A16WeightReaders, Q4KFragmentsFollowThePtxLayout) {
+  std::mt19937 rng(6);
+  const int64_t n_out = 8, kk = 768;  // 3 super-blocks a row; the n8 tile's rows are the 8 rows
+  const std::vector<uint8_t> blocks = random_rows(k::DType::Q4_K, n_out, kk, rng);
+  const std::vector<float> want = dequantized(k::DType::Q4_K, blocks.data(), n_out, kk);
+  const int64_t super_blocks = kk / k::kQK_K;
+  for (int64_t sb = 0; sb < super_blocks; ++sb) {
+    for (int u = 0; u < 8; ++u) {  // sub-block
+      for (int lane = 0; lane < 32; ++lane) {
+        const int g = lane / 4, t = lane % 4;
+        const uint8_t* blk =
+            blocks.data() + (g * super_blocks + sb) * static_cast<int64_t>(sizeof(k::BlockQ4_K));
+        uint4 head;
+        std::memcpy(&head, blk, 16);
+        const uint8_t* chunk = blk + 16 + 32 * (u / 2);
+        const auto word = [&](int at) { return static_cast<unsigned>(chunk[at] | (chunk[at + 1] << 8)); };
+        const uint32_t scale_min = w4a16::q4_k_packed_scale_min(head, u);
+        const float scale = k::fp16_to_fp32(static_cast<k::f16_bits>(scale_min & 0xFFFF));
+        const float neg_min = k::fp16_to_fp32(static_cast<k::f16_bits>(scale_min >> 16));
+        uint32_t frag[2][2];
+        w4a16::q4_k_unit_b_fragments(word(2 * t), word(2 * t + 8), word(2 * t + 16), word(2 * t + 24), u % 2,
+                                     scale_min, frag);
+        for (int st = 0; st < 2; ++st) {
+          const int base = 16 * st + 2 * t;
+          const int inputs[4] = {base, base + 1, base + 8, base + 9};  // b0, b1, b2, b3
+          for (int e = 0; e < 4; ++e) {
+            const float cpu = want[static_cast<size_t>(g * kk + sb * k::kQK_K + u * 32 + inputs[e])];
+            const float got = k::fp16_to_fp32(static_cast<k::f16_bits>(frag[st][e / 2] >> (16 * (e % 2))));
+            // |scale * q| <= 15 |scale|; each fp16 rounding is at most 2^-11 relative.
+            const float bound =
+                3.0f * 0x1p-11f * (15.0f * std::fabs(scale) + std::fabs(neg_min) + std::fabs(cpu));
+            ASSERT_NEAR(got, cpu, bound) << "super-block " << sb << " sub-block " << u << " lane " << lane
+                                         << " step " << st << " b" << e;
+          }
+        }
+      }
+    }
+  }
+}
+
+}  // namespace

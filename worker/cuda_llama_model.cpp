@@ -36,6 +36,7 @@
 #include "kernels/cuda/swiglu.cuh"
 #include "kernels/cuda/w4a16_gemm.cuh"
 #include "kernels/cuda/w4a16_gemv.cuh"
+#include "kernels/cuda/w4a16_gemv_mma.cuh"
 #include "kernels/cuda/w4a16_tuning.cuh"
 #include "kernels/int4_groups.hpp"
 #include "kernels/quant_types.hpp"
@@ -701,11 +702,26 @@ struct CudaLlamaModel::Impl {
                    : kc::w4a16_gemm_q4_0(wd, w.n_out, w.k, x, m, y, stream, pdl),
               "W4A16 matmul (Q4_0)");
         return;
-      case DeviceKind::q4_k:
-        check(gemv ? kc::w4a16_gemv_q4_k(wd, w.n_out, w.k, x, m, y, stream, pdl)
-                   : kc::w4a16_gemm_q4_k(wd, w.n_out, w.k, x, m, y, stream, pdl),
-              "W4A16 matmul (Q4_K)");
+      case DeviceKind::q4_k: {
+        // As stored. Pinned to the CUDA cores: the CUDA-core GEMV up to 32 rows, the WMMA GEMM above;
+        // otherwise the CUDA-core GEMV for one row (measured) and the tensor-core kernels on Q4_K for
+        // more rows (every row under tensor_cores). Not timed at load: on an H200 the CUDA-core Q4_K
+        // GEMV took 328 us at 16 rows on 8192 x 8192, ten times the group-wise tensor-core GEMV.
+        const Int4Kernels pin = options.int4_kernels;
+        kernels::Status st;
+        if (pin == Int4Kernels::cuda_cores || (m == 1 && pin == Int4Kernels::measured)) {
+          st = gemv ? kc::w4a16_gemv_q4_k(wd, w.n_out, w.k, x, m, y, stream, pdl)
+                    : kc::w4a16_gemm_q4_k(wd, w.n_out, w.k, x, m, y, stream, pdl);
+        } else if (m <= kc::kW4A16GemvMmaMaxM) {
+          st = kc::w4a16_gemv_q4_k_mma(wd, w.n_out, w.k, x, m, y, stream, pdl);
+        } else if (m <= kc::kW4A16GemvMma32RowsMaxM) {
+          st = kc::w4a16_gemv_q4_k_mma_32rows(wd, w.n_out, w.k, x, m, y, stream, pdl);
+        } else {
+          st = kc::w4a16_gemm_q4_k_mma_64rows(wd, w.n_out, w.k, x, m, y, stream, pdl);
+        }
+        check(st, "W4A16 matmul (Q4_K)");
         return;
+      }
       case DeviceKind::int4_groups: {
         const auto* scales = reinterpret_cast<const __half*>(wd + w.scales_offset);
         const uint8_t* zeros = wd + w.zeros_offset;

@@ -120,6 +120,9 @@ class CudaKvCache {
 //   cuda_cores:   the CUDA-core GEMV up to 32 rows, the WMMA GEMM above;
 //   tensor_cores: the tensor-core GEMV up to 16 rows, its two-tile shape up to 32, the 64-row
 //                 tensor-core GEMM above.
+// GGUF Q4_K matrices (read as stored, not timed) follow the same words: cuda_cores the CUDA-core
+// Q4_K GEMV and WMMA GEMM as before, tensor_cores the tensor-core kernels on Q4_K at every row count,
+// measured the CUDA-core GEMV for one row and the tensor-core kernels above.
 enum class Int4Kernels { measured, cuda_cores, tensor_cores };
 
 // The kernels one group-wise INT4 matrix shape uses, with the load-time times behind the choice.

@@ -281,7 +281,9 @@ TEST(CudaLlamaModel, Q4_0ModelMatchesTheCpuAsStoredAndAsInt4Groups) {
 }
 
 // Q4_K weights (a requantized random model; not pure, so embedding and head are Q8_0): the GPU reads
-// the Q4_K super-blocks as stored (w4a16_gemv_q4_k for decode, w4a16_gemm_q4_k for the prompt).
+// the Q4_K super-blocks as stored, by default with the CUDA-core GEMV for one row and the Q4_K
+// tensor-core kernels for more (the scenario's 2-row decode and 44-row prompt steps); pinned to the
+// CUDA cores (w4a16_gemv_q4_k, w4a16_gemm_q4_k) and to the tensor cores (every step on them).
 TEST(CudaLlamaModel, Q4KModelMatchesTheCpu) {
   NIBBLE_REQUIRE_CUDA_DEVICE();
   t::TempDir dir;
@@ -290,7 +292,11 @@ TEST(CudaLlamaModel, Q4KModelMatchesTheCpu) {
   const std::string f32 = random_model(dir.path(), shape, k::DType::F32);
   const std::string q4k = (dir.path() / "model-q4_k.gguf").string();
   m::requantize_gguf(*m::GgufFile::open(f32), q4k, k::DType::Q4_K, /*pure=*/false);
-  compare_scenario(q4k, kQuantizedBound, /*decode_attention=*/true);
+  for (const w::Int4Kernels kernels :
+       {w::Int4Kernels::measured, w::Int4Kernels::cuda_cores, w::Int4Kernels::tensor_cores}) {
+    SCOPED_TRACE("int4_kernels " + std::to_string(static_cast<int>(kernels)));
+    compare_scenario(q4k, kQuantizedBound, /*decode_attention=*/true, kernels);
+  }
   const auto checkpoint = m::LlamaCheckpoint::open(q4k);
   w::CudaLlamaModel gpu(checkpoint);
   EXPECT_LE(gpu.weight_bytes(), four_bit_weight_bytes_bound(checkpoint->config()));

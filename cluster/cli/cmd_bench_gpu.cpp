@@ -502,11 +502,11 @@ int run_kernels(const Args& a) {
                 result.copy_gbps);
     std::printf(
         "%-12s %4s | %10s %8s %6s | %8s %6s | %8s %6s | %10s %6s | %9s %6s | %8s %6s | %8s %6s | %8s %6s | "
-        "%8s %6s | %8s %6s | %10s %8s | %8s %9s | %11s %8s %8s\n",
+        "%8s %6s | %8s %6s | %9s %6s | %10s %8s | %8s %9s | %11s %8s %8s\n",
         "k x n_out", "m", "W4A16 us", "GB/s", "%copy", "split us", "%copy", "g128 us", "%copy", "g128 tc us",
         "%copy", "staged us", "%copy", "tc32 us", "%copy", "tc64 us", "%copy", "mma us", "%copy", "deq us",
-        "%copy", "Q4_K us", "%copy", "cuBLAS us", "GB/s", "vs fp16", "best/fp16", "tinygemm us", "vs tg",
-        "best/tg");
+        "%copy", "Q4_K us", "%copy", "Q4_K tc", "%copy", "cuBLAS us", "GB/s", "vs fp16", "best/fp16",
+        "tinygemm us", "vs tg", "best/tg");
   }
   for (const auto& r : result.rows) {
     const double ours_gbps = r.ours_bytes / (r.ours_us * 1e-6) / 1e9;
@@ -576,6 +576,7 @@ int run_kernels(const Args& a) {
     if (r.q4k_us > 0) {
       row["w4a16_q4k_us"] = r.q4k_us;
       row["q4k_gbps"] = r.q4k_bytes / (r.q4k_us * 1e-6) / 1e9;
+      row["w4a16_q4k_tc_us"] = r.q4k_tc_us;
     }
     if (tg_us > 0) {
       row["tinygemm_us"] = tg_us;
@@ -605,6 +606,7 @@ int run_kernels(const Args& a) {
       timed(r.g128_mma_us, r.g128_bytes);
       timed(r.g128_deq_us, r.g128_bytes);
       timed(r.q4k_us, r.q4k_bytes);
+      timed(r.q4k_tc_us, r.q4k_bytes, 9);
       std::printf(" %10.1f %8.0f | %7.2fx %8.2fx |", r.cublas_us, cublas_gbps, r.cublas_us / r.ours_us,
                   best_g128_us > 0 ? r.cublas_us / best_g128_us : 0.0);
       if (tg_us > 0)
@@ -652,7 +654,10 @@ int run_kernels(const Args& a) {
         "chunks for cuBLAS (m >= 17; "
         "w4a16_int4_groups_dequant_cublas). best = the fastest of the group-128 kernels at that m (what the "
         "model's load-time timing picks "
-        "from), against fp16 cuBLAS and tinygemm. Q4_K = GGUF Q4_K super-blocks as stored. %%copy and "
+        "from), against fp16 cuBLAS and tinygemm. Q4_K = GGUF Q4_K super-blocks as stored (CUDA-core GEMV up "
+        "to 32 rows, WMMA GEMM above); Q4_K tc = "
+        "the same on the tensor-core kernels (w4a16_gemv_q4_k_mma up to 16 rows, _32rows, _64rows above). "
+        "%%copy and "
         "GB/s "
         "count the bytes each product must move.\n");
   }

@@ -161,7 +161,7 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
   std::vector<double> g128(ms.size(), 0.0), g128_mma(ms.size(), 0.0), g128_tc(ms.size(), 0.0),
       g128_staged(ms.size(), 0.0), g128_tc32(ms.size(), 0.0), g128_tc64(ms.size(), 0.0),
       g128_tc_loads(ms.size(), 0.0), g128_tc_compute(ms.size(), 0.0), g128_deq(ms.size(), 0.0),
-      q4k(ms.size(), 0.0);
+      q4k(ms.size(), 0.0), q4k_tc(ms.size(), 0.0);
   const size_t g128_quant_bytes = static_cast<size_t>(n * k / 2);
   const size_t g128_groups = static_cast<size_t>(n * (k / 128));
   // nibbles, then scales, then zeros, each 16-byte aligned (as CudaLlamaModel stores them)
@@ -254,6 +254,16 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
                               : w4a16_gemm_q4_k(wi, n, k, xh, m, static_cast<float*>(y.ptr), stream);
         if (st != Status::ok) throw BenchFailure(std::string("W4A16 Q4_K kernel failed: ") + status_name(st));
       });
+      q4k_tc[mi] = time_us(stream, iterations, repetitions, [&](int i) {
+        const uint8_t* wi = static_cast<const uint8_t*>(w.ptr) + q4k_bytes * static_cast<size_t>(i % copies);
+        auto* out = static_cast<float*>(y.ptr);
+        const Status st = m <= kW4A16GemvMmaMaxM ? w4a16_gemv_q4_k_mma(wi, n, k, xh, m, out, stream)
+                          : m <= kW4A16GemvMma32RowsMaxM
+                              ? w4a16_gemv_q4_k_mma_32rows(wi, n, k, xh, m, out, stream)
+                              : w4a16_gemm_q4_k_mma_64rows(wi, n, k, xh, m, out, stream);
+        if (st != Status::ok)
+          throw BenchFailure(std::string("W4A16 Q4_K tensor-core kernel failed: ") + status_name(st));
+      });
     }
   }
   {
@@ -292,6 +302,7 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
     row.g128_tc_compute_us = g128_tc_compute[mi];
     row.g128_deq_us = g128_deq[mi];
     row.q4k_us = q4k[mi];
+    row.q4k_tc_us = q4k_tc[mi];
     row.g128_bytes = static_cast<double>(g128_bytes) + 2.0 * ms[mi] * k + 4.0 * ms[mi] * n;
     row.q4k_bytes = static_cast<double>(q4k_bytes) + 2.0 * ms[mi] * k + 4.0 * ms[mi] * n;
     row.cublas_us = theirs[mi];

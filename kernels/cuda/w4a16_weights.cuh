@@ -200,6 +200,29 @@ inline bool make_int4_group_operands(const uint8_t* quants, const __half* scales
          reinterpret_cast<uintptr_t>(x) % 16 == 0;
 }
 
+// Sub-block j's scale d * scale and min dmin * min (both exact in fp32: 11 x 6 bits) from a Q4_K
+// super-block's 16-byte header as four little-endian words (d | dmin << 16, then the 12 bytes of
+// 6-bit scales and mins), unpacked as kernels/quant_internal.hpp's q4_k_scale_min does.
+__host__ __device__ inline void q4_k_scale_min(uint4 head, int j, float& ds, float& dm) {
+  const float d = __half2float(__ushort_as_half(static_cast<unsigned short>(head.x & 0xFFFF)));
+  const float dmin = __half2float(__ushort_as_half(static_cast<unsigned short>(head.x >> 16)));
+  // BlockQ4_K::scales[i] (header bytes 4..15), from the words: no local array to index at run time.
+  const auto sc = [&head](int i) -> int {
+    const unsigned word = i < 4 ? head.y : i < 8 ? head.z : head.w;
+    return static_cast<int>((word >> (8 * (i % 4))) & 0xFF);
+  };
+  int scale, min;
+  if (j < 4) {
+    scale = sc(j) & 63;
+    min = sc(j + 4) & 63;
+  } else {
+    scale = (sc(j + 4) & 0xF) | ((sc(j - 4) >> 6) << 4);
+    min = (sc(j + 4) >> 4) | ((sc(j) >> 6) << 4);
+  }
+  ds = mul_rn(d, static_cast<float>(scale));
+  dm = mul_rn(dmin, static_cast<float>(min));
+}
+
 // GGUF Q4_K super-blocks as stored (144 bytes per 256 weights, so 16-byte aligned when the matrix
 // is): 32-weight unit b is sub-block b % 8 of super-block b / 8. Its 16-byte header (d, dmin, 12
 // bytes of 6-bit scales and mins) is one load; its 32 levels are the low (even sub-block) or high
@@ -214,23 +237,8 @@ struct Q4KBlocks {
         w + (row * super_blocks + b / (kQK_K / kQK4_0)) * static_cast<int64_t>(sizeof(BlockQ4_K));
     const int j = static_cast<int>(b % (kQK_K / kQK4_0));
     const uint4 head = load_ro(reinterpret_cast<const uint4*>(blk));
-    const float d = __half2float(__ushort_as_half(static_cast<unsigned short>(head.x & 0xFFFF)));
-    const float dmin = __half2float(__ushort_as_half(static_cast<unsigned short>(head.x >> 16)));
-    // BlockQ4_K::scales[i] (header bytes 4..15), from the words: no local array to index at run time.
-    const auto sc = [&head](int i) -> int {
-      const unsigned word = i < 4 ? head.y : i < 8 ? head.z : head.w;
-      return static_cast<int>((word >> (8 * (i % 4))) & 0xFF);
-    };
-    int scale, min;
-    if (j < 4) {  // unpacked as kernels/quant_internal.hpp's q4_k_scale_min does
-      scale = sc(j) & 63;
-      min = sc(j + 4) & 63;
-    } else {
-      scale = (sc(j + 4) & 0xF) | ((sc(j - 4) >> 6) << 4);
-      min = (sc(j + 4) >> 4) | ((sc(j) >> 6) << 4);
-    }
-    const float ds = mul_rn(d, static_cast<float>(scale));
-    const float dm = mul_rn(dmin, static_cast<float>(min));
+    float ds, dm;
+    q4_k_scale_min(head, j, ds, dm);
     const auto* qs = reinterpret_cast<const uint4*>(blk + 16 + 32 * (j / 2));
     const uint4 q0 = load_ro(qs);
     const uint4 q1 = load_ro(qs + 1);
@@ -343,26 +351,11 @@ __host__ __device__ inline void int4_unit_b_fragments(unsigned lo, unsigned hi, 
 // are rounded to fp16 first (2^-12 relative each), within the fp16 rounding the tensor-core paths
 // apply to every weight; not the bits of Q4KBlocks, whose fp32 weights the CUDA-core GEMV uses.
 
-// Sub-block j's scale and min, from the super-block's 16-byte header as four little-endian words
-// (d | dmin << 16, then the 12 bytes of 6-bit scales and mins), as the tensor-core GEMV stages them:
-// fp16(d * scale) in the low half, fp16(-(dmin * min)) in the high half.
+// Sub-block j's scale and min (q4_k_scale_min) as the tensor-core GEMV stages them: fp16(d * scale)
+// in the low half, fp16(-(dmin * min)) in the high half.
 __host__ __device__ inline uint32_t q4_k_packed_scale_min(uint4 head, int j) {
-  const float d = __half2float(__ushort_as_half(static_cast<unsigned short>(head.x & 0xFFFF)));
-  const float dmin = __half2float(__ushort_as_half(static_cast<unsigned short>(head.x >> 16)));
-  const auto sc = [&head](int i) -> int {
-    const unsigned word = i < 4 ? head.y : i < 8 ? head.z : head.w;
-    return static_cast<int>((word >> (8 * (i % 4))) & 0xFF);
-  };
-  int scale, min;
-  if (j < 4) {  // kernels/quant_internal.hpp's q4_k_scale_min
-    scale = sc(j) & 63;
-    min = sc(j + 4) & 63;
-  } else {
-    scale = (sc(j + 4) & 0xF) | ((sc(j - 4) >> 6) << 4);
-    min = (sc(j + 4) >> 4) | ((sc(j) >> 6) << 4);
-  }
-  const float ds = mul_rn(d, static_cast<float>(scale));  // exact in fp32: 11 x 6 bits
-  const float dm = mul_rn(dmin, static_cast<float>(min));
+  float ds, dm;
+  q4_k_scale_min(head, j, ds, dm);
   return static_cast<uint32_t>(__half_as_ushort(__float2half_rn(ds))) |
          (static_cast<uint32_t>(__half_as_ushort(__float2half_rn(-dm))) << 16);
 }

@@ -104,5 +104,52 @@ TEST(Sampler, ImpossibleParametersAreRejected) {
   EXPECT_THROW(Sampler({.repetition_penalty = 0.0f}), std::invalid_argument);
 }
 
+// A step verifies its drafts where the logits are only at temperature > 0 without a penalty, with k
+// of the draft's distributions at hand as host rows or as rows the draft kept; verify_sequence draws
+// the k + 1 uniforms the host's verification would, and hands over host rows or the kept store.
+class RowsKeptElsewhere final : public KeptRows {
+ public:
+  explicit RowsKeptElsewhere(int64_t rows) : KeptRows(rows, 10) {}
+  const float* device_data() const override { return nullptr; }
+  void copy_to_host(int64_t, int64_t, std::vector<float>&) const override {}
+};
+
+TEST(Sampler, VerifiableOnTheModelWithHostOrKeptDistributions) {
+  SamplingParams sampled;
+  sampled.temperature = 0.7f;
+  SamplingParams greedy;
+  SamplingParams penalized = sampled;
+  penalized.repetition_penalty = 1.1f;
+  const int64_t n_vocab = 10;
+  EXPECT_TRUE(verifiable_on_model(sampled, 3, 30, n_vocab));
+  EXPECT_FALSE(verifiable_on_model(sampled, 3, 29, n_vocab));   // two and a bit rows
+  EXPECT_TRUE(verifiable_on_model(sampled, 3, 0, n_vocab, 3));  // kept rows instead
+  EXPECT_TRUE(verifiable_on_model(sampled, 3, 0, n_vocab, 4));
+  EXPECT_FALSE(verifiable_on_model(sampled, 3, 0, n_vocab, 2));
+  EXPECT_FALSE(verifiable_on_model(sampled, 0, 30, n_vocab, 3));  // nothing to verify
+  EXPECT_FALSE(verifiable_on_model(greedy, 3, 30, n_vocab, 3));
+  EXPECT_FALSE(verifiable_on_model(penalized, 3, 30, n_vocab, 3));
+
+  sampled.seed = 5;
+  Sampler sampler(sampled), same(sampled);
+  const std::vector<int32_t> tokens = {1, 2, 3, 4, 5};
+  const std::vector<float> probs(30, 0.1f);
+  std::vector<double> uniforms;
+  const VerifySequence host = verify_sequence(sampler, tokens, 3, probs, n_vocab, uniforms);
+  ASSERT_EQ(uniforms.size(), 4u);
+  for (const double u : uniforms) EXPECT_EQ(u, same.uniform());
+  EXPECT_EQ(host.drafts.size(), 3u);
+  EXPECT_EQ(host.drafts[0], 3);
+  EXPECT_EQ(host.draft_probs.size(), 30u);
+  EXPECT_EQ(host.kept_probs, nullptr);
+  const RowsKeptElsewhere kept(3);
+  std::vector<double> more;
+  const VerifySequence device = verify_sequence(sampler, tokens, 3, {}, n_vocab, more, &kept);
+  ASSERT_EQ(more.size(), 4u);
+  EXPECT_EQ(more[0], same.uniform());
+  EXPECT_TRUE(device.draft_probs.empty());
+  EXPECT_EQ(device.kept_probs, &kept);
+}
+
 }  // namespace
 }  // namespace nibble::worker

@@ -143,12 +143,10 @@ TEST(SpeculativeEngine, SameSeedSameOutputAloneAndBatched) {
   EXPECT_NE(run(*target, draft.get(), reseeded, 4, true).tokens, batched.tokens);
 }
 
-// A backend that verifies sampled drafts itself (as a GPU does, ForwardModel::forward_verify), here on
-// the host: the CPU model's logits, the request's dense distributions and speculative::verify with
-// the uniforms the engine drew. It counts the calls, so the test sees the engine take that path.
-class SelfVerifyingCpuModel final : public worker::ForwardModel {
+// The CPU model behind another ForwardModel, for the test backends below to add a GPU's abilities to.
+class CpuBacked : public worker::ForwardModel {
  public:
-  SelfVerifyingCpuModel(worker::LlamaModel& model, kernels::ThreadPool& pool) : cpu_(model, pool) {}
+  CpuBacked(worker::LlamaModel& model, kernels::ThreadPool& pool) : cpu_(model, pool) {}
   const model::LlamaConfig& config() const override { return cpu_.config(); }
   const model::LlamaConfig& shard_config() const override { return cpu_.shard_config(); }
   bool is_first_stage() const override { return true; }
@@ -160,6 +158,17 @@ class SelfVerifyingCpuModel final : public worker::ForwardModel {
                      std::vector<float>& out) override {
     cpu_.forward_stage(batch, cache, hidden_in, out);
   }
+
+ protected:
+  worker::CpuForwardModel cpu_;
+};
+
+// A backend that verifies sampled drafts itself (as a GPU does, ForwardModel::forward_verify), here on
+// the host: the CPU model's logits, the request's dense distributions and speculative::verify with
+// the uniforms the engine drew. It counts the calls, so the test sees the engine take that path.
+class SelfVerifyingCpuModel final : public CpuBacked {
+ public:
+  using CpuBacked::CpuBacked;
   bool verifies_drafts() const override { return true; }
   void forward_stage_verify(const worker::ForwardBatch& batch, worker::ForwardCache& cache,
                             const float* hidden_in, const std::vector<VerifySequence>& seqs,
@@ -195,9 +204,6 @@ class SelfVerifyingCpuModel final : public worker::ForwardModel {
   }
   int verify_calls = 0;
   int kept_verifications = 0;  // sequences verified against rows a draft kept
-
- private:
-  worker::CpuForwardModel cpu_;
 };
 
 // Rows a host backend keeps, standing in for a GPU's device memory: no device pointer, copied only.
@@ -220,20 +226,9 @@ class HostKeptRows final : public worker::KeptRows {
 // A draft that keeps its proposals' distributions (as a GPU does, ForwardModel::forward_draft_sample),
 // here on the host: the CPU model's logits, the request's dense distribution, and sample_dense with
 // the uniform the engine's draft drew. It counts its passes and the copies of what it kept.
-class KeepingCpuDraft final : public worker::ForwardModel {
+class KeepingCpuDraft final : public CpuBacked {
  public:
-  KeepingCpuDraft(worker::LlamaModel& model, kernels::ThreadPool& pool) : cpu_(model, pool) {}
-  const model::LlamaConfig& config() const override { return cpu_.config(); }
-  const model::LlamaConfig& shard_config() const override { return cpu_.shard_config(); }
-  bool is_first_stage() const override { return true; }
-  bool is_last_stage() const override { return true; }
-  std::unique_ptr<worker::ForwardCache> make_cache(int64_t num_blocks, int64_t block_size) const override {
-    return cpu_.make_cache(num_blocks, block_size);
-  }
-  void forward_stage(const worker::ForwardBatch& batch, worker::ForwardCache& cache, const float* hidden_in,
-                     std::vector<float>& out) override {
-    cpu_.forward_stage(batch, cache, hidden_in, out);
-  }
+  using CpuBacked::CpuBacked;
   bool keeps_draft_distributions() const override { return true; }
   std::shared_ptr<worker::KeptRows> make_kept_rows(int64_t rows) override {
     return std::make_shared<HostKeptRows>(rows, config().n_vocab, copies);
@@ -260,9 +255,6 @@ class KeepingCpuDraft final : public worker::ForwardModel {
   }
   int draft_passes = 0;
   int copies = 0;  // kept rows copied back to the host (verifications that ran there)
-
- private:
-  worker::CpuForwardModel cpu_;
 };
 
 // The engine's path for a model that verifies drafts itself gives the tokens of its host

@@ -18,6 +18,14 @@
 namespace nibble::kernels::cuda {
 namespace {
 
+// A probe of the tensor-core GEMV (w4a16_gemv_int4_groups_mma_probe) with the INT4 launchers' signature.
+template <GemvMmaProbe P>
+Status launch_probe(const uint8_t* quants, const __half* scales, const uint8_t* zeros, int64_t group,
+                    int64_t n_out, int64_t k, const __half* x, int64_t m, float* y, cudaStream_t stream,
+                    bool) {
+  return w4a16_gemv_int4_groups_mma_probe(P, quants, scales, zeros, group, n_out, k, x, m, y, stream);
+}
+
 // Failures inside the benchmark unwind to run_matmul_bench, which turns them into a Status.
 struct BenchFailure : std::runtime_error {
   using std::runtime_error::runtime_error;
@@ -204,20 +212,10 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
         g128_tc32[mi] = time_g128(w4a16_gemv_int4_groups_mma_32rows, m, "W4A16 tensor-core GEMV, 32 rows");
       g128_tc64[mi] = time_g128(w4a16_gemm_int4_groups_mma_64rows, m, "W4A16 tensor-core GEMM, 64 rows");
       if (m <= kW4A16GemvMmaMaxM) {
-        g128_tc_loads[mi] = time_g128(
-            [](const uint8_t* q, const __half* s, const uint8_t* z, int64_t g, int64_t n_out, int64_t kk,
-               const __half* x, int64_t rows, float* out, cudaStream_t st, bool) {
-              return w4a16_gemv_int4_groups_mma_probe(GemvMmaProbe::loads_only, q, s, z, g, n_out, kk, x,
-                                                      rows, out, st);
-            },
-            m, "W4A16 tensor-core GEMV, loads only");
-        g128_tc_compute[mi] = time_g128(
-            [](const uint8_t* q, const __half* s, const uint8_t* z, int64_t g, int64_t n_out, int64_t kk,
-               const __half* x, int64_t rows, float* out, cudaStream_t st, bool) {
-              return w4a16_gemv_int4_groups_mma_probe(GemvMmaProbe::compute_only, q, s, z, g, n_out, kk, x,
-                                                      rows, out, st);
-            },
-            m, "W4A16 tensor-core GEMV, compute only");
+        g128_tc_loads[mi] =
+            time_g128(launch_probe<GemvMmaProbe::loads_only>, m, "W4A16 tensor-core GEMV, loads only");
+        g128_tc_compute[mi] =
+            time_g128(launch_probe<GemvMmaProbe::compute_only>, m, "W4A16 tensor-core GEMV, compute only");
       }
     }
     // Dequantized to fp16 in chunks for cuBLAS, with the model's scratch size (from 17 rows).

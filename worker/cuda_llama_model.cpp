@@ -25,6 +25,7 @@
 #include "kernels/cuda/convert.cuh"
 #include "kernels/cuda/device_delay.cuh"
 #include "kernels/cuda/embedding.cuh"
+#include "kernels/cuda/event_timer.cuh"
 #include "kernels/cuda/int4_groups.cuh"
 #include "kernels/cuda/paged_attention.cuh"
 #include "kernels/cuda/prefill_attention.cuh"
@@ -264,6 +265,8 @@ struct DeviceMatrix {
   kc::Int4Kernel int4_kernel[kc::kInt4RowRanges] = {kc::kInt4DefaultKernels[0], kc::kInt4DefaultKernels[1],
                                                     kc::kInt4DefaultKernels[2], kc::kInt4DefaultKernels[3],
                                                     kc::kInt4DefaultKernels[4]};
+  // q4_k: one activation row on the Q4_K tensor-core GEMV rather than the CUDA-core one.
+  bool q4_k_tensor_cores_one_row = false;
   int64_t bytes() const { return mem != nullptr ? static_cast<int64_t>(mem->bytes()) : 0; }
 };
 
@@ -667,6 +670,7 @@ struct CudaLlamaModel::Impl {
       graphs;
   std::set<decltype(graphs)::key_type> seen_once;  // shapes run directly once, captured when seen again
   std::vector<CudaInt4KernelChoice> int4_choices;  // per int4_groups shape (choose_int4_kernels)
+  std::vector<CudaQ4KChoice> q4_k_choices;         // per q4_k shape (choose_q4_k_kernels)
   StepTimer* timer = nullptr;                      // set while profile_greedy runs its pass
   std::unique_ptr<StepTimer> step_timer;
 
@@ -709,7 +713,7 @@ struct CudaLlamaModel::Impl {
         // GEMV took 328 us at 16 rows on 8192 x 8192, ten times the group-wise tensor-core GEMV.
         const Int4Kernels pin = options.int4_kernels;
         kernels::Status st;
-        if (pin == Int4Kernels::cuda_cores || (m == 1 && pin == Int4Kernels::measured)) {
+        if (pin == Int4Kernels::cuda_cores || (m == 1 && !w.q4_k_tensor_cores_one_row)) {
           st = gemv ? kc::w4a16_gemv_q4_k(wd, w.n_out, w.k, x, m, y, stream, pdl)
                     : kc::w4a16_gemm_q4_k(wd, w.n_out, w.k, x, m, y, stream, pdl);
         } else if (m <= kc::kW4A16GemvMmaMaxM) {
@@ -768,6 +772,9 @@ struct CudaLlamaModel::Impl {
   // Sets every int4_groups matrix's kernels by options.int4_kernels (timing them when measured) and
   // records the choices per shape in int4_choices.
   void choose_int4_kernels();
+  // Per Q4_K matrix shape, the one-row GEMV (q4_k_tensor_cores_one_row), timed on the model's
+  // weights under Int4Kernels::measured; records q4_k_choices. Called by choose_int4_kernels.
+  void choose_q4_k_kernels();
   void validate(const ForwardBatch& batch, const CudaKvCache& cache) const;
   struct Plan;
   Plan plan_batch(const ForwardBatch& batch, const CudaKvCache& cache, bool greedy,
@@ -940,6 +947,69 @@ void CudaLlamaModel::Impl::choose_int4_kernels() {
       for (DeviceMatrix* w : list) w->int4_kernel[r] = t.chosen[r];
     }
     int4_choices.push_back(choice);
+  }
+  choose_q4_k_kernels();
+}
+
+void CudaLlamaModel::Impl::choose_q4_k_kernels() {
+  std::vector<std::pair<CudaQ4KChoice, std::vector<DeviceMatrix*>>> shapes;
+  const auto add = [&](DeviceMatrix& w) {
+    if (w.kind != DeviceKind::q4_k) return;
+    for (auto& [choice, list] : shapes) {
+      if (choice.n_out == w.n_out && choice.k == w.k) {
+        list.push_back(&w);
+        return;
+      }
+    }
+    CudaQ4KChoice choice;
+    choice.n_out = w.n_out;
+    choice.k = w.k;
+    shapes.push_back({choice, {&w}});
+  };
+  for (Layer& l : layers) {
+    for (DeviceMatrix& part : l.qkv.parts) add(part);
+    add(l.wo);
+    for (DeviceMatrix& part : l.gate_up.parts) add(part);
+    add(l.down);
+  }
+  if (last_stage()) add(head);
+  q4_k_choices.clear();
+  for (auto& [choice, list] : shapes) {
+    choice.matrices = static_cast<int64_t>(list.size());
+    choice.tensor_cores = options.int4_kernels == Int4Kernels::tensor_cores;
+    if (options.int4_kernels == Int4Kernels::measured) {
+      // One row on each GEMV, the shape's matrices in turn (enough of them and L2 holds few), the
+      // tensor cores kept only when kInt4MinGain faster (as the INT4 choice keeps its default).
+      DeviceMemory x(static_cast<size_t>(choice.k) * sizeof(__half)),
+          y(static_cast<size_t>(choice.n_out) * sizeof(float));
+      cuda_check(cudaMemsetAsync(x.as<void>(), 0x2C, x.bytes(), stream), "cudaMemsetAsync (Q4_K timing)");
+      const int iterations = static_cast<int>(std::clamp<size_t>(list.size(), 8, 32));
+      const auto time = [&](bool tensor_cores, double& us) {
+        cudaError_t err = cudaSuccess;
+        kernels::Status st = kernels::Status::ok;
+        const bool timed = kc::median_call_us(
+            stream, iterations, /*repetitions=*/3,
+            [&](int i) {
+              const DeviceMatrix& w = *list[static_cast<size_t>(i) % list.size()];
+              const auto* wd = w.mem->as<uint8_t>();
+              st = tensor_cores
+                       ? kc::w4a16_gemv_q4_k_mma(wd, w.n_out, w.k, x.as<__half>(), 1, y.as<float>(), stream)
+                       : kc::w4a16_gemv_q4_k(wd, w.n_out, w.k, x.as<__half>(), 1, y.as<float>(), stream);
+              return st == kernels::Status::ok;
+            },
+            us, err);
+        if (!timed) {
+          throw std::runtime_error("timing the Q4_K kernels for a " + std::to_string(choice.n_out) + " x " +
+                                   std::to_string(choice.k) + " matrix failed: " +
+                                   (err != cudaSuccess ? cudaGetErrorString(err) : kernels::status_name(st)));
+        }
+      };
+      time(false, choice.cuda_cores_us);
+      time(true, choice.tensor_cores_us);
+      choice.tensor_cores = choice.tensor_cores_us < (1.0 - kc::kInt4MinGain) * choice.cuda_cores_us;
+    }
+    for (DeviceMatrix* w : list) w->q4_k_tensor_cores_one_row = choice.tensor_cores;
+    q4_k_choices.push_back(choice);
   }
 }
 
@@ -1586,6 +1656,8 @@ void CudaLlamaModel::set_programmatic_launch(bool on) {
 const std::vector<CudaInt4KernelChoice>& CudaLlamaModel::int4_kernel_choices() const {
   return impl_->int4_choices;
 }
+
+const std::vector<CudaQ4KChoice>& CudaLlamaModel::q4_k_choices() const { return impl_->q4_k_choices; }
 
 void CudaLlamaModel::forward(const ForwardBatch& batch, CudaKvCache& cache, std::vector<float>& logits) {
   impl_->forward_impl(batch, cache, nullptr, &logits, nullptr, Impl::RowSampling{});

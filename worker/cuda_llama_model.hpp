@@ -120,9 +120,10 @@ class CudaKvCache {
 //   cuda_cores:   the CUDA-core GEMV up to 32 rows, the WMMA GEMM above;
 //   tensor_cores: the tensor-core GEMV up to 16 rows, its two-tile shape up to 32, the 64-row
 //                 tensor-core GEMM above.
-// GGUF Q4_K matrices (read as stored, not timed) follow the same words: cuda_cores the CUDA-core
-// Q4_K GEMV and WMMA GEMM as before, tensor_cores the tensor-core kernels on Q4_K at every row count,
-// measured the CUDA-core GEMV for one row and the tensor-core kernels above.
+// GGUF Q4_K matrices (read as stored) follow the same words: cuda_cores the CUDA-core Q4_K GEMV and
+// WMMA GEMM as before, tensor_cores the tensor-core kernels on Q4_K at every row count, measured the
+// tensor-core kernels from 2 rows and, for one row, whichever GEMV its timing at load prefers
+// (CudaQ4KChoice).
 enum class Int4Kernels { measured, cuda_cores, tensor_cores };
 
 // The kernels one group-wise INT4 matrix shape uses, with the load-time times behind the choice.
@@ -143,6 +144,17 @@ struct CudaInt4KernelChoice {
                                           // row count; 0: not timed (a fixed choice, a kernel that does
                                           // not take that many rows, or one that failed to launch)
   std::string skipped;                    // candidates that failed to launch, and how
+};
+
+// The one-row GEMV of one GGUF Q4_K matrix shape (more rows always take the Q4_K tensor-core
+// kernels, unless pinned to the CUDA cores): under Int4Kernels::measured the tensor-core GEMV when it
+// is kInt4MinGain (5%) faster than the CUDA-core one on the model's weights at load.
+struct CudaQ4KChoice {
+  int64_t n_out = 0, k = 0;
+  int64_t matrices = 0;        // how many of the model's matrices have this shape
+  double cuda_cores_us = 0.0;  // device us per one-row product; 0: not timed (a pinned choice)
+  double tensor_cores_us = 0.0;
+  bool tensor_cores = false;  // one row on the tensor-core GEMV
 };
 
 // Where one forward pass's device time goes (CudaLlamaModel::profile_greedy): per section of the
@@ -222,6 +234,8 @@ class CudaLlamaModel {
   // Per group-wise INT4 matrix shape, the kernels it uses (CudaModelOptions::int4_kernels), in the
   // order the shapes first occur (q/k/v, attn_output, gate/up, down, head); empty without such matrices.
   const std::vector<CudaInt4KernelChoice>& int4_kernel_choices() const;
+  // Per GGUF Q4_K matrix shape, its one-row GEMV, in the same order; empty without such matrices.
+  const std::vector<CudaQ4KChoice>& q4_k_choices() const;
 
   // As LlamaModel::forward: fills the cache at the batch's positions and resizes logits to
   // [batch.logit_rows.size(), n_vocab] (fp32, copied back). Blocks until the results are on the host.

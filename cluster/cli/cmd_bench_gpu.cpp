@@ -219,6 +219,21 @@ void print_int4_choices(const worker::CudaLlamaModel& model, double copy_gbps) {
   }
 }
 
+// The GGUF Q4_K matrices' one-row GEMV per shape (more rows take the Q4_K tensor-core kernels).
+void print_q4_k_choices(const worker::CudaLlamaModel& model) {
+  const auto& choices = model.q4_k_choices();
+  if (choices.empty()) return;
+  std::printf("\nQ4_K matrices, one row (device us per product, timed at load; *: chosen):\n");
+  std::printf("%-22s | %14s %14s\n", "n_out x k (matrices)", "CUDA cores", "tensor cores");
+  for (const worker::CudaQ4KChoice& ch : choices) {
+    char shape[64];
+    std::snprintf(shape, sizeof shape, "%lldx%lld (%lld)", static_cast<long long>(ch.n_out),
+                  static_cast<long long>(ch.k), static_cast<long long>(ch.matrices));
+    std::printf("%-22s | %13.1f%s %13.1f%s\n", shape, ch.cuda_cores_us, ch.tensor_cores ? " " : "*",
+                ch.tensor_cores_us, ch.tensor_cores ? "*" : " ");
+  }
+}
+
 double copy_bandwidth_gbps() {
 #ifdef NIBBLE_WITH_CUDA
   double gbps = 0.0;
@@ -367,9 +382,19 @@ int run_model(const Args& a) {
                     {"ranges", ranges},
                     {"skipped", ch.skipped}});
   }
+  nlohmann::json q4k = nlohmann::json::array();
+  for (const worker::CudaQ4KChoice& ch : target.model->q4_k_choices()) {
+    q4k.push_back({{"n_out", ch.n_out},
+                   {"k", ch.k},
+                   {"matrices", ch.matrices},
+                   {"one_row_cuda_cores_us", ch.cuda_cores_us},
+                   {"one_row_tensor_cores_us", ch.tensor_cores_us},
+                   {"one_row_chosen", ch.tensor_cores ? "tensor cores" : "CUDA cores"}});
+  }
   if (a.json) {
     nlohmann::json out{{"model", a.model},
                        {"int4_kernels", int4},
+                       {"q4_k_kernels", q4k},
                        {"load_seconds", target.load_seconds},
                        {"weight_bytes", weight_bytes},
                        {"model_device_bytes", target.model_device_bytes},
@@ -414,6 +439,7 @@ int run_model(const Args& a) {
   std::printf("copy bandwidth (read + write) %.0f GB/s: decode floor %.2f ms per step (weights read once)\n",
               copy_gbps, floor_s * 1e3);
   print_int4_choices(*target.model, copy_gbps);
+  print_q4_k_choices(*target.model);
   std::printf("prefill %d tokens: %.0f tokens/s (1 prompt), %.0f tokens/s (%d prompts in one pass)\n\n",
               a.prompt_tokens, pp_one, pp_batch, a.prefill_batch);
   std::printf("%5s | %12s %9s %7s", "batch", "decode tok/s", "ms/step", "%floor");

@@ -300,6 +300,27 @@ TEST(CudaLlamaModel, Q4KModelMatchesTheCpu) {
   const auto checkpoint = m::LlamaCheckpoint::open(q4k);
   w::CudaLlamaModel gpu(checkpoint);
   EXPECT_LE(gpu.weight_bytes(), four_bit_weight_bytes_bound(checkpoint->config()));
+  // The one-row GEMV per Q4_K shape: timed on both by default and chosen by the 5% rule; pinned
+  // and untimed otherwise. q/k/v, attn_output, gate/up and down are Q4_K in every layer.
+  int64_t matrices = 0;
+  ASSERT_FALSE(gpu.q4_k_choices().empty());
+  for (const w::CudaQ4KChoice& ch : gpu.q4_k_choices()) {
+    EXPECT_GT(ch.cuda_cores_us, 0.0);
+    EXPECT_GT(ch.tensor_cores_us, 0.0);
+    EXPECT_EQ(ch.tensor_cores, ch.tensor_cores_us < 0.95 * ch.cuda_cores_us);
+    matrices += ch.matrices;
+  }
+  EXPECT_GE(matrices, 4 * checkpoint->config().n_layer);
+  for (const w::Int4Kernels pin : {w::Int4Kernels::cuda_cores, w::Int4Kernels::tensor_cores}) {
+    w::CudaModelOptions options;
+    options.int4_kernels = pin;
+    w::CudaLlamaModel pinned(checkpoint, options);
+    ASSERT_EQ(pinned.q4_k_choices().size(), gpu.q4_k_choices().size());
+    for (const w::CudaQ4KChoice& ch : pinned.q4_k_choices()) {
+      EXPECT_EQ(ch.tensor_cores, pin == w::Int4Kernels::tensor_cores);
+      EXPECT_EQ(ch.cuda_cores_us, 0.0);
+    }
+  }
 }
 
 // GPTQ / AWQ checkpoints (tests/data/gptq-tiny-llama): asymmetric AWQ at group 64 and per-channel

@@ -158,7 +158,7 @@ if [ "$phase" = all ] || [ "$phase" = bench ] || [ "$phase" = kernels ]; then
 LD_LIBRARY_PATH="$python_ld" timeout 120 python3 "$(dirname "$here")/tools/bench_tinygemm.py" --group-size 128 --out "$out/tinygemm.json" 2>"$out/tinygemm.log" ||
   echo "tinygemm failed: $(tail -3 "$out/tinygemm.log")"
 tg=(); [ -s "$out/tinygemm.json" ] && tg=(--tinygemm "$out/tinygemm.json")
-timeout 180 "$here/bin/nibble" bench-gpu "${tg[@]}" 2>&1 | tee "$out/bench-gpu.txt" || status=1
+timeout 300 "$here/bin/nibble" bench-gpu "${tg[@]}" 2>&1 | tee "$out/bench-gpu.txt" || status=1
 fi
 if [ "$phase" = all ] || [ "$phase" = bench ] || [ "$phase" = e2e ]; then
 # End to end on dummy models (random weights made on the GPU, INT4 at group 128: no files to carry), for

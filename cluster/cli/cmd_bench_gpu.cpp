@@ -517,8 +517,17 @@ std::map<std::tuple<int64_t, int64_t, int64_t>, double> read_tinygemm(const std:
 int run_kernels(const Args& a) {
   kernels::cuda::MatmulBenchResult result;
   std::string error;
-  const kernels::Status st = kernels::cuda::run_matmul_bench(parse_shapes(a.shapes), parse_list(a.rows),
-                                                             a.iterations, a.repetitions, result, error);
+  // Each row to stderr as soon as its shape is measured (a run cut short keeps them); the tables follow.
+  const auto measured = [](const kernels::cuda::MatmulBenchRow& r) {
+    progress(
+        "%lldx%lld m=%lld: g128 %.1f tc %.1f staged %.1f tc32 %.1f tc64 %.1f deq %.1f Q4_K %.1f Q4_K tc %.1f "
+        "cuBLAS %.1f us",
+        static_cast<long long>(r.shape.k), static_cast<long long>(r.shape.n_out), static_cast<long long>(r.m),
+        r.g128_us, r.g128_tc_us, r.g128_staged_us, r.g128_tc32_us, r.g128_tc64_us, r.g128_deq_us, r.q4k_us,
+        r.q4k_tc_us, r.cublas_us);
+  };
+  const kernels::Status st = kernels::cuda::run_matmul_bench(
+      parse_shapes(a.shapes), parse_list(a.rows), a.iterations, a.repetitions, result, error, measured);
   if (st != kernels::Status::ok)
     throw std::runtime_error(std::string("GPU benchmark failed: ") + kernels::status_name(st) + " " + error);
   const auto tinygemm = read_tinygemm(a.tinygemm);

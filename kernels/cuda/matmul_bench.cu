@@ -328,7 +328,8 @@ Status measure_copy_bandwidth(double& gbps, std::string& error) {
 }
 
 Status run_matmul_bench(const std::vector<MatmulShape>& shapes, const std::vector<int64_t>& ms,
-                        int iterations, int repetitions, MatmulBenchResult& result, std::string& error) {
+                        int iterations, int repetitions, MatmulBenchResult& result, std::string& error,
+                        const std::function<void(const MatmulBenchRow&)>& measured) {
   if (ms.empty() || iterations < 1 || repetitions < 1) return Status::invalid_argument;
   for (int64_t m : ms)
     if (m < 1) return Status::invalid_argument;
@@ -350,8 +351,12 @@ Status run_matmul_bench(const std::vector<MatmulShape>& shapes, const std::vecto
     check(cublasCreate(&cublas), "cublasCreate");
     check(cublasSetStream(cublas, stream), "cublasSetStream");
     result.copy_gbps = measure_copy_gbps(stream);
-    for (const MatmulShape& s : shapes)
+    for (const MatmulShape& s : shapes) {
+      const size_t before = result.rows.size();
       bench_shape(s, ms, iterations, repetitions, prop.l2CacheSize, stream, cublas, result);
+      if (measured)
+        for (size_t i = before; i < result.rows.size(); ++i) measured(result.rows[i]);
+    }
     check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
   } catch (const BenchFailure& e) {
     error = e.what();

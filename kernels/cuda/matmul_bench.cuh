@@ -5,6 +5,7 @@
 // cuBLAS on the same shapes, both against the device's measured copy bandwidth. Weights rotate among enough
 // copies that every call reads them from device memory, not from L2.
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -59,7 +60,10 @@ Status measure_copy_bandwidth(double& gbps, std::string& error);
 // Times every shape at every m (median of `repetitions` timed loops of `iterations` products each,
 // after a warm-up). Returns device_error (with `error` set) when a CUDA or cuBLAS call fails,
 // invalid_argument for a k not a multiple of 32 or an m below 1.
+// measured (optional): called with each row as soon as its shape is done, so that a run cut short
+// (a device session's time limit) keeps what it measured.
 Status run_matmul_bench(const std::vector<MatmulShape>& shapes, const std::vector<int64_t>& ms,
-                        int iterations, int repetitions, MatmulBenchResult& result, std::string& error);
+                        int iterations, int repetitions, MatmulBenchResult& result, std::string& error,
+                        const std::function<void(const MatmulBenchRow&)>& measured = {});
 
 }  // namespace nibble::kernels::cuda

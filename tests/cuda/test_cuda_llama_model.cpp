@@ -936,6 +936,32 @@ TEST(CudaLlamaModelCli, BenchSpecOnTheGpuRunsTheEngineWithADraft) {
 // bench-gpu --model on a dummy model (its matrices are group-wise INT4 on the device): the decode rows,
 // the kernel chosen per matrix shape and row range with the candidates' times, and the decode steps
 // again with programmatic launches.
+// The kernel table (bench-gpu without --model) on a small shape: every kernel that takes a row
+// count has a time there, the tensor-core GEMV's parts included, and each row reached stderr first.
+TEST(CudaLlamaModelCli, BenchGpuKernelTableTimesEveryKernel) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  const auto r = t::run_command(t::nibble_bin() +
+                                " bench-gpu --shapes 256x384 --rows 1,20,40 --iterations 2 --repetitions 1 "
+                                "--json 2>&1");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const auto json_start = r.output.find('{');
+  ASSERT_NE(json_start, std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("bench-gpu: 256x384 m=20:"), std::string::npos) << r.output;
+  const auto j = nlohmann::json::parse(r.output.substr(json_start));
+  ASSERT_EQ(j["rows"].size(), 3u) << r.output;
+  for (const auto& row : j["rows"]) {
+    const int64_t m = row["m"].get<int64_t>();
+    SCOPED_TRACE("m " + std::to_string(m));
+    EXPECT_GT(row["w4a16_g128_us"].get<double>(), 0.0);
+    EXPECT_GT(row["w4a16_g128_tc64_us"].get<double>(), 0.0);
+    EXPECT_GT(row["w4a16_q4k_tc_us"].get<double>(), 0.0);
+    EXPECT_GT(row["cublas_fp16_us"].get<double>(), 0.0);
+    EXPECT_EQ(row.contains("w4a16_g128_tc32_us"), m <= 32);
+    EXPECT_EQ(row.contains("g128_tc_loads_only_us"), m <= 16);
+    EXPECT_EQ(row.contains("w4a16_g128_staged_us"), m == 1);
+  }
+}
+
 TEST(CudaLlamaModelCli, BenchGpuReportsTheInt4KernelChoicesAndProgrammaticLaunches) {
   NIBBLE_REQUIRE_CUDA_DEVICE();
   const auto r = t::run_command(t::nibble_bin() +

@@ -257,18 +257,22 @@ class KeepingCpuDraft final : public CpuBacked {
   int copies = 0;  // kept rows copied back to the host (verifications that ran there)
 };
 
+// A random tiny target (Q8_0) and its pure Q4_0 requantization as the draft: often accepted, not always.
+std::pair<std::unique_ptr<worker::LlamaModel>, std::unique_ptr<worker::LlamaModel>> target_and_its_q4_0(
+    const test::TempDir& tmp) {
+  const std::string target_path = (tmp.path() / "target.gguf").string();
+  const std::string draft_path = (tmp.path() / "draft.gguf").string();
+  model::write_random_llama(target_path, model::llama_shape_by_name("tiny"), kernels::DType::Q8_0, 5);
+  model::requantize_gguf(*model::GgufFile::open(target_path), draft_path, kernels::DType::Q4_0,
+                         /*pure=*/true);
+  return {worker::LlamaModel::load(target_path), worker::LlamaModel::load(draft_path)};
+}
+
 // The engine's path for a model that verifies drafts itself gives the tokens of its host
 // verification (same uniforms, same order), batched, with a draft that is sometimes rejected.
 TEST(SpeculativeEngine, AModelThatVerifiesDraftsItselfGivesTheHostVerificationsTokens) {
   test::TempDir tmp;
-  const auto shape = model::llama_shape_by_name("tiny");
-  const std::string target_path = (tmp.path() / "target.gguf").string();
-  const std::string draft_path = (tmp.path() / "draft.gguf").string();
-  model::write_random_llama(target_path, shape, kernels::DType::Q8_0, 5);
-  model::requantize_gguf(*model::GgufFile::open(target_path), draft_path, kernels::DType::Q4_0,
-                         /*pure=*/true);
-  auto target = worker::LlamaModel::load(target_path);
-  auto draft = worker::LlamaModel::load(draft_path);
+  const auto [target, draft] = target_and_its_q4_0(tmp);
   const auto reqs = requests(6, 0.8f, target->config().n_vocab);
   const EngineRun host = run(*target, draft.get(), reqs, 3);
   kernels::ThreadPool pool(2);
@@ -286,14 +290,7 @@ TEST(SpeculativeEngine, AModelThatVerifiesDraftsItselfGivesTheHostVerificationsT
 // join the batch at different steps make both paths run in one engine.
 TEST(SpeculativeEngine, ADraftThatKeepsItsDistributionsGivesTheHostDraftsTokens) {
   test::TempDir tmp;
-  const auto shape = model::llama_shape_by_name("tiny");
-  const std::string target_path = (tmp.path() / "target.gguf").string();
-  const std::string draft_path = (tmp.path() / "draft.gguf").string();
-  model::write_random_llama(target_path, shape, kernels::DType::Q8_0, 5);
-  model::requantize_gguf(*model::GgufFile::open(target_path), draft_path, kernels::DType::Q4_0,
-                         /*pure=*/true);
-  auto target = worker::LlamaModel::load(target_path);
-  auto draft = worker::LlamaModel::load(draft_path);
+  const auto [target, draft] = target_and_its_q4_0(tmp);
   std::vector<EngineRequest> reqs = requests(6, 0.8f, target->config().n_vocab);
   // A short greedy request among them: its rows keep nothing, and while it runs the steps verify on
   // the host (the target verifies on its own only when every entry is sampled).

@@ -771,6 +771,18 @@ struct CudaLlamaModel::Impl {
   void upload_weights(model::LlamaWeights weights);
   // Sets every int4_groups matrix's kernels by options.int4_kernels (timing them when measured) and
   // records the choices per shape in int4_choices.
+  // f(matrix) for every layer matrix in pass order (q/k/v parts, attn_output, gate/up parts, down),
+  // then the head on the last stage.
+  template <typename F>
+  void for_each_matrix(F&& f) {
+    for (Layer& l : layers) {
+      for (DeviceMatrix& part : l.qkv.parts) f(part);
+      f(l.wo);
+      for (DeviceMatrix& part : l.gate_up.parts) f(part);
+      f(l.down);
+    }
+    if (last_stage()) f(head);
+  }
   void choose_int4_kernels();
   // Per Q4_K matrix shape, the one-row GEMV (q4_k_tensor_cores_one_row), timed on the model's
   // weights under Int4Kernels::measured; records q4_k_choices. Called by choose_int4_kernels.
@@ -900,13 +912,7 @@ void CudaLlamaModel::Impl::choose_int4_kernels() {
     choice.group = w.group;
     shapes.push_back({choice, {&w}});
   };
-  for (Layer& l : layers) {
-    for (DeviceMatrix& part : l.qkv.parts) add(part);
-    add(l.wo);
-    for (DeviceMatrix& part : l.gate_up.parts) add(part);
-    add(l.down);
-  }
-  if (last_stage()) add(head);
+  for_each_matrix(add);
   int4_choices.clear();
   // dequant + cuBLAS's scratch: a chunk of the largest matrix, at most kDequantScratchBytes.
   int64_t largest = 0;
@@ -966,13 +972,7 @@ void CudaLlamaModel::Impl::choose_q4_k_kernels() {
     choice.k = w.k;
     shapes.push_back({choice, {&w}});
   };
-  for (Layer& l : layers) {
-    for (DeviceMatrix& part : l.qkv.parts) add(part);
-    add(l.wo);
-    for (DeviceMatrix& part : l.gate_up.parts) add(part);
-    add(l.down);
-  }
-  if (last_stage()) add(head);
+  for_each_matrix(add);
   q4_k_choices.clear();
   for (auto& [choice, list] : shapes) {
     choice.matrices = static_cast<int64_t>(list.size());

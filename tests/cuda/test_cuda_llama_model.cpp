@@ -914,6 +914,17 @@ TEST(CudaLlamaModelCli, GenerateOnTheGpuGivesTheRequestedTokens) {
   EXPECT_NE(r.output.find("\"finish_reason\""), std::string::npos) << r.output;
 }
 
+// Runs `command 2>&1` (the nibble binary and its arguments), which must exit 0, and parses the JSON
+// that follows its stderr lines; output keeps everything it printed.
+void run_json(const std::string& command, std::string& output, nlohmann::json& j) {
+  const auto r = t::run_command(command + " 2>&1");
+  output = r.output;
+  ASSERT_EQ(r.exit_code, 0) << output;
+  const auto json_start = output.find('{');
+  ASSERT_NE(json_start, std::string::npos) << output;
+  j = nlohmann::json::parse(output.substr(json_start));
+}
+
 // bench-spec --device cuda: target and draft on the GPU through the engine; the target as its own
 // draft accepts every proposal, so the JSON row reports an acceptance rate of 1 and more than one
 // token per verification.
@@ -921,34 +932,30 @@ TEST(CudaLlamaModelCli, BenchSpecOnTheGpuRunsTheEngineWithADraft) {
   NIBBLE_REQUIRE_CUDA_DEVICE();
   t::TempDir dir;
   const std::string path = random_model(dir.path(), tiny_shape(256, 4, 2), k::DType::Q4_0);
-  const auto r = t::run_command(t::nibble_bin() + " bench-spec --device cuda --model " + path + " --draft " +
-                                path + " --batch 1 --gen-tokens 16 --repetitions 1 --fixed-k --json 2>&1");
-  ASSERT_EQ(r.exit_code, 0) << r.output;
-  const auto json_start = r.output.find('{');
-  ASSERT_NE(json_start, std::string::npos) << r.output;
-  const auto j = nlohmann::json::parse(r.output.substr(json_start));
+  std::string output;
+  nlohmann::json j;
+  ASSERT_NO_FATAL_FAILURE(run_json(t::nibble_bin() + " bench-spec --device cuda --model " + path +
+                                       " --draft " + path +
+                                       " --batch 1 --gen-tokens 16 --repetitions 1 --fixed-k --json",
+                                   output, j));
   EXPECT_EQ(j["device"], "cuda");
   ASSERT_EQ(j["rows"].size(), 1u);
-  EXPECT_EQ(j["rows"][0]["acceptance_rate"].get<double>(), 1.0) << r.output;
-  EXPECT_GT(j["rows"][0]["tokens_per_verify_step"].get<double>(), 1.0) << r.output;
+  EXPECT_EQ(j["rows"][0]["acceptance_rate"].get<double>(), 1.0) << output;
+  EXPECT_GT(j["rows"][0]["tokens_per_verify_step"].get<double>(), 1.0) << output;
 }
 
-// bench-gpu --model on a dummy model (its matrices are group-wise INT4 on the device): the decode rows,
-// the kernel chosen per matrix shape and row range with the candidates' times, and the decode steps
-// again with programmatic launches.
 // The kernel table (bench-gpu without --model) on a small shape: every kernel that takes a row
 // count has a time there, the tensor-core GEMV's parts included, and each row reached stderr first.
 TEST(CudaLlamaModelCli, BenchGpuKernelTableTimesEveryKernel) {
   NIBBLE_REQUIRE_CUDA_DEVICE();
-  const auto r = t::run_command(t::nibble_bin() +
-                                " bench-gpu --shapes 256x384 --rows 1,20,40 --iterations 2 --repetitions 1 "
-                                "--json 2>&1");
-  ASSERT_EQ(r.exit_code, 0) << r.output;
-  const auto json_start = r.output.find('{');
-  ASSERT_NE(json_start, std::string::npos) << r.output;
-  EXPECT_NE(r.output.find("bench-gpu: 256x384 m=20:"), std::string::npos) << r.output;
-  const auto j = nlohmann::json::parse(r.output.substr(json_start));
-  ASSERT_EQ(j["rows"].size(), 3u) << r.output;
+  std::string output;
+  nlohmann::json j;
+  ASSERT_NO_FATAL_FAILURE(
+      run_json(t::nibble_bin() + " bench-gpu --shapes 256x384 --rows 1,20,40 --iterations 2 --repetitions 1 "
+                                 "--json",
+               output, j));
+  EXPECT_NE(output.find("bench-gpu: 256x384 m=20:"), std::string::npos) << output;
+  ASSERT_EQ(j["rows"].size(), 3u) << output;
   for (const auto& row : j["rows"]) {
     const int64_t m = row["m"].get<int64_t>();
     SCOPED_TRACE("m " + std::to_string(m));
@@ -962,27 +969,29 @@ TEST(CudaLlamaModelCli, BenchGpuKernelTableTimesEveryKernel) {
   }
 }
 
+// bench-gpu --model on a dummy model (its matrices are group-wise INT4 on the device): the decode rows,
+// the kernel chosen per matrix shape and row range with the candidates' times, and the decode steps
+// again with programmatic launches.
 TEST(CudaLlamaModelCli, BenchGpuReportsTheInt4KernelChoicesAndProgrammaticLaunches) {
   NIBBLE_REQUIRE_CUDA_DEVICE();
-  const auto r = t::run_command(t::nibble_bin() +
-                                " bench-gpu --model dummy:tiny --batch 1,2 --prompt-tokens 32 --gen-tokens 4 "
-                                "--repetitions 1 --prefill-batch 2 --json 2>&1");
-  ASSERT_EQ(r.exit_code, 0) << r.output;
-  const auto json_start = r.output.find('{');
-  ASSERT_NE(json_start, std::string::npos) << r.output;
-  const auto j = nlohmann::json::parse(r.output.substr(json_start));
-  ASSERT_EQ(j["decode"].size(), 2u) << r.output;
-  EXPECT_FALSE(j.contains("pdl_error")) << r.output;
-  for (const auto& row : j["decode"]) EXPECT_GT(row["pdl_ms_per_step"].get<double>(), 0.0) << r.output;
-  ASSERT_EQ(j["step_profile"].size(), 2u) << r.output;
+  std::string output;
+  nlohmann::json j;
+  ASSERT_NO_FATAL_FAILURE(run_json(
+      t::nibble_bin() + " bench-gpu --model dummy:tiny --batch 1,2 --prompt-tokens 32 --gen-tokens 4 "
+                        "--repetitions 1 --prefill-batch 2 --json",
+      output, j));
+  ASSERT_EQ(j["decode"].size(), 2u) << output;
+  EXPECT_FALSE(j.contains("pdl_error")) << output;
+  for (const auto& row : j["decode"]) EXPECT_GT(row["pdl_ms_per_step"].get<double>(), 0.0) << output;
+  ASSERT_EQ(j["step_profile"].size(), 2u) << output;
   for (const auto& row : j["step_profile"]) {
-    EXPECT_GT(row["total_ms"].get<double>(), 0.0) << r.output;
-    EXPECT_GT(row["sections"]["down"].get<double>(), 0.0) << r.output;
+    EXPECT_GT(row["total_ms"].get<double>(), 0.0) << output;
+    EXPECT_GT(row["sections"]["down"].get<double>(), 0.0) << output;
   }
-  ASSERT_FALSE(j["int4_kernels"].empty()) << r.output;
+  ASSERT_FALSE(j["int4_kernels"].empty()) << output;
   for (const auto& shape : j["int4_kernels"]) {
-    EXPECT_EQ(shape["group"], 128) << r.output;
-    ASSERT_EQ(shape["ranges"].size(), static_cast<size_t>(w::CudaInt4KernelChoice::kRanges)) << r.output;
+    EXPECT_EQ(shape["group"], 128) << output;
+    ASSERT_EQ(shape["ranges"].size(), static_cast<size_t>(w::CudaInt4KernelChoice::kRanges)) << output;
     for (const auto& range : shape["ranges"]) {
       // The chosen kernel is among those timed for the range.
       bool timed = false;

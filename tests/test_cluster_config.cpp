@@ -49,6 +49,7 @@ TEST(ClusterConfig, MinimalConfigTakesDefaults) {
   EXPECT_EQ(config.parallel.micro_batches, 1);
   EXPECT_EQ(config.device, Device::cpu);
   EXPECT_EQ(config.int4_kernels, Int4KernelChoice::measured);
+  EXPECT_EQ(config.int4_layout, Int4LayoutChoice::rows);
   EXPECT_EQ(config.threads, 0);
   EXPECT_EQ(config.server.listen, "tcp://127.0.0.1:5555");
   EXPECT_EQ(config.server.max_queue, 256);
@@ -77,6 +78,7 @@ draft:
 parallel: {tensor: 2, pipeline: 3, micro_batches: 4}
 device: cuda
 int4_kernels: tensor_cores
+int4_layout: tiles
 threads: 7
 server:
   listen: "ipc:///tmp/nibble.sock"
@@ -104,6 +106,7 @@ context: 8192
   EXPECT_EQ(config.parallel.micro_batches, 4);
   EXPECT_EQ(config.device, Device::cuda);
   EXPECT_EQ(config.int4_kernels, Int4KernelChoice::tensor_cores);
+  EXPECT_EQ(config.int4_layout, Int4LayoutChoice::tiles);
   EXPECT_EQ(config.threads, 7);
   EXPECT_EQ(config.worker_threads(64, 4), 7);
   EXPECT_EQ(config.server.listen, "ipc:///tmp/nibble.sock");
@@ -194,6 +197,13 @@ TEST(ClusterConfig, OutOfRangeValues) {
   expect_error("model: {path: m}\ndevice: gpu\n", "device", 2, {"expected one of cpu, cuda, got 'gpu'"});
   expect_error("model: {path: m}\nint4_kernels: fastest\n", "int4_kernels", 2,
                {"expected one of measured, cuda_cores, tensor_cores, got 'fastest'"});
+  expect_error("model: {path: m}\nint4_layout: columns\n", "int4_layout", 2,
+               {"expected one of rows, tiles, got 'columns'"});
+  // Tiles cannot be read by the CUDA-core kernels, whichever key comes first.
+  expect_error("model: {path: m}\nint4_kernels: cuda_cores\nint4_layout: tiles\n", "int4_layout", 3,
+               {"int4_kernels: cuda_cores", "tensor-core"});
+  expect_error("model: {path: m}\nint4_layout: tiles\nint4_kernels: cuda_cores\n", "int4_layout", 2,
+               {"int4_kernels: cuda_cores"});
   expect_error("model: {path: ''}\n", "model.path", 1, {"must not be empty"});
   expect_error("model: {path: m}\nparallel: {tensor: 4096, pipeline: 2}\n", "parallel", 2, {"8192 workers"});
 }
@@ -243,6 +253,13 @@ TEST(ClusterConfig, RenderRoundTrips) {
   EXPECT_NE(rendered.find("micro_batches: 2"), std::string::npos) << rendered;
   EXPECT_NE(rendered.find("memory_fraction: 0.9\n"), std::string::npos) << rendered;
   EXPECT_EQ(parse_cluster_config(rendered, "rendered"), full) << rendered;
+
+  const ClusterConfig tiles =
+      parse_cluster_config("model: {path: m.gguf}\ndevice: cuda\nint4_layout: tiles\n", "tiles.yaml");
+  const std::string rendered_tiles = render_cluster_config(tiles);
+  EXPECT_NE(rendered_tiles.find("int4_layout: tiles"), std::string::npos) << rendered_tiles;
+  EXPECT_EQ(parse_cluster_config(rendered_tiles, "rendered"), tiles) << rendered_tiles;
+  EXPECT_FALSE(parse_cluster_config(rendered_tiles, "rendered") == full);
 
   const ClusterConfig minimal = parse_cluster_config("model: {path: m.gguf}\n", "minimal.yaml");
   const std::string rendered_minimal = render_cluster_config(minimal);

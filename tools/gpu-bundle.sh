@@ -163,10 +163,10 @@ fi
 if [ "$phase" = all ] || [ "$phase" = bench ] || [ "$phase" = e2e ]; then
 # End to end on dummy models (random weights made on the GPU, INT4 at group 128: no files to carry), for
 # docs/perf/gpu.md. Short runs (16 timed steps, median of 3; a llama-70b step at batch 32 on the
-# CUDA-core GEMV takes ~0.6 s) so that the three runs fit one device call; every figure also reaches
+# CUDA-core GEMV takes ~0.6 s) so that the runs fit one device call; every figure also reaches
 # stderr as it is measured. First as the model loads by default (its INT4 kernels timed and chosen at
-# load), with the 1B draft's step times and the PDL column; the last run is the baseline on the
-# CUDA-core GEMV and WMMA GEMM alone.
+# load), with the 1B draft's step times and the PDL column; then on tiles; the last run is the
+# baseline on the CUDA-core GEMV and WMMA GEMM alone.
 e2e=(--gen-tokens 16 --repetitions 3 --prompt-tokens 256 --prefill-batch 4)
 timeout 300 "$here/bin/nibble" bench-gpu --model dummy:llama-70b --draft dummy:llama-1b --batch 1,8,32,64 "${e2e[@]}" 2>&1 |
   tee "$out/bench-gpu-e2e.txt" || status=1
@@ -178,6 +178,10 @@ if [ -f "$target" ]; then
     timeout 60 "$here/bin/nibble" bench-spec --device cuda --model "$target" --draft "$here/fortune-target-q4_0.gguf" \
       --batch 1,8,32 --gen-tokens 128 --repetitions 3 2>&1 | tee "$out/bench-spec-gpu.txt" || status=1
 fi
+# The same model with its INT4 matrices repacked into the tensor-core kernels' tiles
+# (kernels/int4_tiles.hpp; the layout a block's pipeline stage reads as one contiguous chunk).
+timeout 150 "$here/bin/nibble" bench-gpu --model dummy:llama-70b --int4-layout tiles --batch 1,8,32,64 "${e2e[@]}" 2>&1 |
+  tee "$out/bench-gpu-e2e-tiles.txt" || status=1
 timeout 60 "$here/bin/nibble" bench-gpu --model dummy:llama-70b --batch 1,8 --int4-kernels cuda-cores "${e2e[@]}" 2>&1 |
   tee "$out/bench-gpu-e2e-cuda-cores.txt" || status=1
 fi

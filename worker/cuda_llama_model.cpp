@@ -27,6 +27,7 @@
 #include "kernels/cuda/embedding.cuh"
 #include "kernels/cuda/event_timer.cuh"
 #include "kernels/cuda/int4_groups.cuh"
+#include "kernels/cuda/int4_tiles.cuh"
 #include "kernels/cuda/paged_attention.cuh"
 #include "kernels/cuda/prefill_attention.cuh"
 #include "kernels/cuda/random_weights.cuh"
@@ -40,6 +41,7 @@
 #include "kernels/cuda/w4a16_gemv_mma.cuh"
 #include "kernels/cuda/w4a16_tuning.cuh"
 #include "kernels/int4_groups.hpp"
+#include "kernels/int4_tiles.hpp"
 #include "kernels/quant_types.hpp"
 #include "kernels/quantize.hpp"
 #include "worker/forward_model.hpp"
@@ -265,6 +267,9 @@ struct DeviceMatrix {
   kc::Int4Kernel int4_kernel[kc::kInt4RowRanges] = {kc::kInt4DefaultKernels[0], kc::kInt4DefaultKernels[1],
                                                     kc::kInt4DefaultKernels[2], kc::kInt4DefaultKernels[3],
                                                     kc::kInt4DefaultKernels[4]};
+  // int4_groups: mem holds the chunks of Int4Layout::tiles (kernels/int4_tiles.hpp) instead of the rows
+  // (the offsets above are then unused).
+  bool tiles = false;
   // q4_k: one activation row on the Q4_K tensor-core GEMV rather than the CUDA-core one.
   bool q4_k_tensor_cores_one_row = false;
   int64_t bytes() const { return mem != nullptr ? static_cast<int64_t>(mem->bytes()) : 0; }
@@ -727,10 +732,11 @@ struct CudaLlamaModel::Impl {
         return;
       }
       case DeviceKind::int4_groups: {
-        const auto* scales = reinterpret_cast<const __half*>(wd + w.scales_offset);
-        const uint8_t* zeros = wd + w.zeros_offset;
+        const auto* scales = w.tiles ? nullptr : reinterpret_cast<const __half*>(wd + w.scales_offset);
+        const uint8_t* zeros = w.tiles ? nullptr : wd + w.zeros_offset;
         check(kc::launch_int4_kernel(w.int4_kernel[kc::int4_row_range(m)], &dequant_cublas, wd, scales, zeros,
-                                     w.group, w.n_out, w.k, x, m, y, stream, pdl),
+                                     w.group, w.n_out, w.k, x, m, y, stream, pdl,
+                                     w.tiles ? kc::Int4Layout::tiles : kc::Int4Layout::rows),
               "W4A16 matmul (INT4 groups)");
         return;
       }
@@ -784,6 +790,9 @@ struct CudaLlamaModel::Impl {
     if (last_stage()) f(head);
   }
   void choose_int4_kernels();
+  // Under Int4Layout::tiles: every int4_groups matrix repacked into chunks on the device, one at a
+  // time (one matrix of extra device memory at the peak).
+  void tile_int4_matrices();
   // Per Q4_K matrix shape, the one-row GEMV (q4_k_tensor_cores_one_row), timed on the model's
   // weights under Int4Kernels::measured; records q4_k_choices. Called by choose_int4_kernels.
   void choose_q4_k_kernels();
@@ -895,13 +904,31 @@ static constexpr bool choice_mirrors_tuning() {
 }
 static_assert(choice_mirrors_tuning());
 
+void CudaLlamaModel::Impl::tile_int4_matrices() {
+  if (options.int4_layout != Int4Layout::tiles) return;
+  for_each_matrix([&](DeviceMatrix& w) {
+    if (w.kind != DeviceKind::int4_groups || w.tiles) return;
+    auto tiled =
+        std::make_shared<DeviceMemory>(static_cast<size_t>(kernels::int4_tiles_bytes(w.n_out, w.k, w.group)));
+    const uint8_t* base = w.mem->as<uint8_t>();
+    check(kc::int4_tiles_from_groups(base, reinterpret_cast<const uint16_t*>(base + w.scales_offset),
+                                     base + w.zeros_offset, w.n_out, w.k, w.group, tiled->as<uint8_t>(),
+                                     stream),
+          "int4_tiles_from_groups");
+    cuda_check(cudaStreamSynchronize(stream), "int4_tiles_from_groups");  // before the rows are freed
+    w.mem = std::move(tiled);
+    w.tiles = true;
+    w.scales_offset = w.zeros_offset = 0;
+  });
+}
+
 void CudaLlamaModel::Impl::choose_int4_kernels() {
   // The matrices by shape, shapes in order of first appearance.
   std::vector<std::pair<CudaInt4KernelChoice, std::vector<DeviceMatrix*>>> shapes;
   const auto add = [&](DeviceMatrix& w) {
     if (w.kind != DeviceKind::int4_groups) return;
     for (auto& [choice, list] : shapes) {
-      if (choice.n_out == w.n_out && choice.k == w.k && choice.group == w.group) {
+      if (choice.n_out == w.n_out && choice.k == w.k && choice.group == w.group && choice.tiles == w.tiles) {
         list.push_back(&w);
         return;
       }
@@ -910,6 +937,7 @@ void CudaLlamaModel::Impl::choose_int4_kernels() {
     choice.n_out = w.n_out;
     choice.k = w.k;
     choice.group = w.group;
+    choice.tiles = w.tiles;
     shapes.push_back({choice, {&w}});
   };
   for_each_matrix(add);
@@ -925,17 +953,23 @@ void CudaLlamaModel::Impl::choose_int4_kernels() {
   }
   for (auto& [choice, list] : shapes) {
     choice.matrices = static_cast<int64_t>(list.size());
+    const kc::Int4Layout layout = choice.tiles ? kc::Int4Layout::tiles : kc::Int4Layout::rows;
     kc::Int4GroupsTuning t;
+    std::copy(kc::int4_default_kernels(layout), kc::int4_default_kernels(layout) + kc::kInt4RowRanges,
+              t.chosen);
     if (options.int4_kernels == Int4Kernels::measured) {
       std::vector<kc::Int4GroupsMatrix> matrices;
       for (const DeviceMatrix* w : list) {
         const uint8_t* base = w->mem->as<uint8_t>();
-        matrices.push_back(
-            {base, reinterpret_cast<const __half*>(base + w->scales_offset), base + w->zeros_offset});
+        if (w->tiles)
+          matrices.push_back({base, nullptr, nullptr});
+        else
+          matrices.push_back(
+              {base, reinterpret_cast<const __half*>(base + w->scales_offset), base + w->zeros_offset});
       }
       std::string error;
       const kernels::Status st = kc::tune_int4_groups(matrices, choice.group, choice.n_out, choice.k,
-                                                      &dequant_cublas, stream, t, error);
+                                                      &dequant_cublas, stream, t, error, layout);
       if (st != kernels::Status::ok) {
         throw std::runtime_error("timing the INT4 kernels for a " + std::to_string(choice.n_out) + " x " +
                                  std::to_string(choice.k) +
@@ -947,7 +981,7 @@ void CudaLlamaModel::Impl::choose_int4_kernels() {
       t.chosen[0] = t.chosen[1] = kc::Int4Kernel::gemv_tensor_cores;
       t.chosen[2] = kc::Int4Kernel::gemv_tensor_cores_32rows;
       t.chosen[3] = t.chosen[4] = kc::Int4Kernel::gemm_tensor_cores_64rows;
-    }  // cuda_cores: Int4GroupsTuning's defaults
+    }  // cuda_cores: the rows' defaults (tiles refuse cuda_cores at construction)
     for (int r = 0; r < kc::kInt4RowRanges; ++r) {
       choice.chosen[r] = static_cast<int>(t.chosen[r]);
       for (DeviceMatrix* w : list) w->int4_kernel[r] = t.chosen[r];
@@ -1607,6 +1641,12 @@ CudaLlamaModel::CudaLlamaModel(std::shared_ptr<const model::LlamaCheckpoint> che
         "the CUDA forward pass needs an even head_dim of at most 256 (this model has " +
         std::to_string(c.head_dim) + ") and an even number of rotated dims");
   }
+  if (options.int4_layout == Int4Layout::tiles && options.int4_kernels == Int4Kernels::cuda_cores) {
+    throw std::invalid_argument(
+        "int4_kernels cuda_cores cannot read int4_layout tiles (only the tensor-core kernels and dequant + "
+        "cuBLAS "
+        "read tiles): use int4_layout rows, or int4_kernels measured or tensor_cores");
+  }
   require_device(options.device);
   cuda_check(cudaStreamCreateWithFlags(&m.stream, cudaStreamNonBlocking), "cudaStreamCreate");
   cublas_check(cublasCreate(&m.cublas), "cublasCreate");
@@ -1625,6 +1665,7 @@ CudaLlamaModel::CudaLlamaModel(std::shared_ptr<const model::LlamaCheckpoint> che
     // for the legacy default stream: make the uploads complete before the first forward pass.
     cuda_check(cudaDeviceSynchronize(), "weight upload");
   }
+  m.tile_int4_matrices();
   m.choose_int4_kernels();
 }
 

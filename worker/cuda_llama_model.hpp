@@ -126,6 +126,14 @@ class CudaKvCache {
 // (CudaQ4KChoice).
 enum class Int4Kernels { measured, cuda_cores, tensor_cores };
 
+// How group-wise INT4 matrices lie in device memory. rows: as kernels/int4_groups.hpp (nibbles,
+// scales and zeros in three row-major arrays), which every INT4 kernel reads. tiles: repacked on the
+// device at load into the tensor-core kernels' own chunks (kernels/int4_tiles.hpp, Marlin's idea: a
+// block's pipeline stage is one contiguous 17 KB read instead of 128 lines k / 2 bytes apart), which
+// the five tensor-core kernels and dequant + cuBLAS read, with the same bits as on rows; the
+// CUDA-core GEMVs and the older GEMMs do not (Int4Kernels::cuda_cores is refused with tiles).
+enum class Int4Layout { rows, tiles };
+
 // The kernels one group-wise INT4 matrix shape uses, with the load-time times behind the choice.
 struct CudaInt4KernelChoice {
   static constexpr int kKernels = 10;
@@ -138,6 +146,7 @@ struct CudaInt4KernelChoice {
   static constexpr int64_t range_max_rows[kRanges] = {1, 16, 32, 64, -1};
   static constexpr int64_t range_timed_rows[kRanges][2] = {{1, 0}, {4, 16}, {32, 0}, {64, 0}, {256, 0}};
   int64_t n_out = 0, k = 0, group = 0;
+  bool tiles = false;                     // laid out as Int4Layout::tiles (only its kernels timed)
   int64_t matrices = 0;                   // how many of the model's matrices have this shape
   int chosen[kRanges] = {0, 0, 0, 2, 2};  // per range, the kernel (an index into kernel_names)
   double us[kRanges][kKernels][2] = {};   // device microseconds per product by range, kernel and timed
@@ -171,6 +180,7 @@ struct CudaStepProfile {
 struct CudaModelOptions {
   int device = 0;
   Int4Kernels int4_kernels = Int4Kernels::measured;
+  Int4Layout int4_layout = Int4Layout::rows;
   // Q4_0 matrices (not the embedding table) go up as group-wise INT4 at group 32 with zeros of 8:
   // the same weights, bit for bit on the CUDA-core GEMV, at 4.75 bits a weight instead of 4.5, and
   // every INT4 kernel becomes a candidate (on an H200 the tensor-core GEMV took 31.6 us on 8192 x

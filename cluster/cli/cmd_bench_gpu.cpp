@@ -40,6 +40,7 @@ struct Args {
   std::string batch = "1,8,32,64";
   int prompt_tokens = 512, gen_tokens = 64, prefill_batch = 8;
   worker::Int4Kernels int4_kernels = worker::Int4Kernels::measured;
+  worker::Int4Layout int4_layout = worker::Int4Layout::rows;
 };
 
 std::vector<int64_t> parse_list(const std::string& text) {
@@ -77,13 +78,14 @@ struct GpuModel {
 };
 
 GpuModel load_gpu_model(const std::string& path, int64_t max_seqs, int64_t max_seq_tokens,
-                        worker::Int4Kernels int4_kernels) {
+                        worker::Int4Kernels int4_kernels, worker::Int4Layout int4_layout) {
   GpuModel g;
   const auto checkpoint = model::LlamaCheckpoint::open(path);  // a bad path or dummy spec fails here
   const int64_t free_before = worker::cuda_memory_info().free;
   worker::CudaModelOptions options;
   options.graphs = true;  // decode steps as served: one graph launch each
   options.int4_kernels = int4_kernels;
+  options.int4_layout = int4_layout;
   const auto start = Clock::now();
   g.model = std::make_unique<worker::CudaLlamaModel>(checkpoint, options);
   g.load_seconds = seconds_since(start);
@@ -270,8 +272,9 @@ int run_model(const Args& a) {
 
   const int64_t max_batch = *std::max_element(batches.begin(), batches.end());
   const int64_t decode_tokens = kShortPrompt + a.gen_tokens;
-  GpuModel target = load_gpu_model(a.model, std::max<int64_t>(max_batch, a.prefill_batch),
-                                   std::max<int64_t>(a.prompt_tokens, decode_tokens), a.int4_kernels);
+  GpuModel target =
+      load_gpu_model(a.model, std::max<int64_t>(max_batch, a.prefill_batch),
+                     std::max<int64_t>(a.prompt_tokens, decode_tokens), a.int4_kernels, a.int4_layout);
   const double copy_gbps = copy_bandwidth_gbps();
   const int64_t weight_bytes = target.model->weight_bytes();
   // A decode step reads every weight byte at least once (the embedding table too: counted, though a
@@ -282,8 +285,8 @@ int run_model(const Args& a) {
   report("%s loaded in %.1f s, decode floor %.2f ms/step", a.model.c_str(), target.load_seconds,
          floor_s * 1e3);
   for (const worker::CudaInt4KernelChoice& ch : target.model->int4_kernel_choices()) {
-    report("INT4 %lldx%lld: rows 1 %s, 2-16 %s, 17-32 %s, 33-64 %s, over 64 %s",
-           static_cast<long long>(ch.n_out), static_cast<long long>(ch.k),
+    report("INT4 %lldx%lld (%s): rows 1 %s, 2-16 %s, 17-32 %s, 33-64 %s, over 64 %s",
+           static_cast<long long>(ch.n_out), static_cast<long long>(ch.k), ch.tiles ? "tiles" : "rows",
            worker::CudaInt4KernelChoice::kernel_names[ch.chosen[0]],
            worker::CudaInt4KernelChoice::kernel_names[ch.chosen[1]],
            worker::CudaInt4KernelChoice::kernel_names[ch.chosen[2]],
@@ -320,7 +323,7 @@ int run_model(const Args& a) {
   std::vector<double> draft_step_s;
   GpuModel draft;
   if (!a.draft.empty()) {
-    draft = load_gpu_model(a.draft, max_batch, decode_tokens, a.int4_kernels);
+    draft = load_gpu_model(a.draft, max_batch, decode_tokens, a.int4_kernels, a.int4_layout);
     for (const int64_t b : batches) {
       draft_step_s.push_back(time_decode_step(draft, b, a.gen_tokens, a.repetitions, rng));
       report("draft batch %lld: %.2f ms/step", static_cast<long long>(b), draft_step_s.back() * 1e3);
@@ -378,6 +381,7 @@ int run_model(const Args& a) {
     int4.push_back({{"n_out", ch.n_out},
                     {"k", ch.k},
                     {"group", ch.group},
+                    {"layout", ch.tiles ? "tiles" : "rows"},
                     {"matrices", ch.matrices},
                     {"ranges", ranges},
                     {"skipped", ch.skipped}});
@@ -520,10 +524,11 @@ int run_kernels(const Args& a) {
   // Each row to stderr as soon as its shape is measured (a run cut short keeps them); the tables follow.
   const auto measured = [](const kernels::cuda::MatmulBenchRow& r) {
     progress(
-        "%lldx%lld m=%lld: g128 %.1f tc %.1f staged %.1f tc32 %.1f tc64 %.1f deq %.1f Q4_K %.1f Q4_K tc %.1f "
-        "cuBLAS %.1f us",
+        "%lldx%lld m=%lld: g128 %.1f tc %.1f staged %.1f tc32 %.1f tc64 %.1f deq %.1f | tiles: tc %.1f tc32 "
+        "%.1f tc64 %.1f deq %.1f | Q4_K %.1f Q4_K tc %.1f cuBLAS %.1f us",
         static_cast<long long>(r.shape.k), static_cast<long long>(r.shape.n_out), static_cast<long long>(r.m),
-        r.g128_us, r.g128_tc_us, r.g128_staged_us, r.g128_tc32_us, r.g128_tc64_us, r.g128_deq_us, r.q4k_us,
+        r.g128_us, r.g128_tc_us, r.g128_staged_us, r.g128_tc32_us, r.g128_tc64_us, r.g128_deq_us,
+        r.g128_tiles_tc_us, r.g128_tiles_tc32_us, r.g128_tiles_tc64_us, r.g128_tiles_deq_us, r.q4k_us,
         r.q4k_tc_us, r.cublas_us);
   };
   const kernels::Status st = kernels::cuda::run_matmul_bench(
@@ -550,8 +555,9 @@ int run_kernels(const Args& a) {
     const double tg_us = tg == tinygemm.end() ? 0.0 : tg->second;
     // The fastest group-128 kernel at this m (the one the model's load-time timing would pick).
     double best_g128_us = 0.0;
-    for (const double us : {r.g128_us, r.g128_tc_us, r.g128_staged_us, r.g128_tc32_us, r.g128_tc64_us,
-                            r.g128_mma_us, r.g128_deq_us})
+    for (const double us :
+         {r.g128_us, r.g128_tc_us, r.g128_staged_us, r.g128_tc32_us, r.g128_tc64_us, r.g128_mma_us,
+          r.g128_deq_us, r.g128_tiles_tc_us, r.g128_tiles_tc32_us, r.g128_tiles_tc64_us, r.g128_tiles_deq_us})
       if (us > 0 && (best_g128_us == 0.0 || us < best_g128_us)) best_g128_us = us;
     nlohmann::json row{{"k", r.shape.k},
                        {"n_out", r.shape.n_out},
@@ -598,6 +604,17 @@ int run_kernels(const Args& a) {
     if (r.g128_tc_loads_us > 0) {
       row["g128_tc_loads_only_us"] = r.g128_tc_loads_us;
       row["g128_tc_compute_only_us"] = r.g128_tc_compute_us;
+    }
+    if (r.g128_tiles_tc64_us > 0) {  // timed at every m where the rows' kernels are
+      nlohmann::json tiles{{"tc64_us", r.g128_tiles_tc64_us}};
+      if (r.g128_tiles_tc_us > 0) {
+        tiles["tc_us"] = r.g128_tiles_tc_us;
+        tiles["tc_shape"] = r.g128_tiles_tc_shape;
+        tiles["loads_only_us"] = r.g128_tiles_loads_us;
+      }
+      if (r.g128_tiles_tc32_us > 0) tiles["tc32_us"] = r.g128_tiles_tc32_us;
+      if (r.g128_tiles_deq_us > 0) tiles["dequant_cublas_us"] = r.g128_tiles_deq_us;
+      row["g128_tiles"] = tiles;
     }
     if (r.g128_deq_us > 0) {
       row["w4a16_g128_dequant_cublas_us"] = r.g128_deq_us;
@@ -669,6 +686,38 @@ int run_kernels(const Args& a) {
                   100.0 * r.g128_bytes / (r.g128_tc_loads_us * 1e-6) / 1e9 / result.copy_gbps,
                   r.g128_tc_compute_us, 100.0 * r.g128_tc_compute_us / r.g128_tc_us);
     }
+    // The tensor-core kernels on rows and on tiles (kernels/int4_tiles.hpp), side by side: the same
+    // arithmetic, so any difference is the layout's.
+    std::printf(
+        "\nTensor-core kernels on rows and on tiles, us (%%copy of the group-128 bytes): tc = the GEMV "
+        "(rows: 256 threads; tiles: the fastest of 256 threads, 512 threads, 2 blocks an SM), tc32 = two m16 "
+        "tiles, tc64 = 64-row slabs, deq = dequant + cuBLAS, loads = the 256-thread GEMV's loads-only "
+        "probe\n");
+    std::printf("%-12s %4s | %15s %15s | %15s %15s | %15s %15s | %15s %15s | %15s %15s | %8s\n", "k x n_out",
+                "m", "tc rows", "tc tiles", "tc32 rows", "tc32 tiles", "tc64 rows", "tc64 tiles", "deq rows",
+                "deq tiles", "loads rows", "loads tiles", "tc shape");
+    for (const auto& r : result.rows) {
+      if (!(r.g128_tiles_tc64_us > 0)) continue;
+      char shape[32];
+      std::snprintf(shape, sizeof shape, "%lldx%lld", static_cast<long long>(r.shape.k),
+                    static_cast<long long>(r.shape.n_out));
+      std::printf("%-12s %4lld |", shape, static_cast<long long>(r.m));
+      const auto cell = [&](double us) {
+        if (us > 0)
+          std::printf(" %8.1f (%3.0f%%)", us, 100.0 * r.g128_bytes / (us * 1e-6) / 1e9 / result.copy_gbps);
+        else
+          std::printf(" %15s", "-");
+      };
+      for (const auto& [on_rows, on_tiles] :
+           {std::pair{r.g128_tc_us, r.g128_tiles_tc_us}, std::pair{r.g128_tc32_us, r.g128_tiles_tc32_us},
+            std::pair{r.g128_tc64_us, r.g128_tiles_tc64_us}, std::pair{r.g128_deq_us, r.g128_tiles_deq_us},
+            std::pair{r.g128_tc_loads_us, r.g128_tiles_loads_us}}) {
+        cell(on_rows);
+        cell(on_tiles);
+        std::printf(" |");
+      }
+      std::printf(" %8s\n", r.g128_tiles_tc_shape);
+    }
   }
   if (a.json) {
     std::cout
@@ -684,7 +733,8 @@ int run_kernels(const Args& a) {
         "(w4a16_gemv_int4_groups_mma, m <= 16); staged = the same weights on the staged GEMV (m = 1; "
         "w4a16_gemv_int4_groups_staged: scale factored out, fp32 activations in shared memory); tc32 = the "
         "tensor-core GEMV on two m16 tiles (m <= 32); tc64 = the tensor-core GEMM on 64-row slabs "
-        "(w4a16_gemm_int4_groups_mma_64rows, any m); mma = the "
+        "(w4a16_gemm_int4_groups_mma_64rows, any m); best also counts the tensor-core kernels on tiles "
+        "(table above); mma = the "
         "same weights on the mma.sync GEMM (m > 32); deq = the same weights dequantized to fp16 in 64 MiB "
         "chunks for cuBLAS (m >= 17; "
         "w4a16_int4_groups_dequant_cublas). best = the fastest of the group-128 kernels at that m (what the "
@@ -733,6 +783,9 @@ Runner add_bench_gpu(CLI::App& app) {
       app, a->int4_kernels,
       "With --model: how group-wise INT4 matrices pick their kernels: measured (timed at load, "
       "the default), cuda-cores or tensor-cores");
+  add_int4_layout_option(app, a->int4_layout,
+                         "With --model: group-wise INT4 matrices as rows (the default) or repacked into the "
+                         "tensor-core kernels' tiles");
   return [a]() { return run(*a); };
 }
 

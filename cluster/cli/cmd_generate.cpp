@@ -30,6 +30,7 @@ struct GenerateArgs {
   bool json = false;
   std::string device = "cpu";
   worker::Int4Kernels int4_kernels = worker::Int4Kernels::measured;
+  worker::Int4Layout int4_layout = worker::Int4Layout::rows;
 };
 
 }  // namespace
@@ -61,6 +62,10 @@ Runner add_generate(CLI::App& app) {
       "With --device cuda: how group-wise INT4 matrices pick their kernels: measured (timed at "
       "load, the default), cuda-cores or tensor-cores (fixed: the same kernels as a `nibble "
       "serve` job with the same int4_kernels)");
+  add_int4_layout_option(
+      app, a->int4_layout,
+      "With --device cuda: group-wise INT4 matrices as rows (the default) or repacked into "
+      "the tensor-core kernels' tiles (refused with --int4-kernels cuda-cores)");
 
   return [a]() {
     const bool cuda = a->device == "cuda";
@@ -89,6 +94,7 @@ Runner add_generate(CLI::App& app) {
     if (cuda) {
       worker::CudaModelOptions gpu_options;
       gpu_options.int4_kernels = a->int4_kernels;
+      gpu_options.int4_layout = a->int4_layout;
       gpu = std::make_unique<worker::CudaLlamaModel>(s.checkpoint, gpu_options);
       gpu_cache = std::make_unique<worker::CudaKvCache>(gpu->config(), worker::Generator::blocks_for(context),
                                                         worker::Generator::kBlockSize);

@@ -128,6 +128,10 @@ worker::Int4Kernels worker_int4_kernels(cluster::Int4KernelChoice choice) {
   return worker::Int4Kernels::measured;
 }
 
+worker::Int4Layout worker_int4_layout(cluster::Int4LayoutChoice choice) {
+  return choice == cluster::Int4LayoutChoice::tiles ? worker::Int4Layout::tiles : worker::Int4Layout::rows;
+}
+
 extern "C" void on_terminate(int) { cluster::Coordinator::request_abort(); }
 
 int serve(const std::string& config_path) {
@@ -277,6 +281,7 @@ int serve(const std::string& config_path) {
           worker::CudaModelOptions options;
           options.device = device;
           options.int4_kernels = worker_int4_kernels(config.int4_kernels);
+          options.int4_layout = worker_int4_layout(config.int4_layout);
           options.graphs = true;  // used only without a reducer (see CudaModelOptions)
           gpu_model = std::make_unique<worker::CudaLlamaModel>(file, options, shard, reducer.get(), range);
         } else {
@@ -291,6 +296,7 @@ int serve(const std::string& config_path) {
             worker::CudaModelOptions options;
             options.device = device;
             options.int4_kernels = worker_int4_kernels(config.int4_kernels);
+            options.int4_layout = worker_int4_layout(config.int4_layout);
             options.graphs = true;
             gpu_draft = std::make_unique<worker::CudaLlamaModel>(
                 model::LlamaCheckpoint::open(config.draft->path), options);

@@ -31,6 +31,8 @@ int default_threads();
 
 // --int4-kernels (bench-gpu, generate): measured, cuda-cores or tensor-cores (worker::Int4Kernels).
 void add_int4_kernels_option(CLI::App& app, worker::Int4Kernels& value, const std::string& what);
+// --int4-layout (bench-gpu, generate): rows or tiles (worker::Int4Layout).
+void add_int4_layout_option(CLI::App& app, worker::Int4Layout& value, const std::string& what);
 
 // --tokens: "1 2 3" or "1,2,3" -> ids; anything else (or no ids) is a usage error.
 std::vector<int32_t> parse_token_list(const std::string& text);

@@ -19,6 +19,12 @@ void add_int4_kernels_option(CLI::App& app, worker::Int4Kernels& value, const st
                                                      {"tensor-cores", worker::Int4Kernels::tensor_cores}}));
 }
 
+void add_int4_layout_option(CLI::App& app, worker::Int4Layout& value, const std::string& what) {
+  app.add_option("--int4-layout", value, what)
+      ->transform(CLI::CheckedTransformer(std::map<std::string, worker::Int4Layout>{
+          {"rows", worker::Int4Layout::rows}, {"tiles", worker::Int4Layout::tiles}}));
+}
+
 int default_threads() {
   const unsigned n = std::thread::hardware_concurrency();
   return n == 0 ? 1 : static_cast<int>(n);

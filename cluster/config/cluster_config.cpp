@@ -251,6 +251,16 @@ ClusterConfig build_config(const Reader& reader, const Section& top, const std::
     config.int4_kernels =
         static_cast<Int4KernelChoice>(reader.choice(*e, {"measured", "cuda_cores", "tensor_cores"}));
   }
+  if (const Entry* e = top.find("int4_layout")) {
+    config.int4_layout = static_cast<Int4LayoutChoice>(reader.choice(*e, {"rows", "tiles"}));
+    if (config.int4_layout == Int4LayoutChoice::tiles &&
+        config.int4_kernels == Int4KernelChoice::cuda_cores) {
+      reader.fail(
+          e->path, e->line,
+          "tiles cannot be read by int4_kernels: cuda_cores (only the tensor-core kernels read tiles); "
+          "use rows, or int4_kernels: measured or tensor_cores");
+    }
+  }
 
   if (const Entry* e = top.find("threads")) {
     const bool automatic = e->value.IsScalar() && e->value.Scalar() == "auto";
@@ -359,6 +369,10 @@ const char* int4_kernel_choice_name(Int4KernelChoice choice) {
   return "measured";
 }
 
+const char* int4_layout_choice_name(Int4LayoutChoice choice) {
+  return choice == Int4LayoutChoice::tiles ? "tiles" : "rows";
+}
+
 const char* draft_placement_name(DraftPlacement placement) {
   return placement == DraftPlacement::own_rank ? "own_rank" : "last_stage";
 }
@@ -370,9 +384,9 @@ int ClusterConfig::worker_threads(int host_cores, int workers_on_host) const {
 
 bool ClusterConfig::operator==(const ClusterConfig& other) const {
   return model == other.model && draft == other.draft && parallel == other.parallel &&
-         device == other.device && int4_kernels == other.int4_kernels && threads == other.threads &&
-         server == other.server && scheduler == other.scheduler && kv_cache == other.kv_cache &&
-         context == other.context;
+         device == other.device && int4_kernels == other.int4_kernels && int4_layout == other.int4_layout &&
+         threads == other.threads && server == other.server && scheduler == other.scheduler &&
+         kv_cache == other.kv_cache && context == other.context;
 }
 
 ClusterConfig parse_cluster_config(const std::string& yaml_text, const std::string& source_name) {
@@ -397,9 +411,9 @@ ClusterConfig parse_cluster_config(const std::string& yaml_text, const std::stri
   if (!root.IsMap())
     reader.fail("", line_of(root), "expected a mapping of keys at the top level, got " + describe(root));
 
-  const Section top =
-      reader.section(Entry{"", 1, root}, {"model", "draft", "parallel", "device", "int4_kernels", "threads",
-                                          "server", "scheduler", "kv_cache", "context"});
+  const Section top = reader.section(
+      Entry{"", 1, root}, {"model", "draft", "parallel", "device", "int4_kernels", "int4_layout", "threads",
+                           "server", "scheduler", "kv_cache", "context"});
   return build_config(reader, top, source_name);
 }
 
@@ -445,6 +459,7 @@ std::string render_cluster_config(const ClusterConfig& config) {
   out << YAML::EndMap;
   out << YAML::Key << "device" << YAML::Value << device_name(config.device);
   out << YAML::Key << "int4_kernels" << YAML::Value << int4_kernel_choice_name(config.int4_kernels);
+  out << YAML::Key << "int4_layout" << YAML::Value << int4_layout_choice_name(config.int4_layout);
   out << YAML::Key << "threads" << YAML::Value;
   if (config.threads > 0) {
     out << config.threads;

@@ -20,6 +20,7 @@
 //     micro_batches: <pipeline>  # micro-batches in flight through the pipeline, >= 1
 //   device: cpu                  # cpu | cuda (workers on GPU local rank % GPUs; CUDA builds only)
 //   int4_kernels: measured       # device: cuda: measured | cuda_cores | tensor_cores (Int4KernelChoice)
+//   int4_layout: rows            # device: cuda: rows | tiles (Int4LayoutChoice; tiles refuse cuda_cores)
 //   threads: auto                # CPU threads per worker: an integer >= 1, or auto
 //   server:
 //     listen: "tcp://127.0.0.1:5555"  # client ROUTER endpoint, tcp:// or ipc://
@@ -75,9 +76,14 @@ enum class DraftPlacement {
 // the choice, so that every process of a job, and `nibble generate --int4-kernels` with the same
 // value, computes each product with the same kernels (bit-identical runs across processes).
 enum class Int4KernelChoice { measured, cuda_cores, tensor_cores };
+// How a GPU worker lays out group-wise INT4 matrices (worker::Int4Layout): rows as loaded, or tiles,
+// repacked at load into the tensor-core kernels' chunks (which the CUDA-core kernels cannot read, so
+// int4_kernels: cuda_cores with tiles is a config error).
+enum class Int4LayoutChoice { rows, tiles };
 
 const char* device_name(Device device);
 const char* int4_kernel_choice_name(Int4KernelChoice choice);
+const char* int4_layout_choice_name(Int4LayoutChoice choice);
 const char* draft_placement_name(DraftPlacement placement);
 
 struct ModelConfig {
@@ -142,6 +148,7 @@ struct ClusterConfig {
   ParallelConfig parallel;
   Device device = Device::cpu;
   Int4KernelChoice int4_kernels = Int4KernelChoice::measured;
+  Int4LayoutChoice int4_layout = Int4LayoutChoice::rows;
   int threads = 0;  // 0 = auto; see worker_threads()
   ServerConfig server;
   SchedulerSettings scheduler;

@@ -8,11 +8,13 @@
 #include <stdexcept>
 
 #include "kernels/cuda/event_timer.cuh"
+#include "kernels/cuda/int4_tiles.cuh"
 #include "kernels/cuda/matmul_bench.cuh"
 #include "kernels/cuda/w4a16_gemm.cuh"
 #include "kernels/cuda/w4a16_gemv.cuh"
 #include "kernels/cuda/w4a16_gemv_mma.cuh"
 #include "kernels/cuda/w4a16_tuning.cuh"
+#include "kernels/int4_tiles.hpp"
 #include "kernels/quant_types.hpp"
 
 namespace nibble::kernels::cuda {
@@ -169,7 +171,9 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
   std::vector<double> g128(ms.size(), 0.0), g128_mma(ms.size(), 0.0), g128_tc(ms.size(), 0.0),
       g128_staged(ms.size(), 0.0), g128_tc32(ms.size(), 0.0), g128_tc64(ms.size(), 0.0),
       g128_tc_loads(ms.size(), 0.0), g128_tc_compute(ms.size(), 0.0), g128_deq(ms.size(), 0.0),
-      q4k(ms.size(), 0.0), q4k_tc(ms.size(), 0.0);
+      tiles_tc(ms.size(), 0.0), tiles_tc32(ms.size(), 0.0), tiles_tc64(ms.size(), 0.0),
+      tiles_deq(ms.size(), 0.0), tiles_loads(ms.size(), 0.0), q4k(ms.size(), 0.0), q4k_tc(ms.size(), 0.0);
+  std::vector<const char*> tiles_tc_shape(ms.size(), "");
   const size_t g128_quant_bytes = static_cast<size_t>(n * k / 2);
   const size_t g128_groups = static_cast<size_t>(n * (k / 128));
   // nibbles, then scales, then zeros, each 16-byte aligned (as CudaLlamaModel stores them)
@@ -233,6 +237,58 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
             base + g128_quant_bytes + g128_groups * 2, 128, n, k, xh, m, static_cast<float*>(y.ptr), stream);
         if (st != Status::ok) throw BenchFailure(std::string("dequant + cuBLAS failed: ") + status_name(st));
       });
+    }
+    // The same weights repacked into tiles (one tiled copy per row-major copy, made on the device).
+    const auto tiles_bytes = static_cast<size_t>(int4_tiles_bytes(n, k, 128));
+    DeviceMemory tiles(tiles_bytes * copies);
+    for (int c = 0; c < copies; ++c) {
+      const uint8_t* base = static_cast<const uint8_t*>(w.ptr) + g128_stride * c;
+      const Status st =
+          int4_tiles_from_groups(base, reinterpret_cast<const uint16_t*>(base + g128_quant_bytes),
+                                 base + g128_quant_bytes + g128_groups * 2, n, k, 128,
+                                 static_cast<uint8_t*>(tiles.ptr) + tiles_bytes * c, stream);
+      if (st != Status::ok)
+        throw BenchFailure(std::string("int4_tiles_from_groups failed: ") + status_name(st));
+    }
+    const auto time_tiles = [&](Int4Kernel kernel, int64_t m, const char* what) {
+      return time_us(stream, iterations, repetitions, [&](int i) {
+        const uint8_t* t =
+            static_cast<const uint8_t*>(tiles.ptr) + tiles_bytes * static_cast<size_t>(i % copies);
+        const Status st = launch_int4_kernel(kernel, &context, t, nullptr, nullptr, 128, n, k, xh, m,
+                                             static_cast<float*>(y.ptr), stream, false, Int4Layout::tiles);
+        if (st != Status::ok) throw BenchFailure(std::string(what) + " failed: " + status_name(st));
+      });
+    };
+    for (size_t mi = 0; mi < ms.size(); ++mi) {
+      const int64_t m = ms[mi];
+      if (m <= kW4A16GemvMmaMaxM) {
+        const std::pair<Int4Kernel, const char*> shapes[] = {
+            {Int4Kernel::gemv_tensor_cores, "256 thr"},
+            {Int4Kernel::gemv_tensor_cores_512, "512 thr"},
+            {Int4Kernel::gemv_tensor_cores_2bps, "2 blk/SM"}};
+        for (const auto& [kernel, shape] : shapes) {
+          const double us = time_tiles(kernel, m, "W4A16 tensor-core GEMV on tiles");
+          if (tiles_tc[mi] == 0.0 || us < tiles_tc[mi]) {
+            tiles_tc[mi] = us;
+            tiles_tc_shape[mi] = shape;
+          }
+        }
+        tiles_loads[mi] = time_us(stream, iterations, repetitions, [&](int i) {
+          const uint8_t* t =
+              static_cast<const uint8_t*>(tiles.ptr) + tiles_bytes * static_cast<size_t>(i % copies);
+          const Status st =
+              w4a16_gemv_int4_groups_mma_probe(GemvMmaProbe::tiles_loads_only, t, nullptr, nullptr, 128, n, k,
+                                               xh, m, static_cast<float*>(y.ptr), stream);
+          if (st != Status::ok)
+            throw BenchFailure(std::string("tiled loads-only probe failed: ") + status_name(st));
+        });
+      }
+      if (m <= kW4A16GemvMma32RowsMaxM)
+        tiles_tc32[mi] =
+            time_tiles(Int4Kernel::gemv_tensor_cores_32rows, m, "W4A16 tensor-core GEMV 32 rows on tiles");
+      tiles_tc64[mi] =
+          time_tiles(Int4Kernel::gemm_tensor_cores_64rows, m, "W4A16 tensor-core GEMM 64 rows on tiles");
+      if (m >= 17) tiles_deq[mi] = time_tiles(Int4Kernel::dequant_cublas, m, "dequant + cuBLAS on tiles");
     }
   }
   const size_t q4k_bytes = static_cast<size_t>(n * (k / kQK_K)) * sizeof(BlockQ4_K);
@@ -299,6 +355,12 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
     row.g128_tc_loads_us = g128_tc_loads[mi];
     row.g128_tc_compute_us = g128_tc_compute[mi];
     row.g128_deq_us = g128_deq[mi];
+    row.g128_tiles_tc_us = tiles_tc[mi];
+    row.g128_tiles_tc_shape = tiles_tc_shape[mi];
+    row.g128_tiles_tc32_us = tiles_tc32[mi];
+    row.g128_tiles_tc64_us = tiles_tc64[mi];
+    row.g128_tiles_deq_us = tiles_deq[mi];
+    row.g128_tiles_loads_us = tiles_loads[mi];
     row.q4k_us = q4k[mi];
     row.q4k_tc_us = q4k_tc[mi];
     row.g128_bytes = static_cast<double>(g128_bytes) + 2.0 * ms[mi] * k + 4.0 * ms[mi] * n;

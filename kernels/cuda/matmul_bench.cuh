@@ -34,6 +34,13 @@ struct MatmulBenchRow {
   // The tensor-core GEMV cut in two (w4a16_gemv_int4_groups_mma_probe, m <= 16): its weight stream
   // alone and its dequantize-and-mma work alone.
   double g128_tc_loads_us = 0.0, g128_tc_compute_us = 0.0;
+  // The tensor-core kernels on the same weights repacked into their chunks (kernels/int4_tiles.hpp):
+  // the fastest of the three GEMV shapes (m <= 16; tiles_tc_shape says which), the two-tile GEMV
+  // (m <= 32), the 64-row GEMM, dequant + cuBLAS from tiles (m >= 17), and the tiled loads-only probe.
+  double g128_tiles_tc_us = 0.0;
+  const char* g128_tiles_tc_shape = "";
+  double g128_tiles_tc32_us = 0.0, g128_tiles_tc64_us = 0.0, g128_tiles_deq_us = 0.0;
+  double g128_tiles_loads_us = 0.0;
   double g128_deq_us =
       0.0;                 // the same dequantized to fp16 in chunks for cuBLAS (m >= 17 only; 64 MiB scratch)
   double q4k_us = 0.0;     // GGUF Q4_K as stored (w4a16_*_q4_k); 0: k % 256 != 0

@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "kernels/cuda/w4a16_dequant_cublas.cuh"
+#include "kernels/int4_tiles.hpp"
 
 namespace nibble::kernels::cuda {
 namespace {
@@ -18,18 +19,37 @@ bool valid_shape(const uint8_t* quants, const __half* scales, const uint8_t* zer
 }
 
 // One thread per 32-input run: its 16 nibble bytes in one load, 32 halves out in four 16-byte stores.
+// Tiles: quants are the chunks (kernels/int4_tiles.hpp), scales and zeros unused.
+template <bool Tiles>
 __global__ void __launch_bounds__(kThreads)
-    dequantize_int4_groups_f16_kernel(const uint8_t* __restrict__ quants, const __half* __restrict__ scales,
-                                      const uint8_t* __restrict__ zeros, int64_t group, int64_t k,
-                                      int64_t row_begin, int64_t runs, __half* __restrict__ out) {
+    dequantize_int4_f16_kernel(const uint8_t* __restrict__ quants, const __half* __restrict__ scales,
+                               const uint8_t* __restrict__ zeros, int64_t group, int64_t k, int64_t row_begin,
+                               int64_t runs, __half* __restrict__ out) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (i >= runs) return;
   const int64_t runs_per_row = k / kRun;
   const int64_t row = row_begin + i / runs_per_row, run = i % runs_per_row;
-  const int64_t g = row * (k / group) + run * kRun / group;
-  const float scale = __half2float(scales[g]);
-  const int zero = zeros[g];
-  const uint4 q = __ldg(reinterpret_cast<const uint4*>(quants + row * (k / 2) + run * (kRun / 2)));
+  float scale;
+  int zero;
+  const uint8_t* nibbles;
+  if constexpr (Tiles) {
+    const int64_t groups_per_stage = kInt4TileInputs / group;
+    const int64_t stages = (k + kInt4TileInputs - 1) / kInt4TileInputs;
+    const int64_t r = row % kInt4TileRows, s = run / 8, u = run % 8;
+    const uint8_t* chunk = quants + ((row / kInt4TileRows) * stages + s) *
+                                        (kInt4TileNibbleBytes + kInt4TileRows * groups_per_stage * 4);
+    nibbles = chunk + r * 128 + u * 16;
+    const uint32_t pair = *reinterpret_cast<const uint32_t*>(chunk + kInt4TileNibbleBytes +
+                                                             (r * groups_per_stage + u * kRun / group) * 4);
+    scale = __half2float(__ushort_as_half(static_cast<unsigned short>(pair & 0xFFFF)));
+    zero = static_cast<int>(pair >> 16) - 0x6400;
+  } else {
+    const int64_t g = row * (k / group) + run * kRun / group;
+    scale = __half2float(scales[g]);
+    zero = zeros[g];
+    nibbles = quants + row * (k / 2) + run * (kRun / 2);
+  }
+  const uint4 q = __ldg(reinterpret_cast<const uint4*>(nibbles));
   const uint32_t words[4] = {q.x, q.y, q.z, q.w};
   // Input j in the low nibble of byte j, input j + 16 in its high nibble (int4_groups.hpp). The
   // product of a level in -15..15 and an fp16 scale is exact in fp32, so this rounds once, to fp16.
@@ -46,36 +66,29 @@ __global__ void __launch_bounds__(kThreads)
   for (int p = 0; p < 4; ++p) dst[p] = src[p];
 }
 
-}  // namespace
-
-Status dequantize_int4_groups_f16(const uint8_t* quants, const __half* scales, const uint8_t* zeros,
-                                  int64_t group, int64_t n_out, int64_t k, int64_t row_begin, int64_t rows,
-                                  __half* out, cudaStream_t stream) {
-  if (!valid_shape(quants, scales, zeros, group, n_out, k) || out == nullptr ||
-      reinterpret_cast<uintptr_t>(out) % 16 != 0 || row_begin < 0 || rows < 0 || row_begin + rows > n_out)
-    return Status::invalid_argument;
+template <bool Tiles>
+Status launch_dequantize(const uint8_t* quants, const __half* scales, const uint8_t* zeros, int64_t group,
+                         int64_t k, int64_t row_begin, int64_t rows, __half* out, cudaStream_t stream) {
   if (rows == 0) return Status::ok;
   const int64_t runs = rows * (k / kRun);
   const int64_t blocks = (runs + kThreads - 1) / kThreads;
   if (blocks > INT32_MAX) return Status::invalid_argument;
-  dequantize_int4_groups_f16_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+  dequantize_int4_f16_kernel<Tiles><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
       quants, scales, zeros, group, k, row_begin, runs, out);
   return cudaGetLastError() == cudaSuccess ? Status::ok : Status::device_error;
 }
 
-int64_t int4_cublas_chunk_rows(const Int4CublasContext& context, int64_t n_out, int64_t k) {
-  if (k <= 0 || context.scratch_halves < k) return 0;
-  int64_t rows = context.scratch_halves / k;
-  if (rows >= 128) rows = rows / 128 * 128;
-  return std::min(rows, std::max<int64_t>(n_out, 1));
+bool valid_tiles(const uint8_t* tiles, int64_t group, int64_t n_out, int64_t k) {
+  return tiles != nullptr && n_out >= 0 && k > 0 && (group == 32 || group == 64 || group == 128) &&
+         k % group == 0 && reinterpret_cast<uintptr_t>(tiles) % 16 == 0;
 }
 
-Status w4a16_int4_groups_dequant_cublas(const Int4CublasContext& context, const uint8_t* quants,
-                                        const __half* scales, const uint8_t* zeros, int64_t group,
-                                        int64_t n_out, int64_t k, const __half* x, int64_t m, float* y,
-                                        cudaStream_t stream) {
-  if (!valid_shape(quants, scales, zeros, group, n_out, k) || x == nullptr || y == nullptr || m < 1 ||
-      reinterpret_cast<uintptr_t>(x) % 16 != 0 || context.cublas == nullptr || context.scratch == nullptr ||
+// Per chunk of the scratch's rows: dequantize(r0, rows) into the scratch, then cublasGemmEx.
+template <typename Dequantize>
+Status dequant_cublas(const Int4CublasContext& context, int64_t n_out, int64_t k, const __half* x, int64_t m,
+                      float* y, cudaStream_t stream, Dequantize&& dequantize) {
+  if (x == nullptr || y == nullptr || m < 1 || reinterpret_cast<uintptr_t>(x) % 16 != 0 ||
+      context.cublas == nullptr || context.scratch == nullptr ||
       reinterpret_cast<uintptr_t>(context.scratch) % 16 != 0)
     return Status::invalid_argument;
   const int64_t chunk = int4_cublas_chunk_rows(context, n_out, k);
@@ -90,8 +103,7 @@ Status w4a16_int4_groups_dequant_cublas(const Int4CublasContext& context, const 
   const float one = 1.0f, zero = 0.0f;
   for (int64_t r0 = 0; r0 < n_out; r0 += chunk) {
     const int64_t rows = std::min(chunk, n_out - r0);
-    const Status st =
-        dequantize_int4_groups_f16(quants, scales, zeros, group, n_out, k, r0, rows, context.scratch, stream);
+    const Status st = dequantize(r0, rows);
     if (st != Status::ok) return st;
     // Column-major view: the chunk [rows, k] row-major is its transpose with ld k; x [m, k] row-major
     // is column-major [k, m]; y's columns r0 .. r0 + rows - 1 are rows of a column-major [n_out, m]
@@ -103,6 +115,52 @@ Status w4a16_int4_groups_dequant_cublas(const Int4CublasContext& context, const 
       return Status::device_error;
   }
   return Status::ok;
+}
+
+}  // namespace
+
+Status dequantize_int4_groups_f16(const uint8_t* quants, const __half* scales, const uint8_t* zeros,
+                                  int64_t group, int64_t n_out, int64_t k, int64_t row_begin, int64_t rows,
+                                  __half* out, cudaStream_t stream) {
+  if (!valid_shape(quants, scales, zeros, group, n_out, k) || out == nullptr ||
+      reinterpret_cast<uintptr_t>(out) % 16 != 0 || row_begin < 0 || rows < 0 || row_begin + rows > n_out)
+    return Status::invalid_argument;
+  return launch_dequantize<false>(quants, scales, zeros, group, k, row_begin, rows, out, stream);
+}
+
+Status dequantize_int4_tiles_f16(const uint8_t* tiles, int64_t group, int64_t n_out, int64_t k,
+                                 int64_t row_begin, int64_t rows, __half* out, cudaStream_t stream) {
+  if (!valid_tiles(tiles, group, n_out, k) || out == nullptr || reinterpret_cast<uintptr_t>(out) % 16 != 0 ||
+      row_begin < 0 || rows < 0 || row_begin + rows > n_out)
+    return Status::invalid_argument;
+  return launch_dequantize<true>(tiles, nullptr, nullptr, group, k, row_begin, rows, out, stream);
+}
+
+int64_t int4_cublas_chunk_rows(const Int4CublasContext& context, int64_t n_out, int64_t k) {
+  if (k <= 0 || context.scratch_halves < k) return 0;
+  int64_t rows = context.scratch_halves / k;
+  if (rows >= 128) rows = rows / 128 * 128;
+  return std::min(rows, std::max<int64_t>(n_out, 1));
+}
+
+Status w4a16_int4_groups_dequant_cublas(const Int4CublasContext& context, const uint8_t* quants,
+                                        const __half* scales, const uint8_t* zeros, int64_t group,
+                                        int64_t n_out, int64_t k, const __half* x, int64_t m, float* y,
+                                        cudaStream_t stream) {
+  if (!valid_shape(quants, scales, zeros, group, n_out, k)) return Status::invalid_argument;
+  return dequant_cublas(context, n_out, k, x, m, y, stream, [&](int64_t r0, int64_t rows) {
+    return dequantize_int4_groups_f16(quants, scales, zeros, group, n_out, k, r0, rows, context.scratch,
+                                      stream);
+  });
+}
+
+Status w4a16_int4_tiles_dequant_cublas(const Int4CublasContext& context, const uint8_t* tiles, int64_t group,
+                                       int64_t n_out, int64_t k, const __half* x, int64_t m, float* y,
+                                       cudaStream_t stream) {
+  if (!valid_tiles(tiles, group, n_out, k)) return Status::invalid_argument;
+  return dequant_cublas(context, n_out, k, x, m, y, stream, [&](int64_t r0, int64_t rows) {
+    return dequantize_int4_tiles_f16(tiles, group, n_out, k, r0, rows, context.scratch, stream);
+  });
 }
 
 }  // namespace nibble::kernels::cuda

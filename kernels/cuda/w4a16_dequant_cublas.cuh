@@ -54,4 +54,13 @@ Status w4a16_int4_groups_dequant_cublas(const Int4CublasContext& context, const 
                                         int64_t n_out, int64_t k, const __half* x, int64_t m, float* y,
                                         cudaStream_t stream);
 
+// The same two on group-wise INT4 in the tensor-core GEMV's chunks (kernels/int4_tiles.hpp): the
+// same halves out, so the same products. tiles: [int4_tiles_bytes(n_out, k, group)] bytes, 16-byte
+// aligned; the rest as above.
+Status dequantize_int4_tiles_f16(const uint8_t* tiles, int64_t group, int64_t n_out, int64_t k,
+                                 int64_t row_begin, int64_t rows, __half* out, cudaStream_t stream);
+Status w4a16_int4_tiles_dequant_cublas(const Int4CublasContext& context, const uint8_t* tiles, int64_t group,
+                                       int64_t n_out, int64_t k, const __half* x, int64_t m, float* y,
+                                       cudaStream_t stream);
+
 }  // namespace nibble::kernels::cuda

@@ -34,6 +34,7 @@
 #include "kernels/cuda/mma.cuh"
 #include "kernels/cuda/w4a16_gemv_mma.cuh"
 #include "kernels/cuda/w4a16_weights.cuh"
+#include "kernels/int4_tiles.hpp"
 #include "kernels/quant_types.hpp"
 
 namespace nibble::kernels::cuda {
@@ -64,7 +65,9 @@ constexpr int kProbeNone = 0, kProbeLoadsOnly = 1, kProbeComputeOnly = 2;
 // Format: the weights' layout. Group-wise INT4 (kernels/int4_groups.hpp), or GGUF Q4_K super-blocks
 // as stored: a stage of 256 inputs is one super-block a row, whose 128 qs bytes are staged as they
 // are (16 bytes into the 144-byte block) and whose header gives the stage's 8 (scale, min) pairs.
-constexpr int kFormatInt4Groups = 0, kFormatQ4K = 1;
+// Or group-wise INT4 in the kernel's own chunks (kernels/int4_tiles.hpp): a block's stage is one
+// contiguous chunk, its (scale, zero) pairs packed at the end, all of it copied with cp.async.
+constexpr int kFormatInt4Groups = 0, kFormatQ4K = 1, kFormatInt4Tiles = 2;
 template <int MTiles, int WarpsN, int WarpsK, int Stages, int BlocksPerSm, int Probe = kProbeNone,
           int Format = kFormatInt4Groups>
 struct GemvMmaConfig {
@@ -125,6 +128,14 @@ using GemmMma64Rows = GemvMmaConfig<4, 4, 2, 3, 1>;
 using GemvMmaQ4K = GemvMmaConfig<1, 2, 4, 4, 1, kProbeNone, kFormatQ4K>;
 using GemvMma32RowsQ4K = GemvMmaConfig<2, 2, 4, 4, 1, kProbeNone, kFormatQ4K>;
 using GemmMma64RowsQ4K = GemvMmaConfig<4, 4, 2, 3, 1, kProbeNone, kFormatQ4K>;
+// And on tiled INT4 (w4a16_gemv_int4_tiles_mma, _512, _2bps, _32rows, w4a16_gemm_int4_tiles_mma_64rows),
+// with the tiled loads-only probe.
+using GemvMma256Tiles = GemvMmaConfig<1, 2, 4, 4, 1, kProbeNone, kFormatInt4Tiles>;
+using GemvMma512Tiles = GemvMmaConfig<1, 2, 8, 4, 1, kProbeNone, kFormatInt4Tiles>;
+using GemvMma2SmTiles = GemvMmaConfig<1, 2, 4, 3, 2, kProbeNone, kFormatInt4Tiles>;
+using GemvMma32RowsTiles = GemvMmaConfig<2, 2, 4, 4, 1, kProbeNone, kFormatInt4Tiles>;
+using GemmMma64RowsTiles = GemvMmaConfig<4, 4, 2, 3, 1, kProbeNone, kFormatInt4Tiles>;
+using GemvMmaLoadsOnlyTiles = GemvMmaConfig<1, 2, 4, 4, 1, kProbeLoadsOnly, kFormatInt4Tiles>;
 
 // Grid (row slabs, output tiles, splits), clusters of (1, 1, splits): block (slab, tile, split)
 // computes outputs 128 tile .. 128 tile + 127 of activation rows kRows slab .. kRows slab + kRows - 1
@@ -138,6 +149,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kBlocksPerSm)
   constexpr int kThreads = C::kThreads, kTileN = C::kTileN, kWarpsK = C::kWarpsK, kStages = C::kStages;
   constexpr int kMTiles = C::kMTiles, kRows = C::kRows;
   constexpr bool kQ4K = C::kFormat == kFormatQ4K;
+  constexpr bool kTiles = C::kFormat == kFormatInt4Tiles;
   // Bytes between a row's consecutive stages in the source: 128 of nibbles, or a 144-byte Q4_K block.
   constexpr int kSrcStageBytes = kQ4K ? static_cast<int>(sizeof(BlockQ4_K)) : C::kStageUnits * 16;
   static_assert(!kQ4K || (C::kStageUnits * kQK4_0 == kQK_K && C::kStageUnits * 16 + 16 == sizeof(BlockQ4_K)),
@@ -167,6 +179,14 @@ __global__ void __launch_bounds__(C::kThreads, C::kBlocksPerSm)
   const int n_stages = static_cast<int>(min(stage_begin + stages_per_split, stages_total) - stage_begin);
   const int groups_per_stage = kStageUnits >> group_shift;
   const int64_t groups_per_row = units >> group_shift;
+  // Tiles: the chunk of this block's tile and its split's first stage (kernels/int4_tiles.hpp), and
+  // the bytes between a row's stages in the source either way.
+  const int chunk_bytes = kInt4TileNibbleBytes + kTileN * groups_per_stage * 4;
+  const uint8_t* chunk0 =
+      quants + (static_cast<int64_t>(blockIdx.y) * stages_total + stage_begin) * chunk_bytes;
+  const int w_stage_bytes = kTiles ? chunk_bytes : kSrcStageBytes;
+  static_assert(!kTiles || (C::kTileN == kInt4TileRows && kStageInputs == kInt4TileInputs),
+                "a tiled chunk is one block's stage");
 
   // Each thread's share of a stage, as offsets from stage 0 of the split (the loops below only add
   // the stage's offset). Copies: unit tid % 8 of weight rows tid / 8 + 32 i (8 threads read a row's 128
@@ -177,8 +197,10 @@ __global__ void __launch_bounds__(C::kThreads, C::kBlocksPerSm)
 #pragma unroll
   for (int i = 0; i < kWChunks; ++i) {
     const int64_t row = n0 + w_row0 + i * kWRowStep;
-    w_row_ok[i] = row < n_out;
-    if constexpr (kQ4K) {  // units * 18 = the row's Q4_K bytes (144 per 8 units)
+    w_row_ok[i] = kTiles || row < n_out;  // tiles: padded with zero weights
+    if constexpr (kTiles) {               // row w_row0 + i kWRowStep's unit w_unit: 16 tid + 16 kThreads i
+      w_src[i] = chunk0 + (tid + i * kThreads) * 16;
+    } else if constexpr (kQ4K) {  // units * 18 = the row's Q4_K bytes (144 per 8 units)
       w_src[i] =
           w_row_ok[i] ? quants + row * units * 18 + stage_begin * kSrcStageBytes + 16 + w_unit * 16 : quants;
     } else {
@@ -194,12 +216,19 @@ __global__ void __launch_bounds__(C::kThreads, C::kBlocksPerSm)
   // A stage's copies (stage: relative to stage_begin): its weights, then its x rows.
   const auto load_stage_weights = [&](int stage, int slot) {
     uint8_t* slot_base = smem + slot * kSlotBytes;
-    const bool unit_ok = static_cast<int64_t>(stage) * kStageUnits < w_units_left;
+    const bool unit_ok = kTiles || static_cast<int64_t>(stage) * kStageUnits < w_units_left;
 #pragma unroll
     for (int i = 0; i < kWChunks; ++i) {
       const bool valid = w_row_ok[i] && unit_ok;
       cp_async_16(slot_base + w_dst + i * kWRowStep * kWRowBytes,
-                  valid ? w_src[i] + stage * kSrcStageBytes : quants, valid);
+                  valid ? w_src[i] + static_cast<int64_t>(stage) * w_stage_bytes : quants, valid);
+    }
+    if constexpr (kTiles) {  // the chunk's pairs, [128 rows][groups_per_stage], straight through
+      if (tid < kTileN * groups_per_stage / 4) {
+        cp_async_16(slot_base + kWSlotBytes + kXSlotBytes + tid * 16,
+                    chunk0 + static_cast<int64_t>(stage) * chunk_bytes + kInt4TileNibbleBytes + tid * 16,
+                    true);
+      }
     }
   };
   const auto load_stage_x = [&](int stage, int slot) {
@@ -234,8 +263,8 @@ __global__ void __launch_bounds__(C::kThreads, C::kBlocksPerSm)
                                                     (pair_rows_left + pair_row_step - 1) / pair_row_step));
   const int64_t pair_groups_left = groups_per_row - stage_begin * groups_per_stage - pair_group;
   const int64_t pair_at = (n0 + pair_row0) * groups_per_row + stage_begin * groups_per_stage + pair_group;
-  const __half* pair_scales = kQ4K ? nullptr : scales + pair_at;
-  const uint8_t* pair_zeros = kQ4K ? nullptr : zeros + pair_at;
+  const __half* pair_scales = kQ4K || kTiles ? nullptr : scales + pair_at;
+  const uint8_t* pair_zeros = kQ4K || kTiles ? nullptr : zeros + pair_at;
   const int64_t pair_step = static_cast<int64_t>(pair_row_step) * groups_per_row;  // between i and i + 1
   // Q4_K: the header of row pair_row0's super-block of the split's first stage (pair_step rows apart).
   const uint8_t* pair_blocks =
@@ -278,7 +307,9 @@ __global__ void __launch_bounds__(C::kThreads, C::kBlocksPerSm)
   const bool prefetch_ok = tid < (kQ4K ? 1 : 2) * kTileN && prefetch_row < n_out;
   const int64_t prefetch_at = prefetch_row * groups_per_row + stage_begin * groups_per_stage;
   const char* prefetch_base =
-      kQ4K ? reinterpret_cast<const char*>(quants + prefetch_row * units * 18 + stage_begin * kSrcStageBytes)
+      kTiles ? nullptr
+      : kQ4K
+          ? reinterpret_cast<const char*>(quants + prefetch_row * units * 18 + stage_begin * kSrcStageBytes)
       : tid < kTileN ? reinterpret_cast<const char*>(scales + prefetch_at)
                      : reinterpret_cast<const char*>(zeros + prefetch_at);
   const int prefetch_stride = kQ4K           ? kSrcStageBytes
@@ -286,7 +317,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kBlocksPerSm)
                                              : groups_per_stage;  // bytes per stage
   const int64_t groups_left = groups_per_row - stage_begin * groups_per_stage;
   const auto prefetch_pairs = [&](int stage) {
-    if (prefetch_ok && static_cast<int64_t>(stage) * groups_per_stage < groups_left)
+    if (!kTiles && prefetch_ok && static_cast<int64_t>(stage) * groups_per_stage < groups_left)
       prefetch_l2(prefetch_base + stage * prefetch_stride);
   };
 
@@ -307,6 +338,8 @@ __global__ void __launch_bounds__(C::kThreads, C::kBlocksPerSm)
     const uint8_t* base = smem + slot * kSlotBytes;
     const auto* xs = reinterpret_cast<const __half*>(base + kWSlotBytes);
     const auto* pairs = reinterpret_cast<const uint32_t*>(base + kWSlotBytes + kXSlotBytes);
+    // A row's pairs: [row][8] as staged from registers, or [row][groups_per_stage] as a chunk holds them.
+    const int pair_row_stride = kTiles ? groups_per_stage : kMaxGroupsPerStage;
 #pragma unroll
     for (int u = 0; u < kUnitsPerWarp; ++u) {
       const int unit = wk * kUnitsPerWarp + u;
@@ -330,7 +363,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kBlocksPerSm)
         } else {
           const auto* w16 = reinterpret_cast<const uint16_t*>(base + row * kWRowBytes + unit * 16);
           w4a16::int4_unit_b_fragments_packed(w16[t], w16[t + 4],
-                                              pairs[row * kMaxGroupsPerStage + (unit >> group_shift)], b);
+                                              pairs[row * pair_row_stride + (unit >> group_shift)], b);
         }
 #pragma unroll
         for (int i = 0; i < kMTiles; ++i) {
@@ -359,15 +392,17 @@ __global__ void __launch_bounds__(C::kThreads, C::kBlocksPerSm)
   for (int s = 0; s < kStages - 1; ++s)
     if (s < n_stages) load_stage_weights(s, s);
   uint32_t pairs_next[kPairsPerThread];
+  if constexpr (!kTiles) {  // tiles: the pairs came with the weights
 #pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < n_stages) {
-      load_pairs(s, pairs_next);
-      store_pairs(s, pairs_next);
+    for (int s = 0; s < kStages - 1; ++s) {
+      if (s < n_stages) {
+        load_pairs(s, pairs_next);
+        store_pairs(s, pairs_next);
+      }
     }
+    if (kStages - 1 < n_stages) load_pairs(kStages - 1, pairs_next);
+    for (int s = kStages; s < kStages + 2 && s < n_stages; ++s) prefetch_pairs(s);
   }
-  if (kStages - 1 < n_stages) load_pairs(kStages - 1, pairs_next);
-  for (int s = kStages; s < kStages + 2 && s < n_stages; ++s) prefetch_pairs(s);
   detail::wait_for_prior_grids();
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
@@ -381,12 +416,14 @@ __global__ void __launch_bounds__(C::kThreads, C::kBlocksPerSm)
     const int fill = i + kStages - 1;
     constexpr bool kLoads = C::kProbe != kProbeComputeOnly;
     if (kLoads && fill < n_stages) {
-      store_pairs(fill % kStages, pairs_next);
+      if constexpr (!kTiles) store_pairs(fill % kStages, pairs_next);
       load_stage(fill, fill % kStages);
     }
     cp_async_commit();
-    if (kLoads && fill + 1 < n_stages) load_pairs(fill + 1, pairs_next);  // stored next iteration
-    if (kLoads && fill + 3 < n_stages) prefetch_pairs(fill + 3);          // loaded two iterations from now
+    if constexpr (!kTiles) {
+      if (kLoads && fill + 1 < n_stages) load_pairs(fill + 1, pairs_next);  // stored next iteration
+      if (kLoads && fill + 3 < n_stages) prefetch_pairs(fill + 3);          // loaded two iterations from now
+    }
     if constexpr (C::kProbe != kProbeLoadsOnly) compute(i % kStages);
   }
   cp_async_wait<0>();
@@ -519,6 +556,12 @@ Status launch_gemv_mma(const uint8_t* quants, const __half* scales, const uint8_
         x == nullptr || y == nullptr || reinterpret_cast<uintptr_t>(x) % 16 != 0)
       return Status::invalid_argument;
     blocks.group_shift = 0;
+  } else if constexpr (C::kFormat == kFormatInt4Tiles) {
+    if (quants == nullptr || reinterpret_cast<uintptr_t>(quants) % 16 != 0 ||
+        (group != 32 && group != 64 && group != 128) || k % group != 0 || x == nullptr || y == nullptr ||
+        reinterpret_cast<uintptr_t>(x) % 16 != 0)
+      return Status::invalid_argument;
+    blocks.group_shift = group == 32 ? 0 : group == 64 ? 1 : 2;
   } else if (!w4a16::make_int4_group_operands(quants, scales, zeros, group, k, x, y, blocks)) {
     return Status::invalid_argument;
   }
@@ -603,6 +646,41 @@ Status w4a16_gemm_q4_k_mma_64rows(const uint8_t* w, int64_t n_out, int64_t k, co
                                            programmatic, INT32_MAX);
 }
 
+Status w4a16_gemv_int4_tiles_mma(const uint8_t* tiles, int64_t group, int64_t n_out, int64_t k,
+                                 const __half* x, int64_t m, float* y, cudaStream_t stream,
+                                 bool programmatic) {
+  return launch_gemv_mma<GemvMma256Tiles>(tiles, nullptr, nullptr, group, n_out, k, x, m, y, stream,
+                                          programmatic);
+}
+
+Status w4a16_gemv_int4_tiles_mma_512(const uint8_t* tiles, int64_t group, int64_t n_out, int64_t k,
+                                     const __half* x, int64_t m, float* y, cudaStream_t stream,
+                                     bool programmatic) {
+  return launch_gemv_mma<GemvMma512Tiles>(tiles, nullptr, nullptr, group, n_out, k, x, m, y, stream,
+                                          programmatic);
+}
+
+Status w4a16_gemv_int4_tiles_mma_2bps(const uint8_t* tiles, int64_t group, int64_t n_out, int64_t k,
+                                      const __half* x, int64_t m, float* y, cudaStream_t stream,
+                                      bool programmatic) {
+  return launch_gemv_mma<GemvMma2SmTiles>(tiles, nullptr, nullptr, group, n_out, k, x, m, y, stream,
+                                          programmatic);
+}
+
+Status w4a16_gemv_int4_tiles_mma_32rows(const uint8_t* tiles, int64_t group, int64_t n_out, int64_t k,
+                                        const __half* x, int64_t m, float* y, cudaStream_t stream,
+                                        bool programmatic) {
+  return launch_gemv_mma<GemvMma32RowsTiles>(tiles, nullptr, nullptr, group, n_out, k, x, m, y, stream,
+                                             programmatic);
+}
+
+Status w4a16_gemm_int4_tiles_mma_64rows(const uint8_t* tiles, int64_t group, int64_t n_out, int64_t k,
+                                        const __half* x, int64_t m, float* y, cudaStream_t stream,
+                                        bool programmatic) {
+  return launch_gemv_mma<GemmMma64RowsTiles>(tiles, nullptr, nullptr, group, n_out, k, x, m, y, stream,
+                                             programmatic, INT32_MAX);
+}
+
 Status w4a16_gemv_int4_groups_mma_probe(GemvMmaProbe probe, const uint8_t* quants, const __half* scales,
                                         const uint8_t* zeros, int64_t group, int64_t n_out, int64_t k,
                                         const __half* x, int64_t m, float* y, cudaStream_t stream) {
@@ -615,6 +693,9 @@ Status w4a16_gemv_int4_groups_mma_probe(GemvMmaProbe probe, const uint8_t* quant
     case GemvMmaProbe::compute_only:
       return launch_gemv_mma<GemvMmaComputeOnly>(quants, scales, zeros, group, n_out, k, x, m, y, stream,
                                                  false);
+    case GemvMmaProbe::tiles_loads_only:  // quants: the tiled weights
+      return launch_gemv_mma<GemvMmaLoadsOnlyTiles>(quants, nullptr, nullptr, group, n_out, k, x, m, y,
+                                                    stream, false);
   }
   return Status::invalid_argument;
 }

@@ -80,13 +80,40 @@ Status w4a16_gemv_q4_k_mma_32rows(const uint8_t* w, int64_t n_out, int64_t k, co
 Status w4a16_gemm_q4_k_mma_64rows(const uint8_t* w, int64_t n_out, int64_t k, const __half* x, int64_t m,
                                   float* y, cudaStream_t stream, bool programmatic = false);
 
+// The same five kernels (w4a16_gemv_int4_groups_mma, _512, _2bps, _32rows and
+// w4a16_gemm_int4_groups_mma_64rows) on group-wise INT4 repacked into their own chunks
+// (kernels/int4_tiles.hpp, made on the device by kernels/cuda/int4_tiles.cuh): a block's stage is one
+// contiguous chunk of 16 KB of nibbles and its packed (scale, zero) pairs, copied straight through,
+// where the row-major layout has it read 128 lines k / 2 bytes apart plus scales and zeros in 2- and
+// 1-byte pieces. The same arithmetic in the same order: each gives bit for bit what its row-major
+// twin gives on the weights the chunks were made from.
+// tiles: [int4_tiles_bytes(n_out, k, group)] bytes, 16-byte aligned; group 32, 64 or 128 dividing k;
+// the rest (x, m, y, stream, programmatic, the row limits) as the row-major kernels.
+Status w4a16_gemv_int4_tiles_mma(const uint8_t* tiles, int64_t group, int64_t n_out, int64_t k,
+                                 const __half* x, int64_t m, float* y, cudaStream_t stream,
+                                 bool programmatic = false);
+Status w4a16_gemv_int4_tiles_mma_512(const uint8_t* tiles, int64_t group, int64_t n_out, int64_t k,
+                                     const __half* x, int64_t m, float* y, cudaStream_t stream,
+                                     bool programmatic = false);
+Status w4a16_gemv_int4_tiles_mma_2bps(const uint8_t* tiles, int64_t group, int64_t n_out, int64_t k,
+                                      const __half* x, int64_t m, float* y, cudaStream_t stream,
+                                      bool programmatic = false);
+Status w4a16_gemv_int4_tiles_mma_32rows(const uint8_t* tiles, int64_t group, int64_t n_out, int64_t k,
+                                        const __half* x, int64_t m, float* y, cudaStream_t stream,
+                                        bool programmatic = false);
+Status w4a16_gemm_int4_tiles_mma_64rows(const uint8_t* tiles, int64_t group, int64_t n_out, int64_t k,
+                                        const __half* x, int64_t m, float* y, cudaStream_t stream,
+                                        bool programmatic = false);
+
 // For the benchmark only: what limits the tensor-core GEMV (the 256-thread shape). `whole` is
 // w4a16_gemv_int4_groups_mma itself; `loads_only` streams every stage's weights, activations and
 // scales through the same pipeline and barriers but computes nothing (y gets zeros); `compute_only`
 // loads the first stages only and computes every stage on whatever the slots hold (y is
 // meaningless). Their times against the whole kernel's say whether memory or the dequantize-and-mma
-// work sets its pace. Arguments as w4a16_gemv_int4_groups_mma's.
-enum class GemvMmaProbe { whole, loads_only, compute_only };
+// work sets its pace. `tiles_loads_only` is loads_only on tiled weights (quants: the tiles, scales and
+// zeros unused): against loads_only it says what the layout alone is worth. Arguments as
+// w4a16_gemv_int4_groups_mma's.
+enum class GemvMmaProbe { whole, loads_only, compute_only, tiles_loads_only };
 Status w4a16_gemv_int4_groups_mma_probe(GemvMmaProbe probe, const uint8_t* quants, const __half* scales,
                                         const uint8_t* zeros, int64_t group, int64_t n_out, int64_t k,
                                         const __half* x, int64_t m, float* y, cudaStream_t stream);

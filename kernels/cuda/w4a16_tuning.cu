@@ -5,6 +5,7 @@
 #include <cmath>
 
 #include "kernels/cuda/event_timer.cuh"
+#include "kernels/cuda/w4a16_dequant_cublas.cuh"
 #include "kernels/cuda/w4a16_gemm.cuh"
 #include "kernels/cuda/w4a16_gemv.cuh"
 #include "kernels/cuda/w4a16_gemv_mma.cuh"
@@ -83,19 +84,59 @@ Int4GroupsLauncher int4_kernel_launcher(Int4Kernel kernel) {
   return nullptr;
 }
 
+const char* int4_layout_name(Int4Layout layout) { return layout == Int4Layout::tiles ? "tiles" : "rows"; }
+
+bool int4_kernel_reads(Int4Kernel kernel, Int4Layout layout) {
+  return layout == Int4Layout::rows || kernel == Int4Kernel::dequant_cublas ||
+         int4_tiles_kernel_launcher(kernel) != nullptr;
+}
+
+namespace {
+
+// The tiled kernels' signature differs (no scales or zeros); these adapt them to Int4GroupsLauncher's.
+template <Status (*Tiled)(const uint8_t*, int64_t, int64_t, int64_t, const __half*, int64_t, float*,
+                          cudaStream_t, bool)>
+Status on_tiles(const uint8_t* tiles, const __half*, const uint8_t*, int64_t group, int64_t n_out, int64_t k,
+                const __half* x, int64_t m, float* y, cudaStream_t stream, bool programmatic) {
+  return Tiled(tiles, group, n_out, k, x, m, y, stream, programmatic);
+}
+
+}  // namespace
+
+Int4GroupsLauncher int4_tiles_kernel_launcher(Int4Kernel kernel) {
+  switch (kernel) {
+    case Int4Kernel::gemv_tensor_cores:
+      return on_tiles<w4a16_gemv_int4_tiles_mma>;
+    case Int4Kernel::gemv_tensor_cores_512:
+      return on_tiles<w4a16_gemv_int4_tiles_mma_512>;
+    case Int4Kernel::gemv_tensor_cores_2bps:
+      return on_tiles<w4a16_gemv_int4_tiles_mma_2bps>;
+    case Int4Kernel::gemv_tensor_cores_32rows:
+      return on_tiles<w4a16_gemv_int4_tiles_mma_32rows>;
+    case Int4Kernel::gemm_tensor_cores_64rows:
+      return on_tiles<w4a16_gemm_int4_tiles_mma_64rows>;
+    default:
+      return nullptr;
+  }
+}
+
 Status launch_int4_kernel(Int4Kernel kernel, const Int4CublasContext* cublas, const uint8_t* quants,
                           const __half* scales, const uint8_t* zeros, int64_t group, int64_t n_out, int64_t k,
-                          const __half* x, int64_t m, float* y, cudaStream_t stream, bool programmatic) {
+                          const __half* x, int64_t m, float* y, cudaStream_t stream, bool programmatic,
+                          Int4Layout layout) {
   if (kernel == Int4Kernel::dequant_cublas) {
     if (cublas == nullptr) return Status::invalid_argument;
+    if (layout == Int4Layout::tiles)
+      return w4a16_int4_tiles_dequant_cublas(*cublas, quants, group, n_out, k, x, m, y, stream);
     return w4a16_int4_groups_dequant_cublas(*cublas, quants, scales, zeros, group, n_out, k, x, m, y, stream);
   }
-  const Int4GroupsLauncher launcher = int4_kernel_launcher(kernel);
+  const Int4GroupsLauncher launcher =
+      layout == Int4Layout::tiles ? int4_tiles_kernel_launcher(kernel) : int4_kernel_launcher(kernel);
   if (launcher == nullptr) return Status::invalid_argument;
   return launcher(quants, scales, zeros, group, n_out, k, x, m, y, stream, programmatic);
 }
 
-void choose_int4_groups_kernels(Int4GroupsTuning& t) {
+void choose_int4_groups_kernels(Int4GroupsTuning& t, Int4Layout layout) {
   for (int r = 0; r < kInt4RowRanges; ++r) {
     const bool two = kInt4RangeTimedRows[r][1] > 0;
     const auto mean_us = [&](int kernel) {  // 0: not timed at every count
@@ -105,10 +146,11 @@ void choose_int4_groups_kernels(Int4GroupsTuning& t) {
     };
     int best = -1;
     for (int kernel = 0; kernel < kInt4Kernels; ++kernel) {
+      if (!int4_kernel_reads(static_cast<Int4Kernel>(kernel), layout)) continue;
       const double mean = mean_us(kernel);
       if (mean > 0.0 && (best < 0 || mean < mean_us(best))) best = kernel;
     }
-    const int fallback = static_cast<int>(kInt4DefaultKernels[r]);
+    const int fallback = static_cast<int>(int4_default_kernels(layout)[r]);
     const double fallback_us = mean_us(fallback);
     if (best < 0 || (fallback_us > 0.0 && mean_us(best) > (1.0 - kInt4MinGain) * fallback_us))
       best = fallback;
@@ -129,8 +171,9 @@ constexpr int64_t kMaxTimedRows = 256;
 
 Status tune_int4_groups(const std::vector<Int4GroupsMatrix>& matrices, int64_t group, int64_t n_out,
                         int64_t k, const Int4CublasContext* cublas, cudaStream_t stream,
-                        Int4GroupsTuning& out, std::string& error) {
+                        Int4GroupsTuning& out, std::string& error, Int4Layout layout) {
   out = Int4GroupsTuning{};
+  std::copy(int4_default_kernels(layout), int4_default_kernels(layout) + kInt4RowRanges, out.chosen);
   if (matrices.empty() || n_out < 1 || k < 1 || (group != 32 && group != 64 && group != 128) ||
       k % group != 0)
     return Status::invalid_argument;
@@ -159,7 +202,7 @@ Status tune_int4_groups(const std::vector<Int4GroupsMatrix>& matrices, int64_t g
           launch =
               launch_int4_kernel(which, cublas, w.quants, w.scales, w.zeros, group, n_out, k,
                                  static_cast<const __half*>(x.ptr), m, static_cast<float*>(y.ptr), stream,
-                                 /*programmatic=*/false);
+                                 /*programmatic=*/false, layout);
           return launch == Status::ok;
         },
         us, event_err);
@@ -180,7 +223,9 @@ Status tune_int4_groups(const std::vector<Int4GroupsMatrix>& matrices, int64_t g
       const auto which = static_cast<Int4Kernel>(kernel);
       for (int c = 0; c < 2; ++c) {
         const int64_t m = kInt4RangeTimedRows[r][c];
-        if (m == 0 || m > int4_kernel_max_rows(which) || m < int4_kernel_min_rows(which)) continue;
+        if (m == 0 || m > int4_kernel_max_rows(which) || m < int4_kernel_min_rows(which) ||
+            !int4_kernel_reads(which, layout))
+          continue;
         if (which == Int4Kernel::dequant_cublas && cublas == nullptr) continue;
         const Status st = time(which, m, out.us[r][kernel][c]);
         if (st != Status::ok) return st;
@@ -189,7 +234,7 @@ Status tune_int4_groups(const std::vector<Int4GroupsMatrix>& matrices, int64_t g
   }
   err = cudaStreamSynchronize(stream);
   if (err != cudaSuccess) return fail(err, "tuning W4A16 kernels");
-  choose_int4_groups_kernels(out);
+  choose_int4_groups_kernels(out, layout);
   return Status::ok;
 }
 

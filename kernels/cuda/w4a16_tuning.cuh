@@ -14,6 +14,10 @@
 //                     activations in shared memory: fewer instructions a weight)
 //   TC GEMV 32 rows   w4a16_gemv_int4_groups_mma_32rows (up to 32 rows: two m16 tiles)
 //   TC GEMM 64 rows   w4a16_gemm_int4_groups_mma_64rows (any rows, in slabs of four m16 tiles)
+// Group-wise INT4 also comes repacked into the tensor-core kernels' chunks (Int4Layout::tiles,
+// kernels/int4_tiles.hpp): the five tensor-core kernels and dequant + cuBLAS read it (the same bits
+// as on the row-major layout), the CUDA-core GEMVs and the older GEMMs do not, and the timing then
+// chooses among those six.
 // Ranges: 1 row (batch-1 decode), 2-16 rows (batched decode; timed at 4 and 16), 17-32 rows (timed at
 // 32), 33-64 (large-batch decode; timed at 64), over 64 (prefill; timed at 256). One row has its own range
 // because the CUDA-core GEMV wins there and only there: on an H200 (2026-12-04, llama-70b's shapes) it took
@@ -53,6 +57,9 @@ enum class Int4Kernel : int {
   gemm_tensor_cores_64rows
 };
 constexpr int kInt4Kernels = 10;
+// How a group-wise INT4 matrix lies in device memory: rows (kernels/int4_groups.hpp: nibbles, scales
+// and zeros in three arrays) or tiles (kernels/int4_tiles.hpp: one array of chunks).
+enum class Int4Layout { rows, tiles };
 const char* int4_kernel_name(Int4Kernel kernel);  // "CUDA-core GEMV", ...
 // The most rows `kernel` takes in one call (INT64_MAX: any).
 int64_t int4_kernel_max_rows(Int4Kernel kernel);
@@ -65,12 +72,14 @@ using Int4GroupsLauncher = Status (*)(const uint8_t* quants, const __half* scale
                                       int64_t group, int64_t n_out, int64_t k, const __half* x, int64_t m,
                                       float* y, cudaStream_t stream, bool programmatic);
 Int4GroupsLauncher int4_kernel_launcher(Int4Kernel kernel);
-// Runs `kernel` on one product (arguments as w4a16_gemv_int4_groups). cublas: the context dequant +
-// cuBLAS needs (invalid_argument without one); the others ignore it. programmatic applies to our own
-// kernels only.
+// Runs `kernel` on one product (arguments as w4a16_gemv_int4_groups; on tiles, quants are the tiles and
+// scales and zeros are ignored). cublas: the context dequant + cuBLAS needs (invalid_argument without
+// one); the others ignore it. programmatic applies to our own kernels only. invalid_argument for a
+// kernel that does not read the layout.
 Status launch_int4_kernel(Int4Kernel kernel, const Int4CublasContext* cublas, const uint8_t* quants,
                           const __half* scales, const uint8_t* zeros, int64_t group, int64_t n_out, int64_t k,
-                          const __half* x, int64_t m, float* y, cudaStream_t stream, bool programmatic);
+                          const __half* x, int64_t m, float* y, cudaStream_t stream, bool programmatic,
+                          Int4Layout layout = Int4Layout::rows);
 
 // The row ranges, and the row counts each is timed at (a second count of 0: one only).
 constexpr int kInt4RowRanges = 5;
@@ -83,11 +92,25 @@ inline int int4_row_range(int64_t m) {
   return r;
 }
 
+const char* int4_layout_name(Int4Layout layout);  // "rows", "tiles"
+// Whether `kernel` reads matrices in `layout` (every kernel reads rows).
+bool int4_kernel_reads(Int4Kernel kernel, Int4Layout layout);
+// The launcher of `kernel` on tiles (quants: the tiles; scales and zeros ignored); nullptr for a
+// kernel that does not read tiles and for dequant + cuBLAS (launch_int4_kernel).
+Int4GroupsLauncher int4_tiles_kernel_launcher(Int4Kernel kernel);
+
 // Per range, the kernel used without timing (and kept unless another is kInt4MinGain faster): what
 // the model ran before the tensor-core kernels existed.
 constexpr Int4Kernel kInt4DefaultKernels[kInt4RowRanges] = {
     Int4Kernel::gemv_cuda_cores, Int4Kernel::gemv_cuda_cores, Int4Kernel::gemv_cuda_cores,
     Int4Kernel::gemm_wmma, Int4Kernel::gemm_wmma};
+// On tiles: the tensor-core kernels (the kernels int4_kernels: tensor_cores pins on either layout).
+constexpr Int4Kernel kInt4TilesDefaultKernels[kInt4RowRanges] = {
+    Int4Kernel::gemv_tensor_cores, Int4Kernel::gemv_tensor_cores, Int4Kernel::gemv_tensor_cores_32rows,
+    Int4Kernel::gemm_tensor_cores_64rows, Int4Kernel::gemm_tensor_cores_64rows};
+inline const Int4Kernel* int4_default_kernels(Int4Layout layout) {
+  return layout == Int4Layout::tiles ? kInt4TilesDefaultKernels : kInt4DefaultKernels;
+}
 
 struct Int4GroupsTuning {
   // Device microseconds per product (median of repeated loops) by range, kernel and timed row count;
@@ -98,16 +121,17 @@ struct Int4GroupsTuning {
   std::string skipped;  // candidates that failed, e.g. "tensor-core GEMV (1 rows): device_error"
 };
 
-// The rule, from the times: per range, the kernel with the smallest geometric mean of its times at
-// the range's timed row counts, among those timed at all of them (ties to the lower Int4Kernel);
-// but the range's default above (what the model used before any timing) stays unless that kernel
-// is at least kInt4MinGain faster, so that timing noise between near-equal kernels does not change
-// a model's kernels, and so its output bits, from one load to the next. A range with no timed
-// kernel keeps its default.
+// The rule, from the times (of kernels that read `layout`): per range, the kernel with the smallest geometric
+// mean of its times at the range's timed row counts, among those timed at all of them (ties to the lower
+// Int4Kernel); but the range's default above (what the model used before any timing) stays unless that kernel
+// is at least kInt4MinGain faster (int4_default_kernels(layout)), so that timing noise between near-equal
+// kernels does not change a model's kernels, and so its output bits, from one load to the next. A range with
+// no timed kernel keeps its default.
 constexpr double kInt4MinGain = 0.05;
-void choose_int4_groups_kernels(Int4GroupsTuning& t);
+void choose_int4_groups_kernels(Int4GroupsTuning& t, Int4Layout layout = Int4Layout::rows);
 
-// Times every kernel that takes a range's rows (dequant + cuBLAS only when `cublas` is given) on
+// Times every kernel that reads `layout` and takes a range's rows (dequant + cuBLAS only when `cublas`
+// is given) on
 // `matrices` (one shape, e.g. that matrix in every
 // layer: the products rotate among them, so that with enough of them the weights stream from device
 // memory as in a forward pass rather than from L2) and chooses (choose_int4_groups_kernels). A
@@ -118,6 +142,6 @@ void choose_int4_groups_kernels(Int4GroupsTuning& t);
 // allocation or timing fails.
 Status tune_int4_groups(const std::vector<Int4GroupsMatrix>& matrices, int64_t group, int64_t n_out,
                         int64_t k, const Int4CublasContext* cublas, cudaStream_t stream,
-                        Int4GroupsTuning& out, std::string& error);
+                        Int4GroupsTuning& out, std::string& error, Int4Layout layout = Int4Layout::rows);
 
 }  // namespace nibble::kernels::cuda

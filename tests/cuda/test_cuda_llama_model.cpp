@@ -29,6 +29,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
@@ -134,7 +135,7 @@ struct Entry {
 // the greedy ids of the last step.
 void compare_scenario(const std::string& path, double bound, bool decode_attention,
                       w::Int4Kernels int4_kernels = w::Int4Kernels::measured, bool programmatic = false,
-                      bool q4_0_as_int4_groups = true) {
+                      bool q4_0_as_int4_groups = true, w::Int4Layout int4_layout = w::Int4Layout::rows) {
   const auto checkpoint = m::LlamaCheckpoint::open(path);
   w::LlamaModel cpu(checkpoint);
   w::CudaModelOptions options;
@@ -142,6 +143,7 @@ void compare_scenario(const std::string& path, double bound, bool decode_attenti
   options.int4_kernels = int4_kernels;
   options.programmatic_launch = programmatic;
   options.q4_0_as_int4_groups = q4_0_as_int4_groups;
+  options.int4_layout = int4_layout;
   w::CudaLlamaModel gpu(checkpoint, options);
   const auto& c = cpu.config();
   const int64_t block_size = 8, mbps = 8, n_blocks = 2 * mbps + 5;
@@ -433,6 +435,80 @@ TEST(CudaLlamaModel, ChoosesTheInt4KernelsPerMatrixShape) {
         EXPECT_EQ(ch.chosen[r], (fixed == w::Int4Kernels::cuda_cores ? cuda_cores : tensor_cores)[r]);
       EXPECT_EQ(ch.us[0][0][0], 0.0);  // not timed
     }
+  }
+}
+
+// Group-wise INT4 repacked into tiles at load (Int4Layout::tiles): on the tensor-core kernels the
+// logits equal the rows' bit for bit at every row range (the same arithmetic, another layout); under
+// measured only kernels that read tiles are timed and chosen, and the scenario matches the CPU; the
+// CUDA-core pin is refused. AWQ at group 64 and a Q4_0 model (group 32, zeros 8).
+TEST(CudaLlamaModel, TiledInt4MatricesGiveTheRowsLogitsBitForBit) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  using Choice = w::CudaInt4KernelChoice;
+  t::TempDir dir;
+  const std::string q4_0 = random_model(dir.path(), tiny_shape(256, 4, 2), k::DType::Q4_0);
+  for (const std::string& path : {(t::test_data_dir() / "gptq-tiny-llama" / "awq-g64").string(), q4_0}) {
+    SCOPED_TRACE(path);
+    const auto checkpoint = m::LlamaCheckpoint::open(path);
+    const auto& c = checkpoint->config();
+    w::CudaModelOptions rows_options, tiles_options;
+    rows_options.int4_kernels = tiles_options.int4_kernels = w::Int4Kernels::tensor_cores;
+    tiles_options.int4_layout = w::Int4Layout::tiles;
+    w::CudaLlamaModel rows(checkpoint, rows_options), tiles(checkpoint, tiles_options);
+    ASSERT_FALSE(tiles.int4_kernel_choices().empty());
+    for (const Choice& ch : tiles.int4_kernel_choices()) EXPECT_TRUE(ch.tiles);
+    for (const Choice& ch : rows.int4_kernel_choices()) EXPECT_FALSE(ch.tiles);
+    EXPECT_GE(tiles.weight_bytes(), rows.weight_bytes());  // 4 bytes a group's pair against 3
+    // One sequence per row range: 70 prompt tokens (over 64), 40 (33-64), 20 (17-32), 5, then decode (1).
+    const int64_t block_size = 16, mbps = 8;
+    w::CudaKvCache rows_cache(c, 5 * mbps, block_size), tiles_cache(c, 5 * mbps, block_size);
+    std::mt19937 rng(5);
+    std::uniform_int_distribution<int32_t> token(3, static_cast<int32_t>(c.n_vocab) - 1);
+    std::vector<int32_t> tables(static_cast<size_t>(5 * mbps));
+    std::iota(tables.begin(), tables.end(), 0);
+    int32_t row = 0;
+    for (const int32_t count : {70, 40, 20, 5, 1}) {
+      SCOPED_TRACE(std::to_string(count) + " tokens");
+      std::vector<int32_t> toks(static_cast<size_t>(count));
+      for (auto& x : toks) x = token(rng);
+      w::ForwardBatch batch;
+      batch.add_sequence(toks, count == 1 ? 5 : 0, count == 1 ? 3 : row++, count);
+      batch.block_tables.assign(tables.begin(), tables.end());
+      batch.max_blocks_per_seq = mbps;
+      std::vector<float> a, b;
+      rows.forward(batch, rows_cache, a);
+      tiles.forward(batch, tiles_cache, b);
+      ASSERT_EQ(a.size(), b.size());
+      ASSERT_EQ(a.size(), static_cast<size_t>(count * c.n_vocab));
+      EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0);
+    }
+    // Measured on tiles: only the kernels that read tiles (tensor-core GEMVs 1, 5, 6, 8, the 64-row
+    // GEMM 9, dequant + cuBLAS 4) are timed and chosen; the logits follow the CPU's.
+    compare_scenario(path, path == q4_0 ? kQuantizedBound : kCheckpointBound, /*decode_attention=*/true,
+                     w::Int4Kernels::measured, false, true, w::Int4Layout::tiles);
+    w::CudaModelOptions measured_options;
+    measured_options.int4_layout = w::Int4Layout::tiles;
+    w::CudaLlamaModel measured(checkpoint, measured_options);
+    const auto reads_tiles = [](int kernel) {
+      return kernel == 1 || kernel == 4 || kernel == 5 || kernel == 6 || kernel == 8 || kernel == 9;
+    };
+    for (const Choice& ch : measured.int4_kernel_choices()) {
+      EXPECT_TRUE(ch.tiles);
+      EXPECT_EQ(ch.skipped, "");
+      for (int r = 0; r < Choice::kRanges; ++r) {
+        EXPECT_TRUE(reads_tiles(ch.chosen[r])) << Choice::kernel_names[ch.chosen[r]];
+        for (int kernel = 0; kernel < Choice::kKernels; ++kernel) {
+          if (!reads_tiles(kernel)) {
+            EXPECT_EQ(ch.us[r][kernel][0], 0.0) << Choice::kernel_names[kernel];
+          }
+        }
+      }
+      EXPECT_GT(ch.us[0][1][0], 0.0);  // the tensor-core GEMV at one row
+    }
+    w::CudaModelOptions refused;
+    refused.int4_layout = w::Int4Layout::tiles;
+    refused.int4_kernels = w::Int4Kernels::cuda_cores;
+    EXPECT_THROW(w::CudaLlamaModel(checkpoint, refused), std::invalid_argument);
   }
 }
 
@@ -912,6 +988,22 @@ TEST(CudaLlamaModelCli, GenerateOnTheGpuGivesTheRequestedTokens) {
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_NE(r.output.find("\"device\":\"cuda\""), std::string::npos) << r.output;
   EXPECT_NE(r.output.find("\"finish_reason\""), std::string::npos) << r.output;
+  // On the tensor-core kernels the tiled layout gives the same bits, so the same greedy tokens; tiles
+  // with the CUDA-core pin are refused with the reason.
+  const std::string pinned =
+      t::nibble_bin() + " generate -m " + path +
+      " -p 'hello world' -n 6 --temperature 0 --json --device cuda --int4-kernels tensor-cores";
+  const auto on_rows = t::run_command(pinned + " --int4-layout rows 2>/dev/null");
+  const auto on_tiles = t::run_command(pinned + " --int4-layout tiles 2>/dev/null");
+  ASSERT_EQ(on_rows.exit_code, 0) << on_rows.output;
+  ASSERT_EQ(on_tiles.exit_code, 0) << on_tiles.output;
+  const auto tokens = [](const std::string& json) { return nlohmann::json::parse(json).at("tokens"); };
+  EXPECT_EQ(tokens(on_rows.output), tokens(on_tiles.output));
+  const auto refused =
+      t::run_command(t::nibble_bin() + " generate -m " + path +
+                     " -p 'hi' -n 2 --device cuda --int4-kernels cuda-cores --int4-layout tiles 2>&1");
+  EXPECT_NE(refused.exit_code, 0);
+  EXPECT_NE(refused.output.find("cannot read int4_layout tiles"), std::string::npos) << refused.output;
 }
 
 // Runs `command 2>&1` (the nibble binary and its arguments), which must exit 0, and parses the JSON
@@ -966,6 +1058,14 @@ TEST(CudaLlamaModelCli, BenchGpuKernelTableTimesEveryKernel) {
     EXPECT_EQ(row.contains("w4a16_g128_tc32_us"), m <= 32);
     EXPECT_EQ(row.contains("g128_tc_loads_only_us"), m <= 16);
     EXPECT_EQ(row.contains("w4a16_g128_staged_us"), m == 1);
+    // The tensor-core kernels on tiles, by the same rules.
+    ASSERT_TRUE(row.contains("g128_tiles")) << row.dump();
+    const auto& tiles = row["g128_tiles"];
+    EXPECT_GT(tiles["tc64_us"].get<double>(), 0.0);
+    EXPECT_EQ(tiles.contains("tc_us"), m <= 16);
+    EXPECT_EQ(tiles.contains("loads_only_us"), m <= 16);
+    EXPECT_EQ(tiles.contains("tc32_us"), m <= 32);
+    EXPECT_EQ(tiles.contains("dequant_cublas_us"), m >= 17);
   }
 }
 
@@ -980,6 +1080,7 @@ TEST(CudaLlamaModelCli, BenchGpuReportsTheInt4KernelChoicesAndProgrammaticLaunch
       t::nibble_bin() + " bench-gpu --model dummy:tiny --batch 1,2 --prompt-tokens 32 --gen-tokens 4 "
                         "--repetitions 1 --prefill-batch 2 --json",
       output, j));
+  for (const auto& shape : j["int4_kernels"]) EXPECT_EQ(shape["layout"], "rows") << output;
   ASSERT_EQ(j["decode"].size(), 2u) << output;
   EXPECT_FALSE(j.contains("pdl_error")) << output;
   for (const auto& row : j["decode"]) EXPECT_GT(row["pdl_ms_per_step"].get<double>(), 0.0) << output;
@@ -998,6 +1099,29 @@ TEST(CudaLlamaModelCli, BenchGpuReportsTheInt4KernelChoicesAndProgrammaticLaunch
       for (const auto& at : range["timed"])
         timed = timed || at["us"].contains(range["chosen"].get<std::string>());
       EXPECT_TRUE(timed) << range.dump();
+    }
+  }
+}
+
+// bench-gpu --model --int4-layout tiles: the dummy model's INT4 matrices in tiles, each shape's
+// kernels chosen among those that read tiles.
+TEST(CudaLlamaModelCli, BenchGpuRunsTheModelOnTiles) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  std::string output;
+  nlohmann::json j;
+  ASSERT_NO_FATAL_FAILURE(run_json(
+      t::nibble_bin() + " bench-gpu --model dummy:tiny --int4-layout tiles --batch 1,2 --prompt-tokens 32 "
+                        "--gen-tokens 4 --repetitions 1 --prefill-batch 2 --json",
+      output, j));
+  ASSERT_EQ(j["decode"].size(), 2u) << output;
+  ASSERT_FALSE(j["int4_kernels"].empty()) << output;
+  for (const auto& shape : j["int4_kernels"]) {
+    EXPECT_EQ(shape["layout"], "tiles") << output;
+    for (const auto& range : shape["ranges"]) {
+      const std::string chosen = range["chosen"];
+      EXPECT_TRUE(chosen != "CUDA-core GEMV" && chosen != "WMMA GEMM" && chosen != "mma GEMM" &&
+                  chosen != "staged GEMV")
+          << chosen;
     }
   }
 }

@@ -4,12 +4,15 @@
 #include <gtest/gtest.h>
 
 #include <iostream>
+#include <memory>
 #include <random>
 #include <vector>
 
+#include "kernels/cuda/int4_tiles.cuh"
 #include "kernels/cuda/w4a16_gemv.cuh"
 #include "kernels/cuda/w4a16_gemv_mma.cuh"
 #include "kernels/cuda/w4a16_tuning.cuh"
+#include "kernels/int4_tiles.hpp"
 #include "tests/cuda/w4a16_test_util.hpp"
 
 namespace {
@@ -116,6 +119,45 @@ TEST(W4A16Tuning, RangesAndKernelLimits) {
       }
 }
 
+// On tiles only the kernels that read them count, and the defaults are the tensor-core kernels: a
+// CUDA-core GEMV twice as fast (it cannot read tiles) is not chosen.
+TEST(W4A16Tuning, OnTilesOnlyKernelsThatReadTilesAreChosen) {
+  using K = kc::Int4Kernel;
+  using L = kc::Int4Layout;
+  for (const K reads : {K::gemv_tensor_cores, K::gemv_tensor_cores_512, K::gemv_tensor_cores_2bps,
+                        K::gemv_tensor_cores_32rows, K::gemm_tensor_cores_64rows, K::dequant_cublas}) {
+    EXPECT_TRUE(kc::int4_kernel_reads(reads, L::tiles)) << kc::int4_kernel_name(reads);
+    EXPECT_TRUE(kc::int4_kernel_reads(reads, L::rows));
+    EXPECT_EQ(kc::int4_tiles_kernel_launcher(reads) == nullptr, reads == K::dequant_cublas);
+  }
+  for (const K rows_only : {K::gemv_cuda_cores, K::gemm_wmma, K::gemm_mma, K::gemv_cuda_cores_staged}) {
+    EXPECT_FALSE(kc::int4_kernel_reads(rows_only, L::tiles)) << kc::int4_kernel_name(rows_only);
+    EXPECT_TRUE(kc::int4_kernel_reads(rows_only, L::rows));
+    EXPECT_EQ(kc::int4_tiles_kernel_launcher(rows_only), nullptr);
+  }
+  EXPECT_STREQ(kc::int4_layout_name(L::tiles), "tiles");
+  EXPECT_STREQ(kc::int4_layout_name(L::rows), "rows");
+
+  kc::Int4GroupsTuning t;
+  t.us[0][kCudaCores][0] = 10;  // 1 row
+  t.us[0][static_cast<int>(K::gemv_tensor_cores)][0] = 20;
+  t.us[0][static_cast<int>(K::gemv_tensor_cores_2bps)][0] = 18;
+  kc::choose_int4_groups_kernels(t, L::tiles);
+  EXPECT_EQ(t.chosen[0], K::gemv_tensor_cores_2bps);  // 10% faster than the tiles' default
+  kc::choose_int4_groups_kernels(t, L::rows);
+  EXPECT_EQ(t.chosen[0], K::gemv_cuda_cores);
+  kc::Int4GroupsTuning none;
+  kc::choose_int4_groups_kernels(none, L::tiles);  // nothing timed: the tiles' defaults
+  for (int r = 0; r < kc::kInt4RowRanges; ++r) {
+    EXPECT_EQ(none.chosen[r], kc::kInt4TilesDefaultKernels[r]);
+    EXPECT_TRUE(kc::int4_kernel_reads(none.chosen[r], L::tiles));
+  }
+  // Launching a kernel that does not read tiles on tiles is refused before anything runs.
+  EXPECT_EQ(kc::launch_int4_kernel(K::gemv_cuda_cores, nullptr, nullptr, nullptr, nullptr, 128, 256, 256,
+                                   nullptr, 1, nullptr, nullptr, false, L::tiles),
+            Status::invalid_argument);
+}
+
 TEST(W4A16Tuning, RejectsBadArgumentsBeforeTouchingTheDevice) {
   kc::Int4GroupsTuning t;
   std::string error;
@@ -161,9 +203,37 @@ TEST(W4A16Tuning, TimesEveryCandidateOnTheDeviceAndChoosesByTheRule) {
     std::string error;
     ASSERT_EQ(kc::tune_int4_groups(matrices, group, n_out, k, &context, stream, t, error), Status::ok)
         << error;
-    cublasDestroy(cublas);
-    cudaStreamDestroy(stream);
     EXPECT_EQ(t.skipped, "");
+    // The same on the matrices' tiles: only the kernels that read tiles are timed and chosen.
+    std::vector<std::unique_ptr<ct::DeviceBuffer<uint8_t>>> tiles;
+    std::vector<kc::Int4GroupsMatrix> tiled;
+    for (auto& w : weights) {
+      tiles.push_back(std::make_unique<ct::DeviceBuffer<uint8_t>>(
+          static_cast<size_t>(nibble::kernels::int4_tiles_bytes(n_out, k, group))));
+      ASSERT_NE(tiles.back()->ptr, nullptr);
+      ASSERT_EQ(kc::int4_tiles_from_groups(w.quants->ptr, w.scales->ptr, w.zeros->ptr, n_out, k, group,
+                                           tiles.back()->ptr, stream),
+                Status::ok);
+      tiled.push_back({tiles.back()->ptr, nullptr, nullptr});
+    }
+    kc::Int4GroupsTuning on_tiles;
+    ASSERT_EQ(kc::tune_int4_groups(tiled, group, n_out, k, &context, stream, on_tiles, error,
+                                   kc::Int4Layout::tiles),
+              Status::ok)
+        << error;
+    EXPECT_EQ(on_tiles.skipped, "");
+    for (int r = 0; r < kc::kInt4RowRanges; ++r) {
+      EXPECT_TRUE(kc::int4_kernel_reads(on_tiles.chosen[r], kc::Int4Layout::tiles)) << "range " << r;
+      for (int kernel = 0; kernel < kc::kInt4Kernels; ++kernel) {
+        const auto which = static_cast<kc::Int4Kernel>(kernel);
+        const int64_t rows = kc::kInt4RangeTimedRows[r][0];
+        const bool takes = rows <= kc::int4_kernel_max_rows(which) && rows >= kc::int4_kernel_min_rows(which);
+        if (takes && kc::int4_kernel_reads(which, kc::Int4Layout::tiles))
+          EXPECT_GT(on_tiles.us[r][kernel][0], 0.0) << kernel << " at " << rows << " rows";
+        else
+          EXPECT_EQ(on_tiles.us[r][kernel][0], 0.0) << kernel << " at " << rows << " rows";
+      }
+    }
     // Every kernel that takes a range's timed rows has a time there; the others none.
     for (int r = 0; r < kc::kInt4RowRanges; ++r) {
       for (int kernel = 0; kernel < kc::kInt4Kernels; ++kernel) {
@@ -178,6 +248,8 @@ TEST(W4A16Tuning, TimesEveryCandidateOnTheDeviceAndChoosesByTheRule) {
         }
       }
     }
+    cublasDestroy(cublas);
+    cudaStreamDestroy(stream);
     // 256 rows cost more than 1 on the same kernel (a timer that returned noise would not).
     EXPECT_GT(t.us[4][kWmma][0], 0.5 * t.us[0][kWmma][0]);
     kc::Int4GroupsTuning again = t;

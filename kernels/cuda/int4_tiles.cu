@@ -1,0 +1,71 @@
+#include <cuda_runtime.h>
+
+#include "kernels/cuda/int4_tiles.cuh"
+#include "kernels/int4_tiles.hpp"
+
+namespace nibble::kernels::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+// One thread per 32-input run: its 16 nibble bytes into the run's place in its chunk.
+__global__ void __launch_bounds__(kThreads)
+    tile_runs_kernel(const uint8_t* __restrict__ quants, int64_t k, int64_t runs, int64_t stages,
+                     int64_t chunk_bytes, uint8_t* __restrict__ tiles) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (i >= runs) return;
+  const int64_t runs_per_row = k / 32;
+  const int64_t row = i / runs_per_row, run = i % runs_per_row;
+  const int64_t t = row / kInt4TileRows, r = row % kInt4TileRows, s = run / 8, u = run % 8;
+  const uint4 v = __ldg(reinterpret_cast<const uint4*>(quants + row * (k / 2) + run * 16));
+  *reinterpret_cast<uint4*>(tiles + (t * stages + s) * chunk_bytes + r * 128 + u * 16) = v;
+}
+
+// One thread per group: its (scale, zero) packed into the chunk's pairs.
+__global__ void __launch_bounds__(kThreads)
+    tile_pairs_kernel(const uint16_t* __restrict__ scales, const uint8_t* __restrict__ zeros, int64_t group,
+                      int64_t k, int64_t groups, int64_t stages, int64_t chunk_bytes,
+                      uint8_t* __restrict__ tiles) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (i >= groups) return;
+  const int64_t groups_per_row = k / group, groups_per_stage = kInt4TileInputs / group;
+  const int64_t row = i / groups_per_row, gi = i % groups_per_row;
+  const int64_t t = row / kInt4TileRows, r = row % kInt4TileRows;
+  const int64_t s = gi / groups_per_stage, j = gi % groups_per_stage;
+  *reinterpret_cast<uint32_t*>(tiles + (t * stages + s) * chunk_bytes + kInt4TileNibbleBytes +
+                               (r * groups_per_stage + j) * 4) =
+      static_cast<uint32_t>(scales[i]) | (static_cast<uint32_t>(0x6400 + zeros[i]) << 16);  // int4_tile_pair
+}
+
+bool launch_ok(int64_t threads, int64_t& blocks) {
+  blocks = (threads + kThreads - 1) / kThreads;
+  return blocks <= INT32_MAX;
+}
+
+}  // namespace
+
+Status int4_tiles_from_groups(const uint8_t* quants, const uint16_t* scales, const uint8_t* zeros,
+                              int64_t n_out, int64_t k, int64_t group, uint8_t* tiles, cudaStream_t stream) {
+  if (quants == nullptr || scales == nullptr || zeros == nullptr || tiles == nullptr || n_out < 0 || k < 0 ||
+      (group != 32 && group != 64 && group != 128) || k % group != 0 ||
+      reinterpret_cast<uintptr_t>(quants) % 16 != 0 || reinterpret_cast<uintptr_t>(tiles) % 16 != 0)
+    return Status::invalid_argument;
+  const int64_t bytes = int4_tiles_bytes(n_out, k, group);
+  const int64_t runs = n_out * (k / 32), groups = n_out * (k / group);
+  int64_t run_blocks = 0, pair_blocks = 0;
+  if (!launch_ok(runs, run_blocks) || !launch_ok(groups, pair_blocks)) return Status::invalid_argument;
+  if (bytes == 0) return Status::ok;
+  if (cudaMemsetAsync(tiles, 0, static_cast<size_t>(bytes), stream) != cudaSuccess)
+    return Status::device_error;
+  const int64_t stages = (k + kInt4TileInputs - 1) / kInt4TileInputs;
+  const int64_t chunk_bytes = int4_tiles_chunk_bytes(group);
+  if (run_blocks > 0) {
+    tile_runs_kernel<<<static_cast<unsigned>(run_blocks), kThreads, 0, stream>>>(quants, k, runs, stages,
+                                                                                 chunk_bytes, tiles);
+    tile_pairs_kernel<<<static_cast<unsigned>(pair_blocks), kThreads, 0, stream>>>(
+        scales, zeros, group, k, groups, stages, chunk_bytes, tiles);
+  }
+  return cudaGetLastError() == cudaSuccess ? Status::ok : Status::device_error;
+}
+
+}  // namespace nibble::kernels::cuda

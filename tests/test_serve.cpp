@@ -621,6 +621,33 @@ TEST(Serve, CudaServesLikeCudaGenerate) {
   }
 }
 
+// int4_layout: tiles: every GPU worker repacks its (sliced) INT4 matrices into tiles at load; on the
+// tensor-core kernels T=2 and P=2 give the greedy tokens of `nibble generate --device cuda` on tiles.
+TEST(Serve, CudaServesOnTilesLikeCudaGenerateOnTiles) {
+  if (const std::string why = cuda_job_skip_reason(); !why.empty()) GTEST_SKIP() << why;
+  test::TempDir models;
+  const std::string model = make_tiny_model(models.path());
+  std::vector<Expected> expected;
+  for (const std::string& p : kPrompts) {
+    expected.push_back(
+        nibble_generate(model, p, 24, "--device cuda --int4-kernels tensor-cores --int4-layout tiles"));
+  }
+  for (const Shape shape : {Shape{2, 1}, Shape{1, 2}}) {
+    SCOPED_TRACE("T" + std::to_string(shape.tensor) + " P" + std::to_string(shape.pipeline));
+    test::TempDir dir;
+    ServeJob job(dir.path(), model, shape.tensor, shape.pipeline,
+                 "device: cuda\nint4_kernels: tensor_cores\nint4_layout: tiles\ncontext: 1024\nkv_cache: { "
+                 "num_blocks: 64 }\n");
+    ASSERT_TRUE(job.wait_ready()) << job.log();
+    Client client(job.endpoint());
+    for (size_t i = 0; i < kPrompts.size(); ++i) {
+      SCOPED_TRACE("prompt " + std::to_string(i));
+      const protocol::Final f = client.generate(greedy(numbered("p", i), kPrompts[i], 24));
+      EXPECT_EQ(f.tokens, expected[i].tokens);
+    }
+  }
+}
+
 // device: cuda with a draft next to the sampling worker: target and draft on the GPU (the engine's
 // speculation over worker::CudaForwardModel), T=1 and P=2, greedy tokens equal to `nibble generate
 // --device cuda` without a draft (the target as its own draft, and an unrelated one).

@@ -231,14 +231,16 @@ std::shared_ptr<DeviceMemory> upload(const void* host, size_t bytes) {
 // How a matrix is stored on the device, read by the W4A16 kernels where its weights are 4-bit:
 //   q4_0         GGUF Q4_0 blocks as in the file
 //   q4_k         GGUF Q4_K super-blocks as in the file (k a multiple of 256)
+//   q6_k         GGUF Q6_K super-blocks as in the file (k a multiple of 256): a Q4_K_M file's 6-bit
+//                matrices, 6.56 bits a weight where fp16 for cuBLAS took 16
 //   int4_groups  group-wise INT4 (kernels/int4_groups.hpp) recovered exactly from Q8_0 blocks of
 //                asymmetric GPTQ / AWQ, or from Q4_0 blocks that share scales over 64 or 128 inputs
 //                (symmetric GPTQ): 4.125 bits a weight at group 128; and from any Q4_0 (group 32,
 //                zeros 8: 4.75 bits) with CudaModelOptions::q4_0_as_int4_groups
-//   f16          fp16 rows for everything else (Q8_0 of 8-bit weights, Q6_K, F32, ...; and act-order
+//   f16          fp16 rows for everything else (Q8_0 of 8-bit weights, F32, ...; and act-order
 //                GPTQ matrices, whose grouped columns go back to input order on upload), cuBLAS
 // Lookup tables (the embedding) are only ever q4_0 or f16: that is what embedding_lookup_f16 reads.
-enum class DeviceKind { q4_0, q4_k, int4_groups, f16 };
+enum class DeviceKind { q4_0, q4_k, q6_k, int4_groups, f16 };
 // q4_0_min_group: the narrowest group at which Q4_0 matrices go up as int4_groups (32: all of them).
 DeviceKind device_kind(const model::WeightMatrix& w, int64_t q4_0_min_group, bool lookup = false) {
   if (w.input_order != nullptr) return DeviceKind::f16;
@@ -249,6 +251,7 @@ DeviceKind device_kind(const model::WeightMatrix& w, int64_t q4_0_min_group, boo
   }
   if (lookup) return DeviceKind::f16;
   if (w.type == kernels::DType::Q4_K && w.k % kernels::kQK_K == 0) return DeviceKind::q4_k;
+  if (w.type == kernels::DType::Q6_K && w.k % kernels::kQK_K == 0) return DeviceKind::q6_k;
   if (w.type == kernels::DType::Q8_0 && kernels::int4_group_size(w.type, w.data, w.n_out, w.k) > 0) {
     return DeviceKind::int4_groups;
   }
@@ -318,7 +321,7 @@ DeviceMatrix upload_matrix(std::initializer_list<const model::WeightMatrix*> par
     d.n_out += w->n_out;
   }
   std::vector<uint8_t> host;
-  if (d.kind == DeviceKind::q4_0 || d.kind == DeviceKind::q4_k) {
+  if (d.kind == DeviceKind::q4_0 || d.kind == DeviceKind::q4_k || d.kind == DeviceKind::q6_k) {
     for (const model::WeightMatrix* w : parts)
       host.insert(host.end(), w->data, w->data + w->n_out * w->row_bytes());
   } else if (d.kind == DeviceKind::int4_groups) {
@@ -731,6 +734,11 @@ struct CudaLlamaModel::Impl {
         check(st, "W4A16 matmul (Q4_K)");
         return;
       }
+      case DeviceKind::q6_k:  // as stored: the CUDA-core GEMV up to 32 rows, the WMMA GEMM above
+        check(gemv ? kc::w4a16_gemv_q6_k(wd, w.n_out, w.k, x, m, y, stream, pdl)
+                   : kc::w4a16_gemm_q6_k(wd, w.n_out, w.k, x, m, y, stream, pdl),
+              "W4A16 matmul (Q6_K)");
+        return;
       case DeviceKind::int4_groups: {
         const auto* scales = w.tiles ? nullptr : reinterpret_cast<const __half*>(wd + w.scales_offset);
         const uint8_t* zeros = w.tiles ? nullptr : wd + w.zeros_offset;

@@ -255,6 +255,41 @@ struct Q4KBlocks {
   }
 };
 
+// GGUF Q6_K super-blocks as stored (210 bytes per 256 weights: 2-byte aligned): 32-weight unit b is
+// run r = b % 8 of super-block b / 8, in its half h = r / 4 (ql + 64 h, qh + 32 h, scales + 8 h) and
+// quarter q = r % 4: weight l's level is the low (q < 2) or high nibble of ql[32 (q % 2) + l] with
+// bits 2q, 2q + 1 of qh[l] above it, minus 32, times d * scales[2q + l / 16] (kernels/quantize.cpp's
+// dequantize_block_q6_k, rounded as it rounds: (d * scale) * level). Loads are 16-bit words; each
+// ql byte serves two units and each qh byte four (L1 hits: every byte still comes from memory once).
+struct Q6KBlocks {
+  const uint8_t* w;
+  __host__ __device__ void load(int64_t row, int64_t nb, int64_t b, float (&wv)[kQK4_0]) const {
+    const int64_t super_blocks = nb / (kQK_K / kQK4_0);
+    const uint8_t* blk =
+        w + (row * super_blocks + b / (kQK_K / kQK4_0)) * static_cast<int64_t>(sizeof(BlockQ6_K));
+    const int run = static_cast<int>(b % (kQK_K / kQK4_0)), half = run / 4, quarter = run % 4;
+    const auto* ql = reinterpret_cast<const uint16_t*>(blk + 64 * half + 32 * (quarter % 2));
+    const auto* qh = reinterpret_cast<const uint16_t*>(blk + kQK_K / 2 + 32 * half);
+    const auto* head = reinterpret_cast<const uint16_t*>(blk + kQK_K / 2 + kQK_K / 4);  // the 16 scales
+    const unsigned scale_pair = load_ro(head + 4 * half + quarter);  // scales[8 half + 2 quarter], + 1
+    const float d = __half2float(__ushort_as_half(load_ro(head + 8)));
+    const float ds[2] = {mul_rn(d, static_cast<float>(static_cast<int8_t>(scale_pair & 0xFF))),
+                         mul_rn(d, static_cast<float>(static_cast<int8_t>(scale_pair >> 8)))};
+    const int nibble_shift = quarter < 2 ? 0 : 4, high_shift = 2 * quarter;
+    NIBBLE_DEVICE_UNROLL
+    for (int i = 0; i < kQK4_0 / 2; ++i) {
+      const unsigned lw = load_ro(ql + i), hw = load_ro(qh + i);  // bytes 2i (low) and 2i + 1
+      NIBBLE_DEVICE_UNROLL
+      for (int t = 0; t < 2; ++t) {
+        const unsigned low = ((lw >> (8 * t)) >> nibble_shift) & 0xF;
+        const unsigned high = ((hw >> (8 * t)) >> high_shift) & 3;
+        const int level = static_cast<int>(low | (high << 4)) - 32;
+        wv[2 * i + t] = mul_rn(ds[(2 * i + t) / 16], static_cast<float>(level));
+      }
+    }
+  }
+};
+
 // Tensor-core B operands straight from group-wise INT4 (the split nibble order above): the two
 // mma.sync.m16n8k16 B fragments (k 0..15 and 16..31 of one 32-input unit) that lane (g = lane / 4,
 // t = lane % 4) holds for weight row g of an n8 tile. PTX's layout puts inputs 2t, 2t + 1 (b0, b1)

@@ -325,6 +325,40 @@ TEST(CudaLlamaModel, Q4KModelMatchesTheCpu) {
   }
 }
 
+// A Q4_K_M-style mix (llama.cpp keeps ffn_down and the output head at Q6_K, the other matrices at
+// Q4_K): the Q6_K matrices go up as stored (6.56 bits a weight; before, fp16 for cuBLAS) and the
+// logits follow the CPU's on the default kernels and pinned to the CUDA cores.
+TEST(CudaLlamaModel, Q4KMMixWithQ6KMatricesMatchesTheCpu) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  t::TempDir dir;
+  m::LlamaShape shape = tiny_shape(256, 4, 2);
+  shape.n_ff = 768;
+  const std::string f32 = random_model(dir.path(), shape, k::DType::F32);
+  const auto in = m::GgufFile::open(f32);
+  m::GgufWriter out;
+  for (const auto& [key, value] : in->metadata()) out.set(key, value);
+  int64_t q6_layer_weights = 0;  // ffn_down's
+  for (const m::GgufTensorInfo& info : in->tensors()) {
+    const bool six = info.name.find("ffn_down") != std::string::npos || info.name == "output.weight";
+    const k::DType type = info.dims.size() == 1 ? k::DType::F32 : six ? k::DType::Q6_K : k::DType::Q4_K;
+    if (six && info.name != "output.weight") q6_layer_weights += info.rows() * info.row_elements();
+    out.add_tensor(info.name, info.dims, type, m::convert_tensor(*in, info, type));
+  }
+  const std::string mix = (dir.path() / "model-q4_k_m.gguf").string();
+  out.write(mix);
+  ASSERT_GT(q6_layer_weights, 0);
+  for (const w::Int4Kernels kernels : {w::Int4Kernels::measured, w::Int4Kernels::cuda_cores}) {
+    SCOPED_TRACE("int4_kernels " + std::to_string(static_cast<int>(kernels)));
+    compare_scenario(mix, kQuantizedBound, /*decode_attention=*/true, kernels);
+  }
+  const auto checkpoint = m::LlamaCheckpoint::open(mix);
+  w::CudaLlamaModel gpu(checkpoint);
+  // The four-bit bound (fp16 for embedding and head) plus 210 bytes per 256 ffn_down weights on top
+  // of their 19 per 32: fp16 ffn_down matrices (2 bytes a weight) would not fit.
+  EXPECT_LE(gpu.weight_bytes(),
+            four_bit_weight_bytes_bound(checkpoint->config()) + q6_layer_weights * 210 / 256);
+}
+
 // GPTQ / AWQ checkpoints (tests/data/gptq-tiny-llama): asymmetric AWQ at group 64 and per-channel
 // GPTQ are Q8_0 on the CPU and group-wise INT4 on the GPU; symmetric GPTQ at group 32 is Q4_0 on both;
 // act-order GPTQ is fp16 on the GPU.

@@ -71,6 +71,27 @@ TEST(CudaW4A16Gemm, Q4KMatchesCpuReference) {
   }
 }
 
+// GGUF Q6_K as stored (a Q4_K_M model's 6-bit matrices), rows 2-byte aligned.
+TEST(CudaW4A16Gemm, Q6KMatchesCpuReference) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  std::mt19937 rng(19);
+  struct Case {
+    int64_t n_out, k;
+  };
+  for (const Case c : {Case{37, 4352}, Case{1001, 768}, Case{130, 256}}) {
+    std::vector<uint8_t> wq;
+    std::vector<float> wf;
+    ASSERT_NO_FATAL_FAILURE(random_quantized(k::DType::Q6_K, c.n_out, c.k, rng, wq, wf));
+    DeviceBuffer<uint8_t> dw(wq);
+    ASSERT_NE(dw.ptr, nullptr);
+    for (const int64_t m : {int64_t{1}, int64_t{65}, int64_t{257}}) {
+      expect_matches_reference(wf, c.n_out, c.k, m, 2e-3, rng, [&](const __half* x, int64_t mm, float* y) {
+        return k::cuda::w4a16_gemm_q6_k(dw.ptr, c.n_out, c.k, x, mm, y, nullptr);
+      });
+    }
+  }
+}
+
 // Group-wise INT4 with asymmetric zeros (GPTQ / AWQ as loaded), groups of 32, 64 and 128, on large
 // shapes and on ones smaller than a tile (5 outputs of one 32-input unit; 130 outputs, group 64).
 TEST(CudaW4A16Gemm, Int4GroupsMatchCpuReference) {

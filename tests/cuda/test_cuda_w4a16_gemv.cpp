@@ -82,6 +82,36 @@ TEST(CudaW4A16Gemv, Q4KMatchesCpuReference) {
   EXPECT_EQ(cudaGetLastError(), cudaSuccess);
 }
 
+// GGUF Q6_K read as stored: rows 210 bytes a super-block apart (2-byte aligned from the second row
+// on with 3 super-blocks), every run of both halves; the GEMV holds each weight in fp32, so the bound
+// is the Q4_K one.
+TEST(CudaW4A16Gemv, Q6KMatchesCpuReference) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  std::mt19937 rng(101);
+  for (const int64_t n_out : {int64_t{1}, int64_t{37}, int64_t{4099}}) {
+    for (const int64_t kk : {int64_t{256}, int64_t{768}, int64_t{4352}}) {
+      std::vector<uint8_t> wq;
+      std::vector<float> wf;
+      ASSERT_NO_FATAL_FAILURE(random_quantized(k::DType::Q6_K, n_out, kk, rng, wq, wf));
+      DeviceBuffer<uint8_t> dw(wq);
+      ASSERT_NE(dw.ptr, nullptr);
+      for (const int64_t m : {int64_t{1}, int64_t{5}, int64_t{32}}) {
+        expect_matches_reference(wf, n_out, kk, m, 1e-3, rng, [&](const __half* x, int64_t mm, float* y) {
+          return k::cuda::w4a16_gemv_q6_k(dw.ptr, n_out, kk, x, mm, y, nullptr);
+        });
+      }
+    }
+  }
+  DeviceBuffer<uint8_t> dw(static_cast<size_t>(2 * 210 + 16));
+  DeviceBuffer<k::f16_bits> dx(512);
+  DeviceBuffer<float> dy(2);
+  const auto* x = reinterpret_cast<const __half*>(dx.ptr);
+  EXPECT_EQ(k::cuda::w4a16_gemv_q6_k(dw.ptr, 1, 288, x, 1, dy.ptr, nullptr), k::Status::invalid_argument);
+  EXPECT_EQ(k::cuda::w4a16_gemv_q6_k(dw.ptr + 1, 1, 256, x, 1, dy.ptr, nullptr), k::Status::invalid_argument);
+  EXPECT_EQ(k::cuda::w4a16_gemv_q6_k(dw.ptr, 1, 256, x, 33, dy.ptr, nullptr), k::Status::invalid_argument);
+  EXPECT_EQ(cudaGetLastError(), cudaSuccess);
+}
+
 // Q4_K as stored on the tensor-core GEMV's three row shapes (w4a16_gemv_q4_k_mma, _32rows,
 // w4a16_gemm_q4_k_mma_64rows). Error bound: each sub-block's scale and min are rounded to fp16
 // (2^-12 relative each) and each weight once more (2^-11), the products are exact and summed in fp32:

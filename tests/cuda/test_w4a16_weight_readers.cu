@@ -130,6 +130,21 @@ TEST(W4A16WeightReaders, Q4KReadsTheCpuWeights) {
   }
 }
 
+// Q6_K as stored (2-byte aligned rows of 210-byte blocks): every run of every half and quarter,
+// bit for bit the CPU's dequantize_row.
+TEST(W4A16WeightReaders, Q6KReadsTheCpuWeights) {
+  std::mt19937 rng(9);
+  for (const int64_t n_out : {int64_t{1}, int64_t{5}}) {
+    for (const int64_t kk : {int64_t{256}, int64_t{768}, int64_t{4352}}) {
+      SCOPED_TRACE("n_out=" + std::to_string(n_out) + " k=" + std::to_string(kk));
+      const std::vector<uint8_t> blocks = random_rows(k::DType::Q6_K, n_out, kk, rng);
+      const std::vector<float> want = dequantized(k::DType::Q6_K, blocks.data(), n_out, kk);
+      const Aligned w(blocks.data(), blocks.size());
+      expect_reads(w4a16::Q6KBlocks{w.bytes()}, n_out, kk, want);
+    }
+  }
+}
+
 TEST(W4A16WeightReaders, Int4GroupsReadTheCpuWeights) {
   std::mt19937 rng(3);
   std::uniform_int_distribution<int> level(0, 15), zero(0, 16);

@@ -2,6 +2,7 @@
 
 #include <cstring>
 
+#include "kernels/quant_internal.hpp"
 #include "kernels/quant_types.hpp"
 
 namespace nibble::kernels {
@@ -44,6 +45,38 @@ Status int4_tiles_from_groups(const uint8_t* quants, const uint16_t* scales, con
       const int64_t at = row * groups_per_row + g;
       const uint32_t pair = int4_tile_pair(scales[at], zeros[at]);
       std::memcpy(chunk + kInt4TileNibbleBytes + (r * groups_per_stage + j) * 4, &pair, 4);
+    }
+  }
+  return Status::ok;
+}
+
+int64_t q4_k_tiles_bytes(int64_t n_out, int64_t k) {
+  if (n_out < 0 || k < 0 || k % kQK_K != 0) return 0;
+  return (n_out + kInt4TileRows - 1) / kInt4TileRows * (k / kQK_K) * int4_tiles_chunk_bytes(32);
+}
+
+Status q4_k_tiles_from_blocks(const uint8_t* blocks, int64_t n_out, int64_t k, uint8_t* tiles) {
+  if (blocks == nullptr || tiles == nullptr || n_out < 0 || k < 0 || k % kQK_K != 0)
+    return Status::invalid_argument;
+  std::memset(tiles, 0, static_cast<size_t>(q4_k_tiles_bytes(n_out, k)));
+  const int64_t stages = k / kQK_K, chunk_bytes = int4_tiles_chunk_bytes(32);
+  for (int64_t row = 0; row < n_out; ++row) {
+    const int64_t t = row / kInt4TileRows, r = row % kInt4TileRows;
+    for (int64_t s = 0; s < stages; ++s) {
+      BlockQ4_K block;
+      std::memcpy(&block, blocks + (row * stages + s) * static_cast<int64_t>(sizeof(BlockQ4_K)),
+                  sizeof block);
+      uint8_t* chunk = tiles + (t * stages + s) * chunk_bytes;
+      std::memcpy(chunk + r * 128, block.qs, sizeof block.qs);
+      const float d = fp16_to_fp32(block.d), dmin = fp16_to_fp32(block.dmin);
+      for (int j = 0; j < 8; ++j) {
+        uint8_t scale = 0, min = 0;
+        detail::q4_k_scale_min(j, block.scales, &scale, &min);
+        // Both products are exact in fp32 (11-bit d times a 6-bit integer); one rounding to fp16.
+        const uint32_t pair = static_cast<uint32_t>(fp32_to_fp16(d * static_cast<float>(scale))) |
+                              (static_cast<uint32_t>(fp32_to_fp16(-(dmin * static_cast<float>(min)))) << 16);
+        std::memcpy(chunk + kInt4TileNibbleBytes + (r * 8 + j) * 4, &pair, 4);
+      }
     }
   }
   return Status::ok;

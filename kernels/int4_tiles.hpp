@@ -43,6 +43,17 @@ int64_t int4_tiles_bytes(int64_t n_out, int64_t k, int64_t group);
 Status int4_tiles_from_groups(const uint8_t* quants, const uint16_t* scales, const uint8_t* zeros,
                               int64_t n_out, int64_t k, int64_t group, uint8_t* tiles);
 
+// GGUF Q4_K in the same chunks, for the Q4_K tensor-core kernels: chunk (t, s) holds super-block s
+// of rows 128 t .. 128 t + 127, int4_tiles_chunk_bytes(32) bytes:
+//   [r * 128, + 128)          the block's 128 qs bytes, unchanged
+//   16384 + 4 * (8 r + j)     sub-block j's scale and min as the kernels stage them: fp16(d * scale)
+//                             | fp16(-(dmin * min)) << 16 (each rounded to nearest even)
+// Rows past n_out are zero bytes (weights of exactly 0).
+int64_t q4_k_tiles_bytes(int64_t n_out, int64_t k);
+// blocks: [n_out, k / 256] BlockQ4_K; tiles: [q4_k_tiles_bytes(n_out, k)] bytes, every byte written.
+// Returns invalid_argument for a null pointer, k not a multiple of 256, n_out < 0.
+Status q4_k_tiles_from_blocks(const uint8_t* blocks, int64_t n_out, int64_t k, uint8_t* tiles);
+
 // The reference dequantization of the tiled form: y[r][j] = float(q - z) * float(s), equal bit for
 // bit to dequantize_int4_groups of the weights it was made from. y: [n_out, k] floats.
 Status dequantize_int4_tiles(const uint8_t* tiles, int64_t n_out, int64_t k, int64_t group, float* y);

@@ -270,8 +270,8 @@ struct DeviceMatrix {
   kc::Int4Kernel int4_kernel[kc::kInt4RowRanges] = {kc::kInt4DefaultKernels[0], kc::kInt4DefaultKernels[1],
                                                     kc::kInt4DefaultKernels[2], kc::kInt4DefaultKernels[3],
                                                     kc::kInt4DefaultKernels[4]};
-  // int4_groups: mem holds the chunks of Int4Layout::tiles (kernels/int4_tiles.hpp) instead of the rows
-  // (the offsets above are then unused).
+  // int4_groups and q4_k: mem holds the chunks of Int4Layout::tiles (kernels/int4_tiles.hpp) instead
+  // of the rows or blocks (the offsets above are then unused).
   bool tiles = false;
   // q4_k: one activation row on the Q4_K tensor-core GEMV rather than the CUDA-core one.
   bool q4_k_tensor_cores_one_row = false;
@@ -721,7 +721,13 @@ struct CudaLlamaModel::Impl {
         // GEMV took 328 us at 16 rows on 8192 x 8192, ten times the group-wise tensor-core GEMV.
         const Int4Kernels pin = options.int4_kernels;
         kernels::Status st;
-        if (pin == Int4Kernels::cuda_cores || (m == 1 && !w.q4_k_tensor_cores_one_row)) {
+        if (w.tiles) {  // only the tensor-core kernels read Q4_K chunks
+          st = m <= kc::kW4A16GemvMmaMaxM
+                   ? kc::w4a16_gemv_q4_k_tiles_mma(wd, w.n_out, w.k, x, m, y, stream, pdl)
+               : m <= kc::kW4A16GemvMma32RowsMaxM
+                   ? kc::w4a16_gemv_q4_k_tiles_mma_32rows(wd, w.n_out, w.k, x, m, y, stream, pdl)
+                   : kc::w4a16_gemm_q4_k_tiles_mma_64rows(wd, w.n_out, w.k, x, m, y, stream, pdl);
+        } else if (pin == Int4Kernels::cuda_cores || (m == 1 && !w.q4_k_tensor_cores_one_row)) {
           st = gemv ? kc::w4a16_gemv_q4_k(wd, w.n_out, w.k, x, m, y, stream, pdl)
                     : kc::w4a16_gemm_q4_k(wd, w.n_out, w.k, x, m, y, stream, pdl);
         } else if (m <= kc::kW4A16GemvMmaMaxM) {
@@ -798,8 +804,8 @@ struct CudaLlamaModel::Impl {
     if (last_stage()) f(head);
   }
   void choose_int4_kernels();
-  // Under Int4Layout::tiles: every int4_groups matrix repacked into chunks on the device, one at a
-  // time (one matrix of extra device memory at the peak).
+  // Under Int4Layout::tiles: every int4_groups and q4_k matrix repacked into chunks on the device, one
+  // at a time (one matrix of extra device memory at the peak).
   void tile_int4_matrices();
   // Per Q4_K matrix shape, the one-row GEMV (q4_k_tensor_cores_one_row), timed on the model's
   // weights under Int4Kernels::measured; records q4_k_choices. Called by choose_int4_kernels.
@@ -915,14 +921,21 @@ static_assert(choice_mirrors_tuning());
 void CudaLlamaModel::Impl::tile_int4_matrices() {
   if (options.int4_layout != Int4Layout::tiles) return;
   for_each_matrix([&](DeviceMatrix& w) {
-    if (w.kind != DeviceKind::int4_groups || w.tiles) return;
-    auto tiled =
-        std::make_shared<DeviceMemory>(static_cast<size_t>(kernels::int4_tiles_bytes(w.n_out, w.k, w.group)));
+    if ((w.kind != DeviceKind::int4_groups && w.kind != DeviceKind::q4_k) || w.tiles) return;
     const uint8_t* base = w.mem->as<uint8_t>();
-    check(kc::int4_tiles_from_groups(base, reinterpret_cast<const uint16_t*>(base + w.scales_offset),
-                                     base + w.zeros_offset, w.n_out, w.k, w.group, tiled->as<uint8_t>(),
-                                     stream),
-          "int4_tiles_from_groups");
+    std::shared_ptr<DeviceMemory> tiled;
+    if (w.kind == DeviceKind::q4_k) {
+      tiled = std::make_shared<DeviceMemory>(static_cast<size_t>(kernels::q4_k_tiles_bytes(w.n_out, w.k)));
+      check(kc::q4_k_tiles_from_blocks(base, w.n_out, w.k, tiled->as<uint8_t>(), stream),
+            "q4_k_tiles_from_blocks");
+    } else {
+      tiled = std::make_shared<DeviceMemory>(
+          static_cast<size_t>(kernels::int4_tiles_bytes(w.n_out, w.k, w.group)));
+      check(kc::int4_tiles_from_groups(base, reinterpret_cast<const uint16_t*>(base + w.scales_offset),
+                                       base + w.zeros_offset, w.n_out, w.k, w.group, tiled->as<uint8_t>(),
+                                       stream),
+            "int4_tiles_from_groups");
+    }
     cuda_check(cudaStreamSynchronize(stream), "int4_tiles_from_groups");  // before the rows are freed
     w.mem = std::move(tiled);
     w.tiles = true;
@@ -1004,7 +1017,7 @@ void CudaLlamaModel::Impl::choose_q4_k_kernels() {
   const auto add = [&](DeviceMatrix& w) {
     if (w.kind != DeviceKind::q4_k) return;
     for (auto& [choice, list] : shapes) {
-      if (choice.n_out == w.n_out && choice.k == w.k) {
+      if (choice.n_out == w.n_out && choice.k == w.k && choice.tiles == w.tiles) {
         list.push_back(&w);
         return;
       }
@@ -1012,14 +1025,15 @@ void CudaLlamaModel::Impl::choose_q4_k_kernels() {
     CudaQ4KChoice choice;
     choice.n_out = w.n_out;
     choice.k = w.k;
+    choice.tiles = w.tiles;
     shapes.push_back({choice, {&w}});
   };
   for_each_matrix(add);
   q4_k_choices.clear();
   for (auto& [choice, list] : shapes) {
     choice.matrices = static_cast<int64_t>(list.size());
-    choice.tensor_cores = options.int4_kernels == Int4Kernels::tensor_cores;
-    if (options.int4_kernels == Int4Kernels::measured) {
+    choice.tensor_cores = options.int4_kernels == Int4Kernels::tensor_cores || choice.tiles;
+    if (options.int4_kernels == Int4Kernels::measured && !choice.tiles) {
       // One row on each GEMV, the shape's matrices in turn (enough of them and L2 holds few), the
       // tensor cores kept only when kInt4MinGain faster (as the INT4 choice keeps its default).
       DeviceMemory x(static_cast<size_t>(choice.k) * sizeof(__half)),

@@ -127,12 +127,14 @@ class CudaKvCache {
 // (CudaQ4KChoice).
 enum class Int4Kernels { measured, cuda_cores, tensor_cores };
 
-// How group-wise INT4 matrices lie in device memory. rows: as kernels/int4_groups.hpp (nibbles,
-// scales and zeros in three row-major arrays), which every INT4 kernel reads. tiles: repacked on the
-// device at load into the tensor-core kernels' own chunks (kernels/int4_tiles.hpp, Marlin's idea: a
-// block's pipeline stage is one contiguous 17 KB read instead of 128 lines k / 2 bytes apart), which
-// the five tensor-core kernels and dequant + cuBLAS read, with the same bits as on rows; the
-// CUDA-core GEMVs and the older GEMMs do not (Int4Kernels::cuda_cores is refused with tiles).
+// How group-wise INT4 and GGUF Q4_K matrices lie in device memory. rows: as loaded
+// (kernels/int4_groups.hpp's three row-major arrays; Q4_K blocks as in the file), which every
+// kernel reads. tiles: repacked on the device at load into the tensor-core kernels' own chunks
+// (kernels/int4_tiles.hpp, Marlin's idea: a block's pipeline stage is one contiguous 17-20 KB read
+// instead of 128 lines a row apart), which the tensor-core kernels (and, for INT4, dequant + cuBLAS)
+// read with the same bits as the rows; the CUDA-core GEMVs and the older GEMMs do not
+// (Int4Kernels::cuda_cores is refused with tiles), so a tiled Q4_K matrix takes the tensor cores at
+// every row count.
 enum class Int4Layout { rows, tiles };
 
 // The kernels one group-wise INT4 matrix shape uses, with the load-time times behind the choice.
@@ -161,6 +163,7 @@ struct CudaInt4KernelChoice {
 // is kInt4MinGain (5%) faster than the CUDA-core one on the model's weights at load.
 struct CudaQ4KChoice {
   int64_t n_out = 0, k = 0;
+  bool tiles = false;          // in Q4_K chunks (Int4Layout::tiles): the tensor cores at every row count
   int64_t matrices = 0;        // how many of the model's matrices have this shape
   double cuda_cores_us = 0.0;  // device us per one-row product; 0: not timed (a pinned choice)
   double tensor_cores_us = 0.0;

@@ -393,7 +393,8 @@ int run_model(const Args& a) {
                    {"matrices", ch.matrices},
                    {"one_row_cuda_cores_us", ch.cuda_cores_us},
                    {"one_row_tensor_cores_us", ch.tensor_cores_us},
-                   {"one_row_chosen", ch.tensor_cores ? "tensor cores" : "CUDA cores"}});
+                   {"one_row_chosen", ch.tensor_cores ? "tensor cores" : "CUDA cores"},
+                   {"layout", ch.tiles ? "tiles" : "rows"}});
   }
   if (a.json) {
     nlohmann::json out{{"model", a.model},
@@ -629,6 +630,7 @@ int run_kernels(const Args& a) {
       row["w4a16_q4k_us"] = r.q4k_us;
       row["q4k_gbps"] = r.q4k_bytes / (r.q4k_us * 1e-6) / 1e9;
       row["w4a16_q4k_tc_us"] = r.q4k_tc_us;
+      row["w4a16_q4k_tiles_tc_us"] = r.q4k_tiles_tc_us;
     }
     if (tg_us > 0) {
       row["tinygemm_us"] = tg_us;
@@ -692,19 +694,20 @@ int run_kernels(const Args& a) {
         "\nTensor-core kernels on rows and on tiles, us (%%copy of the group-128 bytes): tc = the GEMV "
         "(rows: 256 threads; tiles: the fastest of 256 threads, 512 threads, 2 blocks an SM), tc32 = two m16 "
         "tiles, tc64 = 64-row slabs, deq = dequant + cuBLAS, loads = the 256-thread GEMV's loads-only "
-        "probe\n");
-    std::printf("%-12s %4s | %15s %15s | %15s %15s | %15s %15s | %15s %15s | %15s %15s | %8s\n", "k x n_out",
-                "m", "tc rows", "tc tiles", "tc32 rows", "tc32 tiles", "tc64 rows", "tc64 tiles", "deq rows",
-                "deq tiles", "loads rows", "loads tiles", "tc shape");
+        "probe; Q4_K tc = the Q4_K tensor-core kernels on the blocks as stored and on Q4_K chunks (%%copy of "
+        "Q4_K's bytes)\n");
+    std::printf("%-12s %4s | %15s %15s | %15s %15s | %15s %15s | %15s %15s | %15s %15s | %15s %15s | %8s\n",
+                "k x n_out", "m", "tc rows", "tc tiles", "tc32 rows", "tc32 tiles", "tc64 rows", "tc64 tiles",
+                "deq rows", "deq tiles", "loads rows", "loads tiles", "Q4_K tc", "Q4_K tc tiles", "tc shape");
     for (const auto& r : result.rows) {
       if (!(r.g128_tiles_tc64_us > 0)) continue;
       char shape[32];
       std::snprintf(shape, sizeof shape, "%lldx%lld", static_cast<long long>(r.shape.k),
                     static_cast<long long>(r.shape.n_out));
       std::printf("%-12s %4lld |", shape, static_cast<long long>(r.m));
-      const auto cell = [&](double us) {
+      const auto cell = [&](double us, double bytes) {
         if (us > 0)
-          std::printf(" %8.1f (%3.0f%%)", us, 100.0 * r.g128_bytes / (us * 1e-6) / 1e9 / result.copy_gbps);
+          std::printf(" %8.1f (%3.0f%%)", us, 100.0 * bytes / (us * 1e-6) / 1e9 / result.copy_gbps);
         else
           std::printf(" %15s", "-");
       };
@@ -712,10 +715,13 @@ int run_kernels(const Args& a) {
            {std::pair{r.g128_tc_us, r.g128_tiles_tc_us}, std::pair{r.g128_tc32_us, r.g128_tiles_tc32_us},
             std::pair{r.g128_tc64_us, r.g128_tiles_tc64_us}, std::pair{r.g128_deq_us, r.g128_tiles_deq_us},
             std::pair{r.g128_tc_loads_us, r.g128_tiles_loads_us}}) {
-        cell(on_rows);
-        cell(on_tiles);
+        cell(on_rows, r.g128_bytes);
+        cell(on_tiles, r.g128_bytes);
         std::printf(" |");
       }
+      cell(r.q4k_tc_us, r.q4k_bytes);
+      cell(r.q4k_tiles_tc_us, r.q4k_bytes);
+      std::printf(" |");
       std::printf(" %8s\n", r.g128_tiles_tc_shape);
     }
   }

@@ -76,9 +76,9 @@ enum class DraftPlacement {
 // the choice, so that every process of a job, and `nibble generate --int4-kernels` with the same
 // value, computes each product with the same kernels (bit-identical runs across processes).
 enum class Int4KernelChoice { measured, cuda_cores, tensor_cores };
-// How a GPU worker lays out group-wise INT4 matrices (worker::Int4Layout): rows as loaded, or tiles,
-// repacked at load into the tensor-core kernels' chunks (which the CUDA-core kernels cannot read, so
-// int4_kernels: cuda_cores with tiles is a config error).
+// How a GPU worker lays out group-wise INT4 and GGUF Q4_K matrices (worker::Int4Layout): rows as
+// loaded, or tiles, repacked at load into the tensor-core kernels' chunks (which the CUDA-core
+// kernels cannot read, so int4_kernels: cuda_cores with tiles is a config error).
 enum class Int4LayoutChoice { rows, tiles };
 
 const char* device_name(Device device);

@@ -1,6 +1,7 @@
 #include <cuda_runtime.h>
 
 #include "kernels/cuda/int4_tiles.cuh"
+#include "kernels/cuda/w4a16_weights.cuh"
 #include "kernels/int4_tiles.hpp"
 
 namespace nibble::kernels::cuda {
@@ -37,6 +38,28 @@ __global__ void __launch_bounds__(kThreads)
       static_cast<uint32_t>(scales[i]) | (static_cast<uint32_t>(0x6400 + zeros[i]) << 16);  // int4_tile_pair
 }
 
+// One thread per (row, super-block): its 128 qs bytes and its 8 sub-blocks' packed (scale, min).
+__global__ void __launch_bounds__(kThreads)
+    tile_q4_k_kernel(const uint8_t* __restrict__ blocks, int64_t super_blocks, int64_t stages,
+                     int64_t chunk_bytes, uint8_t* __restrict__ tiles) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (i >= super_blocks) return;
+  const int64_t row = i / stages, s = i % stages;
+  const int64_t t = row / kInt4TileRows, r = row % kInt4TileRows;
+  const auto* src = reinterpret_cast<const uint4*>(blocks + i * static_cast<int64_t>(sizeof(BlockQ4_K)));
+  uint8_t* chunk = tiles + (t * stages + s) * chunk_bytes;
+  auto* qs = reinterpret_cast<uint4*>(chunk + r * 128);
+#pragma unroll
+  for (int c = 0; c < 8; ++c) qs[c] = __ldg(src + 1 + c);
+  const uint4 head = __ldg(src);
+  uint32_t pairs[8];
+#pragma unroll
+  for (int j = 0; j < 8; ++j) pairs[j] = w4a16::q4_k_packed_scale_min(head, j);
+  auto* out = reinterpret_cast<uint4*>(chunk + kInt4TileNibbleBytes + r * 32);
+  out[0] = make_uint4(pairs[0], pairs[1], pairs[2], pairs[3]);
+  out[1] = make_uint4(pairs[4], pairs[5], pairs[6], pairs[7]);
+}
+
 bool launch_ok(int64_t threads, int64_t& blocks) {
   blocks = (threads + kThreads - 1) / kThreads;
   return blocks <= INT32_MAX;
@@ -65,6 +88,23 @@ Status int4_tiles_from_groups(const uint8_t* quants, const uint16_t* scales, con
     tile_pairs_kernel<<<static_cast<unsigned>(pair_blocks), kThreads, 0, stream>>>(
         scales, zeros, group, k, groups, stages, chunk_bytes, tiles);
   }
+  return cudaGetLastError() == cudaSuccess ? Status::ok : Status::device_error;
+}
+
+Status q4_k_tiles_from_blocks(const uint8_t* blocks, int64_t n_out, int64_t k, uint8_t* tiles,
+                              cudaStream_t stream) {
+  if (blocks == nullptr || tiles == nullptr || n_out < 0 || k < 0 || k % kQK_K != 0 ||
+      reinterpret_cast<uintptr_t>(blocks) % 16 != 0 || reinterpret_cast<uintptr_t>(tiles) % 16 != 0)
+    return Status::invalid_argument;
+  const int64_t stages = k / kQK_K, super_blocks = n_out * stages;
+  int64_t grid = 0;
+  if (!launch_ok(super_blocks, grid)) return Status::invalid_argument;
+  const int64_t bytes = q4_k_tiles_bytes(n_out, k);
+  if (bytes == 0) return Status::ok;
+  if (cudaMemsetAsync(tiles, 0, static_cast<size_t>(bytes), stream) != cudaSuccess)
+    return Status::device_error;
+  tile_q4_k_kernel<<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(blocks, super_blocks, stages,
+                                                                         int4_tiles_chunk_bytes(32), tiles);
   return cudaGetLastError() == cudaSuccess ? Status::ok : Status::device_error;
 }
 

@@ -21,4 +21,13 @@ namespace nibble::kernels::cuda {
 Status int4_tiles_from_groups(const uint8_t* quants, const uint16_t* scales, const uint8_t* zeros,
                               int64_t n_out, int64_t k, int64_t group, uint8_t* tiles, cudaStream_t stream);
 
+// GGUF Q4_K blocks on the device into the Q4_K chunks of kernels/int4_tiles.hpp (what
+// kernels::q4_k_tiles_from_blocks does on the host; pairs by w4a16::q4_k_packed_scale_min, the bits
+// the Q4_K tensor-core kernels stage from the blocks as stored).
+// blocks: [n_out, k / 256] BlockQ4_K, 16-byte aligned; tiles: [q4_k_tiles_bytes(n_out, k)] bytes,
+// 16-byte aligned, every byte written; k a multiple of 256. Returns invalid_argument (nothing
+// launched) for a bad argument, device_error if a launch fails. A memset and one kernel on `stream`.
+Status q4_k_tiles_from_blocks(const uint8_t* blocks, int64_t n_out, int64_t k, uint8_t* tiles,
+                              cudaStream_t stream);
+
 }  // namespace nibble::kernels::cuda

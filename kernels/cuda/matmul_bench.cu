@@ -172,7 +172,8 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
       g128_staged(ms.size(), 0.0), g128_tc32(ms.size(), 0.0), g128_tc64(ms.size(), 0.0),
       g128_tc_loads(ms.size(), 0.0), g128_tc_compute(ms.size(), 0.0), g128_deq(ms.size(), 0.0),
       tiles_tc(ms.size(), 0.0), tiles_tc32(ms.size(), 0.0), tiles_tc64(ms.size(), 0.0),
-      tiles_deq(ms.size(), 0.0), tiles_loads(ms.size(), 0.0), q4k(ms.size(), 0.0), q4k_tc(ms.size(), 0.0);
+      tiles_deq(ms.size(), 0.0), tiles_loads(ms.size(), 0.0), q4k(ms.size(), 0.0), q4k_tc(ms.size(), 0.0),
+      q4k_tiles_tc(ms.size(), 0.0);
   std::vector<const char*> tiles_tc_shape(ms.size(), "");
   const size_t g128_quant_bytes = static_cast<size_t>(n * k / 2);
   const size_t g128_groups = static_cast<size_t>(n * (k / 128));
@@ -319,6 +320,30 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
           throw BenchFailure(std::string("W4A16 Q4_K tensor-core kernel failed: ") + status_name(st));
       });
     }
+    // The same blocks in Q4_K chunks (kernels/int4_tiles.hpp), on the same three kernels.
+    const auto tiles_bytes = static_cast<size_t>(q4_k_tiles_bytes(n, k));
+    DeviceMemory tiles(tiles_bytes * copies);
+    for (int c = 0; c < copies; ++c) {
+      const Status st = q4_k_tiles_from_blocks(static_cast<const uint8_t*>(w.ptr) + q4k_bytes * c, n, k,
+                                               static_cast<uint8_t*>(tiles.ptr) + tiles_bytes * c, stream);
+      if (st != Status::ok)
+        throw BenchFailure(std::string("q4_k_tiles_from_blocks failed: ") + status_name(st));
+    }
+    for (size_t mi = 0; mi < ms.size(); ++mi) {
+      const int64_t m = ms[mi];
+      q4k_tiles_tc[mi] = time_us(stream, iterations, repetitions, [&](int i) {
+        const uint8_t* t =
+            static_cast<const uint8_t*>(tiles.ptr) + tiles_bytes * static_cast<size_t>(i % copies);
+        auto* out = static_cast<float*>(y.ptr);
+        const Status st = m <= kW4A16GemvMmaMaxM ? w4a16_gemv_q4_k_tiles_mma(t, n, k, xh, m, out, stream)
+                          : m <= kW4A16GemvMma32RowsMaxM
+                              ? w4a16_gemv_q4_k_tiles_mma_32rows(t, n, k, xh, m, out, stream)
+                              : w4a16_gemm_q4_k_tiles_mma_64rows(t, n, k, xh, m, out, stream);
+        if (st != Status::ok)
+          throw BenchFailure(std::string("W4A16 Q4_K tensor-core kernel on tiles failed: ") +
+                             status_name(st));
+      });
+    }
   }
   {
     DeviceMemory w(f16_bytes * f16_copies);
@@ -363,6 +388,7 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
     row.g128_tiles_loads_us = tiles_loads[mi];
     row.q4k_us = q4k[mi];
     row.q4k_tc_us = q4k_tc[mi];
+    row.q4k_tiles_tc_us = q4k_tiles_tc[mi];
     row.g128_bytes = static_cast<double>(g128_bytes) + 2.0 * ms[mi] * k + 4.0 * ms[mi] * n;
     row.q4k_bytes = static_cast<double>(q4k_bytes) + 2.0 * ms[mi] * k + 4.0 * ms[mi] * n;
     row.cublas_us = theirs[mi];

@@ -45,11 +45,12 @@ struct MatmulBenchRow {
       0.0;                 // the same dequantized to fp16 in chunks for cuBLAS (m >= 17 only; 64 MiB scratch)
   double q4k_us = 0.0;     // GGUF Q4_K as stored (w4a16_*_q4_k); 0: k % 256 != 0
   double q4k_tc_us = 0.0;  // the same on the tensor cores (w4a16_gemv_q4_k_mma, _32rows, _64rows by m)
-  double cublas_us = 0.0;  // fp16 x fp16 cublasGemmEx, fp32 accumulation
-  double ours_bytes = 0.0;    // bytes one product must move: Q4_0 weights + fp16 x + fp32 y
-  double g128_bytes = 0.0;    // nibbles + fp16 scale + zero byte per 128 weights, + x + y
-  double q4k_bytes = 0.0;     // 144 bytes per 256 weights, + x + y
-  double cublas_bytes = 0.0;  // fp16 weights + fp16 x + fp16 y
+  double q4k_tiles_tc_us = 0.0;  // the same kernels on the blocks repacked into Q4_K chunks
+  double cublas_us = 0.0;        // fp16 x fp16 cublasGemmEx, fp32 accumulation
+  double ours_bytes = 0.0;       // bytes one product must move: Q4_0 weights + fp16 x + fp32 y
+  double g128_bytes = 0.0;       // nibbles + fp16 scale + zero byte per 128 weights, + x + y
+  double q4k_bytes = 0.0;        // 144 bytes per 256 weights, + x + y
+  double cublas_bytes = 0.0;     // fp16 weights + fp16 x + fp16 y
 };
 
 struct MatmulBenchResult {

@@ -67,7 +67,8 @@ constexpr int kProbeNone = 0, kProbeLoadsOnly = 1, kProbeComputeOnly = 2;
 // are (16 bytes into the 144-byte block) and whose header gives the stage's 8 (scale, min) pairs.
 // Or group-wise INT4 in the kernel's own chunks (kernels/int4_tiles.hpp): a block's stage is one
 // contiguous chunk, its (scale, zero) pairs packed at the end, all of it copied with cp.async.
-constexpr int kFormatInt4Groups = 0, kFormatQ4K = 1, kFormatInt4Tiles = 2;
+// And GGUF Q4_K in the same chunks (q4_k_tiles_from_blocks): Q4_K's arithmetic, the tiles' loads.
+constexpr int kFormatInt4Groups = 0, kFormatQ4K = 1, kFormatInt4Tiles = 2, kFormatQ4KTiles = 3;
 template <int MTiles, int WarpsN, int WarpsK, int Stages, int BlocksPerSm, int Probe = kProbeNone,
           int Format = kFormatInt4Groups>
 struct GemvMmaConfig {
@@ -136,6 +137,9 @@ using GemvMma2SmTiles = GemvMmaConfig<1, 2, 4, 3, 2, kProbeNone, kFormatInt4Tile
 using GemvMma32RowsTiles = GemvMmaConfig<2, 2, 4, 4, 1, kProbeNone, kFormatInt4Tiles>;
 using GemmMma64RowsTiles = GemvMmaConfig<4, 4, 2, 3, 1, kProbeNone, kFormatInt4Tiles>;
 using GemvMmaLoadsOnlyTiles = GemvMmaConfig<1, 2, 4, 4, 1, kProbeLoadsOnly, kFormatInt4Tiles>;
+using GemvMmaQ4KTiles = GemvMmaConfig<1, 2, 4, 4, 1, kProbeNone, kFormatQ4KTiles>;
+using GemvMma32RowsQ4KTiles = GemvMmaConfig<2, 2, 4, 4, 1, kProbeNone, kFormatQ4KTiles>;
+using GemmMma64RowsQ4KTiles = GemvMmaConfig<4, 4, 2, 3, 1, kProbeNone, kFormatQ4KTiles>;
 
 // Grid (row slabs, output tiles, splits), clusters of (1, 1, splits): block (slab, tile, split)
 // computes outputs 128 tile .. 128 tile + 127 of activation rows kRows slab .. kRows slab + kRows - 1
@@ -148,8 +152,8 @@ __global__ void __launch_bounds__(C::kThreads, C::kBlocksPerSm)
                                 int stages_per_split) {
   constexpr int kThreads = C::kThreads, kTileN = C::kTileN, kWarpsK = C::kWarpsK, kStages = C::kStages;
   constexpr int kMTiles = C::kMTiles, kRows = C::kRows;
-  constexpr bool kQ4K = C::kFormat == kFormatQ4K;
-  constexpr bool kTiles = C::kFormat == kFormatInt4Tiles;
+  constexpr bool kQ4K = C::kFormat == kFormatQ4K || C::kFormat == kFormatQ4KTiles;          // Q4_K arithmetic
+  constexpr bool kTiles = C::kFormat == kFormatInt4Tiles || C::kFormat == kFormatQ4KTiles;  // chunked loads
   // Bytes between a row's consecutive stages in the source: 128 of nibbles, or a 144-byte Q4_K block.
   constexpr int kSrcStageBytes = kQ4K ? static_cast<int>(sizeof(BlockQ4_K)) : C::kStageUnits * 16;
   static_assert(!kQ4K || (C::kStageUnits * kQK4_0 == kQK_K && C::kStageUnits * 16 + 16 == sizeof(BlockQ4_K)),
@@ -551,7 +555,7 @@ Status launch_gemv_mma(const uint8_t* quants, const __half* scales, const uint8_
                        int64_t n_out, int64_t k, const __half* x, int64_t m, float* y, cudaStream_t stream,
                        bool programmatic, int64_t max_m = C::kRows) {
   w4a16::Int4GroupBlocks blocks{};
-  if constexpr (C::kFormat == kFormatQ4K) {
+  if constexpr (C::kFormat == kFormatQ4K || C::kFormat == kFormatQ4KTiles) {
     if (quants == nullptr || reinterpret_cast<uintptr_t>(quants) % 16 != 0 || k % kQK_K != 0 ||
         x == nullptr || y == nullptr || reinterpret_cast<uintptr_t>(x) % 16 != 0)
       return Status::invalid_argument;
@@ -679,6 +683,24 @@ Status w4a16_gemm_int4_tiles_mma_64rows(const uint8_t* tiles, int64_t group, int
                                         bool programmatic) {
   return launch_gemv_mma<GemmMma64RowsTiles>(tiles, nullptr, nullptr, group, n_out, k, x, m, y, stream,
                                              programmatic, INT32_MAX);
+}
+
+Status w4a16_gemv_q4_k_tiles_mma(const uint8_t* tiles, int64_t n_out, int64_t k, const __half* x, int64_t m,
+                                 float* y, cudaStream_t stream, bool programmatic) {
+  return launch_gemv_mma<GemvMmaQ4KTiles>(tiles, nullptr, nullptr, kQK4_0, n_out, k, x, m, y, stream,
+                                          programmatic);
+}
+
+Status w4a16_gemv_q4_k_tiles_mma_32rows(const uint8_t* tiles, int64_t n_out, int64_t k, const __half* x,
+                                        int64_t m, float* y, cudaStream_t stream, bool programmatic) {
+  return launch_gemv_mma<GemvMma32RowsQ4KTiles>(tiles, nullptr, nullptr, kQK4_0, n_out, k, x, m, y, stream,
+                                                programmatic);
+}
+
+Status w4a16_gemm_q4_k_tiles_mma_64rows(const uint8_t* tiles, int64_t n_out, int64_t k, const __half* x,
+                                        int64_t m, float* y, cudaStream_t stream, bool programmatic) {
+  return launch_gemv_mma<GemmMma64RowsQ4KTiles>(tiles, nullptr, nullptr, kQK4_0, n_out, k, x, m, y, stream,
+                                                programmatic, INT32_MAX);
 }
 
 Status w4a16_gemv_int4_groups_mma_probe(GemvMmaProbe probe, const uint8_t* quants, const __half* scales,

@@ -105,6 +105,17 @@ Status w4a16_gemm_int4_tiles_mma_64rows(const uint8_t* tiles, int64_t group, int
                                         const __half* x, int64_t m, float* y, cudaStream_t stream,
                                         bool programmatic = false);
 
+// The three Q4_K kernels (w4a16_gemv_q4_k_mma, _32rows, w4a16_gemm_q4_k_mma_64rows) on Q4_K repacked
+// into chunks (kernels/int4_tiles.hpp's Q4_K chunks, made on the device by q4_k_tiles_from_blocks):
+// the same bits as on the blocks as stored. tiles: [q4_k_tiles_bytes(n_out, k)] bytes, 16-byte
+// aligned; k % 256 == 0; the rest as above.
+Status w4a16_gemv_q4_k_tiles_mma(const uint8_t* tiles, int64_t n_out, int64_t k, const __half* x, int64_t m,
+                                 float* y, cudaStream_t stream, bool programmatic = false);
+Status w4a16_gemv_q4_k_tiles_mma_32rows(const uint8_t* tiles, int64_t n_out, int64_t k, const __half* x,
+                                        int64_t m, float* y, cudaStream_t stream, bool programmatic = false);
+Status w4a16_gemm_q4_k_tiles_mma_64rows(const uint8_t* tiles, int64_t n_out, int64_t k, const __half* x,
+                                        int64_t m, float* y, cudaStream_t stream, bool programmatic = false);
+
 // For the benchmark only: what limits the tensor-core GEMV (the 256-thread shape). `whole` is
 // w4a16_gemv_int4_groups_mma itself; `loads_only` streams every stage's weights, activations and
 // scales through the same pipeline and barriers but computes nothing (y gets zeros); `compute_only`

@@ -236,5 +236,71 @@ TEST(CudaInt4Tiles, DequantCublasAndProbeOnTiles) {
   EXPECT_EQ(cudaGetLastError(), cudaSuccess);
 }
 
+// GGUF Q4_K in chunks: the device repack writes the host's bytes, and the three Q4_K tensor-core
+// kernels on the chunks give bit for bit what they give on the blocks as stored (ragged tiles, one,
+// two and 17 super-blocks a row).
+TEST(CudaInt4Tiles, Q4KTilesEqualTheBlocksAsStoredBitForBit) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  std::mt19937 rng(29);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  using Stored =
+      k::Status (*)(const uint8_t*, int64_t, int64_t, const __half*, int64_t, float*, cudaStream_t, bool);
+  struct Twin {
+    const char* name;
+    Stored stored, tiled;
+    std::vector<int64_t> ms;
+  };
+  const Twin twins[] = {
+      {"GEMV", kc::w4a16_gemv_q4_k_mma, kc::w4a16_gemv_q4_k_tiles_mma, {1, 16}},
+      {"32 rows", kc::w4a16_gemv_q4_k_mma_32rows, kc::w4a16_gemv_q4_k_tiles_mma_32rows, {1, 32}},
+      {"64-row slabs", kc::w4a16_gemm_q4_k_mma_64rows, kc::w4a16_gemm_q4_k_tiles_mma_64rows, {1, 130}},
+  };
+  for (const int64_t n_out : {int64_t{37}, int64_t{130}, int64_t{4099}}) {
+    for (const int64_t kk : {int64_t{256}, int64_t{512}, int64_t{4352}}) {
+      SCOPED_TRACE("n_out " + std::to_string(n_out) + " k " + std::to_string(kk));
+      std::vector<uint8_t> wq;
+      std::vector<float> wf;
+      ASSERT_NO_FATAL_FAILURE(random_quantized(k::DType::Q4_K, n_out, kk, rng, wq, wf));
+      DeviceBuffer<uint8_t> blocks(wq), tiles(static_cast<size_t>(k::q4_k_tiles_bytes(n_out, kk)));
+      ASSERT_TRUE(blocks.ptr && tiles.ptr);
+      ASSERT_EQ(kc::q4_k_tiles_from_blocks(blocks.ptr, n_out, kk, tiles.ptr, nullptr), k::Status::ok);
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      std::vector<uint8_t> want(tiles.count);
+      ASSERT_EQ(k::q4_k_tiles_from_blocks(wq.data(), n_out, kk, want.data()), k::Status::ok);
+      const std::vector<uint8_t> got = tiles.to_host();
+      ASSERT_EQ(got.size(), want.size());
+      ASSERT_EQ(std::memcmp(got.data(), want.data(), want.size()), 0) << "device repack differs";
+      const int64_t max_m = 130;
+      std::vector<k::f16_bits> xh(static_cast<size_t>(max_m * kk));
+      for (auto& v : xh) v = k::fp32_to_fp16(normal(rng));
+      DeviceBuffer<k::f16_bits> dx(xh);
+      DeviceBuffer<float> y_stored(static_cast<size_t>(max_m * n_out)), y_tiled(y_stored.count);
+      ASSERT_TRUE(dx.ptr && y_stored.ptr && y_tiled.ptr);
+      const auto* x = reinterpret_cast<const __half*>(dx.ptr);
+      for (const Twin& twin : twins) {
+        for (const int64_t m : twin.ms) {
+          SCOPED_TRACE(std::string(twin.name) + " m " + std::to_string(m));
+          ASSERT_EQ(twin.stored(blocks.ptr, n_out, kk, x, m, y_stored.ptr, nullptr, false), k::Status::ok);
+          ASSERT_EQ(twin.tiled(tiles.ptr, n_out, kk, x, m, y_tiled.ptr, nullptr, false), k::Status::ok);
+          ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+          const std::vector<float> a = y_stored.to_host(), b = y_tiled.to_host();
+          ASSERT_EQ(std::memcmp(a.data(), b.data(), static_cast<size_t>(m * n_out) * sizeof(float)), 0);
+        }
+      }
+    }
+  }
+  DeviceBuffer<uint8_t> t(static_cast<size_t>(k::q4_k_tiles_bytes(1, 256)) + 16);
+  DeviceBuffer<k::f16_bits> dx(512);
+  DeviceBuffer<float> dy(2);
+  const auto* x = reinterpret_cast<const __half*>(dx.ptr);
+  EXPECT_EQ(kc::w4a16_gemv_q4_k_tiles_mma(t.ptr, 1, 288, x, 1, dy.ptr, nullptr), k::Status::invalid_argument);
+  EXPECT_EQ(kc::w4a16_gemv_q4_k_tiles_mma(t.ptr + 8, 1, 256, x, 1, dy.ptr, nullptr),
+            k::Status::invalid_argument);
+  EXPECT_EQ(kc::w4a16_gemv_q4_k_tiles_mma(t.ptr, 1, 256, x, 17, dy.ptr, nullptr),
+            k::Status::invalid_argument);
+  EXPECT_EQ(kc::q4_k_tiles_from_blocks(t.ptr, 1, 300, t.ptr, nullptr), k::Status::invalid_argument);
+  EXPECT_EQ(cudaGetLastError(), cudaSuccess);
+}
+
 }  // namespace
 }  // namespace nibble::cuda_test

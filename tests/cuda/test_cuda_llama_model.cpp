@@ -472,6 +472,34 @@ TEST(CudaLlamaModel, ChoosesTheInt4KernelsPerMatrixShape) {
   }
 }
 
+// One sequence per INT4 row range through both models (70 prompt tokens: over 64; 40: 33-64; 20:
+// 17-32; 5; then one decode token), each on its own cache: every logit equal bit for bit.
+void expect_same_logits_at_every_row_range(w::CudaLlamaModel& a_model, w::CudaLlamaModel& b_model) {
+  const auto& c = a_model.config();
+  const int64_t block_size = 16, mbps = 8;
+  w::CudaKvCache a_cache(c, 5 * mbps, block_size), b_cache(c, 5 * mbps, block_size);
+  std::mt19937 rng(5);
+  std::uniform_int_distribution<int32_t> token(3, static_cast<int32_t>(c.n_vocab) - 1);
+  std::vector<int32_t> tables(static_cast<size_t>(5 * mbps));
+  std::iota(tables.begin(), tables.end(), 0);
+  int32_t row = 0;
+  for (const int32_t count : {70, 40, 20, 5, 1}) {
+    SCOPED_TRACE(std::to_string(count) + " tokens");
+    std::vector<int32_t> toks(static_cast<size_t>(count));
+    for (auto& x : toks) x = token(rng);
+    w::ForwardBatch batch;
+    batch.add_sequence(toks, count == 1 ? 5 : 0, count == 1 ? 3 : row++, count);
+    batch.block_tables.assign(tables.begin(), tables.end());
+    batch.max_blocks_per_seq = mbps;
+    std::vector<float> a, b;
+    a_model.forward(batch, a_cache, a);
+    b_model.forward(batch, b_cache, b);
+    ASSERT_EQ(a.size(), b.size());
+    ASSERT_EQ(a.size(), static_cast<size_t>(count * c.n_vocab));
+    EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0);
+  }
+}
+
 // Group-wise INT4 repacked into tiles at load (Int4Layout::tiles): on the tensor-core kernels the
 // logits equal the rows' bit for bit at every row range (the same arithmetic, another layout); under
 // measured only kernels that read tiles are timed and chosen, and the scenario matches the CPU; the
@@ -484,7 +512,6 @@ TEST(CudaLlamaModel, TiledInt4MatricesGiveTheRowsLogitsBitForBit) {
   for (const std::string& path : {(t::test_data_dir() / "gptq-tiny-llama" / "awq-g64").string(), q4_0}) {
     SCOPED_TRACE(path);
     const auto checkpoint = m::LlamaCheckpoint::open(path);
-    const auto& c = checkpoint->config();
     w::CudaModelOptions rows_options, tiles_options;
     rows_options.int4_kernels = tiles_options.int4_kernels = w::Int4Kernels::tensor_cores;
     tiles_options.int4_layout = w::Int4Layout::tiles;
@@ -493,29 +520,7 @@ TEST(CudaLlamaModel, TiledInt4MatricesGiveTheRowsLogitsBitForBit) {
     for (const Choice& ch : tiles.int4_kernel_choices()) EXPECT_TRUE(ch.tiles);
     for (const Choice& ch : rows.int4_kernel_choices()) EXPECT_FALSE(ch.tiles);
     EXPECT_GE(tiles.weight_bytes(), rows.weight_bytes());  // 4 bytes a group's pair against 3
-    // One sequence per row range: 70 prompt tokens (over 64), 40 (33-64), 20 (17-32), 5, then decode (1).
-    const int64_t block_size = 16, mbps = 8;
-    w::CudaKvCache rows_cache(c, 5 * mbps, block_size), tiles_cache(c, 5 * mbps, block_size);
-    std::mt19937 rng(5);
-    std::uniform_int_distribution<int32_t> token(3, static_cast<int32_t>(c.n_vocab) - 1);
-    std::vector<int32_t> tables(static_cast<size_t>(5 * mbps));
-    std::iota(tables.begin(), tables.end(), 0);
-    int32_t row = 0;
-    for (const int32_t count : {70, 40, 20, 5, 1}) {
-      SCOPED_TRACE(std::to_string(count) + " tokens");
-      std::vector<int32_t> toks(static_cast<size_t>(count));
-      for (auto& x : toks) x = token(rng);
-      w::ForwardBatch batch;
-      batch.add_sequence(toks, count == 1 ? 5 : 0, count == 1 ? 3 : row++, count);
-      batch.block_tables.assign(tables.begin(), tables.end());
-      batch.max_blocks_per_seq = mbps;
-      std::vector<float> a, b;
-      rows.forward(batch, rows_cache, a);
-      tiles.forward(batch, tiles_cache, b);
-      ASSERT_EQ(a.size(), b.size());
-      ASSERT_EQ(a.size(), static_cast<size_t>(count * c.n_vocab));
-      EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0);
-    }
+    expect_same_logits_at_every_row_range(rows, tiles);
     // Measured on tiles: only the kernels that read tiles (tensor-core GEMVs 1, 5, 6, 8, the 64-row
     // GEMM 9, dequant + cuBLAS 4) are timed and chosen; the logits follow the CPU's.
     compare_scenario(path, path == q4_0 ? kQuantizedBound : kCheckpointBound, /*decode_attention=*/true,
@@ -543,6 +548,41 @@ TEST(CudaLlamaModel, TiledInt4MatricesGiveTheRowsLogitsBitForBit) {
     refused.int4_layout = w::Int4Layout::tiles;
     refused.int4_kernels = w::Int4Kernels::cuda_cores;
     EXPECT_THROW(w::CudaLlamaModel(checkpoint, refused), std::invalid_argument);
+  }
+}
+
+// Q4_K repacked into its chunks at load: on the tensor-core kernels the logits equal those from the
+// blocks as stored, bit for bit at every row range (one row included: a tiled Q4_K matrix takes the
+// tensor cores there too, untimed).
+TEST(CudaLlamaModel, TiledQ4KMatricesGiveTheBlocksLogitsBitForBit) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  t::TempDir dir;
+  m::LlamaShape shape = tiny_shape(256, 4, 2);
+  shape.n_ff = 768;
+  const std::string f32 = random_model(dir.path(), shape, k::DType::F32);
+  const std::string q4k = (dir.path() / "model-q4_k.gguf").string();
+  m::requantize_gguf(*m::GgufFile::open(f32), q4k, k::DType::Q4_K, /*pure=*/false);
+  const auto checkpoint = m::LlamaCheckpoint::open(q4k);
+  w::CudaModelOptions rows_options, tiles_options;
+  rows_options.int4_kernels = tiles_options.int4_kernels = w::Int4Kernels::tensor_cores;
+  tiles_options.int4_layout = w::Int4Layout::tiles;
+  w::CudaLlamaModel blocks(checkpoint, rows_options), tiles(checkpoint, tiles_options);
+  ASSERT_FALSE(tiles.q4_k_choices().empty());
+  for (const w::CudaQ4KChoice& ch : tiles.q4_k_choices()) {
+    EXPECT_TRUE(ch.tiles);
+    EXPECT_TRUE(ch.tensor_cores);
+  }
+  expect_same_logits_at_every_row_range(blocks, tiles);
+  // Measured on tiles: nothing to time for one row (only the tensor cores read the chunks); the
+  // scenario follows the CPU.
+  compare_scenario(q4k, kQuantizedBound, /*decode_attention=*/true, w::Int4Kernels::measured, false, true,
+                   w::Int4Layout::tiles);
+  w::CudaModelOptions measured_options;
+  measured_options.int4_layout = w::Int4Layout::tiles;
+  w::CudaLlamaModel measured(checkpoint, measured_options);
+  for (const w::CudaQ4KChoice& ch : measured.q4_k_choices()) {
+    EXPECT_TRUE(ch.tiles && ch.tensor_cores);
+    EXPECT_EQ(ch.cuda_cores_us, 0.0);
   }
 }
 
@@ -1088,6 +1128,7 @@ TEST(CudaLlamaModelCli, BenchGpuKernelTableTimesEveryKernel) {
     EXPECT_GT(row["w4a16_g128_us"].get<double>(), 0.0);
     EXPECT_GT(row["w4a16_g128_tc64_us"].get<double>(), 0.0);
     EXPECT_GT(row["w4a16_q4k_tc_us"].get<double>(), 0.0);
+    EXPECT_GT(row["w4a16_q4k_tiles_tc_us"].get<double>(), 0.0);
     EXPECT_GT(row["cublas_fp16_us"].get<double>(), 0.0);
     EXPECT_EQ(row.contains("w4a16_g128_tc32_us"), m <= 32);
     EXPECT_EQ(row.contains("g128_tc_loads_only_us"), m <= 16);

@@ -13,6 +13,7 @@
 
 #include "kernels/cuda/w4a16_weights.cuh"
 #include "kernels/int4_groups.hpp"
+#include "kernels/int4_tiles.hpp"
 #include "kernels/q4_0_split.hpp"
 #include "kernels/quant_types.hpp"
 #include "kernels/quantize.hpp"
@@ -143,6 +144,42 @@ TEST(W4A16WeightReaders, Q6KReadsTheCpuWeights) {
       expect_reads(w4a16::Q6KBlocks{w.bytes()}, n_out, kk, want);
     }
   }
+}
+
+// The host's Q4_K chunks (kernels::q4_k_tiles_from_blocks) hold each block's qs bytes unchanged and
+// exactly the (scale, min) pairs the Q4_K tensor-core kernels stage from the block as stored
+// (w4a16::q4_k_packed_scale_min), so the tiled kernels compute the same bits; ragged rows are zero.
+TEST(W4A16WeightReaders, Q4KTilesHoldWhatTheKernelsStage) {
+  std::mt19937 rng(10);
+  const int64_t n_out = 130, kk = 768, stages = kk / k::kQK_K;
+  const std::vector<uint8_t> blocks = random_rows(k::DType::Q4_K, n_out, kk, rng);
+  std::vector<uint8_t> tiles(static_cast<size_t>(k::q4_k_tiles_bytes(n_out, kk)), 0xAB);
+  ASSERT_EQ(tiles.size(), static_cast<size_t>(2 * stages * (16384 + 4096)));
+  ASSERT_EQ(k::q4_k_tiles_from_blocks(blocks.data(), n_out, kk, tiles.data()), k::Status::ok);
+  const int64_t chunk_bytes = k::int4_tiles_chunk_bytes(32);
+  for (int64_t row = 0; row < 256; ++row) {
+    for (int64_t s = 0; s < stages; ++s) {
+      const uint8_t* chunk = tiles.data() + ((row / 128) * stages + s) * chunk_bytes;
+      const int64_t r = row % 128;
+      if (row >= n_out) {
+        for (int b = 0; b < 128; ++b) ASSERT_EQ(chunk[r * 128 + b], 0) << "row " << row;
+        for (int b = 0; b < 32; ++b) ASSERT_EQ(chunk[16384 + r * 32 + b], 0) << "row " << row;
+        continue;
+      }
+      const uint8_t* blk = blocks.data() + (row * stages + s) * static_cast<int64_t>(sizeof(k::BlockQ4_K));
+      ASSERT_EQ(std::memcmp(chunk + r * 128, blk + 16, 128), 0) << "row " << row << " block " << s;
+      uint4 head;
+      std::memcpy(&head, blk, sizeof head);
+      for (int j = 0; j < 8; ++j) {
+        uint32_t pair = 0;
+        std::memcpy(&pair, chunk + 16384 + (r * 8 + j) * 4, 4);
+        ASSERT_EQ(pair, w4a16::q4_k_packed_scale_min(head, j))
+            << "row " << row << " block " << s << " sub " << j;
+      }
+    }
+  }
+  EXPECT_EQ(k::q4_k_tiles_from_blocks(blocks.data(), n_out, 300, tiles.data()), k::Status::invalid_argument);
+  EXPECT_EQ(k::q4_k_tiles_bytes(1, 300), 0);
 }
 
 TEST(W4A16WeightReaders, Int4GroupsReadTheCpuWeights) {

@@ -1665,9 +1665,8 @@ CudaLlamaModel::CudaLlamaModel(std::shared_ptr<const model::LlamaCheckpoint> che
   }
   if (options.int4_layout == Int4Layout::tiles && options.int4_kernels == Int4Kernels::cuda_cores) {
     throw std::invalid_argument(
-        "int4_kernels cuda_cores cannot read int4_layout tiles (only the tensor-core kernels and dequant + "
-        "cuBLAS "
-        "read tiles): use int4_layout rows, or int4_kernels measured or tensor_cores");
+        "int4_kernels cuda_cores cannot read int4_layout tiles (only the tensor-core kernels and "
+        "dequant + cuBLAS read tiles): use int4_layout rows, or int4_kernels measured or tensor_cores");
   }
   require_device(options.device);
   cuda_check(cudaStreamCreateWithFlags(&m.stream, cudaStreamNonBlocking), "cudaStreamCreate");

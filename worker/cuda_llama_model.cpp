@@ -233,14 +233,16 @@ std::shared_ptr<DeviceMemory> upload(const void* host, size_t bytes) {
 //   q4_k         GGUF Q4_K super-blocks as in the file (k a multiple of 256)
 //   q6_k         GGUF Q6_K super-blocks as in the file (k a multiple of 256): a Q4_K_M file's 6-bit
 //                matrices, 6.56 bits a weight where fp16 for cuBLAS took 16
+//   q8_0         GGUF Q8_0 blocks as in the file, for 8-bit weights (Q8_0 models, and the heads
+//                `nibble quantize` keeps at Q8_0): 8.5 bits a weight
 //   int4_groups  group-wise INT4 (kernels/int4_groups.hpp) recovered exactly from Q8_0 blocks of
 //                asymmetric GPTQ / AWQ, or from Q4_0 blocks that share scales over 64 or 128 inputs
 //                (symmetric GPTQ): 4.125 bits a weight at group 128; and from any Q4_0 (group 32,
 //                zeros 8: 4.75 bits) with CudaModelOptions::q4_0_as_int4_groups
-//   f16          fp16 rows for everything else (Q8_0 of 8-bit weights, F32, ...; and act-order
+//   f16          fp16 rows for everything else (F32, F16, BF16, Q5_K, ...; and act-order
 //                GPTQ matrices, whose grouped columns go back to input order on upload), cuBLAS
-// Lookup tables (the embedding) are only ever q4_0 or f16: that is what embedding_lookup_f16 reads.
-enum class DeviceKind { q4_0, q4_k, q6_k, int4_groups, f16 };
+// Lookup tables (the embedding) are only ever q4_0, q8_0 or f16: what embedding_lookup_f16 reads.
+enum class DeviceKind { q4_0, q4_k, q6_k, q8_0, int4_groups, f16 };
 // q4_0_min_group: the narrowest group at which Q4_0 matrices go up as int4_groups (32: all of them).
 DeviceKind device_kind(const model::WeightMatrix& w, int64_t q4_0_min_group, bool lookup = false) {
   if (w.input_order != nullptr) return DeviceKind::f16;
@@ -249,11 +251,12 @@ DeviceKind device_kind(const model::WeightMatrix& w, int64_t q4_0_min_group, boo
     return kernels::int4_group_size(w.type, w.data, w.n_out, w.k) >= q4_0_min_group ? DeviceKind::int4_groups
                                                                                     : DeviceKind::q4_0;
   }
-  if (lookup) return DeviceKind::f16;
+  if (lookup) return w.type == kernels::DType::Q8_0 ? DeviceKind::q8_0 : DeviceKind::f16;
   if (w.type == kernels::DType::Q4_K && w.k % kernels::kQK_K == 0) return DeviceKind::q4_k;
   if (w.type == kernels::DType::Q6_K && w.k % kernels::kQK_K == 0) return DeviceKind::q6_k;
-  if (w.type == kernels::DType::Q8_0 && kernels::int4_group_size(w.type, w.data, w.n_out, w.k) > 0) {
-    return DeviceKind::int4_groups;
+  if (w.type == kernels::DType::Q8_0) {
+    return kernels::int4_group_size(w.type, w.data, w.n_out, w.k) > 0 ? DeviceKind::int4_groups
+                                                                      : DeviceKind::q8_0;
   }
   return DeviceKind::f16;
 }
@@ -321,7 +324,8 @@ DeviceMatrix upload_matrix(std::initializer_list<const model::WeightMatrix*> par
     d.n_out += w->n_out;
   }
   std::vector<uint8_t> host;
-  if (d.kind == DeviceKind::q4_0 || d.kind == DeviceKind::q4_k || d.kind == DeviceKind::q6_k) {
+  if (d.kind == DeviceKind::q4_0 || d.kind == DeviceKind::q4_k || d.kind == DeviceKind::q6_k ||
+      d.kind == DeviceKind::q8_0) {
     for (const model::WeightMatrix* w : parts)
       host.insert(host.end(), w->data, w->data + w->n_out * w->row_bytes());
   } else if (d.kind == DeviceKind::int4_groups) {
@@ -744,6 +748,11 @@ struct CudaLlamaModel::Impl {
         check(gemv ? kc::w4a16_gemv_q6_k(wd, w.n_out, w.k, x, m, y, stream, pdl)
                    : kc::w4a16_gemm_q6_k(wd, w.n_out, w.k, x, m, y, stream, pdl),
               "W4A16 matmul (Q6_K)");
+        return;
+      case DeviceKind::q8_0:  // as stored: the CUDA-core GEMV up to 32 rows, the WMMA GEMM above
+        check(gemv ? kc::w4a16_gemv_q8_0(wd, w.n_out, w.k, x, m, y, stream, pdl)
+                   : kc::w4a16_gemm_q8_0(wd, w.n_out, w.k, x, m, y, stream, pdl),
+              "W4A16 matmul (Q8_0)");
         return;
       case DeviceKind::int4_groups: {
         const auto* scales = w.tiles ? nullptr : reinterpret_cast<const __half*>(wd + w.scales_offset);
@@ -1315,10 +1324,11 @@ void CudaLlamaModel::Impl::enqueue(const Plan& p) {
   auto* dl = delta.as<float>();
   if (first_stage()) {  // later stages find the previous stage's hidden states in resid
     const Timed timed(*this, Section::embedding);
-    check(kc::embedding_lookup_f16(
-              embedding.mem->as<void>(),
-              embedding.kind == DeviceKind::q4_0 ? kernels::DType::Q4_0 : kernels::DType::F16,
-              embedding.n_out, c.n_embd, 0, md + p.off_tokens, n, h, flag_d, stream),
+    check(kc::embedding_lookup_f16(embedding.mem->as<void>(),
+                                   embedding.kind == DeviceKind::q4_0   ? kernels::DType::Q4_0
+                                   : embedding.kind == DeviceKind::q8_0 ? kernels::DType::Q8_0
+                                                                        : kernels::DType::F16,
+                                   embedding.n_out, c.n_embd, 0, md + p.off_tokens, n, h, flag_d, stream),
           "embedding lookup");
     check(kc::f16_to_f32(h, x, n * c.n_embd, stream), "f16_to_f32");
   }

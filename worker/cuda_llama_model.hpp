@@ -18,17 +18,17 @@
 //
 // Weights are uploaded at construction. 4-bit matrices stay 4-bit: GGUF Q4_0 and Q4_K as stored,
 // GPTQ / AWQ (and Q4_0, by default) as group-wise INT4 (the kinds are listed in
-// cuda_llama_model.cpp); a Q4_K_M file's Q6_K matrices stay Q6_K (the CUDA-core GEMV up to 32 rows,
-// the WMMA GEMM above). Q4_K takes the tensor-core kernels from 2 rows; group-wise INT4 takes, per
-// matrix shape and row range (1, 2-16, 17-32, 33-64, more), the fastest of its kernels as timed on
-// this device at load (CudaModelOptions::int4_kernels, kernels/cuda/w4a16_tuning.cuh), in rows or
-// in tiles (CudaModelOptions::int4_layout). Every other type (F32, F16, BF16, Q8_0 of 8-bit
-// weights, Q5_K, ...) is dequantized on the host and stored as fp16, multiplied by
+// cuda_llama_model.cpp); a Q4_K_M file's Q6_K matrices stay Q6_K and 8-bit Q8_0 matrices stay Q8_0
+// (the CUDA-core GEMV up to 32 rows, the WMMA GEMM above). Q4_K takes the tensor-core kernels from 2 rows;
+// group-wise INT4 takes, per matrix shape and row range (1, 2-16, 17-32, 33-64, more), the fastest of its
+// kernels as timed on this device at load (CudaModelOptions::int4_kernels, kernels/cuda/w4a16_tuning.cuh), in
+// rows or in tiles (CudaModelOptions::int4_layout). Every other type (F32, F16, BF16, Q5_K, ...) is
+// dequantized on the host and stored as fp16, multiplied by
 // cuBLAS (fp16 inputs, fp32 accumulation and output): fp16 costs at most 2^-11 relative per weight
 // (F32), the same order as the fp16 activations, while re-quantizing to 4 bits would change the
 // model. q/k/v and gate/up are concatenated into one matrix each when their device types agree. The
-// embedding table is Q4_0 or fp16 (embedding_lookup_f16's output is fp16 of the exact value either
-// way, so converting a table to fp16 at load changes nothing); a tied head shares it.
+// embedding table is Q4_0, Q8_0 or fp16 (embedding_lookup_f16's output is fp16 of the exact value
+// every way, so converting a table to fp16 at load changes nothing); a tied head shares it.
 // Norm weights are fp32.
 //
 // A dummy checkpoint (model/llama_checkpoint.hpp, "dummy:<shape>") is never bound on the host (a

@@ -18,6 +18,7 @@ using w4a16::GgufQ4_0Blocks;
 using w4a16::Int4GroupBlocks;
 using w4a16::Q4KBlocks;
 using w4a16::Q6KBlocks;
+using w4a16::Q8_0Blocks;
 using w4a16::SplitQ4_0Blocks;
 
 constexpr int kWarpSize = 32;
@@ -227,6 +228,12 @@ Status w4a16_gemv_q4_k(const uint8_t* w, int64_t n_out, int64_t k, const __half*
   if (w == nullptr || reinterpret_cast<uintptr_t>(w) % 16 != 0 || k % kQK_K != 0)
     return Status::invalid_argument;
   return run(Q4KBlocks{w}, n_out, k, x, m, y, stream, programmatic);
+}
+
+Status w4a16_gemv_q8_0(const uint8_t* w, int64_t n_out, int64_t k, const __half* x, int64_t m, float* y,
+                       cudaStream_t stream, bool programmatic) {
+  if (w == nullptr || reinterpret_cast<uintptr_t>(w) % 2 != 0) return Status::invalid_argument;
+  return run(Q8_0Blocks{w}, n_out, k, x, m, y, stream, programmatic);
 }
 
 Status w4a16_gemv_q6_k(const uint8_t* w, int64_t n_out, int64_t k, const __half* x, int64_t m, float* y,

@@ -60,6 +60,13 @@ Status w4a16_gemv_int4_groups_staged(const uint8_t* quants, const __half* scales
 Status w4a16_gemv_q4_k(const uint8_t* w, int64_t n_out, int64_t k, const __half* x, int64_t m, float* y,
                        cudaStream_t stream, bool programmatic = false);
 
+// GGUF Q8_0 (kernels::BlockQ8_0, 34 bytes per 32 weights), read as stored: 8-bit matrices (a Q8_0
+// model's, and the heads `nibble quantize` keeps at Q8_0), 8.5 bits a weight instead of fp16's 16.
+// w: [n_out, k / 32] blocks, rows k / 32 * 34 bytes apart, 2-byte aligned; k a multiple of 32. Each
+// weight is d * level, exactly as kernels::dequantize_row computes it.
+Status w4a16_gemv_q8_0(const uint8_t* w, int64_t n_out, int64_t k, const __half* x, int64_t m, float* y,
+                       cudaStream_t stream, bool programmatic = false);
+
 // GGUF Q6_K (kernels::BlockQ6_K, 210 bytes per 256 weights), read as stored: the 6-bit matrices of a
 // Q4_K_M file (llama.cpp keeps attn_v, half the ffn_down and the output there), 6.56 bits a weight
 // instead of fp16's 16 for cuBLAS. w: [n_out, k / 256] blocks, rows k / 256 * 210 bytes apart, 2-byte

@@ -255,6 +255,24 @@ struct Q4KBlocks {
   }
 };
 
+// GGUF Q8_0 blocks as stored (34 bytes per 32 weights: 2-byte aligned): unit b is block b, d then 32
+// int8 levels; weight d * level, exact in fp32 (an 11-bit d times an 8-bit level), as
+// kernels::dequantize_row computes it. 16-bit loads.
+struct Q8_0Blocks {
+  const uint8_t* w;
+  __host__ __device__ void load(int64_t row, int64_t nb, int64_t b, float (&wv)[kQK4_0]) const {
+    const auto* blk =
+        reinterpret_cast<const uint16_t*>(w + (row * nb + b) * static_cast<int64_t>(sizeof(BlockQ8_0)));
+    const float d = __half2float(__ushort_as_half(load_ro(blk)));
+    NIBBLE_DEVICE_UNROLL
+    for (int i = 0; i < kQK8_0 / 2; ++i) {
+      const unsigned pair = load_ro(blk + 1 + i);  // qs[2i] in the low byte, qs[2i + 1] in the high byte
+      wv[2 * i] = mul_rn(d, static_cast<float>(static_cast<int8_t>(pair & 0xFF)));
+      wv[2 * i + 1] = mul_rn(d, static_cast<float>(static_cast<int8_t>(pair >> 8)));
+    }
+  }
+};
+
 // GGUF Q6_K super-blocks as stored (210 bytes per 256 weights: 2-byte aligned): 32-weight unit b is
 // run r = b % 8 of super-block b / 8, in its half h = r / 4 (ql + 64 h, qh + 32 h, scales + 8 h) and
 // quarter q = r % 4: weight l's level is the low (q < 2) or high nibble of ql[32 (q % 2) + l] with

@@ -246,13 +246,31 @@ INSTANTIATE_TEST_SUITE_P(Shapes, CudaLlamaModelRandom,
 
 // A layer matrix's device bytes when it is read by a W4A16 kernel: at most 4.75 bits a weight (Q4_0
 // and Q4_K 4.5; group-wise INT4 4.125 to 4.75, Q4_0 uploaded as INT4 groups of 32 the most), where an
-// fp16 fallback would take 16. Embedding and head (fp16 or Q4_0 or Q8_0-as-fp16 here) are counted at
-// 2 bytes a weight.
+// fp16 fallback would take 16. Embedding and head (fp16, Q4_0 or Q8_0 here) are counted at 2 bytes a
+// weight.
 int64_t four_bit_weight_bytes_bound(const m::LlamaConfig& c) {
   const int64_t per_layer =
       c.n_embd * (c.q_dim() + 2 * c.kv_dim()) + c.q_dim() * c.n_embd + 3 * c.n_embd * c.n_ff;
   const int64_t padding = 16 * 8;  // int4_groups pads its nibbles to 16 bytes, per matrix
   return c.n_layer * (per_layer * 19 / 32 + padding) + 2 * c.n_vocab * c.n_embd * 2;
+}
+
+// A Q8_0 model stays 8-bit on the device: every matrix, the embedding table (embedding_lookup_f16
+// reads Q8_0) and the head (shared when tied) at 34 bytes per 32 weights, where fp16 took 64; the
+// logits follow the CPU's (the random cases' hd32_q8_0 covers the attention shapes).
+TEST(CudaLlamaModel, Q8_0ModelStaysEightBit) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  t::TempDir dir;
+  const std::string path = random_model(dir.path(), tiny_shape(256, 4, 2), k::DType::Q8_0);
+  compare_scenario(path, kQuantizedBound, /*decode_attention=*/true);
+  const auto checkpoint = m::LlamaCheckpoint::open(path);
+  const auto& c = checkpoint->config();
+  const bool tied = m::GgufFile::open(path)->find_tensor("output.weight") == nullptr;
+  const int64_t layer_weights =
+      c.n_layer * (c.n_embd * (c.q_dim() + 2 * c.kv_dim()) + c.q_dim() * c.n_embd + 3 * c.n_embd * c.n_ff);
+  const int64_t weights = layer_weights + c.n_vocab * c.n_embd * (tied ? 1 : 2);
+  w::CudaLlamaModel gpu(checkpoint);
+  EXPECT_EQ(gpu.weight_bytes(), weights / 32 * 34);
 }
 
 // A Q4_0 model both ways it can go up: as GGUF blocks (the Q4_0 GEMV and GEMM) and as INT4 groups of

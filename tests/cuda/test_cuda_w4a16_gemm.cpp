@@ -71,6 +71,27 @@ TEST(CudaW4A16Gemm, Q4KMatchesCpuReference) {
   }
 }
 
+// GGUF Q8_0 as stored (8-bit matrices and heads), rows 2-byte aligned.
+TEST(CudaW4A16Gemm, Q8_0MatchesCpuReference) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  std::mt19937 rng(21);
+  struct Case {
+    int64_t n_out, k;
+  };
+  for (const Case c : {Case{37, 4128}, Case{1001, 96}, Case{130, 32}}) {
+    std::vector<uint8_t> wq;
+    std::vector<float> wf;
+    ASSERT_NO_FATAL_FAILURE(random_quantized(k::DType::Q8_0, c.n_out, c.k, rng, wq, wf));
+    DeviceBuffer<uint8_t> dw(wq);
+    ASSERT_NE(dw.ptr, nullptr);
+    for (const int64_t m : {int64_t{1}, int64_t{65}, int64_t{257}}) {
+      expect_matches_reference(wf, c.n_out, c.k, m, 2e-3, rng, [&](const __half* x, int64_t mm, float* y) {
+        return k::cuda::w4a16_gemm_q8_0(dw.ptr, c.n_out, c.k, x, mm, y, nullptr);
+      });
+    }
+  }
+}
+
 // GGUF Q6_K as stored (a Q4_K_M model's 6-bit matrices), rows 2-byte aligned.
 TEST(CudaW4A16Gemm, Q6KMatchesCpuReference) {
   NIBBLE_REQUIRE_CUDA_DEVICE();

@@ -82,6 +82,33 @@ TEST(CudaW4A16Gemv, Q4KMatchesCpuReference) {
   EXPECT_EQ(cudaGetLastError(), cudaSuccess);
 }
 
+// GGUF Q8_0 read as stored: rows 34 bytes a block apart (2-byte aligned), odd block counts.
+TEST(CudaW4A16Gemv, Q8_0MatchesCpuReference) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  std::mt19937 rng(103);
+  for (const int64_t n_out : {int64_t{1}, int64_t{37}, int64_t{4099}}) {
+    for (const int64_t kk : {int64_t{32}, int64_t{96}, int64_t{4128}}) {
+      std::vector<uint8_t> wq;
+      std::vector<float> wf;
+      ASSERT_NO_FATAL_FAILURE(random_quantized(k::DType::Q8_0, n_out, kk, rng, wq, wf));
+      DeviceBuffer<uint8_t> dw(wq);
+      ASSERT_NE(dw.ptr, nullptr);
+      for (const int64_t m : {int64_t{1}, int64_t{5}, int64_t{32}}) {
+        expect_matches_reference(wf, n_out, kk, m, 1e-3, rng, [&](const __half* x, int64_t mm, float* y) {
+          return k::cuda::w4a16_gemv_q8_0(dw.ptr, n_out, kk, x, mm, y, nullptr);
+        });
+      }
+    }
+  }
+  DeviceBuffer<uint8_t> dw(static_cast<size_t>(2 * 34 + 16));
+  DeviceBuffer<k::f16_bits> dx(64);
+  DeviceBuffer<float> dy(2);
+  const auto* x = reinterpret_cast<const __half*>(dx.ptr);
+  EXPECT_EQ(k::cuda::w4a16_gemv_q8_0(dw.ptr, 1, 48, x, 1, dy.ptr, nullptr), k::Status::invalid_argument);
+  EXPECT_EQ(k::cuda::w4a16_gemv_q8_0(dw.ptr + 1, 1, 32, x, 1, dy.ptr, nullptr), k::Status::invalid_argument);
+  EXPECT_EQ(cudaGetLastError(), cudaSuccess);
+}
+
 // GGUF Q6_K read as stored: rows 210 bytes a super-block apart (2-byte aligned from the second row
 // on with 3 super-blocks), every run of both halves; the GEMV holds each weight in fp32, so the bound
 // is the Q4_K one.

@@ -131,6 +131,20 @@ TEST(W4A16WeightReaders, Q4KReadsTheCpuWeights) {
   }
 }
 
+// Q8_0 as stored (2-byte aligned rows of 34-byte blocks), bit for bit the CPU's dequantize_row.
+TEST(W4A16WeightReaders, Q8_0ReadsTheCpuWeights) {
+  std::mt19937 rng(8);
+  for (const int64_t n_out : {int64_t{1}, int64_t{5}}) {
+    for (const int64_t kk : {int64_t{32}, int64_t{96}, int64_t{4128}}) {
+      SCOPED_TRACE("n_out=" + std::to_string(n_out) + " k=" + std::to_string(kk));
+      const std::vector<uint8_t> blocks = random_rows(k::DType::Q8_0, n_out, kk, rng);
+      const std::vector<float> want = dequantized(k::DType::Q8_0, blocks.data(), n_out, kk);
+      const Aligned w(blocks.data(), blocks.size());
+      expect_reads(w4a16::Q8_0Blocks{w.bytes()}, n_out, kk, want);
+    }
+  }
+}
+
 // Q6_K as stored (2-byte aligned rows of 210-byte blocks): every run of every half and quarter,
 // bit for bit the CPU's dequantize_row.
 TEST(W4A16WeightReaders, Q6KReadsTheCpuWeights) {

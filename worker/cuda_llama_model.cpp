@@ -744,15 +744,17 @@ struct CudaLlamaModel::Impl {
         check(st, "W4A16 matmul (Q4_K)");
         return;
       }
-      case DeviceKind::q6_k:  // as stored: the CUDA-core GEMV up to 32 rows, the WMMA GEMM above
+      // As stored: the CUDA-core GEMV up to 32 rows; above, dequantized to fp16 in chunks for cuBLAS
+      // (what these types' fp16 upload ran before; the WMMA GEMM is far below cuBLAS there).
+      case DeviceKind::q6_k:
         check(gemv ? kc::w4a16_gemv_q6_k(wd, w.n_out, w.k, x, m, y, stream, pdl)
-                   : kc::w4a16_gemm_q6_k(wd, w.n_out, w.k, x, m, y, stream, pdl),
-              "W4A16 matmul (Q6_K)");
+                   : kc::w4a16_q6_k_dequant_cublas(dequant_cublas, wd, w.n_out, w.k, x, m, y, stream),
+              "W6A16 matmul (Q6_K)");
         return;
-      case DeviceKind::q8_0:  // as stored: the CUDA-core GEMV up to 32 rows, the WMMA GEMM above
+      case DeviceKind::q8_0:
         check(gemv ? kc::w4a16_gemv_q8_0(wd, w.n_out, w.k, x, m, y, stream, pdl)
-                   : kc::w4a16_gemm_q8_0(wd, w.n_out, w.k, x, m, y, stream, pdl),
-              "W4A16 matmul (Q8_0)");
+                   : kc::w4a16_q8_0_dequant_cublas(dequant_cublas, wd, w.n_out, w.k, x, m, y, stream),
+              "W8A16 matmul (Q8_0)");
         return;
       case DeviceKind::int4_groups: {
         const auto* scales = w.tiles ? nullptr : reinterpret_cast<const __half*>(wd + w.scales_offset);
@@ -972,9 +974,13 @@ void CudaLlamaModel::Impl::choose_int4_kernels() {
   };
   for_each_matrix(add);
   int4_choices.clear();
-  // dequant + cuBLAS's scratch: a chunk of the largest matrix, at most kDequantScratchBytes.
+  // dequant + cuBLAS's scratch (INT4 shapes, and the Q6_K and Q8_0 matrices' many-row products): a
+  // chunk of the largest matrix, at most kDequantScratchBytes.
   int64_t largest = 0;
   for (const auto& [choice, list] : shapes) largest = std::max(largest, choice.n_out * choice.k);
+  for_each_matrix([&](const DeviceMatrix& w) {
+    if (w.kind == DeviceKind::q6_k || w.kind == DeviceKind::q8_0) largest = std::max(largest, w.n_out * w.k);
+  });
   dequant_cublas = {};
   if (largest > 0) {
     dequant_scratch.reserve(static_cast<size_t>(std::min(largest * 2, kDequantScratchBytes)));

@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "kernels/cuda/w4a16_dequant_cublas.cuh"
+#include "kernels/cuda/w4a16_weights.cuh"
 #include "kernels/int4_tiles.hpp"
 
 namespace nibble::kernels::cuda {
@@ -64,6 +65,38 @@ __global__ void __launch_bounds__(kThreads)
   const uint4* src = reinterpret_cast<const uint4*>(v);
 #pragma unroll
   for (int p = 0; p < 4; ++p) dst[p] = src[p];
+}
+
+// GGUF blocks through a reader of w4a16_weights.cuh: one thread per 32-weight unit, its weights
+// (exact in fp32, as the CPU dequantizes them) rounded once to fp16, four 16-byte stores.
+template <typename Blocks>
+__global__ void __launch_bounds__(kThreads)
+    dequantize_blocks_f16_kernel(Blocks blocks, int64_t k, int64_t row_begin, int64_t units,
+                                 __half* __restrict__ out) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (i >= units) return;
+  const int64_t nb = k / kRun;
+  float wv[kRun];
+  blocks.load(row_begin + i / nb, nb, i % nb, wv);
+  __align__(16) __half v[kRun];
+#pragma unroll
+  for (int j = 0; j < kRun; ++j) v[j] = __float2half_rn(wv[j]);
+  uint4* dst = reinterpret_cast<uint4*>(out + i * kRun);
+  const uint4* src = reinterpret_cast<const uint4*>(v);
+#pragma unroll
+  for (int p = 0; p < 4; ++p) dst[p] = src[p];
+}
+
+template <typename Blocks>
+Status launch_dequantize_blocks(Blocks blocks, int64_t k, int64_t row_begin, int64_t rows, __half* out,
+                                cudaStream_t stream) {
+  if (rows == 0) return Status::ok;
+  const int64_t units = rows * (k / kRun);
+  const int64_t grid = (units + kThreads - 1) / kThreads;
+  if (grid > INT32_MAX) return Status::invalid_argument;
+  dequantize_blocks_f16_kernel<Blocks>
+      <<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(blocks, k, row_begin, units, out);
+  return cudaGetLastError() == cudaSuccess ? Status::ok : Status::device_error;
 }
 
 template <bool Tiles>
@@ -160,6 +193,24 @@ Status w4a16_int4_tiles_dequant_cublas(const Int4CublasContext& context, const u
   if (!valid_tiles(tiles, group, n_out, k)) return Status::invalid_argument;
   return dequant_cublas(context, n_out, k, x, m, y, stream, [&](int64_t r0, int64_t rows) {
     return dequantize_int4_tiles_f16(tiles, group, n_out, k, r0, rows, context.scratch, stream);
+  });
+}
+
+Status w4a16_q8_0_dequant_cublas(const Int4CublasContext& context, const uint8_t* w, int64_t n_out, int64_t k,
+                                 const __half* x, int64_t m, float* y, cudaStream_t stream) {
+  if (w == nullptr || reinterpret_cast<uintptr_t>(w) % 2 != 0 || n_out < 0 || k <= 0 || k % kRun != 0)
+    return Status::invalid_argument;
+  return dequant_cublas(context, n_out, k, x, m, y, stream, [&](int64_t r0, int64_t rows) {
+    return launch_dequantize_blocks(w4a16::Q8_0Blocks{w}, k, r0, rows, context.scratch, stream);
+  });
+}
+
+Status w4a16_q6_k_dequant_cublas(const Int4CublasContext& context, const uint8_t* w, int64_t n_out, int64_t k,
+                                 const __half* x, int64_t m, float* y, cudaStream_t stream) {
+  if (w == nullptr || reinterpret_cast<uintptr_t>(w) % 2 != 0 || n_out < 0 || k <= 0 || k % kQK_K != 0)
+    return Status::invalid_argument;
+  return dequant_cublas(context, n_out, k, x, m, y, stream, [&](int64_t r0, int64_t rows) {
+    return launch_dequantize_blocks(w4a16::Q6KBlocks{w}, k, r0, rows, context.scratch, stream);
   });
 }
 

@@ -54,6 +54,16 @@ Status w4a16_int4_groups_dequant_cublas(const Int4CublasContext& context, const 
                                         int64_t n_out, int64_t k, const __half* x, int64_t m, float* y,
                                         cudaStream_t stream);
 
+// GGUF Q8_0 and Q6_K blocks as stored (w4a16_gemv_q8_0's and w4a16_gemv_q6_k's layouts: 2-byte
+// aligned, k a multiple of 32 / 256) through cuBLAS the same way, for the many-row products where
+// their CUDA-core GEMV runs out of FMAs and the WMMA GEMM is far below cuBLAS: each weight is
+// kernels::dequantize_row's value rounded once to fp16 (what the fp16 upload of these types computed
+// before they stayed as stored). Arguments and errors as w4a16_int4_groups_dequant_cublas's.
+Status w4a16_q8_0_dequant_cublas(const Int4CublasContext& context, const uint8_t* w, int64_t n_out, int64_t k,
+                                 const __half* x, int64_t m, float* y, cudaStream_t stream);
+Status w4a16_q6_k_dequant_cublas(const Int4CublasContext& context, const uint8_t* w, int64_t n_out, int64_t k,
+                                 const __half* x, int64_t m, float* y, cudaStream_t stream);
+
 // The same two on group-wise INT4 in the tensor-core GEMV's chunks (kernels/int4_tiles.hpp): the
 // same halves out, so the same products. tiles: [int4_tiles_bytes(n_out, k, group)] bytes, 16-byte
 // aligned; the rest as above.

@@ -124,4 +124,46 @@ TEST(W4A16DequantCublas, MatchesTheReferenceInOneChunkAndInMany) {
   EXPECT_EQ(cudaGetLastError(), cudaSuccess);
 }
 
+// GGUF Q8_0 and Q6_K blocks as stored through the same chunks: the CPU's weights rounded to fp16,
+// then cuBLAS; one chunk and several, rows 2-byte aligned (34- and 210-byte blocks), refused
+// arguments before anything runs.
+TEST(W4A16DequantCublas, Q8_0AndQ6KMatchTheReference) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  cublasHandle_t cublas = nullptr;
+  ASSERT_EQ(cublasCreate(&cublas), CUBLAS_STATUS_SUCCESS);
+  std::mt19937 rng(13);
+  for (const k::DType type : {k::DType::Q8_0, k::DType::Q6_K}) {
+    const int64_t n_out = 333, kk = 768;
+    SCOPED_TRACE(k::type_name(type));
+    std::vector<uint8_t> wq;
+    std::vector<float> wf;
+    ASSERT_NO_FATAL_FAILURE(ct::random_quantized(type, n_out, kk, rng, wq, wf));
+    ct::DeviceBuffer<uint8_t> dw(wq);
+    ASSERT_NE(dw.ptr, nullptr);
+    const auto call = type == k::DType::Q8_0 ? kc::w4a16_q8_0_dequant_cublas : kc::w4a16_q6_k_dequant_cublas;
+    for (const int64_t scratch_rows : {n_out, int64_t{50}}) {
+      SCOPED_TRACE("scratch rows " + std::to_string(scratch_rows));
+      ct::DeviceBuffer<uint16_t> scratch(static_cast<size_t>(scratch_rows * kk));
+      ASSERT_NE(scratch.ptr, nullptr);
+      const kc::Int4CublasContext context{cublas, reinterpret_cast<__half*>(scratch.ptr), scratch_rows * kk};
+      for (const int64_t m : {1, 33, 100}) {
+        ct::expect_matches_reference(wf, n_out, kk, m, 2e-3, rng, [&](const __half* x, int64_t mm, float* y) {
+          return call(context, dw.ptr, n_out, kk, x, mm, y, nullptr);
+        });
+      }
+    }
+    ct::DeviceBuffer<uint16_t> scratch(static_cast<size_t>(kk));
+    const kc::Int4CublasContext context{cublas, reinterpret_cast<__half*>(scratch.ptr), kk};
+    ct::DeviceBuffer<uint16_t> x(static_cast<size_t>(kk));
+    ct::DeviceBuffer<float> y(static_cast<size_t>(n_out));
+    const auto* xh = reinterpret_cast<const __half*>(x.ptr);
+    EXPECT_EQ(call(context, dw.ptr + 1, n_out, kk, xh, 1, y.ptr, nullptr), Status::invalid_argument);
+    EXPECT_EQ(call(context, dw.ptr, n_out, 200, xh, 1, y.ptr, nullptr),
+              Status::invalid_argument);                                                      // 200 % 32
+    EXPECT_EQ(call({}, dw.ptr, n_out, kk, xh, 1, y.ptr, nullptr), Status::invalid_argument);  // no cuBLAS
+  }
+  cublasDestroy(cublas);
+  EXPECT_EQ(cudaGetLastError(), cudaSuccess);
+}
+
 }  // namespace

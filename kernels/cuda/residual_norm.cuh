@@ -21,7 +21,8 @@ namespace nibble::kernels::cuda {
 // weight:   [n] float
 // y:        [rows, n] __half
 // (residual, delta and y must not overlap.)
-// rows >= 0 (0: nothing to do), n >= 1, eps >= 0. Enqueues one kernel on `stream` (one block per row).
+// rows >= 0 (0: nothing to do), n >= 1, eps >= 0. Enqueues one kernel on `stream` (each row on a cluster of
+// up to 8 blocks, split by n alone, so a row's bits do not depend on the other rows).
 // Returns invalid_argument (nothing launched) for a bad argument, device_error if the launch fails.
 Status add_rms_norm_f32(float* residual, const float* delta, const float* weight, __half* y, int64_t rows,
                         int64_t n, float eps, cudaStream_t stream);

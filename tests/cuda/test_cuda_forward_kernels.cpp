@@ -210,8 +210,9 @@ TEST(CudaAddRmsNorm, MatchesCpuAddAndNorm) {
   NIBBLE_REQUIRE_CUDA_DEVICE();
   std::mt19937 rng(22);
   const float eps = 1e-5f;
+  // n: one block a row (1, 129), two (2048), eight with a ragged last slice (4100), eight of 1024 (8192).
   for (const int64_t rows : {1, 3, 37}) {
-    for (const int64_t n : {1, 129, 4100}) {
+    for (const int64_t n : {1, 129, 2048, 4100, 8192}) {
       for (const bool with_delta : {false, true}) {
         SCOPED_TRACE("rows=" + std::to_string(rows) + " n=" + std::to_string(n) +
                      " delta=" + std::to_string(with_delta));
@@ -236,6 +237,20 @@ TEST(CudaAddRmsNorm, MatchesCpuAddAndNorm) {
         const auto got = dy.to_host();
         ASSERT_EQ(got.size(), ref.size());
         EXPECT_EQ(count_bad(got, ref, abs_of(ref), 1e-3, 1e-7), 0);
+        if (rows > 1) {  // the last row alone: the same bits as in the batch
+          const size_t off = static_cast<size_t>((rows - 1) * n);
+          DeviceBuffer<float> lx(std::vector<float>(x.begin() + static_cast<std::ptrdiff_t>(off), x.end())),
+              ld(std::vector<float>(d.begin() + static_cast<std::ptrdiff_t>(off), d.end()));
+          DeviceBuffer<uint16_t> ly(static_cast<size_t>(n));
+          ASSERT_TRUE(lx.ptr && ld.ptr && ly.ptr);
+          ASSERT_EQ(k::cuda::add_rms_norm_f32(lx.ptr, with_delta ? ld.ptr : nullptr, dw.ptr, as_half(ly.ptr),
+                                              1, n, eps, nullptr),
+                    k::Status::ok);
+          ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+          const auto alone = ly.to_host();
+          ASSERT_EQ(alone.size(), static_cast<size_t>(n));
+          EXPECT_TRUE(std::equal(alone.begin(), alone.end(), got.begin() + static_cast<std::ptrdiff_t>(off)));
+        }
       }
     }
   }

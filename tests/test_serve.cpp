@@ -591,59 +591,46 @@ TEST(Serve, CudaDeviceWithoutAGpuFailsAtStartUpWithTheReason) {
 
 // device: cuda on a GPU: T=2 (both workers on the one GPU here: reductions through the host) and
 // P=2 give the greedy tokens of single-process `nibble generate --device cuda` for a project-made
-// Q4_0 model.
+// Q4_0 model: on the CUDA-core kernels, and on the tensor-core kernels with the INT4 matrices in
+// tiles (int4_layout: tiles; every GPU worker repacks its sliced matrices at load).
 TEST(Serve, CudaServesLikeCudaGenerate) {
   if (const std::string why = cuda_job_skip_reason(); !why.empty()) GTEST_SKIP() << why;
   test::TempDir models;
   const std::string model = make_tiny_model(models.path());
-  std::vector<Expected> expected;
-  for (const std::string& p : kPrompts) expected.push_back(nibble_generate(model, p, 24, kCudaGenerate));
-  for (const Shape shape : {Shape{2, 1}, Shape{1, 2}}) {
-    SCOPED_TRACE("T" + std::to_string(shape.tensor) + " P" + std::to_string(shape.pipeline));
-    test::TempDir dir;
-    ServeJob job(dir.path(), model, shape.tensor, shape.pipeline,
-                 kCudaJob + "scheduler: { prefill_chunk: 16 }\n");
-    ASSERT_TRUE(job.wait_ready()) << job.log();
-    if (shape.tensor == 2) {
-      const bool one_gpu = worker::cuda_device_count() == 1;
-      EXPECT_NE(job.log().find(one_gpu ? "reductions through host memory" : "reductions over NCCL"),
-                std::string::npos)
-          << job.log();
-    }
-    EXPECT_NE(job.log().find(", GPU "), std::string::npos) << job.log();
-    Client client(job.endpoint());
-    for (size_t i = 0; i < kPrompts.size(); ++i) {
-      SCOPED_TRACE("prompt " + std::to_string(i));
-      const protocol::Final f = client.generate(greedy(numbered("p", i), kPrompts[i], 24));
-      EXPECT_EQ(f.tokens, expected[i].tokens);
-      EXPECT_EQ(f.text, expected[i].text);
-    }
-  }
-}
-
-// int4_layout: tiles: every GPU worker repacks its (sliced) INT4 matrices into tiles at load; on the
-// tensor-core kernels T=2 and P=2 give the greedy tokens of `nibble generate --device cuda` on tiles.
-TEST(Serve, CudaServesOnTilesLikeCudaGenerateOnTiles) {
-  if (const std::string why = cuda_job_skip_reason(); !why.empty()) GTEST_SKIP() << why;
-  test::TempDir models;
-  const std::string model = make_tiny_model(models.path());
-  std::vector<Expected> expected;
-  for (const std::string& p : kPrompts) {
-    expected.push_back(
-        nibble_generate(model, p, 24, "--device cuda --int4-kernels tensor-cores --int4-layout tiles"));
-  }
-  for (const Shape shape : {Shape{2, 1}, Shape{1, 2}}) {
-    SCOPED_TRACE("T" + std::to_string(shape.tensor) + " P" + std::to_string(shape.pipeline));
-    test::TempDir dir;
-    ServeJob job(dir.path(), model, shape.tensor, shape.pipeline,
-                 "device: cuda\nint4_kernels: tensor_cores\nint4_layout: tiles\ncontext: 1024\nkv_cache: { "
-                 "num_blocks: 64 }\n");
-    ASSERT_TRUE(job.wait_ready()) << job.log();
-    Client client(job.endpoint());
-    for (size_t i = 0; i < kPrompts.size(); ++i) {
-      SCOPED_TRACE("prompt " + std::to_string(i));
-      const protocol::Final f = client.generate(greedy(numbered("p", i), kPrompts[i], 24));
-      EXPECT_EQ(f.tokens, expected[i].tokens);
+  struct Setting {
+    const char* name;
+    std::string generate_args, job;
+  };
+  const Setting settings[] = {
+      {"CUDA cores", kCudaGenerate, kCudaJob},
+      {"tensor cores on tiles", "--device cuda --int4-kernels tensor-cores --int4-layout tiles",
+       "device: cuda\nint4_kernels: tensor_cores\nint4_layout: tiles\ncontext: 1024\nkv_cache: { num_blocks: "
+       "64 }\n"}};
+  for (const Setting& setting : settings) {
+    SCOPED_TRACE(setting.name);
+    std::vector<Expected> expected;
+    for (const std::string& p : kPrompts)
+      expected.push_back(nibble_generate(model, p, 24, setting.generate_args));
+    for (const Shape shape : {Shape{2, 1}, Shape{1, 2}}) {
+      SCOPED_TRACE("T" + std::to_string(shape.tensor) + " P" + std::to_string(shape.pipeline));
+      test::TempDir dir;
+      ServeJob job(dir.path(), model, shape.tensor, shape.pipeline,
+                   setting.job + "scheduler: { prefill_chunk: 16 }\n");
+      ASSERT_TRUE(job.wait_ready()) << job.log();
+      if (shape.tensor == 2) {
+        const bool one_gpu = worker::cuda_device_count() == 1;
+        EXPECT_NE(job.log().find(one_gpu ? "reductions through host memory" : "reductions over NCCL"),
+                  std::string::npos)
+            << job.log();
+      }
+      EXPECT_NE(job.log().find(", GPU "), std::string::npos) << job.log();
+      Client client(job.endpoint());
+      for (size_t i = 0; i < kPrompts.size(); ++i) {
+        SCOPED_TRACE("prompt " + std::to_string(i));
+        const protocol::Final f = client.generate(greedy(numbered("p", i), kPrompts[i], 24));
+        EXPECT_EQ(f.tokens, expected[i].tokens);
+        EXPECT_EQ(f.text, expected[i].text);
+      }
     }
   }
 }

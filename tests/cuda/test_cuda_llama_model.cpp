@@ -300,6 +300,19 @@ TEST(CudaLlamaModel, Q4_0ModelMatchesTheCpuAsStoredAndAsInt4Groups) {
   EXPECT_LE(bytes[1] - bytes[0], (layer_weights + c.n_vocab * c.n_embd) / 32 + 16 * 8 * c.n_layer + 16);
 }
 
+// A random F32 model whose rows are whole 256-weight super-blocks (n_ff 768), for the K-quant tests.
+std::string k_quant_ready_f32_model(const std::filesystem::path& dir) {
+  m::LlamaShape shape = tiny_shape(256, 4, 2);
+  shape.n_ff = 768;  // Q4_K / Q6_K rows are whole 256-weight super-blocks
+  return random_model(dir, shape, k::DType::F32);
+}
+// That model requantized to Q4_K (not pure: embedding and head Q8_0), as `nibble quantize` makes it.
+std::string q4_k_model(const std::filesystem::path& dir) {
+  const std::string q4k = (dir / "model-q4_k.gguf").string();
+  m::requantize_gguf(*m::GgufFile::open(k_quant_ready_f32_model(dir)), q4k, k::DType::Q4_K, /*pure=*/false);
+  return q4k;
+}
+
 // Q4_K weights (a requantized random model; not pure, so embedding and head are Q8_0): the GPU reads
 // the Q4_K super-blocks as stored, by default with the CUDA-core GEMV for one row and the Q4_K
 // tensor-core kernels for more (the scenario's 2-row decode and 44-row prompt steps); pinned to the
@@ -307,11 +320,7 @@ TEST(CudaLlamaModel, Q4_0ModelMatchesTheCpuAsStoredAndAsInt4Groups) {
 TEST(CudaLlamaModel, Q4KModelMatchesTheCpu) {
   NIBBLE_REQUIRE_CUDA_DEVICE();
   t::TempDir dir;
-  m::LlamaShape shape = tiny_shape(256, 4, 2);
-  shape.n_ff = 768;  // Q4_K rows are whole 256-weight super-blocks
-  const std::string f32 = random_model(dir.path(), shape, k::DType::F32);
-  const std::string q4k = (dir.path() / "model-q4_k.gguf").string();
-  m::requantize_gguf(*m::GgufFile::open(f32), q4k, k::DType::Q4_K, /*pure=*/false);
+  const std::string q4k = q4_k_model(dir.path());
   for (const w::Int4Kernels kernels :
        {w::Int4Kernels::measured, w::Int4Kernels::cuda_cores, w::Int4Kernels::tensor_cores}) {
     SCOPED_TRACE("int4_kernels " + std::to_string(static_cast<int>(kernels)));
@@ -349,10 +358,7 @@ TEST(CudaLlamaModel, Q4KModelMatchesTheCpu) {
 TEST(CudaLlamaModel, Q4KMMixWithQ6KMatricesMatchesTheCpu) {
   NIBBLE_REQUIRE_CUDA_DEVICE();
   t::TempDir dir;
-  m::LlamaShape shape = tiny_shape(256, 4, 2);
-  shape.n_ff = 768;
-  const std::string f32 = random_model(dir.path(), shape, k::DType::F32);
-  const auto in = m::GgufFile::open(f32);
+  const auto in = m::GgufFile::open(k_quant_ready_f32_model(dir.path()));
   m::GgufWriter out;
   for (const auto& [key, value] : in->metadata()) out.set(key, value);
   int64_t q6_layer_weights = 0;  // ffn_down's
@@ -575,11 +581,7 @@ TEST(CudaLlamaModel, TiledInt4MatricesGiveTheRowsLogitsBitForBit) {
 TEST(CudaLlamaModel, TiledQ4KMatricesGiveTheBlocksLogitsBitForBit) {
   NIBBLE_REQUIRE_CUDA_DEVICE();
   t::TempDir dir;
-  m::LlamaShape shape = tiny_shape(256, 4, 2);
-  shape.n_ff = 768;
-  const std::string f32 = random_model(dir.path(), shape, k::DType::F32);
-  const std::string q4k = (dir.path() / "model-q4_k.gguf").string();
-  m::requantize_gguf(*m::GgufFile::open(f32), q4k, k::DType::Q4_K, /*pure=*/false);
+  const std::string q4k = q4_k_model(dir.path());
   const auto checkpoint = m::LlamaCheckpoint::open(q4k);
   w::CudaModelOptions rows_options, tiles_options;
   rows_options.int4_kernels = tiles_options.int4_kernels = w::Int4Kernels::tensor_cores;

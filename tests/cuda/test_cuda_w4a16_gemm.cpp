@@ -50,67 +50,52 @@ TEST(CudaW4A16Gemm, MatchesCpuReference) {
   }
 }
 
-// GGUF Q4_K as stored (the weights of a Q4_K_M model's attention and FFN matrices).
-TEST(CudaW4A16Gemm, Q4KMatchesCpuReference) {
-  NIBBLE_REQUIRE_CUDA_DEVICE();
-  std::mt19937 rng(17);
-  struct Case {
-    int64_t n_out, k;
-  };
-  for (const Case c : {Case{37, 4352}, Case{1001, 512}, Case{130, 256}}) {
+// A GGUF GEMM read as stored (`gemm`: w4a16_gemm_q4_k's signature) against the CPU reference on
+// `type` weights of the given shapes at 1, 65 and 257 rows (the weights rounded once to fp16).
+struct GemmShape {
+  int64_t n_out, k;
+};
+using GgufGemm = k::Status (*)(const uint8_t*, int64_t, int64_t, const __half*, int64_t, float*, cudaStream_t,
+                               bool);
+void expect_gguf_gemm_matches(k::DType type, GgufGemm gemm, std::initializer_list<GemmShape> shapes,
+                              uint32_t seed) {
+  std::mt19937 rng(seed);
+  for (const GemmShape c : shapes) {
     std::vector<uint8_t> wq;
     std::vector<float> wf;
-    ASSERT_NO_FATAL_FAILURE(random_quantized(k::DType::Q4_K, c.n_out, c.k, rng, wq, wf));
+    ASSERT_NO_FATAL_FAILURE(random_quantized(type, c.n_out, c.k, rng, wq, wf));
     DeviceBuffer<uint8_t> dw(wq);
     ASSERT_NE(dw.ptr, nullptr);
     for (const int64_t m : {int64_t{1}, int64_t{65}, int64_t{257}}) {
       expect_matches_reference(wf, c.n_out, c.k, m, 2e-3, rng, [&](const __half* x, int64_t mm, float* y) {
-        return k::cuda::w4a16_gemm_q4_k(dw.ptr, c.n_out, c.k, x, mm, y, nullptr);
+        return gemm(dw.ptr, c.n_out, c.k, x, mm, y, nullptr, false);
       });
     }
   }
+}
+
+// GGUF Q4_K as stored (the weights of a Q4_K_M model's attention and FFN matrices).
+TEST(CudaW4A16Gemm, Q4KMatchesCpuReference) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  ASSERT_NO_FATAL_FAILURE(
+      expect_gguf_gemm_matches(k::DType::Q4_K, k::cuda::w4a16_gemm_q4_k,
+                               {GemmShape{37, 4352}, GemmShape{1001, 512}, GemmShape{130, 256}}, 17));
 }
 
 // GGUF Q8_0 as stored (8-bit matrices and heads), rows 2-byte aligned.
 TEST(CudaW4A16Gemm, Q8_0MatchesCpuReference) {
   NIBBLE_REQUIRE_CUDA_DEVICE();
-  std::mt19937 rng(21);
-  struct Case {
-    int64_t n_out, k;
-  };
-  for (const Case c : {Case{37, 4128}, Case{1001, 96}, Case{130, 32}}) {
-    std::vector<uint8_t> wq;
-    std::vector<float> wf;
-    ASSERT_NO_FATAL_FAILURE(random_quantized(k::DType::Q8_0, c.n_out, c.k, rng, wq, wf));
-    DeviceBuffer<uint8_t> dw(wq);
-    ASSERT_NE(dw.ptr, nullptr);
-    for (const int64_t m : {int64_t{1}, int64_t{65}, int64_t{257}}) {
-      expect_matches_reference(wf, c.n_out, c.k, m, 2e-3, rng, [&](const __half* x, int64_t mm, float* y) {
-        return k::cuda::w4a16_gemm_q8_0(dw.ptr, c.n_out, c.k, x, mm, y, nullptr);
-      });
-    }
-  }
+  ASSERT_NO_FATAL_FAILURE(
+      expect_gguf_gemm_matches(k::DType::Q8_0, k::cuda::w4a16_gemm_q8_0,
+                               {GemmShape{37, 4128}, GemmShape{1001, 96}, GemmShape{130, 32}}, 21));
 }
 
 // GGUF Q6_K as stored (a Q4_K_M model's 6-bit matrices), rows 2-byte aligned.
 TEST(CudaW4A16Gemm, Q6KMatchesCpuReference) {
   NIBBLE_REQUIRE_CUDA_DEVICE();
-  std::mt19937 rng(19);
-  struct Case {
-    int64_t n_out, k;
-  };
-  for (const Case c : {Case{37, 4352}, Case{1001, 768}, Case{130, 256}}) {
-    std::vector<uint8_t> wq;
-    std::vector<float> wf;
-    ASSERT_NO_FATAL_FAILURE(random_quantized(k::DType::Q6_K, c.n_out, c.k, rng, wq, wf));
-    DeviceBuffer<uint8_t> dw(wq);
-    ASSERT_NE(dw.ptr, nullptr);
-    for (const int64_t m : {int64_t{1}, int64_t{65}, int64_t{257}}) {
-      expect_matches_reference(wf, c.n_out, c.k, m, 2e-3, rng, [&](const __half* x, int64_t mm, float* y) {
-        return k::cuda::w4a16_gemm_q6_k(dw.ptr, c.n_out, c.k, x, mm, y, nullptr);
-      });
-    }
-  }
+  ASSERT_NO_FATAL_FAILURE(
+      expect_gguf_gemm_matches(k::DType::Q6_K, k::cuda::w4a16_gemm_q6_k,
+                               {GemmShape{37, 4352}, GemmShape{1001, 768}, GemmShape{130, 256}}, 19));
 }
 
 // Group-wise INT4 with asymmetric zeros (GPTQ / AWQ as loaded), groups of 32, 64 and 128, on large

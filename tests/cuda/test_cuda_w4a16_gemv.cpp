@@ -54,25 +54,36 @@ TEST(CudaW4A16Gemv, MatchesCpuReference) {
   }
 }
 
-// GGUF Q4_K read as stored: two super-blocks' worth of odd row counts, and a long row (k = 4352,
-// 17 super-blocks), so every sub-block's 6-bit scale and min unpacking and both nibble halves are used.
-TEST(CudaW4A16Gemv, Q4KMatchesCpuReference) {
-  NIBBLE_REQUIRE_CUDA_DEVICE();
-  std::mt19937 rng(99);
+// A GGUF GEMV read as stored (`gemv`: w4a16_gemv_q4_k's signature) against the CPU reference on
+// `type` weights: 1, 37 and 4099 outputs, each of `ks`, 1, 5 and 32 rows. The GEMV holds each weight
+// in fp32 as the CPU dequantizes it, so the bound is only the fp32 sums' and fp16 activations'.
+using GgufGemv = k::Status (*)(const uint8_t*, int64_t, int64_t, const __half*, int64_t, float*, cudaStream_t,
+                               bool);
+void expect_gguf_gemv_matches(k::DType type, GgufGemv gemv, std::initializer_list<int64_t> ks,
+                              uint32_t seed) {
+  std::mt19937 rng(seed);
   for (const int64_t n_out : {int64_t{1}, int64_t{37}, int64_t{4099}}) {
-    for (const int64_t kk : {int64_t{256}, int64_t{512}, int64_t{4352}}) {
+    for (const int64_t kk : ks) {
       std::vector<uint8_t> wq;
       std::vector<float> wf;
-      ASSERT_NO_FATAL_FAILURE(random_quantized(k::DType::Q4_K, n_out, kk, rng, wq, wf));
+      ASSERT_NO_FATAL_FAILURE(random_quantized(type, n_out, kk, rng, wq, wf));
       DeviceBuffer<uint8_t> dw(wq);
       ASSERT_NE(dw.ptr, nullptr);
       for (const int64_t m : {int64_t{1}, int64_t{5}, int64_t{32}}) {
         expect_matches_reference(wf, n_out, kk, m, 1e-3, rng, [&](const __half* x, int64_t mm, float* y) {
-          return k::cuda::w4a16_gemv_q4_k(dw.ptr, n_out, kk, x, mm, y, nullptr);
+          return gemv(dw.ptr, n_out, kk, x, mm, y, nullptr, false);
         });
       }
     }
   }
+}
+
+// GGUF Q4_K read as stored: two super-blocks' worth of odd row counts, and a long row (k = 4352,
+// 17 super-blocks), so every sub-block's 6-bit scale and min unpacking and both nibble halves are used.
+TEST(CudaW4A16Gemv, Q4KMatchesCpuReference) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  ASSERT_NO_FATAL_FAILURE(expect_gguf_gemv_matches(k::DType::Q4_K, k::cuda::w4a16_gemv_q4_k,
+                                                   {int64_t{256}, int64_t{512}, int64_t{4352}}, 99));
   DeviceBuffer<uint8_t> dw(static_cast<size_t>(2 * 144 + 16));
   DeviceBuffer<k::f16_bits> dx(512);
   DeviceBuffer<float> dy(2);
@@ -85,21 +96,8 @@ TEST(CudaW4A16Gemv, Q4KMatchesCpuReference) {
 // GGUF Q8_0 read as stored: rows 34 bytes a block apart (2-byte aligned), odd block counts.
 TEST(CudaW4A16Gemv, Q8_0MatchesCpuReference) {
   NIBBLE_REQUIRE_CUDA_DEVICE();
-  std::mt19937 rng(103);
-  for (const int64_t n_out : {int64_t{1}, int64_t{37}, int64_t{4099}}) {
-    for (const int64_t kk : {int64_t{32}, int64_t{96}, int64_t{4128}}) {
-      std::vector<uint8_t> wq;
-      std::vector<float> wf;
-      ASSERT_NO_FATAL_FAILURE(random_quantized(k::DType::Q8_0, n_out, kk, rng, wq, wf));
-      DeviceBuffer<uint8_t> dw(wq);
-      ASSERT_NE(dw.ptr, nullptr);
-      for (const int64_t m : {int64_t{1}, int64_t{5}, int64_t{32}}) {
-        expect_matches_reference(wf, n_out, kk, m, 1e-3, rng, [&](const __half* x, int64_t mm, float* y) {
-          return k::cuda::w4a16_gemv_q8_0(dw.ptr, n_out, kk, x, mm, y, nullptr);
-        });
-      }
-    }
-  }
+  ASSERT_NO_FATAL_FAILURE(expect_gguf_gemv_matches(k::DType::Q8_0, k::cuda::w4a16_gemv_q8_0,
+                                                   {int64_t{32}, int64_t{96}, int64_t{4128}}, 103));
   DeviceBuffer<uint8_t> dw(static_cast<size_t>(2 * 34 + 16));
   DeviceBuffer<k::f16_bits> dx(64);
   DeviceBuffer<float> dy(2);
@@ -114,21 +112,8 @@ TEST(CudaW4A16Gemv, Q8_0MatchesCpuReference) {
 // is the Q4_K one.
 TEST(CudaW4A16Gemv, Q6KMatchesCpuReference) {
   NIBBLE_REQUIRE_CUDA_DEVICE();
-  std::mt19937 rng(101);
-  for (const int64_t n_out : {int64_t{1}, int64_t{37}, int64_t{4099}}) {
-    for (const int64_t kk : {int64_t{256}, int64_t{768}, int64_t{4352}}) {
-      std::vector<uint8_t> wq;
-      std::vector<float> wf;
-      ASSERT_NO_FATAL_FAILURE(random_quantized(k::DType::Q6_K, n_out, kk, rng, wq, wf));
-      DeviceBuffer<uint8_t> dw(wq);
-      ASSERT_NE(dw.ptr, nullptr);
-      for (const int64_t m : {int64_t{1}, int64_t{5}, int64_t{32}}) {
-        expect_matches_reference(wf, n_out, kk, m, 1e-3, rng, [&](const __half* x, int64_t mm, float* y) {
-          return k::cuda::w4a16_gemv_q6_k(dw.ptr, n_out, kk, x, mm, y, nullptr);
-        });
-      }
-    }
-  }
+  ASSERT_NO_FATAL_FAILURE(expect_gguf_gemv_matches(k::DType::Q6_K, k::cuda::w4a16_gemv_q6_k,
+                                                   {int64_t{256}, int64_t{768}, int64_t{4352}}, 101));
   DeviceBuffer<uint8_t> dw(static_cast<size_t>(2 * 210 + 16));
   DeviceBuffer<k::f16_bits> dx(512);
   DeviceBuffer<float> dy(2);

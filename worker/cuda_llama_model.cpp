@@ -725,21 +725,12 @@ struct CudaLlamaModel::Impl {
         // GEMV took 328 us at 16 rows on 8192 x 8192, ten times the group-wise tensor-core GEMV.
         const Int4Kernels pin = options.int4_kernels;
         kernels::Status st;
-        if (w.tiles) {  // only the tensor-core kernels read Q4_K chunks
-          st = m <= kc::kW4A16GemvMmaMaxM
-                   ? kc::w4a16_gemv_q4_k_tiles_mma(wd, w.n_out, w.k, x, m, y, stream, pdl)
-               : m <= kc::kW4A16GemvMma32RowsMaxM
-                   ? kc::w4a16_gemv_q4_k_tiles_mma_32rows(wd, w.n_out, w.k, x, m, y, stream, pdl)
-                   : kc::w4a16_gemm_q4_k_tiles_mma_64rows(wd, w.n_out, w.k, x, m, y, stream, pdl);
-        } else if (pin == Int4Kernels::cuda_cores || (m == 1 && !w.q4_k_tensor_cores_one_row)) {
+        // Tiles: only the tensor-core kernels read Q4_K chunks.
+        if (!w.tiles && (pin == Int4Kernels::cuda_cores || (m == 1 && !w.q4_k_tensor_cores_one_row))) {
           st = gemv ? kc::w4a16_gemv_q4_k(wd, w.n_out, w.k, x, m, y, stream, pdl)
                     : kc::w4a16_gemm_q4_k(wd, w.n_out, w.k, x, m, y, stream, pdl);
-        } else if (m <= kc::kW4A16GemvMmaMaxM) {
-          st = kc::w4a16_gemv_q4_k_mma(wd, w.n_out, w.k, x, m, y, stream, pdl);
-        } else if (m <= kc::kW4A16GemvMma32RowsMaxM) {
-          st = kc::w4a16_gemv_q4_k_mma_32rows(wd, w.n_out, w.k, x, m, y, stream, pdl);
         } else {
-          st = kc::w4a16_gemm_q4_k_mma_64rows(wd, w.n_out, w.k, x, m, y, stream, pdl);
+          st = kc::w4a16_q4_k_tensor_cores(wd, w.tiles, w.n_out, w.k, x, m, y, stream, pdl);
         }
         check(st, "W4A16 matmul (Q4_K)");
         return;

@@ -311,11 +311,8 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
       });
       q4k_tc[mi] = time_us(stream, iterations, repetitions, [&](int i) {
         const uint8_t* wi = static_cast<const uint8_t*>(w.ptr) + q4k_bytes * static_cast<size_t>(i % copies);
-        auto* out = static_cast<float*>(y.ptr);
-        const Status st = m <= kW4A16GemvMmaMaxM ? w4a16_gemv_q4_k_mma(wi, n, k, xh, m, out, stream)
-                          : m <= kW4A16GemvMma32RowsMaxM
-                              ? w4a16_gemv_q4_k_mma_32rows(wi, n, k, xh, m, out, stream)
-                              : w4a16_gemm_q4_k_mma_64rows(wi, n, k, xh, m, out, stream);
+        const Status st =
+            w4a16_q4_k_tensor_cores(wi, /*tiles=*/false, n, k, xh, m, static_cast<float*>(y.ptr), stream);
         if (st != Status::ok)
           throw BenchFailure(std::string("W4A16 Q4_K tensor-core kernel failed: ") + status_name(st));
       });
@@ -334,11 +331,8 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
       q4k_tiles_tc[mi] = time_us(stream, iterations, repetitions, [&](int i) {
         const uint8_t* t =
             static_cast<const uint8_t*>(tiles.ptr) + tiles_bytes * static_cast<size_t>(i % copies);
-        auto* out = static_cast<float*>(y.ptr);
-        const Status st = m <= kW4A16GemvMmaMaxM ? w4a16_gemv_q4_k_tiles_mma(t, n, k, xh, m, out, stream)
-                          : m <= kW4A16GemvMma32RowsMaxM
-                              ? w4a16_gemv_q4_k_tiles_mma_32rows(t, n, k, xh, m, out, stream)
-                              : w4a16_gemm_q4_k_tiles_mma_64rows(t, n, k, xh, m, out, stream);
+        const Status st =
+            w4a16_q4_k_tensor_cores(t, /*tiles=*/true, n, k, xh, m, static_cast<float*>(y.ptr), stream);
         if (st != Status::ok)
           throw BenchFailure(std::string("W4A16 Q4_K tensor-core kernel on tiles failed: ") +
                              status_name(st));

@@ -703,6 +703,20 @@ Status w4a16_gemm_q4_k_tiles_mma_64rows(const uint8_t* tiles, int64_t n_out, int
                                                 programmatic, INT32_MAX);
 }
 
+Status w4a16_q4_k_tensor_cores(const uint8_t* w, bool tiles, int64_t n_out, int64_t k, const __half* x,
+                               int64_t m, float* y, cudaStream_t stream, bool programmatic) {
+  if (m <= kW4A16GemvMmaMaxM) {
+    return tiles ? w4a16_gemv_q4_k_tiles_mma(w, n_out, k, x, m, y, stream, programmatic)
+                 : w4a16_gemv_q4_k_mma(w, n_out, k, x, m, y, stream, programmatic);
+  }
+  if (m <= kW4A16GemvMma32RowsMaxM) {
+    return tiles ? w4a16_gemv_q4_k_tiles_mma_32rows(w, n_out, k, x, m, y, stream, programmatic)
+                 : w4a16_gemv_q4_k_mma_32rows(w, n_out, k, x, m, y, stream, programmatic);
+  }
+  return tiles ? w4a16_gemm_q4_k_tiles_mma_64rows(w, n_out, k, x, m, y, stream, programmatic)
+               : w4a16_gemm_q4_k_mma_64rows(w, n_out, k, x, m, y, stream, programmatic);
+}
+
 Status w4a16_gemv_int4_groups_mma_probe(GemvMmaProbe probe, const uint8_t* quants, const __half* scales,
                                         const uint8_t* zeros, int64_t group, int64_t n_out, int64_t k,
                                         const __half* x, int64_t m, float* y, cudaStream_t stream) {

@@ -116,6 +116,11 @@ Status w4a16_gemv_q4_k_tiles_mma_32rows(const uint8_t* tiles, int64_t n_out, int
 Status w4a16_gemm_q4_k_tiles_mma_64rows(const uint8_t* tiles, int64_t n_out, int64_t k, const __half* x,
                                         int64_t m, float* y, cudaStream_t stream, bool programmatic = false);
 
+// The Q4_K tensor-core kernel for m rows (m >= 1): the GEMV up to 16, its two-tile shape up to 32,
+// the 64-row GEMM above; on the blocks as stored, or on Q4_K chunks when `tiles`.
+Status w4a16_q4_k_tensor_cores(const uint8_t* w, bool tiles, int64_t n_out, int64_t k, const __half* x,
+                               int64_t m, float* y, cudaStream_t stream, bool programmatic = false);
+
 // For the benchmark only: what limits the tensor-core GEMV (the 256-thread shape). `whole` is
 // w4a16_gemv_int4_groups_mma itself; `loads_only` streams every stage's weights, activations and
 // scales through the same pipeline and barriers but computes nothing (y gets zeros); `compute_only`

@@ -50,6 +50,7 @@ TEST(ClusterConfig, MinimalConfigTakesDefaults) {
   EXPECT_EQ(config.device, Device::cpu);
   EXPECT_EQ(config.int4_kernels, Int4KernelChoice::measured);
   EXPECT_EQ(config.int4_layout, Int4LayoutChoice::rows);
+  EXPECT_FALSE(config.cutlass_gemm);
   EXPECT_EQ(config.threads, 0);
   EXPECT_EQ(config.server.listen, "tcp://127.0.0.1:5555");
   EXPECT_EQ(config.server.max_queue, 256);
@@ -79,6 +80,7 @@ parallel: {tensor: 2, pipeline: 3, micro_batches: 4}
 device: cuda
 int4_kernels: tensor_cores
 int4_layout: tiles
+cutlass_gemm: true
 threads: 7
 server:
   listen: "ipc:///tmp/nibble.sock"
@@ -107,6 +109,7 @@ context: 8192
   EXPECT_EQ(config.device, Device::cuda);
   EXPECT_EQ(config.int4_kernels, Int4KernelChoice::tensor_cores);
   EXPECT_EQ(config.int4_layout, Int4LayoutChoice::tiles);
+  EXPECT_TRUE(config.cutlass_gemm);
   EXPECT_EQ(config.threads, 7);
   EXPECT_EQ(config.worker_threads(64, 4), 7);
   EXPECT_EQ(config.server.listen, "ipc:///tmp/nibble.sock");
@@ -204,6 +207,11 @@ TEST(ClusterConfig, OutOfRangeValues) {
                {"int4_kernels: cuda_cores", "tensor-core"});
   expect_error("model: {path: m}\nint4_layout: tiles\nint4_kernels: cuda_cores\n", "int4_layout", 2,
                {"int4_kernels: cuda_cores"});
+  expect_error("model: {path: m}\ncutlass_gemm: yes please\n", "cutlass_gemm", 2,
+               {"expected one of false, true, got 'yes please'"});
+  // The CUTLASS GEMM is not a CUDA-core kernel, whichever key comes first.
+  expect_error("model: {path: m}\ncutlass_gemm: true\nint4_kernels: cuda_cores\n", "cutlass_gemm", 2,
+               {"int4_kernels: cuda_cores"});
   expect_error("model: {path: ''}\n", "model.path", 1, {"must not be empty"});
   expect_error("model: {path: m}\nparallel: {tensor: 4096, pipeline: 2}\n", "parallel", 2, {"8192 workers"});
 }
@@ -260,6 +268,12 @@ TEST(ClusterConfig, RenderRoundTrips) {
   EXPECT_NE(rendered_tiles.find("int4_layout: tiles"), std::string::npos) << rendered_tiles;
   EXPECT_EQ(parse_cluster_config(rendered_tiles, "rendered"), tiles) << rendered_tiles;
   EXPECT_FALSE(parse_cluster_config(rendered_tiles, "rendered") == full);
+  const ClusterConfig with_cutlass =
+      parse_cluster_config("model: {path: m.gguf}\ndevice: cuda\ncutlass_gemm: true\n", "cutlass.yaml");
+  const std::string rendered_cutlass = render_cluster_config(with_cutlass);
+  EXPECT_NE(rendered_cutlass.find("cutlass_gemm: true"), std::string::npos) << rendered_cutlass;
+  EXPECT_EQ(parse_cluster_config(rendered_cutlass, "rendered"), with_cutlass) << rendered_cutlass;
+  EXPECT_FALSE(with_cutlass == parse_cluster_config("model: {path: m.gguf}\ndevice: cuda\n", "plain.yaml"));
 
   const ClusterConfig minimal = parse_cluster_config("model: {path: m.gguf}\n", "minimal.yaml");
   const std::string rendered_minimal = render_cluster_config(minimal);

@@ -278,7 +278,14 @@ struct DeviceMatrix {
   bool tiles = false;
   // q4_k: one activation row on the Q4_K tensor-core GEMV rather than the CUDA-core one.
   bool q4_k_tensor_cores_one_row = false;
-  int64_t bytes() const { return mem != nullptr ? static_cast<int64_t>(mem->bytes()) : 0; }
+  // int4_groups under CudaModelOptions::cutlass_gemm: the same weights in CUTLASS's order, for the
+  // CUTLASS GEMM (cutlass.quants null: no copy).
+  std::shared_ptr<DeviceMemory> cutlass_mem;
+  kc::Int4CutlassWeights cutlass;
+  int64_t bytes() const {
+    return (mem != nullptr ? static_cast<int64_t>(mem->bytes()) : 0) +
+           (cutlass_mem != nullptr ? static_cast<int64_t>(cutlass_mem->bytes()) : 0);
+  }
 };
 
 // Q4_0 blocks on the device as group-wise INT4 at `group`, converted there (kernels/cuda/int4_groups:
@@ -752,7 +759,8 @@ struct CudaLlamaModel::Impl {
         const uint8_t* zeros = w.tiles ? nullptr : wd + w.zeros_offset;
         check(kc::launch_int4_kernel(w.int4_kernel[kc::int4_row_range(m)], &dequant_cublas, wd, scales, zeros,
                                      w.group, w.n_out, w.k, x, m, y, stream, pdl,
-                                     w.tiles ? kc::Int4Layout::tiles : kc::Int4Layout::rows),
+                                     w.tiles ? kc::Int4Layout::tiles : kc::Int4Layout::rows,
+                                     w.cutlass.quants != nullptr ? &w.cutlass : nullptr),
               "W4A16 matmul (INT4 groups)");
         return;
       }
@@ -809,6 +817,8 @@ struct CudaLlamaModel::Impl {
   // Under Int4Layout::tiles: every int4_groups and q4_k matrix repacked into chunks on the device, one
   // at a time (one matrix of extra device memory at the peak).
   void tile_int4_matrices();
+  // Under options.cutlass_gemm, each int4_groups matrix's CUTLASS copy (before tiling: made from rows).
+  void make_cutlass_copies();
   // Per Q4_K matrix shape, the one-row GEMV (q4_k_tensor_cores_one_row), timed on the model's
   // weights under Int4Kernels::measured; records q4_k_choices. Called by choose_int4_kernels.
   void choose_q4_k_kernels();
@@ -920,6 +930,22 @@ static constexpr bool choice_mirrors_tuning() {
 }
 static_assert(choice_mirrors_tuning());
 
+void CudaLlamaModel::Impl::make_cutlass_copies() {
+  if (!options.cutlass_gemm) return;
+  for_each_matrix([&](DeviceMatrix& w) {
+    if (w.kind != DeviceKind::int4_groups || w.tiles || w.cutlass_mem != nullptr ||
+        !kc::int4_cutlass_shape_ok(w.n_out, w.k, w.group))
+      return;
+    const uint8_t* base = w.mem->as<uint8_t>();
+    w.cutlass_mem = std::make_shared<DeviceMemory>(kc::int4_cutlass_bytes(w.n_out, w.k, w.group));
+    check(kc::int4_cutlass_from_groups(base, reinterpret_cast<const uint16_t*>(base + w.scales_offset),
+                                       base + w.zeros_offset, w.n_out, w.k, w.group,
+                                       w.cutlass_mem->as<uint8_t>(), &w.cutlass, stream),
+          "int4_cutlass_from_groups");
+  });
+  cuda_check(cudaStreamSynchronize(stream), "int4_cutlass_from_groups");  // before tiling frees the rows
+}
+
 void CudaLlamaModel::Impl::tile_int4_matrices() {
   if (options.int4_layout != Int4Layout::tiles) return;
   for_each_matrix([&](DeviceMatrix& w) {
@@ -951,7 +977,8 @@ void CudaLlamaModel::Impl::choose_int4_kernels() {
   const auto add = [&](DeviceMatrix& w) {
     if (w.kind != DeviceKind::int4_groups) return;
     for (auto& [choice, list] : shapes) {
-      if (choice.n_out == w.n_out && choice.k == w.k && choice.group == w.group && choice.tiles == w.tiles) {
+      if (choice.n_out == w.n_out && choice.k == w.k && choice.group == w.group && choice.tiles == w.tiles &&
+          (list.front()->cutlass.quants != nullptr) == (w.cutlass.quants != nullptr)) {
         list.push_back(&w);
         return;
       }
@@ -986,7 +1013,9 @@ void CudaLlamaModel::Impl::choose_int4_kernels() {
               t.chosen);
     if (options.int4_kernels == Int4Kernels::measured) {
       std::vector<kc::Int4GroupsMatrix> matrices;
+      std::vector<kc::Int4CutlassWeights> cutlass;  // every matrix's copy, or none
       for (const DeviceMatrix* w : list) {
+        if (w->cutlass.quants != nullptr) cutlass.push_back(w->cutlass);
         const uint8_t* base = w->mem->as<uint8_t>();
         if (w->tiles)
           matrices.push_back({base, nullptr, nullptr});
@@ -995,8 +1024,9 @@ void CudaLlamaModel::Impl::choose_int4_kernels() {
               {base, reinterpret_cast<const __half*>(base + w->scales_offset), base + w->zeros_offset});
       }
       std::string error;
-      const kernels::Status st = kc::tune_int4_groups(matrices, choice.group, choice.n_out, choice.k,
-                                                      &dequant_cublas, stream, t, error, layout);
+      const kernels::Status st =
+          kc::tune_int4_groups(matrices, choice.group, choice.n_out, choice.k, &dequant_cublas, stream, t,
+                               error, layout, cutlass.empty() ? nullptr : &cutlass);
       if (st != kernels::Status::ok) {
         throw std::runtime_error("timing the INT4 kernels for a " + std::to_string(choice.n_out) + " x " +
                                  std::to_string(choice.k) +
@@ -1008,6 +1038,9 @@ void CudaLlamaModel::Impl::choose_int4_kernels() {
       t.chosen[0] = t.chosen[1] = kc::Int4Kernel::gemv_tensor_cores;
       t.chosen[2] = kc::Int4Kernel::gemv_tensor_cores_32rows;
       t.chosen[3] = t.chosen[4] = kc::Int4Kernel::gemm_tensor_cores_64rows;
+      // With CUTLASS copies, Hopper's wgmma from 17 rows on.
+      if (list.front()->cutlass.quants != nullptr)
+        t.chosen[2] = t.chosen[3] = t.chosen[4] = kc::Int4Kernel::cutlass_gemm;
     }  // cuda_cores: the rows' defaults (tiles refuse cuda_cores at construction)
     for (int r = 0; r < kc::kInt4RowRanges; ++r) {
       choice.chosen[r] = static_cast<int>(t.chosen[r]);
@@ -1675,7 +1708,19 @@ CudaLlamaModel::CudaLlamaModel(std::shared_ptr<const model::LlamaCheckpoint> che
         "int4_kernels cuda_cores cannot read int4_layout tiles (only the tensor-core kernels and "
         "dequant + cuBLAS read tiles): use int4_layout rows, or int4_kernels measured or tensor_cores");
   }
+  if (options.cutlass_gemm && options.int4_kernels == Int4Kernels::cuda_cores) {
+    throw std::invalid_argument(
+        "cutlass_gemm needs int4_kernels measured or tensor_cores (cuda_cores pins every product to the CUDA "
+        "cores)");
+  }
   require_device(options.device);
+  if (options.cutlass_gemm && !kc::w4a16_cutlass_supported()) {
+    throw std::invalid_argument(
+        kc::w4a16_cutlass_built() ? "cutlass_gemm: the CUTLASS GEMM needs a compute capability 9.0 GPU "
+                                    "(H100 / H200); this one is not"
+                                  : "cutlass_gemm: this build has no CUTLASS GEMM (CUTLASS was not found at "
+                                    "configure time: tools/fetch-cutlass.sh)");
+  }
   cuda_check(cudaStreamCreateWithFlags(&m.stream, cudaStreamNonBlocking), "cudaStreamCreate");
   cublas_check(cublasCreate(&m.cublas), "cublasCreate");
   cublas_check(cublasSetStream(m.cublas, m.stream), "cublasSetStream");
@@ -1693,6 +1738,7 @@ CudaLlamaModel::CudaLlamaModel(std::shared_ptr<const model::LlamaCheckpoint> che
     // for the legacy default stream: make the uploads complete before the first forward pass.
     cuda_check(cudaDeviceSynchronize(), "weight upload");
   }
+  m.make_cutlass_copies();
   m.tile_int4_matrices();
   m.choose_int4_kernels();
 }

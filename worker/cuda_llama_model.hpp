@@ -139,10 +139,11 @@ enum class Int4Layout { rows, tiles };
 
 // The kernels one group-wise INT4 matrix shape uses, with the load-time times behind the choice.
 struct CudaInt4KernelChoice {
-  static constexpr int kKernels = 10;
+  static constexpr int kKernels = 11;
   static constexpr const char* kernel_names[kKernels] = {
-      "CUDA-core GEMV",  "tensor-core GEMV", "WMMA GEMM",   "mma GEMM",        "dequant + cuBLAS",
-      "TC GEMV 512 thr", "TC GEMV 2 blk/SM", "staged GEMV", "TC GEMV 32 rows", "TC GEMM 64 rows"};
+      "CUDA-core GEMV",   "tensor-core GEMV", "WMMA GEMM",        "mma GEMM",
+      "dequant + cuBLAS", "TC GEMV 512 thr",  "TC GEMV 2 blk/SM", "staged GEMV",
+      "TC GEMV 32 rows",  "TC GEMM 64 rows",  "CUTLASS GEMM"};
   // The row ranges 1, 2-16, 17-32, 33-64 and over 64 (their largest row counts; -1: any), and the
   // row counts each is timed at (0: none).
   static constexpr int kRanges = 5;
@@ -209,6 +210,14 @@ struct CudaModelOptions {
   // before it still runs, and its first weights are on their way before it waits for that kernel's
   // output. The same results; off until a GPU run shows what it saves (bench-gpu --model times both).
   bool programmatic_launch = false;
+  // Also hold every group-wise INT4 matrix that CUTLASS's Hopper GEMM takes (group 64 or 128, n_out a
+  // multiple of 16) in CUTLASS's order, and make that GEMM (wgmma, kernels/cuda/w4a16_gemm_cutlass.cuh) a
+  // load-time candidate for products of 17 rows or more, chosen where it times faster (prefill, large
+  // batches); under Int4Kernels::tensor_cores it takes every product of 17 rows or more. The copy costs
+  // as much device memory again as the INT4 weights (~0.52 bytes a weight): 2x for those matrices. Off
+  // until a GPU run measures it; needs a build with CUTLASS and a compute 9.0 device, and int4_kernels
+  // measured or tensor_cores (std::invalid_argument otherwise).
+  bool cutlass_gemm = false;
 };
 
 class CudaLlamaModel {

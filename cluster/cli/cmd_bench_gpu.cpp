@@ -41,6 +41,7 @@ struct Args {
   int prompt_tokens = 512, gen_tokens = 64, prefill_batch = 8;
   worker::Int4Kernels int4_kernels = worker::Int4Kernels::measured;
   worker::Int4Layout int4_layout = worker::Int4Layout::rows;
+  bool cutlass_gemm = false;
 };
 
 std::vector<int64_t> parse_list(const std::string& text) {
@@ -78,7 +79,7 @@ struct GpuModel {
 };
 
 GpuModel load_gpu_model(const std::string& path, int64_t max_seqs, int64_t max_seq_tokens,
-                        worker::Int4Kernels int4_kernels, worker::Int4Layout int4_layout) {
+                        worker::Int4Kernels int4_kernels, worker::Int4Layout int4_layout, bool cutlass_gemm) {
   GpuModel g;
   const auto checkpoint = model::LlamaCheckpoint::open(path);  // a bad path or dummy spec fails here
   const int64_t free_before = worker::cuda_memory_info().free;
@@ -86,6 +87,7 @@ GpuModel load_gpu_model(const std::string& path, int64_t max_seqs, int64_t max_s
   options.graphs = true;  // decode steps as served: one graph launch each
   options.int4_kernels = int4_kernels;
   options.int4_layout = int4_layout;
+  options.cutlass_gemm = cutlass_gemm;
   const auto start = Clock::now();
   g.model = std::make_unique<worker::CudaLlamaModel>(checkpoint, options);
   g.load_seconds = seconds_since(start);
@@ -272,9 +274,9 @@ int run_model(const Args& a) {
 
   const int64_t max_batch = *std::max_element(batches.begin(), batches.end());
   const int64_t decode_tokens = kShortPrompt + a.gen_tokens;
-  GpuModel target =
-      load_gpu_model(a.model, std::max<int64_t>(max_batch, a.prefill_batch),
-                     std::max<int64_t>(a.prompt_tokens, decode_tokens), a.int4_kernels, a.int4_layout);
+  GpuModel target = load_gpu_model(a.model, std::max<int64_t>(max_batch, a.prefill_batch),
+                                   std::max<int64_t>(a.prompt_tokens, decode_tokens), a.int4_kernels,
+                                   a.int4_layout, a.cutlass_gemm);
   const double copy_gbps = copy_bandwidth_gbps();
   const int64_t weight_bytes = target.model->weight_bytes();
   // A decode step reads every weight byte at least once (the embedding table too: counted, though a
@@ -323,7 +325,7 @@ int run_model(const Args& a) {
   std::vector<double> draft_step_s;
   GpuModel draft;
   if (!a.draft.empty()) {
-    draft = load_gpu_model(a.draft, max_batch, decode_tokens, a.int4_kernels, a.int4_layout);
+    draft = load_gpu_model(a.draft, max_batch, decode_tokens, a.int4_kernels, a.int4_layout, a.cutlass_gemm);
     for (const int64_t b : batches) {
       draft_step_s.push_back(time_decode_step(draft, b, a.gen_tokens, a.repetitions, rng));
       report("draft batch %lld: %.2f ms/step", static_cast<long long>(b), draft_step_s.back() * 1e3);
@@ -525,12 +527,13 @@ int run_kernels(const Args& a) {
   // Each row to stderr as soon as its shape is measured (a run cut short keeps them); the tables follow.
   const auto measured = [](const kernels::cuda::MatmulBenchRow& r) {
     progress(
-        "%lldx%lld m=%lld: g128 %.1f tc %.1f staged %.1f tc32 %.1f tc64 %.1f deq %.1f | tiles: tc %.1f tc32 "
-        "%.1f tc64 %.1f deq %.1f | Q4_K %.1f Q4_K tc %.1f cuBLAS %.1f us",
+        "%lldx%lld m=%lld: g128 %.1f tc %.1f staged %.1f tc32 %.1f tc64 %.1f deq %.1f cutlass %.1f | tiles: "
+        "tc "
+        "%.1f tc32 %.1f tc64 %.1f deq %.1f | Q4_K %.1f Q4_K tc %.1f cuBLAS %.1f us",
         static_cast<long long>(r.shape.k), static_cast<long long>(r.shape.n_out), static_cast<long long>(r.m),
         r.g128_us, r.g128_tc_us, r.g128_staged_us, r.g128_tc32_us, r.g128_tc64_us, r.g128_deq_us,
-        r.g128_tiles_tc_us, r.g128_tiles_tc32_us, r.g128_tiles_tc64_us, r.g128_tiles_deq_us, r.q4k_us,
-        r.q4k_tc_us, r.cublas_us);
+        r.g128_cutlass_us, r.g128_tiles_tc_us, r.g128_tiles_tc32_us, r.g128_tiles_tc64_us,
+        r.g128_tiles_deq_us, r.q4k_us, r.q4k_tc_us, r.cublas_us);
   };
   const kernels::Status st = kernels::cuda::run_matmul_bench(
       parse_shapes(a.shapes), parse_list(a.rows), a.iterations, a.repetitions, result, error, measured);
@@ -543,11 +546,11 @@ int run_kernels(const Args& a) {
                 result.copy_gbps);
     std::printf(
         "%-12s %4s | %10s %8s %6s | %8s %6s | %8s %6s | %10s %6s | %9s %6s | %8s %6s | %8s %6s | %8s %6s | "
-        "%8s %6s | %8s %6s | %9s %6s | %10s %8s | %8s %9s | %11s %8s %8s\n",
+        "%8s %6s | %10s %6s | %8s %6s | %9s %6s | %10s %8s | %8s %9s | %11s %8s %8s\n",
         "k x n_out", "m", "W4A16 us", "GB/s", "%copy", "split us", "%copy", "g128 us", "%copy", "g128 tc us",
         "%copy", "staged us", "%copy", "tc32 us", "%copy", "tc64 us", "%copy", "mma us", "%copy", "deq us",
-        "%copy", "Q4_K us", "%copy", "Q4_K tc", "%copy", "cuBLAS us", "GB/s", "vs fp16", "best/fp16",
-        "tinygemm us", "vs tg", "best/tg");
+        "%copy", "cutlass us", "%copy", "Q4_K us", "%copy", "Q4_K tc", "%copy", "cuBLAS us", "GB/s",
+        "vs fp16", "best/fp16", "tinygemm us", "vs tg", "best/tg");
   }
   for (const auto& r : result.rows) {
     const double ours_gbps = r.ours_bytes / (r.ours_us * 1e-6) / 1e9;
@@ -556,9 +559,9 @@ int run_kernels(const Args& a) {
     const double tg_us = tg == tinygemm.end() ? 0.0 : tg->second;
     // The fastest group-128 kernel at this m (the one the model's load-time timing would pick).
     double best_g128_us = 0.0;
-    for (const double us :
-         {r.g128_us, r.g128_tc_us, r.g128_staged_us, r.g128_tc32_us, r.g128_tc64_us, r.g128_mma_us,
-          r.g128_deq_us, r.g128_tiles_tc_us, r.g128_tiles_tc32_us, r.g128_tiles_tc64_us, r.g128_tiles_deq_us})
+    for (const double us : {r.g128_us, r.g128_tc_us, r.g128_staged_us, r.g128_tc32_us, r.g128_tc64_us,
+                            r.g128_mma_us, r.g128_deq_us, r.g128_cutlass_us, r.g128_tiles_tc_us,
+                            r.g128_tiles_tc32_us, r.g128_tiles_tc64_us, r.g128_tiles_deq_us})
       if (us > 0 && (best_g128_us == 0.0 || us < best_g128_us)) best_g128_us = us;
     nlohmann::json row{{"k", r.shape.k},
                        {"n_out", r.shape.n_out},
@@ -621,6 +624,10 @@ int run_kernels(const Args& a) {
       row["w4a16_g128_dequant_cublas_us"] = r.g128_deq_us;
       row["g128_dequant_cublas_speedup_vs_cublas"] = r.cublas_us / r.g128_deq_us;
     }
+    if (r.g128_cutlass_us > 0) {
+      row["w4a16_g128_cutlass_us"] = r.g128_cutlass_us;
+      row["g128_cutlass_speedup_vs_cublas"] = r.cublas_us / r.g128_cutlass_us;
+    }
     if (best_g128_us > 0) {
       row["g128_best_us"] = best_g128_us;
       row["g128_best_copy_fraction"] = r.g128_bytes / (best_g128_us * 1e-6) / 1e9 / result.copy_gbps;
@@ -659,6 +666,7 @@ int run_kernels(const Args& a) {
       timed(r.g128_tc64_us, r.g128_bytes);
       timed(r.g128_mma_us, r.g128_bytes);
       timed(r.g128_deq_us, r.g128_bytes);
+      timed(r.g128_cutlass_us, r.g128_bytes, 10);
       timed(r.q4k_us, r.q4k_bytes);
       timed(r.q4k_tc_us, r.q4k_bytes, 9);
       std::printf(" %10.1f %8.0f | %7.2fx %8.2fx |", r.cublas_us, cublas_gbps, r.cublas_us / r.ours_us,
@@ -792,6 +800,9 @@ Runner add_bench_gpu(CLI::App& app) {
   add_int4_layout_option(app, a->int4_layout,
                          "With --model: group-wise INT4 matrices as rows (the default) or repacked into the "
                          "tensor-core kernels' tiles");
+  app.add_flag("--cutlass-gemm", a->cutlass_gemm,
+               "With --model: also hold the INT4 weights in CUTLASS's order and time CUTLASS's Hopper GEMM "
+               "at load for 17+ rows (needs a CUTLASS build and an H100 / H200; twice the INT4 memory)");
   return [a]() { return run(*a); };
 }
 

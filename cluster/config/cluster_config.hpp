@@ -21,6 +21,9 @@
 //   device: cpu                  # cpu | cuda (workers on GPU local rank % GPUs; CUDA builds only)
 //   int4_kernels: measured       # device: cuda: measured | cuda_cores | tensor_cores (Int4KernelChoice)
 //   int4_layout: rows            # device: cuda: rows | tiles (Int4LayoutChoice; tiles refuse cuda_cores)
+//   cutlass_gemm: false          # device: cuda: true adds CUTLASS's Hopper GEMM for 17+ rows (a second
+//                                # copy of the INT4 weights; worker::CudaModelOptions::cutlass_gemm;
+//                                # refused with int4_kernels: cuda_cores)
 //   threads: auto                # CPU threads per worker: an integer >= 1, or auto
 //   server:
 //     listen: "tcp://127.0.0.1:5555"  # client ROUTER endpoint, tcp:// or ipc://
@@ -149,6 +152,7 @@ struct ClusterConfig {
   Device device = Device::cpu;
   Int4KernelChoice int4_kernels = Int4KernelChoice::measured;
   Int4LayoutChoice int4_layout = Int4LayoutChoice::rows;
+  bool cutlass_gemm = false;
   int threads = 0;  // 0 = auto; see worker_threads()
   ServerConfig server;
   SchedulerSettings scheduler;

@@ -6,11 +6,13 @@
 #include <cstdio>
 #include <memory>
 #include <stdexcept>
+#include <vector>
 
 #include "kernels/cuda/event_timer.cuh"
 #include "kernels/cuda/int4_tiles.cuh"
 #include "kernels/cuda/matmul_bench.cuh"
 #include "kernels/cuda/w4a16_gemm.cuh"
+#include "kernels/cuda/w4a16_gemm_cutlass.cuh"
 #include "kernels/cuda/w4a16_gemv.cuh"
 #include "kernels/cuda/w4a16_gemv_mma.cuh"
 #include "kernels/cuda/w4a16_tuning.cuh"
@@ -173,7 +175,7 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
       g128_tc_loads(ms.size(), 0.0), g128_tc_compute(ms.size(), 0.0), g128_deq(ms.size(), 0.0),
       tiles_tc(ms.size(), 0.0), tiles_tc32(ms.size(), 0.0), tiles_tc64(ms.size(), 0.0),
       tiles_deq(ms.size(), 0.0), tiles_loads(ms.size(), 0.0), q4k(ms.size(), 0.0), q4k_tc(ms.size(), 0.0),
-      q4k_tiles_tc(ms.size(), 0.0);
+      q4k_tiles_tc(ms.size(), 0.0), g128_cutlass(ms.size(), 0.0);
   std::vector<const char*> tiles_tc_shape(ms.size(), "");
   const size_t g128_quant_bytes = static_cast<size_t>(n * k / 2);
   const size_t g128_groups = static_cast<size_t>(n * (k / 128));
@@ -238,6 +240,32 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
             base + g128_quant_bytes + g128_groups * 2, 128, n, k, xh, m, static_cast<float*>(y.ptr), stream);
         if (st != Status::ok) throw BenchFailure(std::string("dequant + cuBLAS failed: ") + status_name(st));
       });
+    }
+    // CUTLASS's Hopper GEMM on its own reordered copy of each row-major copy (at every m: where it
+    // overtakes the other kernels is what the table is for).
+    if (w4a16_cutlass_supported() && int4_cutlass_shape_ok(n, k, 128)) {
+      const size_t copy_bytes = int4_cutlass_bytes(n, k, 128);
+      DeviceMemory cutlass_copies(copy_bytes * copies);
+      std::vector<Int4CutlassWeights> cutlass_weights(static_cast<size_t>(copies));
+      for (int c = 0; c < copies; ++c) {
+        const uint8_t* base = static_cast<const uint8_t*>(w.ptr) + g128_stride * c;
+        const Status st =
+            int4_cutlass_from_groups(base, reinterpret_cast<const uint16_t*>(base + g128_quant_bytes),
+                                     base + g128_quant_bytes + g128_groups * 2, n, k, 128,
+                                     static_cast<uint8_t*>(cutlass_copies.ptr) + copy_bytes * c,
+                                     &cutlass_weights[static_cast<size_t>(c)], stream);
+        if (st != Status::ok)
+          throw BenchFailure(std::string("int4_cutlass_from_groups failed: ") + status_name(st));
+      }
+      for (size_t mi = 0; mi < ms.size(); ++mi) {
+        const int64_t m = ms[mi];
+        g128_cutlass[mi] = time_us(stream, iterations, repetitions, [&](int i) {
+          const Status st = w4a16_gemm_int4_cutlass(xh, cutlass_weights[static_cast<size_t>(i % copies)], m,
+                                                    static_cast<float*>(y.ptr), stream);
+          if (st != Status::ok)
+            throw BenchFailure(std::string("CUTLASS INT4 GEMM failed: ") + status_name(st));
+        });
+      }
     }
     // The same weights repacked into tiles (one tiled copy per row-major copy, made on the device).
     const auto tiles_bytes = static_cast<size_t>(int4_tiles_bytes(n, k, 128));
@@ -374,6 +402,7 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
     row.g128_tc_loads_us = g128_tc_loads[mi];
     row.g128_tc_compute_us = g128_tc_compute[mi];
     row.g128_deq_us = g128_deq[mi];
+    row.g128_cutlass_us = g128_cutlass[mi];
     row.g128_tiles_tc_us = tiles_tc[mi];
     row.g128_tiles_tc_shape = tiles_tc_shape[mi];
     row.g128_tiles_tc32_us = tiles_tc32[mi];

@@ -35,11 +35,15 @@ const char* int4_kernel_name(Int4Kernel kernel) {
       return "TC GEMV 32 rows";
     case Int4Kernel::gemm_tensor_cores_64rows:
       return "TC GEMM 64 rows";
+    case Int4Kernel::cutlass_gemm:
+      return "CUTLASS GEMM";
   }
   return "?";
 }
 
-int64_t int4_kernel_min_rows(Int4Kernel kernel) { return kernel == Int4Kernel::dequant_cublas ? 17 : 1; }
+int64_t int4_kernel_min_rows(Int4Kernel kernel) {
+  return kernel == Int4Kernel::dequant_cublas || kernel == Int4Kernel::cutlass_gemm ? 17 : 1;
+}
 
 int64_t int4_kernel_max_rows(Int4Kernel kernel) {
   switch (kernel) {
@@ -69,6 +73,7 @@ Int4GroupsLauncher int4_kernel_launcher(Int4Kernel kernel) {
     case Int4Kernel::gemm_mma:
       return w4a16_gemm_int4_groups_mma;
     case Int4Kernel::dequant_cublas:
+    case Int4Kernel::cutlass_gemm:
       return nullptr;
     case Int4Kernel::gemv_tensor_cores_512:
       return w4a16_gemv_int4_groups_mma_512;
@@ -88,7 +93,7 @@ const char* int4_layout_name(Int4Layout layout) { return layout == Int4Layout::t
 
 bool int4_kernel_reads(Int4Kernel kernel, Int4Layout layout) {
   return layout == Int4Layout::rows || kernel == Int4Kernel::dequant_cublas ||
-         int4_tiles_kernel_launcher(kernel) != nullptr;
+         kernel == Int4Kernel::cutlass_gemm || int4_tiles_kernel_launcher(kernel) != nullptr;
 }
 
 namespace {
@@ -123,7 +128,12 @@ Int4GroupsLauncher int4_tiles_kernel_launcher(Int4Kernel kernel) {
 Status launch_int4_kernel(Int4Kernel kernel, const Int4CublasContext* cublas, const uint8_t* quants,
                           const __half* scales, const uint8_t* zeros, int64_t group, int64_t n_out, int64_t k,
                           const __half* x, int64_t m, float* y, cudaStream_t stream, bool programmatic,
-                          Int4Layout layout) {
+                          Int4Layout layout, const Int4CutlassWeights* cutlass) {
+  if (kernel == Int4Kernel::cutlass_gemm) {
+    if (cutlass == nullptr || cutlass->n_out != n_out || cutlass->k != k || cutlass->group != group)
+      return Status::invalid_argument;
+    return w4a16_gemm_int4_cutlass(x, *cutlass, m, y, stream);
+  }
   if (kernel == Int4Kernel::dequant_cublas) {
     if (cublas == nullptr) return Status::invalid_argument;
     if (layout == Int4Layout::tiles)
@@ -171,12 +181,14 @@ constexpr int64_t kMaxTimedRows = 256;
 
 Status tune_int4_groups(const std::vector<Int4GroupsMatrix>& matrices, int64_t group, int64_t n_out,
                         int64_t k, const Int4CublasContext* cublas, cudaStream_t stream,
-                        Int4GroupsTuning& out, std::string& error, Int4Layout layout) {
+                        Int4GroupsTuning& out, std::string& error, Int4Layout layout,
+                        const std::vector<Int4CutlassWeights>* cutlass) {
   out = Int4GroupsTuning{};
   std::copy(int4_default_kernels(layout), int4_default_kernels(layout) + kInt4RowRanges, out.chosen);
   if (matrices.empty() || n_out < 1 || k < 1 || (group != 32 && group != 64 && group != 128) ||
       k % group != 0)
     return Status::invalid_argument;
+  if (cutlass != nullptr && cutlass->size() != matrices.size()) return Status::invalid_argument;
   Scratch x, y;
   const auto fail = [&](cudaError_t err, const char* what) {
     error = std::string(what) + ": " + cudaGetErrorString(err);
@@ -198,11 +210,12 @@ Status tune_int4_groups(const std::vector<Int4GroupsMatrix>& matrices, int64_t g
     const bool timed = median_call_us(
         stream, iterations, /*repetitions=*/3,
         [&](int i) {
-          const Int4GroupsMatrix& w = matrices[static_cast<size_t>(i) % matrices.size()];
+          const size_t index = static_cast<size_t>(i) % matrices.size();
+          const Int4GroupsMatrix& w = matrices[index];
           launch =
               launch_int4_kernel(which, cublas, w.quants, w.scales, w.zeros, group, n_out, k,
                                  static_cast<const __half*>(x.ptr), m, static_cast<float*>(y.ptr), stream,
-                                 /*programmatic=*/false, layout);
+                                 /*programmatic=*/false, layout, cutlass ? &(*cutlass)[index] : nullptr);
           return launch == Status::ok;
         },
         us, event_err);
@@ -227,6 +240,7 @@ Status tune_int4_groups(const std::vector<Int4GroupsMatrix>& matrices, int64_t g
             !int4_kernel_reads(which, layout))
           continue;
         if (which == Int4Kernel::dequant_cublas && cublas == nullptr) continue;
+        if (which == Int4Kernel::cutlass_gemm && cutlass == nullptr) continue;
         const Status st = time(which, m, out.us[r][kernel][c]);
         if (st != Status::ok) return st;
       }

@@ -1,8 +1,8 @@
 #pragma once
 // Which group-wise INT4 kernel multiplies one weight shape on this device, per range of activation
 // rows, chosen by timing the candidates on the model's own weights when it loads (TensorRT-LLM's
-// GEMM plugin profiles its tactics the same way when it builds an engine). The ten candidates take
-// the same operands and layout:
+// GEMM plugin profiles its tactics the same way when it builds an engine). The first ten candidates
+// take the same operands and layout:
 //   CUDA-core GEMV    w4a16_gemv_int4_groups           (up to 32 rows; m FMAs per weight on the CUDA cores)
 //   tensor-core GEMV  w4a16_gemv_int4_groups_mma       (up to 16 rows; one m16 tile)
 //   WMMA GEMM         w4a16_gemm_int4_groups           (any rows)
@@ -14,6 +14,9 @@
 //                     activations in shared memory: fewer instructions a weight)
 //   TC GEMV 32 rows   w4a16_gemv_int4_groups_mma_32rows (up to 32 rows: two m16 tiles)
 //   TC GEMM 64 rows   w4a16_gemm_int4_groups_mma_64rows (any rows, in slabs of four m16 tiles)
+// The eleventh reads its own copy of the weights, in CUTLASS's order (w4a16_gemm_cutlass.cuh), and is
+// timed only where the caller made one:
+//   CUTLASS GEMM      w4a16_gemm_int4_cutlass          (17 rows or more; Hopper's wgmma)
 // Group-wise INT4 also comes repacked into the tensor-core kernels' chunks (Int4Layout::tiles,
 // kernels/int4_tiles.hpp): the five tensor-core kernels and dequant + cuBLAS read it (the same bits
 // as on the row-major layout), the CUDA-core GEMVs and the older GEMMs do not, and the timing then
@@ -33,6 +36,7 @@
 #include <vector>
 
 #include "kernels/cuda/w4a16_dequant_cublas.cuh"
+#include "kernels/cuda/w4a16_gemm_cutlass.cuh"
 #include "kernels/status.hpp"
 
 namespace nibble::kernels::cuda {
@@ -54,9 +58,10 @@ enum class Int4Kernel : int {
   gemv_tensor_cores_2bps,
   gemv_cuda_cores_staged,
   gemv_tensor_cores_32rows,
-  gemm_tensor_cores_64rows
+  gemm_tensor_cores_64rows,
+  cutlass_gemm
 };
-constexpr int kInt4Kernels = 10;
+constexpr int kInt4Kernels = 11;
 // How a group-wise INT4 matrix lies in device memory: rows (kernels/int4_groups.hpp: nibbles, scales
 // and zeros in three arrays) or tiles (kernels/int4_tiles.hpp: one array of chunks).
 enum class Int4Layout { rows, tiles };
@@ -64,22 +69,23 @@ const char* int4_kernel_name(Int4Kernel kernel);  // "CUDA-core GEMV", ...
 // The most rows `kernel` takes in one call (INT64_MAX: any).
 int64_t int4_kernel_max_rows(Int4Kernel kernel);
 // The fewest rows it is a candidate for: 17 for dequant + cuBLAS (dequantizing costs more than the
-// decode GEMVs' whole product), 1 for the others.
+// decode GEMVs' whole product) and the CUTLASS GEMM (a prefill kernel), 1 for the others.
 int64_t int4_kernel_min_rows(Int4Kernel kernel);
 // The launcher of one of our own kernels (they share one signature: w4a16_gemv_int4_groups's);
-// nullptr for dequant + cuBLAS, which needs a context (launch_int4_kernel).
+// nullptr for dequant + cuBLAS and the CUTLASS GEMM, which need more (launch_int4_kernel).
 using Int4GroupsLauncher = Status (*)(const uint8_t* quants, const __half* scales, const uint8_t* zeros,
                                       int64_t group, int64_t n_out, int64_t k, const __half* x, int64_t m,
                                       float* y, cudaStream_t stream, bool programmatic);
 Int4GroupsLauncher int4_kernel_launcher(Int4Kernel kernel);
 // Runs `kernel` on one product (arguments as w4a16_gemv_int4_groups; on tiles, quants are the tiles and
 // scales and zeros are ignored). cublas: the context dequant + cuBLAS needs (invalid_argument without
-// one); the others ignore it. programmatic applies to our own kernels only. invalid_argument for a
-// kernel that does not read the layout.
+// one); the others ignore it. cutlass: the matrix's CUTLASS copy, which the CUTLASS GEMM reads instead
+// of quants, scales and zeros (invalid_argument without one). programmatic applies to our own kernels
+// only. invalid_argument for a kernel that does not read the layout.
 Status launch_int4_kernel(Int4Kernel kernel, const Int4CublasContext* cublas, const uint8_t* quants,
                           const __half* scales, const uint8_t* zeros, int64_t group, int64_t n_out, int64_t k,
                           const __half* x, int64_t m, float* y, cudaStream_t stream, bool programmatic,
-                          Int4Layout layout = Int4Layout::rows);
+                          Int4Layout layout = Int4Layout::rows, const Int4CutlassWeights* cutlass = nullptr);
 
 // The row ranges, and the row counts each is timed at (a second count of 0: one only).
 constexpr int kInt4RowRanges = 5;
@@ -93,7 +99,8 @@ inline int int4_row_range(int64_t m) {
 }
 
 const char* int4_layout_name(Int4Layout layout);  // "rows", "tiles"
-// Whether `kernel` reads matrices in `layout` (every kernel reads rows).
+// Whether `kernel` reads matrices in `layout` (every kernel reads rows; the CUTLASS GEMM reads its own
+// copy whatever the layout).
 bool int4_kernel_reads(Int4Kernel kernel, Int4Layout layout);
 // The launcher of `kernel` on tiles (quants: the tiles; scales and zeros ignored); nullptr for a
 // kernel that does not read tiles and for dequant + cuBLAS (launch_int4_kernel).
@@ -131,7 +138,7 @@ constexpr double kInt4MinGain = 0.05;
 void choose_int4_groups_kernels(Int4GroupsTuning& t, Int4Layout layout = Int4Layout::rows);
 
 // Times every kernel that reads `layout` and takes a range's rows (dequant + cuBLAS only when `cublas`
-// is given) on
+// is given, the CUTLASS GEMM only when `cutlass` holds each matrix's copy, in the same order) on
 // `matrices` (one shape, e.g. that matrix in every
 // layer: the products rotate among them, so that with enough of them the weights stream from device
 // memory as in a forward pass rather than from L2) and chooses (choose_int4_groups_kernels). A
@@ -142,6 +149,7 @@ void choose_int4_groups_kernels(Int4GroupsTuning& t, Int4Layout layout = Int4Lay
 // allocation or timing fails.
 Status tune_int4_groups(const std::vector<Int4GroupsMatrix>& matrices, int64_t group, int64_t n_out,
                         int64_t k, const Int4CublasContext* cublas, cudaStream_t stream,
-                        Int4GroupsTuning& out, std::string& error, Int4Layout layout = Int4Layout::rows);
+                        Int4GroupsTuning& out, std::string& error, Int4Layout layout = Int4Layout::rows,
+                        const std::vector<Int4CutlassWeights>* cutlass = nullptr);
 
 }  // namespace nibble::kernels::cuda

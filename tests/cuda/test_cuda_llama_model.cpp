@@ -38,8 +38,10 @@
 #include <random>
 #include <sstream>
 #include <string>
+#include <string_view>
 #include <vector>
 
+#include "kernels/cuda/w4a16_gemm_cutlass.cuh"
 #include "kernels/thread_pool.hpp"
 #include "model/gguf.hpp"
 #include "model/random_model.hpp"
@@ -52,6 +54,7 @@
 #include "worker/llama_model.hpp"
 
 namespace k = nibble::kernels;
+namespace kc = nibble::kernels::cuda;
 namespace m = nibble::model;
 namespace w = nibble::worker;
 namespace sp = nibble::speculative;
@@ -603,6 +606,92 @@ TEST(CudaLlamaModel, TiledQ4KMatricesGiveTheBlocksLogitsBitForBit) {
   for (const w::CudaQ4KChoice& ch : measured.q4_k_choices()) {
     EXPECT_TRUE(ch.tiles && ch.tensor_cores);
     EXPECT_EQ(ch.cuda_cores_us, 0.0);
+  }
+}
+
+// CUTLASS's Hopper GEMM in the model (CudaModelOptions::cutlass_gemm): pinned with the tensor cores it
+// takes every product of 17 rows or more, and the logits stay near the tensor-core kernels' (the same
+// weights, each rounded a little differently in fp16: within 5% of the row's RMS logit, where a
+// misplaced weight moves logits by about their whole size), equal bit for bit below 17 rows (the same
+// kernels there); under measured it is timed from 17 rows on; the copies count in weight_bytes; the
+// CUDA-core pin is refused. A dummy model (group 128) and AWQ at group 64.
+TEST(CudaLlamaModel, CutlassGemmTakesManyRowProductsNearTheTensorCoreLogits) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  if (!kc::w4a16_cutlass_supported())
+    GTEST_SKIP() << "no CUTLASS GEMM here (built without it, or not compute 9.0)";
+  using Choice = w::CudaInt4KernelChoice;
+  constexpr int kCutlass = 10;
+  static_assert(std::string_view(Choice::kernel_names[kCutlass]) == "CUTLASS GEMM");
+  for (const std::string& path :
+       {std::string("dummy:tiny:seed=3"), (t::test_data_dir() / "gptq-tiny-llama" / "awq-g64").string()}) {
+    SCOPED_TRACE(path);
+    const auto checkpoint = m::LlamaCheckpoint::open(path);
+    w::CudaModelOptions plain_options, cutlass_options;
+    plain_options.int4_kernels = cutlass_options.int4_kernels = w::Int4Kernels::tensor_cores;
+    cutlass_options.cutlass_gemm = true;
+    w::CudaLlamaModel plain(checkpoint, plain_options), cutlass(checkpoint, cutlass_options);
+    ASSERT_FALSE(cutlass.int4_kernel_choices().empty());
+    for (const Choice& ch : cutlass.int4_kernel_choices()) {
+      for (int r = 2; r < Choice::kRanges; ++r)
+        EXPECT_EQ(ch.chosen[r], kCutlass) << ch.n_out << " x " << ch.k;
+    }
+    EXPECT_GT(cutlass.weight_bytes(), plain.weight_bytes());
+
+    const auto& c = plain.config();
+    const int64_t block_size = 16, mbps = 8;
+    w::CudaKvCache plain_cache(c, 5 * mbps, block_size), cutlass_cache(c, 5 * mbps, block_size);
+    std::mt19937 rng(8);
+    std::uniform_int_distribution<int32_t> token(3, static_cast<int32_t>(c.n_vocab) - 1);
+    std::vector<int32_t> tables(static_cast<size_t>(5 * mbps));
+    std::iota(tables.begin(), tables.end(), 0);
+    int32_t row = 0;
+    for (const int32_t count : {70, 40, 20, 5, 1}) {
+      SCOPED_TRACE(std::to_string(count) + " tokens");
+      std::vector<int32_t> toks(static_cast<size_t>(count));
+      for (auto& x : toks) x = token(rng);
+      w::ForwardBatch batch;
+      batch.add_sequence(toks, count == 1 ? 5 : 0, count == 1 ? 3 : row++, count);
+      batch.block_tables.assign(tables.begin(), tables.end());
+      batch.max_blocks_per_seq = mbps;
+      std::vector<float> a, b;
+      plain.forward(batch, plain_cache, a);
+      cutlass.forward(batch, cutlass_cache, b);
+      ASSERT_EQ(a.size(), b.size());
+      if (count < 17) {
+        EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0);
+        continue;
+      }
+      int bad = 0;
+      for (int32_t i = 0; i < count; ++i) {
+        double sum_sq = 0.0, largest_diff = 0.0;
+        for (int64_t v = 0; v < c.n_vocab; ++v) {
+          const size_t at = static_cast<size_t>(i * c.n_vocab + v);
+          sum_sq += static_cast<double>(a[at]) * a[at];
+          largest_diff = std::max(largest_diff, std::fabs(static_cast<double>(a[at]) - b[at]));
+        }
+        const double rms = std::sqrt(sum_sq / static_cast<double>(c.n_vocab));
+        if (!(largest_diff <= 0.05 * rms) && ++bad <= 3)
+          ADD_FAILURE() << "row " << i << ": logits differ by up to " << largest_diff << ", RMS " << rms;
+      }
+      EXPECT_EQ(bad, 0);
+    }
+
+    // Measured: the CUTLASS GEMM is timed wherever it is a candidate, and nowhere else.
+    w::CudaModelOptions measured_options;
+    measured_options.cutlass_gemm = true;
+    w::CudaLlamaModel measured(checkpoint, measured_options);
+    for (const Choice& ch : measured.int4_kernel_choices()) {
+      EXPECT_EQ(ch.skipped, "");
+      for (int r = 0; r < Choice::kRanges; ++r) {
+        if (r >= 2)
+          EXPECT_GT(ch.us[r][kCutlass][0], 0.0) << "range " << r;
+        else
+          EXPECT_EQ(ch.us[r][kCutlass][0], 0.0) << "range " << r;
+      }
+    }
+    w::CudaModelOptions refused = cutlass_options;
+    refused.int4_kernels = w::Int4Kernels::cuda_cores;
+    EXPECT_THROW(w::CudaLlamaModel(checkpoint, refused), std::invalid_argument);
   }
 }
 

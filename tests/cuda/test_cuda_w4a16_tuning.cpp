@@ -175,6 +175,24 @@ TEST(W4A16Tuning, RejectsBadArgumentsBeforeTouchingTheDevice) {
   EXPECT_EQ(kc::int4_kernel_launcher(kc::Int4Kernel::dequant_cublas), nullptr);
   EXPECT_EQ(kc::int4_kernel_min_rows(kc::Int4Kernel::dequant_cublas), 17);
   EXPECT_EQ(kc::int4_kernel_min_rows(kc::Int4Kernel::gemm_mma), 1);
+  // The CUTLASS GEMM without its copy, or with a copy of another shape.
+  EXPECT_EQ(kc::launch_int4_kernel(kc::Int4Kernel::cutlass_gemm, nullptr, nullptr, nullptr, nullptr, 128, 256,
+                                   256, nullptr, 32, nullptr, nullptr, false),
+            Status::invalid_argument);
+  kc::Int4CutlassWeights other;
+  other.n_out = 512;
+  other.k = 256;
+  other.group = 128;
+  EXPECT_EQ(kc::launch_int4_kernel(kc::Int4Kernel::cutlass_gemm, nullptr, nullptr, nullptr, nullptr, 128, 256,
+                                   256, nullptr, 32, nullptr, nullptr, false, kc::Int4Layout::rows, &other),
+            Status::invalid_argument);
+  EXPECT_EQ(kc::int4_kernel_launcher(kc::Int4Kernel::cutlass_gemm), nullptr);
+  EXPECT_EQ(kc::int4_kernel_min_rows(kc::Int4Kernel::cutlass_gemm), 17);
+  EXPECT_TRUE(kc::int4_kernel_reads(kc::Int4Kernel::cutlass_gemm, kc::Int4Layout::tiles));
+  std::vector<kc::Int4CutlassWeights> too_few;
+  EXPECT_EQ(
+      kc::tune_int4_groups(one, 128, 256, 256, nullptr, nullptr, t, error, kc::Int4Layout::rows, &too_few),
+      Status::invalid_argument);
 }
 
 // Every candidate runs on real weights (three matrices of one odd shape, rotated), gets a time, and the
@@ -227,7 +245,9 @@ TEST(W4A16Tuning, TimesEveryCandidateOnTheDeviceAndChoosesByTheRule) {
       for (int kernel = 0; kernel < kc::kInt4Kernels; ++kernel) {
         const auto which = static_cast<kc::Int4Kernel>(kernel);
         const int64_t rows = kc::kInt4RangeTimedRows[r][0];
-        const bool takes = rows <= kc::int4_kernel_max_rows(which) && rows >= kc::int4_kernel_min_rows(which);
+        const bool takes = rows <= kc::int4_kernel_max_rows(which) &&
+                           rows >= kc::int4_kernel_min_rows(which) &&
+                           which != kc::Int4Kernel::cutlass_gemm;  // no CUTLASS copies given
         if (takes && kc::int4_kernel_reads(which, kc::Int4Layout::tiles))
           EXPECT_GT(on_tiles.us[r][kernel][0], 0.0) << kernel << " at " << rows << " rows";
         else
@@ -241,7 +261,8 @@ TEST(W4A16Tuning, TimesEveryCandidateOnTheDeviceAndChoosesByTheRule) {
           const int64_t rows = kc::kInt4RangeTimedRows[r][c];
           if (rows == 0) continue;
           const auto which = static_cast<kc::Int4Kernel>(kernel);
-          if (rows <= kc::int4_kernel_max_rows(which) && rows >= kc::int4_kernel_min_rows(which))
+          if (rows <= kc::int4_kernel_max_rows(which) && rows >= kc::int4_kernel_min_rows(which) &&
+              which != kc::Int4Kernel::cutlass_gemm)
             EXPECT_GT(t.us[r][kernel][c], 0.0) << kernel << " at " << rows << " rows";
           else
             EXPECT_EQ(t.us[r][kernel][c], 0.0) << kernel << " at " << rows << " rows";
@@ -263,6 +284,48 @@ TEST(W4A16Tuning, TimesEveryCandidateOnTheDeviceAndChoosesByTheRule) {
       std::cout << " -> " << kc::int4_kernel_name(t.chosen[r]) << "\n";
     }
   }
+}
+
+// Given each matrix's CUTLASS copy, the CUTLASS GEMM is timed from 17 rows on, next to the others, and
+// can be chosen; without a Hopper GPU and CUTLASS in the build it skips.
+TEST(W4A16Tuning, TimesTheCutlassGemmWhereGivenItsCopies) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  if (!kc::w4a16_cutlass_supported())
+    GTEST_SKIP() << "no CUTLASS GEMM here (built without it, or not compute 9.0)";
+  std::mt19937 rng(9);
+  const int64_t n_out = 1008, k = 1536, group = 128;
+  std::vector<ct::DeviceInt4Groups> weights(2);
+  std::vector<kc::Int4GroupsMatrix> matrices;
+  std::vector<std::unique_ptr<ct::DeviceBuffer<uint8_t>>> copies;
+  std::vector<kc::Int4CutlassWeights> cutlass;
+  for (auto& w : weights) {
+    ASSERT_NO_FATAL_FAILURE(ct::make_device_int4_groups(n_out, k, group, rng, w));
+    matrices.push_back({w.quants->ptr, w.scales_half(), w.zeros->ptr});
+    copies.push_back(std::make_unique<ct::DeviceBuffer<uint8_t>>(kc::int4_cutlass_bytes(n_out, k, group)));
+    ASSERT_NE(copies.back()->ptr, nullptr);
+    cutlass.emplace_back();
+    ASSERT_EQ(kc::int4_cutlass_from_groups(w.quants->ptr, w.scales->ptr, w.zeros->ptr, n_out, k, group,
+                                           copies.back()->ptr, &cutlass.back(), nullptr),
+              Status::ok);
+  }
+  kc::Int4GroupsTuning t;
+  std::string error;
+  ASSERT_EQ(kc::tune_int4_groups(matrices, group, n_out, k, nullptr, nullptr, t, error, kc::Int4Layout::rows,
+                                 &cutlass),
+            Status::ok)
+      << error;
+  EXPECT_EQ(t.skipped, "");
+  const int cutlass_index = static_cast<int>(kc::Int4Kernel::cutlass_gemm);
+  for (int r = 0; r < kc::kInt4RowRanges; ++r) {
+    if (kc::kInt4RangeTimedRows[r][0] >= 17)
+      EXPECT_GT(t.us[r][cutlass_index][0], 0.0) << "range " << r;
+    else
+      EXPECT_EQ(t.us[r][cutlass_index][0], 0.0) << "range " << r;
+  }
+  // 256 rows cost more than 32 (a timer that returned noise would not).
+  EXPECT_GT(t.us[4][cutlass_index][0], t.us[2][cutlass_index][0]);
+  std::cout << "  CUTLASS GEMM us at 32 / 64 / 256 rows: " << t.us[2][cutlass_index][0] << " / "
+            << t.us[3][cutlass_index][0] << " / " << t.us[4][cutlass_index][0] << "\n";
 }
 
 }  // namespace

@@ -1,0 +1,251 @@
+// CUTLASS's Hopper mixed-input GEMM on group-wise INT4 (see the header). The configuration follows
+// CUTLASS's example 55 (55_hopper_int4_bf16_gemm.cu): the 4-bit operand is passed as A so it goes
+// through registers, which makes the problem the transposed one, yᵀ[n_out, m] = W · xᵀ, written
+// column-major, i.e. y row-major.
+#include <mutex>
+
+#include "kernels/cuda/w4a16_gemm_cutlass.cuh"
+
+#if defined(NIBBLE_HAVE_CUTLASS)
+#include "cute/tensor.hpp"
+#include "cutlass/cutlass.h"
+#include "cutlass/epilogue/collective/collective_builder.hpp"
+#include "cutlass/gemm/collective/collective_builder.hpp"
+#include "cutlass/gemm/device/gemm_universal_adapter.h"
+#include "cutlass/gemm/dispatch_policy.hpp"
+#include "cutlass/gemm/kernel/gemm_universal.hpp"
+#include "cutlass/util/mixed_dtype_utils.hpp"
+#include "cutlass/util/packed_stride.hpp"
+#endif
+
+namespace nibble::kernels::cuda {
+
+namespace {
+
+constexpr int64_t kStepK = 64;  // the main loop's k step: 128 bytes of fp16
+
+size_t align256(size_t bytes) { return (bytes + 255) / 256 * 256; }
+
+}  // namespace
+
+bool int4_cutlass_shape_ok(int64_t n_out, int64_t k, int64_t group) {
+  return n_out > 0 && k > 0 && n_out % 16 == 0 && k % kStepK == 0 && (group == 64 || group == 128) &&
+         k % group == 0 && n_out * k < (int64_t{1} << 31);
+}
+
+size_t int4_cutlass_bytes(int64_t n_out, int64_t k, int64_t group) {
+  if (!int4_cutlass_shape_ok(n_out, k, group)) return 0;
+  const size_t quant_bytes = static_cast<size_t>(n_out * k / 2);
+  const size_t pair_bytes = static_cast<size_t>(n_out * (k / group)) * sizeof(__half);
+  return align256(quant_bytes) + 2 * align256(pair_bytes);
+}
+
+#if defined(NIBBLE_HAVE_CUTLASS)
+
+namespace {
+
+using namespace cute;
+
+using ActivationType = cutlass::half_t;
+using QuantType = cutlass::uint4b_t;
+using ScaleType = cutlass::half_t;
+using OutputType = float;
+
+// The activations, [m, k] row-major; in the swapped problem they are B, k-major.
+using LayoutActivations = cutlass::layout::RowMajor;
+using LayoutActivationsTransposed = cutlass::layout::LayoutTranspose<LayoutActivations>::type;
+using StrideActivations = cutlass::detail::TagToStrideA_t<LayoutActivations>;
+constexpr int kAlignActivations = 128 / cutlass::sizeof_bits<ActivationType>::value;
+
+// The weights, [n_out, k] with k contiguous (CUTLASS's column-major [k, n_out]).
+using LayoutWeights = cutlass::layout::ColumnMajor;
+using StrideWeights = cutlass::detail::TagToStrideB_t<LayoutWeights>;
+constexpr int kAlignWeights = 128 / cutlass::sizeof_bits<QuantType>::value;
+
+// Each thread's eight values of a wgmma A fragment in one 32-bit word, in the [0,2,4,6,1,3,5,7]
+// order the fast uint4 -> fp16 conversion wants.
+using ValueShuffle = Layout<Shape<_2, _4>, Stride<_4, _1>>;
+using ShuffleAtoms = Layout<Shape<_1, _1>>;
+using LayoutAtomQuant =
+    decltype(cutlass::compute_memory_reordering_atom<ActivationType, ShuffleAtoms, ValueShuffle>());
+using LayoutWeightsReordered =
+    decltype(cute::tile_to_shape(LayoutAtomQuant{}, Layout<Shape<int, int, int>, StrideWeights>{}));
+
+// y, [m, n_out] row-major: the swapped problem's output, column-major.
+using LayoutOutputTransposed = cutlass::layout::ColumnMajor;
+constexpr int kAlignOutput = 128 / cutlass::sizeof_bits<OutputType>::value;
+
+// 128 weight rows x 128 activation rows x 64 inputs a tile; two consumer warpgroups split the 128
+// weight rows (the cooperative schedule) over a persistent tile scheduler.
+using TileShape = Shape<_128, _128, Int<kStepK>>;
+using ClusterShape = Shape<_1, _1, _1>;
+using KernelSchedule = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
+using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecializedCooperative;
+
+using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+    cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
+    cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, LayoutOutputTransposed,
+    kAlignOutput,  // no C: y = W · xᵀ only
+    OutputType, LayoutOutputTransposed, kAlignOutput, EpilogueSchedule>::CollectiveOp;
+
+using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+    cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, cute::tuple<QuantType, ScaleType, ScaleType>,
+    LayoutWeightsReordered, kAlignWeights, ActivationType, LayoutActivationsTransposed, kAlignActivations,
+    float, TileShape, ClusterShape,
+    cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
+        sizeof(typename CollectiveEpilogue::SharedStorage))>,
+    KernelSchedule>::CollectiveOp;
+
+using GemmKernel =
+    cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, CollectiveMainloop, CollectiveEpilogue>;
+using Gemm = cutlass::gemm::device::GemmUniversalAdapter<GemmKernel>;
+using StrideScale = typename CollectiveMainloop::StrideScale;
+using StrideOutput = typename GemmKernel::StrideD;
+
+LayoutWeightsReordered reordered_layout(int64_t n_out, int64_t k) {
+  return cute::tile_to_shape(LayoutAtomQuant{},
+                             cute::make_shape(static_cast<int>(n_out), static_cast<int>(k), 1));
+}
+
+// One thread per 8 inputs of a row: our layout keeps input j of each 32-input run in the low nibble
+// of the run's byte j and input j + 16 in its high nibble; CUTLASS's reordered position of each
+// comes from the layout. Nibbles from different threads can share a destination word, so each is
+// OR-ed in atomically into a zeroed buffer (a load-time pass; speed matters little).
+__global__ void reorder_quants_kernel(const uint8_t* __restrict__ quants, int64_t n_out, int64_t k,
+                                      LayoutWeightsReordered layout, uint32_t* __restrict__ out) {
+  const int64_t eights_per_row = k / 8;
+  const int64_t index = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (index >= n_out * eights_per_row) return;
+  const int64_t row = index / eights_per_row;
+  const int64_t first = (index % eights_per_row) * 8;
+  const uint8_t* run = quants + row * (k / 2) + (first / 32) * 16;
+  for (int e = 0; e < 8; ++e) {
+    const int64_t j = first + e;
+    const int in_run = static_cast<int>(j % 32);
+    const uint32_t level = in_run < 16 ? (run[in_run] & 0xFu) : (run[in_run - 16] >> 4);
+    const int64_t position = layout(static_cast<int>(row), static_cast<int>(j), 0);
+    atomicOr(out + position / 8, level << (4 * (position % 8)));
+  }
+}
+
+// scales [n_out, groups] -> [groups, n_out]; offsets = fp16(-scale · zero) the same way.
+__global__ void transpose_scales_kernel(const uint16_t* __restrict__ scales,
+                                        const uint8_t* __restrict__ zeros, int64_t n_out, int64_t groups,
+                                        __half* __restrict__ scales_out, __half* __restrict__ offsets_out) {
+  const int64_t index = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (index >= n_out * groups) return;
+  const int64_t row = index % n_out;  // consecutive threads write consecutive outputs
+  const int64_t g = index / n_out;
+  const __half scale = __ushort_as_half(scales[row * groups + g]);
+  scales_out[g * n_out + row] = scale;
+  offsets_out[g * n_out + row] =
+      __float2half_rn(-__half2float(scale) * static_cast<float>(zeros[row * groups + g]));
+}
+
+int device_sm_count() {
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return 0;
+  return cutlass::KernelHardwareInfo::query_device_multiprocessor_count(device);
+}
+
+typename Gemm::Arguments gemm_arguments(const __half* x, const Int4CutlassWeights& w, int64_t m, float* y) {
+  const int n_out = static_cast<int>(w.n_out), k = static_cast<int>(w.k), rows = static_cast<int>(m);
+  const int groups = static_cast<int>(w.k / w.group);
+  const auto stride_x = cutlass::make_cute_packed_stride(StrideActivations{}, cute::make_shape(rows, k, 1));
+  const auto stride_scale =
+      cutlass::make_cute_packed_stride(StrideScale{}, cute::make_shape(n_out, groups, 1));
+  const auto stride_y = cutlass::make_cute_packed_stride(StrideOutput{}, cute::make_shape(n_out, rows, 1));
+  typename Gemm::Arguments arguments{
+      cutlass::gemm::GemmUniversalMode::kGemm,
+      {n_out, rows, k, 1},
+      {reinterpret_cast<const QuantType*>(w.quants), reordered_layout(w.n_out, w.k),
+       reinterpret_cast<const ActivationType*>(x), stride_x, reinterpret_cast<const ScaleType*>(w.scales),
+       stride_scale, static_cast<int>(w.group), reinterpret_cast<const ScaleType*>(w.offsets)},
+      {{1.0f, 0.0f}, nullptr, stride_y, y, stride_y}};
+  static const int sm_count = device_sm_count();
+  arguments.hw_info.sm_count = sm_count;
+  return arguments;
+}
+
+}  // namespace
+
+bool w4a16_cutlass_built() { return true; }
+
+bool w4a16_cutlass_supported() {
+  static std::once_flag once;
+  static bool supported = false;
+  std::call_once(once, [] {
+    int device = 0, major = 0, minor = 0;
+    if (cudaGetDevice(&device) != cudaSuccess) return;
+    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) return;
+    if (cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess) return;
+    supported = major == 9 && minor == 0;
+  });
+  return supported;
+}
+
+Status int4_cutlass_from_groups(const uint8_t* quants, const uint16_t* scales, const uint8_t* zeros,
+                                int64_t n_out, int64_t k, int64_t group, void* out,
+                                Int4CutlassWeights* weights, cudaStream_t stream) {
+  if (!quants || !scales || !zeros || !out || !weights || !int4_cutlass_shape_ok(n_out, k, group))
+    return Status::invalid_argument;
+  const int64_t groups = k / group;
+  auto* base = static_cast<uint8_t*>(out);
+  const size_t quant_bytes = static_cast<size_t>(n_out * k / 2);
+  const size_t pair_bytes = align256(static_cast<size_t>(n_out * groups) * sizeof(__half));
+  auto* quants_out = reinterpret_cast<uint32_t*>(base);
+  auto* scales_out = reinterpret_cast<__half*>(base + align256(quant_bytes));
+  auto* offsets_out = reinterpret_cast<__half*>(base + align256(quant_bytes) + pair_bytes);
+
+  if (cudaMemsetAsync(quants_out, 0, quant_bytes, stream) != cudaSuccess) return Status::device_error;
+  constexpr int kThreads = 256;
+  const int64_t eights = n_out * k / 8;
+  reorder_quants_kernel<<<static_cast<unsigned>((eights + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+      quants, n_out, k, reordered_layout(n_out, k), quants_out);
+  if (cudaGetLastError() != cudaSuccess) return Status::device_error;
+  const int64_t pairs = n_out * groups;
+  transpose_scales_kernel<<<static_cast<unsigned>((pairs + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+      scales, zeros, n_out, groups, scales_out, offsets_out);
+  if (cudaGetLastError() != cudaSuccess) return Status::device_error;
+
+  weights->quants = base;
+  weights->scales = scales_out;
+  weights->offsets = offsets_out;
+  weights->n_out = n_out;
+  weights->k = k;
+  weights->group = group;
+  return Status::ok;
+}
+
+Status w4a16_gemm_int4_cutlass(const __half* x, const Int4CutlassWeights& weights, int64_t m, float* y,
+                               cudaStream_t stream) {
+  if (!w4a16_cutlass_supported()) return Status::unsupported_type;
+  if (!x || !y || !weights.quants || !weights.scales || !weights.offsets || m < 1 ||
+      m >= (int64_t{1} << 31) || !int4_cutlass_shape_ok(weights.n_out, weights.k, weights.group))
+    return Status::invalid_argument;
+  const auto arguments = gemm_arguments(x, weights, m, y);
+  if (Gemm::get_workspace_size(arguments) != 0) return Status::device_error;
+  Gemm gemm;
+  if (gemm.can_implement(arguments) != cutlass::Status::kSuccess) return Status::device_error;
+  if (gemm.initialize(arguments, nullptr, stream) != cutlass::Status::kSuccess) return Status::device_error;
+  if (gemm.run(stream) != cutlass::Status::kSuccess) return Status::device_error;
+  return cudaGetLastError() == cudaSuccess ? Status::ok : Status::device_error;
+}
+
+#else  // !NIBBLE_HAVE_CUTLASS
+
+bool w4a16_cutlass_built() { return false; }
+bool w4a16_cutlass_supported() { return false; }
+
+Status int4_cutlass_from_groups(const uint8_t*, const uint16_t*, const uint8_t*, int64_t, int64_t, int64_t,
+                                void*, Int4CutlassWeights*, cudaStream_t) {
+  return Status::unsupported_type;
+}
+
+Status w4a16_gemm_int4_cutlass(const __half*, const Int4CutlassWeights&, int64_t, float*, cudaStream_t) {
+  return Status::unsupported_type;
+}
+
+#endif  // NIBBLE_HAVE_CUTLASS
+
+}  // namespace nibble::kernels::cuda

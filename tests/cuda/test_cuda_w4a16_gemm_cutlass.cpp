@@ -1,0 +1,146 @@
+// Group-wise INT4 through CUTLASS's Hopper mixed-input GEMM (kernels/cuda/w4a16_gemm_cutlass): every
+// weight of the reordered copy read back through the GEMM itself (x the identity, so y holds Wᵀ),
+// against the CPU's dequantization; then products on odd row counts against a double-precision
+// reference. The shape rules and argument checks run everywhere; the rest skips without a Hopper GPU
+// or without CUTLASS in the build.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "kernels/cuda/w4a16_gemm_cutlass.cuh"
+#include "kernels/quant_types.hpp"
+#include "tests/cuda/w4a16_test_util.hpp"
+
+namespace {
+
+namespace kc = nibble::kernels::cuda;
+namespace k = nibble::kernels;
+namespace ct = nibble::cuda_test;
+using k::Status;
+
+#define NIBBLE_REQUIRE_CUTLASS_GEMM()                                                                    \
+  do {                                                                                                   \
+    NIBBLE_REQUIRE_CUDA_DEVICE();                                                                        \
+    if (!kc::w4a16_cutlass_built()) GTEST_SKIP() << "built without CUTLASS (tools/fetch-cutlass.sh)";    \
+    if (!kc::w4a16_cutlass_supported()) GTEST_SKIP() << "the CUTLASS GEMM needs compute capability 9.0"; \
+  } while (0)
+
+// The reordered copy of one matrix.
+struct CutlassCopy {
+  std::unique_ptr<ct::DeviceBuffer<uint8_t>> bytes;
+  kc::Int4CutlassWeights weights;
+};
+
+void make_cutlass_copy(const ct::DeviceInt4Groups& w, int64_t n_out, int64_t kk, int64_t group,
+                       CutlassCopy& out) {
+  const size_t bytes = kc::int4_cutlass_bytes(n_out, kk, group);
+  ASSERT_GT(bytes, size_t{0});
+  out.bytes = std::make_unique<ct::DeviceBuffer<uint8_t>>(bytes);
+  ASSERT_NE(out.bytes->ptr, nullptr);
+  ASSERT_EQ(kc::int4_cutlass_from_groups(w.quants->ptr, w.scales->ptr, w.zeros->ptr, n_out, kk, group,
+                                         out.bytes->ptr, &out.weights, nullptr),
+            Status::ok);
+}
+
+TEST(W4A16GemmCutlass, ShapesItTakes) {
+  EXPECT_TRUE(kc::int4_cutlass_shape_ok(8192, 8192, 128));
+  EXPECT_TRUE(kc::int4_cutlass_shape_ok(28672, 8192, 128));
+  EXPECT_TRUE(kc::int4_cutlass_shape_ok(336, 640, 64));
+  EXPECT_FALSE(kc::int4_cutlass_shape_ok(8192, 8192, 32));      // a group under the k step
+  EXPECT_FALSE(kc::int4_cutlass_shape_ok(8200, 8192, 128));     // n_out % 16
+  EXPECT_FALSE(kc::int4_cutlass_shape_ok(8192, 8224, 32));      // k % 64
+  EXPECT_FALSE(kc::int4_cutlass_shape_ok(8192, 704, 128));      // k % group
+  EXPECT_FALSE(kc::int4_cutlass_shape_ok(131072, 16384, 128));  // 2^31 weights
+  EXPECT_EQ(kc::int4_cutlass_bytes(8192, 8192, 32), size_t{0});
+  // Nibbles, then scales and offsets, each 256-byte aligned.
+  EXPECT_EQ(kc::int4_cutlass_bytes(336, 640, 64), size_t{336 * 320 + 2 * 6912});
+}
+
+TEST(W4A16GemmCutlass, RejectsBadArgumentsBeforeTouchingTheDevice) {
+  kc::Int4CutlassWeights none;
+  std::vector<uint8_t> host(64);
+  kc::Int4CutlassWeights copy;
+  EXPECT_EQ(kc::int4_cutlass_from_groups(host.data(), reinterpret_cast<const uint16_t*>(host.data()),
+                                         host.data(), 256, 256, 32, host.data(), &copy, nullptr),
+            kc::w4a16_cutlass_built() ? Status::invalid_argument : Status::unsupported_type);  // group 32
+  const Status want = kc::w4a16_cutlass_supported() ? Status::invalid_argument : Status::unsupported_type;
+  EXPECT_EQ(kc::w4a16_gemm_int4_cutlass(reinterpret_cast<const __half*>(host.data()), none, 4,
+                                        reinterpret_cast<float*>(host.data()), nullptr),
+            want);  // no weights
+}
+
+// x = I (m = k rows) makes y[j][r] = w(r, j): each weight as the GEMM sees it. CUTLASS evaluates
+// q · scale + fp16(-scale · zero) in fp16, three roundings at magnitudes up to 16 · scale, so each
+// weight is within 0.025 · scale of (q - zero) · scale; the bound is 0.005 of the group's largest
+// |w| (at least ~7 · scale for random levels). A misplaced nibble is off by whole steps of scale.
+TEST(W4A16GemmCutlass, EveryWeightOfTheCopyIsWhereTheGemmReadsIt) {
+  NIBBLE_REQUIRE_CUTLASS_GEMM();
+  std::mt19937 rng(21);
+  struct Case {
+    int64_t n_out, k, group;
+  };
+  for (const Case c : {Case{144, 384, 128}, Case{48, 640, 64}}) {
+    SCOPED_TRACE("n_out " + std::to_string(c.n_out) + " k " + std::to_string(c.k) + " group " +
+                 std::to_string(c.group));
+    ct::DeviceInt4Groups w;
+    ASSERT_NO_FATAL_FAILURE(ct::make_device_int4_groups(c.n_out, c.k, c.group, rng, w));
+    CutlassCopy copy;
+    ASSERT_NO_FATAL_FAILURE(make_cutlass_copy(w, c.n_out, c.k, c.group, copy));
+    std::vector<k::f16_bits> identity(static_cast<size_t>(c.k * c.k), k::fp32_to_fp16(0.0f));
+    for (int64_t j = 0; j < c.k; ++j) identity[static_cast<size_t>(j * c.k + j)] = k::fp32_to_fp16(1.0f);
+    ct::DeviceBuffer<k::f16_bits> x(identity);
+    ct::DeviceBuffer<float> y(static_cast<size_t>(c.k * c.n_out));
+    ASSERT_NE(x.ptr, nullptr);
+    ASSERT_NE(y.ptr, nullptr);
+    ASSERT_EQ(kc::w4a16_gemm_int4_cutlass(reinterpret_cast<const __half*>(x.ptr), copy.weights, c.k, y.ptr,
+                                          nullptr),
+              Status::ok);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    const std::vector<float> got = y.to_host();
+    ASSERT_EQ(got.size(), static_cast<size_t>(c.k * c.n_out));
+    int bad = 0;
+    for (int64_t r = 0; r < c.n_out; ++r) {
+      for (int64_t g = 0; g < c.k / c.group; ++g) {
+        float largest = 0.0f;
+        for (int64_t j = g * c.group; j < (g + 1) * c.group; ++j)
+          largest = std::max(largest, std::fabs(w.wf[static_cast<size_t>(r * c.k + j)]));
+        for (int64_t j = g * c.group; j < (g + 1) * c.group; ++j) {
+          const float want = w.wf[static_cast<size_t>(r * c.k + j)];
+          const float have = got[static_cast<size_t>(j * c.n_out + r)];
+          if (!(std::fabs(have - want) <= 0.005f * largest) && ++bad <= 5)
+            ADD_FAILURE() << "w[" << r << ", " << j << "] = " << have << ", want " << want;
+        }
+      }
+    }
+    EXPECT_EQ(bad, 0);
+  }
+}
+
+// Bound 4e-3 of Σ|x · w|: the weights as above (each within 0.025 · scale, a few thousandths of a
+// typical |w|), fp16 products summed in fp32.
+TEST(W4A16GemmCutlass, MatchesTheReferenceOnOddRowCounts) {
+  NIBBLE_REQUIRE_CUTLASS_GEMM();
+  std::mt19937 rng(23);
+  struct Case {
+    int64_t n_out, k, group;
+  };
+  for (const Case c : {Case{1008, 1536, 128}, Case{336, 640, 64}}) {
+    ct::DeviceInt4Groups w;
+    ASSERT_NO_FATAL_FAILURE(ct::make_device_int4_groups(c.n_out, c.k, c.group, rng, w));
+    CutlassCopy copy;
+    ASSERT_NO_FATAL_FAILURE(make_cutlass_copy(w, c.n_out, c.k, c.group, copy));
+    for (const int64_t m : {1, 17, 33, 129, 300}) {
+      ct::expect_matches_reference(w.wf, c.n_out, c.k, m, 4e-3, rng,
+                                   [&](const __half* x, int64_t mm, float* y) {
+                                     return kc::w4a16_gemm_int4_cutlass(x, copy.weights, mm, y, nullptr);
+                                   });
+    }
+  }
+  EXPECT_EQ(cudaGetLastError(), cudaSuccess);
+}
+
+}  // namespace

@@ -1038,9 +1038,12 @@ void CudaLlamaModel::Impl::choose_int4_kernels() {
       t.chosen[0] = t.chosen[1] = kc::Int4Kernel::gemv_tensor_cores;
       t.chosen[2] = kc::Int4Kernel::gemv_tensor_cores_32rows;
       t.chosen[3] = t.chosen[4] = kc::Int4Kernel::gemm_tensor_cores_64rows;
-      // With CUTLASS copies, Hopper's wgmma from 17 rows on.
-      if (list.front()->cutlass.quants != nullptr)
-        t.chosen[2] = t.chosen[3] = t.chosen[4] = kc::Int4Kernel::cutlass_gemm;
+      // With CUTLASS copies, Hopper's wgmma from 17 rows on: 64-row tiles up to 64 activation rows
+      // (more tiles to stream the weights), 128-row tiles above.
+      if (list.front()->cutlass.quants != nullptr) {
+        t.chosen[2] = t.chosen[3] = kc::Int4Kernel::cutlass_gemm_pingpong;
+        t.chosen[4] = kc::Int4Kernel::cutlass_gemm;
+      }
     }  // cuda_cores: the rows' defaults (tiles refuse cuda_cores at construction)
     for (int r = 0; r < kc::kInt4RowRanges; ++r) {
       choice.chosen[r] = static_cast<int>(t.chosen[r]);

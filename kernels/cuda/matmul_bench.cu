@@ -175,7 +175,7 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
       g128_tc_loads(ms.size(), 0.0), g128_tc_compute(ms.size(), 0.0), g128_deq(ms.size(), 0.0),
       tiles_tc(ms.size(), 0.0), tiles_tc32(ms.size(), 0.0), tiles_tc64(ms.size(), 0.0),
       tiles_deq(ms.size(), 0.0), tiles_loads(ms.size(), 0.0), q4k(ms.size(), 0.0), q4k_tc(ms.size(), 0.0),
-      q4k_tiles_tc(ms.size(), 0.0), g128_cutlass(ms.size(), 0.0);
+      q4k_tiles_tc(ms.size(), 0.0), g128_cutlass(ms.size(), 0.0), g128_cutlass_pp(ms.size(), 0.0);
   std::vector<const char*> tiles_tc_shape(ms.size(), "");
   const size_t g128_quant_bytes = static_cast<size_t>(n * k / 2);
   const size_t g128_groups = static_cast<size_t>(n * (k / 128));
@@ -259,12 +259,16 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
       }
       for (size_t mi = 0; mi < ms.size(); ++mi) {
         const int64_t m = ms[mi];
-        g128_cutlass[mi] = time_us(stream, iterations, repetitions, [&](int i) {
-          const Status st = w4a16_gemm_int4_cutlass(xh, cutlass_weights[static_cast<size_t>(i % copies)], m,
-                                                    static_cast<float*>(y.ptr), stream);
-          if (st != Status::ok)
-            throw BenchFailure(std::string("CUTLASS INT4 GEMM failed: ") + status_name(st));
-        });
+        const auto time_cutlass = [&](CutlassSchedule schedule) {
+          return time_us(stream, iterations, repetitions, [&](int i) {
+            const Status st = w4a16_gemm_int4_cutlass(xh, cutlass_weights[static_cast<size_t>(i % copies)], m,
+                                                      static_cast<float*>(y.ptr), stream, schedule);
+            if (st != Status::ok)
+              throw BenchFailure(std::string("CUTLASS INT4 GEMM failed: ") + status_name(st));
+          });
+        };
+        g128_cutlass[mi] = time_cutlass(CutlassSchedule::cooperative_128);
+        g128_cutlass_pp[mi] = time_cutlass(CutlassSchedule::pingpong_64);
       }
     }
     // The same weights repacked into tiles (one tiled copy per row-major copy, made on the device).
@@ -403,6 +407,7 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
     row.g128_tc_compute_us = g128_tc_compute[mi];
     row.g128_deq_us = g128_deq[mi];
     row.g128_cutlass_us = g128_cutlass[mi];
+    row.g128_cutlass_pp_us = g128_cutlass_pp[mi];
     row.g128_tiles_tc_us = tiles_tc[mi];
     row.g128_tiles_tc_shape = tiles_tc_shape[mi];
     row.g128_tiles_tc32_us = tiles_tc32[mi];

@@ -75,32 +75,41 @@ using LayoutWeightsReordered =
 using LayoutOutputTransposed = cutlass::layout::ColumnMajor;
 constexpr int kAlignOutput = 128 / cutlass::sizeof_bits<OutputType>::value;
 
-// 128 weight rows x 128 activation rows x 64 inputs a tile; two consumer warpgroups split the 128
-// weight rows (the cooperative schedule) over a persistent tile scheduler.
-using TileShape = Shape<_128, _128, Int<kStepK>>;
 using ClusterShape = Shape<_1, _1, _1>;
-using KernelSchedule = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
-using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecializedCooperative;
 
-using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
-    cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
-    cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, LayoutOutputTransposed,
-    kAlignOutput,  // no C: y = W · xᵀ only
-    OutputType, LayoutOutputTransposed, kAlignOutput, EpilogueSchedule>::CollectiveOp;
+// One GEMM configuration: a tile of weight rows x activation rows x 64 inputs and a warp-specialized
+// schedule, over CUTLASS's persistent tile scheduler.
+template <class TileShape, class KernelSchedule, class EpilogueSchedule>
+struct GemmConfig {
+  using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
+      cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, LayoutOutputTransposed,
+      kAlignOutput,  // no C: y = W · xᵀ only
+      OutputType, LayoutOutputTransposed, kAlignOutput, EpilogueSchedule>::CollectiveOp;
 
-using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
-    cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, cute::tuple<QuantType, ScaleType, ScaleType>,
-    LayoutWeightsReordered, kAlignWeights, ActivationType, LayoutActivationsTransposed, kAlignActivations,
-    float, TileShape, ClusterShape,
-    cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
-        sizeof(typename CollectiveEpilogue::SharedStorage))>,
-    KernelSchedule>::CollectiveOp;
+  using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, cute::tuple<QuantType, ScaleType, ScaleType>,
+      LayoutWeightsReordered, kAlignWeights, ActivationType, LayoutActivationsTransposed, kAlignActivations,
+      float, TileShape, ClusterShape,
+      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
+          sizeof(typename CollectiveEpilogue::SharedStorage))>,
+      KernelSchedule>::CollectiveOp;
 
-using GemmKernel =
-    cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, CollectiveMainloop, CollectiveEpilogue>;
-using Gemm = cutlass::gemm::device::GemmUniversalAdapter<GemmKernel>;
-using StrideScale = typename CollectiveMainloop::StrideScale;
-using StrideOutput = typename GemmKernel::StrideD;
+  using GemmKernel =
+      cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, CollectiveMainloop, CollectiveEpilogue>;
+  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<GemmKernel>;
+  using StrideScale = typename CollectiveMainloop::StrideScale;
+  using StrideOutput = typename GemmKernel::StrideD;
+};
+
+// 128 weight rows a tile, two consumer warpgroups splitting them (cooperative): prefill-sized problems.
+using Cooperative128 =
+    GemmConfig<Shape<_128, _128, Int<kStepK>>, cutlass::gemm::KernelTmaWarpSpecializedCooperative,
+               cutlass::epilogue::TmaWarpSpecializedCooperative>;
+// 64 weight rows a tile, the two consumer warpgroups on alternate tiles (ping-pong): twice the tiles,
+// so that with few activation rows (one tile of them) more SMs stream weights.
+using Pingpong64 = GemmConfig<Shape<_64, _128, Int<kStepK>>, cutlass::gemm::KernelTmaWarpSpecializedPingpong,
+                              cutlass::epilogue::TmaWarpSpecialized>;
 
 LayoutWeightsReordered reordered_layout(int64_t n_out, int64_t k) {
   return cute::tile_to_shape(LayoutAtomQuant{},
@@ -148,14 +157,17 @@ int device_sm_count() {
   return cutlass::KernelHardwareInfo::query_device_multiprocessor_count(device);
 }
 
-typename Gemm::Arguments gemm_arguments(const __half* x, const Int4CutlassWeights& w, int64_t m, float* y) {
+template <class Config>
+typename Config::Gemm::Arguments gemm_arguments(const __half* x, const Int4CutlassWeights& w, int64_t m,
+                                                float* y) {
   const int n_out = static_cast<int>(w.n_out), k = static_cast<int>(w.k), rows = static_cast<int>(m);
   const int groups = static_cast<int>(w.k / w.group);
   const auto stride_x = cutlass::make_cute_packed_stride(StrideActivations{}, cute::make_shape(rows, k, 1));
   const auto stride_scale =
-      cutlass::make_cute_packed_stride(StrideScale{}, cute::make_shape(n_out, groups, 1));
-  const auto stride_y = cutlass::make_cute_packed_stride(StrideOutput{}, cute::make_shape(n_out, rows, 1));
-  typename Gemm::Arguments arguments{
+      cutlass::make_cute_packed_stride(typename Config::StrideScale{}, cute::make_shape(n_out, groups, 1));
+  const auto stride_y =
+      cutlass::make_cute_packed_stride(typename Config::StrideOutput{}, cute::make_shape(n_out, rows, 1));
+  typename Config::Gemm::Arguments arguments{
       cutlass::gemm::GemmUniversalMode::kGemm,
       {n_out, rows, k, 1},
       {reinterpret_cast<const QuantType*>(w.quants), reordered_layout(w.n_out, w.k),
@@ -165,6 +177,19 @@ typename Gemm::Arguments gemm_arguments(const __half* x, const Int4CutlassWeight
   static const int sm_count = device_sm_count();
   arguments.hw_info.sm_count = sm_count;
   return arguments;
+}
+
+template <class Config>
+Status run_gemm(const __half* x, const Int4CutlassWeights& weights, int64_t m, float* y,
+                cudaStream_t stream) {
+  using Gemm = typename Config::Gemm;
+  const auto arguments = gemm_arguments<Config>(x, weights, m, y);
+  if (Gemm::get_workspace_size(arguments) != 0) return Status::device_error;
+  Gemm gemm;
+  if (gemm.can_implement(arguments) != cutlass::Status::kSuccess) return Status::device_error;
+  if (gemm.initialize(arguments, nullptr, stream) != cutlass::Status::kSuccess) return Status::device_error;
+  if (gemm.run(stream) != cutlass::Status::kSuccess) return Status::device_error;
+  return cudaGetLastError() == cudaSuccess ? Status::ok : Status::device_error;
 }
 
 }  // namespace
@@ -218,18 +243,18 @@ Status int4_cutlass_from_groups(const uint8_t* quants, const uint16_t* scales, c
 }
 
 Status w4a16_gemm_int4_cutlass(const __half* x, const Int4CutlassWeights& weights, int64_t m, float* y,
-                               cudaStream_t stream) {
+                               cudaStream_t stream, CutlassSchedule schedule) {
   if (!w4a16_cutlass_supported()) return Status::unsupported_type;
   if (!x || !y || !weights.quants || !weights.scales || !weights.offsets || m < 1 ||
       m >= (int64_t{1} << 31) || !int4_cutlass_shape_ok(weights.n_out, weights.k, weights.group))
     return Status::invalid_argument;
-  const auto arguments = gemm_arguments(x, weights, m, y);
-  if (Gemm::get_workspace_size(arguments) != 0) return Status::device_error;
-  Gemm gemm;
-  if (gemm.can_implement(arguments) != cutlass::Status::kSuccess) return Status::device_error;
-  if (gemm.initialize(arguments, nullptr, stream) != cutlass::Status::kSuccess) return Status::device_error;
-  if (gemm.run(stream) != cutlass::Status::kSuccess) return Status::device_error;
-  return cudaGetLastError() == cudaSuccess ? Status::ok : Status::device_error;
+  switch (schedule) {
+    case CutlassSchedule::cooperative_128:
+      return run_gemm<Cooperative128>(x, weights, m, y, stream);
+    case CutlassSchedule::pingpong_64:
+      return run_gemm<Pingpong64>(x, weights, m, y, stream);
+  }
+  return Status::invalid_argument;
 }
 
 #else  // !NIBBLE_HAVE_CUTLASS
@@ -242,7 +267,8 @@ Status int4_cutlass_from_groups(const uint8_t*, const uint16_t*, const uint8_t*,
   return Status::unsupported_type;
 }
 
-Status w4a16_gemm_int4_cutlass(const __half*, const Int4CutlassWeights&, int64_t, float*, cudaStream_t) {
+Status w4a16_gemm_int4_cutlass(const __half*, const Int4CutlassWeights&, int64_t, float*, cudaStream_t,
+                               CutlassSchedule) {
   return Status::unsupported_type;
 }
 

@@ -59,12 +59,20 @@ Status int4_cutlass_from_groups(const uint8_t* quants, const uint16_t* scales, c
                                 int64_t n_out, int64_t k, int64_t group, void* out,
                                 Int4CutlassWeights* weights, cudaStream_t stream);
 
+// The two configurations built (each sums 64 inputs a step in k order with no split of k, so a row's
+// outputs do not depend on how many other rows share the call):
+//   cooperative_128: 128 weight rows a tile, split between two consumer warpgroups (prefill sizes)
+//   pingpong_64:     64 weight rows a tile, the warpgroups on alternate tiles; twice the tiles, for
+//                    few activation rows, where 128-row tiles leave SMs idle (8192 outputs: 64 tiles)
+enum class CutlassSchedule { cooperative_128, pingpong_64 };
+
 // x: [m, k] __half, 16-byte aligned; y: [m, n_out] float, every element written; any m >= 1.
 // This configuration's persistent tile scheduler needs no device workspace, so the call allocates
 // nothing and can be captured in a CUDA graph (device_error should CUTLASS ever ask for one).
 // Returns unsupported_type when !w4a16_cutlass_supported(), invalid_argument for a bad argument,
 // device_error if CUTLASS refuses the problem or the launch fails.
 Status w4a16_gemm_int4_cutlass(const __half* x, const Int4CutlassWeights& weights, int64_t m, float* y,
-                               cudaStream_t stream);
+                               cudaStream_t stream,
+                               CutlassSchedule schedule = CutlassSchedule::cooperative_128);
 
 }  // namespace nibble::kernels::cuda

@@ -13,6 +13,10 @@
 
 namespace nibble::kernels::cuda {
 
+bool is_cutlass(Int4Kernel kernel) {
+  return kernel == Int4Kernel::cutlass_gemm || kernel == Int4Kernel::cutlass_gemm_pingpong;
+}
+
 const char* int4_kernel_name(Int4Kernel kernel) {
   switch (kernel) {
     case Int4Kernel::gemv_cuda_cores:
@@ -37,12 +41,14 @@ const char* int4_kernel_name(Int4Kernel kernel) {
       return "TC GEMM 64 rows";
     case Int4Kernel::cutlass_gemm:
       return "CUTLASS GEMM";
+    case Int4Kernel::cutlass_gemm_pingpong:
+      return "CUTLASS GEMM 64";
   }
   return "?";
 }
 
 int64_t int4_kernel_min_rows(Int4Kernel kernel) {
-  return kernel == Int4Kernel::dequant_cublas || kernel == Int4Kernel::cutlass_gemm ? 17 : 1;
+  return kernel == Int4Kernel::dequant_cublas || is_cutlass(kernel) ? 17 : 1;
 }
 
 int64_t int4_kernel_max_rows(Int4Kernel kernel) {
@@ -74,6 +80,7 @@ Int4GroupsLauncher int4_kernel_launcher(Int4Kernel kernel) {
       return w4a16_gemm_int4_groups_mma;
     case Int4Kernel::dequant_cublas:
     case Int4Kernel::cutlass_gemm:
+    case Int4Kernel::cutlass_gemm_pingpong:
       return nullptr;
     case Int4Kernel::gemv_tensor_cores_512:
       return w4a16_gemv_int4_groups_mma_512;
@@ -92,8 +99,8 @@ Int4GroupsLauncher int4_kernel_launcher(Int4Kernel kernel) {
 const char* int4_layout_name(Int4Layout layout) { return layout == Int4Layout::tiles ? "tiles" : "rows"; }
 
 bool int4_kernel_reads(Int4Kernel kernel, Int4Layout layout) {
-  return layout == Int4Layout::rows || kernel == Int4Kernel::dequant_cublas ||
-         kernel == Int4Kernel::cutlass_gemm || int4_tiles_kernel_launcher(kernel) != nullptr;
+  return layout == Int4Layout::rows || kernel == Int4Kernel::dequant_cublas || is_cutlass(kernel) ||
+         int4_tiles_kernel_launcher(kernel) != nullptr;
 }
 
 namespace {
@@ -129,10 +136,12 @@ Status launch_int4_kernel(Int4Kernel kernel, const Int4CublasContext* cublas, co
                           const __half* scales, const uint8_t* zeros, int64_t group, int64_t n_out, int64_t k,
                           const __half* x, int64_t m, float* y, cudaStream_t stream, bool programmatic,
                           Int4Layout layout, const Int4CutlassWeights* cutlass) {
-  if (kernel == Int4Kernel::cutlass_gemm) {
+  if (is_cutlass(kernel)) {
     if (cutlass == nullptr || cutlass->n_out != n_out || cutlass->k != k || cutlass->group != group)
       return Status::invalid_argument;
-    return w4a16_gemm_int4_cutlass(x, *cutlass, m, y, stream);
+    return w4a16_gemm_int4_cutlass(
+        x, *cutlass, m, y, stream,
+        kernel == Int4Kernel::cutlass_gemm ? CutlassSchedule::cooperative_128 : CutlassSchedule::pingpong_64);
   }
   if (kernel == Int4Kernel::dequant_cublas) {
     if (cublas == nullptr) return Status::invalid_argument;
@@ -240,7 +249,7 @@ Status tune_int4_groups(const std::vector<Int4GroupsMatrix>& matrices, int64_t g
             !int4_kernel_reads(which, layout))
           continue;
         if (which == Int4Kernel::dequant_cublas && cublas == nullptr) continue;
-        if (which == Int4Kernel::cutlass_gemm && cutlass == nullptr) continue;
+        if (is_cutlass(which) && cutlass == nullptr) continue;
         const Status st = time(which, m, out.us[r][kernel][c]);
         if (st != Status::ok) return st;
       }

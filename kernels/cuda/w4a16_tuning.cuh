@@ -14,9 +14,10 @@
 //                     activations in shared memory: fewer instructions a weight)
 //   TC GEMV 32 rows   w4a16_gemv_int4_groups_mma_32rows (up to 32 rows: two m16 tiles)
 //   TC GEMM 64 rows   w4a16_gemm_int4_groups_mma_64rows (any rows, in slabs of four m16 tiles)
-// The eleventh reads its own copy of the weights, in CUTLASS's order (w4a16_gemm_cutlass.cuh), and is
-// timed only where the caller made one:
-//   CUTLASS GEMM      w4a16_gemm_int4_cutlass          (17 rows or more; Hopper's wgmma)
+// The last two read their own copy of the weights, in CUTLASS's order (w4a16_gemm_cutlass.cuh), and
+// are timed only where the caller made one:
+//   CUTLASS GEMM      w4a16_gemm_int4_cutlass, cooperative_128 (17 rows or more; Hopper's wgmma)
+//   CUTLASS GEMM 64   the same, pingpong_64 (64 weight rows a tile: more tiles for few activation rows)
 // Group-wise INT4 also comes repacked into the tensor-core kernels' chunks (Int4Layout::tiles,
 // kernels/int4_tiles.hpp): the five tensor-core kernels and dequant + cuBLAS read it (the same bits
 // as on the row-major layout), the CUDA-core GEMVs and the older GEMMs do not, and the timing then
@@ -59,27 +60,30 @@ enum class Int4Kernel : int {
   gemv_cuda_cores_staged,
   gemv_tensor_cores_32rows,
   gemm_tensor_cores_64rows,
-  cutlass_gemm
+  cutlass_gemm,
+  cutlass_gemm_pingpong
 };
-constexpr int kInt4Kernels = 11;
+constexpr int kInt4Kernels = 12;
 // How a group-wise INT4 matrix lies in device memory: rows (kernels/int4_groups.hpp: nibbles, scales
 // and zeros in three arrays) or tiles (kernels/int4_tiles.hpp: one array of chunks).
 enum class Int4Layout { rows, tiles };
 const char* int4_kernel_name(Int4Kernel kernel);  // "CUDA-core GEMV", ...
+// The CUTLASS GEMMs (they read a CUTLASS copy, not the layout's operands).
+bool is_cutlass(Int4Kernel kernel);
 // The most rows `kernel` takes in one call (INT64_MAX: any).
 int64_t int4_kernel_max_rows(Int4Kernel kernel);
 // The fewest rows it is a candidate for: 17 for dequant + cuBLAS (dequantizing costs more than the
-// decode GEMVs' whole product) and the CUTLASS GEMM (a prefill kernel), 1 for the others.
+// decode GEMVs' whole product) and the CUTLASS GEMMs (prefill kernels), 1 for the others.
 int64_t int4_kernel_min_rows(Int4Kernel kernel);
 // The launcher of one of our own kernels (they share one signature: w4a16_gemv_int4_groups's);
-// nullptr for dequant + cuBLAS and the CUTLASS GEMM, which need more (launch_int4_kernel).
+// nullptr for dequant + cuBLAS and the CUTLASS GEMMs, which need more (launch_int4_kernel).
 using Int4GroupsLauncher = Status (*)(const uint8_t* quants, const __half* scales, const uint8_t* zeros,
                                       int64_t group, int64_t n_out, int64_t k, const __half* x, int64_t m,
                                       float* y, cudaStream_t stream, bool programmatic);
 Int4GroupsLauncher int4_kernel_launcher(Int4Kernel kernel);
 // Runs `kernel` on one product (arguments as w4a16_gemv_int4_groups; on tiles, quants are the tiles and
 // scales and zeros are ignored). cublas: the context dequant + cuBLAS needs (invalid_argument without
-// one); the others ignore it. cutlass: the matrix's CUTLASS copy, which the CUTLASS GEMM reads instead
+// one); the others ignore it. cutlass: the matrix's CUTLASS copy, which the CUTLASS GEMMs read instead
 // of quants, scales and zeros (invalid_argument without one). programmatic applies to our own kernels
 // only. invalid_argument for a kernel that does not read the layout.
 Status launch_int4_kernel(Int4Kernel kernel, const Int4CublasContext* cublas, const uint8_t* quants,
@@ -99,8 +103,8 @@ inline int int4_row_range(int64_t m) {
 }
 
 const char* int4_layout_name(Int4Layout layout);  // "rows", "tiles"
-// Whether `kernel` reads matrices in `layout` (every kernel reads rows; the CUTLASS GEMM reads its own
-// copy whatever the layout).
+// Whether `kernel` reads matrices in `layout` (every kernel reads rows; the CUTLASS GEMMs read their
+// own copy whatever the layout).
 bool int4_kernel_reads(Int4Kernel kernel, Int4Layout layout);
 // The launcher of `kernel` on tiles (quants: the tiles; scales and zeros ignored); nullptr for a
 // kernel that does not read tiles and for dequant + cuBLAS (launch_int4_kernel).
@@ -138,7 +142,7 @@ constexpr double kInt4MinGain = 0.05;
 void choose_int4_groups_kernels(Int4GroupsTuning& t, Int4Layout layout = Int4Layout::rows);
 
 // Times every kernel that reads `layout` and takes a range's rows (dequant + cuBLAS only when `cublas`
-// is given, the CUTLASS GEMM only when `cutlass` holds each matrix's copy, in the same order) on
+// is given, the CUTLASS GEMMs only when `cutlass` holds each matrix's copy, in the same order) on
 // `matrices` (one shape, e.g. that matrix in every
 // layer: the products rotate among them, so that with enough of them the weights stream from device
 // memory as in a forward pass rather than from L2) and chooses (choose_int4_groups_kernels). A

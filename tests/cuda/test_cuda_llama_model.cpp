@@ -620,8 +620,9 @@ TEST(CudaLlamaModel, CutlassGemmTakesManyRowProductsNearTheTensorCoreLogits) {
   if (!kc::w4a16_cutlass_supported())
     GTEST_SKIP() << "no CUTLASS GEMM here (built without it, or not compute 9.0)";
   using Choice = w::CudaInt4KernelChoice;
-  constexpr int kCutlass = 10;
+  constexpr int kCutlass = 10, kCutlassPingpong = 11;
   static_assert(std::string_view(Choice::kernel_names[kCutlass]) == "CUTLASS GEMM");
+  static_assert(std::string_view(Choice::kernel_names[kCutlassPingpong]) == "CUTLASS GEMM 64");
   for (const std::string& path :
        {std::string("dummy:tiny:seed=3"), (t::test_data_dir() / "gptq-tiny-llama" / "awq-g64").string()}) {
     SCOPED_TRACE(path);
@@ -632,8 +633,9 @@ TEST(CudaLlamaModel, CutlassGemmTakesManyRowProductsNearTheTensorCoreLogits) {
     w::CudaLlamaModel plain(checkpoint, plain_options), cutlass(checkpoint, cutlass_options);
     ASSERT_FALSE(cutlass.int4_kernel_choices().empty());
     for (const Choice& ch : cutlass.int4_kernel_choices()) {
-      for (int r = 2; r < Choice::kRanges; ++r)
-        EXPECT_EQ(ch.chosen[r], kCutlass) << ch.n_out << " x " << ch.k;
+      EXPECT_EQ(ch.chosen[2], kCutlassPingpong) << ch.n_out << " x " << ch.k;
+      EXPECT_EQ(ch.chosen[3], kCutlassPingpong) << ch.n_out << " x " << ch.k;
+      EXPECT_EQ(ch.chosen[4], kCutlass) << ch.n_out << " x " << ch.k;
     }
     EXPECT_GT(cutlass.weight_bytes(), plain.weight_bytes());
 
@@ -683,10 +685,12 @@ TEST(CudaLlamaModel, CutlassGemmTakesManyRowProductsNearTheTensorCoreLogits) {
     for (const Choice& ch : measured.int4_kernel_choices()) {
       EXPECT_EQ(ch.skipped, "");
       for (int r = 0; r < Choice::kRanges; ++r) {
-        if (r >= 2)
-          EXPECT_GT(ch.us[r][kCutlass][0], 0.0) << "range " << r;
-        else
-          EXPECT_EQ(ch.us[r][kCutlass][0], 0.0) << "range " << r;
+        for (const int kernel : {kCutlass, kCutlassPingpong}) {
+          if (r >= 2)
+            EXPECT_GT(ch.us[r][kernel][0], 0.0) << Choice::kernel_names[kernel] << ", range " << r;
+          else
+            EXPECT_EQ(ch.us[r][kernel][0], 0.0) << Choice::kernel_names[kernel] << ", range " << r;
+        }
       }
     }
     w::CudaModelOptions refused = cutlass_options;

@@ -186,9 +186,14 @@ TEST(W4A16Tuning, RejectsBadArgumentsBeforeTouchingTheDevice) {
   EXPECT_EQ(kc::launch_int4_kernel(kc::Int4Kernel::cutlass_gemm, nullptr, nullptr, nullptr, nullptr, 128, 256,
                                    256, nullptr, 32, nullptr, nullptr, false, kc::Int4Layout::rows, &other),
             Status::invalid_argument);
-  EXPECT_EQ(kc::int4_kernel_launcher(kc::Int4Kernel::cutlass_gemm), nullptr);
-  EXPECT_EQ(kc::int4_kernel_min_rows(kc::Int4Kernel::cutlass_gemm), 17);
-  EXPECT_TRUE(kc::int4_kernel_reads(kc::Int4Kernel::cutlass_gemm, kc::Int4Layout::tiles));
+  for (const auto which : {kc::Int4Kernel::cutlass_gemm, kc::Int4Kernel::cutlass_gemm_pingpong}) {
+    EXPECT_TRUE(kc::is_cutlass(which));
+    EXPECT_EQ(kc::int4_kernel_launcher(which), nullptr);
+    EXPECT_EQ(kc::int4_kernel_min_rows(which), 17);
+    EXPECT_EQ(kc::int4_kernel_max_rows(which), INT64_MAX);
+    EXPECT_TRUE(kc::int4_kernel_reads(which, kc::Int4Layout::tiles));
+  }
+  EXPECT_FALSE(kc::is_cutlass(kc::Int4Kernel::dequant_cublas));
   std::vector<kc::Int4CutlassWeights> too_few;
   EXPECT_EQ(
       kc::tune_int4_groups(one, 128, 256, 256, nullptr, nullptr, t, error, kc::Int4Layout::rows, &too_few),
@@ -247,7 +252,7 @@ TEST(W4A16Tuning, TimesEveryCandidateOnTheDeviceAndChoosesByTheRule) {
         const int64_t rows = kc::kInt4RangeTimedRows[r][0];
         const bool takes = rows <= kc::int4_kernel_max_rows(which) &&
                            rows >= kc::int4_kernel_min_rows(which) &&
-                           which != kc::Int4Kernel::cutlass_gemm;  // no CUTLASS copies given
+                           !kc::is_cutlass(which);  // no CUTLASS copies given
         if (takes && kc::int4_kernel_reads(which, kc::Int4Layout::tiles))
           EXPECT_GT(on_tiles.us[r][kernel][0], 0.0) << kernel << " at " << rows << " rows";
         else
@@ -262,7 +267,7 @@ TEST(W4A16Tuning, TimesEveryCandidateOnTheDeviceAndChoosesByTheRule) {
           if (rows == 0) continue;
           const auto which = static_cast<kc::Int4Kernel>(kernel);
           if (rows <= kc::int4_kernel_max_rows(which) && rows >= kc::int4_kernel_min_rows(which) &&
-              which != kc::Int4Kernel::cutlass_gemm)
+              !kc::is_cutlass(which))
             EXPECT_GT(t.us[r][kernel][c], 0.0) << kernel << " at " << rows << " rows";
           else
             EXPECT_EQ(t.us[r][kernel][c], 0.0) << kernel << " at " << rows << " rows";
@@ -315,17 +320,20 @@ TEST(W4A16Tuning, TimesTheCutlassGemmWhereGivenItsCopies) {
             Status::ok)
       << error;
   EXPECT_EQ(t.skipped, "");
-  const int cutlass_index = static_cast<int>(kc::Int4Kernel::cutlass_gemm);
-  for (int r = 0; r < kc::kInt4RowRanges; ++r) {
-    if (kc::kInt4RangeTimedRows[r][0] >= 17)
-      EXPECT_GT(t.us[r][cutlass_index][0], 0.0) << "range " << r;
-    else
-      EXPECT_EQ(t.us[r][cutlass_index][0], 0.0) << "range " << r;
+  for (const auto which : {kc::Int4Kernel::cutlass_gemm, kc::Int4Kernel::cutlass_gemm_pingpong}) {
+    SCOPED_TRACE(kc::int4_kernel_name(which));
+    const int index = static_cast<int>(which);
+    for (int r = 0; r < kc::kInt4RowRanges; ++r) {
+      if (kc::kInt4RangeTimedRows[r][0] >= 17)
+        EXPECT_GT(t.us[r][index][0], 0.0) << "range " << r;
+      else
+        EXPECT_EQ(t.us[r][index][0], 0.0) << "range " << r;
+    }
+    // 256 rows cost more than 32 (a timer that returned noise would not).
+    EXPECT_GT(t.us[4][index][0], t.us[2][index][0]);
+    std::cout << "  " << kc::int4_kernel_name(which) << " us at 32 / 64 / 256 rows: " << t.us[2][index][0]
+              << " / " << t.us[3][index][0] << " / " << t.us[4][index][0] << "\n";
   }
-  // 256 rows cost more than 32 (a timer that returned noise would not).
-  EXPECT_GT(t.us[4][cutlass_index][0], t.us[2][cutlass_index][0]);
-  std::cout << "  CUTLASS GEMM us at 32 / 64 / 256 rows: " << t.us[2][cutlass_index][0] << " / "
-            << t.us[3][cutlass_index][0] << " / " << t.us[4][cutlass_index][0] << "\n";
 }
 
 }  // namespace

@@ -1254,6 +1254,12 @@ TEST(CudaLlamaModelCli, BenchGpuKernelTableTimesEveryKernel) {
     EXPECT_EQ(tiles.contains("loads_only_us"), m <= 16);
     EXPECT_EQ(tiles.contains("tc32_us"), m <= 32);
     EXPECT_EQ(tiles.contains("dequant_cublas_us"), m >= 17);
+    // CUTLASS's GEMM on both schedules wherever it is built and runs (at every m).
+    EXPECT_EQ(row.contains("w4a16_g128_cutlass_us"), kc::w4a16_cutlass_supported()) << row.dump();
+    if (kc::w4a16_cutlass_supported()) {
+      EXPECT_GT(row["w4a16_g128_cutlass_us"].get<double>(), 0.0);
+      EXPECT_GT(row["w4a16_g128_cutlass_pingpong_us"].get<double>(), 0.0);
+    }
   }
 }
 
@@ -1310,6 +1316,31 @@ TEST(CudaLlamaModelCli, BenchGpuRunsTheModelOnTiles) {
       EXPECT_TRUE(chosen != "CUDA-core GEMV" && chosen != "WMMA GEMM" && chosen != "mma GEMM" &&
                   chosen != "staged GEMV")
           << chosen;
+    }
+  }
+}
+
+// bench-gpu --model --cutlass-gemm: the dummy model's INT4 matrices also in CUTLASS's order, and both
+// CUTLASS schedules timed at load in every range of 17 rows or more (and chosen only among the timed).
+TEST(CudaLlamaModelCli, BenchGpuTimesTheCutlassGemmAtLoad) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  if (!kc::w4a16_cutlass_supported())
+    GTEST_SKIP() << "no CUTLASS GEMM here (built without it, or not compute 9.0)";
+  std::string output;
+  nlohmann::json j;
+  ASSERT_NO_FATAL_FAILURE(run_json(
+      t::nibble_bin() + " bench-gpu --model dummy:tiny --cutlass-gemm --batch 1,2 --prompt-tokens 32 "
+                        "--gen-tokens 4 --repetitions 1 --prefill-batch 2 --json",
+      output, j));
+  ASSERT_EQ(j["decode"].size(), 2u) << output;
+  ASSERT_FALSE(j["int4_kernels"].empty()) << output;
+  for (const auto& shape : j["int4_kernels"]) {
+    for (const auto& range : shape["ranges"]) {
+      for (const auto& at : range["timed"]) {
+        const bool candidate = at["rows"].get<int64_t>() >= 17;
+        EXPECT_EQ(at["us"].contains("CUTLASS GEMM"), candidate) << at.dump();
+        EXPECT_EQ(at["us"].contains("CUTLASS GEMM 64"), candidate) << at.dump();
+      }
     }
   }
 }

@@ -211,7 +211,7 @@ struct CudaModelOptions {
   // output. The same results; off until a GPU run shows what it saves (bench-gpu --model times both).
   bool programmatic_launch = false;
   // Also hold every group-wise INT4 matrix that CUTLASS's Hopper GEMM takes (group 64 or 128, n_out a
-  // multiple of 16) in CUTLASS's order, and make that GEMM (wgmma, kernels/cuda/w4a16_gemm_cutlass.cuh) a
+  // multiple of 128) in CUTLASS's order, and make that GEMM (wgmma, kernels/cuda/w4a16_gemm_cutlass.cuh) a
   // load-time candidate for products of 17 rows or more, chosen where it times faster (prefill, large
   // batches); under Int4Kernels::tensor_cores it takes every product of 17 rows or more. The copy costs
   // as much device memory again as the INT4 weights (~0.52 bytes a weight): 2x for those matrices. Off

@@ -29,7 +29,7 @@ size_t align256(size_t bytes) { return (bytes + 255) / 256 * 256; }
 }  // namespace
 
 bool int4_cutlass_shape_ok(int64_t n_out, int64_t k, int64_t group) {
-  return n_out > 0 && k > 0 && n_out % 16 == 0 && k % kStepK == 0 && (group == 64 || group == 128) &&
+  return n_out > 0 && k > 0 && n_out % 128 == 0 && k % kStepK == 0 && (group == 64 || group == 128) &&
          k % group == 0 && n_out * k < (int64_t{1} << 31);
 }
 

@@ -43,8 +43,10 @@ bool w4a16_cutlass_built();
 // Whether it can run on the current device: built, and the device is compute capability 9.0.
 bool w4a16_cutlass_supported();
 
-// Whether these shapes are ones the GEMM takes: n_out a multiple of 16, k of 64, group 64 or 128
-// dividing k (the main loop's k step is 64 and a group must cover whole steps), n_out · k < 2^31.
+// Whether these shapes are ones the GEMM takes: n_out a multiple of 128 (whole weight tiles of either
+// schedule: CUTLASS's examples never cut a tile of the reordered operand, so neither do we), k of 64,
+// group 64 or 128 dividing k (the main loop's k step is 64 and a group must cover whole steps),
+// n_out · k < 2^31. Every Llama matrix qualifies; only the activation rows may end mid-tile.
 bool int4_cutlass_shape_ok(int64_t n_out, int64_t k, int64_t group);
 
 // Bytes of one matrix's copy: the nibbles, then the scales, then the offsets, each 256-byte aligned.

@@ -57,15 +57,15 @@ void make_cutlass_copy(const ct::DeviceInt4Groups& w, int64_t n_out, int64_t kk,
 TEST(W4A16GemmCutlass, ShapesItTakes) {
   EXPECT_TRUE(kc::int4_cutlass_shape_ok(8192, 8192, 128));
   EXPECT_TRUE(kc::int4_cutlass_shape_ok(28672, 8192, 128));
-  EXPECT_TRUE(kc::int4_cutlass_shape_ok(336, 640, 64));
+  EXPECT_TRUE(kc::int4_cutlass_shape_ok(384, 640, 64));
   EXPECT_FALSE(kc::int4_cutlass_shape_ok(8192, 8192, 32));      // a group under the k step
-  EXPECT_FALSE(kc::int4_cutlass_shape_ok(8200, 8192, 128));     // n_out % 16
+  EXPECT_FALSE(kc::int4_cutlass_shape_ok(8256, 8192, 128));     // n_out % 128
   EXPECT_FALSE(kc::int4_cutlass_shape_ok(8192, 8224, 32));      // k % 64
   EXPECT_FALSE(kc::int4_cutlass_shape_ok(8192, 704, 128));      // k % group
   EXPECT_FALSE(kc::int4_cutlass_shape_ok(131072, 16384, 128));  // 2^31 weights
   EXPECT_EQ(kc::int4_cutlass_bytes(8192, 8192, 32), size_t{0});
   // Nibbles, then scales and offsets, each 256-byte aligned.
-  EXPECT_EQ(kc::int4_cutlass_bytes(336, 640, 64), size_t{336 * 320 + 2 * 6912});
+  EXPECT_EQ(kc::int4_cutlass_bytes(384, 640, 64), size_t{384 * 320 + 2 * 7680});
 }
 
 TEST(W4A16GemmCutlass, RejectsBadArgumentsBeforeTouchingTheDevice) {
@@ -91,7 +91,7 @@ TEST(W4A16GemmCutlass, EveryWeightOfTheCopyIsWhereTheGemmReadsIt) {
   struct Case {
     int64_t n_out, k, group;
   };
-  for (const Case c : {Case{144, 384, 128}, Case{48, 640, 64}}) {
+  for (const Case c : {Case{256, 384, 128}, Case{128, 640, 64}}) {
     SCOPED_TRACE("n_out " + std::to_string(c.n_out) + " k " + std::to_string(c.k) + " group " +
                  std::to_string(c.group));
     ct::DeviceInt4Groups w;
@@ -139,7 +139,7 @@ TEST(W4A16GemmCutlass, MatchesTheReferenceOnOddRowCounts) {
   struct Case {
     int64_t n_out, k, group;
   };
-  for (const Case c : {Case{1008, 1536, 128}, Case{336, 640, 64}}) {
+  for (const Case c : {Case{1024, 1536, 128}, Case{384, 640, 64}}) {
     ct::DeviceInt4Groups w;
     ASSERT_NO_FATAL_FAILURE(ct::make_device_int4_groups(c.n_out, c.k, c.group, rng, w));
     CutlassCopy copy;
@@ -163,7 +163,7 @@ TEST(W4A16GemmCutlass, MatchesTheReferenceOnOddRowCounts) {
 TEST(W4A16GemmCutlass, ARowsOutputsDoNotDependOnTheRowCount) {
   NIBBLE_REQUIRE_CUTLASS_GEMM();
   std::mt19937 rng(29);
-  const int64_t n_out = 1008, kk = 1536, group = 128, many = 300, few = 17;
+  const int64_t n_out = 1024, kk = 1536, group = 128, many = 300, few = 17;
   ct::DeviceInt4Groups w;
   ASSERT_NO_FATAL_FAILURE(ct::make_device_int4_groups(n_out, kk, group, rng, w));
   CutlassCopy copy;

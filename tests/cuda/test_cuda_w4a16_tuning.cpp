@@ -298,7 +298,7 @@ TEST(W4A16Tuning, TimesTheCutlassGemmWhereGivenItsCopies) {
   if (!kc::w4a16_cutlass_supported())
     GTEST_SKIP() << "no CUTLASS GEMM here (built without it, or not compute 9.0)";
   std::mt19937 rng(9);
-  const int64_t n_out = 1008, k = 1536, group = 128;
+  const int64_t n_out = 1024, k = 1536, group = 128;
   std::vector<ct::DeviceInt4Groups> weights(2);
   std::vector<kc::Int4GroupsMatrix> matrices;
   std::vector<std::unique_ptr<ct::DeviceBuffer<uint8_t>>> copies;

@@ -37,23 +37,6 @@ const char* schedule_name(kc::CutlassSchedule schedule) {
                                                           : "ping-pong, 64-row tiles";
 }
 
-// The reordered copy of one matrix.
-struct CutlassCopy {
-  std::unique_ptr<ct::DeviceBuffer<uint8_t>> bytes;
-  kc::Int4CutlassWeights weights;
-};
-
-void make_cutlass_copy(const ct::DeviceInt4Groups& w, int64_t n_out, int64_t kk, int64_t group,
-                       CutlassCopy& out) {
-  const size_t bytes = kc::int4_cutlass_bytes(n_out, kk, group);
-  ASSERT_GT(bytes, size_t{0});
-  out.bytes = std::make_unique<ct::DeviceBuffer<uint8_t>>(bytes);
-  ASSERT_NE(out.bytes->ptr, nullptr);
-  ASSERT_EQ(kc::int4_cutlass_from_groups(w.quants->ptr, w.scales->ptr, w.zeros->ptr, n_out, kk, group,
-                                         out.bytes->ptr, &out.weights, nullptr),
-            Status::ok);
-}
-
 TEST(W4A16GemmCutlass, ShapesItTakes) {
   EXPECT_TRUE(kc::int4_cutlass_shape_ok(8192, 8192, 128));
   EXPECT_TRUE(kc::int4_cutlass_shape_ok(28672, 8192, 128));
@@ -96,8 +79,8 @@ TEST(W4A16GemmCutlass, EveryWeightOfTheCopyIsWhereTheGemmReadsIt) {
                  std::to_string(c.group));
     ct::DeviceInt4Groups w;
     ASSERT_NO_FATAL_FAILURE(ct::make_device_int4_groups(c.n_out, c.k, c.group, rng, w));
-    CutlassCopy copy;
-    ASSERT_NO_FATAL_FAILURE(make_cutlass_copy(w, c.n_out, c.k, c.group, copy));
+    ct::CutlassCopy copy;
+    ASSERT_NO_FATAL_FAILURE(ct::make_cutlass_copy(w, c.n_out, c.k, c.group, copy));
     std::vector<k::f16_bits> identity(static_cast<size_t>(c.k * c.k), k::fp32_to_fp16(0.0f));
     for (int64_t j = 0; j < c.k; ++j) identity[static_cast<size_t>(j * c.k + j)] = k::fp32_to_fp16(1.0f);
     ct::DeviceBuffer<k::f16_bits> x(identity);
@@ -142,8 +125,8 @@ TEST(W4A16GemmCutlass, MatchesTheReferenceOnOddRowCounts) {
   for (const Case c : {Case{1024, 1536, 128}, Case{384, 640, 64}}) {
     ct::DeviceInt4Groups w;
     ASSERT_NO_FATAL_FAILURE(ct::make_device_int4_groups(c.n_out, c.k, c.group, rng, w));
-    CutlassCopy copy;
-    ASSERT_NO_FATAL_FAILURE(make_cutlass_copy(w, c.n_out, c.k, c.group, copy));
+    ct::CutlassCopy copy;
+    ASSERT_NO_FATAL_FAILURE(ct::make_cutlass_copy(w, c.n_out, c.k, c.group, copy));
     for (const kc::CutlassSchedule schedule : kSchedules) {
       SCOPED_TRACE(schedule_name(schedule));
       for (const int64_t m : {1, 17, 33, 129, 300}) {
@@ -166,8 +149,8 @@ TEST(W4A16GemmCutlass, ARowsOutputsDoNotDependOnTheRowCount) {
   const int64_t n_out = 1024, kk = 1536, group = 128, many = 300, few = 17;
   ct::DeviceInt4Groups w;
   ASSERT_NO_FATAL_FAILURE(ct::make_device_int4_groups(n_out, kk, group, rng, w));
-  CutlassCopy copy;
-  ASSERT_NO_FATAL_FAILURE(make_cutlass_copy(w, n_out, kk, group, copy));
+  ct::CutlassCopy copy;
+  ASSERT_NO_FATAL_FAILURE(ct::make_cutlass_copy(w, n_out, kk, group, copy));
   std::normal_distribution<float> normal(0.0f, 1.0f);
   std::vector<k::f16_bits> xh(static_cast<size_t>(many * kk));
   for (auto& v : xh) v = k::fp32_to_fp16(normal(rng));

@@ -301,17 +301,13 @@ TEST(W4A16Tuning, TimesTheCutlassGemmWhereGivenItsCopies) {
   const int64_t n_out = 1024, k = 1536, group = 128;
   std::vector<ct::DeviceInt4Groups> weights(2);
   std::vector<kc::Int4GroupsMatrix> matrices;
-  std::vector<std::unique_ptr<ct::DeviceBuffer<uint8_t>>> copies;
+  std::vector<ct::CutlassCopy> copies(weights.size());
   std::vector<kc::Int4CutlassWeights> cutlass;
-  for (auto& w : weights) {
-    ASSERT_NO_FATAL_FAILURE(ct::make_device_int4_groups(n_out, k, group, rng, w));
-    matrices.push_back({w.quants->ptr, w.scales_half(), w.zeros->ptr});
-    copies.push_back(std::make_unique<ct::DeviceBuffer<uint8_t>>(kc::int4_cutlass_bytes(n_out, k, group)));
-    ASSERT_NE(copies.back()->ptr, nullptr);
-    cutlass.emplace_back();
-    ASSERT_EQ(kc::int4_cutlass_from_groups(w.quants->ptr, w.scales->ptr, w.zeros->ptr, n_out, k, group,
-                                           copies.back()->ptr, &cutlass.back(), nullptr),
-              Status::ok);
+  for (size_t i = 0; i < weights.size(); ++i) {
+    ASSERT_NO_FATAL_FAILURE(ct::make_device_int4_groups(n_out, k, group, rng, weights[i]));
+    matrices.push_back({weights[i].quants->ptr, weights[i].scales_half(), weights[i].zeros->ptr});
+    ASSERT_NO_FATAL_FAILURE(ct::make_cutlass_copy(weights[i], n_out, k, group, copies[i]));
+    cutlass.push_back(copies[i].weights);
   }
   kc::Int4GroupsTuning t;
   std::string error;

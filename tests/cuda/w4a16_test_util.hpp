@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/cuda/w4a16_gemm_cutlass.cuh"
 #include "kernels/int4_groups.hpp"
 #include "kernels/quant_types.hpp"
 #include "kernels/quantize.hpp"
@@ -129,6 +130,23 @@ inline void make_device_int4_groups(int64_t n_out, int64_t kk, int64_t group, st
   out.zeros = std::make_unique<DeviceBuffer<uint8_t>>(zeros);
   out.scales = std::make_unique<DeviceBuffer<uint16_t>>(scales);
   ASSERT_TRUE(out.quants->ptr && out.zeros->ptr && out.scales->ptr);
+}
+
+// A DeviceInt4Groups matrix's copy in CUTLASS's order (kernels/cuda/w4a16_gemm_cutlass.cuh), made on
+// the device; the shape must be one int4_cutlass_shape_ok takes.
+struct CutlassCopy {
+  std::unique_ptr<DeviceBuffer<uint8_t>> bytes;
+  kernels::cuda::Int4CutlassWeights weights;
+};
+inline void make_cutlass_copy(const DeviceInt4Groups& w, int64_t n_out, int64_t kk, int64_t group,
+                              CutlassCopy& out) {
+  const size_t bytes = kernels::cuda::int4_cutlass_bytes(n_out, kk, group);
+  ASSERT_GT(bytes, size_t{0});
+  out.bytes = std::make_unique<DeviceBuffer<uint8_t>>(bytes);
+  ASSERT_NE(out.bytes->ptr, nullptr);
+  ASSERT_EQ(kernels::cuda::int4_cutlass_from_groups(w.quants->ptr, w.scales->ptr, w.zeros->ptr, n_out, kk,
+                                                    group, out.bytes->ptr, &out.weights, nullptr),
+            k::Status::ok);
 }
 
 }  // namespace nibble::cuda_test

@@ -139,11 +139,11 @@ enum class Int4Layout { rows, tiles };
 
 // The kernels one group-wise INT4 matrix shape uses, with the load-time times behind the choice.
 struct CudaInt4KernelChoice {
-  static constexpr int kKernels = 12;
+  static constexpr int kKernels = 13;
   static constexpr const char* kernel_names[kKernels] = {
-      "CUDA-core GEMV",   "tensor-core GEMV", "WMMA GEMM",        "mma GEMM",
-      "dequant + cuBLAS", "TC GEMV 512 thr",  "TC GEMV 2 blk/SM", "staged GEMV",
-      "TC GEMV 32 rows",  "TC GEMM 64 rows",  "CUTLASS GEMM",     "CUTLASS GEMM 64"};
+      "CUDA-core GEMV",  "tensor-core GEMV", "WMMA GEMM",    "mma GEMM",        "dequant + cuBLAS",
+      "TC GEMV 512 thr", "TC GEMV 2 blk/SM", "staged GEMV",  "TC GEMV 32 rows", "TC GEMM 64 rows",
+      "CUTLASS GEMM",    "CUTLASS GEMM 64",  "CUTLASS 64x16"};
   // The row ranges 1, 2-16, 17-32, 33-64 and over 64 (their largest row counts; -1: any), and the
   // row counts each is timed at (0: none).
   static constexpr int kRanges = 5;

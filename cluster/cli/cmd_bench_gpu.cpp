@@ -527,12 +527,13 @@ int run_kernels(const Args& a) {
   // Each row to stderr as soon as its shape is measured (a run cut short keeps them); the tables follow.
   const auto measured = [](const kernels::cuda::MatmulBenchRow& r) {
     progress(
-        "%lldx%lld m=%lld: g128 %.1f tc %.1f staged %.1f tc32 %.1f tc64 %.1f deq %.1f cutlass %.1f / %.1f | "
+        "%lldx%lld m=%lld: g128 %.1f tc %.1f staged %.1f tc32 %.1f tc64 %.1f deq %.1f cutlass %.1f / %.1f / "
+        "%.1f | "
         "tiles: tc %.1f tc32 %.1f tc64 %.1f deq %.1f | Q4_K %.1f Q4_K tc %.1f cuBLAS %.1f us",
         static_cast<long long>(r.shape.k), static_cast<long long>(r.shape.n_out), static_cast<long long>(r.m),
         r.g128_us, r.g128_tc_us, r.g128_staged_us, r.g128_tc32_us, r.g128_tc64_us, r.g128_deq_us,
-        r.g128_cutlass_us, r.g128_cutlass_pp_us, r.g128_tiles_tc_us, r.g128_tiles_tc32_us,
-        r.g128_tiles_tc64_us, r.g128_tiles_deq_us, r.q4k_us, r.q4k_tc_us, r.cublas_us);
+        r.g128_cutlass_us, r.g128_cutlass_pp_us, r.g128_cutlass16_us, r.g128_tiles_tc_us,
+        r.g128_tiles_tc32_us, r.g128_tiles_tc64_us, r.g128_tiles_deq_us, r.q4k_us, r.q4k_tc_us, r.cublas_us);
   };
   const kernels::Status st = kernels::cuda::run_matmul_bench(
       parse_shapes(a.shapes), parse_list(a.rows), a.iterations, a.repetitions, result, error, measured);
@@ -545,11 +546,11 @@ int run_kernels(const Args& a) {
                 result.copy_gbps);
     std::printf(
         "%-12s %4s | %10s %8s %6s | %8s %6s | %8s %6s | %10s %6s | %9s %6s | %8s %6s | %8s %6s | %8s %6s | "
-        "%8s %6s | %10s %6s | %10s %6s | %8s %6s | %9s %6s | %10s %8s | %8s %9s | %11s %8s %8s\n",
+        "%8s %6s | %10s %6s | %10s %6s | %10s %6s | %8s %6s | %9s %6s | %10s %8s | %8s %9s | %11s %8s %8s\n",
         "k x n_out", "m", "W4A16 us", "GB/s", "%copy", "split us", "%copy", "g128 us", "%copy", "g128 tc us",
         "%copy", "staged us", "%copy", "tc32 us", "%copy", "tc64 us", "%copy", "mma us", "%copy", "deq us",
-        "%copy", "cutlass us", "%copy", "cutl pp us", "%copy", "Q4_K us", "%copy", "Q4_K tc", "%copy",
-        "cuBLAS us", "GB/s", "vs fp16", "best/fp16", "tinygemm us", "vs tg", "best/tg");
+        "%copy", "cutlass us", "%copy", "cutl pp us", "%copy", "cutl 16 us", "%copy", "Q4_K us", "%copy",
+        "Q4_K tc", "%copy", "cuBLAS us", "GB/s", "vs fp16", "best/fp16", "tinygemm us", "vs tg", "best/tg");
   }
   for (const auto& r : result.rows) {
     const double ours_gbps = r.ours_bytes / (r.ours_us * 1e-6) / 1e9;
@@ -560,8 +561,8 @@ int run_kernels(const Args& a) {
     double best_g128_us = 0.0;
     for (const double us :
          {r.g128_us, r.g128_tc_us, r.g128_staged_us, r.g128_tc32_us, r.g128_tc64_us, r.g128_mma_us,
-          r.g128_deq_us, r.g128_cutlass_us, r.g128_cutlass_pp_us, r.g128_tiles_tc_us, r.g128_tiles_tc32_us,
-          r.g128_tiles_tc64_us, r.g128_tiles_deq_us})
+          r.g128_deq_us, r.g128_cutlass_us, r.g128_cutlass_pp_us, r.g128_cutlass16_us, r.g128_tiles_tc_us,
+          r.g128_tiles_tc32_us, r.g128_tiles_tc64_us, r.g128_tiles_deq_us})
       if (us > 0 && (best_g128_us == 0.0 || us < best_g128_us)) best_g128_us = us;
     nlohmann::json row{{"k", r.shape.k},
                        {"n_out", r.shape.n_out},
@@ -630,6 +631,10 @@ int run_kernels(const Args& a) {
       row["w4a16_g128_cutlass_pingpong_us"] = r.g128_cutlass_pp_us;
       row["g128_cutlass_pingpong_speedup_vs_cublas"] = r.cublas_us / r.g128_cutlass_pp_us;
     }
+    if (r.g128_cutlass16_us > 0) {
+      row["w4a16_g128_cutlass16_us"] = r.g128_cutlass16_us;
+      row["g128_cutlass16_speedup_vs_cublas"] = r.cublas_us / r.g128_cutlass16_us;
+    }
     if (best_g128_us > 0) {
       row["g128_best_us"] = best_g128_us;
       row["g128_best_copy_fraction"] = r.g128_bytes / (best_g128_us * 1e-6) / 1e9 / result.copy_gbps;
@@ -670,6 +675,7 @@ int run_kernels(const Args& a) {
       timed(r.g128_deq_us, r.g128_bytes);
       timed(r.g128_cutlass_us, r.g128_bytes, 10);
       timed(r.g128_cutlass_pp_us, r.g128_bytes, 10);
+      timed(r.g128_cutlass16_us, r.g128_bytes, 10);
       timed(r.q4k_us, r.q4k_bytes);
       timed(r.q4k_tc_us, r.q4k_bytes, 9);
       std::printf(" %10.1f %8.0f | %7.2fx %8.2fx |", r.cublas_us, cublas_gbps, r.cublas_us / r.ours_us,

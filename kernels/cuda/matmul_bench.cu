@@ -175,7 +175,8 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
       g128_tc_loads(ms.size(), 0.0), g128_tc_compute(ms.size(), 0.0), g128_deq(ms.size(), 0.0),
       tiles_tc(ms.size(), 0.0), tiles_tc32(ms.size(), 0.0), tiles_tc64(ms.size(), 0.0),
       tiles_deq(ms.size(), 0.0), tiles_loads(ms.size(), 0.0), q4k(ms.size(), 0.0), q4k_tc(ms.size(), 0.0),
-      q4k_tiles_tc(ms.size(), 0.0), g128_cutlass(ms.size(), 0.0), g128_cutlass_pp(ms.size(), 0.0);
+      q4k_tiles_tc(ms.size(), 0.0), g128_cutlass(ms.size(), 0.0), g128_cutlass_pp(ms.size(), 0.0),
+      g128_cutlass16(ms.size(), 0.0);
   std::vector<const char*> tiles_tc_shape(ms.size(), "");
   const size_t g128_quant_bytes = static_cast<size_t>(n * k / 2);
   const size_t g128_groups = static_cast<size_t>(n * (k / 128));
@@ -269,6 +270,7 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
         };
         g128_cutlass[mi] = time_cutlass(CutlassSchedule::cooperative_128);
         g128_cutlass_pp[mi] = time_cutlass(CutlassSchedule::pingpong_64);
+        if (m <= 32) g128_cutlass16[mi] = time_cutlass(CutlassSchedule::pingpong_64x16);
       }
     }
     // The same weights repacked into tiles (one tiled copy per row-major copy, made on the device).
@@ -408,6 +410,7 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
     row.g128_deq_us = g128_deq[mi];
     row.g128_cutlass_us = g128_cutlass[mi];
     row.g128_cutlass_pp_us = g128_cutlass_pp[mi];
+    row.g128_cutlass16_us = g128_cutlass16[mi];
     row.g128_tiles_tc_us = tiles_tc[mi];
     row.g128_tiles_tc_shape = tiles_tc_shape[mi];
     row.g128_tiles_tc32_us = tiles_tc32[mi];

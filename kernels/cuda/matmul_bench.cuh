@@ -44,8 +44,9 @@ struct MatmulBenchRow {
   double g128_deq_us =
       0.0;  // the same dequantized to fp16 in chunks for cuBLAS (m >= 17 only; 64 MiB scratch)
   // The same on CUTLASS's Hopper mixed-input GEMM (w4a16_gemm_int4_cutlass on its reordered copy):
-  // 128-row cooperative tiles and 64-row ping-pong tiles; 0 when not built or not on compute 9.0.
-  double g128_cutlass_us = 0.0, g128_cutlass_pp_us = 0.0;
+  // 128-row cooperative tiles and 64-row ping-pong tiles (every m), 64 x 16 tiles (m <= 32); 0 when not
+  // built or not on compute 9.0.
+  double g128_cutlass_us = 0.0, g128_cutlass_pp_us = 0.0, g128_cutlass16_us = 0.0;
   double q4k_us = 0.0;           // GGUF Q4_K as stored (w4a16_*_q4_k); 0: k % 256 != 0
   double q4k_tc_us = 0.0;        // the same on the tensor cores (w4a16_gemv_q4_k_mma, _32rows, _64rows by m)
   double q4k_tiles_tc_us = 0.0;  // the same kernels on the blocks repacked into Q4_K chunks

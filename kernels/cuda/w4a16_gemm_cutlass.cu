@@ -110,6 +110,10 @@ using Cooperative128 =
 // so that with few activation rows (one tile of them) more SMs stream weights.
 using Pingpong64 = GemmConfig<Shape<_64, _128, Int<kStepK>>, cutlass::gemm::KernelTmaWarpSpecializedPingpong,
                               cutlass::epilogue::TmaWarpSpecialized>;
+// 64 weight rows x 16 activation rows: decode batches.
+using Pingpong64x16 =
+    GemmConfig<Shape<_64, _16, Int<kStepK>>, cutlass::gemm::KernelTmaWarpSpecializedPingpong,
+               cutlass::epilogue::TmaWarpSpecialized>;
 
 LayoutWeightsReordered reordered_layout(int64_t n_out, int64_t k) {
   return cute::tile_to_shape(LayoutAtomQuant{},
@@ -253,6 +257,8 @@ Status w4a16_gemm_int4_cutlass(const __half* x, const Int4CutlassWeights& weight
       return run_gemm<Cooperative128>(x, weights, m, y, stream);
     case CutlassSchedule::pingpong_64:
       return run_gemm<Pingpong64>(x, weights, m, y, stream);
+    case CutlassSchedule::pingpong_64x16:
+      return run_gemm<Pingpong64x16>(x, weights, m, y, stream);
   }
   return Status::invalid_argument;
 }

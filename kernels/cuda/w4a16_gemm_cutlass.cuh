@@ -61,12 +61,16 @@ Status int4_cutlass_from_groups(const uint8_t* quants, const uint16_t* scales, c
                                 int64_t n_out, int64_t k, int64_t group, void* out,
                                 Int4CutlassWeights* weights, cudaStream_t stream);
 
-// The two configurations built (each sums 64 inputs a step in k order with no split of k, so a row's
+// The configurations built (each sums 64 inputs a step in k order with no split of k, so a row's
 // outputs do not depend on how many other rows share the call):
-//   cooperative_128: 128 weight rows a tile, split between two consumer warpgroups (prefill sizes)
-//   pingpong_64:     64 weight rows a tile, the warpgroups on alternate tiles; twice the tiles, for
-//                    few activation rows, where 128-row tiles leave SMs idle (8192 outputs: 64 tiles)
-enum class CutlassSchedule { cooperative_128, pingpong_64 };
+//   cooperative_128:  128 weight rows x 128 activation rows a tile, the weight rows split between two
+//                     consumer warpgroups (prefill sizes)
+//   pingpong_64:      64 x 128, the warpgroups on alternate tiles; twice the tiles, for few activation
+//                     rows, where 128-row tiles leave SMs idle (8192 outputs: 64 tiles)
+//   pingpong_64x16:   64 x 16 (wgmma's n = 16): decode batches of up to 16 rows without computing 112
+//                     rows of zeros, the layout Machete serves every batch size from; whether wgmma
+//                     can stream 4-bit weights near copy bandwidth here is what the kernel table asks
+enum class CutlassSchedule { cooperative_128, pingpong_64, pingpong_64x16 };
 
 // x: [m, k] __half, 16-byte aligned; y: [m, n_out] float, every element written; any m >= 1.
 // This configuration's persistent tile scheduler needs no device workspace, so the call allocates

@@ -14,7 +14,8 @@
 namespace nibble::kernels::cuda {
 
 bool is_cutlass(Int4Kernel kernel) {
-  return kernel == Int4Kernel::cutlass_gemm || kernel == Int4Kernel::cutlass_gemm_pingpong;
+  return kernel == Int4Kernel::cutlass_gemm || kernel == Int4Kernel::cutlass_gemm_pingpong ||
+         kernel == Int4Kernel::cutlass_gemm_16rows;
 }
 
 const char* int4_kernel_name(Int4Kernel kernel) {
@@ -43,12 +44,17 @@ const char* int4_kernel_name(Int4Kernel kernel) {
       return "CUTLASS GEMM";
     case Int4Kernel::cutlass_gemm_pingpong:
       return "CUTLASS GEMM 64";
+    case Int4Kernel::cutlass_gemm_16rows:
+      return "CUTLASS 64x16";
   }
   return "?";
 }
 
 int64_t int4_kernel_min_rows(Int4Kernel kernel) {
-  return kernel == Int4Kernel::dequant_cublas || is_cutlass(kernel) ? 17 : 1;
+  return kernel == Int4Kernel::dequant_cublas || kernel == Int4Kernel::cutlass_gemm ||
+                 kernel == Int4Kernel::cutlass_gemm_pingpong
+             ? 17
+             : 1;
 }
 
 int64_t int4_kernel_max_rows(Int4Kernel kernel) {
@@ -63,6 +69,8 @@ int64_t int4_kernel_max_rows(Int4Kernel kernel) {
       return kW4A16GemvMmaMaxM;
     case Int4Kernel::gemv_tensor_cores_32rows:
       return kW4A16GemvMma32RowsMaxM;
+    case Int4Kernel::cutlass_gemm_16rows:
+      return 32;
     default:
       return INT64_MAX;
   }
@@ -81,6 +89,7 @@ Int4GroupsLauncher int4_kernel_launcher(Int4Kernel kernel) {
     case Int4Kernel::dequant_cublas:
     case Int4Kernel::cutlass_gemm:
     case Int4Kernel::cutlass_gemm_pingpong:
+    case Int4Kernel::cutlass_gemm_16rows:
       return nullptr;
     case Int4Kernel::gemv_tensor_cores_512:
       return w4a16_gemv_int4_groups_mma_512;
@@ -139,9 +148,11 @@ Status launch_int4_kernel(Int4Kernel kernel, const Int4CublasContext* cublas, co
   if (is_cutlass(kernel)) {
     if (cutlass == nullptr || cutlass->n_out != n_out || cutlass->k != k || cutlass->group != group)
       return Status::invalid_argument;
-    return w4a16_gemm_int4_cutlass(
-        x, *cutlass, m, y, stream,
-        kernel == Int4Kernel::cutlass_gemm ? CutlassSchedule::cooperative_128 : CutlassSchedule::pingpong_64);
+    const CutlassSchedule schedule = kernel == Int4Kernel::cutlass_gemm ? CutlassSchedule::cooperative_128
+                                     : kernel == Int4Kernel::cutlass_gemm_pingpong
+                                         ? CutlassSchedule::pingpong_64
+                                         : CutlassSchedule::pingpong_64x16;
+    return w4a16_gemm_int4_cutlass(x, *cutlass, m, y, stream, schedule);
   }
   if (kernel == Int4Kernel::dequant_cublas) {
     if (cublas == nullptr) return Status::invalid_argument;

@@ -18,6 +18,7 @@
 // are timed only where the caller made one:
 //   CUTLASS GEMM      w4a16_gemm_int4_cutlass, cooperative_128 (17 rows or more; Hopper's wgmma)
 //   CUTLASS GEMM 64   the same, pingpong_64 (64 weight rows a tile: more tiles for few activation rows)
+//   CUTLASS 64x16     the same, pingpong_64x16 (up to 32 rows; 16 activation rows a tile, for decode)
 // Group-wise INT4 also comes repacked into the tensor-core kernels' chunks (Int4Layout::tiles,
 // kernels/int4_tiles.hpp): the five tensor-core kernels and dequant + cuBLAS read it (the same bits
 // as on the row-major layout), the CUDA-core GEMVs and the older GEMMs do not, and the timing then
@@ -61,9 +62,10 @@ enum class Int4Kernel : int {
   gemv_tensor_cores_32rows,
   gemm_tensor_cores_64rows,
   cutlass_gemm,
-  cutlass_gemm_pingpong
+  cutlass_gemm_pingpong,
+  cutlass_gemm_16rows
 };
-constexpr int kInt4Kernels = 12;
+constexpr int kInt4Kernels = 13;
 // How a group-wise INT4 matrix lies in device memory: rows (kernels/int4_groups.hpp: nibbles, scales
 // and zeros in three arrays) or tiles (kernels/int4_tiles.hpp: one array of chunks).
 enum class Int4Layout { rows, tiles };
@@ -73,7 +75,8 @@ bool is_cutlass(Int4Kernel kernel);
 // The most rows `kernel` takes in one call (INT64_MAX: any).
 int64_t int4_kernel_max_rows(Int4Kernel kernel);
 // The fewest rows it is a candidate for: 17 for dequant + cuBLAS (dequantizing costs more than the
-// decode GEMVs' whole product) and the CUTLASS GEMMs (prefill kernels), 1 for the others.
+// decode GEMVs' whole product) and the two CUTLASS GEMMs with 128-row activation tiles, 1 for the
+// others.
 int64_t int4_kernel_min_rows(Int4Kernel kernel);
 // The launcher of one of our own kernels (they share one signature: w4a16_gemv_int4_groups's);
 // nullptr for dequant + cuBLAS and the CUTLASS GEMMs, which need more (launch_int4_kernel).

@@ -620,9 +620,10 @@ TEST(CudaLlamaModel, CutlassGemmTakesManyRowProductsNearTheTensorCoreLogits) {
   if (!kc::w4a16_cutlass_supported())
     GTEST_SKIP() << "no CUTLASS GEMM here (built without it, or not compute 9.0)";
   using Choice = w::CudaInt4KernelChoice;
-  constexpr int kCutlass = 10, kCutlassPingpong = 11;
+  constexpr int kCutlass = 10, kCutlassPingpong = 11, kCutlass16 = 12;
   static_assert(std::string_view(Choice::kernel_names[kCutlass]) == "CUTLASS GEMM");
   static_assert(std::string_view(Choice::kernel_names[kCutlassPingpong]) == "CUTLASS GEMM 64");
+  static_assert(std::string_view(Choice::kernel_names[kCutlass16]) == "CUTLASS 64x16");
   for (const std::string& path :
        {std::string("dummy:tiny:seed=3"), (t::test_data_dir() / "gptq-tiny-llama" / "awq-g64").string()}) {
     SCOPED_TRACE(path);
@@ -714,8 +715,10 @@ TEST(CudaLlamaModel, CutlassGemmTakesManyRowProductsNearTheTensorCoreLogits) {
       EXPECT_EQ(ch.skipped, "");
       const bool copies = kc::int4_cutlass_shape_ok(ch.n_out, ch.k, ch.group);
       for (int r = 0; r < Choice::kRanges; ++r) {
-        for (const int kernel : {kCutlass, kCutlassPingpong}) {
-          if (r >= 2 && copies)
+        for (const int kernel : {kCutlass, kCutlassPingpong, kCutlass16}) {
+          // 128-row activation tiles from 17 rows (ranges 2-4), 16-row ones up to 32 (ranges 0-2).
+          const bool candidate = kernel == kCutlass16 ? r <= 2 : r >= 2;
+          if (candidate && copies)
             EXPECT_GT(ch.us[r][kernel][0], 0.0) << Choice::kernel_names[kernel] << ", range " << r;
           else
             EXPECT_EQ(ch.us[r][kernel][0], 0.0) << Choice::kernel_names[kernel] << ", range " << r;
@@ -1283,11 +1286,12 @@ TEST(CudaLlamaModelCli, BenchGpuKernelTableTimesEveryKernel) {
     EXPECT_EQ(tiles.contains("loads_only_us"), m <= 16);
     EXPECT_EQ(tiles.contains("tc32_us"), m <= 32);
     EXPECT_EQ(tiles.contains("dequant_cublas_us"), m >= 17);
-    // CUTLASS's GEMM on both schedules wherever it is built and runs (at every m).
+    // CUTLASS's GEMM on its three schedules wherever it is built and runs (64 x 16 tiles up to 32 rows).
     EXPECT_EQ(row.contains("w4a16_g128_cutlass_us"), kc::w4a16_cutlass_supported()) << row.dump();
     if (kc::w4a16_cutlass_supported()) {
       EXPECT_GT(row["w4a16_g128_cutlass_us"].get<double>(), 0.0);
       EXPECT_GT(row["w4a16_g128_cutlass_pingpong_us"].get<double>(), 0.0);
+      EXPECT_EQ(row.contains("w4a16_g128_cutlass16_us"), m <= 32);
     }
   }
 }
@@ -1366,9 +1370,10 @@ TEST(CudaLlamaModelCli, BenchGpuTimesTheCutlassGemmAtLoad) {
   for (const auto& shape : j["int4_kernels"]) {
     for (const auto& range : shape["ranges"]) {
       for (const auto& at : range["timed"]) {
-        const bool candidate = at["rows"].get<int64_t>() >= 17;
-        EXPECT_EQ(at["us"].contains("CUTLASS GEMM"), candidate) << at.dump();
-        EXPECT_EQ(at["us"].contains("CUTLASS GEMM 64"), candidate) << at.dump();
+        const int64_t rows = at["rows"].get<int64_t>();
+        EXPECT_EQ(at["us"].contains("CUTLASS GEMM"), rows >= 17) << at.dump();
+        EXPECT_EQ(at["us"].contains("CUTLASS GEMM 64"), rows >= 17) << at.dump();
+        EXPECT_EQ(at["us"].contains("CUTLASS 64x16"), rows <= 32) << at.dump();
       }
     }
   }

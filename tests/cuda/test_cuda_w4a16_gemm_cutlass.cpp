@@ -31,10 +31,18 @@ using k::Status;
   } while (0)
 
 constexpr kc::CutlassSchedule kSchedules[] = {kc::CutlassSchedule::cooperative_128,
-                                              kc::CutlassSchedule::pingpong_64};
+                                              kc::CutlassSchedule::pingpong_64,
+                                              kc::CutlassSchedule::pingpong_64x16};
 const char* schedule_name(kc::CutlassSchedule schedule) {
-  return schedule == kc::CutlassSchedule::cooperative_128 ? "cooperative, 128-row tiles"
-                                                          : "ping-pong, 64-row tiles";
+  switch (schedule) {
+    case kc::CutlassSchedule::cooperative_128:
+      return "cooperative, 128 x 128 tiles";
+    case kc::CutlassSchedule::pingpong_64:
+      return "ping-pong, 64 x 128 tiles";
+    case kc::CutlassSchedule::pingpong_64x16:
+      return "ping-pong, 64 x 16 tiles";
+  }
+  return "?";
 }
 
 TEST(W4A16GemmCutlass, ShapesItTakes) {

@@ -186,13 +186,18 @@ TEST(W4A16Tuning, RejectsBadArgumentsBeforeTouchingTheDevice) {
   EXPECT_EQ(kc::launch_int4_kernel(kc::Int4Kernel::cutlass_gemm, nullptr, nullptr, nullptr, nullptr, 128, 256,
                                    256, nullptr, 32, nullptr, nullptr, false, kc::Int4Layout::rows, &other),
             Status::invalid_argument);
-  for (const auto which : {kc::Int4Kernel::cutlass_gemm, kc::Int4Kernel::cutlass_gemm_pingpong}) {
+  for (const auto which : {kc::Int4Kernel::cutlass_gemm, kc::Int4Kernel::cutlass_gemm_pingpong,
+                           kc::Int4Kernel::cutlass_gemm_16rows}) {
     EXPECT_TRUE(kc::is_cutlass(which));
     EXPECT_EQ(kc::int4_kernel_launcher(which), nullptr);
-    EXPECT_EQ(kc::int4_kernel_min_rows(which), 17);
-    EXPECT_EQ(kc::int4_kernel_max_rows(which), INT64_MAX);
     EXPECT_TRUE(kc::int4_kernel_reads(which, kc::Int4Layout::tiles));
   }
+  // The 128-row-tile schedules from 17 rows on; the 16-row one up to 32 (decode and small batches).
+  EXPECT_EQ(kc::int4_kernel_min_rows(kc::Int4Kernel::cutlass_gemm), 17);
+  EXPECT_EQ(kc::int4_kernel_max_rows(kc::Int4Kernel::cutlass_gemm), INT64_MAX);
+  EXPECT_EQ(kc::int4_kernel_min_rows(kc::Int4Kernel::cutlass_gemm_pingpong), 17);
+  EXPECT_EQ(kc::int4_kernel_min_rows(kc::Int4Kernel::cutlass_gemm_16rows), 1);
+  EXPECT_EQ(kc::int4_kernel_max_rows(kc::Int4Kernel::cutlass_gemm_16rows), 32);
   EXPECT_FALSE(kc::is_cutlass(kc::Int4Kernel::dequant_cublas));
   std::vector<kc::Int4CutlassWeights> too_few;
   EXPECT_EQ(
@@ -316,20 +321,24 @@ TEST(W4A16Tuning, TimesTheCutlassGemmWhereGivenItsCopies) {
             Status::ok)
       << error;
   EXPECT_EQ(t.skipped, "");
-  for (const auto which : {kc::Int4Kernel::cutlass_gemm, kc::Int4Kernel::cutlass_gemm_pingpong}) {
+  for (const auto which : {kc::Int4Kernel::cutlass_gemm, kc::Int4Kernel::cutlass_gemm_pingpong,
+                           kc::Int4Kernel::cutlass_gemm_16rows}) {
     SCOPED_TRACE(kc::int4_kernel_name(which));
     const int index = static_cast<int>(which);
+    std::cout << "  " << kc::int4_kernel_name(which) << " us at";
     for (int r = 0; r < kc::kInt4RowRanges; ++r) {
-      if (kc::kInt4RangeTimedRows[r][0] >= 17)
+      const int64_t rows = kc::kInt4RangeTimedRows[r][0];
+      if (rows >= kc::int4_kernel_min_rows(which) && rows <= kc::int4_kernel_max_rows(which))
         EXPECT_GT(t.us[r][index][0], 0.0) << "range " << r;
       else
         EXPECT_EQ(t.us[r][index][0], 0.0) << "range " << r;
+      std::cout << " " << rows << " rows " << t.us[r][index][0] << ";";
     }
-    // 256 rows cost more than 32 (a timer that returned noise would not).
-    EXPECT_GT(t.us[4][index][0], t.us[2][index][0]);
-    std::cout << "  " << kc::int4_kernel_name(which) << " us at 32 / 64 / 256 rows: " << t.us[2][index][0]
-              << " / " << t.us[3][index][0] << " / " << t.us[4][index][0] << "\n";
+    std::cout << "\n";
   }
+  // 256 rows cost more than 32 on the same kernel (a timer that returned noise would not).
+  const int cooperative = static_cast<int>(kc::Int4Kernel::cutlass_gemm);
+  EXPECT_GT(t.us[4][cooperative][0], t.us[2][cooperative][0]);
 }
 
 }  // namespace

@@ -200,6 +200,11 @@ Status run_gemm(const __half* x, const Int4CutlassWeights& weights, int64_t m, f
 
 bool w4a16_cutlass_built() { return true; }
 
+int64_t int4_cutlass_element_position(int64_t n_out, int64_t k, int64_t row, int64_t j) {
+  if (!int4_cutlass_shape_ok(n_out, k, 64) || row < 0 || row >= n_out || j < 0 || j >= k) return -1;
+  return reordered_layout(n_out, k)(static_cast<int>(row), static_cast<int>(j), 0);
+}
+
 bool w4a16_cutlass_supported() {
   static std::once_flag once;
   static bool supported = false;
@@ -266,6 +271,7 @@ Status w4a16_gemm_int4_cutlass(const __half* x, const Int4CutlassWeights& weight
 #else  // !NIBBLE_HAVE_CUTLASS
 
 bool w4a16_cutlass_built() { return false; }
+int64_t int4_cutlass_element_position(int64_t, int64_t, int64_t, int64_t) { return -1; }
 bool w4a16_cutlass_supported() { return false; }
 
 Status int4_cutlass_from_groups(const uint8_t*, const uint16_t*, const uint8_t*, int64_t, int64_t, int64_t,

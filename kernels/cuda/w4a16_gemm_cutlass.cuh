@@ -52,6 +52,12 @@ bool int4_cutlass_shape_ok(int64_t n_out, int64_t k, int64_t group);
 // Bytes of one matrix's copy: the nibbles, then the scales, then the offsets, each 256-byte aligned.
 size_t int4_cutlass_bytes(int64_t n_out, int64_t k, int64_t group);
 
+// Where the copy keeps the weight of row `row`, input `j`: its index in 4-bit elements from
+// Int4CutlassWeights::quants (CUTLASS's reordered layout, evaluated on the host, as the device repack
+// evaluates it); -1 outside the shape, for a shape int4_cutlass_shape_ok refuses at group 64, or in a
+// build without CUTLASS. For tests.
+int64_t int4_cutlass_element_position(int64_t n_out, int64_t k, int64_t row, int64_t j);
+
 // Fills `out` (device memory of int4_cutlass_bytes, 256-byte aligned) from one matrix in
 // kernels/int4_groups.hpp's layout and points `weights` into it.
 // quants: [n_out, k / 2] bytes; scales: [n_out, k / group] fp16 bits; zeros: [n_out, k / group]

@@ -59,6 +59,82 @@ TEST(W4A16GemmCutlass, ShapesItTakes) {
   EXPECT_EQ(kc::int4_cutlass_bytes(384, 640, 64), size_t{384 * 320 + 2 * 7680});
 }
 
+// CUTLASS's reordered layout, on the host: every weight of a shape gets its own place in the copy
+// (a permutation of 0 .. n_out · k - 1), within the 16 x 16 block of weights CUTLASS's atom reorders
+// (256 contiguous nibbles).
+TEST(W4A16GemmCutlass, ReorderedPositionsArePermutationsWithinBlocks) {
+  if (!kc::w4a16_cutlass_built()) GTEST_SKIP() << "built without CUTLASS (tools/fetch-cutlass.sh)";
+  for (const auto& [n_out, kk] : {std::pair<int64_t, int64_t>{128, 64}, {256, 384}, {384, 640}}) {
+    SCOPED_TRACE(std::to_string(n_out) + " x " + std::to_string(kk));
+    std::vector<int64_t> row_of(static_cast<size_t>(n_out * kk), -1);  // who holds each place
+    int bad = 0;
+    for (int64_t r = 0; r < n_out; ++r) {
+      for (int64_t j = 0; j < kk; ++j) {
+        const int64_t at = kc::int4_cutlass_element_position(n_out, kk, r, j);
+        if (at < 0 || at >= n_out * kk || row_of[static_cast<size_t>(at)] != -1) {
+          if (++bad <= 5) ADD_FAILURE() << "w[" << r << ", " << j << "] at " << at << ": outside or taken";
+          continue;
+        }
+        row_of[static_cast<size_t>(at)] = r;
+        // The 16 x 16 block (r / 16, j / 16) is 256 contiguous elements somewhere in the copy.
+        const int64_t block_start = kc::int4_cutlass_element_position(n_out, kk, r / 16 * 16, j / 16 * 16);
+        if (at / 256 != block_start / 256 && ++bad <= 5)
+          ADD_FAILURE() << "w[" << r << ", " << j << "] at " << at << ", its block at " << block_start;
+      }
+    }
+    EXPECT_EQ(bad, 0);
+  }
+  EXPECT_EQ(kc::int4_cutlass_element_position(100, 64, 0, 0), -1);  // n_out % 128
+  EXPECT_EQ(kc::int4_cutlass_element_position(128, 64, 128, 0), -1);
+  EXPECT_EQ(kc::int4_cutlass_element_position(128, 64, 0, 64), -1);
+}
+
+// The device repack against the layout: each nibble where int4_cutlass_element_position puts it, the
+// scales and fp16(-scale · zero) offsets transposed to [groups, n_out].
+TEST(W4A16GemmCutlass, DeviceRepackPutsEveryNibbleWhereTheLayoutSays) {
+  NIBBLE_REQUIRE_CUTLASS_GEMM();
+  std::mt19937 rng(31);
+  const int64_t n_out = 256, kk = 384, group = 128, groups = kk / group;
+  ct::DeviceInt4Groups w;
+  ASSERT_NO_FATAL_FAILURE(ct::make_device_int4_groups(n_out, kk, group, rng, w));
+  ct::CutlassCopy copy;
+  ASSERT_NO_FATAL_FAILURE(ct::make_cutlass_copy(w, n_out, kk, group, copy));
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  const std::vector<uint8_t> quants = w.quants->to_host(), zeros = w.zeros->to_host(),
+                             bytes = copy.bytes->to_host();
+  const std::vector<uint16_t> scales = w.scales->to_host();
+  ASSERT_EQ(bytes.size(), kc::int4_cutlass_bytes(n_out, kk, group));
+  int bad = 0;
+  for (int64_t r = 0; r < n_out; ++r) {
+    for (int64_t j = 0; j < kk; ++j) {
+      const uint8_t byte = quants[static_cast<size_t>(r * kk / 2 + j / 32 * 16 + j % 16)];
+      const int want = j % 32 < 16 ? byte & 0xF : byte >> 4;
+      const int64_t at = kc::int4_cutlass_element_position(n_out, kk, r, j);
+      const int have = (bytes[static_cast<size_t>(at / 2)] >> (4 * (at % 2))) & 0xF;
+      if (have != want && ++bad <= 5)
+        ADD_FAILURE() << "w[" << r << ", " << j << "] = " << have << ", want " << want;
+    }
+  }
+  const auto* scales_out =
+      reinterpret_cast<const uint8_t*>(copy.weights.scales) - copy.bytes->ptr + bytes.data();
+  const auto* offsets_out =
+      reinterpret_cast<const uint8_t*>(copy.weights.offsets) - copy.bytes->ptr + bytes.data();
+  for (int64_t r = 0; r < n_out; ++r) {
+    for (int64_t g = 0; g < groups; ++g) {
+      uint16_t scale_bits = 0, offset_bits = 0;
+      std::memcpy(&scale_bits, scales_out + 2 * (g * n_out + r), 2);
+      std::memcpy(&offset_bits, offsets_out + 2 * (g * n_out + r), 2);
+      const uint16_t scale = scales[static_cast<size_t>(r * groups + g)];
+      const float offset =
+          -k::fp16_to_fp32(scale) * static_cast<float>(zeros[static_cast<size_t>(r * groups + g)]);
+      if ((scale_bits != scale || offset_bits != k::fp32_to_fp16(offset)) && ++bad <= 10)
+        ADD_FAILURE() << "group " << g << " of row " << r << ": scale " << scale_bits << " offset "
+                      << offset_bits;
+    }
+  }
+  EXPECT_EQ(bad, 0);
+}
+
 TEST(W4A16GemmCutlass, RejectsBadArgumentsBeforeTouchingTheDevice) {
   kc::Int4CutlassWeights none;
   std::vector<uint8_t> host(64);

@@ -613,8 +613,9 @@ TEST(CudaLlamaModel, TiledQ4KMatricesGiveTheBlocksLogitsBitForBit) {
 // takes every product of 17 rows or more, and the logits stay near the tensor-core kernels' (the same
 // weights, each rounded a little differently in fp16: within 5% of the row's RMS logit, where a
 // misplaced weight moves logits by about their whole size), equal bit for bit below 17 rows (the same
-// kernels there); under measured it is timed from 17 rows on; the copies count in weight_bytes; the
-// CUDA-core pin is refused. A dummy model (group 128) and AWQ at group 64.
+// kernels there); the same on tiles, bit for bit; replayed from CUDA graphs; under measured it is timed
+// where it is a candidate; the copies count in weight_bytes; the CUDA-core pin is refused. A dummy
+// model (group 128) and AWQ at group 64.
 TEST(CudaLlamaModel, CutlassGemmTakesManyRowProductsNearTheTensorCoreLogits) {
   NIBBLE_REQUIRE_CUDA_DEVICE();
   if (!kc::w4a16_cutlass_supported())
@@ -682,6 +683,13 @@ TEST(CudaLlamaModel, CutlassGemmTakesManyRowProductsNearTheTensorCoreLogits) {
       }
       EXPECT_EQ(bad, 0);
     }
+
+    // On tiles the copies are made from the rows before they are repacked: the tensor-core kernels on
+    // tiles give the rows' bits, and the CUTLASS GEMMs read the same copies, so every logit is equal.
+    w::CudaModelOptions tiled_options = cutlass_options;
+    tiled_options.int4_layout = w::Int4Layout::tiles;
+    w::CudaLlamaModel tiled(checkpoint, tiled_options);
+    expect_same_logits_at_every_row_range(cutlass, tiled);
 
     // Replayed from CUDA graphs (batches of up to 64 tokens; captured the second time a shape is
     // seen): the CUTLASS launches capture, and the replay gives the direct launches' bits.

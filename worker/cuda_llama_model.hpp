@@ -211,11 +211,12 @@ struct CudaModelOptions {
   // output. The same results; off until a GPU run shows what it saves (bench-gpu --model times both).
   bool programmatic_launch = false;
   // Also hold every group-wise INT4 matrix that CUTLASS's Hopper GEMM takes (group 64 or 128, n_out a
-  // multiple of 128) in CUTLASS's order, and make that GEMM (wgmma, kernels/cuda/w4a16_gemm_cutlass.cuh) a
-  // load-time candidate for products of 17 rows or more, chosen where it times faster (prefill, large
-  // batches); under Int4Kernels::tensor_cores it takes every product of 17 rows or more. The copy costs
-  // as much device memory again as the INT4 weights (~0.52 bytes a weight): 2x for those matrices. Off
-  // until a GPU run measures it; needs a build with CUTLASS and a compute 9.0 device, and int4_kernels
+  // multiple of 128: GPTQ / AWQ checkpoints and dummy weights; not GGUF Q4_0, which is group 32, nor
+  // Q4_K) in CUTLASS's order, and make its schedules (wgmma, kernels/cuda/w4a16_gemm_cutlass.cuh)
+  // load-time candidates: 128-row activation tiles from 17 rows, 16-row ones up to 32, chosen where
+  // they time faster; under Int4Kernels::tensor_cores they take every product of 17 rows or more. The
+  // copy costs as much device memory again as those INT4 weights (~0.52 bytes a weight). Off until a
+  // GPU run measures it; needs a build with CUTLASS and a compute 9.0 device, and int4_kernels
   // measured or tensor_cores (std::invalid_argument otherwise).
   bool cutlass_gemm = false;
 };

@@ -155,10 +155,14 @@ __global__ void transpose_scales_kernel(const uint16_t* __restrict__ scales,
       __float2half_rn(-__half2float(scale) * static_cast<float>(zeros[row * groups + g]));
 }
 
-int device_sm_count() {
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) return 0;
-  return cutlass::KernelHardwareInfo::query_device_multiprocessor_count(device);
+// The current device and its SM count (the persistent scheduler's grid); cheap, the runtime caches
+// attributes, and per call so that a process on several GPUs gets each one's own.
+cutlass::KernelHardwareInfo current_device() {
+  cutlass::KernelHardwareInfo info;
+  if (cudaGetDevice(&info.device_id) != cudaSuccess) return info;
+  if (cudaDeviceGetAttribute(&info.sm_count, cudaDevAttrMultiProcessorCount, info.device_id) != cudaSuccess)
+    info.sm_count = 0;  // CUTLASS then queries it itself
+  return info;
 }
 
 template <class Config>
@@ -178,8 +182,7 @@ typename Config::Gemm::Arguments gemm_arguments(const __half* x, const Int4Cutla
        reinterpret_cast<const ActivationType*>(x), stride_x, reinterpret_cast<const ScaleType*>(w.scales),
        stride_scale, static_cast<int>(w.group), reinterpret_cast<const ScaleType*>(w.offsets)},
       {{1.0f, 0.0f}, nullptr, stride_y, y, stride_y}};
-  static const int sm_count = device_sm_count();
-  arguments.hw_info.sm_count = sm_count;
+  arguments.hw_info = current_device();
   return arguments;
 }
 

@@ -65,8 +65,8 @@ cat >"$out/run.sh" <<'RUN'
 #   bash .gpu/run.sh [all|tests|bench]    (all: both, in that order)
 #   bash .gpu/run.sh tests "test_cuda_a test_cuda_b"   (those CUDA test binaries, then the MPI + GPU tests)
 #   bash .gpu/run.sh mpi                  (the MPI + GPU tests alone)
-#   bash .gpu/run.sh kernels | e2e | e2e-more   (bench's parts: the kernel table; llama-70b on rows, with
-#                                         CUTLASS and on tiles; bench-spec and the CUDA-core baseline)
+#   bash .gpu/run.sh kernels | e2e | e2e-more   (bench's parts: the kernel table; llama-70b on rows, on
+#                                         tiles and with CUTLASS; bench-spec and the CUDA-core baseline)
 #   bash .gpu/run.sh sanitize [TEST_BINARY [TOOL]]   (compute-sanitizer, memcheck by default)
 #   bash .gpu/run.sh profile              (Nsight Compute on the W4A16 kernels: ncu.txt)
 set -uo pipefail
@@ -165,17 +165,17 @@ if [ "$phase" = all ] || [ "$phase" = bench ] || [ "$phase" = e2e ]; then
 # End to end on dummy models (random weights made on the GPU, INT4 at group 128: no files to carry), for
 # docs/perf/gpu.md. Short runs (16 timed steps, median of 3) so that the first two fit beside the kernel
 # table in one device call; every figure also reaches stderr (and the file) as it is measured. In
-# order of what they tell: the INT4 kernels timed and chosen at load on the row-major layout, then
-# with CUTLASS's Hopper GEMM as a candidate for 17+ rows (prefill; a second copy of the weights), then
-# on tiles (kernels/int4_tiles.hpp). Phase e2e-more: speculative decoding with the fixtures' pair, and
+# order of what they tell: the INT4 kernels timed and chosen at load on the row-major layout, then on
+# tiles (kernels/int4_tiles.hpp: the batch-1 decode bet), then with CUTLASS's Hopper GEMMs as
+# candidates (prefill and decode; a second copy of the weights). Phase e2e-more: speculative decoding with the fixtures' pair, and
 # the baseline on the CUDA-core GEMV and WMMA GEMM alone with the 1B draft's step times.
 e2e=(--gen-tokens 16 --repetitions 3 --prompt-tokens 256 --prefill-batch 4)
 timeout 150 "$here/bin/nibble" bench-gpu --model dummy:llama-70b --batch 1,8,32,64 "${e2e[@]}" 2>&1 |
   tee "$out/bench-gpu-e2e.txt" || status=1
-timeout 150 "$here/bin/nibble" bench-gpu --model dummy:llama-70b --cutlass-gemm --batch 1,8,32,64 "${e2e[@]}" 2>&1 |
-  tee "$out/bench-gpu-e2e-cutlass.txt" || status=1
 timeout 150 "$here/bin/nibble" bench-gpu --model dummy:llama-70b --int4-layout tiles --batch 1,8,32,64 "${e2e[@]}" 2>&1 |
   tee "$out/bench-gpu-e2e-tiles.txt" || status=1
+timeout 150 "$here/bin/nibble" bench-gpu --model dummy:llama-70b --cutlass-gemm --batch 1,8,32,64 "${e2e[@]}" 2>&1 |
+  tee "$out/bench-gpu-e2e-cutlass.txt" || status=1
 fi
 if [ "$phase" = all ] || [ "$phase" = bench ] || [ "$phase" = e2e-more ]; then
 e2e=(--gen-tokens 16 --repetitions 3 --prompt-tokens 256 --prefill-batch 4)

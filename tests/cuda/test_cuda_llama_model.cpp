@@ -500,8 +500,10 @@ TEST(CudaLlamaModel, ChoosesTheInt4KernelsPerMatrixShape) {
 }
 
 // One sequence per INT4 row range through both models (70 prompt tokens: over 64; 40: 33-64; 20:
-// 17-32; 5; then one decode token), each on its own cache: every logit equal bit for bit.
-void expect_same_logits_at_every_row_range(w::CudaLlamaModel& a_model, w::CudaLlamaModel& b_model) {
+// 17-32; 5; then one decode token), each on its own cache; check(count, a, b) gets each pair of
+// logits, [count, n_vocab].
+template <typename Check>
+void compare_logits_at_every_row_range(w::CudaLlamaModel& a_model, w::CudaLlamaModel& b_model, Check check) {
   const auto& c = a_model.config();
   const int64_t block_size = 16, mbps = 8;
   w::CudaKvCache a_cache(c, 5 * mbps, block_size), b_cache(c, 5 * mbps, block_size);
@@ -523,8 +525,16 @@ void expect_same_logits_at_every_row_range(w::CudaLlamaModel& a_model, w::CudaLl
     b_model.forward(batch, b_cache, b);
     ASSERT_EQ(a.size(), b.size());
     ASSERT_EQ(a.size(), static_cast<size_t>(count * c.n_vocab));
-    EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0);
+    check(count, a, b);
   }
+}
+
+// Every logit equal bit for bit.
+void expect_same_logits_at_every_row_range(w::CudaLlamaModel& a_model, w::CudaLlamaModel& b_model) {
+  compare_logits_at_every_row_range(a_model, b_model,
+                                    [](int32_t, const std::vector<float>& a, const std::vector<float>& b) {
+                                      EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0);
+                                    });
 }
 
 // Group-wise INT4 repacked into tiles at load (Int4Layout::tiles): on the tensor-core kernels the
@@ -645,44 +655,27 @@ TEST(CudaLlamaModel, CutlassGemmTakesManyRowProductsNearTheTensorCoreLogits) {
     EXPECT_GT(with_copies, 0);
     EXPECT_GT(cutlass.weight_bytes(), plain.weight_bytes());
 
-    const auto& c = plain.config();
-    const int64_t block_size = 16, mbps = 8;
-    w::CudaKvCache plain_cache(c, 5 * mbps, block_size), cutlass_cache(c, 5 * mbps, block_size);
-    std::mt19937 rng(8);
-    std::uniform_int_distribution<int32_t> token(3, static_cast<int32_t>(c.n_vocab) - 1);
-    std::vector<int32_t> tables(static_cast<size_t>(5 * mbps));
-    std::iota(tables.begin(), tables.end(), 0);
-    int32_t row = 0;
-    for (const int32_t count : {70, 40, 20, 5, 1}) {
-      SCOPED_TRACE(std::to_string(count) + " tokens");
-      std::vector<int32_t> toks(static_cast<size_t>(count));
-      for (auto& x : toks) x = token(rng);
-      w::ForwardBatch batch;
-      batch.add_sequence(toks, count == 1 ? 5 : 0, count == 1 ? 3 : row++, count);
-      batch.block_tables.assign(tables.begin(), tables.end());
-      batch.max_blocks_per_seq = mbps;
-      std::vector<float> a, b;
-      plain.forward(batch, plain_cache, a);
-      cutlass.forward(batch, cutlass_cache, b);
-      ASSERT_EQ(a.size(), b.size());
-      if (count < 17) {
-        EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0);
-        continue;
-      }
-      int bad = 0;
-      for (int32_t i = 0; i < count; ++i) {
-        double sum_sq = 0.0, largest_diff = 0.0;
-        for (int64_t v = 0; v < c.n_vocab; ++v) {
-          const size_t at = static_cast<size_t>(i * c.n_vocab + v);
-          sum_sq += static_cast<double>(a[at]) * a[at];
-          largest_diff = std::max(largest_diff, std::fabs(static_cast<double>(a[at]) - b[at]));
-        }
-        const double rms = std::sqrt(sum_sq / static_cast<double>(c.n_vocab));
-        if (!(largest_diff <= 0.05 * rms) && ++bad <= 3)
-          ADD_FAILURE() << "row " << i << ": logits differ by up to " << largest_diff << ", RMS " << rms;
-      }
-      EXPECT_EQ(bad, 0);
-    }
+    const int64_t n_vocab = plain.config().n_vocab;
+    compare_logits_at_every_row_range(
+        plain, cutlass, [&](int32_t count, const std::vector<float>& a, const std::vector<float>& b) {
+          if (count < 17) {
+            EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0);
+            return;
+          }
+          int bad = 0;
+          for (int32_t i = 0; i < count; ++i) {
+            double sum_sq = 0.0, largest_diff = 0.0;
+            for (int64_t v = 0; v < n_vocab; ++v) {
+              const size_t at = static_cast<size_t>(i * n_vocab + v);
+              sum_sq += static_cast<double>(a[at]) * a[at];
+              largest_diff = std::max(largest_diff, std::fabs(static_cast<double>(a[at]) - b[at]));
+            }
+            const double rms = std::sqrt(sum_sq / static_cast<double>(n_vocab));
+            if (!(largest_diff <= 0.05 * rms) && ++bad <= 3)
+              ADD_FAILURE() << "row " << i << ": logits differ by up to " << largest_diff << ", RMS " << rms;
+          }
+          EXPECT_EQ(bad, 0);
+        });
 
     // On tiles the copies are made from the rows before they are repacked: the tensor-core kernels on
     // tiles give the rows' bits, and the CUTLASS GEMMs read the same copies, so every logit is equal.
@@ -696,7 +689,13 @@ TEST(CudaLlamaModel, CutlassGemmTakesManyRowProductsNearTheTensorCoreLogits) {
     w::CudaModelOptions graph_options = cutlass_options;
     graph_options.graphs = true;
     w::CudaLlamaModel graphed(checkpoint, graph_options);
+    const auto& c = plain.config();
+    const int64_t block_size = 16, mbps = 8;
     w::CudaKvCache graph_cache(c, 5 * mbps, block_size), direct_cache(c, 5 * mbps, block_size);
+    std::mt19937 rng(8);
+    std::uniform_int_distribution<int32_t> token(3, static_cast<int32_t>(c.n_vocab) - 1);
+    std::vector<int32_t> tables(static_cast<size_t>(5 * mbps));
+    std::iota(tables.begin(), tables.end(), 0);
     for (const int32_t count : {40, 20}) {
       SCOPED_TRACE(std::to_string(count) + " tokens from a graph");
       std::vector<int32_t> toks(static_cast<size_t>(count));

@@ -30,6 +30,10 @@ using k::Status;
     if (!kc::w4a16_cutlass_supported()) GTEST_SKIP() << "the CUTLASS GEMM needs compute capability 9.0"; \
   } while (0)
 
+struct Case {  // one matrix shape
+  int64_t n_out, k, group;
+};
+
 constexpr kc::CutlassSchedule kSchedules[] = {kc::CutlassSchedule::cooperative_128,
                                               kc::CutlassSchedule::pingpong_64,
                                               kc::CutlassSchedule::pingpong_64x16};
@@ -155,9 +159,6 @@ TEST(W4A16GemmCutlass, RejectsBadArgumentsBeforeTouchingTheDevice) {
 TEST(W4A16GemmCutlass, EveryWeightOfTheCopyIsWhereTheGemmReadsIt) {
   NIBBLE_REQUIRE_CUTLASS_GEMM();
   std::mt19937 rng(21);
-  struct Case {
-    int64_t n_out, k, group;
-  };
   for (const Case c : {Case{256, 384, 128}, Case{128, 640, 64}}) {
     SCOPED_TRACE("n_out " + std::to_string(c.n_out) + " k " + std::to_string(c.k) + " group " +
                  std::to_string(c.group));
@@ -203,9 +204,6 @@ TEST(W4A16GemmCutlass, EveryWeightOfTheCopyIsWhereTheGemmReadsIt) {
 TEST(W4A16GemmCutlass, MatchesTheReferenceOnOddRowCounts) {
   NIBBLE_REQUIRE_CUTLASS_GEMM();
   std::mt19937 rng(23);
-  struct Case {
-    int64_t n_out, k, group;
-  };
   for (const Case c : {Case{1024, 1536, 128}, Case{384, 640, 64}}) {
     ct::DeviceInt4Groups w;
     ASSERT_NO_FATAL_FAILURE(ct::make_device_int4_groups(c.n_out, c.k, c.group, rng, w));

@@ -199,9 +199,40 @@ Status run_gemm(const __half* x, const Int4CutlassWeights& weights, int64_t m, f
   return cudaGetLastError() == cudaSuccess ? Status::ok : Status::device_error;
 }
 
+// CUTLASS's own check of these shapes (alignments, group against the k step), on the host.
+template <class Config>
+bool implementable(int64_t n_out, int64_t k, int64_t group, int64_t m) {
+  // Stand-in operands, aligned as cudaMalloc's: can_implement reads only shapes, strides and whether
+  // the scales and offsets are given.
+  auto* aligned = reinterpret_cast<uint8_t*>(uintptr_t{1} << 20);
+  Int4CutlassWeights shape;
+  shape.quants = aligned;
+  shape.scales = shape.offsets = reinterpret_cast<const __half*>(aligned);
+  shape.n_out = n_out;
+  shape.k = k;
+  shape.group = group;
+  return Config::Gemm::can_implement(gemm_arguments<Config>(reinterpret_cast<const __half*>(aligned), shape,
+                                                            m, reinterpret_cast<float*>(aligned))) ==
+         cutlass::Status::kSuccess;
+}
+
 }  // namespace
 
 bool w4a16_cutlass_built() { return true; }
+
+bool w4a16_gemm_int4_cutlass_implementable(int64_t n_out, int64_t k, int64_t group, int64_t m,
+                                           CutlassSchedule schedule) {
+  if (!int4_cutlass_shape_ok(n_out, k, group) || m < 1 || m >= (int64_t{1} << 31)) return false;
+  switch (schedule) {
+    case CutlassSchedule::cooperative_128:
+      return implementable<Cooperative128>(n_out, k, group, m);
+    case CutlassSchedule::pingpong_64:
+      return implementable<Pingpong64>(n_out, k, group, m);
+    case CutlassSchedule::pingpong_64x16:
+      return implementable<Pingpong64x16>(n_out, k, group, m);
+  }
+  return false;
+}
 
 int64_t int4_cutlass_element_position(int64_t n_out, int64_t k, int64_t row, int64_t j) {
   if (!int4_cutlass_shape_ok(n_out, k, 64) || row < 0 || row >= n_out || j < 0 || j >= k) return -1;
@@ -274,6 +305,9 @@ Status w4a16_gemm_int4_cutlass(const __half* x, const Int4CutlassWeights& weight
 #else  // !NIBBLE_HAVE_CUTLASS
 
 bool w4a16_cutlass_built() { return false; }
+bool w4a16_gemm_int4_cutlass_implementable(int64_t, int64_t, int64_t, int64_t, CutlassSchedule) {
+  return false;
+}
 int64_t int4_cutlass_element_position(int64_t, int64_t, int64_t, int64_t) { return -1; }
 bool w4a16_cutlass_supported() { return false; }
 

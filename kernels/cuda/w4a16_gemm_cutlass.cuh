@@ -78,6 +78,12 @@ Status int4_cutlass_from_groups(const uint8_t* quants, const uint16_t* scales, c
 //                     can stream 4-bit weights near copy bandwidth here is what the kernel table asks
 enum class CutlassSchedule { cooperative_128, pingpong_64, pingpong_64x16 };
 
+// CUTLASS's own check (can_implement: alignments, the group against the k step) of a product of these
+// shapes on `schedule`, run on the host with stand-in operands: false for shapes int4_cutlass_shape_ok
+// refuses, or in a build without CUTLASS. For tests.
+bool w4a16_gemm_int4_cutlass_implementable(int64_t n_out, int64_t k, int64_t group, int64_t m,
+                                           CutlassSchedule schedule);
+
 // x: [m, k] __half, 16-byte aligned; y: [m, n_out] float, every element written; any m >= 1.
 // This configuration's persistent tile scheduler needs no device workspace, so the call allocates
 // nothing and can be captured in a CUDA graph (device_error should CUTLASS ever ask for one).

@@ -139,6 +139,28 @@ TEST(W4A16GemmCutlass, DeviceRepackPutsEveryNibbleWhereTheLayoutSays) {
   EXPECT_EQ(bad, 0);
 }
 
+// CUTLASS's can_implement, on the host, accepts the arguments this file builds for every schedule on
+// llama-70b's shapes and the tests' own, at the row counts the model uses; it refuses a group CUTLASS
+// cannot step through (32) through int4_cutlass_shape_ok first.
+TEST(W4A16GemmCutlass, CutlassAcceptsTheProblemsAsBuilt) {
+  if (!kc::w4a16_cutlass_built()) GTEST_SKIP() << "built without CUTLASS (tools/fetch-cutlass.sh)";
+  for (const Case c :
+       {Case{8192, 8192, 128}, Case{10240, 8192, 128}, Case{57344, 8192, 128}, Case{8192, 28672, 128},
+        Case{128256, 8192, 128}, Case{1024, 1536, 128}, Case{384, 640, 64}, Case{128, 64, 64}}) {
+    for (const kc::CutlassSchedule schedule : kSchedules) {
+      for (const int64_t m : {1, 16, 17, 33, 256, 300}) {
+        EXPECT_TRUE(kc::w4a16_gemm_int4_cutlass_implementable(c.n_out, c.k, c.group, m, schedule))
+            << c.n_out << " x " << c.k << " g" << c.group << ", " << m << " rows, "
+            << schedule_name(schedule);
+      }
+    }
+  }
+  EXPECT_FALSE(
+      kc::w4a16_gemm_int4_cutlass_implementable(8192, 8192, 32, 16, kc::CutlassSchedule::pingpong_64x16));
+  EXPECT_FALSE(
+      kc::w4a16_gemm_int4_cutlass_implementable(8192, 8192, 128, 0, kc::CutlassSchedule::cooperative_128));
+}
+
 TEST(W4A16GemmCutlass, RejectsBadArgumentsBeforeTouchingTheDevice) {
   kc::Int4CutlassWeights none;
   std::vector<uint8_t> host(64);

@@ -8,6 +8,7 @@
 #include <bit>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <initializer_list>
 #include <iterator>
@@ -932,10 +933,29 @@ static_assert(choice_mirrors_tuning());
 
 void CudaLlamaModel::Impl::make_cutlass_copies() {
   if (!options.cutlass_gemm) return;
+  const auto takes = [](const DeviceMatrix& w) {
+    return w.kind == DeviceKind::int4_groups && !w.tiles && w.cutlass_mem == nullptr &&
+           kc::int4_cutlass_shape_ok(w.n_out, w.k, w.group);
+  };
+  // All of them or none, with a message that says how much: the copies are as large as the weights.
+  size_t needed = 0;
+  for_each_matrix([&](const DeviceMatrix& w) {
+    if (takes(w)) needed += kc::int4_cutlass_bytes(w.n_out, w.k, w.group);
+  });
+  size_t free_bytes = 0, total_bytes = 0;
+  cuda_check(cudaMemGetInfo(&free_bytes, &total_bytes), "cudaMemGetInfo");
+  if (needed > free_bytes) {
+    const auto gib = [](size_t bytes) {
+      char text[32];
+      std::snprintf(text, sizeof text, "%.1f", static_cast<double>(bytes) / static_cast<double>(1 << 30));
+      return std::string(text);
+    };
+    throw std::runtime_error("cutlass_gemm: the CUTLASS copies of the INT4 weights need " + gib(needed) +
+                             " GiB of device memory and " + gib(free_bytes) +
+                             " GiB are free; run without cutlass_gemm (or on a GPU with more memory)");
+  }
   for_each_matrix([&](DeviceMatrix& w) {
-    if (w.kind != DeviceKind::int4_groups || w.tiles || w.cutlass_mem != nullptr ||
-        !kc::int4_cutlass_shape_ok(w.n_out, w.k, w.group))
-      return;
+    if (!takes(w)) return;
     const uint8_t* base = w.mem->as<uint8_t>();
     w.cutlass_mem = std::make_shared<DeviceMemory>(kc::int4_cutlass_bytes(w.n_out, w.k, w.group));
     check(kc::int4_cutlass_from_groups(base, reinterpret_cast<const uint16_t*>(base + w.scales_offset),

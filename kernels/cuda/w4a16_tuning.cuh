@@ -14,7 +14,7 @@
 //                     activations in shared memory: fewer instructions a weight)
 //   TC GEMV 32 rows   w4a16_gemv_int4_groups_mma_32rows (up to 32 rows: two m16 tiles)
 //   TC GEMM 64 rows   w4a16_gemm_int4_groups_mma_64rows (any rows, in slabs of four m16 tiles)
-// The last two read their own copy of the weights, in CUTLASS's order (w4a16_gemm_cutlass.cuh), and
+// The last three read their own copy of the weights, in CUTLASS's order (w4a16_gemm_cutlass.cuh), and
 // are timed only where the caller made one:
 //   CUTLASS GEMM      w4a16_gemm_int4_cutlass, cooperative_128 (17 rows or more; Hopper's wgmma)
 //   CUTLASS GEMM 64   the same, pingpong_64 (64 weight rows a tile: more tiles for few activation rows)

@@ -14,6 +14,7 @@ for arg in "$@"; do
 done
 packages=(
   build-essential cmake ninja-build pkg-config git python3 python3-yaml
+  python3-pip  # `pip download` only: CUTLASS's headers and llama.cpp's source come from PyPI
   libgtest-dev libgmock-dev libbenchmark-dev
   libopenmpi-dev openmpi-bin
   libzmq3-dev cppzmq-dev

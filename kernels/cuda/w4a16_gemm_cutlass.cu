@@ -2,6 +2,8 @@
 // CUTLASS's example 55 (55_hopper_int4_bf16_gemm.cu): the 4-bit operand is passed as A so it goes
 // through registers, which makes the problem the transposed one, yᵀ[n_out, m] = W · xᵀ, written
 // column-major, i.e. y row-major.
+#include <cstdlib>
+#include <cstring>
 #include <mutex>
 
 #include "kernels/cuda/w4a16_gemm_cutlass.cuh"
@@ -247,7 +249,9 @@ bool w4a16_cutlass_supported() {
     if (cudaGetDevice(&device) != cudaSuccess) return;
     if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) return;
     if (cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess) return;
-    supported = major == 9 && minor == 0;
+    const char* disabled = std::getenv("NIBBLE_DISABLE_CUTLASS");
+    supported = major == 9 && minor == 0 &&
+                (disabled == nullptr || *disabled == '\0' || std::strcmp(disabled, "0") == 0);
   });
   return supported;
 }

@@ -40,7 +40,10 @@ struct Int4CutlassWeights {
 
 // Whether this build holds the CUTLASS GEMM.
 bool w4a16_cutlass_built();
-// Whether it can run on the current device: built, and the device is compute capability 9.0.
+// Whether it can run on the current device: built, the device is compute capability 9.0, and the
+// environment does not set NIBBLE_DISABLE_CUTLASS (to anything but 0): a switch for a GPU session to
+// run everything else should this GEMM misbehave on a device (its tests then skip, the benchmark
+// leaves its columns out, cutlass_gemm is refused).
 bool w4a16_cutlass_supported();
 
 // Whether these shapes are ones the GEMM takes: n_out a multiple of 128 (whole weight tiles of either

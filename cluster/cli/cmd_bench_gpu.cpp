@@ -810,8 +810,9 @@ Runner add_bench_gpu(CLI::App& app) {
                          "With --model: group-wise INT4 matrices as rows (the default) or repacked into the "
                          "tensor-core kernels' tiles");
   app.add_flag("--cutlass-gemm", a->cutlass_gemm,
-               "With --model: also hold the INT4 weights in CUTLASS's order and time CUTLASS's Hopper GEMM "
-               "at load for 17+ rows (needs a CUTLASS build and an H100 / H200; twice the INT4 memory)");
+               "With --model: also hold the INT4 weights in CUTLASS's order and time CUTLASS's Hopper GEMMs "
+               "at load as candidates (128-row tiles from 17 rows, 16-row tiles up to 32; needs a CUTLASS "
+               "build and an H100 / H200; twice the INT4 memory)");
   return [a]() { return run(*a); };
 }
 

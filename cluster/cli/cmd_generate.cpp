@@ -69,7 +69,7 @@ Runner add_generate(CLI::App& app) {
       "the tensor-core kernels' tiles (refused with --int4-kernels cuda-cores)");
   app.add_flag("--cutlass-gemm", a->cutlass_gemm,
                "With --device cuda: also hold the INT4 weights in CUTLASS's order and use CUTLASS's Hopper "
-               "GEMM for 17+ rows where it times faster at load (needs a CUTLASS build and an H100 / H200)");
+               "GEMMs where they time faster at load (needs a CUTLASS build and an H100 / H200)");
 
   return [a]() {
     const bool cuda = a->device == "cuda";

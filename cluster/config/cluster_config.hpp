@@ -21,7 +21,7 @@
 //   device: cpu                  # cpu | cuda (workers on GPU local rank % GPUs; CUDA builds only)
 //   int4_kernels: measured       # device: cuda: measured | cuda_cores | tensor_cores (Int4KernelChoice)
 //   int4_layout: rows            # device: cuda: rows | tiles (Int4LayoutChoice; tiles refuse cuda_cores)
-//   cutlass_gemm: false          # device: cuda: true adds CUTLASS's Hopper GEMM for 17+ rows (a second
+//   cutlass_gemm: false          # device: cuda: true adds CUTLASS's Hopper GEMMs as candidates (a second
 //                                # copy of the INT4 weights; worker::CudaModelOptions::cutlass_gemm;
 //                                # refused with int4_kernels: cuda_cores)
 //   threads: auto                # CPU threads per worker: an integer >= 1, or auto

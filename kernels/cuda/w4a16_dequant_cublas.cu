@@ -196,22 +196,30 @@ Status w4a16_int4_tiles_dequant_cublas(const Int4CublasContext& context, const u
   });
 }
 
-Status w4a16_q8_0_dequant_cublas(const Int4CublasContext& context, const uint8_t* w, int64_t n_out, int64_t k,
-                                 const __half* x, int64_t m, float* y, cudaStream_t stream) {
-  if (w == nullptr || reinterpret_cast<uintptr_t>(w) % 2 != 0 || n_out < 0 || k <= 0 || k % kRun != 0)
+namespace {
+
+// GGUF blocks as stored (2-byte aligned rows of k / block_size blocks) through the chunked cuBLAS path.
+template <typename Blocks>
+Status blocks_dequant_cublas(const Int4CublasContext& context, const uint8_t* w, int64_t block_size,
+                             int64_t n_out, int64_t k, const __half* x, int64_t m, float* y,
+                             cudaStream_t stream) {
+  if (w == nullptr || reinterpret_cast<uintptr_t>(w) % 2 != 0 || n_out < 0 || k <= 0 || k % block_size != 0)
     return Status::invalid_argument;
   return dequant_cublas(context, n_out, k, x, m, y, stream, [&](int64_t r0, int64_t rows) {
-    return launch_dequantize_blocks(w4a16::Q8_0Blocks{w}, k, r0, rows, context.scratch, stream);
+    return launch_dequantize_blocks(Blocks{w}, k, r0, rows, context.scratch, stream);
   });
+}
+
+}  // namespace
+
+Status w4a16_q8_0_dequant_cublas(const Int4CublasContext& context, const uint8_t* w, int64_t n_out, int64_t k,
+                                 const __half* x, int64_t m, float* y, cudaStream_t stream) {
+  return blocks_dequant_cublas<w4a16::Q8_0Blocks>(context, w, kRun, n_out, k, x, m, y, stream);
 }
 
 Status w4a16_q6_k_dequant_cublas(const Int4CublasContext& context, const uint8_t* w, int64_t n_out, int64_t k,
                                  const __half* x, int64_t m, float* y, cudaStream_t stream) {
-  if (w == nullptr || reinterpret_cast<uintptr_t>(w) % 2 != 0 || n_out < 0 || k <= 0 || k % kQK_K != 0)
-    return Status::invalid_argument;
-  return dequant_cublas(context, n_out, k, x, m, y, stream, [&](int64_t r0, int64_t rows) {
-    return launch_dequantize_blocks(w4a16::Q6KBlocks{w}, k, r0, rows, context.scratch, stream);
-  });
+  return blocks_dequant_cublas<w4a16::Q6KBlocks>(context, w, kQK_K, n_out, k, x, m, y, stream);
 }
 
 }  // namespace nibble::kernels::cuda

@@ -1303,6 +1303,14 @@ TEST(CudaLlamaModelCli, BenchGpuKernelTableTimesEveryKernel) {
   }
 }
 
+// bench-gpu --model dummy:tiny with `flags`, short (batches 1 and 2, 4 timed decode steps, one
+// repetition): its JSON in j.
+void run_bench_gpu_on_tiny(const std::string& flags, std::string& output, nlohmann::json& j) {
+  run_json(t::nibble_bin() + " bench-gpu --model dummy:tiny " + flags +
+               " --batch 1,2 --prompt-tokens 32 --gen-tokens 4 --repetitions 1 --prefill-batch 2 --json",
+           output, j);
+}
+
 // bench-gpu --model on a dummy model (its matrices are group-wise INT4 on the device): the decode rows,
 // the kernel chosen per matrix shape and row range with the candidates' times, and the decode steps
 // again with programmatic launches.
@@ -1310,10 +1318,7 @@ TEST(CudaLlamaModelCli, BenchGpuReportsTheInt4KernelChoicesAndProgrammaticLaunch
   NIBBLE_REQUIRE_CUDA_DEVICE();
   std::string output;
   nlohmann::json j;
-  ASSERT_NO_FATAL_FAILURE(run_json(
-      t::nibble_bin() + " bench-gpu --model dummy:tiny --batch 1,2 --prompt-tokens 32 --gen-tokens 4 "
-                        "--repetitions 1 --prefill-batch 2 --json",
-      output, j));
+  ASSERT_NO_FATAL_FAILURE(run_bench_gpu_on_tiny("", output, j));
   for (const auto& shape : j["int4_kernels"]) EXPECT_EQ(shape["layout"], "rows") << output;
   ASSERT_EQ(j["decode"].size(), 2u) << output;
   EXPECT_FALSE(j.contains("pdl_error")) << output;
@@ -1343,10 +1348,7 @@ TEST(CudaLlamaModelCli, BenchGpuRunsTheModelOnTiles) {
   NIBBLE_REQUIRE_CUDA_DEVICE();
   std::string output;
   nlohmann::json j;
-  ASSERT_NO_FATAL_FAILURE(run_json(
-      t::nibble_bin() + " bench-gpu --model dummy:tiny --int4-layout tiles --batch 1,2 --prompt-tokens 32 "
-                        "--gen-tokens 4 --repetitions 1 --prefill-batch 2 --json",
-      output, j));
+  ASSERT_NO_FATAL_FAILURE(run_bench_gpu_on_tiny("--int4-layout tiles", output, j));
   ASSERT_EQ(j["decode"].size(), 2u) << output;
   ASSERT_FALSE(j["int4_kernels"].empty()) << output;
   for (const auto& shape : j["int4_kernels"]) {
@@ -1360,18 +1362,16 @@ TEST(CudaLlamaModelCli, BenchGpuRunsTheModelOnTiles) {
   }
 }
 
-// bench-gpu --model --cutlass-gemm: the dummy model's INT4 matrices also in CUTLASS's order, and both
-// CUTLASS schedules timed at load in every range of 17 rows or more (and chosen only among the timed).
+// bench-gpu --model --cutlass-gemm: the dummy model's INT4 matrices also in CUTLASS's order, and the
+// CUTLASS schedules timed at load wherever they are candidates (128-row tiles from 17 rows, 16-row
+// tiles up to 32).
 TEST(CudaLlamaModelCli, BenchGpuTimesTheCutlassGemmAtLoad) {
   NIBBLE_REQUIRE_CUDA_DEVICE();
   if (!kc::w4a16_cutlass_supported())
     GTEST_SKIP() << "no CUTLASS GEMM here (built without it, or not compute 9.0)";
   std::string output;
   nlohmann::json j;
-  ASSERT_NO_FATAL_FAILURE(run_json(
-      t::nibble_bin() + " bench-gpu --model dummy:tiny --cutlass-gemm --batch 1,2 --prompt-tokens 32 "
-                        "--gen-tokens 4 --repetitions 1 --prefill-batch 2 --json",
-      output, j));
+  ASSERT_NO_FATAL_FAILURE(run_bench_gpu_on_tiny("--cutlass-gemm", output, j));
   ASSERT_EQ(j["decode"].size(), 2u) << output;
   ASSERT_FALSE(j["int4_kernels"].empty()) << output;
   for (const auto& shape : j["int4_kernels"]) {

@@ -201,12 +201,15 @@ TEST(ClusterConfig, OutOfRangeValues) {
   expect_error("model: {path: m}\nint4_kernels: fastest\n", "int4_kernels", 2,
                {"expected one of measured, cuda_cores, tensor_cores, got 'fastest'"});
   expect_error("model: {path: m}\nint4_layout: columns\n", "int4_layout", 2,
-               {"expected one of rows, tiles, got 'columns'"});
+               {"expected one of rows, tiles, cutlass, got 'columns'"});
   // Tiles cannot be read by the CUDA-core kernels, whichever key comes first.
   expect_error("model: {path: m}\nint4_kernels: cuda_cores\nint4_layout: tiles\n", "int4_layout", 3,
                {"int4_kernels: cuda_cores", "tensor-core"});
   expect_error("model: {path: m}\nint4_layout: tiles\nint4_kernels: cuda_cores\n", "int4_layout", 2,
                {"int4_kernels: cuda_cores"});
+  // Nor CUTLASS's order.
+  expect_error("model: {path: m}\nint4_layout: cutlass\nint4_kernels: cuda_cores\n", "int4_layout", 2,
+               {"int4_kernels: cuda_cores", "CUTLASS"});
   expect_error("model: {path: m}\ncutlass_gemm: yes please\n", "cutlass_gemm", 2,
                {"expected one of false, true, got 'yes please'"});
   // The CUTLASS GEMM is not a CUDA-core kernel, whichever key comes first.
@@ -274,6 +277,13 @@ TEST(ClusterConfig, RenderRoundTrips) {
   EXPECT_NE(rendered_cutlass.find("cutlass_gemm: true"), std::string::npos) << rendered_cutlass;
   EXPECT_EQ(parse_cluster_config(rendered_cutlass, "rendered"), with_cutlass) << rendered_cutlass;
   EXPECT_FALSE(with_cutlass == parse_cluster_config("model: {path: m.gguf}\ndevice: cuda\n", "plain.yaml"));
+  const ClusterConfig cutlass_layout =
+      parse_cluster_config("model: {path: m.gguf}\ndevice: cuda\nint4_layout: cutlass\n", "one-copy.yaml");
+  EXPECT_EQ(cutlass_layout.int4_layout, Int4LayoutChoice::cutlass);
+  const std::string rendered_layout = render_cluster_config(cutlass_layout);
+  EXPECT_NE(rendered_layout.find("int4_layout: cutlass"), std::string::npos) << rendered_layout;
+  EXPECT_EQ(parse_cluster_config(rendered_layout, "rendered"), cutlass_layout) << rendered_layout;
+  EXPECT_FALSE(cutlass_layout == tiles);
 
   const ClusterConfig minimal = parse_cluster_config("model: {path: m.gguf}\n", "minimal.yaml");
   const std::string rendered_minimal = render_cluster_config(minimal);

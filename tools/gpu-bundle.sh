@@ -65,8 +65,9 @@ cat >"$out/run.sh" <<'RUN'
 #   bash .gpu/run.sh [all|tests|bench]    (all: both, in that order)
 #   bash .gpu/run.sh tests "test_cuda_a test_cuda_b"   (those CUDA test binaries, then the MPI + GPU tests)
 #   bash .gpu/run.sh mpi                  (the MPI + GPU tests alone)
-#   bash .gpu/run.sh kernels | e2e | e2e-more   (bench's parts: the kernel table; llama-70b on rows, on
-#                                         tiles and with CUTLASS; bench-spec and the CUDA-core baseline)
+#   bash .gpu/run.sh kernels | e2e | e2e-more | e2e-cutlass   (bench's parts: the kernel table;
+#                                         llama-70b on rows, on tiles and with CUTLASS; bench-spec and the
+#                                         CUDA-core baseline; llama-70b on CUTLASS's order alone)
 #   bash .gpu/run.sh sanitize [TEST_BINARY [TOOL]]   (compute-sanitizer, memcheck by default)
 #   bash .gpu/run.sh profile              (Nsight Compute on the W4A16 kernels: ncu.txt)
 set -uo pipefail
@@ -180,15 +181,24 @@ if [ "$phase" = all ] || [ "$phase" = bench ] || [ "$phase" = e2e ]; then
 # table in one device call; every figure also reaches stderr (and the file) as it is measured. In
 # order of what they tell: the INT4 kernels timed and chosen at load on the row-major layout, then on
 # tiles (kernels/int4_tiles.hpp: the batch-1 decode bet), then with CUTLASS's Hopper GEMMs as
-# candidates (prefill and decode; a second copy of the weights). Phase e2e-more: speculative decoding with the fixtures' pair, and
-# the baseline on the CUDA-core GEMV and WMMA GEMM alone with the 1B draft's step times.
+# candidates (prefill and decode; a second copy of the weights, ~35 GB more: on a GPU with less than
+# 120 GB, an H100, the one-copy layout that runs every product on CUTLASS instead). Phase e2e-more:
+# speculative decoding with the fixtures' pair, and the baseline on the CUDA-core GEMV and WMMA GEMM
+# alone with the 1B draft's step times. Phase e2e-cutlass: llama-70b on CUTLASS's order alone.
 e2e=(--gen-tokens 16 --repetitions 3 --prompt-tokens 256 --prefill-batch 4)
 timeout 150 "$here/bin/nibble" bench-gpu --model dummy:llama-70b --batch 1,8,32,64 "${e2e[@]}" 2>&1 |
   tee "$out/bench-gpu-e2e.txt" || status=1
 timeout 150 "$here/bin/nibble" bench-gpu --model dummy:llama-70b --int4-layout tiles --batch 1,8,32,64 "${e2e[@]}" 2>&1 |
   tee "$out/bench-gpu-e2e-tiles.txt" || status=1
-timeout 150 "$here/bin/nibble" bench-gpu --model dummy:llama-70b --cutlass-gemm --batch 1,8,32,64 "${e2e[@]}" 2>&1 |
+gpu_mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)
+if [ "${gpu_mib:-0}" -ge 120000 ]; then cutlass=(--cutlass-gemm); else cutlass=(--int4-layout cutlass); fi
+timeout 150 "$here/bin/nibble" bench-gpu --model dummy:llama-70b "${cutlass[@]}" --batch 1,8,32,64 "${e2e[@]}" 2>&1 |
   tee "$out/bench-gpu-e2e-cutlass.txt" || status=1
+fi
+if [ "$phase" = e2e-cutlass ]; then
+e2e=(--gen-tokens 16 --repetitions 3 --prompt-tokens 256 --prefill-batch 4)
+timeout 150 "$here/bin/nibble" bench-gpu --model dummy:llama-70b --int4-layout cutlass --batch 1,8,32,64 "${e2e[@]}" 2>&1 |
+  tee "$out/bench-gpu-e2e-cutlass-layout.txt" || status=1
 fi
 if [ "$phase" = all ] || [ "$phase" = bench ] || [ "$phase" = e2e-more ]; then
 e2e=(--gen-tokens 16 --repetitions 3 --prompt-tokens 256 --prefill-batch 4)

@@ -274,13 +274,14 @@ struct DeviceMatrix {
   kc::Int4Kernel int4_kernel[kc::kInt4RowRanges] = {kc::kInt4DefaultKernels[0], kc::kInt4DefaultKernels[1],
                                                     kc::kInt4DefaultKernels[2], kc::kInt4DefaultKernels[3],
                                                     kc::kInt4DefaultKernels[4]};
-  // int4_groups and q4_k: mem holds the chunks of Int4Layout::tiles (kernels/int4_tiles.hpp) instead
-  // of the rows or blocks (the offsets above are then unused).
-  bool tiles = false;
+  // int4_groups and q4_k: tiles: mem holds the chunks of Int4Layout::tiles (kernels/int4_tiles.hpp)
+  // instead of the rows or blocks (the offsets above are then unused); cutlass (int4_groups only):
+  // mem is null, the CUTLASS copy below is the matrix.
+  kc::Int4Layout layout = kc::Int4Layout::rows;
   // q4_k: one activation row on the Q4_K tensor-core GEMV rather than the CUDA-core one.
   bool q4_k_tensor_cores_one_row = false;
-  // int4_groups under CudaModelOptions::cutlass_gemm: the same weights in CUTLASS's order, for the
-  // CUTLASS GEMM (cutlass.quants null: no copy).
+  // int4_groups under CudaModelOptions::cutlass_gemm or Int4Layout::cutlass: the same weights in
+  // CUTLASS's order, for the CUTLASS GEMM (cutlass.quants null: no copy).
   std::shared_ptr<DeviceMemory> cutlass_mem;
   kc::Int4CutlassWeights cutlass;
   int64_t bytes() const {
@@ -288,6 +289,18 @@ struct DeviceMatrix {
            (cutlass_mem != nullptr ? static_cast<int64_t>(cutlass_mem->bytes()) : 0);
   }
 };
+
+Int4Layout worker_layout(kc::Int4Layout layout) {
+  switch (layout) {
+    case kc::Int4Layout::rows:
+      return Int4Layout::rows;
+    case kc::Int4Layout::tiles:
+      return Int4Layout::tiles;
+    case kc::Int4Layout::cutlass:
+      return Int4Layout::cutlass;
+  }
+  return Int4Layout::rows;
+}
 
 // Q4_0 blocks on the device as group-wise INT4 at `group`, converted there (kernels/cuda/int4_groups:
 // the nibbles move unchanged, a group's scale is its first block's, every zero 8). Exact when every
@@ -734,11 +747,12 @@ struct CudaLlamaModel::Impl {
         const Int4Kernels pin = options.int4_kernels;
         kernels::Status st;
         // Tiles: only the tensor-core kernels read Q4_K chunks.
-        if (!w.tiles && (pin == Int4Kernels::cuda_cores || (m == 1 && !w.q4_k_tensor_cores_one_row))) {
+        const bool tiles = w.layout == kc::Int4Layout::tiles;
+        if (!tiles && (pin == Int4Kernels::cuda_cores || (m == 1 && !w.q4_k_tensor_cores_one_row))) {
           st = gemv ? kc::w4a16_gemv_q4_k(wd, w.n_out, w.k, x, m, y, stream, pdl)
                     : kc::w4a16_gemm_q4_k(wd, w.n_out, w.k, x, m, y, stream, pdl);
         } else {
-          st = kc::w4a16_q4_k_tensor_cores(wd, w.tiles, w.n_out, w.k, x, m, y, stream, pdl);
+          st = kc::w4a16_q4_k_tensor_cores(wd, tiles, w.n_out, w.k, x, m, y, stream, pdl);
         }
         check(st, "W4A16 matmul (Q4_K)");
         return;
@@ -756,11 +770,11 @@ struct CudaLlamaModel::Impl {
               "W8A16 matmul (Q8_0)");
         return;
       case DeviceKind::int4_groups: {
-        const auto* scales = w.tiles ? nullptr : reinterpret_cast<const __half*>(wd + w.scales_offset);
-        const uint8_t* zeros = w.tiles ? nullptr : wd + w.zeros_offset;
+        const bool rows = w.layout == kc::Int4Layout::rows;
+        const auto* scales = rows ? reinterpret_cast<const __half*>(wd + w.scales_offset) : nullptr;
+        const uint8_t* zeros = rows ? wd + w.zeros_offset : nullptr;
         check(kc::launch_int4_kernel(w.int4_kernel[kc::int4_row_range(m)], &dequant_cublas, wd, scales, zeros,
-                                     w.group, w.n_out, w.k, x, m, y, stream, pdl,
-                                     w.tiles ? kc::Int4Layout::tiles : kc::Int4Layout::rows,
+                                     w.group, w.n_out, w.k, x, m, y, stream, pdl, w.layout,
                                      w.cutlass.quants != nullptr ? &w.cutlass : nullptr),
               "W4A16 matmul (INT4 groups)");
         return;
@@ -818,7 +832,9 @@ struct CudaLlamaModel::Impl {
   // Under Int4Layout::tiles: every int4_groups and q4_k matrix repacked into chunks on the device, one
   // at a time (one matrix of extra device memory at the peak).
   void tile_int4_matrices();
-  // Under options.cutlass_gemm, each int4_groups matrix's CUTLASS copy (before tiling: made from rows).
+  // Under options.cutlass_gemm, each int4_groups matrix's CUTLASS copy (before tiling: made from rows);
+  // under Int4Layout::cutlass, each one CUTLASS takes becomes its copy alone (the rows freed, one matrix
+  // at a time: one matrix of extra device memory at the peak).
   void make_cutlass_copies();
   // Per Q4_K matrix shape, the one-row GEMV (q4_k_tensor_cores_one_row), timed on the model's
   // weights under Int4Kernels::measured; records q4_k_choices. Called by choose_int4_kernels.
@@ -932,11 +948,31 @@ static constexpr bool choice_mirrors_tuning() {
 static_assert(choice_mirrors_tuning());
 
 void CudaLlamaModel::Impl::make_cutlass_copies() {
-  if (!options.cutlass_gemm) return;
+  const bool only = options.int4_layout == Int4Layout::cutlass;
+  if (!options.cutlass_gemm && !only) return;
   const auto takes = [](const DeviceMatrix& w) {
-    return w.kind == DeviceKind::int4_groups && !w.tiles && w.cutlass_mem == nullptr &&
-           kc::int4_cutlass_shape_ok(w.n_out, w.k, w.group);
+    return w.kind == DeviceKind::int4_groups && w.layout == kc::Int4Layout::rows &&
+           w.cutlass_mem == nullptr && kc::int4_cutlass_shape_ok(w.n_out, w.k, w.group);
   };
+  const auto copy = [&](DeviceMatrix& w) {
+    const uint8_t* base = w.mem->as<uint8_t>();
+    w.cutlass_mem = std::make_shared<DeviceMemory>(kc::int4_cutlass_bytes(w.n_out, w.k, w.group));
+    check(kc::int4_cutlass_from_groups(base, reinterpret_cast<const uint16_t*>(base + w.scales_offset),
+                                       base + w.zeros_offset, w.n_out, w.k, w.group,
+                                       w.cutlass_mem->as<uint8_t>(), &w.cutlass, stream),
+          "int4_cutlass_from_groups");
+  };
+  if (only) {
+    for_each_matrix([&](DeviceMatrix& w) {
+      if (!takes(w)) return;  // e.g. Q4_0 at group 32: stays on the rows and their kernels
+      copy(w);
+      cuda_check(cudaStreamSynchronize(stream), "int4_cutlass_from_groups");  // before the rows are freed
+      w.mem = nullptr;
+      w.scales_offset = w.zeros_offset = 0;
+      w.layout = kc::Int4Layout::cutlass;
+    });
+    return;
+  }
   // All of them or none, with a message that says how much: the copies are as large as the weights.
   size_t needed = 0;
   for_each_matrix([&](const DeviceMatrix& w) {
@@ -955,13 +991,7 @@ void CudaLlamaModel::Impl::make_cutlass_copies() {
                              " GiB are free; run without cutlass_gemm (or on a GPU with more memory)");
   }
   for_each_matrix([&](DeviceMatrix& w) {
-    if (!takes(w)) return;
-    const uint8_t* base = w.mem->as<uint8_t>();
-    w.cutlass_mem = std::make_shared<DeviceMemory>(kc::int4_cutlass_bytes(w.n_out, w.k, w.group));
-    check(kc::int4_cutlass_from_groups(base, reinterpret_cast<const uint16_t*>(base + w.scales_offset),
-                                       base + w.zeros_offset, w.n_out, w.k, w.group,
-                                       w.cutlass_mem->as<uint8_t>(), &w.cutlass, stream),
-          "int4_cutlass_from_groups");
+    if (takes(w)) copy(w);
   });
   cuda_check(cudaStreamSynchronize(stream), "int4_cutlass_from_groups");  // before tiling frees the rows
 }
@@ -969,7 +999,8 @@ void CudaLlamaModel::Impl::make_cutlass_copies() {
 void CudaLlamaModel::Impl::tile_int4_matrices() {
   if (options.int4_layout != Int4Layout::tiles) return;
   for_each_matrix([&](DeviceMatrix& w) {
-    if ((w.kind != DeviceKind::int4_groups && w.kind != DeviceKind::q4_k) || w.tiles) return;
+    if ((w.kind != DeviceKind::int4_groups && w.kind != DeviceKind::q4_k) || w.layout != kc::Int4Layout::rows)
+      return;
     const uint8_t* base = w.mem->as<uint8_t>();
     std::shared_ptr<DeviceMemory> tiled;
     if (w.kind == DeviceKind::q4_k) {
@@ -986,7 +1017,7 @@ void CudaLlamaModel::Impl::tile_int4_matrices() {
     }
     cuda_check(cudaStreamSynchronize(stream), "int4_tiles_from_groups");  // before the rows are freed
     w.mem = std::move(tiled);
-    w.tiles = true;
+    w.layout = kc::Int4Layout::tiles;
     w.scales_offset = w.zeros_offset = 0;
   });
 }
@@ -997,7 +1028,8 @@ void CudaLlamaModel::Impl::choose_int4_kernels() {
   const auto add = [&](DeviceMatrix& w) {
     if (w.kind != DeviceKind::int4_groups) return;
     for (auto& [choice, list] : shapes) {
-      if (choice.n_out == w.n_out && choice.k == w.k && choice.group == w.group && choice.tiles == w.tiles &&
+      if (choice.n_out == w.n_out && choice.k == w.k && choice.group == w.group &&
+          list.front()->layout == w.layout &&
           (list.front()->cutlass.quants != nullptr) == (w.cutlass.quants != nullptr)) {
         list.push_back(&w);
         return;
@@ -1007,7 +1039,7 @@ void CudaLlamaModel::Impl::choose_int4_kernels() {
     choice.n_out = w.n_out;
     choice.k = w.k;
     choice.group = w.group;
-    choice.tiles = w.tiles;
+    choice.layout = worker_layout(w.layout);
     shapes.push_back({choice, {&w}});
   };
   for_each_matrix(add);
@@ -1027,7 +1059,7 @@ void CudaLlamaModel::Impl::choose_int4_kernels() {
   }
   for (auto& [choice, list] : shapes) {
     choice.matrices = static_cast<int64_t>(list.size());
-    const kc::Int4Layout layout = choice.tiles ? kc::Int4Layout::tiles : kc::Int4Layout::rows;
+    const kc::Int4Layout layout = list.front()->layout;
     kc::Int4GroupsTuning t;
     std::copy(kc::int4_default_kernels(layout), kc::int4_default_kernels(layout) + kc::kInt4RowRanges,
               t.chosen);
@@ -1036,12 +1068,12 @@ void CudaLlamaModel::Impl::choose_int4_kernels() {
       std::vector<kc::Int4CutlassWeights> cutlass;  // every matrix's copy, or none
       for (const DeviceMatrix* w : list) {
         if (w->cutlass.quants != nullptr) cutlass.push_back(w->cutlass);
-        const uint8_t* base = w->mem->as<uint8_t>();
-        if (w->tiles)
-          matrices.push_back({base, nullptr, nullptr});
-        else
+        const uint8_t* base = w->mem != nullptr ? w->mem->as<uint8_t>() : nullptr;
+        if (w->layout == kc::Int4Layout::rows)
           matrices.push_back(
               {base, reinterpret_cast<const __half*>(base + w->scales_offset), base + w->zeros_offset});
+        else  // tiles: one array; cutlass: only the copy (base null)
+          matrices.push_back({base, nullptr, nullptr});
       }
       std::string error;
       const kernels::Status st =
@@ -1054,7 +1086,7 @@ void CudaLlamaModel::Impl::choose_int4_kernels() {
       }
       std::copy(&t.us[0][0][0], &t.us[0][0][0] + sizeof t.us / sizeof(double), &choice.us[0][0][0]);
       choice.skipped = t.skipped;
-    } else if (options.int4_kernels == Int4Kernels::tensor_cores) {
+    } else if (options.int4_kernels == Int4Kernels::tensor_cores && layout != kc::Int4Layout::cutlass) {
       t.chosen[0] = t.chosen[1] = kc::Int4Kernel::gemv_tensor_cores;
       t.chosen[2] = kc::Int4Kernel::gemv_tensor_cores_32rows;
       t.chosen[3] = t.chosen[4] = kc::Int4Kernel::gemm_tensor_cores_64rows;
@@ -1064,7 +1096,8 @@ void CudaLlamaModel::Impl::choose_int4_kernels() {
         t.chosen[2] = t.chosen[3] = kc::Int4Kernel::cutlass_gemm_pingpong;
         t.chosen[4] = kc::Int4Kernel::cutlass_gemm;
       }
-    }  // cuda_cores: the rows' defaults (tiles refuse cuda_cores at construction)
+    }  // cuda_cores: the rows' defaults (tiles and cutlass refuse cuda_cores at construction); tensor_cores
+       // on cutlass: its defaults (every CUTLASS schedule is on the tensor cores)
     for (int r = 0; r < kc::kInt4RowRanges; ++r) {
       choice.chosen[r] = static_cast<int>(t.chosen[r]);
       for (DeviceMatrix* w : list) w->int4_kernel[r] = t.chosen[r];
@@ -1079,7 +1112,7 @@ void CudaLlamaModel::Impl::choose_q4_k_kernels() {
   const auto add = [&](DeviceMatrix& w) {
     if (w.kind != DeviceKind::q4_k) return;
     for (auto& [choice, list] : shapes) {
-      if (choice.n_out == w.n_out && choice.k == w.k && choice.tiles == w.tiles) {
+      if (choice.n_out == w.n_out && choice.k == w.k && list.front()->layout == w.layout) {
         list.push_back(&w);
         return;
       }
@@ -1087,7 +1120,7 @@ void CudaLlamaModel::Impl::choose_q4_k_kernels() {
     CudaQ4KChoice choice;
     choice.n_out = w.n_out;
     choice.k = w.k;
-    choice.tiles = w.tiles;
+    choice.tiles = w.layout == kc::Int4Layout::tiles;
     shapes.push_back({choice, {&w}});
   };
   for_each_matrix(add);
@@ -1731,18 +1764,26 @@ CudaLlamaModel::CudaLlamaModel(std::shared_ptr<const model::LlamaCheckpoint> che
         "int4_kernels cuda_cores cannot read int4_layout tiles (only the tensor-core kernels and "
         "dequant + cuBLAS read tiles): use int4_layout rows, or int4_kernels measured or tensor_cores");
   }
+  if (options.int4_layout == Int4Layout::cutlass && options.int4_kernels == Int4Kernels::cuda_cores) {
+    throw std::invalid_argument(
+        "int4_kernels cuda_cores cannot read int4_layout cutlass (only the CUTLASS GEMM reads it): use "
+        "int4_layout rows, or int4_kernels measured or tensor_cores");
+  }
   if (options.cutlass_gemm && options.int4_kernels == Int4Kernels::cuda_cores) {
     throw std::invalid_argument(
         "cutlass_gemm needs int4_kernels measured or tensor_cores (cuda_cores pins every product to the CUDA "
         "cores)");
   }
   require_device(options.device);
-  if (options.cutlass_gemm && !kc::w4a16_cutlass_supported()) {
-    throw std::invalid_argument(
-        kc::w4a16_cutlass_built() ? "cutlass_gemm: the CUTLASS GEMM needs a compute capability 9.0 GPU "
-                                    "(H100 / H200); this one is not"
-                                  : "cutlass_gemm: this build has no CUTLASS GEMM (CUTLASS was not found at "
-                                    "configure time: tools/fetch-cutlass.sh)");
+  const bool wants_cutlass = options.cutlass_gemm || options.int4_layout == Int4Layout::cutlass;
+  const char* cutlass_what = options.cutlass_gemm ? "cutlass_gemm" : "int4_layout cutlass";
+  if (wants_cutlass && !kc::w4a16_cutlass_supported()) {
+    throw std::invalid_argument(std::string(cutlass_what) +
+                                (kc::w4a16_cutlass_built()
+                                     ? ": the CUTLASS GEMM needs a compute capability 9.0 GPU (H100 / H200); "
+                                       "this one is not"
+                                     : ": this build has no CUTLASS GEMM (CUTLASS was not found at configure "
+                                       "time: tools/fetch-cutlass.sh)"));
   }
   cuda_check(cudaStreamCreateWithFlags(&m.stream, cudaStreamNonBlocking), "cudaStreamCreate");
   cublas_check(cublasCreate(&m.cublas), "cublasCreate");

@@ -134,8 +134,16 @@ enum class Int4Kernels { measured, cuda_cores, tensor_cores };
 // instead of 128 lines a row apart), which the tensor-core kernels (and, for INT4, dequant + cuBLAS)
 // read with the same bits as the rows; the CUDA-core GEMVs and the older GEMMs do not
 // (Int4Kernels::cuda_cores is refused with tiles), so a tiled Q4_K matrix takes the tensor cores at
-// every row count.
-enum class Int4Layout { rows, tiles };
+// every row count. cutlass: each group-wise INT4 matrix CUTLASS's Hopper GEMM takes (group 64 or 128,
+// n_out a multiple of 128) is kept only in CUTLASS's order, and every product of it runs on that GEMM
+// (wgmma: 16-row activation tiles up to 32 rows, 64- and 128-row ones above, timed at load under
+// Int4Kernels::measured): one copy of the weights where CudaModelOptions::cutlass_gemm keeps two. The
+// other matrices (Q4_0 at group 32, Q4_K, ...) stay as under rows. Needs what cutlass_gemm needs;
+// refuses Int4Kernels::cuda_cores.
+enum class Int4Layout { rows, tiles, cutlass };
+inline const char* int4_layout_name(Int4Layout layout) {
+  return layout == Int4Layout::tiles ? "tiles" : layout == Int4Layout::cutlass ? "cutlass" : "rows";
+}
 
 // The kernels one group-wise INT4 matrix shape uses, with the load-time times behind the choice.
 struct CudaInt4KernelChoice {
@@ -150,7 +158,7 @@ struct CudaInt4KernelChoice {
   static constexpr int64_t range_max_rows[kRanges] = {1, 16, 32, 64, -1};
   static constexpr int64_t range_timed_rows[kRanges][2] = {{1, 0}, {4, 16}, {32, 0}, {64, 0}, {256, 0}};
   int64_t n_out = 0, k = 0, group = 0;
-  bool tiles = false;                     // laid out as Int4Layout::tiles (only its kernels timed)
+  Int4Layout layout = Int4Layout::rows;   // how the matrices lie (only the kernels that read it timed)
   int64_t matrices = 0;                   // how many of the model's matrices have this shape
   int chosen[kRanges] = {0, 0, 0, 2, 2};  // per range, the kernel (an index into kernel_names)
   double us[kRanges][kKernels][2] = {};   // device microseconds per product by range, kernel and timed

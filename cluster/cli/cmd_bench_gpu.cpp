@@ -288,8 +288,8 @@ int run_model(const Args& a) {
          floor_s * 1e3);
   for (const worker::CudaInt4KernelChoice& ch : target.model->int4_kernel_choices()) {
     report("INT4 %lldx%lld (%s): rows 1 %s, 2-16 %s, 17-32 %s, 33-64 %s, over 64 %s",
-           static_cast<long long>(ch.n_out), static_cast<long long>(ch.k), ch.tiles ? "tiles" : "rows",
-           worker::CudaInt4KernelChoice::kernel_names[ch.chosen[0]],
+           static_cast<long long>(ch.n_out), static_cast<long long>(ch.k),
+           worker::int4_layout_name(ch.layout), worker::CudaInt4KernelChoice::kernel_names[ch.chosen[0]],
            worker::CudaInt4KernelChoice::kernel_names[ch.chosen[1]],
            worker::CudaInt4KernelChoice::kernel_names[ch.chosen[2]],
            worker::CudaInt4KernelChoice::kernel_names[ch.chosen[3]],
@@ -383,7 +383,7 @@ int run_model(const Args& a) {
     int4.push_back({{"n_out", ch.n_out},
                     {"k", ch.k},
                     {"group", ch.group},
-                    {"layout", ch.tiles ? "tiles" : "rows"},
+                    {"layout", worker::int4_layout_name(ch.layout)},
                     {"matrices", ch.matrices},
                     {"ranges", ranges},
                     {"skipped", ch.skipped}});
@@ -807,8 +807,9 @@ Runner add_bench_gpu(CLI::App& app) {
       "With --model: how group-wise INT4 matrices pick their kernels: measured (timed at load, "
       "the default), cuda-cores or tensor-cores");
   add_int4_layout_option(app, a->int4_layout,
-                         "With --model: group-wise INT4 matrices as rows (the default) or repacked into the "
-                         "tensor-core kernels' tiles");
+                         "With --model: group-wise INT4 matrices as rows (the default), repacked into the "
+                         "tensor-core kernels' tiles, or only in CUTLASS's order (cutlass: every product "
+                         "of them on CUTLASS's Hopper GEMM, one copy of the weights)");
   app.add_flag("--cutlass-gemm", a->cutlass_gemm,
                "With --model: also hold the INT4 weights in CUTLASS's order and time CUTLASS's Hopper GEMMs "
                "at load as candidates (128-row tiles from 17 rows, 16-row tiles up to 32; needs a CUTLASS "

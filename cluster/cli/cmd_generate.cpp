@@ -65,8 +65,10 @@ Runner add_generate(CLI::App& app) {
       "serve` job with the same int4_kernels)");
   add_int4_layout_option(
       app, a->int4_layout,
-      "With --device cuda: group-wise INT4 matrices as rows (the default) or repacked into "
-      "the tensor-core kernels' tiles (refused with --int4-kernels cuda-cores)");
+      "With --device cuda: group-wise INT4 matrices as rows (the default), repacked into "
+      "the tensor-core kernels' tiles, or only in CUTLASS's order for its Hopper GEMM (cutlass: one "
+      "copy; needs a CUTLASS build and an H100 / H200); tiles and cutlass are refused with "
+      "--int4-kernels cuda-cores");
   app.add_flag("--cutlass-gemm", a->cutlass_gemm,
                "With --device cuda: also hold the INT4 weights in CUTLASS's order and use CUTLASS's Hopper "
                "GEMMs where they time faster at load (needs a CUTLASS build and an H100 / H200)");

@@ -129,7 +129,15 @@ worker::Int4Kernels worker_int4_kernels(cluster::Int4KernelChoice choice) {
 }
 
 worker::Int4Layout worker_int4_layout(cluster::Int4LayoutChoice choice) {
-  return choice == cluster::Int4LayoutChoice::tiles ? worker::Int4Layout::tiles : worker::Int4Layout::rows;
+  switch (choice) {
+    case cluster::Int4LayoutChoice::rows:
+      return worker::Int4Layout::rows;
+    case cluster::Int4LayoutChoice::tiles:
+      return worker::Int4Layout::tiles;
+    case cluster::Int4LayoutChoice::cutlass:
+      return worker::Int4Layout::cutlass;
+  }
+  return worker::Int4Layout::rows;
 }
 
 extern "C" void on_terminate(int) { cluster::Coordinator::request_abort(); }

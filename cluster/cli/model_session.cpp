@@ -21,8 +21,10 @@ void add_int4_kernels_option(CLI::App& app, worker::Int4Kernels& value, const st
 
 void add_int4_layout_option(CLI::App& app, worker::Int4Layout& value, const std::string& what) {
   app.add_option("--int4-layout", value, what)
-      ->transform(CLI::CheckedTransformer(std::map<std::string, worker::Int4Layout>{
-          {"rows", worker::Int4Layout::rows}, {"tiles", worker::Int4Layout::tiles}}));
+      ->transform(CLI::CheckedTransformer(
+          std::map<std::string, worker::Int4Layout>{{"rows", worker::Int4Layout::rows},
+                                                    {"tiles", worker::Int4Layout::tiles},
+                                                    {"cutlass", worker::Int4Layout::cutlass}}));
 }
 
 int default_threads() {

@@ -252,13 +252,19 @@ ClusterConfig build_config(const Reader& reader, const Section& top, const std::
         static_cast<Int4KernelChoice>(reader.choice(*e, {"measured", "cuda_cores", "tensor_cores"}));
   }
   if (const Entry* e = top.find("int4_layout")) {
-    config.int4_layout = static_cast<Int4LayoutChoice>(reader.choice(*e, {"rows", "tiles"}));
+    config.int4_layout = static_cast<Int4LayoutChoice>(reader.choice(*e, {"rows", "tiles", "cutlass"}));
     if (config.int4_layout == Int4LayoutChoice::tiles &&
         config.int4_kernels == Int4KernelChoice::cuda_cores) {
       reader.fail(
           e->path, e->line,
           "tiles cannot be read by int4_kernels: cuda_cores (only the tensor-core kernels read tiles); "
           "use rows, or int4_kernels: measured or tensor_cores");
+    }
+    if (config.int4_layout == Int4LayoutChoice::cutlass &&
+        config.int4_kernels == Int4KernelChoice::cuda_cores) {
+      reader.fail(e->path, e->line,
+                  "cutlass cannot be read by int4_kernels: cuda_cores (only CUTLASS's GEMM reads it); use "
+                  "rows, or int4_kernels: measured or tensor_cores");
     }
   }
 
@@ -380,7 +386,15 @@ const char* int4_kernel_choice_name(Int4KernelChoice choice) {
 }
 
 const char* int4_layout_choice_name(Int4LayoutChoice choice) {
-  return choice == Int4LayoutChoice::tiles ? "tiles" : "rows";
+  switch (choice) {
+    case Int4LayoutChoice::rows:
+      return "rows";
+    case Int4LayoutChoice::tiles:
+      return "tiles";
+    case Int4LayoutChoice::cutlass:
+      return "cutlass";
+  }
+  return "rows";
 }
 
 const char* draft_placement_name(DraftPlacement placement) {

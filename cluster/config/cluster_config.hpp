@@ -20,7 +20,8 @@
 //     micro_batches: <pipeline>  # micro-batches in flight through the pipeline, >= 1
 //   device: cpu                  # cpu | cuda (workers on GPU local rank % GPUs; CUDA builds only)
 //   int4_kernels: measured       # device: cuda: measured | cuda_cores | tensor_cores (Int4KernelChoice)
-//   int4_layout: rows            # device: cuda: rows | tiles (Int4LayoutChoice; tiles refuse cuda_cores)
+//   int4_layout: rows            # device: cuda: rows | tiles | cutlass (Int4LayoutChoice; tiles and
+//                                # cutlass refuse cuda_cores; cutlass: one copy, CUTLASS's GEMM only)
 //   cutlass_gemm: false          # device: cuda: true adds CUTLASS's Hopper GEMMs as candidates (a second
 //                                # copy of the INT4 weights; worker::CudaModelOptions::cutlass_gemm;
 //                                # refused with int4_kernels: cuda_cores)
@@ -80,9 +81,10 @@ enum class DraftPlacement {
 // value, computes each product with the same kernels (bit-identical runs across processes).
 enum class Int4KernelChoice { measured, cuda_cores, tensor_cores };
 // How a GPU worker lays out group-wise INT4 and GGUF Q4_K matrices (worker::Int4Layout): rows as
-// loaded, or tiles, repacked at load into the tensor-core kernels' chunks (which the CUDA-core
-// kernels cannot read, so int4_kernels: cuda_cores with tiles is a config error).
-enum class Int4LayoutChoice { rows, tiles };
+// loaded; tiles, repacked at load into the tensor-core kernels' chunks; or cutlass, group-wise INT4
+// only in CUTLASS's order for its Hopper GEMM. The CUDA-core kernels read neither of the last two, so
+// int4_kernels: cuda_cores with them is a config error.
+enum class Int4LayoutChoice { rows, tiles, cutlass };
 
 const char* device_name(Device device);
 const char* int4_kernel_choice_name(Int4KernelChoice choice);

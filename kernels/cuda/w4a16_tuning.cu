@@ -105,11 +105,29 @@ Int4GroupsLauncher int4_kernel_launcher(Int4Kernel kernel) {
   return nullptr;
 }
 
-const char* int4_layout_name(Int4Layout layout) { return layout == Int4Layout::tiles ? "tiles" : "rows"; }
+const char* int4_layout_name(Int4Layout layout) {
+  switch (layout) {
+    case Int4Layout::rows:
+      return "rows";
+    case Int4Layout::tiles:
+      return "tiles";
+    case Int4Layout::cutlass:
+      return "cutlass";
+  }
+  return "?";
+}
 
 bool int4_kernel_reads(Int4Kernel kernel, Int4Layout layout) {
-  return layout == Int4Layout::rows || kernel == Int4Kernel::dequant_cublas || is_cutlass(kernel) ||
-         int4_tiles_kernel_launcher(kernel) != nullptr;
+  if (is_cutlass(kernel)) return true;
+  switch (layout) {
+    case Int4Layout::rows:
+      return true;
+    case Int4Layout::tiles:
+      return kernel == Int4Kernel::dequant_cublas || int4_tiles_kernel_launcher(kernel) != nullptr;
+    case Int4Layout::cutlass:
+      return false;
+  }
+  return false;
 }
 
 namespace {
@@ -154,6 +172,7 @@ Status launch_int4_kernel(Int4Kernel kernel, const Int4CublasContext* cublas, co
                                          : CutlassSchedule::pingpong_64x16;
     return w4a16_gemm_int4_cutlass(x, *cutlass, m, y, stream, schedule);
   }
+  if (layout == Int4Layout::cutlass) return Status::invalid_argument;  // only the CUTLASS GEMMs read it
   if (kernel == Int4Kernel::dequant_cublas) {
     if (cublas == nullptr) return Status::invalid_argument;
     if (layout == Int4Layout::tiles)
@@ -209,6 +228,7 @@ Status tune_int4_groups(const std::vector<Int4GroupsMatrix>& matrices, int64_t g
       k % group != 0)
     return Status::invalid_argument;
   if (cutlass != nullptr && cutlass->size() != matrices.size()) return Status::invalid_argument;
+  if (layout == Int4Layout::cutlass && cutlass == nullptr) return Status::invalid_argument;
   Scratch x, y;
   const auto fail = [&](cudaError_t err, const char* what) {
     error = std::string(what) + ": " + cudaGetErrorString(err);

@@ -22,7 +22,8 @@
 // Group-wise INT4 also comes repacked into the tensor-core kernels' chunks (Int4Layout::tiles,
 // kernels/int4_tiles.hpp): the five tensor-core kernels and dequant + cuBLAS read it (the same bits
 // as on the row-major layout), the CUDA-core GEMVs and the older GEMMs do not, and the timing then
-// chooses among those six.
+// chooses among those six. Or only in CUTLASS's order (Int4Layout::cutlass: the copy is the matrix):
+// only the three CUTLASS schedules read it.
 // Ranges: 1 row (batch-1 decode), 2-16 rows (batched decode; timed at 4 and 16), 17-32 rows (timed at
 // 32), 33-64 (large-batch decode; timed at 64), over 64 (prefill; timed at 256). One row has its own range
 // because the CUDA-core GEMV wins there and only there: on an H200 (2026-12-04, llama-70b's shapes) it took
@@ -67,8 +68,9 @@ enum class Int4Kernel : int {
 };
 constexpr int kInt4Kernels = 13;
 // How a group-wise INT4 matrix lies in device memory: rows (kernels/int4_groups.hpp: nibbles, scales
-// and zeros in three arrays) or tiles (kernels/int4_tiles.hpp: one array of chunks).
-enum class Int4Layout { rows, tiles };
+// and zeros in three arrays), tiles (kernels/int4_tiles.hpp: one array of chunks) or cutlass (only its
+// Int4CutlassWeights, w4a16_gemm_cutlass.cuh: one copy of the weights, every row count on wgmma).
+enum class Int4Layout { rows, tiles, cutlass };
 const char* int4_kernel_name(Int4Kernel kernel);  // "CUDA-core GEMV", ...
 // The CUTLASS GEMMs (they read a CUTLASS copy, not the layout's operands).
 bool is_cutlass(Int4Kernel kernel);
@@ -105,9 +107,9 @@ inline int int4_row_range(int64_t m) {
   return r;
 }
 
-const char* int4_layout_name(Int4Layout layout);  // "rows", "tiles"
+const char* int4_layout_name(Int4Layout layout);  // "rows", "tiles", "cutlass"
 // Whether `kernel` reads matrices in `layout` (every kernel reads rows; the CUTLASS GEMMs read their
-// own copy whatever the layout).
+// own copy whatever the layout, and they alone read cutlass).
 bool int4_kernel_reads(Int4Kernel kernel, Int4Layout layout);
 // The launcher of `kernel` on tiles (quants: the tiles; scales and zeros ignored); nullptr for a
 // kernel that does not read tiles and for dequant + cuBLAS (launch_int4_kernel).
@@ -122,8 +124,15 @@ constexpr Int4Kernel kInt4DefaultKernels[kInt4RowRanges] = {
 constexpr Int4Kernel kInt4TilesDefaultKernels[kInt4RowRanges] = {
     Int4Kernel::gemv_tensor_cores, Int4Kernel::gemv_tensor_cores, Int4Kernel::gemv_tensor_cores_32rows,
     Int4Kernel::gemm_tensor_cores_64rows, Int4Kernel::gemm_tensor_cores_64rows};
+// On CUTLASS's order: 16-row activation tiles up to 32 rows (decode), 64-row weight tiles up to 64
+// (twice the tiles of the 128-row ones for few activation rows), 128 x 128 tiles above (prefill).
+constexpr Int4Kernel kInt4CutlassDefaultKernels[kInt4RowRanges] = {
+    Int4Kernel::cutlass_gemm_16rows, Int4Kernel::cutlass_gemm_16rows, Int4Kernel::cutlass_gemm_16rows,
+    Int4Kernel::cutlass_gemm_pingpong, Int4Kernel::cutlass_gemm};
 inline const Int4Kernel* int4_default_kernels(Int4Layout layout) {
-  return layout == Int4Layout::tiles ? kInt4TilesDefaultKernels : kInt4DefaultKernels;
+  return layout == Int4Layout::tiles     ? kInt4TilesDefaultKernels
+         : layout == Int4Layout::cutlass ? kInt4CutlassDefaultKernels
+                                         : kInt4DefaultKernels;
 }
 
 struct Int4GroupsTuning {
@@ -146,9 +155,10 @@ void choose_int4_groups_kernels(Int4GroupsTuning& t, Int4Layout layout = Int4Lay
 
 // Times every kernel that reads `layout` and takes a range's rows (dequant + cuBLAS only when `cublas`
 // is given, the CUTLASS GEMMs only when `cutlass` holds each matrix's copy, in the same order) on
-// `matrices` (one shape, e.g. that matrix in every
-// layer: the products rotate among them, so that with enough of them the weights stream from device
-// memory as in a forward pass rather than from L2) and chooses (choose_int4_groups_kernels). A
+// `matrices` (one shape, e.g. that matrix in every layer: the products rotate among them, so that with
+// enough of them the weights stream from device memory as in a forward pass rather than from L2; on
+// Int4Layout::cutlass only their count matters, and `cutlass` is required) and chooses
+// (choose_int4_groups_kernels). A
 // candidate that fails to launch is left out and named in `skipped` (the launch error is cleared;
 // the kernel tests report such failures). Allocates its activations ([256, k] fp16, [256, n_out]
 // fp32) and frees them; synchronizes `stream`. Returns invalid_argument for an empty list, a group

@@ -554,8 +554,8 @@ TEST(CudaLlamaModel, TiledInt4MatricesGiveTheRowsLogitsBitForBit) {
     tiles_options.int4_layout = w::Int4Layout::tiles;
     w::CudaLlamaModel rows(checkpoint, rows_options), tiles(checkpoint, tiles_options);
     ASSERT_FALSE(tiles.int4_kernel_choices().empty());
-    for (const Choice& ch : tiles.int4_kernel_choices()) EXPECT_TRUE(ch.tiles);
-    for (const Choice& ch : rows.int4_kernel_choices()) EXPECT_FALSE(ch.tiles);
+    for (const Choice& ch : tiles.int4_kernel_choices()) EXPECT_EQ(ch.layout, w::Int4Layout::tiles);
+    for (const Choice& ch : rows.int4_kernel_choices()) EXPECT_EQ(ch.layout, w::Int4Layout::rows);
     EXPECT_GE(tiles.weight_bytes(), rows.weight_bytes());  // 4 bytes a group's pair against 3
     expect_same_logits_at_every_row_range(rows, tiles);
     // Measured on tiles: only the kernels that read tiles (tensor-core GEMVs 1, 5, 6, 8, the 64-row
@@ -569,7 +569,7 @@ TEST(CudaLlamaModel, TiledInt4MatricesGiveTheRowsLogitsBitForBit) {
       return kernel == 1 || kernel == 4 || kernel == 5 || kernel == 6 || kernel == 8 || kernel == 9;
     };
     for (const Choice& ch : measured.int4_kernel_choices()) {
-      EXPECT_TRUE(ch.tiles);
+      EXPECT_EQ(ch.layout, w::Int4Layout::tiles);
       EXPECT_EQ(ch.skipped, "");
       for (int r = 0; r < Choice::kRanges; ++r) {
         EXPECT_TRUE(reads_tiles(ch.chosen[r])) << Choice::kernel_names[ch.chosen[r]];
@@ -733,6 +733,98 @@ TEST(CudaLlamaModel, CutlassGemmTakesManyRowProductsNearTheTensorCoreLogits) {
       }
     }
     w::CudaModelOptions refused = cutlass_options;
+    refused.int4_kernels = w::Int4Kernels::cuda_cores;
+    EXPECT_THROW(w::CudaLlamaModel(checkpoint, refused), std::invalid_argument);
+  }
+}
+
+// Int4Layout::cutlass: each INT4 matrix CUTLASS takes is kept only in CUTLASS's order (its rows freed,
+// so the model holds about one copy where cutlass_gemm holds two), and every product of it runs on a
+// CUTLASS schedule. Pinned to the tensor cores: 16-row activation tiles up to 32 rows, then the 64- and
+// 128-row ones, which from 33 rows are the very kernels cutlass_gemm pins on the very same copies, so
+// those logits are equal bit for bit; below, near the tensor-core logits as in the test above. Under
+// measured only the CUTLASS schedules are timed and chosen, and the AWQ model follows the CPU. The
+// CUDA-core pin is refused.
+TEST(CudaLlamaModel, CutlassLayoutKeepsOneCopyOnTheCutlassGemms) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  if (!kc::w4a16_cutlass_supported())
+    GTEST_SKIP() << "no CUTLASS GEMM here (built without it, or not compute 9.0)";
+  using Choice = w::CudaInt4KernelChoice;
+  constexpr int kCutlass = 10, kCutlassPingpong = 11, kCutlass16 = 12;
+  const auto is_cutlass = [](int kernel) { return kernel >= kCutlass && kernel <= kCutlass16; };
+  const std::string awq = (t::test_data_dir() / "gptq-tiny-llama" / "awq-g64").string();
+  for (const std::string& path : {std::string("dummy:tiny:seed=3"), awq}) {
+    SCOPED_TRACE(path);
+    const auto checkpoint = m::LlamaCheckpoint::open(path);
+    w::CudaModelOptions plain_options, two_options, one_options;
+    plain_options.int4_kernels = two_options.int4_kernels = one_options.int4_kernels =
+        w::Int4Kernels::tensor_cores;
+    two_options.cutlass_gemm = true;
+    one_options.int4_layout = w::Int4Layout::cutlass;
+    w::CudaLlamaModel plain(checkpoint, plain_options), two(checkpoint, two_options),
+        one(checkpoint, one_options);
+    int on_cutlass = 0;
+    for (const Choice& ch : one.int4_kernel_choices()) {
+      const bool takes = kc::int4_cutlass_shape_ok(ch.n_out, ch.k, ch.group);
+      EXPECT_EQ(ch.layout, takes ? w::Int4Layout::cutlass : w::Int4Layout::rows) << ch.n_out << " x " << ch.k;
+      if (!takes) continue;
+      ++on_cutlass;
+      for (int r = 0; r < 3; ++r) EXPECT_EQ(ch.chosen[r], kCutlass16) << "range " << r;
+      EXPECT_EQ(ch.chosen[3], kCutlassPingpong);
+      EXPECT_EQ(ch.chosen[4], kCutlass);
+    }
+    EXPECT_GT(on_cutlass, 0);
+    // two holds the rows and the copies, one the copies and the rows of what CUTLASS does not take:
+    // the difference is the taken matrices' rows, most of the model's INT4 bytes.
+    EXPECT_LT(one.weight_bytes(), two.weight_bytes());
+    EXPECT_GT(two.weight_bytes() - one.weight_bytes(), plain.weight_bytes() / 2);
+
+    const int64_t n_vocab = plain.config().n_vocab;
+    compare_logits_at_every_row_range(
+        two, one, [&](int32_t count, const std::vector<float>& a, const std::vector<float>& b) {
+          if (count > 32) {
+            EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0);
+            return;
+          }
+          int bad = 0;
+          for (int32_t i = 0; i < count; ++i) {
+            double sum_sq = 0.0, largest_diff = 0.0;
+            for (int64_t v = 0; v < n_vocab; ++v) {
+              const size_t at = static_cast<size_t>(i * n_vocab + v);
+              sum_sq += static_cast<double>(a[at]) * a[at];
+              largest_diff = std::max(largest_diff, std::fabs(static_cast<double>(a[at]) - b[at]));
+            }
+            const double rms = std::sqrt(sum_sq / static_cast<double>(n_vocab));
+            if (!(largest_diff <= 0.05 * rms) && ++bad <= 3)
+              ADD_FAILURE() << "row " << i << ": logits differ by up to " << largest_diff << ", RMS " << rms;
+          }
+          EXPECT_EQ(bad, 0);
+        });
+
+    // Measured: on the matrices CUTLASS holds only its schedules are timed (16-row tiles up to 32 rows,
+    // the others from 17) and chosen.
+    w::CudaModelOptions measured_options;
+    measured_options.int4_layout = w::Int4Layout::cutlass;
+    w::CudaLlamaModel measured(checkpoint, measured_options);
+    for (const Choice& ch : measured.int4_kernel_choices()) {
+      if (ch.layout != w::Int4Layout::cutlass) continue;
+      EXPECT_EQ(ch.skipped, "");
+      for (int r = 0; r < Choice::kRanges; ++r) {
+        EXPECT_TRUE(is_cutlass(ch.chosen[r])) << Choice::kernel_names[ch.chosen[r]] << ", range " << r;
+        for (int kernel = 0; kernel < Choice::kKernels; ++kernel) {
+          const bool candidate = kernel == kCutlass16 ? r <= 2 : is_cutlass(kernel) && r >= 2;
+          if (candidate)
+            EXPECT_GT(ch.us[r][kernel][0], 0.0) << Choice::kernel_names[kernel] << ", range " << r;
+          else
+            EXPECT_EQ(ch.us[r][kernel][0], 0.0) << Choice::kernel_names[kernel] << ", range " << r;
+        }
+      }
+    }
+    if (path == awq) {
+      compare_scenario(path, kCheckpointBound, /*decode_attention=*/true, w::Int4Kernels::measured, false,
+                       true, w::Int4Layout::cutlass);
+    }
+    w::CudaModelOptions refused = one_options;
     refused.int4_kernels = w::Int4Kernels::cuda_cores;
     EXPECT_THROW(w::CudaLlamaModel(checkpoint, refused), std::invalid_argument);
   }
@@ -1381,6 +1473,21 @@ TEST(CudaLlamaModelCli, BenchGpuTimesTheCutlassGemmAtLoad) {
         EXPECT_EQ(at["us"].contains("CUTLASS GEMM"), rows >= 17) << at.dump();
         EXPECT_EQ(at["us"].contains("CUTLASS GEMM 64"), rows >= 17) << at.dump();
         EXPECT_EQ(at["us"].contains("CUTLASS 64x16"), rows <= 32) << at.dump();
+      }
+    }
+  }
+  // --int4-layout cutlass: the copies alone (every dummy:tiny shape is one CUTLASS takes), and only
+  // CUTLASS's schedules chosen and timed, at every row range.
+  ASSERT_NO_FATAL_FAILURE(run_bench_gpu_on_tiny("--int4-layout cutlass", output, j));
+  ASSERT_EQ(j["decode"].size(), 2u) << output;
+  ASSERT_FALSE(j["int4_kernels"].empty()) << output;
+  for (const auto& shape : j["int4_kernels"]) {
+    EXPECT_EQ(shape["layout"], "cutlass") << output;
+    for (const auto& range : shape["ranges"]) {
+      EXPECT_EQ(range["chosen"].get<std::string>().rfind("CUTLASS", 0), 0u) << range.dump();
+      for (const auto& at : range["timed"]) {
+        ASSERT_FALSE(at["us"].empty()) << at.dump();
+        for (const auto& [name, us] : at["us"].items()) EXPECT_EQ(name.rfind("CUTLASS", 0), 0u) << at.dump();
       }
     }
   }

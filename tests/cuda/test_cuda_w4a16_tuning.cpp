@@ -158,6 +158,48 @@ TEST(W4A16Tuning, OnTilesOnlyKernelsThatReadTilesAreChosen) {
             Status::invalid_argument);
 }
 
+// On CUTLASS's order (Int4Layout::cutlass) only the three CUTLASS schedules read the matrix: the
+// defaults are theirs and cover every row count, a faster kernel of ours is not chosen, and ours are
+// refused before anything runs, as is timing without the copies.
+TEST(W4A16Tuning, OnTheCutlassLayoutOnlyTheCutlassGemmsAreChosen) {
+  using K = kc::Int4Kernel;
+  using L = kc::Int4Layout;
+  EXPECT_STREQ(kc::int4_layout_name(L::cutlass), "cutlass");
+  for (int kernel = 0; kernel < kc::kInt4Kernels; ++kernel) {
+    const auto which = static_cast<K>(kernel);
+    EXPECT_EQ(kc::int4_kernel_reads(which, L::cutlass), kc::is_cutlass(which)) << kc::int4_kernel_name(which);
+  }
+  for (int r = 0; r < kc::kInt4RowRanges; ++r) {
+    const K fallback = kc::int4_default_kernels(L::cutlass)[r];
+    EXPECT_TRUE(kc::is_cutlass(fallback)) << "range " << r;
+    // It takes every row count of its range: the range's largest (the last range: any) and its
+    // smallest, one more than the range before's largest.
+    EXPECT_GE(kc::int4_kernel_max_rows(fallback), kc::kInt4RangeMaxRows[r]) << "range " << r;
+    EXPECT_LE(kc::int4_kernel_min_rows(fallback), r == 0 ? 1 : kc::kInt4RangeMaxRows[r - 1] + 1)
+        << "range " << r;
+  }
+  kc::Int4GroupsTuning t;
+  t.us[0][kCudaCores][0] = 5;  // 1 row: ours much faster, but it cannot read the layout
+  t.us[0][static_cast<int>(K::cutlass_gemm_16rows)][0] = 20;
+  t.us[4][static_cast<int>(K::cutlass_gemm)][0] = 100;  // 256 rows
+  t.us[4][static_cast<int>(K::cutlass_gemm_pingpong)][0] = 80;
+  t.us[4][static_cast<int>(K::dequant_cublas)][0] = 50;
+  kc::choose_int4_groups_kernels(t, L::cutlass);
+  EXPECT_EQ(t.chosen[0], K::cutlass_gemm_16rows);
+  EXPECT_EQ(t.chosen[4], K::cutlass_gemm_pingpong);  // 20% faster than the default there
+  for (int r = 0; r < kc::kInt4RowRanges; ++r) EXPECT_TRUE(kc::is_cutlass(t.chosen[r])) << "range " << r;
+  for (const K ours : {K::gemv_cuda_cores, K::gemv_tensor_cores, K::dequant_cublas}) {
+    EXPECT_EQ(kc::launch_int4_kernel(ours, nullptr, nullptr, nullptr, nullptr, 128, 256, 256, nullptr, 1,
+                                     nullptr, nullptr, false, L::cutlass),
+              Status::invalid_argument)
+        << kc::int4_kernel_name(ours);
+  }
+  const std::vector<kc::Int4GroupsMatrix> one(1);
+  std::string error;
+  EXPECT_EQ(kc::tune_int4_groups(one, 128, 256, 256, nullptr, nullptr, t, error, L::cutlass),
+            Status::invalid_argument);
+}
+
 TEST(W4A16Tuning, RejectsBadArgumentsBeforeTouchingTheDevice) {
   kc::Int4GroupsTuning t;
   std::string error;

@@ -85,6 +85,18 @@ void require_device(int device) {
                           std::to_string(count) + " found)");
   }
   cuda_check(cudaSetDevice(device), "cudaSetDevice");
+  // The kernels are built for compute capability 9.0 (CMakeLists.txt): on an older GPU every launch
+  // would fail with "no kernel image"; say why up front instead.
+  int major = 0, minor = 0;
+  cuda_check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device),
+             "cudaDeviceGetAttribute");
+  cuda_check(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device),
+             "cudaDeviceGetAttribute");
+  if (major < 9) {
+    throw CudaUnavailable("CUDA device " + std::to_string(device) + " has compute capability " +
+                          std::to_string(major) + "." + std::to_string(minor) +
+                          "; Nibble's CUDA kernels need 9.0 or newer (Hopper: H100 / H200)");
+  }
 }
 
 // One owned device allocation; reserve() grows it (contents lost).

@@ -4,14 +4,25 @@
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <vector>
 
+#include "kernels/cuda/device_delay.cuh"
+
 namespace nibble::kernels::cuda {
+
+// Device time of the calls alone: each timed loop is queued behind a device_delay long enough for
+// the host to enqueue every call of the loop first (kHeadStartNs plus kHeadStartPerCallNs a call), so
+// the calls run back to back as from a CUDA graph, and a call whose host side costs more than its
+// kernel (CUTLASS builds TMA descriptors per call: tens of us) is not timed at the host's pace.
+constexpr int64_t kHeadStartNs = 1'000'000;
+constexpr int64_t kHeadStartPerCallNs = 100'000;
 
 // Median over `repetitions` timed loops of the mean device time of one call, in microseconds, after
 // three untimed calls (first-launch costs, clocks). call(i) enqueues call i on `stream` (it may pick
 // its inputs from i) and returns false when it could not: then this returns false at once. A CUDA
-// event call that fails also returns false, with `err` set (otherwise err is cudaSuccess).
+// call that fails (an event, the head start's launch) also returns false, with `err` set (otherwise
+// err is cudaSuccess).
 template <typename Call>
 bool median_call_us(cudaStream_t stream, int iterations, int repetitions, Call call, double& us,
                     cudaError_t& err) {
@@ -29,6 +40,11 @@ bool median_call_us(cudaStream_t stream, int iterations, int repetitions, Call c
     return false;
   std::vector<double> runs;
   for (int r = 0; r < repetitions; ++r) {
+    if (device_delay(kHeadStartNs + kHeadStartPerCallNs * iterations, stream) != Status::ok) {
+      err = cudaGetLastError();
+      if (err == cudaSuccess) err = cudaErrorLaunchFailure;
+      return false;
+    }
     if ((err = cudaEventRecord(ev.start, stream)) != cudaSuccess) return false;
     for (int i = 0; i < iterations; ++i)
       if (!call(i)) return false;

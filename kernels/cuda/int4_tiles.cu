@@ -71,7 +71,8 @@ Status int4_tiles_from_groups(const uint8_t* quants, const uint16_t* scales, con
                               int64_t n_out, int64_t k, int64_t group, uint8_t* tiles, cudaStream_t stream) {
   if (quants == nullptr || scales == nullptr || zeros == nullptr || tiles == nullptr || n_out < 0 || k < 0 ||
       (group != 32 && group != 64 && group != 128) || k % group != 0 ||
-      reinterpret_cast<uintptr_t>(quants) % 16 != 0 || reinterpret_cast<uintptr_t>(tiles) % 16 != 0)
+      reinterpret_cast<uintptr_t>(quants) % 16 != 0 || reinterpret_cast<uintptr_t>(tiles) % 16 != 0 ||
+      reinterpret_cast<uintptr_t>(scales) % 2 != 0)
     return Status::invalid_argument;
   const int64_t bytes = int4_tiles_bytes(n_out, k, group);
   const int64_t runs = n_out * (k / 32), groups = n_out * (k / group);

@@ -13,7 +13,7 @@ namespace nibble::kernels::cuda {
 
 // All pointers are device pointers.
 // quants: [n_out, k / 2] bytes, 16-byte aligned
-// scales: [n_out, k / group] fp16 bits
+// scales: [n_out, k / group] fp16 bits, 2-byte aligned
 // zeros:  [n_out, k / group] bytes (0..31)
 // tiles:  [int4_tiles_bytes(n_out, k, group)] bytes, 16-byte aligned, every byte written
 // group: 32, 64 or 128, dividing k. Returns invalid_argument (nothing launched) for a bad argument,

@@ -35,7 +35,9 @@ __device__ int64_t inverse_cdf(Weight weight, int64_t n, double u, AcceptShared&
     double total = 0.0;
     for (int c = 0; c < kThreads; ++c) total += sh.chunk_sum[c];
     int64_t pick = -1;
-    if (total > 0.0) {
+    // A non-finite total (an infinite weight: a bad row) picks nothing, as the CPU's sample_dense
+    // refuses it; walking it would run past the row's end.
+    if (total > 0.0 && isfinite(total)) {
       const double target = u * total;
       double before = 0.0;
       int c = 0;
@@ -49,7 +51,7 @@ __device__ int64_t inverse_cdf(Weight weight, int64_t n, double u, AcceptShared&
         if (target < cumulative) break;
       }
       if (pick < 0) {  // the crossing chunk held no mass after rounding: the last id of positive weight
-        for (int64_t v = c * chunk - 1; v >= 0 && pick < 0; --v)
+        for (int64_t v = (c * chunk < n ? c * chunk : n) - 1; v >= 0 && pick < 0; --v)
           if (weight(v) > 0.0) pick = v;
       }
     }

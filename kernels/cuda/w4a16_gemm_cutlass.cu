@@ -197,8 +197,8 @@ Status run_gemm(const __half* x, const Int4CutlassWeights& weights, int64_t m, f
   Gemm gemm;
   if (gemm.can_implement(arguments) != cutlass::Status::kSuccess) return Status::device_error;
   if (gemm.initialize(arguments, nullptr, stream) != cutlass::Status::kSuccess) return Status::device_error;
-  if (gemm.run(stream) != cutlass::Status::kSuccess) return Status::device_error;
-  return cudaGetLastError() == cudaSuccess ? Status::ok : Status::device_error;
+  // run() checks its launch itself (and clears the error): nothing older is blamed on this call.
+  return gemm.run(stream) == cutlass::Status::kSuccess ? Status::ok : Status::device_error;
 }
 
 // CUTLASS's own check of these shapes (alignments, group against the k step), on the host.
@@ -294,6 +294,10 @@ Status w4a16_gemm_int4_cutlass(const __half* x, const Int4CutlassWeights& weight
   if (!w4a16_cutlass_supported()) return Status::unsupported_type;
   if (!x || !y || !weights.quants || !weights.scales || !weights.offsets || m < 1 ||
       m >= (int64_t{1} << 31) || !int4_cutlass_shape_ok(weights.n_out, weights.k, weights.group))
+    return Status::invalid_argument;
+  const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  if (!aligned(x) || !aligned(y) || !aligned(weights.quants) || !aligned(weights.scales) ||
+      !aligned(weights.offsets))
     return Status::invalid_argument;
   switch (schedule) {
     case CutlassSchedule::cooperative_128:

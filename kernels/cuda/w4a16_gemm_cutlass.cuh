@@ -87,7 +87,9 @@ enum class CutlassSchedule { cooperative_128, pingpong_64, pingpong_64x16 };
 bool w4a16_gemm_int4_cutlass_implementable(int64_t n_out, int64_t k, int64_t group, int64_t m,
                                            CutlassSchedule schedule);
 
-// x: [m, k] __half, 16-byte aligned; y: [m, n_out] float, every element written; any m >= 1.
+// x: [m, k] __half; y: [m, n_out] float, every element written; any m >= 1. x, y and the copy's three
+// arrays 16-byte aligned (TMA reads and writes them; CUTLASS itself checks only shapes and strides, and
+// a misaligned base would fault on the device, so it is refused here).
 // This configuration's persistent tile scheduler needs no device workspace, so the call allocates
 // nothing and can be captured in a CUDA graph (device_error should CUTLASS ever ask for one).
 // Returns unsupported_type when !w4a16_cutlass_supported(), invalid_argument for a bad argument,

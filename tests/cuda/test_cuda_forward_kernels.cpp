@@ -210,9 +210,10 @@ TEST(CudaAddRmsNorm, MatchesCpuAddAndNorm) {
   NIBBLE_REQUIRE_CUDA_DEVICE();
   std::mt19937 rng(22);
   const float eps = 1e-5f;
-  // n: one block a row (1, 129), two (2048), eight with a ragged last slice (4100), eight of 1024 (8192).
+  // n: one block a row (1, 129), two (2048), four with a ragged slice (3000), eight with a ragged last
+  // slice (4100), eight of 1024 (8192).
   for (const int64_t rows : {1, 3, 37}) {
-    for (const int64_t n : {1, 129, 2048, 4100, 8192}) {
+    for (const int64_t n : {1, 129, 2048, 3000, 4100, 8192}) {
       for (const bool with_delta : {false, true}) {
         SCOPED_TRACE("rows=" + std::to_string(rows) + " n=" + std::to_string(n) +
                      " delta=" + std::to_string(with_delta));

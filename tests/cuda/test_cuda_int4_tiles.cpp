@@ -67,6 +67,10 @@ TEST(CudaInt4Tiles, DeviceRepackWritesTheHostsBytes) {
             k::Status::invalid_argument);  // quants not 16-byte aligned
   EXPECT_EQ(kc::int4_tiles_from_groups(q.ptr, s.ptr, z.ptr, 1, 256, 32, out.ptr + 4, nullptr),
             k::Status::invalid_argument);  // tiles not 16-byte aligned
+  EXPECT_EQ(kc::int4_tiles_from_groups(
+                q.ptr, reinterpret_cast<const uint16_t*>(reinterpret_cast<const uint8_t*>(s.ptr) + 1), z.ptr,
+                1, 256, 32, out.ptr, nullptr),
+            k::Status::invalid_argument);  // scales not 2-byte aligned
   EXPECT_EQ(kc::int4_tiles_from_groups(q.ptr, nullptr, z.ptr, 1, 256, 32, out.ptr, nullptr),
             k::Status::invalid_argument);
   EXPECT_EQ(cudaGetLastError(), cudaSuccess);
@@ -280,6 +284,9 @@ TEST(CudaInt4Tiles, Q4KTilesEqualTheBlocksAsStoredBitForBit) {
       for (const Twin& twin : twins) {
         for (const int64_t m : twin.ms) {
           SCOPED_TRACE(std::string(twin.name) + " m " + std::to_string(m));
+          // NaN-filled first: a twin that wrote nothing cannot pass on the bits the last pair left.
+          ASSERT_EQ(cudaMemset(y_stored.ptr, 0xff, y_stored.count * sizeof(float)), cudaSuccess);
+          ASSERT_EQ(cudaMemset(y_tiled.ptr, 0xff, y_tiled.count * sizeof(float)), cudaSuccess);
           ASSERT_EQ(twin.stored(blocks.ptr, n_out, kk, x, m, y_stored.ptr, nullptr, false), k::Status::ok);
           ASSERT_EQ(twin.tiled(tiles.ptr, n_out, kk, x, m, y_tiled.ptr, nullptr, false), k::Status::ok);
           ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);

@@ -157,6 +157,10 @@ TEST(CudaSpeculativeAccept, MatchesCpuVerify) {
             EXPECT_EQ(tokens[static_cast<size_t>(s * (k_max + 1) + i)], want.tokens[static_cast<size_t>(i)])
                 << "sequence " << s << " token " << i;
           }
+          for (int64_t i = want.accepted + 1; i <= k_max; ++i) {  // untouched (filled with 0xff: -1)
+            EXPECT_EQ(tokens[static_cast<size_t>(s * (k_max + 1) + i)], -1)
+                << "sequence " << s << " token " << i;
+          }
           total_accepted += want.accepted;
         }
         if (mode != 0) {

@@ -37,7 +37,10 @@ Status int4_tiles_from_groups(const uint8_t* quants, const uint16_t* scales, con
     for (int64_t run = 0; run < runs_per_row; ++run) {
       const int64_t s = run / 8, u = run % 8;
       uint8_t* chunk = tiles + (t * stages + s) * chunk_bytes;
-      std::memcpy(chunk + r * 128 + u * 16, quants + row * (k / 2) + run * 16, 16);
+      uint32_t in[4], out[4];  // little-endian words, as the device reads them
+      std::memcpy(in, quants + row * (k / 2) + run * 16, 16);
+      int4_tile_words_from_run(in, out);
+      std::memcpy(chunk + r * 128 + u * 16, out, 16);
     }
     for (int64_t g = 0; g < groups_per_row; ++g) {
       const int64_t s = g / groups_per_stage, j = g % groups_per_stage;
@@ -93,8 +96,9 @@ Status dequantize_int4_tiles(const uint8_t* tiles, int64_t n_out, int64_t k, int
       const int64_t s = j / kInt4TileInputs, in_stage = j % kInt4TileInputs;
       const uint8_t* chunk = tiles + (t * stages + s) * chunk_bytes;
       const int64_t u = in_stage / 32, i = in_stage % 32;
-      const uint8_t byte = chunk[r * 128 + u * 16 + i % 16];
-      const int q = i < 16 ? byte & 0xF : byte >> 4;
+      uint32_t words[4];
+      std::memcpy(words, chunk + r * 128 + u * 16, 16);
+      const int q = int4_tile_level(words, static_cast<int>(i));
       uint32_t pair = 0;
       std::memcpy(&pair, chunk + kInt4TileNibbleBytes + (r * groups_per_stage + in_stage / group) * 4, 4);
       const int zero = static_cast<int>(pair >> 16) - 0x6400;

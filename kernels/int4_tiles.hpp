@@ -8,19 +8,50 @@
 //
 //   chunk (t, s) for rows 128 t .. 128 t + 127 and inputs 256 s .. 256 s + 255, at byte
 //   (t * stages + s) * int4_tiles_chunk_bytes(group), stages = ceil(k / 256):
-//     [r * 128 + 16 u, + 16)            row 128 t + r's 16 nibble bytes of its 32-input run 8 s + u,
-//                                       unchanged (int4_groups.hpp's order inside a run)
+//     [r * 128 + 16 u, + 16)            row 128 t + r's 32 levels of its 32-input run 8 s + u, in the
+//                                       mma fragments' order (int4_tile_nibble_index below)
 //     16384 + 4 * (r * gps + j)          row 128 t + r's (scale, zero) of its group gps * s + j
 //                                        (gps = 256 / group groups a stage) as one uint32:
 //                                        fp16 scale bits | (0x6400 + zero) << 16, i.e. fp16(1024 + zero)
 //   Rows past n_out and runs past k are zero bytes (a weight of exactly 0: scale 0).
 //
 // The same weights, so every kernel that reads both layouts computes the same bits from either.
+//
+// Inside a run's 16 bytes (four little-endian 32-bit words) the levels are in Marlin's interleave: word
+// t holds the eight levels that lane t of an mma.sync.m16n8k16 quad holds as B fragments for the run's
+// two 16-deep steps (inputs 16 s + 2t, + 1, + 8, + 9 for s = 0, 1), ordered so that an and-or with
+// 0x000F000F (after a shift by 8 s) makes a fragment's two fp16 values 1024 + q and one with 0x00F000F0
+// the other fragment's 1024 + 16 q: one 32-bit shared-memory load and a few logic ops per eight levels
+// (kernels/cuda/w4a16_weights.cuh, int4_tile_word_b_fragments).
 #include <cstdint>
 
+#include "kernels/host_device.hpp"
 #include "kernels/status.hpp"
 
 namespace nibble::kernels {
+
+// Where input i (0..31) of a run lies in the run's 16 bytes of a chunk, as a nibble index n (byte n / 2,
+// low nibble when n is even; word n / 8, bits 4 (n % 8) ..): input 16 s + 8 c + 2 t + e is nibble
+// 4 e + 2 s + c of word t.
+NIBBLE_HOST_DEVICE constexpr int int4_tile_nibble_index(int i) {
+  const int s = i / 16, c = (i % 16) / 8, t = (i % 8) / 2, e = i % 2;
+  return 8 * t + 4 * e + 2 * s + c;
+}
+// One run's 16 bytes as four little-endian words: from int4_groups.hpp's order (input j in the low
+// nibble of byte j, input j + 16 in its high nibble) to a chunk's.
+NIBBLE_HOST_DEVICE inline void int4_tile_words_from_run(const uint32_t (&run)[4], uint32_t (&out)[4]) {
+  out[0] = out[1] = out[2] = out[3] = 0;
+  for (int i = 0; i < 32; ++i) {
+    const uint32_t level = (run[(i % 16) / 4] >> (8 * (i % 4) + 4 * (i / 16))) & 0xFu;
+    const int n = int4_tile_nibble_index(i);
+    out[n / 8] |= level << (4 * (n % 8));
+  }
+}
+// Input i's level from a chunk's run (its four little-endian words).
+NIBBLE_HOST_DEVICE inline int int4_tile_level(const uint32_t (&words)[4], int i) {
+  const int n = int4_tile_nibble_index(i);
+  return static_cast<int>((words[n / 8] >> (4 * (n % 8))) & 0xFu);
+}
 
 constexpr int64_t kInt4TileRows = 128;                                         // weight rows a chunk
 constexpr int64_t kInt4TileInputs = 256;                                       // inputs a chunk

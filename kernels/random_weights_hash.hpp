@@ -4,11 +4,7 @@
 // Q4_0 block is a pure function of (key, block index), whatever thread or device computes it.
 #include <cstdint>
 
-#ifdef __CUDACC__
-#define NIBBLE_HOST_DEVICE __host__ __device__
-#else
-#define NIBBLE_HOST_DEVICE
-#endif
+#include "kernels/host_device.hpp"
 
 namespace nibble::kernels::random_weights {
 

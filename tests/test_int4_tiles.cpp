@@ -1,6 +1,7 @@
 // kernels/int4_tiles: group-wise INT4 repacked into the tensor-core GEMV's chunks. The tiled form
 // holds the same weights (its reference dequantization equals the row-major one bit for bit) on odd
-// sizes with ragged tiles and stages, every byte sits where the header says, and the padding is zero.
+// sizes with ragged tiles and stages, every byte sits where the header says (a run's levels in the mma
+// fragments' order), and the padding is zero.
 #include <gtest/gtest.h>
 
 #include <cstring>
@@ -56,6 +57,53 @@ TEST(Int4Tiles, HoldTheSameWeightsOnOddShapes) {
   }
 }
 
+// A run's 16 bytes in a chunk, from the run's row-major bytes.
+std::vector<uint8_t> tiled_run(const uint8_t* row_major) {
+  uint32_t in[4], out[4];
+  std::memcpy(in, row_major, 16);
+  int4_tile_words_from_run(in, out);
+  std::vector<uint8_t> bytes(16);
+  std::memcpy(bytes.data(), out, 16);
+  return bytes;
+}
+
+// The interleave inside a run: a permutation of the 32 nibbles, and word t holds what lane t of an mma
+// quad needs, in the order the fragment code takes it: nibble 4e + 2s + c is input 16s + 8c + 2t + e
+// (PTX's m16n8k16 B fragment: inputs 2t, 2t + 1 in b0, b1 and 2t + 8, 2t + 9 in b2, b3 of each
+// 16-deep step s).
+TEST(Int4Tiles, RunNibblesFollowTheMmaFragments) {
+  bool seen[32] = {};
+  for (int i = 0; i < 32; ++i) {
+    const int n = int4_tile_nibble_index(i);
+    ASSERT_GE(n, 0);
+    ASSERT_LT(n, 32);
+    EXPECT_FALSE(seen[n]) << "nibble " << n << " twice";
+    seen[n] = true;
+  }
+  for (int t = 0; t < 4; ++t) {
+    for (int s = 0; s < 2; ++s) {
+      for (int c = 0; c < 2; ++c) {
+        for (int e = 0; e < 2; ++e) {
+          EXPECT_EQ(int4_tile_nibble_index(16 * s + 8 * c + 2 * t + e), 8 * t + 4 * e + 2 * s + c);
+        }
+      }
+    }
+  }
+  // Each input's level moves to its nibble and back, for a run whose levels are all different
+  // where possible (level = i % 16, input i + 16 = 15 - i % 16).
+  uint32_t run[4] = {}, words[4];
+  for (int i = 0; i < 32; ++i) {
+    const uint32_t level = i < 16 ? static_cast<uint32_t>(i) : static_cast<uint32_t>(31 - i);
+    run[(i % 16) / 4] |= level << (8 * (i % 4) + 4 * (i / 16));
+  }
+  int4_tile_words_from_run(run, words);
+  for (int i = 0; i < 32; ++i) {
+    EXPECT_EQ(int4_tile_level(words, i), i < 16 ? i : 31 - i) << "input " << i;
+    const int n = int4_tile_nibble_index(i);
+    EXPECT_EQ(static_cast<int>((words[n / 8] >> (4 * (n % 8))) & 0xF), i < 16 ? i : 31 - i);
+  }
+}
+
 TEST(Int4Tiles, EveryByteSitsWhereTheLayoutSaysAndPaddingIsZero) {
   // 130 rows (two tiles, the second ragged) x 288 inputs (two stages, the second with one run) at group 32.
   const int64_t n_out = 130, k = 288, group = 32;
@@ -70,13 +118,16 @@ TEST(Int4Tiles, EveryByteSitsWhereTheLayoutSaysAndPaddingIsZero) {
       Status::ok);
   // Row 129 = tile 1, row 1; run 8 = stage 1, run 0; group 8 = stage 1, group 0.
   const uint8_t* c11 = tiles.data() + (1 * 2 + 1) * chunk;
-  EXPECT_EQ(std::memcmp(c11 + 1 * 128 + 0 * 16, g.quants.data() + 129 * (k / 2) + 8 * 16, 16), 0);
+  EXPECT_EQ(
+      std::memcmp(c11 + 1 * 128 + 0 * 16, tiled_run(g.quants.data() + 129 * (k / 2) + 8 * 16).data(), 16), 0);
   uint32_t pair = 0;
   std::memcpy(&pair, c11 + 16384 + (1 * 8 + 0) * 4, 4);
   EXPECT_EQ(pair, int4_tile_pair(g.scales[129 * 9 + 8], g.zeros[129 * 9 + 8]));
   EXPECT_EQ(pair >> 16, 0x6400u + g.zeros[129 * 9 + 8]);
   // Row 5, run 3 = tile 0, stage 0, unit 3.
-  EXPECT_EQ(std::memcmp(tiles.data() + 5 * 128 + 3 * 16, g.quants.data() + 5 * (k / 2) + 3 * 16, 16), 0);
+  EXPECT_EQ(std::memcmp(tiles.data() + 5 * 128 + 3 * 16,
+                        tiled_run(g.quants.data() + 5 * (k / 2) + 3 * 16).data(), 16),
+            0);
   // Padding: rows 130..255 of tile 1, runs 9..15 of stage 1 and their groups.
   for (int64_t s = 0; s < 2; ++s) {
     const uint8_t* c = tiles.data() + (1 * 2 + s) * chunk;

@@ -9,7 +9,8 @@ namespace {
 
 constexpr int kThreads = 256;
 
-// One thread per 32-input run: its 16 nibble bytes into the run's place in its chunk.
+// One thread per 32-input run: its 16 nibble bytes into the run's place in its chunk, in the chunk's
+// fragment order.
 __global__ void __launch_bounds__(kThreads)
     tile_runs_kernel(const uint8_t* __restrict__ quants, int64_t k, int64_t runs, int64_t stages,
                      int64_t chunk_bytes, uint8_t* __restrict__ tiles) {
@@ -19,7 +20,11 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t row = i / runs_per_row, run = i % runs_per_row;
   const int64_t t = row / kInt4TileRows, r = row % kInt4TileRows, s = run / 8, u = run % 8;
   const uint4 v = __ldg(reinterpret_cast<const uint4*>(quants + row * (k / 2) + run * 16));
-  *reinterpret_cast<uint4*>(tiles + (t * stages + s) * chunk_bytes + r * 128 + u * 16) = v;
+  const uint32_t in[4] = {v.x, v.y, v.z, v.w};
+  uint32_t out[4];
+  int4_tile_words_from_run(in, out);
+  *reinterpret_cast<uint4*>(tiles + (t * stages + s) * chunk_bytes + r * 128 + u * 16) =
+      make_uint4(out[0], out[1], out[2], out[3]);
 }
 
 // One thread per group: its (scale, zero) packed into the chunk's pairs.

@@ -52,14 +52,15 @@ __global__ void __launch_bounds__(kThreads)
   }
   const uint4 q = __ldg(reinterpret_cast<const uint4*>(nibbles));
   const uint32_t words[4] = {q.x, q.y, q.z, q.w};
-  // Input j in the low nibble of byte j, input j + 16 in its high nibble (int4_groups.hpp). The
-  // product of a level in -15..15 and an fp16 scale is exact in fp32, so this rounds once, to fp16.
+  // Rows: input j in the low nibble of byte j, input j + 16 in its high nibble (int4_groups.hpp);
+  // tiles: int4_tiles.hpp's fragment order. The product of a level in -15..15 and an fp16 scale is
+  // exact in fp32, so this rounds once, to fp16.
   __align__(16) __half v[kRun];
 #pragma unroll
-  for (int j = 0; j < kRun / 2; ++j) {
-    const int byte = static_cast<int>((words[j / 4] >> (8 * (j % 4))) & 0xFF);
-    v[j] = __float2half_rn(static_cast<float>((byte & 0xF) - zero) * scale);
-    v[j + kRun / 2] = __float2half_rn(static_cast<float>((byte >> 4) - zero) * scale);
+  for (int j = 0; j < kRun; ++j) {
+    const int level = Tiles ? int4_tile_level(words, j)
+                            : static_cast<int>((words[(j % 16) / 4] >> (8 * (j % 4) + 4 * (j / 16))) & 0xF);
+    v[j] = __float2half_rn(static_cast<float>(level - zero) * scale);
   }
   uint4* dst = reinterpret_cast<uint4*>(out + i * kRun);
   const uint4* src = reinterpret_cast<const uint4*>(v);

@@ -364,6 +364,9 @@ __global__ void __launch_bounds__(C::kThreads, C::kBlocksPerSm)
           const auto* w16 = reinterpret_cast<const uint16_t*>(base + row * kWRowBytes + (unit / 2) * 32);
           w4a16::q4_k_unit_b_fragments(w16[t], w16[t + 4], w16[t + 8], w16[t + 12], unit & 1,
                                        pairs[row * kMaxGroupsPerStage + unit], b);
+        } else if constexpr (kTiles) {  // word t of the unit: lane t's eight levels (int4_tiles.hpp)
+          const uint32_t word = reinterpret_cast<const uint32_t*>(base + row * kWRowBytes + unit * 16)[t];
+          w4a16::int4_tile_word_b_fragments(word, pairs[row * pair_row_stride + (unit >> group_shift)], b);
         } else {
           const auto* w16 = reinterpret_cast<const uint16_t*>(base + row * kWRowBytes + unit * 16);
           w4a16::int4_unit_b_fragments_packed(w16[t], w16[t + 4],

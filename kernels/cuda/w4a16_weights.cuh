@@ -341,6 +341,19 @@ __host__ __device__ inline uint32_t half2_bits(__half2 v) {
          (static_cast<uint32_t>(__half_as_ushort(__high2half(v))) << 16);
 #endif
 }
+// (w & Mask) | 0x64006400: the levels under Mask or-ed into two fp16 1024s. One LOP3 on the device with
+// 0x64006400 held in a register (from the C expression the compiler emits two, a LOP3 takes one
+// immediate).
+template <uint32_t Mask>
+__host__ __device__ inline uint32_t levels_or_1024(uint32_t w) {
+#if defined(__CUDA_ARCH__)
+  uint32_t r;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(w), "n"(Mask), "r"(0x64006400u));
+  return r;
+#else
+  return (w & Mask) | 0x64006400u;
+#endif
+}
 // Two fp16 values 1024 + q: q the nibble at bit 4s of byte 0 of `word` (low half) and of byte 1
 // (high half).
 __host__ __device__ inline uint32_t nibble_pairs_plus_1024(unsigned word, int s) {
@@ -350,34 +363,22 @@ __host__ __device__ inline uint32_t nibble_pairs_plus_1024(unsigned word, int s)
 #else
   const uint32_t spread = (word & 0xFFu) | ((word & 0xFF00u) << 8);
 #endif
-  return ((spread >> (4 * s)) & 0x000F000Fu) | 0x64006400u;  // 0x6400: fp16 1024
+  return levels_or_1024<0x000F000Fu>(spread >> (4 * s));  // 0x6400: fp16 1024
 }
 // A group's (scale, zero) as the tensor-core GEMV stages it in shared memory: the fp16 scale's bits
-// in the low half, the fp16 bits of 1024 + zero in the high half. A lane then broadcasts each half
-// to both halves of a register with one byte permute, with no conversion instruction (an SM
-// converts 16 values a clock, a quarter of its issue rate). 0 (outside the matrix) gives weights 0.
+// in the low half, the fp16 bits of 1024 + zero in the high half. The half2 ops then take each half
+// for both lanes through their operand selectors, with no conversion instruction (an SM converts 16
+// values a clock, a quarter of its issue rate) nor byte permute. 0 (outside the matrix) gives weights 0.
 __host__ __device__ inline uint32_t int4_packed_scale_zero(uint16_t scale_bits, int zero) {
   return static_cast<uint32_t>(scale_bits) | (static_cast<uint32_t>(0x6400 + zero) << 16);
-}
-__host__ __device__ inline uint32_t low_half_twice(uint32_t v) {
-#if defined(__CUDA_ARCH__)
-  return __byte_perm(v, 0, 0x1010);
-#else
-  return (v & 0xFFFFu) | (v << 16);
-#endif
-}
-__host__ __device__ inline uint32_t high_half_twice(uint32_t v) {
-#if defined(__CUDA_ARCH__)
-  return __byte_perm(v, 0, 0x3232);
-#else
-  return (v >> 16) | (v & 0xFFFF0000u);
-#endif
 }
 // int4_unit_b_fragments with the scale and zero as int4_packed_scale_zero packs them: the same bits.
 __host__ __device__ inline void int4_unit_b_fragments_packed(unsigned lo, unsigned hi, uint32_t scale_zero,
                                                              uint32_t (&frag)[2][2]) {
-  const __half2 offset = bits_half2(high_half_twice(scale_zero));
-  const __half2 scale2 = bits_half2(low_half_twice(scale_zero));
+  // __high2half2 / __low2half2: folded into the half2 ops' operand selectors (.H1_H1, .H0_H0) where a
+  // byte permute would cost an instruction.
+  const __half2 offset = __high2half2(bits_half2(scale_zero));
+  const __half2 scale2 = __low2half2(bits_half2(scale_zero));
   const auto dequant = [&](uint32_t biased) {
     // _rn: never contracted into an fma.
     return half2_bits(__hmul2_rn(__hsub2_rn(bits_half2(biased), offset), scale2));
@@ -428,8 +429,8 @@ __host__ __device__ inline __half2 fma_half2_rn(__half2 a, __half2 b, __half2 c)
 }
 __host__ __device__ inline void q4_k_unit_b_fragments(unsigned w0, unsigned w8, unsigned w16, unsigned w24,
                                                       int high, uint32_t scale_min, uint32_t (&frag)[2][2]) {
-  const __half2 scale2 = bits_half2(low_half_twice(scale_min));
-  const __half2 neg_min2 = bits_half2(high_half_twice(scale_min));
+  const __half2 scale2 = __low2half2(bits_half2(scale_min));  // operand selectors, as above
+  const __half2 neg_min2 = __high2half2(bits_half2(scale_min));
   const __half2 bias = bits_half2(0x64006400u);  // 1024, 1024
   const auto dequant = [&](uint32_t biased) {
     // 1024 + q - 1024 = q exactly; then q * scale - min rounded once.
@@ -439,6 +440,32 @@ __host__ __device__ inline void q4_k_unit_b_fragments(unsigned w0, unsigned w8, 
   frag[0][1] = dequant(nibble_pairs_plus_1024(w8, high));
   frag[1][0] = dequant(nibble_pairs_plus_1024(w16, high));
   frag[1][1] = dequant(nibble_pairs_plus_1024(w24, high));
+}
+
+// int4_unit_b_fragments_packed's fragments from a tiled chunk (kernels/int4_tiles.hpp), whose run holds in
+// word t exactly lane t's eight levels: input 16 s + 8 c + 2 t + e at nibble 4 e + 2 s + c. Shifted by 8 s,
+// an and-or with 0x000F000F gives frag[s][0]'s 1024 + q (less 1024 + zero: q - zero), one with 0x00F000F0
+// frag[s][1]'s 1024 + 16 q (times 1/16, less 64 + zero, in one fma: q - zero); every step is exact, so
+// after the same hmul2 by the scale the bits equal int4_unit_b_fragments_packed's on the row-major
+// bytes. Eight levels cost a shift, four and-ors and four half2 ops (plus the scale's four), where the
+// row-major bytes take four byte permutes, two shifts and four and-ors.
+__host__ __device__ inline void int4_tile_word_b_fragments(uint32_t word, uint32_t scale_zero,
+                                                           uint32_t (&frag)[2][2]) {
+  const __half2 pair = bits_half2(scale_zero);  // halves by operand selectors, as above
+  const __half2 offset = __high2half2(pair);    // 1024 + zero
+  const __half2 scale2 = __low2half2(pair);
+  // -(64 + zero) = (1024 + zero) * -1 + 960, exact (integers below 2048).
+  const __half2 neg_offset_16 =
+      fma_half2_rn(offset, bits_half2(0xBC00BC00u) /* -1 */, bits_half2(0x63806380u) /* 960 */);
+  const __half2 sixteenth = bits_half2(0x2C002C00u);
+  NIBBLE_DEVICE_UNROLL
+  for (int s = 0; s < 2; ++s) {
+    const uint32_t w = word >> (8 * s);
+    frag[s][0] =
+        half2_bits(__hmul2_rn(__hsub2_rn(bits_half2(levels_or_1024<0x000F000Fu>(w)), offset), scale2));
+    frag[s][1] = half2_bits(__hmul2_rn(
+        fma_half2_rn(bits_half2(levels_or_1024<0x00F000F0u>(w)), sixteenth, neg_offset_16), scale2));
+  }
 }
 
 }  // namespace nibble::kernels::cuda::w4a16

@@ -235,10 +235,11 @@ TEST(W4A16WeightReaders, Int4GroupsReadTheCpuWeights) {
 // The tensor-core B fragments of group-wise INT4 (int4_unit_b_fragments) hold, for lane (g, t),
 // the inputs PTX's mma.m16n8k16 B layout assigns to it: inputs 2t, 2t + 1 (b0, b1) and 2t + 8,
 // 2t + 9 (b2, b3) of each 16-deep step, for weight row g; checked for every lane of a random
-// unit against the reference dequantization, rounded to fp16.
+// unit against the reference dequantization, rounded to fp16. The tiled form (the unit's levels in
+// int4_tiles.hpp's fragment order, one word a lane: int4_tile_word_b_fragments) gives the same bits.
 TEST(W4A16WeightReaders, Int4FragmentsFollowThePtxLayout) {
   std::mt19937 rng(4);
-  std::uniform_int_distribution<int> byte(0, 255), zero(0, 16);
+  std::uniform_int_distribution<int> byte(0, 255), zero(0, 31);
   for (int trial = 0; trial < 20; ++trial) {
     uint8_t unit[8][16];  // an n8 tile's rows, one 32-input unit each
     float scale[8];
@@ -261,9 +262,22 @@ TEST(W4A16WeightReaders, Int4FragmentsFollowThePtxLayout) {
                                           packed);
       for (int s = 0; s < 2; ++s)
         for (int h = 0; h < 2; ++h) ASSERT_EQ(packed[s][h], frag[s][h]) << "lane " << lane;
-      w4a16::int4_unit_b_fragments_packed(word(2 * t), word(2 * t + 8), 0u, packed);
+      // Tiled: the run's words in the chunk's order, word t for lane t.
+      uint32_t run[4], tiled_words[4], tiled[2][2];
+      std::memcpy(run, unit[g], 16);
+      k::int4_tile_words_from_run(run, tiled_words);
+      w4a16::int4_tile_word_b_fragments(
+          tiled_words[t], w4a16::int4_packed_scale_zero(k::fp32_to_fp16(scale[g]), z[g]), tiled);
       for (int s = 0; s < 2; ++s)
-        for (int h = 0; h < 2; ++h) ASSERT_EQ(packed[s][h] & 0x7FFF7FFFu, 0u) << "lane " << lane;
+        for (int h = 0; h < 2; ++h) ASSERT_EQ(tiled[s][h], frag[s][h]) << "tiled, lane " << lane;
+      w4a16::int4_unit_b_fragments_packed(word(2 * t), word(2 * t + 8), 0u, packed);
+      w4a16::int4_tile_word_b_fragments(tiled_words[t], 0u, tiled);
+      for (int s = 0; s < 2; ++s) {
+        for (int h = 0; h < 2; ++h) {
+          ASSERT_EQ(packed[s][h] & 0x7FFF7FFFu, 0u) << "lane " << lane;
+          ASSERT_EQ(tiled[s][h], packed[s][h]) << "tiled, lane " << lane;  // +0 as the rows give it
+        }
+      }
       // Input j of the unit in the split order: byte j % 16, low nibble for j < 16.
       const auto input = [&](int j) {
         const int q = j < 16 ? unit[g][j] & 0xF : unit[g][j - 16] >> 4;

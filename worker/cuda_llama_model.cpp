@@ -1413,6 +1413,9 @@ void CudaLlamaModel::Impl::enqueue(const Plan& p) {
   const int64_t n = p.n, n_out = p.n_out;
   const int64_t q_dim = c.q_dim(), kv_dim = c.kv_dim(), qkv_dim = q_dim + 2 * kv_dim;
   const CudaKvCache& cache = *p.cache;
+  // Programmatic launches (CudaModelOptions::programmatic_launch) for the matrix products (matmul) and
+  // the kernels between them.
+  const bool pdl = options.programmatic_launch;
   int32_t* md = meta.as<int32_t>();
   int32_t* flag_d = flag.as<int32_t>();
   cuda_check(cudaMemsetAsync(flag_d, 0, sizeof(int32_t), stream), "cudaMemsetAsync");
@@ -1459,7 +1462,7 @@ void CudaLlamaModel::Impl::enqueue(const Plan& p) {
     {
       const Timed timed(*this, Section::norms);
       check(kc::add_rms_norm_f32(x, l == 0 ? nullptr : dl, w.attn_norm->as<float>(), h, n, c.n_embd,
-                                 c.rms_eps, stream),
+                                 c.rms_eps, stream, pdl),
             "add_rms_norm_f32");
     }
     auto* qkv_f = qkv.as<float>();
@@ -1483,14 +1486,14 @@ void CudaLlamaModel::Impl::enqueue(const Plan& p) {
     {
       const Timed timed(*this, Section::rope_kv);
       check(kc::rope_kv_write(rshape, qp, kp, vp, md + p.off_pos, md + p.off_seq, md + p.off_tables,
-                              q16.as<__half>(), kc_l, vc_l, flag_d, stream),
+                              q16.as<__half>(), kc_l, vc_l, flag_d, stream, pdl),
             "rope_kv_write");
     }
     std::optional<Timed> attention_span(std::in_place, *this, Section::attention);
     if (p.use_decode) {
       check(kc::attention_decode(p.dshape, q16.as<__half>(), kc_l, vc_l, md + p.off_run_tables,
                                  md + p.off_seq_lens, md + p.off_query_start, scale, att16.as<__half>(),
-                                 workspace.as<void>(), workspace.bytes(), flag_d, stream),
+                                 workspace.as<void>(), workspace.bytes(), flag_d, stream, pdl),
             "attention_decode");
     } else {
       if (p.n_tiles > 0) {
@@ -1512,7 +1515,7 @@ void CudaLlamaModel::Impl::enqueue(const Plan& p) {
     reduce_sum(dl, hidden_count);
     {
       const Timed timed(*this, Section::norms);
-      check(kc::add_rms_norm_f32(x, dl, w.ffn_norm->as<float>(), h, n, c.n_embd, c.rms_eps, stream),
+      check(kc::add_rms_norm_f32(x, dl, w.ffn_norm->as<float>(), h, n, c.n_embd, c.rms_eps, stream, pdl),
             "add_rms_norm_f32");
     }
     auto* gu = gate_up.as<float>();
@@ -1524,7 +1527,7 @@ void CudaLlamaModel::Impl::enqueue(const Plan& p) {
     {
       const Timed timed(*this, Section::swiglu);
       check(kc::swiglu_f32_to_f16(gu, stacked ? gu + c.n_ff : gu + n * c.n_ff, stacked ? 2 * c.n_ff : c.n_ff,
-                                  act16.as<__half>(), n, c.n_ff, stream),
+                                  act16.as<__half>(), n, c.n_ff, stream, pdl),
             "swiglu_f32_to_f16");
     }
     {
@@ -1541,7 +1544,7 @@ void CudaLlamaModel::Impl::enqueue(const Plan& p) {
   // The last w_down output joins the residual, and the output norm runs on every row (cheap next to
   // the head, which runs only on the logit rows).
   const Timed timed(*this, Section::head);
-  check(kc::add_rms_norm_f32(x, dl, output_norm->as<float>(), h, n, c.n_embd, c.rms_eps, stream),
+  check(kc::add_rms_norm_f32(x, dl, output_norm->as<float>(), h, n, c.n_embd, c.rms_eps, stream, pdl),
         "add_rms_norm_f32");
   if (n_out > 0) {
     check(kc::gather_rows_f16(h, n, c.n_embd, md + p.off_rows, n_out, picked16.as<__half>(), flag_d, stream),

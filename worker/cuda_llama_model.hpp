@@ -213,10 +213,11 @@ struct CudaModelOptions {
   // by a sharded model (T > 1): its reductions synchronize the stream mid-pass (and with a host
   // reducer call into MPI), which a graph cannot hold. A single-shard pipeline stage keeps them.
   bool graphs = false;
-  // Launch the W4A16 matrix products as programmatic dependent launches (Hopper's PDL,
-  // kernels/cuda/dependent_launch.cuh): each may start while the norm, attention or SwiGLU kernel
-  // before it still runs, and its first weights are on their way before it waits for that kernel's
-  // output. The same results; off until a GPU run shows what it saves (bench-gpu --model times both).
+  // Launch the W4A16 matrix products, and the norm, RoPE + KV write, attention and SwiGLU kernels
+  // between them, as programmatic dependent launches (Hopper's PDL, kernels/cuda/dependent_launch.cuh):
+  // each may start while the kernel before it still runs (its launch and block scheduling overlap that
+  // kernel's tail; a product's first weights are on their way before it waits for its input). The
+  // same results; off until a GPU run shows what it saves (bench-gpu --model times both).
   bool programmatic_launch = false;
   // Also hold every group-wise INT4 matrix that CUTLASS's Hopper GEMM takes (group 64 or 128, n_out a
   // multiple of 128: GPTQ / AWQ checkpoints and dummy weights; not GGUF Q4_0, which is group 32, nor

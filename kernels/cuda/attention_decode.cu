@@ -107,6 +107,7 @@ __global__ void __launch_bounds__(kThreads) split_kernel(Params p) {
   __shared__ __align__(16) __half v_s[kTile * D];
   __shared__ int64_t slot_s[kTile];  // physical cache row (block * block_size + offset), -1: masked
 
+  detail::wait_for_prior_grids();  // q and the cache rows come from rope_kv_write before us
   const int64_t split = blockIdx.x;
   const int64_t kvh = blockIdx.y;
   const int64_t s = blockIdx.z;
@@ -220,7 +221,7 @@ __global__ void __launch_bounds__(kThreads) split_kernel(Params p) {
 
   // One split: the final rows, as combine_kernel would write them from it. Otherwise the partials of
   // every row of this split, including rows that saw no position (m = -inf, l = 0).
-  if (p.single_split) detail::allow_dependent_launch();  // the output projection may start (it waits)
+  detail::allow_dependent_launch();  // the combine or the output projection may start (it waits for us)
 #pragma unroll
   for (int rr = 0; rr < RPW; ++rr) {
     const int r = warp + rr * kWarps;
@@ -241,6 +242,7 @@ __global__ void __launch_bounds__(kThreads) split_kernel(Params p) {
 
 template <int D>
 __global__ void __launch_bounds__(kThreads) combine_kernel(Params p) {
+  detail::wait_for_prior_grids();    // the partials come from split_kernel before us
   detail::allow_dependent_launch();  // the output projection may start (it waits for us)
   constexpr int kPerLane = D / kWarpSize;
   const int64_t head = blockIdx.x;
@@ -308,27 +310,21 @@ bool shape_ok(const DecodeAttentionShape& s) {
 }
 
 template <int D, int RPW>
-void launch_split(const Params& prm, const Plan& plan, int64_t n_head_kv, int64_t n_seqs,
-                  cudaStream_t stream) {
+cudaError_t launch_split(const Params& prm, const Plan& plan, int64_t n_head_kv, int64_t n_seqs,
+                         cudaStream_t stream, bool programmatic) {
   const dim3 grid(static_cast<unsigned>(plan.n_splits), static_cast<unsigned>(n_head_kv),
                   static_cast<unsigned>(n_seqs));
-  split_kernel<D, RPW><<<grid, kThreads, 0, stream>>>(prm);
+  return detail::launch_kernel(split_kernel<D, RPW>, grid, dim3(kThreads), 0, stream, programmatic, prm);
 }
 
 template <int D>
-void launch_split_rows(int rpw, const Params& prm, const Plan& plan, int64_t n_head_kv, int64_t n_seqs,
-                       cudaStream_t stream) {
-  if (rpw <= 1) {
-    launch_split<D, 1>(prm, plan, n_head_kv, n_seqs, stream);
-  } else if (rpw <= 2) {
-    launch_split<D, 2>(prm, plan, n_head_kv, n_seqs, stream);
-  } else if (rpw <= 4) {
-    launch_split<D, 4>(prm, plan, n_head_kv, n_seqs, stream);
-  } else if (rpw <= 8) {
-    launch_split<D, 8>(prm, plan, n_head_kv, n_seqs, stream);
-  } else {
-    launch_split<D, 16>(prm, plan, n_head_kv, n_seqs, stream);
-  }
+cudaError_t launch_split_rows(int rpw, const Params& prm, const Plan& plan, int64_t n_head_kv, int64_t n_seqs,
+                              cudaStream_t stream, bool programmatic) {
+  if (rpw <= 1) return launch_split<D, 1>(prm, plan, n_head_kv, n_seqs, stream, programmatic);
+  if (rpw <= 2) return launch_split<D, 2>(prm, plan, n_head_kv, n_seqs, stream, programmatic);
+  if (rpw <= 4) return launch_split<D, 4>(prm, plan, n_head_kv, n_seqs, stream, programmatic);
+  if (rpw <= 8) return launch_split<D, 8>(prm, plan, n_head_kv, n_seqs, stream, programmatic);
+  return launch_split<D, 16>(prm, plan, n_head_kv, n_seqs, stream, programmatic);
 }
 
 }  // namespace
@@ -344,7 +340,7 @@ size_t attention_decode_workspace_bytes(const DecodeAttentionShape& shape) {
 Status attention_decode(const DecodeAttentionShape& shape, const __half* q, const __half* k_cache,
                         const __half* v_cache, const int32_t* block_tables, const int32_t* seq_lens,
                         const int32_t* query_start, float scale, __half* out, void* workspace,
-                        size_t workspace_bytes, int32_t* error_flag, cudaStream_t stream) {
+                        size_t workspace_bytes, int32_t* error_flag, cudaStream_t stream, bool programmatic) {
   if (!shape_ok(shape)) return Status::invalid_argument;
   if (q == nullptr || k_cache == nullptr || v_cache == nullptr || block_tables == nullptr ||
       seq_lens == nullptr || query_start == nullptr || out == nullptr) {
@@ -388,20 +384,19 @@ Status attention_decode(const DecodeAttentionShape& shape, const __half* q, cons
 
   const int64_t rows_per_kv_head = shape.max_q_len * (shape.n_head / shape.n_head_kv);
   const int rpw = static_cast<int>((rows_per_kv_head + kWarps - 1) / kWarps);
-  if (shape.head_dim == 64) {
-    launch_split_rows<64>(rpw, prm, plan, shape.n_head_kv, shape.n_seqs, stream);
-  } else {
-    launch_split_rows<128>(rpw, prm, plan, shape.n_head_kv, shape.n_seqs, stream);
-  }
-  if (cudaGetLastError() != cudaSuccess) return Status::device_error;
+  const cudaError_t split =
+      shape.head_dim == 64
+          ? launch_split_rows<64>(rpw, prm, plan, shape.n_head_kv, shape.n_seqs, stream, programmatic)
+          : launch_split_rows<128>(rpw, prm, plan, shape.n_head_kv, shape.n_seqs, stream, programmatic);
+  if (split != cudaSuccess || cudaGetLastError() != cudaSuccess) return Status::device_error;
   if (prm.single_split) return Status::ok;
   const dim3 grid2(static_cast<unsigned>(shape.n_head), static_cast<unsigned>(shape.n_seqs));
-  if (shape.head_dim == 64) {
-    combine_kernel<64><<<grid2, kThreads, 0, stream>>>(prm);
-  } else {
-    combine_kernel<128><<<grid2, kThreads, 0, stream>>>(prm);
-  }
-  return cudaGetLastError() == cudaSuccess ? Status::ok : Status::device_error;
+  const cudaError_t combine =
+      shape.head_dim == 64
+          ? detail::launch_kernel(combine_kernel<64>, grid2, dim3(kThreads), 0, stream, programmatic, prm)
+          : detail::launch_kernel(combine_kernel<128>, grid2, dim3(kThreads), 0, stream, programmatic, prm);
+  const cudaError_t last = cudaGetLastError();
+  return combine == cudaSuccess && last == cudaSuccess ? Status::ok : Status::device_error;
 }
 
 }  // namespace nibble::kernels::cuda

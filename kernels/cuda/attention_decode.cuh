@@ -68,9 +68,13 @@ size_t attention_decode_workspace_bytes(const DecodeAttentionShape& shape);
 // error_flag:   [1] int32 or nullptr (see above)
 // scale: the softmax scale, usually 1 / sqrt(head_dim).
 // Returns invalid_argument (nothing launched) for a bad argument, device_error if a launch fails.
+// programmatic: both kernels launched as programmatic dependent launches (dependent_launch.cuh): each
+// may start while the kernel before it finishes, and waits for it before touching memory; the same
+// results.
 Status attention_decode(const DecodeAttentionShape& shape, const __half* q, const __half* k_cache,
                         const __half* v_cache, const int32_t* block_tables, const int32_t* seq_lens,
                         const int32_t* query_start, float scale, __half* out, void* workspace,
-                        size_t workspace_bytes, int32_t* error_flag, cudaStream_t stream);
+                        size_t workspace_bytes, int32_t* error_flag, cudaStream_t stream,
+                        bool programmatic = false);
 
 }  // namespace nibble::kernels::cuda

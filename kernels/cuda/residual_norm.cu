@@ -34,6 +34,7 @@ __global__ void __launch_bounds__(kThreads)
                         float eps) {
   __shared__ float scratch[detail::kWarpSize];
   __shared__ float slice_sum;
+  detail::wait_for_prior_grids();    // delta and residual come from earlier kernels
   detail::allow_dependent_launch();  // the matrix product that reads y may start (it waits for us)
   cg::cluster_group cluster = cg::this_cluster();
   const int part = static_cast<int>(cluster.block_rank()), parts = static_cast<int>(cluster.num_blocks());
@@ -78,7 +79,7 @@ __global__ void __launch_bounds__(kThreads)
 }  // namespace
 
 Status add_rms_norm_f32(float* residual, const float* delta, const float* weight, __half* y, int64_t rows,
-                        int64_t n, float eps, cudaStream_t stream) {
+                        int64_t n, float eps, cudaStream_t stream, bool programmatic) {
   if (residual == nullptr || weight == nullptr || y == nullptr) return Status::invalid_argument;
   if (rows < 0 || n < 1 || !(eps >= 0.0f)) return Status::invalid_argument;
   if (rows > INT32_MAX) return Status::invalid_argument;
@@ -91,13 +92,14 @@ Status add_rms_norm_f32(float* residual, const float* delta, const float* weight
   config.gridDim = dim3(static_cast<unsigned>(rows), static_cast<unsigned>(parts), 1);
   config.blockDim = dim3(kThreads, 1, 1);
   config.stream = stream;
-  cudaLaunchAttribute cluster{};
-  cluster.id = cudaLaunchAttributeClusterDimension;
-  cluster.val.clusterDim.x = 1;
-  cluster.val.clusterDim.y = static_cast<unsigned>(parts);
-  cluster.val.clusterDim.z = 1;
-  config.attrs = &cluster;
-  config.numAttrs = 1;
+  cudaLaunchAttribute attrs[2]{};
+  attrs[0].id = cudaLaunchAttributeClusterDimension;
+  attrs[0].val.clusterDim.x = 1;
+  attrs[0].val.clusterDim.y = static_cast<unsigned>(parts);
+  attrs[0].val.clusterDim.z = 1;
+  attrs[1] = detail::programmatic_launch_attribute();
+  config.attrs = attrs;
+  config.numAttrs = programmatic ? 2 : 1;
   const cudaError_t launched =
       cudaLaunchKernelEx(&config, add_rms_norm_kernel, residual, delta, weight, y, n, slice, eps);
   const cudaError_t last = cudaGetLastError();

@@ -24,7 +24,9 @@ namespace nibble::kernels::cuda {
 // rows >= 0 (0: nothing to do), n >= 1, eps >= 0. Enqueues one kernel on `stream` (each row on a cluster of
 // up to 8 blocks, split by n alone, so a row's bits do not depend on the other rows).
 // Returns invalid_argument (nothing launched) for a bad argument, device_error if the launch fails.
+// programmatic: launched as a programmatic dependent launch (dependent_launch.cuh): it may start while
+// the kernel before it finishes, and waits for it before touching memory; the same results.
 Status add_rms_norm_f32(float* residual, const float* delta, const float* weight, __half* y, int64_t rows,
-                        int64_t n, float eps, cudaStream_t stream);
+                        int64_t n, float eps, cudaStream_t stream, bool programmatic = false);
 
 }  // namespace nibble::kernels::cuda

@@ -10,6 +10,7 @@
 #include <cmath>
 
 #include "kernels/cuda/common.cuh"
+#include "kernels/cuda/dependent_launch.cuh"
 #include "kernels/cuda/rope_kv_write.cuh"
 
 namespace nibble::kernels::cuda {
@@ -61,6 +62,8 @@ __global__ void __launch_bounds__(kThreads) rope_kv_write_kernel(Params p) {
   __shared__ float cos_t[kMaxRotDims / 2];
   __shared__ float sin_t[kMaxRotDims / 2];
   __shared__ int64_t slot_s;
+  detail::wait_for_prior_grids();    // q, k and v come from the projection before us
+  detail::allow_dependent_launch();  // attention may start (it waits for us)
   const int64_t t = blockIdx.x;
   const int64_t head = blockIdx.y;
   const int32_t pos = p.token_pos[t];
@@ -105,7 +108,7 @@ __global__ void __launch_bounds__(kThreads) rope_kv_write_kernel(Params p) {
 Status rope_kv_write(const RopeKvWriteShape& s, const float* q, const float* k, const float* v,
                      const int32_t* token_pos, const int32_t* token_seq, const int32_t* block_tables,
                      __half* q_out, __half* k_cache, __half* v_cache, int32_t* error_flag,
-                     cudaStream_t stream) {
+                     cudaStream_t stream, bool programmatic) {
   if (q == nullptr || k == nullptr || v == nullptr || token_pos == nullptr || token_seq == nullptr ||
       block_tables == nullptr || q_out == nullptr || k_cache == nullptr || v_cache == nullptr) {
     return Status::invalid_argument;
@@ -144,8 +147,10 @@ Status rope_kv_write(const RopeKvWriteShape& s, const float* q, const float* k, 
   // Exactly the CPU's factor (kernels::rope_normal): std::pow in float.
   p.theta_scale = std::pow(s.rope_base, -2.0f / static_cast<float>(s.rot_dims));
   const dim3 grid(static_cast<unsigned>(s.tokens), static_cast<unsigned>(s.n_head + s.n_head_kv));
-  rope_kv_write_kernel<<<grid, kThreads, 0, stream>>>(p);
-  return cudaGetLastError() == cudaSuccess ? Status::ok : Status::device_error;
+  const cudaError_t launched =
+      detail::launch_kernel(rope_kv_write_kernel, grid, dim3(kThreads), 0, stream, programmatic, p);
+  const cudaError_t last = cudaGetLastError();
+  return launched == cudaSuccess && last == cudaSuccess ? Status::ok : Status::device_error;
 }
 
 }  // namespace nibble::kernels::cuda

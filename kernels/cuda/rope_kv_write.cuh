@@ -51,9 +51,11 @@ struct RopeKvWriteShape {
 // tokens >= 0 (0: nothing to do). Enqueues one kernel on `stream` (one block per token and head;
 // n_head + n_head_kv <= 65535).
 // Returns invalid_argument (nothing launched) for a bad argument, device_error if the launch fails.
+// programmatic: launched as a programmatic dependent launch (dependent_launch.cuh): it may start while
+// the kernel before it finishes, and waits for it before touching memory; the same results.
 Status rope_kv_write(const RopeKvWriteShape& shape, const float* q, const float* k, const float* v,
                      const int32_t* token_pos, const int32_t* token_seq, const int32_t* block_tables,
                      __half* q_out, __half* k_cache, __half* v_cache, int32_t* error_flag,
-                     cudaStream_t stream);
+                     cudaStream_t stream, bool programmatic = false);
 
 }  // namespace nibble::kernels::cuda

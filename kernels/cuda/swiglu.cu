@@ -25,6 +25,7 @@ __global__ void __launch_bounds__(kThreads)
 __global__ void __launch_bounds__(kThreads)
     swiglu_f32_kernel(const float* gate, const float* up, int64_t in_stride, __half* out, int64_t n_ff,
                       int64_t n) {
+  detail::wait_for_prior_grids();    // gate and up come from the projection before us
   detail::allow_dependent_launch();  // the down projection may start (it waits for us)
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < n; i += stride) {
@@ -38,16 +39,18 @@ __global__ void __launch_bounds__(kThreads)
 }  // namespace
 
 Status swiglu_f32_to_f16(const float* gate, const float* up, int64_t in_stride, __half* out, int64_t rows,
-                         int64_t n_ff, cudaStream_t stream) {
+                         int64_t n_ff, cudaStream_t stream, bool programmatic) {
   if (gate == nullptr || up == nullptr || out == nullptr) return Status::invalid_argument;
   if (rows < 0 || n_ff < 1 || in_stride < n_ff) return Status::invalid_argument;
   if (rows == 0) return Status::ok;
   const int64_t n = rows * n_ff;
   int64_t blocks = (n + kThreads - 1) / kThreads;
   if (blocks > kMaxBlocks) blocks = kMaxBlocks;
-  swiglu_f32_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(gate, up, in_stride, out, n_ff,
-                                                                            n);
-  return cudaGetLastError() == cudaSuccess ? Status::ok : Status::device_error;
+  const cudaError_t launched =
+      detail::launch_kernel(swiglu_f32_kernel, dim3(static_cast<unsigned>(blocks)), dim3(kThreads), 0, stream,
+                            programmatic, gate, up, in_stride, out, n_ff, n);
+  const cudaError_t last = cudaGetLastError();
+  return launched == cudaSuccess && last == cudaSuccess ? Status::ok : Status::device_error;
 }
 
 Status swiglu_f16(const __half* gate, const __half* up, __half* out, int64_t n, cudaStream_t stream) {

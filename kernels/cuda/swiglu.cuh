@@ -24,7 +24,9 @@ Status swiglu_f16(const __half* gate, const __half* up, __half* out, int64_t n, 
 // out:      [rows, n_ff] __half (must not overlap gate or up)
 // rows >= 0 (0: nothing to do), n_ff >= 1, in_stride >= n_ff. Enqueues one kernel on `stream`.
 // Returns invalid_argument (nothing launched) for a bad argument, device_error if the launch fails.
+// programmatic: launched as a programmatic dependent launch (dependent_launch.cuh): it may start while
+// the kernel before it finishes, and waits for it before touching memory; the same results.
 Status swiglu_f32_to_f16(const float* gate, const float* up, int64_t in_stride, __half* out, int64_t rows,
-                         int64_t n_ff, cudaStream_t stream);
+                         int64_t n_ff, cudaStream_t stream, bool programmatic = false);
 
 }  // namespace nibble::kernels::cuda

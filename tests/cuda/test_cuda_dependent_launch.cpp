@@ -2,7 +2,8 @@
 // that way right after the kernel that writes its input (add_rms_norm_f32, as in the forward pass)
 // must read that kernel's output, not what the buffer held before, and give the bits of a plain
 // launch. The input buffer is filled with NaNs before each norm, so a product that read too early
-// would come out NaN.
+// would come out NaN. Likewise the kernels between the products (the norm after a product that writes
+// its delta, SwiGLU after the gate / up product) read the product's output when launched that way.
 #include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
 #include <gtest/gtest.h>
@@ -15,6 +16,7 @@
 #include <vector>
 
 #include "kernels/cuda/residual_norm.cuh"
+#include "kernels/cuda/swiglu.cuh"
 #include "kernels/cuda/w4a16_gemm.cuh"
 #include "kernels/cuda/w4a16_gemv.cuh"
 #include "kernels/cuda/w4a16_gemv_mma.cuh"
@@ -27,6 +29,7 @@ namespace {
 namespace kc = nibble::kernels::cuda;
 namespace ct = nibble::cuda_test;
 using nibble::kernels::Status;
+using k_f16 = nibble::kernels::f16_bits;
 
 struct Case {
   const char* name;
@@ -88,6 +91,67 @@ TEST(CudaDependentLaunch, ProductsLaunchedProgrammaticallyReadTheNormsOutput) {
       const std::vector<float> programmatic = run(c, true);
       ASSERT_EQ(programmatic, plain) << "repetition " << rep;
     }
+  }
+  cudaStreamDestroy(stream);
+}
+
+// The norm and SwiGLU launched programmatically right after the W4A16 product that writes their input
+// (NaNs in it before the product): the bits of plain launches, every time.
+TEST(CudaDependentLaunch, NormAndSwigluLaunchedProgrammaticallyReadTheProductsOutput) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  const int64_t k = 4096, n = 8192, group = 128;  // the product: [m, k] -> [m, n]; n = 2 n_ff for SwiGLU
+  std::mt19937 rng(12);
+  ct::DeviceInt4Groups w;
+  ASSERT_NO_FATAL_FAILURE(ct::make_device_int4_groups(n, k, group, rng, w));
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  const int64_t m = 3;
+  std::vector<k_f16> x_host(static_cast<size_t>(m * k));
+  for (auto& v : x_host) v = nibble::kernels::fp32_to_fp16(normal(rng));
+  std::vector<float> residual_host(static_cast<size_t>(m * n)), norm_weight_host(static_cast<size_t>(n));
+  for (auto& v : residual_host) v = normal(rng);
+  for (auto& v : norm_weight_host) v = 0.5f + 0.1f * normal(rng);
+  ct::DeviceBuffer<k_f16> x(x_host);
+  ct::DeviceBuffer<float> product(static_cast<size_t>(m * n)), residual(residual_host),
+      norm_weight(norm_weight_host);
+  ct::DeviceBuffer<uint16_t> out(static_cast<size_t>(m * n));
+  ASSERT_TRUE(x.ptr && product.ptr && residual.ptr && norm_weight.ptr && out.ptr);
+  cudaStream_t stream = nullptr;
+  ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
+  const auto* xh = reinterpret_cast<const __half*>(x.ptr);
+  auto* outh = reinterpret_cast<__half*>(out.ptr);
+  // NaNs into the product's output, the product (plain), then the kernel under test; its fp16 output
+  // (and the residual it updates) back on the host.
+  const auto run = [&](bool swiglu, bool programmatic) {
+    EXPECT_EQ(cudaMemcpyAsync(residual.ptr, residual_host.data(), residual_host.size() * sizeof(float),
+                              cudaMemcpyHostToDevice, stream),
+              cudaSuccess);
+    EXPECT_EQ(cudaMemsetAsync(product.ptr, 0xFF, product.count * sizeof(float), stream), cudaSuccess);
+    EXPECT_EQ(kc::w4a16_gemv_int4_groups_mma(w.quants->ptr, w.scales_half(), w.zeros->ptr, group, n, k, xh, m,
+                                             product.ptr, stream, false),
+              Status::ok);
+    if (swiglu) {
+      EXPECT_EQ(
+          kc::swiglu_f32_to_f16(product.ptr, product.ptr + n / 2, n, outh, m, n / 2, stream, programmatic),
+          Status::ok);
+    } else {
+      EXPECT_EQ(kc::add_rms_norm_f32(residual.ptr, product.ptr, norm_weight.ptr, outh, m, n, 1e-5f, stream,
+                                     programmatic),
+                Status::ok);
+    }
+    EXPECT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+    std::vector<uint16_t> bits = out.to_host();
+    bits.resize(static_cast<size_t>(m * (swiglu ? n / 2 : n)));
+    if (!swiglu) {
+      const std::vector<float> r = residual.to_host();
+      for (const float v : r) bits.push_back(static_cast<uint16_t>(std::isnan(v) ? 0x7E00 : 0));
+    }
+    return bits;
+  };
+  for (const bool swiglu : {false, true}) {
+    SCOPED_TRACE(swiglu ? "SwiGLU" : "add + RMSNorm");
+    const std::vector<uint16_t> plain = run(swiglu, false);
+    for (const uint16_t b : plain) ASSERT_NE(b & 0x7C00, 0x7C00) << "the plain launch read NaNs";
+    for (int rep = 0; rep < 20; ++rep) ASSERT_EQ(run(swiglu, true), plain) << "repetition " << rep;
   }
   cudaStreamDestroy(stream);
 }

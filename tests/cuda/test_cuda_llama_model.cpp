@@ -1062,8 +1062,8 @@ TEST(CudaLlamaModel, RejectsBadBatchesOnTheHost) {
 // shape seen once runs directly, that decode steps of one shape reuse one graph (also while the
 // tables widen within a power of two), and that growing the buffers (a long batch after capture)
 // drops the graphs instead of replaying stale addresses.
-// programmatic: the graphed model also launches its matrix products programmatically (PDL), which
-// must change no bit either.
+// programmatic: the graphed model also launches its matrix products and the kernels between them
+// programmatically (PDL), which must change no bit either.
 // int4_kernels: fixed for both models, so that they run the same kernels (measured choices are timed
 // per model and may differ between the two; Q4_0 goes up as INT4 groups).
 void check_graph_replay(k::DType type, bool programmatic = false,

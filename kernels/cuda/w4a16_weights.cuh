@@ -69,6 +69,15 @@ __host__ __device__ inline float bits_float(uint32_t bits) {
 // the CUDA-core GEMV near 2 TB/s of 4-bit weights on an H200, which is where it measured (~1.6).
 __host__ __device__ inline float two23_plus(uint32_t v) { return bits_float(0x4B000000u | v); }
 constexpr float kTwo23 = 8388608.0f;
+// 2^23 + (byte t of `word`) as a float: one byte permute on the device (the byte under 0x4B's exponent
+// and two zero bytes), the same bits by shifts on the host.
+__host__ __device__ inline float two23_plus_byte(uint32_t word, int t) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(__byte_perm(word, 0x4B000000u, 0x7650u | static_cast<unsigned>(t)));
+#else
+  return bits_float(0x4B000000u | ((word >> (8 * t)) & 0xFFu));
+#endif
+}
 
 // Where a row's Q4_0 blocks are: GGUF's 18-byte blocks (read as nine 2-byte words, the only
 // alignment they have), or the split layout of kernels/q4_0_split.hpp (one 16-byte load of nibbles,
@@ -100,11 +109,12 @@ struct SplitQ4_0Blocks {
     const unsigned words[4] = {q.x, q.y, q.z, q.w};  // qs[4i..4i+3], little-endian
     NIBBLE_DEVICE_UNROLL
     for (int i = 0; i < 4; ++i) {
+      // Four low and four high nibbles a word with two masks, then one byte permute a weight.
+      const uint32_t lo = words[i] & 0x0F0F0F0Fu, hi = (words[i] >> 4) & 0x0F0F0F0Fu;
       NIBBLE_DEVICE_UNROLL
       for (int t = 0; t < 4; ++t) {
-        const unsigned byte = (words[i] >> (8 * t)) & 0xFF;
-        wv[4 * i + t] = d * (two23_plus(byte & 0xF) - (kTwo23 + 8.0f));
-        wv[4 * i + t + 16] = d * (two23_plus(byte >> 4) - (kTwo23 + 8.0f));
+        wv[4 * i + t] = d * (two23_plus_byte(lo, t) - (kTwo23 + 8.0f));
+        wv[4 * i + t + 16] = d * (two23_plus_byte(hi, t) - (kTwo23 + 8.0f));
       }
     }
   }
@@ -126,26 +136,16 @@ struct Int4GroupBlocks {
     const unsigned words[4] = {q.x, q.y, q.z, q.w};
     NIBBLE_DEVICE_UNROLL
     for (int i = 0; i < 4; ++i) {
+      const uint32_t lo = words[i] & 0x0F0F0F0Fu, hi = (words[i] >> 4) & 0x0F0F0F0Fu;  // as above
       NIBBLE_DEVICE_UNROLL
       for (int t = 0; t < 4; ++t) {
-        const unsigned byte = (words[i] >> (8 * t)) & 0xFF;
         // d * float(q - z), q - z formed exactly as (2^23 + q) - (2^23 + z).
-        wv[4 * i + t] = d * (two23_plus(byte & 0xF) - biased_zero);
-        wv[4 * i + t + 16] = d * (two23_plus(byte >> 4) - biased_zero);
+        wv[4 * i + t] = d * (two23_plus_byte(lo, t) - biased_zero);
+        wv[4 * i + t + 16] = d * (two23_plus_byte(hi, t) - biased_zero);
       }
     }
   }
 };
-
-// 2^23 + (byte t of `word`) as a float: one byte permute on the device (the byte under 0x4B's exponent
-// and two zero bytes), the same bits by shifts on the host.
-__host__ __device__ inline float two23_plus_byte(uint32_t word, int t) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(__byte_perm(word, 0x4B000000u, 0x7650u | static_cast<unsigned>(t)));
-#else
-  return bits_float(0x4B000000u | ((word >> (8 * t)) & 0xFFu));
-#endif
-}
 
 // sum over the 32 inputs of one group-wise INT4 unit (the split nibble order: byte j holds input j in
 // its low nibble and input j + 16 in its high one) of x[i] * (q[i] - z), the levels' dot product

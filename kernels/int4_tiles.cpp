@@ -70,7 +70,12 @@ Status q4_k_tiles_from_blocks(const uint8_t* blocks, int64_t n_out, int64_t k, u
       std::memcpy(&block, blocks + (row * stages + s) * static_cast<int64_t>(sizeof(BlockQ4_K)),
                   sizeof block);
       uint8_t* chunk = tiles + (t * stages + s) * chunk_bytes;
-      std::memcpy(chunk + r * 128, block.qs, sizeof block.qs);
+      for (int u = 0; u < 8; ++u) {
+        uint32_t qs32[8], words[4];
+        std::memcpy(qs32, block.qs + 32 * (u / 2), 32);
+        q4_k_tile_words_from_sub_block(qs32, u % 2, words);
+        std::memcpy(chunk + r * 128 + 16 * u, words, 16);
+      }
       const float d = fp16_to_fp32(block.d), dmin = fp16_to_fp32(block.dmin);
       for (int j = 0; j < 8; ++j) {
         uint8_t scale = 0, min = 0;

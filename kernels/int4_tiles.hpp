@@ -47,6 +47,18 @@ NIBBLE_HOST_DEVICE inline void int4_tile_words_from_run(const uint32_t (&run)[4]
     out[n / 8] |= level << (4 * (n % 8));
   }
 }
+// Sub-block u of a Q4_K super-block as a chunk's run: its 32 levels (input i in qs byte 32 (u / 2) + i,
+// the low nibble for even u, the high one for odd u; qs32: those 32 bytes as little-endian words,
+// high = u % 2) in the fragment order above.
+NIBBLE_HOST_DEVICE inline void q4_k_tile_words_from_sub_block(const uint32_t (&qs32)[8], int high,
+                                                              uint32_t (&out)[4]) {
+  out[0] = out[1] = out[2] = out[3] = 0;
+  for (int i = 0; i < 32; ++i) {
+    const uint32_t level = (qs32[i / 4] >> (8 * (i % 4) + 4 * high)) & 0xFu;
+    const int n = int4_tile_nibble_index(i);
+    out[n / 8] |= level << (4 * (n % 8));
+  }
+}
 // Input i's level from a chunk's run (its four little-endian words).
 NIBBLE_HOST_DEVICE inline int int4_tile_level(const uint32_t (&words)[4], int i) {
   const int n = int4_tile_nibble_index(i);
@@ -76,7 +88,8 @@ Status int4_tiles_from_groups(const uint8_t* quants, const uint16_t* scales, con
 
 // GGUF Q4_K in the same chunks, for the Q4_K tensor-core kernels: chunk (t, s) holds super-block s
 // of rows 128 t .. 128 t + 127, int4_tiles_chunk_bytes(32) bytes:
-//   [r * 128, + 128)          the block's 128 qs bytes, unchanged
+//   [r * 128 + 16 u, + 16)    the block's sub-block u (32 levels) in the fragment order
+//                             (q4_k_tile_words_from_sub_block)
 //   16384 + 4 * (8 r + j)     sub-block j's scale and min as the kernels stage them: fp16(d * scale)
 //                             | fp16(-(dmin * min)) << 16 (each rounded to nearest even)
 // Rows past n_out are zero bytes (weights of exactly 0).

@@ -43,7 +43,8 @@ __global__ void __launch_bounds__(kThreads)
       static_cast<uint32_t>(scales[i]) | (static_cast<uint32_t>(0x6400 + zeros[i]) << 16);  // int4_tile_pair
 }
 
-// One thread per (row, super-block): its 128 qs bytes and its 8 sub-blocks' packed (scale, min).
+// One thread per (row, super-block): its 8 sub-blocks' levels in the fragment order and their packed
+// (scale, min).
 __global__ void __launch_bounds__(kThreads)
     tile_q4_k_kernel(const uint8_t* __restrict__ blocks, int64_t super_blocks, int64_t stages,
                      int64_t chunk_bytes, uint8_t* __restrict__ tiles) {
@@ -53,9 +54,18 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t t = row / kInt4TileRows, r = row % kInt4TileRows;
   const auto* src = reinterpret_cast<const uint4*>(blocks + i * static_cast<int64_t>(sizeof(BlockQ4_K)));
   uint8_t* chunk = tiles + (t * stages + s) * chunk_bytes;
-  auto* qs = reinterpret_cast<uint4*>(chunk + r * 128);
+  auto* runs = reinterpret_cast<uint4*>(chunk + r * 128);
 #pragma unroll
-  for (int c = 0; c < 8; ++c) qs[c] = __ldg(src + 1 + c);
+  for (int c = 0; c < 4; ++c) {  // qs bytes 32 c .. 32 c + 31: sub-blocks 2 c (low nibbles), 2 c + 1
+    const uint4 a = __ldg(src + 1 + 2 * c), b = __ldg(src + 2 + 2 * c);
+    const uint32_t qs32[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+    uint32_t words[4];
+#pragma unroll
+    for (int high = 0; high < 2; ++high) {
+      q4_k_tile_words_from_sub_block(qs32, high, words);
+      runs[2 * c + high] = make_uint4(words[0], words[1], words[2], words[3]);
+    }
+  }
   const uint4 head = __ldg(src);
   uint32_t pairs[8];
 #pragma unroll

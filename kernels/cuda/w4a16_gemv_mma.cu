@@ -360,7 +360,10 @@ __global__ void __launch_bounds__(C::kThreads, C::kBlocksPerSm)
       for (int j = 0; j < kTilesPerWarp; ++j) {
         const int row = wn * (8 * kTilesPerWarp) + j * 8 + g;
         uint32_t b[2][2];
-        if constexpr (kQ4K) {  // sub-block `unit`: the low or high nibbles of 32-byte chunk unit / 2
+        if constexpr (kQ4K && kTiles) {  // word t of sub-block `unit`'s run: lane t's eight levels
+          const uint32_t word = reinterpret_cast<const uint32_t*>(base + row * kWRowBytes + unit * 16)[t];
+          w4a16::q4_k_tile_word_b_fragments(word, pairs[row * kMaxGroupsPerStage + unit], b);
+        } else if constexpr (kQ4K) {  // sub-block `unit`: the low or high nibbles of 32-byte chunk unit / 2
           const auto* w16 = reinterpret_cast<const uint16_t*>(base + row * kWRowBytes + (unit / 2) * 32);
           w4a16::q4_k_unit_b_fragments(w16[t], w16[t + 4], w16[t + 8], w16[t + 12], unit & 1,
                                        pairs[row * kMaxGroupsPerStage + unit], b);

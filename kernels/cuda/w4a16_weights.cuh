@@ -468,4 +468,24 @@ __host__ __device__ inline void int4_tile_word_b_fragments(uint32_t word, uint32
   }
 }
 
+// q4_k_unit_b_fragments' fragments from a Q4_K tiled chunk, whose sub-block run holds lane t's eight
+// levels in word t (as int4_tile_word_b_fragments reads them): q exactly (1024 + q less 1024, or
+// 1024 + 16 q times 1/16 less 64), then the same fma with the scale and the min: the same bits.
+__host__ __device__ inline void q4_k_tile_word_b_fragments(uint32_t word, uint32_t scale_min,
+                                                           uint32_t (&frag)[2][2]) {
+  const __half2 pair = bits_half2(scale_min);  // halves by operand selectors
+  const __half2 scale2 = __low2half2(pair), neg_min2 = __high2half2(pair);
+  const __half2 bias = bits_half2(0x64006400u);       // 1024
+  const __half2 sixteenth = bits_half2(0x2C002C00u);  // 1/16
+  const __half2 neg_64 = bits_half2(0xD400D400u);     // -64
+  NIBBLE_DEVICE_UNROLL
+  for (int s = 0; s < 2; ++s) {
+    const uint32_t w = word >> (8 * s);
+    const __half2 q0 = __hsub2_rn(bits_half2(levels_or_1024<0x000F000Fu>(w)), bias);
+    const __half2 q1 = fma_half2_rn(bits_half2(levels_or_1024<0x00F000F0u>(w)), sixteenth, neg_64);
+    frag[s][0] = half2_bits(fma_half2_rn(q0, scale2, neg_min2));
+    frag[s][1] = half2_bits(fma_half2_rn(q1, scale2, neg_min2));
+  }
+}
+
 }  // namespace nibble::kernels::cuda::w4a16

@@ -163,7 +163,7 @@ TEST(W4A16WeightReaders, Q6KReadsTheCpuWeights) {
 // The host's Q4_K chunks (kernels::q4_k_tiles_from_blocks) hold each block's qs bytes unchanged and
 // exactly the (scale, min) pairs the Q4_K tensor-core kernels stage from the block as stored
 // (w4a16::q4_k_packed_scale_min), so the tiled kernels compute the same bits; ragged rows are zero.
-TEST(W4A16WeightReaders, Q4KTilesHoldWhatTheKernelsStage) {
+TEST(W4A16WeightReaders, Q4KTilesHoldWhatTheKernelsStage) {  // each sub-block in the fragment order
   std::mt19937 rng(10);
   const int64_t n_out = 130, kk = 768, stages = kk / k::kQK_K;
   const std::vector<uint8_t> blocks = random_rows(k::DType::Q4_K, n_out, kk, rng);
@@ -181,7 +181,14 @@ TEST(W4A16WeightReaders, Q4KTilesHoldWhatTheKernelsStage) {
         continue;
       }
       const uint8_t* blk = blocks.data() + (row * stages + s) * static_cast<int64_t>(sizeof(k::BlockQ4_K));
-      ASSERT_EQ(std::memcmp(chunk + r * 128, blk + 16, 128), 0) << "row " << row << " block " << s;
+      for (int u = 0; u < 8; ++u) {  // sub-block u's levels, input i at int4_tile_nibble_index(i)
+        uint32_t run[4];
+        std::memcpy(run, chunk + r * 128 + 16 * u, 16);
+        for (int i = 0; i < 32; ++i) {
+          const int level = (blk[16 + 32 * (u / 2) + i] >> (4 * (u % 2))) & 0xF;
+          ASSERT_EQ(k::int4_tile_level(run, i), level) << "row " << row << " block " << s << " sub " << u;
+        }
+      }
       uint4 head;
       std::memcpy(&head, blk, sizeof head);
       for (int j = 0; j < 8; ++j) {
@@ -323,6 +330,13 @@ TEST(W4A16WeightReaders, Q4KFragmentsFollowThePtxLayout) {
         uint32_t frag[2][2];
         w4a16::q4_k_unit_b_fragments(word(2 * t), word(2 * t + 8), word(2 * t + 16), word(2 * t + 24), u % 2,
                                      scale_min, frag);
+        // From a Q4_K tiled chunk's run (lane t's word): the same bits.
+        uint32_t qs32[8], run[4], tiled[2][2];
+        std::memcpy(qs32, chunk, 32);
+        k::q4_k_tile_words_from_sub_block(qs32, u % 2, run);
+        w4a16::q4_k_tile_word_b_fragments(run[t], scale_min, tiled);
+        for (int st = 0; st < 2; ++st)
+          for (int h = 0; h < 2; ++h) ASSERT_EQ(tiled[st][h], frag[st][h]) << "tiled, lane " << lane;
         for (int st = 0; st < 2; ++st) {
           const int base = 16 * st + 2 * t;
           const int inputs[4] = {base, base + 1, base + 8, base + 9};  // b0, b1, b2, b3

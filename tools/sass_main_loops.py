@@ -4,7 +4,7 @@
 Without a GPU this is how a kernel change is weighed: a W4A16 decode kernel whose main loop issues
 N instructions per weight cannot stream weights faster than the SM's issue rate allows (4
 warp-instructions a clock an SM), whatever the memory system does. The main loop is the innermost
-backward branch's body with the most tensor-core (HMMA) or FMA instructions.
+backward branch's body with the most tensor-core (HMMA), FMA or dp4a (IDP) instructions.
 
 usage: cuobjdump -sass OBJECT | tools/sass_main_loops.py [FUNCTION_SUBSTRING]
 """
@@ -42,7 +42,7 @@ def main():
                 continue
             loop = instrs[index[int(m.group(1), 16)] : i + 1]
             ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0] for _, t in loop)
-            key = (ops["HMMA"] + ops["FFMA"] + ops["HFMA2"], len(loop))
+            key = (ops["HMMA"] + ops["FFMA"] + ops["HFMA2"] + ops["IDP"], len(loop))
             if best is None or key > best[0]:
                 best = (key, len(loop), ops)
         if best:

@@ -527,12 +527,13 @@ int run_kernels(const Args& a) {
   // Each row to stderr as soon as its shape is measured (a run cut short keeps them); the tables follow.
   const auto measured = [](const kernels::cuda::MatmulBenchRow& r) {
     progress(
-        "%lldx%lld m=%lld: g128 %.1f tc %.1f staged %.1f tc32 %.1f tc64 %.1f deq %.1f cutlass %.1f / %.1f / "
-        "%.1f | "
+        "%lldx%lld m=%lld: g128 %.1f tc %.1f staged %.1f w4a8 %.1f tc32 %.1f tc64 %.1f deq %.1f cutlass %.1f "
+        "/ "
+        "%.1f / %.1f | "
         "tiles: tc %.1f tc32 %.1f tc64 %.1f deq %.1f | Q4_K %.1f Q4_K tc %.1f cuBLAS %.1f us",
         static_cast<long long>(r.shape.k), static_cast<long long>(r.shape.n_out), static_cast<long long>(r.m),
-        r.g128_us, r.g128_tc_us, r.g128_staged_us, r.g128_tc32_us, r.g128_tc64_us, r.g128_deq_us,
-        r.g128_cutlass_us, r.g128_cutlass_pp_us, r.g128_cutlass16_us, r.g128_tiles_tc_us,
+        r.g128_us, r.g128_tc_us, r.g128_staged_us, r.g128_w4a8_us, r.g128_tc32_us, r.g128_tc64_us,
+        r.g128_deq_us, r.g128_cutlass_us, r.g128_cutlass_pp_us, r.g128_cutlass16_us, r.g128_tiles_tc_us,
         r.g128_tiles_tc32_us, r.g128_tiles_tc64_us, r.g128_tiles_deq_us, r.q4k_us, r.q4k_tc_us, r.cublas_us);
   };
   const kernels::Status st = kernels::cuda::run_matmul_bench(
@@ -597,6 +598,11 @@ int run_kernels(const Args& a) {
       row["w4a16_g128_staged_us"] = r.g128_staged_us;
       row["g128_staged_gbps"] = r.g128_bytes / (r.g128_staged_us * 1e-6) / 1e9;
       row["g128_staged_speedup_vs_cublas"] = r.cublas_us / r.g128_staged_us;
+    }
+    if (r.g128_w4a8_us > 0) {  // 8-bit activations: not among the W4A16 kernels' best
+      row["w4a8_g128_us"] = r.g128_w4a8_us;
+      row["g128_w4a8_gbps"] = r.g128_bytes / (r.g128_w4a8_us * 1e-6) / 1e9;
+      row["g128_w4a8_speedup_vs_cublas"] = r.cublas_us / r.g128_w4a8_us;
     }
     if (r.g128_tc32_us > 0) {
       row["w4a16_g128_tc32_us"] = r.g128_tc32_us;
@@ -740,6 +746,28 @@ int run_kernels(const Args& a) {
       cell(r.q4k_tiles_tc_us, r.q4k_bytes);
       std::printf(" |");
       std::printf(" %8s\n", r.g128_tiles_tc_shape);
+    }
+    // W4A8: the same group-128 weights times activations rounded to 8 bits on the device, on dp4a
+    // (w4a8_gemv_int4_groups): another arithmetic, so beside the W4A16 kernels rather than among them.
+    std::printf(
+        "\nW4A8 (group-128 INT4 x 8-bit activations, dp4a; m <= 4), us (%%copy of the group-128 bytes), "
+        "against the fastest W4A16 group-128 kernel and fp16 cuBLAS\n");
+    std::printf("%-12s %4s | %15s | %10s %8s | %9s %8s\n", "k x n_out", "m", "w4a8", "best W4A16", "w4a8/it",
+                "cuBLAS us", "vs fp16");
+    for (const auto& r : result.rows) {
+      if (!(r.g128_w4a8_us > 0)) continue;
+      double best = 0.0;
+      for (const double us :
+           {r.g128_us, r.g128_tc_us, r.g128_staged_us, r.g128_tc32_us, r.g128_tc64_us, r.g128_tiles_tc_us,
+            r.g128_tiles_tc32_us, r.g128_tiles_tc64_us, r.g128_cutlass16_us})
+        if (us > 0 && (best == 0.0 || us < best)) best = us;
+      char shape[32];
+      std::snprintf(shape, sizeof shape, "%lldx%lld", static_cast<long long>(r.shape.k),
+                    static_cast<long long>(r.shape.n_out));
+      std::printf("%-12s %4lld | %8.1f (%3.0f%%) | %10.1f %7.2fx | %9.1f %7.2fx\n", shape,
+                  static_cast<long long>(r.m), r.g128_w4a8_us,
+                  100.0 * r.g128_bytes / (r.g128_w4a8_us * 1e-6) / 1e9 / result.copy_gbps, best,
+                  best > 0 ? best / r.g128_w4a8_us : 0.0, r.cublas_us, r.cublas_us / r.g128_w4a8_us);
     }
   }
   if (a.json) {

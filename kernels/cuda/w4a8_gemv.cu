@@ -1,0 +1,186 @@
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "kernels/cuda/dependent_launch.cuh"
+#include "kernels/cuda/w4a16_weights.cuh"
+#include "kernels/cuda/w4a8_gemv.cuh"
+
+namespace nibble::kernels::cuda {
+namespace {
+
+constexpr int kWarpSize = 32;
+constexpr int kWarps = 8;
+constexpr int kThreads = kWarpSize * kWarps;
+constexpr int kRun = 32;         // inputs a run: one activation block, 16 bytes of nibbles
+constexpr int kLanesPerRun = 4;  // staging: 8 inputs a lane
+constexpr unsigned kFullMask = 0xffffffffu;
+
+// Four products of unsigned bytes of a and signed bytes of b, added to c (dp4a.u32.s32).
+__device__ __forceinline__ int dp4a_unsigned_signed(uint32_t a, int b, int c) {
+  int d;
+  asm("dp4a.u32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+
+// Shared memory: xq [M][k] int8, then xd [M][k / 32] float scales, then xs [M][k / 32] int sums.
+template <int M>
+__global__ void __launch_bounds__(kThreads)
+    w4a8_gemv_kernel(w4a16::Int4GroupBlocks w, int64_t n_out, int64_t k, const __half* __restrict__ x,
+                     float* __restrict__ y) {
+  extern __shared__ __align__(16) uint8_t smem[];
+  const int64_t runs = k / kRun;
+  auto* xq = reinterpret_cast<int8_t*>(smem);
+  auto* xd = reinterpret_cast<float*>(smem + M * k);
+  auto* xs = reinterpret_cast<int*>(xd + M * runs);
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+
+  detail::wait_for_prior_grids();  // x comes from the kernel before us
+  // Quantize: 4 consecutive lanes per run (aligned in the warp, so their shuffles stay among them),
+  // every lane of the block in every pass so that the shuffles see full warps.
+  const int64_t parts = M * runs * kLanesPerRun;
+  for (int64_t base = 0; base < parts; base += kThreads) {
+    const int64_t e = base + threadIdx.x;
+    const bool active = e < parts;
+    const int64_t row = active ? e / (runs * kLanesPerRun) : 0;
+    const int64_t run = active ? (e / kLanesPerRun) % runs : 0;
+    const int part = static_cast<int>(e % kLanesPerRun);
+    float v[8] = {};
+    if (active) {
+      const uint4 raw = *reinterpret_cast<const uint4*>(x + row * k + run * kRun + part * 8);
+      const auto* h = reinterpret_cast<const __half2*>(&raw);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const float2 f = __half22float2(h[i]);
+        v[2 * i] = f.x;
+        v[2 * i + 1] = f.y;
+      }
+    }
+    float amax = 0.0f;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(v[i]));
+    amax = fmaxf(amax, __shfl_xor_sync(kFullMask, amax, 1));
+    amax = fmaxf(amax, __shfl_xor_sync(kFullMask, amax, 2));
+    // kernels::quantize_activations_q8's steps: IEEE division and product, roundf.
+    const float d = amax / 127.0f;
+    const float inv = d != 0.0f ? 1.0f / d : 0.0f;
+    uint32_t packed[2] = {0, 0};
+    int sum = 0;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const int q = static_cast<int>(roundf(v[i] * inv));
+      sum += q;
+      packed[i / 4] |= (static_cast<uint32_t>(q) & 0xFFu) << (8 * (i % 4));
+    }
+    sum += __shfl_xor_sync(kFullMask, sum, 1);
+    sum += __shfl_xor_sync(kFullMask, sum, 2);
+    if (active) {
+      *reinterpret_cast<uint2*>(xq + row * k + run * kRun + part * 8) = make_uint2(packed[0], packed[1]);
+      if (part == 0) {
+        xd[row * runs + run] = d;
+        xs[row * runs + run] = sum;
+      }
+    }
+  }
+  __syncthreads();
+  detail::allow_dependent_launch();  // the kernel after us may start (it waits for us)
+
+  const int runs32 = static_cast<int>(runs), groups = static_cast<int>(runs >> w.group_shift);
+  for (int64_t out = static_cast<int64_t>(blockIdx.x) * kWarps + warp; out < n_out;
+       out += static_cast<int64_t>(gridDim.x) * kWarps) {
+    const auto* quants = reinterpret_cast<const uint4*>(w.quants) + out * runs;
+    const __half* scales = w.scales + out * groups;
+    const uint8_t* zeros = w.zeros + out * groups;
+    float acc[M];
+#pragma unroll
+    for (int r = 0; r < M; ++r) acc[r] = 0.0f;
+    for (int run = lane; run < runs32; run += kWarpSize) {
+      const uint4 q = __ldg(quants + run);
+      const int g = run >> w.group_shift;
+      const float scale = __half2float(__ldg(scales + g));
+      const int zero = __ldg(zeros + g);
+      // Byte j holds input j (low nibble) and input j + 16 (high): word i's low nibbles are inputs
+      // 4i .. 4i + 3 and its high nibbles 16 + 4i .. 16 + 4i + 3. The high ones are used in place
+      // (16 times the level, an unsigned byte), their dot product shifted back once.
+      const uint32_t words[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+      for (int r = 0; r < M; ++r) {
+        const auto* xr = reinterpret_cast<const int4*>(xq + r * runs32 * kRun + run * kRun);
+        const int4 a = xr[0], b = xr[1];  // inputs 0..15, 16..31
+        const int xa[4] = {a.x, a.y, a.z, a.w}, xb[4] = {b.x, b.y, b.z, b.w};
+        int lo = 0, hi16 = 0;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          lo = dp4a_unsigned_signed(words[i] & 0x0F0F0F0Fu, xa[i], lo);
+          hi16 = dp4a_unsigned_signed(words[i] & 0xF0F0F0F0u, xb[i], hi16);
+        }
+        const int dot = lo + (hi16 >> 4);  // hi16 is 16 times an integer: exact
+        const int at = r * runs32 + run;
+        acc[r] = fmaf(xd[at] * scale, static_cast<float>(dot - zero * xs[at]), acc[r]);
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < M; ++r) {
+      float v = acc[r];
+#pragma unroll
+      for (int off = kWarpSize / 2; off > 0; off /= 2) v += __shfl_xor_sync(kFullMask, v, off);
+      if (lane == 0) y[r * n_out + out] = v;
+    }
+  }
+}
+
+template <int M>
+Status launch(const w4a16::Int4GroupBlocks& blocks, int64_t n_out, int64_t k, const __half* x, float* y,
+              cudaStream_t stream, bool programmatic) {
+  const size_t smem = static_cast<size_t>(M * k) + static_cast<size_t>(M * (k / kRun)) * 8;
+  int device = 0, max_smem = 0, sms = 0, per_sm = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
+    return Status::device_error;
+  if (smem > static_cast<size_t>(max_smem)) return Status::invalid_argument;
+  if (smem > 48 * 1024 &&
+      cudaFuncSetAttribute(w4a8_gemv_kernel<M>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           static_cast<int>(smem)) != cudaSuccess)
+    return Status::device_error;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, w4a8_gemv_kernel<M>, kThreads, smem) !=
+          cudaSuccess ||
+      per_sm < 1)
+    return Status::device_error;
+  // Enough blocks to fill every SM once; each quantizes the activations once and then takes rows in turn.
+  const int64_t wanted = (n_out + kWarps - 1) / kWarps;
+  const int64_t grid =
+      wanted < static_cast<int64_t>(sms) * per_sm ? wanted : static_cast<int64_t>(sms) * per_sm;
+  const cudaError_t launched =
+      detail::launch_kernel(w4a8_gemv_kernel<M>, dim3(static_cast<unsigned>(grid)), dim3(kThreads), smem,
+                            stream, programmatic, blocks, n_out, k, x, y);
+  const cudaError_t last = cudaGetLastError();
+  return launched == cudaSuccess && last == cudaSuccess ? Status::ok : Status::device_error;
+}
+
+}  // namespace
+
+Status w4a8_gemv_int4_groups(const uint8_t* quants, const __half* scales, const uint8_t* zeros, int64_t group,
+                             int64_t n_out, int64_t k, const __half* x, int64_t m, float* y,
+                             cudaStream_t stream, bool programmatic) {
+  w4a16::Int4GroupBlocks blocks{};
+  if (!w4a16::make_int4_group_operands(quants, scales, zeros, group, k, x, y, blocks))
+    return Status::invalid_argument;
+  if (n_out < 0 || k < 0 || m < 1 || m > kW4A8GemvMaxM) return Status::invalid_argument;
+  if (n_out == 0) return Status::ok;
+  if (k == 0) {  // empty sums
+    const cudaError_t err = cudaMemsetAsync(y, 0, static_cast<size_t>(m * n_out) * sizeof(float), stream);
+    return err == cudaSuccess ? Status::ok : Status::device_error;
+  }
+  switch (m) {
+    case 1:
+      return launch<1>(blocks, n_out, k, x, y, stream, programmatic);
+    case 2:
+      return launch<2>(blocks, n_out, k, x, y, stream, programmatic);
+    case 3:
+      return launch<3>(blocks, n_out, k, x, y, stream, programmatic);
+    default:
+      return launch<4>(blocks, n_out, k, x, y, stream, programmatic);
+  }
+}
+
+}  // namespace nibble::kernels::cuda

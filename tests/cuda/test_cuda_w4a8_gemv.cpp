@@ -1,0 +1,143 @@
+// The W4A8 GEMV (kernels/cuda/w4a8_gemv): group-wise INT4 weights times activations rounded to 8 bits
+// on the device. Against its CPU reference (kernels::w4a8_gemv_int4_groups_reference, which rounds the
+// activations by the same float steps, so only the fp32 summation order differs) on odd shapes and
+// every row count; within the 8-bit rounding of the fp16-activation product; a row's bits the same
+// alone or in a batch; bad arguments refused before anything runs.
+#include <cuda_fp16.h>
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "kernels/activation_q8.hpp"
+#include "kernels/cuda/w4a8_gemv.cuh"
+#include "tests/cuda/cuda_test_util.hpp"
+#include "tests/cuda/w4a16_test_util.hpp"
+
+namespace {
+
+namespace k = nibble::kernels;
+namespace kc = nibble::kernels::cuda;
+namespace ct = nibble::cuda_test;
+
+TEST(CudaW4A8Gemv, MatchesTheCpuReferenceAndTheFp16ProductWithinTheRounding) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  std::mt19937 rng(17);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (const int64_t group : {int64_t{32}, int64_t{64}, int64_t{128}}) {
+    for (const int64_t n_out : {int64_t{1}, int64_t{37}, int64_t{4099}}) {
+      for (const int64_t kk : {int64_t{128}, int64_t{384}, int64_t{4224}}) {
+        ct::DeviceInt4Groups w;
+        ASSERT_NO_FATAL_FAILURE(ct::make_device_int4_groups(n_out, kk, group, rng, w));
+        const std::vector<uint8_t> quants = w.quants->to_host(), zeros = w.zeros->to_host();
+        const std::vector<uint16_t> scales = w.scales->to_host();
+        const int64_t max_m = kc::kW4A8GemvMaxM;
+        std::vector<k::f16_bits> xh(static_cast<size_t>(max_m * kk));
+        for (auto& v : xh) v = k::fp32_to_fp16(normal(rng));
+        ct::DeviceBuffer<k::f16_bits> dx(xh);
+        ct::DeviceBuffer<float> dy(static_cast<size_t>(max_m * n_out));
+        ASSERT_TRUE(dx.ptr && dy.ptr);
+        std::vector<float> want(static_cast<size_t>(max_m * n_out));
+        ASSERT_EQ(k::w4a8_gemv_int4_groups_reference(quants.data(), scales.data(), zeros.data(), group, n_out,
+                                                     kk, xh.data(), max_m, want.data()),
+                  k::Status::ok);
+        // Per row: the quantized activations' scales, and per output the sizes of its terms.
+        std::vector<int8_t> q(static_cast<size_t>(kk));
+        std::vector<float> d(static_cast<size_t>(kk / 32));
+        std::vector<double> magnitude(want.size()), rounding(want.size()), exact(want.size());
+        for (int64_t r = 0; r < max_m; ++r) {
+          k::quantize_activations_q8(xh.data() + r * kk, kk, q.data(), d.data());
+          for (int64_t o = 0; o < n_out; ++o) {
+            const size_t at = static_cast<size_t>(r * n_out + o);
+            for (int64_t j = 0; j < kk; ++j) {
+              const double wj = w.wf[static_cast<size_t>(o * kk + j)];
+              magnitude[at] += std::fabs(wj * d[j / 32] * q[j]);
+              rounding[at] += std::fabs(wj) * d[j / 32] / 2;  // each activation within half a step
+              exact[at] += wj * k::fp16_to_fp32(xh[static_cast<size_t>(r * kk + j)]);
+            }
+          }
+        }
+        for (int64_t m = 1; m <= max_m; ++m) {
+          SCOPED_TRACE("group " + std::to_string(group) + " n_out " + std::to_string(n_out) + " k " +
+                       std::to_string(kk) + " m " + std::to_string(m));
+          ASSERT_EQ(cudaMemset(dy.ptr, 0xff, dy.count * sizeof(float)), cudaSuccess);
+          ASSERT_EQ(kc::w4a8_gemv_int4_groups(w.quants->ptr, w.scales_half(), w.zeros->ptr, group, n_out, kk,
+                                              reinterpret_cast<const __half*>(dx.ptr), m, dy.ptr, nullptr),
+                    k::Status::ok);
+          ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+          const std::vector<float> got = dy.to_host();
+          int bad = 0;
+          for (int64_t i = 0; i < m * n_out; ++i) {
+            const auto at = static_cast<size_t>(i);
+            const double ref_err = std::fabs(static_cast<double>(got[at]) - want[at]);
+            const double fp16_err = std::fabs(static_cast<double>(got[at]) - exact[at]);
+            if ((!(ref_err <= 1e-5 * magnitude[at] + 1e-6) ||
+                 !(fp16_err <= 1.001 * rounding[at] + 1e-5 * magnitude[at] + 1e-6)) &&
+                ++bad <= 3) {
+              ADD_FAILURE() << "output " << i << ": " << got[at] << ", reference " << want[at]
+                            << ", fp16 product " << exact[at];
+            }
+          }
+          EXPECT_EQ(bad, 0);
+        }
+      }
+    }
+  }
+}
+
+// A row's outputs do not depend on how many rows share the call (the same operations in the same order
+// for each row), so batching decode requests does not change a request's bits.
+TEST(CudaW4A8Gemv, ARowsOutputsDoNotDependOnTheRowCount) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  std::mt19937 rng(19);
+  const int64_t n_out = 1000, kk = 2048, group = 128;
+  ct::DeviceInt4Groups w;
+  ASSERT_NO_FATAL_FAILURE(ct::make_device_int4_groups(n_out, kk, group, rng, w));
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<k::f16_bits> xh(static_cast<size_t>(kc::kW4A8GemvMaxM * kk));
+  for (auto& v : xh) v = k::fp32_to_fp16(normal(rng));
+  ct::DeviceBuffer<k::f16_bits> dx(xh);
+  ct::DeviceBuffer<float> all(static_cast<size_t>(kc::kW4A8GemvMaxM * n_out)),
+      one(static_cast<size_t>(n_out));
+  const auto* x = reinterpret_cast<const __half*>(dx.ptr);
+  ASSERT_EQ(kc::w4a8_gemv_int4_groups(w.quants->ptr, w.scales_half(), w.zeros->ptr, group, n_out, kk, x,
+                                      kc::kW4A8GemvMaxM, all.ptr, nullptr),
+            k::Status::ok);
+  for (int64_t r = 0; r < kc::kW4A8GemvMaxM; ++r) {
+    ASSERT_EQ(kc::w4a8_gemv_int4_groups(w.quants->ptr, w.scales_half(), w.zeros->ptr, group, n_out, kk,
+                                        x + r * kk, 1, one.ptr, nullptr),
+              k::Status::ok);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    const std::vector<float> a = all.to_host(), b = one.to_host();
+    for (int64_t o = 0; o < n_out; ++o)
+      ASSERT_EQ(a[static_cast<size_t>(r * n_out + o)], b[static_cast<size_t>(o)])
+          << "row " << r << " output " << o;
+  }
+}
+
+TEST(CudaW4A8Gemv, RefusesBadArgumentsBeforeTouchingTheDevice) {
+  alignas(16) static uint8_t quants[256] = {}, zeros[8] = {};
+  alignas(16) static uint16_t scales[8] = {}, x[512] = {};
+  static float y[64];
+  const auto* s = reinterpret_cast<const __half*>(scales);
+  const auto* xh = reinterpret_cast<const __half*>(x);
+  using k::Status;
+  EXPECT_EQ(kc::w4a8_gemv_int4_groups(quants, s, zeros, 32, 2, 128, xh, 0, y, nullptr),
+            Status::invalid_argument);
+  EXPECT_EQ(kc::w4a8_gemv_int4_groups(quants, s, zeros, 32, 2, 128, xh, kc::kW4A8GemvMaxM + 1, y, nullptr),
+            Status::invalid_argument);
+  EXPECT_EQ(kc::w4a8_gemv_int4_groups(quants, s, zeros, 48, 2, 96, xh, 1, y, nullptr),
+            Status::invalid_argument);
+  EXPECT_EQ(kc::w4a8_gemv_int4_groups(quants + 8, s, zeros, 32, 2, 128, xh, 1, y, nullptr),
+            Status::invalid_argument);  // quants not 16-byte aligned
+  EXPECT_EQ(kc::w4a8_gemv_int4_groups(quants, s, zeros, 32, 2, 128, xh + 1, 1, y, nullptr),
+            Status::invalid_argument);  // x not 16-byte aligned
+  EXPECT_EQ(kc::w4a8_gemv_int4_groups(quants, s, nullptr, 32, 2, 128, xh, 1, y, nullptr),
+            Status::invalid_argument);
+  EXPECT_EQ(kc::w4a8_gemv_int4_groups(quants, s, zeros, 32, -1, 128, xh, 1, y, nullptr),
+            Status::invalid_argument);
+}
+
+}  // namespace

@@ -1378,7 +1378,9 @@ TEST(CudaLlamaModelCli, BenchGpuKernelTableTimesEveryKernel) {
     EXPECT_EQ(row.contains("g128_tc_loads_only_us"), m <= 16);
     EXPECT_EQ(row.contains("w4a16_g128_staged_us"), m == 1);
     EXPECT_EQ(row.contains("w4a8_g128_us"), m <= 4);  // the dp4a GEMV, 8-bit activations
-    if (m <= 4) EXPECT_GT(row["w4a8_g128_us"].get<double>(), 0.0);
+    if (m <= 4) {
+      EXPECT_GT(row["w4a8_g128_us"].get<double>(), 0.0);
+    }
     // The tensor-core kernels on tiles, by the same rules.
     ASSERT_TRUE(row.contains("g128_tiles")) << row.dump();
     const auto& tiles = row["g128_tiles"];

@@ -210,6 +210,13 @@ TEST(ClusterConfig, OutOfRangeValues) {
   // Nor CUTLASS's order.
   expect_error("model: {path: m}\nint4_layout: cutlass\nint4_kernels: cuda_cores\n", "int4_layout", 2,
                {"int4_kernels: cuda_cores", "CUTLASS"});
+  // 8-bit activations: the W4A8 GEMV reads the row-major layout only.
+  expect_error("model: {path: m}\nint8_activations: maybe\n", "int8_activations", 2,
+               {"expected one of false, true, got 'maybe'"});
+  expect_error("model: {path: m}\nint8_activations: true\nint4_layout: tiles\n", "int8_activations", 2,
+               {"int4_layout: tiles", "row-major"});
+  expect_error("model: {path: m}\nint4_layout: cutlass\nint8_activations: true\n", "int8_activations", 3,
+               {"int4_layout: cutlass"});
   expect_error("model: {path: m}\ncutlass_gemm: yes please\n", "cutlass_gemm", 2,
                {"expected one of false, true, got 'yes please'"});
   // The CUTLASS GEMM is not a CUDA-core kernel, whichever key comes first.
@@ -284,6 +291,14 @@ TEST(ClusterConfig, RenderRoundTrips) {
   EXPECT_NE(rendered_layout.find("int4_layout: cutlass"), std::string::npos) << rendered_layout;
   EXPECT_EQ(parse_cluster_config(rendered_layout, "rendered"), cutlass_layout) << rendered_layout;
   EXPECT_FALSE(cutlass_layout == tiles);
+  const ClusterConfig int8 =
+      parse_cluster_config("model: {path: m.gguf}\ndevice: cuda\nint8_activations: true\n", "int8.yaml");
+  EXPECT_TRUE(int8.int8_activations);
+  EXPECT_FALSE(parse_cluster_config("model: {path: m.gguf}\n", "plain.yaml").int8_activations);
+  const std::string rendered_int8 = render_cluster_config(int8);
+  EXPECT_NE(rendered_int8.find("int8_activations: true"), std::string::npos) << rendered_int8;
+  EXPECT_EQ(parse_cluster_config(rendered_int8, "rendered"), int8) << rendered_int8;
+  EXPECT_FALSE(int8 == parse_cluster_config("model: {path: m.gguf}\ndevice: cuda\n", "plain.yaml"));
 
   const ClusterConfig minimal = parse_cluster_config("model: {path: m.gguf}\n", "minimal.yaml");
   const std::string rendered_minimal = render_cluster_config(minimal);

@@ -183,8 +183,9 @@ if [ "$phase" = all ] || [ "$phase" = bench ] || [ "$phase" = e2e ]; then
 # tiles (kernels/int4_tiles.hpp: the batch-1 decode bet), then with CUTLASS's Hopper GEMMs as
 # candidates (prefill and decode; a second copy of the weights, ~35 GB more: on a GPU with less than
 # 120 GB, an H100, the one-copy layout that runs every product on CUTLASS instead). Phase e2e-more:
-# speculative decoding with the fixtures' pair, and the baseline on the CUDA-core GEMV and WMMA GEMM
-# alone with the 1B draft's step times. Phase e2e-cutlass: llama-70b on CUTLASS's order alone.
+# speculative decoding with the fixtures' pair, batch-1 decode with 8-bit activations (the W4A8 GEMV),
+# and the baseline on the CUDA-core GEMV and WMMA GEMM alone with the 1B draft's step times. Phase
+# e2e-cutlass: llama-70b on CUTLASS's order alone.
 e2e=(--gen-tokens 16 --repetitions 3 --prompt-tokens 256 --prefill-batch 4)
 timeout 150 "$here/bin/nibble" bench-gpu --model dummy:llama-70b --batch 1,8,32,64 "${e2e[@]}" 2>&1 |
   tee "$out/bench-gpu-e2e.txt" || status=1
@@ -210,6 +211,9 @@ if [ -f "$target" ]; then
     timeout 60 "$here/bin/nibble" bench-spec --device cuda --model "$target" --draft "$here/fortune-target-q4_0.gguf" \
       --batch 1,8,32 --gen-tokens 128 --repetitions 3 2>&1 | tee "$out/bench-spec-gpu.txt" || status=1
 fi
+# Batch-1 decode with 8-bit activations on dp4a (int8_activations: the one-row products on the W4A8 GEMV).
+timeout 120 "$here/bin/nibble" bench-gpu --model dummy:llama-70b --int8-activations --batch 1,8 "${e2e[@]}" 2>&1 |
+  tee "$out/bench-gpu-e2e-int8.txt" || status=1
 timeout 90 "$here/bin/nibble" bench-gpu --model dummy:llama-70b --draft dummy:llama-1b --batch 1,8 --int4-kernels cuda-cores "${e2e[@]}" 2>&1 |
   tee "$out/bench-gpu-e2e-cuda-cores.txt" || status=1
 fi

@@ -1110,6 +1110,8 @@ void CudaLlamaModel::Impl::choose_int4_kernels() {
       }
     }  // cuda_cores: the rows' defaults (tiles and cutlass refuse cuda_cores at construction); tensor_cores
        // on cutlass: its defaults (every CUTLASS schedule is on the tensor cores)
+    // 8-bit activations where asked: one row on the W4A8 GEMV (it reads the row-major layout).
+    if (options.int8_activations && layout == kc::Int4Layout::rows) t.chosen[0] = kc::Int4Kernel::w4a8_gemv;
     for (int r = 0; r < kc::kInt4RowRanges; ++r) {
       choice.chosen[r] = static_cast<int>(t.chosen[r]);
       for (DeviceMatrix* w : list) w->int4_kernel[r] = t.chosen[r];
@@ -1783,6 +1785,12 @@ CudaLlamaModel::CudaLlamaModel(std::shared_ptr<const model::LlamaCheckpoint> che
     throw std::invalid_argument(
         "int4_kernels cuda_cores cannot read int4_layout cutlass (only the CUTLASS GEMM reads it): use "
         "int4_layout rows, or int4_kernels measured or tensor_cores");
+  }
+  if (options.int8_activations && options.int4_layout != Int4Layout::rows) {
+    throw std::invalid_argument(
+        std::string("int8_activations needs int4_layout rows (the W4A8 GEMV reads the "
+                    "row-major layout), not ") +
+        int4_layout_name(options.int4_layout));
   }
   if (options.cutlass_gemm && options.int4_kernels == Int4Kernels::cuda_cores) {
     throw std::invalid_argument(

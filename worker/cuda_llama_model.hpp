@@ -147,11 +147,11 @@ inline const char* int4_layout_name(Int4Layout layout) {
 
 // The kernels one group-wise INT4 matrix shape uses, with the load-time times behind the choice.
 struct CudaInt4KernelChoice {
-  static constexpr int kKernels = 13;
+  static constexpr int kKernels = 14;
   static constexpr const char* kernel_names[kKernels] = {
-      "CUDA-core GEMV",  "tensor-core GEMV", "WMMA GEMM",    "mma GEMM",        "dequant + cuBLAS",
-      "TC GEMV 512 thr", "TC GEMV 2 blk/SM", "staged GEMV",  "TC GEMV 32 rows", "TC GEMM 64 rows",
-      "CUTLASS GEMM",    "CUTLASS GEMM 64",  "CUTLASS 64x16"};
+      "CUDA-core GEMV",  "tensor-core GEMV", "WMMA GEMM",     "mma GEMM",        "dequant + cuBLAS",
+      "TC GEMV 512 thr", "TC GEMV 2 blk/SM", "staged GEMV",   "TC GEMV 32 rows", "TC GEMM 64 rows",
+      "CUTLASS GEMM",    "CUTLASS GEMM 64",  "CUTLASS 64x16", "W4A8 GEMV"};
   // The row ranges 1, 2-16, 17-32, 33-64 and over 64 (their largest row counts; -1: any), and the
   // row counts each is timed at (0: none).
   static constexpr int kRanges = 5;
@@ -228,6 +228,14 @@ struct CudaModelOptions {
   // GPU run measures it; needs a build with CUTLASS and a compute 9.0 device, and int4_kernels
   // measured or tensor_cores (std::invalid_argument otherwise).
   bool cutlass_gemm = false;
+  // One-row products of group-wise INT4 matrices (batch-1 decode; Q4_0 goes up as such) on the W4A8
+  // GEMV (kernels/cuda/w4a8_gemv.cuh): the activations rounded to 8 bits per 32 inputs on the device,
+  // as llama.cpp's CUDA backend and this project's CPU backend do, and multiplied on dp4a, about a
+  // quarter of the instructions a weight of the fp16 CUDA-core GEMV. Not W4A16: logits move by the
+  // activations' rounding (the CPU backend's order of magnitude), so it is asked for, never chosen by
+  // timing; the other row counts keep int4_kernels' choice. Needs int4_layout rows
+  // (std::invalid_argument otherwise).
+  bool int8_activations = false;
 };
 
 class CudaLlamaModel {

@@ -42,6 +42,15 @@ struct Args {
   worker::Int4Kernels int4_kernels = worker::Int4Kernels::measured;
   worker::Int4Layout int4_layout = worker::Int4Layout::rows;
   bool cutlass_gemm = false;
+  bool int8_activations = false;
+  worker::CudaModelOptions model_options() const {
+    worker::CudaModelOptions options;
+    options.int4_kernels = int4_kernels;
+    options.int4_layout = int4_layout;
+    options.cutlass_gemm = cutlass_gemm;
+    options.int8_activations = int8_activations;
+    return options;
+  }
 };
 
 std::vector<int64_t> parse_list(const std::string& text) {
@@ -78,16 +87,13 @@ struct GpuModel {
   int64_t cache_device_bytes = 0;
 };
 
+// options: the kernel choices of the command line (graphs are turned on here).
 GpuModel load_gpu_model(const std::string& path, int64_t max_seqs, int64_t max_seq_tokens,
-                        worker::Int4Kernels int4_kernels, worker::Int4Layout int4_layout, bool cutlass_gemm) {
+                        worker::CudaModelOptions options) {
   GpuModel g;
   const auto checkpoint = model::LlamaCheckpoint::open(path);  // a bad path or dummy spec fails here
   const int64_t free_before = worker::cuda_memory_info().free;
-  worker::CudaModelOptions options;
   options.graphs = true;  // decode steps as served: one graph launch each
-  options.int4_kernels = int4_kernels;
-  options.int4_layout = int4_layout;
-  options.cutlass_gemm = cutlass_gemm;
   const auto start = Clock::now();
   g.model = std::make_unique<worker::CudaLlamaModel>(checkpoint, options);
   g.load_seconds = seconds_since(start);
@@ -275,8 +281,7 @@ int run_model(const Args& a) {
   const int64_t max_batch = *std::max_element(batches.begin(), batches.end());
   const int64_t decode_tokens = kShortPrompt + a.gen_tokens;
   GpuModel target = load_gpu_model(a.model, std::max<int64_t>(max_batch, a.prefill_batch),
-                                   std::max<int64_t>(a.prompt_tokens, decode_tokens), a.int4_kernels,
-                                   a.int4_layout, a.cutlass_gemm);
+                                   std::max<int64_t>(a.prompt_tokens, decode_tokens), a.model_options());
   const double copy_gbps = copy_bandwidth_gbps();
   const int64_t weight_bytes = target.model->weight_bytes();
   // A decode step reads every weight byte at least once (the embedding table too: counted, though a
@@ -325,7 +330,7 @@ int run_model(const Args& a) {
   std::vector<double> draft_step_s;
   GpuModel draft;
   if (!a.draft.empty()) {
-    draft = load_gpu_model(a.draft, max_batch, decode_tokens, a.int4_kernels, a.int4_layout, a.cutlass_gemm);
+    draft = load_gpu_model(a.draft, max_batch, decode_tokens, a.model_options());
     for (const int64_t b : batches) {
       draft_step_s.push_back(time_decode_step(draft, b, a.gen_tokens, a.repetitions, rng));
       report("draft batch %lld: %.2f ms/step", static_cast<long long>(b), draft_step_s.back() * 1e3);
@@ -838,6 +843,10 @@ Runner add_bench_gpu(CLI::App& app) {
                          "With --model: group-wise INT4 matrices as rows (the default), repacked into the "
                          "tensor-core kernels' tiles, or only in CUTLASS's order (cutlass: every product "
                          "of them on CUTLASS's Hopper GEMM, one copy of the weights)");
+  app.add_flag(
+      "--int8-activations", a->int8_activations,
+      "With --model: one-row INT4 products (batch-1 decode) on the W4A8 GEMV, the activations rounded "
+      "to 8 bits on the device (llama.cpp's way; needs --int4-layout rows)");
   app.add_flag("--cutlass-gemm", a->cutlass_gemm,
                "With --model: also hold the INT4 weights in CUTLASS's order and time CUTLASS's Hopper GEMMs "
                "at load as candidates (128-row tiles from 17 rows, 16-row tiles up to 32; needs a CUTLASS "

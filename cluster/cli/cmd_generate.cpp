@@ -32,6 +32,7 @@ struct GenerateArgs {
   worker::Int4Kernels int4_kernels = worker::Int4Kernels::measured;
   worker::Int4Layout int4_layout = worker::Int4Layout::rows;
   bool cutlass_gemm = false;
+  bool int8_activations = false;
 };
 
 }  // namespace
@@ -69,6 +70,9 @@ Runner add_generate(CLI::App& app) {
       "the tensor-core kernels' tiles, or only in CUTLASS's order for its Hopper GEMM (cutlass: one "
       "copy; needs a CUTLASS build and an H100 / H200); tiles and cutlass are refused with "
       "--int4-kernels cuda-cores");
+  app.add_flag("--int8-activations", a->int8_activations,
+               "With --device cuda: one-row INT4 products (batch-1 decode) on the W4A8 GEMV, the activations "
+               "rounded to 8 bits on the device as the CPU backend rounds them (needs --int4-layout rows)");
   app.add_flag("--cutlass-gemm", a->cutlass_gemm,
                "With --device cuda: also hold the INT4 weights in CUTLASS's order and use CUTLASS's Hopper "
                "GEMMs where they time faster at load (needs a CUTLASS build and an H100 / H200)");
@@ -102,6 +106,7 @@ Runner add_generate(CLI::App& app) {
       gpu_options.int4_kernels = a->int4_kernels;
       gpu_options.int4_layout = a->int4_layout;
       gpu_options.cutlass_gemm = a->cutlass_gemm;
+      gpu_options.int8_activations = a->int8_activations;
       gpu = std::make_unique<worker::CudaLlamaModel>(s.checkpoint, gpu_options);
       gpu_cache = std::make_unique<worker::CudaKvCache>(gpu->config(), worker::Generator::blocks_for(context),
                                                         worker::Generator::kBlockSize);

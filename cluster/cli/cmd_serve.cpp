@@ -291,6 +291,7 @@ int serve(const std::string& config_path) {
           options.int4_kernels = worker_int4_kernels(config.int4_kernels);
           options.int4_layout = worker_int4_layout(config.int4_layout);
           options.cutlass_gemm = config.cutlass_gemm;
+          options.int8_activations = config.int8_activations;
           options.graphs = true;  // used only without a reducer (see CudaModelOptions)
           gpu_model = std::make_unique<worker::CudaLlamaModel>(file, options, shard, reducer.get(), range);
         } else {
@@ -307,6 +308,7 @@ int serve(const std::string& config_path) {
             options.int4_kernels = worker_int4_kernels(config.int4_kernels);
             options.int4_layout = worker_int4_layout(config.int4_layout);
             options.cutlass_gemm = config.cutlass_gemm;
+            options.int8_activations = config.int8_activations;
             options.graphs = true;
             gpu_draft = std::make_unique<worker::CudaLlamaModel>(
                 model::LlamaCheckpoint::open(config.draft->path), options);

@@ -25,6 +25,9 @@
 //   cutlass_gemm: false          # device: cuda: true adds CUTLASS's Hopper GEMMs as candidates (a second
 //                                # copy of the INT4 weights; worker::CudaModelOptions::cutlass_gemm;
 //                                # refused with int4_kernels: cuda_cores)
+//   int8_activations: false      # device: cuda: true runs one-row INT4 products (batch-1 decode) on the
+//                                # W4A8 GEMV, activations rounded to 8 bits (needs int4_layout: rows;
+//                                # worker::CudaModelOptions::int8_activations)
 //   threads: auto                # CPU threads per worker: an integer >= 1, or auto
 //   server:
 //     listen: "tcp://127.0.0.1:5555"  # client ROUTER endpoint, tcp:// or ipc://
@@ -155,6 +158,7 @@ struct ClusterConfig {
   Int4KernelChoice int4_kernels = Int4KernelChoice::measured;
   Int4LayoutChoice int4_layout = Int4LayoutChoice::rows;
   bool cutlass_gemm = false;
+  bool int8_activations = false;
   int threads = 0;  // 0 = auto; see worker_threads()
   ServerConfig server;
   SchedulerSettings scheduler;

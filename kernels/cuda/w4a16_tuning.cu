@@ -10,6 +10,7 @@
 #include "kernels/cuda/w4a16_gemv.cuh"
 #include "kernels/cuda/w4a16_gemv_mma.cuh"
 #include "kernels/cuda/w4a16_tuning.cuh"
+#include "kernels/cuda/w4a8_gemv.cuh"
 
 namespace nibble::kernels::cuda {
 
@@ -46,6 +47,8 @@ const char* int4_kernel_name(Int4Kernel kernel) {
       return "CUTLASS GEMM 64";
     case Int4Kernel::cutlass_gemm_16rows:
       return "CUTLASS 64x16";
+    case Int4Kernel::w4a8_gemv:
+      return "W4A8 GEMV";
   }
   return "?";
 }
@@ -71,6 +74,8 @@ int64_t int4_kernel_max_rows(Int4Kernel kernel) {
       return kW4A16GemvMma32RowsMaxM;
     case Int4Kernel::cutlass_gemm_16rows:
       return 32;
+    case Int4Kernel::w4a8_gemv:
+      return kW4A8GemvMaxM;
     default:
       return INT64_MAX;
   }
@@ -101,6 +106,8 @@ Int4GroupsLauncher int4_kernel_launcher(Int4Kernel kernel) {
       return w4a16_gemv_int4_groups_mma_32rows;
     case Int4Kernel::gemm_tensor_cores_64rows:
       return w4a16_gemm_int4_groups_mma_64rows;
+    case Int4Kernel::w4a8_gemv:
+      return w4a8_gemv_int4_groups;
   }
   return nullptr;
 }
@@ -195,7 +202,8 @@ void choose_int4_groups_kernels(Int4GroupsTuning& t, Int4Layout layout) {
     };
     int best = -1;
     for (int kernel = 0; kernel < kInt4Kernels; ++kernel) {
-      if (!int4_kernel_reads(static_cast<Int4Kernel>(kernel), layout)) continue;
+      const auto which = static_cast<Int4Kernel>(kernel);
+      if (!int4_kernel_reads(which, layout) || !is_w4a16(which)) continue;
       const double mean = mean_us(kernel);
       if (mean > 0.0 && (best < 0 || mean < mean_us(best))) best = kernel;
     }
@@ -277,7 +285,7 @@ Status tune_int4_groups(const std::vector<Int4GroupsMatrix>& matrices, int64_t g
       for (int c = 0; c < 2; ++c) {
         const int64_t m = kInt4RangeTimedRows[r][c];
         if (m == 0 || m > int4_kernel_max_rows(which) || m < int4_kernel_min_rows(which) ||
-            !int4_kernel_reads(which, layout))
+            !int4_kernel_reads(which, layout) || !is_w4a16(which))
           continue;
         if (which == Int4Kernel::dequant_cublas && cublas == nullptr) continue;
         if (is_cutlass(which) && cutlass == nullptr) continue;

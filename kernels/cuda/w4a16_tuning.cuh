@@ -19,6 +19,9 @@
 //   CUTLASS GEMM      w4a16_gemm_int4_cutlass, cooperative_128 (17 rows or more; Hopper's wgmma)
 //   CUTLASS GEMM 64   the same, pingpong_64 (64 weight rows a tile: more tiles for few activation rows)
 //   CUTLASS 64x16     the same, pingpong_64x16 (up to 32 rows; 16 activation rows a tile, for decode)
+// And one that is never timed nor chosen by the rule, because its arithmetic differs (8-bit
+// activations): the model pins it where asked (CudaModelOptions::int8_activations):
+//   W4A8 GEMV         w4a8_gemv_int4_groups (up to 4 rows; dp4a, w4a8_gemv.cuh)
 // Group-wise INT4 also comes repacked into the tensor-core kernels' chunks (Int4Layout::tiles,
 // kernels/int4_tiles.hpp): the five tensor-core kernels and dequant + cuBLAS read it (the same bits
 // as on the row-major layout), the CUDA-core GEMVs and the older GEMMs do not, and the timing then
@@ -64,9 +67,13 @@ enum class Int4Kernel : int {
   gemm_tensor_cores_64rows,
   cutlass_gemm,
   cutlass_gemm_pingpong,
-  cutlass_gemm_16rows
+  cutlass_gemm_16rows,
+  w4a8_gemv
 };
-constexpr int kInt4Kernels = 13;
+constexpr int kInt4Kernels = 14;
+// The kernels that compute W4A16 (fp16 activations): every one but w4a8_gemv. Only they are timed
+// and chosen at load.
+inline bool is_w4a16(Int4Kernel kernel) { return kernel != Int4Kernel::w4a8_gemv; }
 // How a group-wise INT4 matrix lies in device memory: rows (kernels/int4_groups.hpp: nibbles, scales
 // and zeros in three arrays), tiles (kernels/int4_tiles.hpp: one array of chunks) or cutlass (only its
 // Int4CutlassWeights, w4a16_gemm_cutlass.cuh: one copy of the weights, every row count on wgmma).

@@ -738,6 +738,70 @@ TEST(CudaLlamaModel, CutlassGemmTakesManyRowProductsNearTheTensorCoreLogits) {
   }
 }
 
+// int8_activations: one-row products of the INT4 matrices on the W4A8 GEMV (8-bit activations, dp4a),
+// every other row count as before. Pinned to the tensor cores otherwise, the logits equal the plain
+// model's bit for bit from 2 rows, and at one row they follow the CPU (whose activations are 8-bit as
+// well) one decode step at a time within the quantized bound. Refused on tiles. A Q4_0 model (INT4
+// groups of 32, zeros 8: llama.cpp's Q4_0 x Q8 product) and AWQ at group 64.
+TEST(CudaLlamaModel, Int8ActivationsRunOneRowProductsOnTheW4A8Gemv) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  using Choice = w::CudaInt4KernelChoice;
+  constexpr int kW4A8 = 13;
+  static_assert(std::string_view(Choice::kernel_names[kW4A8]) == "W4A8 GEMV");
+  t::TempDir dir;
+  const std::string q4_0 = random_model(dir.path(), tiny_shape(256, 4, 2), k::DType::Q4_0);
+  const std::string awq = (t::test_data_dir() / "gptq-tiny-llama" / "awq-g64").string();
+  for (const std::string& path : {q4_0, awq}) {
+    SCOPED_TRACE(path);
+    const auto checkpoint = m::LlamaCheckpoint::open(path);
+    w::CudaModelOptions plain_options, int8_options;
+    plain_options.int4_kernels = int8_options.int4_kernels = w::Int4Kernels::tensor_cores;
+    int8_options.int8_activations = true;
+    w::CudaLlamaModel plain(checkpoint, plain_options), int8(checkpoint, int8_options);
+    ASSERT_FALSE(int8.int4_kernel_choices().empty());
+    for (const Choice& ch : int8.int4_kernel_choices()) {
+      EXPECT_EQ(ch.chosen[0], kW4A8) << ch.n_out << " x " << ch.k;
+      for (int r = 1; r < Choice::kRanges; ++r) EXPECT_NE(ch.chosen[r], kW4A8) << "range " << r;
+    }
+    compare_logits_at_every_row_range(
+        plain, int8, [&](int32_t count, const std::vector<float>& a, const std::vector<float>& b) {
+          if (count > 1) {
+            EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0);
+          } else {
+            EXPECT_LE(t::max_relative_rms(b, a, plain.config().n_vocab), kQuantizedBound);
+          }
+        });
+    // One sequence, decoded a token at a time (one-row products throughout), against the CPU.
+    w::LlamaModel cpu(checkpoint);
+    const auto& c = cpu.config();
+    w::KvCache cpu_cache(c, 8, 8);
+    w::CudaKvCache gpu_cache(c, 8, 8);
+    nibble::kernels::ThreadPool pool(2);
+    std::vector<int32_t> tokens = {5, 9, 2, 7, 11, 3, 8, 4, 6};
+    int32_t pos = 0;
+    for (int step = 0; step < 4; ++step) {
+      SCOPED_TRACE("step " + std::to_string(step));
+      w::ForwardBatch batch;
+      batch.add_sequence(tokens, pos, 0, 1);
+      batch.block_tables = {0, 1, 2, 3, 4, 5, 6, 7};
+      batch.max_blocks_per_seq = 8;
+      std::vector<float> cpu_logits, gpu_logits;
+      cpu.forward(batch, cpu_cache, pool, cpu_logits);
+      int8.forward(batch, gpu_cache, gpu_logits);
+      ASSERT_EQ(gpu_logits.size(), cpu_logits.size());
+      for (const float x : gpu_logits) ASSERT_TRUE(std::isfinite(x));
+      const double err = t::max_relative_rms(gpu_logits, cpu_logits, c.n_vocab);
+      EXPECT_LE(err, path == awq ? kCheckpointBound : kQuantizedBound);
+      std::cout << "  int8 activations, step " << step << ": logits relative RMS " << err << "\n";
+      pos += static_cast<int32_t>(tokens.size());
+      tokens = {static_cast<int32_t>(3 + step)};
+    }
+    w::CudaModelOptions refused = int8_options;
+    refused.int4_layout = w::Int4Layout::tiles;
+    EXPECT_THROW(w::CudaLlamaModel(checkpoint, refused), std::invalid_argument);
+  }
+}
+
 // Int4Layout::cutlass: each INT4 matrix CUTLASS takes is kept only in CUTLASS's order (its rows freed,
 // so the model holds about one copy where cutlass_gemm holds two), and every product of it runs on a
 // CUTLASS schedule. Pinned to the tensor cores: 16-row activation tiles up to 32 rows, then the 64- and

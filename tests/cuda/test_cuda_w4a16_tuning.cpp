@@ -12,6 +12,7 @@
 #include "kernels/cuda/w4a16_gemv.cuh"
 #include "kernels/cuda/w4a16_gemv_mma.cuh"
 #include "kernels/cuda/w4a16_tuning.cuh"
+#include "kernels/cuda/w4a8_gemv.cuh"
 #include "kernels/int4_tiles.hpp"
 #include "tests/cuda/w4a16_test_util.hpp"
 
@@ -200,6 +201,26 @@ TEST(W4A16Tuning, OnTheCutlassLayoutOnlyTheCutlassGemmsAreChosen) {
             Status::invalid_argument);
 }
 
+// The W4A8 GEMV (8-bit activations) is an Int4Kernel the model pins where asked, never one the timing
+// rule chooses: even timed fastest it is passed over, on every layout.
+TEST(W4A16Tuning, TheW4A8GemvIsNeverChosenByTiming) {
+  using K = kc::Int4Kernel;
+  EXPECT_FALSE(kc::is_w4a16(K::w4a8_gemv));
+  for (int kernel = 0; kernel + 1 < kc::kInt4Kernels; ++kernel)
+    EXPECT_TRUE(kc::is_w4a16(static_cast<K>(kernel)));
+  EXPECT_STREQ(kc::int4_kernel_name(K::w4a8_gemv), "W4A8 GEMV");
+  EXPECT_EQ(kc::int4_kernel_max_rows(K::w4a8_gemv), kc::kW4A8GemvMaxM);
+  EXPECT_NE(kc::int4_kernel_launcher(K::w4a8_gemv), nullptr);
+  EXPECT_TRUE(kc::int4_kernel_reads(K::w4a8_gemv, kc::Int4Layout::rows));
+  EXPECT_FALSE(kc::int4_kernel_reads(K::w4a8_gemv, kc::Int4Layout::tiles));
+  EXPECT_FALSE(kc::int4_kernel_reads(K::w4a8_gemv, kc::Int4Layout::cutlass));
+  kc::Int4GroupsTuning t;
+  t.us[0][kCudaCores][0] = 30;
+  t.us[0][static_cast<int>(K::w4a8_gemv)][0] = 5;
+  kc::choose_int4_groups_kernels(t);
+  EXPECT_EQ(t.chosen[0], K::gemv_cuda_cores);
+}
+
 TEST(W4A16Tuning, RejectsBadArgumentsBeforeTouchingTheDevice) {
   kc::Int4GroupsTuning t;
   std::string error;
@@ -298,8 +319,8 @@ TEST(W4A16Tuning, TimesEveryCandidateOnTheDeviceAndChoosesByTheRule) {
         const auto which = static_cast<kc::Int4Kernel>(kernel);
         const int64_t rows = kc::kInt4RangeTimedRows[r][0];
         const bool takes = rows <= kc::int4_kernel_max_rows(which) &&
-                           rows >= kc::int4_kernel_min_rows(which) &&
-                           !kc::is_cutlass(which);  // no CUTLASS copies given
+                           rows >= kc::int4_kernel_min_rows(which) && !kc::is_cutlass(which) &&
+                           kc::is_w4a16(which);  // no CUTLASS copies given; W4A8 never timed
         if (takes && kc::int4_kernel_reads(which, kc::Int4Layout::tiles))
           EXPECT_GT(on_tiles.us[r][kernel][0], 0.0) << kernel << " at " << rows << " rows";
         else
@@ -314,7 +335,7 @@ TEST(W4A16Tuning, TimesEveryCandidateOnTheDeviceAndChoosesByTheRule) {
           if (rows == 0) continue;
           const auto which = static_cast<kc::Int4Kernel>(kernel);
           if (rows <= kc::int4_kernel_max_rows(which) && rows >= kc::int4_kernel_min_rows(which) &&
-              !kc::is_cutlass(which))
+              !kc::is_cutlass(which) && kc::is_w4a16(which))  // W4A8 is never timed
             EXPECT_GT(t.us[r][kernel][c], 0.0) << kernel << " at " << rows << " rows";
           else
             EXPECT_EQ(t.us[r][kernel][c], 0.0) << kernel << " at " << rows << " rows";

@@ -13,6 +13,7 @@ constexpr int kWarps = 8;
 constexpr int kThreads = kWarpSize * kWarps;
 constexpr int kRun = 32;         // inputs a run: one activation block, 16 bytes of nibbles
 constexpr int kLanesPerRun = 4;  // staging: 8 inputs a lane
+constexpr int kBlocksPerSm = 2;  // 16 warps an SM streaming weights (see launch)
 constexpr unsigned kFullMask = 0xffffffffu;
 
 // Four products of unsigned bytes of a and signed bytes of b, added to c (dp4a.u32.s32).
@@ -146,10 +147,13 @@ Status launch(const w4a16::Int4GroupBlocks& blocks, int64_t n_out, int64_t k, co
           cudaSuccess ||
       per_sm < 1)
     return Status::device_error;
-  // Enough blocks to fill every SM once; each quantizes the activations once and then takes rows in turn.
+  // At most kBlocksPerSm blocks an SM, each taking rows in turn: every block quantizes all m rows of x
+  // first (k reads from L2 and ~k / 64 instructions a thread), so one block per 8 rows would spend
+  // about a third of its instructions there on an 8192 x 8192 product and read x from L2 once per 8
+  // rows, half the weights' bytes again.
   const int64_t wanted = (n_out + kWarps - 1) / kWarps;
-  const int64_t grid =
-      wanted < static_cast<int64_t>(sms) * per_sm ? wanted : static_cast<int64_t>(sms) * per_sm;
+  const int64_t resident = static_cast<int64_t>(sms) * (per_sm < kBlocksPerSm ? per_sm : kBlocksPerSm);
+  const int64_t grid = wanted < resident ? wanted : resident;
   const cudaError_t launched =
       detail::launch_kernel(w4a8_gemv_kernel<M>, dim3(static_cast<unsigned>(grid)), dim3(kThreads), smem,
                             stream, programmatic, blocks, n_out, k, x, y);

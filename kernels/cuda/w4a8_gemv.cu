@@ -2,6 +2,7 @@
 #include <cuda_runtime.h>
 
 #include "kernels/cuda/dependent_launch.cuh"
+#include "kernels/cuda/mma.cuh"
 #include "kernels/cuda/w4a16_weights.cuh"
 #include "kernels/cuda/w4a8_gemv.cuh"
 
@@ -35,6 +36,15 @@ __global__ void __launch_bounds__(kThreads)
   auto* xs = reinterpret_cast<int*>(xd + M * runs);
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
 
+  // The warp's first row of weights on its way to L2 while the activations are quantized (and, launched
+  // programmatically, while the kernel before us finishes: weights are no kernel's output): one
+  // 128-byte line a lane at a time.
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
+  if (first < n_out) {
+    const auto* row_bytes = w.quants + first * (k / 2);
+    for (int64_t line = lane; line * 128 < k / 2; line += kWarpSize)
+      detail::prefetch_l2(row_bytes + line * 128);
+  }
   detail::wait_for_prior_grids();  // x comes from the kernel before us
   // Quantize: 4 consecutive lanes per run (aligned in the warp, so their shuffles stay among them),
   // every lane of the block in every pass so that the shuffles see full warps.

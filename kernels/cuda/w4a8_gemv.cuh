@@ -8,7 +8,8 @@
 // an H200's copy bandwidth; this one's issues ~0.8 at one row.
 //
 // Each block first quantizes the m activation rows into shared memory (a 16-byte load of 8 inputs a
-// thread, the block's amax and sum over 4 lanes), then each warp takes output rows in turn: lane l
+// thread, the block's amax and sum over 4 lanes; each warp's first row of weights is prefetched to L2
+// meanwhile), then each warp takes output rows in turn (at most two blocks an SM): lane l
 // reads 32-input runs l, l + 32, ... of its row with 16-byte loads, and per activation row adds
 // d_x * s * (dot(q, xq) - z * sum(xq)) in fp32; a warp reduction ends the row.
 //

@@ -8,6 +8,7 @@
 #include <cuda_runtime.h>
 
 #include "kernels/cuda/dependent_launch.cuh"
+#include "kernels/cuda/mma.cuh"
 #include "kernels/cuda/w4a16_gemv.cuh"
 #include "kernels/cuda/w4a16_weights.cuh"
 
@@ -106,6 +107,10 @@ __global__ void __launch_bounds__(kStagedThreads)
   const auto* quants = reinterpret_cast<const uint4*>(w.quants) + row * nb;
   float acc = 0.0f;
 
+  // The row's first chunk of weights on its way to L2 while the first activations are staged (and,
+  // launched programmatically, while the previous kernel finishes): 16 units, one 128-byte line, a lane.
+  const int64_t first_lines = ((nb < kStagedChunkUnits ? nb : kStagedChunkUnits) * 16 + 127) / 128;
+  if (lane < first_lines) detail::prefetch_l2(quants + lane * 8);
   detail::wait_for_prior_grids();  // x comes from the previous kernel
   for (int64_t c0 = 0, chunk = 0; c0 < nb; c0 += kStagedChunkUnits, ++chunk) {
     const int units = static_cast<int>(nb - c0 < kStagedChunkUnits ? nb - c0 : kStagedChunkUnits);

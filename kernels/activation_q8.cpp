@@ -3,6 +3,8 @@
 #include <cmath>
 #include <vector>
 
+#include "kernels/quantize.hpp"
+
 namespace nibble::kernels {
 
 void quantize_activations_q8(const f16_bits* x, int64_t k, int8_t* q, float* d) {
@@ -45,6 +47,28 @@ Status w4a8_gemv_int4_groups_reference(const uint8_t* quants, const f16_bits* sc
         acc += static_cast<double>(xd[static_cast<size_t>(run)]) * fp16_to_fp32(scales[g]) *
                static_cast<double>(dot - static_cast<int64_t>(zeros[g]) * sum);
       }
+      y[r * n_out + o] = static_cast<float>(acc);
+    }
+  }
+  return Status::ok;
+}
+
+Status w4a8_gemv_q4_k_reference(const uint8_t* blocks, int64_t n_out, int64_t k, const f16_bits* x, int64_t m,
+                                float* y) {
+  if (blocks == nullptr || x == nullptr || y == nullptr || n_out < 0 || m < 0 || k < 0 || k % kQK_K != 0)
+    return Status::invalid_argument;
+  const auto row_bytes = static_cast<int64_t>(k / kQK_K * sizeof(BlockQ4_K));
+  std::vector<float> w(static_cast<size_t>(k)), xd(static_cast<size_t>(k / kQ8ActivationBlock));
+  std::vector<int8_t> xq(static_cast<size_t>(k));
+  for (int64_t r = 0; r < m; ++r) {
+    quantize_activations_q8(x + r * k, k, xq.data(), xd.data());
+    for (int64_t o = 0; o < n_out; ++o) {
+      const Status st = dequantize_row(DType::Q4_K, blocks + o * row_bytes, w.data(), k);
+      if (st != Status::ok) return st;
+      double acc = 0.0;
+      for (int64_t j = 0; j < k; ++j)
+        acc += static_cast<double>(w[static_cast<size_t>(j)]) *
+               xd[static_cast<size_t>(j / kQ8ActivationBlock)] * xq[static_cast<size_t>(j)];
       y[r * n_out + o] = static_cast<float>(acc);
     }
   }

@@ -25,4 +25,9 @@ Status w4a8_gemv_int4_groups_reference(const uint8_t* quants, const f16_bits* sc
                                        int64_t group, int64_t n_out, int64_t k, const f16_bits* x, int64_t m,
                                        float* y);
 
+// The same on GGUF Q4_K super-blocks: y[r][o] = sum_i w_i * d_x * xq_i in double, w the CPU's
+// dequantization (kernels::dequantize_row). blocks: [n_out, k / 256] BlockQ4_K; k a multiple of 256.
+Status w4a8_gemv_q4_k_reference(const uint8_t* blocks, int64_t n_out, int64_t k, const f16_bits* x, int64_t m,
+                                float* y);
+
 }  // namespace nibble::kernels

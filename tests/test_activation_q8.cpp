@@ -100,6 +100,9 @@ TEST(ActivationQ8, ReferenceIsTheDequantizedProduct) {
             Status::invalid_argument);
   EXPECT_EQ(w4a8_gemv_int4_groups_reference(nullptr, s.data(), b.data(), 32, 1, 32, s.data(), 1, y.data()),
             Status::invalid_argument);
+  EXPECT_EQ(w4a8_gemv_q4_k_reference(b.data(), 1, 300, s.data(), 1, y.data()),
+            Status::invalid_argument);  // k
+  EXPECT_EQ(w4a8_gemv_q4_k_reference(nullptr, 1, 256, s.data(), 1, y.data()), Status::invalid_argument);
 }
 
 }  // namespace

@@ -41,6 +41,7 @@
 #include "kernels/cuda/w4a16_gemv.cuh"
 #include "kernels/cuda/w4a16_gemv_mma.cuh"
 #include "kernels/cuda/w4a16_tuning.cuh"
+#include "kernels/cuda/w4a8_gemv.cuh"
 #include "kernels/int4_groups.hpp"
 #include "kernels/int4_tiles.hpp"
 #include "kernels/quant_types.hpp"
@@ -760,6 +761,10 @@ struct CudaLlamaModel::Impl {
         kernels::Status st;
         // Tiles: only the tensor-core kernels read Q4_K chunks.
         const bool tiles = w.layout == kc::Int4Layout::tiles;
+        if (m == 1 && options.int8_activations) {  // 8-bit activations where asked (blocks as stored)
+          check(kc::w4a8_gemv_q4_k(wd, w.n_out, w.k, x, m, y, stream, pdl), "W4A8 matmul (Q4_K)");
+          return;
+        }
         if (!tiles && (pin == Int4Kernels::cuda_cores || (m == 1 && !w.q4_k_tensor_cores_one_row))) {
           st = gemv ? kc::w4a16_gemv_q4_k(wd, w.n_out, w.k, x, m, y, stream, pdl)
                     : kc::w4a16_gemm_q4_k(wd, w.n_out, w.k, x, m, y, stream, pdl);

@@ -228,8 +228,9 @@ struct CudaModelOptions {
   // GPU run measures it; needs a build with CUTLASS and a compute 9.0 device, and int4_kernels
   // measured or tensor_cores (std::invalid_argument otherwise).
   bool cutlass_gemm = false;
-  // One-row products of group-wise INT4 matrices (batch-1 decode; Q4_0 goes up as such) on the W4A8
-  // GEMV (kernels/cuda/w4a8_gemv.cuh): the activations rounded to 8 bits per 32 inputs on the device,
+  // One-row products of group-wise INT4 and GGUF Q4_K matrices (batch-1 decode; Q4_0 goes up as INT4
+  // groups) on the W4A8 GEMVs (kernels/cuda/w4a8_gemv.cuh): the activations rounded to 8 bits per 32
+  // inputs on the device,
   // as llama.cpp's CUDA backend and this project's CPU backend do, and multiplied on dp4a, about a
   // quarter of the instructions a weight of the fp16 CUDA-core GEMV. Not W4A16: logits move by the
   // activations' rounding (the CPU backend's order of magnitude), so it is asked for, never chosen by

@@ -24,28 +24,12 @@ __device__ __forceinline__ int dp4a_unsigned_signed(uint32_t a, int b, int c) {
   return d;
 }
 
-// Shared memory: xq [M][k] int8, then xd [M][k / 32] float scales, then xs [M][k / 32] int sums.
+// The m = M rows of x quantized into shared memory (kernels::quantize_activations_q8's steps): xq [M][k]
+// int8, xd [M][k / 32] scales, xs [M][k / 32] sums. Every thread of the block calls it; a barrier must
+// follow before the results are read.
 template <int M>
-__global__ void __launch_bounds__(kThreads)
-    w4a8_gemv_kernel(w4a16::Int4GroupBlocks w, int64_t n_out, int64_t k, const __half* __restrict__ x,
-                     float* __restrict__ y) {
-  extern __shared__ __align__(16) uint8_t smem[];
+__device__ void quantize_to_shared(const __half* __restrict__ x, int64_t k, int8_t* xq, float* xd, int* xs) {
   const int64_t runs = k / kRun;
-  auto* xq = reinterpret_cast<int8_t*>(smem);
-  auto* xd = reinterpret_cast<float*>(smem + M * k);
-  auto* xs = reinterpret_cast<int*>(xd + M * runs);
-  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
-
-  // The warp's first row of weights on its way to L2 while the activations are quantized (and, launched
-  // programmatically, while the kernel before us finishes: weights are no kernel's output): one
-  // 128-byte line a lane at a time.
-  const int64_t first = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
-  if (first < n_out) {
-    const auto* row_bytes = w.quants + first * (k / 2);
-    for (int64_t line = lane; line * 128 < k / 2; line += kWarpSize)
-      detail::prefetch_l2(row_bytes + line * 128);
-  }
-  detail::wait_for_prior_grids();  // x comes from the kernel before us
   // Quantize: 4 consecutive lanes per run (aligned in the warp, so their shuffles stay among them),
   // every lane of the block in every pass so that the shuffles see full warps.
   const int64_t parts = M * runs * kLanesPerRun;
@@ -92,6 +76,31 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
   }
+}
+
+// Shared memory: xq [M][k] int8, then xd [M][k / 32] float scales, then xs [M][k / 32] int sums.
+template <int M>
+__global__ void __launch_bounds__(kThreads)
+    w4a8_gemv_kernel(w4a16::Int4GroupBlocks w, int64_t n_out, int64_t k, const __half* __restrict__ x,
+                     float* __restrict__ y) {
+  extern __shared__ __align__(16) uint8_t smem[];
+  const int64_t runs = k / kRun;
+  auto* xq = reinterpret_cast<int8_t*>(smem);
+  auto* xd = reinterpret_cast<float*>(smem + M * k);
+  auto* xs = reinterpret_cast<int*>(xd + M * runs);
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+
+  // The warp's first row of weights on its way to L2 while the activations are quantized (and, launched
+  // programmatically, while the kernel before us finishes: weights are no kernel's output): one
+  // 128-byte line a lane at a time.
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
+  if (first < n_out) {
+    const auto* row_bytes = w.quants + first * (k / 2);
+    for (int64_t line = lane; line * 128 < k / 2; line += kWarpSize)
+      detail::prefetch_l2(row_bytes + line * 128);
+  }
+  detail::wait_for_prior_grids();  // x comes from the kernel before us
+  quantize_to_shared<M>(x, k, xq, xd, xs);
   __syncthreads();
   detail::allow_dependent_launch();  // the kernel after us may start (it waits for us)
 
@@ -139,34 +148,110 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// GGUF Q4_K super-blocks as stored (144 bytes a 256 weights): lane l takes the 64-weight units l, l + 32,
+// ... of its row, unit u = (super-block u / 4, qs bytes 32 (u % 4) .. + 31), which hold sub-block
+// 2 (u % 4) in their low nibbles and 2 (u % 4) + 1 in their high ones, input i in byte i; per sub-block
+// j of scale ds = d * scale_j and min dm = dmin * min_j (exact in fp32) it adds
+// d_x * (ds * dot(q, xq) - dm * sum(xq)).
+struct Q4KWeights {
+  const uint8_t* blocks;  // [n_out, k / 256] BlockQ4_K
+};
+
 template <int M>
-Status launch(const w4a16::Int4GroupBlocks& blocks, int64_t n_out, int64_t k, const __half* x, float* y,
+__global__ void __launch_bounds__(kThreads)
+    w4a8_gemv_q4_k_kernel(Q4KWeights w, int64_t n_out, int64_t k, const __half* __restrict__ x,
+                          float* __restrict__ y) {
+  extern __shared__ __align__(16) uint8_t smem[];
+  const int64_t runs = k / kRun;
+  auto* xq = reinterpret_cast<int8_t*>(smem);
+  auto* xd = reinterpret_cast<float*>(smem + M * k);
+  auto* xs = reinterpret_cast<int*>(xd + M * runs);
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  const int64_t row_bytes = (k / 256) * 144;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
+  if (first < n_out) {  // as in w4a8_gemv_kernel
+    for (int64_t line = lane; line * 128 < row_bytes; line += kWarpSize)
+      detail::prefetch_l2(w.blocks + first * row_bytes + line * 128);
+  }
+  detail::wait_for_prior_grids();  // x comes from the kernel before us
+  quantize_to_shared<M>(x, k, xq, xd, xs);
+  __syncthreads();
+  detail::allow_dependent_launch();  // the kernel after us may start (it waits for us)
+
+  const int runs32 = static_cast<int>(runs), units = static_cast<int>(k / 64);
+  for (int64_t out = first; out < n_out; out += static_cast<int64_t>(gridDim.x) * kWarps) {
+    const uint8_t* row = w.blocks + out * row_bytes;
+    float acc[M];
+#pragma unroll
+    for (int r = 0; r < M; ++r) acc[r] = 0.0f;
+    for (int u = lane; u < units; u += kWarpSize) {
+      const uint8_t* blk = row + static_cast<int64_t>(u / 4) * 144;
+      const int c = u % 4;
+      const uint4 head = __ldg(reinterpret_cast<const uint4*>(blk));
+      const uint4 qa = __ldg(reinterpret_cast<const uint4*>(blk + 16 + 32 * c));
+      const uint4 qb = __ldg(reinterpret_cast<const uint4*>(blk + 32 + 32 * c));
+      float ds0, dm0, ds1, dm1;
+      w4a16::q4_k_scale_min(head, 2 * c, ds0, dm0);
+      w4a16::q4_k_scale_min(head, 2 * c + 1, ds1, dm1);
+      const uint32_t words[8] = {qa.x, qa.y, qa.z, qa.w, qb.x, qb.y, qb.z, qb.w};  // inputs 4i .. 4i + 3
+      const int run0 = (u / 4) * 8 + 2 * c;  // sub-block 2c's activation block; 2c + 1's follows
+#pragma unroll
+      for (int r = 0; r < M; ++r) {
+        const auto* x0 = reinterpret_cast<const int4*>(xq + r * runs32 * kRun + run0 * kRun);
+        const int4 a0 = x0[0], a1 = x0[1], b0 = x0[2], b1 = x0[3];
+        const int xa[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
+        const int xb[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
+        int lo = 0, hi16 = 0;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          lo = dp4a_unsigned_signed(words[i] & 0x0F0F0F0Fu, xa[i], lo);
+          hi16 = dp4a_unsigned_signed(words[i] & 0xF0F0F0F0u, xb[i], hi16);
+        }
+        const int at = r * runs32 + run0;
+        acc[r] = fmaf(xd[at], fmaf(ds0, static_cast<float>(lo), -dm0 * static_cast<float>(xs[at])), acc[r]);
+        acc[r] =
+            fmaf(xd[at + 1], fmaf(ds1, static_cast<float>(hi16 >> 4), -dm1 * static_cast<float>(xs[at + 1])),
+                 acc[r]);
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < M; ++r) {
+      float v = acc[r];
+#pragma unroll
+      for (int off = kWarpSize / 2; off > 0; off /= 2) v += __shfl_xor_sync(kFullMask, v, off);
+      if (lane == 0) y[r * n_out + out] = v;
+    }
+  }
+}
+
+// One of the kernels above for m rows: shared memory for the quantized rows, at most kBlocksPerSm
+// blocks an SM (each taking rows in turn: every block quantizes all m rows of x first, k reads from L2
+// and ~k / 64 instructions a thread, so one block per 8 rows would spend about a third of its
+// instructions there on an 8192 x 8192 product and read x from L2 once per 8 rows, half the weights'
+// bytes again).
+template <typename Weights>
+Status launch(void (*kernel)(Weights, int64_t, int64_t, const __half*, float*), int64_t m,
+              const Weights& weights, int64_t n_out, int64_t k, const __half* x, float* y,
               cudaStream_t stream, bool programmatic) {
-  const size_t smem = static_cast<size_t>(M * k) + static_cast<size_t>(M * (k / kRun)) * 8;
+  const size_t smem = static_cast<size_t>(m * k) + static_cast<size_t>(m * (k / kRun)) * 8;
   int device = 0, max_smem = 0, sms = 0, per_sm = 0;
   if (cudaGetDevice(&device) != cudaSuccess ||
       cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess ||
       cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
     return Status::device_error;
   if (smem > static_cast<size_t>(max_smem)) return Status::invalid_argument;
-  if (smem > 48 * 1024 &&
-      cudaFuncSetAttribute(w4a8_gemv_kernel<M>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                           static_cast<int>(smem)) != cudaSuccess)
+  if (smem > 48 * 1024 && cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               static_cast<int>(smem)) != cudaSuccess)
     return Status::device_error;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, w4a8_gemv_kernel<M>, kThreads, smem) !=
-          cudaSuccess ||
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem) != cudaSuccess ||
       per_sm < 1)
     return Status::device_error;
-  // At most kBlocksPerSm blocks an SM, each taking rows in turn: every block quantizes all m rows of x
-  // first (k reads from L2 and ~k / 64 instructions a thread), so one block per 8 rows would spend
-  // about a third of its instructions there on an 8192 x 8192 product and read x from L2 once per 8
-  // rows, half the weights' bytes again.
   const int64_t wanted = (n_out + kWarps - 1) / kWarps;
   const int64_t resident = static_cast<int64_t>(sms) * (per_sm < kBlocksPerSm ? per_sm : kBlocksPerSm);
   const int64_t grid = wanted < resident ? wanted : resident;
   const cudaError_t launched =
-      detail::launch_kernel(w4a8_gemv_kernel<M>, dim3(static_cast<unsigned>(grid)), dim3(kThreads), smem,
-                            stream, programmatic, blocks, n_out, k, x, y);
+      detail::launch_kernel(kernel, dim3(static_cast<unsigned>(grid)), dim3(kThreads), smem, stream,
+                            programmatic, weights, n_out, k, x, y);
   const cudaError_t last = cudaGetLastError();
   return launched == cudaSuccess && last == cudaSuccess ? Status::ok : Status::device_error;
 }
@@ -185,16 +270,27 @@ Status w4a8_gemv_int4_groups(const uint8_t* quants, const __half* scales, const 
     const cudaError_t err = cudaMemsetAsync(y, 0, static_cast<size_t>(m * n_out) * sizeof(float), stream);
     return err == cudaSuccess ? Status::ok : Status::device_error;
   }
-  switch (m) {
-    case 1:
-      return launch<1>(blocks, n_out, k, x, y, stream, programmatic);
-    case 2:
-      return launch<2>(blocks, n_out, k, x, y, stream, programmatic);
-    case 3:
-      return launch<3>(blocks, n_out, k, x, y, stream, programmatic);
-    default:
-      return launch<4>(blocks, n_out, k, x, y, stream, programmatic);
+  using Kernel = void (*)(w4a16::Int4GroupBlocks, int64_t, int64_t, const __half*, float*);
+  constexpr Kernel kKernels[kW4A8GemvMaxM] = {w4a8_gemv_kernel<1>, w4a8_gemv_kernel<2>, w4a8_gemv_kernel<3>,
+                                              w4a8_gemv_kernel<4>};
+  return launch(kKernels[m - 1], m, blocks, n_out, k, x, y, stream, programmatic);
+}
+
+Status w4a8_gemv_q4_k(const uint8_t* blocks, int64_t n_out, int64_t k, const __half* x, int64_t m, float* y,
+                      cudaStream_t stream, bool programmatic) {
+  if (blocks == nullptr || reinterpret_cast<uintptr_t>(blocks) % 16 != 0 || x == nullptr || y == nullptr ||
+      reinterpret_cast<uintptr_t>(x) % 16 != 0 || n_out < 0 || k < 0 || k % 256 != 0 || m < 1 ||
+      m > kW4A8GemvMaxM)
+    return Status::invalid_argument;
+  if (n_out == 0) return Status::ok;
+  if (k == 0) {  // empty sums
+    const cudaError_t err = cudaMemsetAsync(y, 0, static_cast<size_t>(m * n_out) * sizeof(float), stream);
+    return err == cudaSuccess ? Status::ok : Status::device_error;
   }
+  using Kernel = void (*)(Q4KWeights, int64_t, int64_t, const __half*, float*);
+  constexpr Kernel kKernels[kW4A8GemvMaxM] = {w4a8_gemv_q4_k_kernel<1>, w4a8_gemv_q4_k_kernel<2>,
+                                              w4a8_gemv_q4_k_kernel<3>, w4a8_gemv_q4_k_kernel<4>};
+  return launch(kKernels[m - 1], m, Q4KWeights{blocks}, n_out, k, x, y, stream, programmatic);
 }
 
 }  // namespace nibble::kernels::cuda

@@ -38,4 +38,11 @@ Status w4a8_gemv_int4_groups(const uint8_t* quants, const __half* scales, const 
                              int64_t n_out, int64_t k, const __half* x, int64_t m, float* y,
                              cudaStream_t stream, bool programmatic = false);
 
+// The same on GGUF Q4_K super-blocks as stored (llama.cpp's vec_dot_q4_K_q8_1 arithmetic): per
+// 32-input sub-block j, d_x * (d * scale_j * dot(q, xq) - dmin * min_j * sum(xq)).
+// blocks: [n_out, k / 256] BlockQ4_K, 16-byte aligned; k a multiple of 256; the rest as above.
+// CPU reference: kernels::w4a8_gemv_q4_k_reference.
+Status w4a8_gemv_q4_k(const uint8_t* blocks, int64_t n_out, int64_t k, const __half* x, int64_t m, float* y,
+                      cudaStream_t stream, bool programmatic = false);
+
 }  // namespace nibble::kernels::cuda

@@ -750,7 +750,8 @@ TEST(CudaLlamaModel, CutlassGemmTakesManyRowProductsNearTheTensorCoreLogits) {
 // every other row count as before. Pinned to the tensor cores otherwise, the logits equal the plain
 // model's bit for bit from 2 rows, and at one row they follow the CPU (whose activations are 8-bit as
 // well) one decode step at a time within the quantized bound. Refused on tiles. A Q4_0 model (INT4
-// groups of 32, zeros 8: llama.cpp's Q4_0 x Q8 product) and AWQ at group 64.
+// groups of 32, zeros 8: llama.cpp's Q4_0 x Q8 product), AWQ at group 64, and a Q4_K model (its one-row
+// products on the Q4_K W4A8 GEMV, blocks as stored).
 TEST(CudaLlamaModel, Int8ActivationsRunOneRowProductsOnTheW4A8Gemv) {
   NIBBLE_REQUIRE_CUDA_DEVICE();
   using Choice = w::CudaInt4KernelChoice;
@@ -759,14 +760,19 @@ TEST(CudaLlamaModel, Int8ActivationsRunOneRowProductsOnTheW4A8Gemv) {
   t::TempDir dir;
   const std::string q4_0 = random_model(dir.path(), tiny_shape(256, 4, 2), k::DType::Q4_0);
   const std::string awq = (t::test_data_dir() / "gptq-tiny-llama" / "awq-g64").string();
-  for (const std::string& path : {q4_0, awq}) {
+  const std::string q4k = q4_k_model(dir.path());
+  for (const std::string& path : {q4_0, awq, q4k}) {
     SCOPED_TRACE(path);
     const auto checkpoint = m::LlamaCheckpoint::open(path);
     w::CudaModelOptions plain_options, int8_options;
     plain_options.int4_kernels = int8_options.int4_kernels = w::Int4Kernels::tensor_cores;
     int8_options.int8_activations = true;
     w::CudaLlamaModel plain(checkpoint, plain_options), int8(checkpoint, int8_options);
-    ASSERT_FALSE(int8.int4_kernel_choices().empty());
+    if (path == q4k) {
+      ASSERT_FALSE(int8.q4_k_choices().empty());
+    } else {
+      ASSERT_FALSE(int8.int4_kernel_choices().empty());
+    }
     for (const Choice& ch : int8.int4_kernel_choices()) {
       EXPECT_EQ(ch.chosen[0], kW4A8) << ch.n_out << " x " << ch.k;
       for (int r = 1; r < Choice::kRanges; ++r) EXPECT_NE(ch.chosen[r], kW4A8) << "range " << r;

@@ -87,6 +87,78 @@ TEST(CudaW4A8Gemv, MatchesTheCpuReferenceAndTheFp16ProductWithinTheRounding) {
   }
 }
 
+// GGUF Q4_K as stored times 8-bit activations: against kernels::w4a8_gemv_q4_k_reference (the CPU's
+// dequantized weights times the same quantized activations) on odd row counts and a ragged grid, and
+// within the activations' rounding of the fp16 product.
+TEST(CudaW4A8Gemv, Q4KMatchesTheCpuReference) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  std::mt19937 rng(23);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (const int64_t n_out : {int64_t{1}, int64_t{37}, int64_t{4099}}) {
+    for (const int64_t kk : {int64_t{256}, int64_t{768}, int64_t{4352}}) {
+      std::vector<uint8_t> wq;
+      std::vector<float> wf;
+      ASSERT_NO_FATAL_FAILURE(ct::random_quantized(k::DType::Q4_K, n_out, kk, rng, wq, wf));
+      ct::DeviceBuffer<uint8_t> dw(wq);
+      const int64_t max_m = kc::kW4A8GemvMaxM;
+      std::vector<k::f16_bits> xh(static_cast<size_t>(max_m * kk));
+      for (auto& v : xh) v = k::fp32_to_fp16(normal(rng));
+      ct::DeviceBuffer<k::f16_bits> dx(xh);
+      ct::DeviceBuffer<float> dy(static_cast<size_t>(max_m * n_out));
+      ASSERT_TRUE(dw.ptr && dx.ptr && dy.ptr);
+      std::vector<float> want(static_cast<size_t>(max_m * n_out));
+      ASSERT_EQ(k::w4a8_gemv_q4_k_reference(wq.data(), n_out, kk, xh.data(), max_m, want.data()),
+                k::Status::ok);
+      std::vector<int8_t> q(static_cast<size_t>(kk));
+      std::vector<float> d(static_cast<size_t>(kk / 32));
+      std::vector<double> magnitude(want.size()), rounding(want.size()), exact(want.size());
+      for (int64_t r = 0; r < max_m; ++r) {
+        k::quantize_activations_q8(xh.data() + r * kk, kk, q.data(), d.data());
+        for (int64_t o = 0; o < n_out; ++o) {
+          const auto at = static_cast<size_t>(r * n_out + o);
+          for (int64_t j = 0; j < kk; ++j) {
+            const double wj = wf[static_cast<size_t>(o * kk + j)];
+            magnitude[at] += std::fabs(wj * d[j / 32] * q[j]);
+            rounding[at] += std::fabs(wj) * d[j / 32] / 2;
+            exact[at] += wj * k::fp16_to_fp32(xh[static_cast<size_t>(r * kk + j)]);
+          }
+        }
+      }
+      for (int64_t m = 1; m <= max_m; ++m) {
+        SCOPED_TRACE("n_out " + std::to_string(n_out) + " k " + std::to_string(kk) + " m " +
+                     std::to_string(m));
+        ASSERT_EQ(cudaMemset(dy.ptr, 0xff, dy.count * sizeof(float)), cudaSuccess);
+        ASSERT_EQ(kc::w4a8_gemv_q4_k(dw.ptr, n_out, kk, reinterpret_cast<const __half*>(dx.ptr), m, dy.ptr,
+                                     nullptr),
+                  k::Status::ok);
+        ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+        const std::vector<float> got = dy.to_host();
+        int bad = 0;
+        for (int64_t i = 0; i < m * n_out; ++i) {
+          const auto at = static_cast<size_t>(i);
+          // d * scale and dmin * min are exact in fp32 on both sides; the CPU rounds each weight once.
+          const double ref_err = std::fabs(static_cast<double>(got[at]) - want[at]);
+          const double fp16_err = std::fabs(static_cast<double>(got[at]) - exact[at]);
+          if ((!(ref_err <= 2e-5 * magnitude[at] + 1e-6) ||
+               !(fp16_err <= 1.001 * rounding[at] + 2e-5 * magnitude[at] + 1e-6)) &&
+              ++bad <= 3) {
+            ADD_FAILURE() << "output " << i << ": " << got[at] << ", reference " << want[at]
+                          << ", fp16 product " << exact[at];
+          }
+        }
+        EXPECT_EQ(bad, 0);
+      }
+    }
+  }
+  alignas(16) static uint8_t blocks[144] = {};
+  alignas(16) static uint16_t x[256] = {};
+  static float y[4];
+  const auto* xh = reinterpret_cast<const __half*>(x);
+  EXPECT_EQ(kc::w4a8_gemv_q4_k(blocks, 1, 300, xh, 1, y, nullptr), k::Status::invalid_argument);  // k % 256
+  EXPECT_EQ(kc::w4a8_gemv_q4_k(blocks + 8, 1, 256, xh, 1, y, nullptr), k::Status::invalid_argument);
+  EXPECT_EQ(kc::w4a8_gemv_q4_k(blocks, 1, 256, xh, 5, y, nullptr), k::Status::invalid_argument);
+}
+
 // A row's outputs do not depend on how many rows share the call (the same operations in the same order
 // for each row), so batching decode requests does not change a request's bits.
 TEST(CudaW4A8Gemv, ARowsOutputsDoNotDependOnTheRowCount) {

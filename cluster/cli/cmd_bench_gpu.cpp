@@ -604,6 +604,7 @@ int run_kernels(const Args& a) {
       row["g128_staged_gbps"] = r.g128_bytes / (r.g128_staged_us * 1e-6) / 1e9;
       row["g128_staged_speedup_vs_cublas"] = r.cublas_us / r.g128_staged_us;
     }
+    if (r.q4k_w4a8_us > 0) row["w4a8_q4k_us"] = r.q4k_w4a8_us;
     if (r.g128_w4a8_us > 0) {  // 8-bit activations: not among the W4A16 kernels' best
       row["w4a8_g128_us"] = r.g128_w4a8_us;
       row["g128_w4a8_gbps"] = r.g128_bytes / (r.g128_w4a8_us * 1e-6) / 1e9;
@@ -755,10 +756,10 @@ int run_kernels(const Args& a) {
     // W4A8: the same group-128 weights times activations rounded to 8 bits on the device, on dp4a
     // (w4a8_gemv_int4_groups): another arithmetic, so beside the W4A16 kernels rather than among them.
     std::printf(
-        "\nW4A8 (group-128 INT4 x 8-bit activations, dp4a; m <= 4), us (%%copy of the group-128 bytes), "
-        "against the fastest W4A16 group-128 kernel and fp16 cuBLAS\n");
-    std::printf("%-12s %4s | %15s | %10s %8s | %9s %8s\n", "k x n_out", "m", "w4a8", "best W4A16", "w4a8/it",
-                "cuBLAS us", "vs fp16");
+        "\nW4A8 (8-bit activations, dp4a; m <= 4), us (%%copy of the weights' bytes): group-128 INT4 against "
+        "the fastest W4A16 group-128 kernel and fp16 cuBLAS; Q4_K as stored against the Q4_K kernels\n");
+    std::printf("%-12s %4s | %15s | %10s %8s | %9s %8s | %15s | %10s %8s\n", "k x n_out", "m", "w4a8",
+                "best W4A16", "w4a8/it", "cuBLAS us", "vs fp16", "w4a8 Q4_K", "best Q4_K", "w4a8/it");
     for (const auto& r : result.rows) {
       if (!(r.g128_w4a8_us > 0)) continue;
       double best = 0.0;
@@ -769,10 +770,19 @@ int run_kernels(const Args& a) {
       char shape[32];
       std::snprintf(shape, sizeof shape, "%lldx%lld", static_cast<long long>(r.shape.k),
                     static_cast<long long>(r.shape.n_out));
-      std::printf("%-12s %4lld | %8.1f (%3.0f%%) | %10.1f %7.2fx | %9.1f %7.2fx\n", shape,
+      std::printf("%-12s %4lld | %8.1f (%3.0f%%) | %10.1f %7.2fx | %9.1f %7.2fx |", shape,
                   static_cast<long long>(r.m), r.g128_w4a8_us,
                   100.0 * r.g128_bytes / (r.g128_w4a8_us * 1e-6) / 1e9 / result.copy_gbps, best,
                   best > 0 ? best / r.g128_w4a8_us : 0.0, r.cublas_us, r.cublas_us / r.g128_w4a8_us);
+      double best_q4k = 0.0;
+      for (const double us : {r.q4k_us, r.q4k_tc_us, r.q4k_tiles_tc_us})
+        if (us > 0 && (best_q4k == 0.0 || us < best_q4k)) best_q4k = us;
+      if (r.q4k_w4a8_us > 0)
+        std::printf(" %8.1f (%3.0f%%) | %10.1f %7.2fx\n", r.q4k_w4a8_us,
+                    100.0 * r.q4k_bytes / (r.q4k_w4a8_us * 1e-6) / 1e9 / result.copy_gbps, best_q4k,
+                    best_q4k > 0 ? best_q4k / r.q4k_w4a8_us : 0.0);
+      else
+        std::printf(" %15s | %10s %8s\n", "-", "-", "-");
     }
   }
   if (a.json) {

@@ -172,12 +172,12 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
     }
   }
   std::vector<double> g128(ms.size(), 0.0), g128_mma(ms.size(), 0.0), g128_tc(ms.size(), 0.0),
-      g128_staged(ms.size(), 0.0), g128_w4a8(ms.size(), 0.0), g128_tc32(ms.size(), 0.0),
-      g128_tc64(ms.size(), 0.0), g128_tc_loads(ms.size(), 0.0), g128_tc_compute(ms.size(), 0.0),
-      g128_deq(ms.size(), 0.0), tiles_tc(ms.size(), 0.0), tiles_tc32(ms.size(), 0.0),
-      tiles_tc64(ms.size(), 0.0), tiles_deq(ms.size(), 0.0), tiles_loads(ms.size(), 0.0), q4k(ms.size(), 0.0),
-      q4k_tc(ms.size(), 0.0), q4k_tiles_tc(ms.size(), 0.0), g128_cutlass(ms.size(), 0.0),
-      g128_cutlass_pp(ms.size(), 0.0), g128_cutlass16(ms.size(), 0.0);
+      g128_staged(ms.size(), 0.0), g128_w4a8(ms.size(), 0.0), q4k_w4a8(ms.size(), 0.0),
+      g128_tc32(ms.size(), 0.0), g128_tc64(ms.size(), 0.0), g128_tc_loads(ms.size(), 0.0),
+      g128_tc_compute(ms.size(), 0.0), g128_deq(ms.size(), 0.0), tiles_tc(ms.size(), 0.0),
+      tiles_tc32(ms.size(), 0.0), tiles_tc64(ms.size(), 0.0), tiles_deq(ms.size(), 0.0),
+      tiles_loads(ms.size(), 0.0), q4k(ms.size(), 0.0), q4k_tc(ms.size(), 0.0), q4k_tiles_tc(ms.size(), 0.0),
+      g128_cutlass(ms.size(), 0.0), g128_cutlass_pp(ms.size(), 0.0), g128_cutlass16(ms.size(), 0.0);
   std::vector<const char*> tiles_tc_shape(ms.size(), "");
   const size_t g128_quant_bytes = static_cast<size_t>(n * k / 2);
   const size_t g128_groups = static_cast<size_t>(n * (k / 128));
@@ -345,6 +345,14 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
                               : w4a16_gemm_q4_k(wi, n, k, xh, m, static_cast<float*>(y.ptr), stream);
         if (st != Status::ok) throw BenchFailure(std::string("W4A16 Q4_K kernel failed: ") + status_name(st));
       });
+      if (m <= kW4A8GemvMaxM) {
+        q4k_w4a8[mi] = time_us(stream, iterations, repetitions, [&](int i) {
+          const uint8_t* wi =
+              static_cast<const uint8_t*>(w.ptr) + q4k_bytes * static_cast<size_t>(i % copies);
+          const Status st = w4a8_gemv_q4_k(wi, n, k, xh, m, static_cast<float*>(y.ptr), stream);
+          if (st != Status::ok) throw BenchFailure(std::string("W4A8 Q4_K GEMV failed: ") + status_name(st));
+        });
+      }
       q4k_tc[mi] = time_us(stream, iterations, repetitions, [&](int i) {
         const uint8_t* wi = static_cast<const uint8_t*>(w.ptr) + q4k_bytes * static_cast<size_t>(i % copies);
         const Status st =
@@ -422,6 +430,7 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
     row.g128_tiles_loads_us = tiles_loads[mi];
     row.q4k_us = q4k[mi];
     row.q4k_tc_us = q4k_tc[mi];
+    row.q4k_w4a8_us = q4k_w4a8[mi];
     row.q4k_tiles_tc_us = q4k_tiles_tc[mi];
     row.g128_bytes = static_cast<double>(g128_bytes) + 2.0 * ms[mi] * k + 4.0 * ms[mi] * n;
     row.q4k_bytes = static_cast<double>(q4k_bytes) + 2.0 * ms[mi] * k + 4.0 * ms[mi] * n;

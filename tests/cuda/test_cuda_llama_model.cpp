@@ -1446,6 +1446,7 @@ TEST(CudaLlamaModelCli, BenchGpuKernelTableTimesEveryKernel) {
     EXPECT_EQ(row.contains("w4a8_g128_us"), m <= 4);  // the dp4a GEMV, 8-bit activations
     if (m <= 4) {
       EXPECT_GT(row["w4a8_g128_us"].get<double>(), 0.0);
+      EXPECT_GT(row["w4a8_q4k_us"].get<double>(), 0.0);
     }
     // The tensor-core kernels on tiles, by the same rules.
     ASSERT_TRUE(row.contains("g128_tiles")) << row.dump();

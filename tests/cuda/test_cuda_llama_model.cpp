@@ -1505,6 +1505,21 @@ TEST(CudaLlamaModelCli, BenchGpuReportsTheInt4KernelChoicesAndProgrammaticLaunch
   }
 }
 
+// bench-gpu --model --int8-activations: every INT4 shape's one-row products on the W4A8 GEMV (never
+// timed: it is asked for), the other row counts as timed; decode runs.
+TEST(CudaLlamaModelCli, BenchGpuPutsOneRowProductsOnTheW4A8GemvWhenAsked) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  std::string output;
+  nlohmann::json j;
+  ASSERT_NO_FATAL_FAILURE(run_bench_gpu_on_tiny("--int8-activations", output, j));
+  ASSERT_EQ(j["decode"].size(), 2u) << output;
+  ASSERT_FALSE(j["int4_kernels"].empty()) << output;
+  for (const auto& shape : j["int4_kernels"]) {
+    EXPECT_EQ(shape["ranges"][0]["chosen"], "W4A8 GEMV") << shape.dump();
+    for (size_t r = 1; r < shape["ranges"].size(); ++r) EXPECT_NE(shape["ranges"][r]["chosen"], "W4A8 GEMV");
+  }
+}
+
 // bench-gpu --model --int4-layout tiles: the dummy model's INT4 matrices in tiles, each shape's
 // kernels chosen among those that read tiles.
 TEST(CudaLlamaModelCli, BenchGpuRunsTheModelOnTiles) {

@@ -78,35 +78,64 @@ __device__ void quantize_to_shared(const __half* __restrict__ x, int64_t k, int8
   }
 }
 
-// Shared memory: xq [M][k] int8, then xd [M][k / 32] float scales, then xs [M][k / 32] int sums.
+// The quantized activation rows in shared memory: q [M][k] int8, d [M][k / 32] scales, s [M][k / 32] sums.
+struct QuantizedRows {
+  const int8_t* q;
+  const float* d;
+  const int* s;
+};
+
+// What both kernels do before their rows: the warp's first row of weights (row_bytes bytes a row from
+// `weights`) on its way to L2 while the activations are quantized (and, launched programmatically, while
+// the kernel before us finishes: weights are no kernel's output), one 128-byte line a lane at a time;
+// the wait for that kernel; the M rows of x quantized into shared memory; a barrier; the next kernel
+// allowed to start.
 template <int M>
-__global__ void __launch_bounds__(kThreads)
-    w4a8_gemv_kernel(w4a16::Int4GroupBlocks w, int64_t n_out, int64_t k, const __half* __restrict__ x,
-                     float* __restrict__ y) {
+__device__ QuantizedRows prologue(const uint8_t* weights, int64_t row_bytes, int64_t first, int64_t n_out,
+                                  int64_t k, const __half* __restrict__ x, int lane) {
   extern __shared__ __align__(16) uint8_t smem[];
-  const int64_t runs = k / kRun;
   auto* xq = reinterpret_cast<int8_t*>(smem);
   auto* xd = reinterpret_cast<float*>(smem + M * k);
-  auto* xs = reinterpret_cast<int*>(xd + M * runs);
-  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
-
-  // The warp's first row of weights on its way to L2 while the activations are quantized (and, launched
-  // programmatically, while the kernel before us finishes: weights are no kernel's output): one
-  // 128-byte line a lane at a time.
-  const int64_t first = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
+  auto* xs = reinterpret_cast<int*>(xd + M * (k / kRun));
   if (first < n_out) {
-    const auto* row_bytes = w.quants + first * (k / 2);
-    for (int64_t line = lane; line * 128 < k / 2; line += kWarpSize)
-      detail::prefetch_l2(row_bytes + line * 128);
+    for (int64_t line = lane; line * 128 < row_bytes; line += kWarpSize)
+      detail::prefetch_l2(weights + first * row_bytes + line * 128);
   }
   detail::wait_for_prior_grids();  // x comes from the kernel before us
   quantize_to_shared<M>(x, k, xq, xd, xs);
   __syncthreads();
   detail::allow_dependent_launch();  // the kernel after us may start (it waits for us)
+  return {xq, xd, xs};
+}
+
+// A warp's per-lane sums of one output row for each of the M activation rows, reduced across the warp
+// and stored by lane 0.
+template <int M>
+__device__ __forceinline__ void store_row_sums(const float (&acc)[M], int lane, float* __restrict__ y,
+                                               int64_t n_out, int64_t out) {
+#pragma unroll
+  for (int r = 0; r < M; ++r) {
+    float v = acc[r];
+#pragma unroll
+    for (int off = kWarpSize / 2; off > 0; off /= 2) v += __shfl_xor_sync(kFullMask, v, off);
+    if (lane == 0) y[r * n_out + out] = v;
+  }
+}
+
+template <int M>
+__global__ void __launch_bounds__(kThreads)
+    w4a8_gemv_kernel(w4a16::Int4GroupBlocks w, int64_t n_out, int64_t k, const __half* __restrict__ x,
+                     float* __restrict__ y) {
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  const int64_t runs = k / kRun;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
+  const QuantizedRows rows = prologue<M>(w.quants, k / 2, first, n_out, k, x, lane);
+  const int8_t* xq = rows.q;
+  const float* xd = rows.d;
+  const int* xs = rows.s;
 
   const int runs32 = static_cast<int>(runs), groups = static_cast<int>(runs >> w.group_shift);
-  for (int64_t out = static_cast<int64_t>(blockIdx.x) * kWarps + warp; out < n_out;
-       out += static_cast<int64_t>(gridDim.x) * kWarps) {
+  for (int64_t out = first; out < n_out; out += static_cast<int64_t>(gridDim.x) * kWarps) {
     const auto* quants = reinterpret_cast<const uint4*>(w.quants) + out * runs;
     const __half* scales = w.scales + out * groups;
     const uint8_t* zeros = w.zeros + out * groups;
@@ -138,13 +167,7 @@ __global__ void __launch_bounds__(kThreads)
         acc[r] = fmaf(xd[at] * scale, static_cast<float>(dot - zero * xs[at]), acc[r]);
       }
     }
-#pragma unroll
-    for (int r = 0; r < M; ++r) {
-      float v = acc[r];
-#pragma unroll
-      for (int off = kWarpSize / 2; off > 0; off /= 2) v += __shfl_xor_sync(kFullMask, v, off);
-      if (lane == 0) y[r * n_out + out] = v;
-    }
+    store_row_sums<M>(acc, lane, y, n_out, out);
   }
 }
 
@@ -161,22 +184,14 @@ template <int M>
 __global__ void __launch_bounds__(kThreads)
     w4a8_gemv_q4_k_kernel(Q4KWeights w, int64_t n_out, int64_t k, const __half* __restrict__ x,
                           float* __restrict__ y) {
-  extern __shared__ __align__(16) uint8_t smem[];
-  const int64_t runs = k / kRun;
-  auto* xq = reinterpret_cast<int8_t*>(smem);
-  auto* xd = reinterpret_cast<float*>(smem + M * k);
-  auto* xs = reinterpret_cast<int*>(xd + M * runs);
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  const int64_t runs = k / kRun;
   const int64_t row_bytes = (k / 256) * 144;
   const int64_t first = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
-  if (first < n_out) {  // as in w4a8_gemv_kernel
-    for (int64_t line = lane; line * 128 < row_bytes; line += kWarpSize)
-      detail::prefetch_l2(w.blocks + first * row_bytes + line * 128);
-  }
-  detail::wait_for_prior_grids();  // x comes from the kernel before us
-  quantize_to_shared<M>(x, k, xq, xd, xs);
-  __syncthreads();
-  detail::allow_dependent_launch();  // the kernel after us may start (it waits for us)
+  const QuantizedRows rows = prologue<M>(w.blocks, row_bytes, first, n_out, k, x, lane);
+  const int8_t* xq = rows.q;
+  const float* xd = rows.d;
+  const int* xs = rows.s;
 
   const int runs32 = static_cast<int>(runs), units = static_cast<int>(k / 64);
   for (int64_t out = first; out < n_out; out += static_cast<int64_t>(gridDim.x) * kWarps) {
@@ -214,13 +229,7 @@ __global__ void __launch_bounds__(kThreads)
                  acc[r]);
       }
     }
-#pragma unroll
-    for (int r = 0; r < M; ++r) {
-      float v = acc[r];
-#pragma unroll
-      for (int off = kWarpSize / 2; off > 0; off /= 2) v += __shfl_xor_sync(kFullMask, v, off);
-      if (lane == 0) y[r * n_out + out] = v;
-    }
+    store_row_sums<M>(acc, lane, y, n_out, out);
   }
 }
 

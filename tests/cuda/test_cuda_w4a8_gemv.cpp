@@ -22,6 +22,55 @@ namespace k = nibble::kernels;
 namespace kc = nibble::kernels::cuda;
 namespace ct = nibble::cuda_test;
 
+// Per output of m activation rows (row-major [m, n_out]): the sizes of its terms with the activations
+// as quantized (magnitude), half an activation step per weight (rounding: each activation lies within
+// it), and the fp16-activation product (exact). wf: [n_out, kk] weights; xh: [m, kk] activations.
+struct ErrorBudget {
+  std::vector<double> magnitude, rounding, exact;
+};
+ErrorBudget error_budget(const std::vector<float>& wf, const std::vector<k::f16_bits>& xh, int64_t n_out,
+                         int64_t kk, int64_t m) {
+  ErrorBudget b;
+  const auto size = static_cast<size_t>(m * n_out);
+  b.magnitude.assign(size, 0.0);
+  b.rounding.assign(size, 0.0);
+  b.exact.assign(size, 0.0);
+  std::vector<int8_t> q(static_cast<size_t>(kk));
+  std::vector<float> d(static_cast<size_t>(kk / 32));
+  for (int64_t r = 0; r < m; ++r) {
+    k::quantize_activations_q8(xh.data() + r * kk, kk, q.data(), d.data());
+    for (int64_t o = 0; o < n_out; ++o) {
+      const auto at = static_cast<size_t>(r * n_out + o);
+      for (int64_t j = 0; j < kk; ++j) {
+        const double wj = wf[static_cast<size_t>(o * kk + j)];
+        b.magnitude[at] += std::fabs(wj * d[j / 32] * q[j]);
+        b.rounding[at] += std::fabs(wj) * d[j / 32] / 2;
+        b.exact[at] += wj * k::fp16_to_fp32(xh[static_cast<size_t>(r * kk + j)]);
+      }
+    }
+  }
+  return b;
+}
+
+// The first `count` outputs: within `rel` of their terms' size of the CPU reference, and within the
+// activations' rounding (and as much) of the fp16 product; at most three failures reported.
+void expect_within_budget(const std::vector<float>& got, const std::vector<float>& want, const ErrorBudget& b,
+                          int64_t count, double rel) {
+  int bad = 0;
+  for (int64_t i = 0; i < count; ++i) {
+    const auto at = static_cast<size_t>(i);
+    const double ref_err = std::fabs(static_cast<double>(got[at]) - want[at]);
+    const double fp16_err = std::fabs(static_cast<double>(got[at]) - b.exact[at]);
+    if ((!(ref_err <= rel * b.magnitude[at] + 1e-6) ||
+         !(fp16_err <= 1.001 * b.rounding[at] + rel * b.magnitude[at] + 1e-6)) &&
+        ++bad <= 3) {
+      ADD_FAILURE() << "output " << i << ": " << got[at] << ", reference " << want[at] << ", fp16 product "
+                    << b.exact[at];
+    }
+  }
+  EXPECT_EQ(bad, 0);
+}
+
 TEST(CudaW4A8Gemv, MatchesTheCpuReferenceAndTheFp16ProductWithinTheRounding) {
   NIBBLE_REQUIRE_CUDA_DEVICE();
   std::mt19937 rng(17);
@@ -43,22 +92,7 @@ TEST(CudaW4A8Gemv, MatchesTheCpuReferenceAndTheFp16ProductWithinTheRounding) {
         ASSERT_EQ(k::w4a8_gemv_int4_groups_reference(quants.data(), scales.data(), zeros.data(), group, n_out,
                                                      kk, xh.data(), max_m, want.data()),
                   k::Status::ok);
-        // Per row: the quantized activations' scales, and per output the sizes of its terms.
-        std::vector<int8_t> q(static_cast<size_t>(kk));
-        std::vector<float> d(static_cast<size_t>(kk / 32));
-        std::vector<double> magnitude(want.size()), rounding(want.size()), exact(want.size());
-        for (int64_t r = 0; r < max_m; ++r) {
-          k::quantize_activations_q8(xh.data() + r * kk, kk, q.data(), d.data());
-          for (int64_t o = 0; o < n_out; ++o) {
-            const size_t at = static_cast<size_t>(r * n_out + o);
-            for (int64_t j = 0; j < kk; ++j) {
-              const double wj = w.wf[static_cast<size_t>(o * kk + j)];
-              magnitude[at] += std::fabs(wj * d[j / 32] * q[j]);
-              rounding[at] += std::fabs(wj) * d[j / 32] / 2;  // each activation within half a step
-              exact[at] += wj * k::fp16_to_fp32(xh[static_cast<size_t>(r * kk + j)]);
-            }
-          }
-        }
+        const ErrorBudget budget = error_budget(w.wf, xh, n_out, kk, max_m);
         for (int64_t m = 1; m <= max_m; ++m) {
           SCOPED_TRACE("group " + std::to_string(group) + " n_out " + std::to_string(n_out) + " k " +
                        std::to_string(kk) + " m " + std::to_string(m));
@@ -67,20 +101,7 @@ TEST(CudaW4A8Gemv, MatchesTheCpuReferenceAndTheFp16ProductWithinTheRounding) {
                                               reinterpret_cast<const __half*>(dx.ptr), m, dy.ptr, nullptr),
                     k::Status::ok);
           ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-          const std::vector<float> got = dy.to_host();
-          int bad = 0;
-          for (int64_t i = 0; i < m * n_out; ++i) {
-            const auto at = static_cast<size_t>(i);
-            const double ref_err = std::fabs(static_cast<double>(got[at]) - want[at]);
-            const double fp16_err = std::fabs(static_cast<double>(got[at]) - exact[at]);
-            if ((!(ref_err <= 1e-5 * magnitude[at] + 1e-6) ||
-                 !(fp16_err <= 1.001 * rounding[at] + 1e-5 * magnitude[at] + 1e-6)) &&
-                ++bad <= 3) {
-              ADD_FAILURE() << "output " << i << ": " << got[at] << ", reference " << want[at]
-                            << ", fp16 product " << exact[at];
-            }
-          }
-          EXPECT_EQ(bad, 0);
+          expect_within_budget(dy.to_host(), want, budget, m * n_out, 1e-5);
         }
       }
     }
@@ -109,21 +130,7 @@ TEST(CudaW4A8Gemv, Q4KMatchesTheCpuReference) {
       std::vector<float> want(static_cast<size_t>(max_m * n_out));
       ASSERT_EQ(k::w4a8_gemv_q4_k_reference(wq.data(), n_out, kk, xh.data(), max_m, want.data()),
                 k::Status::ok);
-      std::vector<int8_t> q(static_cast<size_t>(kk));
-      std::vector<float> d(static_cast<size_t>(kk / 32));
-      std::vector<double> magnitude(want.size()), rounding(want.size()), exact(want.size());
-      for (int64_t r = 0; r < max_m; ++r) {
-        k::quantize_activations_q8(xh.data() + r * kk, kk, q.data(), d.data());
-        for (int64_t o = 0; o < n_out; ++o) {
-          const auto at = static_cast<size_t>(r * n_out + o);
-          for (int64_t j = 0; j < kk; ++j) {
-            const double wj = wf[static_cast<size_t>(o * kk + j)];
-            magnitude[at] += std::fabs(wj * d[j / 32] * q[j]);
-            rounding[at] += std::fabs(wj) * d[j / 32] / 2;
-            exact[at] += wj * k::fp16_to_fp32(xh[static_cast<size_t>(r * kk + j)]);
-          }
-        }
-      }
+      const ErrorBudget budget = error_budget(wf, xh, n_out, kk, max_m);
       for (int64_t m = 1; m <= max_m; ++m) {
         SCOPED_TRACE("n_out " + std::to_string(n_out) + " k " + std::to_string(kk) + " m " +
                      std::to_string(m));
@@ -132,21 +139,8 @@ TEST(CudaW4A8Gemv, Q4KMatchesTheCpuReference) {
                                      nullptr),
                   k::Status::ok);
         ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-        const std::vector<float> got = dy.to_host();
-        int bad = 0;
-        for (int64_t i = 0; i < m * n_out; ++i) {
-          const auto at = static_cast<size_t>(i);
-          // d * scale and dmin * min are exact in fp32 on both sides; the CPU rounds each weight once.
-          const double ref_err = std::fabs(static_cast<double>(got[at]) - want[at]);
-          const double fp16_err = std::fabs(static_cast<double>(got[at]) - exact[at]);
-          if ((!(ref_err <= 2e-5 * magnitude[at] + 1e-6) ||
-               !(fp16_err <= 1.001 * rounding[at] + 2e-5 * magnitude[at] + 1e-6)) &&
-              ++bad <= 3) {
-            ADD_FAILURE() << "output " << i << ": " << got[at] << ", reference " << want[at]
-                          << ", fp16 product " << exact[at];
-          }
-        }
-        EXPECT_EQ(bad, 0);
+        // d * scale and dmin * min are exact in fp32 on both sides; the CPU rounds each weight once.
+        expect_within_budget(dy.to_host(), want, budget, m * n_out, 2e-5);
       }
     }
   }

@@ -171,10 +171,10 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// GGUF Q4_K super-blocks as stored (144 bytes a 256 weights): lane l takes the 64-weight units l, l + 32,
-// ... of its row, unit u = (super-block u / 4, qs bytes 32 (u % 4) .. + 31), which hold sub-block
-// 2 (u % 4) in their low nibbles and 2 (u % 4) + 1 in their high ones, input i in byte i; per sub-block
-// j of scale ds = d * scale_j and min dm = dmin * min_j (exact in fp32) it adds
+// GGUF Q4_K super-blocks as stored (144 bytes a 256 weights): lane l takes the super-blocks l, l + 32,
+// ... of its row (nine 16-byte loads each; its 8 sub-blocks' scales unpacked once); qs bytes
+// 32c .. 32c + 31 hold sub-block 2c in their low nibbles and 2c + 1 in their high ones, input i in
+// byte i; per sub-block j of scale ds = d * scale_j and min dm = dmin * min_j (exact in fp32) it adds
 // d_x * (ds * dot(q, xq) - dm * sum(xq)).
 struct Q4KWeights {
   const uint8_t* blocks;  // [n_out, k / 256] BlockQ4_K
@@ -193,40 +193,48 @@ __global__ void __launch_bounds__(kThreads)
   const float* xd = rows.d;
   const int* xs = rows.s;
 
-  const int runs32 = static_cast<int>(runs), units = static_cast<int>(k / 64);
+  const int runs32 = static_cast<int>(runs), super_blocks = static_cast<int>(k / 256);
   for (int64_t out = first; out < n_out; out += static_cast<int64_t>(gridDim.x) * kWarps) {
-    const uint8_t* row = w.blocks + out * row_bytes;
+    const auto* row = reinterpret_cast<const uint4*>(w.blocks + out * row_bytes);
     float acc[M];
 #pragma unroll
     for (int r = 0; r < M; ++r) acc[r] = 0.0f;
-    for (int u = lane; u < units; u += kWarpSize) {
-      const uint8_t* blk = row + static_cast<int64_t>(u / 4) * 144;
-      const int c = u % 4;
-      const uint4 head = __ldg(reinterpret_cast<const uint4*>(blk));
-      const uint4 qa = __ldg(reinterpret_cast<const uint4*>(blk + 16 + 32 * c));
-      const uint4 qb = __ldg(reinterpret_cast<const uint4*>(blk + 32 + 32 * c));
-      float ds0, dm0, ds1, dm1;
-      w4a16::q4_k_scale_min(head, 2 * c, ds0, dm0);
-      w4a16::q4_k_scale_min(head, 2 * c + 1, ds1, dm1);
-      const uint32_t words[8] = {qa.x, qa.y, qa.z, qa.w, qb.x, qb.y, qb.z, qb.w};  // inputs 4i .. 4i + 3
-      const int run0 = (u / 4) * 8 + 2 * c;  // sub-block 2c's activation block; 2c + 1's follows
+    for (int sb = lane; sb < super_blocks; sb += kWarpSize) {
+      const uint4* blk = row + sb * 9;  // 144 bytes: the header, then 8 x 16 bytes of qs
+      const uint4 head = __ldg(blk);
+      uint4 qs[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) qs[i] = __ldg(blk + 1 + i);
+      // The 8 sub-blocks' scales and mins, each index known at compile time (no selects).
+      float ds[8], dm[8];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) w4a16::q4_k_scale_min(head, j, ds[j], dm[j]);
 #pragma unroll
       for (int r = 0; r < M; ++r) {
-        const auto* x0 = reinterpret_cast<const int4*>(xq + r * runs32 * kRun + run0 * kRun);
-        const int4 a0 = x0[0], a1 = x0[1], b0 = x0[2], b1 = x0[3];
-        const int xa[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
-        const int xb[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
-        int lo = 0, hi16 = 0;
 #pragma unroll
-        for (int i = 0; i < 8; ++i) {
-          lo = dp4a_unsigned_signed(words[i] & 0x0F0F0F0Fu, xa[i], lo);
-          hi16 = dp4a_unsigned_signed(words[i] & 0xF0F0F0F0u, xb[i], hi16);
+        for (int c = 0; c < 4; ++c) {  // qs bytes 32c .. 32c + 31: sub-blocks 2c (low) and 2c + 1 (high)
+          const uint32_t words[8] = {qs[2 * c].x,     qs[2 * c].y,     qs[2 * c].z,     qs[2 * c].w,
+                                     qs[2 * c + 1].x, qs[2 * c + 1].y, qs[2 * c + 1].z, qs[2 * c + 1].w};
+          const int run0 = sb * 8 + 2 * c;  // sub-block 2c's activation block; 2c + 1's follows
+          const auto* x0 = reinterpret_cast<const int4*>(xq + r * runs32 * kRun + run0 * kRun);
+          const int4 a0 = x0[0], a1 = x0[1], b0 = x0[2], b1 = x0[3];
+          const int xa[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
+          const int xb[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
+          int lo = 0, hi16 = 0;
+#pragma unroll
+          for (int i = 0; i < 8; ++i) {
+            lo = dp4a_unsigned_signed(words[i] & 0x0F0F0F0Fu, xa[i], lo);
+            hi16 = dp4a_unsigned_signed(words[i] & 0xF0F0F0F0u, xb[i], hi16);
+          }
+          const int at = r * runs32 + run0;
+          acc[r] =
+              fmaf(xd[at], fmaf(ds[2 * c], static_cast<float>(lo), -dm[2 * c] * static_cast<float>(xs[at])),
+                   acc[r]);
+          acc[r] = fmaf(xd[at + 1],
+                        fmaf(ds[2 * c + 1], static_cast<float>(hi16 >> 4),
+                             -dm[2 * c + 1] * static_cast<float>(xs[at + 1])),
+                        acc[r]);
         }
-        const int at = r * runs32 + run0;
-        acc[r] = fmaf(xd[at], fmaf(ds0, static_cast<float>(lo), -dm0 * static_cast<float>(xs[at])), acc[r]);
-        acc[r] =
-            fmaf(xd[at + 1], fmaf(ds1, static_cast<float>(hi16 >> 4), -dm1 * static_cast<float>(xs[at + 1])),
-                 acc[r]);
       }
     }
     store_row_sums<M>(acc, lane, y, n_out, out);

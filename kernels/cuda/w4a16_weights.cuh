@@ -246,10 +246,11 @@ struct Q4KBlocks {
     const int shift = 4 * (j % 2);
     NIBBLE_DEVICE_UNROLL
     for (int i = 0; i < 8; ++i) {
+      const uint32_t levels = (words[i] >> shift) & 0x0F0F0F0Fu;  // four levels, one a byte
       NIBBLE_DEVICE_UNROLL
       for (int t = 0; t < 4; ++t) {
-        const unsigned level = (words[i] >> (8 * t + shift)) & 0xF;
-        wv[4 * i + t] = sub_rn(mul_rn(ds, two23_plus(level) - kTwo23), dm);  // float(level), exactly
+        // float(level), exactly: 2^23 + level by one byte permute, less 2^23.
+        wv[4 * i + t] = sub_rn(mul_rn(ds, two23_plus_byte(levels, t) - kTwo23), dm);
       }
     }
   }

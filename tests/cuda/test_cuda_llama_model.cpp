@@ -1474,6 +1474,13 @@ void run_bench_gpu_on_tiny(const std::string& flags, std::string& output, nlohma
            output, j);
 }
 
+// The same, and it decoded both batch sizes and reported the INT4 kernels of at least one shape.
+void run_bench_gpu_on_tiny_decoding(const std::string& flags, std::string& output, nlohmann::json& j) {
+  ASSERT_NO_FATAL_FAILURE(run_bench_gpu_on_tiny(flags, output, j));
+  ASSERT_EQ(j["decode"].size(), 2u) << output;
+  ASSERT_FALSE(j["int4_kernels"].empty()) << output;
+}
+
 // bench-gpu --model on a dummy model (its matrices are group-wise INT4 on the device): the decode rows,
 // the kernel chosen per matrix shape and row range with the candidates' times, and the decode steps
 // again with programmatic launches.
@@ -1511,9 +1518,7 @@ TEST(CudaLlamaModelCli, BenchGpuPutsOneRowProductsOnTheW4A8GemvWhenAsked) {
   NIBBLE_REQUIRE_CUDA_DEVICE();
   std::string output;
   nlohmann::json j;
-  ASSERT_NO_FATAL_FAILURE(run_bench_gpu_on_tiny("--int8-activations", output, j));
-  ASSERT_EQ(j["decode"].size(), 2u) << output;
-  ASSERT_FALSE(j["int4_kernels"].empty()) << output;
+  ASSERT_NO_FATAL_FAILURE(run_bench_gpu_on_tiny_decoding("--int8-activations", output, j));
   for (const auto& shape : j["int4_kernels"]) {
     EXPECT_EQ(shape["ranges"][0]["chosen"], "W4A8 GEMV") << shape.dump();
     for (size_t r = 1; r < shape["ranges"].size(); ++r) EXPECT_NE(shape["ranges"][r]["chosen"], "W4A8 GEMV");
@@ -1526,9 +1531,7 @@ TEST(CudaLlamaModelCli, BenchGpuRunsTheModelOnTiles) {
   NIBBLE_REQUIRE_CUDA_DEVICE();
   std::string output;
   nlohmann::json j;
-  ASSERT_NO_FATAL_FAILURE(run_bench_gpu_on_tiny("--int4-layout tiles", output, j));
-  ASSERT_EQ(j["decode"].size(), 2u) << output;
-  ASSERT_FALSE(j["int4_kernels"].empty()) << output;
+  ASSERT_NO_FATAL_FAILURE(run_bench_gpu_on_tiny_decoding("--int4-layout tiles", output, j));
   for (const auto& shape : j["int4_kernels"]) {
     EXPECT_EQ(shape["layout"], "tiles") << output;
     for (const auto& range : shape["ranges"]) {
@@ -1549,9 +1552,7 @@ TEST(CudaLlamaModelCli, BenchGpuTimesTheCutlassGemmAtLoad) {
     GTEST_SKIP() << "no CUTLASS GEMM here (built without it, or not compute 9.0)";
   std::string output;
   nlohmann::json j;
-  ASSERT_NO_FATAL_FAILURE(run_bench_gpu_on_tiny("--cutlass-gemm", output, j));
-  ASSERT_EQ(j["decode"].size(), 2u) << output;
-  ASSERT_FALSE(j["int4_kernels"].empty()) << output;
+  ASSERT_NO_FATAL_FAILURE(run_bench_gpu_on_tiny_decoding("--cutlass-gemm", output, j));
   for (const auto& shape : j["int4_kernels"]) {
     for (const auto& range : shape["ranges"]) {
       for (const auto& at : range["timed"]) {
@@ -1564,9 +1565,7 @@ TEST(CudaLlamaModelCli, BenchGpuTimesTheCutlassGemmAtLoad) {
   }
   // --int4-layout cutlass: the copies alone (every dummy:tiny shape is one CUTLASS takes), and only
   // CUTLASS's schedules chosen and timed, at every row range.
-  ASSERT_NO_FATAL_FAILURE(run_bench_gpu_on_tiny("--int4-layout cutlass", output, j));
-  ASSERT_EQ(j["decode"].size(), 2u) << output;
-  ASSERT_FALSE(j["int4_kernels"].empty()) << output;
+  ASSERT_NO_FATAL_FAILURE(run_bench_gpu_on_tiny_decoding("--int4-layout cutlass", output, j));
   for (const auto& shape : j["int4_kernels"]) {
     EXPECT_EQ(shape["layout"], "cutlass") << output;
     for (const auto& range : shape["ranges"]) {

@@ -40,9 +40,11 @@ bool median_call_us(cudaStream_t stream, int iterations, int repetitions, Call c
     return false;
   std::vector<double> runs;
   for (int r = 0; r < repetitions; ++r) {
-    if (device_delay(kHeadStartNs + kHeadStartPerCallNs * iterations, stream) != Status::ok) {
-      err = cudaGetLastError();
-      if (err == cudaSuccess) err = cudaErrorLaunchFailure;
+    // At most device_delay's 10 s: a longer loop only starts before the head start ends.
+    const int64_t head_start =
+        std::min<int64_t>(kHeadStartNs + kHeadStartPerCallNs * iterations, 10'000'000'000);
+    if (device_delay(head_start, stream) != Status::ok) {
+      err = cudaErrorLaunchFailure;  // device_delay took the launch's error (cudaGetLastError clears it)
       return false;
     }
     if ((err = cudaEventRecord(ev.start, stream)) != cudaSuccess) return false;

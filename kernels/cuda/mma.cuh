@@ -42,13 +42,14 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
 // Four 8 x 8 matrices of 16-bit values from shared memory in one instruction (ldmatrix.x4): lane 8q + r
 // gives the 16-byte aligned address of row r of matrix q; register q of lane l receives row l / 4,
 // columns 2 (l % 4) and 2 (l % 4) + 1 of matrix q. With matrices {rows 0-7, 8-15} x {inputs 0-7,
-// 8-15} of a 16 x 16 tile that is exactly mma_16816's A fragment.
+// 8-15} of a 16 x 16 tile that is exactly mma_16816's A fragment. No "memory" clobber (as CUTLASS's):
+// the barrier that publishes the tile already orders it, and a clobber would stop the compiler from
+// moving the weight words' plain shared-memory loads across it.
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) {
   const auto addr = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr)
-               : "memory");
+               : "r"(addr));
 }
 
 // A hint: start bringing the cache line holding p (a valid global address) into L2. No register waits

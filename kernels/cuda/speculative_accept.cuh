@@ -39,7 +39,9 @@ Status speculative_accept(const int32_t* draft_tokens, const int32_t* draft_coun
 // The draft's side: one draw per row from its dense distribution by the same inverse CDF
 // (speculative/rejection_sampler.hpp's sample_dense: the first id of positive probability whose
 // running sum exceeds u times the row's total, in id order), so that a draft on the GPU proposes
-// what it would on the host and keeps its distributions where they were made.
+// what it would on the host (up to the rounding of the double sums, which the device adds in 256
+// chunks: a draw can differ only where u times the total lies within ~1e-16 of a boundary) and keeps
+// its distributions where they were made.
 // probs:    [rows, n_vocab] float >= 0 (distribution_rows's output)
 // uniforms: [rows] double in [0, 1)
 // ids:      [rows] int32 output; -1 for a row that sums to 0 (not a distribution)

@@ -39,6 +39,8 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ __align__(32) __half b_s[kBN * kLdB];
   __shared__ __align__(32) float c_s[kBM * kLdC];
   detail::wait_for_prior_grids();  // a no-op unless launched programmatically
+  // Blocks of the next kernel, launched programmatically, may be placed now: they wait for us.
+  detail::allow_dependent_launch();
 
   const int tid = threadIdx.x;
   const int warp = tid / 32;
@@ -141,6 +143,8 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ __align__(16) __half x_s[2][kMmaBM][kMmaLdX];
   __shared__ __align__(16) uint8_t w_s[2][kMmaBN][16];
   detail::wait_for_prior_grids();  // a no-op unless launched programmatically
+  // Blocks of the next kernel, launched programmatically, may be placed now: they wait for us.
+  detail::allow_dependent_launch();
 
   const int tid = threadIdx.x;
   const int lane = tid % 32, warp = tid / 32;

@@ -44,6 +44,8 @@ __global__ void __launch_bounds__(kWarpSize* kWarpsPerBlock)
   // A programmatic launch waits here for the kernel that wrote x (loading the first weights before
   // the wait would keep 32 more registers live across it: half the warps per SM at m = 1).
   detail::wait_for_prior_grids();
+  // Blocks of the next kernel, launched programmatically, may be placed now: they wait for us.
+  detail::allow_dependent_launch();
   for (int64_t b = lane; b < nb; b += kWarpSize) {
     float wv[kQK4_0];
     blocks.load(row, nb, b, wv);
@@ -112,6 +114,8 @@ __global__ void __launch_bounds__(kStagedThreads)
   const int64_t first_lines = ((nb < kStagedChunkUnits ? nb : kStagedChunkUnits) * 16 + 127) / 128;
   if (lane < first_lines) detail::prefetch_l2(quants + lane * 8);
   detail::wait_for_prior_grids();  // x comes from the previous kernel
+  // Blocks of the next kernel, launched programmatically, may be placed now: they wait for us.
+  detail::allow_dependent_launch();
   for (int64_t c0 = 0, chunk = 0; c0 < nb; c0 += kStagedChunkUnits, ++chunk) {
     const int units = static_cast<int>(nb - c0 < kStagedChunkUnits ? nb - c0 : kStagedChunkUnits);
     // This lane's units of the chunk: their loads first, all in flight together.

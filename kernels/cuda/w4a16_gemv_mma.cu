@@ -20,7 +20,8 @@
 //   fixed order (warps 0..3 in shared memory, then cluster ranks 0..C-1 through distributed shared
 //   memory), so results are bit-reproducible without atomics, a workspace or a second pass. The split
 //   depends only on n_out, k and the SM count, never on m.
-// - Weights are dequantized in registers by w4a16::int4_unit_b_fragments (as the mma GEMM does);
+// - Weights are dequantized in registers by w4a16's fragment builders (int4_unit_b_fragments_packed,
+//   int4_tile_word_b_fragments and the Q4_K ones);
 //   out-of-range rows, units and groups are zero-filled (cp.async src-size 0, scale and zero 0), so
 //   ragged edges compute exact zeros and are simply not stored.
 #include <cooperative_groups.h>
@@ -93,7 +94,13 @@ struct GemvMmaConfig {
   static constexpr int kWSlotBytes = kTileN * kWRowBytes;
   static constexpr int kXRowHalves = kStageInputs + 8;  // +16 bytes: ldmatrix's 8 rows on distinct banks
   static constexpr int kXSlotBytes = kRows * kXRowHalves * 2;
-  static constexpr int kPairSlotBytes = kTileN * kMaxGroupsPerStage * 4;  // [128 rows][8 groups] pairs
+  // Pairs staged from registers: [128 rows][kPairLd]. Group-wise INT4: 9 words a row, so that the 8
+  // rows a warp's lanes read (g = 0..7, same group) fall on 8 distinct banks (8 words a row: two on
+  // each of 4 banks). Q4_K keeps 8: its lanes read two sub-blocks' pairs in one 8-byte load, which
+  // stride 9 would split in two. A tiled chunk's pairs are copied in as they are: [128 rows][groups
+  // a stage].
+  static constexpr int kPairLd = kMaxGroupsPerStage + (Format == kFormatInt4Groups ? 1 : 0);
+  static constexpr int kPairSlotBytes = kTileN * kPairLd * 4;
   static constexpr int kSlotBytes = kWSlotBytes + kXSlotBytes + kPairSlotBytes;
   static constexpr int kSmemBytes = kStages * kSlotBytes;
   // After the pipeline the same memory holds the warps' partial sums: [kWarpsK][kRows][kRedLd].
@@ -160,7 +167,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kBlocksPerSm)
                 "a Q4_K stage is one super-block: 16 header bytes, then 128 of nibbles");
   constexpr int kTilesPerWarp = C::kTilesPerWarp, kUnitsPerWarp = C::kUnitsPerWarp;
   constexpr int kStageUnits = C::kStageUnits, kStageInputs = C::kStageInputs;
-  constexpr int kMaxGroupsPerStage = C::kMaxGroupsPerStage, kWRowBytes = C::kWRowBytes;
+  constexpr int kPairLd = C::kPairLd, kWRowBytes = C::kWRowBytes;
   constexpr int kWSlotBytes = C::kWSlotBytes, kXRowHalves = C::kXRowHalves, kXSlotBytes = C::kXSlotBytes;
   constexpr int kSlotBytes = C::kSlotBytes, kRedLd = C::kRedLd, kWChunks = C::kWChunks;
   constexpr int kWRowStep = C::kWRowStep, kXParts = C::kXParts, kXChunks = C::kXChunks;
@@ -253,8 +260,8 @@ __global__ void __launch_bounds__(C::kThreads, C::kBlocksPerSm)
 
   // (scale, zero) pairs p = tid + kThreads i of a stage (i < pairs_used): row p / groups_per_stage,
   // group tid % groups_per_stage of the stage, packed by w4a16::int4_packed_scale_zero (0 outside the
-  // matrix: a weight of exactly 0). Stored at [row][group] of the slot's [128][8] pairs. With 512 threads and
-  // group 128 (2 groups a stage) only the threads of rows 0..127 have one.
+  // matrix: a weight of exactly 0). Stored at [row][group] of the slot's [128][kPairLd] pairs. With 512
+  // threads and group 128 (2 groups a stage) only the threads of rows 0..127 have one.
   const int pair_row_shift = 3 - group_shift;  // log2(groups_per_stage)
   const int pairs_used = (groups_per_stage * kTileN + kThreads - 1) / kThreads;
   const int pair_group = tid & (groups_per_stage - 1), pair_row0 = tid >> pair_row_shift;
@@ -274,7 +281,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kBlocksPerSm)
   const uint8_t* pair_blocks =
       kQ4K ? quants + (n0 + pair_row0) * units * 18 + stage_begin * kSrcStageBytes : nullptr;
   const int64_t pair_block_step = static_cast<int64_t>(pair_row_step) * units * 18;
-  const int pair_dst = kWSlotBytes + kXSlotBytes + (pair_row0 * kMaxGroupsPerStage + pair_group) * 4;
+  const int pair_dst = kWSlotBytes + kXSlotBytes + (pair_row0 * kPairLd + pair_group) * 4;
   const auto load_pairs = [&](int stage, uint32_t(&pairs)[kPairsPerThread]) {
     const int offset = stage * groups_per_stage;
     const bool group_ok = offset < pair_groups_left;
@@ -299,8 +306,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kBlocksPerSm)
 #pragma unroll
     for (int i = 0; i < kPairsPerThread; ++i) {
       if (i < pairs_used && pair_row0 + i * pair_row_step < kTileN) {
-        *reinterpret_cast<uint32_t*>(slot_base + pair_dst + i * pair_row_step * kMaxGroupsPerStage * 4) =
-            pairs[i];
+        *reinterpret_cast<uint32_t*>(slot_base + pair_dst + i * pair_row_step * kPairLd * 4) = pairs[i];
       }
     }
   };
@@ -343,7 +349,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kBlocksPerSm)
     const auto* xs = reinterpret_cast<const __half*>(base + kWSlotBytes);
     const auto* pairs = reinterpret_cast<const uint32_t*>(base + kWSlotBytes + kXSlotBytes);
     // A row's pairs: [row][8] as staged from registers, or [row][groups_per_stage] as a chunk holds them.
-    const int pair_row_stride = kTiles ? groups_per_stage : kMaxGroupsPerStage;
+    const int pair_row_stride = kTiles ? groups_per_stage : kPairLd;
 #pragma unroll
     for (int u = 0; u < kUnitsPerWarp; ++u) {
       const int unit = wk * kUnitsPerWarp + u;
@@ -362,11 +368,12 @@ __global__ void __launch_bounds__(C::kThreads, C::kBlocksPerSm)
         uint32_t b[2][2];
         if constexpr (kQ4K && kTiles) {  // word t of sub-block `unit`'s run: lane t's eight levels
           const uint32_t word = reinterpret_cast<const uint32_t*>(base + row * kWRowBytes + unit * 16)[t];
-          w4a16::q4_k_tile_word_b_fragments(word, pairs[row * kMaxGroupsPerStage + unit], b);
+          // A Q4_K chunk's pairs: [row][8] (group 32).
+          w4a16::q4_k_tile_word_b_fragments(word, pairs[row * C::kMaxGroupsPerStage + unit], b);
         } else if constexpr (kQ4K) {  // sub-block `unit`: the low or high nibbles of 32-byte chunk unit / 2
           const auto* w16 = reinterpret_cast<const uint16_t*>(base + row * kWRowBytes + (unit / 2) * 32);
           w4a16::q4_k_unit_b_fragments(w16[t], w16[t + 4], w16[t + 8], w16[t + 12], unit & 1,
-                                       pairs[row * kMaxGroupsPerStage + unit], b);
+                                       pairs[row * kPairLd + unit], b);
         } else if constexpr (kTiles) {  // word t of the unit: lane t's eight levels (int4_tiles.hpp)
           const uint32_t word = reinterpret_cast<const uint32_t*>(base + row * kWRowBytes + unit * 16)[t];
           w4a16::int4_tile_word_b_fragments(word, pairs[row * pair_row_stride + (unit >> group_shift)], b);
@@ -414,6 +421,8 @@ __global__ void __launch_bounds__(C::kThreads, C::kBlocksPerSm)
     for (int s = kStages; s < kStages + 2 && s < n_stages; ++s) prefetch_pairs(s);
   }
   detail::wait_for_prior_grids();
+  // Blocks of the next kernel, launched programmatically, may be placed now: they wait for us.
+  detail::allow_dependent_launch();
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
     if (s < n_stages) load_stage_x(s, s);

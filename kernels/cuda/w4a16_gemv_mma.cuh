@@ -26,7 +26,7 @@ constexpr int64_t kW4A16GemvMmaMaxM = 16;
 // quants: [n_out, k / 2] bytes, 16-byte aligned: per 32-input unit, input j in the low nibble of
 //         byte j and input j + 16 in its high nibble (the split order of kernels/int4_groups.hpp)
 // scales: [n_out, k / group] __half, 2-byte aligned
-// zeros:  [n_out, k / group] uint8 (0..15); weight = (q - zero) · scale
+// zeros:  [n_out, k / group] uint8 (0..31: exact through 1024 + zero in fp16); weight = (q - zero) · scale
 // x:      [m, k] __half, row-major (rows k apart), 16-byte aligned
 // y:      [m, n_out] float, row-major (rows n_out apart); every element written
 // group: 32, 64 or 128, dividing k; 1 <= m <= 16; 0 <= n_out <= 65535 · 128 (0: nothing launched); k == 0

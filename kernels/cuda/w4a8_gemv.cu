@@ -24,12 +24,36 @@ __device__ __forceinline__ int dp4a_unsigned_signed(uint32_t a, int b, int c) {
   return d;
 }
 
-// The m = M rows of x quantized into shared memory (kernels::quantize_activations_q8's steps): xq [M][k]
-// int8, xd [M][k / 32] scales, xs [M][k / 32] sums. Every thread of the block calls it; a barrier must
-// follow before the results are read.
-template <int M>
+// Where the quantized rows lie in shared memory, padded so that a warp's reads hit 32 distinct banks: 16
+// bytes after every QPeriod activation bytes (lanes read QPeriod bytes apart: 32 -> 48 bytes, 256 -> 272)
+// and, with SPeriod > 0, one word after every SPeriod runs' scales and sums (the Q4_K kernel's lanes
+// read 8 runs apart: 8 -> 9 words). Unpadded, a lane per super-block put all 32 lanes' 16-byte reads on
+// banks 0-3 (32 wavefronts where 4 do).
+template <int QPeriod, int SPeriod>
+struct Staging {
+  // Bytes a row of xq, and input i's byte in it.
+  __host__ __device__ static constexpr int64_t q_row(int64_t k) { return k + k / QPeriod * 16; }
+  __host__ __device__ static constexpr int64_t q_at(int64_t i) { return i + i / QPeriod * 16; }
+  // Words a row of xd (and of xs), and run r's word in it.
+  __host__ __device__ static constexpr int64_t s_row(int64_t runs) { return runs + s_pad(runs); }
+  __host__ __device__ static constexpr int64_t s_at(int64_t run) { return run + s_pad(run); }
+  __host__ __device__ static constexpr int64_t s_pad(int64_t runs) {
+    return SPeriod > 0 ? runs / SPeriod : 0;
+  }
+  // Shared memory for m rows: xq, then xd and xs.
+  static constexpr size_t bytes(int64_t m, int64_t k) {
+    return static_cast<size_t>(m * q_row(k)) + static_cast<size_t>(m * s_row(k / kRun)) * 8;
+  }
+};
+using Int4Staging = Staging<kRun, 0>;  // lanes a run (32 bytes) apart; scales and sums a word apart
+using Q4KStaging = Staging<256, 8>;    // lanes a super-block (256 bytes, 8 runs) apart
+
+// The m = M rows of x quantized into shared memory (kernels::quantize_activations_q8's steps): xq [M]
+// rows of S::q_row(k) int8, xd and xs [M] rows of S::s_row(k / 32) scales and sums. Every thread of the
+// block calls it; a barrier must follow before the results are read.
+template <int M, class S>
 __device__ void quantize_to_shared(const __half* __restrict__ x, int64_t k, int8_t* xq, float* xd, int* xs) {
-  const int64_t runs = k / kRun;
+  const int64_t runs = k / kRun, q_row = S::q_row(k), s_row = S::s_row(runs);
   // Quantize: 4 consecutive lanes per run (aligned in the warp, so their shuffles stay among them),
   // every lane of the block in every pass so that the shuffles see full warps.
   const int64_t parts = M * runs * kLanesPerRun;
@@ -69,16 +93,17 @@ __device__ void quantize_to_shared(const __half* __restrict__ x, int64_t k, int8
     sum += __shfl_xor_sync(kFullMask, sum, 1);
     sum += __shfl_xor_sync(kFullMask, sum, 2);
     if (active) {
-      *reinterpret_cast<uint2*>(xq + row * k + run * kRun + part * 8) = make_uint2(packed[0], packed[1]);
+      *reinterpret_cast<uint2*>(xq + row * q_row + S::q_at(run * kRun + part * 8)) =
+          make_uint2(packed[0], packed[1]);
       if (part == 0) {
-        xd[row * runs + run] = d;
-        xs[row * runs + run] = sum;
+        xd[row * s_row + S::s_at(run)] = d;
+        xs[row * s_row + S::s_at(run)] = sum;
       }
     }
   }
 }
 
-// The quantized activation rows in shared memory: q [M][k] int8, d [M][k / 32] scales, s [M][k / 32] sums.
+// The quantized activation rows in shared memory as Staging lays them out: q int8, d scales, s sums.
 struct QuantizedRows {
   const int8_t* q;
   const float* d;
@@ -90,19 +115,19 @@ struct QuantizedRows {
 // the kernel before us finishes: weights are no kernel's output), one 128-byte line a lane at a time;
 // the wait for that kernel; the M rows of x quantized into shared memory; a barrier; the next kernel
 // allowed to start.
-template <int M>
+template <int M, class S>
 __device__ QuantizedRows prologue(const uint8_t* weights, int64_t row_bytes, int64_t first, int64_t n_out,
                                   int64_t k, const __half* __restrict__ x, int lane) {
   extern __shared__ __align__(16) uint8_t smem[];
   auto* xq = reinterpret_cast<int8_t*>(smem);
-  auto* xd = reinterpret_cast<float*>(smem + M * k);
-  auto* xs = reinterpret_cast<int*>(xd + M * (k / kRun));
+  auto* xd = reinterpret_cast<float*>(smem + M * S::q_row(k));  // q_row(k): a multiple of 16
+  auto* xs = reinterpret_cast<int*>(xd + M * S::s_row(k / kRun));
   if (first < n_out) {
     for (int64_t line = lane; line * 128 < row_bytes; line += kWarpSize)
       detail::prefetch_l2(weights + first * row_bytes + line * 128);
   }
   detail::wait_for_prior_grids();  // x comes from the kernel before us
-  quantize_to_shared<M>(x, k, xq, xd, xs);
+  quantize_to_shared<M, S>(x, k, xq, xd, xs);
   __syncthreads();
   detail::allow_dependent_launch();  // the kernel after us may start (it waits for us)
   return {xq, xd, xs};
@@ -129,12 +154,13 @@ __global__ void __launch_bounds__(kThreads)
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
   const int64_t runs = k / kRun;
   const int64_t first = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
-  const QuantizedRows rows = prologue<M>(w.quants, k / 2, first, n_out, k, x, lane);
+  const QuantizedRows rows = prologue<M, Int4Staging>(w.quants, k / 2, first, n_out, k, x, lane);
   const int8_t* xq = rows.q;
   const float* xd = rows.d;
   const int* xs = rows.s;
 
   const int runs32 = static_cast<int>(runs), groups = static_cast<int>(runs >> w.group_shift);
+  const int q_row = static_cast<int>(Int4Staging::q_row(k));  // rows: 48 bytes a run
   for (int64_t out = first; out < n_out; out += static_cast<int64_t>(gridDim.x) * kWarps) {
     const auto* quants = reinterpret_cast<const uint4*>(w.quants) + out * runs;
     const __half* scales = w.scales + out * groups;
@@ -156,7 +182,7 @@ __global__ void __launch_bounds__(kThreads)
       const uint32_t words[4] = {q.x, q.y, q.z, q.w};
 #pragma unroll
       for (int r = 0; r < M; ++r) {
-        const auto* xr = reinterpret_cast<const int4*>(xq + r * runs32 * kRun + run * kRun);
+        const auto* xr = reinterpret_cast<const int4*>(xq + r * q_row + run * (kRun + 16));
         const int4 a = xr[0], b = xr[1];  // inputs 0..15, 16..31
         const int xa[4] = {a.x, a.y, a.z, a.w}, xb[4] = {b.x, b.y, b.z, b.w};
         int lo = 0, hi16 = 0;
@@ -188,38 +214,54 @@ __global__ void __launch_bounds__(kThreads)
     w4a8_gemv_q4_k_kernel(Q4KWeights w, int64_t n_out, int64_t k, const __half* __restrict__ x,
                           float* __restrict__ y) {
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
-  const int64_t runs = k / kRun;
   const int64_t row_bytes = (k / 256) * 144;
   const int64_t first = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
-  const QuantizedRows rows = prologue<M>(w.blocks, row_bytes, first, n_out, k, x, lane);
+  const int64_t row_step = static_cast<int64_t>(gridDim.x) * kWarps;
+  const QuantizedRows rows = prologue<M, Q4KStaging>(w.blocks, row_bytes, first, n_out, k, x, lane);
   const int8_t* xq = rows.q;
   const float* xd = rows.d;
   const int* xs = rows.s;
 
-  const int runs32 = static_cast<int>(runs), super_blocks = static_cast<int>(k / 256);
-  for (int64_t out = first; out < n_out; out += static_cast<int64_t>(gridDim.x) * kWarps) {
-    const auto* row = reinterpret_cast<const uint4*>(w.blocks + out * row_bytes);
+  const int super_blocks = static_cast<int>(k / 256);
+  const int q_row = static_cast<int>(Q4KStaging::q_row(k)),
+            s_row = static_cast<int>(Q4KStaging::s_row(k / kRun));
+  // A lane's super-blocks, row after row: sb = lane, lane + 32, ... of rows first, first + row_step, ...
+  // The next one's nine loads are issued before this one is computed, so that a lane always has a
+  // super-block in flight (left to itself the compiler issued them in small groups, each waited for in
+  // turn).
+  const auto* row = reinterpret_cast<const uint4*>(w.blocks + first * row_bytes);  // 9 uint4 a super-block
+  const int64_t row_step_u4 = row_step * (row_bytes / 16);
+  uint4 next[9];
+  const auto fetch = [&](const uint4* blk) {
+#pragma unroll
+    for (int i = 0; i < 9; ++i) next[i] = __ldg(blk + i);
+  };
+  if (first < n_out && lane < super_blocks) fetch(row + lane * 9);
+  for (int64_t out = first; out < n_out; out += row_step, row += row_step_u4) {
     float acc[M];
 #pragma unroll
     for (int r = 0; r < M; ++r) acc[r] = 0.0f;
     for (int sb = lane; sb < super_blocks; sb += kWarpSize) {
-      const uint4* blk = row + sb * 9;  // 144 bytes: the header, then 8 x 16 bytes of qs
-      const uint4 head = __ldg(blk);
-      uint4 qs[8];
+      uint4 blk[9];  // the header, then 8 x 16 bytes of qs
 #pragma unroll
-      for (int i = 0; i < 8; ++i) qs[i] = __ldg(blk + 1 + i);
+      for (int i = 0; i < 9; ++i) blk[i] = next[i];
+      if (sb + kWarpSize < super_blocks) {
+        fetch(row + (sb + kWarpSize) * 9);
+      } else if (out + row_step < n_out && lane < super_blocks) {
+        fetch(row + row_step_u4 + lane * 9);
+      }
       // The 8 sub-blocks' scales and mins, each index known at compile time (no selects).
       float ds[8], dm[8];
 #pragma unroll
-      for (int j = 0; j < 8; ++j) w4a16::q4_k_scale_min(head, j, ds[j], dm[j]);
+      for (int j = 0; j < 8; ++j) w4a16::q4_k_scale_min(blk[0], j, ds[j], dm[j]);
 #pragma unroll
       for (int r = 0; r < M; ++r) {
 #pragma unroll
         for (int c = 0; c < 4; ++c) {  // qs bytes 32c .. 32c + 31: sub-blocks 2c (low) and 2c + 1 (high)
-          const uint32_t words[8] = {qs[2 * c].x,     qs[2 * c].y,     qs[2 * c].z,     qs[2 * c].w,
-                                     qs[2 * c + 1].x, qs[2 * c + 1].y, qs[2 * c + 1].z, qs[2 * c + 1].w};
-          const int run0 = sb * 8 + 2 * c;  // sub-block 2c's activation block; 2c + 1's follows
-          const auto* x0 = reinterpret_cast<const int4*>(xq + r * runs32 * kRun + run0 * kRun);
+          const uint4 q0 = blk[1 + 2 * c], q1 = blk[2 + 2 * c];
+          const uint32_t words[8] = {q0.x, q0.y, q0.z, q0.w, q1.x, q1.y, q1.z, q1.w};
+          // Sub-block 2c's activation block, 2c + 1's following it (Q4KStaging: 272 bytes a super-block).
+          const auto* x0 = reinterpret_cast<const int4*>(xq + r * q_row + sb * 272 + c * 64);
           const int4 a0 = x0[0], a1 = x0[1], b0 = x0[2], b1 = x0[3];
           const int xa[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
           const int xb[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
@@ -229,7 +271,7 @@ __global__ void __launch_bounds__(kThreads)
             lo = dp4a_unsigned_signed(words[i] & 0x0F0F0F0Fu, xa[i], lo);
             hi16 = dp4a_unsigned_signed(words[i] & 0xF0F0F0F0u, xb[i], hi16);
           }
-          const int at = r * runs32 + run0;
+          const int at = r * s_row + sb * 9 + 2 * c;  // Q4KStaging: 9 words a super-block
           acc[r] =
               fmaf(xd[at], fmaf(ds[2 * c], static_cast<float>(lo), -dm[2 * c] * static_cast<float>(xs[at])),
                    acc[r]);
@@ -249,11 +291,11 @@ __global__ void __launch_bounds__(kThreads)
 // and ~k / 64 instructions a thread, so one block per 8 rows would spend about a third of its
 // instructions there on an 8192 x 8192 product and read x from L2 once per 8 rows, half the weights'
 // bytes again).
-template <typename Weights>
+template <class S, typename Weights>
 Status launch(void (*kernel)(Weights, int64_t, int64_t, const __half*, float*), int64_t m,
               const Weights& weights, int64_t n_out, int64_t k, const __half* x, float* y,
               cudaStream_t stream, bool programmatic) {
-  const size_t smem = static_cast<size_t>(m * k) + static_cast<size_t>(m * (k / kRun)) * 8;
+  const size_t smem = S::bytes(m, k);
   int device = 0, max_smem = 0, sms = 0, per_sm = 0;
   if (cudaGetDevice(&device) != cudaSuccess ||
       cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess ||
@@ -293,7 +335,7 @@ Status w4a8_gemv_int4_groups(const uint8_t* quants, const __half* scales, const 
   using Kernel = void (*)(w4a16::Int4GroupBlocks, int64_t, int64_t, const __half*, float*);
   constexpr Kernel kKernels[kW4A8GemvMaxM] = {w4a8_gemv_kernel<1>, w4a8_gemv_kernel<2>, w4a8_gemv_kernel<3>,
                                               w4a8_gemv_kernel<4>};
-  return launch(kKernels[m - 1], m, blocks, n_out, k, x, y, stream, programmatic);
+  return launch<Int4Staging>(kKernels[m - 1], m, blocks, n_out, k, x, y, stream, programmatic);
 }
 
 Status w4a8_gemv_q4_k(const uint8_t* blocks, int64_t n_out, int64_t k, const __half* x, int64_t m, float* y,
@@ -310,7 +352,7 @@ Status w4a8_gemv_q4_k(const uint8_t* blocks, int64_t n_out, int64_t k, const __h
   using Kernel = void (*)(Q4KWeights, int64_t, int64_t, const __half*, float*);
   constexpr Kernel kKernels[kW4A8GemvMaxM] = {w4a8_gemv_q4_k_kernel<1>, w4a8_gemv_q4_k_kernel<2>,
                                               w4a8_gemv_q4_k_kernel<3>, w4a8_gemv_q4_k_kernel<4>};
-  return launch(kKernels[m - 1], m, Q4KWeights{blocks}, n_out, k, x, y, stream, programmatic);
+  return launch<Q4KStaging>(kKernels[m - 1], m, Q4KWeights{blocks}, n_out, k, x, y, stream, programmatic);
 }
 
 }  // namespace nibble::kernels::cuda

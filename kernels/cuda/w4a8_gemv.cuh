@@ -31,8 +31,9 @@ constexpr int64_t kW4A8GemvMaxM = 4;
 // quants: [n_out, k / 2] bytes, 16-byte aligned; scales: [n_out, k / group] fp16, 2-byte aligned;
 // zeros: [n_out, k / group] bytes; group 32, 64 or 128 dividing k.
 // x: [m, k] __half, 16-byte aligned; y: [m, n_out] float, every element written.
-// 1 <= m <= kW4A8GemvMaxM; the m rows' 8-bit copies (m * k * 1.25 bytes) must fit in an SM's shared
-// memory (k up to ~45000 at m = 4). programmatic: dependent_launch.cuh's programmatic launch.
+// 1 <= m <= kW4A8GemvMaxM; the m rows' 8-bit copies (m * k * 1.75 bytes with their scales, sums and
+// the padding that keeps the lanes' reads on distinct banks) must fit in an SM's shared memory (k up
+// to ~33000 at m = 4, ~130000 at m = 1). programmatic: dependent_launch.cuh's programmatic launch.
 // Returns invalid_argument (nothing launched) for a bad argument, device_error if the launch fails.
 Status w4a8_gemv_int4_groups(const uint8_t* quants, const __half* scales, const uint8_t* zeros, int64_t group,
                              int64_t n_out, int64_t k, const __half* x, int64_t m, float* y,
@@ -40,7 +41,8 @@ Status w4a8_gemv_int4_groups(const uint8_t* quants, const __half* scales, const 
 
 // The same on GGUF Q4_K super-blocks as stored (llama.cpp's vec_dot_q4_K_q8_1 arithmetic): per
 // 32-input sub-block j, d_x * (d * scale_j * dot(q, xq) - dmin * min_j * sum(xq)).
-// blocks: [n_out, k / 256] BlockQ4_K, 16-byte aligned; k a multiple of 256; the rest as above.
+// blocks: [n_out, k / 256] BlockQ4_K, 16-byte aligned; k a multiple of 256; the rest as above (the
+// 8-bit copies take m * k * 1.35 bytes here: k up to ~43000 at m = 4).
 // CPU reference: kernels::w4a8_gemv_q4_k_reference.
 Status w4a8_gemv_q4_k(const uint8_t* blocks, int64_t n_out, int64_t k, const __half* x, int64_t m, float* y,
                       cudaStream_t stream, bool programmatic = false);

@@ -1,8 +1,9 @@
 // The W4A8 GEMV (kernels/cuda/w4a8_gemv): group-wise INT4 weights times activations rounded to 8 bits
 // on the device. Against its CPU reference (kernels::w4a8_gemv_int4_groups_reference, which rounds the
 // activations by the same float steps, so only the fp32 summation order differs) on odd shapes and
-// every row count; within the 8-bit rounding of the fp16-activation product; a row's bits the same
-// alone or in a batch; bad arguments refused before anything runs.
+// every row count (long rows and programmatic launches too); within the 8-bit rounding of the
+// fp16-activation product; a row's bits the same alone or in a batch; bad arguments refused before
+// anything runs.
 #include <cuda_fp16.h>
 #include <gtest/gtest.h>
 
@@ -153,6 +154,56 @@ TEST(CudaW4A8Gemv, Q4KMatchesTheCpuReference) {
   EXPECT_EQ(kc::w4a8_gemv_q4_k(blocks, 1, 256, xh, 5, y, nullptr), k::Status::invalid_argument);
 }
 
+// Long rows, as llama-70b's products have them (k = 8448: a lane's second Q4_K super-block; k = 28672,
+// ffn_down: over 48 KB of quantized activations at 4 rows, the opt-in shared memory), launched
+// programmatically (the wait for the kernel before, then the activations).
+TEST(CudaW4A8Gemv, LongRowsLaunchedProgrammaticallyMatchTheCpuReference) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  std::mt19937 rng(29);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  const int64_t n_out = 37, max_m = kc::kW4A8GemvMaxM;
+  for (const int64_t kk : {int64_t{8448}, int64_t{28672}}) {
+    std::vector<k::f16_bits> xh(static_cast<size_t>(max_m * kk));
+    for (auto& v : xh) v = k::fp32_to_fp16(normal(rng));
+    ct::DeviceBuffer<k::f16_bits> dx(xh);
+    ct::DeviceBuffer<float> dy(static_cast<size_t>(max_m * n_out));
+    ASSERT_TRUE(dx.ptr && dy.ptr);
+    const auto* x = reinterpret_cast<const __half*>(dx.ptr);
+    ct::DeviceInt4Groups w;
+    ASSERT_NO_FATAL_FAILURE(ct::make_device_int4_groups(n_out, kk, 128, rng, w));
+    const std::vector<uint8_t> quants = w.quants->to_host(), zeros = w.zeros->to_host();
+    const std::vector<uint16_t> scales = w.scales->to_host();
+    std::vector<float> want(static_cast<size_t>(max_m * n_out));
+    ASSERT_EQ(k::w4a8_gemv_int4_groups_reference(quants.data(), scales.data(), zeros.data(), 128, n_out, kk,
+                                                 xh.data(), max_m, want.data()),
+              k::Status::ok);
+    const ErrorBudget budget = error_budget(w.wf, xh, n_out, kk, max_m);
+    std::vector<uint8_t> q4k;
+    std::vector<float> q4k_f;
+    ASSERT_NO_FATAL_FAILURE(ct::random_quantized(k::DType::Q4_K, n_out, kk, rng, q4k, q4k_f));
+    ct::DeviceBuffer<uint8_t> dq4k(q4k);
+    ASSERT_TRUE(dq4k.ptr);
+    std::vector<float> want_q4k(static_cast<size_t>(max_m * n_out));
+    ASSERT_EQ(k::w4a8_gemv_q4_k_reference(q4k.data(), n_out, kk, xh.data(), max_m, want_q4k.data()),
+              k::Status::ok);
+    const ErrorBudget budget_q4k = error_budget(q4k_f, xh, n_out, kk, max_m);
+    for (int64_t m = 1; m <= max_m; ++m) {
+      SCOPED_TRACE("k " + std::to_string(kk) + " m " + std::to_string(m));
+      ASSERT_EQ(cudaMemset(dy.ptr, 0xff, dy.count * sizeof(float)), cudaSuccess);
+      ASSERT_EQ(kc::w4a8_gemv_int4_groups(w.quants->ptr, w.scales_half(), w.zeros->ptr, 128, n_out, kk, x, m,
+                                          dy.ptr, nullptr, /*programmatic=*/true),
+                k::Status::ok);
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      expect_within_budget(dy.to_host(), want, budget, m * n_out, 1e-5);
+      ASSERT_EQ(cudaMemset(dy.ptr, 0xff, dy.count * sizeof(float)), cudaSuccess);
+      ASSERT_EQ(kc::w4a8_gemv_q4_k(dq4k.ptr, n_out, kk, x, m, dy.ptr, nullptr, /*programmatic=*/true),
+                k::Status::ok);
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      expect_within_budget(dy.to_host(), want_q4k, budget_q4k, m * n_out, 2e-5);
+    }
+  }
+}
+
 // A row's outputs do not depend on how many rows share the call (the same operations in the same order
 // for each row), so batching decode requests does not change a request's bits.
 TEST(CudaW4A8Gemv, ARowsOutputsDoNotDependOnTheRowCount) {
@@ -180,6 +231,26 @@ TEST(CudaW4A8Gemv, ARowsOutputsDoNotDependOnTheRowCount) {
     for (int64_t o = 0; o < n_out; ++o)
       ASSERT_EQ(a[static_cast<size_t>(r * n_out + o)], b[static_cast<size_t>(o)])
           << "row " << r << " output " << o;
+  }
+  // The same for GGUF Q4_K as stored (k = 9216: 36 super-blocks, a second one for some lanes).
+  const int64_t kq = 9216;
+  std::vector<uint8_t> wq;
+  std::vector<float> wf;
+  ASSERT_NO_FATAL_FAILURE(ct::random_quantized(k::DType::Q4_K, n_out, kq, rng, wq, wf));
+  ct::DeviceBuffer<uint8_t> dw(wq);
+  std::vector<k::f16_bits> xq(static_cast<size_t>(kc::kW4A8GemvMaxM * kq));
+  for (auto& v : xq) v = k::fp32_to_fp16(normal(rng));
+  ct::DeviceBuffer<k::f16_bits> dxq(xq);
+  ASSERT_TRUE(dw.ptr && dxq.ptr);
+  const auto* xk = reinterpret_cast<const __half*>(dxq.ptr);
+  ASSERT_EQ(kc::w4a8_gemv_q4_k(dw.ptr, n_out, kq, xk, kc::kW4A8GemvMaxM, all.ptr, nullptr), k::Status::ok);
+  for (int64_t r = 0; r < kc::kW4A8GemvMaxM; ++r) {
+    ASSERT_EQ(kc::w4a8_gemv_q4_k(dw.ptr, n_out, kq, xk + r * kq, 1, one.ptr, nullptr), k::Status::ok);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    const std::vector<float> a = all.to_host(), b = one.to_host();
+    for (int64_t o = 0; o < n_out; ++o)
+      ASSERT_EQ(a[static_cast<size_t>(r * n_out + o)], b[static_cast<size_t>(o)])
+          << "Q4_K row " << r << " output " << o;
   }
 }
 

@@ -259,8 +259,14 @@ bool w4a16_cutlass_supported() {
 Status int4_cutlass_from_groups(const uint8_t* quants, const uint16_t* scales, const uint8_t* zeros,
                                 int64_t n_out, int64_t k, int64_t group, void* out,
                                 Int4CutlassWeights* weights, cudaStream_t stream) {
-  if (!quants || !scales || !zeros || !out || !weights || !int4_cutlass_shape_ok(n_out, k, group))
+  // out's 256-byte alignment: the reorder's atomicOr faults (and takes the context with it) on a
+  // misaligned word. int4_cutlass_shape_ok stays as strict as it is: CUTLASS's TMA descriptors were
+  // checked valid for every shape it accepts, and a failed encode is silent under NDEBUG.
+  if (!quants || !scales || !zeros || !out || !weights || !int4_cutlass_shape_ok(n_out, k, group) ||
+      reinterpret_cast<uintptr_t>(out) % 256 != 0)
     return Status::invalid_argument;
+  // An error left by earlier work is not this call's: report it as such before launching.
+  if (cudaPeekAtLastError() != cudaSuccess) return Status::device_error;
   const int64_t groups = k / group;
   auto* base = static_cast<uint8_t*>(out);
   const size_t quant_bytes = static_cast<size_t>(n_out * k / 2);

@@ -168,6 +168,10 @@ TEST(W4A16GemmCutlass, RejectsBadArgumentsBeforeTouchingTheDevice) {
   EXPECT_EQ(kc::int4_cutlass_from_groups(host.data(), reinterpret_cast<const uint16_t*>(host.data()),
                                          host.data(), 256, 256, 32, host.data(), &copy, nullptr),
             kc::w4a16_cutlass_built() ? Status::invalid_argument : Status::unsupported_type);  // group 32
+  EXPECT_EQ(
+      kc::int4_cutlass_from_groups(host.data(), reinterpret_cast<const uint16_t*>(host.data()), host.data(),
+                                   256, 256, 128, host.data() + 1, &copy, nullptr),
+      kc::w4a16_cutlass_built() ? Status::invalid_argument : Status::unsupported_type);  // out misaligned
   const Status want = kc::w4a16_cutlass_supported() ? Status::invalid_argument : Status::unsupported_type;
   EXPECT_EQ(kc::w4a16_gemm_int4_cutlass(reinterpret_cast<const __half*>(host.data()), none, 4,
                                         reinterpret_cast<float*>(host.data()), nullptr),

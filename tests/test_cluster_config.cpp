@@ -201,7 +201,7 @@ TEST(ClusterConfig, OutOfRangeValues) {
   expect_error("model: {path: m}\nint4_kernels: fastest\n", "int4_kernels", 2,
                {"expected one of measured, cuda_cores, tensor_cores, got 'fastest'"});
   expect_error("model: {path: m}\nint4_layout: columns\n", "int4_layout", 2,
-               {"expected one of rows, tiles, cutlass, got 'columns'"});
+               {"expected one of rows, tiles, cutlass, measured, got 'columns'"});
   // Tiles cannot be read by the CUDA-core kernels, whichever key comes first.
   expect_error("model: {path: m}\nint4_kernels: cuda_cores\nint4_layout: tiles\n", "int4_layout", 3,
                {"int4_kernels: cuda_cores", "tensor-core"});
@@ -210,6 +210,15 @@ TEST(ClusterConfig, OutOfRangeValues) {
   // Nor CUTLASS's order.
   expect_error("model: {path: m}\nint4_layout: cutlass\nint4_kernels: cuda_cores\n", "int4_layout", 2,
                {"int4_kernels: cuda_cores", "CUTLASS"});
+  // A measured layout is timed at load: the kernels must be too; and it weighs the CUTLASS copy itself.
+  expect_error("model: {path: m}\nint4_layout: measured\nint4_kernels: tensor_cores\n", "int4_layout", 2,
+               {"int4_kernels: measured", "not tensor_cores"});
+  expect_error("model: {path: m}\nint4_kernels: cuda_cores\nint4_layout: measured\n", "int4_layout", 3,
+               {"not cuda_cores"});
+  expect_error("model: {path: m}\nint4_layout: measured\ncutlass_gemm: true\n", "cutlass_gemm", 3,
+               {"int4_layout: measured"});
+  expect_error("model: {path: m}\nint8_activations: true\nint4_layout: measured\n", "int8_activations", 2,
+               {"int4_layout: measured", "row-major"});
   // 8-bit activations: the W4A8 GEMV reads the row-major layout only.
   expect_error("model: {path: m}\nint8_activations: maybe\n", "int8_activations", 2,
                {"expected one of false, true, got 'maybe'"});
@@ -291,6 +300,13 @@ TEST(ClusterConfig, RenderRoundTrips) {
   EXPECT_NE(rendered_layout.find("int4_layout: cutlass"), std::string::npos) << rendered_layout;
   EXPECT_EQ(parse_cluster_config(rendered_layout, "rendered"), cutlass_layout) << rendered_layout;
   EXPECT_FALSE(cutlass_layout == tiles);
+  const ClusterConfig measured_layout =
+      parse_cluster_config("model: {path: m.gguf}\ndevice: cuda\nint4_layout: measured\n", "measured.yaml");
+  EXPECT_EQ(measured_layout.int4_layout, Int4LayoutChoice::measured);
+  const std::string rendered_measured = render_cluster_config(measured_layout);
+  EXPECT_NE(rendered_measured.find("int4_layout: measured"), std::string::npos) << rendered_measured;
+  EXPECT_EQ(parse_cluster_config(rendered_measured, "rendered"), measured_layout) << rendered_measured;
+  EXPECT_FALSE(measured_layout == cutlass_layout);
   const ClusterConfig int8 =
       parse_cluster_config("model: {path: m.gguf}\ndevice: cuda\nint8_activations: true\n", "int8.yaml");
   EXPECT_TRUE(int8.int8_activations);

@@ -716,8 +716,16 @@ struct CudaLlamaModel::Impl {
       graphs;
   std::set<decltype(graphs)::key_type> seen_once;  // shapes run directly once, captured when seen again
   std::vector<CudaInt4KernelChoice> int4_choices;  // per int4_groups shape (choose_int4_kernels)
-  std::vector<CudaQ4KChoice> q4_k_choices;         // per q4_k shape (choose_q4_k_kernels)
-  StepTimer* timer = nullptr;                      // set while profile_greedy runs its pass
+  // Under Int4Layout::measured, per int4_groups shape, the layout its matrices take and what each
+  // layout's decode took (choose_int4_layouts).
+  struct MeasuredLayout {
+    int64_t n_out = 0, k = 0, group = 0;
+    kc::Int4Layout layout = kc::Int4Layout::rows;
+    double us[CudaInt4KernelChoice::kLayouts] = {};
+  };
+  std::vector<MeasuredLayout> measured_layouts;
+  std::vector<CudaQ4KChoice> q4_k_choices;  // per q4_k shape (choose_q4_k_kernels)
+  StepTimer* timer = nullptr;               // set while profile_greedy runs its pass
   std::unique_ptr<StepTimer> step_timer;
 
   // A span of `section` around the enqueues of its scope when a profile is being taken.
@@ -846,6 +854,13 @@ struct CudaLlamaModel::Impl {
     if (last_stage()) f(head);
   }
   void choose_int4_kernels();
+  // Under Int4Layout::measured: per int4_groups shape, rows, tiles and (where CUTLASS runs) CUTLASS's
+  // order timed on the shape's first matrices (temporary copies, freed before returning); records
+  // measured_layouts, which target_layout reads. Before make_cutlass_copies and tile_int4_matrices.
+  void choose_int4_layouts();
+  // The layout matrix w is to take at load: the option's, or under measured its shape's (Q4_K and the
+  // other kinds stay as they are).
+  kc::Int4Layout target_layout(const DeviceMatrix& w) const;
   // Under Int4Layout::tiles: every int4_groups and q4_k matrix repacked into chunks on the device, one
   // at a time (one matrix of extra device memory at the peak).
   void tile_int4_matrices();
@@ -965,11 +980,12 @@ static constexpr bool choice_mirrors_tuning() {
 static_assert(choice_mirrors_tuning());
 
 void CudaLlamaModel::Impl::make_cutlass_copies() {
-  const bool only = options.int4_layout == Int4Layout::cutlass;
-  if (!options.cutlass_gemm && !only) return;
-  const auto takes = [](const DeviceMatrix& w) {
+  // Int4Layout::cutlass, or measured (cutlass_gemm is refused with it): only the copy, matrix by matrix.
+  const bool only = !options.cutlass_gemm;
+  const auto takes = [&](const DeviceMatrix& w) {
     return w.kind == DeviceKind::int4_groups && w.layout == kc::Int4Layout::rows &&
-           w.cutlass_mem == nullptr && kc::int4_cutlass_shape_ok(w.n_out, w.k, w.group);
+           w.cutlass_mem == nullptr && kc::int4_cutlass_shape_ok(w.n_out, w.k, w.group) &&
+           (options.cutlass_gemm || target_layout(w) == kc::Int4Layout::cutlass);
   };
   const auto copy = [&](DeviceMatrix& w) {
     const uint8_t* base = w.mem->as<uint8_t>();
@@ -1013,10 +1029,133 @@ void CudaLlamaModel::Impl::make_cutlass_copies() {
   cuda_check(cudaStreamSynchronize(stream), "int4_cutlass_from_groups");  // before tiling frees the rows
 }
 
-void CudaLlamaModel::Impl::tile_int4_matrices() {
-  if (options.int4_layout != Int4Layout::tiles) return;
+kc::Int4Layout CudaLlamaModel::Impl::target_layout(const DeviceMatrix& w) const {
+  switch (options.int4_layout) {
+    case Int4Layout::rows:
+      return kc::Int4Layout::rows;
+    case Int4Layout::tiles:
+      return kc::Int4Layout::tiles;
+    case Int4Layout::cutlass:
+      return kc::Int4Layout::cutlass;
+    case Int4Layout::measured:
+      if (w.kind != DeviceKind::int4_groups) return kc::Int4Layout::rows;
+      for (const MeasuredLayout& ml : measured_layouts)
+        if (ml.n_out == w.n_out && ml.k == w.k && ml.group == w.group) return ml.layout;
+      return kc::Int4Layout::rows;
+  }
+  return kc::Int4Layout::rows;
+}
+
+void CudaLlamaModel::Impl::choose_int4_layouts() {
+  measured_layouts.clear();
+  if (options.int4_layout != Int4Layout::measured) return;
+  std::vector<std::vector<DeviceMatrix*>> shapes;  // int4_groups matrices by shape, in order of appearance
   for_each_matrix([&](DeviceMatrix& w) {
-    if ((w.kind != DeviceKind::int4_groups && w.kind != DeviceKind::q4_k) || w.layout != kc::Int4Layout::rows)
+    if (w.kind != DeviceKind::int4_groups || w.layout != kc::Int4Layout::rows) return;
+    for (auto& list : shapes) {
+      const DeviceMatrix& f = *list.front();
+      if (f.n_out == w.n_out && f.k == w.k && f.group == w.group) {
+        list.push_back(&w);
+        return;
+      }
+    }
+    shapes.push_back({&w});
+  });
+  int l2_bytes = 0;
+  cuda_check(cudaDeviceGetAttribute(&l2_bytes, cudaDevAttrL2CacheSize, options.device),
+             "cudaDeviceGetAttribute");
+  const bool cutlass_runs = kc::w4a16_cutlass_supported();
+  for (const auto& list : shapes) {
+    const DeviceMatrix& first = *list.front();
+    MeasuredLayout ml;
+    ml.n_out = first.n_out;
+    ml.k = first.k;
+    ml.group = first.group;
+    // The first matrices whose bytes pass 4x the L2 (all of them if fewer): the timed products rotate
+    // among them, so the weights stream from device memory as in a forward pass.
+    std::vector<const DeviceMatrix*> timed;
+    int64_t timed_bytes = 0;
+    for (const DeviceMatrix* w : list) {
+      if (timed_bytes >= 4 * static_cast<int64_t>(l2_bytes)) break;
+      timed.push_back(w);
+      timed_bytes += w->bytes();
+    }
+    // A layout's decode time: the geometric mean of its chosen kernels' times at 1, 4 and 16 rows
+    // (the range timings of kc::tune_int4_groups), 0 when one is missing.
+    const auto decode_us = [&](std::vector<kc::Int4GroupsMatrix> matrices, kc::Int4Layout layout,
+                               const std::vector<kc::Int4CutlassWeights>* cutlass) {
+      kc::Int4GroupsTuning t;
+      std::copy(kc::int4_default_kernels(layout), kc::int4_default_kernels(layout) + kc::kInt4RowRanges,
+                t.chosen);
+      std::string error;
+      const kernels::Status st = kc::tune_int4_groups(matrices, ml.group, ml.n_out, ml.k, nullptr, stream, t,
+                                                      error, layout, cutlass);
+      if (st != kernels::Status::ok) {
+        throw std::runtime_error("timing the INT4 layouts for a " + std::to_string(ml.n_out) + " x " +
+                                 std::to_string(ml.k) + " matrix (" +
+                                 int4_layout_name(worker_layout(layout)) +
+                                 ") failed: " + (error.empty() ? kernels::status_name(st) : error));
+      }
+      const double one = t.us[0][static_cast<int>(t.chosen[0])][0];
+      const double four = t.us[1][static_cast<int>(t.chosen[1])][0];
+      const double sixteen = t.us[1][static_cast<int>(t.chosen[1])][1];
+      return one > 0 && four > 0 && sixteen > 0 ? std::cbrt(one * four * sixteen) : 0.0;
+    };
+    std::vector<kc::Int4GroupsMatrix> rows;
+    for (const DeviceMatrix* w : timed) {
+      const uint8_t* base = w->mem->as<uint8_t>();
+      rows.push_back(
+          {base, reinterpret_cast<const __half*>(base + w->scales_offset), base + w->zeros_offset});
+    }
+    ml.us[0] = decode_us(rows, kc::Int4Layout::rows, nullptr);
+    {  // tiles: temporary chunks of the timed matrices
+      std::vector<std::unique_ptr<DeviceMemory>> chunks;
+      std::vector<kc::Int4GroupsMatrix> tiles;
+      for (const DeviceMatrix* w : timed) {
+        const uint8_t* base = w->mem->as<uint8_t>();
+        chunks.push_back(std::make_unique<DeviceMemory>(
+            static_cast<size_t>(kernels::int4_tiles_bytes(w->n_out, w->k, w->group))));
+        check(kc::int4_tiles_from_groups(base, reinterpret_cast<const uint16_t*>(base + w->scales_offset),
+                                         base + w->zeros_offset, w->n_out, w->k, w->group,
+                                         chunks.back()->as<uint8_t>(), stream),
+              "int4_tiles_from_groups");
+        tiles.push_back({chunks.back()->as<uint8_t>(), nullptr, nullptr});
+      }
+      ml.us[1] = decode_us(tiles, kc::Int4Layout::tiles, nullptr);  // synchronizes the stream
+    }
+    if (cutlass_runs && kc::int4_cutlass_shape_ok(ml.n_out, ml.k, ml.group)) {  // CUTLASS's order alone
+      std::vector<std::unique_ptr<DeviceMemory>> copies;
+      std::vector<kc::Int4CutlassWeights> cutlass(timed.size());
+      std::vector<kc::Int4GroupsMatrix> none(timed.size(), kc::Int4GroupsMatrix{nullptr, nullptr, nullptr});
+      for (size_t i = 0; i < timed.size(); ++i) {
+        const DeviceMatrix& w = *timed[i];
+        const uint8_t* base = w.mem->as<uint8_t>();
+        copies.push_back(std::make_unique<DeviceMemory>(kc::int4_cutlass_bytes(w.n_out, w.k, w.group)));
+        check(kc::int4_cutlass_from_groups(base, reinterpret_cast<const uint16_t*>(base + w.scales_offset),
+                                           base + w.zeros_offset, w.n_out, w.k, w.group,
+                                           copies.back()->as<uint8_t>(), &cutlass[i], stream),
+              "int4_cutlass_from_groups");
+      }
+      ml.us[2] = decode_us(none, kc::Int4Layout::cutlass, &cutlass);
+    }
+    // Rows unless another layout is kInt4MinGain faster than the best so far (as the kernel choice
+    // keeps its defaults), so that timing noise does not move a model between layouts.
+    double best = ml.us[0];
+    constexpr kc::Int4Layout kOthers[2] = {kc::Int4Layout::tiles, kc::Int4Layout::cutlass};
+    for (int i = 1; i < CudaInt4KernelChoice::kLayouts; ++i) {
+      if (ml.us[i] > 0 && (best <= 0 || ml.us[i] < best * (1.0 - kc::kInt4MinGain))) {
+        best = ml.us[i];
+        ml.layout = kOthers[i - 1];
+      }
+    }
+    measured_layouts.push_back(ml);
+  }
+}
+
+void CudaLlamaModel::Impl::tile_int4_matrices() {
+  for_each_matrix([&](DeviceMatrix& w) {
+    if ((w.kind != DeviceKind::int4_groups && w.kind != DeviceKind::q4_k) ||
+        w.layout != kc::Int4Layout::rows || target_layout(w) != kc::Int4Layout::tiles)
       return;
     const uint8_t* base = w.mem->as<uint8_t>();
     std::shared_ptr<DeviceMemory> tiled;
@@ -1057,6 +1196,10 @@ void CudaLlamaModel::Impl::choose_int4_kernels() {
     choice.k = w.k;
     choice.group = w.group;
     choice.layout = worker_layout(w.layout);
+    for (const MeasuredLayout& ml : measured_layouts) {
+      if (ml.n_out == w.n_out && ml.k == w.k && ml.group == w.group)
+        std::copy(ml.us, ml.us + CudaInt4KernelChoice::kLayouts, choice.layout_us);
+    }
     shapes.push_back({choice, {&w}});
   };
   for_each_matrix(add);
@@ -1791,6 +1934,18 @@ CudaLlamaModel::CudaLlamaModel(std::shared_ptr<const model::LlamaCheckpoint> che
         "int4_kernels cuda_cores cannot read int4_layout cutlass (only the CUTLASS GEMM reads it): use "
         "int4_layout rows, or int4_kernels measured or tensor_cores");
   }
+  if (options.int4_layout == Int4Layout::measured && options.int4_kernels != Int4Kernels::measured) {
+    throw std::invalid_argument(
+        std::string(
+            "int4_layout measured times each layout's kernels at load: it needs int4_kernels measured, "
+            "not ") +
+        int4_kernels_name(options.int4_kernels));
+  }
+  if (options.int4_layout == Int4Layout::measured && options.cutlass_gemm) {
+    throw std::invalid_argument(
+        "int4_layout measured weighs the CUTLASS copy itself (and keeps one copy of each matrix): drop "
+        "cutlass_gemm, or choose int4_layout rows or tiles with it");
+  }
   if (options.int8_activations && options.int4_layout != Int4Layout::rows) {
     throw std::invalid_argument(
         std::string("int8_activations needs int4_layout rows (the W4A8 GEMV reads the "
@@ -1830,6 +1985,7 @@ CudaLlamaModel::CudaLlamaModel(std::shared_ptr<const model::LlamaCheckpoint> che
     // for the legacy default stream: make the uploads complete before the first forward pass.
     cuda_check(cudaDeviceSynchronize(), "weight upload");
   }
+  m.choose_int4_layouts();
   m.make_cutlass_copies();
   m.tile_int4_matrices();
   m.choose_int4_kernels();

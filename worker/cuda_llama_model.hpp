@@ -126,6 +126,11 @@ class CudaKvCache {
 // tensor-core kernels from 2 rows and, for one row, whichever GEMV its timing at load prefers
 // (CudaQ4KChoice).
 enum class Int4Kernels { measured, cuda_cores, tensor_cores };
+inline const char* int4_kernels_name(Int4Kernels kernels) {
+  return kernels == Int4Kernels::cuda_cores     ? "cuda_cores"
+         : kernels == Int4Kernels::tensor_cores ? "tensor_cores"
+                                                : "measured";
+}
 
 // How group-wise INT4 and GGUF Q4_K matrices lie in device memory. rows: as loaded
 // (kernels/int4_groups.hpp's three row-major arrays; Q4_K blocks as in the file), which every
@@ -139,10 +144,25 @@ enum class Int4Kernels { measured, cuda_cores, tensor_cores };
 // (wgmma: 16-row activation tiles up to 32 rows, 64- and 128-row ones above, timed at load under
 // Int4Kernels::measured): one copy of the weights where CudaModelOptions::cutlass_gemm keeps two. The
 // other matrices (Q4_0 at group 32, Q4_K, ...) stay as under rows. Needs what cutlass_gemm needs;
-// refuses Int4Kernels::cuda_cores.
-enum class Int4Layout { rows, tiles, cutlass };
+// refuses Int4Kernels::cuda_cores. measured: per group-wise INT4 matrix shape, the layout whose
+// kernels decode fastest on this GPU, timed at load on the shape's first matrices (enough of them to
+// stream from device memory) in rows, in tiles and, where the CUTLASS GEMM runs, in CUTLASS's order;
+// rows stays unless another is kInt4MinGain faster (CudaInt4KernelChoice::layout_us says what each
+// took); GGUF Q4_K stays as stored. Needs Int4Kernels::measured; refuses cutlass_gemm (it weighs
+// the CUTLASS copy itself).
+enum class Int4Layout { rows, tiles, cutlass, measured };
 inline const char* int4_layout_name(Int4Layout layout) {
-  return layout == Int4Layout::tiles ? "tiles" : layout == Int4Layout::cutlass ? "cutlass" : "rows";
+  switch (layout) {
+    case Int4Layout::tiles:
+      return "tiles";
+    case Int4Layout::cutlass:
+      return "cutlass";
+    case Int4Layout::measured:
+      return "measured";
+    case Int4Layout::rows:
+      break;
+  }
+  return "rows";
 }
 
 // The kernels one group-wise INT4 matrix shape uses, with the load-time times behind the choice.
@@ -165,6 +185,12 @@ struct CudaInt4KernelChoice {
                                           // row count; 0: not timed (a fixed choice, a kernel that does
                                           // not take that many rows, or one that failed to launch)
   std::string skipped;                    // candidates that failed to launch, and how
+  // Under Int4Layout::measured, each layout's decode time at load: the geometric mean of its chosen
+  // kernels' times at 1, 4 and 16 rows, in rows, tiles and CUTLASS's order (us; 0: not timed, e.g.
+  // no CUTLASS GEMM on this GPU or for this shape); `layout` is the one taken.
+  static constexpr int kLayouts = 3;
+  static constexpr const char* layout_names[kLayouts] = {"rows", "tiles", "cutlass"};
+  double layout_us[kLayouts] = {};
 };
 
 // The one-row GEMV of one GGUF Q4_K matrix shape (more rows always take the Q4_K tensor-core

@@ -226,6 +226,17 @@ void print_int4_choices(const worker::CudaLlamaModel& model, double copy_gbps) {
       }
     }
     if (!ch.skipped.empty()) std::printf("  skipped: %s\n", ch.skipped.c_str());
+    if (ch.layout_us[0] > 0) {  // int4_layout measured
+      std::printf("  layouts (decode us: geometric mean at 1, 4 and 16 rows; taken: %s):",
+                  worker::int4_layout_name(ch.layout));
+      for (int l = 0; l < Choice::kLayouts; ++l) {
+        if (ch.layout_us[l] > 0)
+          std::printf(" %s %.1f", Choice::layout_names[l], ch.layout_us[l]);
+        else
+          std::printf(" %s -", Choice::layout_names[l]);
+      }
+      std::printf("\n");
+    }
   }
 }
 
@@ -292,6 +303,12 @@ int run_model(const Args& a) {
   report("%s loaded in %.1f s, decode floor %.2f ms/step", a.model.c_str(), target.load_seconds,
          floor_s * 1e3);
   for (const worker::CudaInt4KernelChoice& ch : target.model->int4_kernel_choices()) {
+    if (ch.layout_us[0] > 0) {
+      report(
+          "INT4 %lldx%lld layouts, decode us: rows %.1f, tiles %.1f, cutlass %.1f (0: not timed): %s taken",
+          static_cast<long long>(ch.n_out), static_cast<long long>(ch.k), ch.layout_us[0], ch.layout_us[1],
+          ch.layout_us[2], worker::int4_layout_name(ch.layout));
+    }
     report("INT4 %lldx%lld (%s): rows 1 %s, 2-16 %s, 17-32 %s, 33-64 %s, over 64 %s",
            static_cast<long long>(ch.n_out), static_cast<long long>(ch.k),
            worker::int4_layout_name(ch.layout), worker::CudaInt4KernelChoice::kernel_names[ch.chosen[0]],
@@ -385,10 +402,14 @@ int run_model(const Args& a) {
                         {"chosen", worker::CudaInt4KernelChoice::kernel_names[ch.chosen[r]]},
                         {"timed", timed}});
     }
+    nlohmann::json layout_us = nlohmann::json::object();  // int4_layout measured: each layout's decode us
+    for (int l = 0; l < worker::CudaInt4KernelChoice::kLayouts; ++l)
+      if (ch.layout_us[l] > 0) layout_us[worker::CudaInt4KernelChoice::layout_names[l]] = ch.layout_us[l];
     int4.push_back({{"n_out", ch.n_out},
                     {"k", ch.k},
                     {"group", ch.group},
                     {"layout", worker::int4_layout_name(ch.layout)},
+                    {"layout_decode_us", layout_us},
                     {"matrices", ch.matrices},
                     {"ranges", ranges},
                     {"skipped", ch.skipped}});
@@ -852,7 +873,8 @@ Runner add_bench_gpu(CLI::App& app) {
   add_int4_layout_option(app, a->int4_layout,
                          "With --model: group-wise INT4 matrices as rows (the default), repacked into the "
                          "tensor-core kernels' tiles, or only in CUTLASS's order (cutlass: every product "
-                         "of them on CUTLASS's Hopper GEMM, one copy of the weights)");
+                         "of them on CUTLASS's Hopper GEMM, one copy of the weights), or measured: per "
+                         "matrix shape, the one of the three that decodes fastest when timed at load");
   app.add_flag(
       "--int8-activations", a->int8_activations,
       "With --model: one-row INT4 products (batch-1 decode) on the W4A8 GEMV, the activations rounded "

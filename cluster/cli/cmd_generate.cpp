@@ -68,8 +68,9 @@ Runner add_generate(CLI::App& app) {
       app, a->int4_layout,
       "With --device cuda: group-wise INT4 matrices as rows (the default), repacked into "
       "the tensor-core kernels' tiles, or only in CUTLASS's order for its Hopper GEMM (cutlass: one "
-      "copy; needs a CUTLASS build and an H100 / H200); tiles and cutlass are refused with "
-      "--int4-kernels cuda-cores");
+      "copy; needs a CUTLASS build and an H100 / H200), or measured: per matrix shape, the one of "
+      "the three that decodes fastest when timed at load (needs --int4-kernels measured); tiles and "
+      "cutlass are refused with --int4-kernels cuda-cores");
   app.add_flag("--int8-activations", a->int8_activations,
                "With --device cuda: one-row INT4 products (batch-1 decode) on the W4A8 GEMV, the activations "
                "rounded to 8 bits on the device as the CPU backend rounds them (needs --int4-layout rows)");

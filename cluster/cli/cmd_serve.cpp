@@ -136,6 +136,8 @@ worker::Int4Layout worker_int4_layout(cluster::Int4LayoutChoice choice) {
       return worker::Int4Layout::tiles;
     case cluster::Int4LayoutChoice::cutlass:
       return worker::Int4Layout::cutlass;
+    case cluster::Int4LayoutChoice::measured:
+      return worker::Int4Layout::measured;
   }
   return worker::Int4Layout::rows;
 }

@@ -24,7 +24,8 @@ void add_int4_layout_option(CLI::App& app, worker::Int4Layout& value, const std:
       ->transform(CLI::CheckedTransformer(
           std::map<std::string, worker::Int4Layout>{{"rows", worker::Int4Layout::rows},
                                                     {"tiles", worker::Int4Layout::tiles},
-                                                    {"cutlass", worker::Int4Layout::cutlass}}));
+                                                    {"cutlass", worker::Int4Layout::cutlass},
+                                                    {"measured", worker::Int4Layout::measured}}));
 }
 
 int default_threads() {

@@ -252,7 +252,8 @@ ClusterConfig build_config(const Reader& reader, const Section& top, const std::
         static_cast<Int4KernelChoice>(reader.choice(*e, {"measured", "cuda_cores", "tensor_cores"}));
   }
   if (const Entry* e = top.find("int4_layout")) {
-    config.int4_layout = static_cast<Int4LayoutChoice>(reader.choice(*e, {"rows", "tiles", "cutlass"}));
+    config.int4_layout =
+        static_cast<Int4LayoutChoice>(reader.choice(*e, {"rows", "tiles", "cutlass", "measured"}));
     if (config.int4_layout == Int4LayoutChoice::tiles &&
         config.int4_kernels == Int4KernelChoice::cuda_cores) {
       reader.fail(
@@ -266,6 +267,14 @@ ClusterConfig build_config(const Reader& reader, const Section& top, const std::
                   "cutlass cannot be read by int4_kernels: cuda_cores (only CUTLASS's GEMM reads it); use "
                   "rows, or int4_kernels: measured or tensor_cores");
     }
+    if (config.int4_layout == Int4LayoutChoice::measured &&
+        config.int4_kernels != Int4KernelChoice::measured) {
+      reader.fail(
+          e->path, e->line,
+          std::string("measured times each layout's kernels at load: it needs int4_kernels: measured, "
+                      "not ") +
+              int4_kernel_choice_name(config.int4_kernels));
+    }
   }
 
   if (const Entry* e = top.find("cutlass_gemm")) {
@@ -275,6 +284,12 @@ ClusterConfig build_config(const Reader& reader, const Section& top, const std::
           e->path, e->line,
           "true cannot go with int4_kernels: cuda_cores (which pins every product to the CUDA cores); "
           "use measured or tensor_cores");
+    }
+    if (config.cutlass_gemm && config.int4_layout == Int4LayoutChoice::measured) {
+      reader.fail(
+          e->path, e->line,
+          "true cannot go with int4_layout: measured (which weighs the CUTLASS copy itself and keeps one "
+          "copy of each matrix); use int4_layout: rows or tiles with it");
     }
   }
 
@@ -403,6 +418,8 @@ const char* int4_layout_choice_name(Int4LayoutChoice choice) {
       return "tiles";
     case Int4LayoutChoice::cutlass:
       return "cutlass";
+    case Int4LayoutChoice::measured:
+      return "measured";
   }
   return "rows";
 }

@@ -20,8 +20,9 @@
 //     micro_batches: <pipeline>  # micro-batches in flight through the pipeline, >= 1
 //   device: cpu                  # cpu | cuda (workers on GPU local rank % GPUs; CUDA builds only)
 //   int4_kernels: measured       # device: cuda: measured | cuda_cores | tensor_cores (Int4KernelChoice)
-//   int4_layout: rows            # device: cuda: rows | tiles | cutlass (Int4LayoutChoice; tiles and
-//                                # cutlass refuse cuda_cores; cutlass: one copy, CUTLASS's GEMM only)
+//   int4_layout: rows            # device: cuda: rows | tiles | cutlass | measured (Int4LayoutChoice;
+//                                # tiles and cutlass refuse cuda_cores; cutlass: one copy, CUTLASS's GEMM
+//                                # only; measured: per shape, timed at load; needs int4_kernels: measured)
 //   cutlass_gemm: false          # device: cuda: true adds CUTLASS's Hopper GEMMs as candidates (a second
 //                                # copy of the INT4 weights; worker::CudaModelOptions::cutlass_gemm;
 //                                # refused with int4_kernels: cuda_cores)
@@ -86,8 +87,10 @@ enum class Int4KernelChoice { measured, cuda_cores, tensor_cores };
 // How a GPU worker lays out group-wise INT4 and GGUF Q4_K matrices (worker::Int4Layout): rows as
 // loaded; tiles, repacked at load into the tensor-core kernels' chunks; or cutlass, group-wise INT4
 // only in CUTLASS's order for its Hopper GEMM. The CUDA-core kernels read neither of the last two, so
-// int4_kernels: cuda_cores with them is a config error.
-enum class Int4LayoutChoice { rows, tiles, cutlass };
+// int4_kernels: cuda_cores with them is a config error. measured: per group-wise INT4 shape, the one of
+// the three whose kernels decode fastest when timed at load (needs int4_kernels: measured; refuses
+// cutlass_gemm: true).
+enum class Int4LayoutChoice { rows, tiles, cutlass, measured };
 
 const char* device_name(Device device);
 const char* int4_kernel_choice_name(Int4KernelChoice choice);

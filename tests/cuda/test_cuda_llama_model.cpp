@@ -42,6 +42,7 @@
 #include <vector>
 
 #include "kernels/cuda/w4a16_gemm_cutlass.cuh"
+#include "kernels/cuda/w4a16_tuning.cuh"
 #include "kernels/thread_pool.hpp"
 #include "model/gguf.hpp"
 #include "model/random_model.hpp"
@@ -896,6 +897,63 @@ TEST(CudaLlamaModel, CutlassLayoutKeepsOneCopyOnTheCutlassGemms) {
   }
 }
 
+// int4_layout measured: every INT4 shape timed in rows and tiles (and in CUTLASS's order where its GEMM
+// runs) at load, the layout taken by the rule (rows unless another is kInt4MinGain faster than the best
+// before it), the kernels then chosen among those that read it, and the logits those of the CPU.
+TEST(CudaLlamaModel, MeasuredLayoutTimesEachLayoutAndTakesTheFastest) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  using Choice = w::CudaInt4KernelChoice;
+  const std::string awq = (t::test_data_dir() / "gptq-tiny-llama" / "awq-g64").string();
+  for (const std::string& path : {std::string("dummy:tiny:seed=3"), awq}) {
+    SCOPED_TRACE(path);
+    const auto checkpoint = m::LlamaCheckpoint::open(path);
+    w::CudaModelOptions options;
+    options.int4_layout = w::Int4Layout::measured;
+    w::CudaLlamaModel model(checkpoint, options);
+    ASSERT_FALSE(model.int4_kernel_choices().empty());
+    for (const Choice& ch : model.int4_kernel_choices()) {
+      SCOPED_TRACE(std::to_string(ch.n_out) + " x " + std::to_string(ch.k) + " g" + std::to_string(ch.group));
+      EXPECT_GT(ch.layout_us[0], 0.0);
+      EXPECT_GT(ch.layout_us[1], 0.0);
+      const bool cutlass =
+          kc::w4a16_cutlass_supported() && kc::int4_cutlass_shape_ok(ch.n_out, ch.k, ch.group);
+      EXPECT_EQ(ch.layout_us[2] > 0.0, cutlass);
+      w::Int4Layout want = w::Int4Layout::rows;
+      double best = ch.layout_us[0];
+      const w::Int4Layout others[2] = {w::Int4Layout::tiles, w::Int4Layout::cutlass};
+      for (int l = 1; l < Choice::kLayouts; ++l) {
+        if (ch.layout_us[l] > 0.0 && ch.layout_us[l] < best * (1.0 - kc::kInt4MinGain)) {
+          best = ch.layout_us[l];
+          want = others[l - 1];
+        }
+      }
+      EXPECT_EQ(ch.layout, want) << "rows " << ch.layout_us[0] << " us, tiles " << ch.layout_us[1]
+                                 << " us, cutlass " << ch.layout_us[2] << " us";
+      if (ch.layout != w::Int4Layout::rows) {  // only the kernels that read the layout
+        for (int r = 0; r < Choice::kRanges; ++r) {
+          const std::string chosen = Choice::kernel_names[ch.chosen[r]];
+          EXPECT_TRUE(chosen != "CUDA-core GEMV" && chosen != "WMMA GEMM" && chosen != "mma GEMM" &&
+                      chosen != "staged GEMV" && chosen != "W4A8 GEMV")
+              << chosen << ", range " << r;
+        }
+      }
+    }
+    if (path == awq) {
+      compare_scenario(path, kCheckpointBound, /*decode_attention=*/true, w::Int4Kernels::measured, false,
+                       true, w::Int4Layout::measured);
+    }
+    w::CudaModelOptions refused = options;
+    refused.int4_kernels = w::Int4Kernels::tensor_cores;  // the layouts are timed: so are the kernels
+    EXPECT_THROW(w::CudaLlamaModel(checkpoint, refused), std::invalid_argument);
+    refused = options;
+    refused.cutlass_gemm = true;
+    EXPECT_THROW(w::CudaLlamaModel(checkpoint, refused), std::invalid_argument);
+    refused = options;
+    refused.int8_activations = true;
+    EXPECT_THROW(w::CudaLlamaModel(checkpoint, refused), std::invalid_argument);
+  }
+}
+
 // Sampling on the device (forward_sample): each logit row's id is the one worker::Sampler's
 // distribution of forward()'s logits for that row gives by inverse CDF with the row's uniform (u kept
 // away from the cumulative boundaries, where the GPU's summation order may tip the choice).
@@ -1541,6 +1599,23 @@ TEST(CudaLlamaModelCli, BenchGpuRunsTheModelOnTiles) {
           << chosen;
     }
   }
+}
+
+// bench-gpu --model --int4-layout measured: each INT4 shape's layouts' decode times at load in the JSON
+// and the text, and the layout taken one of those timed.
+TEST(CudaLlamaModelCli, BenchGpuReportsTheMeasuredLayouts) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  std::string output;
+  nlohmann::json j;
+  ASSERT_NO_FATAL_FAILURE(run_bench_gpu_on_tiny_decoding("--int4-layout measured", output, j));
+  ASSERT_FALSE(j["int4_kernels"].empty()) << output;
+  for (const auto& shape : j["int4_kernels"]) {
+    const auto& timed = shape["layout_decode_us"];
+    EXPECT_TRUE(timed.contains("rows") && timed.contains("tiles")) << shape.dump();
+    const std::string layout = shape["layout"];
+    EXPECT_TRUE(timed.contains(layout)) << shape.dump();
+  }
+  EXPECT_NE(output.find("layouts (decode us"), std::string::npos) << output;
 }
 
 // bench-gpu --model --cutlass-gemm: the dummy model's INT4 matrices also in CUTLASS's order, and the

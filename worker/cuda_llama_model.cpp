@@ -60,6 +60,19 @@ void cuda_check(cudaError_t err, const char* what) {
     throw std::runtime_error(std::string("CUDA ") + what + ": " + cudaGetErrorString(err));
 }
 
+// Device sampling's workspace for rows of n_vocab logits, with the reason when the rows are too many.
+size_t sampling_workspace_bytes(int64_t rows, int64_t n_vocab) {
+  if (rows * n_vocab >= (int64_t{1} << 31)) {
+    throw std::invalid_argument(std::to_string(rows) + " logit rows x " + std::to_string(n_vocab) +
+                                " vocabulary entries exceed device sampling's 2^31 values a call");
+  }
+  size_t ws = 0;
+  if (kc::sample_rows_workspace_bytes(rows, n_vocab, &ws) != kernels::Status::ok)
+    throw std::invalid_argument("device sampling refuses " + std::to_string(rows) + " rows of " +
+                                std::to_string(n_vocab) + " logits");
+  return ws;
+}
+
 void check(kernels::Status status, const char* what) {
   if (status != kernels::Status::ok) {
     // A failed launch leaves its error in the runtime; name it when there is one.
@@ -798,10 +811,16 @@ struct CudaLlamaModel::Impl {
         const bool rows = w.layout == kc::Int4Layout::rows;
         const auto* scales = rows ? reinterpret_cast<const __half*>(wd + w.scales_offset) : nullptr;
         const uint8_t* zeros = rows ? wd + w.zeros_offset : nullptr;
-        check(kc::launch_int4_kernel(w.int4_kernel[kc::int4_row_range(m)], &dequant_cublas, wd, scales, zeros,
-                                     w.group, w.n_out, w.k, x, m, y, stream, pdl, w.layout,
-                                     w.cutlass.quants != nullptr ? &w.cutlass : nullptr),
-              "W4A16 matmul (INT4 groups)");
+        const kc::Int4Kernel kernel = w.int4_kernel[kc::int4_row_range(m)];
+        const kernels::Status st =
+            kc::launch_int4_kernel(kernel, &dequant_cublas, wd, scales, zeros, w.group, w.n_out, w.k, x, m, y,
+                                   stream, pdl, w.layout, w.cutlass.quants != nullptr ? &w.cutlass : nullptr);
+        if (st != kernels::Status::ok) {  // the message built only on failure (graph capture runs here)
+          check(st, (std::string("W4A16 matmul (INT4 groups, ") + kc::int4_kernel_name(kernel) + " on " +
+                     kc::int4_layout_name(w.layout) + ", " + std::to_string(w.n_out) + " x " +
+                     std::to_string(w.k) + ", " + std::to_string(m) + " rows)")
+                        .c_str());
+        }
         return;
       }
       case DeviceKind::f16:
@@ -1171,7 +1190,7 @@ void CudaLlamaModel::Impl::tile_int4_matrices() {
                                        stream),
             "int4_tiles_from_groups");
     }
-    cuda_check(cudaStreamSynchronize(stream), "int4_tiles_from_groups");  // before the rows are freed
+    cuda_check(cudaStreamSynchronize(stream), "repacking into tiles");  // before the rows are freed
     w.mem = std::move(tiled);
     w.layout = kc::Int4Layout::tiles;
     w.scales_offset = w.zeros_offset = 0;
@@ -1246,6 +1265,18 @@ void CudaLlamaModel::Impl::choose_int4_kernels() {
       }
       std::copy(&t.us[0][0][0], &t.us[0][0][0] + sizeof t.us / sizeof(double), &choice.us[0][0][0]);
       choice.skipped = t.skipped;
+      // Every range's default is timed at its row counts, so a chosen kernel without a time failed
+      // (no candidate of the range ran): say so at load, not at the first pass.
+      static constexpr const char* kRangeNames[kc::kInt4RowRanges] = {"1", "2-16", "17-32", "33-64",
+                                                                      "over 64"};
+      for (int r = 0; r < kc::kInt4RowRanges; ++r) {
+        if (t.us[r][static_cast<int>(t.chosen[r])][0] <= 0.0) {
+          throw std::runtime_error("INT4 " + std::to_string(choice.n_out) + " x " + std::to_string(choice.k) +
+                                   " (" + kc::int4_layout_name(layout) + "): no kernel ran at load for " +
+                                   kRangeNames[r] + " rows (" + kc::int4_kernel_name(t.chosen[r]) +
+                                   " the default; " + t.skipped + ")");
+        }
+      }
     } else if (options.int4_kernels == Int4Kernels::tensor_cores && layout != kc::Int4Layout::cutlass) {
       t.chosen[0] = t.chosen[1] = kc::Int4Kernel::gemv_tensor_cores;
       t.chosen[2] = kc::Int4Kernel::gemv_tensor_cores_32rows;
@@ -1290,7 +1321,8 @@ void CudaLlamaModel::Impl::choose_q4_k_kernels() {
   for (auto& [choice, list] : shapes) {
     choice.matrices = static_cast<int64_t>(list.size());
     choice.tensor_cores = options.int4_kernels == Int4Kernels::tensor_cores || choice.tiles;
-    if (options.int4_kernels == Int4Kernels::measured && !choice.tiles) {
+    // int8_activations: one row runs on the W4A8 GEMV whatever this says: nothing to time.
+    if (options.int4_kernels == Int4Kernels::measured && !choice.tiles && !options.int8_activations) {
       // One row on each GEMV, the shape's matrices in turn (enough of them and L2 holds few), the
       // tensor cores kept only when kInt4MinGain faster (as the INT4 choice keeps its default).
       DeviceMemory x(static_cast<size_t>(choice.k) * sizeof(__half)),
@@ -1796,9 +1828,7 @@ void CudaLlamaModel::Impl::forward_impl(const ForwardBatch& batch, CudaKvCache& 
   }
 
   if (sample && n_out > 0) {
-    size_t ws = 0;
-    check(kc::sample_rows_workspace_bytes(n_out, c.n_vocab, &ws), "sample_rows_workspace_bytes");
-    sample_workspace.reserve(ws);
+    sample_workspace.reserve(sampling_workspace_bytes(n_out, c.n_vocab));
     sample_params.reserve(static_cast<size_t>(n_out) * sizeof(kc::SamplingRowParams));
     sample_uniforms.reserve(static_cast<size_t>(n_out) * sizeof(double));
     cuda_check(cudaMemcpyAsync(sample_params.as<void>(), sampling.params->data(),
@@ -2003,7 +2033,9 @@ const model::LlamaCheckpoint& CudaLlamaModel::checkpoint() const { return *impl_
 
 int64_t CudaLlamaModel::weight_bytes() const {
   const Impl& m = *impl_;
-  int64_t b = m.embedding.bytes() + (m.head.mem == m.embedding.mem ? 0 : m.head.bytes());
+  // A tied head shares the table (on a later stage both may be null: a CUTLASS-only head counts).
+  const bool shared = m.head.mem != nullptr && m.head.mem == m.embedding.mem;
+  int64_t b = m.embedding.bytes() + (shared ? 0 : m.head.bytes());
   for (const Layer& l : m.layers) b += l.qkv.bytes() + l.wo.bytes() + l.gate_up.bytes() + l.down.bytes();
   return b;
 }
@@ -2103,10 +2135,7 @@ void CudaLlamaModel::forward_stage_verify(const ForwardBatch& batch, CudaKvCache
     counts[s] = static_cast<int32_t>(k);
     std::copy(seq.uniforms.begin(), seq.uniforms.end(), uniforms.begin() + static_cast<int64_t>(s * slots));
   }
-  size_t ws = 0;
-  check(kc::sample_rows_workspace_bytes(static_cast<int64_t>(rows), n_vocab, &ws),
-        "sample_rows_workspace_bytes");
-  m.sample_workspace.reserve(ws);
+  m.sample_workspace.reserve(sampling_workspace_bytes(static_cast<int64_t>(rows), n_vocab));
   m.sample_params.reserve(rows * sizeof(kc::SamplingRowParams));
   m.verify_p_packed.reserve(rows * v * sizeof(float));
   m.verify_p.reserve(static_cast<size_t>(n_seqs) * slots * v * sizeof(float));
@@ -2214,10 +2243,7 @@ void CudaLlamaModel::forward_draft_sample(const ForwardBatch& batch, CudaKvCache
   m.forward_impl(batch, cache, nullptr, nullptr, nullptr, Impl::RowSampling{});
   ids.assign(rows, 0);
   if (rows == 0) return;
-  size_t ws = 0;
-  check(kc::sample_rows_workspace_bytes(static_cast<int64_t>(rows), n_vocab, &ws),
-        "sample_rows_workspace_bytes");
-  m.sample_workspace.reserve(ws);
+  m.sample_workspace.reserve(sampling_workspace_bytes(static_cast<int64_t>(rows), n_vocab));
   m.sample_params.reserve(rows * sizeof(kc::SamplingRowParams));
   m.sample_uniforms.reserve(rows * sizeof(double));
   m.verify_p_packed.reserve(rows * v * sizeof(float));

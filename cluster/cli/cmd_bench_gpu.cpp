@@ -562,11 +562,13 @@ int run_kernels(const Args& a) {
         r.g128_deq_us, r.g128_cutlass_us, r.g128_cutlass_pp_us, r.g128_cutlass16_us, r.g128_tiles_tc_us,
         r.g128_tiles_tc32_us, r.g128_tiles_tc64_us, r.g128_tiles_deq_us, r.q4k_us, r.q4k_tc_us, r.cublas_us);
   };
+  // tinygemm's figures first: a bad file must not cost a measured table.
+  const auto tinygemm = read_tinygemm(a.tinygemm);
   const kernels::Status st = kernels::cuda::run_matmul_bench(
       parse_shapes(a.shapes), parse_list(a.rows), a.iterations, a.repetitions, result, error, measured);
-  if (st != kernels::Status::ok)
+  if (st != kernels::Status::ok && (result.rows.empty() || st != kernels::Status::device_error))
     throw std::runtime_error(std::string("GPU benchmark failed: ") + kernels::status_name(st) + " " + error);
-  const auto tinygemm = read_tinygemm(a.tinygemm);
+  // A device failure part way: the tables of the shapes finished before it, then the error (exit 1).
   nlohmann::json rows = nlohmann::json::array();
   if (!a.json) {
     std::printf("device: %s\ncopy bandwidth (read + write): %.0f GB/s\n\n", result.device.c_str(),
@@ -807,9 +809,12 @@ int run_kernels(const Args& a) {
     }
   }
   if (a.json) {
-    std::cout
-        << nlohmann::json{{"device", result.device}, {"copy_gbps", result.copy_gbps}, {"rows", rows}}.dump()
-        << "\n";
+    std::cout << nlohmann::json{{"device", result.device},
+                                {"copy_gbps", result.copy_gbps},
+                                {"rows", rows},
+                                {"skipped", result.skipped}}
+                     .dump()
+              << "\n";
   } else {
     std::printf(
         "\nW4A16 = GGUF Q4_0 weights x fp16 activations, fp32 accumulation (m <= 32: w4a16_gemv, above: the "
@@ -832,6 +837,12 @@ int run_kernels(const Args& a) {
         "%%copy and "
         "GB/s "
         "count the bytes each product must move.\n");
+  }
+  for (const std::string& column : result.skipped) progress("column left out ('-'): %s", column.c_str());
+  if (st != kernels::Status::ok) {
+    progress("GPU benchmark failed after %zu rows: %s %s", result.rows.size(), kernels::status_name(st),
+             error.c_str());
+    return 1;
   }
   return 0;
 }

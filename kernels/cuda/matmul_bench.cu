@@ -89,20 +89,40 @@ int copies_for(size_t bytes, int l2_bytes) {
   return static_cast<int>(std::clamp<size_t>((want + bytes - 1) / bytes, 2, 64));
 }
 
+// Columns left out of the table because their kernel failed while the device stayed usable (a
+// first run of a kernel on new hardware must not cost the rest of the table). Set by
+// run_matmul_bench for its run; the benchmark is single-threaded.
+std::vector<std::string>* skipped_columns = nullptr;
+
 // Median over repetitions of the mean time of one call, in microseconds (median_call_us). `call(i)`
-// enqueues product i (it picks its weight copy from i) and throws BenchFailure when it cannot.
+// enqueues product i (it picks its weight copy from i: i keeps counting across the warm-up and the
+// timed loops, so that every loop sweeps on through the copies instead of restarting at copy 0) and
+// throws BenchFailure when it cannot. A failure that leaves the device usable (no sticky error once
+// the stream drains) gives 0, '-' in the table, and is named in skipped_columns; any other rethrows.
 template <typename Call>
 double time_us(cudaStream_t stream, int iterations, int repetitions, Call call) {
   double us = 0.0;
   cudaError_t err = cudaSuccess;
-  median_call_us(
-      stream, iterations, repetitions,
-      [&](int i) {
-        call(i);
-        return true;
-      },
-      us, err);
-  check(err, "timing with CUDA events");
+  int next = 0;
+  try {
+    median_call_us(
+        stream, iterations, repetitions,
+        [&](int) {
+          call(next++);
+          return true;
+        },
+        us, err);
+    check(err, "timing with CUDA events");
+  } catch (const BenchFailure& e) {
+    const cudaError_t drained = cudaStreamSynchronize(stream);
+    const cudaError_t last = cudaGetLastError();  // clears a launch error (sticky ones stay)
+    if (drained != cudaSuccess || skipped_columns == nullptr || cudaStreamSynchronize(stream) != cudaSuccess)
+      throw;
+    skipped_columns->push_back(
+        std::string(e.what()) +
+        (last != cudaSuccess ? std::string(" (") + cudaGetErrorString(last) + ")" : ""));
+    return 0.0;
+  }
   return us;
 }
 
@@ -270,9 +290,16 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
               throw BenchFailure(std::string("CUTLASS INT4 GEMM failed: ") + status_name(st));
           });
         };
-        g128_cutlass[mi] = time_cutlass(CutlassSchedule::cooperative_128);
-        g128_cutlass_pp[mi] = time_cutlass(CutlassSchedule::pingpong_64);
-        if (m <= 32) g128_cutlass16[mi] = time_cutlass(CutlassSchedule::pingpong_64x16);
+        // Only the problems CUTLASS says it can run ('-' otherwise).
+        const auto implementable = [&](CutlassSchedule schedule) {
+          return w4a16_gemm_int4_cutlass_implementable(n, k, 128, m, schedule);
+        };
+        if (implementable(CutlassSchedule::cooperative_128))
+          g128_cutlass[mi] = time_cutlass(CutlassSchedule::cooperative_128);
+        if (implementable(CutlassSchedule::pingpong_64))
+          g128_cutlass_pp[mi] = time_cutlass(CutlassSchedule::pingpong_64);
+        if (m <= 32 && implementable(CutlassSchedule::pingpong_64x16))
+          g128_cutlass16[mi] = time_cutlass(CutlassSchedule::pingpong_64x16);
       }
     }
     // The same weights repacked into tiles (one tiled copy per row-major copy, made on the device).
@@ -468,6 +495,10 @@ Status run_matmul_bench(const std::vector<MatmulShape>& shapes, const std::vecto
     if (s.k <= 0 || s.n_out <= 0 || s.k % kQK4_0 != 0) return Status::invalid_argument;
   cudaStream_t stream = nullptr;
   cublasHandle_t cublas = nullptr;
+  skipped_columns = &result.skipped;
+  struct ResetSkipped {
+    ~ResetSkipped() { skipped_columns = nullptr; }
+  } reset_skipped;
   try {
     int device = 0;
     check(cudaGetDevice(&device), "cudaGetDevice");

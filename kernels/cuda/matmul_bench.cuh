@@ -65,6 +65,9 @@ struct MatmulBenchResult {
   std::string device;      // name and memory
   double copy_gbps = 0.0;  // device-to-device copy, bytes read plus bytes written per second
   std::vector<MatmulBenchRow> rows;
+  // Columns left at 0 ('-') because their kernel failed at some m while the device stayed usable:
+  // each failure's message (the rest of the table still ran).
+  std::vector<std::string> skipped;
 };
 
 // The current device's copy bandwidth (device to device, bytes read plus bytes written per second,
@@ -74,8 +77,10 @@ struct MatmulBenchResult {
 Status measure_copy_bandwidth(double& gbps, std::string& error);
 
 // Times every shape at every m (median of `repetitions` timed loops of `iterations` products each,
-// after a warm-up). Returns device_error (with `error` set) when a CUDA or cuBLAS call fails,
-// invalid_argument for a k not a multiple of 32 or an m below 1.
+// after a warm-up). A kernel that fails while the device stays usable leaves its column at 0 and is
+// named in result.skipped. Returns device_error (with `error` set, and result.rows holding the shapes
+// finished before) when a CUDA or cuBLAS call fails otherwise, invalid_argument for a k not a multiple
+// of 32 or an m below 1.
 // measured (optional): called with each row as soon as its shape is done, so that a run cut short
 // (a device session's time limit) keeps what it measured.
 Status run_matmul_bench(const std::vector<MatmulShape>& shapes, const std::vector<int64_t>& ms,

@@ -1490,6 +1490,7 @@ TEST(CudaLlamaModelCli, BenchGpuKernelTableTimesEveryKernel) {
                output, j));
   EXPECT_NE(output.find("bench-gpu: 256x384 m=20:"), std::string::npos) << output;
   ASSERT_EQ(j["rows"].size(), 3u) << output;
+  EXPECT_TRUE(j["skipped"].empty()) << j["skipped"].dump();  // no kernel failed (its column would be '-')
   for (const auto& row : j["rows"]) {
     const int64_t m = row["m"].get<int64_t>();
     SCOPED_TRACE("m " + std::to_string(m));

@@ -27,6 +27,15 @@ grep -qs '^/.gpu.tar.xz' "$exclude" 2>/dev/null || echo '/.gpu.tar.xz' >>"$exclu
 rm -rf "$out"
 mkdir -p "$out/bin" "$out/tests" "$out/lib"
 cp "$build/bin/nibble" "$out/bin/"
+# Hardware counters of the decode GEMVs (CUPTI; the device machine has no Nsight Compute): the tool, and
+# the profiler's host libraries, which libcupti loads at run time (so ldd below does not see them).
+if [ -x "$build/bin/nibble-kernel-metrics" ]; then
+  cp "$build/bin/nibble-kernel-metrics" "$out/bin/"
+  cupti="$(ldd "$build/bin/nibble-kernel-metrics" | awk '/libcupti/{print $3}')"
+  for lib in libnvperf_host.so libnvperf_target.so; do
+    [ -n "$cupti" ] && [ -f "$(dirname "$cupti")/$lib" ] && cp -L "$(dirname "$cupti")/$lib" "$out/lib/"
+  done
+fi
 cp "$build"/tests/cuda/test_cuda_* "$out/tests/" 2>/dev/null || true
 # The MPI + GPU tests, and Open MPI itself (the device machine has none): the launcher, libraries,
 # plugins and help files of Debian's packages, mirrored under .gpu/mpi and relocated there by run.sh
@@ -66,8 +75,10 @@ cat >"$out/run.sh" <<'RUN'
 #   bash .gpu/run.sh tests "test_cuda_a test_cuda_b"   (those CUDA test binaries, then the MPI + GPU tests)
 #   bash .gpu/run.sh mpi                  (the MPI + GPU tests alone)
 #   bash .gpu/run.sh kernels | e2e | e2e-more | e2e-cutlass   (bench's parts: the kernel table;
-#                                         llama-70b on rows, on tiles and with CUTLASS; bench-spec and the
-#                                         CUDA-core baseline; llama-70b on CUTLASS's order alone)
+#                                         llama-70b on rows, with the layout measured and with CUTLASS;
+#                                         int8 activations, bench-spec and the CUDA-core baseline;
+#                                         llama-70b on CUTLASS's order alone)
+#   bash .gpu/run.sh metrics              (nibble-kernel-metrics: the decode GEMVs' hardware counters)
 #   bash .gpu/run.sh sanitize [TEST_BINARY [TOOL]]   (compute-sanitizer, memcheck by default)
 #   bash .gpu/run.sh profile              (Nsight Compute on the W4A16 kernels: ncu.txt)
 set -uo pipefail
@@ -169,6 +180,16 @@ if [ "$phase" = profile ]; then
     timeout 120 "$ncu" --kernel-name "$1" --launch-count 1 "${sections[@]}" "$here/bin/nibble" bench-gpu \
       --shapes 8192x8192 --rows "$2" --iterations 1 --repetitions 1 2>&1 | tee -a "$out/ncu.txt" || status=1
   done
+fi
+if [ "$phase" = all ] || [ "$phase" = metrics ]; then
+# Hardware counters (CUPTI's range profiler) of each decode GEMV at 1 and 16 rows on llama-70b's two
+# largest shapes: DRAM throughput, issue activity, warps a scheduler, stall reasons. Needs permission
+# to read the counters (root does).
+if [ -x "$here/bin/nibble-kernel-metrics" ]; then
+  timeout -k 10 150 "$here/bin/nibble-kernel-metrics" 2>&1 | tee "$out/kernel-metrics.txt" || status=1
+else
+  echo "run.sh: nibble-kernel-metrics not bundled (no CUPTI where it was built)" | tee "$out/kernel-metrics.txt"
+fi
 fi
 if [ "$phase" = all ] || [ "$phase" = bench ] || [ "$phase" = kernels ]; then
 # tinygemm at group 128 (4.25 bits a weight, its usual GPTQ / AWQ setting): the grouping of bench-gpu's

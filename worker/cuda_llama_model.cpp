@@ -1107,8 +1107,9 @@ void CudaLlamaModel::Impl::choose_int4_layouts() {
       std::copy(kc::int4_default_kernels(layout), kc::int4_default_kernels(layout) + kc::kInt4RowRanges,
                 t.chosen);
       std::string error;
-      const kernels::Status st = kc::tune_int4_groups(matrices, ml.group, ml.n_out, ml.k, nullptr, stream, t,
-                                                      error, layout, cutlass);
+      const kernels::Status st =
+          kc::tune_int4_groups(matrices, ml.group, ml.n_out, ml.k, nullptr, stream, t, error, layout, cutlass,
+                               /*ranges=*/2);  // 1 and 2-16 rows
       if (st != kernels::Status::ok) {
         throw std::runtime_error("timing the INT4 layouts for a " + std::to_string(ml.n_out) + " x " +
                                  std::to_string(ml.k) + " matrix (" +

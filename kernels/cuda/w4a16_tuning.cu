@@ -229,11 +229,11 @@ constexpr int64_t kMaxTimedRows = 256;
 Status tune_int4_groups(const std::vector<Int4GroupsMatrix>& matrices, int64_t group, int64_t n_out,
                         int64_t k, const Int4CublasContext* cublas, cudaStream_t stream,
                         Int4GroupsTuning& out, std::string& error, Int4Layout layout,
-                        const std::vector<Int4CutlassWeights>* cutlass) {
+                        const std::vector<Int4CutlassWeights>* cutlass, int ranges) {
   out = Int4GroupsTuning{};
   std::copy(int4_default_kernels(layout), int4_default_kernels(layout) + kInt4RowRanges, out.chosen);
   if (matrices.empty() || n_out < 1 || k < 1 || (group != 32 && group != 64 && group != 128) ||
-      k % group != 0)
+      k % group != 0 || ranges < 1 || ranges > kInt4RowRanges)
     return Status::invalid_argument;
   if (cutlass != nullptr && cutlass->size() != matrices.size()) return Status::invalid_argument;
   if (layout == Int4Layout::cutlass && cutlass == nullptr) return Status::invalid_argument;
@@ -279,7 +279,7 @@ Status tune_int4_groups(const std::vector<Int4GroupsMatrix>& matrices, int64_t g
         std::string(int4_kernel_name(which)) + " (" + std::to_string(m) + " rows): " + status_name(launch);
     return Status::ok;
   };
-  for (int r = 0; r < kInt4RowRanges; ++r) {
+  for (int r = 0; r < ranges; ++r) {
     for (int kernel = 0; kernel < kInt4Kernels; ++kernel) {
       const auto which = static_cast<Int4Kernel>(kernel);
       for (int c = 0; c < 2; ++c) {

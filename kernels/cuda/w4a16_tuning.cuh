@@ -168,12 +168,14 @@ void choose_int4_groups_kernels(Int4GroupsTuning& t, Int4Layout layout = Int4Lay
 // (choose_int4_groups_kernels). A
 // candidate that fails to launch is left out and named in `skipped` (the launch error is cleared;
 // the kernel tests report such failures). Allocates its activations ([256, k] fp16, [256, n_out]
-// fp32) and frees them; synchronizes `stream`. Returns invalid_argument for an empty list, a group
-// other than 32, 64 or 128 dividing k, or n_out < 1; device_error (with `error` set) when
-// allocation or timing fails.
+// fp32) and frees them; synchronizes `stream`. `ranges`: only the first `ranges` row ranges are timed
+// (the others keep their defaults, untimed: e.g. 2 for a decode-only comparison). Returns
+// invalid_argument for an empty list, a group other than 32, 64 or 128 dividing k, n_out < 1 or
+// ranges outside 1..kInt4RowRanges; device_error (with `error` set) when allocation or timing fails.
 Status tune_int4_groups(const std::vector<Int4GroupsMatrix>& matrices, int64_t group, int64_t n_out,
                         int64_t k, const Int4CublasContext* cublas, cudaStream_t stream,
                         Int4GroupsTuning& out, std::string& error, Int4Layout layout = Int4Layout::rows,
-                        const std::vector<Int4CutlassWeights>* cutlass = nullptr);
+                        const std::vector<Int4CutlassWeights>* cutlass = nullptr,
+                        int ranges = kInt4RowRanges);
 
 }  // namespace nibble::kernels::cuda

@@ -231,6 +231,11 @@ TEST(W4A16Tuning, RejectsBadArgumentsBeforeTouchingTheDevice) {
   EXPECT_EQ(kc::tune_int4_groups(one, 128, 256, 320, nullptr, nullptr, t, error),
             Status::invalid_argument);  // k % 128
   EXPECT_EQ(kc::tune_int4_groups(one, 128, 0, 256, nullptr, nullptr, t, error), Status::invalid_argument);
+  for (const int ranges : {0, kc::kInt4RowRanges + 1}) {
+    EXPECT_EQ(kc::tune_int4_groups(one, 128, 256, 256, nullptr, nullptr, t, error, kc::Int4Layout::rows,
+                                   nullptr, ranges),
+              Status::invalid_argument);
+  }
   // dequant + cuBLAS without its context, and the kernels' row limits.
   EXPECT_EQ(kc::launch_int4_kernel(kc::Int4Kernel::dequant_cublas, nullptr, nullptr, nullptr, nullptr, 128,
                                    256, 256, nullptr, 32, nullptr, nullptr, false),
@@ -313,6 +318,23 @@ TEST(W4A16Tuning, TimesEveryCandidateOnTheDeviceAndChoosesByTheRule) {
               Status::ok)
         << error;
     EXPECT_EQ(on_tiles.skipped, "");
+    // Decode ranges alone (int4_layout measured's comparison): the same kernels timed there, none above.
+    kc::Int4GroupsTuning decode_only;
+    ASSERT_EQ(kc::tune_int4_groups(tiled, group, n_out, k, &context, stream, decode_only, error,
+                                   kc::Int4Layout::tiles, nullptr, /*ranges=*/2),
+              Status::ok)
+        << error;
+    for (int r = 0; r < kc::kInt4RowRanges; ++r) {
+      for (int kernel = 0; kernel < kc::kInt4Kernels; ++kernel) {
+        for (int c = 0; c < 2; ++c) {
+          EXPECT_EQ(decode_only.us[r][kernel][c] > 0.0, r < 2 && on_tiles.us[r][kernel][c] > 0.0)
+              << kernel << " in range " << r;
+        }
+      }
+      if (r >= 2) {
+        EXPECT_EQ(decode_only.chosen[r], kc::int4_default_kernels(kc::Int4Layout::tiles)[r]);
+      }
+    }
     for (int r = 0; r < kc::kInt4RowRanges; ++r) {
       EXPECT_TRUE(kc::int4_kernel_reads(on_tiles.chosen[r], kc::Int4Layout::tiles)) << "range " << r;
       for (int kernel = 0; kernel < kc::kInt4Kernels; ++kernel) {

@@ -1,0 +1,88 @@
+// Hardware counters through CUPTI's range profiler (kernels/cuda/kernel_metrics): on the host, every
+// metric nibble-kernel-metrics asks for is one an H100 / H200 (GH100) knows, and a made-up one is
+// refused; on a GPU, each kernel launched in the window is one range with plausible values (a GEMV
+// that streams its weights reads at least their bytes from device memory, and issues instructions).
+#include <cuda_fp16.h>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "kernels/cuda/kernel_metrics.cuh"
+#include "kernels/cuda/w4a16_gemv.cuh"
+#include "tests/cuda/cuda_test_util.hpp"
+#include "tests/cuda/w4a16_test_util.hpp"
+
+namespace {
+
+namespace k = nibble::kernels;
+namespace kc = nibble::kernels::cuda;
+namespace ct = nibble::cuda_test;
+
+TEST(KernelMetrics, EveryMetricAskedForIsKnownToHopper) {
+  std::vector<std::string> names = kc::kernel_metric_names();
+  ASSERT_FALSE(names.empty());
+  names.push_back("made_up__metric.sum");
+  std::vector<std::string> unknown;
+  std::string error;
+  const k::Status st = kc::unknown_kernel_metrics("GH100", names, unknown, error);
+  if (st == k::Status::device_error) GTEST_SKIP() << "CUPTI's host API is not usable here: " << error;
+  ASSERT_EQ(st, k::Status::ok);
+  EXPECT_EQ(unknown, std::vector<std::string>{"made_up__metric.sum"});
+}
+
+TEST(KernelMetrics, RefusesNoMetricsBeforeProfiling) {
+  std::vector<kc::KernelMetricsRange> ranges;
+  std::string error;
+  EXPECT_EQ(kc::profile_kernel_metrics(
+                {}, 4, [] { return true; }, ranges, error),
+            k::Status::invalid_argument);
+  EXPECT_EQ(kc::profile_kernel_metrics(
+                kc::kernel_metric_names(), 0, [] { return true; }, ranges, error),
+            k::Status::invalid_argument);
+}
+
+TEST(KernelMetrics, EachLaunchIsARangeWithItsCounters) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  std::mt19937 rng(5);
+  const int64_t n_out = 4096, kk = 8192, group = 128;
+  ct::DeviceInt4Groups w;
+  ASSERT_NO_FATAL_FAILURE(ct::make_device_int4_groups(n_out, kk, group, rng, w));
+  ct::DeviceBuffer<k::f16_bits> x(std::vector<k::f16_bits>(static_cast<size_t>(kk), k::fp32_to_fp16(0.5f)));
+  ct::DeviceBuffer<float> y(static_cast<size_t>(n_out));
+  ASSERT_TRUE(x.ptr && y.ptr);
+  const auto gemv = [&] {
+    return kc::w4a16_gemv_int4_groups(w.quants->ptr, w.scales_half(), w.zeros->ptr, group, n_out, kk,
+                                      reinterpret_cast<const __half*>(x.ptr), 1, y.ptr,
+                                      nullptr) == k::Status::ok;
+  };
+  ASSERT_TRUE(gemv());  // loaded once before the profiler
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  const std::vector<std::string> metrics = {"gpu__time_duration.sum", "dram__bytes_read.sum",
+                                            "smsp__inst_executed.sum",
+                                            "dram__throughput.avg.pct_of_peak_sustained_elapsed"};
+  std::vector<kc::KernelMetricsRange> ranges;
+  std::string error;
+  const k::Status st = kc::profile_kernel_metrics(
+      metrics, 4, [&] { return gemv() && gemv(); }, ranges, error);
+  if (st == k::Status::device_error && error.find("PRIVILEGES") != std::string::npos)
+    GTEST_SKIP() << "this machine does not let us read the GPU's counters: " << error;
+  ASSERT_EQ(st, k::Status::ok) << error;
+  ASSERT_EQ(ranges.size(), 2u);  // two launches, two ranges
+  const double weight_bytes = static_cast<double>(n_out * kk / 2);
+  for (const kc::KernelMetricsRange& r : ranges) {
+    SCOPED_TRACE(r.name);
+    ASSERT_EQ(r.values.size(), metrics.size());
+    EXPECT_NE(r.name.find("gemv"), std::string::npos);
+    EXPECT_GT(r.values[0], 0.0);                 // ns
+    EXPECT_GT(r.values[1], 0.5 * weight_bytes);  // 16 MB of nibbles: at least half from device memory
+    EXPECT_LT(r.values[1], 4.0 * weight_bytes);  // and not wildly more
+    EXPECT_GT(r.values[2], 0.0);
+    EXPECT_GE(r.values[3], 0.0);
+    EXPECT_LE(r.values[3], 100.0);
+  }
+}
+
+}  // namespace

@@ -27,7 +27,9 @@ P params(size_t struct_size) {
 std::string cupti_error(const char* call, CUptiResult result) {
   const char* text = nullptr;
   if (cuptiGetErrorMessage(result, &text) != CUPTI_SUCCESS || text == nullptr) text = "unknown CUPTI error";
-  return std::string(call) + ": " + text + " (CUPTI " + std::to_string(static_cast<int>(result)) + ")";
+  std::string message = text;  // some end in " \n"
+  while (!message.empty() && (message.back() == '\n' || message.back() == ' ')) message.pop_back();
+  return std::string(call) + ": " + message + " (CUPTI " + std::to_string(static_cast<int>(result)) + ")";
 }
 
 std::vector<const char*> c_names(const std::vector<std::string>& names) {
@@ -82,7 +84,9 @@ const std::vector<std::string>& kernel_metric_names() {
       "gpu__time_duration.sum",
       "dram__throughput.avg.pct_of_peak_sustained_elapsed",
       "dram__bytes_read.sum",
-      "sm__throughput.avg.pct_of_peak_sustained_elapsed",
+      "sm__pipe_tensor_cycles_active.avg.pct_of_peak_sustained_active",
+      "sm__inst_executed_pipe_lsu.avg.pct_of_peak_sustained_active",
+      "smsp__average_warp_latency_per_inst_issued.ratio",
       "smsp__issue_active.avg.pct_of_peak_sustained_active",
       "smsp__warps_active.avg.per_cycle_active",
       "sm__warps_active.avg.pct_of_peak_sustained_active",
@@ -107,6 +111,7 @@ const std::vector<std::string>& kernel_metric_names() {
       "smsp__average_warps_issue_stalled_imc_miss_per_issue_active.ratio",
       "smsp__average_warps_issue_stalled_tex_throttle_per_issue_active.ratio",
       "smsp__average_warps_issue_stalled_misc_per_issue_active.ratio",
+      "smsp__average_warps_issue_stalled_gmma_per_issue_active.ratio",
   };
   return names;
 }
@@ -172,15 +177,14 @@ Status profile_kernel_metrics(const std::vector<std::string>& metrics, int max_r
   std::string chip;
   if (kernel_metrics_chip(device, chip, error) != Status::ok) return Status::device_error;
 
-  auto init = params<CUpti_Profiler_Initialize_Params>(CUpti_Profiler_Initialize_Params_STRUCT_SIZE);
-  CUptiResult r = cuptiProfilerInitialize(&init);
+  // Once a process (it loads the profiler's libraries and hooks the driver), as NVIDIA's samples do;
+  // never undone: later sessions reuse it.
+  static const CUptiResult initialized = [] {
+    auto init = params<CUpti_Profiler_Initialize_Params>(CUpti_Profiler_Initialize_Params_STRUCT_SIZE);
+    return cuptiProfilerInitialize(&init);
+  }();
+  CUptiResult r = initialized;
   if (r != CUPTI_SUCCESS) return fail("cuptiProfilerInitialize", r);
-  struct Deinitialize {
-    ~Deinitialize() {
-      auto p = params<CUpti_Profiler_DeInitialize_Params>(CUpti_Profiler_DeInitialize_Params_STRUCT_SIZE);
-      cuptiProfilerDeInitialize(&p);
-    }
-  } deinitialize;
 
   // Which counters this device exposes, then the configuration (the passes) for the metrics.
   std::vector<uint8_t> availability;
@@ -217,6 +221,9 @@ Status profile_kernel_metrics(const std::vector<std::string>& metrics, int max_r
       return fail("cuptiProfilerHostGetConfigImage", r);
   }
 
+  // The counter data image outlives the profiler object (SetConfig keeps a pointer to it, and Disable
+  // may still write it): declared before the object's guard, so destroyed after it.
+  std::vector<uint8_t> counters;
   // The range profiler on the context: automatic ranges (one a kernel), replayed by CUPTI.
   auto enable = params<CUpti_RangeProfiler_Enable_Params>(CUpti_RangeProfiler_Enable_Params_STRUCT_SIZE);
   enable.ctx = context;
@@ -231,7 +238,6 @@ Status profile_kernel_metrics(const std::vector<std::string>& metrics, int max_r
     }
   } disable{profiler};
 
-  std::vector<uint8_t> counters;
   {
     auto size = params<CUpti_RangeProfiler_GetCounterDataSize_Params>(
         CUpti_RangeProfiler_GetCounterDataSize_Params_STRUCT_SIZE);
@@ -291,6 +297,11 @@ Status profile_kernel_metrics(const std::vector<std::string>& metrics, int max_r
   decode.pRangeProfilerObject = profiler;
   if ((r = cuptiRangeProfilerDecodeData(&decode)) != CUPTI_SUCCESS)
     return fail("cuptiRangeProfilerDecodeData", r);
+  if (decode.numOfRangeDropped > 0) {
+    error = std::to_string(decode.numOfRangeDropped) + " kernel launches past max_ranges (" +
+            std::to_string(max_ranges) + ") were not profiled";
+    return Status::device_error;
+  }
 
   auto info = params<CUpti_RangeProfiler_GetCounterDataInfo_Params>(
       CUpti_RangeProfiler_GetCounterDataInfo_Params_STRUCT_SIZE);

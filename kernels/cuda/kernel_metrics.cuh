@@ -16,10 +16,11 @@
 
 namespace nibble::kernels::cuda {
 
-// The metrics nibble-kernel-metrics reports, in order: duration, device-memory and SM throughput,
-// issue activity, occupancy, L2 hit rate, shared-memory bank conflicts, instructions, then the
-// average number of warps stalled per issued instruction for each stall reason (their sum is the
-// average latency between a warp's instructions, in cycles).
+// The metrics nibble-kernel-metrics reports, in order: duration, device-memory throughput, tensor and
+// load/store pipe activity, cycles between a warp's instructions, issue activity, occupancy, L2 hit
+// rate, shared-memory bank conflicts, instructions, then the average number of warps stalled per
+// issued instruction for each stall reason (Hopper's 19, wgmma's included: their sum is about the
+// cycles between a warp's instructions). About 7 replay passes a kernel on an H100 / H200.
 const std::vector<std::string>& kernel_metric_names();
 
 // The names among `names` that chip `chip` (CUPTI's name: "GH100" for an H100 / H200) does not know,
@@ -29,8 +30,8 @@ const std::vector<std::string>& kernel_metric_names();
 Status unknown_kernel_metrics(const std::string& chip, const std::vector<std::string>& names,
                               std::vector<std::string>& unknown, std::string& error);
 
-// One profiled kernel launch: the kernel's name (CUPTI's range name) and the value of each metric
-// asked for, in the order asked.
+// One profiled kernel launch: CUPTI's range name (in automatic range mode a number, the launch's
+// position in the window: "0", "1", ...) and the value of each metric asked for, in the order asked.
 struct KernelMetricsRange {
   std::string name;
   std::vector<double> values;
@@ -44,8 +45,8 @@ Status kernel_metrics_chip(int device, std::string& chip, std::string& error);
 // as the metrics need, saving and restoring the memory it writes) and returns each range's metric
 // values. The device must be idle when it starts. Returns invalid_argument for no metrics or
 // max_ranges < 1, device_error (with `error` set: CUPTI's message, e.g. that counters need
-// privileges) when profiling fails; `launch` reports its own failures by returning false
-// (device_error, error "the launches failed").
+// privileges, or that more than max_ranges kernels ran) when profiling fails; `launch` reports its own
+// failures by returning false (device_error, error "the launches failed").
 Status profile_kernel_metrics(const std::vector<std::string>& metrics, int max_ranges,
                               const std::function<bool()>& launch, std::vector<KernelMetricsRange>& ranges,
                               std::string& error);

@@ -112,7 +112,7 @@ void print_summary(const std::string& label, const std::vector<std::string>& nam
               value("dram__throughput.avg.pct_of_peak_sustained_elapsed"), gbps,
               value("smsp__issue_active.avg.pct_of_peak_sustained_active"),
               value("smsp__warps_active.avg.per_cycle_active"), value("lts__t_sector_hit_rate.pct"),
-              value("sm__throughput.avg.pct_of_peak_sustained_elapsed"),
+              value("sm__pipe_tensor_cycles_active.avg.pct_of_peak_sustained_active"),
               value("l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum"));
   for (size_t i = 0; i < 3 && i < stalls.size(); ++i)
     std::printf(" %s %.2f", stalls[i].second.c_str(), stalls[i].first);
@@ -122,6 +122,8 @@ void print_summary(const std::string& label, const std::vector<std::string>& nam
 }  // namespace
 
 int main(int argc, char** argv) {
+  // Line-buffered: run.sh tees this under a time limit, and a kill must not take the last lines.
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);
   std::string shapes_text = "8192x28672,28672x8192", rows_text = "1,16";
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
@@ -285,7 +287,7 @@ int main(int argc, char** argv) {
                   static_cast<long long>(k), static_cast<long long>(n), static_cast<long long>(m),
                   static_cast<long long>(kGroup), static_cast<double>(n * k / 2 + groups * 3) / 1e6);
       std::printf("%-44s %9s %6s %7s %6s %6s %6s %6s %10s   %s\n", "launch (kernel)", "us", "DRAM%", "GB/s",
-                  "issue%", "warps", "L2hit%", "SM%", "smem-cnfl", "top stalls (warps per issue)");
+                  "issue%", "warps", "L2hit%", "tensor%", "smem-cnfl", "top stalls (warps per issue)");
       for (const Launch& launch : launches) {
         // A warm-up launch first (module load, shared-memory attributes), outside the profiler.
         if (launch.run() != Status::ok || cudaStreamSynchronize(stream) != cudaSuccess) {
@@ -304,19 +306,19 @@ int main(int argc, char** argv) {
             return 1;  // no counters on this machine: the rest would fail the same way
           continue;
         }
-        for (const auto& range : ranges) {
-          const std::string label =
-              launch.label + (ranges.size() > 1 ? " [" + range.name.substr(0, 20) + "]" : "");
-          print_summary(label, metrics, range);
+        for (size_t ri = 0; ri < ranges.size(); ++ri) {  // a launch's kernels, in launch order
+          const std::string label = launch.label + (ranges.size() > 1 ? " #" + std::to_string(ri) : "");
+          print_summary(label, metrics, ranges[ri]);
           all.push_back(
-              {std::to_string(k) + "x" + std::to_string(n) + " m=" + std::to_string(m) + " " + label, range});
+              {std::to_string(k) + "x" + std::to_string(n) + " m=" + std::to_string(m) + " " + label,
+               ranges[ri]});
         }
       }
     }
   }
-  std::printf("\nEvery metric of every launch (kernel: CUPTI's range name):\n");
+  std::printf("\nEvery metric of every launch:\n");
   for (const auto& [label, range] : all) {
-    std::printf("%s (kernel %s)\n", label.c_str(), range.name.c_str());
+    std::printf("%s\n", label.c_str());
     for (size_t i = 0; i < metrics.size() && i < range.values.size(); ++i)
       std::printf("  %-76s %.4g\n", metrics[i].c_str(), range.values[i]);
   }

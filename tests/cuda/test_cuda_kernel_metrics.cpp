@@ -65,9 +65,12 @@ TEST(KernelMetrics, EachLaunchIsARangeWithItsCounters) {
   };
   ASSERT_TRUE(gemv());  // loaded once before the profiler
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-  const std::vector<std::string> metrics = {"gpu__time_duration.sum", "dram__bytes_read.sum",
-                                            "smsp__inst_executed.sum",
-                                            "dram__throughput.avg.pct_of_peak_sustained_elapsed"};
+  const std::vector<float> want = y.to_host();
+  ASSERT_EQ(cudaMemset(y.ptr, 0xff, y.count * sizeof(float)), cudaSuccess);
+  // lts__t_sector_hit_rate needs a second pass: CUPTI replays the kernel, restoring what it wrote.
+  const std::vector<std::string> metrics = {
+      "gpu__time_duration.sum", "dram__bytes_read.sum", "smsp__inst_executed.sum",
+      "dram__throughput.avg.pct_of_peak_sustained_elapsed", "lts__t_sector_hit_rate.pct"};
   std::vector<kc::KernelMetricsRange> ranges;
   std::string error;
   const k::Status st = kc::profile_kernel_metrics(
@@ -76,16 +79,29 @@ TEST(KernelMetrics, EachLaunchIsARangeWithItsCounters) {
     GTEST_SKIP() << "this machine does not let us read the GPU's counters: " << error;
   ASSERT_EQ(st, k::Status::ok) << error;
   ASSERT_EQ(ranges.size(), 2u);  // two launches, two ranges
+  EXPECT_NE(ranges[0].name, ranges[1].name);
+  EXPECT_EQ(y.to_host(), want);  // the replays left the product the launches compute
+  // A second session in the same process (the driver profiles each launch in its own).
+  std::vector<kc::KernelMetricsRange> again;
+  ASSERT_EQ(kc::profile_kernel_metrics(metrics, 4, gemv, again, error), k::Status::ok) << error;
+  ASSERT_EQ(again.size(), 1u);
+  // More kernels than max_ranges: refused with the reason, not silently dropped.
+  EXPECT_EQ(kc::profile_kernel_metrics(
+                metrics, 1, [&] { return gemv() && gemv(); }, again, error),
+            k::Status::device_error);
+  EXPECT_NE(error.find("max_ranges"), std::string::npos) << error;
   for (const kc::KernelMetricsRange& r : ranges) {
     SCOPED_TRACE(r.name);
     ASSERT_EQ(r.values.size(), metrics.size());
-    EXPECT_NE(r.name.find("gemv"), std::string::npos);
+    EXPECT_FALSE(r.name.empty());
     EXPECT_GT(r.values[0], 0.0);                                      // ns
     EXPECT_GT(r.values[1], 0.5 * static_cast<double>(nibble_bytes));  // the weights, from device memory
     EXPECT_LT(r.values[1], 4.0 * static_cast<double>(nibble_bytes));
     EXPECT_GT(r.values[2], 0.0);
     EXPECT_GE(r.values[3], 0.0);
     EXPECT_LE(r.values[3], 100.0);
+    EXPECT_GE(r.values[4], 0.0);
+    EXPECT_LE(r.values[4], 100.0);
   }
 }
 

@@ -26,6 +26,7 @@
 
 #include "kernels/cuda/int4_tiles.cuh"
 #include "kernels/cuda/kernel_metrics.cuh"
+#include "kernels/cuda/random_weights.cuh"
 #include "kernels/cuda/w4a16_gemm_cutlass.cuh"
 #include "kernels/cuda/w4a16_gemv_mma.cuh"
 #include "kernels/cuda/w4a16_tuning.cuh"
@@ -52,27 +53,6 @@ struct Buffer {
     return static_cast<T*>(ptr);
   }
 };
-
-__device__ uint32_t hash(uint64_t i, uint32_t seed) {
-  uint64_t z = i * 0x9E3779B97F4A7C15ull + seed;
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return static_cast<uint32_t>(z ^ (z >> 31));
-}
-// Random bytes, masked (zeros: & 15).
-__global__ void fill_bytes(uint8_t* p, int64_t n, uint32_t seed, uint32_t mask) {
-  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
-       i += int64_t{gridDim.x} * blockDim.x)
-    p[i] = static_cast<uint8_t>(hash(static_cast<uint64_t>(i), seed) & mask);
-}
-// Random halves in [lo, hi).
-__global__ void fill_halves(__half* p, int64_t n, uint32_t seed, float lo, float hi) {
-  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
-       i += int64_t{gridDim.x} * blockDim.x) {
-    const float u = static_cast<float>(hash(static_cast<uint64_t>(i), seed) >> 8) * (1.0f / 16777216.0f);
-    p[i] = __float2half(lo + (hi - lo) * u);
-  }
-}
 
 std::vector<int64_t> parse_list(const std::string& text, char sep) {
   std::vector<int64_t> out;
@@ -202,11 +182,15 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "nibble-kernel-metrics: out of device memory for %s\n", shape.c_str());
       return 1;
     }
-    fill_bytes<<<1024, 256, 0, stream>>>(quants.as<uint8_t>(), n * k / 2, 1, 0xFF);
-    fill_bytes<<<1024, 256, 0, stream>>>(zeros.as<uint8_t>(), groups, 2, 0x0F);
-    fill_halves<<<1024, 256, 0, stream>>>(scales.as<__half>(), groups, 3, 0.001f, 0.01f);
-    fill_halves<<<1024, 256, 0, stream>>>(x.as<__half>(), max_m * k, 4, -1.0f, 1.0f);
-    fill_halves<<<1024, 256, 0, stream>>>(f16.as<__half>(), n * k, 5, -0.05f, 0.05f);
+    // Random operands (their values do not matter here, only that they are not all zeros).
+    if (kc::fill_random_bytes(quants.as<uint8_t>(), n * k / 2, 0xFF, 1, stream) != Status::ok ||
+        kc::fill_random_bytes(zeros.as<uint8_t>(), groups, 0x0F, 2, stream) != Status::ok ||
+        kc::fill_random_halves(scales.as<__half>(), groups, 0.01f, 3, stream) != Status::ok ||
+        kc::fill_random_halves(x.as<__half>(), max_m * k, 1.0f, 4, stream) != Status::ok ||
+        kc::fill_random_halves(f16.as<__half>(), n * k, 0.05f, 5, stream) != Status::ok) {
+      std::fprintf(stderr, "nibble-kernel-metrics: filling the operands failed\n");
+      return 1;
+    }
     const auto* q = quants.as<uint8_t>();
     const auto* s = scales.as<__half>();
     const auto* z = zeros.as<uint8_t>();

@@ -11,6 +11,7 @@
 #include "kernels/cuda/event_timer.cuh"
 #include "kernels/cuda/int4_tiles.cuh"
 #include "kernels/cuda/matmul_bench.cuh"
+#include "kernels/cuda/random_weights.cuh"
 #include "kernels/cuda/w4a16_gemm.cuh"
 #include "kernels/cuda/w4a16_gemm_cutlass.cuh"
 #include "kernels/cuda/w4a16_gemv.cuh"
@@ -52,36 +53,12 @@ struct DeviceMemory {
   DeviceMemory& operator=(const DeviceMemory&) = delete;
 };
 
-__device__ uint32_t mix(uint64_t i, uint32_t seed) {
-  uint64_t z = i * 0x9E3779B97F4A7C15ull + seed;
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return static_cast<uint32_t>(z ^ (z >> 31));
+// Random benchmark operands (kernels/cuda/random_weights.cuh): never all zeros, which would flatter
+// the timings.
+void fill_halves(__half* p, int64_t n, float scale, uint64_t seed, cudaStream_t stream) {
+  if (fill_random_halves(p, n, scale, seed, stream) != Status::ok)
+    throw BenchFailure("filling operands failed");
 }
-
-// Random halves in [-scale, scale): never zeros, which would flatter the timings.
-__global__ void fill_halves(__half* p, int64_t n, float scale, uint32_t seed) {
-  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
-       i += int64_t{gridDim.x} * blockDim.x) {
-    const float u = static_cast<float>(mix(static_cast<uint64_t>(i), seed) >> 8) * (1.0f / 16777216.0f);
-    p[i] = __float2half((2.0f * u - 1.0f) * scale);
-  }
-}
-
-// Random Q4_0 blocks: a small positive scale and random nibbles.
-__global__ void fill_q4_0(uint8_t* p, int64_t blocks, uint32_t seed) {
-  for (int64_t b = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; b < blocks;
-       b += int64_t{gridDim.x} * blockDim.x) {
-    uint8_t* blk = p + b * static_cast<int64_t>(sizeof(BlockQ4_0));
-    const uint32_t r = mix(static_cast<uint64_t>(b), seed);
-    const __half d = __float2half(0.001f + 0.01f * static_cast<float>(r & 0xFF) / 255.0f);
-    *reinterpret_cast<__half*>(blk) = d;  // the block is 2-byte aligned
-    for (int j = 0; j < kQK4_0 / 2; ++j)
-      blk[2 + j] = static_cast<uint8_t>(mix(static_cast<uint64_t>(b) * 16 + j, seed ^ 0x55u));
-  }
-}
-
-constexpr unsigned kFillGrid = 1024, kFillBlock = 256;
 
 // Enough copies of a weight matrix of `bytes` that a sweep over them is 4x the L2 cache.
 int copies_for(size_t bytes, int l2_bytes) {
@@ -146,15 +123,14 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
   DeviceMemory x(static_cast<size_t>(max_m * k) * sizeof(__half));
   DeviceMemory y(static_cast<size_t>(max_m * n) * sizeof(float));
   auto* xh = static_cast<__half*>(x.ptr);
-  fill_halves<<<kFillGrid, kFillBlock, 0, stream>>>(xh, max_m * k, 1.0f, 7);
+  fill_halves(xh, max_m * k, 1.0f, 7, stream);
   check(cudaGetLastError(), "fill x");
 
   std::vector<double> ours(ms.size()), theirs(ms.size()), split(ms.size(), 0.0);
   {
     DeviceMemory w(q4_bytes * q4_copies);
-    fill_q4_0<<<kFillGrid, kFillBlock, 0, stream>>>(
-        static_cast<uint8_t*>(w.ptr), static_cast<int64_t>(q4_bytes / sizeof(BlockQ4_0)) * q4_copies, 11);
-    check(cudaGetLastError(), "fill weights");
+    if (fill_random_q4_0(static_cast<uint8_t*>(w.ptr), n * q4_copies, k, 11, stream) != Status::ok)
+      throw BenchFailure("fill weights failed");
     for (size_t mi = 0; mi < ms.size(); ++mi) {
       const int64_t m = ms[mi];
       ours[mi] = time_us(stream, iterations, repetitions, [&](int i) {
@@ -173,10 +149,10 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
     const size_t quant_bytes = static_cast<size_t>(n * k / 2),
                  scale_count = static_cast<size_t>(n * (k / kQK4_0));
     DeviceMemory quants(quant_bytes * q4_copies), scales(scale_count * sizeof(__half) * q4_copies);
-    fill_halves<<<kFillGrid, kFillBlock, 0, stream>>>(
-        static_cast<__half*>(quants.ptr), static_cast<int64_t>(quant_bytes / 2) * q4_copies, 1.0f, 17);
-    fill_halves<<<kFillGrid, kFillBlock, 0, stream>>>(
-        static_cast<__half*>(scales.ptr), static_cast<int64_t>(scale_count) * q4_copies, 0.01f, 19);
+    fill_halves(static_cast<__half*>(quants.ptr), static_cast<int64_t>(quant_bytes / 2) * q4_copies, 1.0f, 17,
+                stream);
+    fill_halves(static_cast<__half*>(scales.ptr), static_cast<int64_t>(scale_count) * q4_copies, 0.01f, 19,
+                stream);
     check(cudaGetLastError(), "fill split weights");
     for (size_t mi = 0; mi < ms.size(); ++mi) {
       const int64_t m = ms[mi];
@@ -209,10 +185,10 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
     DeviceMemory w(g128_stride * copies);
     for (int c = 0; c < copies; ++c) {
       uint8_t* base = static_cast<uint8_t*>(w.ptr) + g128_stride * c;
-      fill_halves<<<kFillGrid, kFillBlock, 0, stream>>>(
-          reinterpret_cast<__half*>(base), static_cast<int64_t>(g128_quant_bytes / 2), 1.0f, 23 + c);
-      fill_halves<<<kFillGrid, kFillBlock, 0, stream>>>(reinterpret_cast<__half*>(base + g128_quant_bytes),
-                                                        static_cast<int64_t>(g128_groups), 0.01f, 29 + c);
+      fill_halves(reinterpret_cast<__half*>(base), static_cast<int64_t>(g128_quant_bytes / 2), 1.0f, 23 + c,
+                  stream);
+      fill_halves(reinterpret_cast<__half*>(base + g128_quant_bytes), static_cast<int64_t>(g128_groups),
+                  0.01f, 29 + c, stream);
       check(cudaMemsetAsync(base + g128_quant_bytes + g128_groups * 2, 8, g128_groups, stream), "zeros");
     }
     check(cudaGetLastError(), "fill group-128 weights");
@@ -360,8 +336,7 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
     const int copies = copies_for(q4k_bytes, l2_bytes);
     DeviceMemory w(q4k_bytes * copies);
     // Random halves: every d and dmin an ordinary small number, the rest random bits.
-    fill_halves<<<kFillGrid, kFillBlock, 0, stream>>>(
-        static_cast<__half*>(w.ptr), static_cast<int64_t>(q4k_bytes / 2) * copies, 0.01f, 31);
+    fill_halves(static_cast<__half*>(w.ptr), static_cast<int64_t>(q4k_bytes / 2) * copies, 0.01f, 31, stream);
     check(cudaGetLastError(), "fill Q4_K weights");
     for (size_t mi = 0; mi < ms.size(); ++mi) {
       const int64_t m = ms[mi];
@@ -412,8 +387,7 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
   }
   {
     DeviceMemory w(f16_bytes * f16_copies);
-    fill_halves<<<kFillGrid, kFillBlock, 0, stream>>>(static_cast<__half*>(w.ptr), n * k * f16_copies, 0.02f,
-                                                      13);
+    fill_halves(static_cast<__half*>(w.ptr), n * k * f16_copies, 0.02f, 13, stream);
     check(cudaGetLastError(), "fill fp16 weights");
     const float alpha = 1.0f, beta = 0.0f;
     for (size_t mi = 0; mi < ms.size(); ++mi) {

@@ -2,6 +2,7 @@
 // (kernels::random_q4_0_scale), so that they are fp32_to_fp16's exactly; the nibbles come from the
 // shared per-block function. Stores are 2-byte (a block is 18 bytes, 2-byte aligned); generation is
 // a few multiplies per element, far below the cost of writing the bytes.
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include "kernels/cuda/random_weights.cuh"
@@ -31,7 +32,45 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Element i of a benchmark operand: the stream's word i, its top 24 bits as a uniform in [0, 1).
+__device__ float uniform_of(uint64_t key, int64_t i) {
+  return static_cast<float>(rw::word(key, static_cast<uint64_t>(i)) >> 40) * (1.0f / 16777216.0f);
+}
+
+__global__ void __launch_bounds__(kThreads)
+    fill_random_halves_kernel(__half* p, int64_t n, float scale, uint64_t key) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < n; i += stride)
+    p[i] = __float2half((2.0f * uniform_of(key, i) - 1.0f) * scale);
+}
+
+__global__ void __launch_bounds__(kThreads)
+    fill_random_bytes_kernel(uint8_t* p, int64_t n, uint8_t mask, uint64_t key) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < n; i += stride)
+    p[i] = static_cast<uint8_t>(rw::word(key, static_cast<uint64_t>(i)) & mask);
+}
+
+unsigned grid_for(int64_t n) {
+  const int64_t grid = (n + kThreads - 1) / kThreads;
+  return static_cast<unsigned>(grid > kMaxBlocks ? kMaxBlocks : grid);
+}
+
 }  // namespace
+
+Status fill_random_halves(__half* p, int64_t n, float scale, uint64_t seed, cudaStream_t stream) {
+  if (n < 0 || (n > 0 && p == nullptr)) return Status::invalid_argument;
+  if (n == 0) return Status::ok;
+  fill_random_halves_kernel<<<grid_for(n), kThreads, 0, stream>>>(p, n, scale, rw::key_of(seed));
+  return cudaGetLastError() == cudaSuccess ? Status::ok : Status::device_error;
+}
+
+Status fill_random_bytes(uint8_t* p, int64_t n, uint8_t mask, uint64_t seed, cudaStream_t stream) {
+  if (n < 0 || (n > 0 && p == nullptr)) return Status::invalid_argument;
+  if (n == 0) return Status::ok;
+  fill_random_bytes_kernel<<<grid_for(n), kThreads, 0, stream>>>(p, n, mask, rw::key_of(seed));
+  return cudaGetLastError() == cudaSuccess ? Status::ok : Status::device_error;
+}
 
 Status fill_random_q4_0(uint8_t* blocks, int64_t n_out, int64_t k, uint64_t seed, cudaStream_t stream) {
   if (n_out < 0 || k <= 0 || k % kQK4_0 != 0) return Status::invalid_argument;

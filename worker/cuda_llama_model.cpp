@@ -328,6 +328,38 @@ Int4Layout worker_layout(kc::Int4Layout layout) {
   return Int4Layout::rows;
 }
 
+// An int4_groups matrix's operands as the INT4 kernels take them: on rows its three arrays; on tiles
+// the chunks alone; on cutlass none (the kernels read the CUTLASS copy).
+kc::Int4GroupsMatrix int4_operands(const DeviceMatrix& w) {
+  const uint8_t* base = w.mem != nullptr ? w.mem->as<uint8_t>() : nullptr;
+  if (w.layout != kc::Int4Layout::rows) return {base, nullptr, nullptr};
+  return {base, reinterpret_cast<const __half*>(base + w.scales_offset), base + w.zeros_offset};
+}
+
+// Enqueues the tiled copy of a row-major int4_groups matrix (kernels/int4_tiles.hpp) on `stream`.
+std::shared_ptr<DeviceMemory> int4_tiles_of(const DeviceMatrix& w, cudaStream_t stream) {
+  const uint8_t* base = w.mem->as<uint8_t>();
+  auto tiled =
+      std::make_shared<DeviceMemory>(static_cast<size_t>(kernels::int4_tiles_bytes(w.n_out, w.k, w.group)));
+  check(
+      kc::int4_tiles_from_groups(base, reinterpret_cast<const uint16_t*>(base + w.scales_offset),
+                                 base + w.zeros_offset, w.n_out, w.k, w.group, tiled->as<uint8_t>(), stream),
+      "int4_tiles_from_groups");
+  return tiled;
+}
+
+// Enqueues the CUTLASS copy of a row-major int4_groups matrix on `stream`; `weights` points into it.
+std::shared_ptr<DeviceMemory> int4_cutlass_copy_of(const DeviceMatrix& w, kc::Int4CutlassWeights& weights,
+                                                   cudaStream_t stream) {
+  const uint8_t* base = w.mem->as<uint8_t>();
+  auto copy = std::make_shared<DeviceMemory>(kc::int4_cutlass_bytes(w.n_out, w.k, w.group));
+  check(kc::int4_cutlass_from_groups(base, reinterpret_cast<const uint16_t*>(base + w.scales_offset),
+                                     base + w.zeros_offset, w.n_out, w.k, w.group, copy->as<uint8_t>(),
+                                     &weights, stream),
+        "int4_cutlass_from_groups");
+  return copy;
+}
+
 // Q4_0 blocks on the device as group-wise INT4 at `group`, converted there (kernels/cuda/int4_groups:
 // the nibbles move unchanged, a group's scale is its first block's, every zero 8). Exact when every
 // block of a group has one scale (always at group 32), which the device checks.
@@ -880,6 +912,8 @@ struct CudaLlamaModel::Impl {
   // The layout matrix w is to take at load: the option's, or under measured its shape's (Q4_K and the
   // other kinds stay as they are).
   kc::Int4Layout target_layout(const DeviceMatrix& w) const;
+  // The measured layout of w's shape (int4_groups under Int4Layout::measured), or null.
+  const MeasuredLayout* measured_layout(const DeviceMatrix& w) const;
   // Under Int4Layout::tiles: every int4_groups and q4_k matrix repacked into chunks on the device, one
   // at a time (one matrix of extra device memory at the peak).
   void tile_int4_matrices();
@@ -1006,14 +1040,7 @@ void CudaLlamaModel::Impl::make_cutlass_copies() {
            w.cutlass_mem == nullptr && kc::int4_cutlass_shape_ok(w.n_out, w.k, w.group) &&
            (options.cutlass_gemm || target_layout(w) == kc::Int4Layout::cutlass);
   };
-  const auto copy = [&](DeviceMatrix& w) {
-    const uint8_t* base = w.mem->as<uint8_t>();
-    w.cutlass_mem = std::make_shared<DeviceMemory>(kc::int4_cutlass_bytes(w.n_out, w.k, w.group));
-    check(kc::int4_cutlass_from_groups(base, reinterpret_cast<const uint16_t*>(base + w.scales_offset),
-                                       base + w.zeros_offset, w.n_out, w.k, w.group,
-                                       w.cutlass_mem->as<uint8_t>(), &w.cutlass, stream),
-          "int4_cutlass_from_groups");
-  };
+  const auto copy = [&](DeviceMatrix& w) { w.cutlass_mem = int4_cutlass_copy_of(w, w.cutlass, stream); };
   if (only) {
     for_each_matrix([&](DeviceMatrix& w) {
       if (!takes(w)) return;  // e.g. Q4_0 at group 32: stays on the rows and their kernels
@@ -1056,13 +1083,20 @@ kc::Int4Layout CudaLlamaModel::Impl::target_layout(const DeviceMatrix& w) const 
       return kc::Int4Layout::tiles;
     case Int4Layout::cutlass:
       return kc::Int4Layout::cutlass;
-    case Int4Layout::measured:
-      if (w.kind != DeviceKind::int4_groups) return kc::Int4Layout::rows;
-      for (const MeasuredLayout& ml : measured_layouts)
-        if (ml.n_out == w.n_out && ml.k == w.k && ml.group == w.group) return ml.layout;
-      return kc::Int4Layout::rows;
+    case Int4Layout::measured: {
+      const MeasuredLayout* ml = measured_layout(w);
+      return ml != nullptr ? ml->layout : kc::Int4Layout::rows;
+    }
   }
   return kc::Int4Layout::rows;
+}
+
+const CudaLlamaModel::Impl::MeasuredLayout* CudaLlamaModel::Impl::measured_layout(
+    const DeviceMatrix& w) const {
+  if (w.kind != DeviceKind::int4_groups) return nullptr;
+  for (const MeasuredLayout& ml : measured_layouts)
+    if (ml.n_out == w.n_out && ml.k == w.k && ml.group == w.group) return &ml;
+  return nullptr;
 }
 
 void CudaLlamaModel::Impl::choose_int4_layouts() {
@@ -1103,9 +1137,7 @@ void CudaLlamaModel::Impl::choose_int4_layouts() {
     // (the range timings of kc::tune_int4_groups), 0 when one is missing.
     const auto decode_us = [&](std::vector<kc::Int4GroupsMatrix> matrices, kc::Int4Layout layout,
                                const std::vector<kc::Int4CutlassWeights>* cutlass) {
-      kc::Int4GroupsTuning t;
-      std::copy(kc::int4_default_kernels(layout), kc::int4_default_kernels(layout) + kc::kInt4RowRanges,
-                t.chosen);
+      kc::Int4GroupsTuning t;  // (tune_int4_groups starts from the layout's defaults)
       std::string error;
       const kernels::Status st =
           kc::tune_int4_groups(matrices, ml.group, ml.n_out, ml.k, nullptr, stream, t, error, layout, cutlass,
@@ -1122,40 +1154,24 @@ void CudaLlamaModel::Impl::choose_int4_layouts() {
       return one > 0 && four > 0 && sixteen > 0 ? std::cbrt(one * four * sixteen) : 0.0;
     };
     std::vector<kc::Int4GroupsMatrix> rows;
-    for (const DeviceMatrix* w : timed) {
-      const uint8_t* base = w->mem->as<uint8_t>();
-      rows.push_back(
-          {base, reinterpret_cast<const __half*>(base + w->scales_offset), base + w->zeros_offset});
-    }
+    for (const DeviceMatrix* w : timed) rows.push_back(int4_operands(*w));
     ml.us[0] = decode_us(rows, kc::Int4Layout::rows, nullptr);
     {  // tiles: temporary chunks of the timed matrices
-      std::vector<std::unique_ptr<DeviceMemory>> chunks;
+      std::vector<std::shared_ptr<DeviceMemory>> chunks;
       std::vector<kc::Int4GroupsMatrix> tiles;
       for (const DeviceMatrix* w : timed) {
-        const uint8_t* base = w->mem->as<uint8_t>();
-        chunks.push_back(std::make_unique<DeviceMemory>(
-            static_cast<size_t>(kernels::int4_tiles_bytes(w->n_out, w->k, w->group))));
-        check(kc::int4_tiles_from_groups(base, reinterpret_cast<const uint16_t*>(base + w->scales_offset),
-                                         base + w->zeros_offset, w->n_out, w->k, w->group,
-                                         chunks.back()->as<uint8_t>(), stream),
-              "int4_tiles_from_groups");
+        chunks.push_back(int4_tiles_of(*w, stream));
         tiles.push_back({chunks.back()->as<uint8_t>(), nullptr, nullptr});
       }
       ml.us[1] = decode_us(tiles, kc::Int4Layout::tiles, nullptr);  // synchronizes the stream
     }
     if (cutlass_runs && kc::int4_cutlass_shape_ok(ml.n_out, ml.k, ml.group)) {  // CUTLASS's order alone
-      std::vector<std::unique_ptr<DeviceMemory>> copies;
+      std::vector<std::shared_ptr<DeviceMemory>> copies;
       std::vector<kc::Int4CutlassWeights> cutlass(timed.size());
-      std::vector<kc::Int4GroupsMatrix> none(timed.size(), kc::Int4GroupsMatrix{nullptr, nullptr, nullptr});
-      for (size_t i = 0; i < timed.size(); ++i) {
-        const DeviceMatrix& w = *timed[i];
-        const uint8_t* base = w.mem->as<uint8_t>();
-        copies.push_back(std::make_unique<DeviceMemory>(kc::int4_cutlass_bytes(w.n_out, w.k, w.group)));
-        check(kc::int4_cutlass_from_groups(base, reinterpret_cast<const uint16_t*>(base + w.scales_offset),
-                                           base + w.zeros_offset, w.n_out, w.k, w.group,
-                                           copies.back()->as<uint8_t>(), &cutlass[i], stream),
-              "int4_cutlass_from_groups");
-      }
+      for (size_t i = 0; i < timed.size(); ++i)
+        copies.push_back(int4_cutlass_copy_of(*timed[i], cutlass[i], stream));
+      const std::vector<kc::Int4GroupsMatrix> none(timed.size(),
+                                                   kc::Int4GroupsMatrix{nullptr, nullptr, nullptr});
       ml.us[2] = decode_us(none, kc::Int4Layout::cutlass, &cutlass);
     }
     // Rows unless another layout is kInt4MinGain faster than the best so far (as the kernel choice
@@ -1184,12 +1200,7 @@ void CudaLlamaModel::Impl::tile_int4_matrices() {
       check(kc::q4_k_tiles_from_blocks(base, w.n_out, w.k, tiled->as<uint8_t>(), stream),
             "q4_k_tiles_from_blocks");
     } else {
-      tiled = std::make_shared<DeviceMemory>(
-          static_cast<size_t>(kernels::int4_tiles_bytes(w.n_out, w.k, w.group)));
-      check(kc::int4_tiles_from_groups(base, reinterpret_cast<const uint16_t*>(base + w.scales_offset),
-                                       base + w.zeros_offset, w.n_out, w.k, w.group, tiled->as<uint8_t>(),
-                                       stream),
-            "int4_tiles_from_groups");
+      tiled = int4_tiles_of(w, stream);
     }
     cuda_check(cudaStreamSynchronize(stream), "repacking into tiles");  // before the rows are freed
     w.mem = std::move(tiled);
@@ -1216,10 +1227,8 @@ void CudaLlamaModel::Impl::choose_int4_kernels() {
     choice.k = w.k;
     choice.group = w.group;
     choice.layout = worker_layout(w.layout);
-    for (const MeasuredLayout& ml : measured_layouts) {
-      if (ml.n_out == w.n_out && ml.k == w.k && ml.group == w.group)
-        std::copy(ml.us, ml.us + CudaInt4KernelChoice::kLayouts, choice.layout_us);
-    }
+    if (const MeasuredLayout* ml = measured_layout(w))
+      std::copy(ml->us, ml->us + CudaInt4KernelChoice::kLayouts, choice.layout_us);
     shapes.push_back({choice, {&w}});
   };
   for_each_matrix(add);
@@ -1248,12 +1257,7 @@ void CudaLlamaModel::Impl::choose_int4_kernels() {
       std::vector<kc::Int4CutlassWeights> cutlass;  // every matrix's copy, or none
       for (const DeviceMatrix* w : list) {
         if (w->cutlass.quants != nullptr) cutlass.push_back(w->cutlass);
-        const uint8_t* base = w->mem != nullptr ? w->mem->as<uint8_t>() : nullptr;
-        if (w->layout == kc::Int4Layout::rows)
-          matrices.push_back(
-              {base, reinterpret_cast<const __half*>(base + w->scales_offset), base + w->zeros_offset});
-        else  // tiles: one array; cutlass: only the copy (base null)
-          matrices.push_back({base, nullptr, nullptr});
+        matrices.push_back(int4_operands(*w));
       }
       std::string error;
       const kernels::Status st =

@@ -54,14 +54,20 @@ struct Buffer {
   }
 };
 
-std::vector<int64_t> parse_list(const std::string& text, char sep) {
-  std::vector<int64_t> out;
+// The non-empty pieces of text between separators.
+std::vector<std::string> split(const std::string& text, char sep) {
+  std::vector<std::string> out;
   size_t at = 0;
   while (at <= text.size()) {
     const size_t end = std::min(text.find(sep, at), text.size());
-    if (end > at) out.push_back(std::strtoll(text.substr(at, end - at).c_str(), nullptr, 10));
+    if (end > at) out.push_back(text.substr(at, end - at));
     at = end + 1;
   }
+  return out;
+}
+std::vector<int64_t> parse_list(const std::string& text, char sep) {
+  std::vector<int64_t> out;
+  for (const std::string& piece : split(text, sep)) out.push_back(std::strtoll(piece.c_str(), nullptr, 10));
   return out;
 }
 
@@ -156,17 +162,7 @@ int main(int argc, char** argv) {
   }
   int status = 0;
   std::vector<std::pair<std::string, kc::KernelMetricsRange>> all;
-  const auto parts = [](const std::string& s) {
-    std::vector<std::string> out;
-    size_t at = 0;
-    while (at <= s.size()) {
-      const size_t end = std::min(s.find(',', at), s.size());
-      if (end > at) out.push_back(s.substr(at, end - at));
-      at = end + 1;
-    }
-    return out;
-  };
-  for (const std::string& shape : parts(shapes_text)) {
+  for (const std::string& shape : split(shapes_text, ',')) {
     const std::vector<int64_t> kn = parse_list(shape, 'x');
     if (kn.size() != 2 || kn[0] < kGroup || kn[0] % 256 != 0 || kn[1] < 1) {
       std::fprintf(stderr, "nibble-kernel-metrics: bad shape %s (k x n_out, k a multiple of 256)\n",

@@ -91,10 +91,10 @@ double time_us(cudaStream_t stream, int iterations, int repetitions, Call call) 
         us, err);
     check(err, "timing with CUDA events");
   } catch (const BenchFailure& e) {
+    // A sticky error (the context is lost) fails the drain; a launch error only shows in the last error.
     const cudaError_t drained = cudaStreamSynchronize(stream);
-    const cudaError_t last = cudaGetLastError();  // clears a launch error (sticky ones stay)
-    if (drained != cudaSuccess || skipped_columns == nullptr || cudaStreamSynchronize(stream) != cudaSuccess)
-      throw;
+    const cudaError_t last = cudaGetLastError();  // (and clears it)
+    if (drained != cudaSuccess || skipped_columns == nullptr) throw;
     skipped_columns->push_back(
         std::string(e.what()) +
         (last != cudaSuccess ? std::string(" (") + cudaGetErrorString(last) + ")" : ""));

@@ -168,11 +168,11 @@ inline const char* int4_layout_name(Int4Layout layout) {
 
 // The kernels one group-wise INT4 matrix shape uses, with the load-time times behind the choice.
 struct CudaInt4KernelChoice {
-  static constexpr int kKernels = 14;
+  static constexpr int kKernels = 15;
   static constexpr const char* kernel_names[kKernels] = {
       "CUDA-core GEMV",  "tensor-core GEMV", "WMMA GEMM",     "mma GEMM",        "dequant + cuBLAS",
       "TC GEMV 512 thr", "TC GEMV 2 blk/SM", "staged GEMV",   "TC GEMV 32 rows", "TC GEMM 64 rows",
-      "CUTLASS GEMM",    "CUTLASS GEMM 64",  "CUTLASS 64x16", "W4A8 GEMV"};
+      "CUTLASS GEMM",    "CUTLASS GEMM 64",  "CUTLASS 64x16", "W4A8 GEMV",       "half2 GEMV"};
   // The row ranges 1, 2-16, 17-32, 33-64 and over 64 (their largest row counts; -1: any), and the
   // row counts each is timed at (0: none).
   static constexpr int kRanges = 5;

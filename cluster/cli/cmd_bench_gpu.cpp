@@ -553,14 +553,16 @@ int run_kernels(const Args& a) {
   // Each row to stderr as soon as its shape is measured (a run cut short keeps them); the tables follow.
   const auto measured = [](const kernels::cuda::MatmulBenchRow& r) {
     progress(
-        "%lldx%lld m=%lld: g128 %.1f tc %.1f staged %.1f w4a8 %.1f tc32 %.1f tc64 %.1f deq %.1f cutlass %.1f "
+        "%lldx%lld m=%lld: g128 %.1f tc %.1f staged %.1f half2 %.1f w4a8 %.1f tc32 %.1f tc64 %.1f deq %.1f "
+        "cutlass %.1f "
         "/ "
         "%.1f / %.1f | "
         "tiles: tc %.1f tc32 %.1f tc64 %.1f deq %.1f | Q4_K %.1f Q4_K tc %.1f cuBLAS %.1f us",
         static_cast<long long>(r.shape.k), static_cast<long long>(r.shape.n_out), static_cast<long long>(r.m),
-        r.g128_us, r.g128_tc_us, r.g128_staged_us, r.g128_w4a8_us, r.g128_tc32_us, r.g128_tc64_us,
-        r.g128_deq_us, r.g128_cutlass_us, r.g128_cutlass_pp_us, r.g128_cutlass16_us, r.g128_tiles_tc_us,
-        r.g128_tiles_tc32_us, r.g128_tiles_tc64_us, r.g128_tiles_deq_us, r.q4k_us, r.q4k_tc_us, r.cublas_us);
+        r.g128_us, r.g128_tc_us, r.g128_staged_us, r.g128_half2_us, r.g128_w4a8_us, r.g128_tc32_us,
+        r.g128_tc64_us, r.g128_deq_us, r.g128_cutlass_us, r.g128_cutlass_pp_us, r.g128_cutlass16_us,
+        r.g128_tiles_tc_us, r.g128_tiles_tc32_us, r.g128_tiles_tc64_us, r.g128_tiles_deq_us, r.q4k_us,
+        r.q4k_tc_us, r.cublas_us);
   };
   // tinygemm's figures first: a bad file must not cost a measured table.
   const auto tinygemm = read_tinygemm(a.tinygemm);
@@ -574,12 +576,14 @@ int run_kernels(const Args& a) {
     std::printf("device: %s\ncopy bandwidth (read + write): %.0f GB/s\n\n", result.device.c_str(),
                 result.copy_gbps);
     std::printf(
-        "%-12s %4s | %10s %8s %6s | %8s %6s | %8s %6s | %10s %6s | %9s %6s | %8s %6s | %8s %6s | %8s %6s | "
+        "%-12s %4s | %10s %8s %6s | %8s %6s | %8s %6s | %10s %6s | %9s %6s | %9s %6s | %8s %6s | %8s %6s | "
+        "%8s %6s | "
         "%8s %6s | %10s %6s | %10s %6s | %10s %6s | %8s %6s | %9s %6s | %10s %8s | %8s %9s | %11s %8s %8s\n",
         "k x n_out", "m", "W4A16 us", "GB/s", "%copy", "split us", "%copy", "g128 us", "%copy", "g128 tc us",
-        "%copy", "staged us", "%copy", "tc32 us", "%copy", "tc64 us", "%copy", "mma us", "%copy", "deq us",
-        "%copy", "cutlass us", "%copy", "cutl pp us", "%copy", "cutl 16 us", "%copy", "Q4_K us", "%copy",
-        "Q4_K tc", "%copy", "cuBLAS us", "GB/s", "vs fp16", "best/fp16", "tinygemm us", "vs tg", "best/tg");
+        "%copy", "staged us", "%copy", "half2 us", "%copy", "tc32 us", "%copy", "tc64 us", "%copy", "mma us",
+        "%copy", "deq us", "%copy", "cutlass us", "%copy", "cutl pp us", "%copy", "cutl 16 us", "%copy",
+        "Q4_K us", "%copy", "Q4_K tc", "%copy", "cuBLAS us", "GB/s", "vs fp16", "best/fp16", "tinygemm us",
+        "vs tg", "best/tg");
   }
   for (const auto& r : result.rows) {
     const double ours_gbps = r.ours_bytes / (r.ours_us * 1e-6) / 1e9;
@@ -589,9 +593,9 @@ int run_kernels(const Args& a) {
     // The fastest group-128 kernel at this m (the one the model's load-time timing would pick).
     double best_g128_us = 0.0;
     for (const double us :
-         {r.g128_us, r.g128_tc_us, r.g128_staged_us, r.g128_tc32_us, r.g128_tc64_us, r.g128_mma_us,
-          r.g128_deq_us, r.g128_cutlass_us, r.g128_cutlass_pp_us, r.g128_cutlass16_us, r.g128_tiles_tc_us,
-          r.g128_tiles_tc32_us, r.g128_tiles_tc64_us, r.g128_tiles_deq_us})
+         {r.g128_us, r.g128_tc_us, r.g128_staged_us, r.g128_half2_us, r.g128_tc32_us, r.g128_tc64_us,
+          r.g128_mma_us, r.g128_deq_us, r.g128_cutlass_us, r.g128_cutlass_pp_us, r.g128_cutlass16_us,
+          r.g128_tiles_tc_us, r.g128_tiles_tc32_us, r.g128_tiles_tc64_us, r.g128_tiles_deq_us})
       if (us > 0 && (best_g128_us == 0.0 || us < best_g128_us)) best_g128_us = us;
     nlohmann::json row{{"k", r.shape.k},
                        {"n_out", r.shape.n_out},
@@ -626,6 +630,11 @@ int run_kernels(const Args& a) {
       row["w4a16_g128_staged_us"] = r.g128_staged_us;
       row["g128_staged_gbps"] = r.g128_bytes / (r.g128_staged_us * 1e-6) / 1e9;
       row["g128_staged_speedup_vs_cublas"] = r.cublas_us / r.g128_staged_us;
+    }
+    if (r.g128_half2_us > 0) {
+      row["w4a16_g128_half2_us"] = r.g128_half2_us;
+      row["g128_half2_gbps"] = r.g128_bytes / (r.g128_half2_us * 1e-6) / 1e9;
+      row["g128_half2_speedup_vs_cublas"] = r.cublas_us / r.g128_half2_us;
     }
     if (r.q4k_w4a8_us > 0) row["w4a8_q4k_us"] = r.q4k_w4a8_us;
     if (r.g128_w4a8_us > 0) {  // 8-bit activations: not among the W4A16 kernels' best
@@ -704,6 +713,7 @@ int run_kernels(const Args& a) {
       timed(r.g128_us, r.g128_bytes);
       timed(r.g128_tc_us, r.g128_bytes, 10);
       timed(r.g128_staged_us, r.g128_bytes, 9);
+      timed(r.g128_half2_us, r.g128_bytes, 9);
       timed(r.g128_tc32_us, r.g128_bytes);
       timed(r.g128_tc64_us, r.g128_bytes);
       timed(r.g128_mma_us, r.g128_bytes);
@@ -787,8 +797,8 @@ int run_kernels(const Args& a) {
       if (!(r.g128_w4a8_us > 0)) continue;
       double best = 0.0;
       for (const double us :
-           {r.g128_us, r.g128_tc_us, r.g128_staged_us, r.g128_tc32_us, r.g128_tc64_us, r.g128_tiles_tc_us,
-            r.g128_tiles_tc32_us, r.g128_tiles_tc64_us, r.g128_cutlass16_us})
+           {r.g128_us, r.g128_tc_us, r.g128_staged_us, r.g128_half2_us, r.g128_tc32_us, r.g128_tc64_us,
+            r.g128_tiles_tc_us, r.g128_tiles_tc32_us, r.g128_tiles_tc64_us, r.g128_cutlass16_us})
         if (us > 0 && (best == 0.0 || us < best)) best = us;
       char shape[32];
       std::snprintf(shape, sizeof shape, "%lldx%lld", static_cast<long long>(r.shape.k),
@@ -823,7 +833,9 @@ int run_kernels(const Args& a) {
         "AWQ, "
         "kernels/int4_groups.hpp; tinygemm's grouping); g128 tc = the same weights on the tensor-core GEMV "
         "(w4a16_gemv_int4_groups_mma, m <= 16); staged = the same weights on the staged GEMV (m = 1; "
-        "w4a16_gemv_int4_groups_staged: scale factored out, fp32 activations in shared memory); tc32 = the "
+        "w4a16_gemv_int4_groups_staged: scale factored out, fp32 activations in shared memory); half2 = the "
+        "same on the half2 GEMV (m = 1; w4a16_gemv_int4_groups_half2: fp16 pairs, each unit's products "
+        "summed in fp16); tc32 = the "
         "tensor-core GEMV on two m16 tiles (m <= 32); tc64 = the tensor-core GEMM on 64-row slabs "
         "(w4a16_gemm_int4_groups_mma_64rows, any m); best also counts the tensor-core kernels on tiles "
         "(table above); mma = the "

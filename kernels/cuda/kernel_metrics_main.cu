@@ -225,6 +225,7 @@ int main(int argc, char** argv) {
       using L = kc::Int4Layout;
       int4(K::gemv_cuda_cores, L::rows, "CUDA-core GEMV");
       if (m == 1) int4(K::gemv_cuda_cores_staged, L::rows, "staged GEMV");
+      if (m == 1) int4(K::gemv_half2, L::rows, "half2 GEMV");
       int4(K::gemv_tensor_cores, L::rows, "TC GEMV");
       int4(K::gemv_tensor_cores_512, L::rows, "TC GEMV 512 threads");
       int4(K::gemv_tensor_cores_2bps, L::rows, "TC GEMV 2 blocks/SM");

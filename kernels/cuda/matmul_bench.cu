@@ -15,6 +15,7 @@
 #include "kernels/cuda/w4a16_gemm.cuh"
 #include "kernels/cuda/w4a16_gemm_cutlass.cuh"
 #include "kernels/cuda/w4a16_gemv.cuh"
+#include "kernels/cuda/w4a16_gemv_half2.cuh"
 #include "kernels/cuda/w4a16_gemv_mma.cuh"
 #include "kernels/cuda/w4a16_tuning.cuh"
 #include "kernels/cuda/w4a8_gemv.cuh"
@@ -168,12 +169,13 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
     }
   }
   std::vector<double> g128(ms.size(), 0.0), g128_mma(ms.size(), 0.0), g128_tc(ms.size(), 0.0),
-      g128_staged(ms.size(), 0.0), g128_w4a8(ms.size(), 0.0), q4k_w4a8(ms.size(), 0.0),
-      g128_tc32(ms.size(), 0.0), g128_tc64(ms.size(), 0.0), g128_tc_loads(ms.size(), 0.0),
-      g128_tc_compute(ms.size(), 0.0), g128_deq(ms.size(), 0.0), tiles_tc(ms.size(), 0.0),
-      tiles_tc32(ms.size(), 0.0), tiles_tc64(ms.size(), 0.0), tiles_deq(ms.size(), 0.0),
-      tiles_loads(ms.size(), 0.0), q4k(ms.size(), 0.0), q4k_tc(ms.size(), 0.0), q4k_tiles_tc(ms.size(), 0.0),
-      g128_cutlass(ms.size(), 0.0), g128_cutlass_pp(ms.size(), 0.0), g128_cutlass16(ms.size(), 0.0);
+      g128_staged(ms.size(), 0.0), g128_half2(ms.size(), 0.0), g128_w4a8(ms.size(), 0.0),
+      q4k_w4a8(ms.size(), 0.0), g128_tc32(ms.size(), 0.0), g128_tc64(ms.size(), 0.0),
+      g128_tc_loads(ms.size(), 0.0), g128_tc_compute(ms.size(), 0.0), g128_deq(ms.size(), 0.0),
+      tiles_tc(ms.size(), 0.0), tiles_tc32(ms.size(), 0.0), tiles_tc64(ms.size(), 0.0),
+      tiles_deq(ms.size(), 0.0), tiles_loads(ms.size(), 0.0), q4k(ms.size(), 0.0), q4k_tc(ms.size(), 0.0),
+      q4k_tiles_tc(ms.size(), 0.0), g128_cutlass(ms.size(), 0.0), g128_cutlass_pp(ms.size(), 0.0),
+      g128_cutlass16(ms.size(), 0.0);
   std::vector<const char*> tiles_tc_shape(ms.size(), "");
   const size_t g128_quant_bytes = static_cast<size_t>(n * k / 2);
   const size_t g128_groups = static_cast<size_t>(n * (k / 128));
@@ -213,6 +215,7 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
         g128_tc[mi] = time_g128(w4a16_gemv_int4_groups_mma, m, "W4A16 tensor-core GEMV");
       if (m > kW4A16GemvMaxM) g128_mma[mi] = time_g128(w4a16_gemm_int4_groups_mma, m, "W4A16 mma kernel");
       if (m == 1) g128_staged[mi] = time_g128(w4a16_gemv_int4_groups_staged, m, "W4A16 staged GEMV");
+      if (m == 1) g128_half2[mi] = time_g128(w4a16_gemv_int4_groups_half2, m, "W4A16 half2 GEMV");
       if (m <= kW4A8GemvMaxM) g128_w4a8[mi] = time_g128(w4a8_gemv_int4_groups, m, "W4A8 dp4a GEMV");
       if (m <= kW4A16GemvMma32RowsMaxM)
         g128_tc32[mi] = time_g128(w4a16_gemv_int4_groups_mma_32rows, m, "W4A16 tensor-core GEMV, 32 rows");
@@ -414,6 +417,7 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
     row.g128_mma_us = g128_mma[mi];
     row.g128_tc_us = g128_tc[mi];
     row.g128_staged_us = g128_staged[mi];
+    row.g128_half2_us = g128_half2[mi];
     row.g128_w4a8_us = g128_w4a8[mi];
     row.g128_tc32_us = g128_tc32[mi];
     row.g128_tc64_us = g128_tc64[mi];

@@ -8,6 +8,7 @@
 #include "kernels/cuda/w4a16_dequant_cublas.cuh"
 #include "kernels/cuda/w4a16_gemm.cuh"
 #include "kernels/cuda/w4a16_gemv.cuh"
+#include "kernels/cuda/w4a16_gemv_half2.cuh"
 #include "kernels/cuda/w4a16_gemv_mma.cuh"
 #include "kernels/cuda/w4a16_tuning.cuh"
 #include "kernels/cuda/w4a8_gemv.cuh"
@@ -49,6 +50,8 @@ const char* int4_kernel_name(Int4Kernel kernel) {
       return "CUTLASS 64x16";
     case Int4Kernel::w4a8_gemv:
       return "W4A8 GEMV";
+    case Int4Kernel::gemv_half2:
+      return "half2 GEMV";
   }
   return "?";
 }
@@ -65,6 +68,7 @@ int64_t int4_kernel_max_rows(Int4Kernel kernel) {
     case Int4Kernel::gemv_cuda_cores:
       return kW4A16GemvMaxM;
     case Int4Kernel::gemv_cuda_cores_staged:
+    case Int4Kernel::gemv_half2:
       return 1;
     case Int4Kernel::gemv_tensor_cores:
     case Int4Kernel::gemv_tensor_cores_512:
@@ -108,6 +112,8 @@ Int4GroupsLauncher int4_kernel_launcher(Int4Kernel kernel) {
       return w4a16_gemm_int4_groups_mma_64rows;
     case Int4Kernel::w4a8_gemv:
       return w4a8_gemv_int4_groups;
+    case Int4Kernel::gemv_half2:
+      return w4a16_gemv_int4_groups_half2;
   }
   return nullptr;
 }

@@ -1,8 +1,8 @@
 #pragma once
 // Which group-wise INT4 kernel multiplies one weight shape on this device, per range of activation
 // rows, chosen by timing the candidates on the model's own weights when it loads (TensorRT-LLM's
-// GEMM plugin profiles its tactics the same way when it builds an engine). The first ten candidates
-// take the same operands and layout:
+// GEMM plugin profiles its tactics the same way when it builds an engine). These candidates take the
+// same operands and layout:
 //   CUDA-core GEMV    w4a16_gemv_int4_groups           (up to 32 rows; m FMAs per weight on the CUDA cores)
 //   tensor-core GEMV  w4a16_gemv_int4_groups_mma       (up to 16 rows; one m16 tile)
 //   WMMA GEMM         w4a16_gemm_int4_groups           (any rows)
@@ -14,6 +14,8 @@
 //                     activations in shared memory: fewer instructions a weight)
 //   TC GEMV 32 rows   w4a16_gemv_int4_groups_mma_32rows (up to 32 rows: two m16 tiles)
 //   TC GEMM 64 rows   w4a16_gemm_int4_groups_mma_64rows (any rows, in slabs of four m16 tiles)
+//   half2 GEMV        w4a16_gemv_int4_groups_half2     (1 row; fp16 pairs, ~2 instructions a weight, each
+//                     unit's 32 products summed in fp16 first: w4a16_gemv_half2.cuh)
 // The last three read their own copy of the weights, in CUTLASS's order (w4a16_gemm_cutlass.cuh), and
 // are timed only where the caller made one:
 //   CUTLASS GEMM      w4a16_gemm_int4_cutlass, cooperative_128 (17 rows or more; Hopper's wgmma)
@@ -68,9 +70,10 @@ enum class Int4Kernel : int {
   cutlass_gemm,
   cutlass_gemm_pingpong,
   cutlass_gemm_16rows,
-  w4a8_gemv
+  w4a8_gemv,
+  gemv_half2
 };
-constexpr int kInt4Kernels = 14;
+constexpr int kInt4Kernels = 15;
 // The kernels that compute W4A16 (fp16 activations): every one but w4a8_gemv. Only they are timed
 // and chosen at load.
 inline bool is_w4a16(Int4Kernel kernel) { return kernel != Int4Kernel::w4a8_gemv; }

@@ -489,4 +489,62 @@ __host__ __device__ inline void q4_k_tile_word_b_fragments(uint32_t word, uint32
   }
 }
 
+// The half2 GEMV (w4a16_gemv_half2.cuh) reads word i of a group-wise INT4 unit (bytes 4i .. 4i + 3:
+// inputs 4i .. 4i + 3 in the low nibbles, 4i + 16 .. 4i + 19 in the high ones) as four half2 levels
+// without moving a nibble: (4i, 4i + 2) and (4i + 16, 4i + 18) from the word, (4i + 1, 4i + 3) and
+// (4i + 17, 4i + 19) from the word shifted right by 8. It stages the activations in that order, so
+// that each level pair meets its activation pair in one half2 op: staged half h (0..7) of word i is
+// input int4_half2_staged_input(i, h).
+__host__ __device__ constexpr int int4_half2_staged_input(int word, int h) {
+  return 4 * word + 2 * (h & 1) + 16 * ((h >> 1) & 1) + (h >> 2);
+}
+// Word i of a unit as staged, from the unit's activations 4i .. 4i + 3 (`lo`, two halves a word, the
+// lower input in the low half) and 4i + 16 .. 4i + 19 (`hi`): four byte permutes on the device.
+__host__ __device__ inline uint4 int4_half2_staged_word(uint2 lo, uint2 hi) {
+#if defined(__CUDA_ARCH__)
+  return make_uint4(__byte_perm(lo.x, lo.y, 0x5410), __byte_perm(hi.x, hi.y, 0x5410),
+                    __byte_perm(lo.x, lo.y, 0x7632), __byte_perm(hi.x, hi.y, 0x7632));
+#else
+  const auto low_halves = [](uint32_t a, uint32_t b) { return (a & 0xFFFFu) | (b << 16); };
+  const auto high_halves = [](uint32_t a, uint32_t b) { return (a >> 16) | (b & 0xFFFF0000u); };
+  return make_uint4(low_halves(lo.x, lo.y), low_halves(hi.x, hi.y), high_halves(lo.x, lo.y),
+                    high_halves(hi.x, hi.y));
+#endif
+}
+// The fp16 bits of 1024 + z in both halves: a zero as int4_unit_half2_dot takes it.
+__host__ __device__ inline uint32_t int4_half2_biased_zero(uint32_t zero) {
+  return (0x6400u + zero) * 0x10001u;
+}
+
+// sum over one unit of x[i] * (q[i] - z), as the half2 GEMV computes it: q - z exactly (1024 + q less
+// 1024 + z; 1024 + 16 q times 1/16 less 64 + z), then fp16 FMAs into one half2 (two running sums of
+// 16 products), added in fp32. Two instructions a level pair and one FMA an activation pair, about 1.7
+// a weight (the fp32 readers above take three to six). The fp16 sums round (2^-11 relative each) and
+// would overflow past 65504: the kernel scales its activations so that |x| <= 64 (|q - z| <= 31, so a
+// running sum stays under 16 * 64 * 31 = 31744). Exact when every x is an integer and the sums stay
+// under 2048 (what the CPU test checks the nibble order with).
+// q: the unit's 16 bytes; biased_zero: int4_half2_biased_zero(z); xs: the unit's activations as staged
+// (word i: staged halves int4_half2_staged_input(i, 0..7), 16 bytes).
+__host__ __device__ inline float int4_unit_half2_dot(const uint4& q, uint32_t biased_zero,
+                                                     const uint4 (&xs)[4]) {
+  const unsigned words[4] = {q.x, q.y, q.z, q.w};
+  const __half2 zero_1024 = bits_half2(biased_zero);                           // 1024 + z
+  const __half2 neg_zero_64 = __hsub2_rn(bits_half2(0x63806380u), zero_1024);  // 960 - (1024 + z)
+  const __half2 sixteenth = bits_half2(0x2C002C00u);                           // 1/16
+  __half2 acc = bits_half2(0u);
+  NIBBLE_DEVICE_UNROLL
+  for (int i = 0; i < 4; ++i) {
+    const uint32_t w = words[i], w8 = words[i] >> 8;
+    const __half2 l0 = __hsub2_rn(bits_half2(levels_or_1024<0x000F000Fu>(w)), zero_1024);  // 4i, 4i + 2
+    const __half2 l1 = fma_half2_rn(bits_half2(levels_or_1024<0x00F000F0u>(w)), sixteenth, neg_zero_64);
+    const __half2 l2 = __hsub2_rn(bits_half2(levels_or_1024<0x000F000Fu>(w8)), zero_1024);  // 4i + 1, 4i + 3
+    const __half2 l3 = fma_half2_rn(bits_half2(levels_or_1024<0x00F000F0u>(w8)), sixteenth, neg_zero_64);
+    acc = fma_half2_rn(l0, bits_half2(xs[i].x), acc);
+    acc = fma_half2_rn(l1, bits_half2(xs[i].y), acc);
+    acc = fma_half2_rn(l2, bits_half2(xs[i].z), acc);
+    acc = fma_half2_rn(l3, bits_half2(xs[i].w), acc);
+  }
+  return __low2float(acc) + __high2float(acc);
+}
+
 }  // namespace nibble::kernels::cuda::w4a16

@@ -434,15 +434,16 @@ TEST(CudaLlamaModel, ChoosesTheInt4KernelsPerMatrixShape) {
   const auto& choices = measured.int4_kernel_choices();
   ASSERT_FALSE(choices.empty());
   int64_t matrices = 0;
-  // The kernels that take m rows: CUDA-core GEMV (0) and the two-tile tensor-core GEMV (8) up to 32,
+  // The kernels timed at m rows: CUDA-core GEMV (0) and the two-tile tensor-core GEMV (8) up to 32,
   // the tensor-core GEMVs (1, 5, 6) up to 16, GEMMs (2, 3, 9) any, dequant + cuBLAS (4) from 17, the
-  // staged GEMV (7) one.
+  // staged and half2 GEMVs (7, 14) one; never the CUTLASS GEMMs (10-12: this model has no CUTLASS
+  // copies) nor the W4A8 GEMV (13: asked for, never timed).
   const auto takes = [](int kernel, int64_t m) {
-    return kernel == 7                                 ? m == 1
+    return kernel == 7 || kernel == 14                 ? m == 1
            : kernel == 0 || kernel == 8                ? m <= 32
            : kernel == 1 || kernel == 5 || kernel == 6 ? m <= 16
            : kernel == 4                               ? m >= 17
-                                                       : true;
+                                                       : kernel < 10;
   };
   for (const Choice& ch : choices) {
     SCOPED_TRACE(std::to_string(ch.n_out) + " x " + std::to_string(ch.k));
@@ -933,7 +934,7 @@ TEST(CudaLlamaModel, MeasuredLayoutTimesEachLayoutAndTakesTheFastest) {
         for (int r = 0; r < Choice::kRanges; ++r) {
           const std::string chosen = Choice::kernel_names[ch.chosen[r]];
           EXPECT_TRUE(chosen != "CUDA-core GEMV" && chosen != "WMMA GEMM" && chosen != "mma GEMM" &&
-                      chosen != "staged GEMV" && chosen != "W4A8 GEMV")
+                      chosen != "staged GEMV" && chosen != "W4A8 GEMV" && chosen != "half2 GEMV")
               << chosen << ", range " << r;
         }
       }
@@ -1502,6 +1503,7 @@ TEST(CudaLlamaModelCli, BenchGpuKernelTableTimesEveryKernel) {
     EXPECT_EQ(row.contains("w4a16_g128_tc32_us"), m <= 32);
     EXPECT_EQ(row.contains("g128_tc_loads_only_us"), m <= 16);
     EXPECT_EQ(row.contains("w4a16_g128_staged_us"), m == 1);
+    EXPECT_EQ(row.contains("w4a16_g128_half2_us"), m == 1);
     EXPECT_EQ(row.contains("w4a8_g128_us"), m <= 4);  // the dp4a GEMV, 8-bit activations
     if (m <= 4) {
       EXPECT_GT(row["w4a8_g128_us"].get<double>(), 0.0);
@@ -1596,7 +1598,7 @@ TEST(CudaLlamaModelCli, BenchGpuRunsTheModelOnTiles) {
     for (const auto& range : shape["ranges"]) {
       const std::string chosen = range["chosen"];
       EXPECT_TRUE(chosen != "CUDA-core GEMV" && chosen != "WMMA GEMM" && chosen != "mma GEMM" &&
-                  chosen != "staged GEMV")
+                  chosen != "staged GEMV" && chosen != "half2 GEMV")
           << chosen;
     }
   }

@@ -10,6 +10,7 @@
 
 #include "kernels/cuda/int4_tiles.cuh"
 #include "kernels/cuda/w4a16_gemv.cuh"
+#include "kernels/cuda/w4a16_gemv_half2.cuh"
 #include "kernels/cuda/w4a16_gemv_mma.cuh"
 #include "kernels/cuda/w4a16_tuning.cuh"
 #include "kernels/cuda/w4a8_gemv.cuh"
@@ -131,7 +132,8 @@ TEST(W4A16Tuning, OnTilesOnlyKernelsThatReadTilesAreChosen) {
     EXPECT_TRUE(kc::int4_kernel_reads(reads, L::rows));
     EXPECT_EQ(kc::int4_tiles_kernel_launcher(reads) == nullptr, reads == K::dequant_cublas);
   }
-  for (const K rows_only : {K::gemv_cuda_cores, K::gemm_wmma, K::gemm_mma, K::gemv_cuda_cores_staged}) {
+  for (const K rows_only :
+       {K::gemv_cuda_cores, K::gemm_wmma, K::gemm_mma, K::gemv_cuda_cores_staged, K::gemv_half2}) {
     EXPECT_FALSE(kc::int4_kernel_reads(rows_only, L::tiles)) << kc::int4_kernel_name(rows_only);
     EXPECT_TRUE(kc::int4_kernel_reads(rows_only, L::rows));
     EXPECT_EQ(kc::int4_tiles_kernel_launcher(rows_only), nullptr);
@@ -206,8 +208,8 @@ TEST(W4A16Tuning, OnTheCutlassLayoutOnlyTheCutlassGemmsAreChosen) {
 TEST(W4A16Tuning, TheW4A8GemvIsNeverChosenByTiming) {
   using K = kc::Int4Kernel;
   EXPECT_FALSE(kc::is_w4a16(K::w4a8_gemv));
-  for (int kernel = 0; kernel + 1 < kc::kInt4Kernels; ++kernel)
-    EXPECT_TRUE(kc::is_w4a16(static_cast<K>(kernel)));
+  for (int kernel = 0; kernel < kc::kInt4Kernels; ++kernel)
+    EXPECT_EQ(kc::is_w4a16(static_cast<K>(kernel)), static_cast<K>(kernel) != K::w4a8_gemv);
   EXPECT_STREQ(kc::int4_kernel_name(K::w4a8_gemv), "W4A8 GEMV");
   EXPECT_EQ(kc::int4_kernel_max_rows(K::w4a8_gemv), kc::kW4A8GemvMaxM);
   EXPECT_NE(kc::int4_kernel_launcher(K::w4a8_gemv), nullptr);
@@ -219,6 +221,25 @@ TEST(W4A16Tuning, TheW4A8GemvIsNeverChosenByTiming) {
   t.us[0][static_cast<int>(K::w4a8_gemv)][0] = 5;
   kc::choose_int4_groups_kernels(t);
   EXPECT_EQ(t.chosen[0], K::gemv_cuda_cores);
+}
+
+// The half2 GEMV (fp16 sums per unit) is a one-row candidate like the others: chosen there when the
+// timing says it is more than kInt4MinGain faster than the default, and never for more rows.
+TEST(W4A16Tuning, TheHalf2GemvIsAOneRowCandidate) {
+  using K = kc::Int4Kernel;
+  EXPECT_STREQ(kc::int4_kernel_name(K::gemv_half2), "half2 GEMV");
+  EXPECT_EQ(kc::int4_kernel_max_rows(K::gemv_half2), 1);
+  EXPECT_EQ(kc::int4_kernel_min_rows(K::gemv_half2), 1);
+  EXPECT_EQ(kc::int4_kernel_launcher(K::gemv_half2), kc::w4a16_gemv_int4_groups_half2);
+  kc::Int4GroupsTuning t;
+  t.us[0][kCudaCores][0] = 30;
+  t.us[0][static_cast<int>(K::gemv_half2)][0] = 29;  // under 5% faster: the default stays
+  kc::choose_int4_groups_kernels(t);
+  EXPECT_EQ(t.chosen[0], K::gemv_cuda_cores);
+  t.us[0][static_cast<int>(K::gemv_half2)][0] = 12;
+  kc::choose_int4_groups_kernels(t);
+  EXPECT_EQ(t.chosen[0], K::gemv_half2);
+  for (int r = 1; r < kc::kInt4RowRanges; ++r) EXPECT_NE(t.chosen[r], K::gemv_half2) << "range " << r;
 }
 
 TEST(W4A16Tuning, RejectsBadArgumentsBeforeTouchingTheDevice) {

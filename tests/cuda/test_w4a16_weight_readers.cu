@@ -97,6 +97,66 @@ TEST(W4A16WeightReaders, UnitLevelDotMatchesTheLevelsDotProduct) {
   }
 }
 
+// The half2 GEMV's unit arithmetic (int4_unit_half2_dot) with the activations staged in the order
+// int4_half2_staged_input gives: with integer activations in [-4, 4] every fp16 sum is an exact integer
+// (at most 16 * 4 * 31 = 1984 < 2048), so the result must equal the levels' dot product exactly, for
+// every zero 0..31 (asymmetric GPTQ zeros go up to 31); with fp16 activations it must be within 16 fp16
+// roundings of the unit's sum|x * (q - z)|.
+TEST(W4A16WeightReaders, UnitHalf2DotMatchesTheLevelsDotProduct) {
+  std::mt19937 rng(78);
+  std::uniform_int_distribution<int> byte(0, 255), small(-4, 4);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (int trial = 0; trial < 256; ++trial) {
+    const bool integers = trial % 2 == 0;
+    uint8_t bytes[16];
+    for (uint8_t& b : bytes) b = static_cast<uint8_t>(byte(rng));
+    uint4 q;
+    std::memcpy(&q, bytes, sizeof q);
+    float x[32];
+    for (float& v : x)
+      v = k::fp16_to_fp32(k::fp32_to_fp16(integers ? static_cast<float>(small(rng)) : normal(rng)));
+    uint4 staged[4];
+    uint16_t xh[32];
+    for (int j = 0; j < 32; ++j) xh[j] = k::fp32_to_fp16(x[j]);
+    for (int i = 0; i < 4; ++i) {
+      uint16_t halves[8];
+      for (int h = 0; h < 8; ++h) halves[h] = xh[w4a16::int4_half2_staged_input(i, h)];
+      std::memcpy(&staged[i], halves, sizeof halves);
+      // The kernel's staging (byte permutes of the activations as they lie) gives the same word.
+      uint2 lo, hi;
+      std::memcpy(&lo, xh + 4 * i, sizeof lo);
+      std::memcpy(&hi, xh + 16 + 4 * i, sizeof hi);
+      const uint4 word = w4a16::int4_half2_staged_word(lo, hi);
+      ASSERT_EQ(std::memcmp(&word, &staged[i], sizeof word), 0) << "word " << i;
+    }
+    const int z = (trial / 2) % 32;
+    double want = 0.0, magnitude = 0.0;
+    for (int j = 0; j < 16; ++j) {  // byte j: input j (low nibble), input j + 16 (high nibble)
+      const double lo = static_cast<double>(x[j]) * ((bytes[j] & 0xF) - z);
+      const double hi = static_cast<double>(x[j + 16]) * ((bytes[j] >> 4) - z);
+      want += lo + hi;
+      magnitude += std::fabs(lo) + std::fabs(hi);
+    }
+    const float got =
+        w4a16::int4_unit_half2_dot(q, w4a16::int4_half2_biased_zero(static_cast<uint32_t>(z)), staged);
+    if (integers) {
+      EXPECT_EQ(static_cast<double>(got), want) << "trial " << trial << " zero " << z;
+    } else {
+      EXPECT_LE(std::fabs(static_cast<double>(got) - want), 16.0 * 0x1.0p-11 * magnitude + 1e-30)
+          << "trial " << trial << " zero " << z;
+    }
+  }
+  // Each staged half is one input, each input staged once.
+  bool seen[32] = {};
+  for (int i = 0; i < 4; ++i) {
+    for (int h = 0; h < 8; ++h) {
+      const int input = w4a16::int4_half2_staged_input(i, h);
+      ASSERT_TRUE(input >= 0 && input < 32 && !seen[input]) << i << " " << h;
+      seen[input] = true;
+    }
+  }
+}
+
 }  // namespace
 
 TEST(W4A16WeightReaders, Q4_0BothLayoutsReadTheCpuWeights) {

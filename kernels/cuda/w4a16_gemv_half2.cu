@@ -1,0 +1,205 @@
+// The half2 GEMV (w4a16_gemv_half2.cuh): design and why there.
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <atomic>
+#include <cmath>
+
+#include "kernels/cuda/dependent_launch.cuh"
+#include "kernels/cuda/w4a16_gemv_half2.cuh"
+#include "kernels/cuda/w4a16_weights.cuh"
+
+namespace nibble::kernels::cuda {
+namespace {
+
+using w4a16::Int4GroupBlocks;
+
+constexpr int kWarpSize = 32;
+constexpr int kWarps = 8;
+constexpr int kThreads = kWarpSize * kWarps;
+constexpr int kRowsPerWarp = 2;  // the staged activations a lane reads serve both rows
+constexpr int kRowsPerBlock = kWarps * kRowsPerWarp;
+constexpr int kBatch = 4;            // units a lane loads at once, per row: 128 bytes in flight a lane
+constexpr float kStagedMax = 64.0f;  // |x| bound for the fp16 sums (int4_unit_half2_dot)
+constexpr int kMaxSharedBytes = static_cast<int>(kW4A16GemvHalf2MaxK * 2);
+
+// GroupShift: log2(group / 32), a template argument so that every offset from the pointers is an
+// immediate.
+template <int GroupShift>
+__global__ void __launch_bounds__(kThreads)
+    gemv_int4_groups_half2_kernel(Int4GroupBlocks w, int64_t n_out, int64_t k, const __half* __restrict__ x,
+                                  float* __restrict__ y) {
+  // The activation row as int4_unit_half2_dot takes it, word-major so that a warp's 32 lanes (32
+  // consecutive units) read 512 consecutive bytes: word i of unit u at xs[i * nb + u].
+  extern __shared__ uint4 xs[];
+  __shared__ unsigned max_abs_bits;  // the largest |x|'s fp16 bits
+  const unsigned lane = threadIdx.x % kWarpSize;
+  const int64_t first_row =
+      static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + (threadIdx.x / kWarpSize) * kRowsPerWarp;
+  // Rows past the last read the last one again and store nothing (every warp meets the barriers).
+  int64_t rows[kRowsPerWarp];
+#pragma unroll
+  for (int r = 0; r < kRowsPerWarp; ++r) rows[r] = first_row + r < n_out ? first_row + r : n_out - 1;
+  const unsigned nb = static_cast<unsigned>(k / kQK4_0);  // k <= kW4A16GemvHalf2MaxK
+  // Pointers to this lane's next units of each row, and to their scales and zeros, advanced a batch
+  // at a time, so that each load is a base and an immediate offset (rows are whole groups, and a
+  // batch's 128 units whole groups too).
+  const uint4* units[kRowsPerWarp];
+  const __half* scales[kRowsPerWarp];
+  const uint8_t* zeros[kRowsPerWarp];
+#pragma unroll
+  for (int r = 0; r < kRowsPerWarp; ++r) {
+    const int64_t first_unit = rows[r] * nb;
+    units[r] = reinterpret_cast<const uint4*>(w.quants) + first_unit + lane;
+    scales[r] = w.scales + (first_unit >> GroupShift) + (lane >> GroupShift);
+    zeros[r] = w.zeros + (first_unit >> GroupShift) + (lane >> GroupShift);
+  }
+  constexpr int kGroupsPerUnitStep = kWarpSize >> GroupShift;  // groups between a lane's units
+
+  uint4 q[kRowsPerWarp][kBatch];
+  float scale[kRowsPerWarp][kBatch];
+  uint32_t zero[kRowsPerWarp][kBatch];
+  // This lane's units lane + 32 (j0 + b), b < kBatch, of both rows; then the pointers move on.
+  const auto load = [&](unsigned j0) {
+#pragma unroll
+    for (int b = 0; b < kBatch; ++b) {
+      const bool in_row = lane + kWarpSize * (j0 + b) < nb;
+#pragma unroll
+      for (int r = 0; r < kRowsPerWarp; ++r) {
+        if (in_row) {
+          q[r][b] = __ldg(units[r] + kWarpSize * b);
+          scale[r][b] = __half2float(__ldg(scales[r] + kGroupsPerUnitStep * b));
+          zero[r][b] = w4a16::int4_half2_biased_zero(__ldg(zeros[r] + kGroupsPerUnitStep * b));
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < kRowsPerWarp; ++r) {
+      units[r] += kWarpSize * kBatch;
+      scales[r] += kGroupsPerUnitStep * kBatch;
+      zeros[r] += kGroupsPerUnitStep * kBatch;
+    }
+  };
+  // The weights never come from an earlier kernel: the first ones are on their way before the wait.
+  load(0);
+  if (threadIdx.x == 0) max_abs_bits = 0;
+  detail::wait_for_prior_grids();  // x comes from the previous kernel
+  // Blocks of the next kernel, launched programmatically, may be placed now: they wait for us.
+  detail::allow_dependent_launch();
+  __syncthreads();  // max_abs_bits is 0 before any thread raises it
+
+  // Stage x: entry e = i * nb + u is word i of unit u, halves (4i, 4i + 2), (4i + 16, 4i + 18),
+  // (4i + 1, 4i + 3), (4i + 17, 4i + 19) (w4a16::int4_half2_staged_input).
+  const unsigned entries = 4 * nb;
+  unsigned local_max = 0;
+  for (unsigned e = threadIdx.x; e < entries; e += kThreads) {
+    const unsigned i = e / nb, u = e - i * nb;
+    const uint2 lo = __ldg(reinterpret_cast<const uint2*>(x + kQK4_0 * u + 4 * i));       // 4i .. 4i + 3
+    const uint2 hi = __ldg(reinterpret_cast<const uint2*>(x + kQK4_0 * u + 16 + 4 * i));  // 4i + 16 ..
+    const uint4 v = w4a16::int4_half2_staged_word(lo, hi);
+    xs[e] = v;
+    const unsigned m2 = __vmaxu2(__vmaxu2(v.x & 0x7FFF7FFFu, v.y & 0x7FFF7FFFu),
+                                 __vmaxu2(v.z & 0x7FFF7FFFu, v.w & 0x7FFF7FFFu));
+    local_max = max(local_max, max(m2 & 0xFFFFu, m2 >> 16));
+  }
+  local_max = __reduce_max_sync(0xffffffffu, local_max);
+  if (lane == 0) atomicMax(&max_abs_bits, local_max);
+  __syncthreads();
+  // Scale by 2^-shift so that |x| <= kStagedMax (exact, unless a value goes subnormal); undone in fp32.
+  const float max_abs = __half2float(__ushort_as_half(static_cast<unsigned short>(max_abs_bits)));
+  int shift = 0;
+  if (max_abs > kStagedMax && max_abs <= 65504.0f) frexpf(max_abs / kStagedMax, &shift);
+  if (shift > 0) {  // the same for every thread: max_abs_bits is shared
+    const __half2 down = __float2half2_rn(ldexpf(1.0f, -shift));
+    for (unsigned e = threadIdx.x; e < entries; e += kThreads) {  // the entries this thread staged
+      uint4 v = xs[e];
+      v.x = w4a16::half2_bits(__hmul2(w4a16::bits_half2(v.x), down));
+      v.y = w4a16::half2_bits(__hmul2(w4a16::bits_half2(v.y), down));
+      v.z = w4a16::half2_bits(__hmul2(w4a16::bits_half2(v.z), down));
+      v.w = w4a16::half2_bits(__hmul2(w4a16::bits_half2(v.w), down));
+      xs[e] = v;
+    }
+    __syncthreads();
+  }
+
+  float acc[kRowsPerWarp] = {};
+  const unsigned units_per_lane = (nb + kWarpSize - 1) / kWarpSize;
+  const uint4* xw[4] = {xs + lane, xs + nb + lane, xs + 2 * nb + lane, xs + 3 * nb + lane};  // the 4 words
+  // One batch's products; only the last batch can hold units past the row's end (guarded).
+  const auto multiply = [&](unsigned j0, bool guarded) {
+#pragma unroll
+    for (int b = 0; b < kBatch; ++b) {
+      if (!guarded || lane + kWarpSize * (j0 + b) < nb) {
+        const uint4 xv[4] = {xw[0][kWarpSize * b], xw[1][kWarpSize * b], xw[2][kWarpSize * b],
+                             xw[3][kWarpSize * b]};
+#pragma unroll
+        for (int r = 0; r < kRowsPerWarp; ++r)
+          acc[r] = fmaf(scale[r][b], w4a16::int4_unit_half2_dot(q[r][b], zero[r][b], xv), acc[r]);
+      }
+    }
+  };
+  for (unsigned j0 = 0;;) {
+    if (kWarpSize * (j0 + kBatch) <= nb) {
+      multiply(j0, false);
+    } else {
+      multiply(j0, true);
+    }
+    j0 += kBatch;
+    if (j0 >= units_per_lane) break;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) xw[i] += kWarpSize * kBatch;
+    load(j0);
+  }
+  const float unscale = ldexpf(1.0f, shift);
+#pragma unroll
+  for (int r = 0; r < kRowsPerWarp; ++r) {
+    float v = acc[r];
+#pragma unroll
+    for (int off = kWarpSize / 2; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
+    if (lane == 0 && first_row + r < n_out) y[first_row + r] = v * unscale;
+  }
+}
+
+// cudaFuncSetAttribute for the dynamic shared memory (above the 48 KB default), once per device.
+bool allow_shared_memory(int device) {
+  static std::atomic<uint64_t> done{0};
+  const uint64_t bit = device < 64 ? uint64_t{1} << device : 0;
+  if (bit != 0 && (done.load(std::memory_order_acquire) & bit) != 0) return true;
+  for (auto* kernel : {gemv_int4_groups_half2_kernel<0>, gemv_int4_groups_half2_kernel<1>,
+                       gemv_int4_groups_half2_kernel<2>}) {
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxSharedBytes) !=
+        cudaSuccess)
+      return false;
+  }
+  done.fetch_or(bit, std::memory_order_acq_rel);
+  return true;
+}
+
+}  // namespace
+
+Status w4a16_gemv_int4_groups_half2(const uint8_t* quants, const __half* scales, const uint8_t* zeros,
+                                    int64_t group, int64_t n_out, int64_t k, const __half* x, int64_t m,
+                                    float* y, cudaStream_t stream, bool programmatic) {
+  Int4GroupBlocks blocks{};
+  if (!w4a16::make_int4_group_blocks(quants, scales, zeros, group, k, blocks))
+    return Status::invalid_argument;
+  if (x == nullptr || y == nullptr || m != 1 || n_out < 0 || k < kQK4_0 || k % kQK4_0 != 0 ||
+      k > kW4A16GemvHalf2MaxK || reinterpret_cast<uintptr_t>(x) % 16 != 0) {
+    return Status::invalid_argument;
+  }
+  if ((n_out + kRowsPerBlock - 1) / kRowsPerBlock > INT32_MAX) return Status::invalid_argument;
+  if (n_out == 0) return Status::ok;
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || !allow_shared_memory(device)) return Status::device_error;
+  const auto grid = static_cast<unsigned>((n_out + kRowsPerBlock - 1) / kRowsPerBlock);
+  const auto kernel = blocks.group_shift == 0   ? gemv_int4_groups_half2_kernel<0>
+                      : blocks.group_shift == 1 ? gemv_int4_groups_half2_kernel<1>
+                                                : gemv_int4_groups_half2_kernel<2>;
+  const cudaError_t launched =
+      detail::launch_kernel(kernel, dim3(grid), dim3(kThreads), static_cast<size_t>(k) * sizeof(__half),
+                            stream, programmatic, blocks, n_out, k, x, y);
+  const cudaError_t last = cudaGetLastError();
+  return launched == cudaSuccess && last == cudaSuccess ? Status::ok : Status::device_error;
+}
+
+}  // namespace nibble::kernels::cuda

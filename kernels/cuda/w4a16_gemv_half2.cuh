@@ -1,0 +1,38 @@
+#pragma once
+// The half2 GEMV: one activation row times group-wise INT4 weights (kernels/int4_groups.hpp, the
+// row-major layout as stored) on the CUDA cores in fp16 pairs, for batch-1 decode. Why: the fp32
+// GEMVs (w4a16_gemv.cuh) spend three to six instructions a weight, and an H200 issues about 8 T
+// thread-instructions a second per TB/s of 4-bit weights, so they cannot stream the weights near
+// copy bandwidth whatever the memory does (docs/perf/gpu.md, "Static instruction counts"). Here a
+// weight costs about two: the levels become fp16 pairs in place (a LOP3 per pair), q - z is one
+// half2 op a pair, the product and sum one HFMA2 a pair (int4_unit_half2_dot), and a 32-weight unit's
+// fp16 sum goes into fp32 with its group's scale. The sums of 16 products in fp16 are the price
+// (about 2^-11 of a unit's sum each, TensorRT-LLM's weight-only GEMV accumulates likewise), so this is
+// a load-time candidate (w4a16_tuning.cuh), chosen only where it is measurably faster.
+// Design: 8 warps a block, 2 weight rows a warp (16 a block); the block stages the whole activation
+// row in shared memory once, in the order the level pairs need, scaled by a power of two so that
+// |x| <= 64 (the fp16 sums cannot overflow; the power is undone in fp32 at the end); each lane then
+// reads its units (16 bytes, a warp's 32 lanes one contiguous 512-byte run of a row) four at a time
+// for both rows, the first four before the activations are staged.
+#include <cuda_fp16.h>
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "kernels/status.hpp"
+
+namespace nibble::kernels::cuda {
+
+// The most inputs the half2 GEMV takes: its shared memory holds the whole activation row in fp16.
+constexpr int64_t kW4A16GemvHalf2MaxK = 96 * 1024;
+
+// quants: [n_out, k / 2] bytes, 16-byte aligned; scales: [n_out, k / group] fp16; zeros: [n_out,
+// k / group] bytes (w4a16_gemv_int4_groups's layout); x: [1, k] fp16, 16-byte aligned; y: [1, n_out]
+// fp32. m must be 1 (the signature is the other group-wise launchers'). invalid_argument for m != 1,
+// k not a multiple of 32 or over kW4A16GemvHalf2MaxK, a group other than 32, 64 or 128 dividing k,
+// null or misaligned pointers.
+Status w4a16_gemv_int4_groups_half2(const uint8_t* quants, const __half* scales, const uint8_t* zeros,
+                                    int64_t group, int64_t n_out, int64_t k, const __half* x, int64_t m,
+                                    float* y, cudaStream_t stream, bool programmatic = false);
+
+}  // namespace nibble::kernels::cuda

@@ -1,0 +1,177 @@
+// The half2 GEMV (w4a16_gemv_int4_groups_half2) against the CPU reference: the group-wise INT4
+// weights dequantized on the CPU times the fp16 activations, in double. Skips without a CUDA device.
+//
+// Error bound: q - z and every product are exact until rounded into a unit's fp16 sums (16 FMAs each,
+// each rounding to 2^-11 of the running sum at most); the running sums never exceed the unit's
+// sum|x * (q - z)|, so a unit's error is at most 16 * 2^-11 of it (7.8e-3), and the fp32 sums over the
+// units add about k / 32 * 2^-24. Checked against 1e-2 of sum|x * w|: a wrong nibble or activation
+// pairing is off by the size of the products. With small integer activations the fp16 sums are exact,
+// and then the bound is the fp32 GEMV's (1e-4).
+#include <cuda_fp16.h>
+#include <cuda_runtime_api.h>
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "kernels/cuda/w4a16_gemv_half2.cuh"
+#include "kernels/int4_groups.hpp"
+#include "kernels/quant_types.hpp"
+#include "tests/cuda/cuda_test_util.hpp"
+#include "tests/cuda/w4a16_test_util.hpp"
+
+namespace k = nibble::kernels;
+
+using nibble::cuda_test::DeviceBuffer;
+using nibble::cuda_test::DeviceInt4Groups;
+using nibble::cuda_test::expect_matches_reference;
+using nibble::cuda_test::make_device_int4_groups;
+
+namespace {
+
+// y = W x for activations `xh` (fp16 bits) on the half2 GEMV, against the double reference, within
+// `bound` of sum|x * w| per output.
+void expect_half2_product(const DeviceInt4Groups& w, int64_t n_out, int64_t kk, int64_t group,
+                          const std::vector<k::f16_bits>& xh, double bound) {
+  DeviceBuffer<k::f16_bits> dx(xh);
+  DeviceBuffer<float> dy(static_cast<size_t>(n_out));
+  ASSERT_TRUE(dx.ptr && dy.ptr);
+  ASSERT_EQ(cudaMemset(dy.ptr, 0xff, static_cast<size_t>(n_out) * sizeof(float)), cudaSuccess);  // NaNs
+  ASSERT_EQ(
+      k::cuda::w4a16_gemv_int4_groups_half2(w.quants->ptr, w.scales_half(), w.zeros->ptr, group, n_out, kk,
+                                            reinterpret_cast<const __half*>(dx.ptr), 1, dy.ptr, nullptr),
+      k::Status::ok);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  const std::vector<float> y = dy.to_host();
+  int bad = 0;
+  for (int64_t o = 0; o < n_out; ++o) {
+    double ref = 0.0, mag = 0.0;
+    for (int64_t i = 0; i < kk; ++i) {
+      const double p = static_cast<double>(k::fp16_to_fp32(xh[static_cast<size_t>(i)])) * w.wf[o * kk + i];
+      ref += p;
+      mag += std::fabs(p);
+    }
+    const double rel = std::fabs(y[static_cast<size_t>(o)] - ref) / (mag > 0.0 ? mag : 1.0);
+    if (!(rel < bound) && ++bad <= 5) {
+      ADD_FAILURE() << "y[" << o << "] = " << y[static_cast<size_t>(o)] << ", reference " << ref
+                    << ", relative error " << rel;
+    }
+  }
+  EXPECT_EQ(bad, 0);
+}
+
+}  // namespace
+
+// Odd shapes: one output, outputs around the 16-row block (37), many blocks (4099); one unit, 12 units
+// (a lane's batch partly past the row's end), 4224 inputs (132 units: a full batch of 128 and a partial
+// one), 28672 (llama-70b's down projection: 56 KB of staged activations); every group size.
+TEST(CudaW4A16GemvHalf2, MatchesCpuReference) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  std::mt19937 rng(2026);
+  for (const int64_t group : {int64_t{32}, int64_t{64}, int64_t{128}}) {
+    for (const int64_t n_out : {int64_t{1}, int64_t{37}, int64_t{4099}}) {
+      for (const int64_t kk : {int64_t{128}, int64_t{384}, int64_t{4224}, int64_t{28672}}) {
+        if (n_out == 4099 && kk == 28672) continue;  // the host reference: n_out * k products
+        SCOPED_TRACE("group " + std::to_string(group));
+        DeviceInt4Groups w;
+        ASSERT_NO_FATAL_FAILURE(make_device_int4_groups(n_out, kk, group, rng, w));
+        expect_matches_reference(w.wf, n_out, kk, 1, 1e-2, rng, [&](const __half* x, int64_t m, float* y) {
+          return k::cuda::w4a16_gemv_int4_groups_half2(w.quants->ptr, w.scales_half(), w.zeros->ptr, group,
+                                                       n_out, kk, x, m, y, nullptr);
+        });
+      }
+    }
+  }
+}
+
+// Integer activations in [-2, 2]: every fp16 sum is an exact integer (at most 16 * 2 * 31 = 992), so
+// the kernel is as exact as the fp32 GEMVs; a wrong pairing of levels and activations, or a lost
+// nibble, cannot hide in the fp16 rounding here.
+TEST(CudaW4A16GemvHalf2, IntegerActivationsGiveTheExactLevelSums) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  std::mt19937 rng(5);
+  std::uniform_int_distribution<int> level(-2, 2);
+  for (const int64_t group : {int64_t{32}, int64_t{128}}) {
+    const int64_t n_out = 53, kk = 4224;
+    DeviceInt4Groups w;
+    ASSERT_NO_FATAL_FAILURE(make_device_int4_groups(n_out, kk, group, rng, w));
+    std::vector<k::f16_bits> xh(static_cast<size_t>(kk));
+    for (auto& v : xh) v = k::fp32_to_fp16(static_cast<float>(level(rng)));
+    ASSERT_NO_FATAL_FAILURE(expect_half2_product(w, n_out, kk, group, xh, 1e-4));
+  }
+}
+
+// Activations far past the fp16 sums' range (|x| up to ~8000, Llama's "massive activations" in the
+// down projection's input reach thousands): the kernel scales them by a power of two first, so the
+// outputs stay finite and within the same bound; without it, 16 products of 8000 x 31 overflow fp16.
+TEST(CudaW4A16GemvHalf2, LargeActivationsDoNotOverflowTheHalfSums) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  std::mt19937 rng(11);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  const int64_t n_out = 64, kk = 8192, group = 128;
+  DeviceInt4Groups w;
+  ASSERT_NO_FATAL_FAILURE(make_device_int4_groups(n_out, kk, group, rng, w));
+  std::vector<k::f16_bits> xh(static_cast<size_t>(kk));
+  for (size_t i = 0; i < xh.size(); ++i) {
+    // A few huge values among ordinary ones, and a run of large ones that fills whole units.
+    const float scale = i % 997 == 0 ? 8000.0f : (i >= 4096 && i < 4224) ? 2000.0f : 1.0f;
+    xh[i] = k::fp32_to_fp16(normal(rng) * scale);
+  }
+  ASSERT_NO_FATAL_FAILURE(expect_half2_product(w, n_out, kk, group, xh, 1e-2));
+}
+
+// A row's result does not depend on the rows around it or the grid (the scaling is the whole
+// activation row's, the same in every block): outputs 16..31 of a 4099-row product, alone.
+TEST(CudaW4A16GemvHalf2, ARowsBitsDoNotDependOnTheOtherRows) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  std::mt19937 rng(3);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  const int64_t n_out = 4099, kk = 4224, group = 64;
+  DeviceInt4Groups w;
+  ASSERT_NO_FATAL_FAILURE(make_device_int4_groups(n_out, kk, group, rng, w));
+  std::vector<k::f16_bits> xh(static_cast<size_t>(kk));
+  for (auto& v : xh) v = k::fp32_to_fp16(normal(rng) * 100.0f);  // scaled in the kernel
+  DeviceBuffer<k::f16_bits> dx(xh);
+  DeviceBuffer<float> all(static_cast<size_t>(n_out)), part(16);
+  ASSERT_TRUE(dx.ptr && all.ptr && part.ptr);
+  const auto* x = reinterpret_cast<const __half*>(dx.ptr);
+  ASSERT_EQ(k::cuda::w4a16_gemv_int4_groups_half2(w.quants->ptr, w.scales_half(), w.zeros->ptr, group, n_out,
+                                                  kk, x, 1, all.ptr, nullptr),
+            k::Status::ok);
+  // Rows 16..31 on their own: their weights, scales and zeros start 16 rows in.
+  ASSERT_EQ(
+      k::cuda::w4a16_gemv_int4_groups_half2(w.quants->ptr + 16 * kk / 2, w.scales_half() + 16 * kk / group,
+                                            w.zeros->ptr + 16 * kk / group, group, 16, kk, x, 1, part.ptr,
+                                            nullptr, /*programmatic=*/true),
+      k::Status::ok);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  const std::vector<float> a = all.to_host(), p = part.to_host();
+  EXPECT_EQ(std::memcmp(a.data() + 16, p.data(), 16 * sizeof(float)), 0);
+}
+
+TEST(CudaW4A16GemvHalf2, RefusesWhatItCannotRun) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  std::mt19937 rng(9);
+  const int64_t n_out = 8, kk = 256, group = 128;
+  DeviceInt4Groups w;
+  ASSERT_NO_FATAL_FAILURE(make_device_int4_groups(n_out, kk, group, rng, w));
+  DeviceBuffer<k::f16_bits> dx(static_cast<size_t>(2 * kk));
+  DeviceBuffer<float> dy(static_cast<size_t>(2 * n_out));
+  ASSERT_TRUE(dx.ptr && dy.ptr);
+  const auto* x = reinterpret_cast<const __half*>(dx.ptr);
+  const auto run = [&](const uint8_t* q, int64_t g, int64_t k_in, const __half* xx, int64_t m) {
+    return k::cuda::w4a16_gemv_int4_groups_half2(q, w.scales_half(), w.zeros->ptr, g, n_out, k_in, xx, m,
+                                                 dy.ptr, nullptr);
+  };
+  EXPECT_EQ(run(w.quants->ptr, group, kk, x, 2), k::Status::invalid_argument) << "one activation row";
+  EXPECT_EQ(run(w.quants->ptr, group, kk, x + 1, 1), k::Status::invalid_argument) << "misaligned activations";
+  EXPECT_EQ(run(w.quants->ptr + 8, group, kk, x, 1), k::Status::invalid_argument) << "misaligned weights";
+  EXPECT_EQ(run(w.quants->ptr, 48, kk, x, 1), k::Status::invalid_argument) << "group 48";
+  EXPECT_EQ(run(w.quants->ptr, 32, k::cuda::kW4A16GemvHalf2MaxK + 32, x, 1), k::Status::invalid_argument)
+      << "more inputs than the shared memory holds";
+  EXPECT_EQ(cudaGetLastError(), cudaSuccess);
+}

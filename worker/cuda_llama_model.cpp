@@ -39,6 +39,7 @@
 #include "kernels/cuda/swiglu.cuh"
 #include "kernels/cuda/w4a16_gemm.cuh"
 #include "kernels/cuda/w4a16_gemv.cuh"
+#include "kernels/cuda/w4a16_gemv_half2.cuh"
 #include "kernels/cuda/w4a16_gemv_mma.cuh"
 #include "kernels/cuda/w4a16_tuning.cuh"
 #include "kernels/cuda/w4a8_gemv.cuh"
@@ -304,8 +305,9 @@ struct DeviceMatrix {
   // instead of the rows or blocks (the offsets above are then unused); cutlass (int4_groups only):
   // mem is null, the CUTLASS copy below is the matrix.
   kc::Int4Layout layout = kc::Int4Layout::rows;
-  // q4_k: one activation row on the Q4_K tensor-core GEMV rather than the CUDA-core one.
+  // q4_k: one activation row on the Q4_K tensor-core GEMV or the half2 GEMV rather than the CUDA-core one.
   bool q4_k_tensor_cores_one_row = false;
+  bool q4_k_half2_one_row = false;
   // int4_groups under CudaModelOptions::cutlass_gemm or Int4Layout::cutlass: the same weights in
   // CUTLASS's order, for the CUTLASS GEMM (cutlass.quants null: no copy).
   std::shared_ptr<DeviceMemory> cutlass_mem;
@@ -818,7 +820,9 @@ struct CudaLlamaModel::Impl {
           check(kc::w4a8_gemv_q4_k(wd, w.n_out, w.k, x, m, y, stream, pdl), "W4A8 matmul (Q4_K)");
           return;
         }
-        if (!tiles && (pin == Int4Kernels::cuda_cores || (m == 1 && !w.q4_k_tensor_cores_one_row))) {
+        if (!tiles && m == 1 && w.q4_k_half2_one_row) {  // chosen only under Int4Kernels::measured
+          st = kc::w4a16_gemv_q4_k_half2(wd, w.n_out, w.k, x, m, y, stream, pdl);
+        } else if (!tiles && (pin == Int4Kernels::cuda_cores || (m == 1 && !w.q4_k_tensor_cores_one_row))) {
           st = gemv ? kc::w4a16_gemv_q4_k(wd, w.n_out, w.k, x, m, y, stream, pdl)
                     : kc::w4a16_gemm_q4_k(wd, w.n_out, w.k, x, m, y, stream, pdl);
         } else {
@@ -1334,7 +1338,8 @@ void CudaLlamaModel::Impl::choose_q4_k_kernels() {
           y(static_cast<size_t>(choice.n_out) * sizeof(float));
       cuda_check(cudaMemsetAsync(x.as<void>(), 0x2C, x.bytes(), stream), "cudaMemsetAsync (Q4_K timing)");
       const int iterations = static_cast<int>(std::clamp<size_t>(list.size(), 8, 32));
-      const auto time = [&](bool tensor_cores, double& us) {
+      enum class OneRow { cuda_cores, tensor_cores, half2 };
+      const auto time = [&](OneRow kernel, double& us) {
         cudaError_t err = cudaSuccess;
         kernels::Status st = kernels::Status::ok;
         const bool timed = kc::median_call_us(
@@ -1342,8 +1347,10 @@ void CudaLlamaModel::Impl::choose_q4_k_kernels() {
             [&](int i) {
               const DeviceMatrix& w = *list[static_cast<size_t>(i) % list.size()];
               const auto* wd = w.mem->as<uint8_t>();
-              st = tensor_cores
+              st = kernel == OneRow::tensor_cores
                        ? kc::w4a16_gemv_q4_k_mma(wd, w.n_out, w.k, x.as<__half>(), 1, y.as<float>(), stream)
+                   : kernel == OneRow::half2
+                       ? kc::w4a16_gemv_q4_k_half2(wd, w.n_out, w.k, x.as<__half>(), 1, y.as<float>(), stream)
                        : kc::w4a16_gemv_q4_k(wd, w.n_out, w.k, x.as<__half>(), 1, y.as<float>(), stream);
               return st == kernels::Status::ok;
             },
@@ -1354,11 +1361,20 @@ void CudaLlamaModel::Impl::choose_q4_k_kernels() {
                                    (err != cudaSuccess ? cudaGetErrorString(err) : kernels::status_name(st)));
         }
       };
-      time(false, choice.cuda_cores_us);
-      time(true, choice.tensor_cores_us);
-      choice.tensor_cores = choice.tensor_cores_us < (1.0 - kc::kInt4MinGain) * choice.cuda_cores_us;
+      time(OneRow::cuda_cores, choice.cuda_cores_us);
+      time(OneRow::tensor_cores, choice.tensor_cores_us);
+      if (choice.k <= kc::kW4A16GemvHalf2MaxK) time(OneRow::half2, choice.half2_us);
+      // The faster of the other two, where it is kInt4MinGain faster than the CUDA cores.
+      const bool half2_faster = choice.half2_us > 0.0 && choice.half2_us < choice.tensor_cores_us;
+      const double other_us = half2_faster ? choice.half2_us : choice.tensor_cores_us;
+      const bool other = other_us < (1.0 - kc::kInt4MinGain) * choice.cuda_cores_us;
+      choice.tensor_cores = other && !half2_faster;
+      choice.half2 = other && half2_faster;
     }
-    for (DeviceMatrix* w : list) w->q4_k_tensor_cores_one_row = choice.tensor_cores;
+    for (DeviceMatrix* w : list) {
+      w->q4_k_tensor_cores_one_row = choice.tensor_cores;
+      w->q4_k_half2_one_row = choice.half2;
+    }
     q4_k_choices.push_back(choice);
   }
 }

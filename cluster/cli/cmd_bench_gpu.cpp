@@ -245,13 +245,14 @@ void print_q4_k_choices(const worker::CudaLlamaModel& model) {
   const auto& choices = model.q4_k_choices();
   if (choices.empty()) return;
   std::printf("\nQ4_K matrices, one row (device us per product, timed at load; *: chosen):\n");
-  std::printf("%-22s | %14s %14s\n", "n_out x k (matrices)", "CUDA cores", "tensor cores");
+  std::printf("%-22s | %14s %14s %14s\n", "n_out x k (matrices)", "CUDA cores", "tensor cores", "half2");
   for (const worker::CudaQ4KChoice& ch : choices) {
     char shape[64];
     std::snprintf(shape, sizeof shape, "%lldx%lld (%lld)", static_cast<long long>(ch.n_out),
                   static_cast<long long>(ch.k), static_cast<long long>(ch.matrices));
-    std::printf("%-22s | %13.1f%s %13.1f%s\n", shape, ch.cuda_cores_us, ch.tensor_cores ? " " : "*",
-                ch.tensor_cores_us, ch.tensor_cores ? "*" : " ");
+    const bool cuda_cores = !ch.tensor_cores && !ch.half2;
+    std::printf("%-22s | %13.1f%s %13.1f%s %13.1f%s\n", shape, ch.cuda_cores_us, cuda_cores ? "*" : " ",
+                ch.tensor_cores_us, ch.tensor_cores ? "*" : " ", ch.half2_us, ch.half2 ? "*" : " ");
   }
 }
 
@@ -421,7 +422,10 @@ int run_model(const Args& a) {
                    {"matrices", ch.matrices},
                    {"one_row_cuda_cores_us", ch.cuda_cores_us},
                    {"one_row_tensor_cores_us", ch.tensor_cores_us},
-                   {"one_row_chosen", ch.tensor_cores ? "tensor cores" : "CUDA cores"},
+                   {"one_row_half2_us", ch.half2_us},
+                   {"one_row_chosen", ch.tensor_cores ? "tensor cores"
+                                      : ch.half2      ? "half2"
+                                                      : "CUDA cores"},
                    {"layout", ch.tiles ? "tiles" : "rows"}});
   }
   if (a.json) {
@@ -557,12 +561,12 @@ int run_kernels(const Args& a) {
         "cutlass %.1f "
         "/ "
         "%.1f / %.1f | "
-        "tiles: tc %.1f tc32 %.1f tc64 %.1f deq %.1f | Q4_K %.1f Q4_K tc %.1f cuBLAS %.1f us",
+        "tiles: tc %.1f tc32 %.1f tc64 %.1f deq %.1f | Q4_K %.1f Q4_K tc %.1f Q4_K half2 %.1f cuBLAS %.1f us",
         static_cast<long long>(r.shape.k), static_cast<long long>(r.shape.n_out), static_cast<long long>(r.m),
         r.g128_us, r.g128_tc_us, r.g128_staged_us, r.g128_half2_us, r.g128_w4a8_us, r.g128_tc32_us,
         r.g128_tc64_us, r.g128_deq_us, r.g128_cutlass_us, r.g128_cutlass_pp_us, r.g128_cutlass16_us,
         r.g128_tiles_tc_us, r.g128_tiles_tc32_us, r.g128_tiles_tc64_us, r.g128_tiles_deq_us, r.q4k_us,
-        r.q4k_tc_us, r.cublas_us);
+        r.q4k_tc_us, r.q4k_half2_us, r.cublas_us);
   };
   // tinygemm's figures first: a bad file must not cost a measured table.
   const auto tinygemm = read_tinygemm(a.tinygemm);
@@ -578,12 +582,14 @@ int run_kernels(const Args& a) {
     std::printf(
         "%-12s %4s | %10s %8s %6s | %8s %6s | %8s %6s | %10s %6s | %9s %6s | %9s %6s | %8s %6s | %8s %6s | "
         "%8s %6s | "
-        "%8s %6s | %10s %6s | %10s %6s | %10s %6s | %8s %6s | %9s %6s | %10s %8s | %8s %9s | %11s %8s %8s\n",
+        "%8s %6s | %10s %6s | %10s %6s | %10s %6s | %8s %6s | %9s %6s | %9s %6s | %10s %8s | %8s %9s | %11s "
+        "%8s "
+        "%8s\n",
         "k x n_out", "m", "W4A16 us", "GB/s", "%copy", "split us", "%copy", "g128 us", "%copy", "g128 tc us",
         "%copy", "staged us", "%copy", "half2 us", "%copy", "tc32 us", "%copy", "tc64 us", "%copy", "mma us",
         "%copy", "deq us", "%copy", "cutlass us", "%copy", "cutl pp us", "%copy", "cutl 16 us", "%copy",
-        "Q4_K us", "%copy", "Q4_K tc", "%copy", "cuBLAS us", "GB/s", "vs fp16", "best/fp16", "tinygemm us",
-        "vs tg", "best/tg");
+        "Q4_K us", "%copy", "Q4_K tc", "%copy", "Q4_K h2", "%copy", "cuBLAS us", "GB/s", "vs fp16",
+        "best/fp16", "tinygemm us", "vs tg", "best/tg");
   }
   for (const auto& r : result.rows) {
     const double ours_gbps = r.ours_bytes / (r.ours_us * 1e-6) / 1e9;
@@ -688,6 +694,7 @@ int run_kernels(const Args& a) {
       row["w4a16_q4k_us"] = r.q4k_us;
       row["q4k_gbps"] = r.q4k_bytes / (r.q4k_us * 1e-6) / 1e9;
       row["w4a16_q4k_tc_us"] = r.q4k_tc_us;
+      if (r.q4k_half2_us > 0) row["w4a16_q4k_half2_us"] = r.q4k_half2_us;
       row["w4a16_q4k_tiles_tc_us"] = r.q4k_tiles_tc_us;
     }
     if (tg_us > 0) {
@@ -723,6 +730,7 @@ int run_kernels(const Args& a) {
       timed(r.g128_cutlass16_us, r.g128_bytes, 10);
       timed(r.q4k_us, r.q4k_bytes);
       timed(r.q4k_tc_us, r.q4k_bytes, 9);
+      timed(r.q4k_half2_us, r.q4k_bytes, 9);
       std::printf(" %10.1f %8.0f | %7.2fx %8.2fx |", r.cublas_us, cublas_gbps, r.cublas_us / r.ours_us,
                   best_g128_us > 0 ? r.cublas_us / best_g128_us : 0.0);
       if (tg_us > 0)
@@ -808,7 +816,7 @@ int run_kernels(const Args& a) {
                   100.0 * r.g128_bytes / (r.g128_w4a8_us * 1e-6) / 1e9 / result.copy_gbps, best,
                   best > 0 ? best / r.g128_w4a8_us : 0.0, r.cublas_us, r.cublas_us / r.g128_w4a8_us);
       double best_q4k = 0.0;
-      for (const double us : {r.q4k_us, r.q4k_tc_us, r.q4k_tiles_tc_us})
+      for (const double us : {r.q4k_us, r.q4k_tc_us, r.q4k_half2_us, r.q4k_tiles_tc_us})
         if (us > 0 && (best_q4k == 0.0 || us < best_q4k)) best_q4k = us;
       if (r.q4k_w4a8_us > 0)
         std::printf(" %8.1f (%3.0f%%) | %10.1f %7.2fx\n", r.q4k_w4a8_us,
@@ -845,8 +853,8 @@ int run_kernels(const Args& a) {
         "model's load-time timing picks "
         "from), against fp16 cuBLAS and tinygemm. Q4_K = GGUF Q4_K super-blocks as stored (CUDA-core GEMV up "
         "to 32 rows, WMMA GEMM above); Q4_K tc = "
-        "the same on the tensor-core kernels (w4a16_gemv_q4_k_mma up to 16 rows, _32rows, _64rows above). "
-        "%%copy and "
+        "the same on the tensor-core kernels (w4a16_gemv_q4_k_mma up to 16 rows, _32rows, _64rows above); "
+        "Q4_K h2 = the same on the half2 GEMV (m = 1; w4a16_gemv_q4_k_half2). %%copy and "
         "GB/s "
         "count the bytes each product must move.\n");
   }

@@ -174,8 +174,8 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
       g128_tc_loads(ms.size(), 0.0), g128_tc_compute(ms.size(), 0.0), g128_deq(ms.size(), 0.0),
       tiles_tc(ms.size(), 0.0), tiles_tc32(ms.size(), 0.0), tiles_tc64(ms.size(), 0.0),
       tiles_deq(ms.size(), 0.0), tiles_loads(ms.size(), 0.0), q4k(ms.size(), 0.0), q4k_tc(ms.size(), 0.0),
-      q4k_tiles_tc(ms.size(), 0.0), g128_cutlass(ms.size(), 0.0), g128_cutlass_pp(ms.size(), 0.0),
-      g128_cutlass16(ms.size(), 0.0);
+      q4k_half2(ms.size(), 0.0), q4k_tiles_tc(ms.size(), 0.0), g128_cutlass(ms.size(), 0.0),
+      g128_cutlass_pp(ms.size(), 0.0), g128_cutlass16(ms.size(), 0.0);
   std::vector<const char*> tiles_tc_shape(ms.size(), "");
   const size_t g128_quant_bytes = static_cast<size_t>(n * k / 2);
   const size_t g128_groups = static_cast<size_t>(n * (k / 128));
@@ -350,6 +350,15 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
                               : w4a16_gemm_q4_k(wi, n, k, xh, m, static_cast<float*>(y.ptr), stream);
         if (st != Status::ok) throw BenchFailure(std::string("W4A16 Q4_K kernel failed: ") + status_name(st));
       });
+      if (m == 1) {
+        q4k_half2[mi] = time_us(stream, iterations, repetitions, [&](int i) {
+          const uint8_t* wi =
+              static_cast<const uint8_t*>(w.ptr) + q4k_bytes * static_cast<size_t>(i % copies);
+          const Status st = w4a16_gemv_q4_k_half2(wi, n, k, xh, m, static_cast<float*>(y.ptr), stream);
+          if (st != Status::ok)
+            throw BenchFailure(std::string("W4A16 Q4_K half2 GEMV failed: ") + status_name(st));
+        });
+      }
       if (m <= kW4A8GemvMaxM) {
         q4k_w4a8[mi] = time_us(stream, iterations, repetitions, [&](int i) {
           const uint8_t* wi =
@@ -435,6 +444,7 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
     row.g128_tiles_loads_us = tiles_loads[mi];
     row.q4k_us = q4k[mi];
     row.q4k_tc_us = q4k_tc[mi];
+    row.q4k_half2_us = q4k_half2[mi];
     row.q4k_w4a8_us = q4k_w4a8[mi];
     row.q4k_tiles_tc_us = q4k_tiles_tc[mi];
     row.g128_bytes = static_cast<double>(g128_bytes) + 2.0 * ms[mi] * k + 4.0 * ms[mi] * n;

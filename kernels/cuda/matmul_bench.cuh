@@ -53,6 +53,7 @@ struct MatmulBenchRow {
   double g128_cutlass_us = 0.0, g128_cutlass_pp_us = 0.0, g128_cutlass16_us = 0.0;
   double q4k_us = 0.0;           // GGUF Q4_K as stored (w4a16_*_q4_k); 0: k % 256 != 0
   double q4k_tc_us = 0.0;        // the same on the tensor cores (w4a16_gemv_q4_k_mma, _32rows, _64rows by m)
+  double q4k_half2_us = 0.0;     // the same on the half2 GEMV (w4a16_gemv_q4_k_half2, m == 1 only)
   double q4k_w4a8_us = 0.0;      // the same times 8-bit activations on dp4a (w4a8_gemv_q4_k, m <= 4)
   double q4k_tiles_tc_us = 0.0;  // the same kernels on the blocks repacked into Q4_K chunks
   double cublas_us = 0.0;        // fp16 x fp16 cublasGemmEx, fp32 accumulation

@@ -21,7 +21,48 @@ constexpr int kRowsPerWarp = 2;  // the staged activations a lane reads serve bo
 constexpr int kRowsPerBlock = kWarps * kRowsPerWarp;
 constexpr int kBatch = 4;            // units a lane loads at once, per row: 128 bytes in flight a lane
 constexpr float kStagedMax = 64.0f;  // |x| bound for the fp16 sums (int4_unit_half2_dot)
-constexpr int kMaxSharedBytes = static_cast<int>(kW4A16GemvHalf2MaxK * 2);
+// The staged words (2 bytes an input) and, for Q4_K, a float a 32-input sub-block.
+constexpr int kMaxSharedBytes = static_cast<int>(kW4A16GemvHalf2MaxK * 2 + kW4A16GemvHalf2MaxK / 32 * 4);
+
+// Stages the activation row for int4_unit_half2_dot / q4_k_piece_half2_dot: `entries` 16-byte words,
+// word e from the inputs input_of(e) .. + 3 (the low nibbles') and input_of(e) + HiOffset .. + 3 (the
+// high nibbles'), then scales them all by 2^-shift so that |x| <= kStagedMax (exact, unless a value
+// goes subnormal) and returns shift, the same in every thread (the caller undoes it in fp32). Every
+// thread of the block calls it; the caller's barrier after it publishes the scaled words.
+template <int HiOffset, typename InputOf>
+__device__ int stage_activations(const __half* __restrict__ x, unsigned entries, InputOf input_of, uint4* xs,
+                                 unsigned& max_abs_bits) {
+  if (threadIdx.x == 0) max_abs_bits = 0;
+  __syncthreads();  // max_abs_bits is 0 before any thread raises it
+  unsigned local_max = 0;
+  for (unsigned e = threadIdx.x; e < entries; e += kThreads) {
+    const unsigned lo = input_of(e);
+    const uint4 v = w4a16::int4_half2_staged_word(__ldg(reinterpret_cast<const uint2*>(x + lo)),
+                                                  __ldg(reinterpret_cast<const uint2*>(x + lo + HiOffset)));
+    xs[e] = v;
+    const unsigned m2 = __vmaxu2(__vmaxu2(v.x & 0x7FFF7FFFu, v.y & 0x7FFF7FFFu),
+                                 __vmaxu2(v.z & 0x7FFF7FFFu, v.w & 0x7FFF7FFFu));
+    local_max = max(local_max, max(m2 & 0xFFFFu, m2 >> 16));
+  }
+  local_max = __reduce_max_sync(0xffffffffu, local_max);
+  if (threadIdx.x % kWarpSize == 0) atomicMax(&max_abs_bits, local_max);
+  __syncthreads();
+  const float max_abs = __half2float(__ushort_as_half(static_cast<unsigned short>(max_abs_bits)));
+  int shift = 0;
+  if (max_abs > kStagedMax && max_abs <= 65504.0f) frexpf(max_abs / kStagedMax, &shift);
+  if (shift > 0) {  // the same for every thread: max_abs_bits is shared
+    const __half2 down = __float2half2_rn(ldexpf(1.0f, -shift));
+    for (unsigned e = threadIdx.x; e < entries; e += kThreads) {  // the words this thread staged
+      uint4 v = xs[e];
+      v.x = w4a16::half2_bits(__hmul2(w4a16::bits_half2(v.x), down));
+      v.y = w4a16::half2_bits(__hmul2(w4a16::bits_half2(v.y), down));
+      v.z = w4a16::half2_bits(__hmul2(w4a16::bits_half2(v.z), down));
+      v.w = w4a16::half2_bits(__hmul2(w4a16::bits_half2(v.w), down));
+      xs[e] = v;
+    }
+  }
+  return shift;
+}
 
 // GroupShift: log2(group / 32), a template argument so that every offset from the pointers is an
 // immediate.
@@ -82,45 +123,19 @@ __global__ void __launch_bounds__(kThreads)
   };
   // The weights never come from an earlier kernel: the first ones are on their way before the wait.
   load(0);
-  if (threadIdx.x == 0) max_abs_bits = 0;
   detail::wait_for_prior_grids();  // x comes from the previous kernel
   // Blocks of the next kernel, launched programmatically, may be placed now: they wait for us.
   detail::allow_dependent_launch();
-  __syncthreads();  // max_abs_bits is 0 before any thread raises it
-
-  // Stage x: entry e = i * nb + u is word i of unit u, halves (4i, 4i + 2), (4i + 16, 4i + 18),
-  // (4i + 1, 4i + 3), (4i + 17, 4i + 19) (w4a16::int4_half2_staged_input).
-  const unsigned entries = 4 * nb;
-  unsigned local_max = 0;
-  for (unsigned e = threadIdx.x; e < entries; e += kThreads) {
-    const unsigned i = e / nb, u = e - i * nb;
-    const uint2 lo = __ldg(reinterpret_cast<const uint2*>(x + kQK4_0 * u + 4 * i));       // 4i .. 4i + 3
-    const uint2 hi = __ldg(reinterpret_cast<const uint2*>(x + kQK4_0 * u + 16 + 4 * i));  // 4i + 16 ..
-    const uint4 v = w4a16::int4_half2_staged_word(lo, hi);
-    xs[e] = v;
-    const unsigned m2 = __vmaxu2(__vmaxu2(v.x & 0x7FFF7FFFu, v.y & 0x7FFF7FFFu),
-                                 __vmaxu2(v.z & 0x7FFF7FFFu, v.w & 0x7FFF7FFFu));
-    local_max = max(local_max, max(m2 & 0xFFFFu, m2 >> 16));
-  }
-  local_max = __reduce_max_sync(0xffffffffu, local_max);
-  if (lane == 0) atomicMax(&max_abs_bits, local_max);
+  // Word e = i * nb + u: word i of unit u, inputs 4i .. 4i + 3 and 4i + 16 .. 4i + 19
+  // (w4a16::int4_half2_staged_input).
+  const int shift = stage_activations<16>(
+      x, 4 * nb,
+      [nb](unsigned e) {
+        const unsigned i = e / nb;
+        return kQK4_0 * (e - i * nb) + 4 * i;
+      },
+      xs, max_abs_bits);
   __syncthreads();
-  // Scale by 2^-shift so that |x| <= kStagedMax (exact, unless a value goes subnormal); undone in fp32.
-  const float max_abs = __half2float(__ushort_as_half(static_cast<unsigned short>(max_abs_bits)));
-  int shift = 0;
-  if (max_abs > kStagedMax && max_abs <= 65504.0f) frexpf(max_abs / kStagedMax, &shift);
-  if (shift > 0) {  // the same for every thread: max_abs_bits is shared
-    const __half2 down = __float2half2_rn(ldexpf(1.0f, -shift));
-    for (unsigned e = threadIdx.x; e < entries; e += kThreads) {  // the entries this thread staged
-      uint4 v = xs[e];
-      v.x = w4a16::half2_bits(__hmul2(w4a16::bits_half2(v.x), down));
-      v.y = w4a16::half2_bits(__hmul2(w4a16::bits_half2(v.y), down));
-      v.z = w4a16::half2_bits(__hmul2(w4a16::bits_half2(v.z), down));
-      v.w = w4a16::half2_bits(__hmul2(w4a16::bits_half2(v.w), down));
-      xs[e] = v;
-    }
-    __syncthreads();
-  }
 
   float acc[kRowsPerWarp] = {};
   const unsigned units_per_lane = (nb + kWarpSize - 1) / kWarpSize;
@@ -160,17 +175,151 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// GGUF Q4_K as stored (BlockQ4_K, 144 bytes per 256 inputs). A lane takes 64-input chunks: chunk C of
+// a row is qs bytes 32c .. 32c + 31 of super-block C / 4 (c = C % 4 = lane % 4, since a lane's chunks
+// are 32 apart), holding sub-blocks 2c (low nibbles) and 2c + 1 (high), two 16-byte pieces, plus the
+// super-block's 16-byte header for their scales and mins (four lanes load each header: one line).
+// Per sub-block: (d scale) x its fp16 level sum - (dmin min) x its activations' sum, both in fp32; the
+// activations' sums are made once a block with the staging.
+constexpr int kQ4KBatch = 2;                  // chunks a lane loads at once, per row: 96 bytes
+constexpr int kQ4KSuperBlockBytes = 144;      // sizeof(BlockQ4_K)
+constexpr int kQ4KChunkPlanes = 8;            // staged words a chunk: 2 pieces x 4 words
+constexpr int kQ4KChunksPerStep = kWarpSize;  // a lane's chunks are 32 apart: 8 super-blocks
+constexpr int kQ4KStepBytes = kQ4KChunksPerStep / 4 * kQ4KSuperBlockBytes;
+
+__global__ void __launch_bounds__(kThreads)
+    gemv_q4_k_half2_kernel(const uint8_t* __restrict__ w, int64_t n_out, int64_t k,
+                           const __half* __restrict__ x, float* __restrict__ y) {
+  // Word-major as for INT4: word p (= 4 piece + word) of chunk C at xs[p * chunks + C]; then the
+  // sub-blocks' activation sums (fp32, scaled as the words are) at sums[s], s = C * 2 + 0 / 1.
+  extern __shared__ uint4 xs[];
+  __shared__ unsigned max_abs_bits;
+  const unsigned lane = threadIdx.x % kWarpSize;
+  const int64_t first_row =
+      static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + (threadIdx.x / kWarpSize) * kRowsPerWarp;
+  int64_t rows[kRowsPerWarp];
+#pragma unroll
+  for (int r = 0; r < kRowsPerWarp; ++r) rows[r] = first_row + r < n_out ? first_row + r : n_out - 1;
+  const unsigned chunks = static_cast<unsigned>(k / 64);  // k <= kW4A16GemvHalf2MaxK
+  const unsigned c = lane % 4;        // every chunk of this lane's is chunk c of its block
+  const uint8_t* next[kRowsPerWarp];  // this lane's next super-block, each row
+#pragma unroll
+  for (int r = 0; r < kRowsPerWarp; ++r)
+    next[r] = w + rows[r] * (k / kQK_K) * kQ4KSuperBlockBytes + (lane / 4) * kQ4KSuperBlockBytes;
+
+  uint4 head[kRowsPerWarp][kQ4KBatch], piece[kRowsPerWarp][kQ4KBatch][2];
+  const auto load = [&](unsigned j0) {  // chunks lane + 32 (j0 + b) of both rows; the pointers move on
+#pragma unroll
+    for (int b = 0; b < kQ4KBatch; ++b) {
+      const bool in_row = lane + kQ4KChunksPerStep * (j0 + b) < chunks;
+#pragma unroll
+      for (int r = 0; r < kRowsPerWarp; ++r) {
+        if (in_row) {
+          const uint8_t* block = next[r] + kQ4KStepBytes * b;
+          head[r][b] = __ldg(reinterpret_cast<const uint4*>(block));
+          piece[r][b][0] = __ldg(reinterpret_cast<const uint4*>(block + 16 + 32 * c));
+          piece[r][b][1] = __ldg(reinterpret_cast<const uint4*>(block + 32 + 32 * c));
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < kRowsPerWarp; ++r) next[r] += kQ4KStepBytes * kQ4KBatch;
+  };
+  load(0);
+  detail::wait_for_prior_grids();  // x comes from the previous kernel
+  detail::allow_dependent_launch();
+  // Word e = p * chunks + C: piece h = p / 4, word i = p % 4 of chunk C: inputs 64C + 16h + 4i .. + 3
+  // (low nibbles, sub-block 2C) and those + 32 (high nibbles, sub-block 2C + 1).
+  const int shift = stage_activations<32>(
+      x, kQ4KChunkPlanes * chunks,
+      [chunks](unsigned e) {
+        const unsigned p = e / chunks;
+        return 64 * (e - p * chunks) + 16 * (p / 4) + 4 * (p % 4);
+      },
+      xs, max_abs_bits);
+  auto* sums = reinterpret_cast<float*>(xs + kQ4KChunkPlanes * chunks);
+  const float down = ldexpf(1.0f, -shift);
+  for (unsigned sb = threadIdx.x; sb < 2 * chunks; sb += kThreads) {  // sub-block sb: inputs 32 sb ..
+    const auto* in = reinterpret_cast<const uint4*>(x + kQK4_0 * sb);
+    float total = 0.0f;
+#pragma unroll
+    for (int part = 0; part < 4; ++part) {
+      const uint4 v = __ldg(in + part);
+      for (const unsigned word : {v.x, v.y, v.z, v.w}) {
+        const float2 f = __half22float2(w4a16::bits_half2(word));
+        total += f.x + f.y;
+      }
+    }
+    sums[sb] = total * down;
+  }
+  __syncthreads();
+
+  float acc[kRowsPerWarp] = {};
+  const unsigned chunks_per_lane = (chunks + kQ4KChunksPerStep - 1) / kQ4KChunksPerStep;
+  const uint4* xw = xs + lane;
+  const float2* sw = reinterpret_cast<const float2*>(sums) + lane;  // (sub-block 2C, 2C + 1)
+  const auto multiply = [&](unsigned j0, bool guarded) {
+#pragma unroll
+    for (int b = 0; b < kQ4KBatch; ++b) {
+      if (!guarded || lane + kQ4KChunksPerStep * (j0 + b) < chunks) {
+        uint4 xv[2][4];
+#pragma unroll
+        for (int p = 0; p < kQ4KChunkPlanes; ++p) xv[p / 4][p % 4] = xw[p * chunks + kQ4KChunksPerStep * b];
+        const float2 x_sum = sw[kQ4KChunksPerStep * b];
+#pragma unroll
+        for (int r = 0; r < kRowsPerWarp; ++r) {
+          float ds[2], dm[2];  // sub-blocks 2c (the low nibbles) and 2c + 1
+          w4a16::q4_k_pair_scale_min(head[r][b], c, ds, dm);
+          __half2 lo = w4a16::bits_half2(0u), hi = w4a16::bits_half2(0u);
+          w4a16::q4_k_piece_half2_dot(piece[r][b][0], xv[0], lo, hi);
+          w4a16::q4_k_piece_half2_dot(piece[r][b][1], xv[1], lo, hi);
+          float a = acc[r];
+          a = fmaf(ds[0], __low2float(lo) + __high2float(lo), a);
+          a = fmaf(-dm[0], x_sum.x, a);
+          a = fmaf(ds[1], __low2float(hi) + __high2float(hi), a);
+          acc[r] = fmaf(-dm[1], x_sum.y, a);
+        }
+      }
+    }
+  };
+  for (unsigned j0 = 0;;) {
+    if (kQ4KChunksPerStep * (j0 + kQ4KBatch) <= chunks) {
+      multiply(j0, false);
+    } else {
+      multiply(j0, true);
+    }
+    j0 += kQ4KBatch;
+    if (j0 >= chunks_per_lane) break;
+    xw += kQ4KChunksPerStep * kQ4KBatch;
+    sw += kQ4KChunksPerStep * kQ4KBatch;
+    load(j0);
+  }
+  const float unscale = ldexpf(1.0f, shift);
+#pragma unroll
+  for (int r = 0; r < kRowsPerWarp; ++r) {
+    float v = acc[r];
+#pragma unroll
+    for (int off = kWarpSize / 2; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
+    if (lane == 0 && first_row + r < n_out) y[first_row + r] = v * unscale;
+  }
+}
+
 // cudaFuncSetAttribute for the dynamic shared memory (above the 48 KB default), once per device.
 bool allow_shared_memory(int device) {
   static std::atomic<uint64_t> done{0};
   const uint64_t bit = device < 64 ? uint64_t{1} << device : 0;
   if (bit != 0 && (done.load(std::memory_order_acquire) & bit) != 0) return true;
-  for (auto* kernel : {gemv_int4_groups_half2_kernel<0>, gemv_int4_groups_half2_kernel<1>,
-                       gemv_int4_groups_half2_kernel<2>}) {
+  using Int4Kernel = void (*)(Int4GroupBlocks, int64_t, int64_t, const __half*, float*);
+  const Int4Kernel int4_kernels[] = {gemv_int4_groups_half2_kernel<0>, gemv_int4_groups_half2_kernel<1>,
+                                     gemv_int4_groups_half2_kernel<2>};
+  for (const Int4Kernel kernel : int4_kernels) {
     if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxSharedBytes) !=
         cudaSuccess)
       return false;
   }
+  if (cudaFuncSetAttribute(gemv_q4_k_half2_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           kMaxSharedBytes) != cudaSuccess)
+    return false;
   done.fetch_or(bit, std::memory_order_acq_rel);
   return true;
 }
@@ -198,6 +347,26 @@ Status w4a16_gemv_int4_groups_half2(const uint8_t* quants, const __half* scales,
   const cudaError_t launched =
       detail::launch_kernel(kernel, dim3(grid), dim3(kThreads), static_cast<size_t>(k) * sizeof(__half),
                             stream, programmatic, blocks, n_out, k, x, y);
+  const cudaError_t last = cudaGetLastError();
+  return launched == cudaSuccess && last == cudaSuccess ? Status::ok : Status::device_error;
+}
+
+Status w4a16_gemv_q4_k_half2(const uint8_t* w, int64_t n_out, int64_t k, const __half* x, int64_t m, float* y,
+                             cudaStream_t stream, bool programmatic) {
+  if (w == nullptr || x == nullptr || y == nullptr || m != 1 || n_out < 0 || k < kQK_K || k % kQK_K != 0 ||
+      k > kW4A16GemvHalf2MaxK || reinterpret_cast<uintptr_t>(w) % 16 != 0 ||
+      reinterpret_cast<uintptr_t>(x) % 16 != 0) {
+    return Status::invalid_argument;
+  }
+  if ((n_out + kRowsPerBlock - 1) / kRowsPerBlock > INT32_MAX) return Status::invalid_argument;
+  if (n_out == 0) return Status::ok;
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || !allow_shared_memory(device)) return Status::device_error;
+  const auto grid = static_cast<unsigned>((n_out + kRowsPerBlock - 1) / kRowsPerBlock);
+  const size_t shared =
+      static_cast<size_t>(k) * sizeof(__half) + static_cast<size_t>(k / kQK4_0) * sizeof(float);
+  const cudaError_t launched = detail::launch_kernel(gemv_q4_k_half2_kernel, dim3(grid), dim3(kThreads),
+                                                     shared, stream, programmatic, w, n_out, k, x, y);
   const cudaError_t last = cudaGetLastError();
   return launched == cudaSuccess && last == cudaSuccess ? Status::ok : Status::device_error;
 }

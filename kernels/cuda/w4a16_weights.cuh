@@ -547,4 +547,50 @@ __host__ __device__ inline float int4_unit_half2_dot(const uint4& q, uint32_t bi
   return __low2float(acc) + __high2float(acc);
 }
 
+// q4_k_scale_min for sub-blocks 2c and 2c + 1 at once (chunk c of the super-block, 0..3), without a
+// branch: both scales and both mins come out of 16-bit lanes of the header's words (for c < 2 the low
+// 6 bits of bytes 2c, 2c + 1 and 2c + 4, 2c + 5; for c >= 2 a nibble of bytes 2c + 4, 2c + 5 and the
+// top 2 bits of bytes 2c - 4 .. 2c + 1). The same bits as q4_k_scale_min.
+__host__ __device__ inline void q4_k_pair_scale_min(uint4 head, unsigned c, float (&ds)[2], float (&dm)[2]) {
+  const float d = __half2float(__ushort_as_half(static_cast<unsigned short>(head.x & 0xFFFF)));
+  const float dmin = __half2float(__ushort_as_half(static_cast<unsigned short>(head.x >> 16)));
+  const unsigned at = 16 * (c % 2);
+  const unsigned y = (head.y >> at) & 0xFFFFu, z = (head.z >> at) & 0xFFFFu, w = (head.w >> at) & 0xFFFFu;
+  const bool high = c >= 2;
+  const unsigned scales = high ? (w & 0x0F0Fu) | ((y >> 2) & 0x3030u) : y & 0x3F3Fu;
+  const unsigned mins = high ? ((w >> 4) & 0x0F0Fu) | ((z >> 2) & 0x3030u) : z & 0x3F3Fu;
+  ds[0] = mul_rn(d, static_cast<float>(scales & 0xFFu));
+  ds[1] = mul_rn(d, static_cast<float>(scales >> 8));
+  dm[0] = mul_rn(dmin, static_cast<float>(mins & 0xFFu));
+  dm[1] = mul_rn(dmin, static_cast<float>(mins >> 8));
+}
+
+// The half2 GEMV on GGUF Q4_K as stored: one 16-byte piece of a super-block's qs (bytes 16h .. 16h + 15
+// of the 32 that chunk c shares: input 64c + 16h + j of sub-block 2c in byte j's low nibble, input
+// 64c + 32 + 16h + j of sub-block 2c + 1 in its high nibble) times its activations staged as
+// int4_half2_staged_word stages them (lo: the low nibbles' inputs, hi: the high nibbles'), summed into
+// one half2 per sub-block: acc_lo += sum x * q over the low nibbles, acc_hi over the high ones (q
+// exactly: 1024 + q less 1024, 1024 + 16 q times 1/16 less 64). Q4_K has no zero: the kernel takes
+// (d scale) times the sum less (dmin min) times the sub-block's sum of x, in fp32.
+// piece: the 16 qs bytes; xs: its activations, word i from inputs 4i .. 4i + 3 of each half.
+__host__ __device__ inline void q4_k_piece_half2_dot(const uint4& piece, const uint4 (&xs)[4],
+                                                     __half2& acc_lo, __half2& acc_hi) {
+  const unsigned words[4] = {piece.x, piece.y, piece.z, piece.w};
+  const __half2 bias = bits_half2(0x64006400u);       // 1024
+  const __half2 sixteenth = bits_half2(0x2C002C00u);  // 1/16
+  const __half2 neg_64 = bits_half2(0xD400D400u);     // -64
+  NIBBLE_DEVICE_UNROLL
+  for (int i = 0; i < 4; ++i) {
+    const uint32_t w = words[i], w8 = words[i] >> 8;
+    const __half2 l0 = __hsub2_rn(bits_half2(levels_or_1024<0x000F000Fu>(w)), bias);
+    const __half2 l1 = fma_half2_rn(bits_half2(levels_or_1024<0x00F000F0u>(w)), sixteenth, neg_64);
+    const __half2 l2 = __hsub2_rn(bits_half2(levels_or_1024<0x000F000Fu>(w8)), bias);
+    const __half2 l3 = fma_half2_rn(bits_half2(levels_or_1024<0x00F000F0u>(w8)), sixteenth, neg_64);
+    acc_lo = fma_half2_rn(l0, bits_half2(xs[i].x), acc_lo);
+    acc_hi = fma_half2_rn(l1, bits_half2(xs[i].y), acc_hi);
+    acc_lo = fma_half2_rn(l2, bits_half2(xs[i].z), acc_lo);
+    acc_hi = fma_half2_rn(l3, bits_half2(xs[i].w), acc_hi);
+  }
+}
+
 }  // namespace nibble::kernels::cuda::w4a16

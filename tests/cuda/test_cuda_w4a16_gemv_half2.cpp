@@ -30,28 +30,27 @@ using nibble::cuda_test::DeviceBuffer;
 using nibble::cuda_test::DeviceInt4Groups;
 using nibble::cuda_test::expect_matches_reference;
 using nibble::cuda_test::make_device_int4_groups;
+using nibble::cuda_test::random_quantized;
 
 namespace {
 
-// y = W x for activations `xh` (fp16 bits) on the half2 GEMV, against the double reference, within
-// `bound` of sum|x * w| per output.
-void expect_half2_product(const DeviceInt4Groups& w, int64_t n_out, int64_t kk, int64_t group,
-                          const std::vector<k::f16_bits>& xh, double bound) {
+// y = W x for activations `xh` (fp16 bits) by `launch(x, y)` (device pointers), against the double
+// reference on `wf` ([n_out, k], the dequantized weights), within `bound` of sum|x * w| per output.
+template <typename Launch>
+void expect_product(const std::vector<float>& wf, int64_t n_out, int64_t kk,
+                    const std::vector<k::f16_bits>& xh, double bound, Launch launch) {
   DeviceBuffer<k::f16_bits> dx(xh);
   DeviceBuffer<float> dy(static_cast<size_t>(n_out));
   ASSERT_TRUE(dx.ptr && dy.ptr);
   ASSERT_EQ(cudaMemset(dy.ptr, 0xff, static_cast<size_t>(n_out) * sizeof(float)), cudaSuccess);  // NaNs
-  ASSERT_EQ(
-      k::cuda::w4a16_gemv_int4_groups_half2(w.quants->ptr, w.scales_half(), w.zeros->ptr, group, n_out, kk,
-                                            reinterpret_cast<const __half*>(dx.ptr), 1, dy.ptr, nullptr),
-      k::Status::ok);
+  ASSERT_EQ(launch(reinterpret_cast<const __half*>(dx.ptr), dy.ptr), k::Status::ok);
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   const std::vector<float> y = dy.to_host();
   int bad = 0;
   for (int64_t o = 0; o < n_out; ++o) {
     double ref = 0.0, mag = 0.0;
     for (int64_t i = 0; i < kk; ++i) {
-      const double p = static_cast<double>(k::fp16_to_fp32(xh[static_cast<size_t>(i)])) * w.wf[o * kk + i];
+      const double p = static_cast<double>(k::fp16_to_fp32(xh[static_cast<size_t>(i)])) * wf[o * kk + i];
       ref += p;
       mag += std::fabs(p);
     }
@@ -62,6 +61,14 @@ void expect_half2_product(const DeviceInt4Groups& w, int64_t n_out, int64_t kk, 
     }
   }
   EXPECT_EQ(bad, 0);
+}
+
+void expect_half2_product(const DeviceInt4Groups& w, int64_t n_out, int64_t kk, int64_t group,
+                          const std::vector<k::f16_bits>& xh, double bound) {
+  expect_product(w.wf, n_out, kk, xh, bound, [&](const __half* x, float* y) {
+    return k::cuda::w4a16_gemv_int4_groups_half2(w.quants->ptr, w.scales_half(), w.zeros->ptr, group, n_out,
+                                                 kk, x, 1, y, nullptr);
+  });
 }
 
 }  // namespace
@@ -174,4 +181,57 @@ TEST(CudaW4A16GemvHalf2, RefusesWhatItCannotRun) {
   EXPECT_EQ(run(w.quants->ptr, 32, k::cuda::kW4A16GemvHalf2MaxK + 32, x, 1), k::Status::invalid_argument)
       << "more inputs than the shared memory holds";
   EXPECT_EQ(cudaGetLastError(), cudaSuccess);
+}
+
+// GGUF Q4_K as stored (w4a16_gemv_q4_k_half2). Per sub-block the fp16 level sum has 16 products a half
+// (at most 16 * 2^-11 of sum|x * d scale * q|), and (d scale) q can be about twice |w| (the min takes
+// the rest), so the bound is 3e-2 of sum|x * w|; with integer activations the fp16 sums are exact and
+// only the fp32 sums round (1e-4). Shapes: one output, around the 16-row block, many blocks; one
+// super-block (4 chunks: lanes 4..31 idle), 9 (a lane's second batch partly past the end), 112
+// (llama-70b's 28672 inputs).
+TEST(CudaW4A16GemvHalf2, Q4KMatchesCpuReference) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  std::mt19937 rng(44);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::uniform_int_distribution<int> small(-2, 2);
+  for (const int64_t n_out : {int64_t{1}, int64_t{37}, int64_t{2051}}) {
+    for (const int64_t kk : {int64_t{256}, int64_t{2304}, int64_t{28672}}) {
+      if (n_out == 2051 && kk == 28672) continue;  // the host reference: n_out * k products
+      SCOPED_TRACE("n_out=" + std::to_string(n_out) + " k=" + std::to_string(kk));
+      std::vector<uint8_t> wq;
+      std::vector<float> wf;
+      ASSERT_NO_FATAL_FAILURE(random_quantized(k::DType::Q4_K, n_out, kk, rng, wq, wf));
+      DeviceBuffer<uint8_t> dw(wq);
+      ASSERT_NE(dw.ptr, nullptr);
+      const auto launch = [&](const __half* x, float* y) {
+        return k::cuda::w4a16_gemv_q4_k_half2(dw.ptr, n_out, kk, x, 1, y, nullptr);
+      };
+      std::vector<k::f16_bits> xh(static_cast<size_t>(kk));
+      for (auto& v : xh) v = k::fp32_to_fp16(normal(rng));
+      ASSERT_NO_FATAL_FAILURE(expect_product(wf, n_out, kk, xh, 3e-2, launch));
+      for (auto& v : xh) v = k::fp32_to_fp16(static_cast<float>(small(rng)));
+      ASSERT_NO_FATAL_FAILURE(expect_product(wf, n_out, kk, xh, 1e-4, launch));
+      if (n_out == 37 && kk == 2304) {  // large activations are scaled first; then the refusals
+        for (size_t i = 0; i < xh.size(); ++i)
+          xh[i] = k::fp32_to_fp16(normal(rng) * (i % 101 == 0 ? 6000.0f : 1.0f));
+        ASSERT_NO_FATAL_FAILURE(expect_product(wf, n_out, kk, xh, 3e-2, launch));
+        DeviceBuffer<k::f16_bits> dx(static_cast<size_t>(2 * kk));
+        DeviceBuffer<float> dy(static_cast<size_t>(2 * n_out));
+        const auto* x = reinterpret_cast<const __half*>(dx.ptr);
+        EXPECT_EQ(k::cuda::w4a16_gemv_q4_k_half2(dw.ptr, n_out, kk, x, 2, dy.ptr, nullptr),
+                  k::Status::invalid_argument)
+            << "one activation row";
+        EXPECT_EQ(k::cuda::w4a16_gemv_q4_k_half2(dw.ptr, n_out, 288, x, 1, dy.ptr, nullptr),
+                  k::Status::invalid_argument)
+            << "k not a multiple of 256";
+        EXPECT_EQ(k::cuda::w4a16_gemv_q4_k_half2(dw.ptr + 8, n_out, kk, x, 1, dy.ptr, nullptr),
+                  k::Status::invalid_argument)
+            << "misaligned blocks";
+        EXPECT_EQ(k::cuda::w4a16_gemv_q4_k_half2(dw.ptr, n_out, kk, x + 1, 1, dy.ptr, nullptr),
+                  k::Status::invalid_argument)
+            << "misaligned activations";
+        EXPECT_EQ(cudaGetLastError(), cudaSuccess);
+      }
+    }
+  }
 }

@@ -157,6 +157,53 @@ TEST(W4A16WeightReaders, UnitHalf2DotMatchesTheLevelsDotProduct) {
   }
 }
 
+// The half2 GEMV's Q4_K pieces: q4_k_pair_scale_min gives q4_k_scale_min's bits for both sub-blocks of
+// every chunk, and q4_k_piece_half2_dot sums each nibble against its own activation (exactly, with
+// integer activations: at most 8 * 4 * 15 = 480 a running sum) into the right sub-block's half2.
+TEST(W4A16WeightReaders, Q4KPieceHalf2DotMatchesTheSubBlocksLevels) {
+  std::mt19937 rng(79);
+  std::uniform_int_distribution<int> byte(0, 255), small(-4, 4);
+  std::uniform_int_distribution<uint32_t> word;
+  for (int trial = 0; trial < 200; ++trial) {
+    uint4 head{word(rng), word(rng), word(rng), word(rng)};
+    head.x = (head.x & 0x3FFF3FFFu) | 0x04000400u;  // finite d and dmin
+    for (unsigned c = 0; c < 4; ++c) {
+      float ds[2], dm[2];
+      w4a16::q4_k_pair_scale_min(head, c, ds, dm);
+      for (int s = 0; s < 2; ++s) {
+        float want_ds, want_dm;
+        w4a16::q4_k_scale_min(head, static_cast<int>(2 * c) + s, want_ds, want_dm);
+        EXPECT_EQ(ds[s], want_ds) << "chunk " << c << " sub-block " << s;
+        EXPECT_EQ(dm[s], want_dm) << "chunk " << c << " sub-block " << s;
+      }
+    }
+    uint8_t bytes[16];
+    for (uint8_t& b : bytes) b = static_cast<uint8_t>(byte(rng));
+    uint4 piece;
+    std::memcpy(&piece, bytes, sizeof piece);
+    uint16_t lo_x[16], hi_x[16];  // the low nibbles' activations, the high nibbles'
+    double want_lo = 0.0, want_hi = 0.0;
+    for (int j = 0; j < 16; ++j) {
+      const int a = small(rng), b = small(rng);
+      lo_x[j] = k::fp32_to_fp16(static_cast<float>(a));
+      hi_x[j] = k::fp32_to_fp16(static_cast<float>(b));
+      want_lo += a * (bytes[j] & 0xF);
+      want_hi += b * (bytes[j] >> 4);
+    }
+    uint4 staged[4];
+    for (int i = 0; i < 4; ++i) {
+      uint2 lo, hi;
+      std::memcpy(&lo, lo_x + 4 * i, sizeof lo);
+      std::memcpy(&hi, hi_x + 4 * i, sizeof hi);
+      staged[i] = w4a16::int4_half2_staged_word(lo, hi);
+    }
+    __half2 acc_lo = w4a16::bits_half2(0u), acc_hi = w4a16::bits_half2(0u);
+    w4a16::q4_k_piece_half2_dot(piece, staged, acc_lo, acc_hi);
+    EXPECT_EQ(static_cast<double>(__low2float(acc_lo)) + __high2float(acc_lo), want_lo) << "trial " << trial;
+    EXPECT_EQ(static_cast<double>(__low2float(acc_hi)) + __high2float(acc_hi), want_hi) << "trial " << trial;
+  }
+}
+
 }  // namespace
 
 TEST(W4A16WeightReaders, Q4_0BothLayoutsReadTheCpuWeights) {

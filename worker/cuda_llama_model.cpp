@@ -1363,7 +1363,11 @@ void CudaLlamaModel::Impl::choose_q4_k_kernels() {
       };
       time(OneRow::cuda_cores, choice.cuda_cores_us);
       time(OneRow::tensor_cores, choice.tensor_cores_us);
-      if (choice.k <= kc::kW4A16GemvHalf2MaxK) time(OneRow::half2, choice.half2_us);
+      // The half2 GEMV refuses rows longer than the device's shared memory holds: then not a candidate.
+      const DeviceMatrix& first = *list.front();
+      if (kc::w4a16_gemv_q4_k_half2(first.mem->as<uint8_t>(), first.n_out, first.k, x.as<__half>(), 1,
+                                    y.as<float>(), stream) == kernels::Status::ok)
+        time(OneRow::half2, choice.half2_us);
       // The faster of the other two, where it is kInt4MinGain faster than the CUDA cores.
       const bool half2_faster = choice.half2_us > 0.0 && choice.half2_us < choice.tensor_cores_us;
       const double other_us = half2_faster ? choice.half2_us : choice.tensor_cores_us;

@@ -203,7 +203,7 @@ struct CudaQ4KChoice {
   int64_t matrices = 0;        // how many of the model's matrices have this shape
   double cuda_cores_us = 0.0;  // device us per one-row product; 0: not timed (a pinned choice)
   double tensor_cores_us = 0.0;
-  double half2_us = 0.0;      // 0 also where k is over the half2 GEMV's kW4A16GemvHalf2MaxK
+  double half2_us = 0.0;      // 0 also where the half2 GEMV refuses k (its activations in shared memory)
   bool tensor_cores = false;  // one row on the tensor-core GEMV
   bool half2 = false;         // one row on the half2 GEMV (w4a16_gemv_q4_k_half2; fp16 sub-block sums)
 };

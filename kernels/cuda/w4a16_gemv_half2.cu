@@ -2,8 +2,8 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include <atomic>
 #include <cmath>
+#include <utility>
 
 #include "kernels/cuda/dependent_launch.cuh"
 #include "kernels/cuda/w4a16_gemv_half2.cuh"
@@ -21,8 +21,6 @@ constexpr int kRowsPerWarp = 2;  // the staged activations a lane reads serve bo
 constexpr int kRowsPerBlock = kWarps * kRowsPerWarp;
 constexpr int kBatch = 4;            // units a lane loads at once, per row: 128 bytes in flight a lane
 constexpr float kStagedMax = 64.0f;  // |x| bound for the fp16 sums (int4_unit_half2_dot)
-// The staged words (2 bytes an input) and, for Q4_K, a float a 32-input sub-block.
-constexpr int kMaxSharedBytes = static_cast<int>(kW4A16GemvHalf2MaxK * 2 + kW4A16GemvHalf2MaxK / 32 * 4);
 
 // Stages the activation row for int4_unit_half2_dot / q4_k_piece_half2_dot: `entries` 16-byte words,
 // word e from the inputs input_of(e) .. + 3 (the low nibbles') and input_of(e) + HiOffset .. + 3 (the
@@ -304,24 +302,30 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// cudaFuncSetAttribute for the dynamic shared memory (above the 48 KB default), once per device.
-bool allow_shared_memory(int device) {
-  static std::atomic<uint64_t> done{0};
-  const uint64_t bit = device < 64 ? uint64_t{1} << device : 0;
-  if (bit != 0 && (done.load(std::memory_order_acquire) & bit) != 0) return true;
-  using Int4Kernel = void (*)(Int4GroupBlocks, int64_t, int64_t, const __half*, float*);
-  const Int4Kernel int4_kernels[] = {gemv_int4_groups_half2_kernel<0>, gemv_int4_groups_half2_kernel<1>,
-                                     gemv_int4_groups_half2_kernel<2>};
-  for (const Int4Kernel kernel : int4_kernels) {
-    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxSharedBytes) !=
-        cudaSuccess)
-      return false;
+// Launches `kernel` with `shared` bytes of dynamic shared memory: invalid_argument where the device's
+// blocks cannot have that much (sm_120's 99 KB, for a long row), else the attribute raised to it (above
+// the 48 KB default) and the launch. A failure leaves no error behind for the next launcher to find.
+template <typename... Params, typename... Args>
+Status launch_half2(void (*kernel)(Params...), int64_t n_out, size_t shared, cudaStream_t stream,
+                    bool programmatic, Args&&... args) {
+  int device = 0, max_shared = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&max_shared, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
+    cudaGetLastError();
+    return Status::device_error;
   }
-  if (cudaFuncSetAttribute(gemv_q4_k_half2_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                           kMaxSharedBytes) != cudaSuccess)
-    return false;
-  done.fetch_or(bit, std::memory_order_acq_rel);
-  return true;
+  // The static max_abs_bits word too.
+  if (shared + 16 > static_cast<size_t>(max_shared)) return Status::invalid_argument;
+  if (shared > 48 * 1024 && cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                 static_cast<int>(shared)) != cudaSuccess) {
+    cudaGetLastError();
+    return Status::device_error;
+  }
+  const auto grid = static_cast<unsigned>((n_out + kRowsPerBlock - 1) / kRowsPerBlock);
+  const cudaError_t launched = detail::launch_kernel(kernel, dim3(grid), dim3(kThreads), shared, stream,
+                                                     programmatic, std::forward<Args>(args)...);
+  const cudaError_t last = cudaGetLastError();
+  return launched == cudaSuccess && last == cudaSuccess ? Status::ok : Status::device_error;
 }
 
 }  // namespace
@@ -338,17 +342,11 @@ Status w4a16_gemv_int4_groups_half2(const uint8_t* quants, const __half* scales,
   }
   if ((n_out + kRowsPerBlock - 1) / kRowsPerBlock > INT32_MAX) return Status::invalid_argument;
   if (n_out == 0) return Status::ok;
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess || !allow_shared_memory(device)) return Status::device_error;
-  const auto grid = static_cast<unsigned>((n_out + kRowsPerBlock - 1) / kRowsPerBlock);
   const auto kernel = blocks.group_shift == 0   ? gemv_int4_groups_half2_kernel<0>
                       : blocks.group_shift == 1 ? gemv_int4_groups_half2_kernel<1>
                                                 : gemv_int4_groups_half2_kernel<2>;
-  const cudaError_t launched =
-      detail::launch_kernel(kernel, dim3(grid), dim3(kThreads), static_cast<size_t>(k) * sizeof(__half),
-                            stream, programmatic, blocks, n_out, k, x, y);
-  const cudaError_t last = cudaGetLastError();
-  return launched == cudaSuccess && last == cudaSuccess ? Status::ok : Status::device_error;
+  return launch_half2(kernel, n_out, static_cast<size_t>(k) * sizeof(__half), stream, programmatic, blocks,
+                      n_out, k, x, y);
 }
 
 Status w4a16_gemv_q4_k_half2(const uint8_t* w, int64_t n_out, int64_t k, const __half* x, int64_t m, float* y,
@@ -360,15 +358,9 @@ Status w4a16_gemv_q4_k_half2(const uint8_t* w, int64_t n_out, int64_t k, const _
   }
   if ((n_out + kRowsPerBlock - 1) / kRowsPerBlock > INT32_MAX) return Status::invalid_argument;
   if (n_out == 0) return Status::ok;
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess || !allow_shared_memory(device)) return Status::device_error;
-  const auto grid = static_cast<unsigned>((n_out + kRowsPerBlock - 1) / kRowsPerBlock);
   const size_t shared =
       static_cast<size_t>(k) * sizeof(__half) + static_cast<size_t>(k / kQK4_0) * sizeof(float);
-  const cudaError_t launched = detail::launch_kernel(gemv_q4_k_half2_kernel, dim3(grid), dim3(kThreads),
-                                                     shared, stream, programmatic, w, n_out, k, x, y);
-  const cudaError_t last = cudaGetLastError();
-  return launched == cudaSuccess && last == cudaSuccess ? Status::ok : Status::device_error;
+  return launch_half2(gemv_q4_k_half2_kernel, n_out, shared, stream, programmatic, w, n_out, k, x, y);
 }
 
 }  // namespace nibble::kernels::cuda

@@ -28,9 +28,11 @@ constexpr int64_t kW4A16GemvHalf2MaxK = 96 * 1024;
 
 // quants: [n_out, k / 2] bytes, 16-byte aligned; scales: [n_out, k / group] fp16; zeros: [n_out,
 // k / group] bytes (w4a16_gemv_int4_groups's layout); x: [1, k] fp16, 16-byte aligned; y: [1, n_out]
-// fp32. m must be 1 (the signature is the other group-wise launchers'). invalid_argument for m != 1,
-// k not a multiple of 32 or over kW4A16GemvHalf2MaxK, a group other than 32, 64 or 128 dividing k,
-// null or misaligned pointers.
+// fp32. m must be 1 (the signature is the other group-wise launchers'). Every zero must be at most 31
+// (as int4_groups_from_blocks makes them): the fp16 sums' overflow bound counts on |q - z| <= 31.
+// invalid_argument for m != 1, k not a multiple of 32 or over kW4A16GemvHalf2MaxK (or over what the
+// device's blocks can hold in shared memory: 2 bytes an input), a group other than 32, 64 or 128
+// dividing k, null or misaligned pointers.
 Status w4a16_gemv_int4_groups_half2(const uint8_t* quants, const __half* scales, const uint8_t* zeros,
                                     int64_t group, int64_t n_out, int64_t k, const __half* x, int64_t m,
                                     float* y, cudaStream_t stream, bool programmatic = false);

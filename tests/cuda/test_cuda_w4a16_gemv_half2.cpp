@@ -4,16 +4,19 @@
 // Error bound: q - z and every product are exact until rounded into a unit's fp16 sums (16 FMAs each,
 // each rounding to 2^-11 of the running sum at most); the running sums never exceed the unit's
 // sum|x * (q - z)|, so a unit's error is at most 16 * 2^-11 of it (7.8e-3), and the fp32 sums over the
-// units add about k / 32 * 2^-24. Checked against 1e-2 of sum|x * w|: a wrong nibble or activation
-// pairing is off by the size of the products. With small integer activations the fp16 sums are exact,
-// and then the bound is the fp32 GEMV's (1e-4).
+// units add about k / 32 * 2^-24. Checked against 1e-2 of sum|x * w|. That alone would let a wrong
+// pairing of levels and activations through at large k (a scrambled sum is off by about 1 / sqrt(k) of
+// sum|x * w|), so every shape is also run on small integer activations, where the fp16 sums are exact
+// and the bound is the fp32 GEMVs' (1e-4).
 #include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <random>
 #include <string>
 #include <vector>
@@ -75,10 +78,13 @@ void expect_half2_product(const DeviceInt4Groups& w, int64_t n_out, int64_t kk, 
 
 // Odd shapes: one output, outputs around the 16-row block (37), many blocks (4099); one unit, 12 units
 // (a lane's batch partly past the row's end), 4224 inputs (132 units: a full batch of 128 and a partial
-// one), 28672 (llama-70b's down projection: 56 KB of staged activations); every group size.
+// one), 28672 (llama-70b's down projection: 56 KB of staged activations); every group size. Normal
+// activations within the fp16 bound, then integer ones in [-2, 2] exactly (at most 16 * 2 * 31 = 992 a
+// running sum).
 TEST(CudaW4A16GemvHalf2, MatchesCpuReference) {
   NIBBLE_REQUIRE_CUDA_DEVICE();
   std::mt19937 rng(2026);
+  std::uniform_int_distribution<int> small(-2, 2);
   for (const int64_t group : {int64_t{32}, int64_t{64}, int64_t{128}}) {
     for (const int64_t n_out : {int64_t{1}, int64_t{37}, int64_t{4099}}) {
       for (const int64_t kk : {int64_t{128}, int64_t{384}, int64_t{4224}, int64_t{28672}}) {
@@ -90,6 +96,9 @@ TEST(CudaW4A16GemvHalf2, MatchesCpuReference) {
           return k::cuda::w4a16_gemv_int4_groups_half2(w.quants->ptr, w.scales_half(), w.zeros->ptr, group,
                                                        n_out, kk, x, m, y, nullptr);
         });
+        std::vector<k::f16_bits> xh(static_cast<size_t>(kk));
+        for (auto& v : xh) v = k::fp32_to_fp16(static_cast<float>(small(rng)));
+        ASSERT_NO_FATAL_FAILURE(expect_half2_product(w, n_out, kk, group, xh, 1e-4));
       }
     }
   }
@@ -129,6 +138,76 @@ TEST(CudaW4A16GemvHalf2, LargeActivationsDoNotOverflowTheHalfSums) {
     xh[i] = k::fp32_to_fp16(normal(rng) * scale);
   }
   ASSERT_NO_FATAL_FAILURE(expect_half2_product(w, n_out, kk, group, xh, 1e-2));
+  // One value of 60000 near the end of the row, ordinary ones elsewhere: the scaling must see the whole
+  // row (every warp's staged part), or the unit holding it overflows.
+  for (auto& v : xh) v = k::fp32_to_fp16(normal(rng));
+  xh[static_cast<size_t>(kk - 40)] = k::fp32_to_fp16(60000.0f);
+  ASSERT_NO_FATAL_FAILURE(expect_half2_product(w, n_out, kk, group, xh, 1e-2));
+}
+
+// Zeros up to 31 (groups whose values all lie in [-31, -16]: int4_groups_from_blocks gives them zero
+// minus the smallest value), the largest |q - z| the overflow bound counts on, with every activation
+// at fp16's largest magnitude: the outputs stay finite and within the bound.
+TEST(CudaW4A16GemvHalf2, ZerosUpTo31AtTheLargestActivationsStayFinite) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  std::mt19937 rng(17);
+  std::uniform_int_distribution<int> value(-31, -16);
+  const int64_t n_out = 40, kk = 1024, group = 128;
+  std::vector<k::BlockQ8_0> blocks(static_cast<size_t>(n_out * kk / 32));
+  for (size_t g = 0; g < blocks.size() / (group / 32); ++g) {
+    const k::f16_bits d = k::fp32_to_fp16(0.01f);
+    for (size_t b = 0; b < static_cast<size_t>(group / 32); ++b) {
+      k::BlockQ8_0& blk = blocks[g * (group / 32) + b];
+      blk.d = d;
+      for (auto& q : blk.qs) q = static_cast<int8_t>(value(rng));
+    }
+  }
+  DeviceInt4Groups w;
+  w.wf.resize(static_cast<size_t>(n_out * kk));
+  ASSERT_EQ(k::dequantize_row(k::DType::Q8_0, blocks.data(), w.wf.data(), n_out * kk), k::Status::ok);
+  std::vector<uint8_t> quants(static_cast<size_t>(n_out * kk / 2)),
+      zeros(static_cast<size_t>(n_out * kk / group));
+  std::vector<uint16_t> scales(zeros.size());
+  ASSERT_EQ(k::int4_groups_from_blocks(k::DType::Q8_0, blocks.data(), n_out, kk, group, quants.data(),
+                                       scales.data(), zeros.data()),
+            k::Status::ok);
+  EXPECT_EQ(*std::max_element(zeros.begin(), zeros.end()), 31);
+  w.quants = std::make_unique<DeviceBuffer<uint8_t>>(quants);
+  w.zeros = std::make_unique<DeviceBuffer<uint8_t>>(zeros);
+  w.scales = std::make_unique<DeviceBuffer<uint16_t>>(scales);
+  ASSERT_TRUE(w.quants->ptr && w.zeros->ptr && w.scales->ptr);
+  std::vector<k::f16_bits> xh(static_cast<size_t>(kk));
+  for (size_t i = 0; i < xh.size(); ++i) xh[i] = k::fp32_to_fp16(i % 3 == 0 ? -65504.0f : 65504.0f);
+  ASSERT_NO_FATAL_FAILURE(expect_half2_product(w, n_out, kk, group, xh, 1e-2));
+}
+
+// The longest row it takes (kW4A16GemvHalf2MaxK inputs: 192 KB of staged activations), exactly with
+// integer activations, where the device's blocks can hold that much shared memory; refused otherwise.
+TEST(CudaW4A16GemvHalf2, TakesTheLongestRowItAllows) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  std::mt19937 rng(23);
+  std::uniform_int_distribution<int> small(-2, 2);
+  const int64_t n_out = 16, kk = k::cuda::kW4A16GemvHalf2MaxK, group = 128;
+  DeviceInt4Groups w;
+  ASSERT_NO_FATAL_FAILURE(make_device_int4_groups(n_out, kk, group, rng, w));
+  std::vector<k::f16_bits> xh(static_cast<size_t>(kk));
+  for (auto& v : xh) v = k::fp32_to_fp16(static_cast<float>(small(rng)));
+  int device = 0, max_shared = 0;
+  ASSERT_EQ(cudaGetDevice(&device), cudaSuccess);
+  ASSERT_EQ(cudaDeviceGetAttribute(&max_shared, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+            cudaSuccess);
+  if (static_cast<int64_t>(max_shared) >= 2 * kk + 16) {
+    ASSERT_NO_FATAL_FAILURE(expect_half2_product(w, n_out, kk, group, xh, 1e-4));
+  } else {
+    DeviceBuffer<k::f16_bits> dx(xh);
+    DeviceBuffer<float> dy(static_cast<size_t>(n_out));
+    EXPECT_EQ(
+        k::cuda::w4a16_gemv_int4_groups_half2(w.quants->ptr, w.scales_half(), w.zeros->ptr, group, n_out, kk,
+                                              reinterpret_cast<const __half*>(dx.ptr), 1, dy.ptr, nullptr),
+        k::Status::invalid_argument)
+        << "this device's blocks hold " << max_shared << " bytes of shared memory";
+    EXPECT_EQ(cudaGetLastError(), cudaSuccess);
+  }
 }
 
 // A row's result does not depend on the rows around it or the grid (the scaling is the whole

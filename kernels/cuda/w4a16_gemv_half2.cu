@@ -6,6 +6,7 @@
 #include <utility>
 
 #include "kernels/cuda/dependent_launch.cuh"
+#include "kernels/cuda/mma.cuh"
 #include "kernels/cuda/w4a16_gemv_half2.cuh"
 #include "kernels/cuda/w4a16_weights.cuh"
 
@@ -117,6 +118,12 @@ __global__ void __launch_bounds__(kThreads)
       units[r] += kWarpSize * kBatch;
       scales[r] += kGroupsPerUnitStep * kBatch;
       zeros[r] += kGroupsPerUnitStep * kBatch;
+    }
+    // The next batch's 2 KB of each row on its way to L2 while this one is multiplied (its loads then
+    // wait on L2, not device memory, without holding registers): lanes 0..15 name a 128-byte line each.
+    if (lane < 16 && kWarpSize * (j0 + kBatch) + 8 * lane < nb) {
+#pragma unroll
+      for (int r = 0; r < kRowsPerWarp; ++r) detail::prefetch_l2(units[r] + 7 * lane);  // unit 8 lane
     }
   };
   // The weights never come from an earlier kernel: the first ones are on their way before the wait.

@@ -809,9 +809,10 @@ struct CudaLlamaModel::Impl {
         return;
       case DeviceKind::q4_k: {
         // As stored. Pinned to the CUDA cores: the CUDA-core GEMV up to 32 rows, the WMMA GEMM above;
-        // otherwise the CUDA-core GEMV for one row (measured) and the tensor-core kernels on Q4_K for
-        // more rows (every row under tensor_cores). Not timed at load: on an H200 the CUDA-core Q4_K
-        // GEMV took 328 us at 16 rows on 8192 x 8192, ten times the group-wise tensor-core GEMV.
+        // otherwise one row on the GEMV timed at load (CUDA cores, tensor cores or half2) and the
+        // tensor-core kernels on Q4_K for more rows (every row under tensor_cores). Not timed at load: on an
+        // H200 the CUDA-core Q4_K GEMV took 328 us at 16 rows on 8192 x 8192, ten times the group-wise
+        // tensor-core GEMV.
         const Int4Kernels pin = options.int4_kernels;
         kernels::Status st;
         // Tiles: only the tensor-core kernels read Q4_K chunks.
@@ -925,8 +926,8 @@ struct CudaLlamaModel::Impl {
   // under Int4Layout::cutlass, each one CUTLASS takes becomes its copy alone (the rows freed, one matrix
   // at a time: one matrix of extra device memory at the peak).
   void make_cutlass_copies();
-  // Per Q4_K matrix shape, the one-row GEMV (q4_k_tensor_cores_one_row), timed on the model's
-  // weights under Int4Kernels::measured; records q4_k_choices. Called by choose_int4_kernels.
+  // Per Q4_K matrix shape, the one-row GEMV (q4_k_tensor_cores_one_row, q4_k_half2_one_row), timed on the
+  // model's weights under Int4Kernels::measured; records q4_k_choices. Called by choose_int4_kernels.
   void choose_q4_k_kernels();
   void validate(const ForwardBatch& batch, const CudaKvCache& cache) const;
   struct Plan;
@@ -1366,8 +1367,8 @@ void CudaLlamaModel::Impl::choose_q4_k_kernels() {
       // The half2 GEMV refuses rows longer than the device's shared memory holds: then not a candidate.
       const DeviceMatrix& first = *list.front();
       if (kc::w4a16_gemv_q4_k_half2(first.mem->as<uint8_t>(), first.n_out, first.k, x.as<__half>(), 1,
-                                    y.as<float>(), stream) == kernels::Status::ok)
-        time(OneRow::half2, choice.half2_us);
+                                    y.as<float>(), stream) != kernels::Status::invalid_argument)
+        time(OneRow::half2, choice.half2_us);  // which throws on any other failure
       // The faster of the other two, where it is kInt4MinGain faster than the CUDA cores.
       const bool half2_faster = choice.half2_us > 0.0 && choice.half2_us < choice.tensor_cores_us;
       const double other_us = half2_faster ? choice.half2_us : choice.tensor_cores_us;

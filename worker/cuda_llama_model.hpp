@@ -195,8 +195,9 @@ struct CudaInt4KernelChoice {
 };
 
 // The one-row GEMV of one GGUF Q4_K matrix shape (more rows always take the Q4_K tensor-core
-// kernels, unless pinned to the CUDA cores): under Int4Kernels::measured the tensor-core GEMV when it
-// is kInt4MinGain (5%) faster than the CUDA-core one on the model's weights at load.
+// kernels, unless pinned to the CUDA cores): under Int4Kernels::measured the faster of the tensor-core
+// and half2 GEMVs when it is kInt4MinGain (5%) faster than the CUDA-core one on the model's weights at
+// load.
 struct CudaQ4KChoice {
   int64_t n_out = 0, k = 0;
   bool tiles = false;          // in Q4_K chunks (Int4Layout::tiles): the tensor cores at every row count

@@ -241,18 +241,21 @@ void print_int4_choices(const worker::CudaLlamaModel& model, double copy_gbps) {
 }
 
 // The GGUF Q4_K matrices' one-row GEMV per shape (more rows take the Q4_K tensor-core kernels).
-void print_q4_k_choices(const worker::CudaLlamaModel& model) {
+// int8_activations: one row runs on the W4A8 GEMV whatever the timing says (none is marked).
+void print_q4_k_choices(const worker::CudaLlamaModel& model, bool int8_activations) {
   const auto& choices = model.q4_k_choices();
   if (choices.empty()) return;
-  std::printf("\nQ4_K matrices, one row (device us per product, timed at load; *: chosen):\n");
+  std::printf("\nQ4_K matrices, one row (device us per product, timed at load; *: chosen%s):\n",
+              int8_activations ? "; every one runs on the W4A8 GEMV (--int8-activations)" : "");
   std::printf("%-22s | %14s %14s %14s\n", "n_out x k (matrices)", "CUDA cores", "tensor cores", "half2");
   for (const worker::CudaQ4KChoice& ch : choices) {
     char shape[64];
     std::snprintf(shape, sizeof shape, "%lldx%lld (%lld)", static_cast<long long>(ch.n_out),
                   static_cast<long long>(ch.k), static_cast<long long>(ch.matrices));
-    const bool cuda_cores = !ch.tensor_cores && !ch.half2;
+    const bool cuda_cores = !ch.tensor_cores && !ch.half2 && !int8_activations;
+    const bool tensor_cores = ch.tensor_cores && !int8_activations, half2 = ch.half2 && !int8_activations;
     std::printf("%-22s | %13.1f%s %13.1f%s %13.1f%s\n", shape, ch.cuda_cores_us, cuda_cores ? "*" : " ",
-                ch.tensor_cores_us, ch.tensor_cores ? "*" : " ", ch.half2_us, ch.half2 ? "*" : " ");
+                ch.tensor_cores_us, tensor_cores ? "*" : " ", ch.half2_us, half2 ? "*" : " ");
   }
 }
 
@@ -423,9 +426,10 @@ int run_model(const Args& a) {
                    {"one_row_cuda_cores_us", ch.cuda_cores_us},
                    {"one_row_tensor_cores_us", ch.tensor_cores_us},
                    {"one_row_half2_us", ch.half2_us},
-                   {"one_row_chosen", ch.tensor_cores ? "tensor cores"
-                                      : ch.half2      ? "half2"
-                                                      : "CUDA cores"},
+                   {"one_row_chosen", a.int8_activations ? "W4A8"
+                                      : ch.tensor_cores  ? "tensor cores"
+                                      : ch.half2         ? "half2"
+                                                         : "CUDA cores"},
                    {"layout", ch.tiles ? "tiles" : "rows"}});
   }
   if (a.json) {
@@ -476,7 +480,7 @@ int run_model(const Args& a) {
   std::printf("copy bandwidth (read + write) %.0f GB/s: decode floor %.2f ms per step (weights read once)\n",
               copy_gbps, floor_s * 1e3);
   print_int4_choices(*target.model, copy_gbps);
-  print_q4_k_choices(*target.model);
+  print_q4_k_choices(*target.model, a.int8_activations);
   std::printf("prefill %d tokens: %.0f tokens/s (1 prompt), %.0f tokens/s (%d prompts in one pass)\n\n",
               a.prompt_tokens, pp_one, pp_batch, a.prefill_batch);
   std::printf("%5s | %12s %9s %7s", "batch", "decode tok/s", "ms/step", "%floor");

@@ -215,7 +215,13 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
         g128_tc[mi] = time_g128(w4a16_gemv_int4_groups_mma, m, "W4A16 tensor-core GEMV");
       if (m > kW4A16GemvMaxM) g128_mma[mi] = time_g128(w4a16_gemm_int4_groups_mma, m, "W4A16 mma kernel");
       if (m == 1) g128_staged[mi] = time_g128(w4a16_gemv_int4_groups_staged, m, "W4A16 staged GEMV");
-      if (m == 1) g128_half2[mi] = time_g128(w4a16_gemv_int4_groups_half2, m, "W4A16 half2 GEMV");
+      // The half2 GEMV refuses rows longer than the device's shared memory holds: '-' then.
+      const auto* first = static_cast<const uint8_t*>(w.ptr);
+      if (m == 1 &&
+          w4a16_gemv_int4_groups_half2(first, reinterpret_cast<const __half*>(first + g128_quant_bytes),
+                                       first + g128_quant_bytes + g128_groups * 2, 128, n, k, xh, m,
+                                       static_cast<float*>(y.ptr), stream) != Status::invalid_argument)
+        g128_half2[mi] = time_g128(w4a16_gemv_int4_groups_half2, m, "W4A16 half2 GEMV");
       if (m <= kW4A8GemvMaxM) g128_w4a8[mi] = time_g128(w4a8_gemv_int4_groups, m, "W4A8 dp4a GEMV");
       if (m <= kW4A16GemvMma32RowsMaxM)
         g128_tc32[mi] = time_g128(w4a16_gemv_int4_groups_mma_32rows, m, "W4A16 tensor-core GEMV, 32 rows");
@@ -350,7 +356,8 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
                               : w4a16_gemm_q4_k(wi, n, k, xh, m, static_cast<float*>(y.ptr), stream);
         if (st != Status::ok) throw BenchFailure(std::string("W4A16 Q4_K kernel failed: ") + status_name(st));
       });
-      if (m == 1) {
+      if (m == 1 && w4a16_gemv_q4_k_half2(static_cast<const uint8_t*>(w.ptr), n, k, xh, m,
+                                          static_cast<float*>(y.ptr), stream) != Status::invalid_argument) {
         q4k_half2[mi] = time_us(stream, iterations, repetitions, [&](int i) {
           const uint8_t* wi =
               static_cast<const uint8_t*>(w.ptr) + q4k_bytes * static_cast<size_t>(i % copies);

@@ -3,6 +3,8 @@
 #include <cuda_runtime.h>
 
 #include <cmath>
+#include <mutex>
+#include <set>
 #include <utility>
 
 #include "kernels/cuda/dependent_launch.cuh"
@@ -206,6 +208,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
   for (int r = 0; r < kRowsPerWarp; ++r) rows[r] = first_row + r < n_out ? first_row + r : n_out - 1;
   const unsigned chunks = static_cast<unsigned>(k / 64);  // k <= kW4A16GemvHalf2MaxK
+  const unsigned row_bytes = static_cast<unsigned>(k / kQK_K * kQ4KSuperBlockBytes);
   const unsigned c = lane % 4;        // every chunk of this lane's is chunk c of its block
   const uint8_t* next[kRowsPerWarp];  // this lane's next super-block, each row
 #pragma unroll
@@ -229,6 +232,14 @@ __global__ void __launch_bounds__(kThreads)
     }
 #pragma unroll
     for (int r = 0; r < kRowsPerWarp; ++r) next[r] += kQ4KStepBytes * kQ4KBatch;
+    // The next batch's 2304 bytes of each row on their way to L2 while this one is multiplied (as the
+    // INT4 kernel does): lanes 0..17 name a 128-byte line each.
+    const unsigned ahead = kQ4KStepBytes * (j0 + kQ4KBatch) + 128 * lane;  // bytes into the row
+    if (lane < kQ4KStepBytes * kQ4KBatch / 128 && ahead < row_bytes) {
+#pragma unroll
+      for (int r = 0; r < kRowsPerWarp; ++r)
+        detail::prefetch_l2(next[r] - (lane / 4) * kQ4KSuperBlockBytes + 128 * lane);
+    }
   };
   load(0);
   detail::wait_for_prior_grids();  // x comes from the previous kernel
@@ -310,8 +321,10 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // Launches `kernel` with `shared` bytes of dynamic shared memory: invalid_argument where the device's
-// blocks cannot have that much (sm_120's 99 KB, for a long row), else the attribute raised to it (above
-// the 48 KB default) and the launch. A failure leaves no error behind for the next launcher to find.
+// blocks cannot have that much (sm_120's 99 KB, for a long row), else the launch. The attribute above
+// the 48 KB default is raised once per kernel and device to all the device allows, never lowered, so
+// that launches of different lengths (and threads) cannot undo each other's. A failure leaves no error
+// behind for the next launcher to find.
 template <typename... Params, typename... Args>
 Status launch_half2(void (*kernel)(Params...), int64_t n_out, size_t shared, cudaStream_t stream,
                     bool programmatic, Args&&... args) {
@@ -323,10 +336,19 @@ Status launch_half2(void (*kernel)(Params...), int64_t n_out, size_t shared, cud
   }
   // The static max_abs_bits word too.
   if (shared + 16 > static_cast<size_t>(max_shared)) return Status::invalid_argument;
-  if (shared > 48 * 1024 && cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                 static_cast<int>(shared)) != cudaSuccess) {
-    cudaGetLastError();
-    return Status::device_error;
+  if (shared > 48 * 1024) {
+    static std::mutex mutex;
+    static std::set<std::pair<const void*, int>> raised;  // (kernel, device)
+    const std::lock_guard<std::mutex> lock(mutex);
+    const std::pair<const void*, int> key{reinterpret_cast<const void*>(kernel), device};
+    if (raised.count(key) == 0) {
+      if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_shared - 16) !=
+          cudaSuccess) {
+        cudaGetLastError();
+        return Status::device_error;
+      }
+      raised.insert(key);
+    }
   }
   const auto grid = static_cast<unsigned>((n_out + kRowsPerBlock - 1) / kRowsPerBlock);
   const cudaError_t launched = detail::launch_kernel(kernel, dim3(grid), dim3(kThreads), shared, stream,

@@ -41,7 +41,8 @@ Status w4a16_gemv_int4_groups_half2(const uint8_t* quants, const __half* scales,
 // summed against their activations in fp16 (w4a16::q4_k_piece_half2_dot), then (d scale) times that
 // sum less (dmin min) times the activations' sum, in fp32. w: [n_out, k / 256] blocks, 16-byte
 // aligned; x: [1, k] fp16, 16-byte aligned; y: [1, n_out] fp32. invalid_argument for m != 1, k not a
-// multiple of 256 or over kW4A16GemvHalf2MaxK, null or misaligned pointers.
+// multiple of 256 or over kW4A16GemvHalf2MaxK (or over what the device's blocks can hold in shared
+// memory: 2.125 bytes an input), null or misaligned pointers.
 Status w4a16_gemv_q4_k_half2(const uint8_t* w, int64_t n_out, int64_t k, const __half* x, int64_t m, float* y,
                              cudaStream_t stream, bool programmatic = false);
 

@@ -265,17 +265,18 @@ TEST(CudaW4A16GemvHalf2, RefusesWhatItCannotRun) {
 // GGUF Q4_K as stored (w4a16_gemv_q4_k_half2). Per sub-block the fp16 level sum has 16 products a half
 // (at most 16 * 2^-11 of sum|x * d scale * q|), and (d scale) q can be about twice |w| (the min takes
 // the rest), so the bound is 3e-2 of sum|x * w|; with integer activations the fp16 sums are exact and
-// only the fp32 sums round (1e-4). Shapes: one output, around the 16-row block, many blocks; one
-// super-block (4 chunks: lanes 4..31 idle), 9 (a lane's second batch partly past the end), 112
-// (llama-70b's 28672 inputs).
+// only the fp32 sums round (1e-4), which is what catches a wrong pairing. Shapes: one output, around
+// the 16-row block, many blocks; one super-block (4 chunks: lanes 4..31 idle), 9 (36 chunks: the first
+// batch's second step partly past the end), 17 and 31 (68 and 124 chunks: a partial batch after the
+// pointers moved on), 112 (llama-70b's 28672 inputs: whole batches).
 TEST(CudaW4A16GemvHalf2, Q4KMatchesCpuReference) {
   NIBBLE_REQUIRE_CUDA_DEVICE();
   std::mt19937 rng(44);
   std::normal_distribution<float> normal(0.0f, 1.0f);
   std::uniform_int_distribution<int> small(-2, 2);
   for (const int64_t n_out : {int64_t{1}, int64_t{37}, int64_t{2051}}) {
-    for (const int64_t kk : {int64_t{256}, int64_t{2304}, int64_t{28672}}) {
-      if (n_out == 2051 && kk == 28672) continue;  // the host reference: n_out * k products
+    for (const int64_t kk : {int64_t{256}, int64_t{2304}, int64_t{4352}, int64_t{7936}, int64_t{28672}}) {
+      if (n_out == 2051 && kk >= 7936) continue;  // the host reference: n_out * k products
       SCOPED_TRACE("n_out=" + std::to_string(n_out) + " k=" + std::to_string(kk));
       std::vector<uint8_t> wq;
       std::vector<float> wf;
@@ -293,6 +294,10 @@ TEST(CudaW4A16GemvHalf2, Q4KMatchesCpuReference) {
       if (n_out == 37 && kk == 2304) {  // large activations are scaled first; then the refusals
         for (size_t i = 0; i < xh.size(); ++i)
           xh[i] = k::fp32_to_fp16(normal(rng) * (i % 101 == 0 ? 6000.0f : 1.0f));
+        ASSERT_NO_FATAL_FAILURE(expect_product(wf, n_out, kk, xh, 3e-2, launch));
+        // One 60000 late in the row: the scaling must see every warp's staged part.
+        for (auto& v : xh) v = k::fp32_to_fp16(normal(rng));
+        xh[static_cast<size_t>(kk - 70)] = k::fp32_to_fp16(60000.0f);
         ASSERT_NO_FATAL_FAILURE(expect_product(wf, n_out, kk, xh, 3e-2, launch));
         DeviceBuffer<k::f16_bits> dx(static_cast<size_t>(2 * kk));
         DeviceBuffer<float> dy(static_cast<size_t>(2 * n_out));
@@ -312,5 +317,60 @@ TEST(CudaW4A16GemvHalf2, Q4KMatchesCpuReference) {
         EXPECT_EQ(cudaGetLastError(), cudaSuccess);
       }
     }
+  }
+}
+
+// Q4_K: a row's bits do not depend on the rows around it (rows 16..31 of 2051 alone, launched
+// programmatically), and the longest row it takes runs exactly on integer activations where the
+// device's blocks hold its 2.125 bytes an input of shared memory (refused otherwise).
+TEST(CudaW4A16GemvHalf2, Q4KRowsAloneAndTheLongestRow) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  std::mt19937 rng(45);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::uniform_int_distribution<int> small(-2, 2);
+  {
+    const int64_t n_out = 2051, kk = 4352;
+    std::vector<uint8_t> wq;
+    std::vector<float> wf;
+    ASSERT_NO_FATAL_FAILURE(random_quantized(k::DType::Q4_K, n_out, kk, rng, wq, wf));
+    DeviceBuffer<uint8_t> dw(wq);
+    std::vector<k::f16_bits> xh(static_cast<size_t>(kk));
+    for (auto& v : xh) v = k::fp32_to_fp16(normal(rng) * 300.0f);  // scaled in the kernel
+    DeviceBuffer<k::f16_bits> dx(xh);
+    DeviceBuffer<float> all(static_cast<size_t>(n_out)), part(16);
+    ASSERT_TRUE(dw.ptr && dx.ptr && all.ptr && part.ptr);
+    const auto* x = reinterpret_cast<const __half*>(dx.ptr);
+    const int64_t row_bytes = kk / k::kQK_K * static_cast<int64_t>(sizeof(k::BlockQ4_K));
+    ASSERT_EQ(k::cuda::w4a16_gemv_q4_k_half2(dw.ptr, n_out, kk, x, 1, all.ptr, nullptr), k::Status::ok);
+    ASSERT_EQ(k::cuda::w4a16_gemv_q4_k_half2(dw.ptr + 16 * row_bytes, 16, kk, x, 1, part.ptr, nullptr,
+                                             /*programmatic=*/true),
+              k::Status::ok);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    const std::vector<float> a = all.to_host(), p = part.to_host();
+    EXPECT_EQ(std::memcmp(a.data() + 16, p.data(), 16 * sizeof(float)), 0);
+  }
+  const int64_t n_out = 16, kk = k::cuda::kW4A16GemvHalf2MaxK;
+  std::vector<uint8_t> wq;
+  std::vector<float> wf;
+  ASSERT_NO_FATAL_FAILURE(random_quantized(k::DType::Q4_K, n_out, kk, rng, wq, wf));
+  DeviceBuffer<uint8_t> dw(wq);
+  ASSERT_NE(dw.ptr, nullptr);
+  std::vector<k::f16_bits> xh(static_cast<size_t>(kk));
+  for (auto& v : xh) v = k::fp32_to_fp16(static_cast<float>(small(rng)));
+  int device = 0, max_shared = 0;
+  ASSERT_EQ(cudaGetDevice(&device), cudaSuccess);
+  ASSERT_EQ(cudaDeviceGetAttribute(&max_shared, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+            cudaSuccess);
+  const auto launch = [&](const __half* x, float* y) {
+    return k::cuda::w4a16_gemv_q4_k_half2(dw.ptr, n_out, kk, x, 1, y, nullptr);
+  };
+  if (static_cast<int64_t>(max_shared) >= 2 * kk + kk / 8 + 16) {
+    ASSERT_NO_FATAL_FAILURE(expect_product(wf, n_out, kk, xh, 1e-4, launch));
+  } else {
+    DeviceBuffer<k::f16_bits> dx(xh);
+    DeviceBuffer<float> dy(static_cast<size_t>(n_out));
+    EXPECT_EQ(launch(reinterpret_cast<const __half*>(dx.ptr), dy.ptr), k::Status::invalid_argument)
+        << "this device's blocks hold " << max_shared << " bytes of shared memory";
+    EXPECT_EQ(cudaGetLastError(), cudaSuccess);
   }
 }

@@ -65,6 +65,28 @@ __device__ int stage_activations(const __half* __restrict__ x, unsigned entries,
   return shift;
 }
 
+// This warp's first weight row, and its rows with those past the last clamped to it (they are read
+// again and not stored, so that every warp meets the block's barriers).
+__device__ int64_t warp_first_row() {
+  return static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + (threadIdx.x / kWarpSize) * kRowsPerWarp;
+}
+__device__ void clamp_rows(int64_t first_row, int64_t n_out, int64_t (&rows)[kRowsPerWarp]) {
+#pragma unroll
+  for (int r = 0; r < kRowsPerWarp; ++r) rows[r] = first_row + r < n_out ? first_row + r : n_out - 1;
+}
+// The warp's row sums (acc: each lane's part) into y, times 2^shift (the staging's scale undone).
+__device__ void store_rows(const float (&acc)[kRowsPerWarp], int64_t first_row, int64_t n_out, int shift,
+                           float* __restrict__ y) {
+  const float unscale = ldexpf(1.0f, shift);
+#pragma unroll
+  for (int r = 0; r < kRowsPerWarp; ++r) {
+    float v = acc[r];
+#pragma unroll
+    for (int off = kWarpSize / 2; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
+    if (threadIdx.x % kWarpSize == 0 && first_row + r < n_out) y[first_row + r] = v * unscale;
+  }
+}
+
 // GroupShift: log2(group / 32), a template argument so that every offset from the pointers is an
 // immediate.
 template <int GroupShift>
@@ -76,12 +98,9 @@ __global__ void __launch_bounds__(kThreads)
   extern __shared__ uint4 xs[];
   __shared__ unsigned max_abs_bits;  // the largest |x|'s fp16 bits
   const unsigned lane = threadIdx.x % kWarpSize;
-  const int64_t first_row =
-      static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + (threadIdx.x / kWarpSize) * kRowsPerWarp;
-  // Rows past the last read the last one again and store nothing (every warp meets the barriers).
+  const int64_t first_row = warp_first_row();
   int64_t rows[kRowsPerWarp];
-#pragma unroll
-  for (int r = 0; r < kRowsPerWarp; ++r) rows[r] = first_row + r < n_out ? first_row + r : n_out - 1;
+  clamp_rows(first_row, n_out, rows);
   const unsigned nb = static_cast<unsigned>(k / kQK4_0);  // k <= kW4A16GemvHalf2MaxK
   // Pointers to this lane's next units of each row, and to their scales and zeros, advanced a batch
   // at a time, so that each load is a base and an immediate offset (rows are whole groups, and a
@@ -172,14 +191,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int i = 0; i < 4; ++i) xw[i] += kWarpSize * kBatch;
     load(j0);
   }
-  const float unscale = ldexpf(1.0f, shift);
-#pragma unroll
-  for (int r = 0; r < kRowsPerWarp; ++r) {
-    float v = acc[r];
-#pragma unroll
-    for (int off = kWarpSize / 2; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
-    if (lane == 0 && first_row + r < n_out) y[first_row + r] = v * unscale;
-  }
+  store_rows(acc, first_row, n_out, shift, y);
 }
 
 // GGUF Q4_K as stored (BlockQ4_K, 144 bytes per 256 inputs). A lane takes 64-input chunks: chunk C of
@@ -202,11 +214,9 @@ __global__ void __launch_bounds__(kThreads)
   extern __shared__ uint4 xs[];
   __shared__ unsigned max_abs_bits;
   const unsigned lane = threadIdx.x % kWarpSize;
-  const int64_t first_row =
-      static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + (threadIdx.x / kWarpSize) * kRowsPerWarp;
+  const int64_t first_row = warp_first_row();
   int64_t rows[kRowsPerWarp];
-#pragma unroll
-  for (int r = 0; r < kRowsPerWarp; ++r) rows[r] = first_row + r < n_out ? first_row + r : n_out - 1;
+  clamp_rows(first_row, n_out, rows);
   const unsigned chunks = static_cast<unsigned>(k / 64);  // k <= kW4A16GemvHalf2MaxK
   const unsigned row_bytes = static_cast<unsigned>(k / kQK_K * kQ4KSuperBlockBytes);
   const unsigned c = lane % 4;        // every chunk of this lane's is chunk c of its block
@@ -310,14 +320,7 @@ __global__ void __launch_bounds__(kThreads)
     sw += kQ4KChunksPerStep * kQ4KBatch;
     load(j0);
   }
-  const float unscale = ldexpf(1.0f, shift);
-#pragma unroll
-  for (int r = 0; r < kRowsPerWarp; ++r) {
-    float v = acc[r];
-#pragma unroll
-    for (int off = kWarpSize / 2; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
-    if (lane == 0 && first_row + r < n_out) y[first_row + r] = v * unscale;
-  }
+  store_rows(acc, first_row, n_out, shift, y);
 }
 
 // Launches `kernel` with `shared` bytes of dynamic shared memory: invalid_argument where the device's

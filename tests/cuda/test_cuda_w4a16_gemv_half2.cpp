@@ -33,6 +33,7 @@ using nibble::cuda_test::DeviceBuffer;
 using nibble::cuda_test::DeviceInt4Groups;
 using nibble::cuda_test::expect_matches_reference;
 using nibble::cuda_test::make_device_int4_groups;
+using nibble::cuda_test::make_device_int4_groups_from_blocks;
 using nibble::cuda_test::random_quantized;
 
 namespace {
@@ -64,6 +65,15 @@ void expect_product(const std::vector<float>& wf, int64_t n_out, int64_t kk,
     }
   }
   EXPECT_EQ(bad, 0);
+}
+
+// The shared memory the device's blocks can have (0 when the query fails).
+int max_shared_per_block() {
+  int device = 0, bytes = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess)
+    return 0;
+  return bytes;
 }
 
 void expect_half2_product(const DeviceInt4Groups& w, int64_t n_out, int64_t kk, int64_t group,
@@ -163,19 +173,9 @@ TEST(CudaW4A16GemvHalf2, ZerosUpTo31AtTheLargestActivationsStayFinite) {
     }
   }
   DeviceInt4Groups w;
-  w.wf.resize(static_cast<size_t>(n_out * kk));
-  ASSERT_EQ(k::dequantize_row(k::DType::Q8_0, blocks.data(), w.wf.data(), n_out * kk), k::Status::ok);
-  std::vector<uint8_t> quants(static_cast<size_t>(n_out * kk / 2)),
-      zeros(static_cast<size_t>(n_out * kk / group));
-  std::vector<uint16_t> scales(zeros.size());
-  ASSERT_EQ(k::int4_groups_from_blocks(k::DType::Q8_0, blocks.data(), n_out, kk, group, quants.data(),
-                                       scales.data(), zeros.data()),
-            k::Status::ok);
+  ASSERT_NO_FATAL_FAILURE(make_device_int4_groups_from_blocks(blocks, n_out, kk, group, w));
+  const std::vector<uint8_t> zeros = w.zeros->to_host();
   EXPECT_EQ(*std::max_element(zeros.begin(), zeros.end()), 31);
-  w.quants = std::make_unique<DeviceBuffer<uint8_t>>(quants);
-  w.zeros = std::make_unique<DeviceBuffer<uint8_t>>(zeros);
-  w.scales = std::make_unique<DeviceBuffer<uint16_t>>(scales);
-  ASSERT_TRUE(w.quants->ptr && w.zeros->ptr && w.scales->ptr);
   std::vector<k::f16_bits> xh(static_cast<size_t>(kk));
   for (size_t i = 0; i < xh.size(); ++i) xh[i] = k::fp32_to_fp16(i % 3 == 0 ? -65504.0f : 65504.0f);
   ASSERT_NO_FATAL_FAILURE(expect_half2_product(w, n_out, kk, group, xh, 1e-2));
@@ -192,10 +192,8 @@ TEST(CudaW4A16GemvHalf2, TakesTheLongestRowItAllows) {
   ASSERT_NO_FATAL_FAILURE(make_device_int4_groups(n_out, kk, group, rng, w));
   std::vector<k::f16_bits> xh(static_cast<size_t>(kk));
   for (auto& v : xh) v = k::fp32_to_fp16(static_cast<float>(small(rng)));
-  int device = 0, max_shared = 0;
-  ASSERT_EQ(cudaGetDevice(&device), cudaSuccess);
-  ASSERT_EQ(cudaDeviceGetAttribute(&max_shared, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
-            cudaSuccess);
+  const int max_shared = max_shared_per_block();
+  ASSERT_GT(max_shared, 0);
   if (static_cast<int64_t>(max_shared) >= 2 * kk + 16) {
     ASSERT_NO_FATAL_FAILURE(expect_half2_product(w, n_out, kk, group, xh, 1e-4));
   } else {
@@ -357,10 +355,8 @@ TEST(CudaW4A16GemvHalf2, Q4KRowsAloneAndTheLongestRow) {
   ASSERT_NE(dw.ptr, nullptr);
   std::vector<k::f16_bits> xh(static_cast<size_t>(kk));
   for (auto& v : xh) v = k::fp32_to_fp16(static_cast<float>(small(rng)));
-  int device = 0, max_shared = 0;
-  ASSERT_EQ(cudaGetDevice(&device), cudaSuccess);
-  ASSERT_EQ(cudaDeviceGetAttribute(&max_shared, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
-            cudaSuccess);
+  const int max_shared = max_shared_per_block();
+  ASSERT_GT(max_shared, 0);
   const auto launch = [&](const __half* x, float* y) {
     return k::cuda::w4a16_gemv_q4_k_half2(dw.ptr, n_out, kk, x, 1, y, nullptr);
   };

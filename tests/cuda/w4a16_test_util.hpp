@@ -114,9 +114,9 @@ struct DeviceInt4Groups {
   std::unique_ptr<DeviceBuffer<uint16_t>> scales;        // [n_out, kk / group] fp16
   const __half* scales_half() const { return reinterpret_cast<const __half*>(scales->ptr); }
 };
-inline void make_device_int4_groups(int64_t n_out, int64_t kk, int64_t group, std::mt19937& rng,
-                                    DeviceInt4Groups& out) {
-  const std::vector<k::BlockQ8_0> blocks = asymmetric_int4_blocks(n_out, kk, group, rng);
+// The same from given Q8_0 blocks of "level minus zero" (each group exactly INT4 at `group`).
+inline void make_device_int4_groups_from_blocks(const std::vector<k::BlockQ8_0>& blocks, int64_t n_out,
+                                                int64_t kk, int64_t group, DeviceInt4Groups& out) {
   out.wf.resize(static_cast<size_t>(n_out * kk));
   ASSERT_EQ(k::dequantize_row(k::DType::Q8_0, blocks.data(), out.wf.data(), n_out * kk), k::Status::ok);
   ASSERT_EQ(k::int4_group_size(k::DType::Q8_0, blocks.data(), n_out, kk), group);
@@ -130,6 +130,10 @@ inline void make_device_int4_groups(int64_t n_out, int64_t kk, int64_t group, st
   out.zeros = std::make_unique<DeviceBuffer<uint8_t>>(zeros);
   out.scales = std::make_unique<DeviceBuffer<uint16_t>>(scales);
   ASSERT_TRUE(out.quants->ptr && out.zeros->ptr && out.scales->ptr);
+}
+inline void make_device_int4_groups(int64_t n_out, int64_t kk, int64_t group, std::mt19937& rng,
+                                    DeviceInt4Groups& out) {
+  make_device_int4_groups_from_blocks(asymmetric_int4_blocks(n_out, kk, group, rng), n_out, kk, group, out);
 }
 
 // A DeviceInt4Groups matrix's copy in CUTLASS's order (kernels/cuda/w4a16_gemm_cutlass.cuh), made on

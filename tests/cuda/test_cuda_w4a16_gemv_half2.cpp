@@ -76,6 +76,25 @@ int max_shared_per_block() {
   return bytes;
 }
 
+// The longest rows: where the device's blocks hold `shared` bytes of shared memory (the kernel's need
+// for the row) as expect_product checks it, otherwise the launch must be refused with no error left.
+template <typename Launch>
+void expect_product_or_refusal(const std::vector<float>& wf, int64_t n_out, int64_t kk,
+                               const std::vector<k::f16_bits>& xh, double bound, int64_t shared,
+                               Launch launch) {
+  const int max_shared = max_shared_per_block();
+  ASSERT_GT(max_shared, 0);
+  if (static_cast<int64_t>(max_shared) >= shared) {
+    ASSERT_NO_FATAL_FAILURE(expect_product(wf, n_out, kk, xh, bound, launch));
+    return;
+  }
+  DeviceBuffer<k::f16_bits> dx(xh);
+  DeviceBuffer<float> dy(static_cast<size_t>(n_out));
+  EXPECT_EQ(launch(reinterpret_cast<const __half*>(dx.ptr), dy.ptr), k::Status::invalid_argument)
+      << "this device's blocks hold " << max_shared << " bytes of shared memory";
+  EXPECT_EQ(cudaGetLastError(), cudaSuccess);
+}
+
 void expect_half2_product(const DeviceInt4Groups& w, int64_t n_out, int64_t kk, int64_t group,
                           const std::vector<k::f16_bits>& xh, double bound) {
   expect_product(w.wf, n_out, kk, xh, bound, [&](const __half* x, float* y) {
@@ -192,20 +211,11 @@ TEST(CudaW4A16GemvHalf2, TakesTheLongestRowItAllows) {
   ASSERT_NO_FATAL_FAILURE(make_device_int4_groups(n_out, kk, group, rng, w));
   std::vector<k::f16_bits> xh(static_cast<size_t>(kk));
   for (auto& v : xh) v = k::fp32_to_fp16(static_cast<float>(small(rng)));
-  const int max_shared = max_shared_per_block();
-  ASSERT_GT(max_shared, 0);
-  if (static_cast<int64_t>(max_shared) >= 2 * kk + 16) {
-    ASSERT_NO_FATAL_FAILURE(expect_half2_product(w, n_out, kk, group, xh, 1e-4));
-  } else {
-    DeviceBuffer<k::f16_bits> dx(xh);
-    DeviceBuffer<float> dy(static_cast<size_t>(n_out));
-    EXPECT_EQ(
-        k::cuda::w4a16_gemv_int4_groups_half2(w.quants->ptr, w.scales_half(), w.zeros->ptr, group, n_out, kk,
-                                              reinterpret_cast<const __half*>(dx.ptr), 1, dy.ptr, nullptr),
-        k::Status::invalid_argument)
-        << "this device's blocks hold " << max_shared << " bytes of shared memory";
-    EXPECT_EQ(cudaGetLastError(), cudaSuccess);
-  }
+  ASSERT_NO_FATAL_FAILURE(
+      expect_product_or_refusal(w.wf, n_out, kk, xh, 1e-4, 2 * kk + 16, [&](const __half* x, float* y) {
+        return k::cuda::w4a16_gemv_int4_groups_half2(w.quants->ptr, w.scales_half(), w.zeros->ptr, group,
+                                                     n_out, kk, x, 1, y, nullptr);
+      }));
 }
 
 // A row's result does not depend on the rows around it or the grid (the scaling is the whole
@@ -355,18 +365,8 @@ TEST(CudaW4A16GemvHalf2, Q4KRowsAloneAndTheLongestRow) {
   ASSERT_NE(dw.ptr, nullptr);
   std::vector<k::f16_bits> xh(static_cast<size_t>(kk));
   for (auto& v : xh) v = k::fp32_to_fp16(static_cast<float>(small(rng)));
-  const int max_shared = max_shared_per_block();
-  ASSERT_GT(max_shared, 0);
-  const auto launch = [&](const __half* x, float* y) {
-    return k::cuda::w4a16_gemv_q4_k_half2(dw.ptr, n_out, kk, x, 1, y, nullptr);
-  };
-  if (static_cast<int64_t>(max_shared) >= 2 * kk + kk / 8 + 16) {
-    ASSERT_NO_FATAL_FAILURE(expect_product(wf, n_out, kk, xh, 1e-4, launch));
-  } else {
-    DeviceBuffer<k::f16_bits> dx(xh);
-    DeviceBuffer<float> dy(static_cast<size_t>(n_out));
-    EXPECT_EQ(launch(reinterpret_cast<const __half*>(dx.ptr), dy.ptr), k::Status::invalid_argument)
-        << "this device's blocks hold " << max_shared << " bytes of shared memory";
-    EXPECT_EQ(cudaGetLastError(), cudaSuccess);
-  }
+  ASSERT_NO_FATAL_FAILURE(expect_product_or_refusal(
+      wf, n_out, kk, xh, 1e-4, 2 * kk + kk / 8 + 16, [&](const __half* x, float* y) {
+        return k::cuda::w4a16_gemv_q4_k_half2(dw.ptr, n_out, kk, x, 1, y, nullptr);
+      }));
 }

@@ -69,6 +69,17 @@ std::vector<float> dequantized(k::DType type, const void* blocks, int64_t n_out,
   return out;
 }
 
+// sum over a unit (16 bytes in the split nibble order: byte j holds input j in its low nibble and
+// input j + 16 in its high one) of x * (q - z) in double, and the sum of the products' magnitudes.
+void levels_dot(const uint8_t (&bytes)[16], const float (&x)[32], int z, double& want, double& magnitude) {
+  for (int j = 0; j < 16; ++j) {
+    const double lo = static_cast<double>(x[j]) * ((bytes[j] & 0xF) - z);
+    const double hi = static_cast<double>(x[j + 16]) * ((bytes[j] >> 4) - z);
+    want += lo + hi;
+    magnitude += std::fabs(lo) + std::fabs(hi);
+  }
+}
+
 // The staged GEMV's unit arithmetic: sum over the unit of x * (q - z) in the split nibble order, against
 // a double-precision sum of the same products (each product is exact in fp32, so only the 32 fp32
 // additions round: at most 32 * 2^-24 of the sum of |products|), for every zero 0..15.
@@ -85,12 +96,7 @@ TEST(W4A16WeightReaders, UnitLevelDotMatchesTheLevelsDotProduct) {
     for (float& v : x) v = k::fp16_to_fp32(k::fp32_to_fp16(normal(rng)));  // fp16 activations
     const int z = trial % 16;
     double want = 0.0, magnitude = 0.0;
-    for (int j = 0; j < 16; ++j) {  // byte j: input j (low nibble), input j + 16 (high nibble)
-      const double lo = static_cast<double>(x[j]) * ((bytes[j] & 0xF) - z);
-      const double hi = static_cast<double>(x[j + 16]) * ((bytes[j] >> 4) - z);
-      want += lo + hi;
-      magnitude += std::fabs(lo) + std::fabs(hi);
-    }
+    levels_dot(bytes, x, z, want, magnitude);
     const float got = w4a16::int4_unit_level_dot(q, -(w4a16::kTwo23 + static_cast<float>(z)), x);
     EXPECT_LE(std::fabs(static_cast<double>(got) - want), 32.0 * 0x1.0p-24 * magnitude + 1e-30)
         << "trial " << trial << " zero " << z;
@@ -131,12 +137,7 @@ TEST(W4A16WeightReaders, UnitHalf2DotMatchesTheLevelsDotProduct) {
     }
     const int z = (trial / 2) % 32;
     double want = 0.0, magnitude = 0.0;
-    for (int j = 0; j < 16; ++j) {  // byte j: input j (low nibble), input j + 16 (high nibble)
-      const double lo = static_cast<double>(x[j]) * ((bytes[j] & 0xF) - z);
-      const double hi = static_cast<double>(x[j + 16]) * ((bytes[j] >> 4) - z);
-      want += lo + hi;
-      magnitude += std::fabs(lo) + std::fabs(hi);
-    }
+    levels_dot(bytes, x, z, want, magnitude);
     const float got =
         w4a16::int4_unit_half2_dot(q, w4a16::int4_half2_biased_zero(static_cast<uint32_t>(z)), staged);
     if (integers) {

@@ -199,7 +199,7 @@ TEST(ClusterConfig, OutOfRangeValues) {
                {"last_stage, own_rank"});
   expect_error("model: {path: m}\ndevice: gpu\n", "device", 2, {"expected one of cpu, cuda, got 'gpu'"});
   expect_error("model: {path: m}\nint4_kernels: fastest\n", "int4_kernels", 2,
-               {"expected one of measured, cuda_cores, tensor_cores, got 'fastest'"});
+               {"expected one of measured, cuda_cores, tensor_cores, half2, got 'fastest'"});
   expect_error("model: {path: m}\nint4_layout: columns\n", "int4_layout", 2,
                {"expected one of rows, tiles, cutlass, measured, got 'columns'"});
   // Tiles cannot be read by the CUDA-core kernels, whichever key comes first.
@@ -210,6 +210,11 @@ TEST(ClusterConfig, OutOfRangeValues) {
   // Nor CUTLASS's order.
   expect_error("model: {path: m}\nint4_layout: cutlass\nint4_kernels: cuda_cores\n", "int4_layout", 2,
                {"int4_kernels: cuda_cores", "CUTLASS"});
+  // The half2 GEMV reads the rows only, too.
+  expect_error("model: {path: m}\nint4_kernels: half2\nint4_layout: tiles\n", "int4_layout", 3,
+               {"int4_kernels: half2", "tensor-core"});
+  expect_error("model: {path: m}\nint4_layout: cutlass\nint4_kernels: half2\n", "int4_layout", 2,
+               {"int4_kernels: half2", "CUTLASS"});
   // A measured layout is timed at load: the kernels must be too; and it weighs the CUTLASS copy itself.
   expect_error("model: {path: m}\nint4_layout: measured\nint4_kernels: tensor_cores\n", "int4_layout", 2,
                {"int4_kernels: measured", "not tensor_cores"});
@@ -287,6 +292,12 @@ TEST(ClusterConfig, RenderRoundTrips) {
   EXPECT_NE(rendered_tiles.find("int4_layout: tiles"), std::string::npos) << rendered_tiles;
   EXPECT_EQ(parse_cluster_config(rendered_tiles, "rendered"), tiles) << rendered_tiles;
   EXPECT_FALSE(parse_cluster_config(rendered_tiles, "rendered") == full);
+  const ClusterConfig half2 =
+      parse_cluster_config("model: {path: m.gguf}\ndevice: cuda\nint4_kernels: half2\n", "half2.yaml");
+  EXPECT_EQ(half2.int4_kernels, Int4KernelChoice::half2);
+  const std::string rendered_half2 = render_cluster_config(half2);
+  EXPECT_NE(rendered_half2.find("int4_kernels: half2"), std::string::npos) << rendered_half2;
+  EXPECT_EQ(parse_cluster_config(rendered_half2, "rendered"), half2) << rendered_half2;
   const ClusterConfig with_cutlass =
       parse_cluster_config("model: {path: m.gguf}\ndevice: cuda\ncutlass_gemm: true\n", "cutlass.yaml");
   const std::string rendered_cutlass = render_cluster_config(with_cutlass);

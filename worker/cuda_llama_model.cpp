@@ -874,6 +874,65 @@ struct CudaLlamaModel::Impl {
         "cublasGemmEx");
   }
 
+  // Whether one activation row times this projection runs on the half2 GEMV (its timing at load, or
+  // Int4Kernels::half2) with its fused epilogues asked for: then it can end in the next step's work.
+  bool fuses_one_row(const Projection& p) const {
+    if (!options.fused_epilogues || p.parts.size() != 1) return false;
+    const DeviceMatrix& w = p.parts.front();
+    if (w.kind == DeviceKind::int4_groups) {
+      return w.layout == kc::Int4Layout::rows &&
+             w.int4_kernel[kc::int4_row_range(1)] == kc::Int4Kernel::gemv_half2;
+    }
+    return w.kind == DeviceKind::q4_k && w.layout == kc::Int4Layout::rows && w.q4_k_half2_one_row &&
+           !options.int8_activations;
+  }
+  // Whether the half2 GEMV takes one row of w, an INT4 (rows) or Q4_K matrix: one launch on a zero row;
+  // false where it refuses the row (longer than the device's shared memory holds).
+  bool half2_takes(const DeviceMatrix& w) {
+    DeviceMemory x(static_cast<size_t>(w.k) * sizeof(__half)),
+        y(static_cast<size_t>(w.n_out) * sizeof(float));
+    cuda_check(cudaMemsetAsync(x.as<void>(), 0, x.bytes(), stream), "cudaMemsetAsync (half2 probe)");
+    const auto* wd = w.mem->as<uint8_t>();
+    const kernels::Status st =
+        w.kind == DeviceKind::q4_k
+            ? kc::w4a16_gemv_q4_k_half2(wd, w.n_out, w.k, x.as<__half>(), 1, y.as<float>(), stream)
+            : kc::w4a16_gemv_int4_groups_half2(wd, reinterpret_cast<const __half*>(wd + w.scales_offset),
+                                               wd + w.zeros_offset, w.group, w.n_out, w.k, x.as<__half>(), 1,
+                                               y.as<float>(), stream);
+    if (st == kernels::Status::invalid_argument) return false;
+    check(st, "the half2 GEMV (probe at load)");
+    cuda_check(cudaStreamSynchronize(stream), "the half2 GEMV (probe at load)");
+    return true;
+  }
+  // One token's stacked q / k / v projection, RoPE and KV cache write in one kernel (fuses_one_row):
+  // what project then rope_kv_write do.
+  void project_rope_kv(const DeviceMatrix& w, const __half* x, const kc::RopeKvWriteShape& s,
+                       const int32_t* pos, const int32_t* seq, const int32_t* tables, __half* q_out,
+                       __half* k_cache, __half* v_cache) {
+    const auto* wd = w.mem->as<uint8_t>();
+    auto* error_flag = flag.as<int32_t>();
+    const bool pdl = options.programmatic_launch;
+    check(w.kind == DeviceKind::q4_k
+              ? kc::w4a16_gemv_q4_k_half2_rope_kv(wd, s, w.k, x, pos, seq, tables, q_out, k_cache, v_cache,
+                                                  error_flag, stream, pdl)
+              : kc::w4a16_gemv_int4_groups_half2_rope_kv(
+                    wd, reinterpret_cast<const __half*>(wd + w.scales_offset), wd + w.zeros_offset, w.group,
+                    s, w.k, x, pos, seq, tables, q_out, k_cache, v_cache, error_flag, stream, pdl),
+          "half2 GEMV with RoPE and the KV write (q / k / v)");
+  }
+  // One token's stacked gate / up projection and SwiGLU in one kernel (fuses_one_row): act, [1, n_ff]
+  // fp16, as project then swiglu_f32_to_f16 write it.
+  void project_swiglu(const DeviceMatrix& w, const __half* x, __half* act) {
+    const auto* wd = w.mem->as<uint8_t>();
+    const bool pdl = options.programmatic_launch;
+    const int64_t n_ff = w.n_out / 2;
+    check(w.kind == DeviceKind::q4_k ? kc::w4a16_gemv_q4_k_half2_swiglu(wd, n_ff, w.k, x, act, stream, pdl)
+                                     : kc::w4a16_gemv_int4_groups_half2_swiglu(
+                                           wd, reinterpret_cast<const __half*>(wd + w.scales_offset),
+                                           wd + w.zeros_offset, w.group, n_ff, w.k, x, act, stream, pdl),
+          "half2 GEMV with SwiGLU (gate / up)");
+  }
+
   // Runs the projection's parts: stacked, y is [m, total]; in parts, part i's [m, n_out_i] follows
   // part i-1's whole output.
   void project(const Projection& p, const __half* x, int64_t m, float* y) {
@@ -1287,8 +1346,12 @@ void CudaLlamaModel::Impl::choose_int4_kernels() {
                                    " the default; " + t.skipped + ")");
         }
       }
-    } else if (options.int4_kernels == Int4Kernels::tensor_cores && layout != kc::Int4Layout::cutlass) {
+    } else if ((options.int4_kernels == Int4Kernels::tensor_cores ||
+                options.int4_kernels == Int4Kernels::half2) &&
+               layout != kc::Int4Layout::cutlass) {
       t.chosen[0] = t.chosen[1] = kc::Int4Kernel::gemv_tensor_cores;
+      if (options.int4_kernels == Int4Kernels::half2 && half2_takes(*list.front()))
+        t.chosen[0] = kc::Int4Kernel::gemv_half2;
       t.chosen[2] = kc::Int4Kernel::gemv_tensor_cores_32rows;
       t.chosen[3] = t.chosen[4] = kc::Int4Kernel::gemm_tensor_cores_64rows;
       // With CUTLASS copies, Hopper's wgmma from 17 rows on: 64-row tiles up to 64 activation rows
@@ -1331,6 +1394,11 @@ void CudaLlamaModel::Impl::choose_q4_k_kernels() {
   for (auto& [choice, list] : shapes) {
     choice.matrices = static_cast<int64_t>(list.size());
     choice.tensor_cores = options.int4_kernels == Int4Kernels::tensor_cores || choice.tiles;
+    if (options.int4_kernels ==
+        Int4Kernels::half2) {  // the tensor cores where the half2 GEMV refuses the row
+      choice.half2 = half2_takes(*list.front());
+      choice.tensor_cores = !choice.half2;
+    }
     // int8_activations: one row runs on the W4A8 GEMV whatever this says: nothing to time.
     if (options.int4_kernels == Int4Kernels::measured && !choice.tiles && !options.int8_activations) {
       // One row on each GEMV, the shape's matrices in turn (enough of them and L2 holds few), the
@@ -1673,25 +1741,29 @@ void CudaLlamaModel::Impl::enqueue(const Plan& p) {
                                  c.rms_eps, stream, pdl),
             "add_rms_norm_f32");
     }
-    auto* qkv_f = qkv.as<float>();
-    {
-      const Timed timed(*this, Section::qkv);
-      project(w.qkv, h, n, qkv_f);
-    }
-    const float *qp = qkv_f, *kp = nullptr, *vp = nullptr;
-    if (w.qkv.parts.size() == 1) {  // stacked: rows [q | k | v]
-      kp = qkv_f + q_dim;
-      vp = qkv_f + q_dim + kv_dim;
-      rshape.q_stride = rshape.kv_stride = qkv_dim;
-    } else {  // [n, q_dim], then [n, kv_dim] twice
-      kp = qkv_f + n * q_dim;
-      vp = kp + n * kv_dim;
-      rshape.q_stride = q_dim;
-      rshape.kv_stride = kv_dim;
-    }
     auto* kc_l = reinterpret_cast<__half*>(cache.k(l));
     auto* vc_l = reinterpret_cast<__half*>(cache.v(l));
-    {
+    if (n == 1 && fuses_one_row(w.qkv)) {
+      const Timed timed(*this, Section::qkv);  // RoPE and the KV write in the product's epilogue
+      project_rope_kv(w.qkv.parts.front(), h, rshape, md + p.off_pos, md + p.off_seq, md + p.off_tables,
+                      q16.as<__half>(), kc_l, vc_l);
+    } else {
+      auto* qkv_f = qkv.as<float>();
+      {
+        const Timed timed(*this, Section::qkv);
+        project(w.qkv, h, n, qkv_f);
+      }
+      const float *qp = qkv_f, *kp = nullptr, *vp = nullptr;
+      if (w.qkv.parts.size() == 1) {  // stacked: rows [q | k | v]
+        kp = qkv_f + q_dim;
+        vp = qkv_f + q_dim + kv_dim;
+        rshape.q_stride = rshape.kv_stride = qkv_dim;
+      } else {  // [n, q_dim], then [n, kv_dim] twice
+        kp = qkv_f + n * q_dim;
+        vp = kp + n * kv_dim;
+        rshape.q_stride = q_dim;
+        rshape.kv_stride = kv_dim;
+      }
       const Timed timed(*this, Section::rope_kv);
       check(kc::rope_kv_write(rshape, qp, kp, vp, md + p.off_pos, md + p.off_seq, md + p.off_tables,
                               q16.as<__half>(), kc_l, vc_l, flag_d, stream, pdl),
@@ -1726,13 +1798,16 @@ void CudaLlamaModel::Impl::enqueue(const Plan& p) {
       check(kc::add_rms_norm_f32(x, dl, w.ffn_norm->as<float>(), h, n, c.n_embd, c.rms_eps, stream, pdl),
             "add_rms_norm_f32");
     }
-    auto* gu = gate_up.as<float>();
-    {
-      const Timed timed(*this, Section::gate_up);
-      project(w.gate_up, h, n, gu);
-    }
-    const bool stacked = w.gate_up.parts.size() == 1;
-    {
+    if (n == 1 && fuses_one_row(w.gate_up)) {
+      const Timed timed(*this, Section::gate_up);  // SwiGLU in the product's epilogue
+      project_swiglu(w.gate_up.parts.front(), h, act16.as<__half>());
+    } else {
+      auto* gu = gate_up.as<float>();
+      {
+        const Timed timed(*this, Section::gate_up);
+        project(w.gate_up, h, n, gu);
+      }
+      const bool stacked = w.gate_up.parts.size() == 1;
       const Timed timed(*this, Section::swiglu);
       check(kc::swiglu_f32_to_f16(gu, stacked ? gu + c.n_ff : gu + n * c.n_ff, stacked ? 2 * c.n_ff : c.n_ff,
                                   act16.as<__half>(), n, c.n_ff, stream, pdl),
@@ -1980,15 +2055,18 @@ CudaLlamaModel::CudaLlamaModel(std::shared_ptr<const model::LlamaCheckpoint> che
         "the CUDA forward pass needs an even head_dim of at most 256 (this model has " +
         std::to_string(c.head_dim) + ") and an even number of rotated dims");
   }
-  if (options.int4_layout == Int4Layout::tiles && options.int4_kernels == Int4Kernels::cuda_cores) {
+  const bool rows_only =
+      options.int4_kernels == Int4Kernels::cuda_cores || options.int4_kernels == Int4Kernels::half2;
+  if (options.int4_layout == Int4Layout::tiles && rows_only) {
     throw std::invalid_argument(
-        "int4_kernels cuda_cores cannot read int4_layout tiles (only the tensor-core kernels and "
-        "dequant + cuBLAS read tiles): use int4_layout rows, or int4_kernels measured or tensor_cores");
+        std::string("int4_kernels ") + int4_kernels_name(options.int4_kernels) +
+        " cannot read int4_layout tiles (only the tensor-core kernels and dequant + cuBLAS "
+        "read tiles): use int4_layout rows, or int4_kernels measured or tensor_cores");
   }
-  if (options.int4_layout == Int4Layout::cutlass && options.int4_kernels == Int4Kernels::cuda_cores) {
-    throw std::invalid_argument(
-        "int4_kernels cuda_cores cannot read int4_layout cutlass (only the CUTLASS GEMM reads it): use "
-        "int4_layout rows, or int4_kernels measured or tensor_cores");
+  if (options.int4_layout == Int4Layout::cutlass && rows_only) {
+    throw std::invalid_argument(std::string("int4_kernels ") + int4_kernels_name(options.int4_kernels) +
+                                " cannot read int4_layout cutlass (only the CUTLASS GEMM reads it): use "
+                                "int4_layout rows, or int4_kernels measured or tensor_cores");
   }
   if (options.int4_layout == Int4Layout::measured && options.int4_kernels != Int4Kernels::measured) {
     throw std::invalid_argument(
@@ -2010,7 +2088,8 @@ CudaLlamaModel::CudaLlamaModel(std::shared_ptr<const model::LlamaCheckpoint> che
   }
   if (options.cutlass_gemm && options.int4_kernels == Int4Kernels::cuda_cores) {
     throw std::invalid_argument(
-        "cutlass_gemm needs int4_kernels measured or tensor_cores (cuda_cores pins every product to the CUDA "
+        "cutlass_gemm needs int4_kernels measured, tensor_cores or half2 (cuda_cores pins every product to "
+        "the CUDA "
         "cores)");
   }
   require_device(options.device);
@@ -2072,6 +2151,12 @@ void CudaLlamaModel::set_programmatic_launch(bool on) {
   if (impl_->options.programmatic_launch == on) return;
   impl_->options.programmatic_launch = on;
   impl_->clear_graphs();  // they hold launches of the other kind
+}
+
+void CudaLlamaModel::set_fused_epilogues(bool on) {
+  if (impl_->options.fused_epilogues == on) return;
+  impl_->options.fused_epilogues = on;
+  impl_->clear_graphs();  // they hold the other kernels
 }
 
 const std::vector<CudaInt4KernelChoice>& CudaLlamaModel::int4_kernel_choices() const {

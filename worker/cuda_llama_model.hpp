@@ -122,14 +122,18 @@ class CudaKvCache {
 //   cuda_cores:   the CUDA-core GEMV up to 32 rows, the WMMA GEMM above;
 //   tensor_cores: the tensor-core GEMV up to 16 rows, its two-tile shape up to 32, the 64-row
 //                 tensor-core GEMM above.
+//   half2:        one row on the half2 GEMV (kernels/cuda/w4a16_gemv_half2.cuh; where a row is longer
+//                 than the device's shared memory holds, tensor_cores' choice), the rest as tensor_cores.
 // GGUF Q4_K matrices (read as stored) follow the same words: cuda_cores the CUDA-core Q4_K GEMV and
-// WMMA GEMM as before, tensor_cores the tensor-core kernels on Q4_K at every row count, measured the
-// tensor-core kernels from 2 rows and, for one row, whichever GEMV its timing at load prefers
-// (CudaQ4KChoice).
-enum class Int4Kernels { measured, cuda_cores, tensor_cores };
+// WMMA GEMM as before, tensor_cores the tensor-core kernels on Q4_K at every row count, half2 the Q4_K
+// half2 GEMV for one row and the tensor cores above, measured the tensor-core kernels from 2 rows and,
+// for one row, whichever GEMV its timing at load prefers (CudaQ4KChoice). cuda_cores and half2 read
+// the rows (int4_layout rows) only.
+enum class Int4Kernels { measured, cuda_cores, tensor_cores, half2 };
 inline const char* int4_kernels_name(Int4Kernels kernels) {
   return kernels == Int4Kernels::cuda_cores     ? "cuda_cores"
          : kernels == Int4Kernels::tensor_cores ? "tensor_cores"
+         : kernels == Int4Kernels::half2        ? "half2"
                                                 : "measured";
 }
 
@@ -267,6 +271,12 @@ struct CudaModelOptions {
   // timing; the other row counts keep int4_kernels' choice. Needs int4_layout rows
   // (std::invalid_argument otherwise).
   bool int8_activations = false;
+  // Where a one-row product runs on the half2 GEMV (chosen at load, or Int4Kernels::half2), the step
+  // after it runs in the GEMV's epilogue: the stacked q / k / v rows are rotated and written into q
+  // and the KV cache (no rope_kv_write), the stacked gate / up rows become SwiGLU's fp16 row (no SwiGLU
+  // kernel): two launches and two fp32 rows a layer fewer in batch-1 decode, with the same bits (the
+  // tests compare). false: the separate kernels (bench-gpu --model times both at batch 1).
+  bool fused_epilogues = true;
 };
 
 class CudaLlamaModel {
@@ -303,6 +313,8 @@ class CudaLlamaModel {
   int64_t captured_graphs() const;
   // Switches CudaModelOptions::programmatic_launch for later passes (drops captured graphs).
   void set_programmatic_launch(bool on);
+  // Switches CudaModelOptions::fused_epilogues for later passes (drops captured graphs).
+  void set_fused_epilogues(bool on);
   // Per group-wise INT4 matrix shape, the kernels it uses (CudaModelOptions::int4_kernels), in the
   // order the shapes first occur (q/k/v, attn_output, gate/up, down, head); empty without such matrices.
   const std::vector<CudaInt4KernelChoice>& int4_kernel_choices() const;

@@ -356,7 +356,18 @@ int run_model(const Args& a) {
       draft_step_s.push_back(time_decode_step(draft, b, a.gen_tokens, a.repetitions, rng));
       report("draft batch %lld: %.2f ms/step", static_cast<long long>(b), draft_step_s.back() * 1e3);
     }
-  }  // The target again with its matrix products launched programmatically (PDL): last, so that a
+  }
+  // Batch 1 again with the half2 GEMV's fused epilogues off (CudaModelOptions::fused_epilogues): what
+  // doing RoPE / the KV write and SwiGLU in the products saves where the half2 GEMV runs (the step
+  // profile's "rope + KV write" and "SwiGLU" are then 0 at batch 1); the same kernels elsewhere.
+  double unfused_step_s = 0.0;
+  if (std::find(batches.begin(), batches.end(), 1) != batches.end()) {
+    target.model->set_fused_epilogues(false);
+    unfused_step_s = time_decode_step(target, 1, a.gen_tokens, a.repetitions, rng);
+    target.model->set_fused_epilogues(true);
+    report("unfused epilogues batch 1: %.2f ms/step", unfused_step_s * 1e3);
+  }
+  // The target again with its matrix products launched programmatically (PDL): last, so that a
   // failure there (the feature has not run on a GPU yet) costs none of the figures above.
   std::vector<double> pdl_step_s;
   std::string pdl_error;
@@ -382,6 +393,7 @@ int run_model(const Args& a) {
       row["draft_ms_per_step"] = draft_step_s[i] * 1e3;
       row["draft_target_step_ratio"] = draft_step_s[i] / step_s[i];
     }
+    if (batches[i] == 1 && unfused_step_s > 0.0) row["unfused_epilogues_ms_per_step"] = unfused_step_s * 1e3;
     if (!pdl_step_s.empty()) {
       row["pdl_ms_per_step"] = pdl_step_s[i] * 1e3;
       row["pdl_floor_fraction"] = floor_s / pdl_step_s[i];
@@ -502,6 +514,14 @@ int run_model(const Args& a) {
       "programmatically (CudaModelOptions::programmatic_launch).\n",
       kShortPrompt, a.gen_tokens, a.repetitions);
   if (!pdl_error.empty()) std::printf("PDL run failed: %s\n", pdl_error.c_str());
+  if (unfused_step_s > 0.0) {
+    const double fused_s =
+        step_s[static_cast<size_t>(std::find(batches.begin(), batches.end(), 1) - batches.begin())];
+    std::printf(
+        "Batch 1 with the half2 GEMV's fused epilogues off (RoPE / KV write and SwiGLU as kernels of their "
+        "own): %.2f ms/step; fused / unfused %.3f (1.000 where no one-row product runs on the half2 GEMV).\n",
+        unfused_step_s * 1e3, fused_s / unfused_step_s);
+  }
   // The step profile: one decode step per batch size, each section's device ms (summed over layers).
   std::printf(
       "\nOne decode step, by section (device ms, summed over the layers; run directly with the whole step "
@@ -904,7 +924,7 @@ Runner add_bench_gpu(CLI::App& app) {
   add_int4_kernels_option(
       app, a->int4_kernels,
       "With --model: how group-wise INT4 matrices pick their kernels: measured (timed at load, "
-      "the default), cuda-cores or tensor-cores");
+      "the default), cuda-cores, tensor-cores or half2 (one row on the half2 GEMV, the tensor cores above)");
   add_int4_layout_option(app, a->int4_layout,
                          "With --model: group-wise INT4 matrices as rows (the default), repacked into the "
                          "tensor-core kernels' tiles, or only in CUTLASS's order (cutlass: every product "

@@ -62,7 +62,7 @@ Runner add_generate(CLI::App& app) {
   add_int4_kernels_option(
       app, a->int4_kernels,
       "With --device cuda: how group-wise INT4 matrices pick their kernels: measured (timed at "
-      "load, the default), cuda-cores or tensor-cores (fixed: the same kernels as a `nibble "
+      "load, the default), cuda-cores, tensor-cores or half2 (fixed: the same kernels as a `nibble "
       "serve` job with the same int4_kernels)");
   add_int4_layout_option(
       app, a->int4_layout,

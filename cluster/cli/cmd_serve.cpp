@@ -122,6 +122,8 @@ worker::Int4Kernels worker_int4_kernels(cluster::Int4KernelChoice choice) {
       return worker::Int4Kernels::cuda_cores;
     case cluster::Int4KernelChoice::tensor_cores:
       return worker::Int4Kernels::tensor_cores;
+    case cluster::Int4KernelChoice::half2:
+      return worker::Int4Kernels::half2;
     case cluster::Int4KernelChoice::measured:
       break;
   }

@@ -29,7 +29,7 @@ Runner add_bench_gpu(CLI::App& app);
 // Thread count default: every core the machine has.
 int default_threads();
 
-// --int4-kernels (bench-gpu, generate): measured, cuda-cores or tensor-cores (worker::Int4Kernels).
+// --int4-kernels (bench-gpu, generate): measured, cuda-cores, tensor-cores or half2 (worker::Int4Kernels).
 void add_int4_kernels_option(CLI::App& app, worker::Int4Kernels& value, const std::string& what);
 // --int4-layout (bench-gpu, generate): rows or tiles (worker::Int4Layout).
 void add_int4_layout_option(CLI::App& app, worker::Int4Layout& value, const std::string& what);

@@ -16,7 +16,8 @@ void add_int4_kernels_option(CLI::App& app, worker::Int4Kernels& value, const st
       ->transform(CLI::CheckedTransformer(
           std::map<std::string, worker::Int4Kernels>{{"measured", worker::Int4Kernels::measured},
                                                      {"cuda-cores", worker::Int4Kernels::cuda_cores},
-                                                     {"tensor-cores", worker::Int4Kernels::tensor_cores}}));
+                                                     {"tensor-cores", worker::Int4Kernels::tensor_cores},
+                                                     {"half2", worker::Int4Kernels::half2}}));
 }
 
 void add_int4_layout_option(CLI::App& app, worker::Int4Layout& value, const std::string& what) {

@@ -249,23 +249,26 @@ ClusterConfig build_config(const Reader& reader, const Section& top, const std::
     config.device = static_cast<Device>(reader.choice(*e, {"cpu", "cuda"}));
   if (const Entry* e = top.find("int4_kernels")) {
     config.int4_kernels =
-        static_cast<Int4KernelChoice>(reader.choice(*e, {"measured", "cuda_cores", "tensor_cores"}));
+        static_cast<Int4KernelChoice>(reader.choice(*e, {"measured", "cuda_cores", "tensor_cores", "half2"}));
   }
   if (const Entry* e = top.find("int4_layout")) {
     config.int4_layout =
         static_cast<Int4LayoutChoice>(reader.choice(*e, {"rows", "tiles", "cutlass", "measured"}));
-    if (config.int4_layout == Int4LayoutChoice::tiles &&
-        config.int4_kernels == Int4KernelChoice::cuda_cores) {
-      reader.fail(
-          e->path, e->line,
-          "tiles cannot be read by int4_kernels: cuda_cores (only the tensor-core kernels read tiles); "
-          "use rows, or int4_kernels: measured or tensor_cores");
-    }
-    if (config.int4_layout == Int4LayoutChoice::cutlass &&
-        config.int4_kernels == Int4KernelChoice::cuda_cores) {
+    // cuda_cores and half2 read the rows only.
+    const bool rows_only =
+        config.int4_kernels == Int4KernelChoice::cuda_cores || config.int4_kernels == Int4KernelChoice::half2;
+    if (config.int4_layout == Int4LayoutChoice::tiles && rows_only) {
       reader.fail(e->path, e->line,
-                  "cutlass cannot be read by int4_kernels: cuda_cores (only CUTLASS's GEMM reads it); use "
-                  "rows, or int4_kernels: measured or tensor_cores");
+                  std::string("tiles cannot be read by int4_kernels: ") +
+                      int4_kernel_choice_name(config.int4_kernels) +
+                      " (only the tensor-core kernels read tiles); use rows, or int4_kernels: measured or "
+                      "tensor_cores");
+    }
+    if (config.int4_layout == Int4LayoutChoice::cutlass && rows_only) {
+      reader.fail(e->path, e->line,
+                  std::string("cutlass cannot be read by int4_kernels: ") +
+                      int4_kernel_choice_name(config.int4_kernels) +
+                      " (only CUTLASS's GEMM reads it); use rows, or int4_kernels: measured or tensor_cores");
     }
     if (config.int4_layout == Int4LayoutChoice::measured &&
         config.int4_kernels != Int4KernelChoice::measured) {
@@ -283,7 +286,7 @@ ClusterConfig build_config(const Reader& reader, const Section& top, const std::
       reader.fail(
           e->path, e->line,
           "true cannot go with int4_kernels: cuda_cores (which pins every product to the CUDA cores); "
-          "use measured or tensor_cores");
+          "use measured, tensor_cores or half2");
     }
     if (config.cutlass_gemm && config.int4_layout == Int4LayoutChoice::measured) {
       reader.fail(
@@ -404,6 +407,8 @@ const char* int4_kernel_choice_name(Int4KernelChoice choice) {
       return "cuda_cores";
     case Int4KernelChoice::tensor_cores:
       return "tensor_cores";
+    case Int4KernelChoice::half2:
+      return "half2";
     case Int4KernelChoice::measured:
       break;
   }

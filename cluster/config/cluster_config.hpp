@@ -19,8 +19,9 @@
 //     pipeline: 1                # P: pipeline stages, >= 1
 //     micro_batches: <pipeline>  # micro-batches in flight through the pipeline, >= 1
 //   device: cpu                  # cpu | cuda (workers on GPU local rank % GPUs; CUDA builds only)
-//   int4_kernels: measured       # device: cuda: measured | cuda_cores | tensor_cores (Int4KernelChoice)
-//   int4_layout: rows            # device: cuda: rows | tiles | cutlass | measured (Int4LayoutChoice;
+//   int4_kernels: measured       # device: cuda: measured | cuda_cores | tensor_cores | half2
+//   (Int4KernelChoice) int4_layout: rows            # device: cuda: rows | tiles | cutlass | measured
+//   (Int4LayoutChoice;
 //                                # tiles and cutlass refuse cuda_cores; cutlass: one copy, CUTLASS's GEMM
 //                                # only; measured: per shape, timed at load; needs int4_kernels: measured)
 //   cutlass_gemm: false          # device: cuda: true adds CUTLASS's Hopper GEMMs as candidates (a second
@@ -80,15 +81,16 @@ enum class DraftPlacement {
 };
 
 // How a GPU worker's group-wise INT4 matrices pick their kernels (worker::Int4Kernels): measured
-// times every candidate at load and takes the fastest per row range; cuda_cores and tensor_cores fix
-// the choice, so that every process of a job, and `nibble generate --int4-kernels` with the same
-// value, computes each product with the same kernels (bit-identical runs across processes).
-enum class Int4KernelChoice { measured, cuda_cores, tensor_cores };
+// times every candidate at load and takes the fastest per row range; cuda_cores, tensor_cores and
+// half2 (one row on the half2 GEMV, the tensor cores above) fix the choice, so that every process of a job,
+// and `nibble generate --int4-kernels` with the same value, computes each product with the same kernels
+// (bit-identical runs across processes).
+enum class Int4KernelChoice { measured, cuda_cores, tensor_cores, half2 };
 // How a GPU worker lays out group-wise INT4 and GGUF Q4_K matrices (worker::Int4Layout): rows as
 // loaded; tiles, repacked at load into the tensor-core kernels' chunks; or cutlass, group-wise INT4
-// only in CUTLASS's order for its Hopper GEMM. The CUDA-core kernels read neither of the last two, so
-// int4_kernels: cuda_cores with them is a config error. measured: per group-wise INT4 shape, the one of
-// the three whose kernels decode fastest when timed at load (needs int4_kernels: measured; refuses
+// only in CUTLASS's order for its Hopper GEMM. The CUDA-core and half2 GEMVs read neither of the last
+// two, so int4_kernels: cuda_cores or half2 with them is a config error. measured: per group-wise INT4 shape,
+// the one of the three whose kernels decode fastest when timed at load (needs int4_kernels: measured; refuses
 // cutlass_gemm: true).
 enum class Int4LayoutChoice { rows, tiles, cutlass, measured };
 

@@ -63,6 +63,37 @@ __device__ __forceinline__ int64_t paged_slot(const int32_t* table, int64_t pos,
   return -1;
 }
 
+// SwiGLU's value: kernels::swiglu's expression in its order. expf, not __expf: for gate << 0,
+// expf(-gate) = inf and gate / inf = -0, as on the CPU. The SwiGLU kernels and the half2 GEMV's fused
+// epilogue share it, so their bits agree.
+__device__ __forceinline__ float silu_times(float gate, float up) { return gate / (1.0f + expf(-gate)) * up; }
+
+// RoPE's angle for rotation pair i at position pos: the CPU's recurrence (kernels::rope_normal), step
+// for step (theta_scale = base^(-2 / rot_dims), rounded as the host rounds it).
+__device__ __forceinline__ float rope_angle(int32_t pos, int i, float theta_scale) {
+  float theta = static_cast<float>(pos);
+  for (int s = 0; s < i; ++s) theta *= theta_scale;
+  return theta;
+}
+
+// One rotated pair (x0, x1) by the angle whose cosine and sine are c and s: the CPU's expressions,
+// explicitly rounded so that no kernel contracts them into an FMA differently.
+__device__ __forceinline__ void rope_rotate(float x0, float x1, float c, float s, float& r0, float& r1) {
+  r0 = __fsub_rn(__fmul_rn(x0, c), __fmul_rn(x1, s));
+  r1 = __fadd_rn(__fmul_rn(x0, s), __fmul_rn(x1, c));
+}
+
+// The KV cache slot (block * block_size + offset) that the token at position pos of block-table row
+// seq is written to; -1 for a negative position or sequence, a position past the table, or a block id
+// outside [0, num_blocks).
+__device__ __forceinline__ int64_t kv_write_slot(int32_t pos, int64_t seq, const int32_t* block_tables,
+                                                 int64_t block_size, int64_t num_blocks,
+                                                 int64_t max_blocks_per_seq) {
+  if (pos < 0 || seq < 0 || pos / block_size >= max_blocks_per_seq) return -1;
+  const int64_t blk = block_tables[seq * max_blocks_per_seq + pos / block_size];
+  return blk >= 0 && blk < num_blocks ? blk * block_size + pos % block_size : -1;
+}
+
 // A warp's online-softmax step over a tile of keys (lane j holds key j's score, -inf when masked),
 // the one the attention kernels share: false, state unchanged, while nothing is visible yet (uniform
 // over the warp); otherwise the running max m and normalizer l are updated, w is this lane's weight

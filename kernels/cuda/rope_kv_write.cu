@@ -43,11 +43,8 @@ __device__ __forceinline__ void rotate_head(const float* __restrict__ in, __half
     if (d < 2 * half_rot) {
       if (d % 2 != 0) continue;  // the pair's even element does both
       const int i = d / 2;
-      const float x0 = in[d];
-      const float x1 = in[d + 1];
-      // The CPU's expressions (kernels::rope_normal); no FMA contraction across the products.
-      const float r0 = __fsub_rn(__fmul_rn(x0, cos_t[i]), __fmul_rn(x1, sin_t[i]));
-      const float r1 = __fadd_rn(__fmul_rn(x0, sin_t[i]), __fmul_rn(x1, cos_t[i]));
+      float r0, r1;
+      detail::rope_rotate(in[d], in[d + 1], cos_t[i], sin_t[i], r0, r1);
       out[d] = __float2half_rn(r0);
       out[d + 1] = __float2half_rn(r1);
     } else {
@@ -68,19 +65,14 @@ __global__ void __launch_bounds__(kThreads) rope_kv_write_kernel(Params p) {
   const int64_t head = blockIdx.y;
   const int32_t pos = p.token_pos[t];
   for (int i = threadIdx.x; i < p.half_rot; i += kThreads) {
-    float theta = static_cast<float>(pos);
-    for (int s = 0; s < i; ++s) theta *= p.theta_scale;  // the CPU's recurrence, step for step
+    const float theta = detail::rope_angle(pos, i, p.theta_scale);
     cos_t[i] = cosf(theta);
     sin_t[i] = sinf(theta);
   }
   const bool is_q = head < p.n_head;
   if (threadIdx.x == 0 && !is_q) {
-    int64_t slot = -1;
-    const int64_t seq = p.token_seq[t];
-    if (pos >= 0 && seq >= 0 && pos / p.block_size < p.max_blocks_per_seq) {
-      const int64_t blk = p.block_tables[seq * p.max_blocks_per_seq + pos / p.block_size];
-      if (blk >= 0 && blk < p.num_blocks) slot = blk * p.block_size + pos % p.block_size;
-    }
+    const int64_t slot = detail::kv_write_slot(pos, p.token_seq[t], p.block_tables, p.block_size,
+                                               p.num_blocks, p.max_blocks_per_seq);
     if (slot < 0) detail::raise_flag(p.error_flag);
     slot_s = slot;
   }
@@ -105,6 +97,21 @@ __global__ void __launch_bounds__(kThreads) rope_kv_write_kernel(Params p) {
 
 }  // namespace
 
+bool rope_kv_heads_and_cache_valid(const RopeKvWriteShape& s) {
+  if (s.n_head < 1 || s.n_head_kv < 1 || s.head_dim < 1) return false;
+  // The grid's y dimension holds every head (at most 65535); head offsets are int.
+  if (s.n_head + s.n_head_kv > 65535 || s.head_dim > (int64_t{1} << 20)) return false;
+  if (s.rot_dims < 2 || s.rot_dims > s.head_dim || s.rot_dims % 2 != 0 || s.rot_dims > kMaxRotDims)
+    return false;
+  if (!(s.rope_base > 0.0f)) return false;
+  return s.block_size >= 1 && s.num_blocks >= 1 && s.max_blocks_per_seq >= 1;
+}
+
+// Exactly the CPU's factor (kernels::rope_normal): std::pow in float.
+float rope_theta_scale(const RopeKvWriteShape& s) {
+  return std::pow(s.rope_base, -2.0f / static_cast<float>(s.rot_dims));
+}
+
 Status rope_kv_write(const RopeKvWriteShape& s, const float* q, const float* k, const float* v,
                      const int32_t* token_pos, const int32_t* token_seq, const int32_t* block_tables,
                      __half* q_out, __half* k_cache, __half* v_cache, int32_t* error_flag,
@@ -113,16 +120,10 @@ Status rope_kv_write(const RopeKvWriteShape& s, const float* q, const float* k, 
       block_tables == nullptr || q_out == nullptr || k_cache == nullptr || v_cache == nullptr) {
     return Status::invalid_argument;
   }
-  if (s.tokens < 0 || s.tokens > INT32_MAX || s.n_head < 1 || s.n_head_kv < 1 || s.head_dim < 1)
+  if (!rope_kv_heads_and_cache_valid(s) || s.tokens < 0 || s.tokens > INT32_MAX)
     return Status::invalid_argument;
-  // The grid's y dimension holds every head (at most 65535); head offsets are int.
-  if (s.n_head + s.n_head_kv > 65535 || s.head_dim > (int64_t{1} << 20)) return Status::invalid_argument;
-  if (s.rot_dims < 2 || s.rot_dims > s.head_dim || s.rot_dims % 2 != 0 || s.rot_dims > kMaxRotDims)
-    return Status::invalid_argument;
-  if (!(s.rope_base > 0.0f)) return Status::invalid_argument;
   if (s.q_stride < s.n_head * s.head_dim || s.kv_stride < s.n_head_kv * s.head_dim)
     return Status::invalid_argument;
-  if (s.block_size < 1 || s.num_blocks < 1 || s.max_blocks_per_seq < 1) return Status::invalid_argument;
   if (s.tokens == 0) return Status::ok;
   Params p{};
   p.q = q;
@@ -144,8 +145,7 @@ Status rope_kv_write(const RopeKvWriteShape& s, const float* q, const float* k, 
   p.num_blocks = s.num_blocks;
   p.max_blocks_per_seq = s.max_blocks_per_seq;
   p.half_rot = static_cast<int>(s.rot_dims / 2);
-  // Exactly the CPU's factor (kernels::rope_normal): std::pow in float.
-  p.theta_scale = std::pow(s.rope_base, -2.0f / static_cast<float>(s.rot_dims));
+  p.theta_scale = rope_theta_scale(s);
   const dim3 grid(static_cast<unsigned>(s.tokens), static_cast<unsigned>(s.n_head + s.n_head_kv));
   const cudaError_t launched =
       detail::launch_kernel(rope_kv_write_kernel, grid, dim3(kThreads), 0, stream, programmatic, p);

@@ -53,6 +53,12 @@ struct RopeKvWriteShape {
 // Returns invalid_argument (nothing launched) for a bad argument, device_error if the launch fails.
 // programmatic: launched as a programmatic dependent launch (dependent_launch.cuh): it may start while
 // the kernel before it finishes, and waits for it before touching memory; the same results.
+// What rope_kv_write asks of a shape's heads, rotation and cache (not of its tokens and strides):
+// shared with the GEMV epilogue that does its work (w4a16_gemv_half2.cuh).
+bool rope_kv_heads_and_cache_valid(const RopeKvWriteShape& shape);
+// The angle recurrence's factor, rope_base^(-2 / rot_dims) rounded as the CPU rounds it.
+float rope_theta_scale(const RopeKvWriteShape& shape);
+
 Status rope_kv_write(const RopeKvWriteShape& shape, const float* q, const float* k, const float* v,
                      const int32_t* token_pos, const int32_t* token_seq, const int32_t* block_tables,
                      __half* q_out, __half* k_cache, __half* v_cache, int32_t* error_flag,

@@ -3,6 +3,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "kernels/cuda/common.cuh"
 #include "kernels/cuda/dependent_launch.cuh"
 #include "kernels/cuda/swiglu.cuh"
 
@@ -16,9 +17,7 @@ __global__ void __launch_bounds__(kThreads)
     swiglu_kernel(const __half* gate, const __half* up, __half* out, int64_t n) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < n; i += stride) {
-    const float g = __half2float(gate[i]);
-    // expf (not __expf): full precision; for g << 0, expf(-g) = inf and g / inf = -0, as on the CPU.
-    out[i] = __float2half_rn(g / (1.0f + expf(-g)) * __half2float(up[i]));
+    out[i] = __float2half_rn(detail::silu_times(__half2float(gate[i]), __half2float(up[i])));
   }
 }
 
@@ -31,8 +30,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < n; i += stride) {
     const int64_t r = i / n_ff;
     const int64_t c = i % n_ff;
-    const float g = gate[r * in_stride + c];
-    out[i] = __float2half_rn(g / (1.0f + expf(-g)) * up[r * in_stride + c]);
+    out[i] = __float2half_rn(detail::silu_times(gate[r * in_stride + c], up[r * in_stride + c]));
   }
 }
 

@@ -7,6 +7,7 @@
 #include <set>
 #include <utility>
 
+#include "kernels/cuda/common.cuh"
 #include "kernels/cuda/dependent_launch.cuh"
 #include "kernels/cuda/mma.cuh"
 #include "kernels/cuda/w4a16_gemv_half2.cuh"
@@ -20,8 +21,7 @@ using w4a16::Int4GroupBlocks;
 constexpr int kWarpSize = 32;
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarpSize * kWarps;
-constexpr int kRowsPerWarp = 2;  // the staged activations a lane reads serve both rows
-constexpr int kRowsPerBlock = kWarps * kRowsPerWarp;
+constexpr int kRowsPerWarp = 2;      // the staged activations a lane reads serve both rows
 constexpr int kBatch = 4;            // units a lane loads at once, per row: 128 bytes in flight a lane
 constexpr float kStagedMax = 64.0f;  // |x| bound for the fp16 sums (int4_unit_half2_dot)
 
@@ -65,42 +65,124 @@ __device__ int stage_activations(const __half* __restrict__ x, unsigned entries,
   return shift;
 }
 
-// This warp's first weight row, and its rows with those past the last clamped to it (they are read
-// again and not stored, so that every warp meets the block's barriers).
-__device__ int64_t warp_first_row() {
-  return static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + (threadIdx.x / kWarpSize) * kRowsPerWarp;
-}
-__device__ void clamp_rows(int64_t first_row, int64_t n_out, int64_t (&rows)[kRowsPerWarp]) {
-#pragma unroll
-  for (int r = 0; r < kRowsPerWarp; ++r) rows[r] = first_row + r < n_out ? first_row + r : n_out - 1;
-}
-// The warp's row sums (acc: each lane's part) into y, times 2^shift (the staging's scale undone).
-__device__ void store_rows(const float (&acc)[kRowsPerWarp], int64_t first_row, int64_t n_out, int shift,
-                           float* __restrict__ y) {
-  const float unscale = ldexpf(1.0f, shift);
-#pragma unroll
-  for (int r = 0; r < kRowsPerWarp; ++r) {
-    float v = acc[r];
-#pragma unroll
-    for (int off = kWarpSize / 2; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
-    if (threadIdx.x % kWarpSize == 0 && first_row + r < n_out) y[first_row + r] = v * unscale;
+// Where a warp's two weight rows come from and where their sums go: warp w of the grid (blockIdx.x *
+// kWarps + the warp) reads rows rows_of(w), clamped into the matrix (rows past the end are read again
+// and not stored, so that every warp meets the block's barriers), and its lane 0 hands their sums to
+// store(w, ...). Each row's sum is the same whichever row shares its warp, so every epilogue writes
+// the plain GEMV's values, or what the kernel it replaces makes of them, bit for bit.
+static_assert(kRowsPerWarp == 2, "the epilogues pair two rows a warp");
+
+// The plain product: rows 2w and 2w + 1 into y: [n_out] fp32.
+struct SumsOut {
+  int64_t n_out;
+  float* __restrict__ y;
+  __host__ __device__ int64_t warps() const { return (n_out + 1) / 2; }
+  __device__ void rows_of(int64_t w, int64_t (&rows)[kRowsPerWarp]) const {
+    rows[0] = min(2 * w, n_out - 1);
+    rows[1] = min(2 * w + 1, n_out - 1);
   }
+  __device__ void store(int64_t w, const float (&sums)[kRowsPerWarp]) const {
+    if (2 * w < n_out) y[2 * w] = sums[0];
+    if (2 * w + 1 < n_out) y[2 * w + 1] = sums[1];
+  }
+};
+
+// The stacked gate / up projection ([2 n_ff, k]: gate rows, then up rows) into SwiGLU: rows w (gate)
+// and n_ff + w (up), act[w] = silu(gate) up rounded to fp16 (swiglu_f32_to_f16's value). act: [n_ff].
+struct SwiGluOut {
+  int64_t n_ff;
+  __half* __restrict__ act;
+  __host__ __device__ int64_t warps() const { return n_ff; }
+  __device__ void rows_of(int64_t w, int64_t (&rows)[kRowsPerWarp]) const {
+    rows[0] = min(w, n_ff - 1);
+    rows[1] = n_ff + rows[0];
+  }
+  __device__ void store(int64_t w, const float (&sums)[kRowsPerWarp]) const {
+    if (w < n_ff) act[w] = __float2half_rn(detail::silu_times(sums[0], sums[1]));
+  }
+};
+
+// One token's stacked q / k / v projection ([q_dim + 2 kv_dim, k]) into rope_kv_write's outputs: rows
+// 2w and 2w + 1 are one rotation pair of a head (head_dim is even), rotated and rounded to fp16 into
+// q_out: [q_dim] or the K cache, or rounded into the V cache, at the token's slot (no slot: the flag
+// is raised and nothing is written, as rope_kv_write does).
+struct RopeKvOut {
+  int64_t q_dim, kv_dim, head_dim, rot_dims;
+  float theta_scale;
+  const int32_t* token_pos;     // [1]
+  const int32_t* token_seq;     // [1]
+  const int32_t* block_tables;  // [n_seqs, max_blocks_per_seq]
+  int64_t block_size, num_blocks, max_blocks_per_seq;
+  __half* q_out;
+  __half* k_cache;  // [num_blocks, block_size, kv_dim]
+  __half* v_cache;
+  int32_t* error_flag;
+  __host__ __device__ int64_t rows() const { return q_dim + 2 * kv_dim; }
+  __host__ __device__ int64_t warps() const { return rows() / 2; }
+  __device__ void rows_of(int64_t w, int64_t (&r)[kRowsPerWarp]) const {
+    r[0] = min(2 * w, rows() - 2);
+    r[1] = r[0] + 1;
+  }
+  // The pair at dims d, d + 1 of its head into out[0], out[1].
+  __device__ void rotate_into(float x0, float x1, int64_t d, int32_t pos, __half* out) const {
+    float r0 = x0, r1 = x1;
+    if (d < rot_dims) {
+      const float theta = detail::rope_angle(pos, static_cast<int>(d / 2), theta_scale);
+      detail::rope_rotate(x0, x1, cosf(theta), sinf(theta), r0, r1);
+    }
+    out[0] = __float2half_rn(r0);
+    out[1] = __float2half_rn(r1);
+  }
+  __device__ void store(int64_t w, const float (&sums)[kRowsPerWarp]) const {
+    const int64_t row = 2 * w;
+    if (row >= rows()) return;
+    const int32_t pos = token_pos[0];
+    if (row < q_dim) {
+      rotate_into(sums[0], sums[1], row % head_dim, pos, q_out + row);
+      return;
+    }
+    const int64_t slot =
+        detail::kv_write_slot(pos, token_seq[0], block_tables, block_size, num_blocks, max_blocks_per_seq);
+    if (slot < 0) {
+      detail::raise_flag(error_flag);
+      return;
+    }
+    const int64_t j = row - q_dim;  // into [k | v]
+    if (j < kv_dim) {
+      rotate_into(sums[0], sums[1], j % head_dim, pos, k_cache + slot * kv_dim + j);
+    } else {
+      v_cache[slot * kv_dim + j - kv_dim] = __float2half_rn(sums[0]);
+      v_cache[slot * kv_dim + j - kv_dim + 1] = __float2half_rn(sums[1]);
+    }
+  }
+};
+
+// This warp's index in the grid, the first argument of the epilogues' rows_of and store.
+__device__ int64_t grid_warp() { return static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / kWarpSize; }
+
+// The warp's row sums (acc: each lane's part), times 2^shift (the staging's scale undone), to out.
+template <typename Out>
+__device__ void store_rows(const float (&acc)[kRowsPerWarp], int64_t warp, int shift, const Out& out) {
+  const float unscale = ldexpf(1.0f, shift);
+  float sums[kRowsPerWarp];
+#pragma unroll
+  for (int r = 0; r < kRowsPerWarp; ++r) sums[r] = detail::warp_sum(acc[r]) * unscale;
+  if (threadIdx.x % kWarpSize == 0) out.store(warp, sums);
 }
 
 // GroupShift: log2(group / 32), a template argument so that every offset from the pointers is an
-// immediate.
-template <int GroupShift>
+// immediate. Out: the epilogue (SumsOut, SwiGluOut or RopeKvOut).
+template <int GroupShift, typename Out>
 __global__ void __launch_bounds__(kThreads)
-    gemv_int4_groups_half2_kernel(Int4GroupBlocks w, int64_t n_out, int64_t k, const __half* __restrict__ x,
-                                  float* __restrict__ y) {
+    gemv_int4_groups_half2_kernel(Int4GroupBlocks w, Out out, int64_t k, const __half* __restrict__ x) {
   // The activation row as int4_unit_half2_dot takes it, word-major so that a warp's 32 lanes (32
   // consecutive units) read 512 consecutive bytes: word i of unit u at xs[i * nb + u].
   extern __shared__ uint4 xs[];
   __shared__ unsigned max_abs_bits;  // the largest |x|'s fp16 bits
   const unsigned lane = threadIdx.x % kWarpSize;
-  const int64_t first_row = warp_first_row();
+  const int64_t warp = grid_warp();
   int64_t rows[kRowsPerWarp];
-  clamp_rows(first_row, n_out, rows);
+  out.rows_of(warp, rows);
   const unsigned nb = static_cast<unsigned>(k / kQK4_0);  // k <= kW4A16GemvHalf2MaxK
   // Pointers to this lane's next units of each row, and to their scales and zeros, advanced a batch
   // at a time, so that each load is a base and an immediate offset (rows are whole groups, and a
@@ -191,7 +273,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int i = 0; i < 4; ++i) xw[i] += kWarpSize * kBatch;
     load(j0);
   }
-  store_rows(acc, first_row, n_out, shift, y);
+  store_rows(acc, warp, shift, out);
 }
 
 // GGUF Q4_K as stored (BlockQ4_K, 144 bytes per 256 inputs). A lane takes 64-input chunks: chunk C of
@@ -206,17 +288,17 @@ constexpr int kQ4KChunkPlanes = 8;            // staged words a chunk: 2 pieces 
 constexpr int kQ4KChunksPerStep = kWarpSize;  // a lane's chunks are 32 apart: 8 super-blocks
 constexpr int kQ4KStepBytes = kQ4KChunksPerStep / 4 * kQ4KSuperBlockBytes;
 
+template <typename Out>
 __global__ void __launch_bounds__(kThreads)
-    gemv_q4_k_half2_kernel(const uint8_t* __restrict__ w, int64_t n_out, int64_t k,
-                           const __half* __restrict__ x, float* __restrict__ y) {
+    gemv_q4_k_half2_kernel(const uint8_t* __restrict__ w, Out out, int64_t k, const __half* __restrict__ x) {
   // Word-major as for INT4: word p (= 4 piece + word) of chunk C at xs[p * chunks + C]; then the
   // sub-blocks' activation sums (fp32, scaled as the words are) at sums[s], s = C * 2 + 0 / 1.
   extern __shared__ uint4 xs[];
   __shared__ unsigned max_abs_bits;
   const unsigned lane = threadIdx.x % kWarpSize;
-  const int64_t first_row = warp_first_row();
+  const int64_t warp = grid_warp();
   int64_t rows[kRowsPerWarp];
-  clamp_rows(first_row, n_out, rows);
+  out.rows_of(warp, rows);
   const unsigned chunks = static_cast<unsigned>(k / 64);  // k <= kW4A16GemvHalf2MaxK
   const unsigned row_bytes = static_cast<unsigned>(k / kQK_K * kQ4KSuperBlockBytes);
   const unsigned c = lane % 4;        // every chunk of this lane's is chunk c of its block
@@ -320,7 +402,7 @@ __global__ void __launch_bounds__(kThreads)
     sw += kQ4KChunksPerStep * kQ4KBatch;
     load(j0);
   }
-  store_rows(acc, first_row, n_out, shift, y);
+  store_rows(acc, warp, shift, out);
 }
 
 // Launches `kernel` with `shared` bytes of dynamic shared memory: invalid_argument where the device's
@@ -329,7 +411,7 @@ __global__ void __launch_bounds__(kThreads)
 // that launches of different lengths (and threads) cannot undo each other's. A failure leaves no error
 // behind for the next launcher to find.
 template <typename... Params, typename... Args>
-Status launch_half2(void (*kernel)(Params...), int64_t n_out, size_t shared, cudaStream_t stream,
+Status launch_half2(void (*kernel)(Params...), int64_t warps, size_t shared, cudaStream_t stream,
                     bool programmatic, Args&&... args) {
   int device = 0, max_shared = 0;
   if (cudaGetDevice(&device) != cudaSuccess ||
@@ -353,11 +435,74 @@ Status launch_half2(void (*kernel)(Params...), int64_t n_out, size_t shared, cud
       raised.insert(key);
     }
   }
-  const auto grid = static_cast<unsigned>((n_out + kRowsPerBlock - 1) / kRowsPerBlock);
+  const auto grid = static_cast<unsigned>((warps + kWarps - 1) / kWarps);
   const cudaError_t launched = detail::launch_kernel(kernel, dim3(grid), dim3(kThreads), shared, stream,
                                                      programmatic, std::forward<Args>(args)...);
   const cudaError_t last = cudaGetLastError();
   return launched == cudaSuccess && last == cudaSuccess ? Status::ok : Status::device_error;
+}
+
+// The INT4 kernel with epilogue `out`, after the checks every epilogue shares (the weights, x, k and
+// the grid); nothing to launch for no rows.
+template <typename Out>
+Status launch_int4(const uint8_t* quants, const __half* scales, const uint8_t* zeros, int64_t group,
+                   int64_t k, const __half* x, const Out& out, cudaStream_t stream, bool programmatic) {
+  Int4GroupBlocks blocks{};
+  if (!w4a16::make_int4_group_blocks(quants, scales, zeros, group, k, blocks))
+    return Status::invalid_argument;
+  if (x == nullptr || k < kQK4_0 || k % kQK4_0 != 0 || k > kW4A16GemvHalf2MaxK ||
+      reinterpret_cast<uintptr_t>(x) % 16 != 0 || out.warps() / kWarps >= INT32_MAX) {
+    return Status::invalid_argument;
+  }
+  if (out.warps() == 0) return Status::ok;
+  const auto kernel = blocks.group_shift == 0   ? gemv_int4_groups_half2_kernel<0, Out>
+                      : blocks.group_shift == 1 ? gemv_int4_groups_half2_kernel<1, Out>
+                                                : gemv_int4_groups_half2_kernel<2, Out>;
+  return launch_half2(kernel, out.warps(), static_cast<size_t>(k) * sizeof(__half), stream, programmatic,
+                      blocks, out, k, x);
+}
+
+// The Q4_K kernel likewise.
+template <typename Out>
+Status launch_q4_k(const uint8_t* w, int64_t k, const __half* x, const Out& out, cudaStream_t stream,
+                   bool programmatic) {
+  if (w == nullptr || x == nullptr || k < kQK_K || k % kQK_K != 0 || k > kW4A16GemvHalf2MaxK ||
+      reinterpret_cast<uintptr_t>(w) % 16 != 0 || reinterpret_cast<uintptr_t>(x) % 16 != 0 ||
+      out.warps() / kWarps >= INT32_MAX) {
+    return Status::invalid_argument;
+  }
+  if (out.warps() == 0) return Status::ok;
+  const size_t shared =
+      static_cast<size_t>(k) * sizeof(__half) + static_cast<size_t>(k / kQK4_0) * sizeof(float);
+  return launch_half2(gemv_q4_k_half2_kernel<Out>, out.warps(), shared, stream, programmatic, w, out, k, x);
+}
+
+// The epilogue of one token's q / k / v rows, or false for what rope_kv_write would refuse (and for
+// more than one token or an odd head_dim).
+bool make_rope_kv_out(const RopeKvWriteShape& s, const int32_t* token_pos, const int32_t* token_seq,
+                      const int32_t* block_tables, __half* q_out, __half* k_cache, __half* v_cache,
+                      int32_t* error_flag, RopeKvOut& out) {
+  if (!rope_kv_heads_and_cache_valid(s) || s.tokens != 1 || s.head_dim % 2 != 0) return false;
+  if (token_pos == nullptr || token_seq == nullptr || block_tables == nullptr || q_out == nullptr ||
+      k_cache == nullptr || v_cache == nullptr) {
+    return false;
+  }
+  out = RopeKvOut{s.n_head * s.head_dim,
+                  s.n_head_kv * s.head_dim,
+                  s.head_dim,
+                  s.rot_dims,
+                  rope_theta_scale(s),
+                  token_pos,
+                  token_seq,
+                  block_tables,
+                  s.block_size,
+                  s.num_blocks,
+                  s.max_blocks_per_seq,
+                  q_out,
+                  k_cache,
+                  v_cache,
+                  error_flag};
+  return true;
 }
 
 }  // namespace
@@ -365,34 +510,50 @@ Status launch_half2(void (*kernel)(Params...), int64_t n_out, size_t shared, cud
 Status w4a16_gemv_int4_groups_half2(const uint8_t* quants, const __half* scales, const uint8_t* zeros,
                                     int64_t group, int64_t n_out, int64_t k, const __half* x, int64_t m,
                                     float* y, cudaStream_t stream, bool programmatic) {
-  Int4GroupBlocks blocks{};
-  if (!w4a16::make_int4_group_blocks(quants, scales, zeros, group, k, blocks))
-    return Status::invalid_argument;
-  if (x == nullptr || y == nullptr || m != 1 || n_out < 0 || k < kQK4_0 || k % kQK4_0 != 0 ||
-      k > kW4A16GemvHalf2MaxK || reinterpret_cast<uintptr_t>(x) % 16 != 0) {
-    return Status::invalid_argument;
-  }
-  if ((n_out + kRowsPerBlock - 1) / kRowsPerBlock > INT32_MAX) return Status::invalid_argument;
-  if (n_out == 0) return Status::ok;
-  const auto kernel = blocks.group_shift == 0   ? gemv_int4_groups_half2_kernel<0>
-                      : blocks.group_shift == 1 ? gemv_int4_groups_half2_kernel<1>
-                                                : gemv_int4_groups_half2_kernel<2>;
-  return launch_half2(kernel, n_out, static_cast<size_t>(k) * sizeof(__half), stream, programmatic, blocks,
-                      n_out, k, x, y);
+  if (y == nullptr || m != 1 || n_out < 0) return Status::invalid_argument;
+  return launch_int4(quants, scales, zeros, group, k, x, SumsOut{n_out, y}, stream, programmatic);
 }
 
 Status w4a16_gemv_q4_k_half2(const uint8_t* w, int64_t n_out, int64_t k, const __half* x, int64_t m, float* y,
                              cudaStream_t stream, bool programmatic) {
-  if (w == nullptr || x == nullptr || y == nullptr || m != 1 || n_out < 0 || k < kQK_K || k % kQK_K != 0 ||
-      k > kW4A16GemvHalf2MaxK || reinterpret_cast<uintptr_t>(w) % 16 != 0 ||
-      reinterpret_cast<uintptr_t>(x) % 16 != 0) {
+  if (y == nullptr || m != 1 || n_out < 0) return Status::invalid_argument;
+  return launch_q4_k(w, k, x, SumsOut{n_out, y}, stream, programmatic);
+}
+
+Status w4a16_gemv_int4_groups_half2_swiglu(const uint8_t* quants, const __half* scales, const uint8_t* zeros,
+                                           int64_t group, int64_t n_ff, int64_t k, const __half* x,
+                                           __half* act, cudaStream_t stream, bool programmatic) {
+  if (act == nullptr || n_ff < 0) return Status::invalid_argument;
+  return launch_int4(quants, scales, zeros, group, k, x, SwiGluOut{n_ff, act}, stream, programmatic);
+}
+
+Status w4a16_gemv_q4_k_half2_swiglu(const uint8_t* w, int64_t n_ff, int64_t k, const __half* x, __half* act,
+                                    cudaStream_t stream, bool programmatic) {
+  if (act == nullptr || n_ff < 0) return Status::invalid_argument;
+  return launch_q4_k(w, k, x, SwiGluOut{n_ff, act}, stream, programmatic);
+}
+
+Status w4a16_gemv_int4_groups_half2_rope_kv(const uint8_t* quants, const __half* scales, const uint8_t* zeros,
+                                            int64_t group, const RopeKvWriteShape& shape, int64_t k,
+                                            const __half* x, const int32_t* token_pos,
+                                            const int32_t* token_seq, const int32_t* block_tables,
+                                            __half* q_out, __half* k_cache, __half* v_cache,
+                                            int32_t* error_flag, cudaStream_t stream, bool programmatic) {
+  RopeKvOut out{};
+  if (!make_rope_kv_out(shape, token_pos, token_seq, block_tables, q_out, k_cache, v_cache, error_flag, out))
     return Status::invalid_argument;
-  }
-  if ((n_out + kRowsPerBlock - 1) / kRowsPerBlock > INT32_MAX) return Status::invalid_argument;
-  if (n_out == 0) return Status::ok;
-  const size_t shared =
-      static_cast<size_t>(k) * sizeof(__half) + static_cast<size_t>(k / kQK4_0) * sizeof(float);
-  return launch_half2(gemv_q4_k_half2_kernel, n_out, shared, stream, programmatic, w, n_out, k, x, y);
+  return launch_int4(quants, scales, zeros, group, k, x, out, stream, programmatic);
+}
+
+Status w4a16_gemv_q4_k_half2_rope_kv(const uint8_t* w, const RopeKvWriteShape& shape, int64_t k,
+                                     const __half* x, const int32_t* token_pos, const int32_t* token_seq,
+                                     const int32_t* block_tables, __half* q_out, __half* k_cache,
+                                     __half* v_cache, int32_t* error_flag, cudaStream_t stream,
+                                     bool programmatic) {
+  RopeKvOut out{};
+  if (!make_rope_kv_out(shape, token_pos, token_seq, block_tables, q_out, k_cache, v_cache, error_flag, out))
+    return Status::invalid_argument;
+  return launch_q4_k(w, k, x, out, stream, programmatic);
 }
 
 }  // namespace nibble::kernels::cuda

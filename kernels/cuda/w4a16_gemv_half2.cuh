@@ -19,6 +19,7 @@
 
 #include <cstdint>
 
+#include "kernels/cuda/rope_kv_write.cuh"
 #include "kernels/status.hpp"
 
 namespace nibble::kernels::cuda {
@@ -45,5 +46,36 @@ Status w4a16_gemv_int4_groups_half2(const uint8_t* quants, const __half* scales,
 // memory: 2.125 bytes an input), null or misaligned pointers.
 Status w4a16_gemv_q4_k_half2(const uint8_t* w, int64_t n_out, int64_t k, const __half* x, int64_t m, float* y,
                              cudaStream_t stream, bool programmatic = false);
+
+// Fused epilogues for batch-1 decode: the product's rows end in the next step's work instead of an
+// fp32 row that another kernel reads back (a launch, and a write and read of the rows, fewer a layer).
+// Each writes bit for bit what the plain half2 GEMV above followed by that kernel writes (a row's sum
+// does not depend on the row sharing its warp), and refuses what either would refuse.
+//
+// SwiGLU: w is the stacked gate / up projection, [2 n_ff, k] (gate rows, then up rows; the plain
+// GEMV's layout otherwise); act: [1, n_ff] fp16, silu(gate) * up as swiglu_f32_to_f16 writes it.
+Status w4a16_gemv_int4_groups_half2_swiglu(const uint8_t* quants, const __half* scales, const uint8_t* zeros,
+                                           int64_t group, int64_t n_ff, int64_t k, const __half* x,
+                                           __half* act, cudaStream_t stream, bool programmatic = false);
+Status w4a16_gemv_q4_k_half2_swiglu(const uint8_t* w, int64_t n_ff, int64_t k, const __half* x, __half* act,
+                                    cudaStream_t stream, bool programmatic = false);
+
+// RoPE and the KV cache write: w is one token's stacked q / k / v projection, [q_dim + 2 kv_dim, k]
+// (q_dim = n_head head_dim, kv_dim = n_head_kv head_dim of `shape`); then what rope_kv_write does
+// with that row (its arguments and layouts: q_out [1, q_dim] fp16, the cache at the token's slot, the
+// flag raised and the cache untouched for a bad slot). shape.tokens must be 1 and head_dim even (a
+// warp's two rows are a rotation pair); the strides are not used.
+Status w4a16_gemv_int4_groups_half2_rope_kv(const uint8_t* quants, const __half* scales, const uint8_t* zeros,
+                                            int64_t group, const RopeKvWriteShape& shape, int64_t k,
+                                            const __half* x, const int32_t* token_pos,
+                                            const int32_t* token_seq, const int32_t* block_tables,
+                                            __half* q_out, __half* k_cache, __half* v_cache,
+                                            int32_t* error_flag, cudaStream_t stream,
+                                            bool programmatic = false);
+Status w4a16_gemv_q4_k_half2_rope_kv(const uint8_t* w, const RopeKvWriteShape& shape, int64_t k,
+                                     const __half* x, const int32_t* token_pos, const int32_t* token_seq,
+                                     const int32_t* block_tables, __half* q_out, __half* k_cache,
+                                     __half* v_cache, int32_t* error_flag, cudaStream_t stream,
+                                     bool programmatic = false);
 
 }  // namespace nibble::kernels::cuda

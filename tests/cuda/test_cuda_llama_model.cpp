@@ -976,6 +976,9 @@ TEST(CudaLlamaModel, ProfiledPassGivesTheSameIdsAndAccountsForItsTime) {
   const std::string path = random_model(dir.path(), tiny_shape(256, 4, 2), k::DType::Q4_0);
   w::CudaModelOptions options;
   options.graphs = true;  // the profile bypasses the captured graph
+  // Every section its own kernels (fused, a one-row step chosen on the half2 GEMV has no RoPE or
+  // SwiGLU span: FusedHalf2EpiloguesGiveTheUnfusedLogitsBitForBit checks that).
+  options.fused_epilogues = false;
   w::CudaLlamaModel gpu(m::LlamaCheckpoint::open(path), options);
   for (const int steps : {1, 3}) {  // a prompt, then decode steps (the second and third from a graph)
     SCOPED_TRACE("steps " + std::to_string(steps));
@@ -1005,6 +1008,87 @@ TEST(CudaLlamaModel, ProfiledPassGivesTheSameIdsAndAccountsForItsTime) {
     // Embedding and head once, and nine spans a layer (two norms, qkv, rope, attention, its output,
     // gate / up, SwiGLU, down).
     EXPECT_EQ(profile.spans, 2 + 9 * gpu.config().n_layer);
+  }
+}
+
+// The half2 GEMV's fused epilogues (RoPE and the KV write after q / k / v, SwiGLU after gate / up),
+// pinned to the half2 GEMV at one row (Int4Kernels::half2) on INT4 groups (AWQ at group 64, a Q4_0
+// model as group 32) and on Q4_K as stored: a prompt and then one-token decode steps give the same
+// logits and KV cache bit for bit fused and unfused, and the CPU's logits within the quantized bound;
+// fused, a one-token step has no RoPE or SwiGLU kernel (its profile's spans), unfused it has both.
+TEST(CudaLlamaModel, FusedHalf2EpiloguesGiveTheUnfusedLogitsBitForBit) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  t::TempDir dir;
+  const std::string q4_0 = random_model(dir.path(), tiny_shape(256, 4, 2), k::DType::Q4_0);
+  const std::string q4k = q4_k_model(dir.path());
+  const std::string awq = (t::test_data_dir() / "gptq-tiny-llama" / "awq-g64").string();
+  for (const std::string& path : {q4_0, q4k, awq}) {
+    SCOPED_TRACE(path);
+    const auto checkpoint = m::LlamaCheckpoint::open(path);
+    w::CudaModelOptions fused_options;
+    fused_options.int4_kernels = w::Int4Kernels::half2;
+    w::CudaModelOptions unfused_options = fused_options;
+    unfused_options.fused_epilogues = false;
+    w::CudaLlamaModel fused(checkpoint, fused_options), unfused(checkpoint, unfused_options);
+    w::LlamaModel cpu(checkpoint);
+    // Every one-row product on the half2 GEMV (none of these rows is too long for it).
+    for (const w::CudaInt4KernelChoice& ch : fused.int4_kernel_choices())
+      EXPECT_STREQ(w::CudaInt4KernelChoice::kernel_names[ch.chosen[0]], "half2 GEMV");
+    for (const w::CudaQ4KChoice& ch : fused.q4_k_choices()) EXPECT_TRUE(ch.half2 && !ch.tensor_cores);
+    EXPECT_FALSE(fused.int4_kernel_choices().empty() && fused.q4_k_choices().empty());
+
+    const auto& c = fused.config();
+    const int64_t block_size = 8, mbps = 8, n_blocks = mbps + 3;
+    w::CudaKvCache fused_cache(c, n_blocks, block_size), unfused_cache(c, n_blocks, block_size),
+        profile_cache(c, n_blocks, block_size);
+    w::KvCache cpu_cache(c, n_blocks, block_size);
+    nibble::kernels::ThreadPool pool(2);
+    std::vector<int32_t> tables(static_cast<size_t>(mbps));
+    std::iota(tables.begin(), tables.end(), 3);  // not the first blocks
+    std::mt19937 rng(8);
+    std::uniform_int_distribution<int32_t> token(3, static_cast<int32_t>(c.n_vocab) - 1);
+    int32_t pos = 0;
+    for (const int32_t count : {9, 1, 1, 1, 1}) {  // the last step's position, 12, crosses a block
+      SCOPED_TRACE("position " + std::to_string(pos));
+      std::vector<int32_t> toks(static_cast<size_t>(count));
+      for (auto& x : toks) x = token(rng);
+      w::ForwardBatch batch;
+      batch.add_sequence(toks, pos, 0, 1);
+      batch.block_tables = tables;
+      batch.max_blocks_per_seq = mbps;
+      std::vector<float> a, b, ref;
+      fused.forward(batch, fused_cache, a);
+      unfused.forward(batch, unfused_cache, b);
+      cpu.forward(batch, cpu_cache, pool, ref);
+      ASSERT_EQ(a.size(), static_cast<size_t>(c.n_vocab));
+      ASSERT_EQ(b.size(), a.size());
+      EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0);
+      EXPECT_LE(t::max_relative_rms(a, ref, c.n_vocab), path == awq ? kCheckpointBound : kQuantizedBound);
+      if (count == 1) {  // where a one-token step's time goes: no RoPE or SwiGLU span when fused
+        for (w::CudaLlamaModel* model : {&fused, &unfused}) {
+          std::vector<int32_t> ids;
+          const w::CudaStepProfile profile = model->profile_greedy(batch, profile_cache, ids);
+          ASSERT_EQ(profile.sections.size(), 10u);
+          EXPECT_EQ(profile.sections[3].first, "rope + KV write");
+          EXPECT_EQ(profile.sections[7].first, "SwiGLU");
+          const bool both = model == &unfused;
+          EXPECT_EQ(profile.sections[3].second > 0.0, both);
+          EXPECT_EQ(profile.sections[7].second > 0.0, both);
+          EXPECT_EQ(profile.spans, 2 + (both ? 9 : 7) * c.n_layer);
+        }
+      }
+      pos += count;
+    }
+    for (int64_t layer = 0; layer < c.n_layer; ++layer) {
+      for (const bool values : {false, true}) {
+        EXPECT_EQ(fused_cache.layer_to_host(layer, values), unfused_cache.layer_to_host(layer, values))
+            << (values ? "V" : "K") << " of layer " << layer;
+      }
+    }
+    // Like cuda_cores, the half2 GEMV reads only the rows.
+    w::CudaModelOptions refused = fused_options;
+    refused.int4_layout = w::Int4Layout::tiles;
+    EXPECT_THROW(w::CudaLlamaModel(checkpoint, refused), std::invalid_argument);
   }
 }
 
@@ -1457,6 +1541,20 @@ TEST(CudaLlamaModelCli, GenerateOnTheGpuGivesTheRequestedTokens) {
                      " -p 'hi' -n 2 --device cuda --int4-kernels cuda-cores --int4-layout tiles 2>&1");
   EXPECT_NE(refused.exit_code, 0);
   EXPECT_NE(refused.output.find("cannot read int4_layout tiles"), std::string::npos) << refused.output;
+  // One row pinned to the half2 GEMV (its epilogues fused): it generates, and refuses tiles likewise.
+  const auto half2 =
+      t::run_command(t::nibble_bin() + " generate -m " + path +
+                     " -p 'hello world' -n 6 --temperature 0 --json --device cuda --int4-kernels half2 "
+                     "2>/dev/null");
+  ASSERT_EQ(half2.exit_code, 0) << half2.output;
+  EXPECT_NE(half2.output.find("\"finish_reason\""), std::string::npos) << half2.output;
+  EXPECT_FALSE(tokens(half2.output).empty()) << half2.output;
+  const auto half2_tiles =
+      t::run_command(t::nibble_bin() + " generate -m " + path +
+                     " -p 'hi' -n 2 --device cuda --int4-kernels half2 --int4-layout tiles 2>&1");
+  EXPECT_NE(half2_tiles.exit_code, 0);
+  EXPECT_NE(half2_tiles.output.find("int4_kernels half2 cannot read int4_layout tiles"), std::string::npos)
+      << half2_tiles.output;
 }
 
 // Runs `command 2>&1` (the nibble binary and its arguments), which must exit 0, and parses the JSON
@@ -1563,7 +1661,11 @@ TEST(CudaLlamaModelCli, BenchGpuReportsTheInt4KernelChoicesAndProgrammaticLaunch
   for (const auto& shape : j["int4_kernels"]) EXPECT_EQ(shape["layout"], "rows") << output;
   ASSERT_EQ(j["decode"].size(), 2u) << output;
   EXPECT_FALSE(j.contains("pdl_error")) << output;
-  for (const auto& row : j["decode"]) EXPECT_GT(row["pdl_ms_per_step"].get<double>(), 0.0) << output;
+  for (const auto& row : j["decode"]) {
+    EXPECT_GT(row["pdl_ms_per_step"].get<double>(), 0.0) << output;
+    // Batch 1 again with the half2 GEMV's epilogues unfused.
+    EXPECT_EQ(row.contains("unfused_epilogues_ms_per_step"), row["batch"] == 1) << output;
+  }
   ASSERT_EQ(j["step_profile"].size(), 2u) << output;
   for (const auto& row : j["step_profile"]) {
     EXPECT_GT(row["total_ms"].get<double>(), 0.0) << output;

@@ -21,6 +21,8 @@
 #include <string>
 #include <vector>
 
+#include "kernels/cuda/rope_kv_write.cuh"
+#include "kernels/cuda/swiglu.cuh"
 #include "kernels/cuda/w4a16_gemv_half2.cuh"
 #include "kernels/int4_groups.hpp"
 #include "kernels/quant_types.hpp"
@@ -369,4 +371,275 @@ TEST(CudaW4A16GemvHalf2, Q4KRowsAloneAndTheLongestRow) {
       wf, n_out, kk, xh, 1e-4, 2 * kk + kk / 8 + 16, [&](const __half* x, float* y) {
         return k::cuda::w4a16_gemv_q4_k_half2(dw.ptr, n_out, kk, x, 1, y, nullptr);
       }));
+}
+
+// ---------------------------------------------------------------------------------------------
+// The fused epilogues (SwiGLU after the stacked gate / up rows, RoPE and the KV write after the stacked
+// q / k / v rows). Each must write bit for bit what the plain half2 GEMV followed by the kernel it
+// replaces writes (swiglu_f32_to_f16, rope_kv_write: both tested against the CPU in
+// test_cuda_forward_kernels), and the CPU's values within the GEMV's bound.
+
+namespace {
+
+// A [rows, kk] matrix in one of the two formats the half2 GEMV reads (group-wise INT4 at `group`, or
+// Q4_K as stored), its dequantized weights, and its plain product.
+struct Half2Matrix {
+  bool q4_k = false;
+  int64_t rows = 0, kk = 0, group = 0;
+  DeviceInt4Groups int4;
+  std::unique_ptr<DeviceBuffer<uint8_t>> blocks;
+  std::vector<float> wf;
+  k::Status product(const __half* x, float* y) const {
+    return q4_k ? k::cuda::w4a16_gemv_q4_k_half2(blocks->ptr, rows, kk, x, 1, y, nullptr)
+                : k::cuda::w4a16_gemv_int4_groups_half2(int4.quants->ptr, int4.scales_half(), int4.zeros->ptr,
+                                                        group, rows, kk, x, 1, y, nullptr);
+  }
+};
+
+void make_half2_matrix(bool q4_k, int64_t rows, int64_t kk, int64_t group, std::mt19937& rng,
+                       Half2Matrix& w) {
+  w.q4_k = q4_k;
+  w.rows = rows;
+  w.kk = kk;
+  w.group = group;
+  if (q4_k) {
+    std::vector<uint8_t> wq;
+    ASSERT_NO_FATAL_FAILURE(random_quantized(k::DType::Q4_K, rows, kk, rng, wq, w.wf));
+    w.blocks = std::make_unique<DeviceBuffer<uint8_t>>(wq);
+    ASSERT_NE(w.blocks->ptr, nullptr);
+  } else {
+    ASSERT_NO_FATAL_FAILURE(make_device_int4_groups(rows, kk, group, rng, w.int4));
+    w.wf = w.int4.wf;
+  }
+}
+
+// Row r of W times x in double, and the sum of |x * w| over the row.
+void host_row(const Half2Matrix& w, const std::vector<k::f16_bits>& xh, int64_t r, double& sum, double& mag) {
+  sum = mag = 0.0;
+  for (int64_t i = 0; i < w.kk; ++i) {
+    const double p = static_cast<double>(k::fp16_to_fp32(xh[static_cast<size_t>(i)])) * w.wf[r * w.kk + i];
+    sum += p;
+    mag += std::fabs(p);
+  }
+}
+
+const char* format_name(bool q4_k) { return q4_k ? "Q4_K" : "INT4 groups"; }
+
+__half* as_half(uint16_t* p) { return reinterpret_cast<__half*>(p); }
+
+}  // namespace
+
+// n_ff of 1 (one warp, seven idle), 37 (a partial block) and 1001 (many blocks); INT4 at group 64 and
+// Q4_K; normal activations, then integer ones (the GEMV's sums exact up to fp32 rounding), against
+// silu(g) u on the CPU.
+TEST(CudaW4A16GemvHalf2, SwiGluEpilogueIsTheProductThenSwiGluBitForBit) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  std::mt19937 rng(61);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::uniform_int_distribution<int> small(-2, 2);
+  for (const bool q4_k : {false, true}) {
+    for (const int64_t n_ff : {int64_t{1}, int64_t{37}, int64_t{1001}}) {
+      SCOPED_TRACE(std::string(format_name(q4_k)) + ", n_ff " + std::to_string(n_ff));
+      const int64_t kk = q4_k ? 2304 : 4224;
+      Half2Matrix w;
+      ASSERT_NO_FATAL_FAILURE(make_half2_matrix(q4_k, 2 * n_ff, kk, 64, rng, w));
+      for (const bool integer : {false, true}) {
+        std::vector<k::f16_bits> xh(static_cast<size_t>(kk));
+        for (auto& v : xh) v = k::fp32_to_fp16(integer ? static_cast<float>(small(rng)) : normal(rng) * 0.2f);
+        DeviceBuffer<k::f16_bits> dx(xh);
+        DeviceBuffer<float> dy(static_cast<size_t>(2 * n_ff));
+        DeviceBuffer<uint16_t> unfused(static_cast<size_t>(n_ff)), fused(static_cast<size_t>(n_ff));
+        ASSERT_TRUE(dx.ptr && dy.ptr && unfused.ptr && fused.ptr);
+        ASSERT_EQ(cudaMemset(fused.ptr, 0xff, static_cast<size_t>(n_ff) * 2), cudaSuccess);  // NaNs
+        const auto* x = reinterpret_cast<const __half*>(dx.ptr);
+        auto* act = reinterpret_cast<__half*>(fused.ptr);
+        ASSERT_EQ(w.product(x, dy.ptr), k::Status::ok);
+        ASSERT_EQ(k::cuda::swiglu_f32_to_f16(dy.ptr, dy.ptr + n_ff, 2 * n_ff,
+                                             reinterpret_cast<__half*>(unfused.ptr), 1, n_ff, nullptr),
+                  k::Status::ok);
+        ASSERT_EQ(q4_k ? k::cuda::w4a16_gemv_q4_k_half2_swiglu(w.blocks->ptr, n_ff, kk, x, act, nullptr)
+                       : k::cuda::w4a16_gemv_int4_groups_half2_swiglu(
+                             w.int4.quants->ptr, w.int4.scales_half(), w.int4.zeros->ptr, 64, n_ff, kk, x,
+                             act, nullptr, /*programmatic=*/true),
+                  k::Status::ok);
+        ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+        const std::vector<uint16_t> a = fused.to_host(), b = unfused.to_host();
+        EXPECT_EQ(a, b) << (integer ? "integer" : "normal") << " activations";
+        if (!integer) continue;
+        int bad = 0;
+        for (int64_t i = 0; i < n_ff; ++i) {
+          double g = 0.0, gm = 0.0, u = 0.0, um = 0.0;
+          host_row(w, xh, i, g, gm);
+          host_row(w, xh, n_ff + i, u, um);
+          const double expected = g / (1.0 + std::exp(-g)) * u;
+          const double got = k::fp16_to_fp32(a[static_cast<size_t>(i)]);
+          // fp16's rounding, and the fp32 sums' (about 1e-6 of sum|x w|) carried through silu(g) u.
+          const double tolerance =
+              1e-3 * std::fabs(expected) + 1e-5 * (gm + std::fabs(g)) * (um + std::fabs(u));
+          if (!(std::fabs(got - expected) <= tolerance) && ++bad <= 5)
+            ADD_FAILURE() << "act[" << i << "] = " << got << ", CPU " << expected;
+        }
+        EXPECT_EQ(bad, 0);
+      }
+    }
+  }
+}
+
+// q / k / v of (n_head, n_head_kv, head_dim, rot_dims): GQA with every dim rotated, partial rotation
+// (96 of 128), and tiny heads (6 dims, 4 rotated); INT4 at group 32 and Q4_K. Positions in the first
+// and second block, one whose block id is -1 and one past the table: the flag raised, the cache
+// untouched and q still written, as rope_kv_write does. q, both caches and the flag compared whole.
+TEST(CudaW4A16GemvHalf2, RopeKvEpilogueIsTheProductThenRopeKvWriteBitForBit) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  struct Heads {
+    int64_t n_head, n_head_kv, head_dim, rot_dims;
+  };
+  std::mt19937 rng(62);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  const int64_t block_size = 16, num_blocks = 7, mbps = 4;
+  const std::vector<int32_t> tables = {0, 1, 3, 4, 5, 2, -1, 6};  // rows 0 and 1
+  for (const bool q4_k : {false, true}) {
+    for (const Heads& h : {Heads{4, 2, 64, 64}, Heads{3, 1, 128, 96}, Heads{5, 5, 6, 4}}) {
+      SCOPED_TRACE(std::string(format_name(q4_k)) + ", heads " + std::to_string(h.n_head) + "/" +
+                   std::to_string(h.n_head_kv) + " of " + std::to_string(h.head_dim));
+      const int64_t q_dim = h.n_head * h.head_dim, kv_dim = h.n_head_kv * h.head_dim;
+      const int64_t rows = q_dim + 2 * kv_dim, kk = q4_k ? 512 : 480;
+      Half2Matrix w;
+      ASSERT_NO_FATAL_FAILURE(make_half2_matrix(q4_k, rows, kk, 32, rng, w));
+      k::cuda::RopeKvWriteShape s;
+      s.tokens = 1;
+      s.n_head = h.n_head;
+      s.n_head_kv = h.n_head_kv;
+      s.head_dim = h.head_dim;
+      s.rot_dims = h.rot_dims;
+      s.rope_base = 500000.0f;
+      s.q_stride = s.kv_stride = rows;  // the plain product's row, for rope_kv_write
+      s.block_size = block_size;
+      s.num_blocks = num_blocks;
+      s.max_blocks_per_seq = mbps;
+      const float theta_scale = std::pow(s.rope_base, -2.0f / static_cast<float>(s.rot_dims));
+      for (const int32_t pos : {3, 20, 40, 70}) {  // blocks 5 and 2; block id -1; past the table
+        SCOPED_TRACE("position " + std::to_string(pos));
+        const bool bad_slot = pos >= 40;
+        std::vector<k::f16_bits> xh(static_cast<size_t>(kk));
+        for (auto& v : xh) v = k::fp32_to_fp16(normal(rng));
+        std::vector<uint16_t> cache_init(static_cast<size_t>(num_blocks * block_size * kv_dim));
+        for (size_t i = 0; i < cache_init.size(); ++i)
+          cache_init[i] = k::fp32_to_fp16(static_cast<float>(i % 13));
+        DeviceBuffer<k::f16_bits> dx(xh);
+        DeviceBuffer<float> dy(static_cast<size_t>(rows));
+        DeviceBuffer<int32_t> d_pos(std::vector<int32_t>{pos}), d_seq(std::vector<int32_t>{1}),
+            d_tables(tables);
+        DeviceBuffer<int32_t> flag_a(std::vector<int32_t>{0}), flag_b(std::vector<int32_t>{0});
+        DeviceBuffer<uint16_t> q_a(static_cast<size_t>(q_dim)), q_b(static_cast<size_t>(q_dim));
+        DeviceBuffer<uint16_t> k_a(cache_init), v_a(cache_init), k_b(cache_init), v_b(cache_init);
+        ASSERT_TRUE(dx.ptr && dy.ptr && d_pos.ptr && d_seq.ptr && d_tables.ptr && flag_a.ptr && flag_b.ptr &&
+                    q_a.ptr && q_b.ptr && k_a.ptr && v_a.ptr && k_b.ptr && v_b.ptr);
+        const auto* x = reinterpret_cast<const __half*>(dx.ptr);
+        ASSERT_EQ(w.product(x, dy.ptr), k::Status::ok);
+        ASSERT_EQ(k::cuda::rope_kv_write(s, dy.ptr, dy.ptr + q_dim, dy.ptr + q_dim + kv_dim, d_pos.ptr,
+                                         d_seq.ptr, d_tables.ptr, as_half(q_b.ptr), as_half(k_b.ptr),
+                                         as_half(v_b.ptr), flag_b.ptr, nullptr),
+                  k::Status::ok);
+        ASSERT_EQ(q4_k ? k::cuda::w4a16_gemv_q4_k_half2_rope_kv(
+                             w.blocks->ptr, s, kk, x, d_pos.ptr, d_seq.ptr, d_tables.ptr, as_half(q_a.ptr),
+                             as_half(k_a.ptr), as_half(v_a.ptr), flag_a.ptr, nullptr, true)
+                       : k::cuda::w4a16_gemv_int4_groups_half2_rope_kv(
+                             w.int4.quants->ptr, w.int4.scales_half(), w.int4.zeros->ptr, 32, s, kk, x,
+                             d_pos.ptr, d_seq.ptr, d_tables.ptr, as_half(q_a.ptr), as_half(k_a.ptr),
+                             as_half(v_a.ptr), flag_a.ptr, nullptr),
+                  k::Status::ok);
+        ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+        const std::vector<uint16_t> q_got = q_a.to_host(), k_got = k_a.to_host(), v_got = v_a.to_host();
+        EXPECT_EQ(q_got, q_b.to_host());
+        EXPECT_EQ(k_got, k_b.to_host());
+        EXPECT_EQ(v_got, v_b.to_host());
+        EXPECT_EQ(flag_a.to_host(), flag_b.to_host());
+        EXPECT_EQ(flag_a.to_host(), std::vector<int32_t>{bad_slot ? 1 : 0});
+        if (bad_slot) {
+          EXPECT_EQ(k_got, cache_init);
+          EXPECT_EQ(v_got, cache_init);
+        }
+        // q against the CPU: the row's sums in double, rotated by the CPU's angle recurrence, within
+        // the GEMV's bound (1e-2 of each sum's sum|x w|) and fp16's rounding.
+        int bad = 0;
+        for (int64_t r = 0; r < q_dim; r += 2) {
+          double a = 0.0, am = 0.0, b = 0.0, bm = 0.0;
+          host_row(w, xh, r, a, am);
+          host_row(w, xh, r + 1, b, bm);
+          const int64_t d = r % h.head_dim;
+          double r0 = a, r1 = b;
+          if (d < h.rot_dims) {
+            float theta = static_cast<float>(pos);
+            for (int64_t i = 0; i < d / 2; ++i) theta *= theta_scale;
+            r0 = a * std::cos(theta) - b * std::sin(theta);
+            r1 = a * std::sin(theta) + b * std::cos(theta);
+          }
+          const double tolerance = 3e-2 * (am + bm) + 1e-3 * (std::fabs(r0) + std::fabs(r1));
+          const double got0 = k::fp16_to_fp32(q_got[static_cast<size_t>(r)]);
+          const double got1 = k::fp16_to_fp32(q_got[static_cast<size_t>(r + 1)]);
+          if (!(std::fabs(got0 - r0) <= tolerance && std::fabs(got1 - r1) <= tolerance) && ++bad <= 5)
+            ADD_FAILURE() << "q[" << r << "], q[" << r + 1 << "] = " << got0 << ", " << got1 << "; CPU " << r0
+                          << ", " << r1;
+        }
+        EXPECT_EQ(bad, 0);
+      }
+    }
+  }
+}
+
+TEST(CudaW4A16GemvHalf2, EpiloguesRefuseWhatTheyCannotRun) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  std::mt19937 rng(63);
+  const int64_t kk = 256, group = 128;
+  DeviceInt4Groups w;
+  ASSERT_NO_FATAL_FAILURE(make_device_int4_groups(4 * 8, kk, group, rng, w));  // 2 + 2 x 1 heads of 8
+  DeviceBuffer<k::f16_bits> dx(static_cast<size_t>(kk));
+  DeviceBuffer<uint16_t> q(64), kc(64 * 16), vc(64 * 16), act(16);
+  DeviceBuffer<int32_t> ints(std::vector<int32_t>{0, 0, 0, 0});
+  ASSERT_TRUE(dx.ptr && q.ptr && kc.ptr && vc.ptr && act.ptr && ints.ptr);
+  const auto* x = reinterpret_cast<const __half*>(dx.ptr);
+  k::cuda::RopeKvWriteShape good;
+  good.tokens = 1;
+  good.n_head = 2;
+  good.n_head_kv = 1;
+  good.head_dim = 8;
+  good.rot_dims = 8;
+  good.block_size = 16;
+  good.num_blocks = 1;
+  good.max_blocks_per_seq = 1;
+  const auto rope = [&](const k::cuda::RopeKvWriteShape& s, __half* q_out) {
+    return k::cuda::w4a16_gemv_int4_groups_half2_rope_kv(
+        w.quants->ptr, w.scales_half(), w.zeros->ptr, group, s, kk, x, ints.ptr, ints.ptr + 1, ints.ptr + 2,
+        q_out, as_half(kc.ptr), as_half(vc.ptr), ints.ptr + 3, nullptr);
+  };
+  ASSERT_EQ(rope(good, as_half(q.ptr)), k::Status::ok);  // the shape the refusals below change
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  k::cuda::RopeKvWriteShape two_tokens = good, odd_head = good, odd_rotation = good, no_blocks = good;
+  two_tokens.tokens = 2;
+  odd_head.head_dim = 7;  // (and 4 * 7 = 28 rows would not pair)
+  odd_head.rot_dims = 6;
+  odd_rotation.rot_dims = 5;
+  no_blocks.num_blocks = 0;
+  EXPECT_EQ(rope(two_tokens, as_half(q.ptr)), k::Status::invalid_argument) << "one token";
+  EXPECT_EQ(rope(odd_head, as_half(q.ptr)), k::Status::invalid_argument) << "odd head_dim";
+  EXPECT_EQ(rope(odd_rotation, as_half(q.ptr)), k::Status::invalid_argument) << "odd rot_dims";
+  EXPECT_EQ(rope(no_blocks, as_half(q.ptr)), k::Status::invalid_argument) << "no cache blocks";
+  EXPECT_EQ(rope(good, nullptr), k::Status::invalid_argument) << "no q output";
+  EXPECT_EQ(k::cuda::w4a16_gemv_int4_groups_half2_swiglu(w.quants->ptr, w.scales_half(), w.zeros->ptr, group,
+                                                         16, kk, x, nullptr, nullptr),
+            k::Status::invalid_argument)
+      << "no SwiGLU output";
+  EXPECT_EQ(k::cuda::w4a16_gemv_int4_groups_half2_swiglu(w.quants->ptr, w.scales_half(), w.zeros->ptr, group,
+                                                         16, kk, x + 1, as_half(act.ptr), nullptr),
+            k::Status::invalid_argument)
+      << "misaligned activations";
+  EXPECT_EQ(k::cuda::w4a16_gemv_q4_k_half2_swiglu(nullptr, 16, kk, x, as_half(act.ptr), nullptr),
+            k::Status::invalid_argument)
+      << "no Q4_K weights";
+  EXPECT_EQ(k::cuda::w4a16_gemv_int4_groups_half2_swiglu(w.quants->ptr, w.scales_half(), w.zeros->ptr, group,
+                                                         0, kk, x, as_half(act.ptr), nullptr),
+            k::Status::ok)
+      << "no rows: nothing to do";
+  EXPECT_EQ(cudaGetLastError(), cudaSuccess);
 }

@@ -23,6 +23,7 @@
 #include "worker/cuda_llama_model.hpp"
 #ifdef NIBBLE_WITH_CUDA
 #include "kernels/cuda/matmul_bench.cuh"
+#include "kernels/cuda/w4a16_gemv_half2.cuh"
 #endif
 
 namespace nibble::cli {
@@ -666,6 +667,13 @@ int run_kernels(const Args& a) {
       row["g128_half2_gbps"] = r.g128_bytes / (r.g128_half2_us * 1e-6) / 1e9;
       row["g128_half2_speedup_vs_cublas"] = r.cublas_us / r.g128_half2_us;
     }
+    if (!r.g128_half2_variant_us.empty()) {
+      nlohmann::json variants = nlohmann::json::object();
+      for (size_t v = 0; v < r.g128_half2_variant_us.size(); ++v)
+        variants[kernels::cuda::half2_gemv_variant_name(kernels::cuda::kHalf2GemvVariants[v])] =
+            r.g128_half2_variant_us[v];
+      row["g128_half2_variants_us"] = variants;
+    }
     if (r.q4k_w4a8_us > 0) row["w4a8_q4k_us"] = r.q4k_w4a8_us;
     if (r.g128_w4a8_us > 0) {  // 8-bit activations: not among the W4A16 kernels' best
       row["w4a8_g128_us"] = r.g128_w4a8_us;
@@ -781,6 +789,30 @@ int run_kernels(const Args& a) {
                   r.g128_tc_us, r.g128_tc_loads_us,
                   100.0 * r.g128_bytes / (r.g128_tc_loads_us * 1e-6) / 1e9 / result.copy_gbps,
                   r.g128_tc_compute_us, 100.0 * r.g128_tc_compute_us / r.g128_tc_us);
+    }
+    // The half2 GEMV's shapes at one row: which block size, batch and persistence streams best.
+    std::printf(
+        "\nhalf2 GEMV shapes at one row, us (%%copy of the group-128 bytes): Nw = warps a block, bK = "
+        "16-byte "
+        "units a lane loads at once per row, pers = persistent blocks (as many as the SMs hold, each staging "
+        "the activations once); the same bits in every shape\n%-12s |",
+        "k x n_out");
+    for (const auto& v : kernels::cuda::kHalf2GemvVariants)
+      std::printf(" %15s", kernels::cuda::half2_gemv_variant_name(v).c_str());
+    std::printf("\n");
+    for (const auto& r : result.rows) {
+      if (r.g128_half2_variant_us.empty()) continue;
+      char shape[32];
+      std::snprintf(shape, sizeof shape, "%lldx%lld", static_cast<long long>(r.shape.k),
+                    static_cast<long long>(r.shape.n_out));
+      std::printf("%-12s |", shape);
+      for (const double us : r.g128_half2_variant_us) {
+        if (us > 0)
+          std::printf(" %8.1f %5.0f%%", us, 100.0 * r.g128_bytes / (us * 1e-6) / 1e9 / result.copy_gbps);
+        else
+          std::printf(" %15s", "-");
+      }
+      std::printf("\n");
     }
     // The tensor-core kernels on rows and on tiles (kernels/int4_tiles.hpp), side by side: the same
     // arithmetic, so any difference is the layout's.

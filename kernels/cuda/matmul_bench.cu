@@ -177,6 +177,7 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
       q4k_half2(ms.size(), 0.0), q4k_tiles_tc(ms.size(), 0.0), g128_cutlass(ms.size(), 0.0),
       g128_cutlass_pp(ms.size(), 0.0), g128_cutlass16(ms.size(), 0.0);
   std::vector<const char*> tiles_tc_shape(ms.size(), "");
+  std::vector<std::vector<double>> g128_half2_variants(ms.size());
   const size_t g128_quant_bytes = static_cast<size_t>(n * k / 2);
   const size_t g128_groups = static_cast<size_t>(n * (k / 128));
   // nibbles, then scales, then zeros, each 16-byte aligned (as CudaLlamaModel stores them)
@@ -222,6 +223,20 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
                                        first + g128_quant_bytes + g128_groups * 2, 128, n, k, xh, m,
                                        static_cast<float*>(y.ptr), stream) != Status::invalid_argument)
         g128_half2[mi] = time_g128(w4a16_gemv_int4_groups_half2, m, "W4A16 half2 GEMV");
+      if (m == 1 && g128_half2[mi] > 0) {  // the sweep over the half2 GEMV's shapes
+        for (const Half2GemvVariant& v : kHalf2GemvVariants) {
+          const std::string what = "W4A16 half2 GEMV (" + half2_gemv_variant_name(v) + ")";
+          g128_half2_variants[mi].push_back(time_us(stream, iterations, repetitions, [&](int i) {
+            const uint8_t* base =
+                static_cast<const uint8_t*>(w.ptr) + g128_stride * static_cast<size_t>(i % copies);
+            const Status st = w4a16_gemv_int4_groups_half2_variant(
+                v, base, reinterpret_cast<const __half*>(base + g128_quant_bytes),
+                base + g128_quant_bytes + g128_groups * 2, 128, n, k, xh, m, static_cast<float*>(y.ptr),
+                stream);
+            if (st != Status::ok) throw BenchFailure(what + " failed: " + status_name(st));
+          }));
+        }
+      }
       if (m <= kW4A8GemvMaxM) g128_w4a8[mi] = time_g128(w4a8_gemv_int4_groups, m, "W4A8 dp4a GEMV");
       if (m <= kW4A16GemvMma32RowsMaxM)
         g128_tc32[mi] = time_g128(w4a16_gemv_int4_groups_mma_32rows, m, "W4A16 tensor-core GEMV, 32 rows");
@@ -434,6 +449,7 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
     row.g128_tc_us = g128_tc[mi];
     row.g128_staged_us = g128_staged[mi];
     row.g128_half2_us = g128_half2[mi];
+    row.g128_half2_variant_us = g128_half2_variants[mi];
     row.g128_w4a8_us = g128_w4a8[mi];
     row.g128_tc32_us = g128_tc32[mi];
     row.g128_tc64_us = g128_tc64[mi];

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <mutex>
 #include <set>
+#include <string>
 #include <utility>
 
 #include "kernels/cuda/common.cuh"
@@ -36,7 +37,7 @@ __device__ int stage_activations(const __half* __restrict__ x, unsigned entries,
   if (threadIdx.x == 0) max_abs_bits = 0;
   __syncthreads();  // max_abs_bits is 0 before any thread raises it
   unsigned local_max = 0;
-  for (unsigned e = threadIdx.x; e < entries; e += kThreads) {
+  for (unsigned e = threadIdx.x; e < entries; e += blockDim.x) {
     const unsigned lo = input_of(e);
     const uint4 v = w4a16::int4_half2_staged_word(__ldg(reinterpret_cast<const uint2*>(x + lo)),
                                                   __ldg(reinterpret_cast<const uint2*>(x + lo + HiOffset)));
@@ -53,7 +54,7 @@ __device__ int stage_activations(const __half* __restrict__ x, unsigned entries,
   if (max_abs > kStagedMax && max_abs <= 65504.0f) frexpf(max_abs / kStagedMax, &shift);
   if (shift > 0) {  // the same for every thread: max_abs_bits is shared
     const __half2 down = __float2half2_rn(ldexpf(1.0f, -shift));
-    for (unsigned e = threadIdx.x; e < entries; e += kThreads) {  // the words this thread staged
+    for (unsigned e = threadIdx.x; e < entries; e += blockDim.x) {  // the words this thread staged
       uint4 v = xs[e];
       v.x = w4a16::half2_bits(__hmul2(w4a16::bits_half2(v.x), down));
       v.y = w4a16::half2_bits(__hmul2(w4a16::bits_half2(v.y), down));
@@ -157,8 +158,11 @@ struct RopeKvOut {
   }
 };
 
-// This warp's index in the grid, the first argument of the epilogues' rows_of and store.
-__device__ int64_t grid_warp() { return static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / kWarpSize; }
+// This warp's index in the grid (blocks of `warps` warps), the first argument of the epilogues'
+// rows_of and store.
+__device__ int64_t grid_warp(int warps = kWarps) {
+  return static_cast<int64_t>(blockIdx.x) * warps + threadIdx.x / kWarpSize;
+}
 
 // The warp's row sums (acc: each lane's part), times 2^shift (the staging's scale undone), to out.
 template <typename Out>
@@ -171,41 +175,47 @@ __device__ void store_rows(const float (&acc)[kRowsPerWarp], int64_t warp, int s
 }
 
 // GroupShift: log2(group / 32), a template argument so that every offset from the pointers is an
-// immediate. Out: the epilogue (SumsOut, SwiGluOut or RopeKvOut).
-template <int GroupShift, typename Out>
-__global__ void __launch_bounds__(kThreads)
+// immediate. Out: the epilogue (SumsOut, SwiGluOut or RopeKvOut). Warps a block, Batch units a lane
+// loads at once per row, and Persistent (each block takes row pairs gridDim.x * Warps apart until the
+// matrix ends, so that it stages the activations once for all of them) are kWarps, kBatch and false
+// except in the kernel table's variants (Half2GemvVariant): every choice sums each row's units in the
+// same order, so all give the same bits.
+template <int GroupShift, typename Out, int Warps = kWarps, int Batch = kBatch, bool Persistent = false>
+__global__ void __launch_bounds__(Warps* kWarpSize)
     gemv_int4_groups_half2_kernel(Int4GroupBlocks w, Out out, int64_t k, const __half* __restrict__ x) {
   // The activation row as int4_unit_half2_dot takes it, word-major so that a warp's 32 lanes (32
   // consecutive units) read 512 consecutive bytes: word i of unit u at xs[i * nb + u].
   extern __shared__ uint4 xs[];
   __shared__ unsigned max_abs_bits;  // the largest |x|'s fp16 bits
   const unsigned lane = threadIdx.x % kWarpSize;
-  const int64_t warp = grid_warp();
-  int64_t rows[kRowsPerWarp];
-  out.rows_of(warp, rows);
-  const unsigned nb = static_cast<unsigned>(k / kQK4_0);  // k <= kW4A16GemvHalf2MaxK
+  int64_t warp = grid_warp(Warps);
+  const unsigned nb = static_cast<unsigned>(k / kQK4_0);       // k <= kW4A16GemvHalf2MaxK
+  constexpr int kGroupsPerUnitStep = kWarpSize >> GroupShift;  // groups between a lane's units
   // Pointers to this lane's next units of each row, and to their scales and zeros, advanced a batch
   // at a time, so that each load is a base and an immediate offset (rows are whole groups, and a
-  // batch's 128 units whole groups too).
+  // batch's 32 Batch units whole groups too).
   const uint4* units[kRowsPerWarp];
   const __half* scales[kRowsPerWarp];
   const uint8_t* zeros[kRowsPerWarp];
+  const auto start_rows = [&](int64_t warp_index) {  // the pointers to this warp's rows' first units
+    int64_t rows[kRowsPerWarp];
+    out.rows_of(warp_index, rows);
 #pragma unroll
-  for (int r = 0; r < kRowsPerWarp; ++r) {
-    const int64_t first_unit = rows[r] * nb;
-    units[r] = reinterpret_cast<const uint4*>(w.quants) + first_unit + lane;
-    scales[r] = w.scales + (first_unit >> GroupShift) + (lane >> GroupShift);
-    zeros[r] = w.zeros + (first_unit >> GroupShift) + (lane >> GroupShift);
-  }
-  constexpr int kGroupsPerUnitStep = kWarpSize >> GroupShift;  // groups between a lane's units
+    for (int r = 0; r < kRowsPerWarp; ++r) {
+      const int64_t first_unit = rows[r] * nb;
+      units[r] = reinterpret_cast<const uint4*>(w.quants) + first_unit + lane;
+      scales[r] = w.scales + (first_unit >> GroupShift) + (lane >> GroupShift);
+      zeros[r] = w.zeros + (first_unit >> GroupShift) + (lane >> GroupShift);
+    }
+  };
 
-  uint4 q[kRowsPerWarp][kBatch];
-  float scale[kRowsPerWarp][kBatch];
-  uint32_t zero[kRowsPerWarp][kBatch];
-  // This lane's units lane + 32 (j0 + b), b < kBatch, of both rows; then the pointers move on.
+  uint4 q[kRowsPerWarp][Batch];
+  float scale[kRowsPerWarp][Batch];
+  uint32_t zero[kRowsPerWarp][Batch];
+  // This lane's units lane + 32 (j0 + b), b < Batch, of both rows; then the pointers move on.
   const auto load = [&](unsigned j0) {
 #pragma unroll
-    for (int b = 0; b < kBatch; ++b) {
+    for (int b = 0; b < Batch; ++b) {
       const bool in_row = lane + kWarpSize * (j0 + b) < nb;
 #pragma unroll
       for (int r = 0; r < kRowsPerWarp; ++r) {
@@ -218,18 +228,20 @@ __global__ void __launch_bounds__(kThreads)
     }
 #pragma unroll
     for (int r = 0; r < kRowsPerWarp; ++r) {
-      units[r] += kWarpSize * kBatch;
-      scales[r] += kGroupsPerUnitStep * kBatch;
-      zeros[r] += kGroupsPerUnitStep * kBatch;
+      units[r] += kWarpSize * Batch;
+      scales[r] += kGroupsPerUnitStep * Batch;
+      zeros[r] += kGroupsPerUnitStep * Batch;
     }
-    // The next batch's 2 KB of each row on its way to L2 while this one is multiplied (its loads then
-    // wait on L2, not device memory, without holding registers): lanes 0..15 name a 128-byte line each.
-    if (lane < 16 && kWarpSize * (j0 + kBatch) + 8 * lane < nb) {
+    // The next batch's 512 Batch bytes of each row on its way to L2 while this one is multiplied (its
+    // loads then wait on L2, not device memory, without holding registers): lanes 0 .. 4 Batch - 1
+    // name a 128-byte line each.
+    if (lane < 4 * Batch && kWarpSize * (j0 + Batch) + 8 * lane < nb) {
 #pragma unroll
       for (int r = 0; r < kRowsPerWarp; ++r) detail::prefetch_l2(units[r] + 7 * lane);  // unit 8 lane
     }
   };
   // The weights never come from an earlier kernel: the first ones are on their way before the wait.
+  start_rows(warp);
   load(0);
   detail::wait_for_prior_grids();  // x comes from the previous kernel
   // Blocks of the next kernel, launched programmatically, may be placed now: they wait for us.
@@ -245,35 +257,42 @@ __global__ void __launch_bounds__(kThreads)
       xs, max_abs_bits);
   __syncthreads();
 
-  float acc[kRowsPerWarp] = {};
   const unsigned units_per_lane = (nb + kWarpSize - 1) / kWarpSize;
-  const uint4* xw[4] = {xs + lane, xs + nb + lane, xs + 2 * nb + lane, xs + 3 * nb + lane};  // the 4 words
-  // One batch's products; only the last batch can hold units past the row's end (guarded).
-  const auto multiply = [&](unsigned j0, bool guarded) {
+  for (;;) {  // once, or (Persistent) for each of the block's row pairs
+    float acc[kRowsPerWarp] = {};
+    const uint4* xw[4] = {xs + lane, xs + nb + lane, xs + 2 * nb + lane, xs + 3 * nb + lane};  // the 4 words
+    // One batch's products; only the last batch can hold units past the row's end (guarded).
+    const auto multiply = [&](unsigned j0, bool guarded) {
 #pragma unroll
-    for (int b = 0; b < kBatch; ++b) {
-      if (!guarded || lane + kWarpSize * (j0 + b) < nb) {
-        const uint4 xv[4] = {xw[0][kWarpSize * b], xw[1][kWarpSize * b], xw[2][kWarpSize * b],
-                             xw[3][kWarpSize * b]};
+      for (int b = 0; b < Batch; ++b) {
+        if (!guarded || lane + kWarpSize * (j0 + b) < nb) {
+          const uint4 xv[4] = {xw[0][kWarpSize * b], xw[1][kWarpSize * b], xw[2][kWarpSize * b],
+                               xw[3][kWarpSize * b]};
 #pragma unroll
-        for (int r = 0; r < kRowsPerWarp; ++r)
-          acc[r] = fmaf(scale[r][b], w4a16::int4_unit_half2_dot(q[r][b], zero[r][b], xv), acc[r]);
+          for (int r = 0; r < kRowsPerWarp; ++r)
+            acc[r] = fmaf(scale[r][b], w4a16::int4_unit_half2_dot(q[r][b], zero[r][b], xv), acc[r]);
+        }
       }
-    }
-  };
-  for (unsigned j0 = 0;;) {
-    if (kWarpSize * (j0 + kBatch) <= nb) {
-      multiply(j0, false);
-    } else {
-      multiply(j0, true);
-    }
-    j0 += kBatch;
-    if (j0 >= units_per_lane) break;
+    };
+    for (unsigned j0 = 0;;) {
+      if (kWarpSize * (j0 + Batch) <= nb) {
+        multiply(j0, false);
+      } else {
+        multiply(j0, true);
+      }
+      j0 += Batch;
+      if (j0 >= units_per_lane) break;
 #pragma unroll
-    for (int i = 0; i < 4; ++i) xw[i] += kWarpSize * kBatch;
-    load(j0);
+      for (int i = 0; i < 4; ++i) xw[i] += kWarpSize * Batch;
+      load(j0);
+    }
+    store_rows(acc, warp, shift, out);
+    if (!Persistent) break;
+    warp += static_cast<int64_t>(gridDim.x) * Warps;  // no barrier below: a warp may stop on its own
+    if (warp >= out.warps()) break;
+    start_rows(warp);
+    load(0);
   }
-  store_rows(acc, warp, shift, out);
 }
 
 // GGUF Q4_K as stored (BlockQ4_K, 144 bytes per 256 inputs). A lane takes 64-input chunks: chunk C of
@@ -405,14 +424,15 @@ __global__ void __launch_bounds__(kThreads)
   store_rows(acc, warp, shift, out);
 }
 
-// Launches `kernel` with `shared` bytes of dynamic shared memory: invalid_argument where the device's
-// blocks cannot have that much (sm_120's 99 KB, for a long row), else the launch. The attribute above
-// the 48 KB default is raised once per kernel and device to all the device allows, never lowered, so
+// Launches `kernel` for `warps` row pairs, `block_warps` warps a block (persistent: no more blocks than
+// the device's SMs hold at once), with `shared` bytes of dynamic shared memory: invalid_argument where
+// the device's blocks cannot have that much (sm_120's 99 KB, for a long row), else the launch. The attribute
+// above the 48 KB default is raised once per kernel and device to all the device allows, never lowered, so
 // that launches of different lengths (and threads) cannot undo each other's. A failure leaves no error
 // behind for the next launcher to find.
 template <typename... Params, typename... Args>
-Status launch_half2(void (*kernel)(Params...), int64_t warps, size_t shared, cudaStream_t stream,
-                    bool programmatic, Args&&... args) {
+Status launch_half2_blocks(void (*kernel)(Params...), int64_t warps, int block_warps, bool persistent,
+                           size_t shared, cudaStream_t stream, bool programmatic, Args&&... args) {
   int device = 0, max_shared = 0;
   if (cudaGetDevice(&device) != cudaSuccess ||
       cudaDeviceGetAttribute(&max_shared, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
@@ -435,31 +455,57 @@ Status launch_half2(void (*kernel)(Params...), int64_t warps, size_t shared, cud
       raised.insert(key);
     }
   }
-  const auto grid = static_cast<unsigned>((warps + kWarps - 1) / kWarps);
-  const cudaError_t launched = detail::launch_kernel(kernel, dim3(grid), dim3(kThreads), shared, stream,
-                                                     programmatic, std::forward<Args>(args)...);
+  int64_t blocks = (warps + block_warps - 1) / block_warps;
+  if (persistent) {  // as many blocks as the device's SMs hold at once
+    int per_sm = 0, sms = 0;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, block_warps * kWarpSize, shared) !=
+            cudaSuccess ||
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+      cudaGetLastError();
+      return Status::device_error;
+    }
+    blocks = std::min<int64_t>(blocks, std::max(1, per_sm) * static_cast<int64_t>(sms));
+  }
+  const cudaError_t launched =
+      detail::launch_kernel(kernel, dim3(static_cast<unsigned>(blocks)), dim3(block_warps * kWarpSize),
+                            shared, stream, programmatic, std::forward<Args>(args)...);
   const cudaError_t last = cudaGetLastError();
   return launched == cudaSuccess && last == cudaSuccess ? Status::ok : Status::device_error;
 }
 
+// The same with kWarps a block, a block for every kWarps row pairs.
+template <typename... Params, typename... Args>
+Status launch_half2(void (*kernel)(Params...), int64_t warps, size_t shared, cudaStream_t stream,
+                    bool programmatic, Args&&... args) {
+  return launch_half2_blocks(kernel, warps, kWarps, false, shared, stream, programmatic,
+                             std::forward<Args>(args)...);
+}
+
 // The INT4 kernel with epilogue `out`, after the checks every epilogue shares (the weights, x, k and
-// the grid); nothing to launch for no rows.
-template <typename Out>
+// the grid); nothing to launch for no rows. The kernel table's variants (anything but kWarps, kBatch,
+// not persistent) are built for group 128 only (the table's weights): invalid_argument for others.
+template <typename Out, int Warps = kWarps, int Batch = kBatch, bool Persistent = false>
 Status launch_int4(const uint8_t* quants, const __half* scales, const uint8_t* zeros, int64_t group,
                    int64_t k, const __half* x, const Out& out, cudaStream_t stream, bool programmatic) {
   Int4GroupBlocks blocks{};
   if (!w4a16::make_int4_group_blocks(quants, scales, zeros, group, k, blocks))
     return Status::invalid_argument;
   if (x == nullptr || k < kQK4_0 || k % kQK4_0 != 0 || k > kW4A16GemvHalf2MaxK ||
-      reinterpret_cast<uintptr_t>(x) % 16 != 0 || out.warps() / kWarps >= INT32_MAX) {
+      reinterpret_cast<uintptr_t>(x) % 16 != 0 || out.warps() / Warps >= INT32_MAX) {
     return Status::invalid_argument;
   }
   if (out.warps() == 0) return Status::ok;
-  const auto kernel = blocks.group_shift == 0   ? gemv_int4_groups_half2_kernel<0, Out>
-                      : blocks.group_shift == 1 ? gemv_int4_groups_half2_kernel<1, Out>
-                                                : gemv_int4_groups_half2_kernel<2, Out>;
-  return launch_half2(kernel, out.warps(), static_cast<size_t>(k) * sizeof(__half), stream, programmatic,
-                      blocks, out, k, x);
+  const size_t shared = static_cast<size_t>(k) * sizeof(__half);
+  if constexpr (Warps == kWarps && Batch == kBatch && !Persistent) {
+    const auto kernel = blocks.group_shift == 0   ? gemv_int4_groups_half2_kernel<0, Out>
+                        : blocks.group_shift == 1 ? gemv_int4_groups_half2_kernel<1, Out>
+                                                  : gemv_int4_groups_half2_kernel<2, Out>;
+    return launch_half2(kernel, out.warps(), shared, stream, programmatic, blocks, out, k, x);
+  } else {
+    if (blocks.group_shift != 2) return Status::invalid_argument;
+    return launch_half2_blocks(gemv_int4_groups_half2_kernel<2, Out, Warps, Batch, Persistent>, out.warps(),
+                               Warps, Persistent, shared, stream, programmatic, blocks, out, k, x);
+  }
 }
 
 // The Q4_K kernel likewise.
@@ -518,6 +564,38 @@ Status w4a16_gemv_q4_k_half2(const uint8_t* w, int64_t n_out, int64_t k, const _
                              cudaStream_t stream, bool programmatic) {
   if (y == nullptr || m != 1 || n_out < 0) return Status::invalid_argument;
   return launch_q4_k(w, k, x, SumsOut{n_out, y}, stream, programmatic);
+}
+
+std::string half2_gemv_variant_name(const Half2GemvVariant& v) {
+  return std::to_string(v.warps) + "w b" + std::to_string(v.batch) + (v.persistent ? " pers" : "");
+}
+
+Status w4a16_gemv_int4_groups_half2_variant(const Half2GemvVariant& v, const uint8_t* quants,
+                                            const __half* scales, const uint8_t* zeros, int64_t group,
+                                            int64_t n_out, int64_t k, const __half* x, int64_t m, float* y,
+                                            cudaStream_t stream, bool programmatic) {
+  if (y == nullptr || m != 1 || n_out < 0) return Status::invalid_argument;
+  const SumsOut out{n_out, y};
+  const auto is = [&v](int warps, int batch, bool persistent) {
+    return v.warps == warps && v.batch == batch && v.persistent == persistent;
+  };
+  // kHalf2GemvVariants, in its order.
+  if (is(8, 4, false)) return launch_int4(quants, scales, zeros, group, k, x, out, stream, programmatic);
+  if (is(8, 4, true))
+    return launch_int4<SumsOut, 8, 4, true>(quants, scales, zeros, group, k, x, out, stream, programmatic);
+  if (is(4, 4, false))
+    return launch_int4<SumsOut, 4, 4, false>(quants, scales, zeros, group, k, x, out, stream, programmatic);
+  if (is(4, 4, true))
+    return launch_int4<SumsOut, 4, 4, true>(quants, scales, zeros, group, k, x, out, stream, programmatic);
+  if (is(8, 8, false))
+    return launch_int4<SumsOut, 8, 8, false>(quants, scales, zeros, group, k, x, out, stream, programmatic);
+  if (is(8, 8, true))
+    return launch_int4<SumsOut, 8, 8, true>(quants, scales, zeros, group, k, x, out, stream, programmatic);
+  if (is(16, 2, false))
+    return launch_int4<SumsOut, 16, 2, false>(quants, scales, zeros, group, k, x, out, stream, programmatic);
+  if (is(16, 4, true))
+    return launch_int4<SumsOut, 16, 4, true>(quants, scales, zeros, group, k, x, out, stream, programmatic);
+  return Status::invalid_argument;
 }
 
 Status w4a16_gemv_int4_groups_half2_swiglu(const uint8_t* quants, const __half* scales, const uint8_t* zeros,

@@ -18,6 +18,7 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
+#include <string>
 
 #include "kernels/cuda/rope_kv_write.cuh"
 #include "kernels/status.hpp"
@@ -46,6 +47,29 @@ Status w4a16_gemv_int4_groups_half2(const uint8_t* quants, const __half* scales,
 // memory: 2.125 bytes an input), null or misaligned pointers.
 Status w4a16_gemv_q4_k_half2(const uint8_t* w, int64_t n_out, int64_t k, const __half* x, int64_t m, float* y,
                              cudaStream_t stream, bool programmatic = false);
+
+// The INT4 GEMV's shape, for the kernel table's sweep (bench-gpu): warps a block, units a lane loads
+// at once per row (16 bytes each), and persistent blocks (no more than the device's SMs hold at once,
+// each taking row pairs gridDim.x * warps apart, so that it stages the activations once for all of
+// them). Why a sweep: none of this has run on a GPU yet, and a device session is short; each variant
+// sums every row's units in the same order, so all give the bits of w4a16_gemv_int4_groups_half2 (the
+// first one).
+struct Half2GemvVariant {
+  int warps = 8;
+  int batch = 4;
+  bool persistent = false;
+};
+inline constexpr Half2GemvVariant kHalf2GemvVariants[] = {{8, 4, false},  {8, 4, true},  {4, 4, false},
+                                                          {4, 4, true},   {8, 8, false}, {8, 8, true},
+                                                          {16, 2, false}, {16, 4, true}};
+// "8w b4", "8w b4 pers", ...
+std::string half2_gemv_variant_name(const Half2GemvVariant& variant);
+// w4a16_gemv_int4_groups_half2 as `variant` (one of kHalf2GemvVariants, else invalid_argument); the
+// variants other than the first are built for group 128 only (invalid_argument for other groups).
+Status w4a16_gemv_int4_groups_half2_variant(const Half2GemvVariant& variant, const uint8_t* quants,
+                                            const __half* scales, const uint8_t* zeros, int64_t group,
+                                            int64_t n_out, int64_t k, const __half* x, int64_t m, float* y,
+                                            cudaStream_t stream, bool programmatic = false);
 
 // Fused epilogues for batch-1 decode: the product's rows end in the next step's work instead of an
 // fp32 row that another kernel reads back (a launch, and a write and read of the rows, fewer a layer).

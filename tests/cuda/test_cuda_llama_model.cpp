@@ -42,6 +42,7 @@
 #include <vector>
 
 #include "kernels/cuda/w4a16_gemm_cutlass.cuh"
+#include "kernels/cuda/w4a16_gemv_half2.cuh"
 #include "kernels/cuda/w4a16_tuning.cuh"
 #include "kernels/thread_pool.hpp"
 #include "model/gguf.hpp"
@@ -1612,6 +1613,13 @@ TEST(CudaLlamaModelCli, BenchGpuKernelTableTimesEveryKernel) {
     EXPECT_EQ(row.contains("g128_tc_loads_only_us"), m <= 16);
     EXPECT_EQ(row.contains("w4a16_g128_staged_us"), m == 1);
     EXPECT_EQ(row.contains("w4a16_g128_half2_us"), m == 1);
+    // The half2 GEMV's shapes at one row, each timed.
+    EXPECT_EQ(row.contains("g128_half2_variants_us"), m == 1);
+    if (m == 1) {
+      EXPECT_EQ(row["g128_half2_variants_us"].size(), std::size(kc::kHalf2GemvVariants));
+      for (const auto& [name, us] : row["g128_half2_variants_us"].items())
+        EXPECT_GT(us.get<double>(), 0.0) << name;
+    }
     EXPECT_EQ(row.contains("w4a8_g128_us"), m <= 4);  // the dp4a GEMV, 8-bit activations
     if (m <= 4) {
       EXPECT_GT(row["w4a8_g128_us"].get<double>(), 0.0);

@@ -643,3 +643,73 @@ TEST(CudaW4A16GemvHalf2, EpiloguesRefuseWhatTheyCannotRun) {
       << "no rows: nothing to do";
   EXPECT_EQ(cudaGetLastError(), cudaSuccess);
 }
+
+// The kernel table's shapes of the INT4 GEMV (kHalf2GemvVariants): each sums a row's units in the same
+// order, so every one gives the default's bits, on a partial block (37 rows: idle warps) and on more
+// row pairs than a persistent grid holds at once (12289 rows: 6145 pairs, where an H100's 132 SMs hold
+// 2112 warps of these kernels, so each persistent warp takes two or three), a row of one batch and of
+// several with a partial one (128, 4224 inputs), llama-70b's longest (28672).
+// Other groups, and shapes not in the list, are refused.
+TEST(CudaW4A16GemvHalf2, EveryVariantGivesTheSameBits) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  std::mt19937 rng(64);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<std::string> names;
+  for (const auto& v : k::cuda::kHalf2GemvVariants) names.push_back(k::cuda::half2_gemv_variant_name(v));
+  std::sort(names.begin(), names.end());
+  EXPECT_EQ(std::unique(names.begin(), names.end()), names.end()) << "variant names are distinct";
+  const int64_t group = 128;
+  for (const int64_t n_out : {int64_t{37}, int64_t{12289}}) {
+    for (const int64_t kk : {int64_t{128}, int64_t{4224}, int64_t{28672}}) {
+      if (n_out == 12289 && kk == 28672) continue;  // the weights made on the host
+      SCOPED_TRACE(std::to_string(n_out) + " x " + std::to_string(kk));
+      DeviceInt4Groups w;
+      ASSERT_NO_FATAL_FAILURE(make_device_int4_groups(n_out, kk, group, rng, w));
+      std::vector<k::f16_bits> xh(static_cast<size_t>(kk));
+      for (auto& v : xh) v = k::fp32_to_fp16(normal(rng) * 30.0f);  // scaled in the kernel
+      DeviceBuffer<k::f16_bits> dx(xh);
+      DeviceBuffer<float> expected(static_cast<size_t>(n_out)), got(static_cast<size_t>(n_out));
+      ASSERT_TRUE(dx.ptr && expected.ptr && got.ptr);
+      const auto* x = reinterpret_cast<const __half*>(dx.ptr);
+      ASSERT_EQ(k::cuda::w4a16_gemv_int4_groups_half2(w.quants->ptr, w.scales_half(), w.zeros->ptr, group,
+                                                      n_out, kk, x, 1, expected.ptr, nullptr),
+                k::Status::ok);
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      const std::vector<float> want = expected.to_host();
+      for (const auto& v : k::cuda::kHalf2GemvVariants) {
+        SCOPED_TRACE(k::cuda::half2_gemv_variant_name(v));
+        ASSERT_EQ(cudaMemset(got.ptr, 0xff, static_cast<size_t>(n_out) * sizeof(float)),
+                  cudaSuccess);  // NaNs
+        ASSERT_EQ(
+            k::cuda::w4a16_gemv_int4_groups_half2_variant(v, w.quants->ptr, w.scales_half(), w.zeros->ptr,
+                                                          group, n_out, kk, x, 1, got.ptr, nullptr),
+            k::Status::ok);
+        ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+        const std::vector<float> have = got.to_host();
+        EXPECT_EQ(std::memcmp(have.data(), want.data(), want.size() * sizeof(float)), 0);
+      }
+    }
+  }
+  DeviceInt4Groups w64;
+  ASSERT_NO_FATAL_FAILURE(make_device_int4_groups(16, 256, 64, rng, w64));
+  DeviceBuffer<k::f16_bits> dx(256);
+  DeviceBuffer<float> dy(16);
+  const auto* x = reinterpret_cast<const __half*>(dx.ptr);
+  EXPECT_EQ(k::cuda::w4a16_gemv_int4_groups_half2_variant(k::cuda::kHalf2GemvVariants[1], w64.quants->ptr,
+                                                          w64.scales_half(), w64.zeros->ptr, 64, 16, 256, x,
+                                                          1, dy.ptr, nullptr),
+            k::Status::invalid_argument)
+      << "the variants are built for group 128";
+  EXPECT_EQ(k::cuda::w4a16_gemv_int4_groups_half2_variant(k::cuda::kHalf2GemvVariants[0], w64.quants->ptr,
+                                                          w64.scales_half(), w64.zeros->ptr, 64, 16, 256, x,
+                                                          1, dy.ptr, nullptr),
+            k::Status::ok)
+      << "the first is the GEMV itself, for every group";
+  EXPECT_EQ(k::cuda::w4a16_gemv_int4_groups_half2_variant(k::cuda::Half2GemvVariant{3, 3, false},
+                                                          w64.quants->ptr, w64.scales_half(), w64.zeros->ptr,
+                                                          64, 16, 256, x, 1, dy.ptr, nullptr),
+            k::Status::invalid_argument)
+      << "not a variant";
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  EXPECT_EQ(cudaGetLastError(), cudaSuccess);
+}

@@ -821,7 +821,7 @@ struct CudaLlamaModel::Impl {
           check(kc::w4a8_gemv_q4_k(wd, w.n_out, w.k, x, m, y, stream, pdl), "W4A8 matmul (Q4_K)");
           return;
         }
-        if (!tiles && m == 1 && w.q4_k_half2_one_row) {  // chosen only under Int4Kernels::measured
+        if (!tiles && m == 1 && w.q4_k_half2_one_row) {  // timed at load (measured), or pinned (half2)
           st = kc::w4a16_gemv_q4_k_half2(wd, w.n_out, w.k, x, m, y, stream, pdl);
         } else if (!tiles && (pin == Int4Kernels::cuda_cores || (m == 1 && !w.q4_k_tensor_cores_one_row))) {
           st = gemv ? kc::w4a16_gemv_q4_k(wd, w.n_out, w.k, x, m, y, stream, pdl)

@@ -20,10 +20,11 @@
 //     micro_batches: <pipeline>  # micro-batches in flight through the pipeline, >= 1
 //   device: cpu                  # cpu | cuda (workers on GPU local rank % GPUs; CUDA builds only)
 //   int4_kernels: measured       # device: cuda: measured | cuda_cores | tensor_cores | half2
-//   (Int4KernelChoice) int4_layout: rows            # device: cuda: rows | tiles | cutlass | measured
-//   (Int4LayoutChoice;
-//                                # tiles and cutlass refuse cuda_cores; cutlass: one copy, CUTLASS's GEMM
-//                                # only; measured: per shape, timed at load; needs int4_kernels: measured)
+//                                # (Int4KernelChoice)
+//   int4_layout: rows            # device: cuda: rows | tiles | cutlass | measured (Int4LayoutChoice;
+//                                # tiles and cutlass refuse cuda_cores and half2; cutlass: one copy,
+//                                # CUTLASS's GEMM only; measured: per shape, timed at load; needs
+//                                # int4_kernels: measured)
 //   cutlass_gemm: false          # device: cuda: true adds CUTLASS's Hopper GEMMs as candidates (a second
 //                                # copy of the INT4 weights; worker::CudaModelOptions::cutlass_gemm;
 //                                # refused with int4_kernels: cuda_cores)

@@ -1039,7 +1039,7 @@ TEST(CudaLlamaModel, FusedHalf2EpiloguesGiveTheUnfusedLogitsBitForBit) {
     EXPECT_FALSE(fused.int4_kernel_choices().empty() && fused.q4_k_choices().empty());
 
     const auto& c = fused.config();
-    const int64_t block_size = 8, mbps = 8, n_blocks = mbps + 3;
+    const int64_t block_size = 4, mbps = 8, n_blocks = mbps + 3;
     w::CudaKvCache fused_cache(c, n_blocks, block_size), unfused_cache(c, n_blocks, block_size),
         profile_cache(c, n_blocks, block_size);
     w::KvCache cpu_cache(c, n_blocks, block_size);
@@ -1049,7 +1049,7 @@ TEST(CudaLlamaModel, FusedHalf2EpiloguesGiveTheUnfusedLogitsBitForBit) {
     std::mt19937 rng(8);
     std::uniform_int_distribution<int32_t> token(3, static_cast<int32_t>(c.n_vocab) - 1);
     int32_t pos = 0;
-    for (const int32_t count : {9, 1, 1, 1, 1}) {  // the last step's position, 12, crosses a block
+    for (const int32_t count : {9, 1, 1, 1, 1}) {  // the last step's position, 12, opens a new block
       SCOPED_TRACE("position " + std::to_string(pos));
       std::vector<int32_t> toks(static_cast<size_t>(count));
       for (auto& x : toks) x = token(rng);

@@ -739,9 +739,11 @@ struct CudaLlamaModel::Impl {
   DeviceMemory local_logits;       // [n_out, local vocab] float, sharded heads only
   std::vector<float> host_reduce;  // host copies for a reducer without device_pointers()
   std::vector<float> host_gathered;
-  DeviceMemory ids;               // [n_out] int32
-  DeviceMemory workspace;         // attention_decode's partials
-  DeviceMemory sample_params;     // [n_out] SamplingRowParams (forward_sample)
+  DeviceMemory ids;        // [n_out] int32
+  DeviceMemory workspace;  // attention_decode's partials
+  DeviceMemory
+      attention_counters;      // attention_decode's combine counters, [runs, n_head_kv] uint32, zero at rest
+  DeviceMemory sample_params;  // [n_out] SamplingRowParams (forward_sample)
   DeviceMemory sample_uniforms;   // [n_out] double
   DeviceMemory sample_workspace;  // sample_rows' keys and sort storage
   DeviceMemory penalty_buffer;    // the repetition penalty's ids, offsets and penalties (forward_sample)
@@ -1680,7 +1682,15 @@ bool CudaLlamaModel::Impl::grow_buffers(const Plan& p) {
   }
   moved |= ids.reserve(static_cast<size_t>(rows_out) * sizeof(int32_t));
   moved |= flag.reserve(sizeof(int32_t));
-  if (p.use_decode) moved |= workspace.reserve(kc::attention_decode_workspace_bytes(p.dshape));
+  if (p.use_decode) {
+    moved |= workspace.reserve(kc::attention_decode_workspace_bytes(p.dshape));
+    if (attention_counters.reserve(static_cast<size_t>(p.dshape.n_seqs * p.dshape.n_head_kv) *
+                                   sizeof(uint32_t))) {
+      moved = true;  // zero once: each pass leaves them zero
+      cuda_check(cudaMemsetAsync(attention_counters.as<void>(), 0, attention_counters.bytes(), stream),
+                 "cudaMemsetAsync (attention counters)");
+    }
+  }
   return moved;
 }
 
@@ -1773,7 +1783,8 @@ void CudaLlamaModel::Impl::enqueue(const Plan& p) {
     if (p.use_decode) {
       check(kc::attention_decode(p.dshape, q16.as<__half>(), kc_l, vc_l, md + p.off_run_tables,
                                  md + p.off_seq_lens, md + p.off_query_start, scale, att16.as<__half>(),
-                                 workspace.as<void>(), workspace.bytes(), flag_d, stream, pdl),
+                                 workspace.as<void>(), workspace.bytes(), flag_d, stream, pdl,
+                                 attention_counters.as<unsigned>()),
             "attention_decode");
     } else {
       if (p.n_tiles > 0) {

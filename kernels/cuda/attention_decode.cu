@@ -8,7 +8,11 @@
 // warp's row, so shuffles always run with all 32 lanes.
 //
 // Pass 2, combine_kernel: grid (query head, sequence), one warp per query: m = max m_s,
-// out = Σ e^(m_s - m) o_s / Σ e^(m_s - m) l_s over the sequence's splits. With one split (every
+// out = Σ e^(m_s - m) o_s / Σ e^(m_s - m) l_s over the sequence's splits. With counters (one per
+// sequence and KV head, zero at rest), pass 2 runs in pass 1 instead: each block that wrote partials
+// counts itself in after a fence, and the last of its sequence's splits for that KV head combines its
+// rows with the same code and resets the counter (the threadFenceReduction pattern of the CUDA
+// samples): one launch a layer fewer, the same bits. With one split (every
 // context up to the split size) pass 1 writes out = o / l itself and pass 2 is not launched: the
 // same bits, since pass 2 would compute e^0 = 1, l_sum = fma(1, l, 0) = l and acc = fma(1, o, 0) = o.
 //
@@ -43,8 +47,9 @@ struct Params {
   const int32_t* seq_lens;
   const int32_t* query_start;
   __half* out;
-  float* o_part;    // [n_splits, tokens, n_head, head_dim]
-  float2* ml_part;  // [n_splits, tokens, n_head]: running max m and sum l
+  float* o_part;       // [n_splits, tokens, n_head, head_dim]
+  float2* ml_part;     // [n_splits, tokens, n_head]: running max m and sum l
+  unsigned* counters;  // [n_seqs, n_head_kv] or null (see the top)
   int32_t* error_flag;
   int64_t tokens, max_q_len, n_head, n_head_kv, block_size, num_blocks, max_blocks_per_seq, max_seq_len;
   int64_t split_tokens;
@@ -94,6 +99,39 @@ __device__ __forceinline__ void store_output_row(__half* out, const float (&acc)
     *reinterpret_cast<__half2*>(out + i) = __floats2half2_rn(acc[i] * inv, acc[i + 1] * inv);
 }
 
+// The splits pass 1 writes partials for: those holding a position of the sequence.
+__device__ int64_t splits_of(const Params& p, const SeqInfo& seq) {
+  return (seq.kv_len + p.split_tokens - 1) / p.split_tokens;
+}
+
+// Pass 2 for one (token, head) row, by one warp: the row's partials of splits 0 .. n_splits - 1
+// combined and written (zeros when no split saw a position). Read through L2 (__ldcg): in pass 1
+// (counters) other blocks wrote them during this kernel, and L1 is not coherent.
+template <int D>
+__device__ void combine_row(const Params& p, int64_t n_splits, int64_t token, int64_t head, int lane) {
+  constexpr int kPerLane = D / kWarpSize;
+  float m_max = -INFINITY;
+  for (int64_t sp = 0; sp < n_splits; ++sp)
+    m_max = fmaxf(m_max, __ldcg(&p.ml_part[(sp * p.tokens + token) * p.n_head + head]).x);
+  float acc[kPerLane];
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) acc[i] = 0.0f;
+  float l_sum = 0.0f;
+  if (m_max != -INFINITY) {
+    for (int64_t sp = 0; sp < n_splits; ++sp) {
+      const int64_t idx = (sp * p.tokens + token) * p.n_head + head;
+      const float2 ml = __ldcg(&p.ml_part[idx]);
+      const float f = expf(ml.x - m_max);  // a split with nothing visible: e^-inf = 0
+      l_sum = fmaf(f, ml.y, l_sum);
+      const float* o = p.o_part + idx * D + lane * kPerLane;
+#pragma unroll
+      for (int i = 0; i < kPerLane; ++i) acc[i] = fmaf(f, __ldcg(o + i), acc[i]);
+    }
+  }
+  // l_sum >= 1 whenever m_max is finite (the maximal split contributes e^0 · l >= 1).
+  store_output_row(p.out + (token * p.n_head + head) * D + lane * kPerLane, acc, l_sum);
+}
+
 template <int D, int RPW>
 __global__ void __launch_bounds__(kThreads) split_kernel(Params p) {
   constexpr int kRows = kWarps * RPW;
@@ -118,8 +156,9 @@ __global__ void __launch_bounds__(kThreads) split_kernel(Params p) {
   const SeqInfo seq = load_seq(p, s);
   if (!seq.ok) return;  // uniform over the block
   const int64_t kv_begin = split * p.split_tokens;
-  // Beyond this sequence: pass 2 does not read this split. (One split still writes its zero rows.)
-  if (kv_begin >= seq.kv_len && !p.single_split) return;
+  // Beyond this sequence: pass 2 does not read this split. (One split still writes its zero rows, and
+  // split 0 is counted in when there are counters, so that an empty sequence's rows are combined.)
+  if (kv_begin >= seq.kv_len && !p.single_split && (split > 0 || p.counters == nullptr)) return;
   const int64_t kv_end = kv_begin + p.split_tokens < seq.kv_len ? kv_begin + p.split_tokens : seq.kv_len;
   const int group = static_cast<int>(p.n_head / p.n_head_kv);
   const int n_rows = seq.n_q * group;  // <= kRows: the launcher sized RPW from max_q_len * group
@@ -238,43 +277,36 @@ __global__ void __launch_bounds__(kThreads) split_kernel(Params p) {
     for (int i = 0; i < kPerLane; ++i) o[i] = acc[rr][i];
     if (lane == 0) p.ml_part[idx] = make_float2(m[rr], l[rr]);
   }
+  if (p.single_split || p.counters == nullptr) return;
+  // Pass 2 here: the last of the sequence's splits (at least split 0) for this KV head combines.
+  __shared__ bool last_s;
+  __threadfence();  // this block's partials are visible device-wide before it is counted
+  __syncthreads();
+  if (tid == 0) {
+    const int64_t counted = max(int64_t{1}, splits_of(p, seq));
+    unsigned* counter = p.counters + s * p.n_head_kv + kvh;
+    last_s = atomicAdd(counter, 1u) == static_cast<unsigned>(counted - 1);
+    if (last_s) atomicExch(counter, 0u);  // zero at rest: no other block of this call counts here again
+  }
+  __syncthreads();
+  if (!last_s) return;  // uniform over the block
+  __threadfence();
+  for (int r = warp; r < n_rows; r += kWarps)
+    combine_row<D>(p, splits_of(p, seq), seq.q0 + r / group, kvh * group + r % group, lane);
 }
 
 template <int D>
 __global__ void __launch_bounds__(kThreads) combine_kernel(Params p) {
   detail::wait_for_prior_grids();    // the partials come from split_kernel before us
   detail::allow_dependent_launch();  // the output projection may start (it waits for us)
-  constexpr int kPerLane = D / kWarpSize;
   const int64_t head = blockIdx.x;
   const int64_t s = blockIdx.y;
   const int lane = threadIdx.x % kWarpSize;
   const int warp = threadIdx.x / kWarpSize;
   const SeqInfo seq = load_seq(p, s);
   if (!seq.ok) return;
-  const int64_t n_splits = (seq.kv_len + p.split_tokens - 1) / p.split_tokens;
-  for (int qi = warp; qi < seq.n_q; qi += kWarps) {
-    const int64_t token = seq.q0 + qi;
-    float m_max = -INFINITY;
-    for (int64_t sp = 0; sp < n_splits; ++sp)
-      m_max = fmaxf(m_max, p.ml_part[(sp * p.tokens + token) * p.n_head + head].x);
-    float acc[kPerLane];
-#pragma unroll
-    for (int i = 0; i < kPerLane; ++i) acc[i] = 0.0f;
-    float l_sum = 0.0f;
-    if (m_max != -INFINITY) {
-      for (int64_t sp = 0; sp < n_splits; ++sp) {
-        const int64_t idx = (sp * p.tokens + token) * p.n_head + head;
-        const float2 ml = p.ml_part[idx];
-        const float f = expf(ml.x - m_max);  // a split with nothing visible: e^-inf = 0
-        l_sum = fmaf(f, ml.y, l_sum);
-        const float* o = p.o_part + idx * D + lane * kPerLane;
-#pragma unroll
-        for (int i = 0; i < kPerLane; ++i) acc[i] = fmaf(f, o[i], acc[i]);
-      }
-    }
-    // l_sum >= 1 whenever m_max is finite (the maximal split contributes e^0 · l >= 1).
-    store_output_row(p.out + (token * p.n_head + head) * D + lane * kPerLane, acc, l_sum);
-  }
+  for (int qi = warp; qi < seq.n_q; qi += kWarps)
+    combine_row<D>(p, splits_of(p, seq), seq.q0 + qi, head, lane);
 }
 
 struct Plan {
@@ -340,7 +372,8 @@ size_t attention_decode_workspace_bytes(const DecodeAttentionShape& shape) {
 Status attention_decode(const DecodeAttentionShape& shape, const __half* q, const __half* k_cache,
                         const __half* v_cache, const int32_t* block_tables, const int32_t* seq_lens,
                         const int32_t* query_start, float scale, __half* out, void* workspace,
-                        size_t workspace_bytes, int32_t* error_flag, cudaStream_t stream, bool programmatic) {
+                        size_t workspace_bytes, int32_t* error_flag, cudaStream_t stream, bool programmatic,
+                        unsigned* combine_counters) {
   if (!shape_ok(shape)) return Status::invalid_argument;
   if (q == nullptr || k_cache == nullptr || v_cache == nullptr || block_tables == nullptr ||
       seq_lens == nullptr || query_start == nullptr || out == nullptr) {
@@ -369,6 +402,7 @@ Status attention_decode(const DecodeAttentionShape& shape, const __half* q, cons
                     static_cast<size_t>(shape.n_head);
   // The O partials are a multiple of 64 floats per row, so the (m, l) pairs after them are 8-byte aligned.
   prm.ml_part = reinterpret_cast<float2*>(prm.o_part + rows * static_cast<size_t>(shape.head_dim));
+  prm.counters = combine_counters;
   prm.error_flag = error_flag;
   prm.tokens = shape.tokens;
   prm.max_q_len = shape.max_q_len;
@@ -389,7 +423,7 @@ Status attention_decode(const DecodeAttentionShape& shape, const __half* q, cons
           ? launch_split_rows<64>(rpw, prm, plan, shape.n_head_kv, shape.n_seqs, stream, programmatic)
           : launch_split_rows<128>(rpw, prm, plan, shape.n_head_kv, shape.n_seqs, stream, programmatic);
   if (split != cudaSuccess || cudaGetLastError() != cudaSuccess) return Status::device_error;
-  if (prm.single_split) return Status::ok;
+  if (prm.single_split || prm.counters != nullptr) return Status::ok;  // pass 2 ran in pass 1
   const dim3 grid2(static_cast<unsigned>(shape.n_head), static_cast<unsigned>(shape.n_seqs));
   const cudaError_t combine =
       shape.head_dim == 64

@@ -71,10 +71,14 @@ size_t attention_decode_workspace_bytes(const DecodeAttentionShape& shape);
 // programmatic: both kernels launched as programmatic dependent launches (dependent_launch.cuh): each
 // may start while the kernel before it finishes, and waits for it before touching memory; the same
 // results.
+// combine_counters: [n_seqs, n_head_kv] uint32 or nullptr. Given, they must be zero before the call
+// (cudaMemset once after allocating them); the call leaves them zero. With them the combining pass
+// runs inside the first kernel (the last split of each sequence and KV head to finish combines), one
+// launch instead of two, with the same bits.
 Status attention_decode(const DecodeAttentionShape& shape, const __half* q, const __half* k_cache,
                         const __half* v_cache, const int32_t* block_tables, const int32_t* seq_lens,
                         const int32_t* query_start, float scale, __half* out, void* workspace,
                         size_t workspace_bytes, int32_t* error_flag, cudaStream_t stream,
-                        bool programmatic = false);
+                        bool programmatic = false, unsigned* combine_counters = nullptr);
 
 }  // namespace nibble::kernels::cuda

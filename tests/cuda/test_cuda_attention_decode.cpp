@@ -80,27 +80,48 @@ Problem make_problem(const std::vector<int32_t>& lens, const std::vector<int32_t
   return pr;
 }
 
-// Runs the kernel; returns the output (empty on failure) and the error flag.
+// Runs the kernels with the combining pass as a kernel of its own, and again (twice, the counters
+// reused) with it in the first kernel (combine_counters): all three outputs and flags must agree bit
+// for bit and the counters end at zero. Returns the output (empty on failure) and the error flag.
 std::vector<uint16_t> run(const Problem& pr, float scale, int32_t* flag_out) {
   const auto& s = pr.shape;
   DeviceBuffer<uint16_t> dq(pr.q), dk(pr.k_cache), dv(pr.v_cache);
-  DeviceBuffer<int32_t> dt(pr.tables), dl(pr.seq_lens), dqs(pr.query_start), dflag(std::vector<int32_t>{0});
-  DeviceBuffer<uint16_t> dout(std::vector<uint16_t>(pr.q.size(), 0x7e00));  // NaN: unwritten rows show
+  DeviceBuffer<int32_t> dt(pr.tables), dl(pr.seq_lens), dqs(pr.query_start);
   const size_t ws = k::cuda::attention_decode_workspace_bytes(s);
   DeviceBuffer<uint8_t> dws(ws);
+  const std::vector<uint32_t> zeros(static_cast<size_t>(s.n_seqs * s.n_head_kv), 0u);
+  DeviceBuffer<uint32_t> counters(zeros);
   EXPECT_GT(ws, 0u);
-  if (!(dq.ptr && dk.ptr && dv.ptr && dt.ptr && dl.ptr && dqs.ptr && dflag.ptr && dout.ptr && dws.ptr)) {
+  if (!(dq.ptr && dk.ptr && dv.ptr && dt.ptr && dl.ptr && dqs.ptr && dws.ptr && counters.ptr)) {
     ADD_FAILURE() << "cudaMalloc failed";
     return {};
   }
-  const auto st = k::cuda::attention_decode(
-      s, reinterpret_cast<const __half*>(dq.ptr), reinterpret_cast<const __half*>(dk.ptr),
-      reinterpret_cast<const __half*>(dv.ptr), dt.ptr, dl.ptr, dqs.ptr, scale,
-      reinterpret_cast<__half*>(dout.ptr), dws.ptr, ws, dflag.ptr, nullptr);
-  EXPECT_EQ(st, k::Status::ok);
-  EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-  *flag_out = dflag.to_host().at(0);
-  return dout.to_host();
+  std::vector<std::vector<uint16_t>> outs;
+  std::vector<int32_t> flags;
+  for (const bool one_kernel : {false, true, true}) {
+    DeviceBuffer<int32_t> dflag(std::vector<int32_t>{0});
+    DeviceBuffer<uint16_t> dout(std::vector<uint16_t>(pr.q.size(), 0x7e00));  // NaN: unwritten rows show
+    if (!(dflag.ptr && dout.ptr)) {
+      ADD_FAILURE() << "cudaMalloc failed";
+      return {};
+    }
+    const auto st = k::cuda::attention_decode(
+        s, reinterpret_cast<const __half*>(dq.ptr), reinterpret_cast<const __half*>(dk.ptr),
+        reinterpret_cast<const __half*>(dv.ptr), dt.ptr, dl.ptr, dqs.ptr, scale,
+        reinterpret_cast<__half*>(dout.ptr), dws.ptr, ws, dflag.ptr, nullptr, /*programmatic=*/one_kernel,
+        one_kernel ? counters.ptr : nullptr);
+    EXPECT_EQ(st, k::Status::ok);
+    EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    outs.push_back(dout.to_host());
+    flags.push_back(dflag.to_host().at(0));
+  }
+  EXPECT_EQ(outs[1], outs[0]) << "combined in the first kernel";
+  EXPECT_EQ(outs[2], outs[0]) << "combined in the first kernel, the counters reused";
+  EXPECT_EQ(flags[1], flags[0]);
+  EXPECT_EQ(flags[2], flags[0]);
+  EXPECT_EQ(counters.to_host(), zeros) << "the counters end at zero";
+  *flag_out = flags[0];
+  return outs[0];
 }
 
 // Counts outputs outside the bound (see the file comment), reporting the first few.

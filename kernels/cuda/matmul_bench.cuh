@@ -29,8 +29,8 @@ struct MatmulBenchRow {
   double g128_tc_us = 0.0;   // the same on the tensor-core GEMV w4a16_gemv_int4_groups_mma (m <= 16 only)
   double g128_staged_us = 0.0;  // the same on the staged GEMV w4a16_gemv_int4_groups_staged (m == 1 only)
   double g128_half2_us = 0.0;   // the same on the half2 GEMV w4a16_gemv_int4_groups_half2 (m == 1 only)
-  // m == 1: the half2 GEMV's variants (kHalf2GemvVariants, in order; the first is g128_half2_us), 0 where
-  // refused (a row longer than the device's shared memory holds).
+  // m == 1, where the half2 GEMV runs: its variants (kHalf2GemvVariants, in order; the first is
+  // g128_half2_us), 0 for one that failed (named in skipped).
   std::vector<double> g128_half2_variant_us;
   // The same weights times 8-bit activations on dp4a (w4a8_gemv_int4_groups, m <= 4; not W4A16: the
   // activations rounded per 32 inputs, as llama.cpp's Q8_1 activations are).

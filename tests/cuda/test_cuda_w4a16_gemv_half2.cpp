@@ -653,7 +653,8 @@ TEST(CudaW4A16GemvHalf2, EpiloguesRefuseWhatTheyCannotRun) {
 // The kernel table's shapes of the INT4 GEMV (kHalf2GemvVariants): each sums a row's units in the same
 // order, so every one gives the default's bits, on a partial block (37 rows: idle warps) and on more
 // row pairs than a persistent grid holds at once (12289 rows: 6145 pairs, where an H100's 132 SMs hold
-// 2112 warps of these kernels, so each persistent warp takes two or three), a row of one batch and of
+// 2112 warps of most of these kernels and 1056 of the batch-8 one, so each persistent warp takes two to
+// six), a row of one batch and of
 // several with a partial one (128, 4224 inputs), llama-70b's longest (28672).
 // Other groups, and shapes not in the list, are refused.
 TEST(CudaW4A16GemvHalf2, EveryVariantGivesTheSameBits) {

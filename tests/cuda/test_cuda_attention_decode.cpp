@@ -105,6 +105,8 @@ std::vector<uint16_t> run(const Problem& pr, float scale, int32_t* flag_out) {
       ADD_FAILURE() << "cudaMalloc failed";
       return {};
     }
+    // NaN partials: a combine reading a split before it was written (or the previous run's) shows.
+    EXPECT_EQ(cudaMemset(dws.ptr, 0xff, ws), cudaSuccess);
     const auto st = k::cuda::attention_decode(
         s, reinterpret_cast<const __half*>(dq.ptr), reinterpret_cast<const __half*>(dk.ptr),
         reinterpret_cast<const __half*>(dv.ptr), dt.ptr, dl.ptr, dqs.ptr, scale,
@@ -265,6 +267,46 @@ TEST(CudaAttentionDecode, BadMetadataRaisesTheFlagWithoutFaulting) {
     pr.shape.max_q_len = 1;
     int32_t flag = 0;
     const auto got = run(pr, scale, &flag);
+    EXPECT_EQ(flag, 1);
+  }
+}
+
+// Several splits (32 positions each) with the one-kernel combine's edge cases (run() compares both
+// ways bit for bit and checks the counters): lengths an exact multiple of the split and one more; then
+// a sequence of length 0 (the flag; its rows zero: split 0 still combines), one shorter than its
+// queries, one beyond max_seq_len (clamped); then one with more queries than max_q_len (skipped, its
+// rows left unwritten in both ways) and a negative length.
+TEST(CudaAttentionDecode, SplitEdgeCasesCombineAlikeInOneKernel) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  std::mt19937 rng(31);
+  const float scale = 0.125f;
+  {
+    const Problem pr = make_problem({64, 65, 100, 40, 33}, {1, 1, 1, 3, 1}, 8, 2, 128, 16, 32, rng);
+    int32_t flag = -1;
+    const auto got = run(pr, scale, &flag);
+    EXPECT_EQ(flag, 0);
+    ASSERT_EQ(got.size(), pr.q.size());
+    EXPECT_EQ(compare_with_reference(pr, scale, got), 0);
+  }
+  {
+    Problem pr = make_problem({64, 65, 100, 40}, {1, 2, 1, 3}, 8, 2, 64, 16, 32, rng);
+    pr.seq_lens[0] = 0;
+    pr.seq_lens[1] = 1;
+    pr.seq_lens[2] = 101;
+    int32_t flag = 0;
+    const auto got = run(pr, scale, &flag);
+    EXPECT_EQ(flag, 1);
+    ASSERT_EQ(got.size(), pr.q.size());
+    for (int64_t i = 0; i < pr.shape.n_head * pr.shape.head_dim; ++i)  // sequence 0's one query
+      ASSERT_EQ(k::fp16_to_fp32(got[static_cast<size_t>(i)]), 0.0f) << i;
+    for (size_t i = 0; i < got.size(); ++i) ASSERT_FALSE(std::isnan(k::fp16_to_fp32(got[i]))) << i;
+  }
+  {
+    Problem pr = make_problem({64, 65, 70}, {1, 2, 1}, 4, 2, 64, 16, 32, rng);
+    pr.shape.max_q_len = 1;
+    pr.seq_lens[2] = -5;
+    int32_t flag = 0;
+    run(pr, scale, &flag);
     EXPECT_EQ(flag, 1);
   }
 }

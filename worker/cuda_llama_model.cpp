@@ -741,9 +741,10 @@ struct CudaLlamaModel::Impl {
   std::vector<float> host_gathered;
   DeviceMemory ids;        // [n_out] int32
   DeviceMemory workspace;  // attention_decode's partials
-  DeviceMemory
-      attention_counters;      // attention_decode's combine counters, [runs, n_head_kv] uint32, zero at rest
-  DeviceMemory sample_params;  // [n_out] SamplingRowParams (forward_sample)
+  // attention_decode's combine counters ([runs, n_head_kv] uint32) and matmul_add_norm's block counter
+  // (one uint32): zero at rest.
+  DeviceMemory attention_counters, norm_counter;
+  DeviceMemory sample_params;     // [n_out] SamplingRowParams (forward_sample)
   DeviceMemory sample_uniforms;   // [n_out] double
   DeviceMemory sample_workspace;  // sample_rows' keys and sort storage
   DeviceMemory penalty_buffer;    // the repetition penalty's ids, offsets and penalties (forward_sample)
@@ -879,14 +880,34 @@ struct CudaLlamaModel::Impl {
   // Whether one activation row times this projection runs on the half2 GEMV (its timing at load, or
   // Int4Kernels::half2) with its fused epilogues asked for: then it can end in the next step's work.
   bool fuses_one_row(const Projection& p) const {
-    if (!options.fused_epilogues || p.parts.size() != 1) return false;
-    const DeviceMatrix& w = p.parts.front();
+    return p.parts.size() == 1 && fuses_one_row(p.parts.front());
+  }
+  bool fuses_one_row(const DeviceMatrix& w) const {
+    if (!options.fused_epilogues) return false;
     if (w.kind == DeviceKind::int4_groups) {
       return w.layout == kc::Int4Layout::rows &&
              w.int4_kernel[kc::int4_row_range(1)] == kc::Int4Kernel::gemv_half2;
     }
     return w.kind == DeviceKind::q4_k && w.layout == kc::Int4Layout::rows && w.q4_k_half2_one_row &&
            !options.int8_activations;
+  }
+  // One token's product into delta (the attention output or down projection), then the residual add
+  // and RMSNorm with norm_weight into h16, in one kernel (fuses_one_row, unsharded: no all-reduce
+  // between): what matmul then add_rms_norm_f32 do.
+  void matmul_add_norm(const DeviceMatrix& w, const __half* x, const float* norm_weight) {
+    const auto* wd = w.mem->as<uint8_t>();
+    const bool pdl = options.programmatic_launch;
+    auto* y = delta.as<float>();
+    auto* counter = norm_counter.as<unsigned>();
+    check(
+        w.kind == DeviceKind::q4_k
+            ? kc::w4a16_gemv_q4_k_half2_add_norm(wd, w.n_out, w.k, x, y, resid.as<float>(), norm_weight,
+                                                 shard_config.rms_eps, h16.as<__half>(), counter, stream, pdl)
+            : kc::w4a16_gemv_int4_groups_half2_add_norm(
+                  wd, reinterpret_cast<const __half*>(wd + w.scales_offset), wd + w.zeros_offset, w.group,
+                  w.n_out, w.k, x, y, resid.as<float>(), norm_weight, shard_config.rms_eps, h16.as<__half>(),
+                  counter, stream, pdl),
+        "half2 GEMV with the residual add and RMSNorm");
   }
   // Whether the half2 GEMV takes one row of w, an INT4 (rows) or Q4_K matrix: one launch on a zero row;
   // false where it refuses the row (longer than the device's shared memory holds).
@@ -1682,6 +1703,11 @@ bool CudaLlamaModel::Impl::grow_buffers(const Plan& p) {
   }
   moved |= ids.reserve(static_cast<size_t>(rows_out) * sizeof(int32_t));
   moved |= flag.reserve(sizeof(int32_t));
+  if (norm_counter.reserve(sizeof(uint32_t))) {  // once
+    moved = true;
+    cuda_check(cudaMemsetAsync(norm_counter.as<void>(), 0, norm_counter.bytes(), stream),
+               "cudaMemsetAsync (norm counter)");
+  }
   if (p.use_decode) {
     moved |= workspace.reserve(kc::attention_decode_workspace_bytes(p.dshape));
     if (attention_counters.reserve(static_cast<size_t>(p.dshape.n_seqs * p.dshape.n_head_kv) *
@@ -1742,10 +1768,14 @@ void CudaLlamaModel::Impl::enqueue(const Plan& p) {
   pshape.max_blocks_per_seq = p.mbps;
   const float scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
 
+  // One token, unsharded: a product on the half2 GEMV followed by a residual add + RMSNorm does the
+  // norm in its last block (matmul_add_norm); `normed` then says the next norm is done.
+  const bool norm_in_products = n == 1 && reducer == nullptr;
+  bool normed = false;
   for (int64_t l = 0; l < c.n_layer; ++l) {
     const Layer& w = layers[static_cast<size_t>(l)];
     // The previous layer's w_down output joins the residual here (the first layer has none).
-    {
+    if (!normed) {
       const Timed timed(*this, Section::norms);
       check(kc::add_rms_norm_f32(x, l == 0 ? nullptr : dl, w.attn_norm->as<float>(), h, n, c.n_embd,
                                  c.rms_eps, stream, pdl),
@@ -1799,12 +1829,15 @@ void CudaLlamaModel::Impl::enqueue(const Plan& p) {
       }
     }
     attention_span.reset();
-    {
-      const Timed timed(*this, Section::attn_out);
-      matmul(w.wo, att16.as<__half>(), n, dl);  // partial over the shard's heads
-    }
-    reduce_sum(dl, hidden_count);
-    {
+    if (norm_in_products && fuses_one_row(w.wo)) {
+      const Timed timed(*this, Section::attn_out);  // the residual add and ffn norm in its last block
+      matmul_add_norm(w.wo, att16.as<__half>(), w.ffn_norm->as<float>());
+    } else {
+      {
+        const Timed timed(*this, Section::attn_out);
+        matmul(w.wo, att16.as<__half>(), n, dl);  // partial over the shard's heads
+      }
+      reduce_sum(dl, hidden_count);
       const Timed timed(*this, Section::norms);
       check(kc::add_rms_norm_f32(x, dl, w.ffn_norm->as<float>(), h, n, c.n_embd, c.rms_eps, stream, pdl),
             "add_rms_norm_f32");
@@ -1824,11 +1857,20 @@ void CudaLlamaModel::Impl::enqueue(const Plan& p) {
                                   act16.as<__half>(), n, c.n_ff, stream, pdl),
             "swiglu_f32_to_f16");
     }
-    {
+    // The next norm: the next layer's attention norm, or after the last layer the output norm (last
+    // stage only: a pipeline stage hands its residual on without one).
+    const bool last_layer = l + 1 == c.n_layer;
+    const DeviceMemory* next_norm = last_layer ? (last_stage() ? output_norm.get() : nullptr)
+                                               : layers[static_cast<size_t>(l + 1)].attn_norm.get();
+    normed = norm_in_products && next_norm != nullptr && fuses_one_row(w.down);
+    if (normed) {
+      const Timed timed(*this, Section::down);  // the residual add and the next norm in its last block
+      matmul_add_norm(w.down, act16.as<__half>(), next_norm->as<float>());
+    } else {
       const Timed timed(*this, Section::down);
       matmul(w.down, act16.as<__half>(), n, dl);  // partial over the shard's ffn rows
     }
-    reduce_sum(dl, hidden_count);
+    if (!normed) reduce_sum(dl, hidden_count);
   }
   if (!last_stage()) {  // the last w_down output joins the residual, which goes to the next stage
     const float one = 1.0f;
@@ -1838,8 +1880,10 @@ void CudaLlamaModel::Impl::enqueue(const Plan& p) {
   // The last w_down output joins the residual, and the output norm runs on every row (cheap next to
   // the head, which runs only on the logit rows).
   const Timed timed(*this, Section::head);
-  check(kc::add_rms_norm_f32(x, dl, output_norm->as<float>(), h, n, c.n_embd, c.rms_eps, stream, pdl),
-        "add_rms_norm_f32");
+  if (!normed) {
+    check(kc::add_rms_norm_f32(x, dl, output_norm->as<float>(), h, n, c.n_embd, c.rms_eps, stream, pdl),
+          "add_rms_norm_f32");
+  }
   if (n_out > 0) {
     check(kc::gather_rows_f16(h, n, c.n_embd, md + p.off_rows, n_out, picked16.as<__half>(), flag_d, stream),
           "gather_rows_f16");

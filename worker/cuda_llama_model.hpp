@@ -274,8 +274,10 @@ struct CudaModelOptions {
   // Where a one-row product runs on the half2 GEMV (chosen at load, or Int4Kernels::half2), the step
   // after it runs in the GEMV's epilogue: the stacked q / k / v rows are rotated and written into q
   // and the KV cache (no rope_kv_write), the stacked gate / up rows become SwiGLU's fp16 row (no SwiGLU
-  // kernel): two launches and two fp32 rows a layer fewer in batch-1 decode, with the same bits (the
-  // tests compare). false: the separate kernels (bench-gpu --model times both at batch 1).
+  // kernel), and, unsharded, the attention output and down projections' last block adds their row into
+  // the residual and norms it for the next product (no add_rms_norm_f32): four launches a layer fewer
+  // in batch-1 decode, with the same bits (the tests compare). false: the separate kernels (bench-gpu
+  // --model times both at batch 1).
   bool fused_epilogues = true;
 };
 

@@ -1,5 +1,6 @@
 #pragma once
 // Small device helpers shared by the CUDA kernels (internal: included by .cu files only).
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -92,6 +93,46 @@ __device__ __forceinline__ int64_t kv_write_slot(int32_t pos, int64_t seq, const
   if (pos < 0 || seq < 0 || pos / block_size >= max_blocks_per_seq) return -1;
   const int64_t blk = block_tables[seq * max_blocks_per_seq + pos / block_size];
   return blk >= 0 && blk < num_blocks ? blk * block_size + pos % block_size : -1;
+}
+
+// add_rms_norm_f32's split of an n-value row (residual_norm.cu): `parts` slices of `slice` values, a
+// power of two doubled while a part would hold more than 4 values a thread of 256, at most 8 (the
+// portable cluster size). Shared so that the one-block row below sums in the same pieces.
+constexpr int kAddRmsNormThreads = 256;
+__host__ __device__ inline int add_rms_norm_parts(int64_t n) {
+  int parts = 1;
+  while (parts < 8 && parts * int64_t{kAddRmsNormThreads * 4} < n) parts *= 2;
+  return parts;
+}
+
+// add_rms_norm_f32 of one row (residual += delta; y = fp16(residual * 1 / sqrt(mean(residual^2) + eps)
+// * weight)) by one block of kAddRmsNormThreads threads, with the clustered kernel's bits: each part's
+// sum of squares from the same per-thread sums and block reduction, the parts' sums added in the same
+// order, every value computed by the same expressions. delta is read through L2 (__ldcg): the caller's
+// other blocks wrote it during the same kernel. scratch: __shared__ float[32]. Every thread calls it.
+__device__ inline void add_rms_norm_row_in_block(float* __restrict__ residual,
+                                                 const float* __restrict__ delta,
+                                                 const float* __restrict__ weight, __half* __restrict__ y,
+                                                 int64_t n, float eps, float* scratch) {
+  const int parts = add_rms_norm_parts(n);
+  const int64_t slice = (n + parts - 1) / parts;
+  float total = 0.0f;
+  for (int part = 0; part < parts; ++part) {
+    const int64_t begin = part * slice, end = min(n, begin + slice);
+    float sum_sq = 0.0f;
+    for (int64_t i = begin + threadIdx.x; i < end; i += kAddRmsNormThreads) {
+      const float h = __fadd_rn(residual[i], __ldcg(delta + i));
+      residual[i] = h;
+      sum_sq = fmaf(h, h, sum_sq);
+    }
+    total += block_sum(sum_sq, scratch);
+  }
+  const float scale = 1.0f / sqrtf(total / static_cast<float>(n) + eps);
+  for (int part = 0; part < parts; ++part) {  // each thread reads back the values it wrote
+    const int64_t begin = part * slice, end = min(n, begin + slice);
+    for (int64_t i = begin + threadIdx.x; i < end; i += kAddRmsNormThreads)
+      y[i] = __float2half_rn(__fmul_rn(__fmul_rn(residual[i], scale), weight[i]));
+  }
 }
 
 // A warp's online-softmax step over a tile of keys (lane j holds key j's score, -inf when masked),

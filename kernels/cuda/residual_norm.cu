@@ -23,9 +23,7 @@ namespace {
 
 namespace cg = cooperative_groups;
 
-constexpr int kThreads = 256;
-constexpr int kMaxParts = 8;           // the portable cluster size
-constexpr int kElementsPerThread = 4;  // per part, before the row needs more parts
+constexpr int kThreads = detail::kAddRmsNormThreads;
 
 // Blocks (row, part) in clusters of (1, parts): part `part` of row `row` covers [part * slice, + slice).
 __global__ void __launch_bounds__(kThreads)
@@ -84,9 +82,7 @@ Status add_rms_norm_f32(float* residual, const float* delta, const float* weight
   if (rows < 0 || n < 1 || !(eps >= 0.0f)) return Status::invalid_argument;
   if (rows > INT32_MAX) return Status::invalid_argument;
   if (rows == 0) return Status::ok;
-  // Parts: a power of two, doubled while a part would hold more than kElementsPerThread a thread.
-  int parts = 1;
-  while (parts < kMaxParts && parts * int64_t{kThreads * kElementsPerThread} < n) parts *= 2;
+  const int parts = detail::add_rms_norm_parts(n);
   const int64_t slice = (n + parts - 1) / parts;
   cudaLaunchConfig_t config{};
   config.gridDim = dim3(static_cast<unsigned>(rows), static_cast<unsigned>(parts), 1);

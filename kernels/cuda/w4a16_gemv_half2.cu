@@ -75,6 +75,7 @@ static_assert(kRowsPerWarp == 2, "the epilogues pair two rows a warp");
 
 // The plain product: rows 2w and 2w + 1 into y: [n_out] fp32.
 struct SumsOut {
+  static constexpr bool kAfterBlock = false;  // after_block(): work for the whole block at the end
   int64_t n_out;
   float* __restrict__ y;
   __host__ __device__ int64_t warps() const { return (n_out + 1) / 2; }
@@ -91,6 +92,7 @@ struct SumsOut {
 // The stacked gate / up projection ([2 n_ff, k]: gate rows, then up rows) into SwiGLU: rows w (gate)
 // and n_ff + w (up), act[w] = silu(gate) up rounded to fp16 (swiglu_f32_to_f16's value). act: [n_ff].
 struct SwiGluOut {
+  static constexpr bool kAfterBlock = false;
   int64_t n_ff;
   __half* __restrict__ act;
   __host__ __device__ int64_t warps() const { return n_ff; }
@@ -108,6 +110,7 @@ struct SwiGluOut {
 // q_out: [q_dim] or the K cache, or rounded into the V cache, at the token's slot (no slot: the flag
 // is raised and nothing is written, as rope_kv_write does).
 struct RopeKvOut {
+  static constexpr bool kAfterBlock = false;
   int64_t q_dim, kv_dim, head_dim, rot_dims;
   float theta_scale;
   const int32_t* token_pos;     // [1]
@@ -155,6 +158,33 @@ struct RopeKvOut {
       v_cache[slot * kv_dim + j - kv_dim] = __float2half_rn(sums[0]);
       v_cache[slot * kv_dim + j - kv_dim + 1] = __float2half_rn(sums[1]);
     }
+  }
+};
+
+// The plain product into y, then the residual add and RMSNorm on it (add_rms_norm_f32's work, its
+// bits): every block counts itself in after its rows are stored and fenced, and the last one adds y
+// into the residual and norms it (the CUDA samples' threadFenceReduction pattern). One row, so the
+// norm's row is the whole of y. counter: one uint32, zero at rest (the last block zeroes it).
+struct SumsNormOut : SumsOut {
+  static constexpr bool kAfterBlock = true;
+  float* residual;      // [n_out] fp32, += y
+  const float* weight;  // [n_out] the norm's weights
+  __half* h;            // [n_out] fp16, the normed row
+  float eps;
+  unsigned* counter;
+  __device__ void after_block() const {
+    __shared__ bool last;
+    __shared__ float scratch[kWarpSize];
+    __threadfence();  // this block's rows of y are visible device-wide before it is counted
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      last = atomicAdd(counter, 1u) == gridDim.x - 1;
+      if (last) atomicExch(counter, 0u);  // zero at rest: every block of this call has counted
+    }
+    __syncthreads();
+    if (!last) return;  // uniform over the block
+    __threadfence();
+    detail::add_rms_norm_row_in_block(residual, y, weight, h, n_out, eps, scratch);
   }
 };
 
@@ -293,6 +323,10 @@ __global__ void __launch_bounds__(Warps* kWarpSize)
     start_rows(warp);
     load(0);
   }
+  if constexpr (Out::kAfterBlock) {
+    static_assert(!Persistent && Warps * kWarpSize == detail::kAddRmsNormThreads, "one block of 256");
+    out.after_block();  // every thread of the block gets here
+  }
 }
 
 // GGUF Q4_K as stored (BlockQ4_K, 144 bytes per 256 inputs). A lane takes 64-input chunks: chunk C of
@@ -422,6 +456,10 @@ __global__ void __launch_bounds__(kThreads)
     load(j0);
   }
   store_rows(acc, warp, shift, out);
+  if constexpr (Out::kAfterBlock) {
+    static_assert(kThreads == detail::kAddRmsNormThreads, "one block of 256");
+    out.after_block();  // every thread of the block gets here
+  }
 }
 
 // Launches `kernel` for `warps` row pairs, `block_warps` warps a block (persistent: no more blocks than
@@ -564,6 +602,30 @@ Status w4a16_gemv_q4_k_half2(const uint8_t* w, int64_t n_out, int64_t k, const _
                              cudaStream_t stream, bool programmatic) {
   if (y == nullptr || m != 1 || n_out < 0) return Status::invalid_argument;
   return launch_q4_k(w, k, x, SumsOut{n_out, y}, stream, programmatic);
+}
+
+Status w4a16_gemv_int4_groups_half2_add_norm(const uint8_t* quants, const __half* scales,
+                                             const uint8_t* zeros, int64_t group, int64_t n_out, int64_t k,
+                                             const __half* x, float* y, float* residual,
+                                             const float* norm_weight, float eps, __half* h,
+                                             unsigned* counter, cudaStream_t stream, bool programmatic) {
+  if (y == nullptr || residual == nullptr || norm_weight == nullptr || h == nullptr || counter == nullptr ||
+      n_out < 1 || !(eps >= 0.0f)) {
+    return Status::invalid_argument;
+  }
+  return launch_int4(quants, scales, zeros, group, k, x,
+                     SumsNormOut{{n_out, y}, residual, norm_weight, h, eps, counter}, stream, programmatic);
+}
+
+Status w4a16_gemv_q4_k_half2_add_norm(const uint8_t* w, int64_t n_out, int64_t k, const __half* x, float* y,
+                                      float* residual, const float* norm_weight, float eps, __half* h,
+                                      unsigned* counter, cudaStream_t stream, bool programmatic) {
+  if (y == nullptr || residual == nullptr || norm_weight == nullptr || h == nullptr || counter == nullptr ||
+      n_out < 1 || !(eps >= 0.0f)) {
+    return Status::invalid_argument;
+  }
+  return launch_q4_k(w, k, x, SumsNormOut{{n_out, y}, residual, norm_weight, h, eps, counter}, stream,
+                     programmatic);
 }
 
 std::string half2_gemv_variant_name(const Half2GemvVariant& v) {

@@ -84,6 +84,22 @@ Status w4a16_gemv_int4_groups_half2_swiglu(const uint8_t* quants, const __half* 
 Status w4a16_gemv_q4_k_half2_swiglu(const uint8_t* w, int64_t n_ff, int64_t k, const __half* x, __half* act,
                                     cudaStream_t stream, bool programmatic = false);
 
+// The residual add and RMSNorm after the product (the attention output or down projection, one token):
+// y = W x as w4a16_gemv_int4_groups_half2 writes it ([1, n_out] fp32), then residual += y and h =
+// RMSNorm(residual) * norm_weight as add_rms_norm_f32(residual, y, norm_weight, h, 1, n_out, eps)
+// writes them, bit for bit, by the last of the GEMV's blocks to finish (one launch instead of two).
+// residual: [1, n_out] fp32; norm_weight: [n_out]; h: [1, n_out] fp16 (none may overlap y). counter:
+// one uint32, zero before the call (cudaMemset once); the call leaves it zero.
+Status w4a16_gemv_int4_groups_half2_add_norm(const uint8_t* quants, const __half* scales,
+                                             const uint8_t* zeros, int64_t group, int64_t n_out, int64_t k,
+                                             const __half* x, float* y, float* residual,
+                                             const float* norm_weight, float eps, __half* h,
+                                             unsigned* counter, cudaStream_t stream,
+                                             bool programmatic = false);
+Status w4a16_gemv_q4_k_half2_add_norm(const uint8_t* w, int64_t n_out, int64_t k, const __half* x, float* y,
+                                      float* residual, const float* norm_weight, float eps, __half* h,
+                                      unsigned* counter, cudaStream_t stream, bool programmatic = false);
+
 // RoPE and the KV cache write: w is one token's stacked q / k / v projection, [q_dim + 2 kv_dim, k]
 // (q_dim = n_head head_dim, kv_dim = n_head_kv head_dim of `shape`); then what rope_kv_write does
 // with that row (its arguments and layouts: q_out [1, q_dim] fp16, the cache at the token's slot, the

@@ -1012,11 +1012,13 @@ TEST(CudaLlamaModel, ProfiledPassGivesTheSameIdsAndAccountsForItsTime) {
   }
 }
 
-// The half2 GEMV's fused epilogues (RoPE and the KV write after q / k / v, SwiGLU after gate / up),
+// The half2 GEMV's fused epilogues (RoPE and the KV write after q / k / v, SwiGLU after gate / up, the
+// residual add and the next RMSNorm after the attention output and down projections),
 // pinned to the half2 GEMV at one row (Int4Kernels::half2) on INT4 groups (AWQ at group 64, a Q4_0
 // model as group 32) and on Q4_K as stored: a prompt and then one-token decode steps give the same
 // logits and KV cache bit for bit fused and unfused, and the CPU's logits within the quantized bound;
-// fused, a one-token step has no RoPE or SwiGLU kernel (its profile's spans), unfused it has both.
+// fused, a one-token step has no RoPE, SwiGLU or norm kernel but the first (its profile's spans),
+// unfused it has them all.
 TEST(CudaLlamaModel, FusedHalf2EpiloguesGiveTheUnfusedLogitsBitForBit) {
   NIBBLE_REQUIRE_CUDA_DEVICE();
   t::TempDir dir;
@@ -1075,7 +1077,8 @@ TEST(CudaLlamaModel, FusedHalf2EpiloguesGiveTheUnfusedLogitsBitForBit) {
           const bool both = model == &unfused;
           EXPECT_EQ(profile.sections[3].second > 0.0, both);
           EXPECT_EQ(profile.sections[7].second > 0.0, both);
-          EXPECT_EQ(profile.spans, 2 + (both ? 9 : 7) * c.n_layer);
+          // Fused: the norms too in the products before them, but the first layer's (after the embedding).
+          EXPECT_EQ(profile.spans, both ? 2 + 9 * c.n_layer : 3 + 5 * c.n_layer);
         }
       }
       pos += count;

@@ -21,6 +21,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/cuda/residual_norm.cuh"
 #include "kernels/cuda/rope_kv_write.cuh"
 #include "kernels/cuda/swiglu.cuh"
 #include "kernels/cuda/w4a16_gemv_half2.cuh"
@@ -718,5 +719,78 @@ TEST(CudaW4A16GemvHalf2, EveryVariantGivesTheSameBits) {
             k::Status::invalid_argument)
       << "not a variant";
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  EXPECT_EQ(cudaGetLastError(), cudaSuccess);
+}
+
+// The residual add and RMSNorm in the GEMV's last block (w4a16_gemv_*_half2_add_norm): y, the residual
+// and the normed row bit for bit what the plain GEMV then add_rms_norm_f32 write, on rows of one norm
+// part (37), eight odd ones (4099: slices of 513) and llama-70b's 8192 (eight of 1024); INT4 at group
+// 128 and Q4_K; twice on the same counter, which ends at zero.
+TEST(CudaW4A16GemvHalf2, AddNormEpilogueIsTheProductThenAddRmsNormBitForBit) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  std::mt19937 rng(65);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  const float eps = 1e-5f;
+  for (const bool q4_k : {false, true}) {
+    for (const int64_t n_out : {int64_t{37}, int64_t{4099}, int64_t{8192}}) {
+      SCOPED_TRACE(std::string(format_name(q4_k)) + ", n_out " + std::to_string(n_out));
+      const int64_t kk = q4_k ? 512 : 4224;
+      Half2Matrix w;
+      ASSERT_NO_FATAL_FAILURE(make_half2_matrix(q4_k, n_out, kk, 128, rng, w));
+      std::vector<float> residual(static_cast<size_t>(n_out)), weight(residual.size());
+      for (auto& v : residual) v = normal(rng) * 3.0f;
+      for (auto& v : weight) v = 1.0f + 0.1f * normal(rng);
+      DeviceBuffer<float> d_weight(weight);
+      DeviceBuffer<uint32_t> counter(std::vector<uint32_t>{0});
+      ASSERT_TRUE(d_weight.ptr && counter.ptr);
+      for (int call = 0; call < 2; ++call) {
+        SCOPED_TRACE("call " + std::to_string(call));
+        std::vector<k::f16_bits> xh(static_cast<size_t>(kk));
+        for (auto& v : xh) v = k::fp32_to_fp16(normal(rng));
+        DeviceBuffer<k::f16_bits> dx(xh);
+        DeviceBuffer<float> y_a(static_cast<size_t>(n_out)), y_b(static_cast<size_t>(n_out)), res_a(residual),
+            res_b(residual);
+        DeviceBuffer<uint16_t> h_a(static_cast<size_t>(n_out)), h_b(static_cast<size_t>(n_out));
+        ASSERT_TRUE(dx.ptr && y_a.ptr && y_b.ptr && res_a.ptr && res_b.ptr && h_a.ptr && h_b.ptr);
+        ASSERT_EQ(cudaMemset(h_a.ptr, 0xff, static_cast<size_t>(n_out) * 2), cudaSuccess);  // NaNs
+        const auto* x = reinterpret_cast<const __half*>(dx.ptr);
+        ASSERT_EQ(w.product(x, y_b.ptr), k::Status::ok);
+        ASSERT_EQ(k::cuda::add_rms_norm_f32(res_b.ptr, y_b.ptr, d_weight.ptr, as_half(h_b.ptr), 1, n_out, eps,
+                                            nullptr),
+                  k::Status::ok);
+        ASSERT_EQ(q4_k ? k::cuda::w4a16_gemv_q4_k_half2_add_norm(
+                             w.blocks->ptr, n_out, kk, x, y_a.ptr, res_a.ptr, d_weight.ptr, eps,
+                             as_half(h_a.ptr), counter.ptr, nullptr, /*programmatic=*/true)
+                       : k::cuda::w4a16_gemv_int4_groups_half2_add_norm(
+                             w.int4.quants->ptr, w.int4.scales_half(), w.int4.zeros->ptr, 128, n_out, kk, x,
+                             y_a.ptr, res_a.ptr, d_weight.ptr, eps, as_half(h_a.ptr), counter.ptr, nullptr),
+                  k::Status::ok);
+        ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+        const std::vector<float> ya = y_a.to_host(), yb = y_b.to_host(), ra = res_a.to_host(),
+                                 rb = res_b.to_host();
+        EXPECT_EQ(std::memcmp(ya.data(), yb.data(), ya.size() * sizeof(float)), 0) << "the product";
+        EXPECT_EQ(std::memcmp(ra.data(), rb.data(), ra.size() * sizeof(float)), 0) << "the residual";
+        EXPECT_EQ(h_a.to_host(), h_b.to_host()) << "the normed row";
+        EXPECT_EQ(counter.to_host(), std::vector<uint32_t>{0});
+        residual = ra;  // the next call adds onto this one's residual
+      }
+    }
+  }
+  // Refusals: no counter, no residual, a negative eps.
+  Half2Matrix w;
+  ASSERT_NO_FATAL_FAILURE(make_half2_matrix(false, 16, 256, 128, rng, w));
+  DeviceBuffer<k::f16_bits> dx(256);
+  DeviceBuffer<float> y(16), res(16), weight(16);
+  DeviceBuffer<uint16_t> h(16);
+  DeviceBuffer<uint32_t> counter(std::vector<uint32_t>{0});
+  const auto* x = reinterpret_cast<const __half*>(dx.ptr);
+  const auto call = [&](float* residual, float epsilon, unsigned* c) {
+    return k::cuda::w4a16_gemv_int4_groups_half2_add_norm(w.int4.quants->ptr, w.int4.scales_half(),
+                                                          w.int4.zeros->ptr, 128, 16, 256, x, y.ptr, residual,
+                                                          weight.ptr, epsilon, as_half(h.ptr), c, nullptr);
+  };
+  EXPECT_EQ(call(res.ptr, 1e-5f, nullptr), k::Status::invalid_argument) << "no counter";
+  EXPECT_EQ(call(nullptr, 1e-5f, counter.ptr), k::Status::invalid_argument) << "no residual";
+  EXPECT_EQ(call(res.ptr, -1.0f, counter.ptr), k::Status::invalid_argument) << "negative eps";
   EXPECT_EQ(cudaGetLastError(), cudaSuccess);
 }

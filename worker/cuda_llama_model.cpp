@@ -883,7 +883,8 @@ struct CudaLlamaModel::Impl {
     return p.parts.size() == 1 && fuses_one_row(p.parts.front());
   }
   bool fuses_one_row(const DeviceMatrix& w) const {
-    if (!options.fused_epilogues) return false;
+    // (A row the plain half2 GEMV takes can be too long for an epilogue's extra shared memory.)
+    if (!options.fused_epilogues || !kc::w4a16_gemv_half2_fits(w.k, w.kind == DeviceKind::q4_k)) return false;
     if (w.kind == DeviceKind::int4_groups) {
       return w.layout == kc::Int4Layout::rows &&
              w.int4_kernel[kc::int4_row_range(1)] == kc::Int4Kernel::gemv_half2;

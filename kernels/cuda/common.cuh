@@ -96,42 +96,71 @@ __device__ __forceinline__ int64_t kv_write_slot(int32_t pos, int64_t seq, const
 }
 
 // add_rms_norm_f32's split of an n-value row (residual_norm.cu): `parts` slices of `slice` values, a
-// power of two doubled while a part would hold more than 4 values a thread of 256, at most 8 (the
-// portable cluster size). Shared so that the one-block row below sums in the same pieces.
+// power of two doubled while a part would hold more than 4 values a thread of 256, at most
+// kAddRmsNormMaxParts (the portable cluster size). Shared so that the one-block row below sums in the
+// same pieces.
 constexpr int kAddRmsNormThreads = 256;
+constexpr int kAddRmsNormMaxParts = 8;
 __host__ __device__ inline int add_rms_norm_parts(int64_t n) {
   int parts = 1;
-  while (parts < 8 && parts * int64_t{kAddRmsNormThreads * 4} < n) parts *= 2;
+  while (parts < kAddRmsNormMaxParts && parts * int64_t{kAddRmsNormThreads * 4} < n) parts *= 2;
   return parts;
 }
+// The shared floats add_rms_norm_row_in_block needs.
+constexpr int kAddRmsNormScratch = kAddRmsNormMaxParts * kWarpSize + 1;
 
 // add_rms_norm_f32 of one row (residual += delta; y = fp16(residual * 1 / sqrt(mean(residual^2) + eps)
 // * weight)) by one block of kAddRmsNormThreads threads, with the clustered kernel's bits: each part's
-// sum of squares from the same per-thread sums and block reduction, the parts' sums added in the same
-// order, every value computed by the same expressions. delta is read through L2 (__ldcg): the caller's
-// other blocks wrote it during the same kernel. scratch: __shared__ float[32]. Every thread calls it.
+// sum of squares from the same per-thread sums and the same reduction tree as block_sum (the parts'
+// reductions side by side, one barrier for all), the parts' sums added in the same order, every value
+// computed by the same expressions, each element by one thread in both passes. delta is read through
+// L2 (__ldcg): the caller's other blocks wrote it during the same kernel. scratch: __shared__
+// float[kAddRmsNormScratch]. Every thread calls it.
 __device__ inline void add_rms_norm_row_in_block(float* __restrict__ residual,
                                                  const float* __restrict__ delta,
                                                  const float* __restrict__ weight, __half* __restrict__ y,
                                                  int64_t n, float eps, float* scratch) {
   const int parts = add_rms_norm_parts(n);
   const int64_t slice = (n + parts - 1) / parts;
-  float total = 0.0f;
-  for (int part = 0; part < parts; ++part) {
-    const int64_t begin = part * slice, end = min(n, begin + slice);
-    float sum_sq = 0.0f;
-    for (int64_t i = begin + threadIdx.x; i < end; i += kAddRmsNormThreads) {
-      const float h = __fadd_rn(residual[i], __ldcg(delta + i));
-      residual[i] = h;
-      sum_sq = fmaf(h, h, sum_sq);
+  float sums[kAddRmsNormMaxParts];
+#pragma unroll
+  for (int part = 0; part < kAddRmsNormMaxParts; ++part) {
+    sums[part] = 0.0f;
+    if (part < parts) {
+      const int64_t begin = part * slice, end = min(n, begin + slice);
+#pragma unroll 4
+      for (int64_t i = begin + threadIdx.x; i < end; i += kAddRmsNormThreads) {
+        const float h = __fadd_rn(residual[i], __ldcg(delta + i));
+        residual[i] = h;
+        sums[part] = fmaf(h, h, sums[part]);
+      }
     }
-    total += block_sum(sum_sq, scratch);
   }
-  const float scale = 1.0f / sqrtf(total / static_cast<float>(n) + eps);
-  for (int part = 0; part < parts; ++part) {  // each thread reads back the values it wrote
-    const int64_t begin = part * slice, end = min(n, begin + slice);
-    for (int64_t i = begin + threadIdx.x; i < end; i += kAddRmsNormThreads)
-      y[i] = __float2half_rn(__fmul_rn(__fmul_rn(residual[i], scale), weight[i]));
+  // block_sum of every part at once: each warp's sums, then warp 0 sums the warps' (the same tree).
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  constexpr int kWarps = kAddRmsNormThreads / kWarpSize;
+#pragma unroll
+  for (int part = 0; part < kAddRmsNormMaxParts; ++part) {
+    const float w = warp_sum(sums[part]);
+    if (lane == 0) scratch[part * kWarpSize + warp] = w;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    float total = 0.0f;  // the clustered kernel adds its blocks' sums in rank order from 0
+    for (int part = 0; part < parts; ++part)
+      total += warp_sum(lane < kWarps ? scratch[part * kWarpSize + lane] : 0.0f);
+    if (lane == 0) scratch[kAddRmsNormMaxParts * kWarpSize] = total;
+  }
+  __syncthreads();
+  const float scale = 1.0f / sqrtf(scratch[kAddRmsNormMaxParts * kWarpSize] / static_cast<float>(n) + eps);
+#pragma unroll
+  for (int part = 0; part < kAddRmsNormMaxParts; ++part) {  // each thread reads back the values it wrote
+    if (part < parts) {
+      const int64_t begin = part * slice, end = min(n, begin + slice);
+#pragma unroll 4
+      for (int64_t i = begin + threadIdx.x; i < end; i += kAddRmsNormThreads)
+        y[i] = __float2half_rn(__fmul_rn(__fmul_rn(residual[i], scale), weight[i]));
+    }
   }
 }
 

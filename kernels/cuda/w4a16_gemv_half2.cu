@@ -3,9 +3,11 @@
 #include <cuda_runtime.h>
 
 #include <cmath>
+#include <map>
 #include <mutex>
 #include <set>
 #include <string>
+#include <tuple>
 #include <utility>
 
 #include "kernels/cuda/common.cuh"
@@ -174,7 +176,7 @@ struct SumsNormOut : SumsOut {
   unsigned* counter;
   __device__ void after_block() const {
     __shared__ bool last;
-    __shared__ float scratch[kWarpSize];
+    __shared__ float scratch[detail::kAddRmsNormScratch];
     __threadfence();  // this block's rows of y are visible device-wide before it is counted
     __syncthreads();
     if (threadIdx.x == 0) {
@@ -472,21 +474,24 @@ template <typename... Params, typename... Args>
 Status launch_half2_blocks(void (*kernel)(Params...), int64_t warps, int block_warps, bool persistent,
                            size_t shared, cudaStream_t stream, bool programmatic, Args&&... args) {
   int device = 0, max_shared = 0;
+  cudaFuncAttributes attributes{};
   if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&max_shared, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
+      cudaDeviceGetAttribute(&max_shared, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess ||
+      cudaFuncGetAttributes(&attributes, kernel) != cudaSuccess) {
     cudaGetLastError();
     return Status::device_error;
   }
-  // The static max_abs_bits word too.
-  if (shared + 16 > static_cast<size_t>(max_shared)) return Status::invalid_argument;
+  // The kernel's static shared memory (max_abs_bits; an epilogue's) counts against the same limit.
+  const size_t static_shared = attributes.sharedSizeBytes;
+  if (shared + static_shared > static_cast<size_t>(max_shared)) return Status::invalid_argument;
   if (shared > 48 * 1024) {
     static std::mutex mutex;
     static std::set<std::pair<const void*, int>> raised;  // (kernel, device)
     const std::lock_guard<std::mutex> lock(mutex);
     const std::pair<const void*, int> key{reinterpret_cast<const void*>(kernel), device};
     if (raised.count(key) == 0) {
-      if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_shared - 16) !=
-          cudaSuccess) {
+      if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               max_shared - static_cast<int>(static_shared)) != cudaSuccess) {
         cudaGetLastError();
         return Status::device_error;
       }
@@ -626,6 +631,36 @@ Status w4a16_gemv_q4_k_half2_add_norm(const uint8_t* w, int64_t n_out, int64_t k
   }
   return launch_q4_k(w, k, x, SumsNormOut{{n_out, y}, residual, norm_weight, h, eps, counter}, stream,
                      programmatic);
+}
+
+bool w4a16_gemv_half2_fits(int64_t k, bool q4_k) {
+  if (k < 1 || k > kW4A16GemvHalf2MaxK) return false;
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  static std::mutex mutex;
+  static std::map<std::tuple<int, int64_t, bool>, bool> known;  // (device, k, q4_k)
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_tuple(device, k, q4_k);
+  if (const auto it = known.find(key); it != known.end()) return it->second;
+  // The epilogue with the most static shared memory (the norm's scratch) bounds them all.
+  int max_shared = 0;
+  cudaFuncAttributes attributes{};
+  const cudaError_t err =
+      q4_k ? cudaFuncGetAttributes(&attributes, gemv_q4_k_half2_kernel<SumsNormOut>)
+           : cudaFuncGetAttributes(&attributes, gemv_int4_groups_half2_kernel<2, SumsNormOut>);
+  if (err != cudaSuccess ||
+      cudaDeviceGetAttribute(&max_shared, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  const size_t dynamic = static_cast<size_t>(k) * sizeof(__half) +
+                         (q4_k ? static_cast<size_t>(k / kQK4_0) * sizeof(float) : size_t{0});
+  const bool fits = dynamic + attributes.sharedSizeBytes <= static_cast<size_t>(max_shared);
+  known[key] = fits;
+  return fits;
 }
 
 std::string half2_gemv_variant_name(const Half2GemvVariant& v) {

@@ -48,6 +48,11 @@ Status w4a16_gemv_int4_groups_half2(const uint8_t* quants, const __half* scales,
 Status w4a16_gemv_q4_k_half2(const uint8_t* w, int64_t n_out, int64_t k, const __half* x, int64_t m, float* y,
                              cudaStream_t stream, bool programmatic = false);
 
+// Whether this device's blocks hold the shared memory the half2 GEMVs need for rows of k inputs (INT4
+// groups, or Q4_K when q4_k) with every one of their epilogues below (the launchers refuse a row that
+// does not fit with invalid_argument). Remembered per device and k.
+bool w4a16_gemv_half2_fits(int64_t k, bool q4_k);
+
 // The INT4 GEMV's shape, for the kernel table's sweep (bench-gpu): warps a block, units a lane loads
 // at once per row (16 bytes each), and persistent blocks (no more than the device's SMs hold at once,
 // each taking row pairs gridDim.x * warps apart, so that it stages the activations once for all of

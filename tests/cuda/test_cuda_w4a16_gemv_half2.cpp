@@ -724,17 +724,25 @@ TEST(CudaW4A16GemvHalf2, EveryVariantGivesTheSameBits) {
 
 // The residual add and RMSNorm in the GEMV's last block (w4a16_gemv_*_half2_add_norm): y, the residual
 // and the normed row bit for bit what the plain GEMV then add_rms_norm_f32 write, on rows of one norm
-// part (37), eight odd ones (4099: slices of 513) and llama-70b's 8192 (eight of 1024); INT4 at group
-// 128 and Q4_K; twice on the same counter, which ends at zero.
+// part (37), two (1025), eight odd ones (4099: slices of 513) and llama-70b's 8192 (eight of 1024);
+// INT4 at group 128 and Q4_K, with short inputs and llama-70b's longest (28672: the epilogue's own
+// shared memory on top of 56 KB of activations; refused where w4a16_gemv_half2_fits says it cannot
+// fit); twice on the same counter, which ends at zero.
 TEST(CudaW4A16GemvHalf2, AddNormEpilogueIsTheProductThenAddRmsNormBitForBit) {
   NIBBLE_REQUIRE_CUDA_DEVICE();
   std::mt19937 rng(65);
   std::normal_distribution<float> normal(0.0f, 1.0f);
   const float eps = 1e-5f;
+  struct Shape {
+    int64_t n_out;
+    bool long_rows;
+  };
   for (const bool q4_k : {false, true}) {
-    for (const int64_t n_out : {int64_t{37}, int64_t{4099}, int64_t{8192}}) {
-      SCOPED_TRACE(std::string(format_name(q4_k)) + ", n_out " + std::to_string(n_out));
-      const int64_t kk = q4_k ? 512 : 4224;
+    for (const Shape shape :
+         {Shape{37, false}, Shape{4099, false}, Shape{8192, false}, Shape{37, true}, Shape{1025, true}}) {
+      const int64_t n_out = shape.n_out, kk = shape.long_rows ? 28672 : q4_k ? 512 : 4224;
+      SCOPED_TRACE(std::string(format_name(q4_k)) + ", " + std::to_string(n_out) + " x " +
+                   std::to_string(kk));
       Half2Matrix w;
       ASSERT_NO_FATAL_FAILURE(make_half2_matrix(q4_k, n_out, kk, 128, rng, w));
       std::vector<float> residual(static_cast<size_t>(n_out)), weight(residual.size());
@@ -758,13 +766,21 @@ TEST(CudaW4A16GemvHalf2, AddNormEpilogueIsTheProductThenAddRmsNormBitForBit) {
         ASSERT_EQ(k::cuda::add_rms_norm_f32(res_b.ptr, y_b.ptr, d_weight.ptr, as_half(h_b.ptr), 1, n_out, eps,
                                             nullptr),
                   k::Status::ok);
-        ASSERT_EQ(q4_k ? k::cuda::w4a16_gemv_q4_k_half2_add_norm(
-                             w.blocks->ptr, n_out, kk, x, y_a.ptr, res_a.ptr, d_weight.ptr, eps,
-                             as_half(h_a.ptr), counter.ptr, nullptr, /*programmatic=*/true)
-                       : k::cuda::w4a16_gemv_int4_groups_half2_add_norm(
-                             w.int4.quants->ptr, w.int4.scales_half(), w.int4.zeros->ptr, 128, n_out, kk, x,
-                             y_a.ptr, res_a.ptr, d_weight.ptr, eps, as_half(h_a.ptr), counter.ptr, nullptr),
-                  k::Status::ok);
+        const bool fits = k::cuda::w4a16_gemv_half2_fits(kk, q4_k);
+        const k::Status st =
+            q4_k ? k::cuda::w4a16_gemv_q4_k_half2_add_norm(w.blocks->ptr, n_out, kk, x, y_a.ptr, res_a.ptr,
+                                                           d_weight.ptr, eps, as_half(h_a.ptr), counter.ptr,
+                                                           nullptr,
+                                                           /*programmatic=*/true)
+                 : k::cuda::w4a16_gemv_int4_groups_half2_add_norm(
+                       w.int4.quants->ptr, w.int4.scales_half(), w.int4.zeros->ptr, 128, n_out, kk, x,
+                       y_a.ptr, res_a.ptr, d_weight.ptr, eps, as_half(h_a.ptr), counter.ptr, nullptr);
+        if (!fits) {  // a device with little shared memory a block
+          EXPECT_EQ(st, k::Status::invalid_argument);
+          EXPECT_EQ(cudaGetLastError(), cudaSuccess);
+          break;
+        }
+        ASSERT_EQ(st, k::Status::ok);
         ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
         const std::vector<float> ya = y_a.to_host(), yb = y_b.to_host(), ra = res_a.to_host(),
                                  rb = res_b.to_host();

@@ -5,7 +5,6 @@
 #include <cmath>
 #include <map>
 #include <mutex>
-#include <set>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -466,10 +465,10 @@ __global__ void __launch_bounds__(kThreads)
 
 // Launches `kernel` for `warps` row pairs, `block_warps` warps a block (persistent: no more blocks than
 // the device's SMs hold at once), with `shared` bytes of dynamic shared memory: invalid_argument where
-// the device's blocks cannot have that much (sm_120's 99 KB, for a long row), else the launch. The attribute
-// above the 48 KB default is raised once per kernel and device to all the device allows, never lowered, so
-// that launches of different lengths (and threads) cannot undo each other's. A failure leaves no error
-// behind for the next launcher to find.
+// the device's blocks cannot have that much with the kernel's static shared memory (sm_120's 99 KB, for
+// a long row), else the launch. The kernel's dynamic shared memory attribute is raised, when a launch
+// needs more, to all the device allows, never lowered, so that launches of different lengths (and
+// threads) cannot undo each other's. A failure leaves no error behind for the next launcher to find.
 template <typename... Params, typename... Args>
 Status launch_half2_blocks(void (*kernel)(Params...), int64_t warps, int block_warps, bool persistent,
                            size_t shared, cudaStream_t stream, bool programmatic, Args&&... args) {
@@ -484,18 +483,15 @@ Status launch_half2_blocks(void (*kernel)(Params...), int64_t warps, int block_w
   // The kernel's static shared memory (max_abs_bits; an epilogue's) counts against the same limit.
   const size_t static_shared = attributes.sharedSizeBytes;
   if (shared + static_shared > static_cast<size_t>(max_shared)) return Status::invalid_argument;
-  if (shared > 48 * 1024) {
+  // Past what the kernel may take now (by default 48 KB less its static shared memory), raised to all
+  // the device allows, never lowered: every raise sets the same value.
+  if (shared > static_cast<size_t>(attributes.maxDynamicSharedSizeBytes)) {
     static std::mutex mutex;
-    static std::set<std::pair<const void*, int>> raised;  // (kernel, device)
     const std::lock_guard<std::mutex> lock(mutex);
-    const std::pair<const void*, int> key{reinterpret_cast<const void*>(kernel), device};
-    if (raised.count(key) == 0) {
-      if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               max_shared - static_cast<int>(static_shared)) != cudaSuccess) {
-        cudaGetLastError();
-        return Status::device_error;
-      }
-      raised.insert(key);
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             max_shared - static_cast<int>(static_shared)) != cudaSuccess) {
+      cudaGetLastError();
+      return Status::device_error;
     }
   }
   int64_t blocks = (warps + block_warps - 1) / block_warps;

@@ -725,22 +725,22 @@ TEST(CudaW4A16GemvHalf2, EveryVariantGivesTheSameBits) {
 // The residual add and RMSNorm in the GEMV's last block (w4a16_gemv_*_half2_add_norm): y, the residual
 // and the normed row bit for bit what the plain GEMV then add_rms_norm_f32 write, on rows of one norm
 // part (37), two (1025), eight odd ones (4099: slices of 513) and llama-70b's 8192 (eight of 1024);
-// INT4 at group 128 and Q4_K, with short inputs and llama-70b's longest (28672: the epilogue's own
-// shared memory on top of 56 KB of activations; refused where w4a16_gemv_half2_fits says it cannot
-// fit); twice on the same counter, which ends at zero.
+// INT4 at group 128 and Q4_K, with short inputs, llama-70b's longest (28672: the epilogue's own shared
+// memory on top of 56 KB of activations) and rows just under 48 KB of activations (24576 and 23040: the
+// static shared memory alone takes them past the default limit; refused where w4a16_gemv_half2_fits
+// says they cannot fit); twice on the same counter, which ends at zero.
 TEST(CudaW4A16GemvHalf2, AddNormEpilogueIsTheProductThenAddRmsNormBitForBit) {
   NIBBLE_REQUIRE_CUDA_DEVICE();
   std::mt19937 rng(65);
   std::normal_distribution<float> normal(0.0f, 1.0f);
   const float eps = 1e-5f;
   struct Shape {
-    int64_t n_out;
-    bool long_rows;
+    int64_t n_out, int4_k, q4_k_k;
   };
   for (const bool q4_k : {false, true}) {
-    for (const Shape shape :
-         {Shape{37, false}, Shape{4099, false}, Shape{8192, false}, Shape{37, true}, Shape{1025, true}}) {
-      const int64_t n_out = shape.n_out, kk = shape.long_rows ? 28672 : q4_k ? 512 : 4224;
+    for (const Shape shape : {Shape{37, 4224, 512}, Shape{4099, 4224, 512}, Shape{8192, 4224, 512},
+                              Shape{37, 28672, 28672}, Shape{1025, 28672, 28672}, Shape{37, 24576, 23040}}) {
+      const int64_t n_out = shape.n_out, kk = q4_k ? shape.q4_k_k : shape.int4_k;
       SCOPED_TRACE(std::string(format_name(q4_k)) + ", " + std::to_string(n_out) + " x " +
                    std::to_string(kk));
       Half2Matrix w;

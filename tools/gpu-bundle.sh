@@ -219,7 +219,9 @@ if [ "$phase" = all ] || [ "$phase" = bench ] || [ "$phase" = e2e ]; then
 # speculative decoding with the fixtures' pair, batch-1 decode with 8-bit activations (the W4A8 GEMV),
 # and the baseline on the CUDA-core GEMV and WMMA GEMM alone with the 1B draft's step times. Phase
 # e2e-cutlass: llama-70b on CUTLASS's order alone.
-e2e=(--gen-tokens 16 --repetitions 3 --prompt-tokens 256 --prefill-batch 4)
+# NIBBLE_E2E_FLAGS: more bench-gpu flags for every end-to-end run (e.g. --unfused-epilogues, should
+# call 1 show the fused epilogues failing).
+e2e=(--gen-tokens 16 --repetitions 3 --prompt-tokens 256 --prefill-batch 4 ${NIBBLE_E2E_FLAGS:-})
 timeout 150 "$here/bin/nibble" bench-gpu --model dummy:llama-70b --batch 1,8,32,64 "${e2e[@]}" 2>&1 |
   tee "$out/bench-gpu-e2e.txt" || status=1
 timeout 150 "$here/bin/nibble" bench-gpu --model dummy:llama-70b --int4-layout measured --batch 1,8,32,64 "${e2e[@]}" 2>&1 |
@@ -230,12 +232,12 @@ timeout 150 "$here/bin/nibble" bench-gpu --model dummy:llama-70b "${cutlass[@]}"
   tee "$out/bench-gpu-e2e-cutlass.txt" || status=1
 fi
 if [ "$phase" = e2e-cutlass ]; then
-e2e=(--gen-tokens 16 --repetitions 3 --prompt-tokens 256 --prefill-batch 4)
+e2e=(--gen-tokens 16 --repetitions 3 --prompt-tokens 256 --prefill-batch 4 ${NIBBLE_E2E_FLAGS:-})
 timeout 150 "$here/bin/nibble" bench-gpu --model dummy:llama-70b --int4-layout cutlass --batch 1,8,32,64 "${e2e[@]}" 2>&1 |
   tee "$out/bench-gpu-e2e-cutlass-layout.txt" || status=1
 fi
 if [ "$phase" = all ] || [ "$phase" = bench ] || [ "$phase" = e2e-more ]; then
-e2e=(--gen-tokens 16 --repetitions 3 --prompt-tokens 256 --prefill-batch 4)
+e2e=(--gen-tokens 16 --repetitions 3 --prompt-tokens 256 --prefill-batch 4 ${NIBBLE_E2E_FLAGS:-})
 # Speculative decoding end to end on the GPU with the fixtures' trained pair (when bundled: add
 # fortune-target-f16 to NIBBLE_BUNDLE_FIXTURES); its Q4_0 draft is made here by the quantizer.
 target="$here/fixtures/models/fortune-target-f16.gguf"

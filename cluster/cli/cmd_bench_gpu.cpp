@@ -44,12 +44,14 @@ struct Args {
   worker::Int4Layout int4_layout = worker::Int4Layout::rows;
   bool cutlass_gemm = false;
   bool int8_activations = false;
+  bool unfused_epilogues = false;
   worker::CudaModelOptions model_options() const {
     worker::CudaModelOptions options;
     options.int4_kernels = int4_kernels;
     options.int4_layout = int4_layout;
     options.cutlass_gemm = cutlass_gemm;
     options.int8_activations = int8_activations;
+    options.fused_epilogues = !unfused_epilogues;
     return options;
   }
 };
@@ -362,7 +364,7 @@ int run_model(const Args& a) {
   // doing RoPE / the KV write and SwiGLU in the products saves where the half2 GEMV runs (the step
   // profile's "rope + KV write" and "SwiGLU" are then 0 at batch 1); the same kernels elsewhere.
   double unfused_step_s = 0.0;
-  if (std::find(batches.begin(), batches.end(), 1) != batches.end()) {
+  if (!a.unfused_epilogues && std::find(batches.begin(), batches.end(), 1) != batches.end()) {
     target.model->set_fused_epilogues(false);
     unfused_step_s = time_decode_step(target, 1, a.gen_tokens, a.repetitions, rng);
     target.model->set_fused_epilogues(true);
@@ -962,6 +964,11 @@ Runner add_bench_gpu(CLI::App& app) {
                          "tensor-core kernels' tiles, or only in CUTLASS's order (cutlass: every product "
                          "of them on CUTLASS's Hopper GEMM, one copy of the weights), or measured: per "
                          "matrix shape, the one of the three that decodes fastest when timed at load");
+  app.add_flag(
+      "--unfused-epilogues", a->unfused_epilogues,
+      "With --model: the steps after a one-row half2 GEMV (RoPE + KV write, SwiGLU, residual add + "
+      "RMSNorm) as kernels of their own, not in the GEMV's epilogue (CudaModelOptions::fused_epilogues; "
+      "the same bits)");
   app.add_flag(
       "--int8-activations", a->int8_activations,
       "With --model: one-row INT4 products (batch-1 decode) on the W4A8 GEMV, the activations rounded "

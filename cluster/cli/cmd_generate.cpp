@@ -33,6 +33,7 @@ struct GenerateArgs {
   worker::Int4Layout int4_layout = worker::Int4Layout::rows;
   bool cutlass_gemm = false;
   bool int8_activations = false;
+  bool unfused_epilogues = false;
 };
 
 }  // namespace
@@ -71,6 +72,9 @@ Runner add_generate(CLI::App& app) {
       "copy; needs a CUTLASS build and an H100 / H200), or measured: per matrix shape, the one of "
       "the three that decodes fastest when timed at load (needs --int4-kernels measured); tiles and "
       "cutlass are refused with --int4-kernels cuda-cores");
+  app.add_flag("--unfused-epilogues", a->unfused_epilogues,
+               "With --device cuda: the steps after a one-row half2 GEMV (RoPE + KV write, SwiGLU, residual "
+               "add + RMSNorm) as kernels of their own (the same bits; CudaModelOptions::fused_epilogues)");
   app.add_flag("--int8-activations", a->int8_activations,
                "With --device cuda: one-row INT4 products (batch-1 decode) on the W4A8 GEMV, the activations "
                "rounded to 8 bits on the device as the CPU backend rounds them (needs --int4-layout rows)");
@@ -108,6 +112,7 @@ Runner add_generate(CLI::App& app) {
       gpu_options.int4_layout = a->int4_layout;
       gpu_options.cutlass_gemm = a->cutlass_gemm;
       gpu_options.int8_activations = a->int8_activations;
+      gpu_options.fused_epilogues = !a->unfused_epilogues;
       gpu = std::make_unique<worker::CudaLlamaModel>(s.checkpoint, gpu_options);
       gpu_cache = std::make_unique<worker::CudaKvCache>(gpu->config(), worker::Generator::blocks_for(context),
                                                         worker::Generator::kBlockSize);

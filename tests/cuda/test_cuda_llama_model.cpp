@@ -1553,6 +1553,13 @@ TEST(CudaLlamaModelCli, GenerateOnTheGpuGivesTheRequestedTokens) {
   ASSERT_EQ(half2.exit_code, 0) << half2.output;
   EXPECT_NE(half2.output.find("\"finish_reason\""), std::string::npos) << half2.output;
   EXPECT_FALSE(tokens(half2.output).empty()) << half2.output;
+  // Its epilogues unfused: the same bits, so the same tokens.
+  const auto unfused =
+      t::run_command(t::nibble_bin() + " generate -m " + path +
+                     " -p 'hello world' -n 6 --temperature 0 --json --device cuda --int4-kernels "
+                     "half2 --unfused-epilogues 2>/dev/null");
+  ASSERT_EQ(unfused.exit_code, 0) << unfused.output;
+  EXPECT_EQ(tokens(unfused.output), tokens(half2.output));
   const auto half2_tiles =
       t::run_command(t::nibble_bin() + " generate -m " + path +
                      " -p 'hi' -n 2 --device cuda --int4-kernels half2 --int4-layout tiles 2>&1");

@@ -1771,7 +1771,7 @@ void CudaLlamaModel::Impl::enqueue(const Plan& p) {
 
   // One token, unsharded: a product on the half2 GEMV followed by a residual add + RMSNorm does the
   // norm in its last block (matmul_add_norm); `normed` then says the next norm is done.
-  const bool norm_in_products = n == 1 && reducer == nullptr;
+  const bool norm_in_products = n == 1 && reducer == nullptr && options.fused_norms;
   bool normed = false;
   for (int64_t l = 0; l < c.n_layer; ++l) {
     const Layer& w = layers[static_cast<size_t>(l)];
@@ -2213,6 +2213,12 @@ void CudaLlamaModel::set_fused_epilogues(bool on) {
   if (impl_->options.fused_epilogues == on) return;
   impl_->options.fused_epilogues = on;
   impl_->clear_graphs();  // they hold the other kernels
+}
+
+void CudaLlamaModel::set_fused_norms(bool on) {
+  if (impl_->options.fused_norms == on) return;
+  impl_->options.fused_norms = on;
+  impl_->clear_graphs();
 }
 
 const std::vector<CudaInt4KernelChoice>& CudaLlamaModel::int4_kernel_choices() const {

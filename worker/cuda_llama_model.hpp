@@ -279,6 +279,10 @@ struct CudaModelOptions {
   // in batch-1 decode, with the same bits (the tests compare). false: the separate kernels (bench-gpu
   // --model times both at batch 1).
   bool fused_epilogues = true;
+  // With fused_epilogues, the residual add + RMSNorm in the products before them too (false: those
+  // as their own kernel, RoPE / KV write and SwiGLU still fused; bench-gpu --model times all three
+  // ways at batch 1, since the norm's one-block tail is the part a GPU run has to weigh).
+  bool fused_norms = true;
 };
 
 class CudaLlamaModel {
@@ -315,8 +319,9 @@ class CudaLlamaModel {
   int64_t captured_graphs() const;
   // Switches CudaModelOptions::programmatic_launch for later passes (drops captured graphs).
   void set_programmatic_launch(bool on);
-  // Switches CudaModelOptions::fused_epilogues for later passes (drops captured graphs).
+  // Switches CudaModelOptions::fused_epilogues / fused_norms for later passes (drops captured graphs).
   void set_fused_epilogues(bool on);
+  void set_fused_norms(bool on);
   // Per group-wise INT4 matrix shape, the kernels it uses (CudaModelOptions::int4_kernels), in the
   // order the shapes first occur (q/k/v, attn_output, gate/up, down, head); empty without such matrices.
   const std::vector<CudaInt4KernelChoice>& int4_kernel_choices() const;

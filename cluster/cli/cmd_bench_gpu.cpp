@@ -363,8 +363,12 @@ int run_model(const Args& a) {
   // Batch 1 again with the half2 GEMV's fused epilogues off (CudaModelOptions::fused_epilogues): what
   // doing RoPE / the KV write and SwiGLU in the products saves where the half2 GEMV runs (the step
   // profile's "rope + KV write" and "SwiGLU" are then 0 at batch 1); the same kernels elsewhere.
-  double unfused_step_s = 0.0;
+  double unfused_step_s = 0.0, unfused_norms_step_s = 0.0;
   if (!a.unfused_epilogues && std::find(batches.begin(), batches.end(), 1) != batches.end()) {
+    target.model->set_fused_norms(false);  // RoPE / KV write and SwiGLU fused, the norms not
+    unfused_norms_step_s = time_decode_step(target, 1, a.gen_tokens, a.repetitions, rng);
+    target.model->set_fused_norms(true);
+    report("unfused norms batch 1: %.2f ms/step", unfused_norms_step_s * 1e3);
     target.model->set_fused_epilogues(false);
     unfused_step_s = time_decode_step(target, 1, a.gen_tokens, a.repetitions, rng);
     target.model->set_fused_epilogues(true);
@@ -396,7 +400,10 @@ int run_model(const Args& a) {
       row["draft_ms_per_step"] = draft_step_s[i] * 1e3;
       row["draft_target_step_ratio"] = draft_step_s[i] / step_s[i];
     }
-    if (batches[i] == 1 && unfused_step_s > 0.0) row["unfused_epilogues_ms_per_step"] = unfused_step_s * 1e3;
+    if (batches[i] == 1 && unfused_step_s > 0.0) {
+      row["unfused_epilogues_ms_per_step"] = unfused_step_s * 1e3;
+      row["unfused_norms_ms_per_step"] = unfused_norms_step_s * 1e3;
+    }
     if (!pdl_step_s.empty()) {
       row["pdl_ms_per_step"] = pdl_step_s[i] * 1e3;
       row["pdl_floor_fraction"] = floor_s / pdl_step_s[i];
@@ -521,9 +528,10 @@ int run_model(const Args& a) {
     const double fused_s =
         step_s[static_cast<size_t>(std::find(batches.begin(), batches.end(), 1) - batches.begin())];
     std::printf(
-        "Batch 1 with the half2 GEMV's fused epilogues off (RoPE / KV write and SwiGLU as kernels of their "
-        "own): %.2f ms/step; fused / unfused %.3f (1.000 where no one-row product runs on the half2 GEMV).\n",
-        unfused_step_s * 1e3, fused_s / unfused_step_s);
+        "Batch 1 with the half2 GEMV's epilogues: all fused %.2f ms/step; the norms as kernels of their own "
+        "%.2f; none fused (RoPE / KV write, SwiGLU and the norms separate) %.2f; fused / unfused %.3f "
+        "(1.000 where no one-row product runs on the half2 GEMV).\n",
+        fused_s * 1e3, unfused_norms_step_s * 1e3, unfused_step_s * 1e3, fused_s / unfused_step_s);
   }
   // The step profile: one decode step per batch size, each section's device ms (summed over layers).
   std::printf(

@@ -1030,9 +1030,11 @@ TEST(CudaLlamaModel, FusedHalf2EpiloguesGiveTheUnfusedLogitsBitForBit) {
     const auto checkpoint = m::LlamaCheckpoint::open(path);
     w::CudaModelOptions fused_options;
     fused_options.int4_kernels = w::Int4Kernels::half2;
-    w::CudaModelOptions unfused_options = fused_options;
+    w::CudaModelOptions unfused_options = fused_options, norms_apart_options = fused_options;
     unfused_options.fused_epilogues = false;
-    w::CudaLlamaModel fused(checkpoint, fused_options), unfused(checkpoint, unfused_options);
+    norms_apart_options.fused_norms = false;  // RoPE / KV write and SwiGLU fused, the norms not
+    w::CudaLlamaModel fused(checkpoint, fused_options), unfused(checkpoint, unfused_options),
+        norms_apart(checkpoint, norms_apart_options);
     w::LlamaModel cpu(checkpoint);
     // Every one-row product on the half2 GEMV (none of these rows is too long for it).
     for (const w::CudaInt4KernelChoice& ch : fused.int4_kernel_choices())
@@ -1043,7 +1045,7 @@ TEST(CudaLlamaModel, FusedHalf2EpiloguesGiveTheUnfusedLogitsBitForBit) {
     const auto& c = fused.config();
     const int64_t block_size = 4, mbps = 8, n_blocks = mbps + 3;
     w::CudaKvCache fused_cache(c, n_blocks, block_size), unfused_cache(c, n_blocks, block_size),
-        profile_cache(c, n_blocks, block_size);
+        norms_apart_cache(c, n_blocks, block_size), profile_cache(c, n_blocks, block_size);
     w::KvCache cpu_cache(c, n_blocks, block_size);
     nibble::kernels::ThreadPool pool(2);
     std::vector<int32_t> tables(static_cast<size_t>(mbps));
@@ -1059,26 +1061,32 @@ TEST(CudaLlamaModel, FusedHalf2EpiloguesGiveTheUnfusedLogitsBitForBit) {
       batch.add_sequence(toks, pos, 0, 1);
       batch.block_tables = tables;
       batch.max_blocks_per_seq = mbps;
-      std::vector<float> a, b, ref;
+      std::vector<float> a, b, d, ref;
       fused.forward(batch, fused_cache, a);
       unfused.forward(batch, unfused_cache, b);
+      norms_apart.forward(batch, norms_apart_cache, d);
       cpu.forward(batch, cpu_cache, pool, ref);
       ASSERT_EQ(a.size(), static_cast<size_t>(c.n_vocab));
       ASSERT_EQ(b.size(), a.size());
+      ASSERT_EQ(d.size(), a.size());
       EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0);
+      EXPECT_EQ(std::memcmp(a.data(), d.data(), a.size() * sizeof(float)), 0);
       EXPECT_LE(t::max_relative_rms(a, ref, c.n_vocab), path == awq ? kCheckpointBound : kQuantizedBound);
       if (count == 1) {  // where a one-token step's time goes: no RoPE or SwiGLU span when fused
-        for (w::CudaLlamaModel* model : {&fused, &unfused}) {
+        for (w::CudaLlamaModel* model : {&fused, &unfused, &norms_apart}) {
           std::vector<int32_t> ids;
           const w::CudaStepProfile profile = model->profile_greedy(batch, profile_cache, ids);
           ASSERT_EQ(profile.sections.size(), 10u);
           EXPECT_EQ(profile.sections[3].first, "rope + KV write");
           EXPECT_EQ(profile.sections[7].first, "SwiGLU");
-          const bool both = model == &unfused;
-          EXPECT_EQ(profile.sections[3].second > 0.0, both);
-          EXPECT_EQ(profile.sections[7].second > 0.0, both);
-          // Fused: the norms too in the products before them, but the first layer's (after the embedding).
-          EXPECT_EQ(profile.spans, both ? 2 + 9 * c.n_layer : 3 + 5 * c.n_layer);
+          const bool separate = model == &unfused;
+          EXPECT_EQ(profile.sections[3].second > 0.0, separate);
+          EXPECT_EQ(profile.sections[7].second > 0.0, separate);
+          // Fused: the norms too in the products before them, but the first layer's (after the
+          // embedding); with the norms apart, two a layer.
+          EXPECT_EQ(profile.spans, separate                ? 2 + 9 * c.n_layer
+                                   : model == &norms_apart ? 2 + 7 * c.n_layer
+                                                           : 3 + 5 * c.n_layer);
         }
       }
       pos += count;
@@ -1087,6 +1095,8 @@ TEST(CudaLlamaModel, FusedHalf2EpiloguesGiveTheUnfusedLogitsBitForBit) {
       for (const bool values : {false, true}) {
         EXPECT_EQ(fused_cache.layer_to_host(layer, values), unfused_cache.layer_to_host(layer, values))
             << (values ? "V" : "K") << " of layer " << layer;
+        EXPECT_EQ(fused_cache.layer_to_host(layer, values), norms_apart_cache.layer_to_host(layer, values))
+            << (values ? "V" : "K") << " of layer " << layer << ", the norms apart";
       }
     }
     // Like cuda_cores, the half2 GEMV reads only the rows.
@@ -1681,8 +1691,9 @@ TEST(CudaLlamaModelCli, BenchGpuReportsTheInt4KernelChoicesAndProgrammaticLaunch
   EXPECT_FALSE(j.contains("pdl_error")) << output;
   for (const auto& row : j["decode"]) {
     EXPECT_GT(row["pdl_ms_per_step"].get<double>(), 0.0) << output;
-    // Batch 1 again with the half2 GEMV's epilogues unfused.
+    // Batch 1 again with the half2 GEMV's epilogues unfused, and with the norms alone unfused.
     EXPECT_EQ(row.contains("unfused_epilogues_ms_per_step"), row["batch"] == 1) << output;
+    EXPECT_EQ(row.contains("unfused_norms_ms_per_step"), row["batch"] == 1) << output;
   }
   ASSERT_EQ(j["step_profile"].size(), 2u) << output;
   for (const auto& row : j["step_profile"]) {

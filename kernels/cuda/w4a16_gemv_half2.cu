@@ -211,8 +211,9 @@ __device__ void store_rows(const float (&acc)[kRowsPerWarp], int64_t warp, int s
 // matrix ends, so that it stages the activations once for all of them) are kWarps, kBatch and false
 // except in the kernel table's variants (Half2GemvVariant): every choice sums each row's units in the
 // same order, so all give the same bits.
-template <int GroupShift, typename Out, int Warps = kWarps, int Batch = kBatch, bool Persistent = false>
-__global__ void __launch_bounds__(Warps* kWarpSize)
+template <int GroupShift, typename Out, int Warps = kWarps, int Batch = kBatch, bool Persistent = false,
+          int MinBlocks = 1>
+__global__ void __launch_bounds__(Warps* kWarpSize, MinBlocks)
     gemv_int4_groups_half2_kernel(Int4GroupBlocks w, Out out, int64_t k, const __half* __restrict__ x) {
   // The activation row as int4_unit_half2_dot takes it, word-major so that a warp's 32 lanes (32
   // consecutive units) read 512 consecutive bytes: word i of unit u at xs[i * nb + u].
@@ -523,7 +524,7 @@ Status launch_half2(void (*kernel)(Params...), int64_t warps, size_t shared, cud
 // The INT4 kernel with epilogue `out`, after the checks every epilogue shares (the weights, x, k and
 // the grid); nothing to launch for no rows. The kernel table's variants (anything but kWarps, kBatch,
 // not persistent) are built for group 128 only (the table's weights): invalid_argument for others.
-template <typename Out, int Warps = kWarps, int Batch = kBatch, bool Persistent = false>
+template <typename Out, int Warps = kWarps, int Batch = kBatch, bool Persistent = false, int MinBlocks = 1>
 Status launch_int4(const uint8_t* quants, const __half* scales, const uint8_t* zeros, int64_t group,
                    int64_t k, const __half* x, const Out& out, cudaStream_t stream, bool programmatic) {
   Int4GroupBlocks blocks{};
@@ -535,15 +536,16 @@ Status launch_int4(const uint8_t* quants, const __half* scales, const uint8_t* z
   }
   if (out.warps() == 0) return Status::ok;
   const size_t shared = static_cast<size_t>(k) * sizeof(__half);
-  if constexpr (Warps == kWarps && Batch == kBatch && !Persistent) {
+  if constexpr (Warps == kWarps && Batch == kBatch && !Persistent && MinBlocks == 1) {
     const auto kernel = blocks.group_shift == 0   ? gemv_int4_groups_half2_kernel<0, Out>
                         : blocks.group_shift == 1 ? gemv_int4_groups_half2_kernel<1, Out>
                                                   : gemv_int4_groups_half2_kernel<2, Out>;
     return launch_half2(kernel, out.warps(), shared, stream, programmatic, blocks, out, k, x);
   } else {
     if (blocks.group_shift != 2) return Status::invalid_argument;
-    return launch_half2_blocks(gemv_int4_groups_half2_kernel<2, Out, Warps, Batch, Persistent>, out.warps(),
-                               Warps, Persistent, shared, stream, programmatic, blocks, out, k, x);
+    return launch_half2_blocks(gemv_int4_groups_half2_kernel<2, Out, Warps, Batch, Persistent, MinBlocks>,
+                               out.warps(), Warps, Persistent, shared, stream, programmatic, blocks, out, k,
+                               x);
   }
 }
 
@@ -660,7 +662,8 @@ bool w4a16_gemv_half2_fits(int64_t k, bool q4_k) {
 }
 
 std::string half2_gemv_variant_name(const Half2GemvVariant& v) {
-  return std::to_string(v.warps) + "w b" + std::to_string(v.batch) + (v.persistent ? " pers" : "");
+  return std::to_string(v.warps) + "w b" + std::to_string(v.batch) + (v.persistent ? " pers" : "") +
+         (v.min_blocks > 1 ? " " + std::to_string(v.min_blocks) + "/SM" : "");
 }
 
 Status w4a16_gemv_int4_groups_half2_variant(const Half2GemvVariant& v, const uint8_t* quants,
@@ -669,8 +672,8 @@ Status w4a16_gemv_int4_groups_half2_variant(const Half2GemvVariant& v, const uin
                                             cudaStream_t stream, bool programmatic) {
   if (y == nullptr || m != 1 || n_out < 0) return Status::invalid_argument;
   const SumsOut out{n_out, y};
-  const auto is = [&v](int warps, int batch, bool persistent) {
-    return v.warps == warps && v.batch == batch && v.persistent == persistent;
+  const auto is = [&v](int warps, int batch, bool persistent, int min_blocks = 1) {
+    return v.warps == warps && v.batch == batch && v.persistent == persistent && v.min_blocks == min_blocks;
   };
   // kHalf2GemvVariants, in its order.
   if (is(8, 4, false)) return launch_int4(quants, scales, zeros, group, k, x, out, stream, programmatic);
@@ -688,6 +691,9 @@ Status w4a16_gemv_int4_groups_half2_variant(const Half2GemvVariant& v, const uin
     return launch_int4<SumsOut, 16, 2, false>(quants, scales, zeros, group, k, x, out, stream, programmatic);
   if (is(16, 4, true))
     return launch_int4<SumsOut, 16, 4, true>(quants, scales, zeros, group, k, x, out, stream, programmatic);
+  if (is(8, 4, false, 3))
+    return launch_int4<SumsOut, 8, 4, false, 3>(quants, scales, zeros, group, k, x, out, stream,
+                                                programmatic);
   return Status::invalid_argument;
 }
 

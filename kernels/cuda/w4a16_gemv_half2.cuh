@@ -56,18 +56,19 @@ bool w4a16_gemv_half2_fits(int64_t k, bool q4_k);
 // The INT4 GEMV's shape, for the kernel table's sweep (bench-gpu): warps a block, units a lane loads
 // at once per row (16 bytes each), and persistent blocks (no more than the device's SMs hold at once,
 // each taking row pairs gridDim.x * warps apart, so that it stages the activations once for all of
-// them). Why a sweep: none of this has run on a GPU yet, and a device session is short; each variant
-// sums every row's units in the same order, so all give the bits of w4a16_gemv_int4_groups_half2 (the
-// first one).
+// them), or registers capped for a third block an SM (min_blocks 3). Why a sweep: none of this has run on a
+// GPU yet, and a device session is short; each variant sums every row's units in the same order, so all give
+// the bits of w4a16_gemv_int4_groups_half2 (the first one).
 struct Half2GemvVariant {
   int warps = 8;
   int batch = 4;
   bool persistent = false;
+  int min_blocks = 1;  // blocks an SM the registers must leave room for (__launch_bounds__)
 };
-inline constexpr Half2GemvVariant kHalf2GemvVariants[] = {{8, 4, false},  {8, 4, true},  {4, 4, false},
-                                                          {4, 4, true},   {8, 8, false}, {8, 8, true},
-                                                          {16, 2, false}, {16, 4, true}};
-// "8w b4", "8w b4 pers", ...
+inline constexpr Half2GemvVariant kHalf2GemvVariants[] = {
+    {8, 4, false, 1}, {8, 4, true, 1},   {4, 4, false, 1}, {4, 4, true, 1}, {8, 8, false, 1},
+    {8, 8, true, 1},  {16, 2, false, 1}, {16, 4, true, 1}, {8, 4, false, 3}};
+// "8w b4", "8w b4 pers", "8w b4 3/SM", ...
 std::string half2_gemv_variant_name(const Half2GemvVariant& variant);
 // w4a16_gemv_int4_groups_half2 as `variant` (one of kHalf2GemvVariants, else invalid_argument); the
 // variants other than the first are built for group 128 only (invalid_argument for other groups).

@@ -1868,10 +1868,12 @@ void CudaLlamaModel::Impl::enqueue(const Plan& p) {
       const Timed timed(*this, Section::down);  // the residual add and the next norm in its last block
       matmul_add_norm(w.down, act16.as<__half>(), next_norm->as<float>());
     } else {
-      const Timed timed(*this, Section::down);
-      matmul(w.down, act16.as<__half>(), n, dl);  // partial over the shard's ffn rows
+      {
+        const Timed timed(*this, Section::down);
+        matmul(w.down, act16.as<__half>(), n, dl);  // partial over the shard's ffn rows
+      }
+      reduce_sum(dl, hidden_count);
     }
-    if (!normed) reduce_sum(dl, hidden_count);
   }
   if (!last_stage()) {  // the last w_down output joins the residual, which goes to the next stage
     const float one = 1.0f;

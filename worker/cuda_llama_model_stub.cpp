@@ -46,6 +46,8 @@ const model::LlamaCheckpoint& CudaLlamaModel::checkpoint() const { unavailable()
 int64_t CudaLlamaModel::weight_bytes() const { unavailable(); }
 int64_t CudaLlamaModel::captured_graphs() const { unavailable(); }
 void CudaLlamaModel::set_programmatic_launch(bool) { unavailable(); }
+void CudaLlamaModel::set_fused_epilogues(bool) { unavailable(); }
+void CudaLlamaModel::set_fused_norms(bool) { unavailable(); }
 const std::vector<CudaInt4KernelChoice>& CudaLlamaModel::int4_kernel_choices() const { unavailable(); }
 const std::vector<CudaQ4KChoice>& CudaLlamaModel::q4_k_choices() const { unavailable(); }
 void CudaLlamaModel::forward(const ForwardBatch&, CudaKvCache&, std::vector<float>&) { unavailable(); }

@@ -1370,6 +1370,50 @@ void check_graph_replay(k::DType type, bool programmatic = false,
 }
 
 TEST(CudaLlamaModelGraphs, ReplayEqualsDirectLaunchesQ4_0) { check_graph_replay(k::DType::Q4_0); }
+
+// One sequence decoding on the half2 GEMV (Int4Kernels::half2: its fused epilogues, RoPE / KV write,
+// SwiGLU and the norms) with a table of 32 blocks of 16, so that decode attention splits in two
+// 256-position pieces combined in its first kernel through the counters (a 300-token prompt: the
+// decode steps attend across both): replayed from a CUDA graph, with and without programmatic launches,
+// every step's logits equal the direct launches' bit for bit.
+TEST(CudaLlamaModelGraphs, FusedOneRowDecodeReplaysLikeDirectLaunches) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  t::TempDir dir;
+  const auto checkpoint =
+      m::LlamaCheckpoint::open(random_model(dir.path(), tiny_shape(256, 4, 2), k::DType::Q4_0));
+  for (const bool programmatic : {false, true}) {
+    SCOPED_TRACE(programmatic ? "programmatic launches" : "plain launches");
+    w::CudaModelOptions direct_options, graph_options;
+    direct_options.int4_kernels = graph_options.int4_kernels = w::Int4Kernels::half2;
+    graph_options.graphs = true;
+    graph_options.programmatic_launch = programmatic;
+    w::CudaLlamaModel direct(checkpoint, direct_options), graphed(checkpoint, graph_options);
+    const auto& c = direct.config();
+    const int64_t block_size = 16, mbps = 32;
+    w::CudaKvCache direct_cache(c, mbps, block_size), graph_cache(c, mbps, block_size);
+    std::vector<int32_t> tables(static_cast<size_t>(mbps));
+    std::iota(tables.begin(), tables.end(), 0);
+    std::mt19937 rng(12);
+    std::uniform_int_distribution<int32_t> token(3, static_cast<int32_t>(c.n_vocab) - 1);
+    int32_t pos = 0;
+    for (const int32_t count : {300, 1, 1, 1, 1, 1, 1}) {
+      SCOPED_TRACE("position " + std::to_string(pos));
+      std::vector<int32_t> toks(static_cast<size_t>(count));
+      for (auto& x : toks) x = token(rng);
+      w::ForwardBatch batch;
+      batch.add_sequence(toks, pos, 0, 1);
+      batch.block_tables = tables;
+      batch.max_blocks_per_seq = mbps;
+      std::vector<float> a, b;
+      direct.forward(batch, direct_cache, a);
+      graphed.forward(batch, graph_cache, b);
+      ASSERT_EQ(a.size(), static_cast<size_t>(c.n_vocab));
+      EXPECT_EQ(a, b);
+      pos += count;
+    }
+    EXPECT_EQ(graphed.captured_graphs(), 1) << "the decode steps replay one graph";
+  }
+}
 TEST(CudaLlamaModelGraphs, ReplayEqualsDirectLaunchesQ4_0OnTensorCores) {
   check_graph_replay(k::DType::Q4_0, false, w::Int4Kernels::tensor_cores);
 }

@@ -13,7 +13,9 @@
 // row in shared memory once, in the order the level pairs need, scaled by a power of two so that
 // |x| <= 64 (the fp16 sums cannot overflow; the power is undone in fp32 at the end); each lane then
 // reads its units (16 bytes, a warp's 32 lanes one contiguous 512-byte run of a row) four at a time
-// for both rows, the first four before the activations are staged.
+// for both rows, the first four before the activations are staged. Its epilogues (below) end a row
+// pair in the next step's work for batch-1 decode: RoPE and the KV write, SwiGLU, or the residual add
+// and RMSNorm (by the last block to finish).
 #include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
 

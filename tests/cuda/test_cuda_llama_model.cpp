@@ -1012,6 +1012,20 @@ TEST(CudaLlamaModel, ProfiledPassGivesTheSameIdsAndAccountsForItsTime) {
   }
 }
 
+// One sequence (table row 0, its table `tables`): `count` random tokens from position pos, logits for
+// the last.
+w::ForwardBatch one_sequence_batch(int32_t count, int32_t pos, const std::vector<int32_t>& tables,
+                                   int64_t n_vocab, std::mt19937& rng) {
+  std::uniform_int_distribution<int32_t> token(3, static_cast<int32_t>(n_vocab) - 1);
+  std::vector<int32_t> toks(static_cast<size_t>(count));
+  for (auto& x : toks) x = token(rng);
+  w::ForwardBatch batch;
+  batch.add_sequence(toks, pos, 0, 1);
+  batch.block_tables = tables;
+  batch.max_blocks_per_seq = static_cast<int64_t>(tables.size());
+  return batch;
+}
+
 // The half2 GEMV's fused epilogues (RoPE and the KV write after q / k / v, SwiGLU after gate / up, the
 // residual add and the next RMSNorm after the attention output and down projections),
 // pinned to the half2 GEMV at one row (Int4Kernels::half2) on INT4 groups (AWQ at group 64, a Q4_0
@@ -1051,16 +1065,10 @@ TEST(CudaLlamaModel, FusedHalf2EpiloguesGiveTheUnfusedLogitsBitForBit) {
     std::vector<int32_t> tables(static_cast<size_t>(mbps));
     std::iota(tables.begin(), tables.end(), 3);  // not the first blocks
     std::mt19937 rng(8);
-    std::uniform_int_distribution<int32_t> token(3, static_cast<int32_t>(c.n_vocab) - 1);
     int32_t pos = 0;
     for (const int32_t count : {9, 1, 1, 1, 1}) {  // the last step's position, 12, opens a new block
       SCOPED_TRACE("position " + std::to_string(pos));
-      std::vector<int32_t> toks(static_cast<size_t>(count));
-      for (auto& x : toks) x = token(rng);
-      w::ForwardBatch batch;
-      batch.add_sequence(toks, pos, 0, 1);
-      batch.block_tables = tables;
-      batch.max_blocks_per_seq = mbps;
+      const w::ForwardBatch batch = one_sequence_batch(count, pos, tables, c.n_vocab, rng);
       std::vector<float> a, b, d, ref;
       fused.forward(batch, fused_cache, a);
       unfused.forward(batch, unfused_cache, b);
@@ -1394,16 +1402,10 @@ TEST(CudaLlamaModelGraphs, FusedOneRowDecodeReplaysLikeDirectLaunches) {
     std::vector<int32_t> tables(static_cast<size_t>(mbps));
     std::iota(tables.begin(), tables.end(), 0);
     std::mt19937 rng(12);
-    std::uniform_int_distribution<int32_t> token(3, static_cast<int32_t>(c.n_vocab) - 1);
     int32_t pos = 0;
     for (const int32_t count : {300, 1, 1, 1, 1, 1, 1}) {
       SCOPED_TRACE("position " + std::to_string(pos));
-      std::vector<int32_t> toks(static_cast<size_t>(count));
-      for (auto& x : toks) x = token(rng);
-      w::ForwardBatch batch;
-      batch.add_sequence(toks, pos, 0, 1);
-      batch.block_tables = tables;
-      batch.max_blocks_per_seq = mbps;
+      const w::ForwardBatch batch = one_sequence_batch(count, pos, tables, c.n_vocab, rng);
       std::vector<float> a, b;
       direct.forward(batch, direct_cache, a);
       graphed.forward(batch, graph_cache, b);

@@ -897,6 +897,7 @@ struct CudaLlamaModel::Impl {
   // between): what matmul then add_rms_norm_f32 do.
   void matmul_add_norm(const DeviceMatrix& w, const __half* x, const float* norm_weight) {
     const auto* wd = w.mem->as<uint8_t>();
+    const kc::Int4GroupsMatrix op = int4_operands(w);  // the INT4 arrays (rows)
     const bool pdl = options.programmatic_launch;
     auto* y = delta.as<float>();
     auto* counter = norm_counter.as<unsigned>();
@@ -905,9 +906,8 @@ struct CudaLlamaModel::Impl {
             ? kc::w4a16_gemv_q4_k_half2_add_norm(wd, w.n_out, w.k, x, y, resid.as<float>(), norm_weight,
                                                  shard_config.rms_eps, h16.as<__half>(), counter, stream, pdl)
             : kc::w4a16_gemv_int4_groups_half2_add_norm(
-                  wd, reinterpret_cast<const __half*>(wd + w.scales_offset), wd + w.zeros_offset, w.group,
-                  w.n_out, w.k, x, y, resid.as<float>(), norm_weight, shard_config.rms_eps, h16.as<__half>(),
-                  counter, stream, pdl),
+                  op.quants, op.scales, op.zeros, w.group, w.n_out, w.k, x, y, resid.as<float>(), norm_weight,
+                  shard_config.rms_eps, h16.as<__half>(), counter, stream, pdl),
         "half2 GEMV with the residual add and RMSNorm");
   }
   // Whether the half2 GEMV takes one row of w, an INT4 (rows) or Q4_K matrix: one launch on a zero row;
@@ -917,12 +917,12 @@ struct CudaLlamaModel::Impl {
         y(static_cast<size_t>(w.n_out) * sizeof(float));
     cuda_check(cudaMemsetAsync(x.as<void>(), 0, x.bytes(), stream), "cudaMemsetAsync (half2 probe)");
     const auto* wd = w.mem->as<uint8_t>();
+    const kc::Int4GroupsMatrix op = int4_operands(w);  // the INT4 arrays (rows)
     const kernels::Status st =
         w.kind == DeviceKind::q4_k
             ? kc::w4a16_gemv_q4_k_half2(wd, w.n_out, w.k, x.as<__half>(), 1, y.as<float>(), stream)
-            : kc::w4a16_gemv_int4_groups_half2(wd, reinterpret_cast<const __half*>(wd + w.scales_offset),
-                                               wd + w.zeros_offset, w.group, w.n_out, w.k, x.as<__half>(), 1,
-                                               y.as<float>(), stream);
+            : kc::w4a16_gemv_int4_groups_half2(op.quants, op.scales, op.zeros, w.group, w.n_out, w.k,
+                                               x.as<__half>(), 1, y.as<float>(), stream);
     if (st == kernels::Status::invalid_argument) return false;
     check(st, "the half2 GEMV (probe at load)");
     cuda_check(cudaStreamSynchronize(stream), "the half2 GEMV (probe at load)");
@@ -934,26 +934,28 @@ struct CudaLlamaModel::Impl {
                        const int32_t* pos, const int32_t* seq, const int32_t* tables, __half* q_out,
                        __half* k_cache, __half* v_cache) {
     const auto* wd = w.mem->as<uint8_t>();
+    const kc::Int4GroupsMatrix op = int4_operands(w);  // the INT4 arrays (rows)
     auto* error_flag = flag.as<int32_t>();
     const bool pdl = options.programmatic_launch;
     check(w.kind == DeviceKind::q4_k
               ? kc::w4a16_gemv_q4_k_half2_rope_kv(wd, s, w.k, x, pos, seq, tables, q_out, k_cache, v_cache,
                                                   error_flag, stream, pdl)
-              : kc::w4a16_gemv_int4_groups_half2_rope_kv(
-                    wd, reinterpret_cast<const __half*>(wd + w.scales_offset), wd + w.zeros_offset, w.group,
-                    s, w.k, x, pos, seq, tables, q_out, k_cache, v_cache, error_flag, stream, pdl),
+              : kc::w4a16_gemv_int4_groups_half2_rope_kv(op.quants, op.scales, op.zeros, w.group, s, w.k, x,
+                                                         pos, seq, tables, q_out, k_cache, v_cache,
+                                                         error_flag, stream, pdl),
           "half2 GEMV with RoPE and the KV write (q / k / v)");
   }
   // One token's stacked gate / up projection and SwiGLU in one kernel (fuses_one_row): act, [1, n_ff]
   // fp16, as project then swiglu_f32_to_f16 write it.
   void project_swiglu(const DeviceMatrix& w, const __half* x, __half* act) {
     const auto* wd = w.mem->as<uint8_t>();
+    const kc::Int4GroupsMatrix op = int4_operands(w);  // the INT4 arrays (rows)
     const bool pdl = options.programmatic_launch;
     const int64_t n_ff = w.n_out / 2;
-    check(w.kind == DeviceKind::q4_k ? kc::w4a16_gemv_q4_k_half2_swiglu(wd, n_ff, w.k, x, act, stream, pdl)
-                                     : kc::w4a16_gemv_int4_groups_half2_swiglu(
-                                           wd, reinterpret_cast<const __half*>(wd + w.scales_offset),
-                                           wd + w.zeros_offset, w.group, n_ff, w.k, x, act, stream, pdl),
+    check(w.kind == DeviceKind::q4_k
+              ? kc::w4a16_gemv_q4_k_half2_swiglu(wd, n_ff, w.k, x, act, stream, pdl)
+              : kc::w4a16_gemv_int4_groups_half2_swiglu(op.quants, op.scales, op.zeros, w.group, n_ff, w.k, x,
+                                                        act, stream, pdl),
           "half2 GEMV with SwiGLU (gate / up)");
   }
 
@@ -1457,10 +1459,7 @@ void CudaLlamaModel::Impl::choose_q4_k_kernels() {
       time(OneRow::cuda_cores, choice.cuda_cores_us);
       time(OneRow::tensor_cores, choice.tensor_cores_us);
       // The half2 GEMV refuses rows longer than the device's shared memory holds: then not a candidate.
-      const DeviceMatrix& first = *list.front();
-      if (kc::w4a16_gemv_q4_k_half2(first.mem->as<uint8_t>(), first.n_out, first.k, x.as<__half>(), 1,
-                                    y.as<float>(), stream) != kernels::Status::invalid_argument)
-        time(OneRow::half2, choice.half2_us);  // which throws on any other failure
+      if (half2_takes(*list.front())) time(OneRow::half2, choice.half2_us);
       // The faster of the other two, where it is kInt4MinGain faster than the CUDA cores.
       const bool half2_faster = choice.half2_us > 0.0 && choice.half2_us < choice.tensor_cores_us;
       const double other_us = half2_faster ? choice.half2_us : choice.tensor_cores_us;

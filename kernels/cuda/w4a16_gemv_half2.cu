@@ -592,6 +592,13 @@ bool make_rope_kv_out(const RopeKvWriteShape& s, const int32_t* token_pos, const
   return true;
 }
 
+// What the add-norm launchers ask beyond the product's own checks.
+bool add_norm_arguments_ok(int64_t n_out, const float* y, const float* residual, const float* norm_weight,
+                           float eps, const __half* h, const unsigned* counter) {
+  return y != nullptr && residual != nullptr && norm_weight != nullptr && h != nullptr &&
+         counter != nullptr && n_out >= 1 && eps >= 0.0f;
+}
+
 }  // namespace
 
 Status w4a16_gemv_int4_groups_half2(const uint8_t* quants, const __half* scales, const uint8_t* zeros,
@@ -612,10 +619,8 @@ Status w4a16_gemv_int4_groups_half2_add_norm(const uint8_t* quants, const __half
                                              const __half* x, float* y, float* residual,
                                              const float* norm_weight, float eps, __half* h,
                                              unsigned* counter, cudaStream_t stream, bool programmatic) {
-  if (y == nullptr || residual == nullptr || norm_weight == nullptr || h == nullptr || counter == nullptr ||
-      n_out < 1 || !(eps >= 0.0f)) {
+  if (!add_norm_arguments_ok(n_out, y, residual, norm_weight, eps, h, counter))
     return Status::invalid_argument;
-  }
   return launch_int4(quants, scales, zeros, group, k, x,
                      SumsNormOut{{n_out, y}, residual, norm_weight, h, eps, counter}, stream, programmatic);
 }
@@ -623,10 +628,8 @@ Status w4a16_gemv_int4_groups_half2_add_norm(const uint8_t* quants, const __half
 Status w4a16_gemv_q4_k_half2_add_norm(const uint8_t* w, int64_t n_out, int64_t k, const __half* x, float* y,
                                       float* residual, const float* norm_weight, float eps, __half* h,
                                       unsigned* counter, cudaStream_t stream, bool programmatic) {
-  if (y == nullptr || residual == nullptr || norm_weight == nullptr || h == nullptr || counter == nullptr ||
-      n_out < 1 || !(eps >= 0.0f)) {
+  if (!add_norm_arguments_ok(n_out, y, residual, norm_weight, eps, h, counter))
     return Status::invalid_argument;
-  }
   return launch_q4_k(w, k, x, SumsNormOut{{n_out, y}, residual, norm_weight, h, eps, counter}, stream,
                      programmatic);
 }

@@ -308,6 +308,9 @@ struct DeviceMatrix {
   // q4_k: one activation row on the Q4_K tensor-core GEMV or the half2 GEMV rather than the CUDA-core one.
   bool q4_k_tensor_cores_one_row = false;
   bool q4_k_half2_one_row = false;
+  // int4_groups and q4_k: at one row its fused epilogue timed slower at load than the plain product
+  // and the separate kernel (choose_one_row_fusions): the two run apart.
+  bool fusion_slower = false;
   // int4_groups under CudaModelOptions::cutlass_gemm or Int4Layout::cutlass: the same weights in
   // CUTLASS's order, for the CUTLASS GEMM (cutlass.quants null: no copy).
   std::shared_ptr<DeviceMemory> cutlass_mem;
@@ -774,8 +777,9 @@ struct CudaLlamaModel::Impl {
     double us[CudaInt4KernelChoice::kLayouts] = {};
   };
   std::vector<MeasuredLayout> measured_layouts;
-  std::vector<CudaQ4KChoice> q4_k_choices;  // per q4_k shape (choose_q4_k_kernels)
-  StepTimer* timer = nullptr;               // set while profile_greedy runs its pass
+  std::vector<CudaQ4KChoice> q4_k_choices;       // per q4_k shape (choose_q4_k_kernels)
+  std::vector<CudaFusionChoice> fusion_choices;  // per fusable site and shape (choose_one_row_fusions)
+  StepTimer* timer = nullptr;                    // set while profile_greedy runs its pass
   std::unique_ptr<StepTimer> step_timer;
 
   // A span of `section` around the enqueues of its scope when a profile is being taken.
@@ -884,7 +888,9 @@ struct CudaLlamaModel::Impl {
   }
   bool fuses_one_row(const DeviceMatrix& w) const {
     // (A row the plain half2 GEMV takes can be too long for an epilogue's extra shared memory.)
-    if (!options.fused_epilogues || !kc::w4a16_gemv_half2_fits(w.k, w.kind == DeviceKind::q4_k)) return false;
+    if (!options.fused_epilogues || w.fusion_slower ||
+        !kc::w4a16_gemv_half2_fits(w.k, w.kind == DeviceKind::q4_k))
+      return false;
     if (w.kind == DeviceKind::int4_groups) {
       return w.layout == kc::Int4Layout::rows &&
              w.int4_kernel[kc::int4_row_range(1)] == kc::Int4Kernel::gemv_half2;
@@ -892,23 +898,21 @@ struct CudaLlamaModel::Impl {
     return w.kind == DeviceKind::q4_k && w.layout == kc::Int4Layout::rows && w.q4_k_half2_one_row &&
            !options.int8_activations;
   }
-  // One token's product into delta (the attention output or down projection), then the residual add
-  // and RMSNorm with norm_weight into h16, in one kernel (fuses_one_row, unsharded: no all-reduce
-  // between): what matmul then add_rms_norm_f32 do.
-  void matmul_add_norm(const DeviceMatrix& w, const __half* x, const float* norm_weight) {
+  // One token's product into y (the attention output or down projection), then the residual add and
+  // RMSNorm with norm_weight into h, in one kernel (fuses_one_row, unsharded: no all-reduce between):
+  // what matmul then add_rms_norm_f32 do. y, residual: [1, n_out] fp32; h: [1, n_out] fp16; counter:
+  // one uint32, zero at rest.
+  kernels::Status matmul_add_norm(const DeviceMatrix& w, const __half* x, const float* norm_weight, float* y,
+                                  float* residual, __half* h, unsigned* counter) {
     const auto* wd = w.mem->as<uint8_t>();
     const kc::Int4GroupsMatrix op = int4_operands(w);  // the INT4 arrays (rows)
     const bool pdl = options.programmatic_launch;
-    auto* y = delta.as<float>();
-    auto* counter = norm_counter.as<unsigned>();
-    check(
-        w.kind == DeviceKind::q4_k
-            ? kc::w4a16_gemv_q4_k_half2_add_norm(wd, w.n_out, w.k, x, y, resid.as<float>(), norm_weight,
-                                                 shard_config.rms_eps, h16.as<__half>(), counter, stream, pdl)
-            : kc::w4a16_gemv_int4_groups_half2_add_norm(
-                  op.quants, op.scales, op.zeros, w.group, w.n_out, w.k, x, y, resid.as<float>(), norm_weight,
-                  shard_config.rms_eps, h16.as<__half>(), counter, stream, pdl),
-        "half2 GEMV with the residual add and RMSNorm");
+    return w.kind == DeviceKind::q4_k
+               ? kc::w4a16_gemv_q4_k_half2_add_norm(wd, w.n_out, w.k, x, y, residual, norm_weight,
+                                                    shard_config.rms_eps, h, counter, stream, pdl)
+               : kc::w4a16_gemv_int4_groups_half2_add_norm(op.quants, op.scales, op.zeros, w.group, w.n_out,
+                                                           w.k, x, y, residual, norm_weight,
+                                                           shard_config.rms_eps, h, counter, stream, pdl);
   }
   // Whether the half2 GEMV takes one row of w, an INT4 (rows) or Q4_K matrix: one launch on a zero row;
   // false where it refuses the row (longer than the device's shared memory holds).
@@ -930,33 +934,30 @@ struct CudaLlamaModel::Impl {
   }
   // One token's stacked q / k / v projection, RoPE and KV cache write in one kernel (fuses_one_row):
   // what project then rope_kv_write do.
-  void project_rope_kv(const DeviceMatrix& w, const __half* x, const kc::RopeKvWriteShape& s,
-                       const int32_t* pos, const int32_t* seq, const int32_t* tables, __half* q_out,
-                       __half* k_cache, __half* v_cache) {
+  kernels::Status project_rope_kv(const DeviceMatrix& w, const __half* x, const kc::RopeKvWriteShape& s,
+                                  const int32_t* pos, const int32_t* seq, const int32_t* tables,
+                                  __half* q_out, __half* k_cache, __half* v_cache, int32_t* error_flag) {
     const auto* wd = w.mem->as<uint8_t>();
     const kc::Int4GroupsMatrix op = int4_operands(w);  // the INT4 arrays (rows)
-    auto* error_flag = flag.as<int32_t>();
     const bool pdl = options.programmatic_launch;
-    check(w.kind == DeviceKind::q4_k
-              ? kc::w4a16_gemv_q4_k_half2_rope_kv(wd, s, w.k, x, pos, seq, tables, q_out, k_cache, v_cache,
-                                                  error_flag, stream, pdl)
-              : kc::w4a16_gemv_int4_groups_half2_rope_kv(op.quants, op.scales, op.zeros, w.group, s, w.k, x,
-                                                         pos, seq, tables, q_out, k_cache, v_cache,
-                                                         error_flag, stream, pdl),
-          "half2 GEMV with RoPE and the KV write (q / k / v)");
+    return w.kind == DeviceKind::q4_k
+               ? kc::w4a16_gemv_q4_k_half2_rope_kv(wd, s, w.k, x, pos, seq, tables, q_out, k_cache, v_cache,
+                                                   error_flag, stream, pdl)
+               : kc::w4a16_gemv_int4_groups_half2_rope_kv(op.quants, op.scales, op.zeros, w.group, s, w.k, x,
+                                                          pos, seq, tables, q_out, k_cache, v_cache,
+                                                          error_flag, stream, pdl);
   }
   // One token's stacked gate / up projection and SwiGLU in one kernel (fuses_one_row): act, [1, n_ff]
   // fp16, as project then swiglu_f32_to_f16 write it.
-  void project_swiglu(const DeviceMatrix& w, const __half* x, __half* act) {
+  kernels::Status project_swiglu(const DeviceMatrix& w, const __half* x, __half* act) {
     const auto* wd = w.mem->as<uint8_t>();
     const kc::Int4GroupsMatrix op = int4_operands(w);  // the INT4 arrays (rows)
     const bool pdl = options.programmatic_launch;
     const int64_t n_ff = w.n_out / 2;
-    check(w.kind == DeviceKind::q4_k
-              ? kc::w4a16_gemv_q4_k_half2_swiglu(wd, n_ff, w.k, x, act, stream, pdl)
-              : kc::w4a16_gemv_int4_groups_half2_swiglu(op.quants, op.scales, op.zeros, w.group, n_ff, w.k, x,
-                                                        act, stream, pdl),
-          "half2 GEMV with SwiGLU (gate / up)");
+    return w.kind == DeviceKind::q4_k
+               ? kc::w4a16_gemv_q4_k_half2_swiglu(wd, n_ff, w.k, x, act, stream, pdl)
+               : kc::w4a16_gemv_int4_groups_half2_swiglu(op.quants, op.scales, op.zeros, w.group, n_ff, w.k,
+                                                         x, act, stream, pdl);
   }
 
   // Runs the projection's parts: stacked, y is [m, total]; in parts, part i's [m, n_out_i] follows
@@ -1014,6 +1015,12 @@ struct CudaLlamaModel::Impl {
   // Per Q4_K matrix shape, the one-row GEMV (q4_k_tensor_cores_one_row, q4_k_half2_one_row), timed on the
   // model's weights under Int4Kernels::measured; records q4_k_choices. Called by choose_int4_kernels.
   void choose_q4_k_kernels();
+  // Under Int4Kernels::measured with fused_epilogues (not int8_activations): per fusable site of the
+  // layers (CudaFusionChoice::site_names) and matrix shape there that the half2 GEMV takes, the fused
+  // half2 kernel timed against the shape's chosen one-row kernel plus the kernel the fusion saves, on
+  // the site's matrices and scratch buffers; the faster kept (the half2 GEMV at one row, or
+  // fusion_slower). Records fusion_choices. Called by choose_int4_kernels after the choices per shape.
+  void choose_one_row_fusions();
   void validate(const ForwardBatch& batch, const CudaKvCache& cache) const;
   struct Plan;
   Plan plan_batch(const ForwardBatch& batch, const CudaKvCache& cache, bool greedy,
@@ -1397,6 +1404,7 @@ void CudaLlamaModel::Impl::choose_int4_kernels() {
     int4_choices.push_back(choice);
   }
   choose_q4_k_kernels();
+  choose_one_row_fusions();
 }
 
 void CudaLlamaModel::Impl::choose_q4_k_kernels() {
@@ -1473,6 +1481,166 @@ void CudaLlamaModel::Impl::choose_q4_k_kernels() {
     }
     q4_k_choices.push_back(choice);
   }
+}
+
+void CudaLlamaModel::Impl::choose_one_row_fusions() {
+  fusion_choices.clear();
+  for_each_matrix([](DeviceMatrix& w) { w.fusion_slower = false; });
+  if (options.int4_kernels != Int4Kernels::measured || !options.fused_epilogues || options.int8_activations)
+    return;
+  const auto& c = shard_config;  // local heads and ffn rows
+  // The matrices per site and shape, sites in pass order (indices into CudaFusionChoice::site_names).
+  enum Site { rope_kv = 0, swiglu = 1, attn_out_norm = 2, down_norm = 3 };
+  std::vector<std::pair<CudaFusionChoice, std::vector<DeviceMatrix*>>> groups;
+  const auto add = [&](Site site, DeviceMatrix& w) {
+    const bool q4_k = w.kind == DeviceKind::q4_k;
+    if ((!q4_k && w.kind != DeviceKind::int4_groups) || w.layout != kc::Int4Layout::rows ||
+        !kc::w4a16_gemv_half2_fits(w.k, q4_k))
+      return;
+    for (auto& [choice, list] : groups) {
+      const DeviceMatrix& f = *list.front();
+      if (choice.site == site && f.kind == w.kind && f.n_out == w.n_out && f.k == w.k && f.group == w.group) {
+        list.push_back(&w);
+        return;
+      }
+    }
+    CudaFusionChoice choice;
+    choice.site = site;
+    choice.n_out = w.n_out;
+    choice.k = w.k;
+    choice.q4_k = q4_k;
+    groups.push_back({choice, {&w}});
+  };
+  // The norms fuse only unsharded (no all-reduce between the product and the add).
+  const bool norms = reducer == nullptr && options.fused_norms;
+  for (Layer& l : layers) {
+    if (l.qkv.parts.size() == 1) add(rope_kv, l.qkv.parts.front());
+    if (l.gate_up.parts.size() == 1) add(swiglu, l.gate_up.parts.front());
+    if (norms) {
+      add(attn_out_norm, l.wo);
+      add(down_norm, l.down);
+    }
+  }
+  if (groups.empty()) return;
+
+  // Scratch: one activation row, the product's fp32 row and fp16 outputs, a residual, one 16-token block
+  // of K and V, the token's position / sequence / table entry (all zero) and the flag, a counter.
+  constexpr int64_t kBlock = 16;
+  int64_t max_k = 0, max_out = 0;
+  for (const auto& [choice, list] : groups) {
+    max_k = std::max(max_k, choice.k);
+    max_out = std::max(max_out, choice.n_out);
+  }
+  const int64_t q_dim = c.n_head * c.head_dim, kv_dim = c.n_head_kv * c.head_dim;
+  DeviceMemory x16(static_cast<size_t>(max_k) * sizeof(__half)),
+      y(static_cast<size_t>(max_out) * sizeof(float)), out16(static_cast<size_t>(max_out) * sizeof(__half)),
+      residual(static_cast<size_t>(max_out) * sizeof(float)),
+      k_block(static_cast<size_t>(kBlock * kv_dim) * sizeof(__half)),
+      v_block(static_cast<size_t>(kBlock * kv_dim) * sizeof(__half)), ints(4 * sizeof(int32_t)),
+      counter(sizeof(unsigned));
+  cuda_check(cudaMemsetAsync(x16.as<void>(), 0x2C, x16.bytes(), stream), "cudaMemsetAsync (fusion timing)");
+  for (DeviceMemory* zeroed : {&y, &residual, &ints, &counter})
+    cuda_check(cudaMemsetAsync(zeroed->as<void>(), 0, zeroed->bytes(), stream),
+               "cudaMemsetAsync (fusion timing)");
+  const __half* xh = x16.as<__half>();
+  auto* yf = y.as<float>();
+  auto* oh = out16.as<__half>();
+  const int32_t* zeros = ints.as<int32_t>();  // position 0 of sequence 0, whose table is block 0
+  int32_t* error_flag = ints.as<int32_t>() + 3;
+  const bool pdl = options.programmatic_launch;
+  const Layer& first = layers.front();
+
+  for (auto& [choice, list] : groups) {
+    const DeviceMatrix& front = *list.front();
+    if (!half2_takes(front)) continue;  // a row longer than this device's shared memory holds
+    choice.matrices = static_cast<int64_t>(list.size());
+    choice.unfused_kernel =
+        choice.q4_k
+            ? (front.q4_k_half2_one_row          ? "Q4_K half2 GEMV"
+               : front.q4_k_tensor_cores_one_row ? "Q4_K tensor-core GEMV"
+                                                 : "Q4_K CUDA-core GEMV")
+            : CudaInt4KernelChoice::kernel_names[static_cast<int>(front.int4_kernel[kc::int4_row_range(1)])];
+    kc::RopeKvWriteShape rs;
+    rs.tokens = 1;
+    rs.n_head = c.n_head;
+    rs.n_head_kv = c.n_head_kv;
+    rs.head_dim = c.head_dim;
+    rs.rot_dims = c.rope_dims;
+    rs.rope_base = c.rope_base;
+    rs.q_stride = rs.kv_stride = choice.n_out;  // stacked [q | k | v]
+    rs.block_size = kBlock;
+    rs.num_blocks = 1;
+    rs.max_blocks_per_seq = 1;
+    const int64_t n_ff = choice.n_out / 2;
+    const float* norm_weight =
+        choice.site == attn_out_norm ? first.ffn_norm->as<float>() : first.attn_norm->as<float>();
+    // The kernel the fusion saves, after the plain product into y.
+    const auto separate = [&]() -> kernels::Status {
+      switch (choice.site) {
+        case rope_kv:
+          return kc::rope_kv_write(rs, yf, yf + q_dim, yf + q_dim + kv_dim, zeros, zeros, zeros, oh,
+                                   k_block.as<__half>(), v_block.as<__half>(), error_flag, stream, pdl);
+        case swiglu:
+          return kc::swiglu_f32_to_f16(yf, yf + n_ff, 2 * n_ff, oh, 1, n_ff, stream, pdl);
+        default:
+          return kc::add_rms_norm_f32(residual.as<float>(), yf, norm_weight, oh, 1, choice.n_out, c.rms_eps,
+                                      stream, pdl);
+      }
+    };
+    const auto fused = [&](const DeviceMatrix& w) -> kernels::Status {
+      switch (choice.site) {
+        case rope_kv:
+          return project_rope_kv(w, xh, rs, zeros, zeros, zeros, oh, k_block.as<__half>(),
+                                 v_block.as<__half>(), error_flag);
+        case swiglu:
+          return project_swiglu(w, xh, oh);
+        default:
+          return matmul_add_norm(w, xh, norm_weight, yf, residual.as<float>(), oh, counter.as<unsigned>());
+      }
+    };
+    // The site's matrices in turn (enough of them that L2 holds few), as the per-shape timing does.
+    const int iterations = static_cast<int>(std::clamp<size_t>(list.size(), 8, 32));
+    for (const bool fuse : {false, true}) {
+      cudaError_t err = cudaSuccess;
+      kernels::Status st = kernels::Status::ok;
+      double& us = fuse ? choice.fused_us : choice.unfused_us;
+      const bool timed = kc::median_call_us(
+          stream, iterations, /*repetitions=*/3,
+          [&](int i) {
+            const DeviceMatrix& w = *list[static_cast<size_t>(i) % list.size()];
+            if (fuse) {
+              st = fused(w);
+            } else {
+              matmul(w, xh, 1, yf);  // the shape's chosen one-row kernel (throws if it fails)
+              st = separate();
+            }
+            return st == kernels::Status::ok;
+          },
+          us, err);
+      if (timed) continue;
+      us = 0.0;
+      // A fused kernel that refuses or fails to launch leaves the site unfused; anything else is the
+      // plain path the model runs anyway, or a CUDA call failing: an error at load.
+      if (fuse && err == cudaSuccess) continue;
+      throw std::runtime_error(
+          std::string("timing the fused epilogue ") + CudaFusionChoice::site_names[choice.site] + " for a " +
+          std::to_string(choice.n_out) + " x " + std::to_string(choice.k) +
+          " matrix failed: " + (err != cudaSuccess ? cudaGetErrorString(err) : kernels::status_name(st)));
+    }
+    choice.fused = choice.fused_us > 0.0 && choice.fused_us < choice.unfused_us;
+    for (DeviceMatrix* w : list) {
+      w->fusion_slower = !choice.fused;
+      if (!choice.fused) continue;
+      if (choice.q4_k) {
+        w->q4_k_half2_one_row = true;
+        w->q4_k_tensor_cores_one_row = false;
+      } else {
+        w->int4_kernel[kc::int4_row_range(1)] = kc::Int4Kernel::gemv_half2;
+      }
+    }
+    fusion_choices.push_back(choice);
+  }
+  cuda_check(cudaStreamSynchronize(stream), "fusion timing");
 }
 
 void CudaLlamaModel::Impl::reduce_sum(float* data, size_t count) {
@@ -1785,8 +1953,9 @@ void CudaLlamaModel::Impl::enqueue(const Plan& p) {
     auto* vc_l = reinterpret_cast<__half*>(cache.v(l));
     if (n == 1 && fuses_one_row(w.qkv)) {
       const Timed timed(*this, Section::qkv);  // RoPE and the KV write in the product's epilogue
-      project_rope_kv(w.qkv.parts.front(), h, rshape, md + p.off_pos, md + p.off_seq, md + p.off_tables,
-                      q16.as<__half>(), kc_l, vc_l);
+      check(project_rope_kv(w.qkv.parts.front(), h, rshape, md + p.off_pos, md + p.off_seq, md + p.off_tables,
+                            q16.as<__half>(), kc_l, vc_l, flag_d),
+            "half2 GEMV with RoPE and the KV write (q / k / v)");
     } else {
       auto* qkv_f = qkv.as<float>();
       {
@@ -1831,7 +2000,9 @@ void CudaLlamaModel::Impl::enqueue(const Plan& p) {
     attention_span.reset();
     if (norm_in_products && fuses_one_row(w.wo)) {
       const Timed timed(*this, Section::attn_out);  // the residual add and ffn norm in its last block
-      matmul_add_norm(w.wo, att16.as<__half>(), w.ffn_norm->as<float>());
+      check(matmul_add_norm(w.wo, att16.as<__half>(), w.ffn_norm->as<float>(), dl, x, h,
+                            norm_counter.as<unsigned>()),
+            "half2 GEMV with the residual add and RMSNorm");
     } else {
       {
         const Timed timed(*this, Section::attn_out);
@@ -1844,7 +2015,8 @@ void CudaLlamaModel::Impl::enqueue(const Plan& p) {
     }
     if (n == 1 && fuses_one_row(w.gate_up)) {
       const Timed timed(*this, Section::gate_up);  // SwiGLU in the product's epilogue
-      project_swiglu(w.gate_up.parts.front(), h, act16.as<__half>());
+      check(project_swiglu(w.gate_up.parts.front(), h, act16.as<__half>()),
+            "half2 GEMV with SwiGLU (gate / up)");
     } else {
       auto* gu = gate_up.as<float>();
       {
@@ -1865,7 +2037,9 @@ void CudaLlamaModel::Impl::enqueue(const Plan& p) {
     normed = norm_in_products && next_norm != nullptr && fuses_one_row(w.down);
     if (normed) {
       const Timed timed(*this, Section::down);  // the residual add and the next norm in its last block
-      matmul_add_norm(w.down, act16.as<__half>(), next_norm->as<float>());
+      check(matmul_add_norm(w.down, act16.as<__half>(), next_norm->as<float>(), dl, x, h,
+                            norm_counter.as<unsigned>()),
+            "half2 GEMV with the residual add and RMSNorm");
     } else {
       {
         const Timed timed(*this, Section::down);
@@ -2227,6 +2401,8 @@ const std::vector<CudaInt4KernelChoice>& CudaLlamaModel::int4_kernel_choices() c
 }
 
 const std::vector<CudaQ4KChoice>& CudaLlamaModel::q4_k_choices() const { return impl_->q4_k_choices; }
+
+const std::vector<CudaFusionChoice>& CudaLlamaModel::one_row_fusions() const { return impl_->fusion_choices; }
 
 void CudaLlamaModel::forward(const ForwardBatch& batch, CudaKvCache& cache, std::vector<float>& logits) {
   impl_->forward_impl(batch, cache, nullptr, &logits, nullptr, Impl::RowSampling{});

@@ -213,6 +213,30 @@ struct CudaQ4KChoice {
   bool half2 = false;         // one row on the half2 GEMV (w4a16_gemv_q4_k_half2; fp16 sub-block sums)
 };
 
+// Batch-1 decode's fused epilogues at one site of the layers and one matrix shape there, under
+// Int4Kernels::measured with CudaModelOptions::fused_epilogues: the fused half2 kernel against the
+// one-row kernel chosen for the shape (CudaInt4KernelChoice, CudaQ4KChoice) plus the kernel the fusion
+// would save, both timed at load on the site's matrices; the faster runs. Fused, the site's matrices
+// take the half2 GEMV at one row even where it alone was not the fastest product (the choices per
+// shape above still say what was fastest alone); unfused, the plain product and the separate kernel
+// run even where that product is the half2 GEMV.
+struct CudaFusionChoice {
+  static constexpr int kSites = 4;
+  // RoPE + KV write after q / k / v (stacked), SwiGLU after gate / up (stacked), and, unsharded with
+  // fused_norms, the residual add + RMSNorm after the attention output and down projections.
+  static constexpr const char* site_names[kSites] = {"q/k/v + RoPE + KV write", "gate/up + SwiGLU",
+                                                     "attention output + add + RMSNorm",
+                                                     "down + add + RMSNorm"};
+  int site = 0;  // an index into site_names
+  int64_t n_out = 0, k = 0;
+  bool q4_k = false;           // GGUF Q4_K as stored (otherwise group-wise INT4)
+  int64_t matrices = 0;        // the model's matrices at this site with this shape
+  std::string unfused_kernel;  // the one-row kernel chosen for the shape
+  double unfused_us = 0.0;     // that kernel, then the kernel the fusion saves: device us a call
+  double fused_us = 0.0;       // the fused half2 kernel; 0: it did not launch (unfused then)
+  bool fused = false;          // fused_us > 0 and below unfused_us
+};
+
 // Where one forward pass's device time goes (CudaLlamaModel::profile_greedy): per section of the
 // pass, the device milliseconds between a CUDA event recorded before its first kernel and one
 // after its last, summed over the layers.
@@ -277,7 +301,8 @@ struct CudaModelOptions {
   // kernel), and, unsharded, the attention output and down projections' last block adds their row into
   // the residual and norms it for the next product (no add_rms_norm_f32): four launches a layer fewer
   // in batch-1 decode, with the same bits (the tests compare). false: the separate kernels (bench-gpu
-  // --model times both at batch 1).
+  // --model times both at batch 1). Under Int4Kernels::measured each site's fusion is timed at load
+  // against the best plain product plus the separate kernel, and kept where faster (CudaFusionChoice).
   bool fused_epilogues = true;
   // With fused_epilogues, the residual add + RMSNorm in the products before them too (false: those
   // as their own kernel, RoPE / KV write and SwiGLU still fused; bench-gpu --model times all three
@@ -327,6 +352,10 @@ class CudaLlamaModel {
   const std::vector<CudaInt4KernelChoice>& int4_kernel_choices() const;
   // Per GGUF Q4_K matrix shape, its one-row GEMV, in the same order; empty without such matrices.
   const std::vector<CudaQ4KChoice>& q4_k_choices() const;
+  // Per fusable site and matrix shape, whether batch-1 decode fuses there and the times at load behind
+  // it (Int4Kernels::measured with fused_epilogues; empty otherwise, or where the half2 GEMV takes no
+  // matrix at a site).
+  const std::vector<CudaFusionChoice>& one_row_fusions() const;
 
   // As LlamaModel::forward: fills the cache at the batch's positions and resizes logits to
   // [batch.logit_rows.size(), n_vocab] (fp32, copied back). Blocks until the results are on the host.

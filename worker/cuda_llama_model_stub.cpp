@@ -50,6 +50,7 @@ void CudaLlamaModel::set_fused_epilogues(bool) { unavailable(); }
 void CudaLlamaModel::set_fused_norms(bool) { unavailable(); }
 const std::vector<CudaInt4KernelChoice>& CudaLlamaModel::int4_kernel_choices() const { unavailable(); }
 const std::vector<CudaQ4KChoice>& CudaLlamaModel::q4_k_choices() const { unavailable(); }
+const std::vector<CudaFusionChoice>& CudaLlamaModel::one_row_fusions() const { unavailable(); }
 void CudaLlamaModel::forward(const ForwardBatch&, CudaKvCache&, std::vector<float>&) { unavailable(); }
 void CudaLlamaModel::forward_greedy(const ForwardBatch&, CudaKvCache&, std::vector<int32_t>&) {
   unavailable();

@@ -262,6 +262,24 @@ void print_q4_k_choices(const worker::CudaLlamaModel& model, bool int8_activatio
   }
 }
 
+// Batch-1 decode's fused epilogues per site and shape, timed at load against the shape's chosen
+// one-row kernel plus the kernel the fusion saves (int4_kernels measured, fused epilogues on).
+void print_fusion_choices(const worker::CudaLlamaModel& model) {
+  const auto& choices = model.one_row_fusions();
+  if (choices.empty()) return;
+  std::printf("\nFused epilogues at one row (device us a call, timed at load; *: runs):\n");
+  std::printf("%-34s %-24s | %-22s %9s %9s\n", "site", "n_out x k (matrices)", "chosen product", "+ kernel",
+              "fused");
+  for (const worker::CudaFusionChoice& ch : choices) {
+    char shape[64];
+    std::snprintf(shape, sizeof shape, "%lldx%lld (%lld%s)", static_cast<long long>(ch.n_out),
+                  static_cast<long long>(ch.k), static_cast<long long>(ch.matrices), ch.q4_k ? ", Q4_K" : "");
+    std::printf("%-34s %-24s | %-22s %8.1f%s %8.1f%s\n", worker::CudaFusionChoice::site_names[ch.site], shape,
+                ch.unfused_kernel.c_str(), ch.unfused_us, ch.fused ? " " : "*", ch.fused_us,
+                ch.fused ? "*" : " ");
+  }
+}
+
 double copy_bandwidth_gbps() {
 #ifdef NIBBLE_WITH_CUDA
   double gbps = 0.0;
@@ -323,6 +341,12 @@ int run_model(const Args& a) {
            worker::CudaInt4KernelChoice::kernel_names[ch.chosen[2]],
            worker::CudaInt4KernelChoice::kernel_names[ch.chosen[3]],
            worker::CudaInt4KernelChoice::kernel_names[ch.chosen[4]]);
+  }
+  for (const worker::CudaFusionChoice& ch : target.model->one_row_fusions()) {
+    report("fusion %s %lldx%lld: %s + kernel %.1f us, fused %.1f us: %s",
+           worker::CudaFusionChoice::site_names[ch.site], static_cast<long long>(ch.n_out),
+           static_cast<long long>(ch.k), ch.unfused_kernel.c_str(), ch.unfused_us, ch.fused_us,
+           ch.fused ? "fused" : "apart");
   }
   std::mt19937 rng(42);
   const double pp_one = time_prefill(target, 1, a.prompt_tokens, a.repetitions, rng);
@@ -454,10 +478,23 @@ int run_model(const Args& a) {
                                                          : "CUDA cores"},
                    {"layout", ch.tiles ? "tiles" : "rows"}});
   }
+  nlohmann::json fusions = nlohmann::json::array();
+  for (const worker::CudaFusionChoice& ch : target.model->one_row_fusions()) {
+    fusions.push_back({{"site", worker::CudaFusionChoice::site_names[ch.site]},
+                       {"n_out", ch.n_out},
+                       {"k", ch.k},
+                       {"q4_k", ch.q4_k},
+                       {"matrices", ch.matrices},
+                       {"unfused_kernel", ch.unfused_kernel},
+                       {"unfused_us", ch.unfused_us},
+                       {"fused_us", ch.fused_us},
+                       {"fused", ch.fused}});
+  }
   if (a.json) {
     nlohmann::json out{{"model", a.model},
                        {"int4_kernels", int4},
                        {"q4_k_kernels", q4k},
+                       {"one_row_fusions", fusions},
                        {"load_seconds", target.load_seconds},
                        {"weight_bytes", weight_bytes},
                        {"model_device_bytes", target.model_device_bytes},
@@ -503,6 +540,7 @@ int run_model(const Args& a) {
               copy_gbps, floor_s * 1e3);
   print_int4_choices(*target.model, copy_gbps);
   print_q4_k_choices(*target.model, a.int8_activations);
+  print_fusion_choices(*target.model);
   std::printf("prefill %d tokens: %.0f tokens/s (1 prompt), %.0f tokens/s (%d prompts in one pass)\n\n",
               a.prompt_tokens, pp_one, pp_batch, a.prefill_batch);
   std::printf("%5s | %12s %9s %7s", "batch", "decode tok/s", "ms/step", "%floor");

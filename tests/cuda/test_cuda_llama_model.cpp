@@ -1114,6 +1114,83 @@ TEST(CudaLlamaModel, FusedHalf2EpiloguesGiveTheUnfusedLogitsBitForBit) {
   }
 }
 
+// Under Int4Kernels::measured each fusable site (per shape) is timed at load, fused against the chosen
+// product plus the separate kernel, and fused exactly where that timed faster: the records are
+// consistent, a one-token step's profile has the spans those choices leave, and switching the fusions
+// off (the same products, each then followed by its kernel) gives the same logits bit for bit, near
+// the CPU's. Pinned kernels time nothing.
+TEST(CudaLlamaModel, MeasuredFusionsRunWhereTheyTimedFaster) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  t::TempDir dir;
+  const std::string q4_0 = random_model(dir.path(), tiny_shape(256, 4, 2), k::DType::Q4_0);
+  const std::string q4k = q4_k_model(dir.path());
+  for (const std::string& path : {q4_0, q4k}) {
+    SCOPED_TRACE(path);
+    const auto checkpoint = m::LlamaCheckpoint::open(path);
+    w::CudaLlamaModel gpu(checkpoint);  // measured kernels, fused epilogues
+    w::LlamaModel cpu(checkpoint);
+    const auto& c = gpu.config();
+    // Every layer has the same shapes: one record a site, in pass order, each timed both ways.
+    const auto& fusions = gpu.one_row_fusions();
+    ASSERT_EQ(fusions.size(), static_cast<size_t>(w::CudaFusionChoice::kSites));
+    bool fused[w::CudaFusionChoice::kSites] = {};
+    for (size_t i = 0; i < fusions.size(); ++i) {
+      const w::CudaFusionChoice& f = fusions[i];
+      SCOPED_TRACE(w::CudaFusionChoice::site_names[f.site]);
+      EXPECT_EQ(f.site, static_cast<int>(i));
+      EXPECT_EQ(f.q4_k, path == q4k);
+      EXPECT_EQ(f.matrices, c.n_layer);
+      EXPECT_FALSE(f.unfused_kernel.empty());
+      EXPECT_GT(f.unfused_us, 0.0);
+      EXPECT_GT(f.fused_us, 0.0);
+      EXPECT_EQ(f.fused, f.fused_us < f.unfused_us);
+      fused[i] = f.fused;
+    }
+    const int64_t block_size = 4, mbps = 8, n_blocks = mbps + 3;
+    w::CudaKvCache cache_a(c, n_blocks, block_size), cache_b(c, n_blocks, block_size),
+        profile_cache(c, n_blocks, block_size);
+    w::KvCache cpu_cache(c, n_blocks, block_size);
+    nibble::kernels::ThreadPool pool(2);
+    std::vector<int32_t> tables(static_cast<size_t>(mbps));
+    std::iota(tables.begin(), tables.end(), 2);
+    std::mt19937 rng(11);
+    int32_t pos = 0;
+    for (const int32_t count : {7, 1, 1}) {
+      SCOPED_TRACE("position " + std::to_string(pos));
+      const w::ForwardBatch batch = one_sequence_batch(count, pos, tables, c.n_vocab, rng);
+      std::vector<float> a, b, ref;
+      gpu.set_fused_epilogues(true);
+      gpu.forward(batch, cache_a, a);
+      gpu.set_fused_epilogues(false);
+      gpu.forward(batch, cache_b, b);
+      cpu.forward(batch, cpu_cache, pool, ref);
+      ASSERT_EQ(a.size(), static_cast<size_t>(c.n_vocab));
+      ASSERT_EQ(b.size(), a.size());
+      EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0);
+      EXPECT_LE(t::max_relative_rms(a, ref, c.n_vocab), kQuantizedBound);
+      if (count == 1) {
+        gpu.set_fused_epilogues(true);
+        std::vector<int32_t> ids;
+        const w::CudaStepProfile profile = gpu.profile_greedy(batch, profile_cache, ids);
+        // Embedding and head; a layer's nine spans less one per fused site (the down projection's
+        // norm is the next layer's attention norm; the last layer's output norm is in the head's span).
+        int64_t spans = 2;
+        for (int64_t l = 0; l < c.n_layer; ++l)
+          spans += 9 - fused[0] - fused[1] - fused[2] - ((l > 0 && fused[3]) ? 1 : 0);
+        EXPECT_EQ(profile.spans, spans);
+      }
+      pos += count;
+    }
+    for (int64_t layer = 0; layer < c.n_layer; ++layer) {
+      EXPECT_EQ(cache_a.layer_to_host(layer, false), cache_b.layer_to_host(layer, false)) << layer;
+      EXPECT_EQ(cache_a.layer_to_host(layer, true), cache_b.layer_to_host(layer, true)) << layer;
+    }
+    w::CudaModelOptions pinned;
+    pinned.int4_kernels = w::Int4Kernels::half2;
+    EXPECT_TRUE(w::CudaLlamaModel(checkpoint, pinned).one_row_fusions().empty());
+  }
+}
+
 TEST(CudaLlamaModel, ForwardSampleDrawsWhatTheSamplerWouldFromTheLogits) {
   NIBBLE_REQUIRE_CUDA_DEVICE();
   t::TempDir dir;
@@ -1745,6 +1822,16 @@ TEST(CudaLlamaModelCli, BenchGpuReportsTheInt4KernelChoicesAndProgrammaticLaunch
   for (const auto& row : j["step_profile"]) {
     EXPECT_GT(row["total_ms"].get<double>(), 0.0) << output;
     EXPECT_GT(row["sections"]["down"].get<double>(), 0.0) << output;
+  }
+  // Batch 1's four fusable sites (stacked q / k / v and gate / up, unsharded) timed at load, fused
+  // where faster.
+  ASSERT_EQ(j["one_row_fusions"].size(), static_cast<size_t>(w::CudaFusionChoice::kSites)) << output;
+  for (int s = 0; s < w::CudaFusionChoice::kSites; ++s) {
+    const auto& f = j["one_row_fusions"][static_cast<size_t>(s)];
+    EXPECT_EQ(f["site"], w::CudaFusionChoice::site_names[s]) << output;
+    EXPECT_GT(f["unfused_us"].get<double>(), 0.0) << output;
+    EXPECT_GT(f["fused_us"].get<double>(), 0.0) << output;
+    EXPECT_EQ(f["fused"].get<bool>(), f["fused_us"].get<double>() < f["unfused_us"].get<double>()) << output;
   }
   ASSERT_FALSE(j["int4_kernels"].empty()) << output;
   for (const auto& shape : j["int4_kernels"]) {

@@ -305,6 +305,8 @@ struct DeviceMatrix {
   // instead of the rows or blocks (the offsets above are then unused); cutlass (int4_groups only):
   // mem is null, the CUTLASS copy below is the matrix.
   kc::Int4Layout layout = kc::Int4Layout::rows;
+  // int4_groups: the half2 GEMV's block shape where it runs (an index into kc::kHalf2GemvVariants).
+  int half2_variant = 0;
   // q4_k: one activation row on the Q4_K tensor-core GEMV or the half2 GEMV rather than the CUDA-core one.
   bool q4_k_tensor_cores_one_row = false;
   bool q4_k_half2_one_row = false;
@@ -856,9 +858,9 @@ struct CudaLlamaModel::Impl {
         const auto* scales = rows ? reinterpret_cast<const __half*>(wd + w.scales_offset) : nullptr;
         const uint8_t* zeros = rows ? wd + w.zeros_offset : nullptr;
         const kc::Int4Kernel kernel = w.int4_kernel[kc::int4_row_range(m)];
-        const kernels::Status st =
-            kc::launch_int4_kernel(kernel, &dequant_cublas, wd, scales, zeros, w.group, w.n_out, w.k, x, m, y,
-                                   stream, pdl, w.layout, w.cutlass.quants != nullptr ? &w.cutlass : nullptr);
+        const kernels::Status st = kc::launch_int4_kernel(
+            kernel, &dequant_cublas, wd, scales, zeros, w.group, w.n_out, w.k, x, m, y, stream, pdl, w.layout,
+            w.cutlass.quants != nullptr ? &w.cutlass : nullptr, w.half2_variant);
         if (st != kernels::Status::ok) {  // the message built only on failure (graph capture runs here)
           check(st, (std::string("W4A16 matmul (INT4 groups, ") + kc::int4_kernel_name(kernel) + " on " +
                      kc::int4_layout_name(w.layout) + ", " + std::to_string(w.n_out) + " x " +
@@ -1366,6 +1368,9 @@ void CudaLlamaModel::Impl::choose_int4_kernels() {
                                  " matrix failed: " + (error.empty() ? kernels::status_name(st) : error));
       }
       std::copy(&t.us[0][0][0], &t.us[0][0][0] + sizeof t.us / sizeof(double), &choice.us[0][0][0]);
+      static_assert(CudaInt4KernelChoice::kHalf2Variants == kc::kHalf2GemvVariantCount);
+      std::copy(t.half2_variant_us, t.half2_variant_us + kc::kHalf2GemvVariantCount, choice.half2_variant_us);
+      choice.half2_variant = kc::half2_gemv_variant_name(kc::kHalf2GemvVariants[t.half2_variant]);
       choice.skipped = t.skipped;
       // Every range's default is timed at its row counts, so a chosen kernel without a time failed
       // (no candidate of the range ran): say so at load, not at the first pass.
@@ -1401,6 +1406,7 @@ void CudaLlamaModel::Impl::choose_int4_kernels() {
       choice.chosen[r] = static_cast<int>(t.chosen[r]);
       for (DeviceMatrix* w : list) w->int4_kernel[r] = t.chosen[r];
     }
+    for (DeviceMatrix* w : list) w->half2_variant = t.half2_variant;
     int4_choices.push_back(choice);
   }
   choose_q4_k_kernels();
@@ -1489,7 +1495,7 @@ void CudaLlamaModel::Impl::choose_one_row_fusions() {
   if (options.int4_kernels != Int4Kernels::measured || !options.fused_epilogues || options.int8_activations)
     return;
   const auto& c = shard_config;  // local heads and ffn rows
-  // The matrices per site and shape, sites in pass order (indices into CudaFusionChoice::site_names).
+  // The matrices per site and shape (sites: indices into CudaFusionChoice::site_names).
   enum Site { rope_kv = 0, swiglu = 1, attn_out_norm = 2, down_norm = 3 };
   std::vector<std::pair<CudaFusionChoice, std::vector<DeviceMatrix*>>> groups;
   const auto add = [&](Site site, DeviceMatrix& w) {
@@ -1518,7 +1524,8 @@ void CudaLlamaModel::Impl::choose_one_row_fusions() {
     if (l.gate_up.parts.size() == 1) add(swiglu, l.gate_up.parts.front());
     if (norms) {
       add(attn_out_norm, l.wo);
-      add(down_norm, l.down);
+      // A stage before the last hands its residual on without a norm after its last down projection.
+      if (&l != &layers.back() || last_stage()) add(down_norm, l.down);
     }
   }
   if (groups.empty()) return;
@@ -1560,6 +1567,9 @@ void CudaLlamaModel::Impl::choose_one_row_fusions() {
                : front.q4_k_tensor_cores_one_row ? "Q4_K tensor-core GEMV"
                                                  : "Q4_K CUDA-core GEMV")
             : CudaInt4KernelChoice::kernel_names[static_cast<int>(front.int4_kernel[kc::int4_row_range(1)])];
+    if (!choice.q4_k && front.int4_kernel[kc::int4_row_range(1)] == kc::Int4Kernel::gemv_half2 &&
+        front.half2_variant != 0)
+      choice.unfused_kernel += " " + kc::half2_gemv_variant_name(kc::kHalf2GemvVariants[front.half2_variant]);
     kc::RopeKvWriteShape rs;
     rs.tokens = 1;
     rs.n_head = c.n_head;
@@ -1619,15 +1629,22 @@ void CudaLlamaModel::Impl::choose_one_row_fusions() {
           us, err);
       if (timed) continue;
       us = 0.0;
-      // A fused kernel that refuses or fails to launch leaves the site unfused; anything else is the
-      // plain path the model runs anyway, or a CUDA call failing: an error at load.
-      if (fuse && err == cudaSuccess) continue;
+      // A fused kernel that refuses the call leaves the site unfused; anything else (the plain path,
+      // which the model runs anyway, a launch or CUDA call failing) is an error at load.
+      if (fuse && err == cudaSuccess && st == kernels::Status::invalid_argument) continue;
       throw std::runtime_error(
           std::string("timing the fused epilogue ") + CudaFusionChoice::site_names[choice.site] + " for a " +
           std::to_string(choice.n_out) + " x " + std::to_string(choice.k) +
           " matrix failed: " + (err != cudaSuccess ? cudaGetErrorString(err) : kernels::status_name(st)));
     }
-    choice.fused = choice.fused_us > 0.0 && choice.fused_us < choice.unfused_us;
+    // Fusing a product that runs on another kernel moves it to the half2 GEMV, whose bits differ: only
+    // when kInt4MinGain faster, so that timing noise does not change a model's output from one load to
+    // the next (as the kernels' choice per shape keeps its default). On the half2 GEMV already the bits
+    // are the same either way.
+    choice.half2_alone = choice.q4_k ? front.q4_k_half2_one_row
+                                     : front.int4_kernel[kc::int4_row_range(1)] == kc::Int4Kernel::gemv_half2;
+    choice.fused = choice.fused_us > 0.0 &&
+                   choice.fused_us < (choice.half2_alone ? 1.0 : 1.0 - kc::kInt4MinGain) * choice.unfused_us;
     for (DeviceMatrix* w : list) {
       w->fusion_slower = !choice.fused;
       if (!choice.fused) continue;

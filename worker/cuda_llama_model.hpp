@@ -196,6 +196,12 @@ struct CudaInt4KernelChoice {
   static constexpr int kLayouts = 3;
   static constexpr const char* layout_names[kLayouts] = {"rows", "tiles", "cutlass"};
   double layout_us[kLayouts] = {};
+  // The half2 GEMV's block shape at one row (the kernel table's "half2 GEMV shapes"): under measured,
+  // on the rows at group 128, each shape timed at load and the fastest kept (the same bits whichever);
+  // otherwise the default, "8w b4" (8 warps a block, 4 units a lane in flight).
+  static constexpr int kHalf2Variants = 9;
+  std::string half2_variant = "8w b4";
+  double half2_variant_us[kHalf2Variants] = {};  // by shape, in the kernel table's order; 0: not timed
 };
 
 // The one-row GEMV of one GGUF Q4_K matrix shape (more rows always take the Q4_K tensor-core
@@ -232,9 +238,12 @@ struct CudaFusionChoice {
   bool q4_k = false;           // GGUF Q4_K as stored (otherwise group-wise INT4)
   int64_t matrices = 0;        // the model's matrices at this site with this shape
   std::string unfused_kernel;  // the one-row kernel chosen for the shape
+  bool half2_alone = false;    // that kernel is the half2 GEMV (fusing then changes no bits)
   double unfused_us = 0.0;     // that kernel, then the kernel the fusion saves: device us a call
   double fused_us = 0.0;       // the fused half2 kernel; 0: it did not launch (unfused then)
-  bool fused = false;          // fused_us > 0 and below unfused_us
+  // fused_us > 0 and below unfused_us, by 5% (kInt4MinGain) where fusing moves the product to the half2
+  // GEMV (other bits: timing noise must not change a model's output from one load to the next).
+  bool fused = false;
 };
 
 // Where one forward pass's device time goes (CudaLlamaModel::profile_greedy): per section of the

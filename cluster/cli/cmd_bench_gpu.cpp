@@ -229,6 +229,11 @@ void print_int4_choices(const worker::CudaLlamaModel& model, double copy_gbps) {
       }
     }
     if (!ch.skipped.empty()) std::printf("  skipped: %s\n", ch.skipped.c_str());
+    if (ch.half2_variant_us[1] > 0) {  // the half2 GEMV's block shapes, timed at one row
+      std::printf("  half2 GEMV shapes at 1 row (us; kept: %s):", ch.half2_variant.c_str());
+      for (int v = 0; v < Choice::kHalf2Variants; ++v) std::printf(" %.1f", ch.half2_variant_us[v]);
+      std::printf("\n");
+    }
     if (ch.layout_us[0] > 0) {  // int4_layout measured
       std::printf("  layouts (decode us: geometric mean at 1, 4 and 16 rows; taken: %s):",
                   worker::int4_layout_name(ch.layout));
@@ -386,7 +391,9 @@ int run_model(const Args& a) {
   }
   // Batch 1 again with the half2 GEMV's fused epilogues off (CudaModelOptions::fused_epilogues): what
   // doing RoPE / the KV write and SwiGLU in the products saves where the half2 GEMV runs (the step
-  // profile's "rope + KV write" and "SwiGLU" are then 0 at batch 1); the same kernels elsewhere.
+  // profile's "rope + KV write" and "SwiGLU" are then 0 at batch 1); the same kernels elsewhere. The
+  // products stay as chosen at load: on the half2 GEMV where a fusion took it (one_row_fusions says
+  // what the best plain product plus the separate kernel took instead).
   double unfused_step_s = 0.0, unfused_norms_step_s = 0.0;
   if (!a.unfused_epilogues && std::find(batches.begin(), batches.end(), 1) != batches.end()) {
     target.model->set_fused_norms(false);  // RoPE / KV write and SwiGLU fused, the norms not
@@ -462,6 +469,8 @@ int run_model(const Args& a) {
                     {"layout_decode_us", layout_us},
                     {"matrices", ch.matrices},
                     {"ranges", ranges},
+                    {"half2_variant", ch.half2_variant},
+                    {"half2_variant_us", ch.half2_variant_us},
                     {"skipped", ch.skipped}});
   }
   nlohmann::json q4k = nlohmann::json::array();
@@ -486,6 +495,7 @@ int run_model(const Args& a) {
                        {"q4_k", ch.q4_k},
                        {"matrices", ch.matrices},
                        {"unfused_kernel", ch.unfused_kernel},
+                       {"half2_alone", ch.half2_alone},
                        {"unfused_us", ch.unfused_us},
                        {"fused_us", ch.fused_us},
                        {"fused", ch.fused}});

@@ -70,6 +70,8 @@ struct Half2GemvVariant {
 inline constexpr Half2GemvVariant kHalf2GemvVariants[] = {
     {8, 4, false, 1}, {8, 4, true, 1},   {4, 4, false, 1}, {4, 4, true, 1}, {8, 8, false, 1},
     {8, 8, true, 1},  {16, 2, false, 1}, {16, 4, true, 1}, {8, 4, false, 3}};
+inline constexpr int kHalf2GemvVariantCount =
+    static_cast<int>(sizeof kHalf2GemvVariants / sizeof kHalf2GemvVariants[0]);
 // "8w b4", "8w b4 pers", "8w b4 3/SM", ...
 std::string half2_gemv_variant_name(const Half2GemvVariant& variant);
 // w4a16_gemv_int4_groups_half2 as `variant` (one of kHalf2GemvVariants, else invalid_argument); the

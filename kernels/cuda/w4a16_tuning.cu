@@ -175,7 +175,7 @@ Int4GroupsLauncher int4_tiles_kernel_launcher(Int4Kernel kernel) {
 Status launch_int4_kernel(Int4Kernel kernel, const Int4CublasContext* cublas, const uint8_t* quants,
                           const __half* scales, const uint8_t* zeros, int64_t group, int64_t n_out, int64_t k,
                           const __half* x, int64_t m, float* y, cudaStream_t stream, bool programmatic,
-                          Int4Layout layout, const Int4CutlassWeights* cutlass) {
+                          Int4Layout layout, const Int4CutlassWeights* cutlass, int half2_variant) {
   if (is_cutlass(kernel)) {
     if (cutlass == nullptr || cutlass->n_out != n_out || cutlass->k != k || cutlass->group != group)
       return Status::invalid_argument;
@@ -191,6 +191,12 @@ Status launch_int4_kernel(Int4Kernel kernel, const Int4CublasContext* cublas, co
     if (layout == Int4Layout::tiles)
       return w4a16_int4_tiles_dequant_cublas(*cublas, quants, group, n_out, k, x, m, y, stream);
     return w4a16_int4_groups_dequant_cublas(*cublas, quants, scales, zeros, group, n_out, k, x, m, y, stream);
+  }
+  if (kernel == Int4Kernel::gemv_half2 && half2_variant != 0) {
+    if (half2_variant < 0 || half2_variant >= kHalf2GemvVariantCount || layout != Int4Layout::rows)
+      return Status::invalid_argument;
+    return w4a16_gemv_int4_groups_half2_variant(kHalf2GemvVariants[half2_variant], quants, scales, zeros,
+                                                group, n_out, k, x, m, y, stream, programmatic);
   }
   const Int4GroupsLauncher launcher =
       layout == Int4Layout::tiles ? int4_tiles_kernel_launcher(kernel) : int4_kernel_launcher(kernel);
@@ -258,7 +264,7 @@ Status tune_int4_groups(const std::vector<Int4GroupsMatrix>& matrices, int64_t g
 
   // Enough products per loop to visit every matrix (up to 32), so that L2 holds few of them.
   const int iterations = static_cast<int>(std::clamp<size_t>(matrices.size(), 8, 32));
-  const auto time = [&](Int4Kernel which, int64_t m, double& us) -> Status {
+  const auto time = [&](Int4Kernel which, int64_t m, double& us, int half2_variant = 0) -> Status {
     Status launch = Status::ok;
     cudaError_t event_err = cudaSuccess;
     const bool timed = median_call_us(
@@ -266,10 +272,10 @@ Status tune_int4_groups(const std::vector<Int4GroupsMatrix>& matrices, int64_t g
         [&](int i) {
           const size_t index = static_cast<size_t>(i) % matrices.size();
           const Int4GroupsMatrix& w = matrices[index];
-          launch =
-              launch_int4_kernel(which, cublas, w.quants, w.scales, w.zeros, group, n_out, k,
-                                 static_cast<const __half*>(x.ptr), m, static_cast<float*>(y.ptr), stream,
-                                 /*programmatic=*/false, layout, cutlass ? &(*cutlass)[index] : nullptr);
+          launch = launch_int4_kernel(
+              which, cublas, w.quants, w.scales, w.zeros, group, n_out, k, static_cast<const __half*>(x.ptr),
+              m, static_cast<float*>(y.ptr), stream,
+              /*programmatic=*/false, layout, cutlass ? &(*cutlass)[index] : nullptr, half2_variant);
           return launch == Status::ok;
         },
         us, event_err);
@@ -282,7 +288,9 @@ Status tune_int4_groups(const std::vector<Int4GroupsMatrix>& matrices, int64_t g
     if (sticky != cudaSuccess) return fail(sticky, int4_kernel_name(which));
     if (!out.skipped.empty()) out.skipped += "; ";
     out.skipped +=
-        std::string(int4_kernel_name(which)) + " (" + std::to_string(m) + " rows): " + status_name(launch);
+        std::string(int4_kernel_name(which)) +
+        (half2_variant != 0 ? " " + half2_gemv_variant_name(kHalf2GemvVariants[half2_variant]) : "") + " (" +
+        std::to_string(m) + " rows): " + status_name(launch);
     return Status::ok;
   };
   for (int r = 0; r < ranges; ++r) {
@@ -297,6 +305,19 @@ Status tune_int4_groups(const std::vector<Int4GroupsMatrix>& matrices, int64_t g
         if (is_cutlass(which) && cutlass == nullptr) continue;
         const Status st = time(which, m, out.us[r][kernel][c]);
         if (st != Status::ok) return st;
+      }
+    }
+  }
+  // The half2 GEMV's other shapes (built for group 128 only) at one row: the fastest one runs.
+  double& half2_us = out.us[0][static_cast<int>(Int4Kernel::gemv_half2)][0];
+  if (layout == Int4Layout::rows && group == 128 && half2_us > 0.0) {
+    out.half2_variant_us[0] = half2_us;
+    for (int v = 1; v < kHalf2GemvVariantCount; ++v) {
+      const Status st = time(Int4Kernel::gemv_half2, 1, out.half2_variant_us[v], v);
+      if (st != Status::ok) return st;
+      if (out.half2_variant_us[v] > 0.0 && out.half2_variant_us[v] < half2_us) {
+        half2_us = out.half2_variant_us[v];
+        out.half2_variant = v;
       }
     }
   }

@@ -45,6 +45,7 @@
 
 #include "kernels/cuda/w4a16_dequant_cublas.cuh"
 #include "kernels/cuda/w4a16_gemm_cutlass.cuh"
+#include "kernels/cuda/w4a16_gemv_half2.cuh"
 #include "kernels/status.hpp"
 
 namespace nibble::kernels::cuda {
@@ -100,11 +101,13 @@ Int4GroupsLauncher int4_kernel_launcher(Int4Kernel kernel);
 // scales and zeros are ignored). cublas: the context dequant + cuBLAS needs (invalid_argument without
 // one); the others ignore it. cutlass: the matrix's CUTLASS copy, which the CUTLASS GEMMs read instead
 // of quants, scales and zeros (invalid_argument without one). programmatic applies to our own kernels
-// only. invalid_argument for a kernel that does not read the layout.
+// only. half2_variant: the half2 GEMV's shape (an index into kHalf2GemvVariants; the others ignore
+// it). invalid_argument for a kernel that does not read the layout, or a shape out of range.
 Status launch_int4_kernel(Int4Kernel kernel, const Int4CublasContext* cublas, const uint8_t* quants,
                           const __half* scales, const uint8_t* zeros, int64_t group, int64_t n_out, int64_t k,
                           const __half* x, int64_t m, float* y, cudaStream_t stream, bool programmatic,
-                          Int4Layout layout = Int4Layout::rows, const Int4CutlassWeights* cutlass = nullptr);
+                          Int4Layout layout = Int4Layout::rows, const Int4CutlassWeights* cutlass = nullptr,
+                          int half2_variant = 0);
 
 // The row ranges, and the row counts each is timed at (a second count of 0: one only).
 constexpr int kInt4RowRanges = 5;
@@ -152,6 +155,12 @@ struct Int4GroupsTuning {
   Int4Kernel chosen[kInt4RowRanges] = {kInt4DefaultKernels[0], kInt4DefaultKernels[1], kInt4DefaultKernels[2],
                                        kInt4DefaultKernels[3], kInt4DefaultKernels[4]};
   std::string skipped;  // candidates that failed, e.g. "tensor-core GEMV (1 rows): device_error"
+  // The half2 GEMV's shape for one row, an index into kHalf2GemvVariants: on the rows at group 128
+  // (where every shape is built) the fastest of them, timed by tune_int4_groups (they give the same
+  // bits, so no margin), else 0, the default; us[0][gemv_half2] is the chosen shape's time.
+  // half2_variant_us: each shape's (0: not timed).
+  int half2_variant = 0;
+  double half2_variant_us[kHalf2GemvVariantCount] = {};
 };
 
 // The rule, from the times (of kernels that read `layout`): per range, the kernel with the smallest geometric

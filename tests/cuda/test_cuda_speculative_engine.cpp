@@ -82,7 +82,14 @@ TEST(CudaSpeculativeEngine, GreedyOutputWithADraftEqualsPlainAndTheTargetAccepts
   model::write_random_llama(other_path, shape, kernels::DType::Q4_0, 6);  // an unrelated draft
   const auto target_ckpt = model::LlamaCheckpoint::open(target_path);
   const auto tokenizer = model::Tokenizer::from_gguf(*target_ckpt->gguf());
-  worker::CudaLlamaModel target_gpu(target_ckpt), other_gpu(model::LlamaCheckpoint::open(other_path));
+  // One kernel, the tensor-core GEMV, from 1 to 16 rows (a row's bits do not depend on the other rows
+  // of its product): the plain run (batches shrinking to one row) and the verification (k + 1 rows a
+  // sequence) differ in kernel only above 16 rows, where the two-tile shape of the same GEMV runs.
+  // Timed at load, one row could take another kernel (the half2 GEMV's fp16 sums) than four.
+  worker::CudaModelOptions options;
+  options.int4_kernels = worker::Int4Kernels::tensor_cores;
+  worker::CudaLlamaModel target_gpu(target_ckpt, options),
+      other_gpu(model::LlamaCheckpoint::open(other_path), options);
   worker::CudaForwardModel target(target_gpu, 0), other(other_gpu, 0);
 
   const EngineRun plain = run(target, *tokenizer, nullptr, 0);

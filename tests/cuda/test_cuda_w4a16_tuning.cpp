@@ -3,6 +3,7 @@
 #include <cublas_v2.h>
 #include <gtest/gtest.h>
 
+#include <cstring>
 #include <iostream>
 #include <memory>
 #include <random>
@@ -15,6 +16,7 @@
 #include "kernels/cuda/w4a16_tuning.cuh"
 #include "kernels/cuda/w4a8_gemv.cuh"
 #include "kernels/int4_tiles.hpp"
+#include "kernels/quant_types.hpp"
 #include "tests/cuda/w4a16_test_util.hpp"
 
 namespace {
@@ -262,6 +264,18 @@ TEST(W4A16Tuning, RejectsBadArgumentsBeforeTouchingTheDevice) {
                                    256, 256, nullptr, 32, nullptr, nullptr, false),
             Status::invalid_argument);
   EXPECT_EQ(kc::int4_kernel_launcher(kc::Int4Kernel::dequant_cublas), nullptr);
+  // The half2 GEMV's block shapes: an index into kHalf2GemvVariants, on the rows only.
+  for (const int variant : {-1, kc::kHalf2GemvVariantCount}) {
+    EXPECT_EQ(
+        kc::launch_int4_kernel(kc::Int4Kernel::gemv_half2, nullptr, nullptr, nullptr, nullptr, 128, 256, 256,
+                               nullptr, 1, nullptr, nullptr, false, kc::Int4Layout::rows, nullptr, variant),
+        Status::invalid_argument)
+        << variant;
+  }
+  EXPECT_EQ(
+      kc::launch_int4_kernel(kc::Int4Kernel::gemv_half2, nullptr, nullptr, nullptr, nullptr, 128, 256, 256,
+                             nullptr, 1, nullptr, nullptr, false, kc::Int4Layout::tiles, nullptr, 1),
+      Status::invalid_argument);
   EXPECT_EQ(kc::int4_kernel_min_rows(kc::Int4Kernel::dequant_cublas), 17);
   EXPECT_EQ(kc::int4_kernel_min_rows(kc::Int4Kernel::gemm_mma), 1);
   // The CUTLASS GEMM without its copy, or with a copy of another shape.
@@ -339,6 +353,47 @@ TEST(W4A16Tuning, TimesEveryCandidateOnTheDeviceAndChoosesByTheRule) {
               Status::ok)
         << error;
     EXPECT_EQ(on_tiles.skipped, "");
+    // The half2 GEMV's block shapes at one row: every one timed at group 128, the fastest kept with its
+    // time as the kernel's; elsewhere (group 64, tiles) only the default shape.
+    const int half2 = static_cast<int>(kc::Int4Kernel::gemv_half2);
+    double fastest = 0.0;
+    int fastest_variant = 0;
+    for (int v = 0; v < kc::kHalf2GemvVariantCount; ++v) {
+      EXPECT_EQ(t.half2_variant_us[v] > 0.0, group == 128) << "shape " << v;
+      EXPECT_EQ(on_tiles.half2_variant_us[v], 0.0) << "shape " << v;
+      if (t.half2_variant_us[v] > 0.0 && (fastest == 0.0 || t.half2_variant_us[v] < fastest)) {
+        fastest = t.half2_variant_us[v];
+        fastest_variant = v;
+      }
+    }
+    EXPECT_EQ(t.half2_variant, fastest_variant);
+    EXPECT_EQ(on_tiles.half2_variant, 0);
+    if (group == 128) {
+      EXPECT_EQ(t.us[0][half2][0], fastest);
+    }
+    // The kept shape's product is the default shape's, bit for bit.
+    {
+      std::vector<uint16_t> x_host(static_cast<size_t>(k));
+      std::uniform_real_distribution<float> dist(-2.0f, 2.0f);
+      for (auto& v : x_host) v = nibble::kernels::fp32_to_fp16(dist(rng));
+      ct::DeviceBuffer<uint16_t> x(x_host.size());
+      ct::DeviceBuffer<float> y_default(static_cast<size_t>(n_out)), y_kept(static_cast<size_t>(n_out));
+      ASSERT_EQ(cudaMemcpy(x.ptr, x_host.data(), x_host.size() * 2, cudaMemcpyHostToDevice), cudaSuccess);
+      const kc::Int4GroupsMatrix& w = matrices.front();
+      const auto* xh = reinterpret_cast<const __half*>(x.ptr);
+      for (const int variant : {0, t.half2_variant}) {
+        ASSERT_EQ(kc::launch_int4_kernel(kc::Int4Kernel::gemv_half2, nullptr, w.quants, w.scales, w.zeros,
+                                         group, n_out, k, xh, 1, variant == 0 ? y_default.ptr : y_kept.ptr,
+                                         stream, false, kc::Int4Layout::rows, nullptr, variant),
+                  Status::ok)
+            << "shape " << variant;
+      }
+      ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+      std::vector<float> a(static_cast<size_t>(n_out)), b(a.size());
+      ASSERT_EQ(cudaMemcpy(a.data(), y_default.ptr, a.size() * 4, cudaMemcpyDeviceToHost), cudaSuccess);
+      ASSERT_EQ(cudaMemcpy(b.data(), y_kept.ptr, b.size() * 4, cudaMemcpyDeviceToHost), cudaSuccess);
+      EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0);
+    }
     // Decode ranges alone (int4_layout measured's comparison): the same kernels timed there, none above.
     kc::Int4GroupsTuning decode_only;
     ASSERT_EQ(kc::tune_int4_groups(tiled, group, n_out, k, &context, stream, decode_only, error,

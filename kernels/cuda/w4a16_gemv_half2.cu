@@ -497,14 +497,24 @@ Status launch_half2_blocks(void (*kernel)(Params...), int64_t warps, int block_w
   }
   int64_t blocks = (warps + block_warps - 1) / block_warps;
   if (persistent) {  // as many blocks as the device's SMs hold at once
-    int per_sm = 0, sms = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, block_warps * kWarpSize, shared) !=
-            cudaSuccess ||
-        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
-      cudaGetLastError();
-      return Status::device_error;
+    // Remembered per kernel, device and shared memory: the model may launch a persistent shape (chosen
+    // at load) hundreds of times a step, and the occupancy query costs host time on each.
+    static std::mutex mutex;
+    static std::map<std::tuple<const void*, int, size_t>, int64_t> resident;
+    const std::lock_guard<std::mutex> lock(mutex);
+    const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), device, shared);
+    auto it = resident.find(key);
+    if (it == resident.end()) {
+      int per_sm = 0, sms = 0;
+      if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, block_warps * kWarpSize, shared) !=
+              cudaSuccess ||
+          cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+        cudaGetLastError();
+        return Status::device_error;
+      }
+      it = resident.emplace(key, std::max(1, per_sm) * static_cast<int64_t>(sms)).first;
     }
-    blocks = std::min<int64_t>(blocks, std::max(1, per_sm) * static_cast<int64_t>(sms));
+    blocks = std::min<int64_t>(blocks, it->second);
   }
   const cudaError_t launched =
       detail::launch_kernel(kernel, dim3(static_cast<unsigned>(blocks)), dim3(block_warps * kWarpSize),

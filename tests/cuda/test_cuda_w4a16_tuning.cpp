@@ -368,9 +368,7 @@ TEST(W4A16Tuning, TimesEveryCandidateOnTheDeviceAndChoosesByTheRule) {
     }
     EXPECT_EQ(t.half2_variant, fastest_variant);
     EXPECT_EQ(on_tiles.half2_variant, 0);
-    if (group == 128) {
-      EXPECT_EQ(t.us[0][half2][0], fastest);
-    }
+    EXPECT_GT(t.us[0][half2][0], 0.0);  // the kept shape's (timed again where not the default)
     // The kept shape's product is the default shape's, bit for bit.
     {
       std::vector<uint16_t> x_host(static_cast<size_t>(k));

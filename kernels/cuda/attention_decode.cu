@@ -16,8 +16,10 @@
 // context up to the split size) pass 1 writes out = o / l itself and pass 2 is not launched: the
 // same bits, since pass 2 would compute e^0 = 1, l_sum = fma(1, l, 0) = l and acc = fma(1, o, 0) = o.
 //
-// Performance ideas (not needed for correctness): keep q in registers, tensor-core mma for q·K and
-// P·V when rows >= 16, cp.async double-buffering of the K/V tiles.
+// The next tile's K and V rows are loaded into registers while the block works on the current one
+// (then stored to shared memory behind the barrier that ends it): one tile's load latency a split,
+// not one a tile. Performance ideas (not needed for correctness): keep q in registers, tensor-core
+// mma for q·K and P·V when rows >= 16.
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -187,34 +189,48 @@ __global__ void __launch_bounds__(kThreads) split_kernel(Params p) {
 
   const int32_t* table = p.block_tables + s * p.max_blocks_per_seq;
   const int64_t kv_row = p.n_head_kv * D;  // halves per cached position
+  // The next tile's K and V rows of this KV head, gathered through the block table into registers
+  // (chunk c = tid + i * kThreads of the tile: position c / kChunks, 16 bytes c % kChunks) while the
+  // block works on the current tile, so that a tile's loads wait behind the previous tile's math
+  // rather than the block waiting for them. Masked positions get zeros (never garbage: 0 * NaN).
+  constexpr int kLoads = kTile * kChunks / kThreads;
+  static_assert(kLoads * kThreads == kTile * kChunks, "whole chunks a thread");
+  uint4 k_next[kLoads], v_next[kLoads];
+  int64_t slot_next = -1;  // threads tid < kTile: position tid's cache row
+  const auto fetch = [&](int64_t t0) {
+#pragma unroll
+    for (int i = 0; i < kLoads; ++i) {
+      const int c = tid + i * kThreads;
+      const int64_t slot =
+          detail::paged_slot(table, t0 + c / kChunks, kv_end, p.block_size, p.num_blocks, p.error_flag);
+      k_next[i] = v_next[i] = make_uint4(0, 0, 0, 0);
+      if (slot >= 0) {
+        const int64_t off = slot * kv_row + kvh * D + (c % kChunks) * 8;
+        k_next[i] = __ldg(reinterpret_cast<const uint4*>(p.k_cache + off));
+        v_next[i] = __ldg(reinterpret_cast<const uint4*>(p.v_cache + off));
+      }
+    }
+    if (tid < kTile)
+      slot_next = detail::paged_slot(table, t0 + tid, kv_end, p.block_size, p.num_blocks, p.error_flag);
+  };
+  if (kv_begin < kv_end) fetch(kv_begin);
   for (int64_t t0 = kv_begin; t0 < kv_end; t0 += kTile) {
     __syncthreads();  // the previous tile is consumed (and, first time, q_s is written)
-    if (tid < kTile) {
-      const int64_t pos = t0 + tid;
-      slot_s[tid] = detail::paged_slot(table, pos, kv_end, p.block_size, p.num_blocks, p.error_flag);
-    }
-    __syncthreads();
-    // Gather K and V rows of this KV head; masked positions get zeros (never garbage: 0 * NaN).
-    for (int c = tid; c < kTile * kChunks; c += kThreads) {
-      const int j = c / kChunks;
-      const int part = c % kChunks;
-      const int64_t slot = slot_s[j];
-      uint4 kv = make_uint4(0, 0, 0, 0);
-      uint4 vv = make_uint4(0, 0, 0, 0);
-      if (slot >= 0) {
-        const int64_t off = slot * kv_row + kvh * D + part * 8;
-        kv = __ldg(reinterpret_cast<const uint4*>(p.k_cache + off));
-        vv = __ldg(reinterpret_cast<const uint4*>(p.v_cache + off));
-      }
+#pragma unroll
+    for (int i = 0; i < kLoads; ++i) {
+      const int c = tid + i * kThreads;
+      const int j = c / kChunks, part = c % kChunks;
       // K row stride is D + 2 halves (4-byte aligned, not 16): four 4-byte stores.
       auto* kd = reinterpret_cast<unsigned*>(k_s + j * kKStride + part * 8);
-      kd[0] = kv.x;
-      kd[1] = kv.y;
-      kd[2] = kv.z;
-      kd[3] = kv.w;
-      *reinterpret_cast<uint4*>(v_s + j * D + part * 8) = vv;
+      kd[0] = k_next[i].x;
+      kd[1] = k_next[i].y;
+      kd[2] = k_next[i].z;
+      kd[3] = k_next[i].w;
+      *reinterpret_cast<uint4*>(v_s + j * D + part * 8) = v_next[i];
     }
+    if (tid < kTile) slot_s[tid] = slot_next;
     __syncthreads();
+    if (t0 + kTile < kv_end) fetch(t0 + kTile);  // uniform over the block
 
     const int64_t my_pos = t0 + lane;
     const bool pos_ok = my_pos < kv_end && slot_s[lane] >= 0;

@@ -305,7 +305,8 @@ struct DeviceMatrix {
   // instead of the rows or blocks (the offsets above are then unused); cutlass (int4_groups only):
   // mem is null, the CUTLASS copy below is the matrix.
   kc::Int4Layout layout = kc::Int4Layout::rows;
-  // int4_groups: the half2 GEMV's block shape where it runs (an index into kc::kHalf2GemvVariants).
+  // int4_groups: the half2 GEMV's block shape where it runs, its fused epilogues' too (an index into
+  // kc::kHalf2GemvVariants; the norm's epilogue takes the default shape where this one cannot carry it).
   int half2_variant = 0;
   // q4_k: one activation row on the Q4_K tensor-core GEMV or the half2 GEMV rather than the CUDA-core one.
   bool q4_k_tensor_cores_one_row = false;
@@ -912,9 +913,9 @@ struct CudaLlamaModel::Impl {
     return w.kind == DeviceKind::q4_k
                ? kc::w4a16_gemv_q4_k_half2_add_norm(wd, w.n_out, w.k, x, y, residual, norm_weight,
                                                     shard_config.rms_eps, h, counter, stream, pdl)
-               : kc::w4a16_gemv_int4_groups_half2_add_norm(op.quants, op.scales, op.zeros, w.group, w.n_out,
-                                                           w.k, x, y, residual, norm_weight,
-                                                           shard_config.rms_eps, h, counter, stream, pdl);
+               : kc::w4a16_gemv_int4_groups_half2_add_norm(
+                     op.quants, op.scales, op.zeros, w.group, w.n_out, w.k, x, y, residual, norm_weight,
+                     shard_config.rms_eps, h, counter, stream, pdl, w.half2_variant);
   }
   // Whether the half2 GEMV takes one row of w, an INT4 (rows) or Q4_K matrix: one launch on a zero row;
   // false where it refuses the row (longer than the device's shared memory holds).
@@ -947,7 +948,7 @@ struct CudaLlamaModel::Impl {
                                                    error_flag, stream, pdl)
                : kc::w4a16_gemv_int4_groups_half2_rope_kv(op.quants, op.scales, op.zeros, w.group, s, w.k, x,
                                                           pos, seq, tables, q_out, k_cache, v_cache,
-                                                          error_flag, stream, pdl);
+                                                          error_flag, stream, pdl, w.half2_variant);
   }
   // One token's stacked gate / up projection and SwiGLU in one kernel (fuses_one_row): act, [1, n_ff]
   // fp16, as project then swiglu_f32_to_f16 write it.
@@ -959,7 +960,7 @@ struct CudaLlamaModel::Impl {
     return w.kind == DeviceKind::q4_k
                ? kc::w4a16_gemv_q4_k_half2_swiglu(wd, n_ff, w.k, x, act, stream, pdl)
                : kc::w4a16_gemv_int4_groups_half2_swiglu(op.quants, op.scales, op.zeros, w.group, n_ff, w.k,
-                                                         x, act, stream, pdl);
+                                                         x, act, stream, pdl, w.half2_variant);
   }
 
   // Runs the projection's parts: stacked, y is [m, total]; in parts, part i's [m, n_out_i] follows

@@ -559,6 +559,42 @@ Status launch_int4(const uint8_t* quants, const __half* scales, const uint8_t* z
   }
 }
 
+// The INT4 kernel with epilogue `out` on block shape `shape` (an index into kHalf2GemvVariants; all
+// give the default's bits). The default shape where `shape` cannot carry the epilogue (the norm's
+// tail needs one block of 256 threads and no persistent loop) or the group is not 128 (the other
+// shapes are built for group 128 only).
+template <typename Out>
+Status launch_int4_shape(int shape, const uint8_t* quants, const __half* scales, const uint8_t* zeros,
+                         int64_t group, int64_t k, const __half* x, const Out& out, cudaStream_t stream,
+                         bool programmatic) {
+  if (shape < 0 || shape >= kHalf2GemvVariantCount) return Status::invalid_argument;
+  const Half2GemvVariant& v = kHalf2GemvVariants[shape];
+  const auto is = [&v](int warps, int batch, bool persistent, int min_blocks = 1) {
+    return v.warps == warps && v.batch == batch && v.persistent == persistent && v.min_blocks == min_blocks;
+  };
+  if (group == 128) {
+    if constexpr (!Out::kAfterBlock) {
+      if (is(8, 4, true))
+        return launch_int4<Out, 8, 4, true>(quants, scales, zeros, group, k, x, out, stream, programmatic);
+      if (is(4, 4, false))
+        return launch_int4<Out, 4, 4, false>(quants, scales, zeros, group, k, x, out, stream, programmatic);
+      if (is(4, 4, true))
+        return launch_int4<Out, 4, 4, true>(quants, scales, zeros, group, k, x, out, stream, programmatic);
+      if (is(8, 8, true))
+        return launch_int4<Out, 8, 8, true>(quants, scales, zeros, group, k, x, out, stream, programmatic);
+      if (is(16, 2, false))
+        return launch_int4<Out, 16, 2, false>(quants, scales, zeros, group, k, x, out, stream, programmatic);
+      if (is(16, 4, true))
+        return launch_int4<Out, 16, 4, true>(quants, scales, zeros, group, k, x, out, stream, programmatic);
+    }
+    if (is(8, 8, false))
+      return launch_int4<Out, 8, 8, false>(quants, scales, zeros, group, k, x, out, stream, programmatic);
+    if (is(8, 4, false, 3))
+      return launch_int4<Out, 8, 4, false, 3>(quants, scales, zeros, group, k, x, out, stream, programmatic);
+  }
+  return launch_int4(quants, scales, zeros, group, k, x, out, stream, programmatic);
+}
+
 // The Q4_K kernel likewise.
 template <typename Out>
 Status launch_q4_k(const uint8_t* w, int64_t k, const __half* x, const Out& out, cudaStream_t stream,
@@ -628,11 +664,13 @@ Status w4a16_gemv_int4_groups_half2_add_norm(const uint8_t* quants, const __half
                                              const uint8_t* zeros, int64_t group, int64_t n_out, int64_t k,
                                              const __half* x, float* y, float* residual,
                                              const float* norm_weight, float eps, __half* h,
-                                             unsigned* counter, cudaStream_t stream, bool programmatic) {
+                                             unsigned* counter, cudaStream_t stream, bool programmatic,
+                                             int shape) {
   if (!add_norm_arguments_ok(n_out, y, residual, norm_weight, eps, h, counter))
     return Status::invalid_argument;
-  return launch_int4(quants, scales, zeros, group, k, x,
-                     SumsNormOut{{n_out, y}, residual, norm_weight, h, eps, counter}, stream, programmatic);
+  return launch_int4_shape(shape, quants, scales, zeros, group, k, x,
+                           SumsNormOut{{n_out, y}, residual, norm_weight, h, eps, counter}, stream,
+                           programmatic);
 }
 
 Status w4a16_gemv_q4_k_half2_add_norm(const uint8_t* w, int64_t n_out, int64_t k, const __half* x, float* y,
@@ -684,37 +722,25 @@ Status w4a16_gemv_int4_groups_half2_variant(const Half2GemvVariant& v, const uin
                                             int64_t n_out, int64_t k, const __half* x, int64_t m, float* y,
                                             cudaStream_t stream, bool programmatic) {
   if (y == nullptr || m != 1 || n_out < 0) return Status::invalid_argument;
-  const SumsOut out{n_out, y};
-  const auto is = [&v](int warps, int batch, bool persistent, int min_blocks = 1) {
-    return v.warps == warps && v.batch == batch && v.persistent == persistent && v.min_blocks == min_blocks;
-  };
-  // kHalf2GemvVariants, in its order.
-  if (is(8, 4, false)) return launch_int4(quants, scales, zeros, group, k, x, out, stream, programmatic);
-  if (is(8, 4, true))
-    return launch_int4<SumsOut, 8, 4, true>(quants, scales, zeros, group, k, x, out, stream, programmatic);
-  if (is(4, 4, false))
-    return launch_int4<SumsOut, 4, 4, false>(quants, scales, zeros, group, k, x, out, stream, programmatic);
-  if (is(4, 4, true))
-    return launch_int4<SumsOut, 4, 4, true>(quants, scales, zeros, group, k, x, out, stream, programmatic);
-  if (is(8, 8, false))
-    return launch_int4<SumsOut, 8, 8, false>(quants, scales, zeros, group, k, x, out, stream, programmatic);
-  if (is(8, 8, true))
-    return launch_int4<SumsOut, 8, 8, true>(quants, scales, zeros, group, k, x, out, stream, programmatic);
-  if (is(16, 2, false))
-    return launch_int4<SumsOut, 16, 2, false>(quants, scales, zeros, group, k, x, out, stream, programmatic);
-  if (is(16, 4, true))
-    return launch_int4<SumsOut, 16, 4, true>(quants, scales, zeros, group, k, x, out, stream, programmatic);
-  if (is(8, 4, false, 3))
-    return launch_int4<SumsOut, 8, 4, false, 3>(quants, scales, zeros, group, k, x, out, stream,
-                                                programmatic);
-  return Status::invalid_argument;
+  int shape = 0;  // v's index in kHalf2GemvVariants
+  while (shape < kHalf2GemvVariantCount &&
+         !(kHalf2GemvVariants[shape].warps == v.warps && kHalf2GemvVariants[shape].batch == v.batch &&
+           kHalf2GemvVariants[shape].persistent == v.persistent &&
+           kHalf2GemvVariants[shape].min_blocks == v.min_blocks))
+    ++shape;
+  // Not a listed shape, or another shape at a group it is not built for (launch_int4_shape would run
+  // the default there): refused, so that the kernel table never times one shape as another.
+  if (shape == kHalf2GemvVariantCount || (shape != 0 && group != 128)) return Status::invalid_argument;
+  return launch_int4_shape(shape, quants, scales, zeros, group, k, x, SumsOut{n_out, y}, stream,
+                           programmatic);
 }
 
 Status w4a16_gemv_int4_groups_half2_swiglu(const uint8_t* quants, const __half* scales, const uint8_t* zeros,
                                            int64_t group, int64_t n_ff, int64_t k, const __half* x,
-                                           __half* act, cudaStream_t stream, bool programmatic) {
+                                           __half* act, cudaStream_t stream, bool programmatic, int shape) {
   if (act == nullptr || n_ff < 0) return Status::invalid_argument;
-  return launch_int4(quants, scales, zeros, group, k, x, SwiGluOut{n_ff, act}, stream, programmatic);
+  return launch_int4_shape(shape, quants, scales, zeros, group, k, x, SwiGluOut{n_ff, act}, stream,
+                           programmatic);
 }
 
 Status w4a16_gemv_q4_k_half2_swiglu(const uint8_t* w, int64_t n_ff, int64_t k, const __half* x, __half* act,
@@ -728,11 +754,12 @@ Status w4a16_gemv_int4_groups_half2_rope_kv(const uint8_t* quants, const __half*
                                             const __half* x, const int32_t* token_pos,
                                             const int32_t* token_seq, const int32_t* block_tables,
                                             __half* q_out, __half* k_cache, __half* v_cache,
-                                            int32_t* error_flag, cudaStream_t stream, bool programmatic) {
+                                            int32_t* error_flag, cudaStream_t stream, bool programmatic,
+                                            int block_shape) {
   RopeKvOut out{};
   if (!make_rope_kv_out(shape, token_pos, token_seq, block_tables, q_out, k_cache, v_cache, error_flag, out))
     return Status::invalid_argument;
-  return launch_int4(quants, scales, zeros, group, k, x, out, stream, programmatic);
+  return launch_int4_shape(block_shape, quants, scales, zeros, group, k, x, out, stream, programmatic);
 }
 
 Status w4a16_gemv_q4_k_half2_rope_kv(const uint8_t* w, const RopeKvWriteShape& shape, int64_t k,

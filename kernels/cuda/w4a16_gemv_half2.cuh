@@ -84,13 +84,17 @@ Status w4a16_gemv_int4_groups_half2_variant(const Half2GemvVariant& variant, con
 // Fused epilogues for batch-1 decode: the product's rows end in the next step's work instead of an
 // fp32 row that another kernel reads back (a launch, and a write and read of the rows, fewer a layer).
 // Each writes bit for bit what the plain half2 GEMV above followed by that kernel writes (a row's sum
-// does not depend on the row sharing its warp), and refuses what either would refuse.
+// does not depend on the row sharing its warp), and refuses what either would refuse. The INT4 ones
+// take a block shape (`shape`, an index into kHalf2GemvVariants, out of range refused; every shape
+// gives the same bits): the default shape where that one cannot carry the epilogue (the norm's tail
+// needs one block of 256 threads and no persistent loop) or the group is not 128.
 //
 // SwiGLU: w is the stacked gate / up projection, [2 n_ff, k] (gate rows, then up rows; the plain
 // GEMV's layout otherwise); act: [1, n_ff] fp16, silu(gate) * up as swiglu_f32_to_f16 writes it.
 Status w4a16_gemv_int4_groups_half2_swiglu(const uint8_t* quants, const __half* scales, const uint8_t* zeros,
                                            int64_t group, int64_t n_ff, int64_t k, const __half* x,
-                                           __half* act, cudaStream_t stream, bool programmatic = false);
+                                           __half* act, cudaStream_t stream, bool programmatic = false,
+                                           int shape = 0);
 Status w4a16_gemv_q4_k_half2_swiglu(const uint8_t* w, int64_t n_ff, int64_t k, const __half* x, __half* act,
                                     cudaStream_t stream, bool programmatic = false);
 
@@ -105,7 +109,7 @@ Status w4a16_gemv_int4_groups_half2_add_norm(const uint8_t* quants, const __half
                                              const __half* x, float* y, float* residual,
                                              const float* norm_weight, float eps, __half* h,
                                              unsigned* counter, cudaStream_t stream,
-                                             bool programmatic = false);
+                                             bool programmatic = false, int shape = 0);
 Status w4a16_gemv_q4_k_half2_add_norm(const uint8_t* w, int64_t n_out, int64_t k, const __half* x, float* y,
                                       float* residual, const float* norm_weight, float eps, __half* h,
                                       unsigned* counter, cudaStream_t stream, bool programmatic = false);
@@ -121,7 +125,7 @@ Status w4a16_gemv_int4_groups_half2_rope_kv(const uint8_t* quants, const __half*
                                             const int32_t* token_seq, const int32_t* block_tables,
                                             __half* q_out, __half* k_cache, __half* v_cache,
                                             int32_t* error_flag, cudaStream_t stream,
-                                            bool programmatic = false);
+                                            bool programmatic = false, int block_shape = 0);
 Status w4a16_gemv_q4_k_half2_rope_kv(const uint8_t* w, const RopeKvWriteShape& shape, int64_t k,
                                      const __half* x, const int32_t* token_pos, const int32_t* token_seq,
                                      const int32_t* block_tables, __half* q_out, __half* k_cache,

@@ -1126,7 +1126,7 @@ TEST(CudaLlamaModel, MeasuredFusionsRunWhereTheyTimedFaster) {
   const std::string q4_0 = random_model(dir.path(), tiny_shape(256, 4, 2), k::DType::Q4_0);
   const std::string q4k = q4_k_model(dir.path());
   // dummy:tiny: group-wise INT4 at group 128, where the half2 GEMV's block shape is timed at load too
-  // (the fused kernels keep the default shape: fused against unfused compares the two bit for bit).
+  // (the fused kernels take it too, the norm's the default where the kept shape cannot carry it).
   for (const std::string& path : {q4_0, q4k, std::string("dummy:tiny")}) {
     SCOPED_TRACE(path);
     const auto checkpoint = m::LlamaCheckpoint::open(path);

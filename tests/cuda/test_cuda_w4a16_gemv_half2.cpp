@@ -810,3 +810,146 @@ TEST(CudaW4A16GemvHalf2, AddNormEpilogueIsTheProductThenAddRmsNormBitForBit) {
   EXPECT_EQ(call(res.ptr, -1.0f, counter.ptr), k::Status::invalid_argument) << "negative eps";
   EXPECT_EQ(cudaGetLastError(), cudaSuccess);
 }
+
+// The fused epilogues on every block shape (kHalf2GemvVariants, INT4 at group 128) give the default
+// shape's bits: SwiGLU and RoPE + the KV write on more row pairs than a persistent grid holds at once
+// (6145 gate / up pairs; 64 + 2 x 8 heads of 64: 2560 rotation pairs) and on a partial block, the norm
+// on llama-70b's row (where the shapes it cannot carry run the default one). Out-of-range shapes are
+// refused; at group 64 every shape runs the default (the others are built for group 128).
+TEST(CudaW4A16GemvHalf2, FusedEpiloguesGiveTheSameBitsOnEveryShape) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  std::mt19937 rng(66);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  const int64_t group = 128, kk = 1152;
+  std::vector<k::f16_bits> xh(static_cast<size_t>(kk));
+  for (auto& v : xh) v = k::fp32_to_fp16(normal(rng) * 20.0f);  // scaled in the kernel
+  DeviceBuffer<k::f16_bits> dx(xh);
+  ASSERT_NE(dx.ptr, nullptr);
+  const auto* x = reinterpret_cast<const __half*>(dx.ptr);
+  const auto shapes = static_cast<int>(k::cuda::kHalf2GemvVariantCount);
+
+  for (const int64_t n_ff : {int64_t{21}, int64_t{6145}}) {  // SwiGLU
+    SCOPED_TRACE("SwiGLU, n_ff " + std::to_string(n_ff));
+    DeviceInt4Groups w;
+    ASSERT_NO_FATAL_FAILURE(make_device_int4_groups(2 * n_ff, kk, group, rng, w));
+    std::vector<uint16_t> want;
+    for (int shape = 0; shape < shapes; ++shape) {
+      SCOPED_TRACE(k::cuda::half2_gemv_variant_name(k::cuda::kHalf2GemvVariants[shape]));
+      DeviceBuffer<uint16_t> act(static_cast<size_t>(n_ff));
+      ASSERT_EQ(cudaMemset(act.ptr, 0xff, static_cast<size_t>(n_ff) * 2), cudaSuccess);  // NaNs
+      ASSERT_EQ(
+          k::cuda::w4a16_gemv_int4_groups_half2_swiglu(w.quants->ptr, w.scales_half(), w.zeros->ptr, group,
+                                                       n_ff, kk, x, as_half(act.ptr), nullptr, false, shape),
+          k::Status::ok);
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      if (shape == 0) want = act.to_host();
+      EXPECT_EQ(act.to_host(), want);
+    }
+    DeviceBuffer<uint16_t> act(static_cast<size_t>(n_ff));
+    for (const int shape : {-1, shapes}) {
+      EXPECT_EQ(
+          k::cuda::w4a16_gemv_int4_groups_half2_swiglu(w.quants->ptr, w.scales_half(), w.zeros->ptr, group,
+                                                       n_ff, kk, x, as_half(act.ptr), nullptr, false, shape),
+          k::Status::invalid_argument)
+          << shape;
+    }
+  }
+
+  for (const int64_t n_head : {int64_t{2}, int64_t{64}}) {  // RoPE + the KV write
+    SCOPED_TRACE("RoPE, " + std::to_string(n_head) + " heads");
+    k::cuda::RopeKvWriteShape s;
+    s.tokens = 1;
+    s.n_head = n_head;
+    s.n_head_kv = n_head == 2 ? 1 : 8;
+    s.head_dim = 64;
+    s.rot_dims = 64;
+    s.rope_base = 500000.0f;
+    s.q_stride = s.kv_stride = 0;  // not used
+    s.block_size = 16;
+    s.num_blocks = 2;
+    s.max_blocks_per_seq = 2;
+    const int64_t q_dim = s.n_head * s.head_dim, kv_dim = s.n_head_kv * s.head_dim;
+    DeviceInt4Groups w;
+    ASSERT_NO_FATAL_FAILURE(make_device_int4_groups(q_dim + 2 * kv_dim, kk, group, rng, w));
+    DeviceBuffer<int32_t> d_pos(std::vector<int32_t>{21}), d_seq(std::vector<int32_t>{0}),
+        d_tables(std::vector<int32_t>{1, 0}), flag(std::vector<int32_t>{0});
+    std::vector<uint16_t> want_q, want_k, want_v;
+    for (int shape = 0; shape < shapes; ++shape) {
+      SCOPED_TRACE(k::cuda::half2_gemv_variant_name(k::cuda::kHalf2GemvVariants[shape]));
+      const std::vector<uint16_t> cache_init(static_cast<size_t>(s.num_blocks * s.block_size * kv_dim),
+                                             0x3c00);
+      DeviceBuffer<uint16_t> q(static_cast<size_t>(q_dim)), kc(cache_init), vc(cache_init);
+      ASSERT_EQ(cudaMemset(q.ptr, 0xff, static_cast<size_t>(q_dim) * 2), cudaSuccess);  // NaNs
+      ASSERT_EQ(k::cuda::w4a16_gemv_int4_groups_half2_rope_kv(
+                    w.quants->ptr, w.scales_half(), w.zeros->ptr, group, s, kk, x, d_pos.ptr, d_seq.ptr,
+                    d_tables.ptr, as_half(q.ptr), as_half(kc.ptr), as_half(vc.ptr), flag.ptr, nullptr, false,
+                    shape),
+                k::Status::ok);
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      if (shape == 0) {
+        want_q = q.to_host();
+        want_k = kc.to_host();
+        want_v = vc.to_host();
+        EXPECT_NE(want_k, cache_init) << "position 21 written";
+      }
+      EXPECT_EQ(q.to_host(), want_q);
+      EXPECT_EQ(kc.to_host(), want_k);
+      EXPECT_EQ(vc.to_host(), want_v);
+    }
+    EXPECT_EQ(flag.to_host(), std::vector<int32_t>{0});
+  }
+
+  {  // The residual add and RMSNorm: llama-70b's row
+    SCOPED_TRACE("add + RMSNorm");
+    const int64_t n_out = 8192;
+    DeviceInt4Groups w;
+    ASSERT_NO_FATAL_FAILURE(make_device_int4_groups(n_out, kk, group, rng, w));
+    std::vector<float> residual(static_cast<size_t>(n_out)), weight(residual.size());
+    for (auto& v : residual) v = normal(rng) * 3.0f;
+    for (auto& v : weight) v = 1.0f + 0.1f * normal(rng);
+    DeviceBuffer<float> d_weight(weight);
+    DeviceBuffer<uint32_t> counter(std::vector<uint32_t>{0});
+    std::vector<float> want_y, want_res;
+    std::vector<uint16_t> want_h;
+    for (int shape = 0; shape < shapes; ++shape) {
+      SCOPED_TRACE(k::cuda::half2_gemv_variant_name(k::cuda::kHalf2GemvVariants[shape]));
+      DeviceBuffer<float> y(static_cast<size_t>(n_out)), res(residual);
+      DeviceBuffer<uint16_t> h(static_cast<size_t>(n_out));
+      ASSERT_EQ(cudaMemset(h.ptr, 0xff, static_cast<size_t>(n_out) * 2), cudaSuccess);  // NaNs
+      ASSERT_EQ(k::cuda::w4a16_gemv_int4_groups_half2_add_norm(
+                    w.quants->ptr, w.scales_half(), w.zeros->ptr, group, n_out, kk, x, y.ptr, res.ptr,
+                    d_weight.ptr, 1e-5f, as_half(h.ptr), counter.ptr, nullptr, false, shape),
+                k::Status::ok);
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      if (shape == 0) {
+        want_y = y.to_host();
+        want_res = res.to_host();
+        want_h = h.to_host();
+      }
+      const std::vector<float> got_y = y.to_host(), got_res = res.to_host();
+      EXPECT_EQ(std::memcmp(got_y.data(), want_y.data(), want_y.size() * sizeof(float)), 0);
+      EXPECT_EQ(std::memcmp(got_res.data(), want_res.data(), want_res.size() * sizeof(float)), 0);
+      EXPECT_EQ(h.to_host(), want_h);
+      EXPECT_EQ(counter.to_host(), std::vector<uint32_t>{0});
+    }
+  }
+
+  {  // Group 64: every shape runs the default one.
+    const int64_t n_ff = 37;
+    DeviceInt4Groups w;
+    ASSERT_NO_FATAL_FAILURE(make_device_int4_groups(2 * n_ff, kk, 64, rng, w));
+    std::vector<uint16_t> want;
+    for (int shape = 0; shape < shapes; ++shape) {
+      DeviceBuffer<uint16_t> act(static_cast<size_t>(n_ff));
+      ASSERT_EQ(
+          k::cuda::w4a16_gemv_int4_groups_half2_swiglu(w.quants->ptr, w.scales_half(), w.zeros->ptr, 64, n_ff,
+                                                       kk, x, as_half(act.ptr), nullptr, false, shape),
+          k::Status::ok)
+          << shape;
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      if (shape == 0) want = act.to_host();
+      EXPECT_EQ(act.to_host(), want) << shape;
+    }
+  }
+  EXPECT_EQ(cudaGetLastError(), cudaSuccess);
+}

@@ -305,9 +305,10 @@ struct DeviceMatrix {
   // instead of the rows or blocks (the offsets above are then unused); cutlass (int4_groups only):
   // mem is null, the CUTLASS copy below is the matrix.
   kc::Int4Layout layout = kc::Int4Layout::rows;
-  // int4_groups: the half2 GEMV's block shape where it runs, its fused epilogues' too (an index into
-  // kc::kHalf2GemvVariants; the norm's epilogue takes the default shape where this one cannot carry it).
+  // int4_groups: the half2 GEMV's block shape where it runs, and its fused epilogue's (the faster of
+  // that one and the default, choose_one_row_fusions): indices into kc::kHalf2GemvVariants.
   int half2_variant = 0;
+  int half2_fused_variant = 0;
   // q4_k: one activation row on the Q4_K tensor-core GEMV or the half2 GEMV rather than the CUDA-core one.
   bool q4_k_tensor_cores_one_row = false;
   bool q4_k_half2_one_row = false;
@@ -915,7 +916,7 @@ struct CudaLlamaModel::Impl {
                                                     shard_config.rms_eps, h, counter, stream, pdl)
                : kc::w4a16_gemv_int4_groups_half2_add_norm(
                      op.quants, op.scales, op.zeros, w.group, w.n_out, w.k, x, y, residual, norm_weight,
-                     shard_config.rms_eps, h, counter, stream, pdl, w.half2_variant);
+                     shard_config.rms_eps, h, counter, stream, pdl, w.half2_fused_variant);
   }
   // Whether the half2 GEMV takes one row of w, an INT4 (rows) or Q4_K matrix: one launch on a zero row;
   // false where it refuses the row (longer than the device's shared memory holds).
@@ -948,7 +949,7 @@ struct CudaLlamaModel::Impl {
                                                    error_flag, stream, pdl)
                : kc::w4a16_gemv_int4_groups_half2_rope_kv(op.quants, op.scales, op.zeros, w.group, s, w.k, x,
                                                           pos, seq, tables, q_out, k_cache, v_cache,
-                                                          error_flag, stream, pdl, w.half2_variant);
+                                                          error_flag, stream, pdl, w.half2_fused_variant);
   }
   // One token's stacked gate / up projection and SwiGLU in one kernel (fuses_one_row): act, [1, n_ff]
   // fp16, as project then swiglu_f32_to_f16 write it.
@@ -960,7 +961,7 @@ struct CudaLlamaModel::Impl {
     return w.kind == DeviceKind::q4_k
                ? kc::w4a16_gemv_q4_k_half2_swiglu(wd, n_ff, w.k, x, act, stream, pdl)
                : kc::w4a16_gemv_int4_groups_half2_swiglu(op.quants, op.scales, op.zeros, w.group, n_ff, w.k,
-                                                         x, act, stream, pdl, w.half2_variant);
+                                                         x, act, stream, pdl, w.half2_fused_variant);
   }
 
   // Runs the projection's parts: stacked, y is [m, total]; in parts, part i's [m, n_out_i] follows
@@ -1611,10 +1612,24 @@ void CudaLlamaModel::Impl::choose_one_row_fusions() {
     };
     // The site's matrices in turn (enough of them that L2 holds few), as the per-shape timing does.
     const int iterations = static_cast<int>(std::clamp<size_t>(list.size(), 8, 32));
-    for (const bool fuse : {false, true}) {
+    // The fused kernel on the default block shape and, for INT4, on the one kept for the plain product
+    // where that differs (an epilogue's registers can change which is faster; the same bits).
+    std::vector<int> fused_shapes = {0};
+    if (!choice.q4_k) {
+      const int kept =
+          kc::half2_gemv_effective_shape(front.half2_variant, front.group, choice.site >= attn_out_norm);
+      if (kept > 0) fused_shapes.push_back(kept);
+    }
+    int fused_shape = 0;
+    // The plain product and the separate kernel (shape -1), then the fused kernel on each shape.
+    for (int shape = -1; shape < static_cast<int>(fused_shapes.size()); ++shape) {
+      const bool fuse = shape >= 0;
+      if (fuse) {
+        for (DeviceMatrix* w : list) w->half2_fused_variant = fused_shapes[static_cast<size_t>(shape)];
+      }
       cudaError_t err = cudaSuccess;
       kernels::Status st = kernels::Status::ok;
-      double& us = fuse ? choice.fused_us : choice.unfused_us;
+      double us = 0.0;
       const bool timed = kc::median_call_us(
           stream, iterations, /*repetitions=*/3,
           [&](int i) {
@@ -1628,8 +1643,15 @@ void CudaLlamaModel::Impl::choose_one_row_fusions() {
             return st == kernels::Status::ok;
           },
           us, err);
-      if (timed) continue;
-      us = 0.0;
+      if (timed) {
+        if (!fuse) {
+          choice.unfused_us = us;
+        } else if (choice.fused_us == 0.0 || us < choice.fused_us) {
+          choice.fused_us = us;
+          fused_shape = fused_shapes[static_cast<size_t>(shape)];
+        }
+        continue;
+      }
       // A fused kernel that refuses the call leaves the site unfused; anything else (the plain path,
       // which the model runs anyway, a launch or CUDA call failing) is an error at load.
       if (fuse && err == cudaSuccess && st == kernels::Status::invalid_argument) continue;
@@ -1646,8 +1668,10 @@ void CudaLlamaModel::Impl::choose_one_row_fusions() {
                                      : front.int4_kernel[kc::int4_row_range(1)] == kc::Int4Kernel::gemv_half2;
     choice.fused = choice.fused_us > 0.0 &&
                    choice.fused_us < (choice.half2_alone ? 1.0 : 1.0 - kc::kInt4MinGain) * choice.unfused_us;
+    choice.fused_shape = kc::half2_gemv_variant_name(kc::kHalf2GemvVariants[fused_shape]);
     for (DeviceMatrix* w : list) {
       w->fusion_slower = !choice.fused;
+      w->half2_fused_variant = fused_shape;
       if (!choice.fused) continue;
       if (choice.q4_k) {
         w->q4_k_half2_one_row = true;

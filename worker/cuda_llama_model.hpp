@@ -241,6 +241,9 @@ struct CudaFusionChoice {
   bool half2_alone = false;    // that kernel is the half2 GEMV (fusing then changes no bits)
   double unfused_us = 0.0;     // that kernel, then the kernel the fusion saves: device us a call
   double fused_us = 0.0;       // the fused half2 kernel; 0: it did not launch (unfused then)
+  // The fused kernel's block shape: the faster of the default and (INT4 at group 128) the shape kept
+  // for the plain product (CudaInt4KernelChoice::half2_variant), where the epilogue can run on it.
+  std::string fused_shape = "8w b4";
   // fused_us > 0 and below unfused_us, by 5% (kInt4MinGain) where fusing moves the product to the half2
   // GEMV (other bits: timing noise must not change a model's output from one load to the next).
   bool fused = false;

@@ -274,15 +274,15 @@ void print_fusion_choices(const worker::CudaLlamaModel& model) {
   const auto& choices = model.one_row_fusions();
   if (choices.empty()) return;
   std::printf("\nFused epilogues at one row (device us a call, timed at load; *: runs):\n");
-  std::printf("%-34s %-24s | %-22s %9s %9s\n", "site", "n_out x k (matrices)", "chosen product", "+ kernel",
-              "fused");
+  std::printf("%-34s %-24s | %-22s %9s %9s %-12s\n", "site", "n_out x k (matrices)", "chosen product",
+              "+ kernel", "fused", "fused shape");
   for (const worker::CudaFusionChoice& ch : choices) {
     char shape[64];
     std::snprintf(shape, sizeof shape, "%lldx%lld (%lld%s)", static_cast<long long>(ch.n_out),
                   static_cast<long long>(ch.k), static_cast<long long>(ch.matrices), ch.q4_k ? ", Q4_K" : "");
-    std::printf("%-34s %-24s | %-22s %8.1f%s %8.1f%s\n", worker::CudaFusionChoice::site_names[ch.site], shape,
-                ch.unfused_kernel.c_str(), ch.unfused_us, ch.fused ? " " : "*", ch.fused_us,
-                ch.fused ? "*" : " ");
+    std::printf("%-34s %-24s | %-22s %8.1f%s %8.1f%s %-12s\n", worker::CudaFusionChoice::site_names[ch.site],
+                shape, ch.unfused_kernel.c_str(), ch.unfused_us, ch.fused ? " " : "*", ch.fused_us,
+                ch.fused ? "*" : " ", ch.fused_shape.c_str());
   }
 }
 
@@ -499,6 +499,7 @@ int run_model(const Args& a) {
                        {"half2_alone", ch.half2_alone},
                        {"unfused_us", ch.unfused_us},
                        {"fused_us", ch.fused_us},
+                       {"fused_shape", ch.fused_shape},
                        {"fused", ch.fused}});
   }
   if (a.json) {

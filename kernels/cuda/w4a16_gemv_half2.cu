@@ -560,39 +560,52 @@ Status launch_int4(const uint8_t* quants, const __half* scales, const uint8_t* z
 }
 
 // The INT4 kernel with epilogue `out` on block shape `shape` (an index into kHalf2GemvVariants; all
-// give the default's bits). The default shape where `shape` cannot carry the epilogue (the norm's
-// tail needs one block of 256 threads and no persistent loop) or the group is not 128 (the other
-// shapes are built for group 128 only).
+// give the default's bits), or on the shape half2_gemv_effective_shape says runs in its place.
 template <typename Out>
 Status launch_int4_shape(int shape, const uint8_t* quants, const __half* scales, const uint8_t* zeros,
                          int64_t group, int64_t k, const __half* x, const Out& out, cudaStream_t stream,
                          bool programmatic) {
-  if (shape < 0 || shape >= kHalf2GemvVariantCount) return Status::invalid_argument;
-  const Half2GemvVariant& v = kHalf2GemvVariants[shape];
-  const auto is = [&v](int warps, int batch, bool persistent, int min_blocks = 1) {
-    return v.warps == warps && v.batch == batch && v.persistent == persistent && v.min_blocks == min_blocks;
+  // The cases below follow kHalf2GemvVariants' order.
+  static_assert(kHalf2GemvVariantCount == 9);
+  static_assert(kHalf2GemvVariants[1].persistent && kHalf2GemvVariants[2].warps == 4 &&
+                kHalf2GemvVariants[3].warps == 4 && kHalf2GemvVariants[3].persistent &&
+                kHalf2GemvVariants[4].batch == 8 && !kHalf2GemvVariants[4].persistent &&
+                kHalf2GemvVariants[5].batch == 8 && kHalf2GemvVariants[5].persistent &&
+                kHalf2GemvVariants[6].warps == 16 && kHalf2GemvVariants[6].batch == 2 &&
+                kHalf2GemvVariants[7].warps == 16 && kHalf2GemvVariants[7].persistent &&
+                kHalf2GemvVariants[8].min_blocks == 3);
+  const auto args = [&](auto launch) {
+    return launch(quants, scales, zeros, group, k, x, out, stream, programmatic);
   };
-  if (group == 128) {
-    if constexpr (!Out::kAfterBlock) {
-      if (is(8, 4, true))
-        return launch_int4<Out, 8, 4, true>(quants, scales, zeros, group, k, x, out, stream, programmatic);
-      if (is(4, 4, false))
-        return launch_int4<Out, 4, 4, false>(quants, scales, zeros, group, k, x, out, stream, programmatic);
-      if (is(4, 4, true))
-        return launch_int4<Out, 4, 4, true>(quants, scales, zeros, group, k, x, out, stream, programmatic);
-      if (is(8, 8, true))
-        return launch_int4<Out, 8, 8, true>(quants, scales, zeros, group, k, x, out, stream, programmatic);
-      if (is(16, 2, false))
-        return launch_int4<Out, 16, 2, false>(quants, scales, zeros, group, k, x, out, stream, programmatic);
-      if (is(16, 4, true))
-        return launch_int4<Out, 16, 4, true>(quants, scales, zeros, group, k, x, out, stream, programmatic);
-    }
-    if (is(8, 8, false))
-      return launch_int4<Out, 8, 8, false>(quants, scales, zeros, group, k, x, out, stream, programmatic);
-    if (is(8, 4, false, 3))
-      return launch_int4<Out, 8, 4, false, 3>(quants, scales, zeros, group, k, x, out, stream, programmatic);
+  switch (half2_gemv_effective_shape(shape, group, Out::kAfterBlock)) {
+    case 0:
+      return args(launch_int4<Out>);
+    case 4:
+      return args(launch_int4<Out, 8, 8, false>);
+    case 8:
+      return args(launch_int4<Out, 8, 4, false, 3>);
+    default:
+      break;
   }
-  return launch_int4(quants, scales, zeros, group, k, x, out, stream, programmatic);
+  if constexpr (!Out::kAfterBlock) {  // the shapes the norm's one-block tail cannot run on
+    switch (half2_gemv_effective_shape(shape, group, false)) {
+      case 1:
+        return args(launch_int4<Out, 8, 4, true>);
+      case 2:
+        return args(launch_int4<Out, 4, 4, false>);
+      case 3:
+        return args(launch_int4<Out, 4, 4, true>);
+      case 5:
+        return args(launch_int4<Out, 8, 8, true>);
+      case 6:
+        return args(launch_int4<Out, 16, 2, false>);
+      case 7:
+        return args(launch_int4<Out, 16, 4, true>);
+      default:
+        break;
+    }
+  }
+  return Status::invalid_argument;  // out of range
 }
 
 // The Q4_K kernel likewise.
@@ -710,6 +723,14 @@ bool w4a16_gemv_half2_fits(int64_t k, bool q4_k) {
   const bool fits = dynamic + attributes.sharedSizeBytes <= static_cast<size_t>(max_shared);
   known[key] = fits;
   return fits;
+}
+
+int half2_gemv_effective_shape(int shape, int64_t group, bool norm) {
+  if (shape < 0 || shape >= kHalf2GemvVariantCount) return -1;
+  if (group != 128) return 0;
+  const Half2GemvVariant& v = kHalf2GemvVariants[shape];
+  if (norm && (v.persistent || v.warps * kWarpSize != detail::kAddRmsNormThreads)) return 0;
+  return shape;
 }
 
 std::string half2_gemv_variant_name(const Half2GemvVariant& v) {

@@ -74,6 +74,11 @@ inline constexpr int kHalf2GemvVariantCount =
     static_cast<int>(sizeof kHalf2GemvVariants / sizeof kHalf2GemvVariants[0]);
 // "8w b4", "8w b4 pers", "8w b4 3/SM", ...
 std::string half2_gemv_variant_name(const Half2GemvVariant& variant);
+// The block shape an INT4 launch asked for `shape` (an index into kHalf2GemvVariants) runs on: the
+// shape itself, or 0 (the default) at a group other than 128 (the other shapes are built for group
+// 128 only) or, for the residual add + RMSNorm epilogue (`norm`), where the shape cannot carry its
+// one-block tail (persistent, or not one block of 256 threads); -1 for an index out of range.
+int half2_gemv_effective_shape(int shape, int64_t group, bool norm);
 // w4a16_gemv_int4_groups_half2 as `variant` (one of kHalf2GemvVariants, else invalid_argument); the
 // variants other than the first are built for group 128 only (invalid_argument for other groups).
 Status w4a16_gemv_int4_groups_half2_variant(const Half2GemvVariant& variant, const uint8_t* quants,

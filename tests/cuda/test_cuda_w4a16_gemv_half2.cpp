@@ -813,7 +813,8 @@ TEST(CudaW4A16GemvHalf2, AddNormEpilogueIsTheProductThenAddRmsNormBitForBit) {
 
 // The fused epilogues on every block shape (kHalf2GemvVariants, INT4 at group 128) give the default
 // shape's bits: SwiGLU and RoPE + the KV write on more row pairs than a persistent grid holds at once
-// (6145 gate / up pairs; 64 + 2 x 8 heads of 64: 2560 rotation pairs) and on a partial block, the norm
+// (6145 gate / up pairs; 64 + 2 x 8 heads of 64: 2560 rotation pairs) and on a partial block (21 pairs;
+// 25 rotation pairs, partially rotated, and a position without a slot: the flag raised), the norm
 // on llama-70b's row (where the shapes it cannot carry run the default one). Out-of-range shapes are
 // refused; at group 64 every shape runs the default (the others are built for group 128).
 TEST(CudaW4A16GemvHalf2, FusedEpiloguesGiveTheSameBitsOnEveryShape) {
@@ -855,30 +856,38 @@ TEST(CudaW4A16GemvHalf2, FusedEpiloguesGiveTheSameBitsOnEveryShape) {
     }
   }
 
-  for (const int64_t n_head : {int64_t{2}, int64_t{64}}) {  // RoPE + the KV write
-    SCOPED_TRACE("RoPE, " + std::to_string(n_head) + " heads");
+  struct Heads {
+    int64_t n_head, n_head_kv, head_dim, rot_dims;
+    int32_t pos;  // past the table's two blocks of 16: the flag raised, the cache untouched
+  };
+  for (const Heads& heads : {Heads{3, 1, 10, 8, 21}, Heads{3, 1, 10, 8, 40}, Heads{64, 8, 64, 64, 21}}) {
+    // RoPE + the KV write: 25 rotation pairs (a partial block, partial rotation), 2560 pairs
+    SCOPED_TRACE("RoPE, " + std::to_string(heads.n_head) + " heads of " + std::to_string(heads.head_dim) +
+                 ", position " + std::to_string(heads.pos));
     k::cuda::RopeKvWriteShape s;
     s.tokens = 1;
-    s.n_head = n_head;
-    s.n_head_kv = n_head == 2 ? 1 : 8;
-    s.head_dim = 64;
-    s.rot_dims = 64;
+    s.n_head = heads.n_head;
+    s.n_head_kv = heads.n_head_kv;
+    s.head_dim = heads.head_dim;
+    s.rot_dims = heads.rot_dims;
     s.rope_base = 500000.0f;
     s.q_stride = s.kv_stride = 0;  // not used
     s.block_size = 16;
     s.num_blocks = 2;
     s.max_blocks_per_seq = 2;
+    const bool bad_slot = heads.pos >= 32;
     const int64_t q_dim = s.n_head * s.head_dim, kv_dim = s.n_head_kv * s.head_dim;
     DeviceInt4Groups w;
     ASSERT_NO_FATAL_FAILURE(make_device_int4_groups(q_dim + 2 * kv_dim, kk, group, rng, w));
-    DeviceBuffer<int32_t> d_pos(std::vector<int32_t>{21}), d_seq(std::vector<int32_t>{0}),
-        d_tables(std::vector<int32_t>{1, 0}), flag(std::vector<int32_t>{0});
+    DeviceBuffer<int32_t> d_pos(std::vector<int32_t>{heads.pos}), d_seq(std::vector<int32_t>{0}),
+        d_tables(std::vector<int32_t>{1, 0});
     std::vector<uint16_t> want_q, want_k, want_v;
     for (int shape = 0; shape < shapes; ++shape) {
       SCOPED_TRACE(k::cuda::half2_gemv_variant_name(k::cuda::kHalf2GemvVariants[shape]));
       const std::vector<uint16_t> cache_init(static_cast<size_t>(s.num_blocks * s.block_size * kv_dim),
                                              0x3c00);
       DeviceBuffer<uint16_t> q(static_cast<size_t>(q_dim)), kc(cache_init), vc(cache_init);
+      DeviceBuffer<int32_t> flag(std::vector<int32_t>{0});
       ASSERT_EQ(cudaMemset(q.ptr, 0xff, static_cast<size_t>(q_dim) * 2), cudaSuccess);  // NaNs
       ASSERT_EQ(k::cuda::w4a16_gemv_int4_groups_half2_rope_kv(
                     w.quants->ptr, w.scales_half(), w.zeros->ptr, group, s, kk, x, d_pos.ptr, d_seq.ptr,
@@ -890,13 +899,13 @@ TEST(CudaW4A16GemvHalf2, FusedEpiloguesGiveTheSameBitsOnEveryShape) {
         want_q = q.to_host();
         want_k = kc.to_host();
         want_v = vc.to_host();
-        EXPECT_NE(want_k, cache_init) << "position 21 written";
+        EXPECT_EQ(want_k != cache_init, !bad_slot) << "position written where it has a slot";
       }
       EXPECT_EQ(q.to_host(), want_q);
       EXPECT_EQ(kc.to_host(), want_k);
       EXPECT_EQ(vc.to_host(), want_v);
+      EXPECT_EQ(flag.to_host(), std::vector<int32_t>{bad_slot ? 1 : 0});
     }
-    EXPECT_EQ(flag.to_host(), std::vector<int32_t>{0});
   }
 
   {  // The residual add and RMSNorm: llama-70b's row
@@ -952,4 +961,31 @@ TEST(CudaW4A16GemvHalf2, FusedEpiloguesGiveTheSameBitsOnEveryShape) {
     }
   }
   EXPECT_EQ(cudaGetLastError(), cudaSuccess);
+}
+
+// Which block shape a launch asked for a shape runs on (host only): itself at group 128, the default
+// at other groups, and for the norm's epilogue the default where the shape cannot carry its one-block
+// tail of 256 threads (persistent, 4 or 16 warps); out of range: -1.
+TEST(CudaW4A16GemvHalf2, EffectiveShapes) {
+  const int shapes = k::cuda::kHalf2GemvVariantCount;
+  for (int shape = 0; shape < shapes; ++shape) {
+    const k::cuda::Half2GemvVariant& v = k::cuda::kHalf2GemvVariants[shape];
+    SCOPED_TRACE(k::cuda::half2_gemv_variant_name(v));
+    EXPECT_EQ(k::cuda::half2_gemv_effective_shape(shape, 128, false), shape);
+    EXPECT_EQ(k::cuda::half2_gemv_effective_shape(shape, 128, true),
+              !v.persistent && v.warps == 8 ? shape : 0);
+    for (const int64_t group : {32, 64}) {
+      EXPECT_EQ(k::cuda::half2_gemv_effective_shape(shape, group, false), 0);
+      EXPECT_EQ(k::cuda::half2_gemv_effective_shape(shape, group, true), 0);
+    }
+  }
+  // The norm runs on three shapes: the default, 8 warps with 8 units in flight, and the 3-a-SM cap.
+  int norm_shapes = 0;
+  for (int shape = 0; shape < shapes; ++shape)
+    norm_shapes += k::cuda::half2_gemv_effective_shape(shape, 128, true) == shape;
+  EXPECT_EQ(norm_shapes, 3);
+  for (const int shape : {-1, shapes}) {
+    EXPECT_EQ(k::cuda::half2_gemv_effective_shape(shape, 128, false), -1);
+    EXPECT_EQ(k::cuda::half2_gemv_effective_shape(shape, 64, true), -1);
+  }
 }

@@ -224,8 +224,9 @@ if [ "$phase" = all ] || [ "$phase" = bench ] || [ "$phase" = e2e ]; then
 e2e=(--gen-tokens 16 --repetitions 3 --prompt-tokens 256 --prefill-batch 4 ${NIBBLE_E2E_FLAGS:-})
 timeout 150 "$here/bin/nibble" bench-gpu --model dummy:llama-70b --batch 1,8,32,64 "${e2e[@]}" 2>&1 |
   tee "$out/bench-gpu-e2e.txt" || status=1
-# Batch 1 with every one-row product pinned to the half2 GEMV (so every fused epilogue runs, whatever
-# the load-time timing would pick): against the run above, what the fusions are worth.
+# Batch 1 with every one-row product pinned to the half2 GEMV on its default block shape (so every
+# fused epilogue runs, whatever the load-time timing would pick): against the run above, whose
+# load-time table says which fusions and shapes it kept.
 timeout 90 "$here/bin/nibble" bench-gpu --model dummy:llama-70b --int4-kernels half2 --batch 1 "${e2e[@]}" 2>&1 |
   tee "$out/bench-gpu-e2e-half2.txt" || status=1
 timeout 150 "$here/bin/nibble" bench-gpu --model dummy:llama-70b --int4-layout measured --batch 1,8,32,64 "${e2e[@]}" 2>&1 |

@@ -1493,7 +1493,10 @@ void CudaLlamaModel::Impl::choose_q4_k_kernels() {
 
 void CudaLlamaModel::Impl::choose_one_row_fusions() {
   fusion_choices.clear();
-  for_each_matrix([](DeviceMatrix& w) { w.fusion_slower = false; });
+  for_each_matrix([](DeviceMatrix& w) {
+    w.fusion_slower = false;
+    w.half2_fused_variant = 0;
+  });
   if (options.int4_kernels != Int4Kernels::measured || !options.fused_epilogues || options.int8_activations)
     return;
   const auto& c = shard_config;  // local heads and ffn rows
@@ -1561,7 +1564,6 @@ void CudaLlamaModel::Impl::choose_one_row_fusions() {
 
   for (auto& [choice, list] : groups) {
     const DeviceMatrix& front = *list.front();
-    if (!half2_takes(front)) continue;  // a row longer than this device's shared memory holds
     choice.matrices = static_cast<int64_t>(list.size());
     choice.unfused_kernel =
         choice.q4_k

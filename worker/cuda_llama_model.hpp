@@ -318,7 +318,7 @@ struct CudaModelOptions {
   bool fused_epilogues = true;
   // With fused_epilogues, the residual add + RMSNorm in the products before them too (false: those
   // as their own kernel, RoPE / KV write and SwiGLU still fused; bench-gpu --model times all three
-  // ways at batch 1, since the norm's one-block tail is the part a GPU run has to weigh).
+  // ways at batch 1; under Int4Kernels::measured each norm site is weighed at load like the others).
   bool fused_norms = true;
 };
 

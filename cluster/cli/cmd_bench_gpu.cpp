@@ -391,8 +391,9 @@ int run_model(const Args& a) {
     }
   }
   // Batch 1 again with the half2 GEMV's fused epilogues off (CudaModelOptions::fused_epilogues): what
-  // doing RoPE / the KV write and SwiGLU in the products saves where the half2 GEMV runs (the step
-  // profile's "rope + KV write" and "SwiGLU" are then 0 at batch 1); the same kernels elsewhere. The
+  // doing RoPE / the KV write and SwiGLU in the products saves where they were fused at load (the step
+  // profile's "rope + KV write" and "SwiGLU" are then 0 at batch 1 where every site fused); the same
+  // kernels elsewhere. The
   // products stay as chosen at load: on the half2 GEMV where a fusion took it (one_row_fusions says
   // what the best plain product plus the separate kernel took instead).
   double unfused_step_s = 0.0, unfused_norms_step_s = 0.0;

@@ -195,31 +195,36 @@ __global__ void __launch_bounds__(kThreads) split_kernel(Params p) {
   // rather than the block waiting for them. Masked positions get zeros (never garbage: 0 * NaN).
   constexpr int kLoads = kTile * kChunks / kThreads;
   static_assert(kLoads * kThreads == kTile * kChunks, "whole chunks a thread");
+  // A position's kChunks chunks go to kChunks consecutive lanes (kThreads and the warp are multiples of
+  // kChunks): the first of them looks its cache row up (one block-table read and division a position)
+  // and shares it.
+  static_assert(kWarpSize % kChunks == 0 && kThreads % kChunks == 0, "a position's chunks in one warp");
+  const int part = tid % kChunks;
   uint4 k_next[kLoads], v_next[kLoads];
-  int64_t slot_next = -1;  // threads tid < kTile: position tid's cache row
+  int64_t slot_next[kLoads];  // position (tid + i kThreads) / kChunks's cache row, -1: masked
   const auto fetch = [&](int64_t t0) {
 #pragma unroll
     for (int i = 0; i < kLoads; ++i) {
-      const int c = tid + i * kThreads;
-      const int64_t slot =
-          detail::paged_slot(table, t0 + c / kChunks, kv_end, p.block_size, p.num_blocks, p.error_flag);
+      const int j = (tid + i * kThreads) / kChunks;
+      int64_t slot = -1;
+      if (part == 0)
+        slot = detail::paged_slot(table, t0 + j, kv_end, p.block_size, p.num_blocks, p.error_flag);
+      slot = __shfl_sync(kFullMask, slot, 0, kChunks);
+      slot_next[i] = slot;
       k_next[i] = v_next[i] = make_uint4(0, 0, 0, 0);
       if (slot >= 0) {
-        const int64_t off = slot * kv_row + kvh * D + (c % kChunks) * 8;
+        const int64_t off = slot * kv_row + kvh * D + part * 8;
         k_next[i] = __ldg(reinterpret_cast<const uint4*>(p.k_cache + off));
         v_next[i] = __ldg(reinterpret_cast<const uint4*>(p.v_cache + off));
       }
     }
-    if (tid < kTile)
-      slot_next = detail::paged_slot(table, t0 + tid, kv_end, p.block_size, p.num_blocks, p.error_flag);
   };
   if (kv_begin < kv_end) fetch(kv_begin);
   for (int64_t t0 = kv_begin; t0 < kv_end; t0 += kTile) {
     __syncthreads();  // the previous tile is consumed (and, first time, q_s is written)
 #pragma unroll
     for (int i = 0; i < kLoads; ++i) {
-      const int c = tid + i * kThreads;
-      const int j = c / kChunks, part = c % kChunks;
+      const int j = (tid + i * kThreads) / kChunks;
       // K row stride is D + 2 halves (4-byte aligned, not 16): four 4-byte stores.
       auto* kd = reinterpret_cast<unsigned*>(k_s + j * kKStride + part * 8);
       kd[0] = k_next[i].x;
@@ -227,8 +232,8 @@ __global__ void __launch_bounds__(kThreads) split_kernel(Params p) {
       kd[2] = k_next[i].z;
       kd[3] = k_next[i].w;
       *reinterpret_cast<uint4*>(v_s + j * D + part * 8) = v_next[i];
+      if (part == 0) slot_s[j] = slot_next[i];
     }
-    if (tid < kTile) slot_s[tid] = slot_next;
     __syncthreads();
     if (t0 + kTile < kv_end) fetch(t0 + kTile);  // uniform over the block
 

@@ -209,8 +209,8 @@ __device__ void store_rows(const float (&acc)[kRowsPerWarp], int64_t warp, int s
 // immediate. Out: the epilogue (SumsOut, SwiGluOut or RopeKvOut). Warps a block, Batch units a lane
 // loads at once per row, and Persistent (each block takes row pairs gridDim.x * Warps apart until the
 // matrix ends, so that it stages the activations once for all of them) are kWarps, kBatch and false
-// except in the kernel table's variants (Half2GemvVariant): every choice sums each row's units in the
-// same order, so all give the same bits.
+// but on the other block shapes of kHalf2GemvVariants (timed at load, in the kernel table too): every
+// choice sums each row's units in the same order, so all give the same bits.
 template <int GroupShift, typename Out, int Warps = kWarps, int Batch = kBatch, bool Persistent = false,
           int MinBlocks = 1>
 __global__ void __launch_bounds__(Warps* kWarpSize, MinBlocks)
@@ -532,8 +532,9 @@ Status launch_half2(void (*kernel)(Params...), int64_t warps, size_t shared, cud
 }
 
 // The INT4 kernel with epilogue `out`, after the checks every epilogue shares (the weights, x, k and
-// the grid); nothing to launch for no rows. The kernel table's variants (anything but kWarps, kBatch,
-// not persistent) are built for group 128 only (the table's weights): invalid_argument for others.
+// the grid); nothing to launch for no rows. The other block shapes (anything but kWarps, kBatch, not
+// persistent) are built for group 128 only (dummy and GPTQ / AWQ weights; fewer kernels to build):
+// invalid_argument for others.
 template <typename Out, int Warps = kWarps, int Batch = kBatch, bool Persistent = false, int MinBlocks = 1>
 Status launch_int4(const uint8_t* quants, const __half* scales, const uint8_t* zeros, int64_t group,
                    int64_t k, const __half* x, const Out& out, cudaStream_t stream, bool programmatic) {
@@ -559,53 +560,41 @@ Status launch_int4(const uint8_t* quants, const __half* scales, const uint8_t* z
   }
 }
 
-// The INT4 kernel with epilogue `out` on block shape `shape` (an index into kHalf2GemvVariants; all
-// give the default's bits), or on the shape half2_gemv_effective_shape says runs in its place.
+// The INT4 kernel with epilogue `out` on block shape I of kHalf2GemvVariants. A shape the norm's
+// one-block tail cannot run on is never asked for with it (half2_gemv_effective_shape), nor built.
+template <typename Out, int I>
+Status launch_int4_on_shape(const uint8_t* quants, const __half* scales, const uint8_t* zeros, int64_t group,
+                            int64_t k, const __half* x, const Out& out, cudaStream_t stream,
+                            bool programmatic) {
+  constexpr Half2GemvVariant v = kHalf2GemvVariants[I];
+  if constexpr (Out::kAfterBlock && (v.persistent || v.warps * kWarpSize != detail::kAddRmsNormThreads)) {
+    return Status::invalid_argument;
+  } else {
+    return launch_int4<Out, v.warps, v.batch, v.persistent, v.min_blocks>(quants, scales, zeros, group, k, x,
+                                                                          out, stream, programmatic);
+  }
+}
+
+// The INT4 kernel with epilogue `out` on the block shape half2_gemv_effective_shape gives for `shape`
+// (an index into kHalf2GemvVariants; every shape gives the default's bits).
+template <typename Out, int... I>
+Status launch_int4_shape(int shape, std::integer_sequence<int, I...>, const uint8_t* quants,
+                         const __half* scales, const uint8_t* zeros, int64_t group, int64_t k,
+                         const __half* x, const Out& out, cudaStream_t stream, bool programmatic) {
+  const int runs = half2_gemv_effective_shape(shape, group, Out::kAfterBlock);
+  Status st = Status::invalid_argument;  // out of range
+  ((runs == I &&
+    (st = launch_int4_on_shape<Out, I>(quants, scales, zeros, group, k, x, out, stream, programmatic),
+     true)) ||
+   ...);
+  return st;
+}
 template <typename Out>
 Status launch_int4_shape(int shape, const uint8_t* quants, const __half* scales, const uint8_t* zeros,
                          int64_t group, int64_t k, const __half* x, const Out& out, cudaStream_t stream,
                          bool programmatic) {
-  // The cases below follow kHalf2GemvVariants' order.
-  static_assert(kHalf2GemvVariantCount == 9);
-  static_assert(kHalf2GemvVariants[1].persistent && kHalf2GemvVariants[2].warps == 4 &&
-                kHalf2GemvVariants[3].warps == 4 && kHalf2GemvVariants[3].persistent &&
-                kHalf2GemvVariants[4].batch == 8 && !kHalf2GemvVariants[4].persistent &&
-                kHalf2GemvVariants[5].batch == 8 && kHalf2GemvVariants[5].persistent &&
-                kHalf2GemvVariants[6].warps == 16 && kHalf2GemvVariants[6].batch == 2 &&
-                kHalf2GemvVariants[7].warps == 16 && kHalf2GemvVariants[7].persistent &&
-                kHalf2GemvVariants[8].min_blocks == 3);
-  const auto args = [&](auto launch) {
-    return launch(quants, scales, zeros, group, k, x, out, stream, programmatic);
-  };
-  switch (half2_gemv_effective_shape(shape, group, Out::kAfterBlock)) {
-    case 0:
-      return args(launch_int4<Out>);
-    case 4:
-      return args(launch_int4<Out, 8, 8, false>);
-    case 8:
-      return args(launch_int4<Out, 8, 4, false, 3>);
-    default:
-      break;
-  }
-  if constexpr (!Out::kAfterBlock) {  // the shapes the norm's one-block tail cannot run on
-    switch (half2_gemv_effective_shape(shape, group, false)) {
-      case 1:
-        return args(launch_int4<Out, 8, 4, true>);
-      case 2:
-        return args(launch_int4<Out, 4, 4, false>);
-      case 3:
-        return args(launch_int4<Out, 4, 4, true>);
-      case 5:
-        return args(launch_int4<Out, 8, 8, true>);
-      case 6:
-        return args(launch_int4<Out, 16, 2, false>);
-      case 7:
-        return args(launch_int4<Out, 16, 4, true>);
-      default:
-        break;
-    }
-  }
-  return Status::invalid_argument;  // out of range
+  return launch_int4_shape(shape, std::make_integer_sequence<int, kHalf2GemvVariantCount>{}, quants, scales,
+                           zeros, group, k, x, out, stream, programmatic);
 }
 
 // The Q4_K kernel likewise.
@@ -738,22 +727,30 @@ std::string half2_gemv_variant_name(const Half2GemvVariant& v) {
          (v.min_blocks > 1 ? " " + std::to_string(v.min_blocks) + "/SM" : "");
 }
 
+Status w4a16_gemv_int4_groups_half2_shape(int shape, const uint8_t* quants, const __half* scales,
+                                          const uint8_t* zeros, int64_t group, int64_t n_out, int64_t k,
+                                          const __half* x, int64_t m, float* y, cudaStream_t stream,
+                                          bool programmatic) {
+  if (y == nullptr || m != 1 || n_out < 0) return Status::invalid_argument;
+  // Another shape at a group it is not built for (the fused launchers would run the default there):
+  // refused, so that the kernel table never times one shape as another.
+  if (shape != 0 && group != 128) return Status::invalid_argument;
+  return launch_int4_shape(shape, quants, scales, zeros, group, k, x, SumsOut{n_out, y}, stream,
+                           programmatic);
+}
+
 Status w4a16_gemv_int4_groups_half2_variant(const Half2GemvVariant& v, const uint8_t* quants,
                                             const __half* scales, const uint8_t* zeros, int64_t group,
                                             int64_t n_out, int64_t k, const __half* x, int64_t m, float* y,
                                             cudaStream_t stream, bool programmatic) {
-  if (y == nullptr || m != 1 || n_out < 0) return Status::invalid_argument;
-  int shape = 0;  // v's index in kHalf2GemvVariants
+  int shape = 0;  // v's index in kHalf2GemvVariants (past the end: not a listed shape, refused)
   while (shape < kHalf2GemvVariantCount &&
          !(kHalf2GemvVariants[shape].warps == v.warps && kHalf2GemvVariants[shape].batch == v.batch &&
            kHalf2GemvVariants[shape].persistent == v.persistent &&
            kHalf2GemvVariants[shape].min_blocks == v.min_blocks))
     ++shape;
-  // Not a listed shape, or another shape at a group it is not built for (launch_int4_shape would run
-  // the default there): refused, so that the kernel table never times one shape as another.
-  if (shape == kHalf2GemvVariantCount || (shape != 0 && group != 128)) return Status::invalid_argument;
-  return launch_int4_shape(shape, quants, scales, zeros, group, k, x, SumsOut{n_out, y}, stream,
-                           programmatic);
+  return w4a16_gemv_int4_groups_half2_shape(shape, quants, scales, zeros, group, n_out, k, x, m, y, stream,
+                                            programmatic);
 }
 
 Status w4a16_gemv_int4_groups_half2_swiglu(const uint8_t* quants, const __half* scales, const uint8_t* zeros,

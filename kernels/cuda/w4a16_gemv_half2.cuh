@@ -55,12 +55,12 @@ Status w4a16_gemv_q4_k_half2(const uint8_t* w, int64_t n_out, int64_t k, const _
 // does not fit with invalid_argument). Remembered per device and k.
 bool w4a16_gemv_half2_fits(int64_t k, bool q4_k);
 
-// The INT4 GEMV's shape, for the kernel table's sweep (bench-gpu): warps a block, units a lane loads
-// at once per row (16 bytes each), and persistent blocks (no more than the device's SMs hold at once,
-// each taking row pairs gridDim.x * warps apart, so that it stages the activations once for all of
-// them), or registers capped for a third block an SM (min_blocks 3). Why a sweep: none of this has run on a
-// GPU yet, and a device session is short; each variant sums every row's units in the same order, so all give
-// the bits of w4a16_gemv_int4_groups_half2 (the first one).
+// The INT4 GEMV's block shapes: warps a block, units a lane loads at once per row (16 bytes each), and
+// persistent blocks (no more than the device's SMs hold at once, each taking row pairs gridDim.x *
+// warps apart, so that it stages the activations once for all of them), or registers capped for a
+// third block an SM (min_blocks 3). Each sums every row's units in the same order, so all give the bits
+// of w4a16_gemv_int4_groups_half2 (the first one): the fastest is chosen per matrix shape at load
+// (w4a16_tuning's tune_int4_groups), and the kernel table times them all (bench-gpu).
 struct Half2GemvVariant {
   int warps = 8;
   int batch = 4;
@@ -81,6 +81,11 @@ std::string half2_gemv_variant_name(const Half2GemvVariant& variant);
 int half2_gemv_effective_shape(int shape, int64_t group, bool norm);
 // w4a16_gemv_int4_groups_half2 as `variant` (one of kHalf2GemvVariants, else invalid_argument); the
 // variants other than the first are built for group 128 only (invalid_argument for other groups).
+// The same by index into kHalf2GemvVariants (out of range refused).
+Status w4a16_gemv_int4_groups_half2_shape(int shape, const uint8_t* quants, const __half* scales,
+                                          const uint8_t* zeros, int64_t group, int64_t n_out, int64_t k,
+                                          const __half* x, int64_t m, float* y, cudaStream_t stream,
+                                          bool programmatic = false);
 Status w4a16_gemv_int4_groups_half2_variant(const Half2GemvVariant& variant, const uint8_t* quants,
                                             const __half* scales, const uint8_t* zeros, int64_t group,
                                             int64_t n_out, int64_t k, const __half* x, int64_t m, float* y,

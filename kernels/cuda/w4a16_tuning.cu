@@ -195,8 +195,8 @@ Status launch_int4_kernel(Int4Kernel kernel, const Int4CublasContext* cublas, co
   if (kernel == Int4Kernel::gemv_half2 && half2_variant != 0) {
     if (half2_variant < 0 || half2_variant >= kHalf2GemvVariantCount || layout != Int4Layout::rows)
       return Status::invalid_argument;
-    return w4a16_gemv_int4_groups_half2_variant(kHalf2GemvVariants[half2_variant], quants, scales, zeros,
-                                                group, n_out, k, x, m, y, stream, programmatic);
+    return w4a16_gemv_int4_groups_half2_shape(half2_variant, quants, scales, zeros, group, n_out, k, x, m, y,
+                                              stream, programmatic);
   }
   const Int4GroupsLauncher launcher =
       layout == Int4Layout::tiles ? int4_tiles_kernel_launcher(kernel) : int4_kernel_launcher(kernel);

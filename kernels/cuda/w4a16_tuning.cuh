@@ -15,7 +15,8 @@
 //   TC GEMV 32 rows   w4a16_gemv_int4_groups_mma_32rows (up to 32 rows: two m16 tiles)
 //   TC GEMM 64 rows   w4a16_gemm_int4_groups_mma_64rows (any rows, in slabs of four m16 tiles)
 //   half2 GEMV        w4a16_gemv_int4_groups_half2     (1 row; fp16 pairs, ~2 instructions a weight, each
-//                     unit's 32 products summed in fp16 first: w4a16_gemv_half2.cuh)
+//                     unit's 32 products summed in fp16 first: w4a16_gemv_half2.cuh; at group 128 on
+//                     the rows, each of its block shapes timed and the fastest kept: half2_variant)
 // The last three read their own copy of the weights, in CUTLASS's order (w4a16_gemm_cutlass.cuh), and
 // are timed only where the caller made one:
 //   CUTLASS GEMM      w4a16_gemm_int4_cutlass, cooperative_128 (17 rows or more; Hopper's wgmma)

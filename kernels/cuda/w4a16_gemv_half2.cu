@@ -464,6 +464,16 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// A kernel's shared memory on one device, remembered per kernel and device: querying it on every launch
+// costs host time where launches are not captured in a graph (prompts, tensor-parallel shards).
+struct Half2KernelShared {
+  size_t static_bytes = 0;   // the kernel's static shared memory (max_abs_bits; an epilogue's)
+  size_t dynamic_limit = 0;  // what the kernel may take now (by default 48 KB less static_bytes)
+  size_t device_limit = 0;   // all a block may have on the device (opt-in)
+};
+std::mutex half2_shared_mutex;
+std::map<std::pair<const void*, int>, Half2KernelShared> half2_shared_known;
+
 // Launches `kernel` for `warps` row pairs, `block_warps` warps a block (persistent: no more blocks than
 // the device's SMs hold at once), with `shared` bytes of dynamic shared memory: invalid_argument where
 // the device's blocks cannot have that much with the kernel's static shared memory (sm_120's 99 KB, for
@@ -473,26 +483,41 @@ __global__ void __launch_bounds__(kThreads)
 template <typename... Params, typename... Args>
 Status launch_half2_blocks(void (*kernel)(Params...), int64_t warps, int block_warps, bool persistent,
                            size_t shared, cudaStream_t stream, bool programmatic, Args&&... args) {
-  int device = 0, max_shared = 0;
-  cudaFuncAttributes attributes{};
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&max_shared, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess ||
-      cudaFuncGetAttributes(&attributes, kernel) != cudaSuccess) {
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) {
     cudaGetLastError();
     return Status::device_error;
   }
-  // The kernel's static shared memory (max_abs_bits; an epilogue's) counts against the same limit.
-  const size_t static_shared = attributes.sharedSizeBytes;
-  if (shared + static_shared > static_cast<size_t>(max_shared)) return Status::invalid_argument;
-  // Past what the kernel may take now (by default 48 KB less its static shared memory), raised to all
-  // the device allows, never lowered: every raise sets the same value.
-  if (shared > static_cast<size_t>(attributes.maxDynamicSharedSizeBytes)) {
-    static std::mutex mutex;
-    const std::lock_guard<std::mutex> lock(mutex);
-    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             max_shared - static_cast<int>(static_shared)) != cudaSuccess) {
-      cudaGetLastError();
-      return Status::device_error;
+  const auto key = std::make_pair(reinterpret_cast<const void*>(kernel), device);
+  {
+    const std::lock_guard<std::mutex> lock(half2_shared_mutex);
+    auto it = half2_shared_known.find(key);
+    if (it == half2_shared_known.end()) {
+      int device_limit = 0;
+      cudaFuncAttributes attributes{};
+      if (cudaDeviceGetAttribute(&device_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) !=
+              cudaSuccess ||
+          cudaFuncGetAttributes(&attributes, kernel) != cudaSuccess) {
+        cudaGetLastError();
+        return Status::device_error;
+      }
+      it = half2_shared_known
+               .emplace(key, Half2KernelShared{attributes.sharedSizeBytes,
+                                               static_cast<size_t>(attributes.maxDynamicSharedSizeBytes),
+                                               static_cast<size_t>(device_limit)})
+               .first;
+    }
+    Half2KernelShared& s = it->second;
+    if (shared + s.static_bytes > s.device_limit) return Status::invalid_argument;
+    // Past what the kernel may take now, raised to all the device allows, never lowered: every raise
+    // sets the same value.
+    if (shared > s.dynamic_limit) {
+      if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               static_cast<int>(s.device_limit - s.static_bytes)) != cudaSuccess) {
+        cudaGetLastError();
+        return Status::device_error;
+      }
+      s.dynamic_limit = s.device_limit - s.static_bytes;
     }
   }
   int64_t blocks = (warps + block_warps - 1) / block_warps;
@@ -520,7 +545,12 @@ Status launch_half2_blocks(void (*kernel)(Params...), int64_t warps, int block_w
       detail::launch_kernel(kernel, dim3(static_cast<unsigned>(blocks)), dim3(block_warps * kWarpSize),
                             shared, stream, programmatic, std::forward<Args>(args)...);
   const cudaError_t last = cudaGetLastError();
-  return launched == cudaSuccess && last == cudaSuccess ? Status::ok : Status::device_error;
+  if (launched == cudaSuccess && last == cudaSuccess) return Status::ok;
+  {  // asked again next time (the facts may no longer hold)
+    const std::lock_guard<std::mutex> lock(half2_shared_mutex);
+    half2_shared_known.erase(key);
+  }
+  return Status::device_error;
 }
 
 // The same with kWarps a block, a block for every kWarps row pairs.

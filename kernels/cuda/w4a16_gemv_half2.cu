@@ -3,6 +3,8 @@
 #include <cuda_runtime.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <map>
 #include <mutex>
 #include <string>
@@ -744,9 +746,17 @@ bool w4a16_gemv_half2_fits(int64_t k, bool q4_k) {
   return fits;
 }
 
+bool half2_gemv_shapes_enabled() {
+  static const bool enabled = [] {
+    const char* off = std::getenv("NIBBLE_HALF2_DEFAULT_SHAPE");
+    return off == nullptr || *off == '\0' || std::strcmp(off, "0") == 0;
+  }();
+  return enabled;
+}
+
 int half2_gemv_effective_shape(int shape, int64_t group, bool norm) {
   if (shape < 0 || shape >= kHalf2GemvVariantCount) return -1;
-  if (group != 128) return 0;
+  if (group != 128 || !half2_gemv_shapes_enabled()) return 0;
   const Half2GemvVariant& v = kHalf2GemvVariants[shape];
   if (norm && (v.persistent || v.warps * kWarpSize != detail::kAddRmsNormThreads)) return 0;
   return shape;
@@ -762,9 +772,9 @@ Status w4a16_gemv_int4_groups_half2_shape(int shape, const uint8_t* quants, cons
                                           const __half* x, int64_t m, float* y, cudaStream_t stream,
                                           bool programmatic) {
   if (y == nullptr || m != 1 || n_out < 0) return Status::invalid_argument;
-  // Another shape at a group it is not built for (the fused launchers would run the default there):
-  // refused, so that the kernel table never times one shape as another.
-  if (shape != 0 && group != 128) return Status::invalid_argument;
+  // Another shape at a group it is not built for, or switched off (the fused launchers would run the
+  // default there): refused, so that the kernel table never times one shape as another.
+  if (shape != 0 && (group != 128 || !half2_gemv_shapes_enabled())) return Status::invalid_argument;
   return launch_int4_shape(shape, quants, scales, zeros, group, k, x, SumsOut{n_out, y}, stream,
                            programmatic);
 }

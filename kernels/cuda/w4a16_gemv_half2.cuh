@@ -79,6 +79,12 @@ std::string half2_gemv_variant_name(const Half2GemvVariant& variant);
 // 128 only) or, for the residual add + RMSNorm epilogue (`norm`), where the shape cannot carry its
 // one-block tail (persistent, or not one block of 256 threads); -1 for an index out of range.
 int half2_gemv_effective_shape(int shape, int64_t group, bool norm);
+// Whether the shapes other than the default run: true unless the environment sets
+// NIBBLE_HALF2_DEFAULT_SHAPE (to anything but 0), a switch for a GPU session should one of them
+// misbehave on a device. Off, w4a16_gemv_int4_groups_half2_shape / _variant refuse the others, the
+// fused epilogues run on the default (half2_gemv_effective_shape gives 0), and tune_int4_groups times
+// the default alone.
+bool half2_gemv_shapes_enabled();
 // w4a16_gemv_int4_groups_half2 as `variant` (one of kHalf2GemvVariants, else invalid_argument); the
 // variants other than the first are built for group 128 only (invalid_argument for other groups).
 // The same by index into kHalf2GemvVariants (out of range refused).

@@ -310,7 +310,7 @@ Status tune_int4_groups(const std::vector<Int4GroupsMatrix>& matrices, int64_t g
   }
   // The half2 GEMV's other shapes (built for group 128 only) at one row: the fastest one runs.
   double& half2_us = out.us[0][static_cast<int>(Int4Kernel::gemv_half2)][0];
-  if (layout == Int4Layout::rows && group == 128 && half2_us > 0.0) {
+  if (layout == Int4Layout::rows && group == 128 && half2_us > 0.0 && half2_gemv_shapes_enabled()) {
     out.half2_variant_us[0] = half2_us;
     double fastest = half2_us;
     for (int v = 1; v < kHalf2GemvVariantCount; ++v) {

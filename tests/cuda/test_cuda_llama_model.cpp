@@ -1875,6 +1875,29 @@ TEST(CudaLlamaModelCli, BenchGpuReportsTheInt4KernelChoicesAndProgrammaticLaunch
   }
 }
 
+// NIBBLE_HALF2_DEFAULT_SHAPE=1 (a GPU session's switch should a block shape misbehave): the load-time
+// timing takes the half2 GEMV's default shape alone, for the plain products and the fused ones, and
+// the model still decodes.
+TEST(CudaLlamaModelCli, BenchGpuKeepsTheDefaultHalf2ShapeWhenTold) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  std::string output;
+  nlohmann::json j;
+  ASSERT_NO_FATAL_FAILURE(
+      run_json("NIBBLE_HALF2_DEFAULT_SHAPE=1 " + t::nibble_bin() +
+                   " bench-gpu --model dummy:tiny --batch 1 --prompt-tokens 32 --gen-tokens 4"
+                   " --repetitions 1 --prefill-batch 2 --json",
+               output, j));
+  ASSERT_EQ(j["decode"].size(), 1u) << output;
+  ASSERT_FALSE(j["int4_kernels"].empty()) << output;
+  for (const auto& shape : j["int4_kernels"]) {
+    EXPECT_EQ(shape["half2_variant"], "8w b4") << output;
+    const std::vector<double> shapes_us = shape["half2_variant_us"];
+    for (size_t v = 0; v < shapes_us.size(); ++v)
+      EXPECT_EQ(shapes_us[v], 0.0) << "shape " << v << ": " << output;
+  }
+  for (const auto& f : j["one_row_fusions"]) EXPECT_EQ(f["fused_shape"], "8w b4") << output;
+}
+
 // bench-gpu --model --int8-activations: every INT4 shape's one-row products on the W4A8 GEMV (never
 // timed: it is asked for), the other row counts as timed; decode runs.
 TEST(CudaLlamaModelCli, BenchGpuPutsOneRowProductsOnTheW4A8GemvWhenAsked) {

@@ -157,9 +157,9 @@ struct Int4GroupsTuning {
                                        kInt4DefaultKernels[3], kInt4DefaultKernels[4]};
   std::string skipped;  // candidates that failed, e.g. "tensor-core GEMV (1 rows): device_error"
   // The half2 GEMV's shape for one row, an index into kHalf2GemvVariants: on the rows at group 128
-  // (where every shape is built; unless half2_gemv_shapes_enabled() is false) the fastest of them, timed by tune_int4_groups (they give the same
-  // bits, so no margin), else 0, the default; us[0][gemv_half2] is the chosen shape's time, timed again
-  // apart from the comparison (the least of nine times is biased low).
+  // (where every shape is built; unless half2_gemv_shapes_enabled() is false) the fastest of them, timed by
+  // tune_int4_groups (they give the same bits, so no margin), else 0, the default; us[0][gemv_half2] is the
+  // chosen shape's time, timed again apart from the comparison (the least of nine times is biased low).
   // half2_variant_us: each shape's (0: not timed).
   int half2_variant = 0;
   double half2_variant_us[kHalf2GemvVariantCount] = {};

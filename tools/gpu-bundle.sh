@@ -122,25 +122,24 @@ for t in "${binaries[@]}"; do
   timeout -k 10 "$limit" "$t" 2>&1 | tee -a "$out/cuda-tests.log"
   rc=${PIPESTATUS[0]}
   [ "$rc" -eq 0 ] || status=1
-  # A CUTLASS GEMM that fails, hangs (124) or crashes (>= 128) may leave the device unusable for every
-  # later test and benchmark of this call: switch it off for them (w4a16_gemm_cutlass.cuh), and say so
-  # in a file the next call's command can be chosen by (prefix it with NIBBLE_DISABLE_CUTLASS=1).
-  case "$t" in *test_cuda_w4a16_gemm_cutlass)
-    if [ "$rc" -ne 0 ]; then
-      export NIBBLE_DISABLE_CUTLASS=1
-      echo "exit $rc" > "$out/cutlass-disabled"
-      echo "run.sh: the CUTLASS tests failed (exit $rc); NIBBLE_DISABLE_CUTLASS=1 from here on" | tee -a "$out/cuda-tests.log"
-    fi ;;
-  esac
-  # Likewise the half2 GEMV's block shapes, which every measured load of a group-128 model times
-  # (w4a16_gemv_half2.cuh): the default shape alone from here on, and a file that says so.
-  case "$t" in *test_cuda_w4a16_gemv_half2)
-    if [ "$rc" -ne 0 ]; then
-      export NIBBLE_HALF2_DEFAULT_SHAPE=1
-      echo "exit $rc" > "$out/half2-default-shape"
-      echo "run.sh: the half2 GEMV tests failed (exit $rc); NIBBLE_HALF2_DEFAULT_SHAPE=1 from here on" | tee -a "$out/cuda-tests.log"
-    fi ;;
-  esac
+  # A failed, hung (124) or crashed (>= 128) binary of a feature with a switch may have left the device
+  # unusable for every later test and benchmark of this call: switch the feature off for them, and say
+  # so in a file the next call's command can be chosen by (prefix it with the same variable). The CUTLASS
+  # GEMM (w4a16_gemm_cutlass.cuh), and the half2 GEMV's block shapes, which every measured load of a
+  # group-128 model times (w4a16_gemv_half2.cuh: the default shape alone then).
+  if [ "$rc" -ne 0 ]; then
+    switch=""
+    case "$t" in
+      *test_cuda_w4a16_gemm_cutlass) switch="NIBBLE_DISABLE_CUTLASS cutlass-disabled" ;;
+      *test_cuda_w4a16_gemv_half2) switch="NIBBLE_HALF2_DEFAULT_SHAPE half2-default-shape" ;;
+    esac
+    if [ -n "$switch" ]; then
+      read -r variable file <<<"$switch"
+      export "$variable=1"
+      echo "exit $rc" > "$out/$file"
+      echo "run.sh: $(basename "$t") failed (exit $rc); $variable=1 from here on" | tee -a "$out/cuda-tests.log"
+    fi
+  fi
 done
 fi
 if [ "$phase" = all ] || [ "$phase" = tests ] || [ "$phase" = mpi ]; then

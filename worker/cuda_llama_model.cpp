@@ -47,19 +47,14 @@
 #include "kernels/int4_tiles.hpp"
 #include "kernels/quant_types.hpp"
 #include "kernels/quantize.hpp"
+#include "worker/cuda_device_weights.hpp"
+#include "worker/cuda_llama_model_impl.hpp"
 #include "worker/forward_model.hpp"
 #include "worker/weight_shard.hpp"
 
 namespace nibble::worker {
 
-namespace kc = kernels::cuda;
-
 namespace {
-
-void cuda_check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string("CUDA ") + what + ": " + cudaGetErrorString(err));
-}
 
 // Device sampling's workspace for rows of n_vocab logits, with the reason when the rows are too many.
 size_t sampling_workspace_bytes(int64_t rows, int64_t n_vocab) {
@@ -74,107 +69,7 @@ size_t sampling_workspace_bytes(int64_t rows, int64_t n_vocab) {
   return ws;
 }
 
-void check(kernels::Status status, const char* what) {
-  if (status != kernels::Status::ok) {
-    // A failed launch leaves its error in the runtime; name it when there is one.
-    const cudaError_t err = cudaGetLastError();
-    throw std::runtime_error(std::string("CUDA ") + what + " failed: " + kernels::status_name(status) +
-                             (err != cudaSuccess ? std::string(" (") + cudaGetErrorString(err) + ")" : ""));
-  }
-}
-
-void cublas_check(cublasStatus_t status, const char* what) {
-  if (status != CUBLAS_STATUS_SUCCESS) {
-    throw std::runtime_error(std::string("cuBLAS ") + what + " failed with status " +
-                             std::to_string(static_cast<int>(status)));
-  }
-}
-
-void require_device(int device) {
-  const std::string why = cuda_unavailable_reason();
-  if (!why.empty()) throw CudaUnavailable(why);
-  int count = 0;
-  cuda_check(cudaGetDeviceCount(&count), "cudaGetDeviceCount");
-  if (device < 0 || device >= count) {
-    throw CudaUnavailable("CUDA device " + std::to_string(device) + " does not exist (" +
-                          std::to_string(count) + " found)");
-  }
-  cuda_check(cudaSetDevice(device), "cudaSetDevice");
-  // The kernels are built for compute capability 9.0 (CMakeLists.txt): on an older GPU every launch
-  // would fail with "no kernel image"; say why up front instead.
-  int major = 0, minor = 0;
-  cuda_check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device),
-             "cudaDeviceGetAttribute");
-  cuda_check(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device),
-             "cudaDeviceGetAttribute");
-  if (major < 9) {
-    throw CudaUnavailable("CUDA device " + std::to_string(device) + " has compute capability " +
-                          std::to_string(major) + "." + std::to_string(minor) +
-                          "; Nibble's CUDA kernels need 9.0 or newer (Hopper: H100 / H200)");
-  }
-}
-
-// One owned device allocation; reserve() grows it (contents lost).
-class DeviceMemory {
- public:
-  DeviceMemory() = default;
-  explicit DeviceMemory(size_t bytes) { reserve(bytes); }
-  ~DeviceMemory() {
-    if (ptr_ != nullptr) cudaFree(ptr_);
-  }
-  DeviceMemory(const DeviceMemory&) = delete;
-  DeviceMemory& operator=(const DeviceMemory&) = delete;
-
-  // True when the allocation moved.
-  bool reserve(size_t bytes) {
-    if (bytes <= bytes_ && ptr_ != nullptr) return false;
-    if (ptr_ != nullptr) cuda_check(cudaFree(ptr_), "cudaFree");
-    ptr_ = nullptr;
-    bytes_ = 0;
-    cuda_check(cudaMalloc(&ptr_, bytes == 0 ? 1 : bytes), "cudaMalloc");
-    bytes_ = bytes;
-    return true;
-  }
-  template <typename T>
-  T* as() const {
-    return static_cast<T*>(ptr_);
-  }
-  size_t bytes() const { return bytes_; }
-
- private:
-  void* ptr_ = nullptr;
-  size_t bytes_ = 0;
-};
-
-// Page-locked host memory, reserve() as DeviceMemory's: the small per-pass copies (metadata up, the
-// error flag and ids down) go straight to and from it, where pageable memory would make the driver
-// stage each one through a buffer of its own and wait for it.
-class PinnedMemory {
- public:
-  PinnedMemory() = default;
-  ~PinnedMemory() {
-    if (ptr_ != nullptr) cudaFreeHost(ptr_);
-  }
-  PinnedMemory(const PinnedMemory&) = delete;
-  PinnedMemory& operator=(const PinnedMemory&) = delete;
-
-  void reserve(size_t bytes) {
-    if (bytes <= bytes_ && ptr_ != nullptr) return;
-    if (ptr_ != nullptr) cuda_check(cudaFreeHost(ptr_), "cudaFreeHost");
-    ptr_ = nullptr;
-    bytes_ = 0;
-    cuda_check(cudaMallocHost(&ptr_, bytes == 0 ? 1 : bytes), "cudaMallocHost");
-    bytes_ = bytes;
-  }
-  template <typename T>
-  T* as() const {
-    return static_cast<T*>(ptr_);
-  }
-
- private:
-  void* ptr_ = nullptr;
-  size_t bytes_ = 0;
-};
+}  // namespace
 
 // The device memory of the draft-distribution stores (CudaLlamaModel::make_kept_rows), shared with
 // every store it handed out: a store's memory comes back here when its last handle goes, for the
@@ -221,6 +116,8 @@ class KeptRowsPool {
   int device_;
 };
 
+namespace {
+
 class CudaKeptRows final : public KeptRows {
  public:
   CudaKeptRows(std::shared_ptr<KeptRowsPool> pool, int64_t rows, int64_t row_size)
@@ -248,353 +145,6 @@ class CudaKeptRows final : public KeptRows {
   std::shared_ptr<KeptRowsPool> pool_;
   size_t bytes_;
   float* data_ = nullptr;
-};
-
-std::shared_ptr<DeviceMemory> upload(const void* host, size_t bytes) {
-  auto mem = std::make_shared<DeviceMemory>(bytes);
-  if (bytes > 0) cuda_check(cudaMemcpy(mem->as<void>(), host, bytes, cudaMemcpyHostToDevice), "cudaMemcpy");
-  return mem;
-}
-
-// How a matrix is stored on the device, read by the W4A16 kernels where its weights are 4-bit:
-//   q4_0         GGUF Q4_0 blocks as in the file
-//   q4_k         GGUF Q4_K super-blocks as in the file (k a multiple of 256)
-//   q6_k         GGUF Q6_K super-blocks as in the file (k a multiple of 256): a Q4_K_M file's 6-bit
-//                matrices, 6.56 bits a weight where fp16 for cuBLAS took 16
-//   q8_0         GGUF Q8_0 blocks as in the file, for 8-bit weights (Q8_0 models, and the heads
-//                `nibble quantize` keeps at Q8_0): 8.5 bits a weight
-//   int4_groups  group-wise INT4 (kernels/int4_groups.hpp) recovered exactly from Q8_0 blocks of
-//                asymmetric GPTQ / AWQ, or from Q4_0 blocks that share scales over 64 or 128 inputs
-//                (symmetric GPTQ): 4.125 bits a weight at group 128; and from any Q4_0 (group 32,
-//                zeros 8: 4.75 bits) with CudaModelOptions::q4_0_as_int4_groups
-//   f16          fp16 rows for everything else (F32, F16, BF16, Q5_K, ...; and act-order
-//                GPTQ matrices, whose grouped columns go back to input order on upload), cuBLAS
-// Lookup tables (the embedding) are only ever q4_0, q8_0 or f16: what embedding_lookup_f16 reads.
-enum class DeviceKind { q4_0, q4_k, q6_k, q8_0, int4_groups, f16 };
-// q4_0_min_group: the narrowest group at which Q4_0 matrices go up as int4_groups (32: all of them).
-DeviceKind device_kind(const model::WeightMatrix& w, int64_t q4_0_min_group, bool lookup = false) {
-  if (w.input_order != nullptr) return DeviceKind::f16;
-  if (w.type == kernels::DType::Q4_0) {
-    if (lookup) return DeviceKind::q4_0;
-    return kernels::int4_group_size(w.type, w.data, w.n_out, w.k) >= q4_0_min_group ? DeviceKind::int4_groups
-                                                                                    : DeviceKind::q4_0;
-  }
-  if (lookup) return w.type == kernels::DType::Q8_0 ? DeviceKind::q8_0 : DeviceKind::f16;
-  if (w.type == kernels::DType::Q4_K && w.k % kernels::kQK_K == 0) return DeviceKind::q4_k;
-  if (w.type == kernels::DType::Q6_K && w.k % kernels::kQK_K == 0) return DeviceKind::q6_k;
-  if (w.type == kernels::DType::Q8_0) {
-    return kernels::int4_group_size(w.type, w.data, w.n_out, w.k) > 0 ? DeviceKind::int4_groups
-                                                                      : DeviceKind::q8_0;
-  }
-  return DeviceKind::f16;
-}
-
-struct DeviceMatrix {
-  DeviceKind kind = DeviceKind::f16;
-  std::shared_ptr<DeviceMemory> mem;
-  int64_t n_out = 0, k = 0;
-  // int4_groups: inputs per group, and where the scales ([n_out, k / group] fp16) and zeros
-  // ([n_out, k / group] bytes) follow the nibbles ([n_out, k / 2] bytes) in mem.
-  int64_t group = 0;
-  size_t scales_offset = 0, zeros_offset = 0;
-  // int4_groups: the kernel chosen for its shape per row range (CudaModelOptions::int4_kernels).
-  kc::Int4Kernel int4_kernel[kc::kInt4RowRanges] = {kc::kInt4DefaultKernels[0], kc::kInt4DefaultKernels[1],
-                                                    kc::kInt4DefaultKernels[2], kc::kInt4DefaultKernels[3],
-                                                    kc::kInt4DefaultKernels[4]};
-  // int4_groups and q4_k: tiles: mem holds the chunks of Int4Layout::tiles (kernels/int4_tiles.hpp)
-  // instead of the rows or blocks (the offsets above are then unused); cutlass (int4_groups only):
-  // mem is null, the CUTLASS copy below is the matrix.
-  kc::Int4Layout layout = kc::Int4Layout::rows;
-  // int4_groups: the half2 GEMV's block shape where it runs, and its fused epilogue's (the faster of
-  // that one and the default, choose_one_row_fusions): indices into kc::kHalf2GemvVariants.
-  int half2_variant = 0;
-  int half2_fused_variant = 0;
-  // q4_k: one activation row on the Q4_K tensor-core GEMV or the half2 GEMV rather than the CUDA-core one.
-  bool q4_k_tensor_cores_one_row = false;
-  bool q4_k_half2_one_row = false;
-  // int4_groups and q4_k: at one row its fused epilogue timed slower at load than the plain product
-  // and the separate kernel (choose_one_row_fusions): the two run apart.
-  bool fusion_slower = false;
-  // int4_groups under CudaModelOptions::cutlass_gemm or Int4Layout::cutlass: the same weights in
-  // CUTLASS's order, for the CUTLASS GEMM (cutlass.quants null: no copy).
-  std::shared_ptr<DeviceMemory> cutlass_mem;
-  kc::Int4CutlassWeights cutlass;
-  int64_t bytes() const {
-    return (mem != nullptr ? static_cast<int64_t>(mem->bytes()) : 0) +
-           (cutlass_mem != nullptr ? static_cast<int64_t>(cutlass_mem->bytes()) : 0);
-  }
-};
-
-Int4Layout worker_layout(kc::Int4Layout layout) {
-  switch (layout) {
-    case kc::Int4Layout::rows:
-      return Int4Layout::rows;
-    case kc::Int4Layout::tiles:
-      return Int4Layout::tiles;
-    case kc::Int4Layout::cutlass:
-      return Int4Layout::cutlass;
-  }
-  return Int4Layout::rows;
-}
-
-// An int4_groups matrix's operands as the INT4 kernels take them: on rows its three arrays; on tiles
-// the chunks alone; on cutlass none (the kernels read the CUTLASS copy).
-kc::Int4GroupsMatrix int4_operands(const DeviceMatrix& w) {
-  const uint8_t* base = w.mem != nullptr ? w.mem->as<uint8_t>() : nullptr;
-  if (w.layout != kc::Int4Layout::rows) return {base, nullptr, nullptr};
-  return {base, reinterpret_cast<const __half*>(base + w.scales_offset), base + w.zeros_offset};
-}
-
-// Enqueues the tiled copy of a row-major int4_groups matrix (kernels/int4_tiles.hpp) on `stream`.
-std::shared_ptr<DeviceMemory> int4_tiles_of(const DeviceMatrix& w, cudaStream_t stream) {
-  const uint8_t* base = w.mem->as<uint8_t>();
-  auto tiled =
-      std::make_shared<DeviceMemory>(static_cast<size_t>(kernels::int4_tiles_bytes(w.n_out, w.k, w.group)));
-  check(
-      kc::int4_tiles_from_groups(base, reinterpret_cast<const uint16_t*>(base + w.scales_offset),
-                                 base + w.zeros_offset, w.n_out, w.k, w.group, tiled->as<uint8_t>(), stream),
-      "int4_tiles_from_groups");
-  return tiled;
-}
-
-// Enqueues the CUTLASS copy of a row-major int4_groups matrix on `stream`; `weights` points into it.
-std::shared_ptr<DeviceMemory> int4_cutlass_copy_of(const DeviceMatrix& w, kc::Int4CutlassWeights& weights,
-                                                   cudaStream_t stream) {
-  const uint8_t* base = w.mem->as<uint8_t>();
-  auto copy = std::make_shared<DeviceMemory>(kc::int4_cutlass_bytes(w.n_out, w.k, w.group));
-  check(kc::int4_cutlass_from_groups(base, reinterpret_cast<const uint16_t*>(base + w.scales_offset),
-                                     base + w.zeros_offset, w.n_out, w.k, w.group, copy->as<uint8_t>(),
-                                     &weights, stream),
-        "int4_cutlass_from_groups");
-  return copy;
-}
-
-// Q4_0 blocks on the device as group-wise INT4 at `group`, converted there (kernels/cuda/int4_groups:
-// the nibbles move unchanged, a group's scale is its first block's, every zero 8). Exact when every
-// block of a group has one scale (always at group 32), which the device checks.
-DeviceMatrix q4_0_to_int4_groups(const DeviceMatrix& q4, int64_t group, cudaStream_t stream) {
-  DeviceMatrix d;
-  d.kind = DeviceKind::int4_groups;
-  d.n_out = q4.n_out;
-  d.k = q4.k;
-  d.group = group;
-  const auto groups = static_cast<size_t>(d.n_out * (d.k / d.group));
-  d.scales_offset = (static_cast<size_t>(d.n_out * d.k / 2) + 15) / 16 * 16;
-  d.zeros_offset = d.scales_offset + groups * sizeof(uint16_t);
-  d.mem = std::make_shared<DeviceMemory>(d.zeros_offset + groups);
-  DeviceMemory mismatch(sizeof(int32_t));
-  cuda_check(cudaMemsetAsync(mismatch.as<int32_t>(), 0, sizeof(int32_t), stream), "cudaMemsetAsync");
-  uint8_t* base = d.mem->as<uint8_t>();
-  check(kc::int4_groups_from_q4_0(q4.mem->as<uint8_t>(), d.n_out, d.k, d.group, base,
-                                  reinterpret_cast<uint16_t*>(base + d.scales_offset), base + d.zeros_offset,
-                                  mismatch.as<int32_t>(), stream),
-        "int4_groups_from_q4_0");
-  int32_t host = 0;
-  cuda_check(cudaMemcpyAsync(&host, mismatch.as<int32_t>(), sizeof host, cudaMemcpyDeviceToHost, stream),
-             "cudaMemcpyAsync");
-  cuda_check(cudaStreamSynchronize(stream), "int4_groups_from_q4_0");  // before q4 and mismatch are freed
-  if (host != 0) throw std::logic_error("Q4_0 to INT4 groups: a group holds more than one scale");
-  return d;
-}
-
-// The rows of `parts` (same k and device kind) stacked into one device matrix; q4_0_min_group and
-// lookup (for embedding_lookup_f16): see device_kind.
-DeviceMatrix upload_matrix(std::initializer_list<const model::WeightMatrix*> parts, int64_t q4_0_min_group,
-                           bool lookup = false) {
-  DeviceMatrix d;
-  const model::WeightMatrix& first = **parts.begin();
-  d.kind = device_kind(first, q4_0_min_group, lookup);
-  d.k = first.k;
-  for (const model::WeightMatrix* w : parts) {
-    if (w->data == nullptr) throw std::invalid_argument("a weight matrix has no data to upload");
-    if (w->k != d.k || device_kind(*w, q4_0_min_group, lookup) != d.kind)
-      throw std::logic_error("upload_matrix: parts disagree");
-    d.n_out += w->n_out;
-  }
-  std::vector<uint8_t> host;
-  if (d.kind == DeviceKind::q4_0 || d.kind == DeviceKind::q4_k || d.kind == DeviceKind::q6_k ||
-      d.kind == DeviceKind::q8_0) {
-    for (const model::WeightMatrix* w : parts)
-      host.insert(host.end(), w->data, w->data + w->n_out * w->row_bytes());
-  } else if (d.kind == DeviceKind::int4_groups) {
-    // The narrowest group any part needs (an exact group of 128 is exact at 64 and 32 too).
-    d.group = 128;
-    for (const model::WeightMatrix* w : parts)
-      d.group = std::min(d.group, kernels::int4_group_size(w->type, w->data, w->n_out, w->k));
-    if (first.type == kernels::DType::Q4_0) {  // every part is (device_kind): convert on the device
-      DeviceMatrix q4;
-      q4.kind = DeviceKind::q4_0;
-      q4.n_out = d.n_out;
-      q4.k = d.k;
-      for (const model::WeightMatrix* w : parts)
-        host.insert(host.end(), w->data, w->data + w->n_out * w->row_bytes());
-      q4.mem = upload(host.data(), host.size());
-      return q4_0_to_int4_groups(q4, d.group, nullptr);
-    }
-    const auto groups = static_cast<size_t>(d.n_out * (d.k / d.group));
-    const auto quant_bytes = static_cast<size_t>(d.n_out * d.k / 2);
-    d.scales_offset = (quant_bytes + 15) / 16 * 16;
-    d.zeros_offset = d.scales_offset + groups * sizeof(uint16_t);
-    host.resize(d.zeros_offset + groups);
-    int64_t row = 0;
-    for (const model::WeightMatrix* w : parts) {
-      const int64_t g0 = row * (d.k / d.group);
-      check(kernels::int4_groups_from_blocks(w->type, w->data, w->n_out, w->k, d.group,
-                                             host.data() + row * d.k / 2,
-                                             reinterpret_cast<uint16_t*>(host.data() + d.scales_offset) + g0,
-                                             host.data() + d.zeros_offset + g0),
-            "int4_groups_from_blocks (weight upload)");
-      row += w->n_out;
-    }
-  } else {
-    host.resize(static_cast<size_t>(d.n_out * d.k) * sizeof(uint16_t));
-    auto* out = reinterpret_cast<uint16_t*>(host.data());
-    std::vector<float> row(static_cast<size_t>(d.k));
-    for (const model::WeightMatrix* w : parts) {
-      for (int64_t r = 0; r < w->n_out; ++r, out += d.k) {
-        const uint8_t* src = w->data + r * w->row_bytes();
-        if (w->type == kernels::DType::F16) {
-          std::memcpy(out, src, static_cast<size_t>(d.k) * sizeof(uint16_t));
-          continue;
-        }
-        check(kernels::dequantize_row(w->type, src, row.data(), d.k), "dequantize_row (weight upload)");
-        for (int64_t i = 0; i < d.k; ++i) {
-          const int64_t to = w->input_order != nullptr ? (*w->input_order)[static_cast<size_t>(i)] : i;
-          out[to] = kernels::fp32_to_fp16(row[static_cast<size_t>(i)]);
-        }
-      }
-    }
-  }
-  d.mem = upload(host.data(), host.size());
-  return d;
-}
-
-std::shared_ptr<DeviceMemory> upload_floats(const std::vector<float>& v) {
-  return upload(v.data(), v.size() * sizeof(float));
-}
-
-// A projection: one device matrix, or several (types that cannot be stacked) written one after the
-// other into the output buffer.
-struct Projection {
-  std::vector<DeviceMatrix> parts;
-  int64_t bytes() const {
-    int64_t b = 0;
-    for (const auto& p : parts) b += p.bytes();
-    return b;
-  }
-};
-
-Projection upload_projection(std::initializer_list<const model::WeightMatrix*> parts,
-                             int64_t q4_0_min_group) {
-  Projection p;
-  bool same = true;
-  for (const model::WeightMatrix* w : parts)
-    same = same && device_kind(*w, q4_0_min_group) == device_kind(**parts.begin(), q4_0_min_group);
-  if (same) {
-    p.parts.push_back(upload_matrix(parts, q4_0_min_group));
-  } else {
-    for (const model::WeightMatrix* w : parts) p.parts.push_back(upload_matrix({w}, q4_0_min_group));
-  }
-  return p;
-}
-
-// One part of a dummy checkpoint's stacked matrix: the whole tensor's rows and seed, and the rows of
-// it this shard keeps.
-struct DummyPart {
-  int64_t n_out = 0;
-  uint64_t seed = 0;
-  ShardRange rows;
-};
-
-// A dummy checkpoint's matrix made on the device: the parts (row length k each) stacked as
-// upload_matrix stacks them, each generated with the generator that LlamaCheckpoint::bind_weights
-// uses on the host, so the weights equal the CPU model's bit for bit. cols: the input columns kept
-// (whole blocks of 32). A whole part is generated in place; a sliced one whole in a temporary
-// buffer, then its rows and columns copied out (the cost of sharding a dummy: every shard
-// generates every whole matrix).
-DeviceMatrix dummy_matrix(int64_t k, ShardRange cols, const std::vector<DummyPart>& parts,
-                          cudaStream_t stream) {
-  DeviceMatrix d;
-  d.kind = DeviceKind::q4_0;
-  d.k = static_cast<int64_t>(cols.count);
-  if (cols.begin % 32 != 0 || cols.count % 32 != 0) {
-    throw std::invalid_argument("tensor parallel: dummy columns [" + std::to_string(cols.begin) + ", " +
-                                std::to_string(cols.end()) + ") do not fall on Q4_0 block boundaries (32)");
-  }
-  for (const DummyPart& part : parts) d.n_out += static_cast<int64_t>(part.rows.count);
-  const int64_t whole_row_bytes = kernels::row_bytes(kernels::DType::Q4_0, k);
-  const int64_t row_bytes = kernels::row_bytes(kernels::DType::Q4_0, d.k);
-  const int64_t col_offset = kernels::row_bytes(kernels::DType::Q4_0, static_cast<int64_t>(cols.begin));
-  d.mem = std::make_shared<DeviceMemory>(static_cast<size_t>(d.n_out * row_bytes));
-  int64_t row = 0;
-  for (const DummyPart& part : parts) {
-    uint8_t* dst = d.mem->as<uint8_t>() + row * row_bytes;
-    const auto count = static_cast<int64_t>(part.rows.count);
-    if (count == part.n_out && d.k == k) {
-      check(kc::fill_random_q4_0(dst, part.n_out, k, part.seed, stream), "fill_random_q4_0 (dummy weights)");
-    } else {
-      DeviceMemory whole(static_cast<size_t>(part.n_out * whole_row_bytes));
-      check(kc::fill_random_q4_0(whole.as<uint8_t>(), part.n_out, k, part.seed, stream),
-            "fill_random_q4_0 (dummy weights)");
-      cuda_check(cudaMemcpy2DAsync(dst, static_cast<size_t>(row_bytes),
-                                   whole.as<uint8_t>() +
-                                       static_cast<int64_t>(part.rows.begin) * whole_row_bytes + col_offset,
-                                   static_cast<size_t>(whole_row_bytes), static_cast<size_t>(row_bytes),
-                                   static_cast<size_t>(count), cudaMemcpyDeviceToDevice, stream),
-                 "cudaMemcpy2DAsync (dummy shard)");
-      cuda_check(cudaStreamSynchronize(stream), "dummy shard");  // before `whole` is freed
-    }
-    row += count;
-  }
-  return d;
-}
-
-// A Q4_0 matrix made on the device (dummy weights) as group-wise INT4 at the widest group dividing
-// its rows (128 for every Llama shape): 4.19 bits a weight instead of 4.5, as a GPTQ group-128
-// checkpoint would be. Every block of a dummy matrix has the same scale (random_q4_0_scale), so the
-// conversion is exact, and the device checks that it was.
-DeviceMatrix to_int4_groups(const DeviceMatrix& q4, cudaStream_t stream) {
-  return q4_0_to_int4_groups(q4, q4.k % 128 == 0 ? 128 : q4.k % 64 == 0 ? 64 : 32, stream);
-}
-
-// Layer `layer`'s matrices `which` stacked, each part cut to rows[i] and every part to cols.
-DeviceMatrix dummy_layer_matrix(const model::LlamaCheckpoint& ckpt, int64_t layer,
-                                std::initializer_list<std::pair<model::LayerMatrix, ShardRange>> which,
-                                ShardRange cols, cudaStream_t stream) {
-  const model::LlamaConfig& c = ckpt.config();
-  const int64_t k = model::layer_matrix_shape(c, which.begin()->first).second;
-  std::vector<DummyPart> parts;
-  for (const auto& [m, rows] : which) {
-    parts.push_back({model::layer_matrix_shape(c, m).first,
-                     ckpt.dummy_tensor_seed(model::DummyTensor::matrix, layer, m), rows});
-  }
-  return to_int4_groups(dummy_matrix(k, cols, parts, stream), stream);
-}
-
-// Batches up to this many tokens are replayed from captured graphs with CudaModelOptions::graphs.
-constexpr int64_t kGraphMaxTokens = 64;
-// Graphs held at most (all are dropped when one more is needed), and batch shapes remembered as
-// seen once (a shape is captured when seen again): a long-running server meets many shapes.
-constexpr size_t kMaxGraphs = 128;
-constexpr size_t kMaxSeenShapes = 4096;
-// attention_decode's positions per split, fixed: each query's sum then runs in an order that does
-// not depend on the rest of the batch, so a verification row equals the decode step it replaces bit
-// for bit (greedy speculation stays exact at any context length).
-constexpr int64_t kDecodeSplitTokens = 256;
-constexpr size_t kCublasWorkspaceBytes = size_t{32} << 20;
-// The chunks of an INT4 matrix that dequant + cuBLAS dequantizes at a time (w4a16_dequant_cublas.cuh):
-// 4096 rows of llama-70b's k = 8192, 1152 of k = 28672. Only models with group-wise INT4 matrices take it.
-constexpr int64_t kDequantScratchBytes = int64_t{64} << 20;
-// profile_greedy's head start for the host: a 70B pass queues ~2,000 kernels and events in well under
-// this, and a step profile is a one-off.
-constexpr int64_t kProfileHeadStartNs = 50'000'000;
-
-struct Layer {
-  std::shared_ptr<DeviceMemory> attn_norm, ffn_norm;  // [n_embd] float
-  Projection qkv;                                     // [q_dim + 2 kv_dim, n_embd], stacked or three parts
-  DeviceMatrix wo;
-  Projection gate_up;  // [2 n_ff, n_embd], stacked or two parts
-  DeviceMatrix down;
 };
 
 }  // namespace
@@ -651,407 +201,6 @@ std::vector<uint16_t> CudaKvCache::layer_to_host(int64_t layer, bool values) con
 
 // ---------------------------------------------------------------------------------------------
 // CudaLlamaModel
-
-// The sections of a pass that profile_greedy times (CudaStepProfile::sections, in this order).
-enum class Section : int { embedding, norms, qkv, rope_kv, attention, attn_out, gate_up, swiglu, down, head };
-constexpr const char* kSectionNames[] = {
-    "embedding", "norms", "qkv", "rope + KV write", "attention", "attention output", "gate / up",
-    "SwiGLU",    "down",  "head"};
-constexpr int kSections = static_cast<int>(std::size(kSectionNames));
-
-// CUDA events around the sections of one pass: each span is a (start, end) pair recorded on the
-// stream; the events are kept for the next profile.
-class StepTimer {
- public:
-  StepTimer() = default;
-  StepTimer(const StepTimer&) = delete;
-  StepTimer& operator=(const StepTimer&) = delete;
-  ~StepTimer() {
-    for (cudaEvent_t e : events_) cudaEventDestroy(e);
-  }
-  void clear() { spans_.clear(); }
-  void begin(Section section, cudaStream_t stream) {
-    spans_.push_back({section, event(2 * spans_.size()), event(2 * spans_.size() + 1)});
-    cuda_check(cudaEventRecord(spans_.back().start, stream), "cudaEventRecord (profile)");
-  }
-  // Never throws (it runs in destructors); a failed record shows as a failed elapsed time in result().
-  void end(cudaStream_t stream) noexcept { cudaEventRecord(spans_.back().end, stream); }
-  // After the stream has synchronized.
-  CudaStepProfile result() const {
-    CudaStepProfile out;
-    double ms[kSections] = {};
-    for (const Span& s : spans_) {
-      float t = 0.0f;
-      cuda_check(cudaEventElapsedTime(&t, s.start, s.end), "cudaEventElapsedTime (profile)");
-      ms[static_cast<int>(s.section)] += t;
-    }
-    for (int i = 0; i < kSections; ++i) out.sections.emplace_back(kSectionNames[i], ms[i]);
-    if (!spans_.empty()) {
-      float t = 0.0f;
-      cuda_check(cudaEventElapsedTime(&t, spans_.front().start, spans_.back().end), "cudaEventElapsedTime");
-      out.total_ms = t;
-    }
-    out.spans = static_cast<int64_t>(spans_.size());
-    return out;
-  }
-
- private:
-  struct Span {
-    Section section;
-    cudaEvent_t start, end;
-  };
-  cudaEvent_t event(size_t i) {
-    while (events_.size() <= i) {
-      cudaEvent_t e = nullptr;
-      cuda_check(cudaEventCreate(&e), "cudaEventCreate (profile)");
-      events_.push_back(e);
-    }
-    return events_[i];
-  }
-  std::vector<cudaEvent_t> events_;
-  std::vector<Span> spans_;
-};
-
-struct CudaLlamaModel::Impl {
-  std::shared_ptr<const model::LlamaCheckpoint> checkpoint;
-  model::LlamaConfig config;        // the whole model's
-  model::LlamaConfig shard_config;  // this shard's heads, ffn rows and stage layers
-  CudaModelOptions options;
-  TensorShard shard;
-  ShardReducer* reducer = nullptr;  // null when unsharded (no collectives)
-  int64_t layer_begin = 0, layer_end = 0;
-  ModelShard split;  // what this shard owns (the whole model when unsharded)
-  cudaStream_t stream = nullptr;
-  cublasHandle_t cublas = nullptr;
-
-  DeviceMatrix embedding;     // Q4_0 or fp16 rows, [n_vocab, n_embd] (whole on every shard); first stage only
-  std::vector<Layer> layers;  // the stage's
-  std::shared_ptr<DeviceMemory> output_norm;  // last stage only
-  // [local vocab, n_embd], last stage only; shares embedding's memory when unsharded, tied and
-  // the kinds agree.
-  DeviceMatrix head;
-
-  // Activations, grown on demand. n: batch tokens.
-  DeviceMemory meta;               // int32 metadata (see forward_impl)
-  DeviceMemory h16;                // [n, n_embd] half: embedding rows, then each norm's output
-  DeviceMemory resid;              // [n, n_embd] float: the residual stream
-  DeviceMemory delta;              // [n, n_embd] float: wo and w_down outputs
-  DeviceMemory qkv;                // [n, q_dim + 2 kv_dim] float
-  DeviceMemory q16;                // [n, q_dim] half
-  DeviceMemory att16;              // [n, q_dim] half
-  DeviceMemory gate_up;            // [n, 2 n_ff] float
-  DeviceMemory act16;              // [n, n_ff] half
-  DeviceMemory picked16;           // [n_out, n_embd] half
-  DeviceMemory logits;             // [n_out, n_vocab] float
-  DeviceMemory local_logits;       // [n_out, local vocab] float, sharded heads only
-  std::vector<float> host_reduce;  // host copies for a reducer without device_pointers()
-  std::vector<float> host_gathered;
-  DeviceMemory ids;        // [n_out] int32
-  DeviceMemory workspace;  // attention_decode's partials
-  // attention_decode's combine counters ([runs, n_head_kv] uint32) and matmul_add_norm's block counter
-  // (one uint32): zero at rest.
-  DeviceMemory attention_counters, norm_counter;
-  DeviceMemory sample_params;     // [n_out] SamplingRowParams (forward_sample)
-  DeviceMemory sample_uniforms;   // [n_out] double
-  DeviceMemory sample_workspace;  // sample_rows' keys and sort storage
-  DeviceMemory penalty_buffer;    // the repetition penalty's ids, offsets and penalties (forward_sample)
-  // forward_verify: the target's distributions packed as the logits, then per sequence in k_max + 1
-  // slots; the draft's in k_max; int32 tokens, counts and results; double uniforms.
-  DeviceMemory verify_p_packed, verify_p, verify_q, verify_ints, verify_uniforms;
-  std::shared_ptr<KeptRowsPool> kept_pool;  // make_kept_rows's stores (made on first use)
-  DeviceMemory flag;                        // [1] int32: bad metadata seen on the device
-  PinnedMemory meta_pinned;                 // meta_host's copy, uploaded from here
-  PinnedMemory results_pinned;              // the flag's copy, then the ids ([1 + n_out] int32)
-  DeviceMemory cublas_workspace;  // set as cuBLAS's workspace, so that graph capture allocates nothing
-  DeviceMemory dequant_scratch;   // dequant + cuBLAS's chunks (choose_int4_kernels sizes it)
-  kc::Int4CublasContext dequant_cublas;
-  std::vector<int32_t> meta_host;
-  // Captured passes by plan key (CudaModelOptions::graphs).
-  std::map<std::tuple<int64_t, int64_t, int64_t, int64_t, bool, bool, int64_t, size_t, const void*, uint16_t*,
-                      int64_t, int64_t>,
-           cudaGraphExec_t>
-      graphs;
-  std::set<decltype(graphs)::key_type> seen_once;  // shapes run directly once, captured when seen again
-  std::vector<CudaInt4KernelChoice> int4_choices;  // per int4_groups shape (choose_int4_kernels)
-  // Under Int4Layout::measured, per int4_groups shape, the layout its matrices take and what each
-  // layout's decode took (choose_int4_layouts).
-  struct MeasuredLayout {
-    int64_t n_out = 0, k = 0, group = 0;
-    kc::Int4Layout layout = kc::Int4Layout::rows;
-    double us[CudaInt4KernelChoice::kLayouts] = {};
-  };
-  std::vector<MeasuredLayout> measured_layouts;
-  std::vector<CudaQ4KChoice> q4_k_choices;       // per q4_k shape (choose_q4_k_kernels)
-  std::vector<CudaFusionChoice> fusion_choices;  // per fusable site and shape (choose_one_row_fusions)
-  StepTimer* timer = nullptr;                    // set while profile_greedy runs its pass
-  std::unique_ptr<StepTimer> step_timer;
-
-  // A span of `section` around the enqueues of its scope when a profile is being taken.
-  class Timed {
-   public:
-    Timed(const Impl& m, Section section) : m_(m) {
-      if (m_.timer != nullptr) m_.timer->begin(section, m_.stream);
-    }
-    ~Timed() {
-      if (m_.timer != nullptr) m_.timer->end(m_.stream);
-    }
-    Timed(const Timed&) = delete;
-    Timed& operator=(const Timed&) = delete;
-
-   private:
-    const Impl& m_;
-  };
-
-  ~Impl() {
-    clear_graphs();
-    if (cublas != nullptr) cublasDestroy(cublas);
-    if (stream != nullptr) cudaStreamDestroy(stream);
-  }
-
-  void matmul(const DeviceMatrix& w, const __half* x, int64_t m, float* y) {
-    const bool gemv = m <= kc::kW4A16GemvMaxM;
-    const bool pdl = options.programmatic_launch;
-    const auto* wd = w.mem != nullptr ? w.mem->as<uint8_t>() : nullptr;
-    switch (w.kind) {
-      case DeviceKind::q4_0:
-        check(gemv ? kc::w4a16_gemv_q4_0(wd, w.n_out, w.k, x, m, y, stream, pdl)
-                   : kc::w4a16_gemm_q4_0(wd, w.n_out, w.k, x, m, y, stream, pdl),
-              "W4A16 matmul (Q4_0)");
-        return;
-      case DeviceKind::q4_k: {
-        // As stored. Pinned to the CUDA cores: the CUDA-core GEMV up to 32 rows, the WMMA GEMM above;
-        // otherwise one row on the GEMV timed at load (CUDA cores, tensor cores or half2) and the
-        // tensor-core kernels on Q4_K for more rows (every row under tensor_cores). Not timed at load: on an
-        // H200 the CUDA-core Q4_K GEMV took 328 us at 16 rows on 8192 x 8192, ten times the group-wise
-        // tensor-core GEMV.
-        const Int4Kernels pin = options.int4_kernels;
-        kernels::Status st;
-        // Tiles: only the tensor-core kernels read Q4_K chunks.
-        const bool tiles = w.layout == kc::Int4Layout::tiles;
-        if (m == 1 && options.int8_activations) {  // 8-bit activations where asked (blocks as stored)
-          check(kc::w4a8_gemv_q4_k(wd, w.n_out, w.k, x, m, y, stream, pdl), "W4A8 matmul (Q4_K)");
-          return;
-        }
-        if (!tiles && m == 1 && w.q4_k_half2_one_row) {  // timed at load (measured), or pinned (half2)
-          st = kc::w4a16_gemv_q4_k_half2(wd, w.n_out, w.k, x, m, y, stream, pdl);
-        } else if (!tiles && (pin == Int4Kernels::cuda_cores || (m == 1 && !w.q4_k_tensor_cores_one_row))) {
-          st = gemv ? kc::w4a16_gemv_q4_k(wd, w.n_out, w.k, x, m, y, stream, pdl)
-                    : kc::w4a16_gemm_q4_k(wd, w.n_out, w.k, x, m, y, stream, pdl);
-        } else {
-          st = kc::w4a16_q4_k_tensor_cores(wd, tiles, w.n_out, w.k, x, m, y, stream, pdl);
-        }
-        check(st, "W4A16 matmul (Q4_K)");
-        return;
-      }
-      // As stored: the CUDA-core GEMV up to 32 rows; above, dequantized to fp16 in chunks for cuBLAS
-      // (what these types' fp16 upload ran before; the WMMA GEMM is far below cuBLAS there).
-      case DeviceKind::q6_k:
-        check(gemv ? kc::w4a16_gemv_q6_k(wd, w.n_out, w.k, x, m, y, stream, pdl)
-                   : kc::w4a16_q6_k_dequant_cublas(dequant_cublas, wd, w.n_out, w.k, x, m, y, stream),
-              "W6A16 matmul (Q6_K)");
-        return;
-      case DeviceKind::q8_0:
-        check(gemv ? kc::w4a16_gemv_q8_0(wd, w.n_out, w.k, x, m, y, stream, pdl)
-                   : kc::w4a16_q8_0_dequant_cublas(dequant_cublas, wd, w.n_out, w.k, x, m, y, stream),
-              "W8A16 matmul (Q8_0)");
-        return;
-      case DeviceKind::int4_groups: {
-        const bool rows = w.layout == kc::Int4Layout::rows;
-        const auto* scales = rows ? reinterpret_cast<const __half*>(wd + w.scales_offset) : nullptr;
-        const uint8_t* zeros = rows ? wd + w.zeros_offset : nullptr;
-        const kc::Int4Kernel kernel = w.int4_kernel[kc::int4_row_range(m)];
-        const kernels::Status st = kc::launch_int4_kernel(
-            kernel, &dequant_cublas, wd, scales, zeros, w.group, w.n_out, w.k, x, m, y, stream, pdl, w.layout,
-            w.cutlass.quants != nullptr ? &w.cutlass : nullptr, w.half2_variant);
-        if (st != kernels::Status::ok) {  // the message built only on failure (graph capture runs here)
-          check(st, (std::string("W4A16 matmul (INT4 groups, ") + kc::int4_kernel_name(kernel) + " on " +
-                     kc::int4_layout_name(w.layout) + ", " + std::to_string(w.n_out) + " x " +
-                     std::to_string(w.k) + ", " + std::to_string(m) + " rows)")
-                        .c_str());
-        }
-        return;
-      }
-      case DeviceKind::f16:
-        break;
-    }
-    // Column-major view: W row-major [n_out, k] is W^T column-major with ld k; x [m, k] row-major is
-    // column-major [k, m]; y = W x^T column-major [n_out, m] is row-major [m, n_out].
-    const float one = 1.0f, zero = 0.0f;
-    cublas_check(
-        cublasGemmEx(cublas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(w.n_out), static_cast<int>(m),
-                     static_cast<int>(w.k), &one, w.mem->as<__half>(), CUDA_R_16F, static_cast<int>(w.k), x,
-                     CUDA_R_16F, static_cast<int>(w.k), &zero, y, CUDA_R_32F, static_cast<int>(w.n_out),
-                     CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
-        "cublasGemmEx");
-  }
-
-  // Whether one activation row times this projection runs on the half2 GEMV (its timing at load, or
-  // Int4Kernels::half2) with its fused epilogues asked for: then it can end in the next step's work.
-  bool fuses_one_row(const Projection& p) const {
-    return p.parts.size() == 1 && fuses_one_row(p.parts.front());
-  }
-  bool fuses_one_row(const DeviceMatrix& w) const {
-    // (A row the plain half2 GEMV takes can be too long for an epilogue's extra shared memory.)
-    if (!options.fused_epilogues || w.fusion_slower ||
-        !kc::w4a16_gemv_half2_fits(w.k, w.kind == DeviceKind::q4_k))
-      return false;
-    if (w.kind == DeviceKind::int4_groups) {
-      return w.layout == kc::Int4Layout::rows &&
-             w.int4_kernel[kc::int4_row_range(1)] == kc::Int4Kernel::gemv_half2;
-    }
-    return w.kind == DeviceKind::q4_k && w.layout == kc::Int4Layout::rows && w.q4_k_half2_one_row &&
-           !options.int8_activations;
-  }
-  // One token's product into y (the attention output or down projection), then the residual add and
-  // RMSNorm with norm_weight into h, in one kernel (fuses_one_row, unsharded: no all-reduce between):
-  // what matmul then add_rms_norm_f32 do. y, residual: [1, n_out] fp32; h: [1, n_out] fp16; counter:
-  // one uint32, zero at rest.
-  kernels::Status matmul_add_norm(const DeviceMatrix& w, const __half* x, const float* norm_weight, float* y,
-                                  float* residual, __half* h, unsigned* counter) {
-    const auto* wd = w.mem->as<uint8_t>();
-    const kc::Int4GroupsMatrix op = int4_operands(w);  // the INT4 arrays (rows)
-    const bool pdl = options.programmatic_launch;
-    return w.kind == DeviceKind::q4_k
-               ? kc::w4a16_gemv_q4_k_half2_add_norm(wd, w.n_out, w.k, x, y, residual, norm_weight,
-                                                    shard_config.rms_eps, h, counter, stream, pdl)
-               : kc::w4a16_gemv_int4_groups_half2_add_norm(
-                     op.quants, op.scales, op.zeros, w.group, w.n_out, w.k, x, y, residual, norm_weight,
-                     shard_config.rms_eps, h, counter, stream, pdl, w.half2_fused_variant);
-  }
-  // Whether the half2 GEMV takes one row of w, an INT4 (rows) or Q4_K matrix: one launch on a zero row;
-  // false where it refuses the row (longer than the device's shared memory holds).
-  bool half2_takes(const DeviceMatrix& w) {
-    DeviceMemory x(static_cast<size_t>(w.k) * sizeof(__half)),
-        y(static_cast<size_t>(w.n_out) * sizeof(float));
-    cuda_check(cudaMemsetAsync(x.as<void>(), 0, x.bytes(), stream), "cudaMemsetAsync (half2 probe)");
-    const auto* wd = w.mem->as<uint8_t>();
-    const kc::Int4GroupsMatrix op = int4_operands(w);  // the INT4 arrays (rows)
-    const kernels::Status st =
-        w.kind == DeviceKind::q4_k
-            ? kc::w4a16_gemv_q4_k_half2(wd, w.n_out, w.k, x.as<__half>(), 1, y.as<float>(), stream)
-            : kc::w4a16_gemv_int4_groups_half2(op.quants, op.scales, op.zeros, w.group, w.n_out, w.k,
-                                               x.as<__half>(), 1, y.as<float>(), stream);
-    if (st == kernels::Status::invalid_argument) return false;
-    check(st, "the half2 GEMV (probe at load)");
-    cuda_check(cudaStreamSynchronize(stream), "the half2 GEMV (probe at load)");
-    return true;
-  }
-  // One token's stacked q / k / v projection, RoPE and KV cache write in one kernel (fuses_one_row):
-  // what project then rope_kv_write do.
-  kernels::Status project_rope_kv(const DeviceMatrix& w, const __half* x, const kc::RopeKvWriteShape& s,
-                                  const int32_t* pos, const int32_t* seq, const int32_t* tables,
-                                  __half* q_out, __half* k_cache, __half* v_cache, int32_t* error_flag) {
-    const auto* wd = w.mem->as<uint8_t>();
-    const kc::Int4GroupsMatrix op = int4_operands(w);  // the INT4 arrays (rows)
-    const bool pdl = options.programmatic_launch;
-    return w.kind == DeviceKind::q4_k
-               ? kc::w4a16_gemv_q4_k_half2_rope_kv(wd, s, w.k, x, pos, seq, tables, q_out, k_cache, v_cache,
-                                                   error_flag, stream, pdl)
-               : kc::w4a16_gemv_int4_groups_half2_rope_kv(op.quants, op.scales, op.zeros, w.group, s, w.k, x,
-                                                          pos, seq, tables, q_out, k_cache, v_cache,
-                                                          error_flag, stream, pdl, w.half2_fused_variant);
-  }
-  // One token's stacked gate / up projection and SwiGLU in one kernel (fuses_one_row): act, [1, n_ff]
-  // fp16, as project then swiglu_f32_to_f16 write it.
-  kernels::Status project_swiglu(const DeviceMatrix& w, const __half* x, __half* act) {
-    const auto* wd = w.mem->as<uint8_t>();
-    const kc::Int4GroupsMatrix op = int4_operands(w);  // the INT4 arrays (rows)
-    const bool pdl = options.programmatic_launch;
-    const int64_t n_ff = w.n_out / 2;
-    return w.kind == DeviceKind::q4_k
-               ? kc::w4a16_gemv_q4_k_half2_swiglu(wd, n_ff, w.k, x, act, stream, pdl)
-               : kc::w4a16_gemv_int4_groups_half2_swiglu(op.quants, op.scales, op.zeros, w.group, n_ff, w.k,
-                                                         x, act, stream, pdl, w.half2_fused_variant);
-  }
-
-  // Runs the projection's parts: stacked, y is [m, total]; in parts, part i's [m, n_out_i] follows
-  // part i-1's whole output.
-  void project(const Projection& p, const __half* x, int64_t m, float* y) {
-    for (const DeviceMatrix& part : p.parts) {
-      matmul(part, x, m, y);
-      y += m * part.n_out;
-    }
-  }
-
-  bool first_stage() const { return layer_begin == 0; }
-  bool last_stage() const { return layer_end == config.n_layer; }
-  // Graphs need a pass without host synchronization: no reducer.
-  bool use_graphs(int64_t n) const { return options.graphs && reducer == nullptr && n <= kGraphMaxTokens; }
-  // The all-reduce of data: [count] floats on the device (see the class comment).
-  void reduce_sum(float* data, size_t count);
-  // logits: [n_out, n_vocab] on the device from every shard's local_logits: [n_out, local vocab].
-  void gather_logits(int64_t n_out);
-  // A dummy checkpoint's weights, generated on the device (see dummy_matrix); norms on the host.
-  void make_dummy_weights();
-  // weights: the stage's layers, bound and not yet sliced.
-  void upload_weights(model::LlamaWeights weights);
-  // Sets every int4_groups matrix's kernels by options.int4_kernels (timing them when measured) and
-  // records the choices per shape in int4_choices.
-  // f(matrix) for every layer matrix in pass order (q/k/v parts, attn_output, gate/up parts, down),
-  // then the head on the last stage.
-  template <typename F>
-  void for_each_matrix(F&& f) {
-    for (Layer& l : layers) {
-      for (DeviceMatrix& part : l.qkv.parts) f(part);
-      f(l.wo);
-      for (DeviceMatrix& part : l.gate_up.parts) f(part);
-      f(l.down);
-    }
-    if (last_stage()) f(head);
-  }
-  void choose_int4_kernels();
-  // Under Int4Layout::measured: per int4_groups shape, rows, tiles and (where CUTLASS runs) CUTLASS's
-  // order timed on the shape's first matrices (temporary copies, freed before returning); records
-  // measured_layouts, which target_layout reads. Before make_cutlass_copies and tile_int4_matrices.
-  void choose_int4_layouts();
-  // The layout matrix w is to take at load: the option's, or under measured its shape's (Q4_K and the
-  // other kinds stay as they are).
-  kc::Int4Layout target_layout(const DeviceMatrix& w) const;
-  // The measured layout of w's shape (int4_groups under Int4Layout::measured), or null.
-  const MeasuredLayout* measured_layout(const DeviceMatrix& w) const;
-  // Under Int4Layout::tiles: every int4_groups and q4_k matrix repacked into chunks on the device, one
-  // at a time (one matrix of extra device memory at the peak).
-  void tile_int4_matrices();
-  // Under options.cutlass_gemm, each int4_groups matrix's CUTLASS copy (before tiling: made from rows);
-  // under Int4Layout::cutlass, each one CUTLASS takes becomes its copy alone (the rows freed, one matrix
-  // at a time: one matrix of extra device memory at the peak).
-  void make_cutlass_copies();
-  // Per Q4_K matrix shape, the one-row GEMV (q4_k_tensor_cores_one_row, q4_k_half2_one_row), timed on the
-  // model's weights under Int4Kernels::measured; records q4_k_choices. Called by choose_int4_kernels.
-  void choose_q4_k_kernels();
-  // Under Int4Kernels::measured with fused_epilogues (not int8_activations): per fusable site of the
-  // layers (CudaFusionChoice::site_names) and matrix shape there that the half2 GEMV takes, the fused
-  // half2 kernel timed against the shape's chosen one-row kernel plus the kernel the fusion saves, on
-  // the site's matrices and scratch buffers; the faster kept (the half2 GEMV at one row, or
-  // fusion_slower). Records fusion_choices. Called by choose_int4_kernels after the choices per shape.
-  void choose_one_row_fusions();
-  void validate(const ForwardBatch& batch, const CudaKvCache& cache) const;
-  struct Plan;
-  Plan plan_batch(const ForwardBatch& batch, const CudaKvCache& cache, bool greedy,
-                  std::vector<int32_t>& meta_out) const;
-  // Grows every buffer the plan needs; true when one moved (captured graphs hold old addresses).
-  // On failure every graph is dropped first.
-  bool reserve_buffers(const Plan& p);
-  bool grow_buffers(const Plan& p);
-  // Enqueues the pass on the stream (or into a capture): reads the metadata already in `meta`.
-  void enqueue(const Plan& p);
-  // Replays the plan's graph, capturing it first when it is new.
-  void launch_graph(const Plan& p);
-  void clear_graphs();
-  // The whole pass; ids_out: argmax ids come back instead of logits; on a stage that is not the
-  // last, logits_out gets the hidden states.
-  // sampling: per logit row, when the ids are to be sampled rather than the argmax.
-  struct RowSampling {
-    const std::vector<kc::SamplingRowParams>* params = nullptr;
-    const std::vector<double>* uniforms = nullptr;
-    // The repetition penalty (empty: none): per row its penalized tokens in CSR form and its penalty.
-    const std::vector<int32_t>* penalty_ids = nullptr;      // [penalty_offsets.back()]
-    const std::vector<int32_t>* penalty_offsets = nullptr;  // [rows + 1]
-    const std::vector<float>* penalties = nullptr;          // [rows]
-  };
-  void forward_impl(const ForwardBatch& batch, CudaKvCache& cache, const float* hidden_in,
-                    std::vector<float>* logits_out, std::vector<int32_t>* ids_out, RowSampling sampling);
-};
 
 void CudaLlamaModel::Impl::make_dummy_weights() {
   using model::DummyTensor;
@@ -1115,576 +264,6 @@ void CudaLlamaModel::Impl::upload_weights(model::LlamaWeights weights) {
     l.down = upload_matrix({&lw.w_down}, q4_0_min_group);
     layers.push_back(std::move(l));
   }
-}
-
-// CudaInt4KernelChoice mirrors the tuning's constants without CUDA headers.
-static_assert(kc::kInt4RowRanges == CudaInt4KernelChoice::kRanges &&
-              kc::kInt4Kernels == CudaInt4KernelChoice::kKernels);
-static constexpr bool choice_mirrors_tuning() {
-  for (int r = 0; r < kc::kInt4RowRanges; ++r) {
-    if (CudaInt4KernelChoice{}.chosen[r] != static_cast<int>(kc::kInt4DefaultKernels[r])) return false;
-    if (CudaInt4KernelChoice::range_max_rows[r] !=
-        (kc::kInt4RangeMaxRows[r] == INT64_MAX ? -1 : kc::kInt4RangeMaxRows[r]))
-      return false;
-    for (int c = 0; c < 2; ++c)
-      if (CudaInt4KernelChoice::range_timed_rows[r][c] != kc::kInt4RangeTimedRows[r][c]) return false;
-  }
-  return true;
-}
-static_assert(choice_mirrors_tuning());
-
-void CudaLlamaModel::Impl::make_cutlass_copies() {
-  // Int4Layout::cutlass, or measured (cutlass_gemm is refused with it): only the copy, matrix by matrix.
-  const bool only = !options.cutlass_gemm;
-  const auto takes = [&](const DeviceMatrix& w) {
-    return w.kind == DeviceKind::int4_groups && w.layout == kc::Int4Layout::rows &&
-           w.cutlass_mem == nullptr && kc::int4_cutlass_shape_ok(w.n_out, w.k, w.group) &&
-           (options.cutlass_gemm || target_layout(w) == kc::Int4Layout::cutlass);
-  };
-  const auto copy = [&](DeviceMatrix& w) { w.cutlass_mem = int4_cutlass_copy_of(w, w.cutlass, stream); };
-  if (only) {
-    for_each_matrix([&](DeviceMatrix& w) {
-      if (!takes(w)) return;  // e.g. Q4_0 at group 32: stays on the rows and their kernels
-      copy(w);
-      cuda_check(cudaStreamSynchronize(stream), "int4_cutlass_from_groups");  // before the rows are freed
-      w.mem = nullptr;
-      w.scales_offset = w.zeros_offset = 0;
-      w.layout = kc::Int4Layout::cutlass;
-    });
-    return;
-  }
-  // All of them or none, with a message that says how much: the copies are as large as the weights.
-  size_t needed = 0;
-  for_each_matrix([&](const DeviceMatrix& w) {
-    if (takes(w)) needed += kc::int4_cutlass_bytes(w.n_out, w.k, w.group);
-  });
-  size_t free_bytes = 0, total_bytes = 0;
-  cuda_check(cudaMemGetInfo(&free_bytes, &total_bytes), "cudaMemGetInfo");
-  if (needed > free_bytes) {
-    const auto gib = [](size_t bytes) {
-      char text[32];
-      std::snprintf(text, sizeof text, "%.1f", static_cast<double>(bytes) / static_cast<double>(1 << 30));
-      return std::string(text);
-    };
-    throw std::runtime_error("cutlass_gemm: the CUTLASS copies of the INT4 weights need " + gib(needed) +
-                             " GiB of device memory and " + gib(free_bytes) +
-                             " GiB are free; run without cutlass_gemm (or on a GPU with more memory)");
-  }
-  for_each_matrix([&](DeviceMatrix& w) {
-    if (takes(w)) copy(w);
-  });
-  cuda_check(cudaStreamSynchronize(stream), "int4_cutlass_from_groups");  // before tiling frees the rows
-}
-
-kc::Int4Layout CudaLlamaModel::Impl::target_layout(const DeviceMatrix& w) const {
-  switch (options.int4_layout) {
-    case Int4Layout::rows:
-      return kc::Int4Layout::rows;
-    case Int4Layout::tiles:
-      return kc::Int4Layout::tiles;
-    case Int4Layout::cutlass:
-      return kc::Int4Layout::cutlass;
-    case Int4Layout::measured: {
-      const MeasuredLayout* ml = measured_layout(w);
-      return ml != nullptr ? ml->layout : kc::Int4Layout::rows;
-    }
-  }
-  return kc::Int4Layout::rows;
-}
-
-const CudaLlamaModel::Impl::MeasuredLayout* CudaLlamaModel::Impl::measured_layout(
-    const DeviceMatrix& w) const {
-  if (w.kind != DeviceKind::int4_groups) return nullptr;
-  for (const MeasuredLayout& ml : measured_layouts)
-    if (ml.n_out == w.n_out && ml.k == w.k && ml.group == w.group) return &ml;
-  return nullptr;
-}
-
-void CudaLlamaModel::Impl::choose_int4_layouts() {
-  measured_layouts.clear();
-  if (options.int4_layout != Int4Layout::measured) return;
-  std::vector<std::vector<DeviceMatrix*>> shapes;  // int4_groups matrices by shape, in order of appearance
-  for_each_matrix([&](DeviceMatrix& w) {
-    if (w.kind != DeviceKind::int4_groups || w.layout != kc::Int4Layout::rows) return;
-    for (auto& list : shapes) {
-      const DeviceMatrix& f = *list.front();
-      if (f.n_out == w.n_out && f.k == w.k && f.group == w.group) {
-        list.push_back(&w);
-        return;
-      }
-    }
-    shapes.push_back({&w});
-  });
-  int l2_bytes = 0;
-  cuda_check(cudaDeviceGetAttribute(&l2_bytes, cudaDevAttrL2CacheSize, options.device),
-             "cudaDeviceGetAttribute");
-  const bool cutlass_runs = kc::w4a16_cutlass_supported();
-  for (const auto& list : shapes) {
-    const DeviceMatrix& first = *list.front();
-    MeasuredLayout ml;
-    ml.n_out = first.n_out;
-    ml.k = first.k;
-    ml.group = first.group;
-    // The first matrices whose bytes pass 4x the L2 (all of them if fewer): the timed products rotate
-    // among them, so the weights stream from device memory as in a forward pass.
-    std::vector<const DeviceMatrix*> timed;
-    int64_t timed_bytes = 0;
-    for (const DeviceMatrix* w : list) {
-      if (timed_bytes >= 4 * static_cast<int64_t>(l2_bytes)) break;
-      timed.push_back(w);
-      timed_bytes += w->bytes();
-    }
-    // A layout's decode time: the geometric mean of its chosen kernels' times at 1, 4 and 16 rows
-    // (the range timings of kc::tune_int4_groups), 0 when one is missing.
-    const auto decode_us = [&](std::vector<kc::Int4GroupsMatrix> matrices, kc::Int4Layout layout,
-                               const std::vector<kc::Int4CutlassWeights>* cutlass) {
-      kc::Int4GroupsTuning t;  // (tune_int4_groups starts from the layout's defaults)
-      std::string error;
-      const kernels::Status st =
-          kc::tune_int4_groups(matrices, ml.group, ml.n_out, ml.k, nullptr, stream, t, error, layout, cutlass,
-                               /*ranges=*/2);  // 1 and 2-16 rows
-      if (st != kernels::Status::ok) {
-        throw std::runtime_error("timing the INT4 layouts for a " + std::to_string(ml.n_out) + " x " +
-                                 std::to_string(ml.k) + " matrix (" +
-                                 int4_layout_name(worker_layout(layout)) +
-                                 ") failed: " + (error.empty() ? kernels::status_name(st) : error));
-      }
-      const double one = t.us[0][static_cast<int>(t.chosen[0])][0];
-      const double four = t.us[1][static_cast<int>(t.chosen[1])][0];
-      const double sixteen = t.us[1][static_cast<int>(t.chosen[1])][1];
-      return one > 0 && four > 0 && sixteen > 0 ? std::cbrt(one * four * sixteen) : 0.0;
-    };
-    std::vector<kc::Int4GroupsMatrix> rows;
-    for (const DeviceMatrix* w : timed) rows.push_back(int4_operands(*w));
-    ml.us[0] = decode_us(rows, kc::Int4Layout::rows, nullptr);
-    {  // tiles: temporary chunks of the timed matrices
-      std::vector<std::shared_ptr<DeviceMemory>> chunks;
-      std::vector<kc::Int4GroupsMatrix> tiles;
-      for (const DeviceMatrix* w : timed) {
-        chunks.push_back(int4_tiles_of(*w, stream));
-        tiles.push_back({chunks.back()->as<uint8_t>(), nullptr, nullptr});
-      }
-      ml.us[1] = decode_us(tiles, kc::Int4Layout::tiles, nullptr);  // synchronizes the stream
-    }
-    if (cutlass_runs && kc::int4_cutlass_shape_ok(ml.n_out, ml.k, ml.group)) {  // CUTLASS's order alone
-      std::vector<std::shared_ptr<DeviceMemory>> copies;
-      std::vector<kc::Int4CutlassWeights> cutlass(timed.size());
-      for (size_t i = 0; i < timed.size(); ++i)
-        copies.push_back(int4_cutlass_copy_of(*timed[i], cutlass[i], stream));
-      const std::vector<kc::Int4GroupsMatrix> none(timed.size(),
-                                                   kc::Int4GroupsMatrix{nullptr, nullptr, nullptr});
-      ml.us[2] = decode_us(none, kc::Int4Layout::cutlass, &cutlass);
-    }
-    // Rows unless another layout is kInt4MinGain faster than the best so far (as the kernel choice
-    // keeps its defaults), so that timing noise does not move a model between layouts.
-    double best = ml.us[0];
-    constexpr kc::Int4Layout kOthers[2] = {kc::Int4Layout::tiles, kc::Int4Layout::cutlass};
-    for (int i = 1; i < CudaInt4KernelChoice::kLayouts; ++i) {
-      if (ml.us[i] > 0 && (best <= 0 || ml.us[i] < best * (1.0 - kc::kInt4MinGain))) {
-        best = ml.us[i];
-        ml.layout = kOthers[i - 1];
-      }
-    }
-    measured_layouts.push_back(ml);
-  }
-}
-
-void CudaLlamaModel::Impl::tile_int4_matrices() {
-  for_each_matrix([&](DeviceMatrix& w) {
-    if ((w.kind != DeviceKind::int4_groups && w.kind != DeviceKind::q4_k) ||
-        w.layout != kc::Int4Layout::rows || target_layout(w) != kc::Int4Layout::tiles)
-      return;
-    const uint8_t* base = w.mem->as<uint8_t>();
-    std::shared_ptr<DeviceMemory> tiled;
-    if (w.kind == DeviceKind::q4_k) {
-      tiled = std::make_shared<DeviceMemory>(static_cast<size_t>(kernels::q4_k_tiles_bytes(w.n_out, w.k)));
-      check(kc::q4_k_tiles_from_blocks(base, w.n_out, w.k, tiled->as<uint8_t>(), stream),
-            "q4_k_tiles_from_blocks");
-    } else {
-      tiled = int4_tiles_of(w, stream);
-    }
-    cuda_check(cudaStreamSynchronize(stream), "repacking into tiles");  // before the rows are freed
-    w.mem = std::move(tiled);
-    w.layout = kc::Int4Layout::tiles;
-    w.scales_offset = w.zeros_offset = 0;
-  });
-}
-
-void CudaLlamaModel::Impl::choose_int4_kernels() {
-  // The matrices by shape, shapes in order of first appearance.
-  std::vector<std::pair<CudaInt4KernelChoice, std::vector<DeviceMatrix*>>> shapes;
-  const auto add = [&](DeviceMatrix& w) {
-    if (w.kind != DeviceKind::int4_groups) return;
-    for (auto& [choice, list] : shapes) {
-      if (choice.n_out == w.n_out && choice.k == w.k && choice.group == w.group &&
-          list.front()->layout == w.layout &&
-          (list.front()->cutlass.quants != nullptr) == (w.cutlass.quants != nullptr)) {
-        list.push_back(&w);
-        return;
-      }
-    }
-    CudaInt4KernelChoice choice;
-    choice.n_out = w.n_out;
-    choice.k = w.k;
-    choice.group = w.group;
-    choice.layout = worker_layout(w.layout);
-    if (const MeasuredLayout* ml = measured_layout(w))
-      std::copy(ml->us, ml->us + CudaInt4KernelChoice::kLayouts, choice.layout_us);
-    shapes.push_back({choice, {&w}});
-  };
-  for_each_matrix(add);
-  int4_choices.clear();
-  // dequant + cuBLAS's scratch (INT4 shapes, and the Q6_K and Q8_0 matrices' many-row products): a
-  // chunk of the largest matrix, at most kDequantScratchBytes.
-  int64_t largest = 0;
-  for (const auto& [choice, list] : shapes) largest = std::max(largest, choice.n_out * choice.k);
-  for_each_matrix([&](const DeviceMatrix& w) {
-    if (w.kind == DeviceKind::q6_k || w.kind == DeviceKind::q8_0) largest = std::max(largest, w.n_out * w.k);
-  });
-  dequant_cublas = {};
-  if (largest > 0) {
-    dequant_scratch.reserve(static_cast<size_t>(std::min(largest * 2, kDequantScratchBytes)));
-    dequant_cublas = {cublas, dequant_scratch.as<__half>(),
-                      static_cast<int64_t>(dequant_scratch.bytes() / 2)};
-  }
-  for (auto& [choice, list] : shapes) {
-    choice.matrices = static_cast<int64_t>(list.size());
-    const kc::Int4Layout layout = list.front()->layout;
-    kc::Int4GroupsTuning t;
-    std::copy(kc::int4_default_kernels(layout), kc::int4_default_kernels(layout) + kc::kInt4RowRanges,
-              t.chosen);
-    if (options.int4_kernels == Int4Kernels::measured) {
-      std::vector<kc::Int4GroupsMatrix> matrices;
-      std::vector<kc::Int4CutlassWeights> cutlass;  // every matrix's copy, or none
-      for (const DeviceMatrix* w : list) {
-        if (w->cutlass.quants != nullptr) cutlass.push_back(w->cutlass);
-        matrices.push_back(int4_operands(*w));
-      }
-      std::string error;
-      const kernels::Status st =
-          kc::tune_int4_groups(matrices, choice.group, choice.n_out, choice.k, &dequant_cublas, stream, t,
-                               error, layout, cutlass.empty() ? nullptr : &cutlass);
-      if (st != kernels::Status::ok) {
-        throw std::runtime_error("timing the INT4 kernels for a " + std::to_string(choice.n_out) + " x " +
-                                 std::to_string(choice.k) +
-                                 " matrix failed: " + (error.empty() ? kernels::status_name(st) : error));
-      }
-      std::copy(&t.us[0][0][0], &t.us[0][0][0] + sizeof t.us / sizeof(double), &choice.us[0][0][0]);
-      static_assert(CudaInt4KernelChoice::kHalf2Variants == kc::kHalf2GemvVariantCount);
-      std::copy(t.half2_variant_us, t.half2_variant_us + kc::kHalf2GemvVariantCount, choice.half2_variant_us);
-      choice.half2_variant = kc::half2_gemv_variant_name(kc::kHalf2GemvVariants[t.half2_variant]);
-      choice.skipped = t.skipped;
-      // Every range's default is timed at its row counts, so a chosen kernel without a time failed
-      // (no candidate of the range ran): say so at load, not at the first pass.
-      static constexpr const char* kRangeNames[kc::kInt4RowRanges] = {"1", "2-16", "17-32", "33-64",
-                                                                      "over 64"};
-      for (int r = 0; r < kc::kInt4RowRanges; ++r) {
-        if (t.us[r][static_cast<int>(t.chosen[r])][0] <= 0.0) {
-          throw std::runtime_error("INT4 " + std::to_string(choice.n_out) + " x " + std::to_string(choice.k) +
-                                   " (" + kc::int4_layout_name(layout) + "): no kernel ran at load for " +
-                                   kRangeNames[r] + " rows (" + kc::int4_kernel_name(t.chosen[r]) +
-                                   " the default; " + t.skipped + ")");
-        }
-      }
-    } else if ((options.int4_kernels == Int4Kernels::tensor_cores ||
-                options.int4_kernels == Int4Kernels::half2) &&
-               layout != kc::Int4Layout::cutlass) {
-      t.chosen[0] = t.chosen[1] = kc::Int4Kernel::gemv_tensor_cores;
-      if (options.int4_kernels == Int4Kernels::half2 && half2_takes(*list.front()))
-        t.chosen[0] = kc::Int4Kernel::gemv_half2;
-      t.chosen[2] = kc::Int4Kernel::gemv_tensor_cores_32rows;
-      t.chosen[3] = t.chosen[4] = kc::Int4Kernel::gemm_tensor_cores_64rows;
-      // With CUTLASS copies, Hopper's wgmma from 17 rows on: 64-row tiles up to 64 activation rows
-      // (more tiles to stream the weights), 128-row tiles above.
-      if (list.front()->cutlass.quants != nullptr) {
-        t.chosen[2] = t.chosen[3] = kc::Int4Kernel::cutlass_gemm_pingpong;
-        t.chosen[4] = kc::Int4Kernel::cutlass_gemm;
-      }
-    }  // cuda_cores: the rows' defaults (tiles and cutlass refuse cuda_cores at construction); tensor_cores
-       // on cutlass: its defaults (every CUTLASS schedule is on the tensor cores)
-    // 8-bit activations where asked: one row on the W4A8 GEMV (it reads the row-major layout).
-    if (options.int8_activations && layout == kc::Int4Layout::rows) t.chosen[0] = kc::Int4Kernel::w4a8_gemv;
-    for (int r = 0; r < kc::kInt4RowRanges; ++r) {
-      choice.chosen[r] = static_cast<int>(t.chosen[r]);
-      for (DeviceMatrix* w : list) w->int4_kernel[r] = t.chosen[r];
-    }
-    for (DeviceMatrix* w : list) w->half2_variant = t.half2_variant;
-    int4_choices.push_back(choice);
-  }
-  choose_q4_k_kernels();
-  choose_one_row_fusions();
-}
-
-void CudaLlamaModel::Impl::choose_q4_k_kernels() {
-  std::vector<std::pair<CudaQ4KChoice, std::vector<DeviceMatrix*>>> shapes;
-  const auto add = [&](DeviceMatrix& w) {
-    if (w.kind != DeviceKind::q4_k) return;
-    for (auto& [choice, list] : shapes) {
-      if (choice.n_out == w.n_out && choice.k == w.k && list.front()->layout == w.layout) {
-        list.push_back(&w);
-        return;
-      }
-    }
-    CudaQ4KChoice choice;
-    choice.n_out = w.n_out;
-    choice.k = w.k;
-    choice.tiles = w.layout == kc::Int4Layout::tiles;
-    shapes.push_back({choice, {&w}});
-  };
-  for_each_matrix(add);
-  q4_k_choices.clear();
-  for (auto& [choice, list] : shapes) {
-    choice.matrices = static_cast<int64_t>(list.size());
-    choice.tensor_cores = options.int4_kernels == Int4Kernels::tensor_cores || choice.tiles;
-    if (options.int4_kernels ==
-        Int4Kernels::half2) {  // the tensor cores where the half2 GEMV refuses the row
-      choice.half2 = half2_takes(*list.front());
-      choice.tensor_cores = !choice.half2;
-    }
-    // int8_activations: one row runs on the W4A8 GEMV whatever this says: nothing to time.
-    if (options.int4_kernels == Int4Kernels::measured && !choice.tiles && !options.int8_activations) {
-      // One row on each GEMV, the shape's matrices in turn (enough of them and L2 holds few), the
-      // tensor cores kept only when kInt4MinGain faster (as the INT4 choice keeps its default).
-      DeviceMemory x(static_cast<size_t>(choice.k) * sizeof(__half)),
-          y(static_cast<size_t>(choice.n_out) * sizeof(float));
-      cuda_check(cudaMemsetAsync(x.as<void>(), 0x2C, x.bytes(), stream), "cudaMemsetAsync (Q4_K timing)");
-      const int iterations = static_cast<int>(std::clamp<size_t>(list.size(), 8, 32));
-      enum class OneRow { cuda_cores, tensor_cores, half2 };
-      const auto time = [&](OneRow kernel, double& us) {
-        cudaError_t err = cudaSuccess;
-        kernels::Status st = kernels::Status::ok;
-        const bool timed = kc::median_call_us(
-            stream, iterations, /*repetitions=*/3,
-            [&](int i) {
-              const DeviceMatrix& w = *list[static_cast<size_t>(i) % list.size()];
-              const auto* wd = w.mem->as<uint8_t>();
-              st = kernel == OneRow::tensor_cores
-                       ? kc::w4a16_gemv_q4_k_mma(wd, w.n_out, w.k, x.as<__half>(), 1, y.as<float>(), stream)
-                   : kernel == OneRow::half2
-                       ? kc::w4a16_gemv_q4_k_half2(wd, w.n_out, w.k, x.as<__half>(), 1, y.as<float>(), stream)
-                       : kc::w4a16_gemv_q4_k(wd, w.n_out, w.k, x.as<__half>(), 1, y.as<float>(), stream);
-              return st == kernels::Status::ok;
-            },
-            us, err);
-        if (!timed) {
-          throw std::runtime_error("timing the Q4_K kernels for a " + std::to_string(choice.n_out) + " x " +
-                                   std::to_string(choice.k) + " matrix failed: " +
-                                   (err != cudaSuccess ? cudaGetErrorString(err) : kernels::status_name(st)));
-        }
-      };
-      time(OneRow::cuda_cores, choice.cuda_cores_us);
-      time(OneRow::tensor_cores, choice.tensor_cores_us);
-      // The half2 GEMV refuses rows longer than the device's shared memory holds: then not a candidate.
-      if (half2_takes(*list.front())) time(OneRow::half2, choice.half2_us);
-      // The faster of the other two, where it is kInt4MinGain faster than the CUDA cores.
-      const bool half2_faster = choice.half2_us > 0.0 && choice.half2_us < choice.tensor_cores_us;
-      const double other_us = half2_faster ? choice.half2_us : choice.tensor_cores_us;
-      const bool other = other_us < (1.0 - kc::kInt4MinGain) * choice.cuda_cores_us;
-      choice.tensor_cores = other && !half2_faster;
-      choice.half2 = other && half2_faster;
-    }
-    for (DeviceMatrix* w : list) {
-      w->q4_k_tensor_cores_one_row = choice.tensor_cores;
-      w->q4_k_half2_one_row = choice.half2;
-    }
-    q4_k_choices.push_back(choice);
-  }
-}
-
-void CudaLlamaModel::Impl::choose_one_row_fusions() {
-  fusion_choices.clear();
-  for_each_matrix([](DeviceMatrix& w) {
-    w.fusion_slower = false;
-    w.half2_fused_variant = 0;
-  });
-  if (options.int4_kernels != Int4Kernels::measured || !options.fused_epilogues || options.int8_activations)
-    return;
-  const auto& c = shard_config;  // local heads and ffn rows
-  // The matrices per site and shape (sites: indices into CudaFusionChoice::site_names).
-  enum Site { rope_kv = 0, swiglu = 1, attn_out_norm = 2, down_norm = 3 };
-  std::vector<std::pair<CudaFusionChoice, std::vector<DeviceMatrix*>>> groups;
-  const auto add = [&](Site site, DeviceMatrix& w) {
-    const bool q4_k = w.kind == DeviceKind::q4_k;
-    if ((!q4_k && w.kind != DeviceKind::int4_groups) || w.layout != kc::Int4Layout::rows ||
-        !kc::w4a16_gemv_half2_fits(w.k, q4_k))
-      return;
-    for (auto& [choice, list] : groups) {
-      const DeviceMatrix& f = *list.front();
-      if (choice.site == site && f.kind == w.kind && f.n_out == w.n_out && f.k == w.k && f.group == w.group) {
-        list.push_back(&w);
-        return;
-      }
-    }
-    CudaFusionChoice choice;
-    choice.site = site;
-    choice.n_out = w.n_out;
-    choice.k = w.k;
-    choice.q4_k = q4_k;
-    groups.push_back({choice, {&w}});
-  };
-  // The norms fuse only unsharded (no all-reduce between the product and the add).
-  const bool norms = reducer == nullptr && options.fused_norms;
-  for (Layer& l : layers) {
-    if (l.qkv.parts.size() == 1) add(rope_kv, l.qkv.parts.front());
-    if (l.gate_up.parts.size() == 1) add(swiglu, l.gate_up.parts.front());
-    if (norms) {
-      add(attn_out_norm, l.wo);
-      // A stage before the last hands its residual on without a norm after its last down projection.
-      if (&l != &layers.back() || last_stage()) add(down_norm, l.down);
-    }
-  }
-  if (groups.empty()) return;
-
-  // Scratch: one activation row, the product's fp32 row and fp16 outputs, a residual, one 16-token block
-  // of K and V, the token's position / sequence / table entry (all zero) and the flag, a counter.
-  constexpr int64_t kBlock = 16;
-  int64_t max_k = 0, max_out = 0;
-  for (const auto& [choice, list] : groups) {
-    max_k = std::max(max_k, choice.k);
-    max_out = std::max(max_out, choice.n_out);
-  }
-  const int64_t q_dim = c.n_head * c.head_dim, kv_dim = c.n_head_kv * c.head_dim;
-  DeviceMemory x16(static_cast<size_t>(max_k) * sizeof(__half)),
-      y(static_cast<size_t>(max_out) * sizeof(float)), out16(static_cast<size_t>(max_out) * sizeof(__half)),
-      residual(static_cast<size_t>(max_out) * sizeof(float)),
-      k_block(static_cast<size_t>(kBlock * kv_dim) * sizeof(__half)),
-      v_block(static_cast<size_t>(kBlock * kv_dim) * sizeof(__half)), ints(4 * sizeof(int32_t)),
-      counter(sizeof(unsigned));
-  cuda_check(cudaMemsetAsync(x16.as<void>(), 0x2C, x16.bytes(), stream), "cudaMemsetAsync (fusion timing)");
-  for (DeviceMemory* zeroed : {&y, &residual, &ints, &counter})
-    cuda_check(cudaMemsetAsync(zeroed->as<void>(), 0, zeroed->bytes(), stream),
-               "cudaMemsetAsync (fusion timing)");
-  const __half* xh = x16.as<__half>();
-  auto* yf = y.as<float>();
-  auto* oh = out16.as<__half>();
-  const int32_t* zeros = ints.as<int32_t>();  // position 0 of sequence 0, whose table is block 0
-  int32_t* error_flag = ints.as<int32_t>() + 3;
-  const bool pdl = options.programmatic_launch;
-  const Layer& first = layers.front();
-
-  for (auto& [choice, list] : groups) {
-    const DeviceMatrix& front = *list.front();
-    choice.matrices = static_cast<int64_t>(list.size());
-    choice.unfused_kernel =
-        choice.q4_k
-            ? (front.q4_k_half2_one_row          ? "Q4_K half2 GEMV"
-               : front.q4_k_tensor_cores_one_row ? "Q4_K tensor-core GEMV"
-                                                 : "Q4_K CUDA-core GEMV")
-            : CudaInt4KernelChoice::kernel_names[static_cast<int>(front.int4_kernel[kc::int4_row_range(1)])];
-    if (!choice.q4_k && front.int4_kernel[kc::int4_row_range(1)] == kc::Int4Kernel::gemv_half2 &&
-        front.half2_variant != 0)
-      choice.unfused_kernel += " " + kc::half2_gemv_variant_name(kc::kHalf2GemvVariants[front.half2_variant]);
-    kc::RopeKvWriteShape rs;
-    rs.tokens = 1;
-    rs.n_head = c.n_head;
-    rs.n_head_kv = c.n_head_kv;
-    rs.head_dim = c.head_dim;
-    rs.rot_dims = c.rope_dims;
-    rs.rope_base = c.rope_base;
-    rs.q_stride = rs.kv_stride = choice.n_out;  // stacked [q | k | v]
-    rs.block_size = kBlock;
-    rs.num_blocks = 1;
-    rs.max_blocks_per_seq = 1;
-    const int64_t n_ff = choice.n_out / 2;
-    const float* norm_weight =
-        choice.site == attn_out_norm ? first.ffn_norm->as<float>() : first.attn_norm->as<float>();
-    // The kernel the fusion saves, after the plain product into y.
-    const auto separate = [&]() -> kernels::Status {
-      switch (choice.site) {
-        case rope_kv:
-          return kc::rope_kv_write(rs, yf, yf + q_dim, yf + q_dim + kv_dim, zeros, zeros, zeros, oh,
-                                   k_block.as<__half>(), v_block.as<__half>(), error_flag, stream, pdl);
-        case swiglu:
-          return kc::swiglu_f32_to_f16(yf, yf + n_ff, 2 * n_ff, oh, 1, n_ff, stream, pdl);
-        default:
-          return kc::add_rms_norm_f32(residual.as<float>(), yf, norm_weight, oh, 1, choice.n_out, c.rms_eps,
-                                      stream, pdl);
-      }
-    };
-    const auto fused = [&](const DeviceMatrix& w) -> kernels::Status {
-      switch (choice.site) {
-        case rope_kv:
-          return project_rope_kv(w, xh, rs, zeros, zeros, zeros, oh, k_block.as<__half>(),
-                                 v_block.as<__half>(), error_flag);
-        case swiglu:
-          return project_swiglu(w, xh, oh);
-        default:
-          return matmul_add_norm(w, xh, norm_weight, yf, residual.as<float>(), oh, counter.as<unsigned>());
-      }
-    };
-    // The site's matrices in turn (enough of them that L2 holds few), as the per-shape timing does.
-    const int iterations = static_cast<int>(std::clamp<size_t>(list.size(), 8, 32));
-    // The fused kernel on the default block shape and, for INT4, on the one kept for the plain product
-    // where that differs (an epilogue's registers can change which is faster; the same bits).
-    std::vector<int> fused_shapes = {0};
-    if (!choice.q4_k) {
-      const int kept =
-          kc::half2_gemv_effective_shape(front.half2_variant, front.group, choice.site >= attn_out_norm);
-      if (kept > 0) fused_shapes.push_back(kept);
-    }
-    int fused_shape = 0;
-    // The plain product and the separate kernel (shape -1), then the fused kernel on each shape.
-    for (int shape = -1; shape < static_cast<int>(fused_shapes.size()); ++shape) {
-      const bool fuse = shape >= 0;
-      if (fuse) {
-        for (DeviceMatrix* w : list) w->half2_fused_variant = fused_shapes[static_cast<size_t>(shape)];
-      }
-      cudaError_t err = cudaSuccess;
-      kernels::Status st = kernels::Status::ok;
-      double us = 0.0;
-      const bool timed = kc::median_call_us(
-          stream, iterations, /*repetitions=*/3,
-          [&](int i) {
-            const DeviceMatrix& w = *list[static_cast<size_t>(i) % list.size()];
-            if (fuse) {
-              st = fused(w);
-            } else {
-              matmul(w, xh, 1, yf);  // the shape's chosen one-row kernel (throws if it fails)
-              st = separate();
-            }
-            return st == kernels::Status::ok;
-          },
-          us, err);
-      if (timed) {
-        if (!fuse) {
-          choice.unfused_us = us;
-        } else if (choice.fused_us == 0.0 || us < choice.fused_us) {
-          choice.fused_us = us;
-          fused_shape = fused_shapes[static_cast<size_t>(shape)];
-        }
-        continue;
-      }
-      // A fused kernel that refuses the call leaves the site unfused; anything else (the plain path,
-      // which the model runs anyway, a launch or CUDA call failing) is an error at load.
-      if (fuse && err == cudaSuccess && st == kernels::Status::invalid_argument) continue;
-      throw std::runtime_error(
-          std::string("timing the fused epilogue ") + CudaFusionChoice::site_names[choice.site] + " for a " +
-          std::to_string(choice.n_out) + " x " + std::to_string(choice.k) +
-          " matrix failed: " + (err != cudaSuccess ? cudaGetErrorString(err) : kernels::status_name(st)));
-    }
-    // Fusing a product that runs on another kernel moves it to the half2 GEMV, whose bits differ: only
-    // when kInt4MinGain faster, so that timing noise does not change a model's output from one load to
-    // the next (as the kernels' choice per shape keeps its default). On the half2 GEMV already the bits
-    // are the same either way.
-    choice.half2_alone = choice.q4_k ? front.q4_k_half2_one_row
-                                     : front.int4_kernel[kc::int4_row_range(1)] == kc::Int4Kernel::gemv_half2;
-    choice.fused = choice.fused_us > 0.0 &&
-                   choice.fused_us < (choice.half2_alone ? 1.0 : 1.0 - kc::kInt4MinGain) * choice.unfused_us;
-    choice.fused_shape = kc::half2_gemv_variant_name(kc::kHalf2GemvVariants[fused_shape]);
-    for (DeviceMatrix* w : list) {
-      w->fusion_slower = !choice.fused;
-      w->half2_fused_variant = fused_shape;
-      if (!choice.fused) continue;
-      if (choice.q4_k) {
-        w->q4_k_half2_one_row = true;
-        w->q4_k_tensor_cores_one_row = false;
-      } else {
-        w->int4_kernel[kc::int4_row_range(1)] = kc::Int4Kernel::gemv_half2;
-      }
-    }
-    fusion_choices.push_back(choice);
-  }
-  cuda_check(cudaStreamSynchronize(stream), "fusion timing");
 }
 
 void CudaLlamaModel::Impl::reduce_sum(float* data, size_t count) {
@@ -1949,13 +528,14 @@ void CudaLlamaModel::Impl::enqueue(const Plan& p) {
   auto* dl = delta.as<float>();
   if (first_stage()) {  // later stages find the previous stage's hidden states in resid
     const Timed timed(*this, Section::embedding);
-    check(kc::embedding_lookup_f16(embedding.mem->as<void>(),
-                                   embedding.kind == DeviceKind::q4_0   ? kernels::DType::Q4_0
-                                   : embedding.kind == DeviceKind::q8_0 ? kernels::DType::Q8_0
-                                                                        : kernels::DType::F16,
-                                   embedding.n_out, c.n_embd, 0, md + p.off_tokens, n, h, flag_d, stream),
-          "embedding lookup");
-    check(kc::f16_to_f32(h, x, n * c.n_embd, stream), "f16_to_f32");
+    check_status(
+        kc::embedding_lookup_f16(embedding.mem->as<void>(),
+                                 embedding.kind == DeviceKind::q4_0   ? kernels::DType::Q4_0
+                                 : embedding.kind == DeviceKind::q8_0 ? kernels::DType::Q8_0
+                                                                      : kernels::DType::F16,
+                                 embedding.n_out, c.n_embd, 0, md + p.off_tokens, n, h, flag_d, stream),
+        "embedding lookup");
+    check_status(kc::f16_to_f32(h, x, n * c.n_embd, stream), "f16_to_f32");
   }
   const auto hidden_count = static_cast<size_t>(n * c.n_embd);
 
@@ -1989,17 +569,17 @@ void CudaLlamaModel::Impl::enqueue(const Plan& p) {
     // The previous layer's w_down output joins the residual here (the first layer has none).
     if (!normed) {
       const Timed timed(*this, Section::norms);
-      check(kc::add_rms_norm_f32(x, l == 0 ? nullptr : dl, w.attn_norm->as<float>(), h, n, c.n_embd,
-                                 c.rms_eps, stream, pdl),
-            "add_rms_norm_f32");
+      check_status(kc::add_rms_norm_f32(x, l == 0 ? nullptr : dl, w.attn_norm->as<float>(), h, n, c.n_embd,
+                                        c.rms_eps, stream, pdl),
+                   "add_rms_norm_f32");
     }
     auto* kc_l = reinterpret_cast<__half*>(cache.k(l));
     auto* vc_l = reinterpret_cast<__half*>(cache.v(l));
     if (n == 1 && fuses_one_row(w.qkv)) {
       const Timed timed(*this, Section::qkv);  // RoPE and the KV write in the product's epilogue
-      check(project_rope_kv(w.qkv.parts.front(), h, rshape, md + p.off_pos, md + p.off_seq, md + p.off_tables,
-                            q16.as<__half>(), kc_l, vc_l, flag_d),
-            "half2 GEMV with RoPE and the KV write (q / k / v)");
+      check_status(project_rope_kv(w.qkv.parts.front(), h, rshape, md + p.off_pos, md + p.off_seq,
+                                   md + p.off_tables, q16.as<__half>(), kc_l, vc_l, flag_d),
+                   "half2 GEMV with RoPE and the KV write (q / k / v)");
     } else {
       auto* qkv_f = qkv.as<float>();
       {
@@ -2018,35 +598,36 @@ void CudaLlamaModel::Impl::enqueue(const Plan& p) {
         rshape.kv_stride = kv_dim;
       }
       const Timed timed(*this, Section::rope_kv);
-      check(kc::rope_kv_write(rshape, qp, kp, vp, md + p.off_pos, md + p.off_seq, md + p.off_tables,
-                              q16.as<__half>(), kc_l, vc_l, flag_d, stream, pdl),
-            "rope_kv_write");
+      check_status(kc::rope_kv_write(rshape, qp, kp, vp, md + p.off_pos, md + p.off_seq, md + p.off_tables,
+                                     q16.as<__half>(), kc_l, vc_l, flag_d, stream, pdl),
+                   "rope_kv_write");
     }
     std::optional<Timed> attention_span(std::in_place, *this, Section::attention);
     if (p.use_decode) {
-      check(kc::attention_decode(p.dshape, q16.as<__half>(), kc_l, vc_l, md + p.off_run_tables,
-                                 md + p.off_seq_lens, md + p.off_query_start, scale, att16.as<__half>(),
-                                 workspace.as<void>(), workspace.bytes(), flag_d, stream, pdl,
-                                 attention_counters.as<unsigned>()),
-            "attention_decode");
+      check_status(kc::attention_decode(p.dshape, q16.as<__half>(), kc_l, vc_l, md + p.off_run_tables,
+                                        md + p.off_seq_lens, md + p.off_query_start, scale,
+                                        att16.as<__half>(), workspace.as<void>(), workspace.bytes(), flag_d,
+                                        stream, pdl, attention_counters.as<unsigned>()),
+                   "attention_decode");
     } else {
       if (p.n_tiles > 0) {
-        check(kc::prefill_attention_f16(pshape, q16.as<__half>(), kc_l, vc_l, md + p.off_tables,
-                                        md + p.off_seq, md + p.off_pos, md + p.off_tiles, p.n_tiles, scale,
-                                        att16.as<__half>(), flag_d, stream),
-              "prefill_attention_f16");
+        check_status(kc::prefill_attention_f16(pshape, q16.as<__half>(), kc_l, vc_l, md + p.off_tables,
+                                               md + p.off_seq, md + p.off_pos, md + p.off_tiles, p.n_tiles,
+                                               scale, att16.as<__half>(), flag_d, stream),
+                     "prefill_attention_f16");
       } else {
-        check(kc::paged_attention_f16(pshape, q16.as<__half>(), kc_l, vc_l, md + p.off_tables, md + p.off_seq,
-                                      md + p.off_pos, scale, att16.as<__half>(), flag_d, stream),
-              "paged_attention_f16");
+        check_status(
+            kc::paged_attention_f16(pshape, q16.as<__half>(), kc_l, vc_l, md + p.off_tables, md + p.off_seq,
+                                    md + p.off_pos, scale, att16.as<__half>(), flag_d, stream),
+            "paged_attention_f16");
       }
     }
     attention_span.reset();
     if (norm_in_products && fuses_one_row(w.wo)) {
       const Timed timed(*this, Section::attn_out);  // the residual add and ffn norm in its last block
-      check(matmul_add_norm(w.wo, att16.as<__half>(), w.ffn_norm->as<float>(), dl, x, h,
-                            norm_counter.as<unsigned>()),
-            "half2 GEMV with the residual add and RMSNorm");
+      check_status(matmul_add_norm(w.wo, att16.as<__half>(), w.ffn_norm->as<float>(), dl, x, h,
+                                   norm_counter.as<unsigned>()),
+                   "half2 GEMV with the residual add and RMSNorm");
     } else {
       {
         const Timed timed(*this, Section::attn_out);
@@ -2054,13 +635,14 @@ void CudaLlamaModel::Impl::enqueue(const Plan& p) {
       }
       reduce_sum(dl, hidden_count);
       const Timed timed(*this, Section::norms);
-      check(kc::add_rms_norm_f32(x, dl, w.ffn_norm->as<float>(), h, n, c.n_embd, c.rms_eps, stream, pdl),
-            "add_rms_norm_f32");
+      check_status(
+          kc::add_rms_norm_f32(x, dl, w.ffn_norm->as<float>(), h, n, c.n_embd, c.rms_eps, stream, pdl),
+          "add_rms_norm_f32");
     }
     if (n == 1 && fuses_one_row(w.gate_up)) {
       const Timed timed(*this, Section::gate_up);  // SwiGLU in the product's epilogue
-      check(project_swiglu(w.gate_up.parts.front(), h, act16.as<__half>()),
-            "half2 GEMV with SwiGLU (gate / up)");
+      check_status(project_swiglu(w.gate_up.parts.front(), h, act16.as<__half>()),
+                   "half2 GEMV with SwiGLU (gate / up)");
     } else {
       auto* gu = gate_up.as<float>();
       {
@@ -2069,9 +651,10 @@ void CudaLlamaModel::Impl::enqueue(const Plan& p) {
       }
       const bool stacked = w.gate_up.parts.size() == 1;
       const Timed timed(*this, Section::swiglu);
-      check(kc::swiglu_f32_to_f16(gu, stacked ? gu + c.n_ff : gu + n * c.n_ff, stacked ? 2 * c.n_ff : c.n_ff,
-                                  act16.as<__half>(), n, c.n_ff, stream, pdl),
-            "swiglu_f32_to_f16");
+      check_status(
+          kc::swiglu_f32_to_f16(gu, stacked ? gu + c.n_ff : gu + n * c.n_ff, stacked ? 2 * c.n_ff : c.n_ff,
+                                act16.as<__half>(), n, c.n_ff, stream, pdl),
+          "swiglu_f32_to_f16");
     }
     // The next norm: the next layer's attention norm, or after the last layer the output norm (last
     // stage only: a pipeline stage hands its residual on without one).
@@ -2081,9 +664,9 @@ void CudaLlamaModel::Impl::enqueue(const Plan& p) {
     normed = norm_in_products && next_norm != nullptr && fuses_one_row(w.down);
     if (normed) {
       const Timed timed(*this, Section::down);  // the residual add and the next norm in its last block
-      check(matmul_add_norm(w.down, act16.as<__half>(), next_norm->as<float>(), dl, x, h,
-                            norm_counter.as<unsigned>()),
-            "half2 GEMV with the residual add and RMSNorm");
+      check_status(matmul_add_norm(w.down, act16.as<__half>(), next_norm->as<float>(), dl, x, h,
+                                   norm_counter.as<unsigned>()),
+                   "half2 GEMV with the residual add and RMSNorm");
     } else {
       {
         const Timed timed(*this, Section::down);
@@ -2101,12 +684,14 @@ void CudaLlamaModel::Impl::enqueue(const Plan& p) {
   // the head, which runs only on the logit rows).
   const Timed timed(*this, Section::head);
   if (!normed) {
-    check(kc::add_rms_norm_f32(x, dl, output_norm->as<float>(), h, n, c.n_embd, c.rms_eps, stream, pdl),
-          "add_rms_norm_f32");
+    check_status(
+        kc::add_rms_norm_f32(x, dl, output_norm->as<float>(), h, n, c.n_embd, c.rms_eps, stream, pdl),
+        "add_rms_norm_f32");
   }
   if (n_out > 0) {
-    check(kc::gather_rows_f16(h, n, c.n_embd, md + p.off_rows, n_out, picked16.as<__half>(), flag_d, stream),
-          "gather_rows_f16");
+    check_status(
+        kc::gather_rows_f16(h, n, c.n_embd, md + p.off_rows, n_out, picked16.as<__half>(), flag_d, stream),
+        "gather_rows_f16");
     if (shard.size == 1) {
       matmul(head, picked16.as<__half>(), n_out, logits.as<float>());
     } else {  // the shard's vocabulary columns, gathered into full rows
@@ -2114,7 +699,8 @@ void CudaLlamaModel::Impl::enqueue(const Plan& p) {
       gather_logits(n_out);
     }
     if (p.greedy) {
-      check(kc::argmax_rows(logits.as<float>(), n_out, c.n_vocab, ids.as<int32_t>(), stream), "argmax_rows");
+      check_status(kc::argmax_rows(logits.as<float>(), n_out, c.n_vocab, ids.as<int32_t>(), stream),
+                   "argmax_rows");
     }
   }
 }
@@ -2195,7 +781,7 @@ void CudaLlamaModel::Impl::forward_impl(const ForwardBatch& batch, CudaKvCache& 
     // so that the events time the device, not the host's launches. (A host function holding the
     // stream until the pass is queued deadlocks once the launch queue is full: a 70B pass is ~2,000
     // kernels and events.)
-    check(kc::device_delay(kProfileHeadStartNs, stream), "device_delay (profile)");
+    check_status(kc::device_delay(kProfileHeadStartNs, stream), "device_delay (profile)");
     enqueue(p);
   } else if (use_graphs(n)) {
     launch_graph(p);
@@ -2229,14 +815,14 @@ void CudaLlamaModel::Impl::forward_impl(const ForwardBatch& batch, CudaKvCache& 
                                  cudaMemcpyHostToDevice, stream),
                  "cudaMemcpyAsync (repetition penalty)");
       const int32_t* d = penalty_buffer.as<int32_t>();
-      check(kc::apply_repetition_penalty(logits.as<float>(), n_out, c.n_vocab, d + 2 * n_out + 1, d,
-                                         reinterpret_cast<const float*>(d + n_out + 1), stream),
-            "apply_repetition_penalty");
+      check_status(kc::apply_repetition_penalty(logits.as<float>(), n_out, c.n_vocab, d + 2 * n_out + 1, d,
+                                                reinterpret_cast<const float*>(d + n_out + 1), stream),
+                   "apply_repetition_penalty");
     }
-    check(kc::sample_rows(logits.as<float>(), sample_params.as<kc::SamplingRowParams>(),
-                          sample_uniforms.as<double>(), n_out, c.n_vocab, ids.as<int32_t>(),
-                          sample_workspace.as<void>(), sample_workspace.bytes(), stream),
-          "sample_rows");
+    check_status(kc::sample_rows(logits.as<float>(), sample_params.as<kc::SamplingRowParams>(),
+                                 sample_uniforms.as<double>(), n_out, c.n_vocab, ids.as<int32_t>(),
+                                 sample_workspace.as<void>(), sample_workspace.bytes(), stream),
+                 "sample_rows");
   }
   results_pinned.reserve(static_cast<size_t>(1 + n_out) * sizeof(int32_t));
   int32_t* flag_host = results_pinned.as<int32_t>();
@@ -2540,10 +1126,10 @@ void CudaLlamaModel::forward_stage_verify(const ForwardBatch& batch, CudaKvCache
   cuda_check(cudaMemcpyAsync(m.sample_params.as<void>(), row_params.data(),
                              rows * sizeof(kc::SamplingRowParams), cudaMemcpyHostToDevice, stream),
              "cudaMemcpyAsync (verification settings)");
-  check(kc::distribution_rows(m.logits.as<float>(), m.sample_params.as<kc::SamplingRowParams>(),
-                              static_cast<int64_t>(rows), n_vocab, m.verify_p_packed.as<float>(),
-                              m.sample_workspace.as<void>(), m.sample_workspace.bytes(), stream),
-        "distribution_rows");
+  check_status(kc::distribution_rows(m.logits.as<float>(), m.sample_params.as<kc::SamplingRowParams>(),
+                                     static_cast<int64_t>(rows), n_vocab, m.verify_p_packed.as<float>(),
+                                     m.sample_workspace.as<void>(), m.sample_workspace.bytes(), stream),
+               "distribution_rows");
   // Each sequence's k + 1 target rows and k draft rows into its slots of the kernel's layout.
   size_t row = 0;
   for (size_t s = 0; s < seqs.size(); ++s) {
@@ -2570,7 +1156,7 @@ void CudaLlamaModel::forward_stage_verify(const ForwardBatch& batch, CudaKvCache
   cuda_check(cudaMemcpyAsync(m.verify_uniforms.as<double>(), uniforms.data(),
                              uniforms.size() * sizeof(double), cudaMemcpyHostToDevice, stream),
              "cudaMemcpyAsync (uniforms)");
-  check(
+  check_status(
       kc::speculative_accept(ints_d, ints_d + n_seqs * k_max, m.verify_q.as<float>(), m.verify_p.as<float>(),
                              m.verify_uniforms.as<double>(), n_seqs, k_max, n_vocab, ints_d + in_ints,
                              ints_d + in_ints + n_seqs * (k_max + 1), ints_d + ints.size() - 1, stream),
@@ -2650,13 +1236,13 @@ void CudaLlamaModel::forward_draft_sample(const ForwardBatch& batch, CudaKvCache
                              cudaMemcpyHostToDevice, stream),
              "cudaMemcpyAsync (draft uniforms)");
   float* q = m.verify_p_packed.as<float>();
-  check(kc::distribution_rows(m.logits.as<float>(), m.sample_params.as<kc::SamplingRowParams>(),
-                              static_cast<int64_t>(rows), n_vocab, q, m.sample_workspace.as<void>(),
-                              m.sample_workspace.bytes(), stream),
-        "distribution_rows");
-  check(kc::sample_dense_rows(q, m.sample_uniforms.as<double>(), static_cast<int64_t>(rows), n_vocab,
-                              m.verify_ints.as<int32_t>(), stream),
-        "sample_dense_rows");
+  check_status(kc::distribution_rows(m.logits.as<float>(), m.sample_params.as<kc::SamplingRowParams>(),
+                                     static_cast<int64_t>(rows), n_vocab, q, m.sample_workspace.as<void>(),
+                                     m.sample_workspace.bytes(), stream),
+               "distribution_rows");
+  check_status(kc::sample_dense_rows(q, m.sample_uniforms.as<double>(), static_cast<int64_t>(rows), n_vocab,
+                                     m.verify_ints.as<int32_t>(), stream),
+               "sample_dense_rows");
   for (size_t r = 0; r < rows; ++r) {
     if (keep[r].rows == nullptr) continue;
     auto* kept = static_cast<CudaKeptRows*>(keep[r].rows);

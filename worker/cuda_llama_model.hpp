@@ -18,8 +18,8 @@
 //
 // Weights are uploaded at construction. 4-bit matrices stay 4-bit: GGUF Q4_0 and Q4_K as stored,
 // GPTQ / AWQ (and Q4_0, by default) as group-wise INT4 (the kinds are listed in
-// cuda_llama_model.cpp); a Q4_K_M file's Q6_K matrices stay Q6_K and 8-bit Q8_0 matrices stay Q8_0
-// (the CUDA-core GEMV up to 32 rows, dequantized in chunks for cuBLAS above). Q4_K takes the tensor-core
+// cuda_device_weights.hpp: DeviceKind); a Q4_K_M file's Q6_K matrices stay Q6_K and 8-bit Q8_0 matrices stay
+// Q8_0 (the CUDA-core GEMV up to 32 rows, dequantized in chunks for cuBLAS above). Q4_K takes the tensor-core
 // kernels from 2 rows;
 // group-wise INT4 takes, per matrix shape and row range (1, 2-16, 17-32, 33-64, more), the fastest of its
 // kernels as timed on this device at load (CudaModelOptions::int4_kernels, kernels/cuda/w4a16_tuning.cuh), in

@@ -18,8 +18,10 @@
 namespace nibble::worker {
 
 void cuda_check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess)
+  if (err != cudaSuccess) {
+    cudaGetLastError();  // the error is this exception's: not left for the next launch to report as its own
     throw std::runtime_error(std::string("CUDA ") + what + ": " + cudaGetErrorString(err));
+  }
 }
 
 void check_status(kernels::Status status, const char* what) {

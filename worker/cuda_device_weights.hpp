@@ -138,9 +138,11 @@ struct DeviceMatrix {
   // q4_k: one activation row on the Q4_K tensor-core GEMV or the half2 GEMV rather than the CUDA-core one.
   bool q4_k_tensor_cores_one_row = false;
   bool q4_k_half2_one_row = false;
-  // int4_groups and q4_k: at one row its fused epilogue timed slower at load than the plain product
-  // and the separate kernel (choose_one_row_fusions): the two run apart.
-  bool fusion_slower = false;
+  // int4_groups and q4_k: at one row its product and the step after it run apart, not fused: under
+  // Int4Kernels::measured unless the fused kernel timed faster at load (choose_one_row_fusions).
+  bool fusion_off = false;
+  // int4_groups and q4_k: the half2 GEMV (and its epilogues) take a row of k on this device (set at load).
+  bool half2_fits = false;
   // int4_groups under CudaModelOptions::cutlass_gemm or Int4Layout::cutlass: the same weights in
   // CUTLASS's order, for the CUTLASS GEMM (cutlass.quants null: no copy).
   std::shared_ptr<DeviceMemory> cutlass_mem;

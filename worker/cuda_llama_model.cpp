@@ -729,6 +729,7 @@ void CudaLlamaModel::Impl::launch_graph(const Plan& p) {
     } catch (...) {
       cudaStreamEndCapture(stream, &graph);  // leaves capture mode; the partial graph is dropped
       if (graph != nullptr) cudaGraphDestroy(graph);
+      cudaGetLastError();  // the invalidated capture's error, not the next pass's
       throw;
     }
     cuda_check(cudaStreamEndCapture(stream, &graph), "cudaStreamEndCapture");
@@ -1008,22 +1009,28 @@ int64_t CudaLlamaModel::weight_bytes() const {
 
 int64_t CudaLlamaModel::captured_graphs() const { return static_cast<int64_t>(impl_->graphs.size()); }
 
+// Each setter drops the captured graphs (they hold the other launches or kernels) and the shapes seen
+// once, so that every shape runs directly once more before a capture: a kernel's first launch (module
+// loading, its attribute queries) is not made inside one.
 void CudaLlamaModel::set_programmatic_launch(bool on) {
   if (impl_->options.programmatic_launch == on) return;
   impl_->options.programmatic_launch = on;
-  impl_->clear_graphs();  // they hold launches of the other kind
+  impl_->clear_graphs();
+  impl_->seen_once.clear();
 }
 
 void CudaLlamaModel::set_fused_epilogues(bool on) {
   if (impl_->options.fused_epilogues == on) return;
   impl_->options.fused_epilogues = on;
-  impl_->clear_graphs();  // they hold the other kernels
+  impl_->clear_graphs();
+  impl_->seen_once.clear();
 }
 
 void CudaLlamaModel::set_fused_norms(bool on) {
   if (impl_->options.fused_norms == on) return;
   impl_->options.fused_norms = on;
   impl_->clear_graphs();
+  impl_->seen_once.clear();
 }
 
 const std::vector<CudaInt4KernelChoice>& CudaLlamaModel::int4_kernel_choices() const {

@@ -72,8 +72,11 @@ class StepTimer {
     spans_.push_back({section, event(2 * spans_.size()), event(2 * spans_.size() + 1)});
     cuda_check(cudaEventRecord(spans_.back().start, stream), "cudaEventRecord (profile)");
   }
-  // Never throws (it runs in destructors); a failed record shows as a failed elapsed time in result().
-  void end(cudaStream_t stream) noexcept { cudaEventRecord(spans_.back().end, stream); }
+  // Never throws (it runs in destructors); a failed record shows as a failed elapsed time in result(),
+  // and its error is cleared so that the next kernel's launch does not report it as its own.
+  void end(cudaStream_t stream) noexcept {
+    if (cudaEventRecord(spans_.back().end, stream) != cudaSuccess) cudaGetLastError();
+  }
   // After the stream has synchronized.
   CudaStepProfile result() const {
     CudaStepProfile out;
@@ -290,9 +293,7 @@ struct CudaLlamaModel::Impl {
   }
   bool fuses_one_row(const DeviceMatrix& w) const {
     // (A row the plain half2 GEMV takes can be too long for an epilogue's extra shared memory.)
-    if (!options.fused_epilogues || w.fusion_slower ||
-        !kc::w4a16_gemv_half2_fits(w.k, w.kind == DeviceKind::q4_k))
-      return false;
+    if (!options.fused_epilogues || w.fusion_off || !w.half2_fits) return false;
     if (w.kind == DeviceKind::int4_groups) {
       return w.layout == kc::Int4Layout::rows &&
              w.int4_kernel[kc::int4_row_range(1)] == kc::Int4Kernel::gemv_half2;
@@ -339,6 +340,8 @@ struct CudaLlamaModel::Impl {
   kernels::Status project_rope_kv(const DeviceMatrix& w, const __half* x, const kc::RopeKvWriteShape& s,
                                   const int32_t* pos, const int32_t* seq, const int32_t* tables,
                                   __half* q_out, __half* k_cache, __half* v_cache, int32_t* error_flag) {
+    // The kernel takes its rows from the heads: they must be the matrix's.
+    if (w.n_out != (s.n_head + 2 * s.n_head_kv) * s.head_dim) return kernels::Status::invalid_argument;
     const auto* wd = w.mem->as<uint8_t>();
     const kc::Int4GroupsMatrix op = int4_operands(w);  // the INT4 arrays (rows)
     const bool pdl = options.programmatic_launch;
@@ -352,6 +355,7 @@ struct CudaLlamaModel::Impl {
   // One token's stacked gate / up projection and SwiGLU in one kernel (fuses_one_row): act, [1, n_ff]
   // fp16, as project then swiglu_f32_to_f16 write it.
   kernels::Status project_swiglu(const DeviceMatrix& w, const __half* x, __half* act) {
+    if (w.n_out % 2 != 0) return kernels::Status::invalid_argument;  // [gate | up], n_ff rows each
     const auto* wd = w.mem->as<uint8_t>();
     const kc::Int4GroupsMatrix op = int4_operands(w);  // the INT4 arrays (rows)
     const bool pdl = options.programmatic_launch;
@@ -421,7 +425,7 @@ struct CudaLlamaModel::Impl {
   // layers (CudaFusionChoice::site_names) and matrix shape there that the half2 GEMV takes, the fused
   // half2 kernel timed against the shape's chosen one-row kernel plus the kernel the fusion saves, on
   // the site's matrices and scratch buffers; the faster kept (the half2 GEMV at one row, or
-  // fusion_slower). Records fusion_choices. Called by choose_int4_kernels after the choices per shape.
+  // fusion_off). Records fusion_choices. Called by choose_int4_kernels after the choices per shape.
   void choose_one_row_fusions();
   void validate(const ForwardBatch& batch, const CudaKvCache& cache) const;
   struct Plan;

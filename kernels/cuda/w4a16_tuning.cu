@@ -323,12 +323,17 @@ Status tune_int4_groups(const std::vector<Int4GroupsMatrix>& matrices, int64_t g
     }
     // The least of nine noisy times is biased low: the kept shape is timed once more for the choice
     // among kernels, which keeps its default unless another is kInt4MinGain faster (so that noise does
-    // not move a model to the half2 GEMV's bits on one load and not the next).
+    // not move a model to the half2 GEMV's bits on one load and not the next). Timed again no faster
+    // than the default shape (or refused this time), the default it is.
     if (out.half2_variant != 0) {
       double again = 0.0;
       const Status st = time(Int4Kernel::gemv_half2, 1, again, out.half2_variant);
       if (st != Status::ok) return st;
-      if (again > 0.0) half2_us = again;
+      if (again > 0.0 && again < out.half2_variant_us[0]) {
+        half2_us = again;
+      } else {
+        out.half2_variant = 0;
+      }
     }
   }
   err = cudaStreamSynchronize(stream);

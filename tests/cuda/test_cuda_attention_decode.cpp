@@ -277,6 +277,22 @@ TEST(CudaAttentionDecode, BadMetadataRaisesTheFlagWithoutFaulting) {
     pr.shape.max_q_len = 1;
     run_bad(pr, scale, /*every_row_written=*/false);
   }
+  // A bad id in a later tile of a split, the tile gathered into registers while the block works on
+  // the one before: a negative id at positions 48..63 (split 0's second tile of 32 at a 64-position
+  // split), and one past the cache at 96..99 (the fourth tile of an automatic split). The other
+  // sequence's rows are what they are without it, bit for bit.
+  for (const bool negative : {true, false}) {
+    SCOPED_TRACE(negative ? "negative id in the second tile" : "id past the cache in the fourth tile");
+    Problem pr = make_problem({negative ? 65 : 100, 20}, {1, 1}, 4, 2, 128, 16, negative ? 64 : 0, rng);
+    int32_t flag = -1;
+    const auto good = run(pr, scale, &flag);
+    EXPECT_EQ(flag, 0);
+    pr.tables[negative ? 3 : 6] = negative ? -7 : static_cast<int32_t>(pr.shape.num_blocks);
+    const auto got = run_bad(pr, scale, /*every_row_written=*/true);
+    ASSERT_EQ(got.size(), good.size());
+    const size_t row = static_cast<size_t>(pr.shape.n_head * pr.shape.head_dim);  // sequence 1's one query
+    EXPECT_TRUE(std::equal(got.begin() + row, got.end(), good.begin() + row));
+  }
 }
 
 // Several splits (32 positions each) with the one-kernel combine's edge cases (run() compares both
@@ -311,6 +327,13 @@ TEST(CudaAttentionDecode, SplitEdgeCasesCombineAlikeInOneKernel) {
     pr.shape.max_q_len = 1;
     pr.seq_lens[2] = -5;
     run_bad(pr, scale, /*every_row_written=*/false);
+  }
+  {  // splits of three tiles (96 positions), so that each split gathers its next tiles ahead
+    const Problem pr = make_problem({96, 97, 200, 31}, {1, 2, 1, 4}, 8, 2, 128, 16, 96, rng);
+    int32_t flag = -1;
+    const auto got = run(pr, scale, &flag);
+    EXPECT_EQ(flag, 0);
+    EXPECT_EQ(compare_with_reference(pr, scale, got), 0);
   }
 }
 

@@ -366,9 +366,15 @@ TEST(W4A16Tuning, TimesEveryCandidateOnTheDeviceAndChoosesByTheRule) {
         fastest_variant = v;
       }
     }
-    EXPECT_EQ(t.half2_variant, fastest_variant);
+    // The fastest kept where timed again it was still faster than the default shape, else the default.
+    EXPECT_TRUE(t.half2_variant == fastest_variant || t.half2_variant == 0) << t.half2_variant;
     EXPECT_EQ(on_tiles.half2_variant, 0);
     EXPECT_GT(t.us[0][half2][0], 0.0);  // the kept shape's (timed again where not the default)
+    if (t.half2_variant != 0) {
+      EXPECT_LT(t.us[0][half2][0], t.half2_variant_us[0]);
+    } else if (group == 128) {
+      EXPECT_EQ(t.us[0][half2][0], t.half2_variant_us[0]);
+    }
     // The kept shape's product is the default shape's, bit for bit.
     {
       std::vector<uint16_t> x_host(static_cast<size_t>(k));

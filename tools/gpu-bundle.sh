@@ -24,7 +24,8 @@ exclude="$(git -C "$root" rev-parse --path-format=absolute --git-path info/exclu
 grep -qs '^/.gpu/' "$exclude" 2>/dev/null || { mkdir -p "$(dirname "$exclude")"; echo '/.gpu/' >>"$exclude"; }
 grep -qs '^/.gpu.tar.xz' "$exclude" 2>/dev/null || echo '/.gpu.tar.xz' >>"$exclude"
 [ -x "$build/bin/nibble" ] || { echo "gpu-bundle: $build/bin/nibble not found (configure with -DNIBBLE_CUDA=ON and build)" >&2; exit 1; }
-rm -rf "$out"
+# (the old archive too: a bundle that fails below must not leave the last one to be carried)
+rm -rf "$out" "$root/.gpu.tar.xz"
 mkdir -p "$out/bin" "$out/tests" "$out/lib"
 cp "$build/bin/nibble" "$out/bin/"
 # Hardware counters of the decode GEMVs (CUPTI; the device machine has no Nsight Compute): the tool, and
@@ -64,7 +65,9 @@ fi
 # Open MPI's own libraries and plugins resolve inside .gpu/mpi; their dependencies come here too.
 {
   for f in "$out"/bin/* "$out"/tests/*; do ldd "$f"; done
-  [ -d "$out/mpi" ] && find "$out/mpi" -type f \( -name '*.so*' -o -path '*/bin/*' \) -exec ldd {} \; 2>/dev/null
+  if [ -d "$out/mpi" ]; then
+    find "$out/mpi" -type f \( -name '*.so*' -o -path '*/bin/*' \) -exec ldd {} \; 2>/dev/null || true
+  fi
 } | awk '/=> \//{print $3}' | sort -u |
   grep -Ev '/(libc|libm|libdl|librt|libpthread|libresolv|libutil|libnsl|libanl|libgcc_s|libstdc\+\+|ld-linux[^/]*)\.so|/libcu(da|dart|blas|blasLt)\.so|/libnccl\.so|/openmpi/lib/|/pmix2/lib/' |
   while read -r lib; do cp -L "$lib" "$out/lib/"; done
@@ -86,6 +89,19 @@ phase="${1:-all}"
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 out="${OUT:-$here/out}"
 mkdir -p "$out"
+case "$phase" in
+  all | tests | bench | mpi | kernels | e2e | e2e-more | e2e-cutlass | metrics | sanitize | profile) ;;
+  *)
+    echo "run.sh: unknown phase '$phase' (all, tests, bench, mpi, kernels, e2e, e2e-more, e2e-cutlass, metrics, sanitize, profile)" >&2
+    exit 2
+    ;;
+esac
+# A switch set earlier in this device call (a failed test binary, a kernel table that broke the device)
+# is a file in $OUT: every later run.sh of the same call reads it back, so the feature stays off.
+[ -f "$out/cutlass-disabled" ] && export NIBBLE_DISABLE_CUTLASS=1
+[ -f "$out/half2-default-shape" ] && export NIBBLE_HALF2_DEFAULT_SHAPE=1
+# What nibble reads: set to anything but 0.
+cutlass_off() { [ -n "${NIBBLE_DISABLE_CUTLASS:-}" ] && [ "$NIBBLE_DISABLE_CUTLASS" != 0 ]; }
 # Python (PyTorch) runs with the machine's own library path: the bundled Debian libraries (zlib, ...)
 # are older than the image's and are for Nibble's binaries only.
 python_ld="${LD_LIBRARY_PATH:-}"
@@ -93,7 +109,8 @@ export LD_LIBRARY_PATH="$here/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
 # NCCL is not part of the CUDA toolkit and too big to carry (~200 MB): where the loader cannot find a
 # library, look in the NVIDIA wheels PyPI's PyTorch brings (nvidia/*/lib: nvidia-nccl-cu13, ...),
 # after everything else, so that the toolkit's own libraries keep precedence.
-if ldd "$here/bin/nibble" | grep -q "not found"; then
+# (the output captured first: grep -q quitting early would fail ldd's write under pipefail)
+if ldd "$here/bin/nibble" 2>&1 | grep -c "not found" >/dev/null; then
   for d in $(LD_LIBRARY_PATH="$python_ld" python3 -c 'import glob, os, sys
 print(" ".join(sorted({os.path.dirname(p) for sp in sys.path if sp for p in glob.glob(os.path.join(sp, "nvidia", "*", "lib", "lib*.so*"))})))' 2>/dev/null); do
     LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$d"
@@ -110,7 +127,11 @@ status=0
 if [ "$phase" = all ] || [ "$phase" = tests ]; then
 # Each binary under a time limit: a device session has ~15 minutes in all, and a hung kernel must not
 # take the benchmarks' share.
-binaries=("$here"/tests/test_cuda_*)
+# The binaries of features with a switch (below) first, so that a failure there protects all the rest.
+binaries=()
+for t in "$here"/tests/test_cuda_w4a16_gemm_cutlass "$here"/tests/test_cuda_w4a16_gemv_half2 "$here"/tests/test_cuda_*; do
+  case " ${binaries[*]-} " in *" $t "*) ;; *) [ -x "$t" ] && binaries+=("$t") ;; esac
+done
 if [ -n "${2:-}" ]; then binaries=(); for name in $2; do binaries+=("$here/tests/$name"); done; fi
 for t in "${binaries[@]}"; do
   limit=120
@@ -206,12 +227,18 @@ LD_LIBRARY_PATH="$python_ld" timeout 120 python3 "$(dirname "$here")/tools/bench
   echo "tinygemm failed: $(tail -3 "$out/tinygemm.log")"
 tg=(); [ -s "$out/tinygemm.json" ] && tg=(--tinygemm "$out/tinygemm.json")
 # ${tg[@]+...}: an empty array under set -u (bash before 4.4 calls it unbound).
-timeout -k 10 240 "$here/bin/nibble" bench-gpu ${tg[@]+"${tg[@]}"} 2>&1 | tee "$out/bench-gpu.txt" || status=1
+timeout -k 10 240 "$here/bin/nibble" bench-gpu ${tg[@]+"${tg[@]}"} 2>&1 | tee "$out/bench-gpu.txt"
+table_rc=${PIPESTATUS[0]}
+[ "$table_rc" -eq 0 ] || status=1
 # A column's kernel that fails leaves '-' (the table goes on); one that breaks the device ends the
-# table early (no footer): then once more without the CUTLASS columns, the kernels new on this GPU.
-if ! grep -q "W4A16 = GGUF" "$out/bench-gpu.txt" && [ -z "${NIBBLE_DISABLE_CUTLASS:-}" ]; then
-  echo "run.sh: the kernel table ended early; again with NIBBLE_DISABLE_CUTLASS=1" | tee "$out/bench-gpu-no-cutlass.txt"
-  NIBBLE_DISABLE_CUTLASS=1 timeout -k 10 200 "$here/bin/nibble" bench-gpu ${tg[@]+"${tg[@]}"} 2>&1 |
+# table early (exit 1, the rows so far printed; or no footer, killed): then once more without the
+# CUTLASS columns, the kernels new on this GPU, and CUTLASS stays off for the rest of this call.
+if { [ "$table_rc" -ne 0 ] || ! grep -q "W4A16 = GGUF" "$out/bench-gpu.txt"; } && ! cutlass_off; then
+  echo "run.sh: the kernel table ended early (exit $table_rc); again with NIBBLE_DISABLE_CUTLASS=1" |
+    tee "$out/bench-gpu-no-cutlass.txt"
+  export NIBBLE_DISABLE_CUTLASS=1
+  echo "kernel table exit $table_rc" >"$out/cutlass-disabled"
+  timeout -k 10 200 "$here/bin/nibble" bench-gpu ${tg[@]+"${tg[@]}"} 2>&1 |
     tee -a "$out/bench-gpu-no-cutlass.txt" || status=1
 fi
 fi
@@ -240,9 +267,14 @@ timeout 90 "$here/bin/nibble" bench-gpu --model dummy:llama-70b --int4-kernels h
 timeout 150 "$here/bin/nibble" bench-gpu --model dummy:llama-70b --int4-layout measured --batch 1,8,32,64 "${e2e[@]}" 2>&1 |
   tee "$out/bench-gpu-e2e-measured.txt" || status=1
 gpu_mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)
-if [ "${gpu_mib:-0}" -ge 120000 ]; then cutlass=(--cutlass-gemm); else cutlass=(--int4-layout cutlass); fi
-timeout 150 "$here/bin/nibble" bench-gpu --model dummy:llama-70b "${cutlass[@]}" --batch 1,8,32,64 "${e2e[@]}" 2>&1 |
-  tee "$out/bench-gpu-e2e-cutlass.txt" || status=1
+case "$gpu_mib" in '' | *[!0-9]*) gpu_mib=0 ;; esac  # nothing, or [N/A]: the one-copy layout
+if [ "$gpu_mib" -ge 120000 ]; then cutlass=(--cutlass-gemm); else cutlass=(--int4-layout cutlass); fi
+if cutlass_off; then
+  echo "run.sh: llama-70b on CUTLASS skipped: CUTLASS is switched off in this call" | tee "$out/bench-gpu-e2e-cutlass.txt"
+else
+  timeout 150 "$here/bin/nibble" bench-gpu --model dummy:llama-70b "${cutlass[@]}" --batch 1,8,32,64 "${e2e[@]}" 2>&1 |
+    tee "$out/bench-gpu-e2e-cutlass.txt" || status=1
+fi
 fi
 if [ "$phase" = e2e-cutlass ]; then
 e2e=(--gen-tokens 16 --repetitions 3 --prompt-tokens 256 --prefill-batch 4 ${NIBBLE_E2E_FLAGS:-})
@@ -255,7 +287,8 @@ e2e=(--gen-tokens 16 --repetitions 3 --prompt-tokens 256 --prefill-batch 4 ${NIB
 # fortune-target-f16 to NIBBLE_BUNDLE_FIXTURES); its Q4_0 draft is made here by the quantizer.
 target="$here/fixtures/models/fortune-target-f16.gguf"
 if [ -f "$target" ]; then
-  "$here/bin/nibble" quantize -m "$target" -o "$here/fortune-target-q4_0.gguf" --type q4_0 --pure >/dev/null &&
+  timeout 60 "$here/bin/nibble" quantize -m "$target" -o "$here/fortune-target-q4_0.gguf" --type q4_0 --pure \
+    >"$out/quantize.log" 2>&1 &&
     timeout 60 "$here/bin/nibble" bench-spec --device cuda --model "$target" --draft "$here/fortune-target-q4_0.gguf" \
       --batch 1,8,32 --gen-tokens 128 --repetitions 3 2>&1 | tee "$out/bench-spec-gpu.txt" || status=1
 else
@@ -274,4 +307,10 @@ chmod +x "$out/run.sh"
 # default level, 45 at -9e in the ninth session; ~1.5 minutes here, decompression is as fast).
 XZ_OPT=-9e tar -C "$root" -cJf "$root/.gpu.tar.xz" .gpu
 du -sh "$out" "$root/.gpu.tar.xz" | awk '{printf "gpu-bundle: %s in %s\n", $1, $2}'
-echo "gpu-bundle: device tool: carry [\".gpu.tar.xz\"], command \"tar xJf .gpu.tar.xz && bash .gpu/run.sh\" (at most 64 MiB with the tree)"
+# The device tool carries at most 64 MiB with the tree (tracked and untracked files, ~4 MB): leave 6.
+archive_mib=$(( $(stat -c %s "$root/.gpu.tar.xz") >> 20 ))
+if [ "$archive_mib" -gt 58 ]; then
+  echo "gpu-bundle: the archive is ${archive_mib} MiB: with the tree it would pass the device tool's 64 MiB (bundle fewer fixtures: NIBBLE_BUNDLE_FIXTURES)" >&2
+  exit 1
+fi
+echo "gpu-bundle: device tool: carry [\".gpu.tar.xz\"], command \"tar xJf .gpu.tar.xz && bash .gpu/run.sh tests ...\" (docs/perf/gpu.md: the two device calls; a whole run.sh passes one call's 600 s)"

@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <initializer_list>
 #include <iterator>
@@ -958,12 +959,15 @@ CudaLlamaModel::CudaLlamaModel(std::shared_ptr<const model::LlamaCheckpoint> che
   const bool wants_cutlass = options.cutlass_gemm || options.int4_layout == Int4Layout::cutlass;
   const char* cutlass_what = options.cutlass_gemm ? "cutlass_gemm" : "int4_layout cutlass";
   if (wants_cutlass && !kc::w4a16_cutlass_supported()) {
-    throw std::invalid_argument(std::string(cutlass_what) +
-                                (kc::w4a16_cutlass_built()
-                                     ? ": the CUTLASS GEMM needs a compute capability 9.0 GPU (H100 / H200); "
-                                       "this one is not"
-                                     : ": this build has no CUTLASS GEMM (CUTLASS was not found at configure "
-                                       "time: tools/fetch-cutlass.sh)"));
+    const char* off = std::getenv("NIBBLE_DISABLE_CUTLASS");
+    const bool switched_off = off != nullptr && *off != '\0' && std::strcmp(off, "0") != 0;
+    throw std::invalid_argument(
+        std::string(cutlass_what) +
+        (!kc::w4a16_cutlass_built() ? ": this build has no CUTLASS GEMM (CUTLASS was not found at configure "
+                                      "time: tools/fetch-cutlass.sh)"
+         : switched_off
+             ? ": the CUTLASS GEMM is switched off (NIBBLE_DISABLE_CUTLASS is set)"
+             : ": the CUTLASS GEMM needs a compute capability 9.0 GPU (H100 / H200); this one is not"));
   }
   cuda_check(cudaStreamCreateWithFlags(&m.stream, cudaStreamNonBlocking), "cudaStreamCreate");
   cublas_check(cublasCreate(&m.cublas), "cublasCreate");

@@ -9,6 +9,7 @@
 
 #include "kernels/cuda/int4_groups.cuh"
 #include "kernels/cuda/int4_tiles.cuh"
+#include "kernels/cuda/launch_status.cuh"
 #include "kernels/cuda/random_weights.cuh"
 #include "kernels/int4_groups.hpp"
 #include "kernels/int4_tiles.hpp"
@@ -26,8 +27,10 @@ void cuda_check(cudaError_t err, const char* what) {
 
 void check_status(kernels::Status status, const char* what) {
   if (status != kernels::Status::ok) {
-    // A failed launch leaves its error in the runtime; name it when there is one.
-    const cudaError_t err = cudaGetLastError();
+    // Name the CUDA error behind it: one still pending in the runtime, else the one the launcher took
+    // from it (kernels/cuda/launch_status.cuh).
+    cudaError_t err = cudaGetLastError();
+    if (err == cudaSuccess && status == kernels::Status::device_error) err = kc::last_launch_error();
     throw std::runtime_error(std::string("CUDA ") + what + " failed: " + kernels::status_name(status) +
                              (err != cudaSuccess ? std::string(" (") + cudaGetErrorString(err) + ")" : ""));
   }

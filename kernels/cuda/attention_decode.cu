@@ -28,6 +28,7 @@
 #include "kernels/cuda/attention_decode.cuh"
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/dependent_launch.cuh"
+#include "kernels/cuda/launch_status.cuh"
 
 namespace nibble::kernels::cuda {
 namespace {
@@ -443,15 +444,14 @@ Status attention_decode(const DecodeAttentionShape& shape, const __half* q, cons
       shape.head_dim == 64
           ? launch_split_rows<64>(rpw, prm, plan, shape.n_head_kv, shape.n_seqs, stream, programmatic)
           : launch_split_rows<128>(rpw, prm, plan, shape.n_head_kv, shape.n_seqs, stream, programmatic);
-  if (split != cudaSuccess || cudaGetLastError() != cudaSuccess) return Status::device_error;
+  if (launch_status(split) != Status::ok) return Status::device_error;
   if (prm.single_split || prm.counters != nullptr) return Status::ok;  // pass 2 ran in pass 1
   const dim3 grid2(static_cast<unsigned>(shape.n_head), static_cast<unsigned>(shape.n_seqs));
   const cudaError_t combine =
       shape.head_dim == 64
           ? detail::launch_kernel(combine_kernel<64>, grid2, dim3(kThreads), 0, stream, programmatic, prm)
           : detail::launch_kernel(combine_kernel<128>, grid2, dim3(kThreads), 0, stream, programmatic, prm);
-  const cudaError_t last = cudaGetLastError();
-  return combine == cudaSuccess && last == cudaSuccess ? Status::ok : Status::device_error;
+  return launch_status(combine);
 }
 
 }  // namespace nibble::kernels::cuda

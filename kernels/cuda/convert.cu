@@ -6,6 +6,7 @@
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/convert.cuh"
 #include "kernels/cuda/dependent_launch.cuh"
+#include "kernels/cuda/launch_status.cuh"
 
 namespace nibble::kernels::cuda {
 namespace {
@@ -43,7 +44,7 @@ Status f16_to_f32(const __half* x, float* y, int64_t n, cudaStream_t stream) {
   int64_t blocks = (n + kThreads - 1) / kThreads;
   if (blocks > kMaxBlocks) blocks = kMaxBlocks;
   f16_to_f32_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(x, y, n);
-  return cudaGetLastError() == cudaSuccess ? Status::ok : Status::device_error;
+  return launch_status();
 }
 
 Status gather_rows_f16(const __half* src, int64_t src_rows, int64_t n_cols, const int32_t* rows,
@@ -53,7 +54,7 @@ Status gather_rows_f16(const __half* src, int64_t src_rows, int64_t n_cols, cons
   if (n_rows == 0) return Status::ok;
   gather_rows_kernel<<<static_cast<unsigned>(n_rows), kThreads, 0, stream>>>(src, src_rows, n_cols, rows, dst,
                                                                              error_flag);
-  return cudaGetLastError() == cudaSuccess ? Status::ok : Status::device_error;
+  return launch_status();
 }
 
 }  // namespace nibble::kernels::cuda

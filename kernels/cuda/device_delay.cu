@@ -1,4 +1,5 @@
 #include "kernels/cuda/device_delay.cuh"
+#include "kernels/cuda/launch_status.cuh"
 
 namespace nibble::kernels::cuda {
 namespace {
@@ -21,7 +22,7 @@ Status device_delay(int64_t nanoseconds, cudaStream_t stream) {
   if (nanoseconds < 0 || nanoseconds > kMaxNanoseconds) return Status::invalid_argument;
   if (nanoseconds == 0) return Status::ok;
   device_delay_kernel<<<1, 1, 0, stream>>>(static_cast<uint64_t>(nanoseconds));
-  return cudaGetLastError() == cudaSuccess ? Status::ok : Status::device_error;
+  return launch_status();
 }
 
 }  // namespace nibble::kernels::cuda

@@ -6,6 +6,7 @@
 
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/embedding.cuh"
+#include "kernels/cuda/launch_status.cuh"
 
 namespace nibble::kernels::cuda {
 namespace {
@@ -100,7 +101,7 @@ Status embedding_lookup_f16(const void* table, DType type, int64_t n_rows, int64
           <<<grid, kThreads, 0, stream>>>(tb, n_rows, n_embd, rb, row_begin, ids, o, out_of_range);
       break;
   }
-  return cudaGetLastError() == cudaSuccess ? Status::ok : Status::device_error;
+  return launch_status();
 }
 
 }  // namespace nibble::kernels::cuda

@@ -4,6 +4,7 @@
 #include <cuda_runtime.h>
 
 #include "kernels/cuda/int4_groups.cuh"
+#include "kernels/cuda/launch_status.cuh"
 #include "kernels/quant_types.hpp"
 
 namespace nibble::kernels::cuda {
@@ -53,7 +54,7 @@ Status int4_groups_from_q4_0(const uint8_t* blocks, int64_t n_out, int64_t k, in
   int4_groups_from_q4_0_kernel<<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(
       reinterpret_cast<const uint16_t*>(blocks), n_blocks, group / kQK4_0, reinterpret_cast<uint4*>(quants),
       scales, zeros, mismatch);
-  return cudaGetLastError() == cudaSuccess ? Status::ok : Status::device_error;
+  return launch_status();
 }
 
 }  // namespace nibble::kernels::cuda

@@ -1,6 +1,7 @@
 #include <cuda_runtime.h>
 
 #include "kernels/cuda/int4_tiles.cuh"
+#include "kernels/cuda/launch_status.cuh"
 #include "kernels/cuda/w4a16_weights.cuh"
 #include "kernels/int4_tiles.hpp"
 
@@ -104,7 +105,7 @@ Status int4_tiles_from_groups(const uint8_t* quants, const uint16_t* scales, con
     tile_pairs_kernel<<<static_cast<unsigned>(pair_blocks), kThreads, 0, stream>>>(
         scales, zeros, group, k, groups, stages, chunk_bytes, tiles);
   }
-  return cudaGetLastError() == cudaSuccess ? Status::ok : Status::device_error;
+  return launch_status();
 }
 
 Status q4_k_tiles_from_blocks(const uint8_t* blocks, int64_t n_out, int64_t k, uint8_t* tiles,
@@ -121,7 +122,7 @@ Status q4_k_tiles_from_blocks(const uint8_t* blocks, int64_t n_out, int64_t k, u
     return Status::device_error;
   tile_q4_k_kernel<<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(blocks, super_blocks, stages,
                                                                          int4_tiles_chunk_bytes(32), tiles);
-  return cudaGetLastError() == cudaSuccess ? Status::ok : Status::device_error;
+  return launch_status();
 }
 
 }  // namespace nibble::kernels::cuda

@@ -10,6 +10,7 @@
 
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/dependent_launch.cuh"
+#include "kernels/cuda/launch_status.cuh"
 #include "kernels/cuda/paged_attention.cuh"
 
 namespace nibble::kernels::cuda {
@@ -143,7 +144,7 @@ Status paged_attention_f16(const PagedAttentionShape& s, const __half* q, const 
   p.scale = scale;
   const dim3 grid(static_cast<unsigned>(s.tokens), static_cast<unsigned>(head_groups));
   paged_attention_kernel<<<grid, kThreads, 0, stream>>>(p);
-  return cudaGetLastError() == cudaSuccess ? Status::ok : Status::device_error;
+  return launch_status();
 }
 
 }  // namespace nibble::kernels::cuda

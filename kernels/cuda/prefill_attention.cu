@@ -11,6 +11,7 @@
 #include <cmath>
 
 #include "kernels/cuda/common.cuh"
+#include "kernels/cuda/launch_status.cuh"
 #include "kernels/cuda/prefill_attention.cuh"
 
 namespace nibble::kernels::cuda {
@@ -211,7 +212,7 @@ Status prefill_attention_f16(const PagedAttentionShape& s, const __half* q, cons
     prefill_attention_kernel<64><<<grid, kThreads, 0, stream>>>(p);
   else
     prefill_attention_kernel<128><<<grid, kThreads, 0, stream>>>(p);
-  return cudaGetLastError() == cudaSuccess ? Status::ok : Status::device_error;
+  return launch_status();
 }
 
 }  // namespace nibble::kernels::cuda

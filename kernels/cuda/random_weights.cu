@@ -5,6 +5,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "kernels/cuda/launch_status.cuh"
 #include "kernels/cuda/random_weights.cuh"
 #include "kernels/quant_types.hpp"
 #include "kernels/random_weights.hpp"
@@ -62,14 +63,14 @@ Status fill_random_halves(__half* p, int64_t n, float scale, uint64_t seed, cuda
   if (n < 0 || (n > 0 && p == nullptr)) return Status::invalid_argument;
   if (n == 0) return Status::ok;
   fill_random_halves_kernel<<<grid_for(n), kThreads, 0, stream>>>(p, n, scale, rw::key_of(seed));
-  return cudaGetLastError() == cudaSuccess ? Status::ok : Status::device_error;
+  return launch_status();
 }
 
 Status fill_random_bytes(uint8_t* p, int64_t n, uint8_t mask, uint64_t seed, cudaStream_t stream) {
   if (n < 0 || (n > 0 && p == nullptr)) return Status::invalid_argument;
   if (n == 0) return Status::ok;
   fill_random_bytes_kernel<<<grid_for(n), kThreads, 0, stream>>>(p, n, mask, rw::key_of(seed));
-  return cudaGetLastError() == cudaSuccess ? Status::ok : Status::device_error;
+  return launch_status();
 }
 
 Status fill_random_q4_0(uint8_t* blocks, int64_t n_out, int64_t k, uint64_t seed, cudaStream_t stream) {
@@ -81,7 +82,7 @@ Status fill_random_q4_0(uint8_t* blocks, int64_t n_out, int64_t k, uint64_t seed
   if (grid > kMaxBlocks) grid = kMaxBlocks;
   fill_random_q4_0_kernel<<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(
       blocks, n_blocks, rw::key_of(seed), random_q4_0_scale(k));
-  return cudaGetLastError() == cudaSuccess ? Status::ok : Status::device_error;
+  return launch_status();
 }
 
 }  // namespace nibble::kernels::cuda

@@ -16,6 +16,7 @@
 
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/dependent_launch.cuh"
+#include "kernels/cuda/launch_status.cuh"
 #include "kernels/cuda/residual_norm.cuh"
 
 namespace nibble::kernels::cuda {
@@ -98,8 +99,7 @@ Status add_rms_norm_f32(float* residual, const float* delta, const float* weight
   config.numAttrs = programmatic ? 2 : 1;
   const cudaError_t launched =
       cudaLaunchKernelEx(&config, add_rms_norm_kernel, residual, delta, weight, y, n, slice, eps);
-  const cudaError_t last = cudaGetLastError();
-  return launched == cudaSuccess && last == cudaSuccess ? Status::ok : Status::device_error;
+  return launch_status(launched);
 }
 
 }  // namespace nibble::kernels::cuda

@@ -8,6 +8,7 @@
 #include <cuda_runtime.h>
 
 #include "kernels/cuda/common.cuh"
+#include "kernels/cuda/launch_status.cuh"
 #include "kernels/cuda/rms_norm.cuh"
 
 namespace nibble::kernels::cuda {
@@ -53,7 +54,7 @@ Status rms_norm_f16(const __half* x, __half* residual, const float* weight, __ha
   if (rows > INT32_MAX) return Status::invalid_argument;  // grid x: at most 2^31 - 1 blocks
   if (rows == 0) return Status::ok;
   rms_norm_kernel<<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(x, residual, weight, y, n, eps);
-  return cudaGetLastError() == cudaSuccess ? Status::ok : Status::device_error;
+  return launch_status();
 }
 
 }  // namespace nibble::kernels::cuda

@@ -7,6 +7,7 @@
 
 #include <cmath>
 
+#include "kernels/cuda/launch_status.cuh"
 #include "kernels/cuda/rope.cuh"
 
 namespace nibble::kernels::cuda {
@@ -64,7 +65,7 @@ Status rope_normal_f16(__half* q, int64_t n_head, __half* k, int64_t n_head_kv, 
   rope_kernel<<<static_cast<unsigned>(tokens), kThreads, 0, stream>>>(
       q, n_head, k, k != nullptr ? n_head_kv : 0, positions, head_dim, static_cast<int>(rot_dims / 2),
       theta_scale);
-  return cudaGetLastError() == cudaSuccess ? Status::ok : Status::device_error;
+  return launch_status();
 }
 
 }  // namespace nibble::kernels::cuda

@@ -11,6 +11,7 @@
 
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/dependent_launch.cuh"
+#include "kernels/cuda/launch_status.cuh"
 #include "kernels/cuda/rope_kv_write.cuh"
 
 namespace nibble::kernels::cuda {
@@ -149,8 +150,7 @@ Status rope_kv_write(const RopeKvWriteShape& s, const float* q, const float* k, 
   const dim3 grid(static_cast<unsigned>(s.tokens), static_cast<unsigned>(s.n_head + s.n_head_kv));
   const cudaError_t launched =
       detail::launch_kernel(rope_kv_write_kernel, grid, dim3(kThreads), 0, stream, programmatic, p);
-  const cudaError_t last = cudaGetLastError();
-  return launched == cudaSuccess && last == cudaSuccess ? Status::ok : Status::device_error;
+  return launch_status(launched);
 }
 
 }  // namespace nibble::kernels::cuda

@@ -20,6 +20,7 @@
 #include <cub/device/device_segmented_radix_sort.cuh>
 
 #include "kernels/cuda/common.cuh"
+#include "kernels/cuda/launch_status.cuh"
 #include "kernels/cuda/sampling.cuh"
 
 namespace nibble::kernels::cuda {
@@ -271,7 +272,7 @@ Status apply_repetition_penalty(float* logits, int64_t rows, int64_t n_vocab, co
   if (rows == 0) return Status::ok;
   repetition_penalty_kernel<<<static_cast<unsigned>(rows), kPenaltyThreads, 0, stream>>>(logits, n_vocab, ids,
                                                                                          offsets, penalties);
-  return cudaGetLastError() == cudaSuccess ? Status::ok : Status::device_error;
+  return launch_status();
 }
 
 Status argmax_rows(const float* logits, int64_t rows, int64_t n_vocab, int32_t* ids, cudaStream_t stream) {
@@ -279,7 +280,7 @@ Status argmax_rows(const float* logits, int64_t rows, int64_t n_vocab, int32_t* 
   if (rows > INT32_MAX || n_vocab > INT32_MAX) return Status::invalid_argument;
   if (rows == 0) return Status::ok;
   argmax_kernel<<<static_cast<unsigned>(rows), kArgmaxThreads, 0, stream>>>(logits, n_vocab, ids);
-  return cudaGetLastError() == cudaSuccess ? Status::ok : Status::device_error;
+  return launch_status();
 }
 
 Status sample_rows_workspace_bytes(int64_t rows, int64_t n_vocab, size_t* bytes) {
@@ -324,7 +325,7 @@ Status select_rows(const float* logits, const SamplingRowParams* params, const d
   if (key_blocks > 65536) key_blocks = 65536;
   build_keys<<<static_cast<unsigned>(key_blocks), kKeyThreads, 0, stream>>>(logits, params, rows, n_vocab,
                                                                             keys_in, offsets);
-  if (cudaGetLastError() != cudaSuccess) return Status::device_error;
+  if (launch_status() != Status::ok) return Status::device_error;
   if (cub::DeviceSegmentedRadixSort::SortKeys(
           sort_storage, sort_bytes, keys_in, keys_out, static_cast<int>(n), static_cast<int>(rows),
           static_cast<const int32_t*>(offsets), static_cast<const int32_t*>(offsets + 1), 0, 64,
@@ -333,7 +334,7 @@ Status select_rows(const float* logits, const SamplingRowParams* params, const d
   }
   select_kernel<<<static_cast<unsigned>(rows), kSelectThreads, 0, stream>>>(keys_out, n_vocab, params,
                                                                             uniforms, ids, dense);
-  return cudaGetLastError() == cudaSuccess ? Status::ok : Status::device_error;
+  return launch_status();
 }
 
 }  // namespace

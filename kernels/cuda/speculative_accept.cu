@@ -4,6 +4,7 @@
 // rounding left the crossing just past it, the chunks after it) exactly as the CPU walks the row.
 #include <cuda_runtime.h>
 
+#include "kernels/cuda/launch_status.cuh"
 #include "kernels/cuda/speculative_accept.cuh"
 
 namespace nibble::kernels::cuda {
@@ -153,7 +154,7 @@ Status sample_dense_rows(const float* probs, const double* uniforms, int64_t row
   if (rows < 0 || rows > INT32_MAX || n_vocab < 1 || n_vocab > INT32_MAX) return Status::invalid_argument;
   if (rows == 0) return Status::ok;
   sample_dense_kernel<<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(probs, uniforms, n_vocab, ids);
-  return cudaGetLastError() == cudaSuccess ? Status::ok : Status::device_error;
+  return launch_status();
 }
 
 Status speculative_accept(const int32_t* draft_tokens, const int32_t* draft_counts, const float* draft_probs,
@@ -171,7 +172,7 @@ Status speculative_accept(const int32_t* draft_tokens, const int32_t* draft_coun
   accept_kernel<<<static_cast<unsigned>(seqs), kThreads, 0, stream>>>(draft_tokens, draft_counts, draft_probs,
                                                                       target_probs, uniforms, k_max, n_vocab,
                                                                       out_tokens, out_accepted, bad_input);
-  return cudaGetLastError() == cudaSuccess ? Status::ok : Status::device_error;
+  return launch_status();
 }
 
 }  // namespace nibble::kernels::cuda

@@ -5,6 +5,7 @@
 
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/dependent_launch.cuh"
+#include "kernels/cuda/launch_status.cuh"
 #include "kernels/cuda/swiglu.cuh"
 
 namespace nibble::kernels::cuda {
@@ -47,8 +48,7 @@ Status swiglu_f32_to_f16(const float* gate, const float* up, int64_t in_stride, 
   const cudaError_t launched =
       detail::launch_kernel(swiglu_f32_kernel, dim3(static_cast<unsigned>(blocks)), dim3(kThreads), 0, stream,
                             programmatic, gate, up, in_stride, out, n_ff, n);
-  const cudaError_t last = cudaGetLastError();
-  return launched == cudaSuccess && last == cudaSuccess ? Status::ok : Status::device_error;
+  return launch_status(launched);
 }
 
 Status swiglu_f16(const __half* gate, const __half* up, __half* out, int64_t n, cudaStream_t stream) {
@@ -57,7 +57,7 @@ Status swiglu_f16(const __half* gate, const __half* up, __half* out, int64_t n, 
   int64_t blocks = (n + kThreads - 1) / kThreads;
   if (blocks > kMaxBlocks) blocks = kMaxBlocks;
   swiglu_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(gate, up, out, n);
-  return cudaGetLastError() == cudaSuccess ? Status::ok : Status::device_error;
+  return launch_status();
 }
 
 }  // namespace nibble::kernels::cuda

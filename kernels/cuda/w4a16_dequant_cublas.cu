@@ -2,6 +2,7 @@
 
 #include <algorithm>
 
+#include "kernels/cuda/launch_status.cuh"
 #include "kernels/cuda/w4a16_dequant_cublas.cuh"
 #include "kernels/cuda/w4a16_weights.cuh"
 #include "kernels/int4_tiles.hpp"
@@ -97,7 +98,7 @@ Status launch_dequantize_blocks(Blocks blocks, int64_t k, int64_t row_begin, int
   if (grid > INT32_MAX) return Status::invalid_argument;
   dequantize_blocks_f16_kernel<Blocks>
       <<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(blocks, k, row_begin, units, out);
-  return cudaGetLastError() == cudaSuccess ? Status::ok : Status::device_error;
+  return launch_status();
 }
 
 template <bool Tiles>
@@ -109,7 +110,7 @@ Status launch_dequantize(const uint8_t* quants, const __half* scales, const uint
   if (blocks > INT32_MAX) return Status::invalid_argument;
   dequantize_int4_f16_kernel<Tiles><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
       quants, scales, zeros, group, k, row_begin, runs, out);
-  return cudaGetLastError() == cudaSuccess ? Status::ok : Status::device_error;
+  return launch_status();
 }
 
 bool valid_tiles(const uint8_t* tiles, int64_t group, int64_t n_out, int64_t k) {

@@ -12,6 +12,7 @@
 #include <mma.h>
 
 #include "kernels/cuda/dependent_launch.cuh"
+#include "kernels/cuda/launch_status.cuh"
 #include "kernels/cuda/mma.cuh"
 #include "kernels/cuda/w4a16_gemm.cuh"
 #include "kernels/cuda/w4a16_weights.cuh"
@@ -249,8 +250,7 @@ Status run(Blocks blocks, int64_t n_out, int64_t k, const __half* x, int64_t m, 
   const dim3 grid(static_cast<unsigned>(grid_x), static_cast<unsigned>(grid_y));
   const cudaError_t launched = detail::launch_kernel(gemm_w4a16_kernel<Blocks>, grid, dim3(kThreads), 0,
                                                      stream, programmatic, blocks, n_out, k, x, m, y);
-  const cudaError_t last = cudaGetLastError();
-  return launched == cudaSuccess && last == cudaSuccess ? Status::ok : Status::device_error;
+  return launch_status(launched);
 }
 
 }  // namespace
@@ -290,8 +290,7 @@ Status w4a16_gemm_int4_groups_mma(const uint8_t* quants, const __half* scales, c
   const cudaError_t launched =
       detail::launch_kernel(gemm_int4_groups_mma_kernel, grid, dim3(kThreads), 0, stream, programmatic,
                             quants, scales, zeros, blocks.group_shift, n_out, k, x, m, y);
-  const cudaError_t last = cudaGetLastError();
-  return launched == cudaSuccess && last == cudaSuccess ? Status::ok : Status::device_error;
+  return launch_status(launched);
 }
 
 Status w4a16_gemm_q4_k(const uint8_t* w, int64_t n_out, int64_t k, const __half* x, int64_t m, float* y,

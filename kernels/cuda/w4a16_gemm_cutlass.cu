@@ -6,6 +6,7 @@
 #include <cstring>
 #include <mutex>
 
+#include "kernels/cuda/launch_status.cuh"
 #include "kernels/cuda/w4a16_gemm_cutlass.cuh"
 
 #if defined(NIBBLE_HAVE_CUTLASS)
@@ -280,11 +281,11 @@ Status int4_cutlass_from_groups(const uint8_t* quants, const uint16_t* scales, c
   const int64_t eights = n_out * k / 8;
   reorder_quants_kernel<<<static_cast<unsigned>((eights + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
       quants, n_out, k, reordered_layout(n_out, k), quants_out);
-  if (cudaGetLastError() != cudaSuccess) return Status::device_error;
+  if (launch_status() != Status::ok) return Status::device_error;
   const int64_t pairs = n_out * groups;
   transpose_scales_kernel<<<static_cast<unsigned>((pairs + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
       scales, zeros, n_out, groups, scales_out, offsets_out);
-  if (cudaGetLastError() != cudaSuccess) return Status::device_error;
+  if (launch_status() != Status::ok) return Status::device_error;
 
   weights->quants = base;
   weights->scales = scales_out;

@@ -8,6 +8,7 @@
 #include <cuda_runtime.h>
 
 #include "kernels/cuda/dependent_launch.cuh"
+#include "kernels/cuda/launch_status.cuh"
 #include "kernels/cuda/mma.cuh"
 #include "kernels/cuda/w4a16_gemv.cuh"
 #include "kernels/cuda/w4a16_weights.cuh"
@@ -182,8 +183,7 @@ Status run(Blocks blocks, int64_t n_out, int64_t k, const __half* x, int64_t m, 
                                : mi <= 8  ? launch<8>(blocks, n_out, k, x, mi, y, stream, programmatic)
                                : mi <= 16 ? launch<16>(blocks, n_out, k, x, mi, y, stream, programmatic)
                                           : launch<32>(blocks, n_out, k, x, mi, y, stream, programmatic);
-  const cudaError_t last = cudaGetLastError();
-  return launched == cudaSuccess && last == cudaSuccess ? Status::ok : Status::device_error;
+  return launch_status(launched);
 }
 
 }  // namespace
@@ -228,8 +228,7 @@ Status w4a16_gemv_int4_groups_staged(const uint8_t* quants, const __half* scales
   const cudaError_t launched =
       detail::launch_kernel(gemv_int4_groups_staged_kernel, dim3(grid), dim3(kStagedThreads), 0, stream,
                             programmatic, blocks, n_out, k, x, y);
-  const cudaError_t last = cudaGetLastError();
-  return launched == cudaSuccess && last == cudaSuccess ? Status::ok : Status::device_error;
+  return launch_status(launched);
 }
 
 Status w4a16_gemv_q4_k(const uint8_t* w, int64_t n_out, int64_t k, const __half* x, int64_t m, float* y,

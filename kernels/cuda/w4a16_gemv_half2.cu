@@ -13,6 +13,7 @@
 
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/dependent_launch.cuh"
+#include "kernels/cuda/launch_status.cuh"
 #include "kernels/cuda/mma.cuh"
 #include "kernels/cuda/w4a16_gemv_half2.cuh"
 #include "kernels/cuda/w4a16_weights.cuh"
@@ -546,8 +547,7 @@ Status launch_half2_blocks(void (*kernel)(Params...), int64_t warps, int block_w
   const cudaError_t launched =
       detail::launch_kernel(kernel, dim3(static_cast<unsigned>(blocks)), dim3(block_warps * kWarpSize),
                             shared, stream, programmatic, std::forward<Args>(args)...);
-  const cudaError_t last = cudaGetLastError();
-  if (launched == cudaSuccess && last == cudaSuccess) return Status::ok;
+  if (launch_status(launched) == Status::ok) return Status::ok;
   {  // asked again next time (the facts may no longer hold)
     const std::lock_guard<std::mutex> lock(half2_shared_mutex);
     half2_shared_known.erase(key);

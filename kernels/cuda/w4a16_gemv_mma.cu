@@ -32,6 +32,7 @@
 #include <atomic>
 
 #include "kernels/cuda/dependent_launch.cuh"
+#include "kernels/cuda/launch_status.cuh"
 #include "kernels/cuda/mma.cuh"
 #include "kernels/cuda/w4a16_gemv_mma.cuh"
 #include "kernels/cuda/w4a16_weights.cuh"
@@ -624,8 +625,7 @@ Status launch_gemv_mma(const uint8_t* quants, const __half* scales, const uint8_
   const cudaError_t launched =
       cudaLaunchKernelEx(&config, gemv_int4_groups_mma_kernel<C>, quants, scales, zeros, blocks.group_shift,
                          n_out, k, x, static_cast<int>(m), y, stages_per_split);
-  const cudaError_t last = cudaGetLastError();
-  return launched == cudaSuccess && last == cudaSuccess ? Status::ok : Status::device_error;
+  return launch_status(launched);
 }
 
 }  // namespace

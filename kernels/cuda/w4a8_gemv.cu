@@ -2,6 +2,7 @@
 #include <cuda_runtime.h>
 
 #include "kernels/cuda/dependent_launch.cuh"
+#include "kernels/cuda/launch_status.cuh"
 #include "kernels/cuda/mma.cuh"
 #include "kernels/cuda/w4a16_weights.cuh"
 #include "kernels/cuda/w4a8_gemv.cuh"
@@ -314,8 +315,7 @@ Status launch(void (*kernel)(Weights, int64_t, int64_t, const __half*, float*), 
   const cudaError_t launched =
       detail::launch_kernel(kernel, dim3(static_cast<unsigned>(grid)), dim3(kThreads), smem, stream,
                             programmatic, weights, n_out, k, x, y);
-  const cudaError_t last = cudaGetLastError();
-  return launched == cudaSuccess && last == cudaSuccess ? Status::ok : Status::device_error;
+  return launch_status(launched);
 }
 
 }  // namespace

@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/cuda/launch_status.cuh"
 #include "kernels/cuda/residual_norm.cuh"
 #include "kernels/cuda/swiglu.cuh"
 #include "kernels/cuda/w4a16_gemm.cuh"
@@ -36,6 +37,26 @@ struct Case {
   kc::Int4GroupsLauncher kernel;
   int64_t m;
 };
+
+// A launcher's status keeps the CUDA error behind a device_error for the caller's message (the runtime's
+// own is cleared, so that the next launcher does not report it), and forgets it on the next success.
+// Host only; where the runtime has no driver (every call answers an error: this machine without a
+// GPU) the part that needs a clean runtime is skipped.
+TEST(LaunchStatus, KeepsTheErrorBehindADeviceErrorForTheCaller) {
+  EXPECT_EQ(kc::launch_status(cudaErrorInvalidConfiguration), Status::device_error);
+  EXPECT_EQ(kc::last_launch_error(), cudaErrorInvalidConfiguration);
+  if (cudaGetLastError() != cudaSuccess && cudaGetLastError() != cudaSuccess)
+    GTEST_SKIP() << "the CUDA runtime answers every call with an error here (no driver)";
+  EXPECT_EQ(kc::launch_status(cudaErrorInvalidConfiguration), Status::device_error);
+  EXPECT_EQ(cudaGetLastError(), cudaSuccess);  // nothing left pending for the next launcher
+  EXPECT_EQ(kc::launch_status(cudaSuccess), Status::ok);
+  EXPECT_EQ(kc::last_launch_error(), cudaSuccess);
+  // The error of a call that failed before the launcher asks: pending in the runtime, taken from it.
+  EXPECT_NE(cudaMemcpy(nullptr, nullptr, 1, static_cast<cudaMemcpyKind>(99)), cudaSuccess);
+  EXPECT_EQ(kc::launch_status(), Status::device_error);
+  EXPECT_NE(kc::last_launch_error(), cudaSuccess);
+  EXPECT_EQ(cudaGetLastError(), cudaSuccess);
+}
 
 TEST(CudaDependentLaunch, ProductsLaunchedProgrammaticallyReadTheNormsOutput) {
   NIBBLE_REQUIRE_CUDA_DEVICE();

@@ -95,8 +95,9 @@ Status int4_tiles_from_groups(const uint8_t* quants, const uint16_t* scales, con
   int64_t run_blocks = 0, pair_blocks = 0;
   if (!launch_ok(runs, run_blocks) || !launch_ok(groups, pair_blocks)) return Status::invalid_argument;
   if (bytes == 0) return Status::ok;
-  if (cudaMemsetAsync(tiles, 0, static_cast<size_t>(bytes), stream) != cudaSuccess)
-    return Status::device_error;
+  if (const cudaError_t err = cudaMemsetAsync(tiles, 0, static_cast<size_t>(bytes), stream);
+      err != cudaSuccess)
+    return launch_status(err);
   const int64_t stages = (k + kInt4TileInputs - 1) / kInt4TileInputs;
   const int64_t chunk_bytes = int4_tiles_chunk_bytes(group);
   if (run_blocks > 0) {
@@ -118,8 +119,9 @@ Status q4_k_tiles_from_blocks(const uint8_t* blocks, int64_t n_out, int64_t k, u
   if (!launch_ok(super_blocks, grid)) return Status::invalid_argument;
   const int64_t bytes = q4_k_tiles_bytes(n_out, k);
   if (bytes == 0) return Status::ok;
-  if (cudaMemsetAsync(tiles, 0, static_cast<size_t>(bytes), stream) != cudaSuccess)
-    return Status::device_error;
+  if (const cudaError_t err = cudaMemsetAsync(tiles, 0, static_cast<size_t>(bytes), stream);
+      err != cudaSuccess)
+    return launch_status(err);
   tile_q4_k_kernel<<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(blocks, super_blocks, stages,
                                                                          int4_tiles_chunk_bytes(32), tiles);
   return launch_status();

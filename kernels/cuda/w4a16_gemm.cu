@@ -281,9 +281,8 @@ Status w4a16_gemm_int4_groups_mma(const uint8_t* quants, const __half* scales, c
   const int64_t grid_y = (m + kMmaBM - 1) / kMmaBM;
   if (grid_x > INT32_MAX || grid_y > 65535) return Status::invalid_argument;
   if (n_out == 0 || k == 0) {
-    if (n_out > 0 &&
-        cudaMemsetAsync(y, 0, static_cast<size_t>(m * n_out) * sizeof(float), stream) != cudaSuccess)
-      return Status::device_error;
+    if (n_out > 0)
+      return launch_status(cudaMemsetAsync(y, 0, static_cast<size_t>(m * n_out) * sizeof(float), stream));
     return Status::ok;
   }
   const dim3 grid(static_cast<unsigned>(grid_x), static_cast<unsigned>(grid_y));

@@ -482,15 +482,14 @@ std::map<std::pair<const void*, int>, Half2KernelShared> half2_shared_known;
 // the device's blocks cannot have that much with the kernel's static shared memory (sm_120's 99 KB, for
 // a long row), else the launch. The kernel's dynamic shared memory attribute is raised, when a launch
 // needs more, to all the device allows, never lowered, so that launches of different lengths (and
-// threads) cannot undo each other's. A failure leaves no error behind for the next launcher to find.
+// threads) cannot undo each other's. A failure leaves no error behind for the next launcher to find
+// (launch_status takes it, for the caller's message).
 template <typename... Params, typename... Args>
 Status launch_half2_blocks(void (*kernel)(Params...), int64_t warps, int block_warps, bool persistent,
                            size_t shared, cudaStream_t stream, bool programmatic, Args&&... args) {
   int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) {
-    cudaGetLastError();
-    return Status::device_error;
-  }
+  const cudaError_t got_device = cudaGetDevice(&device);
+  if (got_device != cudaSuccess) return launch_status(got_device);
   const auto key = std::make_pair(reinterpret_cast<const void*>(kernel), device);
   {
     const std::lock_guard<std::mutex> lock(half2_shared_mutex);
@@ -498,12 +497,10 @@ Status launch_half2_blocks(void (*kernel)(Params...), int64_t warps, int block_w
     if (it == half2_shared_known.end()) {
       int device_limit = 0;
       cudaFuncAttributes attributes{};
-      if (cudaDeviceGetAttribute(&device_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) !=
-              cudaSuccess ||
-          cudaFuncGetAttributes(&attributes, kernel) != cudaSuccess) {
-        cudaGetLastError();
-        return Status::device_error;
-      }
+      cudaError_t err =
+          cudaDeviceGetAttribute(&device_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+      if (err == cudaSuccess) err = cudaFuncGetAttributes(&attributes, kernel);
+      if (err != cudaSuccess) return launch_status(err);
       it = half2_shared_known
                .emplace(key, Half2KernelShared{attributes.sharedSizeBytes,
                                                static_cast<size_t>(attributes.maxDynamicSharedSizeBytes),
@@ -515,11 +512,9 @@ Status launch_half2_blocks(void (*kernel)(Params...), int64_t warps, int block_w
     // Past what the kernel may take now, raised to all the device allows, never lowered: every raise
     // sets the same value.
     if (shared > s.dynamic_limit) {
-      if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               static_cast<int>(s.device_limit - s.static_bytes)) != cudaSuccess) {
-        cudaGetLastError();
-        return Status::device_error;
-      }
+      const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                   static_cast<int>(s.device_limit - s.static_bytes));
+      if (err != cudaSuccess) return launch_status(err);
       s.dynamic_limit = s.device_limit - s.static_bytes;
     }
   }
@@ -534,12 +529,10 @@ Status launch_half2_blocks(void (*kernel)(Params...), int64_t warps, int block_w
     auto it = resident.find(key);
     if (it == resident.end()) {
       int per_sm = 0, sms = 0;
-      if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, block_warps * kWarpSize, shared) !=
-              cudaSuccess ||
-          cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
-        cudaGetLastError();
-        return Status::device_error;
-      }
+      cudaError_t err =
+          cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, block_warps * kWarpSize, shared);
+      if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+      if (err != cudaSuccess) return launch_status(err);
       it = resident.emplace(key, std::max(1, per_sm) * static_cast<int64_t>(sms)).first;
     }
     blocks = std::min<int64_t>(blocks, it->second);
@@ -580,6 +573,7 @@ Status launch_int4(const uint8_t* quants, const __half* scales, const uint8_t* z
   if (out.warps() == 0) return Status::ok;
   const size_t shared = static_cast<size_t>(k) * sizeof(__half);
   if constexpr (Warps == kWarps && Batch == kBatch && !Persistent && MinBlocks == 1) {
+    if (blocks.group_shift < 0 || blocks.group_shift > 2) return Status::invalid_argument;  // not built
     const auto kernel = blocks.group_shift == 0   ? gemv_int4_groups_half2_kernel<0, Out>
                         : blocks.group_shift == 1 ? gemv_int4_groups_half2_kernel<1, Out>
                                                   : gemv_int4_groups_half2_kernel<2, Out>;

@@ -517,15 +517,14 @@ void choose_split(int64_t n_out, int64_t k, int sm_count, int max_cluster, int& 
 
 // cudaFuncSetAttribute for the dynamic shared memory (above the 48 KB default), once per device.
 template <class C, int GroupShift>
-bool allow_shared_memory(int device) {
+cudaError_t allow_shared_memory(int device) {
   static std::atomic<uint64_t> done{0};
   const uint64_t bit = device < 64 ? uint64_t{1} << device : 0;
-  if (bit != 0 && (done.load(std::memory_order_acquire) & bit) != 0) return true;
-  if (cudaFuncSetAttribute(gemv_int4_groups_mma_kernel<C, GroupShift>,
-                           cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes) != cudaSuccess)
-    return false;
-  done.fetch_or(bit, std::memory_order_acq_rel);
-  return true;
+  if (bit != 0 && (done.load(std::memory_order_acquire) & bit) != 0) return cudaSuccess;
+  const cudaError_t err = cudaFuncSetAttribute(gemv_int4_groups_mma_kernel<C, GroupShift>,
+                                               cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes);
+  if (err == cudaSuccess) done.fetch_or(bit, std::memory_order_acq_rel);
+  return err;
 }
 
 // The largest cluster (8, 4, 2 or 1 blocks) of which the device can hold at least one at a time with
@@ -553,10 +552,8 @@ int max_cluster_size(int device) {
     config.numAttrs = 1;
     int clusters = 0;
     if (cudaOccupancyMaxActiveClusters(&clusters, gemv_int4_groups_mma_kernel<C, GroupShift>, &config) !=
-        cudaSuccess) {
-      cudaGetLastError();  // the query's error is not the caller's
-      return 0;
-    }
+        cudaSuccess)
+      return 0;  // its error left for the caller's launch_status
     if (clusters >= 1) {
       best = size;
       break;
@@ -603,8 +600,10 @@ Status launch_gemv_mma(const uint8_t* quants, const __half* scales, const uint8_
         return launch_gemv_mma_checked<C, 0>(quants, scales, zeros, n_out, k, x, m, y, stream, programmatic);
       case 1:
         return launch_gemv_mma_checked<C, 1>(quants, scales, zeros, n_out, k, x, m, y, stream, programmatic);
-      default:
+      case 2:
         return launch_gemv_mma_checked<C, 2>(quants, scales, zeros, n_out, k, x, m, y, stream, programmatic);
+      default:  // a group the kernels are not built for
+        return Status::invalid_argument;
     }
   }
 }
@@ -618,18 +617,18 @@ Status launch_gemv_mma_checked(const uint8_t* quants, const __half* scales, cons
   const int64_t slabs = (m + C::kRows - 1) / C::kRows;
   if (tiles > 65535 || slabs > INT32_MAX) return Status::invalid_argument;
   if (n_out == 0) return Status::ok;
-  if (k == 0) {
-    return cudaMemsetAsync(y, 0, static_cast<size_t>(m * n_out) * sizeof(float), stream) == cudaSuccess
-               ? Status::ok
-               : Status::device_error;
-  }
+  if (k == 0)
+    return launch_status(cudaMemsetAsync(y, 0, static_cast<size_t>(m * n_out) * sizeof(float), stream));
   int device = 0, sm_count = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
-      !allow_shared_memory<C, GroupShift>(device))
-    return Status::device_error;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device);
+  if (err == cudaSuccess) err = allow_shared_memory<C, GroupShift>(device);
+  if (err != cudaSuccess) return launch_status(err);
   const int max_cluster = max_cluster_size<C, GroupShift>(device);
-  if (max_cluster < 1) return Status::device_error;
+  if (max_cluster < 1) {  // the cluster query failed: its error is pending
+    const cudaError_t pending = cudaGetLastError();
+    return launch_status(pending != cudaSuccess ? pending : cudaErrorUnknown);
+  }
   int splits = 1, stages_per_split = 1;
   choose_split<C>(n_out, k, sm_count, max_cluster, splits, stages_per_split);
 

@@ -298,17 +298,19 @@ Status launch(void (*kernel)(Weights, int64_t, int64_t, const __half*, float*), 
               cudaStream_t stream, bool programmatic) {
   const size_t smem = S::bytes(m, k);
   int device = 0, max_smem = 0, sms = 0, per_sm = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
-    return Status::device_error;
+  // A failed call's error goes to launch_status (taken from the runtime, kept for the caller's message).
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess)
+    err = cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err != cudaSuccess) return launch_status(err);
   if (smem > static_cast<size_t>(max_smem)) return Status::invalid_argument;
-  if (smem > 48 * 1024 && cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                               static_cast<int>(smem)) != cudaSuccess)
-    return Status::device_error;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem) != cudaSuccess ||
-      per_sm < 1)
-    return Status::device_error;
+  if (smem > 48 * 1024)
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (err == cudaSuccess)
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem);
+  if (err == cudaSuccess && per_sm < 1) err = cudaErrorInvalidConfiguration;  // no block fits an SM
+  if (err != cudaSuccess) return launch_status(err);
   const int64_t wanted = (n_out + kWarps - 1) / kWarps;
   const int64_t resident = static_cast<int64_t>(sms) * (per_sm < kBlocksPerSm ? per_sm : kBlocksPerSm);
   const int64_t grid = wanted < resident ? wanted : resident;

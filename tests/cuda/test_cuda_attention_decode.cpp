@@ -287,6 +287,7 @@ TEST(CudaAttentionDecode, BadMetadataRaisesTheFlagWithoutFaulting) {
     int32_t flag = -1;
     const auto good = run(pr, scale, &flag);
     EXPECT_EQ(flag, 0);
+    ASSERT_EQ(good.size(), pr.q.size());
     pr.tables[negative ? 3 : 6] = negative ? -7 : static_cast<int32_t>(pr.shape.num_blocks);
     const auto got = run_bad(pr, scale, /*every_row_written=*/true);
     ASSERT_EQ(got.size(), good.size());
@@ -333,6 +334,7 @@ TEST(CudaAttentionDecode, SplitEdgeCasesCombineAlikeInOneKernel) {
     int32_t flag = -1;
     const auto got = run(pr, scale, &flag);
     EXPECT_EQ(flag, 0);
+    ASSERT_EQ(got.size(), pr.q.size());
     EXPECT_EQ(compare_with_reference(pr, scale, got), 0);
   }
 }

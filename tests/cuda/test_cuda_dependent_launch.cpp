@@ -47,8 +47,12 @@ TEST(LaunchStatus, KeepsTheErrorBehindADeviceErrorForTheCaller) {
   EXPECT_EQ(kc::last_launch_error(), cudaErrorInvalidConfiguration);
   if (cudaGetLastError() != cudaSuccess && cudaGetLastError() != cudaSuccess)
     GTEST_SKIP() << "the CUDA runtime answers every call with an error here (no driver)";
+  // A launch that failed while another call's error was pending: the launch's error is kept, and the
+  // pending one is taken too (nothing left for the next launcher).
+  EXPECT_NE(cudaMemcpy(nullptr, nullptr, 1, static_cast<cudaMemcpyKind>(99)), cudaSuccess);
   EXPECT_EQ(kc::launch_status(cudaErrorInvalidConfiguration), Status::device_error);
-  EXPECT_EQ(cudaGetLastError(), cudaSuccess);  // nothing left pending for the next launcher
+  EXPECT_EQ(kc::last_launch_error(), cudaErrorInvalidConfiguration);
+  EXPECT_EQ(cudaGetLastError(), cudaSuccess);
   EXPECT_EQ(kc::launch_status(cudaSuccess), Status::ok);
   EXPECT_EQ(kc::last_launch_error(), cudaSuccess);
   // The error of a call that failed before the launcher asks: pending in the runtime, taken from it.

@@ -4,6 +4,7 @@
 
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
 #include <nlohmann/json.hpp>
 
 #include "model/gguf.hpp"
@@ -91,6 +92,24 @@ TEST_F(CliTest, BenchGpuOnADummyModelRunsOrSaysWhyNot) {
     EXPECT_EQ(line_count(r.output), 1u) << r.output;
     EXPECT_NE(r.output.find("bench-gpu: "), std::string::npos) << r.output;
     EXPECT_NE(r.output.find("CUDA"), std::string::npos) << r.output;
+  }
+}
+
+// tinygemm's figures are read before anything is measured (a bad file must not cost a measured table),
+// and a bad one is refused in one line naming it, so that the GPU session's script can tell it from a
+// kernel that broke the device (tools/gpu-bundle.sh's run.sh reruns the table without the file).
+TEST_F(CliTest, BenchGpuRefusesTinygemmFiguresItCannotReadBeforeMeasuring) {
+  const std::string bad = (dir_->path() / "tinygemm-bad.json").string();
+  const std::string missing_field = (dir_->path() / "tinygemm-no-us.json").string();
+  std::ofstream(bad) << "{not json";
+  std::ofstream(missing_field) << R"({"rows": [{"k": 8192, "n_out": 8192, "m": 1}]})";
+  for (const std::string& path : {bad, missing_field, (dir_->path() / "absent.json").string()}) {
+    SCOPED_TRACE(path);
+    const auto r = run("bench-gpu --tinygemm " + path);
+    EXPECT_EQ(r.exit_code, 1) << r.output;
+    EXPECT_EQ(line_count(r.output), 1u) << r.output;
+    EXPECT_NE(r.output.find("tinygemm figures: "), std::string::npos) << r.output;
+    EXPECT_NE(r.output.find(path), std::string::npos) << r.output;
   }
 }
 

@@ -585,18 +585,29 @@ void CudaLlamaModel::Impl::choose_one_row_fusions() {
     };
     time_path(/*fuse=*/false, 0, choice.unfused_us);
     int fused_shape = 0;
+    double default_us = 0.0;  // the fused kernel on the default shape
     for (const int shape : fused_shapes) {
       double us = 0.0;
-      if (time_path(/*fuse=*/true, shape, us) && (choice.fused_us == 0.0 || us < choice.fused_us)) {
+      if (!time_path(/*fuse=*/true, shape, us)) continue;
+      if (shape == 0) default_us = us;
+      if (choice.fused_us == 0.0 || us < choice.fused_us) {
         choice.fused_us = us;
         fused_shape = shape;
       }
     }
-    // The least of two noisy times is biased low against the one plain time: the winner timed once
-    // more when there were two (as tune_int4_groups re-times its kept block shape).
-    if (fused_shapes.size() > 1 && choice.fused_us > 0.0) {
+    // The least of two noisy times is biased low against the one plain time: another shape than the
+    // default, where it won, is timed once more, and kept only if still faster than the default (as
+    // tune_int4_groups does with its kept block shape).
+    if (fused_shape != 0) {
       double again = 0.0;
-      if (time_path(/*fuse=*/true, fused_shape, again)) choice.fused_us = again;
+      if (time_path(/*fuse=*/true, fused_shape, again) && (default_us == 0.0 || again < default_us)) {
+        choice.fused_us = again;
+      } else if (default_us > 0.0) {
+        fused_shape = 0;
+        choice.fused_us = default_us;
+      } else {  // the default refused the call and the other shape failed its second timing: unfused
+        choice.fused_us = 0.0;
+      }
     }
     // Fusing a product that runs on another kernel moves it to the half2 GEMV, whose bits differ: only
     // when kInt4MinGain faster, so that timing noise does not change a model's output from one load to

@@ -314,7 +314,8 @@ struct CudaModelOptions {
   // the residual and norms it for the next product (no add_rms_norm_f32): four launches a layer fewer
   // in batch-1 decode, with the same bits (the tests compare). false: the separate kernels (bench-gpu
   // --model times both at batch 1). Under Int4Kernels::measured each site's fusion is timed at load
-  // against the best plain product plus the separate kernel, and kept where faster (CudaFusionChoice).
+  // against the best plain product plus the separate kernel, and kept where faster (CudaFusionChoice);
+  // only then, so a site not timed at load (this false then) never fuses later.
   bool fused_epilogues = true;
   // With fused_epilogues, the residual add + RMSNorm in the products before them too (false: those
   // as their own kernel, RoPE / KV write and SwiGLU still fused; bench-gpu --model times all three
@@ -357,6 +358,8 @@ class CudaLlamaModel {
   // Switches CudaModelOptions::programmatic_launch for later passes (drops captured graphs).
   void set_programmatic_launch(bool on);
   // Switches CudaModelOptions::fused_epilogues / fused_norms for later passes (drops captured graphs).
+  // Under Int4Kernels::measured only the sites timed faster at load fuse: switched on after a load
+  // without them, these fuse nothing (the products stay as chosen; load with them to have them weighed).
   void set_fused_epilogues(bool on);
   void set_fused_norms(bool on);
   // Per group-wise INT4 matrix shape, the kernels it uses (CudaModelOptions::int4_kernels), in the

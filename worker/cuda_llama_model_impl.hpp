@@ -52,7 +52,7 @@ constexpr int64_t kProfileHeadStartNs = 50'000'000;
 
 // The sections of a pass that profile_greedy times (CudaStepProfile::sections, in this order).
 enum class Section : int { embedding, norms, qkv, rope_kv, attention, attn_out, gate_up, swiglu, down, head };
-constexpr const char* kSectionNames[] = {
+inline constexpr const char* kSectionNames[] = {
     "embedding", "norms", "qkv", "rope + KV write", "attention", "attention output", "gate / up",
     "SwiGLU",    "down",  "head"};
 constexpr int kSections = static_cast<int>(std::size(kSectionNames));

@@ -631,9 +631,13 @@ std::map<std::tuple<int64_t, int64_t, int64_t>, double> read_tinygemm(const std:
   std::map<std::tuple<int64_t, int64_t, int64_t>, double> out;
   if (path.empty()) return out;
   std::ifstream in(path);
-  if (!in) throw std::runtime_error("cannot read " + path);
-  const auto j = nlohmann::json::parse(in);
-  for (const auto& r : j.at("rows")) out[{r.at("k"), r.at("n_out"), r.at("m")}] = r.at("us").get<double>();
+  if (!in) throw std::runtime_error("tinygemm figures: cannot read " + path);
+  try {
+    const auto j = nlohmann::json::parse(in);
+    for (const auto& r : j.at("rows")) out[{r.at("k"), r.at("n_out"), r.at("m")}] = r.at("us").get<double>();
+  } catch (const nlohmann::json::exception& e) {
+    throw std::runtime_error("tinygemm figures: " + path + " is not bench_tinygemm.py's JSON: " + e.what());
+  }
   return out;
 }
 

@@ -17,6 +17,7 @@
 
 #include "kernels/cuda/event_timer.cuh"
 #include "kernels/cuda/int4_tiles.cuh"
+#include "kernels/cuda/launch_status.cuh"
 #include "kernels/cuda/residual_norm.cuh"
 #include "kernels/cuda/swiglu.cuh"
 #include "kernels/int4_tiles.hpp"
@@ -578,6 +579,7 @@ void CudaLlamaModel::Impl::choose_one_row_fusions() {
           us, err);
       if (timed) return true;
       if (fuse && err == cudaSuccess && st == kernels::Status::invalid_argument) return false;
+      if (err == cudaSuccess && st == kernels::Status::device_error) err = kc::last_launch_error();
       throw std::runtime_error(
           std::string("timing the fused epilogue ") + CudaFusionChoice::site_names[choice.site] + " for a " +
           std::to_string(choice.n_out) + " x " + std::to_string(choice.k) +

@@ -5,6 +5,7 @@
 #include <cmath>
 
 #include "kernels/cuda/event_timer.cuh"
+#include "kernels/cuda/launch_status.cuh"
 #include "kernels/cuda/w4a16_dequant_cublas.cuh"
 #include "kernels/cuda/w4a16_gemm.cuh"
 #include "kernels/cuda/w4a16_gemv.cuh"
@@ -290,7 +291,10 @@ Status tune_int4_groups(const std::vector<Int4GroupsMatrix>& matrices, int64_t g
     out.skipped +=
         std::string(int4_kernel_name(which)) +
         (half2_variant != 0 ? " " + half2_gemv_variant_name(kHalf2GemvVariants[half2_variant]) : "") + " (" +
-        std::to_string(m) + " rows): " + status_name(launch);
+        std::to_string(m) + " rows): " + status_name(launch) +
+        (launch == Status::device_error && last_launch_error() != cudaSuccess
+             ? std::string(" (") + cudaGetErrorString(last_launch_error()) + ")"
+             : "");
     return Status::ok;
   };
   for (int r = 0; r < ranges; ++r) {

@@ -45,6 +45,31 @@ void add_to_group(MatrixGroups<Record>& groups, DeviceMatrix& w, Same same, Make
   groups.push_back({make(w), {&w}});
 }
 
+// The median time of one call a matrix, the group's matrices in turn (enough of them that L2 holds
+// few, as the kernels' timing per shape does), into us; false where a call failed: its status in st,
+// the CUDA error behind it in err (the pending one, else the one its launcher kept).
+template <typename Call>
+bool time_over(const std::vector<DeviceMatrix*>& list, cudaStream_t stream, Call&& call, double& us,
+               kernels::Status& st, cudaError_t& err) {
+  const int iterations = static_cast<int>(std::clamp<size_t>(list.size(), 8, 32));
+  err = cudaSuccess;
+  st = kernels::Status::ok;
+  const bool timed = kc::median_call_us(
+      stream, iterations, /*repetitions=*/3,
+      [&](int i) {
+        st = call(*list[static_cast<size_t>(i) % list.size()]);
+        return st == kernels::Status::ok;
+      },
+      us, err);
+  if (!timed && err == cudaSuccess && st == kernels::Status::device_error) err = kc::last_launch_error();
+  return timed;
+}
+
+// The reason a timing failed, for the message at load.
+std::string failure(kernels::Status st, cudaError_t err) {
+  return err != cudaSuccess ? cudaGetErrorString(err) : kernels::status_name(st);
+}
+
 }  // namespace
 
 // CudaInt4KernelChoice mirrors the tuning's constants without CUDA headers.
@@ -376,28 +401,21 @@ void CudaLlamaModel::Impl::choose_q4_k_kernels() {
       DeviceMemory x(static_cast<size_t>(choice.k) * sizeof(__half)),
           y(static_cast<size_t>(choice.n_out) * sizeof(float));
       cuda_check(cudaMemsetAsync(x.as<void>(), 0x2C, x.bytes(), stream), "cudaMemsetAsync (Q4_K timing)");
-      const int iterations = static_cast<int>(std::clamp<size_t>(list.size(), 8, 32));
       enum class OneRow { cuda_cores, tensor_cores, half2 };
       const auto time = [&](OneRow kernel, double& us) {
-        cudaError_t err = cudaSuccess;
-        kernels::Status st = kernels::Status::ok;
-        const bool timed = kc::median_call_us(
-            stream, iterations, /*repetitions=*/3,
-            [&](int i) {
-              const DeviceMatrix& w = *list[static_cast<size_t>(i) % list.size()];
-              const auto* wd = w.mem->as<uint8_t>();
-              st = kernel == OneRow::tensor_cores
-                       ? kc::w4a16_gemv_q4_k_mma(wd, w.n_out, w.k, x.as<__half>(), 1, y.as<float>(), stream)
-                   : kernel == OneRow::half2
-                       ? kc::w4a16_gemv_q4_k_half2(wd, w.n_out, w.k, x.as<__half>(), 1, y.as<float>(), stream)
-                       : kc::w4a16_gemv_q4_k(wd, w.n_out, w.k, x.as<__half>(), 1, y.as<float>(), stream);
-              return st == kernels::Status::ok;
-            },
-            us, err);
-        if (!timed) {
+        kernels::Status st;
+        cudaError_t err;
+        const auto one_row = [&](const DeviceMatrix& w) {
+          const auto* wd = w.mem->as<uint8_t>();
+          return kernel == OneRow::tensor_cores
+                     ? kc::w4a16_gemv_q4_k_mma(wd, w.n_out, w.k, x.as<__half>(), 1, y.as<float>(), stream)
+                 : kernel == OneRow::half2
+                     ? kc::w4a16_gemv_q4_k_half2(wd, w.n_out, w.k, x.as<__half>(), 1, y.as<float>(), stream)
+                     : kc::w4a16_gemv_q4_k(wd, w.n_out, w.k, x.as<__half>(), 1, y.as<float>(), stream);
+        };
+        if (!time_over(list, stream, one_row, us, st, err)) {
           throw std::runtime_error("timing the Q4_K kernels for a " + std::to_string(choice.n_out) + " x " +
-                                   std::to_string(choice.k) + " matrix failed: " +
-                                   (err != cudaSuccess ? cudaGetErrorString(err) : kernels::status_name(st)));
+                                   std::to_string(choice.k) + " matrix failed: " + failure(st, err));
         }
       };
       time(OneRow::cuda_cores, choice.cuda_cores_us);
@@ -546,8 +564,6 @@ void CudaLlamaModel::Impl::choose_one_row_fusions() {
           return matmul_add_norm(w, xh, norm_weight, yf, residual.as<float>(), oh, counter.as<unsigned>());
       }
     };
-    // The site's matrices in turn (enough of them that L2 holds few), as the per-shape timing does.
-    const int iterations = static_cast<int>(std::clamp<size_t>(list.size(), 8, 32));
     // The fused kernel on the default block shape and, for INT4, on the one kept for the plain product
     // where that differs (an epilogue's registers can change which is faster; the same bits).
     std::vector<int> fused_shapes = {0};
@@ -562,28 +578,19 @@ void CudaLlamaModel::Impl::choose_one_row_fusions() {
     // CUDA call) is an error at load.
     const auto time_path = [&](bool fuse, int shape, double& us) {
       for (DeviceMatrix* w : list) w->half2_fused_variant = shape;
-      cudaError_t err = cudaSuccess;
-      kernels::Status st = kernels::Status::ok;
-      const bool timed = kc::median_call_us(
-          stream, iterations, /*repetitions=*/3,
-          [&](int i) {
-            const DeviceMatrix& w = *list[static_cast<size_t>(i) % list.size()];
-            if (fuse) {
-              st = fused(w);
-            } else {
-              matmul(w, xh, 1, yf);  // the shape's chosen one-row kernel (throws if it fails)
-              st = separate();
-            }
-            return st == kernels::Status::ok;
-          },
-          us, err);
-      if (timed) return true;
+      kernels::Status st;
+      cudaError_t err;
+      const auto path = [&](const DeviceMatrix& w) {
+        if (fuse) return fused(w);
+        matmul(w, xh, 1, yf);  // the shape's chosen one-row kernel (throws if it fails)
+        return separate();
+      };
+      if (time_over(list, stream, path, us, st, err)) return true;
       if (fuse && err == cudaSuccess && st == kernels::Status::invalid_argument) return false;
-      if (err == cudaSuccess && st == kernels::Status::device_error) err = kc::last_launch_error();
-      throw std::runtime_error(
-          std::string("timing the fused epilogue ") + CudaFusionChoice::site_names[choice.site] + " for a " +
-          std::to_string(choice.n_out) + " x " + std::to_string(choice.k) +
-          " matrix failed: " + (err != cudaSuccess ? cudaGetErrorString(err) : kernels::status_name(st)));
+      throw std::runtime_error(std::string("timing the fused epilogue ") +
+                               CudaFusionChoice::site_names[choice.site] + " for a " +
+                               std::to_string(choice.n_out) + " x " + std::to_string(choice.k) +
+                               " matrix failed: " + failure(st, err));
     };
     time_path(/*fuse=*/false, 0, choice.unfused_us);
     int fused_shape = 0;

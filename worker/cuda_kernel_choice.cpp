@@ -609,14 +609,10 @@ void CudaLlamaModel::Impl::choose_one_row_fusions() {
     // tune_int4_groups does with its kept block shape).
     if (fused_shape != 0) {
       double again = 0.0;
-      if (time_path(/*fuse=*/true, fused_shape, again) && (default_us == 0.0 || again < default_us)) {
-        choice.fused_us = again;
-      } else if (default_us > 0.0) {
-        fused_shape = 0;
-        choice.fused_us = default_us;
-      } else {  // the default refused the call and the other shape failed its second timing: unfused
-        choice.fused_us = 0.0;
-      }
+      if (!time_path(/*fuse=*/true, fused_shape, again)) again = 0.0;
+      fused_shape = kc::half2_shape_after_retime(fused_shape, again, default_us);
+      // The default where it lost its second look (0 where the default refused the call: unfused).
+      choice.fused_us = fused_shape != 0 ? again : default_us;
     }
     // Fusing a product that runs on another kernel moves it to the half2 GEMV, whose bits differ: only
     // when kInt4MinGain faster, so that timing noise does not change a model's output from one load to

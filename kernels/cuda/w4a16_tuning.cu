@@ -333,17 +333,18 @@ Status tune_int4_groups(const std::vector<Int4GroupsMatrix>& matrices, int64_t g
       double again = 0.0;
       const Status st = time(Int4Kernel::gemv_half2, 1, again, out.half2_variant);
       if (st != Status::ok) return st;
-      if (again > 0.0 && again < out.half2_variant_us[0]) {
-        half2_us = again;
-      } else {
-        out.half2_variant = 0;
-      }
+      out.half2_variant = half2_shape_after_retime(out.half2_variant, again, out.half2_variant_us[0]);
+      if (out.half2_variant != 0) half2_us = again;  // (else the default's time stays)
     }
   }
   err = cudaStreamSynchronize(stream);
   if (err != cudaSuccess) return fail(err, "tuning W4A16 kernels");
   choose_int4_groups_kernels(out, layout);
   return Status::ok;
+}
+
+int half2_shape_after_retime(int fastest, double again_us, double default_us) {
+  return fastest != 0 && again_us > 0.0 && (default_us <= 0.0 || again_us < default_us) ? fastest : 0;
 }
 
 }  // namespace nibble::kernels::cuda

@@ -192,4 +192,11 @@ Status tune_int4_groups(const std::vector<Int4GroupsMatrix>& matrices, int64_t g
                         const std::vector<Int4CutlassWeights>* cutlass = nullptr,
                         int ranges = kInt4RowRanges);
 
+// The block shape kept after a sweep of the half2 GEMV's shapes (kHalf2GemvVariants; tune_int4_groups,
+// and the fused kernels' timing at load): `fastest`, the one timed fastest, where timed once more
+// (again_us; 0: it refused) it is still faster than the default shape (default_us; 0: the default
+// refused), else 0, the default. The least of several noisy times is biased low: a shape is kept only
+// on a second look.
+int half2_shape_after_retime(int fastest, double again_us, double default_us);
+
 }  // namespace nibble::kernels::cuda

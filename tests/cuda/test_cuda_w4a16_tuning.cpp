@@ -244,6 +244,19 @@ TEST(W4A16Tuning, TheHalf2GemvIsAOneRowCandidate) {
   for (int r = 1; r < kc::kInt4RowRanges; ++r) EXPECT_NE(t.chosen[r], K::gemv_half2) << "range " << r;
 }
 
+// A block shape other than the default, timed fastest in a sweep, is kept only where timed once more it
+// still beats the default (the least of nine noisy times is biased low); a refusal either side decides.
+// Host only.
+TEST(W4A16Tuning, KeepsAHalf2ShapeOnlyWhereTimedAgainItStillBeatsTheDefault) {
+  EXPECT_EQ(kc::half2_shape_after_retime(3, 9.0, 10.0), 3);
+  EXPECT_EQ(kc::half2_shape_after_retime(3, 10.0, 10.0), 0);  // a tie keeps the default
+  EXPECT_EQ(kc::half2_shape_after_retime(3, 11.0, 10.0), 0);
+  EXPECT_EQ(kc::half2_shape_after_retime(3, 0.0, 10.0), 0);  // refused its second timing
+  EXPECT_EQ(kc::half2_shape_after_retime(5, 9.0, 0.0), 5);   // the default refused the call
+  EXPECT_EQ(kc::half2_shape_after_retime(5, 0.0, 0.0), 0);
+  EXPECT_EQ(kc::half2_shape_after_retime(0, 9.0, 10.0), 0);  // the default won the sweep
+}
+
 TEST(W4A16Tuning, RejectsBadArgumentsBeforeTouchingTheDevice) {
   kc::Int4GroupsTuning t;
   std::string error;

@@ -8,6 +8,7 @@
 // at the same batch sizes (the cost side of speculative decoding).
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <fstream>
 #include <iostream>
@@ -168,6 +169,38 @@ double time_decode_step(GpuModel& g, int64_t seqs, int gen_tokens, int repetitio
   }
   return median(runs);
 }
+
+// One speculative verification pass of one sequence: the target on k + 1 tokens after a short prompt
+// (the last accepted token and k proposals), every row's argmax back, as a round of speculative decoding
+// runs it; each pass at the same positions (a rejected round's are written again). Median of the
+// repetitions, after an untimed pass (a graph is captured the second time a shape is seen).
+double time_verify_pass(GpuModel& g, int k, int passes, int repetitions, std::mt19937& rng) {
+  const int64_t n_vocab = g.model->config().n_vocab;
+  std::vector<double> runs;
+  for (int r = -1; r < repetitions; ++r) {
+    std::vector<int32_t> ids;
+    g.model->forward_greedy(make_batch(random_prompts(1, kShortPrompt, n_vocab, rng), 0, g.mbps), *g.cache,
+                            ids);
+    worker::ForwardBatch verify = make_batch(random_prompts(1, k + 1, n_vocab, rng), kShortPrompt, g.mbps);
+    verify.logit_rows.clear();
+    for (int32_t i = 0; i <= k; ++i) verify.logit_rows.push_back(i);
+    const int steps = r < 0 ? 2 : passes;
+    const auto start = Clock::now();
+    for (int i = 0; i < steps; ++i) g.model->forward_greedy(verify, *g.cache, ids);
+    if (r >= 0) runs.push_back(seconds_since(start) / steps);
+  }
+  return median(runs);
+}
+
+// Speculative decoding's expected gain from step times (Leviathan et al., 2023): a round runs k draft
+// steps, then one target pass verifies the k proposals; with each proposal accepted with probability
+// a (independently), a round yields (1 - a^(k+1)) / (1 - a) tokens, where plain decoding yields one
+// per target step.
+double projected_speedup(double a, int k, double target_step_s, double draft_step_s, double verify_s) {
+  const double tokens = (1.0 - std::pow(a, k + 1)) / (1.0 - a);
+  return tokens * target_step_s / (k * draft_step_s + verify_s);
+}
+constexpr double kProjectedAcceptance[] = {0.6, 0.7, 0.8, 0.9};
 
 // One decode step of `seqs` sequences (after a short prompt and two untimed steps) with its sections
 // timed (CudaLlamaModel::profile_greedy).
@@ -390,6 +423,23 @@ int run_model(const Args& a) {
       report("draft batch %lld: %.2f ms/step", static_cast<long long>(b), draft_step_s.back() * 1e3);
     }
   }
+  // With a draft at batch 1: the target's verification pass for k proposals (k + 1 tokens of one
+  // sequence), for speculative decoding's projected speedup (projected_speedup) at a few acceptance
+  // rates: dummy weights have no real acceptance rate, the step times are real.
+  struct Verify {
+    int k;
+    double seconds;
+  };
+  std::vector<Verify> verify_s;
+  const auto batch1 = std::find(batches.begin(), batches.end(), 1);
+  if (!a.draft.empty() && batch1 != batches.end()) {
+    for (const int k : {2, 4, 8}) {
+      if (kShortPrompt + k + 1 > decode_tokens) continue;  // past the cache the model was sized for
+      verify_s.push_back({k, time_verify_pass(target, k, a.gen_tokens, a.repetitions, rng)});
+      report("verify %d proposals (%d tokens, one sequence): %.2f ms", k, k + 1,
+             verify_s.back().seconds * 1e3);
+    }
+  }
   // Batch 1 again with the half2 GEMV's fused epilogues off (CudaModelOptions::fused_epilogues): what
   // doing RoPE / the KV write and SwiGLU in the products saves where they were fused at load (the step
   // profile's "rope + KV write" and "SwiGLU" are then 0 at batch 1 where every site fused); the same
@@ -423,6 +473,21 @@ int run_model(const Args& a) {
   }
 
   const auto gib = [](int64_t bytes) { return static_cast<double>(bytes) / (1024.0 * 1024.0 * 1024.0); };
+  // Batch 1's target and draft steps, for the speculative projection.
+  const size_t b1 = static_cast<size_t>(batch1 - batches.begin());
+  nlohmann::json projection = nlohmann::json::array();
+  for (const Verify& v : verify_s) {
+    nlohmann::json speedup = nlohmann::json::object();
+    for (const double acceptance : kProjectedAcceptance) {
+      char key[16];
+      std::snprintf(key, sizeof key, "%.1f", acceptance);
+      speedup[key] = projected_speedup(acceptance, v.k, step_s[b1], draft_step_s[b1], v.seconds);
+    }
+    projection.push_back({{"k", v.k},
+                          {"verify_ms", v.seconds * 1e3},
+                          {"verify_target_step_ratio", v.seconds / step_s[b1]},
+                          {"speedup_by_acceptance", speedup}});
+  }
   nlohmann::json rows = nlohmann::json::array();
   for (size_t i = 0; i < batches.size(); ++i) {
     nlohmann::json row{{"batch", batches[i]},
@@ -536,6 +601,7 @@ int run_model(const Args& a) {
                       {"weight_bytes", draft.model->weight_bytes()},
                       {"model_device_bytes", draft.model_device_bytes}};
     }
+    if (!projection.empty()) out["speculative_projection"] = projection;
     std::cout << out.dump() << "\n";
     return 0;
   }
@@ -575,6 +641,23 @@ int run_model(const Args& a) {
       "programmatically (CudaModelOptions::programmatic_launch).\n",
       kShortPrompt, a.gen_tokens, a.repetitions);
   if (!pdl_error.empty()) std::printf("PDL run failed: %s\n", pdl_error.c_str());
+  if (!verify_s.empty()) {
+    std::printf(
+        "\nSpeculative decoding at batch 1, projected from these step times: a round runs k draft steps "
+        "(%.2f ms each), then the target verifies the k proposals in one pass of k + 1 tokens; with each "
+        "proposal accepted with probability a a round yields (1 - a^(k+1)) / (1 - a) tokens (Leviathan et "
+        "al.). Speedup over plain decoding (%.2f ms/token); dummy weights have no acceptance rate of their "
+        "own (the fixtures' trained pair: ~0.85 at k = 4, docs/perf/speculative.md).\n%3s | %9s %11s |",
+        draft_step_s[b1] * 1e3, step_s[b1] * 1e3, "k", "verify ms", "verify/step");
+    for (const double acceptance : kProjectedAcceptance) std::printf("  a=%.1f", acceptance);
+    std::printf("\n");
+    for (const Verify& v : verify_s) {
+      std::printf("%3d | %9.2f %11.2f |", v.k, v.seconds * 1e3, v.seconds / step_s[b1]);
+      for (const double acceptance : kProjectedAcceptance)
+        std::printf(" %5.2fx", projected_speedup(acceptance, v.k, step_s[b1], draft_step_s[b1], v.seconds));
+      std::printf("\n");
+    }
+  }
   if (unfused_step_s > 0.0) {
     const double fused_s =
         step_s[static_cast<size_t>(std::find(batches.begin(), batches.end(), 1) - batches.begin())];

@@ -58,6 +58,11 @@ void NcclCommunicator::all_reduce_sum(float* data, size_t count) {
   finish("all_reduce_sum");
 }
 
+void NcclCommunicator::all_reduce_sum_on(float* data, size_t count, cudaStream_t stream) {
+  check(ncclAllReduce(data, data, count, ncclFloat32, ncclSum, comm_, stream),
+        "ncclAllReduce (stream-ordered)");
+}
+
 void NcclCommunicator::all_gather(const float* send, size_t count_per_rank, float* recv) {
   check(ncclAllGather(send, recv, count_per_rank, ncclFloat32, comm_, stream_), "ncclAllGather");
   finish("all_gather");

@@ -8,7 +8,8 @@
 // - send/recv match by order alone: the tag is checked to be >= 0 but not transmitted, so two
 //   messages between the same pair of ranks must be received in the order they were sent (the
 //   pipeline sends one activation tensor per step, in step order).
-// Every call stays blocking (it synchronizes its stream before returning), like the interface says.
+// Every call of the interface stays blocking (it synchronizes its stream before returning), like the
+// interface says; all_reduce_sum_on is the stream-ordered exception, for a GPU model's reductions.
 #include <cuda_runtime_api.h>
 #include <nccl.h>
 
@@ -37,6 +38,11 @@ class NcclCommunicator final : public Communicator {
 
   // data: [count] floats in device memory.
   void all_reduce_sum(float* data, size_t count) override;
+  // The same, stream-ordered: enqueued on `stream` (the caller's, a model's) behind its work and
+  // returning at once, the sums there for whatever the stream runs next; a stream being captured
+  // records it into the graph. Arguments NCCL refuses throw; an asynchronous failure shows at the
+  // next blocking call (finish checks the communicator's async error).
+  void all_reduce_sum_on(float* data, size_t count, cudaStream_t stream);
   // send: [count_per_rank], recv: [size(), count_per_rank] floats in device memory.
   void all_gather(const float* send, size_t count_per_rank, float* recv) override;
   // data: [bytes] in device memory.

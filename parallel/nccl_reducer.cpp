@@ -40,6 +40,11 @@ void NcclReducer::sum(float* data, size_t n) {
   if (group_.size() > 1) group_.all_reduce_sum(data, n);
 }
 
+bool NcclReducer::sum_on_stream(float* data, size_t n, void* cuda_stream) {
+  if (group_.size() > 1) group_.all_reduce_sum_on(data, n, static_cast<cudaStream_t>(cuda_stream));
+  return true;
+}
+
 void NcclReducer::gather_columns(const float* local, int64_t rows, const std::vector<int64_t>& col_counts,
                                  float* out) {
   const int size = group_.size();

@@ -20,6 +20,8 @@ class NcclReducer final : public worker::ShardReducer {
 
   // data: [n] floats in device memory.
   void sum(float* data, size_t n) override;
+  // The same, enqueued on the caller's CUDA stream (NcclCommunicator::all_reduce_sum_on): true.
+  bool sum_on_stream(float* data, size_t n, void* cuda_stream) override;
   // local: [rows, col_counts[rank]], out: [rows, Σ col_counts], both device memory. As
   // CommunicatorReducer: each rank's block padded to the widest ([rows, max_cols]), all-gathered
   // into [size, rows, max_cols], then copied into place with strided device copies.

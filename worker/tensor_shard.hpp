@@ -164,6 +164,12 @@ class ShardReducer {
   // buffer to the host and back. true: device memory of the caller's GPU (an NCCL group), passed
   // to the reducer as they are.
   virtual bool device_pointers() const { return false; }
+
+  // A stream-ordered sum, for a reducer with device_pointers(): enqueued on the caller's CUDA stream
+  // (a cudaStream_t, here untyped: this header knows no CUDA) behind the work that made `data`, and
+  // returning at once, the sums there for what the stream runs next. true where done so; false (the
+  // default) where the reducer cannot, and the caller then waits for its stream and calls sum().
+  virtual bool sum_on_stream(float* data, size_t n, void* cuda_stream) { return false; }
 };
 
 // The group of one: sum is a no-op, gather_columns a copy.

@@ -49,6 +49,45 @@ TEST(CudaNcclCommunicator, OneRankCollectivesOnDeviceMemory) {
   comm->barrier();
 }
 
+// The stream-ordered all-reduce (what a GPU model's reductions use): on the caller's stream, behind the
+// work before it and ahead of the work after it, with no blocking call; and recorded into a CUDA graph
+// when that stream is being captured (the model's mode: thread-local), the graph then replayed on
+// fresh data. One rank: the sum is the data itself, bit for bit.
+TEST(CudaNcclCommunicator, OneRankAllReduceOnTheCallersStreamAndInAGraph) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  auto comm = single_rank();
+  cudaStream_t stream = nullptr;
+  ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
+  const std::vector<float> first = random_values(777, 5), second = random_values(777, 6);
+  const size_t bytes = first.size() * sizeof(float);
+  cuda_test::DeviceBuffer<float> staged(first), data(std::vector<float>(first.size(), 0.0f)),
+      out(std::vector<float>(first.size(), -1.0f));
+  // Stream order: data <- staged, the all-reduce, out <- data, then one synchronization.
+  const auto enqueue = [&] {
+    EXPECT_EQ(cudaMemcpyAsync(data.ptr, staged.ptr, bytes, cudaMemcpyDeviceToDevice, stream), cudaSuccess);
+    comm->all_reduce_sum_on(data.ptr, first.size(), stream);
+    EXPECT_EQ(cudaMemcpyAsync(out.ptr, data.ptr, bytes, cudaMemcpyDeviceToDevice, stream), cudaSuccess);
+  };
+  enqueue();
+  ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+  EXPECT_EQ(out.to_host(), first);
+
+  ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), cudaSuccess);
+  enqueue();
+  cudaGraph_t graph = nullptr;
+  ASSERT_EQ(cudaStreamEndCapture(stream, &graph), cudaSuccess);
+  cudaGraphExec_t exec = nullptr;
+  ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(staged.ptr, second.data(), bytes, cudaMemcpyHostToDevice), cudaSuccess);
+  ASSERT_EQ(cudaGraphLaunch(exec, stream), cudaSuccess);
+  ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+  EXPECT_EQ(out.to_host(), second);
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  cudaStreamDestroy(stream);
+  comm->barrier();  // the communicator still answers blocking calls (and reports no async error)
+}
+
 TEST(CudaNcclCommunicator, BadRanksAreErrorsNotHangs) {
   NIBBLE_REQUIRE_CUDA_DEVICE();
   auto comm = single_rank();

@@ -58,9 +58,15 @@ void NcclCommunicator::all_reduce_sum(float* data, size_t count) {
   finish("all_reduce_sum");
 }
 
-void NcclCommunicator::all_reduce_sum_on(float* data, size_t count, cudaStream_t stream) {
-  check(ncclAllReduce(data, data, count, ncclFloat32, ncclSum, comm_, stream),
+void NcclCommunicator::all_reduce_sum_on(const float* send, float* recv, size_t count, cudaStream_t stream) {
+  check(ncclAllReduce(send, recv, count, ncclFloat32, ncclSum, comm_, stream),
         "ncclAllReduce (stream-ordered)");
+}
+
+void NcclCommunicator::check_async_error() {
+  ncclResult_t async = ncclSuccess;
+  check(ncclCommGetAsyncError(comm_, &async), "ncclCommGetAsyncError");
+  check(async, "a stream-ordered collective");
 }
 
 void NcclCommunicator::all_gather(const float* send, size_t count_per_rank, float* recv) {

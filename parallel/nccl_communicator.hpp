@@ -40,9 +40,12 @@ class NcclCommunicator final : public Communicator {
   void all_reduce_sum(float* data, size_t count) override;
   // The same, stream-ordered: enqueued on `stream` (the caller's, a model's) behind its work and
   // returning at once, the sums there for whatever the stream runs next; a stream being captured
-  // records it into the graph. Arguments NCCL refuses throw; an asynchronous failure shows at the
-  // next blocking call (finish checks the communicator's async error).
-  void all_reduce_sum_on(float* data, size_t count, cudaStream_t stream);
+  // records it into the graph. send, recv: [count] floats in device memory (the same for in place).
+  // Arguments NCCL refuses throw; a failure after the call returned shows in check_async_error()
+  // (every blocking call checks it too).
+  void all_reduce_sum_on(const float* send, float* recv, size_t count, cudaStream_t stream);
+  // Throws CommunicatorError for a failure of the communicator's stream-ordered work (ncclCommGetAsyncError).
+  void check_async_error();
   // send: [count_per_rank], recv: [size(), count_per_rank] floats in device memory.
   void all_gather(const float* send, size_t count_per_rank, float* recv) override;
   // data: [bytes] in device memory.

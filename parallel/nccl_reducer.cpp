@@ -41,7 +41,7 @@ void NcclReducer::sum(float* data, size_t n) {
 }
 
 bool NcclReducer::sum_on_stream(float* data, size_t n, void* cuda_stream) {
-  if (group_.size() > 1) group_.all_reduce_sum_on(data, n, static_cast<cudaStream_t>(cuda_stream));
+  if (group_.size() > 1) group_.all_reduce_sum_on(data, data, n, static_cast<cudaStream_t>(cuda_stream));
   return true;
 }
 

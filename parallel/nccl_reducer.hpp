@@ -22,6 +22,7 @@ class NcclReducer final : public worker::ShardReducer {
   void sum(float* data, size_t n) override;
   // The same, enqueued on the caller's CUDA stream (NcclCommunicator::all_reduce_sum_on): true.
   bool sum_on_stream(float* data, size_t n, void* cuda_stream) override;
+  void check_async_errors() override { group_.check_async_error(); }
   // local: [rows, col_counts[rank]], out: [rows, Σ col_counts], both device memory. As
   // CommunicatorReducer: each rank's block padded to the widest ([rows, max_cols]), all-gathered
   // into [size, rows, max_cols], then copied into place with strided device copies.

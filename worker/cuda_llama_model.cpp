@@ -853,6 +853,7 @@ void CudaLlamaModel::Impl::forward_impl(const ForwardBatch& batch, CudaKvCache& 
                "cudaMemcpyAsync (ids)");
   }
   cuda_check(cudaStreamSynchronize(stream), "forward pass");
+  if (reducer != nullptr) reducer->check_async_errors();  // stream-ordered all-reduces (sum_on_stream)
   if (ids_out != nullptr) ids_out->assign(ids_host, ids_host + n_out);
   if (*flag_host != 0) {
     throw std::runtime_error(

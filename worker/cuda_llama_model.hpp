@@ -44,8 +44,10 @@
 // same slices), and forward is a collective over the T shards; a LayerRange holds one pipeline
 // stage (forward_stage). The partial sums after attn_output and ffn_down go through
 // ShardReducer::sum, the vocabulary-parallel logits through gather_columns, at the same points
-// as on the CPU. A reducer with device_pointers() (NCCL) gets device buffers after the stream has
-// been synchronized; any other (MPI, an in-process test group) gets host copies: each reduction
+// as on the CPU. A reducer with device_pointers() (NCCL) gets device buffers: its sums enqueued on
+// the model's stream where it can (ShardReducer::sum_on_stream: no host wait), else after the stream
+// has been synchronized, and the logits after it; any other (MPI, an in-process test group) gets host
+// copies: each reduction
 // copies [tokens, n_embd] floats to the host and back, which costs a round trip per reduction
 // (fine for correctness and for ranks that share a GPU; NCCL is the fast path). Unlike the CPU,
 // the first stage keeps the whole embedding table on every shard (embedding_lookup_f16 gathers
@@ -280,8 +282,8 @@ struct CudaModelOptions {
   // cost one graph launch instead of ~10 launches per layer. Graphs are dropped when a buffer has to
   // grow, and all at once when 128 are held. The results equal direct launches (same kernels, same
   // arguments). Ignored
-  // by a sharded model (T > 1): its reductions synchronize the stream mid-pass (and with a host
-  // reducer call into MPI), which a graph cannot hold. A single-shard pipeline stage keeps them.
+  // by a sharded model (T > 1): its logits gather synchronizes the stream (and a host reducer's every
+  // reduction, calling into MPI), which a graph cannot hold. A single-shard pipeline stage keeps them.
   bool graphs = false;
   // Launch the W4A16 matrix products, and the norm, RoPE + KV write, attention and SwiGLU kernels
   // between them, as programmatic dependent launches (Hopper's PDL, kernels/cuda/dependent_launch.cuh):

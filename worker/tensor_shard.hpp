@@ -144,7 +144,8 @@ inline ShardRange split_layers(size_t n_layer, size_t pipeline, size_t stage) {
 
 // The collectives the sharded forward pass calls, once per layer for each sum and once per step for
 // the logits. Every shard of the group must make the same calls in the same order with the same
-// sizes (they are collectives); implementations block until the group has joined.
+// sizes (they are collectives); implementations block until the group has joined (but sum_on_stream,
+// which only enqueues).
 class ShardReducer {
  public:
   virtual ~ShardReducer() = default;
@@ -170,6 +171,9 @@ class ShardReducer {
   // returning at once, the sums there for what the stream runs next. true where done so; false (the
   // default) where the reducer cannot, and the caller then waits for its stream and calls sum().
   virtual bool sum_on_stream(float* data, size_t n, void* cuda_stream) { return false; }
+  // Throws the failure of stream-ordered work that failed after sum_on_stream returned (a dead peer,
+  // a transport error); called by the caller after its stream synchronized (every pass).
+  virtual void check_async_errors() {}
 };
 
 // The group of one: sum is a no-op, gather_columns a copy.

@@ -52,7 +52,9 @@ TEST(CudaNcclCommunicator, OneRankCollectivesOnDeviceMemory) {
 // The stream-ordered all-reduce (what a GPU model's reductions use): on the caller's stream, behind the
 // work before it and ahead of the work after it, with no blocking call; and recorded into a CUDA graph
 // when that stream is being captured (the model's mode: thread-local), the graph then replayed on
-// fresh data. One rank: the sum is the data itself, bit for bit.
+// fresh data. One rank: the sum is the data itself, bit for bit. Out of place, so that NCCL has work
+// to enqueue at one rank (a copy; in place it has none): enqueued on another stream, it would run at
+// capture time and the replay would leave the first values.
 TEST(CudaNcclCommunicator, OneRankAllReduceOnTheCallersStreamAndInAGraph) {
   NIBBLE_REQUIRE_CUDA_DEVICE();
   auto comm = single_rank();
@@ -61,12 +63,12 @@ TEST(CudaNcclCommunicator, OneRankAllReduceOnTheCallersStreamAndInAGraph) {
   const std::vector<float> first = random_values(777, 5), second = random_values(777, 6);
   const size_t bytes = first.size() * sizeof(float);
   cuda_test::DeviceBuffer<float> staged(first), data(std::vector<float>(first.size(), 0.0f)),
-      out(std::vector<float>(first.size(), -1.0f));
-  // Stream order: data <- staged, the all-reduce, out <- data, then one synchronization.
+      reduced(std::vector<float>(first.size(), 0.0f)), out(std::vector<float>(first.size(), -1.0f));
+  // Stream order: data <- staged, the all-reduce into reduced, out <- reduced, then one synchronization.
   const auto enqueue = [&] {
     EXPECT_EQ(cudaMemcpyAsync(data.ptr, staged.ptr, bytes, cudaMemcpyDeviceToDevice, stream), cudaSuccess);
-    comm->all_reduce_sum_on(data.ptr, first.size(), stream);
-    EXPECT_EQ(cudaMemcpyAsync(out.ptr, data.ptr, bytes, cudaMemcpyDeviceToDevice, stream), cudaSuccess);
+    comm->all_reduce_sum_on(data.ptr, reduced.ptr, first.size(), stream);
+    EXPECT_EQ(cudaMemcpyAsync(out.ptr, reduced.ptr, bytes, cudaMemcpyDeviceToDevice, stream), cudaSuccess);
   };
   enqueue();
   ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
@@ -85,7 +87,8 @@ TEST(CudaNcclCommunicator, OneRankAllReduceOnTheCallersStreamAndInAGraph) {
   cudaGraphExecDestroy(exec);
   cudaGraphDestroy(graph);
   cudaStreamDestroy(stream);
-  comm->barrier();  // the communicator still answers blocking calls (and reports no async error)
+  comm->check_async_error();  // nothing failed after returning
+  comm->barrier();            // the communicator still answers blocking calls
 }
 
 TEST(CudaNcclCommunicator, BadRanksAreErrorsNotHangs) {

@@ -384,6 +384,25 @@ namespace {
 
 // A [rows, kk] matrix in one of the two formats the half2 GEMV reads (group-wise INT4 at `group`, or
 // Q4_K as stored), its dequantized weights, and its plain product.
+// One token's RoPE + KV write shape (the fused epilogue's): heads of head_dim, rot_dims rotated,
+// rope base 500000, rows `stride` apart in the plain product's output, a cache of num_blocks blocks.
+k::cuda::RopeKvWriteShape one_token_rope_kv(int64_t n_head, int64_t n_head_kv, int64_t head_dim,
+                                            int64_t rot_dims, int64_t stride, int64_t block_size,
+                                            int64_t num_blocks, int64_t max_blocks_per_seq) {
+  k::cuda::RopeKvWriteShape s;
+  s.tokens = 1;
+  s.n_head = n_head;
+  s.n_head_kv = n_head_kv;
+  s.head_dim = head_dim;
+  s.rot_dims = rot_dims;
+  s.rope_base = 500000.0f;
+  s.q_stride = s.kv_stride = stride;
+  s.block_size = block_size;
+  s.num_blocks = num_blocks;
+  s.max_blocks_per_seq = max_blocks_per_seq;
+  return s;
+}
+
 struct Half2Matrix {
   bool q4_k = false;
   int64_t rows = 0, kk = 0, group = 0;
@@ -507,17 +526,9 @@ TEST(CudaW4A16GemvHalf2, RopeKvEpilogueIsTheProductThenRopeKvWriteBitForBit) {
       const int64_t rows = q_dim + 2 * kv_dim, kk = q4_k ? 512 : 480;
       Half2Matrix w;
       ASSERT_NO_FATAL_FAILURE(make_half2_matrix(q4_k, rows, kk, 32, rng, w));
-      k::cuda::RopeKvWriteShape s;
-      s.tokens = 1;
-      s.n_head = h.n_head;
-      s.n_head_kv = h.n_head_kv;
-      s.head_dim = h.head_dim;
-      s.rot_dims = h.rot_dims;
-      s.rope_base = 500000.0f;
-      s.q_stride = s.kv_stride = rows;  // the plain product's row, for rope_kv_write
-      s.block_size = block_size;
-      s.num_blocks = num_blocks;
-      s.max_blocks_per_seq = mbps;
+      // (strides: the plain product's row, for rope_kv_write)
+      const k::cuda::RopeKvWriteShape s = one_token_rope_kv(h.n_head, h.n_head_kv, h.head_dim, h.rot_dims,
+                                                            rows, block_size, num_blocks, mbps);
       const float theta_scale = std::pow(s.rope_base, -2.0f / static_cast<float>(s.rot_dims));
       for (const int32_t pos : {3, 20, 40, 70}) {  // blocks 5 and 2; block id -1; past the table
         SCOPED_TRACE("position " + std::to_string(pos));
@@ -864,17 +875,9 @@ TEST(CudaW4A16GemvHalf2, FusedEpiloguesGiveTheSameBitsOnEveryShape) {
     // RoPE + the KV write: 25 rotation pairs (a partial block, partial rotation), 2560 pairs
     SCOPED_TRACE("RoPE, " + std::to_string(heads.n_head) + " heads of " + std::to_string(heads.head_dim) +
                  ", position " + std::to_string(heads.pos));
-    k::cuda::RopeKvWriteShape s;
-    s.tokens = 1;
-    s.n_head = heads.n_head;
-    s.n_head_kv = heads.n_head_kv;
-    s.head_dim = heads.head_dim;
-    s.rot_dims = heads.rot_dims;
-    s.rope_base = 500000.0f;
-    s.q_stride = s.kv_stride = 0;  // not used
-    s.block_size = 16;
-    s.num_blocks = 2;
-    s.max_blocks_per_seq = 2;
+    // (strides unused here)
+    const k::cuda::RopeKvWriteShape s =
+        one_token_rope_kv(heads.n_head, heads.n_head_kv, heads.head_dim, heads.rot_dims, 0, 16, 2, 2);
     const bool bad_slot = heads.pos >= 32;
     const int64_t q_dim = s.n_head * s.head_dim, kv_dim = s.n_head_kv * s.head_dim;
     DeviceInt4Groups w;

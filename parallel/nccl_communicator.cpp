@@ -70,8 +70,13 @@ void NcclCommunicator::check_async_error() {
 }
 
 void NcclCommunicator::all_gather(const float* send, size_t count_per_rank, float* recv) {
-  check(ncclAllGather(send, recv, count_per_rank, ncclFloat32, comm_, stream_), "ncclAllGather");
+  all_gather_on(send, count_per_rank, recv, stream_);
   finish("all_gather");
+}
+
+void NcclCommunicator::all_gather_on(const float* send, size_t count_per_rank, float* recv,
+                                     cudaStream_t stream) {
+  check(ncclAllGather(send, recv, count_per_rank, ncclFloat32, comm_, stream), "ncclAllGather");
 }
 
 void NcclCommunicator::broadcast(void* data, size_t bytes, int root) {

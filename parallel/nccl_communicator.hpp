@@ -48,6 +48,8 @@ class NcclCommunicator final : public Communicator {
   void check_async_error();
   // send: [count_per_rank], recv: [size(), count_per_rank] floats in device memory.
   void all_gather(const float* send, size_t count_per_rank, float* recv) override;
+  // The same, stream-ordered on `stream` like all_reduce_sum_on (a capture records it).
+  void all_gather_on(const float* send, size_t count_per_rank, float* recv, cudaStream_t stream);
   // data: [bytes] in device memory.
   void broadcast(void* data, size_t bytes, int root) override;
   // data: [bytes] in device memory; see the class comment on tags.

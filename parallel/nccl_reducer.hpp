@@ -25,14 +25,24 @@ class NcclReducer final : public worker::ShardReducer {
   void check_async_errors() override { group_.check_async_error(); }
   // local: [rows, col_counts[rank]], out: [rows, Σ col_counts], both device memory. As
   // CommunicatorReducer: each rank's block padded to the widest ([rows, max_cols]), all-gathered
-  // into [size, rows, max_cols], then copied into place with strided device copies.
+  // into [size, rows, max_cols], then copied into place with strided device copies. Blocking: on the
+  // communicator's stream, which it synchronizes.
   void gather_columns(const float* local, int64_t rows, const std::vector<int64_t>& col_counts,
                       float* out) override;
+  // The same on the caller's stream (the all-gather by NcclCommunicator::all_gather_on), on scratch
+  // reserve_gather made; throws CommunicatorError for rows it did not reserve. Where every rank has
+  // the same number of columns and rows == 1 (batch-1 decode), the all-gather writes out directly.
+  bool gather_columns_on_stream(const float* local, int64_t rows, const std::vector<int64_t>& col_counts,
+                                float* out, void* cuda_stream) override;
+  bool reserve_gather(int64_t rows, const std::vector<int64_t>& col_counts) override;
+  bool stream_ordered() const override { return true; }
   bool device_pointers() const override { return true; }
 
  private:
-  // Grows the device scratch to hold `floats` floats in each of send_ and recv_.
-  void reserve(size_t send_floats, size_t recv_floats);
+  // Grows the device scratch to hold `floats` floats in each of send_ and recv_; true where either moved.
+  bool reserve(size_t send_floats, size_t recv_floats);
+  // The widest rank's column count; throws CommunicatorError unless col_counts has one count a rank.
+  int64_t max_columns(const std::vector<int64_t>& col_counts) const;
 
   NcclCommunicator& group_;
   float* send_ = nullptr;  // [rows, max_cols] device

@@ -288,11 +288,17 @@ void CudaLlamaModel::Impl::reduce_sum(float* data, size_t count) {
 
 void CudaLlamaModel::Impl::gather_logits(int64_t n_out) {
   const int64_t local = split.vocab_counts[static_cast<size_t>(shard.rank)];
-  cuda_check(cudaStreamSynchronize(stream), "before the logits gather");
   if (reducer->device_pointers()) {
+    // NCCL on this stream (scratch reserved by grow_buffers): no host wait, and a graph can hold it.
+    if (reducer->gather_columns_on_stream(local_logits.as<float>(), n_out, split.vocab_counts,
+                                          logits.as<float>(), stream)) {
+      return;
+    }
+    cuda_check(cudaStreamSynchronize(stream), "before the logits gather");
     reducer->gather_columns(local_logits.as<float>(), n_out, split.vocab_counts, logits.as<float>());
     return;
   }
+  cuda_check(cudaStreamSynchronize(stream), "before the logits gather");
   host_reduce.resize(static_cast<size_t>(n_out * local));
   host_gathered.resize(static_cast<size_t>(n_out * config.n_vocab));
   cuda_check(cudaMemcpy(host_reduce.data(), local_logits.as<float>(), host_reduce.size() * sizeof(float),
@@ -492,8 +498,9 @@ bool CudaLlamaModel::Impl::grow_buffers(const Plan& p) {
   moved |= act16.reserve(static_cast<size_t>(n * c.n_ff) * sizeof(__half));
   moved |= picked16.reserve(static_cast<size_t>(rows_out * c.n_embd) * sizeof(__half));
   moved |= logits.reserve(static_cast<size_t>(rows_out * c.n_vocab) * sizeof(float));
-  if (shard.size > 1 && last_stage()) {
+  if (reducer != nullptr && last_stage()) {
     moved |= local_logits.reserve(static_cast<size_t>(rows_out * head.n_out) * sizeof(float));
+    if (reducer->device_pointers()) moved |= reducer->reserve_gather(rows_out, split.vocab_counts);
   }
   moved |= ids.reserve(static_cast<size_t>(rows_out) * sizeof(int32_t));
   moved |= flag.reserve(sizeof(int32_t));
@@ -695,7 +702,7 @@ void CudaLlamaModel::Impl::enqueue(const Plan& p) {
     check_status(
         kc::gather_rows_f16(h, n, c.n_embd, md + p.off_rows, n_out, picked16.as<__half>(), flag_d, stream),
         "gather_rows_f16");
-    if (shard.size == 1) {
+    if (reducer == nullptr) {
       matmul(head, picked16.as<__half>(), n_out, logits.as<float>());
     } else {  // the shard's vocabulary columns, gathered into full rows
       matmul(head, picked16.as<__half>(), n_out, local_logits.as<float>());
@@ -883,10 +890,9 @@ CudaLlamaModel::CudaLlamaModel(std::shared_ptr<const model::LlamaCheckpoint> che
     throw std::invalid_argument("tensor shard " + std::to_string(shard.rank) + " of " +
                                 std::to_string(shard.size) + " is not a valid shard");
   }
-  if (shard.size > 1) {
-    if (reducer == nullptr) throw std::invalid_argument("a sharded model needs a ShardReducer");
-    m.reducer = reducer;
-  }
+  if (shard.size > 1 && reducer == nullptr)
+    throw std::invalid_argument("a sharded model needs a ShardReducer");
+  m.reducer = reducer;  // at size 1 too: a group of one (see the constructor's comment)
   m.layer_begin = layers.begin;
   m.layer_end = layers.end < 0 ? c.n_layer : layers.end;
   if (m.layer_begin < 0 || m.layer_begin >= m.layer_end || m.layer_end > c.n_layer) {

@@ -44,12 +44,12 @@
 // same slices), and forward is a collective over the T shards; a LayerRange holds one pipeline
 // stage (forward_stage). The partial sums after attn_output and ffn_down go through
 // ShardReducer::sum, the vocabulary-parallel logits through gather_columns, at the same points
-// as on the CPU. A reducer with device_pointers() (NCCL) gets device buffers: its sums enqueued on
-// the model's stream where it can (ShardReducer::sum_on_stream: no host wait), else after the stream
-// has been synchronized, and the logits after it; any other (MPI, an in-process test group) gets host
-// copies: each reduction
-// copies [tokens, n_embd] floats to the host and back, which costs a round trip per reduction
-// (fine for correctness and for ranks that share a GPU; NCCL is the fast path). Unlike the CPU,
+// as on the CPU. A reducer with device_pointers() (NCCL) gets device buffers: its sums and the
+// logits gather enqueued on the model's stream where it can (ShardReducer::sum_on_stream,
+// gather_columns_on_stream: no host wait, and CUDA graphs hold them), else after the stream has been
+// synchronized; any other (MPI, an in-process test group) gets host copies: each reduction copies
+// [tokens, n_embd] floats to the host and back, which costs a round trip per reduction (fine for
+// correctness and for ranks that share a GPU; NCCL is the fast path). Unlike the CPU,
 // the first stage keeps the whole embedding table on every shard (embedding_lookup_f16 gathers
 // rows, it cannot zero the rows of other shards' tokens), which saves the embedding's all-reduce
 // at the cost of n_vocab x n_embd weights per GPU (0.56 GB for Llama-3-70B in Q4_0).
@@ -281,9 +281,10 @@ struct CudaModelOptions {
   // is seen: one-off shapes such as prompts run directly. Decode steps of a fixed batch shape then
   // cost one graph launch instead of ~10 launches per layer. Graphs are dropped when a buffer has to
   // grow, and all at once when 128 are held. The results equal direct launches (same kernels, same
-  // arguments). Ignored
-  // by a sharded model (T > 1): its logits gather synchronizes the stream (and a host reducer's every
-  // reduction, calling into MPI), which a graph cannot hold. A single-shard pipeline stage keeps them.
+  // arguments). A model with a reducer keeps them where the reducer is stream-ordered
+  // (ShardReducer::stream_ordered: NCCL, whose all-reduces and logits gather a graph holds; every
+  // shard replays its graphs in the same order, since every shard runs the same batches); a host
+  // reducer (MPI) synchronizes at every reduction, so its model launches directly.
   bool graphs = false;
   // Launch the W4A16 matrix products, and the norm, RoPE + KV write, attention and SwiGLU kernels
   // between them, as programmatic dependent launches (Hopper's PDL, kernels/cuda/dependent_launch.cuh):
@@ -333,7 +334,10 @@ class CudaLlamaModel {
                                               TensorShard shard = {}, ShardReducer* reducer = nullptr,
                                               LayerRange layers = {});
   // shard, reducer, layers: as for LlamaModel (the reducer is required when shard.size > 1, not
-  // owned, must outlive the model; see the class comment for where its buffers live). Throws
+  // owned, must outlive the model; see the class comment for where its buffers live). At size 1 a
+  // reducer is optional: given, it is a group of one that the pass's collectives go through as at
+  // T > 1 (an NCCL group of one on the one GPU a test has: the sharded pass's stream order and graphs,
+  // with the whole model's results). Throws
   // CudaUnavailable without a usable device, std::invalid_argument for a model the GPU path cannot
   // run (n_embd or n_ff not a multiple of 32, head_dim odd or above 256) or split that way,
   // std::runtime_error when a CUDA call fails (e.g. out of device memory).

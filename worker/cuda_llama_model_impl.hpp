@@ -119,7 +119,7 @@ struct CudaLlamaModel::Impl {
   model::LlamaConfig shard_config;  // this shard's heads, ffn rows and stage layers
   CudaModelOptions options;
   TensorShard shard;
-  ShardReducer* reducer = nullptr;  // null when unsharded (no collectives)
+  ShardReducer* reducer = nullptr;  // null when unsharded (no collectives); see the constructor
   int64_t layer_begin = 0, layer_end = 0;
   ModelShard split;  // what this shard owns (the whole model when unsharded)
   cudaStream_t stream = nullptr;
@@ -377,8 +377,11 @@ struct CudaLlamaModel::Impl {
 
   bool first_stage() const { return layer_begin == 0; }
   bool last_stage() const { return layer_end == config.n_layer; }
-  // Graphs need a pass without host synchronization: no reducer.
-  bool use_graphs(int64_t n) const { return options.graphs && reducer == nullptr && n <= kGraphMaxTokens; }
+  // Graphs need a pass without host synchronization: no reducer, or one whose collectives only
+  // enqueue on the model's stream (NCCL).
+  bool use_graphs(int64_t n) const {
+    return options.graphs && (reducer == nullptr || reducer->stream_ordered()) && n <= kGraphMaxTokens;
+  }
   // The all-reduce of data: [count] floats on the device (see the class comment).
   void reduce_sum(float* data, size_t count);
   // logits: [n_out, n_vocab] on the device from every shard's local_logits: [n_out, local vocab].

@@ -171,6 +171,22 @@ class ShardReducer {
   // returning at once, the sums there for what the stream runs next. true where done so; false (the
   // default) where the reducer cannot, and the caller then waits for its stream and calls sum().
   virtual bool sum_on_stream(float* data, size_t n, void* cuda_stream) { return false; }
+  // A stream-ordered gather_columns, for a reducer with device_pointers(): enqueued on the caller's
+  // CUDA stream and returning at once, out there for what the stream runs next. Its scratch is what
+  // reserve_gather made (for at least `rows` rows of these col_counts): it allocates nothing, so that
+  // a CUDA graph capture can hold it. true where done so; false (the default) where the reducer
+  // cannot, and the caller then waits for its stream and calls gather_columns().
+  virtual bool gather_columns_on_stream(const float* local, int64_t rows,
+                                        const std::vector<int64_t>& col_counts, float* out,
+                                        void* cuda_stream) {
+    return false;
+  }
+  // Makes gather_columns_on_stream's scratch hold `rows` rows of col_counts. true where the scratch
+  // moved: a graph that captured a gather holds the old address and must be dropped.
+  virtual bool reserve_gather(int64_t rows, const std::vector<int64_t>& col_counts) { return false; }
+  // true where sum_on_stream and gather_columns_on_stream (after reserve_gather) both only enqueue:
+  // a pass that calls nothing else of the reducer can be captured into a CUDA graph and replayed.
+  virtual bool stream_ordered() const { return false; }
   // Throws the failure of stream-ordered work that failed after sum_on_stream returned (a dead peer,
   // a transport error); called by the caller after its stream synchronized (every pass).
   virtual void check_async_errors() {}

@@ -296,7 +296,7 @@ int serve(const std::string& config_path) {
           options.int4_layout = worker_int4_layout(config.int4_layout);
           options.cutlass_gemm = config.cutlass_gemm;
           options.int8_activations = config.int8_activations;
-          options.graphs = true;  // used only without a reducer (see CudaModelOptions)
+          options.graphs = true;  // not with a host reducer (see CudaModelOptions)
           gpu_model = std::make_unique<worker::CudaLlamaModel>(file, options, shard, reducer.get(), range);
         } else {
           model = std::make_unique<worker::LlamaModel>(file, shard, reducer.get(), range);

@@ -4,9 +4,11 @@
 #include <gtest/gtest.h>
 
 #include <random>
+#include <string>
 #include <vector>
 
 #include "parallel/nccl_communicator.hpp"
+#include "parallel/nccl_reducer.hpp"
 #include "tests/cuda/cuda_test_util.hpp"
 
 namespace nibble::parallel {
@@ -89,6 +91,64 @@ TEST(CudaNcclCommunicator, OneRankAllReduceOnTheCallersStreamAndInAGraph) {
   cudaStreamDestroy(stream);
   comm->check_async_error();  // nothing failed after returning
   comm->barrier();            // the communicator still answers blocking calls
+}
+
+// The reducer's stream-ordered logits gather (what a sharded model's graphs hold), at one rank: the
+// gathered rows are the local ones. One row takes the all-gather straight into out; several rows go
+// through the scratch and the strided copies. Each is checked run directly, then captured into a graph
+// and replayed on fresh values (a step left outside the graph would leave the first values), with an
+// odd column count; scratch is made only by reserve_gather (moved once, then not), and a gather of
+// more rows than reserved is refused.
+TEST(CudaNcclReducer, OneRankGathersColumnsOnTheCallersStreamAndInAGraph) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  auto comm = single_rank();
+  NcclReducer reducer(*comm);
+  ASSERT_TRUE(reducer.stream_ordered());
+  cudaStream_t stream = nullptr;
+  ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
+  const std::vector<int64_t> counts = {333};
+  EXPECT_TRUE(reducer.reserve_gather(3, counts)) << "the first reservation allocates";
+  EXPECT_FALSE(reducer.reserve_gather(3, counts)) << "the same size again does not move the scratch";
+  EXPECT_FALSE(reducer.reserve_gather(1, counts));
+  for (const int64_t rows : {int64_t{1}, int64_t{3}}) {
+    SCOPED_TRACE(std::to_string(rows) + " rows");
+    const size_t n = static_cast<size_t>(rows * counts[0]);
+    const std::vector<float> first = random_values(n, 7), second = random_values(n, 8);
+    cuda_test::DeviceBuffer<float> staged(first), local(std::vector<float>(n, 0.0f)),
+        out(std::vector<float>(n, -1.0f));
+    const auto enqueue = [&] {
+      EXPECT_EQ(cudaMemcpyAsync(local.ptr, staged.ptr, n * sizeof(float), cudaMemcpyDeviceToDevice, stream),
+                cudaSuccess);
+      EXPECT_TRUE(reducer.gather_columns_on_stream(local.ptr, rows, counts, out.ptr, stream));
+    };
+    enqueue();
+    ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+    EXPECT_EQ(out.to_host(), first);
+
+    ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), cudaSuccess);
+    enqueue();
+    cudaGraph_t graph = nullptr;
+    ASSERT_EQ(cudaStreamEndCapture(stream, &graph), cudaSuccess);
+    cudaGraphExec_t exec = nullptr;
+    ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
+    ASSERT_EQ(cudaMemcpy(staged.ptr, second.data(), n * sizeof(float), cudaMemcpyHostToDevice), cudaSuccess);
+    ASSERT_EQ(cudaGraphLaunch(exec, stream), cudaSuccess);
+    ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+    EXPECT_EQ(out.to_host(), second);
+    cudaGraphExecDestroy(exec);
+    cudaGraphDestroy(graph);
+  }
+  cuda_test::DeviceBuffer<float> big(std::vector<float>(4 * 333, 1.0f)), big_out(4 * 333);
+  EXPECT_THROW(reducer.gather_columns_on_stream(big.ptr, 4, counts, big_out.ptr, stream), CommunicatorError)
+      << "4 rows were never reserved";
+  EXPECT_THROW(reducer.reserve_gather(1, {100, 233}), CommunicatorError) << "two counts for a group of one";
+  // The blocking gather reserves for itself.
+  const std::vector<float> values = random_values(5 * 333, 9);
+  cuda_test::DeviceBuffer<float> five(values), five_out(values.size());
+  reducer.gather_columns(five.ptr, 5, counts, five_out.ptr);
+  EXPECT_EQ(five_out.to_host(), values);
+  cudaStreamDestroy(stream);
+  comm->check_async_error();
 }
 
 TEST(CudaNcclCommunicator, BadRanksAreErrorsNotHangs) {

@@ -18,6 +18,8 @@
 
 #include "kernels/thread_pool.hpp"
 #include "model/random_model.hpp"
+#include "parallel/nccl_communicator.hpp"
+#include "parallel/nccl_reducer.hpp"
 #include "tests/cuda/cuda_test_util.hpp"
 #include "tests/support/test_support.hpp"
 #include "tests/support/thread_group.hpp"
@@ -27,6 +29,7 @@
 
 namespace k = nibble::kernels;
 namespace m = nibble::model;
+namespace p = nibble::parallel;
 namespace w = nibble::worker;
 namespace t = nibble::test;
 
@@ -82,7 +85,7 @@ std::vector<std::vector<float>> sharded_gpu_logits(const std::string& path, int 
   for (int r = 0; r < tensor; ++r) {
     reducers.push_back(std::make_unique<t::ThreadGroup::Reducer>(group, r));
     w::CudaModelOptions options;
-    options.graphs = true;  // ignored by a sharded model: the host reductions cannot be captured
+    options.graphs = true;  // ignored with a host reducer: its reductions cannot be captured
     shards.push_back(
         w::CudaLlamaModel::load(path, options, w::TensorShard{r, tensor}, reducers.back().get()));
   }
@@ -196,6 +199,70 @@ TEST(CudaTensorParallelDummy, TwoShardsOfDummyTinyGiveTheWholeModelsLogits) {
     ASSERT_EQ(shards[r].size(), whole.size()) << "rank " << r;
     EXPECT_LT(t::max_relative_rms(shards[r], whole, n_vocab), kShardBound) << "rank " << r;
   }
+}
+
+// A tensor group of one on NCCL (the one GPU a session has): the pass's collectives go through
+// NcclReducer as they do at T > 1 (the all-reduces, the logits gathered from the head's local
+// columns), all of them only enqueued on the model's stream, so that the decode steps replay from CUDA
+// graphs (what T > 1 on NCCL does, which needs a GPU per rank). Every step's logits, and the device
+// argmax's ids, equal the whole model's direct launches bit for bit (a group of one sums nothing and
+// gathers a copy), with two sequences (the gather's strided path) and one (its one-row path); a
+// gather left outside the graph, or on another stream, would return an earlier step's logits.
+TEST(CudaTensorParallelNccl, AGroupOfOneReplaysTheShardedPassFromGraphs) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  t::TempDir tmp;
+  const std::string path = random_model(tmp.path(), k::DType::Q4_0);
+  w::CudaModelOptions options;
+  options.int4_kernels = w::Int4Kernels::cuda_cores;  // the same kernels in both models
+  options.fused_norms = false;  // a model with a reducer keeps its norms apart from the products
+  auto whole = w::CudaLlamaModel::load(path, options);
+  ncclUniqueId id{};
+  ASSERT_EQ(ncclGetUniqueId(&id), ncclSuccess);
+  auto nccl = p::NcclCommunicator::create(id, 0, 1, 0);
+  p::NcclReducer reducer(*nccl);
+  options.graphs = true;
+  auto grouped = w::CudaLlamaModel::load(path, options, w::TensorShard{0, 1}, &reducer);
+  w::CudaKvCache whole_cache(whole->shard_config(), 4, 16), grouped_cache(grouped->shard_config(), 4, 16);
+  const std::vector<int32_t> tables = {3, 1, 0, 2};  // two sequences, two blocks each
+  int32_t next_pos[2] = {0, 0}, token = 3;
+  // Each sequence in `counts` (its table row) brings `count` tokens, logits for its last one.
+  const auto batch_of = [&](const std::vector<std::pair<int32_t, int>>& counts) {
+    w::ForwardBatch b;
+    for (const auto& [row, count] : counts) {
+      std::vector<int32_t> tokens;
+      for (int i = 0; i < count; ++i) tokens.push_back(token = 3 + (token * 131 + 17) % (kVocab - 3));
+      b.add_sequence(tokens, next_pos[row], row, false);
+      next_pos[row] += count;
+    }
+    b.block_tables = tables;
+    b.max_blocks_per_seq = 2;
+    return b;
+  };
+  const auto step = [&](const std::vector<std::pair<int32_t, int>>& counts, bool greedy) {
+    const w::ForwardBatch b = batch_of(counts);
+    if (greedy) {
+      std::vector<int32_t> a, g;
+      whole->forward_greedy(b, whole_cache, a);
+      grouped->forward_greedy(b, grouped_cache, g);
+      ASSERT_EQ(a.size(), counts.size());
+      EXPECT_EQ(a, g);
+      return;
+    }
+    std::vector<float> a, g;
+    whole->forward(b, whole_cache, a);
+    grouped->forward(b, grouped_cache, g);
+    ASSERT_EQ(a.size(), counts.size() * static_cast<size_t>(kVocab));
+    EXPECT_EQ(a, g) << "the group of one's pass, graphs or not, is the whole model's";
+  };
+  step({{0, 9}, {1, 5}}, false);  // prompts: run directly
+  for (int i = 0; i < 4; ++i) step({{0, 1}, {1, 1}}, false);
+  EXPECT_EQ(grouped->captured_graphs(), 1) << "two-sequence decode steps replay one graph";
+  for (int i = 0; i < 4; ++i) step({{0, 1}}, false);
+  EXPECT_EQ(grouped->captured_graphs(), 2) << "one-sequence steps: a graph of their own";
+  for (int i = 0; i < 3; ++i) step({{0, 1}, {1, 1}}, true);
+  EXPECT_EQ(grouped->captured_graphs(), 3) << "the greedy variant: a graph of its own";
+  EXPECT_LE(next_pos[0], 32);  // inside the two blocks
+  nccl->check_async_error();
 }
 
 // The dummy run_conversation uses kVocab for its token ids, which stay inside tiny's 4096.

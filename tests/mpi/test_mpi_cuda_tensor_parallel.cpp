@@ -4,7 +4,8 @@
 //   mpirun -np 2 test_mpi_cuda_tensor_parallel
 // HostReduction: the ranks share one GPU (device 0) and reduce through host memory over MPI
 // (CommunicatorReducer), as `nibble serve` does when a tensor group's ranks share a GPU. Nccl: each
-// rank on its own GPU with NcclReducer; skips unless the machine has a GPU per rank.
+// rank on its own GPU with NcclReducer, its decode steps replayed from CUDA graphs; skips unless
+// the machine has a GPU per rank.
 #include <gtest/gtest.h>
 #include <mpi.h>
 #include <unistd.h>
@@ -108,11 +109,13 @@ TEST(CudaTensorParallelMpi, NcclRanksOnTheirOwnGpusGatherTheWholeModelsLogits) {
   auto whole = worker::CudaLlamaModel::load(file.path, options);
   const std::vector<float> expected = run_conversation(*whole, device);
   whole.reset();
+  options.graphs = true;  // NCCL's collectives only enqueue: the decode steps replay graphs
   auto shard = worker::CudaLlamaModel::load(file.path, options,
                                             worker::TensorShard{nccl->rank(), nccl->size()}, &reducer);
   const std::vector<float> got = run_conversation(*shard, device);
   ASSERT_EQ(got.size(), expected.size());
   EXPECT_LT(test::max_relative_rms(got, expected, RankModel::n_vocab), kShardBound);
+  EXPECT_EQ(shard->captured_graphs(), 1) << "the second and third decode steps: one graph";
   std::vector<float> rank0 = got;
   world->broadcast(rank0.data(), rank0.size() * sizeof(float), 0);
   EXPECT_EQ(got, rank0);

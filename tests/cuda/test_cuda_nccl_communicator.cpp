@@ -3,6 +3,7 @@
 // Skips without a CUDA device.
 #include <gtest/gtest.h>
 
+#include <functional>
 #include <random>
 #include <string>
 #include <vector>
@@ -26,6 +27,31 @@ std::vector<float> random_values(size_t n, unsigned seed) {
   std::vector<float> v(n);
   for (float& x : v) x = normal(rng);
   return v;
+}
+
+// staged holds `first`: enqueue() run directly on stream must leave `first` in out. Then enqueue() is
+// captured into a CUDA graph (thread-local mode, the model's), staged rewritten with `second` and the
+// graph replayed: out must hold `second` (a step left outside the graph would leave `first`).
+void check_direct_then_replayed(cudaStream_t stream, const std::function<void()>& enqueue,
+                                cuda_test::DeviceBuffer<float>& staged, const std::vector<float>& first,
+                                const std::vector<float>& second, const cuda_test::DeviceBuffer<float>& out) {
+  enqueue();
+  ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+  EXPECT_EQ(out.to_host(), first);
+
+  ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), cudaSuccess);
+  enqueue();
+  cudaGraph_t graph = nullptr;
+  ASSERT_EQ(cudaStreamEndCapture(stream, &graph), cudaSuccess);
+  cudaGraphExec_t exec = nullptr;
+  ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(staged.ptr, second.data(), second.size() * sizeof(float), cudaMemcpyHostToDevice),
+            cudaSuccess);
+  ASSERT_EQ(cudaGraphLaunch(exec, stream), cudaSuccess);
+  ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+  EXPECT_EQ(out.to_host(), second);
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
 }
 
 TEST(CudaNcclCommunicator, OneRankCollectivesOnDeviceMemory) {
@@ -72,22 +98,7 @@ TEST(CudaNcclCommunicator, OneRankAllReduceOnTheCallersStreamAndInAGraph) {
     comm->all_reduce_sum_on(data.ptr, reduced.ptr, first.size(), stream);
     EXPECT_EQ(cudaMemcpyAsync(out.ptr, reduced.ptr, bytes, cudaMemcpyDeviceToDevice, stream), cudaSuccess);
   };
-  enqueue();
-  ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
-  EXPECT_EQ(out.to_host(), first);
-
-  ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), cudaSuccess);
-  enqueue();
-  cudaGraph_t graph = nullptr;
-  ASSERT_EQ(cudaStreamEndCapture(stream, &graph), cudaSuccess);
-  cudaGraphExec_t exec = nullptr;
-  ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
-  ASSERT_EQ(cudaMemcpy(staged.ptr, second.data(), bytes, cudaMemcpyHostToDevice), cudaSuccess);
-  ASSERT_EQ(cudaGraphLaunch(exec, stream), cudaSuccess);
-  ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
-  EXPECT_EQ(out.to_host(), second);
-  cudaGraphExecDestroy(exec);
-  cudaGraphDestroy(graph);
+  check_direct_then_replayed(stream, enqueue, staged, first, second, out);
   cudaStreamDestroy(stream);
   comm->check_async_error();  // nothing failed after returning
   comm->barrier();            // the communicator still answers blocking calls
@@ -121,22 +132,7 @@ TEST(CudaNcclReducer, OneRankGathersColumnsOnTheCallersStreamAndInAGraph) {
                 cudaSuccess);
       EXPECT_TRUE(reducer.gather_columns_on_stream(local.ptr, rows, counts, out.ptr, stream));
     };
-    enqueue();
-    ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
-    EXPECT_EQ(out.to_host(), first);
-
-    ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), cudaSuccess);
-    enqueue();
-    cudaGraph_t graph = nullptr;
-    ASSERT_EQ(cudaStreamEndCapture(stream, &graph), cudaSuccess);
-    cudaGraphExec_t exec = nullptr;
-    ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
-    ASSERT_EQ(cudaMemcpy(staged.ptr, second.data(), n * sizeof(float), cudaMemcpyHostToDevice), cudaSuccess);
-    ASSERT_EQ(cudaGraphLaunch(exec, stream), cudaSuccess);
-    ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
-    EXPECT_EQ(out.to_host(), second);
-    cudaGraphExecDestroy(exec);
-    cudaGraphDestroy(graph);
+    check_direct_then_replayed(stream, enqueue, staged, first, second, out);
   }
   cuda_test::DeviceBuffer<float> big(std::vector<float>(4 * 333, 1.0f)), big_out(4 * 333);
   EXPECT_THROW(reducer.gather_columns_on_stream(big.ptr, 4, counts, big_out.ptr, stream), CommunicatorError)

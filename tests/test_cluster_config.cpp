@@ -231,6 +231,8 @@ TEST(ClusterConfig, OutOfRangeValues) {
                {"int4_layout: tiles", "row-major"});
   expect_error("model: {path: m}\nint4_layout: cutlass\nint8_activations: true\n", "int8_activations", 3,
                {"int4_layout: cutlass"});
+  expect_error("model: {path: m}\ncuda_graphs: sometimes\n", "cuda_graphs", 2,
+               {"expected one of false, true, got 'sometimes'"});
   expect_error("model: {path: m}\ncutlass_gemm: yes please\n", "cutlass_gemm", 2,
                {"expected one of false, true, got 'yes please'"});
   // The CUTLASS GEMM is not a CUDA-core kernel, whichever key comes first.
@@ -326,6 +328,14 @@ TEST(ClusterConfig, RenderRoundTrips) {
   EXPECT_NE(rendered_int8.find("int8_activations: true"), std::string::npos) << rendered_int8;
   EXPECT_EQ(parse_cluster_config(rendered_int8, "rendered"), int8) << rendered_int8;
   EXPECT_FALSE(int8 == parse_cluster_config("model: {path: m.gguf}\ndevice: cuda\n", "plain.yaml"));
+  const ClusterConfig eager =
+      parse_cluster_config("model: {path: m.gguf}\ndevice: cuda\ncuda_graphs: false\n", "eager.yaml");
+  EXPECT_FALSE(eager.cuda_graphs);
+  EXPECT_TRUE(parse_cluster_config("model: {path: m.gguf}\n", "plain.yaml").cuda_graphs);
+  const std::string rendered_eager = render_cluster_config(eager);
+  EXPECT_NE(rendered_eager.find("cuda_graphs: false"), std::string::npos) << rendered_eager;
+  EXPECT_EQ(parse_cluster_config(rendered_eager, "rendered"), eager) << rendered_eager;
+  EXPECT_FALSE(eager == parse_cluster_config("model: {path: m.gguf}\ndevice: cuda\n", "plain.yaml"));
 
   const ClusterConfig minimal = parse_cluster_config("model: {path: m.gguf}\n", "minimal.yaml");
   const std::string rendered_minimal = render_cluster_config(minimal);

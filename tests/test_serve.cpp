@@ -592,7 +592,8 @@ TEST(Serve, CudaDeviceWithoutAGpuFailsAtStartUpWithTheReason) {
 // device: cuda on a GPU: T=2 (both workers on the one GPU here: reductions through the host) and
 // P=2 give the greedy tokens of single-process `nibble generate --device cuda` for a project-made
 // Q4_0 model: on the CUDA-core kernels, and on the tensor-core kernels with the INT4 matrices in
-// tiles (int4_layout: tiles; every GPU worker repacks its sliced matrices at load).
+// tiles (int4_layout: tiles; every GPU worker repacks its sliced matrices at load); and at P=2 with
+// cuda_graphs: false (every kernel launched directly), each stage saying how it launches.
 TEST(Serve, CudaServesLikeCudaGenerate) {
   if (const std::string why = cuda_job_skip_reason(); !why.empty()) GTEST_SKIP() << why;
   test::TempDir models;
@@ -600,18 +601,24 @@ TEST(Serve, CudaServesLikeCudaGenerate) {
   struct Setting {
     const char* name;
     std::string generate_args, job;
+    const char* launches;         // what a stage of one tensor rank says of its launches
+    bool tensor_parallel = true;  // also T2 P1 (its two ranks on one GPU launch directly anyway)
   };
   const Setting settings[] = {
-      {"CUDA cores", kCudaGenerate, kCudaJob},
+      {"CUDA cores", kCudaGenerate, kCudaJob, "decode steps replayed from CUDA graphs"},
       {"tensor cores on tiles", "--device cuda --int4-kernels tensor-cores --int4-layout tiles",
        "device: cuda\nint4_kernels: tensor_cores\nint4_layout: tiles\ncontext: 1024\nkv_cache: { num_blocks: "
-       "64 }\n"}};
+       "64 }\n",
+       "decode steps replayed from CUDA graphs"},
+      {"CUDA cores without graphs", kCudaGenerate, kCudaJob + "cuda_graphs: false\n",
+       "every kernel launched directly (cuda_graphs: false)", false}};
   for (const Setting& setting : settings) {
     SCOPED_TRACE(setting.name);
     std::vector<Expected> expected;
     for (const std::string& p : kPrompts)
       expected.push_back(nibble_generate(model, p, 24, setting.generate_args));
     for (const Shape shape : {Shape{2, 1}, Shape{1, 2}}) {
+      if (shape.tensor > 1 && !setting.tensor_parallel) continue;
       SCOPED_TRACE("T" + std::to_string(shape.tensor) + " P" + std::to_string(shape.pipeline));
       test::TempDir dir;
       ServeJob job(dir.path(), model, shape.tensor, shape.pipeline,
@@ -624,6 +631,9 @@ TEST(Serve, CudaServesLikeCudaGenerate) {
             << job.log();
       }
       EXPECT_NE(job.log().find(", GPU "), std::string::npos) << job.log();
+      if (shape.tensor == 1) {
+        EXPECT_NE(job.log().find(setting.launches), std::string::npos) << job.log();
+      }
       Client client(job.endpoint());
       for (size_t i = 0; i < kPrompts.size(); ++i) {
         SCOPED_TRACE("prompt " + std::to_string(i));

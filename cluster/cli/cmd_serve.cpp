@@ -230,6 +230,15 @@ int serve(const std::string& config_path) {
                       : "through host memory over MPI (each one copied device -> host -> device)");
     std::fflush(stderr);
   }
+  if (gpu_rank && me.tp_rank == 0) {
+    // CudaModelOptions::graphs: a host reducer synchronizes at every reduction, which no graph holds.
+    const char* launches = !config.cuda_graphs ? "every kernel launched directly (cuda_graphs: false)"
+                           : config.parallel.tensor > 1 && !nccl
+                               ? "every kernel launched directly (host reductions cannot be captured)"
+                               : "decode steps replayed from CUDA graphs";
+    std::fprintf(stderr, "nibble serve: stage %d: %s\n", me.stage, launches);
+    std::fflush(stderr);
+  }
 #if NIBBLE_WITH_CUDA
   std::unique_ptr<parallel::NcclCommunicator> nccl_group;
   if (!phase(world_rank, true, [&] {
@@ -296,7 +305,7 @@ int serve(const std::string& config_path) {
           options.int4_layout = worker_int4_layout(config.int4_layout);
           options.cutlass_gemm = config.cutlass_gemm;
           options.int8_activations = config.int8_activations;
-          options.graphs = true;  // not with a host reducer (see CudaModelOptions)
+          options.graphs = config.cuda_graphs;  // not with a host reducer (see CudaModelOptions)
           gpu_model = std::make_unique<worker::CudaLlamaModel>(file, options, shard, reducer.get(), range);
         } else {
           model = std::make_unique<worker::LlamaModel>(file, shard, reducer.get(), range);
@@ -313,7 +322,7 @@ int serve(const std::string& config_path) {
             options.int4_layout = worker_int4_layout(config.int4_layout);
             options.cutlass_gemm = config.cutlass_gemm;
             options.int8_activations = config.int8_activations;
-            options.graphs = true;
+            options.graphs = config.cuda_graphs;
             gpu_draft = std::make_unique<worker::CudaLlamaModel>(
                 model::LlamaCheckpoint::open(config.draft->path), options);
           } else {

@@ -31,6 +31,9 @@
 //   int8_activations: false      # device: cuda: true runs one-row INT4 products (batch-1 decode) on the
 //                                # W4A8 GEMV, activations rounded to 8 bits (needs int4_layout: rows;
 //                                # worker::CudaModelOptions::int8_activations)
+//   cuda_graphs: true            # device: cuda: false launches every pass's kernels directly (vLLM's
+//                                # --enforce-eager): decode steps are otherwise replayed from CUDA graphs,
+//                                # tensor shards on NCCL included (worker::CudaModelOptions::graphs)
 //   threads: auto                # CPU threads per worker: an integer >= 1, or auto
 //   server:
 //     listen: "tcp://127.0.0.1:5555"  # client ROUTER endpoint, tcp:// or ipc://
@@ -165,6 +168,7 @@ struct ClusterConfig {
   Int4LayoutChoice int4_layout = Int4LayoutChoice::rows;
   bool cutlass_gemm = false;
   bool int8_activations = false;
+  bool cuda_graphs = true;
   int threads = 0;  // 0 = auto; see worker_threads()
   ServerConfig server;
   SchedulerSettings scheduler;

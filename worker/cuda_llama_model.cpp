@@ -359,7 +359,7 @@ void CudaLlamaModel::Impl::validate(const ForwardBatch& batch, const CudaKvCache
 // values travel in `meta`, copied before the launches).
 struct CudaLlamaModel::Impl::Plan {
   int64_t n = 0, n_out = 0, n_runs = 0, mbps = 0;
-  bool use_decode = false, greedy = false;
+  bool use_decode = false;
   int64_t n_tiles = 0;  // > 0: prompt-chunk attention on prefill_attention_f16's tiles (else paged)
   int64_t off_tokens = 0, off_pos = 0, off_seq = 0, off_tables = 0, off_rows = 0;
   int64_t off_seq_lens = 0, off_query_start = 0, off_run_tables = 0, off_tiles = 0;
@@ -369,14 +369,14 @@ struct CudaLlamaModel::Impl::Plan {
 
   auto key() const {
     // The cache's geometry as well as its addresses: a new cache may reuse a freed one's memory.
-    return std::make_tuple(n, n_out, n_runs, mbps, use_decode, greedy, dshape.max_q_len, meta_count,
+    return std::make_tuple(n, n_out, n_runs, mbps, use_decode, dshape.max_q_len, meta_count,
                            static_cast<const void*>(cache), cache->k(0), n_tiles,
                            cache->block_size() * (int64_t{1} << 32) + cache->n_blocks());
   }
 };
 
 CudaLlamaModel::Impl::Plan CudaLlamaModel::Impl::plan_batch(const ForwardBatch& batch,
-                                                            const CudaKvCache& cache, bool greedy,
+                                                            const CudaKvCache& cache,
                                                             std::vector<int32_t>& meta_out) const {
   const auto& c = config;
   Plan p;
@@ -388,7 +388,6 @@ CudaLlamaModel::Impl::Plan CudaLlamaModel::Impl::plan_batch(const ForwardBatch& 
   p.mbps = 1;
   while (p.mbps < batch_mbps) p.mbps *= 2;
   p.mbps = std::max(batch_mbps, std::min(p.mbps, cache.n_blocks()));
-  p.greedy = greedy;
   p.cache = &cache;
   const int64_t group = shard_config.n_head / shard_config.n_head_kv;
 
@@ -708,10 +707,6 @@ void CudaLlamaModel::Impl::enqueue(const Plan& p) {
       matmul(head, picked16.as<__half>(), n_out, local_logits.as<float>());
       gather_logits(n_out);
     }
-    if (p.greedy) {
-      check_status(kc::argmax_rows(logits.as<float>(), n_out, c.n_vocab, ids.as<int32_t>(), stream),
-                   "argmax_rows");
-    }
   }
 }
 
@@ -773,7 +768,7 @@ void CudaLlamaModel::Impl::forward_impl(const ForwardBatch& batch, CudaKvCache& 
   cuda_check(cudaSetDevice(options.device), "cudaSetDevice");
   // Sampled ids: the pass computes the logits (not the argmax), then sample_rows draws from them.
   const bool sample = sampling.params != nullptr;
-  const Plan p = plan_batch(batch, cache, ids_out != nullptr && !sample, meta_host);
+  const Plan p = plan_batch(batch, cache, meta_host);
   // A buffer that moved invalidates every captured graph (they hold its old address).
   if (reserve_buffers(p)) clear_graphs();
   const size_t meta_bytes = meta_host.size() * sizeof(int32_t);
@@ -798,6 +793,13 @@ void CudaLlamaModel::Impl::forward_impl(const ForwardBatch& batch, CudaKvCache& 
     launch_graph(p);
   } else {
     enqueue(p);
+  }
+  // The argmax after the pass, outside its graph: a pass's graph is then the same whatever its ids are
+  // wanted as, so that tensor ranks replay the same graphs (a sampling rank wants sampled ids or logits
+  // where its peers want the argmax) and a greedy step shares the sampled steps' graph.
+  if (ids_out != nullptr && !sample && n_out > 0) {
+    check_status(kc::argmax_rows(logits.as<float>(), n_out, c.n_vocab, ids.as<int32_t>(), stream),
+                 "argmax_rows");
   }
 
   if (sample && n_out > 0) {

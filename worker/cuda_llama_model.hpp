@@ -277,14 +277,16 @@ struct CudaModelOptions {
   // batch to the general paged_attention_f16 (tests compare the two).
   bool decode_attention = true;
   // Replay batches of up to 64 tokens from CUDA graphs, captured the second time a batch shape
-  // (tokens, logit rows, table width rounded up to a power of two, runs, greedy or not, the cache)
-  // is seen: one-off shapes such as prompts run directly. Decode steps of a fixed batch shape then
-  // cost one graph launch instead of ~10 launches per layer. Graphs are dropped when a buffer has to
-  // grow, and all at once when 128 are held. The results equal direct launches (same kernels, same
-  // arguments). A model with a reducer keeps them where the reducer is stream-ordered
-  // (ShardReducer::stream_ordered: NCCL, whose all-reduces and logits gather a graph holds; every
-  // shard replays its graphs in the same order, since every shard runs the same batches); a host
-  // reducer (MPI) synchronizes at every reduction, so its model launches directly.
+  // (tokens, logit rows, table width rounded up to a power of two, runs, the cache) is seen:
+  // one-off shapes such as prompts run directly. Decode steps of a fixed batch shape then cost one
+  // graph launch instead of ~10 launches per layer (the argmax or sampling after it). Graphs are
+  // dropped when a buffer has to grow, and all at once when 128 are held. The results equal direct
+  // launches (same kernels, same arguments). A model with a reducer keeps them where the reducer is
+  // stream-ordered (ShardReducer::stream_ordered: NCCL, whose all-reduces and logits gather a graph
+  // holds): the shards of a tensor group run the same batches, so each captures and replays the same
+  // collectives at the same steps, as NCCL requires (what each wants of the logits, ids or logits,
+  // is not part of the graph); a host reducer (MPI) synchronizes at every reduction, so its model
+  // launches directly.
   bool graphs = false;
   // Launch the W4A16 matrix products, and the norm, RoPE + KV write, attention and SwiGLU kernels
   // between them, as programmatic dependent launches (Hopper's PDL, kernels/cuda/dependent_launch.cuh):

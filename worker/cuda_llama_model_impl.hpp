@@ -168,7 +168,7 @@ struct CudaLlamaModel::Impl {
   kc::Int4CublasContext dequant_cublas;
   std::vector<int32_t> meta_host;
   // Captured passes by plan key (CudaModelOptions::graphs).
-  std::map<std::tuple<int64_t, int64_t, int64_t, int64_t, bool, bool, int64_t, size_t, const void*, uint16_t*,
+  std::map<std::tuple<int64_t, int64_t, int64_t, int64_t, bool, int64_t, size_t, const void*, uint16_t*,
                       int64_t, int64_t>,
            cudaGraphExec_t>
       graphs;
@@ -380,7 +380,9 @@ struct CudaLlamaModel::Impl {
   // Graphs need a pass without host synchronization: no reducer, or one whose collectives only
   // enqueue on the model's stream (NCCL).
   bool use_graphs(int64_t n) const {
-    return options.graphs && (reducer == nullptr || reducer->stream_ordered()) && n <= kGraphMaxTokens;
+    return options.graphs &&
+           (reducer == nullptr || (reducer->device_pointers() && reducer->stream_ordered())) &&
+           n <= kGraphMaxTokens;
   }
   // The all-reduce of data: [count] floats on the device (see the class comment).
   void reduce_sum(float* data, size_t count);
@@ -432,8 +434,7 @@ struct CudaLlamaModel::Impl {
   void choose_one_row_fusions();
   void validate(const ForwardBatch& batch, const CudaKvCache& cache) const;
   struct Plan;
-  Plan plan_batch(const ForwardBatch& batch, const CudaKvCache& cache, bool greedy,
-                  std::vector<int32_t>& meta_out) const;
+  Plan plan_batch(const ForwardBatch& batch, const CudaKvCache& cache, std::vector<int32_t>& meta_out) const;
   // Grows every buffer the plan needs; true when one moved (captured graphs hold old addresses).
   // On failure every graph is dropped first.
   bool reserve_buffers(const Plan& p);

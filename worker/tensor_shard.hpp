@@ -184,8 +184,10 @@ class ShardReducer {
   // Makes gather_columns_on_stream's scratch hold `rows` rows of col_counts. true where the scratch
   // moved: a graph that captured a gather holds the old address and must be dropped.
   virtual bool reserve_gather(int64_t rows, const std::vector<int64_t>& col_counts) { return false; }
-  // true where sum_on_stream and gather_columns_on_stream (after reserve_gather) both only enqueue:
-  // a pass that calls nothing else of the reducer can be captured into a CUDA graph and replayed.
+  // true where sum_on_stream and gather_columns_on_stream (after reserve_gather) both only enqueue
+  // (device_pointers() too): a pass that calls nothing else of the reducer can be captured into a CUDA
+  // graph and replayed. A reducer then serves one model: the blocking gather_columns may move the
+  // scratch under that model's graphs.
   virtual bool stream_ordered() const { return false; }
   // Throws the failure of stream-ordered work that failed after sum_on_stream returned (a dead peer,
   // a transport error); called by the caller after its stream synchronized (every pass).

@@ -47,6 +47,8 @@ void check_direct_then_replayed(cudaStream_t stream, const std::function<void()>
   ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
   ASSERT_EQ(cudaMemcpy(staged.ptr, second.data(), second.size() * sizeof(float), cudaMemcpyHostToDevice),
             cudaSuccess);
+  // From pageable memory the copy may return before its DMA lands; the stream does not wait for it.
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   ASSERT_EQ(cudaGraphLaunch(exec, stream), cudaSuccess);
   ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
   EXPECT_EQ(out.to_host(), second);

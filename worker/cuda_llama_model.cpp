@@ -360,7 +360,8 @@ void CudaLlamaModel::Impl::validate(const ForwardBatch& batch, const CudaKvCache
 struct CudaLlamaModel::Impl::Plan {
   int64_t n = 0, n_out = 0, n_runs = 0, mbps = 0;
   bool use_decode = false;
-  int64_t n_tiles = 0;  // > 0: prompt-chunk attention on prefill_attention_f16's tiles (else paged)
+  int64_t n_tiles = 0;     // > 0: prompt-chunk attention on prefill_attention_f16's tiles (else paged)
+  bool mma_tiles = false;  // the tiles are prefill_attention_mma_f16's
   int64_t off_tokens = 0, off_pos = 0, off_seq = 0, off_tables = 0, off_rows = 0;
   int64_t off_seq_lens = 0, off_query_start = 0, off_run_tables = 0, off_tiles = 0;
   kc::DecodeAttentionShape dshape;
@@ -370,7 +371,7 @@ struct CudaLlamaModel::Impl::Plan {
   auto key() const {
     // The cache's geometry as well as its addresses: a new cache may reuse a freed one's memory.
     return std::make_tuple(n, n_out, n_runs, mbps, use_decode, dshape.max_q_len, meta_count,
-                           static_cast<const void*>(cache), cache->k(0), n_tiles,
+                           static_cast<const void*>(cache), cache->k(0), n_tiles, mma_tiles,
                            cache->block_size() * (int64_t{1} << 32) + cache->n_blocks());
   }
 };
@@ -455,10 +456,16 @@ CudaLlamaModel::Impl::Plan CudaLlamaModel::Impl::plan_batch(const ForwardBatch& 
     // Splits past a sequence's length return at once.
     p.dshape.max_seq_len = p.mbps * cache.block_size();
     p.dshape.split_tokens = kDecodeSplitTokens;
-  } else if (const int64_t tile_tokens =
-                 kc::prefill_attention_tile_tokens(shard_config.n_head, shard_config.n_head_kv);
+  } else if (const int64_t mma_tokens =
+                 options.mma_prefill_attention
+                     ? kc::prefill_attention_mma_tile_tokens(shard_config.n_head, shard_config.n_head_kv)
+                     : 0,
+             tile_tokens = mma_tokens > 0 ? mma_tokens
+                                          : kc::prefill_attention_tile_tokens(shard_config.n_head,
+                                                                              shard_config.n_head_kv);
              (c.head_dim == 64 || c.head_dim == 128) && tile_tokens > 0) {
-    // Prompt chunks: the runs cut into prefill_attention_f16's tiles.
+    // Prompt chunks: the runs cut into the prefill kernel's tiles (the tensor-core one's where asked).
+    p.mma_tiles = mma_tokens > 0;
     std::vector<int32_t> tiles;
     for (int64_t r = 0; r < p.n_runs; ++r) {
       for (int64_t off = 0; off < run_len[r]; off += tile_tokens) {
@@ -619,7 +626,12 @@ void CudaLlamaModel::Impl::enqueue(const Plan& p) {
                                         stream, pdl, attention_counters.as<unsigned>()),
                    "attention_decode");
     } else {
-      if (p.n_tiles > 0) {
+      if (p.n_tiles > 0 && p.mma_tiles) {
+        check_status(kc::prefill_attention_mma_f16(pshape, q16.as<__half>(), kc_l, vc_l, md + p.off_tables,
+                                                   md + p.off_seq, md + p.off_pos, md + p.off_tiles,
+                                                   p.n_tiles, scale, att16.as<__half>(), flag_d, stream),
+                     "prefill_attention_mma_f16");
+      } else if (p.n_tiles > 0) {
         check_status(kc::prefill_attention_f16(pshape, q16.as<__half>(), kc_l, vc_l, md + p.off_tables,
                                                md + p.off_seq, md + p.off_pos, md + p.off_tiles, p.n_tiles,
                                                scale, att16.as<__half>(), flag_d, stream),
@@ -1032,6 +1044,11 @@ void CudaLlamaModel::set_programmatic_launch(bool on) {
   impl_->options.programmatic_launch = on;
   impl_->clear_graphs();
   impl_->seen_once.clear();
+}
+
+void CudaLlamaModel::set_mma_prefill_attention(bool on) {
+  // The plan (and a graph's key) carries the choice: nothing captured needs dropping.
+  impl_->options.mma_prefill_attention = on;
 }
 
 void CudaLlamaModel::set_fused_epilogues(bool on) {

@@ -276,6 +276,12 @@ struct CudaModelOptions {
   // speculative verification) use attention_decode when head_dim is 64 or 128; false sends every
   // batch to the general paged_attention_f16 (tests compare the two).
   bool decode_attention = true;
+  // Prompt chunks' attention on the tensor cores (kernels::cuda::prefill_attention_mma_f16: 64 query
+  // rows a block, FlashAttention-2's schedule) instead of prefill_attention_f16's CUDA cores, where the
+  // head grouping divides 64 and head_dim is 64 or 128. The weights meet V in fp16 (not the CPU's
+  // rounding, close to it). Off until a GPU run measures it (bench-gpu --model times a long prompt
+  // both ways).
+  bool mma_prefill_attention = false;
   // Replay batches of up to 64 tokens from CUDA graphs, captured the second time a batch shape
   // (tokens, logit rows, table width rounded up to a power of two, runs, the cache) is seen:
   // one-off shapes such as prompts run directly. Decode steps of a fixed batch shape then cost one
@@ -370,6 +376,8 @@ class CudaLlamaModel {
   // without them, these fuse nothing (the products stay as chosen; load with them to have them weighed).
   void set_fused_epilogues(bool on);
   void set_fused_norms(bool on);
+  // Switches CudaModelOptions::mma_prefill_attention for later passes.
+  void set_mma_prefill_attention(bool on);
   // Per group-wise INT4 matrix shape, the kernels it uses (CudaModelOptions::int4_kernels), in the
   // order the shapes first occur (q/k/v, attn_output, gate/up, down, head); empty without such matrices.
   const std::vector<CudaInt4KernelChoice>& int4_kernel_choices() const;

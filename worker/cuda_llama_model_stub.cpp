@@ -48,6 +48,7 @@ int64_t CudaLlamaModel::captured_graphs() const { unavailable(); }
 void CudaLlamaModel::set_programmatic_launch(bool) { unavailable(); }
 void CudaLlamaModel::set_fused_epilogues(bool) { unavailable(); }
 void CudaLlamaModel::set_fused_norms(bool) { unavailable(); }
+void CudaLlamaModel::set_mma_prefill_attention(bool) { unavailable(); }
 const std::vector<CudaInt4KernelChoice>& CudaLlamaModel::int4_kernel_choices() const { unavailable(); }
 const std::vector<CudaQ4KChoice>& CudaLlamaModel::q4_k_choices() const { unavailable(); }
 const std::vector<CudaFusionChoice>& CudaLlamaModel::one_row_fusions() const { unavailable(); }

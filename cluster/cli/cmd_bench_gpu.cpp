@@ -41,6 +41,7 @@ struct Args {
   std::string model, draft;
   std::string batch = "1,8,32,64";
   int prompt_tokens = 512, gen_tokens = 64, prefill_batch = 8;
+  int long_prompt_tokens = 2048;  // 0: no long-prompt prefill
   worker::Int4Kernels int4_kernels = worker::Int4Kernels::measured;
   worker::Int4Layout int4_layout = worker::Int4Layout::rows;
   bool cutlass_gemm = false;
@@ -146,6 +147,24 @@ double time_prefill(GpuModel& g, int64_t seqs, int tokens, int repetitions, std:
     runs.push_back(seconds_since(start));
   }
   return static_cast<double>(seqs * tokens) / median(runs);
+}
+
+// Prompt tokens per second of one prompt of `tokens` (blocks 0.. of the cache, which must hold them),
+// median of repetitions after an untimed pass.
+double time_long_prefill(GpuModel& g, int tokens, int repetitions, std::mt19937& rng) {
+  worker::ForwardBatch b;
+  b.add_sequence(random_prompts(1, tokens, g.model->config().n_vocab, rng)[0], 0, 0, 1);
+  b.max_blocks_per_seq = (tokens + kBlockSize - 1) / kBlockSize;
+  for (int64_t i = 0; i < b.max_blocks_per_seq; ++i) b.block_tables.push_back(static_cast<int32_t>(i));
+  std::vector<int32_t> ids;
+  g.model->forward_greedy(b, *g.cache, ids);
+  std::vector<double> runs;
+  for (int r = 0; r < repetitions; ++r) {
+    const auto start = Clock::now();
+    g.model->forward_greedy(b, *g.cache, ids);
+    runs.push_back(seconds_since(start));
+  }
+  return static_cast<double>(tokens) / median(runs);
 }
 
 // Seconds per decode step of `seqs` sequences: each prefills a short prompt, then decodes gen_tokens
@@ -392,6 +411,24 @@ int run_model(const Args& a) {
   report("prefill %d tokens, 1 prompt: %.0f tokens/s", a.prompt_tokens, pp_one);
   const double pp_batch = time_prefill(target, a.prefill_batch, a.prompt_tokens, a.repetitions, rng);
   report("prefill %d tokens, %d prompts: %.0f tokens/s", a.prompt_tokens, a.prefill_batch, pp_batch);
+  // A long prompt, where attention grows with the square of its length: the prefill attention on the
+  // CUDA cores and on the tensor cores (CudaModelOptions::mma_prefill_attention), in this run.
+  double long_cuda_cores = 0.0, long_tensor_cores = 0.0;
+  const int64_t long_blocks = (a.long_prompt_tokens + kBlockSize - 1) / kBlockSize;
+  if (a.long_prompt_tokens > 0 && long_blocks > target.cache->n_blocks()) {
+    progress("prefill %d tokens: skipped, the KV cache holds %lld blocks of %lld (with --json too)",
+             a.long_prompt_tokens, static_cast<long long>(target.cache->n_blocks()),
+             static_cast<long long>(kBlockSize));
+  } else if (a.long_prompt_tokens > 0) {
+    const int reps = std::min(a.repetitions, 2);  // a 70B pass over 2048 tokens takes about a second
+    target.model->set_mma_prefill_attention(false);
+    long_cuda_cores = time_long_prefill(target, a.long_prompt_tokens, reps, rng);
+    target.model->set_mma_prefill_attention(true);
+    long_tensor_cores = time_long_prefill(target, a.long_prompt_tokens, reps, rng);
+    target.model->set_mma_prefill_attention(false);
+    report("prefill %d tokens, 1 prompt: %.0f tokens/s (attention on CUDA cores), %.0f (tensor cores, %.2fx)",
+           a.long_prompt_tokens, long_cuda_cores, long_tensor_cores, long_tensor_cores / long_cuda_cores);
+  }
   std::vector<double> step_s;
   for (const int64_t b : batches) {
     step_s.push_back(time_decode_step(target, b, a.gen_tokens, a.repetitions, rng));
@@ -587,6 +624,11 @@ int run_model(const Args& a) {
                        {"prefill_batch", a.prefill_batch},
                        {"prefill_batch_tokens_per_second", pp_batch},
                        {"decode", rows}};
+    if (long_cuda_cores > 0.0) {
+      out["long_prefill"] = {{"prompt_tokens", a.long_prompt_tokens},
+                             {"cuda_core_attention_tokens_per_second", long_cuda_cores},
+                             {"tensor_core_attention_tokens_per_second", long_tensor_cores}};
+    }
     if (!pdl_error.empty()) out["pdl_error"] = pdl_error;
     nlohmann::json step_profiles = nlohmann::json::array();
     for (size_t i = 0; i < batches.size(); ++i) {
@@ -621,8 +663,15 @@ int run_model(const Args& a) {
   print_int4_choices(*target.model, copy_gbps);
   print_q4_k_choices(*target.model, a.int8_activations);
   print_fusion_choices(*target.model);
-  std::printf("prefill %d tokens: %.0f tokens/s (1 prompt), %.0f tokens/s (%d prompts in one pass)\n\n",
+  std::printf("prefill %d tokens: %.0f tokens/s (1 prompt), %.0f tokens/s (%d prompts in one pass)\n",
               a.prompt_tokens, pp_one, pp_batch, a.prefill_batch);
+  if (long_cuda_cores > 0.0) {
+    std::printf(
+        "prefill %d tokens, 1 prompt: %.0f tokens/s with the attention on CUDA cores, %.0f on tensor "
+        "cores (%.2fx)\n",
+        a.long_prompt_tokens, long_cuda_cores, long_tensor_cores, long_tensor_cores / long_cuda_cores);
+  }
+  std::printf("\n");
   std::printf("%5s | %12s %9s %7s", "batch", "decode tok/s", "ms/step", "%floor");
   if (!draft_step_s.empty()) std::printf(" | %13s %12s", "draft ms/step", "draft/target");
   if (!pdl_step_s.empty()) std::printf(" | %11s %9s", "PDL ms/step", "PDL %floor");
@@ -1107,6 +1156,10 @@ Runner add_bench_gpu(CLI::App& app) {
       ->check(CLI::PositiveNumber);
   app.add_option("--prefill-batch", a->prefill_batch, "With --model: prompts in the batched prefill test")
       ->check(CLI::PositiveNumber);
+  app.add_option("--long-prompt-tokens", a->long_prompt_tokens,
+                 "With --model: one long prompt's prefill, its attention on the CUDA cores and on the tensor "
+                 "cores (0: skip; skipped when the KV cache cannot hold it)")
+      ->check(CLI::NonNegativeNumber);
   add_int4_kernels_option(
       app, a->int4_kernels,
       "With --model: how group-wise INT4 matrices pick their kernels: measured (timed at load, "

@@ -52,6 +52,17 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) 
                : "r"(addr));
 }
 
+// The same four matrices transposed (ldmatrix.x4.trans): register q of lane l receives column l / 4,
+// rows 2 (l % 4) and 2 (l % 4) + 1 of matrix q. With matrices {inputs 0-7, 8-15} x {columns 0-7} of a
+// [inputs][columns] row-major tile that is mma_16816's B fragment of columns 0-7 (registers 0, 1),
+// then of columns 8-15 (registers 2, 3) from the next two matrices: attention's P V, V as cached.
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem) {
+  const auto addr = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
 // A hint: start bringing the cache line holding p (a valid global address) into L2. No register waits
 // for it, so a later load of the line finds it there instead of stalling on device memory.
 __device__ __forceinline__ void prefetch_l2(const void* p) {

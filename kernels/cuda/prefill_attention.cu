@@ -8,10 +8,12 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cmath>
 
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/launch_status.cuh"
+#include "kernels/cuda/mma.cuh"
 #include "kernels/cuda/prefill_attention.cuh"
 
 namespace nibble::kernels::cuda {
@@ -40,6 +42,32 @@ struct Params {
   float scale;
 };
 
+// Whether tile [first, first + count) is a run: 1..tile_tokens batch tokens of one sequence at
+// consecutive positions inside its table. Raises the flag where not.
+__device__ bool tile_is_run(const Params& p, int64_t first, int64_t count, int64_t tile_tokens) {
+  bool ok = first >= 0 && count >= 1 && count <= tile_tokens && first + count <= p.tokens;
+  if (ok) {
+    const int64_t seq = p.token_seq[first], pos = p.token_pos[first];
+    ok = seq >= 0 && pos >= 0 && (pos + count - 1) / p.block_size < p.max_blocks_per_seq;
+    for (int64_t t = 1; ok && t < count; ++t)
+      ok = p.token_seq[first + t] == seq && p.token_pos[first + t] == pos + t;
+  }
+  if (!ok) detail::raise_flag(p.error_flag);
+  return ok;
+}
+
+// Zeros what a refused tile's block would have written (its tokens inside the batch, this KV head's
+// query heads), with the block's threads.
+__device__ void zero_tile_out(const Params& p, int64_t first, int64_t count, int64_t tile_tokens,
+                              int64_t group, int64_t kvh, int64_t head_dim) {
+  const int64_t n = count < tile_tokens ? count : tile_tokens;
+  const int64_t lo = first < 0 ? 0 : first;
+  const int64_t hi = first + n < p.tokens ? first + n : p.tokens;
+  for (int64_t t = lo; t < hi; ++t)
+    for (int64_t e = threadIdx.x; e < group * head_dim; e += blockDim.x)
+      p.out[(t * p.n_head + kvh * group) * head_dim + e] = __float2half_rn(0.0f);
+}
+
 template <int HD>
 __global__ void __launch_bounds__(kThreads) prefill_attention_kernel(Params p) {
   constexpr int kPerLane = HD / kWarpSize;
@@ -59,26 +87,10 @@ __global__ void __launch_bounds__(kThreads) prefill_attention_kernel(Params p) {
   const int64_t count = p.tiles[2 * static_cast<int64_t>(blockIdx.x) + 1];
   const int64_t kv_row = p.n_head_kv * HD;  // halves per cached position
 
-  if (threadIdx.x == 0) {
-    bool ok = first >= 0 && count >= 1 && count <= tile_tokens && first + count <= p.tokens;
-    if (ok) {
-      const int64_t seq = p.token_seq[first], pos = p.token_pos[first];
-      ok = seq >= 0 && pos >= 0 && (pos + count - 1) / p.block_size < p.max_blocks_per_seq;
-      for (int64_t t = 1; ok && t < count; ++t)
-        ok = p.token_seq[first + t] == seq && p.token_pos[first + t] == pos + t;
-    }
-    if (!ok) detail::raise_flag(p.error_flag);
-    tile_ok = ok;
-  }
+  if (threadIdx.x == 0) tile_ok = tile_is_run(p, first, count, tile_tokens);
   __syncthreads();
-  if (!tile_ok) {  // zero what this block would have written, within the batch
-    const int64_t lo = first < 0 ? 0 : first;
-    const int64_t hi = first + (count < tile_tokens ? count : tile_tokens) < p.tokens
-                           ? first + (count < tile_tokens ? count : tile_tokens)
-                           : p.tokens;
-    for (int64_t t = lo; t < hi; ++t)
-      for (int64_t e = threadIdx.x; e < group * HD; e += kThreads)
-        p.out[(t * p.n_head + kvh * group) * HD + e] = __float2half_rn(0.0f);
+  if (!tile_ok) {
+    zero_tile_out(p, first, count, tile_tokens, group, kvh, HD);
     return;
   }
   const int rows = static_cast<int>(count * group);
@@ -166,6 +178,240 @@ __global__ void __launch_bounds__(kThreads) prefill_attention_kernel(Params p) {
   }
 }
 
+// The tensor-core kernel (prefill_attention_mma_f16). Grid (tile, KV head), 4 warps; warp w owns query
+// rows 16 w .. 16 w + 15 of the tile's 64 (row r: token r / G, query head kvh G + r % G), and lane
+// 4 g + t holds rows 16 w + g and 16 w + g + 8 of every accumulator tile (mma_16816's layout).
+constexpr int kMmaWarps = 4;
+constexpr int kMmaThreads = kMmaWarps * kWarpSize;
+constexpr int kMmaRows = static_cast<int>(kPrefillAttentionMmaRows);
+constexpr int kMmaKeys = 64;  // key positions a staged chunk
+
+template <int HD>
+struct MmaLayout {
+  static constexpr int kLd = HD + 8;  // halves a staged row: +16 bytes, ldmatrix's 8 rows on distinct banks
+  static constexpr int kTile = kMmaRows * kLd;  // halves of one staged 64-row tile (kMmaKeys == kMmaRows)
+  // q, then two buffers of (K, V), then each buffer's 64 key slots.
+  static constexpr size_t kSmemBytes = 5 * kTile * sizeof(__half) + 2 * kMmaKeys * sizeof(long long);
+};
+static_assert(kMmaKeys == kMmaRows, "one staged tile shape for q, K and V");
+
+__device__ __forceinline__ uint32_t half2_bits_rn(float lo, float hi) {
+  const __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+
+template <int HD>
+__global__ void __launch_bounds__(kMmaThreads) prefill_attention_mma_kernel(Params p) {
+  using L = MmaLayout<HD>;
+  constexpr int kLd = L::kLd, kParts = HD / 8;  // kParts: 16-byte pieces of a row
+  extern __shared__ __align__(16) uint8_t smem[];
+  __half* q_s = reinterpret_cast<__half*>(smem);
+  __half* kv_s = q_s + L::kTile;  // buffer b: K at kv_s + 2 b kTile, V one tile after
+  auto* slot_s = reinterpret_cast<long long*>(kv_s + 4 * L::kTile);  // [2][kMmaKeys]
+  __shared__ int tile_ok;
+
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  const int g = lane / 4, t = lane % 4;
+  const int64_t group = p.n_head / p.n_head_kv;
+  const int64_t tile_tokens = kMmaRows / group;
+  const int64_t kvh = blockIdx.y;
+  const int64_t first = p.tiles[2 * static_cast<int64_t>(blockIdx.x)];
+  const int64_t count = p.tiles[2 * static_cast<int64_t>(blockIdx.x) + 1];
+  if (threadIdx.x == 0) tile_ok = tile_is_run(p, first, count, tile_tokens);
+  __syncthreads();
+  if (!tile_ok) {
+    zero_tile_out(p, first, count, tile_tokens, group, kvh, HD);
+    return;
+  }
+  const int rows = static_cast<int>(count * group);
+  const int64_t seq = p.token_seq[first];
+  const int64_t pos_first = p.token_pos[first];
+  const int64_t n_keys = pos_first + count;  // the last token's window: positions 0 .. n_keys - 1
+  const int32_t* table = p.block_tables + seq * p.max_blocks_per_seq;
+  const int64_t kv_row = p.n_head_kv * HD;  // halves per cached position
+
+  // q: row r < rows from its token and head, rows past them zero.
+  for (int e = threadIdx.x; e < kMmaRows * kParts; e += kMmaThreads) {
+    const int r = e / kParts, c = e % kParts;
+    const bool ok = r < rows;
+    const __half* src =
+        ok ? p.q + ((first + r / group) * p.n_head + kvh * group + r % group) * HD + c * 8 : p.q;
+    detail::cp_async_16(q_s + r * kLd + c * 8, src, ok);
+  }
+  // Keys p0 .. p0 + 63 into buffer buf: a key past the window or in a bad block (flag raised) is
+  // zero and its slot -1, which masks it.
+  const auto load_keys = [&](int64_t p0, int buf) {
+    __half* k_dst = kv_s + 2 * buf * L::kTile;
+    __half* v_dst = k_dst + L::kTile;
+    for (int e = threadIdx.x; e < kMmaKeys * kParts; e += kMmaThreads) {
+      const int j = e / kParts, c = e % kParts;
+      const int64_t slot = detail::paged_slot(table, p0 + j, n_keys, p.block_size, p.num_blocks,
+                                              c == 0 ? p.error_flag : nullptr);
+      if (c == 0) slot_s[buf * kMmaKeys + j] = slot;
+      const int64_t off = slot >= 0 ? slot * kv_row + kvh * HD + c * 8 : 0;
+      detail::cp_async_16(k_dst + j * kLd + c * 8, p.k_cache + off, slot >= 0);
+      detail::cp_async_16(v_dst + j * kLd + c * 8, p.v_cache + off, slot >= 0);
+    }
+  };
+
+  // This lane's rows, and the keys each sees (positions below keys_lo / keys_hi; 0: a row past the
+  // tile's); the warp skips a chunk none of its rows sees.
+  const int row0 = warp * 16, r_lo = row0 + g, r_hi = r_lo + 8;
+  const int64_t keys_lo = r_lo < rows ? pos_first + r_lo / group + 1 : 0;
+  const int64_t keys_hi = r_hi < rows ? pos_first + r_hi / group + 1 : 0;
+  const int last_row = row0 + 15 < rows - 1 ? row0 + 15 : rows - 1;
+  const int64_t warp_keys = row0 < rows ? pos_first + last_row / group + 1 : 0;
+  const float scale_log2 = p.scale * 1.4426950408889634f;  // scores in the log2 domain: exp2f
+
+  uint32_t qa[HD / 16][4];  // A fragments of the warp's 16 rows, 16 dimensions each
+  float o[HD / 8][4];       // O: n8 tiles of dimensions
+#pragma unroll
+  for (int d = 0; d < HD / 8; ++d)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o[d][e] = 0.0f;
+  float m_lo = -INFINITY, m_hi = -INFINITY;  // running maxima (log2 domain), the quad's alike
+  float l_lo = 0.0f, l_hi = 0.0f;            // this lane's share of the running sums
+
+  const int64_t n_chunks = (n_keys + kMmaKeys - 1) / kMmaKeys;
+  load_keys(0, 0);
+  detail::cp_async_commit();  // group 0: q and chunk 0
+  for (int64_t chunk = 0; chunk < n_chunks; ++chunk) {
+    const int buf = static_cast<int>(chunk & 1);
+    if (chunk + 1 < n_chunks) {
+      load_keys((chunk + 1) * kMmaKeys, buf ^ 1);
+      detail::cp_async_commit();
+      detail::cp_async_wait<1>();
+    } else {
+      detail::cp_async_wait<0>();
+    }
+    __syncthreads();  // chunk's K, V and slots (and q) visible to every warp
+    if (chunk == 0) {
+#pragma unroll
+      for (int ks = 0; ks < HD / 16; ++ks)
+        detail::ldmatrix_x4(qa[ks], q_s + (row0 + lane % 16) * kLd + ks * 16 + (lane / 16) * 8);
+    }
+    const int64_t p0 = chunk * kMmaKeys;
+    if (p0 < warp_keys) {
+      const __half* k_s = kv_s + 2 * buf * L::kTile;
+      const __half* v_s = k_s + L::kTile;
+      const long long* slots = slot_s + buf * kMmaKeys;
+      // S = Q K^T: 8 n8 tiles of keys; K rows as staged are the B operand's columns.
+      float s[kMmaKeys / 8][4];
+#pragma unroll
+      for (int j = 0; j < kMmaKeys / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[j][e] = 0.0f;
+#pragma unroll
+      for (int ks = 0; ks < HD / 16; ++ks) {
+#pragma unroll
+        for (int np = 0; np < kMmaKeys / 16; ++np) {
+          uint32_t kb[4];
+          detail::ldmatrix_x4(
+              kb, k_s + (np * 16 + lane % 8 + (lane / 16) * 8) * kLd + ks * 16 + ((lane / 8) % 2) * 8);
+          const uint32_t b0[2] = {kb[0], kb[1]}, b1[2] = {kb[2], kb[3]};
+          detail::mma_16816(s[2 * np], qa[ks], b0);
+          detail::mma_16816(s[2 * np + 1], qa[ks], b1);
+        }
+      }
+      // Mask (causal window, bad blocks), scale, and the rows' new maxima over the quad.
+      float mx_lo = m_lo, mx_hi = m_hi;
+#pragma unroll
+      for (int j = 0; j < kMmaKeys / 8; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int key = 8 * j + 2 * t + (e & 1);
+          const bool ok = slots[key] >= 0 && p0 + key < (e < 2 ? keys_lo : keys_hi);
+          s[j][e] = ok ? s[j][e] * scale_log2 : -INFINITY;
+          if (e < 2)
+            mx_lo = fmaxf(mx_lo, s[j][e]);
+          else
+            mx_hi = fmaxf(mx_hi, s[j][e]);
+        }
+      }
+#pragma unroll
+      for (int offset = 1; offset < 4; offset *= 2) {
+        mx_lo = fmaxf(mx_lo, __shfl_xor_sync(kFullMask, mx_lo, offset));
+        mx_hi = fmaxf(mx_hi, __shfl_xor_sync(kFullMask, mx_hi, offset));
+      }
+      // A row that has seen nothing yet keeps m = -inf: its weights are 0 and alpha 1.
+      const float alpha_lo = mx_lo == -INFINITY ? 1.0f : exp2f(m_lo - mx_lo);
+      const float alpha_hi = mx_hi == -INFINITY ? 1.0f : exp2f(m_hi - mx_hi);
+      m_lo = mx_lo;
+      m_hi = mx_hi;
+      float sum_lo = 0.0f, sum_hi = 0.0f;
+#pragma unroll
+      for (int j = 0; j < kMmaKeys / 8; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float mx = e < 2 ? mx_lo : mx_hi;
+          s[j][e] = mx == -INFINITY ? 0.0f : exp2f(s[j][e] - mx);  // masked: exp2(-inf) = 0
+          (e < 2 ? sum_lo : sum_hi) += s[j][e];
+        }
+      }
+      l_lo = l_lo * alpha_lo + sum_lo;
+      l_hi = l_hi * alpha_hi + sum_hi;
+#pragma unroll
+      for (int d = 0; d < HD / 8; ++d) {
+        o[d][0] *= alpha_lo;
+        o[d][1] *= alpha_lo;
+        o[d][2] *= alpha_hi;
+        o[d][3] *= alpha_hi;
+      }
+      // O += P V: P's accumulator tiles are the A fragments of 16 keys at a time (rounded to fp16);
+      // V as staged ([key][dimension]) read transposed into the B fragments.
+#pragma unroll
+      for (int kk = 0; kk < kMmaKeys / 16; ++kk) {
+        const uint32_t pa[4] = {half2_bits_rn(s[2 * kk][0], s[2 * kk][1]),
+                                half2_bits_rn(s[2 * kk][2], s[2 * kk][3]),
+                                half2_bits_rn(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                                half2_bits_rn(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+        for (int dp = 0; dp < HD / 16; ++dp) {
+          uint32_t vb[4];
+          detail::ldmatrix_x4_trans(
+              vb, v_s + (kk * 16 + lane % 8 + ((lane / 8) % 2) * 8) * kLd + dp * 16 + (lane / 16) * 8);
+          const uint32_t b0[2] = {vb[0], vb[1]}, b1[2] = {vb[2], vb[3]};
+          detail::mma_16816(o[2 * dp], pa, b0);
+          detail::mma_16816(o[2 * dp + 1], pa, b1);
+        }
+      }
+    }
+    __syncthreads();  // every warp done with buffer buf before the next iteration refills it
+  }
+
+#pragma unroll
+  for (int offset = 1; offset < 4; offset *= 2) {
+    l_lo += __shfl_xor_sync(kFullMask, l_lo, offset);
+    l_hi += __shfl_xor_sync(kFullMask, l_hi, offset);
+  }
+  const float inv_lo = l_lo > 0.0f ? 1.0f / l_lo : 0.0f, inv_hi = l_hi > 0.0f ? 1.0f / l_hi : 0.0f;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int r = half == 0 ? r_lo : r_hi;
+    if (r >= rows) continue;
+    const float inv = half == 0 ? inv_lo : inv_hi;
+    __half* out_row = p.out + ((first + r / group) * p.n_head + kvh * group + r % group) * HD;
+#pragma unroll
+    for (int d = 0; d < HD / 8; ++d) {
+      reinterpret_cast<__half2*>(out_row + 8 * d + 2 * t)[0] =
+          __floats2half2_rn(o[d][2 * half] * inv, o[d][2 * half + 1] * inv);
+    }
+  }
+}
+
+// cudaFuncSetAttribute for the kernel's dynamic shared memory, once per device.
+template <int HD>
+cudaError_t allow_mma_shared_memory(int device) {
+  static std::atomic<uint64_t> done{0};
+  const uint64_t bit = device >= 0 && device < 64 ? uint64_t{1} << device : 0;
+  if (bit != 0 && (done.load(std::memory_order_acquire) & bit) != 0) return cudaSuccess;
+  const cudaError_t err =
+      cudaFuncSetAttribute(prefill_attention_mma_kernel<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           static_cast<int>(MmaLayout<HD>::kSmemBytes));
+  if (err == cudaSuccess) done.fetch_or(bit, std::memory_order_acq_rel);
+  return err;
+}
+
 }  // namespace
 
 int64_t prefill_attention_tile_tokens(int64_t n_head, int64_t n_head_kv) {
@@ -212,6 +458,67 @@ Status prefill_attention_f16(const PagedAttentionShape& s, const __half* q, cons
     prefill_attention_kernel<64><<<grid, kThreads, 0, stream>>>(p);
   else
     prefill_attention_kernel<128><<<grid, kThreads, 0, stream>>>(p);
+  return launch_status();
+}
+
+int64_t prefill_attention_mma_tile_tokens(int64_t n_head, int64_t n_head_kv) {
+  if (n_head < 1 || n_head_kv < 1 || n_head % n_head_kv != 0) return 0;
+  const int64_t group = n_head / n_head_kv;
+  return group <= kPrefillAttentionMmaRows && kPrefillAttentionMmaRows % group == 0
+             ? kPrefillAttentionMmaRows / group
+             : 0;
+}
+
+Status prefill_attention_mma_f16(const PagedAttentionShape& s, const __half* q, const __half* k_cache,
+                                 const __half* v_cache, const int32_t* block_tables, const int32_t* token_seq,
+                                 const int32_t* token_pos, const int32_t* tiles, int64_t n_tiles, float scale,
+                                 __half* out, int32_t* error_flag, cudaStream_t stream) {
+  if (q == nullptr || k_cache == nullptr || v_cache == nullptr || block_tables == nullptr ||
+      token_seq == nullptr || token_pos == nullptr || tiles == nullptr || out == nullptr) {
+    return Status::invalid_argument;
+  }
+  if (s.tokens < 0 || s.tokens > INT32_MAX || prefill_attention_mma_tile_tokens(s.n_head, s.n_head_kv) == 0)
+    return Status::invalid_argument;
+  if (s.head_dim != 64 && s.head_dim != 128) return Status::invalid_argument;
+  if (s.block_size < 1 || s.num_blocks < 1 || s.max_blocks_per_seq < 1) return Status::invalid_argument;
+  if (n_tiles < 0 || n_tiles > INT32_MAX || s.n_head_kv > 65535) return Status::invalid_argument;
+  const auto misaligned = [](const void* ptr, uintptr_t bytes) {
+    return reinterpret_cast<uintptr_t>(ptr) % bytes != 0;
+  };
+  if (misaligned(q, 16) || misaligned(k_cache, 16) || misaligned(v_cache, 16) || misaligned(out, 4))
+    return Status::invalid_argument;
+  if (n_tiles == 0) return Status::ok;
+  const size_t smem = s.head_dim == 64 ? MmaLayout<64>::kSmemBytes : MmaLayout<128>::kSmemBytes;
+  int device = 0, max_smem = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess)
+    err = cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (err != cudaSuccess) return launch_status(err);
+  if (smem + 64 > static_cast<size_t>(max_smem)) return Status::invalid_argument;  // + the static tile_ok
+  err = s.head_dim == 64 ? allow_mma_shared_memory<64>(device) : allow_mma_shared_memory<128>(device);
+  if (err != cudaSuccess) return launch_status(err);
+  Params p{};
+  p.q = q;
+  p.k_cache = k_cache;
+  p.v_cache = v_cache;
+  p.block_tables = block_tables;
+  p.token_seq = token_seq;
+  p.token_pos = token_pos;
+  p.tiles = tiles;
+  p.out = out;
+  p.error_flag = error_flag;
+  p.tokens = s.tokens;
+  p.n_head = s.n_head;
+  p.n_head_kv = s.n_head_kv;
+  p.block_size = s.block_size;
+  p.num_blocks = s.num_blocks;
+  p.max_blocks_per_seq = s.max_blocks_per_seq;
+  p.scale = scale;
+  const dim3 grid(static_cast<unsigned>(n_tiles), static_cast<unsigned>(s.n_head_kv));
+  if (s.head_dim == 64)
+    prefill_attention_mma_kernel<64><<<grid, kMmaThreads, smem, stream>>>(p);
+  else
+    prefill_attention_mma_kernel<128><<<grid, kMmaThreads, smem, stream>>>(p);
   return launch_status();
 }
 

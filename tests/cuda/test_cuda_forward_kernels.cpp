@@ -71,6 +71,31 @@ int count_bad(const std::vector<uint16_t>& got, const std::vector<float>& ref, c
   return bad;
 }
 
+// Per attention output element ([tokens, n_head, head_dim]): the largest |v[d]| among the positions its
+// query sees (the scale of the element's error), for tokens at (seq, pos) with tables [seqs, mbps] of
+// blocks of the cache vc: [blocks, block_size, n_head_kv, head_dim].
+std::vector<float> attention_magnitudes(const std::vector<uint16_t>& vc, const std::vector<int32_t>& tables,
+                                        const std::vector<int32_t>& seq, const std::vector<int32_t>& pos,
+                                        int64_t n_head, int64_t n_head_kv, int64_t head_dim,
+                                        int64_t block_size, int64_t mbps) {
+  const auto tokens = static_cast<int64_t>(pos.size());
+  const int64_t group = n_head / n_head_kv, kv_dim = n_head_kv * head_dim;
+  std::vector<float> mag(static_cast<size_t>(tokens * n_head * head_dim), 0.0f);
+  for (int64_t t = 0; t < tokens; ++t) {
+    for (int64_t h = 0; h < n_head; ++h) {
+      for (int64_t p = 0; p <= pos[static_cast<size_t>(t)]; ++p) {
+        const int64_t blk = tables[static_cast<size_t>(seq[static_cast<size_t>(t)] * mbps + p / block_size)];
+        const int64_t off = (blk * block_size + p % block_size) * kv_dim + (h / group) * head_dim;
+        for (int64_t d = 0; d < head_dim; ++d) {
+          float& m = mag[static_cast<size_t>((t * n_head + h) * head_dim + d)];
+          m = std::max(m, std::fabs(k::fp16_to_fp32(vc[static_cast<size_t>(off + d)])));
+        }
+      }
+    }
+  }
+  return mag;
+}
+
 std::vector<float> abs_of(const std::vector<float>& v) {
   std::vector<float> a(v.size());
   for (size_t i = 0; i < v.size(); ++i) a[i] = std::fabs(v[i]);
@@ -363,21 +388,8 @@ TEST(CudaPagedAttention, MatchesCpuOnMixedBatches) {
     ASSERT_EQ(k::paged_attention(cs, qf.data(), kc.data(), vc.data(), tables.data(), seq.data(), pos.data(),
                                  scale, ref.data(), pool),
               k::Status::ok);
-    // Magnitude per output element: max over the positions the query sees of |v_p[d]|.
-    std::vector<float> mag(ref.size(), 0.0f);
-    const int64_t group = n_head / n_head_kv;
-    for (int64_t t = 0; t < tokens; ++t) {
-      for (int64_t h = 0; h < n_head; ++h) {
-        for (int64_t p = 0; p <= pos[t]; ++p) {
-          const int64_t blk = tables[static_cast<size_t>(seq[t] * mbps + p / block_size)];
-          const int64_t off = (blk * block_size + p % block_size) * kv_dim + (h / group) * head_dim;
-          for (int64_t d = 0; d < head_dim; ++d) {
-            float& m = mag[static_cast<size_t>((t * n_head + h) * head_dim + d)];
-            m = std::max(m, std::fabs(k::fp16_to_fp32(vc[static_cast<size_t>(off + d)])));
-          }
-        }
-      }
-    }
+    const std::vector<float> mag =
+        attention_magnitudes(vc, tables, seq, pos, n_head, n_head_kv, head_dim, block_size, mbps);
 
     DeviceBuffer<uint16_t> dq(q), dk(kc), dv(vc), dout(q.size());
     DeviceBuffer<int32_t> dt(tables), ds(seq), dp(pos), dflag(std::vector<int32_t>{0});
@@ -513,6 +525,134 @@ TEST(CudaPrefillAttention, EqualsPagedAttentionBitForBit) {
                   k::Status::invalid_argument);
         EXPECT_EQ(k::cuda::prefill_attention_tile_tokens(66, 1), 0);  // 66 query heads per KV head
         EXPECT_EQ(k::cuda::prefill_attention_tile_tokens(6, 4), 0);   // not a grouping
+      }
+    }
+  }
+}
+
+// The tensor-core prefill kernel against the CPU reference (its rounding is not the CUDA-core kernels':
+// the unnormalized weights meet V in fp16), for every head grouping it takes and head_dim 64 and 128:
+// a 150-token chunk at positions 17..166 (three 64-key chunks, tiles of 64 / group tokens), a 70-token
+// prompt from 0, a lone decode token, a two-token run, blocks of an odd size in shuffled order; a tile
+// spanning two sequences raises the flag and zeroes its tokens; a block id outside the cache raises the
+// flag and is not read; bad arguments launch nothing.
+TEST(CudaPrefillAttentionMma, MatchesTheCpuReference) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  std::mt19937 rng(57);
+  k::ThreadPool pool(2);
+  for (const int64_t head_dim : {64, 128}) {
+    for (const int64_t group : {1, 2, 4, 8}) {
+      SCOPED_TRACE("head_dim=" + std::to_string(head_dim) + " group=" + std::to_string(group));
+      const int64_t n_head_kv = 2, n_head = n_head_kv * group, block_size = 7, mbps = 30;
+      std::vector<int32_t> seq, pos;
+      const auto add_run = [&](int32_t s, int32_t from, int32_t n) {
+        for (int32_t p = from; p < from + n; ++p) {
+          seq.push_back(s);
+          pos.push_back(p);
+        }
+      };
+      add_run(0, 17, 150);
+      add_run(1, 0, 70);
+      add_run(2, 200, 1);
+      add_run(3, 5, 2);
+      const auto tokens = static_cast<int64_t>(pos.size());
+      const int64_t num_blocks = 4 * mbps + 3;
+      std::vector<int32_t> ids(static_cast<size_t>(num_blocks));
+      std::iota(ids.begin(), ids.end(), 0);
+      std::shuffle(ids.begin(), ids.end(), rng);
+      const std::vector<int32_t> tables(ids.begin(), ids.begin() + 4 * mbps);
+      const int64_t kv_dim = n_head_kv * head_dim;
+      const auto q = random_f16(static_cast<size_t>(tokens * n_head * head_dim), 1.0f, rng);
+      const auto kc = random_f16(static_cast<size_t>(num_blocks * block_size * kv_dim), 1.0f, rng);
+      const auto vc = random_f16(static_cast<size_t>(num_blocks * block_size * kv_dim), 1.0f, rng);
+      const int64_t tile_tokens = k::cuda::prefill_attention_mma_tile_tokens(n_head, n_head_kv);
+      ASSERT_EQ(tile_tokens, 64 / group);
+      const std::vector<int32_t> tiles = prefill_tiles(seq, pos, tile_tokens);
+
+      std::vector<float> qf(q.size()), ref(q.size());
+      for (size_t i = 0; i < q.size(); ++i) qf[i] = k::fp16_to_fp32(q[i]);
+      k::PagedAttentionShape cs;
+      cs.tokens = tokens;
+      cs.n_head = n_head;
+      cs.n_head_kv = n_head_kv;
+      cs.head_dim = head_dim;
+      cs.block_size = block_size;
+      cs.max_blocks_per_seq = mbps;
+      const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
+      ASSERT_EQ(k::paged_attention(cs, qf.data(), kc.data(), vc.data(), tables.data(), seq.data(), pos.data(),
+                                   scale, ref.data(), pool),
+                k::Status::ok);
+      const std::vector<float> mag =
+          attention_magnitudes(vc, tables, seq, pos, n_head, n_head_kv, head_dim, block_size, mbps);
+
+      DeviceBuffer<uint16_t> dq(q), dk(kc), dv(vc), dout(q.size());
+      DeviceBuffer<int32_t> dt(tables), ds(seq), dp(pos), dtiles(tiles), dflag(std::vector<int32_t>{0});
+      ASSERT_TRUE(dq.ptr && dk.ptr && dv.ptr && dout.ptr && dt.ptr && ds.ptr && dp.ptr && dtiles.ptr &&
+                  dflag.ptr);
+      k::cuda::PagedAttentionShape s;
+      s.tokens = tokens;
+      s.n_head = n_head;
+      s.n_head_kv = n_head_kv;
+      s.head_dim = head_dim;
+      s.block_size = block_size;
+      s.num_blocks = num_blocks;
+      s.max_blocks_per_seq = mbps;
+      const auto n_tiles = static_cast<int64_t>(tiles.size() / 2);
+      ASSERT_EQ(cudaMemset(dout.ptr, 0xff, q.size() * sizeof(uint16_t)),
+                cudaSuccess);  // NaN: unwritten shows
+      ASSERT_EQ(k::cuda::prefill_attention_mma_f16(s, as_half(dq.ptr), as_half(dk.ptr), as_half(dv.ptr),
+                                                   dt.ptr, ds.ptr, dp.ptr, dtiles.ptr, n_tiles, scale,
+                                                   as_half(dout.ptr), dflag.ptr, nullptr),
+                k::Status::ok);
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      EXPECT_EQ(dflag.to_host(), std::vector<int32_t>{0});
+      const auto got = dout.to_host();
+      ASSERT_EQ(got.size(), ref.size());
+      EXPECT_EQ(count_bad(got, ref, mag, 4e-3, 1e-6), 0);
+
+      // A tile that spans two sequences: the last two (sequence 2's decode token, sequence 3's two
+      // tokens) as one; its three tokens come out zero (no other tile writes them).
+      std::vector<int32_t> bad_tiles(tiles.begin(), tiles.end() - 2);
+      bad_tiles[bad_tiles.size() - 2] = static_cast<int32_t>(tokens - 3);
+      bad_tiles[bad_tiles.size() - 1] = 3;
+      DeviceBuffer<int32_t> dbad(bad_tiles);
+      ASSERT_EQ(cudaMemset(dflag.ptr, 0, sizeof(int32_t)), cudaSuccess);
+      ASSERT_EQ(k::cuda::prefill_attention_mma_f16(s, as_half(dq.ptr), as_half(dk.ptr), as_half(dv.ptr),
+                                                   dt.ptr, ds.ptr, dp.ptr, dbad.ptr, n_tiles - 1, scale,
+                                                   as_half(dout.ptr), dflag.ptr, nullptr),
+                k::Status::ok);
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      EXPECT_EQ(dflag.to_host(), std::vector<int32_t>{1});
+      const auto zeroed = dout.to_host();
+      for (int64_t e = 0; e < 3 * n_head * head_dim; ++e)
+        EXPECT_EQ(zeroed[static_cast<size_t>((tokens - 3) * n_head * head_dim + e)], 0) << "element " << e;
+
+      // Sequence 1's third block outside the cache: flagged, never read, every output finite.
+      std::vector<int32_t> bad_table = tables;
+      bad_table[static_cast<size_t>(1 * mbps + 2)] = static_cast<int32_t>(num_blocks + 1000);
+      DeviceBuffer<int32_t> dbad_table(bad_table);
+      ASSERT_EQ(cudaMemset(dflag.ptr, 0, sizeof(int32_t)), cudaSuccess);
+      ASSERT_EQ(k::cuda::prefill_attention_mma_f16(s, as_half(dq.ptr), as_half(dk.ptr), as_half(dv.ptr),
+                                                   dbad_table.ptr, ds.ptr, dp.ptr, dtiles.ptr, n_tiles, scale,
+                                                   as_half(dout.ptr), dflag.ptr, nullptr),
+                k::Status::ok);
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      EXPECT_EQ(dflag.to_host(), std::vector<int32_t>{1});
+      for (uint16_t v : dout.to_host()) ASSERT_TRUE(std::isfinite(k::fp16_to_fp32(v)));
+
+      if (head_dim == 64 && group == 1) {                                 // argument checks, once
+        EXPECT_EQ(k::cuda::prefill_attention_mma_tile_tokens(6, 2), 0);   // 3 query heads per KV head
+        EXPECT_EQ(k::cuda::prefill_attention_mma_tile_tokens(64, 1), 1);  // 64: one token a tile
+        EXPECT_EQ(k::cuda::prefill_attention_mma_f16(s, as_half(dq.ptr + 1), as_half(dk.ptr), as_half(dv.ptr),
+                                                     dt.ptr, ds.ptr, dp.ptr, dtiles.ptr, n_tiles, scale,
+                                                     as_half(dout.ptr), dflag.ptr, nullptr),
+                  k::Status::invalid_argument)
+            << "q not 16-byte aligned";
+        s.head_dim = 96;
+        EXPECT_EQ(k::cuda::prefill_attention_mma_f16(s, as_half(dq.ptr), as_half(dk.ptr), as_half(dv.ptr),
+                                                     dt.ptr, ds.ptr, dp.ptr, dtiles.ptr, n_tiles, scale,
+                                                     as_half(dout.ptr), dflag.ptr, nullptr),
+                  k::Status::invalid_argument);
       }
     }
   }

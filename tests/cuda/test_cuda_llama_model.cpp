@@ -141,7 +141,8 @@ struct Entry {
 // the greedy ids of the last step.
 void compare_scenario(const std::string& path, double bound, bool decode_attention,
                       w::Int4Kernels int4_kernels = w::Int4Kernels::measured, bool programmatic = false,
-                      bool q4_0_as_int4_groups = true, w::Int4Layout int4_layout = w::Int4Layout::rows) {
+                      bool q4_0_as_int4_groups = true, w::Int4Layout int4_layout = w::Int4Layout::rows,
+                      bool mma_prefill_attention = false) {
   const auto checkpoint = m::LlamaCheckpoint::open(path);
   w::LlamaModel cpu(checkpoint);
   w::CudaModelOptions options;
@@ -150,6 +151,7 @@ void compare_scenario(const std::string& path, double bound, bool decode_attenti
   options.programmatic_launch = programmatic;
   options.q4_0_as_int4_groups = q4_0_as_int4_groups;
   options.int4_layout = int4_layout;
+  options.mma_prefill_attention = mma_prefill_attention;
   w::CudaLlamaModel gpu(checkpoint, options);
   const auto& c = cpu.config();
   const int64_t block_size = 8, mbps = 8, n_blocks = 2 * mbps + 5;
@@ -264,6 +266,39 @@ int64_t four_bit_weight_bytes_bound(const m::LlamaConfig& c) {
 // A Q8_0 model stays 8-bit on the device: every matrix, the embedding table (embedding_lookup_f16
 // reads Q8_0) and the head (shared when tied) at 34 bytes per 32 weights, where fp16 took 64; the
 // logits follow the CPU's (the random cases' hd32_q8_0 covers the attention shapes).
+// Prompt chunks on the tensor-core prefill attention (CudaModelOptions::mma_prefill_attention): the
+// scenario's logits near the CPU's at head_dim 64 and 128 (the 37- and 7-token prompts and the 3-token
+// chunk take its tiles; decode steps take attention_decode as before); and the option takes effect: a
+// 40-token prompt's logits differ from the CUDA-core kernel's in their last bits (other roundings),
+// switched on and off on one model (set_mma_prefill_attention).
+TEST(CudaLlamaModel, TensorCorePrefillAttentionMatchesTheCpu) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  for (const auto& [n_head, n_head_kv] : {std::pair<int64_t, int64_t>{4, 2}, {2, 1}}) {
+    SCOPED_TRACE("heads " + std::to_string(n_head) + "/" + std::to_string(n_head_kv));
+    t::TempDir dir;
+    const std::string path = random_model(dir.path(), tiny_shape(256, n_head, n_head_kv), k::DType::Q4_0);
+    compare_scenario(path, kQuantizedBound, /*decode_attention=*/true, w::Int4Kernels::measured,
+                     /*programmatic=*/false, /*q4_0_as_int4_groups=*/true, w::Int4Layout::rows,
+                     /*mma_prefill_attention=*/true);
+
+    w::CudaModelOptions options;
+    options.int4_kernels = w::Int4Kernels::cuda_cores;
+    w::CudaLlamaModel gpu(m::LlamaCheckpoint::open(path), options);
+    const int64_t n_vocab = gpu.config().n_vocab;
+    w::CudaKvCache cache(gpu.config(), 3, 16);
+    std::vector<int32_t> prompt(40);
+    for (size_t i = 0; i < prompt.size(); ++i) prompt[i] = static_cast<int32_t>(3 + (i * 37) % (n_vocab - 3));
+    const auto batch = w::ForwardBatch::single(prompt, 0, {2, 0, 1}, true);
+    std::vector<float> cuda_cores, tensor_cores;
+    gpu.forward(batch, cache, cuda_cores);
+    gpu.set_mma_prefill_attention(true);
+    gpu.forward(batch, cache, tensor_cores);
+    ASSERT_EQ(tensor_cores.size(), cuda_cores.size());
+    EXPECT_NE(tensor_cores, cuda_cores) << "the tensor-core kernel's roundings show in the last bits";
+    EXPECT_LE(t::max_relative_rms(tensor_cores, cuda_cores, n_vocab), 1e-2);
+  }
+}
+
 TEST(CudaLlamaModel, Q8_0ModelStaysEightBit) {
   NIBBLE_REQUIRE_CUDA_DEVICE();
   t::TempDir dir;
@@ -1865,19 +1900,27 @@ TEST(CudaLlamaModelCli, BenchGpuProjectsSpeculativeDecodingFromMeasuredSteps) {
       previous = got;
     }
   }
-  // Without a draft nothing is projected.
+  // Without a draft nothing is projected; the default long prompt (2048 tokens) does not fit this KV
+  // cache (2 sequences of 36 positions) and is skipped.
   ASSERT_NO_FATAL_FAILURE(run_bench_gpu_on_tiny("", output, j));
   EXPECT_FALSE(j.contains("speculative_projection")) << output;
+  EXPECT_FALSE(j.contains("long_prefill")) << output;
+  EXPECT_NE(output.find("prefill 2048 tokens: skipped"), std::string::npos) << output;
 }
 
 // bench-gpu --model on a dummy model (its matrices are group-wise INT4 on the device): the decode rows,
-// the kernel chosen per matrix shape and row range with the candidates' times, and the decode steps
-// again with programmatic launches.
+// the kernel chosen per matrix shape and row range with the candidates' times, the decode steps
+// again with programmatic launches, and an 80-token prompt's prefill with its attention on the CUDA
+// cores and on the tensor cores.
 TEST(CudaLlamaModelCli, BenchGpuReportsTheInt4KernelChoicesAndProgrammaticLaunches) {
   NIBBLE_REQUIRE_CUDA_DEVICE();
   std::string output;
   nlohmann::json j;
-  ASSERT_NO_FATAL_FAILURE(run_bench_gpu_on_tiny("", output, j));
+  ASSERT_NO_FATAL_FAILURE(run_bench_gpu_on_tiny("--long-prompt-tokens 80", output, j));
+  ASSERT_TRUE(j.contains("long_prefill")) << output;
+  EXPECT_EQ(j["long_prefill"]["prompt_tokens"], 80) << output;
+  EXPECT_GT(j["long_prefill"]["cuda_core_attention_tokens_per_second"].get<double>(), 0.0) << output;
+  EXPECT_GT(j["long_prefill"]["tensor_core_attention_tokens_per_second"].get<double>(), 0.0) << output;
   for (const auto& shape : j["int4_kernels"]) EXPECT_EQ(shape["layout"], "rows") << output;
   ASSERT_EQ(j["decode"].size(), 2u) << output;
   EXPECT_FALSE(j.contains("pdl_error")) << output;

@@ -267,9 +267,10 @@ if [ "$phase" = all ] || [ "$phase" = bench ] || [ "$phase" = e2e ]; then
 # call 1 show the fused epilogues failing).
 e2e=(--gen-tokens 16 --repetitions 3 --prompt-tokens 256 --prefill-batch 4 ${NIBBLE_E2E_FLAGS:-})
 # (with the 1B draft: its step times, and the target's verification passes for speculative decoding's
-# projected speedup at batch 1)
-timeout 150 "$here/bin/nibble" bench-gpu --model dummy:llama-70b --draft dummy:llama-1b --batch 1,8,32,64 \
-  "${e2e[@]}" 2>&1 | tee "$out/bench-gpu-e2e.txt"
+# projected speedup at batch 1; and a 2048-token prompt's prefill with its attention on the CUDA cores
+# and on the tensor cores)
+timeout 170 "$here/bin/nibble" bench-gpu --model dummy:llama-70b --draft dummy:llama-1b --batch 1,8,32,64 \
+  --long-prompt-tokens 2048 "${e2e[@]}" 2>&1 | tee "$out/bench-gpu-e2e.txt"
 e2e_rc=${PIPESTATUS[0]}
 [ "$e2e_rc" -eq 0 ] || status=1
 # Batch 1 with every one-row product pinned to the half2 GEMV on its default block shape (so every

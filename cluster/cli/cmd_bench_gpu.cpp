@@ -41,7 +41,7 @@ struct Args {
   std::string model, draft;
   std::string batch = "1,8,32,64";
   int prompt_tokens = 512, gen_tokens = 64, prefill_batch = 8;
-  int long_prompt_tokens = 2048;  // 0: no long-prompt prefill
+  int long_prompt_tokens = 0;  // > 0: one long prompt's prefill, attention both ways
   worker::Int4Kernels int4_kernels = worker::Int4Kernels::measured;
   worker::Int4Layout int4_layout = worker::Int4Layout::rows;
   bool cutlass_gemm = false;
@@ -1156,9 +1156,10 @@ Runner add_bench_gpu(CLI::App& app) {
       ->check(CLI::PositiveNumber);
   app.add_option("--prefill-batch", a->prefill_batch, "With --model: prompts in the batched prefill test")
       ->check(CLI::PositiveNumber);
-  app.add_option("--long-prompt-tokens", a->long_prompt_tokens,
-                 "With --model: one long prompt's prefill, its attention on the CUDA cores and on the tensor "
-                 "cores (0: skip; skipped when the KV cache cannot hold it)")
+  app.add_option(
+         "--long-prompt-tokens", a->long_prompt_tokens,
+         "With --model: also one prompt of this many tokens, its prefill timed with the attention on "
+         "the CUDA cores and on the tensor cores (e.g. 2048; skipped when the KV cache cannot hold it)")
       ->check(CLI::NonNegativeNumber);
   add_int4_kernels_option(
       app, a->int4_kernels,

@@ -1900,9 +1900,9 @@ TEST(CudaLlamaModelCli, BenchGpuProjectsSpeculativeDecodingFromMeasuredSteps) {
       previous = got;
     }
   }
-  // Without a draft nothing is projected; the default long prompt (2048 tokens) does not fit this KV
-  // cache (2 sequences of 36 positions) and is skipped.
-  ASSERT_NO_FATAL_FAILURE(run_bench_gpu_on_tiny("", output, j));
+  // Without a draft nothing is projected; a 2048-token prompt does not fit this KV cache (2 sequences of
+  // 36 positions) and is skipped, saying so.
+  ASSERT_NO_FATAL_FAILURE(run_bench_gpu_on_tiny("--long-prompt-tokens 2048", output, j));
   EXPECT_FALSE(j.contains("speculative_projection")) << output;
   EXPECT_FALSE(j.contains("long_prefill")) << output;
   EXPECT_NE(output.find("prefill 2048 tokens: skipped"), std::string::npos) << output;

@@ -190,8 +190,9 @@ template <int HD>
 struct MmaLayout {
   static constexpr int kLd = HD + 8;  // halves a staged row: +16 bytes, ldmatrix's 8 rows on distinct banks
   static constexpr int kTile = kMmaRows * kLd;  // halves of one staged 64-row tile (kMmaKeys == kMmaRows)
-  // q, then two buffers of (K, V), then each buffer's 64 key slots.
-  static constexpr size_t kSmemBytes = 5 * kTile * sizeof(__half) + 2 * kMmaKeys * sizeof(long long);
+  // q, then two buffers of (K, V), then three chunks' key slots (chunk c's in slots c % 3: found two
+  // chunks ahead, so that finding them needs no barrier of its own).
+  static constexpr size_t kSmemBytes = 5 * kTile * sizeof(__half) + 3 * kMmaKeys * sizeof(long long);
 };
 static_assert(kMmaKeys == kMmaRows, "one staged tile shape for q, K and V");
 
@@ -207,8 +208,9 @@ __global__ void __launch_bounds__(kMmaThreads) prefill_attention_mma_kernel(Para
   extern __shared__ __align__(16) uint8_t smem[];
   __half* q_s = reinterpret_cast<__half*>(smem);
   __half* kv_s = q_s + L::kTile;  // buffer b: K at kv_s + 2 b kTile, V one tile after
-  auto* slot_s = reinterpret_cast<long long*>(kv_s + 4 * L::kTile);  // [2][kMmaKeys]
+  auto* slot_s = reinterpret_cast<long long*>(kv_s + 4 * L::kTile);  // [3][kMmaKeys]
   __shared__ int tile_ok;
+  __shared__ int all_valid_s[3][2];  // per slot buffer, per finding warp: all of its 32 keys have a slot
 
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
   const int g = lane / 4, t = lane % 4;
@@ -238,16 +240,28 @@ __global__ void __launch_bounds__(kMmaThreads) prefill_attention_mma_kernel(Para
         ok ? p.q + ((first + r / group) * p.n_head + kvh * group + r % group) * HD + c * 8 : p.q;
     detail::cp_async_16(q_s + r * kLd + c * 8, src, ok);
   }
-  // Keys p0 .. p0 + 63 into buffer buf: a key past the window or in a bad block (flag raised) is
-  // zero and its slot -1, which masks it.
-  const auto load_keys = [&](int64_t p0, int buf) {
+  // The cache slots of chunk c's keys (threads 0..63, one key each: one table lookup and division a
+  // key, not one a copy) into slot buffer c % 3: -1 for a key past the window or in a bad block (flag
+  // raised), which masks it; and whether each warp's 32 keys all have one.
+  const auto find_slots = [&](int64_t chunk) {
+    if (threadIdx.x < kMmaKeys) {
+      const int sb = static_cast<int>(chunk % 3);
+      const int64_t slot = detail::paged_slot(table, chunk * kMmaKeys + threadIdx.x, n_keys, p.block_size,
+                                              p.num_blocks, p.error_flag);
+      slot_s[sb * kMmaKeys + threadIdx.x] = slot;
+      const bool all = __all_sync(kFullMask, slot >= 0);
+      if (lane == 0) all_valid_s[sb][warp] = all;
+    }
+  };
+  // Chunk c's K and V rows into buffer buf, from its slots (found and made visible before): a key
+  // without a slot is zero.
+  const auto load_keys = [&](int64_t chunk, int buf) {
     __half* k_dst = kv_s + 2 * buf * L::kTile;
     __half* v_dst = k_dst + L::kTile;
+    const long long* slots = slot_s + (chunk % 3) * kMmaKeys;
     for (int e = threadIdx.x; e < kMmaKeys * kParts; e += kMmaThreads) {
       const int j = e / kParts, c = e % kParts;
-      const int64_t slot = detail::paged_slot(table, p0 + j, n_keys, p.block_size, p.num_blocks,
-                                              c == 0 ? p.error_flag : nullptr);
-      if (c == 0) slot_s[buf * kMmaKeys + j] = slot;
+      const long long slot = slots[j];
       const int64_t off = slot >= 0 ? slot * kv_row + kvh * HD + c * 8 : 0;
       detail::cp_async_16(k_dst + j * kLd + c * 8, p.k_cache + off, slot >= 0);
       detail::cp_async_16(v_dst + j * kLd + c * 8, p.v_cache + off, slot >= 0);
@@ -261,6 +275,9 @@ __global__ void __launch_bounds__(kMmaThreads) prefill_attention_mma_kernel(Para
   const int64_t keys_hi = r_hi < rows ? pos_first + r_hi / group + 1 : 0;
   const int last_row = row0 + 15 < rows - 1 ? row0 + 15 : rows - 1;
   const int64_t warp_keys = row0 < rows ? pos_first + last_row / group + 1 : 0;
+  // Keys every one of the warp's rows sees (its first row's window; 0 when a row is past the tile's):
+  // a chunk of valid slots below this needs no mask.
+  const int64_t warp_all_keys = row0 + 15 < rows ? pos_first + row0 / group + 1 : 0;
   const float scale_log2 = p.scale * 1.4426950408889634f;  // scores in the log2 domain: exp2f
 
   uint32_t qa[HD / 16][4];  // A fragments of the warp's 16 rows, 16 dimensions each
@@ -273,18 +290,21 @@ __global__ void __launch_bounds__(kMmaThreads) prefill_attention_mma_kernel(Para
   float l_lo = 0.0f, l_hi = 0.0f;            // this lane's share of the running sums
 
   const int64_t n_chunks = (n_keys + kMmaKeys - 1) / kMmaKeys;
+  find_slots(0);
+  if (n_chunks > 1) find_slots(1);
+  __syncthreads();  // chunks 0 and 1's slots visible
   load_keys(0, 0);
   detail::cp_async_commit();  // group 0: q and chunk 0
   for (int64_t chunk = 0; chunk < n_chunks; ++chunk) {
     const int buf = static_cast<int>(chunk & 1);
     if (chunk + 1 < n_chunks) {
-      load_keys((chunk + 1) * kMmaKeys, buf ^ 1);
+      load_keys(chunk + 1, buf ^ 1);
       detail::cp_async_commit();
       detail::cp_async_wait<1>();
     } else {
       detail::cp_async_wait<0>();
     }
-    __syncthreads();  // chunk's K, V and slots (and q) visible to every warp
+    __syncthreads();  // chunk's K and V (and q) visible to every warp
     if (chunk == 0) {
 #pragma unroll
       for (int ks = 0; ks < HD / 16; ++ks)
@@ -294,7 +314,9 @@ __global__ void __launch_bounds__(kMmaThreads) prefill_attention_mma_kernel(Para
     if (p0 < warp_keys) {
       const __half* k_s = kv_s + 2 * buf * L::kTile;
       const __half* v_s = k_s + L::kTile;
-      const long long* slots = slot_s + buf * kMmaKeys;
+      const int sb = static_cast<int>(chunk % 3);
+      const long long* slots = slot_s + sb * kMmaKeys;
+      const bool unmasked = all_valid_s[sb][0] && all_valid_s[sb][1] && p0 + kMmaKeys <= warp_all_keys;
       // S = Q K^T: 8 n8 tiles of keys; K rows as staged are the B operand's columns.
       float s[kMmaKeys / 8][4];
 #pragma unroll
@@ -313,14 +335,15 @@ __global__ void __launch_bounds__(kMmaThreads) prefill_attention_mma_kernel(Para
           detail::mma_16816(s[2 * np + 1], qa[ks], b1);
         }
       }
-      // Mask (causal window, bad blocks), scale, and the rows' new maxima over the quad.
+      // Mask (causal window, bad blocks; none where every key is valid and seen), scale, and the rows'
+      // new maxima over the quad.
       float mx_lo = m_lo, mx_hi = m_hi;
 #pragma unroll
       for (int j = 0; j < kMmaKeys / 8; ++j) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int key = 8 * j + 2 * t + (e & 1);
-          const bool ok = slots[key] >= 0 && p0 + key < (e < 2 ? keys_lo : keys_hi);
+          const bool ok = unmasked || (slots[key] >= 0 && p0 + key < (e < 2 ? keys_lo : keys_hi));
           s[j][e] = ok ? s[j][e] * scale_log2 : -INFINITY;
           if (e < 2)
             mx_lo = fmaxf(mx_lo, s[j][e]);
@@ -376,6 +399,9 @@ __global__ void __launch_bounds__(kMmaThreads) prefill_attention_mma_kernel(Para
         }
       }
     }
+    // Chunk + 2's slots, into the buffer chunk - 1 used (its copies were issued an iteration ago, its
+    // masks read before the last barrier); visible after the next one.
+    if (chunk + 2 < n_chunks) find_slots(chunk + 2);
     __syncthreads();  // every warp done with buffer buf before the next iteration refills it
   }
 

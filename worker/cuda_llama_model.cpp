@@ -1046,6 +1046,12 @@ void CudaLlamaModel::set_programmatic_launch(bool on) {
   impl_->seen_once.clear();
 }
 
+bool CudaLlamaModel::mma_prefill_attention_applies() const {
+  const auto& c = impl_->shard_config;
+  return (c.head_dim == 64 || c.head_dim == 128) &&
+         kc::prefill_attention_mma_tile_tokens(c.n_head, c.n_head_kv) > 0;
+}
+
 void CudaLlamaModel::set_mma_prefill_attention(bool on) {
   // The plan (and a graph's key) carries the choice: nothing captured needs dropping.
   impl_->options.mma_prefill_attention = on;

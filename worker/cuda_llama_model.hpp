@@ -256,7 +256,8 @@ struct CudaFusionChoice {
 // after its last, summed over the layers.
 struct CudaStepProfile {
   // In pass order: "embedding", "norms", "qkv", "rope + KV write", "attention", "attention output",
-  // "gate / up", "SwiGLU", "down", "head" (the output norm, row gather, head matmul and argmax).
+  // "gate / up", "SwiGLU", "down", "head" (the output norm, row gather and head matmul; the argmax
+  // after the pass, one small kernel, is in no section).
   std::vector<std::pair<std::string, double>> sections;
   double total_ms = 0.0;  // from the first section's start to the last one's end
   int64_t spans = 0;      // timed spans (about one per kernel)
@@ -378,6 +379,9 @@ class CudaLlamaModel {
   void set_fused_norms(bool on);
   // Switches CudaModelOptions::mma_prefill_attention for later passes.
   void set_mma_prefill_attention(bool on);
+  // Whether the tensor-core prefill attention takes this model's (shard's) heads: head_dim 64 or 128
+  // and a grouping that divides 64. Elsewhere the option changes nothing.
+  bool mma_prefill_attention_applies() const;
   // Per group-wise INT4 matrix shape, the kernels it uses (CudaModelOptions::int4_kernels), in the
   // order the shapes first occur (q/k/v, attn_output, gate/up, down, head); empty without such matrices.
   const std::vector<CudaInt4KernelChoice>& int4_kernel_choices() const;

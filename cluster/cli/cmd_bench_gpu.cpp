@@ -93,8 +93,9 @@ struct GpuModel {
 };
 
 // options: the kernel choices of the command line (graphs are turned on here).
+// min_blocks: the fewest KV blocks the cache holds (one long prompt's, beyond the rows).
 GpuModel load_gpu_model(const std::string& path, int64_t max_seqs, int64_t max_seq_tokens,
-                        worker::CudaModelOptions options) {
+                        worker::CudaModelOptions options, int64_t min_blocks = 0) {
   GpuModel g;
   const auto checkpoint = model::LlamaCheckpoint::open(path);  // a bad path or dummy spec fails here
   const int64_t free_before = worker::cuda_memory_info().free;
@@ -105,7 +106,8 @@ GpuModel load_gpu_model(const std::string& path, int64_t max_seqs, int64_t max_s
   const int64_t free_model = worker::cuda_memory_info().free;
   g.model_device_bytes = free_before - free_model;
   g.mbps = (max_seq_tokens + kBlockSize - 1) / kBlockSize;
-  g.cache = std::make_unique<worker::CudaKvCache>(g.model->config(), max_seqs * g.mbps, kBlockSize);
+  g.cache = std::make_unique<worker::CudaKvCache>(g.model->config(), std::max(max_seqs * g.mbps, min_blocks),
+                                                  kBlockSize);
   g.cache_device_bytes = free_model - worker::cuda_memory_info().free;
   return g;
 }
@@ -149,8 +151,8 @@ double time_prefill(GpuModel& g, int64_t seqs, int tokens, int repetitions, std:
   return static_cast<double>(seqs * tokens) / median(runs);
 }
 
-// Prompt tokens per second of one prompt of `tokens` (blocks 0.. of the cache, which must hold them),
-// median of repetitions after an untimed pass.
+// Prompt tokens per second of one prompt of `tokens` (blocks 0.. of the cache, which load_gpu_model's
+// min_blocks made big enough), median of repetitions after an untimed pass.
 double time_long_prefill(GpuModel& g, int tokens, int repetitions, std::mt19937& rng) {
   worker::ForwardBatch b;
   b.add_sequence(random_prompts(1, tokens, g.model->config().n_vocab, rng)[0], 0, 0, 1);
@@ -375,7 +377,8 @@ int run_model(const Args& a) {
   const int64_t max_batch = *std::max_element(batches.begin(), batches.end());
   const int64_t decode_tokens = kShortPrompt + a.gen_tokens;
   GpuModel target = load_gpu_model(a.model, std::max<int64_t>(max_batch, a.prefill_batch),
-                                   std::max<int64_t>(a.prompt_tokens, decode_tokens), a.model_options());
+                                   std::max<int64_t>(a.prompt_tokens, decode_tokens), a.model_options(),
+                                   (a.long_prompt_tokens + kBlockSize - 1) / kBlockSize);
   const double copy_gbps = copy_bandwidth_gbps();
   const int64_t weight_bytes = target.model->weight_bytes();
   // A decode step reads every weight byte at least once (the embedding table too: counted, though a
@@ -411,24 +414,6 @@ int run_model(const Args& a) {
   report("prefill %d tokens, 1 prompt: %.0f tokens/s", a.prompt_tokens, pp_one);
   const double pp_batch = time_prefill(target, a.prefill_batch, a.prompt_tokens, a.repetitions, rng);
   report("prefill %d tokens, %d prompts: %.0f tokens/s", a.prompt_tokens, a.prefill_batch, pp_batch);
-  // A long prompt, where attention grows with the square of its length: the prefill attention on the
-  // CUDA cores and on the tensor cores (CudaModelOptions::mma_prefill_attention), in this run.
-  double long_cuda_cores = 0.0, long_tensor_cores = 0.0;
-  const int64_t long_blocks = (a.long_prompt_tokens + kBlockSize - 1) / kBlockSize;
-  if (a.long_prompt_tokens > 0 && long_blocks > target.cache->n_blocks()) {
-    progress("prefill %d tokens: skipped, the KV cache holds %lld blocks of %lld (with --json too)",
-             a.long_prompt_tokens, static_cast<long long>(target.cache->n_blocks()),
-             static_cast<long long>(kBlockSize));
-  } else if (a.long_prompt_tokens > 0) {
-    const int reps = std::min(a.repetitions, 2);  // a 70B pass over 2048 tokens takes about a second
-    target.model->set_mma_prefill_attention(false);
-    long_cuda_cores = time_long_prefill(target, a.long_prompt_tokens, reps, rng);
-    target.model->set_mma_prefill_attention(true);
-    long_tensor_cores = time_long_prefill(target, a.long_prompt_tokens, reps, rng);
-    target.model->set_mma_prefill_attention(false);
-    report("prefill %d tokens, 1 prompt: %.0f tokens/s (attention on CUDA cores), %.0f (tensor cores, %.2fx)",
-           a.long_prompt_tokens, long_cuda_cores, long_tensor_cores, long_tensor_cores / long_cuda_cores);
-  }
   std::vector<double> step_s;
   for (const int64_t b : batches) {
     step_s.push_back(time_decode_step(target, b, a.gen_tokens, a.repetitions, rng));
@@ -508,6 +493,36 @@ int run_model(const Args& a) {
   } catch (const std::exception& e) {
     pdl_step_s.clear();
     pdl_error = e.what();
+  }
+  // A long prompt, where attention grows with the square of its length: its prefill with the attention
+  // on the CUDA cores and on the tensor cores (CudaModelOptions::mma_prefill_attention) in this run;
+  // last too, as the tensor-core kernel has not run on a GPU yet.
+  double long_cuda_cores = 0.0, long_tensor_cores = 0.0;
+  std::string long_error;
+  const bool long_mma_applies = target.model->mma_prefill_attention_applies();
+  if (a.long_prompt_tokens > 0) {
+    try {
+      const int reps = std::min(a.repetitions, 2);  // a 70B pass over 2048 tokens takes about a second
+      target.model->set_mma_prefill_attention(false);
+      long_cuda_cores = time_long_prefill(target, a.long_prompt_tokens, reps, rng);
+      if (long_mma_applies) {
+        target.model->set_mma_prefill_attention(true);
+        long_tensor_cores = time_long_prefill(target, a.long_prompt_tokens, reps, rng);
+        target.model->set_mma_prefill_attention(false);
+        report(
+            "prefill %d tokens, 1 prompt: %.0f tokens/s (attention on CUDA cores), %.0f (tensor cores, "
+            "%.2fx)",
+            a.long_prompt_tokens, long_cuda_cores, long_tensor_cores, long_tensor_cores / long_cuda_cores);
+      } else {
+        report(
+            "prefill %d tokens, 1 prompt: %.0f tokens/s (the tensor-core attention does not take this "
+            "model's heads)",
+            a.long_prompt_tokens, long_cuda_cores);
+      }
+    } catch (const std::exception& e) {
+      long_cuda_cores = long_tensor_cores = 0.0;
+      long_error = e.what();
+    }
   }
 
   const auto gib = [](int64_t bytes) { return static_cast<double>(bytes) / (1024.0 * 1024.0 * 1024.0); };
@@ -627,8 +642,11 @@ int run_model(const Args& a) {
     if (long_cuda_cores > 0.0) {
       out["long_prefill"] = {{"prompt_tokens", a.long_prompt_tokens},
                              {"cuda_core_attention_tokens_per_second", long_cuda_cores},
-                             {"tensor_core_attention_tokens_per_second", long_tensor_cores}};
+                             {"tensor_core_attention_applies", long_mma_applies}};
+      if (long_mma_applies)
+        out["long_prefill"]["tensor_core_attention_tokens_per_second"] = long_tensor_cores;
     }
+    if (!long_error.empty()) out["long_prefill_error"] = long_error;
     if (!pdl_error.empty()) out["pdl_error"] = pdl_error;
     nlohmann::json step_profiles = nlohmann::json::array();
     for (size_t i = 0; i < batches.size(); ++i) {
@@ -665,12 +683,18 @@ int run_model(const Args& a) {
   print_fusion_choices(*target.model);
   std::printf("prefill %d tokens: %.0f tokens/s (1 prompt), %.0f tokens/s (%d prompts in one pass)\n",
               a.prompt_tokens, pp_one, pp_batch, a.prefill_batch);
-  if (long_cuda_cores > 0.0) {
+  if (long_cuda_cores > 0.0 && long_mma_applies) {
     std::printf(
         "prefill %d tokens, 1 prompt: %.0f tokens/s with the attention on CUDA cores, %.0f on tensor "
         "cores (%.2fx)\n",
         a.long_prompt_tokens, long_cuda_cores, long_tensor_cores, long_tensor_cores / long_cuda_cores);
+  } else if (long_cuda_cores > 0.0) {
+    std::printf(
+        "prefill %d tokens, 1 prompt: %.0f tokens/s (the tensor-core attention does not take this "
+        "model's heads)\n",
+        a.long_prompt_tokens, long_cuda_cores);
   }
+  if (!long_error.empty()) std::printf("long-prompt prefill failed: %s\n", long_error.c_str());
   std::printf("\n");
   std::printf("%5s | %12s %9s %7s", "batch", "decode tok/s", "ms/step", "%floor");
   if (!draft_step_s.empty()) std::printf(" | %13s %12s", "draft ms/step", "draft/target");
@@ -1156,10 +1180,9 @@ Runner add_bench_gpu(CLI::App& app) {
       ->check(CLI::PositiveNumber);
   app.add_option("--prefill-batch", a->prefill_batch, "With --model: prompts in the batched prefill test")
       ->check(CLI::PositiveNumber);
-  app.add_option(
-         "--long-prompt-tokens", a->long_prompt_tokens,
-         "With --model: also one prompt of this many tokens, its prefill timed with the attention on "
-         "the CUDA cores and on the tensor cores (e.g. 2048; skipped when the KV cache cannot hold it)")
+  app.add_option("--long-prompt-tokens", a->long_prompt_tokens,
+                 "With --model: also one prompt of this many tokens, its prefill timed with the attention on "
+                 "the CUDA cores and on the tensor cores (e.g. 2048; the KV cache is made to hold it)")
       ->check(CLI::NonNegativeNumber);
   add_int4_kernels_option(
       app, a->int4_kernels,

@@ -438,6 +438,35 @@ cudaError_t allow_mma_shared_memory(int device) {
   return err;
 }
 
+// Both launchers' argument checks, and their Params: invalid_argument for a null pointer, a shape
+// they do not take (tile_tokens: the launcher's tile size for this grouping, 0 where it takes none),
+// or q, k_cache, v_cache not `align`-byte aligned, out not `out_align`-byte aligned.
+Status make_params(const PagedAttentionShape& s, const __half* q, const __half* k_cache,
+                   const __half* v_cache, const int32_t* block_tables, const int32_t* token_seq,
+                   const int32_t* token_pos, const int32_t* tiles, int64_t n_tiles, float scale, __half* out,
+                   int32_t* error_flag, int64_t tile_tokens, uintptr_t align, uintptr_t out_align,
+                   Params& p) {
+  if (q == nullptr || k_cache == nullptr || v_cache == nullptr || block_tables == nullptr ||
+      token_seq == nullptr || token_pos == nullptr || tiles == nullptr || out == nullptr) {
+    return Status::invalid_argument;
+  }
+  if (s.tokens < 0 || s.tokens > INT32_MAX || tile_tokens == 0) return Status::invalid_argument;
+  if (s.head_dim != 64 && s.head_dim != 128) return Status::invalid_argument;
+  if (s.block_size < 1 || s.num_blocks < 1 || s.max_blocks_per_seq < 1) return Status::invalid_argument;
+  if (n_tiles < 0 || n_tiles > INT32_MAX || s.n_head_kv > 65535) return Status::invalid_argument;
+  const auto misaligned = [](const void* ptr, uintptr_t bytes) {
+    return reinterpret_cast<uintptr_t>(ptr) % bytes != 0;
+  };
+  if (misaligned(q, align) || misaligned(k_cache, align) || misaligned(v_cache, align) ||
+      misaligned(out, out_align))
+    return Status::invalid_argument;
+  p = Params{q,         k_cache,     v_cache,      block_tables, token_seq,
+             token_pos, tiles,       out,          error_flag,   s.tokens,
+             s.n_head,  s.n_head_kv, s.block_size, s.num_blocks, s.max_blocks_per_seq,
+             scale};
+  return Status::ok;
+}
+
 }  // namespace
 
 int64_t prefill_attention_tile_tokens(int64_t n_head, int64_t n_head_kv) {
@@ -450,35 +479,11 @@ Status prefill_attention_f16(const PagedAttentionShape& s, const __half* q, cons
                              const __half* v_cache, const int32_t* block_tables, const int32_t* token_seq,
                              const int32_t* token_pos, const int32_t* tiles, int64_t n_tiles, float scale,
                              __half* out, int32_t* error_flag, cudaStream_t stream) {
-  if (q == nullptr || k_cache == nullptr || v_cache == nullptr || block_tables == nullptr ||
-      token_seq == nullptr || token_pos == nullptr || tiles == nullptr || out == nullptr) {
-    return Status::invalid_argument;
-  }
-  if (s.tokens < 0 || s.tokens > INT32_MAX || prefill_attention_tile_tokens(s.n_head, s.n_head_kv) == 0)
-    return Status::invalid_argument;
-  if (s.head_dim != 64 && s.head_dim != 128) return Status::invalid_argument;
-  if (s.block_size < 1 || s.num_blocks < 1 || s.max_blocks_per_seq < 1) return Status::invalid_argument;
-  if (n_tiles < 0 || n_tiles > INT32_MAX || s.n_head_kv > 65535) return Status::invalid_argument;
-  const auto misaligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 4 != 0; };
-  if (misaligned(q) || misaligned(k_cache) || misaligned(v_cache)) return Status::invalid_argument;
-  if (n_tiles == 0) return Status::ok;
   Params p{};
-  p.q = q;
-  p.k_cache = k_cache;
-  p.v_cache = v_cache;
-  p.block_tables = block_tables;
-  p.token_seq = token_seq;
-  p.token_pos = token_pos;
-  p.tiles = tiles;
-  p.out = out;
-  p.error_flag = error_flag;
-  p.tokens = s.tokens;
-  p.n_head = s.n_head;
-  p.n_head_kv = s.n_head_kv;
-  p.block_size = s.block_size;
-  p.num_blocks = s.num_blocks;
-  p.max_blocks_per_seq = s.max_blocks_per_seq;
-  p.scale = scale;
+  const Status checked =
+      make_params(s, q, k_cache, v_cache, block_tables, token_seq, token_pos, tiles, n_tiles, scale, out,
+                  error_flag, prefill_attention_tile_tokens(s.n_head, s.n_head_kv), 4, 2, p);
+  if (checked != Status::ok || n_tiles == 0) return checked;
   const dim3 grid(static_cast<unsigned>(n_tiles), static_cast<unsigned>(s.n_head_kv));
   if (s.head_dim == 64)
     prefill_attention_kernel<64><<<grid, kThreads, 0, stream>>>(p);
@@ -499,47 +504,21 @@ Status prefill_attention_mma_f16(const PagedAttentionShape& s, const __half* q, 
                                  const __half* v_cache, const int32_t* block_tables, const int32_t* token_seq,
                                  const int32_t* token_pos, const int32_t* tiles, int64_t n_tiles, float scale,
                                  __half* out, int32_t* error_flag, cudaStream_t stream) {
-  if (q == nullptr || k_cache == nullptr || v_cache == nullptr || block_tables == nullptr ||
-      token_seq == nullptr || token_pos == nullptr || tiles == nullptr || out == nullptr) {
-    return Status::invalid_argument;
-  }
-  if (s.tokens < 0 || s.tokens > INT32_MAX || prefill_attention_mma_tile_tokens(s.n_head, s.n_head_kv) == 0)
-    return Status::invalid_argument;
-  if (s.head_dim != 64 && s.head_dim != 128) return Status::invalid_argument;
-  if (s.block_size < 1 || s.num_blocks < 1 || s.max_blocks_per_seq < 1) return Status::invalid_argument;
-  if (n_tiles < 0 || n_tiles > INT32_MAX || s.n_head_kv > 65535) return Status::invalid_argument;
-  const auto misaligned = [](const void* ptr, uintptr_t bytes) {
-    return reinterpret_cast<uintptr_t>(ptr) % bytes != 0;
-  };
-  if (misaligned(q, 16) || misaligned(k_cache, 16) || misaligned(v_cache, 16) || misaligned(out, 4))
-    return Status::invalid_argument;
-  if (n_tiles == 0) return Status::ok;
+  Params p{};
+  const Status checked =
+      make_params(s, q, k_cache, v_cache, block_tables, token_seq, token_pos, tiles, n_tiles, scale, out,
+                  error_flag, prefill_attention_mma_tile_tokens(s.n_head, s.n_head_kv), 16, 4, p);
+  if (checked != Status::ok || n_tiles == 0) return checked;
   const size_t smem = s.head_dim == 64 ? MmaLayout<64>::kSmemBytes : MmaLayout<128>::kSmemBytes;
   int device = 0, max_smem = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err == cudaSuccess)
     err = cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   if (err != cudaSuccess) return launch_status(err);
-  if (smem + 64 > static_cast<size_t>(max_smem)) return Status::invalid_argument;  // + the static tile_ok
+  // + the kernel's few static bytes (tile_ok, the slot flags)
+  if (smem + 64 > static_cast<size_t>(max_smem)) return Status::invalid_argument;
   err = s.head_dim == 64 ? allow_mma_shared_memory<64>(device) : allow_mma_shared_memory<128>(device);
   if (err != cudaSuccess) return launch_status(err);
-  Params p{};
-  p.q = q;
-  p.k_cache = k_cache;
-  p.v_cache = v_cache;
-  p.block_tables = block_tables;
-  p.token_seq = token_seq;
-  p.token_pos = token_pos;
-  p.tiles = tiles;
-  p.out = out;
-  p.error_flag = error_flag;
-  p.tokens = s.tokens;
-  p.n_head = s.n_head;
-  p.n_head_kv = s.n_head_kv;
-  p.block_size = s.block_size;
-  p.num_blocks = s.num_blocks;
-  p.max_blocks_per_seq = s.max_blocks_per_seq;
-  p.scale = scale;
   const dim3 grid(static_cast<unsigned>(n_tiles), static_cast<unsigned>(s.n_head_kv));
   if (s.head_dim == 64)
     prefill_attention_mma_kernel<64><<<grid, kMmaThreads, smem, stream>>>(p);

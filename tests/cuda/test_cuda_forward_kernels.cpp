@@ -430,6 +430,46 @@ std::vector<int32_t> prefill_tiles(const std::vector<int32_t>& seq, const std::v
   return tiles;
 }
 
+// A prefill attention case: runs of tokens (sequence, position), four sequences' block tables of
+// shuffled ids (mbps blocks each, of block_size positions), random q, K and V, on the host.
+struct PrefillCase {
+  int64_t n_head = 0, n_head_kv = 0, head_dim = 0, block_size = 7, mbps = 0, num_blocks = 0;
+  std::vector<int32_t> seq, pos, tables;
+  std::vector<uint16_t> q, kc, vc;
+
+  PrefillCase(int64_t n_head_, int64_t n_head_kv_, int64_t head_dim_, int64_t mbps_)
+      : n_head(n_head_), n_head_kv(n_head_kv_), head_dim(head_dim_), mbps(mbps_), num_blocks(4 * mbps_ + 3) {}
+  void add_run(int32_t s, int32_t from, int32_t n) {
+    for (int32_t p = from; p < from + n; ++p) {
+      seq.push_back(s);
+      pos.push_back(p);
+    }
+  }
+  int64_t tokens() const { return static_cast<int64_t>(pos.size()); }
+  // After the runs: the tables and the values.
+  void fill(std::mt19937& rng) {
+    std::vector<int32_t> ids(static_cast<size_t>(num_blocks));
+    std::iota(ids.begin(), ids.end(), 0);
+    std::shuffle(ids.begin(), ids.end(), rng);
+    tables.assign(ids.begin(), ids.begin() + 4 * mbps);
+    const int64_t kv_dim = n_head_kv * head_dim;
+    q = random_f16(static_cast<size_t>(tokens() * n_head * head_dim), 1.0f, rng);
+    kc = random_f16(static_cast<size_t>(num_blocks * block_size * kv_dim), 1.0f, rng);
+    vc = random_f16(static_cast<size_t>(num_blocks * block_size * kv_dim), 1.0f, rng);
+  }
+  k::cuda::PagedAttentionShape device_shape() const {
+    k::cuda::PagedAttentionShape s;
+    s.tokens = tokens();
+    s.n_head = n_head;
+    s.n_head_kv = n_head_kv;
+    s.head_dim = head_dim;
+    s.block_size = block_size;
+    s.num_blocks = num_blocks;
+    s.max_blocks_per_seq = mbps;
+    return s;
+  }
+};
+
 // The tiled prefill kernel runs paged_attention_f16's arithmetic step for step (which the test above
 // checks against the CPU): outputs must be equal bit for bit, for every head grouping the tiles
 // support, on prompt chunks that start at 0 and past it, single decode tokens, and runs longer than
@@ -441,31 +481,18 @@ TEST(CudaPrefillAttention, EqualsPagedAttentionBitForBit) {
     // 3: 10-token tiles fill 30 of 32 rows; 16: tiles of 2 tokens.
     for (const int64_t group : {1, 2, 3, 4, 8, 16}) {
       SCOPED_TRACE("head_dim=" + std::to_string(head_dim) + " group=" + std::to_string(group));
-      const int64_t n_head_kv = 2, n_head = n_head_kv * group, block_size = 7, mbps = 12;
+      const int64_t n_head_kv = 2, n_head = n_head_kv * group;
       // Sequence 0: a 45-token chunk at positions 17..61; 1: a 13-token prompt from 0; 2: one decode
       // token at 70; 3: two tokens at 5, 6; then sequence 0 again at 62 (a run of its own).
-      std::vector<int32_t> seq, pos;
-      const auto add_run = [&](int32_t s, int32_t from, int32_t n) {
-        for (int32_t p = from; p < from + n; ++p) {
-          seq.push_back(s);
-          pos.push_back(p);
-        }
-      };
-      add_run(0, 17, 45);
-      add_run(1, 0, 13);
-      add_run(2, 70, 1);
-      add_run(3, 5, 2);
-      add_run(0, 62, 1);
-      const auto tokens = static_cast<int64_t>(pos.size());
-      const int64_t num_blocks = 4 * mbps + 3;
-      std::vector<int32_t> ids(static_cast<size_t>(num_blocks));
-      std::iota(ids.begin(), ids.end(), 0);
-      std::shuffle(ids.begin(), ids.end(), rng);
-      const std::vector<int32_t> tables(ids.begin(), ids.begin() + 4 * mbps);
-      const int64_t kv_dim = n_head_kv * head_dim;
-      const auto q = random_f16(static_cast<size_t>(tokens * n_head * head_dim), 1.0f, rng);
-      const auto kc = random_f16(static_cast<size_t>(num_blocks * block_size * kv_dim), 1.0f, rng);
-      const auto vc = random_f16(static_cast<size_t>(num_blocks * block_size * kv_dim), 1.0f, rng);
+      PrefillCase pc(n_head, n_head_kv, head_dim, /*mbps=*/12);
+      pc.add_run(0, 17, 45);
+      pc.add_run(1, 0, 13);
+      pc.add_run(2, 70, 1);
+      pc.add_run(3, 5, 2);
+      pc.add_run(0, 62, 1);
+      pc.fill(rng);
+      const auto& [seq, pos, tables, q, kc, vc] = std::tie(pc.seq, pc.pos, pc.tables, pc.q, pc.kc, pc.vc);
+      const int64_t tokens = pc.tokens();
       const int64_t tile_tokens = k::cuda::prefill_attention_tile_tokens(n_head, n_head_kv);
       ASSERT_EQ(tile_tokens, 32 / group);
       const std::vector<int32_t> tiles = prefill_tiles(seq, pos, tile_tokens);
@@ -474,14 +501,7 @@ TEST(CudaPrefillAttention, EqualsPagedAttentionBitForBit) {
       DeviceBuffer<int32_t> dt(tables), ds(seq), dp(pos), dtiles(tiles), dflag(std::vector<int32_t>{0});
       ASSERT_TRUE(dq.ptr && dk.ptr && dv.ptr && dpaged.ptr && dtiled.ptr && dt.ptr && ds.ptr && dp.ptr &&
                   dtiles.ptr && dflag.ptr);
-      k::cuda::PagedAttentionShape s;
-      s.tokens = tokens;
-      s.n_head = n_head;
-      s.n_head_kv = n_head_kv;
-      s.head_dim = head_dim;
-      s.block_size = block_size;
-      s.num_blocks = num_blocks;
-      s.max_blocks_per_seq = mbps;
+      k::cuda::PagedAttentionShape s = pc.device_shape();
       const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
       ASSERT_EQ(k::cuda::paged_attention_f16(s, as_half(dq.ptr), as_half(dk.ptr), as_half(dv.ptr), dt.ptr,
                                              ds.ptr, dp.ptr, scale, as_half(dpaged.ptr), dflag.ptr, nullptr),
@@ -543,28 +563,15 @@ TEST(CudaPrefillAttentionMma, MatchesTheCpuReference) {
   for (const int64_t head_dim : {64, 128}) {
     for (const int64_t group : {1, 2, 4, 8}) {
       SCOPED_TRACE("head_dim=" + std::to_string(head_dim) + " group=" + std::to_string(group));
-      const int64_t n_head_kv = 2, n_head = n_head_kv * group, block_size = 7, mbps = 30;
-      std::vector<int32_t> seq, pos;
-      const auto add_run = [&](int32_t s, int32_t from, int32_t n) {
-        for (int32_t p = from; p < from + n; ++p) {
-          seq.push_back(s);
-          pos.push_back(p);
-        }
-      };
-      add_run(0, 17, 150);
-      add_run(1, 0, 70);
-      add_run(2, 200, 1);
-      add_run(3, 5, 2);
-      const auto tokens = static_cast<int64_t>(pos.size());
-      const int64_t num_blocks = 4 * mbps + 3;
-      std::vector<int32_t> ids(static_cast<size_t>(num_blocks));
-      std::iota(ids.begin(), ids.end(), 0);
-      std::shuffle(ids.begin(), ids.end(), rng);
-      const std::vector<int32_t> tables(ids.begin(), ids.begin() + 4 * mbps);
-      const int64_t kv_dim = n_head_kv * head_dim;
-      const auto q = random_f16(static_cast<size_t>(tokens * n_head * head_dim), 1.0f, rng);
-      const auto kc = random_f16(static_cast<size_t>(num_blocks * block_size * kv_dim), 1.0f, rng);
-      const auto vc = random_f16(static_cast<size_t>(num_blocks * block_size * kv_dim), 1.0f, rng);
+      const int64_t n_head_kv = 2, n_head = n_head_kv * group;
+      PrefillCase pc(n_head, n_head_kv, head_dim, /*mbps=*/30);
+      pc.add_run(0, 17, 150);
+      pc.add_run(1, 0, 70);
+      pc.add_run(2, 200, 1);
+      pc.add_run(3, 5, 2);
+      pc.fill(rng);
+      const auto& [seq, pos, tables, q, kc, vc] = std::tie(pc.seq, pc.pos, pc.tables, pc.q, pc.kc, pc.vc);
+      const int64_t tokens = pc.tokens(), block_size = pc.block_size, mbps = pc.mbps;
       const int64_t tile_tokens = k::cuda::prefill_attention_mma_tile_tokens(n_head, n_head_kv);
       ASSERT_EQ(tile_tokens, 64 / group);
       const std::vector<int32_t> tiles = prefill_tiles(seq, pos, tile_tokens);
@@ -589,14 +596,7 @@ TEST(CudaPrefillAttentionMma, MatchesTheCpuReference) {
       DeviceBuffer<int32_t> dt(tables), ds(seq), dp(pos), dtiles(tiles), dflag(std::vector<int32_t>{0});
       ASSERT_TRUE(dq.ptr && dk.ptr && dv.ptr && dout.ptr && dt.ptr && ds.ptr && dp.ptr && dtiles.ptr &&
                   dflag.ptr);
-      k::cuda::PagedAttentionShape s;
-      s.tokens = tokens;
-      s.n_head = n_head;
-      s.n_head_kv = n_head_kv;
-      s.head_dim = head_dim;
-      s.block_size = block_size;
-      s.num_blocks = num_blocks;
-      s.max_blocks_per_seq = mbps;
+      k::cuda::PagedAttentionShape s = pc.device_shape();
       const auto n_tiles = static_cast<int64_t>(tiles.size() / 2);
       ASSERT_EQ(cudaMemset(dout.ptr, 0xff, q.size() * sizeof(uint16_t)),
                 cudaSuccess);  // NaN: unwritten shows
@@ -629,7 +629,7 @@ TEST(CudaPrefillAttentionMma, MatchesTheCpuReference) {
 
       // Sequence 1's third block outside the cache: flagged, never read, every output finite.
       std::vector<int32_t> bad_table = tables;
-      bad_table[static_cast<size_t>(1 * mbps + 2)] = static_cast<int32_t>(num_blocks + 1000);
+      bad_table[static_cast<size_t>(1 * mbps + 2)] = static_cast<int32_t>(pc.num_blocks + 1000);
       DeviceBuffer<int32_t> dbad_table(bad_table);
       ASSERT_EQ(cudaMemset(dflag.ptr, 0, sizeof(int32_t)), cudaSuccess);
       ASSERT_EQ(k::cuda::prefill_attention_mma_f16(s, as_half(dq.ptr), as_half(dk.ptr), as_half(dv.ptr),

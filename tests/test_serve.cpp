@@ -633,8 +633,9 @@ TEST(Serve, CudaServesLikeCudaGenerate) {
       EXPECT_NE(job.log().find(", GPU "), std::string::npos) << job.log();
       if (shape.tensor == 1) {
         EXPECT_NE(job.log().find(setting.launches), std::string::npos) << job.log();
-        if (std::string(setting.launches).find("directly") != std::string::npos)  // no stage replays
+        if (std::string(setting.launches).find("directly") != std::string::npos) {  // no stage replays
           EXPECT_EQ(job.log().find("replayed from CUDA graphs"), std::string::npos) << job.log();
+        }
       }
       Client client(job.endpoint());
       for (size_t i = 0; i < kPrompts.size(); ++i) {

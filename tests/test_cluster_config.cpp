@@ -233,6 +233,8 @@ TEST(ClusterConfig, OutOfRangeValues) {
                {"int4_layout: cutlass"});
   expect_error("model: {path: m}\ncuda_graphs: sometimes\n", "cuda_graphs", 2,
                {"expected one of false, true, got 'sometimes'"});
+  expect_error("model: {path: m}\nprefill_attention: tensor-cores\n", "prefill_attention", 2,
+               {"expected one of cuda_cores, tensor_cores, got 'tensor-cores'"});
   expect_error("model: {path: m}\ncutlass_gemm: yes please\n", "cutlass_gemm", 2,
                {"expected one of false, true, got 'yes please'"});
   // The CUTLASS GEMM is not a CUDA-core kernel, whichever key comes first.
@@ -336,6 +338,14 @@ TEST(ClusterConfig, RenderRoundTrips) {
   EXPECT_NE(rendered_eager.find("cuda_graphs: false"), std::string::npos) << rendered_eager;
   EXPECT_EQ(parse_cluster_config(rendered_eager, "rendered"), eager) << rendered_eager;
   EXPECT_FALSE(eager == parse_cluster_config("model: {path: m.gguf}\ndevice: cuda\n", "plain.yaml"));
+  const ClusterConfig mma = parse_cluster_config(
+      "model: {path: m.gguf}\ndevice: cuda\nprefill_attention: tensor_cores\n", "mma.yaml");
+  EXPECT_TRUE(mma.tensor_core_prefill_attention);
+  EXPECT_FALSE(parse_cluster_config("model: {path: m.gguf}\n", "plain.yaml").tensor_core_prefill_attention);
+  const std::string rendered_mma = render_cluster_config(mma);
+  EXPECT_NE(rendered_mma.find("prefill_attention: tensor_cores"), std::string::npos) << rendered_mma;
+  EXPECT_EQ(parse_cluster_config(rendered_mma, "rendered"), mma) << rendered_mma;
+  EXPECT_FALSE(mma == parse_cluster_config("model: {path: m.gguf}\ndevice: cuda\n", "plain.yaml"));
 
   const ClusterConfig minimal = parse_cluster_config("model: {path: m.gguf}\n", "minimal.yaml");
   const std::string rendered_minimal = render_cluster_config(minimal);

@@ -34,6 +34,7 @@ struct GenerateArgs {
   bool cutlass_gemm = false;
   bool int8_activations = false;
   bool unfused_epilogues = false;
+  std::string prefill_attention = "cuda-cores";
 };
 
 }  // namespace
@@ -75,6 +76,10 @@ Runner add_generate(CLI::App& app) {
   app.add_flag("--unfused-epilogues", a->unfused_epilogues,
                "With --device cuda: the steps after a one-row half2 GEMV (RoPE + KV write, SwiGLU, residual "
                "add + RMSNorm) as kernels of their own (the same bits; CudaModelOptions::fused_epilogues)");
+  app.add_option("--prefill-attention", a->prefill_attention,
+                 "With --device cuda: prompt chunks' attention on cuda-cores (the default) or tensor-cores "
+                 "(CudaModelOptions::mma_prefill_attention; a `nibble serve` job's prefill_attention)")
+      ->check(CLI::IsMember({"cuda-cores", "tensor-cores"}));
   app.add_flag("--int8-activations", a->int8_activations,
                "With --device cuda: one-row INT4 products (batch-1 decode) on the W4A8 GEMV, the activations "
                "rounded to 8 bits on the device as the CPU backend rounds them (needs --int4-layout rows)");
@@ -112,6 +117,7 @@ Runner add_generate(CLI::App& app) {
       gpu_options.int4_layout = a->int4_layout;
       gpu_options.cutlass_gemm = a->cutlass_gemm;
       gpu_options.int8_activations = a->int8_activations;
+      gpu_options.mma_prefill_attention = a->prefill_attention == "tensor-cores";
       gpu_options.fused_epilogues = !a->unfused_epilogues;
       gpu = std::make_unique<worker::CudaLlamaModel>(s.checkpoint, gpu_options);
       gpu_cache = std::make_unique<worker::CudaKvCache>(gpu->config(), worker::Generator::blocks_for(context),

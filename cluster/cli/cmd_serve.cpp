@@ -306,6 +306,7 @@ int serve(const std::string& config_path) {
           options.cutlass_gemm = config.cutlass_gemm;
           options.int8_activations = config.int8_activations;
           options.graphs = config.cuda_graphs;  // not with a host reducer (see CudaModelOptions)
+          options.mma_prefill_attention = config.tensor_core_prefill_attention;
           gpu_model = std::make_unique<worker::CudaLlamaModel>(file, options, shard, reducer.get(), range);
         } else {
           model = std::make_unique<worker::LlamaModel>(file, shard, reducer.get(), range);
@@ -323,6 +324,7 @@ int serve(const std::string& config_path) {
             options.cutlass_gemm = config.cutlass_gemm;
             options.int8_activations = config.int8_activations;
             options.graphs = config.cuda_graphs;
+            options.mma_prefill_attention = config.tensor_core_prefill_attention;
             gpu_draft = std::make_unique<worker::CudaLlamaModel>(
                 model::LlamaCheckpoint::open(config.draft->path), options);
           } else {

@@ -308,6 +308,8 @@ ClusterConfig build_config(const Reader& reader, const Section& top, const std::
 
   if (const Entry* e = top.find("cuda_graphs"))
     config.cuda_graphs = reader.choice(*e, {"false", "true"}) == 1;
+  if (const Entry* e = top.find("prefill_attention"))
+    config.tensor_core_prefill_attention = reader.choice(*e, {"cuda_cores", "tensor_cores"}) == 1;
 
   if (const Entry* e = top.find("threads")) {
     const bool automatic = e->value.IsScalar() && e->value.Scalar() == "auto";
@@ -445,8 +447,10 @@ bool ClusterConfig::operator==(const ClusterConfig& other) const {
   return model == other.model && draft == other.draft && parallel == other.parallel &&
          device == other.device && int4_kernels == other.int4_kernels && int4_layout == other.int4_layout &&
          cutlass_gemm == other.cutlass_gemm && int8_activations == other.int8_activations &&
-         cuda_graphs == other.cuda_graphs && threads == other.threads && server == other.server &&
-         scheduler == other.scheduler && kv_cache == other.kv_cache && context == other.context;
+         cuda_graphs == other.cuda_graphs &&
+         tensor_core_prefill_attention == other.tensor_core_prefill_attention && threads == other.threads &&
+         server == other.server && scheduler == other.scheduler && kv_cache == other.kv_cache &&
+         context == other.context;
 }
 
 ClusterConfig parse_cluster_config(const std::string& yaml_text, const std::string& source_name) {
@@ -471,10 +475,10 @@ ClusterConfig parse_cluster_config(const std::string& yaml_text, const std::stri
   if (!root.IsMap())
     reader.fail("", line_of(root), "expected a mapping of keys at the top level, got " + describe(root));
 
-  const Section top =
-      reader.section(Entry{"", 1, root}, {"model", "draft", "parallel", "device", "int4_kernels",
-                                          "int4_layout", "cutlass_gemm", "int8_activations", "cuda_graphs",
-                                          "threads", "server", "scheduler", "kv_cache", "context"});
+  const Section top = reader.section(
+      Entry{"", 1, root}, {"model", "draft", "parallel", "device", "int4_kernels", "int4_layout",
+                           "cutlass_gemm", "int8_activations", "cuda_graphs", "prefill_attention", "threads",
+                           "server", "scheduler", "kv_cache", "context"});
   return build_config(reader, top, source_name);
 }
 
@@ -524,6 +528,8 @@ std::string render_cluster_config(const ClusterConfig& config) {
   out << YAML::Key << "cutlass_gemm" << YAML::Value << config.cutlass_gemm;
   out << YAML::Key << "int8_activations" << YAML::Value << config.int8_activations;
   out << YAML::Key << "cuda_graphs" << YAML::Value << config.cuda_graphs;
+  out << YAML::Key << "prefill_attention" << YAML::Value
+      << (config.tensor_core_prefill_attention ? "tensor_cores" : "cuda_cores");
   out << YAML::Key << "threads" << YAML::Value;
   if (config.threads > 0) {
     out << config.threads;

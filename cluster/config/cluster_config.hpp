@@ -31,6 +31,9 @@
 //   int8_activations: false      # device: cuda: true runs one-row INT4 products (batch-1 decode) on the
 //                                # W4A8 GEMV, activations rounded to 8 bits (needs int4_layout: rows;
 //                                # worker::CudaModelOptions::int8_activations)
+//   prefill_attention: cuda_cores  # device: cuda: cuda_cores | tensor_cores: prompt chunks' attention on
+//                                # the tensor cores (FlashAttention-2's schedule; head_dim 64 / 128, a
+//                                # grouping dividing 64; worker::CudaModelOptions::mma_prefill_attention)
 //   cuda_graphs: true            # device: cuda: false launches every pass's kernels directly (vLLM's
 //                                # --enforce-eager): decode steps are otherwise replayed from CUDA graphs,
 //                                # tensor shards on NCCL included (worker::CudaModelOptions::graphs)
@@ -169,7 +172,8 @@ struct ClusterConfig {
   bool cutlass_gemm = false;
   bool int8_activations = false;
   bool cuda_graphs = true;
-  int threads = 0;  // 0 = auto; see worker_threads()
+  bool tensor_core_prefill_attention = false;  // prefill_attention: tensor_cores
+  int threads = 0;                             // 0 = auto; see worker_threads()
   ServerConfig server;
   SchedulerSettings scheduler;
   KvCacheConfig kv_cache;

@@ -1774,6 +1774,16 @@ TEST(CudaLlamaModelCli, GenerateOnTheGpuGivesTheRequestedTokens) {
   EXPECT_NE(half2_tiles.exit_code, 0);
   EXPECT_NE(half2_tiles.output.find("int4_kernels half2 cannot read int4_layout tiles"), std::string::npos)
       << half2_tiles.output;
+  // The prompt's attention on the tensor cores (head_dim 64, 2 query heads a KV head: the kernel takes
+  // them): it generates (at most the 6 tokens asked for: a random model may end early).
+  const auto mma =
+      t::run_command(t::nibble_bin() + " generate -m " + path +
+                     " -p 'hello world, and a few more words' -n 6 --temperature 0 --json --device "
+                     "cuda --prefill-attention tensor-cores 2>/dev/null");
+  ASSERT_EQ(mma.exit_code, 0) << mma.output;
+  EXPECT_NE(mma.output.find("\"finish_reason\""), std::string::npos) << mma.output;
+  EXPECT_FALSE(tokens(mma.output).empty()) << mma.output;
+  EXPECT_LE(tokens(mma.output).size(), 6u) << mma.output;
 }
 
 // Runs `command 2>&1` (the nibble binary and its arguments), which must exit 0, and parses the JSON

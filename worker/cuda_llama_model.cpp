@@ -456,16 +456,8 @@ CudaLlamaModel::Impl::Plan CudaLlamaModel::Impl::plan_batch(const ForwardBatch& 
     // Splits past a sequence's length return at once.
     p.dshape.max_seq_len = p.mbps * cache.block_size();
     p.dshape.split_tokens = kDecodeSplitTokens;
-  } else if (const int64_t mma_tokens =
-                 options.mma_prefill_attention
-                     ? kc::prefill_attention_mma_tile_tokens(shard_config.n_head, shard_config.n_head_kv)
-                     : 0,
-             tile_tokens = mma_tokens > 0 ? mma_tokens
-                                          : kc::prefill_attention_tile_tokens(shard_config.n_head,
-                                                                              shard_config.n_head_kv);
-             (c.head_dim == 64 || c.head_dim == 128) && tile_tokens > 0) {
-    // Prompt chunks: the runs cut into the prefill kernel's tiles (the tensor-core one's where asked).
-    p.mma_tiles = mma_tokens > 0;
+  } else if (const int64_t tile_tokens = prefill_tile_tokens(p.mma_tiles); tile_tokens > 0) {
+    // Prompt chunks: the runs cut into the prefill kernel's tiles.
     std::vector<int32_t> tiles;
     for (int64_t r = 0; r < p.n_runs; ++r) {
       for (int64_t off = 0; off < run_len[r]; off += tile_tokens) {
@@ -478,6 +470,19 @@ CudaLlamaModel::Impl::Plan CudaLlamaModel::Impl::plan_batch(const ForwardBatch& 
   }
   p.meta_count = meta_out.size();
   return p;
+}
+
+int64_t CudaLlamaModel::Impl::prefill_tile_tokens(bool& mma) const {
+  const auto& c = shard_config;
+  mma = false;
+  if (c.head_dim != 64 && c.head_dim != 128) return 0;
+  if (options.mma_prefill_attention) {
+    if (const int64_t tokens = kc::prefill_attention_mma_tile_tokens(c.n_head, c.n_head_kv); tokens > 0) {
+      mma = true;
+      return tokens;
+    }
+  }
+  return kc::prefill_attention_tile_tokens(c.n_head, c.n_head_kv);
 }
 
 bool CudaLlamaModel::Impl::reserve_buffers(const Plan& p) {

@@ -435,6 +435,10 @@ struct CudaLlamaModel::Impl {
   void validate(const ForwardBatch& batch, const CudaKvCache& cache) const;
   struct Plan;
   Plan plan_batch(const ForwardBatch& batch, const CudaKvCache& cache, std::vector<int32_t>& meta_out) const;
+  // Tokens a prefill attention tile takes for this shard's heads (0: neither tiled kernel takes them;
+  // the general paged kernel runs); mma: the tiles are the tensor-core kernel's
+  // (CudaModelOptions::mma_prefill_attention, where it takes the heads).
+  int64_t prefill_tile_tokens(bool& mma) const;
   // Grows every buffer the plan needs; true when one moved (captured graphs hold old addresses).
   // On failure every graph is dropped first.
   bool reserve_buffers(const Plan& p);

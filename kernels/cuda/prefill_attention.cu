@@ -399,7 +399,7 @@ __global__ void __launch_bounds__(kMmaThreads) prefill_attention_mma_kernel(Para
         }
       }
     }
-    // Chunk + 2's slots, into the buffer chunk - 1 used (its copies were issued an iteration ago, its
+    // Chunk + 2's slots, into the buffer chunk - 1 used (its copies were issued two iterations ago, its
     // masks read before the last barrier); visible after the next one.
     if (chunk + 2 < n_chunks) find_slots(chunk + 2);
     __syncthreads();  // every warp done with buffer buf before the next iteration refills it

@@ -457,6 +457,47 @@ struct PrefillCase {
     kc = random_f16(static_cast<size_t>(num_blocks * block_size * kv_dim), 1.0f, rng);
     vc = random_f16(static_cast<size_t>(num_blocks * block_size * kv_dim), 1.0f, rng);
   }
+  // Attention in double over the keys whose block in `table` is inside the cache (a reference for
+  // tables with bad block ids, which the CPU kernel cannot take), and per element the largest |v| among
+  // those keys; [tokens, n_head, head_dim] each.
+  void masked_reference(const std::vector<int32_t>& table, double scale, std::vector<float>& out,
+                        std::vector<float>& mag) const {
+    const int64_t group = n_head / n_head_kv, kv_dim = n_head_kv * head_dim;
+    out.assign(q.size(), 0.0f);
+    mag.assign(q.size(), 0.0f);
+    for (int64_t t = 0; t < tokens(); ++t) {
+      for (int64_t h = 0; h < n_head; ++h) {
+        const uint16_t* qr = q.data() + (t * n_head + h) * head_dim;
+        std::vector<double> w;
+        std::vector<int64_t> rows;  // each seen key's cache row offset
+        for (int64_t j = 0; j <= pos[static_cast<size_t>(t)]; ++j) {
+          const int64_t blk = table[static_cast<size_t>(seq[static_cast<size_t>(t)] * mbps + j / block_size)];
+          if (blk < 0 || blk >= num_blocks) continue;
+          const int64_t off = (blk * block_size + j % block_size) * kv_dim + (h / group) * head_dim;
+          double dot = 0.0;
+          for (int64_t d = 0; d < head_dim; ++d)
+            dot += static_cast<double>(k::fp16_to_fp32(qr[d])) *
+                   k::fp16_to_fp32(kc[static_cast<size_t>(off + d)]);
+          w.push_back(dot * scale);
+          rows.push_back(off);
+        }
+        if (w.empty()) continue;
+        const double m = *std::max_element(w.begin(), w.end());
+        double sum = 0.0;
+        for (double& x : w) sum += (x = std::exp(x - m));
+        for (int64_t d = 0; d < head_dim; ++d) {
+          double acc = 0.0;
+          float& mg = mag[static_cast<size_t>((t * n_head + h) * head_dim + d)];
+          for (size_t i = 0; i < w.size(); ++i) {
+            const float v = k::fp16_to_fp32(vc[static_cast<size_t>(rows[i] + d)]);
+            acc += w[i] * v;
+            mg = std::max(mg, std::fabs(v));
+          }
+          out[static_cast<size_t>((t * n_head + h) * head_dim + d)] = static_cast<float>(acc / sum);
+        }
+      }
+    }
+  }
   k::cuda::PagedAttentionShape device_shape() const {
     k::cuda::PagedAttentionShape s;
     s.tokens = tokens();
@@ -627,9 +668,12 @@ TEST(CudaPrefillAttentionMma, MatchesTheCpuReference) {
       for (int64_t e = 0; e < 3 * n_head * head_dim; ++e)
         EXPECT_EQ(zeroed[static_cast<size_t>((tokens - 3) * n_head * head_dim + e)], 0) << "element " << e;
 
-      // Sequence 1's third block outside the cache: flagged, never read, every output finite.
+      // Blocks outside the cache: sequence 1's third (positions 14..20, keys the first slot-finding warp
+      // looks up) and sequence 0's fifteenth (98..104, the second warp's keys of their chunk): flagged,
+      // never read, and the rows attend to the other keys (a chunk with a bad key never skips the mask).
       std::vector<int32_t> bad_table = tables;
       bad_table[static_cast<size_t>(1 * mbps + 2)] = static_cast<int32_t>(pc.num_blocks + 1000);
+      bad_table[static_cast<size_t>(0 * mbps + 14)] = -1;
       DeviceBuffer<int32_t> dbad_table(bad_table);
       ASSERT_EQ(cudaMemset(dflag.ptr, 0, sizeof(int32_t)), cudaSuccess);
       ASSERT_EQ(k::cuda::prefill_attention_mma_f16(s, as_half(dq.ptr), as_half(dk.ptr), as_half(dv.ptr),
@@ -638,7 +682,9 @@ TEST(CudaPrefillAttentionMma, MatchesTheCpuReference) {
                 k::Status::ok);
       ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
       EXPECT_EQ(dflag.to_host(), std::vector<int32_t>{1});
-      for (uint16_t v : dout.to_host()) ASSERT_TRUE(std::isfinite(k::fp16_to_fp32(v)));
+      std::vector<float> masked, masked_mag;
+      pc.masked_reference(bad_table, scale, masked, masked_mag);
+      EXPECT_EQ(count_bad(dout.to_host(), masked, masked_mag, 4e-3, 1e-6), 0);
 
       if (head_dim == 64 && group == 1) {                                 // argument checks, once
         EXPECT_EQ(k::cuda::prefill_attention_mma_tile_tokens(6, 2), 0);   // 3 query heads per KV head

@@ -279,7 +279,7 @@ struct CudaModelOptions {
   bool decode_attention = true;
   // Prompt chunks' attention on the tensor cores (kernels::cuda::prefill_attention_mma_f16: 64 query
   // rows a block, FlashAttention-2's schedule) instead of prefill_attention_f16's CUDA cores, where the
-  // head grouping divides 64 and head_dim is 64 or 128. The weights meet V in fp16 (not the CPU's
+  // head grouping is at most 64 and head_dim 64 or 128. The weights meet V in fp16 (not the CPU's
   // rounding, close to it). Off until a GPU run measures it (bench-gpu --model times a long prompt
   // both ways).
   bool mma_prefill_attention = false;
@@ -380,7 +380,7 @@ class CudaLlamaModel {
   // Switches CudaModelOptions::mma_prefill_attention for later passes.
   void set_mma_prefill_attention(bool on);
   // Whether the tensor-core prefill attention takes this model's (shard's) heads: head_dim 64 or 128
-  // and a grouping that divides 64. Elsewhere the option changes nothing.
+  // and at most 64 query heads a KV head. Elsewhere the option changes nothing.
   bool mma_prefill_attention_applies() const;
   // Per group-wise INT4 matrix shape, the kernels it uses (CudaModelOptions::int4_kernels), in the
   // order the shapes first occur (q/k/v, attn_output, gate/up, down, head); empty without such matrices.

@@ -33,7 +33,7 @@
 //                                # worker::CudaModelOptions::int8_activations)
 //   prefill_attention: cuda_cores  # device: cuda: cuda_cores | tensor_cores: prompt chunks' attention on
 //                                # the tensor cores (FlashAttention-2's schedule; head_dim 64 / 128, a
-//                                # grouping dividing 64; worker::CudaModelOptions::mma_prefill_attention)
+//                                # grouping up to 64; worker::CudaModelOptions::mma_prefill_attention)
 //   cuda_graphs: true            # device: cuda: false launches every pass's kernels directly (vLLM's
 //                                # --enforce-eager): decode steps are otherwise replayed from CUDA graphs,
 //                                # tensor shards on NCCL included (worker::CudaModelOptions::graphs)

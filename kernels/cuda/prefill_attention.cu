@@ -495,9 +495,7 @@ Status prefill_attention_f16(const PagedAttentionShape& s, const __half* q, cons
 int64_t prefill_attention_mma_tile_tokens(int64_t n_head, int64_t n_head_kv) {
   if (n_head < 1 || n_head_kv < 1 || n_head % n_head_kv != 0) return 0;
   const int64_t group = n_head / n_head_kv;
-  return group <= kPrefillAttentionMmaRows && kPrefillAttentionMmaRows % group == 0
-             ? kPrefillAttentionMmaRows / group
-             : 0;
+  return group <= kPrefillAttentionMmaRows ? kPrefillAttentionMmaRows / group : 0;
 }
 
 Status prefill_attention_mma_f16(const PagedAttentionShape& s, const __half* q, const __half* k_cache,

@@ -53,8 +53,8 @@ Status prefill_attention_f16(const PagedAttentionShape& shape, const __half* q, 
 // the CPU rounds the normalized weights), and the sums run in the mma's order; the GPU test bounds it
 // against the CPU. Tiles as above, up to prefill_attention_mma_tile_tokens tokens each.
 constexpr int64_t kPrefillAttentionMmaRows = 64;
-// 64 / (n_head / n_head_kv) where the grouping divides 64 (Llama 2 / 3 at 7-70B: 1, 4 or 8 query heads
-// a KV head), else 0 (Llama-3.2-3B's 3: the CUDA-core kernel's tiles instead).
+// 64 / (n_head / n_head_kv) rounded down (a grouping that does not divide 64, Llama-3.2-3B's 3, leaves
+// the last rows of a tile empty), 0 for more than 64 query heads a KV head or an invalid grouping.
 int64_t prefill_attention_mma_tile_tokens(int64_t n_head, int64_t n_head_kv);
 // Arguments as prefill_attention_f16's, but q, k_cache and v_cache 16-byte aligned (cp.async) and
 // tiles of up to prefill_attention_mma_tile_tokens tokens. Needs ~88 KB of shared memory a block at

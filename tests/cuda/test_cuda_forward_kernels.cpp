@@ -592,8 +592,9 @@ TEST(CudaPrefillAttention, EqualsPagedAttentionBitForBit) {
 }
 
 // The tensor-core prefill kernel against the CPU reference (its rounding is not the CUDA-core kernels':
-// the unnormalized weights meet V in fp16), for every head grouping it takes and head_dim 64 and 128:
-// a 150-token chunk at positions 17..166 (three 64-key chunks, tiles of 64 / group tokens), a 70-token
+// the unnormalized weights meet V in fp16), for the Llama head groupings (1, 4, 8), 2, and 3 (tiles
+// of 21 tokens: a row of the 64 left empty), head_dim 64 and 128: a 150-token chunk at positions
+// 17..166 (three 64-key chunks, tiles of 64 / group tokens rounded down), a 70-token
 // prompt from 0, a lone decode token, a two-token run, blocks of an odd size in shuffled order; a tile
 // spanning two sequences raises the flag and zeroes its tokens; a block id outside the cache raises the
 // flag and is not read; bad arguments launch nothing.
@@ -602,7 +603,7 @@ TEST(CudaPrefillAttentionMma, MatchesTheCpuReference) {
   std::mt19937 rng(57);
   k::ThreadPool pool(2);
   for (const int64_t head_dim : {64, 128}) {
-    for (const int64_t group : {1, 2, 4, 8}) {
+    for (const int64_t group : {1, 2, 3, 4, 8}) {
       SCOPED_TRACE("head_dim=" + std::to_string(head_dim) + " group=" + std::to_string(group));
       const int64_t n_head_kv = 2, n_head = n_head_kv * group;
       PrefillCase pc(n_head, n_head_kv, head_dim, /*mbps=*/30);
@@ -687,7 +688,9 @@ TEST(CudaPrefillAttentionMma, MatchesTheCpuReference) {
       EXPECT_EQ(count_bad(dout.to_host(), masked, masked_mag, 4e-3, 1e-6), 0);
 
       if (head_dim == 64 && group == 1) {                                 // argument checks, once
-        EXPECT_EQ(k::cuda::prefill_attention_mma_tile_tokens(6, 2), 0);   // 3 query heads per KV head
+        EXPECT_EQ(k::cuda::prefill_attention_mma_tile_tokens(6, 2), 21);  // 3 query heads a KV head: 63 rows
+        EXPECT_EQ(k::cuda::prefill_attention_mma_tile_tokens(65, 1), 0);  // more than a tile's rows
+        EXPECT_EQ(k::cuda::prefill_attention_mma_tile_tokens(6, 4), 0);   // not a grouping
         EXPECT_EQ(k::cuda::prefill_attention_mma_tile_tokens(64, 1), 1);  // 64: one token a tile
         EXPECT_EQ(k::cuda::prefill_attention_mma_f16(s, as_half(dq.ptr + 1), as_half(dk.ptr), as_half(dv.ptr),
                                                      dt.ptr, ds.ptr, dp.ptr, dtiles.ptr, n_tiles, scale,

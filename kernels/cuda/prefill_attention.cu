@@ -467,12 +467,18 @@ Status make_params(const PagedAttentionShape& s, const __half* q, const __half* 
   return Status::ok;
 }
 
+// rows / (n_head / n_head_kv), rounded down, for a valid grouping of at most `rows` query heads a KV
+// head; else 0.
+int64_t tile_tokens_of(int64_t n_head, int64_t n_head_kv, int64_t rows) {
+  if (n_head < 1 || n_head_kv < 1 || n_head % n_head_kv != 0) return 0;
+  const int64_t group = n_head / n_head_kv;
+  return group <= rows ? rows / group : 0;
+}
+
 }  // namespace
 
 int64_t prefill_attention_tile_tokens(int64_t n_head, int64_t n_head_kv) {
-  if (n_head < 1 || n_head_kv < 1 || n_head % n_head_kv != 0) return 0;
-  const int64_t group = n_head / n_head_kv;
-  return group <= kPrefillAttentionRows ? kPrefillAttentionRows / group : 0;
+  return tile_tokens_of(n_head, n_head_kv, kPrefillAttentionRows);
 }
 
 Status prefill_attention_f16(const PagedAttentionShape& s, const __half* q, const __half* k_cache,
@@ -493,9 +499,7 @@ Status prefill_attention_f16(const PagedAttentionShape& s, const __half* q, cons
 }
 
 int64_t prefill_attention_mma_tile_tokens(int64_t n_head, int64_t n_head_kv) {
-  if (n_head < 1 || n_head_kv < 1 || n_head % n_head_kv != 0) return 0;
-  const int64_t group = n_head / n_head_kv;
-  return group <= kPrefillAttentionMmaRows ? kPrefillAttentionMmaRows / group : 0;
+  return tile_tokens_of(n_head, n_head_kv, kPrefillAttentionMmaRows);
 }
 
 Status prefill_attention_mma_f16(const PagedAttentionShape& s, const __half* q, const __half* k_cache,

@@ -96,6 +96,29 @@ std::vector<float> attention_magnitudes(const std::vector<uint16_t>& vc, const s
   return mag;
 }
 
+// The CPU reference (kernels::paged_attention on q widened to fp32) into ref, and attention_magnitudes
+// into mag, for the same arguments.
+void cpu_attention(const std::vector<uint16_t>& q, const std::vector<uint16_t>& kc,
+                   const std::vector<uint16_t>& vc, const std::vector<int32_t>& tables,
+                   const std::vector<int32_t>& seq, const std::vector<int32_t>& pos, int64_t n_head,
+                   int64_t n_head_kv, int64_t head_dim, int64_t block_size, int64_t mbps, float scale,
+                   k::ThreadPool& pool, std::vector<float>& ref, std::vector<float>& mag) {
+  std::vector<float> qf(q.size());
+  for (size_t i = 0; i < q.size(); ++i) qf[i] = k::fp16_to_fp32(q[i]);
+  ref.assign(q.size(), 0.0f);
+  k::PagedAttentionShape cs;
+  cs.tokens = static_cast<int64_t>(pos.size());
+  cs.n_head = n_head;
+  cs.n_head_kv = n_head_kv;
+  cs.head_dim = head_dim;
+  cs.block_size = block_size;
+  cs.max_blocks_per_seq = mbps;
+  ASSERT_EQ(k::paged_attention(cs, qf.data(), kc.data(), vc.data(), tables.data(), seq.data(), pos.data(),
+                               scale, ref.data(), pool),
+            k::Status::ok);
+  mag = attention_magnitudes(vc, tables, seq, pos, n_head, n_head_kv, head_dim, block_size, mbps);
+}
+
 std::vector<float> abs_of(const std::vector<float>& v) {
   std::vector<float> a(v.size());
   for (size_t i = 0; i < v.size(); ++i) a[i] = std::fabs(v[i]);
@@ -375,21 +398,10 @@ TEST(CudaPagedAttention, MatchesCpuOnMixedBatches) {
     const auto kc = random_f16(static_cast<size_t>(num_blocks * block_size * kv_dim), 1.0f, rng);
     const auto vc = random_f16(static_cast<size_t>(num_blocks * block_size * kv_dim), 1.0f, rng);
 
-    std::vector<float> qf(q.size()), ref(q.size());
-    for (size_t i = 0; i < q.size(); ++i) qf[i] = k::fp16_to_fp32(q[i]);
-    k::PagedAttentionShape cs;
-    cs.tokens = tokens;
-    cs.n_head = n_head;
-    cs.n_head_kv = n_head_kv;
-    cs.head_dim = head_dim;
-    cs.block_size = block_size;
-    cs.max_blocks_per_seq = mbps;
     const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
-    ASSERT_EQ(k::paged_attention(cs, qf.data(), kc.data(), vc.data(), tables.data(), seq.data(), pos.data(),
-                                 scale, ref.data(), pool),
-              k::Status::ok);
-    const std::vector<float> mag =
-        attention_magnitudes(vc, tables, seq, pos, n_head, n_head_kv, head_dim, block_size, mbps);
+    std::vector<float> ref, mag;
+    ASSERT_NO_FATAL_FAILURE(cpu_attention(q, kc, vc, tables, seq, pos, n_head, n_head_kv, head_dim,
+                                          block_size, mbps, scale, pool, ref, mag));
 
     DeviceBuffer<uint16_t> dq(q), dk(kc), dv(vc), dout(q.size());
     DeviceBuffer<int32_t> dt(tables), ds(seq), dp(pos), dflag(std::vector<int32_t>{0});
@@ -618,21 +630,10 @@ TEST(CudaPrefillAttentionMma, MatchesTheCpuReference) {
       ASSERT_EQ(tile_tokens, 64 / group);
       const std::vector<int32_t> tiles = prefill_tiles(seq, pos, tile_tokens);
 
-      std::vector<float> qf(q.size()), ref(q.size());
-      for (size_t i = 0; i < q.size(); ++i) qf[i] = k::fp16_to_fp32(q[i]);
-      k::PagedAttentionShape cs;
-      cs.tokens = tokens;
-      cs.n_head = n_head;
-      cs.n_head_kv = n_head_kv;
-      cs.head_dim = head_dim;
-      cs.block_size = block_size;
-      cs.max_blocks_per_seq = mbps;
       const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
-      ASSERT_EQ(k::paged_attention(cs, qf.data(), kc.data(), vc.data(), tables.data(), seq.data(), pos.data(),
-                                   scale, ref.data(), pool),
-                k::Status::ok);
-      const std::vector<float> mag =
-          attention_magnitudes(vc, tables, seq, pos, n_head, n_head_kv, head_dim, block_size, mbps);
+      std::vector<float> ref, mag;
+      ASSERT_NO_FATAL_FAILURE(cpu_attention(q, kc, vc, tables, seq, pos, n_head, n_head_kv, head_dim,
+                                            block_size, mbps, scale, pool, ref, mag));
 
       DeviceBuffer<uint16_t> dq(q), dk(kc), dv(vc), dout(q.size());
       DeviceBuffer<int32_t> dt(tables), ds(seq), dp(pos), dtiles(tiles), dflag(std::vector<int32_t>{0});

@@ -136,10 +136,9 @@ std::vector<std::vector<int32_t>> random_prompts(int64_t seqs, int tokens, int64
   return out;
 }
 
-// Prompt tokens per second of `seqs` prompts of `tokens` in one forward pass (median of repetitions,
-// after one untimed pass that sizes the buffers).
-double time_prefill(GpuModel& g, int64_t seqs, int tokens, int repetitions, std::mt19937& rng) {
-  const auto batch = make_batch(random_prompts(seqs, tokens, g.model->config().n_vocab, rng), 0, g.mbps);
+// Tokens per second of the prompt pass `batch` (median of repetitions, after one untimed pass that
+// sizes the buffers).
+double time_prompt_pass(GpuModel& g, const worker::ForwardBatch& batch, int repetitions) {
   std::vector<int32_t> ids;
   g.model->forward_greedy(batch, *g.cache, ids);
   std::vector<double> runs;
@@ -148,25 +147,23 @@ double time_prefill(GpuModel& g, int64_t seqs, int tokens, int repetitions, std:
     g.model->forward_greedy(batch, *g.cache, ids);
     runs.push_back(seconds_since(start));
   }
-  return static_cast<double>(seqs * tokens) / median(runs);
+  return static_cast<double>(batch.tokens.size()) / median(runs);
+}
+
+// Prompt tokens per second of `seqs` prompts of `tokens` in one forward pass.
+double time_prefill(GpuModel& g, int64_t seqs, int tokens, int repetitions, std::mt19937& rng) {
+  return time_prompt_pass(
+      g, make_batch(random_prompts(seqs, tokens, g.model->config().n_vocab, rng), 0, g.mbps), repetitions);
 }
 
 // Prompt tokens per second of one prompt of `tokens` (blocks 0.. of the cache, which load_gpu_model's
-// min_blocks made big enough), median of repetitions after an untimed pass.
+// min_blocks made big enough).
 double time_long_prefill(GpuModel& g, int tokens, int repetitions, std::mt19937& rng) {
   worker::ForwardBatch b;
   b.add_sequence(random_prompts(1, tokens, g.model->config().n_vocab, rng)[0], 0, 0, 1);
   b.max_blocks_per_seq = (tokens + kBlockSize - 1) / kBlockSize;
   for (int64_t i = 0; i < b.max_blocks_per_seq; ++i) b.block_tables.push_back(static_cast<int32_t>(i));
-  std::vector<int32_t> ids;
-  g.model->forward_greedy(b, *g.cache, ids);
-  std::vector<double> runs;
-  for (int r = 0; r < repetitions; ++r) {
-    const auto start = Clock::now();
-    g.model->forward_greedy(b, *g.cache, ids);
-    runs.push_back(seconds_since(start));
-  }
-  return static_cast<double>(tokens) / median(runs);
+  return time_prompt_pass(g, b, repetitions);
 }
 
 // Seconds per decode step of `seqs` sequences: each prefills a short prompt, then decodes gen_tokens

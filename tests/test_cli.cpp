@@ -93,6 +93,11 @@ TEST_F(CliTest, BenchGpuOnADummyModelRunsOrSaysWhyNot) {
     EXPECT_NE(r.output.find("bench-gpu: "), std::string::npos) << r.output;
     EXPECT_NE(r.output.find("CUDA"), std::string::npos) << r.output;
   }
+  // A "long" prompt short enough for the decode attention is refused before anything is measured.
+  const auto short_long = run("bench-gpu --model dummy:tiny --long-prompt-tokens 64");
+  EXPECT_EQ(short_long.exit_code, 1) << short_long.output;
+  EXPECT_NE(short_long.output.find("--long-prompt-tokens needs more than 64 tokens"), std::string::npos)
+      << short_long.output;
 }
 
 // tinygemm's figures are read before anything is measured (a bad file must not cost a measured table),

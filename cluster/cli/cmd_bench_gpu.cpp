@@ -70,6 +70,8 @@ std::vector<int64_t> parse_list(const std::string& text) {
 
 using Clock = std::chrono::steady_clock;
 constexpr int64_t kBlockSize = 16;
+// kernels::cuda::kAttentionMaxRowsPerKvHead (the decode attention's rows a KV head), here without CUDA.
+constexpr int kAttentionMaxRowsPerKvHeadTokens = 64;
 constexpr int kShortPrompt =
     16;  // each decoding sequence's prompt: decode steps then attend over a short context
 
@@ -93,9 +95,8 @@ struct GpuModel {
 };
 
 // options: the kernel choices of the command line (graphs are turned on here).
-// min_blocks: the fewest KV blocks the cache holds (one long prompt's, beyond the rows).
 GpuModel load_gpu_model(const std::string& path, int64_t max_seqs, int64_t max_seq_tokens,
-                        worker::CudaModelOptions options, int64_t min_blocks = 0) {
+                        worker::CudaModelOptions options) {
   GpuModel g;
   const auto checkpoint = model::LlamaCheckpoint::open(path);  // a bad path or dummy spec fails here
   const int64_t free_before = worker::cuda_memory_info().free;
@@ -106,8 +107,7 @@ GpuModel load_gpu_model(const std::string& path, int64_t max_seqs, int64_t max_s
   const int64_t free_model = worker::cuda_memory_info().free;
   g.model_device_bytes = free_before - free_model;
   g.mbps = (max_seq_tokens + kBlockSize - 1) / kBlockSize;
-  g.cache = std::make_unique<worker::CudaKvCache>(g.model->config(), std::max(max_seqs * g.mbps, min_blocks),
-                                                  kBlockSize);
+  g.cache = std::make_unique<worker::CudaKvCache>(g.model->config(), max_seqs * g.mbps, kBlockSize);
   g.cache_device_bytes = free_model - worker::cuda_memory_info().free;
   return g;
 }
@@ -136,15 +136,16 @@ std::vector<std::vector<int32_t>> random_prompts(int64_t seqs, int tokens, int64
   return out;
 }
 
-// Tokens per second of the prompt pass `batch` (median of repetitions, after one untimed pass that
-// sizes the buffers).
-double time_prompt_pass(GpuModel& g, const worker::ForwardBatch& batch, int repetitions) {
+// Tokens per second of the prompt pass `batch` into `cache` (median of repetitions, after one untimed
+// pass that sizes the buffers).
+double time_prompt_pass(GpuModel& g, worker::CudaKvCache& cache, const worker::ForwardBatch& batch,
+                        int repetitions) {
   std::vector<int32_t> ids;
-  g.model->forward_greedy(batch, *g.cache, ids);
+  g.model->forward_greedy(batch, cache, ids);
   std::vector<double> runs;
   for (int r = 0; r < repetitions; ++r) {
     const auto start = Clock::now();
-    g.model->forward_greedy(batch, *g.cache, ids);
+    g.model->forward_greedy(batch, cache, ids);
     runs.push_back(seconds_since(start));
   }
   return static_cast<double>(batch.tokens.size()) / median(runs);
@@ -152,18 +153,19 @@ double time_prompt_pass(GpuModel& g, const worker::ForwardBatch& batch, int repe
 
 // Prompt tokens per second of `seqs` prompts of `tokens` in one forward pass.
 double time_prefill(GpuModel& g, int64_t seqs, int tokens, int repetitions, std::mt19937& rng) {
-  return time_prompt_pass(
-      g, make_batch(random_prompts(seqs, tokens, g.model->config().n_vocab, rng), 0, g.mbps), repetitions);
+  return time_prompt_pass(g, *g.cache,
+                          make_batch(random_prompts(seqs, tokens, g.model->config().n_vocab, rng), 0, g.mbps),
+                          repetitions);
 }
 
-// Prompt tokens per second of one prompt of `tokens` (blocks 0.. of the cache, which load_gpu_model's
-// min_blocks made big enough).
-double time_long_prefill(GpuModel& g, int tokens, int repetitions, std::mt19937& rng) {
+// Prompt tokens per second of one prompt of `tokens` in `cache` (blocks 0..).
+double time_long_prefill(GpuModel& g, worker::CudaKvCache& cache, int tokens, int repetitions,
+                         std::mt19937& rng) {
   worker::ForwardBatch b;
   b.add_sequence(random_prompts(1, tokens, g.model->config().n_vocab, rng)[0], 0, 0, 1);
   b.max_blocks_per_seq = (tokens + kBlockSize - 1) / kBlockSize;
   for (int64_t i = 0; i < b.max_blocks_per_seq; ++i) b.block_tables.push_back(static_cast<int32_t>(i));
-  return time_prompt_pass(g, b, repetitions);
+  return time_prompt_pass(g, cache, b, repetitions);
 }
 
 // Seconds per decode step of `seqs` sequences: each prefills a short prompt, then decodes gen_tokens
@@ -365,6 +367,11 @@ int run_model(const Args& a) {
   const std::vector<int64_t> batches = parse_list(a.batch);
   if (batches.empty() || *std::min_element(batches.begin(), batches.end()) < 1)
     throw std::invalid_argument("--batch needs positive sizes, e.g. 1,8,32,64");
+  // A prompt of at most 64 tokens can take the decode attention (its rows a KV head fit 64).
+  if (a.long_prompt_tokens > 0 && a.long_prompt_tokens <= kAttentionMaxRowsPerKvHeadTokens)
+    throw std::invalid_argument(
+        "--long-prompt-tokens needs more than 64 tokens (shorter prompts can take the "
+        "decode attention), e.g. 2048");
   // Checked first, so that a bad spec is named even without a GPU.
   model::LlamaCheckpoint::open(a.model);
   if (!a.draft.empty()) model::LlamaCheckpoint::open(a.draft);
@@ -374,8 +381,7 @@ int run_model(const Args& a) {
   const int64_t max_batch = *std::max_element(batches.begin(), batches.end());
   const int64_t decode_tokens = kShortPrompt + a.gen_tokens;
   GpuModel target = load_gpu_model(a.model, std::max<int64_t>(max_batch, a.prefill_batch),
-                                   std::max<int64_t>(a.prompt_tokens, decode_tokens), a.model_options(),
-                                   (a.long_prompt_tokens + kBlockSize - 1) / kBlockSize);
+                                   std::max<int64_t>(a.prompt_tokens, decode_tokens), a.model_options());
   const double copy_gbps = copy_bandwidth_gbps();
   const int64_t weight_bytes = target.model->weight_bytes();
   // A decode step reads every weight byte at least once (the embedding table too: counted, though a
@@ -492,33 +498,38 @@ int run_model(const Args& a) {
     pdl_error = e.what();
   }
   // A long prompt, where attention grows with the square of its length: its prefill with the attention
-  // on the CUDA cores and on the tensor cores (CudaModelOptions::mma_prefill_attention) in this run;
-  // last too, as the tensor-core kernel has not run on a GPU yet.
+  // on the CUDA cores and on the tensor cores (CudaModelOptions::mma_prefill_attention) in this run, in a
+  // KV cache of its own, launched plainly (the PDL run above leaves programmatic launches on); last and
+  // caught too, as the tensor-core kernel has not run on a GPU yet (a failure there keeps the CUDA-core
+  // figure).
   double long_cuda_cores = 0.0, long_tensor_cores = 0.0;
   std::string long_error;
   const bool long_mma_applies = target.model->mma_prefill_attention_applies();
   if (a.long_prompt_tokens > 0) {
+    const int reps = std::min(a.repetitions, 2);  // a 70B pass over 2048 tokens takes about a second
     try {
-      const int reps = std::min(a.repetitions, 2);  // a 70B pass over 2048 tokens takes about a second
+      target.model->set_programmatic_launch(false);
       target.model->set_mma_prefill_attention(false);
-      long_cuda_cores = time_long_prefill(target, a.long_prompt_tokens, reps, rng);
+      worker::CudaKvCache long_cache(target.model->config(),
+                                     (a.long_prompt_tokens + kBlockSize - 1) / kBlockSize, kBlockSize);
+      long_cuda_cores = time_long_prefill(target, long_cache, a.long_prompt_tokens, reps, rng);
       if (long_mma_applies) {
         target.model->set_mma_prefill_attention(true);
-        long_tensor_cores = time_long_prefill(target, a.long_prompt_tokens, reps, rng);
-        target.model->set_mma_prefill_attention(false);
-        report(
-            "prefill %d tokens, 1 prompt: %.0f tokens/s (attention on CUDA cores), %.0f (tensor cores, "
-            "%.2fx)",
-            a.long_prompt_tokens, long_cuda_cores, long_tensor_cores, long_tensor_cores / long_cuda_cores);
-      } else {
-        report(
-            "prefill %d tokens, 1 prompt: %.0f tokens/s (the tensor-core attention does not take this "
-            "model's heads)",
-            a.long_prompt_tokens, long_cuda_cores);
+        long_tensor_cores = time_long_prefill(target, long_cache, a.long_prompt_tokens, reps, rng);
       }
     } catch (const std::exception& e) {
-      long_cuda_cores = long_tensor_cores = 0.0;
       long_error = e.what();
+    }
+    target.model->set_mma_prefill_attention(false);
+    if (long_tensor_cores > 0.0) {
+      report(
+          "prefill %d tokens, 1 prompt: %.0f tokens/s (attention on CUDA cores), %.0f (tensor cores, %.2fx)",
+          a.long_prompt_tokens, long_cuda_cores, long_tensor_cores, long_tensor_cores / long_cuda_cores);
+    } else if (long_cuda_cores > 0.0) {
+      report("prefill %d tokens, 1 prompt: %.0f tokens/s (%s)", a.long_prompt_tokens, long_cuda_cores,
+             long_mma_applies ? "the tensor-core attention failed"
+                              : "the tensor-core attention does not take "
+                                "this model's heads");
     }
   }
 
@@ -640,7 +651,7 @@ int run_model(const Args& a) {
       out["long_prefill"] = {{"prompt_tokens", a.long_prompt_tokens},
                              {"cuda_core_attention_tokens_per_second", long_cuda_cores},
                              {"tensor_core_attention_applies", long_mma_applies}};
-      if (long_mma_applies)
+      if (long_tensor_cores > 0.0)
         out["long_prefill"]["tensor_core_attention_tokens_per_second"] = long_tensor_cores;
     }
     if (!long_error.empty()) out["long_prefill_error"] = long_error;
@@ -680,16 +691,15 @@ int run_model(const Args& a) {
   print_fusion_choices(*target.model);
   std::printf("prefill %d tokens: %.0f tokens/s (1 prompt), %.0f tokens/s (%d prompts in one pass)\n",
               a.prompt_tokens, pp_one, pp_batch, a.prefill_batch);
-  if (long_cuda_cores > 0.0 && long_mma_applies) {
+  if (long_tensor_cores > 0.0) {
     std::printf(
         "prefill %d tokens, 1 prompt: %.0f tokens/s with the attention on CUDA cores, %.0f on tensor "
         "cores (%.2fx)\n",
         a.long_prompt_tokens, long_cuda_cores, long_tensor_cores, long_tensor_cores / long_cuda_cores);
   } else if (long_cuda_cores > 0.0) {
-    std::printf(
-        "prefill %d tokens, 1 prompt: %.0f tokens/s (the tensor-core attention does not take this "
-        "model's heads)\n",
-        a.long_prompt_tokens, long_cuda_cores);
+    std::printf("prefill %d tokens, 1 prompt: %.0f tokens/s (%s)\n", a.long_prompt_tokens, long_cuda_cores,
+                long_mma_applies ? "the tensor-core attention failed"
+                                 : "the tensor-core attention does not take this model's heads");
   }
   if (!long_error.empty()) std::printf("long-prompt prefill failed: %s\n", long_error.c_str());
   std::printf("\n");
@@ -1179,7 +1189,7 @@ Runner add_bench_gpu(CLI::App& app) {
       ->check(CLI::PositiveNumber);
   app.add_option("--long-prompt-tokens", a->long_prompt_tokens,
                  "With --model: also one prompt of this many tokens, its prefill timed with the attention on "
-                 "the CUDA cores and on the tensor cores (e.g. 2048; the KV cache is made to hold it)")
+                 "the CUDA cores and on the tensor cores, in a KV cache of its own (more than 64, e.g. 2048)")
       ->check(CLI::NonNegativeNumber);
   add_int4_kernels_option(
       app, a->int4_kernels,

@@ -1775,12 +1775,15 @@ TEST(CudaLlamaModelCli, GenerateOnTheGpuGivesTheRequestedTokens) {
   EXPECT_NE(half2_tiles.output.find("int4_kernels half2 cannot read int4_layout tiles"), std::string::npos)
       << half2_tiles.output;
   // The prompt's attention on the tensor cores (head_dim 64, 2 query heads a KV head: the kernel takes
-  // them): it generates (at most the 6 tokens asked for: a random model may end early).
-  const auto mma =
-      t::run_command(t::nibble_bin() + " generate -m " + path +
-                     " -p 'hello world, and a few more words' -n 6 --temperature 0 --json --device "
-                     "cuda --prefill-attention tensor-cores 2>/dev/null");
+  // them, for a prompt of more than 32 tokens: 64 rows a KV head or fewer take the decode attention):
+  // it generates (at most the 6 tokens asked for: a random model may end early).
+  const std::string sentence = "hello world, and a few more words. ";
+  const auto mma = t::run_command(
+      t::nibble_bin() + " generate -m " + path + " -p '" + sentence + sentence + sentence + sentence +
+      "' -n 6 --temperature 0 --json --device cuda --prefill-attention tensor-cores "
+      "2>/dev/null");
   ASSERT_EQ(mma.exit_code, 0) << mma.output;
+  EXPECT_GT(nlohmann::json::parse(mma.output).at("prompt_tokens").size(), 32u) << mma.output;
   EXPECT_NE(mma.output.find("\"finish_reason\""), std::string::npos) << mma.output;
   EXPECT_FALSE(tokens(mma.output).empty()) << mma.output;
   EXPECT_LE(tokens(mma.output).size(), 6u) << mma.output;
@@ -1953,8 +1956,8 @@ TEST(CudaLlamaModelCli, BenchGpuProjectsSpeculativeDecodingFromMeasuredSteps) {
 
 // bench-gpu --model on a dummy model (its matrices are group-wise INT4 on the device): the decode rows,
 // the kernel chosen per matrix shape and row range with the candidates' times, the decode steps
-// again with programmatic launches, and a 200-token prompt's prefill (past the rows' KV cache: the
-// cache is made to hold it), whose heads (head_dim 32) the tensor-core attention does not take.
+// again with programmatic launches, and a 200-token prompt's prefill (in a KV cache of its own, past
+// what the rows' holds), whose heads (head_dim 32) the tensor-core attention does not take.
 TEST(CudaLlamaModelCli, BenchGpuReportsTheInt4KernelChoicesAndProgrammaticLaunches) {
   NIBBLE_REQUIRE_CUDA_DEVICE();
   std::string output;

@@ -322,30 +322,25 @@ TEST(ClusterConfig, RenderRoundTrips) {
   EXPECT_NE(rendered_measured.find("int4_layout: measured"), std::string::npos) << rendered_measured;
   EXPECT_EQ(parse_cluster_config(rendered_measured, "rendered"), measured_layout) << rendered_measured;
   EXPECT_FALSE(measured_layout == cutlass_layout);
-  const ClusterConfig int8 =
-      parse_cluster_config("model: {path: m.gguf}\ndevice: cuda\nint8_activations: true\n", "int8.yaml");
-  EXPECT_TRUE(int8.int8_activations);
-  EXPECT_FALSE(parse_cluster_config("model: {path: m.gguf}\n", "plain.yaml").int8_activations);
-  const std::string rendered_int8 = render_cluster_config(int8);
-  EXPECT_NE(rendered_int8.find("int8_activations: true"), std::string::npos) << rendered_int8;
-  EXPECT_EQ(parse_cluster_config(rendered_int8, "rendered"), int8) << rendered_int8;
-  EXPECT_FALSE(int8 == parse_cluster_config("model: {path: m.gguf}\ndevice: cuda\n", "plain.yaml"));
-  const ClusterConfig eager =
-      parse_cluster_config("model: {path: m.gguf}\ndevice: cuda\ncuda_graphs: false\n", "eager.yaml");
-  EXPECT_FALSE(eager.cuda_graphs);
-  EXPECT_TRUE(parse_cluster_config("model: {path: m.gguf}\n", "plain.yaml").cuda_graphs);
-  const std::string rendered_eager = render_cluster_config(eager);
-  EXPECT_NE(rendered_eager.find("cuda_graphs: false"), std::string::npos) << rendered_eager;
-  EXPECT_EQ(parse_cluster_config(rendered_eager, "rendered"), eager) << rendered_eager;
-  EXPECT_FALSE(eager == parse_cluster_config("model: {path: m.gguf}\ndevice: cuda\n", "plain.yaml"));
-  const ClusterConfig mma = parse_cluster_config(
-      "model: {path: m.gguf}\ndevice: cuda\nprefill_attention: tensor_cores\n", "mma.yaml");
-  EXPECT_TRUE(mma.tensor_core_prefill_attention);
-  EXPECT_FALSE(parse_cluster_config("model: {path: m.gguf}\n", "plain.yaml").tensor_core_prefill_attention);
-  const std::string rendered_mma = render_cluster_config(mma);
-  EXPECT_NE(rendered_mma.find("prefill_attention: tensor_cores"), std::string::npos) << rendered_mma;
-  EXPECT_EQ(parse_cluster_config(rendered_mma, "rendered"), mma) << rendered_mma;
-  EXPECT_FALSE(mma == parse_cluster_config("model: {path: m.gguf}\ndevice: cuda\n", "plain.yaml"));
+  // A device: cuda job with one key set (`line`, as rendered): read, rendered with that line, read back
+  // equal, and unequal to the job without it.
+  const auto with_key = [](const std::string& line) {
+    const std::string yaml = "model: {path: m.gguf}\ndevice: cuda\n" + line + "\n";
+    const ClusterConfig config = parse_cluster_config(yaml, "key.yaml");
+    const std::string text = render_cluster_config(config);
+    EXPECT_NE(text.find(line), std::string::npos) << text;
+    EXPECT_EQ(parse_cluster_config(text, "rendered"), config) << text;
+    EXPECT_FALSE(config == parse_cluster_config("model: {path: m.gguf}\ndevice: cuda\n", "plain.yaml"))
+        << line;
+    return config;
+  };
+  const ClusterConfig plain = parse_cluster_config("model: {path: m.gguf}\n", "plain.yaml");
+  EXPECT_TRUE(with_key("int8_activations: true").int8_activations);
+  EXPECT_FALSE(plain.int8_activations);
+  EXPECT_FALSE(with_key("cuda_graphs: false").cuda_graphs);
+  EXPECT_TRUE(plain.cuda_graphs);
+  EXPECT_TRUE(with_key("prefill_attention: tensor_cores").tensor_core_prefill_attention);
+  EXPECT_FALSE(plain.tensor_core_prefill_attention);
 
   const ClusterConfig minimal = parse_cluster_config("model: {path: m.gguf}\n", "minimal.yaml");
   const std::string rendered_minimal = render_cluster_config(minimal);

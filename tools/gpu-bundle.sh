@@ -127,9 +127,13 @@ status=0
 if [ "$phase" = all ] || [ "$phase" = tests ]; then
 # Each binary under a time limit: a device session has ~15 minutes in all, and a hung kernel must not
 # take the benchmarks' share.
-# The binaries of features with a switch (below) first, so that a failure there protects all the rest.
+# The binaries of features with a switch (below) first, so that a failure there protects all the rest;
+# then the kernels' own tests, and last the whole-model ones (the longest), so that a call cut short has
+# tested the kernels. Every bundled test_cuda_* binary runs unless a list is given.
 binaries=()
-for t in "$here"/tests/test_cuda_w4a16_gemm_cutlass "$here"/tests/test_cuda_w4a16_gemv_half2 "$here"/tests/test_cuda_*; do
+for t in "$here"/tests/test_cuda_w4a16_gemm_cutlass "$here"/tests/test_cuda_w4a16_gemv_half2 \
+  $(ls "$here"/tests/test_cuda_* | grep -v -e llama_model -e tensor_parallel -e speculative_engine) \
+  "$here"/tests/test_cuda_*; do
   case " ${binaries[*]-} " in *" $t "*) ;; *) [ -x "$t" ] && binaries+=("$t") ;; esac
 done
 if [ -n "${2:-}" ]; then binaries=(); for name in $2; do binaries+=("$here/tests/$name"); done; fi

@@ -27,19 +27,21 @@ void cuda_check(cudaError_t err, const char* what) {
 
 void check_status(kernels::Status status, const char* what) {
   if (status != kernels::Status::ok) {
-    // Name the CUDA error behind it: one still pending in the runtime, else the one the launcher took
-    // from it (kernels/cuda/launch_status.cuh).
-    cudaError_t err = cudaGetLastError();
-    if (err == cudaSuccess && status == kernels::Status::device_error) err = kc::last_launch_error();
+    // Name the error behind it: a CUDA error still pending in the runtime, else what the launcher kept
+    // (kernels/cuda/launch_status.cuh: its CUDA error, or cuBLAS's / CUTLASS's status).
+    const cudaError_t err = cudaGetLastError();
+    const std::string why = err != cudaSuccess                        ? cudaGetErrorString(err)
+                            : status == kernels::Status::device_error ? kc::last_launch_error_text()
+                                                                      : std::string();
     throw std::runtime_error(std::string("CUDA ") + what + " failed: " + kernels::status_name(status) +
-                             (err != cudaSuccess ? std::string(" (") + cudaGetErrorString(err) + ")" : ""));
+                             (why.empty() ? "" : " (" + why + ")"));
   }
 }
 
 void cublas_check(cublasStatus_t status, const char* what) {
   if (status != CUBLAS_STATUS_SUCCESS) {
-    throw std::runtime_error(std::string("cuBLAS ") + what + " failed with status " +
-                             std::to_string(static_cast<int>(status)));
+    throw std::runtime_error(std::string("cuBLAS ") + what + " failed: " + cublasGetStatusString(status) +
+                             " (status " + std::to_string(static_cast<int>(status)) + ")");
   }
 }
 

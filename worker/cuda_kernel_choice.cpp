@@ -47,10 +47,11 @@ void add_to_group(MatrixGroups<Record>& groups, DeviceMatrix& w, Same same, Make
 
 // The median time of one call a matrix, the group's matrices in turn (enough of them that L2 holds
 // few, as the kernels' timing per shape does), into us; false where a call failed: its status in st,
-// the CUDA error behind it in err (the pending one, else the one its launcher kept).
+// the CUDA error behind it in err (the pending one, else the one its launcher kept) and the reason for
+// the message at load in why (the launcher's library failure too: cuBLAS's or CUTLASS's status).
 template <typename Call>
 bool time_over(const std::vector<DeviceMatrix*>& list, cudaStream_t stream, Call&& call, double& us,
-               kernels::Status& st, cudaError_t& err) {
+               kernels::Status& st, cudaError_t& err, std::string& why) {
   const int iterations = static_cast<int>(std::clamp<size_t>(list.size(), 8, 32));
   err = cudaSuccess;
   st = kernels::Status::ok;
@@ -61,13 +62,16 @@ bool time_over(const std::vector<DeviceMatrix*>& list, cudaStream_t stream, Call
         return st == kernels::Status::ok;
       },
       us, err);
-  if (!timed && err == cudaSuccess && st == kernels::Status::device_error) err = kc::last_launch_error();
-  return timed;
-}
-
-// The reason a timing failed, for the message at load.
-std::string failure(kernels::Status st, cudaError_t err) {
-  return err != cudaSuccess ? cudaGetErrorString(err) : kernels::status_name(st);
+  why.clear();
+  if (timed) return true;
+  if (err != cudaSuccess) {
+    why = cudaGetErrorString(err);
+  } else if (st == kernels::Status::device_error) {
+    err = kc::last_launch_error();
+    why = kc::last_launch_error_text();
+  }
+  if (why.empty()) why = kernels::status_name(st);
+  return false;
 }
 
 }  // namespace
@@ -405,6 +409,7 @@ void CudaLlamaModel::Impl::choose_q4_k_kernels() {
       const auto time = [&](OneRow kernel, double& us) {
         kernels::Status st;
         cudaError_t err;
+        std::string why;
         const auto one_row = [&](const DeviceMatrix& w) {
           const auto* wd = w.mem->as<uint8_t>();
           return kernel == OneRow::tensor_cores
@@ -413,9 +418,9 @@ void CudaLlamaModel::Impl::choose_q4_k_kernels() {
                      ? kc::w4a16_gemv_q4_k_half2(wd, w.n_out, w.k, x.as<__half>(), 1, y.as<float>(), stream)
                      : kc::w4a16_gemv_q4_k(wd, w.n_out, w.k, x.as<__half>(), 1, y.as<float>(), stream);
         };
-        if (!time_over(list, stream, one_row, us, st, err)) {
+        if (!time_over(list, stream, one_row, us, st, err, why)) {
           throw std::runtime_error("timing the Q4_K kernels for a " + std::to_string(choice.n_out) + " x " +
-                                   std::to_string(choice.k) + " matrix failed: " + failure(st, err));
+                                   std::to_string(choice.k) + " matrix failed: " + why);
         }
       };
       time(OneRow::cuda_cores, choice.cuda_cores_us);
@@ -580,17 +585,17 @@ void CudaLlamaModel::Impl::choose_one_row_fusions() {
       for (DeviceMatrix* w : list) w->half2_fused_variant = shape;
       kernels::Status st;
       cudaError_t err;
+      std::string why;
       const auto path = [&](const DeviceMatrix& w) {
         if (fuse) return fused(w);
         matmul(w, xh, 1, yf);  // the shape's chosen one-row kernel (throws if it fails)
         return separate();
       };
-      if (time_over(list, stream, path, us, st, err)) return true;
+      if (time_over(list, stream, path, us, st, err, why)) return true;
       if (fuse && err == cudaSuccess && st == kernels::Status::invalid_argument) return false;
-      throw std::runtime_error(std::string("timing the fused epilogue ") +
-                               CudaFusionChoice::site_names[choice.site] + " for a " +
-                               std::to_string(choice.n_out) + " x " + std::to_string(choice.k) +
-                               " matrix failed: " + failure(st, err));
+      throw std::runtime_error(
+          std::string("timing the fused epilogue ") + CudaFusionChoice::site_names[choice.site] + " for a " +
+          std::to_string(choice.n_out) + " x " + std::to_string(choice.k) + " matrix failed: " + why);
     };
     time_path(/*fuse=*/false, 0, choice.unfused_us);
     int fused_shape = 0;

@@ -6,10 +6,12 @@
 #include <cstdio>
 #include <memory>
 #include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "kernels/cuda/event_timer.cuh"
 #include "kernels/cuda/int4_tiles.cuh"
+#include "kernels/cuda/launch_status.cuh"
 #include "kernels/cuda/matmul_bench.cuh"
 #include "kernels/cuda/random_weights.cuh"
 #include "kernels/cuda/w4a16_gemm.cuh"
@@ -34,6 +36,13 @@ Status launch_probe(const uint8_t* quants, const __half* scales, const uint8_t* 
 }
 
 // Failures inside the benchmark unwind to run_matmul_bench, which turns them into a Status.
+// A launcher's status for a BenchFailure, with what its launcher kept of the error behind a device_error
+// (its CUDA error, or cuBLAS's / CUTLASS's status: kernels/cuda/launch_status.cuh).
+std::string failure_reason(Status st) {
+  const std::string why = st == Status::device_error ? last_launch_error_text() : std::string();
+  return std::string(status_name(st)) + (why.empty() ? "" : " (" + why + ")");
+}
+
 struct BenchFailure : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
@@ -43,7 +52,8 @@ void check(cudaError_t err, const char* what) {
 }
 void check(cublasStatus_t st, const char* what) {
   if (st != CUBLAS_STATUS_SUCCESS)
-    throw BenchFailure(std::string(what) + ": cuBLAS status " + std::to_string(st));
+    throw BenchFailure(std::string(what) + ": " + cublasGetStatusString(st) + " (cuBLAS status " +
+                       std::to_string(st) + ")");
 }
 
 struct DeviceMemory {
@@ -140,7 +150,7 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
         const Status st = m <= kW4A16GemvMaxM
                               ? w4a16_gemv_q4_0(wi, n, k, xh, m, static_cast<float*>(y.ptr), stream)
                               : w4a16_gemm_q4_0(wi, n, k, xh, m, static_cast<float*>(y.ptr), stream);
-        if (st != Status::ok) throw BenchFailure(std::string("W4A16 kernel failed: ") + status_name(st));
+        if (st != Status::ok) throw BenchFailure(std::string("W4A16 kernel failed: ") + failure_reason(st));
       });
     }
   }
@@ -164,7 +174,7 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
                                                 static_cast<const __half*>(scales.ptr) + scale_count * copy,
                                                 n, k, xh, m, static_cast<float*>(y.ptr), stream);
         if (st != Status::ok)
-          throw BenchFailure(std::string("W4A16 split kernel failed: ") + status_name(st));
+          throw BenchFailure(std::string("W4A16 split kernel failed: ") + failure_reason(st));
       });
     }
   }
@@ -204,7 +214,7 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
         const uint8_t* zeros = base + g128_quant_bytes + g128_groups * 2;
         const Status st =
             kernel(base, scales, zeros, 128, n, k, xh, m, static_cast<float*>(y.ptr), stream, false);
-        if (st != Status::ok) throw BenchFailure(std::string(what) + " failed: " + status_name(st));
+        if (st != Status::ok) throw BenchFailure(std::string(what) + " failed: " + failure_reason(st));
       });
     };
     for (size_t mi = 0; mi < ms.size(); ++mi) {
@@ -233,7 +243,7 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
                 v, base, reinterpret_cast<const __half*>(base + g128_quant_bytes),
                 base + g128_quant_bytes + g128_groups * 2, 128, n, k, xh, m, static_cast<float*>(y.ptr),
                 stream);
-            if (st != Status::ok) throw BenchFailure(what + " failed: " + status_name(st));
+            if (st != Status::ok) throw BenchFailure(what + " failed: " + failure_reason(st));
           }));
         }
       }
@@ -261,7 +271,8 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
         const Status st = w4a16_int4_groups_dequant_cublas(
             context, base, reinterpret_cast<const __half*>(base + g128_quant_bytes),
             base + g128_quant_bytes + g128_groups * 2, 128, n, k, xh, m, static_cast<float*>(y.ptr), stream);
-        if (st != Status::ok) throw BenchFailure(std::string("dequant + cuBLAS failed: ") + status_name(st));
+        if (st != Status::ok)
+          throw BenchFailure(std::string("dequant + cuBLAS failed: ") + failure_reason(st));
       });
     }
     // CUTLASS's Hopper GEMM on its own reordered copy of each row-major copy (at every m: where it
@@ -278,7 +289,7 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
                                      static_cast<uint8_t*>(cutlass_copies.ptr) + copy_bytes * c,
                                      &cutlass_weights[static_cast<size_t>(c)], stream);
         if (st != Status::ok)
-          throw BenchFailure(std::string("int4_cutlass_from_groups failed: ") + status_name(st));
+          throw BenchFailure(std::string("int4_cutlass_from_groups failed: ") + failure_reason(st));
       }
       for (size_t mi = 0; mi < ms.size(); ++mi) {
         const int64_t m = ms[mi];
@@ -287,7 +298,7 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
             const Status st = w4a16_gemm_int4_cutlass(xh, cutlass_weights[static_cast<size_t>(i % copies)], m,
                                                       static_cast<float*>(y.ptr), stream, schedule);
             if (st != Status::ok)
-              throw BenchFailure(std::string("CUTLASS INT4 GEMM failed: ") + status_name(st));
+              throw BenchFailure(std::string("CUTLASS INT4 GEMM failed: ") + failure_reason(st));
           });
         };
         // Only the problems CUTLASS says it can run ('-' otherwise).
@@ -312,7 +323,7 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
                                  base + g128_quant_bytes + g128_groups * 2, n, k, 128,
                                  static_cast<uint8_t*>(tiles.ptr) + tiles_bytes * c, stream);
       if (st != Status::ok)
-        throw BenchFailure(std::string("int4_tiles_from_groups failed: ") + status_name(st));
+        throw BenchFailure(std::string("int4_tiles_from_groups failed: ") + failure_reason(st));
     }
     const auto time_tiles = [&](Int4Kernel kernel, int64_t m, const char* what) {
       return time_us(stream, iterations, repetitions, [&](int i) {
@@ -320,7 +331,7 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
             static_cast<const uint8_t*>(tiles.ptr) + tiles_bytes * static_cast<size_t>(i % copies);
         const Status st = launch_int4_kernel(kernel, &context, t, nullptr, nullptr, 128, n, k, xh, m,
                                              static_cast<float*>(y.ptr), stream, false, Int4Layout::tiles);
-        if (st != Status::ok) throw BenchFailure(std::string(what) + " failed: " + status_name(st));
+        if (st != Status::ok) throw BenchFailure(std::string(what) + " failed: " + failure_reason(st));
       });
     };
     for (size_t mi = 0; mi < ms.size(); ++mi) {
@@ -344,7 +355,7 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
               w4a16_gemv_int4_groups_mma_probe(GemvMmaProbe::tiles_loads_only, t, nullptr, nullptr, 128, n, k,
                                                xh, m, static_cast<float*>(y.ptr), stream);
           if (st != Status::ok)
-            throw BenchFailure(std::string("tiled loads-only probe failed: ") + status_name(st));
+            throw BenchFailure(std::string("tiled loads-only probe failed: ") + failure_reason(st));
         });
       }
       if (m <= kW4A16GemvMma32RowsMaxM)
@@ -369,7 +380,8 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
         const Status st = m <= kW4A16GemvMaxM
                               ? w4a16_gemv_q4_k(wi, n, k, xh, m, static_cast<float*>(y.ptr), stream)
                               : w4a16_gemm_q4_k(wi, n, k, xh, m, static_cast<float*>(y.ptr), stream);
-        if (st != Status::ok) throw BenchFailure(std::string("W4A16 Q4_K kernel failed: ") + status_name(st));
+        if (st != Status::ok)
+          throw BenchFailure(std::string("W4A16 Q4_K kernel failed: ") + failure_reason(st));
       });
       if (m == 1 && w4a16_gemv_q4_k_half2(static_cast<const uint8_t*>(w.ptr), n, k, xh, m,
                                           static_cast<float*>(y.ptr), stream) != Status::invalid_argument) {
@@ -378,7 +390,7 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
               static_cast<const uint8_t*>(w.ptr) + q4k_bytes * static_cast<size_t>(i % copies);
           const Status st = w4a16_gemv_q4_k_half2(wi, n, k, xh, m, static_cast<float*>(y.ptr), stream);
           if (st != Status::ok)
-            throw BenchFailure(std::string("W4A16 Q4_K half2 GEMV failed: ") + status_name(st));
+            throw BenchFailure(std::string("W4A16 Q4_K half2 GEMV failed: ") + failure_reason(st));
         });
       }
       if (m <= kW4A8GemvMaxM) {
@@ -386,7 +398,8 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
           const uint8_t* wi =
               static_cast<const uint8_t*>(w.ptr) + q4k_bytes * static_cast<size_t>(i % copies);
           const Status st = w4a8_gemv_q4_k(wi, n, k, xh, m, static_cast<float*>(y.ptr), stream);
-          if (st != Status::ok) throw BenchFailure(std::string("W4A8 Q4_K GEMV failed: ") + status_name(st));
+          if (st != Status::ok)
+            throw BenchFailure(std::string("W4A8 Q4_K GEMV failed: ") + failure_reason(st));
         });
       }
       q4k_tc[mi] = time_us(stream, iterations, repetitions, [&](int i) {
@@ -394,7 +407,7 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
         const Status st =
             w4a16_q4_k_tensor_cores(wi, /*tiles=*/false, n, k, xh, m, static_cast<float*>(y.ptr), stream);
         if (st != Status::ok)
-          throw BenchFailure(std::string("W4A16 Q4_K tensor-core kernel failed: ") + status_name(st));
+          throw BenchFailure(std::string("W4A16 Q4_K tensor-core kernel failed: ") + failure_reason(st));
       });
     }
     // The same blocks in Q4_K chunks (kernels/int4_tiles.hpp), on the same three kernels.
@@ -404,7 +417,7 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
       const Status st = q4_k_tiles_from_blocks(static_cast<const uint8_t*>(w.ptr) + q4k_bytes * c, n, k,
                                                static_cast<uint8_t*>(tiles.ptr) + tiles_bytes * c, stream);
       if (st != Status::ok)
-        throw BenchFailure(std::string("q4_k_tiles_from_blocks failed: ") + status_name(st));
+        throw BenchFailure(std::string("q4_k_tiles_from_blocks failed: ") + failure_reason(st));
     }
     for (size_t mi = 0; mi < ms.size(); ++mi) {
       const int64_t m = ms[mi];
@@ -415,7 +428,7 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
             w4a16_q4_k_tensor_cores(t, /*tiles=*/true, n, k, xh, m, static_cast<float*>(y.ptr), stream);
         if (st != Status::ok)
           throw BenchFailure(std::string("W4A16 Q4_K tensor-core kernel on tiles failed: ") +
-                             status_name(st));
+                             failure_reason(st));
       });
     }
   }

@@ -132,9 +132,11 @@ Status dequant_cublas(const Int4CublasContext& context, int64_t n_out, int64_t k
   // Only when it differs: cublasSetStream also resets the handle's workspace to cuBLAS's own pool,
   // which would allocate inside a graph capture.
   cudaStream_t current = nullptr;
-  if (cublasGetStream(context.cublas, &current) != CUBLAS_STATUS_SUCCESS) return Status::device_error;
-  if (current != stream && cublasSetStream(context.cublas, stream) != CUBLAS_STATUS_SUCCESS)
-    return Status::device_error;
+  cublasStatus_t status = cublasGetStream(context.cublas, &current);
+  if (status != CUBLAS_STATUS_SUCCESS)
+    return library_failure("cuBLAS cublasGetStream", cublasGetStatusString(status));
+  if (current != stream && (status = cublasSetStream(context.cublas, stream)) != CUBLAS_STATUS_SUCCESS)
+    return library_failure("cuBLAS cublasSetStream", cublasGetStatusString(status));
   const float one = 1.0f, zero = 0.0f;
   for (int64_t r0 = 0; r0 < n_out; r0 += chunk) {
     const int64_t rows = std::min(chunk, n_out - r0);
@@ -143,11 +145,12 @@ Status dequant_cublas(const Int4CublasContext& context, int64_t n_out, int64_t k
     // Column-major view: the chunk [rows, k] row-major is its transpose with ld k; x [m, k] row-major
     // is column-major [k, m]; y's columns r0 .. r0 + rows - 1 are rows of a column-major [n_out, m]
     // with ld n_out.
-    if (cublasGemmEx(context.cublas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(rows), static_cast<int>(m),
-                     static_cast<int>(k), &one, context.scratch, CUDA_R_16F, static_cast<int>(k), x,
-                     CUDA_R_16F, static_cast<int>(k), &zero, y + r0, CUDA_R_32F, static_cast<int>(n_out),
-                     CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT) != CUBLAS_STATUS_SUCCESS)
-      return Status::device_error;
+    status = cublasGemmEx(context.cublas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(rows),
+                          static_cast<int>(m), static_cast<int>(k), &one, context.scratch, CUDA_R_16F,
+                          static_cast<int>(k), x, CUDA_R_16F, static_cast<int>(k), &zero, y + r0, CUDA_R_32F,
+                          static_cast<int>(n_out), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+    if (status != CUBLAS_STATUS_SUCCESS)
+      return library_failure("cuBLAS cublasGemmEx", cublasGetStatusString(status));
   }
   return Status::ok;
 }

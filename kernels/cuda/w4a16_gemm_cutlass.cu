@@ -194,12 +194,21 @@ Status run_gemm(const __half* x, const Int4CutlassWeights& weights, int64_t m, f
                 cudaStream_t stream) {
   using Gemm = typename Config::Gemm;
   const auto arguments = gemm_arguments<Config>(x, weights, m, y);
-  if (Gemm::get_workspace_size(arguments) != 0) return Status::device_error;
+  if (Gemm::get_workspace_size(arguments) != 0)
+    return library_failure("CUTLASS get_workspace_size", "a workspace, which these schedules never ask for");
   Gemm gemm;
-  if (gemm.can_implement(arguments) != cutlass::Status::kSuccess) return Status::device_error;
-  if (gemm.initialize(arguments, nullptr, stream) != cutlass::Status::kSuccess) return Status::device_error;
-  // run() checks its launch itself (and clears the error): nothing older is blamed on this call.
-  return gemm.run(stream) == cutlass::Status::kSuccess ? Status::ok : Status::device_error;
+  cutlass::Status status = gemm.can_implement(arguments);
+  if (status != cutlass::Status::kSuccess)
+    return library_failure("CUTLASS can_implement", cutlass::cutlassGetStatusString(status));
+  status = gemm.initialize(arguments, nullptr, stream);
+  if (status != cutlass::Status::kSuccess)
+    return library_failure("CUTLASS initialize", cutlass::cutlassGetStatusString(status));
+  // run() checks its launch itself and clears the CUDA error (nothing older is blamed on this call),
+  // so only its status can be named.
+  status = gemm.run(stream);
+  if (status != cutlass::Status::kSuccess)
+    return library_failure("CUTLASS run", cutlass::cutlassGetStatusString(status));
+  return launch_status();
 }
 
 // CUTLASS's own check of these shapes (alignments, group against the k step), on the host.
@@ -276,7 +285,8 @@ Status int4_cutlass_from_groups(const uint8_t* quants, const uint16_t* scales, c
   auto* scales_out = reinterpret_cast<__half*>(base + align256(quant_bytes));
   auto* offsets_out = reinterpret_cast<__half*>(base + align256(quant_bytes) + pair_bytes);
 
-  if (cudaMemsetAsync(quants_out, 0, quant_bytes, stream) != cudaSuccess) return Status::device_error;
+  if (const cudaError_t set = cudaMemsetAsync(quants_out, 0, quant_bytes, stream); set != cudaSuccess)
+    return launch_status(set);
   constexpr int kThreads = 256;
   const int64_t eights = n_out * k / 8;
   reorder_quants_kernel<<<static_cast<unsigned>((eights + kThreads - 1) / kThreads), kThreads, 0, stream>>>(

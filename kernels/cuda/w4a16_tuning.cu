@@ -292,8 +292,8 @@ Status tune_int4_groups(const std::vector<Int4GroupsMatrix>& matrices, int64_t g
         std::string(int4_kernel_name(which)) +
         (half2_variant != 0 ? " " + half2_gemv_variant_name(kHalf2GemvVariants[half2_variant]) : "") + " (" +
         std::to_string(m) + " rows): " + status_name(launch) +
-        (launch == Status::device_error && last_launch_error() != cudaSuccess
-             ? std::string(" (") + cudaGetErrorString(last_launch_error()) + ")"
+        (launch == Status::device_error && !last_launch_error_text().empty()
+             ? " (" + last_launch_error_text() + ")"
              : "");
     return Status::ok;
   };

@@ -62,6 +62,34 @@ TEST(LaunchStatus, KeepsTheErrorBehindADeviceErrorForTheCaller) {
   EXPECT_EQ(cudaGetLastError(), cudaSuccess);
 }
 
+// A library's failure (cuBLAS's status, CUTLASS's, which clears the CUDA error itself) is named for the
+// caller's message like a launch's CUDA error, with the runtime's pending error when there is one, until
+// the next launcher's status replaces it. Host only, like the test above.
+TEST(LaunchStatus, NamesALibrarysFailureUntilTheNextLaunch) {
+  EXPECT_EQ(kc::library_failure("cuBLAS cublasGemmEx", "the GPU program failed to execute"),
+            Status::device_error);
+  std::string text = kc::last_launch_error_text();
+  EXPECT_EQ(text.rfind("cuBLAS cublasGemmEx: the GPU program failed to execute", 0), 0u) << text;
+  if (cudaGetLastError() != cudaSuccess && cudaGetLastError() != cudaSuccess)
+    GTEST_SKIP() << "the CUDA runtime answers every call with an error here (no driver)";
+  EXPECT_EQ(kc::library_failure("CUTLASS run", "Error Internal"), Status::device_error);
+  EXPECT_EQ(kc::last_launch_error(), cudaSuccess);
+  EXPECT_EQ(kc::last_launch_error_text(), "CUTLASS run: Error Internal");
+  // A CUDA error pending at the library's failure is taken from the runtime and named after it.
+  EXPECT_NE(cudaMemcpy(nullptr, nullptr, 1, static_cast<cudaMemcpyKind>(99)), cudaSuccess);
+  EXPECT_EQ(kc::library_failure("CUTLASS initialize", "Error Internal"), Status::device_error);
+  const cudaError_t pending = kc::last_launch_error();
+  EXPECT_NE(pending, cudaSuccess);
+  EXPECT_EQ(cudaGetLastError(), cudaSuccess);
+  EXPECT_EQ(kc::last_launch_error_text(),
+            std::string("CUTLASS initialize: Error Internal; ") + cudaGetErrorString(pending));
+  // A launch's own error replaces the library's words; a success forgets both.
+  EXPECT_EQ(kc::launch_status(cudaErrorInvalidConfiguration), Status::device_error);
+  EXPECT_EQ(kc::last_launch_error_text(), cudaGetErrorString(cudaErrorInvalidConfiguration));
+  EXPECT_EQ(kc::launch_status(cudaSuccess), Status::ok);
+  EXPECT_EQ(kc::last_launch_error_text(), "");
+}
+
 TEST(CudaDependentLaunch, ProductsLaunchedProgrammaticallyReadTheNormsOutput) {
   NIBBLE_REQUIRE_CUDA_DEVICE();
   const int64_t k = 8192, n_out = 3001, group = 128;

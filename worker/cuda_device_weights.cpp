@@ -13,6 +13,7 @@
 #include "kernels/cuda/random_weights.cuh"
 #include "kernels/int4_groups.hpp"
 #include "kernels/int4_tiles.hpp"
+#include "kernels/q6_k_planes.hpp"
 #include "kernels/quant_types.hpp"
 #include "kernels/quantize.hpp"
 
@@ -174,6 +175,12 @@ DeviceMatrix upload_matrix(std::initializer_list<const model::WeightMatrix*> par
       d.kind == DeviceKind::q8_0) {
     for (const model::WeightMatrix* w : parts)
       host.insert(host.end(), w->data, w->data + w->n_out * w->row_bytes());
+    if (d.kind == DeviceKind::q6_k) {  // the stacked parts' blocks into planes, as the kernels read them
+      std::vector<uint8_t> planes(static_cast<size_t>(kernels::q6_k_planes_layout(d.n_out, d.k).bytes));
+      check_status(kernels::q6_k_planes_from_blocks(host.data(), d.n_out, d.k, planes.data()),
+                   "q6_k_planes_from_blocks (weight upload)");
+      host = std::move(planes);
+    }
   } else if (d.kind == DeviceKind::int4_groups) {
     // The narrowest group any part needs (an exact group of 128 is exact at 64 and 32 too).
     d.group = 128;

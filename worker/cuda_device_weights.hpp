@@ -99,8 +99,8 @@ std::shared_ptr<DeviceMemory> upload(const void* host, size_t bytes);
 // How a matrix is stored on the device, read by the W4A16 kernels where its weights are 4-bit:
 //   q4_0         GGUF Q4_0 blocks as in the file
 //   q4_k         GGUF Q4_K super-blocks as in the file (k a multiple of 256)
-//   q6_k         GGUF Q6_K super-blocks as in the file (k a multiple of 256): a Q4_K_M file's 6-bit
-//                matrices, 6.56 bits a weight where fp16 for cuBLAS took 16
+//   q6_k         GGUF Q6_K super-blocks repacked into planes (kernels/q6_k_planes.hpp; k a multiple of
+//                256): a Q4_K_M file's 6-bit matrices, 6.56 bits a weight where fp16 for cuBLAS took 16
 //   q8_0         GGUF Q8_0 blocks as in the file, for 8-bit weights (Q8_0 models, and the heads
 //                `nibble quantize` keeps at Q8_0): 8.5 bits a weight
 //   int4_groups  group-wise INT4 (kernels/int4_groups.hpp) recovered exactly from Q8_0 blocks of
@@ -138,6 +138,8 @@ struct DeviceMatrix {
   // q4_k: one activation row on the Q4_K tensor-core GEMV or the half2 GEMV rather than the CUDA-core one.
   bool q4_k_tensor_cores_one_row = false;
   bool q4_k_half2_one_row = false;
+  // q6_k: one activation row on the Q6_K half2 GEMV rather than the CUDA-core one.
+  bool q6_k_half2_one_row = false;
   // int4_groups and q4_k: at one row its product and the step after it run apart, not fused: under
   // Int4Kernels::measured unless the fused kernel timed faster at load (choose_one_row_fusions).
   bool fusion_off = false;

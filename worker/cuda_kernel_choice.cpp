@@ -373,18 +373,20 @@ void CudaLlamaModel::Impl::choose_int4_kernels() {
 }
 
 void CudaLlamaModel::Impl::choose_q4_k_kernels() {
-  MatrixGroups<CudaQ4KChoice> shapes;  // the q4_k matrices by shape and layout
+  MatrixGroups<CudaQ4KChoice> shapes;  // the q4_k and q6_k matrices by kind, shape and layout
   for_each_matrix([&](DeviceMatrix& w) {
-    if (w.kind != DeviceKind::q4_k) return;
+    if (w.kind != DeviceKind::q4_k && w.kind != DeviceKind::q6_k) return;
     add_to_group(
         shapes, w,
         [&](const CudaQ4KChoice& choice, const DeviceMatrix& first) {
-          return choice.n_out == w.n_out && choice.k == w.k && first.layout == w.layout;
+          return first.kind == w.kind && choice.n_out == w.n_out && choice.k == w.k &&
+                 first.layout == w.layout;
         },
         [](const DeviceMatrix& first) {
           CudaQ4KChoice choice;
           choice.n_out = first.n_out;
           choice.k = first.k;
+          choice.q6_k = first.kind == DeviceKind::q6_k;
           choice.tiles = first.layout == kc::Int4Layout::tiles;
           return choice;
         });
@@ -392,6 +394,11 @@ void CudaLlamaModel::Impl::choose_q4_k_kernels() {
   q4_k_choices.clear();
   for (auto& [choice, list] : shapes) {
     choice.matrices = static_cast<int64_t>(list.size());
+    if (choice.q6_k) {
+      choose_q6_k_kernel(choice, list);
+      q4_k_choices.push_back(choice);
+      continue;
+    }
     choice.tensor_cores = options.int4_kernels == Int4Kernels::tensor_cores || choice.tiles;
     if (options.int4_kernels ==
         Int4Kernels::half2) {  // the tensor cores where the half2 GEMV refuses the row
@@ -440,6 +447,39 @@ void CudaLlamaModel::Impl::choose_q4_k_kernels() {
     }
     q4_k_choices.push_back(choice);
   }
+}
+
+void CudaLlamaModel::Impl::choose_q6_k_kernel(CudaQ4KChoice& choice, const std::vector<DeviceMatrix*>& list) {
+  // The half2 GEMV refuses rows longer than the device's shared memory holds: then not a candidate.
+  const bool half2_candidate =
+      (options.int4_kernels == Int4Kernels::measured || options.int4_kernels == Int4Kernels::half2) &&
+      half2_takes(*list.front());
+  choice.half2 = half2_candidate && options.int4_kernels == Int4Kernels::half2;
+  if (half2_candidate && options.int4_kernels == Int4Kernels::measured) {
+    // One row on each GEMV, the shape's matrices in turn; the half2 GEMV kept only when kInt4MinGain
+    // faster (as the INT4 choice keeps its default).
+    DeviceMemory x(static_cast<size_t>(choice.k) * sizeof(__half)),
+        y(static_cast<size_t>(choice.n_out) * sizeof(float));
+    cuda_check(cudaMemsetAsync(x.as<void>(), 0x2C, x.bytes(), stream), "cudaMemsetAsync (Q6_K timing)");
+    const auto time = [&](bool half2, double& us) {
+      kernels::Status st;
+      cudaError_t err;
+      std::string why;
+      const auto one_row = [&](const DeviceMatrix& w) {
+        const auto* wd = w.mem->as<uint8_t>();
+        return half2 ? kc::w4a16_gemv_q6_k_half2(wd, w.n_out, w.k, x.as<__half>(), 1, y.as<float>(), stream)
+                     : kc::w4a16_gemv_q6_k(wd, w.n_out, w.k, x.as<__half>(), 1, y.as<float>(), stream);
+      };
+      if (!time_over(list, stream, one_row, us, st, err, why)) {
+        throw std::runtime_error("timing the Q6_K kernels for a " + std::to_string(choice.n_out) + " x " +
+                                 std::to_string(choice.k) + " matrix failed: " + why);
+      }
+    };
+    time(false, choice.cuda_cores_us);
+    time(true, choice.half2_us);
+    choice.half2 = choice.half2_us < (1.0 - kc::kInt4MinGain) * choice.cuda_cores_us;
+  }
+  for (DeviceMatrix* w : list) w->q6_k_half2_one_row = choice.half2;
 }
 
 void CudaLlamaModel::Impl::choose_one_row_fusions() {

@@ -130,7 +130,8 @@ class CudaKvCache {
 // WMMA GEMM as before, tensor_cores the tensor-core kernels on Q4_K at every row count, half2 the Q4_K
 // half2 GEMV for one row and the tensor cores above, measured the tensor-core kernels from 2 rows and,
 // for one row, whichever GEMV its timing at load prefers (CudaQ4KChoice). cuda_cores and half2 read
-// the rows (int4_layout rows) only.
+// the rows (int4_layout rows) only. GGUF Q6_K matrices (in planes) take the half2 GEMV for one row under
+// half2, the faster of it and the CUDA-core GEMV under measured, else the CUDA-core GEMV.
 enum class Int4Kernels { measured, cuda_cores, tensor_cores, half2 };
 inline const char* int4_kernels_name(Int4Kernels kernels) {
   return kernels == Int4Kernels::cuda_cores     ? "cuda_cores"
@@ -209,9 +210,11 @@ struct CudaInt4KernelChoice {
 // The one-row GEMV of one GGUF Q4_K matrix shape (more rows always take the Q4_K tensor-core
 // kernels, unless pinned to the CUDA cores): under Int4Kernels::measured the faster of the tensor-core
 // and half2 GEMVs when it is kInt4MinGain (5%) faster than the CUDA-core one on the model's weights at
-// load.
+// load. The same for a Q6_K shape (q6_k), which has no tensor-core kernel: the half2 GEMV where it is
+// kInt4MinGain faster than the CUDA-core one (pinned: half2 takes it, the others the CUDA cores).
 struct CudaQ4KChoice {
   int64_t n_out = 0, k = 0;
+  bool q6_k = false;           // a Q6_K shape (tensor_cores_us stays 0)
   bool tiles = false;          // in Q4_K chunks (Int4Layout::tiles): the tensor cores at every row count
   int64_t matrices = 0;        // how many of the model's matrices have this shape
   double cuda_cores_us = 0.0;  // device us per one-row product; 0: not timed (a pinned choice)

@@ -244,12 +244,15 @@ struct CudaLlamaModel::Impl {
         check_status(st, "W4A16 matmul (Q4_K)");
         return;
       }
-      // As stored: the CUDA-core GEMV up to 32 rows; above, dequantized to fp16 in chunks for cuBLAS
-      // (what these types' fp16 upload ran before; the WMMA GEMM is far below cuBLAS there).
+      // In planes (Q6_K) or as stored (Q8_0): the CUDA-core GEMV up to 32 rows (Q6_K's one row on the half2
+      // GEMV where chosen at load); above, dequantized to fp16 in chunks for cuBLAS (what these types'
+      // fp16 upload ran before; the WMMA GEMM is far below cuBLAS there).
       case DeviceKind::q6_k:
-        check_status(gemv ? kc::w4a16_gemv_q6_k(wd, w.n_out, w.k, x, m, y, stream, pdl)
-                          : kc::w4a16_q6_k_dequant_cublas(dequant_cublas, wd, w.n_out, w.k, x, m, y, stream),
-                     "W6A16 matmul (Q6_K)");
+        check_status(
+            m == 1 && w.q6_k_half2_one_row ? kc::w4a16_gemv_q6_k_half2(wd, w.n_out, w.k, x, m, y, stream, pdl)
+            : gemv                         ? kc::w4a16_gemv_q6_k(wd, w.n_out, w.k, x, m, y, stream, pdl)
+                   : kc::w4a16_q6_k_dequant_cublas(dequant_cublas, wd, w.n_out, w.k, x, m, y, stream),
+            "W6A16 matmul (Q6_K)");
         return;
       case DeviceKind::q8_0:
         check_status(gemv ? kc::w4a16_gemv_q8_0(wd, w.n_out, w.k, x, m, y, stream, pdl)
@@ -317,7 +320,7 @@ struct CudaLlamaModel::Impl {
                      op.quants, op.scales, op.zeros, w.group, w.n_out, w.k, x, y, residual, norm_weight,
                      shard_config.rms_eps, h, counter, stream, pdl, w.half2_fused_variant);
   }
-  // Whether the half2 GEMV takes one row of w, an INT4 (rows) or Q4_K matrix: one launch on a zero row;
+  // Whether the half2 GEMV takes one row of w, an INT4 (rows), Q4_K or Q6_K matrix: one launch on a zero row;
   // false where it refuses the row (longer than the device's shared memory holds).
   bool half2_takes(const DeviceMatrix& w) {
     DeviceMemory x(static_cast<size_t>(w.k) * sizeof(__half)),
@@ -328,6 +331,8 @@ struct CudaLlamaModel::Impl {
     const kernels::Status st =
         w.kind == DeviceKind::q4_k
             ? kc::w4a16_gemv_q4_k_half2(wd, w.n_out, w.k, x.as<__half>(), 1, y.as<float>(), stream)
+        : w.kind == DeviceKind::q6_k
+            ? kc::w4a16_gemv_q6_k_half2(wd, w.n_out, w.k, x.as<__half>(), 1, y.as<float>(), stream)
             : kc::w4a16_gemv_int4_groups_half2(op.quants, op.scales, op.zeros, w.group, w.n_out, w.k,
                                                x.as<__half>(), 1, y.as<float>(), stream);
     if (st == kernels::Status::invalid_argument) return false;
@@ -423,9 +428,11 @@ struct CudaLlamaModel::Impl {
   // under Int4Layout::cutlass, each one CUTLASS takes becomes its copy alone (the rows freed, one matrix
   // at a time: one matrix of extra device memory at the peak).
   void make_cutlass_copies();
-  // Per Q4_K matrix shape, the one-row GEMV (q4_k_tensor_cores_one_row, q4_k_half2_one_row), timed on the
+  // Per Q4_K and Q6_K matrix shape, the one-row GEMV (q4_k_tensor_cores_one_row, q4_k_half2_one_row,
+  // q6_k_half2_one_row), timed on the
   // model's weights under Int4Kernels::measured; records q4_k_choices. Called by choose_int4_kernels.
   void choose_q4_k_kernels();
+  void choose_q6_k_kernel(CudaQ4KChoice& choice, const std::vector<DeviceMatrix*>& list);  // one Q6_K shape
   // Under Int4Kernels::measured with fused_epilogues (not int8_activations): per fusable site of the
   // layers (CudaFusionChoice::site_names) and matrix shape there that the half2 GEMV takes, the fused
   // half2 kernel timed against the shape's chosen one-row kernel plus the kernel the fusion saves, on

@@ -302,21 +302,24 @@ void print_int4_choices(const worker::CudaLlamaModel& model, double copy_gbps) {
   }
 }
 
-// The GGUF Q4_K matrices' one-row GEMV per shape (more rows take the Q4_K tensor-core kernels).
-// int8_activations: one row runs on the W4A8 GEMV whatever the timing says (none is marked).
+// The GGUF Q4_K matrices' one-row GEMV per shape (more rows take the Q4_K tensor-core kernels), and the
+// Q6_K ones' (no tensor-core kernel). int8_activations: a Q4_K row runs on the W4A8 GEMV whatever the
+// timing says (none is marked).
 void print_q4_k_choices(const worker::CudaLlamaModel& model, bool int8_activations) {
   const auto& choices = model.q4_k_choices();
   if (choices.empty()) return;
-  std::printf("\nQ4_K matrices, one row (device us per product, timed at load; *: chosen%s):\n",
-              int8_activations ? "; every one runs on the W4A8 GEMV (--int8-activations)" : "");
-  std::printf("%-22s | %14s %14s %14s\n", "n_out x k (matrices)", "CUDA cores", "tensor cores", "half2");
+  std::printf("\nQ4_K and Q6_K matrices, one row (device us per product, timed at load; *: chosen%s):\n",
+              int8_activations ? "; every Q4_K one runs on the W4A8 GEMV (--int8-activations)" : "");
+  std::printf("%-29s | %14s %14s %14s\n", "type n_out x k (matrices)", "CUDA cores", "tensor cores", "half2");
   for (const worker::CudaQ4KChoice& ch : choices) {
     char shape[64];
-    std::snprintf(shape, sizeof shape, "%lldx%lld (%lld)", static_cast<long long>(ch.n_out),
-                  static_cast<long long>(ch.k), static_cast<long long>(ch.matrices));
-    const bool cuda_cores = !ch.tensor_cores && !ch.half2 && !int8_activations;
-    const bool tensor_cores = ch.tensor_cores && !int8_activations, half2 = ch.half2 && !int8_activations;
-    std::printf("%-22s | %13.1f%s %13.1f%s %13.1f%s\n", shape, ch.cuda_cores_us, cuda_cores ? "*" : " ",
+    std::snprintf(shape, sizeof shape, "%s %lldx%lld (%lld)", ch.q6_k ? "Q6_K" : "Q4_K",
+                  static_cast<long long>(ch.n_out), static_cast<long long>(ch.k),
+                  static_cast<long long>(ch.matrices));
+    const bool w4a8 = int8_activations && !ch.q6_k;
+    const bool cuda_cores = !ch.tensor_cores && !ch.half2 && !w4a8;
+    const bool tensor_cores = ch.tensor_cores && !w4a8, half2 = ch.half2 && !w4a8;
+    std::printf("%-29s | %13.1f%s %13.1f%s %13.1f%s\n", shape, ch.cuda_cores_us, cuda_cores ? "*" : " ",
                 ch.tensor_cores_us, tensor_cores ? "*" : " ", ch.half2_us, half2 ? "*" : " ");
   }
 }
@@ -603,16 +606,17 @@ int run_model(const Args& a) {
   }
   nlohmann::json q4k = nlohmann::json::array();
   for (const worker::CudaQ4KChoice& ch : target.model->q4_k_choices()) {
-    q4k.push_back({{"n_out", ch.n_out},
+    q4k.push_back({{"type", ch.q6_k ? "Q6_K" : "Q4_K"},
+                   {"n_out", ch.n_out},
                    {"k", ch.k},
                    {"matrices", ch.matrices},
                    {"one_row_cuda_cores_us", ch.cuda_cores_us},
                    {"one_row_tensor_cores_us", ch.tensor_cores_us},
                    {"one_row_half2_us", ch.half2_us},
-                   {"one_row_chosen", a.int8_activations ? "W4A8"
-                                      : ch.tensor_cores  ? "tensor cores"
-                                      : ch.half2         ? "half2"
-                                                         : "CUDA cores"},
+                   {"one_row_chosen", a.int8_activations && !ch.q6_k ? "W4A8"
+                                      : ch.tensor_cores              ? "tensor cores"
+                                      : ch.half2                     ? "half2"
+                                                                     : "CUDA cores"},
                    {"layout", ch.tiles ? "tiles" : "rows"}});
   }
   nlohmann::json fusions = nlohmann::json::array();

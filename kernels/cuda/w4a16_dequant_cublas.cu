@@ -224,7 +224,11 @@ Status w4a16_q8_0_dequant_cublas(const Int4CublasContext& context, const uint8_t
 
 Status w4a16_q6_k_dequant_cublas(const Int4CublasContext& context, const uint8_t* w, int64_t n_out, int64_t k,
                                  const __half* x, int64_t m, float* y, cudaStream_t stream) {
-  return blocks_dequant_cublas<w4a16::Q6KBlocks>(context, w, kQK_K, n_out, k, x, m, y, stream);
+  w4a16::Q6KPlanes planes{};
+  if (!w4a16::make_q6_k_planes(w, n_out, k, planes)) return Status::invalid_argument;
+  return dequant_cublas(context, n_out, k, x, m, y, stream, [&](int64_t r0, int64_t rows) {
+    return launch_dequantize_blocks(planes, k, r0, rows, context.scratch, stream);
+  });
 }
 
 }  // namespace nibble::kernels::cuda

@@ -54,8 +54,8 @@ Status w4a16_int4_groups_dequant_cublas(const Int4CublasContext& context, const 
                                         int64_t n_out, int64_t k, const __half* x, int64_t m, float* y,
                                         cudaStream_t stream);
 
-// GGUF Q8_0 and Q6_K blocks as stored (w4a16_gemv_q8_0's and w4a16_gemv_q6_k's layouts: 2-byte
-// aligned, k a multiple of 32 / 256) through cuBLAS the same way, for the many-row products where
+// GGUF Q8_0 blocks as stored and Q6_K in planes (w4a16_gemv_q8_0's and w4a16_gemv_q6_k's layouts: 2-
+// and 16-byte aligned, k a multiple of 32 / 256) through cuBLAS the same way, for the many-row products where
 // their CUDA-core GEMV runs out of FMAs and the WMMA GEMM is far below cuBLAS: each weight is
 // kernels::dequantize_row's value rounded once to fp16 (what the fp16 upload of these types computed
 // before they stayed as stored). Arguments and errors as w4a16_int4_groups_dequant_cublas's.

@@ -307,9 +307,9 @@ Status w4a16_gemm_q8_0(const uint8_t* w, int64_t n_out, int64_t k, const __half*
 
 Status w4a16_gemm_q6_k(const uint8_t* w, int64_t n_out, int64_t k, const __half* x, int64_t m, float* y,
                        cudaStream_t stream, bool programmatic) {
-  if (w == nullptr || reinterpret_cast<uintptr_t>(w) % 2 != 0 || k % kQK_K != 0)
-    return Status::invalid_argument;
-  return run(w4a16::Q6KBlocks{w}, n_out, k, x, m, y, stream, programmatic);
+  w4a16::Q6KPlanes planes{};
+  if (!w4a16::make_q6_k_planes(w, n_out, k, planes)) return Status::invalid_argument;
+  return run(planes, n_out, k, x, m, y, stream, programmatic);
 }
 
 }  // namespace nibble::kernels::cuda

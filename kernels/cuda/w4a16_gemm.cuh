@@ -47,7 +47,7 @@ Status w4a16_gemm_q4_k(const uint8_t* w, int64_t n_out, int64_t k, const __half*
 // GGUF Q8_0 blocks as stored; arguments as w4a16_gemv_q8_0's (2-byte aligned, k % 32 == 0), any m >= 1.
 Status w4a16_gemm_q8_0(const uint8_t* w, int64_t n_out, int64_t k, const __half* x, int64_t m, float* y,
                        cudaStream_t stream, bool programmatic = false);
-// GGUF Q6_K blocks as stored; arguments as w4a16_gemv_q6_k's (2-byte aligned, k % 256 == 0), any m >= 1.
+// GGUF Q6_K in planes; arguments as w4a16_gemv_q6_k's (16-byte aligned, k % 256 == 0), any m >= 1.
 Status w4a16_gemm_q6_k(const uint8_t* w, int64_t n_out, int64_t k, const __half* x, int64_t m, float* y,
                        cudaStream_t stream, bool programmatic = false);
 

@@ -19,7 +19,7 @@ namespace {
 using w4a16::GgufQ4_0Blocks;
 using w4a16::Int4GroupBlocks;
 using w4a16::Q4KBlocks;
-using w4a16::Q6KBlocks;
+using w4a16::Q6KPlanes;
 using w4a16::Q8_0Blocks;
 using w4a16::SplitQ4_0Blocks;
 
@@ -246,9 +246,9 @@ Status w4a16_gemv_q8_0(const uint8_t* w, int64_t n_out, int64_t k, const __half*
 
 Status w4a16_gemv_q6_k(const uint8_t* w, int64_t n_out, int64_t k, const __half* x, int64_t m, float* y,
                        cudaStream_t stream, bool programmatic) {
-  if (w == nullptr || reinterpret_cast<uintptr_t>(w) % 2 != 0 || k % kQK_K != 0)
-    return Status::invalid_argument;
-  return run(Q6KBlocks{w}, n_out, k, x, m, y, stream, programmatic);
+  Q6KPlanes planes{};
+  if (!w4a16::make_q6_k_planes(w, n_out, k, planes)) return Status::invalid_argument;
+  return run(planes, n_out, k, x, m, y, stream, programmatic);
 }
 
 }  // namespace nibble::kernels::cuda

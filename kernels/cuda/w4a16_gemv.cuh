@@ -67,11 +67,11 @@ Status w4a16_gemv_q4_k(const uint8_t* w, int64_t n_out, int64_t k, const __half*
 Status w4a16_gemv_q8_0(const uint8_t* w, int64_t n_out, int64_t k, const __half* x, int64_t m, float* y,
                        cudaStream_t stream, bool programmatic = false);
 
-// GGUF Q6_K (kernels::BlockQ6_K, 210 bytes per 256 weights), read as stored: the 6-bit matrices of a
-// Q4_K_M file (llama.cpp keeps attn_v, half the ffn_down and the output there), 6.56 bits a weight
-// instead of fp16's 16 for cuBLAS. w: [n_out, k / 256] blocks, rows k / 256 * 210 bytes apart, 2-byte
-// aligned; k a multiple of 256. Each weight is (d * scale) * level rounded as kernels::dequantize_row
-// rounds it.
+// GGUF Q6_K (kernels::BlockQ6_K, 210 bytes per 256 weights) repacked into planes at load
+// (kernels/q6_k_planes.hpp, the same bytes in 16-byte loads): the 6-bit matrices of a Q4_K_M file
+// (llama.cpp keeps attn_v, half the ffn_down and the output there), 6.56 bits a weight instead of
+// fp16's 16 for cuBLAS. w: q6_k_planes_from_blocks's [n_out, k] planes, 16-byte aligned; k a multiple
+// of 256. Each weight is (d * scale) * level rounded as kernels::dequantize_row rounds it.
 Status w4a16_gemv_q6_k(const uint8_t* w, int64_t n_out, int64_t k, const __half* x, int64_t m, float* y,
                        cudaStream_t stream, bool programmatic = false);
 

@@ -467,6 +467,109 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// GGUF Q6_K in planes (kernels/q6_k_planes.hpp). A lane takes 64-weight pieces lane, lane + 32, ... of
+// its rows: three 16-byte loads (the low nibbles of quarters 0 / 2, of quarters 1 / 3, the high bit
+// pairs), its four sub-block scales (one word) and its super-block's d (four lanes load each); each
+// quarter's 16 levels are summed against their activations in fp16 (w4a16::q6_k_piece_half2_dot), then
+// times d * scale in fp32.
+constexpr int kQ6KBatch = 2;        // pieces a lane loads at once, per row: 104 bytes
+constexpr int kQ6KPiecePlanes = 8;  // staged words a piece: 2 nibble planes x 4 words
+
+template <typename Out>
+__global__ void __launch_bounds__(kThreads)
+    gemv_q6_k_half2_kernel(w4a16::Q6KPlanes w, Out out, int64_t k, const __half* __restrict__ x) {
+  // Word-major as for INT4: word p of piece P at xs[p * pieces + P].
+  extern __shared__ uint4 xs[];
+  __shared__ unsigned max_abs_bits;
+  const unsigned lane = threadIdx.x % kWarpSize;
+  const int64_t warp = grid_warp();
+  int64_t rows[kRowsPerWarp];
+  out.rows_of(warp, rows);
+  const unsigned pieces = static_cast<unsigned>(k / 64);  // k <= kW4A16GemvHalf2MaxK
+  int64_t next[kRowsPerWarp];                             // this lane's next piece, each row
+#pragma unroll
+  for (int r = 0; r < kRowsPerWarp; ++r) next[r] = rows[r] * pieces + lane;
+
+  uint4 ql_lo[kRowsPerWarp][kQ6KBatch], ql_hi[kRowsPerWarp][kQ6KBatch], qh[kRowsPerWarp][kQ6KBatch];
+  uint32_t scales[kRowsPerWarp][kQ6KBatch];
+  float d[kRowsPerWarp][kQ6KBatch];
+  const auto load = [&](unsigned j0) {  // pieces lane + 32 (j0 + b) of both rows; the indices move on
+#pragma unroll
+    for (int b = 0; b < kQ6KBatch; ++b) {
+      const bool in_row = lane + kWarpSize * (j0 + b) < pieces;
+#pragma unroll
+      for (int r = 0; r < kRowsPerWarp; ++r) {
+        if (in_row) {
+          const int64_t p = next[r] + kWarpSize * b;
+          ql_lo[r][b] = __ldg(w.ql_lo + p);
+          ql_hi[r][b] = __ldg(w.ql_hi + p);
+          qh[r][b] = __ldg(w.qh + p);
+          scales[r][b] = __ldg(w.scales + p);
+          d[r][b] = __half2float(__ushort_as_half(__ldg(w.d + p / 4)));  // pieces 4B .. 4B + 3: block B
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < kRowsPerWarp; ++r) next[r] += kWarpSize * kQ6KBatch;
+  };
+  load(0);
+  detail::wait_for_prior_grids();  // x comes from the previous kernel
+  detail::allow_dependent_launch();
+  // Word e = p * pieces + P: plane p / 4 (ql_lo: quarters 0 and 2, ql_hi: 1 and 3), word i = p % 4 of
+  // piece P = 4B + 2h + s: inputs 256B + 128h + 16s + 32 (p / 4) + 4i .. + 3 and those + 64.
+  const int shift = stage_activations<64>(
+      x, kQ6KPiecePlanes * pieces,
+      [pieces](unsigned e) {
+        const unsigned p = e / pieces, piece = e - p * pieces;
+        return 256 * (piece / 4) + 128 * (piece / 2 % 2) + 16 * (piece % 2) + 32 * (p / 4) + 4 * (p % 4);
+      },
+      xs, max_abs_bits);
+  __syncthreads();
+
+  float acc[kRowsPerWarp] = {};
+  const unsigned pieces_per_lane = (pieces + kWarpSize - 1) / kWarpSize;
+  const uint4* xw = xs + lane;
+  const auto multiply = [&](unsigned j0, bool guarded) {
+#pragma unroll
+    for (int b = 0; b < kQ6KBatch; ++b) {
+      if (!guarded || lane + kWarpSize * (j0 + b) < pieces) {
+        uint4 xv[kQ6KPiecePlanes];
+#pragma unroll
+        for (int p = 0; p < kQ6KPiecePlanes; ++p) xv[p] = xw[p * pieces + kWarpSize * b];
+#pragma unroll
+        for (int r = 0; r < kRowsPerWarp; ++r) {
+          __half2 sums[4] = {w4a16::bits_half2(0u), w4a16::bits_half2(0u), w4a16::bits_half2(0u),
+                             w4a16::bits_half2(0u)};
+          w4a16::q6_k_piece_half2_dot(ql_lo[r][b], ql_hi[r][b], qh[r][b], xv, sums);
+          float a = acc[r];
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            const auto scale = static_cast<int8_t>((scales[r][b] >> (8 * q)) & 0xFF);
+            a = fmaf(d[r][b] * static_cast<float>(scale), __low2float(sums[q]) + __high2float(sums[q]), a);
+          }
+          acc[r] = a;
+        }
+      }
+    }
+  };
+  for (unsigned j0 = 0;;) {
+    if (kWarpSize * (j0 + kQ6KBatch) <= pieces) {
+      multiply(j0, false);
+    } else {
+      multiply(j0, true);
+    }
+    j0 += kQ6KBatch;
+    if (j0 >= pieces_per_lane) break;
+    xw += kWarpSize * kQ6KBatch;
+    load(j0);
+  }
+  store_rows(acc, warp, shift, out);
+  if constexpr (Out::kAfterBlock) {
+    static_assert(kThreads == detail::kAddRmsNormThreads, "one block of 256");
+    out.after_block();  // every thread of the block gets here
+  }
+}
+
 // A kernel's shared memory on one device, remembered per kernel and device: querying it on every launch
 // costs host time where launches are not captured in a graph (prompts, tensor-parallel shards).
 struct Half2KernelShared {
@@ -638,6 +741,22 @@ Status launch_q4_k(const uint8_t* w, int64_t k, const __half* x, const Out& out,
   return launch_half2(gemv_q4_k_half2_kernel<Out>, out.warps(), shared, stream, programmatic, w, out, k, x);
 }
 
+// The Q6_K kernel with epilogue `out` on planes at w (kernels/q6_k_planes.hpp, n_out rows), after the
+// checks every epilogue shares; nothing to launch for no rows.
+template <typename Out>
+Status launch_q6_k(const uint8_t* w, int64_t n_out, int64_t k, const __half* x, const Out& out,
+                   cudaStream_t stream, bool programmatic) {
+  w4a16::Q6KPlanes planes{};
+  if (!w4a16::make_q6_k_planes(w, n_out, k, planes) || x == nullptr || k > kW4A16GemvHalf2MaxK ||
+      reinterpret_cast<uintptr_t>(x) % 16 != 0 || out.warps() / kWarps >= INT32_MAX) {
+    return Status::invalid_argument;
+  }
+  if (out.warps() == 0) return Status::ok;
+  const size_t shared = static_cast<size_t>(k) * sizeof(__half);
+  return launch_half2(gemv_q6_k_half2_kernel<Out>, out.warps(), shared, stream, programmatic, planes, out, k,
+                      x);
+}
+
 // The epilogue of one token's q / k / v rows, or false for what rope_kv_write would refuse (and for
 // more than one token or an odd head_dim).
 bool make_rope_kv_out(const RopeKvWriteShape& s, const int32_t* token_pos, const int32_t* token_seq,
@@ -686,6 +805,12 @@ Status w4a16_gemv_q4_k_half2(const uint8_t* w, int64_t n_out, int64_t k, const _
                              cudaStream_t stream, bool programmatic) {
   if (y == nullptr || m != 1 || n_out < 0) return Status::invalid_argument;
   return launch_q4_k(w, k, x, SumsOut{n_out, y}, stream, programmatic);
+}
+
+Status w4a16_gemv_q6_k_half2(const uint8_t* w, int64_t n_out, int64_t k, const __half* x, int64_t m, float* y,
+                             cudaStream_t stream, bool programmatic) {
+  if (y == nullptr || m != 1 || n_out < 0) return Status::invalid_argument;
+  return launch_q6_k(w, n_out, k, x, SumsOut{n_out, y}, stream, programmatic);
 }
 
 Status w4a16_gemv_int4_groups_half2_add_norm(const uint8_t* quants, const __half* scales,

@@ -50,6 +50,15 @@ Status w4a16_gemv_int4_groups_half2(const uint8_t* quants, const __half* scales,
 Status w4a16_gemv_q4_k_half2(const uint8_t* w, int64_t n_out, int64_t k, const __half* x, int64_t m, float* y,
                              cudaStream_t stream, bool programmatic = false);
 
+// The same on GGUF Q6_K in planes (w4a16_gemv_q6_k's layout, kernels/q6_k_planes.hpp): each sub-block's
+// 16 levels summed against their activations in fp16 (w4a16::q6_k_piece_half2_dot), then times d *
+// scale in fp32. w: the [n_out, k] planes, 16-byte aligned; x: [1, k] fp16, 16-byte aligned; y: [1,
+// n_out] fp32. invalid_argument for m != 1, k not a multiple of 256 or over kW4A16GemvHalf2MaxK (or
+// over what the device's blocks can hold in shared memory: 2 bytes an input), null or misaligned
+// pointers.
+Status w4a16_gemv_q6_k_half2(const uint8_t* w, int64_t n_out, int64_t k, const __half* x, int64_t m, float* y,
+                             cudaStream_t stream, bool programmatic = false);
+
 // Whether this device's blocks hold the shared memory the half2 GEMVs need for rows of k inputs (INT4
 // groups, or Q4_K when q4_k) with every one of their epilogues below (the launchers refuse a row that
 // does not fit with invalid_argument). Remembered per device and k.

@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "kernels/q6_k_planes.hpp"
 #include "kernels/quant_types.hpp"
 
 namespace nibble::kernels::cuda::w4a16 {
@@ -274,40 +275,54 @@ struct Q8_0Blocks {
   }
 };
 
-// GGUF Q6_K super-blocks as stored (210 bytes per 256 weights: 2-byte aligned): 32-weight unit b is
-// run r = b % 8 of super-block b / 8, in its half h = r / 4 (ql + 64 h, qh + 32 h, scales + 8 h) and
-// quarter q = r % 4: weight l's level is the low (q < 2) or high nibble of ql[32 (q % 2) + l] with
-// bits 2q, 2q + 1 of qh[l] above it, minus 32, times d * scales[2q + l / 16] (kernels/quantize.cpp's
-// dequantize_block_q6_k, rounded as it rounds: (d * scale) * level). Loads are 16-bit words; each
-// ql byte serves two units and each qh byte four (L1 hits: every byte still comes from memory once).
-struct Q6KBlocks {
-  const uint8_t* w;
+// GGUF Q6_K repacked into planes at load (kernels/q6_k_planes.hpp: per row, pieces of 64 weights, each
+// plane 16-byte loads). 32-weight unit b is quarter q = r % 4 of half h = r / 4 (r = b % 8) of
+// super-block b / 8; its weights 16s + i (s = 0, 1) are weights i of quarter q in piece 2h + s of that
+// super-block: the low (q < 2) or high nibble of byte i of its ql_lo (q even) or ql_hi (q odd) piece,
+// with bits 2q, 2q + 1 of byte i of its qh piece above it, minus 32, times d * (the piece's scale byte
+// q) (kernels/quantize.cpp's dequantize_block_q6_k, rounded as it rounds: (d * scale) * level).
+struct Q6KPlanes {
+  const uint4* ql_lo;       // [n_out, k / 64] 16-byte pieces
+  const uint4* ql_hi;       // [n_out, k / 64]
+  const uint4* qh;          // [n_out, k / 64]
+  const uint32_t* scales;   // [n_out, k / 64] four int8 scales, quarter q in byte q
+  const unsigned short* d;  // [n_out, k / 256] fp16 bits
   __host__ __device__ void load(int64_t row, int64_t nb, int64_t b, float (&wv)[kQK4_0]) const {
-    const int64_t super_blocks = nb / (kQK_K / kQK4_0);
-    const uint8_t* blk =
-        w + (row * super_blocks + b / (kQK_K / kQK4_0)) * static_cast<int64_t>(sizeof(BlockQ6_K));
+    const int64_t super_blocks = nb / (kQK_K / kQK4_0), block = b / (kQK_K / kQK4_0);
     const int run = static_cast<int>(b % (kQK_K / kQK4_0)), half = run / 4, quarter = run % 4;
-    const auto* ql = reinterpret_cast<const uint16_t*>(blk + 64 * half + 32 * (quarter % 2));
-    const auto* qh = reinterpret_cast<const uint16_t*>(blk + kQK_K / 2 + 32 * half);
-    const auto* head = reinterpret_cast<const uint16_t*>(blk + kQK_K / 2 + kQK_K / 4);  // the 16 scales
-    const unsigned scale_pair = load_ro(head + 4 * half + quarter);  // scales[8 half + 2 quarter], + 1
-    const float d = __half2float(__ushort_as_half(load_ro(head + 8)));
-    const float ds[2] = {mul_rn(d, static_cast<float>(static_cast<int8_t>(scale_pair & 0xFF))),
-                         mul_rn(d, static_cast<float>(static_cast<int8_t>(scale_pair >> 8)))};
+    const int64_t p0 = (row * super_blocks + block) * 4 + 2 * half;  // piece s = 0; s = 1 follows
+    const float d_block = __half2float(__ushort_as_half(load_ro(d + row * super_blocks + block)));
+    const uint4* levels = quarter % 2 == 0 ? ql_lo : ql_hi;
     const int nibble_shift = quarter < 2 ? 0 : 4, high_shift = 2 * quarter;
     NIBBLE_DEVICE_UNROLL
-    for (int i = 0; i < kQK4_0 / 2; ++i) {
-      const unsigned lw = load_ro(ql + i), hw = load_ro(qh + i);  // bytes 2i (low) and 2i + 1
+    for (int s = 0; s < 2; ++s) {
+      const auto scale = static_cast<int8_t>((load_ro(scales + p0 + s) >> (8 * quarter)) & 0xFF);
+      const float ds = mul_rn(d_block, static_cast<float>(scale));
+      const uint4 lw = load_ro(levels + p0 + s), hw = load_ro(qh + p0 + s);
+      const unsigned low_words[4] = {lw.x, lw.y, lw.z, lw.w}, high_words[4] = {hw.x, hw.y, hw.z, hw.w};
       NIBBLE_DEVICE_UNROLL
-      for (int t = 0; t < 2; ++t) {
-        const unsigned low = ((lw >> (8 * t)) >> nibble_shift) & 0xF;
-        const unsigned high = ((hw >> (8 * t)) >> high_shift) & 3;
+      for (int i = 0; i < 16; ++i) {
+        const unsigned low = ((low_words[i / 4] >> (8 * (i % 4))) >> nibble_shift) & 0xF;
+        const unsigned high = ((high_words[i / 4] >> (8 * (i % 4))) >> high_shift) & 3;
         const int level = static_cast<int>(low | (high << 4)) - 32;
-        wv[2 * i + t] = mul_rn(ds[(2 * i + t) / 16], static_cast<float>(level));
+        wv[16 * s + i] = mul_rn(ds, static_cast<float>(level));
       }
     }
   }
 };
+// The planes of an [n_out, k] matrix at w (kernels/q6_k_planes.hpp's offsets): false for a null or
+// misaligned w (16 bytes) or k not a positive multiple of 256.
+inline bool make_q6_k_planes(const uint8_t* w, int64_t n_out, int64_t k, Q6KPlanes& out) {
+  if (w == nullptr || reinterpret_cast<uintptr_t>(w) % 16 != 0 || n_out < 0 || k <= 0 || k % kQK_K != 0)
+    return false;
+  const Q6KPlanesLayout layout = q6_k_planes_layout(n_out, k);
+  out.ql_lo = reinterpret_cast<const uint4*>(w + layout.ql_lo);
+  out.ql_hi = reinterpret_cast<const uint4*>(w + layout.ql_hi);
+  out.qh = reinterpret_cast<const uint4*>(w + layout.qh);
+  out.scales = reinterpret_cast<const uint32_t*>(w + layout.scales);
+  out.d = reinterpret_cast<const unsigned short*>(w + layout.d);
+  return true;
+}
 
 // Tensor-core B operands straight from group-wise INT4 (the split nibble order above): the two
 // mma.sync.m16n8k16 B fragments (k 0..15 and 16..31 of one 32-input unit) that lane (g = lane / 4,
@@ -590,6 +605,63 @@ __host__ __device__ inline void q4_k_piece_half2_dot(const uint4& piece, const u
     acc_hi = fma_half2_rn(l1, bits_half2(xs[i].y), acc_hi);
     acc_lo = fma_half2_rn(l2, bits_half2(xs[i].z), acc_lo);
     acc_hi = fma_half2_rn(l3, bits_half2(xs[i].w), acc_hi);
+  }
+}
+
+// One Q6_K piece (kernels/q6_k_planes.hpp: the 16 weights of each quarter of one half's run) summed
+// against its activations in fp16, one half2 per quarter (its 16 weights share a sub-block scale):
+// acc[q] += sum over i of x * (level - 32). A level is its nibble and its two high bits or-ed into fp16
+// 1024 (1024 + level, less 1056) or, for the high nibbles, into 1024 + 16 level (times 1/16, less 96):
+// exact, as the INT4 and Q4_K readers build theirs, about 2.5 instructions a weight. The kernel scales
+// its activations so that |x| <= 64: a running sum of 8 products stays under 8 * 64 * 32 = 16384.
+// Exact when every x is an integer and the sums stay under 2048 (what the CPU test checks the bit
+// order with). ql_lo, ql_hi, qh: the piece's 16 bytes of each plane; xs: its activations as staged,
+// words 0..3 the ql_lo words' (int4_half2_staged_word of inputs 4i .. 4i + 3 of quarter 0 and of
+// quarter 2) and words 4..7 the ql_hi words' (quarters 1 and 3).
+// The nibbles under Mask of w and the 2-bit fields under high_mask of h or-ed into two fp16 1024s.
+template <uint32_t Mask>
+__host__ __device__ inline uint32_t q6_k_levels_or_1024(uint32_t w, uint32_t h, uint32_t high_mask) {
+  return levels_or_1024<Mask>(w) | (h & high_mask);
+}
+__host__ __device__ inline void q6_k_piece_half2_dot(const uint4& ql_lo, const uint4& ql_hi, const uint4& qh,
+                                                     const uint4 (&xs)[8], __half2 (&acc)[4]) {
+  const unsigned lo[4] = {ql_lo.x, ql_lo.y, ql_lo.z, ql_lo.w}, hi[4] = {ql_hi.x, ql_hi.y, ql_hi.z, ql_hi.w};
+  const unsigned high_bits[4] = {qh.x, qh.y, qh.z, qh.w};
+  const __half2 bias = bits_half2(0x64206420u);       // 1056 = 1024 + 32
+  const __half2 sixteenth = bits_half2(0x2C002C00u);  // 1/16
+  const __half2 neg_96 = bits_half2(0xD600D600u);     // -96 = -(64 + 32)
+  NIBBLE_DEVICE_UNROLL
+  for (int i = 0; i < 4; ++i) {
+    const uint32_t h = high_bits[i];
+    // Byte j's bits 2q, 2q + 1 moved to bits 4, 5 (beside a low nibble) or 8, 9 (beside a high one,
+    // 16 times over): quarters 0 / 2 (bits 0-1 / 4-5) from h << 4 for bytes 0, 2 and h >> 4 for bytes
+    // 1, 3; quarters 1 / 3 (bits 2-3 / 6-7) from h << 2 and h >> 6.
+    const uint32_t h_even02 = h << 4, h_odd02 = h >> 4, h_even13 = h << 2, h_odd13 = h >> 6;
+    const uint32_t w = lo[i], w8 = lo[i] >> 8, v = hi[i], v8 = hi[i] >> 8;
+    const __half2 q0_even =
+        __hsub2_rn(bits_half2(q6_k_levels_or_1024<0x000F000Fu>(w, h_even02, 0x00300030u)), bias);
+    const __half2 q2_even = fma_half2_rn(
+        bits_half2(q6_k_levels_or_1024<0x00F000F0u>(w, h_even02, 0x03000300u)), sixteenth, neg_96);
+    const __half2 q0_odd =
+        __hsub2_rn(bits_half2(q6_k_levels_or_1024<0x000F000Fu>(w8, h_odd02, 0x00300030u)), bias);
+    const __half2 q2_odd = fma_half2_rn(
+        bits_half2(q6_k_levels_or_1024<0x00F000F0u>(w8, h_odd02, 0x03000300u)), sixteenth, neg_96);
+    const __half2 q1_even =
+        __hsub2_rn(bits_half2(q6_k_levels_or_1024<0x000F000Fu>(v, h_even13, 0x00300030u)), bias);
+    const __half2 q3_even = fma_half2_rn(
+        bits_half2(q6_k_levels_or_1024<0x00F000F0u>(v, h_even13, 0x03000300u)), sixteenth, neg_96);
+    const __half2 q1_odd =
+        __hsub2_rn(bits_half2(q6_k_levels_or_1024<0x000F000Fu>(v8, h_odd13, 0x00300030u)), bias);
+    const __half2 q3_odd = fma_half2_rn(
+        bits_half2(q6_k_levels_or_1024<0x00F000F0u>(v8, h_odd13, 0x03000300u)), sixteenth, neg_96);
+    acc[0] = fma_half2_rn(q0_even, bits_half2(xs[i].x), acc[0]);
+    acc[2] = fma_half2_rn(q2_even, bits_half2(xs[i].y), acc[2]);
+    acc[0] = fma_half2_rn(q0_odd, bits_half2(xs[i].z), acc[0]);
+    acc[2] = fma_half2_rn(q2_odd, bits_half2(xs[i].w), acc[2]);
+    acc[1] = fma_half2_rn(q1_even, bits_half2(xs[4 + i].x), acc[1]);
+    acc[3] = fma_half2_rn(q3_even, bits_half2(xs[4 + i].y), acc[3]);
+    acc[1] = fma_half2_rn(q1_odd, bits_half2(xs[4 + i].z), acc[1]);
+    acc[3] = fma_half2_rn(q3_odd, bits_half2(xs[4 + i].w), acc[3]);
   }
 }
 

@@ -417,8 +417,10 @@ TEST(CudaLlamaModel, Q4KModelMatchesTheCpu) {
 }
 
 // A Q4_K_M-style mix (llama.cpp keeps ffn_down and the output head at Q6_K, the other matrices at
-// Q4_K): the Q6_K matrices go up as stored (6.56 bits a weight; before, fp16 for cuBLAS) and the
-// logits follow the CPU's on the default kernels and pinned to the CUDA cores.
+// Q4_K): the Q6_K matrices go up in planes (kernels/q6_k_planes.hpp, 6.56 bits a weight; before, fp16
+// for cuBLAS) and the logits follow the CPU's on the default kernels, pinned to the CUDA cores and
+// pinned to the half2 GEMVs (one row of Q6_K on w4a16_gemv_q6_k_half2). Measured: each Q6_K shape's
+// one-row GEMV timed on both, the half2 one kept where 5% faster.
 TEST(CudaLlamaModel, Q4KMMixWithQ6KMatricesMatchesTheCpu) {
   NIBBLE_REQUIRE_CUDA_DEVICE();
   t::TempDir dir;
@@ -435,12 +437,34 @@ TEST(CudaLlamaModel, Q4KMMixWithQ6KMatricesMatchesTheCpu) {
   const std::string mix = (dir.path() / "model-q4_k_m.gguf").string();
   out.write(mix);
   ASSERT_GT(q6_layer_weights, 0);
-  for (const w::Int4Kernels kernels : {w::Int4Kernels::measured, w::Int4Kernels::cuda_cores}) {
+  for (const w::Int4Kernels kernels :
+       {w::Int4Kernels::measured, w::Int4Kernels::cuda_cores, w::Int4Kernels::half2}) {
     SCOPED_TRACE("int4_kernels " + std::to_string(static_cast<int>(kernels)));
     compare_scenario(mix, kQuantizedBound, /*decode_attention=*/true, kernels);
   }
   const auto checkpoint = m::LlamaCheckpoint::open(mix);
   w::CudaLlamaModel gpu(checkpoint);
+  int q6_k_shapes = 0;
+  for (const w::CudaQ4KChoice& ch : gpu.q4_k_choices()) {
+    if (!ch.q6_k) continue;
+    ++q6_k_shapes;
+    EXPECT_GT(ch.cuda_cores_us, 0.0);
+    EXPECT_GT(ch.half2_us, 0.0);
+    EXPECT_EQ(ch.tensor_cores_us, 0.0);
+    EXPECT_FALSE(ch.tensor_cores);
+    EXPECT_EQ(ch.half2, ch.half2_us < 0.95 * ch.cuda_cores_us);
+  }
+  EXPECT_EQ(q6_k_shapes, 2);  // ffn_down and the head
+  for (const w::Int4Kernels pin : {w::Int4Kernels::cuda_cores, w::Int4Kernels::half2}) {
+    w::CudaModelOptions options;
+    options.int4_kernels = pin;
+    w::CudaLlamaModel pinned(checkpoint, options);
+    for (const w::CudaQ4KChoice& ch : pinned.q4_k_choices()) {
+      if (!ch.q6_k) continue;
+      EXPECT_EQ(ch.half2, pin == w::Int4Kernels::half2);
+      EXPECT_EQ(ch.cuda_cores_us, 0.0);
+    }
+  }
   // The four-bit bound (fp16 for embedding and head) plus 210 bytes per 256 ffn_down weights on top
   // of their 19 per 32: fp16 ffn_down matrices (2 bytes a weight) would not fit.
   EXPECT_LE(gpu.weight_bytes(),

@@ -124,8 +124,8 @@ TEST(W4A16DequantCublas, MatchesTheReferenceInOneChunkAndInMany) {
   EXPECT_EQ(cudaGetLastError(), cudaSuccess);
 }
 
-// GGUF Q8_0 and Q6_K blocks as stored through the same chunks: the CPU's weights rounded to fp16,
-// then cuBLAS; one chunk and several, rows 2-byte aligned (34- and 210-byte blocks), refused
+// GGUF Q8_0 blocks as stored and Q6_K in planes through the same chunks: the CPU's weights rounded to
+// fp16, then cuBLAS; one chunk and several, Q8_0 rows 2-byte aligned (34-byte blocks), refused
 // arguments before anything runs.
 TEST(W4A16DequantCublas, Q8_0AndQ6KMatchTheReference) {
   NIBBLE_REQUIRE_CUDA_DEVICE();
@@ -138,7 +138,7 @@ TEST(W4A16DequantCublas, Q8_0AndQ6KMatchTheReference) {
     std::vector<uint8_t> wq;
     std::vector<float> wf;
     ASSERT_NO_FATAL_FAILURE(ct::random_quantized(type, n_out, kk, rng, wq, wf));
-    ct::DeviceBuffer<uint8_t> dw(wq);
+    ct::DeviceBuffer<uint8_t> dw(ct::as_uploaded(type, n_out, kk, wq));
     ASSERT_NE(dw.ptr, nullptr);
     const auto call = type == k::DType::Q8_0 ? kc::w4a16_q8_0_dequant_cublas : kc::w4a16_q6_k_dequant_cublas;
     for (const int64_t scratch_rows : {n_out, int64_t{50}}) {

@@ -64,7 +64,7 @@ void expect_gguf_gemm_matches(k::DType type, GgufGemm gemm, std::initializer_lis
     std::vector<uint8_t> wq;
     std::vector<float> wf;
     ASSERT_NO_FATAL_FAILURE(random_quantized(type, c.n_out, c.k, rng, wq, wf));
-    DeviceBuffer<uint8_t> dw(wq);
+    DeviceBuffer<uint8_t> dw(nibble::cuda_test::as_uploaded(type, c.n_out, c.k, wq));
     ASSERT_NE(dw.ptr, nullptr);
     for (const int64_t m : {int64_t{1}, int64_t{65}, int64_t{257}}) {
       expect_matches_reference(wf, c.n_out, c.k, m, 2e-3, rng, [&](const __half* x, int64_t mm, float* y) {
@@ -90,7 +90,7 @@ TEST(CudaW4A16Gemm, Q8_0MatchesCpuReference) {
                                {GemmShape{37, 4128}, GemmShape{1001, 96}, GemmShape{130, 32}}, 21));
 }
 
-// GGUF Q6_K as stored (a Q4_K_M model's 6-bit matrices), rows 2-byte aligned.
+// GGUF Q6_K in planes (a Q4_K_M model's 6-bit matrices, as the model uploads them).
 TEST(CudaW4A16Gemm, Q6KMatchesCpuReference) {
   NIBBLE_REQUIRE_CUDA_DEVICE();
   ASSERT_NO_FATAL_FAILURE(

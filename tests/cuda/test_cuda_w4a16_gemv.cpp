@@ -54,9 +54,9 @@ TEST(CudaW4A16Gemv, MatchesCpuReference) {
   }
 }
 
-// A GGUF GEMV read as stored (`gemv`: w4a16_gemv_q4_k's signature) against the CPU reference on
-// `type` weights: 1, 37 and 4099 outputs, each of `ks`, 1, 5 and 32 rows. The GEMV holds each weight
-// in fp32 as the CPU dequantizes it, so the bound is only the fp32 sums' and fp16 activations'.
+// A GGUF GEMV (`gemv`: w4a16_gemv_q4_k's signature; the weights as uploaded: Q6_K in planes) against the CPU
+// reference on `type` weights: 1, 37 and 4099 outputs, each of `ks`, 1, 5 and 32 rows. The GEMV holds each
+// weight in fp32 as the CPU dequantizes it, so the bound is only the fp32 sums' and fp16 activations'.
 using GgufGemv = k::Status (*)(const uint8_t*, int64_t, int64_t, const __half*, int64_t, float*, cudaStream_t,
                                bool);
 void expect_gguf_gemv_matches(k::DType type, GgufGemv gemv, std::initializer_list<int64_t> ks,
@@ -67,7 +67,7 @@ void expect_gguf_gemv_matches(k::DType type, GgufGemv gemv, std::initializer_lis
       std::vector<uint8_t> wq;
       std::vector<float> wf;
       ASSERT_NO_FATAL_FAILURE(random_quantized(type, n_out, kk, rng, wq, wf));
-      DeviceBuffer<uint8_t> dw(wq);
+      DeviceBuffer<uint8_t> dw(nibble::cuda_test::as_uploaded(type, n_out, kk, wq));
       ASSERT_NE(dw.ptr, nullptr);
       for (const int64_t m : {int64_t{1}, int64_t{5}, int64_t{32}}) {
         expect_matches_reference(wf, n_out, kk, m, 1e-3, rng, [&](const __half* x, int64_t mm, float* y) {
@@ -107,9 +107,8 @@ TEST(CudaW4A16Gemv, Q8_0MatchesCpuReference) {
   EXPECT_EQ(cudaGetLastError(), cudaSuccess);
 }
 
-// GGUF Q6_K read as stored: rows 210 bytes a super-block apart (2-byte aligned from the second row
-// on with 3 super-blocks), every run of both halves; the GEMV holds each weight in fp32, so the bound
-// is the Q4_K one.
+// GGUF Q6_K in planes (kernels/q6_k_planes.hpp): odd super-block counts, every run of both halves; the
+// GEMV holds each weight in fp32, so the bound is the Q4_K one.
 TEST(CudaW4A16Gemv, Q6KMatchesCpuReference) {
   NIBBLE_REQUIRE_CUDA_DEVICE();
   ASSERT_NO_FATAL_FAILURE(expect_gguf_gemv_matches(k::DType::Q6_K, k::cuda::w4a16_gemv_q6_k,
@@ -119,7 +118,7 @@ TEST(CudaW4A16Gemv, Q6KMatchesCpuReference) {
   DeviceBuffer<float> dy(2);
   const auto* x = reinterpret_cast<const __half*>(dx.ptr);
   EXPECT_EQ(k::cuda::w4a16_gemv_q6_k(dw.ptr, 1, 288, x, 1, dy.ptr, nullptr), k::Status::invalid_argument);
-  EXPECT_EQ(k::cuda::w4a16_gemv_q6_k(dw.ptr + 1, 1, 256, x, 1, dy.ptr, nullptr), k::Status::invalid_argument);
+  EXPECT_EQ(k::cuda::w4a16_gemv_q6_k(dw.ptr + 2, 1, 256, x, 1, dy.ptr, nullptr), k::Status::invalid_argument);
   EXPECT_EQ(k::cuda::w4a16_gemv_q6_k(dw.ptr, 1, 256, x, 33, dy.ptr, nullptr), k::Status::invalid_argument);
   EXPECT_EQ(cudaGetLastError(), cudaSuccess);
 }

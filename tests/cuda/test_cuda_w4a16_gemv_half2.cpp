@@ -374,6 +374,86 @@ TEST(CudaW4A16GemvHalf2, Q4KRowsAloneAndTheLongestRow) {
       }));
 }
 
+// GGUF Q6_K in planes (w4a16_gemv_q6_k_half2, kernels/q6_k_planes.hpp). Per quarter the fp16 level sum
+// has 8 products a half (at most 8 * 2^-11 of sum|x * q| each) and d scale q is the weight itself (no
+// min), so 2e-2 of sum|x * w| bounds it; with integer activations the fp16 sums are exact and only the
+// fp32 sums round (1e-4), which is what catches a wrong pairing. Shapes: one output, around the 16-row
+// block, many blocks; one super-block (4 pieces: lanes 4..31 idle), 9 (36 pieces: the first batch's
+// second step partly past the end), 17 and 31 (a partial batch after the indices moved on), 112
+// (llama-70b's 28672 inputs: whole batches). Then a row's bits alone (rows 16..31 in planes of their
+// own, launched programmatically: the planes' row indexing), large activations, the refusals, and the
+// longest row it takes.
+TEST(CudaW4A16GemvHalf2, Q6KMatchesCpuReference) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  std::mt19937 rng(46);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::uniform_int_distribution<int> small(-2, 2);
+  using nibble::cuda_test::as_uploaded;
+  for (const int64_t n_out : {int64_t{1}, int64_t{37}, int64_t{2051}}) {
+    for (const int64_t kk : {int64_t{256}, int64_t{2304}, int64_t{4352}, int64_t{7936}, int64_t{28672}}) {
+      if (n_out == 2051 && kk >= 7936) continue;  // the host reference: n_out * k products
+      SCOPED_TRACE("n_out=" + std::to_string(n_out) + " k=" + std::to_string(kk));
+      std::vector<uint8_t> wq;
+      std::vector<float> wf;
+      ASSERT_NO_FATAL_FAILURE(random_quantized(k::DType::Q6_K, n_out, kk, rng, wq, wf));
+      DeviceBuffer<uint8_t> dw(as_uploaded(k::DType::Q6_K, n_out, kk, wq));
+      ASSERT_NE(dw.ptr, nullptr);
+      const auto launch = [&](const __half* x, float* y) {
+        return k::cuda::w4a16_gemv_q6_k_half2(dw.ptr, n_out, kk, x, 1, y, nullptr);
+      };
+      std::vector<k::f16_bits> xh(static_cast<size_t>(kk));
+      for (auto& v : xh) v = k::fp32_to_fp16(normal(rng));
+      ASSERT_NO_FATAL_FAILURE(expect_product(wf, n_out, kk, xh, 2e-2, launch));
+      for (auto& v : xh) v = k::fp32_to_fp16(static_cast<float>(small(rng)));
+      ASSERT_NO_FATAL_FAILURE(expect_product(wf, n_out, kk, xh, 1e-4, launch));
+      if (n_out != 2051 || kk != 4352) continue;
+      // Rows 16..31 in planes of their own give the whole matrix's bits for them.
+      const int64_t row_bytes = k::row_bytes(k::DType::Q6_K, kk);
+      const std::vector<uint8_t> part_blocks(wq.begin() + 16 * row_bytes, wq.begin() + 32 * row_bytes);
+      DeviceBuffer<uint8_t> dpart(as_uploaded(k::DType::Q6_K, 16, kk, part_blocks));
+      for (size_t i = 0; i < xh.size(); ++i)  // large activations are scaled first
+        xh[i] = k::fp32_to_fp16(normal(rng) * (i % 101 == 0 ? 6000.0f : 1.0f));
+      ASSERT_NO_FATAL_FAILURE(expect_product(wf, n_out, kk, xh, 2e-2, launch));
+      DeviceBuffer<k::f16_bits> dx(xh);
+      DeviceBuffer<float> all(static_cast<size_t>(n_out)), part(16);
+      ASSERT_TRUE(dpart.ptr && dx.ptr && all.ptr && part.ptr);
+      const auto* x = reinterpret_cast<const __half*>(dx.ptr);
+      ASSERT_EQ(k::cuda::w4a16_gemv_q6_k_half2(dw.ptr, n_out, kk, x, 1, all.ptr, nullptr), k::Status::ok);
+      ASSERT_EQ(
+          k::cuda::w4a16_gemv_q6_k_half2(dpart.ptr, 16, kk, x, 1, part.ptr, nullptr, /*programmatic=*/true),
+          k::Status::ok);
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      const std::vector<float> a = all.to_host(), p = part.to_host();
+      EXPECT_EQ(std::memcmp(a.data() + 16, p.data(), 16 * sizeof(float)), 0);
+      EXPECT_EQ(k::cuda::w4a16_gemv_q6_k_half2(dw.ptr, n_out, kk, x, 2, all.ptr, nullptr),
+                k::Status::invalid_argument)
+          << "one activation row";
+      EXPECT_EQ(k::cuda::w4a16_gemv_q6_k_half2(dw.ptr, n_out, 288, x, 1, all.ptr, nullptr),
+                k::Status::invalid_argument)
+          << "k not a multiple of 256";
+      EXPECT_EQ(k::cuda::w4a16_gemv_q6_k_half2(dw.ptr + 8, n_out, kk, x, 1, all.ptr, nullptr),
+                k::Status::invalid_argument)
+          << "misaligned planes";
+      EXPECT_EQ(k::cuda::w4a16_gemv_q6_k_half2(dw.ptr, n_out, kk, x + 1, 1, all.ptr, nullptr),
+                k::Status::invalid_argument)
+          << "misaligned activations";
+      EXPECT_EQ(cudaGetLastError(), cudaSuccess);
+    }
+  }
+  const int64_t n_out = 16, kk = k::cuda::kW4A16GemvHalf2MaxK;
+  std::vector<uint8_t> wq;
+  std::vector<float> wf;
+  ASSERT_NO_FATAL_FAILURE(random_quantized(k::DType::Q6_K, n_out, kk, rng, wq, wf));
+  DeviceBuffer<uint8_t> dw(as_uploaded(k::DType::Q6_K, n_out, kk, wq));
+  ASSERT_NE(dw.ptr, nullptr);
+  std::vector<k::f16_bits> xh(static_cast<size_t>(kk));
+  for (auto& v : xh) v = k::fp32_to_fp16(static_cast<float>(small(rng)));
+  ASSERT_NO_FATAL_FAILURE(
+      expect_product_or_refusal(wf, n_out, kk, xh, 1e-4, 2 * kk + 16, [&](const __half* x, float* y) {
+        return k::cuda::w4a16_gemv_q6_k_half2(dw.ptr, n_out, kk, x, 1, y, nullptr);
+      }));
+}
+
 // ---------------------------------------------------------------------------------------------
 // The fused epilogues (SwiGLU after the stacked gate / up rows, RoPE and the KV write after the stacked
 // q / k / v rows). Each must write bit for bit what the plain half2 GEMV followed by the kernel it

@@ -15,6 +15,7 @@
 #include "kernels/int4_groups.hpp"
 #include "kernels/int4_tiles.hpp"
 #include "kernels/q4_0_split.hpp"
+#include "kernels/q6_k_planes.hpp"
 #include "kernels/quant_types.hpp"
 #include "kernels/quantize.hpp"
 
@@ -253,17 +254,80 @@ TEST(W4A16WeightReaders, Q8_0ReadsTheCpuWeights) {
   }
 }
 
-// Q6_K as stored (2-byte aligned rows of 210-byte blocks): every run of every half and quarter,
-// bit for bit the CPU's dequantize_row.
-TEST(W4A16WeightReaders, Q6KReadsTheCpuWeights) {
+// Q6_K in planes (kernels/q6_k_planes.hpp): every run of every half and quarter, bit for bit the CPU's
+// dequantize_row of the blocks as stored.
+TEST(W4A16WeightReaders, Q6KPlanesReadTheCpuWeights) {
   std::mt19937 rng(9);
   for (const int64_t n_out : {int64_t{1}, int64_t{5}}) {
     for (const int64_t kk : {int64_t{256}, int64_t{768}, int64_t{4352}}) {
       SCOPED_TRACE("n_out=" + std::to_string(n_out) + " k=" + std::to_string(kk));
       const std::vector<uint8_t> blocks = random_rows(k::DType::Q6_K, n_out, kk, rng);
       const std::vector<float> want = dequantized(k::DType::Q6_K, blocks.data(), n_out, kk);
-      const Aligned w(blocks.data(), blocks.size());
-      expect_reads(w4a16::Q6KBlocks{w.bytes()}, n_out, kk, want);
+      std::vector<uint8_t> planes(static_cast<size_t>(k::q6_k_planes_layout(n_out, kk).bytes));
+      ASSERT_EQ(k::q6_k_planes_from_blocks(blocks.data(), n_out, kk, planes.data()), k::Status::ok);
+      const Aligned w(planes.data(), planes.size());
+      w4a16::Q6KPlanes reader{};
+      ASSERT_TRUE(w4a16::make_q6_k_planes(w.bytes(), n_out, kk, reader));
+      expect_reads(reader, n_out, kk, want);
+    }
+  }
+  w4a16::Q6KPlanes reader{};
+  const Aligned w(std::vector<uint8_t>(64).data(), 64);
+  EXPECT_FALSE(w4a16::make_q6_k_planes(w.bytes(), 1, 128, reader));      // k not a multiple of 256
+  EXPECT_FALSE(w4a16::make_q6_k_planes(w.bytes() + 2, 1, 256, reader));  // misaligned
+  EXPECT_FALSE(w4a16::make_q6_k_planes(nullptr, 1, 256, reader));
+}
+
+// The half2 GEMV's Q6_K pieces: q6_k_piece_half2_dot sums each quarter's 16 levels (less 32) against
+// their own activations, staged as the kernel stages them (exactly, with integer activations: at most
+// 8 * 4 * 32 = 1024 a running sum);
+// every level 0..63 of every byte and bit pair appears.
+TEST(W4A16WeightReaders, Q6KPieceHalf2DotSumsEachQuarter) {
+  std::mt19937 rng(62);
+  std::uniform_int_distribution<int> byte(0, 255), small(-4, 4);  // a running sum: at most 8 * 4 * 32
+  for (int trial = 0; trial < 300; ++trial) {
+    uint8_t ql_lo[16], ql_hi[16], qh[16];
+    for (int i = 0; i < 16; ++i) {
+      ql_lo[i] = static_cast<uint8_t>(byte(rng));
+      ql_hi[i] = static_cast<uint8_t>(byte(rng));
+      qh[i] = static_cast<uint8_t>(byte(rng));
+    }
+    if (trial < 4) {  // the extremes: every level 0 or 63 in one trial each
+      const uint8_t fill = trial % 2 == 0 ? 0x00 : 0xFF;
+      std::memset(ql_lo, fill, 16);
+      std::memset(ql_hi, fill, 16);
+      std::memset(qh, fill, 16);
+    }
+    uint16_t xq[4][16];  // quarter q's activations, input i
+    double want[4] = {};
+    for (int q = 0; q < 4; ++q) {
+      for (int i = 0; i < 16; ++i) {
+        const int a = trial < 4 ? (trial < 2 ? 1 : -1) : small(rng);
+        xq[q][i] = k::fp32_to_fp16(static_cast<float>(a));
+        const uint8_t low_byte = q % 2 == 0 ? ql_lo[i] : ql_hi[i];
+        const int level = ((q < 2 ? low_byte & 0xF : low_byte >> 4) | (((qh[i] >> (2 * q)) & 3) << 4)) - 32;
+        want[q] += a * level;
+      }
+    }
+    uint4 staged[8];
+    for (int plane = 0; plane < 2; ++plane) {  // ql_lo: quarters 0 and 2; ql_hi: quarters 1 and 3
+      for (int i = 0; i < 4; ++i) {
+        uint2 lo, hi;
+        std::memcpy(&lo, xq[plane] + 4 * i, sizeof lo);
+        std::memcpy(&hi, xq[plane + 2] + 4 * i, sizeof hi);
+        staged[4 * plane + i] = w4a16::int4_half2_staged_word(lo, hi);
+      }
+    }
+    uint4 lo_piece, hi_piece, high_piece;
+    std::memcpy(&lo_piece, ql_lo, 16);
+    std::memcpy(&hi_piece, ql_hi, 16);
+    std::memcpy(&high_piece, qh, 16);
+    __half2 acc[4] = {w4a16::bits_half2(0u), w4a16::bits_half2(0u), w4a16::bits_half2(0u),
+                      w4a16::bits_half2(0u)};
+    w4a16::q6_k_piece_half2_dot(lo_piece, hi_piece, high_piece, staged, acc);
+    for (int q = 0; q < 4; ++q) {
+      EXPECT_EQ(static_cast<double>(__low2float(acc[q])) + __high2float(acc[q]), want[q])
+          << "trial " << trial << " quarter " << q;
     }
   }
 }

@@ -14,6 +14,7 @@
 
 #include "kernels/cuda/w4a16_gemm_cutlass.cuh"
 #include "kernels/int4_groups.hpp"
+#include "kernels/q6_k_planes.hpp"
 #include "kernels/quant_types.hpp"
 #include "kernels/quantize.hpp"
 #include "tests/cuda/cuda_test_util.hpp"
@@ -85,6 +86,16 @@ inline void random_quantized(k::DType type, int64_t n_out, int64_t kk, std::mt19
     ASSERT_EQ(k::quantize_row(type, row.data(), wq.data() + o * row_bytes, kk), k::Status::ok);
     ASSERT_EQ(k::dequantize_row(type, wq.data() + o * row_bytes, wf.data() + o * kk, kk), k::Status::ok);
   }
+}
+
+// GGUF rows of `type` as the GPU kernels take them: Q6_K repacked into planes (kernels/q6_k_planes.hpp,
+// as the model uploads it), every other type as stored.
+inline std::vector<uint8_t> as_uploaded(k::DType type, int64_t n_out, int64_t kk,
+                                        const std::vector<uint8_t>& wq) {
+  if (type != k::DType::Q6_K) return wq;
+  std::vector<uint8_t> planes(static_cast<size_t>(k::q6_k_planes_layout(n_out, kk).bytes));
+  EXPECT_EQ(k::q6_k_planes_from_blocks(wq.data(), n_out, kk, planes.data()), k::Status::ok);
+  return planes;
 }
 
 // Q8_0 blocks holding asymmetric group-wise INT4, as model/hf_quantized.hpp loads GPTQ / AWQ: per

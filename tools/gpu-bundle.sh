@@ -277,6 +277,13 @@ timeout 170 "$here/bin/nibble" bench-gpu --model dummy:llama-70b --draft dummy:l
   --long-prompt-tokens 2048 "${e2e[@]}" 2>&1 | tee "$out/bench-gpu-e2e.txt"
 e2e_rc=${PIPESTATUS[0]}
 [ "$e2e_rc" -eq 0 ] || status=1
+# A Q4_K_M GGUF (the bundled fixture): the load-time table times its Q4_K and Q6_K matrices' one-row
+# GEMVs (Q6_K: the CUDA-core GEMV against the half2 one on planes), then batch-1 decode.
+q4km="$here/fixtures/models/small-llama-q4_k_m.gguf"
+if [ -f "$q4km" ]; then
+  timeout 60 "$here/bin/nibble" bench-gpu --model "$q4km" --batch 1 --gen-tokens 16 --repetitions 3 \
+    --prompt-tokens 64 2>&1 | tee "$out/bench-gpu-q4_k_m.txt" || status=1
+fi
 # Batch 1 with every one-row product pinned to the half2 GEMV on its default block shape (so every
 # fused epilogue runs, whatever the load-time timing would pick): against the run above, whose
 # load-time table says which fusions and shapes it kept.

@@ -198,6 +198,25 @@ __device__ int64_t grid_warp(int warps = kWarps) {
   return static_cast<int64_t>(blockIdx.x) * warps + threadIdx.x / kWarpSize;
 }
 
+// A lane's walk over its row's items lane, lane + 32, ... (units, chunks or pieces; `count` in the row),
+// Batch at a time: multiply(j0, guarded) on the batch loaded (guarded: the last batch, which may run past
+// the row's end), then next(j0) moves on and loads the batch from item lane + 32 j0, until the lane's
+// items are done.
+template <int Batch, typename Multiply, typename Next>
+__device__ void for_each_batch(unsigned count, Multiply&& multiply, Next&& next) {
+  const unsigned per_lane = (count + kWarpSize - 1) / kWarpSize;
+  for (unsigned j0 = 0;;) {
+    if (kWarpSize * (j0 + Batch) <= count) {
+      multiply(j0, false);
+    } else {
+      multiply(j0, true);
+    }
+    j0 += Batch;
+    if (j0 >= per_lane) break;
+    next(j0);
+  }
+}
+
 // The warp's row sums (acc: each lane's part), times 2^shift (the staging's scale undone), to out.
 template <typename Out>
 __device__ void store_rows(const float (&acc)[kRowsPerWarp], int64_t warp, int shift, const Out& out) {
@@ -292,7 +311,6 @@ __global__ void __launch_bounds__(Warps* kWarpSize, MinBlocks)
       xs, max_abs_bits);
   __syncthreads();
 
-  const unsigned units_per_lane = (nb + kWarpSize - 1) / kWarpSize;
   for (;;) {  // once, or (Persistent) for each of the block's row pairs
     float acc[kRowsPerWarp] = {};
     const uint4* xw[4] = {xs + lane, xs + nb + lane, xs + 2 * nb + lane, xs + 3 * nb + lane};  // the 4 words
@@ -309,18 +327,11 @@ __global__ void __launch_bounds__(Warps* kWarpSize, MinBlocks)
         }
       }
     };
-    for (unsigned j0 = 0;;) {
-      if (kWarpSize * (j0 + Batch) <= nb) {
-        multiply(j0, false);
-      } else {
-        multiply(j0, true);
-      }
-      j0 += Batch;
-      if (j0 >= units_per_lane) break;
+    for_each_batch<Batch>(nb, multiply, [&](unsigned j0) {
 #pragma unroll
       for (int i = 0; i < 4; ++i) xw[i] += kWarpSize * Batch;
       load(j0);
-    }
+    });
     store_rows(acc, warp, shift, out);
     if (!Persistent) break;
     warp += static_cast<int64_t>(gridDim.x) * Warps;  // no barrier below: a warp may stop on its own
@@ -345,6 +356,7 @@ constexpr int kQ4KSuperBlockBytes = 144;      // sizeof(BlockQ4_K)
 constexpr int kQ4KChunkPlanes = 8;            // staged words a chunk: 2 pieces x 4 words
 constexpr int kQ4KChunksPerStep = kWarpSize;  // a lane's chunks are 32 apart: 8 super-blocks
 constexpr int kQ4KStepBytes = kQ4KChunksPerStep / 4 * kQ4KSuperBlockBytes;
+static_assert(kQ4KChunksPerStep == kWarpSize, "for_each_batch steps a warp's lanes");
 
 template <typename Out>
 __global__ void __launch_bounds__(kThreads)
@@ -421,7 +433,6 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();
 
   float acc[kRowsPerWarp] = {};
-  const unsigned chunks_per_lane = (chunks + kQ4KChunksPerStep - 1) / kQ4KChunksPerStep;
   const uint4* xw = xs + lane;
   const float2* sw = reinterpret_cast<const float2*>(sums) + lane;  // (sub-block 2C, 2C + 1)
   const auto multiply = [&](unsigned j0, bool guarded) {
@@ -448,18 +459,11 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
   };
-  for (unsigned j0 = 0;;) {
-    if (kQ4KChunksPerStep * (j0 + kQ4KBatch) <= chunks) {
-      multiply(j0, false);
-    } else {
-      multiply(j0, true);
-    }
-    j0 += kQ4KBatch;
-    if (j0 >= chunks_per_lane) break;
+  for_each_batch<kQ4KBatch>(chunks, multiply, [&](unsigned j0) {
     xw += kQ4KChunksPerStep * kQ4KBatch;
     sw += kQ4KChunksPerStep * kQ4KBatch;
     load(j0);
-  }
+  });
   store_rows(acc, warp, shift, out);
   if constexpr (Out::kAfterBlock) {
     static_assert(kThreads == detail::kAddRmsNormThreads, "one block of 256");
@@ -527,7 +531,6 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();
 
   float acc[kRowsPerWarp] = {};
-  const unsigned pieces_per_lane = (pieces + kWarpSize - 1) / kWarpSize;
   const uint4* xw = xs + lane;
   const auto multiply = [&](unsigned j0, bool guarded) {
 #pragma unroll
@@ -552,17 +555,10 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
   };
-  for (unsigned j0 = 0;;) {
-    if (kWarpSize * (j0 + kQ6KBatch) <= pieces) {
-      multiply(j0, false);
-    } else {
-      multiply(j0, true);
-    }
-    j0 += kQ6KBatch;
-    if (j0 >= pieces_per_lane) break;
+  for_each_batch<kQ6KBatch>(pieces, multiply, [&](unsigned j0) {
     xw += kWarpSize * kQ6KBatch;
     load(j0);
-  }
+  });
   store_rows(acc, warp, shift, out);
   if constexpr (Out::kAfterBlock) {
     static_assert(kThreads == detail::kAddRmsNormThreads, "one block of 256");

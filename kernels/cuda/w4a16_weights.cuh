@@ -618,50 +618,51 @@ __host__ __device__ inline void q4_k_piece_half2_dot(const uint4& piece, const u
 // order with). ql_lo, ql_hi, qh: the piece's 16 bytes of each plane; xs: its activations as staged,
 // words 0..3 the ql_lo words' (int4_half2_staged_word of inputs 4i .. 4i + 3 of quarter 0 and of
 // quarter 2) and words 4..7 the ql_hi words' (quarters 1 and 3).
-// The nibbles under Mask of w and the 2-bit fields under high_mask of h or-ed into two fp16 1024s.
-template <uint32_t Mask>
-__host__ __device__ inline uint32_t q6_k_levels_or_1024(uint32_t w, uint32_t h, uint32_t high_mask) {
-  return levels_or_1024<Mask>(w) | (h & high_mask);
+// One 32-bit word of a Q6_K nibble plane against its staged activations: its low nibbles (bytes 0, 2
+// then 1, 3) are one quarter's levels, summed into acc_low, its high nibbles another's, into acc_high;
+// h_even and h_odd are the qh word shifted so that those quarters' bit pairs of bytes 0, 2 (h_even) and
+// 1, 3 (h_odd) sit at bits 4-5 (beside a low nibble) and 8-9 (beside a high one, 16 times over).
+__host__ __device__ inline void q6_k_word_half2_dot(uint32_t w, uint32_t h_even, uint32_t h_odd,
+                                                    const uint4& xs, __half2& acc_low, __half2& acc_high) {
+  const __half2 bias = bits_half2(0x64206420u);       // 1056 = 1024 + 32
+  const __half2 sixteenth = bits_half2(0x2C002C00u);  // 1/16
+  const __half2 neg_96 = bits_half2(0xD600D600u);     // -96 = -(64 + 32)
+  const uint32_t w8 = w >> 8;
+  const __half2 low_even =
+      __hsub2_rn(bits_half2(levels_or_1024<0x000F000Fu>(w) | (h_even & 0x00300030u)), bias);
+  const __half2 high_even =
+      fma_half2_rn(bits_half2(levels_or_1024<0x00F000F0u>(w) | (h_even & 0x03000300u)), sixteenth, neg_96);
+  const __half2 low_odd =
+      __hsub2_rn(bits_half2(levels_or_1024<0x000F000Fu>(w8) | (h_odd & 0x00300030u)), bias);
+  const __half2 high_odd =
+      fma_half2_rn(bits_half2(levels_or_1024<0x00F000F0u>(w8) | (h_odd & 0x03000300u)), sixteenth, neg_96);
+  acc_low = fma_half2_rn(low_even, bits_half2(xs.x), acc_low);
+  acc_high = fma_half2_rn(high_even, bits_half2(xs.y), acc_high);
+  acc_low = fma_half2_rn(low_odd, bits_half2(xs.z), acc_low);
+  acc_high = fma_half2_rn(high_odd, bits_half2(xs.w), acc_high);
 }
+
+// One Q6_K piece (kernels/q6_k_planes.hpp: the 16 weights of each quarter of one half's run) summed
+// against its activations in fp16, one half2 per quarter (its 16 weights share a sub-block scale):
+// acc[q] += sum over i of x * (level - 32). A level is its nibble and its two high bits or-ed into fp16
+// 1024 (1024 + level, less 1056) or, for the high nibbles, into 1024 + 16 level (times 1/16, less 96):
+// exact, as the INT4 and Q4_K readers build theirs, about 2.5 instructions a weight. The kernel scales
+// its activations so that |x| <= 64: a running sum of 8 products stays under 8 * 64 * 32 = 16384.
+// Exact when every x is an integer and the sums stay under 2048 (what the CPU test checks the bit
+// order with). ql_lo, ql_hi, qh: the piece's 16 bytes of each plane; xs: its activations as staged,
+// words 0..3 the ql_lo words' (int4_half2_staged_word of inputs 4i .. 4i + 3 of quarter 0 and of
+// quarter 2) and words 4..7 the ql_hi words' (quarters 1 and 3).
 __host__ __device__ inline void q6_k_piece_half2_dot(const uint4& ql_lo, const uint4& ql_hi, const uint4& qh,
                                                      const uint4 (&xs)[8], __half2 (&acc)[4]) {
   const unsigned lo[4] = {ql_lo.x, ql_lo.y, ql_lo.z, ql_lo.w}, hi[4] = {ql_hi.x, ql_hi.y, ql_hi.z, ql_hi.w};
   const unsigned high_bits[4] = {qh.x, qh.y, qh.z, qh.w};
-  const __half2 bias = bits_half2(0x64206420u);       // 1056 = 1024 + 32
-  const __half2 sixteenth = bits_half2(0x2C002C00u);  // 1/16
-  const __half2 neg_96 = bits_half2(0xD600D600u);     // -96 = -(64 + 32)
   NIBBLE_DEVICE_UNROLL
   for (int i = 0; i < 4; ++i) {
     const uint32_t h = high_bits[i];
-    // Byte j's bits 2q, 2q + 1 moved to bits 4, 5 (beside a low nibble) or 8, 9 (beside a high one,
-    // 16 times over): quarters 0 / 2 (bits 0-1 / 4-5) from h << 4 for bytes 0, 2 and h >> 4 for bytes
-    // 1, 3; quarters 1 / 3 (bits 2-3 / 6-7) from h << 2 and h >> 6.
-    const uint32_t h_even02 = h << 4, h_odd02 = h >> 4, h_even13 = h << 2, h_odd13 = h >> 6;
-    const uint32_t w = lo[i], w8 = lo[i] >> 8, v = hi[i], v8 = hi[i] >> 8;
-    const __half2 q0_even =
-        __hsub2_rn(bits_half2(q6_k_levels_or_1024<0x000F000Fu>(w, h_even02, 0x00300030u)), bias);
-    const __half2 q2_even = fma_half2_rn(
-        bits_half2(q6_k_levels_or_1024<0x00F000F0u>(w, h_even02, 0x03000300u)), sixteenth, neg_96);
-    const __half2 q0_odd =
-        __hsub2_rn(bits_half2(q6_k_levels_or_1024<0x000F000Fu>(w8, h_odd02, 0x00300030u)), bias);
-    const __half2 q2_odd = fma_half2_rn(
-        bits_half2(q6_k_levels_or_1024<0x00F000F0u>(w8, h_odd02, 0x03000300u)), sixteenth, neg_96);
-    const __half2 q1_even =
-        __hsub2_rn(bits_half2(q6_k_levels_or_1024<0x000F000Fu>(v, h_even13, 0x00300030u)), bias);
-    const __half2 q3_even = fma_half2_rn(
-        bits_half2(q6_k_levels_or_1024<0x00F000F0u>(v, h_even13, 0x03000300u)), sixteenth, neg_96);
-    const __half2 q1_odd =
-        __hsub2_rn(bits_half2(q6_k_levels_or_1024<0x000F000Fu>(v8, h_odd13, 0x00300030u)), bias);
-    const __half2 q3_odd = fma_half2_rn(
-        bits_half2(q6_k_levels_or_1024<0x00F000F0u>(v8, h_odd13, 0x03000300u)), sixteenth, neg_96);
-    acc[0] = fma_half2_rn(q0_even, bits_half2(xs[i].x), acc[0]);
-    acc[2] = fma_half2_rn(q2_even, bits_half2(xs[i].y), acc[2]);
-    acc[0] = fma_half2_rn(q0_odd, bits_half2(xs[i].z), acc[0]);
-    acc[2] = fma_half2_rn(q2_odd, bits_half2(xs[i].w), acc[2]);
-    acc[1] = fma_half2_rn(q1_even, bits_half2(xs[4 + i].x), acc[1]);
-    acc[3] = fma_half2_rn(q3_even, bits_half2(xs[4 + i].y), acc[3]);
-    acc[1] = fma_half2_rn(q1_odd, bits_half2(xs[4 + i].z), acc[1]);
-    acc[3] = fma_half2_rn(q3_odd, bits_half2(xs[4 + i].w), acc[3]);
+    // Quarters 0 / 2 hold bits 0-1 / 4-5 of each qh byte: h << 4 for bytes 0, 2 and h >> 4 for 1, 3;
+    // quarters 1 / 3 bits 2-3 / 6-7: h << 2 and h >> 6.
+    q6_k_word_half2_dot(lo[i], h << 4, h >> 4, xs[i], acc[0], acc[2]);
+    q6_k_word_half2_dot(hi[i], h << 2, h >> 6, xs[4 + i], acc[1], acc[3]);
   }
 }
 

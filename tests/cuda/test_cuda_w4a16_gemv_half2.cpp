@@ -273,6 +273,29 @@ TEST(CudaW4A16GemvHalf2, RefusesWhatItCannotRun) {
   EXPECT_EQ(cudaGetLastError(), cudaSuccess);
 }
 
+// What a GGUF K-quant half2 GEMV (w4a16_gemv_q4_k_half2's signature) refuses before it launches, on a
+// valid [n_out, kk] matrix at w: more than one activation row, k not a multiple of 256, misaligned
+// weights or activations, no weights or output, negative rows (no rows: nothing to do).
+namespace {
+using KQuantHalf2Gemv = k::Status (*)(const uint8_t*, int64_t, int64_t, const __half*, int64_t, float*,
+                                      cudaStream_t, bool);
+void expect_k_quant_refusals(KQuantHalf2Gemv gemv, const uint8_t* w, int64_t n_out, int64_t kk,
+                             const __half* x, float* y) {
+  EXPECT_EQ(gemv(w, n_out, kk, x, 2, y, nullptr, false), k::Status::invalid_argument) << "one activation row";
+  EXPECT_EQ(gemv(w, n_out, 288, x, 1, y, nullptr, false), k::Status::invalid_argument)
+      << "k not a multiple of 256";
+  EXPECT_EQ(gemv(w + 8, n_out, kk, x, 1, y, nullptr, false), k::Status::invalid_argument)
+      << "misaligned weights";
+  EXPECT_EQ(gemv(w, n_out, kk, x + 1, 1, y, nullptr, false), k::Status::invalid_argument)
+      << "misaligned activations";
+  EXPECT_EQ(gemv(nullptr, n_out, kk, x, 1, y, nullptr, false), k::Status::invalid_argument) << "no weights";
+  EXPECT_EQ(gemv(w, n_out, kk, x, 1, nullptr, nullptr, false), k::Status::invalid_argument) << "no output";
+  EXPECT_EQ(gemv(w, -1, kk, x, 1, y, nullptr, false), k::Status::invalid_argument) << "negative rows";
+  EXPECT_EQ(gemv(w, 0, kk, x, 1, y, nullptr, false), k::Status::ok) << "no rows: nothing to do";
+  EXPECT_EQ(cudaGetLastError(), cudaSuccess);
+}
+}  // namespace
+
 // GGUF Q4_K as stored (w4a16_gemv_q4_k_half2). Per sub-block the fp16 level sum has 16 products a half
 // (at most 16 * 2^-11 of sum|x * d scale * q|), and (d scale) q can be about twice |w| (the min takes
 // the rest), so the bound is 3e-2 of sum|x * w|; with integer activations the fp16 sums are exact and
@@ -313,19 +336,7 @@ TEST(CudaW4A16GemvHalf2, Q4KMatchesCpuReference) {
         DeviceBuffer<k::f16_bits> dx(static_cast<size_t>(2 * kk));
         DeviceBuffer<float> dy(static_cast<size_t>(2 * n_out));
         const auto* x = reinterpret_cast<const __half*>(dx.ptr);
-        EXPECT_EQ(k::cuda::w4a16_gemv_q4_k_half2(dw.ptr, n_out, kk, x, 2, dy.ptr, nullptr),
-                  k::Status::invalid_argument)
-            << "one activation row";
-        EXPECT_EQ(k::cuda::w4a16_gemv_q4_k_half2(dw.ptr, n_out, 288, x, 1, dy.ptr, nullptr),
-                  k::Status::invalid_argument)
-            << "k not a multiple of 256";
-        EXPECT_EQ(k::cuda::w4a16_gemv_q4_k_half2(dw.ptr + 8, n_out, kk, x, 1, dy.ptr, nullptr),
-                  k::Status::invalid_argument)
-            << "misaligned blocks";
-        EXPECT_EQ(k::cuda::w4a16_gemv_q4_k_half2(dw.ptr, n_out, kk, x + 1, 1, dy.ptr, nullptr),
-                  k::Status::invalid_argument)
-            << "misaligned activations";
-        EXPECT_EQ(cudaGetLastError(), cudaSuccess);
+        expect_k_quant_refusals(k::cuda::w4a16_gemv_q4_k_half2, dw.ptr, n_out, kk, x, dy.ptr);
       }
     }
   }
@@ -425,19 +436,7 @@ TEST(CudaW4A16GemvHalf2, Q6KMatchesCpuReference) {
       ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
       const std::vector<float> a = all.to_host(), p = part.to_host();
       EXPECT_EQ(std::memcmp(a.data() + 16, p.data(), 16 * sizeof(float)), 0);
-      EXPECT_EQ(k::cuda::w4a16_gemv_q6_k_half2(dw.ptr, n_out, kk, x, 2, all.ptr, nullptr),
-                k::Status::invalid_argument)
-          << "one activation row";
-      EXPECT_EQ(k::cuda::w4a16_gemv_q6_k_half2(dw.ptr, n_out, 288, x, 1, all.ptr, nullptr),
-                k::Status::invalid_argument)
-          << "k not a multiple of 256";
-      EXPECT_EQ(k::cuda::w4a16_gemv_q6_k_half2(dw.ptr + 8, n_out, kk, x, 1, all.ptr, nullptr),
-                k::Status::invalid_argument)
-          << "misaligned planes";
-      EXPECT_EQ(k::cuda::w4a16_gemv_q6_k_half2(dw.ptr, n_out, kk, x + 1, 1, all.ptr, nullptr),
-                k::Status::invalid_argument)
-          << "misaligned activations";
-      EXPECT_EQ(cudaGetLastError(), cudaSuccess);
+      expect_k_quant_refusals(k::cuda::w4a16_gemv_q6_k_half2, dw.ptr, n_out, kk, x, all.ptr);
     }
   }
   const int64_t n_out = 16, kk = k::cuda::kW4A16GemvHalf2MaxK;

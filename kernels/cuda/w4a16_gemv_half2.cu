@@ -227,6 +227,18 @@ __device__ void store_rows(const float (&acc)[kRowsPerWarp], int64_t warp, int s
   if (threadIdx.x % kWarpSize == 0) out.store(warp, sums);
 }
 
+// The end of a block of one-block epilogues (the K-quant kernels): its rows stored, then the
+// epilogue's work for the whole block, if any (every thread of the block gets here).
+template <typename Out>
+__device__ void store_rows_and_finish_block(const float (&acc)[kRowsPerWarp], int64_t warp, int shift,
+                                            const Out& out) {
+  store_rows(acc, warp, shift, out);
+  if constexpr (Out::kAfterBlock) {
+    static_assert(kThreads == detail::kAddRmsNormThreads, "one block of 256");
+    out.after_block();
+  }
+}
+
 // GroupShift: log2(group / 32), a template argument so that every offset from the pointers is an
 // immediate. Out: the epilogue (SumsOut, SwiGluOut or RopeKvOut). Warps a block, Batch units a lane
 // loads at once per row, and Persistent (each block takes row pairs gridDim.x * Warps apart until the
@@ -464,11 +476,7 @@ __global__ void __launch_bounds__(kThreads)
     sw += kQ4KChunksPerStep * kQ4KBatch;
     load(j0);
   });
-  store_rows(acc, warp, shift, out);
-  if constexpr (Out::kAfterBlock) {
-    static_assert(kThreads == detail::kAddRmsNormThreads, "one block of 256");
-    out.after_block();  // every thread of the block gets here
-  }
+  store_rows_and_finish_block(acc, warp, shift, out);
 }
 
 // GGUF Q6_K in planes (kernels/q6_k_planes.hpp). A lane takes 64-weight pieces lane, lane + 32, ... of
@@ -559,11 +567,7 @@ __global__ void __launch_bounds__(kThreads)
     xw += kWarpSize * kQ6KBatch;
     load(j0);
   });
-  store_rows(acc, warp, shift, out);
-  if constexpr (Out::kAfterBlock) {
-    static_assert(kThreads == detail::kAddRmsNormThreads, "one block of 256");
-    out.after_block();  // every thread of the block gets here
-  }
+  store_rows_and_finish_block(acc, warp, shift, out);
 }
 
 // A kernel's shared memory on one device, remembered per kernel and device: querying it on every launch

@@ -294,6 +294,38 @@ void expect_k_quant_refusals(KQuantHalf2Gemv gemv, const uint8_t* w, int64_t n_o
   EXPECT_EQ(gemv(w, 0, kk, x, 1, y, nullptr, false), k::Status::ok) << "no rows: nothing to do";
   EXPECT_EQ(cudaGetLastError(), cudaSuccess);
 }
+
+// A K-quant half2 GEMV (`gemv`, w4a16_gemv_q4_k_half2's signature) on random `type` weights as uploaded
+// (as_uploaded): one output, around the 16-row block and many blocks, each with 256 (one super-block:
+// lanes 4..31 idle), 2304 (the first batch's second step partly past the end), 4352 and 7936 (a
+// partial batch after the pointers moved on) and 28672 inputs (llama-70b's: whole batches); the product
+// within `bound` of sum|x * w| on normal activations, within 1e-4 on small integer ones (the fp16 sums
+// exact: what catches a wrong pairing). Then more(n_out, kk, wq, wf, weights on the device, launch).
+template <typename More>
+void expect_k_quant_products(k::DType type, KQuantHalf2Gemv gemv, double bound, std::mt19937& rng,
+                             std::normal_distribution<float>& normal,
+                             std::uniform_int_distribution<int>& small, More&& more) {
+  for (const int64_t n_out : {int64_t{1}, int64_t{37}, int64_t{2051}}) {
+    for (const int64_t kk : {int64_t{256}, int64_t{2304}, int64_t{4352}, int64_t{7936}, int64_t{28672}}) {
+      if (n_out == 2051 && kk >= 7936) continue;  // the host reference: n_out * k products
+      SCOPED_TRACE("n_out=" + std::to_string(n_out) + " k=" + std::to_string(kk));
+      std::vector<uint8_t> wq;
+      std::vector<float> wf;
+      ASSERT_NO_FATAL_FAILURE(random_quantized(type, n_out, kk, rng, wq, wf));
+      DeviceBuffer<uint8_t> dw(nibble::cuda_test::as_uploaded(type, n_out, kk, wq));
+      ASSERT_NE(dw.ptr, nullptr);
+      const auto launch = [&](const __half* x, float* y) {
+        return gemv(dw.ptr, n_out, kk, x, 1, y, nullptr, false);
+      };
+      std::vector<k::f16_bits> xh(static_cast<size_t>(kk));
+      for (auto& v : xh) v = k::fp32_to_fp16(normal(rng));
+      ASSERT_NO_FATAL_FAILURE(expect_product(wf, n_out, kk, xh, bound, launch));
+      for (auto& v : xh) v = k::fp32_to_fp16(static_cast<float>(small(rng)));
+      ASSERT_NO_FATAL_FAILURE(expect_product(wf, n_out, kk, xh, 1e-4, launch));
+      ASSERT_NO_FATAL_FAILURE(more(n_out, kk, wq, wf, dw, launch));
+    }
+  }
+}
 }  // namespace
 
 // GGUF Q4_K as stored (w4a16_gemv_q4_k_half2). Per sub-block the fp16 level sum has 16 products a half
@@ -308,24 +340,12 @@ TEST(CudaW4A16GemvHalf2, Q4KMatchesCpuReference) {
   std::mt19937 rng(44);
   std::normal_distribution<float> normal(0.0f, 1.0f);
   std::uniform_int_distribution<int> small(-2, 2);
-  for (const int64_t n_out : {int64_t{1}, int64_t{37}, int64_t{2051}}) {
-    for (const int64_t kk : {int64_t{256}, int64_t{2304}, int64_t{4352}, int64_t{7936}, int64_t{28672}}) {
-      if (n_out == 2051 && kk >= 7936) continue;  // the host reference: n_out * k products
-      SCOPED_TRACE("n_out=" + std::to_string(n_out) + " k=" + std::to_string(kk));
-      std::vector<uint8_t> wq;
-      std::vector<float> wf;
-      ASSERT_NO_FATAL_FAILURE(random_quantized(k::DType::Q4_K, n_out, kk, rng, wq, wf));
-      DeviceBuffer<uint8_t> dw(wq);
-      ASSERT_NE(dw.ptr, nullptr);
-      const auto launch = [&](const __half* x, float* y) {
-        return k::cuda::w4a16_gemv_q4_k_half2(dw.ptr, n_out, kk, x, 1, y, nullptr);
-      };
-      std::vector<k::f16_bits> xh(static_cast<size_t>(kk));
-      for (auto& v : xh) v = k::fp32_to_fp16(normal(rng));
-      ASSERT_NO_FATAL_FAILURE(expect_product(wf, n_out, kk, xh, 3e-2, launch));
-      for (auto& v : xh) v = k::fp32_to_fp16(static_cast<float>(small(rng)));
-      ASSERT_NO_FATAL_FAILURE(expect_product(wf, n_out, kk, xh, 1e-4, launch));
-      if (n_out == 37 && kk == 2304) {  // large activations are scaled first; then the refusals
+  expect_k_quant_products(
+      k::DType::Q4_K, k::cuda::w4a16_gemv_q4_k_half2, 3e-2, rng, normal, small,
+      [&](int64_t n_out, int64_t kk, const std::vector<uint8_t>&, const std::vector<float>& wf,
+          const DeviceBuffer<uint8_t>& dw, const auto& launch) {
+        if (n_out != 37 || kk != 2304) return;  // large activations are scaled first; then the refusals
+        std::vector<k::f16_bits> xh(static_cast<size_t>(kk));
         for (size_t i = 0; i < xh.size(); ++i)
           xh[i] = k::fp32_to_fp16(normal(rng) * (i % 101 == 0 ? 6000.0f : 1.0f));
         ASSERT_NO_FATAL_FAILURE(expect_product(wf, n_out, kk, xh, 3e-2, launch));
@@ -337,9 +357,7 @@ TEST(CudaW4A16GemvHalf2, Q4KMatchesCpuReference) {
         DeviceBuffer<float> dy(static_cast<size_t>(2 * n_out));
         const auto* x = reinterpret_cast<const __half*>(dx.ptr);
         expect_k_quant_refusals(k::cuda::w4a16_gemv_q4_k_half2, dw.ptr, n_out, kk, x, dy.ptr);
-      }
-    }
-  }
+      });
 }
 
 // Q4_K: a row's bits do not depend on the rows around it (rows 16..31 of 2051 alone, launched
@@ -400,45 +418,32 @@ TEST(CudaW4A16GemvHalf2, Q6KMatchesCpuReference) {
   std::normal_distribution<float> normal(0.0f, 1.0f);
   std::uniform_int_distribution<int> small(-2, 2);
   using nibble::cuda_test::as_uploaded;
-  for (const int64_t n_out : {int64_t{1}, int64_t{37}, int64_t{2051}}) {
-    for (const int64_t kk : {int64_t{256}, int64_t{2304}, int64_t{4352}, int64_t{7936}, int64_t{28672}}) {
-      if (n_out == 2051 && kk >= 7936) continue;  // the host reference: n_out * k products
-      SCOPED_TRACE("n_out=" + std::to_string(n_out) + " k=" + std::to_string(kk));
-      std::vector<uint8_t> wq;
-      std::vector<float> wf;
-      ASSERT_NO_FATAL_FAILURE(random_quantized(k::DType::Q6_K, n_out, kk, rng, wq, wf));
-      DeviceBuffer<uint8_t> dw(as_uploaded(k::DType::Q6_K, n_out, kk, wq));
-      ASSERT_NE(dw.ptr, nullptr);
-      const auto launch = [&](const __half* x, float* y) {
-        return k::cuda::w4a16_gemv_q6_k_half2(dw.ptr, n_out, kk, x, 1, y, nullptr);
-      };
-      std::vector<k::f16_bits> xh(static_cast<size_t>(kk));
-      for (auto& v : xh) v = k::fp32_to_fp16(normal(rng));
-      ASSERT_NO_FATAL_FAILURE(expect_product(wf, n_out, kk, xh, 2e-2, launch));
-      for (auto& v : xh) v = k::fp32_to_fp16(static_cast<float>(small(rng)));
-      ASSERT_NO_FATAL_FAILURE(expect_product(wf, n_out, kk, xh, 1e-4, launch));
-      if (n_out != 2051 || kk != 4352) continue;
-      // Rows 16..31 in planes of their own give the whole matrix's bits for them.
-      const int64_t row_bytes = k::row_bytes(k::DType::Q6_K, kk);
-      const std::vector<uint8_t> part_blocks(wq.begin() + 16 * row_bytes, wq.begin() + 32 * row_bytes);
-      DeviceBuffer<uint8_t> dpart(as_uploaded(k::DType::Q6_K, 16, kk, part_blocks));
-      for (size_t i = 0; i < xh.size(); ++i)  // large activations are scaled first
-        xh[i] = k::fp32_to_fp16(normal(rng) * (i % 101 == 0 ? 6000.0f : 1.0f));
-      ASSERT_NO_FATAL_FAILURE(expect_product(wf, n_out, kk, xh, 2e-2, launch));
-      DeviceBuffer<k::f16_bits> dx(xh);
-      DeviceBuffer<float> all(static_cast<size_t>(n_out)), part(16);
-      ASSERT_TRUE(dpart.ptr && dx.ptr && all.ptr && part.ptr);
-      const auto* x = reinterpret_cast<const __half*>(dx.ptr);
-      ASSERT_EQ(k::cuda::w4a16_gemv_q6_k_half2(dw.ptr, n_out, kk, x, 1, all.ptr, nullptr), k::Status::ok);
-      ASSERT_EQ(
-          k::cuda::w4a16_gemv_q6_k_half2(dpart.ptr, 16, kk, x, 1, part.ptr, nullptr, /*programmatic=*/true),
-          k::Status::ok);
-      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-      const std::vector<float> a = all.to_host(), p = part.to_host();
-      EXPECT_EQ(std::memcmp(a.data() + 16, p.data(), 16 * sizeof(float)), 0);
-      expect_k_quant_refusals(k::cuda::w4a16_gemv_q6_k_half2, dw.ptr, n_out, kk, x, all.ptr);
-    }
-  }
+  expect_k_quant_products(
+      k::DType::Q6_K, k::cuda::w4a16_gemv_q6_k_half2, 2e-2, rng, normal, small,
+      [&](int64_t n_out, int64_t kk, const std::vector<uint8_t>& wq, const std::vector<float>& wf,
+          const DeviceBuffer<uint8_t>& dw, const auto& launch) {
+        if (n_out != 2051 || kk != 4352) return;
+        // Rows 16..31 in planes of their own give the whole matrix's bits for them.
+        const int64_t row_bytes = k::row_bytes(k::DType::Q6_K, kk);
+        const std::vector<uint8_t> part_blocks(wq.begin() + 16 * row_bytes, wq.begin() + 32 * row_bytes);
+        DeviceBuffer<uint8_t> dpart(as_uploaded(k::DType::Q6_K, 16, kk, part_blocks));
+        std::vector<k::f16_bits> xh(static_cast<size_t>(kk));
+        for (size_t i = 0; i < xh.size(); ++i)  // large activations are scaled first
+          xh[i] = k::fp32_to_fp16(normal(rng) * (i % 101 == 0 ? 6000.0f : 1.0f));
+        ASSERT_NO_FATAL_FAILURE(expect_product(wf, n_out, kk, xh, 2e-2, launch));
+        DeviceBuffer<k::f16_bits> dx(xh);
+        DeviceBuffer<float> all(static_cast<size_t>(n_out)), part(16);
+        ASSERT_TRUE(dpart.ptr && dx.ptr && all.ptr && part.ptr);
+        const auto* x = reinterpret_cast<const __half*>(dx.ptr);
+        ASSERT_EQ(k::cuda::w4a16_gemv_q6_k_half2(dw.ptr, n_out, kk, x, 1, all.ptr, nullptr), k::Status::ok);
+        ASSERT_EQ(
+            k::cuda::w4a16_gemv_q6_k_half2(dpart.ptr, 16, kk, x, 1, part.ptr, nullptr, /*programmatic=*/true),
+            k::Status::ok);
+        ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+        const std::vector<float> a = all.to_host(), p = part.to_host();
+        EXPECT_EQ(std::memcmp(a.data() + 16, p.data(), 16 * sizeof(float)), 0);
+        expect_k_quant_refusals(k::cuda::w4a16_gemv_q6_k_half2, dw.ptr, n_out, kk, x, all.ptr);
+      });
   const int64_t n_out = 16, kk = k::cuda::kW4A16GemvHalf2MaxK;
   std::vector<uint8_t> wq;
   std::vector<float> wf;

@@ -361,8 +361,9 @@ __global__ void __launch_bounds__(Warps* kWarpSize, MinBlocks)
 // a row is qs bytes 32c .. 32c + 31 of super-block C / 4 (c = C % 4 = lane % 4, since a lane's chunks
 // are 32 apart), holding sub-blocks 2c (low nibbles) and 2c + 1 (high), two 16-byte pieces, plus the
 // super-block's 16-byte header for their scales and mins (four lanes load each header: one line).
-// Per sub-block: (d scale) x its fp16 level sum - (dmin min) x its activations' sum, both in fp32; the
-// activations' sums are made once a block with the staging.
+// Per sub-block: (d scale) x its fp16 sum of x (level - z), z its level nearest weight 0, plus (d scale z
+// - dmin min) x its activations' sum, both in fp32 (w4a16::q4_k_chunk_half2_dot); the activations' sums
+// are made once a block with the staging.
 constexpr int kQ4KBatch = 2;                  // chunks a lane loads at once, per row: 96 bytes
 constexpr int kQ4KSuperBlockBytes = 144;      // sizeof(BlockQ4_K)
 constexpr int kQ4KChunkPlanes = 8;            // staged words a chunk: 2 pieces x 4 words
@@ -456,18 +457,8 @@ __global__ void __launch_bounds__(kThreads)
         for (int p = 0; p < kQ4KChunkPlanes; ++p) xv[p / 4][p % 4] = xw[p * chunks + kQ4KChunksPerStep * b];
         const float2 x_sum = sw[kQ4KChunksPerStep * b];
 #pragma unroll
-        for (int r = 0; r < kRowsPerWarp; ++r) {
-          float ds[2], dm[2];  // sub-blocks 2c (the low nibbles) and 2c + 1
-          w4a16::q4_k_pair_scale_min(head[r][b], c, ds, dm);
-          __half2 lo = w4a16::bits_half2(0u), hi = w4a16::bits_half2(0u);
-          w4a16::q4_k_piece_half2_dot(piece[r][b][0], xv[0], lo, hi);
-          w4a16::q4_k_piece_half2_dot(piece[r][b][1], xv[1], lo, hi);
-          float a = acc[r];
-          a = fmaf(ds[0], __low2float(lo) + __high2float(lo), a);
-          a = fmaf(-dm[0], x_sum.x, a);
-          a = fmaf(ds[1], __low2float(hi) + __high2float(hi), a);
-          acc[r] = fmaf(-dm[1], x_sum.y, a);
-        }
+        for (int r = 0; r < kRowsPerWarp; ++r)
+          acc[r] = w4a16::q4_k_chunk_half2_dot(head[r][b], c, piece[r][b], xv, x_sum, acc[r]);
       }
     }
   };

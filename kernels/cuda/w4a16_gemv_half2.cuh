@@ -41,9 +41,11 @@ Status w4a16_gemv_int4_groups_half2(const uint8_t* quants, const __half* scales,
                                     int64_t group, int64_t n_out, int64_t k, const __half* x, int64_t m,
                                     float* y, cudaStream_t stream, bool programmatic = false);
 
-// The same on GGUF Q4_K super-blocks as stored (w4a16_gemv_q4_k's layout): each sub-block's 32 levels
-// summed against their activations in fp16 (w4a16::q4_k_piece_half2_dot), then (d scale) times that
-// sum less (dmin min) times the activations' sum, in fp32. w: [n_out, k / 256] blocks, 16-byte
+// The same on GGUF Q4_K super-blocks as stored (w4a16_gemv_q4_k's layout): each sub-block's 32 levels,
+// centred on the level nearest weight 0 (z), summed against their activations in fp16, then (d scale)
+// times that sum plus (d scale z - dmin min) times the activations' sum, in fp32
+// (w4a16::q4_k_chunk_half2_dot: a large activation on a weight near 0 adds almost nothing to the fp16
+// sums). w: [n_out, k / 256] blocks, 16-byte
 // aligned; x: [1, k] fp16, 16-byte aligned; y: [1, n_out] fp32. invalid_argument for m != 1, k not a
 // multiple of 256 or over kW4A16GemvHalf2MaxK (or over what the device's blocks can hold in shared
 // memory: 2.125 bytes an input), null or misaligned pointers.

@@ -584,28 +584,66 @@ __host__ __device__ inline void q4_k_pair_scale_min(uint4 head, unsigned c, floa
 // of the 32 that chunk c shares: input 64c + 16h + j of sub-block 2c in byte j's low nibble, input
 // 64c + 32 + 16h + j of sub-block 2c + 1 in its high nibble) times its activations staged as
 // int4_half2_staged_word stages them (lo: the low nibbles' inputs, hi: the high nibbles'), summed into
-// one half2 per sub-block: acc_lo += sum x * q over the low nibbles, acc_hi over the high ones (q
-// exactly: 1024 + q less 1024, 1024 + 16 q times 1/16 less 64). Q4_K has no zero: the kernel takes
-// (d scale) times the sum less (dmin min) times the sub-block's sum of x, in fp32.
-// piece: the 16 qs bytes; xs: its activations, word i from inputs 4i .. 4i + 3 of each half.
+// one half2 per sub-block: acc_lo += sum x * (q - z_lo) over the low nibbles, acc_hi += sum x * (q - z_hi)
+// over the high ones (exactly: 1024 + q less 1024 + z, 1024 + 16 q times 1/16 less 64 + z).
+// piece: the 16 qs bytes; xs: its activations, word i from inputs 4i .. 4i + 3 of each half;
+// biased_zero_lo / _hi: int4_half2_biased_zero of each sub-block's z (q4_k_centre_level).
 __host__ __device__ inline void q4_k_piece_half2_dot(const uint4& piece, const uint4 (&xs)[4],
+                                                     uint32_t biased_zero_lo, uint32_t biased_zero_hi,
                                                      __half2& acc_lo, __half2& acc_hi) {
   const unsigned words[4] = {piece.x, piece.y, piece.z, piece.w};
-  const __half2 bias = bits_half2(0x64006400u);       // 1024
-  const __half2 sixteenth = bits_half2(0x2C002C00u);  // 1/16
-  const __half2 neg_64 = bits_half2(0xD400D400u);     // -64
+  const __half2 zero_lo_1024 = bits_half2(biased_zero_lo);  // 1024 + z_lo
+  const __half2 neg_zero_hi_64 =
+      __hsub2_rn(bits_half2(0x63806380u), bits_half2(biased_zero_hi));  // 960 - (1024 + z_hi)
+  const __half2 sixteenth = bits_half2(0x2C002C00u);                    // 1/16
   NIBBLE_DEVICE_UNROLL
   for (int i = 0; i < 4; ++i) {
     const uint32_t w = words[i], w8 = words[i] >> 8;
-    const __half2 l0 = __hsub2_rn(bits_half2(levels_or_1024<0x000F000Fu>(w)), bias);
-    const __half2 l1 = fma_half2_rn(bits_half2(levels_or_1024<0x00F000F0u>(w)), sixteenth, neg_64);
-    const __half2 l2 = __hsub2_rn(bits_half2(levels_or_1024<0x000F000Fu>(w8)), bias);
-    const __half2 l3 = fma_half2_rn(bits_half2(levels_or_1024<0x00F000F0u>(w8)), sixteenth, neg_64);
+    const __half2 l0 = __hsub2_rn(bits_half2(levels_or_1024<0x000F000Fu>(w)), zero_lo_1024);
+    const __half2 l1 = fma_half2_rn(bits_half2(levels_or_1024<0x00F000F0u>(w)), sixteenth, neg_zero_hi_64);
+    const __half2 l2 = __hsub2_rn(bits_half2(levels_or_1024<0x000F000Fu>(w8)), zero_lo_1024);
+    const __half2 l3 = fma_half2_rn(bits_half2(levels_or_1024<0x00F000F0u>(w8)), sixteenth, neg_zero_hi_64);
     acc_lo = fma_half2_rn(l0, bits_half2(xs[i].x), acc_lo);
     acc_hi = fma_half2_rn(l1, bits_half2(xs[i].y), acc_hi);
     acc_lo = fma_half2_rn(l2, bits_half2(xs[i].z), acc_lo);
     acc_hi = fma_half2_rn(l3, bits_half2(xs[i].w), acc_hi);
   }
+}
+
+// A Q4_K sub-block's centre for the half2 sums: the level z whose weight ds z - dm is nearest 0 (dm / ds
+// rounded, clamped to 0..15; on the device from an approximate quotient: any z keeps the sum exact, z
+// only centres it). Why: summed uncentred, x q of a weight near 0 (q near dm / ds) is as large as the
+// level, and one large activation there (Llama's outlier channels reach thousands) left fp16 rounding
+// errors of 0.05-0.23 of sum|x w| in emulation; centred, it adds almost nothing to the fp16 sum.
+__host__ __device__ inline float q4_k_centre_level(float ds, float dm) {
+#if defined(__CUDA_ARCH__)
+  float reciprocal;  // one MUFU.RCP (__fdividef adds range selects)
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(reciprocal) : "f"(ds));
+  const float ratio = dm * reciprocal;
+#else
+  const float ratio = dm / ds;
+#endif
+  return fminf(fmaxf(rintf(ratio), 0.0f), 15.0f);  // NaN (0 / 0) gives 0
+}
+
+// One 64-input chunk c of a Q4_K super-block (sub-blocks 2c and 2c + 1; its two 16-byte pieces) against
+// its staged activations (xs[h]: piece h's words) and the sub-blocks' activation sums (fp32, scaled as
+// xs is): acc plus the chunk's sum of x w, w = ds q - dm, as ds times the centred fp16 sum of x (q - z)
+// plus (ds z - dm) times the activations' sum, in fp32.
+__host__ __device__ inline float q4_k_chunk_half2_dot(const uint4& head, unsigned c, const uint4 (&pieces)[2],
+                                                      const uint4 (&xs)[2][4], float2 x_sum, float acc) {
+  float ds[2], dm[2];
+  q4_k_pair_scale_min(head, c, ds, dm);
+  const float z0 = q4_k_centre_level(ds[0], dm[0]), z1 = q4_k_centre_level(ds[1], dm[1]);
+  const uint32_t biased_z0 = int4_half2_biased_zero(static_cast<uint32_t>(z0));
+  const uint32_t biased_z1 = int4_half2_biased_zero(static_cast<uint32_t>(z1));
+  __half2 lo = bits_half2(0u), hi = bits_half2(0u);
+  q4_k_piece_half2_dot(pieces[0], xs[0], biased_z0, biased_z1, lo, hi);
+  q4_k_piece_half2_dot(pieces[1], xs[1], biased_z0, biased_z1, lo, hi);
+  acc = fmaf(ds[0], __low2float(lo) + __high2float(lo), acc);
+  acc = fmaf(fmaf(ds[0], z0, -dm[0]), x_sum.x, acc);
+  acc = fmaf(ds[1], __low2float(hi) + __high2float(hi), acc);
+  return fmaf(fmaf(ds[1], z1, -dm[1]), x_sum.y, acc);
 }
 
 // One Q6_K piece (kernels/q6_k_planes.hpp: the 16 weights of each quarter of one half's run) summed

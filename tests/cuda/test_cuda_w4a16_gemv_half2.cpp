@@ -360,6 +360,39 @@ TEST(CudaW4A16GemvHalf2, Q4KMatchesCpuReference) {
       });
 }
 
+// Q4_K: one large activation (2000, 60000: Llama's outlier channels) on an input where every row's
+// weight is near 0 (0 before quantizing) stays within the bound: the kernel sums each sub-block's levels
+// centred on its level nearest weight 0, so that input adds almost nothing to the fp16 sums (summed
+// uncentred, rows were 0.05-0.23 of sum|x w| off in emulation). 512 rows of 2 super-blocks.
+TEST(CudaW4A16GemvHalf2, Q4KLargeActivationOnWeightsNearZeroStaysWithinTheBound) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  std::mt19937 rng(47);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  const int64_t n_out = 512, kk = 512, rb = k::row_bytes(k::DType::Q4_K, kk);
+  for (const int64_t outlier : {int64_t{5}, int64_t{300}}) {
+    std::vector<uint8_t> wq(static_cast<size_t>(n_out * rb));
+    std::vector<float> wf(static_cast<size_t>(n_out * kk)), row(static_cast<size_t>(kk));
+    for (int64_t o = 0; o < n_out; ++o) {
+      const float scale = 0.01f + 0.2f * static_cast<float>(o % 5), offset = static_cast<float>(o % 3) * 0.1f;
+      for (float& v : row) v = normal(rng) * scale + offset;
+      row[static_cast<size_t>(outlier)] = 0.0f;
+      ASSERT_EQ(k::quantize_row(k::DType::Q4_K, row.data(), wq.data() + o * rb, kk), k::Status::ok);
+      ASSERT_EQ(k::dequantize_row(k::DType::Q4_K, wq.data() + o * rb, wf.data() + o * kk, kk), k::Status::ok);
+    }
+    DeviceBuffer<uint8_t> dw(wq);
+    ASSERT_NE(dw.ptr, nullptr);
+    for (const float large : {2000.0f, 60000.0f}) {
+      SCOPED_TRACE("x = " + std::to_string(large) + " at input " + std::to_string(outlier));
+      std::vector<k::f16_bits> xh(static_cast<size_t>(kk));
+      for (auto& v : xh) v = k::fp32_to_fp16(normal(rng));
+      xh[static_cast<size_t>(outlier)] = k::fp32_to_fp16(large);
+      ASSERT_NO_FATAL_FAILURE(expect_product(wf, n_out, kk, xh, 3e-2, [&](const __half* x, float* y) {
+        return k::cuda::w4a16_gemv_q4_k_half2(dw.ptr, n_out, kk, x, 1, y, nullptr);
+      }));
+    }
+  }
+}
+
 // Q4_K: a row's bits do not depend on the rows around it (rows 16..31 of 2051 alone, launched
 // programmatically), and the longest row it takes runs exactly on integer activations where the
 // device's blocks hold its 2.125 bytes an input of shared memory (refused otherwise).

@@ -111,7 +111,8 @@ Status w4a16_gemv_int4_groups_half2_variant(const Half2GemvVariant& variant, con
 // Fused epilogues for batch-1 decode: the product's rows end in the next step's work instead of an
 // fp32 row that another kernel reads back (a launch, and a write and read of the rows, fewer a layer).
 // Each writes bit for bit what the plain half2 GEMV above followed by that kernel writes (a row's sum
-// does not depend on the row sharing its warp), and refuses what either would refuse. The INT4 ones
+// does not depend on the row sharing its warp), and refuses what either would refuse, but for no rows
+// (n_ff 0: nothing to do, as for the plain GEMV, where swiglu_f32_to_f16 refuses). The INT4 ones
 // take a block shape (`shape`, an index into kHalf2GemvVariants, out of range refused; every shape
 // gives the same bits): the default shape where that one cannot carry the epilogue (the norm's tail
 // needs one block of 256 threads and no persistent loop) or the group is not 128.

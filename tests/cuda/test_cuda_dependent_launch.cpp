@@ -11,12 +11,14 @@
 #include <cmath>
 #include <cstdint>
 #include <functional>
+#include <numeric>
 #include <random>
 #include <string>
 #include <vector>
 
 #include "kernels/cuda/launch_status.cuh"
 #include "kernels/cuda/residual_norm.cuh"
+#include "kernels/cuda/rope_kv_write.cuh"
 #include "kernels/cuda/swiglu.cuh"
 #include "kernels/cuda/w4a16_gemm.cuh"
 #include "kernels/cuda/w4a16_gemv.cuh"
@@ -148,9 +150,9 @@ TEST(CudaDependentLaunch, ProductsLaunchedProgrammaticallyReadTheNormsOutput) {
   cudaStreamDestroy(stream);
 }
 
-// The norm and SwiGLU launched programmatically right after the W4A16 product that writes their input
-// (NaNs in it before the product): the bits of plain launches, every time.
-TEST(CudaDependentLaunch, NormAndSwigluLaunchedProgrammaticallyReadTheProductsOutput) {
+// The norm, SwiGLU and RoPE + KV write launched programmatically right after the W4A16 product that
+// writes their input (NaNs in it before the product): the bits of plain launches, every time.
+TEST(CudaDependentLaunch, LayerKernelsLaunchedProgrammaticallyReadTheProductsOutput) {
   NIBBLE_REQUIRE_CUDA_DEVICE();
   const int64_t k = 4096, n = 8192, group = 128;  // the product: [m, k] -> [m, n]; n = 2 n_ff for SwiGLU
   std::mt19937 rng(12);
@@ -168,13 +170,37 @@ TEST(CudaDependentLaunch, NormAndSwigluLaunchedProgrammaticallyReadTheProductsOu
       norm_weight(norm_weight_host);
   ct::DeviceBuffer<uint16_t> out(static_cast<size_t>(m * n));
   ASSERT_TRUE(x.ptr && product.ptr && residual.ptr && norm_weight.ptr && out.ptr);
+  // RoPE + KV write: the product's rows as one token's stacked q / k / v each (32 / 16 heads of 128: 4096
+  // + 2 x 2048 = n), tokens 0..m-1 of one sequence into a cache of 4 blocks of 16.
+  kc::RopeKvWriteShape rope;
+  rope.tokens = m;
+  rope.n_head = 32;
+  rope.n_head_kv = 16;
+  rope.head_dim = rope.rot_dims = 128;
+  rope.rope_base = 500000.0f;
+  rope.q_stride = rope.kv_stride = n;
+  rope.block_size = 16;
+  rope.num_blocks = 4;
+  rope.max_blocks_per_seq = 2;
+  const int64_t q_dim = rope.n_head * rope.head_dim, kv_dim = rope.n_head_kv * rope.head_dim;
+  ASSERT_EQ(q_dim + 2 * kv_dim, n);
+  std::vector<int32_t> token_pos_host(static_cast<size_t>(m));
+  std::iota(token_pos_host.begin(), token_pos_host.end(), 0);
+  ct::DeviceBuffer<int32_t> token_pos(token_pos_host),
+      token_seq(std::vector<int32_t>(static_cast<size_t>(m), 0)), tables(std::vector<int32_t>{2, 0}),
+      flag(std::vector<int32_t>{0});
+  const size_t cache_count = static_cast<size_t>(rope.num_blocks * rope.block_size * kv_dim);
+  ct::DeviceBuffer<uint16_t> k_cache(cache_count), v_cache(cache_count);
+  ASSERT_TRUE(token_pos.ptr && token_seq.ptr && tables.ptr && flag.ptr && k_cache.ptr && v_cache.ptr);
+  enum class Kernel { norm, swiglu, rope_kv_write };
   cudaStream_t stream = nullptr;
   ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
   const auto* xh = reinterpret_cast<const __half*>(x.ptr);
   auto* outh = reinterpret_cast<__half*>(out.ptr);
   // NaNs into the product's output, the product (plain), then the kernel under test; its fp16 output
   // (and the residual it updates) back on the host.
-  const auto run = [&](bool swiglu, bool programmatic) {
+  const auto run = [&](Kernel kernel, bool programmatic) {
+    const bool swiglu = kernel == Kernel::swiglu;
     EXPECT_EQ(cudaMemcpyAsync(residual.ptr, residual_host.data(), residual_host.size() * sizeof(float),
                               cudaMemcpyHostToDevice, stream),
               cudaSuccess);
@@ -182,6 +208,23 @@ TEST(CudaDependentLaunch, NormAndSwigluLaunchedProgrammaticallyReadTheProductsOu
     EXPECT_EQ(kc::w4a16_gemv_int4_groups_mma(w.quants->ptr, w.scales_half(), w.zeros->ptr, group, n, k, xh, m,
                                              product.ptr, stream, false),
               Status::ok);
+    if (kernel == Kernel::rope_kv_write) {
+      EXPECT_EQ(kc::rope_kv_write(rope, product.ptr, product.ptr + q_dim, product.ptr + q_dim + kv_dim,
+                                  token_pos.ptr, token_seq.ptr, tables.ptr, outh,
+                                  reinterpret_cast<__half*>(k_cache.ptr),
+                                  reinterpret_cast<__half*>(v_cache.ptr), flag.ptr, stream, programmatic),
+                Status::ok);
+      EXPECT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+      EXPECT_EQ(flag.to_host(), std::vector<int32_t>{0});
+      std::vector<uint16_t> bits = out.to_host();
+      bits.resize(static_cast<size_t>(m * q_dim));
+      // The slots written: positions 0..m-1 of block 2.
+      const std::vector<uint16_t> kb = k_cache.to_host(), vb = v_cache.to_host();
+      const auto first = static_cast<std::ptrdiff_t>(2 * rope.block_size * kv_dim), count = m * kv_dim;
+      bits.insert(bits.end(), kb.begin() + first, kb.begin() + first + count);
+      bits.insert(bits.end(), vb.begin() + first, vb.begin() + first + count);
+      return bits;
+    }
     if (swiglu) {
       EXPECT_EQ(
           kc::swiglu_f32_to_f16(product.ptr, product.ptr + n / 2, n, outh, m, n / 2, stream, programmatic),
@@ -200,11 +243,13 @@ TEST(CudaDependentLaunch, NormAndSwigluLaunchedProgrammaticallyReadTheProductsOu
     }
     return bits;
   };
-  for (const bool swiglu : {false, true}) {
-    SCOPED_TRACE(swiglu ? "SwiGLU" : "add + RMSNorm");
-    const std::vector<uint16_t> plain = run(swiglu, false);
+  for (const Kernel kernel : {Kernel::norm, Kernel::swiglu, Kernel::rope_kv_write}) {
+    SCOPED_TRACE(kernel == Kernel::swiglu ? "SwiGLU"
+                 : kernel == Kernel::norm ? "add + RMSNorm"
+                                          : "RoPE + KV write");
+    const std::vector<uint16_t> plain = run(kernel, false);
     for (const uint16_t b : plain) ASSERT_NE(b & 0x7C00, 0x7C00) << "the plain launch read NaNs";
-    for (int rep = 0; rep < 20; ++rep) ASSERT_EQ(run(swiglu, true), plain) << "repetition " << rep;
+    for (int rep = 0; rep < 20; ++rep) ASSERT_EQ(run(kernel, true), plain) << "repetition " << rep;
   }
   cudaStreamDestroy(stream);
 }

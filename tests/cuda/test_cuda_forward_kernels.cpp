@@ -200,6 +200,8 @@ TEST(CudaRopeKvWrite, MatchesCpuRopeAndWritesTheCacheSlots) {
     DeviceBuffer<uint16_t> d_q(static_cast<size_t>(tokens * q_dim)), d_k(cache_init), d_v(cache_init);
     ASSERT_TRUE(d_in.ptr && d_pos.ptr && d_seq.ptr && d_tables.ptr && d_flag.ptr && d_q.ptr && d_k.ptr &&
                 d_v.ptr);
+    // NaNs: a q element the kernel skips cannot pass for a written one.
+    ASSERT_EQ(cudaMemset(d_q.ptr, 0xFF, static_cast<size_t>(tokens * q_dim) * sizeof(uint16_t)), cudaSuccess);
     k::cuda::RopeKvWriteShape s;
     s.tokens = tokens;
     s.n_head = n_head;
@@ -251,6 +253,26 @@ TEST(CudaRopeKvWrite, MatchesCpuRopeAndWritesTheCacheSlots) {
             << "slot " << slot << " was not ours";
       }
     }
+
+    // The other slots with no place in the cache, one token each: a negative position, and a position
+    // past the sequence's block table (block mbps). Each raises the flag and writes nothing to the cache.
+    for (const int32_t bad_pos : {int32_t{-1}, static_cast<int32_t>(mbps * block_size)}) {
+      SCOPED_TRACE("position " + std::to_string(bad_pos));
+      DeviceBuffer<int32_t> one_pos(std::vector<int32_t>{bad_pos}), one_seq(std::vector<int32_t>{0}),
+          one_flag(std::vector<int32_t>{0});
+      DeviceBuffer<uint16_t> k_clean(cache_init), v_clean(cache_init);
+      ASSERT_TRUE(one_pos.ptr && one_seq.ptr && one_flag.ptr && k_clean.ptr && v_clean.ptr);
+      k::cuda::RopeKvWriteShape one = s;
+      one.tokens = 1;
+      ASSERT_EQ(k::cuda::rope_kv_write(one, d_in.ptr, d_in.ptr + k_off, d_in.ptr + v_off, one_pos.ptr,
+                                       one_seq.ptr, d_tables.ptr, as_half(d_q.ptr), as_half(k_clean.ptr),
+                                       as_half(v_clean.ptr), one_flag.ptr, nullptr),
+                k::Status::ok);
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      EXPECT_EQ(one_flag.to_host(), std::vector<int32_t>{1});
+      EXPECT_EQ(k_clean.to_host(), cache_init);
+      EXPECT_EQ(v_clean.to_host(), cache_init);
+    }
   }
 }
 
@@ -278,6 +300,8 @@ TEST(CudaAddRmsNorm, MatchesCpuAddAndNorm) {
         DeviceBuffer<float> dx(x), dd(d), dw(w);
         DeviceBuffer<uint16_t> dy(static_cast<size_t>(rows * n));
         ASSERT_TRUE(dx.ptr && dd.ptr && dw.ptr && dy.ptr);
+        // NaNs: an element the kernel skips cannot pass for a written one.
+        ASSERT_EQ(cudaMemset(dy.ptr, 0xFF, static_cast<size_t>(rows * n) * sizeof(uint16_t)), cudaSuccess);
         ASSERT_EQ(k::cuda::add_rms_norm_f32(dx.ptr, with_delta ? dd.ptr : nullptr, dw.ptr, as_half(dy.ptr),
                                             rows, n, eps, nullptr),
                   k::Status::ok);
@@ -359,6 +383,7 @@ TEST(CudaSwigluF32, MatchesCpuOnStridedInputs) {
       DeviceBuffer<float> din(in);
       DeviceBuffer<uint16_t> dout(ref.size());
       ASSERT_TRUE(din.ptr && dout.ptr);
+      ASSERT_EQ(cudaMemset(dout.ptr, 0xFF, ref.size() * sizeof(uint16_t)), cudaSuccess);  // NaNs, as above
       ASSERT_EQ(k::cuda::swiglu_f32_to_f16(din.ptr, din.ptr + n_ff + 3, stride, as_half(dout.ptr), rows, n_ff,
                                            nullptr),
                 k::Status::ok);

@@ -140,10 +140,11 @@ struct DeviceMatrix {
   bool q4_k_half2_one_row = false;
   // q6_k: one activation row on the Q6_K half2 GEMV rather than the CUDA-core one.
   bool q6_k_half2_one_row = false;
-  // int4_groups and q4_k: at one row its product and the step after it run apart, not fused: under
+  // int4_groups, q4_k and q6_k: at one row its product and the step after it run apart, not fused: under
   // Int4Kernels::measured unless the fused kernel timed faster at load (choose_one_row_fusions).
   bool fusion_off = false;
-  // int4_groups and q4_k: the half2 GEMV (and its epilogues) take a row of k on this device (set at load).
+  // int4_groups, q4_k and q6_k: the half2 GEMV (and its epilogues) take a row of k on this device (set at
+  // load).
   bool half2_fits = false;
   // int4_groups under CudaModelOptions::cutlass_gemm or Int4Layout::cutlass: the same weights in
   // CUTLASS's order, for the CUTLASS GEMM (cutlass.quants null: no copy).

@@ -490,8 +490,9 @@ void CudaLlamaModel::Impl::choose_one_row_fusions() {
   for_each_matrix([&](DeviceMatrix& w) {
     w.fusion_off = measured;
     w.half2_fused_variant = 0;
-    w.half2_fits = (w.kind == DeviceKind::int4_groups || w.kind == DeviceKind::q4_k) &&
-                   kc::w4a16_gemv_half2_fits(w.k, w.kind == DeviceKind::q4_k);
+    w.half2_fits =
+        (w.kind == DeviceKind::int4_groups || w.kind == DeviceKind::q4_k || w.kind == DeviceKind::q6_k) &&
+        kc::w4a16_gemv_half2_fits(w.k, w.kind == DeviceKind::q4_k);
   });
   if (options.int4_kernels != Int4Kernels::measured || !options.fused_epilogues || options.int8_activations)
     return;
@@ -500,8 +501,8 @@ void CudaLlamaModel::Impl::choose_one_row_fusions() {
   enum Site { rope_kv = 0, swiglu = 1, attn_out_norm = 2, down_norm = 3 };
   MatrixGroups<CudaFusionChoice> groups;
   const auto add = [&](Site site, DeviceMatrix& w) {
-    const bool q4_k = w.kind == DeviceKind::q4_k;
-    if ((!q4_k && w.kind != DeviceKind::int4_groups) || w.layout != kc::Int4Layout::rows ||
+    const bool q4_k = w.kind == DeviceKind::q4_k, q6_k = w.kind == DeviceKind::q6_k;
+    if ((!q4_k && !q6_k && w.kind != DeviceKind::int4_groups) || w.layout != kc::Int4Layout::rows ||
         !kc::w4a16_gemv_half2_fits(w.k, q4_k))
       return;
     add_to_group(
@@ -516,6 +517,7 @@ void CudaLlamaModel::Impl::choose_one_row_fusions() {
           choice.n_out = first.n_out;
           choice.k = first.k;
           choice.q4_k = q4_k;
+          choice.q6_k = q6_k;
           return choice;
         });
   };
@@ -562,13 +564,15 @@ void CudaLlamaModel::Impl::choose_one_row_fusions() {
   for (auto& [choice, list] : groups) {
     const DeviceMatrix& front = *list.front();
     choice.matrices = static_cast<int64_t>(list.size());
+    const bool int4 = !choice.q4_k && !choice.q6_k;
     choice.unfused_kernel =
-        choice.q4_k
-            ? (front.q4_k_half2_one_row          ? "Q4_K half2 GEMV"
-               : front.q4_k_tensor_cores_one_row ? "Q4_K tensor-core GEMV"
-                                                 : "Q4_K CUDA-core GEMV")
+        choice.q4_k ? (front.q4_k_half2_one_row          ? "Q4_K half2 GEMV"
+                       : front.q4_k_tensor_cores_one_row ? "Q4_K tensor-core GEMV"
+                                                         : "Q4_K CUDA-core GEMV")
+        : choice.q6_k
+            ? (front.q6_k_half2_one_row ? "Q6_K half2 GEMV" : "Q6_K CUDA-core GEMV")
             : CudaInt4KernelChoice::kernel_names[static_cast<int>(front.int4_kernel[kc::int4_row_range(1)])];
-    if (!choice.q4_k && front.int4_kernel[kc::int4_row_range(1)] == kc::Int4Kernel::gemv_half2 &&
+    if (int4 && front.int4_kernel[kc::int4_row_range(1)] == kc::Int4Kernel::gemv_half2 &&
         front.half2_variant != 0)
       choice.unfused_kernel += " " + kc::half2_gemv_variant_name(kc::kHalf2GemvVariants[front.half2_variant]);
     kc::RopeKvWriteShape rs;
@@ -612,7 +616,7 @@ void CudaLlamaModel::Impl::choose_one_row_fusions() {
     // The fused kernel on the default block shape and, for INT4, on the one kept for the plain product
     // where that differs (an epilogue's registers can change which is faster; the same bits).
     std::vector<int> fused_shapes = {0};
-    if (!choice.q4_k) {
+    if (int4) {
       const int kept =
           kc::half2_gemv_effective_shape(front.half2_variant, front.group, choice.site >= attn_out_norm);
       if (kept > 0) fused_shapes.push_back(kept);
@@ -664,7 +668,9 @@ void CudaLlamaModel::Impl::choose_one_row_fusions() {
     // the next (as the kernels' choice per shape keeps its default). On the half2 GEMV already the bits
     // are the same either way.
     choice.half2_alone = choice.q4_k ? front.q4_k_half2_one_row
-                                     : front.int4_kernel[kc::int4_row_range(1)] == kc::Int4Kernel::gemv_half2;
+                         : choice.q6_k
+                             ? front.q6_k_half2_one_row
+                             : front.int4_kernel[kc::int4_row_range(1)] == kc::Int4Kernel::gemv_half2;
     choice.fused = choice.fused_us > 0.0 &&
                    choice.fused_us < (choice.half2_alone ? 1.0 : 1.0 - kc::kInt4MinGain) * choice.unfused_us;
     choice.fused_shape = kc::half2_gemv_variant_name(kc::kHalf2GemvVariants[fused_shape]);
@@ -675,6 +681,8 @@ void CudaLlamaModel::Impl::choose_one_row_fusions() {
       if (choice.q4_k) {
         w->q4_k_half2_one_row = true;
         w->q4_k_tensor_cores_one_row = false;
+      } else if (choice.q6_k) {
+        w->q6_k_half2_one_row = true;
       } else {
         w->int4_kernel[kc::int4_row_range(1)] = kc::Int4Kernel::gemv_half2;
       }

@@ -240,7 +240,8 @@ struct CudaFusionChoice {
                                                      "down + add + RMSNorm"};
   int site = 0;  // an index into site_names
   int64_t n_out = 0, k = 0;
-  bool q4_k = false;           // GGUF Q4_K as stored (otherwise group-wise INT4)
+  bool q4_k = false;           // GGUF Q4_K as stored (neither: group-wise INT4)
+  bool q6_k = false;           // GGUF Q6_K in planes
   int64_t matrices = 0;        // the model's matrices at this site with this shape
   std::string unfused_kernel;  // the one-row kernel chosen for the shape
   bool half2_alone = false;    // that kernel is the half2 GEMV (fusing then changes no bits)

@@ -301,6 +301,7 @@ struct CudaLlamaModel::Impl {
       return w.layout == kc::Int4Layout::rows &&
              w.int4_kernel[kc::int4_row_range(1)] == kc::Int4Kernel::gemv_half2;
     }
+    if (w.kind == DeviceKind::q6_k) return w.q6_k_half2_one_row;
     return w.kind == DeviceKind::q4_k && w.layout == kc::Int4Layout::rows && w.q4_k_half2_one_row &&
            !options.int8_activations;
   }
@@ -313,9 +314,13 @@ struct CudaLlamaModel::Impl {
     const auto* wd = w.mem->as<uint8_t>();
     const kc::Int4GroupsMatrix op = int4_operands(w);  // the INT4 arrays (rows)
     const bool pdl = options.programmatic_launch;
+    const float eps = shard_config.rms_eps;
     return w.kind == DeviceKind::q4_k
-               ? kc::w4a16_gemv_q4_k_half2_add_norm(wd, w.n_out, w.k, x, y, residual, norm_weight,
-                                                    shard_config.rms_eps, h, counter, stream, pdl)
+               ? kc::w4a16_gemv_q4_k_half2_add_norm(wd, w.n_out, w.k, x, y, residual, norm_weight, eps, h,
+                                                    counter, stream, pdl)
+           : w.kind == DeviceKind::q6_k
+               ? kc::w4a16_gemv_q6_k_half2_add_norm(wd, w.n_out, w.k, x, y, residual, norm_weight, eps, h,
+                                                    counter, stream, pdl)
                : kc::w4a16_gemv_int4_groups_half2_add_norm(
                      op.quants, op.scales, op.zeros, w.group, w.n_out, w.k, x, y, residual, norm_weight,
                      shard_config.rms_eps, h, counter, stream, pdl, w.half2_fused_variant);
@@ -353,6 +358,9 @@ struct CudaLlamaModel::Impl {
     return w.kind == DeviceKind::q4_k
                ? kc::w4a16_gemv_q4_k_half2_rope_kv(wd, s, w.k, x, pos, seq, tables, q_out, k_cache, v_cache,
                                                    error_flag, stream, pdl)
+           : w.kind == DeviceKind::q6_k
+               ? kc::w4a16_gemv_q6_k_half2_rope_kv(wd, s, w.k, x, pos, seq, tables, q_out, k_cache, v_cache,
+                                                   error_flag, stream, pdl)
                : kc::w4a16_gemv_int4_groups_half2_rope_kv(op.quants, op.scales, op.zeros, w.group, s, w.k, x,
                                                           pos, seq, tables, q_out, k_cache, v_cache,
                                                           error_flag, stream, pdl, w.half2_fused_variant);
@@ -365,8 +373,9 @@ struct CudaLlamaModel::Impl {
     const kc::Int4GroupsMatrix op = int4_operands(w);  // the INT4 arrays (rows)
     const bool pdl = options.programmatic_launch;
     const int64_t n_ff = w.n_out / 2;
-    return w.kind == DeviceKind::q4_k
-               ? kc::w4a16_gemv_q4_k_half2_swiglu(wd, n_ff, w.k, x, act, stream, pdl)
+    return w.kind == DeviceKind::q4_k ? kc::w4a16_gemv_q4_k_half2_swiglu(wd, n_ff, w.k, x, act, stream, pdl)
+           : w.kind == DeviceKind::q6_k
+               ? kc::w4a16_gemv_q6_k_half2_swiglu(wd, n_ff, w.k, x, act, stream, pdl)
                : kc::w4a16_gemv_int4_groups_half2_swiglu(op.quants, op.scales, op.zeros, w.group, n_ff, w.k,
                                                          x, act, stream, pdl, w.half2_fused_variant);
   }

@@ -335,7 +335,10 @@ void print_fusion_choices(const worker::CudaLlamaModel& model) {
   for (const worker::CudaFusionChoice& ch : choices) {
     char shape[64];
     std::snprintf(shape, sizeof shape, "%lldx%lld (%lld%s)", static_cast<long long>(ch.n_out),
-                  static_cast<long long>(ch.k), static_cast<long long>(ch.matrices), ch.q4_k ? ", Q4_K" : "");
+                  static_cast<long long>(ch.k), static_cast<long long>(ch.matrices),
+                  ch.q4_k   ? ", Q4_K"
+                  : ch.q6_k ? ", Q6_K"
+                            : "");
     std::printf("%-34s %-24s | %-22s %8.1f%s %8.1f%s %-12s\n", worker::CudaFusionChoice::site_names[ch.site],
                 shape, ch.unfused_kernel.c_str(), ch.unfused_us, ch.fused ? " " : "*", ch.fused_us,
                 ch.fused ? "*" : " ", ch.fused_shape.c_str());
@@ -625,6 +628,7 @@ int run_model(const Args& a) {
                        {"n_out", ch.n_out},
                        {"k", ch.k},
                        {"q4_k", ch.q4_k},
+                       {"q6_k", ch.q6_k},
                        {"matrices", ch.matrices},
                        {"unfused_kernel", ch.unfused_kernel},
                        {"half2_alone", ch.half2_alone},

@@ -826,6 +826,15 @@ Status w4a16_gemv_q4_k_half2_add_norm(const uint8_t* w, int64_t n_out, int64_t k
                      programmatic);
 }
 
+Status w4a16_gemv_q6_k_half2_add_norm(const uint8_t* w, int64_t n_out, int64_t k, const __half* x, float* y,
+                                      float* residual, const float* norm_weight, float eps, __half* h,
+                                      unsigned* counter, cudaStream_t stream, bool programmatic) {
+  if (!add_norm_arguments_ok(n_out, y, residual, norm_weight, eps, h, counter))
+    return Status::invalid_argument;
+  return launch_q6_k(w, n_out, k, x, SumsNormOut{{n_out, y}, residual, norm_weight, h, eps, counter}, stream,
+                     programmatic);
+}
+
 bool w4a16_gemv_half2_fits(int64_t k, bool q4_k) {
   if (k < 1 || k > kW4A16GemvHalf2MaxK) return false;
   int device = 0;
@@ -917,6 +926,12 @@ Status w4a16_gemv_q4_k_half2_swiglu(const uint8_t* w, int64_t n_ff, int64_t k, c
   return launch_q4_k(w, k, x, SwiGluOut{n_ff, act}, stream, programmatic);
 }
 
+Status w4a16_gemv_q6_k_half2_swiglu(const uint8_t* w, int64_t n_ff, int64_t k, const __half* x, __half* act,
+                                    cudaStream_t stream, bool programmatic) {
+  if (act == nullptr || n_ff < 0) return Status::invalid_argument;
+  return launch_q6_k(w, 2 * n_ff, k, x, SwiGluOut{n_ff, act}, stream, programmatic);
+}
+
 Status w4a16_gemv_int4_groups_half2_rope_kv(const uint8_t* quants, const __half* scales, const uint8_t* zeros,
                                             int64_t group, const RopeKvWriteShape& shape, int64_t k,
                                             const __half* x, const int32_t* token_pos,
@@ -939,6 +954,17 @@ Status w4a16_gemv_q4_k_half2_rope_kv(const uint8_t* w, const RopeKvWriteShape& s
   if (!make_rope_kv_out(shape, token_pos, token_seq, block_tables, q_out, k_cache, v_cache, error_flag, out))
     return Status::invalid_argument;
   return launch_q4_k(w, k, x, out, stream, programmatic);
+}
+
+Status w4a16_gemv_q6_k_half2_rope_kv(const uint8_t* w, const RopeKvWriteShape& shape, int64_t k,
+                                     const __half* x, const int32_t* token_pos, const int32_t* token_seq,
+                                     const int32_t* block_tables, __half* q_out, __half* k_cache,
+                                     __half* v_cache, int32_t* error_flag, cudaStream_t stream,
+                                     bool programmatic) {
+  RopeKvOut out{};
+  if (!make_rope_kv_out(shape, token_pos, token_seq, block_tables, q_out, k_cache, v_cache, error_flag, out))
+    return Status::invalid_argument;
+  return launch_q6_k(w, out.rows(), k, x, out, stream, programmatic);
 }
 
 }  // namespace nibble::kernels::cuda

@@ -62,7 +62,8 @@ Status w4a16_gemv_q6_k_half2(const uint8_t* w, int64_t n_out, int64_t k, const _
                              cudaStream_t stream, bool programmatic = false);
 
 // Whether this device's blocks hold the shared memory the half2 GEMVs need for rows of k inputs (INT4
-// groups, or Q4_K when q4_k) with every one of their epilogues below (the launchers refuse a row that
+// groups and Q6_K: 2 bytes an input and the same static shared memory; or Q4_K when q4_k) with every one
+// of their epilogues below (the launchers refuse a row that
 // does not fit with invalid_argument). Remembered per device and k.
 bool w4a16_gemv_half2_fits(int64_t k, bool q4_k);
 
@@ -108,7 +109,8 @@ Status w4a16_gemv_int4_groups_half2_variant(const Half2GemvVariant& variant, con
                                             int64_t n_out, int64_t k, const __half* x, int64_t m, float* y,
                                             cudaStream_t stream, bool programmatic = false);
 
-// Fused epilogues for batch-1 decode: the product's rows end in the next step's work instead of an
+// Fused epilogues for batch-1 decode (on INT4 groups, Q4_K as stored and Q6_K in planes): the product's
+// rows end in the next step's work instead of an
 // fp32 row that another kernel reads back (a launch, and a write and read of the rows, fewer a layer).
 // Each writes bit for bit what the plain half2 GEMV above followed by that kernel writes (a row's sum
 // does not depend on the row sharing its warp), and refuses what either would refuse, but for no rows
@@ -125,6 +127,8 @@ Status w4a16_gemv_int4_groups_half2_swiglu(const uint8_t* quants, const __half* 
                                            int shape = 0);
 Status w4a16_gemv_q4_k_half2_swiglu(const uint8_t* w, int64_t n_ff, int64_t k, const __half* x, __half* act,
                                     cudaStream_t stream, bool programmatic = false);
+Status w4a16_gemv_q6_k_half2_swiglu(const uint8_t* w, int64_t n_ff, int64_t k, const __half* x, __half* act,
+                                    cudaStream_t stream, bool programmatic = false);  // w: [2 n_ff, k] planes
 
 // The residual add and RMSNorm after the product (the attention output or down projection, one token):
 // y = W x as w4a16_gemv_int4_groups_half2 writes it ([1, n_out] fp32), then residual += y and h =
@@ -139,6 +143,9 @@ Status w4a16_gemv_int4_groups_half2_add_norm(const uint8_t* quants, const __half
                                              unsigned* counter, cudaStream_t stream,
                                              bool programmatic = false, int shape = 0);
 Status w4a16_gemv_q4_k_half2_add_norm(const uint8_t* w, int64_t n_out, int64_t k, const __half* x, float* y,
+                                      float* residual, const float* norm_weight, float eps, __half* h,
+                                      unsigned* counter, cudaStream_t stream, bool programmatic = false);
+Status w4a16_gemv_q6_k_half2_add_norm(const uint8_t* w, int64_t n_out, int64_t k, const __half* x, float* y,
                                       float* residual, const float* norm_weight, float eps, __half* h,
                                       unsigned* counter, cudaStream_t stream, bool programmatic = false);
 
@@ -159,5 +166,10 @@ Status w4a16_gemv_q4_k_half2_rope_kv(const uint8_t* w, const RopeKvWriteShape& s
                                      const int32_t* block_tables, __half* q_out, __half* k_cache,
                                      __half* v_cache, int32_t* error_flag, cudaStream_t stream,
                                      bool programmatic = false);
+Status w4a16_gemv_q6_k_half2_rope_kv(const uint8_t* w, const RopeKvWriteShape& shape, int64_t k,
+                                     const __half* x, const int32_t* token_pos, const int32_t* token_seq,
+                                     const int32_t* block_tables, __half* q_out, __half* k_cache,
+                                     __half* v_cache, int32_t* error_flag, cudaStream_t stream,
+                                     bool programmatic = false);  // w: [q_dim + 2 kv_dim, k] planes
 
 }  // namespace nibble::kernels::cuda

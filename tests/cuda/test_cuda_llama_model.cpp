@@ -419,8 +419,9 @@ TEST(CudaLlamaModel, Q4KModelMatchesTheCpu) {
 // A Q4_K_M-style mix (llama.cpp keeps ffn_down and the output head at Q6_K, the other matrices at
 // Q4_K): the Q6_K matrices go up in planes (kernels/q6_k_planes.hpp, 6.56 bits a weight; before, fp16
 // for cuBLAS) and the logits follow the CPU's on the default kernels, pinned to the CUDA cores and
-// pinned to the half2 GEMVs (one row of Q6_K on w4a16_gemv_q6_k_half2). Measured: each Q6_K shape's
-// one-row GEMV timed on both, the half2 one kept where 5% faster.
+// pinned to the half2 GEMVs (one row of Q6_K on w4a16_gemv_q6_k_half2, ffn_down's residual add and
+// RMSNorm fused into it). Measured: each Q6_K shape's one-row GEMV timed on both, the half2 one kept
+// where 5% faster, and the fused down projection timed against the separate kernels.
 TEST(CudaLlamaModel, Q4KMMixWithQ6KMatricesMatchesTheCpu) {
   NIBBLE_REQUIRE_CUDA_DEVICE();
   t::TempDir dir;
@@ -455,6 +456,12 @@ TEST(CudaLlamaModel, Q4KMMixWithQ6KMatricesMatchesTheCpu) {
     EXPECT_EQ(ch.half2, ch.half2_us < 0.95 * ch.cuda_cores_us);
   }
   EXPECT_EQ(q6_k_shapes, 2);  // ffn_down and the head
+  // ffn_down (Q6_K) then the residual add + RMSNorm: timed fused and apart at load (pinned to half2, the
+  // scenario above ran it fused).
+  bool q6_k_norm_site = false;
+  for (const w::CudaFusionChoice& f : gpu.one_row_fusions())
+    q6_k_norm_site = q6_k_norm_site || (f.q6_k && f.site == 3 && f.unfused_us > 0.0);
+  EXPECT_TRUE(q6_k_norm_site);
   for (const w::Int4Kernels pin : {w::Int4Kernels::cuda_cores, w::Int4Kernels::half2}) {
     w::CudaModelOptions options;
     options.int4_kernels = pin;

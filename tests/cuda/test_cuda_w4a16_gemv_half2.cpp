@@ -520,29 +520,83 @@ k::cuda::RopeKvWriteShape one_token_rope_kv(int64_t n_head, int64_t n_head_kv, i
   return s;
 }
 
+enum class Half2Format { int4_groups, q4_k, q6_k };
+constexpr Half2Format kHalf2Formats[] = {Half2Format::int4_groups, Half2Format::q4_k, Half2Format::q6_k};
+
 struct Half2Matrix {
-  bool q4_k = false;
+  Half2Format format = Half2Format::int4_groups;
   int64_t rows = 0, kk = 0, group = 0;
   DeviceInt4Groups int4;
-  std::unique_ptr<DeviceBuffer<uint8_t>> blocks;
+  std::unique_ptr<DeviceBuffer<uint8_t>> blocks;  // Q4_K as stored, Q6_K in planes
   std::vector<float> wf;
   k::Status product(const __half* x, float* y) const {
-    return q4_k ? k::cuda::w4a16_gemv_q4_k_half2(blocks->ptr, rows, kk, x, 1, y, nullptr)
-                : k::cuda::w4a16_gemv_int4_groups_half2(int4.quants->ptr, int4.scales_half(), int4.zeros->ptr,
-                                                        group, rows, kk, x, 1, y, nullptr);
+    switch (format) {
+      case Half2Format::q4_k:
+        return k::cuda::w4a16_gemv_q4_k_half2(blocks->ptr, rows, kk, x, 1, y, nullptr);
+      case Half2Format::q6_k:
+        return k::cuda::w4a16_gemv_q6_k_half2(blocks->ptr, rows, kk, x, 1, y, nullptr);
+      default:
+        return k::cuda::w4a16_gemv_int4_groups_half2(int4.quants->ptr, int4.scales_half(), int4.zeros->ptr,
+                                                     group, rows, kk, x, 1, y, nullptr);
+    }
+  }
+  // The fused epilogues (the INT4 ones on their default block shape), launched programmatically.
+  k::Status swiglu(const __half* x, __half* act) const {
+    switch (format) {
+      case Half2Format::q4_k:
+        return k::cuda::w4a16_gemv_q4_k_half2_swiglu(blocks->ptr, rows / 2, kk, x, act, nullptr, true);
+      case Half2Format::q6_k:
+        return k::cuda::w4a16_gemv_q6_k_half2_swiglu(blocks->ptr, rows / 2, kk, x, act, nullptr, true);
+      default:
+        return k::cuda::w4a16_gemv_int4_groups_half2_swiglu(int4.quants->ptr, int4.scales_half(),
+                                                            int4.zeros->ptr, group, rows / 2, kk, x, act,
+                                                            nullptr, true);
+    }
+  }
+  k::Status rope_kv(const k::cuda::RopeKvWriteShape& s, const __half* x, const int32_t* pos,
+                    const int32_t* seq, const int32_t* tables, __half* q, __half* k_cache, __half* v_cache,
+                    int32_t* flag) const {
+    switch (format) {
+      case Half2Format::q4_k:
+        return k::cuda::w4a16_gemv_q4_k_half2_rope_kv(blocks->ptr, s, kk, x, pos, seq, tables, q, k_cache,
+                                                      v_cache, flag, nullptr, true);
+      case Half2Format::q6_k:
+        return k::cuda::w4a16_gemv_q6_k_half2_rope_kv(blocks->ptr, s, kk, x, pos, seq, tables, q, k_cache,
+                                                      v_cache, flag, nullptr, true);
+      default:
+        return k::cuda::w4a16_gemv_int4_groups_half2_rope_kv(
+            int4.quants->ptr, int4.scales_half(), int4.zeros->ptr, group, s, kk, x, pos, seq, tables, q,
+            k_cache, v_cache, flag, nullptr, true);
+    }
+  }
+  k::Status add_norm(const __half* x, float* y, float* residual, const float* norm_weight, float eps,
+                     __half* h, unsigned* counter) const {
+    switch (format) {
+      case Half2Format::q4_k:
+        return k::cuda::w4a16_gemv_q4_k_half2_add_norm(blocks->ptr, rows, kk, x, y, residual, norm_weight,
+                                                       eps, h, counter, nullptr, true);
+      case Half2Format::q6_k:
+        return k::cuda::w4a16_gemv_q6_k_half2_add_norm(blocks->ptr, rows, kk, x, y, residual, norm_weight,
+                                                       eps, h, counter, nullptr, true);
+      default:
+        return k::cuda::w4a16_gemv_int4_groups_half2_add_norm(
+            int4.quants->ptr, int4.scales_half(), int4.zeros->ptr, group, rows, kk, x, y, residual,
+            norm_weight, eps, h, counter, nullptr, true);
+    }
   }
 };
 
-void make_half2_matrix(bool q4_k, int64_t rows, int64_t kk, int64_t group, std::mt19937& rng,
+void make_half2_matrix(Half2Format format, int64_t rows, int64_t kk, int64_t group, std::mt19937& rng,
                        Half2Matrix& w) {
-  w.q4_k = q4_k;
+  w.format = format;
   w.rows = rows;
   w.kk = kk;
   w.group = group;
-  if (q4_k) {
+  if (format != Half2Format::int4_groups) {
+    const k::DType type = format == Half2Format::q4_k ? k::DType::Q4_K : k::DType::Q6_K;
     std::vector<uint8_t> wq;
-    ASSERT_NO_FATAL_FAILURE(random_quantized(k::DType::Q4_K, rows, kk, rng, wq, w.wf));
-    w.blocks = std::make_unique<DeviceBuffer<uint8_t>>(wq);
+    ASSERT_NO_FATAL_FAILURE(random_quantized(type, rows, kk, rng, wq, w.wf));
+    w.blocks = std::make_unique<DeviceBuffer<uint8_t>>(nibble::cuda_test::as_uploaded(type, rows, kk, wq));
     ASSERT_NE(w.blocks->ptr, nullptr);
   } else {
     ASSERT_NO_FATAL_FAILURE(make_device_int4_groups(rows, kk, group, rng, w.int4));
@@ -560,26 +614,29 @@ void host_row(const Half2Matrix& w, const std::vector<k::f16_bits>& xh, int64_t 
   }
 }
 
-const char* format_name(bool q4_k) { return q4_k ? "Q4_K" : "INT4 groups"; }
+const char* format_name(Half2Format format) {
+  return format == Half2Format::q4_k ? "Q4_K" : format == Half2Format::q6_k ? "Q6_K" : "INT4 groups";
+}
 
 __half* as_half(uint16_t* p) { return reinterpret_cast<__half*>(p); }
 
 }  // namespace
 
-// n_ff of 1 (one warp, seven idle), 37 (a partial block) and 1001 (many blocks); INT4 at group 64 and
-// Q4_K; normal activations, then integer ones (the GEMV's sums exact up to fp32 rounding), against
+// n_ff of 1 (one warp, seven idle), 37 (a partial block) and 1001 (many blocks); INT4 at group 64,
+// Q4_K and Q6_K; normal activations, then integer ones (the GEMV's sums exact up to fp32 rounding), against
 // silu(g) u on the CPU.
 TEST(CudaW4A16GemvHalf2, SwiGluEpilogueIsTheProductThenSwiGluBitForBit) {
   NIBBLE_REQUIRE_CUDA_DEVICE();
   std::mt19937 rng(61);
   std::normal_distribution<float> normal(0.0f, 1.0f);
   std::uniform_int_distribution<int> small(-2, 2);
-  for (const bool q4_k : {false, true}) {
+  for (const Half2Format format : kHalf2Formats) {
+    const bool k_quant = format != Half2Format::int4_groups;  // rows of whole 256-input super-blocks
     for (const int64_t n_ff : {int64_t{1}, int64_t{37}, int64_t{1001}}) {
-      SCOPED_TRACE(std::string(format_name(q4_k)) + ", n_ff " + std::to_string(n_ff));
-      const int64_t kk = q4_k ? 2304 : 4224;
+      SCOPED_TRACE(std::string(format_name(format)) + ", n_ff " + std::to_string(n_ff));
+      const int64_t kk = k_quant ? 2304 : 4224;
       Half2Matrix w;
-      ASSERT_NO_FATAL_FAILURE(make_half2_matrix(q4_k, 2 * n_ff, kk, 64, rng, w));
+      ASSERT_NO_FATAL_FAILURE(make_half2_matrix(format, 2 * n_ff, kk, 64, rng, w));
       for (const bool integer : {false, true}) {
         std::vector<k::f16_bits> xh(static_cast<size_t>(kk));
         for (auto& v : xh) v = k::fp32_to_fp16(integer ? static_cast<float>(small(rng)) : normal(rng) * 0.2f);
@@ -594,11 +651,7 @@ TEST(CudaW4A16GemvHalf2, SwiGluEpilogueIsTheProductThenSwiGluBitForBit) {
         ASSERT_EQ(k::cuda::swiglu_f32_to_f16(dy.ptr, dy.ptr + n_ff, 2 * n_ff,
                                              reinterpret_cast<__half*>(unfused.ptr), 1, n_ff, nullptr),
                   k::Status::ok);
-        ASSERT_EQ(q4_k ? k::cuda::w4a16_gemv_q4_k_half2_swiglu(w.blocks->ptr, n_ff, kk, x, act, nullptr)
-                       : k::cuda::w4a16_gemv_int4_groups_half2_swiglu(
-                             w.int4.quants->ptr, w.int4.scales_half(), w.int4.zeros->ptr, 64, n_ff, kk, x,
-                             act, nullptr, /*programmatic=*/true),
-                  k::Status::ok);
+        ASSERT_EQ(w.swiglu(x, act), k::Status::ok);
         ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
         const std::vector<uint16_t> a = fused.to_host(), b = unfused.to_host();
         EXPECT_EQ(a, b) << (integer ? "integer" : "normal") << " activations";
@@ -623,7 +676,7 @@ TEST(CudaW4A16GemvHalf2, SwiGluEpilogueIsTheProductThenSwiGluBitForBit) {
 }
 
 // q / k / v of (n_head, n_head_kv, head_dim, rot_dims): GQA with every dim rotated, partial rotation
-// (96 of 128), and tiny heads (6 dims, 4 rotated); INT4 at group 32 and Q4_K. Positions in the first
+// (96 of 128), and tiny heads (6 dims, 4 rotated); INT4 at group 32, Q4_K and Q6_K. Positions in the first
 // and second block, one whose block id is -1 and one past the table: the flag raised, the cache
 // untouched and q still written, as rope_kv_write does. q, both caches and the flag compared whole.
 TEST(CudaW4A16GemvHalf2, RopeKvEpilogueIsTheProductThenRopeKvWriteBitForBit) {
@@ -635,14 +688,14 @@ TEST(CudaW4A16GemvHalf2, RopeKvEpilogueIsTheProductThenRopeKvWriteBitForBit) {
   std::normal_distribution<float> normal(0.0f, 1.0f);
   const int64_t block_size = 16, num_blocks = 7, mbps = 4;
   const std::vector<int32_t> tables = {0, 1, 3, 4, 5, 2, -1, 6};  // rows 0 and 1
-  for (const bool q4_k : {false, true}) {
+  for (const Half2Format format : kHalf2Formats) {
     for (const Heads& h : {Heads{4, 2, 64, 64}, Heads{3, 1, 128, 96}, Heads{5, 5, 6, 4}}) {
-      SCOPED_TRACE(std::string(format_name(q4_k)) + ", heads " + std::to_string(h.n_head) + "/" +
+      SCOPED_TRACE(std::string(format_name(format)) + ", heads " + std::to_string(h.n_head) + "/" +
                    std::to_string(h.n_head_kv) + " of " + std::to_string(h.head_dim));
       const int64_t q_dim = h.n_head * h.head_dim, kv_dim = h.n_head_kv * h.head_dim;
-      const int64_t rows = q_dim + 2 * kv_dim, kk = q4_k ? 512 : 480;
+      const int64_t rows = q_dim + 2 * kv_dim, kk = format != Half2Format::int4_groups ? 512 : 480;
       Half2Matrix w;
-      ASSERT_NO_FATAL_FAILURE(make_half2_matrix(q4_k, rows, kk, 32, rng, w));
+      ASSERT_NO_FATAL_FAILURE(make_half2_matrix(format, rows, kk, 32, rng, w));
       // (strides: the plain product's row, for rope_kv_write)
       const k::cuda::RopeKvWriteShape s = one_token_rope_kv(h.n_head, h.n_head_kv, h.head_dim, h.rot_dims,
                                                             rows, block_size, num_blocks, mbps);
@@ -674,13 +727,8 @@ TEST(CudaW4A16GemvHalf2, RopeKvEpilogueIsTheProductThenRopeKvWriteBitForBit) {
                                          d_seq.ptr, d_tables.ptr, as_half(q_b.ptr), as_half(k_b.ptr),
                                          as_half(v_b.ptr), flag_b.ptr, nullptr),
                   k::Status::ok);
-        ASSERT_EQ(q4_k ? k::cuda::w4a16_gemv_q4_k_half2_rope_kv(
-                             w.blocks->ptr, s, kk, x, d_pos.ptr, d_seq.ptr, d_tables.ptr, as_half(q_a.ptr),
-                             as_half(k_a.ptr), as_half(v_a.ptr), flag_a.ptr, nullptr, true)
-                       : k::cuda::w4a16_gemv_int4_groups_half2_rope_kv(
-                             w.int4.quants->ptr, w.int4.scales_half(), w.int4.zeros->ptr, 32, s, kk, x,
-                             d_pos.ptr, d_seq.ptr, d_tables.ptr, as_half(q_a.ptr), as_half(k_a.ptr),
-                             as_half(v_a.ptr), flag_a.ptr, nullptr),
+        ASSERT_EQ(w.rope_kv(s, x, d_pos.ptr, d_seq.ptr, d_tables.ptr, as_half(q_a.ptr), as_half(k_a.ptr),
+                            as_half(v_a.ptr), flag_a.ptr),
                   k::Status::ok);
         ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
         const std::vector<uint16_t> q_got = q_a.to_host(), k_got = k_a.to_host(), v_got = v_a.to_host();
@@ -853,7 +901,7 @@ TEST(CudaW4A16GemvHalf2, EveryVariantGivesTheSameBits) {
 // The residual add and RMSNorm in the GEMV's last block (w4a16_gemv_*_half2_add_norm): y, the residual
 // and the normed row bit for bit what the plain GEMV then add_rms_norm_f32 write, on rows of one norm
 // part (37), two (1025), eight odd ones (4099: slices of 513) and llama-70b's 8192 (eight of 1024);
-// INT4 at group 128 and Q4_K, with short inputs, llama-70b's longest (28672: the epilogue's own shared
+// INT4 at group 128, Q4_K and Q6_K, with short inputs, llama-70b's longest (28672: the epilogue's own shared
 // memory on top of 56 KB of activations) and rows just under 48 KB of activations (24576 and 23040: the
 // static shared memory alone takes them past the default limit; refused where w4a16_gemv_half2_fits
 // says they cannot fit); twice on the same counter, which ends at zero.
@@ -865,14 +913,16 @@ TEST(CudaW4A16GemvHalf2, AddNormEpilogueIsTheProductThenAddRmsNormBitForBit) {
   struct Shape {
     int64_t n_out, int4_k, q4_k_k;
   };
-  for (const bool q4_k : {false, true}) {
+  for (const Half2Format format : kHalf2Formats) {
     for (const Shape shape : {Shape{37, 4224, 512}, Shape{4099, 4224, 512}, Shape{8192, 4224, 512},
                               Shape{37, 28672, 28672}, Shape{1025, 28672, 28672}, Shape{37, 24576, 23040}}) {
-      const int64_t n_out = shape.n_out, kk = q4_k ? shape.q4_k_k : shape.int4_k;
-      SCOPED_TRACE(std::string(format_name(q4_k)) + ", " + std::to_string(n_out) + " x " +
+      const bool q4_k = format == Half2Format::q4_k;
+      const int64_t n_out = shape.n_out,
+                    kk = format != Half2Format::int4_groups ? shape.q4_k_k : shape.int4_k;
+      SCOPED_TRACE(std::string(format_name(format)) + ", " + std::to_string(n_out) + " x " +
                    std::to_string(kk));
       Half2Matrix w;
-      ASSERT_NO_FATAL_FAILURE(make_half2_matrix(q4_k, n_out, kk, 128, rng, w));
+      ASSERT_NO_FATAL_FAILURE(make_half2_matrix(format, n_out, kk, 128, rng, w));
       std::vector<float> residual(static_cast<size_t>(n_out)), weight(residual.size());
       for (auto& v : residual) v = normal(rng) * 3.0f;
       for (auto& v : weight) v = 1.0f + 0.1f * normal(rng);
@@ -896,13 +946,7 @@ TEST(CudaW4A16GemvHalf2, AddNormEpilogueIsTheProductThenAddRmsNormBitForBit) {
                   k::Status::ok);
         const bool fits = k::cuda::w4a16_gemv_half2_fits(kk, q4_k);
         const k::Status st =
-            q4_k ? k::cuda::w4a16_gemv_q4_k_half2_add_norm(w.blocks->ptr, n_out, kk, x, y_a.ptr, res_a.ptr,
-                                                           d_weight.ptr, eps, as_half(h_a.ptr), counter.ptr,
-                                                           nullptr,
-                                                           /*programmatic=*/true)
-                 : k::cuda::w4a16_gemv_int4_groups_half2_add_norm(
-                       w.int4.quants->ptr, w.int4.scales_half(), w.int4.zeros->ptr, 128, n_out, kk, x,
-                       y_a.ptr, res_a.ptr, d_weight.ptr, eps, as_half(h_a.ptr), counter.ptr, nullptr);
+            w.add_norm(x, y_a.ptr, res_a.ptr, d_weight.ptr, eps, as_half(h_a.ptr), counter.ptr);
         if (!fits) {  // a device with little shared memory a block
           EXPECT_EQ(st, k::Status::invalid_argument);
           EXPECT_EQ(cudaGetLastError(), cudaSuccess);
@@ -922,7 +966,7 @@ TEST(CudaW4A16GemvHalf2, AddNormEpilogueIsTheProductThenAddRmsNormBitForBit) {
   }
   // Refusals: no counter, no residual, a negative eps.
   Half2Matrix w;
-  ASSERT_NO_FATAL_FAILURE(make_half2_matrix(false, 16, 256, 128, rng, w));
+  ASSERT_NO_FATAL_FAILURE(make_half2_matrix(Half2Format::int4_groups, 16, 256, 128, rng, w));
   DeviceBuffer<k::f16_bits> dx(256);
   DeviceBuffer<float> y(16), res(16), weight(16);
   DeviceBuffer<uint16_t> h(16);

@@ -45,18 +45,23 @@ Q6KPlanesLayout q6_k_planes_layout(int64_t n_out, int64_t k) {
 }
 
 Status q6_k_planes_from_blocks(const void* blocks, int64_t n_out, int64_t k, uint8_t* out) {
-  if (!valid(blocks, out, n_out, k)) return Status::invalid_argument;
+  return q6_k_planes_rows_from_blocks(blocks, n_out, k, n_out, 0, out);
+}
+
+Status q6_k_planes_rows_from_blocks(const void* blocks, int64_t rows, int64_t k, int64_t n_out, int64_t row0,
+                                    uint8_t* out) {
+  if (!valid(blocks, out, rows, k) || row0 < 0 || row0 + rows > n_out) return Status::invalid_argument;
   const Q6KPlanesLayout layout = q6_k_planes_layout(n_out, k);
-  const int64_t n = n_out * (k / kQK_K);
+  const int64_t n = rows * (k / kQK_K), b0 = row0 * (k / kQK_K);  // blocks, and the first one's index
   for (int64_t b = 0; b < n; ++b) {
     const uint8_t* block = static_cast<const uint8_t*>(blocks) + b * static_cast<int64_t>(sizeof(BlockQ6_K));
     for (int64_t j = 0; j < kPiecesPerBlock; ++j) {
       PieceRun runs[7];
-      piece_runs(layout, j, b * kPiecesPerBlock + j, runs);
+      piece_runs(layout, j, (b0 + b) * kPiecesPerBlock + j, runs);
       for (const PieceRun& r : runs)
         std::memcpy(out + r.plane, block + r.block, static_cast<size_t>(r.bytes));
     }
-    std::memcpy(out + layout.d + 2 * b, block + offsetof(BlockQ6_K, d), 2);
+    std::memcpy(out + layout.d + 2 * (b0 + b), block + offsetof(BlockQ6_K, d), 2);
   }
   return Status::ok;
 }

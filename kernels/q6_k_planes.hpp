@@ -12,7 +12,8 @@
 // (GGUF's dequantize_row_q6_K: weight 128h + 32q + l is d * scales[8h + l / 16 + 2q] * (level - 32),
 // level = the nibble of ql | the 2 bits of qh << 4.) Each part is a plane of its own, [n_out, pieces]
 // row-major, so a warp's 32 consecutive pieces read 512 consecutive bytes of each. Same bytes in all
-// (210 per 256 weights), same values.
+// (210 per 256 weights), same values. The planes' offsets depend on the matrix's row count: a row range is
+// not a pointer offset, so the kernels take the whole matrix (the n_out it was repacked with).
 #include <cstdint>
 
 #include "kernels/status.hpp"
@@ -32,6 +33,12 @@ Q6KPlanesLayout q6_k_planes_layout(int64_t n_out, int64_t k);
 // blocks: [n_out, k / 256] GGUF Q6_K super-blocks (BlockQ6_K); out: q6_k_planes_layout(n_out, k).bytes.
 // invalid_argument for null pointers, n_out < 0, or k not a positive multiple of 256.
 Status q6_k_planes_from_blocks(const void* blocks, int64_t n_out, int64_t k, uint8_t* out);
+
+// Rows row0 .. row0 + rows - 1 of an [n_out, k] matrix's planes from those rows' blocks (blocks: [rows,
+// k / 256]): a matrix stacked from parts, each repacked into its place (q6_k_planes_from_blocks is the
+// whole matrix at once). invalid_argument as above, or for rows outside [0, n_out).
+Status q6_k_planes_rows_from_blocks(const void* blocks, int64_t rows, int64_t k, int64_t n_out, int64_t row0,
+                                    uint8_t* out);
 
 // The inverse, for tests: back to GGUF super-blocks. Same shapes and errors.
 Status q6_k_blocks_from_planes(const uint8_t* planes, int64_t n_out, int64_t k, void* blocks);

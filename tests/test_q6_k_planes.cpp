@@ -60,6 +60,14 @@ TEST(Q6KPlanes, EveryWeightReadsBackFromItsPieceAndJoiningRestoresTheBlocks) {
               << "row " << o << " weight " << e;
         }
       }
+      // The same planes from the rows in two parts, each repacked into its place (a stacked upload).
+      const int64_t first = n_out / 2;
+      std::vector<uint8_t> stacked(planes.size(), 0xCD);
+      ASSERT_EQ(q6_k_planes_rows_from_blocks(blocks.data(), first, k, n_out, 0, stacked.data()), Status::ok);
+      ASSERT_EQ(q6_k_planes_rows_from_blocks(blocks.data() + first * rb, n_out - first, k, n_out, first,
+                                             stacked.data()),
+                Status::ok);
+      EXPECT_EQ(stacked, planes);
       std::vector<uint8_t> back(blocks.size(), 0xAB);
       ASSERT_EQ(q6_k_blocks_from_planes(planes.data(), n_out, k, back.data()), Status::ok);
       EXPECT_EQ(back, blocks);
@@ -76,6 +84,9 @@ TEST(Q6KPlanes, RefusesBadShapes) {
   EXPECT_EQ(q6_k_planes_from_blocks(a.data(), 1, 256, nullptr), Status::invalid_argument);
   EXPECT_EQ(q6_k_blocks_from_planes(a.data(), 1, 300, b.data()), Status::invalid_argument);
   EXPECT_EQ(q6_k_blocks_from_planes(nullptr, 1, 256, b.data()), Status::invalid_argument);
+  EXPECT_EQ(q6_k_planes_rows_from_blocks(a.data(), 2, 256, 3, 2, b.data()),
+            Status::invalid_argument);  // past
+  EXPECT_EQ(q6_k_planes_rows_from_blocks(a.data(), 1, 256, 3, -1, b.data()), Status::invalid_argument);
 }
 
 }  // namespace

@@ -173,13 +173,17 @@ DeviceMatrix upload_matrix(std::initializer_list<const model::WeightMatrix*> par
   std::vector<uint8_t> host;
   if (d.kind == DeviceKind::q4_0 || d.kind == DeviceKind::q4_k || d.kind == DeviceKind::q6_k ||
       d.kind == DeviceKind::q8_0) {
-    for (const model::WeightMatrix* w : parts)
-      host.insert(host.end(), w->data, w->data + w->n_out * w->row_bytes());
-    if (d.kind == DeviceKind::q6_k) {  // the stacked parts' blocks into planes, as the kernels read them
-      std::vector<uint8_t> planes(static_cast<size_t>(kernels::q6_k_planes_layout(d.n_out, d.k).bytes));
-      check_status(kernels::q6_k_planes_from_blocks(host.data(), d.n_out, d.k, planes.data()),
-                   "q6_k_planes_from_blocks (weight upload)");
-      host = std::move(planes);
+    if (d.kind == DeviceKind::q6_k) {  // each part's blocks into its rows of the planes the kernels read
+      host.resize(static_cast<size_t>(kernels::q6_k_planes_layout(d.n_out, d.k).bytes));
+      int64_t row = 0;
+      for (const model::WeightMatrix* w : parts) {
+        check_status(kernels::q6_k_planes_rows_from_blocks(w->data, w->n_out, d.k, d.n_out, row, host.data()),
+                     "q6_k_planes_rows_from_blocks (weight upload)");
+        row += w->n_out;
+      }
+    } else {
+      for (const model::WeightMatrix* w : parts)
+        host.insert(host.end(), w->data, w->data + w->n_out * w->row_bytes());
     }
   } else if (d.kind == DeviceKind::int4_groups) {
     // The narrowest group any part needs (an exact group of 128 is exact at 64 and 32 too).

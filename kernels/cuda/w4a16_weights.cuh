@@ -310,8 +310,9 @@ struct Q6KPlanes {
     }
   }
 };
-// The planes of an [n_out, k] matrix at w (kernels/q6_k_planes.hpp's offsets): false for a null or
-// misaligned w (16 bytes) or k not a positive multiple of 256.
+// The planes of an [n_out, k] matrix at w (kernels/q6_k_planes.hpp's offsets; n_out must be the row count
+// the matrix was repacked with, nothing here can check it): false for a null or misaligned w (16 bytes)
+// or k not a positive multiple of 256.
 inline bool make_q6_k_planes(const uint8_t* w, int64_t n_out, int64_t k, Q6KPlanes& out) {
   if (w == nullptr || reinterpret_cast<uintptr_t>(w) % 16 != 0 || n_out < 0 || k <= 0 || k % kQK_K != 0)
     return false;

@@ -466,11 +466,14 @@ TEST(CudaLlamaModel, Q4KMMixWithQ6KMatricesMatchesTheCpu) {
     w::CudaModelOptions options;
     options.int4_kernels = pin;
     w::CudaLlamaModel pinned(checkpoint, options);
+    int pinned_q6_k_shapes = 0;
     for (const w::CudaQ4KChoice& ch : pinned.q4_k_choices()) {
       if (!ch.q6_k) continue;
+      ++pinned_q6_k_shapes;
       EXPECT_EQ(ch.half2, pin == w::Int4Kernels::half2);
       EXPECT_EQ(ch.cuda_cores_us, 0.0);
     }
+    EXPECT_EQ(pinned_q6_k_shapes, 2);
   }
   // The four-bit bound (fp16 for embedding and head) plus 210 bytes per 256 ffn_down weights on top
   // of their 19 per 32: fp16 ffn_down matrices (2 bytes a weight) would not fit.

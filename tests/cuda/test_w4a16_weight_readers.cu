@@ -257,7 +257,7 @@ TEST(W4A16WeightReaders, Q4KHalf2ChunksStayAccurateWithALargeActivationOnAWeight
           staged[h][i] = w4a16::int4_half2_staged_word(lo, hi);
         }
       }
-      float sums[2] = {};  // the sub-blocks' activation sums, as the kernel makes them
+      float sums[2] = {};  // the sub-blocks' activation sums (the kernel adds them in pairs, then scales)
       for (int s = 0; s < 2; ++s) {
         for (int i = 0; i < 32; ++i) sums[s] += x[static_cast<size_t>(64 * chunk + 32 * s + i)];
         sums[s] *= down;

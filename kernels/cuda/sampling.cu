@@ -240,7 +240,7 @@ Status sort_storage_bytes(int64_t rows, int64_t n_vocab, size_t* bytes) {
       nullptr, *bytes, static_cast<const uint64_t*>(nullptr), static_cast<uint64_t*>(nullptr),
       static_cast<int>(rows * n_vocab), static_cast<int>(rows), static_cast<const int32_t*>(nullptr),
       static_cast<const int32_t*>(nullptr));
-  return err == cudaSuccess ? Status::ok : Status::device_error;
+  return launch_status(err);
 }
 
 // One block per row: the row's penalized tokens, one a thread (distinct, so no two threads write
@@ -326,12 +326,10 @@ Status select_rows(const float* logits, const SamplingRowParams* params, const d
   build_keys<<<static_cast<unsigned>(key_blocks), kKeyThreads, 0, stream>>>(logits, params, rows, n_vocab,
                                                                             keys_in, offsets);
   if (launch_status() != Status::ok) return Status::device_error;
-  if (cub::DeviceSegmentedRadixSort::SortKeys(
-          sort_storage, sort_bytes, keys_in, keys_out, static_cast<int>(n), static_cast<int>(rows),
-          static_cast<const int32_t*>(offsets), static_cast<const int32_t*>(offsets + 1), 0, 64,
-          stream) != cudaSuccess) {
-    return Status::device_error;
-  }
+  const cudaError_t sorted = cub::DeviceSegmentedRadixSort::SortKeys(
+      sort_storage, sort_bytes, keys_in, keys_out, static_cast<int>(n), static_cast<int>(rows),
+      static_cast<const int32_t*>(offsets), static_cast<const int32_t*>(offsets + 1), 0, 64, stream);
+  if (sorted != cudaSuccess) return launch_status(sorted);
   select_kernel<<<static_cast<unsigned>(rows), kSelectThreads, 0, stream>>>(keys_out, n_vocab, params,
                                                                             uniforms, ids, dense);
   return launch_status();

@@ -276,7 +276,7 @@ Status int4_cutlass_from_groups(const uint8_t* quants, const uint16_t* scales, c
       reinterpret_cast<uintptr_t>(out) % 256 != 0)
     return Status::invalid_argument;
   // An error left by earlier work is not this call's: report it as such before launching.
-  if (cudaPeekAtLastError() != cudaSuccess) return Status::device_error;
+  if (cudaPeekAtLastError() != cudaSuccess) return launch_status();
   const int64_t groups = k / group;
   auto* base = static_cast<uint8_t*>(out);
   const size_t quant_bytes = static_cast<size_t>(n_out * k / 2);

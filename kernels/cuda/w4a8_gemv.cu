@@ -332,7 +332,7 @@ Status w4a8_gemv_int4_groups(const uint8_t* quants, const __half* scales, const 
   if (n_out == 0) return Status::ok;
   if (k == 0) {  // empty sums
     const cudaError_t err = cudaMemsetAsync(y, 0, static_cast<size_t>(m * n_out) * sizeof(float), stream);
-    return err == cudaSuccess ? Status::ok : Status::device_error;
+    return launch_status(err);
   }
   using Kernel = void (*)(w4a16::Int4GroupBlocks, int64_t, int64_t, const __half*, float*);
   constexpr Kernel kKernels[kW4A8GemvMaxM] = {w4a8_gemv_kernel<1>, w4a8_gemv_kernel<2>, w4a8_gemv_kernel<3>,
@@ -349,7 +349,7 @@ Status w4a8_gemv_q4_k(const uint8_t* blocks, int64_t n_out, int64_t k, const __h
   if (n_out == 0) return Status::ok;
   if (k == 0) {  // empty sums
     const cudaError_t err = cudaMemsetAsync(y, 0, static_cast<size_t>(m * n_out) * sizeof(float), stream);
-    return err == cudaSuccess ? Status::ok : Status::device_error;
+    return launch_status(err);
   }
   using Kernel = void (*)(Q4KWeights, int64_t, int64_t, const __half*, float*);
   constexpr Kernel kKernels[kW4A8GemvMaxM] = {w4a8_gemv_q4_k_kernel<1>, w4a8_gemv_q4_k_kernel<2>,

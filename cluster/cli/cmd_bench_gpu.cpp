@@ -971,6 +971,14 @@ int run_kernels(const Args& a) {
       if (r.q4k_half2_us > 0) row["w4a16_q4k_half2_us"] = r.q4k_half2_us;
       row["w4a16_q4k_tiles_tc_us"] = r.q4k_tiles_tc_us;
     }
+    if (r.q6k_us > 0) {
+      row["w6a16_q6k_us"] = r.q6k_us;
+      row["q6k_copy_fraction"] = r.q6k_bytes / (r.q6k_us * 1e-6) / 1e9 / result.copy_gbps;
+      if (r.q6k_half2_us > 0) {
+        row["w6a16_q6k_half2_us"] = r.q6k_half2_us;
+        row["q6k_half2_copy_fraction"] = r.q6k_bytes / (r.q6k_half2_us * 1e-6) / 1e9 / result.copy_gbps;
+      }
+    }
     if (tg_us > 0) {
       row["tinygemm_us"] = tg_us;
       row["speedup_vs_tinygemm"] = tg_us / r.ours_us;
@@ -1122,6 +1130,29 @@ int run_kernels(const Args& a) {
                     best_q4k > 0 ? best_q4k / r.q4k_w4a8_us : 0.0);
       else
         std::printf(" %15s | %10s %8s\n", "-", "-", "-");
+    }
+    // GGUF Q6_K in planes (a Q4_K_M file's 6-bit matrices): the CUDA-core GEMV and, at one row, the half2
+    // one.
+    std::printf(
+        "\nQ6_K in planes (kernels/q6_k_planes.hpp; m <= 32), us (%%copy of Q6_K's 210 bytes per 256 "
+        "weights): "
+        "the CUDA-core GEMV (w4a16_gemv_q6_k) and, at one row, the half2 GEMV (w4a16_gemv_q6_k_half2)\n");
+    std::printf("%-12s %4s | %20s | %20s\n", "k x n_out", "m", "Q6_K CUDA cores us", "Q6_K half2 us");
+    for (const auto& r : result.rows) {
+      if (!(r.q6k_us > 0)) continue;
+      char shape[32];
+      std::snprintf(shape, sizeof shape, "%lldx%lld", static_cast<long long>(r.shape.k),
+                    static_cast<long long>(r.shape.n_out));
+      const auto cell = [&](double us) {
+        if (us > 0)
+          std::printf(" %12.1f (%3.0f%%) |", us, 100.0 * r.q6k_bytes / (us * 1e-6) / 1e9 / result.copy_gbps);
+        else
+          std::printf(" %20s |", "-");
+      };
+      std::printf("%-12s %4lld |", shape, static_cast<long long>(r.m));
+      cell(r.q6k_us);
+      cell(r.q6k_half2_us);
+      std::printf("\n");
     }
   }
   if (a.json) {

@@ -22,6 +22,7 @@
 #include "kernels/cuda/w4a16_tuning.cuh"
 #include "kernels/cuda/w4a8_gemv.cuh"
 #include "kernels/int4_tiles.hpp"
+#include "kernels/q6_k_planes.hpp"
 #include "kernels/quant_types.hpp"
 
 namespace nibble::kernels::cuda {
@@ -185,7 +186,8 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
       tiles_tc(ms.size(), 0.0), tiles_tc32(ms.size(), 0.0), tiles_tc64(ms.size(), 0.0),
       tiles_deq(ms.size(), 0.0), tiles_loads(ms.size(), 0.0), q4k(ms.size(), 0.0), q4k_tc(ms.size(), 0.0),
       q4k_half2(ms.size(), 0.0), q4k_tiles_tc(ms.size(), 0.0), g128_cutlass(ms.size(), 0.0),
-      g128_cutlass_pp(ms.size(), 0.0), g128_cutlass16(ms.size(), 0.0);
+      g128_cutlass_pp(ms.size(), 0.0), g128_cutlass16(ms.size(), 0.0), q6k(ms.size(), 0.0),
+      q6k_half2(ms.size(), 0.0);
   std::vector<const char*> tiles_tc_shape(ms.size(), "");
   std::vector<std::vector<double>> g128_half2_variants(ms.size());
   const size_t g128_quant_bytes = static_cast<size_t>(n * k / 2);
@@ -432,6 +434,35 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
       });
     }
   }
+  // GGUF Q6_K in planes (kernels/q6_k_planes.hpp): the CUDA-core GEMV and, for one row, the half2 one.
+  // Random small halves throughout (timing only: the values do not change the work).
+  const auto q6k_bytes = static_cast<size_t>(q6_k_planes_layout(n, k).bytes);
+  if (k % kQK_K == 0) {
+    const size_t stride = (q6k_bytes + 255) / 256 * 256;  // each copy 16-byte aligned
+    const int copies = copies_for(stride, l2_bytes);
+    DeviceMemory w(stride * copies);
+    fill_halves(static_cast<__half*>(w.ptr), static_cast<int64_t>(stride / 2) * copies, 0.01f, 37, stream);
+    const auto copy = [&](int i) {
+      return static_cast<const uint8_t*>(w.ptr) + stride * static_cast<size_t>(i % copies);
+    };
+    for (size_t mi = 0; mi < ms.size(); ++mi) {
+      const int64_t m = ms[mi];
+      if (m > kW4A16GemvMaxM) continue;
+      q6k[mi] = time_us(stream, iterations, repetitions, [&](int i) {
+        const Status st = w4a16_gemv_q6_k(copy(i), n, k, xh, m, static_cast<float*>(y.ptr), stream);
+        if (st != Status::ok)
+          throw BenchFailure(std::string("W6A16 Q6_K GEMV failed: ") + failure_reason(st));
+      });
+      if (m == 1 && w4a16_gemv_q6_k_half2(copy(0), n, k, xh, m, static_cast<float*>(y.ptr), stream) !=
+                        Status::invalid_argument) {
+        q6k_half2[mi] = time_us(stream, iterations, repetitions, [&](int i) {
+          const Status st = w4a16_gemv_q6_k_half2(copy(i), n, k, xh, m, static_cast<float*>(y.ptr), stream);
+          if (st != Status::ok)
+            throw BenchFailure(std::string("W6A16 Q6_K half2 GEMV failed: ") + failure_reason(st));
+        });
+      }
+    }
+  }
   {
     DeviceMemory w(f16_bytes * f16_copies);
     fill_halves(static_cast<__half*>(w.ptr), n * k * f16_copies, 0.02f, 13, stream);
@@ -483,6 +514,9 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
     row.q4k_half2_us = q4k_half2[mi];
     row.q4k_w4a8_us = q4k_w4a8[mi];
     row.q4k_tiles_tc_us = q4k_tiles_tc[mi];
+    row.q6k_us = q6k[mi];
+    row.q6k_half2_us = q6k_half2[mi];
+    row.q6k_bytes = static_cast<double>(q6k_bytes) + 2.0 * ms[mi] * k + 4.0 * ms[mi] * n;
     row.g128_bytes = static_cast<double>(g128_bytes) + 2.0 * ms[mi] * k + 4.0 * ms[mi] * n;
     row.q4k_bytes = static_cast<double>(q4k_bytes) + 2.0 * ms[mi] * k + 4.0 * ms[mi] * n;
     row.cublas_us = theirs[mi];

@@ -59,10 +59,13 @@ struct MatmulBenchRow {
   double q4k_half2_us = 0.0;     // the same on the half2 GEMV (w4a16_gemv_q4_k_half2, m == 1 only)
   double q4k_w4a8_us = 0.0;      // the same times 8-bit activations on dp4a (w4a8_gemv_q4_k, m <= 4)
   double q4k_tiles_tc_us = 0.0;  // the same kernels on the blocks repacked into Q4_K chunks
+  double q6k_us = 0.0;           // GGUF Q6_K in planes, the CUDA-core GEMV (m <= 32); 0: k % 256 != 0
+  double q6k_half2_us = 0.0;     // the same on the half2 GEMV (w4a16_gemv_q6_k_half2, m == 1 only)
   double cublas_us = 0.0;        // fp16 x fp16 cublasGemmEx, fp32 accumulation
   double ours_bytes = 0.0;       // bytes one product must move: Q4_0 weights + fp16 x + fp32 y
   double g128_bytes = 0.0;       // nibbles + fp16 scale + zero byte per 128 weights, + x + y
   double q4k_bytes = 0.0;        // 144 bytes per 256 weights, + x + y
+  double q6k_bytes = 0.0;        // 210 bytes per 256 weights, + x + y
   double cublas_bytes = 0.0;     // fp16 weights + fp16 x + fp16 y
 };
 

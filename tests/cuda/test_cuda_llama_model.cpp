@@ -1885,6 +1885,13 @@ TEST(CudaLlamaModelCli, BenchGpuKernelTableTimesEveryKernel) {
       for (const auto& [name, us] : row["g128_half2_variants_us"].items())
         EXPECT_GT(us.get<double>(), 0.0) << name;
     }
+    // Q6_K in planes (256 inputs: one super-block a row) on the CUDA-core GEMV up to 32 rows, on the half2
+    // GEMV at one.
+    EXPECT_EQ(row.contains("w6a16_q6k_us"), m <= 32);
+    EXPECT_EQ(row.contains("w6a16_q6k_half2_us"), m == 1);
+    if (m <= 32) {
+      EXPECT_GT(row["w6a16_q6k_us"].get<double>(), 0.0);
+    }
     EXPECT_EQ(row.contains("w4a8_g128_us"), m <= 4);  // the dp4a GEMV, 8-bit activations
     if (m <= 4) {
       EXPECT_GT(row["w4a8_g128_us"].get<double>(), 0.0);

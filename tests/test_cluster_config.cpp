@@ -235,6 +235,10 @@ TEST(ClusterConfig, OutOfRangeValues) {
                {"expected one of false, true, got 'sometimes'"});
   expect_error("model: {path: m}\nprefill_attention: tensor-cores\n", "prefill_attention", 2,
                {"expected one of cuda_cores, tensor_cores, got 'tensor-cores'"});
+  expect_error("model: {path: m}\ndecode_split_tokens: 48\n", "decode_split_tokens", 2,
+               {"48 is not a multiple of 32"});
+  expect_error("model: {path: m}\ndecode_split_tokens: 16\n", "decode_split_tokens", 2, {"at least 32, got 16"});
+  expect_error("model: {path: m}\ndecode_split_tokens: many\n", "decode_split_tokens", 2, {"a multiple of 32"});
   expect_error("model: {path: m}\ncutlass_gemm: yes please\n", "cutlass_gemm", 2,
                {"expected one of false, true, got 'yes please'"});
   // The CUTLASS GEMM is not a CUDA-core kernel, whichever key comes first.
@@ -341,6 +345,8 @@ TEST(ClusterConfig, RenderRoundTrips) {
   EXPECT_TRUE(plain.cuda_graphs);
   EXPECT_TRUE(with_key("prefill_attention: tensor_cores").tensor_core_prefill_attention);
   EXPECT_FALSE(plain.tensor_core_prefill_attention);
+  EXPECT_EQ(with_key("decode_split_tokens: 64").decode_split_tokens, 64);
+  EXPECT_EQ(plain.decode_split_tokens, 256);
 
   const ClusterConfig minimal = parse_cluster_config("model: {path: m.gguf}\n", "minimal.yaml");
   const std::string rendered_minimal = render_cluster_config(minimal);

@@ -593,7 +593,8 @@ TEST(Serve, CudaDeviceWithoutAGpuFailsAtStartUpWithTheReason) {
 // P=2 give the greedy tokens of single-process `nibble generate --device cuda` for a project-made
 // Q4_0 model: on the CUDA-core kernels, and on the tensor-core kernels with the INT4 matrices in
 // tiles (int4_layout: tiles; every GPU worker repacks its sliced matrices at load); and at P=2 with
-// cuda_graphs: false (every kernel launched directly), each stage saying how it launches.
+// cuda_graphs: false (every kernel launched directly), each stage saying how it launches, and with the
+// decode attention split and prefill attention keys set.
 TEST(Serve, CudaServesLikeCudaGenerate) {
   if (const std::string why = cuda_job_skip_reason(); !why.empty()) GTEST_SKIP() << why;
   test::TempDir models;
@@ -611,7 +612,13 @@ TEST(Serve, CudaServesLikeCudaGenerate) {
        "64 }\n",
        "decode steps replayed from CUDA graphs"},
       {"CUDA cores without graphs", kCudaGenerate, kCudaJob + "cuda_graphs: false\n",
-       "every kernel launched directly (cuda_graphs: false)", false}};
+       "every kernel launched directly (cuda_graphs: false)", false},
+      // Decode attention cut every 32 positions (the prompts and 24 tokens pass 32) and prompt chunks'
+      // attention on the tensor cores where the heads allow: the job's keys reach its GPU models.
+      {"decode split 32, tensor-core prefill attention",
+       kCudaGenerate + " --decode-split-tokens 32 --prefill-attention tensor-cores",
+       kCudaJob + "decode_split_tokens: 32\nprefill_attention: tensor_cores\n",
+       "decode steps replayed from CUDA graphs", false}};
   for (const Setting& setting : settings) {
     SCOPED_TRACE(setting.name);
     std::vector<Expected> expected;
@@ -619,7 +626,8 @@ TEST(Serve, CudaServesLikeCudaGenerate) {
       expected.push_back(nibble_generate(model, p, 24, setting.generate_args));
     for (const Shape shape : {Shape{2, 1}, Shape{1, 2}}) {
       if (shape.tensor > 1 && !setting.tensor_parallel) continue;
-      SCOPED_TRACE("T" + std::to_string(shape.tensor) + " P" + std::to_string(shape.pipeline));
+      // (std::string first: GCC 12's -Wrestrict misfires on "T" + std::to_string(...) inlined here)
+      SCOPED_TRACE(std::string("T") + std::to_string(shape.tensor) + " P" + std::to_string(shape.pipeline));
       test::TempDir dir;
       ServeJob job(dir.path(), model, shape.tensor, shape.pipeline,
                    setting.job + "scheduler: { prefill_chunk: 16 }\n");

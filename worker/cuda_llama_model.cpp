@@ -455,7 +455,7 @@ CudaLlamaModel::Impl::Plan CudaLlamaModel::Impl::plan_batch(const ForwardBatch& 
     // depends only on the plan, so decode steps keep one plan (and one graph) as sequences grow.
     // Splits past a sequence's length return at once.
     p.dshape.max_seq_len = p.mbps * cache.block_size();
-    p.dshape.split_tokens = kDecodeSplitTokens;
+    p.dshape.split_tokens = options.decode_split_tokens;
   } else if (const int64_t tile_tokens = prefill_tile_tokens(p.mma_tiles); tile_tokens > 0) {
     // Prompt chunks: the runs cut into the prefill kernel's tiles.
     std::vector<int32_t> tiles;
@@ -911,6 +911,10 @@ CudaLlamaModel::CudaLlamaModel(std::shared_ptr<const model::LlamaCheckpoint> che
   }
   if (shard.size > 1 && reducer == nullptr)
     throw std::invalid_argument("a sharded model needs a ShardReducer");
+  if (options.decode_split_tokens < 32 || options.decode_split_tokens % 32 != 0) {
+    throw std::invalid_argument("decode_split_tokens " + std::to_string(options.decode_split_tokens) +
+                                " is not a positive multiple of 32 (positions a decode attention block takes)");
+  }
   m.reducer = reducer;  // at size 1 too: a group of one (see the constructor's comment)
   m.layer_begin = layers.begin;
   m.layer_end = layers.end < 0 ? c.n_layer : layers.end;

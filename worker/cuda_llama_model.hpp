@@ -281,6 +281,13 @@ struct CudaModelOptions {
   // speculative verification) use attention_decode when head_dim is 64 or 128; false sends every
   // batch to the general paged_attention_f16 (tests compare the two).
   bool decode_attention = true;
+  // Positions one block of attention_decode takes (a positive multiple of 32): every sequence is cut
+  // at this size whatever the batch, so that each query's sum runs in an order that does not depend on
+  // the other sequences and a verification row equals the decode step it replaces bit for bit (greedy
+  // speculation stays exact at any context length). Short
+  // contexts run faster cut finer (more blocks at work), long ones coarser (fewer partials to combine);
+  // `nibble bench-gpu`'s decode attention table times the sizes on the GPU at hand.
+  int64_t decode_split_tokens = 256;
   // Prompt chunks' attention on the tensor cores (kernels::cuda::prefill_attention_mma_f16: 64 query
   // rows a block, FlashAttention-2's schedule) instead of prefill_attention_f16's CUDA cores, where the
   // head grouping is at most 64 and head_dim 64 or 128. The weights meet V in fp16 (not the CPU's

@@ -38,10 +38,6 @@ constexpr int64_t kGraphMaxTokens = 64;
 // seen once (a shape is captured when seen again): a long-running server meets many shapes.
 constexpr size_t kMaxGraphs = 128;
 constexpr size_t kMaxSeenShapes = 4096;
-// attention_decode's positions per split, fixed: each query's sum then runs in an order that does
-// not depend on the rest of the batch, so a verification row equals the decode step it replaces bit
-// for bit (greedy speculation stays exact at any context length).
-constexpr int64_t kDecodeSplitTokens = 256;
 constexpr size_t kCublasWorkspaceBytes = size_t{32} << 20;
 // The chunks of an INT4 matrix that dequant + cuBLAS dequantizes at a time (w4a16_dequant_cublas.cuh):
 // 4096 rows of llama-70b's k = 8192, 1152 of k = 28672. Only models with group-wise INT4 matrices take it.

@@ -2,6 +2,8 @@
 // same run, as achieved bandwidth and as a fraction of the device's measured copy bandwidth; with
 // --tinygemm, also against PyTorch's int4 kernel timed by tools/bench_tinygemm.py on the same shapes.
 //
+// Then the decode attention on llama-70b's heads per batch, context and split size (attention_bench.cuh).
+//
 // With --model (e.g. dummy:llama-70b, random weights made on the GPU), the whole model instead:
 // load time and device memory, prefill tokens/s, and per batch size the decode step time against
 // the floor of reading every weight byte once at copy bandwidth; with --draft, the draft's step time
@@ -23,6 +25,7 @@
 #include "model/llama_checkpoint.hpp"
 #include "worker/cuda_llama_model.hpp"
 #ifdef NIBBLE_WITH_CUDA
+#include "kernels/cuda/attention_bench.cuh"
 #include "kernels/cuda/matmul_bench.cuh"
 #include "kernels/cuda/w4a16_gemv_half2.cuh"
 #endif
@@ -37,6 +40,9 @@ struct Args {
   std::string tinygemm;
   int iterations = 20, repetitions = 5;
   bool json = false;
+  // The decode attention table (kernel mode): empty contexts leave it out.
+  std::string attention_batches = "1,8,64", attention_contexts = "128,1024,4096", attention_queries = "1,5",
+              attention_splits = "64,128,256,512";
   // End-to-end mode (--model).
   std::string model, draft;
   std::string batch = "1,8,32,64";
@@ -47,8 +53,10 @@ struct Args {
   bool cutlass_gemm = false;
   bool int8_activations = false;
   bool unfused_epilogues = false;
+  int64_t decode_split_tokens = worker::CudaModelOptions{}.decode_split_tokens;
   worker::CudaModelOptions model_options() const {
     worker::CudaModelOptions options;
+    options.decode_split_tokens = decode_split_tokens;
     options.int4_kernels = int4_kernels;
     options.int4_layout = int4_layout;
     options.cutlass_gemm = cutlass_gemm;
@@ -61,7 +69,15 @@ struct Args {
 std::vector<int64_t> parse_list(const std::string& text) {
   std::vector<int64_t> out;
   std::stringstream in(text);
-  for (std::string item; std::getline(in, item, ',');) out.push_back(std::stoll(item));
+  for (std::string item; std::getline(in, item, ',');) {
+    try {
+      size_t used = 0;
+      out.push_back(std::stoll(item, &used));
+      if (used != item.size()) throw std::invalid_argument(item);
+    } catch (const std::logic_error&) {
+      throw std::invalid_argument("'" + item + "' in '" + text + "' is not a whole number");
+    }
+  }
   return out;
 }
 
@@ -818,6 +834,96 @@ std::map<std::tuple<int64_t, int64_t, int64_t>, double> read_tinygemm(const std:
   return out;
 }
 
+struct AttentionLists {
+  std::vector<int64_t> batches, contexts, queries, splits;  // contexts empty: no attention table
+};
+
+AttentionLists parse_attention_lists(const Args& a) {
+  AttentionLists l{parse_list(a.attention_batches), parse_list(a.attention_contexts),
+                   parse_list(a.attention_queries), parse_list(a.attention_splits)};
+  if (l.contexts.empty()) return l;
+  const auto positive = [](const std::vector<int64_t>& v, const char* what) {
+    if (v.empty() || std::any_of(v.begin(), v.end(), [](int64_t x) { return x < 1; }))
+      throw std::invalid_argument(std::string("--attention-") + what + " needs positive whole numbers");
+  };
+  positive(l.batches, "batches");
+  positive(l.contexts, "contexts");
+  positive(l.queries, "queries");
+  positive(l.splits, "splits");
+  for (const int64_t split : l.splits)
+    if (split % 32 != 0)
+      throw std::invalid_argument("--attention-splits: " + std::to_string(split) +
+                                  " is not a multiple of 32 (the decode attention's tile)");
+  const int64_t most_queries = *std::max_element(l.queries.begin(), l.queries.end());
+  for (const int64_t context : l.contexts)
+    if (context < most_queries)
+      throw std::invalid_argument("--attention-contexts: " + std::to_string(context) +
+                                  " positions cannot hold " + std::to_string(most_queries) + " queries");
+  return l;
+}
+
+// The decode attention table (kernels/cuda/attention_bench.cuh): per batch, context and queries a
+// sequence, each split size's time and %copy of the K and V bytes, the fastest split and the model's
+// split against it. Rows arrive case by case, the splits of a case together.
+nlohmann::json report_attention(const std::vector<kernels::cuda::AttentionBenchRow>& rows,
+                                const kernels::cuda::AttentionBenchHeads& heads, int64_t model_split,
+                                double copy_gbps, bool print) {
+  nlohmann::json cases = nlohmann::json::array();
+  if (print && !rows.empty()) {
+    std::printf(
+        "\nDecode attention (attention_decode, one kernel; %lld query and %lld KV heads of %lld, blocks of "
+        "%lld positions), us (%%copy of the K and V bytes a call reads) by split size (positions a block "
+        "takes); the model splits at %lld (CudaModelOptions::decode_split_tokens)\n%5s %7s %7s |",
+        static_cast<long long>(heads.n_head), static_cast<long long>(heads.n_head_kv),
+        static_cast<long long>(heads.head_dim), static_cast<long long>(heads.block_size),
+        static_cast<long long>(model_split), "batch", "context", "queries");
+  }
+  size_t first = 0;
+  bool header_done = false;
+  while (first < rows.size()) {
+    size_t end = first;
+    while (end < rows.size() && rows[end].batch == rows[first].batch && rows[end].context == rows[first].context &&
+           rows[end].queries == rows[first].queries)
+      ++end;
+    if (print && !header_done) {
+      for (size_t i = first; i < end; ++i) std::printf(" %14lld", static_cast<long long>(rows[i].split_tokens));
+      std::printf(" | %5s %10s\n", "best", "model/best");
+      header_done = true;
+    }
+    const kernels::cuda::AttentionBenchRow* best = &rows[first];
+    double model_us = 0.0;
+    nlohmann::json split_us = nlohmann::json::object();
+    for (size_t i = first; i < end; ++i) {
+      if (rows[i].us < best->us) best = &rows[i];
+      if (rows[i].split_tokens == model_split) model_us = rows[i].us;
+      split_us[std::to_string(rows[i].split_tokens)] = rows[i].us;
+    }
+    const auto& r = rows[first];
+    nlohmann::json c{{"batch", r.batch},       {"context", r.context},           {"queries", r.queries},
+                     {"kv_bytes", r.kv_bytes}, {"split_us", split_us},           {"best_split", best->split_tokens},
+                     {"best_us", best->us},    {"best_copy_fraction", r.kv_bytes / (best->us * 1e-6) / 1e9 / copy_gbps}};
+    if (model_us > 0) c["model_split_over_best"] = model_us / best->us;
+    cases.push_back(c);
+    if (print) {
+      std::printf("%5lld %7lld %7lld |", static_cast<long long>(r.batch), static_cast<long long>(r.context),
+                  static_cast<long long>(r.queries));
+      for (size_t i = first; i < end; ++i)
+        std::printf(" %7.1f (%3.0f%%)", rows[i].us, 100.0 * r.kv_bytes / (rows[i].us * 1e-6) / 1e9 / copy_gbps);
+      if (model_us > 0)
+        std::printf(" | %5lld %9.2fx\n", static_cast<long long>(best->split_tokens), model_us / best->us);
+      else
+        std::printf(" | %5lld %10s\n", static_cast<long long>(best->split_tokens), "-");
+    }
+    first = end;
+  }
+  return nlohmann::json{{"n_head", heads.n_head},
+                        {"n_head_kv", heads.n_head_kv},
+                        {"head_dim", heads.head_dim},
+                        {"block_size", heads.block_size},
+                        {"model_split_tokens", model_split},
+                        {"cases", cases}};
+}
+
 int run_kernels(const Args& a) {
   kernels::cuda::MatmulBenchResult result;
   std::string error;
@@ -835,8 +941,9 @@ int run_kernels(const Args& a) {
         r.g128_tiles_tc_us, r.g128_tiles_tc32_us, r.g128_tiles_tc64_us, r.g128_tiles_deq_us, r.q4k_us,
         r.q4k_tc_us, r.q4k_half2_us, r.cublas_us);
   };
-  // tinygemm's figures first: a bad file must not cost a measured table.
+  // tinygemm's figures and the attention table's lists first: bad input must not cost a measured table.
   const auto tinygemm = read_tinygemm(a.tinygemm);
+  const AttentionLists attention_lists = parse_attention_lists(a);
   const kernels::Status st = kernels::cuda::run_matmul_bench(
       parse_shapes(a.shapes), parse_list(a.rows), a.iterations, a.repetitions, result, error, measured);
   if (st != kernels::Status::ok && (result.rows.empty() || st != kernels::Status::device_error))
@@ -1155,13 +1262,33 @@ int run_kernels(const Args& a) {
       std::printf("\n");
     }
   }
+  // The decode attention, after the products (a failure there keeps their tables; after a device
+  // failure in them it does not run).
+  std::vector<kernels::cuda::AttentionBenchRow> attention_rows;
+  std::string attention_error;
+  kernels::Status attention_st = kernels::Status::ok;
+  const kernels::cuda::AttentionBenchHeads heads;  // llama-70b's
+  const int64_t model_split = worker::CudaModelOptions{}.decode_split_tokens;
+  if (st == kernels::Status::ok && !attention_lists.contexts.empty()) {
+    attention_st = kernels::cuda::run_attention_decode_bench(
+        heads, attention_lists.batches, attention_lists.contexts, attention_lists.queries, attention_lists.splits,
+        a.iterations, a.repetitions, attention_rows, attention_error,
+        [](const kernels::cuda::AttentionBenchRow& r) {
+          progress("attention batch %lld context %lld queries %lld split %lld: %.1f us",
+                   static_cast<long long>(r.batch), static_cast<long long>(r.context),
+                   static_cast<long long>(r.queries), static_cast<long long>(r.split_tokens), r.us);
+        });
+  }
+  const nlohmann::json attention = report_attention(attention_rows, heads, model_split, result.copy_gbps, !a.json);
   if (a.json) {
-    std::cout << nlohmann::json{{"device", result.device},
-                                {"copy_gbps", result.copy_gbps},
-                                {"rows", rows},
-                                {"skipped", result.skipped}}
-                     .dump()
-              << "\n";
+    nlohmann::json out{{"device", result.device},
+                       {"copy_gbps", result.copy_gbps},
+                       {"rows", rows},
+                       {"skipped", result.skipped}};
+    if (!attention_lists.contexts.empty()) out["decode_attention"] = attention;
+    if (attention_st != kernels::Status::ok)
+      out["decode_attention_error"] = std::string(kernels::status_name(attention_st)) + " " + attention_error;
+    std::cout << out.dump() << "\n";
   } else {
     std::printf(
         "\nW4A16 = GGUF Q4_0 weights x fp16 activations, fp32 accumulation (m <= 32: w4a16_gemv, above: the "
@@ -1193,6 +1320,11 @@ int run_kernels(const Args& a) {
              error.c_str());
     return 1;
   }
+  if (attention_st != kernels::Status::ok) {
+    progress("decode attention table failed after %zu timings: %s %s", attention_rows.size(),
+             kernels::status_name(attention_st), attention_error.c_str());
+    return 1;
+  }
   return 0;
 }
 #else
@@ -1215,6 +1347,19 @@ Runner add_bench_gpu(CLI::App& app) {
       ->check(CLI::PositiveNumber);
   app.add_option("--tinygemm", a->tinygemm, "JSON from tools/bench_tinygemm.py (same shapes, same machine)");
   app.add_flag("--json", a->json, "Print one JSON object");
+  app.add_option("--attention-batches", a->attention_batches,
+                 "Decode attention table: sequences a call, comma-separated");
+  app.add_option("--attention-contexts", a->attention_contexts,
+                 "Decode attention table: positions of each sequence, comma-separated (empty: no table)");
+  app.add_option("--attention-queries", a->attention_queries,
+                 "Decode attention table: query tokens a sequence (1: decode, k + 1: speculative "
+                 "verification), comma-separated");
+  app.add_option("--attention-splits", a->attention_splits,
+                 "Decode attention table: split sizes (positions a block takes, multiples of 32), comma-separated");
+  app.add_option("--decode-split-tokens", a->decode_split_tokens,
+                 "With --model: positions a decode attention block takes (CudaModelOptions::decode_split_tokens, "
+                 "a multiple of 32)")
+      ->check(CLI::PositiveNumber);
   app.add_option("--model,-m", a->model,
                  "End to end instead of the kernel table: a model (GGUF, HF directory or dummy:<shape>, "
                  "e.g. dummy:llama-70b) on the GPU");

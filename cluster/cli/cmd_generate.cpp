@@ -35,6 +35,7 @@ struct GenerateArgs {
   bool int8_activations = false;
   bool unfused_epilogues = false;
   std::string prefill_attention = "cuda-cores";
+  int64_t decode_split_tokens = worker::CudaModelOptions{}.decode_split_tokens;
 };
 
 }  // namespace
@@ -80,6 +81,10 @@ Runner add_generate(CLI::App& app) {
                  "With --device cuda: prompt chunks' attention on cuda-cores (the default) or tensor-cores "
                  "(CudaModelOptions::mma_prefill_attention; a `nibble serve` job's prefill_attention)")
       ->check(CLI::IsMember({"cuda-cores", "tensor-cores"}));
+  app.add_option("--decode-split-tokens", a->decode_split_tokens,
+                 "With --device cuda: positions a decode attention block takes, a multiple of 32 "
+                 "(CudaModelOptions::decode_split_tokens; a `nibble serve` job's decode_split_tokens)")
+      ->check(CLI::PositiveNumber);
   app.add_flag("--int8-activations", a->int8_activations,
                "With --device cuda: one-row INT4 products (batch-1 decode) on the W4A8 GEMV, the activations "
                "rounded to 8 bits on the device as the CPU backend rounds them (needs --int4-layout rows)");
@@ -119,6 +124,7 @@ Runner add_generate(CLI::App& app) {
       gpu_options.int8_activations = a->int8_activations;
       gpu_options.mma_prefill_attention = a->prefill_attention == "tensor-cores";
       gpu_options.fused_epilogues = !a->unfused_epilogues;
+      gpu_options.decode_split_tokens = a->decode_split_tokens;
       gpu = std::make_unique<worker::CudaLlamaModel>(s.checkpoint, gpu_options);
       gpu_cache = std::make_unique<worker::CudaKvCache>(gpu->config(), worker::Generator::blocks_for(context),
                                                         worker::Generator::kBlockSize);

@@ -307,6 +307,7 @@ int serve(const std::string& config_path) {
           options.int8_activations = config.int8_activations;
           options.graphs = config.cuda_graphs;  // not with a host reducer (see CudaModelOptions)
           options.mma_prefill_attention = config.tensor_core_prefill_attention;
+          options.decode_split_tokens = config.decode_split_tokens;
           gpu_model = std::make_unique<worker::CudaLlamaModel>(file, options, shard, reducer.get(), range);
         } else {
           model = std::make_unique<worker::LlamaModel>(file, shard, reducer.get(), range);
@@ -325,6 +326,7 @@ int serve(const std::string& config_path) {
             options.int8_activations = config.int8_activations;
             options.graphs = config.cuda_graphs;
             options.mma_prefill_attention = config.tensor_core_prefill_attention;
+            options.decode_split_tokens = config.decode_split_tokens;
             gpu_draft = std::make_unique<worker::CudaLlamaModel>(
                 model::LlamaCheckpoint::open(config.draft->path), options);
           } else {

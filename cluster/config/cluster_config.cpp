@@ -310,6 +310,14 @@ ClusterConfig build_config(const Reader& reader, const Section& top, const std::
     config.cuda_graphs = reader.choice(*e, {"false", "true"}) == 1;
   if (const Entry* e = top.find("prefill_attention"))
     config.tensor_core_prefill_attention = reader.choice(*e, {"cuda_cores", "tensor_cores"}) == 1;
+  if (const Entry* e = top.find("decode_split_tokens")) {
+    config.decode_split_tokens = reader.integer<int>(*e, 32, kIntMax, "a multiple of 32");
+    if (config.decode_split_tokens % 32 != 0) {
+      reader.fail(e->path, e->line,
+                  std::to_string(config.decode_split_tokens) +
+                      " is not a multiple of 32 (the decode attention's tile of positions)");
+    }
+  }
 
   if (const Entry* e = top.find("threads")) {
     const bool automatic = e->value.IsScalar() && e->value.Scalar() == "auto";
@@ -448,7 +456,8 @@ bool ClusterConfig::operator==(const ClusterConfig& other) const {
          device == other.device && int4_kernels == other.int4_kernels && int4_layout == other.int4_layout &&
          cutlass_gemm == other.cutlass_gemm && int8_activations == other.int8_activations &&
          cuda_graphs == other.cuda_graphs &&
-         tensor_core_prefill_attention == other.tensor_core_prefill_attention && threads == other.threads &&
+         tensor_core_prefill_attention == other.tensor_core_prefill_attention &&
+         decode_split_tokens == other.decode_split_tokens && threads == other.threads &&
          server == other.server && scheduler == other.scheduler && kv_cache == other.kv_cache &&
          context == other.context;
 }
@@ -477,7 +486,8 @@ ClusterConfig parse_cluster_config(const std::string& yaml_text, const std::stri
 
   const Section top = reader.section(
       Entry{"", 1, root}, {"model", "draft", "parallel", "device", "int4_kernels", "int4_layout",
-                           "cutlass_gemm", "int8_activations", "cuda_graphs", "prefill_attention", "threads",
+                           "cutlass_gemm", "int8_activations", "cuda_graphs", "prefill_attention",
+                           "decode_split_tokens", "threads",
                            "server", "scheduler", "kv_cache", "context"});
   return build_config(reader, top, source_name);
 }
@@ -530,6 +540,7 @@ std::string render_cluster_config(const ClusterConfig& config) {
   out << YAML::Key << "cuda_graphs" << YAML::Value << config.cuda_graphs;
   out << YAML::Key << "prefill_attention" << YAML::Value
       << (config.tensor_core_prefill_attention ? "tensor_cores" : "cuda_cores");
+  out << YAML::Key << "decode_split_tokens" << YAML::Value << config.decode_split_tokens;
   out << YAML::Key << "threads" << YAML::Value;
   if (config.threads > 0) {
     out << config.threads;

@@ -34,6 +34,9 @@
 //   prefill_attention: cuda_cores  # device: cuda: cuda_cores | tensor_cores: prompt chunks' attention on
 //                                # the tensor cores (FlashAttention-2's schedule; head_dim 64 / 128, a
 //                                # grouping up to 64; worker::CudaModelOptions::mma_prefill_attention)
+//   decode_split_tokens: 256     # device: cuda: positions a decode attention block takes, a multiple of
+//                                # 32, whatever the batch (worker::CudaModelOptions::decode_split_tokens;
+//                                # `nibble bench-gpu`'s decode attention table times the sizes)
 //   cuda_graphs: true            # device: cuda: false launches every pass's kernels directly (vLLM's
 //                                # --enforce-eager): decode steps are otherwise replayed from CUDA graphs,
 //                                # tensor shards on NCCL included (worker::CudaModelOptions::graphs)
@@ -173,6 +176,7 @@ struct ClusterConfig {
   bool int8_activations = false;
   bool cuda_graphs = true;
   bool tensor_core_prefill_attention = false;  // prefill_attention: tensor_cores
+  int decode_split_tokens = 256;
   int threads = 0;                             // 0 = auto; see worker_threads()
   ServerConfig server;
   SchedulerSettings scheduler;

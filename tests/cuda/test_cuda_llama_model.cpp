@@ -37,9 +37,12 @@
 #include <numeric>
 #include <optional>
 #include <random>
+#include <set>
 #include <sstream>
 #include <string>
 #include <string_view>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "kernels/cuda/w4a16_gemm_cutlass.cuh"
@@ -1483,6 +1486,59 @@ TEST(CudaLlamaModel, RejectsBadBatchesOnTheHost) {
   EXPECT_TRUE(logits.empty());
 }
 
+// CudaModelOptions::decode_split_tokens: the positions a decode attention block takes. A context within
+// one split of either size gives the same bits at 64 and 256 (one split: no combine); past it only the
+// order of the attention's sums differs, so the logits stay within rounding. Both models pin the CUDA-core
+// products so that nothing else differs. A size that is not a positive multiple of 32 is refused by name
+// before the device is touched (that part runs without a GPU).
+TEST(CudaLlamaModel, DecodeSplitSizeOnlyReordersTheAttentionSums) {
+  t::TempDir dir;
+  const std::string path = random_model(dir.path(), tiny_shape(256, 4, 2), k::DType::Q4_0);
+  const auto checkpoint = m::LlamaCheckpoint::open(path);
+  for (const int64_t bad : {0, 48, -32}) {
+    w::CudaModelOptions options;
+    options.decode_split_tokens = bad;
+    try {
+      w::CudaLlamaModel refused(checkpoint, options);
+      ADD_FAILURE() << "decode_split_tokens " << bad << " was taken";
+    } catch (const std::invalid_argument& e) {
+      EXPECT_NE(std::string(e.what()).find("decode_split_tokens " + std::to_string(bad)), std::string::npos)
+          << e.what();
+    }
+  }
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  w::CudaModelOptions coarse_options, fine_options;
+  coarse_options.int4_kernels = fine_options.int4_kernels = w::Int4Kernels::cuda_cores;
+  fine_options.decode_split_tokens = 64;
+  ASSERT_EQ(coarse_options.decode_split_tokens, 256);
+  w::CudaLlamaModel coarse(checkpoint, coarse_options), fine(checkpoint, fine_options);
+  const auto& c = coarse.config();
+  const int64_t block_size = 16, mbps = 16;  // 256 positions
+  w::CudaKvCache coarse_cache(c, mbps, block_size), fine_cache(c, mbps, block_size);
+  std::vector<int32_t> tables(static_cast<size_t>(mbps));
+  std::iota(tables.begin(), tables.end(), 0);
+  std::mt19937 rng(5);
+  int32_t pos = 0;
+  // A 40-token prompt, one-token steps at 40 and 41 (one split either way), then a 160-token chunk and
+  // steps at 202 and 203 (four splits of 64 against one).
+  for (const int32_t count : {40, 1, 1, 160, 1, 1}) {
+    SCOPED_TRACE("position " + std::to_string(pos));
+    const w::ForwardBatch batch = one_sequence_batch(count, pos, tables, c.n_vocab, rng);
+    std::vector<float> a, b;
+    coarse.forward(batch, coarse_cache, a);
+    fine.forward(batch, fine_cache, b);
+    ASSERT_EQ(a.size(), b.size());
+    // Prompt chunks take the prefill attention (the same kernel in both), and their cache rows were
+    // written by bit-identical steps: the same bits. Only a decode step past 64 positions differs.
+    if (count > 1 || pos + count <= 64) {
+      EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0);
+    } else {
+      EXPECT_LE(t::max_relative_rms(a, b, c.n_vocab), 1e-3);
+    }
+    pos += count;
+  }
+}
+
 // Graph replay (CudaModelOptions::graphs) against direct launches: the same kernels with the same
 // arguments, so Q4_0 models (no cuBLAS) must agree bit for bit, and F16 models (cuBLAS, whose
 // algorithm choice under capture could in principle differ) to 1e-6 relative. Also checks that a
@@ -1861,10 +1917,34 @@ TEST(CudaLlamaModelCli, BenchGpuKernelTableTimesEveryKernel) {
   nlohmann::json j;
   ASSERT_NO_FATAL_FAILURE(
       run_json(t::nibble_bin() + " bench-gpu --shapes 256x384 --rows 1,20,40 --iterations 2 --repetitions 1 "
-                                 "--json",
+                                 "--attention-batches 1,3 --attention-contexts 40,300 --attention-queries 1,5 "
+                                 "--attention-splits 64,256 --json",
                output, j));
   EXPECT_NE(output.find("bench-gpu: 256x384 m=20:"), std::string::npos) << output;
   ASSERT_EQ(j["rows"].size(), 3u) << output;
+  // The decode attention on llama-70b's heads: every (batch, context, queries) case at both splits (5
+  // queries of 8 heads a KV head: 40 rows, within the kernel's 64), the fastest named, the model's
+  // split (256) against it.
+  EXPECT_FALSE(j.contains("decode_attention_error")) << j["decode_attention_error"].dump();
+  ASSERT_TRUE(j.contains("decode_attention")) << output;
+  const auto& attention = j["decode_attention"];
+  EXPECT_EQ(attention["model_split_tokens"].get<int64_t>(), w::CudaModelOptions{}.decode_split_tokens);
+  EXPECT_EQ(attention["n_head"].get<int64_t>(), 64);
+  ASSERT_EQ(attention["cases"].size(), 8u) << attention.dump();
+  std::set<std::tuple<int64_t, int64_t, int64_t>> seen;
+  for (const auto& c : attention["cases"]) {
+    const int64_t batch = c["batch"].get<int64_t>(), context = c["context"].get<int64_t>();
+    seen.insert({batch, context, c["queries"].get<int64_t>()});
+    EXPECT_EQ(c["kv_bytes"].get<double>(), static_cast<double>(batch * context * 8 * 128 * 4)) << c.dump();
+    ASSERT_EQ(c["split_us"].size(), 2u) << c.dump();
+    const double at64 = c["split_us"]["64"].get<double>(), at256 = c["split_us"]["256"].get<double>();
+    EXPECT_GT(at64, 0.0);
+    EXPECT_GT(at256, 0.0);
+    EXPECT_EQ(c["best_us"].get<double>(), std::min(at64, at256)) << c.dump();
+    EXPECT_EQ(c["best_split"].get<int64_t>(), at64 <= at256 ? 64 : 256) << c.dump();
+    EXPECT_DOUBLE_EQ(c["model_split_over_best"].get<double>(), at256 / std::min(at64, at256));
+  }
+  EXPECT_EQ(seen.size(), 8u);
   EXPECT_TRUE(j["skipped"].empty()) << j["skipped"].dump();  // no kernel failed (its column would be '-')
   for (const auto& row : j["rows"]) {
     const int64_t m = row["m"].get<int64_t>();
@@ -1912,6 +1992,22 @@ TEST(CudaLlamaModelCli, BenchGpuKernelTableTimesEveryKernel) {
       EXPECT_GT(row["w4a16_g128_cutlass_pingpong_us"].get<double>(), 0.0);
       EXPECT_EQ(row.contains("w4a16_g128_cutlass16_us"), m <= 32);
     }
+  }
+}
+
+// The decode attention table's lists are checked before anything is timed (so before the device is
+// touched: this runs without a GPU too), each refusal naming the option and the value.
+TEST(CudaLlamaModelCli, BenchGpuRefusesBadAttentionListsBeforeTimingAnything) {
+  for (const auto& [flags, expected] : std::vector<std::pair<std::string, std::string>>{
+           {"--attention-splits 64,48", "--attention-splits: 48 is not a multiple of 32"},
+           {"--attention-batches 0,8", "--attention-batches needs positive whole numbers"},
+           {"--attention-contexts 128,4k", "'4k' in '128,4k' is not a whole number"},
+           {"--attention-contexts 3 --attention-queries 1,5", "--attention-contexts: 3 positions cannot hold 5"}}) {
+    SCOPED_TRACE(flags);
+    const auto r = t::run_command(t::nibble_bin() + " bench-gpu --shapes 256x384 --rows 1 " + flags + " 2>&1");
+    EXPECT_NE(r.exit_code, 0) << r.output;
+    EXPECT_NE(r.output.find(expected), std::string::npos) << r.output;
+    EXPECT_EQ(r.output.find("copy bandwidth"), std::string::npos) << r.output;  // nothing was timed
   }
 }
 

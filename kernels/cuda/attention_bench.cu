@@ -1,0 +1,192 @@
+// The decode attention benchmark (attention_bench.cuh).
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <functional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "kernels/cuda/attention_bench.cuh"
+#include "kernels/cuda/attention_decode.cuh"
+#include "kernels/cuda/event_timer.cuh"
+#include "kernels/cuda/launch_status.cuh"
+#include "kernels/cuda/random_weights.cuh"
+
+namespace nibble::kernels::cuda {
+namespace {
+
+struct BenchFailure : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+void check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) throw BenchFailure(std::string(what) + ": " + cudaGetErrorString(err));
+}
+
+struct DeviceMemory {
+  void* ptr = nullptr;
+  explicit DeviceMemory(size_t bytes) { check(cudaMalloc(&ptr, std::max<size_t>(bytes, 16)), "cudaMalloc"); }
+  ~DeviceMemory() { cudaFree(ptr); }
+  DeviceMemory(const DeviceMemory&) = delete;
+  DeviceMemory& operator=(const DeviceMemory&) = delete;
+  template <typename T>
+  T* as() const {
+    return static_cast<T*>(ptr);
+  }
+};
+
+struct Stream {
+  cudaStream_t s = nullptr;
+  Stream() { check(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "cudaStreamCreate"); }
+  ~Stream() { cudaStreamDestroy(s); }
+  Stream(const Stream&) = delete;
+  Stream& operator=(const Stream&) = delete;
+};
+
+// On `stream`, ordered before the calls (from pageable memory the copy has left `from` on return).
+template <typename T>
+void upload(const DeviceMemory& to, const std::vector<T>& from, cudaStream_t stream) {
+  check(cudaMemcpyAsync(to.ptr, from.data(), from.size() * sizeof(T), cudaMemcpyHostToDevice, stream),
+        "cudaMemcpyAsync");
+}
+
+// One (batch, context, queries) case at every split: the cache (every copy's blocks in one pool), the
+// metadata and the timing.
+void bench_case(const AttentionBenchHeads& h, int64_t batch, int64_t context, int64_t queries,
+                const std::vector<int64_t>& splits, int iterations, int repetitions, int l2_bytes,
+                cudaStream_t stream, std::vector<AttentionBenchRow>& rows,
+                const std::function<void(const AttentionBenchRow&)>& measured) {
+  const int64_t blocks_per_seq = (context + h.block_size - 1) / h.block_size;
+  // The tables padded to a power of two, as the model pads them (CudaLlamaModel's plans).
+  int64_t mbps = 1;
+  while (mbps < blocks_per_seq) mbps *= 2;
+  const int64_t row_halves = h.n_head_kv * h.head_dim;  // one position's K (or V) in one block slot
+  const size_t copy_bytes = static_cast<size_t>(batch * blocks_per_seq * h.block_size * row_halves) * 2 * 2;
+  // Enough copies that a sweep over them is 4x the L2 (at most 4096: ~4x a 60 MB L2 at 64 KB a copy).
+  const size_t want = 4 * static_cast<size_t>(std::max(l2_bytes, 1 << 20));
+  const int64_t copies = static_cast<int64_t>(std::clamp<size_t>((want + copy_bytes - 1) / copy_bytes, 1, 4096));
+  const int64_t num_blocks = copies * batch * blocks_per_seq;
+  const size_t cache_halves = static_cast<size_t>(num_blocks * h.block_size * row_halves);
+
+  DeviceMemory k_cache(cache_halves * 2), v_cache(cache_halves * 2);
+  const int64_t tokens = batch * queries;
+  const size_t q_halves = static_cast<size_t>(tokens * h.n_head * h.head_dim);
+  DeviceMemory q(q_halves * 2), out(q_halves * 2);
+  // Random operands (never all equal, which would flatter nothing here but keeps the softmax honest).
+  if (fill_random_halves(k_cache.as<__half>(), static_cast<int64_t>(cache_halves), 1.0f, 11, stream) !=
+          Status::ok ||
+      fill_random_halves(v_cache.as<__half>(), static_cast<int64_t>(cache_halves), 1.0f, 12, stream) !=
+          Status::ok ||
+      fill_random_halves(q.as<__half>(), static_cast<int64_t>(q_halves), 1.0f, 13, stream) != Status::ok) {
+    throw BenchFailure("filling the cache failed");
+  }
+  // Copy c's sequence s owns blocks (c batch + s) blocks_per_seq .. + blocks_per_seq - 1; the padding
+  // past them is never read (positions beyond the context).
+  std::vector<int32_t> tables(static_cast<size_t>(copies * batch * mbps), 0);
+  for (int64_t c = 0; c < copies; ++c)
+    for (int64_t s = 0; s < batch; ++s)
+      for (int64_t b = 0; b < blocks_per_seq; ++b)
+        tables[static_cast<size_t>((c * batch + s) * mbps + b)] =
+            static_cast<int32_t>((c * batch + s) * blocks_per_seq + b);
+  std::vector<int32_t> seq_lens(static_cast<size_t>(batch), static_cast<int32_t>(context));
+  std::vector<int32_t> query_start(static_cast<size_t>(batch + 1));
+  for (int64_t s = 0; s <= batch; ++s) query_start[static_cast<size_t>(s)] = static_cast<int32_t>(s * queries);
+  DeviceMemory tables_d(tables.size() * 4), seq_lens_d(seq_lens.size() * 4), query_start_d(query_start.size() * 4);
+  upload(tables_d, tables, stream);
+  upload(seq_lens_d, seq_lens, stream);
+  upload(query_start_d, query_start, stream);
+  DeviceMemory counters(static_cast<size_t>(batch * h.n_head_kv) * 4), flag(4);
+  // On the stream the calls run on (a plain cudaMemset would be on the legacy stream, unordered with it).
+  check(cudaMemsetAsync(counters.ptr, 0, static_cast<size_t>(batch * h.n_head_kv) * 4, stream), "cudaMemsetAsync");
+  check(cudaMemsetAsync(flag.ptr, 0, 4, stream), "cudaMemsetAsync");
+
+  for (const int64_t split : splits) {
+    DecodeAttentionShape shape;
+    shape.n_seqs = batch;
+    shape.tokens = tokens;
+    shape.max_q_len = queries;
+    shape.n_head = h.n_head;
+    shape.n_head_kv = h.n_head_kv;
+    shape.head_dim = h.head_dim;
+    shape.block_size = h.block_size;
+    shape.num_blocks = num_blocks;
+    shape.max_blocks_per_seq = mbps;
+    shape.max_seq_len = mbps * h.block_size;
+    shape.split_tokens = split;
+    const size_t workspace_bytes = attention_decode_workspace_bytes(shape);
+    DeviceMemory workspace(workspace_bytes);
+    const float scale = 1.0f / std::sqrt(static_cast<float>(h.head_dim));
+    Status launched = Status::ok;
+    const auto call = [&](int i) {
+      const int32_t* table = tables_d.as<int32_t>() + static_cast<size_t>((i % copies) * batch * mbps);
+      launched = attention_decode(shape, q.as<__half>(), k_cache.as<__half>(), v_cache.as<__half>(), table,
+                                  seq_lens_d.as<int32_t>(), query_start_d.as<int32_t>(), scale, out.as<__half>(),
+                                  workspace.ptr, workspace_bytes, flag.as<int32_t>(), stream, false,
+                                  counters.as<unsigned>());
+      return launched == Status::ok;
+    };
+    AttentionBenchRow row;
+    row.batch = batch;
+    row.context = context;
+    row.queries = queries;
+    row.split_tokens = split;
+    row.kv_bytes = static_cast<double>(batch * context * row_halves) * 2.0 * 2.0;
+    cudaError_t err = cudaSuccess;
+    if (!median_call_us(stream, iterations, repetitions, call, row.us, err)) {
+      if (err != cudaSuccess) check(err, "timing attention_decode");
+      throw BenchFailure(std::string("attention_decode: ") + status_name(launched) +
+                         (launched == Status::device_error ? " (" + last_launch_error_text() + ")" : ""));
+    }
+    int32_t raised = 0;
+    check(cudaMemcpyAsync(&raised, flag.ptr, 4, cudaMemcpyDeviceToHost, stream), "cudaMemcpyAsync");
+    check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+    if (raised != 0) throw BenchFailure("attention_decode raised its error flag on valid metadata");
+    rows.push_back(row);
+    if (measured) measured(row);
+  }
+}
+
+}  // namespace
+
+Status run_attention_decode_bench(const AttentionBenchHeads& heads, const std::vector<int64_t>& batches,
+                                  const std::vector<int64_t>& contexts, const std::vector<int64_t>& queries,
+                                  const std::vector<int64_t>& splits, int iterations, int repetitions,
+                                  std::vector<AttentionBenchRow>& rows, std::string& error,
+                                  const std::function<void(const AttentionBenchRow&)>& measured) {
+  const auto positive = [](const std::vector<int64_t>& v) {
+    return !v.empty() && std::all_of(v.begin(), v.end(), [](int64_t x) { return x > 0; });
+  };
+  if (heads.n_head < 1 || heads.n_head_kv < 1 || heads.n_head % heads.n_head_kv != 0 ||
+      (heads.head_dim != 64 && heads.head_dim != 128) || heads.block_size < 1 || !positive(batches) ||
+      !positive(contexts) || !positive(queries) || !positive(splits) || iterations < 1 || repetitions < 1) {
+    return Status::invalid_argument;
+  }
+  for (const int64_t s : splits)
+    if (s % 32 != 0) return Status::invalid_argument;
+  for (const int64_t c : contexts)
+    for (const int64_t q : queries)
+      if (c < q) return Status::invalid_argument;
+  try {
+    int device = 0, l2_bytes = 0;
+    check(cudaGetDevice(&device), "cudaGetDevice");
+    check(cudaDeviceGetAttribute(&l2_bytes, cudaDevAttrL2CacheSize, device), "cudaDeviceGetAttribute");
+    const Stream stream;
+    for (const int64_t q : queries) {
+      // Past the kernel's rows a KV head: left out (the model verifies fewer tokens at once there).
+      if (q * (heads.n_head / heads.n_head_kv) > kAttentionMaxRowsPerKvHead) continue;
+      for (const int64_t b : batches)
+        for (const int64_t c : contexts)
+          bench_case(heads, b, c, q, splits, iterations, repetitions, l2_bytes, stream.s, rows, measured);
+    }
+    check(cudaStreamSynchronize(stream.s), "cudaStreamSynchronize");
+  } catch (const BenchFailure& e) {
+    error = e.what();
+    return Status::device_error;
+  }
+  return Status::ok;
+}
+
+}  // namespace nibble::kernels::cuda

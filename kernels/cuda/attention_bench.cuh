@@ -1,0 +1,49 @@
+#pragma once
+// The decode attention's part of `nibble bench-gpu`'s kernel table: attention_decode (one kernel, the
+// combine in its last split, as the model runs it) on a paged fp16 KV cache for one model's heads, per
+// batch, context, queries a sequence (1: decode; k + 1: speculative verification) and split size
+// (positions a block takes), against the device's copy bandwidth (the K and V bytes a call must read).
+// Why: the model cuts every sequence at one fixed split size (so that a row's bits do not depend on the
+// batch), and which size is fastest depends on the batch, the context and the GPU: short contexts want
+// small splits (more blocks at work), long ones large splits (fewer partials to combine).
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "kernels/status.hpp"
+
+namespace nibble::kernels::cuda {
+
+struct AttentionBenchHeads {  // llama-70b's by default
+  int64_t n_head = 64;
+  int64_t n_head_kv = 8;
+  int64_t head_dim = 128;   // 64 or 128
+  int64_t block_size = 16;  // positions per KV cache block
+};
+
+struct AttentionBenchRow {
+  int64_t batch = 0;         // sequences
+  int64_t context = 0;       // positions of each sequence in the cache, its queries' included
+  int64_t queries = 0;       // query tokens a sequence
+  int64_t split_tokens = 0;  // DecodeAttentionShape::split_tokens
+  double us = 0.0;           // device time of one call
+  double kv_bytes = 0.0;     // K and V bytes one call reads: batch x context x n_head_kv x head_dim x 4
+};
+
+// Times attention_decode at every (batch, context, queries, split) (median of `repetitions` loops of
+// `iterations` calls, after a warm-up; the block tables rotate among copies of the cache that together
+// are 4x the L2, so that every call reads its K and V from device memory, as a decode step does a layer
+// after the last). Combinations whose query rows a KV head exceed the kernel's limit
+// (kAttentionMaxRowsPerKvHead) are left out. Returns invalid_argument (nothing run) for heads the kernel
+// does not take, an empty list, a context below the queries or a split not a positive multiple of 32;
+// device_error (with `error` set, and `rows` holding the rows finished before) when a CUDA call fails or
+// the kernel raises its error flag.
+// measured (optional): called with each row as soon as it is timed.
+Status run_attention_decode_bench(const AttentionBenchHeads& heads, const std::vector<int64_t>& batches,
+                                  const std::vector<int64_t>& contexts, const std::vector<int64_t>& queries,
+                                  const std::vector<int64_t>& splits, int iterations, int repetitions,
+                                  std::vector<AttentionBenchRow>& rows, std::string& error,
+                                  const std::function<void(const AttentionBenchRow&)>& measured = {});
+
+}  // namespace nibble::kernels::cuda

@@ -237,8 +237,10 @@ TEST(ClusterConfig, OutOfRangeValues) {
                {"expected one of cuda_cores, tensor_cores, got 'tensor-cores'"});
   expect_error("model: {path: m}\ndecode_split_tokens: 48\n", "decode_split_tokens", 2,
                {"48 is not a multiple of 32"});
-  expect_error("model: {path: m}\ndecode_split_tokens: 16\n", "decode_split_tokens", 2, {"at least 32, got 16"});
-  expect_error("model: {path: m}\ndecode_split_tokens: many\n", "decode_split_tokens", 2, {"a multiple of 32"});
+  expect_error("model: {path: m}\ndecode_split_tokens: 16\n", "decode_split_tokens", 2,
+               {"at least 32, got 16"});
+  expect_error("model: {path: m}\ndecode_split_tokens: many\n", "decode_split_tokens", 2,
+               {"a multiple of 32"});
   expect_error("model: {path: m}\ncutlass_gemm: yes please\n", "cutlass_gemm", 2,
                {"expected one of false, true, got 'yes please'"});
   // The CUTLASS GEMM is not a CUDA-core kernel, whichever key comes first.

@@ -912,8 +912,9 @@ CudaLlamaModel::CudaLlamaModel(std::shared_ptr<const model::LlamaCheckpoint> che
   if (shard.size > 1 && reducer == nullptr)
     throw std::invalid_argument("a sharded model needs a ShardReducer");
   if (options.decode_split_tokens < 32 || options.decode_split_tokens % 32 != 0) {
-    throw std::invalid_argument("decode_split_tokens " + std::to_string(options.decode_split_tokens) +
-                                " is not a positive multiple of 32 (positions a decode attention block takes)");
+    throw std::invalid_argument(
+        "decode_split_tokens " + std::to_string(options.decode_split_tokens) +
+        " is not a positive multiple of 32 (positions a decode attention block takes)");
   }
   m.reducer = reducer;  // at size 1 too: a group of one (see the constructor's comment)
   m.layer_begin = layers.begin;

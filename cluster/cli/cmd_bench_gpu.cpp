@@ -882,11 +882,12 @@ nlohmann::json report_attention(const std::vector<kernels::cuda::AttentionBenchR
   bool header_done = false;
   while (first < rows.size()) {
     size_t end = first;
-    while (end < rows.size() && rows[end].batch == rows[first].batch && rows[end].context == rows[first].context &&
-           rows[end].queries == rows[first].queries)
+    while (end < rows.size() && rows[end].batch == rows[first].batch &&
+           rows[end].context == rows[first].context && rows[end].queries == rows[first].queries)
       ++end;
     if (print && !header_done) {
-      for (size_t i = first; i < end; ++i) std::printf(" %14lld", static_cast<long long>(rows[i].split_tokens));
+      for (size_t i = first; i < end; ++i)
+        std::printf(" %14lld", static_cast<long long>(rows[i].split_tokens));
       std::printf(" | %5s %10s\n", "best", "model/best");
       header_done = true;
     }
@@ -899,16 +900,19 @@ nlohmann::json report_attention(const std::vector<kernels::cuda::AttentionBenchR
       split_us[std::to_string(rows[i].split_tokens)] = rows[i].us;
     }
     const auto& r = rows[first];
-    nlohmann::json c{{"batch", r.batch},       {"context", r.context},           {"queries", r.queries},
-                     {"kv_bytes", r.kv_bytes}, {"split_us", split_us},           {"best_split", best->split_tokens},
-                     {"best_us", best->us},    {"best_copy_fraction", r.kv_bytes / (best->us * 1e-6) / 1e9 / copy_gbps}};
+    nlohmann::json c{
+        {"batch", r.batch},     {"context", r.context},
+        {"queries", r.queries}, {"kv_bytes", r.kv_bytes},
+        {"split_us", split_us}, {"best_split", best->split_tokens},
+        {"best_us", best->us},  {"best_copy_fraction", r.kv_bytes / (best->us * 1e-6) / 1e9 / copy_gbps}};
     if (model_us > 0) c["model_split_over_best"] = model_us / best->us;
     cases.push_back(c);
     if (print) {
       std::printf("%5lld %7lld %7lld |", static_cast<long long>(r.batch), static_cast<long long>(r.context),
                   static_cast<long long>(r.queries));
       for (size_t i = first; i < end; ++i)
-        std::printf(" %7.1f (%3.0f%%)", rows[i].us, 100.0 * r.kv_bytes / (rows[i].us * 1e-6) / 1e9 / copy_gbps);
+        std::printf(" %7.1f (%3.0f%%)", rows[i].us,
+                    100.0 * r.kv_bytes / (rows[i].us * 1e-6) / 1e9 / copy_gbps);
       if (model_us > 0)
         std::printf(" | %5lld %9.2fx\n", static_cast<long long>(best->split_tokens), model_us / best->us);
       else
@@ -916,12 +920,9 @@ nlohmann::json report_attention(const std::vector<kernels::cuda::AttentionBenchR
     }
     first = end;
   }
-  return nlohmann::json{{"n_head", heads.n_head},
-                        {"n_head_kv", heads.n_head_kv},
-                        {"head_dim", heads.head_dim},
-                        {"block_size", heads.block_size},
-                        {"model_split_tokens", model_split},
-                        {"cases", cases}};
+  return nlohmann::json{
+      {"n_head", heads.n_head},         {"n_head_kv", heads.n_head_kv},      {"head_dim", heads.head_dim},
+      {"block_size", heads.block_size}, {"model_split_tokens", model_split}, {"cases", cases}};
 }
 
 int run_kernels(const Args& a) {
@@ -1271,15 +1272,16 @@ int run_kernels(const Args& a) {
   const int64_t model_split = worker::CudaModelOptions{}.decode_split_tokens;
   if (st == kernels::Status::ok && !attention_lists.contexts.empty()) {
     attention_st = kernels::cuda::run_attention_decode_bench(
-        heads, attention_lists.batches, attention_lists.contexts, attention_lists.queries, attention_lists.splits,
-        a.iterations, a.repetitions, attention_rows, attention_error,
+        heads, attention_lists.batches, attention_lists.contexts, attention_lists.queries,
+        attention_lists.splits, a.iterations, a.repetitions, attention_rows, attention_error,
         [](const kernels::cuda::AttentionBenchRow& r) {
           progress("attention batch %lld context %lld queries %lld split %lld: %.1f us",
                    static_cast<long long>(r.batch), static_cast<long long>(r.context),
                    static_cast<long long>(r.queries), static_cast<long long>(r.split_tokens), r.us);
         });
   }
-  const nlohmann::json attention = report_attention(attention_rows, heads, model_split, result.copy_gbps, !a.json);
+  const nlohmann::json attention =
+      report_attention(attention_rows, heads, model_split, result.copy_gbps, !a.json);
   if (a.json) {
     nlohmann::json out{{"device", result.device},
                        {"copy_gbps", result.copy_gbps},
@@ -1354,11 +1356,13 @@ Runner add_bench_gpu(CLI::App& app) {
   app.add_option("--attention-queries", a->attention_queries,
                  "Decode attention table: query tokens a sequence (1: decode, k + 1: speculative "
                  "verification), comma-separated");
-  app.add_option("--attention-splits", a->attention_splits,
-                 "Decode attention table: split sizes (positions a block takes, multiples of 32), comma-separated");
-  app.add_option("--decode-split-tokens", a->decode_split_tokens,
-                 "With --model: positions a decode attention block takes (CudaModelOptions::decode_split_tokens, "
-                 "a multiple of 32)")
+  app.add_option(
+      "--attention-splits", a->attention_splits,
+      "Decode attention table: split sizes (positions a block takes, multiples of 32), comma-separated");
+  app.add_option(
+         "--decode-split-tokens", a->decode_split_tokens,
+         "With --model: positions a decode attention block takes (CudaModelOptions::decode_split_tokens, "
+         "a multiple of 32)")
       ->check(CLI::PositiveNumber);
   app.add_option("--model,-m", a->model,
                  "End to end instead of the kernel table: a model (GGUF, HF directory or dummy:<shape>, "

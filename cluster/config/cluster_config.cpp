@@ -487,8 +487,7 @@ ClusterConfig parse_cluster_config(const std::string& yaml_text, const std::stri
   const Section top = reader.section(
       Entry{"", 1, root}, {"model", "draft", "parallel", "device", "int4_kernels", "int4_layout",
                            "cutlass_gemm", "int8_activations", "cuda_graphs", "prefill_attention",
-                           "decode_split_tokens", "threads",
-                           "server", "scheduler", "kv_cache", "context"});
+                           "decode_split_tokens", "threads", "server", "scheduler", "kv_cache", "context"});
   return build_config(reader, top, source_name);
 }
 

@@ -177,7 +177,7 @@ struct ClusterConfig {
   bool cuda_graphs = true;
   bool tensor_core_prefill_attention = false;  // prefill_attention: tensor_cores
   int decode_split_tokens = 256;
-  int threads = 0;                             // 0 = auto; see worker_threads()
+  int threads = 0;  // 0 = auto; see worker_threads()
   ServerConfig server;
   SchedulerSettings scheduler;
   KvCacheConfig kv_cache;

@@ -67,7 +67,8 @@ void bench_case(const AttentionBenchHeads& h, int64_t batch, int64_t context, in
   const size_t copy_bytes = static_cast<size_t>(batch * blocks_per_seq * h.block_size * row_halves) * 2 * 2;
   // Enough copies that a sweep over them is 4x the L2 (at most 4096: ~4x a 60 MB L2 at 64 KB a copy).
   const size_t want = 4 * static_cast<size_t>(std::max(l2_bytes, 1 << 20));
-  const int64_t copies = static_cast<int64_t>(std::clamp<size_t>((want + copy_bytes - 1) / copy_bytes, 1, 4096));
+  const int64_t copies =
+      static_cast<int64_t>(std::clamp<size_t>((want + copy_bytes - 1) / copy_bytes, 1, 4096));
   const int64_t num_blocks = copies * batch * blocks_per_seq;
   const size_t cache_halves = static_cast<size_t>(num_blocks * h.block_size * row_halves);
 
@@ -93,14 +94,17 @@ void bench_case(const AttentionBenchHeads& h, int64_t batch, int64_t context, in
             static_cast<int32_t>((c * batch + s) * blocks_per_seq + b);
   std::vector<int32_t> seq_lens(static_cast<size_t>(batch), static_cast<int32_t>(context));
   std::vector<int32_t> query_start(static_cast<size_t>(batch + 1));
-  for (int64_t s = 0; s <= batch; ++s) query_start[static_cast<size_t>(s)] = static_cast<int32_t>(s * queries);
-  DeviceMemory tables_d(tables.size() * 4), seq_lens_d(seq_lens.size() * 4), query_start_d(query_start.size() * 4);
+  for (int64_t s = 0; s <= batch; ++s)
+    query_start[static_cast<size_t>(s)] = static_cast<int32_t>(s * queries);
+  DeviceMemory tables_d(tables.size() * 4), seq_lens_d(seq_lens.size() * 4),
+      query_start_d(query_start.size() * 4);
   upload(tables_d, tables, stream);
   upload(seq_lens_d, seq_lens, stream);
   upload(query_start_d, query_start, stream);
   DeviceMemory counters(static_cast<size_t>(batch * h.n_head_kv) * 4), flag(4);
   // On the stream the calls run on (a plain cudaMemset would be on the legacy stream, unordered with it).
-  check(cudaMemsetAsync(counters.ptr, 0, static_cast<size_t>(batch * h.n_head_kv) * 4, stream), "cudaMemsetAsync");
+  check(cudaMemsetAsync(counters.ptr, 0, static_cast<size_t>(batch * h.n_head_kv) * 4, stream),
+        "cudaMemsetAsync");
   check(cudaMemsetAsync(flag.ptr, 0, 4, stream), "cudaMemsetAsync");
 
   for (const int64_t split : splits) {
@@ -123,9 +127,9 @@ void bench_case(const AttentionBenchHeads& h, int64_t batch, int64_t context, in
     const auto call = [&](int i) {
       const int32_t* table = tables_d.as<int32_t>() + static_cast<size_t>((i % copies) * batch * mbps);
       launched = attention_decode(shape, q.as<__half>(), k_cache.as<__half>(), v_cache.as<__half>(), table,
-                                  seq_lens_d.as<int32_t>(), query_start_d.as<int32_t>(), scale, out.as<__half>(),
-                                  workspace.ptr, workspace_bytes, flag.as<int32_t>(), stream, false,
-                                  counters.as<unsigned>());
+                                  seq_lens_d.as<int32_t>(), query_start_d.as<int32_t>(), scale,
+                                  out.as<__half>(), workspace.ptr, workspace_bytes, flag.as<int32_t>(),
+                                  stream, false, counters.as<unsigned>());
       return launched == Status::ok;
     };
     AttentionBenchRow row;

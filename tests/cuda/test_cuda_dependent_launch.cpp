@@ -2,7 +2,8 @@
 // that way right after the kernel that writes its input (add_rms_norm_f32, as in the forward pass)
 // must read that kernel's output, not what the buffer held before, and give the bits of a plain
 // launch. The input buffer is filled with NaNs before each norm, so a product that read too early
-// would come out NaN. Likewise the kernels between the products (the norm after a product that writes
+// would come out NaN (the W4A8 GEMVs round a NaN activation to 0: there only the equality with the
+// plain launch catches it). Likewise the kernels between the products (the norm after a product that writes
 // its delta, SwiGLU after the gate / up product) read the product's output when launched that way.
 #include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
@@ -24,6 +25,7 @@
 #include "kernels/cuda/w4a16_gemv.cuh"
 #include "kernels/cuda/w4a16_gemv_mma.cuh"
 #include "kernels/cuda/w4a16_tuning.cuh"
+#include "kernels/cuda/w4a8_gemv.cuh"
 #include "tests/cuda/cuda_test_util.hpp"
 #include "tests/cuda/w4a16_test_util.hpp"
 
@@ -111,19 +113,27 @@ TEST(CudaDependentLaunch, ProductsLaunchedProgrammaticallyReadTheNormsOutput) {
   ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
   auto* xh = reinterpret_cast<__half*>(x.ptr);
 
-  // NaNs into x, the norm writes x, the product reads it; y back on the host.
-  const auto run = [&](const Case& c, bool programmatic) {
+  // NaNs into x, the norm writes x, product(programmatic) reads it; y back on the host.
+  const auto run = [&](int64_t m, bool programmatic, const std::function<Status(bool)>& product) {
     EXPECT_EQ(cudaMemsetAsync(x.ptr, 0xFF, x.count * sizeof(uint16_t), stream), cudaSuccess);
     EXPECT_EQ(cudaMemsetAsync(y.ptr, 0, y.count * sizeof(float), stream), cudaSuccess);
-    EXPECT_EQ(kc::add_rms_norm_f32(residual.ptr, nullptr, norm_weight.ptr, xh, c.m, k, 1e-5f, stream),
+    EXPECT_EQ(kc::add_rms_norm_f32(residual.ptr, nullptr, norm_weight.ptr, xh, m, k, 1e-5f, stream),
               Status::ok);
-    EXPECT_EQ(c.kernel(w.quants->ptr, w.scales_half(), w.zeros->ptr, group, n_out, k, xh, c.m, y.ptr, stream,
-                       programmatic),
-              Status::ok);
+    EXPECT_EQ(product(programmatic), Status::ok);
     EXPECT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
     std::vector<float> out = y.to_host();
-    out.resize(static_cast<size_t>(c.m * n_out));
+    out.resize(static_cast<size_t>(m * n_out));
     return out;
+  };
+  // A plain launch, then 20 programmatic ones, each the plain one's bits (a missing wait would be a
+  // race, not a certainty).
+  const auto expect_programmatic_as_plain = [&](int64_t m, const std::function<Status(bool)>& product) {
+    const std::vector<float> plain = run(m, false, product);
+    for (float v : plain) ASSERT_TRUE(std::isfinite(v)) << "the plain launch read NaNs";
+    for (int rep = 0; rep < 20; ++rep) {
+      const std::vector<float> programmatic = run(m, true, product);
+      ASSERT_EQ(programmatic, plain) << "repetition " << rep;
+    }
   };
   const Case cases[] = {
       {"CUDA-core GEMV", kc::w4a16_gemv_int4_groups, 1},
@@ -136,16 +146,28 @@ TEST(CudaDependentLaunch, ProductsLaunchedProgrammaticallyReadTheNormsOutput) {
       {"mma GEMM", kc::w4a16_gemm_int4_groups_mma, 48},
       {"tensor-core GEMV, 32 rows", kc::w4a16_gemv_int4_groups_mma_32rows, 29},
       {"tensor-core GEMM, 64-row slabs", kc::w4a16_gemm_int4_groups_mma_64rows, 80},
+      {"staged GEMV", kc::w4a16_gemv_int4_groups_staged, 1},
+      {"W4A8 GEMV", kc::w4a8_gemv_int4_groups, 1},
+      {"W4A8 GEMV", kc::w4a8_gemv_int4_groups, 4},
   };
   for (const Case& c : cases) {
     SCOPED_TRACE(std::string(c.name) + ", m = " + std::to_string(c.m));
-    const std::vector<float> plain = run(c, false);
-    for (float v : plain) ASSERT_TRUE(std::isfinite(v)) << "the plain launch read NaNs";
-    // Repeated: a missing wait would be a race, not a certainty.
-    for (int rep = 0; rep < 20; ++rep) {
-      const std::vector<float> programmatic = run(c, true);
-      ASSERT_EQ(programmatic, plain) << "repetition " << rep;
-    }
+    expect_programmatic_as_plain(c.m, [&](bool programmatic) {
+      return c.kernel(w.quants->ptr, w.scales_half(), w.zeros->ptr, group, n_out, k, xh, c.m, y.ptr, stream,
+                      programmatic);
+    });
+  }
+  // The W4A8 GEMV on GGUF Q4_K as stored (it quantizes the activations after its wait).
+  std::vector<uint8_t> q4k;
+  std::vector<float> q4k_f;
+  ASSERT_NO_FATAL_FAILURE(ct::random_quantized(nibble::kernels::DType::Q4_K, n_out, k, rng, q4k, q4k_f));
+  ct::DeviceBuffer<uint8_t> q4k_d(q4k);
+  ASSERT_TRUE(q4k_d.ptr);
+  for (const int64_t m : {int64_t{1}, int64_t{3}}) {
+    SCOPED_TRACE("W4A8 GEMV on Q4_K, m = " + std::to_string(m));
+    expect_programmatic_as_plain(m, [&](bool programmatic) {
+      return kc::w4a8_gemv_q4_k(q4k_d.ptr, n_out, k, xh, m, y.ptr, stream, programmatic);
+    });
   }
   cudaStreamDestroy(stream);
 }

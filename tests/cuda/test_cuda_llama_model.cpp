@@ -1915,11 +1915,11 @@ TEST(CudaLlamaModelCli, BenchGpuKernelTableTimesEveryKernel) {
   NIBBLE_REQUIRE_CUDA_DEVICE();
   std::string output;
   nlohmann::json j;
-  ASSERT_NO_FATAL_FAILURE(
-      run_json(t::nibble_bin() + " bench-gpu --shapes 256x384 --rows 1,20,40 --iterations 2 --repetitions 1 "
-                                 "--attention-batches 1,3 --attention-contexts 40,300 --attention-queries 1,5 "
-                                 "--attention-splits 64,256 --json",
-               output, j));
+  ASSERT_NO_FATAL_FAILURE(run_json(
+      t::nibble_bin() + " bench-gpu --shapes 256x384 --rows 1,20,40 --iterations 2 --repetitions 1 "
+                        "--attention-batches 1,3 --attention-contexts 40,300 --attention-queries 1,5 "
+                        "--attention-splits 64,256 --json",
+      output, j));
   EXPECT_NE(output.find("bench-gpu: 256x384 m=20:"), std::string::npos) << output;
   ASSERT_EQ(j["rows"].size(), 3u) << output;
   // The decode attention on llama-70b's heads: every (batch, context, queries) case at both splits (5
@@ -2002,9 +2002,11 @@ TEST(CudaLlamaModelCli, BenchGpuRefusesBadAttentionListsBeforeTimingAnything) {
            {"--attention-splits 64,48", "--attention-splits: 48 is not a multiple of 32"},
            {"--attention-batches 0,8", "--attention-batches needs positive whole numbers"},
            {"--attention-contexts 128,4k", "'4k' in '128,4k' is not a whole number"},
-           {"--attention-contexts 3 --attention-queries 1,5", "--attention-contexts: 3 positions cannot hold 5"}}) {
+           {"--attention-contexts 3 --attention-queries 1,5",
+            "--attention-contexts: 3 positions cannot hold 5"}}) {
     SCOPED_TRACE(flags);
-    const auto r = t::run_command(t::nibble_bin() + " bench-gpu --shapes 256x384 --rows 1 " + flags + " 2>&1");
+    const auto r =
+        t::run_command(t::nibble_bin() + " bench-gpu --shapes 256x384 --rows 1 " + flags + " 2>&1");
     EXPECT_NE(r.exit_code, 0) << r.output;
     EXPECT_NE(r.output.find(expected), std::string::npos) << r.output;
     EXPECT_EQ(r.output.find("copy bandwidth"), std::string::npos) << r.output;  // nothing was timed

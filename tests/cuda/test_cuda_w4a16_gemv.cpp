@@ -239,6 +239,18 @@ TEST(CudaW4A16Gemv, Int4GroupsMatchCpuReference) {
       }
     }
   }
+  // The staged GEMV on a row of three full chunks and a partial fourth (12416 inputs): the third chunk
+  // is staged into the first chunk's buffer again, the reuse its one barrier a chunk is about.
+  for (const int64_t group : {int64_t{32}, int64_t{128}}) {
+    const int64_t n_out = 37, kk = 12416;
+    SCOPED_TRACE("staged, group " + std::to_string(group) + ", k " + std::to_string(kk));
+    DeviceInt4Groups weights;
+    ASSERT_NO_FATAL_FAILURE(make_device_int4_groups(n_out, kk, group, rng, weights));
+    expect_matches_reference(weights.wf, n_out, kk, 1, 1e-3, rng, [&](const __half* x, int64_t mm, float* y) {
+      return k::cuda::w4a16_gemv_int4_groups_staged(weights.quants->ptr, weights.scales_half(),
+                                                    weights.zeros->ptr, group, n_out, kk, x, mm, y, nullptr);
+    });
+  }
 }
 
 // The tensor-core GEMV (w4a16_gemv_int4_groups_mma) on the same kind of weights. Its error bound is the

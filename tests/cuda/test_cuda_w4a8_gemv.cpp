@@ -7,9 +7,12 @@
 #include <cuda_fp16.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "kernels/activation_q8.hpp"
@@ -116,33 +119,37 @@ TEST(CudaW4A8Gemv, Q4KMatchesTheCpuReference) {
   NIBBLE_REQUIRE_CUDA_DEVICE();
   std::mt19937 rng(23);
   std::normal_distribution<float> normal(0.0f, 1.0f);
-  for (const int64_t n_out : {int64_t{1}, int64_t{37}, int64_t{4099}}) {
-    for (const int64_t kk : {int64_t{256}, int64_t{768}, int64_t{4352}}) {
-      std::vector<uint8_t> wq;
-      std::vector<float> wf;
-      ASSERT_NO_FATAL_FAILURE(ct::random_quantized(k::DType::Q4_K, n_out, kk, rng, wq, wf));
-      ct::DeviceBuffer<uint8_t> dw(wq);
-      const int64_t max_m = kc::kW4A8GemvMaxM;
-      std::vector<k::f16_bits> xh(static_cast<size_t>(max_m * kk));
-      for (auto& v : xh) v = k::fp32_to_fp16(normal(rng));
-      ct::DeviceBuffer<k::f16_bits> dx(xh);
-      ct::DeviceBuffer<float> dy(static_cast<size_t>(max_m * n_out));
-      ASSERT_TRUE(dw.ptr && dx.ptr && dy.ptr);
-      std::vector<float> want(static_cast<size_t>(max_m * n_out));
-      ASSERT_EQ(k::w4a8_gemv_q4_k_reference(wq.data(), n_out, kk, xh.data(), max_m, want.data()),
-                k::Status::ok);
-      const ErrorBudget budget = error_budget(wf, xh, n_out, kk, max_m);
-      for (int64_t m = 1; m <= max_m; ++m) {
-        SCOPED_TRACE("n_out " + std::to_string(n_out) + " k " + std::to_string(kk) + " m " +
-                     std::to_string(m));
-        ASSERT_EQ(cudaMemset(dy.ptr, 0xff, dy.count * sizeof(float)), cudaSuccess);
-        ASSERT_EQ(kc::w4a8_gemv_q4_k(dw.ptr, n_out, kk, reinterpret_cast<const __half*>(dx.ptr), m, dy.ptr,
-                                     nullptr),
-                  k::Status::ok);
-        ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-        // d * scale and dmin * min are exact in fp32 on both sides; the CPU rounds each weight once.
-        expect_within_budget(dy.to_host(), want, budget, m * n_out, 2e-5);
-      }
+  // Every pairing of 1, 37, 4099 outputs with 256, 768, 4352 inputs, and 4099 x 8448: more rows than
+  // the grid has warps with two super-blocks a lane, so a warp fetches its next row's second
+  // super-block ahead (the other shapes never reach that fetch).
+  std::vector<std::pair<int64_t, int64_t>> shapes;
+  for (const int64_t n_out : {int64_t{1}, int64_t{37}, int64_t{4099}})
+    for (const int64_t kk : {int64_t{256}, int64_t{768}, int64_t{4352}}) shapes.emplace_back(n_out, kk);
+  shapes.emplace_back(4099, 8448);
+  for (const auto& [n_out, kk] : shapes) {
+    std::vector<uint8_t> wq;
+    std::vector<float> wf;
+    ASSERT_NO_FATAL_FAILURE(ct::random_quantized(k::DType::Q4_K, n_out, kk, rng, wq, wf));
+    ct::DeviceBuffer<uint8_t> dw(wq);
+    const int64_t max_m = kc::kW4A8GemvMaxM;
+    std::vector<k::f16_bits> xh(static_cast<size_t>(max_m * kk));
+    for (auto& v : xh) v = k::fp32_to_fp16(normal(rng));
+    ct::DeviceBuffer<k::f16_bits> dx(xh);
+    ct::DeviceBuffer<float> dy(static_cast<size_t>(max_m * n_out));
+    ASSERT_TRUE(dw.ptr && dx.ptr && dy.ptr);
+    std::vector<float> want(static_cast<size_t>(max_m * n_out));
+    ASSERT_EQ(k::w4a8_gemv_q4_k_reference(wq.data(), n_out, kk, xh.data(), max_m, want.data()),
+              k::Status::ok);
+    const ErrorBudget budget = error_budget(wf, xh, n_out, kk, max_m);
+    for (int64_t m = 1; m <= max_m; ++m) {
+      SCOPED_TRACE("n_out " + std::to_string(n_out) + " k " + std::to_string(kk) + " m " + std::to_string(m));
+      ASSERT_EQ(cudaMemset(dy.ptr, 0xff, dy.count * sizeof(float)), cudaSuccess);
+      ASSERT_EQ(
+          kc::w4a8_gemv_q4_k(dw.ptr, n_out, kk, reinterpret_cast<const __half*>(dx.ptr), m, dy.ptr, nullptr),
+          k::Status::ok);
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      // d * scale and dmin * min are exact in fp32 on both sides; the CPU rounds each weight once.
+      expect_within_budget(dy.to_host(), want, budget, m * n_out, 2e-5);
     }
   }
   alignas(16) static uint8_t blocks[144] = {};
@@ -152,6 +159,54 @@ TEST(CudaW4A8Gemv, Q4KMatchesTheCpuReference) {
   EXPECT_EQ(kc::w4a8_gemv_q4_k(blocks, 1, 300, xh, 1, y, nullptr), k::Status::invalid_argument);  // k % 256
   EXPECT_EQ(kc::w4a8_gemv_q4_k(blocks + 8, 1, 256, xh, 1, y, nullptr), k::Status::invalid_argument);
   EXPECT_EQ(kc::w4a8_gemv_q4_k(blocks, 1, 256, xh, 5, y, nullptr), k::Status::invalid_argument);
+}
+
+// The activations' 8-bit rounding, bit for bit the CPU's (kernels::quantize_activations_q8), which the
+// output bounds above cannot see (a scale off by one ulp moves y well within them): weights of scale 1
+// that are 1 at input o of row o and 0 elsewhere make y[o] = d[o / 32] q[o] exactly (the integer sum is
+// q[o]; one fp32 product), on activations whose 32-input blocks span magnitudes 2^-14 .. 2^14.
+TEST(CudaW4A8Gemv, RoundsTheActivationsAsTheCpuBitForBit) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  const int64_t kk = 4224, n_out = kk, group = 128;
+  std::vector<k::BlockQ8_0> blocks(static_cast<size_t>(n_out * kk / 32));
+  for (int64_t o = 0; o < n_out; ++o) {
+    for (int64_t b = 0; b < kk / 32; ++b) {
+      k::BlockQ8_0& block = blocks[static_cast<size_t>(o * kk / 32 + b)];
+      block.d = k::fp32_to_fp16(1.0f);
+      std::fill(std::begin(block.qs), std::end(block.qs), int8_t{0});
+      if (b == o / 32) block.qs[o % 32] = 1;
+    }
+  }
+  ct::DeviceInt4Groups w;
+  ASSERT_NO_FATAL_FAILURE(ct::make_device_int4_groups_from_blocks(blocks, n_out, kk, group, w));
+  std::mt19937 rng(31);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<k::f16_bits> xh(static_cast<size_t>(kk));
+  for (int64_t i = 0; i < kk; ++i)
+    xh[static_cast<size_t>(i)] =
+        k::fp32_to_fp16(std::ldexp(normal(rng), static_cast<int>((i / 32) % 29) - 14));
+  std::vector<int8_t> q(static_cast<size_t>(kk));
+  std::vector<float> d(static_cast<size_t>(kk / 32));
+  k::quantize_activations_q8(xh.data(), kk, q.data(), d.data());
+  std::vector<float> want(static_cast<size_t>(n_out));
+  for (int64_t o = 0; o < n_out; ++o)
+    want[static_cast<size_t>(o)] =
+        d[static_cast<size_t>(o / 32)] * static_cast<float>(q[static_cast<size_t>(o)]);
+  ct::DeviceBuffer<k::f16_bits> dx(xh);
+  ct::DeviceBuffer<float> dy(static_cast<size_t>(n_out));
+  ASSERT_TRUE(dx.ptr && dy.ptr);
+  ASSERT_EQ(kc::w4a8_gemv_int4_groups(w.quants->ptr, w.scales_half(), w.zeros->ptr, group, n_out, kk,
+                                      reinterpret_cast<const __half*>(dx.ptr), 1, dy.ptr, nullptr),
+            k::Status::ok);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  const std::vector<float> got = dy.to_host();
+  int bad = 0;
+  for (int64_t o = 0; o < n_out; ++o) {
+    const auto at = static_cast<size_t>(o);
+    if (std::memcmp(&got[at], &want[at], sizeof(float)) != 0 && ++bad <= 3)
+      ADD_FAILURE() << "input " << o << ": " << got[at] << ", the CPU's " << want[at];
+  }
+  EXPECT_EQ(bad, 0);
 }
 
 // Long rows, as llama-70b's products have them (k = 8448: a lane's second Q4_K super-block; k = 28672,

@@ -834,6 +834,9 @@ std::map<std::tuple<int64_t, int64_t, int64_t>, double> read_tinygemm(const std:
   return out;
 }
 
+// bench-gpu's exit status when only the decode attention table failed (the W4A16 tables are whole).
+constexpr int kAttentionTableFailed = 3;
+
 struct AttentionLists {
   std::vector<int64_t> batches, contexts, queries, splits;  // contexts empty: no attention table
 };
@@ -1263,35 +1266,7 @@ int run_kernels(const Args& a) {
       std::printf("\n");
     }
   }
-  // The decode attention, after the products (a failure there keeps their tables; after a device
-  // failure in them it does not run).
-  std::vector<kernels::cuda::AttentionBenchRow> attention_rows;
-  std::string attention_error;
-  kernels::Status attention_st = kernels::Status::ok;
-  const kernels::cuda::AttentionBenchHeads heads;  // llama-70b's
-  const int64_t model_split = worker::CudaModelOptions{}.decode_split_tokens;
-  if (st == kernels::Status::ok && !attention_lists.contexts.empty()) {
-    attention_st = kernels::cuda::run_attention_decode_bench(
-        heads, attention_lists.batches, attention_lists.contexts, attention_lists.queries,
-        attention_lists.splits, a.iterations, a.repetitions, attention_rows, attention_error,
-        [](const kernels::cuda::AttentionBenchRow& r) {
-          progress("attention batch %lld context %lld queries %lld split %lld: %.1f us",
-                   static_cast<long long>(r.batch), static_cast<long long>(r.context),
-                   static_cast<long long>(r.queries), static_cast<long long>(r.split_tokens), r.us);
-        });
-  }
-  const nlohmann::json attention =
-      report_attention(attention_rows, heads, model_split, result.copy_gbps, !a.json);
-  if (a.json) {
-    nlohmann::json out{{"device", result.device},
-                       {"copy_gbps", result.copy_gbps},
-                       {"rows", rows},
-                       {"skipped", result.skipped}};
-    if (!attention_lists.contexts.empty()) out["decode_attention"] = attention;
-    if (attention_st != kernels::Status::ok)
-      out["decode_attention_error"] = std::string(kernels::status_name(attention_st)) + " " + attention_error;
-    std::cout << out.dump() << "\n";
-  } else {
+  if (!a.json) {
     std::printf(
         "\nW4A16 = GGUF Q4_0 weights x fp16 activations, fp32 accumulation (m <= 32: w4a16_gemv, above: the "
         "tensor-core w4a16_gemm). split = the same GEMV on the split layout (16-byte nibble loads, "
@@ -1317,15 +1292,41 @@ int run_kernels(const Args& a) {
         "count the bytes each product must move.\n");
   }
   for (const std::string& column : result.skipped) progress("column left out ('-'): %s", column.c_str());
+  nlohmann::json out{{"device", result.device},
+                     {"copy_gbps", result.copy_gbps},
+                     {"rows", rows},
+                     {"skipped", result.skipped}};
   if (st != kernels::Status::ok) {
+    if (a.json) std::cout << out.dump() << "\n";
     progress("GPU benchmark failed after %zu rows: %s %s", result.rows.size(), kernels::status_name(st),
              error.c_str());
     return 1;
   }
+  // The decode attention, after the products and their footer: a failure there (exit 3) leaves their
+  // tables whole, and tools/gpu-bundle.sh's run.sh does not take it for a broken device.
+  std::vector<kernels::cuda::AttentionBenchRow> attention_rows;
+  std::string attention_error;
+  kernels::Status attention_st = kernels::Status::ok;
+  const kernels::cuda::AttentionBenchHeads heads;  // llama-70b's
+  const int64_t model_split = worker::CudaModelOptions{}.decode_split_tokens;
+  if (!attention_lists.contexts.empty()) {
+    attention_st = kernels::cuda::run_attention_decode_bench(
+        heads, attention_lists.batches, attention_lists.contexts, attention_lists.queries,
+        attention_lists.splits, a.iterations, a.repetitions, attention_rows, attention_error,
+        [](const kernels::cuda::AttentionBenchRow& r) {
+          progress("attention batch %lld context %lld queries %lld split %lld: %.1f us",
+                   static_cast<long long>(r.batch), static_cast<long long>(r.context),
+                   static_cast<long long>(r.queries), static_cast<long long>(r.split_tokens), r.us);
+        });
+    out["decode_attention"] = report_attention(attention_rows, heads, model_split, result.copy_gbps, !a.json);
+    if (attention_st != kernels::Status::ok)
+      out["decode_attention_error"] = std::string(kernels::status_name(attention_st)) + " " + attention_error;
+  }
+  if (a.json) std::cout << out.dump() << "\n";
   if (attention_st != kernels::Status::ok) {
     progress("decode attention table failed after %zu timings: %s %s", attention_rows.size(),
              kernels::status_name(attention_st), attention_error.c_str());
-    return 1;
+    return kAttentionTableFailed;
   }
   return 0;
 }

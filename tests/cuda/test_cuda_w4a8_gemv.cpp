@@ -259,6 +259,68 @@ TEST(CudaW4A8Gemv, LongRowsLaunchedProgrammaticallyMatchTheCpuReference) {
   }
 }
 
+// Rows whose 8-bit copies do not fit a block's shared memory are refused before anything runs (y as it
+// was, no CUDA error left behind), while one row of the same length runs; no inputs (k = 0) give zeros.
+TEST(CudaW4A8Gemv, RefusesRowsTheSharedMemoryCannotHoldAndSumsNoInputsToZero) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  int device = 0, max_smem = 0;
+  ASSERT_EQ(cudaGetDevice(&device), cudaSuccess);
+  ASSERT_EQ(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), cudaSuccess);
+  // Four rows take at least 4 x 1.75 bytes an input: past the device's largest block, by a super-block.
+  const int64_t kk = (static_cast<int64_t>(max_smem) * 4 / 28 / 256 + 2) * 256, n_out = 5, group = 128;
+  std::mt19937 rng(37);
+  ct::DeviceInt4Groups w;
+  ASSERT_NO_FATAL_FAILURE(ct::make_device_int4_groups(n_out, kk, group, rng, w));
+  std::vector<uint8_t> q4k;
+  std::vector<float> q4k_f;
+  ASSERT_NO_FATAL_FAILURE(ct::random_quantized(k::DType::Q4_K, n_out, kk, rng, q4k, q4k_f));
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<k::f16_bits> xh(static_cast<size_t>(kc::kW4A8GemvMaxM * kk));
+  for (auto& v : xh) v = k::fp32_to_fp16(normal(rng));
+  ct::DeviceBuffer<k::f16_bits> dx(xh);
+  ct::DeviceBuffer<uint8_t> dq4k(q4k);
+  ct::DeviceBuffer<float> dy(static_cast<size_t>(kc::kW4A8GemvMaxM * n_out));
+  ASSERT_TRUE(dx.ptr && dq4k.ptr && dy.ptr);
+  const auto* x = reinterpret_cast<const __half*>(dx.ptr);
+  const auto int4 = [&](int64_t m, int64_t k_used) {
+    return kc::w4a8_gemv_int4_groups(w.quants->ptr, w.scales_half(), w.zeros->ptr, group, n_out, k_used, x, m,
+                                     dy.ptr, nullptr);
+  };
+  const auto on_q4k = [&](int64_t m, int64_t k_used) {
+    return kc::w4a8_gemv_q4_k(dq4k.ptr, n_out, k_used, x, m, dy.ptr, nullptr);
+  };
+  for (const bool q4_k : {false, true}) {
+    SCOPED_TRACE(q4_k ? "Q4_K" : "INT4 groups");
+    const auto gemv = [&](int64_t m, int64_t k_used) { return q4_k ? on_q4k(m, k_used) : int4(m, k_used); };
+    ASSERT_EQ(cudaMemset(dy.ptr, 0xff, dy.count * sizeof(float)), cudaSuccess);
+    EXPECT_EQ(gemv(kc::kW4A8GemvMaxM, kk), k::Status::invalid_argument) << kk << " inputs, " << max_smem;
+    EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    EXPECT_EQ(cudaGetLastError(), cudaSuccess);
+    for (const float v : dy.to_host()) EXPECT_TRUE(std::isnan(v)) << "written by a refused call";
+    // One row of the same length fits, and matches the reference.
+    ASSERT_EQ(gemv(1, kk), k::Status::ok);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    std::vector<float> want(static_cast<size_t>(n_out));
+    if (q4_k) {
+      ASSERT_EQ(k::w4a8_gemv_q4_k_reference(q4k.data(), n_out, kk, xh.data(), 1, want.data()), k::Status::ok);
+    } else {
+      const std::vector<uint8_t> quants = w.quants->to_host(), zeros = w.zeros->to_host();
+      const std::vector<uint16_t> scales = w.scales->to_host();
+      ASSERT_EQ(k::w4a8_gemv_int4_groups_reference(quants.data(), scales.data(), zeros.data(), group, n_out,
+                                                   kk, xh.data(), 1, want.data()),
+                k::Status::ok);
+    }
+    expect_within_budget(dy.to_host(), want, error_budget(q4_k ? q4k_f : w.wf, xh, n_out, kk, 1), n_out,
+                         q4_k ? 2e-5 : 1e-5);
+    // No inputs: every output of every row 0.
+    ASSERT_EQ(cudaMemset(dy.ptr, 0xff, dy.count * sizeof(float)), cudaSuccess);
+    ASSERT_EQ(gemv(3, 0), k::Status::ok);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    const std::vector<float> y = dy.to_host();
+    for (int64_t i = 0; i < 3 * n_out; ++i) EXPECT_EQ(y[static_cast<size_t>(i)], 0.0f) << "output " << i;
+  }
+}
+
 // A row's outputs do not depend on how many rows share the call (the same operations in the same order
 // for each row), so batching decode requests does not change a request's bits.
 TEST(CudaW4A8Gemv, ARowsOutputsDoNotDependOnTheRowCount) {

@@ -11,32 +11,17 @@
 
 #include "kernels/cuda/attention_bench.cuh"
 #include "kernels/cuda/attention_decode.cuh"
+#include "kernels/cuda/bench_support.cuh"
 #include "kernels/cuda/event_timer.cuh"
-#include "kernels/cuda/launch_status.cuh"
 #include "kernels/cuda/random_weights.cuh"
 
 namespace nibble::kernels::cuda {
 namespace {
 
-struct BenchFailure : std::runtime_error {
-  using std::runtime_error::runtime_error;
-};
-
-void check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) throw BenchFailure(std::string(what) + ": " + cudaGetErrorString(err));
-}
-
-struct DeviceMemory {
-  void* ptr = nullptr;
-  explicit DeviceMemory(size_t bytes) { check(cudaMalloc(&ptr, std::max<size_t>(bytes, 16)), "cudaMalloc"); }
-  ~DeviceMemory() { cudaFree(ptr); }
-  DeviceMemory(const DeviceMemory&) = delete;
-  DeviceMemory& operator=(const DeviceMemory&) = delete;
-  template <typename T>
-  T* as() const {
-    return static_cast<T*>(ptr);
-  }
-};
+using bench::BenchFailure;
+using bench::check;
+using bench::DeviceMemory;
+using bench::failure_reason;
 
 struct Stream {
   cudaStream_t s = nullptr;
@@ -141,8 +126,7 @@ void bench_case(const AttentionBenchHeads& h, int64_t batch, int64_t context, in
     cudaError_t err = cudaSuccess;
     if (!median_call_us(stream, iterations, repetitions, call, row.us, err)) {
       if (err != cudaSuccess) check(err, "timing attention_decode");
-      throw BenchFailure(std::string("attention_decode: ") + status_name(launched) +
-                         (launched == Status::device_error ? " (" + last_launch_error_text() + ")" : ""));
+      throw BenchFailure("attention_decode: " + failure_reason(launched));
     }
     int32_t raised = 0;
     check(cudaMemcpyAsync(&raised, flag.ptr, 4, cudaMemcpyDeviceToHost, stream), "cudaMemcpyAsync");

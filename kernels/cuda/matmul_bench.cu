@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/cuda/bench_support.cuh"
 #include "kernels/cuda/event_timer.cuh"
 #include "kernels/cuda/int4_tiles.cuh"
 #include "kernels/cuda/launch_status.cuh"
@@ -37,33 +38,15 @@ Status launch_probe(const uint8_t* quants, const __half* scales, const uint8_t* 
 }
 
 // Failures inside the benchmark unwind to run_matmul_bench, which turns them into a Status.
-// A launcher's status for a BenchFailure, with what its launcher kept of the error behind a device_error
-// (its CUDA error, or cuBLAS's / CUTLASS's status: kernels/cuda/launch_status.cuh).
-std::string failure_reason(Status st) {
-  const std::string why = st == Status::device_error ? last_launch_error_text() : std::string();
-  return std::string(status_name(st)) + (why.empty() ? "" : " (" + why + ")");
-}
-
-struct BenchFailure : std::runtime_error {
-  using std::runtime_error::runtime_error;
-};
-
-void check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) throw BenchFailure(std::string(what) + ": " + cudaGetErrorString(err));
-}
+using bench::BenchFailure;
+using bench::check;
+using bench::DeviceMemory;
+using bench::failure_reason;
 void check(cublasStatus_t st, const char* what) {
   if (st != CUBLAS_STATUS_SUCCESS)
     throw BenchFailure(std::string(what) + ": " + cublasGetStatusString(st) + " (cuBLAS status " +
                        std::to_string(st) + ")");
 }
-
-struct DeviceMemory {
-  void* ptr = nullptr;
-  explicit DeviceMemory(size_t bytes) { check(cudaMalloc(&ptr, std::max<size_t>(bytes, 16)), "cudaMalloc"); }
-  ~DeviceMemory() { cudaFree(ptr); }
-  DeviceMemory(const DeviceMemory&) = delete;
-  DeviceMemory& operator=(const DeviceMemory&) = delete;
-};
 
 // Random benchmark operands (kernels/cuda/random_weights.cuh): never all zeros, which would flatter
 // the timings.

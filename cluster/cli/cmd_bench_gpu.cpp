@@ -664,6 +664,7 @@ int run_model(const Args& a) {
                        {"kv_cache_device_bytes", target.cache_device_bytes},
                        {"copy_gbps", copy_gbps},
                        {"decode_floor_ms", floor_s * 1e3},
+                       {"decode_split_tokens", a.decode_split_tokens},
                        {"prompt_tokens", a.prompt_tokens},
                        {"gen_tokens", a.gen_tokens},
                        {"repetitions", a.repetitions},
@@ -710,6 +711,8 @@ int run_model(const Args& a) {
   }
   std::printf("copy bandwidth (read + write) %.0f GB/s: decode floor %.2f ms per step (weights read once)\n",
               copy_gbps, floor_s * 1e3);
+  std::printf("decode attention: sequences cut every %lld positions (--decode-split-tokens)\n",
+              static_cast<long long>(a.decode_split_tokens));
   print_int4_choices(*target.model, copy_gbps);
   print_q4_k_choices(*target.model, a.int8_activations);
   print_fusion_choices(*target.model);

@@ -2097,6 +2097,22 @@ TEST(CudaLlamaModelCli, BenchGpuProjectsSpeculativeDecodingFromMeasuredSteps) {
 // the kernel chosen per matrix shape and row range with the candidates' times, the decode steps
 // again with programmatic launches, and a 200-token prompt's prefill (in a KV cache of its own, past
 // what the rows' holds), whose heads (head_dim 32) the tensor-core attention does not take.
+// --decode-split-tokens reaches the model (the JSON says which split the steps ran at) and a size that is
+// not a multiple of 32 is refused by name.
+TEST(CudaLlamaModelCli, BenchGpuCutsTheDecodeAttentionWhereTold) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  std::string output;
+  nlohmann::json j;
+  ASSERT_NO_FATAL_FAILURE(run_bench_gpu_on_tiny_decoding("--decode-split-tokens 32", output, j));
+  EXPECT_EQ(j["decode_split_tokens"].get<int64_t>(), 32) << output;
+  for (const auto& row : j["decode"]) EXPECT_GT(row["ms_per_step"].get<double>(), 0.0) << output;
+  const auto refused = t::run_command(
+      t::nibble_bin() + " bench-gpu --model dummy:tiny --decode-split-tokens 48 --batch 1 2>&1");
+  EXPECT_NE(refused.exit_code, 0) << refused.output;
+  EXPECT_NE(refused.output.find("decode_split_tokens 48 is not a positive multiple of 32"), std::string::npos)
+      << refused.output;
+}
+
 TEST(CudaLlamaModelCli, BenchGpuReportsTheInt4KernelChoicesAndProgrammaticLaunches) {
   NIBBLE_REQUIRE_CUDA_DEVICE();
   std::string output;

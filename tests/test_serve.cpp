@@ -604,6 +604,7 @@ TEST(Serve, CudaServesLikeCudaGenerate) {
     std::string generate_args, job;
     const char* launches;         // what a stage of one tensor rank says of its launches
     bool tensor_parallel = true;  // also T2 P1 (its two ranks on one GPU launch directly anyway)
+    const char* attention = "decode attention cut every 256 positions";  // what each stage's model took
   };
   const Setting settings[] = {
       {"CUDA cores", kCudaGenerate, kCudaJob, "decode steps replayed from CUDA graphs"},
@@ -613,12 +614,13 @@ TEST(Serve, CudaServesLikeCudaGenerate) {
        "decode steps replayed from CUDA graphs"},
       {"CUDA cores without graphs", kCudaGenerate, kCudaJob + "cuda_graphs: false\n",
        "every kernel launched directly (cuda_graphs: false)", false},
-      // Decode attention cut every 32 positions (the prompts and 24 tokens pass 32) and prompt chunks'
-      // attention on the tensor cores where the heads allow: the job's keys reach its GPU models.
+      // Decode attention cut every 32 positions and prompt chunks' attention on the tensor cores where
+      // the heads allow: the job's keys reach its GPU models (each stage's model says what it took; this
+      // model's heads of 32 take neither kernel, so the tokens cannot tell).
       {"decode split 32, tensor-core prefill attention",
        kCudaGenerate + " --decode-split-tokens 32 --prefill-attention tensor-cores",
        kCudaJob + "decode_split_tokens: 32\nprefill_attention: tensor_cores\n",
-       "decode steps replayed from CUDA graphs", false}};
+       "decode steps replayed from CUDA graphs", false, "decode attention cut every 32 positions"}};
   for (const Setting& setting : settings) {
     SCOPED_TRACE(setting.name);
     std::vector<Expected> expected;
@@ -639,6 +641,11 @@ TEST(Serve, CudaServesLikeCudaGenerate) {
             << job.log();
       }
       EXPECT_NE(job.log().find(", GPU "), std::string::npos) << job.log();
+      for (int stage = 0; stage < shape.pipeline; ++stage) {
+        EXPECT_NE(job.log().find("stage " + std::to_string(stage) + ": " + setting.attention),
+                  std::string::npos)
+            << job.log();
+      }
       if (shape.tensor == 1) {
         EXPECT_NE(job.log().find(setting.launches), std::string::npos) << job.log();
         if (std::string(setting.launches).find("directly") != std::string::npos) {  // no stage replays

@@ -242,11 +242,12 @@ table_rc=${PIPESTATUS[0]}
 # A column's kernel that fails leaves '-' (the table goes on); one that breaks the device ends the
 # table early (exit 1, the rows so far printed; or no footer, killed): then once more without the
 # CUTLASS columns, the kernels new on this GPU, and CUTLASS stays off for the rest of this call. The
-# decode attention table comes after the footer: its failure (exit 3), or a kill while it runs, leaves
-# the W4A16 tables whole and is no reason to run them again.
+# decode attention table comes after the footer (written out before it starts): whatever ends the run
+# there (its failure, exit 3, a crash or a kill) leaves the W4A16 tables whole and is no reason to run
+# them again. A W4A16 failure prints the footer too, then "GPU benchmark failed after".
 table_broke=0
 grep -q "W4A16 = GGUF" "$out/bench-gpu.txt" || table_broke=1
-case "$table_rc" in 0 | 3 | 124 | 137) ;; *) table_broke=1 ;; esac
+grep -q "GPU benchmark failed after" "$out/bench-gpu.txt" && table_broke=1
 if grep -q "tinygemm figures: " "$out/bench-gpu.txt"; then
   # tinygemm's file was refused before anything was measured: once more without its figures.
   echo "run.sh: the kernel table refused tinygemm's figures; again without --tinygemm" | tee -a "$out/bench-gpu.txt"

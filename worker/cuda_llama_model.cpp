@@ -1081,6 +1081,8 @@ void CudaLlamaModel::set_fused_norms(bool on) {
   impl_->seen_once.clear();
 }
 
+const CudaModelOptions& CudaLlamaModel::options() const { return impl_->options; }
+
 const std::vector<CudaInt4KernelChoice>& CudaLlamaModel::int4_kernel_choices() const {
   return impl_->int4_choices;
 }

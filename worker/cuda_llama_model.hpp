@@ -393,6 +393,8 @@ class CudaLlamaModel {
   // Whether the tensor-core prefill attention takes this model's (shard's) heads: head_dim 64 or 128
   // and at most 64 query heads a KV head. Elsewhere the option changes nothing.
   bool mma_prefill_attention_applies() const;
+  // The options the model was made with, as switched since (set_programmatic_launch, ...).
+  const CudaModelOptions& options() const;
   // Per group-wise INT4 matrix shape, the kernels it uses (CudaModelOptions::int4_kernels), in the
   // order the shapes first occur (q/k/v, attn_output, gate/up, down, head); empty without such matrices.
   const std::vector<CudaInt4KernelChoice>& int4_kernel_choices() const;

@@ -50,6 +50,7 @@ void CudaLlamaModel::set_fused_epilogues(bool) { unavailable(); }
 void CudaLlamaModel::set_fused_norms(bool) { unavailable(); }
 void CudaLlamaModel::set_mma_prefill_attention(bool) { unavailable(); }
 bool CudaLlamaModel::mma_prefill_attention_applies() const { unavailable(); }
+const CudaModelOptions& CudaLlamaModel::options() const { unavailable(); }
 const std::vector<CudaInt4KernelChoice>& CudaLlamaModel::int4_kernel_choices() const { unavailable(); }
 const std::vector<CudaQ4KChoice>& CudaLlamaModel::q4_k_choices() const { unavailable(); }
 const std::vector<CudaFusionChoice>& CudaLlamaModel::one_row_fusions() const { unavailable(); }

@@ -664,7 +664,7 @@ int run_model(const Args& a) {
                        {"kv_cache_device_bytes", target.cache_device_bytes},
                        {"copy_gbps", copy_gbps},
                        {"decode_floor_ms", floor_s * 1e3},
-                       {"decode_split_tokens", a.decode_split_tokens},
+                       {"decode_split_tokens", target.model->options().decode_split_tokens},
                        {"prompt_tokens", a.prompt_tokens},
                        {"gen_tokens", a.gen_tokens},
                        {"repetitions", a.repetitions},
@@ -712,7 +712,7 @@ int run_model(const Args& a) {
   std::printf("copy bandwidth (read + write) %.0f GB/s: decode floor %.2f ms per step (weights read once)\n",
               copy_gbps, floor_s * 1e3);
   std::printf("decode attention: sequences cut every %lld positions (--decode-split-tokens)\n",
-              static_cast<long long>(a.decode_split_tokens));
+              static_cast<long long>(target.model->options().decode_split_tokens));
   print_int4_choices(*target.model, copy_gbps);
   print_q4_k_choices(*target.model, a.int8_activations);
   print_fusion_choices(*target.model);
@@ -853,6 +853,11 @@ AttentionLists parse_attention_lists(const Args& a) {
       throw std::invalid_argument(std::string("--attention-") + what + " needs positive whole numbers");
   };
   positive(l.batches, "batches");
+  for (const int64_t batch : l.batches)
+    if (batch > kernels::cuda::kAttentionBenchMaxBatch)
+      throw std::invalid_argument(
+          "--attention-batches: " + std::to_string(batch) + " sequences, more than the " +
+          std::to_string(kernels::cuda::kAttentionBenchMaxBatch) + " the decode attention takes in one call");
   positive(l.contexts, "contexts");
   positive(l.queries, "queries");
   positive(l.splits, "splits");
@@ -1293,6 +1298,7 @@ int run_kernels(const Args& a) {
         "Q4_K h2 = the same on the half2 GEMV (m = 1; w4a16_gemv_q4_k_half2). %%copy and "
         "GB/s "
         "count the bytes each product must move.\n");
+    std::fflush(stdout);  // the W4A16 part is whole in the output whatever happens to the attention part
   }
   for (const std::string& column : result.skipped) progress("column left out ('-'): %s", column.c_str());
   nlohmann::json out{{"device", result.device},
@@ -1310,8 +1316,8 @@ int run_kernels(const Args& a) {
   std::vector<kernels::cuda::AttentionBenchRow> attention_rows;
   std::string attention_error;
   kernels::Status attention_st = kernels::Status::ok;
-  const kernels::cuda::AttentionBenchHeads heads;  // llama-70b's
-  const int64_t model_split = worker::CudaModelOptions{}.decode_split_tokens;
+  const kernels::cuda::AttentionBenchHeads heads;     // llama-70b's
+  const int64_t model_split = a.decode_split_tokens;  // the model's default unless told
   if (!attention_lists.contexts.empty()) {
     attention_st = kernels::cuda::run_attention_decode_bench(
         heads, attention_lists.batches, attention_lists.contexts, attention_lists.queries,
@@ -1365,8 +1371,9 @@ Runner add_bench_gpu(CLI::App& app) {
       "Decode attention table: split sizes (positions a block takes, multiples of 32), comma-separated");
   app.add_option(
          "--decode-split-tokens", a->decode_split_tokens,
-         "With --model: positions a decode attention block takes (CudaModelOptions::decode_split_tokens, "
-         "a multiple of 32)")
+         "Positions a decode attention block takes (CudaModelOptions::decode_split_tokens, a multiple of "
+         "32): with --model, the model's; without, the split the decode attention table compares the others "
+         "with")
       ->check(CLI::PositiveNumber);
   app.add_option("--model,-m", a->model,
                  "End to end instead of the kernel table: a model (GGUF, HF directory or dummy:<shape>, "

@@ -347,6 +347,11 @@ int serve(const std::string& config_path) {
     return fail();
   }
   MPI_Allreduce(MPI_IN_PLACE, &num_blocks, 1, MPI_INT64_T, MPI_MIN, MPI_COMM_WORLD);
+  if (gpu_model != nullptr && me.tp_rank == 0) {  // what the stage's model took of the job's keys
+    std::fprintf(stderr, "nibble serve: stage %d: decode attention cut every %lld positions\n", me.stage,
+                 static_cast<long long>(gpu_model->options().decode_split_tokens));
+    std::fflush(stderr);
+  }
 
   // 3. Control plane: each worker binds a PULL for steps; the coordinator binds the client ROUTER
   // and a PULL for results, then connects a PUSH to every worker. A draft rank binds a REP that the

@@ -109,8 +109,12 @@ void bench_case(const AttentionBenchHeads& h, int64_t batch, int64_t context, in
     DeviceMemory workspace(workspace_bytes);
     const float scale = 1.0f / std::sqrt(static_cast<float>(h.head_dim));
     Status launched = Status::ok;
-    const auto call = [&](int i) {
-      const int32_t* table = tables_d.as<int32_t>() + static_cast<size_t>((i % copies) * batch * mbps);
+    // A running count, not the loop's index (which restarts every timed loop): each call takes the next
+    // copy, so a loop of few calls does not find the last loop's copies in L2.
+    int64_t next_copy = 0;
+    const auto call = [&](int) {
+      const int32_t* table =
+          tables_d.as<int32_t>() + static_cast<size_t>((next_copy++ % copies) * batch * mbps);
       launched = attention_decode(shape, q.as<__half>(), k_cache.as<__half>(), v_cache.as<__half>(), table,
                                   seq_lens_d.as<int32_t>(), query_start_d.as<int32_t>(), scale,
                                   out.as<__half>(), workspace.ptr, workspace_bytes, flag.as<int32_t>(),
@@ -154,6 +158,8 @@ Status run_attention_decode_bench(const AttentionBenchHeads& heads, const std::v
   }
   for (const int64_t s : splits)
     if (s % 32 != 0) return Status::invalid_argument;
+  for (const int64_t b : batches)
+    if (b > kAttentionBenchMaxBatch) return Status::invalid_argument;
   for (const int64_t c : contexts)
     for (const int64_t q : queries)
       if (c < q) return Status::invalid_argument;

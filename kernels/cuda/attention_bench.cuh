@@ -22,6 +22,9 @@ struct AttentionBenchHeads {  // llama-70b's by default
   int64_t block_size = 16;  // positions per KV cache block
 };
 
+// Sequences a call at most (attention_decode's grid holds 65535 along the sequences).
+constexpr int64_t kAttentionBenchMaxBatch = 65535;
+
 struct AttentionBenchRow {
   int64_t batch = 0;         // sequences
   int64_t context = 0;       // positions of each sequence in the cache, its queries' included
@@ -36,7 +39,8 @@ struct AttentionBenchRow {
 // are 4x the L2, so that every call reads its K and V from device memory, as a decode step does a layer
 // after the last). Combinations whose query rows a KV head exceed the kernel's limit
 // (kAttentionMaxRowsPerKvHead) are left out. Returns invalid_argument (nothing run) for heads the kernel
-// does not take, an empty list, a context below the queries or a split not a positive multiple of 32;
+// does not take, an empty list, a batch over kAttentionBenchMaxBatch, a context below the queries or a
+// split not a positive multiple of 32;
 // device_error (with `error` set, and `rows` holding the rows finished before) when a CUDA call fails or
 // the kernel raises its error flag.
 // measured (optional): called with each row as soon as it is timed.

@@ -1519,8 +1519,10 @@ TEST(CudaLlamaModel, DecodeSplitSizeOnlyReordersTheAttentionSums) {
   std::iota(tables.begin(), tables.end(), 0);
   std::mt19937 rng(5);
   int32_t pos = 0;
-  // A 40-token prompt, one-token steps at 40 and 41 (one split either way), then a 160-token chunk and
-  // steps at 202 and 203 (four splits of 64 against one).
+  // A 40-token prompt, one-token steps at 40 and 41 (every position in the first split of either size:
+  // the others of the fine model have nothing to add), then a 160-token chunk and steps at 202 and 203
+  // (four splits of 64 with positions against one). The model says which split it took.
+  EXPECT_EQ(fine.options().decode_split_tokens, 64);
   for (const int32_t count : {40, 1, 1, 160, 1, 1}) {
     SCOPED_TRACE("position " + std::to_string(pos));
     const w::ForwardBatch batch = one_sequence_batch(count, pos, tables, c.n_vocab, rng);
@@ -2001,6 +2003,7 @@ TEST(CudaLlamaModelCli, BenchGpuRefusesBadAttentionListsBeforeTimingAnything) {
   for (const auto& [flags, expected] : std::vector<std::pair<std::string, std::string>>{
            {"--attention-splits 64,48", "--attention-splits: 48 is not a multiple of 32"},
            {"--attention-batches 0,8", "--attention-batches needs positive whole numbers"},
+           {"--attention-batches 1,70000", "--attention-batches: 70000 sequences, more than the 65535"},
            {"--attention-contexts 128,4k", "'4k' in '128,4k' is not a whole number"},
            {"--attention-contexts 3 --attention-queries 1,5",
             "--attention-contexts: 3 positions cannot hold 5"}}) {
@@ -2097,7 +2100,7 @@ TEST(CudaLlamaModelCli, BenchGpuProjectsSpeculativeDecodingFromMeasuredSteps) {
 // the kernel chosen per matrix shape and row range with the candidates' times, the decode steps
 // again with programmatic launches, and a 200-token prompt's prefill (in a KV cache of its own, past
 // what the rows' holds), whose heads (head_dim 32) the tensor-core attention does not take.
-// --decode-split-tokens reaches the model (the JSON says which split the steps ran at) and a size that is
+// --decode-split-tokens reaches the model (the JSON says which split the model took) and a size that is
 // not a multiple of 32 is refused by name.
 TEST(CudaLlamaModelCli, BenchGpuCutsTheDecodeAttentionWhereTold) {
   NIBBLE_REQUIRE_CUDA_DEVICE();

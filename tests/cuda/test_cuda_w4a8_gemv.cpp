@@ -164,7 +164,8 @@ TEST(CudaW4A8Gemv, Q4KMatchesTheCpuReference) {
 // The activations' 8-bit rounding, bit for bit the CPU's (kernels::quantize_activations_q8), which the
 // output bounds above cannot see (a scale off by one ulp moves y well within them): weights of scale 1
 // that are 1 at input o of row o and 0 elsewhere make y[o] = d[o / 32] q[o] exactly (the integer sum is
-// q[o]; one fp32 product), on activations whose 32-input blocks span magnitudes 2^-14 .. 2^14.
+// q[o]; one fp32 product), on activations whose 32-input blocks span magnitudes 2^-14 .. 2^14, at 1-4
+// rows.
 TEST(CudaW4A8Gemv, RoundsTheActivationsAsTheCpuBitForBit) {
   NIBBLE_REQUIRE_CUDA_DEVICE();
   const int64_t kk = 4224, n_out = kk, group = 128;
@@ -181,32 +182,41 @@ TEST(CudaW4A8Gemv, RoundsTheActivationsAsTheCpuBitForBit) {
   ASSERT_NO_FATAL_FAILURE(ct::make_device_int4_groups_from_blocks(blocks, n_out, kk, group, w));
   std::mt19937 rng(31);
   std::normal_distribution<float> normal(0.0f, 1.0f);
-  std::vector<k::f16_bits> xh(static_cast<size_t>(kk));
-  for (int64_t i = 0; i < kk; ++i)
-    xh[static_cast<size_t>(i)] =
-        k::fp32_to_fp16(std::ldexp(normal(rng), static_cast<int>((i / 32) % 29) - 14));
+  // Every row its own magnitudes (block b of row r at 2^((b + 7 r) % 29 - 14)), every row count.
+  const int64_t max_m = kc::kW4A8GemvMaxM;
+  std::vector<k::f16_bits> xh(static_cast<size_t>(max_m * kk));
+  for (int64_t r = 0; r < max_m; ++r)
+    for (int64_t i = 0; i < kk; ++i)
+      xh[static_cast<size_t>(r * kk + i)] =
+          k::fp32_to_fp16(std::ldexp(normal(rng), static_cast<int>((i / 32 + 7 * r) % 29) - 14));
+  std::vector<float> want(static_cast<size_t>(max_m * n_out));
   std::vector<int8_t> q(static_cast<size_t>(kk));
   std::vector<float> d(static_cast<size_t>(kk / 32));
-  k::quantize_activations_q8(xh.data(), kk, q.data(), d.data());
-  std::vector<float> want(static_cast<size_t>(n_out));
-  for (int64_t o = 0; o < n_out; ++o)
-    want[static_cast<size_t>(o)] =
-        d[static_cast<size_t>(o / 32)] * static_cast<float>(q[static_cast<size_t>(o)]);
-  ct::DeviceBuffer<k::f16_bits> dx(xh);
-  ct::DeviceBuffer<float> dy(static_cast<size_t>(n_out));
-  ASSERT_TRUE(dx.ptr && dy.ptr);
-  ASSERT_EQ(kc::w4a8_gemv_int4_groups(w.quants->ptr, w.scales_half(), w.zeros->ptr, group, n_out, kk,
-                                      reinterpret_cast<const __half*>(dx.ptr), 1, dy.ptr, nullptr),
-            k::Status::ok);
-  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-  const std::vector<float> got = dy.to_host();
-  int bad = 0;
-  for (int64_t o = 0; o < n_out; ++o) {
-    const auto at = static_cast<size_t>(o);
-    if (std::memcmp(&got[at], &want[at], sizeof(float)) != 0 && ++bad <= 3)
-      ADD_FAILURE() << "input " << o << ": " << got[at] << ", the CPU's " << want[at];
+  for (int64_t r = 0; r < max_m; ++r) {
+    k::quantize_activations_q8(xh.data() + r * kk, kk, q.data(), d.data());
+    for (int64_t o = 0; o < n_out; ++o)
+      want[static_cast<size_t>(r * n_out + o)] =
+          d[static_cast<size_t>(o / 32)] * static_cast<float>(q[static_cast<size_t>(o)]);
   }
-  EXPECT_EQ(bad, 0);
+  ct::DeviceBuffer<k::f16_bits> dx(xh);
+  ct::DeviceBuffer<float> dy(static_cast<size_t>(max_m * n_out));
+  ASSERT_TRUE(dx.ptr && dy.ptr);
+  for (int64_t m = 1; m <= max_m; ++m) {
+    SCOPED_TRACE("m " + std::to_string(m));
+    ASSERT_EQ(kc::w4a8_gemv_int4_groups(w.quants->ptr, w.scales_half(), w.zeros->ptr, group, n_out, kk,
+                                        reinterpret_cast<const __half*>(dx.ptr), m, dy.ptr, nullptr),
+              k::Status::ok);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    const std::vector<float> got = dy.to_host();
+    int bad = 0;
+    for (int64_t i = 0; i < m * n_out; ++i) {
+      const auto at = static_cast<size_t>(i);
+      if (std::memcmp(&got[at], &want[at], sizeof(float)) != 0 && ++bad <= 3)
+        ADD_FAILURE() << "row " << i / n_out << " input " << i % n_out << ": " << got[at] << ", the CPU's "
+                      << want[at];
+    }
+    EXPECT_EQ(bad, 0);
+  }
 }
 
 // Long rows, as llama-70b's products have them (k = 8448: a lane's second Q4_K super-block; k = 28672,
@@ -266,8 +276,10 @@ TEST(CudaW4A8Gemv, RefusesRowsTheSharedMemoryCannotHoldAndSumsNoInputsToZero) {
   int device = 0, max_smem = 0;
   ASSERT_EQ(cudaGetDevice(&device), cudaSuccess);
   ASSERT_EQ(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), cudaSuccess);
-  // Four rows take at least 4 x 1.75 bytes an input: past the device's largest block, by a super-block.
-  const int64_t kk = (static_cast<int64_t>(max_smem) * 4 / 28 / 256 + 2) * 256, n_out = 5, group = 128;
+  // Four rows take 4 x 1.75 bytes an input on INT4 groups and 4 x 1.34375 on Q4_K (each row's 8-bit copy,
+  // its padding, scales and sums): past the device's largest block for both, by two super-blocks, where
+  // one row fits either way.
+  const int64_t kk = (static_cast<int64_t>(max_smem) * 8 / 43 / 256 + 2) * 256, n_out = 5, group = 128;
   std::mt19937 rng(37);
   ct::DeviceInt4Groups w;
   ASSERT_NO_FATAL_FAILURE(ct::make_device_int4_groups(n_out, kk, group, rng, w));

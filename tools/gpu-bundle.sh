@@ -242,7 +242,7 @@ table_rc=${PIPESTATUS[0]}
 # A column's kernel that fails leaves '-' (the table goes on); one that breaks the device ends the
 # table early (exit 1, the rows so far printed; or no footer, killed): then once more without the
 # CUTLASS columns, the kernels new on this GPU, and CUTLASS stays off for the rest of this call. The
-# decode attention table comes after the footer (written out before it starts): whatever ends the run
+# attention tables come after the footer (written out before they start): whatever ends the run
 # there (its failure, exit 3, a crash or a kill) leaves the W4A16 tables whole and is no reason to run
 # them again. A W4A16 failure prints the footer too, then "GPU benchmark failed after".
 table_broke=0

@@ -43,6 +43,7 @@ struct Args {
   // The decode attention table (kernel mode): empty contexts leave it out.
   std::string attention_batches = "1,8,64", attention_contexts = "128,1024,4096", attention_queries = "1,5",
               attention_splits = "64,128,256,512";
+  std::string attention_prompts = "512,2048,8192";  // the prefill attention table: empty leaves it out
   // End-to-end mode (--model).
   std::string model, draft;
   std::string batch = "1,8,32,64";
@@ -837,21 +838,30 @@ std::map<std::tuple<int64_t, int64_t, int64_t>, double> read_tinygemm(const std:
   return out;
 }
 
-// bench-gpu's exit status when only the decode attention table failed (the W4A16 tables are whole).
+// bench-gpu's exit status when only an attention table failed (the W4A16 tables are whole).
 constexpr int kAttentionTableFailed = 3;
 
 struct AttentionLists {
-  std::vector<int64_t> batches, contexts, queries, splits;  // contexts empty: no attention table
+  std::vector<int64_t> batches, contexts, queries, splits;  // contexts empty: no decode attention table
+  std::vector<int64_t> prompts;                             // empty: no prefill attention table
 };
 
 AttentionLists parse_attention_lists(const Args& a) {
   AttentionLists l{parse_list(a.attention_batches), parse_list(a.attention_contexts),
-                   parse_list(a.attention_queries), parse_list(a.attention_splits)};
-  if (l.contexts.empty()) return l;
+                   parse_list(a.attention_queries), parse_list(a.attention_splits),
+                   parse_list(a.attention_prompts)};
   const auto positive = [](const std::vector<int64_t>& v, const char* what) {
     if (v.empty() || std::any_of(v.begin(), v.end(), [](int64_t x) { return x < 1; }))
       throw std::invalid_argument(std::string("--attention-") + what + " needs positive whole numbers");
   };
+  if (!l.prompts.empty()) {
+    positive(l.prompts, "prompts");
+    for (const int64_t tokens : l.prompts)
+      if (tokens > 1'000'000)
+        throw std::invalid_argument("--attention-prompts: " + std::to_string(tokens) +
+                                    " tokens is past what the table times (at most 1000000)");
+  }
+  if (l.contexts.empty()) return l;
   positive(l.batches, "batches");
   for (const int64_t batch : l.batches)
     if (batch > kernels::cuda::kAttentionBenchMaxBatch)
@@ -934,6 +944,46 @@ nlohmann::json report_attention(const std::vector<kernels::cuda::AttentionBenchR
   return nlohmann::json{
       {"n_head", heads.n_head},         {"n_head_kv", heads.n_head_kv},      {"head_dim", heads.head_dim},
       {"block_size", heads.block_size}, {"model_split_tokens", model_split}, {"cases", cases}};
+}
+
+// The prefill attention table: per prompt length, each kernel's time and causal TFLOP/s, and the tensor
+// cores' speedup.
+nlohmann::json report_prefill_attention(const std::vector<kernels::cuda::PrefillAttentionBenchRow>& rows,
+                                        const kernels::cuda::AttentionBenchHeads& heads, bool print) {
+  if (print && !rows.empty()) {
+    std::printf(
+        "\nPrefill attention (one prompt, causal, its keys in the cache; %lld query and %lld KV heads of "
+        "%lld): "
+        "us and TFLOP/s (2 n_head head_dim t (t + 1) flops) on the CUDA cores (prefill_attention_f16) and "
+        "the "
+        "tensor cores (prefill_attention_mma_f16, CudaModelOptions::mma_prefill_attention)\n%7s | %10s %7s | "
+        "%10s %7s | %8s\n",
+        static_cast<long long>(heads.n_head), static_cast<long long>(heads.n_head_kv),
+        static_cast<long long>(heads.head_dim), "tokens", "CUDA cores", "TFLOP/s", "tensor", "TFLOP/s",
+        "tc/cc");
+  }
+  nlohmann::json cases = nlohmann::json::array();
+  for (const auto& r : rows) {
+    const double cc_tflops = r.flops / (r.cuda_core_us * 1e-6) / 1e12;
+    nlohmann::json c{{"tokens", r.tokens},
+                     {"flops", r.flops},
+                     {"cuda_core_us", r.cuda_core_us},
+                     {"cuda_core_tflops", cc_tflops}};
+    if (r.tensor_core_us > 0) {
+      c["tensor_core_us"] = r.tensor_core_us;
+      c["tensor_core_tflops"] = r.flops / (r.tensor_core_us * 1e-6) / 1e12;
+      c["tensor_core_speedup"] = r.cuda_core_us / r.tensor_core_us;
+    }
+    cases.push_back(c);
+    if (!print) continue;
+    std::printf("%7lld | %10.1f %7.1f |", static_cast<long long>(r.tokens), r.cuda_core_us, cc_tflops);
+    if (r.tensor_core_us > 0)
+      std::printf(" %10.1f %7.1f | %7.2fx\n", r.tensor_core_us, r.flops / (r.tensor_core_us * 1e-6) / 1e12,
+                  r.cuda_core_us / r.tensor_core_us);
+    else
+      std::printf(" %10s %7s | %8s\n", "-", "-", "-");
+  }
+  return cases;
 }
 
 int run_kernels(const Args& a) {
@@ -1311,7 +1361,7 @@ int run_kernels(const Args& a) {
              error.c_str());
     return 1;
   }
-  // The decode attention, after the products and their footer: a failure there (exit 3) leaves their
+  // The attention tables, after the products and their footer: a failure there (exit 3) leaves their
   // tables whole, and tools/gpu-bundle.sh's run.sh does not take it for a broken device.
   std::vector<kernels::cuda::AttentionBenchRow> attention_rows;
   std::string attention_error;
@@ -1331,13 +1381,32 @@ int run_kernels(const Args& a) {
     if (attention_st != kernels::Status::ok)
       out["decode_attention_error"] = std::string(kernels::status_name(attention_st)) + " " + attention_error;
   }
+  // The prompt side, after the decode side (even where that failed: other kernels).
+  std::vector<kernels::cuda::PrefillAttentionBenchRow> prefill_rows;
+  std::string prefill_error;
+  kernels::Status prefill_st = kernels::Status::ok;
+  if (!attention_lists.prompts.empty()) {
+    // Long prompts take milliseconds a call: fewer calls a timed loop than the products'.
+    prefill_st = kernels::cuda::run_prefill_attention_bench(
+        heads, attention_lists.prompts, std::max(1, a.iterations / 4), a.repetitions, prefill_rows,
+        prefill_error, [](const kernels::cuda::PrefillAttentionBenchRow& r) {
+          progress("prefill attention %lld tokens: CUDA cores %.1f us, tensor cores %.1f us",
+                   static_cast<long long>(r.tokens), r.cuda_core_us, r.tensor_core_us);
+        });
+    out["prefill_attention"] = report_prefill_attention(prefill_rows, heads, !a.json);
+    if (prefill_st != kernels::Status::ok)
+      out["prefill_attention_error"] = std::string(kernels::status_name(prefill_st)) + " " + prefill_error;
+  }
   if (a.json) std::cout << out.dump() << "\n";
   if (attention_st != kernels::Status::ok) {
     progress("decode attention table failed after %zu timings: %s %s", attention_rows.size(),
              kernels::status_name(attention_st), attention_error.c_str());
-    return kAttentionTableFailed;
   }
-  return 0;
+  if (prefill_st != kernels::Status::ok) {
+    progress("prefill attention table failed after %zu prompts: %s %s", prefill_rows.size(),
+             kernels::status_name(prefill_st), prefill_error.c_str());
+  }
+  return attention_st == kernels::Status::ok && prefill_st == kernels::Status::ok ? 0 : kAttentionTableFailed;
 }
 #else
 int run_kernels(const Args&) {
@@ -1369,6 +1438,8 @@ Runner add_bench_gpu(CLI::App& app) {
   app.add_option(
       "--attention-splits", a->attention_splits,
       "Decode attention table: split sizes (positions a block takes, multiples of 32), comma-separated");
+  app.add_option("--attention-prompts", a->attention_prompts,
+                 "Prefill attention table: prompt lengths, comma-separated (empty: no table)");
   app.add_option(
          "--decode-split-tokens", a->decode_split_tokens,
          "Positions a decode attention block takes (CudaModelOptions::decode_split_tokens, a multiple of "

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <functional>
 #include <stdexcept>
 #include <string>
@@ -13,6 +14,7 @@
 #include "kernels/cuda/attention_decode.cuh"
 #include "kernels/cuda/bench_support.cuh"
 #include "kernels/cuda/event_timer.cuh"
+#include "kernels/cuda/prefill_attention.cuh"
 #include "kernels/cuda/random_weights.cuh"
 
 namespace nibble::kernels::cuda {
@@ -141,7 +143,120 @@ void bench_case(const AttentionBenchHeads& h, int64_t batch, int64_t context, in
   }
 }
 
+// One prompt of `tokens` tokens on both prefill attention kernels.
+PrefillAttentionBenchRow bench_prefill(const AttentionBenchHeads& h, int64_t tokens, int iterations,
+                                       int repetitions, cudaStream_t stream) {
+  const int64_t blocks = (tokens + h.block_size - 1) / h.block_size;
+  const int64_t row_halves = h.n_head_kv * h.head_dim;
+  const size_t cache_halves = static_cast<size_t>(blocks * h.block_size * row_halves);
+  const size_t q_halves = static_cast<size_t>(tokens * h.n_head * h.head_dim);
+  DeviceMemory k_cache(cache_halves * 2), v_cache(cache_halves * 2), q(q_halves * 2), out(q_halves * 2);
+  if (fill_random_halves(k_cache.as<__half>(), static_cast<int64_t>(cache_halves), 1.0f, 21, stream) !=
+          Status::ok ||
+      fill_random_halves(v_cache.as<__half>(), static_cast<int64_t>(cache_halves), 1.0f, 22, stream) !=
+          Status::ok ||
+      fill_random_halves(q.as<__half>(), static_cast<int64_t>(q_halves), 1.0f, 23, stream) != Status::ok) {
+    throw BenchFailure("filling the cache failed");
+  }
+  std::vector<int32_t> table(static_cast<size_t>(blocks)), seq(static_cast<size_t>(tokens), 0),
+      pos(static_cast<size_t>(tokens));
+  for (int64_t b = 0; b < blocks; ++b) table[static_cast<size_t>(b)] = static_cast<int32_t>(b);
+  for (int64_t t = 0; t < tokens; ++t) pos[static_cast<size_t>(t)] = static_cast<int32_t>(t);
+  // Each kernel's tiles: the prompt cut into runs of its tile's tokens, as the model cuts a chunk.
+  const auto tiles_of = [tokens](int64_t tile_tokens) {
+    std::vector<int32_t> tiles;
+    for (int64_t t = 0; t < tokens; t += tile_tokens) {
+      tiles.push_back(static_cast<int32_t>(t));
+      tiles.push_back(static_cast<int32_t>(std::min(tile_tokens, tokens - t)));
+    }
+    return tiles;
+  };
+  const int64_t cc_tile = prefill_attention_tile_tokens(h.n_head, h.n_head_kv);
+  const int64_t tc_tile = prefill_attention_mma_tile_tokens(h.n_head, h.n_head_kv);
+  const std::vector<int32_t> cc_tiles = tiles_of(cc_tile);
+  const std::vector<int32_t> tc_tiles = tc_tile > 0 ? tiles_of(tc_tile) : std::vector<int32_t>{};
+  DeviceMemory table_d(table.size() * 4), seq_d(seq.size() * 4), pos_d(pos.size() * 4),
+      cc_tiles_d(cc_tiles.size() * 4), tc_tiles_d(std::max<size_t>(tc_tiles.size(), 1) * 4), flag(4);
+  upload(table_d, table, stream);
+  upload(seq_d, seq, stream);
+  upload(pos_d, pos, stream);
+  upload(cc_tiles_d, cc_tiles, stream);
+  if (!tc_tiles.empty()) upload(tc_tiles_d, tc_tiles, stream);
+  check(cudaMemsetAsync(flag.ptr, 0, 4, stream), "cudaMemsetAsync");
+
+  PagedAttentionShape shape;
+  shape.tokens = tokens;
+  shape.n_head = h.n_head;
+  shape.n_head_kv = h.n_head_kv;
+  shape.head_dim = h.head_dim;
+  shape.block_size = h.block_size;
+  shape.num_blocks = blocks;
+  shape.max_blocks_per_seq = blocks;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(h.head_dim));
+  PrefillAttentionBenchRow row;
+  row.tokens = tokens;
+  row.flops = 2.0 * static_cast<double>(h.n_head * h.head_dim) * static_cast<double>(tokens) *
+              static_cast<double>(tokens + 1);
+  Status launched = Status::ok;
+  cudaError_t err = cudaSuccess;
+  const auto cuda_cores = [&](int) {
+    launched = prefill_attention_f16(shape, q.as<__half>(), k_cache.as<__half>(), v_cache.as<__half>(),
+                                     table_d.as<int32_t>(), seq_d.as<int32_t>(), pos_d.as<int32_t>(),
+                                     cc_tiles_d.as<int32_t>(), static_cast<int64_t>(cc_tiles.size() / 2),
+                                     scale, out.as<__half>(), flag.as<int32_t>(), stream);
+    return launched == Status::ok;
+  };
+  if (!median_call_us(stream, iterations, repetitions, cuda_cores, row.cuda_core_us, err)) {
+    if (err != cudaSuccess) check(err, "timing prefill_attention_f16");
+    throw BenchFailure("prefill_attention_f16: " + failure_reason(launched));
+  }
+  if (!tc_tiles.empty()) {
+    const auto tensor_cores = [&](int) {
+      launched = prefill_attention_mma_f16(
+          shape, q.as<__half>(), k_cache.as<__half>(), v_cache.as<__half>(), table_d.as<int32_t>(),
+          seq_d.as<int32_t>(), pos_d.as<int32_t>(), tc_tiles_d.as<int32_t>(),
+          static_cast<int64_t>(tc_tiles.size() / 2), scale, out.as<__half>(), flag.as<int32_t>(), stream);
+      return launched == Status::ok;
+    };
+    if (!median_call_us(stream, iterations, repetitions, tensor_cores, row.tensor_core_us, err)) {
+      if (err != cudaSuccess) check(err, "timing prefill_attention_mma_f16");
+      if (launched != Status::invalid_argument)  // refused (the device's shared memory): left at 0
+        throw BenchFailure("prefill_attention_mma_f16: " + failure_reason(launched));
+      row.tensor_core_us = 0.0;
+    }
+  }
+  int32_t raised = 0;
+  check(cudaMemcpyAsync(&raised, flag.ptr, 4, cudaMemcpyDeviceToHost, stream), "cudaMemcpyAsync");
+  check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+  if (raised != 0) throw BenchFailure("a prefill attention kernel raised its error flag on valid metadata");
+  return row;
+}
+
 }  // namespace
+
+Status run_prefill_attention_bench(const AttentionBenchHeads& heads,
+                                   const std::vector<int64_t>& prompt_tokens, int iterations, int repetitions,
+                                   std::vector<PrefillAttentionBenchRow>& rows, std::string& error,
+                                   const std::function<void(const PrefillAttentionBenchRow&)>& measured) {
+  if ((heads.head_dim != 64 && heads.head_dim != 128) || heads.block_size < 1 ||
+      prefill_attention_tile_tokens(heads.n_head, heads.n_head_kv) < 1 || prompt_tokens.empty() ||
+      std::any_of(prompt_tokens.begin(), prompt_tokens.end(),
+                  [](int64_t t) { return t < 1 || t > INT32_MAX; }) ||
+      iterations < 1 || repetitions < 1) {
+    return Status::invalid_argument;
+  }
+  try {
+    const Stream stream;
+    for (const int64_t tokens : prompt_tokens) {
+      rows.push_back(bench_prefill(heads, tokens, iterations, repetitions, stream.s));
+      if (measured) measured(rows.back());
+    }
+  } catch (const BenchFailure& e) {
+    error = e.what();
+    return Status::device_error;
+  }
+  return Status::ok;
+}
 
 Status run_attention_decode_bench(const AttentionBenchHeads& heads, const std::vector<int64_t>& batches,
                                   const std::vector<int64_t>& contexts, const std::vector<int64_t>& queries,

@@ -5,7 +5,8 @@
 // (positions a block takes), against the device's copy bandwidth (the K and V bytes a call must read).
 // Why: the model cuts every sequence at one fixed split size (so that a row's bits do not depend on the
 // batch), and which size is fastest depends on the batch, the context and the GPU: short contexts want
-// small splits (more blocks at work), long ones large splits (fewer partials to combine).
+// small splits (more blocks at work), long ones large splits (fewer partials to combine). Also the
+// prefill attention on the CUDA cores against the tensor cores per prompt length.
 #include <cstdint>
 #include <functional>
 #include <string>
@@ -49,5 +50,23 @@ Status run_attention_decode_bench(const AttentionBenchHeads& heads, const std::v
                                   const std::vector<int64_t>& splits, int iterations, int repetitions,
                                   std::vector<AttentionBenchRow>& rows, std::string& error,
                                   const std::function<void(const AttentionBenchRow&)>& measured = {});
+
+struct PrefillAttentionBenchRow {
+  int64_t tokens = 0;           // one prompt's, at positions 0 .. tokens - 1, in one chunk
+  double cuda_core_us = 0.0;    // prefill_attention_f16
+  double tensor_core_us = 0.0;  // prefill_attention_mma_f16; 0 where it refuses the heads or the device
+  double flops = 0.0;           // causal attention's multiply-adds x 2: 2 n_head head_dim tokens (tokens + 1)
+};
+
+// The prompt side: each prompt length's causal attention over its own keys (one sequence, the whole
+// prompt one chunk, its K and V already in the cache) on the CUDA cores and on the tensor cores, in the
+// same run: the decision behind CudaModelOptions::mma_prefill_attention, per prompt length (bench-gpu
+// --model times one 2048-token prompt end to end). Compute-bound: the cache is not rotated. Returns
+// invalid_argument for heads the kernels do not take or a length below 1, device_error (with `error`
+// set, `rows` holding the lengths finished) when a CUDA call fails or a kernel raises its error flag.
+Status run_prefill_attention_bench(const AttentionBenchHeads& heads,
+                                   const std::vector<int64_t>& prompt_tokens, int iterations, int repetitions,
+                                   std::vector<PrefillAttentionBenchRow>& rows, std::string& error,
+                                   const std::function<void(const PrefillAttentionBenchRow&)>& measured = {});
 
 }  // namespace nibble::kernels::cuda

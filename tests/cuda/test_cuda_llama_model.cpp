@@ -1920,7 +1920,7 @@ TEST(CudaLlamaModelCli, BenchGpuKernelTableTimesEveryKernel) {
   ASSERT_NO_FATAL_FAILURE(run_json(
       t::nibble_bin() + " bench-gpu --shapes 256x384 --rows 1,20,40 --iterations 2 --repetitions 1 "
                         "--attention-batches 1,3 --attention-contexts 40,300 --attention-queries 1,5 "
-                        "--attention-splits 64,256 --json",
+                        "--attention-splits 64,256 --attention-prompts 100,300 --json",
       output, j));
   EXPECT_NE(output.find("bench-gpu: 256x384 m=20:"), std::string::npos) << output;
   ASSERT_EQ(j["rows"].size(), 3u) << output;
@@ -1947,6 +1947,20 @@ TEST(CudaLlamaModelCli, BenchGpuKernelTableTimesEveryKernel) {
     EXPECT_DOUBLE_EQ(c["model_split_over_best"].get<double>(), at256 / std::min(at64, at256));
   }
   EXPECT_EQ(seen.size(), 8u);
+  // The prefill attention per prompt length on both kinds of cores (llama-70b's heads: the tensor cores
+  // take them).
+  EXPECT_FALSE(j.contains("prefill_attention_error")) << j["prefill_attention_error"].dump();
+  ASSERT_EQ(j["prefill_attention"].size(), 2u) << output;
+  for (size_t i = 0; i < 2; ++i) {
+    const auto& c = j["prefill_attention"][i];
+    const int64_t tokens = i == 0 ? 100 : 300;
+    EXPECT_EQ(c["tokens"].get<int64_t>(), tokens);
+    EXPECT_EQ(c["flops"].get<double>(), 2.0 * 64 * 128 * static_cast<double>(tokens) * (tokens + 1));
+    EXPECT_GT(c["cuda_core_us"].get<double>(), 0.0) << c.dump();
+    EXPECT_GT(c["tensor_core_us"].get<double>(), 0.0) << c.dump();
+    EXPECT_DOUBLE_EQ(c["tensor_core_speedup"].get<double>(),
+                     c["cuda_core_us"].get<double>() / c["tensor_core_us"].get<double>());
+  }
   EXPECT_TRUE(j["skipped"].empty()) << j["skipped"].dump();  // no kernel failed (its column would be '-')
   for (const auto& row : j["rows"]) {
     const int64_t m = row["m"].get<int64_t>();
@@ -2004,6 +2018,7 @@ TEST(CudaLlamaModelCli, BenchGpuRefusesBadAttentionListsBeforeTimingAnything) {
            {"--attention-splits 64,48", "--attention-splits: 48 is not a multiple of 32"},
            {"--attention-batches 0,8", "--attention-batches needs positive whole numbers"},
            {"--attention-batches 1,70000", "--attention-batches: 70000 sequences, more than the 65535"},
+           {"--attention-prompts 512,0", "--attention-prompts needs positive whole numbers"},
            {"--attention-contexts 128,4k", "'4k' in '128,4k' is not a whole number"},
            {"--attention-contexts 3 --attention-queries 1,5",
             "--attention-contexts: 3 positions cannot hold 5"}}) {

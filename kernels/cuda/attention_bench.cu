@@ -40,6 +40,18 @@ void upload(const DeviceMemory& to, const std::vector<T>& from, cudaStream_t str
         "cudaMemcpyAsync");
 }
 
+// Random K, V (cache_halves each) and q (q_halves) on `stream`: the softmax then weighs real scores.
+void fill_operands(const DeviceMemory& k_cache, const DeviceMemory& v_cache, size_t cache_halves,
+                   const DeviceMemory& q, size_t q_halves, cudaStream_t stream) {
+  if (fill_random_halves(k_cache.as<__half>(), static_cast<int64_t>(cache_halves), 1.0f, 11, stream) !=
+          Status::ok ||
+      fill_random_halves(v_cache.as<__half>(), static_cast<int64_t>(cache_halves), 1.0f, 12, stream) !=
+          Status::ok ||
+      fill_random_halves(q.as<__half>(), static_cast<int64_t>(q_halves), 1.0f, 13, stream) != Status::ok) {
+    throw BenchFailure("filling the cache and queries failed");
+  }
+}
+
 // One (batch, context, queries) case at every split: the cache (every copy's blocks in one pool), the
 // metadata and the timing.
 void bench_case(const AttentionBenchHeads& h, int64_t batch, int64_t context, int64_t queries,
@@ -63,14 +75,7 @@ void bench_case(const AttentionBenchHeads& h, int64_t batch, int64_t context, in
   const int64_t tokens = batch * queries;
   const size_t q_halves = static_cast<size_t>(tokens * h.n_head * h.head_dim);
   DeviceMemory q(q_halves * 2), out(q_halves * 2);
-  // Random operands (never all equal, which would flatter nothing here but keeps the softmax honest).
-  if (fill_random_halves(k_cache.as<__half>(), static_cast<int64_t>(cache_halves), 1.0f, 11, stream) !=
-          Status::ok ||
-      fill_random_halves(v_cache.as<__half>(), static_cast<int64_t>(cache_halves), 1.0f, 12, stream) !=
-          Status::ok ||
-      fill_random_halves(q.as<__half>(), static_cast<int64_t>(q_halves), 1.0f, 13, stream) != Status::ok) {
-    throw BenchFailure("filling the cache failed");
-  }
+  fill_operands(k_cache, v_cache, cache_halves, q, q_halves, stream);
   // Copy c's sequence s owns blocks (c batch + s) blocks_per_seq .. + blocks_per_seq - 1; the padding
   // past them is never read (positions beyond the context).
   std::vector<int32_t> tables(static_cast<size_t>(copies * batch * mbps), 0);
@@ -151,13 +156,7 @@ PrefillAttentionBenchRow bench_prefill(const AttentionBenchHeads& h, int64_t tok
   const size_t cache_halves = static_cast<size_t>(blocks * h.block_size * row_halves);
   const size_t q_halves = static_cast<size_t>(tokens * h.n_head * h.head_dim);
   DeviceMemory k_cache(cache_halves * 2), v_cache(cache_halves * 2), q(q_halves * 2), out(q_halves * 2);
-  if (fill_random_halves(k_cache.as<__half>(), static_cast<int64_t>(cache_halves), 1.0f, 21, stream) !=
-          Status::ok ||
-      fill_random_halves(v_cache.as<__half>(), static_cast<int64_t>(cache_halves), 1.0f, 22, stream) !=
-          Status::ok ||
-      fill_random_halves(q.as<__half>(), static_cast<int64_t>(q_halves), 1.0f, 23, stream) != Status::ok) {
-    throw BenchFailure("filling the cache failed");
-  }
+  fill_operands(k_cache, v_cache, cache_halves, q, q_halves, stream);
   std::vector<int32_t> table(static_cast<size_t>(blocks)), seq(static_cast<size_t>(tokens), 0),
       pos(static_cast<size_t>(tokens));
   for (int64_t b = 0; b < blocks; ++b) table[static_cast<size_t>(b)] = static_cast<int32_t>(b);

@@ -17,6 +17,7 @@
 
 #include "kernels/activation_q8.hpp"
 #include "kernels/cuda/w4a8_gemv.cuh"
+#include "kernels/quantize.hpp"
 #include "tests/cuda/cuda_test_util.hpp"
 #include "tests/cuda/w4a16_test_util.hpp"
 
@@ -165,10 +166,11 @@ TEST(CudaW4A8Gemv, Q4KMatchesTheCpuReference) {
 // output bounds above cannot see (a scale off by one ulp moves y well within them): weights of scale 1
 // that are 1 at input o of row o and 0 elsewhere make y[o] = d[o / 32] q[o] exactly (the integer sum is
 // q[o]; one fp32 product), on activations whose 32-input blocks span magnitudes 2^-14 .. 2^14, at 1-4
-// rows.
+// rows, on INT4 groups and on Q4_K (d scale 1 and dmin min 0: the sub-block's sum is q[o] exactly).
 TEST(CudaW4A8Gemv, RoundsTheActivationsAsTheCpuBitForBit) {
   NIBBLE_REQUIRE_CUDA_DEVICE();
-  const int64_t kk = 4224, n_out = kk, group = 128;
+  const int64_t kk = 4352, n_out = kk, group = 128;  // 34 groups, 17 super-blocks a row
+  // INT4 groups: Q8_0 blocks of scale 1, a 1 at input o of row o (levels z + 1 there, z elsewhere).
   std::vector<k::BlockQ8_0> blocks(static_cast<size_t>(n_out * kk / 32));
   for (int64_t o = 0; o < n_out; ++o) {
     for (int64_t b = 0; b < kk / 32; ++b) {
@@ -180,6 +182,31 @@ TEST(CudaW4A8Gemv, RoundsTheActivationsAsTheCpuBitForBit) {
   }
   ct::DeviceInt4Groups w;
   ASSERT_NO_FATAL_FAILURE(ct::make_device_int4_groups_from_blocks(blocks, n_out, kk, group, w));
+  // Q4_K: d 1, dmin 0, every sub-block's scale 1 and min 0 (llama.cpp's 6-bit packing: bytes 0-3 and
+  // 8-11 hold them), level 1 at input o of row o (sub-block j's levels: low nibbles of qs bytes 32 (j / 2)
+  // .. + 31 for even j, high nibbles for odd j), 0 elsewhere.
+  std::vector<k::BlockQ4_K> q4k(static_cast<size_t>(n_out * kk / 256));
+  for (int64_t o = 0; o < n_out; ++o) {
+    for (int64_t b = 0; b < kk / 256; ++b) {
+      k::BlockQ4_K& block = q4k[static_cast<size_t>(o * kk / 256 + b)];
+      block.d = k::fp32_to_fp16(1.0f);
+      block.dmin = k::fp32_to_fp16(0.0f);
+      const uint8_t scales[12] = {1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1};
+      std::copy(std::begin(scales), std::end(scales), std::begin(block.scales));
+      std::fill(std::begin(block.qs), std::end(block.qs), uint8_t{0});
+      if (b == o / 256) {
+        const int64_t i = o % 256, j = i / 32;
+        block.qs[32 * (j / 2) + i % 32] = j % 2 == 0 ? 0x01 : 0x10;
+      }
+    }
+  }
+  {  // The probe is what the CPU reads it as: row o is 1 at o, 0 elsewhere (a few rows checked).
+    std::vector<float> row(static_cast<size_t>(kk));
+    for (const int64_t o : {int64_t{0}, int64_t{33}, int64_t{300}, kk - 1}) {
+      ASSERT_EQ(k::dequantize_row(k::DType::Q4_K, q4k.data() + o * kk / 256, row.data(), kk), k::Status::ok);
+      for (int64_t i = 0; i < kk; ++i) ASSERT_EQ(row[static_cast<size_t>(i)], i == o ? 1.0f : 0.0f) << o;
+    }
+  }
   std::mt19937 rng(31);
   std::normal_distribution<float> normal(0.0f, 1.0f);
   // Every row its own magnitudes (block b of row r at 2^((b + 7 r) % 29 - 14)), every row count.
@@ -199,23 +226,31 @@ TEST(CudaW4A8Gemv, RoundsTheActivationsAsTheCpuBitForBit) {
           d[static_cast<size_t>(o / 32)] * static_cast<float>(q[static_cast<size_t>(o)]);
   }
   ct::DeviceBuffer<k::f16_bits> dx(xh);
+  ct::DeviceBuffer<uint8_t> dq4k(
+      std::vector<uint8_t>(reinterpret_cast<const uint8_t*>(q4k.data()),
+                           reinterpret_cast<const uint8_t*>(q4k.data() + q4k.size())));
   ct::DeviceBuffer<float> dy(static_cast<size_t>(max_m * n_out));
-  ASSERT_TRUE(dx.ptr && dy.ptr);
-  for (int64_t m = 1; m <= max_m; ++m) {
-    SCOPED_TRACE("m " + std::to_string(m));
-    ASSERT_EQ(kc::w4a8_gemv_int4_groups(w.quants->ptr, w.scales_half(), w.zeros->ptr, group, n_out, kk,
-                                        reinterpret_cast<const __half*>(dx.ptr), m, dy.ptr, nullptr),
-              k::Status::ok);
-    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-    const std::vector<float> got = dy.to_host();
-    int bad = 0;
-    for (int64_t i = 0; i < m * n_out; ++i) {
-      const auto at = static_cast<size_t>(i);
-      if (std::memcmp(&got[at], &want[at], sizeof(float)) != 0 && ++bad <= 3)
-        ADD_FAILURE() << "row " << i / n_out << " input " << i % n_out << ": " << got[at] << ", the CPU's "
-                      << want[at];
+  ASSERT_TRUE(dx.ptr && dq4k.ptr && dy.ptr);
+  const auto* x = reinterpret_cast<const __half*>(dx.ptr);
+  for (const bool on_q4k : {false, true}) {
+    for (int64_t m = 1; m <= max_m; ++m) {
+      SCOPED_TRACE(std::string(on_q4k ? "Q4_K" : "INT4 groups") + ", m " + std::to_string(m));
+      ASSERT_EQ(cudaMemset(dy.ptr, 0xff, dy.count * sizeof(float)), cudaSuccess);
+      ASSERT_EQ(on_q4k ? kc::w4a8_gemv_q4_k(dq4k.ptr, n_out, kk, x, m, dy.ptr, nullptr)
+                       : kc::w4a8_gemv_int4_groups(w.quants->ptr, w.scales_half(), w.zeros->ptr, group, n_out,
+                                                   kk, x, m, dy.ptr, nullptr),
+                k::Status::ok);
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      const std::vector<float> got = dy.to_host();
+      int bad = 0;
+      for (int64_t i = 0; i < m * n_out; ++i) {
+        const auto at = static_cast<size_t>(i);
+        if (std::memcmp(&got[at], &want[at], sizeof(float)) != 0 && ++bad <= 3)
+          ADD_FAILURE() << "row " << i / n_out << " input " << i % n_out << ": " << got[at] << ", the CPU's "
+                        << want[at];
+      }
+      EXPECT_EQ(bad, 0);
     }
-    EXPECT_EQ(bad, 0);
   }
 }
 

@@ -1,6 +1,10 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <map>
+#include <mutex>
+#include <tuple>
+
 #include "kernels/cuda/dependent_launch.cuh"
 #include "kernels/cuda/launch_status.cuh"
 #include "kernels/cuda/mma.cuh"
@@ -292,27 +296,57 @@ __global__ void __launch_bounds__(kThreads)
 // and ~k / 64 instructions a thread, so one block per 8 rows would spend about a third of its
 // instructions there on an 8192 x 8192 product and read x from L2 once per 8 rows, half the weights'
 // bytes again).
+// What a launch of `kernel` with `smem` bytes on a device needs to know (its shared memory allowed, its
+// blocks an SM, the SMs), asked of the runtime once and remembered: eager passes (cuda_graphs: false, a
+// host reducer) launch these kernels hundreds of times a step, and the queries cost microseconds.
+struct LaunchFacts {
+  int max_smem = 0, sms = 0, per_sm = 0;
+};
+std::mutex launch_facts_mutex;
+std::map<std::tuple<const void*, int, size_t>, LaunchFacts> launch_facts_known;
+
+template <typename Kernel>
+cudaError_t launch_facts(Kernel kernel, int device, size_t smem, LaunchFacts& facts) {
+  const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), device, smem);
+  const std::lock_guard<std::mutex> lock(launch_facts_mutex);
+  if (const auto it = launch_facts_known.find(key); it != launch_facts_known.end()) {
+    facts = it->second;
+    return cudaSuccess;
+  }
+  LaunchFacts f;
+  cudaError_t err = cudaDeviceGetAttribute(&f.max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&f.sms, cudaDevAttrMultiProcessorCount, device);
+  if (err != cudaSuccess) return err;
+  if (smem <= static_cast<size_t>(f.max_smem)) {  // else refused by the caller, nothing more to ask
+    // Raised to all the device allows (the kernels have no static shared memory), never lowered: every
+    // raise sets the same value, so no launch's setting can undo another's.
+    if (smem > 48 * 1024)
+      err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, f.max_smem);
+    if (err == cudaSuccess)
+      err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&f.per_sm, kernel, kThreads, smem);
+    if (err != cudaSuccess) return err;
+  }
+  launch_facts_known.emplace(key, f);
+  facts = f;
+  return cudaSuccess;
+}
+
 template <class S, typename Weights>
 Status launch(void (*kernel)(Weights, int64_t, int64_t, const __half*, float*), int64_t m,
               const Weights& weights, int64_t n_out, int64_t k, const __half* x, float* y,
               cudaStream_t stream, bool programmatic) {
   const size_t smem = S::bytes(m, k);
-  int device = 0, max_smem = 0, sms = 0, per_sm = 0;
+  int device = 0;
+  LaunchFacts facts;
   // A failed call's error goes to launch_status (taken from the runtime, kept for the caller's message).
   cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess)
-    err = cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err == cudaSuccess) err = launch_facts(kernel, device, smem, facts);
   if (err != cudaSuccess) return launch_status(err);
-  if (smem > static_cast<size_t>(max_smem)) return Status::invalid_argument;
-  if (smem > 48 * 1024)
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-  if (err == cudaSuccess)
-    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem);
-  if (err == cudaSuccess && per_sm < 1) err = cudaErrorInvalidConfiguration;  // no block fits an SM
-  if (err != cudaSuccess) return launch_status(err);
+  if (smem > static_cast<size_t>(facts.max_smem)) return Status::invalid_argument;
+  if (facts.per_sm < 1) return launch_status(cudaErrorInvalidConfiguration);  // no block fits an SM
   const int64_t wanted = (n_out + kWarps - 1) / kWarps;
-  const int64_t resident = static_cast<int64_t>(sms) * (per_sm < kBlocksPerSm ? per_sm : kBlocksPerSm);
+  const int64_t resident =
+      static_cast<int64_t>(facts.sms) * (facts.per_sm < kBlocksPerSm ? facts.per_sm : kBlocksPerSm);
   const int64_t grid = wanted < resident ? wanted : resident;
   const cudaError_t launched =
       detail::launch_kernel(kernel, dim3(static_cast<unsigned>(grid)), dim3(kThreads), smem, stream,

@@ -118,6 +118,26 @@ TEST_F(CliTest, BenchGpuRefusesTinygemmFiguresItCannotReadBeforeMeasuring) {
   }
 }
 
+// PyTorch's attention figures (tools/bench_torch_attention.py) likewise: read before anything is
+// measured, a bad file refused in one line naming it (a file of other heads too).
+TEST_F(CliTest, BenchGpuRefusesTorchAttentionFiguresItCannotReadBeforeMeasuring) {
+  const std::string bad = (dir_->path() / "torch-bad.json").string();
+  const std::string missing_field = (dir_->path() / "torch-no-prefill.json").string();
+  const std::string other_heads = (dir_->path() / "torch-other-heads.json").string();
+  std::ofstream(bad) << "[1, 2";
+  std::ofstream(missing_field) << R"({"heads": 64, "kv_heads": 8, "head_dim": 128, "decode": []})";
+  std::ofstream(other_heads)
+      << R"({"heads": 32, "kv_heads": 8, "head_dim": 128, "decode": [], "prefill": []})";
+  for (const std::string& path : {bad, missing_field, other_heads, (dir_->path() / "absent.json").string()}) {
+    SCOPED_TRACE(path);
+    const auto r = run("bench-gpu --torch-attention " + path);
+    EXPECT_EQ(r.exit_code, 1) << r.output;
+    EXPECT_EQ(line_count(r.output), 1u) << r.output;
+    EXPECT_NE(r.output.find("torch attention figures: "), std::string::npos) << r.output;
+    EXPECT_NE(r.output.find(path), std::string::npos) << r.output;
+  }
+}
+
 TEST_F(CliTest, TokenizeMatchesTheLibrary) {
   const auto r = run("tokenize --model " + model_ + " --text 'hello world'");
   ASSERT_EQ(r.exit_code, 0) << r.output;

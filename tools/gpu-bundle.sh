@@ -234,7 +234,12 @@ if [ "$phase" = all ] || [ "$phase" = bench ] || [ "$phase" = kernels ]; then
 # g128 column, and fewer bytes than Q4_0's 4.5 bits, so the harder comparison for the Q4_0 column.
 LD_LIBRARY_PATH="$python_ld" timeout 120 python3 "$(dirname "$here")/tools/bench_tinygemm.py" --group-size 128 --out "$out/tinygemm.json" 2>"$out/tinygemm.log" ||
   echo "tinygemm failed: $(tail -3 "$out/tinygemm.log")"
+# PyTorch's attention (scaled_dot_product_attention) on the attention tables' cases: their peer.
+LD_LIBRARY_PATH="$python_ld" timeout 90 python3 "$(dirname "$here")/tools/bench_torch_attention.py" \
+  --out "$out/torch-attention.json" 2>"$out/torch-attention.log" ||
+  echo "torch attention failed: $(tail -3 "$out/torch-attention.log")"
 tg=(); [ -s "$out/tinygemm.json" ] && tg=(--tinygemm "$out/tinygemm.json")
+[ -s "$out/torch-attention.json" ] && tg+=(--torch-attention "$out/torch-attention.json")
 # ${tg[@]+...}: an empty array under set -u (bash before 4.4 calls it unbound).
 timeout -k 10 240 "$here/bin/nibble" bench-gpu ${tg[@]+"${tg[@]}"} 2>&1 | tee "$out/bench-gpu.txt"
 table_rc=${PIPESTATUS[0]}
@@ -248,9 +253,10 @@ table_rc=${PIPESTATUS[0]}
 table_broke=0
 grep -q "W4A16 = GGUF" "$out/bench-gpu.txt" || table_broke=1
 grep -q "GPU benchmark failed after" "$out/bench-gpu.txt" && table_broke=1
-if grep -q "tinygemm figures: " "$out/bench-gpu.txt"; then
-  # tinygemm's file was refused before anything was measured: once more without its figures.
-  echo "run.sh: the kernel table refused tinygemm's figures; again without --tinygemm" | tee -a "$out/bench-gpu.txt"
+if grep -q "tinygemm figures: \|torch attention figures: " "$out/bench-gpu.txt"; then
+  # A peer's file was refused before anything was measured: once more without the peers' figures.
+  echo "run.sh: the kernel table refused a peer's figures; again without --tinygemm / --torch-attention" |
+    tee -a "$out/bench-gpu.txt"
   timeout -k 10 240 "$here/bin/nibble" bench-gpu 2>&1 | tee -a "$out/bench-gpu.txt" || status=1
 elif [ "$table_broke" -eq 1 ] && ! cutlass_off; then
   echo "run.sh: the kernel table ended early (exit $table_rc); again with NIBBLE_DISABLE_CUTLASS=1" |

@@ -44,6 +44,7 @@ struct Args {
   std::string attention_batches = "1,8,64", attention_contexts = "128,1024,4096", attention_queries = "1,5",
               attention_splits = "64,128,256,512";
   std::string attention_prompts = "512,2048,8192";  // the prefill attention table: empty leaves it out
+  std::string torch_attention;  // tools/bench_torch_attention.py's JSON: the attention tables' peer
   // End-to-end mode (--model).
   std::string model, draft;
   std::string batch = "1,8,32,64";
@@ -883,12 +884,43 @@ AttentionLists parse_attention_lists(const Args& a) {
   return l;
 }
 
+// PyTorch's attention on the same cases (tools/bench_torch_attention.py), read before anything is
+// measured like tinygemm's figures: decode by (batch, context, queries), prefill by prompt tokens.
+struct TorchAttention {
+  std::map<std::tuple<int64_t, int64_t, int64_t>, double> decode_us;
+  std::map<int64_t, double> prefill_us;
+};
+
+TorchAttention read_torch_attention(const std::string& path,
+                                    const kernels::cuda::AttentionBenchHeads& heads) {
+  TorchAttention out;
+  if (path.empty()) return out;
+  std::ifstream in(path);
+  if (!in) throw std::runtime_error("torch attention figures: cannot read " + path);
+  try {
+    const auto j = nlohmann::json::parse(in);
+    if (j.at("heads").get<int64_t>() != heads.n_head || j.at("kv_heads").get<int64_t>() != heads.n_head_kv ||
+        j.at("head_dim").get<int64_t>() != heads.head_dim) {
+      throw std::runtime_error("torch attention figures: " + path + " times other heads than the tables'");
+    }
+    for (const auto& r : j.at("decode"))
+      out.decode_us[{r.at("batch"), r.at("context"), r.at("queries")}] = r.at("us").get<double>();
+    for (const auto& r : j.at("prefill"))
+      out.prefill_us[r.at("tokens").get<int64_t>()] = r.at("us").get<double>();
+  } catch (const nlohmann::json::exception& e) {
+    throw std::runtime_error("torch attention figures: " + path +
+                             " is not bench_torch_attention.py's JSON: " + e.what());
+  }
+  return out;
+}
+
 // The decode attention table (kernels/cuda/attention_bench.cuh): per batch, context and queries a
 // sequence, each split size's time and %copy of the K and V bytes, the fastest split and the model's
-// split against it. Rows arrive case by case, the splits of a case together.
+// split against it, and PyTorch's time where given (contiguous K / V, not paged: the peer). Rows arrive
+// case by case, the splits of a case together.
 nlohmann::json report_attention(const std::vector<kernels::cuda::AttentionBenchRow>& rows,
                                 const kernels::cuda::AttentionBenchHeads& heads, int64_t model_split,
-                                double copy_gbps, bool print) {
+                                double copy_gbps, const TorchAttention& torch, bool print) {
   nlohmann::json cases = nlohmann::json::array();
   if (print && !rows.empty()) {
     std::printf(
@@ -909,7 +941,7 @@ nlohmann::json report_attention(const std::vector<kernels::cuda::AttentionBenchR
     if (print && !header_done) {
       for (size_t i = first; i < end; ++i)
         std::printf(" %14lld", static_cast<long long>(rows[i].split_tokens));
-      std::printf(" | %5s %10s\n", "best", "model/best");
+      std::printf(" | %5s %10s | %9s %10s\n", "best", "model/best", "torch us", "best/torch");
       header_done = true;
     }
     const kernels::cuda::AttentionBenchRow* best = &rows[first];
@@ -927,6 +959,12 @@ nlohmann::json report_attention(const std::vector<kernels::cuda::AttentionBenchR
         {"split_us", split_us}, {"best_split", best->split_tokens},
         {"best_us", best->us},  {"best_copy_fraction", r.kv_bytes / (best->us * 1e-6) / 1e9 / copy_gbps}};
     if (model_us > 0) c["model_split_over_best"] = model_us / best->us;
+    const auto peer = torch.decode_us.find({r.batch, r.context, r.queries});
+    const double torch_us = peer == torch.decode_us.end() ? 0.0 : peer->second;
+    if (torch_us > 0) {
+      c["torch_us"] = torch_us;
+      c["best_speedup_vs_torch"] = torch_us / best->us;
+    }
     cases.push_back(c);
     if (print) {
       std::printf("%5lld %7lld %7lld |", static_cast<long long>(r.batch), static_cast<long long>(r.context),
@@ -935,9 +973,13 @@ nlohmann::json report_attention(const std::vector<kernels::cuda::AttentionBenchR
         std::printf(" %7.1f (%3.0f%%)", rows[i].us,
                     100.0 * r.kv_bytes / (rows[i].us * 1e-6) / 1e9 / copy_gbps);
       if (model_us > 0)
-        std::printf(" | %5lld %9.2fx\n", static_cast<long long>(best->split_tokens), model_us / best->us);
+        std::printf(" | %5lld %9.2fx", static_cast<long long>(best->split_tokens), model_us / best->us);
       else
-        std::printf(" | %5lld %10s\n", static_cast<long long>(best->split_tokens), "-");
+        std::printf(" | %5lld %10s", static_cast<long long>(best->split_tokens), "-");
+      if (torch_us > 0)
+        std::printf(" | %9.1f %9.2fx\n", torch_us, torch_us / best->us);
+      else
+        std::printf(" | %9s %10s\n", "-", "-");
     }
     first = end;
   }
@@ -949,18 +991,19 @@ nlohmann::json report_attention(const std::vector<kernels::cuda::AttentionBenchR
 // The prefill attention table: per prompt length, each kernel's time and causal TFLOP/s, and the tensor
 // cores' speedup.
 nlohmann::json report_prefill_attention(const std::vector<kernels::cuda::PrefillAttentionBenchRow>& rows,
-                                        const kernels::cuda::AttentionBenchHeads& heads, bool print) {
+                                        const kernels::cuda::AttentionBenchHeads& heads,
+                                        const TorchAttention& torch, bool print) {
   if (print && !rows.empty()) {
     std::printf(
         "\nPrefill attention (one prompt, causal, its keys in the cache; %lld query and %lld KV heads of "
         "%lld): "
         "us and TFLOP/s (2 n_head head_dim t (t + 1) flops) on the CUDA cores (prefill_attention_f16) and "
         "the "
-        "tensor cores (prefill_attention_mma_f16, CudaModelOptions::mma_prefill_attention)\n%7s | %10s %7s | "
-        "%10s %7s | %8s\n",
+        "tensor cores (prefill_attention_mma_f16, CudaModelOptions::mma_prefill_attention), and PyTorch's "
+        "scaled_dot_product_attention where given\n%7s | %10s %7s | %10s %7s | %8s | %9s %10s\n",
         static_cast<long long>(heads.n_head), static_cast<long long>(heads.n_head_kv),
         static_cast<long long>(heads.head_dim), "tokens", "CUDA cores", "TFLOP/s", "tensor", "TFLOP/s",
-        "tc/cc");
+        "tc/cc", "torch us", "ours/torch");
   }
   nlohmann::json cases = nlohmann::json::array();
   for (const auto& r : rows) {
@@ -974,14 +1017,26 @@ nlohmann::json report_prefill_attention(const std::vector<kernels::cuda::Prefill
       c["tensor_core_tflops"] = r.flops / (r.tensor_core_us * 1e-6) / 1e12;
       c["tensor_core_speedup"] = r.cuda_core_us / r.tensor_core_us;
     }
+    // The faster of ours against PyTorch's.
+    const double ours = r.tensor_core_us > 0 ? std::min(r.cuda_core_us, r.tensor_core_us) : r.cuda_core_us;
+    const auto peer = torch.prefill_us.find(r.tokens);
+    const double torch_us = peer == torch.prefill_us.end() ? 0.0 : peer->second;
+    if (torch_us > 0) {
+      c["torch_us"] = torch_us;
+      c["best_speedup_vs_torch"] = torch_us / ours;
+    }
     cases.push_back(c);
     if (!print) continue;
     std::printf("%7lld | %10.1f %7.1f |", static_cast<long long>(r.tokens), r.cuda_core_us, cc_tflops);
     if (r.tensor_core_us > 0)
-      std::printf(" %10.1f %7.1f | %7.2fx\n", r.tensor_core_us, r.flops / (r.tensor_core_us * 1e-6) / 1e12,
+      std::printf(" %10.1f %7.1f | %7.2fx |", r.tensor_core_us, r.flops / (r.tensor_core_us * 1e-6) / 1e12,
                   r.cuda_core_us / r.tensor_core_us);
     else
-      std::printf(" %10s %7s | %8s\n", "-", "-", "-");
+      std::printf(" %10s %7s | %8s |", "-", "-", "-");
+    if (torch_us > 0)
+      std::printf(" %9.1f %9.2fx\n", torch_us, torch_us / ours);
+    else
+      std::printf(" %9s %10s\n", "-", "-");
   }
   return cases;
 }
@@ -1006,6 +1061,8 @@ int run_kernels(const Args& a) {
   // tinygemm's figures and the attention table's lists first: bad input must not cost a measured table.
   const auto tinygemm = read_tinygemm(a.tinygemm);
   const AttentionLists attention_lists = parse_attention_lists(a);
+  const kernels::cuda::AttentionBenchHeads heads;  // llama-70b's
+  const TorchAttention torch_attention = read_torch_attention(a.torch_attention, heads);
   const kernels::Status st = kernels::cuda::run_matmul_bench(
       parse_shapes(a.shapes), parse_list(a.rows), a.iterations, a.repetitions, result, error, measured);
   if (st != kernels::Status::ok && (result.rows.empty() || st != kernels::Status::device_error))
@@ -1366,7 +1423,6 @@ int run_kernels(const Args& a) {
   std::vector<kernels::cuda::AttentionBenchRow> attention_rows;
   std::string attention_error;
   kernels::Status attention_st = kernels::Status::ok;
-  const kernels::cuda::AttentionBenchHeads heads;     // llama-70b's
   const int64_t model_split = a.decode_split_tokens;  // the model's default unless told
   if (!attention_lists.contexts.empty()) {
     attention_st = kernels::cuda::run_attention_decode_bench(
@@ -1377,7 +1433,8 @@ int run_kernels(const Args& a) {
                    static_cast<long long>(r.batch), static_cast<long long>(r.context),
                    static_cast<long long>(r.queries), static_cast<long long>(r.split_tokens), r.us);
         });
-    out["decode_attention"] = report_attention(attention_rows, heads, model_split, result.copy_gbps, !a.json);
+    out["decode_attention"] =
+        report_attention(attention_rows, heads, model_split, result.copy_gbps, torch_attention, !a.json);
     if (attention_st != kernels::Status::ok)
       out["decode_attention_error"] = std::string(kernels::status_name(attention_st)) + " " + attention_error;
   }
@@ -1393,7 +1450,7 @@ int run_kernels(const Args& a) {
           progress("prefill attention %lld tokens: CUDA cores %.1f us, tensor cores %.1f us",
                    static_cast<long long>(r.tokens), r.cuda_core_us, r.tensor_core_us);
         });
-    out["prefill_attention"] = report_prefill_attention(prefill_rows, heads, !a.json);
+    out["prefill_attention"] = report_prefill_attention(prefill_rows, heads, torch_attention, !a.json);
     if (prefill_st != kernels::Status::ok)
       out["prefill_attention_error"] = std::string(kernels::status_name(prefill_st)) + " " + prefill_error;
   }
@@ -1438,6 +1495,10 @@ Runner add_bench_gpu(CLI::App& app) {
   app.add_option(
       "--attention-splits", a->attention_splits,
       "Decode attention table: split sizes (positions a block takes, multiples of 32), comma-separated");
+  app.add_option(
+      "--torch-attention", a->torch_attention,
+      "JSON from tools/bench_torch_attention.py (PyTorch's attention on the attention tables' cases, "
+      "same machine)");
   app.add_option("--attention-prompts", a->attention_prompts,
                  "Prefill attention table: prompt lengths, comma-separated (empty: no table)");
   app.add_option(

@@ -1915,13 +1915,22 @@ TEST(CudaLlamaModelCli, BenchSpecOnTheGpuRunsTheEngineWithADraft) {
 // count has a time there, the tensor-core GEMV's parts included, and each row reached stderr first.
 TEST(CudaLlamaModelCli, BenchGpuKernelTableTimesEveryKernel) {
   NIBBLE_REQUIRE_CUDA_DEVICE();
+  // PyTorch's figures for two of the attention cases, as tools/bench_torch_attention.py writes them (the
+  // table joins them by case and prints the ratio; the times are this test's, not a measurement).
+  t::TempDir dir;
+  const std::string torch_file = (dir.path() / "torch-attention.json").string();
+  std::ofstream(torch_file) << R"({"heads": 64, "kv_heads": 8, "head_dim": 128,
+      "decode": [{"batch": 3, "context": 300, "queries": 1, "us": 123.5}],
+      "prefill": [{"tokens": 300, "us": 456.5}]})";
   std::string output;
   nlohmann::json j;
-  ASSERT_NO_FATAL_FAILURE(run_json(
-      t::nibble_bin() + " bench-gpu --shapes 256x384 --rows 1,20,40 --iterations 2 --repetitions 1 "
-                        "--attention-batches 1,3 --attention-contexts 40,300 --attention-queries 1,5 "
-                        "--attention-splits 64,256 --attention-prompts 100,300 --json",
-      output, j));
+  ASSERT_NO_FATAL_FAILURE(
+      run_json(t::nibble_bin() +
+                   " bench-gpu --shapes 256x384 --rows 1,20,40 --iterations 2 --repetitions 1 "
+                   "--attention-batches 1,3 --attention-contexts 40,300 --attention-queries 1,5 "
+                   "--attention-splits 64,256 --attention-prompts 100,300 --torch-attention " +
+                   torch_file + " --json",
+               output, j));
   EXPECT_NE(output.find("bench-gpu: 256x384 m=20:"), std::string::npos) << output;
   ASSERT_EQ(j["rows"].size(), 3u) << output;
   // The decode attention on llama-70b's heads: every (batch, context, queries) case at both splits (5
@@ -1945,6 +1954,11 @@ TEST(CudaLlamaModelCli, BenchGpuKernelTableTimesEveryKernel) {
     EXPECT_EQ(c["best_us"].get<double>(), std::min(at64, at256)) << c.dump();
     EXPECT_EQ(c["best_split"].get<int64_t>(), at64 <= at256 ? 64 : 256) << c.dump();
     EXPECT_DOUBLE_EQ(c["model_split_over_best"].get<double>(), at256 / std::min(at64, at256));
+    const bool peer = batch == 3 && context == 300 && c["queries"].get<int64_t>() == 1;
+    EXPECT_EQ(c.contains("torch_us"), peer) << c.dump();
+    if (peer) {
+      EXPECT_DOUBLE_EQ(c["best_speedup_vs_torch"].get<double>(), 123.5 / std::min(at64, at256));
+    }
   }
   EXPECT_EQ(seen.size(), 8u);
   // The prefill attention per prompt length on both kinds of cores (llama-70b's heads: the tensor cores
@@ -1960,6 +1974,11 @@ TEST(CudaLlamaModelCli, BenchGpuKernelTableTimesEveryKernel) {
     EXPECT_GT(c["tensor_core_us"].get<double>(), 0.0) << c.dump();
     EXPECT_DOUBLE_EQ(c["tensor_core_speedup"].get<double>(),
                      c["cuda_core_us"].get<double>() / c["tensor_core_us"].get<double>());
+    EXPECT_EQ(c.contains("torch_us"), tokens == 300) << c.dump();
+    if (tokens == 300) {
+      EXPECT_DOUBLE_EQ(c["best_speedup_vs_torch"].get<double>(),
+                       456.5 / std::min(c["cuda_core_us"].get<double>(), c["tensor_core_us"].get<double>()));
+    }
   }
   EXPECT_TRUE(j["skipped"].empty()) << j["skipped"].dump();  // no kernel failed (its column would be '-')
   for (const auto& row : j["rows"]) {

@@ -12,6 +12,8 @@ import argparse
 import json
 import sys
 
+from torch_peer import cuda_torch, median_us
+
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -23,13 +25,8 @@ def main() -> int:
     p.add_argument("--repetitions", type=int, default=5)
     p.add_argument("--out", required=True)
     a = p.parse_args()
-    try:
-        import torch
-    except ImportError:
-        print("bench_tinygemm: PyTorch is not installed", file=sys.stderr)
-        return 2
-    if not torch.cuda.is_available():
-        print("bench_tinygemm: no CUDA device", file=sys.stderr)
+    torch = cuda_torch("bench_tinygemm")
+    if torch is None:
         return 2
     dev = torch.device("cuda")
     l2 = torch.cuda.get_device_properties(dev).L2_cache_size
@@ -50,19 +47,7 @@ def main() -> int:
             def call(i: int):
                 return torch.ops.aten._weight_int4pack_mm(x, weights[i % copies], a.group_size, scales_zeros)
 
-            for i in range(3):
-                call(i)
-            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            runs = []
-            for _ in range(a.repetitions):
-                start.record()
-                for i in range(a.iterations):
-                    call(i)
-                stop.record()
-                torch.cuda.synchronize()
-                runs.append(1e3 * start.elapsed_time(stop) / a.iterations)
-            runs.sort()
-            us = runs[len(runs) // 2]
+            us = median_us(torch, call, a.iterations, a.repetitions)
             rows_out.append({"k": k, "n_out": n, "m": m, "us": us})
             print(f"tinygemm {k}x{n} m={m}: {us:.1f} us", file=sys.stderr)
         del weights

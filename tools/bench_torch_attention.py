@@ -17,23 +17,7 @@ import argparse
 import json
 import sys
 
-
-def median_us(call, iterations: int, repetitions: int, torch) -> float:
-    for i in range(3):
-        call(i)
-    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    runs = []
-    next_call = 0
-    for _ in range(repetitions):
-        start.record()
-        for _ in range(iterations):
-            call(next_call)  # a running count: each call the next copy, across the timed loops
-            next_call += 1
-        stop.record()
-        torch.cuda.synchronize()
-        runs.append(1e3 * start.elapsed_time(stop) / iterations)
-    runs.sort()
-    return runs[len(runs) // 2]
+from torch_peer import cuda_torch, median_us
 
 
 def main() -> int:
@@ -48,15 +32,10 @@ def main() -> int:
     p.add_argument("--repetitions", type=int, default=5)
     p.add_argument("--out", required=True)
     a = p.parse_args()
-    try:
-        import torch
-        import torch.nn.functional as F
-    except ImportError:
-        print("bench_torch_attention: PyTorch is not installed", file=sys.stderr)
+    torch = cuda_torch("bench_torch_attention")
+    if torch is None:
         return 2
-    if not torch.cuda.is_available():
-        print("bench_torch_attention: no CUDA device", file=sys.stderr)
-        return 2
+    import torch.nn.functional as F
     dev = torch.device("cuda")
     l2 = torch.cuda.get_device_properties(dev).L2_cache_size
     group = a.heads // a.kv_heads
@@ -84,7 +63,7 @@ def main() -> int:
                 k, v = kv[i % copies]
                 return sdpa(q, k, v, False)
 
-            us = median_us(call, a.iterations, a.repetitions, torch)
+            us = median_us(torch, call, a.iterations, a.repetitions)
             decode.append({"batch": batch, "context": context, "queries": 1, "us": us})
             print(f"torch attention decode batch {batch} context {context}: {us:.1f} us", file=sys.stderr)
             del kv
@@ -94,7 +73,7 @@ def main() -> int:
         q = torch.randn(1, a.heads, tokens, a.head_dim, dtype=torch.float16, device=dev)
         k = torch.randn(1, a.kv_heads, tokens, a.head_dim, dtype=torch.float16, device=dev)
         v = torch.randn(1, a.kv_heads, tokens, a.head_dim, dtype=torch.float16, device=dev)
-        us = median_us(lambda i: sdpa(q, k, v, True), max(1, a.iterations // 4), a.repetitions, torch)
+        us = median_us(torch, lambda i: sdpa(q, k, v, True), max(1, a.iterations // 4), a.repetitions)
         prefill.append({"tokens": tokens, "us": us})
         print(f"torch attention prefill {tokens} tokens: {us:.1f} us", file=sys.stderr)
         del q, k, v

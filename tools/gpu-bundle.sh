@@ -232,10 +232,11 @@ fi
 if [ "$phase" = all ] || [ "$phase" = bench ] || [ "$phase" = kernels ]; then
 # tinygemm at group 128 (4.25 bits a weight, its usual GPTQ / AWQ setting): the grouping of bench-gpu's
 # g128 column, and fewer bytes than Q4_0's 4.5 bits, so the harder comparison for the Q4_0 column.
+rm -f "$out/tinygemm.json" "$out/torch-attention.json"  # a peer's figures from this run only
 LD_LIBRARY_PATH="$python_ld" timeout 120 python3 "$(dirname "$here")/tools/bench_tinygemm.py" --group-size 128 --out "$out/tinygemm.json" 2>"$out/tinygemm.log" ||
   echo "tinygemm failed: $(tail -3 "$out/tinygemm.log")"
 # PyTorch's attention (scaled_dot_product_attention) on the attention tables' cases: their peer.
-LD_LIBRARY_PATH="$python_ld" timeout 90 python3 "$(dirname "$here")/tools/bench_torch_attention.py" \
+LD_LIBRARY_PATH="$python_ld" timeout 60 python3 "$(dirname "$here")/tools/bench_torch_attention.py" \
   --out "$out/torch-attention.json" 2>"$out/torch-attention.log" ||
   echo "torch attention failed: $(tail -3 "$out/torch-attention.log")"
 tg=(); [ -s "$out/tinygemm.json" ] && tg=(--tinygemm "$out/tinygemm.json")

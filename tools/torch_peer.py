@@ -20,13 +20,18 @@ def cuda_torch(script: str):
 def median_us(torch, call, iterations: int, repetitions: int) -> float:
     """Median over `repetitions` timed loops of the mean microseconds of one call(i), after three
     untimed calls. i is a running count across the loops, so a caller rotating copies by i % copies
-    does not find the last loop's copies in L2."""
+    does not find the last loop's copies in L2. Each loop is queued behind a sleep on the device long
+    enough for Python to queue every call first (as bench-gpu queues its loops behind device_delay), so
+    the calls run back to back and the host's launch rate is not what is timed."""
     for i in range(3):
         call(i)
+    sleep = getattr(torch.cuda, "_sleep", None)  # cycles; ~1 ms + ~0.1 ms a call at ~2 GHz
     start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     runs = []
     next_call = 3
     for _ in range(repetitions):
+        if sleep is not None:
+            sleep(int(2e6 * (1 + 0.1 * iterations)))
         start.record()
         for _ in range(iterations):
             call(next_call)

@@ -22,10 +22,10 @@
 #include <tuple>
 
 #include "cluster/cli/commands.hpp"
+#include "kernels/cuda/attention_bench.cuh"  // plain C++: the attention tables' shapes and limits
 #include "model/llama_checkpoint.hpp"
 #include "worker/cuda_llama_model.hpp"
 #ifdef NIBBLE_WITH_CUDA
-#include "kernels/cuda/attention_bench.cuh"
 #include "kernels/cuda/matmul_bench.cuh"
 #include "kernels/cuda/w4a16_gemv_half2.cuh"
 #endif
@@ -810,20 +810,6 @@ int run_model(const Args& a) {
 // ---------------------------------------------------------------------------------------------
 // Kernels (without --model)
 
-#ifdef NIBBLE_WITH_CUDA
-
-// "KxN" items: input features x output features.
-std::vector<kernels::cuda::MatmulShape> parse_shapes(const std::string& text) {
-  std::vector<kernels::cuda::MatmulShape> out;
-  std::stringstream in(text);
-  for (std::string item; std::getline(in, item, ',');) {
-    const size_t x = item.find('x');
-    if (x == std::string::npos) throw std::invalid_argument("--shapes item '" + item + "' is not KxN");
-    out.push_back({std::stoll(item.substr(0, x)), std::stoll(item.substr(x + 1))});
-  }
-  return out;
-}
-
 // (k, n_out, m) -> microseconds, from tools/bench_tinygemm.py's JSON.
 std::map<std::tuple<int64_t, int64_t, int64_t>, double> read_tinygemm(const std::string& path) {
   std::map<std::tuple<int64_t, int64_t, int64_t>, double> out;
@@ -842,6 +828,10 @@ std::map<std::tuple<int64_t, int64_t, int64_t>, double> read_tinygemm(const std:
 // bench-gpu's exit status when only an attention table failed (the W4A16 tables are whole).
 constexpr int kAttentionTableFailed = 3;
 
+// The longest prompt the prefill attention table times: its CUDA-core kernel takes about a second a call
+// there on an H100 (~2e13 flops), and the table makes some 30 calls a prompt.
+constexpr int64_t kMaxAttentionPromptTokens = 32768;
+
 struct AttentionLists {
   std::vector<int64_t> batches, contexts, queries, splits;  // contexts empty: no decode attention table
   std::vector<int64_t> prompts;                             // empty: no prefill attention table
@@ -858,9 +848,10 @@ AttentionLists parse_attention_lists(const Args& a) {
   if (!l.prompts.empty()) {
     positive(l.prompts, "prompts");
     for (const int64_t tokens : l.prompts)
-      if (tokens > 1'000'000)
+      if (tokens > kMaxAttentionPromptTokens)
         throw std::invalid_argument("--attention-prompts: " + std::to_string(tokens) +
-                                    " tokens is past what the table times (at most 1000000)");
+                                    " tokens is past what the table times (at most " +
+                                    std::to_string(kMaxAttentionPromptTokens) + ")");
   }
   if (l.contexts.empty()) return l;
   positive(l.batches, "batches");
@@ -910,6 +901,37 @@ TorchAttention read_torch_attention(const std::string& path,
   } catch (const nlohmann::json::exception& e) {
     throw std::runtime_error("torch attention figures: " + path +
                              " is not bench_torch_attention.py's JSON: " + e.what());
+  }
+  return out;
+}
+
+// What the kernel table reads before it measures anything (in every build, so that bad input is named
+// the same way with or without CUDA): the peers' figures and the attention tables' lists.
+struct KernelTableInputs {
+  std::map<std::tuple<int64_t, int64_t, int64_t>, double> tinygemm;
+  AttentionLists attention_lists;
+  kernels::cuda::AttentionBenchHeads heads;  // llama-70b's
+  TorchAttention torch_attention;
+};
+
+KernelTableInputs read_kernel_table_inputs(const Args& a) {
+  KernelTableInputs in;
+  in.tinygemm = read_tinygemm(a.tinygemm);
+  in.attention_lists = parse_attention_lists(a);
+  in.torch_attention = read_torch_attention(a.torch_attention, in.heads);
+  return in;
+}
+
+#ifdef NIBBLE_WITH_CUDA
+
+// "KxN" items: input features x output features.
+std::vector<kernels::cuda::MatmulShape> parse_shapes(const std::string& text) {
+  std::vector<kernels::cuda::MatmulShape> out;
+  std::stringstream in(text);
+  for (std::string item; std::getline(in, item, ',');) {
+    const size_t x = item.find('x');
+    if (x == std::string::npos) throw std::invalid_argument("--shapes item '" + item + "' is not KxN");
+    out.push_back({std::stoll(item.substr(0, x)), std::stoll(item.substr(x + 1))});
   }
   return out;
 }
@@ -1038,10 +1060,17 @@ nlohmann::json report_prefill_attention(const std::vector<kernels::cuda::Prefill
     else
       std::printf(" %9s %10s\n", "-", "-");
   }
-  return cases;
+  return nlohmann::json{{"n_head", heads.n_head},
+                        {"n_head_kv", heads.n_head_kv},
+                        {"head_dim", heads.head_dim},
+                        {"cases", cases}};
 }
 
-int run_kernels(const Args& a) {
+int run_kernels(const Args& a, const KernelTableInputs& inputs) {
+  const auto& tinygemm = inputs.tinygemm;
+  const AttentionLists& attention_lists = inputs.attention_lists;
+  const kernels::cuda::AttentionBenchHeads& heads = inputs.heads;
+  const TorchAttention& torch_attention = inputs.torch_attention;
   kernels::cuda::MatmulBenchResult result;
   std::string error;
   // Each row to stderr as soon as its shape is measured (a run cut short keeps them); the tables follow.
@@ -1058,11 +1087,6 @@ int run_kernels(const Args& a) {
         r.g128_tiles_tc_us, r.g128_tiles_tc32_us, r.g128_tiles_tc64_us, r.g128_tiles_deq_us, r.q4k_us,
         r.q4k_tc_us, r.q4k_half2_us, r.cublas_us);
   };
-  // tinygemm's figures and the attention table's lists first: bad input must not cost a measured table.
-  const auto tinygemm = read_tinygemm(a.tinygemm);
-  const AttentionLists attention_lists = parse_attention_lists(a);
-  const kernels::cuda::AttentionBenchHeads heads;  // llama-70b's
-  const TorchAttention torch_attention = read_torch_attention(a.torch_attention, heads);
   const kernels::Status st = kernels::cuda::run_matmul_bench(
       parse_shapes(a.shapes), parse_list(a.rows), a.iterations, a.repetitions, result, error, measured);
   if (st != kernels::Status::ok && (result.rows.empty() || st != kernels::Status::device_error))
@@ -1466,13 +1490,16 @@ int run_kernels(const Args& a) {
   return attention_st == kernels::Status::ok && prefill_st == kernels::Status::ok ? 0 : kAttentionTableFailed;
 }
 #else
-int run_kernels(const Args&) {
+int run_kernels(const Args&, const KernelTableInputs&) {
   throw std::runtime_error(
       "this nibble was built without CUDA (configure with -DNIBBLE_CUDA=ON where nvcc exists)");
 }
 #endif
 
-int run(const Args& a) { return a.model.empty() ? run_kernels(a) : run_model(a); }
+// The kernel table's inputs are read first: bad input must not cost a measured table.
+int run(const Args& a) {
+  return a.model.empty() ? run_kernels(a, read_kernel_table_inputs(a)) : run_model(a);
+}
 
 }  // namespace
 

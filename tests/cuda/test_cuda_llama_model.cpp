@@ -1964,9 +1964,10 @@ TEST(CudaLlamaModelCli, BenchGpuKernelTableTimesEveryKernel) {
   // The prefill attention per prompt length on both kinds of cores (llama-70b's heads: the tensor cores
   // take them).
   EXPECT_FALSE(j.contains("prefill_attention_error")) << j["prefill_attention_error"].dump();
-  ASSERT_EQ(j["prefill_attention"].size(), 2u) << output;
+  ASSERT_EQ(j["prefill_attention"]["cases"].size(), 2u) << output;
+  EXPECT_EQ(j["prefill_attention"]["n_head_kv"].get<int64_t>(), 8);
   for (size_t i = 0; i < 2; ++i) {
-    const auto& c = j["prefill_attention"][i];
+    const auto& c = j["prefill_attention"]["cases"][i];
     const int64_t tokens = i == 0 ? 100 : 300;
     EXPECT_EQ(c["tokens"].get<int64_t>(), tokens);
     EXPECT_EQ(c["flops"].get<double>(), 2.0 * 64 * 128 * static_cast<double>(tokens) * (tokens + 1));
@@ -2130,10 +2131,6 @@ TEST(CudaLlamaModelCli, BenchGpuProjectsSpeculativeDecodingFromMeasuredSteps) {
   EXPECT_FALSE(j.contains("long_prefill")) << output;
 }
 
-// bench-gpu --model on a dummy model (its matrices are group-wise INT4 on the device): the decode rows,
-// the kernel chosen per matrix shape and row range with the candidates' times, the decode steps
-// again with programmatic launches, and a 200-token prompt's prefill (in a KV cache of its own, past
-// what the rows' holds), whose heads (head_dim 32) the tensor-core attention does not take.
 // --decode-split-tokens reaches the model (the JSON says which split the model took) and a size that is
 // not a multiple of 32 is refused by name.
 TEST(CudaLlamaModelCli, BenchGpuCutsTheDecodeAttentionWhereTold) {
@@ -2150,6 +2147,10 @@ TEST(CudaLlamaModelCli, BenchGpuCutsTheDecodeAttentionWhereTold) {
       << refused.output;
 }
 
+// bench-gpu --model on a dummy model (its matrices are group-wise INT4 on the device): the decode rows,
+// the kernel chosen per matrix shape and row range with the candidates' times, the decode steps
+// again with programmatic launches, and a 200-token prompt's prefill (in a KV cache of its own, past
+// what the rows' holds), whose heads (head_dim 32) the tensor-core attention does not take.
 TEST(CudaLlamaModelCli, BenchGpuReportsTheInt4KernelChoicesAndProgrammaticLaunches) {
   NIBBLE_REQUIRE_CUDA_DEVICE();
   std::string output;

@@ -121,8 +121,8 @@ TEST(CudaW4A8Gemv, Q4KMatchesTheCpuReference) {
   std::mt19937 rng(23);
   std::normal_distribution<float> normal(0.0f, 1.0f);
   // Every pairing of 1, 37, 4099 outputs with 256, 768, 4352 inputs, and 4099 x 8448: more rows than
-  // the grid has warps with two super-blocks a lane, so a warp fetches its next row's second
-  // super-block ahead (the other shapes never reach that fetch).
+  // the grid has warps, with two super-blocks for some lanes, so such a lane fetches its next row's
+  // first super-block ahead after its second (the other shapes never reach that fetch).
   std::vector<std::pair<int64_t, int64_t>> shapes;
   for (const int64_t n_out : {int64_t{1}, int64_t{37}, int64_t{4099}})
     for (const int64_t kk : {int64_t{256}, int64_t{768}, int64_t{4352}}) shapes.emplace_back(n_out, kk);

@@ -242,7 +242,11 @@ LD_LIBRARY_PATH="$python_ld" timeout 60 python3 "$(dirname "$here")/tools/bench_
 tg=(); [ -s "$out/tinygemm.json" ] && tg=(--tinygemm "$out/tinygemm.json")
 [ -s "$out/torch-attention.json" ] && tg+=(--torch-attention "$out/torch-attention.json")
 # ${tg[@]+...}: an empty array under set -u (bash before 4.4 calls it unbound).
-timeout -k 10 240 "$here/bin/nibble" bench-gpu ${tg[@]+"${tg[@]}"} 2>&1 | tee "$out/bench-gpu.txt"
+# NIBBLE_TABLE_FLAGS: more bench-gpu flags for the kernel table (e.g. "--attention-prompts none", should
+# call 1 have shown the tensor-core prefill attention failing or hanging).
+table_flags=(${NIBBLE_TABLE_FLAGS:-})
+timeout -k 10 240 "$here/bin/nibble" bench-gpu ${tg[@]+"${tg[@]}"} ${table_flags[@]+"${table_flags[@]}"} 2>&1 |
+  tee "$out/bench-gpu.txt"
 table_rc=${PIPESTATUS[0]}
 [ "$table_rc" -eq 0 ] || status=1
 # A column's kernel that fails leaves '-' (the table goes on); one that breaks the device ends the
@@ -258,13 +262,14 @@ if grep -q "tinygemm figures: \|torch attention figures: " "$out/bench-gpu.txt";
   # A peer's file was refused before anything was measured: once more without the peers' figures.
   echo "run.sh: the kernel table refused a peer's figures; again without --tinygemm / --torch-attention" |
     tee -a "$out/bench-gpu.txt"
-  timeout -k 10 240 "$here/bin/nibble" bench-gpu 2>&1 | tee -a "$out/bench-gpu.txt" || status=1
+  timeout -k 10 240 "$here/bin/nibble" bench-gpu ${table_flags[@]+"${table_flags[@]}"} 2>&1 |
+    tee -a "$out/bench-gpu.txt" || status=1
 elif [ "$table_broke" -eq 1 ] && ! cutlass_off; then
   echo "run.sh: the kernel table ended early (exit $table_rc); again with NIBBLE_DISABLE_CUTLASS=1" |
     tee "$out/bench-gpu-no-cutlass.txt"
   export NIBBLE_DISABLE_CUTLASS=1
   echo "kernel table exit $table_rc" >"$out/cutlass-disabled"
-  timeout -k 10 200 "$here/bin/nibble" bench-gpu ${tg[@]+"${tg[@]}"} 2>&1 |
+  timeout -k 10 200 "$here/bin/nibble" bench-gpu ${tg[@]+"${tg[@]}"} ${table_flags[@]+"${table_flags[@]}"} 2>&1 |
     tee -a "$out/bench-gpu-no-cutlass.txt" || status=1
 fi
 fi

@@ -838,9 +838,13 @@ struct AttentionLists {
 };
 
 AttentionLists parse_attention_lists(const Args& a) {
-  AttentionLists l{parse_list(a.attention_batches), parse_list(a.attention_contexts),
+  // "none" (or nothing) leaves a table out: a word a device session's flags can carry.
+  const auto list_or_none = [](const std::string& text) {
+    return text == "none" ? std::vector<int64_t>{} : parse_list(text);
+  };
+  AttentionLists l{parse_list(a.attention_batches), list_or_none(a.attention_contexts),
                    parse_list(a.attention_queries), parse_list(a.attention_splits),
-                   parse_list(a.attention_prompts)};
+                   list_or_none(a.attention_prompts)};
   const auto positive = [](const std::vector<int64_t>& v, const char* what) {
     if (v.empty() || std::any_of(v.begin(), v.end(), [](int64_t x) { return x < 1; }))
       throw std::invalid_argument(std::string("--attention-") + what + " needs positive whole numbers");
@@ -1515,7 +1519,7 @@ Runner add_bench_gpu(CLI::App& app) {
   app.add_option("--attention-batches", a->attention_batches,
                  "Decode attention table: sequences a call, comma-separated");
   app.add_option("--attention-contexts", a->attention_contexts,
-                 "Decode attention table: positions of each sequence, comma-separated (empty: no table)");
+                 "Decode attention table: positions of each sequence, comma-separated (none: no table)");
   app.add_option("--attention-queries", a->attention_queries,
                  "Decode attention table: query tokens a sequence (1: decode, k + 1: speculative "
                  "verification), comma-separated");
@@ -1527,7 +1531,7 @@ Runner add_bench_gpu(CLI::App& app) {
       "JSON from tools/bench_torch_attention.py (PyTorch's attention on the attention tables' cases, "
       "same machine)");
   app.add_option("--attention-prompts", a->attention_prompts,
-                 "Prefill attention table: prompt lengths, comma-separated (empty: no table)");
+                 "Prefill attention table: prompt lengths, comma-separated (none: no table)");
   app.add_option(
          "--decode-split-tokens", a->decode_split_tokens,
          "Positions a decode attention block takes (CudaModelOptions::decode_split_tokens, a multiple of "

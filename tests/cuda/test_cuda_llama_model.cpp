@@ -2039,6 +2039,8 @@ TEST(CudaLlamaModelCli, BenchGpuRefusesBadAttentionListsBeforeTimingAnything) {
            {"--attention-batches 0,8", "--attention-batches needs positive whole numbers"},
            {"--attention-batches 1,70000", "--attention-batches: 70000 sequences, more than the 65535"},
            {"--attention-prompts 512,0", "--attention-prompts needs positive whole numbers"},
+           {"--attention-prompts none --attention-contexts 128,abc",
+            "'abc' in '128,abc' is not a whole number"},
            {"--attention-contexts 128,4k", "'4k' in '128,4k' is not a whole number"},
            {"--attention-contexts 3 --attention-queries 1,5",
             "--attention-contexts: 3 positions cannot hold 5"}}) {

@@ -34,10 +34,15 @@ constexpr float kStagedMax = 64.0f;  // |x| bound for the fp16 sums (int4_unit_h
 // word e from the inputs input_of(e) .. + 3 (the low nibbles') and input_of(e) + HiOffset .. + 3 (the
 // high nibbles'), then scales them all by 2^-shift so that |x| <= kStagedMax (exact, unless a value
 // goes subnormal) and returns shift, the same in every thread (the caller undoes it in fp32). Every
-// thread of the block calls it; the caller's barrier after it publishes the scaled words.
+// thread of the block calls it; the caller's barrier after it publishes the scaled words. It is the
+// kernel's first read of x, which comes from the previous kernel: it waits for that kernel first (a
+// programmatic launch), and lets the next kernel's blocks be placed (they wait for this one). The caller
+// issues its first weight loads before it (they never come from an earlier kernel).
 template <int HiOffset, typename InputOf>
 __device__ int stage_activations(const __half* __restrict__ x, unsigned entries, InputOf input_of, uint4* xs,
                                  unsigned& max_abs_bits) {
+  detail::wait_for_prior_grids();
+  detail::allow_dependent_launch();
   if (threadIdx.x == 0) max_abs_bits = 0;
   __syncthreads();  // max_abs_bits is 0 before any thread raises it
   unsigned local_max = 0;
@@ -306,12 +311,10 @@ __global__ void __launch_bounds__(Warps* kWarpSize, MinBlocks)
       for (int r = 0; r < kRowsPerWarp; ++r) detail::prefetch_l2(units[r] + 7 * lane);  // unit 8 lane
     }
   };
-  // The weights never come from an earlier kernel: the first ones are on their way before the wait.
+  // The weights never come from an earlier kernel: the first ones are on their way before the staging
+  // waits for the kernel that wrote x.
   start_rows(warp);
   load(0);
-  detail::wait_for_prior_grids();  // x comes from the previous kernel
-  // Blocks of the next kernel, launched programmatically, may be placed now: they wait for us.
-  detail::allow_dependent_launch();
   // Word e = i * nb + u: word i of unit u, inputs 4i .. 4i + 3 and 4i + 16 .. 4i + 19
   // (w4a16::int4_half2_staged_input).
   const int shift = stage_activations<16>(
@@ -416,9 +419,7 @@ __global__ void __launch_bounds__(kThreads)
         detail::prefetch_l2(next[r] - (lane / 4) * kQ4KSuperBlockBytes + 128 * lane);
     }
   };
-  load(0);
-  detail::wait_for_prior_grids();  // x comes from the previous kernel
-  detail::allow_dependent_launch();
+  load(0);  // before the staging's wait for the kernel that wrote x
   // Word e = p * chunks + C: piece h = p / 4, word i = p % 4 of chunk C: inputs 64C + 16h + 4i .. + 3
   // (low nibbles, sub-block 2C) and those + 32 (high nibbles, sub-block 2C + 1).
   const int shift = stage_activations<32>(
@@ -515,9 +516,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int r = 0; r < kRowsPerWarp; ++r) next[r] += kWarpSize * kQ6KBatch;
   };
-  load(0);
-  detail::wait_for_prior_grids();  // x comes from the previous kernel
-  detail::allow_dependent_launch();
+  load(0);  // before the staging's wait for the kernel that wrote x
   // Word e = p * pieces + P: plane p / 4 (ql_lo: quarters 0 and 2, ql_hi: 1 and 3), word i = p % 4 of
   // piece P = 4B + 2h + s: inputs 256B + 128h + 16s + 32 (p / 4) + 4i .. + 3 and those + 64.
   const int shift = stage_activations<64>(

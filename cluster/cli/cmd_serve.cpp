@@ -144,6 +144,21 @@ worker::Int4Layout worker_int4_layout(cluster::Int4LayoutChoice choice) {
   return worker::Int4Layout::rows;
 }
 
+// The GPU models' options from a job's keys (the target's shard and the draft next to the sampler alike).
+// graphs: not with a host reducer (see CudaModelOptions), which the model itself sees to.
+worker::CudaModelOptions gpu_model_options(const cluster::ClusterConfig& config, int device) {
+  worker::CudaModelOptions options;
+  options.device = device;
+  options.int4_kernels = worker_int4_kernels(config.int4_kernels);
+  options.int4_layout = worker_int4_layout(config.int4_layout);
+  options.cutlass_gemm = config.cutlass_gemm;
+  options.int8_activations = config.int8_activations;
+  options.graphs = config.cuda_graphs;
+  options.mma_prefill_attention = config.tensor_core_prefill_attention;
+  options.decode_split_tokens = config.decode_split_tokens;
+  return options;
+}
+
 extern "C" void on_terminate(int) { cluster::Coordinator::request_abort(); }
 
 int serve(const std::string& config_path) {
@@ -299,16 +314,8 @@ int serve(const std::string& config_path) {
         const worker::LayerRange range{static_cast<int64_t>(layers.begin),
                                        static_cast<int64_t>(layers.end())};
         if (gpu_rank) {
-          worker::CudaModelOptions options;
-          options.device = device;
-          options.int4_kernels = worker_int4_kernels(config.int4_kernels);
-          options.int4_layout = worker_int4_layout(config.int4_layout);
-          options.cutlass_gemm = config.cutlass_gemm;
-          options.int8_activations = config.int8_activations;
-          options.graphs = config.cuda_graphs;  // not with a host reducer (see CudaModelOptions)
-          options.mma_prefill_attention = config.tensor_core_prefill_attention;
-          options.decode_split_tokens = config.decode_split_tokens;
-          gpu_model = std::make_unique<worker::CudaLlamaModel>(file, options, shard, reducer.get(), range);
+          gpu_model = std::make_unique<worker::CudaLlamaModel>(file, gpu_model_options(config, device), shard,
+                                                               reducer.get(), range);
         } else {
           model = std::make_unique<worker::LlamaModel>(file, shard, reducer.get(), range);
           num_blocks =
@@ -318,17 +325,8 @@ int serve(const std::string& config_path) {
         pool = std::make_unique<kernels::ThreadPool>(threads);
         if (sampling_rank && config.draft.has_value() && !config.draft_has_own_rank()) {
           if (gpu_rank) {
-            worker::CudaModelOptions options;
-            options.device = device;
-            options.int4_kernels = worker_int4_kernels(config.int4_kernels);
-            options.int4_layout = worker_int4_layout(config.int4_layout);
-            options.cutlass_gemm = config.cutlass_gemm;
-            options.int8_activations = config.int8_activations;
-            options.graphs = config.cuda_graphs;
-            options.mma_prefill_attention = config.tensor_core_prefill_attention;
-            options.decode_split_tokens = config.decode_split_tokens;
             gpu_draft = std::make_unique<worker::CudaLlamaModel>(
-                model::LlamaCheckpoint::open(config.draft->path), options);
+                model::LlamaCheckpoint::open(config.draft->path), gpu_model_options(config, device));
           } else {
             draft = worker::LlamaModel::load(config.draft->path);
           }

@@ -368,9 +368,10 @@ class GgufParser {
     } else if (!is_signed_type(a.type)) {
       fail("general.alignment is " + type_label(a.type) + ", expected an integer");
     }
-    if (!is_power_of_two(alignment) || alignment > (uint64_t{1} << 30)) {
+    // The format asks for a multiple of 8, which keeps every tensor's elements aligned in the mapping.
+    if (!is_power_of_two(alignment) || alignment < 8 || alignment > (uint64_t{1} << 30)) {
       fail("general.alignment = " + std::to_string(alignment) +
-           " is not a power of two (between 1 and 2^30)");
+           " is not a power of two between 8 and 2^30 (GGUF asks for a multiple of 8)");
     }
     file_.alignment_ = alignment;
   }
@@ -815,8 +816,8 @@ void GgufWriter::write(const std::string& path) const {
   for (const auto& [key, value] : metadata_) {
     if (key != "general.alignment") continue;
     const auto a = as_uint(value);
-    if (!a || !is_power_of_two(*a) || *a > (uint64_t{1} << 30)) {
-      writer_error("general.alignment must be an integer power of two");
+    if (!a || !is_power_of_two(*a) || *a < 8 || *a > (uint64_t{1} << 30)) {
+      writer_error("general.alignment must be an integer power of two between 8 and 2^30");
     }
     alignment = *a;
   }

@@ -1,5 +1,6 @@
 #include "model/llama_config.hpp"
 
+#include <limits>
 #include <nlohmann/json.hpp>
 
 #include "model/hf_checkpoint.hpp"
@@ -25,8 +26,15 @@ LlamaConfig LlamaConfig::from_gguf(const GgufFile& file) {
   c.n_head_kv = file.has(a + "attention.head_count_kv") ? positive(a + "attention.head_count_kv") : c.n_head;
   c.n_ff = positive(a + "feed_forward_length");
   c.n_ctx_train = file.has(a + "context_length") ? positive(a + "context_length") : 2048;
-  c.rope_base = static_cast<float>(file.find_float(a + "rope.freq_base").value_or(10000.0));
-  c.rms_eps = static_cast<float>(file.find_float(a + "attention.layer_norm_rms_epsilon").value_or(1e-5));
+  // Checked as read: a double past float's range does not convert to a float at all.
+  const double rope_base = file.find_float(a + "rope.freq_base").value_or(10000.0);
+  const double rms_eps = file.find_float(a + "attention.layer_norm_rms_epsilon").value_or(1e-5);
+  if (!(rope_base > 0.0 && rope_base <= std::numeric_limits<float>::max()) ||
+      !(rms_eps > 0.0 && rms_eps <= std::numeric_limits<float>::max())) {
+    throw GgufError(file.path() + ": rope base and rms epsilon must be positive and finite");
+  }
+  c.rope_base = static_cast<float>(rope_base);
+  c.rms_eps = static_cast<float>(rms_eps);
 
   if (c.n_embd % c.n_head != 0)
     throw GgufError(file.path() + ": embedding_length is not a multiple of head_count");
@@ -37,8 +45,16 @@ LlamaConfig LlamaConfig::from_gguf(const GgufFile& file) {
   if (c.rope_dims > c.head_dim || c.rope_dims % 2 != 0) {
     throw GgufError(file.path() + ": rope.dimension_count must be even and at most the head size");
   }
-  if (c.rope_base <= 0.0f || c.rms_eps <= 0.0f)
-    throw GgufError(file.path() + ": rope base and rms epsilon must be positive");
+  // A block count the file cannot back is refused before anything is sized by it: every layer has
+  // its norm tensor, and nine tensors in all (so the search ends within the file's tensor count).
+  const auto layers_in_reach = static_cast<int64_t>(file.tensors().size() / 9);
+  for (int64_t i = 0; i < c.n_layer; ++i) {
+    const std::string norm = "blk." + std::to_string(i) + ".attn_norm.weight";
+    if (i >= layers_in_reach || file.find_tensor(norm) == nullptr) {
+      throw GgufError(file.path() + ": " + a + "block_count = " + std::to_string(c.n_layer) +
+                      ", but tensor '" + norm + "' is missing");
+    }
+  }
 
   const GgufTensorInfo* embd = file.find_tensor("token_embd.weight");
   if (embd == nullptr) throw GgufError(file.path() + ": tensor 'token_embd.weight' is missing");
@@ -94,14 +110,27 @@ LlamaConfig LlamaConfig::from_hf(const HfCheckpoint& checkpoint) {
   LlamaConfig c;
   c.n_embd = positive("hidden_size");
   c.n_layer = positive("num_hidden_layers");
+  // A layer count the checkpoint cannot back is refused before anything is sized by it: every layer
+  // has its norm tensor, and nine tensors at least (so the search ends within the tensor count).
+  const auto layers_in_reach = static_cast<int64_t>(checkpoint.tensors().size() / 9);
+  for (int64_t i = 0; i < c.n_layer; ++i) {
+    const std::string norm = "model.layers." + std::to_string(i) + ".input_layernorm.weight";
+    if (i >= layers_in_reach || checkpoint.tensors().count(norm) == 0) {
+      throw fail("num_hidden_layers",
+                 "= " + std::to_string(c.n_layer) + ", but tensor '" + norm + "' is missing");
+    }
+  }
   c.n_head = positive("num_attention_heads");
   c.n_head_kv = present("num_key_value_heads") ? positive("num_key_value_heads") : c.n_head;
   c.n_ff = positive("intermediate_size");
   c.n_vocab = positive("vocab_size");
   c.n_ctx_train = positive("max_position_embeddings");
   if (!present("rms_norm_eps")) throw fail("rms_norm_eps", "is missing");
-  c.rms_eps = static_cast<float>(number(j["rms_norm_eps"], "rms_norm_eps"));
-  if (!(c.rms_eps > 0.0f)) throw fail("rms_norm_eps", "must be positive");
+  // Checked as read: a double past float's range does not convert to a float at all.
+  const auto positive_float = [&](double v) { return v > 0.0 && v <= std::numeric_limits<float>::max(); };
+  const double rms_eps = number(j["rms_norm_eps"], "rms_norm_eps");
+  if (!positive_float(rms_eps)) throw fail("rms_norm_eps", "must be positive and finite");
+  c.rms_eps = static_cast<float>(rms_eps);
 
   // RoPE: rope_theta (transformers 4), or rope_parameters.rope_theta (transformers 5). Only plain
   // RoPE is implemented: any scaling (linear, dynamic, llama3, yarn) would change the logits.
@@ -117,8 +146,8 @@ LlamaConfig LlamaConfig::from_hf(const HfCheckpoint& checkpoint) {
     }
     if (r.contains("rope_theta")) theta = number(r["rope_theta"], std::string(key) + ".rope_theta");
   }
+  if (!positive_float(theta)) throw fail("rope_theta", "must be positive and finite");
   c.rope_base = static_cast<float>(theta);
-  if (!(c.rope_base > 0.0f)) throw fail("rope_theta", "must be positive");
 
   if (c.n_head % c.n_head_kv != 0)
     throw fail("num_attention_heads", "is not a multiple of num_key_value_heads");

@@ -281,6 +281,29 @@ TEST(ClusterConfig, SyntaxErrorsAndEmptyFiles) {
   expect_error("model:\n  path: m\n parallel: 2\n", "", 3, {"YAML syntax error"});
   expect_error("- model\n- parallel\n", "", 1, {"expected a mapping of keys at the top level, got a list"});
   expect_error("model: {path: m}\n---\nmodel: {path: n}\n", "", 3, {"one YAML document"});
+  // Fuzzing's find: yaml-cpp 0.7's LoadAll never returned on a stray ',' (an endless run of empty
+  // documents, allocating); Load reads it as an empty document.
+  expect_error(",", "", 1, {"YAML syntax error: no document could be read, yet the line holds ','"});
+  expect_error("# a comment\n, model: {path: m}\n", "", 2, {"YAML syntax error", "', model: {path: m}'"});
+}
+
+// Fuzzing's find: yaml-cpp reads any bytes, and a listen address holding a control byte and invalid
+// UTF-8 rendered back (the start-up log's rendering) as a different configuration. A binary file
+// given as the config is refused the same way.
+TEST(ClusterConfig, TextMustBeUtf8WithoutControlCharacters) {
+  expect_error("model:\n  path: m\xff.gguf\n", "", 2, {"byte 0xff at line 2, column 10 is not UTF-8"});
+  expect_error("model: {path: m}\nserver:\n  listen: \"tcp://127.0.0.1:5555\x02\"\n", "", 3,
+               {"control character U+0002 at line 3, column 32 is not allowed"});
+  expect_error(std::string("GGUF\x03\0\0\0", 8), "", 1, {"control character U+0003 at line 1, column 5"});
+  expect_error("model: {path: m}\n# \xc0\xaf overlong\n", "", 2,
+               {"byte 0xc0 at line 2, column 3 is not UTF-8"});
+  expect_error("model: {path: m}\n# \xed\xa0\x80 a surrogate\n", "", 2, {"byte 0xed", "is not UTF-8"});
+  expect_error("model: {path: m}\n# \xc2\x9b a C1 control\n", "", 2, {"control character U+009B"});
+  // Tabs in comments, CR LF line ends and text beyond ASCII are fine.
+  EXPECT_EQ(
+      parse_cluster_config("# caf\xc3\xa9\t\xe2\x9c\x93\r\nmodel:\r\n  path: m\xc3\xa9.gguf\r\n", "t.yaml")
+          .model.path,
+      "m\xc3\xa9.gguf");
 }
 
 TEST(ClusterConfig, RenderRoundTrips) {
@@ -295,6 +318,16 @@ TEST(ClusterConfig, RenderRoundTrips) {
   EXPECT_NE(rendered.find("micro_batches: 2"), std::string::npos) << rendered;
   EXPECT_NE(rendered.find("memory_fraction: 0.9\n"), std::string::npos) << rendered;
   EXPECT_EQ(parse_cluster_config(rendered, "rendered"), full) << rendered;
+
+  // Fuzzing's find: a path folded from two lines, ending in "    [", was written as a plain scalar
+  // that read back as something else; paths and the endpoint are now written double-quoted.
+  const ClusterConfig odd_path = parse_cluster_config(
+      "model:\n  path: ../build pe \n   One host,p    [\r\r\r\r\nserver: {listen: 'tcp://h:1 # x'}\n",
+      "odd.yaml");
+  EXPECT_EQ(odd_path.model.path.rfind("../build pe One host,p    [", 0), 0u) << odd_path.model.path;
+  EXPECT_EQ(odd_path.server.listen, "tcp://h:1 # x");
+  const std::string rendered_odd = render_cluster_config(odd_path);
+  EXPECT_EQ(parse_cluster_config(rendered_odd, "rendered"), odd_path) << rendered_odd;
 
   const ClusterConfig tiles =
       parse_cluster_config("model: {path: m.gguf}\ndevice: cuda\nint4_layout: tiles\n", "tiles.yaml");

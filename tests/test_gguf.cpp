@@ -14,6 +14,7 @@
 
 #include "kernels/quantize.hpp"
 #include "model/gguf.hpp"
+#include "model/llama_config.hpp"
 #include "model/random_model.hpp"
 #include "tests/support/test_support.hpp"
 
@@ -442,6 +443,10 @@ TEST_F(GgufBadFile, AlignmentNotPowerOfTwo) {
   RawGguf zero;
   zero.header(0, 1).kv_u32("general.alignment", 0);
   expect_error("align0.gguf", zero, {"power of two"});
+  // Fuzzing's find: an alignment of 1 let an F16 tensor start at an odd address.
+  RawGguf one;
+  one.header(0, 1).kv_u32("general.alignment", 1);
+  expect_error("align1.gguf", one, {"general.alignment = 1", "between 8 and 2^30"});
   RawGguf text;
   text.header(0, 1).str("general.alignment").u32(uint32_t(T::STRING)).str("32");
   expect_error("aligntext.gguf", text, {"general.alignment", "STRING"});
@@ -680,6 +685,57 @@ TEST(GgufFixtures, BitFlippedFixturesNeverCrash) {
   for (const fs::path& path : fixture_ggufs(fixtures))
     check_bit_flips(path, dir.path() / "flip.gguf", 300, seed++);
   EXPECT_LT(max_rss_kb() - rss_before, 1024 * 1024) << "corrupt metadata caused a huge allocation";
+}
+
+// A model's hyperparameters come from its metadata: values its tensors cannot back are refused by
+// name before anything is sized by them (fuzzing found a block_count of 2^31 that made room for as
+// many layers before the first missing tensor was noticed).
+TEST(GgufLlamaConfig, RefusesHyperparametersTheFileCannotBack) {
+  test::TempDir dir;
+  const fs::path good = dir.path() / "good.gguf";
+  write_random_llama(good.string(), llama_shape_by_name("tiny"), DType::Q4_0, 1);
+  const auto file = GgufFile::open(good.string());
+  EXPECT_EQ(LlamaConfig::from_gguf(*file).n_layer, 2);
+  // The file again with one metadata value changed.
+  const auto changed = [&](const std::string& key, const GgufValue& value) {
+    GgufWriter writer;
+    for (const auto& [name, original] : file->metadata()) writer.set(name, name == key ? value : original);
+    for (const GgufTensorInfo& tensor : file->tensors()) {
+      const uint8_t* data = file->tensor_data(tensor);
+      writer.add_tensor(tensor.name, tensor.dims, tensor.type,
+                        std::vector<uint8_t>(data, data + tensor.size_bytes));
+    }
+    const fs::path path = dir.path() / "changed.gguf";
+    writer.write(path.string());
+    return GgufFile::open(path.string());
+  };
+  struct Case {
+    const char* key;
+    GgufValue value;
+    std::vector<const char*> words;
+  };
+  const Case cases[] = {
+      {"llama.block_count",
+       V::make_uint(T::UINT32, 1u << 31),
+       {"llama.block_count = 2147483648, but tensor 'blk.2.attn_norm.weight' is missing"}},
+      {"llama.block_count",
+       V::make_uint(T::UINT32, 3),
+       {"llama.block_count = 3, but tensor 'blk.2.attn_norm.weight' is missing"}},
+      {"llama.rope.freq_base", V::make_float(T::FLOAT32, std::nan("")), {"must be positive and finite"}},
+      {"llama.rope.freq_base", V::make_float(T::FLOAT32, INFINITY), {"must be positive and finite"}},
+      {"llama.attention.layer_norm_rms_epsilon", V::make_float(T::FLOAT32, -1e-5), {"must be positive"}},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.key);
+    const auto bad = changed(c.key, c.value);
+    try {
+      (void)LlamaConfig::from_gguf(*bad);
+      ADD_FAILURE() << "accepted";
+    } catch (const GgufError& e) {
+      for (const char* word : c.words)
+        EXPECT_NE(std::string(e.what()).find(word), std::string::npos) << e.what();
+    }
+  }
 }
 
 }  // namespace

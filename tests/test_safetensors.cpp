@@ -319,6 +319,15 @@ TEST_F(HfCheckpointErrors, BadConfigKeys) {
        {"key 'rope_parameters'", "not supported"}},
       {"rope_scaling", {{"type", "linear"}, {"factor", 2.0}}, {"key 'rope_scaling'", "not supported"}},
       {"head_dim", 15, {"key 'head_dim' must be even"}},
+      // Fuzzing's find on the GGUF side: a layer count the checkpoint cannot hold, refused before
+      // anything is sized by it.
+      {"num_hidden_layers",
+       1000000,
+       {"key 'num_hidden_layers' = 1000000, but tensor 'model.layers.2.input_layernorm.weight' is missing"}},
+      {"rope_parameters",
+       {{"rope_type", "default"}, {"rope_theta", 1e300}},
+       {"key 'rope_theta' must be positive and finite"}},
+      {"rms_norm_eps", -1e-6, {"key 'rms_norm_eps' must be positive and finite"}},
   };
   for (const Case& c : cases) {
     SCOPED_TRACE(std::string(c.key) + " = " + c.value.dump());

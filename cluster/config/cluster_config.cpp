@@ -1,10 +1,12 @@
 #include "cluster/config/cluster_config.hpp"
 
+#include <yaml-cpp/eventhandler.h>
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
 #include <charconv>
 #include <cmath>
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <initializer_list>
@@ -13,6 +15,7 @@
 #include <sstream>
 #include <string_view>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace nibble::cluster {
@@ -462,25 +465,148 @@ bool ClusterConfig::operator==(const ClusterConfig& other) const {
          context == other.context;
 }
 
+// YAML text is Unicode in UTF-8, of printable characters only (YAML 1.2, 5.1: tab, line breaks and
+// no other C0 or C1 control). yaml-cpp reads whatever bytes come, so a binary file given as the
+// config (a .gguf, say) or a stray control byte would otherwise surface as odd keys or values.
+namespace {
+void check_yaml_text(std::string_view text, const Reader& reader) {
+  int line = 1;
+  size_t line_start = 0;
+  for (size_t i = 0; i < text.size();) {
+    const auto lead = static_cast<unsigned char>(text[i]);
+    const size_t length = lead < 0x80           ? 1
+                          : (lead >> 5) == 0x6  ? 2
+                          : (lead >> 4) == 0xe  ? 3
+                          : (lead >> 3) == 0x1e ? 4
+                                                : 0;
+    uint32_t code = length == 1   ? lead
+                    : length == 2 ? lead & 0x1fu
+                    : length == 3 ? lead & 0x0fu
+                                  : lead & 0x07u;
+    bool valid = length != 0 && i + length <= text.size();
+    for (size_t k = 1; valid && k < length; ++k) {
+      const auto next = static_cast<unsigned char>(text[i + k]);
+      valid = (next >> 6) == 0x2;
+      code = (code << 6) | (next & 0x3fu);
+    }
+    static constexpr uint32_t kSmallest[] = {0, 0, 0x80, 0x800, 0x10000};  // shorter forms are overlong
+    valid = valid && code >= kSmallest[length] && code <= 0x10ffff && (code < 0xd800 || code > 0xdfff);
+    const std::string where =
+        " at line " + std::to_string(line) + ", column " + std::to_string(i - line_start + 1);
+    if (!valid) {
+      char hex[8];
+      std::snprintf(hex, sizeof hex, "0x%02x", lead);
+      reader.fail("", line,
+                  "byte " + std::string(hex) + where + " is not UTF-8: a configuration is UTF-8 YAML text");
+    }
+    const bool printable = code == '\t' || code == '\n' || code == '\r' ||
+                           (code >= 0x20 && code != 0x7f && (code < 0x80 || code > 0x9f || code == 0x85));
+    if (!printable) {
+      char hex[16];
+      std::snprintf(hex, sizeof hex, "U+%04X", static_cast<unsigned>(code));
+      reader.fail("", line, "control character " + std::string(hex) + where + " is not allowed in YAML text");
+    }
+    if (code == '\n') {
+      ++line;
+      line_start = i + 1;
+    }
+    i += length;
+  }
+}
+// yaml-cpp 0.7 (Debian 12's) never returns from LoadAll on some malformed streams: a lone ',' reads
+// as an endless run of empty documents, each one allocated (jbeder/yaml-cpp#1040, fixed upstream by
+// stopping at the first empty document; fuzzing found it here). The documents are counted here with
+// that fix, up to the second, and the one document is then read by YAML::Load.
+class DocumentCounter : public YAML::EventHandler {
+ public:
+  void OnDocumentStart(const YAML::Mark&) override {
+    depth_ = 0;
+    root_is_null = false;
+  }
+  void OnDocumentEnd() override {}
+  void OnNull(const YAML::Mark& mark, YAML::anchor_t) override {
+    if (depth_ == 0) root_is_null = true;
+    at_node(mark);
+  }
+  void OnAlias(const YAML::Mark& mark, YAML::anchor_t) override { at_node(mark); }
+  void OnScalar(const YAML::Mark& mark, const std::string&, YAML::anchor_t, const std::string&) override {
+    at_node(mark);
+  }
+  void OnSequenceStart(const YAML::Mark& mark, const std::string&, YAML::anchor_t,
+                       YAML::EmitterStyle::value) override {
+    at_node(mark);
+    ++depth_;
+  }
+  void OnSequenceEnd() override { --depth_; }
+  void OnMapStart(const YAML::Mark& mark, const std::string&, YAML::anchor_t,
+                  YAML::EmitterStyle::value) override {
+    at_node(mark);
+    ++depth_;
+  }
+  void OnMapEnd() override { --depth_; }
+
+  int root_line = 0;  // the line of the document's root node
+  bool root_is_null = false;
+
+ private:
+  void at_node(const YAML::Mark& mark) {
+    if (depth_ == 0) root_line = mark.line + 1;
+  }
+  int depth_ = 0;
+};
+
+struct DocumentCount {
+  int documents = 0;    // before the first empty one, at most 2
+  int second_line = 0;  // where the second starts
+};
+
+// The first line that is not blank, a comment or a document marker, and its number (0 for none).
+std::pair<int, std::string> first_content_line(const std::string& text) {
+  std::istringstream lines(text);
+  std::string line;
+  for (int number = 1; std::getline(lines, line); ++number) {
+    const size_t begin = line.find_first_not_of(" \t\r");
+    if (begin == std::string::npos || line[begin] == '#') continue;
+    const std::string content = line.substr(begin, line.find_last_not_of(" \t\r") + 1 - begin);
+    if (content == "---" || content == "..." || content[0] == '%') continue;
+    return {number, content};
+  }
+  return {0, {}};
+}
+
+DocumentCount count_documents(const std::string& text) {
+  std::istringstream stream(text);
+  YAML::Parser parser(stream);
+  DocumentCounter counter;
+  DocumentCount count;
+  while (count.documents < 2 && parser.HandleNextDocument(counter) && !counter.root_is_null) {
+    if (++count.documents == 2) count.second_line = counter.root_line;
+  }
+  return count;
+}
+}  // namespace
+
 ClusterConfig parse_cluster_config(const std::string& yaml_text, const std::string& source_name) {
   const Reader reader(source_name);
-  std::vector<YAML::Node> documents;
+  check_yaml_text(yaml_text, reader);
+  YAML::Node root;
   try {
-    documents = YAML::LoadAll(yaml_text);
+    const DocumentCount count = count_documents(yaml_text);
+    if (count.documents == 0) {
+      // No document, yet maybe text: yaml-cpp reads a stray ',' before any key as an empty document.
+      const auto [line, text] = first_content_line(yaml_text);
+      if (line == 0) reader.fail("", 1, "the configuration is empty (model.path at least is required)");
+      reader.fail("", line,
+                  "YAML syntax error: no document could be read, yet the line holds '" + text + "'");
+    }
+    if (count.documents > 1) reader.fail("", count.second_line, "expected one YAML document, found another");
+    root = YAML::Load(yaml_text);  // reads the first document only
   } catch (const YAML::ParserException& error) {
     reader.fail("", error.mark.line + 1,
                 "YAML syntax error: " + error.msg + " at column " + std::to_string(error.mark.column + 1));
   } catch (const YAML::Exception& error) {
     reader.fail("", error.mark.line + 1, std::string("YAML error: ") + error.msg);
   }
-  if (documents.empty() || (documents.size() == 1 && documents[0].IsNull())) {
-    reader.fail("", 1, "the configuration is empty (model.path at least is required)");
-  }
-  if (documents.size() > 1) {
-    reader.fail("", line_of(documents[1]),
-                "expected one YAML document, found " + std::to_string(documents.size()));
-  }
-  const YAML::Node& root = documents[0];
   if (!root.IsMap())
     reader.fail("", line_of(root), "expected a mapping of keys at the top level, got " + describe(root));
 
@@ -512,15 +638,17 @@ ClusterConfig load_cluster_config(const std::string& path) {
 }
 
 std::string render_cluster_config(const ClusterConfig& config) {
+  // Free-form strings (paths, the endpoint) are written double-quoted: yaml-cpp writes some plain
+  // scalars it then reads back differently (fuzzing found "a    [" followed by carriage returns).
   YAML::Emitter out;
   out << YAML::Comment("effective configuration" + (config.source.empty() ? "" : " from " + config.source));
   out << YAML::BeginMap;
   out << YAML::Key << "model" << YAML::Value << YAML::BeginMap;
-  out << YAML::Key << "path" << YAML::Value << config.model.path;
+  out << YAML::Key << "path" << YAML::Value << YAML::DoubleQuoted << config.model.path;
   out << YAML::EndMap;
   if (config.draft) {
     out << YAML::Key << "draft" << YAML::Value << YAML::BeginMap;
-    out << YAML::Key << "path" << YAML::Value << config.draft->path;
+    out << YAML::Key << "path" << YAML::Value << YAML::DoubleQuoted << config.draft->path;
     out << YAML::Key << "max_draft_tokens" << YAML::Value << config.draft->max_draft_tokens;
     out << YAML::Key << "adaptive" << YAML::Value << config.draft->adaptive;
     out << YAML::Key << "placement" << YAML::Value << draft_placement_name(config.draft->placement);
@@ -547,7 +675,7 @@ std::string render_cluster_config(const ClusterConfig& config) {
     out << "auto";
   }
   out << YAML::Key << "server" << YAML::Value << YAML::BeginMap;
-  out << YAML::Key << "listen" << YAML::Value << config.server.listen;
+  out << YAML::Key << "listen" << YAML::Value << YAML::DoubleQuoted << config.server.listen;
   out << YAML::Key << "max_queue" << YAML::Value << config.server.max_queue;
   out << YAML::Key << "max_message_bytes" << YAML::Value << config.server.max_message_bytes;
   out << YAML::Key << "step_timeout_ms" << YAML::Value << config.server.step_timeout_ms;

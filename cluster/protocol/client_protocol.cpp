@@ -29,6 +29,9 @@ template <class... Fs>
 struct Overloaded : Fs... {
   using Fs::operator()...;
 };
+// clang before 17 does not deduce an aggregate's template arguments by itself.
+template <typename... Fs>
+Overloaded(Fs...) -> Overloaded<Fs...>;
 
 // std::string::c_str() is NUL-terminated, as kj::StringPtr requires.
 kj::StringPtr as_text(const std::string& s) { return kj::StringPtr(s.c_str(), s.size()); }

@@ -1,0 +1,544 @@
+#include "tests/fuzz/fuzz_targets.hpp"
+
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <memory>
+#include <mutex>
+#include <sstream>
+#include <variant>
+
+#include "cluster/config/cluster_config.hpp"
+#include "cluster/protocol/client_protocol.hpp"
+#include "cluster/protocol/worker_protocol.hpp"
+#include "kernels/thread_pool.hpp"
+#include "model/gguf.hpp"
+#include "model/hf_checkpoint.hpp"
+#include "model/hf_tokenizer.hpp"
+#include "model/random_model.hpp"
+#include "model/safetensors.hpp"
+#include "model/tokenizer.hpp"
+#include "model/unicode_utf8.hpp"
+#include "tests/support/test_support.hpp"
+#include "worker/generator.hpp"
+#include "worker/kv_cache.hpp"
+#include "worker/llama_model.hpp"
+
+namespace nibble::fuzz {
+namespace {
+
+namespace fs = std::filesystem;
+
+void require(bool holds, const std::string& what) {
+  if (!holds) throw PropertyBroken(what);
+}
+
+std::vector<uint8_t> bytes_of(std::string_view text) { return {text.begin(), text.end()}; }
+
+std::vector<uint8_t> read_bytes(const fs::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+}
+
+// The readers take a path (they map the file): the input goes into an anonymous in-memory file,
+// named through /proc, so that fuzzing does not wear the disk.
+class InputFile {
+ public:
+  InputFile() : fd_(memfd_create("nibble-fuzz-input", 0)) {
+    if (fd_ < 0) throw std::runtime_error("memfd_create failed");
+  }
+  ~InputFile() { close(fd_); }
+  InputFile(const InputFile&) = delete;
+  InputFile& operator=(const InputFile&) = delete;
+
+  std::string write(std::span<const uint8_t> input) {
+    if (ftruncate(fd_, 0) != 0 ||
+        pwrite(fd_, input.data(), input.size(), 0) != static_cast<ssize_t>(input.size())) {
+      throw std::runtime_error("writing the fuzz input failed");
+    }
+    return "/proc/self/fd/" + std::to_string(fd_);
+  }
+
+ private:
+  int fd_;
+};
+
+InputFile& input_file() {
+  static InputFile file;
+  return file;
+}
+
+// A folder for readers that want one (an HF tokenizer); removed at exit.
+const test::TempDir& scratch_dir() {
+  static const test::TempDir dir;
+  return dir;
+}
+
+// ------------------------------------------------------------------ GGUF model
+
+Outcome run_gguf_model(std::span<const uint8_t> input) {
+  const std::string path = input_file().write(input);
+  std::unique_ptr<worker::LlamaModel> model;
+  std::shared_ptr<const model::Tokenizer> tokenizer;
+  try {
+    model = worker::LlamaModel::load(path);
+    tokenizer = model::Tokenizer::from_gguf(model->file());
+  } catch (const model::GgufError& e) {
+    return {false, e.what()};
+  } catch (const std::invalid_argument& e) {  // a model that cannot be run as described
+    return {false, e.what()};
+  }
+  // A model that loads must run: a short prompt and two greedy tokens.
+  static kernels::ThreadPool pool(1);
+  std::vector<int32_t> prompt = tokenizer->encode("Hello world", tokenizer->add_bos_default());
+  if (prompt.empty()) prompt.push_back(0);
+  for (const int32_t id : prompt) require(id >= 0 && id < tokenizer->n_vocab(), "prompt token out of range");
+  const int64_t trained = model->config().n_ctx_train;
+  const int64_t context = trained > 0 ? std::min<int64_t>(trained, 64) : 64;
+  try {
+    worker::Generator generator(*model, *tokenizer, pool, context);
+    worker::GenerateOptions options;
+    options.max_tokens = 2;
+    options.ignore_eos = true;
+    const worker::GenerateResult result = generator.generate(prompt, options);
+    for (const int32_t id : result.tokens) {
+      require(id >= 0 && id < model->config().n_vocab, "generated token out of the vocabulary");
+    }
+  } catch (const std::invalid_argument& e) {  // e.g. the prompt does not fit a tiny n_ctx
+    return {false, e.what()};
+  }
+  return {true, {}};
+}
+
+std::vector<std::vector<uint8_t>> gguf_model_seeds() {
+  // The smallest models write_random_llama makes, in each matrix type the CPU runs.
+  model::LlamaShape shape;
+  shape.n_embd = 32;
+  shape.n_layer = 1;
+  shape.n_head = 2;
+  shape.n_head_kv = 1;
+  shape.n_ff = 64;
+  shape.n_vocab = 360;
+  shape.n_ctx = 64;
+  std::vector<std::vector<uint8_t>> seeds;
+  const fs::path path = scratch_dir().path() / "seed.gguf";
+  for (const kernels::DType type : {kernels::DType::Q4_0, kernels::DType::Q8_0, kernels::DType::F16}) {
+    model::write_random_llama(path.string(), shape, type, 7);
+    seeds.push_back(read_bytes(path));
+  }
+  return seeds;
+}
+
+// ------------------------------------------------------------------ safetensors
+
+Outcome run_safetensors(std::span<const uint8_t> input) {
+  const std::string path = input_file().write(input);
+  try {
+    const auto file = model::SafetensorsFile::open(path);
+    // Every tensor lies inside the file, in order, and covers exactly its shape's bytes.
+    uint64_t end = 0;
+    for (const model::SafetensorsTensorInfo& tensor : file->tensors()) {
+      require(tensor.offset >= end, "tensors overlap or are out of order");
+      require(file->data_offset() + tensor.offset + tensor.size_bytes <= file->file_size(),
+              "a tensor extends past the end of the file");
+      require(static_cast<uint64_t>(tensor.n_elements) * safetensors_dtype_bytes(tensor.dtype) ==
+                  tensor.size_bytes,
+              "a tensor's size is not its shape's");
+      require(file->find_tensor(tensor.name) == &tensor, "find_tensor does not find a listed tensor");
+      end = tensor.offset + tensor.size_bytes;
+    }
+    return {true, {}};
+  } catch (const model::SafetensorsError& e) {
+    return {false, e.what()};
+  }
+}
+
+std::vector<std::vector<uint8_t>> safetensors_seeds() {
+  const fs::path path = scratch_dir().path() / "seed.safetensors";
+  std::vector<model::SafetensorsTensorData> tensors;
+  tensors.push_back(
+      {"model.embed_tokens.weight", model::SafetensorsDType::BF16, {3, 4}, std::vector<uint8_t>(24, 1)});
+  tensors.push_back({"model.norm.weight", model::SafetensorsDType::F32, {4}, std::vector<uint8_t>(16, 2)});
+  tensors.push_back({"qweight", model::SafetensorsDType::I32, {2, 2}, std::vector<uint8_t>(16, 3)});
+  tensors.push_back({"scalar", model::SafetensorsDType::F16, {}, std::vector<uint8_t>(2, 4)});
+  model::write_safetensors(path.string(), tensors, {{"format", "pt"}});
+  return {read_bytes(path)};
+}
+
+// ------------------------------------------------------------------ client protocol
+
+// Whatever decodes encodes to a frame that decodes to the same frame again (compared as bytes, so
+// that a NaN in a float field does not count as a difference).
+template <typename Message, typename Decode>
+void require_round_trip(const Message& message, Decode decode, const char* what) {
+  const std::vector<uint8_t> once = protocol::encode(message);
+  const std::vector<uint8_t> twice = protocol::encode(decode(std::span<const uint8_t>(once)));
+  require(once == twice, std::string(what) + ": a decoded message does not survive encode and decode");
+}
+
+Outcome run_client_protocol(std::span<const uint8_t> input) {
+  Outcome outcome;
+  const auto decode_request = [](std::span<const uint8_t> frame) {
+    return protocol::decode_client_request(frame);
+  };
+  const auto decode_response = [](std::span<const uint8_t> frame) {
+    return protocol::decode_server_response(frame);
+  };
+  try {
+    require_round_trip(decode_request(input), decode_request, "client request");
+    outcome.accepted = true;
+  } catch (const protocol::ProtocolError& e) {
+    outcome.error = e.what();
+  }
+  try {
+    require_round_trip(decode_response(input), decode_response, "server response");
+    outcome.accepted = true;
+  } catch (const protocol::ProtocolError& e) {
+    if (outcome.error.empty()) outcome.error = e.what();
+  }
+  if (outcome.accepted) outcome.error.clear();
+  return outcome;
+}
+
+std::vector<std::vector<uint8_t>> client_protocol_seeds() {
+  protocol::GenerateRequest text;
+  text.request_id = "r1";
+  text.prompt = std::string("Once upon a time");
+  text.sampling.temperature = 0.7f;
+  text.sampling.top_k = 40;
+  text.sampling.seed = 5;
+  text.stop = {"\n\n", "END"};
+  text.stream = true;
+  protocol::GenerateRequest ids;
+  ids.request_id = "r2";
+  ids.prompt = std::vector<int32_t>{1, 15043, 3186};
+  ids.max_tokens = 8;
+  protocol::Final final;
+  final.request_id = "r1";
+  final.text = "there was";
+  final.tokens = {727, 471};
+  final.prompt_token_ids = {1, 2, 3};
+  final.timings = {1.5, 2.5, 3.5};
+  protocol::Stats stats;
+  stats.queued = 3;
+  stats.draft_accepted = 9;
+  return {protocol::encode(protocol::ClientRequestMsg(text)),
+          protocol::encode(protocol::ClientRequestMsg(ids)),
+          protocol::encode(protocol::ClientRequestMsg(protocol::CancelRequest{"r1"})),
+          protocol::encode(protocol::ClientRequestMsg(protocol::HealthRequest{})),
+          protocol::encode(protocol::ServerResponseMsg(protocol::Delta{"r1", {5, 6}, "ab"})),
+          protocol::encode(protocol::ServerResponseMsg(final)),
+          protocol::encode(protocol::ServerResponseMsg(
+              protocol::Error{"r1", protocol::ErrorCode::bad_request, "prompt: empty"})),
+          protocol::encode(protocol::ServerResponseMsg(stats))};
+}
+
+// ------------------------------------------------------------------ worker protocol
+
+Outcome run_worker_protocol(std::span<const uint8_t> input) {
+  Outcome outcome;
+  const auto attempt = [&](auto decode, const char* what) {
+    try {
+      require_round_trip(decode(input), decode, what);
+      outcome.accepted = true;
+    } catch (const protocol::ProtocolError& e) {
+      if (outcome.error.empty()) outcome.error = e.what();
+    }
+  };
+  attempt([](std::span<const uint8_t> frame) { return protocol::decode_worker_step(frame); }, "worker step");
+  attempt([](std::span<const uint8_t> frame) { return protocol::decode_step_result(frame); }, "step result");
+  attempt([](std::span<const uint8_t> frame) { return protocol::decode_draft_request(frame); },
+          "draft request");
+  attempt([](std::span<const uint8_t> frame) { return protocol::decode_draft_reply(frame); }, "draft reply");
+  if (outcome.accepted) outcome.error.clear();
+  return outcome;
+}
+
+std::vector<std::vector<uint8_t>> worker_protocol_seeds() {
+  protocol::WorkerStep step;
+  step.step_id = 12;
+  step.new_sequences.push_back({7, 0.8f, 40, 0.95f, 0.0f, 1.1f, 64, 99});
+  step.released = {3};
+  step.entries.push_back({7, 0, 0, {1, 2, 3, 4}, true, 0});
+  step.entries.push_back({8, 1, 16, {5, 6, 7}, true, 2});
+  step.block_tables = {0, 1, 2, 3};
+  step.max_blocks_per_seq = 2;
+  protocol::StepResult result;
+  result.sampled.push_back({7, 42, {5, 6}, 2, {9, 10}});
+  protocol::DraftRequest request;
+  request.sequences.push_back({{7, 0.0f, 0, 1.0f, 0.0f, 1.0f, 64, 1}, 3, {4, 5}, 4});
+  protocol::DraftReply reply;
+  reply.proposals.push_back({7, {1, 2}, {0.25f, 0.75f, 0.5f, 0.5f}});
+  return {protocol::encode(step), protocol::encode(result), protocol::encode(request),
+          protocol::encode(reply)};
+}
+
+// ------------------------------------------------------------------ cluster config
+
+Outcome run_cluster_config(std::span<const uint8_t> input) {
+  const std::string text(input.begin(), input.end());
+  cluster::ClusterConfig config;
+  try {
+    config = cluster::parse_cluster_config(text, "fuzz.yaml");
+  } catch (const cluster::ConfigError& e) {
+    return {false, e.what()};
+  }
+  // The start-up log's rendering must parse back to the same configuration.
+  const std::string rendered = cluster::render_cluster_config(config);
+  try {
+    require(cluster::parse_cluster_config(rendered, "rendered.yaml") == config,
+            "the rendered configuration parses to a different one:\n" + rendered);
+  } catch (const cluster::ConfigError& e) {
+    throw PropertyBroken(std::string("the rendered configuration is refused: ") + e.what() + "\n" + rendered);
+  }
+  return {true, {}};
+}
+
+std::vector<std::vector<uint8_t>> cluster_config_seeds() {
+  std::vector<fs::path> examples;  // the example configurations, in a fixed order
+  for (const auto& entry : fs::directory_iterator(test::source_dir() / "config")) {
+    if (entry.path().extension() == ".yaml") examples.push_back(entry.path());
+  }
+  std::sort(examples.begin(), examples.end());
+  std::vector<std::vector<uint8_t>> seeds = {bytes_of("model:\n  path: target.gguf\n")};
+  for (const fs::path& path : examples) seeds.push_back(read_bytes(path));
+  return seeds;
+}
+
+// ------------------------------------------------------------------ tokenizers on arbitrary text
+
+// A byte-level BPE vocabulary: the 256 byte characters, a few merges and an end-of-text token,
+// with Llama 3's pre-tokenizer (PCRE2 on whatever bytes come).
+std::shared_ptr<const model::Tokenizer> tiny_byte_bpe() {
+  std::vector<model::GgufValue> tokens;
+  std::vector<model::GgufValue> types;
+  for (int b = 0; b < 256; ++b) {
+    tokens.push_back(model::GgufValue::make_string(model::utf8::byte_to_unicode(static_cast<uint8_t>(b))));
+    types.push_back(model::GgufValue::make_int(model::GgufValueType::INT32, 1));
+  }
+  const std::string space = model::utf8::byte_to_unicode(' ');
+  std::vector<model::GgufValue> merges;
+  for (const auto& [left, right] : std::vector<std::pair<std::string, std::string>>{
+           {"t", "h"}, {space, "th"}, {"e", "r"}, {space, "a"}, {"i", "n"}, {"th", "e"}}) {
+    merges.push_back(model::GgufValue::make_string(left + " " + right));
+    tokens.push_back(model::GgufValue::make_string(left + right));
+    types.push_back(model::GgufValue::make_int(model::GgufValueType::INT32, 1));
+  }
+  const auto eot = static_cast<uint64_t>(tokens.size());
+  tokens.push_back(model::GgufValue::make_string("<|end_of_text|>"));
+  types.push_back(model::GgufValue::make_int(model::GgufValueType::INT32, 3));
+  std::map<std::string, model::GgufValue> metadata;
+  metadata["tokenizer.ggml.model"] = model::GgufValue::make_string("gpt2");
+  metadata["tokenizer.ggml.pre"] = model::GgufValue::make_string("llama-bpe");
+  metadata["tokenizer.ggml.tokens"] = model::GgufValue::make_array(model::GgufValueType::STRING, tokens);
+  metadata["tokenizer.ggml.token_type"] = model::GgufValue::make_array(model::GgufValueType::INT32, types);
+  metadata["tokenizer.ggml.merges"] = model::GgufValue::make_array(model::GgufValueType::STRING, merges);
+  metadata["tokenizer.ggml.bos_token_id"] = model::GgufValue::make_uint(model::GgufValueType::UINT32, eot);
+  metadata["tokenizer.ggml.eos_token_id"] = model::GgufValue::make_uint(model::GgufValueType::UINT32, eot);
+  return model::Tokenizer::from_metadata(metadata, "tiny byte-level BPE");
+}
+
+// The synthetic SentencePiece vocabulary, the byte-level one above, and llama.cpp's test
+// vocabularies when the fixtures are there.
+const std::vector<std::shared_ptr<const model::Tokenizer>>& text_tokenizers() {
+  static const auto tokenizers = [] {
+    std::vector<std::shared_ptr<const model::Tokenizer>> all = {model::make_synthetic_tokenizer(600),
+                                                                tiny_byte_bpe()};
+    if (const auto fixtures = test::fixtures_dir()) {
+      for (const char* name : {"ggml-vocab-llama-spm.gguf", "ggml-vocab-gpt-2.gguf"}) {
+        const fs::path path = *fixtures / "tokenizer" / name;
+        if (fs::exists(path))
+          all.push_back(model::Tokenizer::from_gguf(*model::GgufFile::open(path.string())));
+      }
+    }
+    return all;
+  }();
+  return tokenizers;
+}
+
+void check_tokenizer_on(const model::Tokenizer& tokenizer, std::string_view text) {
+  const std::vector<int32_t> ids = tokenizer.encode(text, true);
+  for (const int32_t id : ids) require(id >= 0 && id < tokenizer.n_vocab(), "encode gave an id out of range");
+  const std::string decoded = tokenizer.decode(ids);
+  // Every byte has a token (byte fallback, or a byte character), so valid text comes back as it
+  // was; SentencePiece reads a literal "▁" as its space marker, so that text is left out.
+  const bool valid = model::utf8::replace_invalid(text) == text;
+  const bool has_marker = tokenizer.kind() == model::TokenizerKind::sentencepiece &&
+                          text.find("\xE2\x96\x81") != std::string_view::npos;
+  if (valid && !has_marker) require(decoded == text, "valid text does not decode to itself");
+  // The streaming decoder's pieces are valid UTF-8 and add up to the whole decode's text.
+  model::StreamingDecoder stream(tokenizer);
+  std::string streamed;
+  for (const int32_t id : ids) {
+    const std::string piece = stream.push(id);
+    require(model::utf8::replace_invalid(piece) == piece, "the streaming decoder emitted invalid UTF-8");
+    streamed += piece;
+  }
+  streamed += stream.flush();
+  require(streamed == model::utf8::replace_invalid(decoded), "the streamed text differs from decode()'s");
+}
+
+// First byte: which tokenizer; the rest: the text.
+Outcome run_tokenizer_text(std::span<const uint8_t> input) {
+  if (input.empty()) return {true, {}};
+  const auto& tokenizers = text_tokenizers();
+  const model::Tokenizer& tokenizer = *tokenizers[input[0] % tokenizers.size()];
+  const std::string_view text(reinterpret_cast<const char*>(input.data()) + 1, input.size() - 1);
+  check_tokenizer_on(tokenizer, text);
+  return {true, {}};
+}
+
+std::vector<std::vector<uint8_t>> tokenizer_text_seeds() {
+  std::vector<std::vector<uint8_t>> seeds;
+  for (const std::string text :
+       {"Hello world", " leading space and  two", "caf\xC3\xA9 \xF0\x9F\x98\x80 \xE4\xB8\xAD",
+        "tabs\tand\nnewlines\r\n", "numbers 12345 and 'quotes' don't", "\xFF\xC3 broken"}) {
+    for (uint8_t which = 0; which < 4; ++which) {
+      std::vector<uint8_t> seed = {which};
+      seed.insert(seed.end(), text.begin(), text.end());
+      seeds.push_back(std::move(seed));
+    }
+  }
+  return seeds;
+}
+
+// ------------------------------------------------------------------ Hugging Face tokenizer.json
+
+Outcome run_hf_tokenizer(std::span<const uint8_t> input) {
+  const fs::path dir = scratch_dir().path() / "hf";
+  fs::create_directories(dir);
+  {
+    std::ofstream out(dir / "tokenizer.json", std::ios::binary | std::ios::trunc);
+    out.write(reinterpret_cast<const char*>(input.data()), static_cast<std::streamsize>(input.size()));
+  }
+  std::shared_ptr<const model::Tokenizer> tokenizer;
+  try {
+    tokenizer = model::load_hf_tokenizer(dir.string());
+  } catch (const model::HfCheckpointError& e) {
+    return {false, e.what()};
+  } catch (const model::GgufError& e) {  // the vocabulary it makes is refused as a GGUF one would be
+    return {false, e.what()};
+  }
+  for (const std::string_view text :
+       {std::string_view("Hello world, caf\xC3\xA9!"), std::string_view("\xFF x")}) {
+    for (const int32_t id : tokenizer->encode(text, true)) {
+      require(id >= 0 && id < tokenizer->n_vocab(), "encode gave an id out of range");
+    }
+  }
+  for (int32_t id = 0; id < std::min(tokenizer->n_vocab(), 512); ++id) (void)tokenizer->token_bytes(id);
+  return {true, {}};
+}
+
+std::vector<std::vector<uint8_t>> hf_tokenizer_seeds() {
+  std::vector<std::vector<uint8_t>> seeds = {bytes_of(test::tiny_llama_tokenizer_json(300))};
+  // The synthetic vocabulary of the project's test models, as transformers would write it.
+  const fs::path path = scratch_dir().path() / "vocab.gguf";
+  model::GgufWriter writer;
+  for (const auto& [key, value] : model::synthetic_tokenizer_metadata(400)) writer.set(key, value);
+  writer.write(path.string());
+  seeds.push_back(bytes_of(test::tokenizer_json_of(*model::GgufFile::open(path.string()))));
+  return seeds;
+}
+
+// ------------------------------------------------------------------ Hugging Face config.json
+
+// The committed HF checkpoints (plain, tied and GPTQ / AWQ in five layouts), each copied once
+// into a folder of its own whose config.json the input replaces.
+const std::vector<fs::path>& hf_checkpoint_dirs() {
+  static const auto dirs = [] {
+    std::vector<fs::path> sources;
+    for (const char* family : {"hf-tiny-llama", "gptq-tiny-llama"}) {
+      for (const auto& entry : fs::directory_iterator(test::test_data_dir() / family)) {
+        if (fs::exists(entry.path() / "model.safetensors")) sources.push_back(entry.path());
+      }
+    }
+    std::sort(sources.begin(), sources.end());
+    std::vector<fs::path> copies;
+    for (const fs::path& source : sources) {
+      const fs::path copy = scratch_dir().path() / ("hf-" + std::to_string(copies.size()));
+      fs::create_directories(copy);
+      fs::copy_file(source / "model.safetensors", copy / "model.safetensors",
+                    fs::copy_options::overwrite_existing);
+      fs::copy_file(source / "config.json", copy / "config.json.original",
+                    fs::copy_options::overwrite_existing);
+      copies.push_back(copy);
+    }
+    return copies;
+  }();
+  return dirs;
+}
+
+// First byte: which checkpoint's tensors; the rest: its config.json. What loads must run a step.
+Outcome run_hf_config(std::span<const uint8_t> input) {
+  if (input.empty()) return {false, "empty input"};
+  const auto& dirs = hf_checkpoint_dirs();
+  const fs::path& dir = dirs[input[0] % dirs.size()];
+  {
+    std::ofstream out(dir / "config.json", std::ios::binary | std::ios::trunc);
+    out.write(reinterpret_cast<const char*>(input.data()) + 1,
+              static_cast<std::streamsize>(input.size() - 1));
+  }
+  std::unique_ptr<worker::LlamaModel> model;
+  try {
+    model = worker::LlamaModel::load(dir.string());
+  } catch (const model::HfCheckpointError& e) {
+    return {false, e.what()};
+  } catch (const model::SafetensorsError& e) {
+    return {false, e.what()};
+  } catch (const std::invalid_argument& e) {
+    return {false, e.what()};
+  }
+  static kernels::ThreadPool pool(1);
+  const int64_t n_vocab = model->config().n_vocab;
+  worker::KvCache cache(model->config(), 1, 16);
+  std::vector<float> logits;
+  const std::vector<int32_t> tokens = {static_cast<int32_t>(1 % n_vocab), static_cast<int32_t>(2 % n_vocab)};
+  model->forward(worker::ForwardBatch::single(tokens, 0, {0}, false), cache, pool, logits);
+  require(static_cast<int64_t>(logits.size()) == n_vocab,
+          "a step's logits are not one row of the vocabulary");
+  return {true, {}};
+}
+
+std::vector<std::vector<uint8_t>> hf_config_seeds() {
+  std::vector<std::vector<uint8_t>> seeds;
+  const auto& dirs = hf_checkpoint_dirs();
+  for (size_t i = 0; i < dirs.size(); ++i) {
+    std::vector<uint8_t> seed = {static_cast<uint8_t>(i)};
+    const std::vector<uint8_t> config = read_bytes(dirs[i] / "config.json.original");
+    seed.insert(seed.end(), config.begin(), config.end());
+    seeds.push_back(std::move(seed));
+  }
+  return seeds;
+}
+
+}  // namespace
+
+const std::vector<Target>& targets() {
+  static const std::vector<Target> all = {
+      {"gguf_model", run_gguf_model, gguf_model_seeds},
+      {"safetensors", run_safetensors, safetensors_seeds},
+      {"client_protocol", run_client_protocol, client_protocol_seeds},
+      {"worker_protocol", run_worker_protocol, worker_protocol_seeds},
+      {"cluster_config", run_cluster_config, cluster_config_seeds},
+      {"tokenizer_text", run_tokenizer_text, tokenizer_text_seeds},
+      {"hf_tokenizer", run_hf_tokenizer, hf_tokenizer_seeds},
+      {"hf_config", run_hf_config, hf_config_seeds},
+  };
+  return all;
+}
+
+const Target& target_by_name(const std::string& name) {
+  std::string names;
+  for (const Target& target : targets()) {
+    if (name == target.name) return target;
+    names += names.empty() ? "" : ", ";
+    names += target.name;
+  }
+  throw std::invalid_argument("unknown fuzz target '" + name + "' (known: " + names + ")");
+}
+
+}  // namespace nibble::fuzz

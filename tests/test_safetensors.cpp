@@ -133,6 +133,7 @@ TEST(Safetensors, WriterRoundTripsEveryDtype) {
     EXPECT_EQ(info->dtype, t.dtype);
     EXPECT_EQ(info->shape, t.shape);
     ASSERT_EQ(info->size_bytes, t.bytes.size());
+    if (t.bytes.empty()) continue;  // an empty vector's data() may be null, which memcmp must not get
     EXPECT_EQ(std::memcmp(file->tensor_data(*info), t.bytes.data(), t.bytes.size()), 0) << t.name;
   }
   EXPECT_EQ(file->find_tensor("scalar")->n_elements, 1);

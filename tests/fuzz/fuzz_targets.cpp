@@ -116,14 +116,8 @@ Outcome run_gguf_model(std::span<const uint8_t> input) {
 
 std::vector<std::vector<uint8_t>> gguf_model_seeds() {
   // The smallest models write_random_llama makes, in each matrix type the CPU runs.
-  model::LlamaShape shape;
-  shape.n_embd = 32;
-  shape.n_layer = 1;
-  shape.n_head = 2;
-  shape.n_head_kv = 1;
-  shape.n_ff = 64;
-  shape.n_vocab = 360;
-  shape.n_ctx = 64;
+  const model::LlamaShape shape{
+      .n_embd = 32, .n_layer = 1, .n_head = 2, .n_head_kv = 1, .n_ff = 64, .n_vocab = 360, .n_ctx = 64};
   std::vector<std::vector<uint8_t>> seeds;
   const fs::path path = scratch_dir().path() / "seed.gguf";
   for (const kernels::DType type : {kernels::DType::Q4_0, kernels::DType::Q8_0, kernels::DType::F16}) {

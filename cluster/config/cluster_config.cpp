@@ -513,6 +513,7 @@ void check_yaml_text(std::string_view text, const Reader& reader) {
     i += length;
   }
 }
+
 // yaml-cpp 0.7 (Debian 12's) never returns from LoadAll on some malformed streams: a lone ',' reads
 // as an endless run of empty documents, each one allocated (jbeder/yaml-cpp#1040, fixed upstream by
 // stopping at the first empty document; fuzzing found it here). The documents are counted here with

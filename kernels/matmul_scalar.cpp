@@ -160,6 +160,43 @@ void q4_0_packed_range(const MatmulOperands& op, int64_t o_begin, int64_t o_end)
   }
 }
 
+// Q4_K packed in 8-row panels (kernels/packed_weights.hpp): the same integer sums and float
+// accumulation as dot_q4_k.
+void q4_k_packed_range(const MatmulOperands& op, int64_t o_begin, int64_t o_end) {
+  constexpr int kPanelRows = 8;
+  constexpr int kGroupBytes = 1184;
+  const int64_t n_blocks = op.k / kQK_K;
+  for (int64_t o = o_begin; o < o_end; ++o) {
+    const uint8_t* panel = op.w + (o / kPanelRows) * op.w_stride;
+    const int lane = static_cast<int>(o % kPanelRows);
+    for (int64_t r = 0; r < op.m; ++r) {
+      const auto* x = reinterpret_cast<const BlockQ8_K*>(op.x + r * op.x_stride);
+      float sum = 0.0f;
+      for (int64_t b = 0; b < n_blocks; ++b) {
+        const uint8_t* group = panel + b * kGroupBytes;
+        f16_bits d, dmin;
+        std::memcpy(&d, group + 2 * lane, sizeof d);
+        std::memcpy(&dmin, group + 16 + 2 * lane, sizeof dmin);
+        int sum_scaled = 0;
+        int sum_mins = 0;
+        for (int sub = 0; sub < 8; ++sub) {
+          const int shift = (sub % 2) * 4;
+          int dot = 0;
+          for (int l = 0; l < 32; ++l) {
+            const uint8_t q = group[160 + 32 * (8 * (sub / 2) + l / 4) + 4 * lane + l % 4];
+            dot += ((q >> shift) & 0xF) * x[b].qs[32 * sub + l];
+          }
+          sum_scaled += group[32 + 8 * sub + lane] * dot;
+          sum_mins += group[96 + 8 * sub + lane] * (x[b].bsums[2 * sub] + x[b].bsums[2 * sub + 1]);
+        }
+        sum += fp16_to_fp32(d) * x[b].d * static_cast<float>(sum_scaled) -
+               fp16_to_fp32(dmin) * x[b].d * static_cast<float>(sum_mins);
+      }
+      op.y[r * op.y_stride + o] = sum;
+    }
+  }
+}
+
 void q8_0_block_info(const void* x_row, Q8_0BlockInfo* info, int64_t n_blocks) {
   const auto* x = static_cast<const BlockQ8_0*>(x_row);
   for (int64_t b = 0; b < n_blocks; ++b) {
@@ -216,6 +253,7 @@ const IsaKernels kScalarKernels{
     quant_range<dot_q4_k>,
     quant_range<dot_q6_k>,
     q4_0_packed_range,
+    q4_k_packed_range,
     quantize_q8_0,
     quantize_q8_k,
     q8_0_block_info,

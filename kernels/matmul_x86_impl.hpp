@@ -272,23 +272,168 @@ struct PackedQ4_0 {
   }
 };
 
+// ---- Q4_K weights packed in 8-row panels × Q8_K activations ----
+//
+// Panel layout in kernels/packed_weights.hpp. As for packed Q4_0, a 32-byte chunk gives row j's 4
+// nibble bytes lane j: its low nibbles are 4 elements of sub-block 2r, its high ones the same 4 of
+// sub-block 2r + 1, each dotted with 4 activation bytes broadcast to every lane. A sub-block's 8
+// chunks sum into one 32-bit lane a row (VNNI: vpdpbusd; AVX2: maddubs into 16 bits, at most 16
+// products of 15 · 128 = 30720 each, then madd with the scale in both halves), which is multiplied
+// by the row's 6-bit scale; the mins term Σ min · Σx takes the activation block's 16-element sums.
+// The integer sums are dot_q4_k's, and so are the float operations per block and output, in the
+// same order and unfused (the barriers keep the compiler from contracting them into FMAs), so the
+// packed kernels give the scalar matmul's results bit for bit on every ISA.
+
+inline void float_barrier(__m256& v) { asm("# float barrier" : "+x"(v)); }
+
+// Lane j: the 8 bytes at p[0..8) as int32 (row j's scale or min of one sub-block).
+inline __m256i bytes_to_i32x8(const uint8_t* p) {
+  return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+}
+
+struct PackedQ4_K {
+  static constexpr int64_t kPanelRows = 8;
+  static constexpr int64_t kGroupBytes = 1184;
+
+  // Σ_sub min[sub] · (bsums[2 sub] + bsums[2 sub + 1]), lane j for row j; mins_pairs[t] holds
+  // (min[2t], min[2t + 1]) as int16 in lane j.
+  static __m256i mins_term(const __m256i (&mins_pairs)[4], const BlockQ8_K& xb) {
+    // Lane s of sub_sums: bsums[2s] + bsums[2s + 1] (|sum| <= 32 · 128 fits 16 bits); packed back
+    // to 16 bits, 32-bit element t of the low half then holds the pair (2t, 2t + 1) for t < 2 and
+    // element 4 + (t - 2) of the high half for t >= 2.
+    const __m256i sub_sums = pairwise_sum_i16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb.bsums)));
+    const __m256i pairs = _mm256_packs_epi32(sub_sums, sub_sums);
+    __m256i sum = _mm256_setzero_si256();
+    NIBBLE_UNROLL
+    for (int t = 0; t < 4; ++t) {
+      const __m256i pair = _mm256_permutevar8x32_epi32(pairs, _mm256_set1_epi32(t < 2 ? t : t + 2));
+      sum = _mm256_add_epi32(sum, _mm256_madd_epi16(mins_pairs[t], pair));
+    }
+    return sum;
+  }
+
+  // Outputs [o0, o0 + n_valid) of activation rows [r0, r0 + RM) from one panel.
+  template <int RM>
+  static void tile(const MatmulOperands& op, const uint8_t* panel, int64_t r0, int64_t o0, int64_t n_valid) {
+    const int64_t n_blocks = op.k / kQK_K;
+    const BlockQ8_K* x[RM];
+    __m256 acc[RM];
+    NIBBLE_UNROLL
+    for (int i = 0; i < RM; ++i) {
+      x[i] = reinterpret_cast<const BlockQ8_K*>(op.x + (r0 + i) * op.x_stride);
+      acc[i] = _mm256_setzero_ps();
+    }
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    for (int64_t b = 0; b < n_blocks; ++b) {
+      const uint8_t* group = panel + b * kGroupBytes;
+      __m256i sum_scaled[RM];
+      NIBBLE_UNROLL
+      for (int i = 0; i < RM; ++i) sum_scaled[i] = _mm256_setzero_si256();
+      for (int run = 0; run < 4; ++run) {
+        const uint8_t* chunks = group + 160 + 256 * run;
+        const __m256i scale_low = bytes_to_i32x8(group + 32 + 16 * run);
+        const __m256i scale_high = bytes_to_i32x8(group + 32 + 16 * run + 8);
+#ifdef __AVX512VNNI__
+        __m256i dot_low[RM], dot_high[RM];
+        NIBBLE_UNROLL
+        for (int i = 0; i < RM; ++i) dot_low[i] = dot_high[i] = _mm256_setzero_si256();
+        NIBBLE_UNROLL
+        for (int c = 0; c < 8; ++c) {
+          const __m256i packed = _mm256_load_si256(reinterpret_cast<const __m256i*>(chunks + 32 * c));
+          const __m256i low = _mm256_and_si256(packed, low4);
+          const __m256i high = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low4);
+          NIBBLE_UNROLL
+          for (int i = 0; i < RM; ++i) {
+            const int8_t* xq = x[i][b].qs + 64 * run + 4 * c;
+            dot_low[i] = _mm256_dpbusd_epi32(dot_low[i], low, broadcast_4_bytes(xq));
+            dot_high[i] = _mm256_dpbusd_epi32(dot_high[i], high, broadcast_4_bytes(xq + 32));
+          }
+        }
+        NIBBLE_UNROLL
+        for (int i = 0; i < RM; ++i) {
+          sum_scaled[i] = _mm256_add_epi32(sum_scaled[i], _mm256_mullo_epi32(dot_low[i], scale_low));
+          sum_scaled[i] = _mm256_add_epi32(sum_scaled[i], _mm256_mullo_epi32(dot_high[i], scale_high));
+        }
+#else
+        __m256i sum16_low[RM], sum16_high[RM];
+        NIBBLE_UNROLL
+        for (int i = 0; i < RM; ++i) sum16_low[i] = sum16_high[i] = _mm256_setzero_si256();
+        NIBBLE_UNROLL
+        for (int c = 0; c < 8; ++c) {
+          const __m256i packed = _mm256_load_si256(reinterpret_cast<const __m256i*>(chunks + 32 * c));
+          const __m256i low = _mm256_and_si256(packed, low4);
+          const __m256i high = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low4);
+          NIBBLE_UNROLL
+          for (int i = 0; i < RM; ++i) {
+            const int8_t* xq = x[i][b].qs + 64 * run + 4 * c;
+            sum16_low[i] = _mm256_add_epi16(sum16_low[i], _mm256_maddubs_epi16(low, broadcast_4_bytes(xq)));
+            sum16_high[i] =
+                _mm256_add_epi16(sum16_high[i], _mm256_maddubs_epi16(high, broadcast_4_bytes(xq + 32)));
+            register_barrier(sum16_low[i]);
+            register_barrier(sum16_high[i]);
+          }
+        }
+        // The scale in both 16-bit halves: madd then multiplies both partial sums by it and adds them.
+        const __m256i scale_low2 = _mm256_or_si256(scale_low, _mm256_slli_epi32(scale_low, 16));
+        const __m256i scale_high2 = _mm256_or_si256(scale_high, _mm256_slli_epi32(scale_high, 16));
+        NIBBLE_UNROLL
+        for (int i = 0; i < RM; ++i) {
+          sum_scaled[i] = _mm256_add_epi32(sum_scaled[i], _mm256_madd_epi16(sum16_low[i], scale_low2));
+          sum_scaled[i] = _mm256_add_epi32(sum_scaled[i], _mm256_madd_epi16(sum16_high[i], scale_high2));
+        }
+#endif
+      }
+      __m256i mins_pairs[4];
+      NIBBLE_UNROLL
+      for (int t = 0; t < 4; ++t) {
+        const __m128i mins = _mm_loadu_si128(reinterpret_cast<const __m128i*>(group + 96 + 16 * t));
+        mins_pairs[t] = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mins, _mm_srli_si128(mins, 8)));
+      }
+      const __m256 w_d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(group)));
+      const __m256 w_dmin = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(group + 16)));
+      NIBBLE_UNROLL
+      for (int i = 0; i < RM; ++i) {
+        const __m256 x_d = _mm256_set1_ps(x[i][b].d);
+        __m256 scaled = _mm256_mul_ps(_mm256_mul_ps(w_d, x_d), _mm256_cvtepi32_ps(sum_scaled[i]));
+        __m256 mins =
+            _mm256_mul_ps(_mm256_mul_ps(w_dmin, x_d), _mm256_cvtepi32_ps(mins_term(mins_pairs, x[i][b])));
+        float_barrier(scaled);
+        float_barrier(mins);
+        acc[i] = _mm256_add_ps(acc[i], _mm256_sub_ps(scaled, mins));
+      }
+    }
+    NIBBLE_UNROLL
+    for (int i = 0; i < RM; ++i) {
+      float* y = op.y + (r0 + i) * op.y_stride + o0;
+      if (n_valid == kPanelRows) {
+        _mm256_storeu_ps(y, acc[i]);
+      } else {
+        alignas(32) float lanes[kPanelRows];
+        _mm256_store_ps(lanes, acc[i]);
+        for (int64_t j = 0; j < n_valid; ++j) y[j] = lanes[j];
+      }
+    }
+  }
+};
+
 // Panels outermost (a panel stays in cache while every activation row passes over it), 4
-// activation rows per tile.
-void q4_0_packed_range(const MatmulOperands& op, int64_t o_begin, int64_t o_end) {
-  for (int64_t o0 = o_begin; o0 < o_end; o0 += PackedQ4_0::kPanelRows) {
-    const uint8_t* panel = op.w + (o0 / PackedQ4_0::kPanelRows) * op.w_stride;
-    const int64_t n_valid = min_i64(PackedQ4_0::kPanelRows, o_end - o0);
+// activation rows a tile.
+template <typename Packed>
+void packed_range(const MatmulOperands& op, int64_t o_begin, int64_t o_end) {
+  for (int64_t o0 = o_begin; o0 < o_end; o0 += Packed::kPanelRows) {
+    const uint8_t* panel = op.w + (o0 / Packed::kPanelRows) * op.w_stride;
+    const int64_t n_valid = min_i64(Packed::kPanelRows, o_end - o0);
     int64_t r0 = 0;
-    for (; r0 + 4 <= op.m; r0 += 4) PackedQ4_0::tile<4>(op, panel, r0, o0, n_valid);
+    for (; r0 + 4 <= op.m; r0 += 4) Packed::template tile<4>(op, panel, r0, o0, n_valid);
     switch (op.m - r0) {
       case 3:
-        PackedQ4_0::tile<3>(op, panel, r0, o0, n_valid);
+        Packed::template tile<3>(op, panel, r0, o0, n_valid);
         break;
       case 2:
-        PackedQ4_0::tile<2>(op, panel, r0, o0, n_valid);
+        Packed::template tile<2>(op, panel, r0, o0, n_valid);
         break;
       case 1:
-        PackedQ4_0::tile<1>(op, panel, r0, o0, n_valid);
+        Packed::template tile<1>(op, panel, r0, o0, n_valid);
         break;
       default:
         break;
@@ -771,7 +916,8 @@ nibble::kernels::detail::IsaKernels make_x86_kernels(const char* isa_name) {
       matmul_range<Q8_0Family<false>>,
       kquant_range<KQuantFamily<true>>,
       kquant_range<KQuantFamily<false>>,
-      q4_0_packed_range,
+      packed_range<PackedQ4_0>,
+      packed_range<PackedQ4_K>,
       quantize_q8_0,
       quantize_q8_k,
       q8_0_block_info,

@@ -1,15 +1,28 @@
 #pragma once
 // Weight matrices repacked once at load into a layout the CPU matmul reads faster. The weights stay
-// quantized (same bytes per block); only their order changes. Q4_0 is the only packed type.
+// quantized (about the same bytes per block); only their order changes. Q4_0 and Q4_K are packed.
 //
-// Q4_0 layout: output rows are grouped in panels of 8 (the last panel padded with zero rows).
-// Panel p holds rows 8p..8p+7 as k/32 consecutive 144-byte groups, one per 32-element block:
+// Both layouts group output rows in panels of 8 (the last panel padded with zero rows) and store a
+// panel's blocks one after the other, all 8 rows of a block together, so that a 256-bit load gives
+// each of the 8 rows its own 32-bit lane: the kernel's products land one output per lane, with no
+// horizontal sums (llama.cpp's 8x8 repacking of Q4_0 / Q4_K for AVX follows the same idea).
+//
+// Q4_0: panel p holds rows 8p..8p+7 as k/32 consecutive 144-byte groups, one per 32-element block:
 //   bytes [0, 16):   the 8 rows' fp16 block scales, row 0 first
 //   bytes [16, 144): 4 chunks of 32 bytes; chunk c is qs[4c..4c+3] of row 0, of row 1, ... of row 7
 // where qs are the rows' Q4_0 nibble bytes (byte t holds element t in its low nibble and t+16 in
-// its high one). A 256-bit load of a chunk gives each of the 8 rows its own 32-bit lane, so the
-// kernel's products land one output per lane and all 8 scales convert with one instruction
-// (llama.cpp's Q4_0 8×8 repacking follows the same idea).
+// its high one).
+//
+// Q4_K: panel p holds rows 8p..8p+7 as k/256 consecutive 1184-byte groups, one per super-block:
+//   bytes [0, 16):     the 8 rows' fp16 d, row 0 first
+//   bytes [16, 32):    the 8 rows' fp16 dmin
+//   bytes [32, 96):    the 6-bit sub-block scales as bytes, [sub-block 0..7][row 0..7]
+//   bytes [96, 160):   the 6-bit sub-block mins as bytes, [sub-block][row]
+//   bytes [160, 1184): 32 chunks of 32 bytes; chunk 8r + c is qs[32r + 4c .. 32r + 4c + 3] of row 0,
+//                      of row 1, ... of row 7
+// where qs are the rows' Q4_K nibble bytes (the 32 bytes of run r hold sub-block 2r in their low
+// nibbles and sub-block 2r + 1 in their high ones). 148 bytes a row and super-block against the
+// file's 144: the scales are unpacked from 12 bytes to 16 so that the kernel needs no bit fiddling.
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -22,6 +35,8 @@ namespace nibble::kernels {
 
 inline constexpr int64_t kPanelRows = 8;
 inline constexpr int64_t kQ4_0PanelBlockBytes = 144;  // 8 scales + 8 rows × 16 nibble bytes
+inline constexpr int64_t kQ4_KPanelBlockBytes =
+    1184;  // 8 × (d, dmin) + 8 × 16 scale bytes + 8 × 128 nibble bytes
 
 class PackedMatrix {
  public:
@@ -32,7 +47,9 @@ class PackedMatrix {
   int64_t n_out() const { return n_out_; }
   int64_t k() const { return k_; }
   // Bytes from one panel to the next.
-  int64_t panel_bytes() const { return k_ / kQK4_0 * kQ4_0PanelBlockBytes; }
+  int64_t panel_bytes() const {
+    return type_ == DType::Q4_K ? k_ / kQK_K * kQ4_KPanelBlockBytes : k_ / kQK4_0 * kQ4_0PanelBlockBytes;
+  }
   int64_t n_panels() const { return (n_out_ + kPanelRows - 1) / kPanelRows; }
   size_t size_bytes() const { return static_cast<size_t>(n_panels() * panel_bytes()); }
   const uint8_t* data() const { return data_.get(); }
@@ -58,6 +75,7 @@ PackedMatrix pack_for_matmul(DType w_type, const void* w, int64_t n_out, int64_t
 
 // matmul() for a packed matrix: y[m, n_out] = x[m, k] · Wᵀ, the same integer block dot products
 // and per-output float accumulation order as the scalar matmul of the unpacked matrix.
+// x: [m, k], y: [m, n_out].
 Status matmul_packed(const PackedMatrix& w, const float* x, int64_t m, float* y, ThreadPool& pool);
 
 }  // namespace nibble::kernels

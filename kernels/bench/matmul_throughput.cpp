@@ -1,7 +1,9 @@
-// Q4_0 matmul throughput on the shapes of a 1.1B Llama: matrix-vector (decode, reported as GB/s of
+// Matmul throughput on the shapes of a 1.1B Llama: matrix-vector (decode, reported as GB/s of
 // weights streamed) and m = 64 matrix-matrix (prompt, reported as GOP/s, 2 ops per multiply-add).
-// Q4_0 is timed both as stored in the file and repacked (kernels/packed_weights.hpp).
+// Q4_0 and Q4_K are timed both as stored in the file and repacked (kernels/packed_weights.hpp).
 // Usage: nibble_matmul_throughput [threads=2] [isa] [type=q4_0]
+#include <strings.h>
+
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -42,8 +44,18 @@ int main(int argc, char** argv) {
   }
   DType type = DType::Q4_0;
   if (argc > 3) {
-    for (DType t : {DType::F32, DType::F16, DType::BF16, DType::Q4_0, DType::Q8_0, DType::Q4_K, DType::Q6_K})
-      if (std::strcmp(argv[3], type_name(t)) == 0) type = t;
+    bool known = false;
+    for (DType t :
+         {DType::F32, DType::F16, DType::BF16, DType::Q4_0, DType::Q8_0, DType::Q4_K, DType::Q6_K}) {
+      if (strcasecmp(argv[3], type_name(t)) == 0) {
+        type = t;
+        known = true;
+      }
+    }
+    if (!known) {
+      std::fprintf(stderr, "unknown type %s (f32, f16, bf16, q4_0, q8_0, q4_k, q6_k)\n", argv[3]);
+      return 1;
+    }
   }
   ThreadPool pool(threads);
   std::printf("isa=%s threads=%d type=%s\n", matmul_isa(), threads, type_name(type));

@@ -231,7 +231,7 @@ Status matmul(DType w_type, const void* w, int64_t n_out, int64_t k, const float
 }
 
 Status matmul_packed(const PackedMatrix& w, const float* x, int64_t m, float* y, ThreadPool& pool) {
-  if (w.empty() || (w.type() != DType::Q4_0 && w.type() != DType::Q4_K)) return Status::invalid_argument;
+  if (w.empty() || !can_pack_for_matmul(w.type())) return Status::invalid_argument;
   if (x == nullptr || y == nullptr || m < 0) return Status::invalid_argument;
   if (m == 0) return Status::ok;
   const IsaKernels& isa = *active_isa().load(std::memory_order_relaxed);
@@ -245,9 +245,12 @@ Status matmul_packed(const PackedMatrix& w, const float* x, int64_t m, float* y,
   op.m = m;
   op.k = w.k();
   const bool is_q4_0 = w.type() == DType::Q4_0;
-  prepare_activations(isa, is_q4_0 ? ActivationFormat::q8_0 : ActivationFormat::q8_k, x, parallel,
-                      /*with_block_info=*/is_q4_0, pool, op);
-  run_output_rows(is_q4_0 ? isa.q4_0_packed : isa.q4_k_packed, op, w.n_out(), parallel, pool);
+  prepare_activations(isa, activation_format(w.type()), x, parallel, /*with_block_info=*/is_q4_0, pool, op);
+  MatmulRangeFn range = isa.q4_0_packed;
+  if (w.type() == DType::Q8_0) range = isa.q8_0_packed;
+  if (w.type() == DType::Q4_K) range = isa.q4_k_packed;
+  if (w.type() == DType::Q6_K) range = isa.q6_k_packed;
+  run_output_rows(range, op, w.n_out(), parallel, pool);
   return Status::ok;
 }
 

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 
 #include "kernels/matmul_internal.hpp"
 #include "kernels/quant_internal.hpp"

@@ -24,7 +24,7 @@ struct MatmulOperands {
   int64_t k;
   // Only for packed Q4_0 weights (w then points to 8-row panels, w_stride bytes apart, see
   // kernels/packed_weights.hpp): [m, k/32] block infos of the activation rows, row-major. Packed
-  // Q4_K weights need none (the Q8_K blocks carry their sums).
+  // Q4_K and Q6_K weights need none (the Q8_K blocks carry their sums).
   const Q8_0BlockInfo* x_info = nullptr;
 };
 
@@ -44,8 +44,11 @@ struct IsaKernels {
   MatmulRangeFn q6_k;
   // Q4_0 packed in 8-row panels × Q8_0 activations with x_info; o_begin is a multiple of 8.
   MatmulRangeFn q4_0_packed;
-  // Q4_K packed in 8-row panels × Q8_K activations; o_begin is a multiple of 8.
+  // Q8_0 packed in 8-row panels × Q8_0 activations; o_begin is a multiple of 8.
+  MatmulRangeFn q8_0_packed;
+  // Q4_K and Q6_K packed in 8-row panels × Q8_K activations; o_begin is a multiple of 8.
   MatmulRangeFn q4_k_packed;
+  MatmulRangeFn q6_k_packed;
   QuantizeActivationFn quantize_q8_0;  // must give the same bytes as quantize_row(Q8_0)
   QuantizeActivationFn quantize_q8_k;  // must give the same bytes as quantize_row(Q8_K)
   // Fills info[0, n_blocks) for one Q8_0 activation row.

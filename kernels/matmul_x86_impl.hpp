@@ -188,6 +188,28 @@ inline __m256i broadcast_4_bytes(const int8_t* p) {
 // 16 vector registers and spills).
 inline void register_barrier(__m256i& v) { asm("# register barrier" : "+x"(v)); }
 
+// An empty asm that the compiler must assume changes v: placed after a product, it keeps GCC from
+// contracting the multiply and the following add into an FMA (whose single rounding the scalar
+// matmul does not have).
+inline void float_barrier(__m256& v) { asm("# float barrier" : "+x"(v)); }
+
+// Row i of acc (lane j: output o0 + j) to y[r0 + i, o0 .. o0 + n_valid): a panel's outputs.
+template <int RM>
+inline void store_panel_outputs(const MatmulOperands& op, const __m256 (&acc)[RM], int64_t r0, int64_t o0,
+                                int64_t n_valid) {
+  NIBBLE_UNROLL
+  for (int i = 0; i < RM; ++i) {
+    float* y = op.y + (r0 + i) * op.y_stride + o0;
+    if (n_valid == 8) {
+      _mm256_storeu_ps(y, acc[i]);
+    } else {
+      alignas(32) float lanes[8];
+      _mm256_store_ps(lanes, acc[i]);
+      for (int64_t j = 0; j < n_valid; ++j) y[j] = lanes[j];
+    }
+  }
+}
+
 struct PackedQ4_0 {
   static constexpr int64_t kPanelRows = 8;
   static constexpr int64_t kGroupBytes = 144;  // per block: 16 bytes of scales + 4 chunks of 32
@@ -258,17 +280,62 @@ struct PackedQ4_0 {
                                  acc[i]);
       }
     }
+    store_panel_outputs<RM>(op, acc, r0, o0, n_valid);
+  }
+};
+
+// ---- Q8_0 weights packed in 8-row panels × Q8_0 activations ----
+//
+// As packed Q4_0, without the nibbles: chunk c gives row j's quants 4c..4c+3 lane j. The quants are
+// signed on both sides, so |w| goes in as the unsigned operand and w's sign moves onto the
+// activation bytes (GGML's trick; Q8_0 activations stay within ±127, so negating one cannot
+// overflow). VNNI sums a block in 32 bits; AVX2's maddubs pairs (up to 2 · 128 · 127) are widened
+// by madd in each chunk. The float operations are dot_q8_0's, unfused: bit for bit the scalar
+// matmul's results.
+struct PackedQ8_0 {
+  static constexpr int64_t kPanelRows = 8;
+  static constexpr int64_t kGroupBytes = 272;
+
+  // Outputs [o0, o0 + n_valid) of activation rows [r0, r0 + RM) from one panel.
+  template <int RM>
+  static void tile(const MatmulOperands& op, const uint8_t* panel, int64_t r0, int64_t o0, int64_t n_valid) {
+    const int64_t n_blocks = op.k / kQK8_0;
+    const BlockQ8_0* x[RM];
+    __m256 acc[RM];
     NIBBLE_UNROLL
     for (int i = 0; i < RM; ++i) {
-      float* y = op.y + (r0 + i) * op.y_stride + o0;
-      if (n_valid == kPanelRows) {
-        _mm256_storeu_ps(y, acc[i]);
-      } else {
-        alignas(32) float lanes[kPanelRows];
-        _mm256_store_ps(lanes, acc[i]);
-        for (int64_t j = 0; j < n_valid; ++j) y[j] = lanes[j];
+      x[i] = reinterpret_cast<const BlockQ8_0*>(op.x + (r0 + i) * op.x_stride);
+      acc[i] = _mm256_setzero_ps();
+    }
+    for (int64_t b = 0; b < n_blocks; ++b) {
+      const uint8_t* group = panel + b * kGroupBytes;
+      __m256i sum32[RM];
+      NIBBLE_UNROLL
+      for (int i = 0; i < RM; ++i) sum32[i] = _mm256_setzero_si256();
+      NIBBLE_UNROLL
+      for (int c = 0; c < 8; ++c) {
+        const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(group + 16 + 32 * c));
+        const __m256i w_abs = _mm256_sign_epi8(w, w);
+        NIBBLE_UNROLL
+        for (int i = 0; i < RM; ++i) {
+          const __m256i x_signed = _mm256_sign_epi8(broadcast_4_bytes(x[i][b].qs + 4 * c), w);
+#ifdef __AVX512VNNI__
+          sum32[i] = _mm256_dpbusd_epi32(sum32[i], w_abs, x_signed);
+#else
+          sum32[i] = _mm256_add_epi32(sum32[i], pairwise_sum_i16(_mm256_maddubs_epi16(w_abs, x_signed)));
+#endif
+        }
+      }
+      const __m256 w_d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(group)));
+      NIBBLE_UNROLL
+      for (int i = 0; i < RM; ++i) {
+        __m256 product = _mm256_mul_ps(_mm256_mul_ps(w_d, _mm256_set1_ps(half_to_float(x[i][b].d))),
+                                       _mm256_cvtepi32_ps(sum32[i]));
+        float_barrier(product);
+        acc[i] = _mm256_add_ps(acc[i], product);
       }
     }
+    store_panel_outputs<RM>(op, acc, r0, o0, n_valid);
   }
 };
 
@@ -281,10 +348,8 @@ struct PackedQ4_0 {
 // products of 15 · 128 = 30720 each, then madd with the scale in both halves), which is multiplied
 // by the row's 6-bit scale; the mins term Σ min · Σx takes the activation block's 16-element sums.
 // The integer sums are dot_q4_k's, and so are the float operations per block and output, in the
-// same order and unfused (the barriers keep the compiler from contracting them into FMAs), so the
-// packed kernels give the scalar matmul's results bit for bit on every ISA.
-
-inline void float_barrier(__m256& v) { asm("# float barrier" : "+x"(v)); }
+// same order and unfused (float_barrier), so the packed kernels give the scalar matmul's results
+// bit for bit on every ISA.
 
 // Lane j: the 8 bytes at p[0..8) as int32 (row j's scale or min of one sub-block).
 inline __m256i bytes_to_i32x8(const uint8_t* p) {
@@ -402,17 +467,140 @@ struct PackedQ4_K {
         acc[i] = _mm256_add_ps(acc[i], _mm256_sub_ps(scaled, mins));
       }
     }
+    store_panel_outputs<RM>(op, acc, r0, o0, n_valid);
+  }
+};
+
+// ---- Q6_K weights packed in 8-row panels × Q8_K activations ----
+//
+// Panel layout in kernels/packed_weights.hpp. A 16-element group g (half h = g / 8, run
+// (g / 2) % 4 of that half, first or second 16 of the run) takes 4 chunks of ql bytes and 4 of qh
+// bytes; each 6-bit value is rebuilt in its byte (nibble | 2 bits << 4, shifts fixed at compile
+// time) and dotted with 4 activation bytes broadcast to every lane: VNNI sums the group in 32 bits
+// and multiplies by the row's scale once; AVX2's maddubs pair sums (at most 2 · 63 · 128) are
+// multiplied by the scale in each chunk by madd. The −32 offset is −32 · Σ_g scale · Σx, from the
+// activation block's 16-element sums. As for Q4_K, the integer sums and float operations are
+// dot_q6_k's, so the results equal the scalar matmul's bit for bit.
+
+struct PackedQ6_K {
+  static constexpr int64_t kPanelRows = 8;
+  static constexpr int64_t kGroupBytes = 1680;
+
+  // Group g's 6-bit values for chunk c4 (0..3) of the group: lane j, byte t is the value of
+  // element 16 g + 4 c4 + t of row j.
+  template <int g>
+  static __m256i values(const uint8_t* group, int c4) {
+    constexpr int half = g / 8, run = (g / 2) % 4;
+    const int c = 4 * (g % 2) + c4;  // chunk within the run: elements l = 4c..4c+3
+    const __m256i ql = _mm256_loadu_si256(
+        reinterpret_cast<const __m256i*>(group + 144 + 32 * (16 * half + 8 * (run % 2) + c)));
+    const __m256i qh =
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(group + 1168 + 32 * (8 * half + c)));
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    const __m256i low =
+        run < 2 ? _mm256_and_si256(ql, low4) : _mm256_and_si256(_mm256_srli_epi16(ql, 4), low4);
+    // The run's two bits, masked in place first so that the 16-bit shifts move no bit across bytes.
+    const __m256i bits = _mm256_and_si256(qh, _mm256_set1_epi8(static_cast<char>(3 << (2 * run))));
+    __m256i high;
+    if constexpr (2 * run < 4) {
+      high = _mm256_slli_epi16(bits, 4 - 2 * run);
+    } else if constexpr (2 * run > 4) {
+      high = _mm256_srli_epi16(bits, 2 * run - 4);
+    } else {
+      high = bits;
+    }
+    return _mm256_or_si256(low, high);
+  }
+
+  // Σ_g scale[g] · bsums[g], lane j for row j; scale_pairs[t] holds (scale[2t], scale[2t + 1]) as
+  // int16 in lane j.
+  static __m256i offset_term(const __m256i (&scale_pairs)[8], const BlockQ8_K& xb) {
+    __m256i sum = _mm256_setzero_si256();
     NIBBLE_UNROLL
-    for (int i = 0; i < RM; ++i) {
-      float* y = op.y + (r0 + i) * op.y_stride + o0;
-      if (n_valid == kPanelRows) {
-        _mm256_storeu_ps(y, acc[i]);
-      } else {
-        alignas(32) float lanes[kPanelRows];
-        _mm256_store_ps(lanes, acc[i]);
-        for (int64_t j = 0; j < n_valid; ++j) y[j] = lanes[j];
+    for (int t = 0; t < 8; ++t) {
+      int32_t pair;  // bsums[2t] and bsums[2t + 1] as one 32-bit lane
+      std::memcpy(&pair, xb.bsums + 2 * t, sizeof pair);
+      sum = _mm256_add_epi32(sum, _mm256_madd_epi16(scale_pairs[t], _mm256_set1_epi32(pair)));
+    }
+    return sum;
+  }
+
+  template <int g, int RM>
+  static void add_group(const uint8_t* group, const BlockQ8_K* const (&x)[RM], int64_t b,
+                        __m256i (&sum_scaled)[RM]) {
+    const __m256i scale =
+        _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(group + 16 + 8 * g)));
+#ifdef __AVX512VNNI__
+    __m256i dot[RM];
+    NIBBLE_UNROLL
+    for (int i = 0; i < RM; ++i) dot[i] = _mm256_setzero_si256();
+    NIBBLE_UNROLL
+    for (int c4 = 0; c4 < 4; ++c4) {
+      const __m256i q = values<g>(group, c4);
+      NIBBLE_UNROLL
+      for (int i = 0; i < RM; ++i)
+        dot[i] = _mm256_dpbusd_epi32(dot[i], q, broadcast_4_bytes(x[i][b].qs + 16 * g + 4 * c4));
+    }
+    NIBBLE_UNROLL
+    for (int i = 0; i < RM; ++i)
+      sum_scaled[i] = _mm256_add_epi32(sum_scaled[i], _mm256_mullo_epi32(dot[i], scale));
+#else
+    // The scale in both 16-bit halves (two's complement), for madd.
+    const __m256i scale2 =
+        _mm256_or_si256(_mm256_and_si256(scale, _mm256_set1_epi32(0xFFFF)), _mm256_slli_epi32(scale, 16));
+    NIBBLE_UNROLL
+    for (int c4 = 0; c4 < 4; ++c4) {
+      const __m256i q = values<g>(group, c4);
+      NIBBLE_UNROLL
+      for (int i = 0; i < RM; ++i) {
+        const __m256i pairs = _mm256_maddubs_epi16(q, broadcast_4_bytes(x[i][b].qs + 16 * g + 4 * c4));
+        sum_scaled[i] = _mm256_add_epi32(sum_scaled[i], _mm256_madd_epi16(pairs, scale2));
       }
     }
+#endif
+  }
+
+  template <int RM, int... g>
+  static void add_groups(const uint8_t* group, const BlockQ8_K* const (&x)[RM], int64_t b,
+                         __m256i (&sum_scaled)[RM], std::integer_sequence<int, g...>) {
+    (add_group<g, RM>(group, x, b, sum_scaled), ...);
+  }
+
+  // Outputs [o0, o0 + n_valid) of activation rows [r0, r0 + RM) from one panel.
+  template <int RM>
+  static void tile(const MatmulOperands& op, const uint8_t* panel, int64_t r0, int64_t o0, int64_t n_valid) {
+    const int64_t n_blocks = op.k / kQK_K;
+    const BlockQ8_K* x[RM];
+    __m256 acc[RM];
+    NIBBLE_UNROLL
+    for (int i = 0; i < RM; ++i) {
+      x[i] = reinterpret_cast<const BlockQ8_K*>(op.x + (r0 + i) * op.x_stride);
+      acc[i] = _mm256_setzero_ps();
+    }
+    for (int64_t b = 0; b < n_blocks; ++b) {
+      const uint8_t* group = panel + b * kGroupBytes;
+      __m256i sum_scaled[RM];
+      NIBBLE_UNROLL
+      for (int i = 0; i < RM; ++i) sum_scaled[i] = _mm256_setzero_si256();
+      add_groups<RM>(group, x, b, sum_scaled, std::make_integer_sequence<int, 16>{});
+      __m256i scale_pairs[8];
+      NIBBLE_UNROLL
+      for (int t = 0; t < 8; ++t) {
+        const __m128i scales = _mm_loadu_si128(reinterpret_cast<const __m128i*>(group + 16 + 16 * t));
+        scale_pairs[t] = _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(scales, _mm_srli_si128(scales, 8)));
+      }
+      const __m256 w_d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(group)));
+      NIBBLE_UNROLL
+      for (int i = 0; i < RM; ++i) {
+        const __m256i total =
+            _mm256_sub_epi32(sum_scaled[i], _mm256_slli_epi32(offset_term(scale_pairs, x[i][b]), 5));
+        __m256 product =
+            _mm256_mul_ps(_mm256_mul_ps(w_d, _mm256_set1_ps(x[i][b].d)), _mm256_cvtepi32_ps(total));
+        float_barrier(product);
+        acc[i] = _mm256_add_ps(acc[i], product);
+      }
+    }
+    store_panel_outputs<RM>(op, acc, r0, o0, n_valid);
   }
 };
 
@@ -917,7 +1105,9 @@ nibble::kernels::detail::IsaKernels make_x86_kernels(const char* isa_name) {
       kquant_range<KQuantFamily<true>>,
       kquant_range<KQuantFamily<false>>,
       packed_range<PackedQ4_0>,
+      packed_range<PackedQ8_0>,
       packed_range<PackedQ4_K>,
+      packed_range<PackedQ6_K>,
       quantize_q8_0,
       quantize_q8_k,
       q8_0_block_info,

@@ -30,6 +30,18 @@ void pack_q4_0_panel(const BlockQ4_0* rows, int64_t n_out, int64_t n_blocks, int
   }
 }
 
+void pack_q8_0_panel(const BlockQ8_0* rows, int64_t n_out, int64_t n_blocks, int64_t p, uint8_t* out) {
+  for (int64_t b = 0; b < n_blocks; ++b, out += kQ8_0PanelBlockBytes) {
+    for (int64_t j = 0; j < kPanelRows; ++j) {
+      const int64_t row = p * kPanelRows + j;
+      BlockQ8_0 block{};  // padding rows: scale 0, quants 0
+      if (row < n_out) block = rows[row * n_blocks + b];
+      std::memcpy(out + 2 * j, &block.d, sizeof block.d);
+      for (int c = 0; c < 8; ++c) std::memcpy(out + 16 + 32 * c + 4 * j, block.qs + 4 * c, 4);
+    }
+  }
+}
+
 void pack_q4_k_panel(const BlockQ4_K* rows, int64_t n_out, int64_t n_blocks, int64_t p, uint8_t* out) {
   for (int64_t b = 0; b < n_blocks; ++b, out += kQ4_KPanelBlockBytes) {
     for (int64_t j = 0; j < kPanelRows; ++j) {
@@ -46,9 +58,27 @@ void pack_q4_k_panel(const BlockQ4_K* rows, int64_t n_out, int64_t n_blocks, int
   }
 }
 
+void pack_q6_k_panel(const BlockQ6_K* rows, int64_t n_out, int64_t n_blocks, int64_t p, uint8_t* out) {
+  for (int64_t b = 0; b < n_blocks; ++b, out += kQ6_KPanelBlockBytes) {
+    for (int64_t j = 0; j < kPanelRows; ++j) {
+      const int64_t row = p * kPanelRows + j;
+      BlockQ6_K block{};  // padding rows: d 0, every scale and quant 0
+      if (row < n_out) block = rows[row * n_blocks + b];
+      std::memcpy(out + 2 * j, &block.d, sizeof block.d);
+      for (int group = 0; group < 16; ++group) std::memcpy(out + 16 + 8 * group + j, &block.scales[group], 1);
+      for (int chunk = 0; chunk < 32; ++chunk)
+        std::memcpy(out + 144 + 32 * chunk + 4 * j, block.ql + 4 * chunk, 4);
+      for (int chunk = 0; chunk < 16; ++chunk)
+        std::memcpy(out + 1168 + 32 * chunk + 4 * j, block.qh + 4 * chunk, 4);
+    }
+  }
+}
+
 }  // namespace
 
-bool can_pack_for_matmul(DType w_type) { return w_type == DType::Q4_0 || w_type == DType::Q4_K; }
+bool can_pack_for_matmul(DType w_type) {
+  return w_type == DType::Q4_0 || w_type == DType::Q8_0 || w_type == DType::Q4_K || w_type == DType::Q6_K;
+}
 
 PackedMatrix pack_for_matmul(DType w_type, const void* w, int64_t n_out, int64_t k) {
   PackedMatrix packed;
@@ -67,8 +97,12 @@ PackedMatrix pack_for_matmul(DType w_type, const void* w, int64_t n_out, int64_t
     uint8_t* out = packed.data_.get() + p * packed.panel_bytes();
     if (w_type == DType::Q4_0) {
       pack_q4_0_panel(static_cast<const BlockQ4_0*>(w), n_out, n_blocks, p, out);
-    } else {
+    } else if (w_type == DType::Q8_0) {
+      pack_q8_0_panel(static_cast<const BlockQ8_0*>(w), n_out, n_blocks, p, out);
+    } else if (w_type == DType::Q4_K) {
       pack_q4_k_panel(static_cast<const BlockQ4_K*>(w), n_out, n_blocks, p, out);
+    } else {
+      pack_q6_k_panel(static_cast<const BlockQ6_K*>(w), n_out, n_blocks, p, out);
     }
   }
   return packed;

@@ -1,6 +1,7 @@
 #pragma once
 // Weight matrices repacked once at load into a layout the CPU matmul reads faster. The weights stay
-// quantized (about the same bytes per block); only their order changes. Q4_0 and Q4_K are packed.
+// quantized (about the same bytes per block); only their order changes. Q4_0, Q8_0, Q4_K and Q6_K
+// (which Q4_K_M files use for some matrices) are packed.
 //
 // Both layouts group output rows in panels of 8 (the last panel padded with zero rows) and store a
 // panel's blocks one after the other, all 8 rows of a block together, so that a 256-bit load gives
@@ -13,6 +14,9 @@
 // where qs are the rows' Q4_0 nibble bytes (byte t holds element t in its low nibble and t+16 in
 // its high one).
 //
+// Q8_0: as Q4_0, in 272-byte groups: the 8 fp16 scales, then 8 chunks of 32 bytes; chunk c is
+// qs[4c..4c+3] of row 0, of row 1, ... of row 7 (the rows' signed 8-bit quants in element order).
+//
 // Q4_K: panel p holds rows 8p..8p+7 as k/256 consecutive 1184-byte groups, one per super-block:
 //   bytes [0, 16):     the 8 rows' fp16 d, row 0 first
 //   bytes [16, 32):    the 8 rows' fp16 dmin
@@ -23,6 +27,14 @@
 // where qs are the rows' Q4_K nibble bytes (the 32 bytes of run r hold sub-block 2r in their low
 // nibbles and sub-block 2r + 1 in their high ones). 148 bytes a row and super-block against the
 // file's 144: the scales are unpacked from 12 bytes to 16 so that the kernel needs no bit fiddling.
+//
+// Q6_K: panel p holds rows 8p..8p+7 as k/256 consecutive 1680-byte groups (the file's 210 bytes a
+// row and super-block), one per super-block:
+//   bytes [0, 16):      the 8 rows' fp16 d
+//   bytes [16, 144):    the signed 8-bit scales of the 16-element groups, [group 0..15][row 0..7]
+//   bytes [144, 1168):  32 chunks of 32 bytes; chunk n is ql[4n..4n+3] of row 0, ... of row 7
+//   bytes [1168, 1680): 16 chunks of 32 bytes; chunk n is qh[4n..4n+3] of row 0, ... of row 7
+// where ql and qh are the rows' Q6_K low-nibble and high-2-bit bytes.
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -35,8 +47,11 @@ namespace nibble::kernels {
 
 inline constexpr int64_t kPanelRows = 8;
 inline constexpr int64_t kQ4_0PanelBlockBytes = 144;  // 8 scales + 8 rows × 16 nibble bytes
-inline constexpr int64_t kQ4_KPanelBlockBytes =
-    1184;  // 8 × (d, dmin) + 8 × 16 scale bytes + 8 × 128 nibble bytes
+inline constexpr int64_t kQ8_0PanelBlockBytes = 272;  // 8 scales + 8 rows × 32 quant bytes
+// Bytes of one block of 8 rows: Q4_K 8 × (d, dmin, 8 scales, 8 mins, 128 nibble bytes), Q6_K
+// 8 × (d, 16 scales, 128 ql bytes, 64 qh bytes).
+inline constexpr int64_t kQ4_KPanelBlockBytes = 1184;
+inline constexpr int64_t kQ6_KPanelBlockBytes = 1680;
 
 class PackedMatrix {
  public:
@@ -48,7 +63,16 @@ class PackedMatrix {
   int64_t k() const { return k_; }
   // Bytes from one panel to the next.
   int64_t panel_bytes() const {
-    return type_ == DType::Q4_K ? k_ / kQK_K * kQ4_KPanelBlockBytes : k_ / kQK4_0 * kQ4_0PanelBlockBytes;
+    switch (type_) {
+      case DType::Q4_K:
+        return k_ / kQK_K * kQ4_KPanelBlockBytes;
+      case DType::Q6_K:
+        return k_ / kQK_K * kQ6_KPanelBlockBytes;
+      case DType::Q8_0:
+        return k_ / kQK8_0 * kQ8_0PanelBlockBytes;
+      default:
+        return k_ / kQK4_0 * kQ4_0PanelBlockBytes;
+    }
   }
   int64_t n_panels() const { return (n_out_ + kPanelRows - 1) / kPanelRows; }
   size_t size_bytes() const { return static_cast<size_t>(n_panels() * panel_bytes()); }

@@ -74,7 +74,7 @@ struct LlamaWeights {
   static LlamaWeights bind(const HfCheckpoint& checkpoint, const LlamaConfig& config, int64_t layer_begin = 0,
                            int64_t layer_end = -1);
 
-  // Repacks every matrix the CPU matmul reads faster packed (Q4_0; see
+  // Repacks every matrix the CPU matmul reads faster packed (Q4_0, Q4_K, Q6_K; see
   // kernels/can_pack_for_matmul) into `packed`, one at a time. With release_source, each source
   // range of the (read-only) file mapping is then dropped from memory, so that resident memory
   // stays about the file's size instead of twice it.

@@ -1,4 +1,4 @@
-// Packed Q4_0 and Q4_K weights (kernels/packed_weights.hpp) on every ISA the CPU has: against
+// Packed Q4_0, Q8_0, Q4_K and Q6_K weights (kernels/packed_weights.hpp) on every ISA the CPU has: against
 // matmul_reference, against the unpacked matmul, and across thread counts.
 #include <gtest/gtest.h>
 
@@ -41,17 +41,24 @@ std::vector<uint8_t> random_q4_0(int64_t n_out, int64_t k, uint64_t seed) {
   return random_quantized(DType::Q4_0, n_out, k, seed);
 }
 
-// Q4_K blocks of random bytes (every 6-bit scale and min, up to 63, and every nibble), with small
-// positive super-block scales: the integer sums' extremes, which a quantizer rarely produces.
-std::vector<uint8_t> random_q4_k_bytes(int64_t n_out, int64_t k, uint64_t seed) {
-  std::vector<uint8_t> w(static_cast<size_t>(n_out * row_bytes(DType::Q4_K, k)));
+// Q8_0 / K-quant blocks of random bytes (every quant, -128 included; every 6-bit scale and min up
+// to 63, every signed Q6_K scale), with small positive block scales: the integer sums' extremes,
+// which a quantizer rarely produces.
+std::vector<uint8_t> random_block_bytes(DType type, int64_t n_out, int64_t k, uint64_t seed) {
+  std::vector<uint8_t> w(static_cast<size_t>(n_out * row_bytes(type, k)));
   std::mt19937_64 rng(seed);
   for (uint8_t& byte : w) byte = static_cast<uint8_t>(rng());
   std::uniform_real_distribution<float> scale(0.001f, 0.01f);
-  for (int64_t b = 0; b < n_out * k / kQK_K; ++b) {
-    auto* block = reinterpret_cast<BlockQ4_K*>(w.data()) + b;
-    block->d = fp32_to_fp16(scale(rng));
-    block->dmin = fp32_to_fp16(scale(rng));
+  for (int64_t b = 0; b < n_out * k / type_info(type).block_elems; ++b) {
+    if (type == DType::Q8_0) {
+      reinterpret_cast<BlockQ8_0*>(w.data())[b].d = fp32_to_fp16(scale(rng));
+    } else if (type == DType::Q4_K) {
+      auto* block = reinterpret_cast<BlockQ4_K*>(w.data()) + b;
+      block->d = fp32_to_fp16(scale(rng));
+      block->dmin = fp32_to_fp16(scale(rng));
+    } else {
+      reinterpret_cast<BlockQ6_K*>(w.data())[b].d = fp32_to_fp16(scale(rng) * 0.1f);
+    }
   }
   return w;
 }
@@ -114,27 +121,33 @@ TEST_P(KernelPacked, MatchesUnpackedAndReference) {
 
 INSTANTIATE_TEST_SUITE_P(AllIsas, KernelPacked, ::testing::Values("scalar", "avx2", "avx512"));
 
-class KernelPackedQ4K : public ::testing::TestWithParam<std::string> {};
+class KernelPackedBitForBit : public ::testing::TestWithParam<std::tuple<std::string, DType>> {};
 
-// Odd shapes as for Q4_0, k from one super-block to several. The packed kernels do dot_q4_k's
-// integer sums and float operations in its order on every ISA, so they must equal the scalar
-// unpacked matmul bit for bit, whatever the activation row count or thread split.
-TEST_P(KernelPackedQ4K, MatchesScalarBitForBitAndTheReference) {
+// Odd shapes as for Q4_0, k from one block to several. The packed kernels do dot_q8_0's /
+// dot_q4_k's / dot_q6_k's integer sums and float operations in their order on every ISA, so they
+// must equal the scalar unpacked matmul bit for bit, whatever the activation row count or thread
+// split.
+TEST_P(KernelPackedBitForBit, MatchesScalarBitForBitAndTheReference) {
+  const auto& [isa, type] = GetParam();
   ForcedIsa forced;
-  if (!forced.force(GetParam())) GTEST_SKIP() << "this CPU does not support " << GetParam();
+  if (!forced.force(isa)) GTEST_SKIP() << "this CPU does not support " << isa;
+  // A block's bytes for one row, packed: the file's, but for Q4_K's scales unpacked to 16 bytes.
+  const int64_t packed_row_bytes = type == DType::Q4_K ? 148 : type_info(type).block_bytes;
+  const int64_t block = type_info(type).block_elems;
   ThreadPool serial(1);
   ThreadPool threaded(3);
   for (const bool quantized : {true, false}) {
     for (int64_t n_out : {1, 7, 8, 13, 301}) {
-      for (int64_t k : {256, 768, 2304}) {
+      for (int64_t k : {block, 3 * block, 9 * block}) {
         const uint64_t seed = 11 + n_out + k;
         const std::vector<uint8_t> w =
-            quantized ? random_quantized(DType::Q4_K, n_out, k, seed) : random_q4_k_bytes(n_out, k, seed);
-        const PackedMatrix packed = pack_for_matmul(DType::Q4_K, w.data(), n_out, k);
+            quantized ? random_quantized(type, n_out, k, seed) : random_block_bytes(type, n_out, k, seed);
+        const PackedMatrix packed = pack_for_matmul(type, w.data(), n_out, k);
         ASSERT_FALSE(packed.empty());
-        EXPECT_EQ(packed.type(), DType::Q4_K);
+        EXPECT_EQ(packed.type(), type);
         EXPECT_EQ(packed.n_out(), n_out);
-        EXPECT_EQ(packed.size_bytes(), static_cast<size_t>((n_out + 7) / 8 * 8 * k / kQK_K * 148));
+        EXPECT_EQ(packed.size_bytes(),
+                  static_cast<size_t>((n_out + 7) / 8 * 8 * k / block * packed_row_bytes));
         for (int64_t m : {1, 3, 4, 5, 33}) {
           SCOPED_TRACE(std::string(quantized ? "quantized" : "random bytes") + " n_out=" +
                        std::to_string(n_out) + " k=" + std::to_string(k) + " m=" + std::to_string(m));
@@ -145,14 +158,13 @@ TEST_P(KernelPackedQ4K, MatchesScalarBitForBitAndTheReference) {
           {
             ForcedIsa scalar;
             ASSERT_TRUE(scalar.force("scalar"));
-            ASSERT_EQ(matmul(DType::Q4_K, w.data(), n_out, k, x.data(), m, y_scalar.data(), serial),
-                      Status::ok);
+            ASSERT_EQ(matmul(type, w.data(), n_out, k, x.data(), m, y_scalar.data(), serial), Status::ok);
           }
-          ASSERT_EQ(matmul_reference(DType::Q4_K, w.data(), n_out, k, x.data(), m, y_ref.data()), Status::ok);
+          ASSERT_EQ(matmul_reference(type, w.data(), n_out, k, x.data(), m, y_ref.data()), Status::ok);
           EXPECT_EQ(y, y_threaded);
           EXPECT_EQ(y, y_scalar);
-          // Every row's first output alone (m = 1) equals its output in the batch: a verification
-          // pass over k + 1 rows reproduces plain decoding.
+          // A row's outputs alone (m = 1) equal its outputs in the batch: a verification pass over
+          // k + 1 rows reproduces plain decoding.
           if (m > 1) {
             std::vector<float> y_row(n_out);
             ASSERT_EQ(matmul_packed(packed, x.data() + (m - 1) * k, 1, y_row.data(), serial), Status::ok);
@@ -167,14 +179,22 @@ TEST_P(KernelPackedQ4K, MatchesScalarBitForBitAndTheReference) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(AllIsas, KernelPackedQ4K, ::testing::Values("scalar", "avx2", "avx512"));
+INSTANTIATE_TEST_SUITE_P(AllIsas, KernelPackedBitForBit,
+                         ::testing::Combine(::testing::Values("scalar", "avx2", "avx512"),
+                                            ::testing::Values(DType::Q8_0, DType::Q4_K, DType::Q6_K)),
+                         [](const auto& param_info) {
+                           return std::get<0>(param_info.param) + "_" +
+                                  type_name(std::get<1>(param_info.param));
+                         });
 
 TEST(KernelPackedArguments, UnsupportedInputsGiveEmptyMatrices) {
   const std::vector<uint8_t> w = random_q4_0(8, 64, 1);
   EXPECT_TRUE(can_pack_for_matmul(DType::Q4_0));
   EXPECT_TRUE(can_pack_for_matmul(DType::Q4_K));
-  EXPECT_FALSE(can_pack_for_matmul(DType::Q8_0));
-  EXPECT_TRUE(pack_for_matmul(DType::Q8_0, w.data(), 8, 64).empty());
+  EXPECT_TRUE(can_pack_for_matmul(DType::Q6_K));
+  EXPECT_TRUE(can_pack_for_matmul(DType::Q8_0));
+  EXPECT_FALSE(can_pack_for_matmul(DType::F16));
+  EXPECT_TRUE(pack_for_matmul(DType::F16, w.data(), 8, 64).empty());
   EXPECT_TRUE(pack_for_matmul(DType::Q4_0, w.data(), 8, 48).empty());
   EXPECT_TRUE(pack_for_matmul(DType::Q4_K, w.data(), 1, 64).empty());  // k not a multiple of 256
   EXPECT_TRUE(pack_for_matmul(DType::Q4_0, w.data(), 0, 64).empty());

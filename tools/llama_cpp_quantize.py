@@ -1,0 +1,25 @@
+#!/usr/bin/env python3
+"""Quantizes a GGUF with llama.cpp's own quantizer (llama-quantize's mixes, through llama-cpp-python),
+so that benchmarks can run on the files llama.cpp users have, e.g. a Q4_K_M of `nibble make-model`'s
+F16 model. Usage: llama_cpp_quantize.py IN.gguf OUT.gguf [q4_k_m|q4_k_s|q4_0|q6_k|q8_0]"""
+import ctypes
+import sys
+
+try:
+    import llama_cpp
+except ImportError:
+    sys.exit("llama_cpp (pip install llama-cpp-python) is not installed")
+
+FTYPES = {
+    "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
+    "q4_k_s": "LLAMA_FTYPE_MOSTLY_Q4_K_S",
+    "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
+    "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K",
+    "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
+}
+if len(sys.argv) not in (3, 4) or (len(sys.argv) == 4 and sys.argv[3] not in FTYPES):
+    sys.exit(__doc__)
+params = llama_cpp.llama_model_quantize_default_params()
+params.ftype = getattr(llama_cpp, FTYPES[sys.argv[3] if len(sys.argv) == 4 else "q4_k_m"])
+if llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(params)) != 0:
+    sys.exit(f"llama.cpp could not quantize {sys.argv[1]}")

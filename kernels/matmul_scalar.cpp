@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "kernels/matmul_internal.hpp"
+#include "kernels/packed_weights.hpp"
 #include "kernels/quant_internal.hpp"
 
 namespace nibble::kernels::detail {
@@ -129,136 +130,23 @@ void quant_range(const MatmulOperands& op, int64_t o_begin, int64_t o_end) {
   }
 }
 
-// Q4_0 packed in 8-row panels (kernels/packed_weights.hpp): the same integer block sums and float
-// accumulation as dot_q4_0, with the −8 offset applied as −8·Σx from the block info.
-void q4_0_packed_range(const MatmulOperands& op, int64_t o_begin, int64_t o_end) {
-  constexpr int kPanelRows = 8;
-  constexpr int kGroupBytes = 144;
-  const int64_t n_blocks = op.k / kQK4_0;
+// A packed matrix (kernels/packed_weights.hpp) read back a block at a time into the file's layout
+// and dotted by the same function as the unpacked matrix: the same integer sums and float
+// accumulation, so the same results.
+template <DType kType, float (*Dot)(const uint8_t*, const uint8_t*, int64_t)>
+void packed_range(const MatmulOperands& op, int64_t o_begin, int64_t o_end) {
+  const TypeInfo& info = type_info(kType);
+  const int64_t n_blocks = op.k / info.block_elems;
+  const int64_t x_block_bytes = op.x_stride / n_blocks;  // Q8_0 or Q8_K blocks
+  uint8_t block[kMaxBlockBytes];
   for (int64_t o = o_begin; o < o_end; ++o) {
     const uint8_t* panel = op.w + (o / kPanelRows) * op.w_stride;
     const int lane = static_cast<int>(o % kPanelRows);
     for (int64_t r = 0; r < op.m; ++r) {
-      const auto* x = reinterpret_cast<const BlockQ8_0*>(op.x + r * op.x_stride);
-      const Q8_0BlockInfo* info = op.x_info + r * n_blocks;
       float sum = 0.0f;
       for (int64_t b = 0; b < n_blocks; ++b) {
-        const uint8_t* group = panel + b * kGroupBytes;
-        f16_bits d;
-        std::memcpy(&d, group + 2 * lane, sizeof d);
-        int sumi = -info[b].sum_times_8;
-        for (int c = 0; c < 4; ++c) {
-          for (int t = 0; t < 4; ++t) {
-            const uint8_t q = group[16 + 32 * c + 4 * lane + t];
-            sumi += (q & 0xF) * x[b].qs[4 * c + t] + (q >> 4) * x[b].qs[16 + 4 * c + t];
-          }
-        }
-        sum += fp16_to_fp32(d) * info[b].d * static_cast<float>(sumi);
-      }
-      op.y[r * op.y_stride + o] = sum;
-    }
-  }
-}
-
-// Q8_0 packed in 8-row panels (kernels/packed_weights.hpp): the same integer block sums and float
-// accumulation as dot_q8_0.
-void q8_0_packed_range(const MatmulOperands& op, int64_t o_begin, int64_t o_end) {
-  constexpr int kPanelRows = 8;
-  constexpr int kGroupBytes = 272;
-  const int64_t n_blocks = op.k / kQK8_0;
-  for (int64_t o = o_begin; o < o_end; ++o) {
-    const uint8_t* panel = op.w + (o / kPanelRows) * op.w_stride;
-    const int lane = static_cast<int>(o % kPanelRows);
-    for (int64_t r = 0; r < op.m; ++r) {
-      const auto* x = reinterpret_cast<const BlockQ8_0*>(op.x + r * op.x_stride);
-      float sum = 0.0f;
-      for (int64_t b = 0; b < n_blocks; ++b) {
-        const uint8_t* group = panel + b * kGroupBytes;
-        f16_bits d;
-        std::memcpy(&d, group + 2 * lane, sizeof d);
-        int sumi = 0;
-        for (int j = 0; j < kQK8_0; ++j)
-          sumi += static_cast<int8_t>(group[16 + 32 * (j / 4) + 4 * lane + j % 4]) * x[b].qs[j];
-        sum += fp16_to_fp32(d) * fp16_to_fp32(x[b].d) * static_cast<float>(sumi);
-      }
-      op.y[r * op.y_stride + o] = sum;
-    }
-  }
-}
-
-// Q4_K packed in 8-row panels (kernels/packed_weights.hpp): the same integer sums and float
-// accumulation as dot_q4_k.
-void q4_k_packed_range(const MatmulOperands& op, int64_t o_begin, int64_t o_end) {
-  constexpr int kPanelRows = 8;
-  constexpr int kGroupBytes = 1184;
-  const int64_t n_blocks = op.k / kQK_K;
-  for (int64_t o = o_begin; o < o_end; ++o) {
-    const uint8_t* panel = op.w + (o / kPanelRows) * op.w_stride;
-    const int lane = static_cast<int>(o % kPanelRows);
-    for (int64_t r = 0; r < op.m; ++r) {
-      const auto* x = reinterpret_cast<const BlockQ8_K*>(op.x + r * op.x_stride);
-      float sum = 0.0f;
-      for (int64_t b = 0; b < n_blocks; ++b) {
-        const uint8_t* group = panel + b * kGroupBytes;
-        f16_bits d, dmin;
-        std::memcpy(&d, group + 2 * lane, sizeof d);
-        std::memcpy(&dmin, group + 16 + 2 * lane, sizeof dmin);
-        int sum_scaled = 0;
-        int sum_mins = 0;
-        for (int sub = 0; sub < 8; ++sub) {
-          const int shift = (sub % 2) * 4;
-          int dot = 0;
-          for (int l = 0; l < 32; ++l) {
-            const uint8_t q = group[160 + 32 * (8 * (sub / 2) + l / 4) + 4 * lane + l % 4];
-            dot += ((q >> shift) & 0xF) * x[b].qs[32 * sub + l];
-          }
-          sum_scaled += group[32 + 8 * sub + lane] * dot;
-          sum_mins += group[96 + 8 * sub + lane] * (x[b].bsums[2 * sub] + x[b].bsums[2 * sub + 1]);
-        }
-        sum += fp16_to_fp32(d) * x[b].d * static_cast<float>(sum_scaled) -
-               fp16_to_fp32(dmin) * x[b].d * static_cast<float>(sum_mins);
-      }
-      op.y[r * op.y_stride + o] = sum;
-    }
-  }
-}
-
-// Q6_K packed in 8-row panels (kernels/packed_weights.hpp): the same integer sums and float
-// accumulation as dot_q6_k.
-void q6_k_packed_range(const MatmulOperands& op, int64_t o_begin, int64_t o_end) {
-  constexpr int kPanelRows = 8;
-  constexpr int kGroupBytes = 1680;
-  const int64_t n_blocks = op.k / kQK_K;
-  for (int64_t o = o_begin; o < o_end; ++o) {
-    const uint8_t* panel = op.w + (o / kPanelRows) * op.w_stride;
-    const int lane = static_cast<int>(o % kPanelRows);
-    for (int64_t r = 0; r < op.m; ++r) {
-      const auto* x = reinterpret_cast<const BlockQ8_K*>(op.x + r * op.x_stride);
-      float sum = 0.0f;
-      for (int64_t b = 0; b < n_blocks; ++b) {
-        const uint8_t* group = panel + b * kGroupBytes;
-        // Row `lane`'s bytes back in the block's order: ql[i] and qh[i] sit in chunk i / 4.
-        auto ql = [&](int i) { return group[144 + 32 * (i / 4) + 4 * lane + i % 4]; };
-        auto qh = [&](int i) { return group[1168 + 32 * (i / 4) + 4 * lane + i % 4]; };
-        f16_bits d;
-        std::memcpy(&d, group + 2 * lane, sizeof d);
-        int sum_scaled = 0;
-        int sum_offset = 0;
-        for (int g = 0; g < kQK_K / 16; ++g) {
-          const auto scale = static_cast<int8_t>(group[16 + 8 * g + lane]);
-          int dot = 0;
-          for (int t = 0; t < 16; ++t) {
-            const int e = 16 * g + t;  // as in q6_k_unsigned
-            const int half = e / 128, run = (e % 128) / 32, l = e % 32;
-            const uint8_t low_byte = ql(64 * half + l + 32 * (run % 2));
-            const int low = run < 2 ? (low_byte & 0xF) : (low_byte >> 4);
-            const int high = (qh(32 * half + l) >> (2 * run)) & 3;
-            dot += (low | (high << 4)) * x[b].qs[e];
-          }
-          sum_scaled += scale * dot;
-          sum_offset += scale * x[b].bsums[g];
-        }
-        sum += fp16_to_fp32(d) * x[b].d * static_cast<float>(sum_scaled - 32 * sum_offset);
+        unpack_panel_lane(kType, panel + b * packed_group_bytes(kType), lane, block);
+        sum += Dot(block, op.x + r * op.x_stride + b * x_block_bytes, info.block_elems);
       }
       op.y[r * op.y_stride + o] = sum;
     }
@@ -320,10 +208,10 @@ const IsaKernels kScalarKernels{
     quant_range<dot_q8_0>,
     quant_range<dot_q4_k>,
     quant_range<dot_q6_k>,
-    q4_0_packed_range,
-    q8_0_packed_range,
-    q4_k_packed_range,
-    q6_k_packed_range,
+    packed_range<DType::Q4_0, dot_q4_0>,
+    packed_range<DType::Q8_0, dot_q8_0>,
+    packed_range<DType::Q4_K, dot_q4_k>,
+    packed_range<DType::Q6_K, dot_q6_k>,
     quantize_q8_0,
     quantize_q8_k,
     q8_0_block_info,

@@ -210,6 +210,33 @@ inline void store_panel_outputs(const MatmulOperands& op, const __m256 (&acc)[RM
   }
 }
 
+// The tile of a packed type whose block gives each output row one float term (Q8_0, Q4_K, Q6_K):
+// Packed::block_terms<RM>(group, x, b, terms) computes block b's term for every row of the tile
+// (lane j: output o0 + j), which is added to the row's sum unfused, in block order, as the scalar
+// dot functions add theirs.
+template <typename Packed, int RM>
+void panel_tile(const MatmulOperands& op, const uint8_t* panel, int64_t r0, int64_t o0, int64_t n_valid) {
+  using XBlock = typename Packed::XBlock;
+  const int64_t n_blocks = op.k / Packed::kBlockElems;
+  const XBlock* x[RM];
+  __m256 acc[RM];
+  NIBBLE_UNROLL
+  for (int i = 0; i < RM; ++i) {
+    x[i] = reinterpret_cast<const XBlock*>(op.x + (r0 + i) * op.x_stride);
+    acc[i] = _mm256_setzero_ps();
+  }
+  for (int64_t b = 0; b < n_blocks; ++b) {
+    __m256 terms[RM];
+    Packed::template block_terms<RM>(panel + b * Packed::kGroupBytes, x, b, terms);
+    NIBBLE_UNROLL
+    for (int i = 0; i < RM; ++i) {
+      float_barrier(terms[i]);
+      acc[i] = _mm256_add_ps(acc[i], terms[i]);
+    }
+  }
+  store_panel_outputs<RM>(op, acc, r0, o0, n_valid);
+}
+
 struct PackedQ4_0 {
   static constexpr int64_t kPanelRows = 8;
   static constexpr int64_t kGroupBytes = 144;  // per block: 16 bytes of scales + 4 chunks of 32
@@ -293,49 +320,42 @@ struct PackedQ4_0 {
 // by madd in each chunk. The float operations are dot_q8_0's, unfused: bit for bit the scalar
 // matmul's results.
 struct PackedQ8_0 {
+  using XBlock = BlockQ8_0;
   static constexpr int64_t kPanelRows = 8;
   static constexpr int64_t kGroupBytes = 272;
+  static constexpr int64_t kBlockElems = kQK8_0;
 
-  // Outputs [o0, o0 + n_valid) of activation rows [r0, r0 + RM) from one panel.
+  // (w_d · x_d) · Σ w · x for each row of the tile.
   template <int RM>
-  static void tile(const MatmulOperands& op, const uint8_t* panel, int64_t r0, int64_t o0, int64_t n_valid) {
-    const int64_t n_blocks = op.k / kQK8_0;
-    const BlockQ8_0* x[RM];
-    __m256 acc[RM];
+  static void block_terms(const uint8_t* group, const BlockQ8_0* const (&x)[RM], int64_t b,
+                          __m256 (&terms)[RM]) {
+    __m256i sum32[RM];
     NIBBLE_UNROLL
-    for (int i = 0; i < RM; ++i) {
-      x[i] = reinterpret_cast<const BlockQ8_0*>(op.x + (r0 + i) * op.x_stride);
-      acc[i] = _mm256_setzero_ps();
-    }
-    for (int64_t b = 0; b < n_blocks; ++b) {
-      const uint8_t* group = panel + b * kGroupBytes;
-      __m256i sum32[RM];
-      NIBBLE_UNROLL
-      for (int i = 0; i < RM; ++i) sum32[i] = _mm256_setzero_si256();
-      NIBBLE_UNROLL
-      for (int c = 0; c < 8; ++c) {
-        const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(group + 16 + 32 * c));
-        const __m256i w_abs = _mm256_sign_epi8(w, w);
-        NIBBLE_UNROLL
-        for (int i = 0; i < RM; ++i) {
-          const __m256i x_signed = _mm256_sign_epi8(broadcast_4_bytes(x[i][b].qs + 4 * c), w);
-#ifdef __AVX512VNNI__
-          sum32[i] = _mm256_dpbusd_epi32(sum32[i], w_abs, x_signed);
-#else
-          sum32[i] = _mm256_add_epi32(sum32[i], pairwise_sum_i16(_mm256_maddubs_epi16(w_abs, x_signed)));
-#endif
-        }
-      }
-      const __m256 w_d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(group)));
+    for (int i = 0; i < RM; ++i) sum32[i] = _mm256_setzero_si256();
+    NIBBLE_UNROLL
+    for (int c = 0; c < 8; ++c) {
+      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(group + 16 + 32 * c));
+      const __m256i w_abs = _mm256_sign_epi8(w, w);
       NIBBLE_UNROLL
       for (int i = 0; i < RM; ++i) {
-        __m256 product = _mm256_mul_ps(_mm256_mul_ps(w_d, _mm256_set1_ps(half_to_float(x[i][b].d))),
-                                       _mm256_cvtepi32_ps(sum32[i]));
-        float_barrier(product);
-        acc[i] = _mm256_add_ps(acc[i], product);
+        const __m256i x_signed = _mm256_sign_epi8(broadcast_4_bytes(x[i][b].qs + 4 * c), w);
+#ifdef __AVX512VNNI__
+        sum32[i] = _mm256_dpbusd_epi32(sum32[i], w_abs, x_signed);
+#else
+        sum32[i] = _mm256_add_epi32(sum32[i], pairwise_sum_i16(_mm256_maddubs_epi16(w_abs, x_signed)));
+#endif
       }
     }
-    store_panel_outputs<RM>(op, acc, r0, o0, n_valid);
+    const __m256 w_d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(group)));
+    NIBBLE_UNROLL
+    for (int i = 0; i < RM; ++i)
+      terms[i] = _mm256_mul_ps(_mm256_mul_ps(w_d, _mm256_set1_ps(half_to_float(x[i][b].d))),
+                               _mm256_cvtepi32_ps(sum32[i]));
+  }
+
+  template <int RM>
+  static void tile(const MatmulOperands& op, const uint8_t* panel, int64_t r0, int64_t o0, int64_t n_valid) {
+    panel_tile<PackedQ8_0, RM>(op, panel, r0, o0, n_valid);
   }
 };
 
@@ -356,9 +376,33 @@ inline __m256i bytes_to_i32x8(const uint8_t* p) {
   return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
 }
 
+// sum += the four u8 · s8 products of each 32-bit lane of u and s: VNNI sums them into the lane's
+// 32 bits; AVX2 into its two 16-bit halves (maddubs pairs), whose bound is the caller's to keep.
+inline void add_lane_products(__m256i& sum, __m256i u, __m256i s) {
+#ifdef __AVX512VNNI__
+  sum = _mm256_dpbusd_epi32(sum, u, s);
+#else
+  sum = _mm256_add_epi16(sum, _mm256_maddubs_epi16(u, s));
+  register_barrier(sum);
+#endif
+}
+
+// total + scale · (the lane's sum of add_lane_products), per 32-bit lane (scale: int32 lanes that
+// fit 16 bits). AVX2's madd takes the scale in both 16-bit halves and adds the two half sums.
+inline __m256i add_scaled_lane_products(__m256i total, __m256i sum, __m256i scale) {
+#ifdef __AVX512VNNI__
+  return _mm256_add_epi32(total, _mm256_mullo_epi32(sum, scale));
+#else
+  return _mm256_add_epi32(total,
+                          _mm256_madd_epi16(sum, _mm256_or_si256(scale, _mm256_slli_epi32(scale, 16))));
+#endif
+}
+
 struct PackedQ4_K {
+  using XBlock = BlockQ8_K;
   static constexpr int64_t kPanelRows = 8;
   static constexpr int64_t kGroupBytes = 1184;
+  static constexpr int64_t kBlockElems = kQK_K;
 
   // Σ_sub min[sub] · (bsums[2 sub] + bsums[2 sub + 1]), lane j for row j; mins_pairs[t] holds
   // (min[2t], min[2t + 1]) as int16 in lane j.
@@ -377,97 +421,62 @@ struct PackedQ4_K {
     return sum;
   }
 
-  // Outputs [o0, o0 + n_valid) of activation rows [r0, r0 + RM) from one panel.
+  // (d · x_d) · Σ_sub scale · (q · x) − (dmin · x_d) · Σ_sub min · Σx for each row of the tile.
   template <int RM>
-  static void tile(const MatmulOperands& op, const uint8_t* panel, int64_t r0, int64_t o0, int64_t n_valid) {
-    const int64_t n_blocks = op.k / kQK_K;
-    const BlockQ8_K* x[RM];
-    __m256 acc[RM];
-    NIBBLE_UNROLL
-    for (int i = 0; i < RM; ++i) {
-      x[i] = reinterpret_cast<const BlockQ8_K*>(op.x + (r0 + i) * op.x_stride);
-      acc[i] = _mm256_setzero_ps();
-    }
+  static void block_terms(const uint8_t* group, const BlockQ8_K* const (&x)[RM], int64_t b,
+                          __m256 (&terms)[RM]) {
     const __m256i low4 = _mm256_set1_epi8(0x0F);
-    for (int64_t b = 0; b < n_blocks; ++b) {
-      const uint8_t* group = panel + b * kGroupBytes;
-      __m256i sum_scaled[RM];
+    __m256i sum_scaled[RM];
+    NIBBLE_UNROLL
+    for (int i = 0; i < RM; ++i) sum_scaled[i] = _mm256_setzero_si256();
+    for (int run = 0; run < 4; ++run) {
+      const uint8_t* chunks = group + 160 + 256 * run;
+      const __m256i scale_low = bytes_to_i32x8(group + 32 + 16 * run);
+      const __m256i scale_high = bytes_to_i32x8(group + 32 + 16 * run + 8);
+      __m256i dot_low[RM], dot_high[RM];
       NIBBLE_UNROLL
-      for (int i = 0; i < RM; ++i) sum_scaled[i] = _mm256_setzero_si256();
-      for (int run = 0; run < 4; ++run) {
-        const uint8_t* chunks = group + 160 + 256 * run;
-        const __m256i scale_low = bytes_to_i32x8(group + 32 + 16 * run);
-        const __m256i scale_high = bytes_to_i32x8(group + 32 + 16 * run + 8);
-#ifdef __AVX512VNNI__
-        __m256i dot_low[RM], dot_high[RM];
-        NIBBLE_UNROLL
-        for (int i = 0; i < RM; ++i) dot_low[i] = dot_high[i] = _mm256_setzero_si256();
-        NIBBLE_UNROLL
-        for (int c = 0; c < 8; ++c) {
-          const __m256i packed = _mm256_load_si256(reinterpret_cast<const __m256i*>(chunks + 32 * c));
-          const __m256i low = _mm256_and_si256(packed, low4);
-          const __m256i high = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low4);
-          NIBBLE_UNROLL
-          for (int i = 0; i < RM; ++i) {
-            const int8_t* xq = x[i][b].qs + 64 * run + 4 * c;
-            dot_low[i] = _mm256_dpbusd_epi32(dot_low[i], low, broadcast_4_bytes(xq));
-            dot_high[i] = _mm256_dpbusd_epi32(dot_high[i], high, broadcast_4_bytes(xq + 32));
-          }
-        }
+      for (int i = 0; i < RM; ++i) dot_low[i] = dot_high[i] = _mm256_setzero_si256();
+      NIBBLE_UNROLL
+      for (int c = 0; c < 8; ++c) {
+        const __m256i packed = _mm256_load_si256(reinterpret_cast<const __m256i*>(chunks + 32 * c));
+        const __m256i low = _mm256_and_si256(packed, low4);
+        const __m256i high = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low4);
         NIBBLE_UNROLL
         for (int i = 0; i < RM; ++i) {
-          sum_scaled[i] = _mm256_add_epi32(sum_scaled[i], _mm256_mullo_epi32(dot_low[i], scale_low));
-          sum_scaled[i] = _mm256_add_epi32(sum_scaled[i], _mm256_mullo_epi32(dot_high[i], scale_high));
+          const int8_t* xq = x[i][b].qs + 64 * run + 4 * c;
+          add_lane_products(dot_low[i], low, broadcast_4_bytes(xq));
+          add_lane_products(dot_high[i], high, broadcast_4_bytes(xq + 32));
         }
-#else
-        __m256i sum16_low[RM], sum16_high[RM];
-        NIBBLE_UNROLL
-        for (int i = 0; i < RM; ++i) sum16_low[i] = sum16_high[i] = _mm256_setzero_si256();
-        NIBBLE_UNROLL
-        for (int c = 0; c < 8; ++c) {
-          const __m256i packed = _mm256_load_si256(reinterpret_cast<const __m256i*>(chunks + 32 * c));
-          const __m256i low = _mm256_and_si256(packed, low4);
-          const __m256i high = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low4);
-          NIBBLE_UNROLL
-          for (int i = 0; i < RM; ++i) {
-            const int8_t* xq = x[i][b].qs + 64 * run + 4 * c;
-            sum16_low[i] = _mm256_add_epi16(sum16_low[i], _mm256_maddubs_epi16(low, broadcast_4_bytes(xq)));
-            sum16_high[i] =
-                _mm256_add_epi16(sum16_high[i], _mm256_maddubs_epi16(high, broadcast_4_bytes(xq + 32)));
-            register_barrier(sum16_low[i]);
-            register_barrier(sum16_high[i]);
-          }
-        }
-        // The scale in both 16-bit halves: madd then multiplies both partial sums by it and adds them.
-        const __m256i scale_low2 = _mm256_or_si256(scale_low, _mm256_slli_epi32(scale_low, 16));
-        const __m256i scale_high2 = _mm256_or_si256(scale_high, _mm256_slli_epi32(scale_high, 16));
-        NIBBLE_UNROLL
-        for (int i = 0; i < RM; ++i) {
-          sum_scaled[i] = _mm256_add_epi32(sum_scaled[i], _mm256_madd_epi16(sum16_low[i], scale_low2));
-          sum_scaled[i] = _mm256_add_epi32(sum_scaled[i], _mm256_madd_epi16(sum16_high[i], scale_high2));
-        }
-#endif
       }
-      __m256i mins_pairs[4];
-      NIBBLE_UNROLL
-      for (int t = 0; t < 4; ++t) {
-        const __m128i mins = _mm_loadu_si128(reinterpret_cast<const __m128i*>(group + 96 + 16 * t));
-        mins_pairs[t] = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mins, _mm_srli_si128(mins, 8)));
-      }
-      const __m256 w_d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(group)));
-      const __m256 w_dmin = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(group + 16)));
       NIBBLE_UNROLL
       for (int i = 0; i < RM; ++i) {
-        const __m256 x_d = _mm256_set1_ps(x[i][b].d);
-        __m256 scaled = _mm256_mul_ps(_mm256_mul_ps(w_d, x_d), _mm256_cvtepi32_ps(sum_scaled[i]));
-        __m256 mins =
-            _mm256_mul_ps(_mm256_mul_ps(w_dmin, x_d), _mm256_cvtepi32_ps(mins_term(mins_pairs, x[i][b])));
-        float_barrier(scaled);
-        float_barrier(mins);
-        acc[i] = _mm256_add_ps(acc[i], _mm256_sub_ps(scaled, mins));
+        sum_scaled[i] = add_scaled_lane_products(sum_scaled[i], dot_low[i], scale_low);
+        sum_scaled[i] = add_scaled_lane_products(sum_scaled[i], dot_high[i], scale_high);
       }
     }
-    store_panel_outputs<RM>(op, acc, r0, o0, n_valid);
+    __m256i mins_pairs[4];
+    NIBBLE_UNROLL
+    for (int t = 0; t < 4; ++t) {
+      const __m128i mins = _mm_loadu_si128(reinterpret_cast<const __m128i*>(group + 96 + 16 * t));
+      mins_pairs[t] = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mins, _mm_srli_si128(mins, 8)));
+    }
+    const __m256 w_d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(group)));
+    const __m256 w_dmin = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(group + 16)));
+    NIBBLE_UNROLL
+    for (int i = 0; i < RM; ++i) {
+      const __m256 x_d = _mm256_set1_ps(x[i][b].d);
+      __m256 scaled = _mm256_mul_ps(_mm256_mul_ps(w_d, x_d), _mm256_cvtepi32_ps(sum_scaled[i]));
+      __m256 mins =
+          _mm256_mul_ps(_mm256_mul_ps(w_dmin, x_d), _mm256_cvtepi32_ps(mins_term(mins_pairs, x[i][b])));
+      float_barrier(scaled);
+      float_barrier(mins);
+      terms[i] = _mm256_sub_ps(scaled, mins);
+    }
+  }
+
+  template <int RM>
+  static void tile(const MatmulOperands& op, const uint8_t* panel, int64_t r0, int64_t o0, int64_t n_valid) {
+    panel_tile<PackedQ4_K, RM>(op, panel, r0, o0, n_valid);
   }
 };
 
@@ -483,8 +492,10 @@ struct PackedQ4_K {
 // dot_q6_k's, so the results equal the scalar matmul's bit for bit.
 
 struct PackedQ6_K {
+  using XBlock = BlockQ8_K;
   static constexpr int64_t kPanelRows = 8;
   static constexpr int64_t kGroupBytes = 1680;
+  static constexpr int64_t kBlockElems = kQK_K;
 
   // Group g's 6-bit values for chunk c4 (0..3) of the group: lane j, byte t is the value of
   // element 16 g + 4 c4 + t of row j.
@@ -566,41 +577,32 @@ struct PackedQ6_K {
     (add_group<g, RM>(group, x, b, sum_scaled), ...);
   }
 
-  // Outputs [o0, o0 + n_valid) of activation rows [r0, r0 + RM) from one panel.
+  // (d · x_d) · (Σ_g scale · (q · x) − 32 · Σ_g scale · Σx) for each row of the tile.
   template <int RM>
-  static void tile(const MatmulOperands& op, const uint8_t* panel, int64_t r0, int64_t o0, int64_t n_valid) {
-    const int64_t n_blocks = op.k / kQK_K;
-    const BlockQ8_K* x[RM];
-    __m256 acc[RM];
+  static void block_terms(const uint8_t* group, const BlockQ8_K* const (&x)[RM], int64_t b,
+                          __m256 (&terms)[RM]) {
+    __m256i sum_scaled[RM];
+    NIBBLE_UNROLL
+    for (int i = 0; i < RM; ++i) sum_scaled[i] = _mm256_setzero_si256();
+    add_groups<RM>(group, x, b, sum_scaled, std::make_integer_sequence<int, 16>{});
+    __m256i scale_pairs[8];
+    NIBBLE_UNROLL
+    for (int t = 0; t < 8; ++t) {
+      const __m128i scales = _mm_loadu_si128(reinterpret_cast<const __m128i*>(group + 16 + 16 * t));
+      scale_pairs[t] = _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(scales, _mm_srli_si128(scales, 8)));
+    }
+    const __m256 w_d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(group)));
     NIBBLE_UNROLL
     for (int i = 0; i < RM; ++i) {
-      x[i] = reinterpret_cast<const BlockQ8_K*>(op.x + (r0 + i) * op.x_stride);
-      acc[i] = _mm256_setzero_ps();
+      const __m256i total =
+          _mm256_sub_epi32(sum_scaled[i], _mm256_slli_epi32(offset_term(scale_pairs, x[i][b]), 5));
+      terms[i] = _mm256_mul_ps(_mm256_mul_ps(w_d, _mm256_set1_ps(x[i][b].d)), _mm256_cvtepi32_ps(total));
     }
-    for (int64_t b = 0; b < n_blocks; ++b) {
-      const uint8_t* group = panel + b * kGroupBytes;
-      __m256i sum_scaled[RM];
-      NIBBLE_UNROLL
-      for (int i = 0; i < RM; ++i) sum_scaled[i] = _mm256_setzero_si256();
-      add_groups<RM>(group, x, b, sum_scaled, std::make_integer_sequence<int, 16>{});
-      __m256i scale_pairs[8];
-      NIBBLE_UNROLL
-      for (int t = 0; t < 8; ++t) {
-        const __m128i scales = _mm_loadu_si128(reinterpret_cast<const __m128i*>(group + 16 + 16 * t));
-        scale_pairs[t] = _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(scales, _mm_srli_si128(scales, 8)));
-      }
-      const __m256 w_d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(group)));
-      NIBBLE_UNROLL
-      for (int i = 0; i < RM; ++i) {
-        const __m256i total =
-            _mm256_sub_epi32(sum_scaled[i], _mm256_slli_epi32(offset_term(scale_pairs, x[i][b]), 5));
-        __m256 product =
-            _mm256_mul_ps(_mm256_mul_ps(w_d, _mm256_set1_ps(x[i][b].d)), _mm256_cvtepi32_ps(total));
-        float_barrier(product);
-        acc[i] = _mm256_add_ps(acc[i], product);
-      }
-    }
-    store_panel_outputs<RM>(op, acc, r0, o0, n_valid);
+  }
+
+  template <int RM>
+  static void tile(const MatmulOperands& op, const uint8_t* panel, int64_t r0, int64_t o0, int64_t n_valid) {
+    panel_tile<PackedQ6_K, RM>(op, panel, r0, o0, n_valid);
   }
 };
 

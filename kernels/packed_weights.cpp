@@ -2,6 +2,7 @@
 // itself lives in matmul.cpp next to matmul(), whose activation handling it shares.
 #include "kernels/packed_weights.hpp"
 
+#include <cstddef>
 #include <cstdlib>
 #include <cstring>
 
@@ -13,64 +14,73 @@ void PackedMatrix::FreeDeleter::operator()(uint8_t* p) const { std::free(p); }
 
 namespace {
 
-void pack_q4_0_panel(const BlockQ4_0* rows, int64_t n_out, int64_t n_blocks, int64_t p, uint8_t* out) {
-  for (int64_t b = 0; b < n_blocks; ++b, out += kQ4_0PanelBlockBytes) {
-    for (int64_t j = 0; j < kPanelRows; ++j) {
-      const int64_t row = p * kPanelRows + j;
-      f16_bits d = 0;
-      uint8_t qs[kQK4_0 / 2] = {};  // padding rows: scale 0, nibbles 0
-      if (row < n_out) {
-        const BlockQ4_0& block = rows[row * n_blocks + b];
-        d = block.d;
-        std::memcpy(qs, block.qs, sizeof qs);
+// Copies between one row's block in the file's layout and that row's lane of a packed group (the
+// layouts in packed_weights.hpp), in either direction, so that packing and reading back share one
+// description of where each byte goes.
+class LaneCopy {
+ public:
+  LaneCopy(uint8_t* block, uint8_t* group, bool to_group)
+      : block_(block), group_(group), to_group_(to_group) {}
+  void operator()(size_t block_offset, size_t group_offset, size_t bytes) const {
+    if (to_group_) {
+      std::memcpy(group_ + group_offset, block_ + block_offset, bytes);
+    } else {
+      std::memcpy(block_ + block_offset, group_ + group_offset, bytes);
+    }
+  }
+  uint8_t* block() const { return block_; }
+  uint8_t* group() const { return group_; }
+  bool to_group() const { return to_group_; }
+
+ private:
+  uint8_t* block_;
+  uint8_t* group_;
+  bool to_group_;
+};
+
+// Row `lane`'s share of one packed group.
+void copy_lane(DType type, const LaneCopy& copy, int lane) {
+  const size_t j = static_cast<size_t>(lane);
+  switch (type) {
+    case DType::Q4_0:
+      copy(offsetof(BlockQ4_0, d), 2 * j, 2);
+      for (size_t c = 0; c < 4; ++c) copy(offsetof(BlockQ4_0, qs) + 4 * c, 16 + 32 * c + 4 * j, 4);
+      break;
+    case DType::Q8_0:
+      copy(offsetof(BlockQ8_0, d), 2 * j, 2);
+      for (size_t c = 0; c < 8; ++c) copy(offsetof(BlockQ8_0, qs) + 4 * c, 16 + 32 * c + 4 * j, 4);
+      break;
+    case DType::Q4_K: {
+      copy(offsetof(BlockQ4_K, d), 2 * j, 2);
+      copy(offsetof(BlockQ4_K, dmin), 16 + 2 * j, 2);
+      for (size_t chunk = 0; chunk < 32; ++chunk)
+        copy(offsetof(BlockQ4_K, qs) + 4 * chunk, 160 + 32 * chunk + 4 * j, 4);
+      // The 6-bit scales and mins, one byte each in the group.
+      uint8_t* scales = copy.block() + offsetof(BlockQ4_K, scales);
+      uint8_t scale[8], min[8];
+      for (size_t sub = 0; sub < 8; ++sub) {
+        uint8_t* group_scale = copy.group() + 32 + 8 * sub + j;
+        uint8_t* group_min = copy.group() + 96 + 8 * sub + j;
+        if (copy.to_group()) {
+          detail::q4_k_scale_min(static_cast<int>(sub), scales, group_scale, group_min);
+        } else {
+          scale[sub] = *group_scale;
+          min[sub] = *group_min;
+        }
       }
-      std::memcpy(out + 2 * j, &d, sizeof d);
-      for (int c = 0; c < 4; ++c) std::memcpy(out + 16 + 32 * c + 4 * j, qs + 4 * c, 4);
+      if (!copy.to_group()) detail::q4_k_pack_scale_min(scale, min, scales);
+      break;
     }
-  }
-}
-
-void pack_q8_0_panel(const BlockQ8_0* rows, int64_t n_out, int64_t n_blocks, int64_t p, uint8_t* out) {
-  for (int64_t b = 0; b < n_blocks; ++b, out += kQ8_0PanelBlockBytes) {
-    for (int64_t j = 0; j < kPanelRows; ++j) {
-      const int64_t row = p * kPanelRows + j;
-      BlockQ8_0 block{};  // padding rows: scale 0, quants 0
-      if (row < n_out) block = rows[row * n_blocks + b];
-      std::memcpy(out + 2 * j, &block.d, sizeof block.d);
-      for (int c = 0; c < 8; ++c) std::memcpy(out + 16 + 32 * c + 4 * j, block.qs + 4 * c, 4);
-    }
-  }
-}
-
-void pack_q4_k_panel(const BlockQ4_K* rows, int64_t n_out, int64_t n_blocks, int64_t p, uint8_t* out) {
-  for (int64_t b = 0; b < n_blocks; ++b, out += kQ4_KPanelBlockBytes) {
-    for (int64_t j = 0; j < kPanelRows; ++j) {
-      const int64_t row = p * kPanelRows + j;
-      BlockQ4_K block{};  // padding rows: every scale, min and nibble 0
-      if (row < n_out) block = rows[row * n_blocks + b];
-      std::memcpy(out + 2 * j, &block.d, sizeof block.d);
-      std::memcpy(out + 16 + 2 * j, &block.dmin, sizeof block.dmin);
-      for (int sub = 0; sub < 8; ++sub)
-        detail::q4_k_scale_min(sub, block.scales, out + 32 + 8 * sub + j, out + 96 + 8 * sub + j);
-      for (int chunk = 0; chunk < 32; ++chunk)
-        std::memcpy(out + 160 + 32 * chunk + 4 * j, block.qs + 4 * chunk, 4);
-    }
-  }
-}
-
-void pack_q6_k_panel(const BlockQ6_K* rows, int64_t n_out, int64_t n_blocks, int64_t p, uint8_t* out) {
-  for (int64_t b = 0; b < n_blocks; ++b, out += kQ6_KPanelBlockBytes) {
-    for (int64_t j = 0; j < kPanelRows; ++j) {
-      const int64_t row = p * kPanelRows + j;
-      BlockQ6_K block{};  // padding rows: d 0, every scale and quant 0
-      if (row < n_out) block = rows[row * n_blocks + b];
-      std::memcpy(out + 2 * j, &block.d, sizeof block.d);
-      for (int group = 0; group < 16; ++group) std::memcpy(out + 16 + 8 * group + j, &block.scales[group], 1);
-      for (int chunk = 0; chunk < 32; ++chunk)
-        std::memcpy(out + 144 + 32 * chunk + 4 * j, block.ql + 4 * chunk, 4);
-      for (int chunk = 0; chunk < 16; ++chunk)
-        std::memcpy(out + 1168 + 32 * chunk + 4 * j, block.qh + 4 * chunk, 4);
-    }
+    case DType::Q6_K:
+      copy(offsetof(BlockQ6_K, d), 2 * j, 2);
+      for (size_t g = 0; g < 16; ++g) copy(offsetof(BlockQ6_K, scales) + g, 16 + 8 * g + j, 1);
+      for (size_t chunk = 0; chunk < 32; ++chunk)
+        copy(offsetof(BlockQ6_K, ql) + 4 * chunk, 144 + 32 * chunk + 4 * j, 4);
+      for (size_t chunk = 0; chunk < 16; ++chunk)
+        copy(offsetof(BlockQ6_K, qh) + 4 * chunk, 1168 + 32 * chunk + 4 * j, 4);
+      break;
+    default:
+      break;
   }
 }
 
@@ -92,20 +102,27 @@ PackedMatrix pack_for_matmul(DType w_type, const void* w, int64_t n_out, int64_t
   packed.data_.reset(static_cast<uint8_t*>(std::aligned_alloc(64, (size + 63) / 64 * 64)));
   if (!packed.data_) return PackedMatrix{};
 
-  const int64_t n_blocks = k / type_info(w_type).block_elems;
+  const TypeInfo& info = type_info(w_type);
+  const int64_t n_blocks = k / info.block_elems;
+  const int64_t group_bytes = packed_group_bytes(w_type);
+  const auto* rows = static_cast<const uint8_t*>(w);
+  uint8_t padding[kMaxBlockBytes] = {};  // rows past n_out: every scale and quant 0
   for (int64_t p = 0; p < packed.n_panels(); ++p) {
-    uint8_t* out = packed.data_.get() + p * packed.panel_bytes();
-    if (w_type == DType::Q4_0) {
-      pack_q4_0_panel(static_cast<const BlockQ4_0*>(w), n_out, n_blocks, p, out);
-    } else if (w_type == DType::Q8_0) {
-      pack_q8_0_panel(static_cast<const BlockQ8_0*>(w), n_out, n_blocks, p, out);
-    } else if (w_type == DType::Q4_K) {
-      pack_q4_k_panel(static_cast<const BlockQ4_K*>(w), n_out, n_blocks, p, out);
-    } else {
-      pack_q6_k_panel(static_cast<const BlockQ6_K*>(w), n_out, n_blocks, p, out);
+    for (int64_t b = 0; b < n_blocks; ++b) {
+      uint8_t* group = packed.data_.get() + p * packed.panel_bytes() + b * group_bytes;
+      for (int lane = 0; lane < kPanelRows; ++lane) {
+        const int64_t row = p * kPanelRows + lane;
+        const uint8_t* block = row < n_out ? rows + (row * n_blocks + b) * info.block_bytes : padding;
+        copy_lane(w_type, LaneCopy(const_cast<uint8_t*>(block), group, /*to_group=*/true), lane);
+      }
     }
   }
   return packed;
+}
+
+void unpack_panel_lane(DType type, const uint8_t* group, int lane, void* block) {
+  copy_lane(type, LaneCopy(static_cast<uint8_t*>(block), const_cast<uint8_t*>(group), /*to_group=*/false),
+            lane);
 }
 
 }  // namespace nibble::kernels

@@ -52,6 +52,23 @@ inline constexpr int64_t kQ8_0PanelBlockBytes = 272;  // 8 scales + 8 rows × 32
 // 8 × (d, 16 scales, 128 ql bytes, 64 qh bytes).
 inline constexpr int64_t kQ4_KPanelBlockBytes = 1184;
 inline constexpr int64_t kQ6_KPanelBlockBytes = 1680;
+inline constexpr int64_t kMaxBlockBytes = 210;  // the largest packable block (Q6_K)
+
+// Bytes of one packed group (a block of all 8 rows of a panel) of a packable type.
+constexpr int64_t packed_group_bytes(DType type) {
+  switch (type) {
+    case DType::Q4_0:
+      return kQ4_0PanelBlockBytes;
+    case DType::Q8_0:
+      return kQ8_0PanelBlockBytes;
+    case DType::Q4_K:
+      return kQ4_KPanelBlockBytes;
+    case DType::Q6_K:
+      return kQ6_KPanelBlockBytes;
+    default:
+      return 0;
+  }
+}
 
 class PackedMatrix {
  public:
@@ -62,18 +79,7 @@ class PackedMatrix {
   int64_t n_out() const { return n_out_; }
   int64_t k() const { return k_; }
   // Bytes from one panel to the next.
-  int64_t panel_bytes() const {
-    switch (type_) {
-      case DType::Q4_K:
-        return k_ / kQK_K * kQ4_KPanelBlockBytes;
-      case DType::Q6_K:
-        return k_ / kQK_K * kQ6_KPanelBlockBytes;
-      case DType::Q8_0:
-        return k_ / kQK8_0 * kQ8_0PanelBlockBytes;
-      default:
-        return k_ / kQK4_0 * kQ4_0PanelBlockBytes;
-    }
-  }
+  int64_t panel_bytes() const { return k_ / type_info(type_).block_elems * packed_group_bytes(type_); }
   int64_t n_panels() const { return (n_out_ + kPanelRows - 1) / kPanelRows; }
   size_t size_bytes() const { return static_cast<size_t>(n_panels() * panel_bytes()); }
   const uint8_t* data() const { return data_.get(); }
@@ -96,6 +102,11 @@ bool can_pack_for_matmul(DType w_type);
 // same size (plus the padding of the last panel). Returns an empty matrix when w_type cannot be
 // packed or the shape is invalid (k not a multiple of the block size, n_out or k not positive).
 PackedMatrix pack_for_matmul(DType w_type, const void* w, int64_t n_out, int64_t k);
+
+// Row `lane` (0..7) of one packed group of `type`, back in the file's block layout: block receives
+// type_info(type).block_bytes bytes (the inverse of packing; the scalar kernels read packed
+// matrices through it).
+void unpack_panel_lane(DType type, const uint8_t* group, int lane, void* block);
 
 // matmul() for a packed matrix: y[m, n_out] = x[m, k] · Wᵀ, the same integer block dot products
 // and per-output float accumulation order as the scalar matmul of the unpacked matrix.

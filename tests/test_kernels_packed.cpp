@@ -187,6 +187,34 @@ INSTANTIATE_TEST_SUITE_P(AllIsas, KernelPackedBitForBit,
                                   type_name(std::get<1>(param_info.param));
                          });
 
+// Reading a packed matrix back gives every row's blocks byte for byte (the Q4_K scales, unpacked to
+// bytes in the panel, repacked into their 12 bytes), and zero blocks past the last row.
+TEST(KernelPackedLayout, EveryBlockReadsBackByteForByte) {
+  for (const DType type : {DType::Q4_0, DType::Q8_0, DType::Q4_K, DType::Q6_K}) {
+    SCOPED_TRACE(type_name(type));
+    const TypeInfo& info = type_info(type);
+    const int64_t n_out = 13, k = 3 * info.block_elems, n_blocks = 3;
+    std::vector<uint8_t> w(static_cast<size_t>(n_out * row_bytes(type, k)));
+    std::mt19937_64 rng(5);
+    for (uint8_t& byte : w) byte = static_cast<uint8_t>(rng());
+    const PackedMatrix packed = pack_for_matmul(type, w.data(), n_out, k);
+    ASSERT_FALSE(packed.empty());
+    ASSERT_EQ(packed.panel_bytes(), n_blocks * packed_group_bytes(type));
+    std::vector<uint8_t> block(static_cast<size_t>(info.block_bytes));
+    const std::vector<uint8_t> zeros(block.size(), 0);
+    for (int64_t row = 0; row < packed.n_panels() * kPanelRows; ++row) {
+      for (int64_t b = 0; b < n_blocks; ++b) {
+        const uint8_t* group =
+            packed.data() + (row / kPanelRows) * packed.panel_bytes() + b * packed_group_bytes(type);
+        unpack_panel_lane(type, group, static_cast<int>(row % kPanelRows), block.data());
+        const uint8_t* expected =
+            row < n_out ? w.data() + (row * n_blocks + b) * info.block_bytes : zeros.data();
+        ASSERT_EQ(std::memcmp(block.data(), expected, block.size()), 0) << "row " << row << " block " << b;
+      }
+    }
+  }
+}
+
 TEST(KernelPackedArguments, UnsupportedInputsGiveEmptyMatrices) {
   const std::vector<uint8_t> w = random_q4_0(8, 64, 1);
   EXPECT_TRUE(can_pack_for_matmul(DType::Q4_0));

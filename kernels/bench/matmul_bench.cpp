@@ -8,6 +8,7 @@
 // Usage: nibble_matmul_bench [--pool-threads=N] [--isa=scalar|avx2|avx512] [Google Benchmark flags,
 //        e.g. --benchmark_filter=q4_K]
 #include <benchmark/benchmark.h>
+#include <unistd.h>
 
 #include <cmath>
 #include <cstdio>
@@ -17,8 +18,6 @@
 #include <random>
 #include <string>
 #include <vector>
-
-#include <unistd.h>
 
 #include "kernels/matmul.hpp"
 #include "kernels/packed_weights.hpp"

@@ -20,6 +20,7 @@
 #include "model/hf_checkpoint.hpp"
 #include "model/hf_tokenizer.hpp"
 #include "model/random_model.hpp"
+#include "model/requantize.hpp"
 #include "model/safetensors.hpp"
 #include "model/tokenizer.hpp"
 #include "model/unicode_utf8.hpp"
@@ -115,7 +116,7 @@ Outcome run_gguf_model(std::span<const uint8_t> input) {
 }
 
 std::vector<std::vector<uint8_t>> gguf_model_seeds() {
-  // The smallest models write_random_llama makes, in each matrix type the CPU runs.
+  // The smallest models write_random_llama makes, in each matrix type it writes.
   const model::LlamaShape shape{
       .n_embd = 32, .n_layer = 1, .n_head = 2, .n_head_kv = 1, .n_ff = 64, .n_vocab = 360, .n_ctx = 64};
   std::vector<std::vector<uint8_t>> seeds;
@@ -124,6 +125,16 @@ std::vector<std::vector<uint8_t>> gguf_model_seeds() {
     model::write_random_llama(path.string(), shape, type, 7);
     seeds.push_back(read_bytes(path));
   }
+  // And Q4_K (rows of 256: the smallest such model), requantized from F16 as `nibble quantize`
+  // does: Q4_K matrices, a Q8_0 embedding and head (~0.4 MB).
+  model::LlamaShape k_shape = shape;
+  k_shape.n_embd = 256;
+  k_shape.n_ff = 256;
+  const fs::path f16_path = scratch_dir().path() / "seed-f16.gguf";
+  model::write_random_llama(f16_path.string(), k_shape, kernels::DType::F16, 7);
+  model::requantize_gguf(*model::GgufFile::open(f16_path.string()), path.string(), kernels::DType::Q4_K,
+                         /*pure=*/false);
+  seeds.push_back(read_bytes(path));
   return seeds;
 }
 

@@ -606,28 +606,37 @@ struct PackedQ6_K {
   }
 };
 
-// Panels outermost (a panel stays in cache while every activation row passes over it), 4
-// activation rows a tile.
+// The last rows (fewer than a full tile) of a panel: the widest tile that fits, then the rest.
+template <typename Packed, int RM>
+void packed_tail(const MatmulOperands& op, const uint8_t* panel, int64_t r0, int64_t rows, int64_t o0,
+                 int64_t n_valid) {
+  if constexpr (RM > 0) {
+    if (rows >= RM) {
+      Packed::template tile<RM>(op, panel, r0, o0, n_valid);
+      r0 += RM;
+      rows -= RM;
+    }
+    packed_tail<Packed, RM - 1>(op, panel, r0, rows, o0, n_valid);
+  }
+}
+
+// Panels outermost (a panel stays in cache while every activation row passes over it), kTileRows
+// activation rows a tile: with AVX-512's 32 vector registers, 8 (each panel's unpacking serves more
+// rows), else 4. A row's arithmetic does not depend on the tile it is in.
 template <typename Packed>
 void packed_range(const MatmulOperands& op, int64_t o_begin, int64_t o_end) {
+#ifdef __AVX512F__
+  constexpr int kTileRows = 8;
+#else
+  constexpr int kTileRows = 4;
+#endif
   for (int64_t o0 = o_begin; o0 < o_end; o0 += Packed::kPanelRows) {
     const uint8_t* panel = op.w + (o0 / Packed::kPanelRows) * op.w_stride;
     const int64_t n_valid = min_i64(Packed::kPanelRows, o_end - o0);
     int64_t r0 = 0;
-    for (; r0 + 4 <= op.m; r0 += 4) Packed::template tile<4>(op, panel, r0, o0, n_valid);
-    switch (op.m - r0) {
-      case 3:
-        Packed::template tile<3>(op, panel, r0, o0, n_valid);
-        break;
-      case 2:
-        Packed::template tile<2>(op, panel, r0, o0, n_valid);
-        break;
-      case 1:
-        Packed::template tile<1>(op, panel, r0, o0, n_valid);
-        break;
-      default:
-        break;
-    }
+    for (; r0 + kTileRows <= op.m; r0 += kTileRows)
+      Packed::template tile<kTileRows>(op, panel, r0, o0, n_valid);
+    packed_tail<Packed, kTileRows - 1>(op, panel, r0, op.m - r0, o0, n_valid);
   }
 }
 

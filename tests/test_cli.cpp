@@ -195,6 +195,21 @@ TEST_F(CliTest, BenchReportsPositiveRates) {
   EXPECT_GT(j["peak_rss_mib"].get<double>(), 0.0);
 }
 
+// A peer driver that dies (here by SIGILL, as llama.cpp built for instructions the CPU refuses does)
+// is reported by signal, with what to do, and the bench's own figures still come out.
+TEST_F(CliTest, BenchNamesAPeerKilledByASignal) {
+  const auto script = dir_->path() / "dies_by_sigill.py";
+  std::ofstream(script) << "import os, signal\nos.kill(os.getpid(), signal.SIGILL)\n";
+  const auto j = run_json("bench --model " + model_ +
+                          " --threads 1 --prompt-tokens 8 --gen-tokens 4 -r 1 --json --peer --peer-script " +
+                          script.string());
+  EXPECT_GT(j["gen_tokens_per_second"].get<double>(), 0.0);
+  const std::string error = j["peer"]["result"]["error"].get<std::string>();
+  EXPECT_NE(error.find("killed by signal 4"), std::string::npos) << error;
+  EXPECT_NE(error.find("GGML_NATIVE=OFF"), std::string::npos) << error;
+  EXPECT_FALSE(j["peer"].contains("gen_ratio"));
+}
+
 // The target as its own draft at temperature 0 accepts every proposal; a peer that is not there is
 // reported by path in its row and the bench's own figures still come out.
 TEST_F(CliTest, BenchSpecReportsItsFiguresAndAMissingPeerByName) {

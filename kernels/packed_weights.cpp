@@ -17,29 +17,22 @@ namespace {
 // Copies between one row's block in the file's layout and that row's lane of a packed group (the
 // layouts in packed_weights.hpp), in either direction, so that packing and reading back share one
 // description of where each byte goes.
-class LaneCopy {
- public:
-  LaneCopy(uint8_t* block, uint8_t* group, bool to_group)
-      : block_(block), group_(group), to_group_(to_group) {}
+template <bool kToGroup>
+struct LaneCopy {
+  uint8_t* block;
+  uint8_t* group;
   void operator()(size_t block_offset, size_t group_offset, size_t bytes) const {
-    if (to_group_) {
-      std::memcpy(group_ + group_offset, block_ + block_offset, bytes);
+    if constexpr (kToGroup) {
+      std::memcpy(group + group_offset, block + block_offset, bytes);
     } else {
-      std::memcpy(block_ + block_offset, group_ + group_offset, bytes);
+      std::memcpy(block + block_offset, group + group_offset, bytes);
     }
   }
-  uint8_t* block() const { return block_; }
-  uint8_t* group() const { return group_; }
-  bool to_group() const { return to_group_; }
-
- private:
-  uint8_t* block_;
-  uint8_t* group_;
-  bool to_group_;
 };
 
 // Row `lane`'s share of one packed group.
-void copy_lane(DType type, const LaneCopy& copy, int lane) {
+template <bool kToGroup>
+void copy_lane(DType type, const LaneCopy<kToGroup>& copy, int lane) {
   const size_t j = static_cast<size_t>(lane);
   switch (type) {
     case DType::Q4_0:
@@ -56,19 +49,19 @@ void copy_lane(DType type, const LaneCopy& copy, int lane) {
       for (size_t chunk = 0; chunk < 32; ++chunk)
         copy(offsetof(BlockQ4_K, qs) + 4 * chunk, 160 + 32 * chunk + 4 * j, 4);
       // The 6-bit scales and mins, one byte each in the group.
-      uint8_t* scales = copy.block() + offsetof(BlockQ4_K, scales);
+      uint8_t* scales = copy.block + offsetof(BlockQ4_K, scales);
       uint8_t scale[8], min[8];
       for (size_t sub = 0; sub < 8; ++sub) {
-        uint8_t* group_scale = copy.group() + 32 + 8 * sub + j;
-        uint8_t* group_min = copy.group() + 96 + 8 * sub + j;
-        if (copy.to_group()) {
+        uint8_t* group_scale = copy.group + 32 + 8 * sub + j;
+        uint8_t* group_min = copy.group + 96 + 8 * sub + j;
+        if constexpr (kToGroup) {
           detail::q4_k_scale_min(static_cast<int>(sub), scales, group_scale, group_min);
         } else {
           scale[sub] = *group_scale;
           min[sub] = *group_min;
         }
       }
-      if (!copy.to_group()) detail::q4_k_pack_scale_min(scale, min, scales);
+      if constexpr (!kToGroup) detail::q4_k_pack_scale_min(scale, min, scales);
       break;
     }
     case DType::Q6_K:
@@ -113,7 +106,7 @@ PackedMatrix pack_for_matmul(DType w_type, const void* w, int64_t n_out, int64_t
       for (int lane = 0; lane < kPanelRows; ++lane) {
         const int64_t row = p * kPanelRows + lane;
         const uint8_t* block = row < n_out ? rows + (row * n_blocks + b) * info.block_bytes : padding;
-        copy_lane(w_type, LaneCopy(const_cast<uint8_t*>(block), group, /*to_group=*/true), lane);
+        copy_lane(w_type, LaneCopy<true>{const_cast<uint8_t*>(block), group}, lane);
       }
     }
   }
@@ -121,8 +114,7 @@ PackedMatrix pack_for_matmul(DType w_type, const void* w, int64_t n_out, int64_t
 }
 
 void unpack_panel_lane(DType type, const uint8_t* group, int lane, void* block) {
-  copy_lane(type, LaneCopy(static_cast<uint8_t*>(block), const_cast<uint8_t*>(group), /*to_group=*/false),
-            lane);
+  copy_lane(type, LaneCopy<false>{static_cast<uint8_t*>(block), const_cast<uint8_t*>(group)}, lane);
 }
 
 }  // namespace nibble::kernels

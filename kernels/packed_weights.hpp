@@ -3,7 +3,7 @@
 // quantized (about the same bytes per block); only their order changes. Q4_0, Q8_0, Q4_K and Q6_K
 // (which Q4_K_M files use for some matrices) are packed.
 //
-// Both layouts group output rows in panels of 8 (the last panel padded with zero rows) and store a
+// Every layout groups output rows in panels of 8 (the last panel padded with zero rows) and stores a
 // panel's blocks one after the other, all 8 rows of a block together, so that a 256-bit load gives
 // each of the 8 rows its own 32-bit lane: the kernel's products land one output per lane, with no
 // horizontal sums (llama.cpp's 8x8 repacking of Q4_0 / Q4_K for AVX follows the same idea).

@@ -142,13 +142,11 @@ void packed_range(const MatmulOperands& op, int64_t o_begin, int64_t o_end) {
   for (int64_t o = o_begin; o < o_end; ++o) {
     const uint8_t* panel = op.w + (o / kPanelRows) * op.w_stride;
     const int lane = static_cast<int>(o % kPanelRows);
-    for (int64_t r = 0; r < op.m; ++r) {
-      float sum = 0.0f;
-      for (int64_t b = 0; b < n_blocks; ++b) {
-        unpack_panel_lane(kType, panel + b * packed_group_bytes(kType), lane, block);
-        sum += Dot(block, op.x + r * op.x_stride + b * x_block_bytes, info.block_elems);
-      }
-      op.y[r * op.y_stride + o] = sum;
+    for (int64_t r = 0; r < op.m; ++r) op.y[r * op.y_stride + o] = 0.0f;
+    for (int64_t b = 0; b < n_blocks; ++b) {
+      unpack_panel_lane(kType, panel + b * packed_group_bytes(kType), lane, block);  // once for all rows
+      for (int64_t r = 0; r < op.m; ++r)
+        op.y[r * op.y_stride + o] += Dot(block, op.x + r * op.x_stride + b * x_block_bytes, info.block_elems);
     }
   }
 }

@@ -218,7 +218,7 @@ inline void store_panel_outputs(const MatmulOperands& op, const __m256 (&acc)[RM
 // prefetchers see it: they stop at each page boundary and the stream stalls until they restart. A
 // software prefetch of the group kPrefetchGroups ahead (it runs on into the thread's next panel,
 // which follows in memory) keeps the loads in flight across pages: llama-1b Q4_K_M decode went from
-// ~24 to ~34 tokens/s on 2 threads, at the VM's read bandwidth (docs/perf/cpu.md). Only the first
+// ~23 to ~32 tokens/s on 2 threads, about the VM's read bandwidth (docs/perf/cpu.md). Only the first
 // tile of rows over a panel prefetches; the later ones find it in cache.
 inline constexpr int64_t kPrefetchGroups = 4;
 

@@ -9,6 +9,7 @@
 #include <utility>
 
 #include "kernels/matmul_internal.hpp"
+#include "kernels/packed_weights.hpp"
 #include "kernels/quant_internal.hpp"
 #include "kernels/quant_types.hpp"
 

@@ -8,7 +8,9 @@
 // each activation block is loaded once and reused for the RN weight rows. Per output pair the
 // per-block integer dot product is scaled and accumulated into 8 float lanes, reduced at the end.
 //
-// Include only from a .cpp that has included <immintrin.h> and the kernels headers.
+// Include only from a .cpp that has included <immintrin.h> and the kernels headers (packed_weights.hpp
+// only for its layout constants, used at compile time: no inline function of it is called here, so no
+// copy of one is compiled for this file's ISA).
 
 // The tile loops must be fully unrolled so that the accumulator arrays live in registers.
 #define NIBBLE_UNROLL _Pragma("GCC unroll 16")
@@ -20,10 +22,12 @@ using nibble::kernels::BlockQ4_K;
 using nibble::kernels::BlockQ6_K;
 using nibble::kernels::BlockQ8_0;
 using nibble::kernels::BlockQ8_K;
+using nibble::kernels::DType;
 using nibble::kernels::f16_bits;
 using nibble::kernels::kQK4_0;
 using nibble::kernels::kQK8_0;
 using nibble::kernels::kQK_K;
+using nibble::kernels::packed_group_bytes;
 using nibble::kernels::detail::MatmulOperands;
 using nibble::kernels::detail::Q8_0BlockInfo;
 
@@ -254,8 +258,8 @@ void panel_tile(const MatmulOperands& op, const uint8_t* panel, int64_t r0, int6
 }
 
 struct PackedQ4_0 {
-  static constexpr int64_t kPanelRows = 8;
-  static constexpr int64_t kGroupBytes = 144;  // per block: 16 bytes of scales + 4 chunks of 32
+  static constexpr int64_t kPanelRows = nibble::kernels::kPanelRows;
+  static constexpr int64_t kGroupBytes = packed_group_bytes(DType::Q4_0);
 
   // Outputs [o0, o0 + n_valid) of activation rows [r0, r0 + RM) from one panel.
   template <int RM>
@@ -338,8 +342,8 @@ struct PackedQ4_0 {
 // matmul's results.
 struct PackedQ8_0 {
   using XBlock = BlockQ8_0;
-  static constexpr int64_t kPanelRows = 8;
-  static constexpr int64_t kGroupBytes = 272;
+  static constexpr int64_t kPanelRows = nibble::kernels::kPanelRows;
+  static constexpr int64_t kGroupBytes = packed_group_bytes(DType::Q8_0);
   static constexpr int64_t kBlockElems = kQK8_0;
 
   // (w_d · x_d) · Σ w · x for each row of the tile.
@@ -417,8 +421,8 @@ inline __m256i add_scaled_lane_products(__m256i total, __m256i sum, __m256i scal
 
 struct PackedQ4_K {
   using XBlock = BlockQ8_K;
-  static constexpr int64_t kPanelRows = 8;
-  static constexpr int64_t kGroupBytes = 1184;
+  static constexpr int64_t kPanelRows = nibble::kernels::kPanelRows;
+  static constexpr int64_t kGroupBytes = packed_group_bytes(DType::Q4_K);
   static constexpr int64_t kBlockElems = kQK_K;
 
   // Σ_sub min[sub] · (bsums[2 sub] + bsums[2 sub + 1]), lane j for row j; mins_pairs[t] holds
@@ -510,8 +514,8 @@ struct PackedQ4_K {
 
 struct PackedQ6_K {
   using XBlock = BlockQ8_K;
-  static constexpr int64_t kPanelRows = 8;
-  static constexpr int64_t kGroupBytes = 1680;
+  static constexpr int64_t kPanelRows = nibble::kernels::kPanelRows;
+  static constexpr int64_t kGroupBytes = packed_group_bytes(DType::Q6_K);
   static constexpr int64_t kBlockElems = kQK_K;
 
   // Group g's 6-bit values for chunk c4 (0..3) of the group: lane j, byte t is the value of

@@ -70,6 +70,7 @@ ActivationFormat activation_format(DType w_type) {
     case DType::Q8_0:
       return ActivationFormat::q8_0;
     case DType::Q4_K:
+    case DType::Q5_K:
     case DType::Q6_K:
       return ActivationFormat::q8_k;
     default:
@@ -91,6 +92,8 @@ MatmulRangeFn range_fn(const IsaKernels& isa, DType w_type) {
       return isa.q8_0;
     case DType::Q4_K:
       return isa.q4_k;
+    case DType::Q5_K:
+      return isa.q5_k;
     case DType::Q6_K:
       return isa.q6_k;
     default:
@@ -249,6 +252,7 @@ Status matmul_packed(const PackedMatrix& w, const float* x, int64_t m, float* y,
   MatmulRangeFn range = isa.q4_0_packed;
   if (w.type() == DType::Q8_0) range = isa.q8_0_packed;
   if (w.type() == DType::Q4_K) range = isa.q4_k_packed;
+  if (w.type() == DType::Q5_K) range = isa.q5_k_packed;
   if (w.type() == DType::Q6_K) range = isa.q6_k_packed;
   run_output_rows(range, op, w.n_out(), parallel, pool);
   return Status::ok;

@@ -83,6 +83,33 @@ float dot_q4_k(const uint8_t* w_row, const uint8_t* x_row, int64_t k) {
   return sum;
 }
 
+// As dot_q4_k, with each level's fifth bit (bit sub of qh[l]) added: levels 0..31.
+float dot_q5_k(const uint8_t* w_row, const uint8_t* x_row, int64_t k) {
+  const auto* w = reinterpret_cast<const BlockQ5_K*>(w_row);
+  const auto* x = reinterpret_cast<const BlockQ8_K*>(x_row);
+  float sum = 0.0f;
+  for (int64_t b = 0; b < k / kQK_K; ++b) {
+    int sum_scaled = 0;
+    int sum_mins = 0;
+    for (int sub = 0; sub < 8; ++sub) {
+      uint8_t scale, min;
+      q4_k_scale_min(sub, w[b].scales, &scale, &min);
+      const uint8_t* q = w[b].qs + 32 * (sub / 2);
+      const int shift = (sub % 2) * 4;
+      int dot = 0;
+      for (int l = 0; l < 32; ++l) {
+        const int level = ((q[l] >> shift) & 0xF) | (((w[b].qh[l] >> sub) & 1) << 4);
+        dot += level * x[b].qs[32 * sub + l];
+      }
+      sum_scaled += scale * dot;
+      sum_mins += min * (x[b].bsums[2 * sub] + x[b].bsums[2 * sub + 1]);
+    }
+    sum += fp16_to_fp32(w[b].d) * x[b].d * static_cast<float>(sum_scaled) -
+           fp16_to_fp32(w[b].dmin) * x[b].d * static_cast<float>(sum_mins);
+  }
+  return sum;
+}
+
 // Unsigned 6-bit value (0..63) of element e of a Q6_K block; the signed value is this minus 32.
 int q6_k_unsigned(const BlockQ6_K& block, int e) {
   const int half = e / 128;
@@ -205,10 +232,12 @@ const IsaKernels kScalarKernels{
     quant_range<dot_q4_0>,
     quant_range<dot_q8_0>,
     quant_range<dot_q4_k>,
+    quant_range<dot_q5_k>,
     quant_range<dot_q6_k>,
     packed_range<DType::Q4_0, dot_q4_0>,
     packed_range<DType::Q8_0, dot_q8_0>,
     packed_range<DType::Q4_K, dot_q4_k>,
+    packed_range<DType::Q5_K, dot_q5_k>,
     packed_range<DType::Q6_K, dot_q6_k>,
     quantize_q8_0,
     quantize_q8_k,

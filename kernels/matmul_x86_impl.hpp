@@ -19,6 +19,7 @@ namespace {
 
 using nibble::kernels::BlockQ4_0;
 using nibble::kernels::BlockQ4_K;
+using nibble::kernels::BlockQ5_K;
 using nibble::kernels::BlockQ6_K;
 using nibble::kernels::BlockQ8_0;
 using nibble::kernels::BlockQ8_K;
@@ -380,17 +381,19 @@ struct PackedQ8_0 {
   }
 };
 
-// ---- Q4_K weights packed in 8-row panels × Q8_K activations ----
+// ---- Q4_K and Q5_K weights packed in 8-row panels × Q8_K activations ----
 //
 // Panel layout in kernels/packed_weights.hpp. As for packed Q4_0, a 32-byte chunk gives row j's 4
 // nibble bytes lane j: its low nibbles are 4 elements of sub-block 2r, its high ones the same 4 of
-// sub-block 2r + 1, each dotted with 4 activation bytes broadcast to every lane. A sub-block's 8
-// chunks sum into one 32-bit lane a row (VNNI: vpdpbusd; AVX2: maddubs into 16 bits, at most 16
-// products of 15 · 128 = 30720 each, then madd with the scale in both halves), which is multiplied
-// by the row's 6-bit scale; the mins term Σ min · Σx takes the activation block's 16-element sums.
-// The integer sums are dot_q4_k's, and so are the float operations per block and output, in the
-// same order and unfused (float_barrier), so the packed kernels give the scalar matmul's results
-// bit for bit on every ISA.
+// sub-block 2r + 1, each dotted with 4 activation bytes broadcast to every lane. Q5_K adds each
+// value's fifth bit from the matching chunk of qh bytes (bit s for sub-block s, moved to bit 4). A
+// sub-block's 8 chunks sum into one 32-bit lane a row (VNNI: vpdpbusd; AVX2: maddubs into 16 bits,
+// then madd with the scale in both halves: a 16-bit half sums 2 products a chunk, each at most
+// 15 · 128 for Q4_K, 31 · 128 for Q5_K, so Q4_K's 8 chunks (30720) fit and Q5_K widens every 4
+// (31744)), which is multiplied by the row's 6-bit scale; the mins term Σ min · Σx takes the
+// activation block's 16-element sums. The integer sums are dot_q4_k's / dot_q5_k's, and so are the
+// float operations per block and output, in the same order and unfused (float_barrier), so the packed
+// kernels give the scalar matmul's results bit for bit on every ISA.
 
 // Lane j: the 8 bytes at p[0..8) as int32 (row j's scale or min of one sub-block).
 inline __m256i bytes_to_i32x8(const uint8_t* p) {
@@ -419,11 +422,19 @@ inline __m256i add_scaled_lane_products(__m256i total, __m256i sum, __m256i scal
 #endif
 }
 
-struct PackedQ4_K {
+template <bool kFifthBit>
+struct PackedQ4_KFamily {
   using XBlock = BlockQ8_K;
   static constexpr int64_t kPanelRows = nibble::kernels::kPanelRows;
-  static constexpr int64_t kGroupBytes = packed_group_bytes(DType::Q4_K);
+  static constexpr int64_t kGroupBytes = packed_group_bytes(kFifthBit ? DType::Q5_K : DType::Q4_K);
   static constexpr int64_t kBlockElems = kQK_K;
+  static constexpr int64_t kQhOffset =
+      packed_group_bytes(DType::Q4_K);  // Q5_K's qh chunks follow Q4_K's bytes
+#ifdef __AVX512VNNI__
+  static constexpr int kChunksPerWidening = 8;  // 32-bit sums: a sub-block at a time
+#else
+  static constexpr int kChunksPerWidening = kFifthBit ? 4 : 8;  // 16-bit sums: the bound above
+#endif
 
   // Σ_sub min[sub] · (bsums[2 sub] + bsums[2 sub + 1]), lane j for row j; mins_pairs[t] holds
   // (min[2t], min[2t + 1]) as int16 in lane j.
@@ -442,39 +453,68 @@ struct PackedQ4_K {
     return sum;
   }
 
+  // Bit `bit` of each byte of qh moved to bit 4 (masked in place first, so that the 16-bit shift
+  // moves no bit across bytes).
+  template <int bit>
+  static __m256i fifth_bit(__m256i qh) {
+    const __m256i masked = _mm256_and_si256(qh, _mm256_set1_epi8(static_cast<char>(1 << bit)));
+    if constexpr (bit < 4) return _mm256_slli_epi16(masked, 4 - bit);
+    if constexpr (bit > 4) return _mm256_srli_epi16(masked, bit - 4);
+    return masked;
+  }
+
+  // sum_scaled += Σ scale · (q · x) over sub-blocks 2 run and 2 run + 1 (the run's 32 qs bytes).
+  template <int run, int RM>
+  static void add_run(const uint8_t* group, const BlockQ8_K* const (&x)[RM], int64_t b,
+                      __m256i (&sum_scaled)[RM]) {
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    const uint8_t* chunks = group + 160 + 256 * run;
+    const __m256i scale_low = bytes_to_i32x8(group + 32 + 16 * run);
+    const __m256i scale_high = bytes_to_i32x8(group + 32 + 16 * run + 8);
+    __m256i dot_low[RM], dot_high[RM];
+    NIBBLE_UNROLL
+    for (int i = 0; i < RM; ++i) dot_low[i] = dot_high[i] = _mm256_setzero_si256();
+    NIBBLE_UNROLL
+    for (int c = 0; c < 8; ++c) {
+      const __m256i packed = _mm256_load_si256(reinterpret_cast<const __m256i*>(chunks + 32 * c));
+      __m256i low = _mm256_and_si256(packed, low4);
+      __m256i high = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low4);
+      if constexpr (kFifthBit) {
+        const __m256i qh = _mm256_load_si256(reinterpret_cast<const __m256i*>(group + kQhOffset + 32 * c));
+        low = _mm256_or_si256(low, fifth_bit<2 * run>(qh));
+        high = _mm256_or_si256(high, fifth_bit<2 * run + 1>(qh));
+      }
+      NIBBLE_UNROLL
+      for (int i = 0; i < RM; ++i) {
+        const int8_t* xq = x[i][b].qs + 64 * run + 4 * c;
+        add_lane_products(dot_low[i], low, broadcast_4_bytes(xq));
+        add_lane_products(dot_high[i], high, broadcast_4_bytes(xq + 32));
+      }
+      if ((c + 1) % kChunksPerWidening == 0) {
+        NIBBLE_UNROLL
+        for (int i = 0; i < RM; ++i) {
+          sum_scaled[i] = add_scaled_lane_products(sum_scaled[i], dot_low[i], scale_low);
+          sum_scaled[i] = add_scaled_lane_products(sum_scaled[i], dot_high[i], scale_high);
+          dot_low[i] = dot_high[i] = _mm256_setzero_si256();
+        }
+      }
+    }
+  }
+
+  template <int RM, int... run>
+  static void add_runs(const uint8_t* group, const BlockQ8_K* const (&x)[RM], int64_t b,
+                       __m256i (&sum_scaled)[RM], std::integer_sequence<int, run...>) {
+    (add_run<run, RM>(group, x, b, sum_scaled), ...);
+  }
+
   // (d · x_d) · Σ_sub scale · (q · x) − (dmin · x_d) · Σ_sub min · Σx for each row of the tile.
   template <int RM>
   static void block_terms(const uint8_t* group, const BlockQ8_K* const (&x)[RM], int64_t b,
                           __m256 (&terms)[RM]) {
-    const __m256i low4 = _mm256_set1_epi8(0x0F);
     __m256i sum_scaled[RM];
     NIBBLE_UNROLL
     for (int i = 0; i < RM; ++i) sum_scaled[i] = _mm256_setzero_si256();
-    for (int run = 0; run < 4; ++run) {
-      const uint8_t* chunks = group + 160 + 256 * run;
-      const __m256i scale_low = bytes_to_i32x8(group + 32 + 16 * run);
-      const __m256i scale_high = bytes_to_i32x8(group + 32 + 16 * run + 8);
-      __m256i dot_low[RM], dot_high[RM];
-      NIBBLE_UNROLL
-      for (int i = 0; i < RM; ++i) dot_low[i] = dot_high[i] = _mm256_setzero_si256();
-      NIBBLE_UNROLL
-      for (int c = 0; c < 8; ++c) {
-        const __m256i packed = _mm256_load_si256(reinterpret_cast<const __m256i*>(chunks + 32 * c));
-        const __m256i low = _mm256_and_si256(packed, low4);
-        const __m256i high = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low4);
-        NIBBLE_UNROLL
-        for (int i = 0; i < RM; ++i) {
-          const int8_t* xq = x[i][b].qs + 64 * run + 4 * c;
-          add_lane_products(dot_low[i], low, broadcast_4_bytes(xq));
-          add_lane_products(dot_high[i], high, broadcast_4_bytes(xq + 32));
-        }
-      }
-      NIBBLE_UNROLL
-      for (int i = 0; i < RM; ++i) {
-        sum_scaled[i] = add_scaled_lane_products(sum_scaled[i], dot_low[i], scale_low);
-        sum_scaled[i] = add_scaled_lane_products(sum_scaled[i], dot_high[i], scale_high);
-      }
-    }
+    add_runs<RM>(group, x, b, sum_scaled, std::make_integer_sequence<int, 4>{});
     __m256i mins_pairs[4];
     NIBBLE_UNROLL
     for (int t = 0; t < 4; ++t) {
@@ -497,9 +537,11 @@ struct PackedQ4_K {
 
   template <int RM>
   static void tile(const MatmulOperands& op, const uint8_t* panel, int64_t r0, int64_t o0, int64_t n_valid) {
-    panel_tile<PackedQ4_K, RM>(op, panel, r0, o0, n_valid);
+    panel_tile<PackedQ4_KFamily, RM>(op, panel, r0, o0, n_valid);
   }
 };
+using PackedQ4_K = PackedQ4_KFamily<false>;
+using PackedQ5_K = PackedQ4_KFamily<true>;
 
 // ---- Q6_K weights packed in 8-row panels × Q8_K activations ----
 //
@@ -839,14 +881,14 @@ void matmul_range_512(const MatmulOperands& op, int64_t o_begin, int64_t o_end) 
 #pragma GCC diagnostic pop
 #endif  // __AVX512F__
 
-// ---- Q4_K / Q6_K weights × Q8_K activations ----
+// ---- Q4_K / Q5_K / Q6_K weights × Q8_K activations ----
 //
 // A weight super-block is first unpacked into unsigned quants plus 16-bit scale vectors laid out
 // for _mm256_madd_epi16, then dotted with each activation row of the tile:
 //   row_sum += dx · (d · Σ_chunks madd(maddubs(q, x), scales) − dmin · Σ_groups mins·bsums)
 // Q6_K folds its −32 offset into the first sum as −32·scale·bsum (dmin = 0).
 struct alignas(32) UnpackedKBlock {
-  uint8_t q[kQK_K];                   // unsigned quants in element order (0..15 or 0..63)
+  uint8_t q[kQK_K];                   // unsigned quants in element order (0..15, 0..31 or 0..63)
   int16_t chunk_scales[8][16];        // chunk c (32 elements): lanes 0-7 scale of group 2c, 8-15 of 2c+1
   int16_t group_offsets[kQK_K / 16];  // per 16-element group, multiplies the activation bsums
   int16_t group_mins[kQK_K / 16];
@@ -861,12 +903,24 @@ inline void set_chunk_scales(UnpackedKBlock& out, int chunk, int16_t first, int1
                      _mm256_set_m128i(_mm_set1_epi16(second), _mm_set1_epi16(first)));
 }
 
-inline void unpack_q4_k(const BlockQ4_K& block, UnpackedKBlock& out) {
+// Q4_K, and Q5_K with qh: the fifth bit of element l of sub-block s is bit s of qh[l].
+template <typename Block>
+inline void unpack_q4_k_or_q5_k(const Block& block, const uint8_t* qh, UnpackedKBlock& out) {
   const __m256i low4 = _mm256_set1_epi8(0x0F);
+  const __m256i bit4 = _mm256_set1_epi8(0x10);
+  const __m256i high = qh != nullptr ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qh)) : __m256i{};
   for (int pair = 0; pair < 4; ++pair) {
     const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block.qs + 32 * pair));
-    store_i8x32(out.q + 64 * pair, _mm256_and_si256(packed, low4));
-    store_i8x32(out.q + 64 * pair + 32, _mm256_and_si256(_mm256_srli_epi16(packed, 4), low4));
+    __m256i first = _mm256_and_si256(packed, low4);
+    __m256i second = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low4);
+    if (qh != nullptr) {
+      // Bits 2 pair and 2 pair + 1 of each qh byte to bit 4 (a 16-bit shift, so mask afterwards).
+      const __m256i shifted = _mm256_srl_epi16(high, _mm_cvtsi32_si128(2 * pair));
+      first = _mm256_or_si256(first, _mm256_and_si256(_mm256_slli_epi16(shifted, 4), bit4));
+      second = _mm256_or_si256(second, _mm256_and_si256(_mm256_slli_epi16(shifted, 3), bit4));
+    }
+    store_i8x32(out.q + 64 * pair, first);
+    store_i8x32(out.q + 64 * pair + 32, second);
   }
   for (int sub = 0; sub < 8; ++sub) {
     uint8_t scale, min;
@@ -879,7 +933,10 @@ inline void unpack_q4_k(const BlockQ4_K& block, UnpackedKBlock& out) {
   out.dmin = half_to_float(block.dmin);
 }
 
-inline void unpack_q6_k(const BlockQ6_K& block, UnpackedKBlock& out) {
+inline void unpack(const BlockQ4_K& block, UnpackedKBlock& out) { unpack_q4_k_or_q5_k(block, nullptr, out); }
+inline void unpack(const BlockQ5_K& block, UnpackedKBlock& out) { unpack_q4_k_or_q5_k(block, block.qh, out); }
+
+inline void unpack(const BlockQ6_K& block, UnpackedKBlock& out) {
   const __m256i low4 = _mm256_set1_epi8(0x0F);
   const __m256i low2 = _mm256_set1_epi8(0x03);
   // The top two bits of each value, already shifted to bit 4 (masking first keeps 16-bit shifts
@@ -909,9 +966,9 @@ inline void unpack_q6_k(const BlockQ6_K& block, UnpackedKBlock& out) {
   out.dmin = 0.0f;
 }
 
-template <bool kIsQ4K>
+template <typename WeightBlock>
 struct KQuantFamily {
-  using WeightBlock = std::conditional_t<kIsQ4K, BlockQ4_K, BlockQ6_K>;
+  static constexpr bool kHasMins = !std::is_same_v<WeightBlock, BlockQ6_K>;
 
   // Only RN = 1: the unpacked block is the reuse unit.
   template <int RM, int RN>
@@ -927,11 +984,7 @@ struct KQuantFamily {
     UnpackedKBlock unpacked;
     const int64_t n_blocks = op.k / kQK_K;
     for (int64_t b = 0; b < n_blocks; ++b) {
-      if constexpr (kIsQ4K) {
-        unpack_q4_k(w[b], unpacked);
-      } else {
-        unpack_q6_k(w[b], unpacked);
-      }
+      unpack(w[b], unpacked);
       const auto* offsets = reinterpret_cast<const __m256i*>(unpacked.group_offsets);
       const auto* mins = reinterpret_cast<const __m256i*>(unpacked.group_mins);
       NIBBLE_UNROLL
@@ -948,7 +1001,7 @@ struct KQuantFamily {
           scaled = _mm256_add_epi32(scaled, _mm256_madd_epi16(products, scales));
         }
         acc[i][0] = _mm256_fmadd_ps(_mm256_set1_ps(unpacked.d * xb.d), _mm256_cvtepi32_ps(scaled), acc[i][0]);
-        if constexpr (kIsQ4K) {
+        if constexpr (kHasMins) {
           const __m256i min_sums = _mm256_madd_epi16(bsums, _mm256_load_si256(mins));
           acc[i][0] =
               _mm256_fnmadd_ps(_mm256_set1_ps(unpacked.dmin * xb.d), _mm256_cvtepi32_ps(min_sums), acc[i][0]);
@@ -1134,11 +1187,13 @@ nibble::kernels::detail::IsaKernels make_x86_kernels(const char* isa_name) {
 #endif
       matmul_range<Q8_0Family<true>>,
       matmul_range<Q8_0Family<false>>,
-      kquant_range<KQuantFamily<true>>,
-      kquant_range<KQuantFamily<false>>,
+      kquant_range<KQuantFamily<BlockQ4_K>>,
+      kquant_range<KQuantFamily<BlockQ5_K>>,
+      kquant_range<KQuantFamily<BlockQ6_K>>,
       packed_range<PackedQ4_0>,
       packed_range<PackedQ8_0>,
       packed_range<PackedQ4_K>,
+      packed_range<PackedQ5_K>,
       packed_range<PackedQ6_K>,
       quantize_q8_0,
       quantize_q8_k,

@@ -14,6 +14,11 @@ void PackedMatrix::FreeDeleter::operator()(uint8_t* p) const { std::free(p); }
 
 namespace {
 
+static_assert(offsetof(BlockQ5_K, d) == offsetof(BlockQ4_K, d) &&
+              offsetof(BlockQ5_K, dmin) == offsetof(BlockQ4_K, dmin) &&
+              offsetof(BlockQ5_K, scales) == offsetof(BlockQ4_K, scales));
+static_assert(kQ5_KPanelBlockBytes == kQ4_KPanelBlockBytes + kPanelRows * (kQK_K / 8));
+
 // Copies between one row's block in the file's layout and that row's lane of a packed group (the
 // layouts in packed_weights.hpp), in either direction, so that packing and reading back share one
 // description of where each byte goes.
@@ -43,11 +48,18 @@ void copy_lane(DType type, const LaneCopy<kToGroup>& copy, int lane) {
       copy(offsetof(BlockQ8_0, d), 2 * j, 2);
       for (size_t c = 0; c < 8; ++c) copy(offsetof(BlockQ8_0, qs) + 4 * c, 16 + 32 * c + 4 * j, 4);
       break;
-    case DType::Q4_K: {
+    case DType::Q4_K:
+    case DType::Q5_K: {
+      // Q5_K is Q4_K's group with the qh bytes after it (offsetof is the same for d, dmin and scales).
+      const bool q5 = type == DType::Q5_K;
+      const size_t qs = q5 ? offsetof(BlockQ5_K, qs) : offsetof(BlockQ4_K, qs);
       copy(offsetof(BlockQ4_K, d), 2 * j, 2);
       copy(offsetof(BlockQ4_K, dmin), 16 + 2 * j, 2);
-      for (size_t chunk = 0; chunk < 32; ++chunk)
-        copy(offsetof(BlockQ4_K, qs) + 4 * chunk, 160 + 32 * chunk + 4 * j, 4);
+      for (size_t chunk = 0; chunk < 32; ++chunk) copy(qs + 4 * chunk, 160 + 32 * chunk + 4 * j, 4);
+      if (q5) {
+        for (size_t chunk = 0; chunk < 8; ++chunk)
+          copy(offsetof(BlockQ5_K, qh) + 4 * chunk, kQ4_KPanelBlockBytes + 32 * chunk + 4 * j, 4);
+      }
       // The 6-bit scales and mins, one byte each in the group.
       uint8_t* scales = copy.block + offsetof(BlockQ4_K, scales);
       uint8_t scale[8], min[8];
@@ -79,9 +91,7 @@ void copy_lane(DType type, const LaneCopy<kToGroup>& copy, int lane) {
 
 }  // namespace
 
-bool can_pack_for_matmul(DType w_type) {
-  return w_type == DType::Q4_0 || w_type == DType::Q8_0 || w_type == DType::Q4_K || w_type == DType::Q6_K;
-}
+bool can_pack_for_matmul(DType w_type) { return packed_group_bytes(w_type) != 0; }
 
 PackedMatrix pack_for_matmul(DType w_type, const void* w, int64_t n_out, int64_t k) {
   PackedMatrix packed;

@@ -1,7 +1,8 @@
 #pragma once
 // Weight matrices repacked once at load into a layout the CPU matmul reads faster. The weights stay
-// quantized (about the same bytes per block); only their order changes. Q4_0, Q8_0, Q4_K and Q6_K
-// (which Q4_K_M files use for some matrices) are packed.
+// quantized (about the same bytes per block); only their order changes. Q4_0, Q8_0, Q4_K, Q5_K and
+// Q6_K (the K-quant mixes: Q4_K_M uses Q4_K and Q6_K, Q4_K_S Q4_K and Q5_K, Q5_K_M Q5_K and Q6_K)
+// are packed.
 //
 // Every layout groups output rows in panels of 8 (the last panel padded with zero rows) and stores a
 // panel's blocks one after the other, all 8 rows of a block together, so that a 256-bit load gives
@@ -28,6 +29,11 @@
 // nibbles and sub-block 2r + 1 in their high ones). 148 bytes a row and super-block against the
 // file's 144: the scales are unpacked from 12 bytes to 16 so that the kernel needs no bit fiddling.
 //
+// Q5_K: Q4_K's 1184 bytes (the low 4 bits of each value in the nibble chunks) followed by
+//   bytes [1184, 1440): 8 chunks of 32 bytes; chunk c is qh[4c..4c+3] of row 0, ... of row 7
+// where qh are the rows' Q5_K fifth bits (bit s of qh[l]: element l of sub-block s). 180 bytes a row
+// and super-block against the file's 176.
+//
 // Q6_K: panel p holds rows 8p..8p+7 as k/256 consecutive 1680-byte groups (the file's 210 bytes a
 // row and super-block), one per super-block:
 //   bytes [0, 16):      the 8 rows' fp16 d
@@ -51,6 +57,7 @@ inline constexpr int64_t kQ8_0PanelBlockBytes = 272;  // 8 scales + 8 rows × 32
 // Bytes of one block of 8 rows: Q4_K 8 × (d, dmin, 8 scales, 8 mins, 128 nibble bytes), Q6_K
 // 8 × (d, 16 scales, 128 ql bytes, 64 qh bytes).
 inline constexpr int64_t kQ4_KPanelBlockBytes = 1184;
+inline constexpr int64_t kQ5_KPanelBlockBytes = 1440;  // Q4_K's group + 8 rows × 32 qh bytes
 inline constexpr int64_t kQ6_KPanelBlockBytes = 1680;
 inline constexpr int64_t kMaxBlockBytes = 210;  // the largest packable block (Q6_K)
 
@@ -63,6 +70,8 @@ constexpr int64_t packed_group_bytes(DType type) {
       return kQ8_0PanelBlockBytes;
     case DType::Q4_K:
       return kQ4_KPanelBlockBytes;
+    case DType::Q5_K:
+      return kQ5_KPanelBlockBytes;
     case DType::Q6_K:
       return kQ6_KPanelBlockBytes;
     default:

@@ -11,6 +11,7 @@ constexpr TypeInfo kBF16{"bf16", 1, 2};
 constexpr TypeInfo kQ4_0{"q4_0", kQK4_0, sizeof(BlockQ4_0)};
 constexpr TypeInfo kQ8_0{"q8_0", kQK8_0, sizeof(BlockQ8_0)};
 constexpr TypeInfo kQ4_K{"q4_K", kQK_K, sizeof(BlockQ4_K)};
+constexpr TypeInfo kQ5_K{"q5_K", kQK_K, sizeof(BlockQ5_K)};
 constexpr TypeInfo kQ6_K{"q6_K", kQK_K, sizeof(BlockQ6_K)};
 constexpr TypeInfo kQ8_K{"q8_K", kQK_K, sizeof(BlockQ8_K)};
 
@@ -42,6 +43,8 @@ const TypeInfo* type_info(uint32_t raw_type) {
       return &kQ8_0;
     case DType::Q4_K:
       return &kQ4_K;
+    case DType::Q5_K:
+      return &kQ5_K;
     case DType::Q6_K:
       return &kQ6_K;
     case DType::Q8_K:

@@ -14,6 +14,7 @@ enum class DType : uint32_t {
   Q4_0 = 2,
   Q8_0 = 8,
   Q4_K = 12,
+  Q5_K = 13,
   Q6_K = 14,
   Q8_K = 15,  // activations only (K-quant dot products)
   BF16 = 30,
@@ -58,6 +59,16 @@ struct BlockQ4_K {
   uint8_t qs[kQK_K / 2];
 };
 static_assert(sizeof(BlockQ4_K) == 144);
+
+// Q4_K with a fifth bit per element: values 0..31.
+struct BlockQ5_K {
+  f16_bits d;                    // super-block scale for the 6-bit sub-block scales
+  f16_bits dmin;                 // super-block scale for the 6-bit sub-block mins
+  uint8_t scales[kKScaleBytes];  // 8 scales and 8 mins, 6 bits each, packed as in Q4_K
+  uint8_t qh[kQK_K / 8];         // bit s of qh[l]: the high bit of element l of sub-block s
+  uint8_t qs[kQK_K / 2];         // the low 4 bits, packed as Q4_K's qs
+};
+static_assert(sizeof(BlockQ5_K) == 176);
 
 struct BlockQ6_K {
   uint8_t ql[kQK_K / 2];      // low 4 bits

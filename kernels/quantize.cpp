@@ -30,12 +30,21 @@ void quantize_block_q4_0(const float* x, BlockQ4_0* out) {
   }
 }
 
-// GGML's make_qkx2_quants for n = 32, nmax = 15 (rmin -1, rdelta 0.1, 20 steps, squared error):
-// start from the min/max grid, then try 21 slightly different inverse scales, each followed by a
-// weighted least-squares refit of scale and min, and keep the best. Returns the scale; *offset = -min.
-float fit_sub_block(const float* x, const float* weights, float* offset) {
+// GGML's make_qkx2_quants for n = 32 (squared error): levels 0..nmax; start from the min/max grid,
+// then try nstep + 1 slightly different inverse scales ((rmin + 0.1 step + nmax) / range), each
+// followed by a weighted least-squares refit of scale and min, and keep the best. Returns the scale;
+// *offset = -min. Q4_K fits with nmax 15, rmin -1, 20 steps; Q5_K with 31, -0.5, 15.
+struct SubBlockGrid {
+  int nmax;
+  float rmin;
+  int nstep;
+};
+constexpr SubBlockGrid kQ4_KGrid{15, -1.0f, 20};
+constexpr SubBlockGrid kQ5_KGrid{31, -0.5f, 15};
+
+float fit_sub_block(const float* x, const float* weights, SubBlockGrid grid, float* offset) {
   constexpr int n = 32;
-  constexpr int nmax = 15;
+  const int nmax = grid.nmax;
   float min = x[0];
   float max = x[0];
   float sum_w = weights[0];
@@ -51,7 +60,7 @@ float fit_sub_block(const float* x, const float* weights, float* offset) {
     *offset = -min;
     return 0.0f;
   }
-  float iscale = nmax / (max - min);
+  float iscale = static_cast<float>(nmax) / (max - min);
   float scale = 1 / iscale;
   float best_error = 0;
   for (int i = 0; i < n; ++i) {
@@ -60,8 +69,8 @@ float fit_sub_block(const float* x, const float* weights, float* offset) {
     best_error += weights[i] * diff * diff;
   }
   int candidate[n];
-  for (int step = 0; step <= 20; ++step) {
-    iscale = (-1.0f + 0.1f * static_cast<float>(step) + nmax) / (max - min);
+  for (int step = 0; step <= grid.nstep; ++step) {
+    iscale = (grid.rmin + 0.1f * static_cast<float>(step) + static_cast<float>(nmax)) / (max - min);
     float sum_l = 0, sum_l2 = 0, sum_xl = 0;
     for (int i = 0; i < n; ++i) {
       const int l = std::clamp(detail::nearest_int(iscale * (x[i] - min)), 0, nmax);
@@ -94,37 +103,70 @@ float fit_sub_block(const float* x, const float* weights, float* offset) {
   return scale;
 }
 
-// GGML's quantize_row_q4_K_ref for one super-block: fit each sub-block's scale and offset, store them
-// as 6-bit multiples of the super-block's d = max scale / 63 and dmin = max offset / 63, then round
-// every element against the stored (fp16 and 6-bit rounded) values.
-void quantize_block_q4_k(const float* x, BlockQ4_K* out) {
+// The importance weights of llama.cpp's Q4_K / Q5_K sub-block fits: the sub-block's RMS plus each
+// element's magnitude (larger values matter more).
+void sub_block_weights(const float* x, float* weights) {
+  float sum_x2 = 0;
+  for (int i = 0; i < 32; ++i) sum_x2 += x[i] * x[i];
+  const float rms = std::sqrt(sum_x2 / 32);
+  for (int i = 0; i < 32; ++i) weights[i] = rms + std::fabs(x[i]);
+}
+
+// The 6-bit sub-block scales and mins of a Q4_K / Q5_K super-block, and every element's level
+// (0..grid.nmax), as GGML's quantize_row_q4_K_ref / quantize_row_q5_K_ref compute them: fit each
+// sub-block's scale and offset, store them as 6-bit multiples of the super-block's d = max scale / 63
+// and dmin = max offset / 63, then round every element against the stored (fp16 and 6-bit rounded)
+// values.
+void quantize_k_super_block(const float* x, SubBlockGrid grid, f16_bits* d_out, f16_bits* dmin_out,
+                            uint8_t (&sc)[8], uint8_t (&m)[8], uint8_t (&levels)[kQK_K]) {
   float scales[8], offsets[8];
   float max_scale = 0, max_offset = 0;
   for (int j = 0; j < 8; ++j) {
-    scales[j] = fit_q4_k_sub_block(x + 32 * j, &offsets[j]);
+    float weights[32];
+    sub_block_weights(x + 32 * j, weights);
+    scales[j] = fit_sub_block(x + 32 * j, weights, grid, &offsets[j]);
     max_scale = std::max(max_scale, scales[j]);
     max_offset = std::max(max_offset, offsets[j]);
   }
   const float inv_scale = max_scale > 0 ? 63.0f / max_scale : 0.0f;
   const float inv_offset = max_offset > 0 ? 63.0f / max_offset : 0.0f;
-  uint8_t sc[8], m[8];
   for (int j = 0; j < 8; ++j) {
     sc[j] = static_cast<uint8_t>(std::min(63, detail::nearest_int(inv_scale * scales[j])));
     m[j] = static_cast<uint8_t>(std::min(63, detail::nearest_int(inv_offset * offsets[j])));
   }
-  detail::q4_k_pack_scale_min(sc, m, out->scales);
-  out->d = fp32_to_fp16(max_scale / 63.0f);
-  out->dmin = fp32_to_fp16(max_offset / 63.0f);
-  uint8_t levels[kQK_K] = {};
+  *d_out = fp32_to_fp16(max_scale / 63.0f);
+  *dmin_out = fp32_to_fp16(max_offset / 63.0f);
+  std::fill(levels, levels + kQK_K, uint8_t{0});
   for (int j = 0; j < 8; ++j) {
-    const float d = fp16_to_fp32(out->d) * sc[j];
+    const float d = fp16_to_fp32(*d_out) * sc[j];
     if (d == 0.0f) continue;
-    const float dm = fp16_to_fp32(out->dmin) * m[j];
+    const float dm = fp16_to_fp32(*dmin_out) * m[j];
     for (int i = 0; i < 32; ++i)
       levels[32 * j + i] =
-          static_cast<uint8_t>(std::clamp(detail::nearest_int((x[32 * j + i] + dm) / d), 0, 15));
+          static_cast<uint8_t>(std::clamp(detail::nearest_int((x[32 * j + i] + dm) / d), 0, grid.nmax));
   }
+}
+
+void quantize_block_q4_k(const float* x, BlockQ4_K* out) {
+  uint8_t sc[8], m[8], levels[kQK_K];
+  quantize_k_super_block(x, kQ4_KGrid, &out->d, &out->dmin, sc, m, levels);
+  detail::q4_k_pack_scale_min(sc, m, out->scales);
   detail::q4_k_pack_levels(levels, out->qs);
+}
+
+// Q5_K: Q4_K's layout for the low 4 bits of each level, the fifth bit of element l of sub-block s
+// in bit s of qh[l].
+void quantize_block_q5_k(const float* x, BlockQ5_K* out) {
+  uint8_t sc[8], m[8], levels[kQK_K];
+  quantize_k_super_block(x, kQ5_KGrid, &out->d, &out->dmin, sc, m, levels);
+  detail::q4_k_pack_scale_min(sc, m, out->scales);
+  std::memset(out->qh, 0, sizeof out->qh);
+  uint8_t low[kQK_K];
+  for (int e = 0; e < kQK_K; ++e) {
+    low[e] = levels[e] & 0xF;
+    out->qh[e % 32] = static_cast<uint8_t>(out->qh[e % 32] | ((levels[e] >> 4) << (e / 32)));
+  }
+  detail::q4_k_pack_levels(low, out->qs);
 }
 
 // GGML's make_qx_quants with rmse_type 1 (weights x²) for Q6_K's sub-blocks of 16, nmax = 32:
@@ -152,7 +194,7 @@ float fit_q6_k_sub_block(const float* x, int8_t* levels) {
       if (out != nullptr) out[i] = static_cast<int8_t>(l + nmax);
       const float w = x[i] * x[i];
       *sum_lx += w * x[i] * static_cast<float>(l);
-      *sum_l2 += w * static_cast<float>(l * l);
+      *sum_l2 += w * static_cast<float>(l) * static_cast<float>(l);  // (w·l)·l, as GGML rounds it
     }
   };
   float sum_lx = 0, sum_l2 = 0;
@@ -245,6 +287,22 @@ void dequantize_block_q4_k(const BlockQ4_K& block, float* y) {
   }
 }
 
+// Q5_K: Q4_K plus each element's fifth bit (bit s of qh[l] for element l of sub-block s).
+void dequantize_block_q5_k(const BlockQ5_K& block, float* y) {
+  const float d = fp16_to_fp32(block.d);
+  const float dmin = fp16_to_fp32(block.dmin);
+  for (int sub = 0; sub < 8; ++sub) {
+    uint8_t scale, min;
+    detail::q4_k_scale_min(sub, block.scales, &scale, &min);
+    const uint8_t* q = block.qs + 32 * (sub / 2);
+    const int shift = 4 * (sub % 2);
+    for (int l = 0; l < 32; ++l) {
+      const int level = ((q[l] >> shift) & 0xF) | (((block.qh[l] >> sub) & 1) << 4);
+      y[32 * sub + l] = d * scale * level - dmin * min;
+    }
+  }
+}
+
 // Q6_K: two halves of 128; in each, ql[0..63] and qh[0..31] give four runs of 32 six-bit values
 // (minus 32), each 16 elements with their own int8 scale.
 void dequantize_block_q6_k(const BlockQ6_K& block, float* y) {
@@ -310,6 +368,11 @@ Status quantize_row(DType type, const float* x, void* out, int64_t n) {
       for (int64_t b = 0; b < n / kQK_K; ++b) quantize_block_q4_k(x + b * kQK_K, dst + b);
       break;
     }
+    case DType::Q5_K: {
+      auto* dst = static_cast<BlockQ5_K*>(out);
+      for (int64_t b = 0; b < n / kQK_K; ++b) quantize_block_q5_k(x + b * kQK_K, dst + b);
+      break;
+    }
     case DType::Q6_K: {
       auto* dst = static_cast<BlockQ6_K*>(out);
       for (int64_t b = 0; b < n / kQK_K; ++b) quantize_block_q6_k(x + b * kQK_K, dst + b);
@@ -327,13 +390,9 @@ Status quantize_row(DType type, const float* x, void* out, int64_t n) {
 }
 
 float fit_q4_k_sub_block(const float* x, float* offset) {
-  // Importance weights: the sub-block's RMS plus each element's magnitude (larger values matter more).
-  float sum_x2 = 0;
-  for (int i = 0; i < 32; ++i) sum_x2 += x[i] * x[i];
-  const float rms = std::sqrt(sum_x2 / 32);
   float weights[32];
-  for (int i = 0; i < 32; ++i) weights[i] = rms + std::fabs(x[i]);
-  return fit_sub_block(x, weights, offset);
+  sub_block_weights(x, weights);
+  return fit_sub_block(x, weights, kQ4_KGrid, offset);
 }
 
 Status dequantize_row(DType type, const void* src, float* y, int64_t n) {
@@ -365,6 +424,10 @@ Status dequantize_row(DType type, const void* src, float* y, int64_t n) {
     case DType::Q4_K:
       for (int64_t b = 0; b < n_blocks; ++b)
         dequantize_block_q4_k(static_cast<const BlockQ4_K*>(src)[b], y + b * kQK_K);
+      break;
+    case DType::Q5_K:
+      for (int64_t b = 0; b < n_blocks; ++b)
+        dequantize_block_q5_k(static_cast<const BlockQ5_K*>(src)[b], y + b * kQK_K);
       break;
     case DType::Q6_K:
       for (int64_t b = 0; b < n_blocks; ++b)

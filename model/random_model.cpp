@@ -143,7 +143,7 @@ int64_t LlamaShape::n_params() const {
   return 2 * n_vocab * n_embd + n_embd + n_layer * per_layer;
 }
 
-const char* const kShapeNames = "tiny, llama-1b, llama-8b or llama-70b";
+const char* const kShapeNames = "tiny, small, llama-1b, llama-8b or llama-70b";
 
 LlamaShape llama_shape_by_name(const std::string& name) {
   LlamaShape s;
@@ -153,6 +153,15 @@ LlamaShape llama_shape_by_name(const std::string& name) {
     s.n_head = 4;
     s.n_head_kv = 2;
     s.n_ff = 256;
+    s.n_vocab = 4096;
+    s.n_ctx = 2048;
+  } else if (name == "small") {
+    // The dims of the fixture small-llama-q4_k_m.gguf; every row a multiple of 256, as K-quants need.
+    s.n_embd = 256;
+    s.n_layer = 2;
+    s.n_head = 4;
+    s.n_head_kv = 1;
+    s.n_ff = 768;
     s.n_vocab = 4096;
     s.n_ctx = 2048;
   } else if (name == "llama-1b" || name == "llama-8b" || name == "llama-70b") {
@@ -195,6 +204,8 @@ uint32_t llama_file_type(kernels::DType matrix_type) {
       return 7;  // LLAMA_FTYPE_MOSTLY_Q8_0
     case kernels::DType::Q4_K:
       return 15;  // LLAMA_FTYPE_MOSTLY_Q4_K_M
+    case kernels::DType::Q5_K:
+      return 17;  // LLAMA_FTYPE_MOSTLY_Q5_K_M
     case kernels::DType::Q6_K:
       return 18;  // LLAMA_FTYPE_MOSTLY_Q6_K
     case kernels::DType::BF16:

@@ -30,10 +30,12 @@ struct LlamaShape {
   int64_t n_params() const;
 };
 
-// "tiny" (embd 128, 2 layers, 4 / 2 heads, ffn 256, vocab 4096, ctx 2048) or a Llama 3 shape (vocab
-// 128256, 8 KV heads, ctx 8192, rope base 500000): "llama-1b" (Llama-3.2-1B: embd 2048, 16 layers,
-// 32 heads, ffn 8192), "llama-8b" (embd 4096, 32 layers, 32 heads, ffn 14336) or "llama-70b" (embd
-// 8192, 80 layers, 64 heads, ffn 28672). Throws std::invalid_argument listing the names for others.
+// "tiny" (embd 128, 2 layers, 4 / 2 heads, ffn 256, vocab 4096, ctx 2048), "small" (embd 256, 2
+// layers, 4 / 1 heads, ffn 768, vocab 4096, ctx 2048: the dims of the fixture small-llama-q4_k_m.gguf,
+// with rows that are multiples of 256 as K-quants need) or a Llama 3 shape (vocab 128256, 8 KV heads,
+// ctx 8192, rope base 500000): "llama-1b" (Llama-3.2-1B: embd 2048, 16 layers, 32 heads, ffn 8192),
+// "llama-8b" (embd 4096, 32 layers, 32 heads, ffn 14336) or "llama-70b" (embd 8192, 80 layers, 64
+// heads, ffn 28672). Throws std::invalid_argument listing the names for others.
 extern const char* const kShapeNames;  // the names above, for messages
 LlamaShape llama_shape_by_name(const std::string& name);
 

@@ -20,8 +20,9 @@ bool is_head_tensor(const std::string& name) {
 kernels::DType requantized_type(const GgufTensorInfo& tensor, kernels::DType matrix_type, bool pure) {
   if (tensor.dims.size() == 1) return kernels::DType::F32;
   if (tensor.dims.size() != 2) return tensor.type;
-  const bool four_bit = matrix_type == kernels::DType::Q4_0 || matrix_type == kernels::DType::Q4_K;
-  if (!pure && four_bit && is_head_tensor(tensor.name)) return kernels::DType::Q8_0;
+  const bool low_bit = matrix_type == kernels::DType::Q4_0 || matrix_type == kernels::DType::Q4_K ||
+                       matrix_type == kernels::DType::Q5_K;
+  if (!pure && low_bit && is_head_tensor(tensor.name)) return kernels::DType::Q8_0;
   return matrix_type;
 }
 
@@ -55,15 +56,16 @@ std::vector<uint8_t> convert_tensor(const GgufFile& in, const GgufTensorInfo& t,
 
 void requantize_gguf(const GgufFile& in, const std::string& out_path, kernels::DType matrix_type, bool pure) {
   using kernels::DType;
-  if (matrix_type != DType::Q4_0 && matrix_type != DType::Q4_K && matrix_type != DType::Q8_0 &&
-      matrix_type != DType::F16 && matrix_type != DType::F32) {
+  if (matrix_type != DType::Q4_0 && matrix_type != DType::Q4_K && matrix_type != DType::Q5_K &&
+      matrix_type != DType::Q8_0 && matrix_type != DType::F16 && matrix_type != DType::F32) {
     throw std::invalid_argument(std::string("cannot requantize to ") + kernels::type_name(matrix_type) +
-                                " (expected q4_0, q4_k, q8_0, f16 or f32)");
+                                " (expected q4_0, q4_k, q5_k, q8_0, f16 or f32)");
   }
   GgufWriter out;
   for (const auto& [key, value] : in.metadata()) out.set(key, value);
   out.set_uint32("general.file_type", llama_file_type(matrix_type));
-  if (matrix_type == DType::Q4_0 || matrix_type == DType::Q4_K || matrix_type == DType::Q8_0)
+  if (matrix_type == DType::Q4_0 || matrix_type == DType::Q4_K || matrix_type == DType::Q5_K ||
+      matrix_type == DType::Q8_0)
     out.set_uint32("general.quantization_version", 2);
 
   for (const GgufTensorInfo& t : in.tensors()) {

@@ -197,6 +197,7 @@ void round_trip_tensors(uint64_t alignment) {
       {"f16", {7}, DType::F16, quantized(DType::F16, std::vector<float>(x.begin(), x.begin() + 7), 7)});
   cases.push_back({"bf16", {2, 2, 2, 2}, DType::BF16, random_bytes(32, 3)});
   cases.push_back({"q4_k", {256, 3}, DType::Q4_K, random_bytes(3 * 144, 4)});
+  cases.push_back({"q5_k", {256, 2}, DType::Q5_K, random_bytes(2 * 176, 6)});
   cases.push_back({"q6_k", {512}, DType::Q6_K, random_bytes(2 * 210, 5)});
   cases.push_back({"q8_k", {256}, DType::Q8_K, random_bytes(292, 6)});
 

@@ -28,12 +28,13 @@ class ForcedIsa {
   std::string original_;
 };
 
-// Random weights of `type`: float/Q4_0/Q8_0 by quantizing random floats; Q4_K/Q6_K (no quantizer)
-// as random bytes with small random super-block scales, which is any valid block.
+// Random weights of `type`: float/Q4_0/Q8_0 by quantizing random floats; the K-quants as random bytes
+// with small random super-block scales, which is any valid block (the quantizers rarely give extreme
+// quants).
 std::vector<uint8_t> random_weights(DType type, int64_t n_out, int64_t k, uint64_t seed) {
   const int64_t row = row_bytes(type, k);
   std::vector<uint8_t> w(static_cast<size_t>(n_out * row));
-  if (type == DType::Q4_K || type == DType::Q6_K) {
+  if (type == DType::Q4_K || type == DType::Q5_K || type == DType::Q6_K) {
     std::mt19937_64 rng(seed);
     for (uint8_t& byte : w) byte = static_cast<uint8_t>(rng());
     std::uniform_real_distribution<float> scale(0.001f, 0.01f);
@@ -41,6 +42,10 @@ std::vector<uint8_t> random_weights(DType type, int64_t n_out, int64_t k, uint64
       if (type == DType::Q4_K) {
         auto* block = reinterpret_cast<BlockQ4_K*>(w.data()) + b;
         block->d = fp32_to_fp16(scale(rng));
+        block->dmin = fp32_to_fp16(scale(rng));
+      } else if (type == DType::Q5_K) {
+        auto* block = reinterpret_cast<BlockQ5_K*>(w.data()) + b;
+        block->d = fp32_to_fp16(scale(rng) * 0.5f);
         block->dmin = fp32_to_fp16(scale(rng));
       } else {
         reinterpret_cast<BlockQ6_K*>(w.data())[b].d = fp32_to_fp16(scale(rng) * 0.1f);
@@ -78,6 +83,7 @@ bool uses_quantized_activations(DType type) {
 int64_t test_k(DType type) {
   switch (type) {
     case DType::Q4_K:
+    case DType::Q5_K:
     case DType::Q6_K:
       return 256 * 3;
     case DType::Q4_0:
@@ -160,7 +166,7 @@ INSTANTIATE_TEST_SUITE_P(AllTypes, KernelMatmul,
                          ::testing::Combine(::testing::Values("scalar", "avx2", "avx512"),
                                             ::testing::Values(DType::F32, DType::F16, DType::BF16,
                                                               DType::Q4_0, DType::Q8_0, DType::Q4_K,
-                                                              DType::Q6_K)),
+                                                              DType::Q5_K, DType::Q6_K)),
                          param_name);
 
 // Several chunks per thread and edge tiles in both dimensions.

@@ -1,9 +1,10 @@
-// Packed Q4_0, Q8_0, Q4_K and Q6_K weights (kernels/packed_weights.hpp) on every ISA the CPU has: against
-// matmul_reference, against the unpacked matmul, and across thread counts.
+// Packed Q4_0, Q8_0, Q4_K, Q5_K and Q6_K weights (kernels/packed_weights.hpp) on every ISA the CPU has:
+// against matmul_reference, against the unpacked matmul, and across thread counts.
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <cstring>
 #include <random>
 #include <string>
@@ -55,6 +56,10 @@ std::vector<uint8_t> random_block_bytes(DType type, int64_t n_out, int64_t k, ui
     } else if (type == DType::Q4_K) {
       auto* block = reinterpret_cast<BlockQ4_K*>(w.data()) + b;
       block->d = fp32_to_fp16(scale(rng));
+      block->dmin = fp32_to_fp16(scale(rng));
+    } else if (type == DType::Q5_K) {
+      auto* block = reinterpret_cast<BlockQ5_K*>(w.data()) + b;
+      block->d = fp32_to_fp16(scale(rng) * 0.5f);
       block->dmin = fp32_to_fp16(scale(rng));
     } else {
       reinterpret_cast<BlockQ6_K*>(w.data())[b].d = fp32_to_fp16(scale(rng) * 0.1f);
@@ -124,15 +129,18 @@ INSTANTIATE_TEST_SUITE_P(AllIsas, KernelPacked, ::testing::Values("scalar", "avx
 class KernelPackedBitForBit : public ::testing::TestWithParam<std::tuple<std::string, DType>> {};
 
 // Odd shapes as for Q4_0, k from one block to several. The packed kernels do dot_q8_0's /
-// dot_q4_k's / dot_q6_k's integer sums and float operations in their order on every ISA, so they
+// dot_q4_k's / dot_q5_k's / dot_q6_k's integer sums and float operations in their order on every ISA, so they
 // must equal the scalar unpacked matmul bit for bit, whatever the activation row count or thread
 // split.
 TEST_P(KernelPackedBitForBit, MatchesScalarBitForBitAndTheReference) {
   const auto& [isa, type] = GetParam();
   ForcedIsa forced;
   if (!forced.force(isa)) GTEST_SKIP() << "this CPU does not support " << isa;
-  // A block's bytes for one row, packed: the file's, but for Q4_K's scales unpacked to 16 bytes.
-  const int64_t packed_row_bytes = type == DType::Q4_K ? 148 : type_info(type).block_bytes;
+  // A block's bytes for one row, packed: the file's, but for Q4_K's and Q5_K's scales unpacked to 16
+  // bytes.
+  const int64_t packed_row_bytes = type == DType::Q4_K   ? 148
+                                   : type == DType::Q5_K ? 180
+                                                         : type_info(type).block_bytes;
   const int64_t block = type_info(type).block_elems;
   ThreadPool serial(1);
   ThreadPool threaded(3);
@@ -179,9 +187,45 @@ TEST_P(KernelPackedBitForBit, MatchesScalarBitForBitAndTheReference) {
   }
 }
 
+// The integer sums' bounds: every weight byte 0xFF (the largest unsigned quants: 15, 31 or 63, and
+// the largest 6-bit scales) against activations that all quantize to 127, so a kernel that sums too
+// many products in 16 bits (AVX2's maddubs) overflows and differs from the scalar matmul.
+TEST_P(KernelPackedBitForBit, LargestQuantsAndActivationsMatchScalar) {
+  const auto& [isa, type] = GetParam();
+  ForcedIsa forced;
+  if (!forced.force(isa)) GTEST_SKIP() << "this CPU does not support " << isa;
+  const int64_t n_out = 9, k = 2 * type_info(type).block_elems * (type == DType::Q8_0 ? 8 : 1);
+  std::vector<uint8_t> w(static_cast<size_t>(n_out * row_bytes(type, k)), 0xFF);
+  for (int64_t b = 0; b < n_out * k / type_info(type).block_elems; ++b) {
+    // Finite block scales: d (and Q4_K's / Q5_K's dmin, which follows it) lead the other blocks.
+    const uint16_t d[2] = {fp32_to_fp16(0.001f), fp32_to_fp16(0.002f)};
+    uint8_t* block = w.data() + b * type_info(type).block_bytes;
+    if (type == DType::Q6_K) {
+      std::memcpy(block + offsetof(BlockQ6_K, d), d, sizeof d[0]);
+    } else {
+      std::memcpy(block, d, type == DType::Q8_0 ? sizeof d[0] : sizeof d);
+    }
+  }
+  const PackedMatrix packed = pack_for_matmul(type, w.data(), n_out, k);
+  ASSERT_FALSE(packed.empty());
+  ThreadPool serial(1);
+  for (const float sign : {1.0f, -1.0f}) {
+    for (int64_t m : {1, 3, 8}) {
+      const std::vector<float> x(static_cast<size_t>(m * k), sign);
+      std::vector<float> y(m * n_out), y_scalar(m * n_out);
+      ASSERT_EQ(matmul_packed(packed, x.data(), m, y.data(), serial), Status::ok);
+      ForcedIsa scalar;
+      ASSERT_TRUE(scalar.force("scalar"));
+      ASSERT_EQ(matmul(type, w.data(), n_out, k, x.data(), m, y_scalar.data(), serial), Status::ok);
+      EXPECT_EQ(y, y_scalar) << "sign " << sign << " m " << m;
+    }
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(AllIsas, KernelPackedBitForBit,
                          ::testing::Combine(::testing::Values("scalar", "avx2", "avx512"),
-                                            ::testing::Values(DType::Q8_0, DType::Q4_K, DType::Q6_K)),
+                                            ::testing::Values(DType::Q8_0, DType::Q4_K, DType::Q5_K,
+                                                              DType::Q6_K)),
                          [](const auto& param_info) {
                            return std::get<0>(param_info.param) + "_" +
                                   type_name(std::get<1>(param_info.param));
@@ -190,7 +234,7 @@ INSTANTIATE_TEST_SUITE_P(AllIsas, KernelPackedBitForBit,
 // Reading a packed matrix back gives every row's blocks byte for byte (the Q4_K scales, unpacked to
 // bytes in the panel, repacked into their 12 bytes), and zero blocks past the last row.
 TEST(KernelPackedLayout, EveryBlockReadsBackByteForByte) {
-  for (const DType type : {DType::Q4_0, DType::Q8_0, DType::Q4_K, DType::Q6_K}) {
+  for (const DType type : {DType::Q4_0, DType::Q8_0, DType::Q4_K, DType::Q5_K, DType::Q6_K}) {
     SCOPED_TRACE(type_name(type));
     const TypeInfo& info = type_info(type);
     const int64_t n_out = 13, k = 3 * info.block_elems, n_blocks = 3;
@@ -219,6 +263,7 @@ TEST(KernelPackedArguments, UnsupportedInputsGiveEmptyMatrices) {
   const std::vector<uint8_t> w = random_q4_0(8, 64, 1);
   EXPECT_TRUE(can_pack_for_matmul(DType::Q4_0));
   EXPECT_TRUE(can_pack_for_matmul(DType::Q4_K));
+  EXPECT_TRUE(can_pack_for_matmul(DType::Q5_K));
   EXPECT_TRUE(can_pack_for_matmul(DType::Q6_K));
   EXPECT_TRUE(can_pack_for_matmul(DType::Q8_0));
   EXPECT_FALSE(can_pack_for_matmul(DType::F16));

@@ -63,6 +63,7 @@ TEST(KernelTypes, TypeTableMatchesGgml) {
   EXPECT_EQ(type_info(DType::Q4_0).block_bytes, 18);
   EXPECT_EQ(type_info(DType::Q8_0).block_bytes, 34);
   EXPECT_EQ(type_info(DType::Q4_K).block_bytes, 144);
+  EXPECT_EQ(type_info(DType::Q5_K).block_bytes, 176);
   EXPECT_EQ(type_info(DType::Q6_K).block_bytes, 210);
   EXPECT_EQ(type_info(DType::Q8_K).block_bytes, 292);
   EXPECT_EQ(type_info(DType::Q4_K).block_elems, 256);
@@ -161,6 +162,7 @@ TEST(KernelQuantize, InvalidArguments) {
   EXPECT_EQ(quantize_row(DType::Q8_0, x.data(), out.data(), -32), Status::invalid_argument);
   EXPECT_EQ(quantize_row(DType::Q6_K, x.data(), out.data(), 64), Status::invalid_argument);
   EXPECT_EQ(quantize_row(DType::Q4_K, x.data(), out.data(), 64), Status::invalid_argument);
+  EXPECT_EQ(quantize_row(DType::Q5_K, x.data(), out.data(), 64), Status::invalid_argument);
   EXPECT_EQ(quantize_row(static_cast<DType>(99), x.data(), out.data(), 32), Status::unsupported_type);
   EXPECT_EQ(dequantize_row(DType::Q6_K, out.data(), x.data(), 64), Status::invalid_argument);
   EXPECT_EQ(dequantize_row(static_cast<DType>(3), out.data(), x.data(), 32), Status::unsupported_type);
@@ -209,6 +211,61 @@ TEST(KernelQuantize, Q4_KRoundTrip) {
   EXPECT_LT(std::sqrt(err / norm), 0.08);
   ASSERT_EQ(quantize_row(DType::Q4_K, y.data(), q.data(), 512), Status::ok);
   ASSERT_EQ(dequantize_row(DType::Q4_K, q.data(), y2.data(), 512), Status::ok);
+  for (size_t i = 0; i < y.size(); ++i) EXPECT_NEAR(y2[i], y[i], 1e-3f * (1.0f + std::fabs(y[i]))) << i;
+}
+
+// Q5_K, packed by hand: Q4_K's scales, mins and nibbles (see above), plus a fifth bit per element:
+// element l of sub-block s (e = 32s + l) has bit s of qh[l] as its bit 4, so q = nibble + 16·bit.
+TEST(KernelQuantize, DequantizeHandBuiltQ5_K) {
+  const int sc[8] = {63, 2, 40, 31, 16, 1, 59, 8};
+  const int mn[8] = {5, 63, 0, 33, 12, 50, 27, 3};
+  int u[256];
+  for (int e = 0; e < 256; ++e) u[e] = (e * 13 + 7) % 32;
+  BlockQ5_K block{};
+  block.d = fp32_to_fp16(0.5f);
+  block.dmin = fp32_to_fp16(0.0625f);
+  for (int j = 0; j < 4; ++j) {
+    block.scales[j] = static_cast<uint8_t>(sc[j] | ((sc[j + 4] >> 4) << 6));
+    block.scales[j + 4] = static_cast<uint8_t>(mn[j] | ((mn[j + 4] >> 4) << 6));
+    block.scales[j + 8] = static_cast<uint8_t>((sc[j + 4] & 15) | ((mn[j + 4] & 15) << 4));
+  }
+  for (int e = 0; e < 256; ++e) {
+    const int p = e / 64, h = (e % 64) / 32, l = e % 32;
+    block.qs[32 * p + l] = static_cast<uint8_t>(block.qs[32 * p + l] | ((u[e] & 15) << (4 * h)));
+    block.qh[l] = static_cast<uint8_t>(block.qh[l] | ((u[e] >> 4) << (e / 32)));
+  }
+  std::vector<float> y(256);
+  ASSERT_EQ(dequantize_row(DType::Q5_K, &block, y.data(), 256), Status::ok);
+  for (int e = 0; e < 256; ++e) {
+    const float expected = 0.5f * sc[e / 32] * u[e] - 0.0625f * mn[e / 32];
+    EXPECT_FLOAT_EQ(y[e], expected) << "element " << e;
+  }
+}
+
+// Q5_K quantization (llama.cpp's quantize_row_q5_K_ref): between Q4_K's and Q6_K's error on random
+// rows, a zero super-block stays zero, and re-quantizing the dequantized values gives them back.
+TEST(KernelQuantize, Q5_KRoundTrip) {
+  std::vector<float> x(768);
+  for (size_t i = 256; i < x.size(); ++i) x[i] = std::sin(0.37f * static_cast<float>(i)) * (1.0f + (i % 7));
+  auto rel_error = [&](DType type, std::vector<float>& y) {
+    std::vector<uint8_t> q(static_cast<size_t>(row_bytes(type, 768)));
+    EXPECT_EQ(quantize_row(type, x.data(), q.data(), 768), Status::ok);
+    EXPECT_EQ(dequantize_row(type, q.data(), y.data(), 768), Status::ok);
+    double err = 0, norm = 0;
+    for (size_t i = 0; i < x.size(); ++i) {
+      err += (y[i] - x[i]) * (y[i] - x[i]);
+      norm += x[i] * x[i];
+    }
+    return std::sqrt(err / norm);
+  };
+  std::vector<float> y(768), y4(768), y6(768), y2(768);
+  const double e5 = rel_error(DType::Q5_K, y);
+  EXPECT_LT(e5, 0.6 * rel_error(DType::Q4_K, y4));
+  EXPECT_GT(e5, rel_error(DType::Q6_K, y6));
+  for (int i = 0; i < 256; ++i) EXPECT_EQ(y[static_cast<size_t>(i)], 0.0f);
+  std::vector<uint8_t> q(static_cast<size_t>(row_bytes(DType::Q5_K, 768)));
+  ASSERT_EQ(quantize_row(DType::Q5_K, y.data(), q.data(), 768), Status::ok);
+  ASSERT_EQ(dequantize_row(DType::Q5_K, q.data(), y2.data(), 768), Status::ok);
   for (size_t i = 0; i < y.size(); ++i) EXPECT_NEAR(y2[i], y[i], 1e-3f * (1.0f + std::fabs(y[i]))) << i;
 }
 

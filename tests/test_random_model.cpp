@@ -41,6 +41,15 @@ TEST(RandomModel, NamedShapes) {
   EXPECT_EQ(tiny.n_head_kv, 2);
   EXPECT_EQ(tiny.n_ff, 256);
   EXPECT_EQ(tiny.n_vocab, 4096);
+  const LlamaShape small = llama_shape_by_name("small");
+  EXPECT_EQ(small.n_embd, 256);
+  EXPECT_EQ(small.n_layer, 2);
+  EXPECT_EQ(small.n_head, 4);
+  EXPECT_EQ(small.n_head_kv, 1);
+  EXPECT_EQ(small.n_ff, 768);
+  EXPECT_EQ(small.n_vocab, 4096);
+  EXPECT_EQ(small.n_ctx, 2048);
+  EXPECT_EQ(small.rope_base, 10000.0f);
   const LlamaShape big = llama_shape_by_name("llama-1b");
   EXPECT_EQ(big.n_embd, 2048);
   EXPECT_EQ(big.n_layer, 16);

@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 #include <filesystem>
 
 #include "kernels/quantize.hpp"
@@ -257,6 +258,59 @@ TEST(RequantizeFixtures, Q4_KOfLlamaCppQ4_KIsNearlyUnchanged) {
     if (checked++ == 0) std::printf("%s: relative RMS change %.4f\n", t.name.c_str(), err);
   }
   EXPECT_GT(checked, 0);
+}
+
+// `nibble quantize --type q5_k`: every matrix Q5_K but the heads (Q8_0 unless pure), llama.cpp's file
+// type for the mix, and a model that runs.
+TEST_F(Requantize, F32ToQ5_KKeepsHeadsAtQ8_0) {
+  test::TempDir dir;
+  LlamaShape shape = llama_shape_by_name("small");
+  shape.n_vocab = 354;
+  const std::string f32 = (dir.path() / "small-f32.gguf").string();
+  write_random_llama(f32, shape, DType::F32, 3);
+  const auto source = GgufFile::open(f32);
+  const auto out = convert(*source, DType::Q5_K, false, "q5k.gguf");
+  for (const GgufTensorInfo& t : out->tensors()) {
+    SCOPED_TRACE(t.name);
+    const bool head = t.name == "token_embd.weight" || t.name == "output.weight";
+    EXPECT_EQ(t.type, t.dims.size() == 1 ? DType::F32 : head ? DType::Q8_0 : DType::Q5_K);
+    if (t.type != DType::Q5_K) continue;
+    const double err = relative_rms(test::dequantize_tensor(*source, *source->find_tensor(t.name)),
+                                    test::dequantize_tensor(*out, t));
+    EXPECT_LT(err, 0.06);   // 5 bits: about half of Q4_0's error
+    EXPECT_GT(err, 0.005);  // and really quantized
+  }
+  EXPECT_EQ(out->get_uint("general.file_type"), 17u);  // LLAMA_FTYPE_MOSTLY_Q5_K_M
+  const auto pure = convert(*source, DType::Q5_K, true, "q5k-pure.gguf");
+  EXPECT_EQ(pure->find_tensor("output.weight")->type, DType::Q5_K);
+}
+
+// The committed llama.cpp Q5_K_M model (tests/data/llama-cpp-q5_k_m) was quantized by llama.cpp from
+// `nibble make-model --shape small --vocab 354 --type f16 --seed 7`, without an importance matrix, so
+// with quantize_row_q5_K_ref and quantize_row_q6_K_ref: Nibble's quantizers, given the same F16
+// weights, must write the same bytes for every Q5_K and Q6_K tensor of that file.
+TEST(RequantizeTestData, Q5_KAndQ6_KEqualLlamaCppByteForByte) {
+  test::TempDir dir;
+  LlamaShape shape = llama_shape_by_name("small");
+  shape.n_vocab = 354;
+  const std::string f16 = (dir.path() / "small-f16.gguf").string();
+  write_random_llama(f16, shape, DType::F16, 7);
+  const auto source = GgufFile::open(f16);
+  const auto llama_cpp =
+      GgufFile::open((test::test_data_dir() / "llama-cpp-q5_k_m" / "small-llama-q5_k_m.gguf").string());
+  int checked[2] = {0, 0};
+  for (const GgufTensorInfo& t : llama_cpp->tensors()) {
+    if (t.type != DType::Q5_K && t.type != DType::Q6_K) continue;
+    const GgufTensorInfo* s = source->find_tensor(t.name);
+    ASSERT_NE(s, nullptr) << t.name;
+    ASSERT_EQ(s->type, DType::F16) << t.name;
+    const std::vector<uint8_t> ours = convert_tensor(*source, *s, t.type);
+    ASSERT_EQ(ours.size(), t.size_bytes) << t.name;
+    EXPECT_EQ(std::memcmp(ours.data(), llama_cpp->tensor_data(t), ours.size()), 0) << t.name;
+    ++checked[t.type == DType::Q5_K ? 0 : 1];
+  }
+  EXPECT_EQ(checked[0], 13);  // token_embd and 12 layer matrices (README of the test data)
+  EXPECT_EQ(checked[1], 3);   // output, blk.1.attn_v, blk.1.ffn_down
 }
 
 }  // namespace

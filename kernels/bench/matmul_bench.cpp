@@ -40,7 +40,7 @@ struct Shape {
 };
 constexpr Shape kShapes[] = {
     {"attn_2048x2048", 2048, 2048}, {"ffn_up_8192x2048", 8192, 2048}, {"ffn_down_2048x8192", 2048, 8192}};
-constexpr DType kTypes[] = {DType::F16, DType::Q4_0, DType::Q8_0, DType::Q4_K, DType::Q6_K};
+constexpr DType kTypes[] = {DType::F16, DType::Q4_0, DType::Q8_0, DType::Q4_K, DType::Q5_K, DType::Q6_K};
 
 // Random weights of `type` from uniform [-1, 1) floats, quantized as the file's rows.
 const std::vector<uint8_t>& weights(DType type, const Shape& shape) {

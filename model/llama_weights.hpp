@@ -74,11 +74,12 @@ struct LlamaWeights {
   static LlamaWeights bind(const HfCheckpoint& checkpoint, const LlamaConfig& config, int64_t layer_begin = 0,
                            int64_t layer_end = -1);
 
-  // Repacks every matrix the CPU matmul reads faster packed (Q4_0, Q4_K, Q6_K; see
-  // kernels/can_pack_for_matmul) into `packed`, one at a time. With release_source, each source
-  // range of the (read-only) file mapping is then dropped from memory, so that resident memory
-  // stays about the file's size instead of twice it.
-  void pack_for_cpu(bool release_source);
+  // Repacks every matrix the CPU matmul reads faster packed (the types kernels/can_pack_for_matmul
+  // accepts) into `packed`, `threads` matrices at a time (0: one a hardware thread, at most 8). With
+  // release_source, each source range of the (read-only) file mapping is then dropped from memory,
+  // so that resident memory stays about the file's size plus a packed matrix a thread instead of
+  // twice the file. Rethrows the first packing failure after every thread has stopped.
+  void pack_for_cpu(bool release_source, int threads = 0);
 };
 
 }  // namespace nibble::model

@@ -3,10 +3,12 @@
 // and that the CPU model runs on one.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <set>
 #include <stdexcept>
 
+#include "kernels/packed_weights.hpp"
 #include "kernels/random_weights.hpp"
 #include "kernels/thread_pool.hpp"
 #include "model/llama_checkpoint.hpp"
@@ -123,6 +125,31 @@ TEST(LlamaCheckpointDummy, WeightsFollowThePerTensorSeeds) {
                           w.layers[1].wq.data + w.layers[1].wq.n_out * w.layers[1].wq.row_bytes(),
                           other.layers[1].wq.data));
   EXPECT_THROW(c->bind_weights(0, 3), std::invalid_argument);
+}
+
+// Packing for the CPU several matrices at a time gives every matrix the bytes packing it alone gives.
+TEST(LlamaCheckpointDummy, PackingOnThreadsEqualsPackingEachMatrixAlone) {
+  const auto c = LlamaCheckpoint::open("dummy:tiny:seed=5");
+  LlamaWeights serial = c->bind_weights();
+  LlamaWeights threaded = c->bind_weights();
+  serial.pack_for_cpu(/*release_source=*/false, 1);
+  threaded.pack_for_cpu(/*release_source=*/false, 3);
+  auto same = [](const WeightMatrix& a, const WeightMatrix& b) {
+    if (a.packed == nullptr || b.packed == nullptr) return false;
+    const kernels::PackedMatrix alone = kernels::pack_for_matmul(a.type, a.data, a.n_out, a.k);
+    return a.packed->size_bytes() == alone.size_bytes() && b.packed->size_bytes() == alone.size_bytes() &&
+           std::equal(alone.data(), alone.data() + alone.size_bytes(), a.packed->data()) &&
+           std::equal(alone.data(), alone.data() + alone.size_bytes(), b.packed->data());
+  };
+  ASSERT_EQ(threaded.layers.size(), static_cast<size_t>(c->config().n_layer));
+  for (size_t l = 0; l < threaded.layers.size(); ++l) {
+    const LlamaLayerWeights& a = serial.layers[l];
+    const LlamaLayerWeights& b = threaded.layers[l];
+    EXPECT_TRUE(same(a.wq, b.wq) && same(a.wk, b.wk) && same(a.wv, b.wv) && same(a.wo, b.wo) &&
+                same(a.w_gate, b.w_gate) && same(a.w_up, b.w_up) && same(a.w_down, b.w_down))
+        << "layer " << l;
+  }
+  EXPECT_TRUE(same(serial.output, threaded.output));
 }
 
 TEST(LlamaCheckpointDummy, SyntheticTokenizerEqualsTheRandomModelFiles) {

@@ -8,8 +8,6 @@ namespace nibble::worker {
 
 namespace {
 
-constexpr int64_t kBlockSize = Generator::kBlockSize;
-
 double seconds_since(std::chrono::steady_clock::time_point start) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }

@@ -72,6 +72,7 @@ ActivationFormat activation_format(DType w_type) {
     case DType::Q4_K:
     case DType::Q5_K:
     case DType::Q6_K:
+    case DType::IQ4_XS:
       return ActivationFormat::q8_k;
     default:
       return ActivationFormat::none;
@@ -96,6 +97,8 @@ MatmulRangeFn range_fn(const IsaKernels& isa, DType w_type) {
       return isa.q5_k;
     case DType::Q6_K:
       return isa.q6_k;
+    case DType::IQ4_XS:
+      return isa.iq4_xs;
     default:
       return nullptr;
   }
@@ -254,6 +257,7 @@ Status matmul_packed(const PackedMatrix& w, const float* x, int64_t m, float* y,
   if (w.type() == DType::Q4_K) range = isa.q4_k_packed;
   if (w.type() == DType::Q5_K) range = isa.q5_k_packed;
   if (w.type() == DType::Q6_K) range = isa.q6_k_packed;
+  if (w.type() == DType::IQ4_XS) range = isa.iq4_xs_packed;
   run_output_rows(range, op, w.n_out(), parallel, pool);
   return Status::ok;
 }

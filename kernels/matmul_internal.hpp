@@ -17,7 +17,7 @@ struct MatmulOperands {
   const uint8_t* w;  // w: [n_out, k] in the weight type, rows w_stride bytes apart
   int64_t w_stride;
   const uint8_t* x;  // x: [m, k] as float (F32/F16/BF16 weights), Q8_0 (Q4_0/Q8_0) or Q8_K
-  int64_t x_stride;  //    (Q4_K/Q5_K/Q6_K) blocks, rows x_stride bytes apart
+  int64_t x_stride;  //    (K-quants, IQ4_XS) blocks, rows x_stride bytes apart
   float* y;          // y: [m, n_out] floats, rows y_stride floats apart
   int64_t y_stride;
   int64_t m;
@@ -43,14 +43,16 @@ struct IsaKernels {
   MatmulRangeFn q4_k;
   MatmulRangeFn q5_k;
   MatmulRangeFn q6_k;
+  MatmulRangeFn iq4_xs;
   // Q4_0 packed in 8-row panels × Q8_0 activations with x_info; o_begin is a multiple of 8.
   MatmulRangeFn q4_0_packed;
   // Q8_0 packed in 8-row panels × Q8_0 activations; o_begin is a multiple of 8.
   MatmulRangeFn q8_0_packed;
-  // Q4_K, Q5_K and Q6_K packed in 8-row panels × Q8_K activations; o_begin is a multiple of 8.
+  // Q4_K, Q5_K, Q6_K and IQ4_XS packed in 8-row panels × Q8_K activations; o_begin is a multiple of 8.
   MatmulRangeFn q4_k_packed;
   MatmulRangeFn q5_k_packed;
   MatmulRangeFn q6_k_packed;
+  MatmulRangeFn iq4_xs_packed;
   QuantizeActivationFn quantize_q8_0;  // must give the same bytes as quantize_row(Q8_0)
   QuantizeActivationFn quantize_q8_k;  // must give the same bytes as quantize_row(Q8_K)
   // Fills info[0, n_blocks) for one Q8_0 activation row.

@@ -110,6 +110,26 @@ float dot_q5_k(const uint8_t* w_row, const uint8_t* x_row, int64_t k) {
   return sum;
 }
 
+// Σ_sub scale[sub] · Σ kIQ4Values[index] · x over the super-block in integers (|sum| < 2^28), then
+// one float term per super-block.
+float dot_iq4_xs(const uint8_t* w_row, const uint8_t* x_row, int64_t k) {
+  const auto* w = reinterpret_cast<const BlockIQ4_XS*>(w_row);
+  const auto* x = reinterpret_cast<const BlockQ8_K*>(x_row);
+  float sum = 0.0f;
+  for (int64_t b = 0; b < k / kQK_K; ++b) {
+    int sum_scaled = 0;
+    for (int sub = 0; sub < 8; ++sub) {
+      const uint8_t* q = w[b].qs + 16 * sub;
+      const int8_t* xq = x[b].qs + 32 * sub;
+      int dot = 0;
+      for (int j = 0; j < 16; ++j) dot += kIQ4Values[q[j] & 0xF] * xq[j] + kIQ4Values[q[j] >> 4] * xq[j + 16];
+      sum_scaled += iq4_xs_scale(w[b], sub) * dot;
+    }
+    sum += fp16_to_fp32(w[b].d) * x[b].d * static_cast<float>(sum_scaled);
+  }
+  return sum;
+}
+
 // Unsigned 6-bit value (0..63) of element e of a Q6_K block; the signed value is this minus 32.
 int q6_k_unsigned(const BlockQ6_K& block, int e) {
   const int half = e / 128;
@@ -234,11 +254,13 @@ const IsaKernels kScalarKernels{
     quant_range<dot_q4_k>,
     quant_range<dot_q5_k>,
     quant_range<dot_q6_k>,
+    quant_range<dot_iq4_xs>,
     packed_range<DType::Q4_0, dot_q4_0>,
     packed_range<DType::Q8_0, dot_q8_0>,
     packed_range<DType::Q4_K, dot_q4_k>,
     packed_range<DType::Q5_K, dot_q5_k>,
     packed_range<DType::Q6_K, dot_q6_k>,
+    packed_range<DType::IQ4_XS, dot_iq4_xs>,
     quantize_q8_0,
     quantize_q8_k,
     q8_0_block_info,

@@ -17,6 +17,7 @@
 
 namespace {
 
+using nibble::kernels::BlockIQ4_XS;
 using nibble::kernels::BlockQ4_0;
 using nibble::kernels::BlockQ4_K;
 using nibble::kernels::BlockQ5_K;
@@ -669,6 +670,95 @@ struct PackedQ6_K {
   }
 };
 
+// ---- IQ4_XS weights packed in 8-row panels × Q8_K activations ----
+//
+// Panel layout in kernels/packed_weights.hpp. As for packed Q4_0, a 32-byte chunk gives row j's 4
+// index bytes lane j (low nibbles: 4 elements of a sub-block's first 16, high: the same 4 of its last
+// 16); a byte shuffle turns each index into its value from llama.cpp's table. VNNI multiplies the
+// values + 128 (unsigned, as vpdpbusd needs) and takes 128 · Σx of the sub-block back off, from the
+// activation block's 16-element sums; AVX2 moves the values' signs onto the activations (maddubs'
+// pairs at most 2 · 127 · 127) and widens each chunk by madd with the scale. Either way the integer
+// sums are dot_iq4_xs's, and so is the float operation per block and output, so the packed kernels
+// give the scalar matmul's results bit for bit.
+struct PackedIQ4_XS {
+  using XBlock = BlockQ8_K;
+  static constexpr int64_t kPanelRows = nibble::kernels::kPanelRows;
+  static constexpr int64_t kGroupBytes = packed_group_bytes(DType::IQ4_XS);
+  static constexpr int64_t kBlockElems = kQK_K;
+
+  // (d · x_d) · Σ_sub scale · Σ value · x for each row of the tile.
+  template <int RM>
+  static void block_terms(const uint8_t* group, const BlockQ8_K* const (&x)[RM], int64_t b,
+                          __m256 (&terms)[RM]) {
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    const __m256i values = _mm256_broadcastsi128_si256(
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(nibble::kernels::kIQ4Values)));
+#ifdef __AVX512VNNI__
+    const __m256i table = _mm256_xor_si256(values, _mm256_set1_epi8(static_cast<char>(0x80)));  // value + 128
+#else
+    const __m256i table = values;
+#endif
+    __m256i sum_scaled[RM];
+    NIBBLE_UNROLL
+    for (int i = 0; i < RM; ++i) sum_scaled[i] = _mm256_setzero_si256();
+    for (int sub = 0; sub < 8; ++sub) {
+      const __m256i scale =
+          _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(group + 16 + 8 * sub)));
+#ifdef __AVX512VNNI__
+      __m256i dot[RM];
+      NIBBLE_UNROLL
+      for (int i = 0; i < RM; ++i) dot[i] = _mm256_setzero_si256();
+#else
+      // The scale in both 16-bit halves (two's complement), for madd.
+      const __m256i scale2 =
+          _mm256_or_si256(_mm256_and_si256(scale, _mm256_set1_epi32(0xFFFF)), _mm256_slli_epi32(scale, 16));
+#endif
+      NIBBLE_UNROLL
+      for (int c = 0; c < 4; ++c) {
+        // Unaligned: a group is 1104 bytes, so chunks sit 16 bytes off 32 in every other group.
+        const __m256i packed =
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(group + 80 + 32 * (4 * sub + c)));
+        const __m256i first = _mm256_shuffle_epi8(table, _mm256_and_si256(packed, low4));
+        const __m256i second =
+            _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(packed, 4), low4));
+        NIBBLE_UNROLL
+        for (int i = 0; i < RM; ++i) {
+          const int8_t* xq = x[i][b].qs + 32 * sub + 4 * c;
+#ifdef __AVX512VNNI__
+          dot[i] = _mm256_dpbusd_epi32(dot[i], first, broadcast_4_bytes(xq));
+          dot[i] = _mm256_dpbusd_epi32(dot[i], second, broadcast_4_bytes(xq + 16));
+#else
+          const __m256i pairs_first = _mm256_maddubs_epi16(_mm256_sign_epi8(first, first),
+                                                           _mm256_sign_epi8(broadcast_4_bytes(xq), first));
+          const __m256i pairs_second = _mm256_maddubs_epi16(
+              _mm256_sign_epi8(second, second), _mm256_sign_epi8(broadcast_4_bytes(xq + 16), second));
+          sum_scaled[i] = _mm256_add_epi32(sum_scaled[i], _mm256_madd_epi16(pairs_first, scale2));
+          sum_scaled[i] = _mm256_add_epi32(sum_scaled[i], _mm256_madd_epi16(pairs_second, scale2));
+#endif
+        }
+      }
+#ifdef __AVX512VNNI__
+      NIBBLE_UNROLL
+      for (int i = 0; i < RM; ++i) {
+        const int x_sum = x[i][b].bsums[2 * sub] + x[i][b].bsums[2 * sub + 1];
+        const __m256i dot_values = _mm256_sub_epi32(dot[i], _mm256_set1_epi32(128 * x_sum));
+        sum_scaled[i] = _mm256_add_epi32(sum_scaled[i], _mm256_mullo_epi32(dot_values, scale));
+      }
+#endif
+    }
+    const __m256 w_d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(group)));
+    NIBBLE_UNROLL
+    for (int i = 0; i < RM; ++i)
+      terms[i] =
+          _mm256_mul_ps(_mm256_mul_ps(w_d, _mm256_set1_ps(x[i][b].d)), _mm256_cvtepi32_ps(sum_scaled[i]));
+  }
+
+  template <int RM>
+  static void tile(const MatmulOperands& op, const uint8_t* panel, int64_t r0, int64_t o0, int64_t n_valid) {
+    panel_tile<PackedIQ4_XS, RM>(op, panel, r0, o0, n_valid);
+  }
+};
+
 // The last rows (fewer than a full tile) of a panel: the widest tile that fits, then the rest.
 template <typename Packed, int RM>
 void packed_tail(const MatmulOperands& op, const uint8_t* panel, int64_t r0, int64_t rows, int64_t o0,
@@ -1012,6 +1102,47 @@ struct KQuantFamily {
   }
 };
 
+// ---- IQ4_XS weights as stored × Q8_K activations ----
+//
+// Each sub-block's 32 indices become signed values by a byte shuffle of llama.cpp's table (in element
+// order, as unpack_nibbles gives them), dotted with the activations (dot_i8: at most 2 · 127 · 127 a
+// 16-bit pair), scaled by the sub-block's scale in 32 bits; one fmadd a super-block and row.
+struct IQ4_XSFamily {
+  template <int RM, int RN>
+  static void tile(const MatmulOperands& op, int64_t r0, int64_t o0) {
+    static_assert(RN == 1);
+    const auto* w = reinterpret_cast<const BlockIQ4_XS*>(op.w + o0 * op.w_stride);
+    const BlockQ8_K* x[RM];
+    NIBBLE_UNROLL
+    for (int i = 0; i < RM; ++i) x[i] = reinterpret_cast<const BlockQ8_K*>(op.x + (r0 + i) * op.x_stride);
+    __m256 acc[RM][1];
+    NIBBLE_UNROLL
+    for (int i = 0; i < RM; ++i) acc[i][0] = _mm256_setzero_ps();
+    const __m256i table = _mm256_broadcastsi128_si256(
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(nibble::kernels::kIQ4Values)));
+    const int64_t n_blocks = op.k / kQK_K;
+    for (int64_t b = 0; b < n_blocks; ++b) {
+      __m256i sum[RM];
+      NIBBLE_UNROLL
+      for (int i = 0; i < RM; ++i) sum[i] = _mm256_setzero_si256();
+      for (int sub = 0; sub < 8; ++sub) {
+        const __m256i values = _mm256_shuffle_epi8(table, unpack_nibbles(w[b].qs + 16 * sub));
+        const __m256i scale = _mm256_set1_epi32(nibble::kernels::iq4_xs_scale(w[b], sub));
+        NIBBLE_UNROLL
+        for (int i = 0; i < RM; ++i) {
+          const __m256i dot = dot_i8(values, load_i8x32(x[i][b].qs + 32 * sub));
+          sum[i] = _mm256_add_epi32(sum[i], _mm256_mullo_epi32(dot, scale));
+        }
+      }
+      const float w_d = half_to_float(w[b].d);
+      NIBBLE_UNROLL
+      for (int i = 0; i < RM; ++i)
+        acc[i][0] = _mm256_fmadd_ps(_mm256_set1_ps(w_d * x[i][b].d), _mm256_cvtepi32_ps(sum[i]), acc[i][0]);
+    }
+    store_tile<RM, 1>(op, r0, o0, acc);
+  }
+};
+
 template <typename Kernel>
 void kquant_range(const MatmulOperands& op, int64_t o_begin, int64_t o_end) {
   tiled_range<Kernel, 4, 1>(op, o_begin, o_end);
@@ -1190,11 +1321,13 @@ nibble::kernels::detail::IsaKernels make_x86_kernels(const char* isa_name) {
       kquant_range<KQuantFamily<BlockQ4_K>>,
       kquant_range<KQuantFamily<BlockQ5_K>>,
       kquant_range<KQuantFamily<BlockQ6_K>>,
+      kquant_range<IQ4_XSFamily>,
       packed_range<PackedQ4_0>,
       packed_range<PackedQ8_0>,
       packed_range<PackedQ4_K>,
       packed_range<PackedQ5_K>,
       packed_range<PackedQ6_K>,
+      packed_range<PackedIQ4_XS>,
       quantize_q8_0,
       quantize_q8_k,
       q8_0_block_info,

@@ -84,6 +84,29 @@ void copy_lane(DType type, const LaneCopy<kToGroup>& copy, int lane) {
       for (size_t chunk = 0; chunk < 16; ++chunk)
         copy(offsetof(BlockQ6_K, qh) + 4 * chunk, 1168 + 32 * chunk + 4 * j, 4);
       break;
+    case DType::IQ4_XS: {
+      copy(offsetof(BlockIQ4_XS, d), 2 * j, 2);
+      for (size_t chunk = 0; chunk < 32; ++chunk)
+        copy(offsetof(BlockIQ4_XS, qs) + 4 * chunk, 80 + 32 * chunk + 4 * j, 4);
+      // The 6-bit scales, minus 32, one signed byte each in the group.
+      auto* block = reinterpret_cast<BlockIQ4_XS*>(copy.block);
+      if constexpr (!kToGroup) {
+        block->scales_h = 0;
+        std::memset(block->scales_l, 0, sizeof block->scales_l);
+      }
+      for (int sub = 0; sub < 8; ++sub) {
+        auto* group_scale = reinterpret_cast<int8_t*>(copy.group + 16 + 8 * sub + j);
+        if constexpr (kToGroup) {
+          *group_scale = static_cast<int8_t>(iq4_xs_scale(*block, sub));
+        } else {
+          const int stored = *group_scale + 32;
+          block->scales_l[sub / 2] =
+              static_cast<uint8_t>(block->scales_l[sub / 2] | ((stored & 0xF) << (4 * (sub % 2))));
+          block->scales_h = static_cast<uint16_t>(block->scales_h | ((stored >> 4) << (2 * sub)));
+        }
+      }
+      break;
+    }
     default:
       break;
   }

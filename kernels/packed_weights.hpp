@@ -2,7 +2,7 @@
 // Weight matrices repacked once at load into a layout the CPU matmul reads faster. The weights stay
 // quantized (about the same bytes per block); only their order changes. Q4_0, Q8_0, Q4_K, Q5_K and
 // Q6_K (the K-quant mixes: Q4_K_M uses Q4_K and Q6_K, Q4_K_S Q4_K and Q5_K, Q5_K_M Q5_K and Q6_K)
-// are packed.
+// are packed, and IQ4_XS.
 //
 // Every layout groups output rows in panels of 8 (the last panel padded with zero rows) and stores a
 // panel's blocks one after the other, all 8 rows of a block together, so that a 256-bit load gives
@@ -41,6 +41,13 @@
 //   bytes [144, 1168):  32 chunks of 32 bytes; chunk n is ql[4n..4n+3] of row 0, ... of row 7
 //   bytes [1168, 1680): 16 chunks of 32 bytes; chunk n is qh[4n..4n+3] of row 0, ... of row 7
 // where ql and qh are the rows' Q6_K low-nibble and high-2-bit bytes.
+//
+// IQ4_XS: panel p holds rows 8p..8p+7 as k/256 consecutive 1104-byte groups, one per super-block:
+//   bytes [0, 16):     the 8 rows' fp16 d
+//   bytes [16, 80):    the sub-block scales (-32..31) as int8, [sub-block 0..7][row 0..7]
+//   bytes [80, 1104):  32 chunks of 32 bytes; chunk n is qs[4n..4n+3] of row 0, ... of row 7
+// where qs are the rows' index bytes (sub-block s: qs[16s + j] holds element j in its low nibble and
+// j + 16 in its high one). 138 bytes a row and super-block against the file's 136.
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -59,7 +66,8 @@ inline constexpr int64_t kQ8_0PanelBlockBytes = 272;  // 8 scales + 8 rows × 32
 inline constexpr int64_t kQ4_KPanelBlockBytes = 1184;
 inline constexpr int64_t kQ5_KPanelBlockBytes = 1440;  // Q4_K's group + 8 rows × 32 qh bytes
 inline constexpr int64_t kQ6_KPanelBlockBytes = 1680;
-inline constexpr int64_t kMaxBlockBytes = 210;  // the largest packable block (Q6_K)
+inline constexpr int64_t kIQ4_XSPanelBlockBytes = 1104;  // 8 × (d, 8 scales, 128 index bytes)
+inline constexpr int64_t kMaxBlockBytes = 210;           // the largest packable block (Q6_K)
 
 // Bytes of one packed group (a block of all 8 rows of a panel) of a packable type.
 constexpr int64_t packed_group_bytes(DType type) {
@@ -74,6 +82,8 @@ constexpr int64_t packed_group_bytes(DType type) {
       return kQ5_KPanelBlockBytes;
     case DType::Q6_K:
       return kQ6_KPanelBlockBytes;
+    case DType::IQ4_XS:
+      return kIQ4_XSPanelBlockBytes;
     default:
       return 0;
   }

@@ -17,6 +17,7 @@ enum class DType : uint32_t {
   Q5_K = 13,
   Q6_K = 14,
   Q8_K = 15,  // activations only (K-quant dot products)
+  IQ4_XS = 23,
   BF16 = 30,
 };
 
@@ -77,6 +78,28 @@ struct BlockQ6_K {
   f16_bits d;
 };
 static_assert(sizeof(BlockQ6_K) == 210);
+
+// IQ4_XS: 4-bit indices into llama.cpp's non-linear table kIQ4Values, 8 sub-blocks of 32 with 6-bit
+// scales (stored minus 32).
+struct BlockIQ4_XS {
+  f16_bits d;                    // super-block scale
+  uint16_t scales_h;             // bits 2s, 2s + 1: the high 2 bits of sub-block s's scale
+  uint8_t scales_l[kQK_K / 64];  // the low 4 bits: sub-block 2t in the low nibble of byte t, 2t + 1 high
+  uint8_t qs[kQK_K / 2];         // sub-block s: qs[16s + j] holds element j (low nibble) and j + 16 (high)
+};
+static_assert(sizeof(BlockIQ4_XS) == 136);
+
+// The 16 values an IQ4 index stands for (llama.cpp's kvalues_iq4nl).
+inline constexpr int8_t kIQ4Values[16] = {-127, -104, -83, -65, -49, -35, -22, -10,
+                                          1,    13,   25,  38,  53,  69,  89,  113};
+
+// Sub-block s's scale of an IQ4_XS block, -32..31. Static: the SIMD translation units call it too, and
+// a shared inline (COMDAT) copy could be resolved to one compiled with their -m flags.
+static constexpr int iq4_xs_scale(const BlockIQ4_XS& block, int s) {
+  const int low = (block.scales_l[s / 2] >> (4 * (s % 2))) & 0xF;
+  const int high = (block.scales_h >> (2 * s)) & 3;
+  return (low | (high << 4)) - 32;
+}
 
 struct BlockQ8_K {
   float d;

@@ -303,6 +303,18 @@ void dequantize_block_q5_k(const BlockQ5_K& block, float* y) {
   }
 }
 
+// IQ4_XS: per sub-block of 32, d · scale · kIQ4Values[index].
+void dequantize_block_iq4_xs(const BlockIQ4_XS& block, float* y) {
+  const float d = fp16_to_fp32(block.d);
+  for (int s = 0; s < 8; ++s) {
+    const float dl = d * static_cast<float>(iq4_xs_scale(block, s));
+    for (int j = 0; j < 16; ++j) {
+      y[32 * s + j] = dl * kIQ4Values[block.qs[16 * s + j] & 0xF];
+      y[32 * s + j + 16] = dl * kIQ4Values[block.qs[16 * s + j] >> 4];
+    }
+  }
+}
+
 // Q6_K: two halves of 128; in each, ql[0..63] and qh[0..31] give four runs of 32 six-bit values
 // (minus 32), each 16 elements with their own int8 scale.
 void dequantize_block_q6_k(const BlockQ6_K& block, float* y) {
@@ -432,6 +444,10 @@ Status dequantize_row(DType type, const void* src, float* y, int64_t n) {
     case DType::Q6_K:
       for (int64_t b = 0; b < n_blocks; ++b)
         dequantize_block_q6_k(static_cast<const BlockQ6_K*>(src)[b], y + b * kQK_K);
+      break;
+    case DType::IQ4_XS:
+      for (int64_t b = 0; b < n_blocks; ++b)
+        dequantize_block_iq4_xs(static_cast<const BlockIQ4_XS*>(src)[b], y + b * kQK_K);
       break;
     case DType::Q8_K:
       for (int64_t b = 0; b < n_blocks; ++b) {

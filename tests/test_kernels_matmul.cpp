@@ -34,7 +34,7 @@ class ForcedIsa {
 std::vector<uint8_t> random_weights(DType type, int64_t n_out, int64_t k, uint64_t seed) {
   const int64_t row = row_bytes(type, k);
   std::vector<uint8_t> w(static_cast<size_t>(n_out * row));
-  if (type == DType::Q4_K || type == DType::Q5_K || type == DType::Q6_K) {
+  if (type == DType::Q4_K || type == DType::Q5_K || type == DType::Q6_K || type == DType::IQ4_XS) {
     std::mt19937_64 rng(seed);
     for (uint8_t& byte : w) byte = static_cast<uint8_t>(rng());
     std::uniform_real_distribution<float> scale(0.001f, 0.01f);
@@ -47,6 +47,8 @@ std::vector<uint8_t> random_weights(DType type, int64_t n_out, int64_t k, uint64
         auto* block = reinterpret_cast<BlockQ5_K*>(w.data()) + b;
         block->d = fp32_to_fp16(scale(rng) * 0.5f);
         block->dmin = fp32_to_fp16(scale(rng));
+      } else if (type == DType::IQ4_XS) {
+        reinterpret_cast<BlockIQ4_XS*>(w.data())[b].d = fp32_to_fp16(scale(rng) * 0.01f);
       } else {
         reinterpret_cast<BlockQ6_K*>(w.data())[b].d = fp32_to_fp16(scale(rng) * 0.1f);
       }
@@ -85,6 +87,7 @@ int64_t test_k(DType type) {
     case DType::Q4_K:
     case DType::Q5_K:
     case DType::Q6_K:
+    case DType::IQ4_XS:
       return 256 * 3;
     case DType::Q4_0:
     case DType::Q8_0:
@@ -166,7 +169,7 @@ INSTANTIATE_TEST_SUITE_P(AllTypes, KernelMatmul,
                          ::testing::Combine(::testing::Values("scalar", "avx2", "avx512"),
                                             ::testing::Values(DType::F32, DType::F16, DType::BF16,
                                                               DType::Q4_0, DType::Q8_0, DType::Q4_K,
-                                                              DType::Q5_K, DType::Q6_K)),
+                                                              DType::Q5_K, DType::Q6_K, DType::IQ4_XS)),
                          param_name);
 
 // Several chunks per thread and edge tiles in both dimensions.

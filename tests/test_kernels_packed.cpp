@@ -1,5 +1,5 @@
-// Packed Q4_0, Q8_0, Q4_K, Q5_K and Q6_K weights (kernels/packed_weights.hpp) on every ISA the CPU has:
-// against matmul_reference, against the unpacked matmul, and across thread counts.
+// Packed Q4_0, Q8_0, Q4_K, Q5_K, Q6_K and IQ4_XS weights (kernels/packed_weights.hpp) on every ISA the CPU
+// has: against matmul_reference, against the unpacked matmul, and across thread counts.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -61,6 +61,8 @@ std::vector<uint8_t> random_block_bytes(DType type, int64_t n_out, int64_t k, ui
       auto* block = reinterpret_cast<BlockQ5_K*>(w.data()) + b;
       block->d = fp32_to_fp16(scale(rng) * 0.5f);
       block->dmin = fp32_to_fp16(scale(rng));
+    } else if (type == DType::IQ4_XS) {
+      reinterpret_cast<BlockIQ4_XS*>(w.data())[b].d = fp32_to_fp16(scale(rng) * 0.01f);
     } else {
       reinterpret_cast<BlockQ6_K*>(w.data())[b].d = fp32_to_fp16(scale(rng) * 0.1f);
     }
@@ -129,22 +131,24 @@ INSTANTIATE_TEST_SUITE_P(AllIsas, KernelPacked, ::testing::Values("scalar", "avx
 class KernelPackedBitForBit : public ::testing::TestWithParam<std::tuple<std::string, DType>> {};
 
 // Odd shapes as for Q4_0, k from one block to several. The packed kernels do dot_q8_0's /
-// dot_q4_k's / dot_q5_k's / dot_q6_k's integer sums and float operations in their order on every ISA, so they
-// must equal the scalar unpacked matmul bit for bit, whatever the activation row count or thread
-// split.
+// dot_q4_k's / dot_q5_k's / dot_q6_k's / dot_iq4_xs's integer sums and float operations in their order on
+// every ISA, so they must equal the scalar unpacked matmul bit for bit, whatever the activation row count or
+// thread split.
 TEST_P(KernelPackedBitForBit, MatchesScalarBitForBitAndTheReference) {
   const auto& [isa, type] = GetParam();
   ForcedIsa forced;
   if (!forced.force(isa)) GTEST_SKIP() << "this CPU does not support " << isa;
   // A block's bytes for one row, packed: the file's, but for Q4_K's and Q5_K's scales unpacked to 16
-  // bytes.
-  const int64_t packed_row_bytes = type == DType::Q4_K   ? 148
-                                   : type == DType::Q5_K ? 180
-                                                         : type_info(type).block_bytes;
+  // bytes, and IQ4_XS's to 8.
+  const int64_t packed_row_bytes = type == DType::Q4_K     ? 148
+                                   : type == DType::Q5_K   ? 180
+                                   : type == DType::IQ4_XS ? 138
+                                                           : type_info(type).block_bytes;
   const int64_t block = type_info(type).block_elems;
   ThreadPool serial(1);
   ThreadPool threaded(3);
   for (const bool quantized : {true, false}) {
+    if (quantized && type == DType::IQ4_XS) continue;  // Nibble reads IQ4_XS but has no quantizer for it
     for (int64_t n_out : {1, 7, 8, 13, 301}) {
       for (int64_t k : {block, 3 * block, 9 * block}) {
         const uint64_t seed = 11 + n_out + k;
@@ -197,13 +201,15 @@ TEST_P(KernelPackedBitForBit, LargestQuantsAndActivationsMatchScalar) {
   const int64_t n_out = 9, k = 2 * type_info(type).block_elems * (type == DType::Q8_0 ? 8 : 1);
   std::vector<uint8_t> w(static_cast<size_t>(n_out * row_bytes(type, k)), 0xFF);
   for (int64_t b = 0; b < n_out * k / type_info(type).block_elems; ++b) {
-    // Finite block scales: d (and Q4_K's / Q5_K's dmin, which follows it) lead the other blocks.
+    // Finite block scales: d (and Q4_K's / Q5_K's dmin, which follows it) lead the other blocks;
+    // IQ4_XS's 0xFF scale bytes are its largest scale, 31, and index 15 its largest value, 113.
     const uint16_t d[2] = {fp32_to_fp16(0.001f), fp32_to_fp16(0.002f)};
     uint8_t* block = w.data() + b * type_info(type).block_bytes;
     if (type == DType::Q6_K) {
       std::memcpy(block + offsetof(BlockQ6_K, d), d, sizeof d[0]);
     } else {
-      std::memcpy(block, d, type == DType::Q8_0 ? sizeof d[0] : sizeof d);
+      const bool with_dmin = type == DType::Q4_K || type == DType::Q5_K;
+      std::memcpy(block, d, with_dmin ? sizeof d : sizeof d[0]);
     }
   }
   const PackedMatrix packed = pack_for_matmul(type, w.data(), n_out, k);
@@ -225,7 +231,7 @@ TEST_P(KernelPackedBitForBit, LargestQuantsAndActivationsMatchScalar) {
 INSTANTIATE_TEST_SUITE_P(AllIsas, KernelPackedBitForBit,
                          ::testing::Combine(::testing::Values("scalar", "avx2", "avx512"),
                                             ::testing::Values(DType::Q8_0, DType::Q4_K, DType::Q5_K,
-                                                              DType::Q6_K)),
+                                                              DType::Q6_K, DType::IQ4_XS)),
                          [](const auto& param_info) {
                            return std::get<0>(param_info.param) + "_" +
                                   type_name(std::get<1>(param_info.param));
@@ -234,7 +240,7 @@ INSTANTIATE_TEST_SUITE_P(AllIsas, KernelPackedBitForBit,
 // Reading a packed matrix back gives every row's blocks byte for byte (the Q4_K scales, unpacked to
 // bytes in the panel, repacked into their 12 bytes), and zero blocks past the last row.
 TEST(KernelPackedLayout, EveryBlockReadsBackByteForByte) {
-  for (const DType type : {DType::Q4_0, DType::Q8_0, DType::Q4_K, DType::Q5_K, DType::Q6_K}) {
+  for (const DType type : {DType::Q4_0, DType::Q8_0, DType::Q4_K, DType::Q5_K, DType::Q6_K, DType::IQ4_XS}) {
     SCOPED_TRACE(type_name(type));
     const TypeInfo& info = type_info(type);
     const int64_t n_out = 13, k = 3 * info.block_elems, n_blocks = 3;
@@ -265,6 +271,7 @@ TEST(KernelPackedArguments, UnsupportedInputsGiveEmptyMatrices) {
   EXPECT_TRUE(can_pack_for_matmul(DType::Q4_K));
   EXPECT_TRUE(can_pack_for_matmul(DType::Q5_K));
   EXPECT_TRUE(can_pack_for_matmul(DType::Q6_K));
+  EXPECT_TRUE(can_pack_for_matmul(DType::IQ4_XS));
   EXPECT_TRUE(can_pack_for_matmul(DType::Q8_0));
   EXPECT_FALSE(can_pack_for_matmul(DType::F16));
   EXPECT_TRUE(pack_for_matmul(DType::F16, w.data(), 8, 64).empty());

@@ -65,6 +65,7 @@ TEST(KernelTypes, TypeTableMatchesGgml) {
   EXPECT_EQ(type_info(DType::Q4_K).block_bytes, 144);
   EXPECT_EQ(type_info(DType::Q5_K).block_bytes, 176);
   EXPECT_EQ(type_info(DType::Q6_K).block_bytes, 210);
+  EXPECT_EQ(type_info(DType::IQ4_XS).block_bytes, 136);
   EXPECT_EQ(type_info(DType::Q8_K).block_bytes, 292);
   EXPECT_EQ(type_info(DType::Q4_K).block_elems, 256);
   EXPECT_EQ(row_bytes(DType::F32, 10), 40);
@@ -164,6 +165,7 @@ TEST(KernelQuantize, InvalidArguments) {
   EXPECT_EQ(quantize_row(DType::Q4_K, x.data(), out.data(), 64), Status::invalid_argument);
   EXPECT_EQ(quantize_row(DType::Q5_K, x.data(), out.data(), 64), Status::invalid_argument);
   EXPECT_EQ(quantize_row(static_cast<DType>(99), x.data(), out.data(), 32), Status::unsupported_type);
+  EXPECT_EQ(quantize_row(DType::IQ4_XS, x.data(), out.data(), 256), Status::unsupported_type);  // read only
   EXPECT_EQ(dequantize_row(DType::Q6_K, out.data(), x.data(), 64), Status::invalid_argument);
   EXPECT_EQ(dequantize_row(static_cast<DType>(3), out.data(), x.data(), 32), Status::unsupported_type);
 }
@@ -267,6 +269,31 @@ TEST(KernelQuantize, Q5_KRoundTrip) {
   ASSERT_EQ(quantize_row(DType::Q5_K, y.data(), q.data(), 768), Status::ok);
   ASSERT_EQ(dequantize_row(DType::Q5_K, q.data(), y2.data(), 768), Status::ok);
   for (size_t i = 0; i < y.size(); ++i) EXPECT_NEAR(y2[i], y[i], 1e-3f * (1.0f + std::fabs(y[i]))) << i;
+}
+
+// IQ4_XS, packed by hand: sub-block s (elements 32s..32s+31) has the 6-bit scale ls[s] stored as
+// its low 4 bits in nibble s % 2 of scales_l[s / 2] and its high 2 bits at bits 2s of scales_h;
+// qs[16s + j] indexes element 32s + j (low nibble) and 32s + 16 + j (high) into llama.cpp's
+// kvalues_iq4nl; the value is d · (ls[s] − 32) · kvalues[index].
+TEST(KernelQuantize, DequantizeHandBuiltIQ4_XS) {
+  const int8_t kvalues[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+  const int ls[8] = {0, 63, 32, 17, 48, 5, 31, 40};
+  int index[256];
+  for (int e = 0; e < 256; ++e) index[e] = (e * 7 + 3) % 16;
+  BlockIQ4_XS block{};
+  block.d = fp32_to_fp16(0.125f);
+  for (int s = 0; s < 8; ++s) {
+    block.scales_l[s / 2] = static_cast<uint8_t>(block.scales_l[s / 2] | ((ls[s] & 15) << (4 * (s % 2))));
+    block.scales_h = static_cast<uint16_t>(block.scales_h | ((ls[s] >> 4) << (2 * s)));
+    for (int j = 0; j < 16; ++j)
+      block.qs[16 * s + j] = static_cast<uint8_t>(index[32 * s + j] | (index[32 * s + 16 + j] << 4));
+  }
+  std::vector<float> y(256);
+  ASSERT_EQ(dequantize_row(DType::IQ4_XS, &block, y.data(), 256), Status::ok);
+  for (int e = 0; e < 256; ++e) {
+    const float expected = 0.125f * static_cast<float>(ls[e / 32] - 32) * kvalues[index[e]];
+    EXPECT_FLOAT_EQ(y[e], expected) << "element " << e;
+  }
 }
 
 // Q6_K quantization (llama.cpp's quantize_row_q6_K_ref): 6-bit error on random rows, four times

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Quantizes a GGUF with llama.cpp's own quantizer (llama-quantize's mixes, through llama-cpp-python),
 so that benchmarks can run on the files llama.cpp users have, e.g. a Q4_K_M of `nibble make-model`'s
-F16 model. Usage: llama_cpp_quantize.py IN.gguf OUT.gguf [q4_k_m|q4_k_s|q5_k_m|q5_k_s|q4_0|q6_k|q8_0]"""
+F16 model. Usage:
+llama_cpp_quantize.py IN.gguf OUT.gguf [q4_k_m|q4_k_s|q5_k_m|q5_k_s|q4_0|q6_k|q8_0|iq4_xs|iq4_nl]"""
 import ctypes
 import sys
 
@@ -18,6 +19,8 @@ FTYPES = {
     "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
     "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K",
     "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
+    "iq4_xs": "LLAMA_FTYPE_MOSTLY_IQ4_XS",
+    "iq4_nl": "LLAMA_FTYPE_MOSTLY_IQ4_NL",
 }
 if len(sys.argv) not in (3, 4) or (len(sys.argv) == 4 and sys.argv[3] not in FTYPES):
     sys.exit(__doc__)

@@ -739,13 +739,23 @@ struct PackedIQ4_XS {
       }
 #ifdef __AVX512VNNI__
       NIBBLE_UNROLL
-      for (int i = 0; i < RM; ++i) {
-        const int x_sum = x[i][b].bsums[2 * sub] + x[i][b].bsums[2 * sub + 1];
-        const __m256i dot_values = _mm256_sub_epi32(dot[i], _mm256_set1_epi32(128 * x_sum));
-        sum_scaled[i] = _mm256_add_epi32(sum_scaled[i], _mm256_mullo_epi32(dot_values, scale));
-      }
+      for (int i = 0; i < RM; ++i)
+        sum_scaled[i] = _mm256_add_epi32(sum_scaled[i], _mm256_mullo_epi32(dot[i], scale));
 #endif
     }
+#ifdef __AVX512VNNI__
+    // The + 128 back off: 128 · Σ_sub scale · Σx, Q4_K's mins term with the scales for mins.
+    __m256i scale_pairs[4];
+    NIBBLE_UNROLL
+    for (int t = 0; t < 4; ++t) {
+      const __m128i scales = _mm_loadu_si128(reinterpret_cast<const __m128i*>(group + 16 + 16 * t));
+      scale_pairs[t] = _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(scales, _mm_srli_si128(scales, 8)));
+    }
+    NIBBLE_UNROLL
+    for (int i = 0; i < RM; ++i)
+      sum_scaled[i] =
+          _mm256_sub_epi32(sum_scaled[i], _mm256_slli_epi32(PackedQ4_K::mins_term(scale_pairs, x[i][b]), 7));
+#endif
     const __m256 w_d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(group)));
     NIBBLE_UNROLL
     for (int i = 0; i < RM; ++i)

@@ -66,7 +66,7 @@ float fit_sub_block(const float* x, const float* weights, SubBlockGrid grid, flo
   for (int i = 0; i < n; ++i) {
     const int l = std::clamp(detail::nearest_int(iscale * (x[i] - min)), 0, nmax);
     const float diff = scale * static_cast<float>(l) + min - x[i];
-    best_error += weights[i] * diff * diff;
+    best_error += weights[i] * (diff * diff);  // w·(diff²), as GGML rounds it
   }
   int candidate[n];
   for (int step = 0; step <= grid.nstep; ++step) {
@@ -91,7 +91,7 @@ float fit_sub_block(const float* x, const float* weights, SubBlockGrid grid, flo
     float error = 0;
     for (int i = 0; i < n; ++i) {
       const float diff = this_scale * static_cast<float>(candidate[i]) + this_min - x[i];
-      error += weights[i] * diff * diff;
+      error += weights[i] * (diff * diff);
     }
     if (error < best_error) {
       best_error = error;

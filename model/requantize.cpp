@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "kernels/quantize.hpp"
+#include "model/llama_config.hpp"
 #include "model/random_model.hpp"
 
 namespace nibble::model {
@@ -52,6 +53,110 @@ std::vector<uint8_t> convert_tensor(const GgufFile& in, const GgufTensorInfo& t,
     }
   }
   return data;
+}
+
+std::optional<LlamaCppMix> parse_llama_cpp_mix(const std::string& name) {
+  if (name == "q4_k_s") return LlamaCppMix::q4_k_s;
+  if (name == "q4_k_m") return LlamaCppMix::q4_k_m;
+  if (name == "q5_k_s") return LlamaCppMix::q5_k_s;
+  if (name == "q5_k_m") return LlamaCppMix::q5_k_m;
+  return std::nullopt;
+}
+
+namespace {
+
+bool ends_with(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+// llama.cpp's use_more_bits: the first and last eighth of the layers and every third in between.
+bool use_more_bits(int64_t i_layer, int64_t n_layers) {
+  return i_layer < n_layers / 8 || i_layer >= 7 * n_layers / 8 || (i_layer - n_layers / 8) % 3 == 2;
+}
+
+uint32_t llama_cpp_mix_file_type(LlamaCppMix mix) {
+  switch (mix) {
+    case LlamaCppMix::q4_k_s:
+      return 14;  // LLAMA_FTYPE_MOSTLY_Q4_K_S
+    case LlamaCppMix::q4_k_m:
+      return 15;
+    case LlamaCppMix::q5_k_s:
+      return 16;
+    case LlamaCppMix::q5_k_m:
+      return 17;
+  }
+  return 15;
+}
+
+}  // namespace
+
+std::vector<kernels::DType> llama_cpp_mix_types(const GgufFile& in, LlamaCppMix mix) {
+  using kernels::DType;
+  const bool four_bit = mix == LlamaCppMix::q4_k_s || mix == LlamaCppMix::q4_k_m;
+  const bool medium = mix == LlamaCppMix::q4_k_m || mix == LlamaCppMix::q5_k_m;
+  const DType default_type = four_bit ? DType::Q4_K : DType::Q5_K;
+  const LlamaConfig config = LlamaConfig::from_gguf(in);
+  // llama.cpp's LLM_TYPE_70B: 80 layers with grouped KV heads.
+  const bool llama_70b = config.n_layer == 80 && config.n_head != config.n_head_kv;
+  const bool tied = in.find_tensor("output.weight") == nullptr;
+  int64_t n_attn_v = 0, n_ffn_down = 0;
+  for (const GgufTensorInfo& t : in.tensors()) {
+    n_attn_v += ends_with(t.name, "attn_v.weight");
+    n_ffn_down += ends_with(t.name, "ffn_down.weight");
+  }
+  int64_t i_attn_v = 0, i_ffn_down = 0;
+  std::vector<DType> types;
+  for (const GgufTensorInfo& t : in.tensors()) {
+    if (t.dims.size() != 2) {
+      types.push_back(t.dims.size() == 1 ? DType::F32 : t.type);
+      continue;
+    }
+    DType type = default_type;
+    const bool head = t.name == "output.weight" || (tied && t.name == "token_embd.weight");
+    if (head) {
+      type = t.row_elements() % kernels::kQK_K != 0 ? DType::Q8_0 : DType::Q6_K;
+    } else if (ends_with(t.name, "attn_v.weight")) {
+      if (medium && use_more_bits(i_attn_v, n_attn_v)) {
+        type = DType::Q6_K;
+      } else if (mix == LlamaCppMix::q4_k_s && i_attn_v < 4) {
+        type = DType::Q5_K;
+      }
+      if (llama_70b && type == DType::Q4_K) type = DType::Q5_K;
+      ++i_attn_v;
+    } else if (ends_with(t.name, "ffn_down.weight")) {
+      if (medium && use_more_bits(i_ffn_down, n_ffn_down)) {
+        type = DType::Q6_K;
+      } else if (mix == LlamaCppMix::q4_k_s && i_ffn_down < n_ffn_down / 8) {
+        type = DType::Q5_K;
+      }
+      ++i_ffn_down;
+    }
+    if (t.row_elements() % kernels::type_info(type).block_elems != 0) {
+      // llama.cpp's fallbacks: Q6_K -> Q8_0 (which Nibble writes), Q4_K -> Q5_0, Q5_K -> Q5_1.
+      if (type != DType::Q6_K) {
+        throw std::invalid_argument(
+            "tensor '" + t.name + "' has rows of " + std::to_string(t.row_elements()) +
+            ", not a multiple of 256: llama.cpp would store it as " +
+            (type == DType::Q4_K ? "Q5_0" : "Q5_1") + ", which Nibble does not write");
+      }
+      type = DType::Q8_0;
+    }
+    types.push_back(type);
+  }
+  return types;
+}
+
+void requantize_gguf(const GgufFile& in, const std::string& out_path, LlamaCppMix mix) {
+  const std::vector<kernels::DType> types = llama_cpp_mix_types(in, mix);
+  GgufWriter out;
+  for (const auto& [key, value] : in.metadata()) out.set(key, value);
+  out.set_uint32("general.file_type", llama_cpp_mix_file_type(mix));
+  out.set_uint32("general.quantization_version", 2);
+  for (size_t i = 0; i < in.tensors().size(); ++i) {
+    const GgufTensorInfo& t = in.tensors()[i];
+    out.add_tensor(t.name, t.dims, types[i], convert_tensor(in, t, types[i]));
+  }
+  out.write(out_path);
 }
 
 void requantize_gguf(const GgufFile& in, const std::string& out_path, kernels::DType matrix_type, bool pure) {

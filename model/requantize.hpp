@@ -1,5 +1,6 @@
 #pragma once
 // Converting a GGUF model's weight matrices to another type (like llama.cpp's llama-quantize).
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -19,6 +20,28 @@ namespace nibble::model {
 // Throws GgufError naming the tensor when a row length is not a multiple of the target block
 // size, std::invalid_argument for an unsupported matrix_type.
 void requantize_gguf(const GgufFile& in, const std::string& out_path, kernels::DType matrix_type, bool pure);
+
+// llama-quantize's K-quant mixes (its LLAMA_FTYPE_MOSTLY_Q4_K_S ... _Q5_K_M), for dense Llama models
+// without an importance matrix: the default type (Q4_K or Q5_K) for every matrix but
+// - the output head (token_embd.weight when the head is tied to it): Q6_K;
+// - attn_v.weight: Q4_K_M / Q5_K_M Q6_K in llama.cpp's "more bits" layers (the first and last eighth
+//   and every third in between), Q4_K_S Q5_K in the first 4; Q5_K in a 70B model (80 layers, grouped
+//   KV heads) where the rule left Q4_K;
+// - ffn_down.weight: Q4_K_M / Q5_K_M Q6_K in the "more bits" layers, Q4_K_S Q5_K in the first eighth.
+// Nibble's quantizers write llama.cpp's reference bytes for these types, so the tensor data equals
+// llama-quantize's (`RequantizeTestData.Q5_K_MEqualsLlamaCppByteForByte`).
+enum class LlamaCppMix { q4_k_s, q4_k_m, q5_k_s, q5_k_m };
+
+// "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", or nullopt for other names.
+std::optional<LlamaCppMix> parse_llama_cpp_mix(const std::string& name);
+
+// The type of every tensor of `in` under `mix`, in the file's order (1-D tensors F32). Throws
+// std::invalid_argument naming a matrix whose row length is not a multiple of 256 (llama.cpp then
+// falls back to Q5_0 / Q5_1 / Q8_0, which Nibble does not write, except Q8_0).
+std::vector<kernels::DType> llama_cpp_mix_types(const GgufFile& in, LlamaCppMix mix);
+
+// requantize_gguf with the types of llama_cpp_mix_types; general.file_type llama.cpp's for the mix.
+void requantize_gguf(const GgufFile& in, const std::string& out_path, LlamaCppMix mix);
 
 // One tensor of `in` converted to `target` as requantize_gguf does it (rows dequantized and
 // requantized; copied when already of that type): row_bytes(target, row length) * rows bytes.

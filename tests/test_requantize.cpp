@@ -313,5 +313,79 @@ TEST(RequantizeTestData, Q5_KAndQ6_KEqualLlamaCppByteForByte) {
   EXPECT_EQ(checked[1], 3);   // output, blk.1.attn_v, blk.1.ffn_down
 }
 
+// llama-quantize's Q5_K_M mix of the same F16 model: every tensor's type and every matrix's bytes.
+TEST(RequantizeTestData, Q5_K_MEqualsLlamaCppByteForByte) {
+  test::TempDir dir;
+  LlamaShape shape = llama_shape_by_name("small");
+  shape.n_vocab = 354;
+  const std::string f16 = (dir.path() / "small-f16.gguf").string();
+  write_random_llama(f16, shape, DType::F16, 7);
+  const std::string ours_path = (dir.path() / "q5_k_m.gguf").string();
+  requantize_gguf(*GgufFile::open(f16), ours_path, LlamaCppMix::q5_k_m);
+  const auto ours = GgufFile::open(ours_path);
+  const auto theirs =
+      GgufFile::open((test::test_data_dir() / "llama-cpp-q5_k_m" / "small-llama-q5_k_m.gguf").string());
+  ASSERT_EQ(ours->tensors().size(), theirs->tensors().size());
+  for (const GgufTensorInfo& t : theirs->tensors()) {
+    const GgufTensorInfo* o = ours->find_tensor(t.name);
+    ASSERT_NE(o, nullptr) << t.name;
+    EXPECT_EQ(o->type, t.type) << t.name;
+    ASSERT_EQ(o->size_bytes, t.size_bytes) << t.name;
+    EXPECT_EQ(std::memcmp(ours->tensor_data(*o), theirs->tensor_data(t), t.size_bytes), 0) << t.name;
+  }
+  EXPECT_EQ(ours->get_uint("general.file_type"), 17u);
+}
+
+// The mixes' rules on llama-1b's 16 layers and on a tied head, and llama.cpp's own Q4_K_M file's types.
+TEST(RequantizeTestData, LlamaCppMixTypes) {
+  test::TempDir dir;
+  LlamaShape shape = llama_shape_by_name("small");
+  shape.n_vocab = 354;
+  shape.n_layer = 16;
+  const std::string f16 = (dir.path() / "deep.gguf").string();
+  write_random_llama(f16, shape, DType::F16, 1);
+  const auto file = GgufFile::open(f16);
+  auto layer_type = [&](LlamaCppMix mix, const std::string& name) {
+    const std::vector<DType> types = llama_cpp_mix_types(*file, mix);
+    for (size_t i = 0; i < types.size(); ++i)
+      if (file->tensors()[i].name == name) return types[i];
+    ADD_FAILURE() << name << " missing";
+    return DType::F32;
+  };
+  // use_more_bits(i, 16): layers 0, 1, 4, 7, 10, 13, 14, 15.
+  for (int layer = 0; layer < 16; ++layer) {
+    const bool more = layer < 2 || layer >= 14 || (layer - 2) % 3 == 2;
+    const std::string p = "blk." + std::to_string(layer) + ".";
+    SCOPED_TRACE(p);
+    EXPECT_EQ(layer_type(LlamaCppMix::q4_k_m, p + "attn_v.weight"), more ? DType::Q6_K : DType::Q4_K);
+    EXPECT_EQ(layer_type(LlamaCppMix::q4_k_m, p + "ffn_down.weight"), more ? DType::Q6_K : DType::Q4_K);
+    EXPECT_EQ(layer_type(LlamaCppMix::q5_k_m, p + "ffn_down.weight"), more ? DType::Q6_K : DType::Q5_K);
+    EXPECT_EQ(layer_type(LlamaCppMix::q4_k_s, p + "attn_v.weight"), layer < 4 ? DType::Q5_K : DType::Q4_K);
+    EXPECT_EQ(layer_type(LlamaCppMix::q4_k_s, p + "ffn_down.weight"), layer < 2 ? DType::Q5_K : DType::Q4_K);
+    EXPECT_EQ(layer_type(LlamaCppMix::q5_k_s, p + "ffn_down.weight"), DType::Q5_K);
+    EXPECT_EQ(layer_type(LlamaCppMix::q4_k_m, p + "attn_q.weight"), DType::Q4_K);
+    EXPECT_EQ(layer_type(LlamaCppMix::q4_k_m, p + "attn_norm.weight"), DType::F32);
+  }
+  EXPECT_EQ(layer_type(LlamaCppMix::q4_k_s, "output.weight"), DType::Q6_K);
+  EXPECT_EQ(layer_type(LlamaCppMix::q4_k_s, "token_embd.weight"), DType::Q4_K);
+  EXPECT_EQ(parse_llama_cpp_mix("q4_k_m"), LlamaCppMix::q4_k_m);
+  EXPECT_EQ(parse_llama_cpp_mix("q4_k"), std::nullopt);
+
+  // A tied head: token_embd is the head, Q6_K.
+  NIBBLE_REQUIRE_FIXTURES(fixtures);
+  const auto tied = GgufFile::open((fixtures / "models" / "fortune-target-f16.gguf").string());
+  const std::vector<DType> tied_types = llama_cpp_mix_types(*tied, LlamaCppMix::q4_k_m);
+  for (size_t i = 0; i < tied_types.size(); ++i) {
+    if (tied->tensors()[i].name == "token_embd.weight") {
+      EXPECT_EQ(tied_types[i], DType::Q6_K);
+    }
+  }
+  // llama.cpp's own Q4_K_M of the small fixture: the same type for every tensor.
+  const auto q4_k_m = GgufFile::open((fixtures / "models" / "small-llama-q4_k_m.gguf").string());
+  const std::vector<DType> fixture_types = llama_cpp_mix_types(*q4_k_m, LlamaCppMix::q4_k_m);
+  for (size_t i = 0; i < fixture_types.size(); ++i)
+    EXPECT_EQ(fixture_types[i], q4_k_m->tensors()[i].type) << q4_k_m->tensors()[i].name;
+}
+
 }  // namespace
 }  // namespace nibble::model

@@ -28,7 +28,9 @@ kernels::DType parse_matrix_type(const std::string& name) {
   if (name == "q8_0") return kernels::DType::Q8_0;
   if (name == "f16") return kernels::DType::F16;
   if (name == "f32") return kernels::DType::F32;
-  throw std::invalid_argument("unknown --type '" + name + "' (expected q4_0, q4_k, q5_k, q8_0, f16 or f32)");
+  throw std::invalid_argument(
+      "unknown --type '" + name +
+      "' (expected q4_0, q4_k, q5_k, q8_0, f16 or f32; quantize also takes q4_k_s, q4_k_m, q5_k_s, q5_k_m)");
 }
 
 // A token file: token ids separated by whitespace. Throws naming the file and the first bad word.
@@ -213,7 +215,9 @@ Runner add_quantize(CLI::App& app) {
   app.add_option("--group-size", a->group_size,
                  "--format gptq: inputs sharing a scale and zero (32, 64, 128)");
   app.add_option("--type", a->type,
-                 "Matrix type: q4_0, q4_k, q5_k, q8_0, f16, f32 (gptq / awq: q4_0 or q4_k)");
+                 "Matrix type: q4_0, q4_k, q5_k, q8_0, f16, f32 (gptq / awq: q4_0 or q4_k); or one of "
+                 "llama-quantize's mixes, q4_k_s, q4_k_m, q5_k_s, q5_k_m (rtn only: llama.cpp's tensor types "
+                 "and bytes)");
   app.add_flag("--pure", a->pure, "Quantize every matrix, the embedding and output head included");
   app.add_option("--method", a->method, "rtn (round to nearest, default), gptq or awq (need --calib)");
   app.add_option("--calib", a->calib,
@@ -253,6 +257,18 @@ Runner add_quantize(CLI::App& app) {
     if (calibrated && a->calib.empty())
       throw std::invalid_argument((mixed ? std::string("a size budget") : "--method " + a->method) +
                                   " needs --calib FILE");
+    if (const auto mix = model::parse_llama_cpp_mix(a->type)) {
+      if (method != worker::QuantMethod::rtn || mixed || gptq_dir || a->pure)
+        throw std::invalid_argument(
+            "--type " + a->type +
+            " is llama-quantize's mix: rtn into a GGUF only (no --method, size budget, "
+            "--format gptq or --pure)");
+      ScratchFile scratch;
+      const auto file = open_quantize_input(a->in, a->out, true, scratch);
+      model::requantize_gguf(*file, a->out, *mix);
+      std::cerr << "wrote " << a->out << " (" << std::filesystem::file_size(a->out) << " bytes)\n";
+      return 0;
+    }
     const kernels::DType type = parse_matrix_type(a->type);
     std::string text;
     std::vector<int32_t> calibration_tokens;

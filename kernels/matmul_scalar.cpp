@@ -2,6 +2,7 @@
 // for the quantized types. They define the integer math the SIMD kernels must reproduce.
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 
 #include "kernels/matmul_internal.hpp"
 #include "kernels/packed_weights.hpp"
@@ -59,33 +60,11 @@ float dot_q8_0(const uint8_t* w_row, const uint8_t* x_row, int64_t k) {
 }
 
 // Σ_sub scale[sub]·(q·x)[sub] · d·dx  −  Σ_sub min[sub]·Σx[sub] · dmin·dx; the mins term uses the
-// activation block's precomputed 16-element sums.
-float dot_q4_k(const uint8_t* w_row, const uint8_t* x_row, int64_t k) {
-  const auto* w = reinterpret_cast<const BlockQ4_K*>(w_row);
-  const auto* x = reinterpret_cast<const BlockQ8_K*>(x_row);
-  float sum = 0.0f;
-  for (int64_t b = 0; b < k / kQK_K; ++b) {
-    int sum_scaled = 0;
-    int sum_mins = 0;
-    for (int sub = 0; sub < 8; ++sub) {
-      uint8_t scale, min;
-      q4_k_scale_min(sub, w[b].scales, &scale, &min);
-      const uint8_t* q = w[b].qs + 32 * (sub / 2);
-      const int shift = (sub % 2) * 4;
-      int dot = 0;
-      for (int l = 0; l < 32; ++l) dot += ((q[l] >> shift) & 0xF) * x[b].qs[32 * sub + l];
-      sum_scaled += scale * dot;
-      sum_mins += min * (x[b].bsums[2 * sub] + x[b].bsums[2 * sub + 1]);
-    }
-    sum += fp16_to_fp32(w[b].d) * x[b].d * static_cast<float>(sum_scaled) -
-           fp16_to_fp32(w[b].dmin) * x[b].d * static_cast<float>(sum_mins);
-  }
-  return sum;
-}
-
-// As dot_q4_k, with each level's fifth bit (bit sub of qh[l]) added: levels 0..31.
-float dot_q5_k(const uint8_t* w_row, const uint8_t* x_row, int64_t k) {
-  const auto* w = reinterpret_cast<const BlockQ5_K*>(w_row);
+// activation block's precomputed 16-element sums. Q5_K adds each level's fifth bit (bit sub of
+// qh[l]): levels 0..31 instead of 0..15.
+template <typename Block>
+float dot_q4_k_or_q5_k(const uint8_t* w_row, const uint8_t* x_row, int64_t k) {
+  const auto* w = reinterpret_cast<const Block*>(w_row);
   const auto* x = reinterpret_cast<const BlockQ8_K*>(x_row);
   float sum = 0.0f;
   for (int64_t b = 0; b < k / kQK_K; ++b) {
@@ -98,7 +77,8 @@ float dot_q5_k(const uint8_t* w_row, const uint8_t* x_row, int64_t k) {
       const int shift = (sub % 2) * 4;
       int dot = 0;
       for (int l = 0; l < 32; ++l) {
-        const int level = ((q[l] >> shift) & 0xF) | (((w[b].qh[l] >> sub) & 1) << 4);
+        int level = (q[l] >> shift) & 0xF;
+        if constexpr (std::is_same_v<Block, BlockQ5_K>) level |= ((w[b].qh[l] >> sub) & 1) << 4;
         dot += level * x[b].qs[32 * sub + l];
       }
       sum_scaled += scale * dot;
@@ -108,6 +88,14 @@ float dot_q5_k(const uint8_t* w_row, const uint8_t* x_row, int64_t k) {
            fp16_to_fp32(w[b].dmin) * x[b].d * static_cast<float>(sum_mins);
   }
   return sum;
+}
+
+float dot_q4_k(const uint8_t* w_row, const uint8_t* x_row, int64_t k) {
+  return dot_q4_k_or_q5_k<BlockQ4_K>(w_row, x_row, k);
+}
+
+float dot_q5_k(const uint8_t* w_row, const uint8_t* x_row, int64_t k) {
+  return dot_q4_k_or_q5_k<BlockQ5_K>(w_row, x_row, k);
 }
 
 // Σ_sub scale[sub] · Σ kIQ4Values[index] · x over the super-block in integers (|sum| < 2^28), then

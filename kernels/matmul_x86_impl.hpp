@@ -199,6 +199,14 @@ inline void register_barrier(__m256i& v) { asm("# register barrier" : "+x"(v)); 
 // matmul does not have).
 inline void float_barrier(__m256& v) { asm("# float barrier" : "+x"(v)); }
 
+// Calls f(std::integral_constant<int, i>{}) for i = 0 .. N-1 in order, so that f can use i as a
+// compile-time constant (shift counts, offsets).
+template <int N, typename F>
+inline void for_each_constant(F&& f) {
+  [&]<int... i>(std::integer_sequence<int, i...>) { (f(std::integral_constant<int, i>{}), ...); }
+  (std::make_integer_sequence<int, N>{});
+}
+
 // Row i of acc (lane j: output o0 + j) to y[r0 + i, o0 .. o0 + n_valid): a panel's outputs.
 template <int RM>
 inline void store_panel_outputs(const MatmulOperands& op, const __m256 (&acc)[RM], int64_t r0, int64_t o0,
@@ -258,6 +266,21 @@ void panel_tile(const MatmulOperands& op, const uint8_t* panel, int64_t r0, int6
   }
   store_panel_outputs<RM>(op, acc, r0, o0, n_valid);
 }
+
+// What every packed type's kernel shares: its panel geometry, its activation blocks, and a tile of
+// RM rows made of its block_terms (panel_tile). Derived is the kernel itself.
+template <typename Derived, DType kType, typename XBlockType>
+struct PanelKernel {
+  using XBlock = XBlockType;
+  static constexpr int64_t kPanelRows = nibble::kernels::kPanelRows;
+  static constexpr int64_t kGroupBytes = packed_group_bytes(kType);
+  static constexpr int64_t kBlockElems = std::is_same_v<XBlockType, BlockQ8_K> ? kQK_K : kQK8_0;
+
+  template <int RM>
+  static void tile(const MatmulOperands& op, const uint8_t* panel, int64_t r0, int64_t o0, int64_t n_valid) {
+    panel_tile<Derived, RM>(op, panel, r0, o0, n_valid);
+  }
+};
 
 struct PackedQ4_0 {
   static constexpr int64_t kPanelRows = nibble::kernels::kPanelRows;
@@ -342,12 +365,7 @@ struct PackedQ4_0 {
 // overflow). VNNI sums a block in 32 bits; AVX2's maddubs pairs (up to 2 · 128 · 127) are widened
 // by madd in each chunk. The float operations are dot_q8_0's, unfused: bit for bit the scalar
 // matmul's results.
-struct PackedQ8_0 {
-  using XBlock = BlockQ8_0;
-  static constexpr int64_t kPanelRows = nibble::kernels::kPanelRows;
-  static constexpr int64_t kGroupBytes = packed_group_bytes(DType::Q8_0);
-  static constexpr int64_t kBlockElems = kQK8_0;
-
+struct PackedQ8_0 : PanelKernel<PackedQ8_0, DType::Q8_0, BlockQ8_0> {
   // (w_d · x_d) · Σ w · x for each row of the tile.
   template <int RM>
   static void block_terms(const uint8_t* group, const BlockQ8_0* const (&x)[RM], int64_t b,
@@ -374,11 +392,6 @@ struct PackedQ8_0 {
     for (int i = 0; i < RM; ++i)
       terms[i] = _mm256_mul_ps(_mm256_mul_ps(w_d, _mm256_set1_ps(half_to_float(x[i][b].d))),
                                _mm256_cvtepi32_ps(sum32[i]));
-  }
-
-  template <int RM>
-  static void tile(const MatmulOperands& op, const uint8_t* panel, int64_t r0, int64_t o0, int64_t n_valid) {
-    panel_tile<PackedQ8_0, RM>(op, panel, r0, o0, n_valid);
   }
 };
 
@@ -424,11 +437,8 @@ inline __m256i add_scaled_lane_products(__m256i total, __m256i sum, __m256i scal
 }
 
 template <bool kFifthBit>
-struct PackedQ4_KFamily {
-  using XBlock = BlockQ8_K;
-  static constexpr int64_t kPanelRows = nibble::kernels::kPanelRows;
-  static constexpr int64_t kGroupBytes = packed_group_bytes(kFifthBit ? DType::Q5_K : DType::Q4_K);
-  static constexpr int64_t kBlockElems = kQK_K;
+struct PackedQ4_KFamily
+    : PanelKernel<PackedQ4_KFamily<kFifthBit>, kFifthBit ? DType::Q5_K : DType::Q4_K, BlockQ8_K> {
   static constexpr int64_t kQhOffset =
       packed_group_bytes(DType::Q4_K);  // Q5_K's qh chunks follow Q4_K's bytes
 #ifdef __AVX512VNNI__
@@ -502,12 +512,6 @@ struct PackedQ4_KFamily {
     }
   }
 
-  template <int RM, int... run>
-  static void add_runs(const uint8_t* group, const BlockQ8_K* const (&x)[RM], int64_t b,
-                       __m256i (&sum_scaled)[RM], std::integer_sequence<int, run...>) {
-    (add_run<run, RM>(group, x, b, sum_scaled), ...);
-  }
-
   // (d · x_d) · Σ_sub scale · (q · x) − (dmin · x_d) · Σ_sub min · Σx for each row of the tile.
   template <int RM>
   static void block_terms(const uint8_t* group, const BlockQ8_K* const (&x)[RM], int64_t b,
@@ -515,7 +519,7 @@ struct PackedQ4_KFamily {
     __m256i sum_scaled[RM];
     NIBBLE_UNROLL
     for (int i = 0; i < RM; ++i) sum_scaled[i] = _mm256_setzero_si256();
-    add_runs<RM>(group, x, b, sum_scaled, std::make_integer_sequence<int, 4>{});
+    for_each_constant<4>([&](auto run) { add_run<run.value, RM>(group, x, b, sum_scaled); });
     __m256i mins_pairs[4];
     NIBBLE_UNROLL
     for (int t = 0; t < 4; ++t) {
@@ -535,11 +539,6 @@ struct PackedQ4_KFamily {
       terms[i] = _mm256_sub_ps(scaled, mins);
     }
   }
-
-  template <int RM>
-  static void tile(const MatmulOperands& op, const uint8_t* panel, int64_t r0, int64_t o0, int64_t n_valid) {
-    panel_tile<PackedQ4_KFamily, RM>(op, panel, r0, o0, n_valid);
-  }
 };
 using PackedQ4_K = PackedQ4_KFamily<false>;
 using PackedQ5_K = PackedQ4_KFamily<true>;
@@ -555,12 +554,7 @@ using PackedQ5_K = PackedQ4_KFamily<true>;
 // activation block's 16-element sums. As for Q4_K, the integer sums and float operations are
 // dot_q6_k's, so the results equal the scalar matmul's bit for bit.
 
-struct PackedQ6_K {
-  using XBlock = BlockQ8_K;
-  static constexpr int64_t kPanelRows = nibble::kernels::kPanelRows;
-  static constexpr int64_t kGroupBytes = packed_group_bytes(DType::Q6_K);
-  static constexpr int64_t kBlockElems = kQK_K;
-
+struct PackedQ6_K : PanelKernel<PackedQ6_K, DType::Q6_K, BlockQ8_K> {
   // Group g's 6-bit values for chunk c4 (0..3) of the group: lane j, byte t is the value of
   // element 16 g + 4 c4 + t of row j.
   template <int g>
@@ -635,12 +629,6 @@ struct PackedQ6_K {
 #endif
   }
 
-  template <int RM, int... g>
-  static void add_groups(const uint8_t* group, const BlockQ8_K* const (&x)[RM], int64_t b,
-                         __m256i (&sum_scaled)[RM], std::integer_sequence<int, g...>) {
-    (add_group<g, RM>(group, x, b, sum_scaled), ...);
-  }
-
   // (d · x_d) · (Σ_g scale · (q · x) − 32 · Σ_g scale · Σx) for each row of the tile.
   template <int RM>
   static void block_terms(const uint8_t* group, const BlockQ8_K* const (&x)[RM], int64_t b,
@@ -648,7 +636,7 @@ struct PackedQ6_K {
     __m256i sum_scaled[RM];
     NIBBLE_UNROLL
     for (int i = 0; i < RM; ++i) sum_scaled[i] = _mm256_setzero_si256();
-    add_groups<RM>(group, x, b, sum_scaled, std::make_integer_sequence<int, 16>{});
+    for_each_constant<16>([&](auto g) { add_group<g.value, RM>(group, x, b, sum_scaled); });
     __m256i scale_pairs[8];
     NIBBLE_UNROLL
     for (int t = 0; t < 8; ++t) {
@@ -663,11 +651,6 @@ struct PackedQ6_K {
       terms[i] = _mm256_mul_ps(_mm256_mul_ps(w_d, _mm256_set1_ps(x[i][b].d)), _mm256_cvtepi32_ps(total));
     }
   }
-
-  template <int RM>
-  static void tile(const MatmulOperands& op, const uint8_t* panel, int64_t r0, int64_t o0, int64_t n_valid) {
-    panel_tile<PackedQ6_K, RM>(op, panel, r0, o0, n_valid);
-  }
 };
 
 // ---- IQ4_XS weights packed in 8-row panels × Q8_K activations ----
@@ -680,12 +663,7 @@ struct PackedQ6_K {
 // pairs at most 2 · 127 · 127) and widens each chunk by madd with the scale. Either way the integer
 // sums are dot_iq4_xs's, and so is the float operation per block and output, so the packed kernels
 // give the scalar matmul's results bit for bit.
-struct PackedIQ4_XS {
-  using XBlock = BlockQ8_K;
-  static constexpr int64_t kPanelRows = nibble::kernels::kPanelRows;
-  static constexpr int64_t kGroupBytes = packed_group_bytes(DType::IQ4_XS);
-  static constexpr int64_t kBlockElems = kQK_K;
-
+struct PackedIQ4_XS : PanelKernel<PackedIQ4_XS, DType::IQ4_XS, BlockQ8_K> {
   // (d · x_d) · Σ_sub scale · Σ value · x for each row of the tile.
   template <int RM>
   static void block_terms(const uint8_t* group, const BlockQ8_K* const (&x)[RM], int64_t b,
@@ -761,11 +739,6 @@ struct PackedIQ4_XS {
     for (int i = 0; i < RM; ++i)
       terms[i] =
           _mm256_mul_ps(_mm256_mul_ps(w_d, _mm256_set1_ps(x[i][b].d)), _mm256_cvtepi32_ps(sum_scaled[i]));
-  }
-
-  template <int RM>
-  static void tile(const MatmulOperands& op, const uint8_t* panel, int64_t r0, int64_t o0, int64_t n_valid) {
-    panel_tile<PackedIQ4_XS, RM>(op, panel, r0, o0, n_valid);
   }
 };
 

@@ -4,7 +4,6 @@
 
 #include <cmath>
 #include <cstring>
-#include <random>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -34,27 +33,8 @@ class ForcedIsa {
 std::vector<uint8_t> random_weights(DType type, int64_t n_out, int64_t k, uint64_t seed) {
   const int64_t row = row_bytes(type, k);
   std::vector<uint8_t> w(static_cast<size_t>(n_out * row));
-  if (type == DType::Q4_K || type == DType::Q5_K || type == DType::Q6_K || type == DType::IQ4_XS) {
-    std::mt19937_64 rng(seed);
-    for (uint8_t& byte : w) byte = static_cast<uint8_t>(rng());
-    std::uniform_real_distribution<float> scale(0.001f, 0.01f);
-    for (int64_t b = 0; b < n_out * k / kQK_K; ++b) {
-      if (type == DType::Q4_K) {
-        auto* block = reinterpret_cast<BlockQ4_K*>(w.data()) + b;
-        block->d = fp32_to_fp16(scale(rng));
-        block->dmin = fp32_to_fp16(scale(rng));
-      } else if (type == DType::Q5_K) {
-        auto* block = reinterpret_cast<BlockQ5_K*>(w.data()) + b;
-        block->d = fp32_to_fp16(scale(rng) * 0.5f);
-        block->dmin = fp32_to_fp16(scale(rng));
-      } else if (type == DType::IQ4_XS) {
-        reinterpret_cast<BlockIQ4_XS*>(w.data())[b].d = fp32_to_fp16(scale(rng) * 0.01f);
-      } else {
-        reinterpret_cast<BlockQ6_K*>(w.data())[b].d = fp32_to_fp16(scale(rng) * 0.1f);
-      }
-    }
-    return w;
-  }
+  if (type == DType::Q4_K || type == DType::Q5_K || type == DType::Q6_K || type == DType::IQ4_XS)
+    return test::random_quant_blocks(type, n_out, k, seed);
   const std::vector<float> values = test::random_floats(static_cast<size_t>(n_out * k), seed);
   for (int64_t o = 0; o < n_out; ++o)
     EXPECT_EQ(quantize_row(type, values.data() + o * k, w.data() + o * row, k), Status::ok);

@@ -42,32 +42,8 @@ std::vector<uint8_t> random_q4_0(int64_t n_out, int64_t k, uint64_t seed) {
   return random_quantized(DType::Q4_0, n_out, k, seed);
 }
 
-// Q8_0 / K-quant blocks of random bytes (every quant, -128 included; every 6-bit scale and min up
-// to 63, every signed Q6_K scale), with small positive block scales: the integer sums' extremes,
-// which a quantizer rarely produces.
 std::vector<uint8_t> random_block_bytes(DType type, int64_t n_out, int64_t k, uint64_t seed) {
-  std::vector<uint8_t> w(static_cast<size_t>(n_out * row_bytes(type, k)));
-  std::mt19937_64 rng(seed);
-  for (uint8_t& byte : w) byte = static_cast<uint8_t>(rng());
-  std::uniform_real_distribution<float> scale(0.001f, 0.01f);
-  for (int64_t b = 0; b < n_out * k / type_info(type).block_elems; ++b) {
-    if (type == DType::Q8_0) {
-      reinterpret_cast<BlockQ8_0*>(w.data())[b].d = fp32_to_fp16(scale(rng));
-    } else if (type == DType::Q4_K) {
-      auto* block = reinterpret_cast<BlockQ4_K*>(w.data()) + b;
-      block->d = fp32_to_fp16(scale(rng));
-      block->dmin = fp32_to_fp16(scale(rng));
-    } else if (type == DType::Q5_K) {
-      auto* block = reinterpret_cast<BlockQ5_K*>(w.data()) + b;
-      block->d = fp32_to_fp16(scale(rng) * 0.5f);
-      block->dmin = fp32_to_fp16(scale(rng));
-    } else if (type == DType::IQ4_XS) {
-      reinterpret_cast<BlockIQ4_XS*>(w.data())[b].d = fp32_to_fp16(scale(rng) * 0.01f);
-    } else {
-      reinterpret_cast<BlockQ6_K*>(w.data())[b].d = fp32_to_fp16(scale(rng) * 0.1f);
-    }
-  }
-  return w;
+  return test::random_quant_blocks(type, n_out, k, seed);
 }
 
 double relative_rms_error(const std::vector<float>& actual, const std::vector<float>& expected) {

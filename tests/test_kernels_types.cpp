@@ -16,6 +16,20 @@
 namespace nibble::kernels {
 namespace {
 
+// Quantizes x to `type` and back into y; returns the relative RMS error.
+double round_trip_error(DType type, const std::vector<float>& x, std::vector<float>& y) {
+  const int64_t n = static_cast<int64_t>(x.size());
+  std::vector<uint8_t> q(static_cast<size_t>(row_bytes(type, n)));
+  EXPECT_EQ(quantize_row(type, x.data(), q.data(), n), Status::ok);
+  EXPECT_EQ(dequantize_row(type, q.data(), y.data(), n), Status::ok);
+  double err = 0, norm = 0;
+  for (size_t i = 0; i < x.size(); ++i) {
+    err += (y[i] - x[i]) * (y[i] - x[i]);
+    norm += x[i] * x[i];
+  }
+  return std::sqrt(err / norm);
+}
+
 TEST(KernelTypes, Fp16RoundTripsEveryFiniteHalf) {
   for (uint32_t bits = 0; bits < 0x10000; ++bits) {
     const auto h = static_cast<f16_bits>(bits);
@@ -249,17 +263,7 @@ TEST(KernelQuantize, DequantizeHandBuiltQ5_K) {
 TEST(KernelQuantize, Q5_KRoundTrip) {
   std::vector<float> x(768);
   for (size_t i = 256; i < x.size(); ++i) x[i] = std::sin(0.37f * static_cast<float>(i)) * (1.0f + (i % 7));
-  auto rel_error = [&](DType type, std::vector<float>& y) {
-    std::vector<uint8_t> q(static_cast<size_t>(row_bytes(type, 768)));
-    EXPECT_EQ(quantize_row(type, x.data(), q.data(), 768), Status::ok);
-    EXPECT_EQ(dequantize_row(type, q.data(), y.data(), 768), Status::ok);
-    double err = 0, norm = 0;
-    for (size_t i = 0; i < x.size(); ++i) {
-      err += (y[i] - x[i]) * (y[i] - x[i]);
-      norm += x[i] * x[i];
-    }
-    return std::sqrt(err / norm);
-  };
+  auto rel_error = [&](DType type, std::vector<float>& y) { return round_trip_error(type, x, y); };
   std::vector<float> y(768), y4(768), y6(768), y2(768);
   const double e5 = rel_error(DType::Q5_K, y);
   EXPECT_LT(e5, 0.6 * rel_error(DType::Q4_K, y4));
@@ -302,17 +306,7 @@ TEST(KernelQuantize, DequantizeHandBuiltIQ4_XS) {
 TEST(KernelQuantize, Q6_KRoundTrip) {
   std::vector<float> x(768);
   for (size_t i = 256; i < x.size(); ++i) x[i] = std::sin(0.37f * static_cast<float>(i)) * (1.0f + (i % 7));
-  auto rel_error = [&](DType type, std::vector<float>& y) {
-    std::vector<uint8_t> q(static_cast<size_t>(row_bytes(type, 768)));
-    EXPECT_EQ(quantize_row(type, x.data(), q.data(), 768), Status::ok);
-    EXPECT_EQ(dequantize_row(type, q.data(), y.data(), 768), Status::ok);
-    double err = 0, norm = 0;
-    for (size_t i = 0; i < x.size(); ++i) {
-      err += (y[i] - x[i]) * (y[i] - x[i]);
-      norm += x[i] * x[i];
-    }
-    return std::sqrt(err / norm);
-  };
+  auto rel_error = [&](DType type, std::vector<float>& y) { return round_trip_error(type, x, y); };
   std::vector<float> y(768), y4(768), y2(768);
   const double e6 = rel_error(DType::Q6_K, y);
   EXPECT_LT(e6, 0.02);

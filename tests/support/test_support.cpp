@@ -206,6 +206,34 @@ TempDir::~TempDir() {
   std::filesystem::remove_all(path_, ec);
 }
 
+std::vector<uint8_t> random_quant_blocks(kernels::DType type, int64_t n_out, int64_t k, uint64_t seed) {
+  using namespace nibble::kernels;
+  std::vector<uint8_t> w(static_cast<size_t>(n_out * row_bytes(type, k)));
+  std::mt19937_64 rng(seed);
+  for (uint8_t& byte : w) byte = static_cast<uint8_t>(rng());
+  std::uniform_real_distribution<float> scale(0.001f, 0.01f);
+  for (int64_t b = 0; b < n_out * k / type_info(type).block_elems; ++b) {
+    if (type == DType::Q8_0) {
+      reinterpret_cast<BlockQ8_0*>(w.data())[b].d = fp32_to_fp16(scale(rng));
+    } else if (type == DType::Q4_K) {
+      auto* block = reinterpret_cast<BlockQ4_K*>(w.data()) + b;
+      block->d = fp32_to_fp16(scale(rng));
+      block->dmin = fp32_to_fp16(scale(rng));
+    } else if (type == DType::Q5_K) {
+      auto* block = reinterpret_cast<BlockQ5_K*>(w.data()) + b;
+      block->d = fp32_to_fp16(scale(rng) * 0.5f);
+      block->dmin = fp32_to_fp16(scale(rng));
+    } else if (type == DType::IQ4_XS) {
+      reinterpret_cast<BlockIQ4_XS*>(w.data())[b].d = fp32_to_fp16(scale(rng) * 0.01f);
+    } else if (type == DType::Q6_K) {
+      reinterpret_cast<BlockQ6_K*>(w.data())[b].d = fp32_to_fp16(scale(rng) * 0.1f);
+    } else {
+      ADD_FAILURE() << "random_quant_blocks: no rule for " << type_name(type);
+    }
+  }
+  return w;
+}
+
 std::vector<float> random_floats(size_t n, uint64_t seed, float lo, float hi) {
   std::mt19937_64 rng(seed);
   std::uniform_real_distribution<float> dist(lo, hi);

@@ -29,7 +29,7 @@ for target in "${targets[@]}"; do
   mkdir -p "$corpus" "$findings"
   echo "== $target: ${seconds}s"
   max_len=131072
-  [ "$target" = gguf_model ] && max_len=524288  # its Q4_K seed is ~420 KB (rows of 256)
+  [ "$target" = gguf_model ] && max_len=524288  # its Q4_K and Q5_K_M seeds are ~0.4-0.5 MB (rows of 256)
   # -rss_limit_mb: a reader must refuse a size it cannot hold, not try to allocate it.
   if ! "$build/tests/fuzz_$target" -max_total_time="$seconds" -rss_limit_mb=2048 -timeout=10 \
     -max_len="$max_len" -print_final_stats=1 -artifact_prefix="$findings/" "$corpus" "$build/seeds/$target" \

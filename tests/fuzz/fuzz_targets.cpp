@@ -135,6 +135,10 @@ std::vector<std::vector<uint8_t>> gguf_model_seeds() {
   model::requantize_gguf(*model::GgufFile::open(f16_path.string()), path.string(), kernels::DType::Q4_K,
                          /*pure=*/false);
   seeds.push_back(read_bytes(path));
+  // And llama.cpp's Q5_K_M mix of it: Q5_K matrices and embedding, Q6_K head and ffn_down.
+  model::requantize_gguf(*model::GgufFile::open(f16_path.string()), path.string(),
+                         model::LlamaCppMix::q5_k_m);
+  seeds.push_back(read_bytes(path));
   return seeds;
 }
 

@@ -68,6 +68,7 @@ ActivationFormat activation_format(DType w_type) {
       return ActivationFormat::f32;
     case DType::Q4_0:
     case DType::Q8_0:
+    case DType::IQ4_NL:
       return ActivationFormat::q8_0;
     case DType::Q4_K:
     case DType::Q5_K:
@@ -97,6 +98,8 @@ MatmulRangeFn range_fn(const IsaKernels& isa, DType w_type) {
       return isa.q5_k;
     case DType::Q6_K:
       return isa.q6_k;
+    case DType::IQ4_NL:
+      return isa.iq4_nl;
     case DType::IQ4_XS:
       return isa.iq4_xs;
     default:
@@ -258,6 +261,7 @@ Status matmul_packed(const PackedMatrix& w, const float* x, int64_t m, float* y,
   if (w.type() == DType::Q5_K) range = isa.q5_k_packed;
   if (w.type() == DType::Q6_K) range = isa.q6_k_packed;
   if (w.type() == DType::IQ4_XS) range = isa.iq4_xs_packed;
+  if (w.type() == DType::IQ4_NL) range = isa.iq4_nl_packed;
   run_output_rows(range, op, w.n_out(), parallel, pool);
   return Status::ok;
 }

@@ -16,7 +16,7 @@ struct Q8_0BlockInfo {
 struct MatmulOperands {
   const uint8_t* w;  // w: [n_out, k] in the weight type, rows w_stride bytes apart
   int64_t w_stride;
-  const uint8_t* x;  // x: [m, k] as float (F32/F16/BF16 weights), Q8_0 (Q4_0/Q8_0) or Q8_K
+  const uint8_t* x;  // x: [m, k] as float (F32/F16/BF16 weights), Q8_0 (Q4_0/Q8_0/IQ4_NL) or Q8_K
   int64_t x_stride;  //    (K-quants, IQ4_XS) blocks, rows x_stride bytes apart
   float* y;          // y: [m, n_out] floats, rows y_stride floats apart
   int64_t y_stride;
@@ -33,6 +33,8 @@ using MatmulRangeFn = void (*)(const MatmulOperands& op, int64_t o_begin, int64_
 // Quantizes one activation row of k floats (k a multiple of the block size) into `out`.
 using QuantizeActivationFn = void (*)(const float* x, void* out, int64_t k);
 
+// The tables (matmul_scalar.cpp, matmul_x86_impl.hpp) name every field (designated initializers), so
+// a field added here in one place and listed elsewhere in a table cannot shift the others silently.
 struct IsaKernels {
   const char* name;
   MatmulRangeFn f32;
@@ -43,6 +45,7 @@ struct IsaKernels {
   MatmulRangeFn q4_k;
   MatmulRangeFn q5_k;
   MatmulRangeFn q6_k;
+  MatmulRangeFn iq4_nl;
   MatmulRangeFn iq4_xs;
   // Q4_0 packed in 8-row panels × Q8_0 activations with x_info; o_begin is a multiple of 8.
   MatmulRangeFn q4_0_packed;
@@ -52,6 +55,8 @@ struct IsaKernels {
   MatmulRangeFn q4_k_packed;
   MatmulRangeFn q5_k_packed;
   MatmulRangeFn q6_k_packed;
+  // IQ4_NL packed in 8-row panels (Q4_0's layout) × Q8_0 activations; o_begin is a multiple of 8.
+  MatmulRangeFn iq4_nl_packed;
   MatmulRangeFn iq4_xs_packed;
   QuantizeActivationFn quantize_q8_0;  // must give the same bytes as quantize_row(Q8_0)
   QuantizeActivationFn quantize_q8_k;  // must give the same bytes as quantize_row(Q8_K)

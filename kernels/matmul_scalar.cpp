@@ -47,6 +47,22 @@ float dot_q4_0(const uint8_t* w_row, const uint8_t* x_row, int64_t k) {
   return sum;
 }
 
+// As dot_q4_0, the nibbles standing for kIQ4Values.
+float dot_iq4_nl(const uint8_t* w_row, const uint8_t* x_row, int64_t k) {
+  const auto* w = reinterpret_cast<const BlockIQ4_NL*>(w_row);
+  const auto* x = reinterpret_cast<const BlockQ8_0*>(x_row);
+  float sum = 0.0f;
+  for (int64_t b = 0; b < k / kQK4_0; ++b) {
+    int sumi = 0;
+    for (int j = 0; j < kQK4_0 / 2; ++j) {
+      sumi += kIQ4Values[w[b].qs[j] & 0xF] * x[b].qs[j];
+      sumi += kIQ4Values[w[b].qs[j] >> 4] * x[b].qs[j + kQK4_0 / 2];
+    }
+    sum += fp16_to_fp32(w[b].d) * fp16_to_fp32(x[b].d) * static_cast<float>(sumi);
+  }
+  return sum;
+}
+
 float dot_q8_0(const uint8_t* w_row, const uint8_t* x_row, int64_t k) {
   const auto* w = reinterpret_cast<const BlockQ8_0*>(w_row);
   const auto* x = reinterpret_cast<const BlockQ8_0*>(x_row);
@@ -233,29 +249,31 @@ void softmax_to_f16(float* scores, int64_t n) {
 }
 
 const IsaKernels kScalarKernels{
-    "scalar",
-    float_range<dot_f32>,
-    float_range<dot_f16>,
-    float_range<dot_bf16>,
-    quant_range<dot_q4_0>,
-    quant_range<dot_q8_0>,
-    quant_range<dot_q4_k>,
-    quant_range<dot_q5_k>,
-    quant_range<dot_q6_k>,
-    quant_range<dot_iq4_xs>,
-    packed_range<DType::Q4_0, dot_q4_0>,
-    packed_range<DType::Q8_0, dot_q8_0>,
-    packed_range<DType::Q4_K, dot_q4_k>,
-    packed_range<DType::Q5_K, dot_q5_k>,
-    packed_range<DType::Q6_K, dot_q6_k>,
-    packed_range<DType::IQ4_XS, dot_iq4_xs>,
-    quantize_q8_0,
-    quantize_q8_k,
-    q8_0_block_info,
-    f16_dot_rows,
-    f16_axpy_rows,
-    round_to_f16,
-    softmax_to_f16,
+    .name = "scalar",
+    .f32 = float_range<dot_f32>,
+    .f16 = float_range<dot_f16>,
+    .bf16 = float_range<dot_bf16>,
+    .q4_0 = quant_range<dot_q4_0>,
+    .q8_0 = quant_range<dot_q8_0>,
+    .q4_k = quant_range<dot_q4_k>,
+    .q5_k = quant_range<dot_q5_k>,
+    .q6_k = quant_range<dot_q6_k>,
+    .iq4_nl = quant_range<dot_iq4_nl>,
+    .iq4_xs = quant_range<dot_iq4_xs>,
+    .q4_0_packed = packed_range<DType::Q4_0, dot_q4_0>,
+    .q8_0_packed = packed_range<DType::Q8_0, dot_q8_0>,
+    .q4_k_packed = packed_range<DType::Q4_K, dot_q4_k>,
+    .q5_k_packed = packed_range<DType::Q5_K, dot_q5_k>,
+    .q6_k_packed = packed_range<DType::Q6_K, dot_q6_k>,
+    .iq4_nl_packed = packed_range<DType::IQ4_NL, dot_iq4_nl>,
+    .iq4_xs_packed = packed_range<DType::IQ4_XS, dot_iq4_xs>,
+    .quantize_q8_0 = quantize_q8_0,
+    .quantize_q8_k = quantize_q8_k,
+    .q8_0_block_info = q8_0_block_info,
+    .f16_dot_rows = f16_dot_rows,
+    .f16_axpy_rows = f16_axpy_rows,
+    .round_to_f16 = round_to_f16,
+    .softmax_to_f16 = softmax_to_f16,
 };
 
 }  // namespace

@@ -17,6 +17,7 @@
 
 namespace {
 
+using nibble::kernels::BlockIQ4_NL;
 using nibble::kernels::BlockIQ4_XS;
 using nibble::kernels::BlockQ4_0;
 using nibble::kernels::BlockQ4_K;
@@ -119,16 +120,22 @@ inline void store_tile(const MatmulOperands& op, int64_t r0, int64_t o0, __m256 
   for (int j = 0; j < RN; ++j) op.y[(r0 + i) * op.y_stride + o0 + j] = hsum_ps(acc[i][j]);
 }
 
-// ---- Q4_0 and Q8_0 weights × Q8_0 activations ----
+// ---- Q4_0, Q8_0 and IQ4_NL weights × Q8_0 activations ----
 
-template <bool kIsQ4>
+// llama.cpp's 16 IQ4 values in both 128-bit lanes, for _mm256_shuffle_epi8.
+inline __m256i iq4_value_table() {
+  return _mm256_broadcastsi128_si256(
+      _mm_loadu_si128(reinterpret_cast<const __m128i*>(nibble::kernels::kIQ4Values)));
+}
+
+template <typename WeightBlock>
 struct Q8_0Family {
-  using WeightBlock = std::conditional_t<kIsQ4, BlockQ4_0, BlockQ8_0>;
-
   // Weight quants as signed int8 lanes in element order.
   static __m256i load_weight(const WeightBlock& block) {
-    if constexpr (kIsQ4) {
+    if constexpr (std::is_same_v<WeightBlock, BlockQ4_0>) {
       return _mm256_sub_epi8(unpack_nibbles(block.qs), _mm256_set1_epi8(8));
+    } else if constexpr (std::is_same_v<WeightBlock, BlockIQ4_NL>) {
+      return _mm256_shuffle_epi8(iq4_value_table(), unpack_nibbles(block.qs));
     } else {
       return load_i8x32(block.qs);
     }
@@ -392,6 +399,53 @@ struct PackedQ8_0 : PanelKernel<PackedQ8_0, DType::Q8_0, BlockQ8_0> {
     for (int i = 0; i < RM; ++i)
       terms[i] = _mm256_mul_ps(_mm256_mul_ps(w_d, _mm256_set1_ps(half_to_float(x[i][b].d))),
                                _mm256_cvtepi32_ps(sum32[i]));
+  }
+};
+
+// ---- IQ4_NL weights packed in 8-row panels (Q4_0's layout) × Q8_0 activations ----
+//
+// As packed Q4_0, a 32-byte chunk gives row j's 4 index bytes lane j; a byte shuffle turns the
+// indices into llama.cpp's signed values, whose signs move onto the activation bytes (GGML's trick:
+// |value| <= 127, so maddubs' pairs stay within 2 · 127 · 127), and each chunk's products are summed
+// in 32 bits (VNNI) or widened by madd (AVX2). The float operation per block is dot_iq4_nl's, so the
+// results are the scalar matmul's bit for bit.
+struct PackedIQ4_NL : PanelKernel<PackedIQ4_NL, DType::IQ4_NL, BlockQ8_0> {
+  // (w_d · x_d) · Σ value · x for each row of the tile.
+  template <int RM>
+  static void block_terms(const uint8_t* group, const BlockQ8_0* const (&x)[RM], int64_t b,
+                          __m256 (&terms)[RM]) {
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    const __m256i table = iq4_value_table();
+    __m256i sum32[RM];
+    NIBBLE_UNROLL
+    for (int i = 0; i < RM; ++i) sum32[i] = _mm256_setzero_si256();
+    NIBBLE_UNROLL
+    for (int c = 0; c < 4; ++c) {
+      const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(group + 16 + 32 * c));
+      const __m256i first = _mm256_shuffle_epi8(table, _mm256_and_si256(packed, low4));
+      const __m256i second = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(packed, 4), low4));
+      const __m256i first_abs = _mm256_sign_epi8(first, first);
+      const __m256i second_abs = _mm256_sign_epi8(second, second);
+      NIBBLE_UNROLL
+      for (int i = 0; i < RM; ++i) {
+        const int8_t* xq = x[i][b].qs + 4 * c;
+        const __m256i x_first = _mm256_sign_epi8(broadcast_4_bytes(xq), first);
+        const __m256i x_second = _mm256_sign_epi8(broadcast_4_bytes(xq + 16), second);
+#ifdef __AVX512VNNI__
+        sum32[i] = _mm256_dpbusd_epi32(sum32[i], first_abs, x_first);
+        sum32[i] = _mm256_dpbusd_epi32(sum32[i], second_abs, x_second);
+#else
+        sum32[i] = _mm256_add_epi32(sum32[i], pairwise_sum_i16(_mm256_maddubs_epi16(first_abs, x_first)));
+        sum32[i] = _mm256_add_epi32(sum32[i], pairwise_sum_i16(_mm256_maddubs_epi16(second_abs, x_second)));
+#endif
+      }
+    }
+    const __m256 w_d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(group)));
+    NIBBLE_UNROLL
+    for (int i = 0; i < RM; ++i) {
+      const __m256 x_d = _mm256_set1_ps(half_to_float(x[i][b].d));
+      terms[i] = _mm256_mul_ps(_mm256_mul_ps(w_d, x_d), _mm256_cvtepi32_ps(sum32[i]));
+    }
   }
 };
 
@@ -669,8 +723,7 @@ struct PackedIQ4_XS : PanelKernel<PackedIQ4_XS, DType::IQ4_XS, BlockQ8_K> {
   static void block_terms(const uint8_t* group, const BlockQ8_K* const (&x)[RM], int64_t b,
                           __m256 (&terms)[RM]) {
     const __m256i low4 = _mm256_set1_epi8(0x0F);
-    const __m256i values = _mm256_broadcastsi128_si256(
-        _mm_loadu_si128(reinterpret_cast<const __m128i*>(nibble::kernels::kIQ4Values)));
+    const __m256i values = iq4_value_table();
 #ifdef __AVX512VNNI__
     const __m256i table = _mm256_xor_si256(values, _mm256_set1_epi8(static_cast<char>(0x80)));  // value + 128
 #else
@@ -1101,8 +1154,7 @@ struct IQ4_XSFamily {
     __m256 acc[RM][1];
     NIBBLE_UNROLL
     for (int i = 0; i < RM; ++i) acc[i][0] = _mm256_setzero_ps();
-    const __m256i table = _mm256_broadcastsi128_si256(
-        _mm_loadu_si128(reinterpret_cast<const __m128i*>(nibble::kernels::kIQ4Values)));
+    const __m256i table = iq4_value_table();
     const int64_t n_blocks = op.k / kQK_K;
     for (int64_t b = 0; b < n_blocks; ++b) {
       __m256i sum[RM];
@@ -1289,35 +1341,37 @@ void softmax_to_f16(float* scores, int64_t n) {
 // The table every x86 ISA file registers: the same kernels, compiled with that file's flags.
 nibble::kernels::detail::IsaKernels make_x86_kernels(const char* isa_name) {
   return nibble::kernels::detail::IsaKernels{
-      isa_name,
+      .name = isa_name,
 #ifdef __AVX512F__
-      matmul_range_512<FloatFamily512<FloatWeight::f32>>,
-      matmul_range_512<FloatFamily512<FloatWeight::f16>>,
-      matmul_range_512<FloatFamily512<FloatWeight::bf16>>,
+      .f32 = matmul_range_512<FloatFamily512<FloatWeight::f32>>,
+      .f16 = matmul_range_512<FloatFamily512<FloatWeight::f16>>,
+      .bf16 = matmul_range_512<FloatFamily512<FloatWeight::bf16>>,
 #else
-      matmul_range<FloatFamily<FloatWeight::f32>>,
-      matmul_range<FloatFamily<FloatWeight::f16>>,
-      matmul_range<FloatFamily<FloatWeight::bf16>>,
+      .f32 = matmul_range<FloatFamily<FloatWeight::f32>>,
+      .f16 = matmul_range<FloatFamily<FloatWeight::f16>>,
+      .bf16 = matmul_range<FloatFamily<FloatWeight::bf16>>,
 #endif
-      matmul_range<Q8_0Family<true>>,
-      matmul_range<Q8_0Family<false>>,
-      kquant_range<KQuantFamily<BlockQ4_K>>,
-      kquant_range<KQuantFamily<BlockQ5_K>>,
-      kquant_range<KQuantFamily<BlockQ6_K>>,
-      kquant_range<IQ4_XSFamily>,
-      packed_range<PackedQ4_0>,
-      packed_range<PackedQ8_0>,
-      packed_range<PackedQ4_K>,
-      packed_range<PackedQ5_K>,
-      packed_range<PackedQ6_K>,
-      packed_range<PackedIQ4_XS>,
-      quantize_q8_0,
-      quantize_q8_k,
-      q8_0_block_info,
-      f16_dot_rows,
-      f16_axpy_rows,
-      round_to_f16,
-      softmax_to_f16,
+      .q4_0 = matmul_range<Q8_0Family<BlockQ4_0>>,
+      .q8_0 = matmul_range<Q8_0Family<BlockQ8_0>>,
+      .q4_k = kquant_range<KQuantFamily<BlockQ4_K>>,
+      .q5_k = kquant_range<KQuantFamily<BlockQ5_K>>,
+      .q6_k = kquant_range<KQuantFamily<BlockQ6_K>>,
+      .iq4_nl = matmul_range<Q8_0Family<BlockIQ4_NL>>,
+      .iq4_xs = kquant_range<IQ4_XSFamily>,
+      .q4_0_packed = packed_range<PackedQ4_0>,
+      .q8_0_packed = packed_range<PackedQ8_0>,
+      .q4_k_packed = packed_range<PackedQ4_K>,
+      .q5_k_packed = packed_range<PackedQ5_K>,
+      .q6_k_packed = packed_range<PackedQ6_K>,
+      .iq4_nl_packed = packed_range<PackedIQ4_NL>,
+      .iq4_xs_packed = packed_range<PackedIQ4_XS>,
+      .quantize_q8_0 = quantize_q8_0,
+      .quantize_q8_k = quantize_q8_k,
+      .q8_0_block_info = q8_0_block_info,
+      .f16_dot_rows = f16_dot_rows,
+      .f16_axpy_rows = f16_axpy_rows,
+      .round_to_f16 = round_to_f16,
+      .softmax_to_f16 = softmax_to_f16,
   };
 }
 

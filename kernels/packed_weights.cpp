@@ -41,6 +41,9 @@ void copy_lane(DType type, const LaneCopy<kToGroup>& copy, int lane) {
   const size_t j = static_cast<size_t>(lane);
   switch (type) {
     case DType::Q4_0:
+    case DType::IQ4_NL:  // the same block layout
+      static_assert(sizeof(BlockIQ4_NL) == sizeof(BlockQ4_0) &&
+                    offsetof(BlockIQ4_NL, qs) == offsetof(BlockQ4_0, qs));
       copy(offsetof(BlockQ4_0, d), 2 * j, 2);
       for (size_t c = 0; c < 4; ++c) copy(offsetof(BlockQ4_0, qs) + 4 * c, 16 + 32 * c + 4 * j, 4);
       break;

@@ -2,7 +2,7 @@
 // Weight matrices repacked once at load into a layout the CPU matmul reads faster. The weights stay
 // quantized (about the same bytes per block); only their order changes. Q4_0, Q8_0, Q4_K, Q5_K and
 // Q6_K (the K-quant mixes: Q4_K_M uses Q4_K and Q6_K, Q4_K_S Q4_K and Q5_K, Q5_K_M Q5_K and Q6_K)
-// are packed, and IQ4_XS.
+// are packed, and IQ4_NL and IQ4_XS.
 //
 // Every layout groups output rows in panels of 8 (the last panel padded with zero rows) and stores a
 // panel's blocks one after the other, all 8 rows of a block together, so that a 256-bit load gives
@@ -14,6 +14,8 @@
 //   bytes [16, 144): 4 chunks of 32 bytes; chunk c is qs[4c..4c+3] of row 0, of row 1, ... of row 7
 // where qs are the rows' Q4_0 nibble bytes (byte t holds element t in its low nibble and t+16 in
 // its high one).
+//
+// IQ4_NL: Q4_0's layout (its blocks are Q4_0's, the nibbles indexing llama.cpp's table).
 //
 // Q8_0: as Q4_0, in 272-byte groups: the 8 fp16 scales, then 8 chunks of 32 bytes; chunk c is
 // qs[4c..4c+3] of row 0, of row 1, ... of row 7 (the rows' signed 8-bit quants in element order).
@@ -73,6 +75,7 @@ inline constexpr int64_t kMaxBlockBytes = 210;           // the largest packable
 constexpr int64_t packed_group_bytes(DType type) {
   switch (type) {
     case DType::Q4_0:
+    case DType::IQ4_NL:
       return kQ4_0PanelBlockBytes;
     case DType::Q8_0:
       return kQ8_0PanelBlockBytes;

@@ -13,6 +13,7 @@ constexpr TypeInfo kQ8_0{"q8_0", kQK8_0, sizeof(BlockQ8_0)};
 constexpr TypeInfo kQ4_K{"q4_K", kQK_K, sizeof(BlockQ4_K)};
 constexpr TypeInfo kQ5_K{"q5_K", kQK_K, sizeof(BlockQ5_K)};
 constexpr TypeInfo kQ6_K{"q6_K", kQK_K, sizeof(BlockQ6_K)};
+constexpr TypeInfo kIQ4_NL{"iq4_nl", kQK4_0, sizeof(BlockIQ4_NL)};
 constexpr TypeInfo kIQ4_XS{"iq4_xs", kQK_K, sizeof(BlockIQ4_XS)};
 constexpr TypeInfo kQ8_K{"q8_K", kQK_K, sizeof(BlockQ8_K)};
 
@@ -50,6 +51,8 @@ const TypeInfo* type_info(uint32_t raw_type) {
       return &kQ6_K;
     case DType::Q8_K:
       return &kQ8_K;
+    case DType::IQ4_NL:
+      return &kIQ4_NL;
     case DType::IQ4_XS:
       return &kIQ4_XS;
   }

@@ -17,6 +17,7 @@ enum class DType : uint32_t {
   Q5_K = 13,
   Q6_K = 14,
   Q8_K = 15,  // activations only (K-quant dot products)
+  IQ4_NL = 20,
   IQ4_XS = 23,
   BF16 = 30,
 };
@@ -78,6 +79,13 @@ struct BlockQ6_K {
   f16_bits d;
 };
 static_assert(sizeof(BlockQ6_K) == 210);
+
+// IQ4_NL: Q4_0's layout, the nibbles indexing llama.cpp's non-linear table kIQ4Values.
+struct BlockIQ4_NL {
+  f16_bits d;
+  uint8_t qs[kQK4_0 / 2];  // element j in the low nibble of qs[j], element j+16 in the high
+};
+static_assert(sizeof(BlockIQ4_NL) == 18);
 
 // IQ4_XS: 4-bit indices into llama.cpp's non-linear table kIQ4Values, 8 sub-blocks of 32 with 6-bit
 // scales (stored minus 32).

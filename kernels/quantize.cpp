@@ -303,6 +303,15 @@ void dequantize_block_q5_k(const BlockQ5_K& block, float* y) {
   }
 }
 
+// IQ4_NL: d · kIQ4Values[index], Q4_0's nibble order.
+void dequantize_block_iq4_nl(const BlockIQ4_NL& block, float* y) {
+  const float d = fp16_to_fp32(block.d);
+  for (int j = 0; j < kQK4_0 / 2; ++j) {
+    y[j] = d * kIQ4Values[block.qs[j] & 0xF];
+    y[j + kQK4_0 / 2] = d * kIQ4Values[block.qs[j] >> 4];
+  }
+}
+
 // IQ4_XS: per sub-block of 32, d · scale · kIQ4Values[index].
 void dequantize_block_iq4_xs(const BlockIQ4_XS& block, float* y) {
   const float d = fp16_to_fp32(block.d);
@@ -444,6 +453,10 @@ Status dequantize_row(DType type, const void* src, float* y, int64_t n) {
     case DType::Q6_K:
       for (int64_t b = 0; b < n_blocks; ++b)
         dequantize_block_q6_k(static_cast<const BlockQ6_K*>(src)[b], y + b * kQK_K);
+      break;
+    case DType::IQ4_NL:
+      for (int64_t b = 0; b < n_blocks; ++b)
+        dequantize_block_iq4_nl(static_cast<const BlockIQ4_NL*>(src)[b], y + b * kQK4_0);
       break;
     case DType::IQ4_XS:
       for (int64_t b = 0; b < n_blocks; ++b)

@@ -210,6 +210,8 @@ uint32_t llama_file_type(kernels::DType matrix_type) {
       return 18;  // LLAMA_FTYPE_MOSTLY_Q6_K
     case kernels::DType::BF16:
       return 32;  // LLAMA_FTYPE_MOSTLY_BF16
+    case kernels::DType::IQ4_NL:
+      return 25;  // LLAMA_FTYPE_MOSTLY_IQ4_NL
     case kernels::DType::IQ4_XS:
       return 30;  // LLAMA_FTYPE_MOSTLY_IQ4_XS
     case kernels::DType::Q8_K:

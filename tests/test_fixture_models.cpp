@@ -1,6 +1,6 @@
 // Whole-model checks against llama.cpp's reference outputs in the fixtures (and in tests/data,
-// llama.cpp Q5_K_M and IQ4_XS models in the same format): greedy tokens through the real `nibble generate`,
-// prompt logits through the real `nibble logits`, and decode-step logits through the KV-cache path
+// llama.cpp Q5_K_M, IQ4_XS and IQ4_NL models in the same format): greedy tokens through the real `nibble
+// generate`, prompt logits through the real `nibble logits`, and decode-step logits through the KV-cache path
 // of the library.
 #include <gtest/gtest.h>
 
@@ -104,6 +104,8 @@ const FixtureCase kCases[] = {
     {"small-llama-q5_k_m", {3e-2, 0.9, false}, "llama-cpp-q5_k_m", 354},
     // IQ4_XS (with Q5_K attn_v and a Q6_K head), llama.cpp's non-linear 4-bit type.
     {"small-llama-iq4_xs", {3e-2, 0.9, false}, "llama-cpp-iq4_xs", 354},
+    // IQ4_NL (blocks of 32, Q8_0 activations, a Q8_0 head) on the tiny shape.
+    {"tiny-llama-iq4_nl", {3e-2, 0.9, false}, "llama-cpp-iq4_nl", 354},
 };
 
 // The directory holding fc's files, or nullopt (fixtures absent).

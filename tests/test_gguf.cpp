@@ -201,6 +201,7 @@ void round_trip_tensors(uint64_t alignment) {
   cases.push_back({"q6_k", {512}, DType::Q6_K, random_bytes(2 * 210, 5)});
   cases.push_back({"q8_k", {256}, DType::Q8_K, random_bytes(292, 6)});
   cases.push_back({"iq4_xs", {512, 2}, DType::IQ4_XS, random_bytes(4 * 136, 7)});
+  cases.push_back({"iq4_nl", {96}, DType::IQ4_NL, random_bytes(3 * 18, 8)});
 
   GgufWriter w;
   if (alignment != 32) w.set_uint32("general.alignment", static_cast<uint32_t>(alignment));

@@ -33,7 +33,8 @@ class ForcedIsa {
 std::vector<uint8_t> random_weights(DType type, int64_t n_out, int64_t k, uint64_t seed) {
   const int64_t row = row_bytes(type, k);
   std::vector<uint8_t> w(static_cast<size_t>(n_out * row));
-  if (type == DType::Q4_K || type == DType::Q5_K || type == DType::Q6_K || type == DType::IQ4_XS)
+  if (type == DType::Q4_K || type == DType::Q5_K || type == DType::Q6_K || type == DType::IQ4_XS ||
+      type == DType::IQ4_NL)
     return test::random_quant_blocks(type, n_out, k, seed);
   const std::vector<float> values = test::random_floats(static_cast<size_t>(n_out * k), seed);
   for (int64_t o = 0; o < n_out; ++o)
@@ -71,6 +72,7 @@ int64_t test_k(DType type) {
       return 256 * 3;
     case DType::Q4_0:
     case DType::Q8_0:
+    case DType::IQ4_NL:
       return 32 * 7;
     default:
       return 231;
@@ -149,7 +151,8 @@ INSTANTIATE_TEST_SUITE_P(AllTypes, KernelMatmul,
                          ::testing::Combine(::testing::Values("scalar", "avx2", "avx512"),
                                             ::testing::Values(DType::F32, DType::F16, DType::BF16,
                                                               DType::Q4_0, DType::Q8_0, DType::Q4_K,
-                                                              DType::Q5_K, DType::Q6_K, DType::IQ4_XS)),
+                                                              DType::Q5_K, DType::Q6_K, DType::IQ4_NL,
+                                                              DType::IQ4_XS)),
                          param_name);
 
 // Several chunks per thread and edge tiles in both dimensions.

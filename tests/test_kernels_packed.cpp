@@ -1,5 +1,5 @@
-// Packed Q4_0, Q8_0, Q4_K, Q5_K, Q6_K and IQ4_XS weights (kernels/packed_weights.hpp) on every ISA the CPU
-// has: against matmul_reference, against the unpacked matmul, and across thread counts.
+// Packed Q4_0, Q8_0, Q4_K, Q5_K, Q6_K, IQ4_NL and IQ4_XS weights (kernels/packed_weights.hpp) on every ISA
+// the CPU has: against matmul_reference, against the unpacked matmul, and across thread counts.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -124,7 +124,8 @@ TEST_P(KernelPackedBitForBit, MatchesScalarBitForBitAndTheReference) {
   ThreadPool serial(1);
   ThreadPool threaded(3);
   for (const bool quantized : {true, false}) {
-    if (quantized && type == DType::IQ4_XS) continue;  // Nibble reads IQ4_XS but has no quantizer for it
+    // Nibble reads the IQ4 types but has no quantizer for them.
+    if (quantized && (type == DType::IQ4_XS || type == DType::IQ4_NL)) continue;
     for (int64_t n_out : {1, 7, 8, 13, 301}) {
       for (int64_t k : {block, 3 * block, 9 * block}) {
         const uint64_t seed = 11 + n_out + k;
@@ -207,7 +208,7 @@ TEST_P(KernelPackedBitForBit, LargestQuantsAndActivationsMatchScalar) {
 INSTANTIATE_TEST_SUITE_P(AllIsas, KernelPackedBitForBit,
                          ::testing::Combine(::testing::Values("scalar", "avx2", "avx512"),
                                             ::testing::Values(DType::Q8_0, DType::Q4_K, DType::Q5_K,
-                                                              DType::Q6_K, DType::IQ4_XS)),
+                                                              DType::Q6_K, DType::IQ4_NL, DType::IQ4_XS)),
                          [](const auto& param_info) {
                            return std::get<0>(param_info.param) + "_" +
                                   type_name(std::get<1>(param_info.param));
@@ -216,7 +217,8 @@ INSTANTIATE_TEST_SUITE_P(AllIsas, KernelPackedBitForBit,
 // Reading a packed matrix back gives every row's blocks byte for byte (the Q4_K scales, unpacked to
 // bytes in the panel, repacked into their 12 bytes), and zero blocks past the last row.
 TEST(KernelPackedLayout, EveryBlockReadsBackByteForByte) {
-  for (const DType type : {DType::Q4_0, DType::Q8_0, DType::Q4_K, DType::Q5_K, DType::Q6_K, DType::IQ4_XS}) {
+  for (const DType type :
+       {DType::Q4_0, DType::Q8_0, DType::Q4_K, DType::Q5_K, DType::Q6_K, DType::IQ4_NL, DType::IQ4_XS}) {
     SCOPED_TRACE(type_name(type));
     const TypeInfo& info = type_info(type);
     const int64_t n_out = 13, k = 3 * info.block_elems, n_blocks = 3;
@@ -248,6 +250,7 @@ TEST(KernelPackedArguments, UnsupportedInputsGiveEmptyMatrices) {
   EXPECT_TRUE(can_pack_for_matmul(DType::Q5_K));
   EXPECT_TRUE(can_pack_for_matmul(DType::Q6_K));
   EXPECT_TRUE(can_pack_for_matmul(DType::IQ4_XS));
+  EXPECT_TRUE(can_pack_for_matmul(DType::IQ4_NL));
   EXPECT_TRUE(can_pack_for_matmul(DType::Q8_0));
   EXPECT_FALSE(can_pack_for_matmul(DType::F16));
   EXPECT_TRUE(pack_for_matmul(DType::F16, w.data(), 8, 64).empty());

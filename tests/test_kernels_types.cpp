@@ -80,6 +80,8 @@ TEST(KernelTypes, TypeTableMatchesGgml) {
   EXPECT_EQ(type_info(DType::Q5_K).block_bytes, 176);
   EXPECT_EQ(type_info(DType::Q6_K).block_bytes, 210);
   EXPECT_EQ(type_info(DType::IQ4_XS).block_bytes, 136);
+  EXPECT_EQ(type_info(DType::IQ4_NL).block_bytes, 18);
+  EXPECT_EQ(type_info(DType::IQ4_NL).block_elems, 32);
   EXPECT_EQ(type_info(DType::Q8_K).block_bytes, 292);
   EXPECT_EQ(type_info(DType::Q4_K).block_elems, 256);
   EXPECT_EQ(row_bytes(DType::F32, 10), 40);
@@ -180,6 +182,7 @@ TEST(KernelQuantize, InvalidArguments) {
   EXPECT_EQ(quantize_row(DType::Q5_K, x.data(), out.data(), 64), Status::invalid_argument);
   EXPECT_EQ(quantize_row(static_cast<DType>(99), x.data(), out.data(), 32), Status::unsupported_type);
   EXPECT_EQ(quantize_row(DType::IQ4_XS, x.data(), out.data(), 256), Status::unsupported_type);  // read only
+  EXPECT_EQ(quantize_row(DType::IQ4_NL, x.data(), out.data(), 32), Status::unsupported_type);
   EXPECT_EQ(dequantize_row(DType::Q6_K, out.data(), x.data(), 64), Status::invalid_argument);
   EXPECT_EQ(dequantize_row(static_cast<DType>(3), out.data(), x.data(), 32), Status::unsupported_type);
 }
@@ -298,6 +301,24 @@ TEST(KernelQuantize, DequantizeHandBuiltIQ4_XS) {
     const float expected = 0.125f * static_cast<float>(ls[e / 32] - 32) * kvalues[index[e]];
     EXPECT_FLOAT_EQ(y[e], expected) << "element " << e;
   }
+}
+
+// IQ4_NL, packed by hand: Q4_0's block (element j in the low nibble of qs[j], j + 16 in the high), the
+// nibble indexing kvalues_iq4nl: the value is d · kvalues[index].
+TEST(KernelQuantize, DequantizeHandBuiltIQ4_NL) {
+  const int8_t kvalues[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+  BlockIQ4_NL blocks[2]{};
+  int index[64];
+  for (int e = 0; e < 64; ++e) index[e] = (e * 5 + 1) % 16;
+  for (int b = 0; b < 2; ++b) {
+    blocks[b].d = fp32_to_fp16(b == 0 ? 0.25f : -0.5f);
+    for (int j = 0; j < 16; ++j)
+      blocks[b].qs[j] = static_cast<uint8_t>(index[32 * b + j] | (index[32 * b + 16 + j] << 4));
+  }
+  std::vector<float> y(64);
+  ASSERT_EQ(dequantize_row(DType::IQ4_NL, blocks, y.data(), 64), Status::ok);
+  for (int e = 0; e < 64; ++e)
+    EXPECT_FLOAT_EQ(y[e], (e < 32 ? 0.25f : -0.5f) * kvalues[index[e]]) << "element " << e;
 }
 
 // Q6_K quantization (llama.cpp's quantize_row_q6_K_ref): 6-bit error on random rows, four times

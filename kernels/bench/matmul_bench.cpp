@@ -40,11 +40,11 @@ struct Shape {
 };
 constexpr Shape kShapes[] = {
     {"attn_2048x2048", 2048, 2048}, {"ffn_up_8192x2048", 8192, 2048}, {"ffn_down_2048x8192", 2048, 8192}};
-constexpr DType kTypes[] = {DType::F16,  DType::Q4_0, DType::Q8_0,  DType::Q4_K,
-                            DType::Q5_K, DType::Q6_K, DType::IQ4_XS};
+constexpr DType kTypes[] = {DType::F16,  DType::Q4_0, DType::Q8_0,   DType::Q4_K,
+                            DType::Q5_K, DType::Q6_K, DType::IQ4_NL, DType::IQ4_XS};
 
-// Random weights of `type` from uniform [-1, 1) floats, quantized as the file's rows (IQ4_XS, which
-// Nibble does not write: random index and scale bytes with a small d, every one a valid block).
+// Random weights of `type` from uniform [-1, 1) floats, quantized as the file's rows (the IQ4 types,
+// which Nibble does not write: random index and scale bytes with a small d, every one a valid block).
 const std::vector<uint8_t>& weights(DType type, const Shape& shape) {
   static std::map<std::pair<int, std::string>, std::vector<uint8_t>> cache;
   std::vector<uint8_t>& w = cache[{static_cast<int>(type), shape.name}];
@@ -54,10 +54,13 @@ const std::vector<uint8_t>& weights(DType type, const Shape& shape) {
   std::vector<float> row_values(static_cast<size_t>(shape.k));
   const int64_t row = row_bytes(type, shape.k);
   w.resize(static_cast<size_t>(shape.n_out * row));
-  if (type == DType::IQ4_XS) {
+  if (type == DType::IQ4_XS || type == DType::IQ4_NL) {
     for (uint8_t& byte : w) byte = static_cast<uint8_t>(rng());
-    for (int64_t b = 0; b < shape.n_out * shape.k / kQK_K; ++b)
-      reinterpret_cast<BlockIQ4_XS*>(w.data())[b].d = fp32_to_fp16(1e-4f);
+    const int64_t block_elems = type_info(type).block_elems, block_bytes = type_info(type).block_bytes;
+    for (int64_t b = 0; b < shape.n_out * shape.k / block_elems; ++b) {
+      const f16_bits d = fp32_to_fp16(type == DType::IQ4_XS ? 1e-4f : 1e-2f);  // d leads both blocks
+      std::memcpy(w.data() + b * block_bytes, &d, sizeof d);
+    }
     return w;
   }
   for (int64_t o = 0; o < shape.n_out; ++o) {

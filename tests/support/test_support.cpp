@@ -225,6 +225,8 @@ std::vector<uint8_t> random_quant_blocks(kernels::DType type, int64_t n_out, int
       block->dmin = fp32_to_fp16(scale(rng));
     } else if (type == DType::IQ4_XS) {
       reinterpret_cast<BlockIQ4_XS*>(w.data())[b].d = fp32_to_fp16(scale(rng) * 0.01f);
+    } else if (type == DType::IQ4_NL) {
+      reinterpret_cast<BlockIQ4_NL*>(w.data())[b].d = fp32_to_fp16(scale(rng) * 0.1f);
     } else if (type == DType::Q6_K) {
       reinterpret_cast<BlockQ6_K*>(w.data())[b].d = fp32_to_fp16(scale(rng) * 0.1f);
     } else {

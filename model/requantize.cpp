@@ -65,10 +65,6 @@ std::optional<LlamaCppMix> parse_llama_cpp_mix(const std::string& name) {
 
 namespace {
 
-bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
-}
-
 // llama.cpp's use_more_bits: the first and last eighth of the layers and every third in between.
 bool use_more_bits(int64_t i_layer, int64_t n_layers) {
   return i_layer < n_layers / 8 || i_layer >= 7 * n_layers / 8 || (i_layer - n_layers / 8) % 3 == 2;
@@ -101,8 +97,8 @@ std::vector<kernels::DType> llama_cpp_mix_types(const GgufFile& in, LlamaCppMix 
   const bool tied = in.find_tensor("output.weight") == nullptr;
   int64_t n_attn_v = 0, n_ffn_down = 0;
   for (const GgufTensorInfo& t : in.tensors()) {
-    n_attn_v += ends_with(t.name, "attn_v.weight");
-    n_ffn_down += ends_with(t.name, "ffn_down.weight");
+    n_attn_v += t.name.ends_with("attn_v.weight");
+    n_ffn_down += t.name.ends_with("ffn_down.weight");
   }
   int64_t i_attn_v = 0, i_ffn_down = 0;
   std::vector<DType> types;
@@ -115,7 +111,7 @@ std::vector<kernels::DType> llama_cpp_mix_types(const GgufFile& in, LlamaCppMix 
     const bool head = t.name == "output.weight" || (tied && t.name == "token_embd.weight");
     if (head) {
       type = t.row_elements() % kernels::kQK_K != 0 ? DType::Q8_0 : DType::Q6_K;
-    } else if (ends_with(t.name, "attn_v.weight")) {
+    } else if (t.name.ends_with("attn_v.weight")) {
       if (medium && use_more_bits(i_attn_v, n_attn_v)) {
         type = DType::Q6_K;
       } else if (mix == LlamaCppMix::q4_k_s && i_attn_v < 4) {
@@ -123,7 +119,7 @@ std::vector<kernels::DType> llama_cpp_mix_types(const GgufFile& in, LlamaCppMix 
       }
       if (llama_70b && type == DType::Q4_K) type = DType::Q5_K;
       ++i_attn_v;
-    } else if (ends_with(t.name, "ffn_down.weight")) {
+    } else if (t.name.ends_with("ffn_down.weight")) {
       if (medium && use_more_bits(i_ffn_down, n_ffn_down)) {
         type = DType::Q6_K;
       } else if (mix == LlamaCppMix::q4_k_s && i_ffn_down < n_ffn_down / 8) {

@@ -490,6 +490,19 @@ inline __m256i add_scaled_lane_products(__m256i total, __m256i sum, __m256i scal
 #endif
 }
 
+// A panel's per-sub-block bytes ([sub-block][row 0..7], 8 bytes a sub-block, at p) as int16 pairs:
+// pairs[t], lane j, holds (sub-block 2t, sub-block 2t + 1) of row j, for _mm256_madd_epi16 with pairs
+// of activation sums. The bytes are signed (Q6_K, IQ4_XS scales) or not (Q4_K mins).
+template <bool kSigned, int N>
+inline void sub_block_pairs(const uint8_t* p, __m256i (&pairs)[N]) {
+  NIBBLE_UNROLL
+  for (int t = 0; t < N; ++t) {
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * t));
+    const __m128i interleaved = _mm_unpacklo_epi8(bytes, _mm_srli_si128(bytes, 8));
+    pairs[t] = kSigned ? _mm256_cvtepi8_epi16(interleaved) : _mm256_cvtepu8_epi16(interleaved);
+  }
+}
+
 template <bool kFifthBit>
 struct PackedQ4_KFamily
     : PanelKernel<PackedQ4_KFamily<kFifthBit>, kFifthBit ? DType::Q5_K : DType::Q4_K, BlockQ8_K> {
@@ -575,11 +588,7 @@ struct PackedQ4_KFamily
     for (int i = 0; i < RM; ++i) sum_scaled[i] = _mm256_setzero_si256();
     for_each_constant<4>([&](auto run) { add_run<run.value, RM>(group, x, b, sum_scaled); });
     __m256i mins_pairs[4];
-    NIBBLE_UNROLL
-    for (int t = 0; t < 4; ++t) {
-      const __m128i mins = _mm_loadu_si128(reinterpret_cast<const __m128i*>(group + 96 + 16 * t));
-      mins_pairs[t] = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mins, _mm_srli_si128(mins, 8)));
-    }
+    sub_block_pairs<false>(group + 96, mins_pairs);
     const __m256 w_d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(group)));
     const __m256 w_dmin = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(group + 16)));
     NIBBLE_UNROLL
@@ -692,11 +701,7 @@ struct PackedQ6_K : PanelKernel<PackedQ6_K, DType::Q6_K, BlockQ8_K> {
     for (int i = 0; i < RM; ++i) sum_scaled[i] = _mm256_setzero_si256();
     for_each_constant<16>([&](auto g) { add_group<g.value, RM>(group, x, b, sum_scaled); });
     __m256i scale_pairs[8];
-    NIBBLE_UNROLL
-    for (int t = 0; t < 8; ++t) {
-      const __m128i scales = _mm_loadu_si128(reinterpret_cast<const __m128i*>(group + 16 + 16 * t));
-      scale_pairs[t] = _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(scales, _mm_srli_si128(scales, 8)));
-    }
+    sub_block_pairs<true>(group + 16, scale_pairs);
     const __m256 w_d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(group)));
     NIBBLE_UNROLL
     for (int i = 0; i < RM; ++i) {
@@ -777,11 +782,7 @@ struct PackedIQ4_XS : PanelKernel<PackedIQ4_XS, DType::IQ4_XS, BlockQ8_K> {
 #ifdef __AVX512VNNI__
     // The + 128 back off: 128 · Σ_sub scale · Σx, Q4_K's mins term with the scales for mins.
     __m256i scale_pairs[4];
-    NIBBLE_UNROLL
-    for (int t = 0; t < 4; ++t) {
-      const __m128i scales = _mm_loadu_si128(reinterpret_cast<const __m128i*>(group + 16 + 16 * t));
-      scale_pairs[t] = _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(scales, _mm_srli_si128(scales, 8)));
-    }
+    sub_block_pairs<true>(group + 16, scale_pairs);
     NIBBLE_UNROLL
     for (int i = 0; i < RM; ++i)
       sum_scaled[i] =

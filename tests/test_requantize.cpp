@@ -60,6 +60,18 @@ double relative_rms(const std::vector<float>& want, const std::vector<float>& go
   return std::sqrt(err / norm);
 }
 
+// `nibble make-model --shape small --vocab 354 --type TYPE --seed SEED` (with more layers where asked):
+// seed 7 at F16 is the model the committed llama.cpp files in tests/data were quantized from.
+std::string write_small_model(const fs::path& dir, const std::string& name, DType type, uint64_t seed,
+                              int64_t n_layer = 0) {
+  LlamaShape shape = llama_shape_by_name("small");
+  shape.n_vocab = 354;
+  if (n_layer > 0) shape.n_layer = n_layer;
+  const std::string path = (dir / name).string();
+  write_random_llama(path, shape, type, seed);
+  return path;
+}
+
 class Requantize : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -264,11 +276,7 @@ TEST(RequantizeFixtures, Q4_KOfLlamaCppQ4_KIsNearlyUnchanged) {
 // type for the mix, and a model that runs.
 TEST_F(Requantize, F32ToQ5_KKeepsHeadsAtQ8_0) {
   test::TempDir dir;
-  LlamaShape shape = llama_shape_by_name("small");
-  shape.n_vocab = 354;
-  const std::string f32 = (dir.path() / "small-f32.gguf").string();
-  write_random_llama(f32, shape, DType::F32, 3);
-  const auto source = GgufFile::open(f32);
+  const auto source = GgufFile::open(write_small_model(dir.path(), "small-f32.gguf", DType::F32, 3));
   const auto out = convert(*source, DType::Q5_K, false, "q5k.gguf");
   for (const GgufTensorInfo& t : out->tensors()) {
     SCOPED_TRACE(t.name);
@@ -291,11 +299,7 @@ TEST_F(Requantize, F32ToQ5_KKeepsHeadsAtQ8_0) {
 // weights, must write the same bytes for every Q5_K and Q6_K tensor of that file.
 TEST(RequantizeTestData, Q5_KAndQ6_KEqualLlamaCppByteForByte) {
   test::TempDir dir;
-  LlamaShape shape = llama_shape_by_name("small");
-  shape.n_vocab = 354;
-  const std::string f16 = (dir.path() / "small-f16.gguf").string();
-  write_random_llama(f16, shape, DType::F16, 7);
-  const auto source = GgufFile::open(f16);
+  const auto source = GgufFile::open(write_small_model(dir.path(), "small-f16.gguf", DType::F16, 7));
   const auto llama_cpp =
       GgufFile::open((test::test_data_dir() / "llama-cpp-q5_k_m" / "small-llama-q5_k_m.gguf").string());
   int checked[2] = {0, 0};
@@ -316,10 +320,7 @@ TEST(RequantizeTestData, Q5_KAndQ6_KEqualLlamaCppByteForByte) {
 // llama-quantize's Q5_K_M mix of the same F16 model: every tensor's type and every matrix's bytes.
 TEST(RequantizeTestData, Q5_K_MEqualsLlamaCppByteForByte) {
   test::TempDir dir;
-  LlamaShape shape = llama_shape_by_name("small");
-  shape.n_vocab = 354;
-  const std::string f16 = (dir.path() / "small-f16.gguf").string();
-  write_random_llama(f16, shape, DType::F16, 7);
+  const std::string f16 = write_small_model(dir.path(), "small-f16.gguf", DType::F16, 7);
   const std::string ours_path = (dir.path() / "q5_k_m.gguf").string();
   requantize_gguf(*GgufFile::open(f16), ours_path, LlamaCppMix::q5_k_m);
   const auto ours = GgufFile::open(ours_path);
@@ -339,12 +340,7 @@ TEST(RequantizeTestData, Q5_K_MEqualsLlamaCppByteForByte) {
 // The mixes' rules on llama-1b's 16 layers and on a tied head, and llama.cpp's own Q4_K_M file's types.
 TEST(RequantizeTestData, LlamaCppMixTypes) {
   test::TempDir dir;
-  LlamaShape shape = llama_shape_by_name("small");
-  shape.n_vocab = 354;
-  shape.n_layer = 16;
-  const std::string f16 = (dir.path() / "deep.gguf").string();
-  write_random_llama(f16, shape, DType::F16, 1);
-  const auto file = GgufFile::open(f16);
+  const auto file = GgufFile::open(write_small_model(dir.path(), "deep.gguf", DType::F16, 1, 16));
   auto layer_type = [&](LlamaCppMix mix, const std::string& name) {
     const std::vector<DType> types = llama_cpp_mix_types(*file, mix);
     for (size_t i = 0; i < types.size(); ++i)

@@ -67,6 +67,9 @@ ActivationFormat activation_format(DType w_type) {
     case DType::BF16:
       return ActivationFormat::f32;
     case DType::Q4_0:
+    case DType::Q4_1:
+    case DType::Q5_0:
+    case DType::Q5_1:
     case DType::Q8_0:
     case DType::IQ4_NL:
       return ActivationFormat::q8_0;
@@ -90,6 +93,12 @@ MatmulRangeFn range_fn(const IsaKernels& isa, DType w_type) {
       return isa.bf16;
     case DType::Q4_0:
       return isa.q4_0;
+    case DType::Q4_1:
+      return isa.q4_1;
+    case DType::Q5_0:
+      return isa.q5_0;
+    case DType::Q5_1:
+      return isa.q5_1;
     case DType::Q8_0:
       return isa.q8_0;
     case DType::Q4_K:
@@ -253,9 +262,13 @@ Status matmul_packed(const PackedMatrix& w, const float* x, int64_t m, float* y,
   op.y_stride = w.n_out();
   op.m = m;
   op.k = w.k();
-  const bool is_q4_0 = w.type() == DType::Q4_0;
-  prepare_activations(isa, activation_format(w.type()), x, parallel, /*with_block_info=*/is_q4_0, pool, op);
+  const bool with_block_info = w.type() == DType::Q4_0 || w.type() == DType::Q4_1 ||
+                               w.type() == DType::Q5_0 || w.type() == DType::Q5_1;
+  prepare_activations(isa, activation_format(w.type()), x, parallel, with_block_info, pool, op);
   MatmulRangeFn range = isa.q4_0_packed;
+  if (w.type() == DType::Q4_1) range = isa.q4_1_packed;
+  if (w.type() == DType::Q5_0) range = isa.q5_0_packed;
+  if (w.type() == DType::Q5_1) range = isa.q5_1_packed;
   if (w.type() == DType::Q8_0) range = isa.q8_0_packed;
   if (w.type() == DType::Q4_K) range = isa.q4_k_packed;
   if (w.type() == DType::Q5_K) range = isa.q5_k_packed;

@@ -47,6 +47,57 @@ float dot_q4_0(const uint8_t* w_row, const uint8_t* x_row, int64_t k) {
   return sum;
 }
 
+// Q5_0: as dot_q4_0 with five-bit levels (fifth bit j of qh for element j) and offset 16.
+float dot_q5_0(const uint8_t* w_row, const uint8_t* x_row, int64_t k) {
+  const auto* w = reinterpret_cast<const BlockQ5_0*>(w_row);
+  const auto* x = reinterpret_cast<const BlockQ8_0*>(x_row);
+  float sum = 0.0f;
+  for (int64_t b = 0; b < k / kQK4_0; ++b) {
+    const uint32_t high = q5_high_bits(w[b].qh);
+    int sumi = 0;
+    for (int j = 0; j < kQK4_0 / 2; ++j) {
+      const int lo = (w[b].qs[j] & 0xF) | static_cast<int>(((high >> j) & 1) << 4);
+      const int hi = (w[b].qs[j] >> 4) | static_cast<int>(((high >> (j + 16)) & 1) << 4);
+      sumi += (lo - 16) * x[b].qs[j] + (hi - 16) * x[b].qs[j + kQK4_0 / 2];
+    }
+    sum += fp16_to_fp32(w[b].d) * fp16_to_fp32(x[b].d) * static_cast<float>(sumi);
+  }
+  return sum;
+}
+
+// Q4_1 and Q5_1 (weight d · q + m): per block (d·dx)·Σq·x + m·(dx·Σx), both sums in integers, the two
+// float terms added in that order.
+template <typename Block>
+float dot_q4_1_or_q5_1(const uint8_t* w_row, const uint8_t* x_row, int64_t k) {
+  const auto* w = reinterpret_cast<const Block*>(w_row);
+  const auto* x = reinterpret_cast<const BlockQ8_0*>(x_row);
+  float sum = 0.0f;
+  for (int64_t b = 0; b < k / kQK4_0; ++b) {
+    uint32_t high = 0;
+    if constexpr (std::is_same_v<Block, BlockQ5_1>) high = q5_high_bits(w[b].qh);
+    int sumi = 0;
+    int sum_x = 0;
+    for (int j = 0; j < kQK4_0 / 2; ++j) {
+      const int lo = (w[b].qs[j] & 0xF) | static_cast<int>(((high >> j) & 1) << 4);
+      const int hi = (w[b].qs[j] >> 4) | static_cast<int>(((high >> (j + 16)) & 1) << 4);
+      sumi += lo * x[b].qs[j] + hi * x[b].qs[j + kQK4_0 / 2];
+      sum_x += x[b].qs[j] + x[b].qs[j + kQK4_0 / 2];
+    }
+    const float dx = fp16_to_fp32(x[b].d);
+    const float x_sum = dx * static_cast<float>(sum_x);  // the activation block's sum, as llama.cpp's Q8_1 s
+    sum += fp16_to_fp32(w[b].d) * dx * static_cast<float>(sumi) + fp16_to_fp32(w[b].m) * x_sum;
+  }
+  return sum;
+}
+
+float dot_q4_1(const uint8_t* w_row, const uint8_t* x_row, int64_t k) {
+  return dot_q4_1_or_q5_1<BlockQ4_1>(w_row, x_row, k);
+}
+
+float dot_q5_1(const uint8_t* w_row, const uint8_t* x_row, int64_t k) {
+  return dot_q4_1_or_q5_1<BlockQ5_1>(w_row, x_row, k);
+}
+
 // As dot_q4_0, the nibbles standing for kIQ4Values.
 float dot_iq4_nl(const uint8_t* w_row, const uint8_t* x_row, int64_t k) {
   const auto* w = reinterpret_cast<const BlockIQ4_NL*>(w_row);
@@ -254,6 +305,9 @@ const IsaKernels kScalarKernels{
     .f16 = float_range<dot_f16>,
     .bf16 = float_range<dot_bf16>,
     .q4_0 = quant_range<dot_q4_0>,
+    .q4_1 = quant_range<dot_q4_1>,
+    .q5_0 = quant_range<dot_q5_0>,
+    .q5_1 = quant_range<dot_q5_1>,
     .q8_0 = quant_range<dot_q8_0>,
     .q4_k = quant_range<dot_q4_k>,
     .q5_k = quant_range<dot_q5_k>,
@@ -262,6 +316,9 @@ const IsaKernels kScalarKernels{
     .iq4_xs = quant_range<dot_iq4_xs>,
     .q4_0_packed = packed_range<DType::Q4_0, dot_q4_0>,
     .q8_0_packed = packed_range<DType::Q8_0, dot_q8_0>,
+    .q4_1_packed = packed_range<DType::Q4_1, dot_q4_1>,
+    .q5_0_packed = packed_range<DType::Q5_0, dot_q5_0>,
+    .q5_1_packed = packed_range<DType::Q5_1, dot_q5_1>,
     .q4_k_packed = packed_range<DType::Q4_K, dot_q4_k>,
     .q5_k_packed = packed_range<DType::Q5_K, dot_q5_k>,
     .q6_k_packed = packed_range<DType::Q6_K, dot_q6_k>,

@@ -20,7 +20,10 @@ namespace {
 using nibble::kernels::BlockIQ4_NL;
 using nibble::kernels::BlockIQ4_XS;
 using nibble::kernels::BlockQ4_0;
+using nibble::kernels::BlockQ4_1;
 using nibble::kernels::BlockQ4_K;
+using nibble::kernels::BlockQ5_0;
+using nibble::kernels::BlockQ5_1;
 using nibble::kernels::BlockQ5_K;
 using nibble::kernels::BlockQ6_K;
 using nibble::kernels::BlockQ8_0;
@@ -78,6 +81,19 @@ inline __m256i unpack_nibbles(const uint8_t* qs) {
   return _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
 }
 
+// The fifth bits of a Q5_0 / Q5_1 block (bit j of the little-endian qh: element j) as 0x10 in byte
+// lane j: each lane gets the qh byte holding its bit, keeps that bit, and compares.
+inline __m256i unpack_fifth_bits(const uint8_t (&qh)[4]) {
+  uint32_t bits;
+  std::memcpy(&bits, qh, sizeof bits);
+  const __m256i byte_of_lane =
+      _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0);
+  const __m256i bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(bits)), byte_of_lane);
+  const __m256i bit_of_lane = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201ull));
+  const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit_of_lane), bit_of_lane);
+  return _mm256_and_si256(set, _mm256_set1_epi8(0x10));
+}
+
 inline __m256i load_i8x32(const int8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 
 // Walks [o_begin, o_end) × [0, m) in RM×RN tiles (weight tiles outermost, so a weight tile is read
@@ -120,7 +136,7 @@ inline void store_tile(const MatmulOperands& op, int64_t r0, int64_t o0, __m256 
   for (int j = 0; j < RN; ++j) op.y[(r0 + i) * op.y_stride + o0 + j] = hsum_ps(acc[i][j]);
 }
 
-// ---- Q4_0, Q8_0 and IQ4_NL weights × Q8_0 activations ----
+// ---- Q4_0, Q5_0, Q8_0 and IQ4_NL weights × Q8_0 activations ----
 
 // llama.cpp's 16 IQ4 values in both 128-bit lanes, for _mm256_shuffle_epi8.
 inline __m256i iq4_value_table() {
@@ -134,6 +150,9 @@ struct Q8_0Family {
   static __m256i load_weight(const WeightBlock& block) {
     if constexpr (std::is_same_v<WeightBlock, BlockQ4_0>) {
       return _mm256_sub_epi8(unpack_nibbles(block.qs), _mm256_set1_epi8(8));
+    } else if constexpr (std::is_same_v<WeightBlock, BlockQ5_0>) {
+      const __m256i levels = _mm256_or_si256(unpack_nibbles(block.qs), unpack_fifth_bits(block.qh));
+      return _mm256_sub_epi8(levels, _mm256_set1_epi8(16));
     } else if constexpr (std::is_same_v<WeightBlock, BlockIQ4_NL>) {
       return _mm256_shuffle_epi8(iq4_value_table(), unpack_nibbles(block.qs));
     } else {
@@ -173,6 +192,62 @@ struct Q8_0Family {
         for (int j = 0; j < RN; ++j) {
           const __m256i dot = pairwise_sum_i16(_mm256_maddubs_epi16(w_abs[j], _mm256_sign_epi8(x_q, w_q[j])));
           acc[i][j] = _mm256_fmadd_ps(_mm256_set1_ps(w_d[j] * x_d), _mm256_cvtepi32_ps(dot), acc[i][j]);
+        }
+      }
+    }
+    store_tile<RM, RN>(op, r0, o0, acc);
+  }
+};
+
+// ---- Q4_1 and Q5_1 weights (d · q + m) × Q8_0 activations ----
+//
+// The levels (0..15 or 0..31) are unsigned, so they go into maddubs as they are, with no sign trick;
+// the minimum adds m · dx · Σx, Σx taken from the activation block as 8 partial sums and scaled into
+// the same 8 accumulator lanes.
+template <typename WeightBlock>
+struct Q8_1Family {
+  static __m256i load_levels(const WeightBlock& block) {
+    if constexpr (std::is_same_v<WeightBlock, BlockQ5_1>) {
+      return _mm256_or_si256(unpack_nibbles(block.qs), unpack_fifth_bits(block.qh));
+    } else {
+      return unpack_nibbles(block.qs);
+    }
+  }
+
+  template <int RM, int RN>
+  static void tile(const MatmulOperands& op, int64_t r0, int64_t o0) {
+    const WeightBlock* w[RN];
+    const BlockQ8_0* x[RM];
+    NIBBLE_UNROLL
+    for (int j = 0; j < RN; ++j) w[j] = reinterpret_cast<const WeightBlock*>(op.w + (o0 + j) * op.w_stride);
+    NIBBLE_UNROLL
+    for (int i = 0; i < RM; ++i) x[i] = reinterpret_cast<const BlockQ8_0*>(op.x + (r0 + i) * op.x_stride);
+    __m256 acc[RM][RN];
+    NIBBLE_UNROLL
+    for (int i = 0; i < RM; ++i) NIBBLE_UNROLL
+    for (int j = 0; j < RN; ++j) acc[i][j] = _mm256_setzero_ps();
+
+    const int64_t n_blocks = op.k / kQK8_0;
+    for (int64_t b = 0; b < n_blocks; ++b) {
+      __m256i w_q[RN];
+      float w_d[RN], w_m[RN];
+      NIBBLE_UNROLL
+      for (int j = 0; j < RN; ++j) {
+        w_q[j] = load_levels(w[j][b]);
+        w_d[j] = half_to_float(w[j][b].d);
+        w_m[j] = half_to_float(w[j][b].m);
+      }
+      NIBBLE_UNROLL
+      for (int i = 0; i < RM; ++i) {
+        const __m256i x_q = load_i8x32(x[i][b].qs);
+        const float x_d = half_to_float(x[i][b].d);
+        const __m256 x_sums =
+            _mm256_cvtepi32_ps(pairwise_sum_i16(_mm256_maddubs_epi16(_mm256_set1_epi8(1), x_q)));
+        NIBBLE_UNROLL
+        for (int j = 0; j < RN; ++j) {
+          const __m256i dot = pairwise_sum_i16(_mm256_maddubs_epi16(w_q[j], x_q));
+          acc[i][j] = _mm256_fmadd_ps(_mm256_set1_ps(w_d[j] * x_d), _mm256_cvtepi32_ps(dot), acc[i][j]);
+          acc[i][j] = _mm256_fmadd_ps(_mm256_set1_ps(w_m[j] * x_d), x_sums, acc[i][j]);
         }
       }
     }
@@ -255,16 +330,22 @@ void panel_tile(const MatmulOperands& op, const uint8_t* panel, int64_t r0, int6
   using XBlock = typename Packed::XBlock;
   const int64_t n_blocks = op.k / Packed::kBlockElems;
   const XBlock* x[RM];
+  const Q8_0BlockInfo* info[RM];  // only for Packed::kUsesBlockInfo
   __m256 acc[RM];
   NIBBLE_UNROLL
   for (int i = 0; i < RM; ++i) {
     x[i] = reinterpret_cast<const XBlock*>(op.x + (r0 + i) * op.x_stride);
+    info[i] = op.x_info + (r0 + i) * n_blocks;
     acc[i] = _mm256_setzero_ps();
   }
   for (int64_t b = 0; b < n_blocks; ++b) {
     if (r0 == 0) prefetch_group_ahead<Packed::kGroupBytes>(panel + b * Packed::kGroupBytes);
     __m256 terms[RM];
-    Packed::template block_terms<RM>(panel + b * Packed::kGroupBytes, x, b, terms);
+    if constexpr (Packed::kUsesBlockInfo) {
+      Packed::template block_terms<RM>(panel + b * Packed::kGroupBytes, x, info, b, terms);
+    } else {
+      Packed::template block_terms<RM>(panel + b * Packed::kGroupBytes, x, b, terms);
+    }
     NIBBLE_UNROLL
     for (int i = 0; i < RM; ++i) {
       float_barrier(terms[i]);
@@ -282,6 +363,8 @@ struct PanelKernel {
   static constexpr int64_t kPanelRows = nibble::kernels::kPanelRows;
   static constexpr int64_t kGroupBytes = packed_group_bytes(kType);
   static constexpr int64_t kBlockElems = std::is_same_v<XBlockType, BlockQ8_K> ? kQK_K : kQK8_0;
+  // Whether block_terms also takes the activation blocks' Q8_0BlockInfo (op.x_info).
+  static constexpr bool kUsesBlockInfo = false;
 
   template <int RM>
   static void tile(const MatmulOperands& op, const uint8_t* panel, int64_t r0, int64_t o0, int64_t n_valid) {
@@ -445,6 +528,90 @@ struct PackedIQ4_NL : PanelKernel<PackedIQ4_NL, DType::IQ4_NL, BlockQ8_0> {
     for (int i = 0; i < RM; ++i) {
       const __m256 x_d = _mm256_set1_ps(half_to_float(x[i][b].d));
       terms[i] = _mm256_mul_ps(_mm256_mul_ps(w_d, x_d), _mm256_cvtepi32_ps(sum32[i]));
+    }
+  }
+};
+
+// ---- Q4_1, Q5_0 and Q5_1 weights packed in 8-row panels × Q8_0 activations ----
+//
+// Q4_0's chunks (kernels/packed_weights.hpp): the levels (nibbles, with Q5's fifth bits moved in from
+// the group's reordered qh bytes) go into the products unsigned, 0..31, and the offset comes from the
+// activation block's Σx (its Q8_0BlockInfo): Q5_0 subtracts 16 · Σx in integers, Q4_1 / Q5_1 add the
+// minimum's term m · (dx · Σx) in float. VNNI sums in 32 bits; AVX2's maddubs pairs (at most 2 · 31 · 127)
+// are summed over a chunk's two halves in 16 bits and widened each chunk. The float operations per
+// block are dot_q5_0's / dot_q4_1_or_q5_1's, unfused, so the results are the scalar matmul's bit for bit.
+template <DType kType>
+struct PackedQ4_1OrQ5 : PanelKernel<PackedQ4_1OrQ5<kType>, kType, BlockQ8_0> {
+  static constexpr bool kUsesBlockInfo = true;
+  static constexpr bool kHasMin = kType != DType::Q5_0;
+  static constexpr bool kHasFifthBit = kType != DType::Q4_1;
+  static constexpr int64_t kChunksOffset = kHasMin ? 32 : 16;  // after the scales (and minimums)
+  static constexpr int64_t kFifthBitsOffset = kChunksOffset + 128;
+
+  // Chunk c's fifth bits at bit 4 of each level byte: byte c of each row's reordered qh word, spread
+  // over the lane's 4 bytes, bit t (low nibbles) or 4 + t (high nibbles) tested in byte t.
+  template <int c>
+  static void add_fifth_bits(__m256i fifth_bits, __m256i& low, __m256i& high) {
+    constexpr int32_t kSpread = c * 0x01010101;
+    const __m256i byte_c =
+        _mm256_shuffle_epi8(fifth_bits, _mm256_setr_epi32(kSpread, kSpread + 0x04040404, kSpread + 0x08080808,
+                                                          kSpread + 0x0C0C0C0C, kSpread, kSpread + 0x04040404,
+                                                          kSpread + 0x08080808, kSpread + 0x0C0C0C0C));
+    const __m256i low_mask = _mm256_set1_epi32(0x08040201);
+    const __m256i high_mask = _mm256_set1_epi32(static_cast<int32_t>(0x80402010u));
+    const __m256i bit4 = _mm256_set1_epi8(0x10);
+    low = _mm256_or_si256(
+        low, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(byte_c, low_mask), low_mask), bit4));
+    high = _mm256_or_si256(
+        high, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(byte_c, high_mask), high_mask), bit4));
+  }
+
+  template <int RM>
+  static void block_terms(const uint8_t* group, const BlockQ8_0* const (&x)[RM],
+                          const Q8_0BlockInfo* const (&info)[RM], int64_t b, __m256 (&terms)[RM]) {
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    __m256i fifth_bits = _mm256_setzero_si256();
+    if constexpr (kHasFifthBit)
+      fifth_bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(group + kFifthBitsOffset));
+    __m256i sum32[RM];
+    NIBBLE_UNROLL
+    for (int i = 0; i < RM; ++i) sum32[i] = _mm256_setzero_si256();
+    for_each_constant<4>([&](auto c) {
+      const __m256i packed =
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(group + kChunksOffset + 32 * c));
+      __m256i low = _mm256_and_si256(packed, low4);                         // elements 4c..4c+3
+      __m256i high = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low4);  // 16+4c..16+4c+3
+      if constexpr (kHasFifthBit) add_fifth_bits<c>(fifth_bits, low, high);
+      NIBBLE_UNROLL
+      for (int i = 0; i < RM; ++i) {
+        const int8_t* xq = x[i][b].qs + 4 * c;
+#ifdef __AVX512VNNI__
+        sum32[i] = _mm256_dpbusd_epi32(sum32[i], low, broadcast_4_bytes(xq));
+        sum32[i] = _mm256_dpbusd_epi32(sum32[i], high, broadcast_4_bytes(xq + 16));
+#else
+        const __m256i sum16 = _mm256_add_epi16(_mm256_maddubs_epi16(low, broadcast_4_bytes(xq)),
+                                               _mm256_maddubs_epi16(high, broadcast_4_bytes(xq + 16)));
+        sum32[i] = _mm256_add_epi32(sum32[i], pairwise_sum_i16(sum16));
+#endif
+      }
+    });
+    const __m256 w_d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(group)));
+    NIBBLE_UNROLL
+    for (int i = 0; i < RM; ++i) {
+      const Q8_0BlockInfo& xb = info[i][b];
+      const __m256 x_d = _mm256_set1_ps(xb.d);
+      if constexpr (kHasMin) {
+        const __m256 w_m = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(group + 16)));
+        __m256 scaled = _mm256_mul_ps(_mm256_mul_ps(w_d, x_d), _mm256_cvtepi32_ps(sum32[i]));
+        const float x_sum = xb.d * static_cast<float>(xb.sum_times_8 / 8);
+        __m256 offset = _mm256_mul_ps(w_m, _mm256_set1_ps(x_sum));
+        float_barrier(scaled);
+        float_barrier(offset);
+        terms[i] = _mm256_add_ps(scaled, offset);
+      } else {
+        const __m256i dot = _mm256_sub_epi32(sum32[i], _mm256_set1_epi32(2 * xb.sum_times_8));  // − 16 · Σx
+        terms[i] = _mm256_mul_ps(_mm256_mul_ps(w_d, x_d), _mm256_cvtepi32_ps(dot));
+      }
     }
   }
 };
@@ -1353,6 +1520,9 @@ nibble::kernels::detail::IsaKernels make_x86_kernels(const char* isa_name) {
       .bf16 = matmul_range<FloatFamily<FloatWeight::bf16>>,
 #endif
       .q4_0 = matmul_range<Q8_0Family<BlockQ4_0>>,
+      .q4_1 = matmul_range<Q8_1Family<BlockQ4_1>>,
+      .q5_0 = matmul_range<Q8_0Family<BlockQ5_0>>,
+      .q5_1 = matmul_range<Q8_1Family<BlockQ5_1>>,
       .q8_0 = matmul_range<Q8_0Family<BlockQ8_0>>,
       .q4_k = kquant_range<KQuantFamily<BlockQ4_K>>,
       .q5_k = kquant_range<KQuantFamily<BlockQ5_K>>,
@@ -1361,6 +1531,9 @@ nibble::kernels::detail::IsaKernels make_x86_kernels(const char* isa_name) {
       .iq4_xs = kquant_range<IQ4_XSFamily>,
       .q4_0_packed = packed_range<PackedQ4_0>,
       .q8_0_packed = packed_range<PackedQ8_0>,
+      .q4_1_packed = packed_range<PackedQ4_1OrQ5<DType::Q4_1>>,
+      .q5_0_packed = packed_range<PackedQ4_1OrQ5<DType::Q5_0>>,
+      .q5_1_packed = packed_range<PackedQ4_1OrQ5<DType::Q5_1>>,
       .q4_k_packed = packed_range<PackedQ4_K>,
       .q5_k_packed = packed_range<PackedQ5_K>,
       .q6_k_packed = packed_range<PackedQ6_K>,

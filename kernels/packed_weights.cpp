@@ -5,6 +5,7 @@
 #include <cstddef>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #include "kernels/quant_internal.hpp"
 
@@ -35,6 +36,44 @@ struct LaneCopy {
   }
 };
 
+// A Q5_0 / Q5_1 block's fifth bits (bit e: element e) in the packed order: byte c holds those of
+// elements 4c..4c+3 in bits 0-3 and of elements 16+4c..16+4c+3 in bits 4-7.
+uint32_t fifth_bits_by_chunk(uint32_t bits) {
+  uint32_t out = 0;
+  for (uint32_t c = 0; c < 4; ++c) {
+    out |= ((bits >> (4 * c)) & 0xFu) << (8 * c);
+    out |= ((bits >> (16 + 4 * c)) & 0xFu) << (8 * c + 4);
+  }
+  return out;
+}
+
+uint32_t fifth_bits_by_element(uint32_t by_chunk) {
+  uint32_t out = 0;
+  for (uint32_t c = 0; c < 4; ++c) {
+    out |= ((by_chunk >> (8 * c)) & 0xFu) << (4 * c);
+    out |= ((by_chunk >> (8 * c + 4)) & 0xFu) << (16 + 4 * c);
+  }
+  return out;
+}
+
+// Q4_1, Q5_0 and Q5_1: Q4_0's chunks after the scales (and minimums), then the fifth bits.
+template <typename Block, bool kToGroup>
+void copy_q4_1_or_q5_lane(const LaneCopy<kToGroup>& copy, size_t j) {
+  constexpr bool kHasMin = !std::is_same_v<Block, BlockQ5_0>;
+  constexpr size_t kChunks = kHasMin ? 32 : 16;
+  copy(offsetof(Block, d), 2 * j, 2);
+  if constexpr (kHasMin) copy(offsetof(Block, m), 16 + 2 * j, 2);
+  for (size_t c = 0; c < 4; ++c) copy(offsetof(Block, qs) + 4 * c, kChunks + 32 * c + 4 * j, 4);
+  if constexpr (!std::is_same_v<Block, BlockQ4_1>) {
+    uint8_t* block_bits = copy.block + offsetof(Block, qh);
+    uint8_t* group_bits = copy.group + kChunks + 128 + 4 * j;
+    uint32_t bits;
+    std::memcpy(&bits, kToGroup ? block_bits : group_bits, 4);  // little-endian, as GGUF stores qh
+    bits = kToGroup ? fifth_bits_by_chunk(bits) : fifth_bits_by_element(bits);
+    std::memcpy(kToGroup ? group_bits : block_bits, &bits, 4);
+  }
+}
+
 // Row `lane`'s share of one packed group.
 template <bool kToGroup>
 void copy_lane(DType type, const LaneCopy<kToGroup>& copy, int lane) {
@@ -46,6 +85,15 @@ void copy_lane(DType type, const LaneCopy<kToGroup>& copy, int lane) {
                     offsetof(BlockIQ4_NL, qs) == offsetof(BlockQ4_0, qs));
       copy(offsetof(BlockQ4_0, d), 2 * j, 2);
       for (size_t c = 0; c < 4; ++c) copy(offsetof(BlockQ4_0, qs) + 4 * c, 16 + 32 * c + 4 * j, 4);
+      break;
+    case DType::Q4_1:
+      copy_q4_1_or_q5_lane<BlockQ4_1>(copy, j);
+      break;
+    case DType::Q5_0:
+      copy_q4_1_or_q5_lane<BlockQ5_0>(copy, j);
+      break;
+    case DType::Q5_1:
+      copy_q4_1_or_q5_lane<BlockQ5_1>(copy, j);
       break;
     case DType::Q8_0:
       copy(offsetof(BlockQ8_0, d), 2 * j, 2);

@@ -2,7 +2,7 @@
 // Weight matrices repacked once at load into a layout the CPU matmul reads faster. The weights stay
 // quantized (about the same bytes per block); only their order changes. Q4_0, Q8_0, Q4_K, Q5_K and
 // Q6_K (the K-quant mixes: Q4_K_M uses Q4_K and Q6_K, Q4_K_S Q4_K and Q5_K, Q5_K_M Q5_K and Q6_K)
-// are packed, and IQ4_NL and IQ4_XS.
+// are packed, and IQ4_NL, IQ4_XS, Q4_1, Q5_0 and Q5_1.
 //
 // Every layout groups output rows in panels of 8 (the last panel padded with zero rows) and stores a
 // panel's blocks one after the other, all 8 rows of a block together, so that a 256-bit load gives
@@ -16,6 +16,16 @@
 // its high one).
 //
 // IQ4_NL: Q4_0's layout (its blocks are Q4_0's, the nibbles indexing llama.cpp's table).
+//
+// Q4_1: as Q4_0, in 160-byte groups: the 8 fp16 scales d, the 8 fp16 minimums m, then Q4_0's 4 chunks
+// of nibble bytes (bytes [32, 160)).
+//
+// Q5_0: Q4_0's 144 bytes followed by the fifth bits, bytes [144, 176): row j's 32 bits in bytes
+// 4j..4j+3, reordered for the chunks: byte c holds the fifth bits of elements 4c..4c+3 (the low
+// nibbles of chunk c) in its low 4 bits and of elements 16+4c..16+4c+3 (the high nibbles) in its high
+// 4 bits.
+//
+// Q5_1: Q4_1's 160 bytes followed by the fifth bits as in Q5_0, bytes [160, 192).
 //
 // Q8_0: as Q4_0, in 272-byte groups: the 8 fp16 scales, then 8 chunks of 32 bytes; chunk c is
 // qs[4c..4c+3] of row 0, of row 1, ... of row 7 (the rows' signed 8-bit quants in element order).
@@ -63,6 +73,9 @@ namespace nibble::kernels {
 inline constexpr int64_t kPanelRows = 8;
 inline constexpr int64_t kQ4_0PanelBlockBytes = 144;  // 8 scales + 8 rows × 16 nibble bytes
 inline constexpr int64_t kQ8_0PanelBlockBytes = 272;  // 8 scales + 8 rows × 32 quant bytes
+inline constexpr int64_t kQ4_1PanelBlockBytes = 160;  // Q4_0's + 8 minimums
+inline constexpr int64_t kQ5_0PanelBlockBytes = 176;  // Q4_0's + 8 rows × 4 fifth-bit bytes
+inline constexpr int64_t kQ5_1PanelBlockBytes = 192;  // Q4_1's + 8 rows × 4 fifth-bit bytes
 // Bytes of one block of 8 rows: Q4_K 8 × (d, dmin, 8 scales, 8 mins, 128 nibble bytes), Q6_K
 // 8 × (d, 16 scales, 128 ql bytes, 64 qh bytes).
 inline constexpr int64_t kQ4_KPanelBlockBytes = 1184;
@@ -79,6 +92,12 @@ constexpr int64_t packed_group_bytes(DType type) {
       return kQ4_0PanelBlockBytes;
     case DType::Q8_0:
       return kQ8_0PanelBlockBytes;
+    case DType::Q4_1:
+      return kQ4_1PanelBlockBytes;
+    case DType::Q5_0:
+      return kQ5_0PanelBlockBytes;
+    case DType::Q5_1:
+      return kQ5_1PanelBlockBytes;
     case DType::Q4_K:
       return kQ4_KPanelBlockBytes;
     case DType::Q5_K:

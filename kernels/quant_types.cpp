@@ -9,6 +9,9 @@ constexpr TypeInfo kF32{"f32", 1, 4};
 constexpr TypeInfo kF16{"f16", 1, 2};
 constexpr TypeInfo kBF16{"bf16", 1, 2};
 constexpr TypeInfo kQ4_0{"q4_0", kQK4_0, sizeof(BlockQ4_0)};
+constexpr TypeInfo kQ4_1{"q4_1", kQK4_0, sizeof(BlockQ4_1)};
+constexpr TypeInfo kQ5_0{"q5_0", kQK4_0, sizeof(BlockQ5_0)};
+constexpr TypeInfo kQ5_1{"q5_1", kQK4_0, sizeof(BlockQ5_1)};
 constexpr TypeInfo kQ8_0{"q8_0", kQK8_0, sizeof(BlockQ8_0)};
 constexpr TypeInfo kQ4_K{"q4_K", kQK_K, sizeof(BlockQ4_K)};
 constexpr TypeInfo kQ5_K{"q5_K", kQK_K, sizeof(BlockQ5_K)};
@@ -41,6 +44,12 @@ const TypeInfo* type_info(uint32_t raw_type) {
       return &kBF16;
     case DType::Q4_0:
       return &kQ4_0;
+    case DType::Q4_1:
+      return &kQ4_1;
+    case DType::Q5_0:
+      return &kQ5_0;
+    case DType::Q5_1:
+      return &kQ5_1;
     case DType::Q8_0:
       return &kQ8_0;
     case DType::Q4_K:

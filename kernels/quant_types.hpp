@@ -12,6 +12,9 @@ enum class DType : uint32_t {
   F32 = 0,
   F16 = 1,
   Q4_0 = 2,
+  Q4_1 = 3,
+  Q5_0 = 6,
+  Q5_1 = 7,
   Q8_0 = 8,
   Q4_K = 12,
   Q5_K = 13,
@@ -47,6 +50,38 @@ struct BlockQ4_0 {
   uint8_t qs[kQK4_0 / 2];  // element j in the low nibble of qs[j], element j+16 in the high
 };
 static_assert(sizeof(BlockQ4_0) == 18);
+
+// Q4_0 with a per-block minimum instead of the fixed -8 offset: weight = d · q + m, q in 0..15.
+struct BlockQ4_1 {
+  f16_bits d;              // scale
+  f16_bits m;              // minimum (the weight of level 0)
+  uint8_t qs[kQK4_0 / 2];  // Q4_0's nibble order
+};
+static_assert(sizeof(BlockQ4_1) == 20);
+
+// Q4_0 with a fifth bit: weight = d · (q − 16), q in 0..31. llama.cpp stores Q4_K rows whose length
+// is not a multiple of 256 as Q5_0.
+struct BlockQ5_0 {
+  f16_bits d;
+  uint8_t qh[4];           // bit j of the little-endian uint32: the fifth bit of element j
+  uint8_t qs[kQK4_0 / 2];  // the low 4 bits, Q4_0's nibble order
+};
+static_assert(sizeof(BlockQ5_0) == 22);
+
+// Q4_1 with a fifth bit: weight = d · q + m, q in 0..31 (llama.cpp's fallback for Q5_K rows).
+struct BlockQ5_1 {
+  f16_bits d;
+  f16_bits m;
+  uint8_t qh[4];           // as Q5_0's
+  uint8_t qs[kQK4_0 / 2];  // as Q5_0's
+};
+static_assert(sizeof(BlockQ5_1) == 24);
+
+// The fifth bits of a Q5_0 / Q5_1 block (bit j: element j).
+static constexpr uint32_t q5_high_bits(const uint8_t (&qh)[4]) {
+  return static_cast<uint32_t>(qh[0]) | static_cast<uint32_t>(qh[1]) << 8 |
+         static_cast<uint32_t>(qh[2]) << 16 | static_cast<uint32_t>(qh[3]) << 24;
+}
 
 struct BlockQ8_0 {
   f16_bits d;

@@ -30,6 +30,69 @@ void quantize_block_q4_0(const float* x, BlockQ4_0* out) {
   }
 }
 
+// GGML's quantize_row_q4_1_ref: d = (max − min) / 15, m = min; q = min(15, (int8)((x − min) / d + 0.5)).
+void quantize_block_q4_1(const float* x, BlockQ4_1* out) {
+  float min = x[0], max = x[0];
+  for (int j = 1; j < kQK4_0; ++j) {
+    min = std::min(min, x[j]);
+    max = std::max(max, x[j]);
+  }
+  const float d = (max - min) / 15.0f;
+  const float inv_d = d != 0.0f ? 1.0f / d : 0.0f;
+  out->d = fp32_to_fp16(d);
+  out->m = fp32_to_fp16(min);
+  for (int j = 0; j < kQK4_0 / 2; ++j) {
+    const int lo = static_cast<int8_t>((x[j] - min) * inv_d + 0.5f);
+    const int hi = static_cast<int8_t>((x[j + kQK4_0 / 2] - min) * inv_d + 0.5f);
+    out->qs[j] = static_cast<uint8_t>(std::min(15, lo) | (std::min(15, hi) << 4));
+  }
+}
+
+// The low nibbles of 32 five-bit levels into qs (Q4_0's order), their fifth bits into qh.
+void pack_q5_levels(const int (&levels)[kQK4_0], uint8_t (&qh)[4], uint8_t (&qs)[kQK4_0 / 2]) {
+  uint32_t high = 0;
+  for (int j = 0; j < kQK4_0; ++j) high |= static_cast<uint32_t>((levels[j] >> 4) & 1) << j;
+  for (int j = 0; j < kQK4_0 / 2; ++j)
+    qs[j] = static_cast<uint8_t>((levels[j] & 0xF) | ((levels[j + kQK4_0 / 2] & 0xF) << 4));
+  for (int i = 0; i < 4; ++i) qh[i] = static_cast<uint8_t>(high >> (8 * i));
+}
+
+// GGML's quantize_row_q5_0_ref: Q4_0's rule with 32 levels: d = max / −16 (max the signed value of
+// largest magnitude), q = min(31, (int8)(x / d + 16.5)).
+void quantize_block_q5_0(const float* x, BlockQ5_0* out) {
+  float amax = 0.0f, max = 0.0f;
+  for (int j = 0; j < kQK4_0; ++j) {
+    if (std::fabs(x[j]) > amax) {
+      amax = std::fabs(x[j]);
+      max = x[j];
+    }
+  }
+  const float d = max / -16.0f;
+  const float inv_d = d != 0.0f ? 1.0f / d : 0.0f;
+  out->d = fp32_to_fp16(d);
+  int levels[kQK4_0];
+  for (int j = 0; j < kQK4_0; ++j)
+    levels[j] = std::min(31, static_cast<int>(static_cast<int8_t>(x[j] * inv_d + 16.5f)));
+  pack_q5_levels(levels, out->qh, out->qs);
+}
+
+// GGML's quantize_row_q5_1_ref: Q4_1's rule with 32 levels, d = (max − min) / 31,
+// q = (uint8)((x − min) / d + 0.5) (at most 31 for every x in [min, max]).
+void quantize_block_q5_1(const float* x, BlockQ5_1* out) {
+  float min = x[0], max = x[0];
+  for (int j = 1; j < kQK4_0; ++j) {
+    min = std::min(min, x[j]);
+    max = std::max(max, x[j]);
+  }
+  const float d = (max - min) / 31.0f;
+  const float inv_d = d != 0.0f ? 1.0f / d : 0.0f;
+  out->d = fp32_to_fp16(d);
+  out->m = fp32_to_fp16(min);
+  int levels[kQK4_0];
+  for (int j = 0; j < kQK4_0; ++j) levels[j] = static_cast<uint8_t>((x[j] - min) * inv_d + 0.5f);
+  pack_q5_levels(levels, out->qh, out->qs);
+}
+
 // GGML's make_qkx2_quants for n = 32 (squared error): levels 0..nmax; start from the min/max grid,
 // then try nstep + 1 slightly different inverse scales ((rmin + 0.1 step + nmax) / range), each
 // followed by a weighted least-squares refit of scale and min, and keep the best. Returns the scale;
@@ -303,6 +366,35 @@ void dequantize_block_q5_k(const BlockQ5_K& block, float* y) {
   }
 }
 
+void dequantize_block_q4_1(const BlockQ4_1& block, float* y) {
+  const float d = fp16_to_fp32(block.d);
+  const float m = fp16_to_fp32(block.m);
+  for (int j = 0; j < kQK4_0 / 2; ++j) {
+    y[j] = static_cast<float>(block.qs[j] & 0xF) * d + m;
+    y[j + kQK4_0 / 2] = static_cast<float>(block.qs[j] >> 4) * d + m;
+  }
+}
+
+// Level j of a Q5_0 / Q5_1 block, 0..31.
+template <typename Block>
+int q5_level(const Block& block, uint32_t high, int j) {
+  const int low = j < kQK4_0 / 2 ? block.qs[j] & 0xF : block.qs[j - kQK4_0 / 2] >> 4;
+  return low | static_cast<int>(((high >> j) & 1) << 4);
+}
+
+void dequantize_block_q5_0(const BlockQ5_0& block, float* y) {
+  const float d = fp16_to_fp32(block.d);
+  const uint32_t high = q5_high_bits(block.qh);
+  for (int j = 0; j < kQK4_0; ++j) y[j] = static_cast<float>(q5_level(block, high, j) - 16) * d;
+}
+
+void dequantize_block_q5_1(const BlockQ5_1& block, float* y) {
+  const float d = fp16_to_fp32(block.d);
+  const float m = fp16_to_fp32(block.m);
+  const uint32_t high = q5_high_bits(block.qh);
+  for (int j = 0; j < kQK4_0; ++j) y[j] = static_cast<float>(q5_level(block, high, j)) * d + m;
+}
+
 // IQ4_NL: d · kIQ4Values[index], Q4_0's nibble order.
 void dequantize_block_iq4_nl(const BlockIQ4_NL& block, float* y) {
   const float d = fp16_to_fp32(block.d);
@@ -379,6 +471,21 @@ Status quantize_row(DType type, const float* x, void* out, int64_t n) {
       for (int64_t b = 0; b < n / kQK4_0; ++b) quantize_block_q4_0(x + b * kQK4_0, dst + b);
       break;
     }
+    case DType::Q4_1: {
+      auto* dst = static_cast<BlockQ4_1*>(out);
+      for (int64_t b = 0; b < n / kQK4_0; ++b) quantize_block_q4_1(x + b * kQK4_0, dst + b);
+      break;
+    }
+    case DType::Q5_0: {
+      auto* dst = static_cast<BlockQ5_0*>(out);
+      for (int64_t b = 0; b < n / kQK4_0; ++b) quantize_block_q5_0(x + b * kQK4_0, dst + b);
+      break;
+    }
+    case DType::Q5_1: {
+      auto* dst = static_cast<BlockQ5_1*>(out);
+      for (int64_t b = 0; b < n / kQK4_0; ++b) quantize_block_q5_1(x + b * kQK4_0, dst + b);
+      break;
+    }
     case DType::Q8_0: {
       auto* dst = static_cast<BlockQ8_0*>(out);
       for (int64_t b = 0; b < n / kQK8_0; ++b) detail::quantize_block_q8_0(x + b * kQK8_0, dst + b);
@@ -437,6 +544,18 @@ Status dequantize_row(DType type, const void* src, float* y, int64_t n) {
     case DType::Q4_0:
       for (int64_t b = 0; b < n_blocks; ++b)
         dequantize_block_q4_0(static_cast<const BlockQ4_0*>(src)[b], y + b * kQK4_0);
+      break;
+    case DType::Q4_1:
+      for (int64_t b = 0; b < n_blocks; ++b)
+        dequantize_block_q4_1(static_cast<const BlockQ4_1*>(src)[b], y + b * kQK4_0);
+      break;
+    case DType::Q5_0:
+      for (int64_t b = 0; b < n_blocks; ++b)
+        dequantize_block_q5_0(static_cast<const BlockQ5_0*>(src)[b], y + b * kQK4_0);
+      break;
+    case DType::Q5_1:
+      for (int64_t b = 0; b < n_blocks; ++b)
+        dequantize_block_q5_1(static_cast<const BlockQ5_1*>(src)[b], y + b * kQK4_0);
       break;
     case DType::Q8_0:
       for (int64_t b = 0; b < n_blocks; ++b)

@@ -200,6 +200,12 @@ uint32_t llama_file_type(kernels::DType matrix_type) {
       return 1;  // LLAMA_FTYPE_MOSTLY_F16
     case kernels::DType::Q4_0:
       return 2;  // LLAMA_FTYPE_MOSTLY_Q4_0
+    case kernels::DType::Q4_1:
+      return 3;  // LLAMA_FTYPE_MOSTLY_Q4_1
+    case kernels::DType::Q5_0:
+      return 8;  // LLAMA_FTYPE_MOSTLY_Q5_0
+    case kernels::DType::Q5_1:
+      return 9;  // LLAMA_FTYPE_MOSTLY_Q5_1
     case kernels::DType::Q8_0:
       return 7;  // LLAMA_FTYPE_MOSTLY_Q8_0
     case kernels::DType::Q4_K:

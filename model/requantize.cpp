@@ -21,9 +21,11 @@ bool is_head_tensor(const std::string& name) {
 kernels::DType requantized_type(const GgufTensorInfo& tensor, kernels::DType matrix_type, bool pure) {
   if (tensor.dims.size() == 1) return kernels::DType::F32;
   if (tensor.dims.size() != 2) return tensor.type;
-  const bool low_bit = matrix_type == kernels::DType::Q4_0 || matrix_type == kernels::DType::Q4_K ||
-                       matrix_type == kernels::DType::Q5_K;
-  if (!pure && low_bit && is_head_tensor(tensor.name)) return kernels::DType::Q8_0;
+  using kernels::DType;
+  const bool low_bit = matrix_type == DType::Q4_0 || matrix_type == DType::Q4_1 ||
+                       matrix_type == DType::Q5_0 || matrix_type == DType::Q5_1 ||
+                       matrix_type == DType::Q4_K || matrix_type == DType::Q5_K;
+  if (!pure && low_bit && is_head_tensor(tensor.name)) return DType::Q8_0;
   return matrix_type;
 }
 
@@ -128,14 +130,10 @@ std::vector<kernels::DType> llama_cpp_mix_types(const GgufFile& in, LlamaCppMix 
       ++i_ffn_down;
     }
     if (t.row_elements() % kernels::type_info(type).block_elems != 0) {
-      // llama.cpp's fallbacks: Q6_K -> Q8_0 (which Nibble writes), Q4_K -> Q5_0, Q5_K -> Q5_1.
-      if (type != DType::Q6_K) {
-        throw std::invalid_argument(
-            "tensor '" + t.name + "' has rows of " + std::to_string(t.row_elements()) +
-            ", not a multiple of 256: llama.cpp would store it as " +
-            (type == DType::Q4_K ? "Q5_0" : "Q5_1") + ", which Nibble does not write");
-      }
-      type = DType::Q8_0;
+      // llama.cpp's fallbacks for rows that are not a multiple of 256 (its tensor_type_fallback), and
+      // F16 where even a block of 32 does not fit.
+      type = type == DType::Q4_K ? DType::Q5_0 : type == DType::Q5_K ? DType::Q5_1 : DType::Q8_0;
+      if (t.row_elements() % kernels::type_info(type).block_elems != 0) type = DType::F16;
     }
     types.push_back(type);
   }
@@ -157,17 +155,18 @@ void requantize_gguf(const GgufFile& in, const std::string& out_path, LlamaCppMi
 
 void requantize_gguf(const GgufFile& in, const std::string& out_path, kernels::DType matrix_type, bool pure) {
   using kernels::DType;
-  if (matrix_type != DType::Q4_0 && matrix_type != DType::Q4_K && matrix_type != DType::Q5_K &&
-      matrix_type != DType::Q8_0 && matrix_type != DType::F16 && matrix_type != DType::F32) {
+  const bool quantized = matrix_type == DType::Q4_0 || matrix_type == DType::Q4_1 ||
+                         matrix_type == DType::Q5_0 || matrix_type == DType::Q5_1 ||
+                         matrix_type == DType::Q4_K || matrix_type == DType::Q5_K ||
+                         matrix_type == DType::Q8_0;
+  if (!quantized && matrix_type != DType::F16 && matrix_type != DType::F32) {
     throw std::invalid_argument(std::string("cannot requantize to ") + kernels::type_name(matrix_type) +
-                                " (expected q4_0, q4_k, q5_k, q8_0, f16 or f32)");
+                                " (expected q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q8_0, f16 or f32)");
   }
   GgufWriter out;
   for (const auto& [key, value] : in.metadata()) out.set(key, value);
   out.set_uint32("general.file_type", llama_file_type(matrix_type));
-  if (matrix_type == DType::Q4_0 || matrix_type == DType::Q4_K || matrix_type == DType::Q5_K ||
-      matrix_type == DType::Q8_0)
-    out.set_uint32("general.quantization_version", 2);
+  if (quantized) out.set_uint32("general.quantization_version", 2);
 
   for (const GgufTensorInfo& t : in.tensors()) {
     const DType target = requantized_type(t, matrix_type, pure);

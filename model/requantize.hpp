@@ -12,9 +12,10 @@ namespace nibble::model {
 // Writes `out_path`: all of `in`'s metadata (general.file_type updated to match matrix_type) and
 // all of its tensors, in the same order and shapes, where
 // - every 2-D tensor (a weight matrix) is dequantized and requantized row by row to matrix_type
-//   (Q4_0, Q4_K, Q8_0, F16 or F32); a matrix already of that type is copied unchanged;
+//   (Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q8_0, F16 or F32); a matrix already of that type is copied
+//   unchanged;
 // - 1-D tensors (norms) are stored as F32; tensors of 3 or more dims are copied unchanged;
-// - unless `pure`, when matrix_type is Q4_0 or Q4_K, token_embd.weight and output.weight (the output head;
+// - unless `pure`, when matrix_type is below 8 bits, token_embd.weight and output.weight (the output head;
 //   when absent, token_embd.weight doubles as the tied head) are stored as Q8_0 instead, because
 //   4-bit error in the output head costs far more quality than anywhere else.
 // Throws GgufError naming the tensor when a row length is not a multiple of the target block
@@ -35,9 +36,9 @@ enum class LlamaCppMix { q4_k_s, q4_k_m, q5_k_s, q5_k_m };
 // "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", or nullopt for other names.
 std::optional<LlamaCppMix> parse_llama_cpp_mix(const std::string& name);
 
-// The type of every tensor of `in` under `mix`, in the file's order (1-D tensors F32). Throws
-// std::invalid_argument naming a matrix whose row length is not a multiple of 256 (llama.cpp then
-// falls back to Q5_0 / Q5_1 / Q8_0, which Nibble does not write, except Q8_0).
+// The type of every tensor of `in` under `mix`, in the file's order (1-D tensors F32). A matrix whose
+// rows are not a multiple of 256 falls back as in llama.cpp: Q4_K to Q5_0, Q5_K to Q5_1, Q6_K to Q8_0
+// (F16 when its rows are not a multiple of 32 either).
 std::vector<kernels::DType> llama_cpp_mix_types(const GgufFile& in, LlamaCppMix mix);
 
 // requantize_gguf with the types of llama_cpp_mix_types; general.file_type llama.cpp's for the mix.

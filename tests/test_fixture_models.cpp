@@ -1,7 +1,7 @@
 // Whole-model checks against llama.cpp's reference outputs in the fixtures (and in tests/data,
-// llama.cpp Q5_K_M, IQ4_XS and IQ4_NL models in the same format): greedy tokens through the real `nibble
-// generate`, prompt logits through the real `nibble logits`, and decode-step logits through the KV-cache path
-// of the library.
+// llama.cpp Q5_K_M, IQ4_XS, IQ4_NL, Q4_K_S and Q4_1 models in the same format): greedy tokens through the
+// real `nibble generate`, prompt logits through the real `nibble logits`, and decode-step logits through the
+// KV-cache path of the library.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -106,6 +106,11 @@ const FixtureCase kCases[] = {
     {"small-llama-iq4_xs", {3e-2, 0.9, false}, "llama-cpp-iq4_xs", 354},
     // IQ4_NL (blocks of 32, Q8_0 activations, a Q8_0 head) on the tiny shape.
     {"tiny-llama-iq4_nl", {3e-2, 0.9, false}, "llama-cpp-iq4_nl", 354},
+    // Q4_K_S on the tiny shape: llama.cpp's fallbacks for rows of 128, Q5_0 (for Q4_K) and Q5_1 (for
+    // Q5_K), with Q4_K ffn_down and a Q8_0 head.
+    {"tiny-llama-q4_k_s", {3e-2, 0.9, false}, "llama-cpp-q4_k_s", 354},
+    // Q4_1 (weight d · q + m) with a Q8_0 head.
+    {"tiny-llama-q4_1", {3e-2, 0.9, false}, "llama-cpp-q4_1", 354},
 };
 
 // The directory holding fc's files, or nullopt (fixtures absent).

@@ -202,6 +202,9 @@ void round_trip_tensors(uint64_t alignment) {
   cases.push_back({"q8_k", {256}, DType::Q8_K, random_bytes(292, 6)});
   cases.push_back({"iq4_xs", {512, 2}, DType::IQ4_XS, random_bytes(4 * 136, 7)});
   cases.push_back({"iq4_nl", {96}, DType::IQ4_NL, random_bytes(3 * 18, 8)});
+  cases.push_back({"q4_1", {64, 3}, DType::Q4_1, random_bytes(6 * 20, 9)});
+  cases.push_back({"q5_0", {32, 5}, DType::Q5_0, random_bytes(5 * 22, 10)});
+  cases.push_back({"q5_1", {96}, DType::Q5_1, random_bytes(3 * 24, 11)});
 
   GgufWriter w;
   if (alignment != 32) w.set_uint32("general.alignment", static_cast<uint32_t>(alignment));

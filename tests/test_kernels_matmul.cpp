@@ -27,9 +27,9 @@ class ForcedIsa {
   std::string original_;
 };
 
-// Random weights of `type`: float/Q4_0/Q8_0 by quantizing random floats; the K-quants as random bytes
-// with small random super-block scales, which is any valid block (the quantizers rarely give extreme
-// quants).
+// Random weights of `type`: float and blocks of 32 (but IQ4_NL) by quantizing random floats; the K-quants as
+// random bytes with small random super-block scales, which is any valid block (the quantizers rarely give
+// extreme quants).
 std::vector<uint8_t> random_weights(DType type, int64_t n_out, int64_t k, uint64_t seed) {
   const int64_t row = row_bytes(type, k);
   std::vector<uint8_t> w(static_cast<size_t>(n_out * row));
@@ -71,6 +71,9 @@ int64_t test_k(DType type) {
     case DType::IQ4_XS:
       return 256 * 3;
     case DType::Q4_0:
+    case DType::Q4_1:
+    case DType::Q5_0:
+    case DType::Q5_1:
     case DType::Q8_0:
     case DType::IQ4_NL:
       return 32 * 7;
@@ -147,13 +150,13 @@ std::string param_name(const ::testing::TestParamInfo<MatmulParam>& info) {
   return std::get<0>(info.param) + "_" + type_name(std::get<1>(info.param));
 }
 
-INSTANTIATE_TEST_SUITE_P(AllTypes, KernelMatmul,
-                         ::testing::Combine(::testing::Values("scalar", "avx2", "avx512"),
-                                            ::testing::Values(DType::F32, DType::F16, DType::BF16,
-                                                              DType::Q4_0, DType::Q8_0, DType::Q4_K,
-                                                              DType::Q5_K, DType::Q6_K, DType::IQ4_NL,
-                                                              DType::IQ4_XS)),
-                         param_name);
+INSTANTIATE_TEST_SUITE_P(
+    AllTypes, KernelMatmul,
+    ::testing::Combine(::testing::Values("scalar", "avx2", "avx512"),
+                       ::testing::Values(DType::F32, DType::F16, DType::BF16, DType::Q4_0, DType::Q4_1,
+                                         DType::Q5_0, DType::Q5_1, DType::Q8_0, DType::Q4_K, DType::Q5_K,
+                                         DType::Q6_K, DType::IQ4_NL, DType::IQ4_XS)),
+    param_name);
 
 // Several chunks per thread and edge tiles in both dimensions.
 TEST(KernelMatmulLarge, ManyChunksMatchReference) {
@@ -216,7 +219,7 @@ TEST(KernelMatmulArguments, InvalidArgumentsAreRejected) {
   EXPECT_EQ(matmul(DType::F32, w.data(), -1, 32, x.data(), 1, y.data(), pool), Status::invalid_argument);
   EXPECT_EQ(matmul(DType::F32, w.data(), 1, 32, x.data(), -1, y.data(), pool), Status::invalid_argument);
   EXPECT_EQ(matmul(DType::Q8_K, w.data(), 1, 256, x.data(), 1, y.data(), pool), Status::unsupported_type);
-  EXPECT_EQ(matmul(static_cast<DType>(3), w.data(), 1, 32, x.data(), 1, y.data(), pool),
+  EXPECT_EQ(matmul(static_cast<DType>(10), w.data(), 1, 32, x.data(), 1, y.data(), pool),
             Status::unsupported_type);
   EXPECT_EQ(matmul_reference(DType::Q8_K, w.data(), 1, 256, x.data(), 1, y.data()), Status::unsupported_type);
   EXPECT_EQ(matmul_reference(DType::Q4_0, w.data(), 1, 33, x.data(), 1, y.data()), Status::invalid_argument);

@@ -1,5 +1,6 @@
-// Packed Q4_0, Q8_0, Q4_K, Q5_K, Q6_K, IQ4_NL and IQ4_XS weights (kernels/packed_weights.hpp) on every ISA
-// the CPU has: against matmul_reference, against the unpacked matmul, and across thread counts.
+// Packed Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, IQ4_NL and IQ4_XS weights
+// (kernels/packed_weights.hpp) on every ISA the CPU has: against matmul_reference, against the unpacked
+// matmul, and across thread counts.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -106,7 +107,8 @@ INSTANTIATE_TEST_SUITE_P(AllIsas, KernelPacked, ::testing::Values("scalar", "avx
 
 class KernelPackedBitForBit : public ::testing::TestWithParam<std::tuple<std::string, DType>> {};
 
-// Odd shapes as for Q4_0, k from one block to several. The packed kernels do dot_q8_0's /
+// Odd shapes as for Q4_0, k from one block to several. The packed kernels do dot_q4_1's, dot_q5_0's,
+// dot_q5_1's, dot_q8_0's /
 // dot_q4_k's / dot_q5_k's / dot_q6_k's / dot_iq4_xs's integer sums and float operations in their order on
 // every ISA, so they must equal the scalar unpacked matmul bit for bit, whatever the activation row count or
 // thread split.
@@ -185,7 +187,9 @@ TEST_P(KernelPackedBitForBit, LargestQuantsAndActivationsMatchScalar) {
     if (type == DType::Q6_K) {
       std::memcpy(block + offsetof(BlockQ6_K, d), d, sizeof d[0]);
     } else {
-      const bool with_dmin = type == DType::Q4_K || type == DType::Q5_K;
+      // Q4_1 / Q5_1: m (0.002) follows d as dmin does.
+      const bool with_dmin =
+          type == DType::Q4_K || type == DType::Q5_K || type == DType::Q4_1 || type == DType::Q5_1;
       std::memcpy(block, d, with_dmin ? sizeof d : sizeof d[0]);
     }
   }
@@ -207,7 +211,8 @@ TEST_P(KernelPackedBitForBit, LargestQuantsAndActivationsMatchScalar) {
 
 INSTANTIATE_TEST_SUITE_P(AllIsas, KernelPackedBitForBit,
                          ::testing::Combine(::testing::Values("scalar", "avx2", "avx512"),
-                                            ::testing::Values(DType::Q8_0, DType::Q4_K, DType::Q5_K,
+                                            ::testing::Values(DType::Q4_1, DType::Q5_0, DType::Q5_1,
+                                                              DType::Q8_0, DType::Q4_K, DType::Q5_K,
                                                               DType::Q6_K, DType::IQ4_NL, DType::IQ4_XS)),
                          [](const auto& param_info) {
                            return std::get<0>(param_info.param) + "_" +
@@ -217,8 +222,8 @@ INSTANTIATE_TEST_SUITE_P(AllIsas, KernelPackedBitForBit,
 // Reading a packed matrix back gives every row's blocks byte for byte (the Q4_K scales, unpacked to
 // bytes in the panel, repacked into their 12 bytes), and zero blocks past the last row.
 TEST(KernelPackedLayout, EveryBlockReadsBackByteForByte) {
-  for (const DType type :
-       {DType::Q4_0, DType::Q8_0, DType::Q4_K, DType::Q5_K, DType::Q6_K, DType::IQ4_NL, DType::IQ4_XS}) {
+  for (const DType type : {DType::Q4_0, DType::Q4_1, DType::Q5_0, DType::Q5_1, DType::Q8_0, DType::Q4_K,
+                           DType::Q5_K, DType::Q6_K, DType::IQ4_NL, DType::IQ4_XS}) {
     SCOPED_TRACE(type_name(type));
     const TypeInfo& info = type_info(type);
     const int64_t n_out = 13, k = 3 * info.block_elems, n_blocks = 3;
@@ -252,6 +257,9 @@ TEST(KernelPackedArguments, UnsupportedInputsGiveEmptyMatrices) {
   EXPECT_TRUE(can_pack_for_matmul(DType::IQ4_XS));
   EXPECT_TRUE(can_pack_for_matmul(DType::IQ4_NL));
   EXPECT_TRUE(can_pack_for_matmul(DType::Q8_0));
+  EXPECT_TRUE(can_pack_for_matmul(DType::Q4_1));
+  EXPECT_TRUE(can_pack_for_matmul(DType::Q5_0));
+  EXPECT_TRUE(can_pack_for_matmul(DType::Q5_1));
   EXPECT_FALSE(can_pack_for_matmul(DType::F16));
   EXPECT_TRUE(pack_for_matmul(DType::F16, w.data(), 8, 64).empty());
   EXPECT_TRUE(pack_for_matmul(DType::Q4_0, w.data(), 8, 48).empty());

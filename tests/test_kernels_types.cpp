@@ -83,13 +83,18 @@ TEST(KernelTypes, TypeTableMatchesGgml) {
   EXPECT_EQ(type_info(DType::IQ4_NL).block_bytes, 18);
   EXPECT_EQ(type_info(DType::IQ4_NL).block_elems, 32);
   EXPECT_EQ(type_info(DType::Q8_K).block_bytes, 292);
+  EXPECT_EQ(type_info(DType::Q4_1).block_bytes, 20);
+  EXPECT_EQ(type_info(DType::Q5_0).block_bytes, 22);
+  EXPECT_EQ(type_info(DType::Q5_1).block_bytes, 24);
+  EXPECT_EQ(type_info(DType::Q5_1).block_elems, 32);
+  EXPECT_EQ(type_info(uint32_t{3}), &type_info(DType::Q4_1));
   EXPECT_EQ(type_info(DType::Q4_K).block_elems, 256);
   EXPECT_EQ(row_bytes(DType::F32, 10), 40);
   EXPECT_EQ(row_bytes(DType::BF16, 10), 20);
   EXPECT_EQ(row_bytes(DType::Q4_0, 64), 36);
   EXPECT_EQ(row_bytes(DType::Q6_K, 512), 420);
   EXPECT_STREQ(type_name(DType::Q4_K), "q4_K");
-  EXPECT_EQ(type_info(uint32_t{3}), nullptr);  // GGML's Q4_1: not handled
+  EXPECT_EQ(type_info(uint32_t{10}), nullptr);  // GGML's Q2_K: not handled
   EXPECT_NE(type_info(uint32_t{30}), nullptr);
   EXPECT_STREQ(status_name(Status::unsupported_type), "unsupported_type");
   EXPECT_STREQ(status_name(Status::ok), "ok");
@@ -119,6 +124,12 @@ TEST(KernelQuantize, Q8_KRoundTrip) { expect_round_trip_within_half_step(DType::
 // Q4_0 maps the largest magnitude to -8, so the positive side is clamped at 7/8 of it: the error
 // bound there is one full step (1/8 of amax).
 TEST(KernelQuantize, Q4_0RoundTrip) { expect_round_trip_within_half_step(DType::Q4_0, 32, 2.0f / 8); }
+
+// Q4_1 / Q5_1 span [min, max] in 15 / 31 steps (at most 2·amax / 15 or / 31 wide); Q5_0 maps the largest
+// magnitude to −16, so the positive side clamps by up to one step of amax / 16.
+TEST(KernelQuantize, Q4_1RoundTrip) { expect_round_trip_within_half_step(DType::Q4_1, 32, 2.0f / 15); }
+TEST(KernelQuantize, Q5_0RoundTrip) { expect_round_trip_within_half_step(DType::Q5_0, 32, 2.0f / 16); }
+TEST(KernelQuantize, Q5_1RoundTrip) { expect_round_trip_within_half_step(DType::Q5_1, 32, 2.0f / 31); }
 
 TEST(KernelQuantize, Q4_0MatchesGgmlRounding) {
   // Block with max-magnitude value -4 => d = 0.5, id = 2: q = min(15, (int)(x*2 + 8.5)).
@@ -184,7 +195,7 @@ TEST(KernelQuantize, InvalidArguments) {
   EXPECT_EQ(quantize_row(DType::IQ4_XS, x.data(), out.data(), 256), Status::unsupported_type);  // read only
   EXPECT_EQ(quantize_row(DType::IQ4_NL, x.data(), out.data(), 32), Status::unsupported_type);
   EXPECT_EQ(dequantize_row(DType::Q6_K, out.data(), x.data(), 64), Status::invalid_argument);
-  EXPECT_EQ(dequantize_row(static_cast<DType>(3), out.data(), x.data(), 32), Status::unsupported_type);
+  EXPECT_EQ(dequantize_row(static_cast<DType>(10), out.data(), x.data(), 32), Status::unsupported_type);
 }
 
 // Q4_K, packed by hand from the format definition: 8 sub-blocks of 32 with 6-bit scale sc[j] and
@@ -319,6 +330,84 @@ TEST(KernelQuantize, DequantizeHandBuiltIQ4_NL) {
   ASSERT_EQ(dequantize_row(DType::IQ4_NL, blocks, y.data(), 64), Status::ok);
   for (int e = 0; e < 64; ++e)
     EXPECT_FLOAT_EQ(y[e], (e < 32 ? 0.25f : -0.5f) * kvalues[index[e]]) << "element " << e;
+}
+
+// Q4_1, Q5_0 and Q5_1, packed by hand from the format definition: level j (0..15 or 0..31) has its low 4
+// bits in the low nibble of qs[j] (j < 16) or the high nibble of qs[j − 16], its fifth bit in bit j of
+// the little-endian 32-bit qh; the weight is d · level + m (Q4_1, Q5_1) or d · (level − 16) (Q5_0).
+TEST(KernelQuantize, DequantizeHandBuiltQ4_1Q5_0Q5_1) {
+  int level[64];
+  for (int e = 0; e < 64; ++e) level[e] = (e * 7 + 3) % 32;
+  const float d[2] = {0.25f, -0.5f};
+  const float m[2] = {-1.5f, 2.0f};
+  auto pack_low = [&](int b, uint8_t* qs) {
+    for (int j = 0; j < 16; ++j)
+      qs[j] = static_cast<uint8_t>((level[32 * b + j] & 0xF) | ((level[32 * b + 16 + j] & 0xF) << 4));
+  };
+  auto pack_high = [&](int b, uint8_t* qh) {
+    uint32_t bits = 0;
+    for (int j = 0; j < 32; ++j) bits |= static_cast<uint32_t>(level[32 * b + j] >> 4) << j;
+    for (int i = 0; i < 4; ++i) qh[i] = static_cast<uint8_t>(bits >> (8 * i));
+  };
+  BlockQ4_1 q4_1[2]{};
+  BlockQ5_0 q5_0[2]{};
+  BlockQ5_1 q5_1[2]{};
+  for (int b = 0; b < 2; ++b) {
+    q4_1[b].d = q5_0[b].d = q5_1[b].d = fp32_to_fp16(d[b]);
+    q4_1[b].m = q5_1[b].m = fp32_to_fp16(m[b]);
+    pack_low(b, q4_1[b].qs);
+    pack_low(b, q5_0[b].qs);
+    pack_low(b, q5_1[b].qs);
+    pack_high(b, q5_0[b].qh);
+    pack_high(b, q5_1[b].qh);
+  }
+  std::vector<float> y4_1(64), y5_0(64), y5_1(64);
+  ASSERT_EQ(dequantize_row(DType::Q4_1, q4_1, y4_1.data(), 64), Status::ok);
+  ASSERT_EQ(dequantize_row(DType::Q5_0, q5_0, y5_0.data(), 64), Status::ok);
+  ASSERT_EQ(dequantize_row(DType::Q5_1, q5_1, y5_1.data(), 64), Status::ok);
+  for (int e = 0; e < 64; ++e) {
+    SCOPED_TRACE("element " + std::to_string(e));
+    const int b = e / 32;
+    EXPECT_FLOAT_EQ(y4_1[e], d[b] * static_cast<float>(level[e] & 0xF) + m[b]);
+    EXPECT_FLOAT_EQ(y5_0[e], d[b] * static_cast<float>(level[e] - 16));
+    EXPECT_FLOAT_EQ(y5_1[e], d[b] * static_cast<float>(level[e]) + m[b]);
+  }
+}
+
+// llama.cpp's rounding rules on a hand-picked block. Q5_0: max-magnitude value −8 gives d = 0.5 and
+// level = min(31, (int8)(x / d + 16.5)). Q4_1: min −1, max 2 gives d = 0.2, level = (int8)((x + 1) / 0.2 +
+// 0.5).
+TEST(KernelQuantize, Q5_0AndQ4_1MatchGgmlRounding) {
+  std::vector<float> x(32, 0.0f);
+  x[0] = -8.0f;   // level 0
+  x[1] = 7.9f;    // 15.8 + 16.5 -> 32 -> clamped to 31
+  x[2] = 0.24f;   // 0.48 + 16.5 -> 16
+  x[17] = 0.26f;  // 0.52 + 16.5 -> 17 (a high-nibble element)
+  BlockQ5_0 q5;
+  ASSERT_EQ(quantize_row(DType::Q5_0, x.data(), &q5, 32), Status::ok);
+  EXPECT_EQ(fp16_to_fp32(q5.d), 0.5f);
+  const uint32_t high = q5_high_bits(q5.qh);
+  auto q5_level = [&](int j) {
+    return (j < 16 ? q5.qs[j] & 0xF : q5.qs[j - 16] >> 4) | static_cast<int>(((high >> j) & 1) << 4);
+  };
+  EXPECT_EQ(q5_level(0), 0);
+  EXPECT_EQ(q5_level(1), 31);
+  EXPECT_EQ(q5_level(2), 16);
+  EXPECT_EQ(q5_level(17), 17);
+  EXPECT_EQ(q5_level(5), 16);
+
+  std::vector<float> y(32, 0.55f);
+  y[3] = -1.0f;
+  y[4] = 2.0f;
+  y[20] = 0.09f;  // 1.09 / 0.2 + 0.5 = 5.95 -> 5
+  BlockQ4_1 q4;
+  ASSERT_EQ(quantize_row(DType::Q4_1, y.data(), &q4, 32), Status::ok);
+  EXPECT_EQ(fp16_to_fp32(q4.m), -1.0f);
+  EXPECT_NEAR(fp16_to_fp32(q4.d), 0.2f, 1e-4f);
+  EXPECT_EQ(q4.qs[3] & 0xF, 0);
+  EXPECT_EQ(q4.qs[4] & 0xF, 15);
+  EXPECT_EQ(q4.qs[4] >> 4, 5);
+  EXPECT_EQ(q4.qs[0] & 0xF, 8);  // 1.55 / 0.2 + 0.5 = 8.25 -> 8
 }
 
 // Q6_K quantization (llama.cpp's quantize_row_q6_K_ref): 6-bit error on random rows, four times

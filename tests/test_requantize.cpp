@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstring>
 #include <filesystem>
+#include <map>
 
 #include "kernels/quantize.hpp"
 #include "model/gguf.hpp"
@@ -67,6 +68,15 @@ std::string write_small_model(const fs::path& dir, const std::string& name, DTyp
   LlamaShape shape = llama_shape_by_name("small");
   shape.n_vocab = 354;
   if (n_layer > 0) shape.n_layer = n_layer;
+  const std::string path = (dir / name).string();
+  write_random_llama(path, shape, type, seed);
+  return path;
+}
+
+// The same with shape "tiny" (rows of 128 and 256): the model of the tiny llama.cpp files in tests/data.
+std::string write_tiny_model(const fs::path& dir, const std::string& name, DType type, uint64_t seed) {
+  LlamaShape shape = llama_shape_by_name("tiny");
+  shape.n_vocab = 354;
   const std::string path = (dir / name).string();
   write_random_llama(path, shape, type, seed);
   return path;
@@ -381,6 +391,97 @@ TEST(RequantizeTestData, LlamaCppMixTypes) {
   const std::vector<DType> fixture_types = llama_cpp_mix_types(*q4_k_m, LlamaCppMix::q4_k_m);
   for (size_t i = 0; i < fixture_types.size(); ++i)
     EXPECT_EQ(fixture_types[i], q4_k_m->tensors()[i].type) << q4_k_m->tensors()[i].name;
+}
+
+// llama-quantize's Q4_K_S mix of the tiny F16 model (tests/data/llama-cpp-q4_k_s): its rows of 128 are
+// not a multiple of 256, so llama.cpp falls back to Q5_0 for Q4_K, Q5_1 for Q5_K and Q8_0 for the Q6_K
+// head. Every tensor's type and every matrix's bytes must be llama.cpp's.
+TEST(RequantizeTestData, TinyQ4_K_SFallsBackAsLlamaCppByteForByte) {
+  test::TempDir dir;
+  const std::string f16 = write_tiny_model(dir.path(), "tiny-f16.gguf", DType::F16, 7);
+  const std::string ours_path = (dir.path() / "q4_k_s.gguf").string();
+  requantize_gguf(*GgufFile::open(f16), ours_path, LlamaCppMix::q4_k_s);
+  const auto ours = GgufFile::open(ours_path);
+  const auto theirs =
+      GgufFile::open((test::test_data_dir() / "llama-cpp-q4_k_s" / "tiny-llama-q4_k_s.gguf").string());
+  ASSERT_EQ(ours->tensors().size(), theirs->tensors().size());
+  std::map<DType, int> count;
+  for (const GgufTensorInfo& t : theirs->tensors()) {
+    const GgufTensorInfo* o = ours->find_tensor(t.name);
+    ASSERT_NE(o, nullptr) << t.name;
+    EXPECT_EQ(o->type, t.type) << t.name;
+    ASSERT_EQ(o->size_bytes, t.size_bytes) << t.name;
+    EXPECT_EQ(std::memcmp(ours->tensor_data(*o), theirs->tensor_data(t), t.size_bytes), 0) << t.name;
+    ++count[t.type];
+  }
+  // The README's table: 11 Q5_0, the two attn_v Q5_1, the two ffn_down (rows of 256) Q4_K, a Q8_0 head.
+  EXPECT_EQ(count[DType::Q5_0], 11);
+  EXPECT_EQ(count[DType::Q5_1], 2);
+  EXPECT_EQ(count[DType::Q4_K], 2);
+  EXPECT_EQ(count[DType::Q8_0], 1);
+  EXPECT_EQ(ours->get_uint("general.file_type"), 14u);
+}
+
+// llama.cpp's Q4_1 of the same model (tests/data/llama-cpp-q4_1), quantized by quantize_row_q4_1_ref:
+// Nibble's Q4_1 quantizer writes the same bytes for all 15 Q4_1 matrices, and `--type q4_1` stores the
+// 14 layer matrices as Q4_1 (the embedding and head as Q8_0, unless pure).
+TEST(RequantizeTestData, Q4_1EqualsLlamaCppByteForByte) {
+  test::TempDir dir;
+  const auto source = GgufFile::open(write_tiny_model(dir.path(), "tiny-f16.gguf", DType::F16, 7));
+  const auto llama_cpp =
+      GgufFile::open((test::test_data_dir() / "llama-cpp-q4_1" / "tiny-llama-q4_1.gguf").string());
+  int checked = 0;
+  for (const GgufTensorInfo& t : llama_cpp->tensors()) {
+    if (t.type != DType::Q4_1) continue;
+    const GgufTensorInfo* s = source->find_tensor(t.name);
+    ASSERT_NE(s, nullptr) << t.name;
+    const std::vector<uint8_t> ours = convert_tensor(*source, *s, DType::Q4_1);
+    ASSERT_EQ(ours.size(), t.size_bytes) << t.name;
+    EXPECT_EQ(std::memcmp(ours.data(), llama_cpp->tensor_data(t), ours.size()), 0) << t.name;
+    ++checked;
+  }
+  EXPECT_EQ(checked, 15);
+  const std::string ours_path = (dir.path() / "q4_1.gguf").string();
+  requantize_gguf(*source, ours_path, DType::Q4_1, false);
+  const auto ours = GgufFile::open(ours_path);
+  EXPECT_EQ(ours->get_uint("general.file_type"), 3u);
+  EXPECT_EQ(ours->find_tensor("token_embd.weight")->type, DType::Q8_0);
+  EXPECT_EQ(ours->find_tensor("output.weight")->type, DType::Q8_0);
+  const GgufTensorInfo* up = ours->find_tensor("blk.1.ffn_up.weight");
+  ASSERT_EQ(up->type, DType::Q4_1);
+  EXPECT_EQ(std::memcmp(ours->tensor_data(*up), llama_cpp->tensor_data(*llama_cpp->find_tensor(up->name)),
+                        up->size_bytes),
+            0);
+}
+
+// Rows of 48 fit no block of 256 and no fallback block of 32 either: llama.cpp then stores F16; rows of 96
+// (ffn_down) take the 32-blocks.
+TEST(RequantizeTestData, MixFallsBackToF16WhereNoBlockFits) {
+  test::TempDir dir;
+  LlamaShape shape = llama_shape_by_name("tiny");
+  shape.n_vocab = 354;
+  shape.n_embd = 48;
+  shape.n_ff = 96;
+  const std::string path = (dir.path() / "odd.gguf").string();
+  write_random_llama(path, shape, DType::F32, 3);
+  const auto file = GgufFile::open(path);
+  const std::vector<DType> types = llama_cpp_mix_types(*file, LlamaCppMix::q4_k_m);
+  for (size_t i = 0; i < types.size(); ++i) {
+    const GgufTensorInfo& t = file->tensors()[i];
+    SCOPED_TRACE(t.name);
+    if (t.dims.size() == 1) {
+      EXPECT_EQ(types[i], DType::F32);
+    } else if (t.name == "blk.0.ffn_down.weight") {
+      EXPECT_EQ(types[i], DType::Q5_0);  // Q4_K's fallback (layer 0 is not a "more bits" layer)
+    } else if (t.name == "blk.1.ffn_down.weight") {
+      EXPECT_EQ(types[i], DType::Q8_0);  // Q6_K's fallback
+    } else {
+      EXPECT_EQ(types[i], DType::F16);
+    }
+  }
+  const std::string out = (dir.path() / "odd-q4_k_m.gguf").string();
+  requantize_gguf(*file, out, LlamaCppMix::q4_k_m);
+  EXPECT_EQ(GgufFile::open(out)->find_tensor("blk.0.attn_q.weight")->type, DType::F16);
 }
 
 }  // namespace

@@ -2,7 +2,8 @@
 """Quantizes a GGUF with llama.cpp's own quantizer (llama-quantize's mixes, through llama-cpp-python),
 so that benchmarks can run on the files llama.cpp users have, e.g. a Q4_K_M of `nibble make-model`'s
 F16 model. Usage:
-llama_cpp_quantize.py IN.gguf OUT.gguf [q4_k_m|q4_k_s|q5_k_m|q5_k_s|q4_0|q6_k|q8_0|iq4_xs|iq4_nl]"""
+llama_cpp_quantize.py IN.gguf OUT.gguf [q4_k_m|q4_k_s|q5_k_m|q5_k_s|q4_0|q4_1|q5_0|q5_1|q6_k|q8_0|
+                                            iq4_xs|iq4_nl]"""
 import ctypes
 import sys
 
@@ -13,6 +14,9 @@ except ImportError:
 
 FTYPES = {
     "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
+    "q4_1": "LLAMA_FTYPE_MOSTLY_Q4_1",
+    "q5_0": "LLAMA_FTYPE_MOSTLY_Q5_0",
+    "q5_1": "LLAMA_FTYPE_MOSTLY_Q5_1",
     "q4_k_s": "LLAMA_FTYPE_MOSTLY_Q4_K_S",
     "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
     "q5_k_s": "LLAMA_FTYPE_MOSTLY_Q5_K_S",

@@ -23,6 +23,9 @@ namespace {
 
 kernels::DType parse_matrix_type(const std::string& name) {
   if (name == "q4_0") return kernels::DType::Q4_0;
+  if (name == "q4_1") return kernels::DType::Q4_1;
+  if (name == "q5_0") return kernels::DType::Q5_0;
+  if (name == "q5_1") return kernels::DType::Q5_1;
   if (name == "q4_k") return kernels::DType::Q4_K;
   if (name == "q5_k") return kernels::DType::Q5_K;
   if (name == "q8_0") return kernels::DType::Q8_0;
@@ -30,7 +33,8 @@ kernels::DType parse_matrix_type(const std::string& name) {
   if (name == "f32") return kernels::DType::F32;
   throw std::invalid_argument(
       "unknown --type '" + name +
-      "' (expected q4_0, q4_k, q5_k, q8_0, f16 or f32; quantize also takes q4_k_s, q4_k_m, q5_k_s, q5_k_m)");
+      "' (expected q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q8_0, f16 or f32; quantize also takes q4_k_s, q4_k_m, "
+      "q5_k_s, q5_k_m)");
 }
 
 // A token file: token ids separated by whitespace. Throws naming the file and the first bad word.
@@ -173,7 +177,7 @@ Runner add_make_model(CLI::App& app) {
   };
   auto a = std::make_shared<Args>();
   app.add_option("--shape", a->shape, "Named shape: tiny, small, llama-1b, llama-8b, llama-70b");
-  app.add_option("--type", a->type, "Matrix type: q4_0, q4_k, q5_k, q8_0, f16, f32");
+  app.add_option("--type", a->type, "Matrix type: q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q8_0, f16, f32");
   app.add_option("--seed", a->seed, "Weight seed");
   app.add_option(
          "--vocab", a->vocab,
@@ -214,10 +218,11 @@ Runner add_quantize(CLI::App& app) {
       ->check(CLI::IsMember({"gguf", "gptq"}));
   app.add_option("--group-size", a->group_size,
                  "--format gptq: inputs sharing a scale and zero (32, 64, 128)");
-  app.add_option("--type", a->type,
-                 "Matrix type: q4_0, q4_k, q5_k, q8_0, f16, f32 (gptq / awq: q4_0 or q4_k); or one of "
-                 "llama-quantize's mixes, q4_k_s, q4_k_m, q5_k_s, q5_k_m (rtn only: llama.cpp's tensor types "
-                 "and bytes)");
+  app.add_option(
+      "--type", a->type,
+      "Matrix type: q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q8_0, f16, f32 (gptq / awq: q4_0 or q4_k); or one of "
+      "llama-quantize's mixes, q4_k_s, q4_k_m, q5_k_s, q5_k_m (rtn only: llama.cpp's tensor types "
+      "and bytes)");
   app.add_flag("--pure", a->pure, "Quantize every matrix, the embedding and output head included");
   app.add_option("--method", a->method, "rtn (round to nearest, default), gptq or awq (need --calib)");
   app.add_option("--calib", a->calib,

@@ -229,6 +229,12 @@ std::vector<uint8_t> random_quant_blocks(kernels::DType type, int64_t n_out, int
       reinterpret_cast<BlockIQ4_NL*>(w.data())[b].d = fp32_to_fp16(scale(rng) * 0.1f);
     } else if (type == DType::Q6_K) {
       reinterpret_cast<BlockQ6_K*>(w.data())[b].d = fp32_to_fp16(scale(rng) * 0.1f);
+    } else if (type == DType::Q5_0) {
+      reinterpret_cast<BlockQ5_0*>(w.data())[b].d = fp32_to_fp16(scale(rng));
+    } else if (type == DType::Q4_1 || type == DType::Q5_1) {
+      // d and m lead both blocks; m below 0 as a quantizer's minimum usually is.
+      const f16_bits d_m[2] = {fp32_to_fp16(scale(rng)), fp32_to_fp16(-8.0f * scale(rng))};
+      std::memcpy(w.data() + b * type_info(type).block_bytes, d_m, sizeof d_m);
     } else {
       ADD_FAILURE() << "random_quant_blocks: no rule for " << type_name(type);
     }

@@ -48,9 +48,9 @@ class TempDir {
 };
 
 std::vector<float> random_floats(size_t n, uint64_t seed, float lo = -1.0f, float hi = 1.0f);
-// n_out rows of k elements of a block type (Q8_0, the K-quants, IQ4_NL, IQ4_XS) as random bytes (every quant,
-// -128 included; every 6-bit scale and min up to 63, every signed Q6_K scale) with small positive block
-// scales: any valid block, and the integer sums' extremes, which a quantizer rarely produces.
+// n_out rows of k elements of a block type (Q8_0, Q4_1, Q5_0, Q5_1, the K-quants, IQ4_NL, IQ4_XS) as random
+// bytes (every quant, -128 included; every 6-bit scale and min up to 63, every signed Q6_K scale) with small
+// positive block scales: any valid block, and the integer sums' extremes, which a quantizer rarely produces.
 std::vector<uint8_t> random_quant_blocks(kernels::DType type, int64_t n_out, int64_t k, uint64_t seed);
 std::vector<uint8_t> read_file_bytes(const std::filesystem::path& path);
 // A whole tensor of any type as floats (a failed row dequantization fails the current test).

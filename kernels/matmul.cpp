@@ -58,7 +58,7 @@ std::atomic<const IsaKernels*>& active_isa() {
 }
 
 // Weight types the matmul accepts, and which activation format each one consumes.
-enum class ActivationFormat { f32, q8_0, q8_k, none };
+enum class ActivationFormat { f32, q8_0, q8_1, q8_k, none };
 
 ActivationFormat activation_format(DType w_type) {
   switch (w_type) {
@@ -67,12 +67,13 @@ ActivationFormat activation_format(DType w_type) {
     case DType::BF16:
       return ActivationFormat::f32;
     case DType::Q4_0:
-    case DType::Q4_1:
     case DType::Q5_0:
-    case DType::Q5_1:
     case DType::Q8_0:
     case DType::IQ4_NL:
       return ActivationFormat::q8_0;
+    case DType::Q4_1:
+    case DType::Q5_1:
+      return ActivationFormat::q8_1;
     case DType::Q4_K:
     case DType::Q5_K:
     case DType::Q6_K:
@@ -167,9 +168,12 @@ void prepare_activations(const IsaKernels& isa, ActivationFormat format, const f
     op.x_stride = k * static_cast<int64_t>(sizeof(float));
     return;
   }
-  const DType act_type = format == ActivationFormat::q8_0 ? DType::Q8_0 : DType::Q8_K;
-  const detail::QuantizeActivationFn quantize =
-      format == ActivationFormat::q8_0 ? isa.quantize_q8_0 : isa.quantize_q8_k;
+  const DType act_type = format == ActivationFormat::q8_0   ? DType::Q8_0
+                         : format == ActivationFormat::q8_1 ? DType::Q8_1
+                                                            : DType::Q8_K;
+  const detail::QuantizeActivationFn quantize = format == ActivationFormat::q8_0   ? isa.quantize_q8_0
+                                                : format == ActivationFormat::q8_1 ? isa.quantize_q8_1
+                                                                                   : isa.quantize_q8_k;
   op.x_stride = row_bytes(act_type, k);
   std::vector<uint8_t>& scratch = tls_activation_scratch;
   if (scratch.size() < static_cast<size_t>(m * op.x_stride))
@@ -262,8 +266,7 @@ Status matmul_packed(const PackedMatrix& w, const float* x, int64_t m, float* y,
   op.y_stride = w.n_out();
   op.m = m;
   op.k = w.k();
-  const bool with_block_info = w.type() == DType::Q4_0 || w.type() == DType::Q4_1 ||
-                               w.type() == DType::Q5_0 || w.type() == DType::Q5_1;
+  const bool with_block_info = w.type() == DType::Q4_0 || w.type() == DType::Q5_0;
   prepare_activations(isa, activation_format(w.type()), x, parallel, with_block_info, pool, op);
   MatmulRangeFn range = isa.q4_0_packed;
   if (w.type() == DType::Q4_1) range = isa.q4_1_packed;

@@ -16,15 +16,15 @@ struct Q8_0BlockInfo {
 struct MatmulOperands {
   const uint8_t* w;  // w: [n_out, k] in the weight type, rows w_stride bytes apart
   int64_t w_stride;
-  const uint8_t* x;  // x: [m, k] as float (F32/F16/BF16 weights), Q8_0 (blocks of 32) or Q8_K
-  int64_t x_stride;  //    (K-quants, IQ4_XS) blocks, rows x_stride bytes apart
+  const uint8_t* x;  // x: [m, k] as float (F32/F16/BF16 weights), Q8_0 (blocks of 32), Q8_1 (Q4_1,
+  int64_t x_stride;  //    Q5_1) or Q8_K (K-quants, IQ4_XS) blocks, rows x_stride bytes apart
   float* y;          // y: [m, n_out] floats, rows y_stride floats apart
   int64_t y_stride;
   int64_t m;
   int64_t k;
-  // Only for packed Q4_0, Q4_1, Q5_0 and Q5_1 weights (w then points to 8-row panels, w_stride bytes
-  // apart, see kernels/packed_weights.hpp): [m, k/32] block infos of the activation rows, row-major.
-  // Packed K-quant weights need none (the Q8_K blocks carry their sums).
+  // Only for packed Q4_0 and Q5_0 weights (w then points to 8-row panels, w_stride bytes apart, see
+  // kernels/packed_weights.hpp): [m, k/32] block infos of the activation rows, row-major. The other
+  // packed types need none (Q8_1 and Q8_K blocks carry their sums).
   const Q8_0BlockInfo* x_info = nullptr;
 };
 
@@ -54,7 +54,8 @@ struct IsaKernels {
   MatmulRangeFn q4_0_packed;
   // Q8_0 packed in 8-row panels × Q8_0 activations; o_begin is a multiple of 8.
   MatmulRangeFn q8_0_packed;
-  // Q4_1, Q5_0 and Q5_1 packed in 8-row panels × Q8_0 activations with x_info; o_begin is a multiple of 8.
+  // Q4_1 / Q5_1 packed in 8-row panels × Q8_1 activations, Q5_0 × Q8_0 activations with x_info; o_begin
+  // is a multiple of 8.
   MatmulRangeFn q4_1_packed;
   MatmulRangeFn q5_0_packed;
   MatmulRangeFn q5_1_packed;
@@ -66,6 +67,7 @@ struct IsaKernels {
   MatmulRangeFn iq4_nl_packed;
   MatmulRangeFn iq4_xs_packed;
   QuantizeActivationFn quantize_q8_0;  // must give the same bytes as quantize_row(Q8_0)
+  QuantizeActivationFn quantize_q8_1;  // must give the same bytes as quantize_row(Q8_1)
   QuantizeActivationFn quantize_q8_k;  // must give the same bytes as quantize_row(Q8_K)
   // Fills info[0, n_blocks) for one Q8_0 activation row.
   void (*q8_0_block_info)(const void* x_row, Q8_0BlockInfo* info, int64_t n_blocks);

@@ -65,27 +65,24 @@ float dot_q5_0(const uint8_t* w_row, const uint8_t* x_row, int64_t k) {
   return sum;
 }
 
-// Q4_1 and Q5_1 (weight d · q + m): per block (d·dx)·Σq·x + m·(dx·Σx), both sums in integers, the two
-// float terms added in that order.
+// Q4_1 and Q5_1 (weight d · q + m) × Q8_1 activations: per block (d·dx)·Σq·x + m·s, s the activation
+// block's sum (llama.cpp's ggml_vec_dot_q4_1_q8_1 / _q5_1_q8_1), the two terms added in that order.
 template <typename Block>
 float dot_q4_1_or_q5_1(const uint8_t* w_row, const uint8_t* x_row, int64_t k) {
   const auto* w = reinterpret_cast<const Block*>(w_row);
-  const auto* x = reinterpret_cast<const BlockQ8_0*>(x_row);
+  const auto* x = reinterpret_cast<const BlockQ8_1*>(x_row);
   float sum = 0.0f;
   for (int64_t b = 0; b < k / kQK4_0; ++b) {
     uint32_t high = 0;
     if constexpr (std::is_same_v<Block, BlockQ5_1>) high = q5_high_bits(w[b].qh);
     int sumi = 0;
-    int sum_x = 0;
     for (int j = 0; j < kQK4_0 / 2; ++j) {
       const int lo = (w[b].qs[j] & 0xF) | static_cast<int>(((high >> j) & 1) << 4);
       const int hi = (w[b].qs[j] >> 4) | static_cast<int>(((high >> (j + 16)) & 1) << 4);
       sumi += lo * x[b].qs[j] + hi * x[b].qs[j + kQK4_0 / 2];
-      sum_x += x[b].qs[j] + x[b].qs[j + kQK4_0 / 2];
     }
-    const float dx = fp16_to_fp32(x[b].d);
-    const float x_sum = dx * static_cast<float>(sum_x);  // the activation block's sum, as llama.cpp's Q8_1 s
-    sum += fp16_to_fp32(w[b].d) * dx * static_cast<float>(sumi) + fp16_to_fp32(w[b].m) * x_sum;
+    sum += fp16_to_fp32(w[b].d) * fp16_to_fp32(x[b].d) * static_cast<float>(sumi) +
+           fp16_to_fp32(w[b].m) * fp16_to_fp32(x[b].s);
   }
   return sum;
 }
@@ -267,6 +264,11 @@ void quantize_q8_0(const float* x, void* out, int64_t k) {
     quantize_block_q8_0(x + b * kQK8_0, static_cast<BlockQ8_0*>(out) + b);
 }
 
+void quantize_q8_1(const float* x, void* out, int64_t k) {
+  for (int64_t b = 0; b < k / kQK8_0; ++b)
+    quantize_block_q8_1(x + b * kQK8_0, static_cast<BlockQ8_1*>(out) + b);
+}
+
 void quantize_q8_k(const float* x, void* out, int64_t k) {
   for (int64_t b = 0; b < k / kQK_K; ++b)
     quantize_block_q8_k(x + b * kQK_K, static_cast<BlockQ8_K*>(out) + b);
@@ -325,6 +327,7 @@ const IsaKernels kScalarKernels{
     .iq4_nl_packed = packed_range<DType::IQ4_NL, dot_iq4_nl>,
     .iq4_xs_packed = packed_range<DType::IQ4_XS, dot_iq4_xs>,
     .quantize_q8_0 = quantize_q8_0,
+    .quantize_q8_1 = quantize_q8_1,
     .quantize_q8_k = quantize_q8_k,
     .q8_0_block_info = q8_0_block_info,
     .f16_dot_rows = f16_dot_rows,

@@ -27,6 +27,7 @@ using nibble::kernels::BlockQ5_1;
 using nibble::kernels::BlockQ5_K;
 using nibble::kernels::BlockQ6_K;
 using nibble::kernels::BlockQ8_0;
+using nibble::kernels::BlockQ8_1;
 using nibble::kernels::BlockQ8_K;
 using nibble::kernels::DType;
 using nibble::kernels::f16_bits;
@@ -199,11 +200,11 @@ struct Q8_0Family {
   }
 };
 
-// ---- Q4_1 and Q5_1 weights (d · q + m) × Q8_0 activations ----
+// ---- Q4_1 and Q5_1 weights (d · q + m) × Q8_1 activations ----
 //
 // The levels (0..15 or 0..31) are unsigned, so they go into maddubs as they are, with no sign trick;
-// the minimum adds m · dx · Σx, Σx taken from the activation block as 8 partial sums and scaled into
-// the same 8 accumulator lanes.
+// the minimum adds m · s per block, s the activation block's sum, summed apart from the lanes and added
+// after them (as llama.cpp's ggml_vec_dot_q4_1_q8_1 does).
 template <typename WeightBlock>
 struct Q8_1Family {
   static __m256i load_levels(const WeightBlock& block) {
@@ -217,15 +218,19 @@ struct Q8_1Family {
   template <int RM, int RN>
   static void tile(const MatmulOperands& op, int64_t r0, int64_t o0) {
     const WeightBlock* w[RN];
-    const BlockQ8_0* x[RM];
+    const BlockQ8_1* x[RM];
     NIBBLE_UNROLL
     for (int j = 0; j < RN; ++j) w[j] = reinterpret_cast<const WeightBlock*>(op.w + (o0 + j) * op.w_stride);
     NIBBLE_UNROLL
-    for (int i = 0; i < RM; ++i) x[i] = reinterpret_cast<const BlockQ8_0*>(op.x + (r0 + i) * op.x_stride);
+    for (int i = 0; i < RM; ++i) x[i] = reinterpret_cast<const BlockQ8_1*>(op.x + (r0 + i) * op.x_stride);
     __m256 acc[RM][RN];
+    float min_terms[RM][RN];
     NIBBLE_UNROLL
     for (int i = 0; i < RM; ++i) NIBBLE_UNROLL
-    for (int j = 0; j < RN; ++j) acc[i][j] = _mm256_setzero_ps();
+    for (int j = 0; j < RN; ++j) {
+      acc[i][j] = _mm256_setzero_ps();
+      min_terms[i][j] = 0.0f;
+    }
 
     const int64_t n_blocks = op.k / kQK8_0;
     for (int64_t b = 0; b < n_blocks; ++b) {
@@ -241,17 +246,18 @@ struct Q8_1Family {
       for (int i = 0; i < RM; ++i) {
         const __m256i x_q = load_i8x32(x[i][b].qs);
         const float x_d = half_to_float(x[i][b].d);
-        const __m256 x_sums =
-            _mm256_cvtepi32_ps(pairwise_sum_i16(_mm256_maddubs_epi16(_mm256_set1_epi8(1), x_q)));
+        const float x_s = half_to_float(x[i][b].s);
         NIBBLE_UNROLL
         for (int j = 0; j < RN; ++j) {
           const __m256i dot = pairwise_sum_i16(_mm256_maddubs_epi16(w_q[j], x_q));
           acc[i][j] = _mm256_fmadd_ps(_mm256_set1_ps(w_d[j] * x_d), _mm256_cvtepi32_ps(dot), acc[i][j]);
-          acc[i][j] = _mm256_fmadd_ps(_mm256_set1_ps(w_m[j] * x_d), x_sums, acc[i][j]);
+          min_terms[i][j] += w_m[j] * x_s;
         }
       }
     }
-    store_tile<RM, RN>(op, r0, o0, acc);
+    NIBBLE_UNROLL
+    for (int i = 0; i < RM; ++i) NIBBLE_UNROLL
+    for (int j = 0; j < RN; ++j) op.y[(r0 + i) * op.y_stride + o0 + j] = hsum_ps(acc[i][j]) + min_terms[i][j];
   }
 };
 
@@ -532,18 +538,21 @@ struct PackedIQ4_NL : PanelKernel<PackedIQ4_NL, DType::IQ4_NL, BlockQ8_0> {
   }
 };
 
-// ---- Q4_1, Q5_0 and Q5_1 weights packed in 8-row panels × Q8_0 activations ----
+// ---- Q4_1, Q5_0 and Q5_1 weights packed in 8-row panels × Q8_1 / Q8_0 activations ----
 //
 // Q4_0's chunks (kernels/packed_weights.hpp): the levels (nibbles, with Q5's fifth bits moved in from
-// the group's reordered qh bytes) go into the products unsigned, 0..31, and the offset comes from the
-// activation block's Σx (its Q8_0BlockInfo): Q5_0 subtracts 16 · Σx in integers, Q4_1 / Q5_1 add the
-// minimum's term m · (dx · Σx) in float. VNNI sums in 32 bits; AVX2's maddubs pairs (at most 2 · 31 · 127)
-// are summed over a chunk's two halves in 16 bits and widened each chunk. The float operations per
-// block are dot_q5_0's / dot_q4_1_or_q5_1's, unfused, so the results are the scalar matmul's bit for bit.
+// the group's reordered qh bytes) go into the products unsigned, 0..31. Q4_1 / Q5_1 add the minimum's
+// term m · s in float, s the Q8_1 activation block's sum; Q5_0 subtracts 16 · Σx in integers, Σx from
+// the Q8_0 activation block's Q8_0BlockInfo. VNNI sums in 32 bits; AVX2's maddubs pairs (at most
+// 2 · 31 · 127) are summed over a chunk's two halves in 16 bits and widened each chunk. The float
+// operations per block are dot_q5_0's / dot_q4_1_or_q5_1's, unfused, so the results are the scalar
+// matmul's bit for bit.
 template <DType kType>
-struct PackedQ4_1OrQ5 : PanelKernel<PackedQ4_1OrQ5<kType>, kType, BlockQ8_0> {
-  static constexpr bool kUsesBlockInfo = true;
+struct PackedQ4_1OrQ5 : PanelKernel<PackedQ4_1OrQ5<kType>, kType,
+                                    std::conditional_t<kType == DType::Q5_0, BlockQ8_0, BlockQ8_1>> {
+  using XBlock = std::conditional_t<kType == DType::Q5_0, BlockQ8_0, BlockQ8_1>;
   static constexpr bool kHasMin = kType != DType::Q5_0;
+  static constexpr bool kUsesBlockInfo = !kHasMin;
   static constexpr bool kHasFifthBit = kType != DType::Q4_1;
   static constexpr int64_t kChunksOffset = kHasMin ? 32 : 16;  // after the scales (and minimums)
   static constexpr int64_t kFifthBitsOffset = kChunksOffset + 128;
@@ -566,14 +575,14 @@ struct PackedQ4_1OrQ5 : PanelKernel<PackedQ4_1OrQ5<kType>, kType, BlockQ8_0> {
         high, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(byte_c, high_mask), high_mask), bit4));
   }
 
+  // Σ level · x of block b for every row of the tile (lane j: output o0 + j).
   template <int RM>
-  static void block_terms(const uint8_t* group, const BlockQ8_0* const (&x)[RM],
-                          const Q8_0BlockInfo* const (&info)[RM], int64_t b, __m256 (&terms)[RM]) {
+  static void level_dots(const uint8_t* group, const XBlock* const (&x)[RM], int64_t b,
+                         __m256i (&sum32)[RM]) {
     const __m256i low4 = _mm256_set1_epi8(0x0F);
     __m256i fifth_bits = _mm256_setzero_si256();
     if constexpr (kHasFifthBit)
       fifth_bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(group + kFifthBitsOffset));
-    __m256i sum32[RM];
     NIBBLE_UNROLL
     for (int i = 0; i < RM; ++i) sum32[i] = _mm256_setzero_si256();
     for_each_constant<4>([&](auto c) {
@@ -595,23 +604,40 @@ struct PackedQ4_1OrQ5 : PanelKernel<PackedQ4_1OrQ5<kType>, kType, BlockQ8_0> {
 #endif
       }
     });
+  }
+
+  // Q4_1 / Q5_1: (w_d · x_d) · Σ level · x + m · s.
+  template <int RM>
+  static void block_terms(const uint8_t* group, const XBlock* const (&x)[RM], int64_t b,
+                          __m256 (&terms)[RM]) requires kHasMin {
+    __m256i sum32[RM];
+    level_dots<RM>(group, x, b, sum32);
+    const __m256 w_d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(group)));
+    const __m256 w_m = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(group + 16)));
+    NIBBLE_UNROLL
+    for (int i = 0; i < RM; ++i) {
+      __m256 scaled = _mm256_mul_ps(_mm256_mul_ps(w_d, _mm256_set1_ps(half_to_float(x[i][b].d))),
+                                    _mm256_cvtepi32_ps(sum32[i]));
+      __m256 offset = _mm256_mul_ps(w_m, _mm256_set1_ps(half_to_float(x[i][b].s)));
+      float_barrier(scaled);
+      float_barrier(offset);
+      terms[i] = _mm256_add_ps(scaled, offset);
+    }
+  }
+
+  // Q5_0: (w_d · x_d) · (Σ level · x − 16 · Σx).
+  template <int RM>
+  static void block_terms(const uint8_t* group, const XBlock* const (&x)[RM],
+                          const Q8_0BlockInfo* const (&info)[RM], int64_t b,
+                          __m256 (&terms)[RM]) requires(!kHasMin) {
+    __m256i sum32[RM];
+    level_dots<RM>(group, x, b, sum32);
     const __m256 w_d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(group)));
     NIBBLE_UNROLL
     for (int i = 0; i < RM; ++i) {
       const Q8_0BlockInfo& xb = info[i][b];
-      const __m256 x_d = _mm256_set1_ps(xb.d);
-      if constexpr (kHasMin) {
-        const __m256 w_m = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(group + 16)));
-        __m256 scaled = _mm256_mul_ps(_mm256_mul_ps(w_d, x_d), _mm256_cvtepi32_ps(sum32[i]));
-        const float x_sum = xb.d * static_cast<float>(xb.sum_times_8 / 8);
-        __m256 offset = _mm256_mul_ps(w_m, _mm256_set1_ps(x_sum));
-        float_barrier(scaled);
-        float_barrier(offset);
-        terms[i] = _mm256_add_ps(scaled, offset);
-      } else {
-        const __m256i dot = _mm256_sub_epi32(sum32[i], _mm256_set1_epi32(2 * xb.sum_times_8));  // − 16 · Σx
-        terms[i] = _mm256_mul_ps(_mm256_mul_ps(w_d, x_d), _mm256_cvtepi32_ps(dot));
-      }
+      const __m256i dot = _mm256_sub_epi32(sum32[i], _mm256_set1_epi32(2 * xb.sum_times_8));
+      terms[i] = _mm256_mul_ps(_mm256_mul_ps(w_d, _mm256_set1_ps(xb.d)), _mm256_cvtepi32_ps(dot));
     }
   }
 };
@@ -1355,42 +1381,64 @@ void kquant_range(const MatmulOperands& op, int64_t o_begin, int64_t o_end) {
 
 // Same bytes as quantize_row(Q8_0): d = amax/127 rounded to fp16, q = roundf(x · (1/d)); roundf's
 // ties-away-from-zero is rebuilt from truncation because the SIMD rounding modes tie to even.
-void quantize_q8_0(const float* x, void* out, int64_t k) {
-  auto* blocks = static_cast<BlockQ8_0*>(out);
+// One block of 32 activations as quantize_row_q8_0_ref rounds it (roundf: ties away from zero) into
+// qs; returns the float scale d = amax / 127 (before its rounding to fp16) and the quants' sum.
+inline float quantize_block_q8(const float* xb, int8_t* qs, int32_t* sum) {
   const __m256 sign_mask = _mm256_set1_ps(-0.0f);
   const __m256 half = _mm256_set1_ps(0.5f);
   const __m256 one = _mm256_set1_ps(1.0f);
+  __m256 v[4];
+  __m256 amax = _mm256_setzero_ps();
+  NIBBLE_UNROLL
+  for (int i = 0; i < 4; ++i) {
+    v[i] = _mm256_loadu_ps(xb + 8 * i);
+    amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign_mask, v[i]));
+  }
+  __m128 max4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+  max4 = _mm_max_ps(max4, _mm_movehl_ps(max4, max4));
+  max4 = _mm_max_ss(max4, _mm_movehdup_ps(max4));
+  const float d = _mm_cvtss_f32(max4) / 127.0f;
+  const float inv_d = d != 0.0f ? 1.0f / d : 0.0f;
+  __m256i q[4];
+  NIBBLE_UNROLL
+  for (int i = 0; i < 4; ++i) {
+    const __m256 scaled = _mm256_mul_ps(v[i], _mm256_set1_ps(inv_d));
+    const __m256 truncated = _mm256_round_ps(scaled, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+    const __m256 fraction = _mm256_andnot_ps(sign_mask, _mm256_sub_ps(scaled, truncated));
+    const __m256 away = _mm256_or_ps(_mm256_and_ps(scaled, sign_mask), one);  // ±1 with x's sign
+    const __m256 round_away = _mm256_and_ps(_mm256_cmp_ps(fraction, half, _CMP_GE_OQ), away);
+    q[i] = _mm256_cvtps_epi32(_mm256_add_ps(truncated, round_away));
+  }
+  const __m256i lanes = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+  __m128i sum4 = _mm_add_epi32(_mm256_castsi256_si128(lanes), _mm256_extracti128_si256(lanes, 1));
+  sum4 = _mm_add_epi32(sum4, _mm_shuffle_epi32(sum4, 0x4E));
+  sum4 = _mm_add_epi32(sum4, _mm_shuffle_epi32(sum4, 0xB1));
+  *sum = _mm_cvtsi128_si32(sum4);
+  // Pack 4×8 int32 to 32 int8; the packs work per 128-bit lane, the permute restores order.
+  const __m256i packed16_lo = _mm256_packs_epi32(q[0], q[1]);
+  const __m256i packed16_hi = _mm256_packs_epi32(q[2], q[3]);
+  const __m256i packed8 = _mm256_packs_epi16(packed16_lo, packed16_hi);
+  const __m256i ordered = _mm256_permutevar8x32_epi32(packed8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(qs), ordered);
+  return d;
+}
+
+void quantize_q8_0(const float* x, void* out, int64_t k) {
+  auto* blocks = static_cast<BlockQ8_0*>(out);
   for (int64_t b = 0; b < k / kQK8_0; ++b) {
-    const float* xb = x + b * kQK8_0;
-    __m256 v[4];
-    __m256 amax = _mm256_setzero_ps();
-    NIBBLE_UNROLL
-    for (int i = 0; i < 4; ++i) {
-      v[i] = _mm256_loadu_ps(xb + 8 * i);
-      amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign_mask, v[i]));
-    }
-    __m128 max4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
-    max4 = _mm_max_ps(max4, _mm_movehl_ps(max4, max4));
-    max4 = _mm_max_ss(max4, _mm_movehdup_ps(max4));
-    const float d = _mm_cvtss_f32(max4) / 127.0f;
-    const float inv_d = d != 0.0f ? 1.0f / d : 0.0f;
+    int32_t sum;
+    blocks[b].d = _cvtss_sh(quantize_block_q8(x + b * kQK8_0, blocks[b].qs, &sum), _MM_FROUND_TO_NEAREST_INT);
+  }
+}
+
+// Q8_0's quants and d, and s = d · Σq rounded to fp16 from the float d (quantize_row_q8_1_ref).
+void quantize_q8_1(const float* x, void* out, int64_t k) {
+  auto* blocks = static_cast<BlockQ8_1*>(out);
+  for (int64_t b = 0; b < k / kQK8_0; ++b) {
+    int32_t sum;
+    const float d = quantize_block_q8(x + b * kQK8_0, blocks[b].qs, &sum);
     blocks[b].d = _cvtss_sh(d, _MM_FROUND_TO_NEAREST_INT);
-    __m256i q[4];
-    NIBBLE_UNROLL
-    for (int i = 0; i < 4; ++i) {
-      const __m256 scaled = _mm256_mul_ps(v[i], _mm256_set1_ps(inv_d));
-      const __m256 truncated = _mm256_round_ps(scaled, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
-      const __m256 fraction = _mm256_andnot_ps(sign_mask, _mm256_sub_ps(scaled, truncated));
-      const __m256 away = _mm256_or_ps(_mm256_and_ps(scaled, sign_mask), one);  // ±1 with x's sign
-      const __m256 round_away = _mm256_and_ps(_mm256_cmp_ps(fraction, half, _CMP_GE_OQ), away);
-      q[i] = _mm256_cvtps_epi32(_mm256_add_ps(truncated, round_away));
-    }
-    // Pack 4×8 int32 to 32 int8; the packs work per 128-bit lane, the permute restores order.
-    const __m256i packed16_lo = _mm256_packs_epi32(q[0], q[1]);
-    const __m256i packed16_hi = _mm256_packs_epi32(q[2], q[3]);
-    const __m256i packed8 = _mm256_packs_epi16(packed16_lo, packed16_hi);
-    const __m256i ordered = _mm256_permutevar8x32_epi32(packed8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(blocks[b].qs), ordered);
+    blocks[b].s = _cvtss_sh(static_cast<float>(sum) * d, _MM_FROUND_TO_NEAREST_INT);
   }
 }
 
@@ -1540,6 +1588,7 @@ nibble::kernels::detail::IsaKernels make_x86_kernels(const char* isa_name) {
       .iq4_nl_packed = packed_range<PackedIQ4_NL>,
       .iq4_xs_packed = packed_range<PackedIQ4_XS>,
       .quantize_q8_0 = quantize_q8_0,
+      .quantize_q8_1 = quantize_q8_1,
       .quantize_q8_k = quantize_q8_k,
       .q8_0_block_info = q8_0_block_info,
       .f16_dot_rows = f16_dot_rows,

@@ -59,6 +59,21 @@ static inline void quantize_block_q8_0(const float* x, BlockQ8_0* out) {
   for (int j = 0; j < kQK8_0; ++j) out->qs[j] = static_cast<int8_t>(std::roundf(x[j] * inv_d));
 }
 
+// GGML's quantize_row_q8_1_ref: Q8_0's d and quants, and s = d · Σq rounded to fp16 from the float d.
+static inline void quantize_block_q8_1(const float* x, BlockQ8_1* out) {
+  float amax = 0.0f;
+  for (int j = 0; j < kQK8_0; ++j) amax = std::fmax(amax, std::fabs(x[j]));
+  const float d = amax / 127.0f;
+  const float inv_d = d != 0.0f ? 1.0f / d : 0.0f;
+  out->d = fp32_to_fp16(d);
+  int sum = 0;
+  for (int j = 0; j < kQK8_0; ++j) {
+    out->qs[j] = static_cast<int8_t>(std::roundf(x[j] * inv_d));
+    sum += out->qs[j];
+  }
+  out->s = fp32_to_fp16(static_cast<float>(sum) * d);
+}
+
 // GGML's quantize_row_q8_K_ref: scale from the signed value of largest magnitude, bsums per 16.
 static inline void quantize_block_q8_k(const float* x, BlockQ8_K* out) {
   float max = 0.0f;

@@ -18,6 +18,7 @@ constexpr TypeInfo kQ5_K{"q5_K", kQK_K, sizeof(BlockQ5_K)};
 constexpr TypeInfo kQ6_K{"q6_K", kQK_K, sizeof(BlockQ6_K)};
 constexpr TypeInfo kIQ4_NL{"iq4_nl", kQK4_0, sizeof(BlockIQ4_NL)};
 constexpr TypeInfo kIQ4_XS{"iq4_xs", kQK_K, sizeof(BlockIQ4_XS)};
+constexpr TypeInfo kQ8_1{"q8_1", kQK8_0, sizeof(BlockQ8_1)};
 constexpr TypeInfo kQ8_K{"q8_K", kQK_K, sizeof(BlockQ8_K)};
 
 uint32_t float_bits(float f) {
@@ -58,6 +59,8 @@ const TypeInfo* type_info(uint32_t raw_type) {
       return &kQ5_K;
     case DType::Q6_K:
       return &kQ6_K;
+    case DType::Q8_1:
+      return &kQ8_1;
     case DType::Q8_K:
       return &kQ8_K;
     case DType::IQ4_NL:

@@ -16,6 +16,7 @@ enum class DType : uint32_t {
   Q5_0 = 6,
   Q5_1 = 7,
   Q8_0 = 8,
+  Q8_1 = 9,  // activations only (Q4_1 / Q5_1 dot products)
   Q4_K = 12,
   Q5_K = 13,
   Q6_K = 14,
@@ -143,6 +144,15 @@ static constexpr int iq4_xs_scale(const BlockIQ4_XS& block, int s) {
   const int high = (block.scales_h >> (2 * s)) & 3;
   return (low | (high << 4)) - 32;
 }
+
+// Q8_0 plus the block's sum: llama.cpp's activation blocks for Q4_1 and Q5_1 weights, whose minimum m
+// multiplies the activations' sum (Σ (d·q + m)·x = d·Σ q·x + m·Σx).
+struct BlockQ8_1 {
+  f16_bits d;
+  f16_bits s;  // d · Σ qs, with d before its rounding to fp16 (llama.cpp's quantize_row_q8_1_ref)
+  int8_t qs[32];
+};
+static_assert(sizeof(BlockQ8_1) == 36);
 
 struct BlockQ8_K {
   float d;

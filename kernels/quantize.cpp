@@ -506,6 +506,11 @@ Status quantize_row(DType type, const float* x, void* out, int64_t n) {
       for (int64_t b = 0; b < n / kQK_K; ++b) quantize_block_q6_k(x + b * kQK_K, dst + b);
       break;
     }
+    case DType::Q8_1: {
+      auto* dst = static_cast<BlockQ8_1*>(out);
+      for (int64_t b = 0; b < n / kQK8_0; ++b) detail::quantize_block_q8_1(x + b * kQK8_0, dst + b);
+      break;
+    }
     case DType::Q8_K: {
       auto* dst = static_cast<BlockQ8_K*>(out);
       for (int64_t b = 0; b < n / kQK_K; ++b) detail::quantize_block_q8_k(x + b * kQK_K, dst + b);
@@ -580,6 +585,13 @@ Status dequantize_row(DType type, const void* src, float* y, int64_t n) {
     case DType::IQ4_XS:
       for (int64_t b = 0; b < n_blocks; ++b)
         dequantize_block_iq4_xs(static_cast<const BlockIQ4_XS*>(src)[b], y + b * kQK_K);
+      break;
+    case DType::Q8_1:
+      for (int64_t b = 0; b < n_blocks; ++b) {
+        const BlockQ8_1& block = static_cast<const BlockQ8_1*>(src)[b];
+        for (int j = 0; j < kQK8_0; ++j)
+          y[b * kQK8_0 + j] = fp16_to_fp32(block.d) * static_cast<float>(block.qs[j]);
+      }
       break;
     case DType::Q8_K:
       for (int64_t b = 0; b < n_blocks; ++b) {

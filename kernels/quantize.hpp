@@ -11,8 +11,8 @@ namespace nibble::kernels {
 
 // x: [n] floats, n a multiple of the block size of `type`; out: row_bytes(type, n) bytes.
 // Supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 (llama.cpp's quantize_row_*_ref), Q4_K, Q5_K and
-// Q6_K (llama.cpp's quantize_row_q4_K_ref, quantize_row_q5_K_ref and quantize_row_q6_K_ref), Q8_K; not IQ4_NL
-// or IQ4_XS (unsupported_type: Nibble reads llama.cpp's IQ4 files but does not write them).
+// Q6_K (llama.cpp's quantize_row_q4_K_ref, quantize_row_q5_K_ref and quantize_row_q6_K_ref), Q8_1, Q8_K; not
+// IQ4_NL or IQ4_XS (unsupported_type: Nibble reads llama.cpp's IQ4 files but does not write them).
 Status quantize_row(DType type, const float* x, void* out, int64_t n);
 
 // llama.cpp's Q4_K sub-block fit (make_qkx2_quants with Q4_K's importance weights): the scale and

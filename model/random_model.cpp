@@ -220,6 +220,7 @@ uint32_t llama_file_type(kernels::DType matrix_type) {
       return 25;  // LLAMA_FTYPE_MOSTLY_IQ4_NL
     case kernels::DType::IQ4_XS:
       return 30;  // LLAMA_FTYPE_MOSTLY_IQ4_XS
+    case kernels::DType::Q8_1:
     case kernels::DType::Q8_K:
       break;
   }

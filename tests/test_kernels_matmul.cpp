@@ -185,6 +185,8 @@ TEST(KernelMatmulActivations, SimdQuantizersMatchQuantizeRow) {
   ASSERT_EQ(quantize_row(DType::Q8_0, x.data(), expected.data(), 256), Status::ok);
   std::vector<BlockQ8_K> expected_k(1);
   ASSERT_EQ(quantize_row(DType::Q8_K, x.data(), expected_k.data(), 256), Status::ok);
+  std::vector<BlockQ8_1> expected_1(8);
+  ASSERT_EQ(quantize_row(DType::Q8_1, x.data(), expected_1.data(), 256), Status::ok);
   const std::vector<std::pair<std::string, const detail::IsaKernels* (*)()>> isas = {
     {"scalar", [] { return &detail::scalar_kernels(); }},
 #if defined(__x86_64__)
@@ -201,10 +203,23 @@ TEST(KernelMatmulActivations, SimdQuantizersMatchQuantizeRow) {
     std::vector<BlockQ8_K> actual_k(1);
     kernels()->quantize_q8_k(x.data(), actual_k.data(), 256);
     EXPECT_EQ(std::memcmp(actual_k.data(), expected_k.data(), sizeof(BlockQ8_K)), 0) << name;
+    std::vector<BlockQ8_1> actual_1(8);
+    kernels()->quantize_q8_1(x.data(), actual_1.data(), 256);
+    EXPECT_EQ(std::memcmp(actual_1.data(), expected_1.data(), sizeof(BlockQ8_1) * 8), 0) << name;
   }
   EXPECT_EQ(expected[1].qs[1], 1);   // 0.5 -> 1
   EXPECT_EQ(expected[1].qs[2], -1);  // -0.5 -> -1
   EXPECT_EQ(expected[1].qs[4], -3);  // -2.5 -> -3
+  // Q8_1: Q8_0's d and quants, and s = d · Σq; block 1's d is 1 exactly, so s is Σq (|Σq| < 2048: exact in
+  // fp16).
+  for (int b = 0; b < 8; ++b) {
+    EXPECT_EQ(expected_1[b].d, expected[b].d);
+    EXPECT_EQ(std::memcmp(expected_1[b].qs, expected[b].qs, 32), 0);
+  }
+  int sum = 0;
+  for (int8_t q : expected[1].qs) sum += q;
+  EXPECT_EQ(fp16_to_fp32(expected_1[1].s), static_cast<float>(sum));
+  EXPECT_EQ(expected_1[0].s, 0);
 }
 
 TEST(KernelMatmulArguments, InvalidArgumentsAreRejected) {

@@ -32,34 +32,31 @@ float dot_bf16(const uint8_t* w_row, const float* x, int64_t k) {
   return sum;
 }
 
-float dot_q4_0(const uint8_t* w_row, const uint8_t* x_row, int64_t k) {
-  const auto* w = reinterpret_cast<const BlockQ4_0*>(w_row);
-  const auto* x = reinterpret_cast<const BlockQ8_0*>(x_row);
-  float sum = 0.0f;
-  for (int64_t b = 0; b < k / kQK4_0; ++b) {
-    int sumi = 0;
-    for (int j = 0; j < kQK4_0 / 2; ++j) {
-      sumi += ((w[b].qs[j] & 0xF) - 8) * x[b].qs[j];
-      sumi += ((w[b].qs[j] >> 4) - 8) * x[b].qs[j + kQK4_0 / 2];
-    }
-    sum += fp16_to_fp32(w[b].d) * fp16_to_fp32(x[b].d) * static_cast<float>(sumi);
+// The signed value of element j of a block of 32 with one scale: Q4_0's level − 8, Q5_0's level − 16,
+// IQ4_NL's table entry, Q8_0's quant.
+template <typename Block>
+int block32_value(const Block& block, int j) {
+  if constexpr (std::is_same_v<Block, BlockQ8_0>) {
+    return block.qs[j];
+  } else if constexpr (std::is_same_v<Block, BlockIQ4_NL>) {
+    return kIQ4Values[block32_level(block, j)];
+  } else if constexpr (std::is_same_v<Block, BlockQ5_0>) {
+    return block32_level(block, j) - 16;
+  } else {
+    static_assert(std::is_same_v<Block, BlockQ4_0>);
+    return block32_level(block, j) - 8;
   }
-  return sum;
 }
 
-// Q5_0: as dot_q4_0 with five-bit levels (fifth bit j of qh for element j) and offset 16.
-float dot_q5_0(const uint8_t* w_row, const uint8_t* x_row, int64_t k) {
-  const auto* w = reinterpret_cast<const BlockQ5_0*>(w_row);
+// Q4_0, Q5_0, IQ4_NL and Q8_0 × Q8_0 activations: per block (d·dx)·Σ value·x, the sum in integers.
+template <typename Block>
+float dot_block32(const uint8_t* w_row, const uint8_t* x_row, int64_t k) {
+  const auto* w = reinterpret_cast<const Block*>(w_row);
   const auto* x = reinterpret_cast<const BlockQ8_0*>(x_row);
   float sum = 0.0f;
-  for (int64_t b = 0; b < k / kQK4_0; ++b) {
-    const uint32_t high = q5_high_bits(w[b].qh);
+  for (int64_t b = 0; b < k / kQK8_0; ++b) {
     int sumi = 0;
-    for (int j = 0; j < kQK4_0 / 2; ++j) {
-      const int lo = (w[b].qs[j] & 0xF) | static_cast<int>(((high >> j) & 1) << 4);
-      const int hi = (w[b].qs[j] >> 4) | static_cast<int>(((high >> (j + 16)) & 1) << 4);
-      sumi += (lo - 16) * x[b].qs[j] + (hi - 16) * x[b].qs[j + kQK4_0 / 2];
-    }
+    for (int j = 0; j < kQK8_0; ++j) sumi += block32_value(w[b], j) * x[b].qs[j];
     sum += fp16_to_fp32(w[b].d) * fp16_to_fp32(x[b].d) * static_cast<float>(sumi);
   }
   return sum;
@@ -73,14 +70,8 @@ float dot_q4_1_or_q5_1(const uint8_t* w_row, const uint8_t* x_row, int64_t k) {
   const auto* x = reinterpret_cast<const BlockQ8_1*>(x_row);
   float sum = 0.0f;
   for (int64_t b = 0; b < k / kQK4_0; ++b) {
-    uint32_t high = 0;
-    if constexpr (std::is_same_v<Block, BlockQ5_1>) high = q5_high_bits(w[b].qh);
     int sumi = 0;
-    for (int j = 0; j < kQK4_0 / 2; ++j) {
-      const int lo = (w[b].qs[j] & 0xF) | static_cast<int>(((high >> j) & 1) << 4);
-      const int hi = (w[b].qs[j] >> 4) | static_cast<int>(((high >> (j + 16)) & 1) << 4);
-      sumi += lo * x[b].qs[j] + hi * x[b].qs[j + kQK4_0 / 2];
-    }
+    for (int j = 0; j < kQK4_0; ++j) sumi += block32_level(w[b], j) * x[b].qs[j];
     sum += fp16_to_fp32(w[b].d) * fp16_to_fp32(x[b].d) * static_cast<float>(sumi) +
            fp16_to_fp32(w[b].m) * fp16_to_fp32(x[b].s);
   }
@@ -93,34 +84,6 @@ float dot_q4_1(const uint8_t* w_row, const uint8_t* x_row, int64_t k) {
 
 float dot_q5_1(const uint8_t* w_row, const uint8_t* x_row, int64_t k) {
   return dot_q4_1_or_q5_1<BlockQ5_1>(w_row, x_row, k);
-}
-
-// As dot_q4_0, the nibbles standing for kIQ4Values.
-float dot_iq4_nl(const uint8_t* w_row, const uint8_t* x_row, int64_t k) {
-  const auto* w = reinterpret_cast<const BlockIQ4_NL*>(w_row);
-  const auto* x = reinterpret_cast<const BlockQ8_0*>(x_row);
-  float sum = 0.0f;
-  for (int64_t b = 0; b < k / kQK4_0; ++b) {
-    int sumi = 0;
-    for (int j = 0; j < kQK4_0 / 2; ++j) {
-      sumi += kIQ4Values[w[b].qs[j] & 0xF] * x[b].qs[j];
-      sumi += kIQ4Values[w[b].qs[j] >> 4] * x[b].qs[j + kQK4_0 / 2];
-    }
-    sum += fp16_to_fp32(w[b].d) * fp16_to_fp32(x[b].d) * static_cast<float>(sumi);
-  }
-  return sum;
-}
-
-float dot_q8_0(const uint8_t* w_row, const uint8_t* x_row, int64_t k) {
-  const auto* w = reinterpret_cast<const BlockQ8_0*>(w_row);
-  const auto* x = reinterpret_cast<const BlockQ8_0*>(x_row);
-  float sum = 0.0f;
-  for (int64_t b = 0; b < k / kQK8_0; ++b) {
-    int sumi = 0;
-    for (int j = 0; j < kQK8_0; ++j) sumi += w[b].qs[j] * x[b].qs[j];
-    sum += fp16_to_fp32(w[b].d) * fp16_to_fp32(x[b].d) * static_cast<float>(sumi);
-  }
-  return sum;
 }
 
 // Σ_sub scale[sub]·(q·x)[sub] · d·dx  −  Σ_sub min[sub]·Σx[sub] · dmin·dx; the mins term uses the
@@ -306,25 +269,25 @@ const IsaKernels kScalarKernels{
     .f32 = float_range<dot_f32>,
     .f16 = float_range<dot_f16>,
     .bf16 = float_range<dot_bf16>,
-    .q4_0 = quant_range<dot_q4_0>,
+    .q4_0 = quant_range<dot_block32<BlockQ4_0>>,
     .q4_1 = quant_range<dot_q4_1>,
-    .q5_0 = quant_range<dot_q5_0>,
+    .q5_0 = quant_range<dot_block32<BlockQ5_0>>,
     .q5_1 = quant_range<dot_q5_1>,
-    .q8_0 = quant_range<dot_q8_0>,
+    .q8_0 = quant_range<dot_block32<BlockQ8_0>>,
     .q4_k = quant_range<dot_q4_k>,
     .q5_k = quant_range<dot_q5_k>,
     .q6_k = quant_range<dot_q6_k>,
-    .iq4_nl = quant_range<dot_iq4_nl>,
+    .iq4_nl = quant_range<dot_block32<BlockIQ4_NL>>,
     .iq4_xs = quant_range<dot_iq4_xs>,
-    .q4_0_packed = packed_range<DType::Q4_0, dot_q4_0>,
-    .q8_0_packed = packed_range<DType::Q8_0, dot_q8_0>,
+    .q4_0_packed = packed_range<DType::Q4_0, dot_block32<BlockQ4_0>>,
+    .q8_0_packed = packed_range<DType::Q8_0, dot_block32<BlockQ8_0>>,
     .q4_1_packed = packed_range<DType::Q4_1, dot_q4_1>,
-    .q5_0_packed = packed_range<DType::Q5_0, dot_q5_0>,
+    .q5_0_packed = packed_range<DType::Q5_0, dot_block32<BlockQ5_0>>,
     .q5_1_packed = packed_range<DType::Q5_1, dot_q5_1>,
     .q4_k_packed = packed_range<DType::Q4_K, dot_q4_k>,
     .q5_k_packed = packed_range<DType::Q5_K, dot_q5_k>,
     .q6_k_packed = packed_range<DType::Q6_K, dot_q6_k>,
-    .iq4_nl_packed = packed_range<DType::IQ4_NL, dot_iq4_nl>,
+    .iq4_nl_packed = packed_range<DType::IQ4_NL, dot_block32<BlockIQ4_NL>>,
     .iq4_xs_packed = packed_range<DType::IQ4_XS, dot_iq4_xs>,
     .quantize_q8_0 = quantize_q8_0,
     .quantize_q8_1 = quantize_q8_1,

@@ -336,12 +336,12 @@ void panel_tile(const MatmulOperands& op, const uint8_t* panel, int64_t r0, int6
   using XBlock = typename Packed::XBlock;
   const int64_t n_blocks = op.k / Packed::kBlockElems;
   const XBlock* x[RM];
-  const Q8_0BlockInfo* info[RM];  // only for Packed::kUsesBlockInfo
+  const Q8_0BlockInfo* info[RM] = {};  // only for Packed::kUsesBlockInfo (op.x_info is null otherwise)
   __m256 acc[RM];
   NIBBLE_UNROLL
   for (int i = 0; i < RM; ++i) {
     x[i] = reinterpret_cast<const XBlock*>(op.x + (r0 + i) * op.x_stride);
-    info[i] = op.x_info + (r0 + i) * n_blocks;
+    if constexpr (Packed::kUsesBlockInfo) info[i] = op.x_info + (r0 + i) * n_blocks;
     acc[i] = _mm256_setzero_ps();
   }
   for (int64_t b = 0; b < n_blocks; ++b) {
@@ -459,7 +459,7 @@ struct PackedQ4_0 {
 // signed on both sides, so |w| goes in as the unsigned operand and w's sign moves onto the
 // activation bytes (GGML's trick; Q8_0 activations stay within ±127, so negating one cannot
 // overflow). VNNI sums a block in 32 bits; AVX2's maddubs pairs (up to 2 · 128 · 127) are widened
-// by madd in each chunk. The float operations are dot_q8_0's, unfused: bit for bit the scalar
+// by madd in each chunk. The float operations are dot_block32's, unfused: bit for bit the scalar
 // matmul's results.
 struct PackedQ8_0 : PanelKernel<PackedQ8_0, DType::Q8_0, BlockQ8_0> {
   // (w_d · x_d) · Σ w · x for each row of the tile.
@@ -496,7 +496,7 @@ struct PackedQ8_0 : PanelKernel<PackedQ8_0, DType::Q8_0, BlockQ8_0> {
 // As packed Q4_0, a 32-byte chunk gives row j's 4 index bytes lane j; a byte shuffle turns the
 // indices into llama.cpp's signed values, whose signs move onto the activation bytes (GGML's trick:
 // |value| <= 127, so maddubs' pairs stay within 2 · 127 · 127), and each chunk's products are summed
-// in 32 bits (VNNI) or widened by madd (AVX2). The float operation per block is dot_iq4_nl's, so the
+// in 32 bits (VNNI) or widened by madd (AVX2). The float operation per block is dot_block32's, so the
 // results are the scalar matmul's bit for bit.
 struct PackedIQ4_NL : PanelKernel<PackedIQ4_NL, DType::IQ4_NL, BlockQ8_0> {
   // (w_d · x_d) · Σ value · x for each row of the tile.
@@ -545,7 +545,7 @@ struct PackedIQ4_NL : PanelKernel<PackedIQ4_NL, DType::IQ4_NL, BlockQ8_0> {
 // term m · s in float, s the Q8_1 activation block's sum; Q5_0 subtracts 16 · Σx in integers, Σx from
 // the Q8_0 activation block's Q8_0BlockInfo. VNNI sums in 32 bits; AVX2's maddubs pairs (at most
 // 2 · 31 · 127) are summed over a chunk's two halves in 16 bits and widened each chunk. The float
-// operations per block are dot_q5_0's / dot_q4_1_or_q5_1's, unfused, so the results are the scalar
+// operations per block are dot_block32's / dot_q4_1_or_q5_1's, unfused, so the results are the scalar
 // matmul's bit for bit.
 template <DType kType>
 struct PackedQ4_1OrQ5 : PanelKernel<PackedQ4_1OrQ5<kType>, kType,

@@ -49,43 +49,61 @@ static inline void q4_k_pack_levels(const uint8_t* levels, uint8_t* qs) {
   }
 }
 
-// GGML's quantize_row_q8_0_ref: d = amax / 127, q = round(x / d) with roundf (ties away from zero).
-static inline void quantize_block_q8_0(const float* x, BlockQ8_0* out) {
+// The value of largest magnitude among x[0, n), with its sign (the first one on a tie), as GGML's
+// Q4_0 / Q5_0 / Q8_K quantizers pick it.
+static inline float signed_absmax(const float* x, int64_t n) {
+  float amax = 0.0f, max = 0.0f;
+  for (int64_t j = 0; j < n; ++j) {
+    if (std::fabs(x[j]) > amax) {
+      amax = std::fabs(x[j]);
+      max = x[j];
+    }
+  }
+  return max;
+}
+
+// Level j (0..15, or 0..31 with Q5_0's / Q5_1's fifth bit) of a block of 32 in Q4_0's nibble order:
+// element j in the low nibble of qs[j] (j < 16) or the high nibble of qs[j − 16].
+template <typename Block>
+static inline int block32_level(const Block& block, int j) {
+  int level = j < kQK4_0 / 2 ? block.qs[j] & 0xF : block.qs[j - kQK4_0 / 2] >> 4;
+  if constexpr (requires { block.qh; }) level |= static_cast<int>((q5_high_bits(block.qh) >> j) & 1) << 4;
+  return level;
+}
+
+// GGML's Q8_0 rule for 32 values: d = amax / 127, q = round(x / d) with roundf (ties away from zero).
+// Returns d before its rounding to fp16; *sum = Σq.
+static inline float quantize_q8_quants(const float* x, int8_t* qs, int* sum) {
   float amax = 0.0f;
   for (int j = 0; j < kQK8_0; ++j) amax = std::fmax(amax, std::fabs(x[j]));
   const float d = amax / 127.0f;
   const float inv_d = d != 0.0f ? 1.0f / d : 0.0f;
-  out->d = fp32_to_fp16(d);
-  for (int j = 0; j < kQK8_0; ++j) out->qs[j] = static_cast<int8_t>(std::roundf(x[j] * inv_d));
+  *sum = 0;
+  for (int j = 0; j < kQK8_0; ++j) {
+    qs[j] = static_cast<int8_t>(std::roundf(x[j] * inv_d));
+    *sum += qs[j];
+  }
+  return d;
+}
+
+// GGML's quantize_row_q8_0_ref.
+static inline void quantize_block_q8_0(const float* x, BlockQ8_0* out) {
+  int sum;
+  out->d = fp32_to_fp16(quantize_q8_quants(x, out->qs, &sum));
 }
 
 // GGML's quantize_row_q8_1_ref: Q8_0's d and quants, and s = d · Σq rounded to fp16 from the float d.
 static inline void quantize_block_q8_1(const float* x, BlockQ8_1* out) {
-  float amax = 0.0f;
-  for (int j = 0; j < kQK8_0; ++j) amax = std::fmax(amax, std::fabs(x[j]));
-  const float d = amax / 127.0f;
-  const float inv_d = d != 0.0f ? 1.0f / d : 0.0f;
+  int sum;
+  const float d = quantize_q8_quants(x, out->qs, &sum);
   out->d = fp32_to_fp16(d);
-  int sum = 0;
-  for (int j = 0; j < kQK8_0; ++j) {
-    out->qs[j] = static_cast<int8_t>(std::roundf(x[j] * inv_d));
-    sum += out->qs[j];
-  }
   out->s = fp32_to_fp16(static_cast<float>(sum) * d);
 }
 
 // GGML's quantize_row_q8_K_ref: scale from the signed value of largest magnitude, bsums per 16.
 static inline void quantize_block_q8_k(const float* x, BlockQ8_K* out) {
-  float max = 0.0f;
-  float amax = 0.0f;
-  for (int j = 0; j < kQK_K; ++j) {
-    const float ax = std::fabs(x[j]);
-    if (ax > amax) {
-      amax = ax;
-      max = x[j];
-    }
-  }
-  if (amax == 0.0f) {
+  const float max = signed_absmax(x, kQK_K);
+  if (max == 0.0f) {
     std::memset(out, 0, sizeof *out);
     return;
   }

@@ -12,15 +12,7 @@ namespace {
 // GGML's quantize_row_q4_0_ref: the signed value of largest magnitude maps to -8, so d = max / -8;
 // q = min(15, (int8)(x / d + 8.5)).
 void quantize_block_q4_0(const float* x, BlockQ4_0* out) {
-  float amax = 0.0f;
-  float max = 0.0f;
-  for (int j = 0; j < kQK4_0; ++j) {
-    if (std::fabs(x[j]) > amax) {
-      amax = std::fabs(x[j]);
-      max = x[j];
-    }
-  }
-  const float d = max / -8.0f;
+  const float d = detail::signed_absmax(x, kQK4_0) / -8.0f;
   const float inv_d = d != 0.0f ? 1.0f / d : 0.0f;
   out->d = fp32_to_fp16(d);
   for (int j = 0; j < kQK4_0 / 2; ++j) {
@@ -60,14 +52,7 @@ void pack_q5_levels(const int (&levels)[kQK4_0], uint8_t (&qh)[4], uint8_t (&qs)
 // GGML's quantize_row_q5_0_ref: Q4_0's rule with 32 levels: d = max / −16 (max the signed value of
 // largest magnitude), q = min(31, (int8)(x / d + 16.5)).
 void quantize_block_q5_0(const float* x, BlockQ5_0* out) {
-  float amax = 0.0f, max = 0.0f;
-  for (int j = 0; j < kQK4_0; ++j) {
-    if (std::fabs(x[j]) > amax) {
-      amax = std::fabs(x[j]);
-      max = x[j];
-    }
-  }
-  const float d = max / -16.0f;
+  const float d = detail::signed_absmax(x, kQK4_0) / -16.0f;
   const float inv_d = d != 0.0f ? 1.0f / d : 0.0f;
   out->d = fp32_to_fp16(d);
   int levels[kQK4_0];
@@ -366,33 +351,18 @@ void dequantize_block_q5_k(const BlockQ5_K& block, float* y) {
   }
 }
 
-void dequantize_block_q4_1(const BlockQ4_1& block, float* y) {
-  const float d = fp16_to_fp32(block.d);
-  const float m = fp16_to_fp32(block.m);
-  for (int j = 0; j < kQK4_0 / 2; ++j) {
-    y[j] = static_cast<float>(block.qs[j] & 0xF) * d + m;
-    y[j + kQK4_0 / 2] = static_cast<float>(block.qs[j] >> 4) * d + m;
-  }
-}
-
-// Level j of a Q5_0 / Q5_1 block, 0..31.
-template <typename Block>
-int q5_level(const Block& block, uint32_t high, int j) {
-  const int low = j < kQK4_0 / 2 ? block.qs[j] & 0xF : block.qs[j - kQK4_0 / 2] >> 4;
-  return low | static_cast<int>(((high >> j) & 1) << 4);
-}
-
+// Q5_0: d · (level − 16).
 void dequantize_block_q5_0(const BlockQ5_0& block, float* y) {
   const float d = fp16_to_fp32(block.d);
-  const uint32_t high = q5_high_bits(block.qh);
-  for (int j = 0; j < kQK4_0; ++j) y[j] = static_cast<float>(q5_level(block, high, j) - 16) * d;
+  for (int j = 0; j < kQK4_0; ++j) y[j] = static_cast<float>(detail::block32_level(block, j) - 16) * d;
 }
 
-void dequantize_block_q5_1(const BlockQ5_1& block, float* y) {
+// Q4_1 and Q5_1: d · level + m.
+template <typename Block>
+void dequantize_block_q4_1_or_q5_1(const Block& block, float* y) {
   const float d = fp16_to_fp32(block.d);
   const float m = fp16_to_fp32(block.m);
-  const uint32_t high = q5_high_bits(block.qh);
-  for (int j = 0; j < kQK4_0; ++j) y[j] = static_cast<float>(q5_level(block, high, j)) * d + m;
+  for (int j = 0; j < kQK4_0; ++j) y[j] = static_cast<float>(detail::block32_level(block, j)) * d + m;
 }
 
 // IQ4_NL: d · kIQ4Values[index], Q4_0's nibble order.
@@ -552,7 +522,7 @@ Status dequantize_row(DType type, const void* src, float* y, int64_t n) {
       break;
     case DType::Q4_1:
       for (int64_t b = 0; b < n_blocks; ++b)
-        dequantize_block_q4_1(static_cast<const BlockQ4_1*>(src)[b], y + b * kQK4_0);
+        dequantize_block_q4_1_or_q5_1(static_cast<const BlockQ4_1*>(src)[b], y + b * kQK4_0);
       break;
     case DType::Q5_0:
       for (int64_t b = 0; b < n_blocks; ++b)
@@ -560,7 +530,7 @@ Status dequantize_row(DType type, const void* src, float* y, int64_t n) {
       break;
     case DType::Q5_1:
       for (int64_t b = 0; b < n_blocks; ++b)
-        dequantize_block_q5_1(static_cast<const BlockQ5_1*>(src)[b], y + b * kQK4_0);
+        dequantize_block_q4_1_or_q5_1(static_cast<const BlockQ5_1*>(src)[b], y + b * kQK4_0);
       break;
     case DType::Q8_0:
       for (int64_t b = 0; b < n_blocks; ++b)

@@ -111,14 +111,7 @@ void RowQuantizer::fit_group(int64_t col, const float* values) {
   const int64_t n = grid_.group_size;
   switch (grid_.type) {
     case GridType::q4_0: {  // GGML: the signed value of largest magnitude maps to -8
-      float amax = 0, max = 0;
-      for (int64_t j = 0; j < n; ++j) {
-        if (std::fabs(values[j]) > amax) {
-          amax = std::fabs(values[j]);
-          max = values[j];
-        }
-      }
-      const float d = max / -8.0f;
+      const float d = kernels::detail::signed_absmax(values, n) / -8.0f;
       g.rounding = d != 0.0f ? 1.0f / d : 0.0f;
       g.scale = fp16_to_fp32(fp32_to_fp16(d));
       break;

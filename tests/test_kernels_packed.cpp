@@ -107,11 +107,10 @@ INSTANTIATE_TEST_SUITE_P(AllIsas, KernelPacked, ::testing::Values("scalar", "avx
 
 class KernelPackedBitForBit : public ::testing::TestWithParam<std::tuple<std::string, DType>> {};
 
-// Odd shapes as for Q4_0, k from one block to several. The packed kernels do dot_q4_1's, dot_q5_0's,
-// dot_q5_1's, dot_q8_0's /
-// dot_q4_k's / dot_q5_k's / dot_q6_k's / dot_iq4_xs's integer sums and float operations in their order on
-// every ISA, so they must equal the scalar unpacked matmul bit for bit, whatever the activation row count or
-// thread split.
+// Odd shapes as for Q4_0, k from one block to several. The packed kernels do the scalar dot functions'
+// (dot_block32, dot_q4_1_or_q5_1, dot_q4_k_or_q5_k, dot_q6_k, dot_iq4_xs) integer sums and float operations
+// in their order on every ISA, so they must equal the scalar unpacked matmul bit for bit, whatever the
+// activation row count or thread split.
 TEST_P(KernelPackedBitForBit, MatchesScalarBitForBitAndTheReference) {
   const auto& [isa, type] = GetParam();
   ForcedIsa forced;

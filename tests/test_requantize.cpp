@@ -82,6 +82,28 @@ std::string write_tiny_model(const fs::path& dir, const std::string& name, DType
   return path;
 }
 
+// Every tensor of `theirs` (a llama.cpp file) is in `ours` with the same type, size and bytes. Returns how
+// many tensors of each type were compared.
+std::map<DType, int> expect_same_tensors(const GgufFile& ours, const GgufFile& theirs) {
+  EXPECT_EQ(ours.tensors().size(), theirs.tensors().size());
+  std::map<DType, int> count;
+  for (const GgufTensorInfo& t : theirs.tensors()) {
+    const GgufTensorInfo* o = ours.find_tensor(t.name);
+    if (o == nullptr) {
+      ADD_FAILURE() << t.name << " missing";
+      continue;
+    }
+    EXPECT_EQ(o->type, t.type) << t.name;
+    if (o->size_bytes != t.size_bytes) {
+      ADD_FAILURE() << t.name << ": " << o->size_bytes << " bytes against " << t.size_bytes;
+      continue;
+    }
+    EXPECT_EQ(std::memcmp(ours.tensor_data(*o), theirs.tensor_data(t), t.size_bytes), 0) << t.name;
+    ++count[t.type];
+  }
+  return count;
+}
+
 class Requantize : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -336,14 +358,8 @@ TEST(RequantizeTestData, Q5_K_MEqualsLlamaCppByteForByte) {
   const auto ours = GgufFile::open(ours_path);
   const auto theirs =
       GgufFile::open((test::test_data_dir() / "llama-cpp-q5_k_m" / "small-llama-q5_k_m.gguf").string());
-  ASSERT_EQ(ours->tensors().size(), theirs->tensors().size());
-  for (const GgufTensorInfo& t : theirs->tensors()) {
-    const GgufTensorInfo* o = ours->find_tensor(t.name);
-    ASSERT_NE(o, nullptr) << t.name;
-    EXPECT_EQ(o->type, t.type) << t.name;
-    ASSERT_EQ(o->size_bytes, t.size_bytes) << t.name;
-    EXPECT_EQ(std::memcmp(ours->tensor_data(*o), theirs->tensor_data(t), t.size_bytes), 0) << t.name;
-  }
+  const std::map<DType, int> count = expect_same_tensors(*ours, *theirs);
+  EXPECT_EQ(count.at(DType::Q5_K), 13);
   EXPECT_EQ(ours->get_uint("general.file_type"), 17u);
 }
 
@@ -404,16 +420,7 @@ TEST(RequantizeTestData, TinyQ4_K_SFallsBackAsLlamaCppByteForByte) {
   const auto ours = GgufFile::open(ours_path);
   const auto theirs =
       GgufFile::open((test::test_data_dir() / "llama-cpp-q4_k_s" / "tiny-llama-q4_k_s.gguf").string());
-  ASSERT_EQ(ours->tensors().size(), theirs->tensors().size());
-  std::map<DType, int> count;
-  for (const GgufTensorInfo& t : theirs->tensors()) {
-    const GgufTensorInfo* o = ours->find_tensor(t.name);
-    ASSERT_NE(o, nullptr) << t.name;
-    EXPECT_EQ(o->type, t.type) << t.name;
-    ASSERT_EQ(o->size_bytes, t.size_bytes) << t.name;
-    EXPECT_EQ(std::memcmp(ours->tensor_data(*o), theirs->tensor_data(t), t.size_bytes), 0) << t.name;
-    ++count[t.type];
-  }
+  std::map<DType, int> count = expect_same_tensors(*ours, *theirs);
   // The README's table: 11 Q5_0, the two attn_v Q5_1, the two ffn_down (rows of 256) Q4_K, a Q8_0 head.
   EXPECT_EQ(count[DType::Q5_0], 11);
   EXPECT_EQ(count[DType::Q5_1], 2);

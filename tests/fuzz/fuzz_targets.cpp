@@ -125,6 +125,16 @@ std::vector<std::vector<uint8_t>> gguf_model_seeds() {
     model::write_random_llama(path.string(), shape, type, 7);
     seeds.push_back(read_bytes(path));
   }
+  // The same model as Q4_1, and as llama.cpp's Q4_K_S mix: with rows of 32 and 64 every K-quant falls
+  // back to Q5_0 / Q5_1 (the head to Q8_0).
+  const fs::path small_f16 = scratch_dir().path() / "seed-small-f16.gguf";
+  model::write_random_llama(small_f16.string(), shape, kernels::DType::F16, 7);
+  model::requantize_gguf(*model::GgufFile::open(small_f16.string()), path.string(), kernels::DType::Q4_1,
+                         /*pure=*/false);
+  seeds.push_back(read_bytes(path));
+  model::requantize_gguf(*model::GgufFile::open(small_f16.string()), path.string(),
+                         model::LlamaCppMix::q4_k_s);
+  seeds.push_back(read_bytes(path));
   // And Q4_K (rows of 256: the smallest such model), requantized from F16 as `nibble quantize`
   // does: Q4_K matrices, a Q8_0 embedding and head (~0.4 MB).
   model::LlamaShape k_shape = shape;

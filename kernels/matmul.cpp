@@ -266,7 +266,8 @@ Status matmul_packed(const PackedMatrix& w, const float* x, int64_t m, float* y,
   op.y_stride = w.n_out();
   op.m = m;
   op.k = w.k();
-  const bool with_block_info = w.type() == DType::Q4_0 || w.type() == DType::Q5_0;
+  const bool with_block_info =
+      w.type() == DType::Q4_0 || w.type() == DType::Q5_0 || w.type() == DType::IQ4_NL;
   prepare_activations(isa, activation_format(w.type()), x, parallel, with_block_info, pool, op);
   MatmulRangeFn range = isa.q4_0_packed;
   if (w.type() == DType::Q4_1) range = isa.q4_1_packed;

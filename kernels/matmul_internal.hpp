@@ -22,7 +22,7 @@ struct MatmulOperands {
   int64_t y_stride;
   int64_t m;
   int64_t k;
-  // Only for packed Q4_0 and Q5_0 weights (w then points to 8-row panels, w_stride bytes apart, see
+  // Only for packed Q4_0, Q5_0 and IQ4_NL weights (w then points to 8-row panels, w_stride bytes apart, see
   // kernels/packed_weights.hpp): [m, k/32] block infos of the activation rows, row-major. The other
   // packed types need none (Q8_1 and Q8_K blocks carry their sums).
   const Q8_0BlockInfo* x_info = nullptr;
@@ -63,7 +63,8 @@ struct IsaKernels {
   MatmulRangeFn q4_k_packed;
   MatmulRangeFn q5_k_packed;
   MatmulRangeFn q6_k_packed;
-  // IQ4_NL packed in 8-row panels (Q4_0's layout) × Q8_0 activations; o_begin is a multiple of 8.
+  // IQ4_NL packed in 8-row panels (Q4_0's layout) × Q8_0 activations with x_info; o_begin is a multiple
+  // of 8.
   MatmulRangeFn iq4_nl_packed;
   MatmulRangeFn iq4_xs_packed;
   QuantizeActivationFn quantize_q8_0;  // must give the same bytes as quantize_row(Q8_0)

@@ -493,18 +493,26 @@ struct PackedQ8_0 : PanelKernel<PackedQ8_0, DType::Q8_0, BlockQ8_0> {
 
 // ---- IQ4_NL weights packed in 8-row panels (Q4_0's layout) × Q8_0 activations ----
 //
-// As packed Q4_0, a 32-byte chunk gives row j's 4 index bytes lane j; a byte shuffle turns the
-// indices into llama.cpp's signed values, whose signs move onto the activation bytes (GGML's trick:
-// |value| <= 127, so maddubs' pairs stay within 2 · 127 · 127), and each chunk's products are summed
-// in 32 bits (VNNI) or widened by madd (AVX2). The float operation per block is dot_block32's, so the
-// results are the scalar matmul's bit for bit.
+// As packed Q4_0, a 32-byte chunk gives row j's 4 index bytes lane j, and a byte shuffle turns the
+// indices into llama.cpp's values. VNNI looks up the values + 128 (unsigned, as vpdpbusd needs) and
+// takes 128 · Σx back off per block from the activation block info (16 · its 8 · Σx), as packed Q5_0
+// takes its offset; AVX2 moves the signed values' signs onto the activation bytes (GGML's trick: |value|
+// <= 127, so maddubs' pairs stay within 2 · 127 · 127; values + 128 would overflow them) and widens each
+// chunk's products by madd. The float operation per block is dot_block32's, so the results are the
+// scalar matmul's bit for bit.
 struct PackedIQ4_NL : PanelKernel<PackedIQ4_NL, DType::IQ4_NL, BlockQ8_0> {
+  static constexpr bool kUsesBlockInfo = true;
+
   // (w_d · x_d) · Σ value · x for each row of the tile.
   template <int RM>
-  static void block_terms(const uint8_t* group, const BlockQ8_0* const (&x)[RM], int64_t b,
-                          __m256 (&terms)[RM]) {
+  static void block_terms(const uint8_t* group, const BlockQ8_0* const (&x)[RM],
+                          const Q8_0BlockInfo* const (&info)[RM], int64_t b, __m256 (&terms)[RM]) {
     const __m256i low4 = _mm256_set1_epi8(0x0F);
+#ifdef __AVX512VNNI__
+    const __m256i table = _mm256_xor_si256(iq4_value_table(), _mm256_set1_epi8(static_cast<char>(0x80)));
+#else
     const __m256i table = iq4_value_table();
+#endif
     __m256i sum32[RM];
     NIBBLE_UNROLL
     for (int i = 0; i < RM; ++i) sum32[i] = _mm256_setzero_si256();
@@ -513,6 +521,14 @@ struct PackedIQ4_NL : PanelKernel<PackedIQ4_NL, DType::IQ4_NL, BlockQ8_0> {
       const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(group + 16 + 32 * c));
       const __m256i first = _mm256_shuffle_epi8(table, _mm256_and_si256(packed, low4));
       const __m256i second = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(packed, 4), low4));
+#ifdef __AVX512VNNI__
+      NIBBLE_UNROLL
+      for (int i = 0; i < RM; ++i) {
+        const int8_t* xq = x[i][b].qs + 4 * c;
+        sum32[i] = _mm256_dpbusd_epi32(sum32[i], first, broadcast_4_bytes(xq));
+        sum32[i] = _mm256_dpbusd_epi32(sum32[i], second, broadcast_4_bytes(xq + 16));
+      }
+#else
       const __m256i first_abs = _mm256_sign_epi8(first, first);
       const __m256i second_abs = _mm256_sign_epi8(second, second);
       NIBBLE_UNROLL
@@ -520,20 +536,20 @@ struct PackedIQ4_NL : PanelKernel<PackedIQ4_NL, DType::IQ4_NL, BlockQ8_0> {
         const int8_t* xq = x[i][b].qs + 4 * c;
         const __m256i x_first = _mm256_sign_epi8(broadcast_4_bytes(xq), first);
         const __m256i x_second = _mm256_sign_epi8(broadcast_4_bytes(xq + 16), second);
-#ifdef __AVX512VNNI__
-        sum32[i] = _mm256_dpbusd_epi32(sum32[i], first_abs, x_first);
-        sum32[i] = _mm256_dpbusd_epi32(sum32[i], second_abs, x_second);
-#else
         sum32[i] = _mm256_add_epi32(sum32[i], pairwise_sum_i16(_mm256_maddubs_epi16(first_abs, x_first)));
         sum32[i] = _mm256_add_epi32(sum32[i], pairwise_sum_i16(_mm256_maddubs_epi16(second_abs, x_second)));
-#endif
       }
+#endif
     }
     const __m256 w_d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(group)));
     NIBBLE_UNROLL
     for (int i = 0; i < RM; ++i) {
-      const __m256 x_d = _mm256_set1_ps(half_to_float(x[i][b].d));
-      terms[i] = _mm256_mul_ps(_mm256_mul_ps(w_d, x_d), _mm256_cvtepi32_ps(sum32[i]));
+#ifdef __AVX512VNNI__
+      const __m256i dot = _mm256_sub_epi32(sum32[i], _mm256_set1_epi32(16 * info[i][b].sum_times_8));
+#else
+      const __m256i dot = sum32[i];
+#endif
+      terms[i] = _mm256_mul_ps(_mm256_mul_ps(w_d, _mm256_set1_ps(info[i][b].d)), _mm256_cvtepi32_ps(dot));
     }
   }
 };

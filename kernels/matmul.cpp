@@ -138,6 +138,8 @@ constexpr int64_t kMinParallelWork = 1 << 18;
 
 }  // namespace
 
+bool matmul_supports(DType type) { return activation_format(type) != ActivationFormat::none; }
+
 const char* matmul_isa() { return active_isa().load(std::memory_order_relaxed)->name; }
 
 const detail::IsaKernels& detail::active_kernels() { return *active_isa().load(std::memory_order_relaxed); }

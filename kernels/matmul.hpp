@@ -1,7 +1,8 @@
 #pragma once
-// Y = X · Wᵀ for weights stored in any DType, reading quantized blocks directly (weights are never
-// expanded to float). Activations are quantized to 8 bits (Q8_0 for Q4_0/Q8_0 weights, Q8_K for
-// K-quants) as llama.cpp does on the CPU; F32/F16/BF16 weights use float activations.
+// Y = X · Wᵀ for weights stored in any weight DType, reading quantized blocks directly (weights are
+// never expanded to float). Activations are quantized to 8 bits as llama.cpp does on the CPU (Q8_0 for
+// the blocks of 32 with one scale, Q8_1 for Q4_1 / Q5_1, Q8_K for the K-quants and IQ4_XS); F32 / F16 /
+// BF16 weights use float activations.
 #include <cstdint>
 
 #include "kernels/quant_types.hpp"
@@ -15,6 +16,9 @@ const char* matmul_isa();
 // For tests and benchmarks: force an implementation ("scalar", "avx2", "avx512"); false when the
 // CPU does not support it.
 bool matmul_force_isa(const char* isa);
+
+// Whether matmul takes weights of `type` (every DType but the activation-only Q8_1 and Q8_K).
+bool matmul_supports(DType type);
 
 // w: [n_out, k] in w_type, rows row_bytes(w_type, k) bytes apart
 // x: [m, k] float

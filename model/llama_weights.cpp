@@ -15,6 +15,7 @@
 #include <thread>
 #include <vector>
 
+#include "kernels/matmul.hpp"
 #include "kernels/quantize.hpp"
 #include "model/hf_quantized.hpp"
 
@@ -43,6 +44,10 @@ const GgufTensorInfo& require(const GgufFile& file, const std::string& name, std
 
 WeightMatrix matrix(const GgufFile& file, const std::string& name, int64_t k, int64_t n_out) {
   const GgufTensorInfo& t = require(file, name, {k, n_out});
+  if (!kernels::matmul_supports(t.type)) {
+    throw GgufError(file.path() + ": tensor '" + name + "' has type " + kernels::type_name(t.type) +
+                    ", which holds activations, not weights");
+  }
   return WeightMatrix{t.type, file.tensor_data(t), n_out, k, nullptr, nullptr, nullptr};
 }
 

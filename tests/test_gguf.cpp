@@ -15,6 +15,7 @@
 #include "kernels/quantize.hpp"
 #include "model/gguf.hpp"
 #include "model/llama_config.hpp"
+#include "model/llama_weights.hpp"
 #include "model/random_model.hpp"
 #include "tests/support/test_support.hpp"
 
@@ -742,6 +743,42 @@ TEST(GgufLlamaConfig, RefusesHyperparametersTheFileCannotBack) {
         EXPECT_NE(std::string(e.what()).find(word), std::string::npos) << e.what();
     }
   }
+}
+
+// A weight matrix stored in an activation-only type (Q8_1, Q8_K: GGML's types for quantized
+// activations, which no quantizer writes for weights) is refused at load with the tensor's name, not
+// at the first matmul.
+TEST(GgufLlamaWeights, RefusesActivationOnlyTypesByName) {
+  test::TempDir dir;
+  const fs::path good = dir.path() / "good.gguf";
+  write_random_llama(good.string(), llama_shape_by_name("tiny"), DType::F32, 1);
+  const auto file = GgufFile::open(good.string());
+  GgufWriter writer;
+  for (const auto& [name, value] : file->metadata()) writer.set(name, value);
+  for (const GgufTensorInfo& tensor : file->tensors()) {
+    if (tensor.name == "blk.1.attn_k.weight") {
+      writer.add_tensor(
+          tensor.name, tensor.dims, DType::Q8_1,
+          std::vector<uint8_t>(static_cast<size_t>(row_bytes(DType::Q8_1, tensor.dims[0]) * tensor.dims[1])));
+      continue;
+    }
+    const uint8_t* data = file->tensor_data(tensor);
+    writer.add_tensor(tensor.name, tensor.dims, tensor.type,
+                      std::vector<uint8_t>(data, data + tensor.size_bytes));
+  }
+  const fs::path bad_path = dir.path() / "q8_1.gguf";
+  writer.write(bad_path.string());
+  const auto bad = GgufFile::open(bad_path.string());
+  try {
+    (void)LlamaWeights::bind(*bad, LlamaConfig::from_gguf(*bad));
+    ADD_FAILURE() << "accepted";
+  } catch (const GgufError& e) {
+    const std::string what = e.what();
+    EXPECT_NE(what.find("tensor 'blk.1.attn_k.weight' has type q8_1, which holds activations"),
+              std::string::npos)
+        << what;
+  }
+  EXPECT_NO_THROW((void)LlamaWeights::bind(*file, LlamaConfig::from_gguf(*file)));
 }
 
 }  // namespace

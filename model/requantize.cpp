@@ -72,6 +72,8 @@ bool use_more_bits(int64_t i_layer, int64_t n_layers) {
   return i_layer < n_layers / 8 || i_layer >= 7 * n_layers / 8 || (i_layer - n_layers / 8) % 3 == 2;
 }
 
+}  // namespace
+
 uint32_t llama_cpp_mix_file_type(LlamaCppMix mix) {
   switch (mix) {
     case LlamaCppMix::q4_k_s:
@@ -85,8 +87,6 @@ uint32_t llama_cpp_mix_file_type(LlamaCppMix mix) {
   }
   return 15;
 }
-
-}  // namespace
 
 std::vector<kernels::DType> llama_cpp_mix_types(const GgufFile& in, LlamaCppMix mix) {
   using kernels::DType;

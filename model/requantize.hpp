@@ -41,6 +41,9 @@ std::optional<LlamaCppMix> parse_llama_cpp_mix(const std::string& name);
 // (F16 when its rows are not a multiple of 32 either).
 std::vector<kernels::DType> llama_cpp_mix_types(const GgufFile& in, LlamaCppMix mix);
 
+// llama.cpp's general.file_type for the mix (LLAMA_FTYPE_MOSTLY_Q4_K_S = 14 ... Q5_K_M = 17).
+uint32_t llama_cpp_mix_file_type(LlamaCppMix mix);
+
 // requantize_gguf with the types of llama_cpp_mix_types; general.file_type llama.cpp's for the mix.
 void requantize_gguf(const GgufFile& in, const std::string& out_path, LlamaCppMix mix);
 

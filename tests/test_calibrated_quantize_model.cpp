@@ -177,6 +177,73 @@ TEST(CalibratedQuantizeModel, AwqFoldsScalesWithoutChangingTheModel) {
   }
 }
 
+// GPTQ into llama-quantize's Q4_K_M mix: the mix's type for every tensor, the Q4_K layer matrices
+// calibrated (closer to the float model than the RTN mix on held-out windows), everything else (the
+// "more bits" layers' Q6_K attn_v / ffn_down, the Q4_K embedding, the Q6_K head) rounded to nearest,
+// byte for byte llama.cpp's (the RTN mix).
+TEST(CalibratedQuantizeModel, GptqIntoTheLlamaCppQ4_K_MMix) {
+  test::TempDir dir;
+  model::LlamaShape shape;
+  shape.n_embd = 256;
+  shape.n_layer = 2;
+  shape.n_head = 4;
+  shape.n_head_kv = 2;
+  shape.n_ff = 512;
+  shape.n_vocab = 1024;
+  shape.n_ctx = 256;
+  const fs::path source = dir.path() / "f32.gguf";
+  model::write_random_llama(source.string(), shape, DType::F32, 4);
+  const auto file = model::GgufFile::open(source.string());
+  const fs::path rtn = dir.path() / "rtn-q4_k_m.gguf", gptq = dir.path() / "gptq-q4_k_m.gguf";
+  model::requantize_gguf(*file, rtn.string(), model::LlamaCppMix::q4_k_m);
+  CalibratedQuantizeOptions options = small_calibration(QuantMethod::gptq, DType::Q4_0);
+  use_llama_cpp_mix(*file, model::LlamaCppMix::q4_k_m, options);
+  EXPECT_EQ(options.type, DType::Q4_K);
+  options.calibration_name = "ARCHITECTURE.md[:70%]";
+  calibrated_quantize_gguf(file, calibration_part(), gptq.string(), options);
+
+  const auto r = model::GgufFile::open(rtn.string());
+  const auto g = model::GgufFile::open(gptq.string());
+  EXPECT_EQ(g->get_uint("general.file_type"), 15u);  // LLAMA_FTYPE_MOSTLY_Q4_K_M
+  int calibrated = 0, q6_k = 0;
+  for (const model::GgufTensorInfo& t : g->tensors()) {
+    const model::GgufTensorInfo& want = *r->find_tensor(t.name);
+    ASSERT_EQ(t.type, want.type) << t.name;
+    ASSERT_EQ(t.size_bytes, want.size_bytes) << t.name;
+    const bool same = std::memcmp(g->tensor_data(t), r->tensor_data(want), t.size_bytes) == 0;
+    q6_k += t.type == DType::Q6_K;
+    if (t.type == DType::Q4_K && t.name.rfind("blk.", 0) == 0) {
+      calibrated += !same;
+    } else {
+      EXPECT_TRUE(same) << t.name << " should be the RTN mix's bytes";
+    }
+  }
+  EXPECT_EQ(calibrated, 12);  // 2 layers x 7 matrices, less layer 1's Q6_K attn_v and ffn_down
+  EXPECT_EQ(q6_k, 3);         // those two and the head
+
+  const auto tokenizer = model::Tokenizer::from_gguf(*file);
+  const auto windows = model::calibration_windows(*tokenizer, held_out_part(), 6, 96, 1234);
+  const std::vector<float> want = window_logits(source.string(), windows);
+  const Closeness c_rtn = closeness(want, window_logits(rtn.string(), windows), shape.n_vocab);
+  const Closeness c_gptq = closeness(want, window_logits(gptq.string(), windows), shape.n_vocab);
+  std::printf("gptq q4_k_m: logits rel. RMS %.4f (RTN mix %.4f), KL %.5f (RTN mix %.5f)\n", c_gptq.rel_rms,
+              c_rtn.rel_rms, c_gptq.kl, c_rtn.kl);
+  EXPECT_LT(c_gptq.rel_rms, 0.9 * c_rtn.rel_rms);
+  EXPECT_LT(c_gptq.kl, 0.9 * c_rtn.kl);
+
+  // The Q5_K mixes have no GPTQ grid, and AWQ takes no per-tensor types: both refused by name.
+  CalibratedQuantizeOptions q5 = small_calibration(QuantMethod::gptq, DType::Q4_K);
+  EXPECT_THROW(use_llama_cpp_mix(*file, model::LlamaCppMix::q5_k_m, q5), std::invalid_argument);
+  CalibratedQuantizeOptions awq = small_calibration(QuantMethod::awq, DType::Q4_K);
+  try {
+    use_llama_cpp_mix(*file, model::LlamaCppMix::q4_k_m, awq);
+    ADD_FAILURE() << "AWQ accepted a mix";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("awq does not write llama-quantize's mixes"), std::string::npos)
+        << e.what();
+  }
+}
+
 TEST(CalibratedQuantizeModel, FortuneTargetGptqIsCloserToF16ThanRtn) {
   NIBBLE_REQUIRE_FIXTURES(fixtures);
   const fs::path source = fixtures / "models" / "fortune-target-f16.gguf";
@@ -274,6 +341,15 @@ TEST(CalibratedQuantizeModel, CommandLine) {
                         " --type q4_k --method gptq --calib " + calib.string() + " 2>&1");
   EXPECT_NE(k.exit_code, 0);
   EXPECT_NE(k.output.find("blk.0.attn_q.weight"), std::string::npos) << k.output;
+  // llama-quantize's mixes take rtn or gptq, and gptq only the Q4_K ones.
+  const std::string mix_base = bin + " quantize -m " + source.string() + " -o " +
+                               (dir.path() / "x.gguf").string() + " --calib " + calib.string();
+  const test::CommandResult awq_mix = test::run_command(mix_base + " --type q4_k_m --method awq 2>&1");
+  EXPECT_NE(awq_mix.exit_code, 0);
+  EXPECT_NE(awq_mix.output.find("rtn or gptq into a GGUF only"), std::string::npos) << awq_mix.output;
+  const test::CommandResult q5_mix = test::run_command(mix_base + " --type q5_k_m --method gptq 2>&1");
+  EXPECT_NE(q5_mix.exit_code, 0);
+  EXPECT_NE(q5_mix.output.find("not the Q5_K ones"), std::string::npos) << q5_mix.output;
 }
 
 }  // namespace

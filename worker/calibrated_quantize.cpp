@@ -289,6 +289,30 @@ std::vector<std::vector<int32_t>> calibration_windows(const model::Tokenizer& to
   return model::calibration_windows(tokenizer, text, options.samples, options.length, options.seed);
 }
 
+void use_llama_cpp_mix(const model::GgufFile& in, model::LlamaCppMix mix,
+                       CalibratedQuantizeOptions& options) {
+  if (mix != model::LlamaCppMix::q4_k_s && mix != model::LlamaCppMix::q4_k_m) {
+    throw std::invalid_argument(
+        "GPTQ calibrates Q4_K matrices: it writes the q4_k_s and q4_k_m mixes, not the Q5_K ones");
+  }
+  if (options.method != QuantMethod::gptq) {
+    throw std::invalid_argument(std::string(quant_method_name(options.method)) +
+                                " does not write llama-quantize's mixes (AWQ folds its scales across a "
+                                "layer's matrices and takes no per-tensor types); use --method gptq or rtn");
+  }
+  options.type = kernels::DType::Q4_K;
+  const std::vector<kernels::DType> types = model::llama_cpp_mix_types(in, mix);
+  for (size_t i = 0; i < types.size(); ++i) {
+    const model::GgufTensorInfo& t = in.tensors()[i];
+    if (t.dims.size() != 2) continue;
+    if (types[i] != kernels::DType::Q4_K || t.name.rfind("blk.", 0) != 0)
+      options.tensor_types[t.name] = types[i];
+  }
+  options.metadata.emplace_back(
+      "general.file_type",
+      model::GgufValue::make_uint(model::GgufValueType::UINT32, model::llama_cpp_mix_file_type(mix)));
+}
+
 void calibrated_quantize_gguf(std::shared_ptr<const model::GgufFile> in, std::string_view calibration_text,
                               const std::string& out_path, const CalibratedQuantizeOptions& options) {
   if (options.method == QuantMethod::rtn) {

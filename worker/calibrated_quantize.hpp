@@ -25,6 +25,7 @@
 #include "model/gguf.hpp"
 #include "model/gptq.hpp"
 #include "model/quant_grid.hpp"
+#include "model/requantize.hpp"
 #include "model/tokenizer.hpp"
 
 namespace nibble::worker {
@@ -59,6 +60,13 @@ struct CalibratedQuantizeOptions {
   std::map<std::string, kernels::DType> tensor_types;
   std::vector<std::pair<std::string, model::GgufValue>> metadata;
 };
+
+// GPTQ into llama-quantize's Q4_K mixes (q4_k_s, q4_k_m): sets options.type to Q4_K, so that GPTQ
+// calibrates the mix's Q4_K layer matrices, and options.tensor_types to the mix's type for every other
+// matrix (rounded to nearest there, Q6_K / Q5_K / Q8_0 as llama.cpp stores them) and for the embedding
+// and head; general.file_type becomes the mix's. Throws std::invalid_argument for the Q5_K mixes (GPTQ
+// has no Q5_K grid) and for AWQ (its folded scales take no per-tensor types).
+void use_llama_cpp_mix(const model::GgufFile& in, model::LlamaCppMix mix, CalibratedQuantizeOptions& options);
 
 // A text progress bar for the per-layer lines of long runs: "[######..............]".
 std::string progress_bar(int64_t done, int64_t total, int width = 20);

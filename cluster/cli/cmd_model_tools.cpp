@@ -221,8 +221,8 @@ Runner add_quantize(CLI::App& app) {
   app.add_option(
       "--type", a->type,
       "Matrix type: q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q8_0, f16, f32 (gptq / awq: q4_0 or q4_k); or one of "
-      "llama-quantize's mixes, q4_k_s, q4_k_m, q5_k_s, q5_k_m (rtn only: llama.cpp's tensor types "
-      "and bytes)");
+      "llama-quantize's mixes, q4_k_s, q4_k_m, q5_k_s, q5_k_m (llama.cpp's tensor types; rtn: its bytes; "
+      "gptq: q4_k_s / q4_k_m with the Q4_K matrices calibrated)");
   app.add_flag("--pure", a->pure, "Quantize every matrix, the embedding and output head included");
   app.add_option("--method", a->method, "rtn (round to nearest, default), gptq or awq (need --calib)");
   app.add_option("--calib", a->calib,
@@ -262,19 +262,22 @@ Runner add_quantize(CLI::App& app) {
     if (calibrated && a->calib.empty())
       throw std::invalid_argument((mixed ? std::string("a size budget") : "--method " + a->method) +
                                   " needs --calib FILE");
-    if (const auto mix = model::parse_llama_cpp_mix(a->type)) {
-      if (method != worker::QuantMethod::rtn || mixed || gptq_dir || a->pure)
+    const auto mix = model::parse_llama_cpp_mix(a->type);
+    if (mix) {
+      if (method == worker::QuantMethod::awq || mixed || gptq_dir || a->pure)
         throw std::invalid_argument(
             "--type " + a->type +
-            " is llama-quantize's mix: rtn into a GGUF only (no --method, size budget, "
-            "--format gptq or --pure)");
+            " is llama-quantize's mix: rtn or gptq into a GGUF only (no --method awq, "
+            "size budget, --format gptq or --pure)");
+    }
+    if (mix && method == worker::QuantMethod::rtn) {
       ScratchFile scratch;
       const auto file = open_quantize_input(a->in, a->out, true, scratch);
       model::requantize_gguf(*file, a->out, *mix);
       std::cerr << "wrote " << a->out << " (" << std::filesystem::file_size(a->out) << " bytes)\n";
       return 0;
     }
-    const kernels::DType type = parse_matrix_type(a->type);
+    const kernels::DType type = mix ? kernels::DType::Q4_K : parse_matrix_type(a->type);
     std::string text;
     std::vector<int32_t> calibration_tokens;
     if (calibrated) {
@@ -311,6 +314,7 @@ Runner add_quantize(CLI::App& app) {
       o.gptq.percdamp = a->percdamp;
       o.threads = a->threads;
       o.progress = [](const std::string& line) { std::cerr << line << std::endl; };
+      if (mix) worker::use_llama_cpp_mix(*file, *mix, o);
       std::cerr << a->method << ": " << a->samples << " windows of " << a->length << " tokens from "
                 << a->calib << "\n";
       if (gptq_dir) {

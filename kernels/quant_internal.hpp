@@ -49,6 +49,18 @@ static inline void q4_k_pack_levels(const uint8_t* levels, uint8_t* qs) {
   }
 }
 
+// Packs 256 levels (0..31) into a Q5_K block: the low 4 bits as Q4_K's qs, the fifth bit of element e
+// (sub-block e / 32, element e % 32) in bit e / 32 of qh[e % 32].
+static inline void q5_k_pack_levels(const uint8_t* levels, uint8_t* qh, uint8_t* qs) {
+  uint8_t low[kQK_K];
+  std::memset(qh, 0, kQK_K / 8);
+  for (int e = 0; e < kQK_K; ++e) {
+    low[e] = levels[e] & 0xF;
+    qh[e % 32] = static_cast<uint8_t>(qh[e % 32] | ((levels[e] >> 4) << (e / 32)));
+  }
+  q4_k_pack_levels(low, qs);
+}
+
 // The value of largest magnitude among x[0, n), with its sign (the first one on a tie), as GGML's
 // Q4_0 / Q5_0 / Q8_K quantizers pick it.
 static inline float signed_absmax(const float* x, int64_t n) {

@@ -208,13 +208,7 @@ void quantize_block_q5_k(const float* x, BlockQ5_K* out) {
   uint8_t sc[8], m[8], levels[kQK_K];
   quantize_k_super_block(x, kQ5_KGrid, &out->d, &out->dmin, sc, m, levels);
   detail::q4_k_pack_scale_min(sc, m, out->scales);
-  std::memset(out->qh, 0, sizeof out->qh);
-  uint8_t low[kQK_K];
-  for (int e = 0; e < kQK_K; ++e) {
-    low[e] = levels[e] & 0xF;
-    out->qh[e % 32] = static_cast<uint8_t>(out->qh[e % 32] | ((levels[e] >> 4) << (e / 32)));
-  }
-  detail::q4_k_pack_levels(low, out->qs);
+  detail::q5_k_pack_levels(levels, out->qh, out->qs);
 }
 
 // GGML's make_qx_quants with rmse_type 1 (weights x²) for Q6_K's sub-blocks of 16, nmax = 32:
@@ -496,6 +490,12 @@ float fit_q4_k_sub_block(const float* x, float* offset) {
   float weights[32];
   sub_block_weights(x, weights);
   return fit_sub_block(x, weights, kQ4_KGrid, offset);
+}
+
+float fit_q5_k_sub_block(const float* x, float* offset) {
+  float weights[32];
+  sub_block_weights(x, weights);
+  return fit_sub_block(x, weights, kQ5_KGrid, offset);
 }
 
 Status dequantize_row(DType type, const void* src, float* y, int64_t n) {

@@ -19,6 +19,8 @@ Status quantize_row(DType type, const float* x, void* out, int64_t n);
 // offset that best represent x: [32] as scale * q - offset, q in 0..15, offset >= 0. Returns the
 // scale and stores the offset in *offset. Exposed for calibrated quantizers that refit sub-blocks.
 float fit_q4_k_sub_block(const float* x, float* offset);
+// The same for Q5_K (make_qkx2_quants' Q5_K parameters: q in 0..31).
+float fit_q5_k_sub_block(const float* x, float* offset);
 
 // Reference dequantization for every DType (IQ4_XS as llama.cpp's dequantize_row_iq4_xs). src:
 // row_bytes(type, n) bytes; y: [n] floats.

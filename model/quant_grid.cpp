@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <stdexcept>
+#include <type_traits>
 
 #include "kernels/quant_internal.hpp"
 #include "kernels/quantize.hpp"
@@ -36,6 +37,8 @@ kernels::DType QuantGrid::gguf_type() const {
       return kernels::DType::Q4_0;
     case GridType::q4_k:
       return kernels::DType::Q4_K;
+    case GridType::q5_k:
+      return kernels::DType::Q5_K;
     case GridType::int4_asym:
       break;
   }
@@ -48,6 +51,8 @@ std::string QuantGrid::name() const {
       return "q4_0";
     case GridType::q4_k:
       return "q4_k";
+    case GridType::q5_k:
+      return "q5_k";
     case GridType::int4_asym:
       break;
   }
@@ -81,7 +86,7 @@ void size_quantized(QuantizedMatrix& out, const QuantGrid& grid, int64_t n_out, 
 
 RowQuantizer::RowQuantizer(QuantGrid grid, int64_t k)
     : grid_(grid), k_(k), groups_(static_cast<size_t>(k / grid.group_size)), levels_(static_cast<size_t>(k)) {
-  if (grid_.type == GridType::q4_k) {
+  if (grid_.k_quant()) {
     super_d_.resize(static_cast<size_t>(k / kernels::kQK_K));
     super_dmin_.resize(super_d_.size());
     super_scale_.resize(super_d_.size());
@@ -90,13 +95,13 @@ RowQuantizer::RowQuantizer(QuantGrid grid, int64_t k)
 }
 
 void RowQuantizer::fit_super_block(int64_t col, const float* values) {
-  if (grid_.type != GridType::q4_k) return;  // the super-block is the group
+  if (!grid_.k_quant()) return;  // the super-block is the group
   // llama.cpp's rule: fit all 8 sub-blocks, d and dmin from the largest scale and offset.
   const int64_t sb = col / kernels::kQK_K;
   float scale[8], offset[8];
   float max_scale = 0, max_offset = 0;
   for (int j = 0; j < 8; ++j) {
-    scale[j] = kernels::fit_q4_k_sub_block(values + 32 * j, &offset[j]);
+    scale[j] = fit_sub_block(values + 32 * j, &offset[j]);
     max_scale = std::max(max_scale, scale[j]);
     max_offset = std::max(max_offset, offset[j]);
   }
@@ -116,10 +121,11 @@ void RowQuantizer::fit_group(int64_t col, const float* values) {
       g.scale = fp16_to_fp32(fp32_to_fp16(d));
       break;
     }
-    case GridType::q4_k: {
+    case GridType::q4_k:
+    case GridType::q5_k: {
       const int64_t sb = col / kernels::kQK_K;
       float offset = 0;
-      const float scale = kernels::fit_q4_k_sub_block(values, &offset);
+      const float scale = fit_sub_block(values, &offset);
       g.sc = static_cast<uint8_t>(std::min(63, kernels::detail::nearest_int(super_scale_[sb] * scale)));
       g.m = static_cast<uint8_t>(std::min(63, kernels::detail::nearest_int(super_offset_[sb] * offset)));
       g.scale = fp16_to_fp32(super_d_[sb]) * g.sc;  // the kernels' d * scale and dmin * min
@@ -158,7 +164,8 @@ float RowQuantizer::quantize(int64_t col, float w) {
       value = static_cast<float>(level - 8) * g.scale;
       break;
     case GridType::q4_k:
-      level = g.scale != 0.0f ? round_clamped((w + g.offset) / g.scale, 0, 15) : 0;
+    case GridType::q5_k:
+      level = g.scale != 0.0f ? round_clamped((w + g.offset) / g.scale, 0, max_level()) : 0;
       value = g.scale * static_cast<float>(level) - g.offset;
       break;
     case GridType::int4_asym:
@@ -168,6 +175,36 @@ float RowQuantizer::quantize(int64_t col, float w) {
   }
   levels_[static_cast<size_t>(col)] = static_cast<uint8_t>(level);
   return value;
+}
+
+float RowQuantizer::fit_sub_block(const float* values, float* offset) const {
+  return grid_.type == GridType::q5_k ? kernels::fit_q5_k_sub_block(values, offset)
+                                      : kernels::fit_q4_k_sub_block(values, offset);
+}
+
+int RowQuantizer::max_level() const { return grid_.type == GridType::q5_k ? 31 : 15; }
+
+// A Q4_K or Q5_K row: the super-blocks' d and dmin, the groups' 6-bit scales and offsets, the levels.
+template <typename Block>
+void RowQuantizer::store_k_quant(QuantizedMatrix& out, int64_t row) const {
+  auto* blocks =
+      reinterpret_cast<Block*>(out.blocks.data() + row * kernels::row_bytes(grid_.gguf_type(), k_));
+  for (int64_t b = 0; b < k_ / kernels::kQK_K; ++b) {
+    uint8_t sc[8], m[8];
+    for (int j = 0; j < 8; ++j) {
+      sc[j] = groups_[static_cast<size_t>(8 * b + j)].sc;
+      m[j] = groups_[static_cast<size_t>(8 * b + j)].m;
+    }
+    blocks[b].d = super_d_[static_cast<size_t>(b)];
+    blocks[b].dmin = super_dmin_[static_cast<size_t>(b)];
+    kernels::detail::q4_k_pack_scale_min(sc, m, blocks[b].scales);
+    const uint8_t* levels = levels_.data() + b * kernels::kQK_K;
+    if constexpr (std::is_same_v<Block, kernels::BlockQ5_K>) {
+      kernels::detail::q5_k_pack_levels(levels, blocks[b].qh, blocks[b].qs);
+    } else {
+      kernels::detail::q4_k_pack_levels(levels, blocks[b].qs);
+    }
+  }
 }
 
 void RowQuantizer::store(QuantizedMatrix& out, int64_t row) const {
@@ -183,22 +220,12 @@ void RowQuantizer::store(QuantizedMatrix& out, int64_t row) const {
       }
       break;
     }
-    case GridType::q4_k: {
-      auto* blocks = reinterpret_cast<kernels::BlockQ4_K*>(
-          out.blocks.data() + row * kernels::row_bytes(kernels::DType::Q4_K, k_));
-      for (int64_t b = 0; b < k_ / kernels::kQK_K; ++b) {
-        uint8_t sc[8], m[8];
-        for (int j = 0; j < 8; ++j) {
-          sc[j] = groups_[static_cast<size_t>(8 * b + j)].sc;
-          m[j] = groups_[static_cast<size_t>(8 * b + j)].m;
-        }
-        blocks[b].d = super_d_[static_cast<size_t>(b)];
-        blocks[b].dmin = super_dmin_[static_cast<size_t>(b)];
-        kernels::detail::q4_k_pack_scale_min(sc, m, blocks[b].scales);
-        kernels::detail::q4_k_pack_levels(levels_.data() + b * kernels::kQK_K, blocks[b].qs);
-      }
+    case GridType::q4_k:
+      store_k_quant<kernels::BlockQ4_K>(out, row);
       break;
-    }
+    case GridType::q5_k:
+      store_k_quant<kernels::BlockQ5_K>(out, row);
+      break;
     case GridType::int4_asym: {
       std::copy(levels_.begin(), levels_.end(), out.levels.begin() + row * k_);
       const int64_t n_groups = k_ / grid_.group_size;

@@ -177,11 +177,11 @@ TEST(CalibratedQuantizeModel, AwqFoldsScalesWithoutChangingTheModel) {
   }
 }
 
-// GPTQ into llama-quantize's Q4_K_M mix: the mix's type for every tensor, the Q4_K layer matrices
-// calibrated (closer to the float model than the RTN mix on held-out windows), everything else (the
+// GPTQ into llama-quantize's Q4_K_M (and Q5_K_M) mix: the mix's type for every tensor, the Q4_K layer
+// matrices calibrated (closer to the float model than the RTN mix on held-out windows), everything else (the
 // "more bits" layers' Q6_K attn_v / ffn_down, the Q4_K embedding, the Q6_K head) rounded to nearest,
 // byte for byte llama.cpp's (the RTN mix).
-TEST(CalibratedQuantizeModel, GptqIntoTheLlamaCppQ4_K_MMix) {
+TEST(CalibratedQuantizeModel, GptqIntoTheLlamaCppQ4_K_MAndQ5_K_MMixes) {
   test::TempDir dir;
   model::LlamaShape shape;
   shape.n_embd = 256;
@@ -231,9 +231,35 @@ TEST(CalibratedQuantizeModel, GptqIntoTheLlamaCppQ4_K_MMix) {
   EXPECT_LT(c_gptq.rel_rms, 0.9 * c_rtn.rel_rms);
   EXPECT_LT(c_gptq.kl, 0.9 * c_rtn.kl);
 
-  // The Q5_K mixes have no GPTQ grid, and AWQ takes no per-tensor types: both refused by name.
-  CalibratedQuantizeOptions q5 = small_calibration(QuantMethod::gptq, DType::Q4_K);
-  EXPECT_THROW(use_llama_cpp_mix(*file, model::LlamaCppMix::q5_k_m, q5), std::invalid_argument);
+  // The Q5_K_M mix the same way: its Q5_K layer matrices calibrated, the rest llama.cpp's bytes.
+  const fs::path rtn5 = dir.path() / "rtn-q5_k_m.gguf", gptq5 = dir.path() / "gptq-q5_k_m.gguf";
+  model::requantize_gguf(*file, rtn5.string(), model::LlamaCppMix::q5_k_m);
+  CalibratedQuantizeOptions q5 = small_calibration(QuantMethod::gptq, DType::Q4_0);
+  use_llama_cpp_mix(*file, model::LlamaCppMix::q5_k_m, q5);
+  EXPECT_EQ(q5.type, DType::Q5_K);
+  calibrated_quantize_gguf(file, calibration_part(), gptq5.string(), q5);
+  const auto r5 = model::GgufFile::open(rtn5.string());
+  const auto g5 = model::GgufFile::open(gptq5.string());
+  EXPECT_EQ(g5->get_uint("general.file_type"), 17u);  // LLAMA_FTYPE_MOSTLY_Q5_K_M
+  int calibrated5 = 0;
+  for (const model::GgufTensorInfo& t : g5->tensors()) {
+    const model::GgufTensorInfo& want5 = *r5->find_tensor(t.name);
+    ASSERT_EQ(t.type, want5.type) << t.name;
+    const bool same = std::memcmp(g5->tensor_data(t), r5->tensor_data(want5), t.size_bytes) == 0;
+    if (t.type == DType::Q5_K && t.name.rfind("blk.", 0) == 0) {
+      calibrated5 += !same;
+    } else {
+      EXPECT_TRUE(same) << t.name << " should be the RTN mix's bytes";
+    }
+  }
+  EXPECT_EQ(calibrated5, 12);
+  const Closeness c_rtn5 = closeness(want, window_logits(rtn5.string(), windows), shape.n_vocab);
+  const Closeness c_gptq5 = closeness(want, window_logits(gptq5.string(), windows), shape.n_vocab);
+  std::printf("gptq q5_k_m: logits rel. RMS %.4f (RTN mix %.4f), KL %.5f (RTN mix %.5f)\n", c_gptq5.rel_rms,
+              c_rtn5.rel_rms, c_gptq5.kl, c_rtn5.kl);
+  EXPECT_LT(c_gptq5.kl, 0.9 * c_rtn5.kl);
+
+  // AWQ takes no per-tensor types: refused by name.
   CalibratedQuantizeOptions awq = small_calibration(QuantMethod::awq, DType::Q4_K);
   try {
     use_llama_cpp_mix(*file, model::LlamaCppMix::q4_k_m, awq);
@@ -341,15 +367,12 @@ TEST(CalibratedQuantizeModel, CommandLine) {
                         " --type q4_k --method gptq --calib " + calib.string() + " 2>&1");
   EXPECT_NE(k.exit_code, 0);
   EXPECT_NE(k.output.find("blk.0.attn_q.weight"), std::string::npos) << k.output;
-  // llama-quantize's mixes take rtn or gptq, and gptq only the Q4_K ones.
+  // llama-quantize's mixes take rtn or gptq.
   const std::string mix_base = bin + " quantize -m " + source.string() + " -o " +
                                (dir.path() / "x.gguf").string() + " --calib " + calib.string();
   const test::CommandResult awq_mix = test::run_command(mix_base + " --type q4_k_m --method awq 2>&1");
   EXPECT_NE(awq_mix.exit_code, 0);
   EXPECT_NE(awq_mix.output.find("rtn or gptq into a GGUF only"), std::string::npos) << awq_mix.output;
-  const test::CommandResult q5_mix = test::run_command(mix_base + " --type q5_k_m --method gptq 2>&1");
-  EXPECT_NE(q5_mix.exit_code, 0);
-  EXPECT_NE(q5_mix.output.find("not the Q5_K ones"), std::string::npos) << q5_mix.output;
 }
 
 }  // namespace

@@ -291,22 +291,18 @@ std::vector<std::vector<int32_t>> calibration_windows(const model::Tokenizer& to
 
 void use_llama_cpp_mix(const model::GgufFile& in, model::LlamaCppMix mix,
                        CalibratedQuantizeOptions& options) {
-  if (mix != model::LlamaCppMix::q4_k_s && mix != model::LlamaCppMix::q4_k_m) {
-    throw std::invalid_argument(
-        "GPTQ calibrates Q4_K matrices: it writes the q4_k_s and q4_k_m mixes, not the Q5_K ones");
-  }
   if (options.method != QuantMethod::gptq) {
     throw std::invalid_argument(std::string(quant_method_name(options.method)) +
                                 " does not write llama-quantize's mixes (AWQ folds its scales across a "
                                 "layer's matrices and takes no per-tensor types); use --method gptq or rtn");
   }
-  options.type = kernels::DType::Q4_K;
+  const bool five_bit = mix == model::LlamaCppMix::q5_k_s || mix == model::LlamaCppMix::q5_k_m;
+  options.type = five_bit ? kernels::DType::Q5_K : kernels::DType::Q4_K;
   const std::vector<kernels::DType> types = model::llama_cpp_mix_types(in, mix);
   for (size_t i = 0; i < types.size(); ++i) {
     const model::GgufTensorInfo& t = in.tensors()[i];
     if (t.dims.size() != 2) continue;
-    if (types[i] != kernels::DType::Q4_K || t.name.rfind("blk.", 0) != 0)
-      options.tensor_types[t.name] = types[i];
+    if (types[i] != options.type || t.name.rfind("blk.", 0) != 0) options.tensor_types[t.name] = types[i];
   }
   options.metadata.emplace_back(
       "general.file_type",
@@ -327,8 +323,10 @@ void calibrated_quantize_gguf(std::shared_ptr<const model::GgufFile> in, std::st
     grid = model::QuantGrid::q4_0();
   } else if (options.type == kernels::DType::Q4_K) {
     grid = model::QuantGrid::q4_k();
+  } else if (options.type == kernels::DType::Q5_K) {
+    grid = model::QuantGrid::q5_k();
   } else {
-    throw std::invalid_argument(std::string("calibrated quantization writes q4_0 or q4_k, not ") +
+    throw std::invalid_argument(std::string("calibrated quantization writes q4_0, q4_k or q5_k, not ") +
                                 kernels::type_name(options.type));
   }
   for (const auto& [name, type] : options.tensor_types) {

@@ -37,7 +37,7 @@ const char* quant_method_name(QuantMethod method);
 
 struct CalibratedQuantizeOptions {
   QuantMethod method = QuantMethod::gptq;      // gptq or awq (rtn is model::requantize_gguf)
-  kernels::DType type = kernels::DType::Q4_0;  // Q4_0 or Q4_K
+  kernels::DType type = kernels::DType::Q4_0;  // Q4_0, Q4_K or Q5_K
   bool pure = false;                           // token_embd and output 4-bit (RTN) too
   std::string calibration_name;                // recorded in the output's metadata
   // A token file's ids (whitespace-separated in the file): when set, windows are cut from them
@@ -61,11 +61,11 @@ struct CalibratedQuantizeOptions {
   std::vector<std::pair<std::string, model::GgufValue>> metadata;
 };
 
-// GPTQ into llama-quantize's Q4_K mixes (q4_k_s, q4_k_m): sets options.type to Q4_K, so that GPTQ
-// calibrates the mix's Q4_K layer matrices, and options.tensor_types to the mix's type for every other
-// matrix (rounded to nearest there, Q6_K / Q5_K / Q8_0 as llama.cpp stores them) and for the embedding
-// and head; general.file_type becomes the mix's. Throws std::invalid_argument for the Q5_K mixes (GPTQ
-// has no Q5_K grid) and for AWQ (its folded scales take no per-tensor types).
+// GPTQ into llama-quantize's K-quant mixes: sets options.type to the mix's default type (Q4_K for
+// q4_k_s / q4_k_m, Q5_K for q5_k_s / q5_k_m), so that GPTQ calibrates the layer matrices of that type,
+// and options.tensor_types to the mix's type for every other matrix (rounded to nearest there: Q6_K,
+// Q5_K, Q8_0 as llama.cpp stores them) and for the embedding and head; general.file_type becomes the
+// mix's. Throws std::invalid_argument for AWQ (its folded scales take no per-tensor types).
 void use_llama_cpp_mix(const model::GgufFile& in, model::LlamaCppMix mix, CalibratedQuantizeOptions& options);
 
 // A text progress bar for the per-layer lines of long runs: "[######..............]".

@@ -220,9 +220,10 @@ Runner add_quantize(CLI::App& app) {
                  "--format gptq: inputs sharing a scale and zero (32, 64, 128)");
   app.add_option(
       "--type", a->type,
-      "Matrix type: q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q8_0, f16, f32 (gptq / awq: q4_0 or q4_k); or one of "
-      "llama-quantize's mixes, q4_k_s, q4_k_m, q5_k_s, q5_k_m (llama.cpp's tensor types; rtn: its bytes; "
-      "gptq: q4_k_s / q4_k_m with the Q4_K matrices calibrated)");
+      "Matrix type: q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q8_0, f16, f32 (gptq / awq: q4_0, q4_k or q5_k); or "
+      "one "
+      "of llama-quantize's mixes, q4_k_s, q4_k_m, q5_k_s, q5_k_m (llama.cpp's tensor types; rtn: its bytes; "
+      "gptq: the mix's Q4_K / Q5_K layer matrices calibrated)");
   app.add_flag("--pure", a->pure, "Quantize every matrix, the embedding and output head included");
   app.add_option("--method", a->method, "rtn (round to nearest, default), gptq or awq (need --calib)");
   app.add_option("--calib", a->calib,
@@ -277,7 +278,7 @@ Runner add_quantize(CLI::App& app) {
       std::cerr << "wrote " << a->out << " (" << std::filesystem::file_size(a->out) << " bytes)\n";
       return 0;
     }
-    const kernels::DType type = mix ? kernels::DType::Q4_K : parse_matrix_type(a->type);
+    const kernels::DType type = mix ? kernels::DType::Q4_K : parse_matrix_type(a->type);  // a mix: set below
     std::string text;
     std::vector<int32_t> calibration_tokens;
     if (calibrated) {

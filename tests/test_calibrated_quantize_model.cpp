@@ -177,10 +177,10 @@ TEST(CalibratedQuantizeModel, AwqFoldsScalesWithoutChangingTheModel) {
   }
 }
 
-// GPTQ into llama-quantize's Q4_K_M (and Q5_K_M) mix: the mix's type for every tensor, the Q4_K layer
-// matrices calibrated (closer to the float model than the RTN mix on held-out windows), everything else (the
-// "more bits" layers' Q6_K attn_v / ffn_down, the Q4_K embedding, the Q6_K head) rounded to nearest,
-// byte for byte llama.cpp's (the RTN mix).
+// GPTQ into llama-quantize's Q4_K_M and Q5_K_M mixes: the mix's type for every tensor, the layer
+// matrices of the mix's default type (Q4_K, Q5_K) calibrated (closer to the float model than the RTN mix
+// on held-out windows), everything else (the "more bits" layers' Q6_K attn_v / ffn_down, the
+// embedding, the Q6_K head) rounded to nearest, byte for byte llama.cpp's (the RTN mix).
 TEST(CalibratedQuantizeModel, GptqIntoTheLlamaCppQ4_K_MAndQ5_K_MMixes) {
   test::TempDir dir;
   model::LlamaShape shape;
@@ -194,70 +194,54 @@ TEST(CalibratedQuantizeModel, GptqIntoTheLlamaCppQ4_K_MAndQ5_K_MMixes) {
   const fs::path source = dir.path() / "f32.gguf";
   model::write_random_llama(source.string(), shape, DType::F32, 4);
   const auto file = model::GgufFile::open(source.string());
-  const fs::path rtn = dir.path() / "rtn-q4_k_m.gguf", gptq = dir.path() / "gptq-q4_k_m.gguf";
-  model::requantize_gguf(*file, rtn.string(), model::LlamaCppMix::q4_k_m);
-  CalibratedQuantizeOptions options = small_calibration(QuantMethod::gptq, DType::Q4_0);
-  use_llama_cpp_mix(*file, model::LlamaCppMix::q4_k_m, options);
-  EXPECT_EQ(options.type, DType::Q4_K);
-  options.calibration_name = "ARCHITECTURE.md[:70%]";
-  calibrated_quantize_gguf(file, calibration_part(), gptq.string(), options);
-
-  const auto r = model::GgufFile::open(rtn.string());
-  const auto g = model::GgufFile::open(gptq.string());
-  EXPECT_EQ(g->get_uint("general.file_type"), 15u);  // LLAMA_FTYPE_MOSTLY_Q4_K_M
-  int calibrated = 0, q6_k = 0;
-  for (const model::GgufTensorInfo& t : g->tensors()) {
-    const model::GgufTensorInfo& want = *r->find_tensor(t.name);
-    ASSERT_EQ(t.type, want.type) << t.name;
-    ASSERT_EQ(t.size_bytes, want.size_bytes) << t.name;
-    const bool same = std::memcmp(g->tensor_data(t), r->tensor_data(want), t.size_bytes) == 0;
-    q6_k += t.type == DType::Q6_K;
-    if (t.type == DType::Q4_K && t.name.rfind("blk.", 0) == 0) {
-      calibrated += !same;
-    } else {
-      EXPECT_TRUE(same) << t.name << " should be the RTN mix's bytes";
-    }
-  }
-  EXPECT_EQ(calibrated, 12);  // 2 layers x 7 matrices, less layer 1's Q6_K attn_v and ffn_down
-  EXPECT_EQ(q6_k, 3);         // those two and the head
-
   const auto tokenizer = model::Tokenizer::from_gguf(*file);
   const auto windows = model::calibration_windows(*tokenizer, held_out_part(), 6, 96, 1234);
   const std::vector<float> want = window_logits(source.string(), windows);
-  const Closeness c_rtn = closeness(want, window_logits(rtn.string(), windows), shape.n_vocab);
-  const Closeness c_gptq = closeness(want, window_logits(gptq.string(), windows), shape.n_vocab);
-  std::printf("gptq q4_k_m: logits rel. RMS %.4f (RTN mix %.4f), KL %.5f (RTN mix %.5f)\n", c_gptq.rel_rms,
-              c_rtn.rel_rms, c_gptq.kl, c_rtn.kl);
-  EXPECT_LT(c_gptq.rel_rms, 0.9 * c_rtn.rel_rms);
-  EXPECT_LT(c_gptq.kl, 0.9 * c_rtn.kl);
 
-  // The Q5_K_M mix the same way: its Q5_K layer matrices calibrated, the rest llama.cpp's bytes.
-  const fs::path rtn5 = dir.path() / "rtn-q5_k_m.gguf", gptq5 = dir.path() / "gptq-q5_k_m.gguf";
-  model::requantize_gguf(*file, rtn5.string(), model::LlamaCppMix::q5_k_m);
-  CalibratedQuantizeOptions q5 = small_calibration(QuantMethod::gptq, DType::Q4_0);
-  use_llama_cpp_mix(*file, model::LlamaCppMix::q5_k_m, q5);
-  EXPECT_EQ(q5.type, DType::Q5_K);
-  calibrated_quantize_gguf(file, calibration_part(), gptq5.string(), q5);
-  const auto r5 = model::GgufFile::open(rtn5.string());
-  const auto g5 = model::GgufFile::open(gptq5.string());
-  EXPECT_EQ(g5->get_uint("general.file_type"), 17u);  // LLAMA_FTYPE_MOSTLY_Q5_K_M
-  int calibrated5 = 0;
-  for (const model::GgufTensorInfo& t : g5->tensors()) {
-    const model::GgufTensorInfo& want5 = *r5->find_tensor(t.name);
-    ASSERT_EQ(t.type, want5.type) << t.name;
-    const bool same = std::memcmp(g5->tensor_data(t), r5->tensor_data(want5), t.size_bytes) == 0;
-    if (t.type == DType::Q5_K && t.name.rfind("blk.", 0) == 0) {
-      calibrated5 += !same;
-    } else {
-      EXPECT_TRUE(same) << t.name << " should be the RTN mix's bytes";
+  struct Mix {
+    model::LlamaCppMix mix;
+    const char* name;
+    DType calibrated_type;
+    uint32_t file_type;
+  };
+  for (const Mix& m : {Mix{model::LlamaCppMix::q4_k_m, "q4_k_m", DType::Q4_K, 15},
+                       Mix{model::LlamaCppMix::q5_k_m, "q5_k_m", DType::Q5_K, 17}}) {
+    SCOPED_TRACE(m.name);
+    const fs::path rtn = dir.path() / (std::string("rtn-") + m.name + ".gguf");
+    const fs::path gptq = dir.path() / (std::string("gptq-") + m.name + ".gguf");
+    model::requantize_gguf(*file, rtn.string(), m.mix);
+    CalibratedQuantizeOptions options = small_calibration(QuantMethod::gptq, DType::Q4_0);
+    use_llama_cpp_mix(*file, m.mix, options);
+    EXPECT_EQ(options.type, m.calibrated_type);
+    options.calibration_name = "ARCHITECTURE.md[:70%]";
+    calibrated_quantize_gguf(file, calibration_part(), gptq.string(), options);
+
+    const auto r = model::GgufFile::open(rtn.string());
+    const auto g = model::GgufFile::open(gptq.string());
+    EXPECT_EQ(g->get_uint("general.file_type"), m.file_type);  // LLAMA_FTYPE_MOSTLY_Q4_K_M / Q5_K_M
+    int calibrated = 0, q6_k = 0;
+    for (const model::GgufTensorInfo& t : g->tensors()) {
+      const model::GgufTensorInfo& same_tensor = *r->find_tensor(t.name);
+      ASSERT_EQ(t.type, same_tensor.type) << t.name;
+      ASSERT_EQ(t.size_bytes, same_tensor.size_bytes) << t.name;
+      const bool same = std::memcmp(g->tensor_data(t), r->tensor_data(same_tensor), t.size_bytes) == 0;
+      q6_k += t.type == DType::Q6_K;
+      if (t.type == m.calibrated_type && t.name.rfind("blk.", 0) == 0) {
+        calibrated += !same;
+      } else {
+        EXPECT_TRUE(same) << t.name << " should be the RTN mix's bytes";
+      }
     }
+    EXPECT_EQ(calibrated, 12);  // 2 layers x 7 matrices, less layer 1's Q6_K attn_v and ffn_down
+    EXPECT_EQ(q6_k, 3);         // those two and the head
+
+    const Closeness c_rtn = closeness(want, window_logits(rtn.string(), windows), shape.n_vocab);
+    const Closeness c_gptq = closeness(want, window_logits(gptq.string(), windows), shape.n_vocab);
+    std::printf("gptq %s: logits rel. RMS %.4f (RTN mix %.4f), KL %.5f (RTN mix %.5f)\n", m.name,
+                c_gptq.rel_rms, c_rtn.rel_rms, c_gptq.kl, c_rtn.kl);
+    EXPECT_LT(c_gptq.rel_rms, 0.9 * c_rtn.rel_rms);
+    EXPECT_LT(c_gptq.kl, 0.9 * c_rtn.kl);
   }
-  EXPECT_EQ(calibrated5, 12);
-  const Closeness c_rtn5 = closeness(want, window_logits(rtn5.string(), windows), shape.n_vocab);
-  const Closeness c_gptq5 = closeness(want, window_logits(gptq5.string(), windows), shape.n_vocab);
-  std::printf("gptq q5_k_m: logits rel. RMS %.4f (RTN mix %.4f), KL %.5f (RTN mix %.5f)\n", c_gptq5.rel_rms,
-              c_rtn5.rel_rms, c_gptq5.kl, c_rtn5.kl);
-  EXPECT_LT(c_gptq5.kl, 0.9 * c_rtn5.kl);
 
   // AWQ takes no per-tensor types: refused by name.
   CalibratedQuantizeOptions awq = small_calibration(QuantMethod::awq, DType::Q4_K);

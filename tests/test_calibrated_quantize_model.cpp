@@ -123,6 +123,19 @@ CalibratedQuantizeOptions small_calibration(QuantMethod method, DType type) {
   return o;
 }
 
+// A 2-layer random model whose rows are 256 or 512 long, as the K-quant grids need (4 query heads).
+model::LlamaShape rows_of_256(int64_t n_head_kv) {
+  model::LlamaShape shape;
+  shape.n_embd = 256;
+  shape.n_layer = 2;
+  shape.n_head = 4;
+  shape.n_head_kv = n_head_kv;
+  shape.n_ff = 512;
+  shape.n_vocab = 1024;
+  shape.n_ctx = 256;
+  return shape;
+}
+
 TEST(CalibratedQuantizeModel, GptqOnRandomModelIsCloserToFloatThanRtn) {
   test::TempDir dir;
   const fs::path source = dir.path() / "tiny-f32.gguf";
@@ -157,14 +170,7 @@ TEST(CalibratedQuantizeModel, AwqFoldsScalesWithoutChangingTheModel) {
   // AWQ model about as close to the float model as RTN or closer (random weights and activations
   // have no outlier channels for AWQ to exploit, so it need not gain much here).
   test::TempDir dir;
-  model::LlamaShape shape;
-  shape.n_embd = 256;
-  shape.n_layer = 2;
-  shape.n_head = 4;
-  shape.n_head_kv = 4;
-  shape.n_ff = 512;
-  shape.n_vocab = 1024;
-  shape.n_ctx = 256;
+  const model::LlamaShape shape = rows_of_256(/*n_head_kv=*/4);
   const fs::path source = dir.path() / "mha-f32.gguf";
   model::write_random_llama(source.string(), shape, DType::F32, 4);
   for (const DType type : {DType::Q4_0, DType::Q4_K}) {
@@ -183,14 +189,7 @@ TEST(CalibratedQuantizeModel, AwqFoldsScalesWithoutChangingTheModel) {
 // embedding, the Q6_K head) rounded to nearest, byte for byte llama.cpp's (the RTN mix).
 TEST(CalibratedQuantizeModel, GptqIntoTheLlamaCppQ4_K_MAndQ5_K_MMixes) {
   test::TempDir dir;
-  model::LlamaShape shape;
-  shape.n_embd = 256;
-  shape.n_layer = 2;
-  shape.n_head = 4;
-  shape.n_head_kv = 2;
-  shape.n_ff = 512;
-  shape.n_vocab = 1024;
-  shape.n_ctx = 256;
+  const model::LlamaShape shape = rows_of_256(/*n_head_kv=*/2);
   const fs::path source = dir.path() / "f32.gguf";
   model::write_random_llama(source.string(), shape, DType::F32, 4);
   const auto file = model::GgufFile::open(source.string());

@@ -137,7 +137,12 @@ inline void store_tile(const MatmulOperands& op, int64_t r0, int64_t o0, __m256 
   for (int j = 0; j < RN; ++j) op.y[(r0 + i) * op.y_stride + o0 + j] = hsum_ps(acc[i][j]);
 }
 
-// ---- Q4_0, Q5_0, Q8_0 and IQ4_NL weights × Q8_0 activations ----
+// ---- Blocks of 32: Q4_0, Q5_0, Q8_0 and IQ4_NL × Q8_0 activations, Q4_1 and Q5_1 × Q8_1 ----
+//
+// Signed weights (Q4_0, Q5_0, Q8_0, IQ4_NL) go into maddubs by their absolute values, their signs moved
+// onto the activations (GGML's trick). Q4_1's / Q5_1's levels (0..15 or 0..31) are unsigned and go in
+// as they are; their minimum adds m · s per block, s the Q8_1 activation block's sum, summed apart
+// from the lanes and added after them (as llama.cpp's ggml_vec_dot_q4_1_q8_1 does).
 
 // llama.cpp's 16 IQ4 values in both 128-bit lanes, for _mm256_shuffle_epi8.
 inline __m256i iq4_value_table() {
@@ -146,8 +151,12 @@ inline __m256i iq4_value_table() {
 }
 
 template <typename WeightBlock>
-struct Q8_0Family {
-  // Weight quants as signed int8 lanes in element order.
+struct Block32Family {
+  static constexpr bool kHasMin =
+      std::is_same_v<WeightBlock, BlockQ4_1> || std::is_same_v<WeightBlock, BlockQ5_1>;
+  using XBlock = std::conditional_t<kHasMin, BlockQ8_1, BlockQ8_0>;
+
+  // Weight quants in element order: signed int8 values, or Q4_1's / Q5_1's unsigned levels.
   static __m256i load_weight(const WeightBlock& block) {
     if constexpr (std::is_same_v<WeightBlock, BlockQ4_0>) {
       return _mm256_sub_epi8(unpack_nibbles(block.qs), _mm256_set1_epi8(8));
@@ -156,6 +165,10 @@ struct Q8_0Family {
       return _mm256_sub_epi8(levels, _mm256_set1_epi8(16));
     } else if constexpr (std::is_same_v<WeightBlock, BlockIQ4_NL>) {
       return _mm256_shuffle_epi8(iq4_value_table(), unpack_nibbles(block.qs));
+    } else if constexpr (std::is_same_v<WeightBlock, BlockQ5_1>) {
+      return _mm256_or_si256(unpack_nibbles(block.qs), unpack_fifth_bits(block.qh));
+    } else if constexpr (std::is_same_v<WeightBlock, BlockQ4_1>) {
+      return unpack_nibbles(block.qs);
     } else {
       return load_i8x32(block.qs);
     }
@@ -164,67 +177,13 @@ struct Q8_0Family {
   template <int RM, int RN>
   static void tile(const MatmulOperands& op, int64_t r0, int64_t o0) {
     const WeightBlock* w[RN];
-    const BlockQ8_0* x[RM];
+    const XBlock* x[RM];
     NIBBLE_UNROLL
     for (int j = 0; j < RN; ++j) w[j] = reinterpret_cast<const WeightBlock*>(op.w + (o0 + j) * op.w_stride);
     NIBBLE_UNROLL
-    for (int i = 0; i < RM; ++i) x[i] = reinterpret_cast<const BlockQ8_0*>(op.x + (r0 + i) * op.x_stride);
+    for (int i = 0; i < RM; ++i) x[i] = reinterpret_cast<const XBlock*>(op.x + (r0 + i) * op.x_stride);
     __m256 acc[RM][RN];
-    NIBBLE_UNROLL
-    for (int i = 0; i < RM; ++i) NIBBLE_UNROLL
-    for (int j = 0; j < RN; ++j) acc[i][j] = _mm256_setzero_ps();
-
-    const int64_t n_blocks = op.k / kQK8_0;
-    for (int64_t b = 0; b < n_blocks; ++b) {
-      __m256i w_abs[RN];
-      __m256i w_q[RN];
-      float w_d[RN];
-      NIBBLE_UNROLL
-      for (int j = 0; j < RN; ++j) {
-        w_q[j] = load_weight(w[j][b]);
-        w_abs[j] = _mm256_sign_epi8(w_q[j], w_q[j]);
-        w_d[j] = half_to_float(w[j][b].d);
-      }
-      NIBBLE_UNROLL
-      for (int i = 0; i < RM; ++i) {
-        const __m256i x_q = load_i8x32(x[i][b].qs);
-        const float x_d = half_to_float(x[i][b].d);
-        NIBBLE_UNROLL
-        for (int j = 0; j < RN; ++j) {
-          const __m256i dot = pairwise_sum_i16(_mm256_maddubs_epi16(w_abs[j], _mm256_sign_epi8(x_q, w_q[j])));
-          acc[i][j] = _mm256_fmadd_ps(_mm256_set1_ps(w_d[j] * x_d), _mm256_cvtepi32_ps(dot), acc[i][j]);
-        }
-      }
-    }
-    store_tile<RM, RN>(op, r0, o0, acc);
-  }
-};
-
-// ---- Q4_1 and Q5_1 weights (d · q + m) × Q8_1 activations ----
-//
-// The levels (0..15 or 0..31) are unsigned, so they go into maddubs as they are, with no sign trick;
-// the minimum adds m · s per block, s the activation block's sum, summed apart from the lanes and added
-// after them (as llama.cpp's ggml_vec_dot_q4_1_q8_1 does).
-template <typename WeightBlock>
-struct Q8_1Family {
-  static __m256i load_levels(const WeightBlock& block) {
-    if constexpr (std::is_same_v<WeightBlock, BlockQ5_1>) {
-      return _mm256_or_si256(unpack_nibbles(block.qs), unpack_fifth_bits(block.qh));
-    } else {
-      return unpack_nibbles(block.qs);
-    }
-  }
-
-  template <int RM, int RN>
-  static void tile(const MatmulOperands& op, int64_t r0, int64_t o0) {
-    const WeightBlock* w[RN];
-    const BlockQ8_1* x[RM];
-    NIBBLE_UNROLL
-    for (int j = 0; j < RN; ++j) w[j] = reinterpret_cast<const WeightBlock*>(op.w + (o0 + j) * op.w_stride);
-    NIBBLE_UNROLL
-    for (int i = 0; i < RM; ++i) x[i] = reinterpret_cast<const BlockQ8_1*>(op.x + (r0 + i) * op.x_stride);
-    __m256 acc[RM][RN];
-    float min_terms[RM][RN];
+    float min_terms[RM][RN];  // Q4_1 / Q5_1
     NIBBLE_UNROLL
     for (int i = 0; i < RM; ++i) NIBBLE_UNROLL
     for (int j = 0; j < RN; ++j) {
@@ -234,30 +193,37 @@ struct Q8_1Family {
 
     const int64_t n_blocks = op.k / kQK8_0;
     for (int64_t b = 0; b < n_blocks; ++b) {
+      __m256i w_unsigned[RN];  // maddubs' unsigned operand: |value|, or the level
       __m256i w_q[RN];
       float w_d[RN], w_m[RN];
       NIBBLE_UNROLL
       for (int j = 0; j < RN; ++j) {
-        w_q[j] = load_levels(w[j][b]);
+        w_q[j] = load_weight(w[j][b]);
+        w_unsigned[j] = kHasMin ? w_q[j] : _mm256_sign_epi8(w_q[j], w_q[j]);
         w_d[j] = half_to_float(w[j][b].d);
-        w_m[j] = half_to_float(w[j][b].m);
+        if constexpr (kHasMin) w_m[j] = half_to_float(w[j][b].m);
       }
       NIBBLE_UNROLL
       for (int i = 0; i < RM; ++i) {
         const __m256i x_q = load_i8x32(x[i][b].qs);
         const float x_d = half_to_float(x[i][b].d);
-        const float x_s = half_to_float(x[i][b].s);
         NIBBLE_UNROLL
         for (int j = 0; j < RN; ++j) {
-          const __m256i dot = pairwise_sum_i16(_mm256_maddubs_epi16(w_q[j], x_q));
+          const __m256i x_signed = kHasMin ? x_q : _mm256_sign_epi8(x_q, w_q[j]);
+          const __m256i dot = pairwise_sum_i16(_mm256_maddubs_epi16(w_unsigned[j], x_signed));
           acc[i][j] = _mm256_fmadd_ps(_mm256_set1_ps(w_d[j] * x_d), _mm256_cvtepi32_ps(dot), acc[i][j]);
-          min_terms[i][j] += w_m[j] * x_s;
+          if constexpr (kHasMin) min_terms[i][j] += w_m[j] * half_to_float(x[i][b].s);
         }
       }
     }
-    NIBBLE_UNROLL
-    for (int i = 0; i < RM; ++i) NIBBLE_UNROLL
-    for (int j = 0; j < RN; ++j) op.y[(r0 + i) * op.y_stride + o0 + j] = hsum_ps(acc[i][j]) + min_terms[i][j];
+    if constexpr (kHasMin) {
+      NIBBLE_UNROLL
+      for (int i = 0; i < RM; ++i) NIBBLE_UNROLL
+      for (int j = 0; j < RN; ++j)
+        op.y[(r0 + i) * op.y_stride + o0 + j] = hsum_ps(acc[i][j]) + min_terms[i][j];
+    } else {
+      store_tile<RM, RN>(op, r0, o0, acc);
+    }
   }
 };
 
@@ -1583,15 +1549,15 @@ nibble::kernels::detail::IsaKernels make_x86_kernels(const char* isa_name) {
       .f16 = matmul_range<FloatFamily<FloatWeight::f16>>,
       .bf16 = matmul_range<FloatFamily<FloatWeight::bf16>>,
 #endif
-      .q4_0 = matmul_range<Q8_0Family<BlockQ4_0>>,
-      .q4_1 = matmul_range<Q8_1Family<BlockQ4_1>>,
-      .q5_0 = matmul_range<Q8_0Family<BlockQ5_0>>,
-      .q5_1 = matmul_range<Q8_1Family<BlockQ5_1>>,
-      .q8_0 = matmul_range<Q8_0Family<BlockQ8_0>>,
+      .q4_0 = matmul_range<Block32Family<BlockQ4_0>>,
+      .q4_1 = matmul_range<Block32Family<BlockQ4_1>>,
+      .q5_0 = matmul_range<Block32Family<BlockQ5_0>>,
+      .q5_1 = matmul_range<Block32Family<BlockQ5_1>>,
+      .q8_0 = matmul_range<Block32Family<BlockQ8_0>>,
       .q4_k = kquant_range<KQuantFamily<BlockQ4_K>>,
       .q5_k = kquant_range<KQuantFamily<BlockQ5_K>>,
       .q6_k = kquant_range<KQuantFamily<BlockQ6_K>>,
-      .iq4_nl = matmul_range<Q8_0Family<BlockIQ4_NL>>,
+      .iq4_nl = matmul_range<Block32Family<BlockIQ4_NL>>,
       .iq4_xs = kquant_range<IQ4_XSFamily>,
       .q4_0_packed = packed_range<PackedQ4_0>,
       .q8_0_packed = packed_range<PackedQ8_0>,

@@ -324,9 +324,12 @@ void write_random_llama(const std::string& path, const LlamaShape& shape, kernel
     throw std::invalid_argument(
         "n_embd must be a multiple of n_head (with an even head size) and n_head of n_head_kv");
   }
-  if (matrix_type != kernels::DType::F32 && matrix_type != kernels::DType::F16 &&
-      matrix_type != kernels::DType::BF16 && matrix_type != kernels::DType::Q8_0 &&
-      matrix_type != kernels::DType::Q4_0) {
+  using kernels::DType;
+  const bool quantized = matrix_type == DType::Q4_0 || matrix_type == DType::Q4_1 ||
+                         matrix_type == DType::Q5_0 || matrix_type == DType::Q5_1 ||
+                         matrix_type == DType::Q8_0 || matrix_type == DType::Q4_K ||
+                         matrix_type == DType::Q5_K || matrix_type == DType::Q6_K;
+  if (!quantized && matrix_type != DType::F32 && matrix_type != DType::F16 && matrix_type != DType::BF16) {
     throw std::invalid_argument(std::string("random models cannot be written as ") +
                                 kernels::type_name(matrix_type));
   }
@@ -342,9 +345,7 @@ void write_random_llama(const std::string& path, const LlamaShape& shape, kernel
   w.set_string("general.architecture", "llama");
   w.set_string("general.name", "nibble-random-llama");
   w.set_uint32("general.file_type", llama_file_type(matrix_type));
-  if (matrix_type == kernels::DType::Q4_0 || matrix_type == kernels::DType::Q8_0) {
-    w.set_uint32("general.quantization_version", 2);
-  }
+  if (quantized) w.set_uint32("general.quantization_version", 2);
   w.set_uint32("llama.context_length", static_cast<uint32_t>(s.n_ctx));
   w.set_uint32("llama.embedding_length", static_cast<uint32_t>(s.n_embd));
   w.set_uint32("llama.block_count", static_cast<uint32_t>(s.n_layer));

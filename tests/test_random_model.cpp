@@ -202,7 +202,8 @@ TEST(RandomModel, MatrixTypesHoldTheSameWeights) {
   const LlamaShape shape = llama_shape_by_name("tiny");
   write_random_llama((dir.path() / "f32.gguf").string(), shape, DType::F32, 5);
   const auto ref = GgufFile::open((dir.path() / "f32.gguf").string());
-  const std::pair<DType, double> types[] = {{DType::F16, 1e-3}, {DType::Q8_0, 1e-2}, {DType::Q4_0, 0.2}};
+  const std::pair<DType, double> types[] = {{DType::F16, 1e-3}, {DType::Q8_0, 1e-2}, {DType::Q4_0, 0.2},
+                                            {DType::Q4_1, 0.2}, {DType::Q5_0, 0.1},  {DType::Q5_1, 0.1}};
   for (const auto& [type, max_rel_rms] : types) {
     SCOPED_TRACE(kernels::type_name(type));
     const fs::path path = dir.path() / (std::string(kernels::type_name(type)) + ".gguf");
@@ -253,7 +254,8 @@ TEST(RandomModel, RejectsBadArguments) {
   test::TempDir dir;
   const std::string path = (dir.path() / "x.gguf").string();
   LlamaShape shape = llama_shape_by_name("tiny");
-  EXPECT_THROW(write_random_llama(path, shape, DType::Q4_K, 1), std::invalid_argument);
+  EXPECT_THROW(write_random_llama(path, shape, DType::Q4_K, 1), std::invalid_argument);    // rows of 128
+  EXPECT_THROW(write_random_llama(path, shape, DType::IQ4_XS, 1), std::invalid_argument);  // no quantizer
   LlamaShape odd = shape;
   odd.n_embd = 100;  // not a multiple of the Q4_0 block
   EXPECT_THROW(write_random_llama(path, odd, DType::Q4_0, 1), std::invalid_argument);

@@ -177,7 +177,10 @@ Runner add_make_model(CLI::App& app) {
   };
   auto a = std::make_shared<Args>();
   app.add_option("--shape", a->shape, "Named shape: tiny, small, llama-1b, llama-8b, llama-70b");
-  app.add_option("--type", a->type, "Matrix type: q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q8_0, f16, f32");
+  app.add_option(
+      "--type", a->type,
+      "Matrix type: q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q8_0, f16, f32 (q4_k and q5_k need rows of "
+      "256: --shape small or larger)");
   app.add_option("--seed", a->seed, "Weight seed");
   app.add_option(
          "--vocab", a->vocab,

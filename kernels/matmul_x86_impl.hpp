@@ -207,12 +207,14 @@ struct Block32Family {
       for (int i = 0; i < RM; ++i) {
         const __m256i x_q = load_i8x32(x[i][b].qs);
         const float x_d = half_to_float(x[i][b].d);
+        float x_s = 0.0f;
+        if constexpr (kHasMin) x_s = half_to_float(x[i][b].s);
         NIBBLE_UNROLL
         for (int j = 0; j < RN; ++j) {
           const __m256i x_signed = kHasMin ? x_q : _mm256_sign_epi8(x_q, w_q[j]);
           const __m256i dot = pairwise_sum_i16(_mm256_maddubs_epi16(w_unsigned[j], x_signed));
           acc[i][j] = _mm256_fmadd_ps(_mm256_set1_ps(w_d[j] * x_d), _mm256_cvtepi32_ps(dot), acc[i][j]);
-          if constexpr (kHasMin) min_terms[i][j] += w_m[j] * half_to_float(x[i][b].s);
+          if constexpr (kHasMin) min_terms[i][j] += w_m[j] * x_s;
         }
       }
     }
@@ -1364,7 +1366,9 @@ void kquant_range(const MatmulOperands& op, int64_t o_begin, int64_t o_end) {
 // Same bytes as quantize_row(Q8_0): d = amax/127 rounded to fp16, q = roundf(x · (1/d)); roundf's
 // ties-away-from-zero is rebuilt from truncation because the SIMD rounding modes tie to even.
 // One block of 32 activations as quantize_row_q8_0_ref rounds it (roundf: ties away from zero) into
-// qs; returns the float scale d = amax / 127 (before its rounding to fp16) and the quants' sum.
+// qs; returns the float scale d = amax / 127 (before its rounding to fp16), and with kWithSum (Q8_1)
+// stores the quants' sum in *sum.
+template <bool kWithSum>
 inline float quantize_block_q8(const float* xb, int8_t* qs, int32_t* sum) {
   const __m256 sign_mask = _mm256_set1_ps(-0.0f);
   const __m256 half = _mm256_set1_ps(0.5f);
@@ -1391,11 +1395,13 @@ inline float quantize_block_q8(const float* xb, int8_t* qs, int32_t* sum) {
     const __m256 round_away = _mm256_and_ps(_mm256_cmp_ps(fraction, half, _CMP_GE_OQ), away);
     q[i] = _mm256_cvtps_epi32(_mm256_add_ps(truncated, round_away));
   }
-  const __m256i lanes = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
-  __m128i sum4 = _mm_add_epi32(_mm256_castsi256_si128(lanes), _mm256_extracti128_si256(lanes, 1));
-  sum4 = _mm_add_epi32(sum4, _mm_shuffle_epi32(sum4, 0x4E));
-  sum4 = _mm_add_epi32(sum4, _mm_shuffle_epi32(sum4, 0xB1));
-  *sum = _mm_cvtsi128_si32(sum4);
+  if constexpr (kWithSum) {
+    const __m256i lanes = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+    __m128i sum4 = _mm_add_epi32(_mm256_castsi256_si128(lanes), _mm256_extracti128_si256(lanes, 1));
+    sum4 = _mm_add_epi32(sum4, _mm_shuffle_epi32(sum4, 0x4E));
+    sum4 = _mm_add_epi32(sum4, _mm_shuffle_epi32(sum4, 0xB1));
+    *sum = _mm_cvtsi128_si32(sum4);
+  }
   // Pack 4×8 int32 to 32 int8; the packs work per 128-bit lane, the permute restores order.
   const __m256i packed16_lo = _mm256_packs_epi32(q[0], q[1]);
   const __m256i packed16_hi = _mm256_packs_epi32(q[2], q[3]);
@@ -1408,8 +1414,8 @@ inline float quantize_block_q8(const float* xb, int8_t* qs, int32_t* sum) {
 void quantize_q8_0(const float* x, void* out, int64_t k) {
   auto* blocks = static_cast<BlockQ8_0*>(out);
   for (int64_t b = 0; b < k / kQK8_0; ++b) {
-    int32_t sum;
-    blocks[b].d = _cvtss_sh(quantize_block_q8(x + b * kQK8_0, blocks[b].qs, &sum), _MM_FROUND_TO_NEAREST_INT);
+    blocks[b].d =
+        _cvtss_sh(quantize_block_q8<false>(x + b * kQK8_0, blocks[b].qs, nullptr), _MM_FROUND_TO_NEAREST_INT);
   }
 }
 
@@ -1418,7 +1424,7 @@ void quantize_q8_1(const float* x, void* out, int64_t k) {
   auto* blocks = static_cast<BlockQ8_1*>(out);
   for (int64_t b = 0; b < k / kQK8_0; ++b) {
     int32_t sum;
-    const float d = quantize_block_q8(x + b * kQK8_0, blocks[b].qs, &sum);
+    const float d = quantize_block_q8<true>(x + b * kQK8_0, blocks[b].qs, &sum);
     blocks[b].d = _cvtss_sh(d, _MM_FROUND_TO_NEAREST_INT);
     blocks[b].s = _cvtss_sh(static_cast<float>(sum) * d, _MM_FROUND_TO_NEAREST_INT);
   }

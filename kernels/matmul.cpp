@@ -74,6 +74,8 @@ ActivationFormat activation_format(DType w_type) {
     case DType::Q4_1:
     case DType::Q5_1:
       return ActivationFormat::q8_1;
+    case DType::Q2_K:
+    case DType::Q3_K:
     case DType::Q4_K:
     case DType::Q5_K:
     case DType::Q6_K:
@@ -102,6 +104,10 @@ MatmulRangeFn range_fn(const IsaKernels& isa, DType w_type) {
       return isa.q5_1;
     case DType::Q8_0:
       return isa.q8_0;
+    case DType::Q2_K:
+      return isa.q2_k;
+    case DType::Q3_K:
+      return isa.q3_k;
     case DType::Q4_K:
       return isa.q4_k;
     case DType::Q5_K:

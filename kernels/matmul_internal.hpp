@@ -45,6 +45,8 @@ struct IsaKernels {
   MatmulRangeFn q5_0;
   MatmulRangeFn q5_1;
   MatmulRangeFn q8_0;
+  MatmulRangeFn q2_k;
+  MatmulRangeFn q3_k;
   MatmulRangeFn q4_k;
   MatmulRangeFn q5_k;
   MatmulRangeFn q6_k;

@@ -86,6 +86,48 @@ float dot_q5_1(const uint8_t* w_row, const uint8_t* x_row, int64_t k) {
   return dot_q4_1_or_q5_1<BlockQ5_1>(w_row, x_row, k);
 }
 
+// Q2_K: Σ_g sc[g]·(q·x)[g] · d·dx − Σ_g m[g]·Σx[g] · dmin·dx over its 16 sub-blocks of 16, the mins
+// term from the activation block's 16-element sums (llama.cpp's ggml_vec_dot_q2_K_q8_K).
+float dot_q2_k(const uint8_t* w_row, const uint8_t* x_row, int64_t k) {
+  const auto* w = reinterpret_cast<const BlockQ2_K*>(w_row);
+  const auto* x = reinterpret_cast<const BlockQ8_K*>(x_row);
+  float sum = 0.0f;
+  for (int64_t b = 0; b < k / kQK_K; ++b) {
+    int sum_scaled = 0;
+    int sum_mins = 0;
+    for (int g = 0; g < kQK_K / 16; ++g) {
+      int dot = 0;
+      for (int i = 0; i < 16; ++i) dot += q2_k_low_bits(w[b].qs, 16 * g + i) * x[b].qs[16 * g + i];
+      sum_scaled += (w[b].scales[g] & 0xF) * dot;
+      sum_mins += (w[b].scales[g] >> 4) * x[b].bsums[g];
+    }
+    sum += fp16_to_fp32(w[b].d) * x[b].d * static_cast<float>(sum_scaled) -
+           fp16_to_fp32(w[b].dmin) * x[b].d * static_cast<float>(sum_mins);
+  }
+  return sum;
+}
+
+// Q3_K: Σ_g scale[g]·(level·x)[g] on the unsigned levels (0..7), minus 4·Σ_g scale[g]·Σx[g] for the
+// offset, in integers; one float term per super-block.
+float dot_q3_k(const uint8_t* w_row, const uint8_t* x_row, int64_t k) {
+  const auto* w = reinterpret_cast<const BlockQ3_K*>(w_row);
+  const auto* x = reinterpret_cast<const BlockQ8_K*>(x_row);
+  float sum = 0.0f;
+  for (int64_t b = 0; b < k / kQK_K; ++b) {
+    int sum_scaled = 0;
+    int sum_offset = 0;
+    for (int g = 0; g < kQK_K / 16; ++g) {
+      int dot = 0;
+      for (int i = 0; i < 16; ++i) dot += q3_k_level(w[b], 16 * g + i) * x[b].qs[16 * g + i];
+      const int scale = q3_k_scale(w[b], g);
+      sum_scaled += scale * dot;
+      sum_offset += scale * x[b].bsums[g];
+    }
+    sum += fp16_to_fp32(w[b].d) * x[b].d * static_cast<float>(sum_scaled - 4 * sum_offset);
+  }
+  return sum;
+}
+
 // Σ_sub scale[sub]·(q·x)[sub] · d·dx  −  Σ_sub min[sub]·Σx[sub] · dmin·dx; the mins term uses the
 // activation block's precomputed 16-element sums. Q5_K adds each level's fifth bit (bit sub of
 // qh[l]): levels 0..31 instead of 0..15.
@@ -274,6 +316,8 @@ const IsaKernels kScalarKernels{
     .q5_0 = quant_range<dot_block32<BlockQ5_0>>,
     .q5_1 = quant_range<dot_q5_1>,
     .q8_0 = quant_range<dot_block32<BlockQ8_0>>,
+    .q2_k = quant_range<dot_q2_k>,
+    .q3_k = quant_range<dot_q3_k>,
     .q4_k = quant_range<dot_q4_k>,
     .q5_k = quant_range<dot_q5_k>,
     .q6_k = quant_range<dot_q6_k>,

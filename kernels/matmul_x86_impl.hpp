@@ -19,6 +19,8 @@ namespace {
 
 using nibble::kernels::BlockIQ4_NL;
 using nibble::kernels::BlockIQ4_XS;
+using nibble::kernels::BlockQ2_K;
+using nibble::kernels::BlockQ3_K;
 using nibble::kernels::BlockQ4_0;
 using nibble::kernels::BlockQ4_1;
 using nibble::kernels::BlockQ4_K;
@@ -1185,7 +1187,7 @@ void matmul_range_512(const MatmulOperands& op, int64_t o_begin, int64_t o_end) 
 #pragma GCC diagnostic pop
 #endif  // __AVX512F__
 
-// ---- Q4_K / Q5_K / Q6_K weights × Q8_K activations ----
+// ---- Q2_K / Q3_K / Q4_K / Q5_K / Q6_K weights × Q8_K activations ----
 //
 // A weight super-block is first unpacked into unsigned quants plus 16-bit scale vectors laid out
 // for _mm256_madd_epi16, then dotted with each activation row of the tile:
@@ -1270,9 +1272,59 @@ inline void unpack(const BlockQ6_K& block, UnpackedKBlock& out) {
   out.dmin = 0.0f;
 }
 
+// Q2_K: levels 0..3 in element order (the 2-bit runs of qs shifted down), sub-block scales and mins
+// from the scale nibbles.
+inline void unpack(const BlockQ2_K& block, UnpackedKBlock& out) {
+  const __m256i low2 = _mm256_set1_epi8(0x03);
+  for (int half = 0; half < 2; ++half) {
+    const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block.qs + 32 * half));
+    for (int j = 0; j < 4; ++j) {
+      const __m256i levels = _mm256_and_si256(_mm256_srl_epi16(packed, _mm_cvtsi32_si128(2 * j)), low2);
+      store_i8x32(out.q + 128 * half + 32 * j, levels);
+    }
+  }
+  for (int chunk = 0; chunk < 8; ++chunk)
+    set_chunk_scales(out, chunk, block.scales[2 * chunk] & 0xF, block.scales[2 * chunk + 1] & 0xF);
+  const __m256i scales16 =
+      _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block.scales)));
+  _mm256_store_si256(reinterpret_cast<__m256i*>(out.group_mins), _mm256_srli_epi16(scales16, 4));
+  _mm256_store_si256(reinterpret_cast<__m256i*>(out.group_offsets), _mm256_setzero_si256());
+  out.d = half_to_float(block.d);
+  out.dmin = half_to_float(block.dmin);
+}
+
+// Q3_K: unsigned levels 0..7 (the low 2 bits as Q2_K's, the third from hmask: element 32r + l has it
+// in bit r of hmask[l]), signed sub-block scales, the −4 offset folded in as −4·scale·bsum (dmin = 0).
+inline void unpack(const BlockQ3_K& block, UnpackedKBlock& out) {
+  const __m256i low2 = _mm256_set1_epi8(0x03);
+  const __m256i hmask = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block.hmask));
+  for (int half = 0; half < 2; ++half) {
+    const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block.qs + 32 * half));
+    for (int j = 0; j < 4; ++j) {
+      const __m256i low = _mm256_and_si256(_mm256_srl_epi16(packed, _mm_cvtsi32_si128(2 * j)), low2);
+      const __m128i run = _mm_cvtsi32_si128(4 * half + j);
+      const __m256i high =
+          _mm256_slli_epi16(_mm256_and_si256(_mm256_srl_epi16(hmask, run), _mm256_set1_epi8(1)), 2);
+      store_i8x32(out.q + 128 * half + 32 * j, _mm256_or_si256(low, high));
+    }
+  }
+  alignas(32) int16_t scales[kQK_K / 16];
+  for (int g = 0; g < kQK_K / 16; ++g)
+    scales[g] = static_cast<int16_t>(nibble::kernels::q3_k_scale(block, g));
+  for (int chunk = 0; chunk < 8; ++chunk)
+    set_chunk_scales(out, chunk, scales[2 * chunk], scales[2 * chunk + 1]);
+  _mm256_store_si256(
+      reinterpret_cast<__m256i*>(out.group_offsets),
+      _mm256_mullo_epi16(_mm256_load_si256(reinterpret_cast<const __m256i*>(scales)), _mm256_set1_epi16(-4)));
+  _mm256_store_si256(reinterpret_cast<__m256i*>(out.group_mins), _mm256_setzero_si256());
+  out.d = half_to_float(block.d);
+  out.dmin = 0.0f;
+}
+
 template <typename WeightBlock>
 struct KQuantFamily {
-  static constexpr bool kHasMins = !std::is_same_v<WeightBlock, BlockQ6_K>;
+  static constexpr bool kHasMins =
+      !std::is_same_v<WeightBlock, BlockQ6_K> && !std::is_same_v<WeightBlock, BlockQ3_K>;
 
   // Only RN = 1: the unpacked block is the reuse unit.
   template <int RM, int RN>
@@ -1560,6 +1612,8 @@ nibble::kernels::detail::IsaKernels make_x86_kernels(const char* isa_name) {
       .q5_0 = matmul_range<Block32Family<BlockQ5_0>>,
       .q5_1 = matmul_range<Block32Family<BlockQ5_1>>,
       .q8_0 = matmul_range<Block32Family<BlockQ8_0>>,
+      .q2_k = kquant_range<KQuantFamily<BlockQ2_K>>,
+      .q3_k = kquant_range<KQuantFamily<BlockQ3_K>>,
       .q4_k = kquant_range<KQuantFamily<BlockQ4_K>>,
       .q5_k = kquant_range<KQuantFamily<BlockQ5_K>>,
       .q6_k = kquant_range<KQuantFamily<BlockQ6_K>>,

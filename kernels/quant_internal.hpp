@@ -61,6 +61,17 @@ static inline void q5_k_pack_levels(const uint8_t* levels, uint8_t* qh, uint8_t*
   q4_k_pack_levels(low, qs);
 }
 
+// Packs 256 levels (0..3) into a Q2_K / Q3_K block's qs: element 128h + 32j + l in bits 2j, 2j + 1 of
+// qs[32h + l].
+static inline void q2_k_pack_low_bits(const uint8_t* levels, uint8_t* qs) {
+  for (int h = 0; h < 2; ++h) {
+    for (int l = 0; l < 32; ++l) {
+      const uint8_t* run = levels + 128 * h + l;
+      qs[32 * h + l] = static_cast<uint8_t>(run[0] | (run[32] << 2) | (run[64] << 4) | (run[96] << 6));
+    }
+  }
+}
+
 // The value of largest magnitude among x[0, n), with its sign (the first one on a tie), as GGML's
 // Q4_0 / Q5_0 / Q8_K quantizers pick it.
 static inline float signed_absmax(const float* x, int64_t n) {

@@ -13,6 +13,8 @@ constexpr TypeInfo kQ4_1{"q4_1", kQK4_0, sizeof(BlockQ4_1)};
 constexpr TypeInfo kQ5_0{"q5_0", kQK4_0, sizeof(BlockQ5_0)};
 constexpr TypeInfo kQ5_1{"q5_1", kQK4_0, sizeof(BlockQ5_1)};
 constexpr TypeInfo kQ8_0{"q8_0", kQK8_0, sizeof(BlockQ8_0)};
+constexpr TypeInfo kQ2_K{"q2_K", kQK_K, sizeof(BlockQ2_K)};
+constexpr TypeInfo kQ3_K{"q3_K", kQK_K, sizeof(BlockQ3_K)};
 constexpr TypeInfo kQ4_K{"q4_K", kQK_K, sizeof(BlockQ4_K)};
 constexpr TypeInfo kQ5_K{"q5_K", kQK_K, sizeof(BlockQ5_K)};
 constexpr TypeInfo kQ6_K{"q6_K", kQK_K, sizeof(BlockQ6_K)};
@@ -53,6 +55,10 @@ const TypeInfo* type_info(uint32_t raw_type) {
       return &kQ5_1;
     case DType::Q8_0:
       return &kQ8_0;
+    case DType::Q2_K:
+      return &kQ2_K;
+    case DType::Q3_K:
+      return &kQ3_K;
     case DType::Q4_K:
       return &kQ4_K;
     case DType::Q5_K:

@@ -17,6 +17,8 @@ enum class DType : uint32_t {
   Q5_1 = 7,
   Q8_0 = 8,
   Q8_1 = 9,  // activations only (Q4_1 / Q5_1 dot products)
+  Q2_K = 10,
+  Q3_K = 11,
   Q4_K = 12,
   Q5_K = 13,
   Q6_K = 14,
@@ -89,6 +91,47 @@ struct BlockQ8_0 {
   int8_t qs[kQK8_0];
 };
 static_assert(sizeof(BlockQ8_0) == 34);
+
+// Q2_K: 16 sub-blocks of 16, weight = d · sc · q − dmin · m with q in 0..3 and 4-bit sub-block scales
+// sc and mins m. Element 128h + 32j + l (h = 0, 1; j = 0..3; l = 0..31) has its level in bits 2j, 2j + 1
+// of qs[32h + l]; sub-block g (elements 16g .. 16g + 15) has sc = scales[g] & 15, m = scales[g] >> 4.
+struct BlockQ2_K {
+  uint8_t scales[kQK_K / 16];  // low nibble the scale, high nibble the min
+  uint8_t qs[kQK_K / 4];
+  f16_bits d;     // super-block scale of the sub-block scales
+  f16_bits dmin;  // super-block scale of the sub-block mins
+};
+static_assert(sizeof(BlockQ2_K) == 84);
+
+// Q3_K: 16 sub-blocks of 16, weight = d · (sc − 32) · (q − 4), q in 0..7: the low 2 bits as Q2_K's qs,
+// the third in hmask (element 128h + 32j + l: bit 4h + j of hmask[l]), 6-bit sub-block scales sc (see
+// q3_k_scale).
+struct BlockQ3_K {
+  uint8_t hmask[kQK_K / 8];
+  uint8_t qs[kQK_K / 4];
+  uint8_t scales[kKScaleBytes];
+  f16_bits d;
+};
+static_assert(sizeof(BlockQ3_K) == 110);
+
+// Level (0..3) of element e of a Q2_K block, or the low 2 bits of a Q3_K level.
+static constexpr int q2_k_low_bits(const uint8_t (&qs)[kQK_K / 4], int e) {
+  return (qs[32 * (e / 128) + e % 32] >> (2 * ((e % 128) / 32))) & 3;
+}
+
+// Level (0..7, the weight's value + 4) of element e of a Q3_K block.
+static constexpr int q3_k_level(const BlockQ3_K& block, int e) {
+  const int high = (block.hmask[e % 32] >> (e / 32)) & 1;
+  return q2_k_low_bits(block.qs, e) | (high << 2);
+}
+
+// Sub-block g's (0..15) signed scale, −32..31, of a Q3_K block: the low 4 bits in the low (g < 8) or
+// high nibble of scales[g % 8], the top 2 in bits 2(g / 4), 2(g / 4) + 1 of scales[8 + g % 4].
+static constexpr int q3_k_scale(const BlockQ3_K& block, int g) {
+  const int low = (block.scales[g % 8] >> (4 * (g / 8))) & 0xF;
+  const int high = (block.scales[8 + g % 4] >> (2 * (g / 4))) & 3;
+  return (low | (high << 4)) - 32;
+}
 
 struct BlockQ4_K {
   f16_bits d;                    // super-block scale for the 6-bit sub-block scales

@@ -78,20 +78,26 @@ void quantize_block_q5_1(const float* x, BlockQ5_1* out) {
   pack_q5_levels(levels, out->qh, out->qs);
 }
 
-// GGML's make_qkx2_quants for n = 32 (squared error): levels 0..nmax; start from the min/max grid,
-// then try nstep + 1 slightly different inverse scales ((rmin + 0.1 step + nmax) / range), each
-// followed by a weighted least-squares refit of scale and min, and keep the best. Returns the scale;
-// *offset = -min. Q4_K fits with nmax 15, rmin -1, 20 steps; Q5_K with 31, -0.5, 15.
+// GGML's make_qkx2_quants: levels 0..nmax for x: [n] (n <= 32); start from the min/max grid, then try
+// nstep + 1 slightly different inverse scales ((rmin + 0.1 step + nmax) / range), each followed by a
+// weighted least-squares refit of scale and min, and keep the best (by weighted squared error, or
+// absolute error with use_mad). Returns the scale; *offset = -min; levels (when not null) gets the
+// chosen levels, as GGML's L (the quantizers keep them where a sub-block's stored scale rounds to 0).
+// Q4_K fits with nmax 15, rmin -1, 20 steps; Q5_K with 31, -0.5, 15; Q2_K's sub-blocks of 16 with 3,
+// -0.5, 15 and absolute error.
 struct SubBlockGrid {
   int nmax;
   float rmin;
   int nstep;
+  bool use_mad = false;
 };
 constexpr SubBlockGrid kQ4_KGrid{15, -1.0f, 20};
 constexpr SubBlockGrid kQ5_KGrid{31, -0.5f, 15};
+constexpr SubBlockGrid kQ2_KGrid{3, -0.5f, 15, true};
 
-float fit_sub_block(const float* x, const float* weights, SubBlockGrid grid, float* offset) {
-  constexpr int n = 32;
+float fit_sub_block(const float* x, const float* weights, int n, SubBlockGrid grid, float* offset,
+                    uint8_t* levels = nullptr) {
+  constexpr int kMaxN = 32;
   const int nmax = grid.nmax;
   float min = x[0];
   float max = x[0];
@@ -105,24 +111,28 @@ float fit_sub_block(const float* x, const float* weights, SubBlockGrid grid, flo
   }
   if (min > 0) min = 0;
   if (max == min) {
+    if (levels != nullptr) std::fill(levels, levels + n, uint8_t{0});
     *offset = -min;
     return 0.0f;
   }
+  const auto error_of = [&](float diff) { return grid.use_mad ? std::fabs(diff) : diff * diff; };
   float iscale = static_cast<float>(nmax) / (max - min);
   float scale = 1 / iscale;
   float best_error = 0;
+  uint8_t best[kMaxN];
   for (int i = 0; i < n; ++i) {
     const int l = std::clamp(detail::nearest_int(iscale * (x[i] - min)), 0, nmax);
+    best[i] = static_cast<uint8_t>(l);
     const float diff = scale * static_cast<float>(l) + min - x[i];
-    best_error += weights[i] * (diff * diff);  // w·(diff²), as GGML rounds it
+    best_error += weights[i] * error_of(diff);  // w·(diff²), as GGML rounds it
   }
-  int candidate[n];
+  uint8_t candidate[kMaxN];
   for (int step = 0; step <= grid.nstep; ++step) {
     iscale = (grid.rmin + 0.1f * static_cast<float>(step) + static_cast<float>(nmax)) / (max - min);
     float sum_l = 0, sum_l2 = 0, sum_xl = 0;
     for (int i = 0; i < n; ++i) {
       const int l = std::clamp(detail::nearest_int(iscale * (x[i] - min)), 0, nmax);
-      candidate[i] = l;
+      candidate[i] = static_cast<uint8_t>(l);
       const float w = weights[i];
       sum_l += w * static_cast<float>(l);
       sum_l2 += w * static_cast<float>(l) * static_cast<float>(l);
@@ -139,14 +149,16 @@ float fit_sub_block(const float* x, const float* weights, SubBlockGrid grid, flo
     float error = 0;
     for (int i = 0; i < n; ++i) {
       const float diff = this_scale * static_cast<float>(candidate[i]) + this_min - x[i];
-      error += weights[i] * (diff * diff);
+      error += weights[i] * error_of(diff);
     }
     if (error < best_error) {
+      std::copy(candidate, candidate + n, best);
       best_error = error;
       scale = this_scale;
       min = this_min;
     }
   }
+  if (levels != nullptr) std::copy(best, best + n, levels);
   *offset = -min;
   return scale;
 }
@@ -164,7 +176,7 @@ void sub_block_weights(const float* x, float* weights) {
 // (0..grid.nmax), as GGML's quantize_row_q4_K_ref / quantize_row_q5_K_ref compute them: fit each
 // sub-block's scale and offset, store them as 6-bit multiples of the super-block's d = max scale / 63
 // and dmin = max offset / 63, then round every element against the stored (fp16 and 6-bit rounded)
-// values.
+// values (a sub-block whose stored scale is 0 keeps the fit's levels, as GGML's do).
 void quantize_k_super_block(const float* x, SubBlockGrid grid, f16_bits* d_out, f16_bits* dmin_out,
                             uint8_t (&sc)[8], uint8_t (&m)[8], uint8_t (&levels)[kQK_K]) {
   float scales[8], offsets[8];
@@ -172,19 +184,19 @@ void quantize_k_super_block(const float* x, SubBlockGrid grid, f16_bits* d_out, 
   for (int j = 0; j < 8; ++j) {
     float weights[32];
     sub_block_weights(x + 32 * j, weights);
-    scales[j] = fit_sub_block(x + 32 * j, weights, grid, &offsets[j]);
+    scales[j] = fit_sub_block(x + 32 * j, weights, 32, grid, &offsets[j], levels + 32 * j);
     max_scale = std::max(max_scale, scales[j]);
     max_offset = std::max(max_offset, offsets[j]);
   }
   const float inv_scale = max_scale > 0 ? 63.0f / max_scale : 0.0f;
   const float inv_offset = max_offset > 0 ? 63.0f / max_offset : 0.0f;
   for (int j = 0; j < 8; ++j) {
-    sc[j] = static_cast<uint8_t>(std::min(63, detail::nearest_int(inv_scale * scales[j])));
-    m[j] = static_cast<uint8_t>(std::min(63, detail::nearest_int(inv_offset * offsets[j])));
+    // To uint8_t before the clamp, as GGML does it (a negative level would wrap to 63).
+    sc[j] = std::min<uint8_t>(63, static_cast<uint8_t>(detail::nearest_int(inv_scale * scales[j])));
+    m[j] = std::min<uint8_t>(63, static_cast<uint8_t>(detail::nearest_int(inv_offset * offsets[j])));
   }
   *d_out = fp32_to_fp16(max_scale / 63.0f);
   *dmin_out = fp32_to_fp16(max_offset / 63.0f);
-  std::fill(levels, levels + kQK_K, uint8_t{0});
   for (int j = 0; j < 8; ++j) {
     const float d = fp16_to_fp32(*d_out) * sc[j];
     if (d == 0.0f) continue;
@@ -209,6 +221,139 @@ void quantize_block_q5_k(const float* x, BlockQ5_K* out) {
   quantize_k_super_block(x, kQ5_KGrid, &out->d, &out->dmin, sc, m, levels);
   detail::q4_k_pack_scale_min(sc, m, out->scales);
   detail::q5_k_pack_levels(levels, out->qh, out->qs);
+}
+
+// GGML's quantize_row_q2_K_ref for one super-block: fit each sub-block of 16 (levels 0..3, weights
+// |x|, absolute error), store the scales and mins as 4-bit multiples of d = max scale / 15 and dmin =
+// max min / 15, then round every element against the stored values.
+void quantize_block_q2_k(const float* x, BlockQ2_K* out) {
+  uint8_t levels[kQK_K];
+  float scales[kQK_K / 16], mins[kQK_K / 16];
+  float max_scale = 0, max_min = 0;
+  for (int j = 0; j < kQK_K / 16; ++j) {
+    float weights[16];
+    for (int l = 0; l < 16; ++l) weights[l] = std::fabs(x[16 * j + l]);
+    scales[j] = fit_sub_block(x + 16 * j, weights, 16, kQ2_KGrid, &mins[j], levels + 16 * j);
+    max_scale = std::max(max_scale, scales[j]);
+    max_min = std::max(max_min, mins[j]);
+  }
+  // GGML stores the levels unclamped into the nibbles (they cannot exceed 15: the largest is 15).
+  for (int j = 0; j < kQK_K / 16; ++j) out->scales[j] = 0;
+  out->d = 0;
+  if (max_scale > 0) {
+    const float iscale = 15.0f / max_scale;
+    for (int j = 0; j < kQK_K / 16; ++j)
+      out->scales[j] = static_cast<uint8_t>(detail::nearest_int(iscale * scales[j]));
+    out->d = fp32_to_fp16(max_scale / 15.0f);
+  }
+  out->dmin = 0;
+  if (max_min > 0) {
+    const float iscale = 15.0f / max_min;
+    for (int j = 0; j < kQK_K / 16; ++j)
+      out->scales[j] = static_cast<uint8_t>(out->scales[j] | (detail::nearest_int(iscale * mins[j]) << 4));
+    out->dmin = fp32_to_fp16(max_min / 15.0f);
+  }
+  for (int j = 0; j < kQK_K / 16; ++j) {
+    const float d = fp16_to_fp32(out->d) * static_cast<float>(out->scales[j] & 0xF);
+    if (d == 0.0f) continue;
+    const float dm = fp16_to_fp32(out->dmin) * static_cast<float>(out->scales[j] >> 4);
+    for (int i = 0; i < 16; ++i)
+      levels[16 * j + i] =
+          static_cast<uint8_t>(std::clamp(detail::nearest_int((x[16 * j + i] + dm) / d), 0, 3));
+  }
+  detail::q2_k_pack_low_bits(levels, out->qs);
+}
+
+// GGML's make_q3_quants with do_rmse (weights x²) for Q3_K's sub-blocks of 16, nmax = 4: levels
+// L in 0..7 (signed value L − 4); start from the largest magnitude at −4, then up to 5 passes that move
+// single elements to the level that best fits the others' least-squares scale. Returns the scale.
+float fit_q3_k_sub_block(const float* x, int8_t* levels) {
+  constexpr int n = 16;
+  constexpr int nmax = 4;
+  float amax = 0, max = 0;
+  for (int i = 0; i < n; ++i) {
+    if (std::fabs(x[i]) > amax) {
+      amax = std::fabs(x[i]);
+      max = x[i];
+    }
+  }
+  if (amax < 1e-15f) {
+    for (int i = 0; i < n; ++i) levels[i] = 0;
+    return 0.0f;
+  }
+  const float iscale = -nmax / max;
+  float sum_lx = 0, sum_l2 = 0;
+  int l_signed[n];
+  for (int i = 0; i < n; ++i) {
+    l_signed[i] = std::clamp(detail::nearest_int(iscale * x[i]), -nmax, nmax - 1);
+    const float w = x[i] * x[i];
+    sum_lx += w * x[i] * static_cast<float>(l_signed[i]);
+    sum_l2 += w * static_cast<float>(l_signed[i]) * static_cast<float>(l_signed[i]);
+  }
+  for (int pass = 0; pass < 5; ++pass) {
+    int n_changed = 0;
+    for (int i = 0; i < n; ++i) {
+      const float w = x[i] * x[i];
+      float slx = sum_lx - w * x[i] * static_cast<float>(l_signed[i]);
+      if (slx <= 0) continue;
+      float sl2 = sum_l2 - w * static_cast<float>(l_signed[i]) * static_cast<float>(l_signed[i]);
+      const int new_l = std::clamp(detail::nearest_int(x[i] * sl2 / slx), -nmax, nmax - 1);
+      if (new_l == l_signed[i]) continue;
+      slx += w * x[i] * static_cast<float>(new_l);
+      sl2 += w * static_cast<float>(new_l) * static_cast<float>(new_l);
+      if (sl2 > 0 && slx * slx * sum_l2 > sum_lx * sum_lx * sl2) {
+        l_signed[i] = new_l;
+        sum_lx = slx;
+        sum_l2 = sl2;
+        ++n_changed;
+      }
+    }
+    if (n_changed == 0) break;
+  }
+  for (int i = 0; i < n; ++i) levels[i] = static_cast<int8_t>(l_signed[i] + nmax);
+  return sum_l2 > 0.0f ? sum_lx / sum_l2 : 0.0f;
+}
+
+// GGML's quantize_row_q3_K_ref for one super-block: fit each sub-block of 16, store the scales as
+// 6-bit multiples (−32..31) of d = −(largest-magnitude scale) / 32, re-round every element against the
+// stored scales (levels 0..7), then split the levels into qs (low 2 bits) and hmask (the third).
+void quantize_block_q3_k(const float* x, BlockQ3_K* out) {
+  int8_t levels[kQK_K];
+  float scales[kQK_K / 16];
+  float max_scale = 0, max_abs_scale = 0;
+  for (int j = 0; j < kQK_K / 16; ++j) {
+    scales[j] = fit_q3_k_sub_block(x + 16 * j, levels + 16 * j);
+    if (std::fabs(scales[j]) > max_abs_scale) {
+      max_abs_scale = std::fabs(scales[j]);
+      max_scale = scales[j];
+    }
+  }
+  std::memset(out->scales, 0, sizeof out->scales);
+  out->d = 0;
+  if (max_scale != 0.0f) {
+    const float iscale = -32.0f / max_scale;
+    for (int j = 0; j < kQK_K / 16; ++j) {
+      // Through int8_t as GGML does (|iscale · scale| <= 32, so nothing wraps).
+      const int8_t rounded = static_cast<int8_t>(detail::nearest_int(iscale * scales[j]));
+      const int l = std::clamp<int>(rounded, -32, 31) + 32;
+      out->scales[j % 8] = static_cast<uint8_t>(out->scales[j % 8] | ((l & 0xF) << (4 * (j / 8))));
+      out->scales[8 + j % 4] = static_cast<uint8_t>(out->scales[8 + j % 4] | ((l >> 4) << (2 * (j / 4))));
+    }
+    out->d = fp32_to_fp16(1 / iscale);
+  }
+  for (int j = 0; j < kQK_K / 16; ++j) {
+    const float d = fp16_to_fp32(out->d) * static_cast<float>(q3_k_scale(*out, j));
+    if (d == 0.0f) continue;
+    for (int i = 0; i < 16; ++i)
+      levels[16 * j + i] = static_cast<int8_t>(std::clamp(detail::nearest_int(x[16 * j + i] / d), -4, 3) + 4);
+  }
+  uint8_t low[kQK_K];
+  std::memset(out->hmask, 0, sizeof out->hmask);
+  for (int e = 0; e < kQK_K; ++e) {
+    low[e] = static_cast<uint8_t>(levels[e] & 3);
+    out->hmask[e % 32] = static_cast<uint8_t>(out->hmask[e % 32] | (((levels[e] >> 2) & 1) << (e / 32)));
+  }
+  detail::q2_k_pack_low_bits(low, out->qs);
 }
 
 // GGML's make_qx_quants with rmse_type 1 (weights x²) for Q6_K's sub-blocks of 16, nmax = 32:
@@ -345,6 +490,24 @@ void dequantize_block_q5_k(const BlockQ5_K& block, float* y) {
   }
 }
 
+// Q2_K: per sub-block of 16, (d · sc) · level − dmin · m.
+void dequantize_block_q2_k(const BlockQ2_K& block, float* y) {
+  const float d = fp16_to_fp32(block.d);
+  const float dmin = fp16_to_fp32(block.dmin);
+  for (int e = 0; e < kQK_K; ++e) {
+    const uint8_t sc = block.scales[e / 16];
+    y[e] = d * static_cast<float>(sc & 0xF) * static_cast<float>(q2_k_low_bits(block.qs, e)) -
+           dmin * static_cast<float>(sc >> 4);
+  }
+}
+
+// Q3_K: per sub-block of 16, (d · scale) · (level − 4).
+void dequantize_block_q3_k(const BlockQ3_K& block, float* y) {
+  const float d = fp16_to_fp32(block.d);
+  for (int e = 0; e < kQK_K; ++e)
+    y[e] = d * static_cast<float>(q3_k_scale(block, e / 16)) * static_cast<float>(q3_k_level(block, e) - 4);
+}
+
 // Q5_0: d · (level − 16).
 void dequantize_block_q5_0(const BlockQ5_0& block, float* y) {
   const float d = fp16_to_fp32(block.d);
@@ -455,6 +618,16 @@ Status quantize_row(DType type, const float* x, void* out, int64_t n) {
       for (int64_t b = 0; b < n / kQK8_0; ++b) detail::quantize_block_q8_0(x + b * kQK8_0, dst + b);
       break;
     }
+    case DType::Q2_K: {
+      auto* dst = static_cast<BlockQ2_K*>(out);
+      for (int64_t b = 0; b < n / kQK_K; ++b) quantize_block_q2_k(x + b * kQK_K, dst + b);
+      break;
+    }
+    case DType::Q3_K: {
+      auto* dst = static_cast<BlockQ3_K*>(out);
+      for (int64_t b = 0; b < n / kQK_K; ++b) quantize_block_q3_k(x + b * kQK_K, dst + b);
+      break;
+    }
     case DType::Q4_K: {
       auto* dst = static_cast<BlockQ4_K*>(out);
       for (int64_t b = 0; b < n / kQK_K; ++b) quantize_block_q4_k(x + b * kQK_K, dst + b);
@@ -489,13 +662,13 @@ Status quantize_row(DType type, const float* x, void* out, int64_t n) {
 float fit_q4_k_sub_block(const float* x, float* offset) {
   float weights[32];
   sub_block_weights(x, weights);
-  return fit_sub_block(x, weights, kQ4_KGrid, offset);
+  return fit_sub_block(x, weights, 32, kQ4_KGrid, offset);
 }
 
 float fit_q5_k_sub_block(const float* x, float* offset) {
   float weights[32];
   sub_block_weights(x, weights);
-  return fit_sub_block(x, weights, kQ5_KGrid, offset);
+  return fit_sub_block(x, weights, 32, kQ5_KGrid, offset);
 }
 
 Status dequantize_row(DType type, const void* src, float* y, int64_t n) {
@@ -535,6 +708,14 @@ Status dequantize_row(DType type, const void* src, float* y, int64_t n) {
     case DType::Q8_0:
       for (int64_t b = 0; b < n_blocks; ++b)
         dequantize_block_q8_0(static_cast<const BlockQ8_0*>(src)[b], y + b * kQK8_0);
+      break;
+    case DType::Q2_K:
+      for (int64_t b = 0; b < n_blocks; ++b)
+        dequantize_block_q2_k(static_cast<const BlockQ2_K*>(src)[b], y + b * kQK_K);
+      break;
+    case DType::Q3_K:
+      for (int64_t b = 0; b < n_blocks; ++b)
+        dequantize_block_q3_k(static_cast<const BlockQ3_K*>(src)[b], y + b * kQK_K);
       break;
     case DType::Q4_K:
       for (int64_t b = 0; b < n_blocks; ++b)

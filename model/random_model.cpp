@@ -208,6 +208,10 @@ uint32_t llama_file_type(kernels::DType matrix_type) {
       return 9;  // LLAMA_FTYPE_MOSTLY_Q5_1
     case kernels::DType::Q8_0:
       return 7;  // LLAMA_FTYPE_MOSTLY_Q8_0
+    case kernels::DType::Q2_K:
+      return 10;  // LLAMA_FTYPE_MOSTLY_Q2_K
+    case kernels::DType::Q3_K:
+      return 12;  // LLAMA_FTYPE_MOSTLY_Q3_K_M
     case kernels::DType::Q4_K:
       return 15;  // LLAMA_FTYPE_MOSTLY_Q4_K_M
     case kernels::DType::Q5_K:
@@ -327,7 +331,8 @@ void write_random_llama(const std::string& path, const LlamaShape& shape, kernel
   using kernels::DType;
   const bool quantized = matrix_type == DType::Q4_0 || matrix_type == DType::Q4_1 ||
                          matrix_type == DType::Q5_0 || matrix_type == DType::Q5_1 ||
-                         matrix_type == DType::Q8_0 || matrix_type == DType::Q4_K ||
+                         matrix_type == DType::Q8_0 || matrix_type == DType::Q2_K ||
+                         matrix_type == DType::Q3_K || matrix_type == DType::Q4_K ||
                          matrix_type == DType::Q5_K || matrix_type == DType::Q6_K;
   if (!quantized && matrix_type != DType::F32 && matrix_type != DType::F16 && matrix_type != DType::BF16) {
     throw std::invalid_argument(std::string("random models cannot be written as ") +

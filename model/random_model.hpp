@@ -62,7 +62,7 @@ std::shared_ptr<const Tokenizer> make_synthetic_tokenizer(int64_t n_vocab);
 // tensors token_embd.weight [n_embd, n_vocab], blk.N.{attn_norm, attn_q, attn_k, attn_v,
 // attn_output, ffn_norm, ffn_gate, ffn_up, ffn_down}.weight, output_norm.weight and
 // output.weight [n_embd, n_vocab] (GGML dim order, dims[0] = row length). Matrices are stored as
-// matrix_type (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K or Q6_K: the floats rounded to
+// matrix_type (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K ... Q6_K: the floats rounded to
 // nearest as kernels::quantize_row does), norms as F32. Weights are drawn deterministically
 // from `seed`: matrices ~ N(0, 1/row_length) so every projection keeps activations near unit scale,
 // norm weights uniform in [0.8, 1.2]. Throws std::invalid_argument for an inconsistent shape or

@@ -24,6 +24,7 @@ kernels::DType requantized_type(const GgufTensorInfo& tensor, kernels::DType mat
   using kernels::DType;
   const bool low_bit = matrix_type == DType::Q4_0 || matrix_type == DType::Q4_1 ||
                        matrix_type == DType::Q5_0 || matrix_type == DType::Q5_1 ||
+                       matrix_type == DType::Q2_K || matrix_type == DType::Q3_K ||
                        matrix_type == DType::Q4_K || matrix_type == DType::Q5_K;
   if (!pure && low_bit && is_head_tensor(tensor.name)) return DType::Q8_0;
   return matrix_type;
@@ -58,6 +59,9 @@ std::vector<uint8_t> convert_tensor(const GgufFile& in, const GgufTensorInfo& t,
 }
 
 std::optional<LlamaCppMix> parse_llama_cpp_mix(const std::string& name) {
+  if (name == "q3_k_s") return LlamaCppMix::q3_k_s;
+  if (name == "q3_k_m") return LlamaCppMix::q3_k_m;
+  if (name == "q3_k_l") return LlamaCppMix::q3_k_l;
   if (name == "q4_k_s") return LlamaCppMix::q4_k_s;
   if (name == "q4_k_m") return LlamaCppMix::q4_k_m;
   if (name == "q5_k_s") return LlamaCppMix::q5_k_s;
@@ -76,6 +80,12 @@ bool use_more_bits(int64_t i_layer, int64_t n_layers) {
 
 uint32_t llama_cpp_mix_file_type(LlamaCppMix mix) {
   switch (mix) {
+    case LlamaCppMix::q3_k_s:
+      return 11;  // LLAMA_FTYPE_MOSTLY_Q3_K_S
+    case LlamaCppMix::q3_k_m:
+      return 12;
+    case LlamaCppMix::q3_k_l:
+      return 13;
     case LlamaCppMix::q4_k_s:
       return 14;  // LLAMA_FTYPE_MOSTLY_Q4_K_S
     case LlamaCppMix::q4_k_m:
@@ -88,11 +98,27 @@ uint32_t llama_cpp_mix_file_type(LlamaCppMix mix) {
   return 15;
 }
 
+kernels::DType llama_cpp_mix_default_type(LlamaCppMix mix) {
+  switch (mix) {
+    case LlamaCppMix::q3_k_s:
+    case LlamaCppMix::q3_k_m:
+    case LlamaCppMix::q3_k_l:
+      return kernels::DType::Q3_K;
+    case LlamaCppMix::q4_k_s:
+    case LlamaCppMix::q4_k_m:
+      return kernels::DType::Q4_K;
+    case LlamaCppMix::q5_k_s:
+    case LlamaCppMix::q5_k_m:
+      return kernels::DType::Q5_K;
+  }
+  return kernels::DType::Q4_K;
+}
+
 std::vector<kernels::DType> llama_cpp_mix_types(const GgufFile& in, LlamaCppMix mix) {
   using kernels::DType;
-  const bool four_bit = mix == LlamaCppMix::q4_k_s || mix == LlamaCppMix::q4_k_m;
-  const bool medium = mix == LlamaCppMix::q4_k_m || mix == LlamaCppMix::q5_k_m;
-  const DType default_type = four_bit ? DType::Q4_K : DType::Q5_K;
+  using enum LlamaCppMix;
+  const bool medium = mix == q4_k_m || mix == q5_k_m;
+  const DType default_type = llama_cpp_mix_default_type(mix);
   const LlamaConfig config = LlamaConfig::from_gguf(in);
   // llama.cpp's LLM_TYPE_70B: 80 layers with grouped KV heads.
   const bool llama_70b = config.n_layer == 80 && config.n_head != config.n_head_kv;
@@ -114,25 +140,39 @@ std::vector<kernels::DType> llama_cpp_mix_types(const GgufFile& in, LlamaCppMix 
     if (head) {
       type = t.row_elements() % kernels::kQK_K != 0 ? DType::Q8_0 : DType::Q6_K;
     } else if (t.name.ends_with("attn_v.weight")) {
-      if (medium && use_more_bits(i_attn_v, n_attn_v)) {
+      if (mix == q3_k_m) {
+        type = i_attn_v < 2 ? DType::Q5_K : DType::Q4_K;
+      } else if (mix == q3_k_l) {
+        type = DType::Q5_K;
+      } else if (medium && use_more_bits(i_attn_v, n_attn_v)) {
         type = DType::Q6_K;
-      } else if (mix == LlamaCppMix::q4_k_s && i_attn_v < 4) {
+      } else if (mix == q4_k_s && i_attn_v < 4) {
         type = DType::Q5_K;
       }
-      if (llama_70b && type == DType::Q4_K) type = DType::Q5_K;
+      if (llama_70b && (type == DType::Q3_K || type == DType::Q4_K)) type = DType::Q5_K;
       ++i_attn_v;
     } else if (t.name.ends_with("ffn_down.weight")) {
-      if (medium && use_more_bits(i_ffn_down, n_ffn_down)) {
+      if (mix == q3_k_m) {
+        type = i_ffn_down < n_ffn_down / 16 ? DType::Q5_K : DType::Q4_K;
+      } else if (mix == q3_k_l) {
+        type = DType::Q5_K;
+      } else if (medium && use_more_bits(i_ffn_down, n_ffn_down)) {
         type = DType::Q6_K;
-      } else if (mix == LlamaCppMix::q4_k_s && i_ffn_down < n_ffn_down / 8) {
+      } else if (mix == q4_k_s && i_ffn_down < n_ffn_down / 8) {
         type = DType::Q5_K;
       }
       ++i_ffn_down;
+    } else if (t.name.ends_with("attn_output.weight")) {
+      if (mix == q3_k_m) type = DType::Q4_K;
+      if (mix == q3_k_l) type = DType::Q5_K;
     }
     if (t.row_elements() % kernels::type_info(type).block_elems != 0) {
       // llama.cpp's fallbacks for rows that are not a multiple of 256 (its tensor_type_fallback), and
       // F16 where even a block of 32 does not fit.
-      type = type == DType::Q4_K ? DType::Q5_0 : type == DType::Q5_K ? DType::Q5_1 : DType::Q8_0;
+      type = type == DType::Q3_K   ? DType::Q4_0
+             : type == DType::Q4_K ? DType::Q5_0
+             : type == DType::Q5_K ? DType::Q5_1
+                                   : DType::Q8_0;
       if (t.row_elements() % kernels::type_info(type).block_elems != 0) type = DType::F16;
     }
     types.push_back(type);
@@ -155,13 +195,14 @@ void requantize_gguf(const GgufFile& in, const std::string& out_path, LlamaCppMi
 
 void requantize_gguf(const GgufFile& in, const std::string& out_path, kernels::DType matrix_type, bool pure) {
   using kernels::DType;
-  const bool quantized = matrix_type == DType::Q4_0 || matrix_type == DType::Q4_1 ||
-                         matrix_type == DType::Q5_0 || matrix_type == DType::Q5_1 ||
-                         matrix_type == DType::Q4_K || matrix_type == DType::Q5_K ||
-                         matrix_type == DType::Q8_0;
+  const bool quantized =
+      matrix_type == DType::Q4_0 || matrix_type == DType::Q4_1 || matrix_type == DType::Q5_0 ||
+      matrix_type == DType::Q5_1 || matrix_type == DType::Q2_K || matrix_type == DType::Q3_K ||
+      matrix_type == DType::Q4_K || matrix_type == DType::Q5_K || matrix_type == DType::Q8_0;
   if (!quantized && matrix_type != DType::F16 && matrix_type != DType::F32) {
-    throw std::invalid_argument(std::string("cannot requantize to ") + kernels::type_name(matrix_type) +
-                                " (expected q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q8_0, f16 or f32)");
+    throw std::invalid_argument(
+        std::string("cannot requantize to ") + kernels::type_name(matrix_type) +
+        " (expected q4_0, q4_1, q5_0, q5_1, q2_k, q3_k, q4_k, q5_k, q8_0, f16 or f32)");
   }
   GgufWriter out;
   for (const auto& [key, value] : in.metadata()) out.set(key, value);

@@ -12,8 +12,8 @@ namespace nibble::model {
 // Writes `out_path`: all of `in`'s metadata (general.file_type updated to match matrix_type) and
 // all of its tensors, in the same order and shapes, where
 // - every 2-D tensor (a weight matrix) is dequantized and requantized row by row to matrix_type
-//   (Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q8_0, F16 or F32); a matrix already of that type is copied
-//   unchanged;
+//   (Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q8_0, F16 or F32); a matrix already of that type is
+//   copied unchanged;
 // - 1-D tensors (norms) are stored as F32; tensors of 3 or more dims are copied unchanged;
 // - unless `pure`, when matrix_type is below 8 bits, token_embd.weight and output.weight (the output head;
 //   when absent, token_embd.weight doubles as the tied head) are stored as Q8_0 instead, because
@@ -22,27 +22,33 @@ namespace nibble::model {
 // size, std::invalid_argument for an unsupported matrix_type.
 void requantize_gguf(const GgufFile& in, const std::string& out_path, kernels::DType matrix_type, bool pure);
 
-// llama-quantize's K-quant mixes (its LLAMA_FTYPE_MOSTLY_Q4_K_S ... _Q5_K_M), for dense Llama models
-// without an importance matrix: the default type (Q4_K or Q5_K) for every matrix but
+// llama-quantize's K-quant mixes (its LLAMA_FTYPE_MOSTLY_Q3_K_S ... _Q5_K_M), for dense Llama models
+// without an importance matrix: the default type (Q3_K, Q4_K or Q5_K) for every matrix but
 // - the output head (token_embd.weight when the head is tied to it): Q6_K;
-// - attn_v.weight: Q4_K_M / Q5_K_M Q6_K in llama.cpp's "more bits" layers (the first and last eighth
-//   and every third in between), Q4_K_S Q5_K in the first 4; Q5_K in a 70B model (80 layers, grouped
-//   KV heads) where the rule left Q4_K;
-// - ffn_down.weight: Q4_K_M / Q5_K_M Q6_K in the "more bits" layers, Q4_K_S Q5_K in the first eighth.
+// - attn_v.weight: Q3_K_M Q5_K in the first 2 layers and Q4_K after them, Q3_K_L Q5_K; Q4_K_M / Q5_K_M
+//   Q6_K in llama.cpp's "more bits" layers (the first and last eighth and every third in between),
+//   Q4_K_S Q5_K in the first 4; Q5_K in a 70B model (80 layers, grouped KV heads) where the rule left
+//   Q3_K or Q4_K;
+// - ffn_down.weight: Q3_K_M Q5_K in the first sixteenth and Q4_K after it, Q3_K_L Q5_K; Q4_K_M / Q5_K_M
+//   Q6_K in the "more bits" layers, Q4_K_S Q5_K in the first eighth;
+// - attn_output.weight: Q3_K_M Q4_K, Q3_K_L Q5_K.
 // Nibble's quantizers write llama.cpp's reference bytes for these types, so the tensor data equals
-// llama-quantize's (`RequantizeTestData.Q5_K_MEqualsLlamaCppByteForByte`).
-enum class LlamaCppMix { q4_k_s, q4_k_m, q5_k_s, q5_k_m };
+// llama-quantize's (`RequantizeTestData.Q5_K_MEqualsLlamaCppByteForByte`, `...Q3_K_M...`).
+enum class LlamaCppMix { q3_k_s, q3_k_m, q3_k_l, q4_k_s, q4_k_m, q5_k_s, q5_k_m };
 
-// "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", or nullopt for other names.
+// "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", or nullopt for other names.
 std::optional<LlamaCppMix> parse_llama_cpp_mix(const std::string& name);
 
 // The type of every tensor of `in` under `mix`, in the file's order (1-D tensors F32). A matrix whose
-// rows are not a multiple of 256 falls back as in llama.cpp: Q4_K to Q5_0, Q5_K to Q5_1, Q6_K to Q8_0
-// (F16 when its rows are not a multiple of 32 either).
+// rows are not a multiple of 256 falls back as in llama.cpp: Q3_K to Q4_0, Q4_K to Q5_0, Q5_K to Q5_1,
+// Q6_K to Q8_0 (F16 when its rows are not a multiple of 32 either).
 std::vector<kernels::DType> llama_cpp_mix_types(const GgufFile& in, LlamaCppMix mix);
 
-// llama.cpp's general.file_type for the mix (LLAMA_FTYPE_MOSTLY_Q4_K_S = 14 ... Q5_K_M = 17).
+// llama.cpp's general.file_type for the mix (LLAMA_FTYPE_MOSTLY_Q3_K_S = 11 ... Q5_K_M = 17).
 uint32_t llama_cpp_mix_file_type(LlamaCppMix mix);
+
+// The mix's type for the layer matrices no rule raises: Q3_K, Q4_K or Q5_K.
+kernels::DType llama_cpp_mix_default_type(LlamaCppMix mix);
 
 // requantize_gguf with the types of llama_cpp_mix_types; general.file_type llama.cpp's for the mix.
 void requantize_gguf(const GgufFile& in, const std::string& out_path, LlamaCppMix mix);

@@ -118,6 +118,8 @@ const FixtureCase kCases[] = {
     {"tiny-llama-q4_k_s", {3e-2, 0.9, false, 10}, "llama-cpp-q4_k_s", 354},
     // Q4_1 (weight d · q + m) with a Q8_0 head.
     {"tiny-llama-q4_1", {3e-2, 0.9, false, 10}, "llama-cpp-q4_1", 354},
+    // llama.cpp's Q2_K mix: Q2_K matrices, Q3_K attn_output / ffn_down, Q4_K attn_v, a Q6_K head.
+    {"small-llama-q2_k", {3e-2, 0.9, false, 24}, "llama-cpp-q2_k", 354},
 };
 
 // The directory holding fc's files, or nullopt (fixtures absent).

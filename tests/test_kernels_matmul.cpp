@@ -33,8 +33,8 @@ class ForcedIsa {
 std::vector<uint8_t> random_weights(DType type, int64_t n_out, int64_t k, uint64_t seed) {
   const int64_t row = row_bytes(type, k);
   std::vector<uint8_t> w(static_cast<size_t>(n_out * row));
-  if (type == DType::Q4_K || type == DType::Q5_K || type == DType::Q6_K || type == DType::IQ4_XS ||
-      type == DType::IQ4_NL)
+  if (type == DType::Q2_K || type == DType::Q3_K || type == DType::Q4_K || type == DType::Q5_K ||
+      type == DType::Q6_K || type == DType::IQ4_XS || type == DType::IQ4_NL)
     return test::random_quant_blocks(type, n_out, k, seed);
   const std::vector<float> values = test::random_floats(static_cast<size_t>(n_out * k), seed);
   for (int64_t o = 0; o < n_out; ++o)
@@ -65,6 +65,8 @@ bool uses_quantized_activations(DType type) {
 // 8-lane vector width, to exercise the tail loop.
 int64_t test_k(DType type) {
   switch (type) {
+    case DType::Q2_K:
+    case DType::Q3_K:
     case DType::Q4_K:
     case DType::Q5_K:
     case DType::Q6_K:
@@ -150,13 +152,14 @@ std::string param_name(const ::testing::TestParamInfo<MatmulParam>& info) {
   return std::get<0>(info.param) + "_" + type_name(std::get<1>(info.param));
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    AllTypes, KernelMatmul,
-    ::testing::Combine(::testing::Values("scalar", "avx2", "avx512"),
-                       ::testing::Values(DType::F32, DType::F16, DType::BF16, DType::Q4_0, DType::Q4_1,
-                                         DType::Q5_0, DType::Q5_1, DType::Q8_0, DType::Q4_K, DType::Q5_K,
-                                         DType::Q6_K, DType::IQ4_NL, DType::IQ4_XS)),
-    param_name);
+INSTANTIATE_TEST_SUITE_P(AllTypes, KernelMatmul,
+                         ::testing::Combine(::testing::Values("scalar", "avx2", "avx512"),
+                                            ::testing::Values(DType::F32, DType::F16, DType::BF16,
+                                                              DType::Q4_0, DType::Q4_1, DType::Q5_0,
+                                                              DType::Q5_1, DType::Q8_0, DType::Q2_K,
+                                                              DType::Q3_K, DType::Q4_K, DType::Q5_K,
+                                                              DType::Q6_K, DType::IQ4_NL, DType::IQ4_XS)),
+                         param_name);
 
 // Several chunks per thread and edge tiles in both dimensions.
 TEST(KernelMatmulLarge, ManyChunksMatchReference) {
@@ -234,7 +237,7 @@ TEST(KernelMatmulArguments, InvalidArgumentsAreRejected) {
   EXPECT_EQ(matmul(DType::F32, w.data(), -1, 32, x.data(), 1, y.data(), pool), Status::invalid_argument);
   EXPECT_EQ(matmul(DType::F32, w.data(), 1, 32, x.data(), -1, y.data(), pool), Status::invalid_argument);
   EXPECT_EQ(matmul(DType::Q8_K, w.data(), 1, 256, x.data(), 1, y.data(), pool), Status::unsupported_type);
-  EXPECT_EQ(matmul(static_cast<DType>(10), w.data(), 1, 32, x.data(), 1, y.data(), pool),
+  EXPECT_EQ(matmul(static_cast<DType>(16), w.data(), 1, 256, x.data(), 1, y.data(), pool),  // IQ2_XXS
             Status::unsupported_type);
   EXPECT_EQ(matmul_reference(DType::Q8_K, w.data(), 1, 256, x.data(), 1, y.data()), Status::unsupported_type);
   EXPECT_EQ(matmul_reference(DType::Q4_0, w.data(), 1, 33, x.data(), 1, y.data()), Status::invalid_argument);

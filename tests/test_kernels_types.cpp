@@ -94,7 +94,10 @@ TEST(KernelTypes, TypeTableMatchesGgml) {
   EXPECT_EQ(row_bytes(DType::Q4_0, 64), 36);
   EXPECT_EQ(row_bytes(DType::Q6_K, 512), 420);
   EXPECT_STREQ(type_name(DType::Q4_K), "q4_K");
-  EXPECT_EQ(type_info(uint32_t{10}), nullptr);  // GGML's Q2_K: not handled
+  EXPECT_EQ(type_info(DType::Q2_K).block_bytes, 84);
+  EXPECT_EQ(type_info(DType::Q3_K).block_bytes, 110);
+  EXPECT_EQ(type_info(uint32_t{11}), &type_info(DType::Q3_K));
+  EXPECT_EQ(type_info(uint32_t{16}), nullptr);  // GGML's IQ2_XXS: not handled
   EXPECT_NE(type_info(uint32_t{30}), nullptr);
   EXPECT_STREQ(status_name(Status::unsupported_type), "unsupported_type");
   EXPECT_STREQ(status_name(Status::ok), "ok");
@@ -195,7 +198,9 @@ TEST(KernelQuantize, InvalidArguments) {
   EXPECT_EQ(quantize_row(DType::IQ4_XS, x.data(), out.data(), 256), Status::unsupported_type);  // read only
   EXPECT_EQ(quantize_row(DType::IQ4_NL, x.data(), out.data(), 32), Status::unsupported_type);
   EXPECT_EQ(dequantize_row(DType::Q6_K, out.data(), x.data(), 64), Status::invalid_argument);
-  EXPECT_EQ(dequantize_row(static_cast<DType>(10), out.data(), x.data(), 32), Status::unsupported_type);
+  EXPECT_EQ(quantize_row(DType::Q2_K, x.data(), out.data(), 64), Status::invalid_argument);
+  EXPECT_EQ(quantize_row(DType::Q3_K, x.data(), out.data(), 64), Status::invalid_argument);
+  EXPECT_EQ(dequantize_row(static_cast<DType>(16), out.data(), x.data(), 32), Status::unsupported_type);
 }
 
 // Q4_K, packed by hand from the format definition: 8 sub-blocks of 32 with 6-bit scale sc[j] and
@@ -452,6 +457,81 @@ TEST(KernelQuantize, DequantizeHandBuiltQ6_K) {
   for (int e = 0; e < 256; ++e) {
     const float expected = 0.0625f * block.scales[e / 16] * (u[e] - 32);
     EXPECT_FLOAT_EQ(y[e], expected) << "element " << e;
+  }
+}
+
+// Q2_K, packed by hand: u[e] in 0..3; element e = 128h + 32j + l (h = 0, 1; j = 0..3; l = 0..31) in
+// bits 2j, 2j + 1 of qs[32h + l]; sub-block g = e / 16 has scale scales[g] & 15 and min scales[g] >> 4;
+// the value is d · scale · u − dmin · min.
+TEST(KernelQuantize, DequantizeHandBuiltQ2_K) {
+  int u[256];
+  for (int e = 0; e < 256; ++e) u[e] = (e * 7 + e / 5) % 4;
+  BlockQ2_K block{};
+  for (int e = 0; e < 256; ++e) {
+    const int h = e / 128, j = (e % 128) / 32, l = e % 32;
+    block.qs[32 * h + l] = static_cast<uint8_t>(block.qs[32 * h + l] | (u[e] << (2 * j)));
+  }
+  for (int g = 0; g < 16; ++g)
+    block.scales[g] = static_cast<uint8_t>(((g * 5 + 3) % 16) | (((g * 11) % 16) << 4));
+  block.d = fp32_to_fp16(0.5f);
+  block.dmin = fp32_to_fp16(0.125f);
+  std::vector<float> y(256);
+  ASSERT_EQ(dequantize_row(DType::Q2_K, &block, y.data(), 256), Status::ok);
+  for (int e = 0; e < 256; ++e) {
+    const int g = e / 16;
+    const float expected = 0.5f * ((g * 5 + 3) % 16) * u[e] - 0.125f * ((g * 11) % 16);
+    EXPECT_FLOAT_EQ(y[e], expected) << "element " << e;
+  }
+}
+
+// Q3_K, packed by hand: v[e] in −4..3 stored as u = v + 4 (0..7): the low 2 bits as Q2_K's qs, the third
+// in bit e / 32 of hmask[e % 32]; sub-block g's 6-bit scale s[g] (stored + 32) has its low 4 bits in the
+// low (g < 8) or high nibble of scales[g % 8] and its top 2 bits at bits 2 (g / 4) of scales[8 + g % 4];
+// the value is d · s[g] · v.
+TEST(KernelQuantize, DequantizeHandBuiltQ3_K) {
+  int v[256];
+  for (int e = 0; e < 256; ++e) v[e] = (e * 5 + e / 3) % 8 - 4;
+  int s[16];
+  for (int g = 0; g < 16; ++g) s[g] = (g * 23 + 9) % 64 - 32;
+  BlockQ3_K block{};
+  for (int e = 0; e < 256; ++e) {
+    const int u = v[e] + 4;
+    const int h = e / 128, j = (e % 128) / 32, l = e % 32;
+    block.qs[32 * h + l] = static_cast<uint8_t>(block.qs[32 * h + l] | ((u & 3) << (2 * j)));
+    block.hmask[l] = static_cast<uint8_t>(block.hmask[l] | ((u >> 2) << (e / 32)));
+  }
+  for (int g = 0; g < 16; ++g) {
+    const int stored = s[g] + 32;
+    block.scales[g % 8] = static_cast<uint8_t>(block.scales[g % 8] | ((stored & 15) << (g < 8 ? 0 : 4)));
+    block.scales[8 + g % 4] =
+        static_cast<uint8_t>(block.scales[8 + g % 4] | ((stored >> 4) << (2 * (g / 4))));
+  }
+  block.d = fp32_to_fp16(0.25f);
+  std::vector<float> y(256);
+  ASSERT_EQ(dequantize_row(DType::Q3_K, &block, y.data(), 256), Status::ok);
+  for (int e = 0; e < 256; ++e) {
+    const float expected = 0.25f * s[e / 16] * v[e];
+    EXPECT_FLOAT_EQ(y[e], expected) << "element " << e;
+  }
+}
+
+// Q2_K and Q3_K quantization (llama.cpp's quantize_row_q2_K_ref / q3_K_ref; their exact bytes are checked
+// in test_ggml_quantize_reference): the error on random rows is ordered 2 bits > 3 bits > Q4_K's, and an
+// all-zero super-block stays zero. (Unlike Q4_K's, their fits are not fixed points: re-quantizing the
+// dequantized values can move them.)
+TEST(KernelQuantize, Q2_KAndQ3_KRoundTrip) {
+  std::vector<float> x(768);
+  for (size_t i = 256; i < x.size(); ++i) x[i] = std::sin(0.37f * static_cast<float>(i)) * (1.0f + (i % 7));
+  std::vector<float> y2(768), y3(768), y4(768);
+  const double e2 = round_trip_error(DType::Q2_K, x, y2);
+  const double e3 = round_trip_error(DType::Q3_K, x, y3);
+  const double e4 = round_trip_error(DType::Q4_K, x, y4);
+  EXPECT_GT(e2, 1.3 * e3);
+  EXPECT_GT(e3, 1.3 * e4);
+  EXPECT_LT(e2, 0.35);
+  for (int i = 0; i < 256; ++i) {
+    EXPECT_EQ(y2[static_cast<size_t>(i)], 0.0f);
+    EXPECT_EQ(y3[static_cast<size_t>(i)], 0.0f);
   }
 }
 

@@ -387,10 +387,19 @@ TEST(RequantizeTestData, LlamaCppMixTypes) {
     EXPECT_EQ(layer_type(LlamaCppMix::q5_k_s, p + "ffn_down.weight"), DType::Q5_K);
     EXPECT_EQ(layer_type(LlamaCppMix::q4_k_m, p + "attn_q.weight"), DType::Q4_K);
     EXPECT_EQ(layer_type(LlamaCppMix::q4_k_m, p + "attn_norm.weight"), DType::F32);
+    // Q3_K_M: attn_v Q5_K in the first 2 layers, ffn_down Q5_K in the first sixteenth (layer 0), Q4_K after.
+    EXPECT_EQ(layer_type(LlamaCppMix::q3_k_m, p + "attn_v.weight"), layer < 2 ? DType::Q5_K : DType::Q4_K);
+    EXPECT_EQ(layer_type(LlamaCppMix::q3_k_m, p + "ffn_down.weight"), layer < 1 ? DType::Q5_K : DType::Q4_K);
+    EXPECT_EQ(layer_type(LlamaCppMix::q3_k_m, p + "attn_output.weight"), DType::Q4_K);
+    EXPECT_EQ(layer_type(LlamaCppMix::q3_k_m, p + "ffn_up.weight"), DType::Q3_K);
+    EXPECT_EQ(layer_type(LlamaCppMix::q3_k_l, p + "ffn_down.weight"), DType::Q5_K);
+    EXPECT_EQ(layer_type(LlamaCppMix::q3_k_s, p + "attn_v.weight"), DType::Q3_K);
   }
   EXPECT_EQ(layer_type(LlamaCppMix::q4_k_s, "output.weight"), DType::Q6_K);
   EXPECT_EQ(layer_type(LlamaCppMix::q4_k_s, "token_embd.weight"), DType::Q4_K);
   EXPECT_EQ(parse_llama_cpp_mix("q4_k_m"), LlamaCppMix::q4_k_m);
+  EXPECT_EQ(parse_llama_cpp_mix("q3_k_l"), LlamaCppMix::q3_k_l);
+  EXPECT_EQ(parse_llama_cpp_mix("q3_k"), std::nullopt);
   EXPECT_EQ(parse_llama_cpp_mix("q4_k"), std::nullopt);
 
   // A tied head: token_embd is the head, Q6_K.
@@ -407,6 +416,81 @@ TEST(RequantizeTestData, LlamaCppMixTypes) {
   const std::vector<DType> fixture_types = llama_cpp_mix_types(*q4_k_m, LlamaCppMix::q4_k_m);
   for (size_t i = 0; i < fixture_types.size(); ++i)
     EXPECT_EQ(fixture_types[i], q4_k_m->tensors()[i].type) << q4_k_m->tensors()[i].name;
+}
+
+// llama.cpp's Q2_K mix of the same small F16 model (tests/data/llama-cpp-q2_k), quantized by
+// quantize_row_q2_K_ref, _q3_K_ref, _q4_K_ref and _q6_K_ref: Nibble's quantizers write the same bytes for
+// every one of its matrices.
+TEST(RequantizeTestData, Q2_KAndQ3_KEqualLlamaCppByteForByte) {
+  test::TempDir dir;
+  const auto source = GgufFile::open(write_small_model(dir.path(), "small-f16.gguf", DType::F16, 7));
+  const auto llama_cpp =
+      GgufFile::open((test::test_data_dir() / "llama-cpp-q2_k" / "small-llama-q2_k.gguf").string());
+  std::map<DType, int> checked;
+  for (const GgufTensorInfo& t : llama_cpp->tensors()) {
+    if (t.dims.size() != 2) continue;
+    const GgufTensorInfo* s = source->find_tensor(t.name);
+    ASSERT_NE(s, nullptr) << t.name;
+    const std::vector<uint8_t> ours = convert_tensor(*source, *s, t.type);
+    ASSERT_EQ(ours.size(), t.size_bytes) << t.name;
+    EXPECT_EQ(std::memcmp(ours.data(), llama_cpp->tensor_data(t), ours.size()), 0) << t.name;
+    ++checked[t.type];
+  }
+  // The README's table.
+  EXPECT_EQ(checked[DType::Q2_K], 9);
+  EXPECT_EQ(checked[DType::Q3_K], 4);
+  EXPECT_EQ(checked[DType::Q4_K], 2);
+  EXPECT_EQ(checked[DType::Q6_K], 1);
+}
+
+// llama-quantize's Q3_K_S / Q3_K_M / Q3_K_L mixes: on the small model every layer matrix is Q3_K but
+// Q3_K_M's attn_v (Q5_K in the first two layers), ffn_down (Q5_K in the first sixteenth of the layers,
+// none of 2, so Q4_K) and attn_output (Q4_K), Q3_K_L's three (Q5_K), and the Q6_K head; the bytes are
+// those of the committed Q2_K file's Q3_K / Q4_K / Q6_K matrices where the types meet.
+TEST(RequantizeTestData, Q3_KMixesOnTheSmallModel) {
+  test::TempDir dir;
+  const std::string f16 = write_small_model(dir.path(), "small-f16.gguf", DType::F16, 7);
+  const auto source = GgufFile::open(f16);
+  const auto llama_cpp =
+      GgufFile::open((test::test_data_dir() / "llama-cpp-q2_k" / "small-llama-q2_k.gguf").string());
+  const std::string ours_path = (dir.path() / "q3_k_m.gguf").string();
+  requantize_gguf(*source, ours_path, LlamaCppMix::q3_k_m);
+  const auto ours = GgufFile::open(ours_path);
+  EXPECT_EQ(ours->get_uint("general.file_type"), 12u);  // LLAMA_FTYPE_MOSTLY_Q3_K_M
+  std::map<DType, int> count;
+  for (const GgufTensorInfo& t : ours->tensors()) {
+    if (t.dims.size() != 2) continue;
+    ++count[t.type];
+    const GgufTensorInfo* theirs = llama_cpp->find_tensor(t.name);
+    ASSERT_NE(theirs, nullptr);
+    if (theirs->type == t.type) {
+      EXPECT_EQ(std::memcmp(ours->tensor_data(t), llama_cpp->tensor_data(*theirs), t.size_bytes), 0)
+          << t.name;
+    }
+  }
+  EXPECT_EQ(ours->find_tensor("blk.0.attn_v.weight")->type, DType::Q5_K);
+  EXPECT_EQ(ours->find_tensor("blk.1.attn_v.weight")->type, DType::Q5_K);
+  EXPECT_EQ(ours->find_tensor("blk.0.ffn_down.weight")->type, DType::Q4_K);
+  EXPECT_EQ(ours->find_tensor("blk.1.attn_output.weight")->type, DType::Q4_K);
+  EXPECT_EQ(ours->find_tensor("output.weight")->type, DType::Q6_K);
+  EXPECT_EQ(count[DType::Q3_K], 9);  // token_embd and attn_q / attn_k / ffn_gate / ffn_up of both layers
+  auto types_of = [&](LlamaCppMix mix) {
+    std::map<std::string, DType> types;
+    const std::vector<DType> list = llama_cpp_mix_types(*source, mix);
+    for (size_t i = 0; i < list.size(); ++i) types[source->tensors()[i].name] = list[i];
+    return types;
+  };
+  const auto s = types_of(LlamaCppMix::q3_k_s);
+  const auto l = types_of(LlamaCppMix::q3_k_l);
+  for (const std::string name :
+       {"blk.0.attn_v.weight", "blk.1.ffn_down.weight", "blk.1.attn_output.weight"}) {
+    EXPECT_EQ(s.at(name), DType::Q3_K) << name;
+    EXPECT_EQ(l.at(name), DType::Q5_K) << name;
+  }
+  EXPECT_EQ(l.at("blk.1.attn_q.weight"), DType::Q3_K);
+  EXPECT_EQ(s.at("output.weight"), DType::Q6_K);
+  EXPECT_EQ(llama_cpp_mix_file_type(LlamaCppMix::q3_k_s), 11u);
+  EXPECT_EQ(llama_cpp_mix_file_type(LlamaCppMix::q3_k_l), 13u);
 }
 
 // llama-quantize's Q4_K_S mix of the tiny F16 model (tests/data/llama-cpp-q4_k_s): its rows of 128 are

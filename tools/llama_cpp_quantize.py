@@ -2,8 +2,8 @@
 """Quantizes a GGUF with llama.cpp's own quantizer (llama-quantize's mixes, through llama-cpp-python),
 so that benchmarks can run on the files llama.cpp users have, e.g. a Q4_K_M of `nibble make-model`'s
 F16 model. Usage:
-llama_cpp_quantize.py IN.gguf OUT.gguf [q4_k_m|q4_k_s|q5_k_m|q5_k_s|q4_0|q4_1|q5_0|q5_1|q6_k|q8_0|
-                                            iq4_xs|iq4_nl]"""
+llama_cpp_quantize.py IN.gguf OUT.gguf [q4_k_m|q4_k_s|q5_k_m|q5_k_s|q3_k_s|q3_k_m|q3_k_l|q2_k|q4_0|q4_1|
+                                            q5_0|q5_1|q6_k|q8_0|iq4_xs|iq4_nl]"""
 import ctypes
 import sys
 
@@ -17,6 +17,10 @@ FTYPES = {
     "q4_1": "LLAMA_FTYPE_MOSTLY_Q4_1",
     "q5_0": "LLAMA_FTYPE_MOSTLY_Q5_0",
     "q5_1": "LLAMA_FTYPE_MOSTLY_Q5_1",
+    "q2_k": "LLAMA_FTYPE_MOSTLY_Q2_K",
+    "q3_k_s": "LLAMA_FTYPE_MOSTLY_Q3_K_S",
+    "q3_k_m": "LLAMA_FTYPE_MOSTLY_Q3_K_M",
+    "q3_k_l": "LLAMA_FTYPE_MOSTLY_Q3_K_L",
     "q4_k_s": "LLAMA_FTYPE_MOSTLY_Q4_K_S",
     "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
     "q5_k_s": "LLAMA_FTYPE_MOSTLY_Q5_K_S",

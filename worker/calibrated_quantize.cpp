@@ -296,8 +296,12 @@ void use_llama_cpp_mix(const model::GgufFile& in, model::LlamaCppMix mix,
                                 " does not write llama-quantize's mixes (AWQ folds its scales across a "
                                 "layer's matrices and takes no per-tensor types); use --method gptq or rtn");
   }
-  const bool five_bit = mix == model::LlamaCppMix::q5_k_s || mix == model::LlamaCppMix::q5_k_m;
-  options.type = five_bit ? kernels::DType::Q5_K : kernels::DType::Q4_K;
+  options.type = model::llama_cpp_mix_default_type(mix);
+  if (options.type != kernels::DType::Q4_K && options.type != kernels::DType::Q5_K) {
+    throw std::invalid_argument(std::string("gptq calibrates the Q4_K / Q5_K mixes' matrices; the ") +
+                                kernels::type_name(options.type) +
+                                " mixes are rtn only (there is no GPTQ grid for that type)");
+  }
   const std::vector<kernels::DType> types = model::llama_cpp_mix_types(in, mix);
   for (size_t i = 0; i < types.size(); ++i) {
     const model::GgufTensorInfo& t = in.tensors()[i];

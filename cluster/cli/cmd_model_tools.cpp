@@ -26,6 +26,8 @@ kernels::DType parse_matrix_type(const std::string& name) {
   if (name == "q4_1") return kernels::DType::Q4_1;
   if (name == "q5_0") return kernels::DType::Q5_0;
   if (name == "q5_1") return kernels::DType::Q5_1;
+  if (name == "q2_k") return kernels::DType::Q2_K;
+  if (name == "q3_k") return kernels::DType::Q3_K;
   if (name == "q4_k") return kernels::DType::Q4_K;
   if (name == "q5_k") return kernels::DType::Q5_K;
   if (name == "q8_0") return kernels::DType::Q8_0;
@@ -33,8 +35,8 @@ kernels::DType parse_matrix_type(const std::string& name) {
   if (name == "f32") return kernels::DType::F32;
   throw std::invalid_argument(
       "unknown --type '" + name +
-      "' (expected q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q8_0, f16 or f32; quantize also takes q4_k_s, q4_k_m, "
-      "q5_k_s, q5_k_m)");
+      "' (expected q4_0, q4_1, q5_0, q5_1, q2_k, q3_k, q4_k, q5_k, q8_0, f16 or f32; quantize also takes "
+      "q3_k_s, q3_k_m, q3_k_l, q4_k_s, q4_k_m, q5_k_s, q5_k_m)");
 }
 
 // A token file: token ids separated by whitespace. Throws naming the file and the first bad word.
@@ -177,10 +179,9 @@ Runner add_make_model(CLI::App& app) {
   };
   auto a = std::make_shared<Args>();
   app.add_option("--shape", a->shape, "Named shape: tiny, small, llama-1b, llama-8b, llama-70b");
-  app.add_option(
-      "--type", a->type,
-      "Matrix type: q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q8_0, f16, f32 (q4_k and q5_k need rows of "
-      "256: --shape small or larger)");
+  app.add_option("--type", a->type,
+                 "Matrix type: q4_0, q4_1, q5_0, q5_1, q2_k, q3_k, q4_k, q5_k, q8_0, f16, f32 (the K-quants "
+                 "need rows of 256: --shape small or larger)");
   app.add_option("--seed", a->seed, "Weight seed");
   app.add_option(
          "--vocab", a->vocab,
@@ -223,10 +224,11 @@ Runner add_quantize(CLI::App& app) {
                  "--format gptq: inputs sharing a scale and zero (32, 64, 128)");
   app.add_option(
       "--type", a->type,
-      "Matrix type: q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q8_0, f16, f32 (gptq / awq: q4_0, q4_k or q5_k); or "
-      "one "
-      "of llama-quantize's mixes, q4_k_s, q4_k_m, q5_k_s, q5_k_m (llama.cpp's tensor types; rtn: its bytes; "
-      "gptq: the mix's Q4_K / Q5_K layer matrices calibrated)");
+      "Matrix type: q4_0, q4_1, q5_0, q5_1, q2_k, q3_k, q4_k, q5_k, q8_0, f16, f32 (gptq / awq: q4_0, q4_k "
+      "or "
+      "q5_k); or one of llama-quantize's mixes, q3_k_s, q3_k_m, q3_k_l, q4_k_s, q4_k_m, q5_k_s, q5_k_m "
+      "(llama.cpp's tensor types; rtn: its bytes; gptq: the Q4_K_* / Q5_K_* mixes' Q4_K / Q5_K layer "
+      "matrices calibrated)");
   app.add_flag("--pure", a->pure, "Quantize every matrix, the embedding and output head included");
   app.add_option("--method", a->method, "rtn (round to nearest, default), gptq or awq (need --calib)");
   app.add_option("--calib", a->calib,

@@ -219,6 +219,12 @@ std::vector<uint8_t> random_quant_blocks(kernels::DType type, int64_t n_out, int
       auto* block = reinterpret_cast<BlockQ4_K*>(w.data()) + b;
       block->d = fp32_to_fp16(scale(rng));
       block->dmin = fp32_to_fp16(scale(rng));
+    } else if (type == DType::Q2_K) {
+      auto* block = reinterpret_cast<BlockQ2_K*>(w.data()) + b;
+      block->d = fp32_to_fp16(scale(rng) * 2.0f);
+      block->dmin = fp32_to_fp16(scale(rng));
+    } else if (type == DType::Q3_K) {
+      reinterpret_cast<BlockQ3_K*>(w.data())[b].d = fp32_to_fp16(scale(rng) * 0.5f);
     } else if (type == DType::Q5_K) {
       auto* block = reinterpret_cast<BlockQ5_K*>(w.data()) + b;
       block->d = fp32_to_fp16(scale(rng) * 0.5f);

@@ -1,0 +1,91 @@
+// Nibble's quantizers against llama.cpp's own bytes on rows chosen to hit their corner cases
+// (tests/data/ggml-quantize: sub-blocks whose scale rounds to 0, constant and zero runs, outliers,
+// subnormal fp16 scales, rounding ties; made by tools/ggml_quantize_reference.py with GGML's
+// ggml_quantize_chunk). A file Nibble writes must be the file llama-quantize writes.
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <fstream>
+#include <iterator>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "kernels/quant_types.hpp"
+#include "kernels/quantize.hpp"
+#include "tests/support/test_support.hpp"
+
+namespace nibble::kernels {
+namespace {
+
+struct ReferenceRows {
+  int64_t n_rows = 0;
+  int64_t n_per_row = 0;
+  std::vector<float> rows;                              // [n_rows, n_per_row]
+  std::map<uint32_t, std::vector<uint8_t>> ggml_bytes;  // GGML type id -> the quantized rows
+};
+
+ReferenceRows read_reference(const std::filesystem::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::vector<char> data((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  ReferenceRows ref;
+  size_t at = 0;
+  auto take = [&](void* out, size_t n) {
+    if (at + n > data.size()) throw std::runtime_error(path.string() + ": truncated");
+    std::memcpy(out, data.data() + at, n);
+    at += n;
+  };
+  char magic[8];
+  take(magic, 8);
+  if (std::memcmp(magic, "NBQREF01", 8) != 0) throw std::runtime_error(path.string() + ": bad magic");
+  uint32_t n_rows = 0, n_per_row = 0, n_types = 0;
+  take(&n_rows, 4);
+  take(&n_per_row, 4);
+  ref.n_rows = n_rows;
+  ref.n_per_row = n_per_row;
+  ref.rows.resize(static_cast<size_t>(n_rows) * n_per_row);
+  take(ref.rows.data(), ref.rows.size() * sizeof(float));
+  take(&n_types, 4);
+  for (uint32_t t = 0; t < n_types; ++t) {
+    uint32_t type = 0, size = 0;
+    take(&type, 4);
+    take(&size, 4);
+    std::vector<uint8_t> bytes(size);
+    take(bytes.data(), size);
+    ref.ggml_bytes[type] = std::move(bytes);
+  }
+  return ref;
+}
+
+class GgmlQuantizeReference : public ::testing::TestWithParam<DType> {};
+
+TEST_P(GgmlQuantizeReference, QuantizeRowWritesLlamaCppsBytes) {
+  const ReferenceRows ref = read_reference(test::test_data_dir() / "ggml-quantize" / "hard-rows.bin");
+  ASSERT_EQ(ref.n_rows, 16);
+  const DType type = GetParam();
+  const auto found = ref.ggml_bytes.find(static_cast<uint32_t>(type));
+  ASSERT_NE(found, ref.ggml_bytes.end()) << type_name(type) << " is not in the reference file";
+  const int64_t bytes_per_row = row_bytes(type, ref.n_per_row);
+  ASSERT_EQ(static_cast<int64_t>(found->second.size()), bytes_per_row * ref.n_rows);
+  std::vector<uint8_t> mine(static_cast<size_t>(bytes_per_row));
+  for (int64_t r = 0; r < ref.n_rows; ++r) {
+    ASSERT_EQ(quantize_row(type, ref.rows.data() + r * ref.n_per_row, mine.data(), ref.n_per_row),
+              Status::ok);
+    const uint8_t* theirs = found->second.data() + r * bytes_per_row;
+    int64_t first_difference = -1;
+    for (int64_t i = 0; i < bytes_per_row && first_difference < 0; ++i)
+      if (mine[static_cast<size_t>(i)] != theirs[i]) first_difference = i;
+    EXPECT_EQ(first_difference, -1) << type_name(type) << " row " << r << " differs from GGML's at byte "
+                                    << first_difference << " of " << bytes_per_row;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(EveryTypeNibbleWrites, GgmlQuantizeReference,
+                         ::testing::Values(DType::Q4_0, DType::Q4_1, DType::Q5_0, DType::Q5_1, DType::Q8_0,
+                                           DType::Q2_K, DType::Q3_K, DType::Q4_K, DType::Q5_K, DType::Q6_K),
+                         [](const ::testing::TestParamInfo<DType>& param) {
+                           return std::string(type_name(param.param));
+                         });
+
+}  // namespace
+}  // namespace nibble::kernels

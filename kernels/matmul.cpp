@@ -282,6 +282,8 @@ Status matmul_packed(const PackedMatrix& w, const float* x, int64_t m, float* y,
   if (w.type() == DType::Q5_0) range = isa.q5_0_packed;
   if (w.type() == DType::Q5_1) range = isa.q5_1_packed;
   if (w.type() == DType::Q8_0) range = isa.q8_0_packed;
+  if (w.type() == DType::Q2_K) range = isa.q2_k_packed;
+  if (w.type() == DType::Q3_K) range = isa.q3_k_packed;
   if (w.type() == DType::Q4_K) range = isa.q4_k_packed;
   if (w.type() == DType::Q5_K) range = isa.q5_k_packed;
   if (w.type() == DType::Q6_K) range = isa.q6_k_packed;

@@ -61,7 +61,9 @@ struct IsaKernels {
   MatmulRangeFn q4_1_packed;
   MatmulRangeFn q5_0_packed;
   MatmulRangeFn q5_1_packed;
-  // Q4_K, Q5_K, Q6_K and IQ4_XS packed in 8-row panels × Q8_K activations; o_begin is a multiple of 8.
+  // Q2_K ... Q6_K and IQ4_XS packed in 8-row panels × Q8_K activations; o_begin is a multiple of 8.
+  MatmulRangeFn q2_k_packed;
+  MatmulRangeFn q3_k_packed;
   MatmulRangeFn q4_k_packed;
   MatmulRangeFn q5_k_packed;
   MatmulRangeFn q6_k_packed;

@@ -328,6 +328,8 @@ const IsaKernels kScalarKernels{
     .q4_1_packed = packed_range<DType::Q4_1, dot_q4_1>,
     .q5_0_packed = packed_range<DType::Q5_0, dot_block32<BlockQ5_0>>,
     .q5_1_packed = packed_range<DType::Q5_1, dot_q5_1>,
+    .q2_k_packed = packed_range<DType::Q2_K, dot_q2_k>,
+    .q3_k_packed = packed_range<DType::Q3_K, dot_q3_k>,
     .q4_k_packed = packed_range<DType::Q4_K, dot_q4_k>,
     .q5_k_packed = packed_range<DType::Q5_K, dot_q5_k>,
     .q6_k_packed = packed_range<DType::Q6_K, dot_q6_k>,

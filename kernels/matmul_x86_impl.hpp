@@ -669,16 +669,23 @@ inline __m256i add_scaled_lane_products(__m256i total, __m256i sum, __m256i scal
 #endif
 }
 
+// How a panel's per-sub-block byte holds its value: signed (Q3_K, Q6_K, IQ4_XS scales), unsigned (Q4_K
+// mins), or in its high nibble (Q2_K mins).
+enum class SubBlockByte { signed_value, unsigned_value, high_nibble };
+
 // A panel's per-sub-block bytes ([sub-block][row 0..7], 8 bytes a sub-block, at p) as int16 pairs:
 // pairs[t], lane j, holds (sub-block 2t, sub-block 2t + 1) of row j, for _mm256_madd_epi16 with pairs
-// of activation sums. The bytes are signed (Q6_K, IQ4_XS scales) or not (Q4_K mins).
-template <bool kSigned, int N>
+// of activation sums.
+template <SubBlockByte kByte, int N>
 inline void sub_block_pairs(const uint8_t* p, __m256i (&pairs)[N]) {
   NIBBLE_UNROLL
   for (int t = 0; t < N; ++t) {
-    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * t));
+    __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * t));
+    if constexpr (kByte == SubBlockByte::high_nibble)
+      bytes = _mm_and_si128(_mm_srli_epi16(bytes, 4), _mm_set1_epi8(0x0F));
     const __m128i interleaved = _mm_unpacklo_epi8(bytes, _mm_srli_si128(bytes, 8));
-    pairs[t] = kSigned ? _mm256_cvtepi8_epi16(interleaved) : _mm256_cvtepu8_epi16(interleaved);
+    pairs[t] = kByte == SubBlockByte::signed_value ? _mm256_cvtepi8_epi16(interleaved)
+                                                   : _mm256_cvtepu8_epi16(interleaved);
   }
 }
 
@@ -767,7 +774,7 @@ struct PackedQ4_KFamily
     for (int i = 0; i < RM; ++i) sum_scaled[i] = _mm256_setzero_si256();
     for_each_constant<4>([&](auto run) { add_run<run.value, RM>(group, x, b, sum_scaled); });
     __m256i mins_pairs[4];
-    sub_block_pairs<false>(group + 96, mins_pairs);
+    sub_block_pairs<SubBlockByte::unsigned_value>(group + 96, mins_pairs);
     const __m256 w_d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(group)));
     const __m256 w_dmin = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(group + 16)));
     NIBBLE_UNROLL
@@ -880,7 +887,7 @@ struct PackedQ6_K : PanelKernel<PackedQ6_K, DType::Q6_K, BlockQ8_K> {
     for (int i = 0; i < RM; ++i) sum_scaled[i] = _mm256_setzero_si256();
     for_each_constant<16>([&](auto g) { add_group<g.value, RM>(group, x, b, sum_scaled); });
     __m256i scale_pairs[8];
-    sub_block_pairs<true>(group + 16, scale_pairs);
+    sub_block_pairs<SubBlockByte::signed_value>(group + 16, scale_pairs);
     const __m256 w_d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(group)));
     NIBBLE_UNROLL
     for (int i = 0; i < RM; ++i) {
@@ -890,6 +897,128 @@ struct PackedQ6_K : PanelKernel<PackedQ6_K, DType::Q6_K, BlockQ8_K> {
     }
   }
 };
+
+// ---- Q2_K and Q3_K weights packed in 8-row panels × Q8_K activations ----
+//
+// Panel layout in kernels/packed_weights.hpp. As for Q6_K, a 16-element group g (half h = g / 8, shift
+// j = (g % 8) / 2, first or second 16 of the 32-element run) takes 4 chunks of level bytes: row j's 4
+// bytes in lane j hold 4 elements of each of the half's four runs, 2 bits each; the group's are shifted
+// down and masked (Q3_K ors in each third bit from the matching hmask chunk, bit 4h + j, moved to bit 2),
+// and dotted with 4 activation bytes broadcast to every lane: VNNI sums the group in 32 bits and
+// multiplies by the row's scale once; AVX2's maddubs pairs (at most 2 · 7 · 128) are multiplied by the
+// scale in each chunk by madd. Q2_K's levels are 0..3 with 4-bit scales and a mins term Σ min · Σx
+// (dmin); Q3_K's 0..7 with signed 6-bit scales and −4 · Σ scale · Σx for the offset, both from the
+// activation block's 16-element sums. The integer sums and float operations are dot_q2_k's / dot_q3_k's,
+// so the results equal the scalar matmul's bit for bit.
+template <bool kThirdBit>
+struct PackedQ2_KFamily
+    : PanelKernel<PackedQ2_KFamily<kThirdBit>, kThirdBit ? DType::Q3_K : DType::Q2_K, BlockQ8_K> {
+  static constexpr int64_t kScales = kThirdBit ? 16 : 32;    // [group][row] bytes
+  static constexpr int64_t kLevels = kThirdBit ? 144 : 160;  // 16 chunks of 2-bit level bytes
+  static constexpr int64_t kHmask = 656;                     // Q3_K's 8 chunks of third bits
+
+  // Group g's levels for chunk c4 (0..3) of the group: lane j, byte t is the level of element
+  // 16 g + 4 c4 + t of row j.
+  template <int g>
+  static __m256i levels(const uint8_t* group, int c4) {
+    constexpr int half = g / 8, shift = (g % 8) / 2;
+    const int c = 4 * (g % 2) + c4;  // chunk within the half: elements l = 4c..4c+3 of each run
+    const __m256i packed =
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(group + kLevels + 32 * (8 * half + c)));
+    __m256i level = _mm256_and_si256(_mm256_srli_epi16(packed, 2 * shift), _mm256_set1_epi8(0x03));
+    if constexpr (kThirdBit) {
+      constexpr int bit = 4 * half + shift;
+      const __m256i hmask = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(group + kHmask + 32 * c));
+      // Masked in place first, so that the 16-bit shift moves no bit across bytes.
+      const __m256i masked = _mm256_and_si256(hmask, _mm256_set1_epi8(static_cast<char>(1 << bit)));
+      __m256i third;
+      if constexpr (bit < 2) {
+        third = _mm256_slli_epi16(masked, 2 - bit);
+      } else if constexpr (bit > 2) {
+        third = _mm256_srli_epi16(masked, bit - 2);
+      } else {
+        third = masked;
+      }
+      level = _mm256_or_si256(level, third);
+    }
+    return level;
+  }
+
+  // Group g's scale of each row (lane j): Q2_K's low nibble, Q3_K's signed byte.
+  template <int g>
+  static __m256i scale(const uint8_t* group) {
+    const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(group + kScales + 8 * g));
+    if constexpr (kThirdBit) return _mm256_cvtepi8_epi32(bytes);
+    return _mm256_cvtepu8_epi32(_mm_and_si128(bytes, _mm_set1_epi8(0x0F)));
+  }
+
+  template <int g, int RM>
+  static void add_group(const uint8_t* group, const BlockQ8_K* const (&x)[RM], int64_t b,
+                        __m256i (&sum_scaled)[RM]) {
+    const __m256i group_scale = scale<g>(group);
+#ifdef __AVX512VNNI__
+    __m256i dot[RM];
+    NIBBLE_UNROLL
+    for (int i = 0; i < RM; ++i) dot[i] = _mm256_setzero_si256();
+    NIBBLE_UNROLL
+    for (int c4 = 0; c4 < 4; ++c4) {
+      const __m256i q = levels<g>(group, c4);
+      NIBBLE_UNROLL
+      for (int i = 0; i < RM; ++i)
+        dot[i] = _mm256_dpbusd_epi32(dot[i], q, broadcast_4_bytes(x[i][b].qs + 16 * g + 4 * c4));
+    }
+    NIBBLE_UNROLL
+    for (int i = 0; i < RM; ++i)
+      sum_scaled[i] = _mm256_add_epi32(sum_scaled[i], _mm256_mullo_epi32(dot[i], group_scale));
+#else
+    // The scale in both 16-bit halves (two's complement), for madd.
+    const __m256i scale2 = _mm256_or_si256(_mm256_and_si256(group_scale, _mm256_set1_epi32(0xFFFF)),
+                                           _mm256_slli_epi32(group_scale, 16));
+    NIBBLE_UNROLL
+    for (int c4 = 0; c4 < 4; ++c4) {
+      const __m256i q = levels<g>(group, c4);
+      NIBBLE_UNROLL
+      for (int i = 0; i < RM; ++i) {
+        const __m256i pairs = _mm256_maddubs_epi16(q, broadcast_4_bytes(x[i][b].qs + 16 * g + 4 * c4));
+        sum_scaled[i] = _mm256_add_epi32(sum_scaled[i], _mm256_madd_epi16(pairs, scale2));
+      }
+    }
+#endif
+  }
+
+  // Q2_K: (d · x_d) · Σ_g scale · (q · x) − (dmin · x_d) · Σ_g min · Σx; Q3_K: (d · x_d) · (Σ_g scale ·
+  // (q · x) − 4 · Σ_g scale · Σx), for each row of the tile.
+  template <int RM>
+  static void block_terms(const uint8_t* group, const BlockQ8_K* const (&x)[RM], int64_t b,
+                          __m256 (&terms)[RM]) {
+    __m256i sum_scaled[RM];
+    NIBBLE_UNROLL
+    for (int i = 0; i < RM; ++i) sum_scaled[i] = _mm256_setzero_si256();
+    for_each_constant<16>([&](auto g) { add_group<g.value, RM>(group, x, b, sum_scaled); });
+    __m256i pairs[8];  // Q2_K: the mins; Q3_K: the scales
+    sub_block_pairs<kThirdBit ? SubBlockByte::signed_value : SubBlockByte::high_nibble>(group + kScales,
+                                                                                        pairs);
+    const __m256 w_d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(group)));
+    NIBBLE_UNROLL
+    for (int i = 0; i < RM; ++i) {
+      const __m256 x_d = _mm256_set1_ps(x[i][b].d);
+      const __m256i group_sums = PackedQ6_K::offset_term(pairs, x[i][b]);
+      if constexpr (kThirdBit) {
+        const __m256i total = _mm256_sub_epi32(sum_scaled[i], _mm256_slli_epi32(group_sums, 2));
+        terms[i] = _mm256_mul_ps(_mm256_mul_ps(w_d, x_d), _mm256_cvtepi32_ps(total));
+      } else {
+        const __m256 w_dmin = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(group + 16)));
+        __m256 scaled = _mm256_mul_ps(_mm256_mul_ps(w_d, x_d), _mm256_cvtepi32_ps(sum_scaled[i]));
+        __m256 mins = _mm256_mul_ps(_mm256_mul_ps(w_dmin, x_d), _mm256_cvtepi32_ps(group_sums));
+        float_barrier(scaled);
+        float_barrier(mins);
+        terms[i] = _mm256_sub_ps(scaled, mins);
+      }
+    }
+  }
+};
+using PackedQ2_K = PackedQ2_KFamily<false>;
+using PackedQ3_K = PackedQ2_KFamily<true>;
 
 // ---- IQ4_XS weights packed in 8-row panels × Q8_K activations ----
 //
@@ -961,7 +1090,7 @@ struct PackedIQ4_XS : PanelKernel<PackedIQ4_XS, DType::IQ4_XS, BlockQ8_K> {
 #ifdef __AVX512VNNI__
     // The + 128 back off: 128 · Σ_sub scale · Σx, Q4_K's mins term with the scales for mins.
     __m256i scale_pairs[4];
-    sub_block_pairs<true>(group + 16, scale_pairs);
+    sub_block_pairs<SubBlockByte::signed_value>(group + 16, scale_pairs);
     NIBBLE_UNROLL
     for (int i = 0; i < RM; ++i)
       sum_scaled[i] =
@@ -1624,6 +1753,8 @@ nibble::kernels::detail::IsaKernels make_x86_kernels(const char* isa_name) {
       .q4_1_packed = packed_range<PackedQ4_1OrQ5<DType::Q4_1>>,
       .q5_0_packed = packed_range<PackedQ4_1OrQ5<DType::Q5_0>>,
       .q5_1_packed = packed_range<PackedQ4_1OrQ5<DType::Q5_1>>,
+      .q2_k_packed = packed_range<PackedQ2_K>,
+      .q3_k_packed = packed_range<PackedQ3_K>,
       .q4_k_packed = packed_range<PackedQ4_K>,
       .q5_k_packed = packed_range<PackedQ5_K>,
       .q6_k_packed = packed_range<PackedQ6_K>,

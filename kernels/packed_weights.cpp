@@ -99,6 +99,36 @@ void copy_lane(DType type, const LaneCopy<kToGroup>& copy, int lane) {
       copy(offsetof(BlockQ8_0, d), 2 * j, 2);
       for (size_t c = 0; c < 8; ++c) copy(offsetof(BlockQ8_0, qs) + 4 * c, 16 + 32 * c + 4 * j, 4);
       break;
+    case DType::Q2_K:
+      copy(offsetof(BlockQ2_K, d), 2 * j, 2);
+      copy(offsetof(BlockQ2_K, dmin), 16 + 2 * j, 2);
+      for (size_t g = 0; g < 16; ++g) copy(offsetof(BlockQ2_K, scales) + g, 32 + 8 * g + j, 1);
+      for (size_t chunk = 0; chunk < 16; ++chunk)
+        copy(offsetof(BlockQ2_K, qs) + 4 * chunk, 160 + 32 * chunk + 4 * j, 4);
+      break;
+    case DType::Q3_K: {
+      copy(offsetof(BlockQ3_K, d), 2 * j, 2);
+      for (size_t chunk = 0; chunk < 16; ++chunk)
+        copy(offsetof(BlockQ3_K, qs) + 4 * chunk, 144 + 32 * chunk + 4 * j, 4);
+      for (size_t chunk = 0; chunk < 8; ++chunk)
+        copy(offsetof(BlockQ3_K, hmask) + 4 * chunk, 656 + 32 * chunk + 4 * j, 4);
+      // The 6-bit scales, minus 32, one signed byte each in the group.
+      auto* block = reinterpret_cast<BlockQ3_K*>(copy.block);
+      if constexpr (!kToGroup) std::memset(block->scales, 0, sizeof block->scales);
+      for (int g = 0; g < 16; ++g) {
+        auto* group_scale = reinterpret_cast<int8_t*>(copy.group + 16 + 8 * g + j);
+        if constexpr (kToGroup) {
+          *group_scale = static_cast<int8_t>(q3_k_scale(*block, g));
+        } else {
+          const int stored = *group_scale + 32;
+          block->scales[g % 8] =
+              static_cast<uint8_t>(block->scales[g % 8] | ((stored & 0xF) << (4 * (g / 8))));
+          block->scales[8 + g % 4] =
+              static_cast<uint8_t>(block->scales[8 + g % 4] | ((stored >> 4) << (2 * (g / 4))));
+        }
+      }
+      break;
+    }
     case DType::Q4_K:
     case DType::Q5_K: {
       // Q5_K is Q4_K's group with the qh bytes after it (offsetof is the same for d, dmin and scales).

@@ -1,8 +1,8 @@
 #pragma once
 // Weight matrices repacked once at load into a layout the CPU matmul reads faster. The weights stay
-// quantized (about the same bytes per block); only their order changes. Q4_0, Q8_0, Q4_K, Q5_K and
-// Q6_K (the K-quant mixes: Q4_K_M uses Q4_K and Q6_K, Q4_K_S Q4_K and Q5_K, Q5_K_M Q5_K and Q6_K)
-// are packed, and IQ4_NL, IQ4_XS, Q4_1, Q5_0 and Q5_1.
+// quantized (about the same bytes per block); only their order changes. Q4_0, Q8_0, Q2_K ... Q6_K (the
+// K-quant mixes: Q4_K_M uses Q4_K and Q6_K, Q4_K_S Q4_K and Q5_K, Q5_K_M Q5_K and Q6_K, Q3_K_M Q3_K to
+// Q6_K, Q2_K Q2_K to Q4_K and Q6_K) are packed, and IQ4_NL, IQ4_XS, Q4_1, Q5_0 and Q5_1.
 //
 // Every layout groups output rows in panels of 8 (the last panel padded with zero rows) and stores a
 // panel's blocks one after the other, all 8 rows of a block together, so that a 256-bit load gives
@@ -29,6 +29,22 @@
 //
 // Q8_0: as Q4_0, in 272-byte groups: the 8 fp16 scales, then 8 chunks of 32 bytes; chunk c is
 // qs[4c..4c+3] of row 0, of row 1, ... of row 7 (the rows' signed 8-bit quants in element order).
+//
+// Q2_K: panel p holds rows 8p..8p+7 as k/256 consecutive 672-byte groups (the file's 84 bytes a row and
+// super-block), one per super-block:
+//   bytes [0, 16):    the 8 rows' fp16 d
+//   bytes [16, 32):   the 8 rows' fp16 dmin
+//   bytes [32, 160):  the scale bytes (scale | min << 4) of the 16-element groups, [group 0..15][row 0..7]
+//   bytes [160, 672): 16 chunks of 32 bytes; chunk n is qs[4n..4n+3] of row 0, ... of row 7
+// where qs are the rows' 2-bit level bytes (qs[32h + l] holds element 128h + 32j + l in bits 2j, 2j + 1).
+//
+// Q3_K: panel p holds rows 8p..8p+7 as k/256 consecutive 912-byte groups, one per super-block:
+//   bytes [0, 16):    the 8 rows' fp16 d
+//   bytes [16, 144):  the 6-bit group scales (-32..31) as int8, [group 0..15][row 0..7]
+//   bytes [144, 656): 16 chunks of 32 bytes; chunk n is qs[4n..4n+3] of row 0, ... of row 7 (as Q2_K's)
+//   bytes [656, 912): 8 chunks of 32 bytes; chunk c is hmask[4c..4c+3] of row 0, ... of row 7
+// where hmask holds each level's third bit (bit r of hmask[l]: element 32r + l). 114 bytes a row and
+// super-block against the file's 110: the scales as bytes.
 //
 // Q4_K: panel p holds rows 8p..8p+7 as k/256 consecutive 1184-byte groups, one per super-block:
 //   bytes [0, 16):     the 8 rows' fp16 d, row 0 first
@@ -78,6 +94,8 @@ inline constexpr int64_t kQ5_0PanelBlockBytes = 176;  // Q4_0's + 8 rows × 4 fi
 inline constexpr int64_t kQ5_1PanelBlockBytes = 192;  // Q4_1's + 8 rows × 4 fifth-bit bytes
 // Bytes of one block of 8 rows: Q4_K 8 × (d, dmin, 8 scales, 8 mins, 128 nibble bytes), Q6_K
 // 8 × (d, 16 scales, 128 ql bytes, 64 qh bytes).
+inline constexpr int64_t kQ2_KPanelBlockBytes = 672;  // 8 × (d, dmin, 16 scale bytes, 64 level bytes)
+inline constexpr int64_t kQ3_KPanelBlockBytes = 912;  // 8 × (d, 16 scales, 64 level bytes, 32 hmask bytes)
 inline constexpr int64_t kQ4_KPanelBlockBytes = 1184;
 inline constexpr int64_t kQ5_KPanelBlockBytes = 1440;  // Q4_K's group + 8 rows × 32 qh bytes
 inline constexpr int64_t kQ6_KPanelBlockBytes = 1680;
@@ -98,6 +116,10 @@ constexpr int64_t packed_group_bytes(DType type) {
       return kQ5_0PanelBlockBytes;
     case DType::Q5_1:
       return kQ5_1PanelBlockBytes;
+    case DType::Q2_K:
+      return kQ2_KPanelBlockBytes;
+    case DType::Q3_K:
+      return kQ3_KPanelBlockBytes;
     case DType::Q4_K:
       return kQ4_KPanelBlockBytes;
     case DType::Q5_K:

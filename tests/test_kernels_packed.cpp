@@ -1,4 +1,4 @@
-// Packed Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, IQ4_NL and IQ4_XS weights
+// Packed Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL and IQ4_XS weights
 // (kernels/packed_weights.hpp) on every ISA the CPU has: against matmul_reference, against the unpacked
 // matmul, and across thread counts.
 #include <gtest/gtest.h>
@@ -108,16 +108,17 @@ INSTANTIATE_TEST_SUITE_P(AllIsas, KernelPacked, ::testing::Values("scalar", "avx
 class KernelPackedBitForBit : public ::testing::TestWithParam<std::tuple<std::string, DType>> {};
 
 // Odd shapes as for Q4_0, k from one block to several. The packed kernels do the scalar dot functions'
-// (dot_block32, dot_q4_1_or_q5_1, dot_q4_k_or_q5_k, dot_q6_k, dot_iq4_xs) integer sums and float operations
-// in their order on every ISA, so they must equal the scalar unpacked matmul bit for bit, whatever the
-// activation row count or thread split.
+// (dot_block32, dot_q4_1_or_q5_1, dot_q2_k, dot_q3_k, dot_q4_k_or_q5_k, dot_q6_k, dot_iq4_xs) integer sums
+// and float operations in their order on every ISA, so they must equal the scalar unpacked matmul bit for
+// bit, whatever the activation row count or thread split.
 TEST_P(KernelPackedBitForBit, MatchesScalarBitForBitAndTheReference) {
   const auto& [isa, type] = GetParam();
   ForcedIsa forced;
   if (!forced.force(isa)) GTEST_SKIP() << "this CPU does not support " << isa;
   // A block's bytes for one row, packed: the file's, but for Q4_K's and Q5_K's scales unpacked to 16
-  // bytes, and IQ4_XS's to 8.
-  const int64_t packed_row_bytes = type == DType::Q4_K     ? 148
+  // bytes, Q3_K's to 16 and IQ4_XS's to 8.
+  const int64_t packed_row_bytes = type == DType::Q3_K     ? 114
+                                   : type == DType::Q4_K   ? 148
                                    : type == DType::Q5_K   ? 180
                                    : type == DType::IQ4_XS ? 138
                                                            : type_info(type).block_bytes;
@@ -185,6 +186,10 @@ TEST_P(KernelPackedBitForBit, LargestQuantsAndActivationsMatchScalar) {
     uint8_t* block = w.data() + b * type_info(type).block_bytes;
     if (type == DType::Q6_K) {
       std::memcpy(block + offsetof(BlockQ6_K, d), d, sizeof d[0]);
+    } else if (type == DType::Q3_K) {
+      std::memcpy(block + offsetof(BlockQ3_K, d), d, sizeof d[0]);
+    } else if (type == DType::Q2_K) {
+      std::memcpy(block + offsetof(BlockQ2_K, d), d, sizeof d);  // d, then dmin
     } else {
       // Q4_1 / Q5_1: m (0.002) follows d as dmin does.
       const bool with_dmin =
@@ -211,8 +216,9 @@ TEST_P(KernelPackedBitForBit, LargestQuantsAndActivationsMatchScalar) {
 INSTANTIATE_TEST_SUITE_P(AllIsas, KernelPackedBitForBit,
                          ::testing::Combine(::testing::Values("scalar", "avx2", "avx512"),
                                             ::testing::Values(DType::Q4_1, DType::Q5_0, DType::Q5_1,
-                                                              DType::Q8_0, DType::Q4_K, DType::Q5_K,
-                                                              DType::Q6_K, DType::IQ4_NL, DType::IQ4_XS)),
+                                                              DType::Q8_0, DType::Q2_K, DType::Q3_K,
+                                                              DType::Q4_K, DType::Q5_K, DType::Q6_K,
+                                                              DType::IQ4_NL, DType::IQ4_XS)),
                          [](const auto& param_info) {
                            return std::get<0>(param_info.param) + "_" +
                                   type_name(std::get<1>(param_info.param));
@@ -221,8 +227,9 @@ INSTANTIATE_TEST_SUITE_P(AllIsas, KernelPackedBitForBit,
 // Reading a packed matrix back gives every row's blocks byte for byte (the Q4_K scales, unpacked to
 // bytes in the panel, repacked into their 12 bytes), and zero blocks past the last row.
 TEST(KernelPackedLayout, EveryBlockReadsBackByteForByte) {
-  for (const DType type : {DType::Q4_0, DType::Q4_1, DType::Q5_0, DType::Q5_1, DType::Q8_0, DType::Q4_K,
-                           DType::Q5_K, DType::Q6_K, DType::IQ4_NL, DType::IQ4_XS}) {
+  for (const DType type :
+       {DType::Q4_0, DType::Q4_1, DType::Q5_0, DType::Q5_1, DType::Q8_0, DType::Q2_K, DType::Q3_K,
+        DType::Q4_K, DType::Q5_K, DType::Q6_K, DType::IQ4_NL, DType::IQ4_XS}) {
     SCOPED_TRACE(type_name(type));
     const TypeInfo& info = type_info(type);
     const int64_t n_out = 13, k = 3 * info.block_elems, n_blocks = 3;
@@ -253,6 +260,8 @@ TEST(KernelPackedArguments, UnsupportedInputsGiveEmptyMatrices) {
   EXPECT_TRUE(can_pack_for_matmul(DType::Q4_K));
   EXPECT_TRUE(can_pack_for_matmul(DType::Q5_K));
   EXPECT_TRUE(can_pack_for_matmul(DType::Q6_K));
+  EXPECT_TRUE(can_pack_for_matmul(DType::Q2_K));
+  EXPECT_TRUE(can_pack_for_matmul(DType::Q3_K));
   EXPECT_TRUE(can_pack_for_matmul(DType::IQ4_XS));
   EXPECT_TRUE(can_pack_for_matmul(DType::IQ4_NL));
   EXPECT_TRUE(can_pack_for_matmul(DType::Q8_0));

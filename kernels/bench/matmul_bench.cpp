@@ -40,8 +40,9 @@ struct Shape {
 };
 constexpr Shape kShapes[] = {
     {"attn_2048x2048", 2048, 2048}, {"ffn_up_8192x2048", 8192, 2048}, {"ffn_down_2048x8192", 2048, 8192}};
-constexpr DType kTypes[] = {DType::F16,  DType::Q4_0, DType::Q4_1, DType::Q5_0,   DType::Q5_1,  DType::Q8_0,
-                            DType::Q4_K, DType::Q5_K, DType::Q6_K, DType::IQ4_NL, DType::IQ4_XS};
+constexpr DType kTypes[] = {DType::F16,  DType::Q4_0,   DType::Q4_1,  DType::Q5_0, DType::Q5_1,
+                            DType::Q8_0, DType::Q2_K,   DType::Q3_K,  DType::Q4_K, DType::Q5_K,
+                            DType::Q6_K, DType::IQ4_NL, DType::IQ4_XS};
 
 // Random weights of `type` from uniform [-1, 1) floats, quantized as the file's rows (the IQ4 types,
 // which Nibble does not write: random index and scale bytes with a small d, every one a valid block).

@@ -267,7 +267,7 @@ void quantize_block_q2_k(const float* x, BlockQ2_K* out) {
 // GGML's make_q3_quants with do_rmse (weights x²) for Q3_K's sub-blocks of 16, nmax = 4: levels
 // L in 0..7 (signed value L − 4); start from the largest magnitude at −4, then up to 5 passes that move
 // single elements to the level that best fits the others' least-squares scale. Returns the scale.
-float fit_q3_k_sub_block(const float* x, int8_t* levels) {
+float q3_k_sub_block_fit(const float* x, int8_t* levels) {
   constexpr int n = 16;
   constexpr int nmax = 4;
   float amax = 0, max = 0;
@@ -322,7 +322,7 @@ void quantize_block_q3_k(const float* x, BlockQ3_K* out) {
   float scales[kQK_K / 16];
   float max_scale = 0, max_abs_scale = 0;
   for (int j = 0; j < kQK_K / 16; ++j) {
-    scales[j] = fit_q3_k_sub_block(x + 16 * j, levels + 16 * j);
+    scales[j] = q3_k_sub_block_fit(x + 16 * j, levels + 16 * j);
     if (std::fabs(scales[j]) > max_abs_scale) {
       max_abs_scale = std::fabs(scales[j]);
       max_scale = scales[j];
@@ -669,6 +669,11 @@ float fit_q5_k_sub_block(const float* x, float* offset) {
   float weights[32];
   sub_block_weights(x, weights);
   return fit_sub_block(x, weights, 32, kQ5_KGrid, offset);
+}
+
+float fit_q3_k_sub_block(const float* x) {
+  int8_t levels[16];
+  return q3_k_sub_block_fit(x, levels);
 }
 
 Status dequantize_row(DType type, const void* src, float* y, int64_t n) {

@@ -10,8 +10,8 @@
 namespace nibble::kernels {
 
 // x: [n] floats, n a multiple of the block size of `type`; out: row_bytes(type, n) bytes.
-// Supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 (llama.cpp's quantize_row_*_ref), Q4_K, Q5_K and
-// Q6_K (llama.cpp's quantize_row_q4_K_ref, quantize_row_q5_K_ref and quantize_row_q6_K_ref), Q8_1, Q8_K; not
+// Supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 (llama.cpp's quantize_row_*_ref), Q2_K ... Q6_K
+// (llama.cpp's quantize_row_q2_K_ref ... quantize_row_q6_K_ref), Q8_1, Q8_K; not
 // IQ4_NL or IQ4_XS (unsupported_type: Nibble reads llama.cpp's IQ4 files but does not write them).
 Status quantize_row(DType type, const float* x, void* out, int64_t n);
 
@@ -21,6 +21,9 @@ Status quantize_row(DType type, const float* x, void* out, int64_t n);
 float fit_q4_k_sub_block(const float* x, float* offset);
 // The same for Q5_K (make_qkx2_quants' Q5_K parameters: q in 0..31).
 float fit_q5_k_sub_block(const float* x, float* offset);
+// llama.cpp's Q3_K sub-block fit (make_q3_quants, weights x²): the signed scale that best represents
+// x: [16] as scale * v, v in −4..3.
+float fit_q3_k_sub_block(const float* x);
 
 // Reference dequantization for every DType (IQ4_XS as llama.cpp's dequantize_row_iq4_xs). src:
 // row_bytes(type, n) bytes; y: [n] floats.

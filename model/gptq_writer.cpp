@@ -146,8 +146,9 @@ void GptqCheckpointWriter::add(const std::string& gguf_name, const QuantizedMatr
                                     std::to_string(matrix.k) + "], the model's is [" +
                                     std::to_string(n_out[m]) + ", " + std::to_string(k[m]) + "]");
       }
-      if (matrix.grid.type == GridType::q4_k)
-        throw std::invalid_argument(gguf_name + ": the q4_k grid has no GPTQ form (q4_0 or int4_asym only)");
+      if (matrix.grid.k_quant())
+        throw std::invalid_argument(gguf_name + ": the " + matrix.grid.name() +
+                                    " grid has no GPTQ form (q4_0 or int4_asym only)");
       if (have_grid_ && (matrix.grid.type != grid_.type || matrix.grid.group_size != grid_.group_size)) {
         throw std::invalid_argument(gguf_name + ": grid " + matrix.grid.name() + " differs from the " +
                                     grid_.name() +

@@ -35,6 +35,8 @@ kernels::DType QuantGrid::gguf_type() const {
   switch (type) {
     case GridType::q4_0:
       return kernels::DType::Q4_0;
+    case GridType::q3_k:
+      return kernels::DType::Q3_K;
     case GridType::q4_k:
       return kernels::DType::Q4_K;
     case GridType::q5_k:
@@ -49,6 +51,8 @@ std::string QuantGrid::name() const {
   switch (type) {
     case GridType::q4_0:
       return "q4_0";
+    case GridType::q3_k:
+      return "q3_k";
     case GridType::q4_k:
       return "q4_k";
     case GridType::q5_k:
@@ -57,6 +61,21 @@ std::string QuantGrid::name() const {
       break;
   }
   return "int4_asym/g" + std::to_string(group_size);
+}
+
+std::optional<QuantGrid> QuantGrid::for_gguf_type(kernels::DType type) {
+  switch (type) {
+    case kernels::DType::Q4_0:
+      return q4_0();
+    case kernels::DType::Q3_K:
+      return q3_k();
+    case kernels::DType::Q4_K:
+      return q4_k();
+    case kernels::DType::Q5_K:
+      return q5_k();
+    default:
+      return std::nullopt;
+  }
 }
 
 void check_grid_shape(const QuantGrid& grid, int64_t n_out, int64_t k, const std::string& what) {
@@ -96,6 +115,22 @@ RowQuantizer::RowQuantizer(QuantGrid grid, int64_t k)
 
 void RowQuantizer::fit_super_block(int64_t col, const float* values) {
   if (!grid_.k_quant()) return;  // the super-block is the group
+  if (grid_.type == GridType::q3_k) {
+    // llama.cpp's rule: the sub-block scale of largest magnitude, with its sign, maps to -32.
+    const int64_t sb = col / kernels::kQK_K;
+    float max_scale = 0, max_abs = 0;
+    for (int j = 0; j < kernels::kQK_K / 16; ++j) {
+      const float scale = kernels::fit_q3_k_sub_block(values + 16 * j);
+      if (std::fabs(scale) > max_abs) {
+        max_abs = std::fabs(scale);
+        max_scale = scale;
+      }
+    }
+    const float iscale = max_scale != 0.0f ? -32.0f / max_scale : 0.0f;
+    super_d_[sb] = max_scale != 0.0f ? fp32_to_fp16(1 / iscale) : fp32_to_fp16(0.0f);
+    super_scale_[sb] = iscale;
+    return;
+  }
   // llama.cpp's rule: fit all 8 sub-blocks, d and dmin from the largest scale and offset.
   const int64_t sb = col / kernels::kQK_K;
   float scale[8], offset[8];
@@ -119,6 +154,15 @@ void RowQuantizer::fit_group(int64_t col, const float* values) {
       const float d = kernels::detail::signed_absmax(values, n) / -8.0f;
       g.rounding = d != 0.0f ? 1.0f / d : 0.0f;
       g.scale = fp16_to_fp32(fp32_to_fp16(d));
+      break;
+    }
+    case GridType::q3_k: {
+      const int64_t sb = col / kernels::kQK_K;
+      // Through int8_t as GGML does (|iscale · scale| <= 32 for the fitted values; a refit can exceed it).
+      const float scaled = super_scale_[sb] * kernels::fit_q3_k_sub_block(values);
+      const int level = std::clamp(round_clamped(scaled, -128, 127), -32, 31);
+      g.sc = static_cast<uint8_t>(level + 32);
+      g.scale = fp16_to_fp32(super_d_[sb]) * static_cast<float>(level);  // the kernels' d * (sc - 32)
       break;
     }
     case GridType::q4_k:
@@ -162,6 +206,11 @@ float RowQuantizer::quantize(int64_t col, float w) {
       // GPTQ-updated values outside the group's original range.
       level = static_cast<int>(std::clamp(w * g.rounding + 8.5f, 0.0f, 15.0f));
       value = static_cast<float>(level - 8) * g.scale;
+      break;
+    case GridType::q3_k:
+      // A zero scale stores level 0, as GGML does for an all-zero sub-block (its value is 0 either way).
+      level = g.scale != 0.0f ? round_clamped(w / g.scale, -4, 3) + 4 : 0;
+      value = g.scale * static_cast<float>(level - 4);
       break;
     case GridType::q4_k:
     case GridType::q5_k:
@@ -207,6 +256,31 @@ void RowQuantizer::store_k_quant(QuantizedMatrix& out, int64_t row) const {
   }
 }
 
+// A Q3_K row: the super-blocks' d, the groups' 6-bit scales, the levels (0..7) split into the low 2
+// bits (qs) and the third (hmask), as kernels/quantize.cpp packs them.
+void RowQuantizer::store_q3_k(QuantizedMatrix& out, int64_t row) const {
+  auto* blocks = reinterpret_cast<kernels::BlockQ3_K*>(out.blocks.data() +
+                                                       row * kernels::row_bytes(kernels::DType::Q3_K, k_));
+  for (int64_t b = 0; b < k_ / kernels::kQK_K; ++b) {
+    kernels::BlockQ3_K& block = blocks[b];
+    block = {};
+    block.d = super_d_[static_cast<size_t>(b)];
+    for (int j = 0; j < kernels::kQK_K / 16; ++j) {
+      const int stored = groups_[static_cast<size_t>(16 * b + j)].sc;
+      block.scales[j % 8] = static_cast<uint8_t>(block.scales[j % 8] | ((stored & 0xF) << (4 * (j / 8))));
+      block.scales[8 + j % 4] =
+          static_cast<uint8_t>(block.scales[8 + j % 4] | ((stored >> 4) << (2 * (j / 4))));
+    }
+    const uint8_t* levels = levels_.data() + b * kernels::kQK_K;
+    uint8_t low[kernels::kQK_K];
+    for (int e = 0; e < kernels::kQK_K; ++e) {
+      low[e] = static_cast<uint8_t>(levels[e] & 3);
+      block.hmask[e % 32] = static_cast<uint8_t>(block.hmask[e % 32] | (((levels[e] >> 2) & 1) << (e / 32)));
+    }
+    kernels::detail::q2_k_pack_low_bits(low, block.qs);
+  }
+}
+
 void RowQuantizer::store(QuantizedMatrix& out, int64_t row) const {
   switch (grid_.type) {
     case GridType::q4_0: {
@@ -220,6 +294,9 @@ void RowQuantizer::store(QuantizedMatrix& out, int64_t row) const {
       }
       break;
     }
+    case GridType::q3_k:
+      store_q3_k(out, row);
+      break;
     case GridType::q4_k:
       store_k_quant<kernels::BlockQ4_K>(out, row);
       break;

@@ -10,12 +10,16 @@
 //              each sub-block's sc and m can then be refitted on other values against that fixed
 //              d and dmin, which is how GPTQ fits each group on the error-updated weights.
 //   q5_k       GGUF Q5_K: q4_k with levels 0..31 (and llama.cpp's Q5_K sub-block fit).
+//   q3_k       GGUF Q3_K: super-blocks of 256 with fp16 d; 16 sub-blocks (groups) of 16 with a signed
+//              6-bit scale s; levels 0..7 meaning d * s * (q - 4). d comes from all 16 sub-blocks'
+//              fits (llama.cpp's make_q3_quants rule), each sub-block's s is then refitted against it.
 //   int4_asym  GPTQ checkpoints' asymmetric INT4: groups of 32, 64 or 128, fp16 scale and a 4-bit
 //              zero point, levels 0..15 meaning (q - zero) * scale (the reference Quantizer with
 //              sym=False, the range always including 0).
 // Dequantized values are computed with the same float expressions as kernels/quantize.cpp, so a
 // matrix's stored blocks decode bit-exactly to the values the quantizer worked with.
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -23,7 +27,7 @@
 
 namespace nibble::model {
 
-enum class GridType { q4_0, q4_k, q5_k, int4_asym };
+enum class GridType { q4_0, q3_k, q4_k, q5_k, int4_asym };
 
 struct QuantGrid {
   GridType type = GridType::q4_0;
@@ -32,15 +36,18 @@ struct QuantGrid {
   static QuantGrid q4_0() { return {GridType::q4_0, kernels::kQK4_0}; }
   static QuantGrid q4_k() { return {GridType::q4_k, 32}; }
   static QuantGrid q5_k() { return {GridType::q5_k, 32}; }
+  static QuantGrid q3_k() { return {GridType::q3_k, 16}; }
   // group_size: 32, 64 or 128 (std::invalid_argument otherwise).
   static QuantGrid int4_asym(int64_t group_size);
 
-  // q4_k and q5_k: super-blocks of 256 with 6-bit sub-block scales and offsets.
-  bool k_quant() const { return type == GridType::q4_k || type == GridType::q5_k; }
+  // q3_k, q4_k and q5_k: super-blocks of 256 with 6-bit sub-block scales (and offsets).
+  bool k_quant() const { return type == GridType::q3_k || type == GridType::q4_k || type == GridType::q5_k; }
   // Columns whose parameters are fitted together first: 256 for a K-quant's super-block, else the group.
   int64_t super_block() const { return k_quant() ? kernels::kQK_K : group_size; }
-  // The GGUF tensor type of the blocks (Q4_0, Q4_K, Q5_K); int4_asym has none and throws.
+  // The GGUF tensor type of the blocks (Q4_0, Q3_K, Q4_K, Q5_K); int4_asym has none and throws.
   kernels::DType gguf_type() const;
+  // The grid whose blocks are GGUF `type` (Q4_0, Q3_K, Q4_K, Q5_K), or nullopt.
+  static std::optional<QuantGrid> for_gguf_type(kernels::DType type);
   std::string name() const;  // "q4_0", "q4_k", "int4_asym/g128"
 };
 
@@ -80,29 +87,30 @@ class RowQuantizer {
 
  private:
   struct Group {
-    float scale = 0;        // q4_0: d as stored (fp16); int4: scale (fp16); q4_k / q5_k: d * sc
+    float scale = 0;        // q4_0: d as stored (fp16); int4: scale (fp16); q4_k / q5_k: d * sc; q3_k: d * s
     float rounding = 0;     // q4_0: 1 / unrounded d (GGML rounds with it); int4: 1 / scale
     float offset = 0;       // q4_k / q5_k: dmin * m
     uint8_t zero = 0;       // int4: zero point
-    uint8_t sc = 0, m = 0;  // q4_k / q5_k: 6-bit scale and offset
+    uint8_t sc = 0, m = 0;  // q4_k / q5_k: 6-bit scale and offset; q3_k: s + 32 in sc
   };
   // The grid's sub-block fit (llama.cpp's Q4_K or Q5_K rule) and its largest level (15 or 31).
   float fit_sub_block(const float* values, float* offset) const;
   int max_level() const;
   template <typename Block>
   void store_k_quant(QuantizedMatrix& out, int64_t row) const;
+  void store_q3_k(QuantizedMatrix& out, int64_t row) const;
 
   QuantGrid grid_;
   int64_t k_;
   std::vector<Group> groups_;         // [k / group_size]
   std::vector<uint16_t> super_d_;     // q4_k / q5_k: [k / 256] fp16 d
   std::vector<uint16_t> super_dmin_;  // q4_k / q5_k: [k / 256] fp16 dmin
-  std::vector<float> super_scale_;    // q4_k / q5_k: [k / 256] inverse steps of the 6-bit scales
+  std::vector<float> super_scale_;    // K-quants: [k / 256] inverse steps of the 6-bit scales
   std::vector<float> super_offset_;   // q4_k / q5_k: [k / 256] and of the 6-bit offsets
   std::vector<uint8_t> levels_;       // [k]
 };
 
-// Round-to-nearest on the grid. w: [n_out, k]. For q4_0, q4_k and q5_k the blocks equal
+// Round-to-nearest on the grid. w: [n_out, k]. For q4_0, q3_k, q4_k and q5_k the blocks equal
 // kernels::quantize_row's (GGML's reference quantizers), sub-blocks with a zero scale aside.
 QuantizedMatrix rtn_quantize(const float* w, int64_t n_out, int64_t k, const QuantGrid& grid);
 

@@ -116,7 +116,8 @@ class CalibratedQuantization : public ::testing::Test {
   }
 };
 
-const std::vector<QuantGrid> kGrids = {QuantGrid::q4_0(), QuantGrid::q4_k(), QuantGrid::q5_k(),
+const std::vector<QuantGrid> kGrids = {QuantGrid::q4_0(),        QuantGrid::q3_k(),
+                                       QuantGrid::q4_k(),        QuantGrid::q5_k(),
                                        QuantGrid::int4_asym(32), QuantGrid::int4_asym(128)};
 
 TEST_F(CalibratedQuantization, GptqCutsHeldOutErrorBelowRtn) {
@@ -209,7 +210,7 @@ TEST_F(CalibratedQuantization, GptqEqualsRtnOnUncorrelatedInputs) {
 }
 
 TEST_F(CalibratedQuantization, RtnBlocksAreGgmlReferenceBlocks) {
-  for (const QuantGrid& grid : {QuantGrid::q4_0(), QuantGrid::q4_k(), QuantGrid::q5_k()}) {
+  for (const QuantGrid& grid : {QuantGrid::q4_0(), QuantGrid::q3_k(), QuantGrid::q4_k(), QuantGrid::q5_k()}) {
     SCOPED_TRACE(grid.name());
     const QuantizedMatrix q = rtn_quantize(w_.data(), kOut, kIn, grid);
     const int64_t bytes = kernels::row_bytes(grid.gguf_type(), kIn);

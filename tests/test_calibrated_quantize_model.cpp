@@ -183,11 +183,11 @@ TEST(CalibratedQuantizeModel, AwqFoldsScalesWithoutChangingTheModel) {
   }
 }
 
-// GPTQ into llama-quantize's Q4_K_M and Q5_K_M mixes: the mix's type for every tensor, the layer
-// matrices of the mix's default type (Q4_K, Q5_K) calibrated (closer to the float model than the RTN mix
-// on held-out windows), everything else (the "more bits" layers' Q6_K attn_v / ffn_down, the
+// GPTQ into llama-quantize's Q3_K_M, Q4_K_M and Q5_K_M mixes: the mix's type for every tensor, every
+// layer matrix of a type with a grid (Q3_K, Q4_K, Q5_K) calibrated (closer to the float model than the
+// RTN mix on held-out windows), everything else (the "more bits" layers' Q6_K attn_v / ffn_down, the
 // embedding, the Q6_K head) rounded to nearest, byte for byte llama.cpp's (the RTN mix).
-TEST(CalibratedQuantizeModel, GptqIntoTheLlamaCppQ4_K_MAndQ5_K_MMixes) {
+TEST(CalibratedQuantizeModel, GptqIntoTheLlamaCppQ3_K_MQ4_K_MAndQ5_K_MMixes) {
   test::TempDir dir;
   const model::LlamaShape shape = rows_of_256(/*n_head_kv=*/2);
   const fs::path source = dir.path() / "f32.gguf";
@@ -202,9 +202,13 @@ TEST(CalibratedQuantizeModel, GptqIntoTheLlamaCppQ4_K_MAndQ5_K_MMixes) {
     const char* name;
     DType calibrated_type;
     uint32_t file_type;
+    int calibrated, q6_k;  // layer matrices GPTQ changes; Q6_K tensors (rounded to nearest)
   };
-  for (const Mix& m : {Mix{model::LlamaCppMix::q4_k_m, "q4_k_m", DType::Q4_K, 15},
-                       Mix{model::LlamaCppMix::q5_k_m, "q5_k_m", DType::Q5_K, 17}}) {
+  // Q4_K_M / Q5_K_M: 2 layers x 7 matrices, less layer 1's Q6_K attn_v and ffn_down (those two and the
+  // head Q6_K). Q3_K_M: every layer matrix has a grid (Q3_K; attn_v Q5_K, attn_output and ffn_down Q4_K).
+  for (const Mix& m : {Mix{model::LlamaCppMix::q4_k_m, "q4_k_m", DType::Q4_K, 15, 12, 3},
+                       Mix{model::LlamaCppMix::q5_k_m, "q5_k_m", DType::Q5_K, 17, 12, 3},
+                       Mix{model::LlamaCppMix::q3_k_m, "q3_k_m", DType::Q3_K, 12, 14, 1}}) {
     SCOPED_TRACE(m.name);
     const fs::path rtn = dir.path() / (std::string("rtn-") + m.name + ".gguf");
     const fs::path gptq = dir.path() / (std::string("gptq-") + m.name + ".gguf");
@@ -225,14 +229,14 @@ TEST(CalibratedQuantizeModel, GptqIntoTheLlamaCppQ4_K_MAndQ5_K_MMixes) {
       ASSERT_EQ(t.size_bytes, same_tensor.size_bytes) << t.name;
       const bool same = std::memcmp(g->tensor_data(t), r->tensor_data(same_tensor), t.size_bytes) == 0;
       q6_k += t.type == DType::Q6_K;
-      if (t.type == m.calibrated_type && t.name.rfind("blk.", 0) == 0) {
+      if (model::QuantGrid::for_gguf_type(t.type) && t.name.rfind("blk.", 0) == 0) {
         calibrated += !same;
       } else {
         EXPECT_TRUE(same) << t.name << " should be the RTN mix's bytes";
       }
     }
-    EXPECT_EQ(calibrated, 12);  // 2 layers x 7 matrices, less layer 1's Q6_K attn_v and ffn_down
-    EXPECT_EQ(q6_k, 3);         // those two and the head
+    EXPECT_EQ(calibrated, m.calibrated);
+    EXPECT_EQ(q6_k, m.q6_k);
 
     const Closeness c_rtn = closeness(want, window_logits(rtn.string(), windows), shape.n_vocab);
     const Closeness c_gptq = closeness(want, window_logits(gptq.string(), windows), shape.n_vocab);

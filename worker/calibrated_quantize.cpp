@@ -151,8 +151,12 @@ void gptq_layer(const model::GgufFile& file, LayerRunner& runner, int64_t layer,
       const std::vector<float> w = read_floats(file, name);
       const int64_t k = acc->k();
       const int64_t n_out = static_cast<int64_t>(w.size()) / k;
+      // A matrix of another type than options.type is calibrated on that type's grid where it has one (a
+      // mix's Q3_K / Q4_K / Q5_K matrices), else rounded to nearest (Q6_K, Q8_0).
       const auto high = options.tensor_types.find(name);
-      if (high != options.tensor_types.end()) {  // kept in higher precision: rounded to nearest
+      const std::optional<model::QuantGrid> matrix_grid =
+          high != options.tensor_types.end() ? model::QuantGrid::for_gguf_type(high->second) : grid;
+      if (!matrix_grid) {
         out[name] = round_rows(w, n_out, k, high->second, name);
         std::vector<float> values(w.size());
         for (int64_t r = 0; r < n_out; ++r) {
@@ -165,7 +169,7 @@ void gptq_layer(const model::GgufFile& file, LayerRunner& runner, int64_t layer,
         runner.model().set_layer_matrix(layer, m, values);
         continue;
       }
-      QuantizedMatrix q = model::gptq_quantize(w.data(), n_out, k, h, grid, options.gptq);
+      QuantizedMatrix q = model::gptq_quantize(w.data(), n_out, k, h, *matrix_grid, options.gptq);
       runner.model().set_layer_matrix(layer, m, q.dequantized);
       if (options.matrix_sink) {
         options.matrix_sink(name, std::move(q));
@@ -297,11 +301,6 @@ void use_llama_cpp_mix(const model::GgufFile& in, model::LlamaCppMix mix,
                                 "layer's matrices and takes no per-tensor types); use --method gptq or rtn");
   }
   options.type = model::llama_cpp_mix_default_type(mix);
-  if (options.type != kernels::DType::Q4_K && options.type != kernels::DType::Q5_K) {
-    throw std::invalid_argument(std::string("gptq calibrates the Q4_K / Q5_K mixes' matrices; the ") +
-                                kernels::type_name(options.type) +
-                                " mixes are rtn only (there is no GPTQ grid for that type)");
-  }
   const std::vector<kernels::DType> types = model::llama_cpp_mix_types(in, mix);
   for (size_t i = 0; i < types.size(); ++i) {
     const model::GgufTensorInfo& t = in.tensors()[i];
@@ -320,19 +319,13 @@ void calibrated_quantize_gguf(std::shared_ptr<const model::GgufFile> in, std::st
   }
   if (options.matrix_sink && options.method != QuantMethod::gptq)
     throw std::invalid_argument("only GPTQ hands its matrices to a sink");
-  model::QuantGrid grid;
-  if (options.grid) {
-    grid = *options.grid;
-  } else if (options.type == kernels::DType::Q4_0) {
-    grid = model::QuantGrid::q4_0();
-  } else if (options.type == kernels::DType::Q4_K) {
-    grid = model::QuantGrid::q4_k();
-  } else if (options.type == kernels::DType::Q5_K) {
-    grid = model::QuantGrid::q5_k();
-  } else {
-    throw std::invalid_argument(std::string("calibrated quantization writes q4_0, q4_k or q5_k, not ") +
+  const std::optional<model::QuantGrid> type_grid =
+      options.grid ? options.grid : model::QuantGrid::for_gguf_type(options.type);
+  if (!type_grid) {
+    throw std::invalid_argument(std::string("calibrated quantization writes q4_0, q3_k, q4_k or q5_k, not ") +
                                 kernels::type_name(options.type));
   }
+  const model::QuantGrid grid = *type_grid;
   for (const auto& [name, type] : options.tensor_types) {
     if (options.method == QuantMethod::awq && name.rfind("blk.", 0) == 0) {
       throw std::invalid_argument(
@@ -348,7 +341,13 @@ void calibrated_quantize_gguf(std::shared_ptr<const model::GgufFile> in, std::st
       const std::string name = model::layer_tensor_name(l, m);
       const model::GgufTensorInfo* t = file.find_tensor(name);
       if (t == nullptr) throw model::GgufError(file.path() + ": tensor '" + name + "' is missing");
-      model::check_grid_shape(grid, t->rows(), t->row_elements(), file.path() + ": tensor '" + name + "'");
+      const auto own = options.tensor_types.find(name);
+      const std::optional<model::QuantGrid> matrix_grid =
+          own != options.tensor_types.end() ? model::QuantGrid::for_gguf_type(own->second) : grid;
+      if (matrix_grid) {
+        model::check_grid_shape(*matrix_grid, t->rows(), t->row_elements(),
+                                file.path() + ": tensor '" + name + "'");
+      }
     }
   }
   const auto tokenizer = model::Tokenizer::from_gguf(file);

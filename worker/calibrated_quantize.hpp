@@ -55,17 +55,19 @@ struct CalibratedQuantizeOptions {
   // type's grid (e.g. the INT4 grid of a GPTQ checkpoint). Not for AWQ.
   std::optional<model::QuantGrid> grid;
   std::function<void(const std::string& tensor, model::QuantizedMatrix&& matrix)> matrix_sink;
-  // Mixed precision (worker/mixed_precision): tensors stored in another type than `type`, rounded to
-  // nearest there; GPTQ calibrates the later matrices on those values. And metadata to add.
+  // Mixed precision (worker/mixed_precision) and llama.cpp's mixes: tensors stored in another type than
+  // `type`. GPTQ calibrates a layer matrix on its type's grid where it has one (Q4_0, Q3_K, Q4_K, Q5_K)
+  // and rounds it to nearest otherwise (Q6_K, Q8_0), then calibrates the later matrices on those
+  // values. And metadata to add.
   std::map<std::string, kernels::DType> tensor_types;
   std::vector<std::pair<std::string, model::GgufValue>> metadata;
 };
 
-// GPTQ into llama-quantize's K-quant mixes: sets options.type to the mix's default type (Q4_K for
-// q4_k_s / q4_k_m, Q5_K for q5_k_s / q5_k_m), so that GPTQ calibrates the layer matrices of that type,
-// and options.tensor_types to the mix's type for every other matrix (rounded to nearest there: Q6_K,
-// Q5_K, Q8_0 as llama.cpp stores them) and for the embedding and head; general.file_type becomes the
-// mix's. Throws std::invalid_argument for AWQ (its folded scales take no per-tensor types).
+// GPTQ into llama-quantize's K-quant mixes: sets options.type to the mix's default type (Q3_K, Q4_K or
+// Q5_K) and options.tensor_types to the mix's type for every other matrix and for the embedding and
+// head, so that GPTQ calibrates every layer matrix of a type with a grid (Q3_K, Q4_K, Q5_K) and rounds
+// the others to nearest (Q6_K, Q8_0 as llama.cpp stores them); general.file_type becomes the mix's.
+// Throws std::invalid_argument for AWQ (its folded scales take no per-tensor types).
 void use_llama_cpp_mix(const model::GgufFile& in, model::LlamaCppMix mix, CalibratedQuantizeOptions& options);
 
 // A text progress bar for the per-layer lines of long runs: "[######..............]".

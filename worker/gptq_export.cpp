@@ -31,8 +31,8 @@ std::string export_gptq_checkpoint(
     std::shared_ptr<const model::GgufFile> in, std::string_view calibration_text, const std::string& out_dir,
     const model::QuantGrid& grid, const CalibratedQuantizeOptions& options,
     const std::function<void(const std::string& tensor, const model::QuantizedMatrix& matrix)>& on_matrix) {
-  if (grid.type == model::GridType::q4_k)
-    throw std::invalid_argument("a GPTQ checkpoint holds the q4_0 or an int4_asym grid, not q4_k");
+  if (grid.k_quant())
+    throw std::invalid_argument("a GPTQ checkpoint holds the q4_0 or an int4_asym grid, not " + grid.name());
   if (options.method == QuantMethod::awq)
     throw std::invalid_argument(
         "--format gptq takes --method gptq or rtn (AWQ's folded scales are not exported)");

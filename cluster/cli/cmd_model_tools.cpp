@@ -224,11 +224,10 @@ Runner add_quantize(CLI::App& app) {
                  "--format gptq: inputs sharing a scale and zero (32, 64, 128)");
   app.add_option(
       "--type", a->type,
-      "Matrix type: q4_0, q4_1, q5_0, q5_1, q2_k, q3_k, q4_k, q5_k, q8_0, f16, f32 (gptq / awq: q4_0, q4_k "
-      "or "
-      "q5_k); or one of llama-quantize's mixes, q3_k_s, q3_k_m, q3_k_l, q4_k_s, q4_k_m, q5_k_s, q5_k_m "
-      "(llama.cpp's tensor types; rtn: its bytes; gptq: the Q4_K_* / Q5_K_* mixes' Q4_K / Q5_K layer "
-      "matrices calibrated)");
+      "Matrix type: q4_0, q4_1, q5_0, q5_1, q2_k, q3_k, q4_k, q5_k, q8_0, f16, f32 (gptq / awq: q4_0, q3_k, "
+      "q4_k or q5_k); or one of llama-quantize's mixes, q3_k_s, q3_k_m, q3_k_l, q4_k_s, q4_k_m, q5_k_s, "
+      "q5_k_m (llama.cpp's tensor types; rtn: its bytes; gptq: the mix's Q3_K / Q4_K / Q5_K layer matrices "
+      "calibrated, its Q6_K ones rounded to nearest)");
   app.add_flag("--pure", a->pure, "Quantize every matrix, the embedding and output head included");
   app.add_option("--method", a->method, "rtn (round to nearest, default), gptq or awq (need --calib)");
   app.add_option("--calib", a->calib,

@@ -149,6 +149,13 @@ std::vector<std::vector<uint8_t>> gguf_model_seeds() {
   model::requantize_gguf(*model::GgufFile::open(f16_path.string()), path.string(),
                          model::LlamaCppMix::q5_k_m);
   seeds.push_back(read_bytes(path));
+  // And its Q3_K_M mix (Q3_K, Q4_K, Q5_K matrices, Q6_K head) and Q2_K matrices.
+  model::requantize_gguf(*model::GgufFile::open(f16_path.string()), path.string(),
+                         model::LlamaCppMix::q3_k_m);
+  seeds.push_back(read_bytes(path));
+  model::requantize_gguf(*model::GgufFile::open(f16_path.string()), path.string(), kernels::DType::Q2_K,
+                         /*pure=*/false);
+  seeds.push_back(read_bytes(path));
   return seeds;
 }
 

@@ -85,15 +85,20 @@ void quantize_block_q5_1(const float* x, BlockQ5_1* out) {
 // chosen levels, as GGML's L (the quantizers keep them where a sub-block's stored scale rounds to 0).
 // Q4_K fits with nmax 15, rmin -1, 20 steps; Q5_K with 31, -0.5, 15; Q2_K's sub-blocks of 16 with 3,
 // -0.5, 15 and absolute error.
+// With importance weights (llama.cpp's quantize_row_q4_K_impl / _q5_K_impl, make_qkx3_quants) the
+// search is finer: rmin -0.9, steps of 0.05, 36 of them.
 struct SubBlockGrid {
   int nmax;
   float rmin;
   int nstep;
   bool use_mad = false;
+  float rdelta = 0.1f;
 };
 constexpr SubBlockGrid kQ4_KGrid{15, -1.0f, 20};
 constexpr SubBlockGrid kQ5_KGrid{31, -0.5f, 15};
 constexpr SubBlockGrid kQ2_KGrid{3, -0.5f, 15, true};
+constexpr SubBlockGrid kQ4_KWeightedGrid{15, -0.9f, 36, false, 0.05f};
+constexpr SubBlockGrid kQ5_KWeightedGrid{31, -0.9f, 36, false, 0.05f};
 
 float fit_sub_block(const float* x, const float* weights, int n, SubBlockGrid grid, float* offset,
                     uint8_t* levels = nullptr) {
@@ -128,7 +133,7 @@ float fit_sub_block(const float* x, const float* weights, int n, SubBlockGrid gr
   }
   uint8_t candidate[kMaxN];
   for (int step = 0; step <= grid.nstep; ++step) {
-    iscale = (grid.rmin + 0.1f * static_cast<float>(step) + static_cast<float>(nmax)) / (max - min);
+    iscale = (grid.rmin + grid.rdelta * static_cast<float>(step) + static_cast<float>(nmax)) / (max - min);
     float sum_l = 0, sum_l2 = 0, sum_xl = 0;
     for (int i = 0; i < n; ++i) {
       const int l = std::clamp(detail::nearest_int(iscale * (x[i] - min)), 0, nmax);
@@ -207,18 +212,124 @@ void quantize_k_super_block(const float* x, SubBlockGrid grid, f16_bits* d_out, 
   }
 }
 
-void quantize_block_q4_k(const float* x, BlockQ4_K* out) {
+// GGML's make_qp_quants: levels 0..nmax for the non-negative x: [n] (a super-block's sub-block scales or
+// mins) minimising Σ w·(x − scale·l)²: the best of 9 inverse scales near nmax / max, then up to 5 passes
+// that move single levels. Returns the scale.
+float fit_positive_levels(int n, int nmax, const float* x, uint8_t* levels, const float* w) {
+  float max = 0;
+  for (int i = 0; i < n; ++i) max = std::max(max, x[i]);
+  if (max < 1e-15f) {
+    std::fill(levels, levels + n, uint8_t{0});
+    return 0.0f;
+  }
+  float iscale = static_cast<float>(nmax) / max;
+  float scale = 1 / iscale;
+  float best_mse = 0;
+  for (int i = 0; i < n; ++i) {
+    // Unclamped, as GGML's first pass (through uint8_t: x <= max, so the level is at most nmax).
+    const float level = static_cast<float>(static_cast<uint8_t>(detail::nearest_int(iscale * x[i])));
+    const float diff = x[i] - scale * level;
+    best_mse += w[i] * diff * diff;
+  }
+  for (int is = -4; is <= 4; ++is) {
+    if (is == 0) continue;
+    const float iscale_is = (0.1f * static_cast<float>(is) + static_cast<float>(nmax)) / max;
+    const float scale_is = 1 / iscale_is;
+    float mse = 0;
+    for (int i = 0; i < n; ++i) {
+      const int l = std::min(nmax, detail::nearest_int(iscale_is * x[i]));
+      const float diff = x[i] - scale_is * static_cast<float>(l);
+      mse += w[i] * diff * diff;
+    }
+    if (mse < best_mse) {
+      best_mse = mse;
+      iscale = iscale_is;
+    }
+  }
+  float sum_lx = 0, sum_l2 = 0;
+  for (int i = 0; i < n; ++i) {
+    levels[i] = static_cast<uint8_t>(std::min(nmax, detail::nearest_int(iscale * x[i])));
+    sum_lx += w[i] * x[i] * static_cast<float>(levels[i]);
+    sum_l2 += w[i] * static_cast<float>(levels[i]) * static_cast<float>(levels[i]);
+  }
+  for (int pass = 0; pass < 5; ++pass) {
+    int n_changed = 0;
+    for (int i = 0; i < n; ++i) {
+      const float level = static_cast<float>(levels[i]);
+      float slx = sum_lx - w[i] * x[i] * level;
+      float sl2 = sum_l2 - w[i] * level * level;
+      if (!(slx > 0 && sl2 > 0)) continue;
+      const int new_l = std::min(nmax, detail::nearest_int(x[i] * sl2 / slx));
+      if (new_l == levels[i]) continue;
+      slx += w[i] * x[i] * static_cast<float>(new_l);
+      sl2 += w[i] * static_cast<float>(new_l) * static_cast<float>(new_l);
+      if (slx * slx * sum_l2 > sum_lx * sum_lx * sl2) {
+        levels[i] = static_cast<uint8_t>(new_l);
+        sum_lx = slx;
+        sum_l2 = sl2;
+        ++n_changed;
+      }
+    }
+    if (n_changed == 0) break;
+  }
+  return sum_l2 > 0.0f ? sum_lx / sum_l2 : 0.0f;
+}
+
+// GGML's quantize_row_q4_K_impl / _q5_K_impl for one super-block, with importance weights qw: [256]
+// (an imatrix row): each sub-block fitted with weights qw · sqrt(2·mean(x²) + x²), its scale and min
+// stored by make_qp_quants (weighted by the sub-blocks' summed weights) instead of as multiples of the
+// largest, then every element re-rounded against the stored values.
+void quantize_k_super_block_weighted(const float* x, const float* qw, SubBlockGrid grid, f16_bits* d_out,
+                                     f16_bits* dmin_out, uint8_t (&sc)[8], uint8_t (&m)[8],
+                                     uint8_t (&levels)[kQK_K]) {
+  float sum_x2 = 0;
+  for (int l = 0; l < kQK_K; ++l) sum_x2 += x[l] * x[l];
+  const float sigma2 = 2 * sum_x2 / kQK_K;
+  float scales[8], mins[8], sum_weights[8];
+  for (int j = 0; j < 8; ++j) {
+    float weights[32];
+    for (int l = 0; l < 32; ++l)
+      weights[l] = qw[32 * j + l] * std::sqrt(sigma2 + x[32 * j + l] * x[32 * j + l]);
+    float sum_w = 0;
+    for (int l = 0; l < 32; ++l) sum_w += weights[l];
+    sum_weights[j] = sum_w;
+    scales[j] = fit_sub_block(x + 32 * j, weights, 32, grid, &mins[j], levels + 32 * j);
+  }
+  const float d_block = fit_positive_levels(8, 63, scales, sc, sum_weights);
+  const float m_block = fit_positive_levels(8, 63, mins, m, sum_weights);
+  *d_out = fp32_to_fp16(d_block);
+  *dmin_out = fp32_to_fp16(m_block);
+  for (int j = 0; j < 8; ++j) {
+    const float d = fp16_to_fp32(*d_out) * sc[j];
+    if (d == 0.0f) continue;
+    const float dm = fp16_to_fp32(*dmin_out) * m[j];
+    for (int i = 0; i < 32; ++i)
+      levels[32 * j + i] =
+          static_cast<uint8_t>(std::clamp(detail::nearest_int((x[32 * j + i] + dm) / d), 0, grid.nmax));
+  }
+}
+
+// qw: [256] importance weights (an imatrix row) or null (llama.cpp's reference quantizer).
+void quantize_block_q4_k(const float* x, BlockQ4_K* out, const float* qw = nullptr) {
   uint8_t sc[8], m[8], levels[kQK_K];
-  quantize_k_super_block(x, kQ4_KGrid, &out->d, &out->dmin, sc, m, levels);
+  if (qw != nullptr) {
+    quantize_k_super_block_weighted(x, qw, kQ4_KWeightedGrid, &out->d, &out->dmin, sc, m, levels);
+  } else {
+    quantize_k_super_block(x, kQ4_KGrid, &out->d, &out->dmin, sc, m, levels);
+  }
   detail::q4_k_pack_scale_min(sc, m, out->scales);
   detail::q4_k_pack_levels(levels, out->qs);
 }
 
 // Q5_K: Q4_K's layout for the low 4 bits of each level, the fifth bit of element l of sub-block s
 // in bit s of qh[l].
-void quantize_block_q5_k(const float* x, BlockQ5_K* out) {
+void quantize_block_q5_k(const float* x, BlockQ5_K* out, const float* qw = nullptr) {
   uint8_t sc[8], m[8], levels[kQK_K];
-  quantize_k_super_block(x, kQ5_KGrid, &out->d, &out->dmin, sc, m, levels);
+  if (qw != nullptr) {
+    quantize_k_super_block_weighted(x, qw, kQ5_KWeightedGrid, &out->d, &out->dmin, sc, m, levels);
+  } else {
+    quantize_k_super_block(x, kQ5_KGrid, &out->d, &out->dmin, sc, m, levels);
+  }
   detail::q4_k_pack_scale_min(sc, m, out->scales);
   detail::q5_k_pack_levels(levels, out->qh, out->qs);
 }
@@ -356,10 +467,11 @@ void quantize_block_q3_k(const float* x, BlockQ3_K* out) {
   detail::q2_k_pack_low_bits(low, out->qs);
 }
 
-// GGML's make_qx_quants with rmse_type 1 (weights x²) for Q6_K's sub-blocks of 16, nmax = 32:
-// levels L in 0..63 (signed value L - 32); start from the largest magnitude at -32, then try 18
-// nearby inverse scales, each with a least-squares scale, and keep the best. Returns the scale.
-float fit_q6_k_sub_block(const float* x, int8_t* levels) {
+// GGML's make_qx_quants with rmse_type 1 (weights x², or qw: [16] importance weights) for Q6_K's
+// sub-blocks of 16, nmax = 32: levels L in 0..63 (signed value L - 32); start from the largest magnitude
+// at -32, then try 18 nearby inverse scales, each with a least-squares scale, and keep the best.
+// Returns the scale.
+float fit_q6_k_sub_block(const float* x, int8_t* levels, const float* qw = nullptr) {
   constexpr int n = 16;
   constexpr int nmax = 32;
   float amax = 0, max = 0;
@@ -379,7 +491,7 @@ float fit_q6_k_sub_block(const float* x, int8_t* levels) {
     for (int i = 0; i < n; ++i) {
       const int l = std::clamp(detail::nearest_int(iscale * x[i]), -nmax, nmax - 1);
       if (out != nullptr) out[i] = static_cast<int8_t>(l + nmax);
-      const float w = x[i] * x[i];
+      const float w = qw != nullptr ? qw[i] : x[i] * x[i];
       *sum_lx += w * x[i] * static_cast<float>(l);
       *sum_l2 += w * static_cast<float>(l) * static_cast<float>(l);  // (w·l)·l, as GGML rounds it
     }
@@ -404,12 +516,12 @@ float fit_q6_k_sub_block(const float* x, int8_t* levels) {
 // GGML's quantize_row_q6_K_ref for one super-block: 16 sub-blocks of 16 with int8 scales relative
 // to the super-block's fp16 d = -(largest-magnitude scale) / 128, elements re-rounded against the
 // stored scales; 6-bit levels split into ql (low 4 bits) and qh (high 2 bits).
-void quantize_block_q6_k(const float* x, BlockQ6_K* out) {
+void quantize_block_q6_k(const float* x, BlockQ6_K* out, const float* qw = nullptr) {
   int8_t levels[kQK_K];
   float scales[kQK_K / 16];
   float max_scale = 0, max_abs_scale = 0;
   for (int ib = 0; ib < kQK_K / 16; ++ib) {
-    scales[ib] = fit_q6_k_sub_block(x + 16 * ib, levels + 16 * ib);
+    scales[ib] = fit_q6_k_sub_block(x + 16 * ib, levels + 16 * ib, qw != nullptr ? qw + 16 * ib : nullptr);
     if (std::fabs(scales[ib]) > max_abs_scale) {
       max_abs_scale = std::fabs(scales[ib]);
       max_scale = scales[ib];
@@ -657,6 +769,39 @@ Status quantize_row(DType type, const float* x, void* out, int64_t n) {
       return Status::unsupported_type;
   }
   return Status::ok;
+}
+
+Status quantize_row_weighted(DType type, const float* x, const float* importance, void* out, int64_t n) {
+  if (importance == nullptr) return quantize_row(type, x, out, n);
+  if (type_info(static_cast<uint32_t>(type)) == nullptr) return Status::unsupported_type;
+  if (!valid_row(type, out, x, n)) return Status::invalid_argument;
+  switch (type) {
+    case DType::Q4_K: {
+      auto* dst = static_cast<BlockQ4_K*>(out);
+      for (int64_t b = 0; b < n / kQK_K; ++b)
+        quantize_block_q4_k(x + b * kQK_K, dst + b, importance + b * kQK_K);
+      return Status::ok;
+    }
+    case DType::Q5_K: {
+      auto* dst = static_cast<BlockQ5_K*>(out);
+      for (int64_t b = 0; b < n / kQK_K; ++b)
+        quantize_block_q5_k(x + b * kQK_K, dst + b, importance + b * kQK_K);
+      return Status::ok;
+    }
+    case DType::Q6_K: {
+      auto* dst = static_cast<BlockQ6_K*>(out);
+      for (int64_t b = 0; b < n / kQK_K; ++b)
+        quantize_block_q6_k(x + b * kQK_K, dst + b, importance + b * kQK_K);
+      return Status::ok;
+    }
+    case DType::F32:
+    case DType::F16:
+    case DType::BF16:
+    case DType::Q8_0:  // GGML's quantize_q8_0 takes no importance either
+      return quantize_row(type, x, out, n);
+    default:
+      return Status::unsupported_type;
+  }
 }
 
 float fit_q4_k_sub_block(const float* x, float* offset) {

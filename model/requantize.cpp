@@ -16,6 +16,23 @@ bool is_head_tensor(const std::string& name) {
   return name == "token_embd.weight" || name == "output.weight";
 }
 
+// llama-quantize's record of the importance matrix it used.
+void set_imatrix_metadata(GgufWriter& out, const ImportanceMatrix& imatrix) {
+  if (!imatrix.datasets.empty()) out.set_string("quantize.imatrix.dataset", imatrix.datasets.front());
+  out.set_int32("quantize.imatrix.entries_count", static_cast<int32_t>(imatrix.entries.size()));
+  out.set_int32("quantize.imatrix.chunks_count", static_cast<int32_t>(imatrix.chunk_count));
+}
+
+// t converted to `target`, with its importance row when the matrix has an entry.
+std::vector<uint8_t> convert_with_importance(const GgufFile& in, const GgufTensorInfo& t,
+                                             kernels::DType target, const ImportanceMatrix* imatrix) {
+  const std::optional<std::vector<float>> row =
+      imatrix != nullptr && t.dims.size() == 2 && kernels::type_info(target).block_elems > 1
+          ? imatrix->importance(t.name)
+          : std::nullopt;
+  return convert_tensor(in, t, target, row ? &*row : nullptr);
+}
+
 }  // namespace
 
 kernels::DType requantized_type(const GgufTensorInfo& tensor, kernels::DType matrix_type, bool pure) {
@@ -30,15 +47,21 @@ kernels::DType requantized_type(const GgufTensorInfo& tensor, kernels::DType mat
   return matrix_type;
 }
 
-std::vector<uint8_t> convert_tensor(const GgufFile& in, const GgufTensorInfo& t, kernels::DType target) {
+std::vector<uint8_t> convert_tensor(const GgufFile& in, const GgufTensorInfo& t, kernels::DType target,
+                                    const std::vector<float>* importance) {
   const uint8_t* src = in.tensor_data(t);
-  if (target == t.type) return std::vector<uint8_t>(src, src + t.size_bytes);
+  if (target == t.type && importance == nullptr) return std::vector<uint8_t>(src, src + t.size_bytes);
   const int64_t n = t.row_elements();
   const int64_t block = kernels::type_info(target).block_elems;
   if (n % block != 0) {
     throw GgufError(in.path() + ": tensor '" + t.name + "' has row length " + std::to_string(n) +
                     ", not a multiple of the " + kernels::type_name(target) + " block size " +
                     std::to_string(block) + "; cannot convert it to " + kernels::type_name(target));
+  }
+  if (importance != nullptr && static_cast<int64_t>(importance->size()) != n) {
+    throw std::invalid_argument("the importance matrix's entry for '" + t.name + "' has " +
+                                std::to_string(importance->size()) + " values; the tensor's rows have " +
+                                std::to_string(n));
   }
   const int64_t src_row = kernels::row_bytes(t.type, n);
   const int64_t dst_row = kernels::row_bytes(target, n);
@@ -50,7 +73,16 @@ std::vector<uint8_t> convert_tensor(const GgufFile& in, const GgufTensorInfo& t,
       throw GgufError(in.path() + ": cannot dequantize tensor '" + t.name + "' of type " +
                       kernels::type_name(t.type));
     }
-    if (kernels::quantize_row(target, row.data(), data.data() + r * dst_row, n) != kernels::Status::ok) {
+    const kernels::Status status = kernels::quantize_row_weighted(
+        target, row.data(), importance != nullptr ? importance->data() : nullptr, data.data() + r * dst_row,
+        n);
+    if (status == kernels::Status::unsupported_type && importance != nullptr) {
+      throw std::invalid_argument(
+          "cannot quantize tensor '" + t.name + "' to " + kernels::type_name(target) +
+          " with an importance matrix: Nibble's imatrix quantizers are q4_K, q5_K and "
+          "q6_K (q8_0 and the float types ignore it)");
+    }
+    if (status != kernels::Status::ok) {
       throw GgufError(in.path() + ": cannot quantize tensor '" + t.name + "' to " +
                       kernels::type_name(target));
     }
@@ -180,20 +212,23 @@ std::vector<kernels::DType> llama_cpp_mix_types(const GgufFile& in, LlamaCppMix 
   return types;
 }
 
-void requantize_gguf(const GgufFile& in, const std::string& out_path, LlamaCppMix mix) {
+void requantize_gguf(const GgufFile& in, const std::string& out_path, LlamaCppMix mix,
+                     const ImportanceMatrix* imatrix) {
   const std::vector<kernels::DType> types = llama_cpp_mix_types(in, mix);
   GgufWriter out;
   for (const auto& [key, value] : in.metadata()) out.set(key, value);
   out.set_uint32("general.file_type", llama_cpp_mix_file_type(mix));
   out.set_uint32("general.quantization_version", 2);
+  if (imatrix != nullptr) set_imatrix_metadata(out, *imatrix);
   for (size_t i = 0; i < in.tensors().size(); ++i) {
     const GgufTensorInfo& t = in.tensors()[i];
-    out.add_tensor(t.name, t.dims, types[i], convert_tensor(in, t, types[i]));
+    out.add_tensor(t.name, t.dims, types[i], convert_with_importance(in, t, types[i], imatrix));
   }
   out.write(out_path);
 }
 
-void requantize_gguf(const GgufFile& in, const std::string& out_path, kernels::DType matrix_type, bool pure) {
+void requantize_gguf(const GgufFile& in, const std::string& out_path, kernels::DType matrix_type, bool pure,
+                     const ImportanceMatrix* imatrix) {
   using kernels::DType;
   const bool quantized =
       matrix_type == DType::Q4_0 || matrix_type == DType::Q4_1 || matrix_type == DType::Q5_0 ||
@@ -208,10 +243,11 @@ void requantize_gguf(const GgufFile& in, const std::string& out_path, kernels::D
   for (const auto& [key, value] : in.metadata()) out.set(key, value);
   out.set_uint32("general.file_type", llama_file_type(matrix_type));
   if (quantized) out.set_uint32("general.quantization_version", 2);
+  if (imatrix != nullptr) set_imatrix_metadata(out, *imatrix);
 
   for (const GgufTensorInfo& t : in.tensors()) {
     const DType target = requantized_type(t, matrix_type, pure);
-    out.add_tensor(t.name, t.dims, target, convert_tensor(in, t, target));
+    out.add_tensor(t.name, t.dims, target, convert_with_importance(in, t, target, imatrix));
   }
   out.write(out_path);
 }

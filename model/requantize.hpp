@@ -6,6 +6,7 @@
 
 #include "kernels/quant_types.hpp"
 #include "model/gguf.hpp"
+#include "model/imatrix.hpp"
 
 namespace nibble::model {
 
@@ -20,7 +21,12 @@ namespace nibble::model {
 //   4-bit error in the output head costs far more quality than anywhere else.
 // Throws GgufError naming the tensor when a row length is not a multiple of the target block
 // size, std::invalid_argument for an unsupported matrix_type.
-void requantize_gguf(const GgufFile& in, const std::string& out_path, kernels::DType matrix_type, bool pure);
+// With `imatrix`, every matrix it has an entry for is quantized with that importance row
+// (kernels::quantize_row_weighted, llama-quantize --imatrix's bytes) and the file records it as
+// llama-quantize does (quantize.imatrix.*); std::invalid_argument names a matrix whose target type has no
+// weighted quantizer in Nibble or whose entry does not fit its rows.
+void requantize_gguf(const GgufFile& in, const std::string& out_path, kernels::DType matrix_type, bool pure,
+                     const ImportanceMatrix* imatrix = nullptr);
 
 // llama-quantize's K-quant mixes (its LLAMA_FTYPE_MOSTLY_Q3_K_S ... _Q5_K_M), for dense Llama models
 // without an importance matrix: the default type (Q3_K, Q4_K or Q5_K) for every matrix but
@@ -51,12 +57,15 @@ uint32_t llama_cpp_mix_file_type(LlamaCppMix mix);
 kernels::DType llama_cpp_mix_default_type(LlamaCppMix mix);
 
 // requantize_gguf with the types of llama_cpp_mix_types; general.file_type llama.cpp's for the mix.
-void requantize_gguf(const GgufFile& in, const std::string& out_path, LlamaCppMix mix);
+void requantize_gguf(const GgufFile& in, const std::string& out_path, LlamaCppMix mix,
+                     const ImportanceMatrix* imatrix = nullptr);
 
 // One tensor of `in` converted to `target` as requantize_gguf does it (rows dequantized and
-// requantized; copied when already of that type): row_bytes(target, row length) * rows bytes.
-// Throws GgufError naming the tensor as requantize_gguf does.
-std::vector<uint8_t> convert_tensor(const GgufFile& in, const GgufTensorInfo& tensor, kernels::DType target);
+// requantized; copied when already of that type and without importance): row_bytes(target, row length)
+// * rows bytes. importance: [row length] or null. Throws GgufError naming the tensor as requantize_gguf
+// does.
+std::vector<uint8_t> convert_tensor(const GgufFile& in, const GgufTensorInfo& tensor, kernels::DType target,
+                                    const std::vector<float>* importance = nullptr);
 
 // The type requantize_gguf stores a tensor as (exposed for tests and the CLI's reporting).
 kernels::DType requantized_type(const GgufTensorInfo& tensor, kernels::DType matrix_type, bool pure);

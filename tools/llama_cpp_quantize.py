@@ -3,7 +3,9 @@
 so that benchmarks can run on the files llama.cpp users have, e.g. a Q4_K_M of `nibble make-model`'s
 F16 model. Usage:
 llama_cpp_quantize.py IN.gguf OUT.gguf [q4_k_m|q4_k_s|q5_k_m|q5_k_s|q3_k_s|q3_k_m|q3_k_l|q2_k|q4_0|q4_1|
-                                            q5_0|q5_1|q6_k|q8_0|iq4_xs|iq4_nl]"""
+                                            q5_0|q5_1|q6_k|q8_0|iq4_xs|iq4_nl] [IMATRIX.gguf]
+With IMATRIX.gguf (llama-imatrix's GGUF format, e.g. `nibble eval imatrix`'s), each matrix with an entry
+is quantized with its importance row sums / count, as llama-quantize --imatrix loads it."""
 import ctypes
 import sys
 
@@ -30,9 +32,30 @@ FTYPES = {
     "iq4_xs": "LLAMA_FTYPE_MOSTLY_IQ4_XS",
     "iq4_nl": "LLAMA_FTYPE_MOSTLY_IQ4_NL",
 }
-if len(sys.argv) not in (3, 4) or (len(sys.argv) == 4 and sys.argv[3] not in FTYPES):
+if len(sys.argv) not in (3, 4, 5) or (len(sys.argv) >= 4 and sys.argv[3] not in FTYPES):
     sys.exit(__doc__)
 params = llama_cpp.llama_model_quantize_default_params()
-params.ftype = getattr(llama_cpp, FTYPES[sys.argv[3] if len(sys.argv) == 4 else "q4_k_m"])
+params.ftype = getattr(llama_cpp, FTYPES[sys.argv[3] if len(sys.argv) >= 4 else "q4_k_m"])
+keep_alive = []
+if len(sys.argv) == 5:
+    import gguf
+    import numpy as np
+    reader = gguf.GGUFReader(sys.argv[4])
+    tensors = {t.name: np.asarray(t.data, dtype=np.float32).ravel() for t in reader.tensors}
+    entries = []
+    for name in sorted(n[: -len(".in_sum2")] for n in tensors if n.endswith(".in_sum2")):
+        sums, count = tensors[name + ".in_sum2"], tensors[name + ".counts"]
+        if count.size != 1:
+            sys.exit(f"{name}: expert matrices are not handled here")
+        row = np.ascontiguousarray(sums / count[0] if count[0] > 0 else np.ones_like(sums), dtype=np.float32)
+        keep_alive.append(row)
+        entries.append((name.encode(), row))
+    data = (llama_cpp.llama_model_imatrix_data * (len(entries) + 1))()
+    for i, (name, row) in enumerate(entries):
+        data[i].name = name
+        data[i].data = row.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        data[i].size = row.size
+    keep_alive.append(data)
+    params.imatrix = ctypes.cast(data, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
 if llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(params)) != 0:
     sys.exit(f"llama.cpp could not quantize {sys.argv[1]}")

@@ -1,9 +1,11 @@
 // `nibble eval ppl` and `nibble eval compare`: a model's perplexity on a text, and what quantizing
 // it cost against the base model (KL divergence, top-1 agreement, both perplexities), computed
-// the way llama.cpp's llama-perplexity does (worker/evaluation.hpp).
+// the way llama.cpp's llama-perplexity does (worker/evaluation.hpp). `nibble eval imatrix`: the
+// importance matrix of a text, as llama-imatrix computes and writes it (worker/importance.hpp).
 #include <unistd.h>
 
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <memory>
@@ -12,15 +14,17 @@
 
 #include "cluster/cli/commands.hpp"
 #include "cluster/cli/model_session.hpp"
+#include "model/imatrix.hpp"
 #include "speculative/vocab_match.hpp"
 #include "worker/evaluation.hpp"
+#include "worker/importance.hpp"
 
 namespace nibble::cli {
 
 namespace {
 
 struct EvalArgs {
-  std::string model_path, base_path, text_path;
+  std::string model_path, base_path, text_path, out_path;
   int64_t ctx = 512;
   int64_t max_windows = 0;  // 0: all
   int threads = default_threads();
@@ -117,6 +121,18 @@ int run_compare(const EvalArgs& a) {
   return 0;
 }
 
+int run_imatrix(const EvalArgs& a) {
+  ModelSession s = ModelSession::open(a.model_path, a.threads);
+  const auto windows = windows_for(s, a);
+  model::ImportanceMatrix imatrix = worker::collect_importance(*s.model, *s.pool, windows, progress_line());
+  imatrix.datasets = {std::filesystem::path(a.text_path).filename().string()};
+  model::write_imatrix(imatrix, a.out_path);
+  std::fprintf(stderr, "wrote %s: %zu matrices, %lld windows of %lld tokens from %s\n", a.out_path.c_str(),
+               imatrix.entries.size(), static_cast<long long>(imatrix.chunk_count),
+               static_cast<long long>(imatrix.chunk_size), a.text_path.c_str());
+  return 0;
+}
+
 }  // namespace
 
 Runner add_eval(CLI::App& app) {
@@ -131,7 +147,18 @@ Runner add_eval(CLI::App& app) {
   compare->add_option("--model,-m", a->model_path, "The model to judge (e.g. its 4-bit quantization)")
       ->required();
   add_common_options(*compare, *a);
-  return [a, ppl]() { return ppl->parsed() ? run_ppl(*a) : run_compare(*a); };
+  CLI::App* imatrix = app.add_subcommand(
+      "imatrix",
+      "The importance matrix of a text (llama-imatrix's statistics and GGUF file): for nibble quantize "
+      "--imatrix and llama-quantize --imatrix");
+  imatrix->add_option("--model,-m", a->model_path, "GGUF model (F16 or F32, as llama-imatrix takes)")
+      ->required();
+  imatrix->add_option("--out,-o", a->out_path, "Output imatrix GGUF")->required();
+  add_common_options(*imatrix, *a);
+  return [a, ppl, imatrix]() {
+    if (imatrix->parsed()) return run_imatrix(*a);
+    return ppl->parsed() ? run_ppl(*a) : run_compare(*a);
+  };
 }
 
 }  // namespace nibble::cli

@@ -4,6 +4,7 @@
 #include <fstream>
 #include <iostream>
 #include <memory>
+#include <optional>
 #include <sstream>
 
 #include "cluster/cli/commands.hpp"
@@ -200,7 +201,8 @@ Runner add_make_model(CLI::App& app) {
 
 Runner add_quantize(CLI::App& app) {
   struct Args {
-    std::string in, out, type = "q4_0", method = "rtn", calib, calib_format = "text", format = "gguf";
+    std::string in, out, type = "q4_0", method = "rtn", calib, calib_format = "text", format = "gguf",
+                         imatrix;
     int64_t group_size = 128;
     bool pure = false, act_order = false, awq_clip = false;
     int64_t samples = 128, length = 512;
@@ -229,6 +231,10 @@ Runner add_quantize(CLI::App& app) {
       "q5_k_m (llama.cpp's tensor types; rtn: its bytes; gptq: the mix's Q3_K / Q4_K / Q5_K layer matrices "
       "calibrated, its Q6_K ones rounded to nearest)");
   app.add_flag("--pure", a->pure, "Quantize every matrix, the embedding and output head included");
+  app.add_option("--imatrix", a->imatrix,
+                 "rtn: weigh each column's rounding error by an importance matrix (llama.cpp's imatrix GGUF "
+                 "or .dat, or `nibble eval imatrix`'s), as llama-quantize --imatrix does (q4_k, q5_k, q6_k "
+                 "matrices)");
   app.add_option("--method", a->method, "rtn (round to nearest, default), gptq or awq (need --calib)");
   app.add_option("--calib", a->calib,
                  "Calibration text file (gptq, awq), or token file (--calib-format tokens)");
@@ -263,6 +269,13 @@ Runner add_quantize(CLI::App& app) {
       throw std::invalid_argument(
           "--format gptq writes one 4-bit grid: no --size-budget / --bits-per-weight");
     const bool calibrated = method != worker::QuantMethod::rtn || mixed;
+    if (!a->imatrix.empty() && (calibrated || gptq_dir)) {
+      throw std::invalid_argument(
+          "--imatrix weighs round-to-nearest (--method rtn into a GGUF); gptq and awq calibrate on --calib "
+          "themselves");
+    }
+    std::optional<model::ImportanceMatrix> imatrix;
+    if (!a->imatrix.empty()) imatrix = model::read_imatrix(a->imatrix);
     // Options are checked before an HF checkpoint is converted, which takes a while for a large one.
     if (calibrated && a->calib.empty())
       throw std::invalid_argument((mixed ? std::string("a size budget") : "--method " + a->method) +
@@ -278,7 +291,7 @@ Runner add_quantize(CLI::App& app) {
     if (mix && method == worker::QuantMethod::rtn) {
       ScratchFile scratch;
       const auto file = open_quantize_input(a->in, a->out, true, scratch);
-      model::requantize_gguf(*file, a->out, *mix);
+      model::requantize_gguf(*file, a->out, *mix, imatrix ? &*imatrix : nullptr);
       std::cerr << "wrote " << a->out << " (" << std::filesystem::file_size(a->out) << " bytes)\n";
       return 0;
     }
@@ -303,7 +316,7 @@ Runner add_quantize(CLI::App& app) {
       worker::export_gptq_checkpoint(file, "", a->out, model::QuantGrid::int4_asym(a->group_size), o);
     } else if (!calibrated) {
       if (!a->calib.empty()) std::cerr << "note: --calib is not used by --method rtn\n";
-      model::requantize_gguf(*file, a->out, type, a->pure);
+      model::requantize_gguf(*file, a->out, type, a->pure, imatrix ? &*imatrix : nullptr);
     } else {
       worker::CalibratedQuantizeOptions o;
       o.method = method;

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 
 #include "kernels/quant_internal.hpp"
 
@@ -334,6 +335,44 @@ void quantize_block_q5_k(const float* x, BlockQ5_K* out, const float* qw = nullp
   detail::q5_k_pack_levels(levels, out->qh, out->qs);
 }
 
+// The end of GGML's Q2_K quantizers: every element rounded against its sub-block's stored scale and min
+// (a sub-block whose scale is 0 keeps the fit's levels), then the levels packed.
+void round_and_pack_q2_k(const float* x, uint8_t (&levels)[kQK_K], BlockQ2_K* out) {
+  for (int j = 0; j < kQK_K / 16; ++j) {
+    const float d = fp16_to_fp32(out->d) * static_cast<float>(out->scales[j] & 0xF);
+    if (d == 0.0f) continue;
+    const float dm = fp16_to_fp32(out->dmin) * static_cast<float>(out->scales[j] >> 4);
+    for (int i = 0; i < 16; ++i)
+      levels[16 * j + i] =
+          static_cast<uint8_t>(std::clamp(detail::nearest_int((x[16 * j + i] + dm) / d), 0, 3));
+  }
+  detail::q2_k_pack_low_bits(levels, out->qs);
+}
+
+// Stores sub-block j's 6-bit scale (stored = scale + 32) into a Q3_K block's 12 scale bytes.
+void set_q3_k_scale(BlockQ3_K* out, int j, int stored) {
+  out->scales[j % 8] = static_cast<uint8_t>(out->scales[j % 8] | ((stored & 0xF) << (4 * (j / 8))));
+  out->scales[8 + j % 4] = static_cast<uint8_t>(out->scales[8 + j % 4] | ((stored >> 4) << (2 * (j / 4))));
+}
+
+// The end of GGML's Q3_K quantizers: every element rounded against its sub-block's stored scale (a
+// sub-block whose scale is 0 keeps the fit's levels), then the levels split into qs and hmask.
+void round_and_pack_q3_k(const float* x, int8_t (&levels)[kQK_K], BlockQ3_K* out) {
+  for (int j = 0; j < kQK_K / 16; ++j) {
+    const float d = fp16_to_fp32(out->d) * static_cast<float>(q3_k_scale(*out, j));
+    if (d == 0.0f) continue;
+    for (int i = 0; i < 16; ++i)
+      levels[16 * j + i] = static_cast<int8_t>(std::clamp(detail::nearest_int(x[16 * j + i] / d), -4, 3) + 4);
+  }
+  uint8_t low[kQK_K];
+  std::memset(out->hmask, 0, sizeof out->hmask);
+  for (int e = 0; e < kQK_K; ++e) {
+    low[e] = static_cast<uint8_t>(levels[e] & 3);
+    out->hmask[e % 32] = static_cast<uint8_t>(out->hmask[e % 32] | (((levels[e] >> 2) & 1) << (e / 32)));
+  }
+  detail::q2_k_pack_low_bits(low, out->qs);
+}
+
 // GGML's quantize_row_q2_K_ref for one super-block: fit each sub-block of 16 (levels 0..3, weights
 // |x|, absolute error), store the scales and mins as 4-bit multiples of d = max scale / 15 and dmin =
 // max min / 15, then round every element against the stored values.
@@ -364,15 +403,7 @@ void quantize_block_q2_k(const float* x, BlockQ2_K* out) {
       out->scales[j] = static_cast<uint8_t>(out->scales[j] | (detail::nearest_int(iscale * mins[j]) << 4));
     out->dmin = fp32_to_fp16(max_min / 15.0f);
   }
-  for (int j = 0; j < kQK_K / 16; ++j) {
-    const float d = fp16_to_fp32(out->d) * static_cast<float>(out->scales[j] & 0xF);
-    if (d == 0.0f) continue;
-    const float dm = fp16_to_fp32(out->dmin) * static_cast<float>(out->scales[j] >> 4);
-    for (int i = 0; i < 16; ++i)
-      levels[16 * j + i] =
-          static_cast<uint8_t>(std::clamp(detail::nearest_int((x[16 * j + i] + dm) / d), 0, 3));
-  }
-  detail::q2_k_pack_low_bits(levels, out->qs);
+  round_and_pack_q2_k(x, levels, out);
 }
 
 // GGML's make_q3_quants with do_rmse (weights x²) for Q3_K's sub-blocks of 16, nmax = 4: levels
@@ -446,34 +477,18 @@ void quantize_block_q3_k(const float* x, BlockQ3_K* out) {
     for (int j = 0; j < kQK_K / 16; ++j) {
       // Through int8_t as GGML does (|iscale · scale| <= 32, so nothing wraps).
       const int8_t rounded = static_cast<int8_t>(detail::nearest_int(iscale * scales[j]));
-      const int l = std::clamp<int>(rounded, -32, 31) + 32;
-      out->scales[j % 8] = static_cast<uint8_t>(out->scales[j % 8] | ((l & 0xF) << (4 * (j / 8))));
-      out->scales[8 + j % 4] = static_cast<uint8_t>(out->scales[8 + j % 4] | ((l >> 4) << (2 * (j / 4))));
+      set_q3_k_scale(out, j, std::clamp<int>(rounded, -32, 31) + 32);
     }
     out->d = fp32_to_fp16(1 / iscale);
   }
-  for (int j = 0; j < kQK_K / 16; ++j) {
-    const float d = fp16_to_fp32(out->d) * static_cast<float>(q3_k_scale(*out, j));
-    if (d == 0.0f) continue;
-    for (int i = 0; i < 16; ++i)
-      levels[16 * j + i] = static_cast<int8_t>(std::clamp(detail::nearest_int(x[16 * j + i] / d), -4, 3) + 4);
-  }
-  uint8_t low[kQK_K];
-  std::memset(out->hmask, 0, sizeof out->hmask);
-  for (int e = 0; e < kQK_K; ++e) {
-    low[e] = static_cast<uint8_t>(levels[e] & 3);
-    out->hmask[e % 32] = static_cast<uint8_t>(out->hmask[e % 32] | (((levels[e] >> 2) & 1) << (e / 32)));
-  }
-  detail::q2_k_pack_low_bits(low, out->qs);
+  round_and_pack_q3_k(x, levels, out);
 }
 
-// GGML's make_qx_quants with rmse_type 1 (weights x², or qw: [16] importance weights) for Q6_K's
-// sub-blocks of 16, nmax = 32: levels L in 0..63 (signed value L - 32); start from the largest magnitude
-// at -32, then try 18 nearby inverse scales, each with a least-squares scale, and keep the best.
-// Returns the scale.
-float fit_q6_k_sub_block(const float* x, int8_t* levels, const float* qw = nullptr) {
-  constexpr int n = 16;
-  constexpr int nmax = 32;
+// GGML's make_qx_quants with rmse_type 1 (weights x², or qw: [n] importance weights): levels L in
+// 0..2 nmax - 1 (signed value L - nmax) for x: [n]; start from the largest magnitude at -nmax, then try
+// 18 nearby inverse scales, each with a least-squares scale, and keep the best. Returns the scale. Q6_K's
+// sub-blocks of 16 use nmax 32; with importance, Q4_0's blocks of 32 nmax 8 and Q5_0's 16.
+float fit_signed_levels(const float* x, int n, int nmax, int8_t* levels, const float* qw) {
   float amax = 0, max = 0;
   for (int i = 0; i < n; ++i) {
     if (std::fabs(x[i]) > amax) {
@@ -511,6 +526,96 @@ float fit_q6_k_sub_block(const float* x, int8_t* levels, const float* qw = nullp
     }
   }
   return scale;
+}
+
+float fit_q6_k_sub_block(const float* x, int8_t* levels, const float* qw = nullptr) {
+  return fit_signed_levels(x, 16, 32, levels, qw);
+}
+
+// GGML's quantize_row_q2_K_impl for one super-block with importance weights qw: [256]: each sub-block of
+// 16 fitted with weights qw · sqrt(mean(x²) + x²) (make_qkx3_quants: levels 0..3), its scale and min
+// stored as 4-bit levels by make_qp_quants, then every element re-rounded.
+void quantize_block_q2_k_weighted(const float* x, const float* qw, BlockQ2_K* out) {
+  constexpr SubBlockGrid kGrid{3, -0.9f, 36, false, 0.05f};
+  float sum_x2 = 0;
+  for (int l = 0; l < kQK_K; ++l) sum_x2 += x[l] * x[l];
+  const float sigma2 = sum_x2 / kQK_K;
+  uint8_t levels[kQK_K];
+  float scales[kQK_K / 16], mins[kQK_K / 16], sum_weights[kQK_K / 16];
+  for (int j = 0; j < kQK_K / 16; ++j) {
+    float weights[16];
+    for (int l = 0; l < 16; ++l)
+      weights[l] = qw[16 * j + l] * std::sqrt(sigma2 + x[16 * j + l] * x[16 * j + l]);
+    sum_weights[j] = 0;
+    for (int l = 0; l < 16; ++l) sum_weights[j] += weights[l];
+    scales[j] = fit_sub_block(x + 16 * j, weights, 16, kGrid, &mins[j], levels + 16 * j);
+  }
+  uint8_t scale_levels[kQK_K / 16], min_levels[kQK_K / 16];
+  out->d = fp32_to_fp16(fit_positive_levels(kQK_K / 16, 15, scales, scale_levels, sum_weights));
+  out->dmin = fp32_to_fp16(fit_positive_levels(kQK_K / 16, 15, mins, min_levels, sum_weights));
+  for (int j = 0; j < kQK_K / 16; ++j)
+    out->scales[j] = static_cast<uint8_t>(scale_levels[j] | (min_levels[j] << 4));
+  round_and_pack_q2_k(x, levels, out);
+}
+
+// GGML's quantize_row_q3_K_impl for one super-block with importance weights qw: [256]: each sub-block
+// fitted by make_qx_quants with weights qw · sqrt(2·mean(x²) + x²), the 16 scales themselves stored by
+// make_qx_quants (6 bits, weighted by the sub-blocks' summed weights), then every element re-rounded.
+void quantize_block_q3_k_weighted(const float* x, const float* qw, BlockQ3_K* out) {
+  float sum_x2 = 0;
+  for (int l = 0; l < kQK_K; ++l) sum_x2 += x[l] * x[l];
+  const float sigma2 = 2 * sum_x2 / kQK_K;
+  int8_t levels[kQK_K];
+  float scales[kQK_K / 16], sum_weights[kQK_K / 16];
+  for (int j = 0; j < kQK_K / 16; ++j) {
+    float weights[16];
+    for (int l = 0; l < 16; ++l)
+      weights[l] = qw[16 * j + l] * std::sqrt(sigma2 + x[16 * j + l] * x[16 * j + l]);
+    sum_weights[j] = 0;
+    for (int l = 0; l < 16; ++l) sum_weights[j] += weights[l];
+    scales[j] = fit_signed_levels(x + 16 * j, 16, 4, levels + 16 * j, weights);
+  }
+  int8_t scale_levels[kQK_K / 16];
+  const float d_block = fit_signed_levels(scales, kQK_K / 16, 32, scale_levels, sum_weights);
+  std::memset(out->scales, 0, sizeof out->scales);
+  for (int j = 0; j < kQK_K / 16; ++j) set_q3_k_scale(out, j, scale_levels[j]);
+  out->d = fp32_to_fp16(d_block);
+  round_and_pack_q3_k(x, levels, out);
+}
+
+// GGML's quantize_row_q4_0_impl / _q4_1_impl / _q5_0_impl / _q5_1_impl: each block of 32 fitted with
+// weights qw · sqrt(mean(x²) over the row + x²), its levels kept as fitted (no re-rounding against the
+// fp16 scale, unlike the reference quantizers). x, qw: [n].
+template <typename Block>
+void quantize_row_block32_weighted(const float* x, const float* qw, Block* out, int64_t n) {
+  float sum_x2 = 0;
+  for (int64_t j = 0; j < n; ++j) sum_x2 += x[j] * x[j];
+  const float sigma2 = sum_x2 / static_cast<float>(n);
+  for (int64_t b = 0; b < n / kQK4_0; ++b) {
+    const float* xb = x + b * kQK4_0;
+    float weight[kQK4_0];
+    for (int j = 0; j < kQK4_0; ++j) weight[j] = qw[b * kQK4_0 + j] * std::sqrt(sigma2 + xb[j] * xb[j]);
+    int levels[kQK4_0];
+    if constexpr (std::is_same_v<Block, BlockQ4_0> || std::is_same_v<Block, BlockQ5_0>) {
+      constexpr int nmax = std::is_same_v<Block, BlockQ4_0> ? 8 : 16;
+      int8_t l[kQK4_0];
+      out[b].d = fp32_to_fp16(fit_signed_levels(xb, kQK4_0, nmax, l, weight));
+      for (int j = 0; j < kQK4_0; ++j) levels[j] = l[j];
+    } else {
+      constexpr SubBlockGrid grid = std::is_same_v<Block, BlockQ4_1> ? kQ4_KWeightedGrid : kQ5_KWeightedGrid;
+      uint8_t l[kQK4_0];
+      float offset = 0;
+      out[b].d = fp32_to_fp16(fit_sub_block(xb, weight, kQK4_0, grid, &offset, l));
+      out[b].m = fp32_to_fp16(-offset);
+      for (int j = 0; j < kQK4_0; ++j) levels[j] = l[j];
+    }
+    if constexpr (requires { out[b].qh; }) {
+      pack_q5_levels(levels, out[b].qh, out[b].qs);
+    } else {
+      for (int j = 0; j < kQK4_0 / 2; ++j)
+        out[b].qs[j] = static_cast<uint8_t>(levels[j] | (levels[j + kQK4_0 / 2] << 4));
+    }
+  }
 }
 
 // GGML's quantize_row_q6_K_ref for one super-block: 16 sub-blocks of 16 with int8 scales relative
@@ -794,6 +899,30 @@ Status quantize_row_weighted(DType type, const float* x, const float* importance
         quantize_block_q6_k(x + b * kQK_K, dst + b, importance + b * kQK_K);
       return Status::ok;
     }
+    case DType::Q2_K: {
+      auto* dst = static_cast<BlockQ2_K*>(out);
+      for (int64_t b = 0; b < n / kQK_K; ++b)
+        quantize_block_q2_k_weighted(x + b * kQK_K, importance + b * kQK_K, dst + b);
+      return Status::ok;
+    }
+    case DType::Q3_K: {
+      auto* dst = static_cast<BlockQ3_K*>(out);
+      for (int64_t b = 0; b < n / kQK_K; ++b)
+        quantize_block_q3_k_weighted(x + b * kQK_K, importance + b * kQK_K, dst + b);
+      return Status::ok;
+    }
+    case DType::Q4_0:
+      quantize_row_block32_weighted(x, importance, static_cast<BlockQ4_0*>(out), n);
+      return Status::ok;
+    case DType::Q4_1:
+      quantize_row_block32_weighted(x, importance, static_cast<BlockQ4_1*>(out), n);
+      return Status::ok;
+    case DType::Q5_0:
+      quantize_row_block32_weighted(x, importance, static_cast<BlockQ5_0*>(out), n);
+      return Status::ok;
+    case DType::Q5_1:
+      quantize_row_block32_weighted(x, importance, static_cast<BlockQ5_1*>(out), n);
+      return Status::ok;
     case DType::F32:
     case DType::F16:
     case DType::BF16:

@@ -16,10 +16,10 @@ namespace nibble::kernels {
 Status quantize_row(DType type, const float* x, void* out, int64_t n);
 
 // quantize_row with importance weights (an imatrix row: importance: [n], one per column, the mean
-// square of that input over the calibration tokens), as llama.cpp's quantize_row_*_impl: Q4_K, Q5_K
-// and Q6_K weigh each element's error by its importance (GGML's bytes for the same weights); F32, F16,
-// BF16 and Q8_0 ignore it, as GGML does. Other types: unsupported_type. A null importance is
-// quantize_row.
+// square of that input over the calibration tokens), as llama.cpp's quantize_row_*_impl: Q4_0, Q4_1,
+// Q5_0, Q5_1 and Q2_K ... Q6_K weigh each element's error by its importance (GGML's bytes for the same
+// weights); F32, F16, BF16 and Q8_0 ignore it, as GGML does; the IQ4 types, which Nibble does not write,
+// are unsupported_type. A null importance is quantize_row.
 Status quantize_row_weighted(DType type, const float* x, const float* importance, void* out, int64_t n);
 
 // llama.cpp's Q4_K sub-block fit (make_qkx2_quants with Q4_K's importance weights): the scale and

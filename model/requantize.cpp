@@ -77,10 +77,8 @@ std::vector<uint8_t> convert_tensor(const GgufFile& in, const GgufTensorInfo& t,
         target, row.data(), importance != nullptr ? importance->data() : nullptr, data.data() + r * dst_row,
         n);
     if (status == kernels::Status::unsupported_type && importance != nullptr) {
-      throw std::invalid_argument(
-          "cannot quantize tensor '" + t.name + "' to " + kernels::type_name(target) +
-          " with an importance matrix: Nibble's imatrix quantizers are q4_K, q5_K and "
-          "q6_K (q8_0 and the float types ignore it)");
+      throw std::invalid_argument("cannot quantize tensor '" + t.name + "' to " + kernels::type_name(target) +
+                                  " with an importance matrix (Nibble has no weighted quantizer for it)");
     }
     if (status != kernels::Status::ok) {
       throw GgufError(in.path() + ": cannot quantize tensor '" + t.name + "' to " +

@@ -29,7 +29,8 @@ TYPES = {"q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "q2_K": 10, "q3_
          "q5_K": 13, "q6_K": 14}
 # The types Nibble quantizes with an importance row (kernels::quantize_row_weighted), and Q8_0, which
 # ignores it.
-IMATRIX_TYPES = {"q8_0": 8, "q4_K": 12, "q5_K": 13, "q6_K": 14}
+IMATRIX_TYPES = {"q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "q2_K": 10, "q3_K": 11, "q4_K": 12,
+                 "q5_K": 13, "q6_K": 14}
 
 
 def hard_rows():

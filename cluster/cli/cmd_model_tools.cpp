@@ -233,8 +233,7 @@ Runner add_quantize(CLI::App& app) {
   app.add_flag("--pure", a->pure, "Quantize every matrix, the embedding and output head included");
   app.add_option("--imatrix", a->imatrix,
                  "rtn: weigh each column's rounding error by an importance matrix (llama.cpp's imatrix GGUF "
-                 "or .dat, or `nibble eval imatrix`'s), as llama-quantize --imatrix does (q4_k, q5_k, q6_k "
-                 "matrices)");
+                 "or .dat, or `nibble eval imatrix`'s), as llama-quantize --imatrix does");
   app.add_option("--method", a->method, "rtn (round to nearest, default), gptq or awq (need --calib)");
   app.add_option("--calib", a->calib,
                  "Calibration text file (gptq, awq), or token file (--calib-format tokens)");

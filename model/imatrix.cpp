@@ -97,9 +97,14 @@ std::optional<std::vector<float>> ImportanceMatrix::importance(const std::string
 }
 
 ImportanceMatrix read_imatrix(const std::string& path) {
-  if (!is_gguf(path)) return read_legacy(path);
+  if (!is_gguf(path)) {
+    ImportanceMatrix legacy = read_legacy(path);
+    legacy.file = path;
+    return legacy;
+  }
   const auto file = GgufFile::open(path);
   ImportanceMatrix imatrix;
+  imatrix.file = path;
   if (file->has("imatrix.datasets")) imatrix.datasets = file->get_string_array("imatrix.datasets");
   imatrix.chunk_count = static_cast<int64_t>(file->find_uint("imatrix.chunk_count").value_or(0));
   imatrix.chunk_size = static_cast<int64_t>(file->find_uint("imatrix.chunk_size").value_or(0));

@@ -23,6 +23,7 @@ struct ImportanceMatrix {
   std::vector<std::string> datasets;            // the calibration files' names
   int64_t chunk_count = 0;                      // calibration windows
   int64_t chunk_size = 0;                       // tokens a window
+  std::string file;                             // the path read_imatrix read it from (empty otherwise)
 
   // The importance row llama-quantize uses for `tensor`: sums / count (all 1 when nothing was counted),
   // or nullopt when the matrix has no entry.

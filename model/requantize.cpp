@@ -18,6 +18,7 @@ bool is_head_tensor(const std::string& name) {
 
 // llama-quantize's record of the importance matrix it used.
 void set_imatrix_metadata(GgufWriter& out, const ImportanceMatrix& imatrix) {
+  if (!imatrix.file.empty()) out.set_string("quantize.imatrix.file", imatrix.file);
   if (!imatrix.datasets.empty()) out.set_string("quantize.imatrix.dataset", imatrix.datasets.front());
   out.set_int32("quantize.imatrix.entries_count", static_cast<int32_t>(imatrix.entries.size()));
   out.set_int32("quantize.imatrix.chunks_count", static_cast<int32_t>(imatrix.chunk_count));

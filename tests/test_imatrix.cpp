@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstring>
 #include <fstream>
+#include <iterator>
 #include <map>
 #include <string>
 #include <vector>
@@ -16,7 +17,9 @@
 #include "model/llama_config.hpp"
 #include "model/random_model.hpp"
 #include "model/requantize.hpp"
+#include "model/tokenizer.hpp"
 #include "tests/support/test_support.hpp"
+#include "worker/evaluation.hpp"
 #include "worker/importance.hpp"
 #include "worker/llama_model.hpp"
 
@@ -277,6 +280,86 @@ TEST(ImatrixCli, EvalImatrixThenQuantize) {
                         " --type q4_k --method gptq --calib " + text + " --imatrix " + imatrix);
   EXPECT_NE(r.exit_code, 0);
   EXPECT_NE(r.output.find("--imatrix weighs round-to-nearest"), std::string::npos) << r.output;
+}
+
+// llama.cpp's own files (tests/data/llama-cpp-imatrix): llama-imatrix's statistics of the small F16
+// model on the calibration text (128-token chunks, 40 of them) and llama-quantize's Q3_K_M made with
+// them. Nibble reads the imatrix, computes the same statistics itself, and quantizes the same file.
+class LlamaCppImatrix : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    model::LlamaShape shape = model::llama_shape_by_name("small");
+    shape.n_vocab = 354;
+    f16_ = (dir_.path() / "small-f16.gguf").string();
+    model::write_random_llama(f16_, shape, DType::F16, 7);
+  }
+  static fs::path data(const std::string& name) { return test::test_data_dir() / "llama-cpp-imatrix" / name; }
+  test::TempDir dir_;
+  std::string f16_;
+};
+
+TEST_F(LlamaCppImatrix, ReadsLlamaImatrixsFile) {
+  const model::ImportanceMatrix m = model::read_imatrix(data("small-llama.imatrix.gguf").string());
+  EXPECT_EQ(m.entries.size(), 14u);  // 2 layers x 7 matrices: llama-imatrix skips the head by default
+  EXPECT_EQ(m.chunk_count, 40);
+  EXPECT_EQ(m.chunk_size, 128);
+  EXPECT_EQ(m.datasets, std::vector<std::string>{"tests/data/calibration-text.txt"});
+  for (const auto& [name, e] : m.entries) {
+    EXPECT_EQ(e.count, 40 * 128) << name;
+    EXPECT_EQ(e.sums.size(), name.find("ffn_down") != std::string::npos ? 768u : 256u) << name;
+  }
+}
+
+// The same windows through Nibble's forward pass: the same entries and counts, sums within float
+// summation order (llama.cpp's activations take another path through its F16 products).
+TEST_F(LlamaCppImatrix, NibblesStatisticsEqualLlamaImatrixs) {
+  const model::ImportanceMatrix theirs = model::read_imatrix(data("small-llama.imatrix.gguf").string());
+  auto llama = worker::LlamaModel::load(f16_);
+  const auto tokenizer = model::Tokenizer::from_gguf(*model::GgufFile::open(f16_));
+  std::ifstream in(test::test_data_dir() / "calibration-text.txt", std::ios::binary);
+  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  auto windows = worker::evaluation_windows(tokenizer->encode(text, true), 128, tokenizer->bos_id());
+  windows.resize(40);
+  kernels::ThreadPool pool(2);
+  const model::ImportanceMatrix ours = worker::collect_importance(*llama, pool, windows);
+  ASSERT_EQ(ours.entries.size(), theirs.entries.size());
+  for (const auto& [name, e] : theirs.entries) {
+    const model::ImatrixEntry& mine = ours.entries.at(name);
+    EXPECT_EQ(mine.count, e.count) << name;
+    ASSERT_EQ(mine.sums.size(), e.sums.size()) << name;
+    double err = 0, norm = 0;
+    for (size_t i = 0; i < e.sums.size(); ++i) {
+      err += std::pow(static_cast<double>(mine.sums[i]) - e.sums[i], 2);
+      norm += static_cast<double>(e.sums[i]) * e.sums[i];
+    }
+    EXPECT_LT(std::sqrt(err / norm), 1e-3) << name;
+  }
+}
+
+// llama-quantize --imatrix small-llama.imatrix.gguf ... Q3_K_M: Nibble's --imatrix gives every tensor's
+// bytes (Q3_K, Q4_K and Q5_K matrices weighted, the head and embedding, which have no entry, not).
+TEST_F(LlamaCppImatrix, QuantizeEqualsLlamaQuantizeByteForByte) {
+  const model::ImportanceMatrix m = model::read_imatrix(data("small-llama.imatrix.gguf").string());
+  const std::string ours_path = (dir_.path() / "q3_k_m.gguf").string();
+  model::requantize_gguf(*model::GgufFile::open(f16_), ours_path, model::LlamaCppMix::q3_k_m, &m);
+  const auto ours = model::GgufFile::open(ours_path);
+  const auto theirs = model::GgufFile::open(data("small-llama-q3_k_m-imatrix.gguf").string());
+  std::map<DType, int> count;
+  for (const model::GgufTensorInfo& t : theirs->tensors()) {
+    const model::GgufTensorInfo* mine = ours->find_tensor(t.name);
+    ASSERT_NE(mine, nullptr) << t.name;
+    ASSERT_EQ(mine->type, t.type) << t.name;
+    ASSERT_EQ(mine->size_bytes, t.size_bytes) << t.name;
+    EXPECT_EQ(std::memcmp(ours->tensor_data(*mine), theirs->tensor_data(t), t.size_bytes), 0) << t.name;
+    ++count[t.type];
+  }
+  EXPECT_EQ(count[DType::Q3_K], 9);
+  EXPECT_EQ(count[DType::Q4_K], 4);
+  EXPECT_EQ(count[DType::Q5_K], 2);
+  EXPECT_EQ(ours->get_uint("quantize.imatrix.entries_count"),
+            theirs->get_uint("quantize.imatrix.entries_count"));
+  EXPECT_EQ(ours->get_uint("quantize.imatrix.chunks_count"), 40u);
+  EXPECT_EQ(ours->get_string("quantize.imatrix.dataset"), theirs->get_string("quantize.imatrix.dataset"));
 }
 
 }  // namespace

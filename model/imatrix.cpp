@@ -33,8 +33,13 @@ std::vector<float> read_f32(const GgufFile& file, const GgufTensorInfo& t) {
 // nval, float values[nval] (the sums already divided by the tokens and multiplied by ncall); then
 // optionally int32 chunk count, int32 length and the dataset name.
 ImportanceMatrix read_legacy(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
+  std::ifstream in(path, std::ios::binary | std::ios::ate);
   if (!in) throw GgufError("cannot open imatrix " + path);
+  const int64_t size = static_cast<int64_t>(in.tellg());
+  in.seekg(0);
+  // Bytes left after the read position: counts read from the file are checked against them before
+  // anything is allocated.
+  auto left = [&]() { return size - static_cast<int64_t>(in.tellg()); };
   auto read_i32 = [&](const char* what) {
     int32_t v = 0;
     in.read(reinterpret_cast<char*>(&v), sizeof v);
@@ -49,14 +54,19 @@ ImportanceMatrix read_legacy(const std::string& path) {
                     std::to_string(n_entries) + " entries");
   for (int32_t i = 0; i < n_entries; ++i) {
     const int32_t length = read_i32("an entry's name length");
-    if (length < 1 || length > 4096)
-      throw GgufError(path + ": imatrix entry " + std::to_string(i) + ": bad name length");
+    if (length < 1 || length > 4096 || length > left()) {
+      throw GgufError(path + ": imatrix entry " + std::to_string(i) + ": bad name length " +
+                      std::to_string(length));
+    }
     std::string name(static_cast<size_t>(length), '\0');
     in.read(name.data(), length);
     const int32_t ncall = read_i32("an entry's call count");
+    if (ncall < 0) throw GgufError(path + ": imatrix entry '" + name + "' has a negative call count");
     const int32_t nval = read_i32("an entry's value count");
-    if (nval < 1 || nval > (1 << 28))
-      throw GgufError(path + ": imatrix entry '" + name + "': bad value count");
+    if (nval < 1 || static_cast<int64_t>(nval) * 4 > left()) {
+      throw GgufError(path + ": imatrix entry '" + name + "': " + std::to_string(nval) +
+                      " values, more than the file holds");
+    }
     ImatrixEntry e;
     e.sums.resize(static_cast<size_t>(nval));
     in.read(reinterpret_cast<char*>(e.sums.data()), static_cast<std::streamsize>(nval * sizeof(float)));
@@ -68,7 +78,7 @@ ImportanceMatrix read_legacy(const std::string& path) {
   if (in.read(reinterpret_cast<char*>(&chunks), sizeof chunks)) {
     imatrix.chunk_count = chunks;
     int32_t length = 0;
-    if (in.read(reinterpret_cast<char*>(&length), sizeof length) && length > 0 && length < 4096) {
+    if (in.read(reinterpret_cast<char*>(&length), sizeof length) && length > 0 && length <= left()) {
       std::string dataset(static_cast<size_t>(length), '\0');
       if (in.read(dataset.data(), length)) imatrix.datasets.push_back(dataset);
     }
@@ -126,9 +136,11 @@ ImportanceMatrix read_imatrix(const std::string& path) {
       throw GgufError(path + ": imatrix entry '" + name + "' has " + std::to_string(count.size()) +
                       " matrices (a mixture of experts); Nibble serves dense models");
     }
+    if (!(count[0] >= 0.0f) || count[0] > 1e15f)
+      throw GgufError(path + ": imatrix entry '" + name + "' has count " + std::to_string(count[0]));
     ImatrixEntry e;
     e.sums = read_f32(*file, *sums_tensor);
-    e.count = std::lround(count[0]);
+    e.count = std::llround(count[0]);
     imatrix.entries[name] = std::move(e);
   }
   for (const auto& [name, count_tensor] : counts) {

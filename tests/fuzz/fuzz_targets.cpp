@@ -19,6 +19,7 @@
 #include "model/gguf.hpp"
 #include "model/hf_checkpoint.hpp"
 #include "model/hf_tokenizer.hpp"
+#include "model/imatrix.hpp"
 #include "model/random_model.hpp"
 #include "model/requantize.hpp"
 #include "model/safetensors.hpp"
@@ -541,6 +542,67 @@ std::vector<std::vector<uint8_t>> hf_config_seeds() {
   return seeds;
 }
 
+// ------------------------------------------------------------------ imatrix
+
+// An importance matrix file (llama.cpp's GGUF or legacy .dat): refused with a GgufError, or read, and
+// then it survives writing in the GGUF format and reading back (the counts as F32, as llama.cpp stores
+// them: a legacy count above 2^24 comes back rounded to float).
+Outcome run_imatrix(std::span<const uint8_t> input) {
+  const std::string path = input_file().write(input);
+  model::ImportanceMatrix m;
+  try {
+    m = model::read_imatrix(path);
+  } catch (const model::GgufError& e) {
+    return {false, e.what()};
+  }
+  const fs::path copy = scratch_dir().path() / "imatrix-copy.gguf";
+  model::write_imatrix(m, copy.string());
+  const model::ImportanceMatrix back = model::read_imatrix(copy.string());
+  require(back.entries.size() == m.entries.size(), "entries lost in the round trip");
+  for (const auto& [name, e] : m.entries) {
+    const auto it = back.entries.find(name);
+    require(it != back.entries.end() &&
+                static_cast<float>(it->second.count) == static_cast<float>(e.count) &&
+                it->second.sums.size() == e.sums.size() &&
+                std::memcmp(it->second.sums.data(), e.sums.data(), e.sums.size() * sizeof(float)) == 0,
+            "entry '" + name + "' changed in the round trip");
+    require(m.importance(name)->size() == e.sums.size(), "importance row of the wrong length");
+  }
+  return {true, {}};
+}
+
+std::vector<std::vector<uint8_t>> imatrix_seeds() {
+  model::ImportanceMatrix m;
+  m.entries["blk.0.attn_q.weight"] = {{1.0f, 2.0f, 3.0f, 4.0f}, 3};
+  m.entries["blk.0.ffn_down.weight"] = {{0.5f, 0.25f}, 0};
+  m.datasets = {"text.txt"};
+  m.chunk_count = 3;
+  m.chunk_size = 1;
+  const fs::path path = scratch_dir().path() / "seed.imatrix";
+  model::write_imatrix(m, path.string());
+  std::vector<std::vector<uint8_t>> seeds = {read_bytes(path)};
+  // llama.cpp's legacy .dat: one entry of two values, then the chunk count and the dataset's name.
+  std::vector<uint8_t> legacy;
+  auto i32 = [&](int32_t v) {
+    const auto* p = reinterpret_cast<const uint8_t*>(&v);
+    legacy.insert(legacy.end(), p, p + 4);
+  };
+  const std::string name = "blk.0.ffn_up.weight";
+  i32(1);
+  i32(static_cast<int32_t>(name.size()));
+  legacy.insert(legacy.end(), name.begin(), name.end());
+  i32(2);
+  i32(2);
+  const float values[2] = {4.0f, 6.0f};
+  const auto* v = reinterpret_cast<const uint8_t*>(values);
+  legacy.insert(legacy.end(), v, v + sizeof values);
+  i32(1);
+  i32(4);
+  legacy.insert(legacy.end(), {'w', 'i', 'k', 'i'});
+  seeds.push_back(std::move(legacy));
+  return seeds;
+}
+
 }  // namespace
 
 const std::vector<Target>& targets() {
@@ -553,6 +615,7 @@ const std::vector<Target>& targets() {
       {"tokenizer_text", run_tokenizer_text, tokenizer_text_seeds},
       {"hf_tokenizer", run_hf_tokenizer, hf_tokenizer_seeds},
       {"hf_config", run_hf_config, hf_config_seeds},
+      {"imatrix", run_imatrix, imatrix_seeds},
   };
   return all;
 }

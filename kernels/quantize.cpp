@@ -532,6 +532,128 @@ float fit_q6_k_sub_block(const float* x, int8_t* levels, const float* qw = nullp
   return fit_signed_levels(x, 16, 32, levels, qw);
 }
 
+// GGML's best_index_int8 over kIQ4Values: the index of the table value nearest x (the upper one on a tie).
+int nearest_iq4_index(float x) {
+  if (x <= kIQ4Values[0]) return 0;
+  if (x >= kIQ4Values[15]) return 15;
+  int lo = 0, hi = 15;
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) / 2;
+    if (x < kIQ4Values[mid]) {
+      hi = mid;
+    } else {
+      lo = mid;
+    }
+  }
+  return x - kIQ4Values[hi - 1] < kIQ4Values[hi] - x ? hi - 1 : hi;
+}
+
+// GGML's quantize_row_iq4_nl_impl with ntry = 7, what llama-quantize runs for IQ4_NL (super_block 32: one
+// block, its fp16 scale) and IQ4_XS (256: 8 blocks of 32 with 6-bit scales relative to d = -max / 32):
+// each block's scale from the value of largest magnitude at the table's end, refined over 15 nearby
+// inverse scales by weighted least squares (weights x², or qw · sqrt(2·mean(x²) + x²) with an importance
+// row), then every element's index re-chosen against the stored scale. x, qw: [super_block]; qs:
+// [super_block / 2]; scales_h / scales_l: IQ4_XS's (unused for IQ4_NL).
+void quantize_iq4_super_block(const float* x, const float* qw, int super_block, f16_bits* d_out, uint8_t* qs,
+                              uint16_t* scales_h, uint8_t* scales_l) {
+  constexpr int kBlock = 32;
+  constexpr int kTries = 7;
+  const int n_blocks = super_block / kBlock;
+  float sigma2 = 0;
+  for (int j = 0; j < super_block; ++j) sigma2 += x[j] * x[j];
+  sigma2 *= 2.0f / static_cast<float>(super_block);
+  std::memset(qs, 0, static_cast<size_t>(super_block / 2));
+  *d_out = fp32_to_fp16(0.0f);
+  uint8_t levels[kQK_K];
+  float scales[kQK_K / kBlock];
+  float max_scale = 0, amax_scale = 0;
+  for (int ib = 0; ib < n_blocks; ++ib) {
+    const float* xb = x + ib * kBlock;
+    uint8_t* lb = levels + ib * kBlock;
+    float weight[kBlock];
+    for (int j = 0; j < kBlock; ++j)
+      weight[j] = qw != nullptr ? qw[ib * kBlock + j] * std::sqrt(sigma2 + xb[j] * xb[j]) : xb[j] * xb[j];
+    const float max = detail::signed_absmax(xb, kBlock);
+    if (std::fabs(max) < 1e-15f) {
+      scales[ib] = 0;
+      continue;
+    }
+    float d = -max / kIQ4Values[0];
+    float id = 1 / d;
+    float sum_qx = 0, sum_q2 = 0;
+    for (int j = 0; j < kBlock; ++j) {
+      const int l = nearest_iq4_index(id * xb[j]);
+      lb[j] = static_cast<uint8_t>(l);
+      const float q = kIQ4Values[l];
+      sum_qx += weight[j] * q * xb[j];
+      sum_q2 += weight[j] * q * q;
+    }
+    d = sum_q2 > 0 ? sum_qx / sum_q2 : 0.0f;
+    float best = d * sum_qx;
+    for (int attempt = -kTries; attempt <= kTries; ++attempt) {
+      id = static_cast<float>(attempt + kIQ4Values[0]) / max;
+      sum_qx = sum_q2 = 0;
+      for (int j = 0; j < kBlock; ++j) {
+        const float q = kIQ4Values[nearest_iq4_index(id * xb[j])];
+        sum_qx += weight[j] * q * xb[j];
+        sum_q2 += weight[j] * q * q;
+      }
+      if (sum_q2 > 0 && sum_qx * sum_qx > best * sum_q2) {
+        d = sum_qx / sum_q2;
+        best = d * sum_qx;
+      }
+    }
+    scales[ib] = d;
+    if (std::fabs(d) > amax_scale) {
+      amax_scale = std::fabs(d);
+      max_scale = d;
+    }
+  }
+  if (n_blocks > 1) {
+    *scales_h = 0;
+    const float d = -max_scale / 32;
+    *d_out = fp32_to_fp16(d);
+    const float id = d != 0.0f ? 1 / d : 0.0f;
+    for (int ib = 0; ib < n_blocks; ++ib) {
+      const int l = std::clamp(detail::nearest_int(id * scales[ib]), -32, 31);
+      const float dl = d * static_cast<float>(l);
+      const float idl = dl != 0.0f ? 1 / dl : 0.0f;
+      for (int j = 0; j < kBlock; ++j)
+        levels[ib * kBlock + j] = static_cast<uint8_t>(nearest_iq4_index(idl * x[ib * kBlock + j]));
+      const int stored = l + 32;
+      if (ib % 2 == 0) {
+        scales_l[ib / 2] = static_cast<uint8_t>(stored & 0xF);
+      } else {
+        scales_l[ib / 2] = static_cast<uint8_t>(scales_l[ib / 2] | ((stored & 0xF) << 4));
+      }
+      *scales_h = static_cast<uint16_t>(*scales_h | ((stored >> 4) << (2 * (ib % 8))));
+    }
+  } else {
+    *d_out = fp32_to_fp16(scales[0]);
+    const float id = scales[0] != 0.0f ? 1 / scales[0] : 0.0f;
+    for (int j = 0; j < super_block; ++j) levels[j] = static_cast<uint8_t>(nearest_iq4_index(id * x[j]));
+  }
+  for (int i = 0; i < super_block / 32; ++i)
+    for (int j = 0; j < 16; ++j)
+      qs[16 * i + j] = static_cast<uint8_t>(levels[32 * i + j] | (levels[32 * i + 16 + j] << 4));
+}
+
+void quantize_row_iq4(DType type, const float* x, const float* qw, void* out, int64_t n) {
+  if (type == DType::IQ4_NL) {
+    auto* dst = static_cast<BlockIQ4_NL*>(out);
+    for (int64_t b = 0; b < n / kQK4_0; ++b) {
+      quantize_iq4_super_block(x + b * kQK4_0, qw != nullptr ? qw + b * kQK4_0 : nullptr, kQK4_0, &dst[b].d,
+                               dst[b].qs, nullptr, nullptr);
+    }
+  } else {
+    auto* dst = static_cast<BlockIQ4_XS*>(out);
+    for (int64_t b = 0; b < n / kQK_K; ++b) {
+      quantize_iq4_super_block(x + b * kQK_K, qw != nullptr ? qw + b * kQK_K : nullptr, kQK_K, &dst[b].d,
+                               dst[b].qs, &dst[b].scales_h, dst[b].scales_l);
+    }
+  }
+}
+
 // GGML's quantize_row_q2_K_impl for one super-block with importance weights qw: [256]: each sub-block of
 // 16 fitted with weights qw · sqrt(mean(x²) + x²) (make_qkx3_quants: levels 0..3), its scale and min
 // stored as 4-bit levels by make_qp_quants, then every element re-rounded.
@@ -860,6 +982,10 @@ Status quantize_row(DType type, const float* x, void* out, int64_t n) {
       for (int64_t b = 0; b < n / kQK_K; ++b) quantize_block_q6_k(x + b * kQK_K, dst + b);
       break;
     }
+    case DType::IQ4_NL:
+    case DType::IQ4_XS:
+      quantize_row_iq4(type, x, nullptr, out, n);
+      break;
     case DType::Q8_1: {
       auto* dst = static_cast<BlockQ8_1*>(out);
       for (int64_t b = 0; b < n / kQK8_0; ++b) detail::quantize_block_q8_1(x + b * kQK8_0, dst + b);
@@ -911,6 +1037,10 @@ Status quantize_row_weighted(DType type, const float* x, const float* importance
         quantize_block_q3_k_weighted(x + b * kQK_K, importance + b * kQK_K, dst + b);
       return Status::ok;
     }
+    case DType::IQ4_NL:
+    case DType::IQ4_XS:
+      quantize_row_iq4(type, x, importance, out, n);
+      return Status::ok;
     case DType::Q4_0:
       quantize_row_block32_weighted(x, importance, static_cast<BlockQ4_0*>(out), n);
       return Status::ok;

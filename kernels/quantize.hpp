@@ -11,15 +11,15 @@ namespace nibble::kernels {
 
 // x: [n] floats, n a multiple of the block size of `type`; out: row_bytes(type, n) bytes.
 // Supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 (llama.cpp's quantize_row_*_ref), Q2_K ... Q6_K
-// (llama.cpp's quantize_row_q2_K_ref ... quantize_row_q6_K_ref), Q8_1, Q8_K; not
-// IQ4_NL or IQ4_XS (unsupported_type: Nibble reads llama.cpp's IQ4 files but does not write them).
+// (llama.cpp's quantize_row_q2_K_ref ... quantize_row_q6_K_ref), IQ4_NL and IQ4_XS (quantize_iq4_nl /
+// quantize_iq4_xs without importance, what llama-quantize writes), Q8_1 and Q8_K.
 Status quantize_row(DType type, const float* x, void* out, int64_t n);
 
 // quantize_row with importance weights (an imatrix row: importance: [n], one per column, the mean
 // square of that input over the calibration tokens), as llama.cpp's quantize_row_*_impl: Q4_0, Q4_1,
-// Q5_0, Q5_1 and Q2_K ... Q6_K weigh each element's error by its importance (GGML's bytes for the same
-// weights); F32, F16, BF16 and Q8_0 ignore it, as GGML does; the IQ4 types, which Nibble does not write,
-// are unsupported_type. A null importance is quantize_row.
+// Q5_0, Q5_1, Q2_K ... Q6_K, IQ4_NL and IQ4_XS weigh each element's error by its importance (GGML's
+// bytes for the same weights); F32, F16, BF16 and Q8_0 ignore it, as GGML does; the activation types
+// (Q8_1, Q8_K) are unsupported_type. A null importance is quantize_row.
 Status quantize_row_weighted(DType type, const float* x, const float* importance, void* out, int64_t n);
 
 // llama.cpp's Q4_K sub-block fit (make_qkx2_quants with Q4_K's importance weights): the scale and

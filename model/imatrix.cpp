@@ -54,7 +54,8 @@ ImportanceMatrix read_legacy(const std::string& path) {
                     std::to_string(n_entries) + " entries");
   for (int32_t i = 0; i < n_entries; ++i) {
     const int32_t length = read_i32("an entry's name length");
-    if (length < 1 || length > 4096 || length > left()) {
+    // 55: a GGUF tensor name holds at most 63 bytes, and the entry's becomes "<name>.in_sum2".
+    if (length < 1 || length > 55 || length > left()) {
       throw GgufError(path + ": imatrix entry " + std::to_string(i) + ": bad name length " +
                       std::to_string(length));
     }

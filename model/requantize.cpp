@@ -97,6 +97,9 @@ std::optional<LlamaCppMix> parse_llama_cpp_mix(const std::string& name) {
   if (name == "q4_k_m") return LlamaCppMix::q4_k_m;
   if (name == "q5_k_s") return LlamaCppMix::q5_k_s;
   if (name == "q5_k_m") return LlamaCppMix::q5_k_m;
+  if (name == "q2_k") return LlamaCppMix::q2_k;
+  if (name == "iq4_nl") return LlamaCppMix::iq4_nl;
+  if (name == "iq4_xs") return LlamaCppMix::iq4_xs;
   return std::nullopt;
 }
 
@@ -111,6 +114,12 @@ bool use_more_bits(int64_t i_layer, int64_t n_layers) {
 
 uint32_t llama_cpp_mix_file_type(LlamaCppMix mix) {
   switch (mix) {
+    case LlamaCppMix::q2_k:
+      return 10;  // LLAMA_FTYPE_MOSTLY_Q2_K
+    case LlamaCppMix::iq4_nl:
+      return 25;  // LLAMA_FTYPE_MOSTLY_IQ4_NL
+    case LlamaCppMix::iq4_xs:
+      return 30;  // LLAMA_FTYPE_MOSTLY_IQ4_XS
     case LlamaCppMix::q3_k_s:
       return 11;  // LLAMA_FTYPE_MOSTLY_Q3_K_S
     case LlamaCppMix::q3_k_m:
@@ -131,6 +140,12 @@ uint32_t llama_cpp_mix_file_type(LlamaCppMix mix) {
 
 kernels::DType llama_cpp_mix_default_type(LlamaCppMix mix) {
   switch (mix) {
+    case LlamaCppMix::q2_k:
+      return kernels::DType::Q2_K;
+    case LlamaCppMix::iq4_nl:
+      return kernels::DType::IQ4_NL;
+    case LlamaCppMix::iq4_xs:
+      return kernels::DType::IQ4_XS;
     case LlamaCppMix::q3_k_s:
     case LlamaCppMix::q3_k_m:
     case LlamaCppMix::q3_k_l:
@@ -145,14 +160,17 @@ kernels::DType llama_cpp_mix_default_type(LlamaCppMix mix) {
   return kernels::DType::Q4_K;
 }
 
-std::vector<kernels::DType> llama_cpp_mix_types(const GgufFile& in, LlamaCppMix mix) {
+std::vector<kernels::DType> llama_cpp_mix_types(const GgufFile& in, LlamaCppMix mix, bool has_imatrix) {
   using kernels::DType;
   using enum LlamaCppMix;
   const bool medium = mix == q4_k_m || mix == q5_k_m;
+  const bool iq4 = mix == iq4_nl || mix == iq4_xs;
   const DType default_type = llama_cpp_mix_default_type(mix);
   const LlamaConfig config = LlamaConfig::from_gguf(in);
   // llama.cpp's LLM_TYPE_70B: 80 layers with grouped KV heads.
   const bool llama_70b = config.n_layer == 80 && config.n_head != config.n_head_kv;
+  const bool gqa_4 =
+      config.n_head_kv > 0 && config.n_head / config.n_head_kv >= 4;  // llama.cpp's n_gqa() >= 4
   const bool tied = in.find_tensor("output.weight") == nullptr;
   int64_t n_attn_v = 0, n_ffn_down = 0;
   for (const GgufTensorInfo& t : in.tensors()) {
@@ -171,7 +189,11 @@ std::vector<kernels::DType> llama_cpp_mix_types(const GgufFile& in, LlamaCppMix 
     if (head) {
       type = t.row_elements() % kernels::kQK_K != 0 ? DType::Q8_0 : DType::Q6_K;
     } else if (t.name.ends_with("attn_v.weight")) {
-      if (mix == q3_k_m) {
+      if (mix == q2_k) {
+        type = gqa_4 ? DType::Q4_K : DType::Q3_K;
+      } else if (iq4 && gqa_4) {
+        type = DType::Q5_K;
+      } else if (mix == q3_k_m) {
         type = i_attn_v < 2 ? DType::Q5_K : DType::Q4_K;
       } else if (mix == q3_k_l) {
         type = DType::Q5_K;
@@ -183,7 +205,11 @@ std::vector<kernels::DType> llama_cpp_mix_types(const GgufFile& in, LlamaCppMix 
       if (llama_70b && (type == DType::Q3_K || type == DType::Q4_K)) type = DType::Q5_K;
       ++i_attn_v;
     } else if (t.name.ends_with("ffn_down.weight")) {
-      if (mix == q3_k_m) {
+      if (mix == q2_k) {
+        type = DType::Q3_K;
+      } else if (iq4 && i_ffn_down < n_ffn_down / 8 && !has_imatrix) {
+        type = DType::Q5_K;
+      } else if (mix == q3_k_m) {
         type = i_ffn_down < n_ffn_down / 16 ? DType::Q5_K : DType::Q4_K;
       } else if (mix == q3_k_l) {
         type = DType::Q5_K;
@@ -194,16 +220,18 @@ std::vector<kernels::DType> llama_cpp_mix_types(const GgufFile& in, LlamaCppMix 
       }
       ++i_ffn_down;
     } else if (t.name.ends_with("attn_output.weight")) {
+      if (mix == q2_k) type = DType::Q3_K;
       if (mix == q3_k_m) type = DType::Q4_K;
       if (mix == q3_k_l) type = DType::Q5_K;
     }
     if (t.row_elements() % kernels::type_info(type).block_elems != 0) {
       // llama.cpp's fallbacks for rows that are not a multiple of 256 (its tensor_type_fallback), and
       // F16 where even a block of 32 does not fit.
-      type = type == DType::Q3_K   ? DType::Q4_0
-             : type == DType::Q4_K ? DType::Q5_0
-             : type == DType::Q5_K ? DType::Q5_1
-                                   : DType::Q8_0;
+      type = type == DType::Q2_K || type == DType::Q3_K ? DType::Q4_0
+             : type == DType::Q4_K                      ? DType::Q5_0
+             : type == DType::Q5_K                      ? DType::Q5_1
+             : type == DType::IQ4_XS                    ? DType::IQ4_NL
+                                                        : DType::Q8_0;
       if (t.row_elements() % kernels::type_info(type).block_elems != 0) type = DType::F16;
     }
     types.push_back(type);
@@ -213,7 +241,7 @@ std::vector<kernels::DType> llama_cpp_mix_types(const GgufFile& in, LlamaCppMix 
 
 void requantize_gguf(const GgufFile& in, const std::string& out_path, LlamaCppMix mix,
                      const ImportanceMatrix* imatrix) {
-  const std::vector<kernels::DType> types = llama_cpp_mix_types(in, mix);
+  const std::vector<kernels::DType> types = llama_cpp_mix_types(in, mix, imatrix != nullptr);
   GgufWriter out;
   for (const auto& [key, value] : in.metadata()) out.set(key, value);
   out.set_uint32("general.file_type", llama_cpp_mix_file_type(mix));

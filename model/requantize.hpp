@@ -28,8 +28,8 @@ namespace nibble::model {
 void requantize_gguf(const GgufFile& in, const std::string& out_path, kernels::DType matrix_type, bool pure,
                      const ImportanceMatrix* imatrix = nullptr);
 
-// llama-quantize's K-quant mixes (its LLAMA_FTYPE_MOSTLY_Q3_K_S ... _Q5_K_M), for dense Llama models
-// without an importance matrix: the default type (Q3_K, Q4_K or Q5_K) for every matrix but
+// llama-quantize's mixes (its LLAMA_FTYPE_MOSTLY_Q2_K, Q3_K_S ... Q5_K_M, IQ4_NL and IQ4_XS), for dense
+// Llama models: the default type (Q2_K, Q3_K, Q4_K, Q5_K, IQ4_NL or IQ4_XS) for every matrix but
 // - the output head (token_embd.weight when the head is tied to it): Q6_K;
 // - attn_v.weight: Q3_K_M Q5_K in the first 2 layers and Q4_K after them, Q3_K_L Q5_K; Q4_K_M / Q5_K_M
 //   Q6_K in llama.cpp's "more bits" layers (the first and last eighth and every third in between),
@@ -40,20 +40,26 @@ void requantize_gguf(const GgufFile& in, const std::string& out_path, kernels::D
 // - attn_output.weight: Q3_K_M Q4_K, Q3_K_L Q5_K.
 // Nibble's quantizers write llama.cpp's reference bytes for these types, so the tensor data equals
 // llama-quantize's (`RequantizeTestData.Q5_K_MEqualsLlamaCppByteForByte`, `...Q3_K_M...`).
-enum class LlamaCppMix { q3_k_s, q3_k_m, q3_k_l, q4_k_s, q4_k_m, q5_k_s, q5_k_m };
+// - Q2_K: attn_v Q4_K (Q3_K with fewer than 4 query heads a KV head), attn_output and ffn_down Q3_K;
+// - IQ4_NL / IQ4_XS: attn_v Q5_K with 4 or more query heads a KV head, ffn_down Q5_K in the first eighth
+//   (not with an importance matrix).
+enum class LlamaCppMix { q2_k, q3_k_s, q3_k_m, q3_k_l, q4_k_s, q4_k_m, q5_k_s, q5_k_m, iq4_nl, iq4_xs };
 
-// "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", or nullopt for other names.
+// llama-quantize's names, lower case: "q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s",
+// "q5_k_m", "iq4_nl", "iq4_xs"; nullopt for other names.
 std::optional<LlamaCppMix> parse_llama_cpp_mix(const std::string& name);
 
 // The type of every tensor of `in` under `mix`, in the file's order (1-D tensors F32). A matrix whose
-// rows are not a multiple of 256 falls back as in llama.cpp: Q3_K to Q4_0, Q4_K to Q5_0, Q5_K to Q5_1,
-// Q6_K to Q8_0 (F16 when its rows are not a multiple of 32 either).
-std::vector<kernels::DType> llama_cpp_mix_types(const GgufFile& in, LlamaCppMix mix);
+// rows are not a multiple of 256 falls back as in llama.cpp: Q2_K and Q3_K to Q4_0, Q4_K to Q5_0, Q5_K to
+// Q5_1, Q6_K to Q8_0, IQ4_XS to IQ4_NL (F16 when its rows are not a multiple of 32 either). has_imatrix:
+// llama-quantize was given an importance matrix (the IQ4 mixes then keep ffn_down).
+std::vector<kernels::DType> llama_cpp_mix_types(const GgufFile& in, LlamaCppMix mix,
+                                                bool has_imatrix = false);
 
 // llama.cpp's general.file_type for the mix (LLAMA_FTYPE_MOSTLY_Q3_K_S = 11 ... Q5_K_M = 17).
 uint32_t llama_cpp_mix_file_type(LlamaCppMix mix);
 
-// The mix's type for the layer matrices no rule raises: Q3_K, Q4_K or Q5_K.
+// The mix's type for the layer matrices no rule raises: Q2_K, Q3_K, Q4_K, Q5_K, IQ4_NL or IQ4_XS.
 kernels::DType llama_cpp_mix_default_type(LlamaCppMix mix);
 
 // requantize_gguf with the types of llama_cpp_mix_types; general.file_type llama.cpp's for the mix.

@@ -97,7 +97,8 @@ TEST_P(GgmlQuantizeReference, QuantizeRowWritesLlamaCppsBytes) {
 
 INSTANTIATE_TEST_SUITE_P(EveryTypeNibbleWrites, GgmlQuantizeReference,
                          ::testing::Values(DType::Q4_0, DType::Q4_1, DType::Q5_0, DType::Q5_1, DType::Q8_0,
-                                           DType::Q2_K, DType::Q3_K, DType::Q4_K, DType::Q5_K, DType::Q6_K),
+                                           DType::Q2_K, DType::Q3_K, DType::Q4_K, DType::Q5_K, DType::Q6_K,
+                                           DType::IQ4_NL, DType::IQ4_XS),
                          [](const ::testing::TestParamInfo<DType>& param) {
                            return std::string(type_name(param.param));
                          });
@@ -112,18 +113,20 @@ TEST_P(GgmlQuantizeReferenceImatrix, QuantizeRowWeightedWritesLlamaCppsBytes) {
 
 INSTANTIATE_TEST_SUITE_P(EveryTypeNibbleWeighs, GgmlQuantizeReferenceImatrix,
                          ::testing::Values(DType::Q4_0, DType::Q4_1, DType::Q5_0, DType::Q5_1, DType::Q8_0,
-                                           DType::Q2_K, DType::Q3_K, DType::Q4_K, DType::Q5_K, DType::Q6_K),
+                                           DType::Q2_K, DType::Q3_K, DType::Q4_K, DType::Q5_K, DType::Q6_K,
+                                           DType::IQ4_NL, DType::IQ4_XS),
                          [](const ::testing::TestParamInfo<DType>& param) {
                            return std::string(type_name(param.param));
                          });
 
 // The weighted quantizers weigh: with one importance row that favours some columns, their error moves
-// there; without a row they are the reference quantizers; a type Nibble does not write says so.
+// there; without a row they are the reference quantizers; an activation type is refused.
 TEST(QuantizeRowWeighted, ImportanceMovesTheErrorAndOtherTypesAreRefused) {
   const std::vector<float> x = test::random_floats(512, 3, -1.0f, 1.0f);
   std::vector<float> importance(512, 1.0f);
   for (int i = 0; i < 512; i += 8) importance[static_cast<size_t>(i)] = 1000.0f;  // every 8th column
-  for (DType type : {DType::Q4_0, DType::Q5_1, DType::Q3_K, DType::Q4_K, DType::Q5_K, DType::Q6_K}) {
+  for (DType type :
+       {DType::Q4_0, DType::Q5_1, DType::Q3_K, DType::Q4_K, DType::Q5_K, DType::Q6_K, DType::IQ4_XS}) {
     SCOPED_TRACE(type_name(type));
     std::vector<uint8_t> plain(static_cast<size_t>(row_bytes(type, 512))), weighted(plain.size());
     ASSERT_EQ(quantize_row(type, x.data(), plain.data(), 512), Status::ok);
@@ -141,8 +144,8 @@ TEST(QuantizeRowWeighted, ImportanceMovesTheErrorAndOtherTypesAreRefused) {
     EXPECT_EQ(weighted, plain);  // no importance: the reference quantizer
   }
   std::vector<uint8_t> out(2048);
-  EXPECT_EQ(quantize_row_weighted(DType::IQ4_XS, x.data(), importance.data(), out.data(), 512),
-            Status::unsupported_type);  // Nibble reads IQ4 files but does not write them
+  EXPECT_EQ(quantize_row_weighted(DType::Q8_K, x.data(), importance.data(), out.data(), 512),
+            Status::unsupported_type);  // an activation type
 }
 
 }  // namespace

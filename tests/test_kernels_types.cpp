@@ -195,8 +195,8 @@ TEST(KernelQuantize, InvalidArguments) {
   EXPECT_EQ(quantize_row(DType::Q4_K, x.data(), out.data(), 64), Status::invalid_argument);
   EXPECT_EQ(quantize_row(DType::Q5_K, x.data(), out.data(), 64), Status::invalid_argument);
   EXPECT_EQ(quantize_row(static_cast<DType>(99), x.data(), out.data(), 32), Status::unsupported_type);
-  EXPECT_EQ(quantize_row(DType::IQ4_XS, x.data(), out.data(), 256), Status::unsupported_type);  // read only
-  EXPECT_EQ(quantize_row(DType::IQ4_NL, x.data(), out.data(), 32), Status::unsupported_type);
+  EXPECT_EQ(quantize_row(DType::IQ4_XS, x.data(), out.data(), 64),
+            Status::invalid_argument);  // blocks of 256
   EXPECT_EQ(dequantize_row(DType::Q6_K, out.data(), x.data(), 64), Status::invalid_argument);
   EXPECT_EQ(quantize_row(DType::Q2_K, x.data(), out.data(), 64), Status::invalid_argument);
   EXPECT_EQ(quantize_row(DType::Q3_K, x.data(), out.data(), 64), Status::invalid_argument);

@@ -394,6 +394,22 @@ TEST(RequantizeTestData, LlamaCppMixTypes) {
     EXPECT_EQ(layer_type(LlamaCppMix::q3_k_m, p + "ffn_up.weight"), DType::Q3_K);
     EXPECT_EQ(layer_type(LlamaCppMix::q3_k_l, p + "ffn_down.weight"), DType::Q5_K);
     EXPECT_EQ(layer_type(LlamaCppMix::q3_k_s, p + "attn_v.weight"), DType::Q3_K);
+    // Q2_K: attn_output and ffn_down Q3_K; this model's 4 query heads a KV head raise attn_v to Q4_K.
+    EXPECT_EQ(layer_type(LlamaCppMix::q2_k, p + "attn_output.weight"), DType::Q3_K);
+    EXPECT_EQ(layer_type(LlamaCppMix::q2_k, p + "ffn_down.weight"), DType::Q3_K);
+    EXPECT_EQ(layer_type(LlamaCppMix::q2_k, p + "attn_v.weight"), DType::Q4_K);
+    EXPECT_EQ(layer_type(LlamaCppMix::q2_k, p + "ffn_gate.weight"), DType::Q2_K);
+    // IQ4_XS: attn_v Q5_K (4 query heads a KV head), ffn_down Q5_K in the first eighth unless an importance
+    // matrix was given.
+    EXPECT_EQ(layer_type(LlamaCppMix::iq4_xs, p + "attn_v.weight"), DType::Q5_K);
+    EXPECT_EQ(layer_type(LlamaCppMix::iq4_xs, p + "ffn_down.weight"),
+              layer < 2 ? DType::Q5_K : DType::IQ4_XS);
+    const std::vector<DType> with_imatrix = llama_cpp_mix_types(*file, LlamaCppMix::iq4_nl, true);
+    for (size_t i = 0; i < with_imatrix.size(); ++i) {
+      if (file->tensors()[i].name == p + "ffn_down.weight") {
+        EXPECT_EQ(with_imatrix[i], DType::IQ4_NL);
+      }
+    }
   }
   EXPECT_EQ(layer_type(LlamaCppMix::q4_k_s, "output.weight"), DType::Q6_K);
   EXPECT_EQ(layer_type(LlamaCppMix::q4_k_s, "token_embd.weight"), DType::Q4_K);
@@ -441,6 +457,33 @@ TEST(RequantizeTestData, Q2_KAndQ3_KEqualLlamaCppByteForByte) {
   EXPECT_EQ(checked[DType::Q3_K], 4);
   EXPECT_EQ(checked[DType::Q4_K], 2);
   EXPECT_EQ(checked[DType::Q6_K], 1);
+}
+
+// llama-quantize's Q2_K, IQ4_NL and IQ4_XS mixes of the committed llama.cpp files' F16 models (Q2_K and
+// IQ4_XS on the small shape, IQ4_NL on the tiny one): every tensor's type and bytes are llama.cpp's.
+TEST(RequantizeTestData, Q2_KIQ4_NLAndIQ4_XSMixesEqualLlamaCppByteForByte) {
+  test::TempDir dir;
+  const auto small = GgufFile::open(write_small_model(dir.path(), "small-f16.gguf", DType::F16, 7));
+  const auto tiny = GgufFile::open(write_tiny_model(dir.path(), "tiny-f16.gguf", DType::F16, 7));
+  struct Case {
+    LlamaCppMix mix;
+    const GgufFile* source;
+    const char* file;
+    uint32_t file_type;
+  };
+  for (const Case& c :
+       {Case{LlamaCppMix::q2_k, small.get(), "llama-cpp-q2_k/small-llama-q2_k.gguf", 10},
+        Case{LlamaCppMix::iq4_xs, small.get(), "llama-cpp-iq4_xs/small-llama-iq4_xs.gguf", 30},
+        Case{LlamaCppMix::iq4_nl, tiny.get(), "llama-cpp-iq4_nl/tiny-llama-iq4_nl.gguf", 25}}) {
+    SCOPED_TRACE(c.file);
+    const std::string ours_path = (dir.path() / "mix.gguf").string();
+    requantize_gguf(*c.source, ours_path, c.mix);
+    const auto ours = GgufFile::open(ours_path);
+    const auto theirs = GgufFile::open((test::test_data_dir() / c.file).string());
+    const std::map<DType, int> count = expect_same_tensors(*ours, *theirs);
+    EXPECT_EQ(ours->get_uint("general.file_type"), c.file_type);
+    EXPECT_GT(count.at(llama_cpp_mix_default_type(c.mix)), 8);
+  }
 }
 
 // llama-quantize's Q3_K_S / Q3_K_M / Q3_K_L mixes: on the small model every layer matrix is Q3_K but

@@ -26,11 +26,9 @@ except ImportError:
 N_PER_ROW = 512  # two K-quant super-blocks, sixteen blocks of 32
 # GGML type ids (ggml.h) of the types Nibble's quantize_row writes.
 TYPES = {"q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "q2_K": 10, "q3_K": 11, "q4_K": 12,
-         "q5_K": 13, "q6_K": 14}
-# The types Nibble quantizes with an importance row (kernels::quantize_row_weighted), and Q8_0, which
-# ignores it.
-IMATRIX_TYPES = {"q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "q2_K": 10, "q3_K": 11, "q4_K": 12,
-                 "q5_K": 13, "q6_K": 14}
+         "q5_K": 13, "q6_K": 14, "iq4_nl": 20, "iq4_xs": 23}
+# Every one of them with an importance row too (Q8_0 ignores it).
+IMATRIX_TYPES = TYPES
 
 
 def hard_rows():

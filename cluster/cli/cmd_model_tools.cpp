@@ -37,7 +37,7 @@ kernels::DType parse_matrix_type(const std::string& name) {
   throw std::invalid_argument(
       "unknown --type '" + name +
       "' (expected q4_0, q4_1, q5_0, q5_1, q2_k, q3_k, q4_k, q5_k, q8_0, f16 or f32; quantize also takes "
-      "q3_k_s, q3_k_m, q3_k_l, q4_k_s, q4_k_m, q5_k_s, q5_k_m)");
+      "llama-quantize's mixes q2_k, q3_k_s, q3_k_m, q3_k_l, q4_k_s, q4_k_m, q5_k_s, q5_k_m, iq4_nl, iq4_xs)");
 }
 
 // A token file: token ids separated by whitespace. Throws naming the file and the first bad word.
@@ -226,10 +226,12 @@ Runner add_quantize(CLI::App& app) {
                  "--format gptq: inputs sharing a scale and zero (32, 64, 128)");
   app.add_option(
       "--type", a->type,
-      "Matrix type: q4_0, q4_1, q5_0, q5_1, q2_k, q3_k, q4_k, q5_k, q8_0, f16, f32 (gptq / awq: q4_0, q3_k, "
-      "q4_k or q5_k); or one of llama-quantize's mixes, q3_k_s, q3_k_m, q3_k_l, q4_k_s, q4_k_m, q5_k_s, "
-      "q5_k_m (llama.cpp's tensor types; rtn: its bytes; gptq: the mix's Q3_K / Q4_K / Q5_K layer matrices "
-      "calibrated, its Q6_K ones rounded to nearest)");
+      "Matrix type: q4_0, q4_1, q5_0, q5_1, q3_k, q4_k, q5_k, q8_0, f16, f32 (gptq / awq: q4_0, q3_k, q4_k "
+      "or "
+      "q5_k); or one of llama-quantize's mixes, q2_k, q3_k_s, q3_k_m, q3_k_l, q4_k_s, q4_k_m, q5_k_s, "
+      "q5_k_m, "
+      "iq4_nl, iq4_xs (llama.cpp's tensor types; rtn: its bytes; gptq: the mix's Q3_K / Q4_K / Q5_K layer "
+      "matrices calibrated, the others rounded to nearest)");
   app.add_flag("--pure", a->pure, "Quantize every matrix, the embedding and output head included");
   app.add_option("--imatrix", a->imatrix,
                  "rtn: weigh each column's rounding error by an importance matrix (llama.cpp's imatrix GGUF "

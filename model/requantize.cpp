@@ -1,7 +1,10 @@
 #include "model/requantize.hpp"
 
+#include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <stdexcept>
+#include <thread>
 #include <vector>
 
 #include "kernels/quantize.hpp"
@@ -24,14 +27,18 @@ void set_imatrix_metadata(GgufWriter& out, const ImportanceMatrix& imatrix) {
   out.set_int32("quantize.imatrix.chunks_count", static_cast<int32_t>(imatrix.chunk_count));
 }
 
-// t converted to `target`, with its importance row when the matrix has an entry.
+// Every core: rows quantize independently (llama-quantize also uses them all by default).
+int quantize_threads() { return std::max(1, static_cast<int>(std::thread::hardware_concurrency())); }
+
+// t converted to `target` on the pool, with its importance row when the matrix has an entry.
 std::vector<uint8_t> convert_with_importance(const GgufFile& in, const GgufTensorInfo& t,
-                                             kernels::DType target, const ImportanceMatrix* imatrix) {
+                                             kernels::DType target, const ImportanceMatrix* imatrix,
+                                             kernels::ThreadPool& pool) {
   const std::optional<std::vector<float>> row =
       imatrix != nullptr && t.dims.size() == 2 && kernels::type_info(target).block_elems > 1
           ? imatrix->importance(t.name)
           : std::nullopt;
-  return convert_tensor(in, t, target, row ? &*row : nullptr);
+  return convert_tensor(in, t, target, row ? &*row : nullptr, &pool);
 }
 
 }  // namespace
@@ -49,7 +56,7 @@ kernels::DType requantized_type(const GgufTensorInfo& tensor, kernels::DType mat
 }
 
 std::vector<uint8_t> convert_tensor(const GgufFile& in, const GgufTensorInfo& t, kernels::DType target,
-                                    const std::vector<float>* importance) {
+                                    const std::vector<float>* importance, kernels::ThreadPool* pool) {
   const uint8_t* src = in.tensor_data(t);
   if (target == t.type && importance == nullptr) return std::vector<uint8_t>(src, src + t.size_bytes);
   const int64_t n = t.row_elements();
@@ -68,23 +75,41 @@ std::vector<uint8_t> convert_tensor(const GgufFile& in, const GgufTensorInfo& t,
   const int64_t dst_row = kernels::row_bytes(target, n);
   const int64_t rows = t.rows();
   std::vector<uint8_t> data(static_cast<size_t>(dst_row * rows));
-  std::vector<float> row(static_cast<size_t>(n));
-  for (int64_t r = 0; r < rows; ++r) {
-    if (kernels::dequantize_row(t.type, src + r * src_row, row.data(), n) != kernels::Status::ok) {
-      throw GgufError(in.path() + ": cannot dequantize tensor '" + t.name + "' of type " +
-                      kernels::type_name(t.type));
+  // Rows are independent: split across the pool; the first failing status is reported after the join.
+  std::atomic<int> dequantize_failed{0};
+  std::atomic<int> quantize_status{static_cast<int>(kernels::Status::ok)};
+  auto convert_rows = [&](int64_t begin, int64_t end) {
+    std::vector<float> row(static_cast<size_t>(n));
+    for (int64_t r = begin; r < end; ++r) {
+      if (kernels::dequantize_row(t.type, src + r * src_row, row.data(), n) != kernels::Status::ok) {
+        dequantize_failed = 1;
+        return;
+      }
+      const kernels::Status status = kernels::quantize_row_weighted(
+          target, row.data(), importance != nullptr ? importance->data() : nullptr, data.data() + r * dst_row,
+          n);
+      if (status != kernels::Status::ok) {
+        quantize_status = static_cast<int>(status);
+        return;
+      }
     }
-    const kernels::Status status = kernels::quantize_row_weighted(
-        target, row.data(), importance != nullptr ? importance->data() : nullptr, data.data() + r * dst_row,
-        n);
-    if (status == kernels::Status::unsupported_type && importance != nullptr) {
-      throw std::invalid_argument("cannot quantize tensor '" + t.name + "' to " + kernels::type_name(target) +
-                                  " with an importance matrix (Nibble has no weighted quantizer for it)");
-    }
-    if (status != kernels::Status::ok) {
-      throw GgufError(in.path() + ": cannot quantize tensor '" + t.name + "' to " +
-                      kernels::type_name(target));
-    }
+  };
+  if (pool != nullptr && pool->size() > 1 && rows > 1) {
+    pool->parallel_for(rows, 1, convert_rows);
+  } else {
+    convert_rows(0, rows);
+  }
+  if (dequantize_failed != 0) {
+    throw GgufError(in.path() + ": cannot dequantize tensor '" + t.name + "' of type " +
+                    kernels::type_name(t.type));
+  }
+  const auto status = static_cast<kernels::Status>(quantize_status.load());
+  if (status == kernels::Status::unsupported_type && importance != nullptr) {
+    throw std::invalid_argument("cannot quantize tensor '" + t.name + "' to " + kernels::type_name(target) +
+                                " with an importance matrix (Nibble has no weighted quantizer for it)");
+  }
+  if (status != kernels::Status::ok) {
+    throw GgufError(in.path() + ": cannot quantize tensor '" + t.name + "' to " + kernels::type_name(target));
   }
   return data;
 }
@@ -247,9 +272,10 @@ void requantize_gguf(const GgufFile& in, const std::string& out_path, LlamaCppMi
   out.set_uint32("general.file_type", llama_cpp_mix_file_type(mix));
   out.set_uint32("general.quantization_version", 2);
   if (imatrix != nullptr) set_imatrix_metadata(out, *imatrix);
+  kernels::ThreadPool pool(quantize_threads());
   for (size_t i = 0; i < in.tensors().size(); ++i) {
     const GgufTensorInfo& t = in.tensors()[i];
-    out.add_tensor(t.name, t.dims, types[i], convert_with_importance(in, t, types[i], imatrix));
+    out.add_tensor(t.name, t.dims, types[i], convert_with_importance(in, t, types[i], imatrix, pool));
   }
   out.write(out_path);
 }
@@ -271,10 +297,11 @@ void requantize_gguf(const GgufFile& in, const std::string& out_path, kernels::D
   out.set_uint32("general.file_type", llama_file_type(matrix_type));
   if (quantized) out.set_uint32("general.quantization_version", 2);
   if (imatrix != nullptr) set_imatrix_metadata(out, *imatrix);
+  kernels::ThreadPool pool(quantize_threads());
 
   for (const GgufTensorInfo& t : in.tensors()) {
     const DType target = requantized_type(t, matrix_type, pure);
-    out.add_tensor(t.name, t.dims, target, convert_with_importance(in, t, target, imatrix));
+    out.add_tensor(t.name, t.dims, target, convert_with_importance(in, t, target, imatrix, pool));
   }
   out.write(out_path);
 }

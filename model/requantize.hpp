@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "kernels/quant_types.hpp"
+#include "kernels/thread_pool.hpp"
 #include "model/gguf.hpp"
 #include "model/imatrix.hpp"
 
@@ -68,10 +69,11 @@ void requantize_gguf(const GgufFile& in, const std::string& out_path, LlamaCppMi
 
 // One tensor of `in` converted to `target` as requantize_gguf does it (rows dequantized and
 // requantized; copied when already of that type and without importance): row_bytes(target, row length)
-// * rows bytes. importance: [row length] or null. Throws GgufError naming the tensor as requantize_gguf
-// does.
+// * rows bytes. importance: [row length] or null. pool: the rows split across it (serial without). Throws
+// GgufError naming the tensor as requantize_gguf does (which runs on every core).
 std::vector<uint8_t> convert_tensor(const GgufFile& in, const GgufTensorInfo& tensor, kernels::DType target,
-                                    const std::vector<float>* importance = nullptr);
+                                    const std::vector<float>* importance = nullptr,
+                                    kernels::ThreadPool* pool = nullptr);
 
 // The type requantize_gguf stores a tensor as (exposed for tests and the CLI's reporting).
 kernels::DType requantized_type(const GgufTensorInfo& tensor, kernels::DType matrix_type, bool pure);

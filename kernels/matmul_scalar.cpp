@@ -107,27 +107,6 @@ float dot_q2_k(const uint8_t* w_row, const uint8_t* x_row, int64_t k) {
   return sum;
 }
 
-// Q3_K: Σ_g scale[g]·(level·x)[g] on the unsigned levels (0..7), minus 4·Σ_g scale[g]·Σx[g] for the
-// offset, in integers; one float term per super-block.
-float dot_q3_k(const uint8_t* w_row, const uint8_t* x_row, int64_t k) {
-  const auto* w = reinterpret_cast<const BlockQ3_K*>(w_row);
-  const auto* x = reinterpret_cast<const BlockQ8_K*>(x_row);
-  float sum = 0.0f;
-  for (int64_t b = 0; b < k / kQK_K; ++b) {
-    int sum_scaled = 0;
-    int sum_offset = 0;
-    for (int g = 0; g < kQK_K / 16; ++g) {
-      int dot = 0;
-      for (int i = 0; i < 16; ++i) dot += q3_k_level(w[b], 16 * g + i) * x[b].qs[16 * g + i];
-      const int scale = q3_k_scale(w[b], g);
-      sum_scaled += scale * dot;
-      sum_offset += scale * x[b].bsums[g];
-    }
-    sum += fp16_to_fp32(w[b].d) * x[b].d * static_cast<float>(sum_scaled - 4 * sum_offset);
-  }
-  return sum;
-}
-
 // Σ_sub scale[sub]·(q·x)[sub] · d·dx  −  Σ_sub min[sub]·Σx[sub] · dmin·dx; the mins term uses the
 // activation block's precomputed 16-element sums. Q5_K adds each level's fifth bit (bit sub of
 // qh[l]): levels 0..31 instead of 0..15.
@@ -198,9 +177,14 @@ int q6_k_unsigned(const BlockQ6_K& block, int e) {
   return low | (high << 4);
 }
 
-// Σ_g sc[g]·(q·x)[g] computed on the unsigned values, minus 32·Σ_g sc[g]·Σx[g] for the offset.
-float dot_q6_k(const uint8_t* w_row, const uint8_t* x_row, int64_t k) {
-  const auto* w = reinterpret_cast<const BlockQ6_K*>(w_row);
+// Q3_K and Q6_K: Σ_g scale[g]·(level·x)[g] over the 16-element groups, on the unsigned levels (Q3_K's
+// 0..7, Q6_K's 0..63), minus offset·Σ_g scale[g]·Σx[g] for their signed values (offset 4 or 32), in
+// integers; one float term per super-block.
+template <typename Block>
+float dot_signed_groups16(const uint8_t* w_row, const uint8_t* x_row, int64_t k) {
+  constexpr bool kQ6 = std::is_same_v<Block, BlockQ6_K>;
+  constexpr int kOffset = kQ6 ? 32 : 4;
+  const auto* w = reinterpret_cast<const Block*>(w_row);
   const auto* x = reinterpret_cast<const BlockQ8_K*>(x_row);
   float sum = 0.0f;
   for (int64_t b = 0; b < k / kQK_K; ++b) {
@@ -208,13 +192,36 @@ float dot_q6_k(const uint8_t* w_row, const uint8_t* x_row, int64_t k) {
     int sum_offset = 0;
     for (int g = 0; g < kQK_K / 16; ++g) {
       int dot = 0;
-      for (int i = 0; i < 16; ++i) dot += q6_k_unsigned(w[b], 16 * g + i) * x[b].qs[16 * g + i];
-      sum_scaled += w[b].scales[g] * dot;
-      sum_offset += w[b].scales[g] * x[b].bsums[g];
+      for (int i = 0; i < 16; ++i) {
+        const int e = 16 * g + i;
+        int level;
+        if constexpr (kQ6) {
+          level = q6_k_unsigned(w[b], e);
+        } else {
+          level = q3_k_level(w[b], e);
+        }
+        dot += level * x[b].qs[e];
+      }
+      int scale;
+      if constexpr (kQ6) {
+        scale = w[b].scales[g];
+      } else {
+        scale = q3_k_scale(w[b], g);
+      }
+      sum_scaled += scale * dot;
+      sum_offset += scale * x[b].bsums[g];
     }
-    sum += fp16_to_fp32(w[b].d) * x[b].d * static_cast<float>(sum_scaled - 32 * sum_offset);
+    sum += fp16_to_fp32(w[b].d) * x[b].d * static_cast<float>(sum_scaled - kOffset * sum_offset);
   }
   return sum;
+}
+
+float dot_q3_k(const uint8_t* w_row, const uint8_t* x_row, int64_t k) {
+  return dot_signed_groups16<BlockQ3_K>(w_row, x_row, k);
+}
+
+float dot_q6_k(const uint8_t* w_row, const uint8_t* x_row, int64_t k) {
+  return dot_signed_groups16<BlockQ6_K>(w_row, x_row, k);
 }
 
 template <float (*Dot)(const uint8_t*, const float*, int64_t)>

@@ -803,6 +803,43 @@ using PackedQ5_K = PackedQ4_KFamily<true>;
 // activation block's 16-element sums. As for Q4_K, the integer sums and float operations are
 // dot_q6_k's, so the results equal the scalar matmul's bit for bit.
 
+// sum_scaled[i] += scale · Σ q · x over one 16-element group of activation row i (lane j: row j of the
+// panel): levels(c4), c4 = 0..3, gives the group's chunk c4 (4 unsigned levels a lane), x_offset the
+// group's first activation. VNNI sums the group in 32 bits and multiplies once; AVX2 multiplies each
+// chunk's maddubs pairs (at most 2 · 63 · 128) by the scale with madd (the scale, int32 lanes that fit
+// 16 bits, in both halves).
+template <int RM, typename Levels>
+inline void add_scaled_group16(__m256i scale, Levels&& levels, const BlockQ8_K* const (&x)[RM], int64_t b,
+                               int x_offset, __m256i (&sum_scaled)[RM]) {
+#ifdef __AVX512VNNI__
+  __m256i dot[RM];
+  NIBBLE_UNROLL
+  for (int i = 0; i < RM; ++i) dot[i] = _mm256_setzero_si256();
+  NIBBLE_UNROLL
+  for (int c4 = 0; c4 < 4; ++c4) {
+    const __m256i q = levels(c4);
+    NIBBLE_UNROLL
+    for (int i = 0; i < RM; ++i)
+      dot[i] = _mm256_dpbusd_epi32(dot[i], q, broadcast_4_bytes(x[i][b].qs + x_offset + 4 * c4));
+  }
+  NIBBLE_UNROLL
+  for (int i = 0; i < RM; ++i)
+    sum_scaled[i] = _mm256_add_epi32(sum_scaled[i], _mm256_mullo_epi32(dot[i], scale));
+#else
+  const __m256i scale2 =
+      _mm256_or_si256(_mm256_and_si256(scale, _mm256_set1_epi32(0xFFFF)), _mm256_slli_epi32(scale, 16));
+  NIBBLE_UNROLL
+  for (int c4 = 0; c4 < 4; ++c4) {
+    const __m256i q = levels(c4);
+    NIBBLE_UNROLL
+    for (int i = 0; i < RM; ++i) {
+      const __m256i pairs = _mm256_maddubs_epi16(q, broadcast_4_bytes(x[i][b].qs + x_offset + 4 * c4));
+      sum_scaled[i] = _mm256_add_epi32(sum_scaled[i], _mm256_madd_epi16(pairs, scale2));
+    }
+  }
+#endif
+}
+
 struct PackedQ6_K : PanelKernel<PackedQ6_K, DType::Q6_K, BlockQ8_K> {
   // Group g's 6-bit values for chunk c4 (0..3) of the group: lane j, byte t is the value of
   // element 16 g + 4 c4 + t of row j.
@@ -848,34 +885,8 @@ struct PackedQ6_K : PanelKernel<PackedQ6_K, DType::Q6_K, BlockQ8_K> {
                         __m256i (&sum_scaled)[RM]) {
     const __m256i scale =
         _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(group + 16 + 8 * g)));
-#ifdef __AVX512VNNI__
-    __m256i dot[RM];
-    NIBBLE_UNROLL
-    for (int i = 0; i < RM; ++i) dot[i] = _mm256_setzero_si256();
-    NIBBLE_UNROLL
-    for (int c4 = 0; c4 < 4; ++c4) {
-      const __m256i q = values<g>(group, c4);
-      NIBBLE_UNROLL
-      for (int i = 0; i < RM; ++i)
-        dot[i] = _mm256_dpbusd_epi32(dot[i], q, broadcast_4_bytes(x[i][b].qs + 16 * g + 4 * c4));
-    }
-    NIBBLE_UNROLL
-    for (int i = 0; i < RM; ++i)
-      sum_scaled[i] = _mm256_add_epi32(sum_scaled[i], _mm256_mullo_epi32(dot[i], scale));
-#else
-    // The scale in both 16-bit halves (two's complement), for madd.
-    const __m256i scale2 =
-        _mm256_or_si256(_mm256_and_si256(scale, _mm256_set1_epi32(0xFFFF)), _mm256_slli_epi32(scale, 16));
-    NIBBLE_UNROLL
-    for (int c4 = 0; c4 < 4; ++c4) {
-      const __m256i q = values<g>(group, c4);
-      NIBBLE_UNROLL
-      for (int i = 0; i < RM; ++i) {
-        const __m256i pairs = _mm256_maddubs_epi16(q, broadcast_4_bytes(x[i][b].qs + 16 * g + 4 * c4));
-        sum_scaled[i] = _mm256_add_epi32(sum_scaled[i], _mm256_madd_epi16(pairs, scale2));
-      }
-    }
-#endif
+    add_scaled_group16<RM>(
+        scale, [&](int c4) { return values<g>(group, c4); }, x, b, 16 * g, sum_scaled);
   }
 
   // (d · x_d) · (Σ_g scale · (q · x) − 32 · Σ_g scale · Σx) for each row of the tile.
@@ -955,35 +966,8 @@ struct PackedQ2_KFamily
   template <int g, int RM>
   static void add_group(const uint8_t* group, const BlockQ8_K* const (&x)[RM], int64_t b,
                         __m256i (&sum_scaled)[RM]) {
-    const __m256i group_scale = scale<g>(group);
-#ifdef __AVX512VNNI__
-    __m256i dot[RM];
-    NIBBLE_UNROLL
-    for (int i = 0; i < RM; ++i) dot[i] = _mm256_setzero_si256();
-    NIBBLE_UNROLL
-    for (int c4 = 0; c4 < 4; ++c4) {
-      const __m256i q = levels<g>(group, c4);
-      NIBBLE_UNROLL
-      for (int i = 0; i < RM; ++i)
-        dot[i] = _mm256_dpbusd_epi32(dot[i], q, broadcast_4_bytes(x[i][b].qs + 16 * g + 4 * c4));
-    }
-    NIBBLE_UNROLL
-    for (int i = 0; i < RM; ++i)
-      sum_scaled[i] = _mm256_add_epi32(sum_scaled[i], _mm256_mullo_epi32(dot[i], group_scale));
-#else
-    // The scale in both 16-bit halves (two's complement), for madd.
-    const __m256i scale2 = _mm256_or_si256(_mm256_and_si256(group_scale, _mm256_set1_epi32(0xFFFF)),
-                                           _mm256_slli_epi32(group_scale, 16));
-    NIBBLE_UNROLL
-    for (int c4 = 0; c4 < 4; ++c4) {
-      const __m256i q = levels<g>(group, c4);
-      NIBBLE_UNROLL
-      for (int i = 0; i < RM; ++i) {
-        const __m256i pairs = _mm256_maddubs_epi16(q, broadcast_4_bytes(x[i][b].qs + 16 * g + 4 * c4));
-        sum_scaled[i] = _mm256_add_epi32(sum_scaled[i], _mm256_madd_epi16(pairs, scale2));
-      }
-    }
-#endif
+    add_scaled_group16<RM>(
+        scale<g>(group), [&](int c4) { return levels<g>(group, c4); }, x, b, 16 * g, sum_scaled);
   }
 
   // Q2_K: (d · x_d) · Σ_g scale · (q · x) − (dmin · x_d) · Σ_g min · Σx; Q3_K: (d · x_d) · (Σ_g scale ·

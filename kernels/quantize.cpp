@@ -412,14 +412,8 @@ void quantize_block_q2_k(const float* x, BlockQ2_K* out) {
 float q3_k_sub_block_fit(const float* x, int8_t* levels) {
   constexpr int n = 16;
   constexpr int nmax = 4;
-  float amax = 0, max = 0;
-  for (int i = 0; i < n; ++i) {
-    if (std::fabs(x[i]) > amax) {
-      amax = std::fabs(x[i]);
-      max = x[i];
-    }
-  }
-  if (amax < 1e-15f) {
+  const float max = detail::signed_absmax(x, n);
+  if (std::fabs(max) < 1e-15f) {  // GGML's GROUP_MAX_EPS: all zero
     for (int i = 0; i < n; ++i) levels[i] = 0;
     return 0.0f;
   }
@@ -489,14 +483,8 @@ void quantize_block_q3_k(const float* x, BlockQ3_K* out) {
 // 18 nearby inverse scales, each with a least-squares scale, and keep the best. Returns the scale. Q6_K's
 // sub-blocks of 16 use nmax 32; with importance, Q4_0's blocks of 32 nmax 8 and Q5_0's 16.
 float fit_signed_levels(const float* x, int n, int nmax, int8_t* levels, const float* qw) {
-  float amax = 0, max = 0;
-  for (int i = 0; i < n; ++i) {
-    if (std::fabs(x[i]) > amax) {
-      amax = std::fabs(x[i]);
-      max = x[i];
-    }
-  }
-  if (amax < 1e-15f) {
+  const float max = detail::signed_absmax(x, n);
+  if (std::fabs(max) < 1e-15f) {  // GGML's GROUP_MAX_EPS: all zero
     for (int i = 0; i < n; ++i) levels[i] = 0;
     return 0.0f;
   }

@@ -254,8 +254,8 @@ TEST(RandomModel, RejectsBadArguments) {
   test::TempDir dir;
   const std::string path = (dir.path() / "x.gguf").string();
   LlamaShape shape = llama_shape_by_name("tiny");
-  EXPECT_THROW(write_random_llama(path, shape, DType::Q4_K, 1), std::invalid_argument);    // rows of 128
-  EXPECT_THROW(write_random_llama(path, shape, DType::IQ4_XS, 1), std::invalid_argument);  // no quantizer
+  EXPECT_THROW(write_random_llama(path, shape, DType::Q4_K, 1), std::invalid_argument);  // rows of 128
+  EXPECT_THROW(write_random_llama(path, shape, DType::Q8_K, 1), std::invalid_argument);  // activations only
   LlamaShape odd = shape;
   odd.n_embd = 100;  // not a multiple of the Q4_0 block
   EXPECT_THROW(write_random_llama(path, odd, DType::Q4_0, 1), std::invalid_argument);

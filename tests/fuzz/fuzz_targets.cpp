@@ -561,8 +561,7 @@ Outcome run_imatrix(std::span<const uint8_t> input) {
   require(back.entries.size() == m.entries.size(), "entries lost in the round trip");
   for (const auto& [name, e] : m.entries) {
     const auto it = back.entries.find(name);
-    require(it != back.entries.end() &&
-                static_cast<float>(it->second.count) == static_cast<float>(e.count) &&
+    require(it != back.entries.end() && static_cast<float>(it->second.count) == static_cast<float>(e.count) &&
                 it->second.sums.size() == e.sums.size() &&
                 std::memcmp(it->second.sums.data(), e.sums.data(), e.sums.size() * sizeof(float)) == 0,
             "entry '" + name + "' changed in the round trip");

@@ -58,7 +58,8 @@ kernels::DType requantized_type(const GgufTensorInfo& tensor, kernels::DType mat
 std::vector<uint8_t> convert_tensor(const GgufFile& in, const GgufTensorInfo& t, kernels::DType target,
                                     const std::vector<float>* importance, kernels::ThreadPool* pool) {
   const uint8_t* src = in.tensor_data(t);
-  if (target == t.type && importance == nullptr) return std::vector<uint8_t>(src, src + t.size_bytes);
+  // Already of the target type: copied, importance or not, as llama-quantize copies such a tensor.
+  if (target == t.type) return std::vector<uint8_t>(src, src + t.size_bytes);
   const int64_t n = t.row_elements();
   const int64_t block = kernels::type_info(target).block_elems;
   if (n % block != 0) {

@@ -68,7 +68,7 @@ void requantize_gguf(const GgufFile& in, const std::string& out_path, LlamaCppMi
                      const ImportanceMatrix* imatrix = nullptr);
 
 // One tensor of `in` converted to `target` as requantize_gguf does it (rows dequantized and
-// requantized; copied when already of that type and without importance): row_bytes(target, row length)
+// requantized; copied when already of that type): row_bytes(target, row length)
 // * rows bytes. importance: [row length] or null. pool: the rows split across it (serial without). Throws
 // GgufError naming the tensor as requantize_gguf does (which runs on every core).
 std::vector<uint8_t> convert_tensor(const GgufFile& in, const GgufTensorInfo& tensor, kernels::DType target,

@@ -80,12 +80,12 @@ void quantize_block_q5_1(const float* x, BlockQ5_1* out) {
 }
 
 // GGML's make_qkx2_quants: levels 0..nmax for x: [n] (n <= 32); start from the min/max grid, then try
-// nstep + 1 slightly different inverse scales ((rmin + 0.1 step + nmax) / range), each followed by a
+// nstep + 1 slightly different inverse scales ((rmin + rdelta · step + nmax) / range), each followed by a
 // weighted least-squares refit of scale and min, and keep the best (by weighted squared error, or
 // absolute error with use_mad). Returns the scale; *offset = -min; levels (when not null) gets the
 // chosen levels, as GGML's L (the quantizers keep them where a sub-block's stored scale rounds to 0).
-// Q4_K fits with nmax 15, rmin -1, 20 steps; Q5_K with 31, -0.5, 15; Q2_K's sub-blocks of 16 with 3,
-// -0.5, 15 and absolute error.
+// Q4_K fits with nmax 15, rmin -1, 20 steps of 0.1; Q5_K with 31, -0.5, 15; Q2_K's sub-blocks of 16 with
+// 3, -0.5, 15 and absolute error.
 // With importance weights (llama.cpp's quantize_row_q4_K_impl / _q5_K_impl, make_qkx3_quants) the
 // search is finer: rmin -0.9, steps of 0.05, 36 of them.
 struct SubBlockGrid {

@@ -1063,6 +1063,12 @@ float fit_q5_k_sub_block(const float* x, float* offset) {
   return fit_sub_block(x, weights, 32, kQ5_KGrid, offset);
 }
 
+float fit_q2_k_sub_block(const float* x, float* offset) {
+  float weights[16];
+  for (int l = 0; l < 16; ++l) weights[l] = std::fabs(x[l]);
+  return fit_sub_block(x, weights, 16, kQ2_KGrid, offset);
+}
+
 float fit_q3_k_sub_block(const float* x) {
   int8_t levels[16];
   return q3_k_sub_block_fit(x, levels);

@@ -28,6 +28,9 @@ Status quantize_row_weighted(DType type, const float* x, const float* importance
 float fit_q4_k_sub_block(const float* x, float* offset);
 // The same for Q5_K (make_qkx2_quants' Q5_K parameters: q in 0..31).
 float fit_q5_k_sub_block(const float* x, float* offset);
+// llama.cpp's Q2_K sub-block fit (make_qkx2_quants, weights |x|, absolute error): scale and offset for
+// x: [16] as scale * q - offset, q in 0..3.
+float fit_q2_k_sub_block(const float* x, float* offset);
 // llama.cpp's Q3_K sub-block fit (make_q3_quants, weights x²): the signed scale that best represents
 // x: [16] as scale * v, v in −4..3.
 float fit_q3_k_sub_block(const float* x);

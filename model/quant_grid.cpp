@@ -35,6 +35,8 @@ kernels::DType QuantGrid::gguf_type() const {
   switch (type) {
     case GridType::q4_0:
       return kernels::DType::Q4_0;
+    case GridType::q2_k:
+      return kernels::DType::Q2_K;
     case GridType::q3_k:
       return kernels::DType::Q3_K;
     case GridType::q4_k:
@@ -51,6 +53,8 @@ std::string QuantGrid::name() const {
   switch (type) {
     case GridType::q4_0:
       return "q4_0";
+    case GridType::q2_k:
+      return "q2_k";
     case GridType::q3_k:
       return "q3_k";
     case GridType::q4_k:
@@ -67,6 +71,8 @@ std::optional<QuantGrid> QuantGrid::for_gguf_type(kernels::DType type) {
   switch (type) {
     case kernels::DType::Q4_0:
       return q4_0();
+    case kernels::DType::Q2_K:
+      return q2_k();
     case kernels::DType::Q3_K:
       return q3_k();
     case kernels::DType::Q4_K:
@@ -131,19 +137,21 @@ void RowQuantizer::fit_super_block(int64_t col, const float* values) {
     super_scale_[sb] = iscale;
     return;
   }
-  // llama.cpp's rule: fit all 8 sub-blocks, d and dmin from the largest scale and offset.
+  // llama.cpp's rule: fit all sub-blocks, d and dmin from the largest scale and offset (as multiples of
+  // 63 for Q4_K / Q5_K's 6-bit scales, of 15 for Q2_K's 4-bit ones).
   const int64_t sb = col / kernels::kQK_K;
-  float scale[8], offset[8];
+  const int64_t n_sub = kernels::kQK_K / grid_.group_size;
+  const float steps = max_scale_level();
   float max_scale = 0, max_offset = 0;
-  for (int j = 0; j < 8; ++j) {
-    scale[j] = fit_sub_block(values + 32 * j, &offset[j]);
-    max_scale = std::max(max_scale, scale[j]);
-    max_offset = std::max(max_offset, offset[j]);
+  for (int64_t j = 0; j < n_sub; ++j) {
+    float offset = 0;
+    max_scale = std::max(max_scale, fit_sub_block(values + grid_.group_size * j, &offset));
+    max_offset = std::max(max_offset, offset);
   }
-  super_d_[sb] = fp32_to_fp16(max_scale / 63.0f);
-  super_dmin_[sb] = fp32_to_fp16(max_offset / 63.0f);
-  super_scale_[sb] = max_scale > 0 ? 63.0f / max_scale : 0.0f;     // inverse steps of the 6-bit scales
-  super_offset_[sb] = max_offset > 0 ? 63.0f / max_offset : 0.0f;  // and offsets
+  super_d_[sb] = fp32_to_fp16(max_scale / steps);
+  super_dmin_[sb] = fp32_to_fp16(max_offset / steps);
+  super_scale_[sb] = max_scale > 0 ? steps / max_scale : 0.0f;     // inverse steps of the scales
+  super_offset_[sb] = max_offset > 0 ? steps / max_offset : 0.0f;  // and offsets
 }
 
 void RowQuantizer::fit_group(int64_t col, const float* values) {
@@ -165,13 +173,15 @@ void RowQuantizer::fit_group(int64_t col, const float* values) {
       g.scale = fp16_to_fp32(super_d_[sb]) * static_cast<float>(level);  // the kernels' d * (sc - 32)
       break;
     }
+    case GridType::q2_k:
     case GridType::q4_k:
     case GridType::q5_k: {
       const int64_t sb = col / kernels::kQK_K;
       float offset = 0;
       const float scale = fit_sub_block(values, &offset);
-      g.sc = static_cast<uint8_t>(std::min(63, kernels::detail::nearest_int(super_scale_[sb] * scale)));
-      g.m = static_cast<uint8_t>(std::min(63, kernels::detail::nearest_int(super_offset_[sb] * offset)));
+      const int steps = max_scale_level();
+      g.sc = static_cast<uint8_t>(std::min(steps, kernels::detail::nearest_int(super_scale_[sb] * scale)));
+      g.m = static_cast<uint8_t>(std::min(steps, kernels::detail::nearest_int(super_offset_[sb] * offset)));
       g.scale = fp16_to_fp32(super_d_[sb]) * g.sc;  // the kernels' d * scale and dmin * min
       g.offset = fp16_to_fp32(super_dmin_[sb]) * g.m;
       break;
@@ -212,6 +222,7 @@ float RowQuantizer::quantize(int64_t col, float w) {
       level = g.scale != 0.0f ? round_clamped(w / g.scale, -4, 3) + 4 : 0;
       value = g.scale * static_cast<float>(level - 4);
       break;
+    case GridType::q2_k:
     case GridType::q4_k:
     case GridType::q5_k:
       level = g.scale != 0.0f ? round_clamped((w + g.offset) / g.scale, 0, max_level()) : 0;
@@ -227,11 +238,31 @@ float RowQuantizer::quantize(int64_t col, float w) {
 }
 
 float RowQuantizer::fit_sub_block(const float* values, float* offset) const {
+  if (grid_.type == GridType::q2_k) return kernels::fit_q2_k_sub_block(values, offset);
   return grid_.type == GridType::q5_k ? kernels::fit_q5_k_sub_block(values, offset)
                                       : kernels::fit_q4_k_sub_block(values, offset);
 }
 
-int RowQuantizer::max_level() const { return grid_.type == GridType::q5_k ? 31 : 15; }
+int RowQuantizer::max_level() const {
+  return grid_.type == GridType::q2_k ? 3 : grid_.type == GridType::q5_k ? 31 : 15;
+}
+
+int RowQuantizer::max_scale_level() const { return grid_.type == GridType::q2_k ? 15 : 63; }
+
+// A Q2_K row: the super-blocks' d and dmin, the groups' 4-bit scale and offset in one byte, the levels.
+void RowQuantizer::store_q2_k(QuantizedMatrix& out, int64_t row) const {
+  auto* blocks = reinterpret_cast<kernels::BlockQ2_K*>(out.blocks.data() +
+                                                       row * kernels::row_bytes(kernels::DType::Q2_K, k_));
+  for (int64_t b = 0; b < k_ / kernels::kQK_K; ++b) {
+    for (int j = 0; j < kernels::kQK_K / 16; ++j) {
+      const Group& g = groups_[static_cast<size_t>(16 * b + j)];
+      blocks[b].scales[j] = static_cast<uint8_t>(g.sc | (g.m << 4));
+    }
+    blocks[b].d = super_d_[static_cast<size_t>(b)];
+    blocks[b].dmin = super_dmin_[static_cast<size_t>(b)];
+    kernels::detail::q2_k_pack_low_bits(levels_.data() + b * kernels::kQK_K, blocks[b].qs);
+  }
+}
 
 // A Q4_K or Q5_K row: the super-blocks' d and dmin, the groups' 6-bit scales and offsets, the levels.
 template <typename Block>
@@ -294,6 +325,9 @@ void RowQuantizer::store(QuantizedMatrix& out, int64_t row) const {
       }
       break;
     }
+    case GridType::q2_k:
+      store_q2_k(out, row);
+      break;
     case GridType::q3_k:
       store_q3_k(out, row);
       break;

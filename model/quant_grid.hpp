@@ -10,6 +10,8 @@
 //              each sub-block's sc and m can then be refitted on other values against that fixed
 //              d and dmin, which is how GPTQ fits each group on the error-updated weights.
 //   q5_k       GGUF Q5_K: q4_k with levels 0..31 (and llama.cpp's Q5_K sub-block fit).
+//   q2_k       GGUF Q2_K: q4_k's scheme on 16 sub-blocks (groups) of 16 with 4-bit scales and offsets
+//              and levels 0..3 (llama.cpp's Q2_K sub-block fit).
 //   q3_k       GGUF Q3_K: super-blocks of 256 with fp16 d; 16 sub-blocks (groups) of 16 with a signed
 //              6-bit scale s; levels 0..7 meaning d * s * (q - 4). d comes from all 16 sub-blocks'
 //              fits (llama.cpp's make_q3_quants rule), each sub-block's s is then refitted against it.
@@ -27,7 +29,7 @@
 
 namespace nibble::model {
 
-enum class GridType { q4_0, q3_k, q4_k, q5_k, int4_asym };
+enum class GridType { q4_0, q2_k, q3_k, q4_k, q5_k, int4_asym };
 
 struct QuantGrid {
   GridType type = GridType::q4_0;
@@ -37,16 +39,20 @@ struct QuantGrid {
   static QuantGrid q4_k() { return {GridType::q4_k, 32}; }
   static QuantGrid q5_k() { return {GridType::q5_k, 32}; }
   static QuantGrid q3_k() { return {GridType::q3_k, 16}; }
+  static QuantGrid q2_k() { return {GridType::q2_k, 16}; }
   // group_size: 32, 64 or 128 (std::invalid_argument otherwise).
   static QuantGrid int4_asym(int64_t group_size);
 
-  // q3_k, q4_k and q5_k: super-blocks of 256 with 6-bit sub-block scales (and offsets).
-  bool k_quant() const { return type == GridType::q3_k || type == GridType::q4_k || type == GridType::q5_k; }
+  // q2_k ... q5_k: super-blocks of 256 with 4- or 6-bit sub-block scales (and offsets).
+  bool k_quant() const {
+    return type == GridType::q2_k || type == GridType::q3_k || type == GridType::q4_k ||
+           type == GridType::q5_k;
+  }
   // Columns whose parameters are fitted together first: 256 for a K-quant's super-block, else the group.
   int64_t super_block() const { return k_quant() ? kernels::kQK_K : group_size; }
-  // The GGUF tensor type of the blocks (Q4_0, Q3_K, Q4_K, Q5_K); int4_asym has none and throws.
+  // The GGUF tensor type of the blocks (Q4_0, Q2_K ... Q5_K); int4_asym has none and throws.
   kernels::DType gguf_type() const;
-  // The grid whose blocks are GGUF `type` (Q4_0, Q3_K, Q4_K, Q5_K), or nullopt.
+  // The grid whose blocks are GGUF `type` (Q4_0, Q2_K ... Q5_K), or nullopt.
   static std::optional<QuantGrid> for_gguf_type(kernels::DType type);
   std::string name() const;  // "q4_0", "q4_k", "int4_asym/g128"
 };
@@ -93,12 +99,14 @@ class RowQuantizer {
     uint8_t zero = 0;       // int4: zero point
     uint8_t sc = 0, m = 0;  // q4_k / q5_k: 6-bit scale and offset; q3_k: s + 32 in sc
   };
-  // The grid's sub-block fit (llama.cpp's Q4_K or Q5_K rule) and its largest level (15 or 31).
+  // The grid's sub-block fit (llama.cpp's Q2_K, Q4_K or Q5_K rule) and its largest level (3, 15 or 31).
   float fit_sub_block(const float* values, float* offset) const;
   int max_level() const;
+  int max_scale_level() const;  // the sub-block scales' and offsets' largest level: 15 (Q2_K) or 63
   template <typename Block>
   void store_k_quant(QuantizedMatrix& out, int64_t row) const;
   void store_q3_k(QuantizedMatrix& out, int64_t row) const;
+  void store_q2_k(QuantizedMatrix& out, int64_t row) const;
 
   QuantGrid grid_;
   int64_t k_;

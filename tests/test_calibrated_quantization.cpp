@@ -116,9 +116,9 @@ class CalibratedQuantization : public ::testing::Test {
   }
 };
 
-const std::vector<QuantGrid> kGrids = {QuantGrid::q4_0(),        QuantGrid::q3_k(),
-                                       QuantGrid::q4_k(),        QuantGrid::q5_k(),
-                                       QuantGrid::int4_asym(32), QuantGrid::int4_asym(128)};
+const std::vector<QuantGrid> kGrids = {QuantGrid::q4_0(),        QuantGrid::q2_k(), QuantGrid::q3_k(),
+                                       QuantGrid::q4_k(),        QuantGrid::q5_k(), QuantGrid::int4_asym(32),
+                                       QuantGrid::int4_asym(128)};
 
 TEST_F(CalibratedQuantization, GptqCutsHeldOutErrorBelowRtn) {
   for (const QuantGrid& grid : kGrids) {
@@ -130,7 +130,9 @@ TEST_F(CalibratedQuantization, GptqCutsHeldOutErrorBelowRtn) {
       const double ratio = output_error(held_out_, w_, q.dequantized, kOut, kIn) / rtn_error(grid);
       std::printf("GPTQ %-16s act-order %d: held-out error / RTN = %.3f\n", grid.name().c_str(), act_order,
                   ratio);
-      EXPECT_LE(ratio, 0.8);
+      // Q2_K's four levels leave GPTQ less room to move error to later columns in input order (0.81;
+      // 0.66 with act-order).
+      EXPECT_LE(ratio, grid.type == GridType::q2_k && !act_order ? 0.85 : 0.8);
       expect_blocks_decode_exactly(q);
     }
   }
@@ -210,7 +212,8 @@ TEST_F(CalibratedQuantization, GptqEqualsRtnOnUncorrelatedInputs) {
 }
 
 TEST_F(CalibratedQuantization, RtnBlocksAreGgmlReferenceBlocks) {
-  for (const QuantGrid& grid : {QuantGrid::q4_0(), QuantGrid::q3_k(), QuantGrid::q4_k(), QuantGrid::q5_k()}) {
+  for (const QuantGrid& grid :
+       {QuantGrid::q4_0(), QuantGrid::q2_k(), QuantGrid::q3_k(), QuantGrid::q4_k(), QuantGrid::q5_k()}) {
     SCOPED_TRACE(grid.name());
     const QuantizedMatrix q = rtn_quantize(w_.data(), kOut, kIn, grid);
     const int64_t bytes = kernels::row_bytes(grid.gguf_type(), kIn);

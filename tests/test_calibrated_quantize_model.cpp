@@ -205,10 +205,12 @@ TEST(CalibratedQuantizeModel, GptqIntoTheLlamaCppQ3_K_MQ4_K_MAndQ5_K_MMixes) {
     int calibrated, q6_k;  // layer matrices GPTQ changes; Q6_K tensors (rounded to nearest)
   };
   // Q4_K_M / Q5_K_M: 2 layers x 7 matrices, less layer 1's Q6_K attn_v and ffn_down (those two and the
-  // head Q6_K). Q3_K_M: every layer matrix has a grid (Q3_K; attn_v Q5_K, attn_output and ffn_down Q4_K).
+  // head Q6_K). Q3_K_M: every layer matrix has a grid (Q3_K; attn_v Q5_K, attn_output and ffn_down Q4_K);
+  // Q2_K too (Q2_K; attn_output, ffn_down and, with 2 query heads a KV head, attn_v Q3_K).
   for (const Mix& m : {Mix{model::LlamaCppMix::q4_k_m, "q4_k_m", DType::Q4_K, 15, 12, 3},
                        Mix{model::LlamaCppMix::q5_k_m, "q5_k_m", DType::Q5_K, 17, 12, 3},
-                       Mix{model::LlamaCppMix::q3_k_m, "q3_k_m", DType::Q3_K, 12, 14, 1}}) {
+                       Mix{model::LlamaCppMix::q3_k_m, "q3_k_m", DType::Q3_K, 12, 14, 1},
+                       Mix{model::LlamaCppMix::q2_k, "q2_k", DType::Q2_K, 10, 14, 1}}) {
     SCOPED_TRACE(m.name);
     const fs::path rtn = dir.path() / (std::string("rtn-") + m.name + ".gguf");
     const fs::path gptq = dir.path() / (std::string("gptq-") + m.name + ".gguf");

@@ -322,8 +322,9 @@ void calibrated_quantize_gguf(std::shared_ptr<const model::GgufFile> in, std::st
   const std::optional<model::QuantGrid> type_grid =
       options.grid ? options.grid : model::QuantGrid::for_gguf_type(options.type);
   if (!type_grid) {
-    throw std::invalid_argument(std::string("calibrated quantization writes q4_0, q3_k, q4_k or q5_k, not ") +
-                                kernels::type_name(options.type));
+    throw std::invalid_argument(
+        std::string("calibrated quantization writes q4_0, q2_k, q3_k, q4_k or q5_k, not ") +
+        kernels::type_name(options.type));
   }
   const model::QuantGrid grid = *type_grid;
   for (const auto& [name, type] : options.tensor_types) {

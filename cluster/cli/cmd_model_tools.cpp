@@ -230,7 +230,7 @@ Runner add_quantize(CLI::App& app) {
       "or "
       "q5_k); or one of llama-quantize's mixes, q2_k, q3_k_s, q3_k_m, q3_k_l, q4_k_s, q4_k_m, q5_k_s, "
       "q5_k_m, "
-      "iq4_nl, iq4_xs (llama.cpp's tensor types; rtn: its bytes; gptq: the mix's Q3_K / Q4_K / Q5_K layer "
+      "iq4_nl, iq4_xs (llama.cpp's tensor types; rtn: its bytes; gptq: the mix's Q2_K ... Q5_K layer "
       "matrices calibrated, the others rounded to nearest)");
   app.add_flag("--pure", a->pure, "Quantize every matrix, the embedding and output head included");
   app.add_option("--imatrix", a->imatrix,

@@ -72,6 +72,23 @@ static inline void q2_k_pack_low_bits(const uint8_t* levels, uint8_t* qs) {
   }
 }
 
+// Packs 256 levels (0..63) into a Q6_K block: in each half of 128, the low 4 bits of elements l, l + 32,
+// l + 64, l + 96 into ql (l and l + 64 share ql[l], l + 32 and l + 96 ql[l + 32]), their top 2 bits into
+// qh[l] at bits 0, 2, 4, 6.
+static inline void q6_k_pack_levels(const uint8_t* levels, uint8_t* ql, uint8_t* qh) {
+  for (int j = 0; j < kQK_K; j += 128) {
+    for (int l = 0; l < 32; ++l) {
+      const auto q = [&](int o) { return levels[j + l + o]; };
+      ql[l] = static_cast<uint8_t>((q(0) & 0xF) | ((q(64) & 0xF) << 4));
+      ql[l + 32] = static_cast<uint8_t>((q(32) & 0xF) | ((q(96) & 0xF) << 4));
+      qh[l] =
+          static_cast<uint8_t>((q(0) >> 4) | ((q(32) >> 4) << 2) | ((q(64) >> 4) << 4) | ((q(96) >> 4) << 6));
+    }
+    ql += 64;
+    qh += 32;
+  }
+}
+
 // The value of largest magnitude among x[0, n), with its sign (the first one on a tie), as GGML's
 // Q4_0 / Q5_0 / Q8_K quantizers pick it.
 static inline float signed_absmax(const float* x, int64_t n) {

@@ -516,7 +516,7 @@ float fit_signed_levels(const float* x, int n, int nmax, int8_t* levels, const f
   return scale;
 }
 
-float fit_q6_k_sub_block(const float* x, int8_t* levels, const float* qw = nullptr) {
+float q6_k_sub_block_fit(const float* x, int8_t* levels, const float* qw = nullptr) {
   return fit_signed_levels(x, 16, 32, levels, qw);
 }
 
@@ -736,7 +736,7 @@ void quantize_block_q6_k(const float* x, BlockQ6_K* out, const float* qw = nullp
   float scales[kQK_K / 16];
   float max_scale = 0, max_abs_scale = 0;
   for (int ib = 0; ib < kQK_K / 16; ++ib) {
-    scales[ib] = fit_q6_k_sub_block(x + 16 * ib, levels + 16 * ib, qw != nullptr ? qw + 16 * ib : nullptr);
+    scales[ib] = q6_k_sub_block_fit(x + 16 * ib, levels + 16 * ib, qw != nullptr ? qw + 16 * ib : nullptr);
     if (std::fabs(scales[ib]) > max_abs_scale) {
       max_abs_scale = std::fabs(scales[ib]);
       max_scale = scales[ib];
@@ -757,19 +757,7 @@ void quantize_block_q6_k(const float* x, BlockQ6_K* out, const float* qw = nullp
       levels[16 * j + i] =
           static_cast<int8_t>(std::clamp(detail::nearest_int(x[16 * j + i] / d), -32, 31) + 32);
   }
-  uint8_t* ql = out->ql;
-  uint8_t* qh = out->qh;
-  for (int j = 0; j < kQK_K; j += 128) {
-    for (int l = 0; l < 32; ++l) {
-      const auto q = [&](int o) { return static_cast<uint8_t>(levels[j + l + o]); };
-      ql[l] = static_cast<uint8_t>((q(0) & 0xF) | ((q(64) & 0xF) << 4));
-      ql[l + 32] = static_cast<uint8_t>((q(32) & 0xF) | ((q(96) & 0xF) << 4));
-      qh[l] =
-          static_cast<uint8_t>((q(0) >> 4) | ((q(32) >> 4) << 2) | ((q(64) >> 4) << 4) | ((q(96) >> 4) << 6));
-    }
-    ql += 64;
-    qh += 32;
-  }
+  detail::q6_k_pack_levels(reinterpret_cast<const uint8_t*>(levels), out->ql, out->qh);
 }
 
 void dequantize_block_q4_0(const BlockQ4_0& block, float* y) {
@@ -1061,6 +1049,11 @@ float fit_q5_k_sub_block(const float* x, float* offset) {
   float weights[32];
   sub_block_weights(x, weights);
   return fit_sub_block(x, weights, 32, kQ5_KGrid, offset);
+}
+
+float fit_q6_k_sub_block(const float* x) {
+  int8_t levels[16];
+  return q6_k_sub_block_fit(x, levels);
 }
 
 float fit_q2_k_sub_block(const float* x, float* offset) {

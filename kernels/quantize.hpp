@@ -31,6 +31,9 @@ float fit_q5_k_sub_block(const float* x, float* offset);
 // llama.cpp's Q2_K sub-block fit (make_qkx2_quants, weights |x|, absolute error): scale and offset for
 // x: [16] as scale * q - offset, q in 0..3.
 float fit_q2_k_sub_block(const float* x, float* offset);
+// llama.cpp's Q6_K sub-block fit (make_qx_quants, weights x²): the signed scale for x: [16] as scale * v,
+// v in −32..31.
+float fit_q6_k_sub_block(const float* x);
 // llama.cpp's Q3_K sub-block fit (make_q3_quants, weights x²): the signed scale that best represents
 // x: [16] as scale * v, v in −4..3.
 float fit_q3_k_sub_block(const float* x);

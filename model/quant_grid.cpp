@@ -43,6 +43,8 @@ kernels::DType QuantGrid::gguf_type() const {
       return kernels::DType::Q4_K;
     case GridType::q5_k:
       return kernels::DType::Q5_K;
+    case GridType::q6_k:
+      return kernels::DType::Q6_K;
     case GridType::int4_asym:
       break;
   }
@@ -61,6 +63,8 @@ std::string QuantGrid::name() const {
       return "q4_k";
     case GridType::q5_k:
       return "q5_k";
+    case GridType::q6_k:
+      return "q6_k";
     case GridType::int4_asym:
       break;
   }
@@ -79,6 +83,8 @@ std::optional<QuantGrid> QuantGrid::for_gguf_type(kernels::DType type) {
       return q4_k();
     case kernels::DType::Q5_K:
       return q5_k();
+    case kernels::DType::Q6_K:
+      return q6_k();
     default:
       return std::nullopt;
   }
@@ -121,19 +127,23 @@ RowQuantizer::RowQuantizer(QuantGrid grid, int64_t k)
 
 void RowQuantizer::fit_super_block(int64_t col, const float* values) {
   if (!grid_.k_quant()) return;  // the super-block is the group
-  if (grid_.type == GridType::q3_k) {
-    // llama.cpp's rule: the sub-block scale of largest magnitude, with its sign, maps to -32.
+  if (grid_.type == GridType::q3_k || grid_.type == GridType::q6_k) {
+    // llama.cpp's rule: the sub-block scale of largest magnitude, with its sign, maps to -32 (Q3_K's 6-bit
+    // scales) or -128 (Q6_K's int8 ones); Q6_K's all-zero super-block is all zero.
+    const bool q6 = grid_.type == GridType::q6_k;
     const int64_t sb = col / kernels::kQK_K;
     float max_scale = 0, max_abs = 0;
     for (int j = 0; j < kernels::kQK_K / 16; ++j) {
-      const float scale = kernels::fit_q3_k_sub_block(values + 16 * j);
+      const float scale =
+          q6 ? kernels::fit_q6_k_sub_block(values + 16 * j) : kernels::fit_q3_k_sub_block(values + 16 * j);
       if (std::fabs(scale) > max_abs) {
         max_abs = std::fabs(scale);
         max_scale = scale;
       }
     }
-    const float iscale = max_scale != 0.0f ? -32.0f / max_scale : 0.0f;
-    super_d_[sb] = max_scale != 0.0f ? fp32_to_fp16(1 / iscale) : fp32_to_fp16(0.0f);
+    const bool zero = q6 ? max_abs < 1e-15f : max_scale == 0.0f;
+    const float iscale = zero ? 0.0f : (q6 ? -128.0f : -32.0f) / max_scale;
+    super_d_[sb] = zero ? fp32_to_fp16(0.0f) : fp32_to_fp16(1 / iscale);
     super_scale_[sb] = iscale;
     return;
   }
@@ -171,6 +181,15 @@ void RowQuantizer::fit_group(int64_t col, const float* values) {
       const int level = std::clamp(round_clamped(scaled, -128, 127), -32, 31);
       g.sc = static_cast<uint8_t>(level + 32);
       g.scale = fp16_to_fp32(super_d_[sb]) * static_cast<float>(level);  // the kernels' d * (sc - 32)
+      break;
+    }
+    case GridType::q6_k: {
+      const int64_t sb = col / kernels::kQK_K;
+      // Through int8_t as GGML does (min 127; |iscale · scale| <= 128 for the fitted values).
+      const float scaled = super_scale_[sb] * kernels::fit_q6_k_sub_block(values);
+      const auto level = static_cast<int8_t>(std::min(127, round_clamped(scaled, -128, 127)));
+      g.sc = static_cast<uint8_t>(level);
+      g.scale = fp16_to_fp32(super_d_[sb]) * static_cast<float>(level);  // the kernels' d * scale
       break;
     }
     case GridType::q2_k:
@@ -217,6 +236,11 @@ float RowQuantizer::quantize(int64_t col, float w) {
       level = static_cast<int>(std::clamp(w * g.rounding + 8.5f, 0.0f, 15.0f));
       value = static_cast<float>(level - 8) * g.scale;
       break;
+    case GridType::q6_k:
+      // A zero scale stores level 0, as GGML does for an all-zero sub-block (its value is 0 either way).
+      level = g.scale != 0.0f ? round_clamped(w / g.scale, -32, 31) + 32 : 0;
+      value = g.scale * static_cast<float>(level - 32);
+      break;
     case GridType::q3_k:
       // A zero scale stores level 0, as GGML does for an all-zero sub-block (its value is 0 either way).
       level = g.scale != 0.0f ? round_clamped(w / g.scale, -4, 3) + 4 : 0;
@@ -248,6 +272,18 @@ int RowQuantizer::max_level() const {
 }
 
 int RowQuantizer::max_scale_level() const { return grid_.type == GridType::q2_k ? 15 : 63; }
+
+// A Q6_K row: the super-blocks' d, the groups' int8 scales, the levels (0..63) split into ql and qh.
+void RowQuantizer::store_q6_k(QuantizedMatrix& out, int64_t row) const {
+  auto* blocks = reinterpret_cast<kernels::BlockQ6_K*>(out.blocks.data() +
+                                                       row * kernels::row_bytes(kernels::DType::Q6_K, k_));
+  for (int64_t b = 0; b < k_ / kernels::kQK_K; ++b) {
+    for (int j = 0; j < kernels::kQK_K / 16; ++j)
+      blocks[b].scales[j] = static_cast<int8_t>(groups_[static_cast<size_t>(16 * b + j)].sc);
+    blocks[b].d = super_d_[static_cast<size_t>(b)];
+    kernels::detail::q6_k_pack_levels(levels_.data() + b * kernels::kQK_K, blocks[b].ql, blocks[b].qh);
+  }
+}
 
 // A Q2_K row: the super-blocks' d and dmin, the groups' 4-bit scale and offset in one byte, the levels.
 void RowQuantizer::store_q2_k(QuantizedMatrix& out, int64_t row) const {
@@ -327,6 +363,9 @@ void RowQuantizer::store(QuantizedMatrix& out, int64_t row) const {
     }
     case GridType::q2_k:
       store_q2_k(out, row);
+      break;
+    case GridType::q6_k:
+      store_q6_k(out, row);
       break;
     case GridType::q3_k:
       store_q3_k(out, row);

@@ -12,6 +12,9 @@
 //   q5_k       GGUF Q5_K: q4_k with levels 0..31 (and llama.cpp's Q5_K sub-block fit).
 //   q2_k       GGUF Q2_K: q4_k's scheme on 16 sub-blocks (groups) of 16 with 4-bit scales and offsets
 //              and levels 0..3 (llama.cpp's Q2_K sub-block fit).
+//   q6_k       GGUF Q6_K: super-blocks of 256 with fp16 d; 16 sub-blocks (groups) of 16 with an int8 scale
+//              s; levels 0..63 meaning d * s * (q - 32) (llama.cpp's make_qx_quants fit; d maps the
+//              largest-magnitude sub-block scale to -128).
 //   q3_k       GGUF Q3_K: super-blocks of 256 with fp16 d; 16 sub-blocks (groups) of 16 with a signed
 //              6-bit scale s; levels 0..7 meaning d * s * (q - 4). d comes from all 16 sub-blocks'
 //              fits (llama.cpp's make_q3_quants rule), each sub-block's s is then refitted against it.
@@ -29,7 +32,7 @@
 
 namespace nibble::model {
 
-enum class GridType { q4_0, q2_k, q3_k, q4_k, q5_k, int4_asym };
+enum class GridType { q4_0, q2_k, q3_k, q4_k, q5_k, q6_k, int4_asym };
 
 struct QuantGrid {
   GridType type = GridType::q4_0;
@@ -40,19 +43,20 @@ struct QuantGrid {
   static QuantGrid q5_k() { return {GridType::q5_k, 32}; }
   static QuantGrid q3_k() { return {GridType::q3_k, 16}; }
   static QuantGrid q2_k() { return {GridType::q2_k, 16}; }
+  static QuantGrid q6_k() { return {GridType::q6_k, 16}; }
   // group_size: 32, 64 or 128 (std::invalid_argument otherwise).
   static QuantGrid int4_asym(int64_t group_size);
 
   // q2_k ... q5_k: super-blocks of 256 with 4- or 6-bit sub-block scales (and offsets).
   bool k_quant() const {
     return type == GridType::q2_k || type == GridType::q3_k || type == GridType::q4_k ||
-           type == GridType::q5_k;
+           type == GridType::q5_k || type == GridType::q6_k;
   }
   // Columns whose parameters are fitted together first: 256 for a K-quant's super-block, else the group.
   int64_t super_block() const { return k_quant() ? kernels::kQK_K : group_size; }
-  // The GGUF tensor type of the blocks (Q4_0, Q2_K ... Q5_K); int4_asym has none and throws.
+  // The GGUF tensor type of the blocks (Q4_0, Q2_K ... Q6_K); int4_asym has none and throws.
   kernels::DType gguf_type() const;
-  // The grid whose blocks are GGUF `type` (Q4_0, Q2_K ... Q5_K), or nullopt.
+  // The grid whose blocks are GGUF `type` (Q4_0, Q2_K ... Q6_K), or nullopt.
   static std::optional<QuantGrid> for_gguf_type(kernels::DType type);
   std::string name() const;  // "q4_0", "q4_k", "int4_asym/g128"
 };
@@ -97,7 +101,7 @@ class RowQuantizer {
     float rounding = 0;     // q4_0: 1 / unrounded d (GGML rounds with it); int4: 1 / scale
     float offset = 0;       // q4_k / q5_k: dmin * m
     uint8_t zero = 0;       // int4: zero point
-    uint8_t sc = 0, m = 0;  // q4_k / q5_k: 6-bit scale and offset; q3_k: s + 32 in sc
+    uint8_t sc = 0, m = 0;  // q4_k / q5_k: 6-bit scale and offset; q3_k: s + 32 in sc; q6_k: s's bits
   };
   // The grid's sub-block fit (llama.cpp's Q2_K, Q4_K or Q5_K rule) and its largest level (3, 15 or 31).
   float fit_sub_block(const float* values, float* offset) const;
@@ -107,6 +111,7 @@ class RowQuantizer {
   void store_k_quant(QuantizedMatrix& out, int64_t row) const;
   void store_q3_k(QuantizedMatrix& out, int64_t row) const;
   void store_q2_k(QuantizedMatrix& out, int64_t row) const;
+  void store_q6_k(QuantizedMatrix& out, int64_t row) const;
 
   QuantGrid grid_;
   int64_t k_;

@@ -183,10 +183,10 @@ TEST(CalibratedQuantizeModel, AwqFoldsScalesWithoutChangingTheModel) {
   }
 }
 
-// GPTQ into llama-quantize's Q3_K_M, Q4_K_M and Q5_K_M mixes: the mix's type for every tensor, every
-// layer matrix of a type with a grid (Q3_K, Q4_K, Q5_K) calibrated (closer to the float model than the
-// RTN mix on held-out windows), everything else (the "more bits" layers' Q6_K attn_v / ffn_down, the
-// embedding, the Q6_K head) rounded to nearest, byte for byte llama.cpp's (the RTN mix).
+// GPTQ into llama-quantize's Q2_K, Q3_K_M, Q4_K_M and Q5_K_M mixes: the mix's type for every tensor, every
+// layer matrix calibrated on its type's grid (Q2_K ... Q6_K; closer to the float model than the RTN mix on
+// held-out windows), the embedding and the Q6_K head rounded to nearest, byte for byte llama.cpp's (the
+// RTN mix).
 TEST(CalibratedQuantizeModel, GptqIntoTheLlamaCppQ3_K_MQ4_K_MAndQ5_K_MMixes) {
   test::TempDir dir;
   const model::LlamaShape shape = rows_of_256(/*n_head_kv=*/2);
@@ -204,11 +204,12 @@ TEST(CalibratedQuantizeModel, GptqIntoTheLlamaCppQ3_K_MQ4_K_MAndQ5_K_MMixes) {
     uint32_t file_type;
     int calibrated, q6_k;  // layer matrices GPTQ changes; Q6_K tensors (rounded to nearest)
   };
-  // Q4_K_M / Q5_K_M: 2 layers x 7 matrices, less layer 1's Q6_K attn_v and ffn_down (those two and the
-  // head Q6_K). Q3_K_M: every layer matrix has a grid (Q3_K; attn_v Q5_K, attn_output and ffn_down Q4_K);
-  // Q2_K too (Q2_K; attn_output, ffn_down and, with 2 query heads a KV head, attn_v Q3_K).
-  for (const Mix& m : {Mix{model::LlamaCppMix::q4_k_m, "q4_k_m", DType::Q4_K, 15, 12, 3},
-                       Mix{model::LlamaCppMix::q5_k_m, "q5_k_m", DType::Q5_K, 17, 12, 3},
+  // Q4_K_M / Q5_K_M: 2 layers x 7 matrices, layer 1's Q6_K attn_v and ffn_down on the Q6_K grid (those two
+  // and the head Q6_K, which stays rounded to nearest). Q3_K_M: every layer matrix has a grid (Q3_K; attn_v
+  // Q5_K, attn_output and ffn_down Q4_K); Q2_K too (Q2_K; attn_output, ffn_down and, with 2 query heads a KV
+  // head, attn_v Q3_K).
+  for (const Mix& m : {Mix{model::LlamaCppMix::q4_k_m, "q4_k_m", DType::Q4_K, 15, 14, 3},
+                       Mix{model::LlamaCppMix::q5_k_m, "q5_k_m", DType::Q5_K, 17, 14, 3},
                        Mix{model::LlamaCppMix::q3_k_m, "q3_k_m", DType::Q3_K, 12, 14, 1},
                        Mix{model::LlamaCppMix::q2_k, "q2_k", DType::Q2_K, 10, 14, 1}}) {
     SCOPED_TRACE(m.name);

@@ -152,7 +152,7 @@ void gptq_layer(const model::GgufFile& file, LayerRunner& runner, int64_t layer,
       const int64_t k = acc->k();
       const int64_t n_out = static_cast<int64_t>(w.size()) / k;
       // A matrix of another type than options.type is calibrated on that type's grid where it has one (a
-      // mix's Q3_K / Q4_K / Q5_K matrices), else rounded to nearest (Q6_K, Q8_0).
+      // mix's Q2_K ... Q6_K matrices), else rounded to nearest (Q8_0).
       const auto high = options.tensor_types.find(name);
       const std::optional<model::QuantGrid> matrix_grid =
           high != options.tensor_types.end() ? model::QuantGrid::for_gguf_type(high->second) : grid;
@@ -322,9 +322,8 @@ void calibrated_quantize_gguf(std::shared_ptr<const model::GgufFile> in, std::st
   const std::optional<model::QuantGrid> type_grid =
       options.grid ? options.grid : model::QuantGrid::for_gguf_type(options.type);
   if (!type_grid) {
-    throw std::invalid_argument(
-        std::string("calibrated quantization writes q4_0, q2_k, q3_k, q4_k or q5_k, not ") +
-        kernels::type_name(options.type));
+    throw std::invalid_argument(std::string("calibrated quantization writes q4_0, q2_k ... q6_k, not ") +
+                                kernels::type_name(options.type));
   }
   const model::QuantGrid grid = *type_grid;
   for (const auto& [name, type] : options.tensor_types) {

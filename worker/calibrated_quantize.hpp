@@ -56,7 +56,7 @@ struct CalibratedQuantizeOptions {
   std::optional<model::QuantGrid> grid;
   std::function<void(const std::string& tensor, model::QuantizedMatrix&& matrix)> matrix_sink;
   // Mixed precision (worker/mixed_precision) and llama.cpp's mixes: tensors stored in another type than
-  // `type`. GPTQ calibrates a layer matrix on its type's grid where it has one (Q4_0, Q2_K ... Q5_K)
+  // `type`. GPTQ calibrates a layer matrix on its type's grid where it has one (Q4_0, Q2_K ... Q6_K)
   // and rounds it to nearest otherwise (Q6_K, Q8_0), then calibrates the later matrices on those
   // values. And metadata to add.
   std::map<std::string, kernels::DType> tensor_types;
@@ -65,8 +65,9 @@ struct CalibratedQuantizeOptions {
 
 // GPTQ into llama-quantize's mixes: sets options.type to the mix's default type and options.tensor_types
 // to the mix's type for every other matrix and for the embedding and head, so that GPTQ calibrates every
-// layer matrix of a type with a grid (Q2_K ... Q5_K) and rounds the others to nearest (Q6_K, Q8_0 as
-// llama.cpp stores them; the IQ4 mixes have no grid and are refused); general.file_type becomes the mix's.
+// layer matrix of a type with a grid (Q2_K ... Q6_K) and rounds the rest to nearest (the embedding and the
+// head, as llama.cpp stores them; the IQ4 mixes have no grid and are refused); general.file_type becomes the
+// mix's.
 // Throws std::invalid_argument for AWQ (its folded scales take no per-tensor types).
 void use_llama_cpp_mix(const model::GgufFile& in, model::LlamaCppMix mix, CalibratedQuantizeOptions& options);
 

@@ -230,8 +230,8 @@ Runner add_quantize(CLI::App& app) {
       "or "
       "q5_k); or one of llama-quantize's mixes, q2_k, q3_k_s, q3_k_m, q3_k_l, q4_k_s, q4_k_m, q5_k_s, "
       "q5_k_m, "
-      "iq4_nl, iq4_xs (llama.cpp's tensor types; rtn: its bytes; gptq: the mix's Q2_K ... Q5_K layer "
-      "matrices calibrated, the others rounded to nearest)");
+      "iq4_nl, iq4_xs (llama.cpp's tensor types; rtn: its bytes; gptq: its layer matrices calibrated on "
+      "their types' grids, the embedding and head rounded to nearest)");
   app.add_flag("--pure", a->pure, "Quantize every matrix, the embedding and output head included");
   app.add_option("--imatrix", a->imatrix,
                  "rtn: weigh each column's rounding error by an importance matrix (llama.cpp's imatrix GGUF "

@@ -978,41 +978,40 @@ Status quantize_row(DType type, const float* x, void* out, int64_t n) {
   return Status::ok;
 }
 
+namespace {
+
+// quantize(x_b, importance_b, &block_b) for each super-block of 256 of a row; x, importance: [n].
+template <typename Block, typename Quantize>
+Status quantize_super_blocks(const float* x, const float* importance, void* out, int64_t n,
+                             Quantize quantize) {
+  auto* dst = static_cast<Block*>(out);
+  for (int64_t b = 0; b < n / kQK_K; ++b) quantize(x + b * kQK_K, importance + b * kQK_K, dst + b);
+  return Status::ok;
+}
+
+}  // namespace
+
 Status quantize_row_weighted(DType type, const float* x, const float* importance, void* out, int64_t n) {
   if (importance == nullptr) return quantize_row(type, x, out, n);
   if (type_info(static_cast<uint32_t>(type)) == nullptr) return Status::unsupported_type;
   if (!valid_row(type, out, x, n)) return Status::invalid_argument;
   switch (type) {
-    case DType::Q4_K: {
-      auto* dst = static_cast<BlockQ4_K*>(out);
-      for (int64_t b = 0; b < n / kQK_K; ++b)
-        quantize_block_q4_k(x + b * kQK_K, dst + b, importance + b * kQK_K);
-      return Status::ok;
-    }
-    case DType::Q5_K: {
-      auto* dst = static_cast<BlockQ5_K*>(out);
-      for (int64_t b = 0; b < n / kQK_K; ++b)
-        quantize_block_q5_k(x + b * kQK_K, dst + b, importance + b * kQK_K);
-      return Status::ok;
-    }
-    case DType::Q6_K: {
-      auto* dst = static_cast<BlockQ6_K*>(out);
-      for (int64_t b = 0; b < n / kQK_K; ++b)
-        quantize_block_q6_k(x + b * kQK_K, dst + b, importance + b * kQK_K);
-      return Status::ok;
-    }
-    case DType::Q2_K: {
-      auto* dst = static_cast<BlockQ2_K*>(out);
-      for (int64_t b = 0; b < n / kQK_K; ++b)
-        quantize_block_q2_k_weighted(x + b * kQK_K, importance + b * kQK_K, dst + b);
-      return Status::ok;
-    }
-    case DType::Q3_K: {
-      auto* dst = static_cast<BlockQ3_K*>(out);
-      for (int64_t b = 0; b < n / kQK_K; ++b)
-        quantize_block_q3_k_weighted(x + b * kQK_K, importance + b * kQK_K, dst + b);
-      return Status::ok;
-    }
+    case DType::Q2_K:
+      return quantize_super_blocks<BlockQ2_K>(x, importance, out, n, quantize_block_q2_k_weighted);
+    case DType::Q3_K:
+      return quantize_super_blocks<BlockQ3_K>(x, importance, out, n, quantize_block_q3_k_weighted);
+    case DType::Q4_K:
+      return quantize_super_blocks<BlockQ4_K>(
+          x, importance, out, n,
+          [](const float* xb, const float* qw, BlockQ4_K* b) { quantize_block_q4_k(xb, b, qw); });
+    case DType::Q5_K:
+      return quantize_super_blocks<BlockQ5_K>(
+          x, importance, out, n,
+          [](const float* xb, const float* qw, BlockQ5_K* b) { quantize_block_q5_k(xb, b, qw); });
+    case DType::Q6_K:
+      return quantize_super_blocks<BlockQ6_K>(
+          x, importance, out, n,
+          [](const float* xb, const float* qw, BlockQ6_K* b) { quantize_block_q6_k(xb, b, qw); });
     case DType::IQ4_NL:
     case DType::IQ4_XS:
       quantize_row_iq4(type, x, importance, out, n);

@@ -11,6 +11,7 @@
 #include "kernels/cuda/int4_tiles.cuh"
 #include "kernels/cuda/launch_status.cuh"
 #include "kernels/cuda/random_weights.cuh"
+#include "kernels/cuda/w4a16_gemv.cuh"
 #include "kernels/int4_groups.hpp"
 #include "kernels/int4_tiles.hpp"
 #include "kernels/q6_k_planes.hpp"
@@ -90,7 +91,14 @@ DeviceKind device_kind(const model::WeightMatrix& w, int64_t q4_0_min_group, boo
     return kernels::int4_group_size(w.type, w.data, w.n_out, w.k) > 0 ? DeviceKind::int4_groups
                                                                       : DeviceKind::q8_0;
   }
+  if (kc::w4a16_reads_gguf_blocks(w.type) && w.k % kernels::type_info(w.type).block_elems == 0)
+    return DeviceKind::gguf_blocks;
   return DeviceKind::f16;
+}
+
+bool same_device_storage(const model::WeightMatrix& a, const model::WeightMatrix& b, int64_t q4_0_min_group) {
+  const DeviceKind kind = device_kind(a, q4_0_min_group);
+  return kind == device_kind(b, q4_0_min_group) && (kind != DeviceKind::gguf_blocks || a.type == b.type);
 }
 
 Int4Layout worker_layout(kc::Int4Layout layout) {
@@ -163,16 +171,18 @@ DeviceMatrix upload_matrix(std::initializer_list<const model::WeightMatrix*> par
   DeviceMatrix d;
   const model::WeightMatrix& first = **parts.begin();
   d.kind = device_kind(first, q4_0_min_group, lookup);
+  if (d.kind == DeviceKind::gguf_blocks) d.gguf_type = first.type;
   d.k = first.k;
   for (const model::WeightMatrix* w : parts) {
     if (w->data == nullptr) throw std::invalid_argument("a weight matrix has no data to upload");
-    if (w->k != d.k || device_kind(*w, q4_0_min_group, lookup) != d.kind)
+    if (w->k != d.k || device_kind(*w, q4_0_min_group, lookup) != d.kind ||
+        (d.kind == DeviceKind::gguf_blocks && w->type != d.gguf_type))
       throw std::logic_error("upload_matrix: parts disagree");
     d.n_out += w->n_out;
   }
   std::vector<uint8_t> host;
   if (d.kind == DeviceKind::q4_0 || d.kind == DeviceKind::q4_k || d.kind == DeviceKind::q6_k ||
-      d.kind == DeviceKind::q8_0) {
+      d.kind == DeviceKind::q8_0 || d.kind == DeviceKind::gguf_blocks) {
     if (d.kind == DeviceKind::q6_k) {  // each part's blocks into its rows of the planes the kernels read
       host.resize(static_cast<size_t>(kernels::q6_k_planes_layout(d.n_out, d.k).bytes));
       int64_t row = 0;
@@ -248,7 +258,7 @@ Projection upload_projection(std::initializer_list<const model::WeightMatrix*> p
   Projection p;
   bool same = true;
   for (const model::WeightMatrix* w : parts)
-    same = same && device_kind(*w, q4_0_min_group) == device_kind(**parts.begin(), q4_0_min_group);
+    same = same && same_device_storage(*w, **parts.begin(), q4_0_min_group);
   if (same) {
     p.parts.push_back(upload_matrix(parts, q4_0_min_group));
   } else {

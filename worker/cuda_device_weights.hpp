@@ -107,16 +107,22 @@ std::shared_ptr<DeviceMemory> upload(const void* host, size_t bytes);
 //                asymmetric GPTQ / AWQ, or from Q4_0 blocks that share scales over 64 or 128 inputs
 //                (symmetric GPTQ): 4.125 bits a weight at group 128; and from any Q4_0 (group 32,
 //                zeros 8: 4.75 bits) with CudaModelOptions::q4_0_as_int4_groups
-//   f16          fp16 rows for everything else (F32, F16, BF16, Q5_K, ...; and act-order
-//                GPTQ matrices, whose grouped columns go back to input order on upload), cuBLAS
+//   gguf_blocks  the other GGUF types as in the file (Q4_1, Q5_0, Q5_1, IQ4_NL, Q2_K, Q3_K, Q5_K,
+//                IQ4_XS: kernels/cuda/w4a16_gemv.cuh's w4a16_gemv_gguf_blocks), so a Q5_K_M, Q3_K_M or
+//                IQ4_XS file takes its own bits on the device, not fp16's 16; gguf_type says which
+//   f16          fp16 rows for everything else (F32, F16, BF16; rows that are not whole blocks; and
+//                act-order GPTQ matrices, whose grouped columns go back to input order on upload), cuBLAS
 // Lookup tables (the embedding) are only ever q4_0, q8_0 or f16: what embedding_lookup_f16 reads.
-enum class DeviceKind { q4_0, q4_k, q6_k, q8_0, int4_groups, f16 };
+enum class DeviceKind { q4_0, q4_k, q6_k, q8_0, int4_groups, gguf_blocks, f16 };
 
 // q4_0_min_group: the narrowest group at which Q4_0 matrices go up as int4_groups (32: all of them).
 DeviceKind device_kind(const model::WeightMatrix& w, int64_t q4_0_min_group, bool lookup = false);
+// Whether a and b can be one device matrix: the same kind and, as gguf_blocks, the same type.
+bool same_device_storage(const model::WeightMatrix& a, const model::WeightMatrix& b, int64_t q4_0_min_group);
 
 struct DeviceMatrix {
   DeviceKind kind = DeviceKind::f16;
+  kernels::DType gguf_type = kernels::DType::F16;  // gguf_blocks: the blocks' type
   std::shared_ptr<DeviceMemory> mem;
   int64_t n_out = 0, k = 0;
   // int4_groups: inputs per group, and where the scales ([n_out, k / group] fp16) and zeros

@@ -291,12 +291,13 @@ void CudaLlamaModel::Impl::choose_int4_kernels() {
         });
   });
   int4_choices.clear();
-  // dequant + cuBLAS's scratch (INT4 shapes, and the Q6_K and Q8_0 matrices' many-row products): a
-  // chunk of the largest matrix, at most kDequantScratchBytes.
+  // dequant + cuBLAS's scratch (INT4 shapes, and the Q6_K, Q8_0 and other GGUF matrices' many-row products):
+  // a chunk of the largest matrix, at most kDequantScratchBytes.
   int64_t largest = 0;
   for (const auto& [choice, list] : shapes) largest = std::max(largest, choice.n_out * choice.k);
   for_each_matrix([&](const DeviceMatrix& w) {
-    if (w.kind == DeviceKind::q6_k || w.kind == DeviceKind::q8_0) largest = std::max(largest, w.n_out * w.k);
+    if (w.kind == DeviceKind::q6_k || w.kind == DeviceKind::q8_0 || w.kind == DeviceKind::gguf_blocks)
+      largest = std::max(largest, w.n_out * w.k);
   });
   dequant_cublas = {};
   if (largest > 0) {

@@ -255,6 +255,16 @@ struct CudaLlamaModel::Impl {
                           : kc::w4a16_q8_0_dequant_cublas(dequant_cublas, wd, w.n_out, w.k, x, m, y, stream),
                      "W8A16 matmul (Q8_0)");
         return;
+      case DeviceKind::gguf_blocks: {  // as stored: the CUDA-core GEMV up to 32 rows, dequant + cuBLAS above
+        const kernels::Status st =
+            gemv ? kc::w4a16_gemv_gguf_blocks(w.gguf_type, wd, w.n_out, w.k, x, m, y, stream, pdl)
+                 : kc::w4a16_gguf_blocks_dequant_cublas(dequant_cublas, w.gguf_type, wd, w.n_out, w.k, x, m,
+                                                        y, stream);
+        if (st != kernels::Status::ok)  // the message built only on failure (graph capture runs here)
+          check_status(st,
+                       (std::string("matmul (") + kernels::type_name(w.gguf_type) + " as stored)").c_str());
+        return;
+      }
       case DeviceKind::int4_groups: {
         const bool rows = w.layout == kc::Int4Layout::rows;
         const auto* scales = rows ? reinterpret_cast<const __half*>(wd + w.scales_offset) : nullptr;

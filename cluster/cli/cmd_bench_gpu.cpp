@@ -1233,6 +1233,12 @@ int run_kernels(const Args& a, const KernelTableInputs& inputs) {
         row["q6k_half2_copy_fraction"] = r.q6k_bytes / (r.q6k_half2_us * 1e-6) / 1e9 / result.copy_gbps;
       }
     }
+    // The other GGUF types as stored: {"Q5_K": {"us": ..., "copy_fraction": ...}, ...} (m <= 32).
+    for (const auto& g : r.gguf_blocks) {
+      if (!(g.us > 0)) continue;
+      row["gguf_blocks"][kernels::type_name(g.type)] = {
+          {"us", g.us}, {"copy_fraction", g.bytes / (g.us * 1e-6) / 1e9 / result.copy_gbps}};
+    }
     if (tg_us > 0) {
       row["tinygemm_us"] = tg_us;
       row["speedup_vs_tinygemm"] = tg_us / r.ours_us;
@@ -1406,6 +1412,31 @@ int run_kernels(const Args& a, const KernelTableInputs& inputs) {
       std::printf("%-12s %4lld |", shape, static_cast<long long>(r.m));
       cell(r.q6k_us);
       cell(r.q6k_half2_us);
+      std::printf("\n");
+    }
+    // The other GGUF types as stored (a Q5_K_M, Q3_K_M, Q2_K or IQ4_XS file's matrices), the CUDA-core GEMV.
+    std::printf(
+        "\nThe other GGUF types as stored (w4a16_gemv_gguf_blocks, the CUDA-core GEMV; m <= 32), us (%%copy "
+        "of each type's own bytes)\n");
+    std::printf("%-12s %4s |", "k x n_out", "m");
+    for (const kernels::DType type : kernels::cuda::kGgufBlocksBenchTypes)
+      std::printf(" %15s |", kernels::type_name(type));
+    std::printf("\n");
+    for (const auto& r : result.rows) {
+      if (r.gguf_blocks.empty()) continue;
+      char shape[32];
+      std::snprintf(shape, sizeof shape, "%lldx%lld", static_cast<long long>(r.shape.k),
+                    static_cast<long long>(r.shape.n_out));
+      std::printf("%-12s %4lld |", shape, static_cast<long long>(r.m));
+      for (const kernels::DType type : kernels::cuda::kGgufBlocksBenchTypes) {
+        const auto it = std::find_if(r.gguf_blocks.begin(), r.gguf_blocks.end(),
+                                     [type](const auto& g) { return g.type == type; });
+        if (it != r.gguf_blocks.end() && it->us > 0)
+          std::printf(" %7.1f (%3.0f%%) |", it->us,
+                      100.0 * it->bytes / (it->us * 1e-6) / 1e9 / result.copy_gbps);
+        else
+          std::printf(" %15s |", "-");
+      }
       std::printf("\n");
     }
   }

@@ -446,6 +446,29 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
       }
     }
   }
+  // The other GGUF types as stored (w4a16_gemv_gguf_blocks), m <= 32. Random small halves throughout: every
+  // d an ordinary number, the rest random bits (the values do not change the work).
+  std::vector<std::vector<MatmulBenchRow::GgufBlocksTiming>> gguf_blocks(ms.size());
+  for (const DType type : kGgufBlocksBenchTypes) {
+    if (k % type_info(type).block_elems != 0) continue;
+    const auto bytes = static_cast<size_t>(row_bytes(type, k) * n);
+    const size_t stride = (bytes + 255) / 256 * 256;  // each copy 256-byte aligned, as cudaMalloc's
+    const int copies = copies_for(stride, l2_bytes);
+    DeviceMemory w(stride * copies);
+    fill_halves(static_cast<__half*>(w.ptr), static_cast<int64_t>(stride / 2) * copies, 0.01f, 41, stream);
+    check(cudaGetLastError(), "fill GGUF blocks");
+    for (size_t mi = 0; mi < ms.size(); ++mi) {
+      const int64_t m = ms[mi];
+      if (m > kW4A16GemvMaxM) continue;
+      const double us = time_us(stream, iterations, repetitions, [&](int i) {
+        const uint8_t* wi = static_cast<const uint8_t*>(w.ptr) + stride * static_cast<size_t>(i % copies);
+        const Status st = w4a16_gemv_gguf_blocks(type, wi, n, k, xh, m, static_cast<float*>(y.ptr), stream);
+        if (st != Status::ok)
+          throw BenchFailure(std::string("W4A16 ") + type_name(type) + " GEMV failed: " + failure_reason(st));
+      });
+      gguf_blocks[mi].push_back({type, us, static_cast<double>(bytes) + 2.0 * m * k + 4.0 * m * n});
+    }
+  }
   {
     DeviceMemory w(f16_bytes * f16_copies);
     fill_halves(static_cast<__half*>(w.ptr), n * k * f16_copies, 0.02f, 13, stream);
@@ -499,6 +522,7 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
     row.q4k_tiles_tc_us = q4k_tiles_tc[mi];
     row.q6k_us = q6k[mi];
     row.q6k_half2_us = q6k_half2[mi];
+    row.gguf_blocks = gguf_blocks[mi];
     row.q6k_bytes = static_cast<double>(q6k_bytes) + 2.0 * ms[mi] * k + 4.0 * ms[mi] * n;
     row.g128_bytes = static_cast<double>(g128_bytes) + 2.0 * ms[mi] * k + 4.0 * ms[mi] * n;
     row.q4k_bytes = static_cast<double>(q4k_bytes) + 2.0 * ms[mi] * k + 4.0 * ms[mi] * n;

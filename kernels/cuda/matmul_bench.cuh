@@ -1,7 +1,7 @@
 #pragma once
 // The GPU kernel benchmark behind `nibble bench-gpu`: the W4A16 kernels (Q4_0 in both layouts,
 // group-wise INT4 at group 128 on the SIMT GEMV, the tensor-core GEMV, the GEMMs and dequantized for
-// cuBLAS, Q4_K) against fp16
+// cuBLAS, Q4_K, Q6_K, and the other GGUF types as stored) against fp16
 // cuBLAS on the same shapes, both against the device's measured copy bandwidth. Weights rotate among enough
 // copies that every call reads them from device memory, not from L2.
 #include <cstdint>
@@ -9,9 +9,14 @@
 #include <string>
 #include <vector>
 
+#include "kernels/quant_types.hpp"
 #include "kernels/status.hpp"
 
 namespace nibble::kernels::cuda {
+
+// The types w4a16_gemv_gguf_blocks reads, as the kernel table times them.
+inline constexpr DType kGgufBlocksBenchTypes[] = {DType::Q4_1, DType::Q5_0, DType::Q5_1, DType::IQ4_NL,
+                                                  DType::Q2_K, DType::Q3_K, DType::Q5_K, DType::IQ4_XS};
 
 struct MatmulShape {
   int64_t k = 0;      // input features (row length of the weights)
@@ -61,12 +66,20 @@ struct MatmulBenchRow {
   double q4k_tiles_tc_us = 0.0;  // the same kernels on the blocks repacked into Q4_K chunks
   double q6k_us = 0.0;           // GGUF Q6_K in planes, the CUDA-core GEMV (m <= 32); 0: k % 256 != 0
   double q6k_half2_us = 0.0;     // the same on the half2 GEMV (w4a16_gemv_q6_k_half2, m == 1 only)
-  double cublas_us = 0.0;        // fp16 x fp16 cublasGemmEx, fp32 accumulation
-  double ours_bytes = 0.0;       // bytes one product must move: Q4_0 weights + fp16 x + fp32 y
-  double g128_bytes = 0.0;       // nibbles + fp16 scale + zero byte per 128 weights, + x + y
-  double q4k_bytes = 0.0;        // 144 bytes per 256 weights, + x + y
-  double q6k_bytes = 0.0;        // 210 bytes per 256 weights, + x + y
-  double cublas_bytes = 0.0;     // fp16 weights + fp16 x + fp16 y
+  // The other GGUF types read as stored (w4a16_gemv_gguf_blocks, m <= 32; kGgufBlocksBenchTypes whose
+  // block divides k, in that order): time and the bytes one product moves (blocks + x + y).
+  struct GgufBlocksTiming {
+    DType type = DType::F16;
+    double us = 0.0;
+    double bytes = 0.0;
+  };
+  std::vector<GgufBlocksTiming> gguf_blocks;
+  double cublas_us = 0.0;     // fp16 x fp16 cublasGemmEx, fp32 accumulation
+  double ours_bytes = 0.0;    // bytes one product must move: Q4_0 weights + fp16 x + fp32 y
+  double g128_bytes = 0.0;    // nibbles + fp16 scale + zero byte per 128 weights, + x + y
+  double q4k_bytes = 0.0;     // 144 bytes per 256 weights, + x + y
+  double q6k_bytes = 0.0;     // 210 bytes per 256 weights, + x + y
+  double cublas_bytes = 0.0;  // fp16 weights + fp16 x + fp16 y
 };
 
 struct MatmulBenchResult {

@@ -231,4 +231,15 @@ Status w4a16_q6_k_dequant_cublas(const Int4CublasContext& context, const uint8_t
   });
 }
 
+Status w4a16_gguf_blocks_dequant_cublas(const Int4CublasContext& context, DType type, const uint8_t* w,
+                                        int64_t n_out, int64_t k, const __half* x, int64_t m, float* y,
+                                        cudaStream_t stream) {
+  if (n_out < 0) return Status::invalid_argument;
+  return w4a16::with_gguf_blocks(type, w, k, [&](auto blocks) {
+    return dequant_cublas(context, n_out, k, x, m, y, stream, [&](int64_t r0, int64_t rows) {
+      return launch_dequantize_blocks(blocks, k, r0, rows, context.scratch, stream);
+    });
+  });
+}
+
 }  // namespace nibble::kernels::cuda

@@ -17,6 +17,7 @@
 
 #include <cstdint>
 
+#include "kernels/quant_types.hpp"
 #include "kernels/status.hpp"
 
 namespace nibble::kernels::cuda {
@@ -63,6 +64,12 @@ Status w4a16_q8_0_dequant_cublas(const Int4CublasContext& context, const uint8_t
                                  const __half* x, int64_t m, float* y, cudaStream_t stream);
 Status w4a16_q6_k_dequant_cublas(const Int4CublasContext& context, const uint8_t* w, int64_t n_out, int64_t k,
                                  const __half* x, int64_t m, float* y, cudaStream_t stream);
+// The other GGUF types as stored (w4a16_gemv_gguf_blocks's types and layout) the same way: each weight
+// kernels::dequantize_row's value rounded once to fp16. Errors as above; unsupported_type for a type
+// without a reader (w4a16_reads_gguf_blocks).
+Status w4a16_gguf_blocks_dequant_cublas(const Int4CublasContext& context, DType type, const uint8_t* w,
+                                        int64_t n_out, int64_t k, const __half* x, int64_t m, float* y,
+                                        cudaStream_t stream);
 
 // The same two on group-wise INT4 in the tensor-core GEMV's chunks (kernels/int4_tiles.hpp): the
 // same halves out, so the same products. tiles: [int4_tiles_bytes(n_out, k, group)] bytes, 16-byte

@@ -166,7 +166,8 @@ cudaError_t launch(Blocks blocks, int64_t n_out, int64_t k, const __half* x, int
 }
 
 // Shared argument checks (the weight pointers are checked by the callers) and the MaxM dispatch.
-template <typename Blocks>
+// Compact: three row bounds (1, 8, 32) instead of five, for the rarer types (fewer kernels to compile).
+template <typename Blocks, bool Compact = false>
 Status run(Blocks blocks, int64_t n_out, int64_t k, const __half* x, int64_t m, float* y, cudaStream_t stream,
            bool programmatic) {
   if (x == nullptr || y == nullptr) return Status::invalid_argument;
@@ -178,12 +179,19 @@ Status run(Blocks blocks, int64_t n_out, int64_t k, const __half* x, int64_t m, 
   if (n_out == 0) return Status::ok;
 
   const int mi = static_cast<int>(m);
-  const cudaError_t launched = mi <= 1    ? launch<1>(blocks, n_out, k, x, mi, y, stream, programmatic)
-                               : mi <= 4  ? launch<4>(blocks, n_out, k, x, mi, y, stream, programmatic)
-                               : mi <= 8  ? launch<8>(blocks, n_out, k, x, mi, y, stream, programmatic)
-                               : mi <= 16 ? launch<16>(blocks, n_out, k, x, mi, y, stream, programmatic)
-                                          : launch<32>(blocks, n_out, k, x, mi, y, stream, programmatic);
-  return launch_status(launched);
+  if constexpr (Compact) {
+    const cudaError_t launched = mi <= 1   ? launch<1>(blocks, n_out, k, x, mi, y, stream, programmatic)
+                                 : mi <= 8 ? launch<8>(blocks, n_out, k, x, mi, y, stream, programmatic)
+                                           : launch<32>(blocks, n_out, k, x, mi, y, stream, programmatic);
+    return launch_status(launched);
+  } else {
+    const cudaError_t launched = mi <= 1    ? launch<1>(blocks, n_out, k, x, mi, y, stream, programmatic)
+                                 : mi <= 4  ? launch<4>(blocks, n_out, k, x, mi, y, stream, programmatic)
+                                 : mi <= 8  ? launch<8>(blocks, n_out, k, x, mi, y, stream, programmatic)
+                                 : mi <= 16 ? launch<16>(blocks, n_out, k, x, mi, y, stream, programmatic)
+                                            : launch<32>(blocks, n_out, k, x, mi, y, stream, programmatic);
+    return launch_status(launched);
+  }
 }
 
 }  // namespace
@@ -249,6 +257,15 @@ Status w4a16_gemv_q6_k(const uint8_t* w, int64_t n_out, int64_t k, const __half*
   Q6KPlanes planes{};
   if (!w4a16::make_q6_k_planes(w, n_out, k, planes)) return Status::invalid_argument;
   return run(planes, n_out, k, x, m, y, stream, programmatic);
+}
+
+bool w4a16_reads_gguf_blocks(DType type) { return w4a16::w4a16_reads_as_stored(type); }
+
+Status w4a16_gemv_gguf_blocks(DType type, const uint8_t* w, int64_t n_out, int64_t k, const __half* x,
+                              int64_t m, float* y, cudaStream_t stream, bool programmatic) {
+  return w4a16::with_gguf_blocks(type, w, k, [&](auto blocks) {
+    return run<decltype(blocks), /*Compact=*/true>(blocks, n_out, k, x, m, y, stream, programmatic);
+  });
 }
 
 }  // namespace nibble::kernels::cuda

@@ -17,6 +17,7 @@
 
 #include "kernels/q6_k_planes.hpp"
 #include "kernels/quant_types.hpp"
+#include "kernels/status.hpp"
 
 namespace nibble::kernels::cuda::w4a16 {
 
@@ -274,6 +275,316 @@ struct Q8_0Blocks {
     }
   }
 };
+
+// The other GGUF types, read as stored, so that a file of them stays as small on the device as in the
+// file (as fp16 for cuBLAS a 70B Q5_K_M or Q3_K_M file does not fit one GPU): Q4_1, Q5_0, Q5_1 and
+// IQ4_NL (32-weight blocks), Q2_K, Q3_K, Q5_K and IQ4_XS (256-weight super-blocks; 32-weight unit b is
+// run b % 8 of super-block b / 8). Each weight is kernels::dequantize_row's value bit for bit: every
+// product below is exact in fp32 (an 11-bit fp16 mantissa times at most 13 bits of scale and level), so
+// only the one addition or subtraction of the *_1 and K-quant mins rounds, once, as the CPU's does. Loads
+// are as wide as the block size allows (Q3_K, Q5_0 and IQ4_NL blocks are only 2-byte aligned).
+
+__host__ __device__ inline float add_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+__host__ __device__ inline float half_bits_float(uint32_t bits) {
+  return __half2float(__ushort_as_half(static_cast<unsigned short>(bits & 0xFFFF)));
+}
+// Byte t of `word` (0..255) as a float, exactly (see two23_plus).
+__host__ __device__ inline float byte_level(uint32_t word, int t) {
+  return two23_plus_byte(word, t) - kTwo23;
+}
+// Two 2-byte loads as one little-endian word (for blocks only 2-byte aligned).
+__host__ __device__ inline uint32_t load_word16(const uint16_t* p) {
+  return static_cast<uint32_t>(load_ro(p)) | static_cast<uint32_t>(load_ro(p + 1)) << 16;
+}
+// Bits s .. s + 3 of qh moved to bit 4 of bytes 0 .. 3: the fifth bits of four consecutive weights of a
+// Q5_0 / Q5_1 block, to OR into their nibbles.
+__host__ __device__ inline uint32_t q5_fifth_bits(uint32_t qh, int s) {
+  const uint32_t bits = (qh >> s) & 0xF;
+  return ((bits & 1u) << 4) | ((bits & 2u) << 11) | ((bits & 4u) << 18) | ((bits & 8u) << 25);
+}
+
+// kIQ4Values + 128 (1 .. 241) as bytes, index i in byte i % 4 of word i / 4.
+constexpr uint32_t iq4_biased_word(int w) {
+  uint32_t word = 0;
+  for (int t = 0; t < 4; ++t) word |= static_cast<uint32_t>(kIQ4Values[4 * w + t] + 128) << (8 * t);
+  return word;
+}
+constexpr uint32_t kIQ4Biased0 = iq4_biased_word(0), kIQ4Biased1 = iq4_biased_word(1),
+                   kIQ4Biased2 = iq4_biased_word(2), kIQ4Biased3 = iq4_biased_word(3);
+// kIQ4Values[index] (index 0..15) as a float, exactly: one byte permute of the table's words on the device
+// (no table in memory), the same bytes by shifts on the host.
+__host__ __device__ inline float iq4_value(uint32_t index) {
+#if defined(__CUDA_ARCH__)
+  const uint32_t byte = index < 8 ? __byte_perm(kIQ4Biased0, kIQ4Biased1, index)
+                                  : __byte_perm(kIQ4Biased2, kIQ4Biased3, index - 8);
+#else
+  const uint32_t words[4] = {kIQ4Biased0, kIQ4Biased1, kIQ4Biased2, kIQ4Biased3};
+  const uint32_t byte = words[index / 4] >> (8 * (index % 4));
+#endif
+  return two23_plus(byte & 0xFF) - (kTwo23 + 128.0f);
+}
+
+// Q4_1: d, m, then Q4_0's nibble order; weight d * level + m. 20-byte blocks: 4-byte loads.
+struct Q4_1Blocks {
+  const uint8_t* w;
+  __host__ __device__ void load(int64_t row, int64_t nb, int64_t b, float (&wv)[kQK4_0]) const {
+    const auto* blk =
+        reinterpret_cast<const uint32_t*>(w + (row * nb + b) * static_cast<int64_t>(sizeof(BlockQ4_1)));
+    const uint32_t dm = load_ro(blk);
+    const float d = half_bits_float(dm), m = half_bits_float(dm >> 16);
+    NIBBLE_DEVICE_UNROLL
+    for (int i = 0; i < 4; ++i) {
+      const uint32_t word = load_ro(blk + 1 + i);
+      const uint32_t lo = word & 0x0F0F0F0Fu, hi = (word >> 4) & 0x0F0F0F0Fu;
+      NIBBLE_DEVICE_UNROLL
+      for (int t = 0; t < 4; ++t) {
+        wv[4 * i + t] = add_rn(mul_rn(d, byte_level(lo, t)), m);
+        wv[4 * i + t + 16] = add_rn(mul_rn(d, byte_level(hi, t)), m);
+      }
+    }
+  }
+};
+
+// Q5_0: d, the fifth bits, Q4_0's nibble order; weight d * (level - 16). 22-byte blocks: 2-byte loads.
+struct Q5_0Blocks {
+  const uint8_t* w;
+  __host__ __device__ void load(int64_t row, int64_t nb, int64_t b, float (&wv)[kQK4_0]) const {
+    const auto* blk =
+        reinterpret_cast<const uint16_t*>(w + (row * nb + b) * static_cast<int64_t>(sizeof(BlockQ5_0)));
+    const float d = half_bits_float(load_ro(blk));
+    const uint32_t qh = load_word16(blk + 1);
+    NIBBLE_DEVICE_UNROLL
+    for (int i = 0; i < 4; ++i) {
+      const uint32_t word = load_word16(blk + 3 + 2 * i);
+      const uint32_t lo = (word & 0x0F0F0F0Fu) | q5_fifth_bits(qh, 4 * i);
+      const uint32_t hi = ((word >> 4) & 0x0F0F0F0Fu) | q5_fifth_bits(qh, 16 + 4 * i);
+      NIBBLE_DEVICE_UNROLL
+      for (int t = 0; t < 4; ++t) {
+        wv[4 * i + t] = mul_rn(d, two23_plus_byte(lo, t) - (kTwo23 + 16.0f));
+        wv[4 * i + t + 16] = mul_rn(d, two23_plus_byte(hi, t) - (kTwo23 + 16.0f));
+      }
+    }
+  }
+};
+
+// Q5_1: d, m, the fifth bits, Q4_0's nibble order; weight d * level + m. 24-byte blocks: 8-byte loads.
+struct Q5_1Blocks {
+  const uint8_t* w;
+  __host__ __device__ void load(int64_t row, int64_t nb, int64_t b, float (&wv)[kQK4_0]) const {
+    const auto* blk =
+        reinterpret_cast<const uint2*>(w + (row * nb + b) * static_cast<int64_t>(sizeof(BlockQ5_1)));
+    const uint2 head = load_ro(blk), q01 = load_ro(blk + 1), q23 = load_ro(blk + 2);
+    const float d = half_bits_float(head.x), m = half_bits_float(head.x >> 16);
+    const uint32_t words[4] = {q01.x, q01.y, q23.x, q23.y};
+    NIBBLE_DEVICE_UNROLL
+    for (int i = 0; i < 4; ++i) {
+      const uint32_t lo = (words[i] & 0x0F0F0F0Fu) | q5_fifth_bits(head.y, 4 * i);
+      const uint32_t hi = ((words[i] >> 4) & 0x0F0F0F0Fu) | q5_fifth_bits(head.y, 16 + 4 * i);
+      NIBBLE_DEVICE_UNROLL
+      for (int t = 0; t < 4; ++t) {
+        wv[4 * i + t] = add_rn(mul_rn(d, byte_level(lo, t)), m);
+        wv[4 * i + t + 16] = add_rn(mul_rn(d, byte_level(hi, t)), m);
+      }
+    }
+  }
+};
+
+// IQ4_NL: Q4_0's layout, the nibbles indexing kIQ4Values; weight d * value. 18-byte blocks: 2-byte loads.
+struct IQ4NLBlocks {
+  const uint8_t* w;
+  __host__ __device__ void load(int64_t row, int64_t nb, int64_t b, float (&wv)[kQK4_0]) const {
+    const auto* blk =
+        reinterpret_cast<const uint16_t*>(w + (row * nb + b) * static_cast<int64_t>(sizeof(BlockIQ4_NL)));
+    const float d = half_bits_float(load_ro(blk));
+    NIBBLE_DEVICE_UNROLL
+    for (int j = 0; j < kQK4_0 / 4; ++j) {
+      const unsigned q2 = load_ro(blk + 1 + j);  // qs[2j] in the low byte, qs[2j+1] in the high byte
+      wv[2 * j] = mul_rn(d, iq4_value(q2 & 0xF));
+      wv[2 * j + 1] = mul_rn(d, iq4_value((q2 >> 8) & 0xF));
+      wv[2 * j + 16] = mul_rn(d, iq4_value((q2 >> 4) & 0xF));
+      wv[2 * j + 17] = mul_rn(d, iq4_value((q2 >> 12) & 0xF));
+    }
+  }
+};
+
+// IQ4_XS: d, the scales' high and low bits, then per 32-weight sub-block s 16 bytes of indices (weight j
+// in the low nibble of byte j, j + 16 in the high); weight (d * scale) * value. 136-byte super-blocks:
+// 8-byte loads.
+struct IQ4XSBlocks {
+  const uint8_t* w;
+  __host__ __device__ void load(int64_t row, int64_t nb, int64_t b, float (&wv)[kQK4_0]) const {
+    const int64_t super_blocks = nb / (kQK_K / kQK4_0);
+    const uint8_t* blk =
+        w + (row * super_blocks + b / (kQK_K / kQK4_0)) * static_cast<int64_t>(sizeof(BlockIQ4_XS));
+    const int s = static_cast<int>(b % (kQK_K / kQK4_0));
+    const uint2 head = load_ro(reinterpret_cast<const uint2*>(blk));  // d | scales_h << 16, scales_l
+    const auto low = static_cast<int>((head.y >> (4 * s)) & 0xF);     // byte s / 2, nibble s % 2
+    const auto high = static_cast<int>((head.x >> (16 + 2 * s)) & 3);
+    const float dl = mul_rn(half_bits_float(head.x), static_cast<float>((low | (high << 4)) - 32));
+    const auto* qs = reinterpret_cast<const uint2*>(blk + 8 + 16 * s);
+    const uint2 q0 = load_ro(qs), q1 = load_ro(qs + 1);
+    const uint32_t words[4] = {q0.x, q0.y, q1.x, q1.y};
+    NIBBLE_DEVICE_UNROLL
+    for (int i = 0; i < 4; ++i) {
+      NIBBLE_DEVICE_UNROLL
+      for (int t = 0; t < 4; ++t) {
+        const uint32_t byte = words[i] >> (8 * t);
+        wv[4 * i + t] = mul_rn(dl, iq4_value(byte & 0xF));
+        wv[4 * i + t + 16] = mul_rn(dl, iq4_value((byte >> 4) & 0xF));
+      }
+    }
+  }
+};
+
+// Q5_K: Q4_K's 16-byte header (so q4_k_scale_min), then qh (bit j of byte l: the fifth bit of weight l of
+// sub-block j), then Q4_K's qs; weight (d * scale) * level - dmin * min. 176-byte super-blocks: 16-byte
+// loads.
+struct Q5KBlocks {
+  const uint8_t* w;
+  __host__ __device__ void load(int64_t row, int64_t nb, int64_t b, float (&wv)[kQK4_0]) const {
+    const int64_t super_blocks = nb / (kQK_K / kQK4_0);
+    const uint8_t* blk =
+        w + (row * super_blocks + b / (kQK_K / kQK4_0)) * static_cast<int64_t>(sizeof(BlockQ5_K));
+    const int j = static_cast<int>(b % (kQK_K / kQK4_0));
+    const auto* v = reinterpret_cast<const uint4*>(blk);
+    const uint4 head = load_ro(v);
+    float ds, dm;
+    q4_k_scale_min(head, j, ds, dm);
+    const uint4 h0 = load_ro(v + 1), h1 = load_ro(v + 2);
+    const uint4 q0 = load_ro(v + 3 + 2 * (j / 2)), q1 = load_ro(v + 4 + 2 * (j / 2));
+    const unsigned qh[8] = {h0.x, h0.y, h0.z, h0.w, h1.x, h1.y, h1.z, h1.w};
+    const unsigned qs[8] = {q0.x, q0.y, q0.z, q0.w, q1.x, q1.y, q1.z, q1.w};
+    const int shift = 4 * (j % 2);
+    NIBBLE_DEVICE_UNROLL
+    for (int i = 0; i < 8; ++i) {
+      const uint32_t levels = ((qs[i] >> shift) & 0x0F0F0F0Fu) | (((qh[i] >> j) & 0x01010101u) << 4);
+      NIBBLE_DEVICE_UNROLL
+      for (int t = 0; t < 4; ++t) wv[4 * i + t] = sub_rn(mul_rn(ds, byte_level(levels, t)), dm);
+    }
+  }
+};
+
+// Q2_K: 16 bytes of 4-bit scales and mins (sub-block g: scales[g]), 64 bytes of 2-bit levels (weight
+// 32h + l of run r = 4h + jj in bits 2jj, 2jj + 1 of qs[32h + l]), d, dmin; weight
+// (d * sc) * level - dmin * m. 84-byte super-blocks: 4-byte loads.
+struct Q2KBlocks {
+  const uint8_t* w;
+  __host__ __device__ void load(int64_t row, int64_t nb, int64_t b, float (&wv)[kQK4_0]) const {
+    const int64_t super_blocks = nb / (kQK_K / kQK4_0);
+    const auto* blk = reinterpret_cast<const uint32_t*>(w + (row * super_blocks + b / (kQK_K / kQK4_0)) *
+                                                                static_cast<int64_t>(sizeof(BlockQ2_K)));
+    const int r = static_cast<int>(b % (kQK_K / kQK4_0)), h = r / 4, jj = r % 4;
+    const uint32_t scales = load_ro(blk + r / 2) >> (16 * (r % 2));  // sub-blocks 2r, 2r + 1: bytes 0, 1
+    const uint32_t d_dmin = load_ro(blk + 20);
+    const float d = half_bits_float(d_dmin), dmin = half_bits_float(d_dmin >> 16);
+    float dsc[2], dm[2];
+    NIBBLE_DEVICE_UNROLL
+    for (int g = 0; g < 2; ++g) {
+      const uint32_t sc = (scales >> (8 * g)) & 0xFF;
+      dsc[g] = mul_rn(d, two23_plus(sc & 0xF) - kTwo23);
+      dm[g] = mul_rn(dmin, two23_plus(sc >> 4) - kTwo23);
+    }
+    NIBBLE_DEVICE_UNROLL
+    for (int i = 0; i < 8; ++i) {
+      const uint32_t levels = (load_ro(blk + 4 + 8 * h + i) >> (2 * jj)) & 0x03030303u;
+      NIBBLE_DEVICE_UNROLL
+      for (int t = 0; t < 4; ++t)
+        wv[4 * i + t] = sub_rn(mul_rn(dsc[i / 4], byte_level(levels, t)), dm[i / 4]);
+    }
+  }
+};
+
+// Q3_K: hmask (weight 32r + l's third bit: bit r of hmask[l]), Q2_K's 2-bit levels, 12 bytes of 6-bit
+// scales (kernels::q3_k_scale), d; weight (d * scale) * (level - 4). 110-byte super-blocks: 2-byte loads.
+struct Q3KBlocks {
+  const uint8_t* w;
+  __host__ __device__ void load(int64_t row, int64_t nb, int64_t b, float (&wv)[kQK4_0]) const {
+    const int64_t super_blocks = nb / (kQK_K / kQK4_0);
+    const auto* blk = reinterpret_cast<const uint16_t*>(w + (row * super_blocks + b / (kQK_K / kQK4_0)) *
+                                                                static_cast<int64_t>(sizeof(BlockQ3_K)));
+    const int r = static_cast<int>(b % (kQK_K / kQK4_0)), h = r / 4, jj = r % 4;
+    const float d = half_bits_float(load_ro(blk + 54));
+    const uint32_t s0 = load_word16(blk + 48), s1 = load_word16(blk + 50), s2 = load_word16(blk + 52);
+    // scales[i] from the words: no local array indexed at run time.
+    const auto sc = [&](int i) -> uint32_t {
+      return ((i < 4 ? s0 : i < 8 ? s1 : s2) >> (8 * (i % 4))) & 0xFF;
+    };
+    float ds[2];
+    NIBBLE_DEVICE_UNROLL
+    for (int e = 0; e < 2; ++e) {
+      const int g = 2 * r + e;
+      const uint32_t low = (sc(g % 8) >> (4 * (g / 8))) & 0xF, high = (sc(8 + g % 4) >> (2 * (g / 4))) & 3;
+      ds[e] = mul_rn(d, two23_plus(low | (high << 4)) - (kTwo23 + 32.0f));
+    }
+    NIBBLE_DEVICE_UNROLL
+    for (int i = 0; i < 8; ++i) {
+      const uint32_t low = (load_word16(blk + 16 + 16 * h + 2 * i) >> (2 * jj)) & 0x03030303u;
+      const uint32_t third = (load_word16(blk + 2 * i) >> r) & 0x01010101u;
+      const uint32_t levels = low | (third << 2);
+      NIBBLE_DEVICE_UNROLL
+      for (int t = 0; t < 4; ++t)
+        wv[4 * i + t] = mul_rn(ds[i / 4], two23_plus_byte(levels, t) - (kTwo23 + 4.0f));
+    }
+  }
+};
+
+// Whether `type` has a reader above (with_gguf_blocks takes it).
+inline bool w4a16_reads_as_stored(DType type) {
+  switch (type) {
+    case DType::Q4_1:
+    case DType::Q5_0:
+    case DType::Q5_1:
+    case DType::IQ4_NL:
+    case DType::Q2_K:
+    case DType::Q3_K:
+    case DType::Q5_K:
+    case DType::IQ4_XS:
+      return true;
+    default:
+      return false;
+  }
+}
+// The reader of `type`'s blocks at w, handed to f (f(reader) returns a Status); invalid_argument for
+// a null w, one not aligned as the type's loads need (its block size's largest power of two, at most
+// 16), or k not a positive multiple of its block; unsupported_type for a type without a reader above.
+template <typename F>
+Status with_gguf_blocks(DType type, const uint8_t* w, int64_t k, F&& f) {
+  if (!w4a16_reads_as_stored(type)) return Status::unsupported_type;
+  const TypeInfo& info = type_info(type);
+  const auto address = reinterpret_cast<uintptr_t>(w);
+  const size_t align = info.block_bytes % 16 == 0  ? 16
+                       : info.block_bytes % 8 == 0 ? 8
+                       : info.block_bytes % 4 == 0 ? 4
+                                                   : 2;
+  if (w == nullptr || address % align != 0 || k <= 0 || k % info.block_elems != 0)
+    return Status::invalid_argument;
+  switch (type) {
+    case DType::Q4_1:
+      return f(Q4_1Blocks{w});
+    case DType::Q5_0:
+      return f(Q5_0Blocks{w});
+    case DType::Q5_1:
+      return f(Q5_1Blocks{w});
+    case DType::IQ4_NL:
+      return f(IQ4NLBlocks{w});
+    case DType::Q2_K:
+      return f(Q2KBlocks{w});
+    case DType::Q3_K:
+      return f(Q3KBlocks{w});
+    case DType::Q5_K:
+      return f(Q5KBlocks{w});
+    case DType::IQ4_XS:
+      return f(IQ4XSBlocks{w});
+    default:
+      return Status::unsupported_type;
+  }
+}
 
 // GGUF Q6_K repacked into planes at load (kernels/q6_k_planes.hpp: per row, pieces of 64 weights, each
 // plane 16-byte loads). 32-weight unit b is quarter q = r % 4 of half h = r / 4 (r = b % 8) of

@@ -45,7 +45,9 @@
 #include <utility>
 #include <vector>
 
+#include "kernels/cuda/matmul_bench.cuh"
 #include "kernels/cuda/w4a16_gemm_cutlass.cuh"
+#include "kernels/cuda/w4a16_gemv.cuh"
 #include "kernels/cuda/w4a16_gemv_half2.cuh"
 #include "kernels/cuda/w4a16_tuning.cuh"
 #include "kernels/thread_pool.hpp"
@@ -368,6 +370,56 @@ std::string q4_k_model(const std::filesystem::path& dir) {
   const std::string q4k = (dir / "model-q4_k.gguf").string();
   m::requantize_gguf(*m::GgufFile::open(k_quant_ready_f32_model(dir)), q4k, k::DType::Q4_K, /*pure=*/false);
   return q4k;
+}
+
+// Files of the other GGUF types (llama-quantize's Q5_K_M, Q3_K_M, Q2_K and IQ4_XS mixes, and pure Q4_1,
+// Q5_0, Q5_1 and IQ4_NL) keep their matrices as stored on the device (w4a16_gemv_gguf_blocks up to 32 rows,
+// dequant + cuBLAS above), where they went up as fp16 before (a 70B Q5_K_M or Q3_K_M file did not fit
+// one GPU): the device holds each layer matrix and the head in the file's bytes (the embedding table as
+// fp16, what embedding_lookup_f16 reads), and the logits follow the CPU's over the scenario's prompts,
+// decode and verify steps.
+TEST(CudaLlamaModel, OtherGgufTypesStayAsStoredAndMatchTheCpu) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  t::TempDir dir;
+  const std::string f32 = k_quant_ready_f32_model(dir.path());
+  const auto in = m::GgufFile::open(f32);
+  struct Case {
+    const char* name;
+    std::optional<m::LlamaCppMix> mix;
+    k::DType pure;
+  };
+  for (const Case& c : {Case{"q5_k_m", m::LlamaCppMix::q5_k_m, k::DType::F32},
+                        Case{"q3_k_m", m::LlamaCppMix::q3_k_m, k::DType::F32},
+                        Case{"q2_k", m::LlamaCppMix::q2_k, k::DType::F32},
+                        Case{"iq4_xs", m::LlamaCppMix::iq4_xs, k::DType::F32},
+                        Case{"q4_1", {}, k::DType::Q4_1}, Case{"q5_0", {}, k::DType::Q5_0},
+                        Case{"q5_1", {}, k::DType::Q5_1}, Case{"iq4_nl", {}, k::DType::IQ4_NL}}) {
+    SCOPED_TRACE(c.name);
+    const std::string path = (dir.path() / (std::string("model-") + c.name + ".gguf")).string();
+    if (c.mix) {
+      m::requantize_gguf(*in, path, *c.mix);
+    } else {
+      m::requantize_gguf(*in, path, c.pure, /*pure=*/true);
+    }
+    compare_scenario(path, kQuantizedBound, /*decode_attention=*/true);
+    // The matrices' bytes in the file (every 2-D tensor but the embedding) and the embedding's as fp16.
+    const auto file = m::GgufFile::open(path);
+    int64_t matrix_bytes = 0, embedding_bytes = 0;
+    bool other_types = false;
+    for (const m::GgufTensorInfo& info : file->tensors()) {
+      if (info.dims.size() != 2) continue;
+      if (info.name == "token_embd.weight") {
+        embedding_bytes = info.rows() * info.row_elements() * 2;
+        continue;
+      }
+      matrix_bytes += k::row_bytes(info.type, info.row_elements()) * info.rows();
+      other_types = other_types || k::cuda::w4a16_reads_gguf_blocks(info.type);
+    }
+    EXPECT_TRUE(other_types);
+    w::CudaLlamaModel gpu(m::LlamaCheckpoint::open(path));
+    EXPECT_GE(gpu.weight_bytes(), matrix_bytes + embedding_bytes);
+    EXPECT_LE(gpu.weight_bytes(), matrix_bytes + embedding_bytes + 16 * 64);  // alignment padding at most
+  }
 }
 
 // Q4_K weights (a requantized random model; not pure, so embedding and head are Q8_0): the GPU reads
@@ -2007,6 +2059,18 @@ TEST(CudaLlamaModelCli, BenchGpuKernelTableTimesEveryKernel) {
     EXPECT_EQ(row.contains("w6a16_q6k_half2_us"), m == 1);
     if (m <= 32) {
       EXPECT_GT(row["w6a16_q6k_us"].get<double>(), 0.0);
+    }
+    // The other GGUF types as stored, up to 32 rows: the 32-weight types at any k, the K-quants where a row
+    // is whole super-blocks.
+    EXPECT_EQ(row.contains("gguf_blocks"), m <= 32);
+    if (m <= 32) {
+      for (const k::DType type : kc::kGgufBlocksBenchTypes) {
+        const bool timed = row["k"].get<int64_t>() % k::type_info(type).block_elems == 0;
+        ASSERT_EQ(row["gguf_blocks"].contains(k::type_name(type)), timed) << k::type_name(type);
+        if (timed) {
+          EXPECT_GT(row["gguf_blocks"][k::type_name(type)]["us"].get<double>(), 0.0);
+        }
+      }
     }
     EXPECT_EQ(row.contains("w4a8_g128_us"), m <= 4);  // the dp4a GEMV, 8-bit activations
     if (m <= 4) {

@@ -1,6 +1,6 @@
-// The CUDA W4A16 decode GEMV (Q4_0, Q4_K, group-wise INT4; and the tensor-core and staged GEMVs for
-// group-wise INT4)
-// against a plain CPU reference (double accumulation of the dequantized weights and the fp16 activations).
+// The CUDA W4A16 decode GEMV (Q4_0, Q4_K, group-wise INT4, Q8_0, Q6_K and the other GGUF types; and the
+// tensor-core and staged GEMVs for group-wise INT4) against a plain CPU reference (double accumulation of the
+// dequantized weights and the fp16 activations).
 //
 // Error bound: every x (fp16) and every dequantized weight is exact in fp32, so the kernel's only
 // errors are the fp32 roundings of its k products-and-sums (FMAs) and of the shuffle reduction: at
@@ -57,8 +57,7 @@ TEST(CudaW4A16Gemv, MatchesCpuReference) {
 // A GGUF GEMV (`gemv`: w4a16_gemv_q4_k's signature; the weights as uploaded: Q6_K in planes) against the CPU
 // reference on `type` weights: 1, 37 and 4099 outputs, each of `ks`, 1, 5 and 32 rows. The GEMV holds each
 // weight in fp32 as the CPU dequantizes it, so the bound is only the fp32 sums' and fp16 activations'.
-using GgufGemv = k::Status (*)(const uint8_t*, int64_t, int64_t, const __half*, int64_t, float*, cudaStream_t,
-                               bool);
+template <typename GgufGemv>
 void expect_gguf_gemv_matches(k::DType type, GgufGemv gemv, std::initializer_list<int64_t> ks,
                               uint32_t seed) {
   std::mt19937 rng(seed);
@@ -104,6 +103,44 @@ TEST(CudaW4A16Gemv, Q8_0MatchesCpuReference) {
   const auto* x = reinterpret_cast<const __half*>(dx.ptr);
   EXPECT_EQ(k::cuda::w4a16_gemv_q8_0(dw.ptr, 1, 48, x, 1, dy.ptr, nullptr), k::Status::invalid_argument);
   EXPECT_EQ(k::cuda::w4a16_gemv_q8_0(dw.ptr + 1, 1, 32, x, 1, dy.ptr, nullptr), k::Status::invalid_argument);
+  EXPECT_EQ(cudaGetLastError(), cudaSuccess);
+}
+
+// The other GGUF types read as stored (w4a16_gemv_gguf_blocks: Q4_1, Q5_0, Q5_1, IQ4_NL, Q2_K, Q3_K, Q5_K,
+// IQ4_XS): 1, 3 and 17 blocks a row (2-byte aligned rows for the 22-, 18- and 110-byte blocks), each
+// weight the CPU's; a misaligned matrix, a partial block and a type without a reader refused.
+TEST(CudaW4A16Gemv, OtherGgufTypesMatchCpuReferenceAsStored) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  uint32_t seed = 200;
+  for (const k::DType type : {k::DType::Q4_1, k::DType::Q5_0, k::DType::Q5_1, k::DType::IQ4_NL,
+                              k::DType::Q2_K, k::DType::Q3_K, k::DType::Q5_K, k::DType::IQ4_XS}) {
+    SCOPED_TRACE(k::type_name(type));
+    ASSERT_TRUE(k::cuda::w4a16_reads_gguf_blocks(type));
+    const int64_t block = k::type_info(type).block_elems;
+    const auto gemv = [type](const uint8_t* w, int64_t n_out, int64_t kk, const __half* x, int64_t m,
+                             float* y, cudaStream_t stream, bool programmatic) {
+      return k::cuda::w4a16_gemv_gguf_blocks(type, w, n_out, kk, x, m, y, stream, programmatic);
+    };
+    ASSERT_NO_FATAL_FAILURE(expect_gguf_gemv_matches(type, gemv, {block, 3 * block, 17 * block}, seed++));
+    DeviceBuffer<uint8_t> dw(static_cast<size_t>(2 * k::type_info(type).block_bytes + 16));
+    DeviceBuffer<k::f16_bits> dx(static_cast<size_t>(2 * block));
+    DeviceBuffer<float> dy(2);
+    const auto* x = reinterpret_cast<const __half*>(dx.ptr);
+    EXPECT_EQ(k::cuda::w4a16_gemv_gguf_blocks(type, dw.ptr, 1, block + 32, x, 1, dy.ptr, nullptr),
+              block == 32 ? k::Status::ok : k::Status::invalid_argument);  // 64 is two Q4_1 blocks
+    EXPECT_EQ(k::cuda::w4a16_gemv_gguf_blocks(type, dw.ptr + 1, 1, block, x, 1, dy.ptr, nullptr),
+              k::Status::invalid_argument);
+    EXPECT_EQ(k::cuda::w4a16_gemv_gguf_blocks(type, dw.ptr, 1, block, x, 33, dy.ptr, nullptr),
+              k::Status::invalid_argument);
+  }
+  EXPECT_FALSE(k::cuda::w4a16_reads_gguf_blocks(k::DType::Q4_K));
+  DeviceBuffer<uint8_t> dw(512);
+  DeviceBuffer<k::f16_bits> dx(256);
+  DeviceBuffer<float> dy(1);
+  EXPECT_EQ(k::cuda::w4a16_gemv_gguf_blocks(k::DType::F16, dw.ptr, 1, 256,
+                                            reinterpret_cast<const __half*>(dx.ptr), 1, dy.ptr, nullptr),
+            k::Status::unsupported_type);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   EXPECT_EQ(cudaGetLastError(), cudaSuccess);
 }
 

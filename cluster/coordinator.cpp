@@ -92,6 +92,9 @@ protocol::Stats Coordinator::stats() const {
   s.tokens_generated = tokens_generated_;
   s.draft_proposed = draft_proposed_;
   s.draft_accepted = draft_accepted_;
+  s.prompt_tokens = prompt_tokens_;
+  s.cached_prompt_tokens = cached_prompt_tokens_;
+  s.cached_kv_blocks = static_cast<uint64_t>(scheduler_.idle_cached_blocks());
   return s;
 }
 
@@ -233,11 +236,18 @@ bool Coordinator::dispatch_step() {
       step.new_sequences.push_back(r.sampling);
       r.announced = true;
     }
+    std::vector<int32_t> cached_prefix;
     if (!r.was_scheduled) {
       r.scheduled = now;
       r.was_scheduled = true;
+      // Its first step starts after the cached prefix: the workers' history gets those tokens here.
+      r.cached_prompt_tokens = static_cast<uint32_t>(e.start_pos);
+      cached_prefix.assign(r.prompt.begin(), r.prompt.begin() + e.start_pos);
+      prompt_tokens_ += r.prompt.size();
+      cached_prompt_tokens_ += r.cached_prompt_tokens;
     }
-    step.entries.push_back({e.seq_id, e.table_row, e.start_pos, std::move(e.tokens), e.sample, e.n_draft});
+    step.entries.push_back({e.seq_id, e.table_row, e.start_pos, std::move(e.tokens), e.sample, e.n_draft,
+                            std::move(cached_prefix)});
   }
   send_to_workers(step);
   in_flight_[step.step_id] = now;
@@ -312,6 +322,7 @@ void Coordinator::handle_result(const protocol::StepResult& result) {
     final_msg.timings.decode_ms = ms_between(r.first_token, now);
     final_msg.draft_proposed = r.draft_proposed;
     final_msg.draft_accepted = r.draft_accepted;
+    final_msg.cached_prompt_tokens = r.cached_prompt_tokens;
     reply(r.identity, final_msg);
     scheduler_.finish(sampled.seq_id);
     released_.push_back(sampled.seq_id);

@@ -59,6 +59,7 @@ class Coordinator {
     size_t tokens_sent = 0;  // completion tokens already streamed
     Clock::time_point arrived, scheduled, first_token;
     bool was_scheduled = false, has_first_token = false;
+    uint32_t cached_prompt_tokens = 0;  // prompt tokens its first step found in the prefix cache
     uint64_t draft_proposed = 0, draft_accepted = 0;  // speculative decoding
   };
 
@@ -92,6 +93,7 @@ class Coordinator {
   std::string shutdown_identity_;
   uint64_t completed_ = 0, failed_ = 0, tokens_generated_ = 0;
   uint64_t draft_proposed_ = 0, draft_accepted_ = 0;
+  uint64_t prompt_tokens_ = 0, cached_prompt_tokens_ = 0;  // requests' prompts at their first step
 };
 
 }  // namespace nibble::cluster

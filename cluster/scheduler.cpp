@@ -11,7 +11,10 @@ int64_t StepPlan::n_tokens() const {
   return n;
 }
 
-Scheduler::Scheduler(const SchedulerConfig& config) : config_(config), allocator_(config.num_blocks) {
+Scheduler::Scheduler(const SchedulerConfig& config)
+    : config_(config),
+      blocks_(std::max<int64_t>(config.num_blocks, 0), std::max<int64_t>(config.block_size, 1),
+              config.prefix_caching) {
   if (config.num_blocks <= 0 || config.block_size <= 0 || config.max_batch_tokens <= 0 ||
       config.max_running <= 0 || config.prefill_chunk <= 0 || config.max_queue < 0 || config.context <= 0) {
     throw std::invalid_argument("scheduler: every limit must be positive");
@@ -37,7 +40,7 @@ Admission Scheduler::submit(uint64_t seq_id, std::vector<int32_t> prompt, int32_
 bool Scheduler::cancel(uint64_t seq_id) {
   const auto it = sequences_.find(seq_id);
   if (it == sequences_.end()) return false;
-  allocator_.release(it->second.blocks);
+  blocks_.release(it->second.blocks);
   sequences_.erase(it);
   awaiting_.erase(seq_id);
   std::erase(running_, seq_id);
@@ -47,8 +50,8 @@ bool Scheduler::cancel(uint64_t seq_id) {
 
 void Scheduler::preempt(uint64_t seq_id) {
   Sequence& seq = sequences_.at(seq_id);
-  allocator_.release(seq.blocks);
-  seq.computed = 0;  // recompute prompt and generated tokens when it runs again
+  blocks_.release(seq.blocks);  // its whole blocks stay cached (idle) until evicted
+  seq.computed = 0;  // recompute prompt and generated tokens when it runs again (after its cached prefix)
   seq.draft.clear();
   std::erase(running_, seq_id);
   // Back to the queue in arrival order, ahead of anything that arrived later.
@@ -82,7 +85,7 @@ void Scheduler::accept_tokens(uint64_t seq_id, int32_t accepted, int32_t next) {
   seq.tokens.insert(seq.tokens.end(), seq.planned.begin(), seq.planned.begin() + accepted);
   seq.tokens.push_back(next);
   seq.planned.clear();
-  allocator_.truncate(seq.blocks, seq.computed, config_.block_size);
+  blocks_.truncate(seq.blocks, seq.computed);
   awaiting_.erase(seq_id);
 }
 
@@ -124,11 +127,11 @@ std::optional<StepPlan> Scheduler::next_step() {
       ++i;
       continue;
     }
-    bool fits = allocator_.reserve(seq.blocks, seq.computed + take, config_.block_size);
+    bool fits = blocks_.reserve(seq.blocks, seq.computed + take);
     for (std::optional<uint64_t> victim; !fits && (victim = newest_victim(id));) {
       plan.preempted.push_back(*victim);
       preempt(*victim);
-      fits = allocator_.reserve(seq.blocks, seq.computed + take, config_.block_size);
+      fits = blocks_.reserve(seq.blocks, seq.computed + take);
     }
     if (!fits) {  // it is itself the newest: it waits
       plan.preempted.push_back(id);
@@ -146,8 +149,16 @@ std::optional<StepPlan> Scheduler::next_step() {
     const uint64_t id = waiting_.front();
     if (std::find(plan.preempted.begin(), plan.preempted.end(), id) != plan.preempted.end()) break;
     Sequence& seq = sequences_.at(id);
+    // New or preempted: start after the longest cached prefix, leaving at least its last token to
+    // compute (its logits give the next token).
+    seq.blocks = blocks_.match(seq.tokens, static_cast<int64_t>(seq.tokens.size()) - 1);
+    seq.computed = static_cast<int64_t>(seq.blocks.size()) * config_.block_size;
     const int64_t take = wanted(seq);
-    if (!allocator_.reserve(seq.blocks, seq.computed + take, config_.block_size)) break;
+    if (!blocks_.reserve(seq.blocks, seq.computed + take)) {
+      blocks_.release(seq.blocks);  // a waiting sequence holds no blocks
+      seq.computed = 0;
+      break;
+    }
     waiting_.pop_front();
     running_.push_back(id);
     scheduled.emplace_back(id, take);
@@ -178,6 +189,9 @@ std::optional<StepPlan> Scheduler::next_step() {
     }
     seq.draft.clear();
     if (entry.sample) awaiting_.insert(id);
+    // Its whole blocks of confirmed tokens (not the drafts this step verifies) become shareable: the
+    // workers run this step before any later one that could read them.
+    blocks_.publish(seq.blocks, seq.tokens, seq.computed - static_cast<int64_t>(seq.planned.size()));
     std::copy(seq.blocks.begin(), seq.blocks.end(),
               plan.block_tables.begin() + row * plan.max_blocks_per_seq);
     plan.entries.push_back(std::move(entry));

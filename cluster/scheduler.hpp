@@ -2,7 +2,9 @@
 // The coordinator's scheduler: continuous batching over a paged KV cache. Every step it builds one
 // plan that mixes decode tokens of running sequences with chunks of prompts (chunked prefill) under
 // a token budget; requests join and leave between steps. When KV blocks run out the newest running
-// sequences are preempted (their blocks freed, recomputed later), never dropped.
+// sequences are preempted (their blocks freed, recomputed later), never dropped. With prefix caching
+// (cluster/kv_block_pool.hpp) a sequence admitted to the batch starts after the longest prefix of its
+// tokens whose KV blocks are cached, shared with the sequences that computed them.
 #include <cstdint>
 #include <deque>
 #include <optional>
@@ -10,7 +12,7 @@
 #include <unordered_set>
 #include <vector>
 
-#include "worker/kv_cache.hpp"
+#include "cluster/kv_block_pool.hpp"
 
 namespace nibble::cluster {
 
@@ -20,8 +22,9 @@ struct SchedulerConfig {
   int64_t prefill_chunk = 256;     // prompt tokens of one sequence per step
   int64_t max_queue = 256;         // waiting requests before "overloaded"
   int64_t block_size = 16;
-  int64_t num_blocks = 0;  // KV blocks in every worker's cache
-  int64_t context = 4096;  // prompt + generated tokens of one sequence
+  int64_t num_blocks = 0;      // KV blocks in every worker's cache
+  int64_t context = 4096;      // prompt + generated tokens of one sequence
+  bool prefix_caching = true;  // share the KV blocks of computed prompt prefixes (KvBlockPool)
 };
 
 // One sequence's part of a step: tokens at positions start_pos.. of the sequence whose block table
@@ -78,7 +81,10 @@ class Scheduler {
 
   int64_t waiting() const { return static_cast<int64_t>(waiting_.size()); }
   int64_t running() const { return static_cast<int64_t>(running_.size()); }
-  int64_t free_blocks() const { return allocator_.free_blocks(); }
+  // Blocks a sequence can take now (free, or cached and held by no sequence: evicted on demand).
+  int64_t free_blocks() const { return blocks_.available(); }
+  // Cached prefix blocks no sequence holds (part of free_blocks).
+  int64_t idle_cached_blocks() const { return blocks_.idle_cached(); }
   int64_t total_blocks() const { return config_.num_blocks; }
   // Tokens (prompt + generated) the sequence holds; -1 when unknown.
   int64_t sequence_length(uint64_t seq_id) const;
@@ -97,7 +103,7 @@ class Scheduler {
   void preempt(uint64_t seq_id);
 
   SchedulerConfig config_;
-  worker::BlockAllocator allocator_;
+  KvBlockPool blocks_;
   std::unordered_map<uint64_t, Sequence> sequences_;
   std::deque<uint64_t> waiting_;   // front runs first
   std::vector<uint64_t> running_;  // oldest first

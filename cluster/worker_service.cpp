@@ -56,9 +56,10 @@ protocol::StepResult WorkerService::execute(const protocol::WorkerStep& step) {
   for (const protocol::PlanEntry& entry : step.entries) {
     if (const auto it = sequences_.find(entry.seq_id); it != sequences_.end()) {
       // The history is every token fed at positions 0..last: prompt and generated tokens alike (a
-      // recomputation after preemption rewrites the same values).
+      // recomputation after preemption rewrites the same values), a cached prefix included.
       std::vector<int32_t>& history = it->second->history;
       history.resize(static_cast<size_t>(entry.start_pos) + entry.tokens.size());
+      std::copy(entry.cached_prefix.begin(), entry.cached_prefix.end(), history.begin());
       std::copy(entry.tokens.begin(), entry.tokens.end(), history.begin() + entry.start_pos);
     }
     // A sampling entry wants the logits after its last known token and after each draft proposal.

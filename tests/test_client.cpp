@@ -570,6 +570,42 @@ TEST(BenchServeCommand, ReportsEveryRequestAndTheWorkloadIsTheSeeds) {
   EXPECT_EQ(shapes, shapes2);
 }
 
+// --shared-prefix: every random prompt begins with the same ids (a system prompt), then its own
+// --prompt-tokens; the prefix cache's tokens the server reports in each Final are summed.
+TEST(BenchServeCommand, SharedPrefixBeginsEveryPromptAndCachedTokensAreSummed) {
+  std::atomic<int> count{0};
+  const ScriptedServer::Script base = bench_script(count, 0);
+  ScriptedServer server([&base](const ClientRequestMsg& request) {
+    std::vector<ServerResponseMsg> replies = base(request);
+    auto& f = std::get<Final>(replies.back());
+    f.cached_prompt_tokens = f.prompt_tokens / 2;  // what a prefix cache might have held
+    return replies;
+  });
+  const auto result = test::run_command(test::nibble_bin() + " bench-serve --endpoint " + server.endpoint() +
+                                        " --concurrency 2 --requests 5 --prompt-tokens 2:5 --max-tokens 1:2" +
+                                        " --shared-prefix 6 --seed 3 --vocab 50 --json --timeout-ms 5000");
+  ASSERT_EQ(result.exit_code, 0) << result.output;
+  const auto out = parse_json(result);
+  const auto received = server.received();
+  ASSERT_EQ(received.size(), 5u);
+  std::vector<int32_t> prefix;
+  uint64_t cached = 0;
+  for (const auto& message : received) {
+    const auto& ids = std::get<std::vector<int32_t>>(std::get<GenerateRequest>(message).prompt);
+    ASSERT_GE(ids.size(), 8u);
+    EXPECT_LE(ids.size(), 11u);
+    if (prefix.empty()) prefix.assign(ids.begin(), ids.begin() + 6);
+    EXPECT_EQ(std::vector<int32_t>(ids.begin(), ids.begin() + 6), prefix);
+    cached += ids.size() / 2;
+  }
+  EXPECT_EQ(out["cached_prompt_tokens"].get<uint64_t>(), cached);
+  const auto refused = test::run_command(test::nibble_bin() + " bench-serve --endpoint " + server.endpoint() +
+                                         " --requests 1 --prompt hello --shared-prefix 4 --timeout-ms 1000");
+  EXPECT_NE(refused.exit_code, 0);
+  EXPECT_NE(refused.output.find("--shared-prefix applies to random prompts"), std::string::npos)
+      << refused.output;
+}
+
 TEST(BenchServeCommand, FailedRequestsAreCountedNotFatal) {
   std::atomic<int> count{0};
   ScriptedServer server(bench_script(count, 3));

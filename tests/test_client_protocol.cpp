@@ -102,12 +102,16 @@ TEST(ClientProtocol, RoundTripsEveryResponseKind) {
             "Hello world",
             {1, 2, 3},
             Timings{1.5, 20.25, 300.125},
-            {1, 15043, 3186, 0}},
+            {1, 15043, 3186, 0},
+            12,
+            9,
+            3},
       Final{"r", FinishReason::cancelled, 1, 0, "", {}, Timings{}, {}},
       Error{"req-42", ErrorCode::prompt_too_long, "prompt of 9000 tokens exceeds the context of 4096"},
       Error{"", ErrorCode::shutting_down, "bye"},
       Health{true, 4, "all workers up"},
       Stats{1, 2, 3, 4, 5, 6, 7},
+      Stats{1, 2, 3, 4, 5, 6, 7, 8, 9, 1000, 640, 12},
   };
   for (const auto& message : messages) {
     EXPECT_EQ(round_trip(message), message) << "variant index " << message.index();

@@ -61,6 +61,7 @@ TEST(ClusterConfig, MinimalConfigTakesDefaults) {
   EXPECT_EQ(config.kv_cache.block_size, 16);
   EXPECT_DOUBLE_EQ(config.kv_cache.memory_fraction, 0.5);
   EXPECT_EQ(config.kv_cache.num_blocks, 0);
+  EXPECT_TRUE(config.kv_cache.prefix_caching);
   EXPECT_EQ(config.context, 4096);
   EXPECT_EQ(config.world_size(), 2);
   ClusterConfig expected;  // the struct's own defaults are the documented ones
@@ -94,6 +95,7 @@ kv_cache:
   block_size: 32
   memory_fraction: 1
   num_blocks: 1000
+  prefix_caching: false
 context: 8192
 )",
                                                     "full.yaml");
@@ -121,6 +123,7 @@ context: 8192
   EXPECT_EQ(config.kv_cache.block_size, 32);
   EXPECT_DOUBLE_EQ(config.kv_cache.memory_fraction, 1.0);
   EXPECT_EQ(config.kv_cache.num_blocks, 1000);
+  EXPECT_FALSE(config.kv_cache.prefix_caching);
   EXPECT_EQ(config.context, 8192);
   EXPECT_EQ(config.world_size(), 8);  // 1 coordinator + 6 workers + the draft's own rank
   EXPECT_EQ(config.num_workers(), 6);
@@ -161,6 +164,8 @@ TEST(ClusterConfig, UnknownKeys) {
                {"unknown key", "allowed keys: model,"});
   expect_error("model:\n  path: m\n  sha: abc\n", "model.sha", 3, {"allowed keys: path"});
   expect_error("model: {path: m}\nkv_cache: {block_size: 16, blocks: 9}\n", "kv_cache.blocks", 2);
+  expect_error("model: {path: m}\nkv_cache:\n  prefix_caching: yes please\n", "kv_cache.prefix_caching", 3,
+               {"'yes please'"});
 }
 
 TEST(ClusterConfig, WrongTypes) {
@@ -311,7 +316,7 @@ TEST(ClusterConfig, RenderRoundTrips) {
       "model: {path: \"/m/t a.gguf\"}\ndraft: {path: d.gguf, placement: own_rank}\nparallel: {tensor: 2, "
       "pipeline: 2}\ndevice: cuda\nint4_kernels: cuda_cores\nthreads: 3\nserver: {listen: "
       "\"tcp://0.0.0.0:7000\"}\nkv_cache: "
-      "{memory_fraction: 0.9}\n",
+      "{memory_fraction: 0.9, prefix_caching: false}\n",
       "full.yaml");
   const std::string rendered = render_cluster_config(full);
   EXPECT_NE(rendered.find("# effective configuration from full.yaml"), std::string::npos) << rendered;

@@ -319,6 +319,54 @@ TEST_P(ServeShapes, SampledWithARepetitionPenaltyEqualsSingleProcessGenerate) {
   }
 }
 
+// Prefix caching (on by default): a prompt whose first whole KV blocks an earlier request computed
+// starts after them (Final::cached_prompt_tokens, the stats' sums) and gives the tokens of computing it
+// in full, single-process `nibble generate`'s: greedy, and sampled with a repetition penalty, whose
+// history holds the cached prefix too (the coordinator sends it with the sequence's first entry).
+const std::string kLongPrompt = kPrompts[2] + " " + kPrompts[2] + " " + kPrompts[2];
+
+TEST_P(ServeShapes, PrefixCachedPromptsGiveTheTokensOfComputingThemInFull) {
+  test::TempDir models;
+  const std::string model = make_tiny_model(models.path());
+  const Expected want = nibble_generate(model, kLongPrompt, 24);
+  const test::CommandResult r =
+      test::run_command(test::nibble_bin() + " generate --model '" + model + "' --prompt '" + kLongPrompt +
+                        "' --max-tokens 24 --temperature 0.8 --top-k 40 --top-p 0.95 --min-p 0.05 "
+                        "--repeat-penalty 1.3 --seed 3 "
+                        "--threads 1 --json");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const auto sampled_want =
+      nlohmann::json::parse(r.output.substr(r.output.find('{')))["tokens"].get<std::vector<int32_t>>();
+  test::TempDir dir;
+  ServeJob job(dir.path(), model, GetParam().tensor, GetParam().pipeline,
+               "scheduler: { prefill_chunk: 16 }\nkv_cache: { block_size: 16 }\n");
+  ASSERT_TRUE(job.wait_ready()) << job.log();
+  Client client(job.endpoint());
+  const protocol::Final first = client.generate(greedy("first", kLongPrompt, 24));
+  EXPECT_EQ(first.tokens, want.tokens);
+  EXPECT_EQ(first.cached_prompt_tokens, 0u);
+  const uint32_t prompt_tokens = first.prompt_tokens;
+  ASSERT_GT(prompt_tokens, 48u);
+  const protocol::Final again = client.generate(greedy("again", kLongPrompt, 24));
+  EXPECT_EQ(again.tokens, want.tokens);
+  EXPECT_EQ(again.cached_prompt_tokens,
+            (prompt_tokens - 1) / 16 * 16);  // all whole blocks but the last token's
+  protocol::GenerateRequest request = greedy("sampled", kLongPrompt, 24);
+  request.sampling.temperature = 0.8f;
+  request.sampling.top_k = 40;
+  request.sampling.top_p = 0.95f;
+  request.sampling.min_p = 0.05f;
+  request.sampling.repetition_penalty = 1.3f;
+  request.sampling.seed = 3;
+  const protocol::Final sampled = client.generate(request);
+  EXPECT_EQ(sampled.tokens, sampled_want);
+  EXPECT_EQ(sampled.cached_prompt_tokens, again.cached_prompt_tokens);
+  const protocol::Stats stats = client.stats();
+  EXPECT_EQ(stats.prompt_tokens, 3u * prompt_tokens);
+  EXPECT_EQ(stats.cached_prompt_tokens, 2u * again.cached_prompt_tokens);
+  EXPECT_GT(stats.cached_kv_blocks, 0u);
+}
+
 TEST_P(ServeShapes, FixtureModelsGreedyOutputEqualsSingleProcessGenerate) {
   NIBBLE_REQUIRE_FIXTURES(fixtures);
   for (const char* name : {"tiny-llama-f32.gguf", "tiny-llama-q8_0.gguf", "tiny-llama-q4_0.gguf"}) {
@@ -409,6 +457,38 @@ INSTANTIATE_TEST_SUITE_P(Layouts, ServeSpeculative,
                                            SpecCase{2, 2, 1}, SpecCase{2, 2, 3}, SpecCase{2, 2, 5},
                                            SpecCase{1, 1, 3, true}, SpecCase{2, 2, 3, true}),
                          spec_name);
+
+// Prefix caching with a draft: the target as its own draft accepts every proposal of a prompt it
+// found cached, next to the sampling worker and on a rank of its own, which it can only do if the draft
+// sees the cached prefix too (the sampling worker's history). With prefix_caching: false nothing is
+// cached and the tokens are the same.
+TEST(Serve, PrefixCachedPromptsKeepTheDraftsHistory) {
+  test::TempDir models;
+  const std::string model = make_tiny_model(models.path());
+  const Expected want = nibble_generate(model, kLongPrompt, 24);
+  for (const bool own_rank : {false, true}) {
+    for (const bool caching : {true, false}) {
+      SCOPED_TRACE(std::string(own_rank ? "own rank" : "next to the sampler") +
+                   (caching ? "" : ", no caching"));
+      test::TempDir dir;
+      ServeJob::Placement placement;
+      placement.draft_rank = own_rank;
+      ServeJob job(dir.path(), model, 1, 1,
+                   draft_yaml(model, 3, own_rank) +
+                       "kv_cache: { block_size: 16, prefix_caching: " + (caching ? "true" : "false") + " }\n",
+                   placement);
+      ASSERT_TRUE(job.wait_ready()) << job.log();
+      Client client(job.endpoint());
+      for (const char* id : {"first", "again"}) {
+        const protocol::Final f = client.generate(greedy(id, kLongPrompt, 24));
+        EXPECT_EQ(f.tokens, want.tokens) << id;
+        EXPECT_GT(f.draft_proposed, 0u) << id;
+        EXPECT_EQ(f.draft_accepted, f.draft_proposed) << id;
+        EXPECT_EQ(f.cached_prompt_tokens > 0, caching && std::string(id) == "again") << id;
+      }
+    }
+  }
+}
 
 // Sampled requests (temperature 0.9, fixed seeds) give the same tokens whether the draft runs next
 // to the sampling worker or on a rank of its own: the same proposals, drawn from the same streams,
@@ -595,6 +675,30 @@ TEST(Serve, CudaDeviceWithoutAGpuFailsAtStartUpWithTheReason) {
 // tiles (int4_layout: tiles; every GPU worker repacks its sliced matrices at load); and at P=2 with
 // cuda_graphs: false (every kernel launched directly), each stage saying how it launches, and with the
 // decode attention split and prefill attention keys set.
+// Prefix caching on GPU workers: the second request of a long prompt starts after its cached blocks
+// (the device's paged attention reads them through the block table) and gives single-process
+// `nibble generate --device cuda`'s tokens, like the first, in one stage and in two.
+TEST(Serve, CudaPrefixCachedPromptsServeLikeCudaGenerate) {
+  if (const std::string why = cuda_job_skip_reason(); !why.empty()) GTEST_SKIP() << why;
+  test::TempDir models;
+  const std::string model = make_tiny_model(models.path());
+  const Expected want = nibble_generate(model, kLongPrompt, 24, kCudaGenerate);
+  for (const Shape shape : {Shape{1, 1}, Shape{1, 2}}) {
+    SCOPED_TRACE(std::string("P") + std::to_string(shape.pipeline));
+    test::TempDir dir;
+    ServeJob job(dir.path(), model, shape.tensor, shape.pipeline,
+                 kCudaJob + "scheduler: { prefill_chunk: 16 }\n");
+    ASSERT_TRUE(job.wait_ready()) << job.log();
+    Client client(job.endpoint());
+    const protocol::Final first = client.generate(greedy("first", kLongPrompt, 24));
+    const protocol::Final again = client.generate(greedy("again", kLongPrompt, 24));
+    EXPECT_EQ(first.tokens, want.tokens);
+    EXPECT_EQ(again.tokens, want.tokens);
+    EXPECT_EQ(first.cached_prompt_tokens, 0u);
+    EXPECT_EQ(again.cached_prompt_tokens, (first.prompt_tokens - 1) / 16 * 16);
+  }
+}
+
 TEST(Serve, CudaServesLikeCudaGenerate) {
   if (const std::string why = cuda_job_skip_reason(); !why.empty()) GTEST_SKIP() << why;
   test::TempDir models;

@@ -13,7 +13,10 @@ WorkerStep full_step() {
   step.new_sequences = {{5, 0.7f, 40, 0.9f, 0.05f, 1.1f, 64, 0xABCDEFull},
                         {6, 0.0f, 0, 1.0f, 0.0f, 1.0f, 64, 1}};
   step.released = {1, 2, 3};
-  step.entries = {{5, 0, 0, {1, 2, 3, 4}, false, 0}, {6, 1, 17, {9, 10, 11}, true, 2}};
+  // The second entry follows a cached prefix of 17 tokens (the scheduler's prefix caching).
+  std::vector<int32_t> prefix(17);
+  for (size_t i = 0; i < prefix.size(); ++i) prefix[i] = static_cast<int32_t>(100 + i);
+  step.entries = {{5, 0, 0, {1, 2, 3, 4}, false, 0, {}}, {6, 1, 17, {9, 10, 11}, true, 2, prefix}};
   step.block_tables = {0, 1, -1, 7, 3, 4};
   step.max_blocks_per_seq = 3;
   return step;
@@ -77,6 +80,11 @@ TEST(WorkerProtocol, RejectsBadFrames) {
   step.block_tables.pop_back();
   const std::vector<uint8_t> short_tables = encode(step);
   EXPECT_EQ(code_of([&] { decode_worker_step(short_tables); }), ErrorCode::malformed_message);
+  // A cached prefix that does not end where its entry starts.
+  step = full_step();
+  step.entries[1].cached_prefix.pop_back();
+  const std::vector<uint8_t> short_prefix = encode(step);
+  EXPECT_EQ(code_of([&] { decode_worker_step(short_prefix); }), ErrorCode::malformed_message);
   // A draft count that leaves no known token before the drafts.
   step = full_step();
   step.entries[1].n_draft = 3;

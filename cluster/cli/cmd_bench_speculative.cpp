@@ -78,6 +78,7 @@ Measured run_batch(worker::ForwardModel& target, const model::Tokenizer& tokeniz
   config.context = 1024;
   config.block_size = 16;
   config.num_blocks = batch * (1024 / 16);
+  config.prefix_caching = false;  // every run computes its prompts: the runs time the same work
   std::unique_ptr<speculative::Speculator> speculator;
   if (draft != nullptr) speculator = std::make_unique<speculative::Speculator>(*draft, settings);
   cluster::LocalEngine engine(target, tokenizer, config, speculator.get());

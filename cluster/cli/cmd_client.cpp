@@ -45,7 +45,10 @@ nlohmann::json stats_json(const protocol::Stats& s) {
           {"total_kv_blocks", s.total_kv_blocks},
           {"tokens_generated", s.tokens_generated},
           {"draft_proposed", s.draft_proposed},
-          {"draft_accepted", s.draft_accepted}};
+          {"draft_accepted", s.draft_accepted},
+          {"prompt_tokens", s.prompt_tokens},
+          {"cached_prompt_tokens", s.cached_prompt_tokens},
+          {"cached_kv_blocks", s.cached_kv_blocks}};
 }
 
 // ---------------------------------------------------------------- bench-serve helpers
@@ -115,6 +118,7 @@ struct Sample {
   std::optional<double> tpot_ms;  // needs two or more output tokens
   uint64_t prompt_tokens = 0, completion_tokens = 0;
   uint64_t draft_proposed = 0, draft_accepted = 0;  // speculative decoding
+  uint64_t cached_prompt_tokens = 0;                // prompt tokens the prefix cache held
 };
 
 Sample run_one(cluster::Client& client, const protocol::GenerateRequest& request) {
@@ -143,6 +147,7 @@ Sample run_one(cluster::Client& client, const protocol::GenerateRequest& request
     sample.completion_tokens = final_msg.completion_tokens;
     sample.draft_proposed = final_msg.draft_proposed;
     sample.draft_accepted = final_msg.draft_accepted;
+    sample.cached_prompt_tokens = final_msg.cached_prompt_tokens;
   } catch (const cluster::ClientError& e) {
     sample.failure = e.code ? std::string(protocol::to_string(*e.code)) : std::string("transport");
   } catch (const std::exception&) {
@@ -267,14 +272,18 @@ Runner add_client(CLI::App& app) {
       } else {
         std::printf(
             "queued: %llu\nrunning: %llu\ncompleted: %llu\nfailed: %llu\nfree_kv_blocks: %llu\n"
-            "total_kv_blocks: %llu\ntokens_generated: %llu\ndraft_proposed: %llu\ndraft_accepted: %llu\n",
+            "total_kv_blocks: %llu\ntokens_generated: %llu\ndraft_proposed: %llu\ndraft_accepted: %llu\n"
+            "prompt_tokens: %llu\ncached_prompt_tokens: %llu\ncached_kv_blocks: %llu\n",
             static_cast<unsigned long long>(s.queued), static_cast<unsigned long long>(s.running),
             static_cast<unsigned long long>(s.completed), static_cast<unsigned long long>(s.failed),
             static_cast<unsigned long long>(s.free_kv_blocks),
             static_cast<unsigned long long>(s.total_kv_blocks),
             static_cast<unsigned long long>(s.tokens_generated),
             static_cast<unsigned long long>(s.draft_proposed),
-            static_cast<unsigned long long>(s.draft_accepted));
+            static_cast<unsigned long long>(s.draft_accepted),
+            static_cast<unsigned long long>(s.prompt_tokens),
+            static_cast<unsigned long long>(s.cached_prompt_tokens),
+            static_cast<unsigned long long>(s.cached_kv_blocks));
       }
       return 0;
     }
@@ -325,6 +334,7 @@ Runner add_client(CLI::App& app) {
     nlohmann::json out;
     out["request_id"] = result.request_id;
     out["prompt_tokens"] = result.prompt_token_ids;
+    out["cached_prompt_tokens"] = result.cached_prompt_tokens;
     out["tokens"] = result.tokens;
     out["text"] = result.text;
     out["finish_reason"] = protocol::to_string(result.finish_reason);
@@ -348,6 +358,7 @@ Runner add_bench_serve(CLI::App& app) {
     std::string prompt_tokens = "16:128";
     std::string max_tokens = "16:64";
     std::string prompt;
+    int shared_prefix = 0;
     uint64_t seed = 0;
     int vocab = 256;
     bool json = false;
@@ -365,6 +376,11 @@ Runner add_bench_serve(CLI::App& app) {
       ->capture_default_str();
   app.add_option("--max-tokens", a->max_tokens, "Generation length range MIN:MAX")->capture_default_str();
   app.add_option("--prompt", a->prompt, "Send this text as every prompt instead of random token ids");
+  app.add_option("--shared-prefix", a->shared_prefix,
+                 "Random prompts begin with the same this many token ids (a system prompt), then their "
+                 "--prompt-tokens")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
   app.add_option("--seed", a->seed, "Seed of the prompts and lengths")->capture_default_str();
   app.add_option("--vocab", a->vocab, "Random prompt ids are drawn from [3, vocab)")
       ->check(CLI::Range(4, INT32_MAX))
@@ -380,13 +396,18 @@ Runner add_bench_serve(CLI::App& app) {
 
     // The whole workload is drawn up front from the seed, so it does not depend on thread timing.
     std::mt19937_64 rng(a->seed);
+    if (a->shared_prefix > 0 && !a->prompt.empty())
+      throw std::invalid_argument("bench-serve: --shared-prefix applies to random prompts, not --prompt");
+    std::vector<int32_t> prefix(static_cast<size_t>(a->shared_prefix));
+    for (auto& id : prefix) id = static_cast<int32_t>(draw(rng, 3, a->vocab - 1));
     std::vector<protocol::GenerateRequest> requests(static_cast<size_t>(a->requests));
     for (auto& request : requests) {
       if (!a->prompt.empty()) {
         request.prompt = a->prompt;
       } else {
-        std::vector<int32_t> ids(static_cast<size_t>(draw(rng, prompt_range.lo, prompt_range.hi)));
-        for (auto& id : ids) id = static_cast<int32_t>(draw(rng, 3, a->vocab - 1));
+        std::vector<int32_t> ids = prefix;
+        const int64_t own = draw(rng, prompt_range.lo, prompt_range.hi);
+        for (int64_t t = 0; t < own; ++t) ids.push_back(static_cast<int32_t>(draw(rng, 3, a->vocab - 1)));
         request.prompt = std::move(ids);
       }
       request.max_tokens = static_cast<uint32_t>(draw(rng, max_range.lo, max_range.hi));
@@ -419,7 +440,8 @@ Runner add_bench_serve(CLI::App& app) {
 
     std::vector<double> ttft, tpot, latency;
     std::map<std::string, int> failures;
-    uint64_t ok = 0, output_tokens = 0, input_tokens = 0, draft_proposed = 0, draft_accepted = 0;
+    uint64_t ok = 0, output_tokens = 0, input_tokens = 0, draft_proposed = 0, draft_accepted = 0,
+             cached_tokens = 0;
     for (const Sample& s : samples) {
       if (!s.ok) {
         ++failures[s.failure];
@@ -430,6 +452,7 @@ Runner add_bench_serve(CLI::App& app) {
       input_tokens += s.prompt_tokens;
       draft_proposed += s.draft_proposed;
       draft_accepted += s.draft_accepted;
+      cached_tokens += s.cached_prompt_tokens;
       ttft.push_back(s.ttft_ms);
       latency.push_back(s.latency_ms);
       if (s.tpot_ms) tpot.push_back(*s.tpot_ms);
@@ -449,6 +472,7 @@ Runner add_bench_serve(CLI::App& app) {
           {"failed", failed},
           {"failures", failure_codes},
           {"input_tokens", input_tokens},
+          {"cached_prompt_tokens", cached_tokens},
           {"output_tokens", output_tokens},
           {"draft_proposed", draft_proposed},
           {"draft_accepted", draft_accepted},
@@ -478,8 +502,10 @@ Runner add_bench_serve(CLI::App& app) {
         }
         std::printf("failures: %s\n", list.c_str());
       }
-      std::printf("output tokens %llu (input %llu)\n", static_cast<unsigned long long>(output_tokens),
-                  static_cast<unsigned long long>(input_tokens));
+      std::printf("output tokens %llu (input %llu, of which %llu from the prefix cache)\n",
+                  static_cast<unsigned long long>(output_tokens),
+                  static_cast<unsigned long long>(input_tokens),
+                  static_cast<unsigned long long>(cached_tokens));
       std::printf("throughput %.2f output tokens/s, %.2f requests/s\n", tokens_per_s, requests_per_s);
       if (draft_proposed > 0) {
         std::printf("speculative: %llu drafts proposed, %llu accepted (%.1f%%)\n",

@@ -563,6 +563,7 @@ int serve(const std::string& config_path) {
   scheduler.block_size = config.kv_cache.block_size;
   scheduler.num_blocks = num_blocks;
   scheduler.context = config.context;
+  scheduler.prefix_caching = config.kv_cache.prefix_caching;
   cluster::CoordinatorSockets sockets;
   sockets.clients = &clients;
   sockets.results = &results;

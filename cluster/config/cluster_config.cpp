@@ -377,7 +377,10 @@ ClusterConfig build_config(const Reader& reader, const Section& top, const std::
   if (const Entry* e = top.find("context")) config.context = reader.integer<int>(*e, 1, kIntMax);
 
   if (const Entry* entry = top.find("kv_cache")) {
-    const Section kv = reader.section(*entry, {"block_size", "memory_fraction", "num_blocks"});
+    const Section kv =
+        reader.section(*entry, {"block_size", "memory_fraction", "num_blocks", "prefix_caching"});
+    if (const Entry* e = kv.find("prefix_caching"))
+      config.kv_cache.prefix_caching = reader.choice(*e, {"false", "true"}) == 1;
     if (const Entry* e = kv.find("block_size")) {
       config.kv_cache.block_size = reader.integer<int>(*e, 1, 1 << 16);
       if (!is_power_of_two(config.kv_cache.block_size)) {
@@ -693,6 +696,7 @@ std::string render_cluster_config(const ClusterConfig& config) {
   const auto written = std::to_chars(fraction, fraction + sizeof(fraction), config.kv_cache.memory_fraction);
   out << YAML::Key << "memory_fraction" << YAML::Value << std::string(fraction, written.ptr);
   out << YAML::Key << "num_blocks" << YAML::Value << config.kv_cache.num_blocks;
+  out << YAML::Key << "prefix_caching" << YAML::Value << config.kv_cache.prefix_caching;
   out << YAML::EndMap;
   out << YAML::Key << "context" << YAML::Value << config.context;
   out << YAML::EndMap;

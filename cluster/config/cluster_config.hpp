@@ -54,6 +54,9 @@
 //     block_size: 16             # tokens per KV block, a power of two
 //     memory_fraction: 0.5       # share of a worker's free memory given to KV blocks, in (0, 1]
 //     num_blocks: 0              # blocks per worker; 0 = derive from memory_fraction
+//     prefix_caching: true       # a prompt starts after the longest cached prefix of whole blocks that
+//                                # earlier sequences computed (vLLM's automatic prefix caching;
+//                                # cluster/kv_block_pool.hpp); false computes every prompt in full
 //   context: 4096                # max prompt + generated tokens per sequence
 //
 // A section may be left empty (`scheduler:` with every key commented out) to take its defaults.
@@ -157,6 +160,7 @@ struct KvCacheConfig {
   int block_size = 16;
   double memory_fraction = 0.5;
   int64_t num_blocks = 0;  // 0 = derive from memory_fraction
+  bool prefix_caching = true;
 
   bool operator==(const KvCacheConfig&) const = default;
 };

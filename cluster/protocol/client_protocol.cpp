@@ -89,6 +89,7 @@ void encode_final(const Final& final_msg, wire::Final::Builder out) {
               final_msg.prompt_token_ids);
   out.setDraftProposed(final_msg.draft_proposed);
   out.setDraftAccepted(final_msg.draft_accepted);
+  out.setCachedPromptTokens(final_msg.cached_prompt_tokens);
 }
 
 // ---------------------------------------------------------------- decode
@@ -187,7 +188,8 @@ ServerResponseMsg read_server_response(capnp::MessageReader& reader) {
                    Timings{timings.getQueueMs(), timings.getPrefillMs(), timings.getDecodeMs()},
                    to_std(in.getPromptTokenIds()),
                    in.getDraftProposed(),
-                   in.getDraftAccepted()};
+                   in.getDraftAccepted(),
+                   in.getCachedPromptTokens()};
     }
     case wire::ServerResponse::ERROR: {
       auto in = root.getError();
@@ -199,9 +201,10 @@ ServerResponseMsg read_server_response(capnp::MessageReader& reader) {
     }
     case wire::ServerResponse::STATS: {
       auto in = root.getStats();
-      return Stats{in.getQueued(),          in.getRunning(),       in.getCompleted(),
-                   in.getFailed(),          in.getFreeKvBlocks(),  in.getTotalKvBlocks(),
-                   in.getTokensGenerated(), in.getDraftProposed(), in.getDraftAccepted()};
+      return Stats{
+          in.getQueued(),        in.getRunning(),       in.getCompleted(),          in.getFailed(),
+          in.getFreeKvBlocks(),  in.getTotalKvBlocks(), in.getTokensGenerated(),    in.getDraftProposed(),
+          in.getDraftAccepted(), in.getPromptTokens(),  in.getCachedPromptTokens(), in.getCachedKvBlocks()};
     }
   }
   unknown_member("response type", static_cast<unsigned>(root.which()));
@@ -344,6 +347,9 @@ std::vector<uint8_t> encode(const ServerResponseMsg& message) {
                    out.setTokensGenerated(m.tokens_generated);
                    out.setDraftProposed(m.draft_proposed);
                    out.setDraftAccepted(m.draft_accepted);
+                   out.setPromptTokens(m.prompt_tokens);
+                   out.setCachedPromptTokens(m.cached_prompt_tokens);
+                   out.setCachedKvBlocks(m.cached_kv_blocks);
                  },
              },
              message);

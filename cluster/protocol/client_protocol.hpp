@@ -120,6 +120,7 @@ struct Final {
   std::vector<int32_t> prompt_token_ids;  // the prompt as the model saw it (BOS included)
   uint64_t draft_proposed = 0;            // speculative decoding: draft tokens verified
   uint64_t draft_accepted = 0;            // ... and accepted
+  uint32_t cached_prompt_tokens = 0;      // prompt tokens whose K/V came from the prefix cache
   bool operator==(const Final&) const = default;
 };
 
@@ -147,6 +148,9 @@ struct Stats {
   uint64_t tokens_generated = 0;
   uint64_t draft_proposed = 0;  // speculative decoding, all requests
   uint64_t draft_accepted = 0;
+  uint64_t prompt_tokens = 0;         // prompts' tokens at their first step, all requests
+  uint64_t cached_prompt_tokens = 0;  // ... of which the prefix cache held the K/V
+  uint64_t cached_kv_blocks = 0;      // cached prefix blocks no request holds (part of free_kv_blocks)
   bool operator==(const Stats&) const = default;
 };
 

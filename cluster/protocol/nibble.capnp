@@ -91,9 +91,10 @@ struct Final {
   text @4 :Text;
   tokens @5 :List(Int32);
   timings @6 :Timings;
-  promptTokenIds @7 :List(Int32);
+  promptTokenIds @7 :List(Int32);      # the prompt as the model saw it (BOS included, after tokenizing)
   draftProposed @8 :UInt64;            # speculative decoding: draft tokens verified
-  draftAccepted @9 :UInt64;            # ... and accepted      # the prompt as the model saw it (BOS included, after tokenizing)
+  draftAccepted @9 :UInt64;            # ... and accepted
+  cachedPromptTokens @10 :UInt32;      # prompt tokens whose K/V came from the prefix cache
 }
 
 struct Error {
@@ -118,6 +119,9 @@ struct StatsResponse {
   tokensGenerated @6 :UInt64;
   draftProposed @7 :UInt64;            # speculative decoding, all requests
   draftAccepted @8 :UInt64;
+  promptTokens @9 :UInt64;             # prompts' tokens at their first step, all requests
+  cachedPromptTokens @10 :UInt64;      # ... of which the prefix cache held the K/V
+  cachedKvBlocks @11 :UInt64;          # cached prefix blocks no request holds (part of freeKvBlocks)
 }
 
 struct ServerResponse {

@@ -27,6 +27,8 @@ struct PlanEntry {
   tokens @3 :List(Int32);
   sample @4 :Bool;                     # sample the token after the last one
   nDraft @5 :Int32;                    # the last nDraft tokens are draft proposals to verify
+  cachedPrefix @6 :List(Int32);        # a sequence's first entry after a cached prefix: the tokens at
+                                       # positions 0 .. startPos - 1, whose K/V are already in its blocks
 }
 
 struct WorkerStep {

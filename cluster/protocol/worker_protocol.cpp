@@ -51,6 +51,8 @@ std::vector<uint8_t> encode(const WorkerStep& step) {
     for (unsigned t = 0; t < e.tokens.size(); ++t) tokens.set(t, e.tokens[t]);
     o.setSample(e.sample);
     o.setNDraft(e.n_draft);
+    auto prefix = o.initCachedPrefix(static_cast<unsigned>(e.cached_prefix.size()));
+    for (unsigned t = 0; t < e.cached_prefix.size(); ++t) prefix.set(t, e.cached_prefix[t]);
   }
   auto tables = out.initBlockTables(static_cast<unsigned>(step.block_tables.size()));
   for (unsigned i = 0; i < step.block_tables.size(); ++i) tables.set(i, step.block_tables[i]);
@@ -96,6 +98,13 @@ WorkerStep decode_worker_step(std::span<const uint8_t> frame, size_t max_bytes) 
       if (entry.n_draft != 0 &&
           (entry.n_draft < 0 || static_cast<size_t>(entry.n_draft) >= entry.tokens.size())) {
         throw ProtocolError(ErrorCode::malformed_message, "worker step: bad draft count");
+      }
+      for (int32_t t : e.getCachedPrefix()) entry.cached_prefix.push_back(t);
+      // A cached prefix is the whole sequence before the entry.
+      if (!entry.cached_prefix.empty() &&
+          entry.cached_prefix.size() != static_cast<size_t>(entry.start_pos)) {
+        throw ProtocolError(ErrorCode::malformed_message,
+                            "worker step: a cached prefix that does not end at the entry");
       }
       step.entries.push_back(std::move(entry));
     }

@@ -31,6 +31,10 @@ struct PlanEntry {
   std::vector<int32_t> tokens;
   bool sample = false;
   int32_t n_draft = 0;  // the last n_draft tokens are proposals to verify
+  // A sequence's first entry after a cached prefix (the scheduler's prefix caching): the tokens at
+  // positions 0 .. start_pos - 1, whose K/V its blocks already hold; the sampling worker's history
+  // (repetition penalty, the draft's tokens) starts with them. Empty otherwise.
+  std::vector<int32_t> cached_prefix;
   bool operator==(const PlanEntry&) const = default;
 };
 

@@ -290,9 +290,10 @@ std::vector<std::vector<uint8_t>> worker_protocol_seeds() {
   step.step_id = 12;
   step.new_sequences.push_back({7, 0.8f, 40, 0.95f, 0.0f, 1.1f, 64, 99});
   step.released = {3};
-  step.entries.push_back({7, 0, 0, {1, 2, 3, 4}, true, 0});
-  step.entries.push_back({8, 1, 16, {5, 6, 7}, true, 2});
-  step.block_tables = {0, 1, 2, 3};
+  step.entries.push_back({7, 0, 0, {1, 2, 3, 4}, true, 0, {}});
+  step.entries.push_back({8, 1, 16, {5, 6, 7}, true, 2, {}});
+  step.entries.push_back({9, 2, 4, {8}, true, 0, {1, 2, 3, 4}});  // after a cached prefix
+  step.block_tables = {0, 1, 2, 3, 4, 5};
   step.max_blocks_per_seq = 2;
   protocol::StepResult result;
   result.sampled.push_back({7, 42, {5, 6}, 2, {9, 10}});

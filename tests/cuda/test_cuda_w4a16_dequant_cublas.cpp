@@ -6,6 +6,7 @@
 #include <cublas_v2.h>
 #include <gtest/gtest.h>
 
+#include <functional>
 #include <random>
 #include <string>
 #include <vector>
@@ -124,50 +125,54 @@ TEST(W4A16DequantCublas, MatchesTheReferenceInOneChunkAndInMany) {
   EXPECT_EQ(cudaGetLastError(), cudaSuccess);
 }
 
-// GGUF Q8_0 blocks as stored and Q6_K in planes through the same chunks: the CPU's weights rounded to
-// fp16, then cuBLAS; one chunk and several, Q8_0 rows 2-byte aligned (34-byte blocks), refused
-// arguments before anything runs.
+// GGUF blocks of `type` (as the model uploads them: Q6_K in planes) through `call`'s chunks: the CPU's
+// weights rounded to fp16, then cuBLAS; one chunk and several; refused arguments before anything runs
+// (a misaligned matrix, k not whole blocks, no cuBLAS).
+using DequantCublas = std::function<Status(const kc::Int4CublasContext&, const uint8_t*, int64_t, int64_t,
+                                           const __half*, int64_t, float*, cudaStream_t)>;
+void expect_blocks_dequant_cublas_match(cublasHandle_t cublas, k::DType type, const DequantCublas& call,
+                                        std::mt19937& rng) {
+  const int64_t n_out = 333, kk = 768;
+  SCOPED_TRACE(k::type_name(type));
+  std::vector<uint8_t> wq;
+  std::vector<float> wf;
+  ASSERT_NO_FATAL_FAILURE(ct::random_quantized(type, n_out, kk, rng, wq, wf));
+  ct::DeviceBuffer<uint8_t> dw(ct::as_uploaded(type, n_out, kk, wq));
+  ASSERT_NE(dw.ptr, nullptr);
+  for (const int64_t scratch_rows : {n_out, int64_t{50}}) {
+    SCOPED_TRACE("scratch rows " + std::to_string(scratch_rows));
+    ct::DeviceBuffer<uint16_t> scratch(static_cast<size_t>(scratch_rows * kk));
+    ASSERT_NE(scratch.ptr, nullptr);
+    const kc::Int4CublasContext context{cublas, reinterpret_cast<__half*>(scratch.ptr), scratch_rows * kk};
+    for (const int64_t m : {1, 33, 100}) {
+      ct::expect_matches_reference(wf, n_out, kk, m, 2e-3, rng, [&](const __half* x, int64_t mm, float* y) {
+        return call(context, dw.ptr, n_out, kk, x, mm, y, nullptr);
+      });
+    }
+  }
+  ct::DeviceBuffer<uint16_t> scratch(static_cast<size_t>(kk));
+  const kc::Int4CublasContext context{cublas, reinterpret_cast<__half*>(scratch.ptr), kk};
+  ct::DeviceBuffer<uint16_t> x(static_cast<size_t>(kk));
+  ct::DeviceBuffer<float> y(static_cast<size_t>(n_out));
+  const auto* xh = reinterpret_cast<const __half*>(x.ptr);
+  EXPECT_EQ(call(context, dw.ptr + 1, n_out, kk, xh, 1, y.ptr, nullptr), Status::invalid_argument);
+  EXPECT_EQ(call(context, dw.ptr, n_out, 200, xh, 1, y.ptr, nullptr), Status::invalid_argument);  // 200 % 32
+  EXPECT_EQ(call({}, dw.ptr, n_out, kk, xh, 1, y.ptr, nullptr), Status::invalid_argument);        // no cuBLAS
+}
+
 TEST(W4A16DequantCublas, Q8_0AndQ6KMatchTheReference) {
   NIBBLE_REQUIRE_CUDA_DEVICE();
   cublasHandle_t cublas = nullptr;
   ASSERT_EQ(cublasCreate(&cublas), CUBLAS_STATUS_SUCCESS);
   std::mt19937 rng(13);
-  for (const k::DType type : {k::DType::Q8_0, k::DType::Q6_K}) {
-    const int64_t n_out = 333, kk = 768;
-    SCOPED_TRACE(k::type_name(type));
-    std::vector<uint8_t> wq;
-    std::vector<float> wf;
-    ASSERT_NO_FATAL_FAILURE(ct::random_quantized(type, n_out, kk, rng, wq, wf));
-    ct::DeviceBuffer<uint8_t> dw(ct::as_uploaded(type, n_out, kk, wq));
-    ASSERT_NE(dw.ptr, nullptr);
-    const auto call = type == k::DType::Q8_0 ? kc::w4a16_q8_0_dequant_cublas : kc::w4a16_q6_k_dequant_cublas;
-    for (const int64_t scratch_rows : {n_out, int64_t{50}}) {
-      SCOPED_TRACE("scratch rows " + std::to_string(scratch_rows));
-      ct::DeviceBuffer<uint16_t> scratch(static_cast<size_t>(scratch_rows * kk));
-      ASSERT_NE(scratch.ptr, nullptr);
-      const kc::Int4CublasContext context{cublas, reinterpret_cast<__half*>(scratch.ptr), scratch_rows * kk};
-      for (const int64_t m : {1, 33, 100}) {
-        ct::expect_matches_reference(wf, n_out, kk, m, 2e-3, rng, [&](const __half* x, int64_t mm, float* y) {
-          return call(context, dw.ptr, n_out, kk, x, mm, y, nullptr);
-        });
-      }
-    }
-    ct::DeviceBuffer<uint16_t> scratch(static_cast<size_t>(kk));
-    const kc::Int4CublasContext context{cublas, reinterpret_cast<__half*>(scratch.ptr), kk};
-    ct::DeviceBuffer<uint16_t> x(static_cast<size_t>(kk));
-    ct::DeviceBuffer<float> y(static_cast<size_t>(n_out));
-    const auto* xh = reinterpret_cast<const __half*>(x.ptr);
-    EXPECT_EQ(call(context, dw.ptr + 1, n_out, kk, xh, 1, y.ptr, nullptr), Status::invalid_argument);
-    EXPECT_EQ(call(context, dw.ptr, n_out, 200, xh, 1, y.ptr, nullptr),
-              Status::invalid_argument);                                                      // 200 % 32
-    EXPECT_EQ(call({}, dw.ptr, n_out, kk, xh, 1, y.ptr, nullptr), Status::invalid_argument);  // no cuBLAS
-  }
+  expect_blocks_dequant_cublas_match(cublas, k::DType::Q8_0, kc::w4a16_q8_0_dequant_cublas, rng);
+  expect_blocks_dequant_cublas_match(cublas, k::DType::Q6_K, kc::w4a16_q6_k_dequant_cublas, rng);
   cublasDestroy(cublas);
   EXPECT_EQ(cudaGetLastError(), cudaSuccess);
 }
 
-// The other GGUF types as stored through the same chunks (w4a16_gguf_blocks_dequant_cublas): the CPU's
-// weights rounded to fp16, then cuBLAS; one chunk and several; refused arguments before anything runs.
+// The other GGUF types as stored (w4a16_gguf_blocks_dequant_cublas), the same way; a type without a
+// reader refused.
 TEST(W4A16DequantCublas, OtherGgufTypesMatchTheReference) {
   NIBBLE_REQUIRE_CUDA_DEVICE();
   cublasHandle_t cublas = nullptr;
@@ -175,36 +180,13 @@ TEST(W4A16DequantCublas, OtherGgufTypesMatchTheReference) {
   std::mt19937 rng(14);
   for (const k::DType type : {k::DType::Q4_1, k::DType::Q5_0, k::DType::Q5_1, k::DType::IQ4_NL,
                               k::DType::Q2_K, k::DType::Q3_K, k::DType::Q5_K, k::DType::IQ4_XS}) {
-    const int64_t n_out = 333, kk = 768;
-    SCOPED_TRACE(k::type_name(type));
-    std::vector<uint8_t> wq;
-    std::vector<float> wf;
-    ASSERT_NO_FATAL_FAILURE(ct::random_quantized(type, n_out, kk, rng, wq, wf));
-    ct::DeviceBuffer<uint8_t> dw(wq);
-    ASSERT_NE(dw.ptr, nullptr);
-    for (const int64_t scratch_rows : {n_out, int64_t{50}}) {
-      SCOPED_TRACE("scratch rows " + std::to_string(scratch_rows));
-      ct::DeviceBuffer<uint16_t> scratch(static_cast<size_t>(scratch_rows * kk));
-      ASSERT_NE(scratch.ptr, nullptr);
-      const kc::Int4CublasContext context{cublas, reinterpret_cast<__half*>(scratch.ptr), scratch_rows * kk};
-      for (const int64_t m : {1, 33, 100}) {
-        ct::expect_matches_reference(wf, n_out, kk, m, 2e-3, rng, [&](const __half* x, int64_t mm, float* y) {
-          return kc::w4a16_gguf_blocks_dequant_cublas(context, type, dw.ptr, n_out, kk, x, mm, y, nullptr);
-        });
-      }
-    }
-    ct::DeviceBuffer<uint16_t> scratch(static_cast<size_t>(kk));
-    const kc::Int4CublasContext context{cublas, reinterpret_cast<__half*>(scratch.ptr), kk};
-    ct::DeviceBuffer<uint16_t> x(static_cast<size_t>(kk));
-    ct::DeviceBuffer<float> y(static_cast<size_t>(n_out));
-    const auto* xh = reinterpret_cast<const __half*>(x.ptr);
-    EXPECT_EQ(
-        kc::w4a16_gguf_blocks_dequant_cublas(context, type, dw.ptr + 1, n_out, kk, xh, 1, y.ptr, nullptr),
-        Status::invalid_argument);
-    EXPECT_EQ(kc::w4a16_gguf_blocks_dequant_cublas(context, type, dw.ptr, n_out, 200, xh, 1, y.ptr, nullptr),
-              Status::invalid_argument);  // 200: not whole blocks
-    EXPECT_EQ(kc::w4a16_gguf_blocks_dequant_cublas({}, type, dw.ptr, n_out, kk, xh, 1, y.ptr, nullptr),
-              Status::invalid_argument);  // no cuBLAS
+    expect_blocks_dequant_cublas_match(
+        cublas, type,
+        [type](const kc::Int4CublasContext& context, const uint8_t* w, int64_t n_out, int64_t kk,
+               const __half* x, int64_t m, float* y, cudaStream_t stream) {
+          return kc::w4a16_gguf_blocks_dequant_cublas(context, type, w, n_out, kk, x, m, y, stream);
+        },
+        rng);
   }
   ct::DeviceBuffer<uint8_t> dw(512);
   ct::DeviceBuffer<uint16_t> scratch(256);

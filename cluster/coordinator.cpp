@@ -211,7 +211,8 @@ void Coordinator::handle_generate(const std::string& identity, const protocol::G
   r.stream = g.stream;
   r.prompt = prompt;
   r.sampling = {seq,          params.temperature,        params.top_k,         params.top_p,
-                params.min_p, params.repetition_penalty, params.repeat_last_n, params.seed};
+                params.min_p, params.repetition_penalty, params.repeat_last_n, params.seed,
+                g.logprobs};
   worker::CompletionLimits limits;
   limits.max_tokens = static_cast<int32_t>(g.max_tokens);
   limits.stop = g.stop;
@@ -285,9 +286,13 @@ void Coordinator::handle_result(const protocol::StepResult& result) {
     std::string text;
     int32_t delivered = 0;
     for (size_t t = 0; t <= sampled.accepted_drafts.size() && !r.completion->finished(); ++t) {
+      const size_t before = r.completion->tokens().size();
       text +=
           r.completion->add(t < sampled.accepted_drafts.size() ? sampled.accepted_drafts[t] : sampled.token);
       ++delivered;
+      // Each token the completion keeps (not an EOS) with its log-probabilities, when asked for.
+      if (r.completion->tokens().size() > before && t < sampled.logprobs.size())
+        r.logprobs.push_back(sampled.logprobs[t]);
     }
     tokens_generated_ += static_cast<uint64_t>(delivered);
     r.draft_proposed += static_cast<uint64_t>(sampled.proposed);
@@ -300,6 +305,9 @@ void Coordinator::handle_result(const protocol::StepResult& result) {
       delta.request_id = r.request_id;
       delta.tokens.assign(tokens.begin() + static_cast<std::ptrdiff_t>(r.tokens_sent), tokens.end());
       delta.text = text;
+      if (r.logprobs.size() > r.tokens_sent)
+        delta.logprobs.assign(r.logprobs.begin() + static_cast<std::ptrdiff_t>(r.tokens_sent),
+                              r.logprobs.end());
       reply(r.identity, delta);
     }
     r.tokens_sent = tokens.size();
@@ -323,6 +331,7 @@ void Coordinator::handle_result(const protocol::StepResult& result) {
     final_msg.draft_proposed = r.draft_proposed;
     final_msg.draft_accepted = r.draft_accepted;
     final_msg.cached_prompt_tokens = r.cached_prompt_tokens;
+    final_msg.logprobs = std::move(r.logprobs);
     reply(r.identity, final_msg);
     scheduler_.finish(sampled.seq_id);
     released_.push_back(sampled.seq_id);

@@ -59,7 +59,8 @@ class Coordinator {
     size_t tokens_sent = 0;  // completion tokens already streamed
     Clock::time_point arrived, scheduled, first_token;
     bool was_scheduled = false, has_first_token = false;
-    uint32_t cached_prompt_tokens = 0;  // prompt tokens its first step found in the prefix cache
+    uint32_t cached_prompt_tokens = 0;             // prompt tokens its first step found in the prefix cache
+    std::vector<protocol::TokenLogprob> logprobs;  // with logprobs asked for: one per completion token
     uint64_t draft_proposed = 0, draft_accepted = 0;  // speculative decoding
   };
 

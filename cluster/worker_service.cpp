@@ -6,6 +6,7 @@
 
 #include "cluster/sampling_settings.hpp"
 #include "speculative/rejection_sampler.hpp"
+#include "worker/logprobs.hpp"
 
 namespace nibble::cluster {
 
@@ -42,7 +43,7 @@ protocol::StepResult WorkerService::execute(const protocol::WorkerStep& step) {
   for (const protocol::SequenceSampling& s : step.new_sequences) {
     if (!samples) continue;
     sequences_[s.seq_id] = std::make_unique<SequenceState>(
-        SequenceState{worker::Sampler(to_sampling_params(s)), {}, {}, nullptr});
+        SequenceState{worker::Sampler(to_sampling_params(s)), {}, {}, nullptr, static_cast<int>(s.logprobs)});
   }
   for (uint64_t id : step.released) {
     sequences_.erase(id);
@@ -87,18 +88,26 @@ protocol::StepResult WorkerService::execute(const protocol::WorkerStep& step) {
              return it != sequences_.end() && pred(*e, it->second->sampler.params());
            });
   };
-  const bool argmax_only = all_sampled([](const protocol::PlanEntry&, const worker::SamplingParams& p) {
-    return p.temperature <= 0.0f && p.repetition_penalty == 1.0f;
+  // Rows whose log-probabilities are asked for need their logits here: such a step takes the host path.
+  const bool host_logits = std::any_of(sampled.begin(), sampled.end(), [&](const protocol::PlanEntry* e) {
+    const auto it = sequences_.find(e->seq_id);
+    return it != sequences_.end() && it->second->logprobs > 0;
   });
+  const bool argmax_only =
+      !host_logits && all_sampled([](const protocol::PlanEntry&, const worker::SamplingParams& p) {
+        return p.temperature <= 0.0f && p.repetition_penalty == 1.0f;
+      });
   const bool ids_only =
-      argmax_only ||
-      all_sampled([](const protocol::PlanEntry& e, const worker::SamplingParams&) { return e.n_draft == 0; });
+      !host_logits &&
+      (argmax_only || all_sampled([](const protocol::PlanEntry& e, const worker::SamplingParams&) {
+         return e.n_draft == 0;
+       }));
   // Sampled drafts verified where the logits are (a GPU's last stage, whole or a shard: only ids come back),
   // when every sampled entry verifies drafts at temperature > 0 without a penalty; each draws its k + 1
   // uniforms up front, as the host's verify does (LocalEngine takes the same path).
   const int64_t n_vocab = model_.config().n_vocab;
   const bool verify_on_model =
-      !argmax_only && !ids_only && model_.verifies_drafts() &&
+      !host_logits && !argmax_only && !ids_only && model_.verifies_drafts() &&
       all_sampled([&](const protocol::PlanEntry& e, const worker::SamplingParams& p) {
         const SequenceState& state = *sequences_.at(e.seq_id);
         return worker::verifiable_on_model(p, e.n_draft, state.draft_probs.size(), n_vocab,
@@ -157,7 +166,7 @@ protocol::StepResult WorkerService::execute(const protocol::WorkerStep& step) {
                                std::to_string(entry.seq_id) + " whose sampling settings never arrived");
     }
     SequenceState& state = *it->second;
-    protocol::SampledToken out{entry.seq_id, 0, {}, entry.n_draft, {}};
+    protocol::SampledToken out{entry.seq_id, 0, {}, entry.n_draft, {}, {}};
     const size_t last_known = static_cast<size_t>(entry.start_pos) + entry.tokens.size() - entry.n_draft;
     if (entry.n_draft == 0) {
       out.token = ids_only ? argmax_[entry_row] : state.sampler.sample(entry_rows, n_vocab, state.history);
@@ -190,6 +199,17 @@ protocol::StepResult WorkerService::execute(const protocol::WorkerStep& step) {
       speculator_->record(entry.seq_id, entry.n_draft, v.accepted);
       out.accepted_drafts.assign(v.tokens.begin(), v.tokens.end() - 1);
       out.token = v.tokens.back();
+    }
+    if (state.logprobs > 0) {  // row t gave accepted draft t, row `accepted` the token (host logits)
+      const auto add = [&](size_t r, int32_t token) {
+        const worker::TokenLogprobs lp =
+            worker::token_logprobs(entry_rows + r * n_vocab, n_vocab, token, state.logprobs);
+        protocol::TokenLogprob& t = out.logprobs.emplace_back();
+        t.logprob = lp.logprob;
+        for (const auto& [id, value] : lp.top) t.top.push_back({id, value});
+      };
+      for (size_t t = 0; t < out.accepted_drafts.size(); ++t) add(t, out.accepted_drafts[t]);
+      add(out.accepted_drafts.size(), out.token);
     }
     // The cache now holds the known tokens and the accepted drafts; rejected positions are dropped.
     state.history.resize(last_known + out.accepted_drafts.size());

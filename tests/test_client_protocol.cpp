@@ -23,6 +23,7 @@ GenerateRequest full_generate() {
   request.max_tokens = 128;
   request.stop = {"\n\n", "</s>", ""};
   request.stream = true;
+  request.logprobs = 5;
   return request;
 }
 
@@ -95,6 +96,7 @@ TEST(ClientProtocol, RoundTripsEveryRequestKind) {
 TEST(ClientProtocol, RoundTripsEveryResponseKind) {
   const std::vector<ServerResponseMsg> messages = {
       Delta{"req-42", {42, 7}, " world"},
+      Delta{"req-42", {42}, " x", {TokenLogprob{-0.25f, {{42, -0.25f}, {7, -1.5f}}}}},
       Final{"req-42",
             FinishReason::stop,
             4,
@@ -105,7 +107,8 @@ TEST(ClientProtocol, RoundTripsEveryResponseKind) {
             {1, 15043, 3186, 0},
             12,
             9,
-            3},
+            3,
+            {TokenLogprob{-0.5f, {}}, TokenLogprob{-2.0f, {{2, -0.125f}}}, TokenLogprob{-0.75f, {}}}},
       Final{"r", FinishReason::cancelled, 1, 0, "", {}, Timings{}, {}},
       Error{"req-42", ErrorCode::prompt_too_long, "prompt of 9000 tokens exceeds the context of 4096"},
       Error{"", ErrorCode::shutting_down, "bye"},
@@ -292,6 +295,8 @@ TEST(ClientProtocol, SemanticViolationsNameTheField) {
       {"sampling.minP", [](GenerateRequest& r) { r.sampling.min_p = 1.0f; }},
       {"sampling.repetitionPenalty", [](GenerateRequest& r) { r.sampling.repetition_penalty = 0.0f; }},
       {"maxTokens", [](GenerateRequest& r) { r.max_tokens = 0; }},
+      {"logprobs", [](GenerateRequest& r) { r.logprobs = kMaxLogprobs + 1; }},
+      {"logprobs", [](GenerateRequest& r) { r.logprobs = 1000; }},  // more than the wire's byte holds
       {"stop", [](GenerateRequest& r) { r.stop.assign(kMaxStopStrings + 1, "x"); }},
       {"stop[2]", [](GenerateRequest& r) { r.stop[2].assign(kMaxStopStringBytes + 1, 'x'); }},
   };

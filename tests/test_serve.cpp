@@ -367,6 +367,70 @@ TEST_P(ServeShapes, PrefixCachedPromptsGiveTheTokensOfComputingThemInFull) {
   EXPECT_GT(stats.cached_kv_blocks, 0u);
 }
 
+// Log-probabilities (GenerateRequest::logprobs): each generated token's is the log-softmax of
+// single-process `nibble logits` at its position, the top tokens are the most likely there (the greedy
+// token first), streamed deltas carry the same values as the Final, and a draft (the target as its own,
+// every proposal accepted) changes nothing: its accepted tokens' values come from the verifying pass.
+// extra: more options for `nibble logits` (--device cuda ...); tolerance: on each logprob.
+void expect_logprobs_match_nibble_logits(const std::string& model, const protocol::Final& f, int top_n,
+                                         const std::string& extra = "", double tolerance = 2e-3) {
+  ASSERT_EQ(f.logprobs.size(), f.tokens.size());
+  std::vector<int32_t> all = f.prompt_token_ids;
+  all.insert(all.end(), f.tokens.begin(), f.tokens.end());
+  std::string ids;
+  for (int32_t t : all) ids += std::to_string(t) + " ";
+  test::TempDir dir;
+  const std::string out = (dir.path() / "logits.f32").string();
+  const test::CommandResult r =
+      test::run_command(test::nibble_bin() + " logits --model '" + model + "' --threads 1 --tokens '" + ids +
+                        "' --out " + out + " " + extra);
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  std::vector<float> rows(fs::file_size(out) / sizeof(float));  // [tokens, n_vocab]
+  std::ifstream(out, std::ios::binary)
+      .read(reinterpret_cast<char*>(rows.data()), static_cast<std::streamsize>(rows.size() * sizeof(float)));
+  const size_t n_vocab = rows.size() / all.size();
+  ASSERT_EQ(n_vocab * all.size(), rows.size());
+  for (size_t i = 0; i < f.tokens.size(); ++i) {
+    SCOPED_TRACE("token " + std::to_string(i));
+    const float* row = rows.data() + (f.prompt_token_ids.size() - 1 + i) * n_vocab;
+    double sum = 0;
+    const float max = *std::max_element(row, row + n_vocab);
+    for (size_t v = 0; v < n_vocab; ++v) sum += std::exp(static_cast<double>(row[v]) - max);
+    const auto logprob = [&](int32_t t) { return static_cast<double>(row[t]) - max - std::log(sum); };
+    EXPECT_NEAR(f.logprobs[i].logprob, logprob(f.tokens[i]), tolerance);
+    ASSERT_EQ(f.logprobs[i].top.size(), static_cast<size_t>(top_n));
+    EXPECT_EQ(f.logprobs[i].top[0].token, f.tokens[i]);  // greedy: the most likely token
+    for (size_t j = 0; j < f.logprobs[i].top.size(); ++j) {
+      EXPECT_NEAR(f.logprobs[i].top[j].logprob, logprob(f.logprobs[i].top[j].token), tolerance);
+      if (j > 0) {
+        EXPECT_LE(f.logprobs[i].top[j].logprob, f.logprobs[i].top[j - 1].logprob);
+      }
+    }
+  }
+}
+
+TEST_P(ServeShapes, LogprobsAreTheModelsLogSoftmaxAtEachToken) {
+  test::TempDir models;
+  const std::string model = make_tiny_model(models.path());
+  test::TempDir dir;
+  ServeJob job(dir.path(), model, GetParam().tensor, GetParam().pipeline,
+               "scheduler: { prefill_chunk: 16 }\n");
+  ASSERT_TRUE(job.wait_ready()) << job.log();
+  Client client(job.endpoint());
+  protocol::GenerateRequest request = greedy("lp", kPrompts[0], 12, /*stream=*/true);
+  request.logprobs = 3;
+  std::vector<protocol::TokenLogprob> streamed;
+  const protocol::Final f = client.generate(request, [&](const protocol::Delta& d) {
+    EXPECT_EQ(d.logprobs.size(), d.tokens.size());
+    streamed.insert(streamed.end(), d.logprobs.begin(), d.logprobs.end());
+  });
+  EXPECT_EQ(f.tokens, nibble_generate(model, kPrompts[0], 12).tokens);
+  EXPECT_EQ(streamed, f.logprobs);
+  ASSERT_NO_FATAL_FAILURE(expect_logprobs_match_nibble_logits(model, f, 3));
+  // Without asking, none.
+  EXPECT_TRUE(client.generate(greedy("none", kPrompts[0], 4)).logprobs.empty());
+}
+
 TEST_P(ServeShapes, FixtureModelsGreedyOutputEqualsSingleProcessGenerate) {
   NIBBLE_REQUIRE_FIXTURES(fixtures);
   for (const char* name : {"tiny-llama-f32.gguf", "tiny-llama-q8_0.gguf", "tiny-llama-q4_0.gguf"}) {
@@ -457,6 +521,21 @@ INSTANTIATE_TEST_SUITE_P(Layouts, ServeSpeculative,
                                            SpecCase{2, 2, 1}, SpecCase{2, 2, 3}, SpecCase{2, 2, 5},
                                            SpecCase{1, 1, 3, true}, SpecCase{2, 2, 3, true}),
                          spec_name);
+
+TEST(Serve, LogprobsWithADraftComeFromTheVerifyingPass) {
+  test::TempDir models;
+  const std::string model = make_tiny_model(models.path());
+  test::TempDir dir;
+  ServeJob job(dir.path(), model, 1, 1, draft_yaml(model, 3, false));
+  ASSERT_TRUE(job.wait_ready()) << job.log();
+  Client client(job.endpoint());
+  protocol::GenerateRequest request = greedy("lp", kPrompts[0], 12);
+  request.logprobs = 2;
+  const protocol::Final f = client.generate(request);
+  EXPECT_GT(f.draft_accepted, 0u);
+  EXPECT_EQ(f.tokens, nibble_generate(model, kPrompts[0], 12).tokens);
+  ASSERT_NO_FATAL_FAILURE(expect_logprobs_match_nibble_logits(model, f, 2));
+}
 
 // Prefix caching with a draft: the target as its own draft accepts every proposal of a prompt it
 // found cached, next to the sampling worker and on a rank of its own, which it can only do if the draft
@@ -697,6 +776,24 @@ TEST(Serve, CudaPrefixCachedPromptsServeLikeCudaGenerate) {
     EXPECT_EQ(first.cached_prompt_tokens, 0u);
     EXPECT_EQ(again.cached_prompt_tokens, (first.prompt_tokens - 1) / 16 * 16);
   }
+}
+
+// Log-probabilities from GPU workers: a step with a request asking for them brings its logits to the
+// host (not only the sampled ids); the values are `nibble logits --device cuda`'s log-softmax within the
+// GPU's decode-against-prefill difference.
+TEST(Serve, CudaLogprobsAreTheModelsLogSoftmax) {
+  if (const std::string why = cuda_job_skip_reason(); !why.empty()) GTEST_SKIP() << why;
+  test::TempDir models;
+  const std::string model = make_tiny_model(models.path());
+  test::TempDir dir;
+  ServeJob job(dir.path(), model, 1, 1, kCudaJob);
+  ASSERT_TRUE(job.wait_ready()) << job.log();
+  Client client(job.endpoint());
+  protocol::GenerateRequest request = greedy("lp", kPrompts[0], 12);
+  request.logprobs = 3;
+  const protocol::Final f = client.generate(request);
+  EXPECT_EQ(f.tokens, nibble_generate(model, kPrompts[0], 12, kCudaGenerate).tokens);
+  ASSERT_NO_FATAL_FAILURE(expect_logprobs_match_nibble_logits(model, f, 3, "--device cuda", 2e-2));
 }
 
 TEST(Serve, CudaServesLikeCudaGenerate) {

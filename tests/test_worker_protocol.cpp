@@ -10,8 +10,8 @@ namespace {
 WorkerStep full_step() {
   WorkerStep step;
   step.step_id = 77;
-  step.new_sequences = {{5, 0.7f, 40, 0.9f, 0.05f, 1.1f, 64, 0xABCDEFull},
-                        {6, 0.0f, 0, 1.0f, 0.0f, 1.0f, 64, 1}};
+  step.new_sequences = {{5, 0.7f, 40, 0.9f, 0.05f, 1.1f, 64, 0xABCDEFull, 3},
+                        {6, 0.0f, 0, 1.0f, 0.0f, 1.0f, 64, 1, 0}};
   step.released = {1, 2, 3};
   // The second entry follows a cached prefix of 17 tokens (the scheduler's prefix caching).
   std::vector<int32_t> prefix(17);
@@ -29,8 +29,22 @@ TEST(WorkerProtocol, StepsAndResultsRoundTrip) {
   stop.step_id = 9;
   stop.shutdown = true;
   EXPECT_EQ(decode_worker_step(encode(stop)), stop);
-  const StepResult result{77, {{5, 100, {}, 0, {}}, {6, 0, {7, 8}, 3, {1, 2, 3}}, {7, 31999, {}, 2, {}}}};
+  const StepResult result{77,
+                          {{5, 100, {}, 0, {}, {}},
+                           {6, 0, {7, 8}, 3, {1, 2, 3}, {{-0.5f, {{7, -0.5f}}}, {-1.0f, {}}, {-0.25f, {}}}},
+                           {7, 31999, {}, 2, {}, {}}}};
   EXPECT_EQ(decode_step_result(encode(result)), result);
+  // Logprobs are one per delivered token (the accepted drafts and the sampled one), or none.
+  StepResult short_logprobs = result;
+  short_logprobs.sampled[1].logprobs.pop_back();
+  EXPECT_THROW(decode_step_result(encode(short_logprobs)), ProtocolError);
+  // At most 20 top tokens a position.
+  StepResult too_many = result;
+  too_many.sampled[1].logprobs[0].top.assign(kMaxLogprobs + 1, {1, -1.0f});
+  EXPECT_THROW(decode_step_result(encode(too_many)), ProtocolError);
+  WorkerStep many = full_step();
+  many.new_sequences[0].logprobs = kMaxLogprobs + 1;
+  EXPECT_THROW(decode_worker_step(encode(many)), ProtocolError);
 }
 
 TEST(WorkerProtocol, DraftRequestsAndRepliesRoundTrip) {

@@ -208,6 +208,7 @@ Runner add_client(CLI::App& app) {
     int timeout_ms = 60000;
     std::string request_id;
     bool health = false, stats = false, shutdown = false;
+    int logprobs = 0;
   };
   auto a = std::make_shared<Args>();
   app.add_option("--endpoint,-e", a->endpoint, "Coordinator address")->capture_default_str();
@@ -237,6 +238,10 @@ Runner add_client(CLI::App& app) {
   app.add_option("--stop", a->stop, "Stop string (repeatable)");
   app.add_flag("--stream", a->stream, "Print the text as it is generated");
   app.add_flag("--json", a->json, "Print one JSON object");
+  app.add_option("--logprobs", a->logprobs,
+                 "With --json: each token's log-probability and this many most likely tokens' (0: none)")
+      ->check(CLI::Range(0, static_cast<int>(protocol::kMaxLogprobs)))
+      ->capture_default_str();
   app.add_option("--timeout-ms", a->timeout_ms, "Longest wait for any one reply message")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
@@ -310,6 +315,7 @@ Runner add_client(CLI::App& app) {
     request.max_tokens = static_cast<uint32_t>(a->max_tokens);
     request.stop = a->stop;
     request.stream = a->stream;
+    request.logprobs = static_cast<uint32_t>(a->logprobs);
 
     const bool print_deltas = a->stream && !a->json;
     bool printed = false;
@@ -338,6 +344,18 @@ Runner add_client(CLI::App& app) {
     out["tokens"] = result.tokens;
     out["text"] = result.text;
     out["finish_reason"] = protocol::to_string(result.finish_reason);
+    if (request.logprobs > 0) {  // one per token: its log-probability and the most likely tokens'
+      nlohmann::json logprobs = nlohmann::json::array();
+      for (size_t i = 0; i < result.logprobs.size(); ++i) {
+        nlohmann::json top = nlohmann::json::array();
+        for (const protocol::TopLogprob& t : result.logprobs[i].top)
+          top.push_back({{"token", t.token}, {"logprob", t.logprob}});
+        logprobs.push_back({{"token", i < result.tokens.size() ? result.tokens[i] : -1},
+                            {"logprob", result.logprobs[i].logprob},
+                            {"top", top}});
+      }
+      out["logprobs"] = logprobs;
+    }
     out["speculative"] = {{"draft_proposed", result.draft_proposed},
                           {"draft_accepted", result.draft_accepted}};
     out["timings"] = {

@@ -5,10 +5,12 @@
 #include <kj/array.h>
 #include <kj/exception.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
 #include "cluster/protocol/capnp_frame.hpp"
+#include "cluster/protocol/logprobs_wire.hpp"
 #include "cluster/protocol/nibble.capnp.h"
 
 namespace nibble::protocol {
@@ -72,6 +74,8 @@ void encode_generate(const GenerateRequest& request, wire::GenerateRequest::Buil
   auto stop = out.initStop(static_cast<unsigned>(request.stop.size()));
   for (unsigned i = 0; i < request.stop.size(); ++i) stop.set(i, as_text(request.stop[i]));
   out.setStream(request.stream);
+  // More than fit the field is still more than allowed: the server refuses it by name.
+  out.setLogprobs(static_cast<uint8_t>(std::min<uint32_t>(request.logprobs, 255)));
 }
 
 void encode_final(const Final& final_msg, wire::Final::Builder out) {
@@ -90,6 +94,8 @@ void encode_final(const Final& final_msg, wire::Final::Builder out) {
   out.setDraftProposed(final_msg.draft_proposed);
   out.setDraftAccepted(final_msg.draft_accepted);
   out.setCachedPromptTokens(final_msg.cached_prompt_tokens);
+  detail::write_logprobs(final_msg.logprobs,
+                         out.initLogprobs(static_cast<unsigned>(final_msg.logprobs.size())));
 }
 
 // ---------------------------------------------------------------- decode
@@ -127,6 +133,7 @@ GenerateRequest read_generate(wire::GenerateRequest::Reader in) {
   request.sampling.repetition_penalty = sampling.getRepetitionPenalty();
   if (sampling.getHasSeed()) request.sampling.seed = sampling.getSeed();
   request.max_tokens = in.getMaxTokens();
+  request.logprobs = in.getLogprobs();
   auto stop = in.getStop();
   // Checked before copying so a request with a million stop strings costs nothing.
   if (stop.size() > kMaxStopStrings) {
@@ -174,7 +181,8 @@ ServerResponseMsg read_server_response(capnp::MessageReader& reader) {
   switch (root.which()) {
     case wire::ServerResponse::DELTA: {
       auto in = root.getDelta();
-      return Delta{to_std(in.getRequestId()), to_std(in.getTokens()), to_std(in.getText())};
+      return Delta{to_std(in.getRequestId()), to_std(in.getTokens()), to_std(in.getText()),
+                   detail::read_logprobs(in.getLogprobs())};
     }
     case wire::ServerResponse::FINAL: {
       auto in = root.getFinal();
@@ -189,7 +197,8 @@ ServerResponseMsg read_server_response(capnp::MessageReader& reader) {
                    to_std(in.getPromptTokenIds()),
                    in.getDraftProposed(),
                    in.getDraftAccepted(),
-                   in.getCachedPromptTokens()};
+                   in.getCachedPromptTokens(),
+                   detail::read_logprobs(in.getLogprobs())};
     }
     case wire::ServerResponse::ERROR: {
       auto in = root.getError();
@@ -286,6 +295,9 @@ void validate(const GenerateRequest& request) {
     bad_request("sampling.repetitionPenalty: must be finite and > 0");
   }
   if (request.max_tokens < 1) bad_request("maxTokens: must be >= 1");
+  if (request.logprobs > kMaxLogprobs)
+    bad_request("logprobs: at most " + std::to_string(kMaxLogprobs) + " top tokens, got " +
+                std::to_string(request.logprobs));
   if (request.stop.size() > kMaxStopStrings) {
     bad_request("stop: more than " + std::to_string(kMaxStopStrings) + " stop strings");
   }
@@ -322,6 +334,8 @@ std::vector<uint8_t> encode(const ServerResponseMsg& message) {
                    out.setRequestId(as_text(m.request_id));
                    fill_tokens(out.initTokens(static_cast<unsigned>(m.tokens.size())), m.tokens);
                    out.setText(as_text(m.text));
+                   detail::write_logprobs(m.logprobs,
+                                          out.initLogprobs(static_cast<unsigned>(m.logprobs.size())));
                  },
                  [&](const Final& m) { encode_final(m, root.initFinal()); },
                  [&](const Error& m) {

@@ -63,6 +63,9 @@ struct SamplingParams {
   bool operator==(const SamplingParams&) const = default;
 };
 
+// The most likely tokens a request may ask to see at each position (OpenAI's limit).
+inline constexpr uint32_t kMaxLogprobs = 20;
+
 struct GenerateRequest {
   std::string request_id;
   // Exactly one form of prompt: raw text (the server tokenizes) or token ids.
@@ -71,6 +74,7 @@ struct GenerateRequest {
   uint32_t max_tokens = 256;
   std::vector<std::string> stop;
   bool stream = false;
+  uint32_t logprobs = 0;  // 0: none; 1..kMaxLogprobs: each token's log-probability and that many top tokens'
 
   bool operator==(const GenerateRequest&) const = default;
 };
@@ -95,10 +99,24 @@ using ClientRequestMsg =
 
 // ---------------------------------------------------------------- coordinator -> client
 
+struct TopLogprob {
+  int32_t token = 0;
+  float logprob = 0.0f;
+  bool operator==(const TopLogprob&) const = default;
+};
+// A generated token's log-probability under the model (log-softmax of its logits, before temperature,
+// penalties and filtering) and the most likely tokens' at its position, most likely first.
+struct TokenLogprob {
+  float logprob = 0.0f;
+  std::vector<TopLogprob> top;
+  bool operator==(const TokenLogprob&) const = default;
+};
+
 struct Delta {
   std::string request_id;
   std::vector<int32_t> tokens;
   std::string text;
+  std::vector<TokenLogprob> logprobs{};  // with GenerateRequest::logprobs: one per token
   bool operator==(const Delta&) const = default;
 };
 
@@ -121,6 +139,7 @@ struct Final {
   uint64_t draft_proposed = 0;            // speculative decoding: draft tokens verified
   uint64_t draft_accepted = 0;            // ... and accepted
   uint32_t cached_prompt_tokens = 0;      // prompt tokens whose K/V came from the prefix cache
+  std::vector<TokenLogprob> logprobs{};   // with GenerateRequest::logprobs: one per token
   bool operator==(const Final&) const = default;
 };
 

@@ -33,6 +33,8 @@ struct GenerateRequest {
   maxTokens @4 :UInt32 = 256;
   stop @5 :List(Text);
   stream @6 :Bool;                     # true: Delta messages before the Final
+  logprobs @7 :UInt8;                  # 0: none; 1..20: each generated token's log-probability and
+                                       # this many most likely tokens' (TokenLogprob)
 }
 
 struct CancelRequest {
@@ -71,10 +73,23 @@ enum ErrorCode {
   internal @9;
 }
 
+struct TopLogprob {
+  token @0 :Int32;
+  logprob @1 :Float32;
+}
+
+struct TokenLogprob {
+  # A generated token's log-probability under the model (the log-softmax of its logits, before
+  # temperature, penalties and filtering) and the most likely tokens' there, most likely first.
+  logprob @0 :Float32;
+  top @1 :List(TopLogprob);
+}
+
 struct Delta {
   requestId @0 :Text;
   tokens @1 :List(Int32);
   text @2 :Text;
+  logprobs @3 :List(TokenLogprob);     # with GenerateRequest.logprobs: one per token
 }
 
 struct Timings {
@@ -95,6 +110,7 @@ struct Final {
   draftProposed @8 :UInt64;            # speculative decoding: draft tokens verified
   draftAccepted @9 :UInt64;            # ... and accepted
   cachedPromptTokens @10 :UInt32;      # prompt tokens whose K/V came from the prefix cache
+  logprobs @11 :List(TokenLogprob);    # with GenerateRequest.logprobs: one per token
 }
 
 struct Error {

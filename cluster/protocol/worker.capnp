@@ -7,6 +7,7 @@
 
 using Cxx = import "/capnp/c++.capnp";
 $Cxx.namespace("nibble::protocol::wire");
+using Nibble = import "nibble.capnp";
 
 struct SequenceSampling {
   # Sampler settings of a sequence, sent once, in the first step that contains it.
@@ -18,6 +19,8 @@ struct SequenceSampling {
   repetitionPenalty @5 :Float32;
   repeatLastN @6 :Int32;
   seed @7 :UInt64;
+  logprobs @8 :UInt8;                  # 0: none; else each sampled token's log-probability and this
+                                       # many most likely tokens'
 }
 
 struct PlanEntry {
@@ -47,6 +50,8 @@ struct SampledToken {
   acceptedDrafts @2 :List(Int32);      # speculative: the verified draft tokens before `token`
   proposed @3 :Int32;                  # speculative: drafts the step verified
   draft @4 :List(Int32);               # speculative: the draft's proposals to verify next
+  logprobs @5 :List(Nibble.TokenLogprob);  # with SequenceSampling.logprobs: the accepted drafts', then
+                                       # the token's
 }
 
 struct StepResult {

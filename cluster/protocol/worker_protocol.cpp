@@ -1,6 +1,7 @@
 #include "cluster/protocol/worker_protocol.hpp"
 
 #include "cluster/protocol/capnp_frame.hpp"
+#include "cluster/protocol/logprobs_wire.hpp"
 #include "cluster/protocol/worker.capnp.h"
 
 namespace nibble::protocol {
@@ -16,11 +17,16 @@ void write_sampling(const SequenceSampling& s, wire::SequenceSampling::Builder o
   o.setRepetitionPenalty(s.repetition_penalty);
   o.setRepeatLastN(s.repeat_last_n);
   o.setSeed(s.seed);
+  o.setLogprobs(static_cast<uint8_t>(s.logprobs));
 }
 
 SequenceSampling read_sampling(wire::SequenceSampling::Reader s) {
-  return {s.getSeqId(), s.getTemperature(),       s.getTopK(),        s.getTopP(),
-          s.getMinP(),  s.getRepetitionPenalty(), s.getRepeatLastN(), s.getSeed()};
+  if (s.getLogprobs() > kMaxLogprobs)
+    throw ProtocolError(ErrorCode::malformed_message,
+                        "sequence sampling: more than " + std::to_string(kMaxLogprobs) + " logprobs");
+  return {s.getSeqId(),       s.getTemperature(), s.getTopK(),
+          s.getTopP(),        s.getMinP(),        s.getRepetitionPenalty(),
+          s.getRepeatLastN(), s.getSeed(),        s.getLogprobs()};
 }
 
 template <class T, class List>
@@ -74,6 +80,7 @@ std::vector<uint8_t> encode(const StepResult& result) {
     sampled[i].setProposed(in.proposed);
     auto draft = sampled[i].initDraft(static_cast<unsigned>(in.draft.size()));
     for (unsigned t = 0; t < in.draft.size(); ++t) draft.set(t, in.draft[t]);
+    detail::write_logprobs(in.logprobs, sampled[i].initLogprobs(static_cast<unsigned>(in.logprobs.size())));
   }
   return detail::to_bytes(message);
 }
@@ -129,6 +136,11 @@ StepResult decode_step_result(std::span<const uint8_t> frame, size_t max_bytes) 
       for (int32_t d : s.getAcceptedDrafts()) t.accepted_drafts.push_back(d);
       t.proposed = s.getProposed();
       for (int32_t d : s.getDraft()) t.draft.push_back(d);
+      t.logprobs = detail::read_logprobs(s.getLogprobs());
+      // With logprobs, one per delivered token: the accepted drafts and the sampled one.
+      if (!t.logprobs.empty() && t.logprobs.size() != t.accepted_drafts.size() + 1) {
+        throw ProtocolError(ErrorCode::malformed_message, "step result: logprobs do not match the tokens");
+      }
       result.sampled.push_back(std::move(t));
     }
     return result;

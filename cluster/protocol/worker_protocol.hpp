@@ -21,6 +21,7 @@ struct SequenceSampling {
   float repetition_penalty = 1.0f;
   int32_t repeat_last_n = 64;
   uint64_t seed = 0;
+  uint32_t logprobs = 0;  // 0: none; else each sampled token's log-probability and this many top tokens'
   bool operator==(const SequenceSampling&) const = default;
 };
 
@@ -34,7 +35,7 @@ struct PlanEntry {
   // A sequence's first entry after a cached prefix (the scheduler's prefix caching): the tokens at
   // positions 0 .. start_pos - 1, whose K/V its blocks already hold; the sampling worker's history
   // (repetition penalty, the draft's tokens) starts with them. Empty otherwise.
-  std::vector<int32_t> cached_prefix;
+  std::vector<int32_t> cached_prefix{};
   bool operator==(const PlanEntry&) const = default;
 };
 
@@ -55,6 +56,8 @@ struct SampledToken {
   std::vector<int32_t> accepted_drafts;  // verified proposals, before `token`
   int32_t proposed = 0;                  // proposals the step verified
   std::vector<int32_t> draft;            // new proposals for the next step
+  // With SequenceSampling::logprobs: one per accepted draft, then the token's.
+  std::vector<TokenLogprob> logprobs{};
   bool operator==(const SampledToken&) const = default;
 };
 

@@ -1,6 +1,8 @@
 #include "cluster/scheduler.hpp"
 
 #include <algorithm>
+#include <optional>
+#include <span>
 #include <stdexcept>
 
 namespace nibble::cluster {
@@ -118,6 +120,27 @@ std::optional<StepPlan> Scheduler::next_step() {
     return std::nullopt;
   };
 
+  // With prefix caching: the whole block of known tokens each sequence in this plan computes first, as
+  // (the block before it, or -1; its tokens). A prompt joining the batch whose next block one of them
+  // computes waits, then shares it (a burst of requests with one system prompt computes it once, not
+  // side by side).
+  using BlockKey = std::pair<int32_t, std::span<const int32_t>>;
+  std::vector<BlockKey> computing;
+  const auto next_block = [&](const Sequence& seq) -> std::optional<BlockKey> {
+    const int64_t b = seq.computed / config_.block_size;
+    if (!config_.prefix_caching || (b + 1) * config_.block_size > static_cast<int64_t>(seq.tokens.size()))
+      return std::nullopt;
+    return BlockKey{
+        b == 0 ? -1 : seq.blocks[static_cast<size_t>(b - 1)],
+        std::span<const int32_t>(seq.tokens)
+            .subspan(static_cast<size_t>(b * config_.block_size), static_cast<size_t>(config_.block_size))};
+  };
+  const auto being_computed = [&](const BlockKey& key) {
+    return std::any_of(computing.begin(), computing.end(), [&](const BlockKey& c) {
+      return c.first == key.first && std::equal(c.second.begin(), c.second.end(), key.second.begin());
+    });
+  };
+
   // 1. Running sequences, oldest first. Lacking blocks, preempt the newest until it fits.
   for (size_t i = 0; i < running_.size() && budget > 0;) {
     const uint64_t id = running_[i];
@@ -138,28 +161,38 @@ std::optional<StepPlan> Scheduler::next_step() {
       preempt(id);
       continue;
     }
+    if (const auto key = next_block(seq)) computing.push_back(*key);
     scheduled.emplace_back(id, take);
     budget -= take;
     ++i;
   }
 
   // 2. Admit waiting sequences in order while there is room. Nothing preempted this step comes back
-  // in the same step, which keeps a thrashing pair from swapping every step.
-  while (!waiting_.empty() && budget > 0 && static_cast<int64_t>(running_.size()) < config_.max_running) {
-    const uint64_t id = waiting_.front();
+  // in the same step, which keeps a thrashing pair from swapping every step. A prompt whose next block
+  // a sequence of this plan computes waits (keeping its place) and shares it once computed; the ones
+  // behind it may go first.
+  for (size_t w = 0;
+       w < waiting_.size() && budget > 0 && static_cast<int64_t>(running_.size()) < config_.max_running;) {
+    const uint64_t id = waiting_[w];
     if (std::find(plan.preempted.begin(), plan.preempted.end(), id) != plan.preempted.end()) break;
     Sequence& seq = sequences_.at(id);
     // New or preempted: start after the longest cached prefix, leaving at least its last token to
     // compute (its logits give the next token).
     seq.blocks = blocks_.match(seq.tokens, static_cast<int64_t>(seq.tokens.size()) - 1);
     seq.computed = static_cast<int64_t>(seq.blocks.size()) * config_.block_size;
+    const std::optional<BlockKey> key = next_block(seq);
     const int64_t take = wanted(seq);
-    if (!blocks_.reserve(seq.blocks, seq.computed + take)) {
+    if ((key && being_computed(*key)) || !blocks_.reserve(seq.blocks, seq.computed + take)) {
       blocks_.release(seq.blocks);  // a waiting sequence holds no blocks
       seq.computed = 0;
+      if (key && being_computed(*key)) {
+        ++w;
+        continue;
+      }
       break;
     }
-    waiting_.pop_front();
+    if (key) computing.push_back(*key);
+    waiting_.erase(waiting_.begin() + static_cast<std::ptrdiff_t>(w));
     running_.push_back(id);
     scheduled.emplace_back(id, take);
     budget -= take;

@@ -259,6 +259,61 @@ TEST(SchedulerPrefixCache, ASecondPromptStartsAfterTheSharedWholeBlocks) {
   EXPECT_EQ(s.free_blocks(), 16 - 5);
 }
 
+// Requests that arrive together with the same long prompt: the second waits while the first computes
+// the blocks it would otherwise compute side by side, then starts after them (its last block is its
+// own); an unrelated prompt behind it goes ahead meanwhile. Without prefix caching both run at once.
+TEST(SchedulerPrefixCache, ABurstOfOnePromptComputesItsBlocksOnce) {
+  SchedulerConfig c = caching_config();
+  c.num_blocks = 32;
+  for (const bool caching : {true, false}) {
+    SCOPED_TRACE(caching ? "caching" : "no caching");
+    c.prefix_caching = caching;
+    Scheduler s(c);
+    ASSERT_EQ(s.submit(1, tokens(40), 2), Admission::accepted);
+    ASSERT_EQ(s.submit(2, tokens(40), 2), Admission::accepted);
+    ASSERT_EQ(s.submit(3, tokens(6, 500), 2), Admission::accepted);
+    auto step = s.next_step();
+    ASSERT_TRUE(step);
+    std::vector<uint64_t> ids;
+    for (const StepEntry& e : step->entries) ids.push_back(e.seq_id);
+    if (!caching) {
+      EXPECT_EQ(ids, (std::vector<uint64_t>{1, 2}));  // 16 + 16 tokens: the budget of 32
+      continue;
+    }
+    EXPECT_EQ(ids, (std::vector<uint64_t>{1, 3}));  // 2 waits, 3 goes ahead
+    s.append_token(3, 9);
+    for (const int32_t start : {16, 32}) {  // 1's next chunks; 2 still waits
+      step = s.next_step();
+      ASSERT_TRUE(step);
+      bool saw1 = false;
+      for (const StepEntry& e : step->entries) {
+        EXPECT_NE(e.seq_id, 2u) << "at " << start;
+        if (e.seq_id == 1) {
+          saw1 = true;
+          EXPECT_EQ(e.start_pos, start);
+        }
+        if (e.sample) s.append_token(e.seq_id, 9);
+      }
+      EXPECT_TRUE(saw1);
+    }
+    // 1 has computed its prompt (its last block stays its own): 2 starts after 9 shared blocks.
+    bool saw2 = false;
+    for (int i = 0; i < 2 && !saw2; ++i) {
+      step = s.next_step();
+      ASSERT_TRUE(step);
+      for (const StepEntry& e : step->entries) {
+        if (e.seq_id == 2) {
+          saw2 = true;
+          EXPECT_EQ(e.start_pos, 36);
+          EXPECT_EQ(e.tokens.size(), 4u);
+        }
+        if (e.sample) s.append_token(e.seq_id, 9);
+      }
+    }
+    EXPECT_TRUE(saw2);
+  }
+}
+
 // A prompt cached whole still computes its last token (its logits give the next one): the match stops
 // a block short, and that block is the sequence's own.
 TEST(SchedulerPrefixCache, AWholeCachedPromptStillComputesItsLastBlock) {

@@ -924,13 +924,20 @@ TEST(Serve, SixteenConcurrentClientsGetOneCorrectAnswerEach) {
     Expected expected;
   };
   std::vector<Job> jobs(64);
-  for (Job& j : jobs) {
+  // Every third prompt begins with the same 40 ids (a system prompt: the prefix cache shares its blocks
+  // among requests in flight together).
+  std::vector<int32_t> system(40);
+  for (int32_t& id : system) id = std::uniform_int_distribution<int>(3, 4095)(rng);
+  for (size_t n = 0; n < jobs.size(); ++n) {
+    Job& j = jobs[n];
     const int len = std::uniform_int_distribution<int>(1, 150)(rng);
     j.prompt.push_back(1);
+    if (n % 3 == 0) j.prompt.insert(j.prompt.end(), system.begin(), system.end());
     for (int i = 1; i < len; ++i) j.prompt.push_back(std::uniform_int_distribution<int>(3, 4095)(rng));
     j.max_tokens = static_cast<uint32_t>(std::uniform_int_distribution<int>(1, 40)(rng));
   }
-  // 48 blocks of 16 = 768 cached tokens for up to 16 x 190: the scheduler must preempt and resume.
+  // 48 blocks of 16 = 768 cached tokens for up to 16 x 230: the scheduler must preempt and resume, and
+  // evict cached blocks.
   ServeJob job(
       dir.path(), model_path, 2, 2,
       "kv_cache: { num_blocks: 48 }\ncontext: 512\nscheduler: { prefill_chunk: 32, max_batch_tokens: 96 }\n");
@@ -992,6 +999,7 @@ TEST(Serve, SixteenConcurrentClientsGetOneCorrectAnswerEach) {
   EXPECT_EQ(stats.completed, 2 * jobs.size());
   EXPECT_EQ(stats.failed, 0u);
   EXPECT_EQ(stats.free_kv_blocks, stats.total_kv_blocks);
+  EXPECT_GT(stats.cached_prompt_tokens, 0u);
 }
 
 TEST(Serve, CancellingARequestEndsItAndFreesItsBlocks) {

@@ -153,7 +153,7 @@ void Coordinator::handle_generate(const std::string& identity, const protocol::G
   }
   std::vector<int32_t> prompt;
   if (const auto* text = std::get_if<std::string>(&g.prompt)) {
-    prompt = tokenizer_.encode(*text, tokenizer_.add_bos_default());
+    prompt = tokenizer_.encode(*text, tokenizer_.add_bos_default(), g.parse_special);
   } else {
     prompt = std::get<std::vector<int32_t>>(g.prompt);
     for (int32_t id : prompt) {

@@ -228,15 +228,24 @@ void finish_special_tokens(Vocab& vocab) {
   }
   std::stable_sort(vocab.user_defined_longest_first.begin(), vocab.user_defined_longest_first.end(),
                    [&](int32_t a, int32_t b) { return vocab.text[a].size() > vocab.text[b].size(); });
+  vocab.special_longest_first.clear();
+  for (int32_t i = 0; i < n; ++i) {
+    const TokenType t = vocab.type[i];
+    if ((t == TokenType::control || t == TokenType::unknown || t == TokenType::user_defined) &&
+        !vocab.text[i].empty())
+      vocab.special_longest_first.push_back(i);
+  }
+  std::stable_sort(vocab.special_longest_first.begin(), vocab.special_longest_first.end(),
+                   [&](int32_t a, int32_t b) { return vocab.text[a].size() > vocab.text[b].size(); });
 }
 
-// llama.cpp's tokenizer_st_partition with parse_special = false: only user-defined tokens are cut
-// out. Each token, longest first, splits every remaining text fragment at all its occurrences.
-std::vector<Fragment> split_user_defined_tokens(const Vocab& vocab, std::string_view text) {
+// llama.cpp's tokenizer_st_partition: each token, longest first, splits every remaining text fragment
+// at all its occurrences; without parse_special only user-defined tokens are cut out.
+std::vector<Fragment> split_special_tokens(const Vocab& vocab, std::string_view text, bool parse_special) {
   std::vector<Fragment> fragments;
   if (text.empty()) return fragments;
   fragments.push_back({text, -1});
-  for (const int32_t id : vocab.user_defined_longest_first) {
+  for (const int32_t id : parse_special ? vocab.special_longest_first : vocab.user_defined_longest_first) {
     const std::string& needle = vocab.text[id];
     std::vector<Fragment> next;
     next.reserve(fragments.size());

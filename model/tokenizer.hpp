@@ -28,7 +28,12 @@ class Tokenizer {
 
   virtual TokenizerKind kind() const = 0;
   // Token ids of `text`; BOS first when add_bos (the caller decides, normally add_bos_default()).
-  virtual std::vector<int32_t> encode(std::string_view text, bool add_bos) const = 0;
+  // parse_special: the texts of control tokens in `text` ("</s>", "<|eot_id|>", "<|im_start|>", ...)
+  // become those tokens, as llama.cpp's tokenize with parse_special (chat-formatted prompts write them
+  // so); otherwise they are ordinary text (only user-defined tokens are cut out either way).
+  std::vector<int32_t> encode(std::string_view text, bool add_bos, bool parse_special = false) const {
+    return encode_text(text, add_bos, parse_special);
+  }
   // The bytes one token stands for (byte-fallback tokens give their single byte; control tokens
   // such as BOS/EOS give ""). May be an incomplete UTF-8 sequence.
   virtual std::string token_bytes(int32_t id) const = 0;
@@ -46,6 +51,9 @@ class Tokenizer {
   // True when encode() puts a space before the text (SentencePiece's add_space_prefix), so the
   // first decoded piece starts with one space that decode() and StreamingDecoder remove.
   virtual bool add_space_prefix() const { return false; }
+
+ protected:
+  virtual std::vector<int32_t> encode_text(std::string_view text, bool add_bos, bool parse_special) const = 0;
 };
 
 // Turns a stream of token ids into text without ever emitting a partial UTF-8 character: bytes of

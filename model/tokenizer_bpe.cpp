@@ -132,10 +132,10 @@ class BpeTokenizer final : public VocabTokenizer {
 
   TokenizerKind kind() const override { return TokenizerKind::byte_bpe; }
 
-  std::vector<int32_t> encode(std::string_view text, bool add_bos) const override {
+  std::vector<int32_t> encode_text(std::string_view text, bool add_bos, bool parse_special) const override {
     std::vector<int32_t> ids;
     if (add_bos && vocab_.bos >= 0) ids.push_back(vocab_.bos);
-    for (const Fragment& fragment : split_user_defined_tokens(vocab_, text)) {
+    for (const Fragment& fragment : split_special_tokens(vocab_, text, parse_special)) {
       if (fragment.token >= 0) {
         ids.push_back(fragment.token);
       } else {

@@ -45,6 +45,9 @@ struct Vocab {
   // User-defined tokens, longest first: they are cut out of the text before the tokenizer proper
   // runs, even though special-token parsing is off (llama.cpp's tokenizer_st_partition).
   std::vector<int32_t> user_defined_longest_first;
+  // With parse_special, control, unknown and user-defined tokens, longest first (llama.cpp's
+  // cache_special_tokens).
+  std::vector<int32_t> special_longest_first;
 
   int32_t size() const { return static_cast<int32_t>(text.size()); }
   // Id of a piece of text, or -1.
@@ -64,12 +67,14 @@ struct Vocab {
 // become control tokens) and lists the user-defined tokens. `id_of`, `type` and `eos` must be set.
 void finish_special_tokens(Vocab& vocab);
 
-// A stretch of the input: either raw text still to be tokenized, or a user-defined token found in it.
+// A stretch of the input: either raw text still to be tokenized, or a special token found in it.
 struct Fragment {
   std::string_view text;
   int32_t token = -1;  // >= 0: this fragment is that token
 };
-std::vector<Fragment> split_user_defined_tokens(const Vocab& vocab, std::string_view text);
+// llama.cpp's tokenizer_st_partition: the user-defined tokens (and with parse_special the control and
+// unknown ones) cut out of `text`.
+std::vector<Fragment> split_special_tokens(const Vocab& vocab, std::string_view text, bool parse_special);
 
 // The parts of Tokenizer common to both kinds.
 class VocabTokenizer : public Tokenizer {

@@ -24,6 +24,7 @@ GenerateRequest full_generate() {
   request.stop = {"\n\n", "</s>", ""};
   request.stream = true;
   request.logprobs = 5;
+  request.parse_special = true;
   return request;
 }
 

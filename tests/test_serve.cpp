@@ -522,6 +522,37 @@ INSTANTIATE_TEST_SUITE_P(Layouts, ServeSpeculative,
                                            SpecCase{1, 1, 3, true}, SpecCase{2, 2, 3, true}),
                          spec_name);
 
+// A text prompt with parse_special: the coordinator's tokenizer turns control tokens' texts into those
+// tokens (a chat-formatted prompt), as `nibble tokenize --special` does; without it they stay text.
+TEST(Serve, ParseSpecialTurnsControlTokenTextsIntoTokens) {
+  test::TempDir models;
+  const std::string model = make_tiny_model(models.path());
+  const std::string text = "Hello</s> world";
+  const auto ids = [&](const std::string& flags) {
+    const test::CommandResult r = test::run_command(test::nibble_bin() + " tokenize --model '" + model +
+                                                    "' --text '" + text + "' " + flags);
+    EXPECT_EQ(r.exit_code, 0) << r.output;
+    std::vector<int32_t> out;
+    std::istringstream in(r.output);
+    for (int32_t id; in >> id;) out.push_back(id);
+    return out;
+  };
+  const std::vector<int32_t> special = ids("--special"), plain = ids("");
+  test::TempDir dir;
+  ServeJob job(dir.path(), model, 1, 1);
+  ASSERT_TRUE(job.wait_ready()) << job.log();
+  Client client(job.endpoint());
+  protocol::GenerateRequest request = greedy("special", text, 2);
+  request.parse_special = true;
+  const protocol::Final parsed = client.generate(request);
+  const protocol::Final unparsed = client.generate(greedy("plain", text, 2));
+  EXPECT_EQ(parsed.prompt_token_ids, special);
+  EXPECT_EQ(unparsed.prompt_token_ids, plain);
+  const int32_t eos = 2;  // the tiny model's </s>
+  EXPECT_EQ(std::count(special.begin(), special.end(), eos), 1);
+  EXPECT_EQ(std::count(plain.begin(), plain.end(), eos), 0);
+}
+
 TEST(Serve, LogprobsWithADraftComeFromTheVerifyingPass) {
   test::TempDir models;
   const std::string model = make_tiny_model(models.path());

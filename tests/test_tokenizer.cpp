@@ -7,6 +7,8 @@
 #include <chrono>
 #include <cstdio>
 #include <fstream>
+#include <map>
+#include <nlohmann/json.hpp>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -122,6 +124,30 @@ void check_vectors(const fs::path& vocab_path, TokenizerKind kind) {
 TEST(TokenizerFixtures, LlamaSpmVectors) {
   NIBBLE_REQUIRE_FIXTURES(dir);
   check_vectors(dir / "tokenizer" / "ggml-vocab-llama-spm.gguf", TokenizerKind::sentencepiece);
+}
+
+// Special tokens parsed (parse_special): llama.cpp's tokens for texts holding control tokens' texts
+// ("<s>", "</s>", "<|endoftext|>") on both fixture vocabularies (tests/data/tokenizer-special, made by
+// llama-cpp-python); without parse_special the same texts are ordinary text (no control token appears).
+TEST(TokenizerFixtures, ParseSpecialMatchesLlamaCpp) {
+  NIBBLE_REQUIRE_FIXTURES(dir);
+  std::ifstream in(test::test_data_dir() / "tokenizer-special" / "vectors.json");
+  ASSERT_TRUE(in) << "tests/data/tokenizer-special/vectors.json";
+  const auto data = nlohmann::json::parse(in);
+  int compared = 0;
+  std::map<std::string, std::shared_ptr<const Tokenizer>> tokenizers;
+  for (const auto& c : data["cases"]) {
+    auto& tok = tokenizers[c["vocab"].get<std::string>()];
+    if (tok == nullptr) tok = load_fixture_tokenizer(dir / "tokenizer" / c["vocab"].get<std::string>());
+    const std::string text = c["text"].get<std::string>();
+    SCOPED_TRACE(c["vocab"].get<std::string>() + " '" + escaped(text) + "'");
+    const bool add_bos = c["add_bos"].get<bool>() && tok->add_bos_default();  // llama.cpp's add_special
+    EXPECT_EQ(tok->encode(text, add_bos, /*parse_special=*/true), c["ids"].get<std::vector<int32_t>>());
+    for (const int32_t id : tok->encode(text, false, /*parse_special=*/false))
+      EXPECT_TRUE(id != tok->bos_id() && id != tok->eos_id()) << "a control token from plain text";
+    ++compared;
+  }
+  EXPECT_EQ(compared, 44);
 }
 
 TEST(TokenizerFixtures, Gpt2BpeVectors) {
@@ -355,6 +381,21 @@ TEST(TokenizerSpm, UserDefinedTokensAreCutOutFirst) {
   // The text after a user-defined token gets the space prefix again.
   EXPECT_EQ(tok->encode("abc<tool>abc", false), (std::vector<int32_t>{259, 266, user, 259, 266}));
   EXPECT_EQ(tok->token_bytes(user), "<tool>");
+}
+
+// Control tokens' texts are cut out only with parse_special; the text after one gets the space prefix,
+// as after a user-defined token.
+TEST(TokenizerSpm, ControlTokensAreParsedOnlyWhenAsked) {
+  test::TempDir tmp;
+  TinySpm v = tiny_spm_vocab();
+  const int32_t end = v.add("<end>", 0, 3);
+  GgufWriter w;
+  write_spm(w, v);
+  const auto tok = open_written(tmp, w);
+  EXPECT_EQ(tok->encode("abc<end>abc", false, true), (std::vector<int32_t>{259, 266, end, 259, 266}));
+  const std::vector<int32_t> plain = tok->encode("abc<end>abc", false);
+  EXPECT_EQ(std::count(plain.begin(), plain.end(), end), 0);
+  EXPECT_GT(plain.size(), 5u);
 }
 
 // Byte-level BPE: tokens 0..255 are the byte characters in byte order, then merged pieces.

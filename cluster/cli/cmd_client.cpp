@@ -209,6 +209,7 @@ Runner add_client(CLI::App& app) {
     std::string request_id;
     bool health = false, stats = false, shutdown = false;
     int logprobs = 0;
+    bool special = false;
   };
   auto a = std::make_shared<Args>();
   app.add_option("--endpoint,-e", a->endpoint, "Coordinator address")->capture_default_str();
@@ -238,6 +239,8 @@ Runner add_client(CLI::App& app) {
   app.add_option("--stop", a->stop, "Stop string (repeatable)");
   app.add_flag("--stream", a->stream, "Print the text as it is generated");
   app.add_flag("--json", a->json, "Print one JSON object");
+  app.add_flag("--special", a->special,
+               "Control tokens' texts in the prompt (</s>, <|eot_id|>, ...) become those tokens");
   app.add_option("--logprobs", a->logprobs,
                  "With --json: each token's log-probability and this many most likely tokens' (0: none)")
       ->check(CLI::Range(0, static_cast<int>(protocol::kMaxLogprobs)))
@@ -316,6 +319,7 @@ Runner add_client(CLI::App& app) {
     request.stop = a->stop;
     request.stream = a->stream;
     request.logprobs = static_cast<uint32_t>(a->logprobs);
+    request.parse_special = a->special;
 
     const bool print_deltas = a->stream && !a->json;
     bool printed = false;

@@ -96,18 +96,21 @@ void copy_tokenizer_files(const std::string& hf_dir, const std::string& out_dir)
 Runner add_tokenize(CLI::App& app) {
   struct Args {
     std::string model_path, text;
-    bool no_bos = false;
+    bool no_bos = false, special = false;
   };
   auto a = std::make_shared<Args>();
   app.add_option("--model,-m", a->model_path, "GGUF model or vocabulary file")->required();
   app.add_option("--text", a->text, "Text to tokenize")->required();
   app.add_flag("--no-bos", a->no_bos, "Do not add BOS");
+  app.add_flag("--special", a->special,
+               "Control tokens' texts in the text (</s>, <|eot_id|>, ...) become those tokens (llama.cpp's "
+               "parse_special)");
   return [a]() {
     if (!std::filesystem::exists(a->model_path))
       throw std::runtime_error("model file not found: " + a->model_path);
     auto file = model::GgufFile::open(a->model_path);
     auto tokenizer = model::Tokenizer::from_gguf(*file);
-    const auto ids = tokenizer->encode(a->text, !a->no_bos && tokenizer->add_bos_default());
+    const auto ids = tokenizer->encode(a->text, !a->no_bos && tokenizer->add_bos_default(), a->special);
     for (size_t i = 0; i < ids.size(); ++i) std::cout << (i ? " " : "") << ids[i];
     std::cout << "\n";
     return 0;

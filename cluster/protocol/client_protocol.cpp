@@ -76,6 +76,7 @@ void encode_generate(const GenerateRequest& request, wire::GenerateRequest::Buil
   out.setStream(request.stream);
   // More than fit the field is still more than allowed: the server refuses it by name.
   out.setLogprobs(static_cast<uint8_t>(std::min<uint32_t>(request.logprobs, 255)));
+  out.setParseSpecial(request.parse_special);
 }
 
 void encode_final(const Final& final_msg, wire::Final::Builder out) {
@@ -134,6 +135,7 @@ GenerateRequest read_generate(wire::GenerateRequest::Reader in) {
   if (sampling.getHasSeed()) request.sampling.seed = sampling.getSeed();
   request.max_tokens = in.getMaxTokens();
   request.logprobs = in.getLogprobs();
+  request.parse_special = in.getParseSpecial();
   auto stop = in.getStop();
   // Checked before copying so a request with a million stop strings costs nothing.
   if (stop.size() > kMaxStopStrings) {

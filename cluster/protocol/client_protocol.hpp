@@ -75,6 +75,9 @@ struct GenerateRequest {
   std::vector<std::string> stop;
   bool stream = false;
   uint32_t logprobs = 0;  // 0: none; 1..kMaxLogprobs: each token's log-probability and that many top tokens'
+  // A text prompt's control tokens' texts ("</s>", "<|eot_id|>", ...) become those tokens (a prompt a
+  // chat template formatted); otherwise they are ordinary text.
+  bool parse_special = false;
 
   bool operator==(const GenerateRequest&) const = default;
 };

@@ -35,6 +35,7 @@ struct GenerateRequest {
   stream @6 :Bool;                     # true: Delta messages before the Final
   logprobs @7 :UInt8;                  # 0: none; 1..20: each generated token's log-probability and
                                        # this many most likely tokens' (TokenLogprob)
+  parseSpecial @8 :Bool;               # a text prompt's control tokens' texts become those tokens
 }
 
 struct CancelRequest {

@@ -398,6 +398,9 @@ void check_tokenizer_on(const model::Tokenizer& tokenizer, std::string_view text
   const bool has_marker = tokenizer.kind() == model::TokenizerKind::sentencepiece &&
                           text.find("\xE2\x96\x81") != std::string_view::npos;
   if (valid && !has_marker) require(decoded == text, "valid text does not decode to itself");
+  // With special tokens parsed too: every id in range.
+  for (const int32_t id : tokenizer.encode(text, false, /*parse_special=*/true))
+    require(id >= 0 && id < tokenizer.n_vocab(), "encode with parse_special gave an id out of range");
   // The streaming decoder's pieces are valid UTF-8 and add up to the whole decode's text.
   model::StreamingDecoder stream(tokenizer);
   std::string streamed;

@@ -45,9 +45,12 @@ void Coordinator::request_abort() { g_abort.store(true); }
 
 Coordinator::Coordinator(const ClusterConfig& config, const model::Tokenizer& tokenizer,
                          const model::LlamaConfig& model, const SchedulerConfig& scheduler,
-                         CoordinatorSockets sockets, std::string layout_description)
+                         CoordinatorSockets sockets, std::string layout_description,
+                         std::optional<model::ChatFormat> chat_format, std::string chat_format_missing)
     : config_(config),
       tokenizer_(tokenizer),
+      chat_format_(chat_format),
+      chat_format_missing_(std::move(chat_format_missing)),
       model_(model),
       scheduler_(scheduler),
       sockets_(std::move(sockets)),
@@ -154,6 +157,17 @@ void Coordinator::handle_generate(const std::string& identity, const protocol::G
   std::vector<int32_t> prompt;
   if (const auto* text = std::get_if<std::string>(&g.prompt)) {
     prompt = tokenizer_.encode(*text, tokenizer_.add_bos_default(), g.parse_special);
+  } else if (const auto* messages = std::get_if<std::vector<protocol::ChatMessage>>(&g.prompt)) {
+    if (!chat_format_) {
+      reply_error(identity, g.request_id, ErrorCode::bad_request, "prompt.messages: " + chat_format_missing_);
+      return;
+    }
+    std::vector<model::ChatMessage> chat;
+    for (const protocol::ChatMessage& m : *messages) chat.push_back({m.role, m.content});
+    // The formatted text holds the template's special tokens' texts: parsed as tokens (as llama.cpp's
+    // server does), BOS as the vocabulary says.
+    prompt = tokenizer_.encode(model::format_chat(*chat_format_, chat, /*add_assistant=*/true),
+                               tokenizer_.add_bos_default(), /*parse_special=*/true);
   } else {
     prompt = std::get<std::vector<int32_t>>(g.prompt);
     for (int32_t id : prompt) {

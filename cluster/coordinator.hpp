@@ -22,6 +22,7 @@
 #include "cluster/protocol/client_protocol.hpp"
 #include "cluster/protocol/worker_protocol.hpp"
 #include "cluster/scheduler.hpp"
+#include "model/chat_template.hpp"
 #include "model/llama_config.hpp"
 #include "model/tokenizer.hpp"
 #include "worker/completion.hpp"
@@ -36,8 +37,12 @@ struct CoordinatorSockets {
 
 class Coordinator {
  public:
+  // chat_format: how requests' conversations become prompts (nullopt: the model has none Nibble writes,
+  // such requests are refused with chat_format_missing as the reason).
   Coordinator(const ClusterConfig& config, const model::Tokenizer& tokenizer, const model::LlamaConfig& model,
-              const SchedulerConfig& scheduler, CoordinatorSockets sockets, std::string layout_description);
+              const SchedulerConfig& scheduler, CoordinatorSockets sockets, std::string layout_description,
+              std::optional<model::ChatFormat> chat_format = std::nullopt,
+              std::string chat_format_missing = "");
 
   // Serves until a shutdown request (returns 0 once every rank has been told to stop) or a failure
   // (returns 1 after failing the open requests; the workers are not told: the caller ends the job).
@@ -79,6 +84,8 @@ class Coordinator {
 
   const ClusterConfig& config_;
   const model::Tokenizer& tokenizer_;
+  std::optional<model::ChatFormat> chat_format_;
+  std::string chat_format_missing_;
   model::LlamaConfig model_;
   Scheduler scheduler_;
   CoordinatorSockets sockets_;

@@ -399,7 +399,7 @@ TEST(ClientCommand, JsonGenerateReportsTheFinal) {
   const auto& request = std::get<GenerateRequest>(received[0]);
   EXPECT_EQ(request.request_id, "cli-1");
   EXPECT_EQ(request.prompt,
-            (std::variant<std::string, std::vector<int32_t>>{std::vector<int32_t>{1, 15043, 3186}}));
+            (decltype(protocol::GenerateRequest::prompt){std::vector<int32_t>{1, 15043, 3186}}));
   EXPECT_EQ(request.max_tokens, 5u);
   EXPECT_EQ(request.sampling.temperature, 0.0f);
   EXPECT_EQ(request.sampling.seed, uint64_t{9});
@@ -419,8 +419,7 @@ TEST(ClientCommand, StreamsTextAndUsesGenerateDefaults) {
   const auto received = server.received();
   ASSERT_EQ(received.size(), 1u);
   const auto& request = std::get<GenerateRequest>(received[0]);
-  EXPECT_EQ(request.prompt,
-            (std::variant<std::string, std::vector<int32_t>>{std::string("Once upon a time")}));
+  EXPECT_EQ(request.prompt, (decltype(protocol::GenerateRequest::prompt){std::string("Once upon a time")}));
   // `nibble generate`'s defaults.
   EXPECT_EQ(request.max_tokens, 128u);
   EXPECT_FLOAT_EQ(request.sampling.temperature, 0.8f);

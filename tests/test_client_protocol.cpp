@@ -92,6 +92,9 @@ TEST(ClientProtocol, RoundTripsEveryRequestKind) {
   for (const auto& message : messages) {
     EXPECT_EQ(round_trip(message), message) << "variant index " << message.index();
   }
+  GenerateRequest chat = full_generate();
+  chat.prompt = std::vector<ChatMessage>{{"system", "Be brief."}, {"user", "Hello"}, {"assistant", ""}};
+  EXPECT_EQ(round_trip(chat), ClientRequestMsg{chat});
 }
 
 TEST(ClientProtocol, RoundTripsEveryResponseKind) {
@@ -297,6 +300,19 @@ TEST(ClientProtocol, SemanticViolationsNameTheField) {
       {"sampling.repetitionPenalty", [](GenerateRequest& r) { r.sampling.repetition_penalty = 0.0f; }},
       {"maxTokens", [](GenerateRequest& r) { r.max_tokens = 0; }},
       {"logprobs", [](GenerateRequest& r) { r.logprobs = kMaxLogprobs + 1; }},
+      {"prompt.messages", [](GenerateRequest& r) { r.prompt = std::vector<ChatMessage>{}; }},
+      {"prompt.messages[1].role",
+       [](GenerateRequest& r) {
+         r.prompt = std::vector<ChatMessage>{{"user", "a"}, {"", "b"}};
+       }},
+      {"prompt.messages[0].role",
+       [](GenerateRequest& r) {
+         r.prompt = std::vector<ChatMessage>{{std::string(kMaxChatRoleBytes + 1, 'r'), "a"}};
+       }},
+      {"prompt.messages",
+       [](GenerateRequest& r) {
+         r.prompt = std::vector<ChatMessage>(kMaxChatMessages + 1, {"user", "x"});
+       }},
       {"logprobs", [](GenerateRequest& r) { r.logprobs = 1000; }},  // more than the wire's byte holds
       {"stop", [](GenerateRequest& r) { r.stop.assign(kMaxStopStrings + 1, "x"); }},
       {"stop[2]", [](GenerateRequest& r) { r.stop[2].assign(kMaxStopStringBytes + 1, 'x'); }},

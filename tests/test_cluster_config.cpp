@@ -62,6 +62,7 @@ TEST(ClusterConfig, MinimalConfigTakesDefaults) {
   EXPECT_DOUBLE_EQ(config.kv_cache.memory_fraction, 0.5);
   EXPECT_EQ(config.kv_cache.num_blocks, 0);
   EXPECT_TRUE(config.kv_cache.prefix_caching);
+  EXPECT_EQ(config.chat_template, "auto");
   EXPECT_EQ(config.context, 4096);
   EXPECT_EQ(config.world_size(), 2);
   ClusterConfig expected;  // the struct's own defaults are the documented ones
@@ -166,6 +167,9 @@ TEST(ClusterConfig, UnknownKeys) {
   expect_error("model: {path: m}\nkv_cache: {block_size: 16, blocks: 9}\n", "kv_cache.blocks", 2);
   expect_error("model: {path: m}\nkv_cache:\n  prefix_caching: yes please\n", "kv_cache.prefix_caching", 3,
                {"'yes please'"});
+  expect_error("model: {path: m}\nchat_template: llama-3\n", "chat_template", 2,
+               {"unknown chat format 'llama-3'", "auto, chatml, llama2"});
+  EXPECT_EQ(parse_cluster_config("model: {path: m}\nchat_template: gemma\n", "t").chat_template, "gemma");
 }
 
 TEST(ClusterConfig, WrongTypes) {
@@ -316,7 +320,7 @@ TEST(ClusterConfig, RenderRoundTrips) {
       "model: {path: \"/m/t a.gguf\"}\ndraft: {path: d.gguf, placement: own_rank}\nparallel: {tensor: 2, "
       "pipeline: 2}\ndevice: cuda\nint4_kernels: cuda_cores\nthreads: 3\nserver: {listen: "
       "\"tcp://0.0.0.0:7000\"}\nkv_cache: "
-      "{memory_fraction: 0.9, prefix_caching: false}\n",
+      "{memory_fraction: 0.9, prefix_caching: false}\nchat_template: llama3\n",
       "full.yaml");
   const std::string rendered = render_cluster_config(full);
   EXPECT_NE(rendered.find("# effective configuration from full.yaml"), std::string::npos) << rendered;

@@ -31,6 +31,8 @@
 
 #include "cluster/client.hpp"
 #include "kernels/thread_pool.hpp"
+#include "model/chat_template.hpp"
+#include "model/gguf.hpp"
 #include "model/random_model.hpp"
 #include "model/tokenizer.hpp"
 #include "tests/support/test_support.hpp"
@@ -210,9 +212,8 @@ Expected nibble_generate(const std::string& model, const std::string& prompt, in
   return {json["tokens"].get<std::vector<int32_t>>(), json["text"].get<std::string>()};
 }
 
-protocol::GenerateRequest greedy(const std::string& id,
-                                 std::variant<std::string, std::vector<int32_t>> prompt, uint32_t max_tokens,
-                                 bool stream = false) {
+protocol::GenerateRequest greedy(const std::string& id, decltype(protocol::GenerateRequest::prompt) prompt,
+                                 uint32_t max_tokens, bool stream = false) {
   protocol::GenerateRequest request;
   request.request_id = id;
   request.prompt = std::move(prompt);
@@ -551,6 +552,86 @@ TEST(Serve, ParseSpecialTurnsControlTokenTextsIntoTokens) {
   const int32_t eos = 2;  // the tiny model's </s>
   EXPECT_EQ(std::count(special.begin(), special.end(), eos), 1);
   EXPECT_EQ(std::count(plain.begin(), plain.end(), eos), 0);
+}
+
+// `model` copied to `out` with tokenizer.chat_template set to `chat_template`.
+std::string with_chat_template(const std::string& model, const fs::path& out,
+                               const std::string& chat_template) {
+  const auto in = model::GgufFile::open(model);
+  model::GgufWriter w;
+  for (const auto& [key, value] : in->metadata()) w.set(key, value);
+  w.set_string("tokenizer.chat_template", chat_template);
+  for (const model::GgufTensorInfo& t : in->tensors()) {
+    const uint8_t* data = in->tensor_data(t);
+    w.add_tensor(t.name, t.dims, t.type,
+                 std::vector<uint8_t>(data, data + kernels::row_bytes(t.type, t.row_elements()) * t.rows()));
+  }
+  w.write(out.string());
+  return out.string();
+}
+
+// Conversations (GenerateRequest's messages): the coordinator formats them with the model's chat
+// template, as llama.cpp detects it in tokenizer.chat_template, or the configured chat_template, and
+// tokenizes the text with special tokens parsed: the prompt is `nibble tokenize --special` of
+// model::format_chat's text. A model without a template refuses them by name and keeps serving.
+TEST(Serve, ChatMessagesAreFormattedWithTheModelsTemplate) {
+  test::TempDir models;
+  const std::string plain = make_tiny_model(models.path());
+  const std::string chatml =
+      with_chat_template(plain, models.path() / "chatml.gguf",
+                         "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + "
+                         "message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}");
+  const std::vector<protocol::ChatMessage> messages = {{"system", "Be brief."}, {"user", "Hello</s> there"}};
+  // What `nibble tokenize --special` gives for the formatted text (the same tokenizer, in process: a shell
+  // would drop the text's trailing newline).
+  const auto tokenized = [&](const std::string& model, model::ChatFormat format) {
+    const std::vector<model::ChatMessage> chat = {{"system", "Be brief."}, {"user", "Hello</s> there"}};
+    const auto tokenizer = model::Tokenizer::from_gguf(*model::GgufFile::open(model));
+    return tokenizer->encode(model::format_chat(format, chat, true), tokenizer->add_bos_default(),
+                             /*parse_special=*/true);
+  };
+  struct Case {
+    std::string model, yaml;
+    std::optional<model::ChatFormat> format;
+  };
+  for (const Case& c : {Case{chatml, "", model::ChatFormat::chatml},
+                        Case{plain, "chat_template: llama2-sys\n", model::ChatFormat::llama2_sys},
+                        Case{plain, "", std::nullopt}}) {
+    SCOPED_TRACE(c.format ? model::chat_format_name(*c.format) : "no template");
+    test::TempDir dir;
+    ServeJob job(dir.path(), c.model, 1, 1, c.yaml);
+    ASSERT_TRUE(job.wait_ready()) << job.log();
+    Client client(job.endpoint());
+    if (!c.format) {
+      try {
+        client.generate(greedy("chat", messages, 2));
+        ADD_FAILURE() << "a conversation without a chat template was served";
+      } catch (const ClientError& e) {
+        ASSERT_TRUE(e.code.has_value());
+        EXPECT_EQ(*e.code, protocol::ErrorCode::bad_request);
+        EXPECT_NE(std::string(e.what()).find("has no tokenizer.chat_template"), std::string::npos)
+            << e.what();
+      }
+      EXPECT_EQ(client.generate(greedy("after", kPrompts[1], 2)).tokens.size(), 2u);  // still serving
+      continue;
+    }
+    const protocol::Final f = client.generate(greedy("chat", messages, 4));
+    EXPECT_EQ(f.prompt_token_ids, tokenized(c.model, *c.format));
+    // The same conversation from the command line.
+    const test::CommandResult r =
+        test::run_command(test::nibble_bin() + " client --endpoint " + job.endpoint() +
+                          " --system 'Be brief.' --chat 'Hello</s> there' "
+                          "--temperature 0 --max-tokens 4 --json");
+    ASSERT_EQ(r.exit_code, 0) << r.output;
+    const auto out = nlohmann::json::parse(r.output.substr(r.output.find('{')));
+    EXPECT_EQ(out["prompt_tokens"].get<std::vector<int32_t>>(), f.prompt_token_ids);
+    EXPECT_EQ(out["tokens"].get<std::vector<int32_t>>(), f.tokens);
+    EXPECT_EQ(std::count(f.prompt_token_ids.begin(), f.prompt_token_ids.end(), 2), 1)  // "</s>" parsed
+        << "the special token in the user's text";
+    EXPECT_NE(job.log().find(std::string("chat format: ") + model::chat_format_name(*c.format)),
+              std::string::npos)
+        << job.log();
+  }
 }
 
 TEST(Serve, LogprobsWithADraftComeFromTheVerifyingPass) {

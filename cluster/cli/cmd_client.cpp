@@ -210,12 +210,19 @@ Runner add_client(CLI::App& app) {
     bool health = false, stats = false, shutdown = false;
     int logprobs = 0;
     bool special = false;
+    std::string chat, system;
   };
   auto a = std::make_shared<Args>();
   app.add_option("--endpoint,-e", a->endpoint, "Coordinator address")->capture_default_str();
   auto* prompt = app.add_option("--prompt,-p", a->prompt, "Prompt text (the server tokenizes it)");
   auto* tokens = app.add_option("--tokens", a->tokens, "Prompt as token ids, e.g. \"1 15043 3186\"");
+  auto* chat = app.add_option("--chat", a->chat,
+                              "A user message: the server formats the conversation with the model's chat "
+                              "template");
+  app.add_option("--system", a->system, "With --chat: a system message before it")->needs(chat);
   prompt->excludes(tokens);
+  chat->excludes(prompt);
+  chat->excludes(tokens);
   app.add_option("--max-tokens,-n", a->max_tokens, "Tokens to generate at most")
       ->check(CLI::Range(int64_t{1}, int64_t{UINT32_MAX}))
       ->capture_default_str();
@@ -253,7 +260,7 @@ Runner add_client(CLI::App& app) {
   auto* stats = app.add_flag("--stats", a->stats, "Print the service's counters");
   auto* shutdown = app.add_flag("--shutdown", a->shutdown, "Ask the service to stop");
   for (CLI::Option* control : {health, stats, shutdown}) {
-    for (CLI::Option* other : {health, stats, shutdown, prompt, tokens}) {
+    for (CLI::Option* other : {health, stats, shutdown, prompt, tokens, chat}) {
       if (other != control) control->excludes(other);
     }
   }
@@ -295,10 +302,11 @@ Runner add_client(CLI::App& app) {
       }
       return 0;
     }
-    if (a->prompt.empty() && a->tokens.empty()) {
-      std::fprintf(stderr,
-                   "nibble: error: client: one of --prompt, --tokens, --health, --stats, --shutdown is "
-                   "required\n");
+    if (a->prompt.empty() && a->tokens.empty() && a->chat.empty()) {
+      std::fprintf(
+          stderr,
+          "nibble: error: client: one of --prompt, --tokens, --chat, --health, --stats, --shutdown is "
+          "required\n");
       return 2;
     }
 
@@ -306,6 +314,11 @@ Runner add_client(CLI::App& app) {
     request.request_id = a->request_id;  // empty: the Client makes a unique one
     if (!a->tokens.empty()) {
       request.prompt = parse_token_list(a->tokens);
+    } else if (!a->chat.empty()) {
+      std::vector<protocol::ChatMessage> messages;
+      if (!a->system.empty()) messages.push_back({"system", a->system});
+      messages.push_back({"user", a->chat});
+      request.prompt = std::move(messages);
     } else {
       request.prompt = a->prompt;
     }

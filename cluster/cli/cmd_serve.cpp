@@ -568,10 +568,32 @@ int serve(const std::string& config_path) {
   sockets.clients = &clients;
   sockets.results = &results;
   for (auto& push : to_workers) sockets.workers.push_back(push.get());
+  // How requests' conversations become prompts: the configured format, or the model's own template's.
+  std::optional<model::ChatFormat> chat_format;
+  std::string chat_format_missing;
+  if (config.chat_template != "auto") {
+    chat_format = model::chat_format_by_name(config.chat_template);
+  } else if (file->gguf() == nullptr || file->gguf()->metadata().count("tokenizer.chat_template") == 0) {
+    chat_format_missing = config.model.path +
+                          " has no tokenizer.chat_template; set chat_template: NAME in the configuration (" +
+                          model::chat_format_names() +
+                          ") or send a formatted prompt with special tokens parsed";
+  } else {
+    chat_format = model::detect_chat_format(file->gguf()->metadata().at("tokenizer.chat_template").s);
+    if (!chat_format) {
+      chat_format_missing =
+          "the model's tokenizer.chat_template is not a format Nibble writes; set "
+          "chat_template: NAME in the configuration (" +
+          model::chat_format_names() + ") or send a formatted prompt with special tokens parsed";
+    }
+  }
+  std::fprintf(
+      stderr, "nibble serve: chat format: %s\n",
+      chat_format ? model::chat_format_name(*chat_format) : "none (requests with messages are refused)");
   int code = 1;
   try {
     cluster::Coordinator coordinator_loop(config, *tokenizer, file->config(), scheduler, sockets,
-                                          layout->describe());
+                                          layout->describe(), chat_format, chat_format_missing);
     code = coordinator_loop.run();
   } catch (const std::exception& e) {
     std::fprintf(stderr, "nibble serve: coordinator: error: %s\n", e.what());

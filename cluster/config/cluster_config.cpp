@@ -18,6 +18,8 @@
 #include <utility>
 #include <vector>
 
+#include "model/chat_template.hpp"
+
 namespace nibble::cluster {
 namespace {
 
@@ -327,6 +329,15 @@ ClusterConfig build_config(const Reader& reader, const Section& top, const std::
     config.threads = automatic ? 0 : reader.integer<int>(*e, 1, kIntMax, "an integer or 'auto'");
   }
 
+  if (const Entry* e = top.find("chat_template")) {
+    config.chat_template = reader.text(*e);
+    if (config.chat_template != "auto" && !model::chat_format_by_name(config.chat_template)) {
+      reader.fail(
+          e->path, e->line,
+          "unknown chat format '" + config.chat_template + "' (auto, " + model::chat_format_names() + ")");
+    }
+  }
+
   if (const Entry* entry = top.find("server")) {
     const Section server =
         reader.section(*entry, {"listen", "max_queue", "max_message_bytes", "step_timeout_ms"});
@@ -464,8 +475,8 @@ bool ClusterConfig::operator==(const ClusterConfig& other) const {
          cuda_graphs == other.cuda_graphs &&
          tensor_core_prefill_attention == other.tensor_core_prefill_attention &&
          decode_split_tokens == other.decode_split_tokens && threads == other.threads &&
-         server == other.server && scheduler == other.scheduler && kv_cache == other.kv_cache &&
-         context == other.context;
+         chat_template == other.chat_template && server == other.server && scheduler == other.scheduler &&
+         kv_cache == other.kv_cache && context == other.context;
 }
 
 // YAML text is Unicode in UTF-8, of printable characters only (YAML 1.2, 5.1: tab, line breaks and
@@ -614,10 +625,11 @@ ClusterConfig parse_cluster_config(const std::string& yaml_text, const std::stri
   if (!root.IsMap())
     reader.fail("", line_of(root), "expected a mapping of keys at the top level, got " + describe(root));
 
-  const Section top = reader.section(
-      Entry{"", 1, root}, {"model", "draft", "parallel", "device", "int4_kernels", "int4_layout",
-                           "cutlass_gemm", "int8_activations", "cuda_graphs", "prefill_attention",
-                           "decode_split_tokens", "threads", "server", "scheduler", "kv_cache", "context"});
+  const Section top =
+      reader.section(Entry{"", 1, root},
+                     {"model", "draft", "parallel", "device", "int4_kernels", "int4_layout", "cutlass_gemm",
+                      "int8_activations", "cuda_graphs", "prefill_attention", "decode_split_tokens",
+                      "threads", "chat_template", "server", "scheduler", "kv_cache", "context"});
   return build_config(reader, top, source_name);
 }
 
@@ -678,6 +690,7 @@ std::string render_cluster_config(const ClusterConfig& config) {
   } else {
     out << "auto";
   }
+  out << YAML::Key << "chat_template" << YAML::Value << config.chat_template;
   out << YAML::Key << "server" << YAML::Value << YAML::BeginMap;
   out << YAML::Key << "listen" << YAML::Value << YAML::DoubleQuoted << config.server.listen;
   out << YAML::Key << "max_queue" << YAML::Value << config.server.max_queue;

@@ -41,6 +41,9 @@
 //                                # --enforce-eager): decode steps are otherwise replayed from CUDA graphs,
 //                                # tensor shards on NCCL included (worker::CudaModelOptions::graphs)
 //   threads: auto                # CPU threads per worker: an integer >= 1, or auto
+//   chat_template: auto          # how a conversation (a request's messages) becomes a prompt: auto = the
+//                                # format of the model's tokenizer.chat_template, as llama.cpp detects it;
+//                                # or a format's name (model/chat_template.hpp: chatml, llama2, llama3, ...)
 //   server:
 //     listen: "tcp://127.0.0.1:5555"  # client ROUTER endpoint, tcp:// or ipc://
 //     max_queue: 256             # queued requests before new ones are refused as "overloaded"
@@ -182,6 +185,7 @@ struct ClusterConfig {
   bool tensor_core_prefill_attention = false;  // prefill_attention: tensor_cores
   int decode_split_tokens = 256;
   int threads = 0;  // 0 = auto; see worker_threads()
+  std::string chat_template = "auto";
   ServerConfig server;
   SchedulerSettings scheduler;
   KvCacheConfig kv_cache;

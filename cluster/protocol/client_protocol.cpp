@@ -58,6 +58,12 @@ void encode_generate(const GenerateRequest& request, wire::GenerateRequest::Buil
   out.setRequestId(as_text(request.request_id));
   if (const auto* text = std::get_if<std::string>(&request.prompt)) {
     out.getPrompt().setText(as_text(*text));
+  } else if (const auto* messages = std::get_if<std::vector<ChatMessage>>(&request.prompt)) {
+    auto list = out.getPrompt().initMessages(static_cast<unsigned>(messages->size()));
+    for (unsigned i = 0; i < messages->size(); ++i) {
+      list[i].setRole(as_text((*messages)[i].role));
+      list[i].setContent(as_text((*messages)[i].content));
+    }
   } else {
     const auto& tokens = std::get<std::vector<int32_t>>(request.prompt);
     fill_tokens(out.getPrompt().initTokens(static_cast<unsigned>(tokens.size())), tokens);
@@ -122,6 +128,20 @@ GenerateRequest read_generate(wire::GenerateRequest::Reader in) {
     case wire::GenerateRequest::Prompt::TOKENS:
       request.prompt = to_std(prompt.getTokens());
       break;
+    case wire::GenerateRequest::Prompt::MESSAGES: {
+      auto list = prompt.getMessages();
+      // Checked before copying, as the stop strings are.
+      if (list.size() > kMaxChatMessages) {
+        throw ProtocolError(ErrorCode::bad_request, "prompt.messages: more than " +
+                                                        std::to_string(kMaxChatMessages) + " messages (" +
+                                                        std::to_string(list.size()) + ")");
+      }
+      std::vector<ChatMessage> messages;
+      messages.reserve(list.size());
+      for (auto m : list) messages.push_back({to_std(m.getRole()), to_std(m.getContent())});
+      request.prompt = std::move(messages);
+      break;
+    }
     default:
       unknown_member("prompt kind", static_cast<unsigned>(prompt.which()));
   }
@@ -278,6 +298,14 @@ void validate(const GenerateRequest& request) {
   validate_request_id(request.request_id);
   if (const auto* text = std::get_if<std::string>(&request.prompt)) {
     if (text->empty()) bad_request("prompt: must not be empty");
+  } else if (const auto* messages = std::get_if<std::vector<ChatMessage>>(&request.prompt)) {
+    if (messages->empty()) bad_request("prompt.messages: must not be empty");
+    for (size_t i = 0; i < messages->size(); ++i) {
+      const std::string& role = (*messages)[i].role;
+      if (role.empty() || role.size() > kMaxChatRoleBytes)
+        bad_request("prompt.messages[" + std::to_string(i) + "].role: must be 1 to " +
+                    std::to_string(kMaxChatRoleBytes) + " bytes");
+    }
   } else {
     const auto& tokens = std::get<std::vector<int32_t>>(request.prompt);
     if (tokens.empty()) bad_request("prompt: must not be empty");

@@ -66,10 +66,20 @@ struct SamplingParams {
 // The most likely tokens a request may ask to see at each position (OpenAI's limit).
 inline constexpr uint32_t kMaxLogprobs = 20;
 
+// One message of a conversation (GenerateRequest's chat form).
+struct ChatMessage {
+  std::string role;  // "system", "user", "assistant" (1 to 64 bytes)
+  std::string content;
+  bool operator==(const ChatMessage&) const = default;
+};
+inline constexpr size_t kMaxChatMessages = 1024;
+inline constexpr size_t kMaxChatRoleBytes = 64;
+
 struct GenerateRequest {
   std::string request_id;
-  // Exactly one form of prompt: raw text (the server tokenizes) or token ids.
-  std::variant<std::string, std::vector<int32_t>> prompt;
+  // Exactly one form of prompt: raw text (the server tokenizes), token ids, or a conversation (the
+  // server formats it with the model's chat template, then tokenizes it with special tokens parsed).
+  std::variant<std::string, std::vector<int32_t>, std::vector<ChatMessage>> prompt;
   SamplingParams sampling;
   uint32_t max_tokens = 256;
   std::vector<std::string> stop;

@@ -23,11 +23,18 @@ struct SamplingParams {
   hasSeed @6 :Bool;                    # false: the server picks a seed
 }
 
+struct ChatMessage {
+  role @0 :Text;                       # "system", "user", "assistant"
+  content @1 :Text;
+}
+
 struct GenerateRequest {
   requestId @0 :Text;
   prompt :union {
     text @1 :Text;
     tokens @2 :List(Int32);
+    messages @9 :List(ChatMessage);    # a conversation: the server formats it with the model's chat
+                                       # template and tokenizes it with special tokens parsed
   }
   sampling @3 :SamplingParams;
   maxTokens @4 :UInt32 = 256;

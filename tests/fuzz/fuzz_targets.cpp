@@ -244,17 +244,24 @@ std::vector<std::vector<uint8_t>> client_protocol_seeds() {
   ids.request_id = "r2";
   ids.prompt = std::vector<int32_t>{1, 15043, 3186};
   ids.max_tokens = 8;
+  protocol::GenerateRequest chat = ids;
+  chat.request_id = "r3";
+  chat.prompt = std::vector<protocol::ChatMessage>{{"system", "Be brief."}, {"user", "Hi"}};
+  chat.logprobs = 3;
+  chat.parse_special = true;
   protocol::Final final;
   final.request_id = "r1";
   final.text = "there was";
   final.tokens = {727, 471};
   final.prompt_token_ids = {1, 2, 3};
   final.timings = {1.5, 2.5, 3.5};
+  final.logprobs = {{-0.5f, {{727, -0.5f}, {9, -2.0f}}}, {-1.0f, {}}};
   protocol::Stats stats;
   stats.queued = 3;
   stats.draft_accepted = 9;
   return {protocol::encode(protocol::ClientRequestMsg(text)),
           protocol::encode(protocol::ClientRequestMsg(ids)),
+          protocol::encode(protocol::ClientRequestMsg(chat)),
           protocol::encode(protocol::ClientRequestMsg(protocol::CancelRequest{"r1"})),
           protocol::encode(protocol::ClientRequestMsg(protocol::HealthRequest{})),
           protocol::encode(protocol::ServerResponseMsg(protocol::Delta{"r1", {5, 6}, "ab"})),

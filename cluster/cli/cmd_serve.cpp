@@ -574,10 +574,13 @@ int serve(const std::string& config_path) {
   if (config.chat_template != "auto") {
     chat_format = model::chat_format_by_name(config.chat_template);
   } else if (file->gguf() == nullptr || file->gguf()->metadata().count("tokenizer.chat_template") == 0) {
-    chat_format_missing = config.model.path +
-                          " has no tokenizer.chat_template; set chat_template: NAME in the configuration (" +
-                          model::chat_format_names() +
-                          ") or send a formatted prompt with special tokens parsed";
+    chat_format_missing =
+        config.model.path +
+        (file->gguf() == nullptr ? " is not a GGUF file (Nibble reads chat templates from GGUF's "
+                                   "tokenizer.chat_template)"
+                                 : " has no tokenizer.chat_template") +
+        "; set chat_template: NAME in the configuration (" + model::chat_format_names() +
+        ") or send a formatted prompt with special tokens parsed";
   } else {
     chat_format = model::detect_chat_format(file->gguf()->metadata().at("tokenizer.chat_template").s);
     if (!chat_format) {

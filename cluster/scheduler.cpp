@@ -181,15 +181,14 @@ std::optional<StepPlan> Scheduler::next_step() {
     seq.blocks = blocks_.match(seq.tokens, static_cast<int64_t>(seq.tokens.size()) - 1);
     seq.computed = static_cast<int64_t>(seq.blocks.size()) * config_.block_size;
     const std::optional<BlockKey> key = next_block(seq);
+    const bool waits = key && being_computed(*key);  // skipped, keeping its place
     const int64_t take = wanted(seq);
-    if ((key && being_computed(*key)) || !blocks_.reserve(seq.blocks, seq.computed + take)) {
+    if (waits || !blocks_.reserve(seq.blocks, seq.computed + take)) {
       blocks_.release(seq.blocks);  // a waiting sequence holds no blocks
       seq.computed = 0;
-      if (key && being_computed(*key)) {
-        ++w;
-        continue;
-      }
-      break;
+      if (!waits) break;
+      ++w;
+      continue;
     }
     if (key) computing.push_back(*key);
     waiting_.erase(waiting_.begin() + static_cast<std::ptrdiff_t>(w));

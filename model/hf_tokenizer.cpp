@@ -365,4 +365,19 @@ std::vector<std::pair<std::string, GgufValue>> hf_tokenizer_gguf_metadata(const 
   return m;
 }
 
+std::optional<std::string> hf_chat_template(const std::string& dir) {
+  const std::optional<json> config = read_json(fs::path(dir) / "tokenizer_config.json");
+  if (!config || !config->is_object() || !config->contains("chat_template")) return std::nullopt;
+  const json& t = (*config)["chat_template"];
+  if (t.is_string()) return t.get<std::string>();
+  if (t.is_array()) {
+    for (const json& named : t) {
+      if (named.is_object() && named.value("name", "") == "default" && named.contains("template") &&
+          named["template"].is_string())
+        return named["template"].get<std::string>();
+    }
+  }
+  return std::nullopt;
+}
+
 }  // namespace nibble::model

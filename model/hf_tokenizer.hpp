@@ -7,6 +7,7 @@
 // Added tokens marked special become control tokens, the others user-defined ones.
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -27,5 +28,10 @@ std::shared_ptr<const Tokenizer> load_hf_tokenizer(const std::string& dir, int64
 // does. Empty when the directory has no tokenizer.json; throws like load_hf_tokenizer.
 std::vector<std::pair<std::string, GgufValue>> hf_tokenizer_gguf_metadata(const std::string& dir,
                                                                           int64_t n_vocab = -1);
+
+// `dir`/tokenizer_config.json's chat_template: the string, or of a list of named templates the one
+// named "default" (as transformers picks it); nullopt when there is none. HfCheckpointError for a file
+// that is not JSON.
+std::optional<std::string> hf_chat_template(const std::string& dir);
 
 }  // namespace nibble::model

@@ -148,6 +148,26 @@ TEST(HfTokenizer, TinyLlamaStyleEncodesWithMerges) {
   EXPECT_EQ(load_hf_tokenizer(tmp.path().string(), 200)->n_vocab(), 200);
 }
 
+// tokenizer_config.json's chat_template: a string, the list entry named "default", or none; a file that
+// is not JSON is an error naming it.
+TEST(HfTokenizer, ChatTemplateFromTokenizerConfig) {
+  test::TempDir dir;
+  EXPECT_FALSE(hf_chat_template(dir.path().string()).has_value());  // no tokenizer_config.json
+  const auto write = [&](const std::string& text) {
+    std::ofstream(dir.path() / "tokenizer_config.json") << text;
+  };
+  write(R"({"bos_token": "<s>"})");
+  EXPECT_FALSE(hf_chat_template(dir.path().string()).has_value());
+  write(R"({"chat_template": "{{ '<|im_start|>' }}"})");
+  EXPECT_EQ(hf_chat_template(dir.path().string()).value_or(""), "{{ '<|im_start|>' }}");
+  write(R"({"chat_template": [{"name": "rag", "template": "r"}, {"name": "default", "template": "d"}]})");
+  EXPECT_EQ(hf_chat_template(dir.path().string()).value_or(""), "d");
+  write(R"({"chat_template": [{"name": "rag", "template": "r"}]})");
+  EXPECT_FALSE(hf_chat_template(dir.path().string()).has_value());
+  write("{not json");
+  EXPECT_THROW(hf_chat_template(dir.path().string()), HfCheckpointError);
+}
+
 TEST(HfTokenizer, NoTokenizerJsonGivesNull) {
   test::TempDir tmp;
   EXPECT_EQ(load_hf_tokenizer(tmp.path().string()), nullptr);

@@ -28,6 +28,8 @@
 #include "cluster/remote_draft.hpp"
 #include "cluster/worker_service.hpp"
 #include "cluster/worker_stage.hpp"
+#include "model/hf_checkpoint.hpp"
+#include "model/hf_tokenizer.hpp"
 #include "parallel/communicator_reducer.hpp"
 #include "parallel/mpi_communicator.hpp"
 #include "parallel/rank_layout.hpp"
@@ -568,26 +570,24 @@ int serve(const std::string& config_path) {
   sockets.clients = &clients;
   sockets.results = &results;
   for (auto& push : to_workers) sockets.workers.push_back(push.get());
-  // How requests' conversations become prompts: the configured format, or the model's own template's.
+  // How requests' conversations become prompts: the configured format, or the model's own template's
+  // (a GGUF's tokenizer.chat_template, a Hugging Face directory's tokenizer_config.json chat_template).
   std::optional<model::ChatFormat> chat_format;
   std::string chat_format_missing;
   if (config.chat_template != "auto") {
     chat_format = model::chat_format_by_name(config.chat_template);
-  } else if (file->gguf() == nullptr || file->gguf()->metadata().count("tokenizer.chat_template") == 0) {
-    chat_format_missing =
-        config.model.path +
-        (file->gguf() == nullptr ? " is not a GGUF file (Nibble reads chat templates from GGUF's "
-                                   "tokenizer.chat_template)"
-                                 : " has no tokenizer.chat_template") +
-        "; set chat_template: NAME in the configuration (" + model::chat_format_names() +
-        ") or send a formatted prompt with special tokens parsed";
   } else {
-    chat_format = model::detect_chat_format(file->gguf()->metadata().at("tokenizer.chat_template").s);
+    std::optional<std::string> chat_template;
+    if (file->gguf() != nullptr && file->gguf()->metadata().count("tokenizer.chat_template") != 0)
+      chat_template = file->gguf()->metadata().at("tokenizer.chat_template").s;
+    if (file->hf() != nullptr) chat_template = model::hf_chat_template(file->hf()->dir());
+    if (chat_template) chat_format = model::detect_chat_format(*chat_template);
     if (!chat_format) {
       chat_format_missing =
-          "the model's tokenizer.chat_template is not a format Nibble writes; set "
-          "chat_template: NAME in the configuration (" +
-          model::chat_format_names() + ") or send a formatted prompt with special tokens parsed";
+          (chat_template ? "the model's chat template is not a format Nibble writes"
+                         : config.model.path + " has no chat template (tokenizer.chat_template)") +
+          "; set chat_template: NAME in the configuration (" + model::chat_format_names() +
+          ") or send a formatted prompt with special tokens parsed";
     }
   }
   std::fprintf(

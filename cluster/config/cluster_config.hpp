@@ -42,7 +42,8 @@
 //                                # tensor shards on NCCL included (worker::CudaModelOptions::graphs)
 //   threads: auto                # CPU threads per worker: an integer >= 1, or auto
 //   chat_template: auto          # how a conversation (a request's messages) becomes a prompt: auto = the
-//                                # format of the model's tokenizer.chat_template, as llama.cpp detects it;
+//                                # format of the model's chat template (GGUF tokenizer.chat_template, HF
+//                                # tokenizer_config.json), as llama.cpp detects it;
 //                                # or a format's name (model/chat_template.hpp: chatml, llama2, llama3, ...)
 //   server:
 //     listen: "tcp://127.0.0.1:5555"  # client ROUTER endpoint, tcp:// or ipc://

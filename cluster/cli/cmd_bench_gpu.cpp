@@ -1419,7 +1419,7 @@ int run_kernels(const Args& a, const KernelTableInputs& inputs) {
         "\nThe other GGUF types as stored (w4a16_gemv_gguf_blocks, the CUDA-core GEMV; m <= 32), us (%%copy "
         "of each type's own bytes)\n");
     std::printf("%-12s %4s |", "k x n_out", "m");
-    for (const kernels::DType type : kernels::cuda::kGgufBlocksBenchTypes)
+    for (const kernels::DType type : kernels::cuda::kW4A16GgufBlockTypes)
       std::printf(" %15s |", kernels::type_name(type));
     std::printf("\n");
     for (const auto& r : result.rows) {
@@ -1428,7 +1428,7 @@ int run_kernels(const Args& a, const KernelTableInputs& inputs) {
       std::snprintf(shape, sizeof shape, "%lldx%lld", static_cast<long long>(r.shape.k),
                     static_cast<long long>(r.shape.n_out));
       std::printf("%-12s %4lld |", shape, static_cast<long long>(r.m));
-      for (const kernels::DType type : kernels::cuda::kGgufBlocksBenchTypes) {
+      for (const kernels::DType type : kernels::cuda::kW4A16GgufBlockTypes) {
         const auto it = std::find_if(r.gguf_blocks.begin(), r.gguf_blocks.end(),
                                      [type](const auto& g) { return g.type == type; });
         if (it != r.gguf_blocks.end() && it->us > 0)

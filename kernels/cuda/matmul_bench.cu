@@ -449,7 +449,7 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
   // The other GGUF types as stored (w4a16_gemv_gguf_blocks), m <= 32. Random small halves throughout: every
   // d an ordinary number, the rest random bits (the values do not change the work).
   std::vector<std::vector<MatmulBenchRow::GgufBlocksTiming>> gguf_blocks(ms.size());
-  for (const DType type : kGgufBlocksBenchTypes) {
+  for (const DType type : kW4A16GgufBlockTypes) {
     if (k % type_info(type).block_elems != 0) continue;
     const auto bytes = static_cast<size_t>(row_bytes(type, k) * n);
     const size_t stride = (bytes + 255) / 256 * 256;  // each copy 256-byte aligned, as cudaMalloc's

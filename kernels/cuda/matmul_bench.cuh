@@ -9,14 +9,11 @@
 #include <string>
 #include <vector>
 
+#include "kernels/cuda/w4a16_gemv.cuh"
 #include "kernels/quant_types.hpp"
 #include "kernels/status.hpp"
 
 namespace nibble::kernels::cuda {
-
-// The types w4a16_gemv_gguf_blocks reads, as the kernel table times them.
-inline constexpr DType kGgufBlocksBenchTypes[] = {DType::Q4_1, DType::Q5_0, DType::Q5_1, DType::IQ4_NL,
-                                                  DType::Q2_K, DType::Q3_K, DType::Q5_K, DType::IQ4_XS};
 
 struct MatmulShape {
   int64_t k = 0;      // input features (row length of the weights)
@@ -66,7 +63,7 @@ struct MatmulBenchRow {
   double q4k_tiles_tc_us = 0.0;  // the same kernels on the blocks repacked into Q4_K chunks
   double q6k_us = 0.0;           // GGUF Q6_K in planes, the CUDA-core GEMV (m <= 32); 0: k % 256 != 0
   double q6k_half2_us = 0.0;     // the same on the half2 GEMV (w4a16_gemv_q6_k_half2, m == 1 only)
-  // The other GGUF types read as stored (w4a16_gemv_gguf_blocks, m <= 32; kGgufBlocksBenchTypes whose
+  // The other GGUF types read as stored (w4a16_gemv_gguf_blocks, m <= 32; kW4A16GgufBlockTypes whose
   // block divides k, in that order): time and the bytes one product moves (blocks + x + y).
   struct GgufBlocksTiming {
     DType type = DType::F16;

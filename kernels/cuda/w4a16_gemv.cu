@@ -259,8 +259,6 @@ Status w4a16_gemv_q6_k(const uint8_t* w, int64_t n_out, int64_t k, const __half*
   return run(planes, n_out, k, x, m, y, stream, programmatic);
 }
 
-bool w4a16_reads_gguf_blocks(DType type) { return w4a16::w4a16_reads_as_stored(type); }
-
 Status w4a16_gemv_gguf_blocks(DType type, const uint8_t* w, int64_t n_out, int64_t k, const __half* x,
                               int64_t m, float* y, cudaStream_t stream, bool programmatic) {
   return w4a16::with_gguf_blocks(type, w, k, [&](auto blocks) {

@@ -78,8 +78,16 @@ Status w4a16_gemv_q6_k(const uint8_t* w, int64_t n_out, int64_t k, const __half*
 
 // The other GGUF types, read as stored (w4a16_weights.cuh's readers): Q4_1, Q5_0, Q5_1, IQ4_NL (32-weight
 // blocks), Q2_K, Q3_K, Q5_K, IQ4_XS (256-weight super-blocks), so that a file of them keeps its size on
-// the device instead of fp16's 16 bits a weight. True for those types.
-bool w4a16_reads_gguf_blocks(DType type);
+// the device instead of fp16's 16 bits a weight.
+inline constexpr DType kW4A16GgufBlockTypes[] = {DType::Q4_1, DType::Q5_0, DType::Q5_1, DType::IQ4_NL,
+                                                 DType::Q2_K, DType::Q3_K, DType::Q5_K, DType::IQ4_XS};
+// True for those types.
+constexpr bool w4a16_reads_gguf_blocks(DType type) {
+  for (const DType t : kW4A16GgufBlockTypes) {
+    if (t == type) return true;
+  }
+  return false;
+}
 // w: [n_out, k / block] blocks as in the file (kernels::row_bytes(type, k) bytes a row), aligned as the
 // type's block size allows (2 to 16 bytes; a cudaMalloc'd matrix is); k a multiple of the type's block.
 // Each weight is kernels::dequantize_row's value. x, y, m as above. unsupported_type for another type.

@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "kernels/cuda/w4a16_gemv.cuh"
 #include "kernels/q6_k_planes.hpp"
 #include "kernels/quant_types.hpp"
 #include "kernels/status.hpp"
@@ -534,22 +535,8 @@ struct Q3KBlocks {
   }
 };
 
-// Whether `type` has a reader above (with_gguf_blocks takes it).
-inline bool w4a16_reads_as_stored(DType type) {
-  switch (type) {
-    case DType::Q4_1:
-    case DType::Q5_0:
-    case DType::Q5_1:
-    case DType::IQ4_NL:
-    case DType::Q2_K:
-    case DType::Q3_K:
-    case DType::Q5_K:
-    case DType::IQ4_XS:
-      return true;
-    default:
-      return false;
-  }
-}
+// Whether `type` has a reader above (with_gguf_blocks takes it): w4a16_gemv.cuh's list.
+constexpr bool w4a16_reads_as_stored(DType type) { return w4a16_reads_gguf_blocks(type); }
 // The reader of `type`'s blocks at w, handed to f (f(reader) returns a Status); invalid_argument for
 // a null w, one not aligned as the type's loads need (its block size's largest power of two, at most
 // 16), or k not a positive multiple of its block; unsupported_type for a type without a reader above.

@@ -2064,7 +2064,7 @@ TEST(CudaLlamaModelCli, BenchGpuKernelTableTimesEveryKernel) {
     // is whole super-blocks.
     EXPECT_EQ(row.contains("gguf_blocks"), m <= 32);
     if (m <= 32) {
-      for (const k::DType type : kc::kGgufBlocksBenchTypes) {
+      for (const k::DType type : kc::kW4A16GgufBlockTypes) {
         const bool timed = row["k"].get<int64_t>() % k::type_info(type).block_elems == 0;
         ASSERT_EQ(row["gguf_blocks"].contains(k::type_name(type)), timed) << k::type_name(type);
         if (timed) {

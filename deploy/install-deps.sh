@@ -21,6 +21,7 @@ packages=(
   capnproto libcapnp-dev
   libyaml-cpp-dev
   nlohmann-json3-dev libpcre2-dev libcli11-dev
+  libcpp-httplib-dev  # `nibble openai`, the OpenAI-compatible HTTP gateway
   libeigen3-dev
   iproute2
   clang-format

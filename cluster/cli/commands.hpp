@@ -25,6 +25,7 @@ Runner add_client(CLI::App& app);
 Runner add_bench_serve(CLI::App& app);
 Runner add_eval(CLI::App& app);
 Runner add_bench_gpu(CLI::App& app);
+Runner add_openai(CLI::App& app);
 
 // Thread count default: every core the machine has.
 int default_threads();

@@ -13,6 +13,7 @@
 #include <variant>
 
 #include "cluster/config/cluster_config.hpp"
+#include "cluster/openai_api.hpp"
 #include "cluster/protocol/client_protocol.hpp"
 #include "cluster/protocol/worker_protocol.hpp"
 #include "kernels/thread_pool.hpp"
@@ -310,6 +311,60 @@ std::vector<std::vector<uint8_t>> worker_protocol_seeds() {
   reply.proposals.push_back({7, {1, 2}, {0.25f, 0.75f, 0.5f, 0.5f}});
   return {protocol::encode(step), protocol::encode(result), protocol::encode(request),
           protocol::encode(reply)};
+}
+
+// ------------------------------------------------------------------ OpenAI API bodies
+
+// An HTTP body for /v1/completions and /v1/chat/completions: refused with an ApiError (400 or 404), or
+// accepted as a request the client protocol carries through encode and decode unchanged (or refuses
+// with a ProtocolError, as the gateway checks before sending), and whose answers serialize.
+Outcome run_openai_request(std::span<const uint8_t> input) {
+  Outcome outcome;
+  const std::string body(input.begin(), input.end());
+  for (const auto endpoint :
+       {cluster::openai::Endpoint::completions, cluster::openai::Endpoint::chat_completions}) {
+    try {
+      cluster::openai::ApiRequest api = cluster::openai::parse_request(endpoint, body, {});
+      outcome.accepted = true;
+      api.request.request_id = "fuzz";
+      try {
+        protocol::validate(api.request);
+        const auto decoded =
+            protocol::decode_client_request(protocol::encode(protocol::ClientRequestMsg{api.request}));
+        require(std::get<protocol::GenerateRequest>(decoded) == api.request,
+                "openai_request: an accepted request changes through the client protocol");
+      } catch (const protocol::ProtocolError&) {
+        // the gateway answers 400 before sending
+      }
+      protocol::Final final;
+      final.text = "\xff answer";
+      final.tokens = {1, 2};
+      final.logprobs = {{-1.0f, {{1, -1.0f}}}, {-2.0f, {}}};
+      require(!cluster::openai::dump(cluster::openai::response(api, final, "id", 0, "m")).empty(),
+              "openai_request: an empty response");
+      require(!cluster::openai::dump(cluster::openai::delta_chunk(api, {"fuzz", {1}, "a", {}}, "id", 0, "m"))
+                   .empty(),
+              "openai_request: an empty chunk");
+    } catch (const cluster::openai::ApiError& e) {
+      require(e.status == 400 || e.status == 404,
+              "openai_request: a refusal with status " + std::to_string(e.status));
+      if (outcome.error.empty()) outcome.error = e.what();
+    }
+  }
+  if (outcome.accepted) outcome.error.clear();
+  return outcome;
+}
+
+std::vector<std::vector<uint8_t>> openai_request_seeds() {
+  return {bytes_of(R"({"model": "nibble", "prompt": "Once upon a time", "max_tokens": 8, "temperature": 0.7,
+                      "top_p": 0.9, "top_k": 40, "stop": ["\n", "END"], "stream": true,
+                      "stream_options": {"include_usage": true}, "logprobs": 2, "seed": 5})"),
+          bytes_of(R"({"prompt": [[1, 15043, 3186]], "max_tokens": 4, "n": 1, "user": "u"})"),
+          bytes_of(R"({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content":
+                      [{"type": "text", "text": "Hi"}]}], "max_completion_tokens": 16, "logprobs": true,
+                      "top_logprobs": 3, "response_format": {"type": "text"}, "tool_choice": "none"})"),
+          bytes_of(R"({"messages": [{"role": "developer", "content": "x", "name": "n"}], "min_p": 0.1,
+                      "repetition_penalty": 1.1, "presence_penalty": 0, "logit_bias": {}})")};
 }
 
 // ------------------------------------------------------------------ cluster config
@@ -626,6 +681,7 @@ const std::vector<Target>& targets() {
       {"hf_tokenizer", run_hf_tokenizer, hf_tokenizer_seeds},
       {"hf_config", run_hf_config, hf_config_seeds},
       {"imatrix", run_imatrix, imatrix_seeds},
+      {"openai_request", run_openai_request, openai_request_seeds},
   };
   return all;
 }

@@ -1,0 +1,497 @@
+#include "cluster/openai_api.hpp"
+
+#include <algorithm>
+#include <cctype>
+#include <limits>
+#include <set>
+#include <utility>
+
+namespace nibble::cluster::openai {
+namespace {
+
+using nlohmann::json;
+
+// The keys each endpoint reads (OpenAI's, and vLLM's top_k, min_p and repetition_penalty); any other
+// key is refused by name rather than silently ignored.
+const std::set<std::string> kCompletionKeys = {"model",
+                                               "prompt",
+                                               "max_tokens",
+                                               "temperature",
+                                               "top_p",
+                                               "n",
+                                               "stream",
+                                               "stream_options",
+                                               "logprobs",
+                                               "echo",
+                                               "stop",
+                                               "presence_penalty",
+                                               "frequency_penalty",
+                                               "best_of",
+                                               "logit_bias",
+                                               "seed",
+                                               "suffix",
+                                               "user",
+                                               "top_k",
+                                               "min_p",
+                                               "repetition_penalty"};
+const std::set<std::string> kChatKeys = {"model",
+                                         "messages",
+                                         "max_tokens",
+                                         "max_completion_tokens",
+                                         "temperature",
+                                         "top_p",
+                                         "n",
+                                         "stream",
+                                         "stream_options",
+                                         "stop",
+                                         "presence_penalty",
+                                         "frequency_penalty",
+                                         "logit_bias",
+                                         "logprobs",
+                                         "top_logprobs",
+                                         "seed",
+                                         "user",
+                                         "response_format",
+                                         "tools",
+                                         "tool_choice",
+                                         "parallel_tool_calls",
+                                         "top_k",
+                                         "min_p",
+                                         "repetition_penalty"};
+
+// A field's value, or nullptr when it is absent or null (OpenAI's clients send null for "not given").
+const json* field(const json& body, const std::string& key) {
+  const auto it = body.find(key);
+  return it == body.end() || it->is_null() ? nullptr : &*it;
+}
+
+[[noreturn]] void wrong_type(const std::string& key, const char* expected, const json& value) {
+  throw invalid_request(key, key + ": expected " + expected + ", got " + value.type_name());
+}
+
+double number(const json& body, const std::string& key, double fallback) {
+  const json* v = field(body, key);
+  if (v == nullptr) return fallback;
+  if (!v->is_number()) wrong_type(key, "a number", *v);
+  return v->get<double>();
+}
+
+int64_t integer(const json& body, const std::string& key, int64_t fallback) {
+  const json* v = field(body, key);
+  if (v == nullptr) return fallback;
+  if (!v->is_number_integer()) wrong_type(key, "an integer", *v);
+  return v->is_number_unsigned() ? static_cast<int64_t>(std::min<uint64_t>(v->get<uint64_t>(), INT64_MAX))
+                                 : v->get<int64_t>();
+}
+
+bool boolean(const json& body, const std::string& key, bool fallback) {
+  const json* v = field(body, key);
+  if (v == nullptr) return fallback;
+  if (!v->is_boolean()) wrong_type(key, "true or false", *v);
+  return v->get<bool>();
+}
+
+// A value that must stay at what Nibble does (the one value OpenAI's default means).
+void require_number(const json& body, const std::string& key, double only, const std::string& why) {
+  if (number(body, key, only) != only) throw invalid_request(key, key + ": " + why);
+}
+
+void read_sampling(const json& body, protocol::GenerateRequest& r) {
+  const double temperature = number(body, "temperature", 1.0);
+  if (temperature < 0) throw invalid_request("temperature", "temperature: must be at least 0");
+  const double top_p = number(body, "top_p", 1.0);
+  if (!(top_p > 0 && top_p <= 1)) throw invalid_request("top_p", "top_p: must be in (0, 1]");
+  const int64_t top_k = integer(body, "top_k", 0);  // vLLM's -1 and 0 both mean off
+  if (top_k < -1 || top_k > std::numeric_limits<int32_t>::max())
+    throw invalid_request("top_k", "top_k: must be -1 or 0 (off) or a positive count");
+  const double min_p = number(body, "min_p", 0.0);
+  if (!(min_p >= 0 && min_p <= 1)) throw invalid_request("min_p", "min_p: must be in [0, 1]");
+  const double repetition_penalty = number(body, "repetition_penalty", 1.0);
+  if (!(repetition_penalty > 0))
+    throw invalid_request("repetition_penalty", "repetition_penalty: must be above 0");
+  r.sampling.temperature = static_cast<float>(temperature);
+  r.sampling.top_p = static_cast<float>(top_p);
+  r.sampling.top_k = static_cast<int32_t>(std::max<int64_t>(top_k, 0));
+  r.sampling.min_p = static_cast<float>(min_p);
+  r.sampling.repetition_penalty = static_cast<float>(repetition_penalty);
+  if (field(body, "seed") != nullptr) r.sampling.seed = static_cast<uint64_t>(integer(body, "seed", 0));
+
+  require_number(body, "n", 1, "only one choice per request (n = 1)");
+  require_number(body, "presence_penalty", 0, "not supported (use repetition_penalty)");
+  require_number(body, "frequency_penalty", 0, "not supported (use repetition_penalty)");
+  if (const json* bias = field(body, "logit_bias")) {
+    if (!bias->is_object()) wrong_type("logit_bias", "an object", *bias);
+    if (!bias->empty()) throw invalid_request("logit_bias", "logit_bias: not supported");
+  }
+  if (const json* user = field(body, "user"); user != nullptr && !user->is_string())
+    wrong_type("user", "a string", *user);
+}
+
+void read_stop(const json& body, protocol::GenerateRequest& r) {
+  const json* stop = field(body, "stop");
+  if (stop == nullptr) return;
+  if (stop->is_string()) {
+    r.stop.push_back(stop->get<std::string>());
+    return;
+  }
+  if (!stop->is_array()) wrong_type("stop", "a string or an array of strings", *stop);
+  for (const json& s : *stop) {
+    if (!s.is_string()) wrong_type("stop", "a string or an array of strings", s);
+    r.stop.push_back(s.get<std::string>());
+  }
+}
+
+uint32_t max_tokens(const json& body, const std::string& key, uint32_t fallback) {
+  const int64_t n = integer(body, key, fallback);
+  if (n < 1 || n > std::numeric_limits<uint32_t>::max())
+    throw invalid_request(key, key + ": must be at least 1");
+  return static_cast<uint32_t>(n);
+}
+
+void read_stream(const json& body, ApiRequest& api) {
+  api.request.stream = boolean(body, "stream", false);
+  if (const json* options = field(body, "stream_options")) {
+    if (!options->is_object()) wrong_type("stream_options", "an object", *options);
+    if (!api.request.stream)
+      throw invalid_request("stream_options", "stream_options: only with \"stream\": true");
+    for (const auto& [key, value] : options->items()) {
+      if (key != "include_usage")
+        throw invalid_request("stream_options", "stream_options: unknown key '" + key + "'");
+    }
+    api.include_usage = boolean(*options, "include_usage", false);
+  }
+}
+
+uint32_t logprob_count(const json& body, const std::string& key) {
+  const int64_t n = integer(body, key, 0);
+  if (n < 0 || n > protocol::kMaxLogprobs)
+    throw invalid_request(key, key + ": must be 0 to " + std::to_string(protocol::kMaxLogprobs));
+  return static_cast<uint32_t>(n);
+}
+
+void read_prompt(const json& body, protocol::GenerateRequest& r) {
+  const json* prompt = field(body, "prompt");
+  if (prompt == nullptr) throw invalid_request("prompt", "prompt: required");
+  const auto ids = [](const json& array) {
+    std::vector<int32_t> out;
+    for (const json& id : array) {
+      if (!id.is_number_integer() || id.get<int64_t>() < 0 || id.get<int64_t>() > INT32_MAX)
+        throw invalid_request("prompt", "prompt: token ids must be integers from 0");
+      out.push_back(static_cast<int32_t>(id.get<int64_t>()));
+    }
+    return out;
+  };
+  if (prompt->is_string()) {
+    r.prompt = prompt->get<std::string>();
+  } else if (prompt->is_array() && !prompt->empty() && (*prompt)[0].is_number()) {
+    r.prompt = ids(*prompt);
+  } else if (prompt->is_array() && prompt->size() == 1 && (*prompt)[0].is_string()) {
+    r.prompt = (*prompt)[0].get<std::string>();
+  } else if (prompt->is_array() && prompt->size() == 1 && (*prompt)[0].is_array()) {
+    r.prompt = ids((*prompt)[0]);
+  } else if (prompt->is_array()) {
+    throw invalid_request("prompt",
+                          "prompt: one prompt per request (got " + std::to_string(prompt->size()) + ")");
+  } else {
+    wrong_type("prompt", "a string, an array of token ids, or an array of one of them", *prompt);
+  }
+}
+
+void read_messages(const json& body, protocol::GenerateRequest& r) {
+  const json* messages = field(body, "messages");
+  if (messages == nullptr) throw invalid_request("messages", "messages: required");
+  if (!messages->is_array() || messages->empty())
+    throw invalid_request("messages", "messages: expected a non-empty array");
+  std::vector<protocol::ChatMessage> chat;
+  for (size_t i = 0; i < messages->size(); ++i) {
+    const json& m = (*messages)[i];
+    const std::string where = "messages[" + std::to_string(i) + "]";
+    if (!m.is_object()) wrong_type(where, "an object", m);
+    for (const auto& [key, value] : m.items()) {
+      if (key != "role" && key != "content" && key != "name")
+        throw invalid_request("messages",
+                              where + ": unknown key '" + key + "' (role, content and name are read)");
+    }
+    const json* role = field(m, "role");
+    if (role == nullptr || !role->is_string() || role->get<std::string>().empty())
+      throw invalid_request("messages", where + ".role: expected a non-empty string");
+    const json* content = field(m, "content");
+    if (content == nullptr) throw invalid_request("messages", where + ".content: required");
+    std::string text;
+    if (content->is_string()) {
+      text = content->get<std::string>();
+    } else if (content->is_array()) {
+      // Text parts joined by newlines, as vLLM joins them.
+      for (size_t j = 0; j < content->size(); ++j) {
+        const json& part = (*content)[j];
+        const std::string part_where = where + ".content[" + std::to_string(j) + "]";
+        if (!part.is_object() || part.value("type", json()) != "text" || !part.contains("text") ||
+            !part["text"].is_string())
+          throw invalid_request("messages",
+                                part_where + ": only {\"type\": \"text\", \"text\": ...} parts are read");
+        if (j > 0) text += '\n';
+        text += part["text"].get<std::string>();
+      }
+    } else {
+      wrong_type(where + ".content", "a string or an array of text parts", *content);
+    }
+    // OpenAI's "developer" role is the system role of newer models; chat templates know "system".
+    std::string role_name = role->get<std::string>() == "developer" ? "system" : role->get<std::string>();
+    chat.push_back({std::move(role_name), std::move(text)});
+  }
+  r.prompt = std::move(chat);
+}
+
+// Chat's response_format and tools: only the values that ask for nothing Nibble lacks.
+void read_chat_extras(const json& body) {
+  if (const json* format = field(body, "response_format")) {
+    if (!format->is_object()) wrong_type("response_format", "an object", *format);
+    if (format->value("type", json()) != "text")
+      throw invalid_request("response_format",
+                            "response_format: only {\"type\": \"text\"} (no constrained output)");
+  }
+  if (const json* tools = field(body, "tools")) {
+    if (!tools->is_array()) wrong_type("tools", "an array", *tools);
+    if (!tools->empty()) throw invalid_request("tools", "tools: tool calls are not supported");
+  }
+  if (const json* choice = field(body, "tool_choice")) {
+    if (!choice->is_string() || (*choice != "none" && *choice != "auto"))
+      throw invalid_request("tool_choice", "tool_choice: only \"none\" or \"auto\" (no tools are supported)");
+  }
+  boolean(body, "parallel_tool_calls", false);
+}
+
+json usage(const protocol::Final& f) {
+  return {{"prompt_tokens", f.prompt_tokens},
+          {"completion_tokens", f.completion_tokens},
+          {"total_tokens", f.prompt_tokens + f.completion_tokens},
+          {"prompt_tokens_details", {{"cached_tokens", f.cached_prompt_tokens}}}};
+}
+
+// The logprobs of `tokens` in the endpoint's form; null when none were asked for.
+json logprobs_of(const ApiRequest& api, const std::vector<int32_t>& tokens,
+                 const std::vector<protocol::TokenLogprob>& logprobs) {
+  if (!api.report_logprobs) return nullptr;
+  const size_t n = std::min(tokens.size(), logprobs.size());
+  const auto top_of = [&](const protocol::TokenLogprob& lp) {
+    return std::span(lp.top).first(std::min<size_t>(api.top_logprobs, lp.top.size()));
+  };
+  if (api.endpoint == Endpoint::chat_completions) {
+    json content = json::array();
+    for (size_t i = 0; i < n; ++i) {
+      json top = json::array();
+      for (const protocol::TopLogprob& t : top_of(logprobs[i]))
+        top.push_back({{"token", token_name(t.token)}, {"logprob", t.logprob}, {"bytes", nullptr}});
+      content.push_back({{"token", token_name(tokens[i])},
+                         {"logprob", logprobs[i].logprob},
+                         {"bytes", nullptr},
+                         {"top_logprobs", std::move(top)}});
+    }
+    return {{"content", std::move(content)}, {"refusal", nullptr}};
+  }
+  json names = json::array(), values = json::array(), tops = json::array();
+  for (size_t i = 0; i < n; ++i) {
+    names.push_back(token_name(tokens[i]));
+    values.push_back(logprobs[i].logprob);
+    json top = json::object();
+    for (const protocol::TopLogprob& t : top_of(logprobs[i])) top[token_name(t.token)] = t.logprob;
+    tops.push_back(std::move(top));
+  }
+  return {
+      {"tokens", std::move(names)}, {"token_logprobs", std::move(values)}, {"top_logprobs", std::move(tops)}};
+}
+
+json envelope(const ApiRequest& api, bool chunk, const std::string& id, int64_t created,
+              const std::string& model) {
+  const char* object = api.endpoint == Endpoint::completions ? "text_completion"
+                       : chunk                               ? "chat.completion.chunk"
+                                                             : "chat.completion";
+  return {{"id", id}, {"object", object}, {"created", created}, {"model", model}};
+}
+
+// One choice of a streamed chunk: its text (completions) or delta (chat), logprobs, finish reason.
+json chunk_choice(const ApiRequest& api, json delta_or_text, json logprobs, json finish) {
+  json choice = {{"index", 0}};
+  choice[api.endpoint == Endpoint::completions ? "text" : "delta"] = std::move(delta_or_text);
+  choice["logprobs"] = std::move(logprobs);
+  choice["finish_reason"] = std::move(finish);
+  return choice;
+}
+
+}  // namespace
+
+ApiError::ApiError(int http_status, std::string error_type, std::string error_param, std::string error_code,
+                   const std::string& message)
+    : std::runtime_error(message),
+      status(http_status),
+      type(std::move(error_type)),
+      param(std::move(error_param)),
+      code(std::move(error_code)) {}
+
+ApiError invalid_request(const std::string& param, const std::string& message) {
+  return ApiError(400, "invalid_request_error", param, "", message);
+}
+
+ApiError from_protocol(std::optional<protocol::ErrorCode> code, const std::string& message) {
+  using protocol::ErrorCode;
+  if (!code) return ApiError(503, "server_error", "", "coordinator_unavailable", "coordinator: " + message);
+  // The protocol's name in OpenAI's snake_case: promptTooLong -> prompt_too_long.
+  std::string name;
+  for (const char c : protocol::to_string(*code)) {
+    if (std::isupper(static_cast<unsigned char>(c))) {
+      name += '_';
+      name += static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+    } else {
+      name += c;
+    }
+  }
+  switch (*code) {
+    case ErrorCode::bad_request:
+    case ErrorCode::malformed_message:
+    case ErrorCode::unknown_request_type:
+    case ErrorCode::prompt_too_long:
+      return ApiError(400, "invalid_request_error", "", name, message);
+    case ErrorCode::message_too_large:
+      return ApiError(413, "invalid_request_error", "", name, message);
+    case ErrorCode::overloaded:
+      return ApiError(429, "server_error", "", name, message);
+    case ErrorCode::shutting_down:
+      return ApiError(503, "server_error", "", name, message);
+    case ErrorCode::cancelled:
+    case ErrorCode::worker_failed:
+    case ErrorCode::internal:
+      break;
+  }
+  return ApiError(500, "server_error", "", name, message);
+}
+
+json error_body(const ApiError& error) {
+  return {{"error",
+           {{"message", error.what()},
+            {"type", error.type},
+            {"param", error.param.empty() ? json(nullptr) : json(error.param)},
+            {"code", error.code.empty() ? json(nullptr) : json(error.code)}}}};
+}
+
+ApiRequest parse_request(Endpoint endpoint, const std::string& text, const ApiSettings& settings) {
+  json body;
+  try {
+    body = json::parse(text);
+  } catch (const json::parse_error& e) {
+    throw invalid_request("", std::string("the body is not JSON: ") + e.what());
+  }
+  if (!body.is_object())
+    throw invalid_request("", std::string("the body must be a JSON object, got ") + body.type_name());
+  const std::set<std::string>& keys = endpoint == Endpoint::completions ? kCompletionKeys : kChatKeys;
+  for (const auto& [key, value] : body.items()) {
+    if (!keys.contains(key)) throw invalid_request(key, "unknown key '" + key + "'");
+  }
+  if (const json* model = field(body, "model")) {
+    if (!model->is_string()) wrong_type("model", "a string", *model);
+    if (model->get<std::string>() != settings.model_name)
+      throw ApiError(404, "invalid_request_error", "model", "model_not_found",
+                     "the model '" + model->get<std::string>() + "' does not exist (this server serves '" +
+                         settings.model_name + "')");
+  }
+
+  ApiRequest api;
+  api.endpoint = endpoint;
+  protocol::GenerateRequest& r = api.request;
+  read_sampling(body, r);
+  read_stop(body, r);
+  read_stream(body, api);
+  if (endpoint == Endpoint::completions) {
+    read_prompt(body, r);
+    r.max_tokens = max_tokens(body, "max_tokens", 16);
+    if (field(body, "logprobs") != nullptr) {
+      api.report_logprobs = true;
+      api.top_logprobs = logprob_count(body, "logprobs");
+    }
+    if (boolean(body, "echo", false)) throw invalid_request("echo", "echo: not supported");
+    require_number(body, "best_of", 1, "only 1 (one choice per request)");
+    if (const json* suffix = field(body, "suffix");
+        suffix != nullptr && (!suffix->is_string() || !suffix->get<std::string>().empty()))
+      throw invalid_request("suffix", "suffix: not supported");
+  } else {
+    read_messages(body, r);
+    const char* limit =
+        field(body, "max_completion_tokens") != nullptr ? "max_completion_tokens" : "max_tokens";
+    r.max_tokens = max_tokens(body, limit, settings.default_chat_max_tokens);
+    api.report_logprobs = boolean(body, "logprobs", false);
+    api.top_logprobs = logprob_count(body, "top_logprobs");
+    if (api.top_logprobs > 0 && !api.report_logprobs)
+      throw invalid_request("top_logprobs", "top_logprobs: only with \"logprobs\": true");
+    read_chat_extras(body);
+  }
+  // The protocol's logprobs count is of top tokens, at least 1 whenever any logprob is asked for.
+  if (api.report_logprobs) r.logprobs = std::max<uint32_t>(api.top_logprobs, 1);
+  return api;
+}
+
+const char* finish_reason(protocol::FinishReason reason) {
+  switch (reason) {
+    case protocol::FinishReason::length:
+      return "length";
+    case protocol::FinishReason::eos:
+    case protocol::FinishReason::stop:
+      return "stop";
+    case protocol::FinishReason::cancelled:
+      break;
+  }
+  return "abort";
+}
+
+json response(const ApiRequest& api, const protocol::Final& f, const std::string& id, int64_t created,
+              const std::string& model) {
+  json out = envelope(api, false, id, created, model);
+  json choice = {{"index", 0}};
+  if (api.endpoint == Endpoint::completions) {
+    choice["text"] = f.text;
+  } else {
+    choice["message"] = {{"role", "assistant"}, {"content", f.text}};
+  }
+  choice["logprobs"] = logprobs_of(api, f.tokens, f.logprobs);
+  choice["finish_reason"] = finish_reason(f.finish_reason);
+  out["choices"] = json::array({std::move(choice)});
+  out["usage"] = usage(f);
+  return out;
+}
+
+json role_chunk(const ApiRequest& api, const std::string& id, int64_t created, const std::string& model) {
+  json out = envelope(api, true, id, created, model);
+  out["choices"] =
+      json::array({chunk_choice(api, {{"role", "assistant"}, {"content", ""}}, nullptr, nullptr)});
+  return out;
+}
+
+json delta_chunk(const ApiRequest& api, const protocol::Delta& d, const std::string& id, int64_t created,
+                 const std::string& model) {
+  json out = envelope(api, true, id, created, model);
+  json text = api.endpoint == Endpoint::completions ? json(d.text) : json{{"content", d.text}};
+  out["choices"] =
+      json::array({chunk_choice(api, std::move(text), logprobs_of(api, d.tokens, d.logprobs), nullptr)});
+  return out;
+}
+
+json finish_chunk(const ApiRequest& api, const protocol::Final& f, const std::string& id, int64_t created,
+                  const std::string& model) {
+  json out = envelope(api, true, id, created, model);
+  json empty = api.endpoint == Endpoint::completions ? json("") : json::object();
+  out["choices"] =
+      json::array({chunk_choice(api, std::move(empty), nullptr, finish_reason(f.finish_reason))});
+  return out;
+}
+
+json usage_chunk(const ApiRequest& api, const protocol::Final& f, const std::string& id, int64_t created,
+                 const std::string& model) {
+  json out = envelope(api, true, id, created, model);
+  out["choices"] = json::array();
+  out["usage"] = usage(f);
+  return out;
+}
+
+std::string dump(const json& body) { return body.dump(-1, ' ', false, json::error_handler_t::replace); }
+
+std::string token_name(int32_t token) { return "token_id:" + std::to_string(token); }
+
+}  // namespace nibble::cluster::openai

@@ -1,0 +1,84 @@
+#pragma once
+// The OpenAI-compatible HTTP API's bodies (/v1/completions, /v1/chat/completions and their streamed
+// chunks, as vLLM's and llama.cpp's servers take and give them), translated to and from the client
+// protocol. The HTTP gateway (cluster/openai_server) is a client of the coordinator like any other;
+// this file is its translation, with no sockets, so every rule here is tested on its own.
+#include <cstdint>
+#include <nlohmann/json.hpp>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "cluster/protocol/client_protocol.hpp"
+
+namespace nibble::cluster::openai {
+
+// A request the API refuses, or a failure on its way: the HTTP status and the fields of OpenAI's
+// error object ({"error": {"message", "type", "param", "code"}}).
+struct ApiError : std::runtime_error {
+  ApiError(int http_status, std::string error_type, std::string error_param, std::string error_code,
+           const std::string& message);
+  int status;
+  std::string type;   // "invalid_request_error", "server_error", ...
+  std::string param;  // the request field at fault; empty: none
+  std::string code;   // protocol::to_string(ErrorCode) where the coordinator refused it; may be empty
+};
+
+// A 400 naming the field (param) and what is wrong with it.
+ApiError invalid_request(const std::string& param, const std::string& message);
+// The coordinator's refusal (or the transport's failure when code is nullopt) as the API reports it:
+// bad requests and over-long prompts 400, overload 429, shutting down 503, transport 503, others 500.
+ApiError from_protocol(std::optional<protocol::ErrorCode> code, const std::string& message);
+nlohmann::json error_body(const ApiError& error);
+
+enum class Endpoint { completions, chat_completions };
+
+struct ApiSettings {
+  std::string model_name = "nibble";       // what /v1/models lists; a request naming another model is a 404
+  uint32_t default_chat_max_tokens = 256;  // chat requests without max_tokens (completions: 16, OpenAI's)
+};
+
+struct ApiRequest {
+  Endpoint endpoint = Endpoint::completions;
+  protocol::GenerateRequest request;  // request_id empty: the gateway sets it
+  bool include_usage = false;         // stream_options.include_usage: a last chunk with the usage
+  // Logprobs asked for: report each token's (completions "logprobs": N, chat "logprobs": true) and
+  // this many most likely tokens' (request.logprobs is at least 1 whenever any is asked for).
+  bool report_logprobs = false;
+  uint32_t top_logprobs = 0;
+};
+
+// The request in `body` (a JSON object). Throws ApiError: 400 naming the field for malformed JSON,
+// unknown keys, wrong types or values, and features Nibble does not have (n > 1, penalties on presence
+// or frequency, logit_bias, tools, echo, several prompts in one request); 404 for another model's name.
+ApiRequest parse_request(Endpoint endpoint, const std::string& body, const ApiSettings& settings);
+
+// OpenAI's finish_reason: "stop" (end of sequence or a stop string), "length".
+const char* finish_reason(protocol::FinishReason reason);
+
+// The whole answer to a request that was not streamed: a text_completion or chat.completion object.
+nlohmann::json response(const ApiRequest& api, const protocol::Final& final, const std::string& id,
+                        int64_t created, const std::string& model);
+
+// Streamed answers: each is one server-sent event's JSON ("data: <json>\n\n"), then "data: [DONE]".
+// A chat stream's first chunk: the assistant's role, no text.
+nlohmann::json role_chunk(const ApiRequest& api, const std::string& id, int64_t created,
+                          const std::string& model);
+// The text (and logprobs) of one Delta.
+nlohmann::json delta_chunk(const ApiRequest& api, const protocol::Delta& delta, const std::string& id,
+                           int64_t created, const std::string& model);
+// The last chunk with choices: no text, the finish reason.
+nlohmann::json finish_chunk(const ApiRequest& api, const protocol::Final& final, const std::string& id,
+                            int64_t created, const std::string& model);
+// With stream_options.include_usage: no choices, the usage.
+nlohmann::json usage_chunk(const ApiRequest& api, const protocol::Final& final, const std::string& id,
+                           int64_t created, const std::string& model);
+
+// `body` as JSON text; invalid UTF-8 (a token may end inside a character) becomes U+FFFD, not an error.
+std::string dump(const nlohmann::json& body);
+
+// "token_id:N": how a logprob names its token (vLLM's return_tokens_as_token_ids form; the gateway has
+// no vocabulary, and a token's text is not always whole UTF-8).
+std::string token_name(int32_t token);
+
+}  // namespace nibble::cluster::openai

@@ -1,0 +1,219 @@
+#include "cluster/openai_server.hpp"
+
+#include <httplib.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <mutex>
+#include <stdexcept>
+#include <utility>
+#include <vector>
+
+#include "cluster/client.hpp"
+
+namespace nibble::cluster {
+
+using nlohmann::json;
+using openai::ApiError;
+using openai::ApiRequest;
+using openai::Endpoint;
+
+struct OpenAiServer::Impl {
+  explicit Impl(OpenAiServerOptions o) : options(std::move(o)), started(unix_time()) {}
+
+  OpenAiServerOptions options;
+  int64_t started;
+  httplib::Server http;
+  std::mutex clients_mutex;
+  std::vector<std::unique_ptr<Client>> idle_clients;  // one coordinator connection per request at a time
+
+  static int64_t unix_time() {
+    return std::chrono::duration_cast<std::chrono::seconds>(
+               std::chrono::system_clock::now().time_since_epoch())
+        .count();
+  }
+
+  // A coordinator connection for one request, back to the pool when the lease ends. A connection
+  // whose request timed out is not reused for long: late replies to it are skipped by request id.
+  struct Lease {
+    Impl* impl;
+    std::unique_ptr<Client> client;
+    ~Lease() {
+      std::lock_guard lock(impl->clients_mutex);
+      impl->idle_clients.push_back(std::move(client));
+    }
+    Client& operator*() { return *client; }
+  };
+  Lease lease() {
+    std::unique_ptr<Client> client;
+    {
+      std::lock_guard lock(clients_mutex);
+      if (!idle_clients.empty()) {
+        client = std::move(idle_clients.back());
+        idle_clients.pop_back();
+      }
+    }
+    if (!client) {
+      ClientOptions client_options;
+      client_options.timeout_ms = options.timeout_ms;
+      client = std::make_unique<Client>(options.coordinator, client_options);
+    }
+    return Lease{this, std::move(client)};
+  }
+
+  static void send_json(httplib::Response& res, int status, const json& body) {
+    res.status = status;
+    res.set_content(openai::dump(body), "application/json");
+  }
+  static void send_error(httplib::Response& res, const ApiError& error) {
+    send_json(res, error.status, openai::error_body(error));
+  }
+  static ApiError client_error(const ClientError& e) {
+    // ClientError's what() prefixes the code's name, which the error object carries on its own.
+    std::string message = e.what();
+    if (e.code) {
+      const std::string prefix = std::string(protocol::to_string(*e.code)) + ": ";
+      if (message.rfind(prefix, 0) == 0) message.erase(0, prefix.size());
+    }
+    return openai::from_protocol(e.code, message);
+  }
+
+  void health(httplib::Response& res) {
+    try {
+      Lease client = lease();
+      const protocol::Health h = (*client).health();
+      send_json(res, h.ok ? 200 : 503,
+                {{"status", h.ok ? "ok" : "unavailable"}, {"workers", h.workers}, {"detail", h.detail}});
+    } catch (const ClientError& e) {
+      send_error(res, client_error(e));
+    }
+  }
+
+  void models(httplib::Response& res) {
+    send_json(res, 200,
+              {{"object", "list"},
+               {"data", json::array({{{"id", options.api.model_name},
+                                      {"object", "model"},
+                                      {"created", started},
+                                      {"owned_by", "nibble"}}})}});
+  }
+
+  void generate(Endpoint endpoint, const httplib::Request& req, httplib::Response& res) {
+    ApiRequest api;
+    try {
+      api = openai::parse_request(endpoint, req.body, options.api);
+    } catch (const ApiError& e) {
+      send_error(res, e);
+      return;
+    }
+    static std::atomic<uint64_t> counter{0};
+    api.request.request_id =
+        "oai-" + std::to_string(started) + "-" + std::to_string(counter.fetch_add(1) + 1);
+    try {
+      protocol::validate(api.request);  // the coordinator's checks, so a stream never starts on a bad request
+    } catch (const protocol::ProtocolError& e) {
+      send_error(res, openai::from_protocol(e.code, e.what()));
+      return;
+    }
+    const std::string id =
+        (endpoint == Endpoint::completions ? "cmpl-" : "chatcmpl-") + api.request.request_id;
+    const int64_t created = unix_time();
+    const std::string& model = options.api.model_name;
+    if (!api.request.stream) {
+      try {
+        Lease client = lease();
+        const protocol::Final final = (*client).generate(api.request);
+        send_json(res, 200, openai::response(api, final, id, created, model));
+      } catch (const ClientError& e) {
+        send_error(res, client_error(e));
+      }
+      return;
+    }
+    // Server-sent events: the status is sent before the coordinator has answered, so a refusal found
+    // there (an over-long prompt, overload) comes as an {"error": ...} event, as vLLM's do.
+    res.set_header("Cache-Control", "no-cache");
+    res.set_chunked_content_provider(
+        "text/event-stream", [this, api, id, created](size_t, httplib::DataSink& sink) {
+          const std::string& name = options.api.model_name;
+          bool gone = false;  // the HTTP client went away: the request is cancelled
+          const auto event = [&](const std::string& data) {
+            const std::string text = "data: " + data + "\n\n";
+            if (!gone && !sink.write(text.data(), text.size())) gone = true;
+            return !gone;
+          };
+          if (api.endpoint == Endpoint::chat_completions)
+            event(openai::dump(openai::role_chunk(api, id, created, name)));
+          try {
+            Lease client = lease();
+            const protocol::Final final = (*client).generate(api.request, [&](const protocol::Delta& delta) {
+              if (!gone && !event(openai::dump(openai::delta_chunk(api, delta, id, created, name))))
+                (*client).cancel(api.request.request_id);
+            });
+            event(openai::dump(openai::finish_chunk(api, final, id, created, name)));
+            if (api.include_usage) event(openai::dump(openai::usage_chunk(api, final, id, created, name)));
+          } catch (const ClientError& e) {
+            // A cancel this server sent ends in an error nobody is left to read.
+            event(openai::dump(openai::error_body(client_error(e))));
+          }
+          event("[DONE]");
+          sink.done();
+          return true;
+        });
+  }
+};
+
+OpenAiServer::OpenAiServer(OpenAiServerOptions options) : impl_(std::make_unique<Impl>(std::move(options))) {
+  Impl& s = *impl_;
+  const int threads = std::max(1, s.options.threads);
+  s.http.new_task_queue = [threads] { return new httplib::ThreadPool(static_cast<size_t>(threads)); };
+  s.http.set_payload_max_length(s.options.max_body_bytes);
+  s.http.Get("/health", [&s](const httplib::Request&, httplib::Response& res) { s.health(res); });
+  s.http.Get("/v1/models", [&s](const httplib::Request&, httplib::Response& res) { s.models(res); });
+  s.http.Post("/v1/completions", [&s](const httplib::Request& req, httplib::Response& res) {
+    s.generate(Endpoint::completions, req, res);
+  });
+  s.http.Post("/v1/chat/completions", [&s](const httplib::Request& req, httplib::Response& res) {
+    s.generate(Endpoint::chat_completions, req, res);
+  });
+  // httplib's own refusals (no such path, a body over the limit, a wrong method) in OpenAI's form; a
+  // handler's error body stays as it is.
+  s.http.set_error_handler(
+      httplib::Server::HandlerWithResponse([](const httplib::Request& req, httplib::Response& res) {
+        if (!res.body.empty()) return httplib::Server::HandlerResponse::Unhandled;
+        const std::string what = res.status == 404   ? "no such endpoint: " + req.method + " " + req.path
+                                 : res.status == 413 ? "the body is over the size limit"
+                                                     : "HTTP " + std::to_string(res.status);
+        Impl::send_error(res, ApiError(res.status, "invalid_request_error", "", "", what));
+        return httplib::Server::HandlerResponse::Handled;
+      }));
+  s.http.set_exception_handler([](const httplib::Request&, httplib::Response& res, std::exception_ptr ep) {
+    std::string what = "unknown failure";
+    try {
+      std::rethrow_exception(ep);
+    } catch (const std::exception& e) {
+      what = e.what();
+    } catch (...) {
+    }
+    Impl::send_error(res, ApiError(500, "server_error", "", "internal", what));
+  });
+}
+
+OpenAiServer::~OpenAiServer() = default;
+
+int OpenAiServer::bind() {
+  Impl& s = *impl_;
+  const int port = s.options.port == 0
+                       ? s.http.bind_to_any_port(s.options.host)
+                       : (s.http.bind_to_port(s.options.host, s.options.port) ? s.options.port : -1);
+  if (port < 0)
+    throw std::runtime_error("cannot listen on " + s.options.host + ":" + std::to_string(s.options.port) +
+                             " (in use, or not an address of this host)");
+  return port;
+}
+
+void OpenAiServer::run() { impl_->http.listen_after_bind(); }
+
+void OpenAiServer::stop() { impl_->http.stop(); }
+
+}  // namespace nibble::cluster

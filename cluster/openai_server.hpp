@@ -1,0 +1,49 @@
+#pragma once
+// `nibble openai`: an OpenAI-compatible HTTP server in front of a `nibble serve` coordinator, so the
+// tools written for vLLM's and llama.cpp's servers (the openai Python package, curl, benchmark
+// harnesses) work with Nibble. It is a client of the coordinator like any other: every HTTP request
+// becomes one GenerateRequest over ZeroMQ (cluster/client), its answer one JSON body or a stream of
+// server-sent events (cluster/openai_api translates both ways).
+//
+//   GET  /health               200 when the coordinator answers ok, else 503
+//   GET  /v1/models            the one model, by its configured name
+//   POST /v1/completions       prompt text or token ids
+//   POST /v1/chat/completions  messages, formatted by the coordinator with the model's chat template
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "cluster/openai_api.hpp"
+
+namespace nibble::cluster {
+
+struct OpenAiServerOptions {
+  std::string coordinator = "tcp://127.0.0.1:5555";  // the coordinator's ZeroMQ address
+  std::string host = "127.0.0.1";
+  int port = 8000;          // 0: any free port (bind() returns it)
+  int threads = 16;         // HTTP requests served at once (each holds one coordinator connection)
+  int timeout_ms = 600000;  // longest silence from the coordinator within one request
+  size_t max_body_bytes = size_t{16} << 20;
+  openai::ApiSettings api;
+};
+
+class OpenAiServer {
+ public:
+  explicit OpenAiServer(OpenAiServerOptions options);
+  ~OpenAiServer();
+  OpenAiServer(const OpenAiServer&) = delete;
+  OpenAiServer& operator=(const OpenAiServer&) = delete;
+
+  // Binds the listening socket; returns the port. Throws std::runtime_error naming the address when
+  // it cannot.
+  int bind();
+  // Serves until stop() (from another thread or a signal-handling thread); bind() first.
+  void run();
+  void stop();
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace nibble::cluster

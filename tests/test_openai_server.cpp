@@ -1,0 +1,668 @@
+// The OpenAI-compatible HTTP API.
+//   - OpenAiApi: its translation (cluster/openai_api) on its own: every field a request can carry, every
+//     refusal naming its field, the response and chunk shapes.
+//   - OpenAiServer: a real `nibble openai` process in front of a real `mpirun ... nibble serve` job,
+//     over real HTTP on loopback: its answers are the ZeroMQ client's for the same requests (text,
+//     tokens, usage, logprobs), streamed or not, one at a time or eight at once; bad requests are refused
+//     by name and the service keeps serving; a client that leaves a stream cancels its request (its KV
+//     blocks come back); without a coordinator it answers 503; SIGTERM stops it.
+#include <gtest/gtest.h>
+#include <httplib.h>
+
+#include <atomic>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "cluster/openai_api.hpp"
+#include "model/random_model.hpp"
+#include "tests/support/serve_job.hpp"
+#include "tests/support/test_support.hpp"
+
+namespace nibble::cluster {
+namespace {
+
+using nlohmann::json;
+using openai::ApiError;
+using openai::Endpoint;
+using test_jobs::ServeJob;
+namespace fs = std::filesystem;
+using namespace std::chrono_literals;
+
+// ------------------------------------------------------------------ the translation on its own
+
+openai::ApiRequest parse(Endpoint endpoint, const json& body, const openai::ApiSettings& settings = {}) {
+  return openai::parse_request(endpoint, body.dump(), settings);
+}
+
+// The ApiError a body gets (status and param), or a failure if it is accepted.
+ApiError refusal(Endpoint endpoint, const std::string& body) {
+  try {
+    openai::parse_request(endpoint, body, {});
+  } catch (const ApiError& e) {
+    return e;
+  }
+  ADD_FAILURE() << "accepted: " << body;
+  return ApiError(0, "", "", "", "");
+}
+
+TEST(OpenAiApi, CompletionFieldsBecomeTheGenerateRequest) {
+  const auto api = parse(Endpoint::completions, {{"model", "nibble"},
+                                                 {"prompt", "Hello"},
+                                                 {"max_tokens", 7},
+                                                 {"temperature", 0.5},
+                                                 {"top_p", 0.9},
+                                                 {"top_k", 40},
+                                                 {"min_p", 0.05},
+                                                 {"repetition_penalty", 1.1},
+                                                 {"seed", 42},
+                                                 {"stop", {"\n", "END"}},
+                                                 {"stream", true},
+                                                 {"stream_options", {{"include_usage", true}}},
+                                                 {"logprobs", 3},
+                                                 {"n", 1},
+                                                 {"presence_penalty", 0},
+                                                 {"user", "someone"}});
+  const protocol::GenerateRequest& r = api.request;
+  EXPECT_EQ(std::get<std::string>(r.prompt), "Hello");
+  EXPECT_EQ(r.max_tokens, 7u);
+  EXPECT_FLOAT_EQ(r.sampling.temperature, 0.5f);
+  EXPECT_FLOAT_EQ(r.sampling.top_p, 0.9f);
+  EXPECT_EQ(r.sampling.top_k, 40);
+  EXPECT_FLOAT_EQ(r.sampling.min_p, 0.05f);
+  EXPECT_FLOAT_EQ(r.sampling.repetition_penalty, 1.1f);
+  EXPECT_EQ(r.sampling.seed, std::optional<uint64_t>(42));
+  EXPECT_EQ(r.stop, (std::vector<std::string>{"\n", "END"}));
+  EXPECT_TRUE(r.stream);
+  EXPECT_TRUE(api.include_usage);
+  EXPECT_TRUE(api.report_logprobs);
+  EXPECT_EQ(api.top_logprobs, 3u);
+  EXPECT_EQ(r.logprobs, 3u);
+
+  // OpenAI's defaults: 16 tokens, temperature 1, no stop, no logprobs; vLLM's top_k -1 is off.
+  const auto plain = parse(Endpoint::completions, {{"prompt", {1, 2, 3}}, {"top_k", -1}, {"stop", "x"}});
+  EXPECT_EQ(std::get<std::vector<int32_t>>(plain.request.prompt), (std::vector<int32_t>{1, 2, 3}));
+  EXPECT_EQ(plain.request.max_tokens, 16u);
+  EXPECT_FLOAT_EQ(plain.request.sampling.temperature, 1.0f);
+  EXPECT_EQ(plain.request.sampling.top_k, 0);
+  EXPECT_FALSE(plain.request.sampling.seed.has_value());
+  EXPECT_EQ(plain.request.stop, std::vector<std::string>{"x"});
+  EXPECT_FALSE(plain.report_logprobs);
+  EXPECT_EQ(plain.request.logprobs, 0u);
+  // A batch of one prompt, as text or ids; logprobs 0 still reports each token's own.
+  EXPECT_EQ(std::get<std::string>(parse(Endpoint::completions, {{"prompt", {"one"}}}).request.prompt), "one");
+  EXPECT_EQ(
+      std::get<std::vector<int32_t>>(parse(Endpoint::completions, {{"prompt", {{5, 6}}}}).request.prompt),
+      (std::vector<int32_t>{5, 6}));
+  const auto zero = parse(Endpoint::completions, {{"prompt", "x"}, {"logprobs", 0}, {"seed", nullptr}});
+  EXPECT_TRUE(zero.report_logprobs);
+  EXPECT_EQ(zero.top_logprobs, 0u);
+  EXPECT_EQ(zero.request.logprobs, 1u);
+  EXPECT_FALSE(zero.request.sampling.seed.has_value());  // null is "not given"
+}
+
+TEST(OpenAiApi, ChatFieldsBecomeAConversation) {
+  openai::ApiSettings settings;
+  settings.default_chat_max_tokens = 99;
+  const auto api =
+      parse(Endpoint::chat_completions,
+            {{"messages",
+              {{{"role", "developer"}, {"content", "Be brief."}},
+               {{"role", "user"},
+                {"content", {{{"type", "text"}, {"text", "a"}}, {{"type", "text"}, {"text", "b"}}}},
+                {"name", "x"}},
+               {{"role", "assistant"}, {"content", "c"}}}},
+             {"logprobs", true},
+             {"top_logprobs", 2},
+             {"response_format", {{"type", "text"}}},
+             {"tools", json::array()},
+             {"tool_choice", "none"}},
+            settings);
+  const auto& messages = std::get<std::vector<protocol::ChatMessage>>(api.request.prompt);
+  ASSERT_EQ(messages.size(), 3u);
+  EXPECT_EQ(messages[0], (protocol::ChatMessage{"system", "Be brief."}));  // developer is the system role
+  EXPECT_EQ(messages[1], (protocol::ChatMessage{"user", "a\nb"}));         // text parts joined
+  EXPECT_EQ(messages[2], (protocol::ChatMessage{"assistant", "c"}));
+  EXPECT_EQ(api.request.max_tokens, 99u);
+  EXPECT_TRUE(api.report_logprobs);
+  EXPECT_EQ(api.top_logprobs, 2u);
+  EXPECT_EQ(api.request.logprobs, 2u);
+  // max_completion_tokens (OpenAI's newer name) wins over max_tokens.
+  const json hi = {{{"role", "user"}, {"content", "hi"}}};
+  EXPECT_EQ(
+      parse(Endpoint::chat_completions, {{"messages", hi}, {"max_tokens", 5}, {"max_completion_tokens", 6}})
+          .request.max_tokens,
+      6u);
+  const auto one = parse(Endpoint::chat_completions, {{"messages", hi}, {"logprobs", true}});
+  EXPECT_EQ(one.top_logprobs, 0u);
+  EXPECT_EQ(one.request.logprobs, 1u);
+}
+
+TEST(OpenAiApi, RefusalsNameTheField) {
+  struct Case {
+    Endpoint endpoint;
+    std::string body;
+    int status;
+    const char* param;
+    const char* says;
+  };
+  const auto C = Endpoint::completions;
+  const auto H = Endpoint::chat_completions;
+  const std::string m = R"("messages": [{"role": "user", "content": "hi"}])";
+  const std::vector<Case> cases = {
+      {C, "{bad", 400, "", "not JSON"},
+      {C, "[1, 2]", 400, "", "JSON object"},
+      {C, R"({"prompt": "x", "foo": 1})", 400, "foo", "unknown key 'foo'"},
+      {C, R"({"max_tokens": 3})", 400, "prompt", "prompt: required"},
+      {C, R"({"prompt": 5})", 400, "prompt", "prompt: expected"},
+      {C, R"({"prompt": ["a", "b"]})", 400, "prompt", "one prompt per request (got 2)"},
+      {C, R"({"prompt": [1, -2]})", 400, "prompt", "token ids"},
+      {C, R"({"prompt": "x", "temperature": "hot"})", 400, "temperature", "expected a number, got string"},
+      {C, R"({"prompt": "x", "temperature": -1})", 400, "temperature", "at least 0"},
+      {C, R"({"prompt": "x", "top_p": 0})", 400, "top_p", "(0, 1]"},
+      {C, R"({"prompt": "x", "min_p": 2})", 400, "min_p", "[0, 1]"},
+      {C, R"({"prompt": "x", "top_k": -5})", 400, "top_k", "top_k"},
+      {C, R"({"prompt": "x", "repetition_penalty": 0})", 400, "repetition_penalty", "above 0"},
+      {C, R"({"prompt": "x", "max_tokens": 0})", 400, "max_tokens", "at least 1"},
+      {C, R"({"prompt": "x", "max_tokens": 2.5})", 400, "max_tokens", "an integer"},
+      {C, R"({"prompt": "x", "n": 2})", 400, "n", "n = 1"},
+      {C, R"({"prompt": "x", "best_of": 3})", 400, "best_of", "only 1"},
+      {C, R"({"prompt": "x", "presence_penalty": 0.5})", 400, "presence_penalty", "not supported"},
+      {C, R"({"prompt": "x", "frequency_penalty": 1})", 400, "frequency_penalty", "not supported"},
+      {C, R"({"prompt": "x", "logit_bias": {"5": 10}})", 400, "logit_bias", "not supported"},
+      {C, R"({"prompt": "x", "echo": true})", 400, "echo", "not supported"},
+      {C, R"({"prompt": "x", "suffix": "s"})", 400, "suffix", "not supported"},
+      {C, R"({"prompt": "x", "logprobs": 21})", 400, "logprobs", "0 to 20"},
+      {C, R"({"prompt": "x", "stop": [1]})", 400, "stop", "array of strings"},
+      {C, R"({"prompt": "x", "stream": "yes"})", 400, "stream", "true or false"},
+      {C, R"({"prompt": "x", "stream_options": {"include_usage": true}})", 400, "stream_options",
+       "only with"},
+      {C, R"({"prompt": "x", "stream": true, "stream_options": {"x": 1}})", 400, "stream_options",
+       "unknown key 'x'"},
+      {C, R"({"prompt": "x", "model": "gpt-4"})", 404, "model", "'gpt-4' does not exist"},
+      {C, R"({"prompt": "x", "messages": []})", 400, "messages", "unknown key 'messages'"},
+      {H, R"({"prompt": "x"})", 400, "prompt", "unknown key 'prompt'"},
+      {H, "{}", 400, "messages", "messages: required"},
+      {H, R"({"messages": []})", 400, "messages", "non-empty array"},
+      {H, R"({"messages": [{"role": "user"}]})", 400, "messages", "messages[0].content: required"},
+      {H, R"({"messages": [{"role": "", "content": "x"}]})", 400, "messages", "messages[0].role"},
+      {H, R"({"messages": [{"role": "user", "content": "x", "tool_calls": []}]})", 400, "messages",
+       "messages[0]: unknown key 'tool_calls'"},
+      {H, R"({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]})", 400,
+       "messages", "messages[0].content[0]: only"},
+      {H, "{" + m + R"(, "top_logprobs": 2})", 400, "top_logprobs", "only with \"logprobs\": true"},
+      {H, "{" + m + R"(, "tools": [{"type": "function"}]})", 400, "tools", "not supported"},
+      {H, "{" + m + R"(, "tool_choice": "required"})", 400, "tool_choice", "only \"none\" or \"auto\""},
+      {H, "{" + m + R"(, "response_format": {"type": "json_object"}})", 400, "response_format",
+       "no constrained output"},
+      {H, "{" + m + R"(, "max_completion_tokens": -1})", 400, "max_completion_tokens", "at least 1"},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.body);
+    const ApiError e = refusal(c.endpoint, c.body);
+    EXPECT_EQ(e.status, c.status);
+    EXPECT_EQ(e.param, c.param);
+    EXPECT_NE(std::string(e.what()).find(c.says), std::string::npos) << e.what();
+    const json body = openai::error_body(e);
+    EXPECT_EQ(body["error"]["message"], e.what());
+    EXPECT_EQ(body["error"]["param"], c.param[0] == '\0' ? json(nullptr) : json(c.param));
+  }
+}
+
+TEST(OpenAiApi, CoordinatorErrorsMapToHttpStatuses) {
+  using protocol::ErrorCode;
+  EXPECT_EQ(openai::from_protocol(ErrorCode::bad_request, "x").status, 400);
+  EXPECT_EQ(openai::from_protocol(ErrorCode::prompt_too_long, "x").status, 400);
+  EXPECT_EQ(openai::from_protocol(ErrorCode::prompt_too_long, "x").code, "prompt_too_long");
+  EXPECT_EQ(openai::from_protocol(ErrorCode::message_too_large, "x").status, 413);
+  EXPECT_EQ(openai::from_protocol(ErrorCode::overloaded, "x").status, 429);
+  EXPECT_EQ(openai::from_protocol(ErrorCode::shutting_down, "x").status, 503);
+  EXPECT_EQ(openai::from_protocol(ErrorCode::worker_failed, "x").status, 500);
+  EXPECT_EQ(openai::from_protocol(ErrorCode::internal, "x").type, "server_error");
+  EXPECT_EQ(openai::from_protocol(std::nullopt, "no reply").status, 503);
+}
+
+TEST(OpenAiApi, ResponsesAndChunksHaveOpenAisShape) {
+  protocol::Final f;
+  f.finish_reason = protocol::FinishReason::eos;
+  f.prompt_tokens = 4;
+  f.completion_tokens = 2;
+  f.cached_prompt_tokens = 3;
+  f.text = "hi";
+  f.tokens = {7, 9};
+  f.logprobs = {{-0.5f, {{7, -0.5f}, {8, -1.5f}}}, {-0.25f, {{9, -0.25f}, {3, -2.0f}}}};
+  openai::ApiRequest completion;
+  completion.report_logprobs = true;
+  completion.top_logprobs = 1;
+  const json c = openai::response(completion, f, "cmpl-1", 123, "m");
+  EXPECT_EQ(c["object"], "text_completion");
+  EXPECT_EQ(c["id"], "cmpl-1");
+  EXPECT_EQ(c["created"], 123);
+  EXPECT_EQ(c["model"], "m");
+  EXPECT_EQ(c["choices"][0]["text"], "hi");
+  EXPECT_EQ(c["choices"][0]["finish_reason"], "stop");
+  EXPECT_EQ(c["choices"][0]["logprobs"]["tokens"], json({"token_id:7", "token_id:9"}));
+  EXPECT_EQ(c["choices"][0]["logprobs"]["token_logprobs"], json({-0.5, -0.25}));
+  EXPECT_EQ(c["choices"][0]["logprobs"]["top_logprobs"],
+            json::parse(R"([{"token_id:7": -0.5}, {"token_id:9": -0.25}])"));
+  EXPECT_EQ(c["usage"], json::parse(R"({"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6,
+                                       "prompt_tokens_details": {"cached_tokens": 3}})"));
+
+  openai::ApiRequest chat;
+  chat.endpoint = Endpoint::chat_completions;
+  const json h = openai::response(chat, f, "chatcmpl-1", 123, "m");
+  EXPECT_EQ(h["object"], "chat.completion");
+  EXPECT_EQ(h["choices"][0]["message"], json::parse(R"({"role": "assistant", "content": "hi"})"));
+  EXPECT_TRUE(h["choices"][0]["logprobs"].is_null());
+  chat.report_logprobs = true;
+  chat.top_logprobs = 2;
+  const json lp = openai::response(chat, f, "chatcmpl-1", 123, "m")["choices"][0]["logprobs"]["content"];
+  ASSERT_EQ(lp.size(), 2u);
+  EXPECT_EQ(lp[1]["token"], "token_id:9");
+  EXPECT_EQ(lp[1]["logprob"], -0.25);
+  EXPECT_EQ(lp[1]["top_logprobs"][1]["token"], "token_id:3");
+  EXPECT_EQ(lp[1]["top_logprobs"][1]["logprob"], -2.0);
+
+  f.finish_reason = protocol::FinishReason::length;
+  EXPECT_EQ(openai::role_chunk(chat, "i", 1, "m")["choices"][0]["delta"],
+            json::parse(R"({"role": "assistant", "content": ""})"));
+  const json d = openai::delta_chunk(chat, protocol::Delta{"r", {7}, "h", {f.logprobs[0]}}, "i", 1, "m");
+  EXPECT_EQ(d["object"], "chat.completion.chunk");
+  EXPECT_EQ(d["choices"][0]["delta"]["content"], "h");
+  EXPECT_EQ(d["choices"][0]["logprobs"]["content"][0]["token"], "token_id:7");
+  EXPECT_TRUE(d["choices"][0]["finish_reason"].is_null());
+  EXPECT_EQ(openai::finish_chunk(chat, f, "i", 1, "m")["choices"][0]["finish_reason"], "length");
+  EXPECT_EQ(openai::finish_chunk(completion, f, "i", 1, "m")["choices"][0]["text"], "");
+  const json u = openai::usage_chunk(completion, f, "i", 1, "m");
+  EXPECT_TRUE(u["choices"].empty());
+  EXPECT_EQ(u["usage"]["total_tokens"], 6);
+  // A token may end inside a UTF-8 character: the JSON text replaces it rather than failing.
+  EXPECT_EQ(openai::dump(json("a\xe2\x82")), "\"a\xef\xbf\xbd\"");
+}
+
+// ------------------------------------------------------------------ real processes
+
+// A `nibble openai` process; the constructor waits for its "listening on" line.
+class GatewayProcess {
+ public:
+  GatewayProcess(const fs::path& dir, const std::string& coordinator,
+                 const std::vector<std::string>& extra = {})
+      : log_(dir / "openai.log") {
+    std::vector<std::string> args = {test::nibble_bin(), "openai", "--endpoint",   coordinator,
+                                     "--port",           "0",      "--model-name", "tiny"};
+    args.insert(args.end(), extra.begin(), extra.end());
+    pid_ = fork();
+    if (pid_ == 0) {
+      const int fd = ::open(log_.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+      dup2(fd, 1);
+      dup2(fd, 2);
+      std::vector<char*> argv;
+      for (std::string& a : args) argv.push_back(a.data());
+      argv.push_back(nullptr);
+      execv(argv[0], argv.data());
+      _exit(127);
+    }
+    const std::regex listening("listening on http://127\\.0\\.0\\.1:([0-9]+)");
+    for (int i = 0; i < 300 && port_ == 0; ++i) {
+      std::smatch match;
+      const std::string text = log();
+      if (std::regex_search(text, match, listening)) port_ = std::stoi(match[1]);
+      std::this_thread::sleep_for(20ms);
+    }
+  }
+  ~GatewayProcess() {
+    if (!exit_code_) {
+      kill(pid_, SIGKILL);
+      waitpid(pid_, nullptr, 0);
+    }
+  }
+  int port() const { return port_; }
+  std::string log() const {
+    std::ifstream in(log_);
+    return std::string(std::istreambuf_iterator<char>(in), {});
+  }
+  // SIGTERM; its exit code (nullopt if it has not exited within 10 s).
+  std::optional<int> terminate() {
+    kill(pid_, SIGTERM);
+    for (int i = 0; i < 500; ++i) {
+      int status = 0;
+      if (waitpid(pid_, &status, WNOHANG) == pid_) {
+        exit_code_ = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+        return exit_code_;
+      }
+      std::this_thread::sleep_for(20ms);
+    }
+    return std::nullopt;
+  }
+
+ private:
+  fs::path log_;
+  pid_t pid_ = -1;
+  int port_ = 0;
+  std::optional<int> exit_code_;
+};
+
+struct HttpReply {
+  int status = 0;
+  json body;
+};
+
+HttpReply post(int port, const std::string& path, const std::string& body) {
+  httplib::Client http("127.0.0.1", port);
+  http.set_read_timeout(120, 0);
+  const auto res = http.Post(path, body, "application/json");
+  if (!res) return {0, json(httplib::to_string(res.error()))};
+  return {res->status, json::parse(res->body, nullptr, false)};
+}
+
+HttpReply get(int port, const std::string& path) {
+  httplib::Client http("127.0.0.1", port);
+  const auto res = http.Get(path);
+  if (!res) return {0, json(httplib::to_string(res.error()))};
+  return {res->status, json::parse(res->body, nullptr, false)};
+}
+
+// A streamed request's events (each "data: " payload; "[DONE]" as a string), read until the end or until
+// `keep_reading` says to stop (then the connection is dropped).
+std::vector<json> post_stream(int port, const std::string& path, const std::string& body,
+                              const std::function<bool(const std::vector<json>&)>& keep_reading = {}) {
+  httplib::Client http("127.0.0.1", port);
+  http.set_read_timeout(120, 0);
+  httplib::Request req;
+  req.method = "POST";
+  req.path = path;
+  req.body = body;
+  req.set_header("Content-Type", "application/json");
+  std::string pending;
+  std::vector<json> events;
+  req.content_receiver = [&](const char* data, size_t n, uint64_t, uint64_t) {
+    pending.append(data, n);
+    for (size_t end = pending.find("\n\n"); end != std::string::npos; end = pending.find("\n\n")) {
+      const std::string event = pending.substr(0, end);
+      pending.erase(0, end + 2);
+      EXPECT_EQ(event.rfind("data: ", 0), 0u) << event;
+      const std::string payload = event.substr(6);
+      events.push_back(payload == "[DONE]" ? json("[DONE]") : json::parse(payload));
+    }
+    return !keep_reading || keep_reading(events);
+  };
+  httplib::Response res;
+  httplib::Error error = httplib::Error::Success;
+  http.send(req, res, error);
+  return events;
+}
+
+// The text of a finished stream's chunks; checks the stream's frame: one id throughout, a finish
+// chunk, then (with usage) the usage chunk, then [DONE].
+std::string streamed_text(const std::vector<json>& events, bool chat, json* usage = nullptr) {
+  EXPECT_GE(events.size(), 3u);
+  if (events.size() < 3) return "";
+  EXPECT_EQ(events.back(), "[DONE]");
+  std::string text;
+  bool finished = false;
+  for (size_t i = 0; i + 1 < events.size(); ++i) {
+    const json& e = events[i];
+    EXPECT_EQ(e["id"], events[0]["id"]);
+    EXPECT_EQ(e["object"], chat ? "chat.completion.chunk" : "text_completion");
+    if (e["choices"].empty()) {  // the usage chunk, last
+      EXPECT_TRUE(finished);
+      if (usage != nullptr) *usage = e["usage"];
+      continue;
+    }
+    const json& choice = e["choices"][0];
+    if (!choice["finish_reason"].is_null()) finished = true;
+    if (chat) {
+      if (i == 0) {
+        EXPECT_EQ(choice["delta"]["role"], "assistant");
+      }
+      text += choice["delta"].value("content", "");
+    } else {
+      text += choice["text"].get<std::string>();
+    }
+  }
+  EXPECT_TRUE(finished);
+  return text;
+}
+
+// A tiny project-made model served by one worker with a chat format, and the gateway in front.
+struct Service {
+  test::TempDir dir;
+  std::unique_ptr<ServeJob> job;
+  std::unique_ptr<GatewayProcess> gateway;
+
+  explicit Service(const std::string& extra_yaml = "") {
+    const std::string model = (dir.path() / "tiny.gguf").string();
+    model::write_random_llama(model, model::llama_shape_by_name("tiny"), kernels::DType::Q4_0, 5);
+    job = std::make_unique<ServeJob>(
+        dir.path(), model, 1, 1,
+        "chat_template: chatml\ncontext: 256\nkv_cache: { num_blocks: 64 }\n" + extra_yaml);
+    EXPECT_TRUE(job->wait_ready()) << job->log();
+    gateway = std::make_unique<GatewayProcess>(dir.path(), job->endpoint());
+    EXPECT_GT(gateway->port(), 0) << gateway->log();
+  }
+  int port() const { return gateway->port(); }
+  Client client() const { return Client(job->endpoint()); }
+};
+
+protocol::GenerateRequest greedy(decltype(protocol::GenerateRequest::prompt) prompt, uint32_t max_tokens,
+                                 uint32_t logprobs = 0) {
+  protocol::GenerateRequest r;
+  r.prompt = std::move(prompt);
+  r.sampling.temperature = 0.0f;
+  r.max_tokens = max_tokens;
+  r.logprobs = logprobs;
+  return r;
+}
+
+TEST(OpenAiServer, AnswersAsTheZeroMqClientDoes) {
+  if (!fs::exists(test_jobs::mpiexec())) GTEST_SKIP() << "mpirun (" << test_jobs::mpiexec() << ") is absent";
+  Service service;
+  ASSERT_GT(service.port(), 0);
+  const int port = service.port();
+  Client client = service.client();
+
+  EXPECT_EQ(get(port, "/health").status, 200);
+  EXPECT_EQ(get(port, "/health").body["status"], "ok");
+  const HttpReply models = get(port, "/v1/models");
+  EXPECT_EQ(models.status, 200);
+  EXPECT_EQ(models.body["data"][0]["id"], "tiny");
+
+  // Completions: a text prompt and an ids prompt, with logprobs, against the ZeroMQ client's Final.
+  // Long enough for whole KV blocks, which the second request finds cached.
+  std::string prompt;
+  for (int i = 0; i < 6; ++i) prompt += "The quick brown fox jumps over the lazy dog. ";
+  const protocol::Final expected = client.generate(greedy(prompt, 12, 3));
+  const HttpReply c = post(
+      port, "/v1/completions",
+      json{{"model", "tiny"}, {"prompt", prompt}, {"max_tokens", 12}, {"temperature", 0}, {"logprobs", 3}}
+          .dump());
+  ASSERT_EQ(c.status, 200) << c.body;
+  EXPECT_EQ(c.body["object"], "text_completion");
+  EXPECT_EQ(c.body["model"], "tiny");
+  EXPECT_EQ(c.body["choices"][0]["text"], expected.text);
+  EXPECT_EQ(c.body["choices"][0]["finish_reason"],
+            expected.finish_reason == protocol::FinishReason::length ? "length" : "stop");
+  EXPECT_EQ(c.body["usage"]["prompt_tokens"], expected.prompt_tokens);
+  EXPECT_EQ(c.body["usage"]["completion_tokens"], expected.completion_tokens);
+  EXPECT_EQ(c.body["usage"]["total_tokens"], expected.prompt_tokens + expected.completion_tokens);
+  EXPECT_GT(c.body["usage"]["prompt_tokens_details"]["cached_tokens"].get<int>(),
+            0);  // the same prompt again
+  const json& lp = c.body["choices"][0]["logprobs"];
+  ASSERT_EQ(lp["tokens"].size(), expected.tokens.size());
+  for (size_t i = 0; i < expected.tokens.size(); ++i) {
+    EXPECT_EQ(lp["tokens"][i], openai::token_name(expected.tokens[i]));
+    EXPECT_FLOAT_EQ(lp["token_logprobs"][i].get<float>(), expected.logprobs[i].logprob);
+    EXPECT_EQ(lp["top_logprobs"][i].size(), 3u);
+    EXPECT_FLOAT_EQ(lp["top_logprobs"][i][openai::token_name(expected.logprobs[i].top[0].token)].get<float>(),
+                    expected.logprobs[i].top[0].logprob);
+  }
+  const HttpReply ids =
+      post(port, "/v1/completions",
+           json{{"prompt", expected.prompt_token_ids}, {"max_tokens", 12}, {"temperature", 0}}.dump());
+  ASSERT_EQ(ids.status, 200) << ids.body;
+  EXPECT_EQ(ids.body["choices"][0]["text"], expected.text);
+
+  // Streamed: the chunks' text is the whole answer's; usage last when asked for.
+  json usage;
+  const std::string streamed = streamed_text(post_stream(port, "/v1/completions",
+                                                         json{{"prompt", prompt},
+                                                              {"max_tokens", 12},
+                                                              {"temperature", 0},
+                                                              {"stream", true},
+                                                              {"stream_options", {{"include_usage", true}}}}
+                                                             .dump()),
+                                             false, &usage);
+  EXPECT_EQ(streamed, expected.text);
+  EXPECT_EQ(usage["completion_tokens"], expected.completion_tokens);
+
+  // Chat: the coordinator formats the conversation with the configured template (chatml).
+  const std::vector<protocol::ChatMessage> conversation = {{"system", "You are terse."},
+                                                           {"user", "Say something"}};
+  const protocol::Final chat_expected = client.generate(greedy(conversation, 10, 2));
+  const json chat_body = {{"model", "tiny"},
+                          {"messages",
+                           {{{"role", "system"}, {"content", "You are terse."}},
+                            {{"role", "user"}, {"content", "Say something"}}}},
+                          {"max_tokens", 10},
+                          {"temperature", 0},
+                          {"logprobs", true},
+                          {"top_logprobs", 2}};
+  const HttpReply h = post(port, "/v1/chat/completions", chat_body.dump());
+  ASSERT_EQ(h.status, 200) << h.body;
+  EXPECT_EQ(h.body["object"], "chat.completion");
+  EXPECT_EQ(h.body["choices"][0]["message"]["role"], "assistant");
+  EXPECT_EQ(h.body["choices"][0]["message"]["content"], chat_expected.text);
+  EXPECT_EQ(h.body["usage"]["prompt_tokens"], chat_expected.prompt_tokens);
+  const json& content = h.body["choices"][0]["logprobs"]["content"];
+  ASSERT_EQ(content.size(), chat_expected.tokens.size());
+  for (size_t i = 0; i < content.size(); ++i) {
+    EXPECT_EQ(content[i]["token"], openai::token_name(chat_expected.tokens[i]));
+    EXPECT_FLOAT_EQ(content[i]["logprob"].get<float>(), chat_expected.logprobs[i].logprob);
+    EXPECT_EQ(content[i]["top_logprobs"].size(), 2u);
+  }
+  json stream_body = chat_body;
+  stream_body["stream"] = true;
+  EXPECT_EQ(streamed_text(post_stream(port, "/v1/chat/completions", stream_body.dump()), true),
+            chat_expected.text);
+
+  // Eight requests at once, each answered as it is alone.
+  std::vector<std::string> prompts, answers(8);
+  std::vector<std::string> alone;
+  for (int i = 0; i < 8; ++i) {
+    prompts.push_back("request " + std::to_string(i) + " asks about the number " + std::to_string(i * 7));
+    alone.push_back(client.generate(greedy(prompts.back(), 8 + i)).text);
+  }
+  std::vector<std::thread> threads;
+  for (int i = 0; i < 8; ++i) {
+    threads.emplace_back([&, i] {
+      const json body = {
+          {"prompt", prompts[i]}, {"max_tokens", 8 + i}, {"temperature", 0}, {"stream", i % 2 == 1}};
+      answers[i] =
+          i % 2 == 1
+              ? streamed_text(post_stream(port, "/v1/completions", body.dump()), false)
+              : post(port, "/v1/completions", body.dump()).body["choices"][0]["text"].get<std::string>();
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  for (int i = 0; i < 8; ++i) EXPECT_EQ(answers[i], alone[i]) << "request " << i;
+}
+
+TEST(OpenAiServer, RefusesBadRequestsByNameAndKeepsServing) {
+  if (!fs::exists(test_jobs::mpiexec())) GTEST_SKIP() << "mpirun (" << test_jobs::mpiexec() << ") is absent";
+  Service service;
+  ASSERT_GT(service.port(), 0);
+  const int port = service.port();
+
+  const HttpReply unknown = post(port, "/v1/completions", R"({"prompt": "x", "best_of": 1, "bogus": true})");
+  EXPECT_EQ(unknown.status, 400);
+  EXPECT_EQ(unknown.body["error"]["param"], "bogus");
+  EXPECT_EQ(unknown.body["error"]["type"], "invalid_request_error");
+  const HttpReply not_json = post(port, "/v1/chat/completions", "{\"messages\": ");
+  EXPECT_EQ(not_json.status, 400);
+  EXPECT_NE(not_json.body["error"]["message"].get<std::string>().find("not JSON"), std::string::npos);
+  const HttpReply nowhere = post(port, "/v2/completions", "{}");
+  EXPECT_EQ(nowhere.status, 404);
+  EXPECT_NE(nowhere.body["error"]["message"].get<std::string>().find("/v2/completions"), std::string::npos);
+  // A stop string over the protocol's limit: the coordinator's own checks, before any stream starts.
+  const HttpReply long_stop =
+      post(port, "/v1/completions",
+           json{{"prompt", "x"}, {"stop", std::string(300, 's')}, {"stream", true}}.dump());
+  EXPECT_EQ(long_stop.status, 400);
+  EXPECT_EQ(long_stop.body["error"]["code"], "bad_request");
+
+  // The coordinator's refusal: prompt plus max_tokens over the context of 256.
+  const json too_long = {{"prompt", "hello"}, {"max_tokens", 1000}};
+  const HttpReply refused = post(port, "/v1/completions", too_long.dump());
+  EXPECT_EQ(refused.status, 400);
+  EXPECT_EQ(refused.body["error"]["code"], "prompt_too_long");
+  EXPECT_NE(refused.body["error"]["message"].get<std::string>().find("exceeds the context of 256"),
+            std::string::npos);
+  json streamed_too_long = too_long;
+  streamed_too_long["stream"] = true;
+  const std::vector<json> events = post_stream(port, "/v1/completions", streamed_too_long.dump());
+  ASSERT_EQ(events.size(), 2u);
+  EXPECT_EQ(events[0]["error"]["code"], "prompt_too_long");
+  EXPECT_EQ(events[1], "[DONE]");
+  // A conversation for a role chatml writes as given, and a good request: still served.
+  const HttpReply chat = post(port, "/v1/chat/completions",
+                              R"({"messages": [{"role": "critic", "content": "x"}], "max_tokens": 3})");
+  EXPECT_EQ(chat.status, 200) << chat.body;
+  const HttpReply ok = post(port, "/v1/completions", R"({"prompt": "still here", "max_tokens": 4})");
+  EXPECT_EQ(ok.status, 200) << ok.body;
+  EXPECT_EQ(ok.body["usage"]["completion_tokens"].get<int>() > 0, true);
+  EXPECT_EQ(get(port, "/health").status, 200);
+}
+
+TEST(OpenAiServer, AClientLeavingAStreamCancelsItsRequest) {
+  if (!fs::exists(test_jobs::mpiexec())) GTEST_SKIP() << "mpirun (" << test_jobs::mpiexec() << ") is absent";
+  Service service;
+  ASSERT_GT(service.port(), 0);
+  Client client = service.client();
+  const protocol::Stats before = client.stats();
+  // Stop reading after three chunks of a request for 200 tokens: the gateway's next write fails and it
+  // cancels the request, whose KV blocks come back.
+  const std::vector<json> events = post_stream(
+      service.port(), "/v1/completions",
+      json{{"prompt", "a long story"}, {"max_tokens", 200}, {"temperature", 0}, {"stream", true}}.dump(),
+      [](const std::vector<json>& so_far) { return so_far.size() < 3; });
+  EXPECT_GE(events.size(), 3u);
+  protocol::Stats after;
+  for (int i = 0; i < 500; ++i) {
+    after = client.stats();
+    if (after.running == 0 && after.failed > before.failed) break;
+    std::this_thread::sleep_for(20ms);
+  }
+  EXPECT_EQ(after.running, 0u);
+  EXPECT_EQ(after.failed, before.failed + 1);  // cancelled, not completed
+  EXPECT_EQ(after.completed, before.completed);
+  EXPECT_LT(after.tokens_generated, 200u);
+  EXPECT_EQ(after.free_kv_blocks, after.total_kv_blocks);
+}
+
+TEST(OpenAiServer, WithoutACoordinatorItAnswers503AndSigtermStopsIt) {
+  test::TempDir dir;
+  GatewayProcess gateway(dir.path(), "ipc://" + (dir.path() / "nobody.sock").string(),
+                         {"--timeout-ms", "300"});
+  ASSERT_GT(gateway.port(), 0) << gateway.log();
+  const HttpReply health = get(gateway.port(), "/health");
+  EXPECT_EQ(health.status, 503);
+  EXPECT_EQ(health.body["error"]["code"], "coordinator_unavailable");
+  const HttpReply c = post(gateway.port(), "/v1/completions", R"({"prompt": "x"})");
+  EXPECT_EQ(c.status, 503);
+  EXPECT_EQ(c.body["error"]["type"], "server_error");
+  // Refusals of its own need no coordinator.
+  EXPECT_EQ(post(gateway.port(), "/v1/completions", R"({"prompt": "x", "model": "other"})").status, 404);
+  EXPECT_EQ(gateway.terminate(), std::optional<int>(0)) << gateway.log();
+  EXPECT_NE(gateway.log().find("nibble openai: stopped"), std::string::npos);
+}
+
+TEST(OpenAiServer, RefusesAnAddressItCannotListenOn) {
+  const test::CommandResult r = test::run_command(
+      test::nibble_bin() + " openai --host 203.0.113.1 --port 8999 --endpoint tcp://127.0.0.1:1");
+  EXPECT_EQ(r.exit_code, 1) << r.output;
+  EXPECT_NE(r.output.find("cannot listen on 203.0.113.1:8999"), std::string::npos) << r.output;
+}
+
+}  // namespace
+}  // namespace nibble::cluster

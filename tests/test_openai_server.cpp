@@ -657,6 +657,34 @@ TEST(OpenAiServer, WithoutACoordinatorItAnswers503AndSigtermStopsIt) {
   EXPECT_NE(gateway.log().find("nibble openai: stopped"), std::string::npos);
 }
 
+// `nibble bench-serve --http` sends the same workload through the gateway as it sends to the coordinator:
+// every request answered, the same prompt and output tokens (greedy), its timings measured.
+TEST(OpenAiServer, BenchServeLoadsItAsItLoadsTheCoordinator) {
+  if (!fs::exists(test_jobs::mpiexec())) GTEST_SKIP() << "mpirun (" << test_jobs::mpiexec() << ") is absent";
+  Service service;
+  ASSERT_GT(service.port(), 0);
+  const std::string workload = " --concurrency 3 --requests 6 --prompt-tokens 4:24 --max-tokens 4:12 --json";
+  const auto bench = [&](const std::string& target) {
+    const test::CommandResult r = test::run_command(test::nibble_bin() + " bench-serve " + target + workload);
+    EXPECT_EQ(r.exit_code, 0) << r.output;
+    return json::parse(r.output.substr(r.output.find('{')), nullptr, false);
+  };
+  const json zmq = bench("--endpoint " + service.job->endpoint());
+  const json http = bench("--http http://127.0.0.1:" + std::to_string(service.port()));
+  EXPECT_EQ(http["ok"], 6);
+  EXPECT_EQ(http["endpoint"], "http://127.0.0.1:" + std::to_string(service.port()));
+  EXPECT_EQ(http["input_tokens"], zmq["input_tokens"]);
+  EXPECT_EQ(http["output_tokens"], zmq["output_tokens"]);
+  EXPECT_GT(http["output_tokens"].get<int>(), 0);
+  EXPECT_GT(http["ttft_ms"]["p50"].get<double>(), 0.0);
+  EXPECT_GT(http["tpot_ms"]["p50"].get<double>(), 0.0);
+  // A gateway that is not there: every request fails, and the bench says so with its exit code.
+  const test::CommandResult none =
+      test::run_command(test::nibble_bin() + " bench-serve --http http://127.0.0.1:1 --requests 2 --json");
+  EXPECT_EQ(none.exit_code, 1) << none.output;
+  EXPECT_NE(none.output.find("\"transport\":2"), std::string::npos) << none.output;
+}
+
 TEST(OpenAiServer, RefusesAnAddressItCannotListenOn) {
   const test::CommandResult r = test::run_command(
       test::nibble_bin() + " openai --host 203.0.113.1 --port 8999 --endpoint tcp://127.0.0.1:1");

@@ -1,6 +1,8 @@
 // `nibble client`: one request to a running `nibble serve` (generate, or health/stats/shutdown).
 // `nibble bench-serve`: a closed-loop load generator against one: C threads, one Client each,
 // sharing N streamed greedy requests; reports throughput and TTFT/TPOT/latency percentiles.
+#include <httplib.h>
+
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -153,6 +155,72 @@ Sample run_one(cluster::Client& client, const protocol::GenerateRequest& request
   } catch (const std::exception&) {
     sample.failure = "transport";  // a ZeroMQ failure below the Client; counted, not fatal
   }
+  return sample;
+}
+
+// The same request through `nibble openai`'s /v1/completions, streamed, the usage in its last chunk:
+// TTFT is the first chunk with text, TPOT spreads the rest over the usage's completion tokens.
+Sample run_one_http(httplib::Client& http, const protocol::GenerateRequest& request) {
+  using clock = std::chrono::steady_clock;
+  Sample sample;
+  nlohmann::json body = {{"max_tokens", request.max_tokens},
+                         {"temperature", request.sampling.temperature},
+                         {"stream", true},
+                         {"stream_options", {{"include_usage", true}}}};
+  if (const auto* ids = std::get_if<std::vector<int32_t>>(&request.prompt)) {
+    body["prompt"] = *ids;
+  } else {
+    body["prompt"] = std::get<std::string>(request.prompt);
+  }
+  httplib::Request req;
+  req.method = "POST";
+  req.path = "/v1/completions";
+  req.body = body.dump();
+  req.set_header("Content-Type", "application/json");
+  const auto sent = clock::now();
+  std::optional<clock::time_point> first_token, last_token;
+  std::string pending;
+  nlohmann::json usage;
+  req.content_receiver = [&](const char* data, size_t n, uint64_t, uint64_t) {
+    pending.append(data, n);
+    for (size_t end = pending.find("\n\n"); end != std::string::npos; end = pending.find("\n\n")) {
+      const std::string event = pending.substr(0, end);
+      pending.erase(0, end + 2);
+      if (event.rfind("data: ", 0) != 0 || event == "data: [DONE]") continue;
+      const nlohmann::json chunk = nlohmann::json::parse(event.substr(6), nullptr, false);
+      if (chunk.contains("error")) {
+        sample.failure = chunk["error"].value("code", "error");
+      } else if (chunk.contains("usage")) {
+        usage = chunk["usage"];
+      } else if (chunk.contains("choices") && !chunk["choices"].empty() &&
+                 !chunk["choices"][0].value("text", "").empty()) {
+        last_token = clock::now();
+        if (!first_token) first_token = last_token;
+      }
+    }
+    return true;
+  };
+  httplib::Response res;
+  httplib::Error error = httplib::Error::Success;
+  if (!http.send(req, res, error) || res.status != 200) {
+    sample.failure = res.status > 0 ? "http " + std::to_string(res.status) : "transport";
+    return sample;
+  }
+  const auto done = clock::now();
+  if (!sample.failure.empty() || !usage.is_object()) {
+    if (sample.failure.empty()) sample.failure = "no usage";
+    return sample;
+  }
+  if (!first_token) first_token = last_token = done;
+  auto ms = [](clock::duration d) { return std::chrono::duration<double, std::milli>(d).count(); };
+  sample.ok = true;
+  sample.ttft_ms = ms(*first_token - sent);
+  sample.latency_ms = ms(done - sent);
+  sample.prompt_tokens = usage.value("prompt_tokens", 0u);
+  sample.completion_tokens = usage.value("completion_tokens", 0u);
+  sample.cached_prompt_tokens = usage["prompt_tokens_details"].value("cached_tokens", 0u);
+  if (sample.completion_tokens > 1)
+    sample.tpot_ms = ms(*last_token - *first_token) / static_cast<double>(sample.completion_tokens - 1);
   return sample;
 }
 
@@ -398,9 +466,14 @@ Runner add_bench_serve(CLI::App& app) {
     int vocab = 256;
     bool json = false;
     int timeout_ms = 60000;
+    std::string http;
   };
   auto a = std::make_shared<Args>();
   app.add_option("--endpoint,-e", a->endpoint, "Coordinator address")->capture_default_str();
+  app.add_option(
+      "--http", a->http,
+      "Load `nibble openai` at this URL (http://HOST:PORT, /v1/completions streamed) instead of the "
+      "coordinator");
   app.add_option("--concurrency,-c", a->concurrency, "Client threads, one request in flight each")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
@@ -456,8 +529,19 @@ Runner add_bench_serve(CLI::App& app) {
     options.timeout_ms = a->timeout_ms;
     // Made here so a bad endpoint fails before any thread starts; each is then used by one thread.
     std::vector<std::unique_ptr<cluster::Client>> clients;
-    for (int t = 0; t < threads; ++t)
-      clients.push_back(std::make_unique<cluster::Client>(a->endpoint, options));
+    std::vector<std::unique_ptr<httplib::Client>> http_clients;
+    for (int t = 0; t < threads; ++t) {
+      if (a->http.empty()) {
+        clients.push_back(std::make_unique<cluster::Client>(a->endpoint, options));
+        continue;
+      }
+      auto http = std::make_unique<httplib::Client>(a->http);
+      if (!http->is_valid())
+        throw std::invalid_argument("bench-serve: --http: not an http://HOST:PORT URL: " + a->http);
+      http->set_read_timeout(std::chrono::milliseconds(a->timeout_ms));
+      http_clients.push_back(std::move(http));
+    }
+    const std::string target = a->http.empty() ? a->endpoint : a->http;
 
     std::vector<Sample> samples(requests.size());
     std::atomic<size_t> next{0};
@@ -466,7 +550,9 @@ Runner add_bench_serve(CLI::App& app) {
     for (int t = 0; t < threads; ++t) {
       workers.emplace_back([&, t] {
         for (size_t i = next.fetch_add(1); i < requests.size(); i = next.fetch_add(1)) {
-          samples[i] = run_one(*clients[static_cast<size_t>(t)], requests[i]);
+          const auto at = static_cast<size_t>(t);
+          samples[i] = a->http.empty() ? run_one(*clients[at], requests[i])
+                                       : run_one_http(*http_clients[at], requests[i]);
         }
       });
     }
@@ -500,7 +586,7 @@ Runner add_bench_serve(CLI::App& app) {
       nlohmann::json failure_codes = nlohmann::json::object();
       for (const auto& [code, count] : failures) failure_codes[code] = count;
       print_json({
-          {"endpoint", a->endpoint},
+          {"endpoint", target},
           {"concurrency", threads},
           {"requests", a->requests},
           {"ok", ok},
@@ -526,7 +612,7 @@ Runner add_bench_serve(CLI::App& app) {
            {{"p50", json_or_null(percentile(latency, 50))}, {"p99", json_or_null(percentile(latency, 99))}}},
       });
     } else {
-      std::printf("endpoint %s, concurrency %d, %d requests in %.2f s\n", a->endpoint.c_str(), threads,
+      std::printf("endpoint %s, concurrency %d, %d requests in %.2f s\n", target.c_str(), threads,
                   a->requests, wall_s);
       std::printf("requests ok %llu, failed %llu\n", static_cast<unsigned long long>(ok),
                   static_cast<unsigned long long>(failed));

@@ -116,7 +116,6 @@ void read_sampling(const json& body, protocol::GenerateRequest& r) {
   r.sampling.repetition_penalty = static_cast<float>(repetition_penalty);
   if (field(body, "seed") != nullptr) r.sampling.seed = static_cast<uint64_t>(integer(body, "seed", 0));
 
-  require_number(body, "n", 1, "only one choice per request (n = 1)");
   require_number(body, "presence_penalty", 0, "not supported (use repetition_penalty)");
   require_number(body, "frequency_penalty", 0, "not supported (use repetition_penalty)");
   if (const json* bias = field(body, "logit_bias")) {
@@ -169,7 +168,8 @@ uint32_t logprob_count(const json& body, const std::string& key) {
   return static_cast<uint32_t>(n);
 }
 
-void read_prompt(const json& body, protocol::GenerateRequest& r) {
+// A prompt, or a batch of them: a string, an array of token ids, or an array of either.
+std::vector<decltype(protocol::GenerateRequest::prompt)> read_prompts(const json& body) {
   const json* prompt = field(body, "prompt");
   if (prompt == nullptr) throw invalid_request("prompt", "prompt: required");
   const auto ids = [](const json& array) {
@@ -181,20 +181,25 @@ void read_prompt(const json& body, protocol::GenerateRequest& r) {
     }
     return out;
   };
+  std::vector<decltype(protocol::GenerateRequest::prompt)> prompts;
   if (prompt->is_string()) {
-    r.prompt = prompt->get<std::string>();
+    prompts.emplace_back(prompt->get<std::string>());
   } else if (prompt->is_array() && !prompt->empty() && (*prompt)[0].is_number()) {
-    r.prompt = ids(*prompt);
-  } else if (prompt->is_array() && prompt->size() == 1 && (*prompt)[0].is_string()) {
-    r.prompt = (*prompt)[0].get<std::string>();
-  } else if (prompt->is_array() && prompt->size() == 1 && (*prompt)[0].is_array()) {
-    r.prompt = ids((*prompt)[0]);
-  } else if (prompt->is_array()) {
-    throw invalid_request("prompt",
-                          "prompt: one prompt per request (got " + std::to_string(prompt->size()) + ")");
+    prompts.emplace_back(ids(*prompt));
+  } else if (prompt->is_array() && !prompt->empty()) {
+    for (const json& one : *prompt) {
+      if (one.is_string()) {
+        prompts.emplace_back(one.get<std::string>());
+      } else if (one.is_array()) {
+        prompts.emplace_back(ids(one));
+      } else {
+        wrong_type("prompt", "a batch of strings or of token id arrays", one);
+      }
+    }
   } else {
-    wrong_type("prompt", "a string, an array of token ids, or an array of one of them", *prompt);
+    wrong_type("prompt", "a string, an array of token ids, or a non-empty array of either", *prompt);
   }
+  return prompts;
 }
 
 void read_messages(const json& body, protocol::GenerateRequest& r) {
@@ -261,11 +266,20 @@ void read_chat_extras(const json& body) {
   boolean(body, "parallel_tool_calls", false);
 }
 
-json usage(const protocol::Final& f) {
-  return {{"prompt_tokens", f.prompt_tokens},
-          {"completion_tokens", f.completion_tokens},
-          {"total_tokens", f.prompt_tokens + f.completion_tokens},
-          {"prompt_tokens_details", {{"cached_tokens", f.cached_prompt_tokens}}}};
+// Each prompt's tokens counted once (its first choice's), every choice's completion.
+json usage(const ApiRequest& api, const std::vector<protocol::Final>& finals) {
+  uint64_t prompt = 0, completion = 0, cached = 0;
+  for (size_t i = 0; i < finals.size(); ++i) {
+    if (i % api.n == 0) {
+      prompt += finals[i].prompt_tokens;
+      cached += finals[i].cached_prompt_tokens;
+    }
+    completion += finals[i].completion_tokens;
+  }
+  return {{"prompt_tokens", prompt},
+          {"completion_tokens", completion},
+          {"total_tokens", prompt + completion},
+          {"prompt_tokens_details", {{"cached_tokens", cached}}}};
 }
 
 // The logprobs of `tokens` in the endpoint's form; null when none were asked for.
@@ -310,8 +324,8 @@ json envelope(const ApiRequest& api, bool chunk, const std::string& id, int64_t 
 }
 
 // One choice of a streamed chunk: its text (completions) or delta (chat), logprobs, finish reason.
-json chunk_choice(const ApiRequest& api, json delta_or_text, json logprobs, json finish) {
-  json choice = {{"index", 0}};
+json chunk_choice(const ApiRequest& api, size_t index, json delta_or_text, json logprobs, json finish) {
+  json choice = {{"index", index}};
   choice[api.endpoint == Endpoint::completions ? "text" : "delta"] = std::move(delta_or_text);
   choice["logprobs"] = std::move(logprobs);
   choice["finish_reason"] = std::move(finish);
@@ -397,23 +411,29 @@ ApiRequest parse_request(Endpoint endpoint, const std::string& text, const ApiSe
   ApiRequest api;
   api.endpoint = endpoint;
   protocol::GenerateRequest& r = api.request;
+  const int64_t n = integer(body, "n", 1);
+  if (n < 1 || n > settings.max_choices)
+    throw invalid_request("n", "n: must be 1 to " + std::to_string(settings.max_choices));
+  api.n = static_cast<uint32_t>(n);
   read_sampling(body, r);
   read_stop(body, r);
   read_stream(body, api);
   if (endpoint == Endpoint::completions) {
-    read_prompt(body, r);
+    api.prompts = read_prompts(body);
     r.max_tokens = max_tokens(body, "max_tokens", 16);
     if (field(body, "logprobs") != nullptr) {
       api.report_logprobs = true;
       api.top_logprobs = logprob_count(body, "logprobs");
     }
     if (boolean(body, "echo", false)) throw invalid_request("echo", "echo: not supported");
-    require_number(body, "best_of", 1, "only 1 (one choice per request)");
+    if (field(body, "best_of") != nullptr && integer(body, "best_of", 1) != api.n)
+      throw invalid_request("best_of", "best_of: only equal to n (no ranking of extra choices)");
     if (const json* suffix = field(body, "suffix");
         suffix != nullptr && (!suffix->is_string() || !suffix->get<std::string>().empty()))
       throw invalid_request("suffix", "suffix: not supported");
   } else {
     read_messages(body, r);
+    api.prompts.push_back(r.prompt);
     const char* limit =
         field(body, "max_completion_tokens") != nullptr ? "max_completion_tokens" : "max_tokens";
     r.max_tokens = max_tokens(body, limit, settings.default_chat_max_tokens);
@@ -425,7 +445,25 @@ ApiRequest parse_request(Endpoint endpoint, const std::string& text, const ApiSe
   }
   // The protocol's logprobs count is of top tokens, at least 1 whenever any logprob is asked for.
   if (api.report_logprobs) r.logprobs = std::max<uint32_t>(api.top_logprobs, 1);
+  if (api.prompts.size() * api.n > settings.max_choices)
+    throw invalid_request(endpoint == Endpoint::completions ? "prompt" : "n",
+                          std::to_string(api.prompts.size()) + " prompts times n = " + std::to_string(api.n) +
+                              " choices: at most " + std::to_string(settings.max_choices) + " per request");
+  r.prompt = api.prompts.front();
   return api;
+}
+
+std::vector<protocol::GenerateRequest> choice_requests(const ApiRequest& api) {
+  std::vector<protocol::GenerateRequest> out;
+  for (const auto& prompt : api.prompts) {
+    for (uint32_t j = 0; j < api.n; ++j) {
+      protocol::GenerateRequest r = api.request;
+      r.prompt = prompt;
+      if (r.sampling.seed) r.sampling.seed = *r.sampling.seed + j;
+      out.push_back(std::move(r));
+    }
+  }
+  return out;
 }
 
 const char* finish_reason(protocol::FinishReason reason) {
@@ -441,52 +479,58 @@ const char* finish_reason(protocol::FinishReason reason) {
   return "abort";
 }
 
-json response(const ApiRequest& api, const protocol::Final& f, const std::string& id, int64_t created,
-              const std::string& model) {
+json response(const ApiRequest& api, const std::vector<protocol::Final>& finals, const std::string& id,
+              int64_t created, const std::string& model) {
   json out = envelope(api, false, id, created, model);
-  json choice = {{"index", 0}};
-  if (api.endpoint == Endpoint::completions) {
-    choice["text"] = f.text;
-  } else {
-    choice["message"] = {{"role", "assistant"}, {"content", f.text}};
+  json choices = json::array();
+  for (size_t i = 0; i < finals.size(); ++i) {
+    const protocol::Final& f = finals[i];
+    json choice = {{"index", i}};
+    if (api.endpoint == Endpoint::completions) {
+      choice["text"] = f.text;
+    } else {
+      choice["message"] = {{"role", "assistant"}, {"content", f.text}};
+    }
+    choice["logprobs"] = logprobs_of(api, f.tokens, f.logprobs);
+    choice["finish_reason"] = finish_reason(f.finish_reason);
+    choices.push_back(std::move(choice));
   }
-  choice["logprobs"] = logprobs_of(api, f.tokens, f.logprobs);
-  choice["finish_reason"] = finish_reason(f.finish_reason);
-  out["choices"] = json::array({std::move(choice)});
-  out["usage"] = usage(f);
+  out["choices"] = std::move(choices);
+  out["usage"] = usage(api, finals);
   return out;
 }
 
-json role_chunk(const ApiRequest& api, const std::string& id, int64_t created, const std::string& model) {
+json role_chunk(const ApiRequest& api, size_t index, const std::string& id, int64_t created,
+                const std::string& model) {
   json out = envelope(api, true, id, created, model);
   out["choices"] =
-      json::array({chunk_choice(api, {{"role", "assistant"}, {"content", ""}}, nullptr, nullptr)});
+      json::array({chunk_choice(api, index, {{"role", "assistant"}, {"content", ""}}, nullptr, nullptr)});
   return out;
 }
 
-json delta_chunk(const ApiRequest& api, const protocol::Delta& d, const std::string& id, int64_t created,
-                 const std::string& model) {
+json delta_chunk(const ApiRequest& api, size_t index, const protocol::Delta& d, const std::string& id,
+                 int64_t created, const std::string& model) {
   json out = envelope(api, true, id, created, model);
   json text = api.endpoint == Endpoint::completions ? json(d.text) : json{{"content", d.text}};
-  out["choices"] =
-      json::array({chunk_choice(api, std::move(text), logprobs_of(api, d.tokens, d.logprobs), nullptr)});
+  out["choices"] = json::array(
+      {chunk_choice(api, index, std::move(text), logprobs_of(api, d.tokens, d.logprobs), nullptr)});
   return out;
 }
 
-json finish_chunk(const ApiRequest& api, const protocol::Final& f, const std::string& id, int64_t created,
-                  const std::string& model) {
+json finish_chunk(const ApiRequest& api, size_t index, const protocol::Final& f, const std::string& id,
+                  int64_t created, const std::string& model) {
   json out = envelope(api, true, id, created, model);
   json empty = api.endpoint == Endpoint::completions ? json("") : json::object();
   out["choices"] =
-      json::array({chunk_choice(api, std::move(empty), nullptr, finish_reason(f.finish_reason))});
+      json::array({chunk_choice(api, index, std::move(empty), nullptr, finish_reason(f.finish_reason))});
   return out;
 }
 
-json usage_chunk(const ApiRequest& api, const protocol::Final& f, const std::string& id, int64_t created,
-                 const std::string& model) {
+json usage_chunk(const ApiRequest& api, const std::vector<protocol::Final>& finals, const std::string& id,
+                 int64_t created, const std::string& model) {
   json out = envelope(api, true, id, created, model);
   out["choices"] = json::array();
-  out["usage"] = usage(f);
+  out["usage"] = usage(api, finals);
   return out;
 }
 

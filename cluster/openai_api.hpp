@@ -36,12 +36,18 @@ enum class Endpoint { completions, chat_completions };
 struct ApiSettings {
   std::string model_name = "nibble";       // what /v1/models lists; a request naming another model is a 404
   uint32_t default_chat_max_tokens = 256;  // chat requests without max_tokens (completions: 16, OpenAI's)
+  uint32_t max_choices = 64;               // prompts times n in one request, at most
 };
 
 struct ApiRequest {
   Endpoint endpoint = Endpoint::completions;
-  protocol::GenerateRequest request;  // request_id empty: the gateway sets it
-  bool include_usage = false;         // stream_options.include_usage: a last chunk with the usage
+  // The first choice's request (request_id empty: the gateway sets it); the others differ in prompt and
+  // seed only (choice_requests).
+  protocol::GenerateRequest request;
+  // Completions: every prompt of the request (a batch), request.prompt the first; chat: the conversation.
+  std::vector<decltype(protocol::GenerateRequest::prompt)> prompts;
+  uint32_t n = 1;              // choices per prompt
+  bool include_usage = false;  // stream_options.include_usage: a last chunk with the usage
   // Logprobs asked for: report each token's (completions "logprobs": N, chat "logprobs": true) and
   // this many most likely tokens' (request.logprobs is at least 1 whenever any is asked for).
   bool report_logprobs = false;
@@ -49,30 +55,36 @@ struct ApiRequest {
 };
 
 // The request in `body` (a JSON object). Throws ApiError: 400 naming the field for malformed JSON,
-// unknown keys, wrong types or values, and features Nibble does not have (n > 1, penalties on presence
-// or frequency, logit_bias, tools, echo, several prompts in one request); 404 for another model's name.
+// unknown keys, wrong types or values, more than settings.max_choices choices, and features Nibble does
+// not have (best_of other than n, penalties on presence or frequency, logit_bias, tools, echo, suffix,
+// constrained output); 404 for another model's name.
 ApiRequest parse_request(Endpoint endpoint, const std::string& body, const ApiSettings& settings);
+
+// One GenerateRequest per choice, in OpenAI's order (choice index = prompt index * n + j): choice j of a
+// prompt has seed + j when a seed is given (so that n choices differ), the server's pick otherwise.
+std::vector<protocol::GenerateRequest> choice_requests(const ApiRequest& api);
 
 // OpenAI's finish_reason: "stop" (end of sequence or a stop string), "length".
 const char* finish_reason(protocol::FinishReason reason);
 
-// The whole answer to a request that was not streamed: a text_completion or chat.completion object.
-nlohmann::json response(const ApiRequest& api, const protocol::Final& final, const std::string& id,
-                        int64_t created, const std::string& model);
+// The whole answer to a request that was not streamed: a text_completion or chat.completion object with
+// one choice per Final (in choice order).
+nlohmann::json response(const ApiRequest& api, const std::vector<protocol::Final>& finals,
+                        const std::string& id, int64_t created, const std::string& model);
 
 // Streamed answers: each is one server-sent event's JSON ("data: <json>\n\n"), then "data: [DONE]".
-// A chat stream's first chunk: the assistant's role, no text.
-nlohmann::json role_chunk(const ApiRequest& api, const std::string& id, int64_t created,
+// A chat stream's first chunk of a choice: the assistant's role, no text.
+nlohmann::json role_chunk(const ApiRequest& api, size_t index, const std::string& id, int64_t created,
                           const std::string& model);
-// The text (and logprobs) of one Delta.
-nlohmann::json delta_chunk(const ApiRequest& api, const protocol::Delta& delta, const std::string& id,
-                           int64_t created, const std::string& model);
-// The last chunk with choices: no text, the finish reason.
-nlohmann::json finish_chunk(const ApiRequest& api, const protocol::Final& final, const std::string& id,
-                            int64_t created, const std::string& model);
-// With stream_options.include_usage: no choices, the usage.
-nlohmann::json usage_chunk(const ApiRequest& api, const protocol::Final& final, const std::string& id,
-                           int64_t created, const std::string& model);
+// The text (and logprobs) of one Delta of choice `index`.
+nlohmann::json delta_chunk(const ApiRequest& api, size_t index, const protocol::Delta& delta,
+                           const std::string& id, int64_t created, const std::string& model);
+// A choice's last chunk: no text, the finish reason.
+nlohmann::json finish_chunk(const ApiRequest& api, size_t index, const protocol::Final& final,
+                            const std::string& id, int64_t created, const std::string& model);
+// With stream_options.include_usage: no choices, the usage of them all.
+nlohmann::json usage_chunk(const ApiRequest& api, const std::vector<protocol::Final>& finals,
+                           const std::string& id, int64_t created, const std::string& model);
 
 // `body` as JSON text; invalid UTF-8 (a token may end inside a character) becomes U+FFFD, not an error.
 std::string dump(const nlohmann::json& body);

@@ -5,8 +5,13 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
+#include <deque>
+#include <functional>
 #include <mutex>
+#include <optional>
 #include <stdexcept>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -108,25 +113,37 @@ struct OpenAiServer::Impl {
       return;
     }
     static std::atomic<uint64_t> counter{0};
-    api.request.request_id =
+    const std::string base =
         "oai-" + std::to_string(started) + "-" + std::to_string(counter.fetch_add(1) + 1);
-    try {
-      protocol::validate(api.request);  // the coordinator's checks, so a stream never starts on a bad request
-    } catch (const protocol::ProtocolError& e) {
-      send_error(res, openai::from_protocol(e.code, e.what()));
-      return;
-    }
-    const std::string id =
-        (endpoint == Endpoint::completions ? "cmpl-" : "chatcmpl-") + api.request.request_id;
-    const int64_t created = unix_time();
-    const std::string& model = options.api.model_name;
-    if (!api.request.stream) {
+    auto choices = std::make_shared<std::vector<protocol::GenerateRequest>>(openai::choice_requests(api));
+    for (size_t i = 0; i < choices->size(); ++i) {
+      (*choices)[i].request_id = choices->size() == 1 ? base : base + "-" + std::to_string(i);
+      // Several choices stream from the coordinator even for an answer sent whole: a Delta is where a
+      // choice learns that another failed and cancels itself.
+      if (choices->size() > 1) (*choices)[i].stream = true;
       try {
-        Lease client = lease();
-        const protocol::Final final = (*client).generate(api.request);
-        send_json(res, 200, openai::response(api, final, id, created, model));
-      } catch (const ClientError& e) {
-        send_error(res, client_error(e));
+        protocol::validate(
+            (*choices)[i]);  // the coordinator's checks, so a stream never starts on a bad request
+      } catch (const protocol::ProtocolError& e) {
+        send_error(res, openai::from_protocol(e.code, e.what()));
+        return;
+      }
+    }
+    const std::string id = (endpoint == Endpoint::completions ? "cmpl-" : "chatcmpl-") + base;
+    const int64_t created = unix_time();
+    if (!api.request.stream) {
+      std::vector<protocol::Final> finals(choices->size());
+      std::optional<ApiError> failure;
+      run_choices(*choices,
+                  [&](size_t i, const protocol::Delta*, const protocol::Final* final, const ApiError* error) {
+                    if (final != nullptr) finals[i] = *final;
+                    if (error != nullptr && !failure) failure = *error;
+                    return !failure;  // one choice's failure cancels the others
+                  });
+      if (failure) {
+        send_error(res, *failure);
+      } else {
+        send_json(res, 200, openai::response(api, finals, id, created, options.api.model_name));
       }
       return;
     }
@@ -134,32 +151,105 @@ struct OpenAiServer::Impl {
     // there (an over-long prompt, overload) comes as an {"error": ...} event, as vLLM's do.
     res.set_header("Cache-Control", "no-cache");
     res.set_chunked_content_provider(
-        "text/event-stream", [this, api, id, created](size_t, httplib::DataSink& sink) {
+        "text/event-stream", [this, api, choices, id, created](size_t, httplib::DataSink& sink) {
           const std::string& name = options.api.model_name;
-          bool gone = false;  // the HTTP client went away: the request is cancelled
+          bool gone = false;  // the HTTP client went away: its requests are cancelled
           const auto event = [&](const std::string& data) {
             const std::string text = "data: " + data + "\n\n";
             if (!gone && !sink.write(text.data(), text.size())) gone = true;
             return !gone;
           };
-          if (api.endpoint == Endpoint::chat_completions)
-            event(openai::dump(openai::role_chunk(api, id, created, name)));
-          try {
-            Lease client = lease();
-            const protocol::Final final = (*client).generate(api.request, [&](const protocol::Delta& delta) {
-              if (!gone && !event(openai::dump(openai::delta_chunk(api, delta, id, created, name))))
-                (*client).cancel(api.request.request_id);
-            });
-            event(openai::dump(openai::finish_chunk(api, final, id, created, name)));
-            if (api.include_usage) event(openai::dump(openai::usage_chunk(api, final, id, created, name)));
-          } catch (const ClientError& e) {
-            // A cancel this server sent ends in an error nobody is left to read.
-            event(openai::dump(openai::error_body(client_error(e))));
+          if (api.endpoint == Endpoint::chat_completions) {
+            for (size_t i = 0; i < choices->size(); ++i)
+              event(openai::dump(openai::role_chunk(api, i, id, created, name)));
           }
+          std::vector<protocol::Final> finals(choices->size());
+          bool failed = false;
+          run_choices(*choices, [&](size_t i, const protocol::Delta* delta, const protocol::Final* final,
+                                    const ApiError* error) {
+            if (delta != nullptr) event(openai::dump(openai::delta_chunk(api, i, *delta, id, created, name)));
+            if (final != nullptr) {
+              finals[i] = *final;
+              event(openai::dump(openai::finish_chunk(api, i, *final, id, created, name)));
+            }
+            if (error != nullptr && !failed) {
+              failed = true;
+              event(openai::dump(openai::error_body(*error)));
+            }
+            return !gone && !failed;
+          });
+          if (!failed && api.include_usage)
+            event(openai::dump(openai::usage_chunk(api, finals, id, created, name)));
           event("[DONE]");
           sink.done();
           return true;
         });
+  }
+
+  // What a choice's coordinator connection reports: a Delta, its Final, or its failure. Called on the
+  // request's own thread, one report at a time; returning false cancels every choice still running.
+  using ChoiceReport = std::function<bool(size_t index, const protocol::Delta* delta,
+                                          const protocol::Final* final, const ApiError* error)>;
+
+  // Runs every choice on a coordinator connection of its own (one thread each beyond the first) and
+  // hands their reports to `report` in arrival order on this thread, so a stream is written from one
+  // thread only. Returns once every choice has ended.
+  void run_choices(const std::vector<protocol::GenerateRequest>& choices, const ChoiceReport& report) {
+    struct Report {
+      size_t index;
+      std::optional<protocol::Delta> delta;
+      std::optional<protocol::Final> final;
+      std::optional<ApiError> error;
+    };
+    std::mutex mutex;
+    std::condition_variable changed;
+    std::deque<Report> reports;
+    size_t running = choices.size();
+    std::atomic<bool> cancel{false};
+    const auto run_one = [&](size_t i) {
+      const auto push = [&](Report r) {
+        std::lock_guard lock(mutex);
+        reports.push_back(std::move(r));
+        changed.notify_one();
+      };
+      try {
+        Lease client = lease();
+        bool cancelled = false;
+        const protocol::Final final = (*client).generate(choices[i], [&](const protocol::Delta& delta) {
+          if (cancel && !cancelled) {
+            cancelled = true;
+            (*client).cancel(choices[i].request_id);
+          }
+          if (!cancelled) push({i, delta, std::nullopt, std::nullopt});
+        });
+        push({i, std::nullopt, final, std::nullopt});
+      } catch (const ClientError& e) {
+        push({i, std::nullopt, std::nullopt, client_error(e)});
+      } catch (const std::exception& e) {
+        push({i, std::nullopt, std::nullopt, ApiError(500, "server_error", "", "internal", e.what())});
+      }
+      std::lock_guard lock(mutex);
+      --running;
+      changed.notify_one();
+    };
+    std::vector<std::thread> threads;
+    for (size_t i = 1; i < choices.size(); ++i) threads.emplace_back(run_one, i);
+    std::thread first(run_one, 0);  // this thread reports while the choices run
+    for (;;) {
+      std::unique_lock lock(mutex);
+      changed.wait(lock, [&] { return !reports.empty() || running == 0; });
+      if (reports.empty()) break;
+      Report r = std::move(reports.front());
+      reports.pop_front();
+      lock.unlock();
+      // After a cancel, what is left is only drained: the choices end with errors nobody reads.
+      if (cancel) continue;
+      const bool keep_going = report(r.index, r.delta ? &*r.delta : nullptr, r.final ? &*r.final : nullptr,
+                                     r.error ? &*r.error : nullptr);
+      if (!keep_going) cancel = true;
+    }
+    first.join();
+    for (std::thread& t : threads) t.join();
   }
 };
 

@@ -10,6 +10,7 @@
 #include <httplib.h>
 
 #include <atomic>
+#include <map>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <thread>
@@ -139,6 +140,47 @@ TEST(OpenAiApi, ChatFieldsBecomeAConversation) {
   EXPECT_EQ(one.request.logprobs, 1u);
 }
 
+// A batch of prompts times n choices: one GenerateRequest per choice in OpenAI's order, seeds apart so
+// the n choices differ; usage counts each prompt once and every choice's tokens.
+TEST(OpenAiApi, BatchesAndChoicesFanOutInOpenAisOrder) {
+  const auto api = parse(Endpoint::completions,
+                         {{"prompt", {"a", "b"}}, {"n", 2}, {"best_of", 2}, {"seed", 10}, {"max_tokens", 3}});
+  const std::vector<protocol::GenerateRequest> choices = openai::choice_requests(api);
+  ASSERT_EQ(choices.size(), 4u);
+  const std::vector<std::string> prompts = {"a", "a", "b", "b"};
+  const std::vector<uint64_t> seeds = {10, 11, 10, 11};
+  for (size_t i = 0; i < 4; ++i) {
+    EXPECT_EQ(std::get<std::string>(choices[i].prompt), prompts[i]);
+    EXPECT_EQ(choices[i].sampling.seed, std::optional<uint64_t>(seeds[i]));
+    EXPECT_EQ(choices[i].max_tokens, 3u);
+  }
+  const auto ids = parse(Endpoint::completions, {{"prompt", {{1, 2}, {3}}}});
+  ASSERT_EQ(openai::choice_requests(ids).size(), 2u);
+  EXPECT_EQ(std::get<std::vector<int32_t>>(openai::choice_requests(ids)[1].prompt), std::vector<int32_t>{3});
+  EXPECT_FALSE(openai::choice_requests(ids)[1].sampling.seed.has_value());  // the server picks each
+
+  std::vector<protocol::Final> finals(4);
+  for (size_t i = 0; i < 4; ++i) {
+    finals[i].prompt_tokens = i < 2 ? 5 : 7;
+    finals[i].cached_prompt_tokens = i == 1 || i == 3 ? 5 : 0;  // a later choice found its prompt cached
+    finals[i].completion_tokens = static_cast<uint32_t>(i + 1);
+    finals[i].text = prompts[i] + std::to_string(i);
+  }
+  const json r = openai::response(api, finals, "cmpl-1", 1, "m");
+  ASSERT_EQ(r["choices"].size(), 4u);
+  for (size_t i = 0; i < 4; ++i) {
+    EXPECT_EQ(r["choices"][i]["index"], i);
+    EXPECT_EQ(r["choices"][i]["text"], finals[i].text);
+  }
+  EXPECT_EQ(r["usage"]["prompt_tokens"], 12);
+  EXPECT_EQ(r["usage"]["completion_tokens"], 10);
+  EXPECT_EQ(r["usage"]["total_tokens"], 22);
+  EXPECT_EQ(r["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+  const auto chat =
+      parse(Endpoint::chat_completions, {{"messages", {{{"role", "user"}, {"content", "hi"}}}}, {"n", 3}});
+  EXPECT_EQ(openai::choice_requests(chat).size(), 3u);
+}
+
 TEST(OpenAiApi, RefusalsNameTheField) {
   struct Case {
     Endpoint endpoint;
@@ -156,7 +198,9 @@ TEST(OpenAiApi, RefusalsNameTheField) {
       {C, R"({"prompt": "x", "foo": 1})", 400, "foo", "unknown key 'foo'"},
       {C, R"({"max_tokens": 3})", 400, "prompt", "prompt: required"},
       {C, R"({"prompt": 5})", 400, "prompt", "prompt: expected"},
-      {C, R"({"prompt": ["a", "b"]})", 400, "prompt", "one prompt per request (got 2)"},
+      {C, R"({"prompt": []})", 400, "prompt", "non-empty array"},
+      {C, R"({"prompt": ["a", 5]})", 400, "prompt", "a batch of strings or of token id arrays"},
+      {C, R"({"prompt": [["a"]]})", 400, "prompt", "token ids"},
       {C, R"({"prompt": [1, -2]})", 400, "prompt", "token ids"},
       {C, R"({"prompt": "x", "temperature": "hot"})", 400, "temperature", "expected a number, got string"},
       {C, R"({"prompt": "x", "temperature": -1})", 400, "temperature", "at least 0"},
@@ -166,8 +210,11 @@ TEST(OpenAiApi, RefusalsNameTheField) {
       {C, R"({"prompt": "x", "repetition_penalty": 0})", 400, "repetition_penalty", "above 0"},
       {C, R"({"prompt": "x", "max_tokens": 0})", 400, "max_tokens", "at least 1"},
       {C, R"({"prompt": "x", "max_tokens": 2.5})", 400, "max_tokens", "an integer"},
-      {C, R"({"prompt": "x", "n": 2})", 400, "n", "n = 1"},
-      {C, R"({"prompt": "x", "best_of": 3})", 400, "best_of", "only 1"},
+      {C, R"({"prompt": "x", "n": 0})", 400, "n", "n: must be 1 to 64"},
+      {C, R"({"prompt": "x", "n": 65})", 400, "n", "n: must be 1 to 64"},
+      {C, R"({"prompt": ["a", "b", "c"], "n": 22})", 400, "prompt",
+       "3 prompts times n = 22 choices: at most 64"},
+      {C, R"({"prompt": "x", "n": 2, "best_of": 3})", 400, "best_of", "only equal to n"},
       {C, R"({"prompt": "x", "presence_penalty": 0.5})", 400, "presence_penalty", "not supported"},
       {C, R"({"prompt": "x", "frequency_penalty": 1})", 400, "frequency_penalty", "not supported"},
       {C, R"({"prompt": "x", "logit_bias": {"5": 10}})", 400, "logit_bias", "not supported"},
@@ -235,7 +282,7 @@ TEST(OpenAiApi, ResponsesAndChunksHaveOpenAisShape) {
   openai::ApiRequest completion;
   completion.report_logprobs = true;
   completion.top_logprobs = 1;
-  const json c = openai::response(completion, f, "cmpl-1", 123, "m");
+  const json c = openai::response(completion, {f}, "cmpl-1", 123, "m");
   EXPECT_EQ(c["object"], "text_completion");
   EXPECT_EQ(c["id"], "cmpl-1");
   EXPECT_EQ(c["created"], 123);
@@ -251,13 +298,13 @@ TEST(OpenAiApi, ResponsesAndChunksHaveOpenAisShape) {
 
   openai::ApiRequest chat;
   chat.endpoint = Endpoint::chat_completions;
-  const json h = openai::response(chat, f, "chatcmpl-1", 123, "m");
+  const json h = openai::response(chat, {f}, "chatcmpl-1", 123, "m");
   EXPECT_EQ(h["object"], "chat.completion");
   EXPECT_EQ(h["choices"][0]["message"], json::parse(R"({"role": "assistant", "content": "hi"})"));
   EXPECT_TRUE(h["choices"][0]["logprobs"].is_null());
   chat.report_logprobs = true;
   chat.top_logprobs = 2;
-  const json lp = openai::response(chat, f, "chatcmpl-1", 123, "m")["choices"][0]["logprobs"]["content"];
+  const json lp = openai::response(chat, {f}, "chatcmpl-1", 123, "m")["choices"][0]["logprobs"]["content"];
   ASSERT_EQ(lp.size(), 2u);
   EXPECT_EQ(lp[1]["token"], "token_id:9");
   EXPECT_EQ(lp[1]["logprob"], -0.25);
@@ -265,16 +312,17 @@ TEST(OpenAiApi, ResponsesAndChunksHaveOpenAisShape) {
   EXPECT_EQ(lp[1]["top_logprobs"][1]["logprob"], -2.0);
 
   f.finish_reason = protocol::FinishReason::length;
-  EXPECT_EQ(openai::role_chunk(chat, "i", 1, "m")["choices"][0]["delta"],
+  EXPECT_EQ(openai::role_chunk(chat, 0, "i", 1, "m")["choices"][0]["delta"],
             json::parse(R"({"role": "assistant", "content": ""})"));
-  const json d = openai::delta_chunk(chat, protocol::Delta{"r", {7}, "h", {f.logprobs[0]}}, "i", 1, "m");
+  const json d = openai::delta_chunk(chat, 2, protocol::Delta{"r", {7}, "h", {f.logprobs[0]}}, "i", 1, "m");
   EXPECT_EQ(d["object"], "chat.completion.chunk");
   EXPECT_EQ(d["choices"][0]["delta"]["content"], "h");
+  EXPECT_EQ(d["choices"][0]["index"], 2);
   EXPECT_EQ(d["choices"][0]["logprobs"]["content"][0]["token"], "token_id:7");
   EXPECT_TRUE(d["choices"][0]["finish_reason"].is_null());
-  EXPECT_EQ(openai::finish_chunk(chat, f, "i", 1, "m")["choices"][0]["finish_reason"], "length");
-  EXPECT_EQ(openai::finish_chunk(completion, f, "i", 1, "m")["choices"][0]["text"], "");
-  const json u = openai::usage_chunk(completion, f, "i", 1, "m");
+  EXPECT_EQ(openai::finish_chunk(chat, 0, f, "i", 1, "m")["choices"][0]["finish_reason"], "length");
+  EXPECT_EQ(openai::finish_chunk(completion, 0, f, "i", 1, "m")["choices"][0]["text"], "");
+  const json u = openai::usage_chunk(completion, {f}, "i", 1, "m");
   EXPECT_TRUE(u["choices"].empty());
   EXPECT_EQ(u["usage"]["total_tokens"], 6);
   // A token may end inside a UTF-8 character: the JSON text replaces it rather than failing.
@@ -425,6 +473,20 @@ std::string streamed_text(const std::vector<json>& events, bool chat, json* usag
   return text;
 }
 
+// Each choice's text in a finished stream of several choices (by index), and how many finish chunks came.
+std::map<size_t, std::string> streamed_texts(const std::vector<json>& events, bool chat, int* finishes) {
+  std::map<size_t, std::string> texts;
+  *finishes = 0;
+  for (const json& e : events) {
+    if (!e.is_object() || !e.contains("choices") || e["choices"].empty()) continue;
+    const json& choice = e["choices"][0];
+    const size_t index = choice["index"].get<size_t>();
+    if (!choice["finish_reason"].is_null()) ++*finishes;
+    texts[index] += chat ? choice["delta"].value("content", "") : choice["text"].get<std::string>();
+  }
+  return texts;
+}
+
 // A tiny project-made model served by one worker with a chat format, and the gateway in front.
 struct Service {
   test::TempDir dir;
@@ -566,6 +628,76 @@ TEST(OpenAiServer, AnswersAsTheZeroMqClientDoes) {
   }
   for (std::thread& t : threads) t.join();
   for (int i = 0; i < 8; ++i) EXPECT_EQ(answers[i], alone[i]) << "request " << i;
+}
+
+// n choices and a batch of prompts: each choice is the request the ZeroMQ client makes for it (choice j
+// with seed + j), answered whole or streamed with each chunk naming its choice.
+TEST(OpenAiServer, ChoicesAndBatchesAnswerAsTheirOwnRequests) {
+  if (!fs::exists(test_jobs::mpiexec())) GTEST_SKIP() << "mpirun (" << test_jobs::mpiexec() << ") is absent";
+  Service service;
+  ASSERT_GT(service.port(), 0);
+  const int port = service.port();
+  Client client = service.client();
+
+  const std::vector<std::string> prompts = {"Tell me a story about a fox", "What is the capital of France"};
+  std::vector<std::string> expected;  // choice order: prompt * n + j
+  for (const std::string& p : prompts) {
+    for (uint64_t j = 0; j < 3; ++j) {
+      protocol::GenerateRequest r = greedy(p, 10);
+      r.sampling.temperature = 0.9f;
+      r.sampling.seed = 7 + j;
+      expected.push_back(client.generate(r).text);
+    }
+  }
+  EXPECT_NE(expected[0], expected[1]);  // the seeds differ, so do the samples
+  const json body = {{"prompt", prompts}, {"n", 3}, {"max_tokens", 10}, {"temperature", 0.9}, {"seed", 7}};
+  const HttpReply whole = post(port, "/v1/completions", body.dump());
+  ASSERT_EQ(whole.status, 200) << whole.body;
+  ASSERT_EQ(whole.body["choices"].size(), 6u);
+  for (size_t i = 0; i < 6; ++i) {
+    EXPECT_EQ(whole.body["choices"][i]["index"], i);
+    EXPECT_EQ(whole.body["choices"][i]["text"], expected[i]) << "choice " << i;
+  }
+  EXPECT_GT(whole.body["usage"]["completion_tokens"].get<int>(), 6);
+
+  json streamed_body = body;
+  streamed_body["stream"] = true;
+  int finishes = 0;
+  const std::vector<json> events = post_stream(port, "/v1/completions", streamed_body.dump());
+  ASSERT_FALSE(events.empty());
+  EXPECT_EQ(events.back(), "[DONE]");
+  const std::map<size_t, std::string> texts = streamed_texts(events, false, &finishes);
+  EXPECT_EQ(finishes, 6);
+  ASSERT_EQ(texts.size(), 6u);
+  for (size_t i = 0; i < 6; ++i) EXPECT_EQ(texts.at(i), expected[i]) << "choice " << i;
+
+  // Chat: n conversations' answers, streamed with a role chunk each and the usage of all.
+  const json chat = {{"messages", {{{"role", "user"}, {"content", "Hello"}}}},
+                     {"n", 2},
+                     {"max_tokens", 6},
+                     {"temperature", 0},
+                     {"stream", true},
+                     {"stream_options", {{"include_usage", true}}}};
+  const protocol::Final alone =
+      client.generate(greedy(std::vector<protocol::ChatMessage>{{"user", "Hello"}}, 6));
+  const std::vector<json> chat_events = post_stream(port, "/v1/chat/completions", chat.dump());
+  const std::map<size_t, std::string> chat_texts = streamed_texts(chat_events, true, &finishes);
+  EXPECT_EQ(finishes, 2);
+  ASSERT_EQ(chat_texts.size(), 2u);
+  EXPECT_EQ(chat_texts.at(0), alone.text);
+  EXPECT_EQ(chat_texts.at(1), alone.text);
+  ASSERT_GE(chat_events.size(), 2u);
+  const json& usage = chat_events[chat_events.size() - 2]["usage"];
+  EXPECT_EQ(usage["prompt_tokens"], alone.prompt_tokens);  // one conversation, counted once
+  EXPECT_EQ(usage["completion_tokens"], 2 * alone.completion_tokens);
+
+  // One choice refused (prompt too long for the context) fails the whole request.
+  const HttpReply refused = post(
+      port, "/v1/completions", json{{"prompt", {"short", std::string(2000, 'x')}}, {"max_tokens", 4}}.dump());
+  EXPECT_EQ(refused.status, 400) << refused.body;
+  EXPECT_EQ(refused.body["error"]["code"], "prompt_too_long");
+  const protocol::Stats stats = client.stats();
+  EXPECT_EQ(stats.running, 0u);
 }
 
 TEST(OpenAiServer, RefusesBadRequestsByNameAndKeepsServing) {

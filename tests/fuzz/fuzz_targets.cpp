@@ -324,26 +324,31 @@ Outcome run_openai_request(std::span<const uint8_t> input) {
   for (const auto endpoint :
        {cluster::openai::Endpoint::completions, cluster::openai::Endpoint::chat_completions}) {
     try {
-      cluster::openai::ApiRequest api = cluster::openai::parse_request(endpoint, body, {});
+      const cluster::openai::ApiRequest api = cluster::openai::parse_request(endpoint, body, {});
       outcome.accepted = true;
-      api.request.request_id = "fuzz";
-      try {
-        protocol::validate(api.request);
-        const auto decoded =
-            protocol::decode_client_request(protocol::encode(protocol::ClientRequestMsg{api.request}));
-        require(std::get<protocol::GenerateRequest>(decoded) == api.request,
-                "openai_request: an accepted request changes through the client protocol");
-      } catch (const protocol::ProtocolError&) {
-        // the gateway answers 400 before sending
+      std::vector<protocol::GenerateRequest> choices = cluster::openai::choice_requests(api);
+      require(!choices.empty() && choices.size() <= 64, "openai_request: choices out of bounds");
+      for (protocol::GenerateRequest& choice : choices) {
+        choice.request_id = "fuzz";
+        try {
+          protocol::validate(choice);
+          const auto decoded =
+              protocol::decode_client_request(protocol::encode(protocol::ClientRequestMsg{choice}));
+          require(std::get<protocol::GenerateRequest>(decoded) == choice,
+                  "openai_request: an accepted request changes through the client protocol");
+        } catch (const protocol::ProtocolError&) {
+          // the gateway answers 400 before sending
+        }
       }
       protocol::Final final;
       final.text = "\xff answer";
       final.tokens = {1, 2};
       final.logprobs = {{-1.0f, {{1, -1.0f}}}, {-2.0f, {}}};
-      require(!cluster::openai::dump(cluster::openai::response(api, final, "id", 0, "m")).empty(),
+      const std::vector<protocol::Final> finals(choices.size(), final);
+      require(!cluster::openai::dump(cluster::openai::response(api, finals, "id", 0, "m")).empty(),
               "openai_request: an empty response");
-      require(!cluster::openai::dump(cluster::openai::delta_chunk(api, {"fuzz", {1}, "a", {}}, "id", 0, "m"))
-                   .empty(),
+      const protocol::Delta delta{"fuzz", {1}, "a", {}};
+      require(!cluster::openai::dump(cluster::openai::delta_chunk(api, 0, delta, "id", 0, "m")).empty(),
               "openai_request: an empty chunk");
     } catch (const cluster::openai::ApiError& e) {
       require(e.status == 400 || e.status == 404,
@@ -356,14 +361,17 @@ Outcome run_openai_request(std::span<const uint8_t> input) {
 }
 
 std::vector<std::vector<uint8_t>> openai_request_seeds() {
-  return {bytes_of(R"({"model": "nibble", "prompt": "Once upon a time", "max_tokens": 8, "temperature": 0.7,
+  return {
+      bytes_of(R"({"model": "nibble", "prompt": "Once upon a time", "max_tokens": 8, "temperature": 0.7,
                       "top_p": 0.9, "top_k": 40, "stop": ["\n", "END"], "stream": true,
                       "stream_options": {"include_usage": true}, "logprobs": 2, "seed": 5})"),
-          bytes_of(R"({"prompt": [[1, 15043, 3186]], "max_tokens": 4, "n": 1, "user": "u"})"),
-          bytes_of(R"({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content":
+      bytes_of(
+          R"({"prompt": [[1, 15043, 3186], [1, 2]], "max_tokens": 4, "n": 2, "best_of": 2, "user": "u"})"),
+      bytes_of(R"({"prompt": ["one", "two"], "seed": 3})"),
+      bytes_of(R"({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content":
                       [{"type": "text", "text": "Hi"}]}], "max_completion_tokens": 16, "logprobs": true,
                       "top_logprobs": 3, "response_format": {"type": "text"}, "tool_choice": "none"})"),
-          bytes_of(R"({"messages": [{"role": "developer", "content": "x", "name": "n"}], "min_p": 0.1,
+      bytes_of(R"({"messages": [{"role": "developer", "content": "x", "name": "n"}], "min_p": 0.1,
                       "repetition_penalty": 1.1, "presence_penalty": 0, "logit_bias": {}})")};
 }
 

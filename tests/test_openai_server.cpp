@@ -817,6 +817,21 @@ TEST(OpenAiServer, BenchServeLoadsItAsItLoadsTheCoordinator) {
   EXPECT_NE(none.output.find("\"transport\":2"), std::string::npos) << none.output;
 }
 
+// The official `openai` Python package (PyPI) against the gateway, when this machine has it: its
+// response classes parse every answer, its error classes match the refusals (tools/openai_sdk_check.py).
+TEST(OpenAiServer, TheOpenAiPythonPackageTalksToIt) {
+  if (test::run_command("python3 -c 'import openai'").exit_code != 0)
+    GTEST_SKIP() << "the openai Python package is not installed (pip install openai)";
+  if (!fs::exists(test_jobs::mpiexec())) GTEST_SKIP() << "mpirun (" << test_jobs::mpiexec() << ") is absent";
+  Service service;
+  ASSERT_GT(service.port(), 0);
+  const test::CommandResult r =
+      test::run_command("python3 " + (test::source_dir() / "tools" / "openai_sdk_check.py").string() +
+                        " http://127.0.0.1:" + std::to_string(service.port()) + " tiny");
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find(" ok"), std::string::npos) << r.output;
+}
+
 TEST(OpenAiServer, RefusesAnAddressItCannotListenOn) {
   const test::CommandResult r = test::run_command(
       test::nibble_bin() + " openai --host 203.0.113.1 --port 8999 --endpoint tcp://127.0.0.1:1");

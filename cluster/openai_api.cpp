@@ -287,6 +287,14 @@ json logprobs_of(const ApiRequest& api, const std::vector<int32_t>& tokens,
                  const std::vector<protocol::TokenLogprob>& logprobs) {
   if (!api.report_logprobs) return nullptr;
   const size_t n = std::min(tokens.size(), logprobs.size());
+  // Chat's "bytes": the token's UTF-8 bytes as numbers (a token may hold part of a character), with a
+  // tokenizer; null without one.
+  const auto bytes_of = [&](int32_t token) -> json {
+    if (!api.token_text) return nullptr;
+    json out = json::array();
+    for (const char c : api.token_text(token)) out.push_back(static_cast<unsigned char>(c));
+    return out;
+  };
   const auto top_of = [&](const protocol::TokenLogprob& lp) {
     return std::span(lp.top).first(std::min<size_t>(api.top_logprobs, lp.top.size()));
   };
@@ -295,20 +303,21 @@ json logprobs_of(const ApiRequest& api, const std::vector<int32_t>& tokens,
     for (size_t i = 0; i < n; ++i) {
       json top = json::array();
       for (const protocol::TopLogprob& t : top_of(logprobs[i]))
-        top.push_back({{"token", token_name(t.token)}, {"logprob", t.logprob}, {"bytes", nullptr}});
-      content.push_back({{"token", token_name(tokens[i])},
+        top.push_back(
+            {{"token", token_name(api, t.token)}, {"logprob", t.logprob}, {"bytes", bytes_of(t.token)}});
+      content.push_back({{"token", token_name(api, tokens[i])},
                          {"logprob", logprobs[i].logprob},
-                         {"bytes", nullptr},
+                         {"bytes", bytes_of(tokens[i])},
                          {"top_logprobs", std::move(top)}});
     }
     return {{"content", std::move(content)}, {"refusal", nullptr}};
   }
   json names = json::array(), values = json::array(), tops = json::array();
   for (size_t i = 0; i < n; ++i) {
-    names.push_back(token_name(tokens[i]));
+    names.push_back(token_name(api, tokens[i]));
     values.push_back(logprobs[i].logprob);
     json top = json::object();
-    for (const protocol::TopLogprob& t : top_of(logprobs[i])) top[token_name(t.token)] = t.logprob;
+    for (const protocol::TopLogprob& t : top_of(logprobs[i])) top[token_name(api, t.token)] = t.logprob;
     tops.push_back(std::move(top));
   }
   return {
@@ -391,7 +400,7 @@ ApiRequest parse_request(Endpoint endpoint, const std::string& text, const ApiSe
   json body;
   try {
     body = json::parse(text);
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) {  // a syntax error, or a number beyond a double's range
     throw invalid_request("", std::string("the body is not JSON: ") + e.what());
   }
   if (!body.is_object())
@@ -410,6 +419,7 @@ ApiRequest parse_request(Endpoint endpoint, const std::string& text, const ApiSe
 
   ApiRequest api;
   api.endpoint = endpoint;
+  api.token_text = settings.token_text;
   protocol::GenerateRequest& r = api.request;
   const int64_t n = integer(body, "n", 1);
   if (n < 1 || n > settings.max_choices)
@@ -536,6 +546,8 @@ json usage_chunk(const ApiRequest& api, const std::vector<protocol::Final>& fina
 
 std::string dump(const json& body) { return body.dump(-1, ' ', false, json::error_handler_t::replace); }
 
-std::string token_name(int32_t token) { return "token_id:" + std::to_string(token); }
+std::string token_name(const ApiRequest& api, int32_t token) {
+  return api.token_text ? api.token_text(token) : "token_id:" + std::to_string(token);
+}
 
 }  // namespace nibble::cluster::openai

@@ -4,6 +4,7 @@
 // protocol. The HTTP gateway (cluster/openai_server) is a client of the coordinator like any other;
 // this file is its translation, with no sockets, so every rule here is tested on its own.
 #include <cstdint>
+#include <functional>
 #include <nlohmann/json.hpp>
 #include <stdexcept>
 #include <string>
@@ -37,6 +38,9 @@ struct ApiSettings {
   std::string model_name = "nibble";       // what /v1/models lists; a request naming another model is a 404
   uint32_t default_chat_max_tokens = 256;  // chat requests without max_tokens (completions: 16, OpenAI's)
   uint32_t max_choices = 64;               // prompts times n in one request, at most
+  // A token's text for logprobs (its bytes; may be part of a UTF-8 character); empty: logprobs name
+  // tokens "token_id:N" (the gateway was given no tokenizer).
+  std::function<std::string(int32_t)> token_text;
 };
 
 struct ApiRequest {
@@ -52,6 +56,7 @@ struct ApiRequest {
   // this many most likely tokens' (request.logprobs is at least 1 whenever any is asked for).
   bool report_logprobs = false;
   uint32_t top_logprobs = 0;
+  std::function<std::string(int32_t)> token_text;  // ApiSettings::token_text
 };
 
 // The request in `body` (a JSON object). Throws ApiError: 400 naming the field for malformed JSON,
@@ -89,8 +94,8 @@ nlohmann::json usage_chunk(const ApiRequest& api, const std::vector<protocol::Fi
 // `body` as JSON text; invalid UTF-8 (a token may end inside a character) becomes U+FFFD, not an error.
 std::string dump(const nlohmann::json& body);
 
-// "token_id:N": how a logprob names its token (vLLM's return_tokens_as_token_ids form; the gateway has
-// no vocabulary, and a token's text is not always whole UTF-8).
-std::string token_name(int32_t token);
+// How a logprob names its token: its text with a tokenizer; "token_id:N" without (vLLM's
+// return_tokens_as_token_ids form).
+std::string token_name(const ApiRequest& api, int32_t token);
 
 }  // namespace nibble::cluster::openai

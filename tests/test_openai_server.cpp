@@ -17,7 +17,9 @@
 #include <vector>
 
 #include "cluster/openai_api.hpp"
+#include "model/gguf.hpp"
 #include "model/random_model.hpp"
+#include "model/tokenizer.hpp"
 #include "tests/support/serve_job.hpp"
 #include "tests/support/test_support.hpp"
 
@@ -195,6 +197,7 @@ TEST(OpenAiApi, RefusalsNameTheField) {
   const std::vector<Case> cases = {
       {C, "{bad", 400, "", "not JSON"},
       {C, "[1, 2]", 400, "", "JSON object"},
+      {C, R"({"prompt": "x", "seed": 1e999})", 400, "", "not JSON"},  // beyond a double (fuzzing found it)
       {C, R"({"prompt": "x", "foo": 1})", 400, "foo", "unknown key 'foo'"},
       {C, R"({"max_tokens": 3})", 400, "prompt", "prompt: required"},
       {C, R"({"prompt": 5})", 400, "prompt", "prompt: expected"},
@@ -325,6 +328,17 @@ TEST(OpenAiApi, ResponsesAndChunksHaveOpenAisShape) {
   const json u = openai::usage_chunk(completion, {f}, "i", 1, "m");
   EXPECT_TRUE(u["choices"].empty());
   EXPECT_EQ(u["usage"]["total_tokens"], 6);
+  // With a tokenizer, tokens are named by their text and chat gives their bytes.
+  chat.token_text = [](int32_t id) {
+    return id == 9 ? std::string("\xe2\x82") : std::string("t").append(std::to_string(id));
+  };
+  const json named = openai::response(chat, {f}, "i", 1, "m")["choices"][0]["logprobs"]["content"];
+  EXPECT_EQ(named[0]["token"], "t7");
+  EXPECT_EQ(named[0]["bytes"], json({'t', '7'}));
+  EXPECT_EQ(named[1]["bytes"],
+            json({0xe2, 0x82}));  // part of a character: its bytes, whatever the text shows
+  EXPECT_EQ(named[1]["top_logprobs"][1]["token"], "t3");
+  EXPECT_EQ(openai::token_name(completion, 5), "token_id:5");
   // A token may end inside a UTF-8 character: the JSON text replaces it rather than failing.
   EXPECT_EQ(openai::dump(json("a\xe2\x82")), "\"a\xef\xbf\xbd\"");
 }
@@ -493,19 +507,25 @@ struct Service {
   std::unique_ptr<ServeJob> job;
   std::unique_ptr<GatewayProcess> gateway;
 
-  explicit Service(const std::string& extra_yaml = "") {
-    const std::string model = (dir.path() / "tiny.gguf").string();
+  std::string model = (dir.path() / "tiny.gguf").string();
+
+  // with_tokenizer: the gateway gets the model's tokenizer (--tokenizer) and names logprobs' tokens by text.
+  explicit Service(bool with_tokenizer = false) {
     model::write_random_llama(model, model::llama_shape_by_name("tiny"), kernels::DType::Q4_0, 5);
-    job = std::make_unique<ServeJob>(
-        dir.path(), model, 1, 1,
-        "chat_template: chatml\ncontext: 256\nkv_cache: { num_blocks: 64 }\n" + extra_yaml);
+    job = std::make_unique<ServeJob>(dir.path(), model, 1, 1,
+                                     "chat_template: chatml\ncontext: 256\nkv_cache: { num_blocks: 64 }\n");
     EXPECT_TRUE(job->wait_ready()) << job->log();
-    gateway = std::make_unique<GatewayProcess>(dir.path(), job->endpoint());
+    gateway = std::make_unique<GatewayProcess>(
+        dir.path(), job->endpoint(),
+        with_tokenizer ? std::vector<std::string>{"--tokenizer", model} : std::vector<std::string>{});
     EXPECT_GT(gateway->port(), 0) << gateway->log();
   }
   int port() const { return gateway->port(); }
   Client client() const { return Client(job->endpoint()); }
 };
+
+// A logprob's token name without a tokenizer.
+std::string id_name(int32_t token) { return "token_id:" + std::to_string(token); }
 
 protocol::GenerateRequest greedy(decltype(protocol::GenerateRequest::prompt) prompt, uint32_t max_tokens,
                                  uint32_t logprobs = 0) {
@@ -553,10 +573,10 @@ TEST(OpenAiServer, AnswersAsTheZeroMqClientDoes) {
   const json& lp = c.body["choices"][0]["logprobs"];
   ASSERT_EQ(lp["tokens"].size(), expected.tokens.size());
   for (size_t i = 0; i < expected.tokens.size(); ++i) {
-    EXPECT_EQ(lp["tokens"][i], openai::token_name(expected.tokens[i]));
+    EXPECT_EQ(lp["tokens"][i], id_name(expected.tokens[i]));
     EXPECT_FLOAT_EQ(lp["token_logprobs"][i].get<float>(), expected.logprobs[i].logprob);
     EXPECT_EQ(lp["top_logprobs"][i].size(), 3u);
-    EXPECT_FLOAT_EQ(lp["top_logprobs"][i][openai::token_name(expected.logprobs[i].top[0].token)].get<float>(),
+    EXPECT_FLOAT_EQ(lp["top_logprobs"][i][id_name(expected.logprobs[i].top[0].token)].get<float>(),
                     expected.logprobs[i].top[0].logprob);
   }
   const HttpReply ids =
@@ -599,7 +619,7 @@ TEST(OpenAiServer, AnswersAsTheZeroMqClientDoes) {
   const json& content = h.body["choices"][0]["logprobs"]["content"];
   ASSERT_EQ(content.size(), chat_expected.tokens.size());
   for (size_t i = 0; i < content.size(); ++i) {
-    EXPECT_EQ(content[i]["token"], openai::token_name(chat_expected.tokens[i]));
+    EXPECT_EQ(content[i]["token"], id_name(chat_expected.tokens[i]));
     EXPECT_FLOAT_EQ(content[i]["logprob"].get<float>(), chat_expected.logprobs[i].logprob);
     EXPECT_EQ(content[i]["top_logprobs"].size(), 2u);
   }
@@ -815,6 +835,49 @@ TEST(OpenAiServer, BenchServeLoadsItAsItLoadsTheCoordinator) {
       test::run_command(test::nibble_bin() + " bench-serve --http http://127.0.0.1:1 --requests 2 --json");
   EXPECT_EQ(none.exit_code, 1) << none.output;
   EXPECT_NE(none.output.find("\"transport\":2"), std::string::npos) << none.output;
+}
+
+// With --tokenizer the gateway names logprobs' tokens as the model's tokenizer writes them.
+TEST(OpenAiServer, WithTheTokenizerLogprobsNameTokensByTheirText) {
+  if (!fs::exists(test_jobs::mpiexec())) GTEST_SKIP() << "mpirun (" << test_jobs::mpiexec() << ") is absent";
+  Service service(/*with_tokenizer=*/true);
+  ASSERT_GT(service.port(), 0);
+  Client client = service.client();
+  const auto tokenizer = model::Tokenizer::from_gguf(*model::GgufFile::open(service.model));
+  const auto name = [&](int32_t id) {
+    const std::string bytes = tokenizer->token_bytes(id);
+    return bytes.empty() ? tokenizer->token_text(id) : bytes;
+  };
+  const std::vector<protocol::ChatMessage> hello = {{"user", "Hello there"}};
+  const protocol::Final expected = client.generate(greedy(hello, 8, 2));
+  const HttpReply h = post(service.port(), "/v1/chat/completions",
+                           json{{"messages", {{{"role", "user"}, {"content", "Hello there"}}}},
+                                {"max_tokens", 8},
+                                {"temperature", 0},
+                                {"logprobs", true},
+                                {"top_logprobs", 2}}
+                               .dump());
+  ASSERT_EQ(h.status, 200) << h.body;
+  const json& content = h.body["choices"][0]["logprobs"]["content"];
+  ASSERT_EQ(content.size(), expected.tokens.size());
+  for (size_t i = 0; i < content.size(); ++i) {
+    // As the JSON carries it: a token holding part of a UTF-8 character shows U+FFFD, its bytes are whole.
+    const auto as_sent = [](const std::string& text) { return json::parse(openai::dump(json(text))); };
+    const std::string text = name(expected.tokens[i]);
+    EXPECT_EQ(content[i]["token"], as_sent(text));
+    EXPECT_EQ(content[i]["bytes"].size(), text.size());
+    EXPECT_EQ(content[i]["top_logprobs"][0]["token"], as_sent(name(expected.logprobs[i].top[0].token)));
+  }
+  // The completion's text is its tokens' texts in order, less the leading space SentencePiece's decoding
+  // removes from the first piece.
+  std::string joined;
+  for (const json& t : content) {
+    for (const json& b : t["bytes"]) joined += static_cast<char>(b.get<int>());
+  }
+  ASSERT_TRUE(tokenizer->add_space_prefix());
+  ASSERT_FALSE(joined.empty());
+  EXPECT_EQ(joined[0], ' ');
+  EXPECT_EQ(joined.substr(1), expected.text);
 }
 
 // The official `openai` Python package (PyPI) against the gateway, when this machine has it: its

@@ -7,10 +7,13 @@
 #include <cstdio>
 #include <memory>
 #include <stdexcept>
+#include <string>
 #include <thread>
 
 #include "cluster/cli/commands.hpp"
+#include "cluster/cli/model_session.hpp"
 #include "cluster/openai_server.hpp"
+#include "model/llama_checkpoint.hpp"
 
 namespace nibble::cli {
 
@@ -35,8 +38,28 @@ Runner add_openai(CLI::App& app) {
   app.add_option("--timeout-ms", options->timeout_ms, "Longest wait for the coordinator within one request")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
+  auto tokenizer_path = std::make_shared<std::string>();
+  app.add_option("--tokenizer", *tokenizer_path,
+                 "The served model (GGUF file or Hugging Face directory): logprobs name tokens by their text "
+                 "instead of token_id:N");
 
-  return [options]() {
+  return [options, tokenizer_path]() {
+    std::shared_ptr<const model::Tokenizer> tokenizer;
+    if (!tokenizer_path->empty()) {
+      try {
+        tokenizer = open_tokenizer(*model::LlamaCheckpoint::open(*tokenizer_path));
+        if (tokenizer == nullptr) throw std::runtime_error(*tokenizer_path + " has no tokenizer");
+      } catch (const std::exception& e) {
+        std::fprintf(stderr, "nibble openai: error: --tokenizer: %s\n", e.what());
+        return 1;
+      }
+      // A control token (BOS, EOS, <|eot_id|>) has no bytes: its name stands for it.
+      options->api.token_text = [tokenizer](int32_t id) {
+        if (id < 0 || id >= tokenizer->n_vocab()) return "token_id:" + std::to_string(id);
+        std::string bytes = tokenizer->token_bytes(id);
+        return bytes.empty() ? tokenizer->token_text(id) : bytes;
+      };
+    }
     // SIGINT / SIGTERM go to one thread that stops the server; every other thread blocks them.
     sigset_t stop_signals;
     sigemptyset(&stop_signals);

@@ -6,6 +6,7 @@
 #include <stdexcept>
 #include <thread>
 
+#include "cluster/sampling_settings.hpp"
 #include "worker/sampler.hpp"
 
 namespace nibble::cluster {
@@ -189,6 +190,17 @@ void Coordinator::handle_generate(const std::string& identity, const protocol::G
   params.top_p = g.sampling.top_p;
   params.min_p = g.sampling.min_p;
   params.repetition_penalty = g.sampling.repetition_penalty;
+  params.presence_penalty = g.sampling.presence_penalty;
+  params.frequency_penalty = g.sampling.frequency_penalty;
+  for (const protocol::TokenBias& b : g.sampling.logit_bias) {
+    if (b.token >= tokenizer_.n_vocab()) {
+      reply_error(identity, g.request_id, ErrorCode::bad_request,
+                  "sampling.logitBias: token " + std::to_string(b.token) + " is outside the vocabulary of " +
+                      std::to_string(tokenizer_.n_vocab()) + " tokens");
+      return;
+    }
+    params.logit_bias.push_back({b.token, b.bias});
+  }
   params.seed = g.sampling.seed.has_value() ? *g.sampling.seed : std::random_device{}();
   try {
     worker::validate(params);
@@ -224,9 +236,8 @@ void Coordinator::handle_generate(const std::string& identity, const protocol::G
   r.request_id = g.request_id;
   r.stream = g.stream;
   r.prompt = prompt;
-  r.sampling = {seq,          params.temperature,        params.top_k,         params.top_p,
-                params.min_p, params.repetition_penalty, params.repeat_last_n, params.seed,
-                g.logprobs};
+  r.sampling = to_sequence_sampling(seq, params);
+  r.sampling.logprobs = g.logprobs;
   worker::CompletionLimits limits;
   limits.max_tokens = static_cast<int32_t>(g.max_tokens);
   limits.stop = g.stop;

@@ -109,7 +109,7 @@ std::vector<EngineResult> LocalEngine::step() {
     batch.add_sequence(entry.tokens, entry.start_pos, entry.table_row, entry.sample ? entry.n_draft + 1 : 0);
     if (entry.sample) sampled.push_back(&entry);
   }
-  // Greedy rows without a repetition penalty need only each row's argmax, and plain sampled rows
+  // Greedy rows without a logit bias or penalty need only each row's argmax, and plain sampled rows
   // (a penalty included: the histories go with them) only their sampled id, drawn with the request's
   // next uniform (on a GPU both are found on the device: no logits cross to the host); verifying
   // drafts with a penalty, or at temperature > 0 where the model cannot, needs the logits.
@@ -117,7 +117,7 @@ std::vector<EngineResult> LocalEngine::step() {
     return states_.at(e->seq_id)->sampler.params();
   };
   const bool argmax_only = std::all_of(sampled.begin(), sampled.end(), [&](const StepEntry* e) {
-    return params_of(e).temperature <= 0.0f && params_of(e).repetition_penalty == 1.0f;
+    return params_of(e).temperature <= 0.0f && !worker::adjusts_logits(params_of(e));
   });
   const bool ids_only = argmax_only || std::all_of(sampled.begin(), sampled.end(),
                                                    [&](const StepEntry* e) { return e->n_draft == 0; });

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cctype>
+#include <cmath>
 #include <limits>
 #include <set>
 #include <utility>
@@ -91,11 +92,6 @@ bool boolean(const json& body, const std::string& key, bool fallback) {
   return v->get<bool>();
 }
 
-// A value that must stay at what Nibble does (the one value OpenAI's default means).
-void require_number(const json& body, const std::string& key, double only, const std::string& why) {
-  if (number(body, key, only) != only) throw invalid_request(key, key + ": " + why);
-}
-
 void read_sampling(const json& body, protocol::GenerateRequest& r) {
   const double temperature = number(body, "temperature", 1.0);
   if (temperature < 0) throw invalid_request("temperature", "temperature: must be at least 0");
@@ -116,11 +112,28 @@ void read_sampling(const json& body, protocol::GenerateRequest& r) {
   r.sampling.repetition_penalty = static_cast<float>(repetition_penalty);
   if (field(body, "seed") != nullptr) r.sampling.seed = static_cast<uint64_t>(integer(body, "seed", 0));
 
-  require_number(body, "presence_penalty", 0, "not supported (use repetition_penalty)");
-  require_number(body, "frequency_penalty", 0, "not supported (use repetition_penalty)");
+  // llama.cpp's penalties over the recent window (its server takes OpenAI's names for them).
+  for (const char* key : {"presence_penalty", "frequency_penalty"}) {
+    const double penalty = number(body, key, 0.0);
+    if (!(std::fabs(penalty) <= protocol::kMaxPresencePenalty))
+      throw invalid_request(key, std::string(key) + ": must be in [-2, 2]");
+    (std::string(key) == "presence_penalty" ? r.sampling.presence_penalty : r.sampling.frequency_penalty) =
+        static_cast<float>(penalty);
+  }
   if (const json* bias = field(body, "logit_bias")) {
-    if (!bias->is_object()) wrong_type("logit_bias", "an object", *bias);
-    if (!bias->empty()) throw invalid_request("logit_bias", "logit_bias: not supported");
+    if (!bias->is_object()) wrong_type("logit_bias", "an object of token id to bias", *bias);
+    if (bias->size() > protocol::kMaxLogitBias)
+      throw invalid_request("logit_bias",
+                            "logit_bias: more than " + std::to_string(protocol::kMaxLogitBias) + " tokens");
+    for (const auto& [key, value] : bias->items()) {
+      const bool id = !key.empty() && key.size() <= 9 &&
+                      std::all_of(key.begin(), key.end(), [](char c) { return c >= '0' && c <= '9'; });
+      if (!id) throw invalid_request("logit_bias", "logit_bias: '" + key + "' is not a token id");
+      if (!value.is_number() || !(std::fabs(value.get<double>()) <= protocol::kMaxLogitBiasValue))
+        throw invalid_request("logit_bias",
+                              "logit_bias: the bias of token " + key + " must be a number in [-100, 100]");
+      r.sampling.logit_bias.push_back({std::stoi(key), value.get<float>()});
+    }
   }
   if (const json* user = field(body, "user"); user != nullptr && !user->is_string())
     wrong_type("user", "a string", *user);

@@ -61,8 +61,8 @@ struct ApiRequest {
 
 // The request in `body` (a JSON object). Throws ApiError: 400 naming the field for malformed JSON,
 // unknown keys, wrong types or values, more than settings.max_choices choices, and features Nibble does
-// not have (best_of other than n, penalties on presence or frequency, logit_bias, tools, echo, suffix,
-// constrained output); 404 for another model's name.
+// not have (best_of other than n, tools, echo, suffix, constrained output); 404 for another model's name.
+// A logit_bias token beyond the model's vocabulary is the coordinator's to refuse.
 ApiRequest parse_request(Endpoint endpoint, const std::string& body, const ApiSettings& settings);
 
 // One GenerateRequest per choice, in OpenAI's order (choice index = prompt index * n + j): choice j of a

@@ -76,10 +76,10 @@ protocol::StepResult WorkerService::execute(const protocol::WorkerStep& step) {
     pipeline_->recv(hidden_in_.data(), hidden_bytes, pipeline_->rank() - 1, kHiddenTag);
     hidden_in = hidden_in_.data();
   }
-  // Greedy rows without a repetition penalty need only each row's argmax (on a GPU found on the
+  // Greedy rows without a logit bias or penalty need only each row's argmax (on a GPU found on the
   // device: no logits cross to the host). A rank that does not sample takes the same path (the
   // collectives inside the pass are the same either way).
-  // Plain sampled rows (a repetition penalty included: the histories go with them) need only their
+  // Plain sampled rows (a logit bias or penalty included: the histories go with them) need only their
   // sampled id, drawn with the sequence's next uniform (on a GPU on the device too).
   const auto all_sampled = [&](auto&& pred) {
     return model_.is_last_stage() &&
@@ -95,7 +95,7 @@ protocol::StepResult WorkerService::execute(const protocol::WorkerStep& step) {
   });
   const bool argmax_only =
       !host_logits && all_sampled([](const protocol::PlanEntry&, const worker::SamplingParams& p) {
-        return p.temperature <= 0.0f && p.repetition_penalty == 1.0f;
+        return p.temperature <= 0.0f && !worker::adjusts_logits(p);
       });
   const bool ids_only =
       !host_logits &&

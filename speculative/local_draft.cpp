@@ -78,12 +78,12 @@ std::vector<Proposal> LocalDraft::propose(const std::vector<ProposalRequest>& re
   // each is either sampled without a penalty (its rows kept) or greedy without one (no
   // distribution wanted): then every round's rows are found there and only ids come back.
   const auto greedy_plain = [](const worker::SamplingParams& p) {
-    return p.temperature <= 0.0f && p.repetition_penalty == 1.0f;
+    return p.temperature <= 0.0f && !worker::adjusts_logits(p);
   };
   const bool keep =
       draft_.keeps_draft_distributions() && std::all_of(work.begin(), work.end(), [&](const Work& w) {
         const worker::SamplingParams& p = w.state->sampler->params();
-        return w.k == 0 || (w.request->keep_distributions && p.repetition_penalty == 1.0f);
+        return w.k == 0 || (w.request->keep_distributions && !worker::adjusts_logits(p));
       });
   if (keep) {
     for (Work& w : work) {
@@ -118,7 +118,7 @@ std::vector<Proposal> LocalDraft::propose(const std::vector<ProposalRequest>& re
       table.resize(static_cast<size_t>(max_blocks), -1);
       batch.block_tables.insert(batch.block_tables.end(), table.begin(), table.end());
     }
-    // Greedy rows without a repetition penalty need only the argmax (a GPU draft keeps its logits).
+    // Greedy rows without a logit bias or penalty need only the argmax (a GPU draft keeps its logits).
     const bool argmax_only = std::all_of(active.begin(), active.end(), [&](const Work* w) {
       return greedy_plain(w->state->sampler->params());
     });

@@ -159,8 +159,7 @@ Verification verify(std::span<const int32_t> draft_tokens, std::span<const float
 
 int32_t greedy_token(const worker::Sampler& sampler, const float* logits, int64_t n_vocab,
                      std::span<const int32_t> history) {
-  if (sampler.params().repetition_penalty != 1.0f)
-    return sampler.distribution(logits, n_vocab, history).front().id;
+  if (worker::adjusts_logits(sampler.params())) return sampler.distribution(logits, n_vocab, history).front().id;
   return static_cast<int32_t>(std::max_element(logits, logits + n_vocab) - logits);
 }
 
@@ -180,7 +179,7 @@ Verification verify_logits(worker::Sampler& sampler, const float* target_logits,
     v.tokens.push_back(best);
     if (i == k || draft_tokens[static_cast<size_t>(i)] != best) break;
     ++v.accepted;
-    if (sampler.params().repetition_penalty != 1.0f) context.push_back(best);
+    if (worker::adjusts_logits(sampler.params())) context.push_back(best);
   }
   return v;
 }

@@ -20,6 +20,9 @@ GenerateRequest full_generate() {
   request.request_id = "req-42";
   request.prompt = std::vector<int32_t>{1, 15043, 3186, 0};
   request.sampling = SamplingParams{0.7f, 40, 0.95f, 0.05f, 1.1f, uint64_t{0xDEADBEEFCAFEull}};
+  request.sampling.presence_penalty = 0.5f;
+  request.sampling.frequency_penalty = -1.25f;
+  request.sampling.logit_bias = {{15043, -100.0f}, {7, 2.5f}, {0, 100.0f}};
   request.max_tokens = 128;
   request.stop = {"\n\n", "</s>", ""};
   request.stream = true;
@@ -298,6 +301,21 @@ TEST(ClientProtocol, SemanticViolationsNameTheField) {
       {"sampling.minP", [](GenerateRequest& r) { r.sampling.min_p = -0.01f; }},
       {"sampling.minP", [](GenerateRequest& r) { r.sampling.min_p = 1.0f; }},
       {"sampling.repetitionPenalty", [](GenerateRequest& r) { r.sampling.repetition_penalty = 0.0f; }},
+      {"sampling.presencePenalty", [](GenerateRequest& r) { r.sampling.presence_penalty = 2.5f; }},
+      {"sampling.presencePenalty",
+       [](GenerateRequest& r) { r.sampling.presence_penalty = std::numeric_limits<float>::quiet_NaN(); }},
+      {"sampling.frequencyPenalty", [](GenerateRequest& r) { r.sampling.frequency_penalty = -2.01f; }},
+      {"sampling.logitBias[1]", [](GenerateRequest& r) { r.sampling.logit_bias[1].token = -3; }},
+      {"sampling.logitBias[2]", [](GenerateRequest& r) { r.sampling.logit_bias[2].bias = 100.5f; }},
+      {"sampling.logitBias[2]",
+       [](GenerateRequest& r) { r.sampling.logit_bias[2].bias = std::numeric_limits<float>::infinity(); }},
+      {"sampling.logitBias[2]", [](GenerateRequest& r) { r.sampling.logit_bias[2].token = 15043; }},  // twice
+      {"sampling.logitBias",
+       [](GenerateRequest& r) {
+         r.sampling.logit_bias.clear();
+         for (int32_t t = 0; t <= static_cast<int32_t>(kMaxLogitBias); ++t)
+           r.sampling.logit_bias.push_back({t, 1.0f});
+       }},
       {"maxTokens", [](GenerateRequest& r) { r.max_tokens = 0; }},
       {"logprobs", [](GenerateRequest& r) { r.logprobs = kMaxLogprobs + 1; }},
       {"prompt.messages", [](GenerateRequest& r) { r.prompt = std::vector<ChatMessage>{}; }},

@@ -115,16 +115,54 @@ TEST_F(ForwardModelTest, ForwardSampleAppliesTheRepetitionPenaltyWithTheRowsHist
 TEST(RepetitionPenalty, PenalizesEachDistinctRecentTokenOnceByTheLlamaCppRule) {
   const SamplingParams p{.repetition_penalty = 2.0f, .repeat_last_n = 4};
   const std::vector<int32_t> history = {1, 2, 9, 3, 3, -1, 9, 50};  // last 4: 3, -1, 9, 50
-  EXPECT_EQ(penalized_tokens(p, history, 10), (std::vector<int32_t>{3, 9})) << "window, range, dedup, order";
-  EXPECT_TRUE(penalized_tokens(SamplingParams{.repeat_last_n = 4}, history, 10).empty()) << "penalty 1";
-  EXPECT_TRUE(
-      penalized_tokens(SamplingParams{.repetition_penalty = 2.0f, .repeat_last_n = 0}, history, 10).empty());
+  const auto ids = [&](const SamplingParams& sp) {
+    std::vector<int32_t> out;
+    for (const LogitAdjustment& a : logit_adjustments(sp, history, 10)) out.push_back(a.id);
+    return out;
+  };
+  EXPECT_EQ(ids(p), (std::vector<int32_t>{3, 9})) << "window, range, dedup, order";
+  EXPECT_TRUE(ids(SamplingParams{.repeat_last_n = 4}).empty()) << "penalty 1";
+  EXPECT_TRUE(ids(SamplingParams{.repetition_penalty = 2.0f, .repeat_last_n = 0}).empty());
+  EXPECT_FALSE(adjusts_logits(SamplingParams{.repeat_last_n = 4}));
+  EXPECT_TRUE(adjusts_logits(p));
   std::vector<float> logits = {0, 1, 2, 4.0f, 4, 5, 6, 7, 8, -3.0f};
   std::vector<float> want = logits;
   want[3] = 2.0f;   // positive: divided
   want[9] = -6.0f;  // negative: multiplied
-  apply_repetition_penalty(p, history, logits.data(), 10);
+  apply_logit_adjustments(p, history, logits.data(), 10);
   EXPECT_EQ(logits, want);
+}
+
+// llama.cpp's llama_sampler_penalties and logit_bias: bias first, then the repetition penalty, then
+// count * frequency + presence subtracted, over the same window; a biased token outside the window
+// keeps only its bias; one beyond the vocabulary is skipped.
+TEST(LogitAdjustments, BiasThenPenaltiesAsLlamaCpp) {
+  const SamplingParams p{.repetition_penalty = 2.0f,
+                         .presence_penalty = 0.5f,
+                         .frequency_penalty = 0.25f,
+                         .repeat_last_n = 5,
+                         .logit_bias = {{7, 1.5f}, {3, -4.0f}, {12, 9.0f}}};
+  const std::vector<int32_t> history = {7, 7, 3, 3, 3, 1, 1};  // last 5: 3, 3, 3, 1, 1
+  const std::vector<LogitAdjustment> got = logit_adjustments(p, history, 10);
+  const std::vector<LogitAdjustment> want = {
+      {1, 0.0f, 2.0f, 2 * 0.25f + 0.5f}, {3, -4.0f, 2.0f, 3 * 0.25f + 0.5f}, {7, 1.5f, 1.0f, 0.0f}};
+  EXPECT_EQ(got, want);
+  std::vector<float> logits = {0, 3.0f, 0, 1.0f, 0, 0, 0, 2.0f, 0, 0};
+  apply_logit_adjustments(p, history, logits.data(), 10);
+  EXPECT_FLOAT_EQ(logits[1], 3.0f / 2 - 1.0f);            // penalized: divided, then 2 x 0.25 + 0.5
+  EXPECT_FLOAT_EQ(logits[3], (1.0f - 4.0f) * 2 - 1.25f);  // biased negative first, so multiplied
+  EXPECT_FLOAT_EQ(logits[7], 3.5f);                       // outside the window: only its bias
+  EXPECT_EQ(logits[0], 0.0f);
+  // Presence alone still changes logits; the sampler's distribution is that of the adjusted row.
+  const SamplingParams presence{.presence_penalty = 100.0f, .repeat_last_n = 2};
+  EXPECT_TRUE(adjusts_logits(presence));
+  const std::vector<float> row = {5.0f, 4.0f, 0.0f};
+  EXPECT_EQ(Sampler(presence).distribution(row.data(), 3, std::vector<int32_t>{0}).front().id, 1);
+  EXPECT_EQ(Sampler(SamplingParams{.logit_bias = {{2, 10.0f}}}).distribution(row.data(), 3, {}).front().id,
+            2);
+  EXPECT_THROW(validate(SamplingParams{.logit_bias = {{2, 1.0f}, {2, 2.0f}}}), std::invalid_argument);
+  EXPECT_THROW(validate(SamplingParams{.logit_bias = {{-1, 1.0f}}}), std::invalid_argument);
+  EXPECT_THROW(validate(SamplingParams{.presence_penalty = NAN}), std::invalid_argument);
 }
 
 TEST_F(ForwardModelTest, ForwardSampleRejectsWhatItCannotSample) {
@@ -144,7 +182,7 @@ TEST_F(ForwardModelTest, ForwardSampleRejectsWhatItCannotSample) {
   EXPECT_NE(message(three, {0.5, 1.0, 0.5}).find("outside [0, 1)"), std::string::npos);
   std::vector<SamplingParams> penalized = three;
   penalized[2].repetition_penalty = 1.2f;
-  EXPECT_NE(message(penalized, {0.5, 0.5, 0.5}).find("repetition penalty"), std::string::npos);
+  EXPECT_NE(message(penalized, {0.5, 0.5, 0.5}).find("logit bias or penalty"), std::string::npos);
   const std::vector<int32_t> history = {3, 17};
   try {
     cpu.forward_sample(batch(), *cache, penalized, {0.5, 0.5, 0.5}, ids, TokenHistories{history, history});

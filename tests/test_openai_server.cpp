@@ -65,7 +65,9 @@ TEST(OpenAiApi, CompletionFieldsBecomeTheGenerateRequest) {
                                                  {"stream_options", {{"include_usage", true}}},
                                                  {"logprobs", 3},
                                                  {"n", 1},
-                                                 {"presence_penalty", 0},
+                                                 {"presence_penalty", 0.5},
+                                                 {"frequency_penalty", -0.25},
+                                                 {"logit_bias", {{"17", -100}, {"3", 2.5}}},
                                                  {"user", "someone"}});
   const protocol::GenerateRequest& r = api.request;
   EXPECT_EQ(std::get<std::string>(r.prompt), "Hello");
@@ -76,6 +78,9 @@ TEST(OpenAiApi, CompletionFieldsBecomeTheGenerateRequest) {
   EXPECT_FLOAT_EQ(r.sampling.min_p, 0.05f);
   EXPECT_FLOAT_EQ(r.sampling.repetition_penalty, 1.1f);
   EXPECT_EQ(r.sampling.seed, std::optional<uint64_t>(42));
+  EXPECT_FLOAT_EQ(r.sampling.presence_penalty, 0.5f);
+  EXPECT_FLOAT_EQ(r.sampling.frequency_penalty, -0.25f);
+  EXPECT_EQ(r.sampling.logit_bias, (std::vector<protocol::TokenBias>{{17, -100.0f}, {3, 2.5f}}));
   EXPECT_EQ(r.stop, (std::vector<std::string>{"\n", "END"}));
   EXPECT_TRUE(r.stream);
   EXPECT_TRUE(api.include_usage);
@@ -218,9 +223,13 @@ TEST(OpenAiApi, RefusalsNameTheField) {
       {C, R"({"prompt": ["a", "b", "c"], "n": 22})", 400, "prompt",
        "3 prompts times n = 22 choices: at most 64"},
       {C, R"({"prompt": "x", "n": 2, "best_of": 3})", 400, "best_of", "only equal to n"},
-      {C, R"({"prompt": "x", "presence_penalty": 0.5})", 400, "presence_penalty", "not supported"},
-      {C, R"({"prompt": "x", "frequency_penalty": 1})", 400, "frequency_penalty", "not supported"},
-      {C, R"({"prompt": "x", "logit_bias": {"5": 10}})", 400, "logit_bias", "not supported"},
+      {C, R"({"prompt": "x", "presence_penalty": 2.5})", 400, "presence_penalty", "[-2, 2]"},
+      {C, R"({"prompt": "x", "frequency_penalty": -3})", 400, "frequency_penalty", "[-2, 2]"},
+      {C, R"({"prompt": "x", "frequency_penalty": "a lot"})", 400, "frequency_penalty", "expected a number"},
+      {C, R"({"prompt": "x", "logit_bias": [5]})", 400, "logit_bias", "an object of token id to bias"},
+      {C, R"({"prompt": "x", "logit_bias": {"five": 10}})", 400, "logit_bias", "'five' is not a token id"},
+      {C, R"({"prompt": "x", "logit_bias": {"5": 101}})", 400, "logit_bias", "in [-100, 100]"},
+      {C, R"({"prompt": "x", "logit_bias": {"5": "up"}})", 400, "logit_bias", "in [-100, 100]"},
       {C, R"({"prompt": "x", "echo": true})", 400, "echo", "not supported"},
       {C, R"({"prompt": "x", "suffix": "s"})", 400, "suffix", "not supported"},
       {C, R"({"prompt": "x", "logprobs": 21})", 400, "logprobs", "0 to 20"},

@@ -108,7 +108,10 @@ TEST_F(RemoteDraftTest, ABadRequestIsAnsweredWithAnErrorAndStopsTheService) {
   });
   // Keeps 5 tokens of a sequence the service has never seen.
   protocol::DraftRequest request;
-  request.sequences = {{{100, 0.0f, 0, 1.0f, 0.0f, 1.0f, 64, 1}, 5, {3}, 2}};
+  protocol::SequenceSampling greedy_sampling;
+  greedy_sampling.seq_id = 100;
+  greedy_sampling.seed = 1;
+  request.sequences = {{greedy_sampling, 5, {3}, 2}};
   const std::vector<uint8_t> bytes = protocol::encode(request);
   req_.send(zmq::buffer(bytes), zmq::send_flags::none);
   zmq::message_t frame;

@@ -178,6 +178,64 @@ TEST_P(ServeShapes, SampledWithARepetitionPenaltyEqualsSingleProcessGenerate) {
   }
 }
 
+// llama.cpp's presence and frequency penalties and a logit bias, greedy and sampled: the tokens of
+// single-process `nibble generate` with the same flags, through every layout (the sampling rank applies
+// them with each sequence's history). A bias of +100 makes every token the biased one; a bias on a
+// token outside the vocabulary is refused by name and the service keeps serving.
+TEST_P(ServeShapes, PenaltiesAndLogitBiasEqualSingleProcessGenerate) {
+  test::TempDir models;
+  const std::string model = make_tiny_model(models.path());
+  test::TempDir dir;
+  ServeJob job(dir.path(), model, GetParam().tensor, GetParam().pipeline,
+               "scheduler: { prefill_chunk: 16 }\n");
+  ASSERT_TRUE(job.wait_ready()) << job.log();
+  Client client(job.endpoint());
+  bool changed = false;
+  for (size_t i = 0; i < kPrompts.size(); ++i) {
+    for (const bool sampled : {false, true}) {
+      SCOPED_TRACE("prompt " + std::to_string(i) + (sampled ? " sampled" : " greedy"));
+      const uint64_t seed = 11 + i;
+      const int32_t biased = static_cast<int32_t>(40 + 7 * i);
+      const test::CommandResult r =
+          test::run_command(test::nibble_bin() + " generate --model '" + model + "' --prompt '" +
+                            kPrompts[i] + "' --max-tokens 20 --temperature " + (sampled ? "0.8" : "0") +
+                            " --top-k 40 --top-p 0.95 --min-p 0.05 --presence-penalty 1.5 "
+                            "--frequency-penalty 0.5 --logit-bias " +
+                            std::to_string(biased) + "+2.5 --logit-bias 3-1 --seed " + std::to_string(seed) +
+                            " --threads 1 --json");
+      ASSERT_EQ(r.exit_code, 0) << r.output;
+      const auto want = nlohmann::json::parse(r.output.substr(r.output.find('{')));
+      protocol::GenerateRequest request = greedy(numbered("p", i), kPrompts[i], 20);
+      request.sampling.temperature = sampled ? 0.8f : 0.0f;
+      request.sampling.top_k = 40;
+      request.sampling.top_p = 0.95f;
+      request.sampling.min_p = 0.05f;
+      request.sampling.presence_penalty = 1.5f;
+      request.sampling.frequency_penalty = 0.5f;
+      request.sampling.logit_bias = {{biased, 2.5f}, {3, -1.0f}};
+      request.sampling.seed = seed;
+      const protocol::Final f = client.generate(request);
+      EXPECT_EQ(f.tokens, want["tokens"].get<std::vector<int32_t>>());
+      if (!sampled && f.tokens != client.generate(greedy(numbered("q", i), kPrompts[i], 20)).tokens)
+        changed = true;
+    }
+  }
+  EXPECT_TRUE(changed) << "the penalties and biases changed no greedy answer";
+  protocol::GenerateRequest forced = greedy("forced", kPrompts[0], 12);
+  forced.sampling.logit_bias = {{77, 100.0f}};
+  EXPECT_EQ(client.generate(forced).tokens, std::vector<int32_t>(12, 77));
+  protocol::GenerateRequest outside = greedy("outside", kPrompts[0], 4);
+  outside.sampling.logit_bias = {{1 << 20, 1.0f}};
+  try {
+    client.generate(outside);
+    ADD_FAILURE() << "a bias outside the vocabulary was accepted";
+  } catch (const ClientError& e) {
+    EXPECT_EQ(e.code, protocol::ErrorCode::bad_request);
+    EXPECT_NE(std::string(e.what()).find("outside the vocabulary"), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(client.generate(greedy("after", kPrompts[1], 4)).completion_tokens, 4u);
+}
+
 // Prefix caching (on by default): a prompt whose first whole KV blocks an earlier request computed
 // starts after them (Final::cached_prompt_tokens, the stats' sums) and gives the tokens of computing it
 // in full, single-process `nibble generate`'s: greedy, and sampled with a repetition penalty, whose

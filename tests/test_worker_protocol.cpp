@@ -10,8 +10,9 @@ namespace {
 WorkerStep full_step() {
   WorkerStep step;
   step.step_id = 77;
-  step.new_sequences = {{5, 0.7f, 40, 0.9f, 0.05f, 1.1f, 64, 0xABCDEFull, 3},
-                        {6, 0.0f, 0, 1.0f, 0.0f, 1.0f, 64, 1, 0}};
+  step.new_sequences = {
+      {5, 0.7f, 40, 0.9f, 0.05f, 1.1f, 64, 0xABCDEFull, 3, 0.5f, -0.75f, {{12, 3.5f}, {2, -100.0f}}},
+      {6, 0.0f, 0, 1.0f, 0.0f, 1.0f, 64, 1, 0, 0.0f, 0.0f, {}}};
   step.released = {1, 2, 3};
   // The second entry follows a cached prefix of 17 tokens (the scheduler's prefix caching).
   std::vector<int32_t> prefix(17);
@@ -50,8 +51,11 @@ TEST(WorkerProtocol, StepsAndResultsRoundTrip) {
 TEST(WorkerProtocol, DraftRequestsAndRepliesRoundTrip) {
   DraftRequest request;
   request.released = {4, 9};
-  request.sequences = {{{5, 0.7f, 40, 0.9f, 0.05f, 1.1f, 64, 0xABCDEFull}, 12, {7, 8, 9}, 3},
-                       {{6, 0.0f, 0, 1.0f, 0.0f, 1.0f, 64, 1}, 0, {1, 2}, 1}};
+  const SequenceSampling sampled{5,  0.7f,        40, 0.9f,  0.05f, 1.1f,
+                                 64, 0xABCDEFull, 0,  0.25f, 0.5f,  {{4, 1.0f}}};
+  const SequenceSampling greedy{6, 0.0f, 0, 1.0f, 0.0f, 1.0f, 64, 1, 0, 0.0f, 0.0f, {}};
+  request.sequences.push_back(DraftSequence{sampled, 12, {7, 8, 9}, 3});
+  request.sequences.push_back(DraftSequence{greedy, 0, {1, 2}, 1});
   EXPECT_EQ(decode_draft_request(encode(request)), request);
   DraftRequest stop;
   stop.shutdown = true;
@@ -65,7 +69,8 @@ TEST(WorkerProtocol, DraftRequestsAndRepliesRoundTrip) {
 
 TEST(WorkerProtocol, RejectsInconsistentDraftMessages) {
   DraftRequest request;
-  request.sequences = {{{5, 0.7f, 40, 0.9f, 0.05f, 1.1f, 64, 1}, 0, {7}, -1}};
+  const SequenceSampling sampled{5, 0.7f, 40, 0.9f, 0.05f, 1.1f, 64, 1, 0, 0.0f, 0.0f, {}};
+  request.sequences.push_back(DraftSequence{sampled, 0, {7}, -1});
   EXPECT_THROW(decode_draft_request(encode(request)), ProtocolError);
   DraftReply reply;
   reply.proposals = {{5, {3, 4}, {0.25f, 0.75f, 0.5f}}};  // 3 probabilities for 2 proposals

@@ -43,7 +43,7 @@ def main() -> None:
     assert text == chat.choices[0].message.content, (text, chat.choices[0].message.content)
     assert usage is not None and usage.prompt_tokens == chat.usage.prompt_tokens
 
-    for bad, error in ((dict(model="other"), openai.NotFoundError), (dict(model=model, frequency_penalty=0.5),
+    for bad, error in ((dict(model="other"), openai.NotFoundError), (dict(model=model, frequency_penalty=3),
                                                                    openai.BadRequestError)):
         try:
             client.completions.create(prompt="x", max_tokens=2, **bad)

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <bit>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -830,24 +831,30 @@ void CudaLlamaModel::Impl::forward_impl(const ForwardBatch& batch, CudaKvCache& 
     cuda_check(cudaMemcpyAsync(sample_uniforms.as<void>(), sampling.uniforms->data(),
                                static_cast<size_t>(n_out) * sizeof(double), cudaMemcpyHostToDevice, stream),
                "cudaMemcpyAsync (uniforms)");
-    if (sampling.penalties != nullptr && !sampling.penalties->empty()) {
-      // [offsets (rows + 1)][penalties (rows)][ids], int32 and float words, one copy.
-      const size_t n_ids = sampling.penalty_ids->size();
-      const size_t words = static_cast<size_t>(2 * n_out + 1) + n_ids;
-      penalty_buffer.reserve(words * sizeof(int32_t));
-      std::vector<int32_t> packed(words);
-      std::copy(sampling.penalty_offsets->begin(), sampling.penalty_offsets->end(), packed.begin());
-      std::memcpy(packed.data() + n_out + 1, sampling.penalties->data(),
-                  static_cast<size_t>(n_out) * sizeof(float));
-      std::copy(sampling.penalty_ids->begin(), sampling.penalty_ids->end(), packed.begin() + 2 * n_out + 1);
+    if (sampling.adjustments != nullptr && !sampling.adjustments->empty()) {
+      // [offsets (rows + 1), padded to 16 bytes][adjustments], one copy.
+      static_assert(sizeof(LogitAdjustment) == sizeof(kc::LogitAdjustment) &&
+                    offsetof(LogitAdjustment, bias) == offsetof(kc::LogitAdjustment, bias) &&
+                    offsetof(LogitAdjustment, penalty) == offsetof(kc::LogitAdjustment, penalty) &&
+                    offsetof(LogitAdjustment, subtract) == offsetof(kc::LogitAdjustment, subtract));
+      const size_t offsets_bytes = (static_cast<size_t>(n_out + 1) * sizeof(int32_t) + 15) / 16 * 16;
+      const size_t bytes = offsets_bytes + sampling.adjustments->size() * sizeof(LogitAdjustment);
+      adjustment_buffer.reserve(bytes);
+      std::vector<uint8_t> packed(bytes);
+      std::memcpy(packed.data(), sampling.adjustment_offsets->data(),
+                  static_cast<size_t>(n_out + 1) * sizeof(int32_t));
+      std::memcpy(packed.data() + offsets_bytes, sampling.adjustments->data(),
+                  sampling.adjustments->size() * sizeof(LogitAdjustment));
       // Pageable source: the copy has read it when the call returns.
-      cuda_check(cudaMemcpyAsync(penalty_buffer.as<int32_t>(), packed.data(), words * sizeof(int32_t),
+      cuda_check(cudaMemcpyAsync(adjustment_buffer.as<uint8_t>(), packed.data(), bytes,
                                  cudaMemcpyHostToDevice, stream),
-                 "cudaMemcpyAsync (repetition penalty)");
-      const int32_t* d = penalty_buffer.as<int32_t>();
-      check_status(kc::apply_repetition_penalty(logits.as<float>(), n_out, c.n_vocab, d + 2 * n_out + 1, d,
-                                                reinterpret_cast<const float*>(d + n_out + 1), stream),
-                   "apply_repetition_penalty");
+                 "cudaMemcpyAsync (logit adjustments)");
+      const uint8_t* d = adjustment_buffer.as<uint8_t>();
+      check_status(
+          kc::apply_logit_adjustments(logits.as<float>(), n_out, c.n_vocab,
+                                      reinterpret_cast<const kc::LogitAdjustment*>(d + offsets_bytes),
+                                      reinterpret_cast<const int32_t*>(d), stream),
+          "apply_logit_adjustments");
     }
     check_status(kc::sample_rows(logits.as<float>(), sample_params.as<kc::SamplingRowParams>(),
                                  sample_uniforms.as<double>(), n_out, c.n_vocab, ids.as<int32_t>(),
@@ -1116,8 +1123,8 @@ void CudaLlamaModel::forward_stage_verify(const ForwardBatch& batch, CudaKvCache
     const std::string where = "forward_verify: sequence " + std::to_string(s) + ": ";
     validate(seq.params);
     if (k < 1) throw std::invalid_argument(where + "no draft tokens to verify");
-    if (seq.params.temperature <= 0.0f || seq.params.repetition_penalty != 1.0f)
-      throw std::invalid_argument(where + "needs temperature > 0 and no repetition penalty");
+    if (seq.params.temperature <= 0.0f || adjusts_logits(seq.params))
+      throw std::invalid_argument(where + "needs temperature > 0 and no logit bias or penalty");
     if (seq.kept_probs != nullptr) {
       const KeptRows& kept = *seq.kept_probs;
       if (kept.device_data() == nullptr || kept.row_size() != n_vocab ||
@@ -1263,7 +1270,7 @@ void CudaLlamaModel::forward_draft_sample(const ForwardBatch& batch, CudaKvCache
   for (size_t r = 0; r < rows; ++r) {
     const std::string where = "forward_draft_sample: row " + std::to_string(r) + ": ";
     validate(params[r]);
-    if (params[r].repetition_penalty != 1.0f) throw std::invalid_argument(where + "a repetition penalty");
+    if (adjusts_logits(params[r])) throw std::invalid_argument(where + "a logit bias or penalty");
     if (!(uniforms[r] >= 0.0 && uniforms[r] < 1.0))
       throw std::invalid_argument(where + "a uniform outside [0, 1)");
     if (keep[r].rows != nullptr) {
@@ -1346,22 +1353,18 @@ void CudaLlamaModel::forward_sample(const ForwardBatch& batch, CudaKvCache& cach
   for (const SamplingParams& sp : params)
     rows_params.push_back({sp.temperature, sp.top_k, sp.top_p, sp.min_p});
   Impl::RowSampling sampling{&rows_params, &uniforms};
-  // The rows' penalized tokens (worker::penalized_tokens, as the host sampler finds them).
-  std::vector<int32_t> penalty_ids, penalty_offsets{0};
-  std::vector<float> penalties;
-  const bool any_penalty = std::any_of(params.begin(), params.end(), [](const SamplingParams& sp) {
-    return sp.repetition_penalty != 1.0f && sp.repeat_last_n > 0;
-  });
-  if (any_penalty) {
+  // The rows' logit adjustments (worker::logit_adjustments, as the host sampler finds them).
+  std::vector<LogitAdjustment> adjustments;
+  std::vector<int32_t> adjustment_offsets{0};
+  if (std::any_of(params.begin(), params.end(),
+                  [](const SamplingParams& sp) { return adjusts_logits(sp); })) {
     for (size_t r = 0; r < params.size(); ++r) {
-      const std::vector<int32_t> row = penalized_tokens(params[r], histories[r], config().n_vocab);
-      penalty_ids.insert(penalty_ids.end(), row.begin(), row.end());
-      penalty_offsets.push_back(static_cast<int32_t>(penalty_ids.size()));
-      penalties.push_back(params[r].repetition_penalty);
+      const std::vector<LogitAdjustment> row = logit_adjustments(params[r], histories[r], config().n_vocab);
+      adjustments.insert(adjustments.end(), row.begin(), row.end());
+      adjustment_offsets.push_back(static_cast<int32_t>(adjustments.size()));
     }
-    sampling.penalty_ids = &penalty_ids;
-    sampling.penalty_offsets = &penalty_offsets;
-    sampling.penalties = &penalties;
+    sampling.adjustments = &adjustments;
+    sampling.adjustment_offsets = &adjustment_offsets;
   }
   impl_->forward_impl(batch, cache, nullptr, nullptr, &ids, sampling);
 }

@@ -444,13 +444,13 @@ class CudaLlamaModel {
   void forward_stage_greedy(const ForwardBatch& batch, CudaKvCache& cache, const float* hidden_in,
                             std::vector<int32_t>& ids);
   // The same pass with every logit row sampled on the device (kernels/cuda/sampling.cuh's
-  // apply_repetition_penalty, then sample_rows: worker::Sampler's penalty, temperature, top-k, top-p
-  // and min-p, one draw by inverse CDF with the row's uniform), so that only the ids come back.
-  // params, uniforms: [batch.logit_rows.size()] (uniforms in [0, 1), e.g. each sequence's
-  // Sampler::uniform()); histories: as ForwardModel::forward_stage_sample's (empty without a
-  // penalty; each row's penalized tokens, worker::penalized_tokens, go up with the step). Last
-  // stage only. Throws std::invalid_argument for a size mismatch, a uniform outside [0, 1) or a
-  // penalty without histories.
+  // apply_logit_adjustments, then sample_rows: worker::Sampler's logit bias and penalties, temperature,
+  // top-k, top-p and min-p, one draw by inverse CDF with the row's uniform), so that only the ids come
+  // back. params, uniforms: [batch.logit_rows.size()] (uniforms in [0, 1), e.g. each sequence's
+  // Sampler::uniform()); histories: as ForwardModel::forward_stage_sample's (empty without logit
+  // adjustments; each row's worker::logit_adjustments go up with the step). Last stage only. Throws
+  // std::invalid_argument for a size mismatch, a uniform outside [0, 1) or adjustments without
+  // histories.
   void forward_sample(const ForwardBatch& batch, CudaKvCache& cache,
                       const std::vector<SamplingParams>& params, const std::vector<double>& uniforms,
                       std::vector<int32_t>& ids, const TokenHistories& histories = {});
@@ -464,8 +464,8 @@ class CudaLlamaModel {
   // on the argmax at temperature 0), sample_dense_rows draws ids[r] from it with uniforms[r]
   // (speculative::sample_dense's inverse CDF in id order; the uniform is unused at temperature 0),
   // and q goes to keep[r] (a store from this model's make_kept_rows; rows == nullptr: not kept).
-  // Only ids come back. No repetition penalty; a whole, unsharded model. Throws
-  // std::invalid_argument for a size mismatch, a penalty, a uniform outside [0, 1), or a store this
+  // Only ids come back. No logit bias or penalty; a whole, unsharded model. Throws
+  // std::invalid_argument for a size mismatch, a bias or penalty, a uniform outside [0, 1), or a store this
   // model did not make or a row outside it; std::logic_error on a shard or stage.
   void forward_draft_sample(const ForwardBatch& batch, CudaKvCache& cache,
                             const std::vector<SamplingParams>& params, const std::vector<double>& uniforms,

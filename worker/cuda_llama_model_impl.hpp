@@ -148,10 +148,10 @@ struct CudaLlamaModel::Impl {
   // attention_decode's combine counters ([runs, n_head_kv] uint32) and matmul_add_norm's block counter
   // (one uint32): zero at rest.
   DeviceMemory attention_counters, norm_counter;
-  DeviceMemory sample_params;     // [n_out] SamplingRowParams (forward_sample)
-  DeviceMemory sample_uniforms;   // [n_out] double
-  DeviceMemory sample_workspace;  // sample_rows' keys and sort storage
-  DeviceMemory penalty_buffer;    // the repetition penalty's ids, offsets and penalties (forward_sample)
+  DeviceMemory sample_params;      // [n_out] SamplingRowParams (forward_sample)
+  DeviceMemory sample_uniforms;    // [n_out] double
+  DeviceMemory sample_workspace;   // sample_rows' keys and sort storage
+  DeviceMemory adjustment_buffer;  // the rows' logit adjustments and their offsets (forward_sample)
   // forward_verify: the target's distributions packed as the logits, then per sequence in k_max + 1
   // slots; the draft's in k_max; int32 tokens, counts and results; double uniforms.
   DeviceMemory verify_p_packed, verify_p, verify_q, verify_ints, verify_uniforms;
@@ -476,10 +476,9 @@ struct CudaLlamaModel::Impl {
   struct RowSampling {
     const std::vector<kc::SamplingRowParams>* params = nullptr;
     const std::vector<double>* uniforms = nullptr;
-    // The repetition penalty (empty: none): per row its penalized tokens in CSR form and its penalty.
-    const std::vector<int32_t>* penalty_ids = nullptr;      // [penalty_offsets.back()]
-    const std::vector<int32_t>* penalty_offsets = nullptr;  // [rows + 1]
-    const std::vector<float>* penalties = nullptr;          // [rows]
+    // Logit bias and penalties (null: none): per row its worker::logit_adjustments in CSR form.
+    const std::vector<LogitAdjustment>* adjustments = nullptr;  // [adjustment_offsets.back()]
+    const std::vector<int32_t>* adjustment_offsets = nullptr;   // [rows + 1]
   };
   void forward_impl(const ForwardBatch& batch, CudaKvCache& cache, const float* hidden_in,
                     std::vector<float>* logits_out, std::vector<int32_t>* ids_out, RowSampling sampling);

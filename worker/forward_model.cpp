@@ -40,9 +40,9 @@ void check_sample_rows(const ForwardBatch& batch, const std::vector<SamplingPara
   }
   for (size_t r = 0; r < rows; ++r) {
     validate(params[r]);
-    if (params[r].repetition_penalty != 1.0f && histories.empty()) {
+    if (adjusts_logits(params[r]) && histories.empty()) {
       throw std::invalid_argument("forward_sample: row " + std::to_string(r) +
-                                  " has a repetition penalty, which needs the rows' histories");
+                                  " has a logit bias or penalty, which needs the rows' histories");
     }
     if (!(uniforms[r] >= 0.0 && uniforms[r] < 1.0))
       throw std::invalid_argument("forward_sample: uniform " + std::to_string(uniforms[r]) +

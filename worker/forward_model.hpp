@@ -56,13 +56,13 @@ class ForwardModel {
   }
   // The last stage's pass with every logit row sampled: row r's id is what
   // Sampler(params[r]).sample_with_uniform(logits of row r, n_vocab, histories[r], uniforms[r])
-  // picks (greedy rows: the argmax after the penalty), ids resized to [batch.logit_rows.size()]. What
-  // plain sampled decoding needs; a GPU samples (and applies the repetition penalty) on the device
+  // picks (greedy rows: the argmax after the bias and penalties), ids resized to [batch.logit_rows.size()].
+  // What plain sampled decoding needs; a GPU samples (and applies the bias and penalties) on the device
   // (kernels/cuda/sampling), so only ids come back where the logits would be n_vocab floats a row.
   // params, uniforms: [batch.logit_rows.size()] (uniforms in [0, 1), e.g. each row's
-  // Sampler::uniform()); histories: each row's tokens so far, for the repetition penalty: empty when
-  // no row has one, else one a row. Throws std::invalid_argument for a size mismatch, a uniform
-  // outside [0, 1) or a penalty without histories. The default runs forward_stage() and samples on
+  // Sampler::uniform()); histories: each row's tokens so far, for the penalties: empty when no row
+  // adjusts its logits (worker::adjusts_logits), else one a row. Throws std::invalid_argument for a size
+  // mismatch, a uniform outside [0, 1) or adjustments without histories. The default runs forward_stage() and samples on
   // the host.
   virtual void forward_stage_sample(const ForwardBatch& batch, ForwardCache& cache, const float* hidden_in,
                                     const std::vector<SamplingParams>& params,
@@ -81,7 +81,7 @@ class ForwardModel {
   // speculative/rejection_sampler.hpp's rule and the same uniforms, so that only ids come back (a GPU:
   // kernels/cuda/distribution_rows and speculative_accept). seqs: one per sequence of the batch, in
   // batch order, each with k >= 1 drafts and exactly k + 1 logit rows (its verification positions);
-  // params temperature > 0 and no repetition penalty; draft_probs [k, n_vocab] the draft's dense
+  // params temperature > 0 and no logit bias or penalty; draft_probs [k, n_vocab] the draft's dense
   // distributions; uniforms [k + 1] in [0, 1). Fills accepted[s] (0..k) and tokens[s] (the accepted
   // drafts, then the drawn token). hidden_in as in forward_stage (a last stage's input). Only where
   // verifies_drafts(); the default throws std::logic_error.
@@ -105,7 +105,7 @@ class ForwardModel {
   // speculative::dense_distribution makes of the row's logits: one-hot on the argmax at temperature
   // 0) into keep[r] (a store from this model's make_kept_rows; rows == nullptr: not kept), and ids[r]
   // drawn from q with uniforms[r] as speculative::sample_dense draws (unused at temperature 0). No
-  // repetition penalty. Only where keeps_draft_distributions(); the default throws std::logic_error.
+  // logit bias or penalty. Only where keeps_draft_distributions(); the default throws std::logic_error.
   virtual void forward_draft_sample(const ForwardBatch& batch, ForwardCache& cache,
                                     const std::vector<SamplingParams>& params,
                                     const std::vector<double>& uniforms, const std::vector<KeptRowRef>& keep,

@@ -60,10 +60,10 @@ GenerateResult Generator::generate(const std::vector<int32_t>& prompt_tokens, co
   std::vector<int32_t> history = prompt_tokens;
   std::vector<float> logits;
   std::vector<int32_t> ids;
-  // The model can return only the ids: the argmax when greedy without a repetition penalty, else the
+  // The model can return only the ids: the argmax when greedy without a bias or penalty, else the
   // id drawn with the sampler's next uniform and the history so far (the uniform taken when the pass
   // gives the next token, as sampler.sample() would; passes that only fill the cache draw nothing).
-  const bool no_penalty = options.sampling.repetition_penalty == 1.0f || options.sampling.repeat_last_n <= 0;
+  const bool no_penalty = !adjusts_logits(options.sampling);
   const bool greedy_ids = no_penalty && model_.greedy && options.sampling.temperature <= 0.0f;
   const bool sampled_ids = !greedy_ids && model_.sample;
   const bool ids_only = greedy_ids || sampled_ids;

@@ -15,32 +15,81 @@ void validate(const SamplingParams& p) {
   if (!(p.min_p >= 0.0f && p.min_p < 1.0f)) fail("min_p must be in [0, 1)");
   if (!(p.repetition_penalty > 0.0f) || !std::isfinite(p.repetition_penalty))
     fail("repetition_penalty must be > 0");
+  if (!std::isfinite(p.presence_penalty)) fail("presence_penalty must be finite");
+  if (!std::isfinite(p.frequency_penalty)) fail("frequency_penalty must be finite");
   if (p.repeat_last_n < 0) fail("repeat_last_n must be >= 0");
-}
-
-std::vector<int32_t> penalized_tokens(const SamplingParams& params, std::span<const int32_t> history,
-                                      int64_t n_vocab) {
-  std::vector<int32_t> ids;
-  if (params.repetition_penalty == 1.0f || params.repeat_last_n <= 0) return ids;
-  const size_t window = std::min(history.size(), static_cast<size_t>(params.repeat_last_n));
-  for (size_t i = history.size() - window; i < history.size(); ++i)
-    if (history[i] >= 0 && history[i] < n_vocab) ids.push_back(history[i]);
-  std::sort(ids.begin(), ids.end());
-  ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
-  return ids;
-}
-
-void apply_repetition_penalty(const SamplingParams& params, std::span<const int32_t> history, float* logits,
-                              int64_t n_vocab) {
-  for (const int32_t id : penalized_tokens(params, history, n_vocab)) {
-    float& v = logits[id];
-    v = v > 0.0f ? v / params.repetition_penalty : v * params.repetition_penalty;
+  for (size_t i = 0; i < p.logit_bias.size(); ++i) {
+    if (p.logit_bias[i].token < 0)
+      fail("logit_bias: token " + std::to_string(p.logit_bias[i].token) + " is negative");
+    if (!std::isfinite(p.logit_bias[i].bias)) fail("logit_bias: a bias must be finite");
+    for (size_t j = 0; j < i; ++j) {
+      if (p.logit_bias[j].token == p.logit_bias[i].token)
+        fail("logit_bias: token " + std::to_string(p.logit_bias[i].token) + " twice");
+    }
   }
+}
+
+namespace {
+bool penalizes(const SamplingParams& p) {
+  return p.repeat_last_n > 0 &&
+         (p.repetition_penalty != 1.0f || p.presence_penalty != 0.0f || p.frequency_penalty != 0.0f);
+}
+}  // namespace
+
+bool adjusts_logits(const SamplingParams& params) { return !params.logit_bias.empty() || penalizes(params); }
+
+std::vector<LogitAdjustment> logit_adjustments(const SamplingParams& params, std::span<const int32_t> history,
+                                               int64_t n_vocab) {
+  std::vector<LogitAdjustment> out;
+  for (const TokenBias& b : params.logit_bias) {
+    if (b.token < n_vocab) out.push_back({b.token, b.bias, 1.0f, 0.0f});
+  }
+  if (penalizes(params)) {
+    const size_t window = std::min(history.size(), static_cast<size_t>(params.repeat_last_n));
+    std::vector<int32_t> seen;
+    for (size_t i = history.size() - window; i < history.size(); ++i)
+      if (history[i] >= 0 && history[i] < n_vocab) seen.push_back(history[i]);
+    std::sort(seen.begin(), seen.end());
+    for (size_t i = 0; i < seen.size();) {
+      size_t count = 1;
+      while (i + count < seen.size() && seen[i + count] == seen[i]) ++count;
+      // llama.cpp's llama_sampler_penalties: logit -= count * freq + (count > 0) * present.
+      out.push_back({seen[i], 0.0f, params.repetition_penalty,
+                     static_cast<float>(count) * params.frequency_penalty + params.presence_penalty});
+      i += count;
+    }
+  }
+  // One entry a token, ascending: a biased token in the window keeps its bias and takes the penalties.
+  std::stable_sort(out.begin(), out.end(),
+                   [](const LogitAdjustment& a, const LogitAdjustment& b) { return a.id < b.id; });
+  std::vector<LogitAdjustment> merged;
+  for (const LogitAdjustment& a : out) {
+    if (!merged.empty() && merged.back().id == a.id) {
+      merged.back().penalty = a.penalty;
+      merged.back().subtract = a.subtract;
+    } else {
+      merged.push_back(a);
+    }
+  }
+  return merged;
+}
+
+void apply_logit_adjustments(std::span<const LogitAdjustment> adjustments, float* logits) {
+  for (const LogitAdjustment& a : adjustments) {
+    float v = logits[a.id] + a.bias;
+    v = v > 0.0f ? v / a.penalty : v * a.penalty;
+    logits[a.id] = v - a.subtract;
+  }
+}
+
+void apply_logit_adjustments(const SamplingParams& params, std::span<const int32_t> history, float* logits,
+                             int64_t n_vocab) {
+  apply_logit_adjustments(logit_adjustments(params, history, n_vocab), logits);
 }
 
 bool verifiable_on_model(const SamplingParams& params, int k, size_t draft_probs, int64_t n_vocab,
                          int64_t kept_rows) {
-  return k > 0 && params.temperature > 0.0f && params.repetition_penalty == 1.0f &&
+  return k > 0 && params.temperature > 0.0f && !adjusts_logits(params) &&
          (draft_probs >= static_cast<size_t>(k) * static_cast<size_t>(n_vocab) || kept_rows >= k);
 }
 
@@ -61,7 +110,7 @@ double Sampler::uniform() { return static_cast<double>(rng_() >> 11) * 0x1.0p-53
 std::vector<TokenProbability> Sampler::distribution(const float* logits, int64_t n_vocab,
                                                     std::span<const int32_t> history) const {
   std::vector<float> adjusted(logits, logits + n_vocab);
-  apply_repetition_penalty(params_, history, adjusted.data(), n_vocab);
+  apply_logit_adjustments(params_, history, adjusted.data(), n_vocab);
   if (params_.temperature <= 0.0f) {
     const auto best = std::max_element(adjusted.begin(), adjusted.end()) - adjusted.begin();
     return {{static_cast<int32_t>(best), 1.0f}};

@@ -1,7 +1,8 @@
 #pragma once
-// Token sampling: greedy, temperature, top-k, top-p, min-p and repetition penalty, reproducible
-// from a seed. Filters apply in the order penalty → temperature → top-k → top-p → min-p (as vLLM
-// does), so speculative decoding can apply the same transformation to draft and target.
+// Token sampling: greedy, temperature, top-k, top-p, min-p, logit bias and the repetition, presence
+// and frequency penalties, reproducible from a seed. Logits change in the order bias → penalties (as
+// llama.cpp's sampler chain), then temperature → top-k → top-p → min-p (as vLLM's), so speculative
+// decoding can apply the same transformation to draft and target.
 #include <cstdint>
 #include <random>
 #include <span>
@@ -12,13 +13,25 @@
 
 namespace nibble::worker {
 
+// A token's logit bias (OpenAI's logit_bias; llama.cpp's --logit-bias).
+struct TokenBias {
+  int32_t token = 0;
+  float bias = 0.0f;
+  bool operator==(const TokenBias&) const = default;
+};
+
 struct SamplingParams {
   float temperature = 0.0f;         // <= 0: greedy (argmax)
   int32_t top_k = 0;                // <= 0: off
   float top_p = 1.0f;               // >= 1: off
   float min_p = 0.0f;               // <= 0: off
   float repetition_penalty = 1.0f;  // 1: off; llama.cpp rule: positive logits divided, negative multiplied
-  int32_t repeat_last_n = 64;       // how many recent tokens the penalty looks at
+  // llama.cpp's penalties on the same window: presence subtracted once from each token found in it,
+  // frequency once per time it is found. 0: off.
+  float presence_penalty = 0.0f;
+  float frequency_penalty = 0.0f;
+  int32_t repeat_last_n = 64;           // how many recent tokens (prompt and generated) the penalties look at
+  std::vector<TokenBias> logit_bias{};  // added to those tokens' logits before the penalties; distinct tokens
   uint64_t seed = 0;
 };
 
@@ -30,19 +43,36 @@ void validate(const SamplingParams& params);
 // sampler (ForwardModel::forward_sample, CudaLlamaModel::forward_sample).
 using TokenHistories = std::vector<std::span<const int32_t>>;
 
-// The tokens the repetition penalty applies to: the distinct ids in [0, n_vocab) among the last
-// repeat_last_n of history, ascending; empty when the penalty is off (1, or repeat_last_n 0).
-std::vector<int32_t> penalized_tokens(const SamplingParams& params, std::span<const int32_t> history,
-                                      int64_t n_vocab);
-// The penalty on one logit row (llama.cpp's rule): each penalized token's logit divided by the
-// penalty when positive, multiplied by it otherwise. logits: [n_vocab].
-void apply_repetition_penalty(const SamplingParams& params, std::span<const int32_t> history, float* logits,
-                              int64_t n_vocab);
+// Whether any logit changes before temperature: a logit bias, or a penalty with a window. Such rows
+// need their token histories (TokenHistories) and are sampled, or verified, on the host's or the
+// GPU's general path, never by argmax alone.
+bool adjusts_logits(const SamplingParams& params);
+
+// One token's change to its logit, in this order (the same float operations on the host and on a GPU,
+// kernels::cuda::apply_logit_adjustments): v += bias; v = v > 0 ? v / penalty : v * penalty;
+// v -= subtract. A token that is only biased has penalty 1 and subtract 0; one only penalized, bias 0.
+struct LogitAdjustment {
+  int32_t id = 0;
+  float bias = 0.0f;
+  float penalty = 1.0f;   // the repetition penalty for a token in the window
+  float subtract = 0.0f;  // count * frequency_penalty + presence_penalty for a token found count > 0 times
+  bool operator==(const LogitAdjustment&) const = default;
+};
+
+// A row's adjustments: the biased tokens and the distinct ids in [0, n_vocab) among the last
+// repeat_last_n of history, ascending by id, one entry each; empty when adjusts_logits is false.
+std::vector<LogitAdjustment> logit_adjustments(const SamplingParams& params, std::span<const int32_t> history,
+                                               int64_t n_vocab);
+// logits: [n_vocab]; adjustments: ids in [0, n_vocab).
+void apply_logit_adjustments(std::span<const LogitAdjustment> adjustments, float* logits);
+// The two above, on one logit row. logits: [n_vocab].
+void apply_logit_adjustments(const SamplingParams& params, std::span<const int32_t> history, float* logits,
+                             int64_t n_vocab);
 
 // One sequence's sampled draft tokens to verify where the logits are (ForwardModel::forward_verify,
 // CudaLlamaModel::forward_verify).
 struct VerifySequence {
-  SamplingParams params;               // temperature > 0, no repetition penalty
+  SamplingParams params;               // temperature > 0, no logit adjustments
   std::span<const int32_t> drafts;     // [k], k >= 1
   std::span<const float> draft_probs;  // [k, n_vocab]: the draft's dense distributions (host)
   std::span<const double> uniforms;    // [k + 1] in [0, 1)
@@ -52,7 +82,7 @@ struct VerifySequence {
 };
 
 // Whether a sequence's step can be verified where the logits are: it verifies k >= 1 drafts at
-// temperature > 0 without a repetition penalty, and the draft's k distributions are at hand, as
+// temperature > 0 without logit adjustments, and the draft's k distributions are at hand, as
 // draft_probs floats on the host or kept_rows rows where the draft made them.
 bool verifiable_on_model(const SamplingParams& params, int k, size_t draft_probs, int64_t n_vocab,
                          int64_t kept_rows = 0);
@@ -76,7 +106,7 @@ class Sampler {
   explicit Sampler(const SamplingParams& params);
   const SamplingParams& params() const { return params_; }
 
-  // logits: [n_vocab]; history: tokens so far (prompt and generated), for the penalty. Draws exactly
+  // logits: [n_vocab]; history: tokens so far (prompt and generated), for the penalties. Draws exactly
   // one uniform per call (also when one candidate is left, or at temperature 0), so that a sampler
   // fed this stream's draws one per row (ForwardModel::forward_sample, on the GPU) picks the same ids.
   int32_t sample(const float* logits, int64_t n_vocab, std::span<const int32_t> history);

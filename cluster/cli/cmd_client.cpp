@@ -15,6 +15,7 @@
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <random>
+#include <regex>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -226,6 +227,30 @@ Sample run_one_http(httplib::Client& http, const protocol::GenerateRequest& requ
 
 }  // namespace
 
+std::vector<std::pair<int32_t, float>> parse_logit_bias(const std::vector<std::string>& items) {
+  static const std::regex form(R"(^\s*([0-9]+)\s*([+-]\s*[0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*$)");
+  std::vector<std::pair<int32_t, float>> out;
+  for (const std::string& item : items) {
+    std::smatch m;
+    if (!std::regex_match(item, m, form))
+      throw std::invalid_argument("--logit-bias: '" + item + "' is not TOKEN_ID+BIAS or TOKEN_ID-BIAS");
+    std::string amount = m[2].str();
+    amount.erase(std::remove(amount.begin(), amount.end(), ' '), amount.end());
+    try {
+      const int32_t token = static_cast<int32_t>(std::stol(m[1].str()));
+      const float bias = std::stof(amount);
+      for (const auto& [t, b] : out) {
+        if (t == token)
+          throw std::invalid_argument("--logit-bias: token " + std::to_string(token) + " given twice");
+      }
+      out.emplace_back(token, bias);
+    } catch (const std::out_of_range&) {
+      throw std::invalid_argument("--logit-bias: '" + item + "' is out of range");
+    }
+  }
+  return out;
+}
+
 // "1 2 3" or "1,2,3" -> ids; anything else is a usage error.
 std::vector<int32_t> parse_token_list(const std::string& text) {
   std::vector<int32_t> ids;
@@ -269,6 +294,9 @@ Runner add_client(CLI::App& app) {
     float top_p = 0.95f;
     float min_p = 0.05f;
     float repetition_penalty = 1.0f;
+    float presence_penalty = 0.0f;
+    float frequency_penalty = 0.0f;
+    std::vector<std::string> logit_bias;
     int64_t seed = -1;
     std::vector<std::string> stop;
     bool stream = false;
@@ -310,6 +338,16 @@ Runner add_client(CLI::App& app) {
                  "Repetition penalty (1: off)")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
+  app.add_option("--presence-penalty", a->presence_penalty,
+                 "Subtracted from tokens of the last 64 (0: off; llama.cpp's)")
+      ->check(CLI::Range(-2.0, 2.0))
+      ->capture_default_str();
+  app.add_option("--frequency-penalty", a->frequency_penalty,
+                 "Subtracted once per occurrence in the last 64 tokens (0: off; llama.cpp's)")
+      ->check(CLI::Range(-2.0, 2.0))
+      ->capture_default_str();
+  app.add_option("--logit-bias", a->logit_bias,
+                 "TOKEN_ID+BIAS or TOKEN_ID-BIAS, e.g. 15043+1.5 (repeatable)");
   app.add_option("--seed", a->seed, "Sampling seed (default: the server picks one)");
   app.add_option("--stop", a->stop, "Stop string (repeatable)");
   app.add_flag("--stream", a->stream, "Print the text as it is generated");
@@ -395,6 +433,10 @@ Runner add_client(CLI::App& app) {
     request.sampling.top_p = a->top_p;
     request.sampling.min_p = a->min_p;
     request.sampling.repetition_penalty = a->repetition_penalty;
+    request.sampling.presence_penalty = a->presence_penalty;
+    request.sampling.frequency_penalty = a->frequency_penalty;
+    for (const auto& [token, bias] : parse_logit_bias(a->logit_bias))
+      request.sampling.logit_bias.push_back({token, bias});
     if (a->seed >= 0) request.sampling.seed = static_cast<uint64_t>(a->seed);
     request.max_tokens = static_cast<uint32_t>(a->max_tokens);
     request.stop = a->stop;

@@ -23,6 +23,10 @@ struct GenerateArgs {
   float top_p = 0.95f;
   float min_p = 0.05f;
   float repeat_penalty = 1.0f;
+  float presence_penalty = 0.0f;
+  float frequency_penalty = 0.0f;
+  int repeat_last_n = 64;
+  std::vector<std::string> logit_bias;
   int64_t seed = -1;
   int threads = default_threads();
   int64_t context = 0;
@@ -54,6 +58,15 @@ Runner add_generate(CLI::App& app) {
       ->check(CLI::Range(0.0, 1.0));
   app.add_option("--repeat-penalty", a->repeat_penalty, "Repetition penalty (1: off)")
       ->check(CLI::PositiveNumber);
+  app.add_option("--presence-penalty", a->presence_penalty,
+                 "Subtracted from each token found in the last --repeat-last-n (0: off)");
+  app.add_option("--frequency-penalty", a->frequency_penalty,
+                 "Subtracted once per occurrence in the last --repeat-last-n (0: off)");
+  app.add_option("--repeat-last-n", a->repeat_last_n, "Recent tokens the penalties look at")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  app.add_option("--logit-bias", a->logit_bias,
+                 "TOKEN_ID+BIAS or TOKEN_ID-BIAS, e.g. 15043+1.5 (repeatable)");
   app.add_option("--seed", a->seed, "Sampling seed (default: random, printed with --json)");
   app.add_option("--threads,-t", a->threads, "CPU threads")->check(CLI::PositiveNumber);
   app.add_option("--ctx", a->context, "Context length (default: the model's, at most 4096)")
@@ -109,6 +122,15 @@ Runner add_generate(CLI::App& app) {
     options.sampling.top_p = a->top_p;
     options.sampling.min_p = a->min_p;
     options.sampling.repetition_penalty = a->repeat_penalty;
+    options.sampling.presence_penalty = a->presence_penalty;
+    options.sampling.frequency_penalty = a->frequency_penalty;
+    options.sampling.repeat_last_n = a->repeat_last_n;
+    for (const auto& [token, bias] : parse_logit_bias(a->logit_bias)) {
+      if (token >= s.checkpoint->config().n_vocab)
+        throw std::invalid_argument("--logit-bias: token " + std::to_string(token) +
+                                    " is outside the vocabulary");
+      options.sampling.logit_bias.push_back({token, bias});
+    }
     options.sampling.seed = a->seed >= 0 ? static_cast<uint64_t>(a->seed) : std::random_device{}();
 
     const model::Tokenizer& tokenizer = s.require_tokenizer();

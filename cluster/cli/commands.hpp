@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <functional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "worker/cuda_llama_model.hpp"
@@ -37,5 +38,9 @@ void add_int4_layout_option(CLI::App& app, worker::Int4Layout& value, const std:
 
 // --tokens: "1 2 3" or "1,2,3" -> ids; anything else (or no ids) is a usage error.
 std::vector<int32_t> parse_token_list(const std::string& text);
+
+// --logit-bias (generate, client), llama.cpp's form: "TOKEN_ID+BIAS" or "TOKEN_ID-BIAS", e.g. "15043+1.5";
+// each item once per token. Anything else is a usage error (std::invalid_argument naming the item).
+std::vector<std::pair<int32_t, float>> parse_logit_bias(const std::vector<std::string>& items);
 
 }  // namespace nibble::cli

@@ -76,6 +76,13 @@ void encode_generate(const GenerateRequest& request, wire::GenerateRequest::Buil
   sampling.setRepetitionPenalty(request.sampling.repetition_penalty);
   sampling.setHasSeed(request.sampling.seed.has_value());
   sampling.setSeed(request.sampling.seed.value_or(0));
+  sampling.setPresencePenalty(request.sampling.presence_penalty);
+  sampling.setFrequencyPenalty(request.sampling.frequency_penalty);
+  auto bias = sampling.initLogitBias(static_cast<unsigned>(request.sampling.logit_bias.size()));
+  for (unsigned i = 0; i < request.sampling.logit_bias.size(); ++i) {
+    bias[i].setToken(request.sampling.logit_bias[i].token);
+    bias[i].setBias(request.sampling.logit_bias[i].bias);
+  }
   out.setMaxTokens(request.max_tokens);
   auto stop = out.initStop(static_cast<unsigned>(request.stop.size()));
   for (unsigned i = 0; i < request.stop.size(); ++i) stop.set(i, as_text(request.stop[i]));
@@ -153,6 +160,17 @@ GenerateRequest read_generate(wire::GenerateRequest::Reader in) {
   request.sampling.min_p = sampling.getMinP();
   request.sampling.repetition_penalty = sampling.getRepetitionPenalty();
   if (sampling.getHasSeed()) request.sampling.seed = sampling.getSeed();
+  request.sampling.presence_penalty = sampling.getPresencePenalty();
+  request.sampling.frequency_penalty = sampling.getFrequencyPenalty();
+  auto bias = sampling.getLogitBias();
+  // Checked before copying, as the stop strings below.
+  if (bias.size() > kMaxLogitBias) {
+    throw ProtocolError(ErrorCode::bad_request, "sampling.logitBias: more than " +
+                                                    std::to_string(kMaxLogitBias) + " tokens (" +
+                                                    std::to_string(bias.size()) + ")");
+  }
+  request.sampling.logit_bias.reserve(bias.size());
+  for (auto b : bias) request.sampling.logit_bias.push_back({b.getToken(), b.getBias()});
   request.max_tokens = in.getMaxTokens();
   request.logprobs = in.getLogprobs();
   request.parse_special = in.getParseSpecial();
@@ -323,6 +341,22 @@ void validate(const GenerateRequest& request) {
   if (!(s.min_p >= 0 && s.min_p < 1)) bad_request("sampling.minP: must be in [0, 1)");
   if (!(std::isfinite(s.repetition_penalty) && s.repetition_penalty > 0)) {
     bad_request("sampling.repetitionPenalty: must be finite and > 0");
+  }
+  if (!(std::fabs(s.presence_penalty) <= kMaxPresencePenalty))
+    bad_request("sampling.presencePenalty: must be in [-2, 2]");
+  if (!(std::fabs(s.frequency_penalty) <= kMaxPresencePenalty))
+    bad_request("sampling.frequencyPenalty: must be in [-2, 2]");
+  if (s.logit_bias.size() > kMaxLogitBias)
+    bad_request("sampling.logitBias: more than " + std::to_string(kMaxLogitBias) + " tokens");
+  for (size_t i = 0; i < s.logit_bias.size(); ++i) {
+    const std::string where = "sampling.logitBias[" + std::to_string(i) + "]";
+    if (s.logit_bias[i].token < 0) bad_request(where + ": negative token id");
+    if (!(std::fabs(s.logit_bias[i].bias) <= kMaxLogitBiasValue))
+      bad_request(where + ": bias must be in [-100, 100]");
+    for (size_t j = 0; j < i; ++j) {
+      if (s.logit_bias[j].token == s.logit_bias[i].token)
+        bad_request(where + ": token " + std::to_string(s.logit_bias[i].token) + " is biased twice");
+    }
   }
   if (request.max_tokens < 1) bad_request("maxTokens: must be >= 1");
   if (request.logprobs > kMaxLogprobs)

@@ -52,6 +52,16 @@ struct DecodeLimits {
 
 // ---------------------------------------------------------------- client -> coordinator
 
+// A token's logit bias (OpenAI's logit_bias).
+struct TokenBias {
+  int32_t token = 0;
+  float bias = 0.0f;  // [-kMaxLogitBiasValue, kMaxLogitBiasValue]
+  bool operator==(const TokenBias&) const = default;
+};
+inline constexpr size_t kMaxLogitBias = 1024;        // biased tokens in one request
+inline constexpr float kMaxLogitBiasValue = 100.0f;  // OpenAI's range
+inline constexpr float kMaxPresencePenalty = 2.0f;   // presence and frequency: OpenAI's [-2, 2]
+
 struct SamplingParams {
   float temperature = 1.0f;  // 0 = greedy
   int32_t top_k = 0;         // 0 = off
@@ -59,6 +69,11 @@ struct SamplingParams {
   float min_p = 0.0f;
   float repetition_penalty = 1.0f;
   std::optional<uint64_t> seed;  // nullopt: the server picks one
+  // llama.cpp's penalties over the recent window (prompt and generated): presence subtracted once
+  // from a token found there, frequency once per time it is found. 0 = off.
+  float presence_penalty = 0.0f;
+  float frequency_penalty = 0.0f;
+  std::vector<TokenBias> logit_bias{};  // distinct tokens, in the model's vocabulary
 
   bool operator==(const SamplingParams&) const = default;
 };

@@ -21,6 +21,14 @@ struct SamplingParams {
   repetitionPenalty @4 :Float32 = 1.0; # > 0, 1 = off
   seed @5 :UInt64;
   hasSeed @6 :Bool;                    # false: the server picks a seed
+  presencePenalty @7 :Float32 = 0.0;   # [-2, 2]: subtracted from tokens in the recent window (llama.cpp's)
+  frequencyPenalty @8 :Float32 = 0.0;  # [-2, 2]: subtracted once per occurrence there
+  logitBias @9 :List(TokenBias);       # added to those tokens' logits first; distinct tokens
+}
+
+struct TokenBias {
+  token @0 :Int32;
+  bias @1 :Float32;                    # [-100, 100]
 }
 
 struct ChatMessage {

@@ -21,6 +21,9 @@ struct SequenceSampling {
   seed @7 :UInt64;
   logprobs @8 :UInt8;                  # 0: none; else each sampled token's log-probability and this
                                        # many most likely tokens'
+  presencePenalty @9 :Float32;
+  frequencyPenalty @10 :Float32;
+  logitBias @11 :List(Nibble.TokenBias);
 }
 
 struct PlanEntry {

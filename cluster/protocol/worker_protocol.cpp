@@ -18,15 +18,35 @@ void write_sampling(const SequenceSampling& s, wire::SequenceSampling::Builder o
   o.setRepeatLastN(s.repeat_last_n);
   o.setSeed(s.seed);
   o.setLogprobs(static_cast<uint8_t>(s.logprobs));
+  o.setPresencePenalty(s.presence_penalty);
+  o.setFrequencyPenalty(s.frequency_penalty);
+  auto bias = o.initLogitBias(static_cast<unsigned>(s.logit_bias.size()));
+  for (unsigned i = 0; i < s.logit_bias.size(); ++i) {
+    bias[i].setToken(s.logit_bias[i].token);
+    bias[i].setBias(s.logit_bias[i].bias);
+  }
 }
 
 SequenceSampling read_sampling(wire::SequenceSampling::Reader s) {
   if (s.getLogprobs() > kMaxLogprobs)
     throw ProtocolError(ErrorCode::malformed_message,
                         "sequence sampling: more than " + std::to_string(kMaxLogprobs) + " logprobs");
-  return {s.getSeqId(),       s.getTemperature(), s.getTopK(),
-          s.getTopP(),        s.getMinP(),        s.getRepetitionPenalty(),
-          s.getRepeatLastN(), s.getSeed(),        s.getLogprobs()};
+  if (s.getLogitBias().size() > kMaxLogitBias)
+    throw ProtocolError(ErrorCode::malformed_message,
+                        "sequence sampling: more than " + std::to_string(kMaxLogitBias) + " biased tokens");
+  SequenceSampling out{.seq_id = s.getSeqId(),
+                       .temperature = s.getTemperature(),
+                       .top_k = s.getTopK(),
+                       .top_p = s.getTopP(),
+                       .min_p = s.getMinP(),
+                       .repetition_penalty = s.getRepetitionPenalty(),
+                       .repeat_last_n = s.getRepeatLastN(),
+                       .seed = s.getSeed(),
+                       .logprobs = s.getLogprobs(),
+                       .presence_penalty = s.getPresencePenalty(),
+                       .frequency_penalty = s.getFrequencyPenalty()};
+  for (auto b : s.getLogitBias()) out.logit_bias.push_back({b.getToken(), b.getBias()});
+  return out;
 }
 
 template <class T, class List>

@@ -22,6 +22,9 @@ struct SequenceSampling {
   int32_t repeat_last_n = 64;
   uint64_t seed = 0;
   uint32_t logprobs = 0;  // 0: none; else each sampled token's log-probability and this many top tokens'
+  float presence_penalty = 0.0f;
+  float frequency_penalty = 0.0f;
+  std::vector<TokenBias> logit_bias{};
   bool operator==(const SequenceSampling&) const = default;
 };
 

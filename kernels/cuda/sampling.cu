@@ -243,35 +243,37 @@ Status sort_storage_bytes(int64_t rows, int64_t n_vocab, size_t* bytes) {
   return launch_status(err);
 }
 
-// One block per row: the row's penalized tokens, one a thread (distinct, so no two threads write
-// the same logit). The same float operations as worker::apply_repetition_penalty.
-constexpr int kPenaltyThreads = 128;
+// One block per row: the row's adjustments, one a thread (distinct ids, so no two threads write the
+// same logit). The same float operations as worker::apply_logit_adjustments.
+constexpr int kAdjustThreads = 128;
 
-__global__ void __launch_bounds__(kPenaltyThreads)
-    repetition_penalty_kernel(float* logits, int64_t n_vocab, const int32_t* __restrict__ ids,
-                              const int32_t* __restrict__ offsets, const float* __restrict__ penalties) {
+__global__ void __launch_bounds__(kAdjustThreads)
+    logit_adjustments_kernel(float* logits, int64_t n_vocab, const LogitAdjustment* __restrict__ adjustments,
+                             const int32_t* __restrict__ offsets) {
   const int64_t row = blockIdx.x;
-  const float penalty = penalties[row];
   float* lr = logits + row * n_vocab;
   for (int32_t i = offsets[row] + static_cast<int32_t>(threadIdx.x); i < offsets[row + 1];
-       i += kPenaltyThreads) {
-    const int32_t id = ids[i];
-    if (id < 0 || id >= n_vocab) continue;  // the host filters these; never write outside the row
-    const float v = lr[id];
-    lr[id] = v > 0.0f ? v / penalty : v * penalty;
+       i += kAdjustThreads) {
+    const LogitAdjustment a = adjustments[i];
+    if (a.id < 0 || a.id >= n_vocab) continue;  // the host filters these; never write outside the row
+    // __fadd_rn / __fdiv_rn / __fmul_rn / __fsub_rn: IEEE round-to-nearest, never contracted into an
+    // FMA, so the result is the host's bit for bit.
+    float v = __fadd_rn(lr[a.id], a.bias);
+    v = v > 0.0f ? __fdiv_rn(v, a.penalty) : __fmul_rn(v, a.penalty);
+    lr[a.id] = __fsub_rn(v, a.subtract);
   }
 }
 
 }  // namespace
 
-Status apply_repetition_penalty(float* logits, int64_t rows, int64_t n_vocab, const int32_t* ids,
-                                const int32_t* offsets, const float* penalties, cudaStream_t stream) {
-  if (logits == nullptr || offsets == nullptr || penalties == nullptr || rows < 0 || n_vocab < 1)
-    return Status::invalid_argument;
+Status apply_logit_adjustments(float* logits, int64_t rows, int64_t n_vocab,
+                               const LogitAdjustment* adjustments, const int32_t* offsets,
+                               cudaStream_t stream) {
+  if (logits == nullptr || offsets == nullptr || rows < 0 || n_vocab < 1) return Status::invalid_argument;
   if (rows > INT32_MAX) return Status::invalid_argument;
   if (rows == 0) return Status::ok;
-  repetition_penalty_kernel<<<static_cast<unsigned>(rows), kPenaltyThreads, 0, stream>>>(logits, n_vocab, ids,
-                                                                                         offsets, penalties);
+  logit_adjustments_kernel<<<static_cast<unsigned>(rows), kAdjustThreads, 0, stream>>>(logits, n_vocab,
+                                                                                       adjustments, offsets);
   return launch_status();
 }
 

@@ -10,7 +10,7 @@
 // the top probability, probabilities renormalized and rounded to float, cumulated in double) except
 // that the GPU sums in a different order: results differ from the CPU's only when u or top_p lies
 // within ~1e-12 of a cumulative boundary.
-// Not handled here: the repetition penalty (apply it to the logits first, it touches few entries)
+// Not handled here: logit bias and penalties (apply_logit_adjustments to the logits first: few entries)
 // and NaN logits (undefined on the CPU too); ±inf logits are fine for the greedy path.
 #include <cuda_runtime_api.h>
 
@@ -36,18 +36,27 @@ struct SamplingRowParams {
 // Returns invalid_argument (nothing launched) for a bad argument, device_error if the launch fails.
 Status argmax_rows(const float* logits, int64_t rows, int64_t n_vocab, int32_t* ids, cudaStream_t stream);
 
-// The repetition penalty on logit rows before sampling (worker::apply_repetition_penalty's rule:
-// a penalized token's logit divided by the row's penalty when positive, multiplied otherwise).
-// logits:    [rows, n_vocab] float, modified in place
-// ids:       [offsets[rows]] int32: row r's penalized tokens are ids[offsets[r] .. offsets[r + 1]),
-//            distinct within a row (worker::penalized_tokens); ids outside [0, n_vocab) are skipped;
-//            may be nullptr when no row has any
-// offsets:   [rows + 1] int32, offsets[0] = 0, non-decreasing
-// penalties: [rows] float > 0 (1 for a row without a penalty)
+// One token's change to its logit before sampling (worker::LogitAdjustment, the same layout): a logit
+// bias, then the repetition penalty, then the presence and frequency penalties.
+struct LogitAdjustment {
+  int32_t id;
+  float bias;
+  float penalty;   // > 0; 1 for a token only biased
+  float subtract;  // 0 for a token only biased
+};
+
+// The logit adjustments of each row, in worker::apply_logit_adjustments's float operations:
+// v += bias; v = v > 0 ? v / penalty : v * penalty; v -= subtract.
+// logits:      [rows, n_vocab] float, modified in place
+// adjustments: [offsets[rows]]: row r's are adjustments[offsets[r] .. offsets[r + 1]), distinct ids
+//              within a row (worker::logit_adjustments); ids outside [0, n_vocab) are skipped; may be
+//              nullptr when no row has any
+// offsets:     [rows + 1] int32, offsets[0] = 0, non-decreasing
 // rows >= 0 (0: nothing to do), n_vocab >= 1. Enqueues one kernel on `stream`.
 // Returns invalid_argument (nothing launched) for a bad argument, device_error if the launch fails.
-Status apply_repetition_penalty(float* logits, int64_t rows, int64_t n_vocab, const int32_t* ids,
-                                const int32_t* offsets, const float* penalties, cudaStream_t stream);
+Status apply_logit_adjustments(float* logits, int64_t rows, int64_t n_vocab,
+                               const LogitAdjustment* adjustments, const int32_t* offsets,
+                               cudaStream_t stream);
 
 // Scratch bytes sample_rows needs for rows × n_vocab (two sorted-key buffers of 8 bytes per logit,
 // the segment offsets and CUB's sort storage). Asks CUB, so it needs the CUDA runtime and a device:

@@ -1408,27 +1408,35 @@ TEST(CudaLlamaModel, ForwardSampleDrawsWhatTheSamplerWouldFromTheLogits) {
   EXPECT_EQ(ids, want);
   // With a repetition penalty on the greedy row and a sampled one, and histories holding each row's
   // unpenalized choice: the host sampler's ids for the same logits, histories and uniforms.
+  // Row 2: presence and frequency penalties and a logit bias that pushes its choice down.
   std::vector<w::SamplingParams> penalized = params;
   penalized[0].repetition_penalty = 3.0f;
   penalized[1].repetition_penalty = 1.5f;
+  penalized[2].presence_penalty = 0.75f;
+  penalized[2].frequency_penalty = 0.5f;
+  penalized[2].logit_bias = {{want[2], -40.0f}, {(want[2] + 1) % static_cast<int32_t>(n_vocab), 0.25f}};
   std::vector<std::vector<int32_t>> rows_history;
   for (int32_t id : want) rows_history.push_back({id, 1, id});
   const w::TokenHistories histories(rows_history.begin(), rows_history.end());
   std::vector<int32_t> penalized_ids;
   gpu.forward_sample(batch, cache, penalized, us, penalized_ids, histories);
   ASSERT_EQ(penalized_ids.size(), want.size());
-  for (size_t r = 0; r < 2; ++r) {
+  EXPECT_NE(penalized_ids[2], want[2]) << "a bias of -40 moves the row off its choice";
+  for (size_t r = 0; r < 3; ++r) {
     EXPECT_EQ(penalized_ids[r],
               w::Sampler(penalized[r])
                   .sample_with_uniform(logits.data() + r * n_vocab, n_vocab, histories[r], us[r]))
         << "row " << r;
   }
   EXPECT_NE(penalized_ids[0], want[0]) << "a penalty of 3 on the top logit moves greedy off it";
-  for (size_t r = 2; r < want.size(); ++r) EXPECT_EQ(penalized_ids[r], want[r]) << "row " << r;
-  // Refused: a repetition penalty without histories, a size mismatch, a uniform of 1.
+  for (size_t r = 3; r < want.size(); ++r) EXPECT_EQ(penalized_ids[r], want[r]) << "row " << r;
+  // Refused: a repetition penalty or a logit bias without histories, a size mismatch, a uniform of 1.
   params[1].repetition_penalty = 1.1f;
   EXPECT_THROW(gpu.forward_sample(batch, cache, params, us, ids), std::invalid_argument);
   params[1].repetition_penalty = 1.0f;
+  params[1].logit_bias = {{0, 1.0f}};
+  EXPECT_THROW(gpu.forward_sample(batch, cache, params, us, ids), std::invalid_argument);
+  params[1].logit_bias.clear();
   EXPECT_THROW(gpu.forward_sample(batch, cache, std::vector<w::SamplingParams>(6), us, ids),
                std::invalid_argument);
   us[0] = 1.0;
@@ -1494,6 +1502,9 @@ TEST(CudaLlamaModel, ForwardDraftSampleKeepsTheDistributionsItDrawsFrom) {
   const std::vector<w::KeptRowRef> in_store = {{store.get(), 0}, {store.get(), 1}, {}, {}, {}};
   auto penalized = params;
   penalized[1].repetition_penalty = 1.2f;
+  EXPECT_THROW(gpu.forward_draft_sample(batch, cache, penalized, us, in_store, ids), std::invalid_argument);
+  penalized[1].repetition_penalty = 1.0f;
+  penalized[1].logit_bias = {{0, 1.0f}};
   EXPECT_THROW(gpu.forward_draft_sample(batch, cache, penalized, us, in_store, ids), std::invalid_argument);
   auto bad_us = us;
   bad_us[0] = 1.0;

@@ -213,40 +213,58 @@ TEST(CudaSampling, DistributionRowsMatchCpuSampler) {
   }
 }
 
-// The repetition penalty kernel against worker::apply_repetition_penalty, bit for bit: rows of odd
+// The logit adjustment kernel against worker::apply_logit_adjustments, bit for bit: rows of odd
 // sizes, random histories (repeats, ids out of range, windows shorter and longer than the history),
-// penalties above and below 1, and rows without one.
-TEST(CudaSampling, RepetitionPenaltyMatchesTheCpuRule) {
+// repetition penalties above and below 1, presence and frequency penalties, logit biases (some on
+// tokens in the window, some beyond the vocabulary), and rows with none.
+TEST(CudaSampling, LogitAdjustmentsMatchTheCpuRule) {
   NIBBLE_REQUIRE_CUDA_DEVICE();
+  static_assert(sizeof(w::LogitAdjustment) == sizeof(k::cuda::LogitAdjustment));
   std::mt19937 rng(31);
   for (const int64_t n_vocab : {int64_t{1}, int64_t{37}, int64_t{5003}}) {
     const int64_t rows = 7;
     std::vector<float> logits = make_logits(rows, n_vocab, rng), want = logits;
     std::uniform_int_distribution<int32_t> token(-2, static_cast<int32_t>(n_vocab) + 1);
-    std::vector<int32_t> ids, offsets{0};
-    std::vector<float> penalties;
+    std::uniform_real_distribution<float> amount(-3.0f, 3.0f);
+    std::vector<w::LogitAdjustment> adjustments;
+    std::vector<int32_t> offsets{0};
     for (int64_t r = 0; r < rows; ++r) {
       w::SamplingParams p;
       p.repetition_penalty = r == 3 ? 1.0f : (r % 2 == 0 ? 1.3f : 0.8f);
+      p.presence_penalty = r % 3 == 1 ? amount(rng) : 0.0f;
+      p.frequency_penalty = r % 3 == 2 ? amount(rng) : 0.0f;
       p.repeat_last_n = static_cast<int32_t>(5 + 20 * r);
+      if (r % 2 == 1) {
+        for (int32_t t = 0; t < 4; ++t)
+          p.logit_bias.push_back({t * 13 % static_cast<int32_t>(n_vocab + 3), amount(rng)});
+        std::sort(p.logit_bias.begin(), p.logit_bias.end(),
+                  [](const w::TokenBias& a, const w::TokenBias& b) { return a.token < b.token; });
+        p.logit_bias.erase(
+            std::unique(p.logit_bias.begin(), p.logit_bias.end(),
+                        [](const w::TokenBias& a, const w::TokenBias& b) { return a.token == b.token; }),
+            p.logit_bias.end());
+      }
       std::vector<int32_t> history(static_cast<size_t>(3 + 17 * r));
       for (int32_t& t : history) t = token(rng) % static_cast<int32_t>(std::min<int64_t>(n_vocab + 2, 60));
-      w::apply_repetition_penalty(p, history, want.data() + r * n_vocab, n_vocab);
-      const std::vector<int32_t> row = w::penalized_tokens(p, history, n_vocab);
-      ids.insert(ids.end(), row.begin(), row.end());
-      offsets.push_back(static_cast<int32_t>(ids.size()));
-      penalties.push_back(p.repetition_penalty);
+      w::apply_logit_adjustments(p, history, want.data() + r * n_vocab, n_vocab);
+      const std::vector<w::LogitAdjustment> row = w::logit_adjustments(p, history, n_vocab);
+      adjustments.insert(adjustments.end(), row.begin(), row.end());
+      offsets.push_back(static_cast<int32_t>(adjustments.size()));
     }
-    ASSERT_NE(logits, want) << "the penalty changed something";
-    DeviceBuffer<float> d_logits(logits), d_penalties(penalties);
-    DeviceBuffer<int32_t> d_ids(ids.empty() ? std::vector<int32_t>{0} : ids), d_offsets(offsets);
-    ASSERT_EQ(k::cuda::apply_repetition_penalty(d_logits.ptr, rows, n_vocab, d_ids.ptr, d_offsets.ptr,
-                                                d_penalties.ptr, nullptr),
+    ASSERT_NE(logits, want) << "the adjustments changed something";
+    std::vector<k::cuda::LogitAdjustment> device_rows;
+    for (const w::LogitAdjustment& a : adjustments)
+      device_rows.push_back({a.id, a.bias, a.penalty, a.subtract});
+    DeviceBuffer<float> d_logits(logits);
+    DeviceBuffer<k::cuda::LogitAdjustment> d_adjustments(device_rows);
+    DeviceBuffer<int32_t> d_offsets(offsets);
+    ASSERT_EQ(k::cuda::apply_logit_adjustments(d_logits.ptr, rows, n_vocab, d_adjustments.ptr, d_offsets.ptr,
+                                               nullptr),
               k::Status::ok);
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
     EXPECT_EQ(d_logits.to_host(), want) << "n_vocab " << n_vocab;
   }
-  EXPECT_EQ(k::cuda::apply_repetition_penalty(nullptr, 1, 4, nullptr, nullptr, nullptr, nullptr),
+  EXPECT_EQ(k::cuda::apply_logit_adjustments(nullptr, 1, 4, nullptr, nullptr, nullptr),
             k::Status::invalid_argument);
 }
 

@@ -296,7 +296,18 @@ Outcome run_worker_protocol(std::span<const uint8_t> input) {
 std::vector<std::vector<uint8_t>> worker_protocol_seeds() {
   protocol::WorkerStep step;
   step.step_id = 12;
-  step.new_sequences.push_back({7, 0.8f, 40, 0.95f, 0.0f, 1.1f, 64, 99});
+  step.new_sequences.push_back({.seq_id = 7,
+                                .temperature = 0.8f,
+                                .top_k = 40,
+                                .top_p = 0.95f,
+                                .min_p = 0.0f,
+                                .repetition_penalty = 1.1f,
+                                .repeat_last_n = 64,
+                                .seed = 99,
+                                .logprobs = 0,
+                                .presence_penalty = 0.5f,
+                                .frequency_penalty = -0.25f,
+                                .logit_bias = {{3, -1.5f}, {11, 2.0f}}});
   step.released = {3};
   step.entries.push_back({7, 0, 0, {1, 2, 3, 4}, true, 0, {}});
   step.entries.push_back({8, 1, 16, {5, 6, 7}, true, 2, {}});
@@ -306,7 +317,10 @@ std::vector<std::vector<uint8_t>> worker_protocol_seeds() {
   protocol::StepResult result;
   result.sampled.push_back({7, 42, {5, 6}, 2, {9, 10}});
   protocol::DraftRequest request;
-  request.sequences.push_back({{7, 0.0f, 0, 1.0f, 0.0f, 1.0f, 64, 1}, 3, {4, 5}, 4});
+  protocol::SequenceSampling greedy;
+  greedy.seq_id = 7;
+  greedy.seed = 1;
+  request.sequences.push_back({greedy, 3, {4, 5}, 4});
   protocol::DraftReply reply;
   reply.proposals.push_back({7, {1, 2}, {0.25f, 0.75f, 0.5f, 0.5f}});
   return {protocol::encode(step), protocol::encode(result), protocol::encode(request),

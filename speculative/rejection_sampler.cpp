@@ -159,7 +159,8 @@ Verification verify(std::span<const int32_t> draft_tokens, std::span<const float
 
 int32_t greedy_token(const worker::Sampler& sampler, const float* logits, int64_t n_vocab,
                      std::span<const int32_t> history) {
-  if (worker::adjusts_logits(sampler.params())) return sampler.distribution(logits, n_vocab, history).front().id;
+  if (worker::adjusts_logits(sampler.params()))
+    return sampler.distribution(logits, n_vocab, history).front().id;
   return static_cast<int32_t>(std::max_element(logits, logits + n_vocab) - logits);
 }
 

@@ -62,8 +62,8 @@ class ForwardModel {
   // params, uniforms: [batch.logit_rows.size()] (uniforms in [0, 1), e.g. each row's
   // Sampler::uniform()); histories: each row's tokens so far, for the penalties: empty when no row
   // adjusts its logits (worker::adjusts_logits), else one a row. Throws std::invalid_argument for a size
-  // mismatch, a uniform outside [0, 1) or adjustments without histories. The default runs forward_stage() and samples on
-  // the host.
+  // mismatch, a uniform outside [0, 1) or adjustments without histories. The default runs forward_stage() and
+  // samples on the host.
   virtual void forward_stage_sample(const ForwardBatch& batch, ForwardCache& cache, const float* hidden_in,
                                     const std::vector<SamplingParams>& params,
                                     const std::vector<double>& uniforms, const TokenHistories& histories,

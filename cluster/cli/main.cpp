@@ -32,7 +32,8 @@ int main(int argc, char** argv) {
   add("client", "Send one request to a running `nibble serve`", nibble::cli::add_client);
   add("bench-serve", "Load-test a running `nibble serve` (throughput, TTFT, TPOT)",
       nibble::cli::add_bench_serve);
-  add("openai", "OpenAI-compatible HTTP server in front of a running `nibble serve`", nibble::cli::add_openai);
+  add("openai", "OpenAI-compatible HTTP server in front of a running `nibble serve`",
+      nibble::cli::add_openai);
 
   auto is_subcommand = [&](const std::string& name) {
     for (const auto& [sub, run] : runners) {

@@ -8,6 +8,7 @@
 #include <nlohmann/json.hpp>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "cluster/protocol/client_protocol.hpp"
@@ -90,6 +91,13 @@ nlohmann::json finish_chunk(const ApiRequest& api, size_t index, const protocol:
 // With stream_options.include_usage: no choices, the usage of them all.
 nlohmann::json usage_chunk(const ApiRequest& api, const std::vector<protocol::Final>& finals,
                            const std::string& id, int64_t created, const std::string& model);
+
+// GET /metrics: the coordinator's counters (protocol::Stats) and the gateway's HTTP answers by path and
+// status, in Prometheus's text exposition format (version 0.0.4), as vLLM's /metrics serves its own.
+// http_answers: ((path, status), count), each path an endpoint of the gateway's.
+std::string prometheus_metrics(
+    const protocol::Stats& stats,
+    const std::vector<std::pair<std::pair<std::string, int>, uint64_t>>& http_answers);
 
 // `body` as JSON text; invalid UTF-8 (a token may end inside a character) becomes U+FFFD, not an error.
 std::string dump(const nlohmann::json& body);

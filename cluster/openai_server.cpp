@@ -8,8 +8,10 @@
 #include <condition_variable>
 #include <deque>
 #include <functional>
+#include <map>
 #include <mutex>
 #include <optional>
+#include <set>
 #include <stdexcept>
 #include <thread>
 #include <utility>
@@ -32,6 +34,8 @@ struct OpenAiServer::Impl {
   httplib::Server http;
   std::mutex clients_mutex;
   std::vector<std::unique_ptr<Client>> idle_clients;  // one coordinator connection per request at a time
+  std::mutex answers_mutex;
+  std::map<std::pair<std::string, int>, uint64_t> answers;  // (path, status) -> count, for /metrics
 
   static int64_t unix_time() {
     return std::chrono::duration_cast<std::chrono::seconds>(
@@ -90,6 +94,22 @@ struct OpenAiServer::Impl {
       const protocol::Health h = (*client).health();
       send_json(res, h.ok ? 200 : 503,
                 {{"status", h.ok ? "ok" : "unavailable"}, {"workers", h.workers}, {"detail", h.detail}});
+    } catch (const ClientError& e) {
+      send_error(res, client_error(e));
+    }
+  }
+
+  void metrics(httplib::Response& res) {
+    try {
+      Lease client = lease();
+      const protocol::Stats stats = (*client).stats();
+      std::vector<std::pair<std::pair<std::string, int>, uint64_t>> counts;
+      {
+        std::lock_guard lock(answers_mutex);
+        counts.assign(answers.begin(), answers.end());
+      }
+      res.status = 200;
+      res.set_content(openai::prometheus_metrics(stats, counts), "text/plain; version=0.0.4");
     } catch (const ClientError& e) {
       send_error(res, client_error(e));
     }
@@ -260,6 +280,15 @@ OpenAiServer::OpenAiServer(OpenAiServerOptions options) : impl_(std::make_unique
   s.http.set_payload_max_length(s.options.max_body_bytes);
   s.http.Get("/health", [&s](const httplib::Request&, httplib::Response& res) { s.health(res); });
   s.http.Get("/v1/models", [&s](const httplib::Request&, httplib::Response& res) { s.models(res); });
+  s.http.Get("/metrics", [&s](const httplib::Request&, httplib::Response& res) { s.metrics(res); });
+  // Every answer of a known endpoint counted by status (unknown paths are not: a scan would grow the map).
+  s.http.set_logger([&s](const httplib::Request& req, const httplib::Response& res) {
+    static const std::set<std::string> kPaths = {"/health", "/v1/models", "/metrics", "/v1/completions",
+                                                 "/v1/chat/completions"};
+    if (!kPaths.contains(req.path)) return;
+    std::lock_guard lock(s.answers_mutex);
+    ++s.answers[{req.path, res.status}];
+  });
   s.http.Post("/v1/completions", [&s](const httplib::Request& req, httplib::Response& res) {
     s.generate(Endpoint::completions, req, res);
   });

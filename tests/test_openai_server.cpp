@@ -773,6 +773,28 @@ TEST(OpenAiServer, RefusesBadRequestsByNameAndKeepsServing) {
   EXPECT_EQ(ok.status, 200) << ok.body;
   EXPECT_EQ(ok.body["usage"]["completion_tokens"].get<int>() > 0, true);
   EXPECT_EQ(get(port, "/health").status, 200);
+
+  // /metrics: the coordinator's counters as its stats give them, and every answer above by path and
+  // status (3 refusals and 2 answers on /v1/completions, the streamed refusal among the 200s).
+  httplib::Client http("127.0.0.1", port);
+  const auto metrics = http.Get("/metrics");
+  ASSERT_TRUE(metrics) << httplib::to_string(metrics.error());
+  EXPECT_EQ(metrics->status, 200);
+  EXPECT_EQ(metrics->get_header_value("Content-Type"), "text/plain; version=0.0.4");
+  const std::string& text = metrics->body;
+  const protocol::Stats stats = service.client().stats();
+  for (const std::string& line :
+       {"nibble_requests_completed_total " + std::to_string(stats.completed),
+        "nibble_kv_blocks_total " + std::to_string(stats.total_kv_blocks),
+        "nibble_generation_tokens_total " + std::to_string(stats.tokens_generated),
+        std::string("# TYPE nibble_requests_running gauge"),
+        std::string("nibble_http_requests_total{path=\"/v1/completions\",status=\"400\"} 3"),
+        std::string("nibble_http_requests_total{path=\"/v1/completions\",status=\"200\"} 2"),
+        std::string("nibble_http_requests_total{path=\"/v1/chat/completions\",status=\"400\"} 1"),
+        std::string("nibble_http_requests_total{path=\"/v1/chat/completions\",status=\"200\"} 1")}) {
+    EXPECT_NE(text.find(line + "\n"), std::string::npos) << line << "\n" << text;
+  }
+  EXPECT_EQ(text.find("/v2/completions"), std::string::npos) << "unknown paths are not counted";
 }
 
 TEST(OpenAiServer, AClientLeavingAStreamCancelsItsRequest) {

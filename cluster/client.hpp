@@ -68,6 +68,11 @@ class Client {
   // made it; the cancel itself gets no reply.
   void cancel(const std::string& request_id);
 
+  // From any thread: the call in progress on this client, and every later one, fails at once with a
+  // ClientError (transport) instead of waiting for a reply. For a process that stops (the HTTP gateway
+  // of a `nibble serve` that shuts down); the client is unusable after it.
+  void interrupt() { context_.shutdown(); }
+
   // Raw access, for tests that send malformed frames: `frame` goes out as one ZeroMQ frame as is;
   // receive() returns the next reply of any kind (throws ClientError on timeout or an undecodable
   // frame).

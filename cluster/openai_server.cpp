@@ -34,6 +34,8 @@ struct OpenAiServer::Impl {
   httplib::Server http;
   std::mutex clients_mutex;
   std::vector<std::unique_ptr<Client>> idle_clients;  // one coordinator connection per request at a time
+  std::set<Client*> leased_clients;                   // in use: interrupted when the server stops
+  bool stopping = false;
   std::mutex answers_mutex;
   std::map<std::pair<std::string, int>, uint64_t> answers;  // (path, status) -> count, for /metrics
 
@@ -50,7 +52,8 @@ struct OpenAiServer::Impl {
     std::unique_ptr<Client> client;
     ~Lease() {
       std::lock_guard lock(impl->clients_mutex);
-      impl->idle_clients.push_back(std::move(client));
+      impl->leased_clients.erase(client.get());
+      if (!impl->stopping) impl->idle_clients.push_back(std::move(client));
     }
     Client& operator*() { return *client; }
   };
@@ -68,6 +71,9 @@ struct OpenAiServer::Impl {
       client_options.timeout_ms = options.timeout_ms;
       client = std::make_unique<Client>(options.coordinator, client_options);
     }
+    std::lock_guard lock(clients_mutex);
+    if (stopping) client->interrupt();  // a request that slipped in fails at once
+    leased_clients.insert(client.get());
     return Lease{this, std::move(client)};
   }
 
@@ -333,6 +339,13 @@ int OpenAiServer::bind() {
 
 void OpenAiServer::run() { impl_->http.listen_after_bind(); }
 
-void OpenAiServer::stop() { impl_->http.stop(); }
+void OpenAiServer::stop() {
+  Impl& s = *impl_;
+  s.http.stop();
+  // Requests still waiting on the coordinator (one that stops answers no more) end now, with a 503.
+  std::lock_guard lock(s.clients_mutex);
+  s.stopping = true;
+  for (Client* client : s.leased_clients) client->interrupt();
+}
 
 }  // namespace nibble::cluster

@@ -40,6 +40,8 @@ class OpenAiServer {
   int bind();
   // Serves until stop() (from another thread or a signal-handling thread); bind() first.
   void run();
+  // Stops accepting, and ends the requests still waiting on the coordinator with a transport error (so
+  // run() returns at once even when the coordinator is gone).
   void stop();
 
  private:

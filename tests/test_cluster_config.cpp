@@ -44,6 +44,7 @@ TEST(ClusterConfig, MinimalConfigTakesDefaults) {
   EXPECT_EQ(config.source, "minimal.yaml");
   EXPECT_EQ(config.model.path, "target.gguf");
   EXPECT_FALSE(config.draft.has_value());
+  EXPECT_FALSE(config.openai.has_value());
   EXPECT_EQ(config.parallel.tensor, 1);
   EXPECT_EQ(config.parallel.pipeline, 1);
   EXPECT_EQ(config.parallel.micro_batches, 1);
@@ -98,6 +99,11 @@ kv_cache:
   num_blocks: 1000
   prefix_caching: false
 context: 8192
+openai:
+  listen: "0.0.0.0:8080"
+  model_name: llama-70b
+  threads: 4
+  chat_max_tokens: 512
 )",
                                                     "full.yaml");
   EXPECT_EQ(config.model.path, "/models/target.gguf");
@@ -126,6 +132,12 @@ context: 8192
   EXPECT_EQ(config.kv_cache.num_blocks, 1000);
   EXPECT_FALSE(config.kv_cache.prefix_caching);
   EXPECT_EQ(config.context, 8192);
+  ASSERT_TRUE(config.openai.has_value());
+  EXPECT_EQ(config.openai->host, "0.0.0.0");
+  EXPECT_EQ(config.openai->port, 8080);
+  EXPECT_EQ(config.openai->model_name, "llama-70b");
+  EXPECT_EQ(config.openai->threads, 4);
+  EXPECT_EQ(config.openai->chat_max_tokens, 512);
   EXPECT_EQ(config.world_size(), 8);  // 1 coordinator + 6 workers + the draft's own rank
   EXPECT_EQ(config.num_workers(), 6);
 }
@@ -195,6 +207,12 @@ TEST(ClusterConfig, OutOfRangeValues) {
   expect_error("model: {path: m}\nserver:\n  listen: \"http://127.0.0.1:80\"\n", "server.listen", 3,
                {"tcp://", "ipc://", "http://127.0.0.1:80"});
   expect_error("model: {path: m}\nserver:\n  listen: \"tcp://127.0.0.1\"\n", "server.listen", 3, {"port"});
+  expect_error("model: {path: m}\nopenai:\n  listen: \"localhost\"\n", "openai.listen", 3, {"HOST:PORT", "localhost"});
+  expect_error("model: {path: m}\nopenai:\n  listen: \"h:70000\"\n", "openai.listen", 3, {"0-65535"});
+  expect_error("model: {path: m}\nopenai:\n  listen: \"http://h:80\"\n", "openai.listen", 3, {"no scheme"});
+  expect_error("model: {path: m}\nopenai:\n  listen: \":80\"\n", "openai.listen", 3, {"HOST:PORT"});
+  expect_error("model: {path: m}\nopenai: {threads: 0}\n", "openai.threads", 2);
+  expect_error("model: {path: m}\nopenai: {port: 80}\n", "openai.port", 2, {"unknown key"});
   expect_error("model: {path: m}\nkv_cache:\n  memory_fraction: 0\n", "kv_cache.memory_fraction", 3,
                {"(0, 1]"});
   expect_error("model: {path: m}\nkv_cache:\n  memory_fraction: 1.5\n", "kv_cache.memory_fraction", 3);
@@ -320,7 +338,8 @@ TEST(ClusterConfig, RenderRoundTrips) {
       "model: {path: \"/m/t a.gguf\"}\ndraft: {path: d.gguf, placement: own_rank}\nparallel: {tensor: 2, "
       "pipeline: 2}\ndevice: cuda\nint4_kernels: cuda_cores\nthreads: 3\nserver: {listen: "
       "\"tcp://0.0.0.0:7000\"}\nkv_cache: "
-      "{memory_fraction: 0.9, prefix_caching: false}\nchat_template: llama3\n",
+      "{memory_fraction: 0.9, prefix_caching: false}\nchat_template: llama3\nopenai: {listen: \"[::1]:0\", "
+      "model_name: \"a: b\"}\n",
       "full.yaml");
   const std::string rendered = render_cluster_config(full);
   EXPECT_NE(rendered.find("# effective configuration from full.yaml"), std::string::npos) << rendered;

@@ -12,6 +12,7 @@
 #include <atomic>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <regex>
 #include <string>
 #include <thread>
 #include <vector>
@@ -533,6 +534,8 @@ struct Service {
   Client client() const { return Client(job->endpoint()); }
 };
 
+const std::string kPrompt = "The quick brown fox jumps over the lazy dog";
+
 // A logprob's token name without a tokenizer.
 std::string id_name(int32_t token) { return "token_id:" + std::to_string(token); }
 
@@ -909,6 +912,38 @@ TEST(OpenAiServer, WithTheTokenizerLogprobsNameTokensByTheirText) {
   ASSERT_FALSE(joined.empty());
   EXPECT_EQ(joined[0], ' ');
   EXPECT_EQ(joined.substr(1), expected.text);
+}
+
+// `openai:` in a job's configuration: the coordinator's process serves the HTTP API too (port 0: the log
+// names the one it took), answers as the ZeroMQ client does, names logprobs' tokens with the model's
+// tokenizer, and a shutdown request stops it with the job, cleanly.
+TEST(OpenAiServer, ServeStartsItWithTheOpenAiSection) {
+  if (!fs::exists(test_jobs::mpiexec())) GTEST_SKIP() << "mpirun (" << test_jobs::mpiexec() << ") is absent";
+  test::TempDir dir;
+  const std::string model = (dir.path() / "tiny.gguf").string();
+  model::write_random_llama(model, model::llama_shape_by_name("tiny"), kernels::DType::Q4_0, 5);
+  ServeJob job(dir.path(), model, 1, 1, "chat_template: chatml\nopenai: { listen: \"127.0.0.1:0\" }\n");
+  ASSERT_TRUE(job.wait_ready()) << job.log();
+  std::smatch match;
+  const std::string log = job.log();
+  ASSERT_TRUE(std::regex_search(
+      log, match, std::regex("openai: listening on http://127\\.0\\.0\\.1:([0-9]+) \\(model 'tiny'\\)")))
+      << log;
+  const int port = std::stoi(match[1]);
+  EXPECT_EQ(get(port, "/v1/models").body["data"][0]["id"], "tiny");  // the file's name, less .gguf
+  Client client(job.endpoint());
+  const protocol::Final expected = client.generate(greedy(kPrompt, 8, 1));
+  const HttpReply c =
+      post(port, "/v1/completions",
+           json{{"prompt", kPrompt}, {"max_tokens", 8}, {"temperature", 0}, {"logprobs", 1}}.dump());
+  ASSERT_EQ(c.status, 200) << c.body;
+  EXPECT_EQ(c.body["choices"][0]["text"], expected.text);
+  for (const json& token : c.body["choices"][0]["logprobs"]["tokens"])
+    EXPECT_NE(token.get<std::string>().rfind("token_id:", 0), 0u) << "named by the tokenizer: " << token;
+  EXPECT_TRUE(client.shutdown().ok);
+  EXPECT_EQ(job.wait_exit(30s), std::optional<int>(0)) << job.log();
+  EXPECT_NE(job.log().find("shut down cleanly"), std::string::npos) << job.log();
+  EXPECT_EQ(post(port, "/v1/completions", R"({"prompt": "x"})").status, 0) << "the HTTP server stopped too";
 }
 
 // The official `openai` Python package (PyPI) against the gateway, when this machine has it: its

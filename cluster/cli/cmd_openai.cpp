@@ -53,12 +53,7 @@ Runner add_openai(CLI::App& app) {
         std::fprintf(stderr, "nibble openai: error: --tokenizer: %s\n", e.what());
         return 1;
       }
-      // A control token (BOS, EOS, <|eot_id|>) has no bytes: its name stands for it.
-      options->api.token_text = [tokenizer](int32_t id) {
-        if (id < 0 || id >= tokenizer->n_vocab()) return "token_id:" + std::to_string(id);
-        std::string bytes = tokenizer->token_bytes(id);
-        return bytes.empty() ? tokenizer->token_text(id) : bytes;
-      };
+      options->api.token_text = logprob_token_text(tokenizer);
     }
     // SIGINT / SIGTERM go to one thread that stops the server; every other thread blocks them.
     sigset_t stop_signals;

@@ -12,6 +12,7 @@
 #include <csignal>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <limits>
 #include <memory>
 #include <optional>
@@ -25,6 +26,7 @@
 #include "cluster/config/cluster_config.hpp"
 #include "cluster/coordinator.hpp"
 #include "cluster/draft_service.hpp"
+#include "cluster/openai_server.hpp"
 #include "cluster/remote_draft.hpp"
 #include "cluster/worker_service.hpp"
 #include "cluster/worker_stage.hpp"
@@ -62,6 +64,30 @@ std::string this_host() {
 }
 
 // True on every rank when `ok` holds on every rank.
+// The in-process HTTP API's settings (`openai:`): it talks to this coordinator at server.listen (a
+// wildcard host reached over loopback); the model's name defaults to its file's, less .gguf.
+cluster::OpenAiServerOptions openai_options(const cluster::ClusterConfig& config,
+                                            const std::shared_ptr<const model::Tokenizer>& tokenizer) {
+  cluster::OpenAiServerOptions o;
+  o.coordinator = config.server.listen;
+  for (const char* wildcard : {"tcp://*:", "tcp://0.0.0.0:"}) {
+    if (o.coordinator.rfind(wildcard, 0) == 0)
+      o.coordinator = "tcp://127.0.0.1:" + o.coordinator.substr(std::string(wildcard).size());
+  }
+  o.host = config.openai->host;
+  o.port = config.openai->port;
+  o.threads = config.openai->threads;
+  o.api.default_chat_max_tokens = static_cast<uint32_t>(config.openai->chat_max_tokens);
+  o.api.model_name = config.openai->model_name;
+  if (o.api.model_name.empty()) {
+    std::filesystem::path path(config.model.path);
+    if (path.filename().empty()) path = path.parent_path();  // a directory given with a trailing slash
+    o.api.model_name = path.extension() == ".gguf" ? path.stem().string() : path.filename().string();
+  }
+  if (tokenizer) o.api.token_text = cli::logprob_token_text(tokenizer);
+  return o;
+}
+
 bool all_ok(bool ok) {
   int flag = ok ? 1 : 0;
   MPI_Allreduce(MPI_IN_PLACE, &flag, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
@@ -363,6 +389,8 @@ int serve(const std::string& config_path) {
   zmq::socket_t clients(context, zmq::socket_type::router);
   std::vector<std::unique_ptr<zmq::socket_t>> to_workers;
   Slot my_endpoint{};
+  std::unique_ptr<cluster::OpenAiServer> gateway;  // `openai:`: the HTTP API in this process
+  int gateway_port = 0;
   if (!phase(world_rank, true, [&] {
         if (coordinator) {
           clients.set(zmq::sockopt::linger, 2000);  // let the last errors reach clients at exit
@@ -376,6 +404,14 @@ int serve(const std::string& config_path) {
             throw std::runtime_error("server.listen: cannot bind " + config.server.listen + ": " + e.what());
           }
           my_endpoint = to_slot(bind_ephemeral(results, single_host));
+          if (config.openai) {
+            gateway = std::make_unique<cluster::OpenAiServer>(openai_options(config, tokenizer));
+            try {
+              gateway_port = gateway->bind();
+            } catch (const std::exception& e) {
+              throw std::runtime_error(std::string("openai.listen: ") + e.what());
+            }
+          }
         } else {
           my_endpoint = to_slot(bind_ephemeral(steps, single_host));
         }
@@ -593,6 +629,20 @@ int serve(const std::string& config_path) {
   std::fprintf(
       stderr, "nibble serve: chat format: %s\n",
       chat_format ? model::chat_format_name(*chat_format) : "none (requests with messages are refused)");
+  // The HTTP API's own threads, a client of this coordinator like any other; stopped once it has answered
+  // its last request.
+  std::thread gateway_thread;
+  if (gateway) {
+    std::fprintf(stderr, "nibble serve: openai: listening on http://%s:%d (model '%s')\n",
+                 config.openai->host.c_str(), gateway_port,
+                 openai_options(config, tokenizer).api.model_name.c_str());
+    gateway_thread = std::thread([&gateway] { gateway->run(); });
+  }
+  const auto stop_gateway = [&] {
+    if (!gateway) return;
+    gateway->stop();
+    gateway_thread.join();
+  };
   int code = 1;
   try {
     cluster::Coordinator coordinator_loop(config, *tokenizer, file->config(), scheduler, sockets,
@@ -601,6 +651,7 @@ int serve(const std::string& config_path) {
   } catch (const std::exception& e) {
     std::fprintf(stderr, "nibble serve: coordinator: error: %s\n", e.what());
   }
+  stop_gateway();
   if (code != 0) {
     std::fprintf(stderr,
                  "nibble serve: stopping after a failure; every open request was answered with an error\n");

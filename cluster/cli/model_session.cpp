@@ -34,6 +34,14 @@ int default_threads() {
   return n == 0 ? 1 : static_cast<int>(n);
 }
 
+std::function<std::string(int32_t)> logprob_token_text(std::shared_ptr<const model::Tokenizer> tokenizer) {
+  return [tokenizer](int32_t id) {
+    if (id < 0 || id >= tokenizer->n_vocab()) return "token_id:" + std::to_string(id);
+    std::string bytes = tokenizer->token_bytes(id);
+    return bytes.empty() ? tokenizer->token_text(id) : bytes;
+  };
+}
+
 std::shared_ptr<const model::Tokenizer> open_tokenizer(const model::LlamaCheckpoint& checkpoint) {
   std::shared_ptr<const model::Tokenizer> tokenizer =
       checkpoint.gguf() != nullptr ? model::Tokenizer::from_gguf(*checkpoint.gguf())

@@ -2,6 +2,8 @@
 // What every model-using subcommand loads: the model (a GGUF file, a Hugging Face checkpoint
 // directory or a dummy "dummy:<shape>"), its tokenizer when it has one, and the CPU model (unless a GPU model
 // runs instead).
+#include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -15,6 +17,10 @@ namespace nibble::cli {
 // it has none), or for a dummy the synthetic vocabulary of its size (model/random_model.hpp). Throws when its
 // size disagrees with the model's vocabulary.
 std::shared_ptr<const model::Tokenizer> open_tokenizer(const model::LlamaCheckpoint& checkpoint);
+
+// How the OpenAI API names a token in logprobs (openai::ApiSettings::token_text): its bytes, or for a
+// control token (BOS, EOS, <|eot_id|>: no bytes) its text; "token_id:N" for an id outside the vocabulary.
+std::function<std::string(int32_t)> logprob_token_text(std::shared_ptr<const model::Tokenizer> tokenizer);
 
 struct ModelSession {
   std::shared_ptr<const model::LlamaCheckpoint> checkpoint;

@@ -363,6 +363,29 @@ ClusterConfig build_config(const Reader& reader, const Section& top, const std::
     }
   }
 
+  if (const Entry* entry = top.find("openai")) {
+    const Section openai = reader.section(*entry, {"listen", "model_name", "threads", "chat_max_tokens"});
+    OpenAiConfig o;
+    if (const Entry* e = openai.find("listen")) {
+      const std::string listen = reader.text(*e);
+      const size_t colon = listen.rfind(':');
+      const std::string port = colon == std::string::npos ? "" : listen.substr(colon + 1);
+      const bool digits = !port.empty() && port.size() <= 5 &&
+                          std::all_of(port.begin(), port.end(), [](char c) { return c >= '0' && c <= '9'; });
+      if (colon == 0 || colon == std::string::npos || !digits || std::stoi(port) > 65535 ||
+          listen.find("://") != std::string::npos) {
+        reader.fail(e->path, e->line, "expected HOST:PORT (port 0-65535, no scheme), got '" + listen + "'");
+      }
+      o.host = listen.substr(0, colon);
+      o.port = std::stoi(port);
+    }
+    if (const Entry* e = openai.find("model_name")) o.model_name = reader.text(*e);
+    if (const Entry* e = openai.find("threads")) o.threads = reader.integer<int>(*e, 1, 1024);
+    if (const Entry* e = openai.find("chat_max_tokens"))
+      o.chat_max_tokens = reader.integer<int>(*e, 1, kIntMax);
+    config.openai = o;
+  }
+
   if (const Entry* entry = top.find("scheduler")) {
     const Section scheduler = reader.section(*entry, {"max_batch_tokens", "max_running", "prefill_chunk"});
     if (const Entry* e = scheduler.find("max_batch_tokens")) {
@@ -629,7 +652,7 @@ ClusterConfig parse_cluster_config(const std::string& yaml_text, const std::stri
       reader.section(Entry{"", 1, root},
                      {"model", "draft", "parallel", "device", "int4_kernels", "int4_layout", "cutlass_gemm",
                       "int8_activations", "cuda_graphs", "prefill_attention", "decode_split_tokens",
-                      "threads", "chat_template", "server", "scheduler", "kv_cache", "context"});
+                      "threads", "chat_template", "server", "scheduler", "kv_cache", "context", "openai"});
   return build_config(reader, top, source_name);
 }
 
@@ -712,6 +735,15 @@ std::string render_cluster_config(const ClusterConfig& config) {
   out << YAML::Key << "prefix_caching" << YAML::Value << config.kv_cache.prefix_caching;
   out << YAML::EndMap;
   out << YAML::Key << "context" << YAML::Value << config.context;
+  if (config.openai) {
+    out << YAML::Key << "openai" << YAML::Value << YAML::BeginMap;
+    out << YAML::Key << "listen" << YAML::Value << YAML::DoubleQuoted
+        << config.openai->host + ":" + std::to_string(config.openai->port);
+    out << YAML::Key << "model_name" << YAML::Value << YAML::DoubleQuoted << config.openai->model_name;
+    out << YAML::Key << "threads" << YAML::Value << config.openai->threads;
+    out << YAML::Key << "chat_max_tokens" << YAML::Value << config.openai->chat_max_tokens;
+    out << YAML::EndMap;
+  }
   out << YAML::EndMap;
   return std::string(out.c_str()) + "\n";
 }

@@ -62,6 +62,12 @@
 //                                # earlier sequences computed (vLLM's automatic prefix caching;
 //                                # cluster/kv_block_pool.hpp); false computes every prompt in full
 //   context: 4096                # max prompt + generated tokens per sequence
+//   openai:                      # optional; present = the OpenAI-compatible HTTP API (`nibble openai`'s,
+//                                # cluster/openai_server) served by the coordinator's process too
+//     listen: "127.0.0.1:8000"   # HOST:PORT; port 0 takes a free one (the start-up log names it)
+//     model_name: ""             # the name /v1/models lists; "" = the model path's file name, less .gguf
+//     threads: 16                # HTTP requests served at once
+//     chat_max_tokens: 256       # max_tokens of a chat request that gives none
 //
 // A section may be left empty (`scheduler:` with every key commented out) to take its defaults.
 
@@ -152,6 +158,16 @@ struct ServerConfig {
   bool operator==(const ServerConfig&) const = default;
 };
 
+struct OpenAiConfig {
+  std::string host = "127.0.0.1";
+  int port = 8000;         // 0: any free port
+  std::string model_name;  // "": the model path's file name without .gguf
+  int threads = 16;
+  int chat_max_tokens = 256;
+
+  bool operator==(const OpenAiConfig&) const = default;
+};
+
 struct SchedulerSettings {
   int max_batch_tokens = 512;
   int max_running = 64;
@@ -191,6 +207,7 @@ struct ClusterConfig {
   SchedulerSettings scheduler;
   KvCacheConfig kv_cache;
   int context = 4096;
+  std::optional<OpenAiConfig> openai;  // nullopt = no HTTP API in the coordinator's process
 
   // Processes mpirun must start: the coordinator plus tensor * pipeline workers, plus the draft's
   // own rank when it has one.

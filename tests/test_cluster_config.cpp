@@ -207,7 +207,8 @@ TEST(ClusterConfig, OutOfRangeValues) {
   expect_error("model: {path: m}\nserver:\n  listen: \"http://127.0.0.1:80\"\n", "server.listen", 3,
                {"tcp://", "ipc://", "http://127.0.0.1:80"});
   expect_error("model: {path: m}\nserver:\n  listen: \"tcp://127.0.0.1\"\n", "server.listen", 3, {"port"});
-  expect_error("model: {path: m}\nopenai:\n  listen: \"localhost\"\n", "openai.listen", 3, {"HOST:PORT", "localhost"});
+  expect_error("model: {path: m}\nopenai:\n  listen: \"localhost\"\n", "openai.listen", 3,
+               {"HOST:PORT", "localhost"});
   expect_error("model: {path: m}\nopenai:\n  listen: \"h:70000\"\n", "openai.listen", 3, {"0-65535"});
   expect_error("model: {path: m}\nopenai:\n  listen: \"http://h:80\"\n", "openai.listen", 3, {"no scheme"});
   expect_error("model: {path: m}\nopenai:\n  listen: \":80\"\n", "openai.listen", 3, {"HOST:PORT"});

@@ -335,6 +335,9 @@ TEST(ClusterConfig, TextMustBeUtf8WithoutControlCharacters) {
 }
 
 TEST(ClusterConfig, RenderRoundTrips) {
+  // openai: without model_name renders without it (the default, which the key cannot spell).
+  const ClusterConfig unnamed = parse_cluster_config("model: {path: m}\nopenai: {threads: 2}\n", "u.yaml");
+  EXPECT_EQ(parse_cluster_config(render_cluster_config(unnamed), "rendered"), unnamed);
   const ClusterConfig full = parse_cluster_config(
       "model: {path: \"/m/t a.gguf\"}\ndraft: {path: d.gguf, placement: own_rank}\nparallel: {tensor: 2, "
       "pipeline: 2}\ndevice: cuda\nint4_kernels: cuda_cores\nthreads: 3\nserver: {listen: "

@@ -739,7 +739,9 @@ std::string render_cluster_config(const ClusterConfig& config) {
     out << YAML::Key << "openai" << YAML::Value << YAML::BeginMap;
     out << YAML::Key << "listen" << YAML::Value << YAML::DoubleQuoted
         << config.openai->host + ":" + std::to_string(config.openai->port);
-    out << YAML::Key << "model_name" << YAML::Value << YAML::DoubleQuoted << config.openai->model_name;
+    // Empty is the default (the model file's name), which the key cannot spell.
+    if (!config.openai->model_name.empty())
+      out << YAML::Key << "model_name" << YAML::Value << YAML::DoubleQuoted << config.openai->model_name;
     out << YAML::Key << "threads" << YAML::Value << config.openai->threads;
     out << YAML::Key << "chat_max_tokens" << YAML::Value << config.openai->chat_max_tokens;
     out << YAML::EndMap;

@@ -65,7 +65,7 @@
 //   openai:                      # optional; present = the OpenAI-compatible HTTP API (`nibble openai`'s,
 //                                # cluster/openai_server) served by the coordinator's process too
 //     listen: "127.0.0.1:8000"   # HOST:PORT; port 0 takes a free one (the start-up log names it)
-//     model_name: ""             # the name /v1/models lists; "" = the model path's file name, less .gguf
+//     model_name: <file name>    # the name /v1/models lists; default: the model path's file name, less .gguf
 //     threads: 16                # HTTP requests served at once
 //     chat_max_tokens: 256       # max_tokens of a chat request that gives none
 //
@@ -161,7 +161,7 @@ struct ServerConfig {
 struct OpenAiConfig {
   std::string host = "127.0.0.1";
   int port = 8000;         // 0: any free port
-  std::string model_name;  // "": the model path's file name without .gguf
+  std::string model_name;  // empty (the key left out): the model path's file name without .gguf
   int threads = 16;
   int chat_max_tokens = 256;
 

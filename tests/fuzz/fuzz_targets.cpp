@@ -416,7 +416,11 @@ std::vector<std::vector<uint8_t>> cluster_config_seeds() {
     if (entry.path().extension() == ".yaml") examples.push_back(entry.path());
   }
   std::sort(examples.begin(), examples.end());
-  std::vector<std::vector<uint8_t>> seeds = {bytes_of("model:\n  path: target.gguf\n")};
+  std::vector<std::vector<uint8_t>> seeds = {
+      bytes_of("model:\n  path: target.gguf\n"),
+      bytes_of(
+          "model: {path: t.gguf}\nopenai:\n  listen: \"127.0.0.1:8000\"\n  model_name: llama\n  threads: 4\n"
+          "  chat_max_tokens: 64\n")};
   for (const fs::path& path : examples) seeds.push_back(read_bytes(path));
   return seeds;
 }

@@ -147,9 +147,9 @@ struct OpenAiServer::Impl {
       // Several choices stream from the coordinator even for an answer sent whole: a Delta is where a
       // choice learns that another failed and cancels itself.
       if (choices->size() > 1) (*choices)[i].stream = true;
+      // The coordinator's checks, so that a stream never starts on a request it would refuse.
       try {
-        protocol::validate(
-            (*choices)[i]);  // the coordinator's checks, so a stream never starts on a bad request
+        protocol::validate((*choices)[i]);
       } catch (const protocol::ProtocolError& e) {
         send_error(res, openai::from_protocol(e.code, e.what()));
         return;

@@ -409,7 +409,10 @@ json error_body(const ApiError& error) {
             {"code", error.code.empty() ? json(nullptr) : json(error.code)}}}};
 }
 
-ApiRequest parse_request(Endpoint endpoint, const std::string& text, const ApiSettings& settings) {
+namespace {
+
+// The body as a JSON object holding only `keys`, naming the model this server serves if any.
+json read_body(const std::string& text, const std::set<std::string>& keys, const ApiSettings& settings) {
   json body;
   try {
     body = json::parse(text);
@@ -418,7 +421,6 @@ ApiRequest parse_request(Endpoint endpoint, const std::string& text, const ApiSe
   }
   if (!body.is_object())
     throw invalid_request("", std::string("the body must be a JSON object, got ") + body.type_name());
-  const std::set<std::string>& keys = endpoint == Endpoint::completions ? kCompletionKeys : kChatKeys;
   for (const auto& [key, value] : body.items()) {
     if (!keys.contains(key)) throw invalid_request(key, "unknown key '" + key + "'");
   }
@@ -429,6 +431,40 @@ ApiRequest parse_request(Endpoint endpoint, const std::string& text, const ApiSe
                      "the model '" + model->get<std::string>() + "' does not exist (this server serves '" +
                          settings.model_name + "')");
   }
+  return body;
+}
+
+}  // namespace
+
+json tokenize(const std::string& text, const ApiSettings& settings) {
+  const json body = read_body(text, {"model", "prompt", "add_special_tokens"}, settings);
+  const json* prompt = field(body, "prompt");
+  if (prompt == nullptr) throw invalid_request("prompt", "prompt: required");
+  if (!prompt->is_string()) wrong_type("prompt", "a string", *prompt);
+  const bool add_bos = boolean(body, "add_special_tokens", true) && settings.tokenizer->add_bos_default();
+  const std::vector<int32_t> tokens = settings.tokenizer->encode(prompt->get<std::string>(), add_bos);
+  return {{"tokens", tokens}, {"count", tokens.size()}};
+}
+
+json detokenize(const std::string& text, const ApiSettings& settings) {
+  const json body = read_body(text, {"model", "tokens"}, settings);
+  const json* tokens = field(body, "tokens");
+  if (tokens == nullptr) throw invalid_request("tokens", "tokens: required");
+  if (!tokens->is_array()) wrong_type("tokens", "an array of token ids", *tokens);
+  std::vector<int32_t> ids;
+  for (const json& id : *tokens) {
+    if (!id.is_number_integer() || id.get<int64_t>() < 0 ||
+        id.get<int64_t>() >= settings.tokenizer->n_vocab())
+      throw invalid_request("tokens", "tokens: " + id.dump() + " is not a token id of the vocabulary of " +
+                                          std::to_string(settings.tokenizer->n_vocab()));
+    ids.push_back(static_cast<int32_t>(id.get<int64_t>()));
+  }
+  return {{"prompt", settings.tokenizer->decode(ids)}};
+}
+
+ApiRequest parse_request(Endpoint endpoint, const std::string& text, const ApiSettings& settings) {
+  const json body =
+      read_body(text, endpoint == Endpoint::completions ? kCompletionKeys : kChatKeys, settings);
 
   ApiRequest api;
   api.endpoint = endpoint;

@@ -5,6 +5,7 @@
 // this file is its translation, with no sockets, so every rule here is tested on its own.
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <nlohmann/json.hpp>
 #include <stdexcept>
 #include <string>
@@ -12,6 +13,7 @@
 #include <vector>
 
 #include "cluster/protocol/client_protocol.hpp"
+#include "model/tokenizer.hpp"
 
 namespace nibble::cluster::openai {
 
@@ -42,6 +44,8 @@ struct ApiSettings {
   // A token's text for logprobs (its bytes; may be part of a UTF-8 character); empty: logprobs name
   // tokens "token_id:N" (the gateway was given no tokenizer).
   std::function<std::string(int32_t)> token_text;
+  // The served model's tokenizer, for /tokenize and /detokenize; null: those answer 501.
+  std::shared_ptr<const model::Tokenizer> tokenizer;
 };
 
 struct ApiRequest {
@@ -91,6 +95,13 @@ nlohmann::json finish_chunk(const ApiRequest& api, size_t index, const protocol:
 // With stream_options.include_usage: no choices, the usage of them all.
 nlohmann::json usage_chunk(const ApiRequest& api, const std::vector<protocol::Final>& finals,
                            const std::string& id, int64_t created, const std::string& model);
+
+// POST /tokenize {"prompt": TEXT, "add_special_tokens": true} -> {"tokens": [...], "count": N} and
+// POST /detokenize {"tokens": [...]} -> {"prompt": TEXT}, vLLM's, with settings.tokenizer (checked
+// by the caller). Throw ApiError 400 naming the field (unknown keys, wrong types, ids outside the
+// vocabulary), 404 for another model's name.
+nlohmann::json tokenize(const std::string& body, const ApiSettings& settings);
+nlohmann::json detokenize(const std::string& body, const ApiSettings& settings);
 
 // GET /metrics: the coordinator's counters (protocol::Stats) and the gateway's HTTP answers by path and
 // status, in Prometheus's text exposition format (version 0.0.4), as vLLM's /metrics serves its own.

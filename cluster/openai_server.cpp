@@ -287,10 +287,27 @@ OpenAiServer::OpenAiServer(OpenAiServerOptions options) : impl_(std::make_unique
   s.http.Get("/health", [&s](const httplib::Request&, httplib::Response& res) { s.health(res); });
   s.http.Get("/v1/models", [&s](const httplib::Request&, httplib::Response& res) { s.models(res); });
   s.http.Get("/metrics", [&s](const httplib::Request&, httplib::Response& res) { s.metrics(res); });
+  for (const auto& [path, answer] :
+       {std::pair{"/tokenize", &openai::tokenize}, std::pair{"/detokenize", &openai::detokenize}}) {
+    s.http.Post(path, [&s, answer](const httplib::Request& req, httplib::Response& res) {
+      if (!s.options.api.tokenizer) {
+        Impl::send_error(
+            res, ApiError(501, "invalid_request_error", "", "no_tokenizer",
+                          "this server has no tokenizer: start `nibble openai` with --tokenizer MODEL"));
+        return;
+      }
+      try {
+        Impl::send_json(res, 200, answer(req.body, s.options.api));
+      } catch (const ApiError& e) {
+        Impl::send_error(res, e);
+      }
+    });
+  }
   // Every answer of a known endpoint counted by status (unknown paths are not: a scan would grow the map).
   s.http.set_logger([&s](const httplib::Request& req, const httplib::Response& res) {
-    static const std::set<std::string> kPaths = {"/health", "/v1/models", "/metrics", "/v1/completions",
-                                                 "/v1/chat/completions"};
+    static const std::set<std::string> kPaths = {"/health",         "/v1/models",           "/metrics",
+                                                 "/v1/completions", "/v1/chat/completions", "/tokenize",
+                                                 "/detokenize"};
     if (!kPaths.contains(req.path)) return;
     std::lock_guard lock(s.answers_mutex);
     ++s.answers[{req.path, res.status}];

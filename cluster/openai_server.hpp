@@ -8,6 +8,7 @@
 //   GET  /health               200 when the coordinator answers ok, else 503
 //   GET  /v1/models            the one model, by its configured name
 //   GET  /metrics              the coordinator's counters and the gateway's answers, for Prometheus
+//   POST /tokenize, /detokenize  the model's tokenizer (with one: --tokenizer, or in `nibble serve`)
 //   POST /v1/completions       prompt text or token ids
 //   POST /v1/chat/completions  messages, formatted by the coordinator with the model's chat template
 #include <cstdint>

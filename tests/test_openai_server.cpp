@@ -15,6 +15,7 @@
 #include <regex>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #include "cluster/openai_api.hpp"
@@ -351,6 +352,43 @@ TEST(OpenAiApi, ResponsesAndChunksHaveOpenAisShape) {
   EXPECT_EQ(openai::token_name(completion, 5), "token_id:5");
   // A token may end inside a UTF-8 character: the JSON text replaces it rather than failing.
   EXPECT_EQ(openai::dump(json("a\xe2\x82")), "\"a\xef\xbf\xbd\"");
+}
+
+// /tokenize and /detokenize: the tokenizer's ids for a text (BOS as the model adds it, unless
+// add_special_tokens is false) and its text for ids; refusals by field.
+TEST(OpenAiApi, TokenizeAndDetokenizeWithTheModelsTokenizer) {
+  test::TempDir dir;
+  const std::string path = (dir.path() / "tiny.gguf").string();
+  model::write_random_llama(path, model::llama_shape_by_name("tiny"), kernels::DType::Q4_0, 5);
+  openai::ApiSettings settings;
+  settings.tokenizer = model::Tokenizer::from_gguf(*model::GgufFile::open(path));
+  const model::Tokenizer& tokenizer = *settings.tokenizer;
+  const std::string text = "Hello there, general Kenobi";
+  const json t = openai::tokenize(json{{"prompt", text}, {"model", "nibble"}}.dump(), settings);
+  const std::vector<int32_t> ids = tokenizer.encode(text, tokenizer.add_bos_default());
+  EXPECT_EQ(t["tokens"].get<std::vector<int32_t>>(), ids);
+  EXPECT_EQ(t["count"], ids.size());
+  EXPECT_EQ(openai::tokenize(json{{"prompt", text}, {"add_special_tokens", false}}.dump(), settings)["tokens"]
+                .get<std::vector<int32_t>>(),
+            tokenizer.encode(text, false));
+  EXPECT_EQ(openai::detokenize(json{{"tokens", ids}}.dump(), settings)["prompt"], tokenizer.decode(ids));
+  for (const auto& [call, body, param] :
+       std::vector<std::tuple<decltype(&openai::tokenize), std::string, std::string>>{
+           {&openai::tokenize, "{}", "prompt"},
+           {&openai::tokenize, R"({"prompt": 5})", "prompt"},
+           {&openai::tokenize, R"({"prompt": "x", "messages": []})", "messages"},
+           {&openai::detokenize, R"({"tokens": "1 2"})", "tokens"},
+           {&openai::detokenize, R"({"tokens": [1, 99999999]})", "tokens"},
+           {&openai::detokenize, R"({"tokens": [-1]})", "tokens"}}) {
+    try {
+      call(body, settings);
+      ADD_FAILURE() << "accepted: " << body;
+    } catch (const ApiError& e) {
+      EXPECT_EQ(e.status, 400) << body;
+      EXPECT_EQ(e.param, param) << body << ": " << e.what();
+    }
+  }
+  EXPECT_THROW(openai::tokenize(R"({"prompt": "x", "model": "other"})", settings), ApiError);
 }
 
 // ------------------------------------------------------------------ real processes
@@ -837,8 +875,11 @@ TEST(OpenAiServer, WithoutACoordinatorItAnswers503AndSigtermStopsIt) {
   const HttpReply c = post(gateway.port(), "/v1/completions", R"({"prompt": "x"})");
   EXPECT_EQ(c.status, 503);
   EXPECT_EQ(c.body["error"]["type"], "server_error");
-  // Refusals of its own need no coordinator.
+  // Refusals of its own need no coordinator; without --tokenizer it cannot tokenize.
   EXPECT_EQ(post(gateway.port(), "/v1/completions", R"({"prompt": "x", "model": "other"})").status, 404);
+  const HttpReply tokenize = post(gateway.port(), "/tokenize", R"({"prompt": "x"})");
+  EXPECT_EQ(tokenize.status, 501);
+  EXPECT_NE(tokenize.body["error"]["message"].get<std::string>().find("--tokenizer"), std::string::npos);
   EXPECT_EQ(gateway.terminate(), std::optional<int>(0)) << gateway.log();
   EXPECT_NE(gateway.log().find("nibble openai: stopped"), std::string::npos);
 }
@@ -940,6 +981,12 @@ TEST(OpenAiServer, ServeStartsItWithTheOpenAiSection) {
   EXPECT_EQ(c.body["choices"][0]["text"], expected.text);
   for (const json& token : c.body["choices"][0]["logprobs"]["tokens"])
     EXPECT_NE(token.get<std::string>().rfind("token_id:", 0), 0u) << "named by the tokenizer: " << token;
+  // The prompt's ids as the coordinator tokenized them, and back.
+  const HttpReply ids = post(port, "/tokenize", json{{"prompt", kPrompt}}.dump());
+  ASSERT_EQ(ids.status, 200) << ids.body;
+  EXPECT_EQ(ids.body["tokens"].get<std::vector<int32_t>>(), expected.prompt_token_ids);
+  EXPECT_EQ(post(port, "/detokenize", json{{"tokens", expected.tokens}}.dump()).body["prompt"],
+            expected.text);
   EXPECT_TRUE(client.shutdown().ok);
   EXPECT_EQ(job.wait_exit(30s), std::optional<int>(0)) << job.log();
   EXPECT_NE(job.log().find("shut down cleanly"), std::string::npos) << job.log();

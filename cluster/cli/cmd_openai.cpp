@@ -54,6 +54,7 @@ Runner add_openai(CLI::App& app) {
         return 1;
       }
       options->api.token_text = logprob_token_text(tokenizer);
+      options->api.tokenizer = tokenizer;
     }
     // SIGINT / SIGTERM go to one thread that stops the server; every other thread blocks them.
     sigset_t stop_signals;

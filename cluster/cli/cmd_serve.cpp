@@ -84,7 +84,10 @@ cluster::OpenAiServerOptions openai_options(const cluster::ClusterConfig& config
     if (path.filename().empty()) path = path.parent_path();  // a directory given with a trailing slash
     o.api.model_name = path.extension() == ".gguf" ? path.stem().string() : path.filename().string();
   }
-  if (tokenizer) o.api.token_text = cli::logprob_token_text(tokenizer);
+  if (tokenizer) {
+    o.api.token_text = cli::logprob_token_text(tokenizer);
+    o.api.tokenizer = tokenizer;
+  }
   return o;
 }
 

@@ -596,29 +596,37 @@ json usage_chunk(const ApiRequest& api, const std::vector<protocol::Final>& fina
 std::string prometheus_metrics(
     const protocol::Stats& s,
     const std::vector<std::pair<std::pair<std::string, int>, uint64_t>>& http_answers) {
-  std::string out;
-  const auto metric = [&](const char* name, const char* type, const char* help, uint64_t value) {
-    out += std::string("# HELP ") + name + " " + help + "\n# TYPE " + name + " " + type + "\n" + name + " " +
-           std::to_string(value) + "\n";
+  struct Metric {
+    const char* name;
+    const char* type;
+    const char* help;
+    uint64_t value;
   };
-  metric("nibble_requests_waiting", "gauge", "Requests queued for their first step.", s.queued);
-  metric("nibble_requests_running", "gauge", "Requests being generated.", s.running);
-  metric("nibble_requests_completed_total", "counter", "Requests that ended with a result.", s.completed);
-  metric("nibble_requests_failed_total", "counter", "Requests that ended with an error (cancels included).",
-         s.failed);
-  metric("nibble_kv_blocks_free", "gauge", "KV cache blocks no request holds (cached ones included).",
-         s.free_kv_blocks);
-  metric("nibble_kv_blocks_total", "gauge", "KV cache blocks in all.", s.total_kv_blocks);
-  metric("nibble_kv_blocks_cached", "gauge", "Free KV blocks that hold a cached prefix.", s.cached_kv_blocks);
-  metric("nibble_generation_tokens_total", "counter", "Tokens generated.", s.tokens_generated);
-  metric("nibble_prompt_tokens_total", "counter", "Prompt tokens at their requests' first step.",
-         s.prompt_tokens);
-  metric("nibble_prompt_tokens_cached_total", "counter", "Prompt tokens whose K/V the prefix cache held.",
-         s.cached_prompt_tokens);
-  metric("nibble_draft_tokens_proposed_total", "counter", "Speculative draft tokens verified.",
-         s.draft_proposed);
-  metric("nibble_draft_tokens_accepted_total", "counter", "Speculative draft tokens accepted.",
-         s.draft_accepted);
+  const Metric metrics[] = {
+      {"nibble_requests_waiting", "gauge", "Requests queued for their first step.", s.queued},
+      {"nibble_requests_running", "gauge", "Requests being generated.", s.running},
+      {"nibble_requests_completed_total", "counter", "Requests that ended with a result.", s.completed},
+      {"nibble_requests_failed_total", "counter", "Requests that ended with an error (cancels included).",
+       s.failed},
+      {"nibble_kv_blocks_free", "gauge", "KV cache blocks no request holds (cached ones included).",
+       s.free_kv_blocks},
+      {"nibble_kv_blocks_total", "gauge", "KV cache blocks in all.", s.total_kv_blocks},
+      {"nibble_kv_blocks_cached", "gauge", "Free KV blocks that hold a cached prefix.", s.cached_kv_blocks},
+      {"nibble_generation_tokens_total", "counter", "Tokens generated.", s.tokens_generated},
+      {"nibble_prompt_tokens_total", "counter", "Prompt tokens at their requests' first step.",
+       s.prompt_tokens},
+      {"nibble_prompt_tokens_cached_total", "counter", "Prompt tokens whose K/V the prefix cache held.",
+       s.cached_prompt_tokens},
+      {"nibble_draft_tokens_proposed_total", "counter", "Speculative draft tokens verified.",
+       s.draft_proposed},
+      {"nibble_draft_tokens_accepted_total", "counter", "Speculative draft tokens accepted.",
+       s.draft_accepted},
+  };
+  std::string out;
+  for (const Metric& m : metrics) {
+    out += std::string("# HELP ") + m.name + " " + m.help + "\n# TYPE " + m.name + " " + m.type + "\n" +
+           m.name + " " + std::to_string(m.value) + "\n";
+  }
   out +=
       "# HELP nibble_http_requests_total HTTP requests the gateway answered, by path and status.\n"
       "# TYPE nibble_http_requests_total counter\n";

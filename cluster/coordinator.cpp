@@ -241,6 +241,7 @@ void Coordinator::handle_generate(const std::string& identity, const protocol::G
   worker::CompletionLimits limits;
   limits.max_tokens = static_cast<int32_t>(g.max_tokens);
   limits.stop = g.stop;
+  limits.ignore_eos = g.ignore_eos;
   r.completion = std::make_unique<worker::Completion>(tokenizer_, limits);
   r.arrived = Clock::now();
   by_id_[{identity, g.request_id}] = seq;

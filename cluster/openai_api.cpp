@@ -12,8 +12,8 @@ namespace {
 
 using nlohmann::json;
 
-// The keys each endpoint reads (OpenAI's, and vLLM's top_k, min_p and repetition_penalty); any other
-// key is refused by name rather than silently ignored.
+// The keys each endpoint reads (OpenAI's, and vLLM's top_k, min_p, repetition_penalty and ignore_eos); any
+// other key is refused by name rather than silently ignored.
 const std::set<std::string> kCompletionKeys = {"model",
                                                "prompt",
                                                "max_tokens",
@@ -34,7 +34,8 @@ const std::set<std::string> kCompletionKeys = {"model",
                                                "user",
                                                "top_k",
                                                "min_p",
-                                               "repetition_penalty"};
+                                               "repetition_penalty",
+                                               "ignore_eos"};
 const std::set<std::string> kChatKeys = {"model",
                                          "messages",
                                          "max_tokens",
@@ -58,7 +59,8 @@ const std::set<std::string> kChatKeys = {"model",
                                          "parallel_tool_calls",
                                          "top_k",
                                          "min_p",
-                                         "repetition_penalty"};
+                                         "repetition_penalty",
+                                         "ignore_eos"};
 
 // A field's value, or nullptr when it is absent or null (OpenAI's clients send null for "not given").
 const json* field(const json& body, const std::string& key) {
@@ -135,6 +137,7 @@ void read_sampling(const json& body, protocol::GenerateRequest& r) {
       r.sampling.logit_bias.push_back({std::stoi(key), value.get<float>()});
     }
   }
+  r.ignore_eos = boolean(body, "ignore_eos", false);
   if (const json* user = field(body, "user"); user != nullptr && !user->is_string())
     wrong_type("user", "a string", *user);
 }

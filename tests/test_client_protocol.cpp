@@ -28,6 +28,7 @@ GenerateRequest full_generate() {
   request.stream = true;
   request.logprobs = 5;
   request.parse_special = true;
+  request.ignore_eos = true;
   return request;
 }
 

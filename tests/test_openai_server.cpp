@@ -70,6 +70,7 @@ TEST(OpenAiApi, CompletionFieldsBecomeTheGenerateRequest) {
                                                  {"presence_penalty", 0.5},
                                                  {"frequency_penalty", -0.25},
                                                  {"logit_bias", {{"17", -100}, {"3", 2.5}}},
+                                                 {"ignore_eos", true},
                                                  {"user", "someone"}});
   const protocol::GenerateRequest& r = api.request;
   EXPECT_EQ(std::get<std::string>(r.prompt), "Hello");
@@ -80,6 +81,7 @@ TEST(OpenAiApi, CompletionFieldsBecomeTheGenerateRequest) {
   EXPECT_FLOAT_EQ(r.sampling.min_p, 0.05f);
   EXPECT_FLOAT_EQ(r.sampling.repetition_penalty, 1.1f);
   EXPECT_EQ(r.sampling.seed, std::optional<uint64_t>(42));
+  EXPECT_TRUE(r.ignore_eos);
   EXPECT_FLOAT_EQ(r.sampling.presence_penalty, 0.5f);
   EXPECT_FLOAT_EQ(r.sampling.frequency_penalty, -0.25f);
   EXPECT_EQ(r.sampling.logit_bias, (std::vector<protocol::TokenBias>{{17, -100.0f}, {3, 2.5f}}));
@@ -237,6 +239,7 @@ TEST(OpenAiApi, RefusalsNameTheField) {
       {C, R"({"prompt": "x", "logprobs": 21})", 400, "logprobs", "0 to 20"},
       {C, R"({"prompt": "x", "stop": [1]})", 400, "stop", "array of strings"},
       {C, R"({"prompt": "x", "stream": "yes"})", 400, "stream", "true or false"},
+      {C, R"({"prompt": "x", "ignore_eos": 1})", 400, "ignore_eos", "true or false"},
       {C, R"({"prompt": "x", "stream_options": {"include_usage": true}})", 400, "stream_options",
        "only with"},
       {C, R"({"prompt": "x", "stream": true, "stream_options": {"x": 1}})", 400, "stream_options",

@@ -234,6 +234,21 @@ TEST_P(ServeShapes, PenaltiesAndLogitBiasEqualSingleProcessGenerate) {
     EXPECT_NE(std::string(e.what()).find("outside the vocabulary"), std::string::npos) << e.what();
   }
   EXPECT_EQ(client.generate(greedy("after", kPrompts[1], 4)).completion_tokens, 4u);
+
+  // ignore_eos: with end-of-sequence made the only choice, a request ends at once; with ignore_eos it
+  // goes on to max_tokens, every token that end-of-sequence and its text empty.
+  const int32_t eos = model::Tokenizer::from_gguf(*model::GgufFile::open(model))->eos_id();
+  protocol::GenerateRequest to_eos = greedy("eos", kPrompts[0], 6);
+  to_eos.sampling.logit_bias = {{eos, 100.0f}};
+  const protocol::Final ended = client.generate(to_eos);
+  EXPECT_EQ(ended.finish_reason, protocol::FinishReason::eos);
+  EXPECT_EQ(ended.completion_tokens, 0u);
+  to_eos.request_id = "eos-ignored";
+  to_eos.ignore_eos = true;
+  const protocol::Final ignored = client.generate(to_eos);
+  EXPECT_EQ(ignored.finish_reason, protocol::FinishReason::length);
+  EXPECT_EQ(ignored.tokens, std::vector<int32_t>(6, eos));
+  EXPECT_EQ(ignored.text, "");
 }
 
 // Prefix caching (on by default): a prompt whose first whole KV blocks an earlier request computed

@@ -167,7 +167,8 @@ Sample run_one_http(httplib::Client& http, const protocol::GenerateRequest& requ
   nlohmann::json body = {{"max_tokens", request.max_tokens},
                          {"temperature", request.sampling.temperature},
                          {"stream", true},
-                         {"stream_options", {{"include_usage", true}}}};
+                         {"stream_options", {{"include_usage", true}}},
+                         {"ignore_eos", request.ignore_eos}};
   if (const auto* ids = std::get_if<std::vector<int32_t>>(&request.prompt)) {
     body["prompt"] = *ids;
   } else {
@@ -306,6 +307,7 @@ Runner add_client(CLI::App& app) {
     bool health = false, stats = false, shutdown = false;
     int logprobs = 0;
     bool special = false;
+    bool ignore_eos = false;
     std::string chat, system;
   };
   auto a = std::make_shared<Args>();
@@ -352,6 +354,7 @@ Runner add_client(CLI::App& app) {
   app.add_option("--stop", a->stop, "Stop string (repeatable)");
   app.add_flag("--stream", a->stream, "Print the text as it is generated");
   app.add_flag("--json", a->json, "Print one JSON object");
+  app.add_flag("--ignore-eos", a->ignore_eos, "Generate past end-of-sequence tokens, up to --max-tokens");
   app.add_flag("--special", a->special,
                "Control tokens' texts in the prompt (</s>, <|eot_id|>, ...) become those tokens");
   app.add_option("--logprobs", a->logprobs,
@@ -443,6 +446,7 @@ Runner add_client(CLI::App& app) {
     request.stream = a->stream;
     request.logprobs = static_cast<uint32_t>(a->logprobs);
     request.parse_special = a->special;
+    request.ignore_eos = a->ignore_eos;
 
     const bool print_deltas = a->stream && !a->json;
     bool printed = false;
@@ -509,9 +513,13 @@ Runner add_bench_serve(CLI::App& app) {
     bool json = false;
     int timeout_ms = 60000;
     std::string http;
+    bool ignore_eos = false;
   };
   auto a = std::make_shared<Args>();
   app.add_option("--endpoint,-e", a->endpoint, "Coordinator address")->capture_default_str();
+  app.add_flag("--ignore-eos", a->ignore_eos,
+               "Every request generates its whole drawn length (end-of-sequence tokens do not end it), as "
+               "vLLM's benchmark does");
   app.add_option(
       "--http", a->http,
       "Load `nibble openai` at this URL (http://HOST:PORT, /v1/completions streamed) instead of the "
@@ -563,6 +571,7 @@ Runner add_bench_serve(CLI::App& app) {
       request.max_tokens = static_cast<uint32_t>(draw(rng, max_range.lo, max_range.hi));
       request.sampling.temperature = 0.0f;  // greedy: the same run does the same work
       request.stream = true;
+      request.ignore_eos = a->ignore_eos;
       // request_id stays empty: each Client makes unique ones, so parallel benches do not collide.
     }
 

@@ -90,6 +90,7 @@ void encode_generate(const GenerateRequest& request, wire::GenerateRequest::Buil
   // More than fit the field is still more than allowed: the server refuses it by name.
   out.setLogprobs(static_cast<uint8_t>(std::min<uint32_t>(request.logprobs, 255)));
   out.setParseSpecial(request.parse_special);
+  out.setIgnoreEos(request.ignore_eos);
 }
 
 void encode_final(const Final& final_msg, wire::Final::Builder out) {
@@ -174,6 +175,7 @@ GenerateRequest read_generate(wire::GenerateRequest::Reader in) {
   request.max_tokens = in.getMaxTokens();
   request.logprobs = in.getLogprobs();
   request.parse_special = in.getParseSpecial();
+  request.ignore_eos = in.getIgnoreEos();
   auto stop = in.getStop();
   // Checked before copying so a request with a million stop strings costs nothing.
   if (stop.size() > kMaxStopStrings) {

@@ -103,6 +103,9 @@ struct GenerateRequest {
   // A text prompt's control tokens' texts ("</s>", "<|eot_id|>", ...) become those tokens (a prompt a
   // chat template formatted); otherwise they are ordinary text.
   bool parse_special = false;
+  // End-of-sequence tokens do not end the generation (vLLM's ignore_eos, llama.cpp's --ignore-eos): exactly
+  // max_tokens tokens unless a stop string ends it first; their text is empty.
+  bool ignore_eos = false;
 
   bool operator==(const GenerateRequest&) const = default;
 };

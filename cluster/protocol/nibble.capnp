@@ -51,6 +51,7 @@ struct GenerateRequest {
   logprobs @7 :UInt8;                  # 0: none; 1..20: each generated token's log-probability and
                                        # this many most likely tokens' (TokenLogprob)
   parseSpecial @8 :Bool;               # a text prompt's control tokens' texts become those tokens
+  ignoreEos @10 :Bool;                 # generate past end-of-sequence tokens, up to maxTokens
 }
 
 struct CancelRequest {

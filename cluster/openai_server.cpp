@@ -318,6 +318,17 @@ OpenAiServer::OpenAiServer(OpenAiServerOptions options) : impl_(std::make_unique
   s.http.Post("/v1/chat/completions", [&s](const httplib::Request& req, httplib::Response& res) {
     s.generate(Endpoint::chat_completions, req, res);
   });
+  if (!s.options.api_key.empty()) {
+    s.http.set_pre_routing_handler([&s](const httplib::Request& req, httplib::Response& res) {
+      const bool guarded =
+          req.path.rfind("/v1/", 0) == 0 || req.path == "/tokenize" || req.path == "/detokenize";
+      if (!guarded || req.get_header_value("Authorization") == "Bearer " + s.options.api_key)
+        return httplib::Server::HandlerResponse::Unhandled;
+      Impl::send_error(res, ApiError(401, "invalid_request_error", "", "invalid_api_key",
+                                     "a missing or wrong API key (Authorization: Bearer KEY)"));
+      return httplib::Server::HandlerResponse::Handled;
+    });
+  }
   // httplib's own refusals (no such path, a body over the limit, a wrong method) in OpenAI's form; a
   // handler's error body stays as it is.
   s.http.set_error_handler(

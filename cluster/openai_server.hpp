@@ -26,6 +26,9 @@ struct OpenAiServerOptions {
   int threads = 16;         // HTTP requests served at once (each holds one coordinator connection)
   int timeout_ms = 600000;  // longest silence from the coordinator within one request
   size_t max_body_bytes = size_t{16} << 20;
+  // Non-empty: /v1/* and /tokenize, /detokenize answer 401 unless the request carries
+  // "Authorization: Bearer <api_key>" (vLLM's --api-key); /health and /metrics stay open.
+  std::string api_key;
   openai::ApiSettings api;
 };
 

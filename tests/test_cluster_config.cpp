@@ -104,6 +104,7 @@ openai:
   model_name: llama-70b
   threads: 4
   chat_max_tokens: 512
+  api_key_env: NIBBLE_KEY
 )",
                                                     "full.yaml");
   EXPECT_EQ(config.model.path, "/models/target.gguf");
@@ -138,6 +139,7 @@ openai:
   EXPECT_EQ(config.openai->model_name, "llama-70b");
   EXPECT_EQ(config.openai->threads, 4);
   EXPECT_EQ(config.openai->chat_max_tokens, 512);
+  EXPECT_EQ(config.openai->api_key_env, "NIBBLE_KEY");
   EXPECT_EQ(config.world_size(), 8);  // 1 coordinator + 6 workers + the draft's own rank
   EXPECT_EQ(config.num_workers(), 6);
 }
@@ -343,7 +345,7 @@ TEST(ClusterConfig, RenderRoundTrips) {
       "pipeline: 2}\ndevice: cuda\nint4_kernels: cuda_cores\nthreads: 3\nserver: {listen: "
       "\"tcp://0.0.0.0:7000\"}\nkv_cache: "
       "{memory_fraction: 0.9, prefix_caching: false}\nchat_template: llama3\nopenai: {listen: \"[::1]:0\", "
-      "model_name: \"a: b\"}\n",
+      "model_name: \"a: b\", api_key_env: K}\n",
       "full.yaml");
   const std::string rendered = render_cluster_config(full);
   EXPECT_NE(rendered.find("# effective configuration from full.yaml"), std::string::npos) << rendered;

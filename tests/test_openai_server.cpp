@@ -885,6 +885,25 @@ TEST(OpenAiServer, WithoutACoordinatorItAnswers503AndSigtermStopsIt) {
   EXPECT_NE(tokenize.body["error"]["message"].get<std::string>().find("--tokenizer"), std::string::npos);
   EXPECT_EQ(gateway.terminate(), std::optional<int>(0)) << gateway.log();
   EXPECT_NE(gateway.log().find("nibble openai: stopped"), std::string::npos);
+
+  // --api-key: /v1/* answers 401 without "Authorization: Bearer KEY" (and past it, 503 here as above);
+  // /health stays open.
+  GatewayProcess keyed(dir.path(), "ipc://" + (dir.path() / "nobody.sock").string(),
+                       {"--timeout-ms", "300", "--api-key", "s3cret"});
+  ASSERT_GT(keyed.port(), 0) << keyed.log();
+  const HttpReply no_key = post(keyed.port(), "/v1/completions", R"({"prompt": "x"})");
+  EXPECT_EQ(no_key.status, 401);
+  EXPECT_EQ(no_key.body["error"]["code"], "invalid_api_key");
+  httplib::Client http("127.0.0.1", keyed.port());
+  const auto wrong = http.Post("/v1/completions", {{"Authorization", "Bearer nope"}}, R"({"prompt": "x"})",
+                               "application/json");
+  ASSERT_TRUE(wrong);
+  EXPECT_EQ(wrong->status, 401);
+  const auto right = http.Post("/v1/completions", {{"Authorization", "Bearer s3cret"}}, R"({"prompt": "x"})",
+                               "application/json");
+  ASSERT_TRUE(right);
+  EXPECT_EQ(right->status, 503);
+  EXPECT_EQ(get(keyed.port(), "/health").status, 503);
 }
 
 // `nibble bench-serve --http` sends the same workload through the gateway as it sends to the coordinator:
@@ -994,6 +1013,21 @@ TEST(OpenAiServer, ServeStartsItWithTheOpenAiSection) {
   EXPECT_EQ(job.wait_exit(30s), std::optional<int>(0)) << job.log();
   EXPECT_NE(job.log().find("shut down cleanly"), std::string::npos) << job.log();
   EXPECT_EQ(post(port, "/v1/completions", R"({"prompt": "x"})").status, 0) << "the HTTP server stopped too";
+}
+
+// openai.api_key_env naming a variable that is not set: start-up fails on every rank, naming it.
+TEST(OpenAiServer, ServeRefusesAnApiKeyVariableThatIsNotSet) {
+  if (!fs::exists(test_jobs::mpiexec())) GTEST_SKIP() << "mpirun (" << test_jobs::mpiexec() << ") is absent";
+  test::TempDir dir;
+  const std::string model = (dir.path() / "tiny.gguf").string();
+  model::write_random_llama(model, model::llama_shape_by_name("tiny"), kernels::DType::Q4_0, 5);
+  unsetenv("NIBBLE_TEST_UNSET_KEY");
+  ServeJob job(dir.path(), model, 1, 1,
+               "openai: { listen: \"127.0.0.1:0\", api_key_env: NIBBLE_TEST_UNSET_KEY }\n");
+  EXPECT_EQ(job.wait_exit(60s), std::optional<int>(1)) << job.log();
+  EXPECT_NE(job.log().find("openai.api_key_env: the environment variable NIBBLE_TEST_UNSET_KEY is not set"),
+            std::string::npos)
+      << job.log();
 }
 
 // The official `openai` Python package (PyPI) against the gateway, when this machine has it: its

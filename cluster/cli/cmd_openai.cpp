@@ -38,6 +38,10 @@ Runner add_openai(CLI::App& app) {
   app.add_option("--timeout-ms", options->timeout_ms, "Longest wait for the coordinator within one request")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
+  app.add_option(
+         "--api-key", options->api_key,
+         "Requests to /v1/* must carry \"Authorization: Bearer KEY\" (default: $NIBBLE_API_KEY; none: open)")
+      ->envname("NIBBLE_API_KEY");
   auto tokenizer_path = std::make_shared<std::string>();
   app.add_option("--tokenizer", *tokenizer_path,
                  "The served model (GGUF file or Hugging Face directory): logprobs name tokens by their text "

@@ -11,6 +11,7 @@
 #include <array>
 #include <csignal>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <limits>
@@ -77,6 +78,13 @@ cluster::OpenAiServerOptions openai_options(const cluster::ClusterConfig& config
   o.host = config.openai->host;
   o.port = config.openai->port;
   o.threads = config.openai->threads;
+  if (!config.openai->api_key_env.empty()) {
+    const char* key = std::getenv(config.openai->api_key_env.c_str());
+    if (key == nullptr || *key == '\0')
+      throw std::runtime_error("openai.api_key_env: the environment variable " + config.openai->api_key_env +
+                               " is not set (it holds the API key)");
+    o.api_key = key;
+  }
   o.api.default_chat_max_tokens = static_cast<uint32_t>(config.openai->chat_max_tokens);
   o.api.model_name = config.openai->model_name;
   if (o.api.model_name.empty()) {
@@ -394,6 +402,7 @@ int serve(const std::string& config_path) {
   Slot my_endpoint{};
   std::unique_ptr<cluster::OpenAiServer> gateway;  // `openai:`: the HTTP API in this process
   int gateway_port = 0;
+  std::string gateway_model;
   if (!phase(world_rank, true, [&] {
         if (coordinator) {
           clients.set(zmq::sockopt::linger, 2000);  // let the last errors reach clients at exit
@@ -408,7 +417,9 @@ int serve(const std::string& config_path) {
           }
           my_endpoint = to_slot(bind_ephemeral(results, single_host));
           if (config.openai) {
-            gateway = std::make_unique<cluster::OpenAiServer>(openai_options(config, tokenizer));
+            const cluster::OpenAiServerOptions gateway_options = openai_options(config, tokenizer);
+            gateway_model = gateway_options.api.model_name;
+            gateway = std::make_unique<cluster::OpenAiServer>(gateway_options);
             try {
               gateway_port = gateway->bind();
             } catch (const std::exception& e) {
@@ -637,8 +648,7 @@ int serve(const std::string& config_path) {
   std::thread gateway_thread;
   if (gateway) {
     std::fprintf(stderr, "nibble serve: openai: listening on http://%s:%d (model '%s')\n",
-                 config.openai->host.c_str(), gateway_port,
-                 openai_options(config, tokenizer).api.model_name.c_str());
+                 config.openai->host.c_str(), gateway_port, gateway_model.c_str());
     gateway_thread = std::thread([&gateway] { gateway->run(); });
   }
   const auto stop_gateway = [&] {

@@ -364,7 +364,8 @@ ClusterConfig build_config(const Reader& reader, const Section& top, const std::
   }
 
   if (const Entry* entry = top.find("openai")) {
-    const Section openai = reader.section(*entry, {"listen", "model_name", "threads", "chat_max_tokens"});
+    const Section openai =
+        reader.section(*entry, {"listen", "model_name", "threads", "chat_max_tokens", "api_key_env"});
     OpenAiConfig o;
     if (const Entry* e = openai.find("listen")) {
       const std::string listen = reader.text(*e);
@@ -380,6 +381,7 @@ ClusterConfig build_config(const Reader& reader, const Section& top, const std::
       o.port = std::stoi(port);
     }
     if (const Entry* e = openai.find("model_name")) o.model_name = reader.text(*e);
+    if (const Entry* e = openai.find("api_key_env")) o.api_key_env = reader.text(*e);
     if (const Entry* e = openai.find("threads")) o.threads = reader.integer<int>(*e, 1, 1024);
     if (const Entry* e = openai.find("chat_max_tokens"))
       o.chat_max_tokens = reader.integer<int>(*e, 1, kIntMax);
@@ -744,6 +746,8 @@ std::string render_cluster_config(const ClusterConfig& config) {
       out << YAML::Key << "model_name" << YAML::Value << YAML::DoubleQuoted << config.openai->model_name;
     out << YAML::Key << "threads" << YAML::Value << config.openai->threads;
     out << YAML::Key << "chat_max_tokens" << YAML::Value << config.openai->chat_max_tokens;
+    if (!config.openai->api_key_env.empty())
+      out << YAML::Key << "api_key_env" << YAML::Value << YAML::DoubleQuoted << config.openai->api_key_env;
     out << YAML::EndMap;
   }
   out << YAML::EndMap;

@@ -68,6 +68,9 @@
 //     model_name: <file name>    # the name /v1/models lists; default: the model path's file name, less .gguf
 //     threads: 16                # HTTP requests served at once
 //     chat_max_tokens: 256       # max_tokens of a chat request that gives none
+//     api_key_env: NAME          # optional: /v1/* needs "Authorization: Bearer <key>", the key read from
+//     this
+//                                # environment variable at start-up (so neither file nor log holds it)
 //
 // A section may be left empty (`scheduler:` with every key commented out) to take its defaults.
 
@@ -164,6 +167,7 @@ struct OpenAiConfig {
   std::string model_name;  // empty (the key left out): the model path's file name without .gguf
   int threads = 16;
   int chat_max_tokens = 256;
+  std::string api_key_env;  // empty: no key asked for
 
   bool operator==(const OpenAiConfig&) const = default;
 };

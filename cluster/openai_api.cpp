@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cctype>
+#include <charconv>
 #include <cmath>
 #include <limits>
 #include <set>
@@ -596,9 +597,24 @@ json usage_chunk(const ApiRequest& api, const std::vector<protocol::Final>& fina
   return out;
 }
 
+void LatencyHistogram::observe(double seconds) {
+  const auto bucket = std::lower_bound(bounds.begin(), bounds.end(), seconds) - bounds.begin();
+  ++counts[static_cast<size_t>(bucket)];
+  sum += seconds;
+  ++count;
+}
+
+void RequestLatencies::observe(const protocol::Final& f) {
+  ttft.observe((f.timings.queue_ms + f.timings.prefill_ms) / 1e3);
+  e2e.observe((f.timings.queue_ms + f.timings.prefill_ms + f.timings.decode_ms) / 1e3);
+  if (f.completion_tokens > 1)
+    tpot.observe(f.timings.decode_ms / 1e3 / static_cast<double>(f.completion_tokens - 1));
+}
+
 std::string prometheus_metrics(
     const protocol::Stats& s,
-    const std::vector<std::pair<std::pair<std::string, int>, uint64_t>>& http_answers) {
+    const std::vector<std::pair<std::pair<std::string, int>, uint64_t>>& http_answers,
+    const RequestLatencies& latencies) {
   struct Metric {
     const char* name;
     const char* type;
@@ -637,6 +653,27 @@ std::string prometheus_metrics(
     out += "nibble_http_requests_total{path=\"" + key.first + "\",status=\"" + std::to_string(key.second) +
            "\"} " + std::to_string(count) + "\n";
   }
+  const auto histogram = [&](const char* name, const char* help, const LatencyHistogram& h) {
+    out += std::string("# HELP ") + name + " " + help + "\n# TYPE " + name + " histogram\n";
+    uint64_t cumulative = 0;
+    for (size_t i = 0; i <= h.bounds.size(); ++i) {
+      cumulative += h.counts[i];
+      std::string le = "+Inf";
+      if (i < h.bounds.size()) {
+        char bound[32];
+        le.assign(bound, std::to_chars(bound, bound + sizeof(bound), h.bounds[i]).ptr);
+      }
+      out += std::string(name) + "_bucket{le=\"" + le + "\"} " + std::to_string(cumulative) + "\n";
+    }
+    char sum[32];
+    out += std::string(name) + "_sum " + std::string(sum, std::to_chars(sum, sum + sizeof(sum), h.sum).ptr) +
+           "\n" + name + "_count " + std::to_string(h.count) + "\n";
+  };
+  histogram("nibble_time_to_first_token_seconds", "Queue and prefill time of the gateway's answered choices.",
+            latencies.ttft);
+  histogram("nibble_time_per_output_token_seconds", "Decode time per token after the first.", latencies.tpot);
+  histogram("nibble_e2e_request_latency_seconds", "Queue, prefill and decode time of the answered choices.",
+            latencies.e2e);
   return out;
 }
 

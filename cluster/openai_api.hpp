@@ -103,12 +103,32 @@ nlohmann::json usage_chunk(const ApiRequest& api, const std::vector<protocol::Fi
 nlohmann::json tokenize(const std::string& body, const ApiSettings& settings);
 nlohmann::json detokenize(const std::string& body, const ApiSettings& settings);
 
-// GET /metrics: the coordinator's counters (protocol::Stats) and the gateway's HTTP answers by path and
-// status, in Prometheus's text exposition format (version 0.0.4), as vLLM's /metrics serves its own.
-// http_answers: ((path, status), count), each path an endpoint of the gateway's.
+// A latency histogram in seconds with Prometheus's cumulative buckets (le = each bound, then +Inf).
+struct LatencyHistogram {
+  std::vector<double> bounds;                                               // ascending
+  std::vector<uint64_t> counts = std::vector<uint64_t>(bounds.size() + 1);  // per bucket, the last +Inf
+  double sum = 0;
+  uint64_t count = 0;
+  void observe(double seconds);
+};
+
+// The gateway's request latencies, from each answered choice's Final (the coordinator's timings, as
+// vLLM's histograms are the server's): time to first token (queue + prefill), time per output token
+// after the first, and end to end (queue + prefill + decode).
+struct RequestLatencies {
+  LatencyHistogram ttft{{0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60}};
+  LatencyHistogram tpot{{0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5}};
+  LatencyHistogram e2e{{0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300}};
+  void observe(const protocol::Final& final);
+};
+
+// GET /metrics: the coordinator's counters (protocol::Stats), the gateway's HTTP answers by path and
+// status, and its request latencies, in Prometheus's text exposition format (version 0.0.4), as vLLM's
+// /metrics serves its own. http_answers: ((path, status), count), each path an endpoint of the gateway's.
 std::string prometheus_metrics(
     const protocol::Stats& stats,
-    const std::vector<std::pair<std::pair<std::string, int>, uint64_t>>& http_answers);
+    const std::vector<std::pair<std::pair<std::string, int>, uint64_t>>& http_answers,
+    const RequestLatencies& latencies);
 
 // `body` as JSON text; invalid UTF-8 (a token may end inside a character) becomes U+FFFD, not an error.
 std::string dump(const nlohmann::json& body);

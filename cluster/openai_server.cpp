@@ -38,6 +38,7 @@ struct OpenAiServer::Impl {
   bool stopping = false;
   std::mutex answers_mutex;
   std::map<std::pair<std::string, int>, uint64_t> answers;  // (path, status) -> count, for /metrics
+  openai::RequestLatencies latencies;                       // answered choices' (answers_mutex)
 
   static int64_t unix_time() {
     return std::chrono::duration_cast<std::chrono::seconds>(
@@ -110,12 +111,14 @@ struct OpenAiServer::Impl {
       Lease client = lease();
       const protocol::Stats stats = (*client).stats();
       std::vector<std::pair<std::pair<std::string, int>, uint64_t>> counts;
+      openai::RequestLatencies seen;
       {
         std::lock_guard lock(answers_mutex);
         counts.assign(answers.begin(), answers.end());
+        seen = latencies;
       }
       res.status = 200;
-      res.set_content(openai::prometheus_metrics(stats, counts), "text/plain; version=0.0.4");
+      res.set_content(openai::prometheus_metrics(stats, counts, seen), "text/plain; version=0.0.4");
     } catch (const ClientError& e) {
       send_error(res, client_error(e));
     }
@@ -248,6 +251,10 @@ struct OpenAiServer::Impl {
           }
           if (!cancelled) push({i, delta, std::nullopt, std::nullopt});
         });
+        {
+          std::lock_guard lock(answers_mutex);
+          latencies.observe(final);
+        }
         push({i, std::nullopt, final, std::nullopt});
       } catch (const ClientError& e) {
         push({i, std::nullopt, std::nullopt, client_error(e)});

@@ -274,6 +274,37 @@ TEST(OpenAiApi, RefusalsNameTheField) {
   }
 }
 
+// Latency histograms from Finals' timings, in Prometheus's cumulative buckets.
+TEST(OpenAiApi, MetricsCarryTheCountersAndLatencyHistograms) {
+  openai::RequestLatencies latencies;
+  protocol::Final f;
+  f.completion_tokens = 5;
+  f.timings = {20.0, 30.0, 400.0};  // queue, prefill, decode ms: TTFT 0.05 s, TPOT 0.1 s, e2e 0.45 s
+  latencies.observe(f);
+  f.completion_tokens = 1;
+  f.timings = {0.0, 3.0, 0.0};  // one token: TTFT 0.003 s, no TPOT
+  latencies.observe(f);
+  protocol::Stats stats;
+  stats.completed = 7;
+  stats.cached_prompt_tokens = 40;
+  const std::string text = openai::prometheus_metrics(stats, {{{"/v1/completions", 200}, 2}}, latencies);
+  for (const char* line :
+       {"# TYPE nibble_requests_completed_total counter\nnibble_requests_completed_total 7\n",
+        "nibble_prompt_tokens_cached_total 40\n",
+        "nibble_http_requests_total{path=\"/v1/completions\",status=\"200\"} 2\n",
+        "nibble_time_to_first_token_seconds_bucket{le=\"0.01\"} 1\n",
+        "nibble_time_to_first_token_seconds_bucket{le=\"0.05\"} 2\n",
+        "nibble_time_to_first_token_seconds_count 2\n",
+        "nibble_time_per_output_token_seconds_bucket{le=\"0.075\"} 0\n",
+        "nibble_time_per_output_token_seconds_bucket{le=\"0.1\"} 1\n",
+        "nibble_time_per_output_token_seconds_count 1\n",
+        "nibble_e2e_request_latency_seconds_bucket{le=\"0.5\"} 2\n",
+        "nibble_e2e_request_latency_seconds_bucket{le=\"+Inf\"} 2\n",
+        "nibble_e2e_request_latency_seconds_sum 0.453\n"}) {
+    EXPECT_NE(text.find(line), std::string::npos) << line << "\n" << text;
+  }
+}
+
 TEST(OpenAiApi, CoordinatorErrorsMapToHttpStatuses) {
   using protocol::ErrorCode;
   EXPECT_EQ(openai::from_protocol(ErrorCode::bad_request, "x").status, 400);
@@ -835,7 +866,12 @@ TEST(OpenAiServer, RefusesBadRequestsByNameAndKeepsServing) {
         std::string("nibble_http_requests_total{path=\"/v1/completions\",status=\"400\"} 3"),
         std::string("nibble_http_requests_total{path=\"/v1/completions\",status=\"200\"} 2"),
         std::string("nibble_http_requests_total{path=\"/v1/chat/completions\",status=\"400\"} 1"),
-        std::string("nibble_http_requests_total{path=\"/v1/chat/completions\",status=\"200\"} 1")}) {
+        std::string("nibble_http_requests_total{path=\"/v1/chat/completions\",status=\"200\"} 1"),
+        // The two answered requests' latencies (the refused ones have none).
+        std::string("nibble_e2e_request_latency_seconds_count 2"),
+        std::string("nibble_e2e_request_latency_seconds_bucket{le=\"+Inf\"} 2"),
+        std::string("nibble_time_to_first_token_seconds_count 2"),
+        std::string("# TYPE nibble_time_per_output_token_seconds histogram")}) {
     EXPECT_NE(text.find(line + "\n"), std::string::npos) << line << "\n" << text;
   }
   EXPECT_EQ(text.find("/v2/completions"), std::string::npos) << "unknown paths are not counted";

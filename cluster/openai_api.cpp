@@ -104,7 +104,7 @@ void read_sampling(const json& body, protocol::GenerateRequest& r) {
   if (top_k < -1 || top_k > std::numeric_limits<int32_t>::max())
     throw invalid_request("top_k", "top_k: must be -1 or 0 (off) or a positive count");
   const double min_p = number(body, "min_p", 0.0);
-  if (!(min_p >= 0 && min_p <= 1)) throw invalid_request("min_p", "min_p: must be in [0, 1]");
+  if (!(min_p >= 0 && min_p < 1)) throw invalid_request("min_p", "min_p: must be in [0, 1)");
   const double repetition_penalty = number(body, "repetition_penalty", 1.0);
   if (!(repetition_penalty > 0))
     throw invalid_request("repetition_penalty", "repetition_penalty: must be above 0");

@@ -217,7 +217,7 @@ TEST(OpenAiApi, RefusalsNameTheField) {
       {C, R"({"prompt": "x", "temperature": "hot"})", 400, "temperature", "expected a number, got string"},
       {C, R"({"prompt": "x", "temperature": -1})", 400, "temperature", "at least 0"},
       {C, R"({"prompt": "x", "top_p": 0})", 400, "top_p", "(0, 1]"},
-      {C, R"({"prompt": "x", "min_p": 2})", 400, "min_p", "[0, 1]"},
+      {C, R"({"prompt": "x", "min_p": 1})", 400, "min_p", "[0, 1)"},
       {C, R"({"prompt": "x", "top_k": -5})", 400, "top_k", "top_k"},
       {C, R"({"prompt": "x", "repetition_penalty": 0})", 400, "repetition_penalty", "above 0"},
       {C, R"({"prompt": "x", "max_tokens": 0})", 400, "max_tokens", "at least 1"},

@@ -432,7 +432,7 @@ class GatewayProcess {
  public:
   GatewayProcess(const fs::path& dir, const std::string& coordinator,
                  const std::vector<std::string>& extra = {})
-      : log_(dir / "openai.log") {
+      : log_(dir / ("openai-" + std::to_string(next_log_++) + ".log")) {  // one each: never read another's
     std::vector<std::string> args = {test::nibble_bin(), "openai", "--endpoint",   coordinator,
                                      "--port",           "0",      "--model-name", "tiny"};
     args.insert(args.end(), extra.begin(), extra.end());
@@ -481,6 +481,7 @@ class GatewayProcess {
   }
 
  private:
+  static inline int next_log_ = 0;
   fs::path log_;
   pid_t pid_ = -1;
   int port_ = 0;

@@ -124,6 +124,24 @@ struct Sample {
   uint64_t cached_prompt_tokens = 0;                // prompt tokens the prefix cache held
 };
 
+// A request's TTFT, latency and TPOT (its completion_tokens set) from when it was sent, its first and
+// last token-carrying reply, and its end; without such a reply (a server that does not stream) the
+// tokens arrived at the end.
+void set_times(Sample& sample, std::chrono::steady_clock::time_point sent,
+               std::optional<std::chrono::steady_clock::time_point> first_token,
+               std::optional<std::chrono::steady_clock::time_point> last_token,
+               std::chrono::steady_clock::time_point done) {
+  if (!first_token) first_token = last_token = done;
+  auto ms = [](std::chrono::steady_clock::duration d) {
+    return std::chrono::duration<double, std::milli>(d).count();
+  };
+  sample.ok = true;
+  sample.ttft_ms = ms(*first_token - sent);
+  sample.latency_ms = ms(done - sent);
+  if (sample.completion_tokens > 1)
+    sample.tpot_ms = ms(*last_token - *first_token) / static_cast<double>(sample.completion_tokens - 1);
+}
+
 Sample run_one(cluster::Client& client, const protocol::GenerateRequest& request) {
   using clock = std::chrono::steady_clock;
   Sample sample;
@@ -136,18 +154,9 @@ Sample run_one(cluster::Client& client, const protocol::GenerateRequest& request
       if (!first_token) first_token = now;
       last_token = now;
     });
-    const auto done = clock::now();
-    // No token-carrying Delta (a server that does not stream): the tokens arrived with the Final.
-    if (!first_token) first_token = last_token = done;
-    auto ms = [](clock::duration d) { return std::chrono::duration<double, std::milli>(d).count(); };
-    sample.ok = true;
-    sample.ttft_ms = ms(*first_token - sent);
-    sample.latency_ms = ms(done - sent);
-    if (final_msg.completion_tokens > 1) {
-      sample.tpot_ms = ms(*last_token - *first_token) / static_cast<double>(final_msg.completion_tokens - 1);
-    }
     sample.prompt_tokens = final_msg.prompt_tokens;
     sample.completion_tokens = final_msg.completion_tokens;
+    set_times(sample, sent, first_token, last_token, clock::now());
     sample.draft_proposed = final_msg.draft_proposed;
     sample.draft_accepted = final_msg.draft_accepted;
     sample.cached_prompt_tokens = final_msg.cached_prompt_tokens;
@@ -213,16 +222,10 @@ Sample run_one_http(httplib::Client& http, const protocol::GenerateRequest& requ
     if (sample.failure.empty()) sample.failure = "no usage";
     return sample;
   }
-  if (!first_token) first_token = last_token = done;
-  auto ms = [](clock::duration d) { return std::chrono::duration<double, std::milli>(d).count(); };
-  sample.ok = true;
-  sample.ttft_ms = ms(*first_token - sent);
-  sample.latency_ms = ms(done - sent);
   sample.prompt_tokens = usage.value("prompt_tokens", 0u);
   sample.completion_tokens = usage.value("completion_tokens", 0u);
   sample.cached_prompt_tokens = usage["prompt_tokens_details"].value("cached_tokens", 0u);
-  if (sample.completion_tokens > 1)
-    sample.tpot_ms = ms(*last_token - *first_token) / static_cast<double>(sample.completion_tokens - 1);
+  set_times(sample, sent, first_token, last_token, done);
   return sample;
 }
 

@@ -18,14 +18,12 @@ void validate(const SamplingParams& p) {
   if (!std::isfinite(p.presence_penalty)) fail("presence_penalty must be finite");
   if (!std::isfinite(p.frequency_penalty)) fail("frequency_penalty must be finite");
   if (p.repeat_last_n < 0) fail("repeat_last_n must be >= 0");
+  const std::vector<bool> repeated = repeated_tokens(p.logit_bias);
   for (size_t i = 0; i < p.logit_bias.size(); ++i) {
     if (p.logit_bias[i].token < 0)
       fail("logit_bias: token " + std::to_string(p.logit_bias[i].token) + " is negative");
     if (!std::isfinite(p.logit_bias[i].bias)) fail("logit_bias: a bias must be finite");
-    for (size_t j = 0; j < i; ++j) {
-      if (p.logit_bias[j].token == p.logit_bias[i].token)
-        fail("logit_bias: token " + std::to_string(p.logit_bias[i].token) + " twice");
-    }
+    if (repeated[i]) fail("logit_bias: token " + std::to_string(p.logit_bias[i].token) + " twice");
   }
 }
 

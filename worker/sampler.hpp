@@ -3,7 +3,9 @@
 // and frequency penalties, reproducible from a seed. Logits change in the order bias → penalties (as
 // llama.cpp's sampler chain), then temperature → top-k → top-p → min-p (as vLLM's), so speculative
 // decoding can apply the same transformation to draft and target.
+#include <algorithm>
 #include <cstdint>
+#include <numeric>
 #include <random>
 #include <span>
 #include <utility>
@@ -34,6 +36,21 @@ struct SamplingParams {
   std::vector<TokenBias> logit_bias{};  // added to those tokens' logits before the penalties; distinct tokens
   uint64_t seed = 0;
 };
+
+// For each of a list of token biases (TokenBias, protocol::TokenBias: anything with .token), whether an
+// earlier one biases the same token. Sorted once, not compared pairwise: a row's settings are validated
+// on every sampling step.
+template <class Bias>
+std::vector<bool> repeated_tokens(const std::vector<Bias>& biases) {
+  std::vector<size_t> order(biases.size());
+  std::iota(order.begin(), order.end(), size_t{0});
+  std::stable_sort(order.begin(), order.end(),
+                   [&](size_t a, size_t b) { return biases[a].token < biases[b].token; });
+  std::vector<bool> repeated(biases.size());
+  for (size_t k = 1; k < order.size(); ++k)
+    if (biases[order[k]].token == biases[order[k - 1]].token) repeated[order[k]] = true;
+  return repeated;
+}
 
 // Throws std::invalid_argument naming an impossible parameter (negative temperature, top_p outside
 // (0, 1], ...).

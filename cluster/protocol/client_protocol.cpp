@@ -12,6 +12,7 @@
 #include "cluster/protocol/capnp_frame.hpp"
 #include "cluster/protocol/logprobs_wire.hpp"
 #include "cluster/protocol/nibble.capnp.h"
+#include "worker/sampler.hpp"
 
 namespace nibble::protocol {
 namespace {
@@ -350,15 +351,14 @@ void validate(const GenerateRequest& request) {
     bad_request("sampling.frequencyPenalty: must be in [-2, 2]");
   if (s.logit_bias.size() > kMaxLogitBias)
     bad_request("sampling.logitBias: more than " + std::to_string(kMaxLogitBias) + " tokens");
+  const std::vector<bool> repeated = worker::repeated_tokens(s.logit_bias);
   for (size_t i = 0; i < s.logit_bias.size(); ++i) {
     const std::string where = "sampling.logitBias[" + std::to_string(i) + "]";
     if (s.logit_bias[i].token < 0) bad_request(where + ": negative token id");
     if (!(std::fabs(s.logit_bias[i].bias) <= kMaxLogitBiasValue))
       bad_request(where + ": bias must be in [-100, 100]");
-    for (size_t j = 0; j < i; ++j) {
-      if (s.logit_bias[j].token == s.logit_bias[i].token)
-        bad_request(where + ": token " + std::to_string(s.logit_bias[i].token) + " is biased twice");
-    }
+    if (repeated[i])
+      bad_request(where + ": token " + std::to_string(s.logit_bias[i].token) + " is biased twice");
   }
   if (request.max_tokens < 1) bad_request("maxTokens: must be >= 1");
   if (request.logprobs > kMaxLogprobs)

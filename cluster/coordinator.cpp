@@ -1,5 +1,6 @@
 #include "cluster/coordinator.hpp"
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <random>
@@ -210,7 +211,12 @@ void Coordinator::handle_generate(const std::string& identity, const protocol::G
   }
 
   const uint64_t seq = next_seq_++;
-  const Admission admission = scheduler_.submit(seq, prompt, static_cast<int32_t>(g.max_tokens));
+  // Scoring alone (max_tokens 0) still runs the step that would sample: its token is dropped. Prompt
+  // logprobs need every prompt row computed, so such a request starts after no cached prefix.
+  const bool scores_prompt = g.prompt_logprobs >= 0;
+  const Admission admission = scheduler_.submit(
+      seq, prompt, static_cast<int32_t>(scores_prompt ? std::max<uint32_t>(g.max_tokens, 1) : g.max_tokens),
+      /*reuse_prefix=*/!scores_prompt);
   switch (admission) {
     case Admission::accepted:
       break;
@@ -238,6 +244,9 @@ void Coordinator::handle_generate(const std::string& identity, const protocol::G
   r.prompt = prompt;
   r.sampling = to_sequence_sampling(seq, params);
   r.sampling.logprobs = g.logprobs;
+  r.sampling.prompt_logprobs = g.prompt_logprobs;
+  if (scores_prompt) r.prompt_logprobs.resize(prompt.size() - 1);
+  r.score_only = g.max_tokens == 0;
   worker::CompletionLimits limits;
   limits.max_tokens = static_cast<int32_t>(g.max_tokens);
   limits.stop = g.stop;
@@ -273,8 +282,15 @@ bool Coordinator::dispatch_step() {
       prompt_tokens_ += r.prompt.size();
       cached_prompt_tokens_ += r.cached_prompt_tokens;
     }
+    // Prompt logprobs not yet all back: the entry's rows inside the prompt predict its next tokens.
+    std::vector<int32_t> prompt_targets;
+    if (r.prompt_filled < r.prompt_logprobs.size()) {
+      const size_t from = static_cast<size_t>(e.start_pos) + 1;
+      const size_t to = std::min(static_cast<size_t>(e.start_pos) + e.tokens.size(), r.prompt.size() - 1) + 1;
+      if (from < to) prompt_targets.assign(r.prompt.begin() + from, r.prompt.begin() + to);
+    }
     step.entries.push_back({e.seq_id, e.table_row, e.start_pos, std::move(e.tokens), e.sample, e.n_draft,
-                            std::move(cached_prefix)});
+                            std::move(cached_prefix), std::move(prompt_targets)});
   }
   send_to_workers(step);
   in_flight_[step.step_id] = now;
@@ -300,6 +316,19 @@ void Coordinator::handle_result(const protocol::StepResult& result) {
     throw std::runtime_error("result for step " + std::to_string(result.step_id) + " that is not in flight");
   }
   const Clock::time_point now = Clock::now();
+  for (const protocol::PromptLogprobs& p : result.prompts) {
+    const auto it = requests_.find(p.seq_id);
+    if (it == requests_.end()) continue;
+    Request& r = it->second;
+    const auto start = static_cast<size_t>(p.start_pos);
+    if (start > r.prompt_logprobs.size() || p.logprobs.size() > r.prompt_logprobs.size() - start)
+      throw std::runtime_error("step " + std::to_string(result.step_id) +
+                               " brought prompt logprobs past the " + "prompt of sequence " +
+                               std::to_string(p.seq_id));
+    std::copy(p.logprobs.begin(), p.logprobs.end(),
+              r.prompt_logprobs.begin() + static_cast<std::ptrdiff_t>(start));
+    r.prompt_filled = std::max(r.prompt_filled, start + p.logprobs.size());
+  }
   for (const protocol::SampledToken& sampled : result.sampled) {
     const auto it = requests_.find(sampled.seq_id);
     if (it == requests_.end()) continue;  // cancelled while the step ran
@@ -311,7 +340,8 @@ void Coordinator::handle_result(const protocol::StepResult& result) {
     // Speculative steps bring the verified drafts before the sampled token.
     std::string text;
     int32_t delivered = 0;
-    for (size_t t = 0; t <= sampled.accepted_drafts.size() && !r.completion->finished(); ++t) {
+    for (size_t t = 0; t <= sampled.accepted_drafts.size() && !r.completion->finished() && !r.score_only;
+         ++t) {
       const size_t before = r.completion->tokens().size();
       text +=
           r.completion->add(t < sampled.accepted_drafts.size() ? sampled.accepted_drafts[t] : sampled.token);
@@ -326,9 +356,16 @@ void Coordinator::handle_result(const protocol::StepResult& result) {
     draft_proposed_ += static_cast<uint64_t>(sampled.proposed);
     draft_accepted_ += sampled.accepted_drafts.size();
     const std::vector<int32_t>& tokens = r.completion->tokens();
-    if (r.stream && (!text.empty() || tokens.size() > r.tokens_sent)) {
+    // A stream's first Delta carries the prompt and its log-probabilities, when asked for.
+    const bool prompt_news = r.sampling.prompt_logprobs >= 0 && !r.prompt_logprobs_sent;
+    if (r.stream && (!text.empty() || tokens.size() > r.tokens_sent || prompt_news)) {
       protocol::Delta delta;
       delta.request_id = r.request_id;
+      if (prompt_news) {
+        delta.prompt_token_ids = r.prompt;
+        delta.prompt_logprobs = r.prompt_logprobs;
+        r.prompt_logprobs_sent = true;
+      }
       delta.tokens.assign(tokens.begin() + static_cast<std::ptrdiff_t>(r.tokens_sent), tokens.end());
       delta.text = text;
       if (r.logprobs.size() > r.tokens_sent)
@@ -337,7 +374,7 @@ void Coordinator::handle_result(const protocol::StepResult& result) {
       reply(r.identity, delta);
     }
     r.tokens_sent = tokens.size();
-    if (!r.completion->finished()) {
+    if (!r.completion->finished() && !r.score_only) {
       scheduler_.accept_tokens(sampled.seq_id, static_cast<int32_t>(sampled.accepted_drafts.size()),
                                sampled.token);
       if (!sampled.draft.empty()) scheduler_.set_draft(sampled.seq_id, sampled.draft);
@@ -358,6 +395,7 @@ void Coordinator::handle_result(const protocol::StepResult& result) {
     final_msg.draft_accepted = r.draft_accepted;
     final_msg.cached_prompt_tokens = r.cached_prompt_tokens;
     final_msg.logprobs = std::move(r.logprobs);
+    final_msg.prompt_logprobs = std::move(r.prompt_logprobs);
     reply(r.identity, final_msg);
     scheduler_.finish(sampled.seq_id);
     released_.push_back(sampled.seq_id);

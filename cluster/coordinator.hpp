@@ -67,6 +67,12 @@ class Coordinator {
     uint32_t cached_prompt_tokens = 0;             // prompt tokens its first step found in the prefix cache
     std::vector<protocol::TokenLogprob> logprobs;  // with logprobs asked for: one per completion token
     uint64_t draft_proposed = 0, draft_accepted = 0;  // speculative decoding
+    // With prompt logprobs asked for: one per prompt token after the first, filled as steps bring them
+    // (prompt_filled: how many from the start), and whether a stream's Delta has carried them.
+    std::vector<protocol::TokenLogprob> prompt_logprobs;
+    size_t prompt_filled = 0;
+    bool prompt_logprobs_sent = false;
+    bool score_only = false;  // max_tokens 0: the prompt's log-probabilities, nothing generated
   };
 
   int serve_loop();

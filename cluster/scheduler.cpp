@@ -23,7 +23,8 @@ Scheduler::Scheduler(const SchedulerConfig& config)
   }
 }
 
-Admission Scheduler::submit(uint64_t seq_id, std::vector<int32_t> prompt, int32_t max_new_tokens) {
+Admission Scheduler::submit(uint64_t seq_id, std::vector<int32_t> prompt, int32_t max_new_tokens,
+                            bool reuse_prefix) {
   if (prompt.empty() || max_new_tokens < 1 || sequences_.count(seq_id) != 0) return Admission::invalid;
   const int64_t longest = static_cast<int64_t>(prompt.size()) + max_new_tokens;
   if (longest > config_.context || longest > config_.num_blocks * config_.block_size)
@@ -34,6 +35,7 @@ Admission Scheduler::submit(uint64_t seq_id, std::vector<int32_t> prompt, int32_
   seq.max_new_tokens = max_new_tokens;
   seq.limit = static_cast<int64_t>(seq.tokens.size()) + max_new_tokens;
   seq.arrival = next_arrival_++;
+  seq.reuse_prefix = reuse_prefix;
   sequences_.emplace(seq_id, std::move(seq));
   waiting_.push_back(seq_id);
   return Admission::accepted;
@@ -178,10 +180,10 @@ std::optional<StepPlan> Scheduler::next_step() {
     Sequence& seq = sequences_.at(id);
     // New or preempted: start after the longest cached prefix, leaving at least its last token to
     // compute (its logits give the next token).
-    seq.blocks = blocks_.match(seq.tokens, static_cast<int64_t>(seq.tokens.size()) - 1);
+    if (seq.reuse_prefix) seq.blocks = blocks_.match(seq.tokens, static_cast<int64_t>(seq.tokens.size()) - 1);
     seq.computed = static_cast<int64_t>(seq.blocks.size()) * config_.block_size;
     const std::optional<BlockKey> key = next_block(seq);
-    const bool waits = key && being_computed(*key);  // skipped, keeping its place
+    const bool waits = seq.reuse_prefix && key && being_computed(*key);  // skipped, keeping its place
     const int64_t take = wanted(seq);
     if (waits || !blocks_.reserve(seq.blocks, seq.computed + take)) {
       blocks_.release(seq.blocks);  // a waiting sequence holds no blocks

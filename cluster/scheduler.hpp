@@ -55,8 +55,11 @@ class Scheduler {
   explicit Scheduler(const SchedulerConfig& config);
 
   // Queues a request. too_long: prompt + max_new_tokens exceeds the context or could never fit in
-  // the KV cache; invalid: empty prompt or duplicate id.
-  Admission submit(uint64_t seq_id, std::vector<int32_t> prompt, int32_t max_new_tokens);
+  // the KV cache; invalid: empty prompt or duplicate id. reuse_prefix false: the sequence computes its
+  // whole prompt, never starting after a cached prefix (its prompt tokens' logits are wanted); the
+  // blocks it computes are still shared with later ones.
+  Admission submit(uint64_t seq_id, std::vector<int32_t> prompt, int32_t max_new_tokens,
+                   bool reuse_prefix = true);
   // Removes a sequence wherever it is and frees its blocks. False when unknown.
   bool cancel(uint64_t seq_id);
   // Same as cancel, for sequences that ended normally (EOS, stop, length).
@@ -99,6 +102,7 @@ class Scheduler {
     int64_t limit = 0;             // prompt + max_new_tokens: the longest the sequence may grow
     std::vector<int32_t> draft;    // proposals not yet planned
     std::vector<int32_t> planned;  // proposals in the step in flight
+    bool reuse_prefix = true;      // may start after a cached prefix
   };
   void preempt(uint64_t seq_id);
 

@@ -1,5 +1,6 @@
 #include "cluster/worker_service.hpp"
 
+#include <algorithm>
 #include <chrono>
 #include <stdexcept>
 #include <string>
@@ -42,8 +43,13 @@ protocol::StepResult WorkerService::execute(const protocol::WorkerStep& step) {
   const bool samples = results_ != nullptr;
   for (const protocol::SequenceSampling& s : step.new_sequences) {
     if (!samples) continue;
-    sequences_[s.seq_id] = std::make_unique<SequenceState>(
-        SequenceState{worker::Sampler(to_sampling_params(s)), {}, {}, nullptr, static_cast<int>(s.logprobs)});
+    sequences_[s.seq_id] =
+        std::make_unique<SequenceState>(SequenceState{worker::Sampler(to_sampling_params(s)),
+                                                      {},
+                                                      {},
+                                                      nullptr,
+                                                      static_cast<int>(s.logprobs),
+                                                      s.prompt_logprobs});
   }
   for (uint64_t id : step.released) {
     sequences_.erase(id);
@@ -54,6 +60,8 @@ protocol::StepResult WorkerService::execute(const protocol::WorkerStep& step) {
   batch.block_tables = step.block_tables;
   batch.max_blocks_per_seq = step.max_blocks_per_seq;
   std::vector<const protocol::PlanEntry*> sampled;
+  std::vector<size_t> sample_row;  // per sampled entry: its first logit row
+  bool prompt_rows = false;        // some entry wants its prompt tokens' log-probabilities
   for (const protocol::PlanEntry& entry : step.entries) {
     if (const auto it = sequences_.find(entry.seq_id); it != sequences_.end()) {
       // The history is every token fed at positions 0..last: prompt and generated tokens alike (a
@@ -64,8 +72,15 @@ protocol::StepResult WorkerService::execute(const protocol::WorkerStep& step) {
       std::copy(entry.tokens.begin(), entry.tokens.end(), history.begin() + entry.start_pos);
     }
     // A sampling entry wants the logits after its last known token and after each draft proposal.
-    batch.add_sequence(entry.tokens, entry.start_pos, entry.table_row, entry.sample ? entry.n_draft + 1 : 0);
-    if (entry.sample) sampled.push_back(&entry);
+    // An entry with prompt targets also wants the logits of its first rows (its prompt tokens').
+    const auto targets = static_cast<int32_t>(entry.prompt_targets.size());
+    prompt_rows = prompt_rows || targets > 0;
+    batch.add_sequence(entry.tokens, entry.start_pos, entry.table_row, entry.sample ? entry.n_draft + 1 : 0,
+                       targets);
+    if (entry.sample) {
+      sampled.push_back(&entry);
+      sample_row.push_back(batch.logit_rows.size() - static_cast<size_t>(entry.n_draft + 1));
+    }
   }
 
   const int64_t n = static_cast<int64_t>(batch.tokens.size());
@@ -89,10 +104,11 @@ protocol::StepResult WorkerService::execute(const protocol::WorkerStep& step) {
            });
   };
   // Rows whose log-probabilities are asked for need their logits here: such a step takes the host path.
-  const bool host_logits = std::any_of(sampled.begin(), sampled.end(), [&](const protocol::PlanEntry* e) {
-    const auto it = sequences_.find(e->seq_id);
-    return it != sequences_.end() && it->second->logprobs > 0;
-  });
+  const bool host_logits =
+      prompt_rows || std::any_of(sampled.begin(), sampled.end(), [&](const protocol::PlanEntry* e) {
+        const auto it = sequences_.find(e->seq_id);
+        return it != sequences_.end() && it->second->logprobs > 0;
+      });
   const bool argmax_only =
       !host_logits && all_sampled([](const protocol::PlanEntry&, const worker::SamplingParams& p) {
         return p.temperature <= 0.0f && !worker::adjusts_logits(p);
@@ -149,17 +165,33 @@ protocol::StepResult WorkerService::execute(const protocol::WorkerStep& step) {
 
   protocol::StepResult result{step.step_id, {}};
   if (!samples) return result;
-  const float* rows = out_.data();
-  size_t row = 0;  // the entry's first logit row
+  const int64_t n_vocab_rows = !ids_only && !verify_on_model ? n_vocab : 0;  // host logits: a row's stride
+  // Prompt tokens' log-probabilities: an entry's first rows, each of the token after it.
+  size_t first_row = 0;
+  for (const protocol::PlanEntry& entry : step.entries) {
+    if (!entry.prompt_targets.empty()) {
+      const auto it = sequences_.find(entry.seq_id);
+      const int top = it != sequences_.end() ? std::max(it->second->prompt_logprobs, 0) : 0;
+      protocol::PromptLogprobs& prompt = result.prompts.emplace_back();
+      prompt.seq_id = entry.seq_id;
+      prompt.start_pos = entry.start_pos;
+      for (size_t i = 0; i < entry.prompt_targets.size(); ++i) {
+        const worker::TokenLogprobs lp = worker::token_logprobs(out_.data() + (first_row + i) * n_vocab,
+                                                                n_vocab, entry.prompt_targets[i], top);
+        protocol::TokenLogprob& t = prompt.logprobs.emplace_back();
+        t.logprob = lp.logprob;
+        for (const auto& [id, value] : lp.top) t.top.push_back({id, value});
+      }
+    }
+    first_row += entry.prompt_targets.size() + (entry.sample ? static_cast<size_t>(entry.n_draft + 1) : 0);
+  }
   std::vector<speculative::ProposalRequest> proposals;
   std::vector<std::vector<int32_t>> sequences;  // tokens so far of each proposing sequence
   sequences.reserve(sampled.size());
   for (size_t si = 0; si < sampled.size(); ++si) {
     const protocol::PlanEntry& entry = *sampled[si];
-    const float* entry_rows = rows;
-    const size_t entry_row = row;
-    row += static_cast<size_t>(entry.n_draft + 1);
-    if (!ids_only && !verify_on_model) rows += (entry.n_draft + 1) * n_vocab;
+    const size_t entry_row = sample_row[si];
+    const float* entry_rows = out_.data() + static_cast<int64_t>(entry_row) * n_vocab_rows;
     const auto it = sequences_.find(entry.seq_id);
     if (it == sequences_.end()) {
       throw std::runtime_error("step " + std::to_string(step.step_id) + " samples sequence " +

@@ -49,7 +49,8 @@ class WorkerService {
     // Or the same rows kept on the draft's GPU (draft_probs then empty until a host verification
     // needs them).
     std::shared_ptr<const worker::KeptRows> draft_kept;
-    int logprobs = 0;  // top tokens to report with each sampled token's log-probability; 0: none
+    int logprobs = 0;          // top tokens to report with each sampled token's log-probability; 0: none
+    int prompt_logprobs = -1;  // top tokens to report with each prompt token's; -1: none
   };
 
   WorkerStage& model_;

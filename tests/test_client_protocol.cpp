@@ -29,6 +29,7 @@ GenerateRequest full_generate() {
   request.logprobs = 5;
   request.parse_special = true;
   request.ignore_eos = true;
+  request.prompt_logprobs = 2;
   return request;
 }
 
@@ -105,6 +106,12 @@ TEST(ClientProtocol, RoundTripsEveryResponseKind) {
   const std::vector<ServerResponseMsg> messages = {
       Delta{"req-42", {42, 7}, " world"},
       Delta{"req-42", {42}, " x", {TokenLogprob{-0.25f, {{42, -0.25f}, {7, -1.5f}}}}},
+      Delta{"req-42",
+            {},
+            "",
+            {},
+            {1, 15043, 3186},
+            {TokenLogprob{-7.5f, {{2, -1.0f}}}, TokenLogprob{-3.0f, {}}}},
       Final{"req-42",
             FinishReason::stop,
             4,
@@ -116,7 +123,8 @@ TEST(ClientProtocol, RoundTripsEveryResponseKind) {
             12,
             9,
             3,
-            {TokenLogprob{-0.5f, {}}, TokenLogprob{-2.0f, {{2, -0.125f}}}, TokenLogprob{-0.75f, {}}}},
+            {TokenLogprob{-0.5f, {}}, TokenLogprob{-2.0f, {{2, -0.125f}}}, TokenLogprob{-0.75f, {}}},
+            {TokenLogprob{-9.0f, {}}, TokenLogprob{-4.0f, {}}, TokenLogprob{-0.0625f, {}}}},
       Final{"r", FinishReason::cancelled, 1, 0, "", {}, Timings{}, {}},
       Error{"req-42", ErrorCode::prompt_too_long, "prompt of 9000 tokens exceeds the context of 4096"},
       Error{"", ErrorCode::shutting_down, "bye"},
@@ -317,7 +325,14 @@ TEST(ClientProtocol, SemanticViolationsNameTheField) {
          for (int32_t t = 0; t <= static_cast<int32_t>(kMaxLogitBias); ++t)
            r.sampling.logit_bias.push_back({t, 1.0f});
        }},
-      {"maxTokens", [](GenerateRequest& r) { r.max_tokens = 0; }},
+      {"maxTokens",
+       [](GenerateRequest& r) {
+         r.max_tokens = 0;
+         r.prompt_logprobs = -1;
+       }},
+      {"promptLogprobs", [](GenerateRequest& r) { r.prompt_logprobs = kMaxLogprobs + 1; }},
+      {"promptLogprobs", [](GenerateRequest& r) { r.prompt_logprobs = -2; }},
+      {"promptLogprobs", [](GenerateRequest& r) { r.prompt_logprobs = 1000; }},  // beyond the wire's byte
       {"logprobs", [](GenerateRequest& r) { r.logprobs = kMaxLogprobs + 1; }},
       {"prompt.messages", [](GenerateRequest& r) { r.prompt = std::vector<ChatMessage>{}; }},
       {"prompt.messages[1].role",
@@ -349,6 +364,10 @@ TEST(ClientProtocol, SemanticViolationsNameTheField) {
   edge.request_id.assign(kMaxRequestIdBytes, 'x');
   edge.sampling = SamplingParams{0.0f, 0, 1.0f, 0.0f, 1e-3f, std::nullopt};
   edge.max_tokens = 1;
+  edge.prompt_logprobs = -1;
+  EXPECT_EQ(round_trip(edge), ClientRequestMsg{edge});
+  edge.max_tokens = 0;  // scoring the prompt alone
+  edge.prompt_logprobs = kMaxLogprobs;
   edge.stop.assign(kMaxStopStrings, std::string(kMaxStopStringBytes, 's'));
   EXPECT_EQ(round_trip(edge), ClientRequestMsg{edge});
   auto cancel = client_error(encode(ClientRequestMsg{CancelRequest{""}}));

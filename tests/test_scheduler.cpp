@@ -259,6 +259,38 @@ TEST(SchedulerPrefixCache, ASecondPromptStartsAfterTheSharedWholeBlocks) {
   EXPECT_EQ(s.free_blocks(), 16 - 5);
 }
 
+// A sequence whose prompt tokens' logits are wanted (prompt logprobs) computes its whole prompt even
+// when its blocks are cached, and does not wait for a block another sequence computes; a later
+// ordinary one still shares the blocks it computed.
+TEST(SchedulerPrefixCache, ASequenceThatReusesNoPrefixComputesItsWholePrompt) {
+  Scheduler s(caching_config());
+  ASSERT_EQ(s.submit(1, tokens(14), 4), Admission::accepted);
+  auto step = s.next_step();
+  ASSERT_TRUE(step);
+  ASSERT_EQ(s.submit(2, tokens(14), 4, /*reuse_prefix=*/false), Admission::accepted);
+  step = s.next_step();  // 1 awaits its token: only 2 runs
+  ASSERT_TRUE(step);
+  ASSERT_EQ(step->entries.size(), 1u);
+  EXPECT_EQ(step->entries[0].seq_id, 2u);
+  EXPECT_EQ(step->entries[0].start_pos, 0);
+  EXPECT_EQ(step->entries[0].tokens, tokens(14));
+  EXPECT_EQ(s.free_blocks(), 16 - 8);  // four blocks each
+  ASSERT_EQ(s.submit(3, tokens(14), 4), Admission::accepted);
+  step = s.next_step();
+  ASSERT_TRUE(step);
+  ASSERT_EQ(step->entries.size(), 1u);
+  EXPECT_EQ(step->entries[0].start_pos, 12);
+  // Two at once: the one that reuses nothing does not wait for the other's blocks.
+  Scheduler both(caching_config());
+  ASSERT_EQ(both.submit(1, tokens(14), 4), Admission::accepted);
+  ASSERT_EQ(both.submit(2, tokens(14), 4, /*reuse_prefix=*/false), Admission::accepted);
+  step = both.next_step();
+  ASSERT_TRUE(step);
+  ASSERT_EQ(step->entries.size(), 2u);
+  EXPECT_EQ(step->entries[1].start_pos, 0);
+  EXPECT_EQ(step->entries[1].tokens, tokens(14));
+}
+
 // Requests that arrive together with the same long prompt: the second waits while the first computes
 // the blocks it would otherwise compute side by side, then starts after them (its last block is its
 // own); an unrelated prompt behind it goes ahead meanwhile. Without prefix caching both run at once.

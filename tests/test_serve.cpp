@@ -304,11 +304,9 @@ TEST_P(ServeShapes, PrefixCachedPromptsGiveTheTokensOfComputingThemInFull) {
 // token first), streamed deltas carry the same values as the Final, and a draft (the target as its own,
 // every proposal accepted) changes nothing: its accepted tokens' values come from the verifying pass.
 // extra: more options for `nibble logits` (--device cuda ...); tolerance: on each logprob.
-void expect_logprobs_match_nibble_logits(const std::string& model, const protocol::Final& f, int top_n,
-                                         const std::string& extra = "", double tolerance = 2e-3) {
-  ASSERT_EQ(f.logprobs.size(), f.tokens.size());
-  std::vector<int32_t> all = f.prompt_token_ids;
-  all.insert(all.end(), f.tokens.begin(), f.tokens.end());
+// `nibble logits` of `ids` (one process, the plain CPU reference): rows [ids.size(), n_vocab].
+std::vector<float> nibble_logits(const std::string& model, const std::vector<int32_t>& all,
+                                 const std::string& extra = "") {
   std::string ids;
   for (int32_t t : all) ids += std::to_string(t) + " ";
   test::TempDir dir;
@@ -316,28 +314,65 @@ void expect_logprobs_match_nibble_logits(const std::string& model, const protoco
   const test::CommandResult r =
       test::run_command(test::nibble_bin() + " logits --model '" + model + "' --threads 1 --tokens '" + ids +
                         "' --out " + out + " " + extra);
-  ASSERT_EQ(r.exit_code, 0) << r.output;
-  std::vector<float> rows(fs::file_size(out) / sizeof(float));  // [tokens, n_vocab]
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  if (r.exit_code != 0) return {};
+  std::vector<float> rows(fs::file_size(out) / sizeof(float));
   std::ifstream(out, std::ios::binary)
       .read(reinterpret_cast<char*>(rows.data()), static_cast<std::streamsize>(rows.size() * sizeof(float)));
+  return rows;
+}
+
+// `value` is the log-softmax of `row` [n_vocab] at its token, and its top tokens are the most likely,
+// in order, with their values.
+void expect_log_softmax(const protocol::TokenLogprob& value, const float* row, size_t n_vocab, int32_t token,
+                        size_t top_n, double tolerance) {
+  double sum = 0;
+  const float max = *std::max_element(row, row + n_vocab);
+  for (size_t v = 0; v < n_vocab; ++v) sum += std::exp(static_cast<double>(row[v]) - max);
+  const auto logprob = [&](int32_t t) { return static_cast<double>(row[t]) - max - std::log(sum); };
+  EXPECT_NEAR(value.logprob, logprob(token), tolerance);
+  ASSERT_EQ(value.top.size(), top_n);
+  if (top_n > 0) {
+    EXPECT_EQ(value.top[0].token, static_cast<int32_t>(std::max_element(row, row + n_vocab) - row));
+  }
+  for (size_t j = 0; j < value.top.size(); ++j) {
+    EXPECT_NEAR(value.top[j].logprob, logprob(value.top[j].token), tolerance);
+    if (j > 0) {
+      EXPECT_LE(value.top[j].logprob, value.top[j - 1].logprob);
+    }
+  }
+}
+
+void expect_logprobs_match_nibble_logits(const std::string& model, const protocol::Final& f, int top_n,
+                                         const std::string& extra = "", double tolerance = 2e-3) {
+  ASSERT_EQ(f.logprobs.size(), f.tokens.size());
+  std::vector<int32_t> all = f.prompt_token_ids;
+  all.insert(all.end(), f.tokens.begin(), f.tokens.end());
+  const std::vector<float> rows = nibble_logits(model, all, extra);  // [tokens, n_vocab]
   const size_t n_vocab = rows.size() / all.size();
   ASSERT_EQ(n_vocab * all.size(), rows.size());
   for (size_t i = 0; i < f.tokens.size(); ++i) {
     SCOPED_TRACE("token " + std::to_string(i));
     const float* row = rows.data() + (f.prompt_token_ids.size() - 1 + i) * n_vocab;
-    double sum = 0;
-    const float max = *std::max_element(row, row + n_vocab);
-    for (size_t v = 0; v < n_vocab; ++v) sum += std::exp(static_cast<double>(row[v]) - max);
-    const auto logprob = [&](int32_t t) { return static_cast<double>(row[t]) - max - std::log(sum); };
-    EXPECT_NEAR(f.logprobs[i].logprob, logprob(f.tokens[i]), tolerance);
-    ASSERT_EQ(f.logprobs[i].top.size(), static_cast<size_t>(top_n));
-    EXPECT_EQ(f.logprobs[i].top[0].token, f.tokens[i]);  // greedy: the most likely token
-    for (size_t j = 0; j < f.logprobs[i].top.size(); ++j) {
-      EXPECT_NEAR(f.logprobs[i].top[j].logprob, logprob(f.logprobs[i].top[j].token), tolerance);
-      if (j > 0) {
-        EXPECT_LE(f.logprobs[i].top[j].logprob, f.logprobs[i].top[j - 1].logprob);
-      }
-    }
+    // Greedy: the token is the most likely one.
+    ASSERT_NO_FATAL_FAILURE(
+        expect_log_softmax(f.logprobs[i], row, n_vocab, f.tokens[i], static_cast<size_t>(top_n), tolerance));
+    EXPECT_EQ(f.logprobs[i].top[0].token, f.tokens[i]);
+  }
+}
+
+// The prompt's own log-probabilities: one per prompt token after the first, the log-softmax of the
+// row before it.
+void expect_prompt_logprobs_match_nibble_logits(const std::string& model, const protocol::Final& f,
+                                                size_t top_n, double tolerance = 2e-3) {
+  ASSERT_EQ(f.prompt_logprobs.size(), f.prompt_token_ids.size() - 1);
+  const std::vector<float> rows = nibble_logits(model, f.prompt_token_ids);
+  const size_t n_vocab = rows.size() / f.prompt_token_ids.size();
+  ASSERT_EQ(n_vocab * f.prompt_token_ids.size(), rows.size());
+  for (size_t i = 0; i < f.prompt_logprobs.size(); ++i) {
+    SCOPED_TRACE("prompt token " + std::to_string(i + 1));
+    ASSERT_NO_FATAL_FAILURE(expect_log_softmax(f.prompt_logprobs[i], rows.data() + i * n_vocab, n_vocab,
+                                               f.prompt_token_ids[i + 1], top_n, tolerance));
   }
 }
 
@@ -361,6 +396,56 @@ TEST_P(ServeShapes, LogprobsAreTheModelsLogSoftmaxAtEachToken) {
   ASSERT_NO_FATAL_FAILURE(expect_logprobs_match_nibble_logits(model, f, 3));
   // Without asking, none.
   EXPECT_TRUE(client.generate(greedy("none", kPrompts[0], 4)).logprobs.empty());
+}
+
+// Prompt logprobs (vLLM's prompt_logprobs; OpenAI's echo with logprobs): each prompt token's value
+// given the tokens before it, across prefill chunks of 5 (a chunk's last row predicts the next chunk's
+// first token), streamed in the first Delta; a prompt the prefix cache holds is computed in full anyway;
+// max_tokens 0 scores the prompt alone; the cache still serves requests that do not ask.
+TEST_P(ServeShapes, PromptLogprobsAreTheModelsLogSoftmaxOverThePrompt) {
+  test::TempDir models;
+  const std::string model = make_tiny_model(models.path());
+  test::TempDir dir;
+  ServeJob job(dir.path(), model, GetParam().tensor, GetParam().pipeline,
+               "scheduler: { prefill_chunk: 5 }\nkv_cache: { block_size: 4 }\n");
+  ASSERT_TRUE(job.wait_ready()) << job.log();
+  Client client(job.endpoint());
+  const std::string prompt = kPrompts[0] + kPrompts[1];
+  // Warm the prefix cache with the prompt.
+  EXPECT_TRUE(client.generate(greedy("warm", prompt, 2)).prompt_logprobs.empty());
+
+  protocol::GenerateRequest request = greedy("plp", prompt, 4, /*stream=*/true);
+  request.prompt_logprobs = 2;
+  int deltas_with_prompt = 0;
+  std::vector<int32_t> streamed_ids;
+  std::vector<protocol::TokenLogprob> streamed;
+  const protocol::Final f = client.generate(request, [&](const protocol::Delta& d) {
+    if (d.prompt_token_ids.empty()) return;
+    ++deltas_with_prompt;
+    streamed_ids = d.prompt_token_ids;
+    streamed = d.prompt_logprobs;
+  });
+  ASSERT_GT(f.prompt_token_ids.size(), 12u) << "the prompt should span several chunks";
+  EXPECT_EQ(f.cached_prompt_tokens, 0u);
+  EXPECT_EQ(f.tokens, nibble_generate(model, prompt, 4).tokens);
+  EXPECT_EQ(deltas_with_prompt, 1);
+  EXPECT_EQ(streamed_ids, f.prompt_token_ids);
+  EXPECT_EQ(streamed, f.prompt_logprobs);
+  ASSERT_NO_FATAL_FAILURE(expect_prompt_logprobs_match_nibble_logits(model, f, 2));
+
+  // Scoring alone: nothing generated, the same values (top tokens: none asked).
+  protocol::GenerateRequest score = greedy("score", prompt, 0);
+  score.prompt_logprobs = 0;
+  const protocol::Final scored = client.generate(score);
+  EXPECT_TRUE(scored.tokens.empty());
+  EXPECT_EQ(scored.completion_tokens, 0u);
+  EXPECT_EQ(scored.finish_reason, protocol::FinishReason::length);
+  ASSERT_NO_FATAL_FAILURE(expect_prompt_logprobs_match_nibble_logits(model, scored, 0));
+
+  // The cache still serves the others: the prompt's whole blocks but the last.
+  const protocol::Final cached = client.generate(greedy("cached", prompt, 2));
+  EXPECT_GT(cached.cached_prompt_tokens, 0u);
+  EXPECT_TRUE(cached.prompt_logprobs.empty());
 }
 
 TEST_P(ServeShapes, FixtureModelsGreedyOutputEqualsSingleProcessGenerate) {

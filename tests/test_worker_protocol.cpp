@@ -11,13 +11,15 @@ WorkerStep full_step() {
   WorkerStep step;
   step.step_id = 77;
   step.new_sequences = {
-      {5, 0.7f, 40, 0.9f, 0.05f, 1.1f, 64, 0xABCDEFull, 3, 0.5f, -0.75f, {{12, 3.5f}, {2, -100.0f}}},
+      {5, 0.7f, 40, 0.9f, 0.05f, 1.1f, 64, 0xABCDEFull, 3, 0.5f, -0.75f, {{12, 3.5f}, {2, -100.0f}}, 4},
       {6, 0.0f, 0, 1.0f, 0.0f, 1.0f, 64, 1, 0, 0.0f, 0.0f, {}}};
   step.released = {1, 2, 3};
   // The second entry follows a cached prefix of 17 tokens (the scheduler's prefix caching).
   std::vector<int32_t> prefix(17);
   for (size_t i = 0; i < prefix.size(); ++i) prefix[i] = static_cast<int32_t>(100 + i);
-  step.entries = {{5, 0, 0, {1, 2, 3, 4}, false, 0, {}}, {6, 1, 17, {9, 10, 11}, true, 2, prefix}};
+  // The first wants its prompt tokens' log-probabilities: rows 0..3 predict 2, 3, 4 and the next chunk's 5.
+  step.entries = {{5, 0, 0, {1, 2, 3, 4}, false, 0, {}, {2, 3, 4, 5}},
+                  {6, 1, 17, {9, 10, 11}, true, 2, prefix}};
   step.block_tables = {0, 1, -1, 7, 3, 4};
   step.max_blocks_per_seq = 3;
   return step;
@@ -35,6 +37,9 @@ TEST(WorkerProtocol, StepsAndResultsRoundTrip) {
                            {6, 0, {7, 8}, 3, {1, 2, 3}, {{-0.5f, {{7, -0.5f}}}, {-1.0f, {}}, {-0.25f, {}}}},
                            {7, 31999, {}, 2, {}, {}}}};
   EXPECT_EQ(decode_step_result(encode(result)), result);
+  StepResult with_prompts = result;
+  with_prompts.prompts = {{5, 0, {{-1.5f, {{2, -0.5f}}}, {-0.25f, {}}}}, {9, 31, {{-3.0f, {}}}}};
+  EXPECT_EQ(decode_step_result(encode(with_prompts)), with_prompts);
   // Logprobs are one per delivered token (the accepted drafts and the sampled one), or none.
   StepResult short_logprobs = result;
   short_logprobs.sampled[1].logprobs.pop_back();
@@ -46,6 +51,11 @@ TEST(WorkerProtocol, StepsAndResultsRoundTrip) {
   WorkerStep many = full_step();
   many.new_sequences[0].logprobs = kMaxLogprobs + 1;
   EXPECT_THROW(decode_worker_step(encode(many)), ProtocolError);
+  for (const int32_t bad : {static_cast<int32_t>(kMaxLogprobs) + 1, 1000, -2}) {
+    many = full_step();
+    many.new_sequences[0].prompt_logprobs = bad;
+    EXPECT_THROW(decode_worker_step(encode(many)), ProtocolError) << bad;
+  }
 }
 
 TEST(WorkerProtocol, DraftRequestsAndRepliesRoundTrip) {
@@ -109,6 +119,24 @@ TEST(WorkerProtocol, RejectsBadFrames) {
   step.entries[1].n_draft = 3;
   const std::vector<uint8_t> all_drafts = encode(step);
   EXPECT_EQ(code_of([&] { decode_worker_step(all_drafts); }), ErrorCode::malformed_message);
+  // Prompt targets for more rows than the entry has, for the row that samples, or with drafts.
+  step = full_step();
+  step.entries[0].prompt_targets.push_back(6);
+  const std::vector<uint8_t> too_many_targets = encode(step);
+  EXPECT_EQ(code_of([&] { decode_worker_step(too_many_targets); }), ErrorCode::malformed_message);
+  step = full_step();
+  step.entries[0].sample = true;
+  const std::vector<uint8_t> target_on_sampled_row = encode(step);
+  EXPECT_EQ(code_of([&] { decode_worker_step(target_on_sampled_row); }), ErrorCode::malformed_message);
+  step = full_step();
+  step.entries[1].prompt_targets = {10};
+  const std::vector<uint8_t> targets_with_drafts = encode(step);
+  EXPECT_EQ(code_of([&] { decode_worker_step(targets_with_drafts); }), ErrorCode::malformed_message);
+  // Prompt logprobs at a negative position.
+  StepResult result;
+  result.prompts = {{5, -1, {{-1.0f, {}}}}};
+  const std::vector<uint8_t> negative = encode(result);
+  EXPECT_EQ(code_of([&] { decode_step_result(negative); }), ErrorCode::malformed_message);
 }
 
 }  // namespace

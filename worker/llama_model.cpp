@@ -29,14 +29,17 @@ int64_t i64(size_t v) { return static_cast<int64_t>(v); }
 }  // namespace
 
 void ForwardBatch::add_sequence(std::span<const int32_t> seq_tokens, int32_t start_pos, int32_t table_row,
-                                int32_t logits_for_last) {
+                                int32_t logits_for_last, int32_t logits_for_first) {
+  const auto begin = static_cast<int32_t>(tokens.size());
   for (size_t i = 0; i < seq_tokens.size(); ++i) {
     tokens.push_back(seq_tokens[i]);
     positions.push_back(start_pos + static_cast<int32_t>(i));
     seq_index.push_back(table_row);
   }
   const auto end = static_cast<int32_t>(tokens.size());
-  for (int32_t row = end - logits_for_last; row < end; ++row) logit_rows.push_back(row);
+  const int32_t first_end = std::min(end, begin + logits_for_first);
+  for (int32_t row = begin; row < first_end; ++row) logit_rows.push_back(row);
+  for (int32_t row = std::max(first_end, end - logits_for_last); row < end; ++row) logit_rows.push_back(row);
 }
 
 ForwardBatch ForwardBatch::single(const std::vector<int32_t>& tokens, int32_t start_pos,

@@ -28,9 +28,10 @@ struct ForwardBatch {
   std::vector<int32_t> logit_rows;  // indices into tokens whose logits are wanted
 
   // Appends one sequence's tokens at positions start_pos.., as row table_row of block_tables (the
-  // caller appends the table), wanting logits for its last `logits_for_last` tokens (0: none).
+  // caller appends the table), wanting logits for its last `logits_for_last` tokens (0: none) and its
+  // first `logits_for_first` (a prompt's own log-probabilities); a row both ask for is listed once.
   void add_sequence(std::span<const int32_t> seq_tokens, int32_t start_pos, int32_t table_row,
-                    int32_t logits_for_last);
+                    int32_t logits_for_last, int32_t logits_for_first = 0);
 
   // The common single-sequence case: tokens at positions start_pos.., logits for the last one or
   // for all.

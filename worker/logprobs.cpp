@@ -22,6 +22,7 @@ TokenLogprobs token_logprobs(const float* logits, int64_t n_vocab, int32_t token
   TokenLogprobs out;
   out.logprob = logprob(token);
   const auto n = static_cast<int64_t>(std::min<int64_t>(top_n, n_vocab));
+  if (n == 0) return out;
   std::vector<int32_t> ids(static_cast<size_t>(n_vocab));
   std::iota(ids.begin(), ids.end(), 0);
   std::partial_sort(ids.begin(), ids.begin() + n, ids.end(), [&](int32_t a, int32_t b) {

@@ -309,6 +309,7 @@ Runner add_client(CLI::App& app) {
     std::string request_id;
     bool health = false, stats = false, shutdown = false;
     int logprobs = 0;
+    int prompt_logprobs = -1;
     bool special = false;
     bool ignore_eos = false;
     std::string chat, system;
@@ -324,8 +325,9 @@ Runner add_client(CLI::App& app) {
   prompt->excludes(tokens);
   chat->excludes(prompt);
   chat->excludes(tokens);
-  app.add_option("--max-tokens,-n", a->max_tokens, "Tokens to generate at most")
-      ->check(CLI::Range(int64_t{1}, int64_t{UINT32_MAX}))
+  app.add_option("--max-tokens,-n", a->max_tokens,
+                 "Tokens to generate at most (0: score the prompt alone, with --prompt-logprobs)")
+      ->check(CLI::Range(int64_t{0}, int64_t{UINT32_MAX}))
       ->capture_default_str();
   app.add_option("--temperature", a->temperature, "0 means greedy")
       ->check(CLI::NonNegativeNumber)
@@ -363,6 +365,11 @@ Runner add_client(CLI::App& app) {
   app.add_option("--logprobs", a->logprobs,
                  "With --json: each token's log-probability and this many most likely tokens' (0: none)")
       ->check(CLI::Range(0, static_cast<int>(protocol::kMaxLogprobs)))
+      ->capture_default_str();
+  app.add_option("--prompt-logprobs", a->prompt_logprobs,
+                 "With --json: each prompt token's log-probability after the first and this many most "
+                 "likely tokens' (-1: none)")
+      ->check(CLI::Range(-1, static_cast<int>(protocol::kMaxLogprobs)))
       ->capture_default_str();
   app.add_option("--timeout-ms", a->timeout_ms, "Longest wait for any one reply message")
       ->check(CLI::PositiveNumber)
@@ -448,6 +455,7 @@ Runner add_client(CLI::App& app) {
     request.stop = a->stop;
     request.stream = a->stream;
     request.logprobs = static_cast<uint32_t>(a->logprobs);
+    request.prompt_logprobs = a->prompt_logprobs;
     request.parse_special = a->special;
     request.ignore_eos = a->ignore_eos;
 
@@ -478,17 +486,24 @@ Runner add_client(CLI::App& app) {
     out["tokens"] = result.tokens;
     out["text"] = result.text;
     out["finish_reason"] = protocol::to_string(result.finish_reason);
-    if (request.logprobs > 0) {  // one per token: its log-probability and the most likely tokens'
+    // One per token: its log-probability and the most likely tokens'.
+    const auto logprobs_json = [](const std::vector<protocol::TokenLogprob>& values,
+                                  std::span<const int32_t> ids) {
       nlohmann::json logprobs = nlohmann::json::array();
-      for (size_t i = 0; i < result.logprobs.size(); ++i) {
+      for (size_t i = 0; i < values.size(); ++i) {
         nlohmann::json top = nlohmann::json::array();
-        for (const protocol::TopLogprob& t : result.logprobs[i].top)
+        for (const protocol::TopLogprob& t : values[i].top)
           top.push_back({{"token", t.token}, {"logprob", t.logprob}});
-        logprobs.push_back({{"token", i < result.tokens.size() ? result.tokens[i] : -1},
-                            {"logprob", result.logprobs[i].logprob},
-                            {"top", top}});
+        logprobs.push_back(
+            {{"token", i < ids.size() ? ids[i] : -1}, {"logprob", values[i].logprob}, {"top", top}});
       }
-      out["logprobs"] = logprobs;
+      return logprobs;
+    };
+    if (request.logprobs > 0) out["logprobs"] = logprobs_json(result.logprobs, result.tokens);
+    if (request.prompt_logprobs >= 0) {  // the prompt's tokens after the first
+      out["prompt_logprobs"] = logprobs_json(
+          result.prompt_logprobs, std::span<const int32_t>(result.prompt_token_ids)
+                                      .subspan(std::min<size_t>(1, result.prompt_token_ids.size())));
     }
     out["speculative"] = {{"draft_proposed", result.draft_proposed},
                           {"draft_accepted", result.draft_accepted}};

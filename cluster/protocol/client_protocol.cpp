@@ -92,6 +92,7 @@ void encode_generate(const GenerateRequest& request, wire::GenerateRequest::Buil
   out.setLogprobs(static_cast<uint8_t>(std::min<uint32_t>(request.logprobs, 255)));
   out.setParseSpecial(request.parse_special);
   out.setIgnoreEos(request.ignore_eos);
+  out.setPromptLogprobs(static_cast<int8_t>(std::clamp<int32_t>(request.prompt_logprobs, -128, 127)));
 }
 
 void encode_final(const Final& final_msg, wire::Final::Builder out) {
@@ -112,6 +113,8 @@ void encode_final(const Final& final_msg, wire::Final::Builder out) {
   out.setCachedPromptTokens(final_msg.cached_prompt_tokens);
   detail::write_logprobs(final_msg.logprobs,
                          out.initLogprobs(static_cast<unsigned>(final_msg.logprobs.size())));
+  detail::write_logprobs(final_msg.prompt_logprobs,
+                         out.initPromptLogprobs(static_cast<unsigned>(final_msg.prompt_logprobs.size())));
 }
 
 // ---------------------------------------------------------------- decode
@@ -177,6 +180,7 @@ GenerateRequest read_generate(wire::GenerateRequest::Reader in) {
   request.logprobs = in.getLogprobs();
   request.parse_special = in.getParseSpecial();
   request.ignore_eos = in.getIgnoreEos();
+  request.prompt_logprobs = in.getPromptLogprobs();
   auto stop = in.getStop();
   // Checked before copying so a request with a million stop strings costs nothing.
   if (stop.size() > kMaxStopStrings) {
@@ -224,8 +228,9 @@ ServerResponseMsg read_server_response(capnp::MessageReader& reader) {
   switch (root.which()) {
     case wire::ServerResponse::DELTA: {
       auto in = root.getDelta();
-      return Delta{to_std(in.getRequestId()), to_std(in.getTokens()), to_std(in.getText()),
-                   detail::read_logprobs(in.getLogprobs())};
+      return Delta{to_std(in.getRequestId()),      to_std(in.getTokens()),
+                   to_std(in.getText()),           detail::read_logprobs(in.getLogprobs()),
+                   to_std(in.getPromptTokenIds()), detail::read_logprobs(in.getPromptLogprobs())};
     }
     case wire::ServerResponse::FINAL: {
       auto in = root.getFinal();
@@ -241,7 +246,8 @@ ServerResponseMsg read_server_response(capnp::MessageReader& reader) {
                    in.getDraftProposed(),
                    in.getDraftAccepted(),
                    in.getCachedPromptTokens(),
-                   detail::read_logprobs(in.getLogprobs())};
+                   detail::read_logprobs(in.getLogprobs()),
+                   detail::read_logprobs(in.getPromptLogprobs())};
     }
     case wire::ServerResponse::ERROR: {
       auto in = root.getError();
@@ -360,7 +366,12 @@ void validate(const GenerateRequest& request) {
     if (repeated[i])
       bad_request(where + ": token " + std::to_string(s.logit_bias[i].token) + " is biased twice");
   }
-  if (request.max_tokens < 1) bad_request("maxTokens: must be >= 1");
+  if (request.prompt_logprobs < -1 || request.prompt_logprobs > static_cast<int32_t>(kMaxLogprobs))
+    bad_request("promptLogprobs: -1 (none) or 0 to " + std::to_string(kMaxLogprobs) + " top tokens, got " +
+                std::to_string(request.prompt_logprobs));
+  // A request for the prompt's log-probabilities alone (scoring) generates nothing.
+  if (request.max_tokens < 1 && request.prompt_logprobs < 0)
+    bad_request("maxTokens: must be >= 1 (0 only with promptLogprobs)");
   if (request.logprobs > kMaxLogprobs)
     bad_request("logprobs: at most " + std::to_string(kMaxLogprobs) + " top tokens, got " +
                 std::to_string(request.logprobs));
@@ -394,45 +405,49 @@ std::vector<uint8_t> encode(const ClientRequestMsg& message) {
 std::vector<uint8_t> encode(const ServerResponseMsg& message) {
   capnp::MallocMessageBuilder builder;
   auto root = builder.initRoot<wire::ServerResponse>();
-  std::visit(Overloaded{
-                 [&](const Delta& m) {
-                   auto out = root.initDelta();
-                   out.setRequestId(as_text(m.request_id));
-                   fill_tokens(out.initTokens(static_cast<unsigned>(m.tokens.size())), m.tokens);
-                   out.setText(as_text(m.text));
-                   detail::write_logprobs(m.logprobs,
-                                          out.initLogprobs(static_cast<unsigned>(m.logprobs.size())));
-                 },
-                 [&](const Final& m) { encode_final(m, root.initFinal()); },
-                 [&](const Error& m) {
-                   auto out = root.initError();
-                   out.setRequestId(as_text(m.request_id));
-                   out.setCode(static_cast<wire::ErrorCode>(m.code));
-                   out.setMessage(as_text(m.message));
-                 },
-                 [&](const Health& m) {
-                   auto out = root.initHealth();
-                   out.setOk(m.ok);
-                   out.setWorkers(m.workers);
-                   out.setDetail(as_text(m.detail));
-                 },
-                 [&](const Stats& m) {
-                   auto out = root.initStats();
-                   out.setQueued(m.queued);
-                   out.setRunning(m.running);
-                   out.setCompleted(m.completed);
-                   out.setFailed(m.failed);
-                   out.setFreeKvBlocks(m.free_kv_blocks);
-                   out.setTotalKvBlocks(m.total_kv_blocks);
-                   out.setTokensGenerated(m.tokens_generated);
-                   out.setDraftProposed(m.draft_proposed);
-                   out.setDraftAccepted(m.draft_accepted);
-                   out.setPromptTokens(m.prompt_tokens);
-                   out.setCachedPromptTokens(m.cached_prompt_tokens);
-                   out.setCachedKvBlocks(m.cached_kv_blocks);
-                 },
-             },
-             message);
+  std::visit(
+      Overloaded{
+          [&](const Delta& m) {
+            auto out = root.initDelta();
+            out.setRequestId(as_text(m.request_id));
+            fill_tokens(out.initTokens(static_cast<unsigned>(m.tokens.size())), m.tokens);
+            out.setText(as_text(m.text));
+            detail::write_logprobs(m.logprobs, out.initLogprobs(static_cast<unsigned>(m.logprobs.size())));
+            fill_tokens(out.initPromptTokenIds(static_cast<unsigned>(m.prompt_token_ids.size())),
+                        m.prompt_token_ids);
+            detail::write_logprobs(m.prompt_logprobs,
+                                   out.initPromptLogprobs(static_cast<unsigned>(m.prompt_logprobs.size())));
+          },
+          [&](const Final& m) { encode_final(m, root.initFinal()); },
+          [&](const Error& m) {
+            auto out = root.initError();
+            out.setRequestId(as_text(m.request_id));
+            out.setCode(static_cast<wire::ErrorCode>(m.code));
+            out.setMessage(as_text(m.message));
+          },
+          [&](const Health& m) {
+            auto out = root.initHealth();
+            out.setOk(m.ok);
+            out.setWorkers(m.workers);
+            out.setDetail(as_text(m.detail));
+          },
+          [&](const Stats& m) {
+            auto out = root.initStats();
+            out.setQueued(m.queued);
+            out.setRunning(m.running);
+            out.setCompleted(m.completed);
+            out.setFailed(m.failed);
+            out.setFreeKvBlocks(m.free_kv_blocks);
+            out.setTotalKvBlocks(m.total_kv_blocks);
+            out.setTokensGenerated(m.tokens_generated);
+            out.setDraftProposed(m.draft_proposed);
+            out.setDraftAccepted(m.draft_accepted);
+            out.setPromptTokens(m.prompt_tokens);
+            out.setCachedPromptTokens(m.cached_prompt_tokens);
+            out.setCachedKvBlocks(m.cached_kv_blocks);
+          },
+      },
+      message);
   return detail::to_bytes(builder);
 }
 

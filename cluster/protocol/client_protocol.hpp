@@ -106,6 +106,10 @@ struct GenerateRequest {
   // End-of-sequence tokens do not end the generation (vLLM's ignore_eos, llama.cpp's --ignore-eos): exactly
   // max_tokens tokens unless a stop string ends it first; their text is empty.
   bool ignore_eos = false;
+  // -1: none; 0..kMaxLogprobs: each prompt token's log-probability after the first, given the tokens
+  // before it, and this many most likely tokens' there (vLLM's prompt_logprobs, what OpenAI's echo with
+  // logprobs reports). The whole prompt is computed (no prefix cache); max_tokens may then be 0.
+  int32_t prompt_logprobs = -1;
 
   bool operator==(const GenerateRequest&) const = default;
 };
@@ -148,6 +152,9 @@ struct Delta {
   std::vector<int32_t> tokens;
   std::string text;
   std::vector<TokenLogprob> logprobs{};  // with GenerateRequest::logprobs: one per token
+  // With GenerateRequest::prompt_logprobs, in a stream's first Delta only: as Final's.
+  std::vector<int32_t> prompt_token_ids{};
+  std::vector<TokenLogprob> prompt_logprobs{};
   bool operator==(const Delta&) const = default;
 };
 
@@ -171,6 +178,8 @@ struct Final {
   uint64_t draft_accepted = 0;            // ... and accepted
   uint32_t cached_prompt_tokens = 0;      // prompt tokens whose K/V came from the prefix cache
   std::vector<TokenLogprob> logprobs{};   // with GenerateRequest::logprobs: one per token
+  // With GenerateRequest::prompt_logprobs: one per prompt token after the first (prompt_token_ids[1..]).
+  std::vector<TokenLogprob> prompt_logprobs{};
   bool operator==(const Final&) const = default;
 };
 

@@ -52,6 +52,9 @@ struct GenerateRequest {
                                        # this many most likely tokens' (TokenLogprob)
   parseSpecial @8 :Bool;               # a text prompt's control tokens' texts become those tokens
   ignoreEos @10 :Bool;                 # generate past end-of-sequence tokens, up to maxTokens
+  promptLogprobs @11 :Int8 = -1;       # -1: none; 0..20: each prompt token's log-probability after the
+                                       # first (given the tokens before it) and this many most likely
+                                       # tokens' there (vLLM's prompt_logprobs); then maxTokens may be 0
 }
 
 struct CancelRequest {
@@ -107,6 +110,8 @@ struct Delta {
   tokens @1 :List(Int32);
   text @2 :Text;
   logprobs @3 :List(TokenLogprob);     # with GenerateRequest.logprobs: one per token
+  promptTokenIds @4 :List(Int32);      # with GenerateRequest.promptLogprobs, in the first Delta only: the
+  promptLogprobs @5 :List(TokenLogprob);  # prompt as the model saw it and its tokens' values (as Final's)
 }
 
 struct Timings {
@@ -128,6 +133,8 @@ struct Final {
   draftAccepted @9 :UInt64;            # ... and accepted
   cachedPromptTokens @10 :UInt32;      # prompt tokens whose K/V came from the prefix cache
   logprobs @11 :List(TokenLogprob);    # with GenerateRequest.logprobs: one per token
+  promptLogprobs @12 :List(TokenLogprob);  # with GenerateRequest.promptLogprobs: one per prompt token
+                                       # after the first (promptTokenIds[1..])
 }
 
 struct Error {

@@ -24,6 +24,8 @@ struct SequenceSampling {
   presencePenalty @9 :Float32;
   frequencyPenalty @10 :Float32;
   logitBias @11 :List(Nibble.TokenBias);
+  promptLogprobs @12 :Int8 = -1;       # -1: none; else the top tokens to report with each prompt
+                                       # token's log-probability (the rows PlanEntry.promptTargets name)
 }
 
 struct PlanEntry {
@@ -35,6 +37,9 @@ struct PlanEntry {
   nDraft @5 :Int32;                    # the last nDraft tokens are draft proposals to verify
   cachedPrefix @6 :List(Int32);        # a sequence's first entry after a cached prefix: the tokens at
                                        # positions 0 .. startPos - 1, whose K/V are already in its blocks
+  promptTargets @7 :List(Int32);       # prompt logprobs: the prompt tokens the entry's first rows predict
+                                       # (row i: the token at startPos + i + 1); their logits are computed
+                                       # and each target's log-probability goes back (StepResult.prompts)
 }
 
 struct WorkerStep {
@@ -57,9 +62,16 @@ struct SampledToken {
                                        # the token's
 }
 
+struct PromptLogprobs {
+  seqId @0 :UInt64;
+  startPos @1 :Int32;                  # the entry's: logprobs[i] is of the prompt token at startPos + i + 1
+  logprobs @2 :List(Nibble.TokenLogprob);
+}
+
 struct StepResult {
   stepId @0 :UInt64;
   sampled @1 :List(SampledToken);
+  prompts @2 :List(PromptLogprobs);    # one per entry with promptTargets, in entry order
 }
 
 # Between the sampling worker and a draft on a rank of its own (`draft.placement: own_rank`): one

@@ -1,5 +1,7 @@
 #include "cluster/protocol/worker_protocol.hpp"
 
+#include <algorithm>
+
 #include "cluster/protocol/capnp_frame.hpp"
 #include "cluster/protocol/logprobs_wire.hpp"
 #include "cluster/protocol/worker.capnp.h"
@@ -25,12 +27,18 @@ void write_sampling(const SequenceSampling& s, wire::SequenceSampling::Builder o
     bias[i].setToken(s.logit_bias[i].token);
     bias[i].setBias(s.logit_bias[i].bias);
   }
+  // Out-of-range counts stay out of range (refused by the reader), not wrapped into range.
+  o.setPromptLogprobs(static_cast<int8_t>(std::clamp<int32_t>(s.prompt_logprobs, -128, 127)));
 }
 
 SequenceSampling read_sampling(wire::SequenceSampling::Reader s) {
   if (s.getLogprobs() > kMaxLogprobs)
     throw ProtocolError(ErrorCode::malformed_message,
                         "sequence sampling: more than " + std::to_string(kMaxLogprobs) + " logprobs");
+  if (s.getPromptLogprobs() < -1 || s.getPromptLogprobs() > static_cast<int32_t>(kMaxLogprobs))
+    throw ProtocolError(ErrorCode::malformed_message, "sequence sampling: prompt logprobs " +
+                                                          std::to_string(s.getPromptLogprobs()) +
+                                                          " outside -1.." + std::to_string(kMaxLogprobs));
   if (s.getLogitBias().size() > kMaxLogitBias)
     throw ProtocolError(ErrorCode::malformed_message,
                         "sequence sampling: more than " + std::to_string(kMaxLogitBias) + " biased tokens");
@@ -44,7 +52,9 @@ SequenceSampling read_sampling(wire::SequenceSampling::Reader s) {
                        .seed = s.getSeed(),
                        .logprobs = s.getLogprobs(),
                        .presence_penalty = s.getPresencePenalty(),
-                       .frequency_penalty = s.getFrequencyPenalty()};
+                       .frequency_penalty = s.getFrequencyPenalty(),
+                       .logit_bias = {},
+                       .prompt_logprobs = s.getPromptLogprobs()};
   for (auto b : s.getLogitBias()) out.logit_bias.push_back({b.getToken(), b.getBias()});
   return out;
 }
@@ -79,6 +89,7 @@ std::vector<uint8_t> encode(const WorkerStep& step) {
     o.setNDraft(e.n_draft);
     auto prefix = o.initCachedPrefix(static_cast<unsigned>(e.cached_prefix.size()));
     for (unsigned t = 0; t < e.cached_prefix.size(); ++t) prefix.set(t, e.cached_prefix[t]);
+    write_list(e.prompt_targets, o.initPromptTargets(static_cast<unsigned>(e.prompt_targets.size())));
   }
   auto tables = out.initBlockTables(static_cast<unsigned>(step.block_tables.size()));
   for (unsigned i = 0; i < step.block_tables.size(); ++i) tables.set(i, step.block_tables[i]);
@@ -101,6 +112,13 @@ std::vector<uint8_t> encode(const StepResult& result) {
     auto draft = sampled[i].initDraft(static_cast<unsigned>(in.draft.size()));
     for (unsigned t = 0; t < in.draft.size(); ++t) draft.set(t, in.draft[t]);
     detail::write_logprobs(in.logprobs, sampled[i].initLogprobs(static_cast<unsigned>(in.logprobs.size())));
+  }
+  auto prompts = out.initPrompts(static_cast<unsigned>(result.prompts.size()));
+  for (unsigned i = 0; i < result.prompts.size(); ++i) {
+    const PromptLogprobs& in = result.prompts[i];
+    prompts[i].setSeqId(in.seq_id);
+    prompts[i].setStartPos(in.start_pos);
+    detail::write_logprobs(in.logprobs, prompts[i].initLogprobs(static_cast<unsigned>(in.logprobs.size())));
   }
   return detail::to_bytes(message);
 }
@@ -133,6 +151,14 @@ WorkerStep decode_worker_step(std::span<const uint8_t> frame, size_t max_bytes) 
         throw ProtocolError(ErrorCode::malformed_message,
                             "worker step: a cached prefix that does not end at the entry");
       }
+      for (int32_t t : e.getPromptTargets()) entry.prompt_targets.push_back(t);
+      // Targets name rows of prompt tokens: none of drafts, nor the row that samples.
+      if (!entry.prompt_targets.empty() &&
+          (entry.n_draft != 0 ||
+           entry.prompt_targets.size() + (entry.sample ? 1 : 0) > entry.tokens.size())) {
+        throw ProtocolError(ErrorCode::malformed_message,
+                            "worker step: more prompt targets than the entry's prompt rows");
+      }
       step.entries.push_back(std::move(entry));
     }
     for (int32_t b : in.getBlockTables()) step.block_tables.push_back(b);
@@ -162,6 +188,12 @@ StepResult decode_step_result(std::span<const uint8_t> frame, size_t max_bytes) 
         throw ProtocolError(ErrorCode::malformed_message, "step result: logprobs do not match the tokens");
       }
       result.sampled.push_back(std::move(t));
+    }
+    for (auto p : in.getPrompts()) {
+      result.prompts.push_back({p.getSeqId(), p.getStartPos(), detail::read_logprobs(p.getLogprobs())});
+      if (result.prompts.back().start_pos < 0)
+        throw ProtocolError(ErrorCode::malformed_message,
+                            "step result: prompt logprobs at a negative position");
     }
     return result;
   });

@@ -25,6 +25,9 @@ struct SequenceSampling {
   float presence_penalty = 0.0f;
   float frequency_penalty = 0.0f;
   std::vector<TokenBias> logit_bias{};
+  // -1: none; 0..kMaxLogprobs: prompt tokens' log-probabilities (PlanEntry::prompt_targets) with this
+  // many top tokens' each.
+  int32_t prompt_logprobs = -1;
   bool operator==(const SequenceSampling&) const = default;
 };
 
@@ -39,6 +42,10 @@ struct PlanEntry {
   // positions 0 .. start_pos - 1, whose K/V its blocks already hold; the sampling worker's history
   // (repetition penalty, the draft's tokens) starts with them. Empty otherwise.
   std::vector<int32_t> cached_prefix{};
+  // Prompt logprobs: the prompt tokens the entry's first rows predict (row i: the token at position
+  // start_pos + i + 1), so those rows' logits are computed and each target's log-probability comes back
+  // in StepResult::prompts. At most tokens.size() (one fewer when the entry samples); no drafts.
+  std::vector<int32_t> prompt_targets{};
   bool operator==(const PlanEntry&) const = default;
 };
 
@@ -64,9 +71,18 @@ struct SampledToken {
   bool operator==(const SampledToken&) const = default;
 };
 
+// An entry's prompt logprobs: logprobs[i] is the prompt token at start_pos + i + 1's, given those before.
+struct PromptLogprobs {
+  uint64_t seq_id = 0;
+  int32_t start_pos = 0;
+  std::vector<TokenLogprob> logprobs;
+  bool operator==(const PromptLogprobs&) const = default;
+};
+
 struct StepResult {
   uint64_t step_id = 0;
   std::vector<SampledToken> sampled;
+  std::vector<PromptLogprobs> prompts{};  // one per entry with prompt_targets, in entry order
   bool operator==(const StepResult&) const = default;
 };
 

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <limits>
 #include <set>
+#include <span>
 #include <utility>
 
 namespace nibble::cluster::openai {
@@ -157,10 +158,12 @@ void read_stop(const json& body, protocol::GenerateRequest& r) {
   }
 }
 
-uint32_t max_tokens(const json& body, const std::string& key, uint32_t fallback) {
+// least: 0 where the request may generate nothing (echo: the prompt's log-probabilities alone).
+uint32_t max_tokens(const json& body, const std::string& key, uint32_t fallback, int64_t least = 1) {
   const int64_t n = integer(body, key, fallback);
-  if (n < 1 || n > std::numeric_limits<uint32_t>::max())
-    throw invalid_request(key, key + ": must be at least 1");
+  if (n < least || n > std::numeric_limits<uint32_t>::max())
+    throw invalid_request(
+        key, key + (least == 0 ? ": must be at least 0" : ": must be at least 1 (0 only with echo)"));
   return static_cast<uint32_t>(n);
 }
 
@@ -299,6 +302,37 @@ json usage(const ApiRequest& api, const std::vector<protocol::Final>& finals) {
           {"prompt_tokens_details", {{"cached_tokens", cached}}}};
 }
 
+std::span<const protocol::TopLogprob> top_of(const ApiRequest& api, const protocol::TokenLogprob& lp) {
+  return std::span(lp.top).first(std::min<size_t>(api.top_logprobs, lp.top.size()));
+}
+
+// Completions' logprobs object ({"tokens", "token_logprobs", "top_logprobs"}) with `tokens` appended.
+void append_completion_logprobs(const ApiRequest& api, std::span<const int32_t> tokens,
+                                std::span<const protocol::TokenLogprob> logprobs, json& out) {
+  const size_t n = std::min(tokens.size(), logprobs.size());
+  for (size_t i = 0; i < n; ++i) {
+    out["tokens"].push_back(token_name(api, tokens[i]));
+    out["token_logprobs"].push_back(logprobs[i].logprob);
+    json top = json::object();
+    for (const protocol::TopLogprob& t : top_of(api, logprobs[i])) top[token_name(api, t.token)] = t.logprob;
+    out["top_logprobs"].push_back(std::move(top));
+  }
+}
+
+// An echoed prompt's logprobs (completions' form): its first token has none (null), each later one the
+// value given those before it; null when none were asked for.
+json prompt_logprobs_of(const ApiRequest& api, const std::vector<int32_t>& prompt,
+                        const std::vector<protocol::TokenLogprob>& logprobs) {
+  if (!api.report_logprobs) return nullptr;
+  json out = {{"tokens", json::array()}, {"token_logprobs", json::array()}, {"top_logprobs", json::array()}};
+  if (prompt.empty()) return out;
+  out["tokens"].push_back(token_name(api, prompt[0]));
+  out["token_logprobs"].push_back(nullptr);
+  out["top_logprobs"].push_back(nullptr);
+  append_completion_logprobs(api, std::span(prompt).subspan(1), logprobs, out);
+  return out;
+}
+
 // The logprobs of `tokens` in the endpoint's form; null when none were asked for.
 json logprobs_of(const ApiRequest& api, const std::vector<int32_t>& tokens,
                  const std::vector<protocol::TokenLogprob>& logprobs) {
@@ -312,14 +346,11 @@ json logprobs_of(const ApiRequest& api, const std::vector<int32_t>& tokens,
     for (const char c : api.token_text(token)) out.push_back(static_cast<unsigned char>(c));
     return out;
   };
-  const auto top_of = [&](const protocol::TokenLogprob& lp) {
-    return std::span(lp.top).first(std::min<size_t>(api.top_logprobs, lp.top.size()));
-  };
   if (api.endpoint == Endpoint::chat_completions) {
     json content = json::array();
     for (size_t i = 0; i < n; ++i) {
       json top = json::array();
-      for (const protocol::TopLogprob& t : top_of(logprobs[i]))
+      for (const protocol::TopLogprob& t : top_of(api, logprobs[i]))
         top.push_back(
             {{"token", token_name(api, t.token)}, {"logprob", t.logprob}, {"bytes", bytes_of(t.token)}});
       content.push_back({{"token", token_name(api, tokens[i])},
@@ -329,16 +360,9 @@ json logprobs_of(const ApiRequest& api, const std::vector<int32_t>& tokens,
     }
     return {{"content", std::move(content)}, {"refusal", nullptr}};
   }
-  json names = json::array(), values = json::array(), tops = json::array();
-  for (size_t i = 0; i < n; ++i) {
-    names.push_back(token_name(api, tokens[i]));
-    values.push_back(logprobs[i].logprob);
-    json top = json::object();
-    for (const protocol::TopLogprob& t : top_of(logprobs[i])) top[token_name(api, t.token)] = t.logprob;
-    tops.push_back(std::move(top));
-  }
-  return {
-      {"tokens", std::move(names)}, {"token_logprobs", std::move(values)}, {"top_logprobs", std::move(tops)}};
+  json out = {{"tokens", json::array()}, {"token_logprobs", json::array()}, {"top_logprobs", json::array()}};
+  append_completion_logprobs(api, tokens, logprobs, out);
+  return out;
 }
 
 json envelope(const ApiRequest& api, bool chunk, const std::string& id, int64_t created,
@@ -446,8 +470,22 @@ json tokenize(const std::string& text, const ApiSettings& settings) {
   if (prompt == nullptr) throw invalid_request("prompt", "prompt: required");
   if (!prompt->is_string()) wrong_type("prompt", "a string", *prompt);
   const bool add_bos = boolean(body, "add_special_tokens", true) && settings.tokenizer->add_bos_default();
-  const std::vector<int32_t> tokens = settings.tokenizer->encode(prompt->get<std::string>(), add_bos);
+  const std::vector<int32_t> tokens =
+      settings.tokenizer->encode(prompt->get<std::string>(), add_bos, /*parse_special=*/true);
   return {{"tokens", tokens}, {"count", tokens.size()}};
+}
+
+json tokenizer_info(const ApiSettings& settings) {
+  const model::Tokenizer& t = *settings.tokenizer;
+  const auto text_of = [&](int32_t id) -> json {
+    return id >= 0 && id < t.n_vocab() ? json(t.token_text(id)) : json(nullptr);
+  };
+  return {{"tokenizer_class", t.kind() == model::TokenizerKind::sentencepiece ? "sentencepiece" : "byte_bpe"},
+          {"bos_token", text_of(t.bos_id())},
+          {"eos_token", text_of(t.eos_id())},
+          {"pad_token", nullptr},
+          {"add_bos_token", t.add_bos_default()},
+          {"vocab_size", t.n_vocab()}};
 }
 
 json detokenize(const std::string& text, const ApiSettings& settings) {
@@ -483,12 +521,31 @@ ApiRequest parse_request(Endpoint endpoint, const std::string& text, const ApiSe
   read_stream(body, api);
   if (endpoint == Endpoint::completions) {
     api.prompts = read_prompts(body);
-    r.max_tokens = max_tokens(body, "max_tokens", 16);
+    api.echo = boolean(body, "echo", false);
+    r.max_tokens = max_tokens(body, "max_tokens", 16, api.echo ? 0 : 1);
     if (field(body, "logprobs") != nullptr) {
       api.report_logprobs = true;
       api.top_logprobs = logprob_count(body, "logprobs");
     }
-    if (boolean(body, "echo", false)) throw invalid_request("echo", "echo: not supported");
+    if (api.echo) {
+      // The prompt as given, or a prompt of ids as the tokenizer writes it.
+      for (const auto& prompt : api.prompts) {
+        if (const auto* given = std::get_if<std::string>(&prompt)) {
+          api.echo_texts.push_back(*given);
+        } else if (settings.tokenizer != nullptr) {
+          api.echo_texts.push_back(settings.tokenizer->decode(std::get<std::vector<int32_t>>(prompt)));
+        } else {
+          throw invalid_request(
+              "echo",
+              "echo: a prompt of token ids is echoed as text by the gateway's tokenizer, and "
+              "it has none (nibble openai --tokenizer MODEL)");
+        }
+      }
+      // The prompt's own log-probabilities come with its echo when logprobs are asked for; scoring alone
+      // (max_tokens 0) is a request for them.
+      if (api.report_logprobs || r.max_tokens == 0)
+        r.prompt_logprobs = api.report_logprobs ? static_cast<int32_t>(api.top_logprobs) : 0;
+    }
     if (field(body, "best_of") != nullptr && integer(body, "best_of", 1) != api.n)
       throw invalid_request("best_of", "best_of: only equal to n (no ranking of extra choices)");
     if (const json* suffix = field(body, "suffix");
@@ -550,11 +607,17 @@ json response(const ApiRequest& api, const std::vector<protocol::Final>& finals,
     const protocol::Final& f = finals[i];
     json choice = {{"index", i}};
     if (api.endpoint == Endpoint::completions) {
-      choice["text"] = f.text;
+      choice["text"] = api.echo ? api.echo_texts[i / api.n] + f.text : f.text;
     } else {
       choice["message"] = {{"role", "assistant"}, {"content", f.text}};
     }
-    choice["logprobs"] = logprobs_of(api, f.tokens, f.logprobs);
+    if (api.echo && api.report_logprobs) {  // the prompt's, then the generated tokens'
+      json logprobs = prompt_logprobs_of(api, f.prompt_token_ids, f.prompt_logprobs);
+      append_completion_logprobs(api, f.tokens, f.logprobs, logprobs);
+      choice["logprobs"] = std::move(logprobs);
+    } else {
+      choice["logprobs"] = logprobs_of(api, f.tokens, f.logprobs);
+    }
     choice["finish_reason"] = finish_reason(f.finish_reason);
     choices.push_back(std::move(choice));
   }
@@ -568,6 +631,16 @@ json role_chunk(const ApiRequest& api, size_t index, const std::string& id, int6
   json out = envelope(api, true, id, created, model);
   out["choices"] =
       json::array({chunk_choice(api, index, {{"role", "assistant"}, {"content", ""}}, nullptr, nullptr)});
+  return out;
+}
+
+json echo_chunk(const ApiRequest& api, size_t index, const std::vector<int32_t>& prompt_token_ids,
+                const std::vector<protocol::TokenLogprob>& prompt_logprobs, const std::string& id,
+                int64_t created, const std::string& model) {
+  json out = envelope(api, true, id, created, model);
+  out["choices"] =
+      json::array({chunk_choice(api, index, api.echo_texts[index / api.n],
+                                prompt_logprobs_of(api, prompt_token_ids, prompt_logprobs), nullptr)});
   return out;
 }
 

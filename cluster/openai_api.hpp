@@ -61,12 +61,18 @@ struct ApiRequest {
   // this many most likely tokens' (request.logprobs is at least 1 whenever any is asked for).
   bool report_logprobs = false;
   uint32_t top_logprobs = 0;
+  // Completions' echo: each choice's text (and logprobs) begins with its prompt's: echo_texts[prompt
+  // index], the prompt as given (a prompt of ids as the tokenizer writes it).
+  bool echo = false;
+  std::vector<std::string> echo_texts;
   std::function<std::string(int32_t)> token_text;  // ApiSettings::token_text
 };
 
 // The request in `body` (a JSON object). Throws ApiError: 400 naming the field for malformed JSON,
 // unknown keys, wrong types or values, more than settings.max_choices choices, and features Nibble does
-// not have (best_of other than n, tools, echo, suffix, constrained output); 404 for another model's name.
+// not have (best_of other than n, tools, suffix, constrained output; echo of a prompt of token ids
+// without settings.tokenizer); 404 for another model's name. Completions with echo may have max_tokens
+// 0 (the prompt's log-probabilities alone, as lm-evaluation-harness's loglikelihood asks).
 // A logit_bias token beyond the model's vocabulary is the coordinator's to refuse.
 ApiRequest parse_request(Endpoint endpoint, const std::string& body, const ApiSettings& settings);
 
@@ -86,6 +92,11 @@ nlohmann::json response(const ApiRequest& api, const std::vector<protocol::Final
 // A chat stream's first chunk of a choice: the assistant's role, no text.
 nlohmann::json role_chunk(const ApiRequest& api, size_t index, const std::string& id, int64_t created,
                           const std::string& model);
+// With echo, a completions stream's first chunk of choice `index`: its prompt's text, and with logprobs
+// the prompt's (from the first Delta when logprobs were asked for, or the Final).
+nlohmann::json echo_chunk(const ApiRequest& api, size_t index, const std::vector<int32_t>& prompt_token_ids,
+                          const std::vector<protocol::TokenLogprob>& prompt_logprobs, const std::string& id,
+                          int64_t created, const std::string& model);
 // The text (and logprobs) of one Delta of choice `index`.
 nlohmann::json delta_chunk(const ApiRequest& api, size_t index, const protocol::Delta& delta,
                            const std::string& id, int64_t created, const std::string& model);
@@ -98,10 +109,14 @@ nlohmann::json usage_chunk(const ApiRequest& api, const std::vector<protocol::Fi
 
 // POST /tokenize {"prompt": TEXT, "add_special_tokens": true} -> {"tokens": [...], "count": N} and
 // POST /detokenize {"tokens": [...]} -> {"prompt": TEXT}, vLLM's, with settings.tokenizer (checked
-// by the caller). Throw ApiError 400 naming the field (unknown keys, wrong types, ids outside the
-// vocabulary), 404 for another model's name.
+// by the caller). Control tokens' texts in TEXT ("</s>", "<|eot_id|>") are those tokens, as vLLM's
+// and llama.cpp's servers tokenize. Throw ApiError 400 naming the field (unknown keys, wrong types, ids
+// outside the vocabulary), 404 for another model's name.
 nlohmann::json tokenize(const std::string& body, const ApiSettings& settings);
 nlohmann::json detokenize(const std::string& body, const ApiSettings& settings);
+// GET /tokenizer_info, vLLM's (what lm-evaluation-harness's remote tokenizer reads): the BOS and EOS
+// tokens' texts, whether BOS is added, the tokenizer's kind; with settings.tokenizer.
+nlohmann::json tokenizer_info(const ApiSettings& settings);
 
 // A latency histogram in seconds with Prometheus's cumulative buckets (le = each bound, then +Inf).
 struct LatencyHistogram {

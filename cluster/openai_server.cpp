@@ -193,10 +193,23 @@ struct OpenAiServer::Impl {
               event(openai::dump(openai::role_chunk(api, i, id, created, name)));
           }
           std::vector<protocol::Final> finals(choices->size());
+          std::vector<bool> echoed(choices->size(), false);
           bool failed = false;
           run_choices(*choices, [&](size_t i, const protocol::Delta* delta, const protocol::Final* final,
                                     const ApiError* error) {
-            if (delta != nullptr) event(openai::dump(openai::delta_chunk(api, i, *delta, id, created, name)));
+            // An echo comes first: with the first Delta (which brings the prompt's logprobs when asked
+            // for), or with the Final when nothing was streamed before it.
+            if (api.echo && !echoed[i] && (delta != nullptr || final != nullptr)) {
+              echoed[i] = true;
+              event(openai::dump(delta != nullptr
+                                     ? openai::echo_chunk(api, i, delta->prompt_token_ids,
+                                                          delta->prompt_logprobs, id, created, name)
+                                     : openai::echo_chunk(api, i, final->prompt_token_ids,
+                                                          final->prompt_logprobs, id, created, name)));
+            }
+            // A Delta with only the prompt's logprobs has no chunk of its own.
+            if (delta != nullptr && (!delta->tokens.empty() || !delta->text.empty()))
+              event(openai::dump(openai::delta_chunk(api, i, *delta, id, created, name)));
             if (final != nullptr) {
               finals[i] = *final;
               event(openai::dump(openai::finish_chunk(api, i, *final, id, created, name)));
@@ -294,27 +307,34 @@ OpenAiServer::OpenAiServer(OpenAiServerOptions options) : impl_(std::make_unique
   s.http.Get("/health", [&s](const httplib::Request&, httplib::Response& res) { s.health(res); });
   s.http.Get("/v1/models", [&s](const httplib::Request&, httplib::Response& res) { s.models(res); });
   s.http.Get("/metrics", [&s](const httplib::Request&, httplib::Response& res) { s.metrics(res); });
+  // The tokenizer's endpoints: 501 without one.
+  const auto with_tokenizer = [&s](httplib::Response& res, auto&& answer) {
+    if (!s.options.api.tokenizer) {
+      Impl::send_error(
+          res, ApiError(501, "invalid_request_error", "", "no_tokenizer",
+                        "this server has no tokenizer: start `nibble openai` with --tokenizer MODEL"));
+      return;
+    }
+    try {
+      Impl::send_json(res, 200, answer());
+    } catch (const ApiError& e) {
+      Impl::send_error(res, e);
+    }
+  };
   for (const auto& [path, answer] :
        {std::pair{"/tokenize", &openai::tokenize}, std::pair{"/detokenize", &openai::detokenize}}) {
-    s.http.Post(path, [&s, answer](const httplib::Request& req, httplib::Response& res) {
-      if (!s.options.api.tokenizer) {
-        Impl::send_error(
-            res, ApiError(501, "invalid_request_error", "", "no_tokenizer",
-                          "this server has no tokenizer: start `nibble openai` with --tokenizer MODEL"));
-        return;
-      }
-      try {
-        Impl::send_json(res, 200, answer(req.body, s.options.api));
-      } catch (const ApiError& e) {
-        Impl::send_error(res, e);
-      }
+    s.http.Post(path, [&s, answer, with_tokenizer](const httplib::Request& req, httplib::Response& res) {
+      with_tokenizer(res, [&] { return answer(req.body, s.options.api); });
     });
   }
+  s.http.Get("/tokenizer_info", [&s, with_tokenizer](const httplib::Request&, httplib::Response& res) {
+    with_tokenizer(res, [&] { return openai::tokenizer_info(s.options.api); });
+  });
   // Every answer of a known endpoint counted by status (unknown paths are not: a scan would grow the map).
   s.http.set_logger([&s](const httplib::Request& req, const httplib::Response& res) {
     static const std::set<std::string> kPaths = {"/health",         "/v1/models",           "/metrics",
                                                  "/v1/completions", "/v1/chat/completions", "/tokenize",
-                                                 "/detokenize"};
+                                                 "/detokenize",     "/tokenizer_info"};
     if (!kPaths.contains(req.path)) return;
     std::lock_guard lock(s.answers_mutex);
     ++s.answers[{req.path, res.status}];
@@ -327,8 +347,8 @@ OpenAiServer::OpenAiServer(OpenAiServerOptions options) : impl_(std::make_unique
   });
   if (!s.options.api_key.empty()) {
     s.http.set_pre_routing_handler([&s](const httplib::Request& req, httplib::Response& res) {
-      const bool guarded =
-          req.path.rfind("/v1/", 0) == 0 || req.path == "/tokenize" || req.path == "/detokenize";
+      const bool guarded = req.path.rfind("/v1/", 0) == 0 || req.path == "/tokenize" ||
+                           req.path == "/detokenize" || req.path == "/tokenizer_info";
       if (!guarded || req.get_header_value("Authorization") == "Bearer " + s.options.api_key)
         return httplib::Server::HandlerResponse::Unhandled;
       Impl::send_error(res, ApiError(401, "invalid_request_error", "", "invalid_api_key",

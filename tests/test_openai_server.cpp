@@ -220,7 +220,8 @@ TEST(OpenAiApi, RefusalsNameTheField) {
       {C, R"({"prompt": "x", "min_p": 1})", 400, "min_p", "[0, 1)"},
       {C, R"({"prompt": "x", "top_k": -5})", 400, "top_k", "top_k"},
       {C, R"({"prompt": "x", "repetition_penalty": 0})", 400, "repetition_penalty", "above 0"},
-      {C, R"({"prompt": "x", "max_tokens": 0})", 400, "max_tokens", "at least 1"},
+      {C, R"({"prompt": "x", "max_tokens": 0})", 400, "max_tokens", "at least 1 (0 only with echo)"},
+      {C, R"({"prompt": "x", "max_tokens": -1, "echo": true})", 400, "max_tokens", "at least 0"},
       {C, R"({"prompt": "x", "max_tokens": 2.5})", 400, "max_tokens", "an integer"},
       {C, R"({"prompt": "x", "n": 0})", 400, "n", "n: must be 1 to 64"},
       {C, R"({"prompt": "x", "n": 65})", 400, "n", "n: must be 1 to 64"},
@@ -234,7 +235,8 @@ TEST(OpenAiApi, RefusalsNameTheField) {
       {C, R"({"prompt": "x", "logit_bias": {"five": 10}})", 400, "logit_bias", "'five' is not a token id"},
       {C, R"({"prompt": "x", "logit_bias": {"5": 101}})", 400, "logit_bias", "in [-100, 100]"},
       {C, R"({"prompt": "x", "logit_bias": {"5": "up"}})", 400, "logit_bias", "in [-100, 100]"},
-      {C, R"({"prompt": "x", "echo": true})", 400, "echo", "not supported"},
+      {C, R"({"prompt": [1, 2], "echo": true})", 400, "echo", "the gateway's tokenizer"},
+      {H, "{" + m + R"(, "echo": true})", 400, "echo", "unknown key 'echo'"},
       {C, R"({"prompt": "x", "suffix": "s"})", 400, "suffix", "not supported"},
       {C, R"({"prompt": "x", "logprobs": 21})", 400, "logprobs", "0 to 20"},
       {C, R"({"prompt": "x", "stop": [1]})", 400, "stop", "array of strings"},
@@ -388,6 +390,57 @@ TEST(OpenAiApi, ResponsesAndChunksHaveOpenAisShape) {
   EXPECT_EQ(openai::dump(json("a\xe2\x82")), "\"a\xef\xbf\xbd\"");
 }
 
+// Completions' echo (OpenAI's; what lm-evaluation-harness's loglikelihood asks with logprobs): the prompt
+// before the text; with logprobs the prompt's tokens first, the first with null, then the generated ones;
+// max_tokens 0 scores the prompt alone; a prompt of ids is echoed by the tokenizer's decoding.
+TEST(OpenAiApi, EchoPutsThePromptAndItsLogprobsFirst) {
+  auto api =
+      parse(Endpoint::completions, {{"prompt", "Hello"}, {"echo", true}, {"logprobs", 2}, {"max_tokens", 0}});
+  EXPECT_TRUE(api.echo);
+  EXPECT_EQ(api.echo_texts, std::vector<std::string>{"Hello"});
+  EXPECT_EQ(api.request.max_tokens, 0u);
+  EXPECT_EQ(api.request.prompt_logprobs, 2);
+  EXPECT_EQ(api.request.logprobs, 2u);
+  // Without logprobs the prompt's values are not computed, unless it is scored alone.
+  EXPECT_EQ(parse(Endpoint::completions, {{"prompt", "Hello"}, {"echo", true}}).request.prompt_logprobs, -1);
+  EXPECT_EQ(parse(Endpoint::completions, {{"prompt", "Hello"}, {"echo", true}, {"max_tokens", 0}})
+                .request.prompt_logprobs,
+            0);
+  EXPECT_EQ(parse(Endpoint::completions, {{"prompt", "Hello"}, {"logprobs", 2}}).request.prompt_logprobs, -1);
+  test::TempDir dir;
+  const std::string path = (dir.path() / "tiny.gguf").string();
+  model::write_random_llama(path, model::llama_shape_by_name("tiny"), kernels::DType::Q4_0, 5);
+  openai::ApiSettings settings;
+  settings.tokenizer = model::Tokenizer::from_gguf(*model::GgufFile::open(path));
+  const std::vector<int32_t> ids = settings.tokenizer->encode("Hello there", true);
+  api = parse(Endpoint::completions, {{"prompt", {ids, "plain"}}, {"echo", true}, {"n", 2}}, settings);
+  EXPECT_EQ(api.echo_texts, (std::vector<std::string>{"Hello there", "plain"}));
+
+  protocol::Final f;
+  f.text = "hi";
+  f.tokens = {7};
+  f.logprobs = {{-0.5f, {{7, -0.5f}, {8, -1.5f}}}};
+  f.prompt_token_ids = {1, 5, 6};
+  f.prompt_logprobs = {{-2.0f, {{4, -1.0f}, {5, -2.0f}}}, {-0.25f, {{6, -0.25f}, {2, -3.0f}}}};
+  api = parse(Endpoint::completions, {{"prompt", "Hello"}, {"echo", true}, {"logprobs", 1}});
+  const json c = openai::response(api, {f}, "cmpl-1", 1, "m");
+  EXPECT_EQ(c["choices"][0]["text"], "Hellohi");
+  const json& lp = c["choices"][0]["logprobs"];
+  EXPECT_EQ(lp["tokens"], json({"token_id:1", "token_id:5", "token_id:6", "token_id:7"}));
+  EXPECT_EQ(lp["token_logprobs"], json::parse("[null, -2.0, -0.25, -0.5]"));
+  EXPECT_EQ(lp["top_logprobs"],
+            json::parse(R"([null, {"token_id:4": -1.0}, {"token_id:6": -0.25}, {"token_id:7": -0.5}])"));
+  // Streamed: the echo is its own first chunk.
+  const json e = openai::echo_chunk(api, 0, f.prompt_token_ids, f.prompt_logprobs, "i", 1, "m");
+  EXPECT_EQ(e["choices"][0]["text"], "Hello");
+  EXPECT_EQ(e["choices"][0]["logprobs"]["token_logprobs"], json::parse("[null, -2.0, -0.25]"));
+  EXPECT_TRUE(e["choices"][0]["finish_reason"].is_null());
+  // Without logprobs, only the text.
+  api = parse(Endpoint::completions, {{"prompt", "Hello"}, {"echo", true}});
+  EXPECT_EQ(openai::response(api, {f}, "cmpl-1", 1, "m")["choices"][0]["text"], "Hellohi");
+  EXPECT_TRUE(openai::response(api, {f}, "cmpl-1", 1, "m")["choices"][0]["logprobs"].is_null());
+}
+
 // /tokenize and /detokenize: the tokenizer's ids for a text (BOS as the model adds it, unless
 // add_special_tokens is false) and its text for ids; refusals by field.
 TEST(OpenAiApi, TokenizeAndDetokenizeWithTheModelsTokenizer) {
@@ -406,6 +459,14 @@ TEST(OpenAiApi, TokenizeAndDetokenizeWithTheModelsTokenizer) {
                 .get<std::vector<int32_t>>(),
             tokenizer.encode(text, false));
   EXPECT_EQ(openai::detokenize(json{{"tokens", ids}}.dump(), settings)["prompt"], tokenizer.decode(ids));
+  // Control tokens' texts are those tokens (vLLM's and llama.cpp's /tokenize).
+  const json info = openai::tokenizer_info(settings);
+  const std::string eos = tokenizer.token_text(tokenizer.eos_id());
+  EXPECT_EQ(info["eos_token"], eos);
+  EXPECT_EQ(info["bos_token"], tokenizer.token_text(tokenizer.bos_id()));
+  EXPECT_EQ(info["add_bos_token"], tokenizer.add_bos_default());
+  EXPECT_EQ(openai::tokenize(json{{"prompt", eos}, {"add_special_tokens", false}}.dump(), settings)["tokens"],
+            json({tokenizer.eos_id()}));
   for (const auto& [call, body, param] :
        std::vector<std::tuple<decltype(&openai::tokenize), std::string, std::string>>{
            {&openai::tokenize, "{}", "prompt"},
@@ -920,6 +981,7 @@ TEST(OpenAiServer, WithoutACoordinatorItAnswers503AndSigtermStopsIt) {
   const HttpReply tokenize = post(gateway.port(), "/tokenize", R"({"prompt": "x"})");
   EXPECT_EQ(tokenize.status, 501);
   EXPECT_NE(tokenize.body["error"]["message"].get<std::string>().find("--tokenizer"), std::string::npos);
+  EXPECT_EQ(get(gateway.port(), "/tokenizer_info").status, 501);
   EXPECT_EQ(gateway.terminate(), std::optional<int>(0)) << gateway.log();
   EXPECT_NE(gateway.log().find("nibble openai: stopped"), std::string::npos);
 
@@ -1012,6 +1074,105 @@ TEST(OpenAiServer, WithTheTokenizerLogprobsNameTokensByTheirText) {
   ASSERT_FALSE(joined.empty());
   EXPECT_EQ(joined[0], ' ');
   EXPECT_EQ(joined.substr(1), expected.text);
+}
+
+// Echo with logprobs as lm-evaluation-harness's loglikelihood asks it (a batch of token-id prompts, echo,
+// logprobs 1, max_tokens 1): each choice's logprobs are the prompt's tokens (the first null) then the
+// generated one, with the values the ZeroMQ client's prompt logprobs give; streamed, the echo is the
+// first chunk; max_tokens 0 scores a prompt alone.
+TEST(OpenAiServer, EchoWithLogprobsScoresPromptsAsLmEvalHarnessAsks) {
+  if (!fs::exists(test_jobs::mpiexec())) GTEST_SKIP() << "mpirun (" << test_jobs::mpiexec() << ") is absent";
+  Service service(/*with_tokenizer=*/true);
+  ASSERT_GT(service.port(), 0);
+  Client client = service.client();
+  const auto tokenizer = model::Tokenizer::from_gguf(*model::GgufFile::open(service.model));
+  const auto name = [&](int32_t id) {
+    const std::string bytes = tokenizer->token_bytes(id);
+    return json::parse(openai::dump(json(bytes.empty() ? tokenizer->token_text(id) : bytes)));
+  };
+  const std::vector<std::vector<int32_t>> prompts = {
+      tokenizer->encode(kPrompt, true),
+      tokenizer->encode("Hello there, general Kenobi. You are a bold one.", true)};
+  std::vector<protocol::Final> expected;
+  for (const auto& ids : prompts) {
+    protocol::GenerateRequest r = greedy(ids, 1, 1);
+    r.prompt_logprobs = 1;
+    expected.push_back(client.generate(r));
+    ASSERT_EQ(expected.back().prompt_logprobs.size(), ids.size() - 1);
+  }
+  const HttpReply h = post(service.port(), "/v1/completions",
+                           json{{"prompt", prompts},
+                                {"echo", true},
+                                {"logprobs", 1},
+                                {"max_tokens", 1},
+                                {"temperature", 0},
+                                {"seed", 1234}}
+                               .dump());
+  ASSERT_EQ(h.status, 200) << h.body;
+  ASSERT_EQ(h.body["choices"].size(), 2u);
+  for (size_t i = 0; i < 2; ++i) {
+    SCOPED_TRACE("prompt " + std::to_string(i));
+    const json& choice = h.body["choices"][i];
+    const protocol::Final& e = expected[i];
+    EXPECT_EQ(choice["text"], tokenizer->decode(prompts[i]) + e.text);
+    const json& lp = choice["logprobs"];
+    const size_t n = prompts[i].size();
+    ASSERT_EQ(lp["tokens"].size(), n + 1);
+    ASSERT_EQ(lp["token_logprobs"].size(), n + 1);
+    EXPECT_TRUE(lp["token_logprobs"][0].is_null());
+    EXPECT_TRUE(lp["top_logprobs"][0].is_null());
+    bool is_greedy = true;  // lm-evaluation-harness's test over the prompt's tokens after the first
+    for (size_t j = 1; j < n; ++j) {
+      EXPECT_EQ(lp["tokens"][j], name(prompts[i][j]));
+      EXPECT_NEAR(lp["token_logprobs"][j].get<double>(), e.prompt_logprobs[j - 1].logprob, 1e-6);
+      ASSERT_EQ(lp["top_logprobs"][j].size(), 1u);
+      const int32_t top = e.prompt_logprobs[j - 1].top[0].token;
+      EXPECT_NEAR(lp["top_logprobs"][j][name(top).get<std::string>()].get<double>(),
+                  e.prompt_logprobs[j - 1].top[0].logprob, 1e-6);
+      double best = -1e30;
+      for (const auto& [key, value] : lp["top_logprobs"][j].items())
+        best = std::max(best, value.get<double>());
+      is_greedy = is_greedy && lp["token_logprobs"][j].get<double>() == best;
+    }
+    bool expected_greedy = true;
+    for (size_t j = 1; j < n; ++j)
+      expected_greedy = expected_greedy && e.prompt_logprobs[j - 1].top[0].token == prompts[i][j];
+    EXPECT_EQ(is_greedy, expected_greedy);
+    EXPECT_EQ(lp["tokens"][n], name(e.tokens[0]));
+    EXPECT_NEAR(lp["token_logprobs"][n].get<double>(), e.logprobs[0].logprob, 1e-6);
+  }
+
+  // Streamed: the first chunk is the echo with the prompt's logprobs.
+  const std::vector<json> events = post_stream(service.port(), "/v1/completions",
+                                               json{{"prompt", kPrompt},
+                                                    {"echo", true},
+                                                    {"logprobs", 1},
+                                                    {"max_tokens", 4},
+                                                    {"temperature", 0},
+                                                    {"stream", true}}
+                                                   .dump());
+  const protocol::Final text_expected = client.generate(greedy(kPrompt, 4, 1));
+  EXPECT_EQ(streamed_text(events, /*chat=*/false), kPrompt + text_expected.text);
+  ASSERT_FALSE(events.empty());
+  EXPECT_EQ(events[0]["choices"][0]["text"], kPrompt);
+  const json& first = events[0]["choices"][0]["logprobs"];
+  EXPECT_EQ(first["tokens"].size(), text_expected.prompt_token_ids.size());
+  EXPECT_TRUE(first["token_logprobs"][0].is_null());
+  EXPECT_NEAR(first["token_logprobs"][1].get<double>(), expected[0].prompt_logprobs[0].logprob, 1e-6);
+
+  // Scoring alone.
+  const HttpReply scored =
+      post(service.port(), "/v1/completions",
+           json{{"prompt", kPrompt}, {"echo", true}, {"logprobs", 0}, {"max_tokens", 0}}.dump());
+  ASSERT_EQ(scored.status, 200) << scored.body;
+  EXPECT_EQ(scored.body["choices"][0]["text"], kPrompt);
+  EXPECT_EQ(scored.body["choices"][0]["finish_reason"], "length");
+  EXPECT_EQ(scored.body["usage"]["completion_tokens"], 0);
+  const json& scored_lp = scored.body["choices"][0]["logprobs"];
+  ASSERT_EQ(scored_lp["token_logprobs"].size(), prompts[0].size());
+  EXPECT_NEAR(scored_lp["token_logprobs"].back().get<double>(), expected[0].prompt_logprobs.back().logprob,
+              1e-6);
+  EXPECT_EQ(scored_lp["top_logprobs"].back(), json::object());
 }
 
 // `openai:` in a job's configuration: the coordinator's process serves the HTTP API too (port 0: the log

@@ -364,9 +364,10 @@ void expect_logprobs_match_nibble_logits(const std::string& model, const protoco
 // The prompt's own log-probabilities: one per prompt token after the first, the log-softmax of the
 // row before it.
 void expect_prompt_logprobs_match_nibble_logits(const std::string& model, const protocol::Final& f,
-                                                size_t top_n, double tolerance = 2e-3) {
+                                                size_t top_n, const std::string& extra = "",
+                                                double tolerance = 2e-3) {
   ASSERT_EQ(f.prompt_logprobs.size(), f.prompt_token_ids.size() - 1);
-  const std::vector<float> rows = nibble_logits(model, f.prompt_token_ids);
+  const std::vector<float> rows = nibble_logits(model, f.prompt_token_ids, extra);
   const size_t n_vocab = rows.size() / f.prompt_token_ids.size();
   ASSERT_EQ(n_vocab * f.prompt_token_ids.size(), rows.size());
   for (size_t i = 0; i < f.prompt_logprobs.size(); ++i) {
@@ -931,7 +932,7 @@ TEST(Serve, CudaPrefixCachedPromptsServeLikeCudaGenerate) {
 
 // Log-probabilities from GPU workers: a step with a request asking for them brings its logits to the
 // host (not only the sampled ids); the values are `nibble logits --device cuda`'s log-softmax within the
-// GPU's decode-against-prefill difference.
+// GPU's decode-against-prefill difference; the prompt's own log-probabilities too.
 TEST(Serve, CudaLogprobsAreTheModelsLogSoftmax) {
   if (const std::string why = cuda_job_skip_reason(); !why.empty()) GTEST_SKIP() << why;
   test::TempDir models;
@@ -942,9 +943,11 @@ TEST(Serve, CudaLogprobsAreTheModelsLogSoftmax) {
   Client client(job.endpoint());
   protocol::GenerateRequest request = greedy("lp", kPrompts[0], 12);
   request.logprobs = 3;
+  request.prompt_logprobs = 2;  // the prompt's rows' logits come back from the device too
   const protocol::Final f = client.generate(request);
   EXPECT_EQ(f.tokens, nibble_generate(model, kPrompts[0], 12, kCudaGenerate).tokens);
   ASSERT_NO_FATAL_FAILURE(expect_logprobs_match_nibble_logits(model, f, 3, "--device cuda", 2e-2));
+  ASSERT_NO_FATAL_FAILURE(expect_prompt_logprobs_match_nibble_logits(model, f, 2, "--device cuda", 2e-2));
 }
 
 TEST(Serve, CudaServesLikeCudaGenerate) {

@@ -10,6 +10,7 @@
 #include <httplib.h>
 
 #include <atomic>
+#include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <regex>
@@ -1241,6 +1242,83 @@ TEST(OpenAiServer, TheOpenAiPythonPackageTalksToIt) {
                         " http://127.0.0.1:" + std::to_string(service.port()) + " tiny");
   EXPECT_EQ(r.exit_code, 0) << r.output;
   EXPECT_NE(r.output.find(" ok"), std::string::npos) << r.output;
+}
+
+// lm-evaluation-harness (its local-completions model, tokenizing with the server's /tokenizer_info and
+// /tokenize) runs a multiple-choice task through the gateway; each loglikelihood it reports is the sum of
+// the continuation's prompt logprobs the ZeroMQ client gets for the same ids, split as lm-eval splits a
+// context from its continuation.
+TEST(OpenAiServer, LmEvaluationHarnessScoresThroughIt) {
+  if (test::run_command("python3 -c 'import lm_eval, aiohttp, tenacity, requests'").exit_code != 0)
+    GTEST_SKIP() << "lm-evaluation-harness with its API models is not installed (pip install 'lm-eval[api]')";
+  if (!fs::exists(test_jobs::mpiexec())) GTEST_SKIP() << "mpirun (" << test_jobs::mpiexec() << ") is absent";
+  Service service(/*with_tokenizer=*/true);
+  ASSERT_GT(service.port(), 0);
+  test::TempDir dir;
+  const json docs = json::parse(R"([
+      {"context": "The quick brown fox", "choices": ["jumps over the lazy dog", "sleeps", "is red"], "gold": 0},
+      {"context": "Once upon a time there", "choices": ["was a king", "were three bears"], "gold": 1},
+      {"context": "Hello there, general", "choices": ["Kenobi", "Grievous", "Tso"], "gold": 0}])");
+  {
+    std::ofstream out(dir.path() / "docs.jsonl");
+    for (const json& d : docs) out << d.dump() << "\n";
+    std::ofstream(dir.path() / "nibble_mc.yaml")
+        << "task: nibble_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: "
+        << (dir.path() / "docs.jsonl").string()
+        << "\ntest_split: test\noutput_type: multiple_choice\ndoc_to_text: \"{{context}}\"\n"
+           "doc_to_choice: \"{{choices}}\"\ndoc_to_target: \"{{gold}}\"\nmetric_list:\n  - metric: acc\n";
+  }
+  const fs::path out = dir.path() / "out";
+  const test::CommandResult r = test::run_command(
+      "HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 python3 -m lm_eval --model local-completions --model_args "
+      "model=tiny,base_url=http://127.0.0.1:" +
+      std::to_string(service.port()) +
+      "/v1/completions,tokenizer_backend=remote,num_concurrent=2,max_retries=1 --tasks nibble_mc "
+      "--include_path " +
+      dir.path().string() + " --output_path " + out.string() + " --log_samples 2>&1");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("nibble_mc"), std::string::npos) << r.output;
+  fs::path samples;
+  for (const auto& entry : fs::recursive_directory_iterator(out)) {
+    if (entry.path().filename().string().rfind("samples_nibble_mc", 0) == 0) samples = entry.path();
+  }
+  ASSERT_FALSE(samples.empty()) << "no samples file under " << out;
+
+  const auto tokenizer = model::Tokenizer::from_gguf(*model::GgufFile::open(service.model));
+  const auto encode = [&](const std::string& text) { return tokenizer->encode(text, false, true); };
+  Client client = service.client();
+  std::ifstream in(samples);
+  size_t scored = 0;
+  for (std::string line; std::getline(in, line);) {
+    const json sample = json::parse(line);
+    const json& args = sample["arguments"];
+    ASSERT_EQ(args.size(), sample["filtered_resps"].size());
+    size_t k = 0;
+    for (const auto& [key, pair] : args.items()) {
+      SCOPED_TRACE(pair.dump());
+      // lm-eval's split: trailing spaces of the context go to the continuation; the continuation's ids
+      // are the whole text's after the context's.
+      std::string context = pair["arg_0"], continuation = pair["arg_1"];
+      const size_t kept = context.find_last_not_of(' ') + 1;
+      continuation = context.substr(kept) + continuation;
+      context.resize(kept);
+      const std::vector<int32_t> whole = encode(context + continuation);
+      const size_t context_len = encode(context).size();
+      ASSERT_LT(context_len, whole.size());
+      protocol::GenerateRequest score = greedy(whole, 0);
+      score.prompt_logprobs = 0;
+      const protocol::Final f = client.generate(score);
+      double expected = 0;
+      for (size_t j = context_len; j < whole.size(); ++j) expected += f.prompt_logprobs[j - 1].logprob;
+      // [loglikelihood, is_greedy], written as strings.
+      const json& reported = sample["filtered_resps"][k++][0];
+      const double loglikelihood =
+          reported.is_string() ? std::stod(reported.get<std::string>()) : reported.get<double>();
+      EXPECT_NEAR(loglikelihood, expected, 1e-4);
+      ++scored;
+    }
+  }
+  EXPECT_EQ(scored, 8u);  // 3 + 2 + 3 choices
 }
 
 TEST(OpenAiServer, RefusesAnAddressItCannotListenOn) {

@@ -245,6 +245,7 @@ void Coordinator::handle_generate(const std::string& identity, const protocol::G
   r.sampling = to_sequence_sampling(seq, params);
   r.sampling.logprobs = g.logprobs;
   r.sampling.prompt_logprobs = g.prompt_logprobs;
+  r.sampling.response_format = g.response_format;
   if (scores_prompt) r.prompt_logprobs.resize(prompt.size() - 1);
   r.score_only = g.max_tokens == 0;
   worker::CompletionLimits limits;

@@ -37,7 +37,8 @@ const std::set<std::string> kCompletionKeys = {"model",
                                                "top_k",
                                                "min_p",
                                                "repetition_penalty",
-                                               "ignore_eos"};
+                                               "ignore_eos",
+                                               "response_format"};
 const std::set<std::string> kChatKeys = {"model",
                                          "messages",
                                          "max_tokens",
@@ -268,13 +269,22 @@ void read_messages(const json& body, protocol::GenerateRequest& r) {
 }
 
 // Chat's response_format and tools: only the values that ask for nothing Nibble lacks.
-void read_chat_extras(const json& body) {
+// response_format: {"type": "text"} or {"type": "json_object"} (JSON schemas are not supported).
+void read_response_format(const json& body, protocol::GenerateRequest& r) {
   if (const json* format = field(body, "response_format")) {
     if (!format->is_object()) wrong_type("response_format", "an object", *format);
-    if (format->value("type", json()) != "text")
+    const json type = format->value("type", json());
+    if (type == "json_object") {
+      r.response_format = protocol::ResponseFormat::json_object;
+    } else if (type != "text") {
       throw invalid_request("response_format",
-                            "response_format: only {\"type\": \"text\"} (no constrained output)");
+                            "response_format: {\"type\": \"text\"} or {\"type\": "
+                            "\"json_object\"} (no JSON schemas)");
+    }
   }
+}
+
+void read_chat_extras(const json& body) {
   if (const json* tools = field(body, "tools")) {
     if (!tools->is_array()) wrong_type("tools", "an array", *tools);
     if (!tools->empty()) throw invalid_request("tools", "tools: tool calls are not supported");
@@ -563,6 +573,7 @@ ApiRequest parse_request(Endpoint endpoint, const std::string& text, const ApiSe
       throw invalid_request("top_logprobs", "top_logprobs: only with \"logprobs\": true");
     read_chat_extras(body);
   }
+  read_response_format(body, r);
   // The protocol's logprobs count is of top tokens, at least 1 whenever any logprob is asked for.
   if (api.report_logprobs) r.logprobs = std::max<uint32_t>(api.top_logprobs, 1);
   if (api.prompts.size() * api.n > settings.max_choices)

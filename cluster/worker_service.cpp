@@ -16,8 +16,14 @@ constexpr int kHiddenTag = 7;  // stage-to-stage hidden states on the pipeline c
 }
 
 WorkerService::WorkerService(WorkerStage& stage, parallel::Communicator* pipeline, zmq::socket_t& steps,
-                             zmq::socket_t* results, speculative::Speculator* speculator)
-    : model_(stage), pipeline_(pipeline), steps_(steps), results_(results), speculator_(speculator) {
+                             zmq::socket_t* results, speculative::Speculator* speculator,
+                             std::shared_ptr<const worker::JsonConstraint> json)
+    : model_(stage),
+      pipeline_(pipeline),
+      steps_(steps),
+      results_(results),
+      speculator_(speculator),
+      json_(std::move(json)) {
   if (!stage.is_first_stage() || !stage.is_last_stage()) {
     if (pipeline_ == nullptr) throw std::invalid_argument("a pipeline stage needs its pipeline communicator");
   }
@@ -43,13 +49,16 @@ protocol::StepResult WorkerService::execute(const protocol::WorkerStep& step) {
   const bool samples = results_ != nullptr;
   for (const protocol::SequenceSampling& s : step.new_sequences) {
     if (!samples) continue;
-    sequences_[s.seq_id] =
-        std::make_unique<SequenceState>(SequenceState{worker::Sampler(to_sampling_params(s)),
-                                                      {},
-                                                      {},
-                                                      nullptr,
-                                                      static_cast<int>(s.logprobs),
-                                                      s.prompt_logprobs});
+    auto state = std::make_unique<SequenceState>(worker::Sampler(to_sampling_params(s)));
+    state->logprobs = static_cast<int>(s.logprobs);
+    state->prompt_logprobs = s.prompt_logprobs;
+    if (s.response_format == protocol::ResponseFormat::json_object) {
+      if (json_ == nullptr)
+        throw std::runtime_error("sequence " + std::to_string(s.seq_id) +
+                                 " wants a JSON object and this rank has no vocabulary to constrain it with");
+      state->json.emplace();
+    }
+    sequences_[s.seq_id] = std::move(state);
   }
   for (uint64_t id : step.released) {
     sequences_.erase(id);
@@ -103,11 +112,12 @@ protocol::StepResult WorkerService::execute(const protocol::WorkerStep& step) {
              return it != sequences_.end() && pred(*e, it->second->sampler.params());
            });
   };
-  // Rows whose log-probabilities are asked for need their logits here: such a step takes the host path.
+  // Rows whose log-probabilities are asked for, or whose output is constrained to JSON, need their
+  // logits here: such a step takes the host path.
   const bool host_logits =
       prompt_rows || std::any_of(sampled.begin(), sampled.end(), [&](const protocol::PlanEntry* e) {
         const auto it = sequences_.find(e->seq_id);
-        return it != sequences_.end() && it->second->logprobs > 0;
+        return it != sequences_.end() && (it->second->logprobs > 0 || it->second->json);
       });
   const bool argmax_only =
       !host_logits && all_sampled([](const protocol::PlanEntry&, const worker::SamplingParams& p) {
@@ -200,7 +210,18 @@ protocol::StepResult WorkerService::execute(const protocol::WorkerStep& step) {
     SequenceState& state = *it->second;
     protocol::SampledToken out{entry.seq_id, 0, {}, entry.n_draft, {}, {}};
     const size_t last_known = static_cast<size_t>(entry.start_pos) + entry.tokens.size() - entry.n_draft;
-    if (entry.n_draft == 0) {
+    if (state.json) {
+      // Masked on a copy: logprobs stay the model's own distribution's.
+      if (entry.n_draft != 0)
+        throw std::runtime_error("step " + std::to_string(step.step_id) + " verifies drafts of sequence " +
+                                 std::to_string(entry.seq_id) + ", whose JSON output never speculates");
+      masked_.assign(entry_rows, entry_rows + n_vocab);
+      json_->mask(*state.json, masked_.data(), n_vocab);
+      out.token = state.sampler.sample(masked_.data(), n_vocab, state.history);
+      if (!json_->allows(*state.json, out.token))
+        throw std::logic_error("sampled token " + std::to_string(out.token) + " outside the JSON mask");
+      state.json->feed(json_->token_bytes(out.token));
+    } else if (entry.n_draft == 0) {
       out.token = ids_only ? argmax_[entry_row] : state.sampler.sample(entry_rows, n_vocab, state.history);
     } else {
       const bool greedy = state.sampler.params().temperature <= 0.0f;
@@ -249,8 +270,10 @@ protocol::StepResult WorkerService::execute(const protocol::WorkerStep& step) {
       sequences.push_back(state.history);
       sequences.back().push_back(out.token);
       // The batch is every sequence in the step, also those still in their prompts (see LocalEngine).
-      const int k = speculator_->choose_k(entry.seq_id, state.sampler.params(),
-                                          static_cast<int64_t>(step.entries.size()));
+      // A JSON-constrained sequence never speculates (its drafts would not be masked).
+      const int k = state.json ? 0
+                               : speculator_->choose_k(entry.seq_id, state.sampler.params(),
+                                                       static_cast<int64_t>(step.entries.size()));
       // A stage that verifies on its GPU takes the draft's distributions where a GPU draft makes them.
       proposals.push_back(
           {entry.seq_id, sequences.back(), &state.sampler.params(), k, model_.verifies_drafts()});

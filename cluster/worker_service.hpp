@@ -9,6 +9,7 @@
 // group's collectives and the stage-to-stage sends matched without any extra handshakes.
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <unordered_map>
 #include <vector>
 #include <zmq.hpp>
@@ -17,6 +18,7 @@
 #include "cluster/worker_stage.hpp"
 #include "parallel/communicator.hpp"
 #include "speculative/speculator.hpp"
+#include "worker/json_constraint.hpp"
 #include "worker/sampler.hpp"
 
 namespace nibble::cluster {
@@ -31,8 +33,12 @@ class WorkerService {
   // speculator: the draft side of speculative decoding, on the sampling rank only (null elsewhere
   // and when no draft is configured): entries with n_draft > 0 are verified with the exact rule,
   // and every sampled sequence gets its next proposals in the result.
+  // json: the vocabulary's JSON-object constraint (on the sampling rank; null elsewhere): sequences with
+  // response_format json_object are sampled from their logits with what cannot continue their object
+  // masked out (and never speculate). A step with such a sequence and no constraint fails.
   WorkerService(WorkerStage& stage, parallel::Communicator* pipeline, zmq::socket_t& steps,
-                zmq::socket_t* results, speculative::Speculator* speculator = nullptr);
+                zmq::socket_t* results, speculative::Speculator* speculator = nullptr,
+                std::shared_ptr<const worker::JsonConstraint> json = nullptr);
 
   // Runs steps until a shutdown step. Throws on any failure (the caller ends the whole job: a rank
   // that stops mid-step would leave its peers waiting in a collective).
@@ -51,6 +57,7 @@ class WorkerService {
     std::shared_ptr<const worker::KeptRows> draft_kept;
     int logprobs = 0;          // top tokens to report with each sampled token's log-probability; 0: none
     int prompt_logprobs = -1;  // top tokens to report with each prompt token's; -1: none
+    std::optional<worker::JsonPrefix> json;  // response_format json_object: the output so far
   };
 
   WorkerStage& model_;
@@ -58,6 +65,8 @@ class WorkerService {
   zmq::socket_t& steps_;
   zmq::socket_t* results_;
   speculative::Speculator* speculator_;
+  std::shared_ptr<const worker::JsonConstraint> json_;
+  std::vector<float> masked_;  // a constrained row's logits, masked
   std::unordered_map<uint64_t, std::unique_ptr<SequenceState>> sequences_;
   std::vector<float> hidden_in_, out_;
   std::vector<int32_t> argmax_;  // per logit row, when every row is greedy or plain sampled (ids only)

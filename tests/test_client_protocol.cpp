@@ -30,6 +30,7 @@ GenerateRequest full_generate() {
   request.parse_special = true;
   request.ignore_eos = true;
   request.prompt_logprobs = 2;
+  request.response_format = ResponseFormat::json_object;
   return request;
 }
 
@@ -370,6 +371,12 @@ TEST(ClientProtocol, SemanticViolationsNameTheField) {
   edge.prompt_logprobs = kMaxLogprobs;
   edge.stop.assign(kMaxStopStrings, std::string(kMaxStopStringBytes, 's'));
   EXPECT_EQ(round_trip(edge), ClientRequestMsg{edge});
+  // A response format this build does not know (a newer client's) is refused by name.
+  GenerateRequest future = full_generate();
+  future.response_format = static_cast<ResponseFormat>(7);
+  const auto unknown_format = client_error(encode(ClientRequestMsg{future}));
+  EXPECT_EQ(unknown_format.code, ErrorCode::bad_request);
+  EXPECT_EQ(std::string(unknown_format.what()).rfind("responseFormat:", 0), 0u) << unknown_format.what();
   auto cancel = client_error(encode(ClientRequestMsg{CancelRequest{""}}));
   EXPECT_EQ(cancel.code, ErrorCode::bad_request);
 }

@@ -25,6 +25,7 @@
 #include "model/tokenizer.hpp"
 #include "tests/support/serve_job.hpp"
 #include "tests/support/test_support.hpp"
+#include "worker/json_constraint.hpp"
 
 namespace nibble::cluster {
 namespace {
@@ -150,6 +151,15 @@ TEST(OpenAiApi, ChatFieldsBecomeAConversation) {
   const auto one = parse(Endpoint::chat_completions, {{"messages", hi}, {"logprobs", true}});
   EXPECT_EQ(one.top_logprobs, 0u);
   EXPECT_EQ(one.request.logprobs, 1u);
+  EXPECT_EQ(one.request.response_format, protocol::ResponseFormat::text);
+  // JSON mode, on either endpoint.
+  EXPECT_EQ(
+      parse(Endpoint::chat_completions, {{"messages", hi}, {"response_format", {{"type", "json_object"}}}})
+          .request.response_format,
+      protocol::ResponseFormat::json_object);
+  EXPECT_EQ(parse(Endpoint::completions, {{"prompt", "x"}, {"response_format", {{"type", "json_object"}}}})
+                .request.response_format,
+            protocol::ResponseFormat::json_object);
 }
 
 // A batch of prompts times n choices: one GenerateRequest per choice in OpenAI's order, seeds apart so
@@ -261,8 +271,9 @@ TEST(OpenAiApi, RefusalsNameTheField) {
       {H, "{" + m + R"(, "top_logprobs": 2})", 400, "top_logprobs", "only with \"logprobs\": true"},
       {H, "{" + m + R"(, "tools": [{"type": "function"}]})", 400, "tools", "not supported"},
       {H, "{" + m + R"(, "tool_choice": "required"})", 400, "tool_choice", "only \"none\" or \"auto\""},
-      {H, "{" + m + R"(, "response_format": {"type": "json_object"}})", 400, "response_format",
-       "no constrained output"},
+      {H, "{" + m + R"(, "response_format": {"type": "json_schema", "json_schema": {}}})", 400,
+       "response_format", "no JSON schemas"},
+      {C, R"({"prompt": "x", "response_format": "json"})", 400, "response_format", "expected an object"},
       {H, "{" + m + R"(, "max_completion_tokens": -1})", 400, "max_completion_tokens", "at least 1"},
   };
   for (const Case& c : cases) {
@@ -1242,6 +1253,42 @@ TEST(OpenAiServer, TheOpenAiPythonPackageTalksToIt) {
                         " http://127.0.0.1:" + std::to_string(service.port()) + " tiny");
   EXPECT_EQ(r.exit_code, 0) << r.output;
   EXPECT_NE(r.output.find(" ok"), std::string::npos) << r.output;
+}
+
+// JSON mode through the gateway: response_format json_object reaches the workers, which mask the output to
+// a JSON object ('}' biased to win closes the first one it may; the answer ends there, as "stop").
+TEST(OpenAiServer, JsonModeAnswersAJsonObject) {
+  if (!fs::exists(test_jobs::mpiexec())) GTEST_SKIP() << "mpirun (" << test_jobs::mpiexec() << ") is absent";
+  Service service(/*with_tokenizer=*/true);
+  ASSERT_GT(service.port(), 0);
+  const auto tokenizer = model::Tokenizer::from_gguf(*model::GgufFile::open(service.model));
+  int32_t close = -1;
+  for (int32_t t = 0; t < tokenizer->n_vocab() && close < 0; ++t)
+    if (tokenizer->token_bytes(t) == "}") close = t;
+  ASSERT_GE(close, 0);
+  const HttpReply h = post(service.port(), "/v1/chat/completions",
+                           json{{"messages", {{{"role", "user"}, {"content", "Answer in JSON."}}}},
+                                {"max_tokens", 32},
+                                {"temperature", 0},
+                                {"response_format", {{"type", "json_object"}}},
+                                {"logit_bias", {{std::to_string(close), 100}}}}
+                               .dump());
+  ASSERT_EQ(h.status, 200) << h.body;
+  const std::string content = h.body["choices"][0]["message"]["content"];
+  EXPECT_EQ(json::parse(content), json::object()) << content;
+  EXPECT_EQ(h.body["choices"][0]["finish_reason"], "stop");
+  // Sampled and unbiased, the answer is still a JSON object's beginning, or the whole of one.
+  const HttpReply s = post(service.port(), "/v1/completions",
+                           json{{"prompt", kPrompt},
+                                {"max_tokens", 24},
+                                {"temperature", 1},
+                                {"seed", 3},
+                                {"response_format", {{"type", "json_object"}}}}
+                               .dump());
+  ASSERT_EQ(s.status, 200) << s.body;
+  const std::string text = s.body["choices"][0]["text"];
+  worker::JsonPrefix prefix;
+  EXPECT_TRUE(prefix.feed(text)) << text;
 }
 
 // lm-evaluation-harness (its local-completions model, tokenizing with the server's /tokenizer_info and

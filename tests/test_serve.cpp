@@ -39,6 +39,7 @@
 #include "tests/support/serve_job.hpp"
 #include "tests/support/test_support.hpp"
 #include "worker/cuda_llama_model.hpp"
+#include "worker/json_constraint.hpp"
 #include "worker/llama_model.hpp"
 
 namespace nibble::cluster {
@@ -447,6 +448,59 @@ TEST_P(ServeShapes, PromptLogprobsAreTheModelsLogSoftmaxOverThePrompt) {
   const protocol::Final cached = client.generate(greedy("cached", prompt, 2));
   EXPECT_GT(cached.cached_prompt_tokens, 0u);
   EXPECT_TRUE(cached.prompt_logprobs.empty());
+}
+
+// JSON mode (response_format json_object): sampled output is always a prefix of a JSON object, and one
+// that ends (EOS) is a whole object; a '}' biased to win closes the first object it may, and the
+// request ends there. The same requests unconstrained are not JSON (what the constraint changes).
+TEST_P(ServeShapes, JsonObjectOutputIsAJsonObject) {
+  test::TempDir models;
+  const std::string model = make_tiny_model(models.path());
+  test::TempDir dir;
+  ServeJob job(dir.path(), model, GetParam().tensor, GetParam().pipeline);
+  ASSERT_TRUE(job.wait_ready()) << job.log();
+  Client client(job.endpoint());
+  const auto sampled = [&](int i, bool json) {
+    protocol::GenerateRequest r = greedy("json" + std::to_string(i) + (json ? "j" : "t"), kPrompts[i % 3], 40,
+                                         /*stream=*/true);
+    r.sampling.temperature = 1.0f;
+    r.sampling.seed = static_cast<uint64_t>(100 + i);
+    if (json) r.response_format = protocol::ResponseFormat::json_object;
+    return r;
+  };
+  int not_json = 0;
+  for (int i = 0; i < 6; ++i) {
+    std::string streamed;
+    const protocol::Final f =
+        client.generate(sampled(i, true), [&](const protocol::Delta& d) { streamed += d.text; });
+    SCOPED_TRACE(f.text);
+    EXPECT_EQ(streamed, f.text);
+    EXPECT_GT(f.tokens.size(), 0u);
+    worker::JsonPrefix prefix;
+    EXPECT_TRUE(prefix.feed(f.text));
+    if (f.finish_reason == protocol::FinishReason::eos) {
+      EXPECT_TRUE(prefix.complete());
+      EXPECT_TRUE(nlohmann::json::parse(f.text).is_object());
+    }
+    const protocol::Final free_text = client.generate(sampled(i, false));
+    not_json += worker::JsonPrefix().feed(free_text.text) ? 0 : 1;
+  }
+  EXPECT_GT(not_json, 0) << "unconstrained output that is always JSON shows nothing";
+
+  // '}' biased to win wherever it may: the object closes as soon as it can, then only EOS is left.
+  const auto tokenizer = model::Tokenizer::from_gguf(*model::GgufFile::open(model));
+  int32_t close = -1;
+  for (int32_t t = 0; t < tokenizer->n_vocab() && close < 0; ++t)
+    if (tokenizer->token_bytes(t) == "}") close = t;
+  ASSERT_GE(close, 0);
+  protocol::GenerateRequest forced = greedy("forced", kPrompts[0], 40);
+  forced.response_format = protocol::ResponseFormat::json_object;
+  forced.sampling.logit_bias = {{close, 100.0f}};
+  const protocol::Final f = client.generate(forced);
+  EXPECT_EQ(f.finish_reason, protocol::FinishReason::eos) << f.text;
+  EXPECT_EQ(nlohmann::json::parse(f.text), nlohmann::json::object()) << f.text;
+  ASSERT_FALSE(f.tokens.empty());
+  EXPECT_EQ(f.tokens.back(), close);
 }
 
 TEST_P(ServeShapes, FixtureModelsGreedyOutputEqualsSingleProcessGenerate) {

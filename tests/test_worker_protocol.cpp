@@ -10,9 +10,21 @@ namespace {
 WorkerStep full_step() {
   WorkerStep step;
   step.step_id = 77;
-  step.new_sequences = {
-      {5, 0.7f, 40, 0.9f, 0.05f, 1.1f, 64, 0xABCDEFull, 3, 0.5f, -0.75f, {{12, 3.5f}, {2, -100.0f}}, 4},
-      {6, 0.0f, 0, 1.0f, 0.0f, 1.0f, 64, 1, 0, 0.0f, 0.0f, {}}};
+  step.new_sequences = {{5,
+                         0.7f,
+                         40,
+                         0.9f,
+                         0.05f,
+                         1.1f,
+                         64,
+                         0xABCDEFull,
+                         3,
+                         0.5f,
+                         -0.75f,
+                         {{12, 3.5f}, {2, -100.0f}},
+                         4,
+                         ResponseFormat::json_object},
+                        {6, 0.0f, 0, 1.0f, 0.0f, 1.0f, 64, 1, 0, 0.0f, 0.0f, {}}};
   step.released = {1, 2, 3};
   // The second entry follows a cached prefix of 17 tokens (the scheduler's prefix caching).
   std::vector<int32_t> prefix(17);
@@ -56,6 +68,9 @@ TEST(WorkerProtocol, StepsAndResultsRoundTrip) {
     many.new_sequences[0].prompt_logprobs = bad;
     EXPECT_THROW(decode_worker_step(encode(many)), ProtocolError) << bad;
   }
+  many = full_step();
+  many.new_sequences[1].response_format = static_cast<ResponseFormat>(9);
+  EXPECT_THROW(decode_worker_step(encode(many)), ProtocolError);
 }
 
 TEST(WorkerProtocol, DraftRequestsAndRepliesRoundTrip) {

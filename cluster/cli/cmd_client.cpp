@@ -310,6 +310,7 @@ Runner add_client(CLI::App& app) {
     bool health = false, stats = false, shutdown = false;
     int logprobs = 0;
     int prompt_logprobs = -1;
+    std::string response_format = "text";
     bool special = false;
     bool ignore_eos = false;
     std::string chat, system;
@@ -365,6 +366,11 @@ Runner add_client(CLI::App& app) {
   app.add_option("--logprobs", a->logprobs,
                  "With --json: each token's log-probability and this many most likely tokens' (0: none)")
       ->check(CLI::Range(0, static_cast<int>(protocol::kMaxLogprobs)))
+      ->capture_default_str();
+  app.add_option("--response-format", a->response_format,
+                 "text, or json_object: the output is a JSON object (tokens that cannot continue one are "
+                 "masked out)")
+      ->check(CLI::IsMember({"text", "json_object"}))
       ->capture_default_str();
   app.add_option("--prompt-logprobs", a->prompt_logprobs,
                  "With --json: each prompt token's log-probability after the first and this many most "
@@ -456,6 +462,8 @@ Runner add_client(CLI::App& app) {
     request.stream = a->stream;
     request.logprobs = static_cast<uint32_t>(a->logprobs);
     request.prompt_logprobs = a->prompt_logprobs;
+    request.response_format = a->response_format == "json_object" ? protocol::ResponseFormat::json_object
+                                                                  : protocol::ResponseFormat::text;
     request.parse_special = a->special;
     request.ignore_eos = a->ignore_eos;
 

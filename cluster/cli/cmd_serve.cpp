@@ -40,6 +40,7 @@
 #include "speculative/speculator.hpp"
 #include "speculative/vocab_match.hpp"
 #include "worker/cuda_llama_model.hpp"
+#include "worker/json_constraint.hpp"
 #include "worker/tensor_shard.hpp"
 #if NIBBLE_WITH_CUDA
 #include "parallel/nccl_communicator.hpp"
@@ -557,8 +558,14 @@ int serve(const std::string& config_path) {
         shard_model = std::make_unique<worker::CpuForwardModel>(*model, *pool);
       }
       cluster::WorkerStage stage(*shard_model, num_blocks, config.kv_cache.block_size);
+      // The sampling rank constrains JSON output with the model's vocabulary.
+      std::shared_ptr<const worker::JsonConstraint> json;
+      if (sampling_rank) {
+        if (const auto vocabulary = open_tokenizer(*file))
+          json = std::make_shared<const worker::JsonConstraint>(*vocabulary);
+      }
       cluster::WorkerService service(stage, config.parallel.pipeline > 1 ? groups.pipeline.get() : nullptr,
-                                     steps, sampling_rank ? &results : nullptr, speculator.get());
+                                     steps, sampling_rank ? &results : nullptr, speculator.get(), json);
       service.run();
       if (remote != nullptr) remote->shutdown();
     } catch (const std::exception& e) {

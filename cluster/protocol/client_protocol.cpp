@@ -19,6 +19,8 @@ namespace {
 
 // The C++ enums are cast to and from the wire enums; these keep the two in step.
 static_assert(static_cast<uint16_t>(wire::ErrorCode::INTERNAL) == static_cast<uint16_t>(ErrorCode::internal));
+static_assert(static_cast<uint16_t>(wire::ResponseFormat::JSON_OBJECT) ==
+              static_cast<uint16_t>(ResponseFormat::json_object));
 static_assert(static_cast<uint16_t>(wire::ErrorCode::BAD_REQUEST) ==
               static_cast<uint16_t>(ErrorCode::bad_request));
 static_assert(static_cast<uint16_t>(wire::ErrorCode::SHUTTING_DOWN) ==
@@ -93,6 +95,7 @@ void encode_generate(const GenerateRequest& request, wire::GenerateRequest::Buil
   out.setParseSpecial(request.parse_special);
   out.setIgnoreEos(request.ignore_eos);
   out.setPromptLogprobs(static_cast<int8_t>(std::clamp<int32_t>(request.prompt_logprobs, -128, 127)));
+  out.setResponseFormat(static_cast<wire::ResponseFormat>(request.response_format));
 }
 
 void encode_final(const Final& final_msg, wire::Final::Builder out) {
@@ -181,6 +184,11 @@ GenerateRequest read_generate(wire::GenerateRequest::Reader in) {
   request.parse_special = in.getParseSpecial();
   request.ignore_eos = in.getIgnoreEos();
   request.prompt_logprobs = in.getPromptLogprobs();
+  // A newer client's format this build does not know is refused by name, not served as text.
+  const auto format = static_cast<uint16_t>(in.getResponseFormat());
+  if (format > static_cast<uint16_t>(ResponseFormat::json_object))
+    throw ProtocolError(ErrorCode::bad_request, "responseFormat: unknown format " + std::to_string(format));
+  request.response_format = static_cast<ResponseFormat>(format);
   auto stop = in.getStop();
   // Checked before copying so a request with a million stop strings costs nothing.
   if (stop.size() > kMaxStopStrings) {

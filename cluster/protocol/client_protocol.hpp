@@ -31,6 +31,8 @@ enum class ErrorCode : uint16_t {
 
 // Mirrors nibble.capnp's FinishReason.
 enum class FinishReason : uint16_t { length, eos, stop, cancelled };
+// What the output must be: free text, or a JSON object (worker/json_constraint).
+enum class ResponseFormat : uint16_t { text, json_object };
 
 std::string_view to_string(ErrorCode code);
 std::string_view to_string(FinishReason reason);
@@ -110,6 +112,7 @@ struct GenerateRequest {
   // before it, and this many most likely tokens' there (vLLM's prompt_logprobs, what OpenAI's echo with
   // logprobs reports). The whole prompt is computed (no prefix cache); max_tokens may then be 0.
   int32_t prompt_logprobs = -1;
+  ResponseFormat response_format = ResponseFormat::text;
 
   bool operator==(const GenerateRequest&) const = default;
 };

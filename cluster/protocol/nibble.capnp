@@ -26,6 +26,12 @@ struct SamplingParams {
   logitBias @9 :List(TokenBias);       # added to those tokens' logits first; distinct tokens
 }
 
+enum ResponseFormat {
+  text @0;                             # free text
+  jsonObject @1;                       # a JSON object (OpenAI's response_format json_object): tokens that
+                                       # cannot continue one are masked out; it ends when the object closes
+}
+
 struct TokenBias {
   token @0 :Int32;
   bias @1 :Float32;                    # [-100, 100]
@@ -55,6 +61,7 @@ struct GenerateRequest {
   promptLogprobs @11 :Int8 = -1;       # -1: none; 0..20: each prompt token's log-probability after the
                                        # first (given the tokens before it) and this many most likely
                                        # tokens' there (vLLM's prompt_logprobs); then maxTokens may be 0
+  responseFormat @12 :ResponseFormat;
 }
 
 struct CancelRequest {

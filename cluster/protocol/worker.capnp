@@ -26,6 +26,7 @@ struct SequenceSampling {
   logitBias @11 :List(Nibble.TokenBias);
   promptLogprobs @12 :Int8 = -1;       # -1: none; else the top tokens to report with each prompt
                                        # token's log-probability (the rows PlanEntry.promptTargets name)
+  responseFormat @13 :Nibble.ResponseFormat;  # jsonObject: the sampling rank masks what cannot continue one
 }
 
 struct PlanEntry {

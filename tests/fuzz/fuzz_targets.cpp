@@ -9,6 +9,7 @@
 #include <fstream>
 #include <memory>
 #include <mutex>
+#include <nlohmann/json.hpp>
 #include <sstream>
 #include <variant>
 
@@ -28,6 +29,7 @@
 #include "model/unicode_utf8.hpp"
 #include "tests/support/test_support.hpp"
 #include "worker/generator.hpp"
+#include "worker/json_constraint.hpp"
 #include "worker/kv_cache.hpp"
 #include "worker/llama_model.hpp"
 
@@ -358,12 +360,21 @@ Outcome run_openai_request(std::span<const uint8_t> input) {
       final.text = "\xff answer";
       final.tokens = {1, 2};
       final.logprobs = {{-1.0f, {{1, -1.0f}}}, {-2.0f, {}}};
+      final.prompt_token_ids = {1, 5, 6};
+      final.prompt_logprobs = {{-3.0f, {{4, -0.5f}}}, {-0.5f, {}}};
       const std::vector<protocol::Final> finals(choices.size(), final);
       require(!cluster::openai::dump(cluster::openai::response(api, finals, "id", 0, "m")).empty(),
               "openai_request: an empty response");
       const protocol::Delta delta{"fuzz", {1}, "a", {}};
       require(!cluster::openai::dump(cluster::openai::delta_chunk(api, 0, delta, "id", 0, "m")).empty(),
               "openai_request: an empty chunk");
+      if (api.echo) {
+        require(!cluster::openai::dump(cluster::openai::echo_chunk(api, choices.size() - 1,
+                                                                   final.prompt_token_ids,
+                                                                   final.prompt_logprobs, "id", 0, "m"))
+                     .empty(),
+                "openai_request: an empty echo chunk");
+      }
     } catch (const cluster::openai::ApiError& e) {
       require(e.status == 400 || e.status == 404,
               "openai_request: a refusal with status " + std::to_string(e.status));
@@ -382,6 +393,7 @@ std::vector<std::vector<uint8_t>> openai_request_seeds() {
       bytes_of(
           R"({"prompt": [[1, 15043, 3186], [1, 2]], "max_tokens": 4, "n": 2, "best_of": 2, "user": "u"})"),
       bytes_of(R"({"prompt": ["one", "two"], "seed": 3})"),
+      bytes_of(R"({"prompt": ["a b", "c"], "echo": true, "logprobs": 1, "max_tokens": 0, "n": 2})"),
       bytes_of(R"({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content":
                       [{"type": "text", "text": "Hi"}]}], "max_completion_tokens": 16, "logprobs": true,
                       "top_logprobs": 3, "response_format": {"type": "text"}, "tool_choice": "none"})"),
@@ -694,6 +706,40 @@ std::vector<std::vector<uint8_t>> imatrix_seeds() {
   return seeds;
 }
 
+// ------------------------------------------------------------------ JSON output constraint
+
+// Any bytes: the recognizer takes a prefix of them; a refused byte leaves its state as it was; a text it
+// takes whole and calls complete is a JSON object by nlohmann::json's parser too.
+Outcome run_json_output(std::span<const uint8_t> input) {
+  worker::JsonPrefix prefix;
+  size_t taken = 0;
+  for (; taken < input.size(); ++taken) {
+    const worker::JsonPrefix before = prefix;
+    if (!prefix.feed(input[taken])) {
+      require(std::memcmp(&before, &prefix, sizeof prefix) == 0,
+              "json_output: a refused byte changed the state");
+      break;
+    }
+  }
+  if (taken < input.size())
+    return {false, "byte " + std::to_string(taken) + " cannot continue a JSON object"};
+  if (!prefix.complete()) return {false, "an unfinished JSON object"};
+  const std::string text(input.begin(), input.end());
+  try {
+    require(nlohmann::json::parse(text).is_object(), "json_output: a complete text that is not an object");
+  } catch (const nlohmann::json::out_of_range&) {
+    // a number beyond a double: JSON's grammar allows it, nlohmann does not
+  } catch (const nlohmann::json::parse_error& e) {
+    require(false, std::string("json_output: a complete text nlohmann refuses: ") + e.what());
+  }
+  return {true, ""};
+}
+
+std::vector<std::vector<uint8_t>> json_output_seeds() {
+  return {bytes_of(R"({"a": [1, -2.5e+3, 0, true, false, null, {"b": "x\"\\\u00e9\n"}], "c": {}})"),
+          bytes_of(" {\"\xc3\xa9\xe2\x82\xac\xf0\x9f\x98\x80\": [[], {}, \"\"]}"), bytes_of("{}")};
+}
+
 }  // namespace
 
 const std::vector<Target>& targets() {
@@ -708,6 +754,7 @@ const std::vector<Target>& targets() {
       {"hf_config", run_hf_config, hf_config_seeds},
       {"imatrix", run_imatrix, imatrix_seeds},
       {"openai_request", run_openai_request, openai_request_seeds},
+      {"json_output", run_json_output, json_output_seeds},
   };
   return all;
 }

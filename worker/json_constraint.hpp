@@ -1,0 +1,99 @@
+#pragma once
+// Output constrained to JSON (OpenAI's response_format {"type": "json_object"}, llama.cpp's and vLLM's
+// JSON mode): before each sampling step every token whose bytes cannot continue the text so far into a
+// JSON object is masked out, and once the object is complete only an end-of-generation token is left.
+// The check is a byte-level recognizer of JSON prefixes (RFC 8259, strict UTF-8 in strings), run on
+// each token's bytes from the current state: a copy of a few dozen bytes, no allocation.
+#include <cstdint>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "model/tokenizer.hpp"
+
+namespace nibble::worker {
+
+// Whether a byte string is a prefix of a JSON text whose value is an object; fed one byte at a time.
+class JsonPrefix {
+ public:
+  static constexpr int kMaxDepth = 32;  // deeper nesting is refused (the stack is a fixed array)
+  // Whitespace between tokens as llama.cpp's JSON grammar allows it (so output never idles on padding):
+  // none, one space, or a newline and up to kMaxIndent spaces or tabs; before the object one space at most.
+  static constexpr int kMaxIndent = 20;
+
+  // Appends one byte; false (and the state unchanged) when the text would no longer be a JSON prefix.
+  bool feed(unsigned char c);
+  // All bytes, or false at the first that does not fit (the state then holds the bytes before it).
+  bool feed(std::string_view bytes);
+  // The top-level object is closed (only whitespace may follow).
+  bool complete() const { return state_ == State::done; }
+
+ private:
+  enum class State : uint8_t {
+    start,           // before the top-level object
+    value,           // a value (after ':' or ',' in an array)
+    value_or_close,  // a value or ']' (after '[')
+    key_or_close,    // a key or '}' (after '{')
+    key,             // a key (after ',' in an object)
+    colon,           // ':' after a key
+    comma_or_close,  // ',' or the innermost container's closing bracket
+    string,          // inside a string (key_ says whether it is a key)
+    escape,          // after '\' in a string
+    hex,             // in a \u escape (hex_left digits to go)
+    number,          // in a number (number_ says where)
+    literal,         // in true / false / null (literal_, literal_pos_)
+    done,            // the top-level object closed
+  };
+  enum class Number : uint8_t {
+    minus,
+    zero,
+    integer,
+    dot,
+    fraction,
+    exponent,
+    exponent_sign,
+    exponent_digits
+  };
+
+  bool open(unsigned char bracket);
+  bool close(unsigned char bracket);
+  bool start_value(unsigned char c);
+  void end_value();
+  bool whitespace(unsigned char c);
+
+  State state_ = State::start;
+  bool key_ = false;  // the string being read is an object's key
+  Number number_ = Number::minus;
+  uint8_t literal_ = 0;      // index into the literals true, false, null
+  uint8_t literal_pos_ = 0;  // bytes of it matched
+  uint8_t hex_left_ = 0;
+  uint8_t utf8_left_ = 0;                       // continuation bytes still due in a string
+  uint8_t utf8_low_ = 0x80, utf8_high_ = 0xBF;  // the next continuation byte's range (strict UTF-8)
+  uint8_t whitespace_ = 0;  // this run of whitespace: 0 none yet, 1 a space, 2 + n a newline and n indents
+  uint8_t depth_ = 0;
+  char stack_[kMaxDepth] = {};  // '{' or '[' per open container
+};
+
+// The constraint over a vocabulary: each token's bytes (empty for control tokens) and which tokens end
+// a generation.
+class JsonConstraint {
+ public:
+  // token_bytes: per token id the bytes it stands for; end_of_generation: ids that end a generation.
+  JsonConstraint(std::vector<std::string> token_bytes, std::vector<int32_t> end_of_generation);
+  // A model's: each token's bytes (Tokenizer::token_bytes) and its end-of-generation tokens.
+  explicit JsonConstraint(const model::Tokenizer& tokenizer);
+  int64_t n_vocab() const { return static_cast<int64_t>(token_bytes_.size()); }
+  const std::string& token_bytes(int32_t token) const { return token_bytes_.at(static_cast<size_t>(token)); }
+
+  // logits: [n_vocab] (n_vocab <= token_bytes.size()); every token that cannot continue `state` gets
+  // -infinity; an end-of-generation token is kept only when the object is complete, and then alone.
+  void mask(const JsonPrefix& state, float* logits, int64_t n_vocab) const;
+  // Whether `token` may follow `state` (what mask keeps).
+  bool allows(const JsonPrefix& state, int32_t token) const;
+
+ private:
+  std::vector<std::string> token_bytes_;
+  std::vector<int32_t> end_of_generation_;
+};
+
+}  // namespace nibble::worker

@@ -179,9 +179,10 @@ TEST(JsonPrefix, CompleteExactlyWhenNlohmannAcceptsAnObject) {
 }
 
 TEST(JsonConstraint, MasksWhatCannotContinueAndEndsOnlyAComplete) {
-  //                               0     1    2       3    4    5    6    7   8
-  const std::vector<std::string> vocab = {"", "{", "}", "\"a\"", ":", "1", " ", "x", "}\n"};
-  const JsonConstraint constraint(vocab, {0});  // token 0: end of generation (no bytes)
+  //                               0     1    2       3    4    5    6    7   8      9     10
+  const std::vector<std::string> vocab = {"", "{", "}", "\"a\"", ":", "1", " ", "x", "}\n", "}}", "\xc3\xa9"};
+  // Token 0 ends a generation (no bytes), as does 9, although it has bytes: only after the object.
+  const JsonConstraint constraint(vocab, {0, 9});
   const auto kept = [&](const JsonPrefix& state) {
     std::vector<float> logits(vocab.size(), 1.0f);
     constraint.mask(state, logits.data(), static_cast<int64_t>(logits.size()));
@@ -198,10 +199,13 @@ TEST(JsonConstraint, MasksWhatCannotContinueAndEndsOnlyAComplete) {
   EXPECT_EQ(kept(state), (std::vector<int32_t>{2, 3, 6, 8}));
   ASSERT_TRUE(state.feed("\"a\""));
   EXPECT_EQ(kept(state), (std::vector<int32_t>{4, 6}));
+  JsonPrefix in_key;
+  ASSERT_TRUE(in_key.feed("{\"x"));  // inside a key: text (not a newline), not a quote then more
+  EXPECT_EQ(kept(in_key), (std::vector<int32_t>{1, 2, 4, 5, 6, 7, 10}));
   ASSERT_TRUE(state.feed(":1"));
   EXPECT_EQ(kept(state), (std::vector<int32_t>{2, 5, 6, 8}));
   ASSERT_TRUE(state.feed("}"));
-  EXPECT_EQ(kept(state), (std::vector<int32_t>{0}));  // complete: only the end
+  EXPECT_EQ(kept(state), (std::vector<int32_t>{0, 9}));  // complete: only the ends
   // A longer logits row than the vocabulary (padded heads): the rest is masked.
   std::vector<float> padded(vocab.size() + 3, 1.0f);
   constraint.mask(JsonPrefix{}, padded.data(), static_cast<int64_t>(padded.size()));

@@ -27,6 +27,8 @@ class JsonPrefix {
   bool feed(std::string_view bytes);
   // The top-level object is closed (only whitespace may follow).
   bool complete() const { return state_ == State::done; }
+  // Inside a string, between characters: any text without '"', '\\', control bytes or broken UTF-8 fits.
+  bool in_string_text() const { return state_ == State::string && utf8_left_ == 0; }
 
  private:
   enum class State : uint8_t {
@@ -92,8 +94,15 @@ class JsonConstraint {
   bool allows(const JsonPrefix& state, int32_t token) const;
 
  private:
+  void classify();
+
   std::vector<std::string> token_bytes_;
   std::vector<int32_t> end_of_generation_;
+  // Per token: kEnd for an end of generation, kStringText when its bytes are plain string text (fit
+  // anywhere in_string_text() holds, and leave it holding: most tokens inside a string need no run of
+  // the recognizer), else 0.
+  static constexpr uint8_t kEnd = 1, kStringText = 2;
+  std::vector<uint8_t> class_;
 };
 
 }  // namespace nibble::worker

@@ -8,6 +8,7 @@
 #include <thread>
 
 #include "cluster/sampling_settings.hpp"
+#include "worker/json_schema.hpp"
 #include "worker/sampler.hpp"
 
 namespace nibble::cluster {
@@ -202,6 +203,14 @@ void Coordinator::handle_generate(const std::string& identity, const protocol::G
     }
     params.logit_bias.push_back({b.token, b.bias});
   }
+  if (g.response_format == protocol::ResponseFormat::json_schema) {
+    try {
+      worker::JsonSchema::compile(g.json_schema);  // what the sampling worker will follow
+    } catch (const std::invalid_argument& e) {
+      reply_error(identity, g.request_id, ErrorCode::bad_request, e.what());
+      return;
+    }
+  }
   params.seed = g.sampling.seed.has_value() ? *g.sampling.seed : std::random_device{}();
   try {
     worker::validate(params);
@@ -246,6 +255,7 @@ void Coordinator::handle_generate(const std::string& identity, const protocol::G
   r.sampling.logprobs = g.logprobs;
   r.sampling.prompt_logprobs = g.prompt_logprobs;
   r.sampling.response_format = g.response_format;
+  r.sampling.json_schema = g.json_schema;
   if (scores_prompt) r.prompt_logprobs.resize(prompt.size() - 1);
   r.score_only = g.max_tokens == 0;
   worker::CompletionLimits limits;

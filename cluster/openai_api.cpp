@@ -9,6 +9,8 @@
 #include <span>
 #include <utility>
 
+#include "worker/json_schema.hpp"
+
 namespace nibble::cluster::openai {
 namespace {
 
@@ -268,22 +270,42 @@ void read_messages(const json& body, protocol::GenerateRequest& r) {
   r.prompt = std::move(chat);
 }
 
-// Chat's response_format and tools: only the values that ask for nothing Nibble lacks.
-// response_format: {"type": "text"} or {"type": "json_object"} (JSON schemas are not supported).
+// response_format: {"type": "text"}, {"type": "json_object"}, or {"type": "json_schema", "json_schema":
+// {"name", "schema", "strict", "description"}} (the schema checked here: worker/json_schema's subset).
 void read_response_format(const json& body, protocol::GenerateRequest& r) {
-  if (const json* format = field(body, "response_format")) {
-    if (!format->is_object()) wrong_type("response_format", "an object", *format);
-    const json type = format->value("type", json());
-    if (type == "json_object") {
-      r.response_format = protocol::ResponseFormat::json_object;
-    } else if (type != "text") {
-      throw invalid_request("response_format",
-                            "response_format: {\"type\": \"text\"} or {\"type\": "
-                            "\"json_object\"} (no JSON schemas)");
-    }
+  const json* format = field(body, "response_format");
+  if (format == nullptr) return;
+  if (!format->is_object()) wrong_type("response_format", "an object", *format);
+  const json type = format->value("type", json());
+  if (type == "text") return;
+  if (type == "json_object") {
+    r.response_format = protocol::ResponseFormat::json_object;
+    return;
   }
+  if (type != "json_schema")
+    throw invalid_request("response_format",
+                          "response_format: type \"text\", \"json_object\" or \"json_schema\"");
+  const json* spec = field(*format, "json_schema");
+  if (spec == nullptr || !spec->is_object())
+    throw invalid_request("response_format",
+                          "response_format.json_schema: expected an object with \"schema\"");
+  for (const auto& [key, value] : spec->items()) {
+    if (key != "name" && key != "schema" && key != "strict" && key != "description")
+      throw invalid_request("response_format", "response_format.json_schema: unknown key '" + key + "'");
+  }
+  const json* schema = field(*spec, "schema");
+  if (schema == nullptr)
+    throw invalid_request("response_format", "response_format.json_schema.schema: required");
+  r.json_schema = schema->dump();
+  try {
+    worker::JsonSchema::compile(r.json_schema);
+  } catch (const std::invalid_argument& e) {
+    throw invalid_request("response_format", std::string("response_format.") + e.what());
+  }
+  r.response_format = protocol::ResponseFormat::json_schema;
 }
 
+// Chat's tools: only the values that ask for nothing Nibble lacks.
 void read_chat_extras(const json& body) {
   if (const json* tools = field(body, "tools")) {
     if (!tools->is_array()) wrong_type("tools", "an array", *tools);

@@ -52,11 +52,14 @@ protocol::StepResult WorkerService::execute(const protocol::WorkerStep& step) {
     auto state = std::make_unique<SequenceState>(worker::Sampler(to_sampling_params(s)));
     state->logprobs = static_cast<int>(s.logprobs);
     state->prompt_logprobs = s.prompt_logprobs;
-    if (s.response_format == protocol::ResponseFormat::json_object) {
+    if (s.response_format != protocol::ResponseFormat::text) {
       if (json_ == nullptr)
         throw std::runtime_error("sequence " + std::to_string(s.seq_id) +
-                                 " wants a JSON object and this rank has no vocabulary to constrain it with");
-      state->json.emplace();
+                                 " wants JSON and this rank has no vocabulary to constrain it with");
+      // The coordinator compiled the schema already: it cannot fail here.
+      if (s.response_format == protocol::ResponseFormat::json_schema)
+        state->schema = worker::JsonSchema::compile(s.json_schema);
+      state->json.emplace(state->schema.get());
     }
     sequences_[s.seq_id] = std::move(state);
   }

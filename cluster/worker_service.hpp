@@ -57,7 +57,9 @@ class WorkerService {
     std::shared_ptr<const worker::KeptRows> draft_kept;
     int logprobs = 0;          // top tokens to report with each sampled token's log-probability; 0: none
     int prompt_logprobs = -1;  // top tokens to report with each prompt token's; -1: none
-    std::optional<worker::JsonPrefix> json;  // response_format json_object: the output so far
+    // response_format json_object or json_schema: the output so far (and the schema it follows).
+    std::optional<worker::JsonPrefix> json;
+    std::shared_ptr<const worker::JsonSchema> schema;
   };
 
   WorkerStage& model_;

@@ -331,6 +331,13 @@ TEST(ClientProtocol, SemanticViolationsNameTheField) {
          r.max_tokens = 0;
          r.prompt_logprobs = -1;
        }},
+      {"jsonSchema", [](GenerateRequest& r) { r.json_schema = R"({"type": "object"})"; }},  // not asked for
+      {"jsonSchema", [](GenerateRequest& r) { r.response_format = ResponseFormat::json_schema; }},  // none
+      {"jsonSchema",
+       [](GenerateRequest& r) {
+         r.response_format = ResponseFormat::json_schema;
+         r.json_schema.assign(kMaxJsonSchemaBytes + 1, ' ');
+       }},
       {"promptLogprobs", [](GenerateRequest& r) { r.prompt_logprobs = kMaxLogprobs + 1; }},
       {"promptLogprobs", [](GenerateRequest& r) { r.prompt_logprobs = -2; }},
       {"promptLogprobs", [](GenerateRequest& r) { r.prompt_logprobs = 1000; }},  // beyond the wire's byte
@@ -367,6 +374,11 @@ TEST(ClientProtocol, SemanticViolationsNameTheField) {
   edge.max_tokens = 1;
   edge.prompt_logprobs = -1;
   EXPECT_EQ(round_trip(edge), ClientRequestMsg{edge});
+  edge.response_format = ResponseFormat::json_schema;
+  edge.json_schema = R"({"type": "object", "properties": {"a": {"type": "integer"}}})";
+  EXPECT_EQ(round_trip(edge), ClientRequestMsg{edge});
+  edge.response_format = ResponseFormat::text;
+  edge.json_schema.clear();
   edge.max_tokens = 0;  // scoring the prompt alone
   edge.prompt_logprobs = kMaxLogprobs;
   edge.stop.assign(kMaxStopStrings, std::string(kMaxStopStringBytes, 's'));

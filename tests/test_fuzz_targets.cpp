@@ -122,7 +122,7 @@ TEST_P(FuzzTargets, MutatedSeedsAreAcceptedOrRefusedByName) {
 INSTANTIATE_TEST_SUITE_P(Readers, FuzzTargets,
                          ::testing::Values("gguf_model", "safetensors", "client_protocol", "worker_protocol",
                                            "cluster_config", "tokenizer_text", "hf_tokenizer", "hf_config",
-                                           "imatrix", "openai_request", "json_output"),
+                                           "imatrix", "openai_request", "json_output", "json_schema"),
                          [](const auto& param_info) { return param_info.param; });
 
 // Inputs libFuzzer found, kept after their fix in tests/fuzz/found/<target>/ (file names say what
@@ -157,7 +157,7 @@ TEST(FuzzTargetNames, UnknownNamesAreRefusedWithTheKnownOnes) {
   } catch (const std::invalid_argument& e) {
     EXPECT_NE(std::string(e.what()).find("gguf_model"), std::string::npos) << e.what();
   }
-  EXPECT_EQ(targets().size(), 11u);
+  EXPECT_EQ(targets().size(), 12u);
 }
 
 }  // namespace

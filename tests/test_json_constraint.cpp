@@ -214,3 +214,214 @@ TEST(JsonConstraint, MasksWhatCannotContinueAndEndsOnlyAComplete) {
 
 }  // namespace
 }  // namespace nibble::worker
+
+namespace nibble::worker {
+namespace {
+
+const char* kSchema = R"({
+  "type": "object", "title": "a record",
+  "properties": {
+    "name": {"type": "string", "description": "who"},
+    "age": {"type": "integer"},
+    "score": {"type": "number"},
+    "ok": {"type": "boolean"},
+    "none": {"type": "null"},
+    "color": {"enum": ["red", "green", "gr\u00fcn"]},
+    "tags": {"type": "array", "items": {"type": "string"}},
+    "pos": {"type": "object", "properties": {"x": {"type": "number"}, "y": {"type": "number"}},
+            "required": ["x", "y"], "additionalProperties": false},
+    "extra": {},
+    "map": {"type": "object"}
+  },
+  "required": ["name", "age"]
+})";
+
+// An independent reading of the schema above (nlohmann values): whether `value` is an instance of it.
+bool valid(const nlohmann::json& schema, const nlohmann::json& value) {
+  const std::string type = schema.value("type", schema.contains("enum")         ? "enum"
+                                                : schema.contains("properties") ? "object"
+                                                                                : "any");
+  if (type == "any") return true;
+  if (type == "enum") {
+    for (const auto& v : schema["enum"])
+      if (v == value) return true;
+    return false;
+  }
+  if (type == "string") return value.is_string();
+  if (type == "integer") return value.is_number_integer();
+  if (type == "number") return value.is_number();
+  if (type == "boolean") return value.is_boolean();
+  if (type == "null") return value.is_null();
+  if (type == "array") {
+    if (!value.is_array()) return false;
+    for (const auto& item : value)
+      if (!valid(schema.value("items", nlohmann::json::object()), item)) return false;
+    return true;
+  }
+  if (!value.is_object()) return false;
+  if (!schema.contains("properties")) return true;
+  for (const auto& [key, v] : value.items())
+    if (!schema["properties"].contains(key) || !valid(schema["properties"][key], v)) return false;
+  for (const auto& key : schema.value("required", nlohmann::json::array()))
+    if (!value.contains(key.get<std::string>())) return false;
+  return true;
+}
+
+std::pair<size_t, bool> run_schema(const JsonSchema& schema, std::string_view text) {
+  JsonPrefix p(&schema);
+  size_t n = 0;
+  while (n < text.size() && p.feed(static_cast<unsigned char>(text[n]))) ++n;
+  return {n, p.complete()};
+}
+
+TEST(JsonSchema, CompilesTheSubsetAndRefusesTheRestByName) {
+  const auto schema = JsonSchema::compile(kSchema);
+  const JsonSchemaNode& root = schema->node(schema->root());
+  ASSERT_EQ(root.kind, JsonSchemaNode::Kind::object);
+  ASSERT_EQ(root.properties.size(), 10u);
+  EXPECT_EQ(root.required, 0b11u);
+  EXPECT_EQ(schema->node(root.properties[5].second).literals,
+            (std::vector<std::string>{"red", "green", "gr\xc3\xbcn"}));
+  EXPECT_TRUE(schema->node(root.properties[9].second).free_keys);
+  const std::vector<std::pair<std::string, std::string>> refused = {
+      {R"({"type": "string"})", "json_schema: the root must be an object"},
+      {R"({"type": "object", "properties": {"a": {"type": "integer", "minimum": 0}}})",
+       "json_schema.properties.a: 'minimum' is not supported"},
+      {R"({"type": "object", "properties": {"a": {}}, "additionalProperties": true})",
+       "json_schema.additionalProperties: only false"},
+      {R"({"type": "object", "properties": {"a": {}}, "required": ["b"]})",
+       "json_schema.required: 'b' is not"},
+      {R"({"type": "object", "properties": {"a": {"type": ["string", "null"]}}})",
+       "json_schema.properties.a.type: one type name"},
+      {R"({"type": "object", "properties": {"a": {"enum": [1, 2]}}})", "json_schema.properties.a.enum"},
+      {R"({"type": "object", "properties": {"a": {"type": "strin"}}})", "'strin' is not a JSON Schema type"},
+      {R"({"type": "object", "properties": {"a": {"$ref": "#/x"}}})", "'$ref' is not supported"},
+      {R"({"type": "object", "properties": {"a": {"type": "integer", "items": {}}}})",
+       "'items' does not apply to type integer"},
+      {"{\"type\": ", "json_schema: not JSON"},
+  };
+  for (const auto& [text, message] : refused) {
+    try {
+      JsonSchema::compile(text);
+      ADD_FAILURE() << "compiled " << text;
+    } catch (const std::invalid_argument& e) {
+      EXPECT_NE(std::string(e.what()).find(message), std::string::npos) << e.what();
+    }
+  }
+}
+
+TEST(JsonSchema, TheRecognizerTakesInstancesAndRefusesTheByteThatBreaksOne) {
+  const auto schema = JsonSchema::compile(kSchema);
+  const nlohmann::json s = nlohmann::json::parse(kSchema);
+  for (const std::string& text :
+       {std::string(R"({"name":"a","age":3})"),
+        std::string(
+            R"({"age": -12, "name": "", "tags": ["x", "y"], "pos": {"y": 1.5, "x": -2e3}, "color": "green",)"
+            R"( "ok": true, "none": null, "score": 0.5, "extra": [1, {"q": null}], "map": {"k": [true]}})"),
+        std::string("{ \"name\": \"b\", \"age\": 0, \"color\": \"gr\xc3\xbcn\" }")}) {
+    SCOPED_TRACE(text);
+    ASSERT_TRUE(valid(s, nlohmann::json::parse(text)));
+    EXPECT_EQ(run_schema(*schema, text), std::make_pair(text.size(), true));
+  }
+  const std::vector<std::pair<std::string, size_t>> faults = {
+      {R"({"namx)", 5},         // not a property
+      {R"({"name":"a"})", 11},  // age is required
+      {R"({"age":1.5)", 8},     // an integer
+      {R"({"age":1e3)", 8},
+      {R"({"age":"3")", 7},
+      {R"({"ok":1)", 6},
+      {R"({"none":false)", 8},
+      {R"({"color":"blue")", 10},  // not one of the values
+      {R"({"color":"re")", 12},
+      {R"({"name":"a","na)", 14},  // name again: only "none" starts with n now
+      {R"({"pos":{"x":1})", 13},   // y is required
+      {R"({"tags":[1)", 9},        // items are strings
+      {R"({"name":"a","age":1,"zzz")", 21},
+      {R"([)", 0},
+  };
+  for (const auto& [text, fault] : faults) {
+    SCOPED_TRACE(text);
+    EXPECT_EQ(run_schema(*schema, text).first, fault);
+  }
+  // At most 18 digits in a row in a number (the free recognizer takes any).
+  const std::string digits(JsonPrefix::kMaxDigits, '9');
+  EXPECT_TRUE(run_schema(*schema, R"({"name":"","age":-)" + digits + "}").second);
+  EXPECT_EQ(run_schema(*schema, R"({"name":"","age":)" + digits + "9").first, 17 + digits.size());
+  EXPECT_TRUE(
+      run_schema(*schema, R"({"name":"","age":1,"score":)" + digits + "." + digits + "e-" + digits + "}")
+          .second);
+  EXPECT_TRUE(run(R"({"a":)" + digits + digits + "}").second);
+  // Compact: one space between tokens at most, no newlines.
+  EXPECT_EQ(run_schema(*schema, "{ \"name\" : \"a\" ,  ").first, 17u);
+  EXPECT_EQ(run_schema(*schema, "{\n").first, 1u);
+  // Once every property is written, no ',' (no key could follow).
+  const std::string all =
+      R"({"name":"a","age":1,"score":1,"ok":true,"none":null,"color":"red","tags":[],"pos":{"x":1,"y":2},)"
+      R"("extra":0,"map":{})";
+  EXPECT_EQ(run_schema(*schema, all + ",").first, all.size());
+  EXPECT_TRUE(run_schema(*schema, all + "}").second);
+}
+
+// Random instances of the schema (a random subset of the properties, the required ones always, random
+// values), written compactly, are taken whole; their mutations, when taken whole and complete, are
+// instances by an independent reading of the schema, and nlohmann parses them.
+TEST(JsonSchema, TextsTakenWholeAreInstances) {
+  const auto schema = JsonSchema::compile(kSchema);
+  const nlohmann::json s = nlohmann::json::parse(kSchema);
+  std::mt19937 rng(11);
+  const auto pick = [&](int n) { return static_cast<int>(rng() % static_cast<unsigned>(n)); };
+  const std::vector<std::string> words = {"", "a", "b c", "d\"e", "\xc3\xa9"};
+  const auto instance = [&] {
+    nlohmann::json v = {{"name", words[static_cast<size_t>(pick(5))]}, {"age", pick(200) - 100}};
+    if (pick(2)) v["score"] = pick(1000) / 8.0;
+    if (pick(2)) v["ok"] = pick(2) == 1;
+    if (pick(2)) v["none"] = nullptr;
+    if (pick(2))
+      v["color"] = std::vector<std::string>{"red", "green", "gr\xc3\xbcn"}[static_cast<size_t>(pick(3))];
+    if (pick(2))
+      v["tags"] = std::vector<std::string>(static_cast<size_t>(pick(3)), words[static_cast<size_t>(pick(5))]);
+    if (pick(2)) v["pos"] = {{"x", pick(10)}, {"y", -pick(10) / 4.0}};
+    if (pick(2)) v["extra"] = nlohmann::json::parse(R"([1, {"q": [null, "x"]}, false])");
+    if (pick(2)) v["map"] = {{"k", pick(3)}};
+    return v;
+  };
+  const std::string alphabet = "{}[]\":,0123456789.-trufalsn xyabdemgo";
+  int accepted = 0, refused = 0;
+  for (int i = 0; i < 5000; ++i) {
+    const nlohmann::json v = instance();
+    std::string text = v.dump();
+    ASSERT_EQ(run_schema(*schema, text), std::make_pair(text.size(), true)) << text;
+    for (int m = 0, edits = 1 + pick(2); m < edits; ++m) {
+      const size_t at = static_cast<size_t>(pick(static_cast<int>(text.size())));
+      const char c = alphabet[static_cast<size_t>(pick(static_cast<int>(alphabet.size())))];
+      switch (pick(3)) {
+        case 0:
+          text.erase(at, 1);
+          break;
+        case 1:
+          text.insert(at, 1, c);
+          break;
+        default:
+          text[at] = c;
+      }
+    }
+    const auto [taken, complete] = run_schema(*schema, text);
+    if (taken == text.size() && complete) {
+      nlohmann::json parsed;
+      try {
+        parsed = nlohmann::json::parse(text);
+      } catch (const nlohmann::json::out_of_range&) {
+        continue;  // a number beyond a double (an 'e' added): valid JSON, refused by nlohmann
+      }
+      EXPECT_TRUE(valid(s, parsed)) << text;
+      ++accepted;
+    } else {
+      ++refused;
+    }
+  }
+  EXPECT_GT(accepted, 200);
+  EXPECT_GT(refused, 1000);
+}
+
+}  // namespace
+}  // namespace nibble::worker

@@ -160,6 +160,16 @@ TEST(OpenAiApi, ChatFieldsBecomeAConversation) {
   EXPECT_EQ(parse(Endpoint::completions, {{"prompt", "x"}, {"response_format", {{"type", "json_object"}}}})
                 .request.response_format,
             protocol::ResponseFormat::json_object);
+  // Structured output: the schema travels as text.
+  const json schema = {
+      {"type", "object"}, {"properties", {{"a", {{"type", "integer"}}}}}, {"required", {"a"}}};
+  const auto structured = parse(
+      Endpoint::chat_completions,
+      {{"messages", hi},
+       {"response_format",
+        {{"type", "json_schema"}, {"json_schema", {{"name", "n"}, {"strict", true}, {"schema", schema}}}}}});
+  EXPECT_EQ(structured.request.response_format, protocol::ResponseFormat::json_schema);
+  EXPECT_EQ(json::parse(structured.request.json_schema), schema);
 }
 
 // A batch of prompts times n choices: one GenerateRequest per choice in OpenAI's order, seeds apart so
@@ -272,7 +282,14 @@ TEST(OpenAiApi, RefusalsNameTheField) {
       {H, "{" + m + R"(, "tools": [{"type": "function"}]})", 400, "tools", "not supported"},
       {H, "{" + m + R"(, "tool_choice": "required"})", 400, "tool_choice", "only \"none\" or \"auto\""},
       {H, "{" + m + R"(, "response_format": {"type": "json_schema", "json_schema": {}}})", 400,
-       "response_format", "no JSON schemas"},
+       "response_format", "json_schema.schema: required"},
+      {H,
+       "{" + m + R"(, "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "object",
+          "properties": {"a": {"type": "string", "pattern": "x+"}}}}}})",
+       400, "response_format", "json_schema.properties.a: 'pattern' is not supported"},
+      {H, "{" + m + R"(, "response_format": {"type": "json_schema", "json_schema": {"schema": {}, "x": 1}}})",
+       400, "response_format", "unknown key 'x'"},
+      {H, "{" + m + R"(, "response_format": {"type": "yaml"}})", 400, "response_format", "\"json_schema\""},
       {C, R"({"prompt": "x", "response_format": "json"})", 400, "response_format", "expected an object"},
       {H, "{" + m + R"(, "max_completion_tokens": -1})", 400, "max_completion_tokens", "at least 1"},
   };
@@ -1289,6 +1306,26 @@ TEST(OpenAiServer, JsonModeAnswersAJsonObject) {
   const std::string text = s.body["choices"][0]["text"];
   worker::JsonPrefix prefix;
   EXPECT_TRUE(prefix.feed(text)) << text;
+  // Structured output: an instance of the schema (its one required key, a value of its enum).
+  int32_t quote = -1;
+  for (int32_t t = 0; t < tokenizer->n_vocab() && quote < 0; ++t)
+    if (tokenizer->token_bytes(t) == "\"") quote = t;
+  const json schema = {
+      {"type", "object"}, {"properties", {{"answer", {{"enum", {"yes", "no"}}}}}}, {"required", {"answer"}}};
+  const HttpReply structured =
+      post(service.port(), "/v1/chat/completions",
+           json{{"messages", {{{"role", "user"}, {"content", "Yes or no?"}}}},
+                {"max_tokens", 32},
+                {"temperature", 0},
+                {"response_format",
+                 {{"type", "json_schema"}, {"json_schema", {{"name", "a"}, {"schema", schema}}}}},
+                {"logit_bias", {{std::to_string(quote), 100}, {std::to_string(close), 80}}}}
+               .dump());
+  ASSERT_EQ(structured.status, 200) << structured.body;
+  const json answer = json::parse(structured.body["choices"][0]["message"]["content"].get<std::string>());
+  ASSERT_TRUE(answer.is_object()) << answer;
+  ASSERT_EQ(answer.size(), 1u) << answer;
+  EXPECT_TRUE(answer["answer"] == "yes" || answer["answer"] == "no") << answer;
 }
 
 // lm-evaluation-harness (its local-completions model, tokenizing with the server's /tokenizer_info and

@@ -15,6 +15,8 @@ bool is_hex(unsigned char c) { return is_digit(c) || (c >= 'a' && c <= 'f') || (
 }  // namespace
 
 bool JsonPrefix::whitespace(unsigned char c) {
+  // Following a schema, compact: one space at most (a model fond of indentation spends no tokens on it).
+  if (schema_ != nullptr && c == '\n') return false;
   if (whitespace_ == 0 && (c == ' ' || c == '\n')) {
     whitespace_ = c == ' ' ? 1 : 2;
     return true;
@@ -26,15 +28,33 @@ bool JsonPrefix::whitespace(unsigned char c) {
   return false;
 }
 
-bool JsonPrefix::open(unsigned char bracket) {
+JsonPrefix::JsonPrefix(const JsonSchema* schema) : schema_(schema) {
+  if (schema_ != nullptr) value_node_ = schema_->root();
+}
+
+uint64_t JsonPrefix::all_properties() const {
+  const size_t n = schema_->node(nodes_[depth_ - 1]).properties.size();
+  return n >= 64 ? ~uint64_t{0} : (uint64_t{1} << n) - 1;
+}
+
+bool JsonPrefix::open(unsigned char bracket, uint16_t node) {
   if (depth_ >= kMaxDepth) return false;
-  stack_[depth_++] = static_cast<char>(bracket);
+  stack_[depth_] = static_cast<char>(bracket);
+  nodes_[depth_] = node;
+  seen_[depth_] = 0;
+  ++depth_;
   state_ = bracket == '{' ? State::key_or_close : State::value_or_close;
+  if (bracket == '[')
+    value_node_ = kind_of(node) == JsonSchemaNode::Kind::array ? schema_->node(node).items : any_node();
   return true;
 }
 
 bool JsonPrefix::close(unsigned char bracket) {
   if (depth_ == 0 || stack_[depth_ - 1] != (bracket == '}' ? '{' : '[')) return false;
+  // An object closes only with every required property written.
+  if (bracket == '}' && typed_object() &&
+      (schema_->node(nodes_[depth_ - 1]).required & ~seen_[depth_ - 1]) != 0)
+    return false;
   --depth_;
   end_value();
   return true;
@@ -43,19 +63,34 @@ bool JsonPrefix::close(unsigned char bracket) {
 void JsonPrefix::end_value() { state_ = depth_ == 0 ? State::done : State::comma_or_close; }
 
 bool JsonPrefix::start_value(unsigned char c) {
-  if (c == '{' || c == '[') return open(c);
-  if (c == '"') {
+  using Kind = JsonSchemaNode::Kind;
+  const Kind kind = kind_of(value_node_);
+  if (c == '{' && (kind == Kind::any || kind == Kind::object))
+    return open(c, kind == Kind::any ? any_node() : value_node_);
+  if (c == '[' && (kind == Kind::any || kind == Kind::array))
+    return open(c, kind == Kind::any ? any_node() : value_node_);
+  if (c == '"' && (kind == Kind::any || kind == Kind::string)) {
     state_ = State::string;
     key_ = false;
     return true;
   }
-  if (c == '-' || is_digit(c)) {
+  if (c == '"' && kind == Kind::string_enum) {
+    const size_t n = schema_->node(value_node_).literals.size();
+    state_ = State::enum_match;
+    candidates_ = n >= 64 ? ~uint64_t{0} : (uint64_t{1} << n) - 1;
+    match_pos_ = 0;
+    return true;
+  }
+  if ((c == '-' || is_digit(c)) && (kind == Kind::any || kind == Kind::number || kind == Kind::integer)) {
     state_ = State::number;
     number_ = c == '-' ? Number::minus : c == '0' ? Number::zero : Number::integer;
+    integer_ = kind == Kind::integer;
+    digits_ = c == '-' ? 0 : 1;
     return true;
   }
   for (uint8_t i = 0; i < 3; ++i) {
-    if (c == static_cast<unsigned char>(kLiterals[i][0])) {
+    const bool fits = kind == Kind::any || (kind == Kind::boolean && i < 2) || (kind == Kind::null && i == 2);
+    if (fits && c == static_cast<unsigned char>(kLiterals[i][0])) {
       state_ = State::literal;
       literal_ = i;
       literal_pos_ = 1;
@@ -65,6 +100,39 @@ bool JsonPrefix::start_value(unsigned char c) {
   return false;
 }
 
+namespace {
+
+using Names = std::vector<std::pair<std::string, uint16_t>>;
+
+// The i-th of a node's properties (names) or enum values (values).
+const std::string& name_at(const std::vector<std::string>* values, const Names* names, size_t i) {
+  return values != nullptr ? (*values)[i] : (*names)[i].first;
+}
+
+// Those among `candidates` that continue with byte c at `pos`.
+uint64_t matching(const std::vector<std::string>* values, const Names* names, uint64_t candidates,
+                  uint8_t pos, unsigned char c) {
+  uint64_t out = 0;
+  const size_t n = values != nullptr ? values->size() : names->size();
+  for (size_t i = 0; i < n && i < 64; ++i) {
+    const std::string& name = name_at(values, names, i);
+    if ((candidates >> i & 1) && name.size() > pos && static_cast<unsigned char>(name[pos]) == c)
+      out |= uint64_t{1} << i;
+  }
+  return out;
+}
+
+// The one among `candidates` that ends at `pos`, or -1.
+int ending(const std::vector<std::string>* values, const Names* names, uint64_t candidates, uint8_t pos) {
+  const size_t n = values != nullptr ? values->size() : names->size();
+  for (size_t i = 0; i < n && i < 64; ++i) {
+    if ((candidates >> i & 1) && name_at(values, names, i).size() == pos) return static_cast<int>(i);
+  }
+  return -1;
+}
+
+}  // namespace
+
 bool JsonPrefix::feed(unsigned char c) {
   const JsonPrefix before = *this;
   const bool is_space = c == ' ' || c == '\t' || c == '\n' || c == '\r';
@@ -72,7 +140,7 @@ bool JsonPrefix::feed(unsigned char c) {
   bool ok = false;
   switch (state_) {
     case State::start:  // one space at most (a SentencePiece word's), so output never idles before '{'
-      ok = (whitespace_ == 0 && c == ' ' && whitespace(c)) || (c == '{' && open(c));
+      ok = (whitespace_ == 0 && c == ' ' && whitespace(c)) || (c == '{' && open(c, value_node_));
       break;
     case State::value:
       ok = whitespace(c) || start_value(c);
@@ -84,6 +152,11 @@ bool JsonPrefix::feed(unsigned char c) {
     case State::key:
       if (whitespace(c)) {
         ok = true;
+      } else if (c == '"' && typed_object()) {  // one of its properties not written yet
+        candidates_ = all_properties() & ~seen_[depth_ - 1];
+        match_pos_ = 0;
+        state_ = State::key_match;
+        ok = candidates_ != 0;
       } else if (c == '"') {
         state_ = State::string;
         key_ = true;
@@ -100,8 +173,13 @@ bool JsonPrefix::feed(unsigned char c) {
       if (whitespace(c)) {
         ok = true;
       } else if (c == ',') {
+        // An object with properties takes another key only while one is left.
+        ok = !typed_object() || (all_properties() & ~seen_[depth_ - 1]) != 0;
         state_ = stack_[depth_ - 1] == '{' ? State::key : State::value;
-        ok = true;
+        if (stack_[depth_ - 1] == '[') {
+          const uint16_t node = nodes_[depth_ - 1];
+          value_node_ = kind_of(node) == JsonSchemaNode::Kind::array ? schema_->node(node).items : any_node();
+        }
       } else {
         ok = (c == '}' || c == ']') && close(c);
       }
@@ -116,6 +194,7 @@ bool JsonPrefix::feed(unsigned char c) {
         ok = true;
         if (key_) {
           state_ = State::colon;
+          value_node_ = any_node();  // a key of an object without properties: any value
         } else {
           end_value();
         }
@@ -141,6 +220,29 @@ bool JsonPrefix::feed(unsigned char c) {
         if (c == 0xF4) utf8_high_ = 0x8F;  // nothing beyond U+10FFFF
       }
       break;
+    case State::key_match:
+    case State::enum_match: {
+      const JsonSchemaNode& node =
+          schema_->node(state_ == State::key_match ? nodes_[depth_ - 1] : value_node_);
+      const auto* values = state_ == State::enum_match ? &node.literals : nullptr;
+      const auto* names = state_ == State::key_match ? &node.properties : nullptr;
+      if (c == '"') {
+        const int i = ending(values, names, candidates_, match_pos_);
+        ok = i >= 0;
+        if (ok && state_ == State::key_match) {
+          seen_[depth_ - 1] |= uint64_t{1} << i;
+          value_node_ = node.properties[static_cast<size_t>(i)].second;
+          state_ = State::colon;
+        } else if (ok) {
+          end_value();
+        }
+      } else {
+        candidates_ = matching(values, names, candidates_, match_pos_, c);
+        ok = candidates_ != 0 && match_pos_ < JsonSchema::kMaxNameBytes;
+        ++match_pos_;
+      }
+      break;
+    }
     case State::escape:
       ok = c == '"' || c == '\\' || c == '/' || c == 'b' || c == 'f' || c == 'n' || c == 'r' || c == 't' ||
            c == 'u';
@@ -162,11 +264,12 @@ bool JsonPrefix::feed(unsigned char c) {
           ok = is_digit(c) && next(c == '0' ? Number::zero : Number::integer);
           break;
         case Number::zero:
-          ok = (c == '.' && next(Number::dot)) || ((c == 'e' || c == 'E') && next(Number::exponent));
+          ok = !integer_ &&
+               ((c == '.' && next(Number::dot)) || ((c == 'e' || c == 'E') && next(Number::exponent)));
           break;
         case Number::integer:
-          ok = is_digit(c) || (c == '.' && next(Number::dot)) ||
-               ((c == 'e' || c == 'E') && next(Number::exponent));
+          ok = is_digit(c) || (!integer_ && ((c == '.' && next(Number::dot)) ||
+                                             ((c == 'e' || c == 'E') && next(Number::exponent))));
           break;
         case Number::dot:
           ok = is_digit(c) && next(Number::fraction);
@@ -184,6 +287,13 @@ bool JsonPrefix::feed(unsigned char c) {
         case Number::exponent_digits:
           ok = is_digit(c);
           break;
+      }
+      // Following a schema, at most kMaxDigits digits in a row (an integer part, a fraction, an exponent):
+      // what an int64 or a double holds, and no endless digits from a weak model.
+      if (ok && is_digit(c)) {
+        digits_ = number_ == before.number_ ? static_cast<uint8_t>(digits_ + 1) : 1;
+        ok = schema_ == nullptr || digits_ <= kMaxDigits;
+        if (!ok) number_ = before.number_;
       }
       const bool may_end = number_ == Number::zero || number_ == Number::integer ||
                            number_ == Number::fraction || number_ == Number::exponent_digits;

@@ -1,25 +1,35 @@
 #pragma once
 // Output constrained to JSON (OpenAI's response_format {"type": "json_object"}, llama.cpp's and vLLM's
-// JSON mode): before each sampling step every token whose bytes cannot continue the text so far into a
-// JSON object is masked out, and once the object is complete only an end-of-generation token is left.
-// The check is a byte-level recognizer of JSON prefixes (RFC 8259, strict UTF-8 in strings), run on
-// each token's bytes from the current state: a copy of a few dozen bytes, no allocation.
+// JSON mode), or to a JSON schema (response_format json_schema; worker/json_schema): before each sampling
+// step every token whose bytes cannot continue the text so far into such an object is masked out, and once
+// the object is complete only an end-of-generation token is left. The check is a byte-level recognizer of
+// JSON prefixes (RFC 8259, strict UTF-8 in strings) that walks the schema's nodes as it reads, run on each
+// token's bytes from the current state: a copy of a few hundred bytes, no allocation.
 #include <cstdint>
 #include <string>
 #include <string_view>
 #include <vector>
 
 #include "model/tokenizer.hpp"
+#include "worker/json_schema.hpp"
 
 namespace nibble::worker {
 
-// Whether a byte string is a prefix of a JSON text whose value is an object; fed one byte at a time.
+// Whether a byte string is a prefix of a JSON text whose value is an object (one the schema describes,
+// when there is one); fed one byte at a time.
 class JsonPrefix {
  public:
+  JsonPrefix() = default;
+  // Following `schema` (not owned: it outlives every copy of this state); null: any JSON object.
+  explicit JsonPrefix(const JsonSchema* schema);
+
   static constexpr int kMaxDepth = 32;  // deeper nesting is refused (the stack is a fixed array)
   // Whitespace between tokens as llama.cpp's JSON grammar allows it (so output never idles on padding):
   // none, one space, or a newline and up to kMaxIndent spaces or tabs; before the object one space at most.
+  // Following a schema, compact: none or one space (as outlines' default), so a weak model does not spend
+  // its tokens on indentation.
   static constexpr int kMaxIndent = 20;
+  static constexpr int kMaxDigits = 18;  // following a schema, digits in a row in a number
 
   // Appends one byte; false (and the state unchanged) when the text would no longer be a JSON prefix.
   bool feed(unsigned char c);
@@ -40,6 +50,8 @@ class JsonPrefix {
     colon,           // ':' after a key
     comma_or_close,  // ',' or the innermost container's closing bracket
     string,          // inside a string (key_ says whether it is a key)
+    key_match,       // inside a key of an object with properties: candidates_ still match
+    enum_match,      // inside a string of an enum: candidates_ still match
     escape,          // after '\' in a string
     hex,             // in a \u escape (hex_left digits to go)
     number,          // in a number (number_ says where)
@@ -57,7 +69,17 @@ class JsonPrefix {
     exponent_digits
   };
 
-  bool open(unsigned char bracket);
+  JsonSchemaNode::Kind kind_of(uint16_t node) const {
+    return schema_ == nullptr ? JsonSchemaNode::Kind::any : schema_->node(node).kind;
+  }
+  uint16_t any_node() const { return schema_ == nullptr ? 0 : schema_->any(); }
+  // The innermost container is an object whose keys are its schema's properties.
+  bool typed_object() const {
+    return schema_ != nullptr && stack_[depth_ - 1] == '{' && !schema_->node(nodes_[depth_ - 1]).free_keys &&
+           kind_of(nodes_[depth_ - 1]) == JsonSchemaNode::Kind::object;
+  }
+  uint64_t all_properties() const;  // of the innermost typed object, a bit each
+  bool open(unsigned char bracket, uint16_t node);
   bool close(unsigned char bracket);
   bool start_value(unsigned char c);
   void end_value();
@@ -72,8 +94,16 @@ class JsonPrefix {
   uint8_t utf8_left_ = 0;                       // continuation bytes still due in a string
   uint8_t utf8_low_ = 0x80, utf8_high_ = 0xBF;  // the next continuation byte's range (strict UTF-8)
   uint8_t whitespace_ = 0;  // this run of whitespace: 0 none yet, 1 a space, 2 + n a newline and n indents
+  bool integer_ = false;    // the number being read is an integer's (no fraction or exponent)
+  uint8_t digits_ = 0;      // digits in a row in the number being read
   uint8_t depth_ = 0;
-  char stack_[kMaxDepth] = {};  // '{' or '[' per open container
+  uint8_t match_pos_ = 0;    // key_match, enum_match: bytes of the candidates matched
+  uint16_t value_node_ = 0;  // the schema node of the value to come
+  uint64_t candidates_ = 0;  // key_match: properties, enum_match: values, still matching (a bit each)
+  const JsonSchema* schema_ = nullptr;
+  char stack_[kMaxDepth] = {};      // '{' or '[' per open container
+  uint16_t nodes_[kMaxDepth] = {};  // ... its schema node
+  uint64_t seen_[kMaxDepth] = {};   // ... an object's properties written so far (a bit each)
 };
 
 // The constraint over a vocabulary: each token's bytes (empty for control tokens) and which tokens end

@@ -8,6 +8,7 @@
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
+#include <fstream>
 #include <iostream>
 #include <map>
 #include <memory>
@@ -311,6 +312,7 @@ Runner add_client(CLI::App& app) {
     int logprobs = 0;
     int prompt_logprobs = -1;
     std::string response_format = "text";
+    std::string json_schema_file;
     bool special = false;
     bool ignore_eos = false;
     std::string chat, system;
@@ -372,6 +374,10 @@ Runner add_client(CLI::App& app) {
                  "masked out)")
       ->check(CLI::IsMember({"text", "json_object"}))
       ->capture_default_str();
+  app.add_option("--json-schema", a->json_schema_file,
+                 "A JSON schema file: the output is an instance of it (OpenAI's response_format json_schema; "
+                 "the subset in worker/json_schema.hpp)")
+      ->check(CLI::ExistingFile);
   app.add_option("--prompt-logprobs", a->prompt_logprobs,
                  "With --json: each prompt token's log-probability after the first and this many most "
                  "likely tokens' (-1: none)")
@@ -464,6 +470,11 @@ Runner add_client(CLI::App& app) {
     request.prompt_logprobs = a->prompt_logprobs;
     request.response_format = a->response_format == "json_object" ? protocol::ResponseFormat::json_object
                                                                   : protocol::ResponseFormat::text;
+    if (!a->json_schema_file.empty()) {
+      std::ifstream in(a->json_schema_file);
+      request.json_schema.assign(std::istreambuf_iterator<char>(in), {});
+      request.response_format = protocol::ResponseFormat::json_schema;
+    }
     request.parse_special = a->special;
     request.ignore_eos = a->ignore_eos;
 

@@ -96,6 +96,7 @@ void encode_generate(const GenerateRequest& request, wire::GenerateRequest::Buil
   out.setIgnoreEos(request.ignore_eos);
   out.setPromptLogprobs(static_cast<int8_t>(std::clamp<int32_t>(request.prompt_logprobs, -128, 127)));
   out.setResponseFormat(static_cast<wire::ResponseFormat>(request.response_format));
+  out.setJsonSchema(as_text(request.json_schema));
 }
 
 void encode_final(const Final& final_msg, wire::Final::Builder out) {
@@ -186,9 +187,14 @@ GenerateRequest read_generate(wire::GenerateRequest::Reader in) {
   request.prompt_logprobs = in.getPromptLogprobs();
   // A newer client's format this build does not know is refused by name, not served as text.
   const auto format = static_cast<uint16_t>(in.getResponseFormat());
-  if (format > static_cast<uint16_t>(ResponseFormat::json_object))
+  if (format > static_cast<uint16_t>(ResponseFormat::json_schema))
     throw ProtocolError(ErrorCode::bad_request, "responseFormat: unknown format " + std::to_string(format));
   request.response_format = static_cast<ResponseFormat>(format);
+  // Checked before copying, as the stop strings.
+  if (in.getJsonSchema().size() > kMaxJsonSchemaBytes)
+    throw ProtocolError(ErrorCode::bad_request,
+                        "jsonSchema: longer than " + std::to_string(kMaxJsonSchemaBytes) + " bytes");
+  request.json_schema = to_std(in.getJsonSchema());
   auto stop = in.getStop();
   // Checked before copying so a request with a million stop strings costs nothing.
   if (stop.size() > kMaxStopStrings) {
@@ -374,6 +380,10 @@ void validate(const GenerateRequest& request) {
     if (repeated[i])
       bad_request(where + ": token " + std::to_string(s.logit_bias[i].token) + " is biased twice");
   }
+  if ((request.response_format == ResponseFormat::json_schema) == request.json_schema.empty())
+    bad_request("jsonSchema: a schema with responseFormat jsonSchema, and only then");
+  if (request.json_schema.size() > kMaxJsonSchemaBytes)
+    bad_request("jsonSchema: longer than " + std::to_string(kMaxJsonSchemaBytes) + " bytes");
   if (request.prompt_logprobs < -1 || request.prompt_logprobs > static_cast<int32_t>(kMaxLogprobs))
     bad_request("promptLogprobs: -1 (none) or 0 to " + std::to_string(kMaxLogprobs) + " top tokens, got " +
                 std::to_string(request.prompt_logprobs));

@@ -31,8 +31,10 @@ enum class ErrorCode : uint16_t {
 
 // Mirrors nibble.capnp's FinishReason.
 enum class FinishReason : uint16_t { length, eos, stop, cancelled };
-// What the output must be: free text, or a JSON object (worker/json_constraint).
-enum class ResponseFormat : uint16_t { text, json_object };
+// What the output must be: free text, a JSON object, or an instance of a JSON schema
+// (worker/json_constraint).
+enum class ResponseFormat : uint16_t { text, json_object, json_schema };
+inline constexpr size_t kMaxJsonSchemaBytes = 64 * 1024;
 
 std::string_view to_string(ErrorCode code);
 std::string_view to_string(FinishReason reason);
@@ -113,6 +115,7 @@ struct GenerateRequest {
   // logprobs reports). The whole prompt is computed (no prefix cache); max_tokens may then be 0.
   int32_t prompt_logprobs = -1;
   ResponseFormat response_format = ResponseFormat::text;
+  std::string json_schema{};  // with ResponseFormat::json_schema: the schema (worker/json_schema's subset)
 
   bool operator==(const GenerateRequest&) const = default;
 };

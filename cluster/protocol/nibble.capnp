@@ -30,6 +30,7 @@ enum ResponseFormat {
   text @0;                             # free text
   jsonObject @1;                       # a JSON object (OpenAI's response_format json_object): tokens that
                                        # cannot continue one are masked out; it ends when the object closes
+  jsonSchema @2;                       # an instance of GenerateRequest.jsonSchema, likewise
 }
 
 struct TokenBias {
@@ -62,6 +63,8 @@ struct GenerateRequest {
                                        # first (given the tokens before it) and this many most likely
                                        # tokens' there (vLLM's prompt_logprobs); then maxTokens may be 0
   responseFormat @12 :ResponseFormat;
+  jsonSchema @13 :Text;                # with responseFormat jsonSchema: the JSON schema (worker/json_schema's
+                                       # subset), at most 64 KiB
 }
 
 struct CancelRequest {

@@ -27,6 +27,7 @@ struct SequenceSampling {
   promptLogprobs @12 :Int8 = -1;       # -1: none; else the top tokens to report with each prompt
                                        # token's log-probability (the rows PlanEntry.promptTargets name)
   responseFormat @13 :Nibble.ResponseFormat;  # jsonObject: the sampling rank masks what cannot continue one
+  jsonSchema @14 :Text;                # with responseFormat jsonSchema: the schema (checked by the coordinator)
 }
 
 struct PlanEntry {

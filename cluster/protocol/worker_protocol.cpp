@@ -30,6 +30,7 @@ void write_sampling(const SequenceSampling& s, wire::SequenceSampling::Builder o
   // Out-of-range counts stay out of range (refused by the reader), not wrapped into range.
   o.setPromptLogprobs(static_cast<int8_t>(std::clamp<int32_t>(s.prompt_logprobs, -128, 127)));
   o.setResponseFormat(static_cast<wire::ResponseFormat>(s.response_format));
+  o.setJsonSchema(kj::StringPtr(s.json_schema.c_str(), s.json_schema.size()));
 }
 
 SequenceSampling read_sampling(wire::SequenceSampling::Reader s) {
@@ -40,7 +41,7 @@ SequenceSampling read_sampling(wire::SequenceSampling::Reader s) {
     throw ProtocolError(ErrorCode::malformed_message, "sequence sampling: prompt logprobs " +
                                                           std::to_string(s.getPromptLogprobs()) +
                                                           " outside -1.." + std::to_string(kMaxLogprobs));
-  if (static_cast<uint16_t>(s.getResponseFormat()) > static_cast<uint16_t>(ResponseFormat::json_object))
+  if (static_cast<uint16_t>(s.getResponseFormat()) > static_cast<uint16_t>(ResponseFormat::json_schema))
     throw ProtocolError(ErrorCode::malformed_message, "sequence sampling: unknown response format");
   if (s.getLogitBias().size() > kMaxLogitBias)
     throw ProtocolError(ErrorCode::malformed_message,
@@ -58,7 +59,8 @@ SequenceSampling read_sampling(wire::SequenceSampling::Reader s) {
                        .frequency_penalty = s.getFrequencyPenalty(),
                        .logit_bias = {},
                        .prompt_logprobs = s.getPromptLogprobs(),
-                       .response_format = static_cast<ResponseFormat>(s.getResponseFormat())};
+                       .response_format = static_cast<ResponseFormat>(s.getResponseFormat()),
+                       .json_schema = std::string(s.getJsonSchema().cStr(), s.getJsonSchema().size())};
   for (auto b : s.getLogitBias()) out.logit_bias.push_back({b.getToken(), b.getBias()});
   return out;
 }

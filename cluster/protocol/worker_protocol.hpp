@@ -28,7 +28,8 @@ struct SequenceSampling {
   // -1: none; 0..kMaxLogprobs: prompt tokens' log-probabilities (PlanEntry::prompt_targets) with this
   // many top tokens' each.
   int32_t prompt_logprobs = -1;
-  ResponseFormat response_format = ResponseFormat::text;  // json_object: masked to a JSON object
+  ResponseFormat response_format = ResponseFormat::text;  // json_object, json_schema: masked to one
+  std::string json_schema{};                              // with json_schema: the schema
   bool operator==(const SequenceSampling&) const = default;
 };
 

@@ -30,6 +30,7 @@
 #include "tests/support/test_support.hpp"
 #include "worker/generator.hpp"
 #include "worker/json_constraint.hpp"
+#include "worker/json_schema.hpp"
 #include "worker/kv_cache.hpp"
 #include "worker/llama_model.hpp"
 
@@ -735,6 +736,32 @@ Outcome run_json_output(std::span<const uint8_t> input) {
   return {true, ""};
 }
 
+// Any text as a JSON schema: compiled or refused with a message (std::invalid_argument), nothing else;
+// a compiled one walks a few texts without fault.
+Outcome run_json_schema(std::span<const uint8_t> input) {
+  std::shared_ptr<const worker::JsonSchema> schema;
+  try {
+    schema = worker::JsonSchema::compile(
+        std::string_view(reinterpret_cast<const char*>(input.data()), input.size()));
+  } catch (const std::invalid_argument& e) {
+    return {false, e.what()};
+  }
+  for (const char* text : {R"({"a": 1, "b": "x", "c": [true, null], "d": {"e": -0.5}})", "{}", R"({"a")"}) {
+    worker::JsonPrefix prefix(schema.get());
+    prefix.feed(text);
+  }
+  return {true, ""};
+}
+
+std::vector<std::vector<uint8_t>> json_schema_seeds() {
+  return {bytes_of(R"({"type": "object", "properties": {"a": {"type": "integer"}, "b": {"enum": ["x", "y"]},
+                      "c": {"type": "array", "items": {"type": "boolean"}}, "d": {"type": "object",
+                      "properties": {"e": {"type": "number"}}, "required": ["e"]}}, "required": ["a"],
+                      "additionalProperties": false, "title": "t"})"),
+          bytes_of(R"({"type": "object"})"),
+          bytes_of(R"({"properties": {"s": {"const": "k"}, "n": {"type": "null"}}})")};
+}
+
 std::vector<std::vector<uint8_t>> json_output_seeds() {
   return {bytes_of(R"({"a": [1, -2.5e+3, 0, true, false, null, {"b": "x\"\\\u00e9\n"}], "c": {}})"),
           bytes_of(" {\"\xc3\xa9\xe2\x82\xac\xf0\x9f\x98\x80\": [[], {}, \"\"]}"), bytes_of("{}")};
@@ -755,6 +782,7 @@ const std::vector<Target>& targets() {
       {"imatrix", run_imatrix, imatrix_seeds},
       {"openai_request", run_openai_request, openai_request_seeds},
       {"json_output", run_json_output, json_output_seeds},
+      {"json_schema", run_json_schema, json_schema_seeds},
   };
   return all;
 }

@@ -1,0 +1,162 @@
+#include "worker/json_schema.hpp"
+
+#include <nlohmann/json.hpp>
+#include <set>
+#include <stdexcept>
+
+namespace nibble::worker {
+
+using json = nlohmann::ordered_json;  // properties in the schema's order
+
+struct JsonSchemaCompiler {
+  JsonSchema& out;
+
+  [[noreturn]] static void refuse(const std::string& where, const std::string& what) {
+    throw std::invalid_argument(where + ": " + what);
+  }
+
+  // A string as the output writes it between its quotes (JSON-escaped, as nlohmann dumps it).
+  static std::string written(const std::string& where, const json& value) {
+    if (!value.is_string()) refuse(where, "expected a string, got " + std::string(value.type_name()));
+    const std::string dumped = value.dump();
+    const std::string inner = dumped.substr(1, dumped.size() - 2);
+    if (inner.size() > JsonSchema::kMaxNameBytes)
+      refuse(where, "longer than " + std::to_string(JsonSchema::kMaxNameBytes) + " bytes");
+    return inner;
+  }
+
+  uint16_t add(JsonSchemaNode node) {
+    if (out.nodes_.size() >= JsonSchema::kMaxNodes)
+      throw std::invalid_argument("json_schema: more than " + std::to_string(JsonSchema::kMaxNodes) +
+                                  " schemas");
+    out.nodes_.push_back(std::move(node));
+    return static_cast<uint16_t>(out.nodes_.size() - 1);
+  }
+
+  uint16_t compile(const json& schema, const std::string& where) {
+    if (schema.is_boolean() && schema.get<bool>()) return out.any_;
+    if (!schema.is_object()) refuse(where, "expected a schema object");
+    static const std::set<std::string> kIgnored = {"title",   "description", "$schema",
+                                                   "default", "examples",    "$comment"};
+    static const std::set<std::string> kKnown = {"type",  "properties", "required", "additionalProperties",
+                                                 "items", "enum",       "const"};
+    for (const auto& [key, value] : schema.items()) {
+      if (!kKnown.contains(key) && !kIgnored.contains(key)) refuse(where, "'" + key + "' is not supported");
+    }
+    const auto only = [&](std::initializer_list<const char*> allowed, const std::string& type) {
+      for (const char* key : {"properties", "required", "additionalProperties", "items", "enum", "const"}) {
+        if (!schema.contains(key)) continue;
+        bool ok = false;
+        for (const char* a : allowed) ok = ok || std::string(a) == key;
+        if (!ok) refuse(where, "'" + std::string(key) + "' does not apply to type " + type);
+      }
+    };
+    std::string type;
+    if (schema.contains("type")) {
+      if (!schema["type"].is_string())
+        refuse(where + ".type", "one type name (a list of types is not supported)");
+      type = schema["type"].get<std::string>();
+    } else if (schema.contains("enum") || schema.contains("const")) {
+      type = "string";
+    } else if (schema.contains("properties")) {
+      type = "object";
+    } else if (schema.contains("items")) {
+      type = "array";
+    } else {
+      return out.any_;
+    }
+    JsonSchemaNode node;
+    if (type == "object") {
+      only({"properties", "required", "additionalProperties"}, type);
+      node.kind = JsonSchemaNode::Kind::object;
+      if (schema.contains("additionalProperties")) {
+        const json& extra = schema["additionalProperties"];
+        if (!extra.is_boolean() || (extra.get<bool>() && schema.contains("properties")))
+          refuse(where + ".additionalProperties",
+                 "only false with properties (extra keys are not generated)");
+      }
+      if (!schema.contains("properties")) {
+        node.free_keys = true;
+        if (schema.contains("required")) refuse(where + ".required", "needs properties");
+        return add(std::move(node));
+      }
+      const json& properties = schema["properties"];
+      if (!properties.is_object()) refuse(where + ".properties", "expected an object");
+      if (properties.size() > JsonSchema::kMaxProperties)
+        refuse(where + ".properties", "more than " + std::to_string(JsonSchema::kMaxProperties));
+      if (properties.empty()) refuse(where + ".properties", "no properties (then leave it out: any keys)");
+      // Reserve this node's slot first so that nested nodes follow it.
+      const uint16_t index = add(JsonSchemaNode{});
+      for (const auto& [name, sub] : properties.items()) {
+        const std::string place = where + ".properties." + name;
+        const uint16_t child = compile(sub, place);
+        node.properties.emplace_back(written(place, json(name)), child);
+      }
+      if (schema.contains("required")) {
+        const json& required = schema["required"];
+        if (!required.is_array()) refuse(where + ".required", "expected an array of property names");
+        for (const json& name : required) {
+          if (!name.is_string()) refuse(where + ".required", "expected property names");
+          size_t i = 0;
+          while (i < node.properties.size() && node.properties[i].first != written(where, name)) ++i;
+          if (i == node.properties.size())
+            refuse(where + ".required", "'" + name.get<std::string>() + "' is not a property");
+          node.required |= uint64_t{1} << i;
+        }
+      }
+      out.nodes_[index] = std::move(node);
+      return index;
+    }
+    if (type == "array") {
+      only({"items"}, type);
+      node.kind = JsonSchemaNode::Kind::array;
+      const uint16_t index = add(JsonSchemaNode{});
+      node.items = schema.contains("items") ? compile(schema["items"], where + ".items") : out.any_;
+      out.nodes_[index] = std::move(node);
+      return index;
+    }
+    if (type == "string") {
+      only({"enum", "const"}, type);
+      if (schema.contains("enum") && schema.contains("const")) refuse(where, "both enum and const");
+      if (!schema.contains("enum") && !schema.contains("const")) {
+        node.kind = JsonSchemaNode::Kind::string;
+        return add(std::move(node));
+      }
+      node.kind = JsonSchemaNode::Kind::string_enum;
+      const json values = schema.contains("enum") ? schema["enum"] : json::array({schema["const"]});
+      const std::string place = where + (schema.contains("enum") ? ".enum" : ".const");
+      if (!values.is_array() || values.empty()) refuse(place, "expected a non-empty array of strings");
+      if (values.size() > JsonSchema::kMaxLiterals)
+        refuse(place, "more than " + std::to_string(JsonSchema::kMaxLiterals) + " values");
+      for (const json& v : values) node.literals.push_back(written(place + " (only strings)", v));
+      return add(std::move(node));
+    }
+    only({}, type);
+    if (type == "integer") {
+      node.kind = JsonSchemaNode::Kind::integer;
+    } else if (type == "number") {
+      node.kind = JsonSchemaNode::Kind::number;
+    } else if (type == "boolean") {
+      node.kind = JsonSchemaNode::Kind::boolean;
+    } else if (type == "null") {
+      node.kind = JsonSchemaNode::Kind::null;
+    } else {
+      refuse(where + ".type", "'" + type + "' is not a JSON Schema type");
+    }
+    return add(std::move(node));
+  }
+};
+
+std::shared_ptr<const JsonSchema> JsonSchema::compile(std::string_view text) {
+  const json schema = json::parse(text, nullptr, /*allow_exceptions=*/false);
+  if (schema.is_discarded()) throw std::invalid_argument("json_schema: not JSON");
+  auto out = std::make_shared<JsonSchema>();
+  JsonSchemaCompiler compiler{*out};
+  out->any_ = compiler.add(JsonSchemaNode{});
+  out->root_ = compiler.compile(schema, "json_schema");
+  if (out->node(out->root_).kind != JsonSchemaNode::Kind::object)
+    throw std::invalid_argument("json_schema: the root must be an object schema (\"type\": \"object\")");
+  return out;
+}
+
+}  // namespace nibble::worker

@@ -1,0 +1,50 @@
+#pragma once
+// The JSON schemas structured output follows (OpenAI's response_format json_schema, vLLM's guided_json,
+// llama.cpp's json_schema), compiled for the output constraint (worker/json_constraint): a table of nodes
+// the recognizer walks as it reads. The subset: "type" object (with "properties", "required",
+// "additionalProperties": false; without "properties", any keys), array ("items"), string (with "enum" or
+// "const" of strings), integer, number, boolean, null; {} or no "type": any value. Annotations ("title",
+// "description", "$schema", "default", "examples") are ignored; any other keyword is refused by name
+// rather than silently not enforced. The root is an object.
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace nibble::worker {
+
+struct JsonSchemaNode {
+  enum class Kind : uint8_t { any, object, array, string, string_enum, integer, number, boolean, null };
+  Kind kind = Kind::any;
+  // object: its properties (names as written between the quotes), in the schema's order; bit i of
+  // `required` is properties[i]'s. free_keys: no "properties", so any key with any value.
+  std::vector<std::pair<std::string, uint16_t>> properties;
+  uint64_t required = 0;
+  bool free_keys = false;
+  uint16_t items = 0;                 // array: its items' node
+  std::vector<std::string> literals;  // string_enum: each value as written between the quotes
+};
+
+class JsonSchema {
+ public:
+  static constexpr size_t kMaxProperties = 64;  // per object (a bit each)
+  static constexpr size_t kMaxLiterals = 64;    // per enum
+  static constexpr size_t kMaxNodes = 4096;
+  static constexpr size_t kMaxNameBytes = 255;  // a property name or enum value, written
+
+  // The schema in `text` (a JSON object). Throws std::invalid_argument naming the place and the problem,
+  // e.g. "json_schema.properties.age: 'minimum' is not supported".
+  static std::shared_ptr<const JsonSchema> compile(std::string_view text);
+
+  const JsonSchemaNode& node(uint16_t i) const { return nodes_[i]; }
+  uint16_t root() const { return root_; }
+  uint16_t any() const { return any_; }  // a node that takes any value
+
+ private:
+  std::vector<JsonSchemaNode> nodes_;
+  uint16_t root_ = 0, any_ = 0;
+  friend struct JsonSchemaCompiler;
+};
+
+}  // namespace nibble::worker

@@ -203,6 +203,14 @@ void Coordinator::handle_generate(const std::string& identity, const protocol::G
     }
     params.logit_bias.push_back({b.token, b.bias});
   }
+  for (const int32_t t : g.stop_token_ids) {
+    if (t >= model_.n_vocab) {
+      reply_error(identity, g.request_id, ErrorCode::bad_request,
+                  "stopTokenIds: token " + std::to_string(t) + " is outside the vocabulary of " +
+                      std::to_string(model_.n_vocab));
+      return;
+    }
+  }
   if (g.response_format == protocol::ResponseFormat::json_schema) {
     try {
       worker::JsonSchema::compile(g.json_schema);  // what the sampling worker will follow
@@ -256,12 +264,15 @@ void Coordinator::handle_generate(const std::string& identity, const protocol::G
   r.sampling.prompt_logprobs = g.prompt_logprobs;
   r.sampling.response_format = g.response_format;
   r.sampling.json_schema = g.json_schema;
+  r.sampling.min_tokens = g.min_tokens;
+  r.sampling.stop_token_ids = g.stop_token_ids;
   if (scores_prompt) r.prompt_logprobs.resize(prompt.size() - 1);
   r.score_only = g.max_tokens == 0;
   worker::CompletionLimits limits;
   limits.max_tokens = static_cast<int32_t>(g.max_tokens);
   limits.stop = g.stop;
   limits.ignore_eos = g.ignore_eos;
+  limits.stop_token_ids = g.stop_token_ids;
   r.completion = std::make_unique<worker::Completion>(tokenizer_, limits);
   r.arrived = Clock::now();
   by_id_[{identity, g.request_id}] = seq;

@@ -16,7 +16,8 @@ namespace {
 
 using nlohmann::json;
 
-// The keys each endpoint reads (OpenAI's, and vLLM's top_k, min_p, repetition_penalty and ignore_eos); any
+// The keys each endpoint reads (OpenAI's, and vLLM's top_k, min_p, repetition_penalty, ignore_eos, min_tokens
+// and stop_token_ids); any
 // other key is refused by name rather than silently ignored.
 const std::set<std::string> kCompletionKeys = {"model",
                                                "prompt",
@@ -40,6 +41,8 @@ const std::set<std::string> kCompletionKeys = {"model",
                                                "min_p",
                                                "repetition_penalty",
                                                "ignore_eos",
+                                               "min_tokens",
+                                               "stop_token_ids",
                                                "response_format"};
 const std::set<std::string> kChatKeys = {"model",
                                          "messages",
@@ -65,7 +68,9 @@ const std::set<std::string> kChatKeys = {"model",
                                          "top_k",
                                          "min_p",
                                          "repetition_penalty",
-                                         "ignore_eos"};
+                                         "ignore_eos",
+                                         "min_tokens",
+                                         "stop_token_ids"};
 
 // A field's value, or nullptr when it is absent or null (OpenAI's clients send null for "not given").
 const json* field(const json& body, const std::string& key) {
@@ -143,6 +148,18 @@ void read_sampling(const json& body, protocol::GenerateRequest& r) {
     }
   }
   r.ignore_eos = boolean(body, "ignore_eos", false);
+  const int64_t min_tokens = integer(body, "min_tokens", 0);
+  if (min_tokens < 0 || min_tokens > std::numeric_limits<uint32_t>::max())
+    throw invalid_request("min_tokens", "min_tokens: must be at least 0");
+  r.min_tokens = static_cast<uint32_t>(min_tokens);
+  if (const json* ids = field(body, "stop_token_ids")) {
+    if (!ids->is_array()) wrong_type("stop_token_ids", "an array of token ids", *ids);
+    for (const json& id : *ids) {
+      if (!id.is_number_integer() || id.get<int64_t>() < 0 || id.get<int64_t>() > INT32_MAX)
+        throw invalid_request("stop_token_ids", "stop_token_ids: token ids must be integers from 0");
+      r.stop_token_ids.push_back(static_cast<int32_t>(id.get<int64_t>()));
+    }
+  }
   if (const json* user = field(body, "user"); user != nullptr && !user->is_string())
     wrong_type("user", "a string", *user);
 }
@@ -596,6 +613,9 @@ ApiRequest parse_request(Endpoint endpoint, const std::string& text, const ApiSe
     read_chat_extras(body);
   }
   read_response_format(body, r);
+  if (r.min_tokens > r.max_tokens)
+    throw invalid_request("min_tokens", "min_tokens: " + std::to_string(r.min_tokens) + " is more than the " +
+                                            std::to_string(r.max_tokens) + " tokens at most");
   // The protocol's logprobs count is of top tokens, at least 1 whenever any logprob is asked for.
   if (api.report_logprobs) r.logprobs = std::max<uint32_t>(api.top_logprobs, 1);
   if (api.prompts.size() * api.n > settings.max_choices)

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <limits>
 #include <stdexcept>
 #include <string>
 
@@ -52,6 +53,11 @@ protocol::StepResult WorkerService::execute(const protocol::WorkerStep& step) {
     auto state = std::make_unique<SequenceState>(worker::Sampler(to_sampling_params(s)));
     state->logprobs = static_cast<int>(s.logprobs);
     state->prompt_logprobs = s.prompt_logprobs;
+    state->min_tokens = s.min_tokens;
+    state->stop_token_ids = s.stop_token_ids;
+    if (s.min_tokens > 0 && json_ == nullptr)
+      throw std::runtime_error("sequence " + std::to_string(s.seq_id) +
+                               " has min_tokens and this rank has no vocabulary to find its ends in");
     if (s.response_format != protocol::ResponseFormat::text) {
       if (json_ == nullptr)
         throw std::runtime_error("sequence " + std::to_string(s.seq_id) +
@@ -120,7 +126,8 @@ protocol::StepResult WorkerService::execute(const protocol::WorkerStep& step) {
   const bool host_logits =
       prompt_rows || std::any_of(sampled.begin(), sampled.end(), [&](const protocol::PlanEntry* e) {
         const auto it = sequences_.find(e->seq_id);
-        return it != sequences_.end() && (it->second->logprobs > 0 || it->second->json);
+        return it != sequences_.end() &&
+               (it->second->logprobs > 0 || it->second->json || it->second->holds_back_ends());
       });
   const bool argmax_only =
       !host_logits && all_sampled([](const protocol::PlanEntry&, const worker::SamplingParams& p) {
@@ -213,17 +220,25 @@ protocol::StepResult WorkerService::execute(const protocol::WorkerStep& step) {
     SequenceState& state = *it->second;
     protocol::SampledToken out{entry.seq_id, 0, {}, entry.n_draft, {}, {}};
     const size_t last_known = static_cast<size_t>(entry.start_pos) + entry.tokens.size() - entry.n_draft;
-    if (state.json) {
+    if (state.json || state.holds_back_ends()) {
       // Masked on a copy: logprobs stay the model's own distribution's.
       if (entry.n_draft != 0)
         throw std::runtime_error("step " + std::to_string(step.step_id) + " verifies drafts of sequence " +
-                                 std::to_string(entry.seq_id) + ", whose JSON output never speculates");
+                                 std::to_string(entry.seq_id) + ", whose masked output never speculates");
       masked_.assign(entry_rows, entry_rows + n_vocab);
-      json_->mask(*state.json, masked_.data(), n_vocab);
+      if (state.json) json_->mask(*state.json, masked_.data(), n_vocab);
+      if (state.holds_back_ends()) {
+        for (const int32_t t : json_->end_of_generation())
+          if (t < n_vocab) masked_[static_cast<size_t>(t)] = -std::numeric_limits<float>::infinity();
+        for (const int32_t t : state.stop_token_ids)
+          if (t < n_vocab) masked_[static_cast<size_t>(t)] = -std::numeric_limits<float>::infinity();
+      }
       out.token = state.sampler.sample(masked_.data(), n_vocab, state.history);
-      if (!json_->allows(*state.json, out.token))
-        throw std::logic_error("sampled token " + std::to_string(out.token) + " outside the JSON mask");
-      state.json->feed(json_->token_bytes(out.token));
+      if (state.json) {
+        if (!json_->allows(*state.json, out.token))
+          throw std::logic_error("sampled token " + std::to_string(out.token) + " outside the JSON mask");
+        state.json->feed(json_->token_bytes(out.token));
+      }
     } else if (entry.n_draft == 0) {
       out.token = ids_only ? argmax_[entry_row] : state.sampler.sample(entry_rows, n_vocab, state.history);
     } else {
@@ -267,16 +282,18 @@ protocol::StepResult WorkerService::execute(const protocol::WorkerStep& step) {
       for (size_t t = 0; t < out.accepted_drafts.size(); ++t) add(t, out.accepted_drafts[t]);
       add(out.accepted_drafts.size(), out.token);
     }
+    state.generated += 1 + static_cast<int64_t>(out.accepted_drafts.size());
     // The cache now holds the known tokens and the accepted drafts; rejected positions are dropped.
     state.history.resize(last_known + out.accepted_drafts.size());
     if (speculator_ != nullptr) {
       sequences.push_back(state.history);
       sequences.back().push_back(out.token);
       // The batch is every sequence in the step, also those still in their prompts (see LocalEngine).
-      // A JSON-constrained sequence never speculates (its drafts would not be masked).
-      const int k = state.json ? 0
-                               : speculator_->choose_k(entry.seq_id, state.sampler.params(),
-                                                       static_cast<int64_t>(step.entries.size()));
+      // A masked sequence never speculates (its drafts would not be masked).
+      const int k = state.json || state.holds_back_ends()
+                        ? 0
+                        : speculator_->choose_k(entry.seq_id, state.sampler.params(),
+                                                static_cast<int64_t>(step.entries.size()));
       // A stage that verifies on its GPU takes the draft's distributions where a GPU draft makes them.
       proposals.push_back(
           {entry.seq_id, sequences.back(), &state.sampler.params(), k, model_.verifies_drafts()});

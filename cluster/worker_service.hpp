@@ -35,7 +35,8 @@ class WorkerService {
   // and every sampled sequence gets its next proposals in the result.
   // json: the vocabulary's JSON-object constraint (on the sampling rank; null elsewhere): sequences with
   // response_format json_object are sampled from their logits with what cannot continue their object
-  // masked out (and never speculate). A step with such a sequence and no constraint fails.
+  // masked out (and never speculate). A step with such a sequence and no constraint fails. Its
+  // end-of-generation tokens are also what min_tokens masks (with the sequence's stop tokens).
   WorkerService(WorkerStage& stage, parallel::Communicator* pipeline, zmq::socket_t& steps,
                 zmq::socket_t* results, speculative::Speculator* speculator = nullptr,
                 std::shared_ptr<const worker::JsonConstraint> json = nullptr);
@@ -60,6 +61,11 @@ class WorkerService {
     // response_format json_object or json_schema: the output so far (and the schema it follows).
     std::optional<worker::JsonPrefix> json;
     std::shared_ptr<const worker::JsonSchema> schema;
+    // vLLM's min_tokens: end-of-generation and stop tokens masked until `generated` reaches it.
+    uint32_t min_tokens = 0;
+    std::vector<int32_t> stop_token_ids;
+    int64_t generated = 0;
+    bool holds_back_ends() const { return generated < static_cast<int64_t>(min_tokens); }
   };
 
   WorkerStage& model_;

@@ -31,6 +31,8 @@ GenerateRequest full_generate() {
   request.ignore_eos = true;
   request.prompt_logprobs = 2;
   request.response_format = ResponseFormat::json_object;
+  request.min_tokens = 3;
+  request.stop_token_ids = {2, 7};
   return request;
 }
 
@@ -338,6 +340,16 @@ TEST(ClientProtocol, SemanticViolationsNameTheField) {
          r.response_format = ResponseFormat::json_schema;
          r.json_schema.assign(kMaxJsonSchemaBytes + 1, ' ');
        }},
+      {"minTokens", [](GenerateRequest& r) { r.min_tokens = r.max_tokens + 1; }},
+      {"stopTokenIds[1]",
+       [](GenerateRequest& r) {
+         r.stop_token_ids = {5, -1};
+       }},
+      {"stopTokenIds[2]",
+       [](GenerateRequest& r) {
+         r.stop_token_ids = {5, 6, 5};
+       }},
+      {"stopTokenIds", [](GenerateRequest& r) { r.stop_token_ids.assign(kMaxStopTokenIds + 1, 1); }},
       {"promptLogprobs", [](GenerateRequest& r) { r.prompt_logprobs = kMaxLogprobs + 1; }},
       {"promptLogprobs", [](GenerateRequest& r) { r.prompt_logprobs = -2; }},
       {"promptLogprobs", [](GenerateRequest& r) { r.prompt_logprobs = 1000; }},  // beyond the wire's byte
@@ -372,6 +384,7 @@ TEST(ClientProtocol, SemanticViolationsNameTheField) {
   edge.request_id.assign(kMaxRequestIdBytes, 'x');
   edge.sampling = SamplingParams{0.0f, 0, 1.0f, 0.0f, 1e-3f, std::nullopt};
   edge.max_tokens = 1;
+  edge.min_tokens = 1;
   edge.prompt_logprobs = -1;
   EXPECT_EQ(round_trip(edge), ClientRequestMsg{edge});
   edge.response_format = ResponseFormat::json_schema;
@@ -380,6 +393,7 @@ TEST(ClientProtocol, SemanticViolationsNameTheField) {
   edge.response_format = ResponseFormat::text;
   edge.json_schema.clear();
   edge.max_tokens = 0;  // scoring the prompt alone
+  edge.min_tokens = 0;
   edge.prompt_logprobs = kMaxLogprobs;
   edge.stop.assign(kMaxStopStrings, std::string(kMaxStopStringBytes, 's'));
   EXPECT_EQ(round_trip(edge), ClientRequestMsg{edge});

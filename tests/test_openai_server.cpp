@@ -152,6 +152,11 @@ TEST(OpenAiApi, ChatFieldsBecomeAConversation) {
   EXPECT_EQ(one.top_logprobs, 0u);
   EXPECT_EQ(one.request.logprobs, 1u);
   EXPECT_EQ(one.request.response_format, protocol::ResponseFormat::text);
+  // vLLM's min_tokens and stop_token_ids.
+  const auto extra =
+      parse(Endpoint::chat_completions, {{"messages", hi}, {"min_tokens", 3}, {"stop_token_ids", {2, 9}}});
+  EXPECT_EQ(extra.request.min_tokens, 3u);
+  EXPECT_EQ(extra.request.stop_token_ids, (std::vector<int32_t>{2, 9}));
   // JSON mode, on either endpoint.
   EXPECT_EQ(
       parse(Endpoint::chat_completions, {{"messages", hi}, {"response_format", {{"type", "json_object"}}}})
@@ -291,6 +296,10 @@ TEST(OpenAiApi, RefusalsNameTheField) {
        400, "response_format", "unknown key 'x'"},
       {H, "{" + m + R"(, "response_format": {"type": "yaml"}})", 400, "response_format", "\"json_schema\""},
       {C, R"({"prompt": "x", "response_format": "json"})", 400, "response_format", "expected an object"},
+      {C, R"({"prompt": "x", "max_tokens": 4, "min_tokens": 5})", 400, "min_tokens",
+       "more than the 4 tokens"},
+      {C, R"({"prompt": "x", "min_tokens": -1})", 400, "min_tokens", "at least 0"},
+      {C, R"({"prompt": "x", "stop_token_ids": [1, "2"]})", 400, "stop_token_ids", "integers from 0"},
       {H, "{" + m + R"(, "max_completion_tokens": -1})", 400, "max_completion_tokens", "at least 1"},
   };
   for (const Case& c : cases) {

@@ -578,6 +578,52 @@ TEST_P(ServeShapes, JsonSchemaOutputIsAnInstance) {
   EXPECT_EQ(client.generate(greedy("after", kPrompts[1], 2)).tokens.size(), 2u);
 }
 
+// vLLM's stop_token_ids and min_tokens: a sampled stop token ends the request and stays in its output;
+// before min_tokens tokens no end-of-generation or stop token is sampled (the sampling worker masks them),
+// after it they are again.
+TEST_P(ServeShapes, StopTokenIdsAndMinTokensAsVllm) {
+  test::TempDir models;
+  const std::string model = make_tiny_model(models.path());
+  const std::vector<int32_t> reference = nibble_generate(model, kPrompts[0], 12).tokens;
+  ASSERT_EQ(reference.size(), 12u);
+  size_t at = 1;  // a token that does not occur before it
+  while (at < reference.size() && std::count(reference.begin(), reference.begin() + at, reference[at]) > 0)
+    ++at;
+  ASSERT_LT(at, 6u);
+  test::TempDir dir;
+  ServeJob job(dir.path(), model, GetParam().tensor, GetParam().pipeline);
+  ASSERT_TRUE(job.wait_ready()) << job.log();
+  Client client(job.endpoint());
+
+  protocol::GenerateRequest stop = greedy("stop", kPrompts[0], 12);
+  stop.stop_token_ids = {reference[at]};
+  const protocol::Final stopped = client.generate(stop);
+  EXPECT_EQ(stopped.tokens, std::vector<int32_t>(reference.begin(), reference.begin() + at + 1));
+  EXPECT_EQ(stopped.finish_reason, protocol::FinishReason::stop);
+
+  // The stop token held back until 6 tokens: the same tokens before it, another one in its place.
+  protocol::GenerateRequest held = stop;
+  held.request_id = "held";
+  held.min_tokens = 6;
+  const protocol::Final f = client.generate(held);
+  ASSERT_GT(f.tokens.size(), at);
+  EXPECT_EQ(std::vector<int32_t>(f.tokens.begin(), f.tokens.begin() + at),
+            std::vector<int32_t>(reference.begin(), reference.begin() + at));
+  EXPECT_NE(f.tokens[at], reference[at]);
+  EXPECT_GE(f.tokens.size(), 6u);
+
+  // EOS made certain: it ends the request at once, or after min_tokens tokens.
+  const auto tokenizer = model::Tokenizer::from_gguf(*model::GgufFile::open(model));
+  protocol::GenerateRequest eos = greedy("eos", kPrompts[0], 12);
+  eos.sampling.logit_bias = {{tokenizer->eos_id(), 100.0f}};
+  EXPECT_TRUE(client.generate(eos).tokens.empty());
+  eos.request_id = "eos-min";
+  eos.min_tokens = 5;
+  const protocol::Final five = client.generate(eos);
+  EXPECT_EQ(five.tokens.size(), 5u);
+  EXPECT_EQ(five.finish_reason, protocol::FinishReason::eos);
+}
+
 TEST_P(ServeShapes, FixtureModelsGreedyOutputEqualsSingleProcessGenerate) {
   NIBBLE_REQUIRE_FIXTURES(fixtures);
   for (const char* name : {"tiny-llama-f32.gguf", "tiny-llama-q8_0.gguf", "tiny-llama-q4_0.gguf"}) {

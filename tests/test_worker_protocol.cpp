@@ -11,22 +11,37 @@ WorkerStep full_step() {
   WorkerStep step;
   step.step_id = 77;
   const std::string schema = R"({"type": "object", "properties": {"a": {"enum": ["x", "y"]}}})";
-  step.new_sequences = {
-      {5,
-       0.7f,
-       40,
-       0.9f,
-       0.05f,
-       1.1f,
-       64,
-       0xABCDEFull,
-       3,
-       0.5f,
-       -0.75f,
-       {{12, 3.5f}, {2, -100.0f}},
-       4,
-       ResponseFormat::json_object},
-      {6, 0.0f, 0, 1.0f, 0.0f, 1.0f, 64, 1, 0, 0.0f, 0.0f, {}, -1, ResponseFormat::json_schema, schema}};
+  step.new_sequences = {{5,
+                         0.7f,
+                         40,
+                         0.9f,
+                         0.05f,
+                         1.1f,
+                         64,
+                         0xABCDEFull,
+                         3,
+                         0.5f,
+                         -0.75f,
+                         {{12, 3.5f}, {2, -100.0f}},
+                         4,
+                         ResponseFormat::json_object},
+                        {6,
+                         0.0f,
+                         0,
+                         1.0f,
+                         0.0f,
+                         1.0f,
+                         64,
+                         1,
+                         0,
+                         0.0f,
+                         0.0f,
+                         {},
+                         -1,
+                         ResponseFormat::json_schema,
+                         schema,
+                         4,
+                         {2, 9}}};
   step.released = {1, 2, 3};
   // The second entry follows a cached prefix of 17 tokens (the scheduler's prefix caching).
   std::vector<int32_t> prefix(17);

@@ -68,6 +68,11 @@ std::string Completion::add(int32_t token) {
     finish_ = FinishReason::stop;
     return delta;
   }
+  if (std::find(limits_.stop_token_ids.begin(), limits_.stop_token_ids.end(), token) !=
+      limits_.stop_token_ids.end()) {
+    std::string delta = end(FinishReason::stop);
+    return delta;
+  }
   const size_t hold = std::min(held_back_for_stops(candidate, limits_.stop), pending_.size());
   std::string delta = pending_.substr(0, pending_.size() - hold);
   pending_.erase(0, delta.size());

@@ -18,6 +18,8 @@ struct CompletionLimits {
   int32_t max_tokens = 128;
   std::vector<std::string> stop;
   bool ignore_eos = false;
+  // vLLM's stop_token_ids: a sampled one ends the completion ("stop"), kept in its tokens and text.
+  std::vector<int32_t> stop_token_ids{};
 };
 
 class Completion {

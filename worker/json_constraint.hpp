@@ -116,6 +116,7 @@ class JsonConstraint {
   explicit JsonConstraint(const model::Tokenizer& tokenizer);
   int64_t n_vocab() const { return static_cast<int64_t>(token_bytes_.size()); }
   const std::string& token_bytes(int32_t token) const { return token_bytes_.at(static_cast<size_t>(token)); }
+  const std::vector<int32_t>& end_of_generation() const { return end_of_generation_; }
 
   // logits: [n_vocab] (n_vocab <= token_bytes.size()); every token that cannot continue `state` gets
   // -infinity; an end-of-generation token is kept only when the object is complete, and then alone.

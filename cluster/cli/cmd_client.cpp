@@ -315,6 +315,8 @@ Runner add_client(CLI::App& app) {
     std::string json_schema_file;
     bool special = false;
     bool ignore_eos = false;
+    uint32_t min_tokens = 0;
+    std::vector<int32_t> stop_token_ids;
     std::string chat, system;
   };
   auto a = std::make_shared<Args>();
@@ -363,6 +365,12 @@ Runner add_client(CLI::App& app) {
   app.add_flag("--stream", a->stream, "Print the text as it is generated");
   app.add_flag("--json", a->json, "Print one JSON object");
   app.add_flag("--ignore-eos", a->ignore_eos, "Generate past end-of-sequence tokens, up to --max-tokens");
+  app.add_option("--min-tokens", a->min_tokens,
+                 "No end-of-sequence or stop token before this many tokens (vLLM's min_tokens)")
+      ->capture_default_str();
+  app.add_option("--stop-token-id", a->stop_token_ids,
+                 "A token id that ends the generation when sampled, kept in the output (repeatable; vLLM's "
+                 "stop_token_ids)");
   app.add_flag("--special", a->special,
                "Control tokens' texts in the prompt (</s>, <|eot_id|>, ...) become those tokens");
   app.add_option("--logprobs", a->logprobs,
@@ -477,6 +485,8 @@ Runner add_client(CLI::App& app) {
     }
     request.parse_special = a->special;
     request.ignore_eos = a->ignore_eos;
+    request.min_tokens = a->min_tokens;
+    request.stop_token_ids = a->stop_token_ids;
 
     const bool print_deltas = a->stream && !a->json;
     bool printed = false;

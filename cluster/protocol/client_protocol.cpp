@@ -97,6 +97,9 @@ void encode_generate(const GenerateRequest& request, wire::GenerateRequest::Buil
   out.setPromptLogprobs(static_cast<int8_t>(std::clamp<int32_t>(request.prompt_logprobs, -128, 127)));
   out.setResponseFormat(static_cast<wire::ResponseFormat>(request.response_format));
   out.setJsonSchema(as_text(request.json_schema));
+  out.setMinTokens(request.min_tokens);
+  fill_tokens(out.initStopTokenIds(static_cast<unsigned>(request.stop_token_ids.size())),
+              request.stop_token_ids);
 }
 
 void encode_final(const Final& final_msg, wire::Final::Builder out) {
@@ -195,6 +198,11 @@ GenerateRequest read_generate(wire::GenerateRequest::Reader in) {
     throw ProtocolError(ErrorCode::bad_request,
                         "jsonSchema: longer than " + std::to_string(kMaxJsonSchemaBytes) + " bytes");
   request.json_schema = to_std(in.getJsonSchema());
+  request.min_tokens = in.getMinTokens();
+  if (in.getStopTokenIds().size() > kMaxStopTokenIds)
+    throw ProtocolError(ErrorCode::bad_request,
+                        "stopTokenIds: more than " + std::to_string(kMaxStopTokenIds) + " tokens");
+  request.stop_token_ids = to_std(in.getStopTokenIds());
   auto stop = in.getStop();
   // Checked before copying so a request with a million stop strings costs nothing.
   if (stop.size() > kMaxStopStrings) {
@@ -380,6 +388,16 @@ void validate(const GenerateRequest& request) {
     if (repeated[i])
       bad_request(where + ": token " + std::to_string(s.logit_bias[i].token) + " is biased twice");
   }
+  if (request.stop_token_ids.size() > kMaxStopTokenIds)
+    bad_request("stopTokenIds: more than " + std::to_string(kMaxStopTokenIds) + " tokens");
+  for (size_t i = 0; i < request.stop_token_ids.size(); ++i) {
+    if (request.stop_token_ids[i] < 0) bad_request("stopTokenIds[" + std::to_string(i) + "]: negative");
+    for (size_t j = 0; j < i; ++j) {
+      if (request.stop_token_ids[j] == request.stop_token_ids[i])
+        bad_request("stopTokenIds[" + std::to_string(i) + "]: " + std::to_string(request.stop_token_ids[i]) +
+                    " twice");
+    }
+  }
   if ((request.response_format == ResponseFormat::json_schema) == request.json_schema.empty())
     bad_request("jsonSchema: a schema with responseFormat jsonSchema, and only then");
   if (request.json_schema.size() > kMaxJsonSchemaBytes)
@@ -390,6 +408,9 @@ void validate(const GenerateRequest& request) {
   // A request for the prompt's log-probabilities alone (scoring) generates nothing.
   if (request.max_tokens < 1 && request.prompt_logprobs < 0)
     bad_request("maxTokens: must be >= 1 (0 only with promptLogprobs)");
+  if (request.min_tokens > request.max_tokens)
+    bad_request("minTokens: " + std::to_string(request.min_tokens) + " is more than maxTokens " +
+                std::to_string(request.max_tokens));
   if (request.logprobs > kMaxLogprobs)
     bad_request("logprobs: at most " + std::to_string(kMaxLogprobs) + " top tokens, got " +
                 std::to_string(request.logprobs));

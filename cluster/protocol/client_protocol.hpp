@@ -35,6 +35,7 @@ enum class FinishReason : uint16_t { length, eos, stop, cancelled };
 // (worker/json_constraint).
 enum class ResponseFormat : uint16_t { text, json_object, json_schema };
 inline constexpr size_t kMaxJsonSchemaBytes = 64 * 1024;
+inline constexpr size_t kMaxStopTokenIds = 64;
 
 std::string_view to_string(ErrorCode code);
 std::string_view to_string(FinishReason reason);
@@ -116,6 +117,10 @@ struct GenerateRequest {
   int32_t prompt_logprobs = -1;
   ResponseFormat response_format = ResponseFormat::text;
   std::string json_schema{};  // with ResponseFormat::json_schema: the schema (worker/json_schema's subset)
+  // vLLM's: no end-of-generation or stop token is sampled before min_tokens tokens (<= max_tokens); a
+  // sampled stop token (distinct ids, at most kMaxStopTokenIds) ends the request and stays in its output.
+  uint32_t min_tokens = 0;
+  std::vector<int32_t> stop_token_ids{};
 
   bool operator==(const GenerateRequest&) const = default;
 };

@@ -65,6 +65,8 @@ struct GenerateRequest {
   responseFormat @12 :ResponseFormat;
   jsonSchema @13 :Text;                # with responseFormat jsonSchema: the JSON schema (worker/json_schema's
                                        # subset), at most 64 KiB
+  minTokens @14 :UInt32;               # vLLM's: no end-of-generation or stop token before this many tokens
+  stopTokenIds @15 :List(Int32);       # vLLM's: a sampled one ends the request (kept in the output); at most 64
 }
 
 struct CancelRequest {

@@ -28,6 +28,8 @@ struct SequenceSampling {
                                        # token's log-probability (the rows PlanEntry.promptTargets name)
   responseFormat @13 :Nibble.ResponseFormat;  # jsonObject: the sampling rank masks what cannot continue one
   jsonSchema @14 :Text;                # with responseFormat jsonSchema: the schema (checked by the coordinator)
+  minTokens @15 :UInt32;               # the sampling rank masks end-of-generation and stop tokens before this
+  stopTokenIds @16 :List(Int32);       # many generated tokens
 }
 
 struct PlanEntry {

@@ -31,6 +31,9 @@ void write_sampling(const SequenceSampling& s, wire::SequenceSampling::Builder o
   o.setPromptLogprobs(static_cast<int8_t>(std::clamp<int32_t>(s.prompt_logprobs, -128, 127)));
   o.setResponseFormat(static_cast<wire::ResponseFormat>(s.response_format));
   o.setJsonSchema(kj::StringPtr(s.json_schema.c_str(), s.json_schema.size()));
+  o.setMinTokens(s.min_tokens);
+  auto stop_ids = o.initStopTokenIds(static_cast<unsigned>(s.stop_token_ids.size()));
+  for (unsigned i = 0; i < s.stop_token_ids.size(); ++i) stop_ids.set(i, s.stop_token_ids[i]);
 }
 
 SequenceSampling read_sampling(wire::SequenceSampling::Reader s) {
@@ -60,7 +63,12 @@ SequenceSampling read_sampling(wire::SequenceSampling::Reader s) {
                        .logit_bias = {},
                        .prompt_logprobs = s.getPromptLogprobs(),
                        .response_format = static_cast<ResponseFormat>(s.getResponseFormat()),
-                       .json_schema = std::string(s.getJsonSchema().cStr(), s.getJsonSchema().size())};
+                       .json_schema = std::string(s.getJsonSchema().cStr(), s.getJsonSchema().size()),
+                       .min_tokens = s.getMinTokens(),
+                       .stop_token_ids = {}};
+  if (s.getStopTokenIds().size() > kMaxStopTokenIds)
+    throw ProtocolError(ErrorCode::malformed_message, "sequence sampling: too many stop tokens");
+  for (int32_t t : s.getStopTokenIds()) out.stop_token_ids.push_back(t);
   for (auto b : s.getLogitBias()) out.logit_bias.push_back({b.getToken(), b.getBias()});
   return out;
 }

@@ -30,6 +30,9 @@ struct SequenceSampling {
   int32_t prompt_logprobs = -1;
   ResponseFormat response_format = ResponseFormat::text;  // json_object, json_schema: masked to one
   std::string json_schema{};                              // with json_schema: the schema
+  // End-of-generation and these tokens are masked before min_tokens generated tokens.
+  uint32_t min_tokens = 0;
+  std::vector<int32_t> stop_token_ids{};
   bool operator==(const SequenceSampling&) const = default;
 };
 

@@ -504,6 +504,44 @@ TEST_P(ServeShapes, JsonObjectOutputIsAJsonObject) {
   EXPECT_EQ(f.tokens.back(), close);
 }
 
+// The schema of the structured-output tests, and whether a value is an instance of it.
+const std::string kRecordSchema = R"({"type": "object", "properties": {"name": {"type": "string"},
+    "age": {"type": "integer"}, "mood": {"enum": ["happy", "sad"]}, "tags": {"type": "array",
+    "items": {"type": "boolean"}}}, "required": ["name", "age"], "additionalProperties": false})";
+bool is_record(const nlohmann::json& v) {
+  bool ok = v.is_object() && v.contains("name") && v["name"].is_string() && v.contains("age") &&
+            v["age"].is_number_integer();
+  for (const auto& [key, value] : v.items()) {
+    if (key == "mood") ok = ok && (value == "happy" || value == "sad");
+    if (key == "tags") {
+      ok = ok && value.is_array();
+      for (const auto& t : value) ok = ok && t.is_boolean();
+    }
+    ok = ok && (key == "name" || key == "age" || key == "mood" || key == "tags");
+  }
+  return ok;
+}
+
+// A greedy request for a record whose output closes soon: '"' biased most (strings close at once), then
+// '}', ']' and ',', so it writes its keys and closes.
+protocol::GenerateRequest forced_record(const std::string& model, const std::string& id) {
+  const auto tokenizer = model::Tokenizer::from_gguf(*model::GgufFile::open(model));
+  protocol::GenerateRequest r = greedy(id, kPrompts[0], 60);
+  r.response_format = protocol::ResponseFormat::json_schema;
+  r.json_schema = kRecordSchema;
+  for (const auto& [bytes, bias] :
+       std::vector<std::pair<std::string, float>>{{"\"", 100}, {",", 50}, {"]", 60}, {"}", 80}}) {
+    for (int32_t t = 0; t < tokenizer->n_vocab(); ++t) {
+      if (tokenizer->token_bytes(t) == bytes) {
+        r.sampling.logit_bias.push_back({t, bias});
+        break;
+      }
+    }
+  }
+  EXPECT_EQ(r.sampling.logit_bias.size(), 4u);
+  return r;
+}
+
 // Structured output (response_format json_schema): sampled output is always a prefix of an instance of the
 // schema, and one that ends (EOS) is a whole instance: the required keys, values of their types, enum
 // values from the enum. With '"' biased most (strings close at once), then '}', ']' and ',', the output
@@ -515,29 +553,8 @@ TEST_P(ServeShapes, JsonSchemaOutputIsAnInstance) {
   ServeJob job(dir.path(), model, GetParam().tensor, GetParam().pipeline);
   ASSERT_TRUE(job.wait_ready()) << job.log();
   Client client(job.endpoint());
-  const std::string schema_text = R"({"type": "object", "properties": {"name": {"type": "string"},
-      "age": {"type": "integer"}, "mood": {"enum": ["happy", "sad"]}, "tags": {"type": "array",
-      "items": {"type": "boolean"}}}, "required": ["name", "age"], "additionalProperties": false})";
+  const std::string& schema_text = kRecordSchema;
   const auto schema = worker::JsonSchema::compile(schema_text);
-  const auto instance = [](const nlohmann::json& v) {
-    bool ok = v.is_object() && v.contains("name") && v["name"].is_string() && v.contains("age") &&
-              v["age"].is_number_integer();
-    for (const auto& [key, value] : v.items()) {
-      if (key == "mood") ok = ok && (value == "happy" || value == "sad");
-      if (key == "tags") {
-        ok = ok && value.is_array();
-        for (const auto& t : value) ok = ok && t.is_boolean();
-      }
-      ok = ok && (key == "name" || key == "age" || key == "mood" || key == "tags");
-    }
-    return ok;
-  };
-  const auto tokenizer = model::Tokenizer::from_gguf(*model::GgufFile::open(model));
-  const auto token_of = [&](const std::string& bytes) {
-    for (int32_t t = 0; t < tokenizer->n_vocab(); ++t)
-      if (tokenizer->token_bytes(t) == bytes) return t;
-    return -1;
-  };
   for (int i = 0; i < 4; ++i) {
     protocol::GenerateRequest r = greedy("schema" + std::to_string(i), kPrompts[i % 3], 40);
     r.sampling.temperature = 1.0f;
@@ -549,20 +566,13 @@ TEST_P(ServeShapes, JsonSchemaOutputIsAnInstance) {
     worker::JsonPrefix prefix(schema.get());
     EXPECT_TRUE(prefix.feed(f.text));
     if (f.finish_reason == protocol::FinishReason::eos) {
-      EXPECT_TRUE(instance(nlohmann::json::parse(f.text)));
+      EXPECT_TRUE(is_record(nlohmann::json::parse(f.text)));
     }
   }
-  protocol::GenerateRequest forced = greedy("forced", kPrompts[0], 60);
-  forced.response_format = protocol::ResponseFormat::json_schema;
-  forced.json_schema = schema_text;
-  for (const auto& [bytes, bias] :
-       std::vector<std::pair<std::string, float>>{{"\"", 100}, {",", 50}, {"]", 60}, {"}", 80}}) {
-    ASSERT_GE(token_of(bytes), 0) << bytes;
-    forced.sampling.logit_bias.push_back({token_of(bytes), bias});
-  }
+  protocol::GenerateRequest forced = forced_record(model, "forced");
   const protocol::Final f = client.generate(forced);
   EXPECT_EQ(f.finish_reason, protocol::FinishReason::eos) << f.text;
-  EXPECT_TRUE(instance(nlohmann::json::parse(f.text))) << f.text;
+  EXPECT_TRUE(is_record(nlohmann::json::parse(f.text))) << f.text;
   // A schema outside the subset is refused by name, and the service goes on.
   protocol::GenerateRequest bad = forced;
   bad.request_id = "bad";
@@ -1123,6 +1133,26 @@ TEST(Serve, CudaLogprobsAreTheModelsLogSoftmax) {
   EXPECT_EQ(f.tokens, nibble_generate(model, kPrompts[0], 12, kCudaGenerate).tokens);
   ASSERT_NO_FATAL_FAILURE(expect_logprobs_match_nibble_logits(model, f, 3, "--device cuda", 2e-2));
   ASSERT_NO_FATAL_FAILURE(expect_prompt_logprobs_match_nibble_logits(model, f, 2, "--device cuda", 2e-2));
+}
+
+// Structured output and min_tokens from a GPU worker: its logits come to the host for the mask, as on
+// the CPU (the same forced record, an instance; EOS made certain, held back for 5 tokens).
+TEST(Serve, CudaStructuredOutputAndMinTokensAsOnTheCpu) {
+  if (const std::string why = cuda_job_skip_reason(); !why.empty()) GTEST_SKIP() << why;
+  test::TempDir models;
+  const std::string model = make_tiny_model(models.path());
+  test::TempDir dir;
+  ServeJob job(dir.path(), model, 1, 1, kCudaJob);
+  ASSERT_TRUE(job.wait_ready()) << job.log();
+  Client client(job.endpoint());
+  const protocol::Final f = client.generate(forced_record(model, "record"));
+  EXPECT_EQ(f.finish_reason, protocol::FinishReason::eos) << f.text;
+  EXPECT_TRUE(is_record(nlohmann::json::parse(f.text))) << f.text;
+  const auto tokenizer = model::Tokenizer::from_gguf(*model::GgufFile::open(model));
+  protocol::GenerateRequest eos = greedy("eos", kPrompts[0], 12);
+  eos.sampling.logit_bias = {{tokenizer->eos_id(), 100.0f}};
+  eos.min_tokens = 5;
+  EXPECT_EQ(client.generate(eos).tokens.size(), 5u);
 }
 
 TEST(Serve, CudaServesLikeCudaGenerate) {

@@ -321,11 +321,13 @@ OpenAiServer::OpenAiServer(OpenAiServerOptions options) : impl_(std::make_unique
       Impl::send_error(res, e);
     }
   };
-  for (const auto& [path, answer] :
+  for (const auto& endpoint :
        {std::pair{"/tokenize", &openai::tokenize}, std::pair{"/detokenize", &openai::detokenize}}) {
-    s.http.Post(path, [&s, answer, with_tokenizer](const httplib::Request& req, httplib::Response& res) {
-      with_tokenizer(res, [&] { return answer(req.body, s.options.api); });
-    });
+    const auto answer = endpoint.second;  // a variable of its own: lambdas cannot capture structured bindings
+    s.http.Post(endpoint.first,
+                [&s, answer, with_tokenizer](const httplib::Request& req, httplib::Response& res) {
+                  with_tokenizer(res, [&] { return answer(req.body, s.options.api); });
+                });
   }
   s.http.Get("/tokenizer_info", [&s, with_tokenizer](const httplib::Request&, httplib::Response& res) {
     with_tokenizer(res, [&] { return openai::tokenizer_info(s.options.api); });

@@ -26,7 +26,7 @@ packages=(
   iproute2
   clang-format
 )
-[ "$with_tests" -eq 0 ] || packages+=(slurmctld slurmd slurm-client munge)
+[ "$with_tests" -eq 0 ] || packages+=(slurmctld slurmd slurm-client munge python3-venv)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1269,14 +1269,14 @@ TEST(OpenAiServer, ServeRefusesAnApiKeyVariableThatIsNotSet) {
 // The official `openai` Python package (PyPI) against the gateway, when this machine has it: its
 // response classes parse every answer, its error classes match the refusals (tools/openai_sdk_check.py).
 TEST(OpenAiServer, TheOpenAiPythonPackageTalksToIt) {
-  if (test::run_command("python3 -c 'import openai'").exit_code != 0)
+  if (test::run_command(test::python() + " -c 'import openai'").exit_code != 0)
     GTEST_SKIP() << "the openai Python package is not installed (pip install openai)";
   if (!fs::exists(test_jobs::mpiexec())) GTEST_SKIP() << "mpirun (" << test_jobs::mpiexec() << ") is absent";
   Service service;
   ASSERT_GT(service.port(), 0);
-  const test::CommandResult r =
-      test::run_command("python3 " + (test::source_dir() / "tools" / "openai_sdk_check.py").string() +
-                        " http://127.0.0.1:" + std::to_string(service.port()) + " tiny");
+  const test::CommandResult r = test::run_command(
+      test::python() + " " + (test::source_dir() / "tools" / "openai_sdk_check.py").string() +
+      " http://127.0.0.1:" + std::to_string(service.port()) + " tiny");
   EXPECT_EQ(r.exit_code, 0) << r.output;
   EXPECT_NE(r.output.find(" ok"), std::string::npos) << r.output;
 }
@@ -1342,7 +1342,7 @@ TEST(OpenAiServer, JsonModeAnswersAJsonObject) {
 // the continuation's prompt logprobs the ZeroMQ client gets for the same ids, split as lm-eval splits a
 // context from its continuation.
 TEST(OpenAiServer, LmEvaluationHarnessScoresThroughIt) {
-  if (test::run_command("python3 -c 'import lm_eval, aiohttp, tenacity, requests'").exit_code != 0)
+  if (test::run_command(test::python() + " -c 'import lm_eval, aiohttp, tenacity, requests'").exit_code != 0)
     GTEST_SKIP() << "lm-evaluation-harness with its API models is not installed (pip install 'lm-eval[api]')";
   if (!fs::exists(test_jobs::mpiexec())) GTEST_SKIP() << "mpirun (" << test_jobs::mpiexec() << ") is absent";
   Service service(/*with_tokenizer=*/true);
@@ -1363,7 +1363,8 @@ TEST(OpenAiServer, LmEvaluationHarnessScoresThroughIt) {
   }
   const fs::path out = dir.path() / "out";
   const test::CommandResult r = test::run_command(
-      "HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 python3 -m lm_eval --model local-completions --model_args "
+      "HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 " + test::python() +
+      " -m lm_eval --model local-completions --model_args "
       "model=tiny,base_url=http://127.0.0.1:" +
       std::to_string(service.port()) +
       "/v1/completions,tokenizer_backend=remote,num_concurrent=2,max_retries=1 --tasks nibble_mc "

@@ -183,6 +183,11 @@ std::string nibble_bin() {
 
 std::filesystem::path source_dir() { return std::filesystem::path(NIBBLE_SOURCE_DIR); }
 
+std::string python() {
+  const char* env = std::getenv("NIBBLE_PYTHON");
+  return env != nullptr && *env != '\0' ? std::string(env) : std::string("python3");
+}
+
 CommandResult run_command(const std::string& command) {
   CommandResult result;
   FILE* pipe = popen((command + " 2>&1").c_str(), "r");

@@ -25,6 +25,9 @@ std::string calibration_part();
 std::string held_out_part();
 // Path of the `nibble` binary (NIBBLE_BIN, else the one this build made).
 std::string nibble_bin();
+// The Python interpreter the tests run Python peers with (the openai package, lm-evaluation-harness):
+// NIBBLE_PYTHON (deploy/test.sh sets it to a venv holding them), else python3.
+std::string python();
 // The repository's root (where deploy/, config/ and tests/ are), from CMake: __FILE__ is no
 // guide, since compiler caches may rewrite it to a relative path.
 std::filesystem::path source_dir();

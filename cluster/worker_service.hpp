@@ -11,6 +11,7 @@
 #include <memory>
 #include <optional>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 #include <zmq.hpp>
 
@@ -50,6 +51,7 @@ class WorkerService {
 
  private:
   struct SequenceState {
+    explicit SequenceState(worker::Sampler s) : sampler(std::move(s)) {}
     worker::Sampler sampler;
     std::vector<int32_t> history;    // every token fed so far, by position (for the repetition penalty)
     std::vector<float> draft_probs;  // [proposals, n_vocab] q of the last proposals sent

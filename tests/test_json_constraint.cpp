@@ -28,6 +28,7 @@ const std::vector<std::string> kValid = {
     "{\"a\": [1, -2.5e+3, 0, 0.25, 1E-2, true, false, null, {\"b\": \"x\\\"\\\\\\u00e9\\n\"}], \"c\": {}}",
     "{\n  \"nested\": {\"deep\": [[[], {}], [\"\xc3\xa9\xe2\x82\xac\xf0\x9f\x98\x80\"]]},\n  \"n\": -0\n}\n",
     "{\"\": \"\", \"k\": [ ], \"z\" : 123456789012345678901234567890}",
+    "{\"s\": \"\\ud83d\\ude00 \\uD7FF \\uE000 \\u0000\"}",
 };
 
 TEST(JsonPrefix, ValidObjectsAreAcceptedWholeAndEveryPrefixIsIncomplete) {
@@ -62,6 +63,10 @@ TEST(JsonPrefix, RefusesTheByteAtFaultAndKeepsItsState) {
       {"{\"a\":\"\x01\"}", 6},  // control characters must be escaped
       {"{\"a\":\"\\q\"}", 7},
       {"{\"a\":\"\\u12G4\"}", 10},
+      {"{\"a\":\"\\udc00\"}", 9},          // a low surrogate alone (libFuzzer found it)
+      {"{\"a\":\"\\ud800x\"}", 12},        // a high one without its low one
+      {"{\"a\":\"\\ud800\\u0041\"}", 14},  // ... or with something else
+      {"{\"a\":\"\\ud800\\udbff\"}", 15},
       {"{\"a\":1}}", 7},
       {"{\"a\":[1,]}", 8},
       {"{\"a\":1,}", 7},
@@ -206,6 +211,12 @@ TEST(JsonConstraint, MasksWhatCannotContinueAndEndsOnlyAComplete) {
   EXPECT_EQ(kept(state), (std::vector<int32_t>{2, 5, 6, 8}));
   ASSERT_TRUE(state.feed("}"));
   EXPECT_EQ(kept(state), (std::vector<int32_t>{0, 9}));  // complete: only the ends
+  // A vocabulary with nothing that continues the output: its end is kept (with logit 0), not no token.
+  const JsonConstraint barren({"", "x"}, {0});
+  std::vector<float> row = {-5.0f, 1.0f};
+  barren.mask(JsonPrefix{}, row.data(), 2);
+  EXPECT_EQ(row[0], 0.0f);
+  EXPECT_TRUE(std::isinf(row[1]));
   // A longer logits row than the vocabulary (padded heads): the rest is masked.
   std::vector<float> padded(vocab.size() + 3, 1.0f);
   constraint.mask(JsonPrefix{}, padded.data(), static_cast<int64_t>(padded.size()));

@@ -249,9 +249,38 @@ bool JsonPrefix::feed(unsigned char c) {
       state_ = c == 'u' ? State::hex : State::string;
       hex_left_ = 4;
       break;
-    case State::hex:
+    case State::hex: {
+      // Surrogates as JSON parsers take them: a high one (D800-DBFF) only with a low one (DC00-DFFF)
+      // right after it as another \u escape, and a low one only there; decided digit by digit, so that
+      // every prefix taken can still be completed.
+      const int digit = 4 - hex_left_;
+      const bool d = c == 'd' || c == 'D';
+      const bool low_second = (c >= 'c' && c <= 'f') || (c >= 'C' && c <= 'F');
+      const bool high_second = (c >= '8' && c <= '9') || c == 'a' || c == 'b' || c == 'A' || c == 'B';
       ok = is_hex(c);
-      if (--hex_left_ == 0) state_ = State::string;
+      if (low_due_ && digit == 0) ok = ok && d;
+      if (low_due_ && digit == 1) ok = ok && low_second;
+      if (!low_due_ && digit == 1 && (hex_first_ == 'd' || hex_first_ == 'D')) {
+        ok = ok && !low_second;
+        high_ = high_second;
+      }
+      if (digit == 0) hex_first_ = static_cast<char>(c);
+      if (--hex_left_ == 0) {
+        state_ = high_ && !low_due_ ? State::low_backslash : State::string;
+        high_ = false;
+        low_due_ = false;
+      }
+      break;
+    }
+    case State::low_backslash:
+      ok = c == '\\';
+      state_ = State::low_u;
+      break;
+    case State::low_u:
+      ok = c == 'u';
+      state_ = State::hex;
+      hex_left_ = 4;
+      low_due_ = true;
       break;
     case State::number: {
       // A byte that cannot continue the number ends it where it may end, and is read after it.
@@ -373,6 +402,7 @@ void JsonConstraint::mask(const JsonPrefix& state, float* logits, int64_t n_voca
     first_byte[c] = !state.complete() && next.feed(static_cast<unsigned char>(c));
   }
   const bool in_text = state.in_string_text();
+  int64_t kept = 0;
   for (int64_t t = 0; t < n; ++t) {
     const std::string& bytes = token_bytes_[static_cast<size_t>(t)];
     const uint8_t kind = class_[static_cast<size_t>(t)];
@@ -381,6 +411,13 @@ void JsonConstraint::mask(const JsonPrefix& state, float* logits, int64_t n_voca
                              ? false
                              : (in_text && kind == kStringText) || allows(state, static_cast<int32_t>(t));
     if (!allowed) logits[t] = -std::numeric_limits<float>::infinity();
+    kept += allowed ? 1 : 0;
+  }
+  // A vocabulary with no token that continues the output (none should be: every prefix taken can be
+  // completed, but a vocabulary may lack the bytes): its end, rather than a row with nothing to sample.
+  if (kept == 0) {
+    for (const int32_t t : end_of_generation_)
+      if (t < n) logits[t] = 0.0f;
   }
   for (int64_t t = n; t < n_vocab; ++t) logits[t] = -std::numeric_limits<float>::infinity();
 }

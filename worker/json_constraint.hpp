@@ -54,6 +54,8 @@ class JsonPrefix {
     enum_match,      // inside a string of an enum: candidates_ still match
     escape,          // after '\' in a string
     hex,             // in a \u escape (hex_left digits to go)
+    low_backslash,   // after a \u escape of a high surrogate: the '\' of its low one
+    low_u,           // ... and its 'u'
     number,          // in a number (number_ says where)
     literal,         // in true / false / null (literal_, literal_pos_)
     done,            // the top-level object closed
@@ -91,6 +93,9 @@ class JsonPrefix {
   uint8_t literal_ = 0;      // index into the literals true, false, null
   uint8_t literal_pos_ = 0;  // bytes of it matched
   uint8_t hex_left_ = 0;
+  char hex_first_ = 0;                          // the \u escape's first digit
+  bool high_ = false;                           // it is a high surrogate's (D800-DBFF): a low one must follow
+  bool low_due_ = false;                        // it is the low surrogate after a high one (DC00-DFFF)
   uint8_t utf8_left_ = 0;                       // continuation bytes still due in a string
   uint8_t utf8_low_ = 0x80, utf8_high_ = 0xBF;  // the next continuation byte's range (strict UTF-8)
   uint8_t whitespace_ = 0;  // this run of whitespace: 0 none yet, 1 a space, 2 + n a newline and n indents
@@ -119,7 +124,8 @@ class JsonConstraint {
   const std::vector<int32_t>& end_of_generation() const { return end_of_generation_; }
 
   // logits: [n_vocab] (n_vocab <= token_bytes.size()); every token that cannot continue `state` gets
-  // -infinity; an end-of-generation token is kept only when the object is complete, and then alone.
+  // -infinity; an end-of-generation token is kept only when the object is complete, and then alone (or
+  // when no token of the vocabulary continues the output: the generation ends rather than sampling none).
   void mask(const JsonPrefix& state, float* logits, int64_t n_vocab) const;
   // Whether `token` may follow `state` (what mask keeps).
   bool allows(const JsonPrefix& state, int32_t token) const;

@@ -310,6 +310,14 @@ TEST(JsonSchema, CompilesTheSubsetAndRefusesTheRestByName) {
       {R"({"type": "object", "properties": {"a": {"type": "integer", "items": {}}}})",
        "'items' does not apply to type integer"},
       {"{\"type\": ", "json_schema: not JSON"},
+      {[] {  // a required chain of 33 objects: its innermost could never be written
+         std::string s = R"({"type": "object", "properties": {"a": )";
+         for (int i = 0; i < 31; ++i) s += R"({"type": "object", "properties": {"a": )";
+         s += R"({"type": "object"})";
+         for (int i = 0; i < 32; ++i) s += "}}";
+         return s;
+       }(),
+       "nested deeper than 32"},
   };
   for (const auto& [text, message] : refused) {
     try {

@@ -23,7 +23,7 @@ class JsonPrefix {
   // Following `schema` (not owned: it outlives every copy of this state); null: any JSON object.
   explicit JsonPrefix(const JsonSchema* schema);
 
-  static constexpr int kMaxDepth = 32;  // deeper nesting is refused (the stack is a fixed array)
+  static constexpr int kMaxDepth = JsonSchema::kMaxDepth;  // deeper nesting is refused (a fixed stack)
   // Whitespace between tokens as llama.cpp's JSON grammar allows it (so output never idles on padding):
   // none, one space, or a newline and up to kMaxIndent spaces or tabs; before the object one space at most.
   // Following a schema, compact: none or one space (as outlines' default), so a weak model does not spend

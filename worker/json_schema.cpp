@@ -33,7 +33,8 @@ struct JsonSchemaCompiler {
     return static_cast<uint16_t>(out.nodes_.size() - 1);
   }
 
-  uint16_t compile(const json& schema, const std::string& where) {
+  // depth: the objects and arrays around this schema's value.
+  uint16_t compile(const json& schema, const std::string& where, int depth = 0) {
     if (schema.is_boolean() && schema.get<bool>()) return out.any_;
     if (!schema.is_object()) refuse(where, "expected a schema object");
     static const std::set<std::string> kIgnored = {"title",   "description", "$schema",
@@ -66,6 +67,9 @@ struct JsonSchemaCompiler {
       return out.any_;
     }
     JsonSchemaNode node;
+    // A container nested deeper than the recognizer's stack could never be written.
+    if ((type == "object" || type == "array") && depth >= JsonSchema::kMaxDepth)
+      refuse(where, "nested deeper than " + std::to_string(JsonSchema::kMaxDepth) + " objects and arrays");
     if (type == "object") {
       only({"properties", "required", "additionalProperties"}, type);
       node.kind = JsonSchemaNode::Kind::object;
@@ -89,7 +93,7 @@ struct JsonSchemaCompiler {
       const uint16_t index = add(JsonSchemaNode{});
       for (const auto& [name, sub] : properties.items()) {
         const std::string place = where + ".properties." + name;
-        const uint16_t child = compile(sub, place);
+        const uint16_t child = compile(sub, place, depth + 1);
         node.properties.emplace_back(written(place, json(name)), child);
       }
       if (schema.contains("required")) {
@@ -111,7 +115,8 @@ struct JsonSchemaCompiler {
       only({"items"}, type);
       node.kind = JsonSchemaNode::Kind::array;
       const uint16_t index = add(JsonSchemaNode{});
-      node.items = schema.contains("items") ? compile(schema["items"], where + ".items") : out.any_;
+      node.items =
+          schema.contains("items") ? compile(schema["items"], where + ".items", depth + 1) : out.any_;
       out.nodes_[index] = std::move(node);
       return index;
     }

@@ -32,6 +32,7 @@ class JsonSchema {
   static constexpr size_t kMaxLiterals = 64;    // per enum
   static constexpr size_t kMaxNodes = 4096;
   static constexpr size_t kMaxNameBytes = 255;  // a property name or enum value, written
+  static constexpr int kMaxDepth = 32;          // objects and arrays nested (the recognizer's stack)
 
   // The schema in `text` (a JSON object). Throws std::invalid_argument naming the place and the problem,
   // e.g. "json_schema.properties.age: 'minimum' is not supported".

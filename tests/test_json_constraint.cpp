@@ -22,6 +22,24 @@ std::pair<size_t, bool> run(std::string_view text) {
   return {n, p.complete()};
 }
 
+// `edits` random edits of `text`: a byte deleted, inserted or replaced (the new ones from `alphabet`).
+void mutate(std::string& text, const std::string& alphabet, int edits, std::mt19937& rng) {
+  for (int m = 0; m < edits && !text.empty(); ++m) {
+    const size_t at = rng() % text.size();
+    const char c = alphabet[rng() % alphabet.size()];
+    switch (rng() % 3) {
+      case 0:
+        text.erase(at, 1);
+        break;
+      case 1:
+        text.insert(at, 1, c);
+        break;
+      default:
+        text[at] = c;
+    }
+  }
+}
+
 const std::vector<std::string> kValid = {
     "{}",
     " {\"a\":1}",
@@ -152,20 +170,7 @@ TEST(JsonPrefix, CompleteExactlyWhenNlohmannAcceptsAnObject) {
   int accepted = 0, refused = 0;
   for (int i = 0; i < 20000; ++i) {
     std::string text = kValid[rng() % kValid.size()];
-    for (int m = 0, edits = 1 + static_cast<int>(rng() % 3); m < edits && !text.empty(); ++m) {
-      const size_t at = rng() % text.size();
-      const char c = alphabet[rng() % alphabet.size()];
-      switch (rng() % 3) {
-        case 0:
-          text.erase(at, 1);
-          break;
-        case 1:
-          text.insert(at, 1, c);
-          break;
-        default:
-          text[at] = c;
-      }
-    }
+    mutate(text, alphabet, 1 + static_cast<int>(rng() % 3), rng);
     const auto [taken, complete] = run(text);
     bool reference = false;
     try {
@@ -410,20 +415,7 @@ TEST(JsonSchema, TextsTakenWholeAreInstances) {
     const nlohmann::json v = instance();
     std::string text = v.dump();
     ASSERT_EQ(run_schema(*schema, text), std::make_pair(text.size(), true)) << text;
-    for (int m = 0, edits = 1 + pick(2); m < edits; ++m) {
-      const size_t at = static_cast<size_t>(pick(static_cast<int>(text.size())));
-      const char c = alphabet[static_cast<size_t>(pick(static_cast<int>(alphabet.size())))];
-      switch (pick(3)) {
-        case 0:
-          text.erase(at, 1);
-          break;
-        case 1:
-          text.insert(at, 1, c);
-          break;
-        default:
-          text[at] = c;
-      }
-    }
+    mutate(text, alphabet, 1 + pick(2), rng);
     const auto [taken, complete] = run_schema(*schema, text);
     if (taken == text.size() && complete) {
       nlohmann::json parsed;

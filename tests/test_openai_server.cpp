@@ -708,6 +708,12 @@ struct Service {
 
 const std::string kPrompt = "The quick brown fox jumps over the lazy dog";
 
+// How the gateway names a token with the model's tokenizer: its bytes, or a control token's text.
+std::string token_name(const model::Tokenizer& tokenizer, int32_t id) {
+  const std::string bytes = tokenizer.token_bytes(id);
+  return bytes.empty() ? tokenizer.token_text(id) : bytes;
+}
+
 // A logprob's token name without a tokenizer.
 std::string id_name(int32_t token) { return "token_id:" + std::to_string(token); }
 
@@ -1078,10 +1084,7 @@ TEST(OpenAiServer, WithTheTokenizerLogprobsNameTokensByTheirText) {
   ASSERT_GT(service.port(), 0);
   Client client = service.client();
   const auto tokenizer = model::Tokenizer::from_gguf(*model::GgufFile::open(service.model));
-  const auto name = [&](int32_t id) {
-    const std::string bytes = tokenizer->token_bytes(id);
-    return bytes.empty() ? tokenizer->token_text(id) : bytes;
-  };
+  const auto name = [&](int32_t id) { return token_name(*tokenizer, id); };
   const std::vector<protocol::ChatMessage> hello = {{"user", "Hello there"}};
   const protocol::Final expected = client.generate(greedy(hello, 8, 2));
   const HttpReply h = post(service.port(), "/v1/chat/completions",
@@ -1124,10 +1127,8 @@ TEST(OpenAiServer, EchoWithLogprobsScoresPromptsAsLmEvalHarnessAsks) {
   ASSERT_GT(service.port(), 0);
   Client client = service.client();
   const auto tokenizer = model::Tokenizer::from_gguf(*model::GgufFile::open(service.model));
-  const auto name = [&](int32_t id) {
-    const std::string bytes = tokenizer->token_bytes(id);
-    return json::parse(openai::dump(json(bytes.empty() ? tokenizer->token_text(id) : bytes)));
-  };
+  // As the JSON carries it (a token holding part of a UTF-8 character shows U+FFFD).
+  const auto name = [&](int32_t id) { return json::parse(openai::dump(json(token_name(*tokenizer, id)))); };
   const std::vector<std::vector<int32_t>> prompts = {
       tokenizer->encode(kPrompt, true),
       tokenizer->encode("Hello there, general Kenobi. You are a bold one.", true)};

@@ -247,13 +247,30 @@ const char* kSchema = R"({
     "pos": {"type": "object", "properties": {"x": {"type": "number"}, "y": {"type": "number"}},
             "required": ["x", "y"], "additionalProperties": false},
     "extra": {},
-    "map": {"type": "object"}
+    "map": {"type": "object"},
+    "note": {"type": ["string", "null"]},
+    "count": {"type": ["integer", "number", "null"]},
+    "where": {"anyOf": [{"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+                        {"type": "null"}, {"enum": ["home", "away"]}]}
   },
   "required": ["name", "age"]
 })";
 
 // An independent reading of the schema above (nlohmann values): whether `value` is an instance of it.
 bool valid(const nlohmann::json& schema, const nlohmann::json& value) {
+  if (schema.contains("anyOf")) {
+    for (const auto& alternative : schema["anyOf"])
+      if (valid(alternative, value)) return true;
+    return false;
+  }
+  if (schema.contains("type") && schema["type"].is_array()) {
+    for (const auto& t : schema["type"]) {
+      nlohmann::json one = schema;
+      one["type"] = t;
+      if (valid(one, value)) return true;
+    }
+    return false;
+  }
   const std::string type = schema.value("type", schema.contains("enum")         ? "enum"
                                                 : schema.contains("properties") ? "object"
                                                                                 : "any");
@@ -294,7 +311,12 @@ TEST(JsonSchema, CompilesTheSubsetAndRefusesTheRestByName) {
   const auto schema = JsonSchema::compile(kSchema);
   const JsonSchemaNode& root = schema->node(schema->root());
   ASSERT_EQ(root.kind, JsonSchemaNode::Kind::object);
-  ASSERT_EQ(root.properties.size(), 10u);
+  ASSERT_EQ(root.properties.size(), 13u);
+  const JsonSchemaNode& count = schema->node(root.properties[11].second);
+  ASSERT_EQ(count.kind, JsonSchemaNode::Kind::any_of);  // integer and number merged: a number, or null
+  ASSERT_EQ(count.alternatives.size(), 2u);
+  EXPECT_EQ(schema->node(count.alternatives[0]).kind, JsonSchemaNode::Kind::number);
+  EXPECT_EQ(schema->node(count.alternatives[1]).kind, JsonSchemaNode::Kind::null);
   EXPECT_EQ(root.required, 0b11u);
   EXPECT_EQ(schema->node(root.properties[5].second).literals,
             (std::vector<std::string>{"red", "green", "gr\xc3\xbcn"}));
@@ -307,8 +329,12 @@ TEST(JsonSchema, CompilesTheSubsetAndRefusesTheRestByName) {
        "json_schema.additionalProperties: only false"},
       {R"({"type": "object", "properties": {"a": {}}, "required": ["b"]})",
        "json_schema.required: 'b' is not"},
-      {R"({"type": "object", "properties": {"a": {"type": ["string", "null"]}}})",
-       "json_schema.properties.a.type: one type name"},
+      {R"({"type": "object", "properties": {"a": {"anyOf": [{"type": "string"}, {"enum": ["x"]}]}}})",
+       "json_schema.properties.a.anyOf: two alternatives that begin alike"},
+      {R"({"type": "object", "properties": {"a": {"type": ["object", "array"], "anyOf": []}}})",
+       "json_schema.properties.a: 'type' beside anyOf"},
+      {R"({"type": "object", "properties": {"a": {"anyOf": [{}, {"type": "null"}]}}})",
+       "an alternative that takes any value"},
       {R"({"type": "object", "properties": {"a": {"enum": [1, 2]}}})", "json_schema.properties.a.enum"},
       {R"({"type": "object", "properties": {"a": {"type": "strin"}}})", "'strin' is not a JSON Schema type"},
       {R"({"type": "object", "properties": {"a": {"$ref": "#/x"}}})", "'$ref' is not supported"},
@@ -342,7 +368,10 @@ TEST(JsonSchema, TheRecognizerTakesInstancesAndRefusesTheByteThatBreaksOne) {
         std::string(
             R"({"age": -12, "name": "", "tags": ["x", "y"], "pos": {"y": 1.5, "x": -2e3}, "color": "green",)"
             R"( "ok": true, "none": null, "score": 0.5, "extra": [1, {"q": null}], "map": {"k": [true]}})"),
-        std::string("{ \"name\": \"b\", \"age\": 0, \"color\": \"gr\xc3\xbcn\" }")}) {
+        std::string("{ \"name\": \"b\", \"age\": 0, \"color\": \"gr\xc3\xbcn\" }"),
+        std::string(R"({"name":"a","age":1,"note":null,"count":2.5,"where":{"city":"Oslo"}})"),
+        std::string(R"({"name":"a","age":1,"note":"n","count":null,"where":"away"})"),
+        std::string(R"({"where":null,"count":-3,"name":"a","age":1})")}) {
     SCOPED_TRACE(text);
     ASSERT_TRUE(valid(s, nlohmann::json::parse(text)));
     EXPECT_EQ(run_schema(*schema, text), std::make_pair(text.size(), true));
@@ -360,6 +389,12 @@ TEST(JsonSchema, TheRecognizerTakesInstancesAndRefusesTheByteThatBreaksOne) {
       {R"({"name":"a","na)", 14},  // name again: only "none" starts with n now
       {R"({"pos":{"x":1})", 13},   // y is required
       {R"({"tags":[1)", 9},        // items are strings
+      {R"({"note":1)", 8},         // a string or null
+      {R"({"note":nu1)", 10},
+      {R"({"count":"1")", 9},
+      {R"({"where":{})", 10},  // the object's city is required
+      {R"({"where":"hom")", 13},
+      {R"({"where":true)", 9},
       {R"({"name":"a","age":1,"zzz")", 21},
       {R"([)", 0},
   };
@@ -381,7 +416,7 @@ TEST(JsonSchema, TheRecognizerTakesInstancesAndRefusesTheByteThatBreaksOne) {
   // Once every property is written, no ',' (no key could follow).
   const std::string all =
       R"({"name":"a","age":1,"score":1,"ok":true,"none":null,"color":"red","tags":[],"pos":{"x":1,"y":2},)"
-      R"("extra":0,"map":{})";
+      R"("extra":0,"map":{},"note":null,"count":1,"where":null)";
   EXPECT_EQ(run_schema(*schema, all + ",").first, all.size());
   EXPECT_TRUE(run_schema(*schema, all + "}").second);
 }
@@ -407,6 +442,14 @@ TEST(JsonSchema, TextsTakenWholeAreInstances) {
     if (pick(2)) v["pos"] = {{"x", pick(10)}, {"y", -pick(10) / 4.0}};
     if (pick(2)) v["extra"] = nlohmann::json::parse(R"([1, {"q": [null, "x"]}, false])");
     if (pick(2)) v["map"] = {{"k", pick(3)}};
+    if (pick(2)) v["note"] = pick(2) ? nlohmann::json(words[static_cast<size_t>(pick(5))]) : nlohmann::json();
+    if (pick(2))
+      v["count"] = pick(3) == 0 ? nlohmann::json() : pick(2) ? nlohmann::json(pick(9)) : nlohmann::json(0.5);
+    if (pick(2)) {
+      v["where"] = pick(3) == 0   ? nlohmann::json()
+                   : pick(2) == 0 ? nlohmann::json({{"city", words[static_cast<size_t>(pick(5))]}})
+                                  : nlohmann::json("home");
+    }
     return v;
   };
   const std::string alphabet = "{}[]\":,0123456789.-trufalsn xyabdemgo";

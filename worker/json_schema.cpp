@@ -25,6 +25,61 @@ struct JsonSchemaCompiler {
     return inner;
   }
 
+  // What a value of `node` begins with: '{', '[', '"', '0' (a number), 't' (a boolean), 'n' (null).
+  char first_byte_class(uint16_t node) const {
+    switch (out.nodes_[node].kind) {
+      case JsonSchemaNode::Kind::object:
+        return '{';
+      case JsonSchemaNode::Kind::array:
+        return '[';
+      case JsonSchemaNode::Kind::string:
+      case JsonSchemaNode::Kind::string_enum:
+        return '"';
+      case JsonSchemaNode::Kind::integer:
+      case JsonSchemaNode::Kind::number:
+        return '0';
+      case JsonSchemaNode::Kind::boolean:
+        return 't';
+      case JsonSchemaNode::Kind::null:
+        return 'n';
+      case JsonSchemaNode::Kind::any:
+      case JsonSchemaNode::Kind::any_of:
+        break;
+    }
+    return 0;
+  }
+
+  // A union of alternatives the first byte of a value tells apart (nested unions flattened; integer with
+  // number is a number).
+  uint16_t union_of(std::vector<uint16_t> nodes, const std::string& where) {
+    std::vector<uint16_t> flat;
+    for (const uint16_t n : nodes) {
+      if (out.nodes_[n].kind == JsonSchemaNode::Kind::any)
+        refuse(where, "an alternative that takes any value");
+      if (out.nodes_[n].kind == JsonSchemaNode::Kind::any_of) {
+        flat.insert(flat.end(), out.nodes_[n].alternatives.begin(), out.nodes_[n].alternatives.end());
+      } else {
+        flat.push_back(n);
+      }
+    }
+    JsonSchemaNode node;
+    node.kind = JsonSchemaNode::Kind::any_of;
+    for (const uint16_t n : flat) {
+      bool merged = false;
+      for (uint16_t& kept : node.alternatives) {
+        if (first_byte_class(kept) != first_byte_class(n)) continue;
+        if (first_byte_class(n) != '0')
+          refuse(where,
+                 "two alternatives that begin alike (not supported: they are told apart by the first byte)");
+        if (out.nodes_[n].kind == JsonSchemaNode::Kind::number) kept = n;  // integer or number: a number
+        merged = true;
+      }
+      if (!merged) node.alternatives.push_back(n);
+    }
+    if (node.alternatives.size() == 1) return node.alternatives[0];
+    return add(std::move(node));
+  }
+
   uint16_t add(JsonSchemaNode node) {
     if (out.nodes_.size() >= JsonSchema::kMaxNodes)
       throw std::invalid_argument("json_schema: more than " + std::to_string(JsonSchema::kMaxNodes) +
@@ -40,7 +95,7 @@ struct JsonSchemaCompiler {
     static const std::set<std::string> kIgnored = {"title",   "description", "$schema",
                                                    "default", "examples",    "$comment"};
     static const std::set<std::string> kKnown = {"type",  "properties", "required", "additionalProperties",
-                                                 "items", "enum",       "const"};
+                                                 "items", "enum",       "const",    "anyOf"};
     for (const auto& [key, value] : schema.items()) {
       if (!kKnown.contains(key) && !kIgnored.contains(key)) refuse(where, "'" + key + "' is not supported");
     }
@@ -52,10 +107,42 @@ struct JsonSchemaCompiler {
         if (!ok) refuse(where, "'" + std::string(key) + "' does not apply to type " + type);
       }
     };
+    if (schema.contains("anyOf")) {
+      for (const auto& [key, value] : schema.items()) {
+        if (key != "anyOf" && kKnown.contains(key)) refuse(where, "'" + key + "' beside anyOf");
+      }
+      const json& alternatives = schema["anyOf"];
+      if (!alternatives.is_array() || alternatives.empty())
+        refuse(where + ".anyOf", "expected a non-empty array");
+      std::vector<uint16_t> nodes;
+      for (size_t i = 0; i < alternatives.size(); ++i)
+        nodes.push_back(compile(alternatives[i], where + ".anyOf[" + std::to_string(i) + "]", depth));
+      return union_of(std::move(nodes), where + ".anyOf");
+    }
     std::string type;
+    if (schema.contains("type") && schema["type"].is_array()) {
+      // A list of types: one alternative per type, each with the keywords that apply to it.
+      const json& types = schema["type"];
+      if (types.empty()) refuse(where + ".type", "an empty list of types");
+      std::vector<uint16_t> nodes;
+      for (const json& t : types) {
+        if (!t.is_string()) refuse(where + ".type", "expected type names");
+        json one = schema;
+        one["type"] = t;
+        const std::string name = t.get<std::string>();
+        for (const char* key : {"properties", "required", "additionalProperties"})
+          if (name != "object") one.erase(key);
+        if (name != "array") one.erase("items");
+        if (name != "string") {
+          one.erase("enum");
+          one.erase("const");
+        }
+        nodes.push_back(compile(one, where, depth));
+      }
+      return union_of(std::move(nodes), where + ".type");
+    }
     if (schema.contains("type")) {
-      if (!schema["type"].is_string())
-        refuse(where + ".type", "one type name (a list of types is not supported)");
+      if (!schema["type"].is_string()) refuse(where + ".type", "a type name or a list of them");
       type = schema["type"].get<std::string>();
     } else if (schema.contains("enum") || schema.contains("const")) {
       type = "string";

@@ -5,7 +5,10 @@
 // "additionalProperties": false; without "properties", any keys), array ("items"), string (with "enum" or
 // "const" of strings), integer, number, boolean, null; {} or no "type": any value. Annotations ("title",
 // "description", "$schema", "default", "examples") are ignored; any other keyword is refused by name
-// rather than silently not enforced. The root is an object.
+// rather than silently not enforced. The root is an object. Unions ("type": [...] and "anyOf") whose
+// alternatives begin differently (an object, an array, a string, a number, a boolean, null: told apart
+// by the value's first byte; integer and number together are a number), as OpenAI's nullable fields
+// ("type": ["string", "null"]) are.
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -15,15 +18,27 @@
 namespace nibble::worker {
 
 struct JsonSchemaNode {
-  enum class Kind : uint8_t { any, object, array, string, string_enum, integer, number, boolean, null };
+  enum class Kind : uint8_t {
+    any,
+    object,
+    array,
+    string,
+    string_enum,
+    integer,
+    number,
+    boolean,
+    null,
+    any_of
+  };
   Kind kind = Kind::any;
   // object: its properties (names as written between the quotes), in the schema's order; bit i of
   // `required` is properties[i]'s. free_keys: no "properties", so any key with any value.
   std::vector<std::pair<std::string, uint16_t>> properties;
   uint64_t required = 0;
   bool free_keys = false;
-  uint16_t items = 0;                 // array: its items' node
-  std::vector<std::string> literals;  // string_enum: each value as written between the quotes
+  uint16_t items = 0;                  // array: its items' node
+  std::vector<std::string> literals;   // string_enum: each value as written between the quotes
+  std::vector<uint16_t> alternatives;  // any_of: nodes that each begin with other bytes
 };
 
 class JsonSchema {

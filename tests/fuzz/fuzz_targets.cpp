@@ -759,7 +759,10 @@ std::vector<std::vector<uint8_t>> json_schema_seeds() {
                       "properties": {"e": {"type": "number"}}, "required": ["e"]}}, "required": ["a"],
                       "additionalProperties": false, "title": "t"})"),
           bytes_of(R"({"type": "object"})"),
-          bytes_of(R"({"properties": {"s": {"const": "k"}, "n": {"type": "null"}}})")};
+          bytes_of(R"({"properties": {"s": {"const": "k"}, "n": {"type": "null"}}})"),
+          bytes_of(R"({"type": "object", "properties": {"u": {"type": ["string", "integer", "null"]},
+                      "v": {"anyOf": [{"type": "object", "properties": {"w": {"type": "boolean"}}}, {"type": "null"},
+                      {"type": "array", "items": {"type": "number"}}]}}})")};
 }
 
 std::vector<std::vector<uint8_t>> json_output_seeds() {

@@ -79,7 +79,8 @@ protocol::StepResult WorkerService::execute(const protocol::WorkerStep& step) {
   batch.max_blocks_per_seq = step.max_blocks_per_seq;
   std::vector<const protocol::PlanEntry*> sampled;
   std::vector<size_t> sample_row;  // per sampled entry: its first logit row
-  bool prompt_rows = false;        // some entry wants its prompt tokens' log-probabilities
+  // Entries that want their prompt tokens' log-probabilities, with their first logit row.
+  std::vector<std::pair<const protocol::PlanEntry*, size_t>> prompt_entries;
   for (const protocol::PlanEntry& entry : step.entries) {
     if (const auto it = sequences_.find(entry.seq_id); it != sequences_.end()) {
       // The history is every token fed at positions 0..last: prompt and generated tokens alike (a
@@ -92,7 +93,7 @@ protocol::StepResult WorkerService::execute(const protocol::WorkerStep& step) {
     // A sampling entry wants the logits after its last known token and after each draft proposal.
     // An entry with prompt targets also wants the logits of its first rows (its prompt tokens').
     const auto targets = static_cast<int32_t>(entry.prompt_targets.size());
-    prompt_rows = prompt_rows || targets > 0;
+    if (targets > 0) prompt_entries.emplace_back(&entry, batch.logit_rows.size());
     batch.add_sequence(entry.tokens, entry.start_pos, entry.table_row, entry.sample ? entry.n_draft + 1 : 0,
                        targets);
     if (entry.sample) {
@@ -121,14 +122,14 @@ protocol::StepResult WorkerService::execute(const protocol::WorkerStep& step) {
              return it != sequences_.end() && pred(*e, it->second->sampler.params());
            });
   };
-  // Rows whose log-probabilities are asked for, or whose output is constrained to JSON, need their
+  // Rows whose log-probabilities are asked for, or whose output is masked (JSON, min_tokens), need their
   // logits here: such a step takes the host path.
-  const bool host_logits =
-      prompt_rows || std::any_of(sampled.begin(), sampled.end(), [&](const protocol::PlanEntry* e) {
-        const auto it = sequences_.find(e->seq_id);
-        return it != sequences_.end() &&
-               (it->second->logprobs > 0 || it->second->json || it->second->holds_back_ends());
-      });
+  const bool host_logits = !prompt_entries.empty() ||
+                           std::any_of(sampled.begin(), sampled.end(), [&](const protocol::PlanEntry* e) {
+                             const auto it = sequences_.find(e->seq_id);
+                             return it != sequences_.end() && (it->second->logprobs > 0 || it->second->json ||
+                                                               it->second->holds_back_ends());
+                           });
   const bool argmax_only =
       !host_logits && all_sampled([](const protocol::PlanEntry&, const worker::SamplingParams& p) {
         return p.temperature <= 0.0f && !worker::adjusts_logits(p);
@@ -187,23 +188,19 @@ protocol::StepResult WorkerService::execute(const protocol::WorkerStep& step) {
   if (!samples) return result;
   const int64_t n_vocab_rows = !ids_only && !verify_on_model ? n_vocab : 0;  // host logits: a row's stride
   // Prompt tokens' log-probabilities: an entry's first rows, each of the token after it.
-  size_t first_row = 0;
-  for (const protocol::PlanEntry& entry : step.entries) {
-    if (!entry.prompt_targets.empty()) {
-      const auto it = sequences_.find(entry.seq_id);
-      const int top = it != sequences_.end() ? std::max(it->second->prompt_logprobs, 0) : 0;
-      protocol::PromptLogprobs& prompt = result.prompts.emplace_back();
-      prompt.seq_id = entry.seq_id;
-      prompt.start_pos = entry.start_pos;
-      for (size_t i = 0; i < entry.prompt_targets.size(); ++i) {
-        const worker::TokenLogprobs lp = worker::token_logprobs(out_.data() + (first_row + i) * n_vocab,
-                                                                n_vocab, entry.prompt_targets[i], top);
-        protocol::TokenLogprob& t = prompt.logprobs.emplace_back();
-        t.logprob = lp.logprob;
-        for (const auto& [id, value] : lp.top) t.top.push_back({id, value});
-      }
+  for (const auto& [entry, first_row] : prompt_entries) {
+    const auto it = sequences_.find(entry->seq_id);
+    const int top = it != sequences_.end() ? std::max(it->second->prompt_logprobs, 0) : 0;
+    protocol::PromptLogprobs& prompt = result.prompts.emplace_back();
+    prompt.seq_id = entry->seq_id;
+    prompt.start_pos = entry->start_pos;
+    for (size_t i = 0; i < entry->prompt_targets.size(); ++i) {
+      const worker::TokenLogprobs lp = worker::token_logprobs(out_.data() + (first_row + i) * n_vocab,
+                                                              n_vocab, entry->prompt_targets[i], top);
+      protocol::TokenLogprob& t = prompt.logprobs.emplace_back();
+      t.logprob = lp.logprob;
+      for (const auto& [id, value] : lp.top) t.top.push_back({id, value});
     }
-    first_row += entry.prompt_targets.size() + (entry.sample ? static_cast<size_t>(entry.n_draft + 1) : 0);
   }
   std::vector<speculative::ProposalRequest> proposals;
   std::vector<std::vector<int32_t>> sequences;  // tokens so far of each proposing sequence

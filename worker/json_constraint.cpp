@@ -65,23 +65,10 @@ void JsonPrefix::end_value() { state_ = depth_ == 0 ? State::done : State::comma
 bool JsonPrefix::start_value(unsigned char c) {
   using Kind = JsonSchemaNode::Kind;
   if (kind_of(value_node_) == Kind::any_of) {  // the alternative this first byte begins
-    const char wanted = c == '{'                    ? '{'
-                        : c == '['                  ? '['
-                        : c == '"'                  ? '"'
-                        : (c == '-' || is_digit(c)) ? '0'
-                        : (c == 't' || c == 'f')    ? 't'
-                        : c == 'n'                  ? 'n'
-                                                    : 0;
+    const char wanted = begins_with(c);
     for (const uint16_t alternative : schema_->node(value_node_).alternatives) {
-      const Kind k = kind_of(alternative);
-      const char begins = k == Kind::object                               ? '{'
-                          : k == Kind::array                              ? '['
-                          : (k == Kind::string || k == Kind::string_enum) ? '"'
-                          : (k == Kind::integer || k == Kind::number)     ? '0'
-                          : k == Kind::boolean                            ? 't'
-                          : k == Kind::null                               ? 'n'
-                                                                          : 1;
-      if (begins == wanted) {
+      const char begins = begins_with(kind_of(alternative));
+      if (wanted != 0 && begins == wanted) {
         value_node_ = alternative;
         return start_value(c);
       }

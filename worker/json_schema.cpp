@@ -8,6 +8,36 @@ namespace nibble::worker {
 
 using json = nlohmann::ordered_json;  // properties in the schema's order
 
+char begins_with(JsonSchemaNode::Kind kind) {
+  switch (kind) {
+    case JsonSchemaNode::Kind::object:
+      return '{';
+    case JsonSchemaNode::Kind::array:
+      return '[';
+    case JsonSchemaNode::Kind::string:
+    case JsonSchemaNode::Kind::string_enum:
+      return '"';
+    case JsonSchemaNode::Kind::integer:
+    case JsonSchemaNode::Kind::number:
+      return '0';
+    case JsonSchemaNode::Kind::boolean:
+      return 't';
+    case JsonSchemaNode::Kind::null:
+      return 'n';
+    case JsonSchemaNode::Kind::any:
+    case JsonSchemaNode::Kind::any_of:
+      break;
+  }
+  return 0;
+}
+
+char begins_with(unsigned char c) {
+  if (c == '{' || c == '[' || c == '"' || c == 'n') return static_cast<char>(c);
+  if (c == '-' || (c >= '0' && c <= '9')) return '0';
+  if (c == 't' || c == 'f') return 't';
+  return 0;
+}
+
 struct JsonSchemaCompiler {
   JsonSchema& out;
 
@@ -25,29 +55,7 @@ struct JsonSchemaCompiler {
     return inner;
   }
 
-  // What a value of `node` begins with: '{', '[', '"', '0' (a number), 't' (a boolean), 'n' (null).
-  char first_byte_class(uint16_t node) const {
-    switch (out.nodes_[node].kind) {
-      case JsonSchemaNode::Kind::object:
-        return '{';
-      case JsonSchemaNode::Kind::array:
-        return '[';
-      case JsonSchemaNode::Kind::string:
-      case JsonSchemaNode::Kind::string_enum:
-        return '"';
-      case JsonSchemaNode::Kind::integer:
-      case JsonSchemaNode::Kind::number:
-        return '0';
-      case JsonSchemaNode::Kind::boolean:
-        return 't';
-      case JsonSchemaNode::Kind::null:
-        return 'n';
-      case JsonSchemaNode::Kind::any:
-      case JsonSchemaNode::Kind::any_of:
-        break;
-    }
-    return 0;
-  }
+  char first_byte_class(uint16_t node) const { return begins_with(out.nodes_[node].kind); }
 
   // A union of alternatives the first byte of a value tells apart (nested unions flattened; integer with
   // number is a number).

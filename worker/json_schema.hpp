@@ -41,6 +41,12 @@ struct JsonSchemaNode {
   std::vector<uint16_t> alternatives;  // any_of: nodes that each begin with other bytes
 };
 
+// How a value of a node of `kind` begins, and how a value whose first byte is `c` does: '{', '[', '"',
+// '0' (a number), 't' (a boolean), 'n' (null); 0 for any / any_of and for a byte no value begins with.
+// Unions' alternatives are told apart by it.
+char begins_with(JsonSchemaNode::Kind kind);
+char begins_with(unsigned char c);
+
 class JsonSchema {
  public:
   static constexpr size_t kMaxProperties = 64;  // per object (a bit each)

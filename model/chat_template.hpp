@@ -11,9 +11,20 @@
 
 namespace nibble::model {
 
+// A function call an assistant's turn made (OpenAI's tool_calls): arguments is a JSON object's text.
+struct ToolCall {
+  std::string id;
+  std::string name;
+  std::string arguments;
+  bool operator==(const ToolCall&) const = default;
+};
+
 struct ChatMessage {
-  std::string role;  // "system", "user", "assistant" (other roles are written as given where the format does)
+  std::string
+      role;  // "system", "user", "assistant", "tool" (others are written as given where the format does)
   std::string content;
+  // An assistant's calls (model/tool_calls writes them; format_chat's formats have no place for them).
+  std::vector<ToolCall> tool_calls{};
   bool operator==(const ChatMessage&) const = default;
 };
 

@@ -48,12 +48,10 @@ void Coordinator::request_abort() { g_abort.store(true); }
 
 Coordinator::Coordinator(const ClusterConfig& config, const model::Tokenizer& tokenizer,
                          const model::LlamaConfig& model, const SchedulerConfig& scheduler,
-                         CoordinatorSockets sockets, std::string layout_description,
-                         std::optional<model::ChatFormat> chat_format, std::string chat_format_missing)
+                         CoordinatorSockets sockets, std::string layout_description, CoordinatorChat chat)
     : config_(config),
       tokenizer_(tokenizer),
-      chat_format_(chat_format),
-      chat_format_missing_(std::move(chat_format_missing)),
+      chat_(std::move(chat)),
       model_(model),
       scheduler_(scheduler),
       sockets_(std::move(sockets)),
@@ -158,19 +156,62 @@ void Coordinator::handle_generate(const std::string& identity, const protocol::G
     return;
   }
   std::vector<int32_t> prompt;
+  // A required call is an instance of the call schema its tools give.
+  protocol::ResponseFormat response_format = g.response_format;
+  std::string json_schema = g.json_schema;
+  const model::ToolPrompt* answer_tools = nullptr;
   if (const auto* text = std::get_if<std::string>(&g.prompt)) {
     prompt = tokenizer_.encode(*text, tokenizer_.add_bos_default(), g.parse_special);
   } else if (const auto* messages = std::get_if<std::vector<protocol::ChatMessage>>(&g.prompt)) {
-    if (!chat_format_) {
-      reply_error(identity, g.request_id, ErrorCode::bad_request, "prompt.messages: " + chat_format_missing_);
+    if (!chat_.format) {
+      reply_error(identity, g.request_id, ErrorCode::bad_request, "prompt.messages: " + chat_.missing);
       return;
     }
     std::vector<model::ChatMessage> chat;
-    for (const protocol::ChatMessage& m : *messages) chat.push_back({m.role, m.content});
+    bool tool_turns = false;
+    for (const protocol::ChatMessage& m : *messages) {
+      model::ChatMessage message{m.role, m.content};
+      for (const protocol::ToolCall& c : m.tool_calls)
+        message.tool_calls.push_back({c.id, c.name, c.arguments});
+      tool_turns = tool_turns || !m.tool_calls.empty() || m.role == "tool";
+      chat.push_back(std::move(message));
+    }
+    std::string formatted;
+    if (g.tools.empty() && !tool_turns) {
+      formatted = model::format_chat(*chat_.format, chat, /*add_assistant=*/true);
+    } else if (!chat_.tools) {
+      reply_error(identity, g.request_id, ErrorCode::bad_request,
+                  std::string(g.tools.empty() ? "prompt.messages: tool calls and results" : "tools") +
+                      ": the chat format " + model::chat_format_name(*chat_.format) +
+                      " has no function-calling form in Nibble (llama3 and chatml have)");
+      return;
+    } else {
+      try {
+        const std::vector<model::ToolDefinition> tools =
+            g.tools.empty() ? std::vector<model::ToolDefinition>{} : model::parse_tools(g.tools);
+        formatted = model::format_chat_with_tools(*chat_.tools, chat, tools, /*add_assistant=*/true);
+        if (!tools.empty() && g.tool_choice != protocol::ToolChoice::none) answer_tools = &*chat_.tools;
+        if (g.tool_choice == protocol::ToolChoice::required ||
+            g.tool_choice == protocol::ToolChoice::function) {
+          json_schema = model::required_call_schema(*chat_.tools, tools,
+                                                    g.tool_choice == protocol::ToolChoice::function
+                                                        ? std::optional(g.tool_choice_function)
+                                                        : std::nullopt);
+          response_format = protocol::ResponseFormat::json_schema;
+          worker::JsonSchema::compile(json_schema);
+        }
+      } catch (const std::invalid_argument& e) {
+        const std::string what = e.what();
+        // A function's parameters outside the structured-output subset: the schema compiler names the place.
+        reply_error(
+            identity, g.request_id, ErrorCode::bad_request,
+            what.starts_with("json_schema") ? "tools: the called function's parameters: " + what : what);
+        return;
+      }
+    }
     // The formatted text holds the template's special tokens' texts: parsed as tokens (as llama.cpp's
     // server does), BOS as the vocabulary says.
-    prompt = tokenizer_.encode(model::format_chat(*chat_format_, chat, /*add_assistant=*/true),
-                               tokenizer_.add_bos_default(), /*parse_special=*/true);
+    prompt = tokenizer_.encode(formatted, tokenizer_.add_bos_default(), /*parse_special=*/true);
   } else {
     prompt = std::get<std::vector<int32_t>>(g.prompt);
     for (int32_t id : prompt) {
@@ -213,7 +254,7 @@ void Coordinator::handle_generate(const std::string& identity, const protocol::G
   }
   if (g.response_format == protocol::ResponseFormat::json_schema) {
     try {
-      worker::JsonSchema::compile(g.json_schema);  // what the sampling worker will follow
+      worker::JsonSchema::compile(json_schema);  // what the sampling worker will follow
     } catch (const std::invalid_argument& e) {
       reply_error(identity, g.request_id, ErrorCode::bad_request, e.what());
       return;
@@ -262,8 +303,10 @@ void Coordinator::handle_generate(const std::string& identity, const protocol::G
   r.sampling = to_sequence_sampling(seq, params);
   r.sampling.logprobs = g.logprobs;
   r.sampling.prompt_logprobs = g.prompt_logprobs;
-  r.sampling.response_format = g.response_format;
-  r.sampling.json_schema = g.json_schema;
+  r.sampling.response_format = response_format;
+  r.sampling.json_schema = json_schema;
+  r.tools = answer_tools;
+  r.call_required = answer_tools != nullptr && response_format != g.response_format;
   r.sampling.min_tokens = g.min_tokens;
   r.sampling.stop_token_ids = g.stop_token_ids;
   if (scores_prompt) r.prompt_logprobs.resize(prompt.size() - 1);
@@ -380,6 +423,13 @@ void Coordinator::handle_result(const protocol::StepResult& result) {
     const std::vector<int32_t>& tokens = r.completion->tokens();
     // A stream's first Delta carries the prompt and its log-probabilities, when asked for.
     const bool prompt_news = r.sampling.prompt_logprobs >= 0 && !r.prompt_logprobs_sent;
+    // With tools, the text from where a call may start waits for the end.
+    if (r.tools != nullptr) {
+      const std::string& whole = r.completion->text();
+      const size_t streamable = model::streamable_content(*r.tools, whole, r.call_required);
+      text = streamable > r.text_streamed ? whole.substr(r.text_streamed, streamable - r.text_streamed) : "";
+      r.text_streamed = std::max(r.text_streamed, streamable);
+    }
     if (r.stream && (!text.empty() || tokens.size() > r.tokens_sent || prompt_news)) {
       protocol::Delta delta;
       delta.request_id = r.request_id;
@@ -418,6 +468,26 @@ void Coordinator::handle_result(const protocol::StepResult& result) {
     final_msg.cached_prompt_tokens = r.cached_prompt_tokens;
     final_msg.logprobs = std::move(r.logprobs);
     final_msg.prompt_logprobs = std::move(r.prompt_logprobs);
+    if (r.tools != nullptr) {
+      model::ParsedAnswer answer = model::parse_tool_calls(*r.tools, final_msg.text, r.call_required);
+      for (model::ToolCall& call : answer.calls) {
+        char id[32];
+        std::snprintf(id, sizeof id, "call_%016llx", static_cast<unsigned long long>(call_ids_()));
+        final_msg.tool_calls.push_back({id, std::move(call.name), std::move(call.arguments)});
+      }
+      if (!final_msg.tool_calls.empty()) {
+        final_msg.text = std::move(answer.content);
+        final_msg.finish_reason = protocol::FinishReason::tool_calls;
+      }
+      // A stream gets the text it was held back (the answer was not a call after all, or its text before
+      // one).
+      if (r.stream && final_msg.text.size() > r.text_streamed) {
+        protocol::Delta rest;
+        rest.request_id = r.request_id;
+        rest.text = final_msg.text.substr(r.text_streamed);
+        reply(r.identity, rest);
+      }
+    }
     reply(r.identity, final_msg);
     scheduler_.finish(sampled.seq_id);
     released_.push_back(sampled.seq_id);

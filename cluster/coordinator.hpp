@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <random>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -25,6 +26,7 @@
 #include "model/chat_template.hpp"
 #include "model/llama_config.hpp"
 #include "model/tokenizer.hpp"
+#include "model/tool_calls.hpp"
 #include "worker/completion.hpp"
 
 namespace nibble::cluster {
@@ -35,14 +37,21 @@ struct CoordinatorSockets {
   zmq::socket_t* results = nullptr;     // bound PULL the sampling worker pushes to
 };
 
+// How requests' conversations become prompts.
+struct CoordinatorChat {
+  // The model's chat format (nullopt: none Nibble writes; such requests are refused with `missing` as
+  // the reason).
+  std::optional<model::ChatFormat> format;
+  std::string missing;
+  // Its function-calling form (nullopt: requests with tools, calls or tool results are refused).
+  std::optional<model::ToolPrompt> tools;
+};
+
 class Coordinator {
  public:
-  // chat_format: how requests' conversations become prompts (nullopt: the model has none Nibble writes,
-  // such requests are refused with chat_format_missing as the reason).
   Coordinator(const ClusterConfig& config, const model::Tokenizer& tokenizer, const model::LlamaConfig& model,
               const SchedulerConfig& scheduler, CoordinatorSockets sockets, std::string layout_description,
-              std::optional<model::ChatFormat> chat_format = std::nullopt,
-              std::string chat_format_missing = "");
+              CoordinatorChat chat = {});
 
   // Serves until a shutdown request (returns 0 once every rank has been told to stop) or a failure
   // (returns 1 after failing the open requests; the workers are not told: the caller ends the job).
@@ -73,6 +82,12 @@ class Coordinator {
     size_t prompt_filled = 0;
     bool prompt_logprobs_sent = false;
     bool score_only = false;  // max_tokens 0: the prompt's log-probabilities, nothing generated
+    // With tools (and tool choice not none): the answer is read for calls at its end (call_required: it
+    // was held to one), and a stream's text is held back from where a call may start (text_streamed:
+    // the bytes of the completion's text streamed so far).
+    const model::ToolPrompt* tools = nullptr;
+    bool call_required = false;
+    size_t text_streamed = 0;
   };
 
   int serve_loop();
@@ -90,8 +105,8 @@ class Coordinator {
 
   const ClusterConfig& config_;
   const model::Tokenizer& tokenizer_;
-  std::optional<model::ChatFormat> chat_format_;
-  std::string chat_format_missing_;
+  CoordinatorChat chat_;
+  std::mt19937_64 call_ids_{std::random_device{}()};  // names the answers' calls
   model::LlamaConfig model_;
   Scheduler scheduler_;
   CoordinatorSockets sockets_;

@@ -9,6 +9,7 @@
 #include <span>
 #include <utility>
 
+#include "model/tool_calls.hpp"
 #include "worker/json_schema.hpp"
 
 namespace nibble::cluster::openai {
@@ -242,6 +243,36 @@ std::vector<decltype(protocol::GenerateRequest::prompt)> read_prompts(const json
   return prompts;
 }
 
+// An assistant message's tool_calls: [{"id", "type": "function", "function": {"name", "arguments": a JSON
+// object's text}}].
+std::vector<protocol::ToolCall> read_tool_calls(const json& message, const std::string& where) {
+  std::vector<protocol::ToolCall> calls;
+  const json* list = field(message, "tool_calls");
+  if (list == nullptr) return calls;
+  if (!list->is_array()) wrong_type(where + ".tool_calls", "an array", *list);
+  if (list->size() > protocol::kMaxToolCalls)
+    throw invalid_request("messages",
+                          where + ".tool_calls: more than " + std::to_string(protocol::kMaxToolCalls));
+  for (size_t k = 0; k < list->size(); ++k) {
+    const json& call = (*list)[k];
+    const std::string at = where + ".tool_calls[" + std::to_string(k) + "]";
+    const json* function = call.is_object() ? field(call, "function") : nullptr;
+    const json* name = function != nullptr && function->is_object() ? field(*function, "name") : nullptr;
+    const json* arguments =
+        function != nullptr && function->is_object() ? field(*function, "arguments") : nullptr;
+    if (name == nullptr || !name->is_string() || arguments == nullptr || !arguments->is_string())
+      throw invalid_request("messages", at + ": expected {\"id\", \"type\": \"function\", \"function\": "
+                                             "{\"name\": string, \"arguments\": string}}");
+    const json parsed = json::parse(arguments->get<std::string>(), nullptr, /*allow_exceptions=*/false);
+    if (!parsed.is_object())
+      throw invalid_request("messages", at + ".function.arguments: not a JSON object's text");
+    const json* call_id = field(call, "id");
+    calls.push_back({call_id != nullptr && call_id->is_string() ? call_id->get<std::string>() : "",
+                     name->get<std::string>(), arguments->get<std::string>()});
+  }
+  return calls;
+}
+
 void read_messages(const json& body, protocol::GenerateRequest& r) {
   const json* messages = field(body, "messages");
   if (messages == nullptr) throw invalid_request("messages", "messages: required");
@@ -253,17 +284,23 @@ void read_messages(const json& body, protocol::GenerateRequest& r) {
     const std::string where = "messages[" + std::to_string(i) + "]";
     if (!m.is_object()) wrong_type(where, "an object", m);
     for (const auto& [key, value] : m.items()) {
-      if (key != "role" && key != "content" && key != "name")
+      if (key != "role" && key != "content" && key != "name" && key != "tool_calls" && key != "tool_call_id")
         throw invalid_request("messages",
-                              where + ": unknown key '" + key + "' (role, content and name are read)");
+                              where + ": unknown key '" + key +
+                                  "' (role, content, name, tool_calls and tool_call_id are read)");
     }
     const json* role = field(m, "role");
     if (role == nullptr || !role->is_string() || role->get<std::string>().empty())
       throw invalid_request("messages", where + ".role: expected a non-empty string");
+    if (const json* call_id = field(m, "tool_call_id"); call_id != nullptr && !call_id->is_string())
+      wrong_type(where + ".tool_call_id", "a string", *call_id);
+    std::vector<protocol::ToolCall> calls = read_tool_calls(m, where);
     const json* content = field(m, "content");
-    if (content == nullptr) throw invalid_request("messages", where + ".content: required");
+    // An assistant's turn of calls alone has no content (OpenAI's null).
+    if (content == nullptr && calls.empty()) throw invalid_request("messages", where + ".content: required");
     std::string text;
-    if (content->is_string()) {
+    if (content == nullptr) {
+    } else if (content->is_string()) {
       text = content->get<std::string>();
     } else if (content->is_array()) {
       // Text parts joined by newlines, as vLLM joins them.
@@ -282,7 +319,7 @@ void read_messages(const json& body, protocol::GenerateRequest& r) {
     }
     // OpenAI's "developer" role is the system role of newer models; chat templates know "system".
     std::string role_name = role->get<std::string>() == "developer" ? "system" : role->get<std::string>();
-    chat.push_back({std::move(role_name), std::move(text)});
+    chat.push_back({std::move(role_name), std::move(text), std::move(calls)});
   }
   r.prompt = std::move(chat);
 }
@@ -323,16 +360,62 @@ void read_response_format(const json& body, protocol::GenerateRequest& r) {
 }
 
 // Chat's tools: only the values that ask for nothing Nibble lacks.
-void read_chat_extras(const json& body) {
-  if (const json* tools = field(body, "tools")) {
-    if (!tools->is_array()) wrong_type("tools", "an array", *tools);
-    if (!tools->empty()) throw invalid_request("tools", "tools: tool calls are not supported");
+// tools (checked here as the coordinator checks them: model/tool_calls) and tool_choice: "none", "auto",
+// "required" or {"type": "function", "function": {"name": ...}}. `text`: the body as sent, for the
+// tools' keys in the client's order (the prompt shows them so).
+void read_tools(const json& body, const std::string& text, protocol::GenerateRequest& r) {
+  std::vector<model::ToolDefinition> tools;
+  if (const json* given = field(body, "tools")) {
+    if (!given->is_array()) wrong_type("tools", "an array", *given);
+    if (!given->empty()) {
+      r.tools = nlohmann::ordered_json::parse(text)["tools"].dump();
+      try {
+        tools = model::parse_tools(r.tools);
+      } catch (const std::invalid_argument& e) {
+        throw invalid_request("tools", e.what());
+      }
+    }
   }
   if (const json* choice = field(body, "tool_choice")) {
-    if (!choice->is_string() || (*choice != "none" && *choice != "auto"))
-      throw invalid_request("tool_choice", "tool_choice: only \"none\" or \"auto\" (no tools are supported)");
+    if (*choice == "none") {
+      r.tool_choice = protocol::ToolChoice::none;
+    } else if (*choice == "auto") {
+      r.tool_choice = protocol::ToolChoice::auto_;
+    } else if (*choice == "required") {
+      r.tool_choice = protocol::ToolChoice::required;
+    } else if (choice->is_object() && choice->value("type", json()) == "function" &&
+               choice->contains("function") && (*choice)["function"].is_object() &&
+               (*choice)["function"].value("name", json()).is_string()) {
+      r.tool_choice = protocol::ToolChoice::function;
+      r.tool_choice_function = (*choice)["function"]["name"].get<std::string>();
+      if (std::none_of(tools.begin(), tools.end(),
+                       [&](const model::ToolDefinition& t) { return t.name == r.tool_choice_function; }))
+        throw invalid_request("tool_choice",
+                              "tool_choice: no tool is named '" + r.tool_choice_function + "'");
+    } else {
+      throw invalid_request(
+          "tool_choice",
+          "tool_choice: expected \"none\", \"auto\", \"required\" or {\"type\": \"function\", "
+          "\"function\": {\"name\": ...}}");
+    }
+    if (tools.empty() && r.tool_choice != protocol::ToolChoice::none &&
+        r.tool_choice != protocol::ToolChoice::auto_)
+      throw invalid_request("tool_choice", "tool_choice: a call is required and no tools are offered");
   }
-  boolean(body, "parallel_tool_calls", false);
+  boolean(body, "parallel_tool_calls", true);
+}
+
+// A message's tool_calls as OpenAI writes them (a stream's with each call's index).
+json tool_calls_of(const std::vector<protocol::ToolCall>& calls, bool with_index) {
+  json out = json::array();
+  for (size_t k = 0; k < calls.size(); ++k) {
+    json call = {{"id", calls[k].id},
+                 {"type", "function"},
+                 {"function", {{"name", calls[k].name}, {"arguments", calls[k].arguments}}}};
+    if (with_index) call["index"] = k;
+    out.push_back(std::move(call));
+  }
+  return out;
 }
 
 // Each prompt's tokens counted once (its first choice's), every choice's completion.
@@ -610,9 +693,15 @@ ApiRequest parse_request(Endpoint endpoint, const std::string& text, const ApiSe
     api.top_logprobs = logprob_count(body, "top_logprobs");
     if (api.top_logprobs > 0 && !api.report_logprobs)
       throw invalid_request("top_logprobs", "top_logprobs: only with \"logprobs\": true");
-    read_chat_extras(body);
+    read_tools(body, text, r);
   }
   read_response_format(body, r);
+  if ((r.tool_choice == protocol::ToolChoice::required || r.tool_choice == protocol::ToolChoice::function) &&
+      r.response_format != protocol::ResponseFormat::text)
+    throw invalid_request(
+        "response_format",
+        "response_format: a required tool call is the answer's format itself: not with tool_choice " +
+            std::string(r.tool_choice == protocol::ToolChoice::required ? "required" : "a function"));
   if (r.min_tokens > r.max_tokens)
     throw invalid_request("min_tokens", "min_tokens: " + std::to_string(r.min_tokens) + " is more than the " +
                                             std::to_string(r.max_tokens) + " tokens at most");
@@ -646,6 +735,8 @@ const char* finish_reason(protocol::FinishReason reason) {
     case protocol::FinishReason::eos:
     case protocol::FinishReason::stop:
       return "stop";
+    case protocol::FinishReason::tool_calls:
+      return "tool_calls";
     case protocol::FinishReason::cancelled:
       break;
   }
@@ -663,6 +754,10 @@ json response(const ApiRequest& api, const std::vector<protocol::Final>& finals,
       choice["text"] = api.echo ? api.echo_texts[i / api.n] + f.text : f.text;
     } else {
       choice["message"] = {{"role", "assistant"}, {"content", f.text}};
+      if (!f.tool_calls.empty()) {
+        if (f.text.empty()) choice["message"]["content"] = nullptr;  // OpenAI's: calls alone
+        choice["message"]["tool_calls"] = tool_calls_of(f.tool_calls, /*with_index=*/false);
+      }
     }
     if (api.echo && api.report_logprobs) {  // the prompt's, then the generated tokens'
       json logprobs = prompt_logprobs_of(api, f.prompt_token_ids, f.prompt_logprobs);
@@ -703,6 +798,14 @@ json delta_chunk(const ApiRequest& api, size_t index, const protocol::Delta& d, 
   json text = api.endpoint == Endpoint::completions ? json(d.text) : json{{"content", d.text}};
   out["choices"] = json::array(
       {chunk_choice(api, index, std::move(text), logprobs_of(api, d.tokens, d.logprobs), nullptr)});
+  return out;
+}
+
+json tool_calls_chunk(const ApiRequest& api, size_t index, const protocol::Final& f, const std::string& id,
+                      int64_t created, const std::string& model) {
+  json out = envelope(api, true, id, created, model);
+  out["choices"] = json::array({chunk_choice(
+      api, index, {{"tool_calls", tool_calls_of(f.tool_calls, /*with_index=*/true)}}, nullptr, nullptr)});
   return out;
 }
 

@@ -70,7 +70,7 @@ struct ApiRequest {
 
 // The request in `body` (a JSON object). Throws ApiError: 400 naming the field for malformed JSON,
 // unknown keys, wrong types or values, more than settings.max_choices choices, and features Nibble does
-// not have (best_of other than n, tools, suffix, constrained output; echo of a prompt of token ids
+// not have (best_of other than n, suffix; echo of a prompt of token ids
 // without settings.tokenizer); 404 for another model's name. Completions with echo may have max_tokens
 // 0 (the prompt's log-probabilities alone, as lm-evaluation-harness's loglikelihood asks).
 // A logit_bias token beyond the model's vocabulary is the coordinator's to refuse.
@@ -80,7 +80,7 @@ ApiRequest parse_request(Endpoint endpoint, const std::string& body, const ApiSe
 // prompt has seed + j when a seed is given (so that n choices differ), the server's pick otherwise.
 std::vector<protocol::GenerateRequest> choice_requests(const ApiRequest& api);
 
-// OpenAI's finish_reason: "stop" (end of sequence or a stop string), "length".
+// OpenAI's finish_reason: "stop" (end of sequence or a stop string), "length", "tool_calls".
 const char* finish_reason(protocol::FinishReason reason);
 
 // The whole answer to a request that was not streamed: a text_completion or chat.completion object with
@@ -100,6 +100,9 @@ nlohmann::json echo_chunk(const ApiRequest& api, size_t index, const std::vector
 // The text (and logprobs) of one Delta of choice `index`.
 nlohmann::json delta_chunk(const ApiRequest& api, size_t index, const protocol::Delta& delta,
                            const std::string& id, int64_t created, const std::string& model);
+// With tools, a chat choice's calls (Final::tool_calls), each whole in one chunk, before its last.
+nlohmann::json tool_calls_chunk(const ApiRequest& api, size_t index, const protocol::Final& final,
+                                const std::string& id, int64_t created, const std::string& model);
 // A choice's last chunk: no text, the finish reason.
 nlohmann::json finish_chunk(const ApiRequest& api, size_t index, const protocol::Final& final,
                             const std::string& id, int64_t created, const std::string& model);

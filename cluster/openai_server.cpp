@@ -212,6 +212,8 @@ struct OpenAiServer::Impl {
               event(openai::dump(openai::delta_chunk(api, i, *delta, id, created, name)));
             if (final != nullptr) {
               finals[i] = *final;
+              if (!final->tool_calls.empty())
+                event(openai::dump(openai::tool_calls_chunk(api, i, *final, id, created, name)));
               event(openai::dump(openai::finish_chunk(api, i, *final, id, created, name)));
             }
             if (error != nullptr && !failed) {

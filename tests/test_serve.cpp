@@ -36,6 +36,7 @@
 #include "model/hf_tokenizer.hpp"
 #include "model/random_model.hpp"
 #include "model/tokenizer.hpp"
+#include "model/tool_calls.hpp"
 #include "tests/support/serve_job.hpp"
 #include "tests/support/test_support.hpp"
 #include "worker/cuda_llama_model.hpp"
@@ -832,6 +833,156 @@ TEST(Serve, ChatMessagesAreFormattedWithTheModelsTemplate) {
     EXPECT_NE(job.log().find(std::string("chat format: ") + model::chat_format_name(*c.format)),
               std::string::npos)
         << job.log();
+  }
+}
+
+// Function calling (OpenAI's tools) in both forms: the tools are written into the prompt as
+// model/tool_calls writes them; a call the request requires (a named function) is an instance of the
+// call schema, read back as a call (finish reason tool_calls, nothing of it streamed as text); in auto
+// mode a llama3 answer that is a bare call object is a call, a hermes one is text (no <tool_call>), and
+// text held back while it might have been a call reaches a stream before the Final.
+TEST(Serve, ToolCallsAreWrittenIntoThePromptAndReadBackFromTheAnswer) {
+  test::TempDir models;
+  const std::string plain = make_tiny_model(models.path());
+  const std::string qwen_system = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.";
+  const std::string chatml = with_chat_template(
+      plain, models.path() / "qwen.gguf",
+      "{%- if tools %}{{- '<|im_start|>system\\n' }}{{- '" + qwen_system +
+          "' }}{% endif %}{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + "
+          "message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}");
+  // Every value of set_mode's arguments is bounded (an enum, a boolean), so even a random model's call ends.
+  const std::string tools =
+      R"([{"type": "function", "function": {"name": "set_mode", "description": "Units and detail",)"
+      R"( "parameters": {"type": "object", "properties": {"unit": {"enum": ["celsius", "fahrenheit"]},)"
+      R"( "hourly": {"type": "boolean"}}, "required": ["unit", "hourly"], "additionalProperties": false}}},)"
+      R"( {"type": "function", "function": {"name": "ping"}}])";
+  const auto is_set_mode_call = [](const protocol::ToolCall& call) {
+    const nlohmann::json arguments = nlohmann::json::parse(call.arguments, nullptr, false);
+    return call.name == "set_mode" && call.id.starts_with("call_") && arguments.is_object() &&
+           arguments.size() == 2 && (arguments["unit"] == "celsius" || arguments["unit"] == "fahrenheit") &&
+           arguments["hourly"].is_boolean();
+  };
+  struct Case {
+    std::string model, yaml;
+    model::ToolPrompt form;
+  };
+  for (const Case& c : {Case{plain, "chat_template: llama3\n", {model::ToolForm::llama3_json, ""}},
+                        Case{chatml, "", {model::ToolForm::hermes, qwen_system}}}) {
+    SCOPED_TRACE(model::tool_form_name(c.form.form));
+    test::TempDir dir;
+    ServeJob job(dir.path(), c.model, 1, 1, c.yaml);
+    ASSERT_TRUE(job.wait_ready()) << job.log();
+    EXPECT_NE(job.log().find(std::string("tool calls: ") + model::tool_form_name(c.form.form)),
+              std::string::npos);
+    Client client(job.endpoint());
+    const std::vector<protocol::ChatMessage> ask = {{"system", "Be exact."},
+                                                    {"user", "Set it to Fahrenheit."}};
+    const auto tokenizer = model::Tokenizer::from_gguf(*model::GgufFile::open(c.model));
+    const auto prompt_of = [&](const std::vector<model::ChatMessage>& chat) {
+      return tokenizer->encode(
+          model::format_chat_with_tools(c.form, chat, model::parse_tools(tools), /*add_assistant=*/true),
+          tokenizer->add_bos_default(), /*parse_special=*/true);
+    };
+
+    // A named function: a call to it, whole in the Final, nothing streamed as text.
+    for (int seed = 0; seed < 3; ++seed) {
+      protocol::GenerateRequest r = greedy("named" + std::to_string(seed), ask, 200, /*stream=*/seed == 0);
+      r.sampling.temperature = 1.0f;
+      r.sampling.seed = static_cast<uint64_t>(seed);
+      r.tools = tools;
+      r.tool_choice = protocol::ToolChoice::function;
+      r.tool_choice_function = "set_mode";
+      std::string streamed;
+      const protocol::Final f = client.generate(r, [&](const protocol::Delta& d) { streamed += d.text; });
+      SCOPED_TRACE(f.text);
+      EXPECT_EQ(f.prompt_token_ids, prompt_of({{"system", "Be exact."}, {"user", "Set it to Fahrenheit."}}));
+      EXPECT_EQ(f.finish_reason, protocol::FinishReason::tool_calls);
+      ASSERT_EQ(f.tool_calls.size(), 1u);
+      EXPECT_TRUE(is_set_mode_call(f.tool_calls[0])) << f.tool_calls[0].arguments;
+      EXPECT_EQ(f.text, "");
+      EXPECT_EQ(streamed, "");
+    }
+
+    // Auto, the answer held to the call schema by the client: a call in the llama3 form; in the hermes
+    // form a bare object is text, all of it streamed by the end.
+    protocol::GenerateRequest own = greedy("own-schema", ask, 200, /*stream=*/true);
+    own.tools = tools;
+    own.response_format = protocol::ResponseFormat::json_schema;
+    own.json_schema = model::required_call_schema(c.form, model::parse_tools(tools), "set_mode");
+    std::string streamed;
+    protocol::Final f = client.generate(own, [&](const protocol::Delta& d) { streamed += d.text; });
+    if (c.form.form == model::ToolForm::llama3_json) {
+      EXPECT_EQ(f.finish_reason, protocol::FinishReason::tool_calls) << f.text;
+      ASSERT_EQ(f.tool_calls.size(), 1u);
+      EXPECT_TRUE(is_set_mode_call(f.tool_calls[0]));
+      EXPECT_EQ(streamed, "");
+    } else {
+      EXPECT_EQ(f.finish_reason, protocol::FinishReason::eos);
+      EXPECT_TRUE(f.tool_calls.empty());
+      EXPECT_TRUE(nlohmann::json::parse(f.text, nullptr, false).is_object()) << f.text;
+      EXPECT_EQ(streamed, f.text);
+    }
+
+    // Free text in auto mode streams whole; a conversation with a call and its result is written in the form.
+    std::vector<protocol::ChatMessage> turns = ask;
+    turns.push_back(
+        {"assistant", "", {{"call_1", "set_mode", R"({"unit": "fahrenheit", "hourly": false})"}}});
+    turns.push_back({"tool", "done"});
+    protocol::GenerateRequest free = greedy("free", turns, 8, /*stream=*/true);
+    free.tools = tools;
+    streamed.clear();
+    f = client.generate(free, [&](const protocol::Delta& d) { streamed += d.text; });
+    EXPECT_EQ(
+        f.prompt_token_ids,
+        prompt_of({{"system", "Be exact."},
+                   {"user", "Set it to Fahrenheit."},
+                   {"assistant", "", {{"call_1", "set_mode", R"({"unit": "fahrenheit", "hourly": false})"}}},
+                   {"tool", "done"}}));
+    if (f.tool_calls.empty()) {
+      EXPECT_EQ(streamed, f.text);
+    }
+
+    // Refusals name the problem, and the service goes on.
+    const auto refusal = [&](protocol::GenerateRequest r) -> std::string {
+      try {
+        client.generate(r);
+      } catch (const ClientError& e) {
+        return e.what();
+      }
+      return "served";
+    };
+    protocol::GenerateRequest bad = greedy("bad", ask, 4);
+    bad.tools = tools;
+    bad.tool_choice = protocol::ToolChoice::function;
+    bad.tool_choice_function = "missing";
+    EXPECT_NE(refusal(bad).find("toolChoice: no tool is named 'missing'"), std::string::npos);
+    bad.tool_choice_function = "set_mode";
+    bad.tools = R"([{"type": "function", "function": {"name": "set_mode", "parameters": {"type": "object",)"
+                R"( "properties": {"n": {"type": "integer", "minimum": 1}}}}}])";
+    const std::string arguments_key =
+        c.form.form == model::ToolForm::llama3_json ? "parameters" : "arguments";
+    EXPECT_NE(refusal(bad).find("tools: the called function's parameters: json_schema.properties." +
+                                arguments_key + ".properties.n: 'minimum' is not supported"),
+              std::string::npos)
+        << refusal(bad);
+    bad.tools = R"([{"type": "function", "function": {"name": "a b"}}])";
+    bad.tool_choice = protocol::ToolChoice::auto_;
+    bad.tool_choice_function.clear();
+    EXPECT_NE(refusal(bad).find("tools[0].function.name: 'a b' is not"), std::string::npos) << refusal(bad);
+    EXPECT_EQ(client.generate(greedy("after", kPrompts[1], 2)).tokens.size(), 2u);
+
+    // From the command line: the call printed as OpenAI writes it.
+    const fs::path tools_file = dir.path() / "tools.json";
+    std::ofstream(tools_file) << tools;
+    const test::CommandResult cli =
+        test::run_command(test::nibble_bin() + " client --endpoint " + job.endpoint() +
+                          " --chat 'Set it to Fahrenheit.' --tools " + tools_file.string() +
+                          " --tool-choice set_mode --max-tokens 200 --seed 5 --json");
+    ASSERT_EQ(cli.exit_code, 0) << cli.output;
+    const auto out = nlohmann::json::parse(cli.output.substr(cli.output.find('{')));
+    EXPECT_EQ(out["finish_reason"], "tool_calls");
+    ASSERT_EQ(out["tool_calls"].size(), 1u) << out.dump();
+    EXPECT_EQ(out["tool_calls"][0]["function"]["name"], "set_mode");
   }
 }
 

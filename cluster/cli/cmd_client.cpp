@@ -318,6 +318,7 @@ Runner add_client(CLI::App& app) {
     uint32_t min_tokens = 0;
     std::vector<int32_t> stop_token_ids;
     std::string chat, system;
+    std::string tools_file, tool_choice = "auto";
   };
   auto a = std::make_shared<Args>();
   app.add_option("--endpoint,-e", a->endpoint, "Coordinator address")->capture_default_str();
@@ -327,6 +328,17 @@ Runner add_client(CLI::App& app) {
                               "A user message: the server formats the conversation with the model's chat "
                               "template");
   app.add_option("--system", a->system, "With --chat: a system message before it")->needs(chat);
+  auto* tools_option =
+      app.add_option("--tools", a->tools_file,
+                     "With --chat: a JSON file of the functions the model may call (OpenAI's "
+                     "tools array); the answer's calls are printed as JSON")
+          ->check(CLI::ExistingFile)
+          ->needs(chat);
+  app.add_option(
+         "--tool-choice", a->tool_choice,
+         "With --tools: auto, none, required (a call to any of them), or a function's name (a call to it)")
+      ->needs(tools_option)
+      ->capture_default_str();
   prompt->excludes(tokens);
   chat->excludes(prompt);
   chat->excludes(tokens);
@@ -487,6 +499,20 @@ Runner add_client(CLI::App& app) {
     request.ignore_eos = a->ignore_eos;
     request.min_tokens = a->min_tokens;
     request.stop_token_ids = a->stop_token_ids;
+    if (!a->tools_file.empty()) {
+      std::ifstream in(a->tools_file);
+      request.tools.assign(std::istreambuf_iterator<char>(in), {});
+      if (a->tool_choice == "auto") {
+        request.tool_choice = protocol::ToolChoice::auto_;
+      } else if (a->tool_choice == "none") {
+        request.tool_choice = protocol::ToolChoice::none;
+      } else if (a->tool_choice == "required") {
+        request.tool_choice = protocol::ToolChoice::required;
+      } else {
+        request.tool_choice = protocol::ToolChoice::function;
+        request.tool_choice_function = a->tool_choice;
+      }
+    }
 
     const bool print_deltas = a->stream && !a->json;
     bool printed = false;
@@ -503,8 +529,14 @@ Runner add_client(CLI::App& app) {
       std::fflush(stdout);
       throw;
     }
+    // Calls as OpenAI writes a message's tool_calls.
+    nlohmann::json calls = nlohmann::json::array();
+    for (const protocol::ToolCall& c : result.tool_calls)
+      calls.push_back(
+          {{"id", c.id}, {"type", "function"}, {"function", {{"name", c.name}, {"arguments", c.arguments}}}});
     if (!a->json) {
       if (!print_deltas) std::fwrite(result.text.data(), 1, result.text.size(), stdout);
+      if (!calls.empty()) std::printf("%s%s", result.text.empty() ? "" : "\n", calls.dump().c_str());
       std::fputc('\n', stdout);
       return 0;
     }
@@ -515,6 +547,7 @@ Runner add_client(CLI::App& app) {
     out["tokens"] = result.tokens;
     out["text"] = result.text;
     out["finish_reason"] = protocol::to_string(result.finish_reason);
+    if (!calls.empty()) out["tool_calls"] = calls;
     // One per token: its log-probability and the most likely tokens'.
     const auto logprobs_json = [](const std::vector<protocol::TokenLogprob>& values,
                                   std::span<const int32_t> ids) {

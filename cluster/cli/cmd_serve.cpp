@@ -629,27 +629,27 @@ int serve(const std::string& config_path) {
   for (auto& push : to_workers) sockets.workers.push_back(push.get());
   // How requests' conversations become prompts: the configured format, or the model's own template's
   // (a GGUF's tokenizer.chat_template, a Hugging Face directory's tokenizer_config.json chat_template).
-  std::optional<model::ChatFormat> chat_format;
-  std::string chat_format_missing;
+  cluster::CoordinatorChat chat;
+  std::optional<std::string> chat_template;
+  if (file->gguf() != nullptr && file->gguf()->metadata().count("tokenizer.chat_template") != 0)
+    chat_template = file->gguf()->metadata().at("tokenizer.chat_template").s;
+  if (file->hf() != nullptr) chat_template = model::hf_chat_template(file->hf()->dir());
   if (config.chat_template != "auto") {
-    chat_format = model::chat_format_by_name(config.chat_template);
+    chat.format = model::chat_format_by_name(config.chat_template);
   } else {
-    std::optional<std::string> chat_template;
-    if (file->gguf() != nullptr && file->gguf()->metadata().count("tokenizer.chat_template") != 0)
-      chat_template = file->gguf()->metadata().at("tokenizer.chat_template").s;
-    if (file->hf() != nullptr) chat_template = model::hf_chat_template(file->hf()->dir());
-    if (chat_template) chat_format = model::detect_chat_format(*chat_template);
-    if (!chat_format) {
-      chat_format_missing =
-          (chat_template ? "the model's chat template is not a format Nibble writes"
-                         : config.model.path + " has no chat template (tokenizer.chat_template)") +
-          "; set chat_template: NAME in the configuration (" + model::chat_format_names() +
-          ") or send a formatted prompt with special tokens parsed";
+    if (chat_template) chat.format = model::detect_chat_format(*chat_template);
+    if (!chat.format) {
+      chat.missing = (chat_template ? "the model's chat template is not a format Nibble writes"
+                                    : config.model.path + " has no chat template (tokenizer.chat_template)") +
+                     "; set chat_template: NAME in the configuration (" + model::chat_format_names() +
+                     ") or send a formatted prompt with special tokens parsed";
     }
   }
+  if (chat.format) chat.tools = model::tool_prompt_for(*chat.format, chat_template.value_or(""));
   std::fprintf(
-      stderr, "nibble serve: chat format: %s\n",
-      chat_format ? model::chat_format_name(*chat_format) : "none (requests with messages are refused)");
+      stderr, "nibble serve: chat format: %s, tool calls: %s\n",
+      chat.format ? model::chat_format_name(*chat.format) : "none (requests with messages are refused)",
+      chat.tools ? model::tool_form_name(chat.tools->form) : "none");
   // The HTTP API's own threads, a client of this coordinator like any other; stopped once it has answered
   // its last request.
   std::thread gateway_thread;
@@ -666,7 +666,7 @@ int serve(const std::string& config_path) {
   int code = 1;
   try {
     cluster::Coordinator coordinator_loop(config, *tokenizer, file->config(), scheduler, sockets,
-                                          layout->describe(), chat_format, chat_format_missing);
+                                          layout->describe(), chat);
     code = coordinator_loop.run();
   } catch (const std::exception& e) {
     std::fprintf(stderr, "nibble serve: coordinator: error: %s\n", e.what());

@@ -27,6 +27,8 @@ static_assert(static_cast<uint16_t>(wire::ErrorCode::SHUTTING_DOWN) ==
               static_cast<uint16_t>(ErrorCode::shutting_down));
 static_assert(static_cast<uint16_t>(wire::FinishReason::CANCELLED) ==
               static_cast<uint16_t>(FinishReason::cancelled));
+static_assert(static_cast<uint16_t>(wire::FinishReason::TOOL_CALLS) ==
+              static_cast<uint16_t>(FinishReason::tool_calls));
 static_assert(static_cast<uint16_t>(wire::FinishReason::LENGTH) ==
               static_cast<uint16_t>(FinishReason::length));
 
@@ -57,6 +59,25 @@ void fill_tokens(ListBuilder list, const std::vector<int32_t>& tokens) {
 
 // ---------------------------------------------------------------- encode
 
+void write_tool_calls(const std::vector<ToolCall>& calls, capnp::List<wire::ToolCall>::Builder out) {
+  for (unsigned i = 0; i < calls.size(); ++i) {
+    out[i].setId(as_text(calls[i].id));
+    out[i].setName(as_text(calls[i].name));
+    out[i].setArguments(as_text(calls[i].arguments));
+  }
+}
+
+// Checked before copying, as the stop strings are.
+std::vector<ToolCall> read_tool_calls(capnp::List<wire::ToolCall>::Reader in, const std::string& where) {
+  if (in.size() > kMaxToolCalls)
+    throw ProtocolError(ErrorCode::bad_request, where + ": more than " + std::to_string(kMaxToolCalls) +
+                                                    " calls (" + std::to_string(in.size()) + ")");
+  std::vector<ToolCall> calls;
+  calls.reserve(in.size());
+  for (auto c : in) calls.push_back({to_std(c.getId()), to_std(c.getName()), to_std(c.getArguments())});
+  return calls;
+}
+
 void encode_generate(const GenerateRequest& request, wire::GenerateRequest::Builder out) {
   out.setRequestId(as_text(request.request_id));
   if (const auto* text = std::get_if<std::string>(&request.prompt)) {
@@ -66,6 +87,8 @@ void encode_generate(const GenerateRequest& request, wire::GenerateRequest::Buil
     for (unsigned i = 0; i < messages->size(); ++i) {
       list[i].setRole(as_text((*messages)[i].role));
       list[i].setContent(as_text((*messages)[i].content));
+      write_tool_calls((*messages)[i].tool_calls,
+                       list[i].initToolCalls(static_cast<unsigned>((*messages)[i].tool_calls.size())));
     }
   } else {
     const auto& tokens = std::get<std::vector<int32_t>>(request.prompt);
@@ -100,6 +123,22 @@ void encode_generate(const GenerateRequest& request, wire::GenerateRequest::Buil
   out.setMinTokens(request.min_tokens);
   fill_tokens(out.initStopTokenIds(static_cast<unsigned>(request.stop_token_ids.size())),
               request.stop_token_ids);
+  out.setTools(as_text(request.tools));
+  auto choice = out.getToolChoice();
+  switch (request.tool_choice) {
+    case ToolChoice::auto_:
+      choice.setAuto();
+      break;
+    case ToolChoice::none:
+      choice.setNone();
+      break;
+    case ToolChoice::required:
+      choice.setRequired();
+      break;
+    case ToolChoice::function:
+      choice.setFunction(as_text(request.tool_choice_function));
+      break;
+  }
 }
 
 void encode_final(const Final& final_msg, wire::Final::Builder out) {
@@ -122,6 +161,8 @@ void encode_final(const Final& final_msg, wire::Final::Builder out) {
                          out.initLogprobs(static_cast<unsigned>(final_msg.logprobs.size())));
   detail::write_logprobs(final_msg.prompt_logprobs,
                          out.initPromptLogprobs(static_cast<unsigned>(final_msg.prompt_logprobs.size())));
+  write_tool_calls(final_msg.tool_calls,
+                   out.initToolCalls(static_cast<unsigned>(final_msg.tool_calls.size())));
 }
 
 // ---------------------------------------------------------------- decode
@@ -157,7 +198,11 @@ GenerateRequest read_generate(wire::GenerateRequest::Reader in) {
       }
       std::vector<ChatMessage> messages;
       messages.reserve(list.size());
-      for (auto m : list) messages.push_back({to_std(m.getRole()), to_std(m.getContent())});
+      for (auto m : list)
+        messages.push_back(
+            {to_std(m.getRole()), to_std(m.getContent()),
+             read_tool_calls(m.getToolCalls(),
+                             "prompt.messages[" + std::to_string(messages.size()) + "].toolCalls")});
       request.prompt = std::move(messages);
       break;
     }
@@ -203,6 +248,28 @@ GenerateRequest read_generate(wire::GenerateRequest::Reader in) {
     throw ProtocolError(ErrorCode::bad_request,
                         "stopTokenIds: more than " + std::to_string(kMaxStopTokenIds) + " tokens");
   request.stop_token_ids = to_std(in.getStopTokenIds());
+  if (in.getTools().size() > kMaxToolsBytes)
+    throw ProtocolError(ErrorCode::bad_request,
+                        "tools: longer than " + std::to_string(kMaxToolsBytes) + " bytes");
+  request.tools = to_std(in.getTools());
+  auto choice = in.getToolChoice();
+  switch (choice.which()) {
+    case wire::GenerateRequest::ToolChoice::AUTO:
+      request.tool_choice = ToolChoice::auto_;
+      break;
+    case wire::GenerateRequest::ToolChoice::NONE:
+      request.tool_choice = ToolChoice::none;
+      break;
+    case wire::GenerateRequest::ToolChoice::REQUIRED:
+      request.tool_choice = ToolChoice::required;
+      break;
+    case wire::GenerateRequest::ToolChoice::FUNCTION:
+      request.tool_choice = ToolChoice::function;
+      request.tool_choice_function = to_std(choice.getFunction());
+      break;
+    default:
+      unknown_member("tool choice", static_cast<unsigned>(choice.which()));
+  }
   auto stop = in.getStop();
   // Checked before copying so a request with a million stop strings costs nothing.
   if (stop.size() > kMaxStopStrings) {
@@ -241,7 +308,7 @@ ErrorCode read_error_code(wire::ErrorCode code) {
 
 FinishReason read_finish_reason(wire::FinishReason reason) {
   auto value = static_cast<uint16_t>(reason);
-  if (value > static_cast<uint16_t>(FinishReason::cancelled)) unknown_member("finish reason", value);
+  if (value > static_cast<uint16_t>(FinishReason::tool_calls)) unknown_member("finish reason", value);
   return static_cast<FinishReason>(value);
 }
 
@@ -269,7 +336,8 @@ ServerResponseMsg read_server_response(capnp::MessageReader& reader) {
                    in.getDraftAccepted(),
                    in.getCachedPromptTokens(),
                    detail::read_logprobs(in.getLogprobs()),
-                   detail::read_logprobs(in.getPromptLogprobs())};
+                   detail::read_logprobs(in.getPromptLogprobs()),
+                   read_tool_calls(in.getToolCalls(), "toolCalls")};
     }
     case wire::ServerResponse::ERROR: {
       auto in = root.getError();
@@ -339,6 +407,8 @@ std::string_view to_string(FinishReason reason) {
       return "stop";
     case FinishReason::cancelled:
       return "cancelled";
+    case FinishReason::tool_calls:
+      return "tool_calls";
   }
   return "unknown";
 }
@@ -397,6 +467,26 @@ void validate(const GenerateRequest& request) {
         bad_request("stopTokenIds[" + std::to_string(i) + "]: " + std::to_string(request.stop_token_ids[i]) +
                     " twice");
     }
+  }
+  const bool conversation = std::holds_alternative<std::vector<ChatMessage>>(request.prompt);
+  if (!request.tools.empty() && !conversation) bad_request("tools: only with a prompt of messages");
+  if (request.tools.size() > kMaxToolsBytes)
+    bad_request("tools: longer than " + std::to_string(kMaxToolsBytes) + " bytes");
+  if (request.tools.empty() && request.tool_choice != ToolChoice::auto_ &&
+      request.tool_choice != ToolChoice::none)
+    bad_request("toolChoice: a call is required and no tools are offered");
+  if ((request.tool_choice == ToolChoice::function) == request.tool_choice_function.empty())
+    bad_request("toolChoice: a function's name with toolChoice function, and only then");
+  if (request.tool_choice == ToolChoice::required || request.tool_choice == ToolChoice::function) {
+    if (request.response_format != ResponseFormat::text)
+      bad_request("toolChoice: a required call is itself the answer's format: no responseFormat with it");
+  }
+  if (conversation) {
+    const auto& messages = std::get<std::vector<ChatMessage>>(request.prompt);
+    for (size_t i = 0; i < messages.size(); ++i)
+      if (messages[i].tool_calls.size() > kMaxToolCalls)
+        bad_request("prompt.messages[" + std::to_string(i) + "].toolCalls: more than " +
+                    std::to_string(kMaxToolCalls) + " calls");
   }
   if ((request.response_format == ResponseFormat::json_schema) == request.json_schema.empty())
     bad_request("jsonSchema: a schema with responseFormat jsonSchema, and only then");

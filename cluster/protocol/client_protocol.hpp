@@ -30,7 +30,8 @@ enum class ErrorCode : uint16_t {
 };
 
 // Mirrors nibble.capnp's FinishReason.
-enum class FinishReason : uint16_t { length, eos, stop, cancelled };
+// tool_calls: the answer is function calls (Final::tool_calls).
+enum class FinishReason : uint16_t { length, eos, stop, cancelled, tool_calls };
 // What the output must be: free text, a JSON object, or an instance of a JSON schema
 // (worker/json_constraint).
 enum class ResponseFormat : uint16_t { text, json_object, json_schema };
@@ -87,13 +88,28 @@ struct SamplingParams {
 inline constexpr uint32_t kMaxLogprobs = 20;
 
 // One message of a conversation (GenerateRequest's chat form).
+// A function call (OpenAI's tool_calls entry): arguments is a JSON object's text.
+struct ToolCall {
+  std::string id;
+  std::string name;
+  std::string arguments;
+  bool operator==(const ToolCall&) const = default;
+};
+
 struct ChatMessage {
-  std::string role;  // "system", "user", "assistant" (1 to 64 bytes)
+  std::string role;  // "system", "user", "assistant", "tool" (1 to 64 bytes)
   std::string content;
+  std::vector<ToolCall> tool_calls{};  // an assistant's calls
   bool operator==(const ChatMessage&) const = default;
 };
 inline constexpr size_t kMaxChatMessages = 1024;
 inline constexpr size_t kMaxChatRoleBytes = 64;
+inline constexpr size_t kMaxToolsBytes = 256 * 1024;
+inline constexpr size_t kMaxToolCalls = 64;  // in one message
+
+// With tools: auto (text or calls), none (text), required (a call to any), function (a call to the one
+// named by tool_choice_function).
+enum class ToolChoice : uint16_t { auto_, none, required, function };
 
 struct GenerateRequest {
   std::string request_id;
@@ -121,6 +137,11 @@ struct GenerateRequest {
   // sampled stop token (distinct ids, at most kMaxStopTokenIds) ends the request and stays in its output.
   uint32_t min_tokens = 0;
   std::vector<int32_t> stop_token_ids{};
+  // With a conversation: the functions the model may call (a JSON array of OpenAI tool objects,
+  // model/tool_calls; empty: none) and whether it must call one.
+  std::string tools{};
+  ToolChoice tool_choice = ToolChoice::auto_;
+  std::string tool_choice_function{};
 
   bool operator==(const GenerateRequest&) const = default;
 };
@@ -191,6 +212,8 @@ struct Final {
   std::vector<TokenLogprob> logprobs{};   // with GenerateRequest::logprobs: one per token
   // With GenerateRequest::prompt_logprobs: one per prompt token after the first (prompt_token_ids[1..]).
   std::vector<TokenLogprob> prompt_logprobs{};
+  // With tools: the calls the answer made (finish_reason tool_calls); text is what it said besides.
+  std::vector<ToolCall> tool_calls{};
   bool operator==(const Final&) const = default;
 };
 

@@ -38,9 +38,16 @@ struct TokenBias {
   bias @1 :Float32;                    # [-100, 100]
 }
 
+struct ToolCall {
+  id @0 :Text;                         # the coordinator's name for it ("call_..."); a conversation's as given
+  name @1 :Text;                       # the function's
+  arguments @2 :Text;                  # a JSON object's text
+}
+
 struct ChatMessage {
-  role @0 :Text;                       # "system", "user", "assistant"
+  role @0 :Text;                       # "system", "user", "assistant", "tool"
   content @1 :Text;
+  toolCalls @2 :List(ToolCall);        # an assistant's calls
 }
 
 struct GenerateRequest {
@@ -67,6 +74,14 @@ struct GenerateRequest {
                                        # subset), at most 64 KiB
   minTokens @14 :UInt32;               # vLLM's: no end-of-generation or stop token before this many tokens
   stopTokenIds @15 :List(Int32);       # vLLM's: a sampled one ends the request (kept in the output); at most 64
+  tools @16 :Text;                     # with messages: the functions the model may call, a JSON array of
+                                       # OpenAI tool objects (model/tool_calls), at most 256 KiB; empty: none
+  toolChoice :union {                  # with tools: whether the answer may, must or must not be calls
+    auto @17 :Void;                    # text or calls, as the model writes
+    none @18 :Void;                    # text only (the tools are still in the prompt)
+    required @19 :Void;                # one call to any of the tools
+    function @20 :Text;                # one call to this one
+  }
 }
 
 struct CancelRequest {
@@ -90,6 +105,7 @@ enum FinishReason {
   eos @1;
   stop @2;
   cancelled @3;
+  toolCalls @4;                        # the answer is calls (Final.toolCalls)
 }
 
 enum ErrorCode {
@@ -147,6 +163,7 @@ struct Final {
   logprobs @11 :List(TokenLogprob);    # with GenerateRequest.logprobs: one per token
   promptLogprobs @12 :List(TokenLogprob);  # with GenerateRequest.promptLogprobs: one per prompt token
                                        # after the first (promptTokenIds[1..])
+  toolCalls @13 :List(ToolCall);       # with tools: the calls the answer made (text: what it said besides)
 }
 
 struct Error {

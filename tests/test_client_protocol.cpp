@@ -103,6 +103,19 @@ TEST(ClientProtocol, RoundTripsEveryRequestKind) {
   GenerateRequest chat = full_generate();
   chat.prompt = std::vector<ChatMessage>{{"system", "Be brief."}, {"user", "Hello"}, {"assistant", ""}};
   EXPECT_EQ(round_trip(chat), ClientRequestMsg{chat});
+  // Function calling: tools, each tool choice, an assistant's calls and a tool's result.
+  chat.response_format = ResponseFormat::text;
+  chat.prompt = std::vector<ChatMessage>{
+      {"user", "Weather?"},
+      {"assistant", "", {{"call_1", "get_weather", R"({"city": "Oslo"})"}, {"call_2", "now", "{}"}}},
+      {"tool", "snow"}};
+  chat.tools = R"([{"type": "function", "function": {"name": "get_weather"}}])";
+  for (const ToolChoice choice :
+       {ToolChoice::auto_, ToolChoice::none, ToolChoice::required, ToolChoice::function}) {
+    chat.tool_choice = choice;
+    chat.tool_choice_function = choice == ToolChoice::function ? "get_weather" : "";
+    EXPECT_EQ(round_trip(chat), ClientRequestMsg{chat}) << static_cast<int>(choice);
+  }
 }
 
 TEST(ClientProtocol, RoundTripsEveryResponseKind) {
@@ -129,6 +142,20 @@ TEST(ClientProtocol, RoundTripsEveryResponseKind) {
             {TokenLogprob{-0.5f, {}}, TokenLogprob{-2.0f, {{2, -0.125f}}}, TokenLogprob{-0.75f, {}}},
             {TokenLogprob{-9.0f, {}}, TokenLogprob{-4.0f, {}}, TokenLogprob{-0.0625f, {}}}},
       Final{"r", FinishReason::cancelled, 1, 0, "", {}, Timings{}, {}},
+      Final{"r",
+            FinishReason::tool_calls,
+            1,
+            9,
+            "Looking.",
+            {},
+            Timings{},
+            {},
+            0,
+            0,
+            0,
+            {},
+            {},
+            {{"call_1", "get_weather", R"({"city": "Oslo"})"}, {"call_2", "now", "{}"}}},
       Error{"req-42", ErrorCode::prompt_too_long, "prompt of 9000 tokens exceeds the context of 4096"},
       Error{"", ErrorCode::shutting_down, "bye"},
       Health{true, 4, "all workers up"},
@@ -366,6 +393,35 @@ TEST(ClientProtocol, SemanticViolationsNameTheField) {
       {"prompt.messages",
        [](GenerateRequest& r) {
          r.prompt = std::vector<ChatMessage>(kMaxChatMessages + 1, {"user", "x"});
+       }},
+      {"tools", [](GenerateRequest& r) { r.tools = "[]"; }},  // with a prompt of tokens
+      {"tools",
+       [](GenerateRequest& r) {
+         r.prompt = std::vector<ChatMessage>{{"user", "a"}};
+         r.tools.assign(kMaxToolsBytes + 1, ' ');
+       }},
+      {"toolChoice",
+       [](GenerateRequest& r) {
+         r.prompt = std::vector<ChatMessage>{{"user", "a"}};
+         r.tool_choice = ToolChoice::required;  // and no tools
+       }},
+      {"toolChoice",
+       [](GenerateRequest& r) {
+         r.prompt = std::vector<ChatMessage>{{"user", "a"}};
+         r.tools = "[]";
+         r.tool_choice = ToolChoice::function;  // and no name
+       }},
+      {"toolChoice",
+       [](GenerateRequest& r) {
+         r.prompt = std::vector<ChatMessage>{{"user", "a"}};
+         r.tools = "[]";
+         r.tool_choice = ToolChoice::required;
+         r.response_format = ResponseFormat::json_object;  // a required call is the format itself
+       }},
+      {"prompt.messages[1].toolCalls",
+       [](GenerateRequest& r) {
+         r.prompt = std::vector<ChatMessage>{
+             {"user", "a"}, {"assistant", "", std::vector<ToolCall>(kMaxToolCalls + 1, {"c", "f", "{}"})}};
        }},
       {"logprobs", [](GenerateRequest& r) { r.logprobs = 1000; }},  // more than the wire's byte holds
       {"stop", [](GenerateRequest& r) { r.stop.assign(kMaxStopStrings + 1, "x"); }},

@@ -279,13 +279,28 @@ TEST(OpenAiApi, RefusalsNameTheField) {
       {H, R"({"messages": []})", 400, "messages", "non-empty array"},
       {H, R"({"messages": [{"role": "user"}]})", 400, "messages", "messages[0].content: required"},
       {H, R"({"messages": [{"role": "", "content": "x"}]})", 400, "messages", "messages[0].role"},
-      {H, R"({"messages": [{"role": "user", "content": "x", "tool_calls": []}]})", 400, "messages",
-       "messages[0]: unknown key 'tool_calls'"},
+      {H, R"({"messages": [{"role": "user", "content": "x", "tools": []}]})", 400, "messages",
+       "messages[0]: unknown key 'tools'"},
+      {H, R"({"messages": [{"role": "assistant", "tool_calls": [{"function": {"name": "f"}}]}]})", 400,
+       "messages", "messages[0].tool_calls[0]: expected"},
+      {H,
+       R"({"messages": [{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "[1]"}}]}]})",
+       400, "messages", "messages[0].tool_calls[0].function.arguments: not a JSON object's text"},
       {H, R"({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]})", 400,
        "messages", "messages[0].content[0]: only"},
       {H, "{" + m + R"(, "top_logprobs": 2})", 400, "top_logprobs", "only with \"logprobs\": true"},
-      {H, "{" + m + R"(, "tools": [{"type": "function"}]})", 400, "tools", "not supported"},
-      {H, "{" + m + R"(, "tool_choice": "required"})", 400, "tool_choice", "only \"none\" or \"auto\""},
+      {H, "{" + m + R"(, "tools": [{"type": "function"}]})", 400, "tools",
+       "tools[0].function: expected an object"},
+      {H, "{" + m + R"(, "tools": {}})", 400, "tools", "tools: expected an array"},
+      {H, "{" + m + R"(, "tool_choice": "required"})", 400, "tool_choice", "no tools are offered"},
+      {H, "{" + m + R"(, "tool_choice": "always"})", 400, "tool_choice", "expected \"none\", \"auto\""},
+      {H, "{" + m + R"(, "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice":
+          {"type": "function", "function": {"name": "g"}}})",
+       400, "tool_choice", "no tool is named 'g'"},
+      {H,
+       "{" + m + R"(, "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required",
+          "response_format": {"type": "json_object"}})",
+       400, "response_format", "not with tool_choice required"},
       {H, "{" + m + R"(, "response_format": {"type": "json_schema", "json_schema": {}}})", 400,
        "response_format", "json_schema.schema: required"},
       {H,
@@ -481,6 +496,63 @@ TEST(OpenAiApi, EchoPutsThePromptAndItsLogprobsFirst) {
 
 // /tokenize and /detokenize: the tokenizer's ids for a text (BOS as the model adds it, unless
 // add_special_tokens is false) and its text for ids; refusals by field.
+// OpenAI's function calling: tools (their keys in the client's order), tool_choice, an assistant's
+// tool_calls (content null) and tool results in; a message's tool_calls and finish_reason "tool_calls" out,
+// streamed as one chunk per choice with each call's index.
+TEST(OpenAiApi, ToolsAndToolCallsAsOpenAiWritesThem) {
+  const openai::ApiRequest api = openai::parse_request(Endpoint::chat_completions, R"({"messages": [
+      {"role": "user", "content": "Weather?"},
+      {"role": "assistant", "content": null, "tool_calls": [{"id": "call_9", "type": "function",
+        "function": {"name": "get_weather", "arguments": "{\"city\": \"Oslo\"}"}}]},
+      {"role": "tool", "tool_call_id": "call_9", "content": "snow"}],
+    "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object",
+      "properties": {"city": {"type": "string"}}}, "description": "d"}}],
+    "tool_choice": {"type": "function", "function": {"name": "get_weather"}}, "parallel_tool_calls": false})",
+                                                       openai::ApiSettings{});
+  const auto& messages = std::get<std::vector<protocol::ChatMessage>>(api.request.prompt);
+  ASSERT_EQ(messages.size(), 3u);
+  EXPECT_EQ(messages[1].content, "");
+  ASSERT_EQ(messages[1].tool_calls.size(), 1u);
+  EXPECT_EQ(messages[1].tool_calls[0], (protocol::ToolCall{"call_9", "get_weather", R"({"city": "Oslo"})"}));
+  EXPECT_EQ(messages[2].role, "tool");
+  // The client's key order ("parameters" before "description"), not nlohmann's sorted one.
+  EXPECT_EQ(api.request.tools,
+            R"([{"type":"function","function":{"name":"get_weather","parameters":{"type":"object",)"
+            R"("properties":{"city":{"type":"string"}}},"description":"d"}}])");
+  EXPECT_EQ(api.request.tool_choice, protocol::ToolChoice::function);
+  EXPECT_EQ(api.request.tool_choice_function, "get_weather");
+  EXPECT_EQ(
+      openai::parse_request(Endpoint::chat_completions,
+                            R"({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function",
+                              "function": {"name": "f"}}], "tool_choice": "required"})",
+                            openai::ApiSettings{})
+          .request.tool_choice,
+      protocol::ToolChoice::required);
+
+  protocol::Final f;
+  f.finish_reason = protocol::FinishReason::tool_calls;
+  f.tool_calls = {{"call_1", "get_weather", R"({"city": "Oslo"})"}, {"call_2", "now", "{}"}};
+  const json body = openai::response(api, {f}, "chatcmpl-1", 7, "nibble");
+  const json& choice = body["choices"][0];
+  EXPECT_EQ(choice["finish_reason"], "tool_calls");
+  EXPECT_TRUE(choice["message"]["content"].is_null());
+  EXPECT_EQ(choice["message"]["tool_calls"],
+            json::parse(R"([{"id": "call_1", "type": "function", "function": {"name": "get_weather",
+                "arguments": "{\"city\": \"Oslo\"}"}}, {"id": "call_2", "type": "function", "function":
+                {"name": "now", "arguments": "{}"}}])"));
+  f.text = "Looking.";
+  EXPECT_EQ(openai::response(api, {f}, "chatcmpl-1", 7, "nibble")["choices"][0]["message"]["content"],
+            "Looking.");
+  const json chunk = openai::tool_calls_chunk(api, 0, f, "chatcmpl-1", 7, "nibble");
+  EXPECT_EQ(chunk["object"], "chat.completion.chunk");
+  const json& calls = chunk["choices"][0]["delta"]["tool_calls"];
+  ASSERT_EQ(calls.size(), 2u);
+  EXPECT_EQ(calls[1]["index"], 1);
+  EXPECT_EQ(calls[1]["function"]["name"], "now");
+  EXPECT_EQ(openai::finish_chunk(api, 0, f, "chatcmpl-1", 7, "nibble")["choices"][0]["finish_reason"],
+            "tool_calls");
+}
+
 TEST(OpenAiApi, TokenizeAndDetokenizeWithTheModelsTokenizer) {
   test::TempDir dir;
   const std::string path = (dir.path() / "tiny.gguf").string();
@@ -692,10 +764,12 @@ struct Service {
   std::string model = (dir.path() / "tiny.gguf").string();
 
   // with_tokenizer: the gateway gets the model's tokenizer (--tokenizer) and names logprobs' tokens by text.
-  explicit Service(bool with_tokenizer = false) {
+  // yaml: the job's configuration beyond the model.
+  explicit Service(
+      bool with_tokenizer = false,
+      const std::string& yaml = "chat_template: chatml\ncontext: 256\nkv_cache: { num_blocks: 64 }\n") {
     model::write_random_llama(model, model::llama_shape_by_name("tiny"), kernels::DType::Q4_0, 5);
-    job = std::make_unique<ServeJob>(dir.path(), model, 1, 1,
-                                     "chat_template: chatml\ncontext: 256\nkv_cache: { num_blocks: 64 }\n");
+    job = std::make_unique<ServeJob>(dir.path(), model, 1, 1, yaml);
     EXPECT_TRUE(job->wait_ready()) << job->log();
     gateway = std::make_unique<GatewayProcess>(
         dir.path(), job->endpoint(),
@@ -1280,6 +1354,25 @@ TEST(OpenAiServer, TheOpenAiPythonPackageTalksToIt) {
       " http://127.0.0.1:" + std::to_string(service.port()) + " tiny");
   EXPECT_EQ(r.exit_code, 0) << r.output;
   EXPECT_NE(r.output.find(" ok"), std::string::npos) << r.output;
+}
+
+// Function calling through the gateway with the openai package (tools/openai_sdk_check.py's tools part):
+// a named tool_choice answers a call the SDK parses (message.tool_calls, finish_reason "tool_calls"),
+// whole and streamed, and the conversation goes on with the call and its result.
+TEST(OpenAiServer, TheOpenAiPythonPackageCallsTools) {
+  if (test::run_command(test::python() + " -c 'import openai'").exit_code != 0)
+    GTEST_SKIP() << "the openai Python package is not installed (pip install openai)";
+  if (!fs::exists(test_jobs::mpiexec())) GTEST_SKIP() << "mpirun (" << test_jobs::mpiexec() << ") is absent";
+  for (const std::string format : {"llama3", "chatml"}) {
+    SCOPED_TRACE(format);
+    Service service(false, "chat_template: " + format + "\ncontext: 2048\nkv_cache: { num_blocks: 160 }\n");
+    ASSERT_GT(service.port(), 0);
+    const test::CommandResult r = test::run_command(
+        test::python() + " " + (test::source_dir() / "tools" / "openai_sdk_check.py").string() +
+        " http://127.0.0.1:" + std::to_string(service.port()) + " tiny --tools");
+    EXPECT_EQ(r.exit_code, 0) << r.output;
+    EXPECT_NE(r.output.find("tools ok"), std::string::npos) << r.output;
+  }
 }
 
 // JSON mode through the gateway: response_format json_object reaches the workers, which mask the output to

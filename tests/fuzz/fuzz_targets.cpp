@@ -26,6 +26,7 @@
 #include "model/requantize.hpp"
 #include "model/safetensors.hpp"
 #include "model/tokenizer.hpp"
+#include "model/tool_calls.hpp"
 #include "model/unicode_utf8.hpp"
 #include "tests/support/test_support.hpp"
 #include "worker/generator.hpp"
@@ -770,6 +771,56 @@ std::vector<std::vector<uint8_t>> json_output_seeds() {
           bytes_of(" {\"\xc3\xa9\xe2\x82\xac\xf0\x9f\x98\x80\": [[], {}, \"\"]}"), bytes_of("{}")};
 }
 
+// ------------------------------------------------------------------ tool calls
+
+// Any text as a model's answer, in both forms, free and held to a call: read as calls (each one's
+// arguments a JSON object's text, the content the text before them) or as the content whole; what may be
+// streamed never exceeds the text nor shrinks as it grows. Any text as a request's tools: read or refused
+// with a message.
+Outcome run_tool_calls(std::span<const uint8_t> input) {
+  const std::string_view text(reinterpret_cast<const char*>(input.data()), input.size());
+  bool calls = false;
+  for (const model::ToolPrompt& prompt : {model::ToolPrompt{model::ToolForm::llama3_json, ""},
+                                          model::ToolPrompt{model::ToolForm::hermes, ""}}) {
+    for (const bool required : {false, true}) {
+      const model::ParsedAnswer answer = model::parse_tool_calls(prompt, text, required);
+      if (answer.calls.empty()) {
+        require(answer.content == text, "tool_calls: no calls, and the content is not the text");
+        continue;
+      }
+      calls = true;
+      require(text.starts_with(answer.content), "tool_calls: the content is not the text before the calls");
+      for (const model::ToolCall& call : answer.calls)
+        require(nlohmann::json::parse(call.arguments, nullptr, false).is_object(),
+                "tool_calls: arguments that are not a JSON object: " + call.arguments);
+    }
+    size_t before = 0;
+    for (size_t n = 0; n <= std::min<size_t>(text.size(), 256); ++n) {
+      const size_t now = model::streamable_content(prompt, text.substr(0, n), false);
+      require(now >= before && now <= n, "tool_calls: streamable text shrank or ran past the text");
+      before = now;
+    }
+  }
+  try {
+    model::parse_tools(text);
+    return {true, ""};
+  } catch (const std::invalid_argument& e) {
+    if (calls) return {true, ""};
+    return {false, e.what()};
+  }
+}
+
+std::vector<std::vector<uint8_t>> tool_calls_seeds() {
+  return {
+      bytes_of(
+          R"({"name": "get_weather", "parameters": {"city": "Oslo", "days": [1, 2.5]}}; {"name": "n", "arguments": {}})"),
+      bytes_of("Sure.\n<tool_call>\n{\"name\": \"a\", \"arguments\": {\"s\": "
+               "\"}{\"}}\n</tool_call>\n"),
+      bytes_of(
+          R"([{"type": "function", "function": {"name": "f", "description": "d", "parameters": {"type": "object"}}}])"),
+      bytes_of("<|python_tag|>{\"name\": \"x\", \"parameters\": {\"\u00e9\": null}}")};
+}
+
 }  // namespace
 
 const std::vector<Target>& targets() {
@@ -786,6 +837,7 @@ const std::vector<Target>& targets() {
       {"openai_request", run_openai_request, openai_request_seeds},
       {"json_output", run_json_output, json_output_seeds},
       {"json_schema", run_json_schema, json_schema_seeds},
+      {"tool_calls", run_tool_calls, tool_calls_seeds},
   };
   return all;
 }

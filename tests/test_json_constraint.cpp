@@ -337,7 +337,19 @@ TEST(JsonSchema, CompilesTheSubsetAndRefusesTheRestByName) {
        "an alternative that takes any value"},
       {R"({"type": "object", "properties": {"a": {"enum": [1, 2]}}})", "json_schema.properties.a.enum"},
       {R"({"type": "object", "properties": {"a": {"type": "strin"}}})", "'strin' is not a JSON Schema type"},
-      {R"({"type": "object", "properties": {"a": {"$ref": "#/x"}}})", "'$ref' is not supported"},
+      {R"({"type": "object", "properties": {"a": {"$ref": "#/x"}}})",
+       "json_schema.properties.a.$ref: '#/x' names nothing"},
+      {R"({"type": "object", "properties": {"a": {"$ref": "other.json#/x"}}})",
+       "only references inside the schema"},
+      {R"({"type": "object", "properties": {"a": {"$ref": "#/$defs/A", "type": "object"}}, "$defs": {"A": {}}})",
+       "json_schema.properties.a: 'type' beside $ref"},
+      {R"({"type": "object", "properties": {"a": {"allOf": [{}, {}]}}})",
+       "json_schema.properties.a.allOf: only one"},
+      {R"({"type": "object", "properties": {"n": {"$ref": "#/$defs/Node"}},
+           "$defs": {"Node": {"type": "object", "properties": {"next": {"$ref": "#/$defs/Node"}}}}})",
+       "json_schema.$defs.Node.properties.next.$ref: '#/$defs/Node' refers to itself"},
+      {R"({"type": "object", "properties": {"a": {"$ref": "#/$defs/B"}}, "$defs": {"B": {"type": "integer", "minimum": 1}}})",
+       "json_schema.$defs.B: 'minimum' is not supported"},
       {R"({"type": "object", "properties": {"a": {"type": "integer", "items": {}}}})",
        "'items' does not apply to type integer"},
       {"{\"type\": ", "json_schema: not JSON"},
@@ -357,6 +369,45 @@ TEST(JsonSchema, CompilesTheSubsetAndRefusesTheRestByName) {
     } catch (const std::invalid_argument& e) {
       EXPECT_NE(std::string(e.what()).find(message), std::string::npos) << e.what();
     }
+  }
+}
+
+// What pydantic writes for nested models (model_json_schema()): "$defs" at the root, "$ref" to them
+// (an enum, an optional nested model, a list of them), "allOf" of one reference, titles everywhere.
+TEST(JsonSchema, ReferencesToDefinitionsStandForThem) {
+  const char* pydantic = R"({
+    "$defs": {
+      "Color": {"enum": ["red", "green"], "title": "Color", "type": "string"},
+      "Point": {"properties": {"x": {"title": "X", "type": "integer"}, "y": {"title": "Y", "type": "integer"}},
+                "required": ["x", "y"], "title": "Point", "type": "object", "additionalProperties": false},
+      "Shape": {"properties": {"color": {"$ref": "#/$defs/Color"}, "points": {"items": {"$ref": "#/$defs/Point"},
+                "title": "Points", "type": "array"}}, "required": ["color", "points"], "title": "Shape",
+                "type": "object", "additionalProperties": false}
+    },
+    "properties": {
+      "main": {"allOf": [{"$ref": "#/$defs/Shape"}], "description": "the main one"},
+      "other": {"anyOf": [{"$ref": "#/$defs/Shape"}, {"type": "null"}], "default": null},
+      "origin": {"$ref": "#/definitions/Origin"}
+    },
+    "definitions": {"Origin": {"$ref": "#/$defs/Point"}},
+    "required": ["main"], "title": "Drawing", "type": "object", "additionalProperties": false
+  })";
+  const auto schema = JsonSchema::compile(pydantic);
+  for (
+      const char* instance :
+      {R"({"main": {"color": "red", "points": [{"x": 1, "y": -2}]}})",
+       R"({"main": {"color": "green", "points": []}, "other": null, "origin": {"x": 0, "y": 0}})",
+       R"({"main": {"color": "red", "points": []}, "other": {"color": "green", "points": [{"x": 3, "y": 4}]}})"}) {
+    EXPECT_EQ(run_schema(*schema, instance), std::make_pair(std::string_view(instance).size(), true))
+        << instance;
+  }
+  // The byte that breaks each definition's rule is refused.
+  for (const auto& [text, at] : std::vector<std::pair<std::string, size_t>>{
+           {R"({"main": {"color": "blue")", 20},                       // not one of Color's values
+           {R"({"main": {"color": "red", "points": [{"x": 1.5)", 44},  // Point's x is an integer
+           {R"({"origin": {"x": 1}})", 18},                            // Point requires y
+           {R"({"other": 5)", 10}}) {                                  // Shape or null
+    EXPECT_EQ(run_schema(*schema, text).first, at) << text;
   }
 }
 

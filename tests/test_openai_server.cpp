@@ -1375,6 +1375,22 @@ TEST(OpenAiServer, TheOpenAiPythonPackageCallsTools) {
   }
 }
 
+// Structured output as the openai package asks for it from a pydantic model (chat.completions.parse:
+// a strict schema with "$defs" and "$ref" for the nested models, anyOf with null for the optional one):
+// each answer parses back into the model (tools/openai_sdk_check.py --structured).
+TEST(OpenAiServer, TheOpenAiPythonPackageParsesPydanticModels) {
+  if (test::run_command(test::python() + " -c 'import openai, pydantic'").exit_code != 0)
+    GTEST_SKIP() << "the openai Python package is not installed (pip install openai)";
+  if (!fs::exists(test_jobs::mpiexec())) GTEST_SKIP() << "mpirun (" << test_jobs::mpiexec() << ") is absent";
+  Service service;
+  ASSERT_GT(service.port(), 0);
+  const test::CommandResult r = test::run_command(
+      test::python() + " " + (test::source_dir() / "tools" / "openai_sdk_check.py").string() +
+      " http://127.0.0.1:" + std::to_string(service.port()) + " tiny --structured");
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("structured ok"), std::string::npos) << r.output;
+}
+
 // JSON mode through the gateway: response_format json_object reaches the workers, which mask the output to
 // a JSON object ('}' biased to win closes the first one it may; the answer ends there, as "stop").
 TEST(OpenAiServer, JsonModeAnswersAJsonObject) {

@@ -5,13 +5,18 @@ logprobs, and the SDK's own error classes for refusals. Exits non-zero on the fi
 
 With --tools, function calling instead: a named tool_choice's call, whole and streamed, and the
 conversation continued with the call and its result (a server whose chat format has a tool form).
+With --structured, the SDK's structured output: chat.completions.parse with a pydantic model (nested
+models as "$defs" and "$ref", an optional one, an enum), its answer parsed back into the model.
 
-  python3 tools/openai_sdk_check.py http://127.0.0.1:PORT MODEL_NAME [--tools]
+  python3 tools/openai_sdk_check.py http://127.0.0.1:PORT MODEL_NAME [--tools | --structured]
 """
+import enum
 import json
 import sys
+import typing
 
 import openai
+import pydantic
 
 # Its arguments' values are bounded (an enum, a boolean), so even a random model's call ends.
 SET_MODE = {"type": "function", "function": {
@@ -71,11 +76,42 @@ def tools(client: openai.OpenAI, model: str) -> None:
     print("openai", openai.__version__, "tools ok")
 
 
+class Color(str, enum.Enum):
+    RED = "red"
+    GREEN = "green"
+
+
+class Mode(pydantic.BaseModel):  # every value bounded, so even a random model's answer ends
+    unit: typing.Literal["celsius", "fahrenheit"]
+    hourly: bool
+
+
+class Settings(pydantic.BaseModel):
+    primary: Mode
+    backup: typing.Optional[Mode]
+    color: Color
+
+
+def structured(client: openai.OpenAI, model: str) -> None:
+    for seed in range(3):
+        completion = client.chat.completions.parse(model=model, response_format=Settings, max_tokens=200,
+                                                   messages=[{"role": "user", "content": "Settings, please."}],
+                                                   temperature=1.0, seed=seed)
+        message = completion.choices[0].message
+        assert completion.choices[0].finish_reason == "stop", completion.choices[0]
+        assert isinstance(message.parsed, Settings), message
+        assert Settings.model_validate_json(message.content) == message.parsed
+    print("openai", openai.__version__, "pydantic", pydantic.VERSION, "structured ok")
+
+
 def main() -> None:
     base, model = sys.argv[1], sys.argv[2]
     client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
     if sys.argv[3:] == ["--tools"]:
         tools(client, model)
+        return
+    if sys.argv[3:] == ["--structured"]:
+        structured(client, model)
         return
     assert [m.id for m in client.models.list()] == [model]
 

@@ -1,5 +1,6 @@
 #include "worker/json_schema.hpp"
 
+#include <algorithm>
 #include <nlohmann/json.hpp>
 #include <set>
 #include <stdexcept>
@@ -40,6 +41,8 @@ char begins_with(unsigned char c) {
 
 struct JsonSchemaCompiler {
   JsonSchema& out;
+  const json& document;                // the whole schema, where "#/..." references point
+  std::vector<std::string> expanding;  // the references being compiled (one inside another: recursion)
 
   [[noreturn]] static void refuse(const std::string& where, const std::string& what) {
     throw std::invalid_argument(where + ": " + what);
@@ -88,6 +91,29 @@ struct JsonSchemaCompiler {
     return add(std::move(node));
   }
 
+  // The schema a "$ref" names, compiled where it is used (its depth counts from there); a reference
+  // inside its own expansion (a recursive schema) is refused: the output's nesting must stay bounded.
+  uint16_t compile_reference(const json& ref, const std::string& where, int depth) {
+    if (!ref.is_string() || !ref.get<std::string>().starts_with("#"))
+      refuse(where + ".$ref", "only references inside the schema (\"#/$defs/Name\")");
+    const std::string target = ref.get<std::string>();
+    if (std::find(expanding.begin(), expanding.end(), target) != expanding.end())
+      refuse(where + ".$ref", "'" + target + "' refers to itself (recursive schemas are not supported)");
+    const json* named = nullptr;
+    try {
+      named = &document.at(json::json_pointer(target.substr(1)));
+    } catch (const json::exception&) {
+      refuse(where + ".$ref", "'" + target + "' names nothing in the schema");
+    }
+    expanding.push_back(target);
+    std::string place =
+        "json_schema";  // errors inside name the definition's place: json_schema.$defs.Name...
+    for (const char c : target.substr(1)) place += c == '/' ? '.' : c;
+    const uint16_t node = compile(*named, place, depth);
+    expanding.pop_back();
+    return node;
+  }
+
   uint16_t add(JsonSchemaNode node) {
     if (out.nodes_.size() >= JsonSchema::kMaxNodes)
       throw std::invalid_argument("json_schema: more than " + std::to_string(JsonSchema::kMaxNodes) +
@@ -100,12 +126,29 @@ struct JsonSchemaCompiler {
   uint16_t compile(const json& schema, const std::string& where, int depth = 0) {
     if (schema.is_boolean() && schema.get<bool>()) return out.any_;
     if (!schema.is_object()) refuse(where, "expected a schema object");
-    static const std::set<std::string> kIgnored = {"title",   "description", "$schema",
-                                                   "default", "examples",    "$comment"};
+    // Definitions are read where a reference names them ($defs, definitions: pydantic's and older tools').
+    static const std::set<std::string> kIgnored = {"title",    "description", "$schema", "default",
+                                                   "examples", "$comment",    "$defs",   "definitions"};
     static const std::set<std::string> kKnown = {"type",  "properties", "required", "additionalProperties",
-                                                 "items", "enum",       "const",    "anyOf"};
+                                                 "items", "enum",       "const",    "anyOf",
+                                                 "$ref",  "allOf"};
     for (const auto& [key, value] : schema.items()) {
       if (!kKnown.contains(key) && !kIgnored.contains(key)) refuse(where, "'" + key + "' is not supported");
+    }
+    // A reference ("#/$defs/Name", any JSON pointer into the document) or allOf of one schema stands for
+    // that schema; beside them only annotations.
+    for (const char* wrapper : {"$ref", "allOf"}) {
+      if (!schema.contains(wrapper)) continue;
+      for (const auto& [key, value] : schema.items()) {
+        if (key != wrapper && kKnown.contains(key)) refuse(where, "'" + key + "' beside " + wrapper);
+      }
+      if (std::string(wrapper) == "allOf") {
+        const json& all = schema["allOf"];
+        if (!all.is_array() || all.size() != 1)
+          refuse(where + ".allOf", "only one schema (an intersection of several is not supported)");
+        return compile(all[0], where + ".allOf[0]", depth);
+      }
+      return compile_reference(schema["$ref"], where, depth);
     }
     const auto only = [&](std::initializer_list<const char*> allowed, const std::string& type) {
       for (const char* key : {"properties", "required", "additionalProperties", "items", "enum", "const"}) {
@@ -251,7 +294,7 @@ std::shared_ptr<const JsonSchema> JsonSchema::compile(std::string_view text) {
   const json schema = json::parse(text, nullptr, /*allow_exceptions=*/false);
   if (schema.is_discarded()) throw std::invalid_argument("json_schema: not JSON");
   auto out = std::make_shared<JsonSchema>();
-  JsonSchemaCompiler compiler{*out};
+  JsonSchemaCompiler compiler{*out, schema, {}};
   out->any_ = compiler.add(JsonSchemaNode{});
   out->root_ = compiler.compile(schema, "json_schema");
   if (out->node(out->root_).kind != JsonSchemaNode::Kind::object)

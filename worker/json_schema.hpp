@@ -3,8 +3,10 @@
 // llama.cpp's json_schema), compiled for the output constraint (worker/json_constraint): a table of nodes
 // the recognizer walks as it reads. The subset: "type" object (with "properties", "required",
 // "additionalProperties": false; without "properties", any keys), array ("items"), string (with "enum" or
-// "const" of strings), integer, number, boolean, null; {} or no "type": any value. Annotations ("title",
-// "description", "$schema", "default", "examples") are ignored; any other keyword is refused by name
+// "const" of strings), integer, number, boolean, null; {} or no "type": any value; "$ref" to a schema in
+// the document ("#/$defs/Name", as pydantic writes nested models; not recursive ones) and "allOf" of one
+// schema stand for it. Annotations ("title", "description", "$schema", "default", "examples") are
+// ignored; any other keyword is refused by name
 // rather than silently not enforced. The root is an object. Unions ("type": [...] and "anyOf") whose
 // alternatives begin differently (an object, an array, a string, a number, a boolean, null: told apart
 // by the value's first byte; integer and number together are a number), as OpenAI's nullable fields

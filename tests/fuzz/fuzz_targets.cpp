@@ -755,15 +755,19 @@ Outcome run_json_schema(std::span<const uint8_t> input) {
 }
 
 std::vector<std::vector<uint8_t>> json_schema_seeds() {
-  return {bytes_of(R"({"type": "object", "properties": {"a": {"type": "integer"}, "b": {"enum": ["x", "y"]},
+  return {
+      bytes_of(R"({"type": "object", "properties": {"a": {"type": "integer"}, "b": {"enum": ["x", "y"]},
                       "c": {"type": "array", "items": {"type": "boolean"}}, "d": {"type": "object",
                       "properties": {"e": {"type": "number"}}, "required": ["e"]}}, "required": ["a"],
                       "additionalProperties": false, "title": "t"})"),
-          bytes_of(R"({"type": "object"})"),
-          bytes_of(R"({"properties": {"s": {"const": "k"}, "n": {"type": "null"}}})"),
-          bytes_of(R"({"type": "object", "properties": {"u": {"type": ["string", "integer", "null"]},
+      bytes_of(R"({"type": "object"})"),
+      bytes_of(R"({"properties": {"s": {"const": "k"}, "n": {"type": "null"}}})"),
+      bytes_of(R"({"type": "object", "properties": {"u": {"type": ["string", "integer", "null"]},
                       "v": {"anyOf": [{"type": "object", "properties": {"w": {"type": "boolean"}}}, {"type": "null"},
-                      {"type": "array", "items": {"type": "number"}}]}}})")};
+                      {"type": "array", "items": {"type": "number"}}]}}})"),
+      bytes_of(R"({"$defs": {"P": {"type": "object", "properties": {"x": {"type": "integer"}}}, "C": {"enum":
+                      ["a"]}}, "type": "object", "properties": {"p": {"$ref": "#/$defs/P"}, "q": {"allOf":
+                      [{"$ref": "#/$defs/C"}]}, "r": {"anyOf": [{"$ref": "#/$defs/P"}, {"type": "null"}]}}})")};
 }
 
 std::vector<std::vector<uint8_t>> json_output_seeds() {

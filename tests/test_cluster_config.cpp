@@ -152,6 +152,20 @@ TEST(ClusterConfig, DerivedDefaults) {
   EXPECT_EQ(config.draft->max_draft_tokens, 4);
   EXPECT_TRUE(config.draft->adaptive);
   EXPECT_EQ(config.draft->placement, DraftPlacement::last_stage);
+  EXPECT_EQ(config.draft->method, DraftMethod::model);
+  EXPECT_TRUE(config.has_draft_model());
+  // Prompt lookup: no draft model, so no path, no placement and no rank of its own.
+  const ClusterConfig lookup = parse_cluster_config(
+      "model: {path: m.gguf}\ndraft: {method: ngram, ngram_max: 3, max_draft_tokens: 5}\n", "t");
+  ASSERT_TRUE(lookup.draft.has_value());
+  EXPECT_EQ(lookup.draft->method, DraftMethod::ngram);
+  EXPECT_EQ(lookup.draft->ngram_min, 1);
+  EXPECT_EQ(lookup.draft->ngram_max, 3);
+  EXPECT_EQ(lookup.draft->max_draft_tokens, 5);
+  EXPECT_FALSE(lookup.has_draft_model());
+  EXPECT_FALSE(lookup.draft_has_own_rank());
+  EXPECT_EQ(lookup.world_size(), 2);
+  EXPECT_EQ(parse_cluster_config(render_cluster_config(lookup), "rendered"), lookup);
   // threads: auto shares the cores among the host's workers, never below one.
   EXPECT_EQ(config.worker_threads(16, 4), 4);
   EXPECT_EQ(config.worker_threads(2, 3), 1);
@@ -227,6 +241,14 @@ TEST(ClusterConfig, OutOfRangeValues) {
   expect_error("model: {path: m}\ndraft:\n  path: d\n  adaptive: maybe\n", "draft.adaptive", 4);
   expect_error("model: {path: m}\ndraft:\n  path: d\n  placement: first_stage\n", "draft.placement", 4,
                {"last_stage, own_rank"});
+  expect_error("model: {path: m}\ndraft:\n  method: eagle\n", "draft.method", 3, {"model, ngram"});
+  expect_error("model: {path: m}\ndraft:\n  method: ngram\n  path: d\n", "draft.path", 4, {"no draft model"});
+  expect_error("model: {path: m}\ndraft:\n  method: ngram\n  placement: own_rank\n", "draft.placement", 4,
+               {"no draft model to place"});
+  expect_error("model: {path: m}\ndraft:\n  method: ngram\n  ngram_min: 3\n  ngram_max: 2\n",
+               "draft.ngram_max", 5, {"ngram_max 2 is below ngram_min 3"});
+  expect_error("model: {path: m}\ndraft:\n  path: d\n  ngram_max: 2\n", "draft.ngram_max", 4,
+               {"only with method: ngram"});
   expect_error("model: {path: m}\ndevice: gpu\n", "device", 2, {"expected one of cpu, cuda, got 'gpu'"});
   expect_error("model: {path: m}\nint4_kernels: fastest\n", "int4_kernels", 2,
                {"expected one of measured, cuda_cores, tensor_cores, half2, got 'fastest'"});

@@ -661,8 +661,10 @@ std::string spec_name(const ::testing::TestParamInfo<SpecCase>& info) {
       .append(info.param.own_rank ? "_own_rank" : "");
 }
 
+// draft "ngram": prompt lookup (no model).
 std::string draft_yaml(const std::string& draft, int k, bool own_rank) {
-  return "draft: { path: \"" + draft + "\", max_draft_tokens: " + std::to_string(k) + ", adaptive: false" +
+  const std::string what = draft == "ngram" ? "method: ngram" : "path: \"" + draft + "\"";
+  return "draft: { " + what + ", max_draft_tokens: " + std::to_string(k) + ", adaptive: false" +
          (own_rank ? ", placement: own_rank" : "") + " }\n";
 }
 class ServeSpeculative : public ::testing::TestWithParam<SpecCase> {};
@@ -709,6 +711,18 @@ TEST_P(ServeSpeculative, GreedyOutputWithADraftEqualsGenerate) {
   const std::string other = (models.path() / "other.gguf").string();
   model::write_random_llama(other, model::llama_shape_by_name("tiny"), kernels::DType::Q4_0, 99);
   expect_speculative_same_as_generate(target, other, GetParam(), false);
+}
+
+// Prompt lookup instead of a draft model: the same tokens as generate, in every layout, with proposals
+// made (the prompts and a small model's output repeat tokens).
+TEST(Serve, GreedyOutputWithNgramDraftsEqualsGenerate) {
+  test::TempDir models;
+  const std::string target = make_tiny_model(models.path());
+  for (const SpecCase& c : {SpecCase{1, 1, 1}, SpecCase{1, 1, 3}, SpecCase{1, 1, 5}, SpecCase{2, 2, 1},
+                            SpecCase{2, 2, 3}, SpecCase{2, 2, 5}}) {
+    SCOPED_TRACE(spec_name(::testing::TestParamInfo<SpecCase>(c, 0)));
+    expect_speculative_same_as_generate(target, "ngram", c, false);
+  }
 }
 
 TEST_P(ServeSpeculative, FixtureModelsGreedyOutputWithADraftEqualsGenerate) {

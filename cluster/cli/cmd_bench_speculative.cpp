@@ -12,12 +12,14 @@
 #include <iostream>
 #include <memory>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <sstream>
 
 #include "cluster/cli/commands.hpp"
 #include "cluster/cli/model_session.hpp"
 #include "cluster/cli/peer_process.hpp"
 #include "cluster/local_engine.hpp"
+#include "speculative/ngram_draft.hpp"
 #include "speculative/speculator.hpp"
 #include "speculative/vocab_match.hpp"
 #include "worker/cuda_llama_model.hpp"
@@ -27,7 +29,8 @@ namespace nibble::cli {
 namespace {
 
 struct Args {
-  std::string model, draft;
+  std::string model, draft;  // draft "ngram": prompt lookup (speculative/ngram_draft.hpp), no model
+  int ngram_min = 1, ngram_max = 4;
   int draft_tokens = 4;
   std::string batches = "1,8,32";
   int gen_tokens = 128;
@@ -68,9 +71,10 @@ struct Measured {
   double tokens_per_second() const { return seconds > 0 ? static_cast<double>(tokens) / seconds : 0; }
 };
 
+// draft or lookup: what proposes (neither: plain decoding).
 Measured run_batch(worker::ForwardModel& target, const model::Tokenizer& tokenizer,
                    worker::ForwardModel* draft, const speculative::SpeculatorSettings& settings, int batch,
-                   int gen_tokens) {
+                   int gen_tokens, speculative::DraftProposer* lookup = nullptr) {
   cluster::SchedulerConfig config;
   config.max_running = batch;
   config.max_queue = batch;
@@ -81,6 +85,7 @@ Measured run_batch(worker::ForwardModel& target, const model::Tokenizer& tokeniz
   config.prefix_caching = false;  // every run computes its prompts: the runs time the same work
   std::unique_ptr<speculative::Speculator> speculator;
   if (draft != nullptr) speculator = std::make_unique<speculative::Speculator>(*draft, settings);
+  if (lookup != nullptr) speculator = std::make_unique<speculative::Speculator>(*lookup, settings);
   cluster::LocalEngine engine(target, tokenizer, config, speculator.get());
   for (int i = 0; i < batch; ++i) {
     cluster::EngineRequest r;
@@ -159,26 +164,46 @@ int run(const Args& a) {
     const std::string why = worker::cuda_unavailable_reason();
     if (!why.empty()) throw std::runtime_error("--device cuda: " + why);
   }
+  const bool ngram = a.draft == "ngram";
+  if (ngram && a.peer)
+    throw std::runtime_error("--peer: llama.cpp's peer runs a draft model, not --draft ngram");
   ModelSession target_session = ModelSession::open(a.model, a.threads, /*cpu_model=*/!cuda);
-  ModelSession draft_session = ModelSession::open(a.draft, 1, /*cpu_model=*/!cuda);
-  speculative::check_vocab_match(target_session.require_tokenizer(), draft_session.require_tokenizer(),
-                                 a.draft);
+  std::optional<ModelSession> draft_session;
+  if (!ngram) {
+    draft_session.emplace(ModelSession::open(a.draft, 1, /*cpu_model=*/!cuda));
+    speculative::check_vocab_match(target_session.require_tokenizer(), draft_session->require_tokenizer(),
+                                   a.draft);
+  }
   // Both models on the target's threads (the draft runs between the target's passes, not beside them).
   DeviceModel target = make_device_model(target_session, *target_session.pool, cuda);
-  DeviceModel draft = make_device_model(draft_session, *target_session.pool, cuda);
+  DeviceModel draft;
+  if (!ngram) draft = make_device_model(*draft_session, *target_session.pool, cuda);
   const model::Tokenizer& target_tokenizer = *target_session.tokenizer;
-  const model::Tokenizer& draft_tokenizer = *draft_session.tokenizer;
+  std::unique_ptr<speculative::NgramDraft> lookup;
+  if (ngram)
+    lookup =
+        std::make_unique<speculative::NgramDraft>(target.forward->config().n_vocab, a.ngram_min, a.ngram_max);
   std::vector<int> batches;
   std::stringstream list(a.batches);
   for (std::string item; std::getline(list, item, ',');) batches.push_back(std::stoi(item));
 
-  // What the adaptive mode decides with: measured pass times of both models.
-  const speculative::CostModel costs = speculative::CostModel::measure(*target.forward, *draft.forward, 256);
+  // What the adaptive mode decides with: measured pass times of both models (prompt lookup: none).
+  speculative::CostModel costs;
+  if (ngram) {
+    costs.target = speculative::CostModel::measure_model(*target.forward, 256);
+    for (const auto& [tokens, seconds] : costs.target) costs.draft.emplace_back(tokens, 0.0);
+  } else {
+    costs = speculative::CostModel::measure(*target.forward, *draft.forward, 256);
+  }
   nlohmann::json rows = nlohmann::json::array();
   if (!a.json) {
     std::printf("target %s\ndraft  %s\n%s, %d tokens per request, temperature 0, k %s%d\n\n", a.model.c_str(),
-                a.draft.c_str(), cuda ? "device cuda" : ("threads " + std::to_string(a.threads)).c_str(),
-                a.gen_tokens, a.fixed_k ? "" : "<= ", a.draft_tokens);
+                ngram ? ("ngram (prompt lookup, n " + std::to_string(a.ngram_min) + ".." +
+                         std::to_string(a.ngram_max) + ")")
+                            .c_str()
+                      : a.draft.c_str(),
+                cuda ? "device cuda" : ("threads " + std::to_string(a.threads)).c_str(), a.gen_tokens,
+                a.fixed_k ? "" : "<= ", a.draft_tokens);
     // The cost model's view: what one forward pass of n tokens costs each model.
     std::printf("measured forward passes (ms):");
     for (size_t i = 0; i < costs.target.size(); ++i)
@@ -202,10 +227,12 @@ int run(const Args& a) {
     settings.costs = costs;
     for (int rep = 0; rep < a.repetitions; ++rep) {
       plains.push_back(run_batch(*target.forward, target_tokenizer, nullptr, settings, batch, a.gen_tokens));
-      specs.push_back(
-          run_batch(*target.forward, target_tokenizer, draft.forward.get(), settings, batch, a.gen_tokens));
+      specs.push_back(run_batch(*target.forward, target_tokenizer, draft.forward.get(), settings, batch,
+                                a.gen_tokens, lookup.get()));
       // The draft decoding alone, on the same threads: its cost per token relative to the target's.
-      drafts.push_back(run_batch(*draft.forward, draft_tokenizer, nullptr, settings, batch, a.gen_tokens));
+      if (!ngram)
+        drafts.push_back(
+            run_batch(*draft.forward, *draft_session->tokenizer, nullptr, settings, batch, a.gen_tokens));
       if (with_peer)
         peer_runs.push_back(run_peer_script(
             a.peer_script,
@@ -219,8 +246,9 @@ int run(const Args& a) {
       });
       return runs[runs.size() / 2];
     };
-    const Measured plain = median(plains), draft_alone = median(drafts), spec = median(specs);
-    const double draft_cost = plain.tokens_per_second() / draft_alone.tokens_per_second();
+    const Measured plain = median(plains), spec = median(specs);
+    const Measured draft_alone = ngram ? Measured{} : median(drafts);
+    const double draft_cost = ngram ? 0.0 : plain.tokens_per_second() / draft_alone.tokens_per_second();
     const double acceptance =
         spec.stats.proposed > 0 ? static_cast<double>(spec.stats.accepted) / spec.stats.proposed : 0.0;
     const double per_verify =
@@ -288,7 +316,13 @@ int run(const Args& a) {
 Runner add_bench_speculative(CLI::App& app) {
   auto a = std::make_shared<Args>();
   app.add_option("--model", a->model, "Target model (GGUF)")->required();
-  app.add_option("--draft", a->draft, "Draft model (GGUF) with the target's vocabulary")->required();
+  app.add_option("--draft", a->draft,
+                 "Draft model (GGUF) with the target's vocabulary, or ngram: prompt lookup, no draft model")
+      ->required();
+  app.add_option("--ngram-min", a->ngram_min, "--draft ngram: the shortest suffix looked up")
+      ->check(CLI::Range(1, 64));
+  app.add_option("--ngram-max", a->ngram_max, "--draft ngram: the longest suffix looked up")
+      ->check(CLI::Range(1, 64));
   app.add_option("--draft-tokens", a->draft_tokens, "Most tokens proposed per step (k)")
       ->check(CLI::Range(1, 16));
   app.add_option("--batch", a->batches, "Comma-separated batch sizes")->default_val("1,8,32");

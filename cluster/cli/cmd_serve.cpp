@@ -37,6 +37,7 @@
 #include "parallel/mpi_communicator.hpp"
 #include "parallel/rank_layout.hpp"
 #include "speculative/local_draft.hpp"
+#include "speculative/ngram_draft.hpp"
 #include "speculative/speculator.hpp"
 #include "speculative/vocab_match.hpp"
 #include "worker/cuda_llama_model.hpp"
@@ -331,7 +332,7 @@ int serve(const std::string& config_path) {
                 " has no tokenizer.json: serving needs the tokenizer (to read prompts and "
                 "write text)");
           }
-          if (config.draft.has_value()) {  // refuse a draft that would speak another vocabulary
+          if (config.has_draft_model()) {  // refuse a draft that would speak another vocabulary
             const auto draft_tokenizer = open_tokenizer(*model::LlamaCheckpoint::open(config.draft->path));
             if (draft_tokenizer == nullptr)
               throw std::runtime_error(config.draft->path +
@@ -363,7 +364,7 @@ int serve(const std::string& config_path) {
         }
         threads = config.worker_threads(default_threads(), workers_on_host);
         pool = std::make_unique<kernels::ThreadPool>(threads);
-        if (sampling_rank && config.draft.has_value() && !config.draft_has_own_rank()) {
+        if (sampling_rank && config.has_draft_model() && !config.draft_has_own_rank()) {
           if (gpu_rank) {
             gpu_draft = std::make_unique<worker::CudaLlamaModel>(
                 model::LlamaCheckpoint::open(config.draft->path), gpu_model_options(config, device));
@@ -494,6 +495,9 @@ int serve(const std::string& config_path) {
       measured_costs.target =
           speculative::CostModel::measure_model(*model, *pool, config.scheduler.max_batch_tokens);
       measured_costs.draft = draft_costs;
+      // Prompt lookup costs nothing next to a forward pass.
+      if (!config.has_draft_model())
+        measured_costs.draft = {{1, 0.0}, {config.scheduler.max_batch_tokens, 0.0}};
     }
   }
 
@@ -523,6 +527,7 @@ int serve(const std::string& config_path) {
       std::unique_ptr<worker::ForwardModel> draft_forward;  // the GPU draft's (declared before its user)
       std::unique_ptr<speculative::Speculator> speculator;
       std::unique_ptr<cluster::RemoteDraft> remote;
+      std::unique_ptr<speculative::NgramDraft> lookup;
       if (sampling_rank && config.draft.has_value()) {
         speculative::SpeculatorSettings settings;
         settings.max_draft_tokens = config.draft->max_draft_tokens;
@@ -541,7 +546,12 @@ int serve(const std::string& config_path) {
                                    : draft_file_bytes;
           settings.draft_cost = bytes / static_cast<double>(file->weight_bytes());
         }
-        if (gpu_draft != nullptr) {
+        if (!config.has_draft_model()) {
+          settings.draft_cost = 0.0;
+          lookup = std::make_unique<speculative::NgramDraft>(file->config().n_vocab, config.draft->ngram_min,
+                                                             config.draft->ngram_max);
+          speculator = std::make_unique<speculative::Speculator>(*lookup, settings);
+        } else if (gpu_draft != nullptr) {
           draft_forward = std::make_unique<worker::CudaForwardModel>(*gpu_draft, device);
           speculator = std::make_unique<speculative::Speculator>(*draft_forward, settings);
         } else if (draft_here) {
@@ -597,7 +607,12 @@ int serve(const std::string& config_path) {
                  info.stage, info.tp_rank, pids[static_cast<size_t>(r)], hosts[static_cast<size_t>(r)].data(),
                  gpu >= 0 ? (", GPU " + std::to_string(gpu)).c_str() : "");
   }
-  if (config.draft.has_value() && !config.draft_has_own_rank()) {
+  if (config.draft.has_value() && !config.has_draft_model()) {
+    std::fprintf(
+        stderr,
+        "nibble serve: ngram drafts (prompt lookup, n %d..%d) next to the sampling worker (rank %d)\n",
+        config.draft->ngram_min, config.draft->ngram_max, sampling_world_rank);
+  } else if (config.draft.has_value() && !config.draft_has_own_rank()) {
     // The sampling worker's stage on a GPU (the last, whole or a tensor shard) verifies sampled drafts on
     // the device (worker::CudaForwardModel::verifies_drafts); on the CPU it verifies its logits.
     const bool verify_on_gpu = cuda;

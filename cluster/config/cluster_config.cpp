@@ -221,9 +221,28 @@ ClusterConfig build_config(const Reader& reader, const Section& top, const std::
   config.model.path = reader.text(reader.require(model, "path"));
 
   if (const Entry* entry = top.find("draft")) {
-    const Section draft = reader.section(*entry, {"path", "max_draft_tokens", "adaptive", "placement"});
+    const Section draft = reader.section(
+        *entry, {"method", "path", "max_draft_tokens", "adaptive", "placement", "ngram_min", "ngram_max"});
     DraftConfig& out = config.draft.emplace();
-    out.path = reader.text(reader.require(draft, "path"));
+    if (const Entry* e = draft.find("method"))
+      out.method = static_cast<DraftMethod>(reader.choice(*e, {"model", "ngram"}));
+    if (out.method == DraftMethod::model) {
+      out.path = reader.text(reader.require(draft, "path"));
+      for (const char* key : {"ngram_min", "ngram_max"})
+        if (const Entry* e = draft.find(key)) reader.fail(e->path, e->line, "only with method: ngram");
+    } else {
+      if (const Entry* e = draft.find("path"))
+        reader.fail(e->path, e->line, "method: ngram proposes from the sequence itself: no draft model");
+      if (const Entry* e = draft.find("placement"))
+        reader.fail(e->path, e->line, "method: ngram has no draft model to place");
+      if (const Entry* e = draft.find("ngram_min")) out.ngram_min = reader.integer<int>(*e, 1, 64);
+      if (const Entry* e = draft.find("ngram_max")) out.ngram_max = reader.integer<int>(*e, 1, 64);
+      if (out.ngram_max < out.ngram_min)
+        reader.fail(draft.find("ngram_max") != nullptr ? draft.find("ngram_max")->path : draft.path,
+                    draft.find("ngram_max") != nullptr ? draft.find("ngram_max")->line : draft.line,
+                    "ngram_max " + std::to_string(out.ngram_max) + " is below ngram_min " +
+                        std::to_string(out.ngram_min));
+    }
     if (const Entry* e = draft.find("max_draft_tokens"))
       out.max_draft_tokens = reader.integer<int>(*e, 1, 16);
     if (const Entry* e = draft.find("adaptive")) out.adaptive = reader.choice(*e, {"false", "true"}) == 1;
@@ -674,7 +693,7 @@ ClusterConfig load_cluster_config(const std::string& path) {
     if (model.is_relative()) model_path = (folder / model).lexically_normal().string();
   };
   resolve(config.model.path);
-  if (config.draft) resolve(config.draft->path);
+  if (config.draft && config.draft->method == DraftMethod::model) resolve(config.draft->path);
   return config;
 }
 
@@ -689,10 +708,16 @@ std::string render_cluster_config(const ClusterConfig& config) {
   out << YAML::EndMap;
   if (config.draft) {
     out << YAML::Key << "draft" << YAML::Value << YAML::BeginMap;
-    out << YAML::Key << "path" << YAML::Value << YAML::DoubleQuoted << config.draft->path;
+    if (config.draft->method == DraftMethod::ngram) {
+      out << YAML::Key << "method" << YAML::Value << "ngram";
+      out << YAML::Key << "ngram_min" << YAML::Value << config.draft->ngram_min;
+      out << YAML::Key << "ngram_max" << YAML::Value << config.draft->ngram_max;
+    } else {
+      out << YAML::Key << "path" << YAML::Value << YAML::DoubleQuoted << config.draft->path;
+      out << YAML::Key << "placement" << YAML::Value << draft_placement_name(config.draft->placement);
+    }
     out << YAML::Key << "max_draft_tokens" << YAML::Value << config.draft->max_draft_tokens;
     out << YAML::Key << "adaptive" << YAML::Value << config.draft->adaptive;
-    out << YAML::Key << "placement" << YAML::Value << draft_placement_name(config.draft->placement);
     out << YAML::EndMap;
   }
   out << YAML::Key << "parallel" << YAML::Value << YAML::BeginMap;

@@ -10,10 +10,14 @@
 //   model:
 //     path: target.gguf          # GGUF file or HF checkpoint directory of the target (required)
 //   draft:                       # optional; present = speculative decoding on
-//     path: draft.gguf           # GGUF file or HF directory of the draft (required inside draft)
+//     method: model              # model: a draft model proposes | ngram: prompt lookup, no model
+//                                # (speculative/ngram_draft.hpp)
+//     path: draft.gguf           # method model: GGUF file or HF directory of the draft (required)
 //     max_draft_tokens: 4        # tokens proposed per step, 1..16
 //     adaptive: true             # false: always propose max_draft_tokens, never switch off
-//     placement: last_stage      # last_stage | own_rank (see DraftPlacement)
+//     placement: last_stage      # method model: last_stage | own_rank (see DraftPlacement)
+//     ngram_min: 1               # method ngram: the shortest suffix looked up, 1..64
+//     ngram_max: 4               # method ngram: the longest, ngram_min..64
 //   parallel:
 //     tensor: 1                  # T: tensor-parallel ranks per pipeline stage, >= 1
 //     pipeline: 1                # P: pipeline stages, >= 1
@@ -133,8 +137,16 @@ struct ModelConfig {
   bool operator==(const ModelConfig&) const = default;
 };
 
+// What proposes the draft tokens of speculative decoding.
+enum class DraftMethod {
+  model,  // a small draft model (path)
+  ngram,  // prompt lookup: the continuation of the sequence's last n tokens where they occurred before
+};
+
 struct DraftConfig {
-  std::string path;  // resolved like ModelConfig::path
+  DraftMethod method = DraftMethod::model;
+  std::string path;                  // method model; resolved like ModelConfig::path
+  int ngram_min = 1, ngram_max = 4;  // method ngram: suffix lengths looked up
   int max_draft_tokens = 4;
   // Adaptive k per sequence and the measured off-switch (speculative/speculator.hpp); false
   // proposes max_draft_tokens at every step (for measurements and tests of exactness).
@@ -216,8 +228,11 @@ struct ClusterConfig {
   // Processes mpirun must start: the coordinator plus tensor * pipeline workers, plus the draft's
   // own rank when it has one.
   int world_size() const { return 1 + parallel.tensor * parallel.pipeline + (draft_has_own_rank() ? 1 : 0); }
+  // A draft model to load (speculative decoding with method model).
+  bool has_draft_model() const { return draft.has_value() && draft->method == DraftMethod::model; }
   bool draft_has_own_rank() const {
-    return draft.has_value() && draft->placement == DraftPlacement::own_rank;
+    return draft.has_value() && draft->method == DraftMethod::model &&
+           draft->placement == DraftPlacement::own_rank;
   }
   int num_workers() const { return parallel.tensor * parallel.pipeline; }
 

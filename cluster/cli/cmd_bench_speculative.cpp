@@ -9,6 +9,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <fstream>
 #include <iostream>
 #include <memory>
 #include <nlohmann/json.hpp>
@@ -31,6 +32,7 @@ namespace {
 struct Args {
   std::string model, draft;  // draft "ngram": prompt lookup (speculative/ngram_draft.hpp), no model
   int ngram_min = 1, ngram_max = 4;
+  std::string prompts_file;  // one prompt a line; empty: kPrompts
   int draft_tokens = 4;
   std::string batches = "1,8,32";
   int gen_tokens = 128;
@@ -71,10 +73,11 @@ struct Measured {
   double tokens_per_second() const { return seconds > 0 ? static_cast<double>(tokens) / seconds : 0; }
 };
 
-// draft or lookup: what proposes (neither: plain decoding).
+// draft or lookup: what proposes (neither: plain decoding); batches cycle `prompts`.
 Measured run_batch(worker::ForwardModel& target, const model::Tokenizer& tokenizer,
                    worker::ForwardModel* draft, const speculative::SpeculatorSettings& settings, int batch,
-                   int gen_tokens, speculative::DraftProposer* lookup = nullptr) {
+                   int gen_tokens, const std::vector<std::string>& prompts,
+                   speculative::DraftProposer* lookup = nullptr) {
   cluster::SchedulerConfig config;
   config.max_running = batch;
   config.max_queue = batch;
@@ -90,7 +93,8 @@ Measured run_batch(worker::ForwardModel& target, const model::Tokenizer& tokeniz
   for (int i = 0; i < batch; ++i) {
     cluster::EngineRequest r;
     r.id = static_cast<uint64_t>(i);
-    r.prompt = tokenizer.encode(kPrompts[i % std::size(kPrompts)], tokenizer.add_bos_default());
+    r.prompt =
+        tokenizer.encode(prompts[static_cast<size_t>(i) % prompts.size()], tokenizer.add_bos_default());
     r.sampling.temperature = 0.0f;
     r.limits.max_tokens = gen_tokens;
     r.limits.ignore_eos = true;
@@ -165,6 +169,15 @@ int run(const Args& a) {
     if (!why.empty()) throw std::runtime_error("--device cuda: " + why);
   }
   const bool ngram = a.draft == "ngram";
+  std::vector<std::string> prompts(std::begin(kPrompts), std::end(kPrompts));
+  if (!a.prompts_file.empty()) {
+    std::ifstream in(a.prompts_file);
+    prompts.clear();
+    for (std::string line; std::getline(in, line);)
+      if (!line.empty()) prompts.push_back(line);
+    if (prompts.empty()) throw std::runtime_error("--prompts: " + a.prompts_file + " holds no prompt");
+  }
+  if (a.peer && !a.prompts_file.empty()) throw std::runtime_error("--peer runs the built-in prompts only");
   if (ngram && a.peer)
     throw std::runtime_error("--peer: llama.cpp's peer runs a draft model, not --draft ngram");
   ModelSession target_session = ModelSession::open(a.model, a.threads, /*cpu_model=*/!cuda);
@@ -226,13 +239,14 @@ int run(const Args& a) {
     const bool with_peer = a.peer && batch == 1;
     settings.costs = costs;
     for (int rep = 0; rep < a.repetitions; ++rep) {
-      plains.push_back(run_batch(*target.forward, target_tokenizer, nullptr, settings, batch, a.gen_tokens));
+      plains.push_back(
+          run_batch(*target.forward, target_tokenizer, nullptr, settings, batch, a.gen_tokens, prompts));
       specs.push_back(run_batch(*target.forward, target_tokenizer, draft.forward.get(), settings, batch,
-                                a.gen_tokens, lookup.get()));
+                                a.gen_tokens, prompts, lookup.get()));
       // The draft decoding alone, on the same threads: its cost per token relative to the target's.
       if (!ngram)
-        drafts.push_back(
-            run_batch(*draft.forward, *draft_session->tokenizer, nullptr, settings, batch, a.gen_tokens));
+        drafts.push_back(run_batch(*draft.forward, *draft_session->tokenizer, nullptr, settings, batch,
+                                   a.gen_tokens, prompts));
       if (with_peer)
         peer_runs.push_back(run_peer_script(
             a.peer_script,
@@ -319,6 +333,10 @@ Runner add_bench_speculative(CLI::App& app) {
   app.add_option("--draft", a->draft,
                  "Draft model (GGUF) with the target's vocabulary, or ngram: prompt lookup, no draft model")
       ->required();
+  app.add_option(
+         "--prompts", a->prompts_file,
+         "A file of prompts, one a line (batches cycle them; default: eight built-in English openings)")
+      ->check(CLI::ExistingFile);
   app.add_option("--ngram-min", a->ngram_min, "--draft ngram: the shortest suffix looked up")
       ->check(CLI::Range(1, 64));
   app.add_option("--ngram-max", a->ngram_max, "--draft ngram: the longest suffix looked up")

@@ -1,0 +1,168 @@
+// GBNF grammars (worker/gbnf_grammar): refusals by line and column; the recognizer against std::regex on
+// random texts for grammars that are regular (every repetition form, classes, negation, '.', UTF-8);
+// a recursive grammar; texts cut anywhere (inside a code point too) read as whole ones; the vocabulary
+// mask equal to allows() token by token, and random walks through it ending in sentences of the grammar.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+#include <regex>
+#include <string>
+#include <vector>
+
+#include "worker/gbnf_grammar.hpp"
+
+namespace nibble::worker {
+namespace {
+
+// Whether the recognizer takes all of `text` and calls it complete.
+bool matches(const Grammar& grammar, std::string_view text) {
+  GrammarPrefix p(&grammar);
+  return p.feed(text) && p.complete();
+}
+
+TEST(GbnfGrammar, RefusalsNameTheLineColumnAndProblem) {
+  const std::vector<std::pair<std::string, std::string>> refused = {
+      {"root ::= digit\n", "line 1, column 10: undefined rule 'digit'"},
+      {"item ::= \"x\"\n", "no rule 'root'"},
+      {"root ::= \"a\"\nroot ::= \"b\"\n", "line 2, column 1: rule 'root' is defined twice"},
+      {"root ::= expr\nexpr ::= expr \"+\" \"1\" | \"1\"\n", "rule 'expr' is left-recursive"},
+      {"root ::= a\na ::= b \"x\"\nb ::= \"\" | a\n", "is left-recursive"},
+      {"root ::= \"a\n", "line 1, column 12: unterminated literal"},
+      {"root ::= [a-\n", "unterminated character class"},
+      {"root ::= [z-a]\n", "a range whose end is below its start"},
+      {"root ::= \"\\q\"\n", "unknown escape '\\q'"},
+      {"root ::= * \"a\"\n", "'*' follows nothing it could repeat"},
+      {"root ::= \"a\"{3,2}\n", "maximum is below its minimum"},
+      {"root ::= \"a\"{1000}\n", "a repetition count above 256"},
+      {"root ::= (\"a\" \n", "expected ')'"},
+      {"root \"a\"\n", "line 1, column 6: expected '::='"},
+      {"root ::= \"a\" )\n", "expected the end of the rule"},
+  };
+  for (const auto& [text, message] : refused) {
+    try {
+      Grammar::compile(text);
+      ADD_FAILURE() << "compiled " << text;
+    } catch (const std::invalid_argument& e) {
+      EXPECT_NE(std::string(e.what()).find(message), std::string::npos) << text << " -> " << e.what();
+    }
+  }
+}
+
+// Regular grammars and the same languages as ECMAScript regexes: on random texts over their alphabets the
+// recognizer and std::regex_match agree, and a text the recognizer refuses part-way has no completion
+// by the regex's reading either (checked for the prefix it took: some completion of it matches).
+TEST(GbnfGrammar, RegularGrammarsAgreeWithStdRegex) {
+  struct Case {
+    std::string grammar, regex, alphabet;
+  };
+  const std::vector<Case> cases = {
+      {"root ::= [a-c]{2,4} (\"x\" | \"yz\")*\n", "[a-c]{2,4}(x|yz)*", "abcxyzd"},
+      {"root ::= \"k\"? num (\",\" num)*\nnum ::= \"-\"? [0-9]+ (\".\" [0-9]{1,2})?\n",
+       "k?-?[0-9]+(\\.[0-9]{1,2})?(,-?[0-9]+(\\.[0-9]{1,2})?)*", "k-0123.,9x"},
+      {"# a comment\nroot ::= ( [^ab] | \"ab\" ){3,}  # trailing\n", "([^ab]|ab){3,}", "abcd"},
+      {"root ::= \"q\" . \"q\" [x-z]{0,2}\n", "q[\\s\\S]q[x-z]{0,2}", "qxyz\n"},
+      {"root ::= (\n  \"a\" |\n  \"b\" \"c\"\n)+ \"\\n\"\n", "(a|bc)+\\n", "abc\n"},
+  };
+  std::mt19937 rng(3);
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.grammar);
+    const auto grammar = Grammar::compile(c.grammar);
+    const std::regex regex(c.regex);
+    int matched = 0;
+    for (int i = 0; i < 4000; ++i) {
+      std::string text;
+      const size_t length = rng() % 9;
+      for (size_t j = 0; j < length; ++j) text += c.alphabet[rng() % c.alphabet.size()];
+      const bool expected = std::regex_match(text, regex);
+      EXPECT_EQ(matches(*grammar, text), expected) << "'" << text << "'";
+      matched += expected ? 1 : 0;
+    }
+    EXPECT_GT(matched, 20);
+  }
+}
+
+TEST(GbnfGrammar, RecursiveGrammarsNestAndCountBrackets) {
+  const auto grammar =
+      Grammar::compile("root ::= expr\nexpr ::= term (\"+\" term)*\nterm ::= [0-9]+ | \"(\" expr \")\"\n");
+  for (const char* good : {"1", "12+3", "(1)", "((1+2)+3)+(4)", "((((7))))"})
+    EXPECT_TRUE(matches(*grammar, good)) << good;
+  for (const char* bad : {"", "+", "(1", "1+", "(1))", "()", "1++2"})
+    EXPECT_FALSE(matches(*grammar, bad)) << bad;
+  GrammarPrefix p(grammar.get());
+  EXPECT_TRUE(p.feed("((1+"));
+  EXPECT_FALSE(p.complete());
+  EXPECT_FALSE(p.feed(")"));  // refused: the state stays where it was
+  EXPECT_TRUE(p.feed("2))"));
+  EXPECT_TRUE(p.complete());
+  EXPECT_FALSE(p.finished());  // "+..." may still follow
+}
+
+TEST(GbnfGrammar, CodePointsAcrossTokenBoundariesAndStrictUtf8) {
+  const auto grammar = Grammar::compile("root ::= [à-ÿ]+ \"€\" [^\\x00-\\x7F]\n");
+  const std::string good = "\xc3\xa9\xc3\xbf\xe2\x82\xac\xf0\x9f\x98\x80";  // é ÿ € 😀
+  EXPECT_TRUE(matches(*grammar, good));
+  // Cut anywhere, byte by byte: the same.
+  GrammarPrefix p(grammar.get());
+  for (const char c : good) ASSERT_TRUE(p.feed(static_cast<unsigned char>(c)));
+  EXPECT_TRUE(p.complete());
+  GrammarPrefix q(grammar.get());
+  EXPECT_FALSE(q.feed("a"));                               // outside [à-ÿ]
+  EXPECT_FALSE(q.feed(static_cast<unsigned char>(0xE2)));  // no [à-ÿ] code point begins E2
+  EXPECT_TRUE(q.feed(static_cast<unsigned char>(0xC3)));   // U+00C0..U+00FF begin C3
+  EXPECT_FALSE(q.feed(static_cast<unsigned char>(0x9F)));  // C3 9F is U+00DF, below à (U+00E0)
+  EXPECT_TRUE(q.feed(static_cast<unsigned char>(0xA0)));   // à
+  EXPECT_FALSE(q.feed("\xc0\xaf"));                        // an overlong '/'
+  EXPECT_FALSE(q.feed("\xed\xa0\x80"));                    // a surrogate
+  EXPECT_FALSE(
+      q.feed("\xe2\x82\xac"
+             "a"));  // € then ASCII
+}
+
+TEST(GbnfGrammar, ChoiceIsExactlyItsStrings) {
+  const auto grammar = Grammar::choice({"yes", "no", "say \"hi\"\\", "n"});
+  for (const char* s : {"yes", "no", "n", "say \"hi\"\\"}) EXPECT_TRUE(matches(*grammar, s)) << s;
+  for (const char* s : {"", "ye", "yess", "nn", "say \"hi\""}) EXPECT_FALSE(matches(*grammar, s)) << s;
+  EXPECT_THROW(Grammar::choice({}), std::invalid_argument);
+}
+
+TEST(GbnfGrammar, MaskKeepsExactlyWhatAllowsAndWalksEndInSentences) {
+  const auto grammar = Grammar::compile("root ::= \"(\" [ab]* \")\" | \"é\" [0-9]{1,3}\n");
+  // A vocabulary with multi-byte tokens, a token that splits 'é', a control token and an end token.
+  const std::vector<std::string> vocab = {"(",        ")", "a",  "b",   "ab", "ba)", "(a", "\xc3", "\xa9",
+                                          "\xc3\xa9", "1", "23", "456", "",   "x",   ")(", "b)"};
+  const int32_t eos = 13;
+  GrammarConstraint constraint(vocab, {eos});
+  std::mt19937 rng(9);
+  int sentences = 0;
+  for (int walk = 0; walk < 300; ++walk) {
+    GrammarPrefix state(grammar.get());
+    std::string text;
+    for (int step = 0; step < 12; ++step) {
+      std::vector<float> logits(vocab.size(), 0.0f);
+      constraint.mask(state, logits.data(), static_cast<int64_t>(logits.size()));
+      std::vector<int32_t> kept;
+      for (int32_t t = 0; t < static_cast<int32_t>(vocab.size()); ++t) {
+        EXPECT_EQ(std::isfinite(logits[static_cast<size_t>(t)]), constraint.allows(state, t))
+            << text << " + " << t;
+        if (std::isfinite(logits[static_cast<size_t>(t)])) kept.push_back(t);
+      }
+      ASSERT_FALSE(kept.empty()) << text;
+      const int32_t t = kept[rng() % kept.size()];
+      if (t == eos) {
+        EXPECT_TRUE(state.complete()) << text;
+        break;
+      }
+      ASSERT_TRUE(state.feed(vocab[static_cast<size_t>(t)]));
+      text += vocab[static_cast<size_t>(t)];
+    }
+    if (state.complete()) {
+      ++sentences;
+      EXPECT_TRUE(std::regex_match(text, std::regex("\\([ab]*\\)|\xc3\xa9[0-9]{1,3}"))) << text;
+    }
+  }
+  EXPECT_GT(sentences, 100);
+}
+
+}  // namespace
+}  // namespace nibble::worker

@@ -8,6 +8,7 @@
 #include <thread>
 
 #include "cluster/sampling_settings.hpp"
+#include "worker/gbnf_grammar.hpp"
 #include "worker/json_schema.hpp"
 #include "worker/sampler.hpp"
 
@@ -252,6 +253,14 @@ void Coordinator::handle_generate(const std::string& identity, const protocol::G
       return;
     }
   }
+  if (g.response_format == protocol::ResponseFormat::grammar) {
+    try {
+      worker::Grammar::compile(g.grammar);  // what the sampling worker will follow
+    } catch (const std::invalid_argument& e) {
+      reply_error(identity, g.request_id, ErrorCode::bad_request, e.what());
+      return;
+    }
+  }
   if (g.response_format == protocol::ResponseFormat::json_schema) {
     try {
       worker::JsonSchema::compile(json_schema);  // what the sampling worker will follow
@@ -305,6 +314,7 @@ void Coordinator::handle_generate(const std::string& identity, const protocol::G
   r.sampling.prompt_logprobs = g.prompt_logprobs;
   r.sampling.response_format = response_format;
   r.sampling.json_schema = json_schema;
+  r.sampling.grammar = g.grammar;
   r.tools = answer_tools;
   r.call_required = answer_tools != nullptr && response_format != g.response_format;
   r.sampling.min_tokens = g.min_tokens;

@@ -10,6 +10,7 @@
 #include <utility>
 
 #include "model/tool_calls.hpp"
+#include "worker/gbnf_grammar.hpp"
 #include "worker/json_schema.hpp"
 
 namespace nibble::cluster::openai {
@@ -44,7 +45,10 @@ const std::set<std::string> kCompletionKeys = {"model",
                                                "ignore_eos",
                                                "min_tokens",
                                                "stop_token_ids",
-                                               "response_format"};
+                                               "response_format",
+                                               "grammar",
+                                               "guided_grammar",
+                                               "guided_choice"};
 const std::set<std::string> kChatKeys = {"model",
                                          "messages",
                                          "max_tokens",
@@ -71,7 +75,10 @@ const std::set<std::string> kChatKeys = {"model",
                                          "repetition_penalty",
                                          "ignore_eos",
                                          "min_tokens",
-                                         "stop_token_ids"};
+                                         "stop_token_ids",
+                                         "grammar",
+                                         "guided_grammar",
+                                         "guided_choice"};
 
 // A field's value, or nullptr when it is absent or null (OpenAI's clients send null for "not given").
 const json* field(const json& body, const std::string& key) {
@@ -359,7 +366,47 @@ void read_response_format(const json& body, protocol::GenerateRequest& r) {
   r.response_format = protocol::ResponseFormat::json_schema;
 }
 
-// Chat's tools: only the values that ask for nothing Nibble lacks.
+// Grammar-constrained output: llama.cpp's "grammar" and vLLM's "guided_grammar" (GBNF text), vLLM's
+// "guided_choice" (the output one of these strings); one of them, and not with a response_format.
+void read_grammar(const json& body, protocol::GenerateRequest& r) {
+  const char* given = nullptr;
+  for (const char* key : {"grammar", "guided_grammar", "guided_choice"}) {
+    if (field(body, key) == nullptr) continue;
+    if (given != nullptr)
+      throw invalid_request(key,
+                            std::string(key) + ": only one of grammar, guided_grammar and guided_choice");
+    given = key;
+  }
+  if (given == nullptr) return;
+  const json& value = *field(body, given);
+  if (std::string(given) == "guided_choice") {
+    if (!value.is_array() || value.empty())
+      throw invalid_request(given, "guided_choice: expected a non-empty array of strings");
+    std::vector<std::string> strings;
+    for (const json& s : value) {
+      if (!s.is_string() || s.get<std::string>().empty())
+        throw invalid_request(given, "guided_choice: expected non-empty strings");
+      strings.push_back(s.get<std::string>());
+    }
+    r.grammar = worker::Grammar::choice_text(strings);
+  } else {
+    if (!value.is_string()) wrong_type(given, "a GBNF grammar's text", value);
+    r.grammar = value.get<std::string>();
+  }
+  if (r.grammar.size() > protocol::kMaxJsonSchemaBytes)
+    throw invalid_request(given, std::string(given) + ": longer than " +
+                                     std::to_string(protocol::kMaxJsonSchemaBytes) + " bytes");
+  try {
+    worker::Grammar::compile(r.grammar);
+  } catch (const std::invalid_argument& e) {
+    throw invalid_request(given, std::string(given) + ": " + e.what());
+  }
+  if (r.response_format != protocol::ResponseFormat::text)
+    throw invalid_request(given,
+                          std::string(given) + ": not with a response_format (the grammar is the format)");
+  r.response_format = protocol::ResponseFormat::grammar;
+}
+
 // tools (checked here as the coordinator checks them: model/tool_calls) and tool_choice: "none", "auto",
 // "required" or {"type": "function", "function": {"name": ...}}. `text`: the body as sent, for the
 // tools' keys in the client's order (the prompt shows them so).
@@ -696,6 +743,7 @@ ApiRequest parse_request(Endpoint endpoint, const std::string& text, const ApiSe
     read_tools(body, text, r);
   }
   read_response_format(body, r);
+  read_grammar(body, r);
   if ((r.tool_choice == protocol::ToolChoice::required || r.tool_choice == protocol::ToolChoice::function) &&
       r.response_format != protocol::ResponseFormat::text)
     throw invalid_request(

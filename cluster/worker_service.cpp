@@ -18,13 +18,15 @@ constexpr int kHiddenTag = 7;  // stage-to-stage hidden states on the pipeline c
 
 WorkerService::WorkerService(WorkerStage& stage, parallel::Communicator* pipeline, zmq::socket_t& steps,
                              zmq::socket_t* results, speculative::Speculator* speculator,
-                             std::shared_ptr<const worker::JsonConstraint> json)
+                             std::shared_ptr<const worker::JsonConstraint> json,
+                             std::shared_ptr<const worker::GrammarConstraint> grammar)
     : model_(stage),
       pipeline_(pipeline),
       steps_(steps),
       results_(results),
       speculator_(speculator),
-      json_(std::move(json)) {
+      json_(std::move(json)),
+      grammar_(std::move(grammar)) {
   if (!stage.is_first_stage() || !stage.is_last_stage()) {
     if (pipeline_ == nullptr) throw std::invalid_argument("a pipeline stage needs its pipeline communicator");
   }
@@ -58,7 +60,13 @@ protocol::StepResult WorkerService::execute(const protocol::WorkerStep& step) {
     if (s.min_tokens > 0 && json_ == nullptr)
       throw std::runtime_error("sequence " + std::to_string(s.seq_id) +
                                " has min_tokens and this rank has no vocabulary to find its ends in");
-    if (s.response_format != protocol::ResponseFormat::text) {
+    if (s.response_format == protocol::ResponseFormat::grammar) {
+      if (grammar_ == nullptr)
+        throw std::runtime_error("sequence " + std::to_string(s.seq_id) +
+                                 " wants a grammar and this rank has no vocabulary to constrain it with");
+      state->grammar = worker::Grammar::compile(s.grammar);  // compiled by the coordinator already
+      state->grammar_state.emplace(state->grammar.get());
+    } else if (s.response_format != protocol::ResponseFormat::text) {
       if (json_ == nullptr)
         throw std::runtime_error("sequence " + std::to_string(s.seq_id) +
                                  " wants JSON and this rank has no vocabulary to constrain it with");
@@ -124,12 +132,13 @@ protocol::StepResult WorkerService::execute(const protocol::WorkerStep& step) {
   };
   // Rows whose log-probabilities are asked for, or whose output is masked (JSON, min_tokens), need their
   // logits here: such a step takes the host path.
-  const bool host_logits = !prompt_entries.empty() ||
-                           std::any_of(sampled.begin(), sampled.end(), [&](const protocol::PlanEntry* e) {
-                             const auto it = sequences_.find(e->seq_id);
-                             return it != sequences_.end() && (it->second->logprobs > 0 || it->second->json ||
-                                                               it->second->holds_back_ends());
-                           });
+  const bool host_logits =
+      !prompt_entries.empty() ||
+      std::any_of(sampled.begin(), sampled.end(), [&](const protocol::PlanEntry* e) {
+        const auto it = sequences_.find(e->seq_id);
+        return it != sequences_.end() &&
+               (it->second->logprobs > 0 || it->second->masked() || it->second->holds_back_ends());
+      });
   const bool argmax_only =
       !host_logits && all_sampled([](const protocol::PlanEntry&, const worker::SamplingParams& p) {
         return p.temperature <= 0.0f && !worker::adjusts_logits(p);
@@ -217,24 +226,47 @@ protocol::StepResult WorkerService::execute(const protocol::WorkerStep& step) {
     SequenceState& state = *it->second;
     protocol::SampledToken out{entry.seq_id, 0, {}, entry.n_draft, {}, {}};
     const size_t last_known = static_cast<size_t>(entry.start_pos) + entry.tokens.size() - entry.n_draft;
-    if (state.json || state.holds_back_ends()) {
+    if (state.masked() || state.holds_back_ends()) {
       // Masked on a copy: logprobs stay the model's own distribution's.
       if (entry.n_draft != 0)
         throw std::runtime_error("step " + std::to_string(step.step_id) + " verifies drafts of sequence " +
                                  std::to_string(entry.seq_id) + ", whose masked output never speculates");
-      masked_.assign(entry_rows, entry_rows + n_vocab);
-      if (state.json) json_->mask(*state.json, masked_.data(), n_vocab);
-      if (state.holds_back_ends()) {
-        for (const int32_t t : json_->end_of_generation())
-          if (t < n_vocab) masked_[static_cast<size_t>(t)] = -std::numeric_limits<float>::infinity();
-        for (const int32_t t : state.stop_token_ids)
-          if (t < n_vocab) masked_[static_cast<size_t>(t)] = -std::numeric_limits<float>::infinity();
-      }
-      out.token = state.sampler.sample(masked_.data(), n_vocab, state.history);
-      if (state.json) {
+      const std::vector<int32_t>& ends =
+          json_ != nullptr ? json_->end_of_generation() : grammar_->end_of_generation();
+      const auto allowed = [&](int32_t t) {
+        const bool an_end = std::find(ends.begin(), ends.end(), t) != ends.end() ||
+                            std::find(state.stop_token_ids.begin(), state.stop_token_ids.end(), t) !=
+                                state.stop_token_ids.end();
+        return (!state.json || json_->allows(*state.json, t)) &&
+               (!state.grammar_state || grammar_->allows(*state.grammar_state, t)) &&
+               !(an_end && state.holds_back_ends());
+      };
+      const auto mask = [&](float* row) {
+        if (state.json) json_->mask(*state.json, row, n_vocab);
+        if (state.grammar_state) grammar_->mask(*state.grammar_state, row, n_vocab);
+        if (state.holds_back_ends()) {
+          for (const int32_t t : ends)
+            if (t < n_vocab) row[t] = -std::numeric_limits<float>::infinity();
+          for (const int32_t t : state.stop_token_ids)
+            if (t < n_vocab) row[t] = -std::numeric_limits<float>::infinity();
+        }
+      };
+      out.token =
+          worker::sample_allowed(state.sampler, entry_rows, n_vocab, state.history, allowed, mask, masked_);
+      // A vocabulary that cannot write what must come next (a grammar's character no token holds) leaves
+      // the mask only the end of generation: the output ends there, short of a whole sentence.
+      const bool dead_end =
+          !allowed(out.token) && std::find(ends.begin(), ends.end(), out.token) != ends.end();
+      if (state.json && !dead_end) {
         if (!json_->allows(*state.json, out.token))
           throw std::logic_error("sampled token " + std::to_string(out.token) + " outside the JSON mask");
         state.json->feed(json_->token_bytes(out.token));
+      }
+      if (state.grammar_state && !dead_end) {
+        if (!grammar_->allows(*state.grammar_state, out.token))
+          throw std::logic_error("sampled token " + std::to_string(out.token) +
+                                 " outside the grammar's mask");
+        state.grammar_state->feed(grammar_->token_bytes(out.token));
       }
     } else if (entry.n_draft == 0) {
       out.token = ids_only ? argmax_[entry_row] : state.sampler.sample(entry_rows, n_vocab, state.history);
@@ -287,7 +319,7 @@ protocol::StepResult WorkerService::execute(const protocol::WorkerStep& step) {
       sequences.back().push_back(out.token);
       // The batch is every sequence in the step, also those still in their prompts (see LocalEngine).
       // A masked sequence never speculates (its drafts would not be masked).
-      const int k = state.json || state.holds_back_ends()
+      const int k = state.masked() || state.holds_back_ends()
                         ? 0
                         : speculator_->choose_k(entry.seq_id, state.sampler.params(),
                                                 static_cast<int64_t>(step.entries.size()));

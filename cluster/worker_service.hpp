@@ -19,6 +19,7 @@
 #include "cluster/worker_stage.hpp"
 #include "parallel/communicator.hpp"
 #include "speculative/speculator.hpp"
+#include "worker/gbnf_grammar.hpp"
 #include "worker/json_constraint.hpp"
 #include "worker/sampler.hpp"
 
@@ -38,9 +39,11 @@ class WorkerService {
   // response_format json_object are sampled from their logits with what cannot continue their object
   // masked out (and never speculate). A step with such a sequence and no constraint fails. Its
   // end-of-generation tokens are also what min_tokens masks (with the sequence's stop tokens).
+  // grammar: the same vocabulary's grammar constraint, for response_format grammar.
   WorkerService(WorkerStage& stage, parallel::Communicator* pipeline, zmq::socket_t& steps,
                 zmq::socket_t* results, speculative::Speculator* speculator = nullptr,
-                std::shared_ptr<const worker::JsonConstraint> json = nullptr);
+                std::shared_ptr<const worker::JsonConstraint> json = nullptr,
+                std::shared_ptr<const worker::GrammarConstraint> grammar = nullptr);
 
   // Runs steps until a shutdown step. Throws on any failure (the caller ends the whole job: a rank
   // that stops mid-step would leave its peers waiting in a collective).
@@ -63,6 +66,10 @@ class WorkerService {
     // response_format json_object or json_schema: the output so far (and the schema it follows).
     std::optional<worker::JsonPrefix> json;
     std::shared_ptr<const worker::JsonSchema> schema;
+    // response_format grammar: the output so far (and the grammar it follows).
+    std::optional<worker::GrammarPrefix> grammar_state;
+    std::shared_ptr<const worker::Grammar> grammar;
+    bool masked() const { return json || grammar_state; }
     // vLLM's min_tokens: end-of-generation and stop tokens masked until `generated` reaches it.
     uint32_t min_tokens = 0;
     std::vector<int32_t> stop_token_ids;
@@ -76,6 +83,7 @@ class WorkerService {
   zmq::socket_t* results_;
   speculative::Speculator* speculator_;
   std::shared_ptr<const worker::JsonConstraint> json_;
+  std::shared_ptr<const worker::GrammarConstraint> grammar_;
   std::vector<float> masked_;  // a constrained row's logits, masked
   std::unordered_map<uint64_t, std::unique_ptr<SequenceState>> sequences_;
   std::vector<float> hidden_in_, out_;

@@ -10,6 +10,10 @@
 #include <string>
 #include <vector>
 
+#include "model/gguf.hpp"
+#include "model/random_model.hpp"
+#include "model/tokenizer.hpp"
+#include "tests/support/test_support.hpp"
 #include "worker/gbnf_grammar.hpp"
 
 namespace nibble::worker {
@@ -117,13 +121,19 @@ TEST(GbnfGrammar, CodePointsAcrossTokenBoundariesAndStrictUtf8) {
   EXPECT_FALSE(
       q.feed("\xe2\x82\xac"
              "a"));  // € then ASCII
+  // A lead byte is taken only if a code point it can begin fits: none of E0's (U+0800..U+0FFF) is ASCII.
+  const auto ascii = Grammar::compile("root ::= [\\x00-\\x7F]\n");
+  GrammarPrefix r(ascii.get());
+  EXPECT_FALSE(r.feed(static_cast<unsigned char>(0xE0)));
+  EXPECT_FALSE(r.feed(static_cast<unsigned char>(0xC2)));
+  EXPECT_TRUE(r.feed("\x7f"));
 }
 
 TEST(GbnfGrammar, ChoiceIsExactlyItsStrings) {
-  const auto grammar = Grammar::choice({"yes", "no", "say \"hi\"\\", "n"});
+  const auto grammar = Grammar::compile(Grammar::choice_text({"yes", "no", "say \"hi\"\\", "n"}));
   for (const char* s : {"yes", "no", "n", "say \"hi\"\\"}) EXPECT_TRUE(matches(*grammar, s)) << s;
   for (const char* s : {"", "ye", "yess", "nn", "say \"hi\""}) EXPECT_FALSE(matches(*grammar, s)) << s;
-  EXPECT_THROW(Grammar::choice({}), std::invalid_argument);
+  EXPECT_THROW(Grammar::choice_text({}), std::invalid_argument);
 }
 
 TEST(GbnfGrammar, MaskKeepsExactlyWhatAllowsAndWalksEndInSentences) {
@@ -162,6 +172,44 @@ TEST(GbnfGrammar, MaskKeepsExactlyWhatAllowsAndWalksEndInSentences) {
     }
   }
   EXPECT_GT(sentences, 100);
+}
+
+// With a real vocabulary (a random model's SentencePiece one: byte tokens, merged pieces, "▁" spaces),
+// random walks through the mask never reach a state where nothing but the end is left before the output
+// is a sentence.
+TEST(GbnfGrammar, WalksThroughARealVocabularyReachSentences) {
+  test::TempDir dir;
+  const std::string path = (dir.path() / "tiny.gguf").string();
+  model::write_random_llama(path, model::llama_shape_by_name("tiny"), kernels::DType::Q4_0, 5);
+  const auto tokenizer = model::Tokenizer::from_gguf(*model::GgufFile::open(path));
+  const GrammarConstraint constraint(*tokenizer);
+  const auto grammar = Grammar::compile(
+      "root ::= mood \": \" [0-9]{1,3} \"%\" (\" \" word){0,2} \".\"\nmood ::= \"happy\" | \"sad\" | "
+      "\"lucky\"\n"
+      "word ::= [a-z]{1,6}\n");
+  std::mt19937 rng(4);
+  int sentences = 0;
+  for (int walk = 0; walk < 40; ++walk) {
+    GrammarPrefix state(grammar.get());
+    std::string text;
+    for (int step = 0; step < 60 && !state.finished(); ++step) {
+      std::vector<float> logits(static_cast<size_t>(tokenizer->n_vocab()), 0.0f);
+      constraint.mask(state, logits.data(), tokenizer->n_vocab());
+      std::vector<int32_t> kept;
+      for (int32_t t = 0; t < tokenizer->n_vocab(); ++t)
+        if (std::isfinite(logits[static_cast<size_t>(t)])) kept.push_back(t);
+      ASSERT_FALSE(kept.empty());
+      const int32_t t = kept[rng() % kept.size()];
+      if (tokenizer->is_end_of_generation(t)) {
+        ASSERT_TRUE(state.complete()) << "only the end is left after '" << text << "'";
+        break;
+      }
+      ASSERT_TRUE(state.feed(tokenizer->token_bytes(t))) << text << " + " << tokenizer->token_bytes(t);
+      text += tokenizer->token_bytes(t);
+    }
+    sentences += state.complete() ? 1 : 0;
+  }
+  EXPECT_GT(sentences, 10);
 }
 
 }  // namespace

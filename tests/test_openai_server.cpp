@@ -1393,6 +1393,41 @@ TEST(OpenAiServer, TheOpenAiPythonPackageParsesPydanticModels) {
 
 // JSON mode through the gateway: response_format json_object reaches the workers, which mask the output to
 // a JSON object ('}' biased to win closes the first one it may; the answer ends there, as "stop").
+// Grammar-constrained answers through the gateway: vLLM's guided_choice (one of the strings), llama.cpp's
+// grammar (a sentence of it); a grammar that does not compile is a 400 naming the field.
+TEST(OpenAiServer, GrammarAndGuidedChoiceConstrainTheAnswer) {
+  if (!fs::exists(test_jobs::mpiexec())) GTEST_SKIP() << "mpirun (" << test_jobs::mpiexec() << ") is absent";
+  Service service;
+  ASSERT_GT(service.port(), 0);
+  for (int seed = 0; seed < 3; ++seed) {
+    const HttpReply chosen = post(service.port(), "/v1/chat/completions",
+                                  json{{"messages", {{{"role", "user"}, {"content", "Well?"}}}},
+                                       {"max_tokens", 16},
+                                       {"temperature", 1},
+                                       {"seed", seed},
+                                       {"guided_choice", {"yes", "no", "not \"sure\""}}}
+                                      .dump());
+    ASSERT_EQ(chosen.status, 200) << chosen.body;
+    const std::string answer = chosen.body["choices"][0]["message"]["content"];
+    EXPECT_TRUE(answer == "yes" || answer == "no" || answer == "not \"sure\"") << answer;
+    EXPECT_EQ(chosen.body["choices"][0]["finish_reason"], "stop");
+  }
+  const std::string gbnf = "root ::= [0-9]{2} (\"-\" [0-9]{2}){2}\n";
+  const HttpReply dated =
+      post(service.port(), "/v1/completions",
+           json{{"prompt", kPrompt}, {"max_tokens", 20}, {"temperature", 0.7}, {"grammar", gbnf}}.dump());
+  ASSERT_EQ(dated.status, 200) << dated.body;
+  EXPECT_TRUE(std::regex_match(dated.body["choices"][0]["text"].get<std::string>(),
+                               std::regex("[0-9]{2}(-[0-9]{2}){2}")))
+      << dated.body;
+  const HttpReply bad = post(service.port(), "/v1/completions",
+                             json{{"prompt", kPrompt}, {"guided_grammar", "root ::= x\n"}}.dump());
+  EXPECT_EQ(bad.status, 400) << bad.body;
+  EXPECT_EQ(bad.body["error"]["param"], "guided_grammar");
+  EXPECT_NE(bad.body["error"]["message"].get<std::string>().find("undefined rule 'x'"), std::string::npos)
+      << bad.body;
+}
+
 TEST(OpenAiServer, JsonModeAnswersAJsonObject) {
   if (!fs::exists(test_jobs::mpiexec())) GTEST_SKIP() << "mpirun (" << test_jobs::mpiexec() << ") is absent";
   Service service(/*with_tokenizer=*/true);

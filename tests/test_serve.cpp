@@ -40,6 +40,7 @@
 #include "tests/support/serve_job.hpp"
 #include "tests/support/test_support.hpp"
 #include "worker/cuda_llama_model.hpp"
+#include "worker/gbnf_grammar.hpp"
 #include "worker/json_constraint.hpp"
 #include "worker/json_schema.hpp"
 #include "worker/llama_model.hpp"
@@ -583,6 +584,48 @@ TEST_P(ServeShapes, JsonSchemaOutputIsAnInstance) {
     ADD_FAILURE() << "an unsupported schema was served";
   } catch (const ClientError& e) {
     EXPECT_NE(std::string(e.what()).find("json_schema.properties.a: 'format' is not supported"),
+              std::string::npos)
+        << e.what();
+  }
+  EXPECT_EQ(client.generate(greedy("after", kPrompts[1], 2)).tokens.size(), 2u);
+}
+
+// GBNF grammars (llama.cpp's grammar): every answer is a prefix of a sentence of the grammar, a whole one
+// when it ended by itself; sampled with and without truncation (min-p: masked first; none: the draw kept
+// when allowed) and greedy; a grammar that does not compile is refused by name, and the service goes on.
+TEST_P(ServeShapes, GrammarOutputIsASentence) {
+  test::TempDir models;
+  const std::string model = make_tiny_model(models.path());
+  test::TempDir dir;
+  ServeJob job(dir.path(), model, GetParam().tensor, GetParam().pipeline);
+  ASSERT_TRUE(job.wait_ready()) << job.log();
+  Client client(job.endpoint());
+  const std::string grammar_text =
+      "root ::= mood \": \" [0-9]{1,3} \"%\" (\" \" word){0,2} \".\"\n"
+      "mood ::= \"happy\" | \"sad\" | \"lucky\"\nword ::= [a-z]{1,6}\n";
+  const auto grammar = worker::Grammar::compile(grammar_text);
+  for (int i = 0; i < 6; ++i) {
+    protocol::GenerateRequest r = greedy("grammar" + std::to_string(i), kPrompts[i % 3], 40);
+    r.sampling.temperature = i < 5 ? 1.0f : 0.0f;
+    r.sampling.min_p = i % 2 == 0 ? 0.0f : 0.05f;
+    r.sampling.seed = static_cast<uint64_t>(11 + i);
+    r.response_format = protocol::ResponseFormat::grammar;
+    r.grammar = grammar_text;
+    const protocol::Final f = client.generate(r);
+    SCOPED_TRACE(f.text);
+    worker::GrammarPrefix prefix(grammar.get());
+    EXPECT_TRUE(prefix.feed(f.text));
+    EXPECT_EQ(f.finish_reason, protocol::FinishReason::eos);  // every sentence is short: it ends by itself
+    EXPECT_TRUE(prefix.complete());
+  }
+  protocol::GenerateRequest bad = greedy("bad", kPrompts[0], 4);
+  bad.response_format = protocol::ResponseFormat::grammar;
+  bad.grammar = "root ::= \"a\" value\n";
+  try {
+    client.generate(bad);
+    ADD_FAILURE() << "a grammar with an undefined rule was served";
+  } catch (const ClientError& e) {
+    EXPECT_NE(std::string(e.what()).find("grammar: line 1, column 14: undefined rule 'value'"),
               std::string::npos)
         << e.what();
   }

@@ -412,7 +412,7 @@ std::shared_ptr<const Grammar> Grammar::compile(std::string_view text) {
   return grammar;
 }
 
-std::shared_ptr<const Grammar> Grammar::choice(const std::vector<std::string>& strings) {
+std::string Grammar::choice_text(const std::vector<std::string>& strings) {
   if (strings.empty()) throw std::invalid_argument("guided_choice: no strings to choose from");
   // root ::= "a" | "b" ..., each string's characters as literal code points (no escapes needed).
   std::string text = "root ::= ";
@@ -432,7 +432,7 @@ std::shared_ptr<const Grammar> Grammar::choice(const std::vector<std::string>& s
     }
     text += '"';
   }
-  return compile(text + "\n");
+  return text + "\n";
 }
 
 // ---------------------------------------------------------------- recognizer
@@ -524,6 +524,12 @@ bool GrammarPrefix::partial_fits() const {
     low = (low << 6) | (i < pending_size_ ? pending_[i] & 0x3Fu : 0x00u);
     high = (high << 6) | (i < pending_size_ ? pending_[i] & 0x3Fu : 0x3Fu);
   }
+  // What strict UTF-8 lets these bytes become: no overlong form (E0 and F0 begin at U+0800 and
+  // U+10000), no surrogate (ED ends at U+D7FF), nothing past U+10FFFF.
+  static constexpr uint32_t kLowest[4] = {0, 0x80, 0x800, 0x10000};
+  low = std::max(low, kLowest[pending_need_]);
+  if (pending_size_ == 1 && pending_[0] == 0xED) high = std::min<uint32_t>(high, 0xD7FF);
+  high = std::min<uint32_t>(high, kMaxCodePoint);
   const auto& rules = grammar_->rules();
   for (size_t i = 0; i + 1 < stacks_.size(); ++i) {
     if (stacks_[i] == stacks_[i + 1]) continue;

@@ -49,8 +49,8 @@ class Grammar {
   // The grammar in `text`. Throws std::invalid_argument naming the line and column and the problem,
   // e.g. "grammar: line 2, column 9: undefined rule 'digit'", "grammar: rule 'expr' is left-recursive".
   static std::shared_ptr<const Grammar> compile(std::string_view text);
-  // A grammar whose language is exactly these strings (vLLM's guided_choice).
-  static std::shared_ptr<const Grammar> choice(const std::vector<std::string>& strings);
+  // The GBNF text of a grammar whose language is exactly these strings (vLLM's guided_choice).
+  static std::string choice_text(const std::vector<std::string>& strings);
 
   const std::vector<GrammarRule>& rules() const { return rules_; }
   uint32_t root() const { return root_; }

@@ -173,4 +173,17 @@ int32_t Sampler::sample_with_uniform(const float* logits, int64_t n_vocab, std::
   return dist.back().id;  // rounding left u just above the total
 }
 
+int32_t sample_allowed(Sampler& sampler, const float* logits, int64_t n_vocab,
+                       std::span<const int32_t> history, const std::function<bool(int32_t)>& allowed,
+                       const std::function<void(float*)>& mask, std::vector<float>& scratch) {
+  const SamplingParams& p = sampler.params();
+  if (p.temperature <= 0.0f || (p.top_k <= 0 && p.top_p >= 1.0f && p.min_p <= 0.0f)) {
+    const int32_t first = sampler.sample(logits, n_vocab, history);
+    if (allowed(first)) return first;
+  }
+  scratch.assign(logits, logits + n_vocab);
+  mask(scratch.data());
+  return sampler.sample(scratch.data(), n_vocab, history);
+}
+
 }  // namespace nibble::worker

@@ -5,6 +5,7 @@
 // decoding can apply the same transformation to draft and target.
 #include <algorithm>
 #include <cstdint>
+#include <functional>
 #include <numeric>
 #include <random>
 #include <span>
@@ -117,6 +118,20 @@ struct TokenProbability {
   int32_t id;
   float p;
 };
+
+class Sampler;
+
+// A draw from `logits` with every token `allowed` refuses masked out (constrained output: JSON, grammars,
+// min_tokens), with the sampler's transformation. Without truncation (top-k, top-p, min-p off, or greedy)
+// a draw from the unmasked row that `allowed` takes is kept, and only otherwise is the row masked
+// (`mask`, on a copy in `scratch`) and drawn from again: p(x) + (1 - Z) p(x) / Z = p(x) / Z for an allowed
+// x, Z the allowed mass, which is the masked distribution exactly (greedy: the argmax, if allowed, is the
+// masked argmax); checking one token costs far less than masking them all. With truncation the row is
+// masked first (the truncation then applies to what is allowed). Draws one or two uniforms.
+// logits: [n_vocab]; mask: sets the refused entries of its [n_vocab] argument to -infinity.
+int32_t sample_allowed(Sampler& sampler, const float* logits, int64_t n_vocab,
+                       std::span<const int32_t> history, const std::function<bool(int32_t)>& allowed,
+                       const std::function<void(float*)>& mask, std::vector<float>& scratch);
 
 class Sampler {
  public:

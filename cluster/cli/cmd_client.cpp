@@ -319,6 +319,7 @@ Runner add_client(CLI::App& app) {
     std::vector<int32_t> stop_token_ids;
     std::string chat, system;
     std::string tools_file, tool_choice = "auto";
+    std::string grammar_file;
   };
   auto a = std::make_shared<Args>();
   app.add_option("--endpoint,-e", a->endpoint, "Coordinator address")->capture_default_str();
@@ -397,6 +398,10 @@ Runner add_client(CLI::App& app) {
   app.add_option("--json-schema", a->json_schema_file,
                  "A JSON schema file: the output is an instance of it (OpenAI's response_format json_schema; "
                  "the subset in worker/json_schema.hpp)")
+      ->check(CLI::ExistingFile);
+  app.add_option(
+         "--grammar-file", a->grammar_file,
+         "A GBNF grammar file (llama.cpp's): the output is a sentence of it (worker/gbnf_grammar.hpp)")
       ->check(CLI::ExistingFile);
   app.add_option("--prompt-logprobs", a->prompt_logprobs,
                  "With --json: each prompt token's log-probability after the first and this many most "
@@ -494,6 +499,11 @@ Runner add_client(CLI::App& app) {
       std::ifstream in(a->json_schema_file);
       request.json_schema.assign(std::istreambuf_iterator<char>(in), {});
       request.response_format = protocol::ResponseFormat::json_schema;
+    }
+    if (!a->grammar_file.empty()) {
+      std::ifstream in(a->grammar_file);
+      request.grammar.assign(std::istreambuf_iterator<char>(in), {});
+      request.response_format = protocol::ResponseFormat::grammar;
     }
     request.parse_special = a->special;
     request.ignore_eos = a->ignore_eos;

@@ -570,12 +570,16 @@ int serve(const std::string& config_path) {
       cluster::WorkerStage stage(*shard_model, num_blocks, config.kv_cache.block_size);
       // The sampling rank constrains JSON output with the model's vocabulary.
       std::shared_ptr<const worker::JsonConstraint> json;
+      std::shared_ptr<const worker::GrammarConstraint> grammar;
       if (sampling_rank) {
-        if (const auto vocabulary = open_tokenizer(*file))
+        if (const auto vocabulary = open_tokenizer(*file)) {
           json = std::make_shared<const worker::JsonConstraint>(*vocabulary);
+          grammar = std::make_shared<const worker::GrammarConstraint>(*vocabulary);
+        }
       }
       cluster::WorkerService service(stage, config.parallel.pipeline > 1 ? groups.pipeline.get() : nullptr,
-                                     steps, sampling_rank ? &results : nullptr, speculator.get(), json);
+                                     steps, sampling_rank ? &results : nullptr, speculator.get(), json,
+                                     grammar);
       service.run();
       if (remote != nullptr) remote->shutdown();
     } catch (const std::exception& e) {

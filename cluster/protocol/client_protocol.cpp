@@ -124,6 +124,7 @@ void encode_generate(const GenerateRequest& request, wire::GenerateRequest::Buil
   fill_tokens(out.initStopTokenIds(static_cast<unsigned>(request.stop_token_ids.size())),
               request.stop_token_ids);
   out.setTools(as_text(request.tools));
+  out.setGrammar(as_text(request.grammar));
   auto choice = out.getToolChoice();
   switch (request.tool_choice) {
     case ToolChoice::auto_:
@@ -235,7 +236,7 @@ GenerateRequest read_generate(wire::GenerateRequest::Reader in) {
   request.prompt_logprobs = in.getPromptLogprobs();
   // A newer client's format this build does not know is refused by name, not served as text.
   const auto format = static_cast<uint16_t>(in.getResponseFormat());
-  if (format > static_cast<uint16_t>(ResponseFormat::json_schema))
+  if (format > static_cast<uint16_t>(ResponseFormat::grammar))
     throw ProtocolError(ErrorCode::bad_request, "responseFormat: unknown format " + std::to_string(format));
   request.response_format = static_cast<ResponseFormat>(format);
   // Checked before copying, as the stop strings.
@@ -252,6 +253,10 @@ GenerateRequest read_generate(wire::GenerateRequest::Reader in) {
     throw ProtocolError(ErrorCode::bad_request,
                         "tools: longer than " + std::to_string(kMaxToolsBytes) + " bytes");
   request.tools = to_std(in.getTools());
+  if (in.getGrammar().size() > kMaxJsonSchemaBytes)
+    throw ProtocolError(ErrorCode::bad_request,
+                        "grammar: longer than " + std::to_string(kMaxJsonSchemaBytes) + " bytes");
+  request.grammar = to_std(in.getGrammar());
   auto choice = in.getToolChoice();
   switch (choice.which()) {
     case wire::GenerateRequest::ToolChoice::AUTO:
@@ -488,6 +493,10 @@ void validate(const GenerateRequest& request) {
         bad_request("prompt.messages[" + std::to_string(i) + "].toolCalls: more than " +
                     std::to_string(kMaxToolCalls) + " calls");
   }
+  if ((request.response_format == ResponseFormat::grammar) == request.grammar.empty())
+    bad_request("grammar: a grammar with responseFormat grammar, and only then");
+  if (request.grammar.size() > kMaxJsonSchemaBytes)
+    bad_request("grammar: longer than " + std::to_string(kMaxJsonSchemaBytes) + " bytes");
   if ((request.response_format == ResponseFormat::json_schema) == request.json_schema.empty())
     bad_request("jsonSchema: a schema with responseFormat jsonSchema, and only then");
   if (request.json_schema.size() > kMaxJsonSchemaBytes)

@@ -32,9 +32,9 @@ enum class ErrorCode : uint16_t {
 // Mirrors nibble.capnp's FinishReason.
 // tool_calls: the answer is function calls (Final::tool_calls).
 enum class FinishReason : uint16_t { length, eos, stop, cancelled, tool_calls };
-// What the output must be: free text, a JSON object, or an instance of a JSON schema
-// (worker/json_constraint).
-enum class ResponseFormat : uint16_t { text, json_object, json_schema };
+// What the output must be: free text, a JSON object, an instance of a JSON schema
+// (worker/json_constraint), or a sentence of a GBNF grammar (worker/gbnf_grammar).
+enum class ResponseFormat : uint16_t { text, json_object, json_schema, grammar };
 inline constexpr size_t kMaxJsonSchemaBytes = 64 * 1024;
 inline constexpr size_t kMaxStopTokenIds = 64;
 
@@ -142,6 +142,9 @@ struct GenerateRequest {
   std::string tools{};
   ToolChoice tool_choice = ToolChoice::auto_;
   std::string tool_choice_function{};
+  // With ResponseFormat::grammar: a GBNF grammar (worker/gbnf_grammar) the output is a sentence of, at
+  // most kMaxJsonSchemaBytes.
+  std::string grammar{};
 
   bool operator==(const GenerateRequest&) const = default;
 };

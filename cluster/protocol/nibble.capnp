@@ -31,6 +31,7 @@ enum ResponseFormat {
   jsonObject @1;                       # a JSON object (OpenAI's response_format json_object): tokens that
                                        # cannot continue one are masked out; it ends when the object closes
   jsonSchema @2;                       # an instance of GenerateRequest.jsonSchema, likewise
+  grammar @3;                          # a sentence of GenerateRequest.grammar (GBNF), likewise
 }
 
 struct TokenBias {
@@ -82,6 +83,8 @@ struct GenerateRequest {
     required @19 :Void;                # one call to any of the tools
     function @20 :Text;                # one call to this one
   }
+  grammar @21 :Text;                   # with responseFormat grammar: the GBNF grammar (llama.cpp's;
+                                       # worker/gbnf_grammar), at most 64 KiB
 }
 
 struct CancelRequest {

@@ -30,6 +30,7 @@ struct SequenceSampling {
   jsonSchema @14 :Text;                # with responseFormat jsonSchema: the schema (checked by the coordinator)
   minTokens @15 :UInt32;               # the sampling rank masks end-of-generation and stop tokens before this
   stopTokenIds @16 :List(Int32);       # many generated tokens
+  grammar @17 :Text;                   # with responseFormat grammar: the GBNF grammar (checked by the coordinator)
 }
 
 struct PlanEntry {

@@ -34,6 +34,7 @@ void write_sampling(const SequenceSampling& s, wire::SequenceSampling::Builder o
   o.setMinTokens(s.min_tokens);
   auto stop_ids = o.initStopTokenIds(static_cast<unsigned>(s.stop_token_ids.size()));
   for (unsigned i = 0; i < s.stop_token_ids.size(); ++i) stop_ids.set(i, s.stop_token_ids[i]);
+  o.setGrammar(kj::StringPtr(s.grammar.c_str(), s.grammar.size()));
 }
 
 SequenceSampling read_sampling(wire::SequenceSampling::Reader s) {
@@ -44,7 +45,7 @@ SequenceSampling read_sampling(wire::SequenceSampling::Reader s) {
     throw ProtocolError(ErrorCode::malformed_message, "sequence sampling: prompt logprobs " +
                                                           std::to_string(s.getPromptLogprobs()) +
                                                           " outside -1.." + std::to_string(kMaxLogprobs));
-  if (static_cast<uint16_t>(s.getResponseFormat()) > static_cast<uint16_t>(ResponseFormat::json_schema))
+  if (static_cast<uint16_t>(s.getResponseFormat()) > static_cast<uint16_t>(ResponseFormat::grammar))
     throw ProtocolError(ErrorCode::malformed_message, "sequence sampling: unknown response format");
   if (s.getLogitBias().size() > kMaxLogitBias)
     throw ProtocolError(ErrorCode::malformed_message,
@@ -65,7 +66,8 @@ SequenceSampling read_sampling(wire::SequenceSampling::Reader s) {
                        .response_format = static_cast<ResponseFormat>(s.getResponseFormat()),
                        .json_schema = std::string(s.getJsonSchema().cStr(), s.getJsonSchema().size()),
                        .min_tokens = s.getMinTokens(),
-                       .stop_token_ids = {}};
+                       .stop_token_ids = {},
+                       .grammar = std::string(s.getGrammar().cStr(), s.getGrammar().size())};
   if (s.getStopTokenIds().size() > kMaxStopTokenIds)
     throw ProtocolError(ErrorCode::malformed_message, "sequence sampling: too many stop tokens");
   for (int32_t t : s.getStopTokenIds()) out.stop_token_ids.push_back(t);

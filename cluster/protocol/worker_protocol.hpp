@@ -33,6 +33,7 @@ struct SequenceSampling {
   // End-of-generation and these tokens are masked before min_tokens generated tokens.
   uint32_t min_tokens = 0;
   std::vector<int32_t> stop_token_ids{};
+  std::string grammar{};  // with ResponseFormat::grammar: the GBNF grammar
   bool operator==(const SequenceSampling&) const = default;
 };
 

@@ -29,6 +29,7 @@
 #include "model/tool_calls.hpp"
 #include "model/unicode_utf8.hpp"
 #include "tests/support/test_support.hpp"
+#include "worker/gbnf_grammar.hpp"
 #include "worker/generator.hpp"
 #include "worker/json_constraint.hpp"
 #include "worker/json_schema.hpp"
@@ -814,6 +815,34 @@ Outcome run_tool_calls(std::span<const uint8_t> input) {
   }
 }
 
+// Any text as a GBNF grammar: compiled or refused with a message; a compiled one reads a few texts,
+// and whatever prefix of them it takes it took byte by byte the same way.
+Outcome run_grammar(std::span<const uint8_t> input) {
+  std::shared_ptr<const worker::Grammar> grammar;
+  try {
+    grammar =
+        worker::Grammar::compile(std::string_view(reinterpret_cast<const char*>(input.data()), input.size()));
+  } catch (const std::invalid_argument& e) {
+    return {false, e.what()};
+  }
+  for (const char* text : {"abc 123", "{\"a\": [1, 2]}", "\xc3\xa9\xe2\x82\xac-", ""}) {
+    worker::GrammarPrefix whole(grammar.get()), bytes(grammar.get());
+    const bool all = whole.feed(text);
+    size_t taken = 0;
+    while (text[taken] != '\0' && bytes.feed(static_cast<unsigned char>(text[taken]))) ++taken;
+    require(all == (text[taken] == '\0'), "grammar: feeding a text whole and byte by byte disagree");
+    require(whole.complete() == bytes.complete(), "grammar: whole and byte by byte end in different states");
+  }
+  return {true, ""};
+}
+
+std::vector<std::vector<uint8_t>> grammar_seeds() {
+  return {bytes_of("root ::= expr\nexpr ::= term (\"+\" term)*\nterm ::= [0-9]+ | \"(\" expr \")\"\n"),
+          bytes_of("# json-ish\nroot ::= \"{\" ws (pair (\",\" ws pair)*)? \"}\"\npair ::= str \":\" ws str\n"
+                   "str ::= \"\\\"\" [^\"\\\\]{0,8} \"\\\"\"\nws ::= [ \\t\\n]?\n"),
+          bytes_of("root ::= (\n  \"a\" |\n  [\\u00e0-\\u00ff]{2,3}\n) . [^a-c]?\n")};
+}
+
 std::vector<std::vector<uint8_t>> tool_calls_seeds() {
   return {
       bytes_of(
@@ -842,6 +871,7 @@ const std::vector<Target>& targets() {
       {"json_output", run_json_output, json_output_seeds},
       {"json_schema", run_json_schema, json_schema_seeds},
       {"tool_calls", run_tool_calls, tool_calls_seeds},
+      {"grammar", run_grammar, grammar_seeds},
   };
   return all;
 }

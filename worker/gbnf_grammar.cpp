@@ -595,6 +595,17 @@ bool GrammarPrefix::complete() const {
   return false;
 }
 
+std::string GrammarPrefix::key() const {
+  std::string out;
+  out.reserve(frames_.size() * sizeof(Frame) + stacks_.size() * sizeof(uint32_t) + 6);
+  out.append(reinterpret_cast<const char*>(frames_.data()), frames_.size() * sizeof(Frame));
+  out.append(reinterpret_cast<const char*>(stacks_.data()), stacks_.size() * sizeof(uint32_t));
+  out.append(reinterpret_cast<const char*>(pending_), pending_size_);
+  out += static_cast<char>(pending_size_);
+  out += static_cast<char>(pending_need_);
+  return out;
+}
+
 bool GrammarPrefix::finished() const {
   if (pending_need_ != 0) return false;
   for (size_t i = 0; i + 1 < stacks_.size(); ++i)
@@ -652,18 +663,38 @@ bool GrammarConstraint::allows(const GrammarPrefix& state, int32_t token) const 
   return next.feed(bytes);
 }
 
-void GrammarConstraint::walk(uint32_t node, const GrammarPrefix& state, std::vector<uint8_t>& allowed) const {
+int32_t GrammarConstraint::Walk::intern(const GrammarPrefix& state) {
+  const auto [it, added] = ids.emplace(state.key(), static_cast<int32_t>(states.size()));
+  if (added) {
+    states.push_back(state);
+    next.emplace_back();
+    next.back().fill(-2);
+  }
+  return it->second;
+}
+
+int32_t GrammarConstraint::Walk::step(int32_t id, uint8_t byte) {
+  int32_t& known = next[static_cast<size_t>(id)][byte];
+  if (known != -2) return known;
+  GrammarPrefix after = states[static_cast<size_t>(id)];
+  const int32_t result = after.feed(byte) ? intern(after) : -1;
+  next[static_cast<size_t>(id)][byte] = result;  // `known` may dangle: intern() can grow `next`
+  return result;
+}
+
+void GrammarConstraint::walk(uint32_t node, int32_t state, Walk& w, std::vector<uint8_t>& allowed) const {
   for (const auto& [byte, child] : trie_[node].children) {
-    GrammarPrefix next = state;
-    if (!next.feed(byte)) continue;
+    const int32_t after = w.step(state, byte);
+    if (after < 0) continue;
     for (const int32_t t : trie_[child].tokens) allowed[static_cast<size_t>(t)] = 1;
-    walk(child, next, allowed);
+    walk(child, after, w, allowed);
   }
 }
 
 void GrammarConstraint::mask(const GrammarPrefix& state, float* logits, int64_t n_vocab) const {
   std::vector<uint8_t> allowed(token_bytes_.size(), 0);
-  walk(0, state, allowed);
+  Walk w;
+  walk(0, w.intern(state), w, allowed);
   if (state.complete())
     for (const int32_t t : end_of_generation_)
       if (static_cast<size_t>(t) < allowed.size()) allowed[static_cast<size_t>(t)] = 1;

@@ -14,10 +14,12 @@
 // rule positions, its top a character set), reads code points decoded from UTF-8 bytes (a token may
 // end inside one: it checks the bytes so far could still begin one the grammar takes), and is complete
 // when some path has reached the end of root.
+#include <array>
 #include <cstdint>
 #include <memory>
 #include <string>
 #include <string_view>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -74,6 +76,8 @@ class GrammarPrefix {
   bool complete() const;
   // No byte can follow (every way has ended): then only the end of generation fits.
   bool finished() const;
+  // The state as bytes: equal keys, equal states (what the mask's walk interns states by).
+  std::string key() const;
 
  private:
   // A position in a rule: (rule, alternative, element), packed; a stack is a path of them, its top last.
@@ -112,7 +116,17 @@ class GrammarConstraint {
     std::vector<std::pair<uint8_t, uint32_t>> children;  // (byte, node)
     std::vector<int32_t> tokens;                         // tokens whose bytes end here
   };
-  void walk(uint32_t node, const GrammarPrefix& state, std::vector<uint8_t>& allowed) const;
+  // One mask's states: each distinct one once, and its successor per byte (-1: refused, -2: not yet
+  // known). Tokens that share a beginning share a trie path, and paths through the same states share
+  // those states' transitions: most of a walk's edges are a table lookup.
+  struct Walk {
+    std::vector<GrammarPrefix> states;
+    std::unordered_map<std::string, int32_t> ids;
+    std::vector<std::array<int32_t, 256>> next;
+    int32_t intern(const GrammarPrefix& state);
+    int32_t step(int32_t id, uint8_t byte);
+  };
+  void walk(uint32_t node, int32_t state, Walk& w, std::vector<uint8_t>& allowed) const;
 
   std::vector<std::string> token_bytes_;
   std::vector<int32_t> end_of_generation_;

@@ -1341,37 +1341,43 @@ TEST(OpenAiServer, ServeRefusesAnApiKeyVariableThatIsNotSet) {
       << job.log();
 }
 
+// Why a test of the `openai` Python package cannot run here (empty: it can).
+std::string openai_package_missing() {
+  if (test::run_command(test::python() + " -c 'import openai, pydantic'").exit_code != 0)
+    return "the openai Python package is not installed (pip install openai)";
+  if (!fs::exists(test_jobs::mpiexec())) return "mpirun (" + test_jobs::mpiexec() + ") is absent";
+  return "";
+}
+
+// tools/openai_sdk_check.py against the gateway on `port` (mode: "", "--tools" or "--structured"): it
+// exits 0 and prints `ok`.
+void expect_openai_package_check(int port, const std::string& mode, const std::string& ok) {
+  const test::CommandResult r = test::run_command(
+      test::python() + " " + (test::source_dir() / "tools" / "openai_sdk_check.py").string() +
+      " http://127.0.0.1:" + std::to_string(port) + " tiny " + mode);
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find(ok), std::string::npos) << r.output;
+}
+
 // The official `openai` Python package (PyPI) against the gateway, when this machine has it: its
 // response classes parse every answer, its error classes match the refusals (tools/openai_sdk_check.py).
 TEST(OpenAiServer, TheOpenAiPythonPackageTalksToIt) {
-  if (test::run_command(test::python() + " -c 'import openai'").exit_code != 0)
-    GTEST_SKIP() << "the openai Python package is not installed (pip install openai)";
-  if (!fs::exists(test_jobs::mpiexec())) GTEST_SKIP() << "mpirun (" << test_jobs::mpiexec() << ") is absent";
+  if (const std::string why = openai_package_missing(); !why.empty()) GTEST_SKIP() << why;
   Service service;
   ASSERT_GT(service.port(), 0);
-  const test::CommandResult r = test::run_command(
-      test::python() + " " + (test::source_dir() / "tools" / "openai_sdk_check.py").string() +
-      " http://127.0.0.1:" + std::to_string(service.port()) + " tiny");
-  EXPECT_EQ(r.exit_code, 0) << r.output;
-  EXPECT_NE(r.output.find(" ok"), std::string::npos) << r.output;
+  expect_openai_package_check(service.port(), "", " ok");
 }
 
 // Function calling through the gateway with the openai package (tools/openai_sdk_check.py's tools part):
 // a named tool_choice answers a call the SDK parses (message.tool_calls, finish_reason "tool_calls"),
 // whole and streamed, and the conversation goes on with the call and its result.
 TEST(OpenAiServer, TheOpenAiPythonPackageCallsTools) {
-  if (test::run_command(test::python() + " -c 'import openai'").exit_code != 0)
-    GTEST_SKIP() << "the openai Python package is not installed (pip install openai)";
-  if (!fs::exists(test_jobs::mpiexec())) GTEST_SKIP() << "mpirun (" << test_jobs::mpiexec() << ") is absent";
+  if (const std::string why = openai_package_missing(); !why.empty()) GTEST_SKIP() << why;
   for (const std::string format : {"llama3", "chatml"}) {
     SCOPED_TRACE(format);
     Service service(false, "chat_template: " + format + "\ncontext: 2048\nkv_cache: { num_blocks: 160 }\n");
     ASSERT_GT(service.port(), 0);
-    const test::CommandResult r = test::run_command(
-        test::python() + " " + (test::source_dir() / "tools" / "openai_sdk_check.py").string() +
-        " http://127.0.0.1:" + std::to_string(service.port()) + " tiny --tools");
-    EXPECT_EQ(r.exit_code, 0) << r.output;
-    EXPECT_NE(r.output.find("tools ok"), std::string::npos) << r.output;
+    expect_openai_package_check(service.port(), "--tools", "tools ok");
   }
 }
 
@@ -1379,20 +1385,12 @@ TEST(OpenAiServer, TheOpenAiPythonPackageCallsTools) {
 // a strict schema with "$defs" and "$ref" for the nested models, anyOf with null for the optional one):
 // each answer parses back into the model (tools/openai_sdk_check.py --structured).
 TEST(OpenAiServer, TheOpenAiPythonPackageParsesPydanticModels) {
-  if (test::run_command(test::python() + " -c 'import openai, pydantic'").exit_code != 0)
-    GTEST_SKIP() << "the openai Python package is not installed (pip install openai)";
-  if (!fs::exists(test_jobs::mpiexec())) GTEST_SKIP() << "mpirun (" << test_jobs::mpiexec() << ") is absent";
+  if (const std::string why = openai_package_missing(); !why.empty()) GTEST_SKIP() << why;
   Service service;
   ASSERT_GT(service.port(), 0);
-  const test::CommandResult r = test::run_command(
-      test::python() + " " + (test::source_dir() / "tools" / "openai_sdk_check.py").string() +
-      " http://127.0.0.1:" + std::to_string(service.port()) + " tiny --structured");
-  EXPECT_EQ(r.exit_code, 0) << r.output;
-  EXPECT_NE(r.output.find("structured ok"), std::string::npos) << r.output;
+  expect_openai_package_check(service.port(), "--structured", "structured ok");
 }
 
-// JSON mode through the gateway: response_format json_object reaches the workers, which mask the output to
-// a JSON object ('}' biased to win closes the first one it may; the answer ends there, as "stop").
 // Grammar-constrained answers through the gateway: vLLM's guided_choice (one of the strings), llama.cpp's
 // grammar (a sentence of it); a grammar that does not compile is a 400 naming the field.
 TEST(OpenAiServer, GrammarAndGuidedChoiceConstrainTheAnswer) {
@@ -1428,6 +1426,8 @@ TEST(OpenAiServer, GrammarAndGuidedChoiceConstrainTheAnswer) {
       << bad.body;
 }
 
+// JSON mode through the gateway: response_format json_object reaches the workers, which mask the output to
+// a JSON object ('}' biased to win closes the first one it may; the answer ends there, as "stop").
 TEST(OpenAiServer, JsonModeAnswersAJsonObject) {
   if (!fs::exists(test_jobs::mpiexec())) GTEST_SKIP() << "mpirun (" << test_jobs::mpiexec() << ") is absent";
   Service service(/*with_tokenizer=*/true);

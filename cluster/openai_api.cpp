@@ -48,7 +48,10 @@ const std::set<std::string> kCompletionKeys = {"model",
                                                "response_format",
                                                "grammar",
                                                "guided_grammar",
-                                               "guided_choice"};
+                                               "guided_choice",
+                                               "guided_regex",
+                                               "guided_json",
+                                               "json_schema"};
 const std::set<std::string> kChatKeys = {"model",
                                          "messages",
                                          "max_tokens",
@@ -78,7 +81,10 @@ const std::set<std::string> kChatKeys = {"model",
                                          "stop_token_ids",
                                          "grammar",
                                          "guided_grammar",
-                                         "guided_choice"};
+                                         "guided_choice",
+                                         "guided_regex",
+                                         "guided_json",
+                                         "json_schema"};
 
 // A field's value, or nullptr when it is absent or null (OpenAI's clients send null for "not given").
 const json* field(const json& body, const std::string& key) {
@@ -367,14 +373,29 @@ void read_response_format(const json& body, protocol::GenerateRequest& r) {
 }
 
 // Grammar-constrained output: llama.cpp's "grammar" and vLLM's "guided_grammar" (GBNF text), vLLM's
-// "guided_choice" (the output one of these strings); one of them, and not with a response_format.
+// "guided_choice" (the output one of these strings) and "guided_regex" (matched whole); one of them, and
+// not with a response_format. vLLM's "guided_json" and llama.cpp's "json_schema" (a schema, or its text)
+// are response_format json_schema.
 void read_grammar(const json& body, protocol::GenerateRequest& r) {
+  for (const char* key : {"guided_json", "json_schema"}) {
+    const json* schema = field(body, key);
+    if (schema == nullptr) continue;
+    if (r.response_format != protocol::ResponseFormat::text)
+      throw invalid_request(key, std::string(key) + ": not with a response_format or another schema");
+    r.json_schema = schema->is_string() ? schema->get<std::string>() : schema->dump();
+    try {
+      worker::JsonSchema::compile(r.json_schema);
+    } catch (const std::invalid_argument& e) {
+      throw invalid_request(key, std::string(key) + ": " + e.what());
+    }
+    r.response_format = protocol::ResponseFormat::json_schema;
+  }
   const char* given = nullptr;
-  for (const char* key : {"grammar", "guided_grammar", "guided_choice"}) {
+  for (const char* key : {"grammar", "guided_grammar", "guided_choice", "guided_regex"}) {
     if (field(body, key) == nullptr) continue;
     if (given != nullptr)
-      throw invalid_request(key,
-                            std::string(key) + ": only one of grammar, guided_grammar and guided_choice");
+      throw invalid_request(
+          key, std::string(key) + ": only one of grammar, guided_grammar, guided_choice and guided_regex");
     given = key;
   }
   if (given == nullptr) return;
@@ -389,6 +410,13 @@ void read_grammar(const json& body, protocol::GenerateRequest& r) {
       strings.push_back(s.get<std::string>());
     }
     r.grammar = worker::Grammar::choice_text(strings);
+  } else if (std::string(given) == "guided_regex") {
+    if (!value.is_string()) wrong_type(given, "a regular expression", value);
+    try {
+      r.grammar = worker::Grammar::regex_text(value.get<std::string>());
+    } catch (const std::invalid_argument& e) {
+      throw invalid_request(given, std::string(given) + ": " + e.what());
+    }
   } else {
     if (!value.is_string()) wrong_type(given, "a GBNF grammar's text", value);
     r.grammar = value.get<std::string>();

@@ -136,6 +136,59 @@ TEST(GbnfGrammar, ChoiceIsExactlyItsStrings) {
   EXPECT_THROW(Grammar::choice_text({}), std::invalid_argument);
 }
 
+// Regular expressions as grammars (vLLM's guided_regex): on random texts the grammar matches exactly what
+// std::regex matches whole; what a grammar cannot say is refused by offset.
+TEST(GbnfGrammar, RegexesBecomeGrammarsOfTheSameLanguage) {
+  struct Case {
+    std::string regex, alphabet;
+  };
+  const std::vector<Case> cases = {
+      {"^\\d{3}-\\d{2,4}$", "0123-a"},
+      {"(?:ab|c)*d?", "abcdx"},
+      {"[A-Fa-f0-9]+(\\.[^\\s.]{1,2})?", "aF9.g \tz"},
+      {"\\w+(@\\w+)?(\\.(co|o))?", "ab@.co_!"},
+      {"x(y|)z+?", "xyz"},
+      {"[\\]\\-^a]{2}|\\[\\\\\\]", "]-^a[\\b"},
+      {"\\S\\s\\D\\W", " a1!\n"},
+      {"(a|b)+c{0,1}.", "abc\n."},
+  };
+  std::mt19937 rng(21);
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.regex);
+    const std::string text = Grammar::regex_text(c.regex);
+    const auto grammar = Grammar::compile(text);
+    const std::regex regex(c.regex);
+    int matched = 0;
+    for (int i = 0; i < 3000; ++i) {
+      std::string sample;
+      const size_t length = rng() % 8;
+      for (size_t j = 0; j < length; ++j) sample += c.alphabet[rng() % c.alphabet.size()];
+      const bool expected = std::regex_match(sample, regex);
+      EXPECT_EQ(matches(*grammar, sample), expected) << "'" << sample << "' grammar " << text;
+      matched += expected ? 1 : 0;
+    }
+    EXPECT_GT(matched, 10) << text;
+  }
+  for (const auto& [regex, message] :
+       std::vector<std::pair<std::string, std::string>>{{"(a)\\1", "backreferences"},
+                                                        {"a(?=b)", "lookarounds"},
+                                                        {"\\bword", "word boundaries"},
+                                                        {"a**", "a repetition repeated"},
+                                                        {"*a", "'*' repeats nothing"},
+                                                        {"(ab", "expected ')'"},
+                                                        {"ab)", "an unmatched ')'"},
+                                                        {"[\\D]", "a negated shorthand"},
+                                                        {"a{2,x}", "expected {m}, {m,} or {m,n}"},
+                                                        {"a^b", "an anchor inside"}}) {
+    try {
+      Grammar::regex_text(regex);
+      ADD_FAILURE() << "translated " << regex;
+    } catch (const std::invalid_argument& e) {
+      EXPECT_NE(std::string(e.what()).find(message), std::string::npos) << regex << " -> " << e.what();
+    }
+  }
+}
+
 TEST(GbnfGrammar, MaskKeepsExactlyWhatAllowsAndWalksEndInSentences) {
   const auto grammar = Grammar::compile("root ::= \"(\" [ab]* \")\" | \"é\" [0-9]{1,3}\n");
   // A vocabulary with multi-byte tokens, a token that splits 'é', a control token and an end token.

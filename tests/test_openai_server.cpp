@@ -1392,7 +1392,8 @@ TEST(OpenAiServer, TheOpenAiPythonPackageParsesPydanticModels) {
 }
 
 // Grammar-constrained answers through the gateway: vLLM's guided_choice (one of the strings), llama.cpp's
-// grammar (a sentence of it); a grammar that does not compile is a 400 naming the field.
+// grammar (a sentence of it), vLLM's guided_regex and guided_json; a grammar that does not compile, or a
+// regex no grammar can say, is a 400 naming the field.
 TEST(OpenAiServer, GrammarAndGuidedChoiceConstrainTheAnswer) {
   if (!fs::exists(test_jobs::mpiexec())) GTEST_SKIP() << "mpirun (" << test_jobs::mpiexec() << ") is absent";
   Service service;
@@ -1418,6 +1419,33 @@ TEST(OpenAiServer, GrammarAndGuidedChoiceConstrainTheAnswer) {
   EXPECT_TRUE(std::regex_match(dated.body["choices"][0]["text"].get<std::string>(),
                                std::regex("[0-9]{2}(-[0-9]{2}){2}")))
       << dated.body;
+  // vLLM's guided_regex (made a grammar) and guided_json (a schema).
+  const HttpReply matched = post(service.port(), "/v1/completions",
+                                 json{{"prompt", kPrompt},
+                                      {"max_tokens", 20},
+                                      {"temperature", 1},
+                                      {"seed", 5},
+                                      {"guided_regex", "[ab]{2}-\\d?!"}}
+                                     .dump());
+  ASSERT_EQ(matched.status, 200) << matched.body;
+  EXPECT_TRUE(
+      std::regex_match(matched.body["choices"][0]["text"].get<std::string>(), std::regex("[ab]{2}-\\d?!")))
+      << matched.body;
+  const HttpReply typed =
+      post(service.port(), "/v1/chat/completions",
+           json{{"messages", {{{"role", "user"}, {"content", "ok?"}}}},
+                {"max_tokens", 24},
+                {"temperature", 0},
+                {"guided_json",
+                 {{"type", "object"}, {"properties", {{"ok", {{"type", "boolean"}}}}}, {"required", {"ok"}}}}}
+               .dump());
+  ASSERT_EQ(typed.status, 200) << typed.body;
+  const json answer = json::parse(typed.body["choices"][0]["message"]["content"].get<std::string>());
+  EXPECT_TRUE(answer.is_object() && answer.size() == 1 && answer["ok"].is_boolean()) << answer;
+  const HttpReply lookaround =
+      post(service.port(), "/v1/completions", json{{"prompt", kPrompt}, {"guided_regex", "a(?=b)"}}.dump());
+  EXPECT_EQ(lookaround.status, 400) << lookaround.body;
+  EXPECT_EQ(lookaround.body["error"]["param"], "guided_regex");
   const HttpReply bad = post(service.port(), "/v1/completions",
                              json{{"prompt", kPrompt}, {"guided_grammar", "root ::= x\n"}}.dump());
   EXPECT_EQ(bad.status, 400) << bad.body;

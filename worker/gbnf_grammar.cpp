@@ -1,6 +1,7 @@
 #include "worker/gbnf_grammar.hpp"
 
 #include <algorithm>
+#include <cstdio>
 #include <functional>
 #include <limits>
 #include <map>
@@ -433,6 +434,245 @@ std::string Grammar::choice_text(const std::vector<std::string>& strings) {
     text += '"';
   }
   return text + "\n";
+}
+
+namespace {
+
+// A regular expression read into GBNF text, construct by construct (GBNF has each of them).
+struct RegexToGbnf {
+  std::string_view re;
+  size_t pos = 0;
+
+  [[noreturn]] void fail(const std::string& what) const {
+    throw std::invalid_argument("regex: at offset " + std::to_string(pos) + ": " + what);
+  }
+  bool at_end() const { return pos >= re.size(); }
+  char peek() const { return at_end() ? '\0' : re[pos]; }
+
+  // One code point as GBNF writes it inside a literal or a class (escaped where GBNF reads it specially).
+  static std::string escaped(uint32_t c, bool in_class) {
+    if (c == '"' || c == '\\' || (in_class && (c == ']' || c == '-' || c == '^' || c == '['))) {
+      return std::string("\\") + static_cast<char>(c);
+    }
+    if (c == '\n') return "\\n";
+    if (c == '\t') return "\\t";
+    if (c == '\r') return "\\r";
+    char buffer[16];
+    if (c < 0x20 || c == 0x7F) {
+      std::snprintf(buffer, sizeof buffer, "\\x%02X", c);
+      return buffer;
+    }
+    if (c < 0x80) return std::string(1, static_cast<char>(c));
+    std::snprintf(buffer, sizeof buffer, "\\U%08X", c);
+    return buffer;
+  }
+
+  // A UTF-8 encoded code point of the regex.
+  uint32_t code_point() {
+    const auto c = static_cast<unsigned char>(re[pos]);
+    const int length = c < 0x80             ? 1
+                       : (c & 0xE0) == 0xC0 ? 2
+                       : (c & 0xF0) == 0xE0 ? 3
+                       : (c & 0xF8) == 0xF0 ? 4
+                                            : 0;
+    if (length == 0 || pos + static_cast<size_t>(length) > re.size()) fail("not UTF-8");
+    uint32_t value = length == 1 ? c : c & (0x3Fu >> (length - 1));
+    for (int i = 1; i < length; ++i)
+      value = (value << 6) | (static_cast<unsigned char>(re[pos + static_cast<size_t>(i)]) & 0x3Fu);
+    pos += static_cast<size_t>(length);
+    return value;
+  }
+
+  uint32_t hex(int digits) {
+    uint32_t value = 0;
+    for (int i = 0; i < digits; ++i) {
+      const int v = hex_value(peek());
+      if (v < 0) fail("expected " + std::to_string(digits) + " hex digits");
+      value = value * 16 + static_cast<uint32_t>(v);
+      ++pos;
+    }
+    return value;
+  }
+
+  // After '\': a class's ranges for \d \w \s (negated: \D \W \S), else the one code point it stands for.
+  struct Escape {
+    std::string ranges;  // GBNF class body; empty: a single code point
+    bool negated = false;
+    uint32_t code_point = 0;
+  };
+  Escape escape() {
+    if (at_end()) fail("a '\\' at the end");
+    const char e = re[pos++];
+    switch (e) {
+      case 'd':
+      case 'D':
+        return {"0-9", e == 'D', 0};
+      case 'w':
+      case 'W':
+        return {"a-zA-Z0-9_", e == 'W', 0};
+      case 's':
+      case 'S':
+        return {" \\t\\n\\r\\x0B\\x0C", e == 'S', 0};
+      case 'n':
+        return {"", false, '\n'};
+      case 't':
+        return {"", false, '\t'};
+      case 'r':
+        return {"", false, '\r'};
+      case 'f':
+        return {"", false, '\f'};
+      case 'v':
+        return {"", false, '\v'};
+      case '0':
+        return {"", false, 0};
+      case 'x':
+        return {"", false, hex(2)};
+      case 'u':
+        return {"", false, hex(4)};
+      case 'b':
+      case 'B':
+        fail("word boundaries (\\b, \\B) have no grammar counterpart");
+      default:
+        if (e >= '1' && e <= '9') fail("backreferences have no grammar counterpart");
+        if ((e >= 'a' && e <= 'z') || (e >= 'A' && e <= 'Z'))
+          fail(std::string("unknown escape '\\") + e + "'");
+        --pos;
+        return {"", false, code_point()};
+    }
+  }
+
+  std::string char_class() {
+    ++pos;  // '['
+    std::string out = "[";
+    if (peek() == '^') {
+      out += '^';
+      ++pos;
+    }
+    bool first = true;
+    while (first || peek() != ']') {
+      if (at_end()) fail("an unterminated character class");
+      first = false;
+      uint32_t low = 0;
+      if (peek() == '\\') {
+        ++pos;
+        const Escape e = escape();
+        if (!e.ranges.empty()) {
+          if (e.negated) fail("a negated shorthand (\\D, \\W, \\S) inside a class");
+          out += e.ranges;
+          continue;
+        }
+        low = e.code_point;
+      } else {
+        low = code_point();
+      }
+      uint32_t high = low;
+      if (peek() == '-' && pos + 1 < re.size() && re[pos + 1] != ']') {
+        ++pos;
+        if (peek() == '\\') {
+          ++pos;
+          const Escape e = escape();
+          if (!e.ranges.empty()) fail("a range ending in a shorthand class");
+          high = e.code_point;
+        } else {
+          high = code_point();
+        }
+        if (high < low) fail("a range whose end is below its start");
+      }
+      out += escaped(low, true);
+      if (high != low) {
+        out += '-';
+        out += escaped(high, true);
+      }
+    }
+    ++pos;  // ']'
+    return out + "]";
+  }
+
+  std::string atom() {
+    const char c = peek();
+    if (c == '(') {
+      ++pos;
+      if (peek() == '?') {
+        if (pos + 1 < re.size() && re[pos + 1] == ':') {
+          pos += 2;
+        } else {
+          fail("lookarounds and other (?...) groups have no grammar counterpart");
+        }
+      }
+      std::string inner = alternation();
+      if (peek() != ')') fail("expected ')'");
+      ++pos;
+      return "(" + inner + ")";
+    }
+    if (c == '[') return char_class();
+    if (c == '.') {
+      ++pos;
+      return "[^\\n]";
+    }
+    if (c == '*' || c == '+' || c == '?' || c == '{') fail(std::string("'") + c + "' repeats nothing");
+    if (c == '\\') {
+      ++pos;
+      const Escape e = escape();
+      if (!e.ranges.empty()) return std::string("[") + (e.negated ? "^" : "") + e.ranges + "]";
+      return "\"" + escaped(e.code_point, false) + "\"";
+    }
+    return "\"" + escaped(code_point(), false) + "\"";
+  }
+
+  std::string quantified(std::string atom_text) {
+    const char c = peek();
+    if (c == '*' || c == '+' || c == '?') {
+      ++pos;
+      atom_text += c;
+    } else if (c == '{') {
+      const size_t close = re.find('}', pos);
+      if (close == std::string_view::npos) fail("an unterminated {m,n}");
+      const std::string_view body = re.substr(pos + 1, close - pos - 1);
+      if (body.empty() || body.find_first_not_of("0123456789,") != std::string_view::npos ||
+          body.find(',') != body.rfind(',') || body[0] == ',')
+        fail("expected {m}, {m,} or {m,n}");
+      atom_text += "{" + std::string(body) + "}";
+      pos = close + 1;
+    } else {
+      return atom_text;
+    }
+    if (peek() == '?') ++pos;  // lazy: the same language
+    if (peek() == '*' || peek() == '+' || peek() == '{') fail("a repetition repeated");
+    return atom_text;
+  }
+
+  std::string sequence() {
+    std::string out;
+    while (!at_end() && peek() != '|' && peek() != ')') {
+      // ^ and $ match the ends of the whole output, which the grammar matches whole anyway.
+      if ((peek() == '^' && pos == 0) || (peek() == '$' && pos + 1 == re.size())) {
+        ++pos;
+        continue;
+      }
+      if (peek() == '^' || peek() == '$') fail("an anchor inside the expression");
+      if (!out.empty()) out += ' ';
+      out += quantified(atom());
+    }
+    return out.empty() ? "\"\"" : out;
+  }
+
+  std::string alternation() {
+    std::string out = sequence();
+    while (peek() == '|') {
+      ++pos;
+      out += " | " + sequence();
+    }
+    return out;
+  }
+};
+
+}  // namespace
+
+std::string Grammar::regex_text(std::string_view regex) {
+  RegexToGbnf reader{regex};
+  const std::string body = reader.alternation();
+  if (!reader.at_end()) reader.fail("an unmatched ')'");
+  return "root ::= " + body + "\n";
 }
 
 // ---------------------------------------------------------------- recognizer

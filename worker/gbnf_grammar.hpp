@@ -53,6 +53,12 @@ class Grammar {
   static std::shared_ptr<const Grammar> compile(std::string_view text);
   // The GBNF text of a grammar whose language is exactly these strings (vLLM's guided_choice).
   static std::string choice_text(const std::vector<std::string>& strings);
+  // The GBNF text of a grammar whose language is what the regular expression matches whole (vLLM's
+  // guided_regex): literals, escapes (\d \w \s and their negations, \n \t \xHH \uHHHH, escaped
+  // punctuation), [classes], '.' (not a newline), groups and (?:...), |, * + ? {m} {m,} {m,n} (lazy
+  // forms read as greedy: the language is the same), ^ and $ at its ends. Throws std::invalid_argument
+  // naming the offset for what a grammar has no counterpart of: backreferences, lookarounds, \b.
+  static std::string regex_text(std::string_view regex);
 
   const std::vector<GrammarRule>& rules() const { return rules_; }
   uint32_t root() const { return root_; }

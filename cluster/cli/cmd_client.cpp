@@ -24,6 +24,7 @@
 
 #include "cluster/cli/commands.hpp"
 #include "cluster/client.hpp"
+#include "worker/gbnf_grammar.hpp"
 
 namespace nibble::cli {
 
@@ -319,7 +320,7 @@ Runner add_client(CLI::App& app) {
     std::vector<int32_t> stop_token_ids;
     std::string chat, system;
     std::string tools_file, tool_choice = "auto";
-    std::string grammar_file;
+    std::string grammar_file, regex;
   };
   auto a = std::make_shared<Args>();
   app.add_option("--endpoint,-e", a->endpoint, "Coordinator address")->capture_default_str();
@@ -403,6 +404,8 @@ Runner add_client(CLI::App& app) {
          "--grammar-file", a->grammar_file,
          "A GBNF grammar file (llama.cpp's): the output is a sentence of it (worker/gbnf_grammar.hpp)")
       ->check(CLI::ExistingFile);
+  app.add_option("--regex", a->regex,
+                 "The output matches this regular expression whole (vLLM's guided_regex; made a grammar)");
   app.add_option("--prompt-logprobs", a->prompt_logprobs,
                  "With --json: each prompt token's log-probability after the first and this many most "
                  "likely tokens' (-1: none)")
@@ -503,6 +506,10 @@ Runner add_client(CLI::App& app) {
     if (!a->grammar_file.empty()) {
       std::ifstream in(a->grammar_file);
       request.grammar.assign(std::istreambuf_iterator<char>(in), {});
+      request.response_format = protocol::ResponseFormat::grammar;
+    }
+    if (!a->regex.empty()) {
+      request.grammar = worker::Grammar::regex_text(a->regex);
       request.response_format = protocol::ResponseFormat::grammar;
     }
     request.parse_special = a->special;

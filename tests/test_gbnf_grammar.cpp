@@ -169,17 +169,21 @@ TEST(GbnfGrammar, RegexesBecomeGrammarsOfTheSameLanguage) {
     }
     EXPECT_GT(matched, 10) << text;
   }
-  for (const auto& [regex, message] :
-       std::vector<std::pair<std::string, std::string>>{{"(a)\\1", "backreferences"},
-                                                        {"a(?=b)", "lookarounds"},
-                                                        {"\\bword", "word boundaries"},
-                                                        {"a**", "a repetition repeated"},
-                                                        {"*a", "'*' repeats nothing"},
-                                                        {"(ab", "expected ')'"},
-                                                        {"ab)", "an unmatched ')'"},
-                                                        {"[\\D]", "a negated shorthand"},
-                                                        {"a{2,x}", "expected {m}, {m,} or {m,n}"},
-                                                        {"a^b", "an anchor inside"}}) {
+  for (const auto& [regex, message] : std::vector<std::pair<std::string, std::string>>{
+           {"(a)\\1", "backreferences"},
+           {"a(?=b)", "lookarounds"},
+           {"\\bword", "word boundaries"},
+           {"a**", "a repetition repeated"},
+           {"*a", "'*' repeats nothing"},
+           {"(ab", "expected ')'"},
+           {"ab)", "an unmatched ')'"},
+           {"[\\D]", "a negated shorthand"},
+           {"a{2,x}", "expected {m}, {m,} or {m,n}"},
+           {"a^b", "an anchor inside"},
+           {"a{2,1}", "maximum is below its minimum"},  // found by the grammar fuzz target
+           {"a{300}", "a repetition count above 256"},
+           {"\xf5\x80\x80\x80", "not UTF-8"},  // beyond U+10FFFF: found so too
+           {"\xc3(", "not UTF-8"}}) {
     try {
       Grammar::regex_text(regex);
       ADD_FAILURE() << "translated " << regex;

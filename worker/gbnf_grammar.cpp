@@ -477,8 +477,14 @@ struct RegexToGbnf {
                                             : 0;
     if (length == 0 || pos + static_cast<size_t>(length) > re.size()) fail("not UTF-8");
     uint32_t value = length == 1 ? c : c & (0x3Fu >> (length - 1));
-    for (int i = 1; i < length; ++i)
-      value = (value << 6) | (static_cast<unsigned char>(re[pos + static_cast<size_t>(i)]) & 0x3Fu);
+    for (int i = 1; i < length; ++i) {
+      const auto next = static_cast<unsigned char>(re[pos + static_cast<size_t>(i)]);
+      if ((next & 0xC0) != 0x80) fail("not UTF-8");
+      value = (value << 6) | (next & 0x3Fu);
+    }
+    static constexpr uint32_t kLowest[5] = {0, 0, 0x80, 0x800, 0x10000};
+    if (value < kLowest[length] || value > kMaxCodePoint || (value >= 0xD800 && value <= 0xDFFF))
+      fail("not UTF-8");
     pos += static_cast<size_t>(length);
     return value;
   }
@@ -631,6 +637,17 @@ struct RegexToGbnf {
       if (body.empty() || body.find_first_not_of("0123456789,") != std::string_view::npos ||
           body.find(',') != body.rfind(',') || body[0] == ',')
         fail("expected {m}, {m,} or {m,n}");
+      std::vector<size_t> counts;  // the grammar's limits on counts, and m <= n
+      for (size_t at = 0; at < body.size();) {
+        const size_t end = std::min(body.find(',', at), body.size());
+        if (end - at > 3 ||
+            (end > at && std::stoul(std::string(body.substr(at, end - at))) > Grammar::kMaxRepetition))
+          fail("a repetition count above " + std::to_string(Grammar::kMaxRepetition));
+        if (end > at) counts.push_back(std::stoul(std::string(body.substr(at, end - at))));
+        at = end + 1;
+      }
+      if (counts.size() == 2 && counts[1] < counts[0])
+        fail("a repetition whose maximum is below its minimum");
       atom_text += "{" + std::string(body) + "}";
       pos = close + 1;
     } else {

@@ -816,8 +816,21 @@ Outcome run_tool_calls(std::span<const uint8_t> input) {
 }
 
 // Any text as a GBNF grammar: compiled or refused with a message; a compiled one reads a few texts,
-// and whatever prefix of them it takes it took byte by byte the same way.
+// and whatever prefix of them it takes it took byte by byte the same way. Any text as a regular
+// expression: refused by offset, or made a grammar that compiles (or is refused only for its size).
 Outcome run_grammar(std::span<const uint8_t> input) {
+  try {
+    const std::string text = worker::Grammar::regex_text(
+        std::string_view(reinterpret_cast<const char*>(input.data()), input.size()));
+    try {
+      worker::Grammar::compile(text);
+    } catch (const std::invalid_argument& e) {
+      require(std::string(e.what()).find("more than") != std::string::npos,
+              std::string("grammar: a regex's grammar does not compile: ") + e.what() + "\n" + text);
+    }
+  } catch (const std::invalid_argument&) {
+    // refused as a regex: fine, it is read as a grammar below
+  }
   std::shared_ptr<const worker::Grammar> grammar;
   try {
     grammar =

@@ -10,6 +10,7 @@
 #include "cluster/sampling_settings.hpp"
 #include "worker/gbnf_grammar.hpp"
 #include "worker/json_schema.hpp"
+#include "worker/json_schema_grammar.hpp"
 #include "worker/sampler.hpp"
 
 namespace nibble::cluster {
@@ -160,6 +161,8 @@ void Coordinator::handle_generate(const std::string& identity, const protocol::G
   // A required call is an instance of the call schema its tools give.
   protocol::ResponseFormat response_format = g.response_format;
   std::string json_schema = g.json_schema;
+  std::string grammar = g.grammar;
+  bool call_required = false;
   const model::ToolPrompt* answer_tools = nullptr;
   if (const auto* text = std::get_if<std::string>(&g.prompt)) {
     prompt = tokenizer_.encode(*text, tokenizer_.add_bos_default(), g.parse_special);
@@ -199,7 +202,8 @@ void Coordinator::handle_generate(const std::string& identity, const protocol::G
                                                         ? std::optional(g.tool_choice_function)
                                                         : std::nullopt);
           response_format = protocol::ResponseFormat::json_schema;
-          worker::JsonSchema::compile(json_schema);
+          call_required = true;
+          worker::constrain_to_schema(json_schema);  // its refusal named as the tools' below
         }
       } catch (const std::invalid_argument& e) {
         const std::string what = e.what();
@@ -261,9 +265,15 @@ void Coordinator::handle_generate(const std::string& identity, const protocol::G
       return;
     }
   }
-  if (g.response_format == protocol::ResponseFormat::json_schema) {
+  if (response_format == protocol::ResponseFormat::json_schema) {
     try {
-      worker::JsonSchema::compile(json_schema);  // what the sampling worker will follow
+      // What the sampling worker will follow: the recognizer's table, or the schema's grammar.
+      const worker::SchemaConstraint constraint = worker::constrain_to_schema(json_schema);
+      if (constraint.schema == nullptr) {
+        response_format = protocol::ResponseFormat::grammar;
+        grammar = constraint.grammar;
+        json_schema.clear();
+      }
     } catch (const std::invalid_argument& e) {
       reply_error(identity, g.request_id, ErrorCode::bad_request, e.what());
       return;
@@ -314,9 +324,9 @@ void Coordinator::handle_generate(const std::string& identity, const protocol::G
   r.sampling.prompt_logprobs = g.prompt_logprobs;
   r.sampling.response_format = response_format;
   r.sampling.json_schema = json_schema;
-  r.sampling.grammar = g.grammar;
+  r.sampling.grammar = grammar;
   r.tools = answer_tools;
-  r.call_required = answer_tools != nullptr && response_format != g.response_format;
+  r.call_required = answer_tools != nullptr && call_required;
   r.sampling.min_tokens = g.min_tokens;
   r.sampling.stop_token_ids = g.stop_token_ids;
   if (scores_prompt) r.prompt_logprobs.resize(prompt.size() - 1);

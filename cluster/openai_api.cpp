@@ -12,6 +12,7 @@
 #include "model/tool_calls.hpp"
 #include "worker/gbnf_grammar.hpp"
 #include "worker/json_schema.hpp"
+#include "worker/json_schema_grammar.hpp"
 
 namespace nibble::cluster::openai {
 namespace {
@@ -338,7 +339,8 @@ void read_messages(const json& body, protocol::GenerateRequest& r) {
 }
 
 // response_format: {"type": "text"}, {"type": "json_object"}, or {"type": "json_schema", "json_schema":
-// {"name", "schema", "strict", "description"}} (the schema checked here: worker/json_schema's subset).
+// {"name", "schema", "strict", "description"}} (the schema checked here as the coordinator checks it:
+// worker/json_schema's subset, or a grammar of it, worker/json_schema_grammar).
 void read_response_format(const json& body, protocol::GenerateRequest& r) {
   const json* format = field(body, "response_format");
   if (format == nullptr) return;
@@ -365,7 +367,7 @@ void read_response_format(const json& body, protocol::GenerateRequest& r) {
     throw invalid_request("response_format", "response_format.json_schema.schema: required");
   r.json_schema = schema->dump();
   try {
-    worker::JsonSchema::compile(r.json_schema);
+    worker::constrain_to_schema(r.json_schema);
   } catch (const std::invalid_argument& e) {
     throw invalid_request("response_format", std::string("response_format.") + e.what());
   }
@@ -384,7 +386,7 @@ void read_grammar(const json& body, protocol::GenerateRequest& r) {
       throw invalid_request(key, std::string(key) + ": not with a response_format or another schema");
     r.json_schema = schema->is_string() ? schema->get<std::string>() : schema->dump();
     try {
-      worker::JsonSchema::compile(r.json_schema);
+      worker::constrain_to_schema(r.json_schema);
     } catch (const std::invalid_argument& e) {
       throw invalid_request(key, std::string(key) + ": " + e.what());
     }

@@ -309,27 +309,25 @@ std::string format_chat_with_tools(const ToolPrompt& prompt, std::span<const Cha
 std::string required_call_schema(const ToolPrompt& prompt, std::span<const ToolDefinition> tools,
                                  const std::optional<std::string>& function) {
   const char* arguments_key = prompt.form == ToolForm::llama3_json ? "parameters" : "arguments";
-  ordered_json name, arguments;
-  if (function || tools.size() == 1) {
-    const std::string wanted = function ? *function : tools[0].name;
-    const ToolDefinition* tool = nullptr;
+  const auto call_of = [&](const ToolDefinition& tool) {
+    return ordered_json{
+        {"type", "object"},
+        {"properties",
+         {{"name", {{"const", tool.name}}}, {arguments_key, ordered_json::parse(tool.parameters_schema)}}},
+        {"required", {"name", arguments_key}},
+        {"additionalProperties", false}};
+  };
+  if (function) {
     for (const ToolDefinition& t : tools)
-      if (t.name == wanted) tool = &t;
-    if (tool == nullptr) throw std::invalid_argument("toolChoice: no tool is named '" + wanted + "'");
-    name = {{"const", wanted}};
-    arguments = ordered_json::parse(tool->parameters_schema);
-  } else {
-    if (tools.empty()) throw std::invalid_argument("toolChoice: a call is required and no tools are offered");
-    ordered_json names = ordered_json::array();
-    for (const ToolDefinition& t : tools) names.push_back(t.name);
-    name = {{"enum", names}};
-    arguments = {{"type", "object"}};
+      if (t.name == *function) return call_of(t).dump();
+    throw std::invalid_argument("toolChoice: no tool is named '" + *function + "'");
   }
-  ordered_json schema = {{"type", "object"},
-                         {"properties", {{"name", name}, {arguments_key, arguments}}},
-                         {"required", {"name", arguments_key}},
-                         {"additionalProperties", false}};
-  return schema.dump();
+  if (tools.empty()) throw std::invalid_argument("toolChoice: a call is required and no tools are offered");
+  if (tools.size() == 1) return call_of(tools[0]).dump();
+  // A call to any of them, each name with its own parameters (a union the schema's grammar follows).
+  ordered_json any = ordered_json::array();
+  for (const ToolDefinition& t : tools) any.push_back(call_of(t));
+  return ordered_json{{"anyOf", any}}.dump();
 }
 
 ParsedAnswer parse_tool_calls(const ToolPrompt& prompt, std::string_view text, bool required) {

@@ -51,10 +51,10 @@ std::vector<ToolDefinition> parse_tools(std::string_view tools_json);
 std::string format_chat_with_tools(const ToolPrompt& prompt, std::span<const ChatMessage> messages,
                                    std::span<const ToolDefinition> tools, bool add_assistant);
 
-// The JSON schema (worker/json_schema's subset) an answer must follow when a call is required:
-// {"name": the function (or one of them), "parameters" (llama3_json) / "arguments" (hermes): its
-// parameters}. `function`: the one named by tool_choice; nullopt: any of `tools` (with more than one,
-// the arguments are any JSON object: the subset cannot tie them to the name).
+// The JSON schema an answer must follow when a call is required: {"name": the function, "parameters"
+// (llama3_json) / "arguments" (hermes): its parameters}. `function`: the one named by tool_choice;
+// nullopt: any of `tools`, an anyOf of one such object per tool (each name with its own parameters,
+// which worker/json_schema_grammar's grammar follows).
 std::string required_call_schema(const ToolPrompt& prompt, std::span<const ToolDefinition> tools,
                                  const std::optional<std::string>& function);
 

@@ -1442,6 +1442,32 @@ TEST(OpenAiServer, GrammarAndGuidedChoiceConstrainTheAnswer) {
   ASSERT_EQ(typed.status, 200) << typed.body;
   const json answer = json::parse(typed.body["choices"][0]["message"]["content"].get<std::string>());
   EXPECT_TRUE(answer.is_object() && answer.size() == 1 && answer["ok"].is_boolean()) << answer;
+  // A union of objects the recognizer cannot tell apart by their first byte: the schema's grammar.
+  const json either = {{"anyOf",
+                        {{{"type", "object"},
+                          {"properties", {{"a", {{"const", 1}}}}},
+                          {"required", {"a"}},
+                          {"additionalProperties", false}},
+                         {{"type", "object"},
+                          {"properties", {{"b", {{"type", "boolean"}}}}},
+                          {"required", {"b"}},
+                          {"additionalProperties", false}}}}};
+  for (int seed = 0; seed < 3; ++seed) {
+    const HttpReply one =
+        post(service.port(), "/v1/chat/completions",
+             json{{"messages", {{{"role", "user"}, {"content", "a or b?"}}}},
+                  {"max_tokens", 24},
+                  {"temperature", 1},
+                  {"seed", seed},
+                  {"response_format",
+                   {{"type", "json_schema"}, {"json_schema", {{"name", "e"}, {"schema", either}}}}}}
+                 .dump());
+    ASSERT_EQ(one.status, 200) << one.body;
+    const json value = json::parse(one.body["choices"][0]["message"]["content"].get<std::string>());
+    const bool is_a = value == json{{"a", 1}};
+    const bool is_b = value.size() == 1 && value.contains("b") && value["b"].is_boolean();
+    EXPECT_TRUE(is_a || is_b) << value;
+  }
   const HttpReply lookaround =
       post(service.port(), "/v1/completions", json{{"prompt", kPrompt}, {"guided_regex", "a(?=b)"}}.dump());
   EXPECT_EQ(lookaround.status, 400) << lookaround.body;

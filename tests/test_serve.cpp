@@ -911,7 +911,8 @@ TEST(Serve, ToolCallsAreWrittenIntoThePromptAndReadBackFromTheAnswer) {
       R"([{"type": "function", "function": {"name": "set_mode", "description": "Units and detail",)"
       R"( "parameters": {"type": "object", "properties": {"unit": {"enum": ["celsius", "fahrenheit"]},)"
       R"( "hourly": {"type": "boolean"}}, "required": ["unit", "hourly"], "additionalProperties": false}}},)"
-      R"( {"type": "function", "function": {"name": "ping"}}])";
+      R"( {"type": "function", "function": {"name": "ping", "parameters": {"type": "object", "properties": {},)"
+      R"( "additionalProperties": false}}}])";
   const auto is_set_mode_call = [](const protocol::ToolCall& call) {
     const nlohmann::json arguments = nlohmann::json::parse(call.arguments, nullptr, false);
     return call.name == "set_mode" && call.id.starts_with("call_") && arguments.is_object() &&
@@ -957,6 +958,25 @@ TEST(Serve, ToolCallsAreWrittenIntoThePromptAndReadBackFromTheAnswer) {
       EXPECT_TRUE(is_set_mode_call(f.tool_calls[0])) << f.tool_calls[0].arguments;
       EXPECT_EQ(f.text, "");
       EXPECT_EQ(streamed, "");
+    }
+
+    // Required, any of the two: a call to one of them with that one's arguments (the union of the two call
+    // objects is the schema's grammar).
+    for (int seed = 0; seed < 3; ++seed) {
+      protocol::GenerateRequest r = greedy("required" + std::to_string(seed), ask, 200);
+      r.sampling.temperature = 1.0f;
+      r.sampling.seed = static_cast<uint64_t>(seed);
+      r.tools = tools;
+      r.tool_choice = protocol::ToolChoice::required;
+      const protocol::Final f = client.generate(r);
+      SCOPED_TRACE(f.text);
+      EXPECT_EQ(f.finish_reason, protocol::FinishReason::tool_calls);
+      ASSERT_EQ(f.tool_calls.size(), 1u);
+      if (f.tool_calls[0].name == "ping") {
+        EXPECT_EQ(nlohmann::json::parse(f.tool_calls[0].arguments), nlohmann::json::object());
+      } else {
+        EXPECT_TRUE(is_set_mode_call(f.tool_calls[0])) << f.tool_calls[0].arguments;
+      }
     }
 
     // Auto, the answer held to the call schema by the client: a call in the llama3 form; in the hermes
@@ -1010,9 +1030,10 @@ TEST(Serve, ToolCallsAreWrittenIntoThePromptAndReadBackFromTheAnswer) {
                 R"( "properties": {"n": {"type": "integer", "minimum": 1}}}}}])";
     const std::string arguments_key =
         c.form.form == model::ToolForm::llama3_json ? "parameters" : "arguments";
-    EXPECT_NE(refusal(bad).find("tools: the called function's parameters: json_schema.properties." +
-                                arguments_key + ".properties.n: 'minimum' is not supported"),
-              std::string::npos)
+    EXPECT_NE(
+        refusal(bad).find("tools: the called function's parameters: json_schema.properties." + arguments_key +
+                          ".properties.n.minimum: only 0 (a natural number) is supported"),
+        std::string::npos)
         << refusal(bad);
     bad.tools = R"([{"type": "function", "function": {"name": "a b"}}])";
     bad.tool_choice = protocol::ToolChoice::auto_;

@@ -10,8 +10,10 @@
 
 #include "model/tool_calls.hpp"
 #include "tests/support/test_support.hpp"
+#include "worker/gbnf_grammar.hpp"
 #include "worker/json_constraint.hpp"
 #include "worker/json_schema.hpp"
+#include "worker/json_schema_grammar.hpp"
 
 namespace nibble::model {
 namespace {
@@ -183,19 +185,31 @@ TEST(ToolCalls, RequiredCallSchemaAdmitsCallsTheParserReads) {
           {"type":"function","function":{"name":"now"}}])");
   for (const ToolPrompt& p : {ToolPrompt{ToolForm::llama3_json, ""}, ToolPrompt{ToolForm::hermes, ""}}) {
     const std::string key = p.form == ToolForm::llama3_json ? "parameters" : "arguments";
-    const auto named = worker::JsonSchema::compile(required_call_schema(p, tools, "get_weather"));
-    const auto any = worker::JsonSchema::compile(required_call_schema(p, tools, std::nullopt));
-    const auto admits = [](const worker::JsonSchema& schema, const std::string& text) {
-      worker::JsonPrefix state(&schema);
+    // One function: the recognizer follows it; any of several: a union of objects, the schema's grammar.
+    const worker::SchemaConstraint named =
+        worker::constrain_to_schema(required_call_schema(p, tools, "get_weather"));
+    const worker::SchemaConstraint any =
+        worker::constrain_to_schema(required_call_schema(p, tools, std::nullopt));
+    ASSERT_NE(named.schema, nullptr);
+    ASSERT_EQ(any.schema, nullptr);
+    const auto any_grammar = worker::Grammar::compile(any.grammar);
+    const auto admits_named = [&](const std::string& text) {
+      worker::JsonPrefix state(named.schema.get());
+      return state.feed(text) && state.complete();
+    };
+    const auto admits_any = [&](const std::string& text) {
+      worker::GrammarPrefix state(any_grammar.get());
       return state.feed(text) && state.complete();
     };
     const std::string good = R"({"name": "get_weather", ")" + key + R"(": {"city": "Oslo", "days": 3}})";
-    EXPECT_TRUE(admits(*named, good));
-    EXPECT_TRUE(admits(*any, good));
-    EXPECT_FALSE(admits(*named, R"({"name": "now", ")" + key + R"(": {}})"));
-    EXPECT_TRUE(admits(*any, R"({"name": "now", ")" + key + R"(": {}})"));
-    EXPECT_FALSE(admits(*named, R"({"name": "get_weather", ")" + key + R"(": {"days": 3}})"));
-    EXPECT_FALSE(admits(*any, R"({"name": "later", ")" + key + R"(": {}})"));
+    EXPECT_TRUE(admits_named(good));
+    EXPECT_TRUE(admits_any(good));
+    EXPECT_FALSE(admits_named(R"({"name": "now", ")" + key + R"(": {}})"));
+    EXPECT_TRUE(admits_any(R"({"name": "now", ")" + key + R"(": {}})"));
+    EXPECT_FALSE(admits_named(R"({"name": "get_weather", ")" + key + R"(": {"days": 3}})"));
+    // Each name with its own parameters: get_weather's need a city, whichever call it is.
+    EXPECT_FALSE(admits_any(R"({"name": "get_weather", ")" + key + R"(": {"days": 3}})"));
+    EXPECT_FALSE(admits_any(R"({"name": "later", ")" + key + R"(": {}})"));
     const ParsedAnswer a = parse_tool_calls(p, good, true);
     ASSERT_EQ(a.calls.size(), 1u);
     EXPECT_EQ(a.calls[0].arguments, R"({"city": "Oslo", "days": 3})");

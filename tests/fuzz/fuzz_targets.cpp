@@ -33,6 +33,7 @@
 #include "worker/generator.hpp"
 #include "worker/json_constraint.hpp"
 #include "worker/json_schema.hpp"
+#include "worker/json_schema_grammar.hpp"
 #include "worker/kv_cache.hpp"
 #include "worker/llama_model.hpp"
 
@@ -741,6 +742,14 @@ Outcome run_json_output(std::span<const uint8_t> input) {
 // Any text as a JSON schema: compiled or refused with a message (std::invalid_argument), nothing else;
 // a compiled one walks a few texts without fault.
 Outcome run_json_schema(std::span<const uint8_t> input) {
+  // Its grammar, made or refused by the converter naming a place; a grammar that does not compile would be
+  // the converter's own slip ("grammar: ..." from the check at its end).
+  try {
+    worker::json_schema_grammar(std::string_view(reinterpret_cast<const char*>(input.data()), input.size()));
+  } catch (const std::invalid_argument& e) {
+    require(std::string(e.what()).starts_with("json_schema"),
+            std::string("json_schema: the schema's grammar does not compile: ") + e.what());
+  }
   std::shared_ptr<const worker::JsonSchema> schema;
   try {
     schema = worker::JsonSchema::compile(

@@ -193,7 +193,9 @@ void Coordinator::handle_generate(const std::string& identity, const protocol::G
       try {
         const std::vector<model::ToolDefinition> tools =
             g.tools.empty() ? std::vector<model::ToolDefinition>{} : model::parse_tools(g.tools);
-        formatted = model::format_chat_with_tools(*chat_.tools, chat, tools, /*add_assistant=*/true);
+        model::ToolPrompt prompt_form = *chat_.tools;
+        if (prompt_form.dated_by_clock) prompt_form.date = model::today_date();
+        formatted = model::format_chat_with_tools(prompt_form, chat, tools, /*add_assistant=*/true);
         if (!tools.empty() && g.tool_choice != protocol::ToolChoice::none) answer_tools = &*chat_.tools;
         if (g.tool_choice == protocol::ToolChoice::required ||
             g.tool_choice == protocol::ToolChoice::function) {

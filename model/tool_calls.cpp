@@ -1,5 +1,6 @@
 #include "model/tool_calls.hpp"
 
+#include <ctime>
 #include <nlohmann/json.hpp>
 #include <set>
 #include <stdexcept>
@@ -146,8 +147,8 @@ std::string arguments_json(const ToolCall& call, size_t message) {
   return python_dumps(arguments);
 }
 
-std::string format_llama3_json(std::span<const ChatMessage> messages, std::span<const ToolDefinition> tools,
-                               bool add_assistant) {
+std::string format_llama3_json(const ToolPrompt& prompt, std::span<const ChatMessage> messages,
+                               std::span<const ToolDefinition> tools, bool add_assistant) {
   // Llama 3.1's template, tools_in_user_message (its default) and no builtin tools.
   size_t next = 0;
   std::string system_message;
@@ -157,7 +158,7 @@ std::string format_llama3_json(std::span<const ChatMessage> messages, std::span<
   }
   std::string out = "<|start_header_id|>system<|end_header_id|>\n\n";
   if (!tools.empty()) out += "Environment: ipython\n";
-  out += "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n";
+  out += "Cutting Knowledge Date: December 2023\nToday Date: " + prompt.date + "\n\n";
   out += system_message + "<|eot_id|>";
   if (!tools.empty()) {
     if (next == messages.size())
@@ -241,12 +242,25 @@ std::string format_hermes(const ToolPrompt& prompt, std::span<const ChatMessage>
 }  // namespace
 
 std::optional<ToolPrompt> tool_prompt_for(ChatFormat format, std::string_view chat_template) {
-  if (format == ChatFormat::llama3) return ToolPrompt{ToolForm::llama3_json, ""};
+  if (format == ChatFormat::llama3) {
+    ToolPrompt prompt{ToolForm::llama3_json, ""};
+    prompt.dated_by_clock = chat_template.find("strftime_now") != std::string_view::npos;
+    return prompt;
+  }
   if (format == ChatFormat::chatml)
     return ToolPrompt{ToolForm::hermes, chat_template.find(kQwenSystem) != std::string_view::npos
                                             ? std::string(kQwenSystem)
                                             : ""};
   return std::nullopt;
+}
+
+std::string today_date() {
+  const std::time_t now = std::time(nullptr);
+  std::tm local{};
+  localtime_r(&now, &local);
+  char buffer[32];
+  std::strftime(buffer, sizeof buffer, "%d %b %Y", &local);
+  return buffer;
 }
 
 const char* tool_form_name(ToolForm form) { return form == ToolForm::llama3_json ? "llama3_json" : "hermes"; }
@@ -302,7 +316,7 @@ std::vector<ToolDefinition> parse_tools(std::string_view tools_json) {
 
 std::string format_chat_with_tools(const ToolPrompt& prompt, std::span<const ChatMessage> messages,
                                    std::span<const ToolDefinition> tools, bool add_assistant) {
-  return prompt.form == ToolForm::llama3_json ? format_llama3_json(messages, tools, add_assistant)
+  return prompt.form == ToolForm::llama3_json ? format_llama3_json(prompt, messages, tools, add_assistant)
                                               : format_hermes(prompt, messages, tools, add_assistant);
 }
 

@@ -5,6 +5,7 @@
 
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <regex>
 #include <string>
 #include <vector>
 
@@ -45,9 +46,16 @@ TEST(ToolCalls, PromptsAreWhatTheRealTemplatesRender) {
                  (add ? " +assistant" : ""));
     const std::optional<ChatFormat> format = chat_format_by_name(c["chat_format"].get<std::string>());
     ASSERT_TRUE(format.has_value());
-    const std::optional<ToolPrompt> prompt =
-        tool_prompt_for(*format, c["template_has_qwen_system"].get<bool>() ? kQwenSystem : "");
+    // The template's text as far as tool_prompt_for reads it: Qwen's default system line, Llama 3.2's
+    // strftime_now (the day of the request: the reference's fixed day stands for it).
+    const bool dated = !c["date"].is_null();
+    std::optional<ToolPrompt> prompt =
+        tool_prompt_for(*format, c["template_has_qwen_system"].get<bool>() ? kQwenSystem
+                                 : dated                                   ? "strftime_now(...)"
+                                                                           : "");
     ASSERT_TRUE(prompt.has_value());
+    EXPECT_EQ(prompt->dated_by_clock, dated);
+    if (dated) prompt->date = c["date"].get<std::string>();
     const std::vector<ToolDefinition> tools = parse_tools(c["tools"].dump());
     const std::vector<ChatMessage> messages = messages_of(c["messages"]);
     if (c.contains("error")) {
@@ -64,8 +72,11 @@ TEST(ToolCalls, PromptsAreWhatTheRealTemplatesRender) {
     EXPECT_EQ(format_chat_with_tools(*prompt, messages, tools, add), c["expected"].get<std::string>());
     ++compared;
   }
-  EXPECT_EQ(compared, 26);
-  EXPECT_EQ(refused, 4);
+  EXPECT_EQ(compared, 34);
+  EXPECT_EQ(refused, 6);
+  // Today as strftime("%d %b %Y") writes it: "06 Dec 2026".
+  EXPECT_TRUE(std::regex_match(today_date(), std::regex("[0-3][0-9] [A-Z][a-z]{2} [0-9]{4}")))
+      << today_date();
 }
 
 TEST(ToolCalls, PythonJsonDumpsWritesAsPython) {

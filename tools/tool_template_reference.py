@@ -25,10 +25,12 @@ import jinja2.sandbox
 
 VERSION = "0.3.36"  # llama-cpp-python release, as tools/build-llama-cpp.sh
 QWEN_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+TODAY = "06 Dec 2026"  # what strftime_now("%d %b %Y") gives the templates that ask for the day
 TEMPLATES = [
     # (file, the chat format Nibble detects in it)
     ("meta-llama-Llama-3.1-8B-Instruct.jinja", "llama3"),
     ("meta-llama-Llama-3.3-70B-Instruct.jinja", "llama3"),
+    ("meta-llama-Llama-3.2-3B-Instruct.jinja", "llama3"),  # "Today Date" from strftime_now
     ("Qwen-Qwen2.5-7B-Instruct.jinja", "chatml"),
 ]
 
@@ -100,6 +102,7 @@ def render(template_text, case, add_generation_prompt):
                                                        extensions=[jinja2.ext.loopcontrols])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: TODAY  # transformers' is the clock's; a fixed day here
     messages = copy.deepcopy(case["messages"])
     for m in messages:  # as vLLM hands them to templates: arguments as objects
         for c in m.get("tool_calls", []):
@@ -136,7 +139,8 @@ def main():
                         expected = None
                         error = str(e)
                     entry = {"template": name, "chat_format": chat_format,
-                             "template_has_qwen_system": QWEN_SYSTEM in text, "case": index,
+                             "template_has_qwen_system": QWEN_SYSTEM in text,
+                             "date": TODAY if "strftime_now" in text else None, "case": index,
                              "tools": case["tools"], "messages": case["messages"], "add_generation_prompt": add}
                     if expected is None:
                         entry["error"] = error

@@ -2,7 +2,7 @@
 // Function calling (OpenAI's tools): the function definitions written into a chat prompt as the model's
 // own chat template writes them, and the calls read back out of what it generates, as vLLM's tool
 // parsers read them. Two forms, the Llama-family ones:
-// - llama3_json: Llama 3.1 / 3.3's template (tools in the first user message, tojson(indent=4); a call
+// - llama3_json: Llama 3.1 / 3.2 / 3.3's template (tools in the first user message, tojson(indent=4); a call
 //   is the whole answer, {"name": ..., "parameters": {...}}), vLLM's llama3_json parser;
 // - hermes: Qwen2.5's and Hermes's chatml template (tools in the system message inside <tools></tools>;
 //   calls inside <tool_call></tool_call> after any text), vLLM's hermes parser.
@@ -25,7 +25,7 @@ struct ToolPrompt {
   ToolForm form = ToolForm::llama3_json;
   // hermes: the system text written when the conversation has none (Qwen2.5's template has one).
   std::string default_system{};
-  // llama3_json: the "Today Date" the system header shows. Llama 3.1 / 3.3's templates fix it; 3.2's
+  // llama3_json: the "Today Date" the system header shows. Llama 3.1 / 3.2 / 3.3's templates fix it; 3.2's
   // write the day of the request (strftime_now): then dated_by_clock, and the caller sets `date` to
   // today_date() for each prompt.
   std::string date = "26 Jul 2024";

@@ -25,7 +25,7 @@ struct ToolPrompt {
   ToolForm form = ToolForm::llama3_json;
   // hermes: the system text written when the conversation has none (Qwen2.5's template has one).
   std::string default_system{};
-  // llama3_json: the "Today Date" the system header shows. Llama 3.1 / 3.2 / 3.3's templates fix it; 3.2's
+  // llama3_json: the "Today Date" the system header shows. Llama 3.1 / 3.3's templates fix it; 3.2's
   // write the day of the request (strftime_now): then dated_by_clock, and the caller sets `date` to
   // today_date() for each prompt.
   std::string date = "26 Jul 2024";

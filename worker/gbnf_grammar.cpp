@@ -876,24 +876,30 @@ GrammarConstraint::GrammarConstraint(std::vector<std::string> token_bytes,
                                      std::vector<int32_t> end_of_generation)
     : token_bytes_(std::move(token_bytes)), end_of_generation_(std::move(end_of_generation)) {
   std::sort(end_of_generation_.begin(), end_of_generation_.end());
-  trie_.emplace_back();
-  for (size_t t = 0; t < token_bytes_.size(); ++t) {
-    if (token_bytes_[t].empty()) continue;
-    uint32_t node = 0;
-    for (const char ch : token_bytes_[t]) {
-      const auto c = static_cast<uint8_t>(ch);
-      uint32_t child = 0;
-      for (const auto& [byte, index] : trie_[node].children)
-        if (byte == c) child = index;
-      if (child == 0) {
-        child = static_cast<uint32_t>(trie_.size());
-        trie_[node].children.emplace_back(c, child);
-        trie_.emplace_back();
+}
+
+const std::vector<GrammarConstraint::TrieNode>& GrammarConstraint::trie() const {
+  std::call_once(trie_built_, [this] {
+    trie_.emplace_back();
+    for (size_t t = 0; t < token_bytes_.size(); ++t) {
+      if (token_bytes_[t].empty()) continue;
+      uint32_t node = 0;
+      for (const char ch : token_bytes_[t]) {
+        const auto c = static_cast<uint8_t>(ch);
+        uint32_t child = 0;
+        for (const auto& [byte, index] : trie_[node].children)
+          if (byte == c) child = index;
+        if (child == 0) {
+          child = static_cast<uint32_t>(trie_.size());
+          trie_[node].children.emplace_back(c, child);
+          trie_.emplace_back();
+        }
+        node = child;
       }
-      node = child;
+      trie_[node].tokens.push_back(static_cast<int32_t>(t));
     }
-    trie_[node].tokens.push_back(static_cast<int32_t>(t));
-  }
+  });
+  return trie_;
 }
 
 GrammarConstraint::GrammarConstraint(const model::Tokenizer& tokenizer)
@@ -940,10 +946,11 @@ int32_t GrammarConstraint::Walk::step(int32_t id, uint8_t byte) {
 }
 
 void GrammarConstraint::walk(uint32_t node, int32_t state, Walk& w, std::vector<uint8_t>& allowed) const {
-  for (const auto& [byte, child] : trie_[node].children) {
+  const std::vector<TrieNode>& nodes = trie();
+  for (const auto& [byte, child] : nodes[node].children) {
     const int32_t after = w.step(state, byte);
     if (after < 0) continue;
-    for (const int32_t t : trie_[child].tokens) allowed[static_cast<size_t>(t)] = 1;
+    for (const int32_t t : nodes[child].tokens) allowed[static_cast<size_t>(t)] = 1;
     walk(child, after, w, allowed);
   }
 }

@@ -17,6 +17,7 @@
 #include <array>
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <string_view>
 #include <unordered_map>
@@ -134,9 +135,12 @@ class GrammarConstraint {
   };
   void walk(uint32_t node, int32_t state, Walk& w, std::vector<uint8_t>& allowed) const;
 
+  const std::vector<TrieNode>& trie() const;  // built at the first mask (a 128k vocabulary's: tens of MB)
+
   std::vector<std::string> token_bytes_;
   std::vector<int32_t> end_of_generation_;
-  std::vector<TrieNode> trie_;
+  mutable std::once_flag trie_built_;
+  mutable std::vector<TrieNode> trie_;
 };
 
 }  // namespace nibble::worker

@@ -148,6 +148,7 @@ TEST(GbnfGrammar, RegexesBecomeGrammarsOfTheSameLanguage) {
       {"[A-Fa-f0-9]+(\\.[^\\s.]{1,2})?", "aF9.g \tz"},
       {"\\w+(@\\w+)?(\\.(co|o))?", "ab@.co_!"},
       {"x(y|)z+?", "xyz"},
+      {"(a|){2}(b?c)+", "abc"},  // bounded repetitions of what may be empty are fine
       {"[\\]\\-^a]{2}|\\[\\\\\\]", "]-^a[\\b"},
       {"\\S\\s\\D\\W", " a1!\n"},
       {"(a|b)+c{0,1}.", "abc\n."},
@@ -180,6 +181,8 @@ TEST(GbnfGrammar, RegexesBecomeGrammarsOfTheSameLanguage) {
            {"[\\D]", "a negated shorthand"},
            {"a{2,x}", "expected {m}, {m,} or {m,n}"},
            {"a^b", "an anchor inside"},
+           {"(a|)*", "a repetition without bound of something that may be empty"},     // fuzz-found: a
+           {"x(b?c?)+", "a repetition without bound of something that may be empty"},  // left-recursive loop
            {"a{2,1}", "maximum is below its minimum"},  // found by the grammar fuzz target
            {"a{300}", "a repetition count above 256"},
            {"\xf5\x80\x80\x80", "not UTF-8"},  // beyond U+10FFFF: found so too

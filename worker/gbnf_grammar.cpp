@@ -605,11 +605,12 @@ struct RegexToGbnf {
           fail("lookarounds and other (?...) groups have no grammar counterpart");
         }
       }
-      std::string inner = alternation();
+      std::string inner = alternation();  // sets nullable_ for the group
       if (peek() != ')') fail("expected ')'");
       ++pos;
       return "(" + inner + ")";
     }
+    nullable_ = false;  // every other atom is one character
     if (c == '[') return char_class();
     if (c == '.') {
       ++pos;
@@ -625,11 +626,16 @@ struct RegexToGbnf {
     return "\"" + escaped(code_point(), false) + "\"";
   }
 
+  // After atom(): nullable_ is the atom's, and becomes the repetition's.
   std::string quantified(std::string atom_text) {
     const char c = peek();
+    const size_t start = pos;
+    bool unbounded = false, may_skip = false;
     if (c == '*' || c == '+' || c == '?') {
       ++pos;
       atom_text += c;
+      unbounded = c != '?';
+      may_skip = c != '+';
     } else if (c == '{') {
       const size_t close = re.find('}', pos);
       if (close == std::string_view::npos) fail("an unterminated {m,n}");
@@ -648,6 +654,8 @@ struct RegexToGbnf {
       }
       if (counts.size() == 2 && counts[1] < counts[0])
         fail("a repetition whose maximum is below its minimum");
+      unbounded = body.back() == ',';
+      may_skip = counts[0] == 0;
       atom_text += "{" + std::string(body) + "}";
       pos = close + 1;
     } else {
@@ -655,11 +663,18 @@ struct RegexToGbnf {
     }
     if (peek() == '?') ++pos;  // lazy: the same language
     if (peek() == '*' || peek() == '+' || peek() == '{') fail("a repetition repeated");
+    // A loop over something that may match nothing would be a left-recursive rule: (a|)* is (a)*.
+    if (unbounded && nullable_) {
+      pos = start;
+      fail("a repetition without bound of something that may be empty (write (a)* for (a|)*)");
+    }
+    nullable_ = nullable_ || may_skip;
     return atom_text;
   }
 
   std::string sequence() {
     std::string out;
+    bool nullable = true;
     while (!at_end() && peek() != '|' && peek() != ')') {
       // ^ and $ match the ends of the whole output, which the grammar matches whole anyway.
       if ((peek() == '^' && pos == 0) || (peek() == '$' && pos + 1 == re.size())) {
@@ -669,18 +684,25 @@ struct RegexToGbnf {
       if (peek() == '^' || peek() == '$') fail("an anchor inside the expression");
       if (!out.empty()) out += ' ';
       out += quantified(atom());
+      nullable = nullable && nullable_;
     }
+    nullable_ = nullable;
     return out.empty() ? "\"\"" : out;
   }
 
   std::string alternation() {
     std::string out = sequence();
+    bool nullable = nullable_;
     while (peek() == '|') {
       ++pos;
       out += " | " + sequence();
+      nullable = nullable || nullable_;
     }
+    nullable_ = nullable;
     return out;
   }
+
+  bool nullable_ = false;  // the last atom, repetition, sequence or alternation read may match nothing
 };
 
 }  // namespace

@@ -19,73 +19,23 @@ namespace {
 
 using nlohmann::json;
 
-// The keys each endpoint reads (OpenAI's, and vLLM's top_k, min_p, repetition_penalty, ignore_eos, min_tokens
-// and stop_token_ids); any
-// other key is refused by name rather than silently ignored.
-const std::set<std::string> kCompletionKeys = {"model",
-                                               "prompt",
-                                               "max_tokens",
-                                               "temperature",
-                                               "top_p",
-                                               "n",
-                                               "stream",
-                                               "stream_options",
-                                               "logprobs",
-                                               "echo",
-                                               "stop",
-                                               "presence_penalty",
-                                               "frequency_penalty",
-                                               "best_of",
-                                               "logit_bias",
-                                               "seed",
-                                               "suffix",
-                                               "user",
-                                               "top_k",
-                                               "min_p",
-                                               "repetition_penalty",
-                                               "ignore_eos",
-                                               "min_tokens",
-                                               "stop_token_ids",
-                                               "response_format",
-                                               "grammar",
-                                               "guided_grammar",
-                                               "guided_choice",
-                                               "guided_regex",
-                                               "guided_json",
-                                               "json_schema"};
-const std::set<std::string> kChatKeys = {"model",
-                                         "messages",
-                                         "max_tokens",
-                                         "max_completion_tokens",
-                                         "temperature",
-                                         "top_p",
-                                         "n",
-                                         "stream",
-                                         "stream_options",
-                                         "stop",
-                                         "presence_penalty",
-                                         "frequency_penalty",
-                                         "logit_bias",
-                                         "logprobs",
-                                         "top_logprobs",
-                                         "seed",
-                                         "user",
-                                         "response_format",
-                                         "tools",
-                                         "tool_choice",
-                                         "parallel_tool_calls",
-                                         "top_k",
-                                         "min_p",
-                                         "repetition_penalty",
-                                         "ignore_eos",
-                                         "min_tokens",
-                                         "stop_token_ids",
-                                         "grammar",
-                                         "guided_grammar",
-                                         "guided_choice",
-                                         "guided_regex",
-                                         "guided_json",
-                                         "json_schema"};
+// The keys each endpoint reads (OpenAI's, vLLM's sampling extras and guided decoding, llama.cpp's grammar
+// and json_schema); any other key is refused by name rather than silently ignored.
+std::set<std::string> keys_of(std::initializer_list<const char*> own) {
+  std::set<std::string> keys = {
+      "model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop",
+      "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "seed", "user",
+      // vLLM's sampling extras
+      "top_k", "min_p", "repetition_penalty", "ignore_eos", "min_tokens", "stop_token_ids",
+      // constrained output: OpenAI's, vLLM's guided decoding, llama.cpp's
+      "response_format", "guided_json", "guided_grammar", "guided_choice", "guided_regex", "grammar",
+      "json_schema"};
+  keys.insert(own.begin(), own.end());
+  return keys;
+}
+const std::set<std::string> kCompletionKeys = keys_of({"prompt", "echo", "best_of", "suffix"});
+const std::set<std::string> kChatKeys = keys_of(
+    {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls"});
 
 // A field's value, or nullptr when it is absent or null (OpenAI's clients send null for "not given").
 const json* field(const json& body, const std::string& key) {

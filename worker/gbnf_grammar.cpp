@@ -771,6 +771,9 @@ void GrammarPrefix::expand(std::vector<Frame>& stack, std::vector<std::vector<Fr
 void GrammarPrefix::set_stacks(std::vector<std::vector<Frame>> stacks) {
   std::sort(stacks.begin(), stacks.end());
   stacks.erase(std::unique(stacks.begin(), stacks.end()), stacks.end());
+  // An ambiguous grammar's parses can multiply with every byte: past kMaxStacks the first ones are kept
+  // (each a real parse, so what is written still matches; some continuations are no longer offered).
+  if (stacks.size() > kMaxStacks) stacks.resize(kMaxStacks);
   frames_.clear();
   stacks_.assign(1, 0);
   for (const auto& s : stacks) {

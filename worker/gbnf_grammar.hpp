@@ -73,6 +73,10 @@ class Grammar {
 // The output so far against a grammar (not owned: it outlives every copy of this state).
 class GrammarPrefix {
  public:
+  // The most ways the output may go on that are kept at once (an ambiguous grammar's parses multiply
+  // with every byte: beyond this the first are kept, so a step's work stays bounded).
+  static constexpr size_t kMaxStacks = 1024;
+
   explicit GrammarPrefix(const Grammar* grammar);
 
   // Appends one byte; false (and the state unchanged) when the output could no longer match.

@@ -151,10 +151,40 @@ TEST(JsonSchemaGrammar, EveryTextTheGrammarCompletesIsAnInstance) {
   EXPECT_GT(completed, 100);
 }
 
+// Patterns (anchored) and formats: the string's characters match the expression whole; characters
+// JSON escapes are never written raw (a negated class or '.' leaves them out).
+TEST(JsonSchemaGrammar, PatternsAndFormatsHoldTheStringsCharacters) {
+  const auto grammar = Grammar::compile(json_schema_grammar(R"({"type": "object", "properties": {
+      "code": {"type": "string", "pattern": "^[A-Z]{2}-[0-9]+$"},
+      "any": {"type": "string", "pattern": "^x.y[^a]$"},
+      "when": {"type": "string", "format": "date-time"},
+      "id": {"type": "string", "format": "uuid"}},
+    "required": ["code"], "additionalProperties": false})"));
+  for (const char* good : {R"({"code": "AB-12"})",
+                           R"({"code": "ZZ-0", "any": "xéy!", "when": "2026-12-06T15:04:05.25+01:00"})",
+                           R"({"code": "AB-1", "id": "123e4567-e89b-12d3-a456-426614174000"})",
+                           R"({"code": "AB-1", "when": "2026-02-28T23:59:59Z"})"}) {
+    EXPECT_TRUE(takes(*grammar, good)) << good;
+  }
+  for (const char* bad :
+       {R"({"code": "ab-12"})", R"({"code": "AB-"})", R"({"code": "AB-1", "any": "x\"yb"})",
+        R"({"code": "AB-1", "any": "xyya"})", R"({"code": "AB-1", "when": "2026-13-06T15:04:05Z"})",
+        R"({"code": "AB-1", "id": "123e4567e89b12d3a456426614174000"})"}) {
+    EXPECT_FALSE(takes(*grammar, bad)) << bad;
+  }
+}
+
 TEST(JsonSchemaGrammar, RefusesWhatItCannotEnforceByName) {
   const std::vector<std::pair<std::string, std::string>> refused = {
       {R"({"type": "object", "properties": {"a": {"type": "string", "pattern": "x+"}}})",
-       "json_schema.properties.a: 'pattern' is not supported"},
+       "json_schema.properties.a.pattern: only a whole-string match, ^...$, is supported"},
+      {R"({"type": "string", "pattern": "^a\"b$"})", "a quote, backslash or control character"},
+      {R"({"type": "string", "pattern": "^[ -~]+$"})", "a quote, backslash or control character"},
+      {R"({"type": "string", "pattern": "^(a)\\1$"})", "json_schema.pattern: regex: at offset"},
+      {R"({"type": "string", "format": "email"})", "json_schema.format: \"email\" is not supported"},
+      {R"({"type": "string", "pattern": "^a$", "maxLength": 3})", "with length bounds"},
+      {R"({"type": "object", "properties": {"a": {"type": "string", "foo": 1}}})",
+       "json_schema.properties.a: 'foo' is not supported"},
       {R"({"type": "object", "properties": {"a": {"type": "integer", "minimum": 5}}})",
        "json_schema.properties.a.minimum: only 0"},
       {R"({"allOf": [{"type": "object"}, {"required": ["a"]}]})", "json_schema.allOf: only one schema"},

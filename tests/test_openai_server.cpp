@@ -306,7 +306,7 @@ TEST(OpenAiApi, RefusalsNameTheField) {
       {H,
        "{" + m + R"(, "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "object",
           "properties": {"a": {"type": "string", "pattern": "x+"}}}}}})",
-       400, "response_format", "json_schema.properties.a: 'pattern' is not supported"},
+       400, "response_format", "json_schema.properties.a.pattern: only a whole-string match"},
       {H, "{" + m + R"(, "response_format": {"type": "json_schema", "json_schema": {"schema": {}, "x": 1}}})",
        400, "response_format", "unknown key 'x'"},
       {H, "{" + m + R"(, "response_format": {"type": "yaml"}})", 400, "response_format", "\"json_schema\""},

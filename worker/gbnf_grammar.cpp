@@ -441,7 +441,17 @@ namespace {
 // A regular expression read into GBNF text, construct by construct (GBNF has each of them).
 struct RegexToGbnf {
   std::string_view re;
+  // Inside a JSON string: every character is written raw, so none that JSON must escape (a quote, a
+  // backslash, a control character) may be matched.
+  bool json_string = false;
   size_t pos = 0;
+
+  // What a negated class or '.' must also leave out.
+  std::string excluded() const { return json_string ? "\"\\\\\\x00-\\x1F" : "\\n"; }
+  void check_json_safe(uint32_t low, uint32_t high) {
+    if (json_string && (low <= 0x1F || (low <= '"' && high >= '"') || (low <= '\\' && high >= '\\')))
+      fail("a quote, backslash or control character, which a JSON string would escape");
+  }
 
   [[noreturn]] void fail(const std::string& what) const {
     throw std::invalid_argument("regex: at offset " + std::to_string(pos) + ": " + what);
@@ -550,7 +560,8 @@ struct RegexToGbnf {
   std::string char_class() {
     ++pos;  // '['
     std::string out = "[";
-    if (peek() == '^') {
+    const bool negated = peek() == '^';
+    if (negated) {
       out += '^';
       ++pos;
     }
@@ -564,6 +575,7 @@ struct RegexToGbnf {
         const Escape e = escape();
         if (!e.ranges.empty()) {
           if (e.negated) fail("a negated shorthand (\\D, \\W, \\S) inside a class");
+          if (json_string && e.ranges.find("\\t") != std::string::npos) check_json_safe('\t', '\t');
           out += e.ranges;
           continue;
         }
@@ -584,6 +596,7 @@ struct RegexToGbnf {
         }
         if (high < low) fail("a range whose end is below its start");
       }
+      if (!negated) check_json_safe(low, high);
       out += escaped(low, true);
       if (high != low) {
         out += '-';
@@ -591,6 +604,7 @@ struct RegexToGbnf {
       }
     }
     ++pos;  // ']'
+    if (negated && json_string) out += excluded();
     return out + "]";
   }
 
@@ -614,16 +628,24 @@ struct RegexToGbnf {
     if (c == '[') return char_class();
     if (c == '.') {
       ++pos;
-      return "[^\\n]";
+      return "[^" + excluded() + "]";
     }
     if (c == '*' || c == '+' || c == '?' || c == '{') fail(std::string("'") + c + "' repeats nothing");
     if (c == '\\') {
       ++pos;
       const Escape e = escape();
-      if (!e.ranges.empty()) return std::string("[") + (e.negated ? "^" : "") + e.ranges + "]";
+      if (!e.ranges.empty()) {
+        if (!e.negated && json_string && e.ranges.find("\\t") != std::string::npos)
+          check_json_safe('\t', '\t');
+        return std::string("[") + (e.negated ? "^" : "") + e.ranges +
+               (e.negated && json_string ? excluded() : "") + "]";
+      }
+      check_json_safe(e.code_point, e.code_point);
       return "\"" + escaped(e.code_point, false) + "\"";
     }
-    return "\"" + escaped(code_point(), false) + "\"";
+    const uint32_t literal = code_point();
+    check_json_safe(literal, literal);
+    return "\"" + escaped(literal, false) + "\"";
   }
 
   // After atom(): nullable_ is the atom's, and becomes the repetition's.
@@ -707,11 +729,15 @@ struct RegexToGbnf {
 
 }  // namespace
 
-std::string Grammar::regex_text(std::string_view regex) {
-  RegexToGbnf reader{regex};
+std::string Grammar::regex_expression(std::string_view regex, bool json_string) {
+  RegexToGbnf reader{regex, json_string};
   const std::string body = reader.alternation();
   if (!reader.at_end()) reader.fail("an unmatched ')'");
-  return "root ::= " + body + "\n";
+  return body;
+}
+
+std::string Grammar::regex_text(std::string_view regex) {
+  return "root ::= " + regex_expression(regex) + "\n";
 }
 
 // ---------------------------------------------------------------- recognizer

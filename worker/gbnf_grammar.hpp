@@ -60,6 +60,10 @@ class Grammar {
   // forms read as greedy: the language is the same), ^ and $ at its ends. Throws std::invalid_argument
   // naming the offset for what a grammar has no counterpart of: backreferences, lookarounds, \b.
   static std::string regex_text(std::string_view regex);
+  // The same as a GBNF expression (no rule around it). json_string: the characters are a JSON string's,
+  // written raw, so a regex that would match a quote, a backslash or a control character is refused
+  // (negated classes and '.' leave them out).
+  static std::string regex_expression(std::string_view regex, bool json_string = false);
 
   const std::vector<GrammarRule>& rules() const { return rules_; }
   uint32_t root() const { return root_; }

@@ -150,6 +150,43 @@ struct Converter {
     return add_rule("\"[\" ws " + (low == "0" ? "( " + items + " )?" : items) + " ws \"]\"");
   }
 
+  // A string matching a pattern (anchored: ^...$, a whole-string match, as llama.cpp requires) or of a
+  // format (date, time, date-time, uuid: the regular expressions llama.cpp writes for them).
+  std::string patterned(const json& schema, const std::string& where) {
+    if (schema.contains("minLength") || schema.contains("maxLength"))
+      refuse(where, "'pattern' or 'format' with length bounds is not supported");
+    static const std::map<std::string, std::string> kFormats = {
+        {"date", "[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])"},
+        {"time",
+         "([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\\.[0-9]{1,6})?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])"},
+        {"date-time",
+         "[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\\.[0-9]"
+         "{1,6})?"
+         "(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])"},
+        {"uuid", "[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"}};
+    std::string regex;
+    std::string place = where + ".pattern";
+    if (schema.contains("pattern")) {
+      if (schema.contains("format")) refuse(where, "both 'pattern' and 'format'");
+      if (!schema["pattern"].is_string()) refuse(place, "expected a regular expression");
+      regex = schema["pattern"].get<std::string>();
+      if (!regex.starts_with('^') || !regex.ends_with('$') || regex.ends_with("\\$"))
+        refuse(place, "only a whole-string match, ^...$, is supported");
+    } else {
+      place = where + ".format";
+      const auto it =
+          schema["format"].is_string() ? kFormats.find(schema["format"].get<std::string>()) : kFormats.end();
+      if (it == kFormats.end())
+        refuse(place, schema["format"].dump() + " is not supported (date, time, date-time, uuid are)");
+      regex = it->second;
+    }
+    try {
+      return add_rule("\"\\\"\" ( " + Grammar::regex_expression(regex, /*json_string=*/true) + " ) \"\\\"\"");
+    } catch (const std::invalid_argument& e) {
+      refuse(place, e.what());
+    }
+  }
+
   std::string visit(const json& schema, const std::string& where) {
     if (schema.is_boolean() && schema.get<bool>()) return "value";
     if (!schema.is_object()) refuse(where, "expected a schema object");
@@ -159,7 +196,8 @@ struct Converter {
         "type",     "properties", "required",  "additionalProperties",
         "items",    "enum",       "const",     "anyOf",
         "oneOf",    "allOf",      "$ref",      "minItems",
-        "maxItems", "minLength",  "maxLength", "minimum"};
+        "maxItems", "minLength",  "maxLength", "minimum",
+        "pattern",  "format"};
     for (const auto& [key, value] : schema.items())
       if (!kKnown.contains(key) && !kIgnored.contains(key)) refuse(where, "'" + key + "' is not supported");
     if (schema.contains("$ref")) {
@@ -220,7 +258,7 @@ struct Converter {
     }
     const auto only = [&](std::initializer_list<const char*> keys) {
       for (const char* key : {"properties", "required", "additionalProperties", "items", "minItems",
-                              "maxItems", "minLength", "maxLength", "minimum"}) {
+                              "maxItems", "minLength", "maxLength", "minimum", "pattern", "format"}) {
         if (!schema.contains(key)) continue;
         bool ok = false;
         for (const char* k : keys) ok = ok || std::string(k) == key;
@@ -236,7 +274,8 @@ struct Converter {
       return array(schema, where);
     }
     if (type == "string") {
-      only({"minLength", "maxLength"});
+      only({"minLength", "maxLength", "pattern", "format"});
+      if (schema.contains("pattern") || schema.contains("format")) return patterned(schema, where);
       if (!schema.contains("minLength") && !schema.contains("maxLength")) return "string";
       const std::string low = count(where, schema, "minLength", 0);
       const std::string high = schema.contains("maxLength") ? count(where, schema, "maxLength", 0) : "";

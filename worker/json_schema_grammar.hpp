@@ -3,10 +3,11 @@
 // (worker/json_schema) does not take: unions of alternatives that begin alike (anyOf of objects: tagged
 // unions, pydantic's discriminated models, a call to one of several tools), recursive "$ref"s, minItems /
 // maxItems, minLength / maxLength, enum and const of any JSON value, additionalProperties true or a
-// schema, integers with "minimum": 0. As llama.cpp's json-schema-to-grammar writes them: an object's
-// properties in the schema's order (required ones always, optional ones or not), compact whitespace
-// (one space at most between tokens). Annotations are ignored; any other keyword ("pattern", "format",
-// other bounds) is refused by name rather than not enforced.
+// schema, integers with "minimum": 0, strings with an anchored "pattern" (^...$, a whole-string match) or
+// a "format" (date, time, date-time, uuid), their characters written raw (none JSON escapes). As
+// llama.cpp's json-schema-to-grammar writes them: an object's properties in the schema's order (required
+// ones always, optional ones or not), compact whitespace (one space at most between tokens). Annotations
+// are ignored; any other keyword (other formats, other bounds) is refused by name rather than not enforced.
 #include <memory>
 #include <string>
 #include <string_view>

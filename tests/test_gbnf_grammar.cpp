@@ -32,6 +32,8 @@ TEST(GbnfGrammar, RefusalsNameTheLineColumnAndProblem) {
       {"root ::= \"a\"\nroot ::= \"b\"\n", "line 2, column 1: rule 'root' is defined twice"},
       {"root ::= expr\nexpr ::= expr \"+\" \"1\" | \"1\"\n", "rule 'expr' is left-recursive"},
       {"root ::= a\na ::= b \"x\"\nb ::= \"\" | a\n", "is left-recursive"},
+      {"root ::= (\"a\"?)*\n",
+       "rule 'root-3' is left-recursive (a group or repetition in rule 'root': a repetition"},
       {"root ::= \"a\n", "line 1, column 12: unterminated literal"},
       {"root ::= [a-\n", "unterminated character class"},
       {"root ::= [z-a]\n", "a range whose end is below its start"},

@@ -392,8 +392,19 @@ struct GrammarParser {
         for (const GrammarElement& e : alternative) {
           if (e.kind != GrammarElement::Kind::rule) break;
           if (color[e.rule] == 1) {
-            std::string name = rules[e.rule].name;
-            throw std::invalid_argument("grammar: rule '" + name + "' is left-recursive");
+            const std::string& name = rules[e.rule].name;
+            // A generated rule (a group or repetition inside rule "x" is "x-N"): most often a loop over
+            // something that may match nothing.
+            const size_t dash = name.rfind('-');
+            const bool made = dash != std::string::npos && dash + 1 < name.size() &&
+                              name.find_first_not_of("0123456789", dash + 1) == std::string::npos &&
+                              ids.find(name) == ids.end();
+            throw std::invalid_argument(
+                "grammar: rule '" + name + "' is left-recursive" +
+                (made ? " (a group or repetition in rule '" + name.substr(0, dash) +
+                            "': a repetition of something that may match nothing, such as (\"a\"?)*, "
+                            "never ends)"
+                      : ""));
           }
           if (color[e.rule] == 0) visit(e.rule);
           if (!nullable[e.rule]) break;

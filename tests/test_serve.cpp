@@ -590,7 +590,7 @@ TEST_P(ServeShapes, JsonSchemaOutputIsAnInstance) {
   bad.request_id = "bad";
   bad.json_schema = R"({"type": "object", "properties": {"a": {"type": "string", "format": "email"}}})";
   const std::string refused = refusal_of(client, bad);
-  EXPECT_NE(refused.find("json_schema.properties.a: 'format' is not supported"), std::string::npos)
+  EXPECT_NE(refused.find("json_schema.properties.a.format: \"email\" is not supported"), std::string::npos)
       << refused;
   EXPECT_EQ(client.generate(greedy("after", kPrompts[1], 2)).tokens.size(), 2u);
 }

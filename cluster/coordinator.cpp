@@ -204,15 +204,10 @@ void Coordinator::handle_generate(const std::string& identity, const protocol::G
                                                         ? std::optional(g.tool_choice_function)
                                                         : std::nullopt);
           response_format = protocol::ResponseFormat::json_schema;
-          call_required = true;
-          worker::constrain_to_schema(json_schema);  // its refusal named as the tools' below
+          call_required = true;  // the call schema is compiled below, with the request's own
         }
       } catch (const std::invalid_argument& e) {
-        const std::string what = e.what();
-        // A function's parameters outside the structured-output subset: the schema compiler names the place.
-        reply_error(
-            identity, g.request_id, ErrorCode::bad_request,
-            what.starts_with("json_schema") ? "tools: the called function's parameters: " + what : what);
+        reply_error(identity, g.request_id, ErrorCode::bad_request, e.what());
         return;
       }
     }
@@ -277,7 +272,10 @@ void Coordinator::handle_generate(const std::string& identity, const protocol::G
         json_schema.clear();
       }
     } catch (const std::invalid_argument& e) {
-      reply_error(identity, g.request_id, ErrorCode::bad_request, e.what());
+      // A called function's parameters the structured output cannot follow: named as the tools'.
+      const std::string what = e.what();
+      reply_error(identity, g.request_id, ErrorCode::bad_request,
+                  call_required ? "tools: the called function's parameters: " + what : what);
       return;
     }
   }

@@ -9,6 +9,19 @@ namespace nibble::worker {
 
 using json = nlohmann::ordered_json;  // properties in the schema's order
 
+SchemaReference resolve_schema_reference(const json& document, const json& ref, const std::string& where) {
+  if (!ref.is_string() || !ref.get<std::string>().starts_with("#"))
+    throw std::invalid_argument(where + ".$ref: only references inside the schema (\"#/$defs/Name\")");
+  SchemaReference out{ref.get<std::string>(), nullptr, "json_schema"};
+  try {
+    out.schema = &document.at(json::json_pointer(out.target.substr(1)));
+  } catch (const json::exception&) {
+    throw std::invalid_argument(where + ".$ref: '" + out.target + "' names nothing in the schema");
+  }
+  for (const char c : out.target.substr(1)) out.place += c == '/' ? '.' : c;
+  return out;
+}
+
 char begins_with(JsonSchemaNode::Kind kind) {
   switch (kind) {
     case JsonSchemaNode::Kind::object:
@@ -94,22 +107,12 @@ struct JsonSchemaCompiler {
   // The schema a "$ref" names, compiled where it is used (its depth counts from there); a reference
   // inside its own expansion (a recursive schema) is refused: the output's nesting must stay bounded.
   uint16_t compile_reference(const json& ref, const std::string& where, int depth) {
-    if (!ref.is_string() || !ref.get<std::string>().starts_with("#"))
-      refuse(where + ".$ref", "only references inside the schema (\"#/$defs/Name\")");
-    const std::string target = ref.get<std::string>();
-    if (std::find(expanding.begin(), expanding.end(), target) != expanding.end())
-      refuse(where + ".$ref", "'" + target + "' refers to itself (recursive schemas are not supported)");
-    const json* named = nullptr;
-    try {
-      named = &document.at(json::json_pointer(target.substr(1)));
-    } catch (const json::exception&) {
-      refuse(where + ".$ref", "'" + target + "' names nothing in the schema");
-    }
-    expanding.push_back(target);
-    std::string place =
-        "json_schema";  // errors inside name the definition's place: json_schema.$defs.Name...
-    for (const char c : target.substr(1)) place += c == '/' ? '.' : c;
-    const uint16_t node = compile(*named, place, depth);
+    const SchemaReference named = resolve_schema_reference(document, ref, where);
+    if (std::find(expanding.begin(), expanding.end(), named.target) != expanding.end())
+      refuse(where + ".$ref",
+             "'" + named.target + "' refers to itself (recursive schemas are not supported)");
+    expanding.push_back(named.target);
+    const uint16_t node = compile(*named.schema, named.place, depth);
     expanding.pop_back();
     return node;
   }

@@ -13,6 +13,7 @@
 // ("type": ["string", "null"]) are.
 #include <cstdint>
 #include <memory>
+#include <nlohmann/json_fwd.hpp>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -48,6 +49,18 @@ struct JsonSchemaNode {
 // Unions' alternatives are told apart by it.
 char begins_with(JsonSchemaNode::Kind kind);
 char begins_with(unsigned char c);
+
+// A "$ref" inside `document` ("#/$defs/Name", any JSON pointer into it), for both schema readers (this
+// one and worker/json_schema_grammar): the reference's text, the schema it names, and the place errors
+// inside that schema are named by ("json_schema.$defs.Name"). Throws std::invalid_argument naming
+// `where` for a reference outside the document or to nothing.
+struct SchemaReference {
+  std::string target;
+  const nlohmann::ordered_json* schema = nullptr;
+  std::string place;
+};
+SchemaReference resolve_schema_reference(const nlohmann::ordered_json& document,
+                                         const nlohmann::ordered_json& ref, const std::string& where);
 
 class JsonSchema {
  public:

@@ -201,23 +201,12 @@ struct Converter {
     for (const auto& [key, value] : schema.items())
       if (!kKnown.contains(key) && !kIgnored.contains(key)) refuse(where, "'" + key + "' is not supported");
     if (schema.contains("$ref")) {
-      const json& ref = schema["$ref"];
-      if (!ref.is_string() || !ref.get<std::string>().starts_with("#"))
-        refuse(where + ".$ref", "only references inside the schema (\"#/$defs/Name\")");
-      const std::string target = ref.get<std::string>();
-      if (const auto it = refs.find(target); it != refs.end()) return it->second;
-      const json* named = nullptr;
-      try {
-        named = &document.at(json::json_pointer(target.substr(1)));
-      } catch (const json::exception&) {
-        refuse(where + ".$ref", "'" + target + "' names nothing in the schema");
-      }
+      const SchemaReference named = resolve_schema_reference(document, schema["$ref"], where);
+      if (const auto it = refs.find(named.target); it != refs.end()) return it->second;
       // Named before it is written, so that it may refer to itself (recursion is a grammar's to have).
       const std::string name = next_name();
-      refs[target] = name;
-      std::string place = "json_schema";
-      for (const char c : target.substr(1)) place += c == '/' ? '.' : c;
-      rules += name + " ::= " + visit(*named, place) + "\n";
+      refs[named.target] = name;
+      rules += name + " ::= " + visit(*named.schema, named.place) + "\n";
       return name;
     }
     if (schema.contains("anyOf")) return alternatives(schema["anyOf"], where, "anyOf");

@@ -48,6 +48,39 @@ int hex_value(char c) {
   return -1;
 }
 
+// `digits` hex digits of `text` at `at`; -1 when they are not there.
+int64_t read_hex(std::string_view text, size_t at, int digits) {
+  int64_t value = 0;
+  for (int i = 0; i < digits; ++i) {
+    const int v =
+        at + static_cast<size_t>(i) < text.size() ? hex_value(text[at + static_cast<size_t>(i)]) : -1;
+    if (v < 0) return -1;
+    value = value * 16 + v;
+  }
+  return value;
+}
+
+// The code point strict UTF-8 encodes at `at` of `text` (no overlong form, no surrogate, nothing past
+// U+10FFFF) and its length in bytes; length 0 when the bytes there are not UTF-8.
+std::pair<uint32_t, size_t> decode_utf8(std::string_view text, size_t at) {
+  const auto c = static_cast<unsigned char>(text[at]);
+  const size_t length = c < 0x80             ? 1
+                        : (c & 0xE0) == 0xC0 ? 2
+                        : (c & 0xF0) == 0xE0 ? 3
+                        : (c & 0xF8) == 0xF0 ? 4
+                                             : 0;
+  if (length == 0 || at + length > text.size()) return {0, 0};
+  uint32_t value = length == 1 ? c : c & (0x3Fu >> (length - 1));
+  for (size_t i = 1; i < length; ++i) {
+    const auto next = static_cast<unsigned char>(text[at + i]);
+    if ((next & 0xC0) != 0x80) return {0, 0};
+    value = (value << 6) | (next & 0x3Fu);
+  }
+  static constexpr uint32_t kLowest[5] = {0, 0, 0x80, 0x800, 0x10000};
+  if (value < kLowest[length] || value > 0x10FFFF || (value >= 0xD800 && value <= 0xDFFF)) return {0, 0};
+  return {value, length};
+}
+
 }  // namespace
 
 struct GrammarParser {
@@ -123,15 +156,11 @@ struct GrammarParser {
   }
 
   uint32_t parse_hex(int digits) {
-    uint32_t value = 0;
-    for (int i = 0; i < digits; ++i) {
-      const int v = hex_value(peek());
-      if (v < 0) fail(pos, "expected " + std::to_string(digits) + " hex digits");
-      value = value * 16 + static_cast<uint32_t>(v);
-      ++pos;
-    }
+    const int64_t value = read_hex(text, pos, digits);
+    if (value < 0) fail(pos, "expected " + std::to_string(digits) + " hex digits");
+    pos += static_cast<size_t>(digits);
     if (value > kMaxCodePoint) fail(pos, "a code point beyond U+10FFFF");
-    return value;
+    return static_cast<uint32_t>(value);
   }
 
   // One character of a literal or a class: an escape, or a UTF-8 encoded code point.
@@ -167,19 +196,9 @@ struct GrammarParser {
           fail(pos - 1, std::string("unknown escape '\\") + e + "'");
       }
     }
-    const int length = c < 0x80             ? 1
-                       : (c & 0xE0) == 0xC0 ? 2
-                       : (c & 0xF0) == 0xE0 ? 3
-                       : (c & 0xF8) == 0xF0 ? 4
-                                            : 0;
-    if (length == 0 || pos + static_cast<size_t>(length) > text.size()) fail(pos, "not UTF-8");
-    uint32_t value = length == 1 ? c : c & (0x3Fu >> (length - 1));
-    for (int i = 1; i < length; ++i) {
-      const auto next = static_cast<unsigned char>(text[pos + static_cast<size_t>(i)]);
-      if ((next & 0xC0) != 0x80) fail(pos, "not UTF-8");
-      value = (value << 6) | (next & 0x3F);
-    }
-    pos += static_cast<size_t>(length);
+    const auto [value, length] = decode_utf8(text, pos);
+    if (length == 0) fail(pos, "not UTF-8");
+    pos += length;
     return value;
   }
 
@@ -490,35 +509,17 @@ struct RegexToGbnf {
 
   // A UTF-8 encoded code point of the regex.
   uint32_t code_point() {
-    const auto c = static_cast<unsigned char>(re[pos]);
-    const int length = c < 0x80             ? 1
-                       : (c & 0xE0) == 0xC0 ? 2
-                       : (c & 0xF0) == 0xE0 ? 3
-                       : (c & 0xF8) == 0xF0 ? 4
-                                            : 0;
-    if (length == 0 || pos + static_cast<size_t>(length) > re.size()) fail("not UTF-8");
-    uint32_t value = length == 1 ? c : c & (0x3Fu >> (length - 1));
-    for (int i = 1; i < length; ++i) {
-      const auto next = static_cast<unsigned char>(re[pos + static_cast<size_t>(i)]);
-      if ((next & 0xC0) != 0x80) fail("not UTF-8");
-      value = (value << 6) | (next & 0x3Fu);
-    }
-    static constexpr uint32_t kLowest[5] = {0, 0, 0x80, 0x800, 0x10000};
-    if (value < kLowest[length] || value > kMaxCodePoint || (value >= 0xD800 && value <= 0xDFFF))
-      fail("not UTF-8");
-    pos += static_cast<size_t>(length);
+    const auto [value, length] = decode_utf8(re, pos);
+    if (length == 0) fail("not UTF-8");
+    pos += length;
     return value;
   }
 
   uint32_t hex(int digits) {
-    uint32_t value = 0;
-    for (int i = 0; i < digits; ++i) {
-      const int v = hex_value(peek());
-      if (v < 0) fail("expected " + std::to_string(digits) + " hex digits");
-      value = value * 16 + static_cast<uint32_t>(v);
-      ++pos;
-    }
-    return value;
+    const int64_t value = read_hex(re, pos, digits);
+    if (value < 0) fail("expected " + std::to_string(digits) + " hex digits");
+    pos += static_cast<size_t>(digits);
+    return static_cast<uint32_t>(value);
   }
 
   // After '\': a class's ranges for \d \w \s (negated: \D \W \S), else the one code point it stands for.

@@ -160,10 +160,10 @@ TEST(JsonSchemaGrammar, PatternsAndFormatsHoldTheStringsCharacters) {
       "when": {"type": "string", "format": "date-time"},
       "id": {"type": "string", "format": "uuid"}},
     "required": ["code"], "additionalProperties": false})"));
-  for (const char* good : {R"({"code": "AB-12"})",
-                           R"({"code": "ZZ-0", "any": "xéy!", "when": "2026-12-06T15:04:05.25+01:00"})",
-                           R"({"code": "AB-1", "id": "123e4567-e89b-12d3-a456-426614174000"})",
-                           R"({"code": "AB-1", "when": "2026-02-28T23:59:59Z"})"}) {
+  for (const char* good :
+       {R"({"code": "AB-12"})", R"({"code": "ZZ-0", "any": "xéy!", "when": "2026-12-06T15:04:05.25+01:00"})",
+        R"({"code": "AB-1", "id": "123e4567-e89b-12d3-a456-426614174000"})",
+        R"({"code": "AB-1", "when": "2026-02-28T23:59:59Z"})"}) {
     EXPECT_TRUE(takes(*grammar, good)) << good;
   }
   for (const char* bad :

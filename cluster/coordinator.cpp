@@ -287,13 +287,31 @@ void Coordinator::handle_generate(const std::string& identity, const protocol::G
     return;
   }
 
+  // The LoRA adapter, by name: index i + 1 of the configured list.
+  int32_t adapter = 0;
+  if (!g.adapter.empty()) {
+    const auto& adapters = config_.lora_adapters;
+    const auto it = std::find_if(adapters.begin(), adapters.end(),
+                                 [&](const LoraAdapterConfig& a) { return a.name == g.adapter; });
+    if (it == adapters.end()) {
+      std::string names;
+      for (const LoraAdapterConfig& a : adapters) names += (names.empty() ? "" : ", ") + a.name;
+      reply_error(
+          identity, g.request_id, ErrorCode::bad_request,
+          "adapter: '" + g.adapter + "' is not served" +
+              (names.empty() ? std::string(" (this service has no LoRA adapters)") : "; served: " + names));
+      return;
+    }
+    adapter = static_cast<int32_t>(it - adapters.begin()) + 1;
+  }
+
   const uint64_t seq = next_seq_++;
   // Scoring alone (max_tokens 0) still runs the step that would sample: its token is dropped. Prompt
   // logprobs need every prompt row computed, so such a request starts after no cached prefix.
   const bool scores_prompt = g.prompt_logprobs >= 0;
   const Admission admission = scheduler_.submit(
       seq, prompt, static_cast<int32_t>(scores_prompt ? std::max<uint32_t>(g.max_tokens, 1) : g.max_tokens),
-      /*reuse_prefix=*/!scores_prompt);
+      /*reuse_prefix=*/!scores_prompt, adapter);
   switch (admission) {
     case Admission::accepted:
       break;
@@ -319,6 +337,7 @@ void Coordinator::handle_generate(const std::string& identity, const protocol::G
   r.request_id = g.request_id;
   r.stream = g.stream;
   r.prompt = prompt;
+  r.adapter = adapter;
   r.sampling = to_sequence_sampling(seq, params);
   r.sampling.logprobs = g.logprobs;
   r.sampling.prompt_logprobs = g.prompt_logprobs;
@@ -375,7 +394,7 @@ bool Coordinator::dispatch_step() {
       if (from < to) prompt_targets.assign(r.prompt.begin() + from, r.prompt.begin() + to);
     }
     step.entries.push_back({e.seq_id, e.table_row, e.start_pos, std::move(e.tokens), e.sample, e.n_draft,
-                            std::move(cached_prefix), std::move(prompt_targets)});
+                            std::move(cached_prefix), std::move(prompt_targets), r.adapter});
   }
   send_to_workers(step);
   in_flight_[step.step_id] = now;

@@ -67,6 +67,7 @@ class Coordinator {
     std::string request_id;
     bool stream = false;
     std::vector<int32_t> prompt;
+    int32_t adapter = 0;  // its LoRA adapter (PlanEntry::adapter)
     protocol::SequenceSampling sampling;
     bool announced = false;  // sampling settings sent to the workers
     std::unique_ptr<worker::Completion> completion;

@@ -79,11 +79,13 @@ void KvBlockPool::evict(int32_t block) {
   }
 }
 
-std::vector<int32_t> KvBlockPool::match(std::span<const int32_t> tokens, int64_t max_tokens) {
+std::vector<int32_t> KvBlockPool::match(std::span<const int32_t> tokens, int64_t max_tokens,
+                                        int32_t adapter) {
   std::vector<int32_t> blocks;
   if (!prefix_caching_) return blocks;
   const int64_t whole = std::min<int64_t>(max_tokens, static_cast<int64_t>(tokens.size())) / block_size_;
   Key key;
+  key.parent = -1 - adapter;
   for (int64_t i = 0; i < whole; ++i) {
     key.tokens.assign(tokens.begin() + i * block_size_, tokens.begin() + (i + 1) * block_size_);
     const auto it = cache_.find(key);
@@ -113,12 +115,12 @@ void KvBlockPool::truncate(std::vector<int32_t>& table, int64_t n_positions) {
 }
 
 void KvBlockPool::publish(const std::vector<int32_t>& table, std::span<const int32_t> tokens,
-                          int64_t n_tokens) {
+                          int64_t n_tokens, int32_t adapter) {
   if (!prefix_caching_) return;
   const int64_t whole = std::min<int64_t>(n_tokens / block_size_, static_cast<int64_t>(table.size()));
   if (static_cast<int64_t>(tokens.size()) < whole * block_size_)
     throw std::logic_error("KV block pool: publishing blocks without their tokens");
-  int32_t parent = -1;
+  int32_t parent = -1 - adapter;
   for (int64_t i = 0; i < whole; ++i) {
     const int32_t b = table[static_cast<size_t>(i)];
     const auto bi = static_cast<size_t>(b);

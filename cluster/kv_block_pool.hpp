@@ -36,7 +36,9 @@ class KvBlockPool {
 
   // The cached blocks holding the longest prefix of `tokens` in whole blocks, at most max_tokens tokens
   // (each block held once more: release gives it back). Empty when prefix caching is off.
-  std::vector<int32_t> match(std::span<const int32_t> tokens, int64_t max_tokens);
+  // adapter: the LoRA adapter the sequence runs with (0: none): blocks are shared only among sequences
+  // of one adapter (an adapter changes every K/V).
+  std::vector<int32_t> match(std::span<const int32_t> tokens, int64_t max_tokens, int32_t adapter = 0);
   // Grows `table` to cover n_positions with new blocks, each held once; false (table unchanged) when
   // fewer are available.
   bool reserve(std::vector<int32_t>& table, int64_t n_positions);
@@ -47,11 +49,12 @@ class KvBlockPool {
   // (their K/V computed by a step already sent to the workers, which run steps in order), so that
   // later matches share them. A block whose content another cached block already holds stays
   // private, and so do the blocks after it. tokens.size() >= n_tokens.
-  void publish(const std::vector<int32_t>& table, std::span<const int32_t> tokens, int64_t n_tokens);
+  void publish(const std::vector<int32_t>& table, std::span<const int32_t> tokens, int64_t n_tokens,
+               int32_t adapter = 0);
 
  private:
   struct Key {
-    int32_t parent = -1;  // the cached block before it; -1 for a sequence's first block
+    int32_t parent = -1;  // the cached block before it; -1 - adapter for a sequence's first block
     std::vector<int32_t> tokens;
     bool operator==(const Key&) const = default;
   };

@@ -613,10 +613,14 @@ json read_body(const std::string& text, const std::set<std::string>& keys, const
   }
   if (const json* model = field(body, "model")) {
     if (!model->is_string()) wrong_type("model", "a string", *model);
-    if (model->get<std::string>() != settings.model_name)
+    const std::string name = model->get<std::string>();
+    if (name != settings.model_name &&
+        std::find(settings.adapters.begin(), settings.adapters.end(), name) == settings.adapters.end()) {
+      std::string served = "'" + settings.model_name + "'";
+      for (const std::string& adapter : settings.adapters) served += ", '" + adapter + "'";
       throw ApiError(404, "invalid_request_error", "model", "model_not_found",
-                     "the model '" + model->get<std::string>() + "' does not exist (this server serves '" +
-                         settings.model_name + "')");
+                     "the model '" + name + "' does not exist (this server serves " + served + ")");
+    }
   }
   return body;
 }
@@ -671,6 +675,10 @@ ApiRequest parse_request(Endpoint endpoint, const std::string& text, const ApiSe
   api.endpoint = endpoint;
   api.token_text = settings.token_text;
   protocol::GenerateRequest& r = api.request;
+  // A request naming a LoRA adapter as its model runs on that adapter (read_body checked the name).
+  if (const json* model = field(body, "model");
+      model != nullptr && model->get<std::string>() != settings.model_name)
+    r.adapter = model->get<std::string>();
   const int64_t n = integer(body, "n", 1);
   if (n < 1 || n > settings.max_choices)
     throw invalid_request("n", "n: must be 1 to " + std::to_string(settings.max_choices));

@@ -38,7 +38,10 @@ nlohmann::json error_body(const ApiError& error);
 enum class Endpoint { completions, chat_completions };
 
 struct ApiSettings {
-  std::string model_name = "nibble";       // what /v1/models lists; a request naming another model is a 404
+  std::string model_name = "nibble";  // what /v1/models lists; a request naming another model is a 404
+  // The LoRA adapters served on it (ClusterConfig::lora_adapters' names): a request's "model" may name
+  // one (vLLM's multi-LoRA), and /v1/models lists them too.
+  std::vector<std::string> adapters;
   uint32_t default_chat_max_tokens = 256;  // chat requests without max_tokens (completions: 16, OpenAI's)
   uint32_t max_choices = 64;               // prompts times n in one request, at most
   // A token's text for logprobs (its bytes; may be part of a UTF-8 character); empty: logprobs name

@@ -125,12 +125,24 @@ struct OpenAiServer::Impl {
   }
 
   void models(httplib::Response& res) {
-    send_json(res, 200,
-              {{"object", "list"},
-               {"data", json::array({{{"id", options.api.model_name},
-                                      {"object", "model"},
-                                      {"created", started},
-                                      {"owned_by", "nibble"}}})}});
+    json data = json::array({{{"id", options.api.model_name},
+                              {"object", "model"},
+                              {"created", started},
+                              {"owned_by", "nibble"}}});
+    // LoRA adapters as vLLM lists them: their own ids, with the base model as parent.
+    for (const std::string& adapter : options.api.adapters) {
+      data.push_back({{"id", adapter},
+                      {"object", "model"},
+                      {"created", started},
+                      {"owned_by", "nibble"},
+                      {"parent", options.api.model_name}});
+    }
+    send_json(res, 200, {{"object", "list"}, {"data", data}});
+  }
+
+  // The model an answer names: the adapter the request asked for, else the base model.
+  const std::string& answering_model(const ApiRequest& api) const {
+    return api.request.adapter.empty() ? options.api.model_name : api.request.adapter;
   }
 
   void generate(Endpoint endpoint, const httplib::Request& req, httplib::Response& res) {
@@ -172,7 +184,7 @@ struct OpenAiServer::Impl {
       if (failure) {
         send_error(res, *failure);
       } else {
-        send_json(res, 200, openai::response(api, finals, id, created, options.api.model_name));
+        send_json(res, 200, openai::response(api, finals, id, created, answering_model(api)));
       }
       return;
     }
@@ -181,7 +193,7 @@ struct OpenAiServer::Impl {
     res.set_header("Cache-Control", "no-cache");
     res.set_chunked_content_provider(
         "text/event-stream", [this, api, choices, id, created](size_t, httplib::DataSink& sink) {
-          const std::string& name = options.api.model_name;
+          const std::string name = answering_model(api);
           bool gone = false;  // the HTTP client went away: its requests are cancelled
           const auto event = [&](const std::string& data) {
             const std::string text = "data: " + data + "\n\n";

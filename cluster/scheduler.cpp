@@ -24,7 +24,7 @@ Scheduler::Scheduler(const SchedulerConfig& config)
 }
 
 Admission Scheduler::submit(uint64_t seq_id, std::vector<int32_t> prompt, int32_t max_new_tokens,
-                            bool reuse_prefix) {
+                            bool reuse_prefix, int32_t adapter) {
   if (prompt.empty() || max_new_tokens < 1 || sequences_.count(seq_id) != 0) return Admission::invalid;
   const int64_t longest = static_cast<int64_t>(prompt.size()) + max_new_tokens;
   if (longest > config_.context || longest > config_.num_blocks * config_.block_size)
@@ -36,6 +36,7 @@ Admission Scheduler::submit(uint64_t seq_id, std::vector<int32_t> prompt, int32_
   seq.limit = static_cast<int64_t>(seq.tokens.size()) + max_new_tokens;
   seq.arrival = next_arrival_++;
   seq.reuse_prefix = reuse_prefix;
+  seq.adapter = adapter;
   sequences_.emplace(seq_id, std::move(seq));
   waiting_.push_back(seq_id);
   return Admission::accepted;
@@ -180,7 +181,8 @@ std::optional<StepPlan> Scheduler::next_step() {
     Sequence& seq = sequences_.at(id);
     // New or preempted: start after the longest cached prefix, leaving at least its last token to
     // compute (its logits give the next token).
-    if (seq.reuse_prefix) seq.blocks = blocks_.match(seq.tokens, static_cast<int64_t>(seq.tokens.size()) - 1);
+    if (seq.reuse_prefix)
+      seq.blocks = blocks_.match(seq.tokens, static_cast<int64_t>(seq.tokens.size()) - 1, seq.adapter);
     seq.computed = static_cast<int64_t>(seq.blocks.size()) * config_.block_size;
     const std::optional<BlockKey> key = next_block(seq);
     const bool waits = seq.reuse_prefix && key && being_computed(*key);  // skipped, keeping its place
@@ -225,7 +227,8 @@ std::optional<StepPlan> Scheduler::next_step() {
     if (entry.sample) awaiting_.insert(id);
     // Its whole blocks of confirmed tokens (not the drafts this step verifies) become shareable: the
     // workers run this step before any later one that could read them.
-    blocks_.publish(seq.blocks, seq.tokens, seq.computed - static_cast<int64_t>(seq.planned.size()));
+    blocks_.publish(seq.blocks, seq.tokens, seq.computed - static_cast<int64_t>(seq.planned.size()),
+                    seq.adapter);
     std::copy(seq.blocks.begin(), seq.blocks.end(),
               plan.block_tables.begin() + row * plan.max_blocks_per_seq);
     plan.entries.push_back(std::move(entry));

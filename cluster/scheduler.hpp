@@ -58,8 +58,9 @@ class Scheduler {
   // the KV cache; invalid: empty prompt or duplicate id. reuse_prefix false: the sequence computes its
   // whole prompt, never starting after a cached prefix (its prompt tokens' logits are wanted); the
   // blocks it computes are still shared with later ones.
+  // adapter: the sequence's LoRA adapter (0: none), whose cached blocks alone it may share.
   Admission submit(uint64_t seq_id, std::vector<int32_t> prompt, int32_t max_new_tokens,
-                   bool reuse_prefix = true);
+                   bool reuse_prefix = true, int32_t adapter = 0);
   // Removes a sequence wherever it is and frees its blocks. False when unknown.
   bool cancel(uint64_t seq_id);
   // Same as cancel, for sequences that ended normally (EOS, stop, length).
@@ -103,6 +104,7 @@ class Scheduler {
     std::vector<int32_t> draft;    // proposals not yet planned
     std::vector<int32_t> planned;  // proposals in the step in flight
     bool reuse_prefix = true;      // may start after a cached prefix
+    int32_t adapter = 0;           // its LoRA adapter: prefixes are shared within one adapter
   };
   void preempt(uint64_t seq_id);
 

@@ -85,6 +85,16 @@ protocol::StepResult WorkerService::execute(const protocol::WorkerStep& step) {
   worker::ForwardBatch batch;
   batch.block_tables = step.block_tables;
   batch.max_blocks_per_seq = step.max_blocks_per_seq;
+  // Each table row's LoRA adapter, when some entry names one.
+  if (std::any_of(step.entries.begin(), step.entries.end(),
+                  [](const protocol::PlanEntry& e) { return e.adapter != 0; })) {
+    batch.seq_adapters.assign(step.entries.size(), 0);
+    for (const protocol::PlanEntry& e : step.entries) {
+      if (e.table_row < 0 || static_cast<size_t>(e.table_row) >= step.entries.size())
+        throw std::runtime_error("worker step: an entry's table row is outside the step's tables");
+      batch.seq_adapters[static_cast<size_t>(e.table_row)] = e.adapter;
+    }
+  }
   std::vector<const protocol::PlanEntry*> sampled;
   std::vector<size_t> sample_row;  // per sampled entry: its first logit row
   // Entries that want their prompt tokens' log-probabilities, with their first logit row.

@@ -103,6 +103,8 @@ TEST(ClientProtocol, RoundTripsEveryRequestKind) {
   GenerateRequest chat = full_generate();
   chat.prompt = std::vector<ChatMessage>{{"system", "Be brief."}, {"user", "Hello"}, {"assistant", ""}};
   EXPECT_EQ(round_trip(chat), ClientRequestMsg{chat});
+  chat.adapter = "sql-lora";  // a LoRA adapter by name
+  EXPECT_EQ(round_trip(chat), ClientRequestMsg{chat});
   // Function calling: tools, each tool choice, an assistant's calls and a tool's result.
   chat.response_format = ResponseFormat::text;
   chat.prompt = std::vector<ChatMessage>{

@@ -475,6 +475,41 @@ TEST(ClusterConfig, LoadResolvesModelPathsAgainstTheFile) {
   EXPECT_THROW(load_cluster_config((folder / "missing.yaml").string()), ConfigError);
 }
 
+// lora_adapters: a list of {name, path, scale}, names unique, CPU workers only; paths resolve against
+// the file like the model's, and the list renders back.
+TEST(ClusterConfig, LoraAdaptersAreAListOfNamedFiles) {
+  const ClusterConfig config = parse_cluster_config(
+      "model: {path: m.gguf}\nlora_adapters:\n  - {name: sql, path: a/sql.gguf, scale: 0.5}\n"
+      "  - name: chat\n    path: /abs/chat.gguf\n",
+      "t.yaml");
+  ASSERT_EQ(config.lora_adapters.size(), 2u);
+  EXPECT_EQ(config.lora_adapters[0], (LoraAdapterConfig{"sql", "a/sql.gguf", 0.5}));
+  EXPECT_EQ(config.lora_adapters[1], (LoraAdapterConfig{"chat", "/abs/chat.gguf", 1.0}));
+  EXPECT_EQ(parse_cluster_config(render_cluster_config(config), "rendered"), config);
+  EXPECT_TRUE(parse_cluster_config("model: {path: m}\nlora_adapters:\n", "t.yaml").lora_adapters.empty());
+
+  expect_error("model: {path: m}\nlora_adapters: {name: a, path: b}\n", "lora_adapters", 2,
+               {"expected a list of adapters"});
+  expect_error("model: {path: m}\nlora_adapters:\n  - {name: a, path: b}\n  - {name: a, path: c}\n",
+               "lora_adapters[1].name", 4, {"adapter 'a' is named twice"});
+  expect_error("model: {path: m}\nlora_adapters:\n  - {name: a}\n", "lora_adapters[0].path", 3,
+               {"required key is missing"});
+  expect_error("model: {path: m}\nlora_adapters:\n  - {name: a, path: b, alpha: 2}\n",
+               "lora_adapters[0].alpha", 3, {"unknown key 'alpha'", "allowed keys: name, path, scale"});
+  expect_error("model: {path: m}\nlora_adapters:\n  - {name: a, path: b, scale: x}\n",
+               "lora_adapters[0].scale", 3, {"expected a number"});
+  expect_error("model: {path: m}\ndevice: cuda\nlora_adapters:\n  - {name: a, path: b}\n", "lora_adapters", 3,
+               {"CPU workers only"});
+
+  const auto folder =
+      std::filesystem::temp_directory_path() / ("nibble_lora_config_" + std::to_string(::getpid()));
+  std::filesystem::create_directories(folder);
+  std::ofstream(folder / "c.yaml") << "model: {path: m.gguf}\nlora_adapters: [{name: a, path: l/a.gguf}]\n";
+  EXPECT_EQ(load_cluster_config((folder / "c.yaml").string()).lora_adapters[0].path,
+            (folder / "l/a.gguf").string());
+  std::filesystem::remove_all(folder);
+}
+
 TEST(ClusterConfig, ExampleConfigsParse) {
   const auto examples = kRepoRoot / "config";
   const ClusterConfig local = load_cluster_config((examples / "local-tp2.yaml").string());

@@ -123,7 +123,7 @@ INSTANTIATE_TEST_SUITE_P(Readers, FuzzTargets,
                          ::testing::Values("gguf_model", "safetensors", "client_protocol", "worker_protocol",
                                            "cluster_config", "tokenizer_text", "hf_tokenizer", "hf_config",
                                            "imatrix", "openai_request", "json_output", "json_schema",
-                                           "tool_calls", "grammar"),
+                                           "tool_calls", "grammar", "lora_adapter"),
                          [](const auto& param_info) { return param_info.param; });
 
 // Inputs libFuzzer found, kept after their fix in tests/fuzz/found/<target>/ (file names say what

@@ -73,6 +73,26 @@ TEST(KvBlockPool, PublishedBlocksAreSharedByTheSamePrefixOnly) {
   EXPECT_EQ(pool.match(prompt, 100).size(), 3u);  // still cached
 }
 
+// Sequences of different LoRA adapters compute different K/V for the same tokens: a prefix is shared
+// only within one adapter.
+TEST(KvBlockPool, PrefixesAreSharedWithinOneAdapterOnly) {
+  KvBlockPool pool(16, 4, true);
+  const std::vector<int32_t> prompt = iota_tokens(9, 100);
+  std::vector<int32_t> base, adapted;
+  ASSERT_TRUE(pool.reserve(base, 9));
+  pool.publish(base, prompt, 9);
+  EXPECT_TRUE(pool.match(prompt, 100, 1).empty());
+  ASSERT_TRUE(pool.reserve(adapted, 9));
+  pool.publish(adapted, prompt, 9, 1);
+  std::vector<int32_t> again_base = pool.match(prompt, 100);
+  std::vector<int32_t> again_adapted = pool.match(prompt, 100, 1);
+  EXPECT_EQ(again_base, (std::vector<int32_t>(base.begin(), base.begin() + 2)));
+  EXPECT_EQ(again_adapted, (std::vector<int32_t>(adapted.begin(), adapted.begin() + 2)));
+  EXPECT_TRUE(pool.match(prompt, 100, 2).empty());
+  for (auto* t : {&base, &adapted, &again_base, &again_adapted}) pool.release(*t);
+  EXPECT_EQ(pool.idle_cached(), 4);
+}
+
 TEST(KvBlockPool, ContentAnotherBlockHoldsStaysPrivateAndSoDoesWhatFollows) {
   KvBlockPool pool(16, 4, true);
   const std::vector<int32_t> prompt = iota_tokens(12, 1);

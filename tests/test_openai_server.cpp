@@ -21,6 +21,7 @@
 
 #include "cluster/openai_api.hpp"
 #include "model/gguf.hpp"
+#include "model/lora_adapter.hpp"
 #include "model/random_model.hpp"
 #include "model/tokenizer.hpp"
 #include "tests/support/serve_job.hpp"
@@ -1324,6 +1325,54 @@ TEST(OpenAiServer, ServeStartsItWithTheOpenAiSection) {
   EXPECT_EQ(job.wait_exit(30s), std::optional<int>(0)) << job.log();
   EXPECT_NE(job.log().find("shut down cleanly"), std::string::npos) << job.log();
   EXPECT_EQ(post(port, "/v1/completions", R"({"prompt": "x"})").status, 0) << "the HTTP server stopped too";
+}
+
+// LoRA adapters as vLLM serves them: /v1/models lists each with the base model as its parent, a request
+// whose model names one is answered by it (as the ZeroMQ client's `adapter` is) and names it back, and
+// a model that is neither is a 404 listing what is served.
+TEST(OpenAiServer, RequestsNamingALoraAdapterAreAnsweredByIt) {
+  if (!fs::exists(test_jobs::mpiexec())) GTEST_SKIP() << "mpirun (" << test_jobs::mpiexec() << ") is absent";
+  test::TempDir dir;
+  const std::string model = (dir.path() / "tiny.gguf").string();
+  model::write_random_llama(model, model::llama_shape_by_name("tiny"), kernels::DType::Q4_0, 5);
+  const std::string adapter = (dir.path() / "sql.gguf").string();
+  model::make_random_lora(model::LlamaConfig::from_gguf(*model::GgufFile::open(model)), 8, 16, 0.5f, 3,
+                          {model::LayerMatrix::attn_q, model::LayerMatrix::ffn_up}, true)
+      .write_gguf(adapter, "llama", kernels::DType::F16);
+  ServeJob job(
+      dir.path(), model, 1, 1,
+      "openai: { listen: \"127.0.0.1:0\" }\nlora_adapters: [{name: sql, path: '" + adapter + "'}]\n");
+  ASSERT_TRUE(job.wait_ready()) << job.log();
+  std::smatch match;
+  const std::string log = job.log();
+  ASSERT_TRUE(
+      std::regex_search(log, match, std::regex("openai: listening on http://127\\.0\\.0\\.1:([0-9]+)")))
+      << log;
+  const int port = std::stoi(match[1]);
+  const json models = get(port, "/v1/models").body["data"];
+  ASSERT_EQ(models.size(), 2u) << models;
+  EXPECT_EQ(models[1]["id"], "sql");
+  EXPECT_EQ(models[1]["parent"], "tiny");
+
+  Client client(job.endpoint());
+  protocol::GenerateRequest with_adapter = greedy(kPrompt, 12);
+  with_adapter.adapter = "sql";
+  const protocol::Final adapted = client.generate(with_adapter);
+  const protocol::Final base = client.generate(greedy(kPrompt, 12));
+  EXPECT_NE(adapted.tokens, base.tokens);
+  for (const auto& [name, expected] : {std::pair{"sql", adapted}, std::pair{"tiny", base}}) {
+    const HttpReply c =
+        post(port, "/v1/completions",
+             json{{"model", name}, {"prompt", kPrompt}, {"max_tokens", 12}, {"temperature", 0}}.dump());
+    ASSERT_EQ(c.status, 200) << c.body;
+    EXPECT_EQ(c.body["choices"][0]["text"], expected.text) << name;
+    EXPECT_EQ(c.body["model"], name);
+  }
+  const HttpReply unknown = post(port, "/v1/completions", json{{"model", "sq1"}, {"prompt", kPrompt}}.dump());
+  EXPECT_EQ(unknown.status, 404) << unknown.body;
+  EXPECT_NE(unknown.body["error"]["message"].get<std::string>().find("serves 'tiny', 'sql'"),
+            std::string::npos)
+      << unknown.body;
 }
 
 // openai.api_key_env naming a variable that is not set: start-up fails on every rank, naming it.

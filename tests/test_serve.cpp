@@ -34,6 +34,7 @@
 #include "model/chat_template.hpp"
 #include "model/gguf.hpp"
 #include "model/hf_tokenizer.hpp"
+#include "model/lora_adapter.hpp"
 #include "model/random_model.hpp"
 #include "model/tokenizer.hpp"
 #include "model/tool_calls.hpp"
@@ -628,6 +629,69 @@ TEST_P(ServeShapes, GrammarOutputIsASentence) {
   bad.grammar = "root ::= \"a\" value\n";
   const std::string refused = refusal_of(client, bad);
   EXPECT_NE(refused.find("grammar: line 1, column 14: undefined rule 'value'"), std::string::npos) << refused;
+  EXPECT_EQ(client.generate(greedy("after", kPrompts[1], 2)).tokens.size(), 2u);
+}
+
+// LoRA adapters (vLLM's multi-LoRA): requests naming an adapter get single-process `nibble generate
+// --lora` output, others the base model's, whatever runs beside them; the same prompt under another
+// adapter never starts from the first one's cached blocks (its K/V differ); an unknown name is refused.
+TEST_P(ServeShapes, LoraAdaptersServeLikeGenerateWithTheAdapter) {
+  test::TempDir models;
+  const std::string model = make_tiny_model(models.path());
+  const model::LlamaConfig config = model::LlamaConfig::from_gguf(*model::GgufFile::open(model));
+  const std::string sql = (models.path() / "sql.gguf").string(),
+                    chat = (models.path() / "chat.gguf").string();
+  model::make_random_lora(config, 8, 16, 0.4f, 1,
+                          {std::begin(model::kLayerMatrices), std::end(model::kLayerMatrices)}, true)
+      .write_gguf(sql, "llama", kernels::DType::F16);
+  model::make_random_lora(config, 4, 0, 0.5f, 2, {model::LayerMatrix::attn_v, model::LayerMatrix::ffn_down})
+      .write_gguf(chat, "llama", kernels::DType::F32);
+  const std::string adapters[] = {"", "sql", "chat"};
+  std::vector<std::vector<Expected>> expected(3);  // [adapter][prompt]
+  for (const std::string& p : kPrompts) {
+    expected[0].push_back(nibble_generate(model, p, 16));
+    expected[1].push_back(nibble_generate(model, p, 16, "--lora '" + sql + "' --lora-scale 0.5"));
+    expected[2].push_back(nibble_generate(model, p, 16, "--lora '" + chat + "'"));
+  }
+  EXPECT_NE(expected[0][0].tokens, expected[1][0].tokens);
+  EXPECT_NE(expected[0][0].tokens, expected[2][0].tokens);
+  test::TempDir dir;
+  ServeJob job(dir.path(), model, GetParam().tensor, GetParam().pipeline,
+               "lora_adapters:\n  - { name: sql, path: '" + sql +
+                   "', scale: 0.5 }\n  - { name: chat, path: '" + chat +
+                   "' }\nscheduler: { prefill_chunk: 16 }\n");
+  ASSERT_TRUE(job.wait_ready()) << job.log();
+  // One after another: the same prompt under the base model, then each adapter (prefix caching on).
+  {
+    Client client(job.endpoint());
+    for (size_t p = 0; p < kPrompts.size(); ++p) {
+      for (size_t a = 0; a < 3; ++a) {
+        SCOPED_TRACE("prompt " + std::to_string(p) + " adapter '" + adapters[a] + "'");
+        protocol::GenerateRequest r = greedy(numbered("seq", p * 3 + a), kPrompts[p], 16);
+        r.adapter = adapters[a];
+        EXPECT_EQ(client.generate(r).tokens, expected[a][p].tokens);
+      }
+    }
+  }
+  // All at once, so that steps batch sequences of different adapters.
+  std::vector<std::thread> threads;
+  std::vector<std::vector<int32_t>> got(9);
+  for (size_t i = 0; i < 9; ++i) {
+    threads.emplace_back([&, i] {
+      Client client(job.endpoint());
+      protocol::GenerateRequest r = greedy(numbered("par", i), kPrompts[i / 3], 16);
+      r.adapter = adapters[i % 3];
+      got[i] = client.generate(r).tokens;
+    });
+  }
+  for (auto& t : threads) t.join();
+  for (size_t i = 0; i < 9; ++i) EXPECT_EQ(got[i], expected[i % 3][i / 3].tokens) << "request " << i;
+
+  Client client(job.endpoint());
+  protocol::GenerateRequest unknown = greedy("unknown", kPrompts[0], 4);
+  unknown.adapter = "sq1";
+  const std::string refused = refusal_of(client, unknown);
+  EXPECT_NE(refused.find("adapter: 'sq1' is not served; served: sql, chat"), std::string::npos) << refused;
   EXPECT_EQ(client.generate(greedy("after", kPrompts[1], 2)).tokens.size(), 2u);
 }
 

@@ -48,7 +48,7 @@ WorkerStep full_step() {
   for (size_t i = 0; i < prefix.size(); ++i) prefix[i] = static_cast<int32_t>(100 + i);
   // The first wants its prompt tokens' log-probabilities: rows 0..3 predict 2, 3, 4 and the next chunk's 5.
   step.entries = {{5, 0, 0, {1, 2, 3, 4}, false, 0, {}, {2, 3, 4, 5}},
-                  {6, 1, 17, {9, 10, 11}, true, 2, prefix}};
+                  {6, 1, 17, {9, 10, 11}, true, 2, prefix, {}, 2}};  // LoRA adapter 2
   step.block_tables = {0, 1, -1, 7, 3, 4};
   step.max_blocks_per_seq = 3;
   return step;
@@ -164,6 +164,10 @@ TEST(WorkerProtocol, RejectsBadFrames) {
   step.entries[1].prompt_targets = {10};
   const std::vector<uint8_t> targets_with_drafts = encode(step);
   EXPECT_EQ(code_of([&] { decode_worker_step(targets_with_drafts); }), ErrorCode::malformed_message);
+  step = full_step();
+  step.entries[1].adapter = -1;
+  const std::vector<uint8_t> negative_adapter = encode(step);
+  EXPECT_EQ(code_of([&] { decode_worker_step(negative_adapter); }), ErrorCode::malformed_message);
   // Prompt logprobs at a negative position.
   StepResult result;
   result.prompts = {{5, -1, {{-1.0f, {}}}}};

@@ -20,12 +20,15 @@ parser.add_argument("--threads", type=int, required=True)
 parser.add_argument("--tokens", required=True, help="comma-separated prompt token ids")
 parser.add_argument("--gen-tokens", type=int, required=True)
 parser.add_argument("--repetitions", type=int, default=3)
+parser.add_argument("--lora", help="a LoRA adapter GGUF applied to every token (llama.cpp's --lora)")
+parser.add_argument("--lora-scale", type=float, default=1.0)
 args = parser.parse_args()
 
 tokens = [int(t) for t in args.tokens.split(",")]
 n_ctx = max(len(tokens), args.gen_tokens) + 16
 llm = Llama(model_path=args.model, n_threads=args.threads, n_threads_batch=args.threads,
-            n_batch=max(len(tokens), 32), n_ctx=n_ctx, verbose=False)
+            n_batch=max(len(tokens), 32), n_ctx=n_ctx, verbose=False, lora_path=args.lora,
+            lora_scale=args.lora_scale)
 llm.eval(tokens[:1])  # warm-up: page in the weights
 pp, tg = [], []
 for _ in range(args.repetitions):

@@ -4,6 +4,7 @@ the fixtures in ../shared/fixtures (see its README.md), so that Nibble's forward
 against an engine nobody on this project wrote, e.g. on a model `tools/llama_cpp_quantize.py` made.
 
 Usage: llama_cpp_reference.py MODEL.gguf OUT_PREFIX [--prompt TEXT] [--generate 24] [--threads 2]
+                              [--lora ADAPTER.gguf [--lora-scale S]]
 
 The prompt is tokenized by llama.cpp's own tokenizer with BOS and evaluated in one batch; then
 --generate tokens are generated greedily (argmax of the last row of logits), each fed back one at a
@@ -32,6 +33,8 @@ def main():
     parser.add_argument("--prompt", default=DEFAULT_PROMPT)
     parser.add_argument("--generate", type=int, default=24, help="greedy tokens to generate")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--lora", help="a LoRA adapter GGUF llama.cpp applies (its --lora)")
+    parser.add_argument("--lora-scale", type=float, default=1.0, help="the adapter's scale (--lora-scaled)")
     args = parser.parse_args()
     if args.generate < 0:
         sys.exit("--generate must be >= 0")
@@ -41,7 +44,8 @@ def main():
     def load(n_ctx):
         return llama_cpp.Llama(model_path=args.model, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
                                logits_all=True, flash_attn=False, n_threads=args.threads,
-                               n_threads_batch=args.threads, verbose=False)
+                               n_threads_batch=args.threads, verbose=False, lora_path=args.lora,
+                               lora_scale=args.lora_scale)
 
     n_ctx = 512
     llm = load(n_ctx)

@@ -322,6 +322,9 @@ void CudaLlamaModel::Impl::validate(const ForwardBatch& batch, const CudaKvCache
                                 std::to_string(cache.kv_dim()) + ", " + std::to_string(cache.n_layer()) +
                                 " layers; size it from shard_config())");
   }
+  if (std::any_of(batch.seq_adapters.begin(), batch.seq_adapters.end(), [](int32_t a) { return a != 0; })) {
+    throw std::invalid_argument("LoRA adapters run on the CPU backend only (the CUDA model has none)");
+  }
   const int64_t mbps = batch.max_blocks_per_seq;
   const int64_t n_seqs = mbps > 0 ? static_cast<int64_t>(batch.block_tables.size()) / mbps : 0;
   std::vector<int64_t> max_pos(static_cast<size_t>(n_seqs), -1);

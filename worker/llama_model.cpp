@@ -112,6 +112,7 @@ const model::GgufFile& LlamaModel::file() const {
 
 void LlamaModel::bind_shard() {
   const ModelShard s = plan_shard(shard_config_, shard_, ffn_down_granularity(weights_.layers));
+  plan_ = s;
   shard_config_ = s.config;
   vocab_counts_ = s.vocab_counts;
   slice_weights(weights_, s, config_.head_dim, is_first_stage(), is_last_stage());
@@ -134,6 +135,54 @@ void LlamaModel::set_layer_matrix(int64_t layer, model::LayerMatrix which, const
   w.data = owned->data();
   w.packed = nullptr;
   w.owned = std::move(owned);
+}
+
+int32_t LlamaModel::add_lora(const model::LoraAdapter& adapter, float user_scale) {
+  if (static_cast<int64_t>(adapter.layers.size()) != config_.n_layer) {
+    throw std::invalid_argument("LoRA adapter " + adapter.path + " has " +
+                                std::to_string(adapter.layers.size()) + " layers, the model " +
+                                std::to_string(config_.n_layer));
+  }
+  // Shapes are checked against the whole model's (this shard holds slices).
+  const model::LlamaConfig& c = config_;
+  const int64_t shapes[7][2] = {{c.q_dim(), c.n_embd}, {c.kv_dim(), c.n_embd}, {c.kv_dim(), c.n_embd},
+                                {c.n_embd, c.q_dim()}, {c.n_ff, c.n_embd},     {c.n_ff, c.n_embd},
+                                {c.n_embd, c.n_ff}};
+  for (const auto& layer : adapter.layers) {
+    for (int m = 0; m < 7; ++m) {
+      const auto& lm = layer[static_cast<size_t>(m)];
+      if (lm && (lm->n_out != shapes[m][0] || lm->k != shapes[m][1] ||
+                 static_cast<int64_t>(lm->a.size()) != lm->rank * lm->k ||
+                 static_cast<int64_t>(lm->b.size()) != lm->n_out * lm->rank)) {
+        throw std::invalid_argument("LoRA adapter " + adapter.path +
+                                    ": a matrix of the wrong shape for this model");
+      }
+    }
+  }
+  if (adapter.output && (adapter.output->n_out != c.n_vocab || adapter.output->k != c.n_embd)) {
+    throw std::invalid_argument("LoRA adapter " + adapter.path + ": an output head of the wrong shape");
+  }
+  loras_.push_back(shard_lora(adapter, user_scale, plan_ ? &*plan_ : nullptr, c.head_dim, layer_begin_,
+                              layer_end_, is_last_stage()));
+  return static_cast<int32_t>(loras_.size());
+}
+
+void LlamaModel::set_default_lora(int32_t adapter) {
+  if (adapter < 0 || adapter > n_loras()) {
+    throw std::invalid_argument("LoRA adapter " + std::to_string(adapter) + " is not one of the model's " +
+                                std::to_string(n_loras()));
+  }
+  default_lora_ = adapter;
+}
+
+void LlamaModel::add_lora_products(int64_t layer, model::LayerMatrix which, const float* x, int64_t rows,
+                                   const int32_t* row_adapter, float* y, kernels::ThreadPool& pool) {
+  for (size_t a = 0; a < loras_.size(); ++a) {
+    const std::optional<LoraProduct>& p =
+        layer < 0 ? loras_[a].output
+                  : loras_[a].layers[static_cast<size_t>(layer)][static_cast<size_t>(which)];
+    if (p) add_lora_product(*p, x, rows, row_adapter, static_cast<int32_t>(a + 1), y, pool);
+  }
 }
 
 void LlamaModel::matmul(const model::WeightMatrix& w, const float* x, int64_t m, float* y,
@@ -182,6 +231,34 @@ void LlamaModel::forward_stage(const ForwardBatch& batch, KvCache& cache, kernel
   for (int32_t row : batch.logit_rows) {
     if (row < 0 || row >= n) throw std::invalid_argument("logit row outside the batch");
   }
+  // Each token's adapter, or none when no sequence names one.
+  token_adapters_.clear();
+  if (batch.seq_adapters.empty() && default_lora_ != 0) {
+    token_adapters_.assign(static_cast<size_t>(n), default_lora_);
+  } else if (std::any_of(batch.seq_adapters.begin(), batch.seq_adapters.end(),
+                         [](int32_t a) { return a != 0; })) {
+    if (static_cast<int64_t>(batch.seq_adapters.size()) != n_seqs) {
+      throw std::invalid_argument("forward batch: seq_adapters has " +
+                                  std::to_string(batch.seq_adapters.size()) + " rows for " +
+                                  std::to_string(n_seqs) + " sequences");
+    }
+    for (int32_t a : batch.seq_adapters) {
+      if (a < 0 || a > n_loras()) {
+        throw std::invalid_argument("LoRA adapter " + std::to_string(a) + " is not one of the model's " +
+                                    std::to_string(n_loras()));
+      }
+    }
+    token_adapters_.resize(static_cast<size_t>(n));
+    for (int64_t t = 0; t < n; ++t)
+      token_adapters_[static_cast<size_t>(t)] = batch.seq_adapters[batch.seq_index[t]];
+  }
+  const int32_t* adapters = token_adapters_.empty() ? nullptr : token_adapters_.data();
+  // The product of a layer matrix with the adapters' updates of the rows that name one.
+  const auto product = [&](int64_t l, model::LayerMatrix which, const float* in, float* y) {
+    const model::WeightMatrix& w = weights_.layers[static_cast<size_t>(l)].matrix(which);
+    matmul(w, in, n, y, pool);
+    if (adapters != nullptr) add_lora_products(l, which, in, n, adapters, y, pool);
+  };
   if ((hidden_in == nullptr) != is_first_stage()) {
     throw std::invalid_argument(is_first_stage() ? "the first pipeline stage embeds tokens: no hidden_in"
                                                  : "a later pipeline stage needs hidden_in");
@@ -235,9 +312,9 @@ void LlamaModel::forward_stage(const ForwardBatch& batch, KvCache& cache, kernel
     const int64_t layer = layer_begin_ + l;
     check(kernels::rms_norm(x_.data(), w.attn_norm.data(), h_.data(), n, c.n_embd, c.rms_eps), "rms_norm");
     if (observer_) observer_(layer, MatrixInput::attn_qkv, h_.data(), n, c.n_embd);
-    matmul(w.wq, h_.data(), n, q_.data(), pool);
-    matmul(w.wk, h_.data(), n, k_.data(), pool);
-    matmul(w.wv, h_.data(), n, v_.data(), pool);
+    product(l, model::LayerMatrix::attn_q, h_.data(), q_.data());
+    product(l, model::LayerMatrix::attn_k, h_.data(), k_.data());
+    product(l, model::LayerMatrix::attn_v, h_.data(), v_.data());
     check(kernels::rope_normal(q_.data(), batch.positions.data(), n, sc.n_head, c.head_dim, c.rope_dims,
                                c.rope_base),
           "rope");
@@ -262,17 +339,19 @@ void LlamaModel::forward_stage(const ForwardBatch& batch, KvCache& cache, kernel
                                    batch.seq_index.data(), batch.positions.data(), scale, attn_.data(), pool),
           "attention");
     if (observer_) observer_(layer, MatrixInput::attn_output, attn_.data(), n, sc.q_dim());
-    matmul(w.wo, attn_.data(), n, h_.data(), pool);  // [n, n_embd] partial over the shard's heads
+    product(l, model::LayerMatrix::attn_output, attn_.data(),
+            h_.data());  // [n, n_embd] partial over the shard's heads
     if (reducer_ != nullptr) reducer_->sum(h_.data(), static_cast<size_t>(n * c.n_embd));
     check(kernels::add_inplace(x_.data(), h_.data(), n * c.n_embd), "residual add");
 
     check(kernels::rms_norm(x_.data(), w.ffn_norm.data(), h_.data(), n, c.n_embd, c.rms_eps), "rms_norm");
     if (observer_) observer_(layer, MatrixInput::ffn_gate_up, h_.data(), n, c.n_embd);
-    matmul(w.w_gate, h_.data(), n, gate_.data(), pool);
-    matmul(w.w_up, h_.data(), n, up_.data(), pool);
+    product(l, model::LayerMatrix::ffn_gate, h_.data(), gate_.data());
+    product(l, model::LayerMatrix::ffn_up, h_.data(), up_.data());
     check(kernels::swiglu(gate_.data(), up_.data(), gate_.data(), n * sc.n_ff), "swiglu");
     if (observer_) observer_(layer, MatrixInput::ffn_down, gate_.data(), n, sc.n_ff);
-    matmul(w.w_down, gate_.data(), n, h_.data(), pool);  // [n, n_embd] partial over the shard's ffn rows
+    product(l, model::LayerMatrix::ffn_down, gate_.data(),
+            h_.data());  // [n, n_embd] partial over the shard's ffn rows
     if (reducer_ != nullptr) reducer_->sum(h_.data(), static_cast<size_t>(n * c.n_embd));
     check(kernels::add_inplace(x_.data(), h_.data(), n * c.n_embd), "residual add");
   }
@@ -296,13 +375,22 @@ void LlamaModel::forward_stage(const ForwardBatch& batch, KvCache& cache, kernel
                           c.rms_eps),
         "rms_norm");
   logits.resize(n_out * c.n_vocab);
+  std::vector<int32_t> row_adapters;  // the logit rows' adapters
+  if (adapters != nullptr) {
+    for (int32_t row : batch.logit_rows) row_adapters.push_back(adapters[row]);
+  }
+  const auto head = [&](float* y) {
+    matmul(weights_.output, picked_.data(), n_out, y, pool);
+    if (!row_adapters.empty())
+      add_lora_products(-1, model::LayerMatrix::attn_q, picked_.data(), n_out, row_adapters.data(), y, pool);
+  };
   if (shard_.size == 1) {
-    matmul(weights_.output, picked_.data(), n_out, logits.data(), pool);
+    head(logits.data());
     return;
   }
   // [n_out, local vocab] on each shard, gathered into [n_out, n_vocab].
   local_logits_.resize(n_out * weights_.output.n_out);
-  matmul(weights_.output, picked_.data(), n_out, local_logits_.data(), pool);
+  head(local_logits_.data());
   reducer_->gather_columns(local_logits_.data(), n_out, vocab_counts_, logits.data());
 }
 

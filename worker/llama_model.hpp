@@ -3,6 +3,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -12,7 +13,9 @@
 #include "model/llama_checkpoint.hpp"
 #include "model/llama_config.hpp"
 #include "model/llama_weights.hpp"
+#include "model/lora_adapter.hpp"
 #include "worker/kv_cache.hpp"
+#include "worker/lora_weights.hpp"
 #include "worker/tensor_shard.hpp"
 
 namespace nibble::worker {
@@ -26,6 +29,9 @@ struct ForwardBatch {
   std::vector<int32_t> block_tables;  // [n_seqs, max_blocks_per_seq]
   int64_t max_blocks_per_seq = 0;
   std::vector<int32_t> logit_rows;  // indices into tokens whose logits are wanted
+  // [n_seqs] per block-table row: 0 the base model, a the model's LoRA adapter a (add_lora's index);
+  // empty: every sequence on the base model.
+  std::vector<int32_t> seq_adapters;
 
   // Appends one sequence's tokens at positions start_pos.., as row table_row of block_tables (the
   // caller appends the table), wanting logits for its last `logits_for_last` tokens (0: none) and its
@@ -125,8 +131,22 @@ class LlamaModel {
   // otherwise or for a wrong size.
   void set_layer_matrix(int64_t layer, model::LayerMatrix which, const std::vector<float>& values);
 
+  // Adds a LoRA adapter that batches may name (ForwardBatch::seq_adapters), scaled by user_scale as
+  // llama.cpp scales it, cut to this shard and stage. Returns its index, 1 for the first. Every shard
+  // of a group adds the same adapters in the same order. Throws std::invalid_argument for an adapter
+  // of another model's shape.
+  int32_t add_lora(const model::LoraAdapter& adapter, float user_scale = 1.0f);
+  int32_t n_loras() const { return static_cast<int32_t>(loras_.size()); }
+  // The adapter of every sequence of a batch whose seq_adapters is empty (llama.cpp's --lora: one
+  // model, adapted throughout); 0, the default, leaves such batches on the base model.
+  void set_default_lora(int32_t adapter);
+
  private:
   void matmul(const model::WeightMatrix& w, const float* x, int64_t m, float* y, kernels::ThreadPool& pool);
+  // The adapters' updates of one product: layer (local) and which, or layer -1 for the head.
+  // row_adapter: [rows] each row's adapter (0: none).
+  void add_lora_products(int64_t layer, model::LayerMatrix which, const float* x, int64_t rows,
+                         const int32_t* row_adapter, float* y, kernels::ThreadPool& pool);
 
   std::shared_ptr<const model::LlamaCheckpoint> checkpoint_;
   // Replaces weights_ by this shard's slices (see the class comment).
@@ -141,6 +161,10 @@ class LlamaModel {
   ShardReducer* reducer_ = nullptr;          // null when unsharded (no collectives)
   MatrixInputObserver observer_;             // empty unless calibrating
   std::vector<int64_t> vocab_counts_;        // [shard.size] output rows per shard
+  std::optional<ModelShard> plan_;           // this shard's share when sharded
+  std::vector<ShardLora> loras_;             // add_lora's adapters, index - 1
+  int32_t default_lora_ = 0;                 // set_default_lora's
+  std::vector<int32_t> token_adapters_;      // [n] this batch's tokens' adapters; empty: none
   // Scratch reused across calls: [n, dim] activations (dims local to the shard).
   std::vector<float> x_, h_, q_, k_, v_, attn_, gate_, up_, picked_, local_logits_;
   std::vector<float> gathered_;  // [m, k] the input in an act-order matrix's column order

@@ -41,15 +41,22 @@ double peak_rss_mib() {
 
 // Runs the llama.cpp driver on the same model and token ids; its JSON, or {"error": ...}.
 nlohmann::json run_peer(const std::string& script, const std::string& model, int threads,
-                        const std::vector<int32_t>& prompt, int gen_tokens, int repetitions) {
+                        const std::vector<int32_t>& prompt, int gen_tokens, int repetitions,
+                        const LoraOption& lora) {
   std::string tokens;
   for (int32_t t : prompt) {
     if (!tokens.empty()) tokens += ',';
     tokens += std::to_string(t);
   }
-  return run_peer_script(
-      script, {"--model", model, "--threads", std::to_string(threads), "--tokens", tokens, "--gen-tokens",
-               std::to_string(gen_tokens), "--repetitions", std::to_string(repetitions)});
+  std::vector<std::string> args = {"--model",       model,
+                                   "--threads",     std::to_string(threads),
+                                   "--tokens",      tokens,
+                                   "--gen-tokens",  std::to_string(gen_tokens),
+                                   "--repetitions", std::to_string(repetitions)};
+  if (!lora.path.empty()) {
+    args.insert(args.end(), {"--lora", lora.path, "--lora-scale", std::to_string(lora.scale)});
+  }
+  return run_peer_script(script, args);
 }
 
 }  // namespace
@@ -64,6 +71,7 @@ Runner add_bench(CLI::App& app) {
     bool json = false;
     bool peer = false;
     std::string peer_script = NIBBLE_PEER_SCRIPT;
+    LoraOption lora;
   };
   auto a = std::make_shared<Args>();
   app.add_option("--model,-m", a->model_path, "GGUF model file")->required();
@@ -76,9 +84,11 @@ Runner add_bench(CLI::App& app) {
   app.add_flag("--peer", a->peer,
                "Also time llama.cpp (llama-cpp-python) on the same model and tokens, and print the ratio");
   app.add_option("--peer-script", a->peer_script, "The peer driver script");
+  add_lora_option(app, a->lora);  // the peer applies it too
 
   return [a]() {
     ModelSession s = ModelSession::open(a->model_path, a->threads);
+    apply_lora_option(a->lora, s);
     const auto& config = s.model->config();
     const int64_t block = 16;
     const int64_t positions = std::max(a->prompt_tokens, a->gen_tokens);
@@ -117,7 +127,8 @@ Runner add_bench(CLI::App& app) {
     std::optional<nlohmann::json> peer;
     if (a->peer) {
       s.model.reset();  // give the memory back before the peer loads its own copy
-      peer = run_peer(a->peer_script, a->model_path, a->threads, prompt, a->gen_tokens, a->repetitions);
+      peer =
+          run_peer(a->peer_script, a->model_path, a->threads, prompt, a->gen_tokens, a->repetitions, a->lora);
     }
     // The file's size; a dummy model's weights as a file would hold them.
     const double file_mib = static_cast<double>(s.checkpoint->weight_bytes()) / (1024.0 * 1024.0);
@@ -125,6 +136,7 @@ Runner add_bench(CLI::App& app) {
     if (a->json) {
       nlohmann::json out = {
           {"model", a->model_path},
+          {"lora", a->lora.path},
           {"threads", a->threads},
           {"isa", kernels::matmul_isa()},
           {"prompt_tokens", a->prompt_tokens},
@@ -148,6 +160,8 @@ Runner add_bench(CLI::App& app) {
     } else {
       std::printf("model %s (%.1f MiB), %d threads, %s kernels\n", a->model_path.c_str(), file_mib,
                   a->threads, kernels::matmul_isa());
+      if (!a->lora.path.empty())
+        std::printf("LoRA adapter %s, scale %g\n", a->lora.path.c_str(), a->lora.scale);
       std::printf("pp%-5d %9.2f ± %.2f tokens/s\n", a->prompt_tokens, pp_stats.mean, pp_stats.stddev);
       std::printf("tg%-5d %9.2f ± %.2f tokens/s\n", a->gen_tokens, tg_stats.mean, tg_stats.stddev);
       std::printf("peak RSS %.1f MiB\n", rss);

@@ -321,6 +321,7 @@ Runner add_client(CLI::App& app) {
     std::string chat, system;
     std::string tools_file, tool_choice = "auto";
     std::string grammar_file, regex;
+    std::string lora;
   };
   auto a = std::make_shared<Args>();
   app.add_option("--endpoint,-e", a->endpoint, "Coordinator address")->capture_default_str();
@@ -404,6 +405,8 @@ Runner add_client(CLI::App& app) {
          "--grammar-file", a->grammar_file,
          "A GBNF grammar file (llama.cpp's): the output is a sentence of it (worker/gbnf_grammar.hpp)")
       ->check(CLI::ExistingFile);
+  app.add_option("--lora", a->lora,
+                 "The LoRA adapter to answer with, by its name in the config's lora_adapters");
   app.add_option("--regex", a->regex,
                  "The output matches this regular expression whole (vLLM's guided_regex; made a grammar)");
   app.add_option("--prompt-logprobs", a->prompt_logprobs,
@@ -503,6 +506,7 @@ Runner add_client(CLI::App& app) {
       request.json_schema.assign(std::istreambuf_iterator<char>(in), {});
       request.response_format = protocol::ResponseFormat::json_schema;
     }
+    request.adapter = a->lora;
     if (!a->grammar_file.empty()) {
       std::ifstream in(a->grammar_file);
       request.grammar.assign(std::istreambuf_iterator<char>(in), {});

@@ -40,6 +40,7 @@ struct GenerateArgs {
   bool unfused_epilogues = false;
   std::string prefill_attention = "cuda-cores";
   int64_t decode_split_tokens = worker::CudaModelOptions{}.decode_split_tokens;
+  LoraOption lora;
 };
 
 }  // namespace
@@ -72,6 +73,7 @@ Runner add_generate(CLI::App& app) {
   app.add_option("--ctx", a->context, "Context length (default: the model's, at most 4096)")
       ->check(CLI::NonNegativeNumber);
   app.add_option("--stop", a->stop, "Stop string (repeatable)");
+  add_lora_option(app, a->lora);
   app.add_flag("--json", a->json, "Print one JSON object instead of streaming text");
   app.add_option("--device", a->device, "cpu, or cuda (one GPU; greedy decoding returns only token ids)")
       ->check(CLI::IsMember({"cpu", "cuda"}));
@@ -112,6 +114,7 @@ Runner add_generate(CLI::App& app) {
       if (!why.empty()) throw std::runtime_error("--device cuda: " + why);
     }
     ModelSession s = ModelSession::open(a->model_path, a->threads, /*cpu_model=*/!cuda);
+    apply_lora_option(a->lora, s);
     const int64_t context =
         a->context > 0 ? a->context : std::min<int64_t>(s.checkpoint->config().n_ctx_train, 4096);
     worker::GenerateOptions options;

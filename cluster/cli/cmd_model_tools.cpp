@@ -121,6 +121,7 @@ Runner add_logits(CLI::App& app) {
   struct Args {
     std::string model_path, prompt, tokens, out, device = "cpu";
     int threads = default_threads();
+    LoraOption lora;
   };
   auto a = std::make_shared<Args>();
   app.add_option("--model,-m", a->model_path, "GGUF model file or Hugging Face checkpoint directory")
@@ -134,6 +135,7 @@ Runner add_logits(CLI::App& app) {
       ->required();
   app.add_option("--threads,-t", a->threads, "CPU threads")->check(CLI::PositiveNumber);
   app.add_option("--device", a->device, "cpu, or cuda (one GPU)")->check(CLI::IsMember({"cpu", "cuda"}));
+  add_lora_option(app, a->lora);
   return [a]() {
     const bool cuda = a->device == "cuda";
     if (cuda) {
@@ -141,6 +143,7 @@ Runner add_logits(CLI::App& app) {
       if (!why.empty()) throw std::runtime_error("--device cuda: " + why);
     }
     ModelSession s = ModelSession::open(a->model_path, a->threads, /*cpu_model=*/!cuda);
+    apply_lora_option(a->lora, s);
     std::vector<int32_t> ids;
     if (!a->tokens.empty()) {
       ids = parse_token_list(a->tokens);

@@ -89,6 +89,8 @@ cluster::OpenAiServerOptions openai_options(const cluster::ClusterConfig& config
   }
   o.api.default_chat_max_tokens = static_cast<uint32_t>(config.openai->chat_max_tokens);
   o.api.model_name = config.openai->model_name;
+  for (const cluster::LoraAdapterConfig& adapter : config.lora_adapters)
+    o.api.adapters.push_back(adapter.name);
   if (o.api.model_name.empty()) {
     std::filesystem::path path(config.model.path);
     if (path.filename().empty()) path = path.parent_path();  // a directory given with a trailing slash
@@ -359,6 +361,11 @@ int serve(const std::string& config_path) {
                                                                reducer.get(), range);
         } else {
           model = std::make_unique<worker::LlamaModel>(file, shard, reducer.get(), range);
+          // Every shard and stage adds the adapters in the config's order: request adapter i is the
+          // i-th everywhere.
+          for (const cluster::LoraAdapterConfig& adapter : config.lora_adapters)
+            model->add_lora(model::LoraAdapter::read_gguf(adapter.path, whole),
+                            static_cast<float>(adapter.scale));
           num_blocks =
               blocks_for_this_worker(config, model->shard_config(), host_available_bytes(), workers_on_host);
         }

@@ -19,6 +19,8 @@ Runner add_tokenize(CLI::App& app);
 Runner add_logits(CLI::App& app);
 Runner add_bench(CLI::App& app);
 Runner add_make_model(CLI::App& app);
+Runner add_make_lora(CLI::App& app);
+Runner add_export_lora(CLI::App& app);
 Runner add_quantize(CLI::App& app);
 Runner add_serve(CLI::App& app);
 Runner add_bench_speculative(CLI::App& app);

@@ -23,6 +23,9 @@ int main(int argc, char** argv) {
   add("bench-gpu", "Time the CUDA W4A16 kernel against fp16 cuBLAS on Llama-70B shapes",
       nibble::cli::add_bench_gpu);
   add("make-model", "Write a random-weight Llama GGUF of a named shape", nibble::cli::add_make_model);
+  add("make-lora", "Write a random LoRA adapter GGUF for a model", nibble::cli::add_make_lora);
+  add("export-lora", "Merge LoRA adapters into a model's weights (llama.cpp's llama-export-lora)",
+      nibble::cli::add_export_lora);
   add("serve", "Run the distributed service (under mpirun: 1 coordinator + T*P workers)",
       nibble::cli::add_serve);
   add("quantize", "Quantize a GGUF model (round to nearest, or GPTQ / AWQ with calibration text)",

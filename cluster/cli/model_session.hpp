@@ -2,6 +2,7 @@
 // What every model-using subcommand loads: the model (a GGUF file, a Hugging Face checkpoint
 // directory or a dummy "dummy:<shape>"), its tokenizer when it has one, and the CPU model (unless a GPU model
 // runs instead).
+#include <CLI/CLI.hpp>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -35,5 +36,16 @@ struct ModelSession {
   // The tokenizer, for commands that take or print text. Throws for a checkpoint without one.
   const model::Tokenizer& require_tokenizer() const;
 };
+
+// --lora PATH and --lora-scale S (llama.cpp's --lora / --lora-scaled: one LoRA adapter applied to
+// every sequence of a CPU model).
+struct LoraOption {
+  std::string path;  // empty: none
+  float scale = 1.0f;
+};
+void add_lora_option(CLI::App& app, LoraOption& value);
+// Reads the adapter and makes it the model's default (worker::LlamaModel::set_default_lora). Throws
+// naming the file for a bad one, and for a session without a CPU model (--device cuda).
+void apply_lora_option(const LoraOption& lora, ModelSession& session);
 
 }  // namespace nibble::cli

@@ -251,6 +251,26 @@ ClusterConfig build_config(const Reader& reader, const Section& top, const std::
     }
   }
 
+  if (const Entry* entry = top.find("lora_adapters")) {
+    if (!entry->value.IsSequence() && !entry->value.IsNull())
+      reader.fail(entry->path, entry->line, "expected a list of adapters, got " + describe(entry->value));
+    size_t index = 0;
+    for (const YAML::Node& item : entry->value) {
+      const Entry element{entry->path + "[" + std::to_string(index++) + "]", line_of(item), item};
+      const Section adapter = reader.section(element, {"name", "path", "scale"});
+      LoraAdapterConfig out;
+      const Entry& name = reader.require(adapter, "name");
+      out.name = reader.text(name);
+      out.path = reader.text(reader.require(adapter, "path"));
+      if (const Entry* e = adapter.find("scale")) out.scale = reader.real(*e);
+      for (const LoraAdapterConfig& earlier : config.lora_adapters) {
+        if (earlier.name == out.name)
+          reader.fail(name.path, name.line, "adapter '" + out.name + "' is named twice");
+      }
+      config.lora_adapters.push_back(std::move(out));
+    }
+  }
+
   if (const Entry* entry = top.find("parallel")) {
     const Section parallel = reader.section(*entry, {"tensor", "pipeline", "micro_batches"});
     if (const Entry* e = parallel.find("tensor"))
@@ -462,6 +482,10 @@ ClusterConfig build_config(const Reader& reader, const Section& top, const std::
       }
     }
   }
+  if (config.device == Device::cuda && !config.lora_adapters.empty()) {
+    const Entry& e = *top.find("lora_adapters");
+    reader.fail(e.path, e.line, "LoRA adapters run on the CPU workers only (device: cpu)");
+  }
   return config;
 }
 
@@ -520,7 +544,7 @@ bool ClusterConfig::operator==(const ClusterConfig& other) const {
          tensor_core_prefill_attention == other.tensor_core_prefill_attention &&
          decode_split_tokens == other.decode_split_tokens && threads == other.threads &&
          chat_template == other.chat_template && server == other.server && scheduler == other.scheduler &&
-         kv_cache == other.kv_cache && context == other.context;
+         kv_cache == other.kv_cache && context == other.context && lora_adapters == other.lora_adapters;
 }
 
 // YAML text is Unicode in UTF-8, of printable characters only (YAML 1.2, 5.1: tab, line breaks and
@@ -669,11 +693,11 @@ ClusterConfig parse_cluster_config(const std::string& yaml_text, const std::stri
   if (!root.IsMap())
     reader.fail("", line_of(root), "expected a mapping of keys at the top level, got " + describe(root));
 
-  const Section top =
-      reader.section(Entry{"", 1, root},
-                     {"model", "draft", "parallel", "device", "int4_kernels", "int4_layout", "cutlass_gemm",
-                      "int8_activations", "cuda_graphs", "prefill_attention", "decode_split_tokens",
-                      "threads", "chat_template", "server", "scheduler", "kv_cache", "context", "openai"});
+  const Section top = reader.section(
+      Entry{"", 1, root},
+      {"model", "draft", "parallel", "device", "int4_kernels", "int4_layout", "cutlass_gemm",
+       "int8_activations", "cuda_graphs", "prefill_attention", "decode_split_tokens", "threads",
+       "chat_template", "server", "scheduler", "kv_cache", "context", "openai", "lora_adapters"});
   return build_config(reader, top, source_name);
 }
 
@@ -694,6 +718,7 @@ ClusterConfig load_cluster_config(const std::string& path) {
   };
   resolve(config.model.path);
   if (config.draft && config.draft->method == DraftMethod::model) resolve(config.draft->path);
+  for (LoraAdapterConfig& adapter : config.lora_adapters) resolve(adapter.path);
   return config;
 }
 
@@ -719,6 +744,17 @@ std::string render_cluster_config(const ClusterConfig& config) {
     out << YAML::Key << "max_draft_tokens" << YAML::Value << config.draft->max_draft_tokens;
     out << YAML::Key << "adaptive" << YAML::Value << config.draft->adaptive;
     out << YAML::EndMap;
+  }
+  if (!config.lora_adapters.empty()) {
+    out << YAML::Key << "lora_adapters" << YAML::Value << YAML::BeginSeq;
+    for (const LoraAdapterConfig& adapter : config.lora_adapters) {
+      char scale[32];
+      const auto written = std::to_chars(scale, scale + sizeof(scale), adapter.scale);
+      out << YAML::BeginMap << YAML::Key << "name" << YAML::Value << YAML::DoubleQuoted << adapter.name;
+      out << YAML::Key << "path" << YAML::Value << YAML::DoubleQuoted << adapter.path;
+      out << YAML::Key << "scale" << YAML::Value << std::string(scale, written.ptr) << YAML::EndMap;
+    }
+    out << YAML::EndSeq;
   }
   out << YAML::Key << "parallel" << YAML::Value << YAML::BeginMap;
   out << YAML::Key << "tensor" << YAML::Value << config.parallel.tensor;

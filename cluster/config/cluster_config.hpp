@@ -18,6 +18,10 @@
 //     placement: last_stage      # method model: last_stage | own_rank (see DraftPlacement)
 //     ngram_min: 1               # method ngram: the shortest suffix looked up, 1..64
 //     ngram_max: 4               # method ngram: the longest, ngram_min..64
+//   lora_adapters:               # optional: LoRA adapters served on the base model (vLLM's --lora-modules,
+//     - name: sql                # llama.cpp's --lora); a request names one (client `adapter`, OpenAI
+//       path: sql-lora.gguf      # `model`); llama.cpp's GGUF adapter form (model/lora_adapter.hpp),
+//       scale: 1.0               # scaled as llama.cpp scales it; device: cpu only
 //   parallel:
 //     tensor: 1                  # T: tensor-parallel ranks per pipeline stage, >= 1
 //     pipeline: 1                # P: pipeline stages, >= 1
@@ -82,6 +86,7 @@
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 namespace nibble::cluster {
 
@@ -156,6 +161,15 @@ struct DraftConfig {
   bool operator==(const DraftConfig&) const = default;
 };
 
+// A LoRA adapter the service serves (model/lora_adapter.hpp).
+struct LoraAdapterConfig {
+  std::string name;  // what requests call it; unique
+  std::string path;  // resolved like ModelConfig::path
+  double scale = 1.0;
+
+  bool operator==(const LoraAdapterConfig&) const = default;
+};
+
 struct ParallelConfig {
   int tensor = 1;
   int pipeline = 1;
@@ -207,7 +221,8 @@ struct ClusterConfig {
   std::string source;
 
   ModelConfig model;
-  std::optional<DraftConfig> draft;  // nullopt = no speculative decoding
+  std::optional<DraftConfig> draft;              // nullopt = no speculative decoding
+  std::vector<LoraAdapterConfig> lora_adapters;  // request adapter i + 1 is lora_adapters[i]
   ParallelConfig parallel;
   Device device = Device::cpu;
   Int4KernelChoice int4_kernels = Int4KernelChoice::measured;

@@ -125,6 +125,7 @@ void encode_generate(const GenerateRequest& request, wire::GenerateRequest::Buil
               request.stop_token_ids);
   out.setTools(as_text(request.tools));
   out.setGrammar(as_text(request.grammar));
+  out.setAdapter(as_text(request.adapter));
   auto choice = out.getToolChoice();
   switch (request.tool_choice) {
     case ToolChoice::auto_:
@@ -257,6 +258,9 @@ GenerateRequest read_generate(wire::GenerateRequest::Reader in) {
     throw ProtocolError(ErrorCode::bad_request,
                         "grammar: longer than " + std::to_string(kMaxJsonSchemaBytes) + " bytes");
   request.grammar = to_std(in.getGrammar());
+  if (in.getAdapter().size() > 256)
+    throw ProtocolError(ErrorCode::bad_request, "adapter: longer than 256 bytes");
+  request.adapter = to_std(in.getAdapter());
   auto choice = in.getToolChoice();
   switch (choice.which()) {
     case wire::GenerateRequest::ToolChoice::AUTO:

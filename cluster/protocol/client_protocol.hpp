@@ -145,6 +145,9 @@ struct GenerateRequest {
   // With ResponseFormat::grammar: a GBNF grammar (worker/gbnf_grammar) the output is a sentence of, at
   // most kMaxJsonSchemaBytes.
   std::string grammar{};
+  // The LoRA adapter to answer with, by its configured name (ClusterConfig::lora_adapters); empty: the
+  // base model. At most 256 bytes.
+  std::string adapter{};
 
   bool operator==(const GenerateRequest&) const = default;
 };

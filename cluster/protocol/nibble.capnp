@@ -85,6 +85,8 @@ struct GenerateRequest {
   }
   grammar @21 :Text;                   # with responseFormat grammar: the GBNF grammar (llama.cpp's;
                                        # worker/gbnf_grammar), at most 64 KiB
+  adapter @22 :Text;                   # the LoRA adapter to answer with, by its configured name
+                                       # (lora_adapters); empty: the base model
 }
 
 struct CancelRequest {

@@ -45,6 +45,7 @@ struct PlanEntry {
   promptTargets @7 :List(Int32);       # prompt logprobs: the prompt tokens the entry's first rows predict
                                        # (row i: the token at startPos + i + 1); their logits are computed
                                        # and each target's log-probability goes back (StepResult.prompts)
+  adapter @8 :Int32;                   # 0: the base model; i: the config's LoRA adapter i (lora_adapters[i - 1])
 }
 
 struct WorkerStep {

@@ -106,6 +106,7 @@ std::vector<uint8_t> encode(const WorkerStep& step) {
     auto prefix = o.initCachedPrefix(static_cast<unsigned>(e.cached_prefix.size()));
     for (unsigned t = 0; t < e.cached_prefix.size(); ++t) prefix.set(t, e.cached_prefix[t]);
     write_list(e.prompt_targets, o.initPromptTargets(static_cast<unsigned>(e.prompt_targets.size())));
+    o.setAdapter(e.adapter);
   }
   auto tables = out.initBlockTables(static_cast<unsigned>(step.block_tables.size()));
   for (unsigned i = 0; i < step.block_tables.size(); ++i) tables.set(i, step.block_tables[i]);
@@ -175,6 +176,9 @@ WorkerStep decode_worker_step(std::span<const uint8_t> frame, size_t max_bytes) 
         throw ProtocolError(ErrorCode::malformed_message,
                             "worker step: more prompt targets than the entry's prompt rows");
       }
+      entry.adapter = e.getAdapter();
+      if (entry.adapter < 0)
+        throw ProtocolError(ErrorCode::malformed_message, "worker step: a negative adapter");
       step.entries.push_back(std::move(entry));
     }
     for (int32_t b : in.getBlockTables()) step.block_tables.push_back(b);

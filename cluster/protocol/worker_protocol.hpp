@@ -52,6 +52,8 @@ struct PlanEntry {
   // start_pos + i + 1), so those rows' logits are computed and each target's log-probability comes back
   // in StepResult::prompts. At most tokens.size() (one fewer when the entry samples); no drafts.
   std::vector<int32_t> prompt_targets{};
+  // 0: the base model; i > 0: the service's LoRA adapter i (ClusterConfig::lora_adapters[i - 1]).
+  int32_t adapter = 0;
   bool operator==(const PlanEntry&) const = default;
 };
 

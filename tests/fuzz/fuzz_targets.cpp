@@ -22,6 +22,7 @@
 #include "model/hf_checkpoint.hpp"
 #include "model/hf_tokenizer.hpp"
 #include "model/imatrix.hpp"
+#include "model/lora_adapter.hpp"
 #include "model/random_model.hpp"
 #include "model/requantize.hpp"
 #include "model/safetensors.hpp"
@@ -865,6 +866,51 @@ std::vector<std::vector<uint8_t>> grammar_seeds() {
           bytes_of("root ::= (\n  \"a\" |\n  [\\u00e0-\\u00ff]{2,3}\n) . [^a-c]?\n")};
 }
 
+// The base model of the lora_adapter target: the smallest shape gguf_model's seeds use, as Q4_0.
+const std::string& lora_base_path() {
+  static const std::string path = [] {
+    const model::LlamaShape shape{
+        .n_embd = 32, .n_layer = 1, .n_head = 2, .n_head_kv = 1, .n_ff = 64, .n_vocab = 360, .n_ctx = 64};
+    const std::string p = (scratch_dir().path() / "lora-base.gguf").string();
+    model::write_random_llama(p, shape, kernels::DType::Q4_0, 3);
+    return p;
+  }();
+  return path;
+}
+
+// A LoRA adapter file for that model: refused by name, or read, added to the model and run.
+Outcome run_lora_adapter(std::span<const uint8_t> input) {
+  const std::string path = input_file().write(input);
+  auto model = worker::LlamaModel::load(lora_base_path());
+  try {
+    model->add_lora(model::LoraAdapter::read_gguf(path, model->config()));
+  } catch (const model::GgufError& e) {
+    return {false, e.what()};
+  }
+  static kernels::ThreadPool pool(1);
+  worker::KvCache cache(model->shard_config(), 1, 16);
+  worker::ForwardBatch batch = worker::ForwardBatch::single({1, 40, 41}, 0, {0}, false);
+  batch.seq_adapters = {1};
+  std::vector<float> logits;
+  model->forward(batch, cache, pool, logits);
+  require(logits.size() == static_cast<size_t>(model->config().n_vocab), "one row of logits");
+  return {true, ""};
+}
+
+std::vector<std::vector<uint8_t>> lora_adapter_seeds() {
+  const model::LlamaConfig config = model::LlamaConfig::from_gguf(*model::GgufFile::open(lora_base_path()));
+  const fs::path path = scratch_dir().path() / "seed-lora.gguf";
+  std::vector<std::vector<uint8_t>> seeds;
+  model::make_random_lora(config, 2, 4, 0.5f, 1, {model::LayerMatrix::attn_q, model::LayerMatrix::ffn_down},
+                          true)
+      .write_gguf(path.string(), "llama", kernels::DType::F16);
+  seeds.push_back(read_bytes(path));
+  model::make_random_lora(config, 3, 0, 0.5f, 2, {model::LayerMatrix::attn_v})
+      .write_gguf(path.string(), "llama", kernels::DType::F32);
+  seeds.push_back(read_bytes(path));
+  return seeds;
+}
+
 std::vector<std::vector<uint8_t>> tool_calls_seeds() {
   return {
       bytes_of(
@@ -894,6 +940,7 @@ const std::vector<Target>& targets() {
       {"json_schema", run_json_schema, json_schema_seeds},
       {"tool_calls", run_tool_calls, tool_calls_seeds},
       {"grammar", run_grammar, grammar_seeds},
+      {"lora_adapter", run_lora_adapter, lora_adapter_seeds},
   };
   return all;
 }

@@ -1,0 +1,273 @@
+#include "model/lora_adapter.hpp"
+
+#include <cmath>
+#include <cstring>
+#include <map>
+#include <random>
+#include <stdexcept>
+#include <tuple>
+
+#include "kernels/quantize.hpp"
+
+namespace nibble::model {
+
+namespace {
+
+// W's [n_out, k] for a layer matrix of the base.
+std::pair<int64_t, int64_t> matrix_shape(const LlamaConfig& c, LayerMatrix which) {
+  switch (which) {
+    case LayerMatrix::attn_q:
+      return {c.q_dim(), c.n_embd};
+    case LayerMatrix::attn_k:
+    case LayerMatrix::attn_v:
+      return {c.kv_dim(), c.n_embd};
+    case LayerMatrix::attn_output:
+      return {c.n_embd, c.q_dim()};
+    case LayerMatrix::ffn_gate:
+    case LayerMatrix::ffn_up:
+      return {c.n_ff, c.n_embd};
+    case LayerMatrix::ffn_down:
+      return {c.n_embd, c.n_ff};
+  }
+  return {0, 0};
+}
+
+// Where a base tensor name ("blk.3.attn_q.weight", "output.weight") points in an adapter.
+std::optional<LoraMatrix>* slot_for(LoraAdapter& adapter, const std::string& name) {
+  if (name == "output.weight") return &adapter.output;
+  if (name.rfind("blk.", 0) != 0) return nullptr;
+  const size_t dot = name.find('.', 4);
+  if (dot == std::string::npos || dot == 4) return nullptr;
+  int64_t layer = 0;
+  for (size_t i = 4; i < dot; ++i) {
+    if (name[i] < '0' || name[i] > '9' || layer > 1'000'000) return nullptr;
+    layer = layer * 10 + (name[i] - '0');
+  }
+  if (layer >= static_cast<int64_t>(adapter.layers.size())) return nullptr;
+  for (int m = 0; m < 7; ++m) {
+    if (name == layer_tensor_name(layer, static_cast<LayerMatrix>(m)))
+      return &adapter.layers[static_cast<size_t>(layer)][static_cast<size_t>(m)];
+  }
+  return nullptr;
+}
+
+std::vector<float> read_floats(const GgufFile& file, const GgufTensorInfo& t) {
+  if (t.type != kernels::DType::F32 && t.type != kernels::DType::F16 && t.type != kernels::DType::BF16) {
+    throw GgufError(file.path() + ": LoRA tensor '" + t.name + "' is " + kernels::type_name(t.type) +
+                    ": only F32, F16 and BF16 adapters are read");
+  }
+  std::vector<float> values(static_cast<size_t>(t.n_elements));
+  const uint8_t* data = file.tensor_data(t);
+  for (int64_t r = 0; r < t.rows(); ++r) {
+    const kernels::Status s = kernels::dequantize_row(
+        t.type, data + r * kernels::row_bytes(t.type, t.dims[0]), values.data() + r * t.dims[0], t.dims[0]);
+    if (s != kernels::Status::ok)
+      throw GgufError(file.path() + ": LoRA tensor '" + t.name + "' cannot be read");
+  }
+  return values;
+}
+
+std::vector<uint8_t> encode(const std::vector<float>& values, kernels::DType type) {
+  std::vector<uint8_t> bytes(
+      static_cast<size_t>(kernels::row_bytes(type, static_cast<int64_t>(values.size()))));
+  if (kernels::quantize_row(type, values.data(), bytes.data(), static_cast<int64_t>(values.size())) !=
+      kernels::Status::ok) {
+    throw std::invalid_argument(std::string("LoRA tensors are F32, F16 or BF16, not ") +
+                                kernels::type_name(type));
+  }
+  return bytes;
+}
+
+}  // namespace
+
+int64_t LoraAdapter::n_matrices() const {
+  int64_t n = output ? 1 : 0;
+  for (const auto& layer : layers)
+    for (const auto& m : layer) n += m ? 1 : 0;
+  return n;
+}
+
+LoraAdapter LoraAdapter::read_gguf(const std::string& path, const LlamaConfig& base) {
+  const std::shared_ptr<const GgufFile> file = GgufFile::open(path);
+  const std::string type = file->find_string("general.type").value_or("");
+  if (type != "adapter") {
+    throw GgufError(path + ": general.type is '" + type + "', not 'adapter': not a LoRA adapter file");
+  }
+  const std::string adapter_type = file->find_string("adapter.type").value_or("");
+  if (adapter_type != "lora") throw GgufError(path + ": adapter.type is '" + adapter_type + "', not 'lora'");
+  const std::string arch = file->find_string("general.architecture").value_or("");
+  if (arch != base.architecture) {
+    throw GgufError(path + ": an adapter for architecture '" + arch + "', the model is '" +
+                    base.architecture + "'");
+  }
+  LoraAdapter adapter;
+  adapter.path = path;
+  adapter.alpha = static_cast<float>(file->find_float("adapter.lora.alpha").value_or(0.0));
+  adapter.layers.resize(static_cast<size_t>(base.n_layer));
+
+  // Pair every "<name>.lora_a" with its "<name>.lora_b".
+  std::map<std::string, std::pair<const GgufTensorInfo*, const GgufTensorInfo*>> pairs;
+  for (const GgufTensorInfo& t : file->tensors()) {
+    const auto ends = [&](const char* suffix) {
+      const size_t n = std::strlen(suffix);
+      return t.name.size() > n && t.name.compare(t.name.size() - n, n, suffix) == 0;
+    };
+    if (ends(".lora_a")) {
+      pairs[t.name.substr(0, t.name.size() - 7)].first = &t;
+    } else if (ends(".lora_b")) {
+      pairs[t.name.substr(0, t.name.size() - 7)].second = &t;
+    } else {
+      throw GgufError(path + ": tensor '" + t.name + "' is neither a .lora_a nor a .lora_b");
+    }
+  }
+  for (const auto& [name, ab] : pairs) {
+    if (ab.first == nullptr || ab.second == nullptr) {
+      throw GgufError(path + ": '" + name + "' has " + (ab.first ? "lora_a" : "lora_b") + " without " +
+                      (ab.first ? "lora_b" : "lora_a"));
+    }
+    if (name == "token_embd.weight") {
+      throw GgufError(path + ": '" + name + "': adapters of the token embedding are not supported");
+    }
+    std::optional<LoraMatrix>* slot = slot_for(adapter, name);
+    if (slot == nullptr)
+      throw GgufError(path + ": '" + name + "' is not a matrix of this " + std::to_string(base.n_layer) +
+                      "-layer model");
+    int64_t n_out = base.n_vocab, k = base.n_embd;
+    if (name != "output.weight") {
+      const size_t index = static_cast<size_t>(slot - &adapter.layers[0][0]) % 7;
+      std::tie(n_out, k) = matrix_shape(base, static_cast<LayerMatrix>(index));
+    }
+    const GgufTensorInfo& a = *ab.first;
+    const GgufTensorInfo& b = *ab.second;
+    // GGML order: A is [k, rank] (rank rows of k), B is [rank, n_out] (n_out rows of rank).
+    if (a.dims.size() != 2 || b.dims.size() != 2 || a.dims[0] != k || b.dims[1] != n_out) {
+      throw GgufError(path + ": '" + name +
+                      "' has the wrong shape for this model (maybe wrong base model?): " + "W is [" +
+                      std::to_string(n_out) + ", " + std::to_string(k) + "]");
+    }
+    if (a.dims[1] != b.dims[0] || a.dims[1] < 1) {
+      throw GgufError(path + ": '" + name + "': lora_a's rank " + std::to_string(a.dims[1]) +
+                      " and lora_b's " + std::to_string(b.dims[0]) + " differ");
+    }
+    LoraMatrix m;
+    m.rank = a.dims[1];
+    m.k = k;
+    m.n_out = n_out;
+    m.a = read_floats(*file, a);
+    m.b = read_floats(*file, b);
+    *slot = std::move(m);
+  }
+  if (adapter.n_matrices() == 0) throw GgufError(path + ": the adapter holds no LoRA tensors");
+  return adapter;
+}
+
+void LoraAdapter::write_gguf(const std::string& file_path, const std::string& architecture,
+                             kernels::DType type) const {
+  GgufWriter w;
+  w.set_string("general.architecture", architecture);
+  w.set_string("general.type", "adapter");
+  w.set_string("adapter.type", "lora");
+  w.set_float32("adapter.lora.alpha", alpha);
+  const auto add = [&](const std::string& name, const LoraMatrix& m) {
+    w.add_tensor(name + ".lora_a", {m.k, m.rank}, type, encode(m.a, type));
+    w.add_tensor(name + ".lora_b", {m.rank, m.n_out}, type, encode(m.b, type));
+  };
+  for (size_t l = 0; l < layers.size(); ++l) {
+    for (int m = 0; m < 7; ++m) {
+      if (layers[l][static_cast<size_t>(m)])
+        add(layer_tensor_name(static_cast<int64_t>(l), static_cast<LayerMatrix>(m)),
+            *layers[l][static_cast<size_t>(m)]);
+    }
+  }
+  if (output) add("output.weight", *output);
+  w.write(file_path);
+}
+
+void merge_lora(const GgufFile& base, const std::vector<std::pair<const LoraAdapter*, float>>& adapters,
+                const std::string& out_path) {
+  // Each adapted tensor's name with its updates.
+  std::map<std::string, std::vector<std::pair<const LoraMatrix*, float>>> updates;
+  for (const auto& [adapter, user_scale] : adapters) {
+    for (size_t l = 0; l < adapter->layers.size(); ++l) {
+      for (int m = 0; m < 7; ++m) {
+        const auto& lm = adapter->layers[l][static_cast<size_t>(m)];
+        if (lm)
+          updates[layer_tensor_name(static_cast<int64_t>(l), static_cast<LayerMatrix>(m))].emplace_back(
+              &*lm, adapter->scale(*lm, user_scale));
+      }
+    }
+    if (adapter->output)
+      updates["output.weight"].emplace_back(&*adapter->output, adapter->scale(*adapter->output, user_scale));
+  }
+  for (const auto& [name, list] : updates) {
+    const GgufTensorInfo* t = base.find_tensor(name);
+    if (t == nullptr)
+      throw GgufError(base.path() + ": the adapters change '" + name + "', which the model lacks");
+    for (const auto& [m, scale] : list) {
+      if (t->dims.size() != 2 || t->dims[0] != m->k || t->dims[1] != m->n_out)
+        throw GgufError(base.path() + ": '" + name +
+                        "' is not of the adapter's shape (maybe wrong base model?)");
+    }
+  }
+  GgufWriter w;
+  for (const auto& [key, value] : base.metadata()) w.set(key, value);
+  for (const GgufTensorInfo& t : base.tensors()) {
+    const uint8_t* data = base.tensor_data(t);
+    const auto it = updates.find(t.name);
+    if (it == updates.end()) {
+      w.add_tensor(t.name, t.dims, t.type, std::vector<uint8_t>(data, data + t.size_bytes));
+      continue;
+    }
+    const int64_t k = t.dims[0], n_out = t.dims[1];
+    std::vector<float> merged(static_cast<size_t>(n_out * k));
+    for (int64_t r = 0; r < n_out; ++r) {
+      if (kernels::dequantize_row(t.type, data + r * kernels::row_bytes(t.type, k), merged.data() + r * k,
+                                  k) != kernels::Status::ok)
+        throw GgufError(base.path() + ": '" + t.name + "' cannot be read");
+    }
+    for (const auto& [m, scale] : it->second) {
+      for (int64_t r = 0; r < n_out; ++r) {
+        float* row = merged.data() + r * k;
+        for (int64_t j = 0; j < m->rank; ++j) {
+          const float bj = scale * m->b[static_cast<size_t>(r * m->rank + j)];
+          const float* a = m->a.data() + j * k;
+          for (int64_t c = 0; c < k; ++c) row[c] += bj * a[c];
+        }
+      }
+    }
+    w.add_tensor(t.name, t.dims, kernels::DType::F32, encode(merged, kernels::DType::F32));
+  }
+  w.write(out_path);
+}
+
+LoraAdapter make_random_lora(const LlamaConfig& base, int64_t rank, float alpha, float b_scale, uint64_t seed,
+                             const std::vector<LayerMatrix>& which, bool with_output) {
+  std::mt19937_64 engine(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  const auto make = [&](int64_t n_out, int64_t k) {
+    LoraMatrix m;
+    m.rank = rank;
+    m.k = k;
+    m.n_out = n_out;
+    m.a.resize(static_cast<size_t>(rank * k));
+    m.b.resize(static_cast<size_t>(n_out * rank));
+    const float a_std = 1.0f / std::sqrt(static_cast<float>(k));
+    const float b_std = b_scale / std::sqrt(static_cast<float>(rank));
+    for (float& v : m.a) v = normal(engine) * a_std;
+    for (float& v : m.b) v = normal(engine) * b_std;
+    return m;
+  };
+  LoraAdapter adapter;
+  adapter.alpha = alpha;
+  adapter.layers.resize(static_cast<size_t>(base.n_layer));
+  for (auto& layer : adapter.layers) {
+    for (LayerMatrix m : which) {
+      const auto [n_out, k] = matrix_shape(base, m);
+      layer[static_cast<size_t>(m)] = make(n_out, k);
+    }
+  }
+  if (with_output) adapter.output = make(base.n_vocab, base.n_embd);
+  return adapter;
+}
+
+}  // namespace nibble::model

@@ -1,0 +1,44 @@
+#pragma once
+// A LoRA adapter (model/lora_adapter.hpp) as one tensor shard of one pipeline stage computes it, and
+// the adapted product's update. Under the Megatron split (LlamaModel's class comment) the update
+// splits as the matrix does: a column-parallel matrix (q/k/v, gate/up, the vocabulary-parallel head)
+// keeps the shard's rows of B and the whole A; a row-parallel one (attn_output, ffn_down) keeps the
+// shard's columns of A and the whole B, so that each shard's B (A_s x_s) is a partial sum that the
+// all-reduce after the matrix adds up with W_s x_s.
+#include <array>
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+#include "kernels/thread_pool.hpp"
+#include "model/lora_adapter.hpp"
+#include "worker/weight_shard.hpp"
+
+namespace nibble::worker {
+
+// y += scale * B (A x) for one matrix, both factors stored transposed so that each product is a run
+// of contiguous multiply-adds the compiler vectorizes (a dot product's reduction it would not).
+struct LoraProduct {
+  int64_t rank = 0, k = 0, n_out = 0;
+  float scale = 1;
+  std::vector<float> a_t;  // [k, rank]: Aᵀ
+  std::vector<float> b_t;  // [rank, n_out]: Bᵀ
+};
+
+struct ShardLora {
+  std::vector<std::array<std::optional<LoraProduct>, 7>> layers;  // [stage layers][model::LayerMatrix]
+  std::optional<LoraProduct> output;                              // last stage only
+};
+
+// The stage's layers [layer_begin, layer_end) of `adapter`, scaled by user_scale as llama.cpp scales
+// (LoraAdapter::scale), cut to `shard`'s share (null: unsharded); the head's update only when
+// last_stage. head_dim: the model's, for the head ranges.
+ShardLora shard_lora(const model::LoraAdapter& adapter, float user_scale, const ModelShard* shard,
+                     int64_t head_dim, int64_t layer_begin, int64_t layer_end, bool last_stage);
+
+// For the rows r of x whose row_adapter[r] == adapter: y[r] += p.scale * B (A x[r]).
+// x: [rows, p.k]; y: [rows, p.n_out]; row_adapter: [rows].
+void add_lora_product(const LoraProduct& p, const float* x, int64_t rows, const int32_t* row_adapter,
+                      int32_t adapter, float* y, kernels::ThreadPool& pool);
+
+}  // namespace nibble::worker

@@ -1,13 +1,18 @@
 #include "model/lora_adapter.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <filesystem>
+#include <fstream>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <random>
 #include <stdexcept>
 #include <tuple>
 
 #include "kernels/quantize.hpp"
+#include "model/safetensors.hpp"
 
 namespace nibble::model {
 
@@ -161,13 +166,186 @@ LoraAdapter LoraAdapter::read_gguf(const std::string& path, const LlamaConfig& b
   return adapter;
 }
 
+LoraAdapter LoraAdapter::read_peft(const std::string& directory, const LlamaConfig& base) {
+  namespace fs = std::filesystem;
+  const fs::path dir(directory);
+  const fs::path config_path = dir / "adapter_config.json";
+  std::ifstream config_file(config_path);
+  if (!config_file) throw GgufError(directory + ": no adapter_config.json (not a PEFT adapter directory)");
+  nlohmann::json config;
+  try {
+    config = nlohmann::json::parse(config_file);
+  } catch (const nlohmann::json::exception& e) {
+    throw GgufError(config_path.string() + ": not JSON: " + e.what());
+  }
+  const auto where = config_path.string() + ": ";
+  if (!config.is_object()) throw GgufError(where + "expected a JSON object");
+  const auto value = [&](const char* key) -> const nlohmann::json* {
+    const auto it = config.find(key);
+    return it == config.end() || it->is_null() ? nullptr : &*it;
+  };
+  if (const auto* t = value("peft_type"); t == nullptr || !t->is_string() || t->get<std::string>() != "LORA")
+    throw GgufError(where + "peft_type is not \"LORA\"");
+  const auto flag = [&](const char* key) {
+    const auto* v = value(key);
+    if (v != nullptr && !v->is_boolean()) throw GgufError(where + key + ": expected true or false");
+    return v != nullptr && v->get<bool>();
+  };
+  if (flag("use_dora")) throw GgufError(where + "use_dora: DoRA adapters are not supported");
+  if (flag("fan_in_fan_out"))
+    throw GgufError(where + "fan_in_fan_out: transposed (Conv1D) weights are not supported");
+  if (const auto* b = value("bias"); b != nullptr && (!b->is_string() || b->get<std::string>() != "none"))
+    throw GgufError(where + "bias: adapters with biases are not supported (\"none\" only)");
+  if (const auto* p = value("alpha_pattern"); p != nullptr && !(p->is_object() && p->empty()))
+    throw GgufError(where + "alpha_pattern: per-module alphas are not supported");
+  const auto* alpha = value("lora_alpha");
+  if (alpha == nullptr || !alpha->is_number() || alpha->get<double>() <= 0)
+    throw GgufError(where + "lora_alpha: expected a positive number");
+
+  LoraAdapter adapter;
+  adapter.path = directory;
+  adapter.alpha = alpha->get<float>();
+  adapter.rank_stabilized = flag("use_rslora");
+  adapter.layers.resize(static_cast<size_t>(base.n_layer));
+
+  const fs::path weights = dir / "adapter_model.safetensors";
+  if (!fs::exists(weights)) {
+    throw GgufError(directory + ": no adapter_model.safetensors" +
+                    (fs::exists(dir / "adapter_model.bin")
+                         ? " (adapter_model.bin is pickle, which is not read: "
+                           "save the adapter with safe_serialization=True)"
+                         : ""));
+  }
+  std::shared_ptr<const SafetensorsFile> file;
+  try {
+    file = SafetensorsFile::open(weights.string());
+  } catch (const SafetensorsError& e) {
+    throw GgufError(e.what());
+  }
+  const std::map<std::string, LayerMatrix> modules = {
+      {"self_attn.q_proj", LayerMatrix::attn_q}, {"self_attn.k_proj", LayerMatrix::attn_k},
+      {"self_attn.v_proj", LayerMatrix::attn_v}, {"self_attn.o_proj", LayerMatrix::attn_output},
+      {"mlp.gate_proj", LayerMatrix::ffn_gate},  {"mlp.up_proj", LayerMatrix::ffn_up},
+      {"mlp.down_proj", LayerMatrix::ffn_down}};
+  // Each module's A and B.
+  std::map<std::string, std::pair<const SafetensorsTensorInfo*, const SafetensorsTensorInfo*>> pairs;
+  for (const SafetensorsTensorInfo& t : file->tensors()) {
+    const auto ends = [&](const std::string& suffix) {
+      return t.name.size() > suffix.size() &&
+             t.name.compare(t.name.size() - suffix.size(), suffix.size(), suffix) == 0;
+    };
+    if (t.name.find("lora_embedding") != std::string::npos)
+      throw GgufError(weights.string() + ": '" + t.name +
+                      "': adapters of the token embedding are not supported");
+    if (t.name == "base_model.model.lm_head.base_layer.weight") {
+      // peft saves the frozen head beside its adapter ("save_embedding_layers"): the base model's own
+      // weights, unless the vocabulary was resized, which a model of this shape cannot serve.
+      if (t.shape != std::vector<int64_t>{base.n_vocab, base.n_embd})
+        throw GgufError(weights.string() + ": '" + t.name +
+                        "' is not this model's head (a resized vocabulary?)");
+      continue;
+    }
+    if (ends(".lora_A.weight")) {
+      pairs[t.name.substr(0, t.name.size() - 14)].first = &t;
+    } else if (ends(".lora_B.weight")) {
+      pairs[t.name.substr(0, t.name.size() - 14)].second = &t;
+    } else {
+      throw GgufError(weights.string() + ": tensor '" + t.name + "' is neither a lora_A nor a lora_B weight");
+    }
+  }
+  const std::string layers_prefix = "base_model.model.model.layers.";
+  for (const auto& [module, ab] : pairs) {
+    const std::string name = weights.string() + ": '" + module + "'";
+    if (ab.first == nullptr || ab.second == nullptr)
+      throw GgufError(name + " has only one of lora_A and lora_B");
+    std::optional<LoraMatrix>* slot = nullptr;
+    int64_t n_out = base.n_vocab, k = base.n_embd;
+    int64_t permute_heads = 0;  // q/k: the heads whose B rows go into GGUF's RoPE order
+    if (module == "base_model.model.lm_head") {
+      slot = &adapter.output;
+    } else if (module.rfind(layers_prefix, 0) == 0) {
+      const size_t dot = module.find('.', layers_prefix.size());
+      const std::string index = module.substr(layers_prefix.size(), dot - layers_prefix.size());
+      const auto it = dot == std::string::npos ? modules.end() : modules.find(module.substr(dot + 1));
+      int64_t layer = -1;
+      if (!index.empty() && index.size() < 7 && std::all_of(index.begin(), index.end(), ::isdigit))
+        layer = std::stoll(index);
+      if (it == modules.end() || layer < 0 || layer >= base.n_layer) {
+        throw GgufError(name + " is not a matrix of this " + std::to_string(base.n_layer) + "-layer model");
+      }
+      slot = &adapter.layers[static_cast<size_t>(layer)][static_cast<size_t>(it->second)];
+      std::tie(n_out, k) = matrix_shape(base, it->second);
+      if (it->second == LayerMatrix::attn_q) permute_heads = base.n_head;
+      if (it->second == LayerMatrix::attn_k) permute_heads = base.n_head_kv;
+    } else {
+      throw GgufError(name + " is not a matrix of this model");
+    }
+    const SafetensorsTensorInfo& a = *ab.first;
+    const SafetensorsTensorInfo& b = *ab.second;
+    if (a.shape.size() != 2 || b.shape.size() != 2 || a.shape[1] != k || b.shape[0] != n_out) {
+      throw GgufError(name + " has the wrong shape for this model (maybe wrong base model?): W is [" +
+                      std::to_string(n_out) + ", " + std::to_string(k) + "]");
+    }
+    if (a.shape[0] != b.shape[1] || a.shape[0] < 1)
+      throw GgufError(name + ": lora_A's rank " + std::to_string(a.shape[0]) + " and lora_B's " +
+                      std::to_string(b.shape[1]) + " differ");
+    const auto floats = [&](const SafetensorsTensorInfo& t) {
+      const std::optional<kernels::DType> type = safetensors_float_type(t.dtype);
+      if (!type)
+        throw GgufError(name + ": " + safetensors_dtype_name(t.dtype) + " weights (F32, F16 or BF16 only)");
+      std::vector<uint8_t> bytes(file->tensor_data(t), file->tensor_data(t) + t.size_bytes);  // aligned copy
+      std::vector<float> out(static_cast<size_t>(t.n_elements));
+      if (kernels::dequantize_row(*type, bytes.data(), out.data(), t.n_elements) != kernels::Status::ok)
+        throw GgufError(name + " cannot be read");
+      return out;
+    };
+    LoraMatrix m;
+    m.rank = a.shape[0];
+    m.k = k;
+    m.n_out = n_out;
+    m.a = floats(a);
+    m.b = floats(b);
+    if (permute_heads > 0) {  // as LlamaWeights' rope_interleaved: row h*d + side*d/2 + i -> h*d + 2i + side
+      const int64_t d = base.head_dim, half = d / 2;
+      std::vector<float> permuted(m.b.size());
+      for (int64_t h = 0; h < permute_heads; ++h)
+        for (int64_t i = 0; i < half; ++i)
+          for (int64_t side = 0; side < 2; ++side)
+            std::copy_n(m.b.begin() + (h * d + side * half + i) * m.rank, m.rank,
+                        permuted.begin() + (h * d + 2 * i + side) * m.rank);
+      m.b = std::move(permuted);
+    }
+    *slot = std::move(m);
+  }
+  if (adapter.n_matrices() == 0) throw GgufError(weights.string() + ": the adapter holds no LoRA tensors");
+  return adapter;
+}
+
+LoraAdapter LoraAdapter::read(const std::string& path, const LlamaConfig& base) {
+  return std::filesystem::is_directory(path) ? read_peft(path, base) : read_gguf(path, base);
+}
+
 void LoraAdapter::write_gguf(const std::string& file_path, const std::string& architecture,
                              kernels::DType type) const {
   GgufWriter w;
   w.set_string("general.architecture", architecture);
   w.set_string("general.type", "adapter");
   w.set_string("adapter.type", "lora");
-  w.set_float32("adapter.lora.alpha", alpha);
+  float stored_alpha = alpha;
+  if (rank_stabilized) {  // GGUF has no rsLoRA flag: alpha / sqrt(r) is written as (alpha sqrt(r)) / r
+    int64_t rank = 0;
+    const auto check = [&](const std::optional<LoraMatrix>& m) {
+      if (!m) return;
+      if (rank != 0 && m->rank != rank)
+        throw std::invalid_argument("an rsLoRA adapter of several ranks cannot be written as GGUF");
+      rank = m->rank;
+    };
+    for (const auto& layer : layers)
+      for (const auto& m : layer) check(m);
+    check(output);
+    stored_alpha = alpha * std::sqrt(static_cast<float>(rank));
+  }
+  w.set_float32("adapter.lora.alpha", stored_alpha);
   const auto add = [&](const std::string& name, const LoraMatrix& m) {
     w.add_tensor(name + ".lora_a", {m.k, m.rank}, type, encode(m.a, type));
     w.add_tensor(name + ".lora_b", {m.rank, m.n_out}, type, encode(m.b, type));

@@ -7,6 +7,7 @@
 // A low-rank update serves a fine-tune of the INT4 base without a second copy of it, and several
 // adapters serve at once on the one base (vLLM's multi-LoRA, S-LoRA).
 #include <array>
+#include <cmath>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -29,15 +30,17 @@ struct LoraMatrix {
 };
 
 struct LoraAdapter {
-  std::string path;  // the file it was read from (empty when made in memory)
-  float alpha = 0;   // adapter.lora.alpha; 0: the scale is the user's scale alone
+  std::string path;              // the file it was read from (empty when made in memory)
+  float alpha = 0;               // adapter.lora.alpha; 0: the scale is the user's scale alone
+  bool rank_stabilized = false;  // PEFT's use_rslora: alpha / sqrt(rank) instead of alpha / rank
   // [n_layer][LayerMatrix]: the layer matrices the adapter changes (unset: left as they are).
   std::vector<std::array<std::optional<LoraMatrix>, 7>> layers;
   std::optional<LoraMatrix> output;  // the output head
 
   // The factor of B A for a matrix of this rank (llama_adapter_lora_weight::get_scale).
   float scale(const LoraMatrix& m, float user_scale) const {
-    return alpha != 0 ? user_scale * alpha / static_cast<float>(m.rank) : user_scale;
+    const auto rank = static_cast<float>(m.rank);
+    return alpha == 0 ? user_scale : user_scale * alpha / (rank_stabilized ? std::sqrt(rank) : rank);
   }
   // Matrices adapted, layers' and head's.
   int64_t n_matrices() const;
@@ -48,6 +51,17 @@ struct LoraAdapter {
   // a shape that does not fit the base ("maybe wrong base model"), ranks of A and B that differ, a
   // tensor type other than F32 / F16 / BF16, or no adapted matrix at all.
   static LoraAdapter read_gguf(const std::string& path, const LlamaConfig& base);
+  // Reads a PEFT adapter directory, the form vLLM serves (adapter_config.json: peft_type LORA, r,
+  // lora_alpha, use_rslora; adapter_model.safetensors: "base_model.model.model.layers.N.self_attn.
+  // q_proj.lora_A.weight" [r, in] and ".lora_B.weight" [out, r], mlp's gate/up/down_proj, and
+  // "base_model.model.lm_head"), with q_proj's and k_proj's B rows reordered per head as the model's
+  // own HF q/k rows are (LlamaWeights: GGUF's RoPE order), as llama.cpp's convert_lora_to_gguf.py does.
+  // Throws GgufError naming the problem (a missing file, another peft_type, DoRA, fan_in_fan_out,
+  // biases, alpha_pattern, embedding adapters, a tensor that is no matrix of the model or of the wrong
+  // shape, pickle-only weights).
+  static LoraAdapter read_peft(const std::string& directory, const LlamaConfig& base);
+  // A directory is read as PEFT, anything else as GGUF.
+  static LoraAdapter read(const std::string& path, const LlamaConfig& base);
   // Writes it as llama.cpp reads it (A and B in `type`: F32, F16 or BF16); architecture: the base's
   // general.architecture. Throws GgufError on I/O failure, std::invalid_argument for another type.
   void write_gguf(const std::string& path, const std::string& architecture, kernels::DType type) const;

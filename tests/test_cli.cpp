@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -185,6 +186,47 @@ TEST_F(CliTest, LogitsWritesOneRowPerPromptToken) {
   auto file = model::GgufFile::open(model_);
   const int64_t n_vocab = file->find_tensor("token_embd.weight")->dims[1];
   EXPECT_EQ(std::filesystem::file_size(out), n_tokens * n_vocab * sizeof(float));
+}
+
+// make-lora writes an adapter, export-lora merges two into the weights (llama-export-lora), and the
+// merged model's logits are the adapted model's (`logits --lora` only takes one: the second adapter at
+// scale 0 changes nothing); a scale that is not a number is refused by name.
+TEST_F(CliTest, ExportLoraMergesWhatLogitsLoraApplies) {
+  const std::string f32 = (dir_->path() / "tiny-f32.gguf").string();
+  // F32 weights: the merge changes only rounding.
+  ASSERT_EQ(run("make-model --shape tiny --type f32 --seed 3 --out " + f32).exit_code, 0);
+  const std::string a = (dir_->path() / "a.gguf").string(), b = (dir_->path() / "b.gguf").string();
+  ASSERT_EQ(run("make-lora -m " + f32 + " --rank 4 --targets q,v,down,output --seed 2 -o " + a).exit_code, 0);
+  ASSERT_EQ(run("make-lora -m " + f32 + " --rank 2 --type f32 --targets up --seed 3 -o " + b).exit_code, 0);
+  const std::string merged = (dir_->path() / "merged.gguf").string();
+  const auto m =
+      run("export-lora -m " + f32 + " --lora-scaled " + a + " 0.5 --lora-scaled " + b + " 0 -o " + merged);
+  ASSERT_EQ(m.exit_code, 0) << m.output;
+  const auto read = [](const std::filesystem::path& path) {
+    const std::vector<uint8_t> bytes = test::read_file_bytes(path);
+    std::vector<float> v(bytes.size() / sizeof(float));
+    std::memcpy(v.data(), bytes.data(), bytes.size());
+    return v;
+  };
+  const auto logits = [&](const std::string& model, const std::string& extra, const std::string& name) {
+    const auto out = dir_->path() / name;
+    const auto r =
+        run("logits --model " + model + " --prompt 'a b c d e f' --threads 1 --out " + out.string() + extra);
+    EXPECT_EQ(r.exit_code, 0) << r.output;
+    return read(out);
+  };
+  const int64_t n_vocab = model::GgufFile::open(f32)->find_tensor("token_embd.weight")->dims[1];
+  const std::vector<float> adapted = logits(f32, " --lora " + a + " --lora-scale 0.5", "adapted.bin");
+  const std::vector<float> from_merged = logits(merged, "", "merged.bin");
+  const std::vector<float> base = logits(f32, "", "base.bin");
+  ASSERT_EQ(adapted.size(), from_merged.size());
+  // Measured 3e-7 (rounding); the second adapter at any scale but 0
+  // would move the logits by ~0.1, the first at scale 1 instead of 0.5 by ~0.5.
+  EXPECT_LT(test::max_relative_rms(adapted, from_merged, n_vocab), 1e-3);
+  EXPECT_GT(test::max_relative_rms(adapted, base, n_vocab), 0.2);
+  const auto bad = run("export-lora -m " + f32 + " --lora-scaled " + a + " half -o " + merged);
+  EXPECT_NE(bad.exit_code, 0);
+  EXPECT_NE(bad.output.find("'half' is not a number"), std::string::npos) << bad.output;
 }
 
 TEST_F(CliTest, BenchReportsPositiveRates) {

@@ -6,7 +6,9 @@
 
 #include <algorithm>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <thread>
 #include <vector>
@@ -244,6 +246,41 @@ TEST(LoraAdapter, LogitsMatchLlamaCppWithTheAdapter) {
   EXPECT_GE(same, rows * 9 / 10) << "argmax agreement";
 }
 
+// PEFT adapter directories (what vLLM serves) on the Hugging Face checkpoint they were made for:
+// transformers + peft's logits (tools/peft_reference.py, attention rounded to fp16 as Nibble's KV
+// cache). "all": every projection and lm_head (q/k B rows reordered as the model's q/k rows are; the
+// frozen head peft saves beside its adapter skipped); "rslora": alpha / sqrt(r) and a rank_pattern.
+TEST(LoraAdapter, PeftDirectoriesMatchTransformersAndPeft) {
+  const auto data = test::test_data_dir();
+  const nlohmann::json sequences =
+      nlohmann::json::parse(std::ifstream(data / "hf-tiny-llama" / "reference.json"))["sequences"];
+  kernels::ThreadPool pool(2);
+  for (const char* variant : {"all", "rslora"}) {
+    SCOPED_TRACE(variant);
+    auto model = LlamaModel::load((data / "hf-tiny-llama" / "f32").string());
+    const auto dir = data / "hf-tiny-llama-lora" / variant;
+    const model::LoraAdapter adapter = model::LoraAdapter::read(dir.string(), model->config());
+    EXPECT_EQ(adapter.rank_stabilized, std::string(variant) == "rslora");
+    model->set_default_lora(model->add_lora(adapter));
+    const std::vector<uint8_t> bytes = test::read_file_bytes(dir / "logits_fp16kv.f32");
+    std::vector<float> want(bytes.size() / sizeof(float));
+    std::memcpy(want.data(), bytes.data(), bytes.size());
+    std::vector<float> got;
+    for (const auto& seq : sequences) {
+      const auto ids = seq.get<std::vector<int32_t>>();
+      KvCache cache(model->shard_config(), 3, 16);
+      std::vector<float> logits;
+      model->forward(ForwardBatch::single(ids, 0, {0, 1, 2}, true), cache, pool, logits);
+      got.insert(got.end(), logits.begin(), logits.end());
+    }
+    ASSERT_EQ(got.size(), want.size());
+    // Worst rows measured 3.5e-5 ("all") and 4.4e-4 ("rslora": fp16 K/V amplify float rounding, as
+    // for the base model in HfLlama.F32LogitsMatchTransformers); the adapters move the logits by 2.1
+    // and 1.3 (reference.json's relative_effect), q/k's B rows left in HF's order by 2.2 and 1.8.
+    EXPECT_LT(test::max_relative_rms(got, want, model->config().n_vocab), 2e-3);
+  }
+}
+
 // What a reader must refuse, each by name.
 TEST(LoraAdapter, RefusesFilesThatAreNotAdaptersOfThisModel) {
   TinyModel m;
@@ -298,6 +335,55 @@ TEST(LoraAdapter, RefusesFilesThatAreNotAdaptersOfThisModel) {
       write("rank.gguf", {{"blk.0.attn_q.weight.lora_a", {e, 4}}, {"blk.0.attn_q.weight.lora_b", {5, e}}}),
       "rank 4 and lora_b's 5 differ");
   refused(write("empty.gguf", {}), "no LoRA tensors");
+}
+
+// PEFT directories a reader must refuse: what would change the product in ways it does not compute.
+TEST(LoraAdapter, RefusesPeftDirectoriesItCannotServe) {
+  const auto source = test::test_data_dir() / "hf-tiny-llama-lora" / "rslora";
+  const model::LlamaConfig base =
+      LlamaModel::load((test::test_data_dir() / "hf-tiny-llama" / "f32").string())->config();
+  test::TempDir tmp;
+  const auto refused = [&](const std::string& key, const nlohmann::json& value, const std::string& part) {
+    const auto dir = tmp.path() / key;
+    std::filesystem::create_directories(dir);
+    std::filesystem::copy_file(source / "adapter_model.safetensors", dir / "adapter_model.safetensors");
+    nlohmann::json config = nlohmann::json::parse(std::ifstream(source / "adapter_config.json"));
+    config[key] = value;
+    std::ofstream(dir / "adapter_config.json") << config.dump();
+    try {
+      model::LoraAdapter::read(dir.string(), base);
+      ADD_FAILURE() << key << " was read";
+    } catch (const model::GgufError& e) {
+      EXPECT_NE(std::string(e.what()).find(part), std::string::npos) << e.what();
+    }
+  };
+  refused("use_dora", true, "DoRA adapters are not supported");
+  refused("peft_type", "IA3", "peft_type is not \"LORA\"");
+  refused("fan_in_fan_out", true, "fan_in_fan_out");
+  refused("bias", "all", "adapters with biases are not supported");
+  refused("alpha_pattern", {{"q_proj", 2}}, "per-module alphas");
+  refused("lora_alpha", "8", "lora_alpha: expected a positive number");
+  // No adapter_config.json; pickle weights only.
+  EXPECT_THROW(model::LoraAdapter::read(tmp.path().string(), base), model::GgufError);
+  const auto pickle = tmp.path() / "pickle";
+  std::filesystem::create_directories(pickle);
+  std::filesystem::copy_file(source / "adapter_config.json", pickle / "adapter_config.json");
+  std::ofstream(pickle / "adapter_model.bin") << "not read";
+  try {
+    model::LoraAdapter::read(pickle.string(), base);
+    ADD_FAILURE() << "pickle weights were read";
+  } catch (const model::GgufError& e) {
+    EXPECT_NE(std::string(e.what()).find("safe_serialization=True"), std::string::npos) << e.what();
+  }
+  // The tiny GGUF model's shape is not the HF model's: wrong base.
+  model::LlamaConfig other = base;
+  other.n_ff = 96;
+  try {
+    model::LoraAdapter::read(source.string(), other);
+    ADD_FAILURE() << "an adapter of another shape was read";
+  } catch (const model::GgufError& e) {
+    EXPECT_NE(std::string(e.what()).find("maybe wrong base model"), std::string::npos) << e.what();
+  }
 }
 
 }  // namespace

@@ -79,8 +79,10 @@ Runner add_export_lora(CLI::App& app) {
   };
   auto a = std::make_shared<Args>();
   app.add_option("--model,-m", a->model, "The base model GGUF")->required();
-  app.add_option("--lora", a->loras, "LoRA adapter GGUF, scale 1 (repeatable)");
-  app.add_option("--lora-scaled", a->scaled, "LoRA adapter GGUF and its scale (repeatable)")->expected(2, 2);
+  app.add_option("--lora", a->loras, "LoRA adapter (GGUF, or a PEFT directory), scale 1 (repeatable)");
+  app.add_option("--lora-scaled", a->scaled, "LoRA adapter (GGUF or PEFT) and its scale (repeatable)")
+      ->type_size(2)
+      ->expected(0, CLI::detail::expected_max_vector_size);
   app.add_option("--out,-o", a->out, "Output GGUF path: the adapted matrices in F32, the rest as they are")
       ->required();
   return [a]() {
@@ -89,7 +91,7 @@ Runner add_export_lora(CLI::App& app) {
     std::vector<std::unique_ptr<model::LoraAdapter>> adapters;
     std::vector<std::pair<const model::LoraAdapter*, float>> scaled;
     const auto read = [&](const std::string& path, float scale) {
-      adapters.push_back(std::make_unique<model::LoraAdapter>(model::LoraAdapter::read_gguf(path, config)));
+      adapters.push_back(std::make_unique<model::LoraAdapter>(model::LoraAdapter::read(path, config)));
       scaled.emplace_back(adapters.back().get(), scale);
     };
     for (const std::string& path : a->loras) read(path, 1.0f);

@@ -77,7 +77,7 @@ const model::Tokenizer& ModelSession::require_tokenizer() const {
 }
 
 void add_lora_option(CLI::App& app, LoraOption& value) {
-  app.add_option("--lora", value.path, "LoRA adapter GGUF (llama.cpp's form) applied to every sequence");
+  app.add_option("--lora", value.path, "LoRA adapter (llama.cpp's GGUF, or a PEFT directory) applied to every sequence");
   app.add_option("--lora-scale", value.scale, "The adapter's scale (llama.cpp's --lora-scaled; default 1)");
 }
 
@@ -85,7 +85,7 @@ void apply_lora_option(const LoraOption& lora, ModelSession& session) {
   if (lora.path.empty()) return;
   if (session.model == nullptr)
     throw std::runtime_error("--lora: LoRA adapters run on the CPU (--device cpu)");
-  const model::LoraAdapter adapter = model::LoraAdapter::read_gguf(lora.path, session.model->config());
+  const model::LoraAdapter adapter = model::LoraAdapter::read(lora.path, session.model->config());
   session.model->set_default_lora(session.model->add_lora(adapter, lora.scale));
 }
 

@@ -93,35 +93,50 @@ void add_lora_product(const LoraProduct& p, const float* x, int64_t rows, const 
     if (row_adapter[r] == adapter) picked.push_back(r);
   if (picked.empty()) return;
   const auto rank = static_cast<size_t>(p.rank);
-  // A x for every picked row (small: rank floats a row), then the rows' B (A x) split over the
-  // outputs, so that one decoding row still uses every thread.
-  std::vector<float> ax(picked.size() * rank, 0.0f);
-  pool.parallel_for(static_cast<int64_t>(picked.size()), 1, [&](int64_t begin, int64_t end) {
-    for (auto i = static_cast<size_t>(begin); i < static_cast<size_t>(end); ++i) {
-      const float* xr = x + picked[i] * p.k;
-      float* axr = ax.data() + i * rank;
-      for (int64_t c = 0; c < p.k; ++c) {
-        const float xc = xr[c];
-        const float* a = p.a_t.data() + static_cast<size_t>(c) * rank;
-        for (size_t j = 0; j < rank; ++j) axr[j] += a[j] * xc;
+  const auto n = picked.size();
+  // Both products are tiled so that each factor is read once a step, not once a row: Aᵀ in runs of
+  // kInputs inputs (a run of rank-wide rows stays in L1 while every row takes it), Bᵀ in runs of
+  // kOutputs outputs with the rows' partial updates (n x kOutputs floats) beside them.
+  constexpr int64_t kInputs = 64, kOutputs = 256;
+  std::vector<float> ax(n * rank, 0.0f);  // [n, rank]: scale * A x of each picked row
+  pool.parallel_for(static_cast<int64_t>(n), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c0 = 0; c0 < p.k; c0 += kInputs) {
+      const int64_t c1 = std::min(p.k, c0 + kInputs);
+      for (auto i = static_cast<size_t>(begin); i < static_cast<size_t>(end); ++i) {
+        const float* xr = x + picked[i] * p.k;
+        float* axr = ax.data() + i * rank;
+        for (int64_t c = c0; c < c1; ++c) {
+          const float xc = xr[c];
+          const float* a = p.a_t.data() + static_cast<size_t>(c) * rank;
+          for (size_t j = 0; j < rank; ++j) axr[j] += a[j] * xc;
+        }
       }
-      for (size_t j = 0; j < rank; ++j) axr[j] *= p.scale;
     }
+    for (auto i = static_cast<size_t>(begin); i < static_cast<size_t>(end); ++i)
+      for (size_t j = 0; j < rank; ++j) ax[i * rank + j] *= p.scale;
   });
   // B (A x) is summed apart and added to y once, as llama.cpp adds it (y is far larger: adding each
-  // rank's term to it would round rank times).
-  pool.parallel_for(p.n_out, 256, [&](int64_t begin, int64_t end) {
-    std::vector<float> update(static_cast<size_t>(end - begin));
-    for (size_t i = 0; i < picked.size(); ++i) {
+  // rank's term to it would round rank times). Split over the outputs, so one decoding row still uses
+  // every thread.
+  pool.parallel_for((p.n_out + kOutputs - 1) / kOutputs, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> update(n * static_cast<size_t>(kOutputs));
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      const int64_t o0 = chunk * kOutputs;
+      const auto width = static_cast<size_t>(std::min(kOutputs, p.n_out - o0));
       std::fill(update.begin(), update.end(), 0.0f);
-      const float* axr = ax.data() + i * rank;
       for (size_t j = 0; j < rank; ++j) {
-        const float s = axr[j];
-        const float* b = p.b_t.data() + j * static_cast<size_t>(p.n_out) + begin;
-        for (size_t o = 0; o < update.size(); ++o) update[o] += b[o] * s;
+        const float* b = p.b_t.data() + j * static_cast<size_t>(p.n_out) + o0;
+        for (size_t i = 0; i < n; ++i) {
+          const float s = ax[i * rank + j];
+          float* u = update.data() + i * static_cast<size_t>(kOutputs);
+          for (size_t o = 0; o < width; ++o) u[o] += b[o] * s;
+        }
       }
-      float* yr = y + picked[i] * p.n_out + begin;
-      for (size_t o = 0; o < update.size(); ++o) yr[o] += update[o];
+      for (size_t i = 0; i < n; ++i) {
+        float* yr = y + picked[i] * p.n_out + o0;
+        const float* u = update.data() + i * static_cast<size_t>(kOutputs);
+        for (size_t o = 0; o < width; ++o) yr[o] += u[o];
+      }
     }
   });
 }

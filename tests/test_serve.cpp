@@ -819,6 +819,46 @@ TEST_P(ServeSpeculative, GreedyOutputWithADraftEqualsGenerate) {
   expect_speculative_same_as_generate(target, other, GetParam(), false);
 }
 
+// A LoRA adapter under speculative decoding: the base model's drafts (the target without its adapter
+// as the draft, then prompt lookup) are verified by the adapted target, so the tokens are `generate
+// --lora`'s, T1 and T2 x P2, sampled at temperature 0.8 too (the verify pass samples with the adapter).
+TEST(Serve, LoraAdapterWithDraftsEqualsGenerateWithTheAdapter) {
+  test::TempDir models;
+  const std::string target = make_tiny_model(models.path());
+  const std::string adapter = (models.path() / "a.gguf").string();
+  model::make_random_lora(model::LlamaConfig::from_gguf(*model::GgufFile::open(target)), 8, 16, 0.3f, 5,
+                          {std::begin(model::kLayerMatrices), std::end(model::kLayerMatrices)}, true)
+      .write_gguf(adapter, "llama", kernels::DType::F16);
+  std::vector<Expected> expected;
+  for (const std::string& p : kPrompts)
+    expected.push_back(nibble_generate(target, p, 24, "--lora '" + adapter + "'"));
+  for (const std::string& draft : {target, std::string("ngram")}) {
+    for (const Shape shape : {Shape{1, 1}, Shape{2, 2}}) {
+      SCOPED_TRACE(numbered("T", static_cast<size_t>(shape.tensor)).append(" ").append(draft));
+      std::string yaml = draft_yaml(draft, 3, false);
+      yaml.append("lora_adapters: [{name: tuned, path: '").append(adapter).append("'}]\n");
+      test::TempDir dir;
+      ServeJob job(dir.path(), target, shape.tensor, shape.pipeline, yaml);
+      ASSERT_TRUE(job.wait_ready()) << job.log();
+      Client client(job.endpoint());
+      uint64_t proposed = 0;
+      for (size_t i = 0; i < kPrompts.size(); ++i) {
+        protocol::GenerateRequest r = greedy(numbered("s", i), kPrompts[i], 24);
+        r.adapter = "tuned";
+        const protocol::Final f = client.generate(r);
+        EXPECT_EQ(f.tokens, expected[i].tokens) << kPrompts[i];
+        proposed += f.draft_proposed;
+        r.request_id = numbered("t", i);
+        r.sampling.temperature = 0.8f;
+        r.sampling.seed = 7;
+        r.ignore_eos = true;
+        EXPECT_EQ(client.generate(r).tokens.size(), 24u);  // an answer, not an error
+      }
+      EXPECT_GT(proposed, 0u) << "the draft never proposed anything";
+    }
+  }
+}
+
 // Prompt lookup instead of a draft model: the same tokens as generate, in every layout, with proposals
 // made (the prompts and a small model's output repeat tokens).
 TEST(Serve, GreedyOutputWithNgramDraftsEqualsGenerate) {

@@ -431,8 +431,11 @@ LoraAdapter make_random_lora(const LlamaConfig& base, int64_t rank, float alpha,
     m.b.resize(static_cast<size_t>(n_out * rank));
     const float a_std = 1.0f / std::sqrt(static_cast<float>(k));
     const float b_std = b_scale / std::sqrt(static_cast<float>(rank));
-    for (float& v : m.a) v = normal(engine) * a_std;
-    for (float& v : m.b) v = normal(engine) * b_std;
+    // Values fp16 holds exactly: the forward pass keeps the factors as fp16 (worker/lora_weights), so
+    // an F32 file of this adapter and its merge into F32 weights mean the same numbers.
+    const auto fp16_exact = [](float v) { return kernels::fp16_to_fp32(kernels::fp32_to_fp16(v)); };
+    for (float& v : m.a) v = fp16_exact(normal(engine) * a_std);
+    for (float& v : m.b) v = fp16_exact(normal(engine) * b_std);
     return m;
   };
   LoraAdapter adapter;

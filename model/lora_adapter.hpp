@@ -76,7 +76,7 @@ void merge_lora(const GgufFile& base, const std::vector<std::pair<const LoraAdap
 
 // A deterministic random adapter for tests and examples: every layer matrix named in `which` (and the
 // head when with_output) gets A ~ N(0, 1/k) and B ~ N(0, 1/rank) * b_scale, so that B A x is about
-// b_scale times W x's size.
+// b_scale times W x's size; every value one fp16 holds exactly.
 LoraAdapter make_random_lora(const LlamaConfig& base, int64_t rank, float alpha, float b_scale, uint64_t seed,
                              const std::vector<LayerMatrix>& which, bool with_output = false);
 

@@ -3,7 +3,7 @@
 
 Takes the tiny f32 LlamaForCausalLM of tests/data/hf-tiny-llama (tools/hf_reference.py), puts LoRA
 adapters on it with peft (random A and B: init_lora_weights=False, then rescaled so that each update is
-a sizable share of its matrix), saves each adapter with save_pretrained (adapter_config.json +
+a sizable share of its matrix, and rounded to values fp16 holds exactly, saved as F32), saves each adapter with save_pretrained (adapter_config.json +
 adapter_model.safetensors) and writes transformers' logits of the adapted model for the sequences of
 hf-tiny-llama/reference.json, with attention rounded to fp16 as Nibble's KV cache does
 (hf_reference.fp16_kv_attention):
@@ -54,7 +54,9 @@ def main():
         with torch.no_grad():
             for param_name, p in model.named_parameters():
                 if "lora_A" in param_name or "lora_B" in param_name:
-                    p.copy_(torch.randn_like(p) / (p.shape[1] ** 0.5))  # unit-scale products
+                    # unit-scale products, of values fp16 holds exactly (Nibble keeps the factors as fp16,
+                    # as vLLM keeps them in the model's 16-bit type)
+                    p.copy_((torch.randn_like(p) / (p.shape[1] ** 0.5)).half().float())
         directory = os.path.join(args.out, name)
         model.save_pretrained(directory, safe_serialization=True)
         for extra in ("README.md",):  # peft's model card: not read by Nibble

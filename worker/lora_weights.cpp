@@ -1,11 +1,19 @@
 #include "worker/lora_weights.hpp"
 
-#include <algorithm>
+#include <stdexcept>
+#include <string>
 #include <vector>
+
+#include "kernels/lora.hpp"
 
 namespace nibble::worker {
 
 namespace {
+
+void check(kernels::Status status, const char* what) {
+  if (status != kernels::Status::ok)
+    throw std::runtime_error(std::string(what) + " failed: " + kernels::status_name(status));
+}
 
 // The product for rows [row_begin, row_begin + rows) of B and columns [col_begin, col_begin + cols)
 // of A, transposed.
@@ -19,10 +27,11 @@ LoraProduct cut(const model::LoraMatrix& m, float scale, size_t row_begin, size_
   const auto rank = static_cast<size_t>(m.rank), k = static_cast<size_t>(m.k);
   p.a_t.resize(cols * rank);
   for (size_t c = 0; c < cols; ++c)
-    for (size_t j = 0; j < rank; ++j) p.a_t[c * rank + j] = m.a[j * k + col_begin + c];
+    for (size_t j = 0; j < rank; ++j) p.a_t[c * rank + j] = kernels::fp32_to_fp16(m.a[j * k + col_begin + c]);
   p.b_t.resize(rank * rows);
   for (size_t j = 0; j < rank; ++j)
-    for (size_t o = 0; o < rows; ++o) p.b_t[j * rows + o] = m.b[(row_begin + o) * rank + j];
+    for (size_t o = 0; o < rows; ++o)
+      p.b_t[j * rows + o] = kernels::fp32_to_fp16(m.b[(row_begin + o) * rank + j]);
   return p;
 }
 
@@ -92,53 +101,13 @@ void add_lora_product(const LoraProduct& p, const float* x, int64_t rows, const 
   for (int64_t r = 0; r < rows; ++r)
     if (row_adapter[r] == adapter) picked.push_back(r);
   if (picked.empty()) return;
-  const auto rank = static_cast<size_t>(p.rank);
-  const auto n = picked.size();
-  // Both products are tiled so that each factor is read once a step, not once a row: Aᵀ in runs of
-  // kInputs inputs (a run of rank-wide rows stays in L1 while every row takes it), Bᵀ in runs of
-  // kOutputs outputs with the rows' partial updates (n x kOutputs floats) beside them.
-  constexpr int64_t kInputs = 64, kOutputs = 256;
-  std::vector<float> ax(n * rank, 0.0f);  // [n, rank]: scale * A x of each picked row
-  pool.parallel_for(static_cast<int64_t>(n), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t c0 = 0; c0 < p.k; c0 += kInputs) {
-      const int64_t c1 = std::min(p.k, c0 + kInputs);
-      for (auto i = static_cast<size_t>(begin); i < static_cast<size_t>(end); ++i) {
-        const float* xr = x + picked[i] * p.k;
-        float* axr = ax.data() + i * rank;
-        for (int64_t c = c0; c < c1; ++c) {
-          const float xc = xr[c];
-          const float* a = p.a_t.data() + static_cast<size_t>(c) * rank;
-          for (size_t j = 0; j < rank; ++j) axr[j] += a[j] * xc;
-        }
-      }
-    }
-    for (auto i = static_cast<size_t>(begin); i < static_cast<size_t>(end); ++i)
-      for (size_t j = 0; j < rank; ++j) ax[i * rank + j] *= p.scale;
-  });
-  // B (A x) is summed apart and added to y once, as llama.cpp adds it (y is far larger: adding each
-  // rank's term to it would round rank times). Split over the outputs, so one decoding row still uses
-  // every thread.
-  pool.parallel_for((p.n_out + kOutputs - 1) / kOutputs, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> update(n * static_cast<size_t>(kOutputs));
-    for (int64_t chunk = begin; chunk < end; ++chunk) {
-      const int64_t o0 = chunk * kOutputs;
-      const auto width = static_cast<size_t>(std::min(kOutputs, p.n_out - o0));
-      std::fill(update.begin(), update.end(), 0.0f);
-      for (size_t j = 0; j < rank; ++j) {
-        const float* b = p.b_t.data() + j * static_cast<size_t>(p.n_out) + o0;
-        for (size_t i = 0; i < n; ++i) {
-          const float s = ax[i * rank + j];
-          float* u = update.data() + i * static_cast<size_t>(kOutputs);
-          for (size_t o = 0; o < width; ++o) u[o] += b[o] * s;
-        }
-      }
-      for (size_t i = 0; i < n; ++i) {
-        float* yr = y + picked[i] * p.n_out + o0;
-        const float* u = update.data() + i * static_cast<size_t>(kOutputs);
-        for (size_t o = 0; o < width; ++o) yr[o] += u[o];
-      }
-    }
-  });
+  const auto n = static_cast<int64_t>(picked.size());
+  std::vector<float> ax(static_cast<size_t>(n * p.rank));  // [n, rank]: scale * A x of each picked row
+  check(kernels::lora_shrink(p.a_t.data(), p.k, p.rank, p.scale, x, picked.data(), n, ax.data(), pool),
+        "lora_shrink");
+  // ax's rows are the picked rows in order: expand writes row picked[i] from ax row i.
+  check(kernels::lora_expand(p.b_t.data(), p.rank, p.n_out, ax.data(), picked.data(), n, y, pool),
+        "lora_expand");
 }
 
 }  // namespace nibble::worker

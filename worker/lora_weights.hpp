@@ -10,19 +10,20 @@
 #include <optional>
 #include <vector>
 
+#include "kernels/quant_types.hpp"
 #include "kernels/thread_pool.hpp"
 #include "model/lora_adapter.hpp"
 #include "worker/weight_shard.hpp"
 
 namespace nibble::worker {
 
-// y += scale * B (A x) for one matrix, both factors stored transposed so that each product is a run
-// of contiguous multiply-adds the compiler vectorizes (a dot product's reduction it would not).
+// y += scale * B (A x) for one matrix, the factors as kernels/lora.hpp takes them: fp16, transposed
+// (vLLM likewise keeps adapters in the model's 16-bit type; decode reads them every step).
 struct LoraProduct {
   int64_t rank = 0, k = 0, n_out = 0;
   float scale = 1;
-  std::vector<float> a_t;  // [k, rank]: Aᵀ
-  std::vector<float> b_t;  // [rank, n_out]: Bᵀ
+  std::vector<kernels::f16_bits> a_t;  // [k, rank]: Aᵀ
+  std::vector<kernels::f16_bits> b_t;  // [rank, n_out]: Bᵀ
 };
 
 struct ShardLora {

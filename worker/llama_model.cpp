@@ -179,8 +179,8 @@ void LlamaModel::add_lora_products(int64_t layer, model::LayerMatrix which, cons
                                    const int32_t* row_adapter, float* y, kernels::ThreadPool& pool) {
   for (size_t a = 0; a < loras_.size(); ++a) {
     const std::optional<LoraProduct>& p =
-        layer < 0 ? loras_[a].output
-                  : loras_[a].layers[static_cast<size_t>(layer)][static_cast<size_t>(which)];
+        layer == kHeadLayer ? loras_[a].output
+                            : loras_[a].layers[static_cast<size_t>(layer)][static_cast<size_t>(which)];
     if (p) add_lora_product(*p, x, rows, row_adapter, static_cast<int32_t>(a + 1), y, pool);
   }
 }
@@ -339,8 +339,8 @@ void LlamaModel::forward_stage(const ForwardBatch& batch, KvCache& cache, kernel
                                    batch.seq_index.data(), batch.positions.data(), scale, attn_.data(), pool),
           "attention");
     if (observer_) observer_(layer, MatrixInput::attn_output, attn_.data(), n, sc.q_dim());
-    product(l, model::LayerMatrix::attn_output, attn_.data(),
-            h_.data());  // [n, n_embd] partial over the shard's heads
+    // [n, n_embd] partial over the shard's heads
+    product(l, model::LayerMatrix::attn_output, attn_.data(), h_.data());
     if (reducer_ != nullptr) reducer_->sum(h_.data(), static_cast<size_t>(n * c.n_embd));
     check(kernels::add_inplace(x_.data(), h_.data(), n * c.n_embd), "residual add");
 
@@ -350,8 +350,8 @@ void LlamaModel::forward_stage(const ForwardBatch& batch, KvCache& cache, kernel
     product(l, model::LayerMatrix::ffn_up, h_.data(), up_.data());
     check(kernels::swiglu(gate_.data(), up_.data(), gate_.data(), n * sc.n_ff), "swiglu");
     if (observer_) observer_(layer, MatrixInput::ffn_down, gate_.data(), n, sc.n_ff);
-    product(l, model::LayerMatrix::ffn_down, gate_.data(),
-            h_.data());  // [n, n_embd] partial over the shard's ffn rows
+    // [n, n_embd] partial over the shard's ffn rows
+    product(l, model::LayerMatrix::ffn_down, gate_.data(), h_.data());
     if (reducer_ != nullptr) reducer_->sum(h_.data(), static_cast<size_t>(n * c.n_embd));
     check(kernels::add_inplace(x_.data(), h_.data(), n * c.n_embd), "residual add");
   }
@@ -382,7 +382,7 @@ void LlamaModel::forward_stage(const ForwardBatch& batch, KvCache& cache, kernel
   const auto head = [&](float* y) {
     matmul(weights_.output, picked_.data(), n_out, y, pool);
     if (!row_adapters.empty())
-      add_lora_products(-1, model::LayerMatrix::attn_q, picked_.data(), n_out, row_adapters.data(), y, pool);
+      add_lora_products(kHeadLayer, {}, picked_.data(), n_out, row_adapters.data(), y, pool);
   };
   if (shard_.size == 1) {
     head(logits.data());

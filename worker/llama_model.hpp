@@ -143,8 +143,9 @@ class LlamaModel {
 
  private:
   void matmul(const model::WeightMatrix& w, const float* x, int64_t m, float* y, kernels::ThreadPool& pool);
-  // The adapters' updates of one product: layer (local) and which, or layer -1 for the head.
-  // row_adapter: [rows] each row's adapter (0: none).
+  // The adapters' updates of one product: layer (local) and which, or kHeadLayer (which unused) for
+  // the output head. row_adapter: [rows] each row's adapter (0: none).
+  static constexpr int64_t kHeadLayer = -1;
   void add_lora_products(int64_t layer, model::LayerMatrix which, const float* x, int64_t rows,
                          const int32_t* row_adapter, float* y, kernels::ThreadPool& pool);
 

@@ -693,6 +693,18 @@ TEST_P(ServeShapes, LoraAdaptersServeLikeGenerateWithTheAdapter) {
   const std::string refused = refusal_of(client, unknown);
   EXPECT_NE(refused.find("adapter: 'sq1' is not served; served: sql, chat"), std::string::npos) << refused;
   EXPECT_EQ(client.generate(greedy("after", kPrompts[1], 2)).tokens.size(), 2u);
+  // bench-serve spreads its requests over the adapters (and the base model, "-").
+  const auto bench = [&](const std::string& loras) {
+    const test::CommandResult r =
+        test::run_command(test::nibble_bin() + " bench-serve --endpoint " + job.endpoint() +
+                          " -c 3 -r 6 --max-tokens 4:8 --json --lora " + loras);
+    return nlohmann::json::parse(r.output.substr(r.output.find('{')));
+  };
+  const nlohmann::json served = bench("sql,chat,-");
+  EXPECT_EQ(served["ok"], 6) << served;
+  const nlohmann::json half = bench("sql,sq1");
+  EXPECT_EQ(half["ok"], 3) << half;
+  EXPECT_EQ(half["failures"]["badRequest"], 3) << half;
 }
 
 // vLLM's stop_token_ids and min_tokens: a sampled stop token ends the request and stays in its output;

@@ -188,6 +188,7 @@ Sample run_one_http(httplib::Client& http, const protocol::GenerateRequest& requ
   httplib::Request req;
   req.method = "POST";
   req.path = "/v1/completions";
+  if (!request.adapter.empty()) body["model"] = request.adapter;  // vLLM: a LoRA adapter by name
   req.body = body.dump();
   req.set_header("Content-Type", "application/json");
   const auto sent = clock::now();
@@ -615,9 +616,14 @@ Runner add_bench_serve(CLI::App& app) {
     int timeout_ms = 60000;
     std::string http;
     bool ignore_eos = false;
+    std::vector<std::string> loras;
   };
   auto a = std::make_shared<Args>();
   app.add_option("--endpoint,-e", a->endpoint, "Coordinator address")->capture_default_str();
+  app.add_option("--lora", a->loras,
+                 "LoRA adapters by name, comma-separated: request i asks for adapter i mod their count "
+                 "(\"-\": the base model), so steps batch several (vLLM's multi-LoRA benchmark)")
+      ->delimiter(',');
   app.add_flag("--ignore-eos", a->ignore_eos,
                "Every request generates its whole drawn length (end-of-sequence tokens do not end it), as "
                "vLLM's benchmark does");
@@ -673,6 +679,10 @@ Runner add_bench_serve(CLI::App& app) {
       request.sampling.temperature = 0.0f;  // greedy: the same run does the same work
       request.stream = true;
       request.ignore_eos = a->ignore_eos;
+      if (!a->loras.empty()) {
+        const std::string& name = a->loras[static_cast<size_t>(&request - requests.data()) % a->loras.size()];
+        request.adapter = name == "-" ? "" : name;
+      }
       // request_id stays empty: each Client makes unique ones, so parallel benches do not collide.
     }
 

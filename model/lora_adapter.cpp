@@ -12,30 +12,12 @@
 #include <tuple>
 
 #include "kernels/quantize.hpp"
+#include "model/llama_checkpoint.hpp"
 #include "model/safetensors.hpp"
 
 namespace nibble::model {
 
 namespace {
-
-// W's [n_out, k] for a layer matrix of the base.
-std::pair<int64_t, int64_t> matrix_shape(const LlamaConfig& c, LayerMatrix which) {
-  switch (which) {
-    case LayerMatrix::attn_q:
-      return {c.q_dim(), c.n_embd};
-    case LayerMatrix::attn_k:
-    case LayerMatrix::attn_v:
-      return {c.kv_dim(), c.n_embd};
-    case LayerMatrix::attn_output:
-      return {c.n_embd, c.q_dim()};
-    case LayerMatrix::ffn_gate:
-    case LayerMatrix::ffn_up:
-      return {c.n_ff, c.n_embd};
-    case LayerMatrix::ffn_down:
-      return {c.n_embd, c.n_ff};
-  }
-  return {0, 0};
-}
 
 // Where a base tensor name ("blk.3.attn_q.weight", "output.weight") points in an adapter.
 std::optional<LoraMatrix>* slot_for(LoraAdapter& adapter, const std::string& name) {
@@ -140,7 +122,7 @@ LoraAdapter LoraAdapter::read_gguf(const std::string& path, const LlamaConfig& b
     int64_t n_out = base.n_vocab, k = base.n_embd;
     if (name != "output.weight") {
       const size_t index = static_cast<size_t>(slot - &adapter.layers[0][0]) % 7;
-      std::tie(n_out, k) = matrix_shape(base, static_cast<LayerMatrix>(index));
+      std::tie(n_out, k) = layer_matrix_shape(base, static_cast<LayerMatrix>(index));
     }
     const GgufTensorInfo& a = *ab.first;
     const GgufTensorInfo& b = *ab.second;
@@ -274,7 +256,7 @@ LoraAdapter LoraAdapter::read_peft(const std::string& directory, const LlamaConf
         throw GgufError(name + " is not a matrix of this " + std::to_string(base.n_layer) + "-layer model");
       }
       slot = &adapter.layers[static_cast<size_t>(layer)][static_cast<size_t>(it->second)];
-      std::tie(n_out, k) = matrix_shape(base, it->second);
+      std::tie(n_out, k) = layer_matrix_shape(base, it->second);
       if (it->second == LayerMatrix::attn_q) permute_heads = base.n_head;
       if (it->second == LayerMatrix::attn_k) permute_heads = base.n_head_kv;
     } else {
@@ -443,7 +425,7 @@ LoraAdapter make_random_lora(const LlamaConfig& base, int64_t rank, float alpha,
   adapter.layers.resize(static_cast<size_t>(base.n_layer));
   for (auto& layer : adapter.layers) {
     for (LayerMatrix m : which) {
-      const auto [n_out, k] = matrix_shape(base, m);
+      const auto [n_out, k] = layer_matrix_shape(base, m);
       layer[static_cast<size_t>(m)] = make(n_out, k);
     }
   }

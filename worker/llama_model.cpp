@@ -145,14 +145,11 @@ int32_t LlamaModel::add_lora(const model::LoraAdapter& adapter, float user_scale
   }
   // Shapes are checked against the whole model's (this shard holds slices).
   const model::LlamaConfig& c = config_;
-  const int64_t shapes[7][2] = {{c.q_dim(), c.n_embd}, {c.kv_dim(), c.n_embd}, {c.kv_dim(), c.n_embd},
-                                {c.n_embd, c.q_dim()}, {c.n_ff, c.n_embd},     {c.n_ff, c.n_embd},
-                                {c.n_embd, c.n_ff}};
   for (const auto& layer : adapter.layers) {
-    for (int m = 0; m < 7; ++m) {
-      const auto& lm = layer[static_cast<size_t>(m)];
-      if (lm && (lm->n_out != shapes[m][0] || lm->k != shapes[m][1] ||
-                 static_cast<int64_t>(lm->a.size()) != lm->rank * lm->k ||
+    for (model::LayerMatrix which : model::kLayerMatrices) {
+      const auto& lm = layer[static_cast<size_t>(which)];
+      const auto [n_out, k] = model::layer_matrix_shape(c, which);
+      if (lm && (lm->n_out != n_out || lm->k != k || static_cast<int64_t>(lm->a.size()) != lm->rank * lm->k ||
                  static_cast<int64_t>(lm->b.size()) != lm->n_out * lm->rank)) {
         throw std::invalid_argument("LoRA adapter " + adapter.path +
                                     ": a matrix of the wrong shape for this model");

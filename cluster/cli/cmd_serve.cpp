@@ -364,8 +364,7 @@ int serve(const std::string& config_path) {
           // Every shard and stage adds the adapters in the config's order: request adapter i is the
           // i-th everywhere.
           for (const cluster::LoraAdapterConfig& adapter : config.lora_adapters)
-            model->add_lora(model::LoraAdapter::read(adapter.path, whole),
-                            static_cast<float>(adapter.scale));
+            model->add_lora(model::LoraAdapter::read(adapter.path, whole), static_cast<float>(adapter.scale));
           num_blocks =
               blocks_for_this_worker(config, model->shard_config(), host_available_bytes(), workers_on_host);
         }

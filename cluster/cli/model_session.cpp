@@ -77,7 +77,8 @@ const model::Tokenizer& ModelSession::require_tokenizer() const {
 }
 
 void add_lora_option(CLI::App& app, LoraOption& value) {
-  app.add_option("--lora", value.path, "LoRA adapter (llama.cpp's GGUF, or a PEFT directory) applied to every sequence");
+  app.add_option("--lora", value.path,
+                 "LoRA adapter (llama.cpp's GGUF, or a PEFT directory) applied to every sequence");
   app.add_option("--lora-scale", value.scale, "The adapter's scale (llama.cpp's --lora-scaled; default 1)");
 }
 

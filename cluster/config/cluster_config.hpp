@@ -20,8 +20,8 @@
 //     ngram_max: 4               # method ngram: the longest, ngram_min..64
 //   lora_adapters:               # optional: LoRA adapters served on the base model (vLLM's --lora-modules,
 //     - name: sql                # llama.cpp's --lora); a request names one (client `adapter`, OpenAI
-//       path: sql-lora.gguf      # `model`); llama.cpp's GGUF adapter or a PEFT directory (model/lora_adapter.hpp),
-//       scale: 1.0               # scaled as llama.cpp scales it; device: cpu only
+//       path: sql-lora.gguf      # `model`); llama.cpp's GGUF adapter or a PEFT directory
+//       (model/lora_adapter.hpp), scale: 1.0               # scaled as llama.cpp scales it; device: cpu only
 //   parallel:
 //     tensor: 1                  # T: tensor-parallel ranks per pipeline stage, >= 1
 //     pipeline: 1                # P: pipeline stages, >= 1

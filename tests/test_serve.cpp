@@ -1403,6 +1403,31 @@ TEST(Serve, DraftWithAnotherVocabularyIsRefusedAtStartUp) {
   EXPECT_NE(job.log().find("4000"), std::string::npos) << job.log();
 }
 
+// A LoRA adapter made for another model (the small shape's n_ff 768 against tiny's 256), or one that is
+// not there: start-up fails on the workers, naming the file and the problem, and the job exits non-zero.
+TEST(Serve, LoraAdapterOfAnotherModelIsRefusedAtStartUp) {
+  test::TempDir dir;
+  const std::string target = make_tiny_model(dir.path());
+  const std::string other = (dir.path() / "small-lora.gguf").string();
+  model::LlamaConfig small = model::LlamaConfig::from_gguf(*model::GgufFile::open(target));
+  small.n_ff = 768;
+  model::make_random_lora(small, 4, 8, 0.2f, 1, {model::LayerMatrix::ffn_up})
+      .write_gguf(other, "llama", kernels::DType::F16);
+  for (const auto& [path, why] :
+       {std::pair{other, std::string("maybe wrong base model")},
+        std::pair{(dir.path() / "gone.gguf").string(), std::string("cannot open")}}) {
+    std::string yaml = "lora_adapters: [{name: a, path: '";
+    yaml.append(path).append("'}]\n");
+    ServeJob job(dir.path(), target, 2, 1, yaml);
+    EXPECT_FALSE(job.wait_ready(30s));
+    const std::optional<int> code = job.wait_exit(30s);
+    ASSERT_TRUE(code.has_value());
+    EXPECT_NE(*code, 0);
+    EXPECT_NE(job.log().find(path), std::string::npos) << job.log();
+    EXPECT_NE(job.log().find(why), std::string::npos) << job.log();
+  }
+}
+
 // device: cuda without a usable GPU (no device, or a build without CUDA): every worker rank says
 // why at start-up, and the job exits non-zero instead of serving on the CPU.
 TEST(Serve, CudaDeviceWithoutAGpuFailsAtStartUpWithTheReason) {

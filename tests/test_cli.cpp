@@ -224,6 +224,19 @@ TEST_F(CliTest, ExportLoraMergesWhatLogitsLoraApplies) {
   // would move the logits by ~0.1, the first at scale 1 instead of 0.5 by ~0.5.
   EXPECT_LT(test::max_relative_rms(adapted, from_merged, n_vocab), 1e-3);
   EXPECT_GT(test::max_relative_rms(adapted, base, n_vocab), 0.2);
+  // Quality with an adapter: `eval ppl --lora` scores the adapted model, and `eval compare` of the
+  // adapted model against its merge finds them the same predictions.
+  const std::string text = (dir_->path() / "eval.txt").string();
+  std::ofstream(text) << "The quick brown fox jumps over the lazy dog. Once upon a time there was a test.";
+  const nlohmann::json plain = run_json("eval ppl -m " + f32 + " --text " + text + " --ctx 16 --json");
+  const nlohmann::json with = run_json("eval ppl -m " + f32 + " --lora " + a + " --lora-scale 0.5 --text " +
+                                       text + " --ctx 16 --json");
+  EXPECT_NE(plain["perplexity"], with["perplexity"]);
+  const nlohmann::json same = run_json("eval compare --base " + merged + " -m " + f32 + " --lora " + a +
+                                       " --lora-scale 0.5 --text " + text + " --ctx 16 --json");
+  EXPECT_NEAR(same["model"]["perplexity"].get<double>(), with["perplexity"].get<double>(), 1e-9);
+  EXPECT_LT(same["mean_kl"].get<double>(), 1e-6);
+  EXPECT_EQ(same["top1_agreement"], 1.0);
   const auto bad = run("export-lora -m " + f32 + " --lora-scaled " + a + " half -o " + merged);
   EXPECT_NE(bad.exit_code, 0);
   EXPECT_NE(bad.output.find("'half' is not a number"), std::string::npos) << bad.output;

@@ -29,6 +29,7 @@ struct EvalArgs {
   int64_t max_windows = 0;  // 0: all
   int threads = default_threads();
   bool json = false;
+  LoraOption lora, base_lora;  // adapters on --model and --base
 };
 
 void add_common_options(CLI::App& sub, EvalArgs& a) {
@@ -76,6 +77,7 @@ nlohmann::json ppl_json(const worker::PerplexityResult& r) {
 
 int run_ppl(const EvalArgs& a) {
   ModelSession s = ModelSession::open(a.model_path, a.threads);
+  apply_lora_option(a.lora, s);
   const auto windows = windows_for(s, a);
   const worker::PerplexityResult r = worker::perplexity(*s.model, *s.pool, windows, progress_line());
   if (a.json) {
@@ -94,6 +96,8 @@ int run_ppl(const EvalArgs& a) {
 int run_compare(const EvalArgs& a) {
   ModelSession base = ModelSession::open(a.base_path, a.threads);
   ModelSession model = ModelSession::open(a.model_path, 1);
+  apply_lora_option(a.base_lora, base);
+  apply_lora_option(a.lora, model);
   // One tokenization for both: the same windows are scored, so the vocabularies must agree (the
   // base model plays the target).
   speculative::check_vocab_match(*base.tokenizer, *model.tokenizer, a.model_path,
@@ -140,12 +144,16 @@ Runner add_eval(CLI::App& app) {
   app.require_subcommand(1);
   CLI::App* ppl = app.add_subcommand("ppl", "Perplexity of a model on a text (llama.cpp's method)");
   ppl->add_option("--model,-m", a->model_path, "GGUF model")->required();
+  add_lora_option(*ppl, a->lora);
   add_common_options(*ppl, *a);
   CLI::App* compare = app.add_subcommand(
       "compare", "How far a model's predictions are from a base model's: KL divergence, top-1, perplexities");
   compare->add_option("--base", a->base_path, "The reference model (e.g. F16)")->required();
   compare->add_option("--model,-m", a->model_path, "The model to judge (e.g. its 4-bit quantization)")
       ->required();
+  add_lora_option(*compare, a->lora);  // on --model; the base's: --base-lora / --base-lora-scale
+  compare->add_option("--base-lora", a->base_lora.path, "LoRA adapter applied to every sequence of --base");
+  compare->add_option("--base-lora-scale", a->base_lora.scale, "--base-lora's scale (default 1)");
   add_common_options(*compare, *a);
   CLI::App* imatrix = app.add_subcommand(
       "imatrix",

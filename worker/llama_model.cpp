@@ -172,13 +172,14 @@ void LlamaModel::set_default_lora(int32_t adapter) {
   default_lora_ = adapter;
 }
 
-void LlamaModel::add_lora_products(int64_t layer, model::LayerMatrix which, const float* x, int64_t rows,
-                                   const int32_t* row_adapter, float* y, kernels::ThreadPool& pool) {
+void LlamaModel::add_lora_products(int64_t layer, model::LayerMatrix which, const float* x,
+                                   const std::vector<std::vector<int64_t>>& rows_by_adapter, float* y,
+                                   kernels::ThreadPool& pool) {
   for (size_t a = 0; a < loras_.size(); ++a) {
     const std::optional<LoraProduct>& p =
         layer == kHeadLayer ? loras_[a].output
                             : loras_[a].layers[static_cast<size_t>(layer)][static_cast<size_t>(which)];
-    if (p) add_lora_product(*p, x, rows, row_adapter, static_cast<int32_t>(a + 1), y, pool);
+    if (p) add_lora_product(*p, x, rows_by_adapter[a], y, pool);
   }
 }
 
@@ -228,10 +229,10 @@ void LlamaModel::forward_stage(const ForwardBatch& batch, KvCache& cache, kernel
   for (int32_t row : batch.logit_rows) {
     if (row < 0 || row >= n) throw std::invalid_argument("logit row outside the batch");
   }
-  // Each token's adapter, or none when no sequence names one.
-  token_adapters_.clear();
+  // Each token's adapter (0: none), grouped once into each adapter's rows for every product below.
+  std::vector<int32_t> token_adapters;  // empty: no sequence names one
   if (batch.seq_adapters.empty() && default_lora_ != 0) {
-    token_adapters_.assign(static_cast<size_t>(n), default_lora_);
+    token_adapters.assign(static_cast<size_t>(n), default_lora_);
   } else if (std::any_of(batch.seq_adapters.begin(), batch.seq_adapters.end(),
                          [](int32_t a) { return a != 0; })) {
     if (static_cast<int64_t>(batch.seq_adapters.size()) != n_seqs) {
@@ -245,16 +246,26 @@ void LlamaModel::forward_stage(const ForwardBatch& batch, KvCache& cache, kernel
                                     std::to_string(n_loras()));
       }
     }
-    token_adapters_.resize(static_cast<size_t>(n));
+    token_adapters.resize(static_cast<size_t>(n));
     for (int64_t t = 0; t < n; ++t)
-      token_adapters_[static_cast<size_t>(t)] = batch.seq_adapters[batch.seq_index[t]];
+      token_adapters[static_cast<size_t>(t)] = batch.seq_adapters[batch.seq_index[t]];
   }
-  const int32_t* adapters = token_adapters_.empty() ? nullptr : token_adapters_.data();
+  const bool adapted = !token_adapters.empty();
+  lora_rows_.assign(adapted ? loras_.size() : 0, {});
+  lora_logit_rows_.assign(adapted ? loras_.size() : 0, {});
+  if (adapted) {
+    for (int64_t t = 0; t < n; ++t)
+      if (const int32_t a = token_adapters[static_cast<size_t>(t)]; a != 0)
+        lora_rows_[static_cast<size_t>(a - 1)].push_back(t);
+    for (size_t i = 0; i < batch.logit_rows.size(); ++i)
+      if (const int32_t a = token_adapters[static_cast<size_t>(batch.logit_rows[i])]; a != 0)
+        lora_logit_rows_[static_cast<size_t>(a - 1)].push_back(static_cast<int64_t>(i));
+  }
   // The product of a layer matrix with the adapters' updates of the rows that name one.
   const auto product = [&](int64_t l, model::LayerMatrix which, const float* in, float* y) {
     const model::WeightMatrix& w = weights_.layers[static_cast<size_t>(l)].matrix(which);
     matmul(w, in, n, y, pool);
-    if (adapters != nullptr) add_lora_products(l, which, in, n, adapters, y, pool);
+    if (adapted) add_lora_products(l, which, in, lora_rows_, y, pool);
   };
   if ((hidden_in == nullptr) != is_first_stage()) {
     throw std::invalid_argument(is_first_stage() ? "the first pipeline stage embeds tokens: no hidden_in"
@@ -372,14 +383,9 @@ void LlamaModel::forward_stage(const ForwardBatch& batch, KvCache& cache, kernel
                           c.rms_eps),
         "rms_norm");
   logits.resize(n_out * c.n_vocab);
-  std::vector<int32_t> row_adapters;  // the logit rows' adapters
-  if (adapters != nullptr) {
-    for (int32_t row : batch.logit_rows) row_adapters.push_back(adapters[row]);
-  }
   const auto head = [&](float* y) {
     matmul(weights_.output, picked_.data(), n_out, y, pool);
-    if (!row_adapters.empty())
-      add_lora_products(kHeadLayer, {}, picked_.data(), n_out, row_adapters.data(), y, pool);
+    if (adapted) add_lora_products(kHeadLayer, {}, picked_.data(), lora_logit_rows_, y, pool);
   };
   if (shard_.size == 1) {
     head(logits.data());

@@ -144,10 +144,11 @@ class LlamaModel {
  private:
   void matmul(const model::WeightMatrix& w, const float* x, int64_t m, float* y, kernels::ThreadPool& pool);
   // The adapters' updates of one product: layer (local) and which, or kHeadLayer (which unused) for
-  // the output head. row_adapter: [rows] each row's adapter (0: none).
+  // the output head. rows_by_adapter: [n_loras()] the rows of x and y each adapter updates.
   static constexpr int64_t kHeadLayer = -1;
-  void add_lora_products(int64_t layer, model::LayerMatrix which, const float* x, int64_t rows,
-                         const int32_t* row_adapter, float* y, kernels::ThreadPool& pool);
+  void add_lora_products(int64_t layer, model::LayerMatrix which, const float* x,
+                         const std::vector<std::vector<int64_t>>& rows_by_adapter, float* y,
+                         kernels::ThreadPool& pool);
 
   std::shared_ptr<const model::LlamaCheckpoint> checkpoint_;
   // Replaces weights_ by this shard's slices (see the class comment).
@@ -165,7 +166,9 @@ class LlamaModel {
   std::optional<ModelShard> plan_;           // this shard's share when sharded
   std::vector<ShardLora> loras_;             // add_lora's adapters, index - 1
   int32_t default_lora_ = 0;                 // set_default_lora's
-  std::vector<int32_t> token_adapters_;      // [n] this batch's tokens' adapters; empty: none
+  // This batch's rows by adapter, [n_loras()] (empty: no row names one): the tokens' rows, and the
+  // logit rows' (rows of the head's input).
+  std::vector<std::vector<int64_t>> lora_rows_, lora_logit_rows_;
   // Scratch reused across calls: [n, dim] activations (dims local to the shard).
   std::vector<float> x_, h_, q_, k_, v_, attn_, gate_, up_, picked_, local_logits_;
   std::vector<float> gathered_;  // [m, k] the input in an act-order matrix's column order

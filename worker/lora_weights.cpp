@@ -95,18 +95,15 @@ ShardLora shard_lora(const model::LoraAdapter& adapter, float user_scale, const 
   return out;
 }
 
-void add_lora_product(const LoraProduct& p, const float* x, int64_t rows, const int32_t* row_adapter,
-                      int32_t adapter, float* y, kernels::ThreadPool& pool) {
-  std::vector<int64_t> picked;
-  for (int64_t r = 0; r < rows; ++r)
-    if (row_adapter[r] == adapter) picked.push_back(r);
-  if (picked.empty()) return;
-  const auto n = static_cast<int64_t>(picked.size());
-  std::vector<float> ax(static_cast<size_t>(n * p.rank));  // [n, rank]: scale * A x of each picked row
-  check(kernels::lora_shrink(p.a_t.data(), p.k, p.rank, p.scale, x, picked.data(), n, ax.data(), pool),
+void add_lora_product(const LoraProduct& p, const float* x, const std::vector<int64_t>& rows, float* y,
+                      kernels::ThreadPool& pool) {
+  if (rows.empty()) return;
+  const auto n = static_cast<int64_t>(rows.size());
+  std::vector<float> ax(static_cast<size_t>(n * p.rank));  // [n, rank]: scale * A x of each listed row
+  check(kernels::lora_shrink(p.a_t.data(), p.k, p.rank, p.scale, x, rows.data(), n, ax.data(), pool),
         "lora_shrink");
-  // ax's rows are the picked rows in order: expand writes row picked[i] from ax row i.
-  check(kernels::lora_expand(p.b_t.data(), p.rank, p.n_out, ax.data(), picked.data(), n, y, pool),
+  // ax's rows are the listed rows in order: expand writes row rows[i] from ax row i.
+  check(kernels::lora_expand(p.b_t.data(), p.rank, p.n_out, ax.data(), rows.data(), n, y, pool),
         "lora_expand");
 }
 

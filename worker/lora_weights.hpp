@@ -37,9 +37,9 @@ struct ShardLora {
 ShardLora shard_lora(const model::LoraAdapter& adapter, float user_scale, const ModelShard* shard,
                      int64_t head_dim, int64_t layer_begin, int64_t layer_end, bool last_stage);
 
-// For the rows r of x whose row_adapter[r] == adapter: y[r] += p.scale * B (A x[r]).
-// x: [rows, p.k]; y: [rows, p.n_out]; row_adapter: [rows].
-void add_lora_product(const LoraProduct& p, const float* x, int64_t rows, const int32_t* row_adapter,
-                      int32_t adapter, float* y, kernels::ThreadPool& pool);
+// y[r] += p.scale * B (A x[r]) for the rows r listed.
+// x: [*, p.k]; y: [*, p.n_out]; rows: the rows of x and y that take this update.
+void add_lora_product(const LoraProduct& p, const float* x, const std::vector<int64_t>& rows, float* y,
+                      kernels::ThreadPool& pool);
 
 }  // namespace nibble::worker

@@ -154,17 +154,7 @@ WeightMatrix rope_interleaved(const HfCheckpoint& ckpt, const std::optional<HfQu
   const WeightMatrix source = linear(ckpt, quant, base, n_heads * head_dim, k);
   const int64_t row_bytes = source.row_bytes();
   auto owned = std::make_shared<std::vector<uint8_t>>(static_cast<size_t>(source.n_out * row_bytes));
-  const int64_t half = head_dim / 2;
-  for (int64_t h = 0; h < n_heads; ++h) {
-    for (int64_t i = 0; i < half; ++i) {
-      for (int64_t side = 0; side < 2; ++side) {
-        const int64_t from = h * head_dim + side * half + i;
-        const int64_t to = h * head_dim + 2 * i + side;
-        std::memcpy(owned->data() + to * row_bytes, source.data + from * row_bytes,
-                    static_cast<size_t>(row_bytes));
-      }
-    }
-  }
+  permute_rope_rows(source.data, owned->data(), n_heads, head_dim, row_bytes);
   WeightMatrix w = source;
   w.data = owned->data();
   w.owned = std::move(owned);
@@ -185,6 +175,16 @@ std::vector<float> vector_f32(const HfCheckpoint& ckpt, const std::string& name,
 }  // namespace hf
 
 }  // namespace
+
+void permute_rope_rows(const uint8_t* from, uint8_t* to, int64_t n_heads, int64_t head_dim,
+                       int64_t row_bytes) {
+  const int64_t half = head_dim / 2;
+  for (int64_t h = 0; h < n_heads; ++h)
+    for (int64_t i = 0; i < half; ++i)
+      for (int64_t side = 0; side < 2; ++side)
+        std::memcpy(to + (h * head_dim + 2 * i + side) * row_bytes,
+                    from + (h * head_dim + side * half + i) * row_bytes, static_cast<size_t>(row_bytes));
+}
 
 std::string layer_tensor_name(int64_t layer, LayerMatrix which) {
   const char* names[] = {"attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"};

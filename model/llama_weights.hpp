@@ -43,6 +43,12 @@ inline constexpr LayerMatrix kLayerMatrices[] = {
 // llama.cpp's tensor name, e.g. "blk.3.attn_q.weight".
 std::string layer_tensor_name(int64_t layer, LayerMatrix which);
 
+// HF's q_proj / k_proj rows into GGUF's RoPE order (llama.cpp's convert_hf_to_gguf.py permute): row
+// h·d + side·d/2 + i of `from` becomes row h·d + 2i + side of `to`. from, to: [n_heads · head_dim rows,
+// row_bytes each], not overlapping. Shared by the HF weights and PEFT adapters' B (model/lora_adapter).
+void permute_rope_rows(const uint8_t* from, uint8_t* to, int64_t n_heads, int64_t head_dim,
+                       int64_t row_bytes);
+
 struct LlamaLayerWeights {
   std::vector<float> attn_norm;  // [n_embd]
   WeightMatrix wq, wk, wv, wo;

@@ -38,6 +38,21 @@ std::optional<LoraMatrix>* slot_for(LoraAdapter& adapter, const std::string& nam
   return nullptr;
 }
 
+// A [rank, k] and B [n_out, rank] (row-major shapes, as PEFT writes them; GGUF's dims reversed) checked
+// against W [n_out, k]; `what` names the pair in the message, a_name / b_name its tensors. The rank.
+int64_t check_pair(const std::string& what, const char* a_name, const char* b_name,
+                   const std::vector<int64_t>& a, const std::vector<int64_t>& b, int64_t n_out, int64_t k) {
+  if (a.size() != 2 || b.size() != 2 || a[1] != k || b[0] != n_out) {
+    throw GgufError(what + " has the wrong shape for this model (maybe wrong base model?): W is [" +
+                    std::to_string(n_out) + ", " + std::to_string(k) + "]");
+  }
+  if (a[0] != b[1] || a[0] < 1) {
+    throw GgufError(what + ": " + a_name + "'s rank " + std::to_string(a[0]) + " and " + b_name + "'s " +
+                    std::to_string(b[1]) + " differ");
+  }
+  return a[0];
+}
+
 std::vector<float> read_floats(const GgufFile& file, const GgufTensorInfo& t) {
   if (t.type != kernels::DType::F32 && t.type != kernels::DType::F16 && t.type != kernels::DType::BF16) {
     throw GgufError(file.path() + ": LoRA tensor '" + t.name + "' is " + kernels::type_name(t.type) +
@@ -126,18 +141,10 @@ LoraAdapter LoraAdapter::read_gguf(const std::string& path, const LlamaConfig& b
     }
     const GgufTensorInfo& a = *ab.first;
     const GgufTensorInfo& b = *ab.second;
-    // GGML order: A is [k, rank] (rank rows of k), B is [rank, n_out] (n_out rows of rank).
-    if (a.dims.size() != 2 || b.dims.size() != 2 || a.dims[0] != k || b.dims[1] != n_out) {
-      throw GgufError(path + ": '" + name +
-                      "' has the wrong shape for this model (maybe wrong base model?): " + "W is [" +
-                      std::to_string(n_out) + ", " + std::to_string(k) + "]");
-    }
-    if (a.dims[1] != b.dims[0] || a.dims[1] < 1) {
-      throw GgufError(path + ": '" + name + "': lora_a's rank " + std::to_string(a.dims[1]) +
-                      " and lora_b's " + std::to_string(b.dims[0]) + " differ");
-    }
+    // GGML order: A's dims are [k, rank] (rank rows of k), B's [rank, n_out].
     LoraMatrix m;
-    m.rank = a.dims[1];
+    m.rank = check_pair(path + ": '" + name + "'", "lora_a", "lora_b", {a.dims.rbegin(), a.dims.rend()},
+                        {b.dims.rbegin(), b.dims.rend()}, n_out, k);
     m.k = k;
     m.n_out = n_out;
     m.a = read_floats(*file, a);
@@ -264,13 +271,7 @@ LoraAdapter LoraAdapter::read_peft(const std::string& directory, const LlamaConf
     }
     const SafetensorsTensorInfo& a = *ab.first;
     const SafetensorsTensorInfo& b = *ab.second;
-    if (a.shape.size() != 2 || b.shape.size() != 2 || a.shape[1] != k || b.shape[0] != n_out) {
-      throw GgufError(name + " has the wrong shape for this model (maybe wrong base model?): W is [" +
-                      std::to_string(n_out) + ", " + std::to_string(k) + "]");
-    }
-    if (a.shape[0] != b.shape[1] || a.shape[0] < 1)
-      throw GgufError(name + ": lora_A's rank " + std::to_string(a.shape[0]) + " and lora_B's " +
-                      std::to_string(b.shape[1]) + " differ");
+    const int64_t rank = check_pair(name, "lora_A", "lora_B", a.shape, b.shape, n_out, k);
     const auto floats = [&](const SafetensorsTensorInfo& t) {
       const std::optional<kernels::DType> type = safetensors_float_type(t.dtype);
       if (!type)
@@ -282,19 +283,16 @@ LoraAdapter LoraAdapter::read_peft(const std::string& directory, const LlamaConf
       return out;
     };
     LoraMatrix m;
-    m.rank = a.shape[0];
+    m.rank = rank;
     m.k = k;
     m.n_out = n_out;
     m.a = floats(a);
     m.b = floats(b);
-    if (permute_heads > 0) {  // as LlamaWeights' rope_interleaved: row h*d + side*d/2 + i -> h*d + 2i + side
-      const int64_t d = base.head_dim, half = d / 2;
+    if (permute_heads > 0) {  // B's rows as the model's own q/k rows
       std::vector<float> permuted(m.b.size());
-      for (int64_t h = 0; h < permute_heads; ++h)
-        for (int64_t i = 0; i < half; ++i)
-          for (int64_t side = 0; side < 2; ++side)
-            std::copy_n(m.b.begin() + (h * d + side * half + i) * m.rank, m.rank,
-                        permuted.begin() + (h * d + 2 * i + side) * m.rank);
+      permute_rope_rows(reinterpret_cast<const uint8_t*>(m.b.data()),
+                        reinterpret_cast<uint8_t*>(permuted.data()), permute_heads, base.head_dim,
+                        m.rank * static_cast<int64_t>(sizeof(float)));
       m.b = std::move(permuted);
     }
     *slot = std::move(m);

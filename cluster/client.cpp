@@ -158,6 +158,36 @@ protocol::Health Client::shutdown() {
   return control_reply<protocol::Health>();
 }
 
+template <class Request>
+std::vector<std::string> Client::change_adapters(Request request) {
+  request.request_id = fresh_request_id();
+  try {
+    protocol::validate(request);
+  } catch (const protocol::ProtocolError& e) {
+    throw ClientError(e.code, request.request_id, e.what());
+  }
+  const std::string& id = request.request_id;
+  send_frame(protocol::encode(protocol::ClientRequestMsg{request}), id);
+  for (;;) {
+    protocol::ServerResponseMsg reply = receive_for(id);
+    if (auto* error = std::get_if<protocol::Error>(&reply)) {
+      if (error->request_id == id || error->request_id.empty()) throw_server_error(*error);
+      continue;
+    }
+    if (auto* adapters = std::get_if<protocol::Adapters>(&reply);
+        adapters != nullptr && adapters->request_id == id)
+      return std::move(adapters->names);
+  }
+}
+
+std::vector<std::string> Client::load_adapter(const std::string& name, const std::string& path, float scale) {
+  return change_adapters(protocol::LoadAdapterRequest{"", name, path, scale});
+}
+
+std::vector<std::string> Client::unload_adapter(const std::string& name) {
+  return change_adapters(protocol::UnloadAdapterRequest{"", name});
+}
+
 void Client::cancel(const std::string& request_id) {
   try {
     protocol::validate(protocol::CancelRequest{request_id});

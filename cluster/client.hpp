@@ -63,6 +63,11 @@ class Client {
   protocol::Stats stats();
   // Asks the server to stop after answering: the reply is a Health (ok=true, "shutting down").
   protocol::Health shutdown();
+  // Serves a LoRA adapter under `name` from now on, or stops serving one (where the job allows it:
+  // server.lora_updates); returns the adapters served after the change. A load waits until every
+  // worker has read the file. Throws ClientError as generate() does.
+  std::vector<std::string> load_adapter(const std::string& name, const std::string& path, float scale = 1.0f);
+  std::vector<std::string> unload_adapter(const std::string& name);
 
   // Fire and forget: the cancelled request ends with an Error(cancelled) sent to whichever client
   // made it; the cancel itself gets no reply.
@@ -90,6 +95,9 @@ class Client {
   // Waits for a reply of type T to a control request, skipping stale request-scoped messages.
   template <class T>
   T control_reply();
+  // Sends an adapter request (its id filled in) and waits for the Adapters answering it.
+  template <class Request>
+  std::vector<std::string> change_adapters(Request request);
 
   std::string endpoint_;
   ClientOptions options_;

@@ -57,7 +57,118 @@ Coordinator::Coordinator(const ClusterConfig& config, const model::Tokenizer& to
       model_(model),
       scheduler_(scheduler),
       sockets_(std::move(sockets)),
-      layout_description_(std::move(layout_description)) {}
+      layout_description_(std::move(layout_description)) {
+  for (const LoraAdapterConfig& adapter : config_.lora_adapters) {
+    AdapterSlot slot;
+    slot.state = AdapterSlot::State::ready;
+    slot.name = adapter.name;
+    slot.cache_root = next_cache_root_++;
+    adapters_.push_back(std::move(slot));
+  }
+}
+
+std::vector<std::string> Coordinator::served_adapters() const {
+  std::vector<std::string> names;
+  for (const AdapterSlot& slot : adapters_)
+    if (slot.state == AdapterSlot::State::ready) names.push_back(slot.name);
+  return names;
+}
+
+void Coordinator::handle_load_adapter(const std::string& identity,
+                                      const protocol::LoadAdapterRequest& request) {
+  using protocol::ErrorCode;
+  if (!config_.server.lora_updates) {
+    reply_error(identity, request.request_id, ErrorCode::bad_request,
+                "loadAdapter: this service does not load LoRA adapters while it runs (server.lora_updates "
+                "is off in its config)");
+    return;
+  }
+  if (shutting_down_) {
+    reply_error(identity, request.request_id, ErrorCode::shutting_down, "the service is shutting down");
+    return;
+  }
+  for (const AdapterSlot& slot : adapters_) {
+    if ((slot.state == AdapterSlot::State::ready || slot.state == AdapterSlot::State::loading) &&
+        slot.name == request.name) {
+      reply_error(identity, request.request_id, ErrorCode::bad_request,
+                  "name: the LoRA adapter '" + request.name + "' " +
+                      (slot.state == AdapterSlot::State::ready ? "is already loaded" : "is being loaded"));
+      return;
+    }
+  }
+  auto free = std::find_if(adapters_.begin(), adapters_.end(),
+                           [](const AdapterSlot& s) { return s.state == AdapterSlot::State::free; });
+  if (free == adapters_.end()) free = adapters_.insert(adapters_.end(), AdapterSlot{});
+  AdapterSlot& slot = *free;
+  slot = AdapterSlot{};
+  slot.state = AdapterSlot::State::loading;
+  slot.name = request.name;
+  slot.identity = identity;
+  slot.request_id = request.request_id;
+  slot.reports_due = sockets_.workers.size();
+  const auto index = static_cast<int32_t>(free - adapters_.begin()) + 1;
+  // A step of its own, with no entries: ahead, on every worker's queue, of any step that names it.
+  protocol::WorkerStep load;
+  load.adapter_changes.push_back({index, request.path, request.scale});
+  send_to_workers(load);
+}
+
+void Coordinator::handle_adapter_reports(const std::vector<protocol::AdapterReport>& reports) {
+  for (const protocol::AdapterReport& report : reports) {
+    if (report.slot < 1 || static_cast<size_t>(report.slot) > adapters_.size()) continue;
+    AdapterSlot& slot = adapters_[static_cast<size_t>(report.slot - 1)];
+    if (slot.state != AdapterSlot::State::loading || slot.reports_due == 0) continue;
+    if (!report.error.empty() && slot.error.empty())
+      slot.error = report.error + " (worker rank " + std::to_string(report.rank) + ")";
+    if (--slot.reports_due > 0) continue;
+    if (!slot.error.empty()) {
+      const std::string identity = slot.identity, request_id = slot.request_id, error = slot.error;
+      empty_adapter_slot(report.slot);  // the workers that did load it drop it
+      reply_error(identity, request_id, protocol::ErrorCode::bad_request, "path: " + error);
+      continue;
+    }
+    slot.state = AdapterSlot::State::ready;
+    slot.cache_root = next_cache_root_++;
+    reply(slot.identity, protocol::Adapters{slot.request_id, served_adapters()});
+    slot.identity.clear();
+    slot.request_id.clear();
+  }
+}
+
+void Coordinator::handle_unload_adapter(const std::string& identity,
+                                        const protocol::UnloadAdapterRequest& request) {
+  if (!config_.server.lora_updates) {
+    reply_error(
+        identity, request.request_id, protocol::ErrorCode::bad_request,
+        "unloadAdapter: this service does not unload LoRA adapters while it runs (server.lora_updates "
+        "is off in its config)");
+    return;
+  }
+  const auto it = std::find_if(adapters_.begin(), adapters_.end(), [&](const AdapterSlot& s) {
+    return s.state == AdapterSlot::State::ready && s.name == request.name;
+  });
+  if (it == adapters_.end()) {
+    reply_error(identity, request.request_id, protocol::ErrorCode::not_found,
+                "name: the LoRA adapter '" + request.name + "' is not loaded");
+    return;
+  }
+  it->state = AdapterSlot::State::draining;
+  if (it->users == 0) empty_adapter_slot(static_cast<int32_t>(it - adapters_.begin()) + 1);
+  reply(identity, protocol::Adapters{request.request_id, served_adapters()});
+}
+
+void Coordinator::release_adapter(int32_t slot) {
+  if (slot == 0) return;
+  AdapterSlot& s = adapters_[static_cast<size_t>(slot - 1)];
+  if (--s.users == 0 && s.state == AdapterSlot::State::draining) empty_adapter_slot(slot);
+}
+
+void Coordinator::empty_adapter_slot(int32_t slot) {
+  protocol::WorkerStep unload;
+  unload.adapter_changes.push_back({slot, "", 1.0f});
+  send_to_workers(unload);
+  adapters_[static_cast<size_t>(slot - 1)] = AdapterSlot{};
+}
 
 void Coordinator::reply(const std::string& identity, const protocol::ServerResponseMsg& message) {
   const std::vector<uint8_t> bytes = protocol::encode(message);
@@ -77,14 +188,22 @@ void Coordinator::end_request(uint64_t seq, protocol::ErrorCode code, const std:
   reply_error(it->second.identity, it->second.request_id, code, message);
   if (scheduler_.cancel(seq)) released_.push_back(seq);
   by_id_.erase({it->second.identity, it->second.request_id});
+  const int32_t adapter = it->second.adapter;
   requests_.erase(it);
   ++failed_;
+  release_adapter(adapter);
 }
 
 void Coordinator::fail_all(protocol::ErrorCode code, const std::string& message) {
   std::vector<uint64_t> open;
   for (const auto& [seq, request] : requests_) open.push_back(seq);
   for (uint64_t seq : open) end_request(seq, code, message);
+  // Adapter loads still waiting for the workers get the same answer.
+  for (AdapterSlot& slot : adapters_) {
+    if (slot.state != AdapterSlot::State::loading || slot.identity.empty()) continue;
+    reply_error(slot.identity, slot.request_id, code, message);
+    slot.identity.clear();
+  }
 }
 
 protocol::Stats Coordinator::stats() const {
@@ -101,6 +220,7 @@ protocol::Stats Coordinator::stats() const {
   s.prompt_tokens = prompt_tokens_;
   s.cached_prompt_tokens = cached_prompt_tokens_;
   s.cached_kv_blocks = static_cast<uint64_t>(scheduler_.idle_cached_blocks());
+  s.adapters = served_adapters();
   return s;
 }
 
@@ -140,6 +260,10 @@ void Coordinator::handle_client_message() {
                                      shutting_down_ ? "shutting down" : layout_description_});
   } else if (std::holds_alternative<protocol::StatsRequest>(message)) {
     reply(identity, stats());
+  } else if (const auto* load = std::get_if<protocol::LoadAdapterRequest>(&message)) {
+    handle_load_adapter(identity, *load);
+  } else if (const auto* unload = std::get_if<protocol::UnloadAdapterRequest>(&message)) {
+    handle_unload_adapter(identity, *unload);
   } else if (std::holds_alternative<protocol::ShutdownRequest>(message)) {
     shutting_down_ = true;
     reply(identity, protocol::Health{true, static_cast<uint32_t>(sockets_.workers.size()), "shutting down"});
@@ -287,22 +411,23 @@ void Coordinator::handle_generate(const std::string& identity, const protocol::G
     return;
   }
 
-  // The LoRA adapter, by name: index i + 1 of the configured list.
-  int32_t adapter = 0;
+  // The LoRA adapter, by name: its slot (and the prefix cache's key for it).
+  int32_t adapter = 0, cache_root = 0;
   if (!g.adapter.empty()) {
-    const auto& adapters = config_.lora_adapters;
-    const auto it = std::find_if(adapters.begin(), adapters.end(),
-                                 [&](const LoraAdapterConfig& a) { return a.name == g.adapter; });
-    if (it == adapters.end()) {
+    const auto it = std::find_if(adapters_.begin(), adapters_.end(), [&](const AdapterSlot& a) {
+      return a.state == AdapterSlot::State::ready && a.name == g.adapter;
+    });
+    if (it == adapters_.end()) {
       std::string names;
-      for (const LoraAdapterConfig& a : adapters) names += (names.empty() ? "" : ", ") + a.name;
+      for (const std::string& name : served_adapters()) names += (names.empty() ? "" : ", ") + name;
       reply_error(
-          identity, g.request_id, ErrorCode::bad_request,
+          identity, g.request_id, ErrorCode::not_found,
           "adapter: '" + g.adapter + "' is not served" +
               (names.empty() ? std::string(" (this service has no LoRA adapters)") : "; served: " + names));
       return;
     }
-    adapter = static_cast<int32_t>(it - adapters.begin()) + 1;
+    adapter = static_cast<int32_t>(it - adapters_.begin()) + 1;
+    cache_root = it->cache_root;
   }
 
   const uint64_t seq = next_seq_++;
@@ -311,7 +436,7 @@ void Coordinator::handle_generate(const std::string& identity, const protocol::G
   const bool scores_prompt = g.prompt_logprobs >= 0;
   const Admission admission = scheduler_.submit(
       seq, prompt, static_cast<int32_t>(scores_prompt ? std::max<uint32_t>(g.max_tokens, 1) : g.max_tokens),
-      /*reuse_prefix=*/!scores_prompt, adapter);
+      /*reuse_prefix=*/!scores_prompt, cache_root);
   switch (admission) {
     case Admission::accepted:
       break;
@@ -359,6 +484,7 @@ void Coordinator::handle_generate(const std::string& identity, const protocol::G
   r.arrived = Clock::now();
   by_id_[{identity, g.request_id}] = seq;
   requests_.emplace(seq, std::move(r));
+  if (adapter != 0) ++adapters_[static_cast<size_t>(adapter - 1)].users;
 }
 
 bool Coordinator::dispatch_step() {
@@ -416,6 +542,10 @@ void Coordinator::send_to_workers(const protocol::WorkerStep& step) {
 }
 
 void Coordinator::handle_result(const protocol::StepResult& result) {
+  if (result.step_id == 0) {  // a worker's answers to adapter loads, not a step's result
+    handle_adapter_reports(result.adapter_reports);
+    return;
+  }
   if (in_flight_.erase(result.step_id) == 0) {
     throw std::runtime_error("result for step " + std::to_string(result.step_id) + " that is not in flight");
   }
@@ -531,8 +661,10 @@ void Coordinator::handle_result(const protocol::StepResult& result) {
     scheduler_.finish(sampled.seq_id);
     released_.push_back(sampled.seq_id);
     by_id_.erase({r.identity, r.request_id});
+    const int32_t adapter = r.adapter;
     requests_.erase(it);
     ++completed_;
+    release_adapter(adapter);
   }
 }
 

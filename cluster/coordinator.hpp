@@ -91,8 +91,33 @@ class Coordinator {
     size_t text_streamed = 0;
   };
 
+  // A LoRA adapter slot (PlanEntry::adapter = index + 1): the config's adapters first, then those loaded
+  // while the job runs. A slot is free, loading (every worker was told to load it; its answers are
+  // due), ready (requests may name it), or draining (unloaded while requests still use it: emptied on
+  // the workers when the last ends).
+  struct AdapterSlot {
+    enum class State { free, loading, ready, draining };
+    State state = State::free;
+    std::string name;
+    int32_t cache_root = 0;  // Scheduler::submit's adapter: a fresh one per load, so no prefix
+                             // cached under an earlier adapter of the slot is ever matched
+    int64_t users = 0;       // open requests that name it
+    // loading: the client waiting for the answer, the workers' answers still due, the first failure.
+    std::string identity, request_id;
+    size_t reports_due = 0;
+    std::string error;
+  };
+
   int serve_loop();
   void handle_client_message();
+  void handle_load_adapter(const std::string& identity, const protocol::LoadAdapterRequest& request);
+  void handle_unload_adapter(const std::string& identity, const protocol::UnloadAdapterRequest& request);
+  void handle_adapter_reports(const std::vector<protocol::AdapterReport>& reports);
+  // A request naming `slot` ended: a draining slot that no request uses any more is emptied.
+  void release_adapter(int32_t slot);
+  // Tells every worker to empty `slot`, and frees it.
+  void empty_adapter_slot(int32_t slot);
+  std::vector<std::string> served_adapters() const;
   void handle_generate(const std::string& identity, const protocol::GenerateRequest& request);
   void handle_result(const protocol::StepResult& result);
   bool dispatch_step();
@@ -124,6 +149,8 @@ class Coordinator {
   uint64_t completed_ = 0, failed_ = 0, tokens_generated_ = 0;
   uint64_t draft_proposed_ = 0, draft_accepted_ = 0;
   uint64_t prompt_tokens_ = 0, cached_prompt_tokens_ = 0;  // requests' prompts at their first step
+  std::vector<AdapterSlot> adapters_;                      // by PlanEntry::adapter - 1
+  int32_t next_cache_root_ = 1;
 };
 
 }  // namespace nibble::cluster

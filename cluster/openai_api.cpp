@@ -576,6 +576,8 @@ ApiError from_protocol(std::optional<protocol::ErrorCode> code, const std::strin
       return ApiError(400, "invalid_request_error", "", name, message);
     case ErrorCode::message_too_large:
       return ApiError(413, "invalid_request_error", "", name, message);
+    case ErrorCode::not_found:
+      return ApiError(404, "invalid_request_error", "", name, message);
     case ErrorCode::overloaded:
       return ApiError(429, "server_error", "", name, message);
     case ErrorCode::shutting_down:
@@ -614,10 +616,11 @@ json read_body(const std::string& text, const std::set<std::string>& keys, const
   if (const json* model = field(body, "model")) {
     if (!model->is_string()) wrong_type("model", "a string", *model);
     const std::string name = model->get<std::string>();
-    if (name != settings.model_name &&
-        std::find(settings.adapters.begin(), settings.adapters.end(), name) == settings.adapters.end()) {
+    const std::vector<std::string> adapters =
+        name == settings.model_name || !settings.adapters ? std::vector<std::string>{} : settings.adapters();
+    if (name != settings.model_name && std::find(adapters.begin(), adapters.end(), name) == adapters.end()) {
       std::string served = "'" + settings.model_name + "'";
-      for (const std::string& adapter : settings.adapters) served += ", '" + adapter + "'";
+      for (const std::string& adapter : adapters) served += ", '" + adapter + "'";
       throw ApiError(404, "invalid_request_error", "model", "model_not_found",
                      "the model '" + name + "' does not exist (this server serves " + served + ")");
     }
@@ -649,6 +652,35 @@ json tokenizer_info(const ApiSettings& settings) {
           {"pad_token", nullptr},
           {"add_bos_token", t.add_bos_default()},
           {"vocab_size", t.n_vocab()}};
+}
+
+namespace {
+
+std::string required_string(const json& body, const std::string& key) {
+  const json* value = field(body, key);
+  if (value == nullptr) throw invalid_request(key, key + ": required");
+  if (!value->is_string()) wrong_type(key, "a string", *value);
+  if (value->get<std::string>().empty()) throw invalid_request(key, key + ": must not be empty");
+  return value->get<std::string>();
+}
+
+}  // namespace
+
+protocol::LoadAdapterRequest parse_load_adapter(const std::string& text) {
+  const json body = read_body(text, {"lora_name", "lora_path", "scale"}, ApiSettings{});
+  protocol::LoadAdapterRequest request;
+  request.name = required_string(body, "lora_name");
+  request.path = required_string(body, "lora_path");
+  const double scale = number(body, "scale", 1.0);
+  if (!std::isfinite(static_cast<float>(scale)))
+    throw invalid_request("scale", "scale: must be a finite number");
+  request.scale = static_cast<float>(scale);
+  return request;
+}
+
+protocol::UnloadAdapterRequest parse_unload_adapter(const std::string& text) {
+  const json body = read_body(text, {"lora_name"}, ApiSettings{});
+  return {"", required_string(body, "lora_name")};
 }
 
 json detokenize(const std::string& text, const ApiSettings& settings) {

@@ -31,7 +31,8 @@ struct ApiError : std::runtime_error {
 // A 400 naming the field (param) and what is wrong with it.
 ApiError invalid_request(const std::string& param, const std::string& message);
 // The coordinator's refusal (or the transport's failure when code is nullopt) as the API reports it:
-// bad requests and over-long prompts 400, overload 429, shutting down 503, transport 503, others 500.
+// bad requests and over-long prompts 400, not found 404, overload 429, shutting down 503, transport
+// 503, others 500.
 ApiError from_protocol(std::optional<protocol::ErrorCode> code, const std::string& message);
 nlohmann::json error_body(const ApiError& error);
 
@@ -39,9 +40,10 @@ enum class Endpoint { completions, chat_completions };
 
 struct ApiSettings {
   std::string model_name = "nibble";  // what /v1/models lists; a request naming another model is a 404
-  // The LoRA adapters served on it (ClusterConfig::lora_adapters' names): a request's "model" may name
-  // one (vLLM's multi-LoRA), and /v1/models lists them too.
-  std::vector<std::string> adapters;
+  // The LoRA adapters served on it now (the coordinator's: its config's and those loaded since): a
+  // request's "model" may name one (vLLM's multi-LoRA), and /v1/models lists them too. Asked only for
+  // a model name other than model_name; may throw ApiError; empty: none.
+  std::function<std::vector<std::string>()> adapters;
   uint32_t default_chat_max_tokens = 256;  // chat requests without max_tokens (completions: 16, OpenAI's)
   uint32_t max_choices = 64;               // prompts times n in one request, at most
   // A token's text for logprobs (its bytes; may be part of a UTF-8 character); empty: logprobs name
@@ -120,6 +122,11 @@ nlohmann::json usage_chunk(const ApiRequest& api, const std::vector<protocol::Fi
 // outside the vocabulary), 404 for another model's name.
 nlohmann::json tokenize(const std::string& body, const ApiSettings& settings);
 nlohmann::json detokenize(const std::string& body, const ApiSettings& settings);
+// POST /v1/load_lora_adapter {"lora_name": NAME, "lora_path": PATH, "scale": S} and
+// POST /v1/unload_lora_adapter {"lora_name": NAME}, vLLM's (scale is llama.cpp's --lora-scaled, 1 when
+// left out): the coordinator's requests. Throw ApiError 400 naming the field.
+protocol::LoadAdapterRequest parse_load_adapter(const std::string& body);
+protocol::UnloadAdapterRequest parse_unload_adapter(const std::string& body);
 // GET /tokenizer_info, vLLM's (what lm-evaluation-harness's remote tokenizer reads): the BOS and EOS
 // tokens' texts, whether BOS is added, the tokenizer's kind; with settings.tokenizer.
 nlohmann::json tokenizer_info(const ApiSettings& settings);

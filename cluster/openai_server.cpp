@@ -27,7 +27,11 @@ using openai::ApiRequest;
 using openai::Endpoint;
 
 struct OpenAiServer::Impl {
-  explicit Impl(OpenAiServerOptions o) : options(std::move(o)), started(unix_time()) {}
+  explicit Impl(OpenAiServerOptions o) : options(std::move(o)), started(unix_time()) {
+    // The adapters served now are the coordinator's to say (loaded at start-up or since): asked when a
+    // request names a model other than the base one, and by /v1/models.
+    if (!options.api.adapters) options.api.adapters = [this] { return served_adapters(); };
+  }
 
   OpenAiServerOptions options;
   int64_t started;
@@ -124,13 +128,28 @@ struct OpenAiServer::Impl {
     }
   }
 
+  std::vector<std::string> served_adapters() {
+    try {
+      Lease client = lease();
+      return (*client).stats().adapters;
+    } catch (const ClientError& e) {
+      throw client_error(e);
+    }
+  }
+
   void models(httplib::Response& res) {
     json data = json::array({{{"id", options.api.model_name},
                               {"object", "model"},
                               {"created", started},
                               {"owned_by", "nibble"}}});
+    std::vector<std::string> adapters;
+    try {
+      adapters = options.api.adapters();
+    } catch (const ApiError&) {
+      // Without the coordinator the base model is still what this server answers for.
+    }
     // LoRA adapters as vLLM lists them: their own ids, with the base model as parent.
-    for (const std::string& adapter : options.api.adapters) {
+    for (const std::string& adapter : adapters) {
       data.push_back({{"id", adapter},
                       {"object", "model"},
                       {"created", started},
@@ -138,6 +157,30 @@ struct OpenAiServer::Impl {
                       {"parent", options.api.model_name}});
     }
     send_json(res, 200, {{"object", "list"}, {"data", data}});
+  }
+
+  // POST /v1/load_lora_adapter and /v1/unload_lora_adapter: vLLM's plain-text answers.
+  void change_adapters(const httplib::Request& req, httplib::Response& res, bool load) {
+    try {
+      std::string done;
+      if (load) {
+        const protocol::LoadAdapterRequest r = openai::parse_load_adapter(req.body);
+        Lease client = lease();
+        (*client).load_adapter(r.name, r.path, r.scale);
+        done = "Success: LoRA adapter '" + r.name + "' added successfully.";
+      } else {
+        const protocol::UnloadAdapterRequest r = openai::parse_unload_adapter(req.body);
+        Lease client = lease();
+        (*client).unload_adapter(r.name);
+        done = "Success: LoRA adapter '" + r.name + "' removed successfully.";
+      }
+      res.status = 200;
+      res.set_content(done, "text/plain");
+    } catch (const ApiError& e) {
+      send_error(res, e);
+    } catch (const ClientError& e) {
+      send_error(res, client_error(e));
+    }
   }
 
   // The model an answer names: the adapter the request asked for, else the base model.
@@ -348,9 +391,9 @@ OpenAiServer::OpenAiServer(OpenAiServerOptions options) : impl_(std::make_unique
   });
   // Every answer of a known endpoint counted by status (unknown paths are not: a scan would grow the map).
   s.http.set_logger([&s](const httplib::Request& req, const httplib::Response& res) {
-    static const std::set<std::string> kPaths = {"/health",         "/v1/models",           "/metrics",
-                                                 "/v1/completions", "/v1/chat/completions", "/tokenize",
-                                                 "/detokenize",     "/tokenizer_info"};
+    static const std::set<std::string> kPaths = {
+        "/health",   "/v1/models",  "/metrics",        "/v1/completions",       "/v1/chat/completions",
+        "/tokenize", "/detokenize", "/tokenizer_info", "/v1/load_lora_adapter", "/v1/unload_lora_adapter"};
     if (!kPaths.contains(req.path)) return;
     std::lock_guard lock(s.answers_mutex);
     ++s.answers[{req.path, res.status}];
@@ -360,6 +403,12 @@ OpenAiServer::OpenAiServer(OpenAiServerOptions options) : impl_(std::make_unique
   });
   s.http.Post("/v1/chat/completions", [&s](const httplib::Request& req, httplib::Response& res) {
     s.generate(Endpoint::chat_completions, req, res);
+  });
+  s.http.Post("/v1/load_lora_adapter", [&s](const httplib::Request& req, httplib::Response& res) {
+    s.change_adapters(req, res, /*load=*/true);
+  });
+  s.http.Post("/v1/unload_lora_adapter", [&s](const httplib::Request& req, httplib::Response& res) {
+    s.change_adapters(req, res, /*load=*/false);
   });
   if (!s.options.api_key.empty()) {
     s.http.set_pre_routing_handler([&s](const httplib::Request& req, httplib::Response& res) {

@@ -6,7 +6,8 @@
 // server-sent events (cluster/openai_api translates both ways).
 //
 //   GET  /health               200 when the coordinator answers ok, else 503
-//   GET  /v1/models            the one model, by its configured name
+//   GET  /v1/models            the model, by its configured name, and the LoRA adapters served on it
+//   POST /v1/load_lora_adapter, /v1/unload_lora_adapter  vLLM's (the coordinator's server.lora_updates)
 //   GET  /metrics              the coordinator's counters and the gateway's answers, for Prometheus
 //   POST /tokenize, /detokenize  the model's tokenizer (with one: --tokenizer, or in `nibble serve`)
 //   POST /v1/completions       prompt text or token ids

@@ -7,6 +7,7 @@
 #include <string>
 
 #include "cluster/sampling_settings.hpp"
+#include "model/lora_adapter.hpp"
 #include "speculative/rejection_sampler.hpp"
 #include "worker/logprobs.hpp"
 
@@ -39,12 +40,44 @@ void WorkerService::run() {
     const protocol::WorkerStep step = protocol::decode_worker_step(
         std::span<const uint8_t>(static_cast<const uint8_t*>(frame.data()), frame.size()));
     if (step.shutdown) return;
+    if (!step.adapter_changes.empty()) {
+      protocol::StepResult answers;  // step id 0: adapter reports only
+      answers.adapter_reports = change_adapters(step.adapter_changes);
+      for (const protocol::AdapterReport& r : answers.adapter_reports) {
+        if (reports_ == nullptr && !r.error.empty()) throw std::runtime_error(r.error);
+      }
+      if (reports_ != nullptr && !answers.adapter_reports.empty()) {
+        const std::vector<uint8_t> bytes = protocol::encode(answers);
+        reports_->send(zmq::buffer(bytes), zmq::send_flags::none);
+      }
+      if (step.step_id == 0 && step.entries.empty()) continue;  // a step of adapter changes only
+    }
     protocol::StepResult result = execute(step);
     if (results_ != nullptr) {
       const std::vector<uint8_t> bytes = protocol::encode(result);
       results_->send(zmq::buffer(bytes), zmq::send_flags::none);
     }
   }
+}
+
+std::vector<protocol::AdapterReport> WorkerService::change_adapters(
+    const std::vector<protocol::AdapterChange>& changes) {
+  std::vector<protocol::AdapterReport> reports;
+  for (const protocol::AdapterChange& c : changes) {
+    if (c.path.empty()) {
+      model_.remove_lora(c.slot);
+      continue;
+    }
+    protocol::AdapterReport report{c.slot, world_rank_, {}};
+    try {
+      model_.set_lora(c.slot, model::LoraAdapter::read(c.path, model_.config()), c.scale);
+    } catch (const std::exception& e) {
+      // The adapter is not loaded here; the coordinator empties the slot on every worker.
+      report.error = e.what();
+    }
+    reports.push_back(std::move(report));
+  }
+  return reports;
 }
 
 protocol::StepResult WorkerService::execute(const protocol::WorkerStep& step) {

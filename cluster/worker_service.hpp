@@ -45,12 +45,22 @@ class WorkerService {
                 std::shared_ptr<const worker::JsonConstraint> json = nullptr,
                 std::shared_ptr<const worker::GrammarConstraint> grammar = nullptr);
 
+  // Where this worker answers a step's adapter loads (WorkerStep::adapter_changes) from: its world
+  // rank, on a PUSH connected to the coordinator's results socket (the sampling rank's `results` may be
+  // it). Without one a load is still done, and a failed load throws.
+  void report_adapters_to(zmq::socket_t& socket, int world_rank) {
+    reports_ = &socket;
+    world_rank_ = world_rank;
+  }
+
   // Runs steps until a shutdown step. Throws on any failure (the caller ends the whole job: a rank
   // that stops mid-step would leave its peers waiting in a collective).
   void run();
 
   // One step (exposed for tests): returns the result the sampling rank sends (empty elsewhere).
   protocol::StepResult execute(const protocol::WorkerStep& step);
+  // A step's adapter changes, in order: the answers to its loads (an unload is not answered).
+  std::vector<protocol::AdapterReport> change_adapters(const std::vector<protocol::AdapterChange>& changes);
 
  private:
   struct SequenceState {
@@ -81,6 +91,8 @@ class WorkerService {
   parallel::Communicator* pipeline_;
   zmq::socket_t& steps_;
   zmq::socket_t* results_;
+  zmq::socket_t* reports_ = nullptr;  // report_adapters_to's
+  int world_rank_ = 0;
   speculative::Speculator* speculator_;
   std::shared_ptr<const worker::JsonConstraint> json_;
   std::shared_ptr<const worker::GrammarConstraint> grammar_;

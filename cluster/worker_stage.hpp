@@ -42,6 +42,12 @@ class WorkerStage {
   // Whether the model verifies sampled drafts where its logits are (ForwardModel::verifies_drafts:
   // a GPU's last stage), and that pass (ForwardModel::forward_stage_verify; hidden_in as above).
   bool verifies_drafts() const { return model_.verifies_drafts(); }
+  // The LoRA adapter a batch names by `slot`, loaded or removed while the job runs
+  // (ForwardModel::set_lora / remove_lora: a GPU's model refuses to load one).
+  void set_lora(int32_t slot, const model::LoraAdapter& adapter, float user_scale) {
+    model_.set_lora(slot, adapter, user_scale);
+  }
+  void remove_lora(int32_t slot) { model_.remove_lora(slot); }
   void forward_stage_verify(const worker::ForwardBatch& batch, const float* hidden_in,
                             const std::vector<worker::VerifySequence>& seqs, std::vector<int32_t>& accepted,
                             std::vector<std::vector<int32_t>>& tokens) {

@@ -95,8 +95,15 @@ TEST(ClientProtocol, RoundTripsEveryRequestKind) {
   text_prompt.prompt = std::string("Once upon a time");
   text_prompt.sampling.seed.reset();
   text_prompt.stream = false;
-  const std::vector<ClientRequestMsg> messages = {tokens_prompt,   text_prompt,    CancelRequest{"req-42"},
-                                                  HealthRequest{}, StatsRequest{}, ShutdownRequest{}};
+  const std::vector<ClientRequestMsg> messages = {
+      tokens_prompt,
+      text_prompt,
+      CancelRequest{"req-42"},
+      HealthRequest{},
+      StatsRequest{},
+      ShutdownRequest{},
+      LoadAdapterRequest{"req-7", "sql", "/models/sql.gguf", 0.5f},
+      UnloadAdapterRequest{"req-8", "sql"}};
   for (const auto& message : messages) {
     EXPECT_EQ(round_trip(message), message) << "variant index " << message.index();
   }
@@ -163,6 +170,10 @@ TEST(ClientProtocol, RoundTripsEveryResponseKind) {
       Health{true, 4, "all workers up"},
       Stats{1, 2, 3, 4, 5, 6, 7},
       Stats{1, 2, 3, 4, 5, 6, 7, 8, 9, 1000, 640, 12},
+      Stats{1, 2, 3, 4, 5, 6, 7, 8, 9, 1000, 640, 12, {"sql", "chat"}},
+      Adapters{"req-7", {"sql", "chat"}},
+      Adapters{"req-8", {}},
+      Error{"req-8", ErrorCode::not_found, "name: the LoRA adapter 'x' is not loaded"},
   };
   for (const auto& message : messages) {
     EXPECT_EQ(round_trip(message), message) << "variant index " << message.index();
@@ -463,6 +474,21 @@ TEST(ClientProtocol, SemanticViolationsNameTheField) {
   EXPECT_EQ(std::string(unknown_format.what()).rfind("responseFormat:", 0), 0u) << unknown_format.what();
   auto cancel = client_error(encode(ClientRequestMsg{CancelRequest{""}}));
   EXPECT_EQ(cancel.code, ErrorCode::bad_request);
+  // Adapter loads and unloads: a name, a path and a finite scale.
+  const std::pair<ClientRequestMsg, const char*> adapter_cases[] = {
+      {LoadAdapterRequest{"r", "", "/a.gguf"}, "name:"},
+      {LoadAdapterRequest{"r", std::string(kMaxAdapterNameBytes + 1, 'n'), "/a.gguf"}, "name:"},
+      {LoadAdapterRequest{"r", "a", ""}, "path:"},
+      {LoadAdapterRequest{"r", "a", std::string(kMaxAdapterPathBytes + 1, 'p')}, "path:"},
+      {LoadAdapterRequest{"r", "a", "/a.gguf", std::numeric_limits<float>::infinity()}, "scale:"},
+      {LoadAdapterRequest{"", "a", "/a.gguf"}, "requestId:"},
+      {UnloadAdapterRequest{"r", ""}, "name:"},
+  };
+  for (const auto& [message, field] : adapter_cases) {
+    const ProtocolError e = client_error(encode(message));
+    EXPECT_EQ(e.code, ErrorCode::bad_request) << field;
+    EXPECT_EQ(std::string(e.what()).rfind(field, 0), 0u) << e.what();
+  }
 }
 
 // ---------------------------------------------------------------- over ZeroMQ

@@ -500,6 +500,16 @@ TEST(ClusterConfig, LoraAdaptersAreAListOfNamedFiles) {
                "lora_adapters[0].scale", 3, {"expected a number"});
   expect_error("model: {path: m}\ndevice: cuda\nlora_adapters:\n  - {name: a, path: b}\n", "lora_adapters", 3,
                {"CPU workers only"});
+  // Loads and unloads while the job runs: off unless asked for.
+  EXPECT_FALSE(config.server.lora_updates);
+  const ClusterConfig updates =
+      parse_cluster_config("model: {path: m}\nserver: {lora_updates: true}\n", "t.yaml");
+  EXPECT_TRUE(updates.server.lora_updates);
+  EXPECT_EQ(parse_cluster_config(render_cluster_config(updates), "rendered"), updates);
+  expect_error("model: {path: m}\nserver: {lora_updates: yes please}\n", "server.lora_updates", 2,
+               {"expected one of false, true"});
+  expect_error("model: {path: m}\ndevice: cuda\nserver: {lora_updates: true}\n", "server", 3,
+               {"server.lora_updates", "CPU workers only"});
 
   const auto folder =
       std::filesystem::temp_directory_path() / ("nibble_lora_config_" + std::to_string(::getpid()));

@@ -146,6 +146,49 @@ TEST(LoraAdapter, SequencesOfDifferentAdaptersShareABatch) {
   EXPECT_THROW(model->forward(batch, cache, pool, logits), std::invalid_argument);
 }
 
+// Adapters loaded into and removed from slots while the model serves (a job's runtime loads): a slot
+// past the end leaves the ones between empty, a removed slot is refused by batches while the others
+// keep their indices and outputs, and a slot reused by another adapter gives that adapter's logits.
+TEST(LoraAdapter, SlotsAreLoadedRemovedAndReused) {
+  TinyModel m(kernels::DType::Q4_0);
+  kernels::ThreadPool pool(2);
+  auto model = LlamaModel::load(m.path);
+  const model::LoraAdapter first = model::make_random_lora(m.config, 4, 0, 0.3f, 7, kAll, true);
+  const model::LoraAdapter second =
+      model::make_random_lora(m.config, 8, 16.0f, 0.3f, 8, {LayerMatrix::attn_v});
+  const int64_t v = m.config.n_vocab;
+  const std::vector<float> base = run_sequence(*model, pool, 0);
+
+  model->set_lora(3, first, 0.5f);
+  EXPECT_EQ(model->n_loras(), 3);
+  EXPECT_FALSE(model->has_lora(1));
+  EXPECT_TRUE(model->has_lora(3));
+  EXPECT_THROW(run_sequence(*model, pool, 1), std::invalid_argument);  // an empty slot
+  model->set_lora(1, second);
+  const std::vector<float> with_first = run_sequence(*model, pool, 3);
+  const std::vector<float> with_second = run_sequence(*model, pool, 1);
+  EXPECT_GT(test::max_relative_rms(with_first, base, v), 0.05);
+  EXPECT_GT(test::max_relative_rms(with_second, with_first, v), 0.05);
+
+  // What the adapters give alone, on a fresh model.
+  auto fresh = LlamaModel::load(m.path);
+  fresh->add_lora(first, 0.5f);
+  fresh->add_lora(second);
+  EXPECT_EQ(run_sequence(*fresh, pool, 1), with_first);
+  EXPECT_EQ(run_sequence(*fresh, pool, 2), with_second);
+
+  model->remove_lora(3);
+  model->remove_lora(3);  // already empty: nothing to do
+  model->remove_lora(9);  // never loaded: likewise
+  EXPECT_FALSE(model->has_lora(3));
+  EXPECT_THROW(run_sequence(*model, pool, 3), std::invalid_argument);
+  EXPECT_EQ(run_sequence(*model, pool, 1), with_second);
+  EXPECT_EQ(run_sequence(*model, pool, 0), base);
+  model->set_lora(3, second);  // reused by the other adapter
+  EXPECT_EQ(run_sequence(*model, pool, 3), with_second);
+  EXPECT_THROW(model->set_lora(0, first), std::invalid_argument);
+}
+
 // Tensor shards (T 2 and 4: column- and row-parallel updates, the KV heads replicated at 4) and two
 // pipeline stages of the adapted model give the whole adapted model's logits.
 TEST(LoraAdapter, ShardsAndStagesOfAnAdaptedModelMatchTheWholeOne) {

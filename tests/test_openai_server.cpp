@@ -1095,8 +1095,10 @@ TEST(OpenAiServer, WithoutACoordinatorItAnswers503AndSigtermStopsIt) {
   const HttpReply c = post(gateway.port(), "/v1/completions", R"({"prompt": "x"})");
   EXPECT_EQ(c.status, 503);
   EXPECT_EQ(c.body["error"]["type"], "server_error");
-  // Refusals of its own need no coordinator; without --tokenizer it cannot tokenize.
-  EXPECT_EQ(post(gateway.port(), "/v1/completions", R"({"prompt": "x", "model": "other"})").status, 404);
+  // Refusals of its own need no coordinator (another model's name does: it may be a LoRA adapter the
+  // coordinator serves); without --tokenizer it cannot tokenize.
+  EXPECT_EQ(post(gateway.port(), "/v1/completions", R"({"prompt": "x", "max_tokens": -1})").status, 400);
+  EXPECT_EQ(post(gateway.port(), "/v1/completions", R"({"prompt": "x", "model": "other"})").status, 503);
   const HttpReply tokenize = post(gateway.port(), "/tokenize", R"({"prompt": "x"})");
   EXPECT_EQ(tokenize.status, 501);
   EXPECT_NE(tokenize.body["error"]["message"].get<std::string>().find("--tokenizer"), std::string::npos);
@@ -1329,7 +1331,8 @@ TEST(OpenAiServer, ServeStartsItWithTheOpenAiSection) {
 
 // LoRA adapters as vLLM serves them: /v1/models lists each with the base model as its parent, a request
 // whose model names one is answered by it (as the ZeroMQ client's `adapter` is) and names it back, and
-// a model that is neither is a 404 listing what is served.
+// a model that is neither is a 404 listing what is served; vLLM's /v1/load_lora_adapter and
+// /v1/unload_lora_adapter change what is served while the job runs.
 TEST(OpenAiServer, RequestsNamingALoraAdapterAreAnsweredByIt) {
   if (!fs::exists(test_jobs::mpiexec())) GTEST_SKIP() << "mpirun (" << test_jobs::mpiexec() << ") is absent";
   test::TempDir dir;
@@ -1339,9 +1342,13 @@ TEST(OpenAiServer, RequestsNamingALoraAdapterAreAnsweredByIt) {
   model::make_random_lora(model::LlamaConfig::from_gguf(*model::GgufFile::open(model)), 8, 16, 0.5f, 3,
                           {model::LayerMatrix::attn_q, model::LayerMatrix::ffn_up}, true)
       .write_gguf(adapter, "llama", kernels::DType::F16);
-  ServeJob job(
-      dir.path(), model, 1, 1,
-      "openai: { listen: \"127.0.0.1:0\" }\nlora_adapters: [{name: sql, path: '" + adapter + "'}]\n");
+  const std::string other = (dir.path() / "chat.gguf").string();
+  model::make_random_lora(model::LlamaConfig::from_gguf(*model::GgufFile::open(model)), 4, 0, 0.5f, 4,
+                          {model::LayerMatrix::attn_v, model::LayerMatrix::ffn_down})
+      .write_gguf(other, "llama", kernels::DType::F32);
+  ServeJob job(dir.path(), model, 1, 1,
+               "openai: { listen: \"127.0.0.1:0\" }\nlora_adapters: [{name: sql, path: '" + adapter + "'}]\n",
+               ServeJob::Placement{.server_keys = "lora_updates: true"});
   ASSERT_TRUE(job.wait_ready()) << job.log();
   std::smatch match;
   const std::string log = job.log();
@@ -1373,6 +1380,40 @@ TEST(OpenAiServer, RequestsNamingALoraAdapterAreAnsweredByIt) {
   EXPECT_NE(unknown.body["error"]["message"].get<std::string>().find("serves 'tiny', 'sql'"),
             std::string::npos)
       << unknown.body;
+
+  // vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter (the job has server.lora_updates): a loaded
+  // adapter is listed and answers as over ZeroMQ, an unloaded one is a 404 again.
+  const auto post_text = [&](const std::string& path, const json& body) {
+    httplib::Client http("127.0.0.1", port);
+    http.set_read_timeout(120, 0);
+    const auto res = http.Post(path, body.dump(), "application/json");
+    return res ? std::pair{res->status, res->body} : std::pair{0, std::string("no answer")};
+  };
+  const auto loaded = post_text("/v1/load_lora_adapter", {{"lora_name", "chat"}, {"lora_path", other}});
+  EXPECT_EQ(loaded, std::pair(200, std::string("Success: LoRA adapter 'chat' added successfully.")));
+  const json listed = get(port, "/v1/models").body["data"];
+  ASSERT_EQ(listed.size(), 3u) << listed;
+  EXPECT_EQ(listed[2]["id"], "chat");
+  protocol::GenerateRequest with_chat = greedy(kPrompt, 12);
+  with_chat.adapter = "chat";
+  const HttpReply chat_reply =
+      post(port, "/v1/completions",
+           json{{"model", "chat"}, {"prompt", kPrompt}, {"max_tokens", 12}, {"temperature", 0}}.dump());
+  ASSERT_EQ(chat_reply.status, 200) << chat_reply.body;
+  EXPECT_EQ(chat_reply.body["choices"][0]["text"], client.generate(with_chat).text);
+  const auto again = post_text("/v1/load_lora_adapter", {{"lora_name", "chat"}, {"lora_path", other}});
+  EXPECT_EQ(again.first, 400) << again.second;
+  EXPECT_NE(again.second.find("already loaded"), std::string::npos) << again.second;
+  const auto no_path = post_text("/v1/load_lora_adapter", {{"lora_name", "x"}});
+  EXPECT_EQ(no_path.first, 400) << no_path.second;
+  EXPECT_NE(no_path.second.find("lora_path: required"), std::string::npos) << no_path.second;
+  const auto not_an_adapter = post_text("/v1/load_lora_adapter", {{"lora_name", "x"}, {"lora_path", model}});
+  EXPECT_EQ(not_an_adapter.first, 400) << not_an_adapter.second;
+  EXPECT_EQ(post_text("/v1/unload_lora_adapter", {{"lora_name", "chat"}}),
+            std::pair(200, std::string("Success: LoRA adapter 'chat' removed successfully.")));
+  EXPECT_EQ(post(port, "/v1/completions", json{{"model", "chat"}, {"prompt", kPrompt}}.dump()).status, 404);
+  EXPECT_EQ(post_text("/v1/unload_lora_adapter", {{"lora_name", "chat"}}).first, 404);
+  EXPECT_EQ(get(port, "/v1/models").body["data"].size(), 2u);
 }
 
 // openai.api_key_env naming a variable that is not set: start-up fails on every rank, naming it.

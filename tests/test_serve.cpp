@@ -22,6 +22,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <future>
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <random>
@@ -704,7 +705,144 @@ TEST_P(ServeShapes, LoraAdaptersServeLikeGenerateWithTheAdapter) {
   EXPECT_EQ(served["ok"], 6) << served;
   const nlohmann::json half = bench("sql,sq1");
   EXPECT_EQ(half["ok"], 3) << half;
-  EXPECT_EQ(half["failures"]["badRequest"], 3) << half;
+  EXPECT_EQ(half["failures"]["notFound"], 3) << half;
+  // This job's config does not let clients load or unload adapters.
+  for (const bool load : {true, false}) {
+    try {
+      if (load) {
+        client.load_adapter("chat2", chat);
+      } else {
+        client.unload_adapter("chat");
+      }
+      ADD_FAILURE() << "an adapter " << (load ? "loaded" : "unloaded") << " without server.lora_updates";
+    } catch (const ClientError& e) {
+      EXPECT_EQ(e.code, std::optional(protocol::ErrorCode::bad_request));
+      EXPECT_NE(std::string(e.what()).find("server.lora_updates is off"), std::string::npos) << e.what();
+    }
+  }
+  EXPECT_EQ(client.stats().adapters, (std::vector<std::string>{"sql", "chat"}));
+}
+
+// The ClientError a call throws (its code and message; "none" when it does not throw).
+template <class Call>
+std::pair<std::optional<protocol::ErrorCode>, std::string> client_error_of(Call&& call) {
+  try {
+    call();
+  } catch (const ClientError& e) {
+    return {e.code, e.what()};
+  }
+  return {std::nullopt, "none"};
+}
+
+// Adapters loaded and unloaded while the job runs (server.lora_updates, vLLM's /v1/load_lora_adapter):
+// the answer comes once every worker has the adapter, whose requests then get `nibble generate --lora`
+// output; an unloaded name is refused, and a request still running on it finishes with it; a slot
+// reused by another adapter never serves the first one's cached prefix; a name loaded twice and files
+// that are not adapters of this model are refused by name (the worker's own message), and the service
+// goes on.
+TEST_P(ServeShapes, LoraAdaptersLoadAndUnloadWhileTheJobRuns) {
+  test::TempDir models;
+  const std::string model = make_tiny_model(models.path());
+  const model::LlamaConfig config = model::LlamaConfig::from_gguf(*model::GgufFile::open(model));
+  const std::string sql = (models.path() / "sql.gguf").string(),
+                    chat = (models.path() / "chat.gguf").string();
+  model::make_random_lora(config, 8, 16, 0.4f, 1,
+                          {std::begin(model::kLayerMatrices), std::end(model::kLayerMatrices)}, true)
+      .write_gguf(sql, "llama", kernels::DType::F16);
+  model::make_random_lora(config, 4, 0, 0.5f, 2, {model::LayerMatrix::attn_v, model::LayerMatrix::ffn_down})
+      .write_gguf(chat, "llama", kernels::DType::F32);
+  const std::string& prompt = kPrompts[0];
+  const Expected base = nibble_generate(model, prompt, 16);
+  const Expected with_sql = nibble_generate(model, prompt, 16, "--lora '" + sql + "' --lora-scale 0.5");
+  const Expected with_chat = nibble_generate(model, prompt, 48, "--lora '" + chat + "'");
+  ASSERT_NE(with_sql.tokens, base.tokens);
+  test::TempDir dir;
+  ServeJob job(dir.path(), model, GetParam().tensor, GetParam().pipeline,
+               "scheduler: { prefill_chunk: 16 }\n",
+               ServeJob::Placement{.server_keys = "lora_updates: true"});
+  ASSERT_TRUE(job.wait_ready()) << job.log();
+  Client client(job.endpoint());
+  const auto generate = [&](const std::string& id, const std::string& adapter, int max_tokens) {
+    protocol::GenerateRequest r = greedy(id, prompt, max_tokens);
+    r.adapter = adapter;
+    return client.generate(r).tokens;
+  };
+  using Names = std::vector<std::string>;
+  EXPECT_EQ(client.stats().adapters, Names{});
+  EXPECT_EQ(client.load_adapter("sql", sql, 0.5f), Names{"sql"});
+  EXPECT_EQ(client.stats().adapters, Names{"sql"});
+  EXPECT_EQ(generate("sql-1", "sql", 16), with_sql.tokens);
+  EXPECT_EQ(generate("base-1", "", 16), base.tokens);
+  const auto twice = client_error_of([&] { client.load_adapter("sql", chat); });
+  EXPECT_EQ(twice.first, std::optional(protocol::ErrorCode::bad_request));
+  EXPECT_NE(twice.second.find("the LoRA adapter 'sql' is already loaded"), std::string::npos) << twice.second;
+
+  // Unloaded: refused by name; its slot reused by the other adapter, whose answer to the same prompt
+  // (cached under sql a moment ago) is its own.
+  EXPECT_EQ(client.unload_adapter("sql"), Names{});
+  const auto gone = client_error_of([&] { generate("sql-2", "sql", 4); });
+  EXPECT_EQ(gone.first, std::optional(protocol::ErrorCode::not_found));
+  EXPECT_NE(gone.second.find("adapter: 'sql' is not served"), std::string::npos) << gone.second;
+  const auto unknown = client_error_of([&] { client.unload_adapter("sql"); });
+  EXPECT_EQ(unknown.first, std::optional(protocol::ErrorCode::not_found));
+  EXPECT_NE(unknown.second.find("'sql' is not loaded"), std::string::npos) << unknown.second;
+  EXPECT_EQ(client.load_adapter("chat", chat), Names{"chat"});
+  EXPECT_EQ(generate("chat-1", "chat", 48), with_chat.tokens);
+
+  // Files that are not adapters of this model: every worker tries, the answer names the file and the
+  // worker; nothing is served under the name, and the service goes on.
+  const std::string missing = (models.path() / "missing.gguf").string();
+  for (const std::string& path : {missing, model}) {
+    const auto bad = client_error_of([&] { client.load_adapter("bad", path); });
+    EXPECT_EQ(bad.first, std::optional(protocol::ErrorCode::bad_request));
+    EXPECT_NE(bad.second.find("path: "), std::string::npos) << bad.second;
+    EXPECT_NE(bad.second.find(path), std::string::npos) << bad.second;
+    EXPECT_NE(bad.second.find("(worker rank "), std::string::npos) << bad.second;
+  }
+  EXPECT_EQ(client.stats().adapters, Names{"chat"});
+
+  // Unloaded while a request runs on it: that request finishes with the adapter, a later one is refused;
+  // the slot, emptied when the request ends, takes sql again.
+  std::promise<void> started;
+  std::vector<int32_t> running;
+  std::thread runner([&] {
+    Client other(job.endpoint());
+    protocol::GenerateRequest r = greedy("chat-running", prompt, 48, true);
+    r.adapter = "chat";
+    bool first = true;
+    running = other
+                  .generate(r,
+                            [&](const protocol::Delta&) {
+                              if (first) started.set_value();
+                              first = false;
+                            })
+                  .tokens;
+  });
+  started.get_future().wait();
+  EXPECT_EQ(client.unload_adapter("chat"), Names{});
+  EXPECT_EQ(client_error_of([&] { generate("chat-2", "chat", 4); }).first,
+            std::optional(protocol::ErrorCode::not_found));
+  runner.join();
+  EXPECT_EQ(running, with_chat.tokens);
+  EXPECT_EQ(client.load_adapter("sql", sql, 0.5f), Names{"sql"});
+  EXPECT_EQ(generate("sql-3", "sql", 16), with_sql.tokens);
+  EXPECT_EQ(generate("base-2", "", 16), base.tokens);
+
+  // The same from the command line.
+  const test::CommandResult unloaded = test::run_command(test::nibble_bin() + " client --endpoint " +
+                                                         job.endpoint() + " --unload-lora sql --json");
+  ASSERT_EQ(unloaded.exit_code, 0) << unloaded.output;
+  EXPECT_EQ(nlohmann::json::parse(unloaded.output.substr(unloaded.output.find('{')))["adapters"],
+            nlohmann::json::array());
+  const test::CommandResult loaded = test::run_command(test::nibble_bin() + " client --endpoint " +
+                                                       job.endpoint() + " --load-lora 'chat=" + chat + "'");
+  EXPECT_EQ(loaded.exit_code, 0) << loaded.output;
+  EXPECT_NE(loaded.output.find("adapters: chat"), std::string::npos) << loaded.output;
+  const test::CommandResult malformed =
+      test::run_command(test::nibble_bin() + " client --endpoint " + job.endpoint() + " --load-lora chat");
+  EXPECT_EQ(malformed.exit_code, 2) << malformed.output;
+  EXPECT_NE(malformed.output.find("--load-lora: expected NAME=PATH"), std::string::npos) << malformed.output;
+  EXPECT_EQ(generate("chat-3", "chat", 48), with_chat.tokens);
 }
 
 // vLLM's stop_token_ids and min_tokens: a sampled stop token ends the request and stays in its output;

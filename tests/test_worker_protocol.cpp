@@ -90,6 +90,22 @@ TEST(WorkerProtocol, StepsAndResultsRoundTrip) {
   EXPECT_THROW(decode_worker_step(encode(many)), ProtocolError);
 }
 
+// Adapters loaded and unloaded while the job runs: a step of changes only (step id 0), the changes
+// ahead of a step's entries, and each worker's answers.
+TEST(WorkerProtocol, AdapterChangesAndReportsRoundTrip) {
+  WorkerStep changes;
+  changes.adapter_changes = {{2, "/models/sql.gguf", 0.5f}, {1, "", 1.0f}};
+  EXPECT_EQ(decode_worker_step(encode(changes)), changes);
+  WorkerStep with_entries = full_step();
+  with_entries.adapter_changes = {{3, "/models/peft-dir", 2.0f}};
+  EXPECT_EQ(decode_worker_step(encode(with_entries)), with_entries);
+  StepResult reports;
+  reports.adapter_reports = {{2, 1, ""}, {2, 3, "LoRA adapter /models/sql.gguf: no such file"}};
+  EXPECT_EQ(decode_step_result(encode(reports)), reports);
+  changes.adapter_changes = {{0, "/models/sql.gguf", 1.0f}};
+  EXPECT_THROW(decode_worker_step(encode(changes)), ProtocolError);
+}
+
 TEST(WorkerProtocol, DraftRequestsAndRepliesRoundTrip) {
   DraftRequest request;
   request.released = {4, 9};

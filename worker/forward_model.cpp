@@ -82,6 +82,12 @@ void ForwardModel::forward_draft_sample(const ForwardBatch&, ForwardCache&,
   throw std::logic_error("forward_draft_sample: this backend does not keep draft distributions");
 }
 
+void ForwardModel::set_lora(int32_t, const model::LoraAdapter&, float) {
+  throw std::runtime_error("LoRA adapters run on CPU workers; this worker's model is on a GPU");
+}
+
+void ForwardModel::remove_lora(int32_t) {}
+
 std::unique_ptr<ForwardCache> CpuForwardModel::make_cache(int64_t num_blocks, int64_t block_size) const {
   return std::make_unique<CpuCache>(model_.shard_config(), num_blocks, block_size);
 }

@@ -110,6 +110,11 @@ class ForwardModel {
                                     const std::vector<SamplingParams>& params,
                                     const std::vector<double>& uniforms, const std::vector<KeptRowRef>& keep,
                                     std::vector<int32_t>& ids);
+  // The LoRA adapters a serving job loads and unloads while it runs (LlamaModel::set_lora and
+  // remove_lora: slot is the index batches name). set_lora's default throws std::runtime_error (only
+  // the CPU model applies adapters); remove_lora's does nothing (such a model holds none).
+  virtual void set_lora(int32_t slot, const model::LoraAdapter& adapter, float user_scale);
+  virtual void remove_lora(int32_t slot);
 
  private:
   std::vector<float> argmax_logits_;  // forward_argmax's and forward_sample's scratch (n_vocab floats a row)
@@ -130,6 +135,10 @@ class CpuForwardModel final : public ForwardModel {
   std::unique_ptr<ForwardCache> make_cache(int64_t num_blocks, int64_t block_size) const override;
   void forward_stage(const ForwardBatch& batch, ForwardCache& cache, const float* hidden_in,
                      std::vector<float>& out) override;
+  void set_lora(int32_t slot, const model::LoraAdapter& adapter, float user_scale) override {
+    model_.set_lora(slot, adapter, user_scale);
+  }
+  void remove_lora(int32_t slot) override { model_.remove_lora(slot); }
 
  private:
   LlamaModel& model_;

@@ -138,6 +138,12 @@ void LlamaModel::set_layer_matrix(int64_t layer, model::LayerMatrix which, const
 }
 
 int32_t LlamaModel::add_lora(const model::LoraAdapter& adapter, float user_scale) {
+  set_lora(n_loras() + 1, adapter, user_scale);
+  return n_loras();
+}
+
+void LlamaModel::set_lora(int32_t slot, const model::LoraAdapter& adapter, float user_scale) {
+  if (slot < 1) throw std::invalid_argument("LoRA adapter index " + std::to_string(slot) + " is below 1");
   if (static_cast<int64_t>(adapter.layers.size()) != config_.n_layer) {
     throw std::invalid_argument("LoRA adapter " + adapter.path + " has " +
                                 std::to_string(adapter.layers.size()) + " layers, the model " +
@@ -159,13 +165,20 @@ int32_t LlamaModel::add_lora(const model::LoraAdapter& adapter, float user_scale
   if (adapter.output && (adapter.output->n_out != c.n_vocab || adapter.output->k != c.n_embd)) {
     throw std::invalid_argument("LoRA adapter " + adapter.path + ": an output head of the wrong shape");
   }
-  loras_.push_back(shard_lora(adapter, user_scale, plan_ ? &*plan_ : nullptr, c.head_dim, layer_begin_,
-                              layer_end_, is_last_stage()));
-  return static_cast<int32_t>(loras_.size());
+  ShardLora cut = shard_lora(adapter, user_scale, plan_ ? &*plan_ : nullptr, c.head_dim, layer_begin_,
+                             layer_end_, is_last_stage());
+  if (slot > n_loras()) loras_.resize(static_cast<size_t>(slot));
+  loras_[static_cast<size_t>(slot - 1)] = std::move(cut);
+}
+
+void LlamaModel::remove_lora(int32_t slot) {
+  if (!has_lora(slot)) return;
+  if (default_lora_ == slot) default_lora_ = 0;
+  loras_[static_cast<size_t>(slot - 1)].reset();
 }
 
 void LlamaModel::set_default_lora(int32_t adapter) {
-  if (adapter < 0 || adapter > n_loras()) {
+  if (adapter != 0 && !has_lora(adapter)) {
     throw std::invalid_argument("LoRA adapter " + std::to_string(adapter) + " is not one of the model's " +
                                 std::to_string(n_loras()));
   }
@@ -176,9 +189,10 @@ void LlamaModel::add_lora_products(int64_t layer, model::LayerMatrix which, cons
                                    const std::vector<std::vector<int64_t>>& rows_by_adapter, float* y,
                                    kernels::ThreadPool& pool) {
   for (size_t a = 0; a < loras_.size(); ++a) {
+    if (!loras_[a] || rows_by_adapter[a].empty()) continue;
     const std::optional<LoraProduct>& p =
-        layer == kHeadLayer ? loras_[a].output
-                            : loras_[a].layers[static_cast<size_t>(layer)][static_cast<size_t>(which)];
+        layer == kHeadLayer ? loras_[a]->output
+                            : loras_[a]->layers[static_cast<size_t>(layer)][static_cast<size_t>(which)];
     if (p) add_lora_product(*p, x, rows_by_adapter[a], y, pool);
   }
 }
@@ -241,9 +255,9 @@ void LlamaModel::forward_stage(const ForwardBatch& batch, KvCache& cache, kernel
                                   std::to_string(n_seqs) + " sequences");
     }
     for (int32_t a : batch.seq_adapters) {
-      if (a < 0 || a > n_loras()) {
-        throw std::invalid_argument("LoRA adapter " + std::to_string(a) + " is not one of the model's " +
-                                    std::to_string(n_loras()));
+      if (a != 0 && !has_lora(a)) {
+        throw std::invalid_argument("LoRA adapter " + std::to_string(a) + " is not loaded (the model has " +
+                                    std::to_string(n_loras()) + " slots)");
       }
     }
     token_adapters.resize(static_cast<size_t>(n));

@@ -136,7 +136,17 @@ class LlamaModel {
   // of a group adds the same adapters in the same order. Throws std::invalid_argument for an adapter
   // of another model's shape.
   int32_t add_lora(const model::LoraAdapter& adapter, float user_scale = 1.0f);
+  // A serving job's adapters change while it runs (vLLM's /v1/load_lora_adapter): set_lora puts an
+  // adapter at index `slot` (>= 1: an empty slot, a loaded one it replaces, or past the last, the
+  // slots between left empty), remove_lora empties a slot (the others keep their indices; an empty or
+  // unknown slot stays as it is). Batches that name an empty slot are refused. Same checks and throws
+  // as add_lora.
+  void set_lora(int32_t slot, const model::LoraAdapter& adapter, float user_scale = 1.0f);
+  void remove_lora(int32_t slot);
   int32_t n_loras() const { return static_cast<int32_t>(loras_.size()); }
+  bool has_lora(int32_t slot) const {
+    return slot >= 1 && slot <= n_loras() && loras_[static_cast<size_t>(slot - 1)].has_value();
+  }
   // The adapter of every sequence of a batch whose seq_adapters is empty (llama.cpp's --lora: one
   // model, adapted throughout); 0, the default, leaves such batches on the base model.
   void set_default_lora(int32_t adapter);
@@ -158,14 +168,14 @@ class LlamaModel {
   model::LlamaConfig shard_config_;
   model::LlamaWeights weights_;
   TensorShard shard_;
-  int64_t layer_begin_ = 0, layer_end_ = 0;  // weights_.layers holds only these
-  int64_t embd_begin_ = 0;                   // first token id of this shard's token_embd rows
-  ShardReducer* reducer_ = nullptr;          // null when unsharded (no collectives)
-  MatrixInputObserver observer_;             // empty unless calibrating
-  std::vector<int64_t> vocab_counts_;        // [shard.size] output rows per shard
-  std::optional<ModelShard> plan_;           // this shard's share when sharded
-  std::vector<ShardLora> loras_;             // add_lora's adapters, index - 1
-  int32_t default_lora_ = 0;                 // set_default_lora's
+  int64_t layer_begin_ = 0, layer_end_ = 0;      // weights_.layers holds only these
+  int64_t embd_begin_ = 0;                       // first token id of this shard's token_embd rows
+  ShardReducer* reducer_ = nullptr;              // null when unsharded (no collectives)
+  MatrixInputObserver observer_;                 // empty unless calibrating
+  std::vector<int64_t> vocab_counts_;            // [shard.size] output rows per shard
+  std::optional<ModelShard> plan_;               // this shard's share when sharded
+  std::vector<std::optional<ShardLora>> loras_;  // the adapters by index - 1 (nullopt: removed)
+  int32_t default_lora_ = 0;                     // set_default_lora's
   // This batch's rows by adapter, [n_loras()] (empty: no row names one): the tokens' rows, and the
   // logit rows' (rows of the head's input).
   std::vector<std::vector<int64_t>> lora_rows_, lora_logit_rows_;

@@ -53,7 +53,8 @@ nlohmann::json stats_json(const protocol::Stats& s) {
           {"draft_accepted", s.draft_accepted},
           {"prompt_tokens", s.prompt_tokens},
           {"cached_prompt_tokens", s.cached_prompt_tokens},
-          {"cached_kv_blocks", s.cached_kv_blocks}};
+          {"cached_kv_blocks", s.cached_kv_blocks},
+          {"adapters", s.adapters}};
 }
 
 // ---------------------------------------------------------------- bench-serve helpers
@@ -323,6 +324,8 @@ Runner add_client(CLI::App& app) {
     std::string tools_file, tool_choice = "auto";
     std::string grammar_file, regex;
     std::string lora;
+    std::string load_lora, unload_lora;  // NAME=PATH, NAME
+    float load_lora_scale = 1.0f;
   };
   auto a = std::make_shared<Args>();
   app.add_option("--endpoint,-e", a->endpoint, "Coordinator address")->capture_default_str();
@@ -422,8 +425,16 @@ Runner add_client(CLI::App& app) {
   auto* health = app.add_flag("--health", a->health, "Ask whether the service is up (exit 1 if not ok)");
   auto* stats = app.add_flag("--stats", a->stats, "Print the service's counters");
   auto* shutdown = app.add_flag("--shutdown", a->shutdown, "Ask the service to stop");
-  for (CLI::Option* control : {health, stats, shutdown}) {
-    for (CLI::Option* other : {health, stats, shutdown, prompt, tokens, chat}) {
+  auto* load_lora = app.add_option("--load-lora", a->load_lora,
+                                   "Serve the LoRA adapter at PATH as NAME from now on (NAME=PATH; the job's "
+                                   "server.lora_updates must be on)");
+  app.add_option("--load-lora-scale", a->load_lora_scale, "With --load-lora: the adapter's scale")
+      ->needs(load_lora)
+      ->capture_default_str();
+  auto* unload_lora = app.add_option("--unload-lora", a->unload_lora, "Stop serving the LoRA adapter NAME");
+  const std::vector<CLI::Option*> controls = {health, stats, shutdown, load_lora, unload_lora};
+  for (CLI::Option* control : controls) {
+    for (CLI::Option* other : {health, stats, shutdown, load_lora, unload_lora, prompt, tokens, chat}) {
       if (other != control) control->excludes(other);
     }
   }
@@ -443,6 +454,29 @@ Runner add_client(CLI::App& app) {
       }
       return h.ok ? 0 : 1;
     }
+    if (!a->load_lora.empty() || !a->unload_lora.empty()) {
+      std::vector<std::string> served;
+      if (!a->load_lora.empty()) {
+        const size_t eq = a->load_lora.find('=');
+        if (eq == std::string::npos || eq == 0 || eq + 1 == a->load_lora.size()) {
+          std::fprintf(stderr, "nibble: error: --load-lora: expected NAME=PATH, got '%s'\n",
+                       a->load_lora.c_str());
+          return 2;
+        }
+        served =
+            client.load_adapter(a->load_lora.substr(0, eq), a->load_lora.substr(eq + 1), a->load_lora_scale);
+      } else {
+        served = client.unload_adapter(a->unload_lora);
+      }
+      if (a->json) {
+        print_json({{"adapters", served}});
+      } else {
+        std::string names;
+        for (const std::string& name : served) names += (names.empty() ? "" : " ") + name;
+        std::printf("adapters: %s\n", names.c_str());
+      }
+      return 0;
+    }
     if (a->stats) {
       const protocol::Stats s = client.stats();
       if (a->json) {
@@ -451,7 +485,7 @@ Runner add_client(CLI::App& app) {
         std::printf(
             "queued: %llu\nrunning: %llu\ncompleted: %llu\nfailed: %llu\nfree_kv_blocks: %llu\n"
             "total_kv_blocks: %llu\ntokens_generated: %llu\ndraft_proposed: %llu\ndraft_accepted: %llu\n"
-            "prompt_tokens: %llu\ncached_prompt_tokens: %llu\ncached_kv_blocks: %llu\n",
+            "prompt_tokens: %llu\ncached_prompt_tokens: %llu\ncached_kv_blocks: %llu\nadapters:",
             static_cast<unsigned long long>(s.queued), static_cast<unsigned long long>(s.running),
             static_cast<unsigned long long>(s.completed), static_cast<unsigned long long>(s.failed),
             static_cast<unsigned long long>(s.free_kv_blocks),
@@ -462,6 +496,8 @@ Runner add_client(CLI::App& app) {
             static_cast<unsigned long long>(s.prompt_tokens),
             static_cast<unsigned long long>(s.cached_prompt_tokens),
             static_cast<unsigned long long>(s.cached_kv_blocks));
+        for (const std::string& name : s.adapters) std::printf(" %s", name.c_str());
+        std::printf("\n");
       }
       return 0;
     }

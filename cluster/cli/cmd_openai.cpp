@@ -25,10 +25,6 @@ Runner add_openai(CLI::App& app) {
   app.add_option("--port", options->port, "Port to listen on (0: any free one)")
       ->check(CLI::Range(0, 65535))
       ->capture_default_str();
-  app.add_option(
-      "--lora-adapter", options->api.adapters,
-      "A LoRA adapter the service serves (its lora_adapters name; repeatable): requests may name it "
-      "as their model");
   app.add_option("--model-name,--served-model-name", options->api.model_name,
                  "The model's name in /v1/models and in requests' \"model\"")
       ->capture_default_str();

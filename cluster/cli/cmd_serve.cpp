@@ -89,8 +89,6 @@ cluster::OpenAiServerOptions openai_options(const cluster::ClusterConfig& config
   }
   o.api.default_chat_max_tokens = static_cast<uint32_t>(config.openai->chat_max_tokens);
   o.api.model_name = config.openai->model_name;
-  for (const cluster::LoraAdapterConfig& adapter : config.lora_adapters)
-    o.api.adapters.push_back(adapter.name);
   if (o.api.model_name.empty()) {
     std::filesystem::path path(config.model.path);
     if (path.filename().empty()) path = path.parent_path();  // a directory given with a trailing slash
@@ -450,10 +448,11 @@ int serve(const std::string& config_path) {
       push->connect(endpoints[static_cast<size_t>(r)].data());
       to_workers.push_back(std::move(push));
     }
-  } else if (sampling_rank) {
+  } else if (!draft_rank) {
+    // Every worker answers adapter loads on it; the sampling worker sends its step results there too.
     results.set(zmq::sockopt::linger, 5000);
     results.connect(endpoints[0].data());
-    if (layout->has_draft_rank())
+    if (sampling_rank && layout->has_draft_rank())
       to_draft.connect(endpoints[static_cast<size_t>(layout->draft_world_rank())].data());
   }
 
@@ -586,6 +585,7 @@ int serve(const std::string& config_path) {
       cluster::WorkerService service(stage, config.parallel.pipeline > 1 ? groups.pipeline.get() : nullptr,
                                      steps, sampling_rank ? &results : nullptr, speculator.get(), json,
                                      grammar);
+      service.report_adapters_to(results, world_rank);
       service.run();
       if (remote != nullptr) remote->shutdown();
     } catch (const std::exception& e) {

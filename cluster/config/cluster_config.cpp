@@ -378,8 +378,8 @@ ClusterConfig build_config(const Reader& reader, const Section& top, const std::
   }
 
   if (const Entry* entry = top.find("server")) {
-    const Section server =
-        reader.section(*entry, {"listen", "max_queue", "max_message_bytes", "step_timeout_ms"});
+    const Section server = reader.section(
+        *entry, {"listen", "max_queue", "max_message_bytes", "step_timeout_ms", "lora_updates"});
     if (const Entry* e = server.find("listen")) {
       config.server.listen = reader.text(*e);
       const std::string_view listen = config.server.listen;
@@ -397,6 +397,8 @@ ClusterConfig build_config(const Reader& reader, const Section& top, const std::
       config.server.max_queue = reader.integer<int>(*e, 1, kIntMax);
     if (const Entry* e = server.find("step_timeout_ms"))
       config.server.step_timeout_ms = reader.integer<int>(*e, 100, kIntMax);
+    if (const Entry* e = server.find("lora_updates"))
+      config.server.lora_updates = reader.choice(*e, {"false", "true"}) == 1;
     if (const Entry* e = server.find("max_message_bytes")) {
       config.server.max_message_bytes = reader.integer<int64_t>(*e, 1, kInt64Max);
     }
@@ -485,6 +487,11 @@ ClusterConfig build_config(const Reader& reader, const Section& top, const std::
   if (config.device == Device::cuda && !config.lora_adapters.empty()) {
     const Entry& e = *top.find("lora_adapters");
     reader.fail(e.path, e.line, "LoRA adapters run on the CPU workers only (device: cpu)");
+  }
+  if (config.device == Device::cuda && config.server.lora_updates) {
+    const Entry& e = *top.find("server");
+    reader.fail(e.path, e.line,
+                "server.lora_updates: LoRA adapters run on the CPU workers only (device: cpu)");
   }
   return config;
 }
@@ -782,6 +789,7 @@ std::string render_cluster_config(const ClusterConfig& config) {
   out << YAML::Key << "max_queue" << YAML::Value << config.server.max_queue;
   out << YAML::Key << "max_message_bytes" << YAML::Value << config.server.max_message_bytes;
   out << YAML::Key << "step_timeout_ms" << YAML::Value << config.server.step_timeout_ms;
+  out << YAML::Key << "lora_updates" << YAML::Value << config.server.lora_updates;
   out << YAML::EndMap;
   out << YAML::Key << "scheduler" << YAML::Value << YAML::BeginMap;
   out << YAML::Key << "max_batch_tokens" << YAML::Value << config.scheduler.max_batch_tokens;

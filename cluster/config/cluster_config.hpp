@@ -183,6 +183,9 @@ struct ServerConfig {
   int max_queue = 256;
   int64_t max_message_bytes = 1 << 20;
   int step_timeout_ms = 60000;  // fail every request and end the job when a step takes longer
+  // Clients may load and unload LoRA adapters while the job runs (vLLM's
+  // VLLM_ALLOW_RUNTIME_LORA_UPDATING): off by default, since a load reads a path the client names.
+  bool lora_updates = false;
 
   bool operator==(const ServerConfig&) const = default;
 };

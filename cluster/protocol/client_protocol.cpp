@@ -19,6 +19,8 @@ namespace {
 
 // The C++ enums are cast to and from the wire enums; these keep the two in step.
 static_assert(static_cast<uint16_t>(wire::ErrorCode::INTERNAL) == static_cast<uint16_t>(ErrorCode::internal));
+static_assert(static_cast<uint16_t>(wire::ErrorCode::NOT_FOUND) ==
+              static_cast<uint16_t>(ErrorCode::not_found));
 static_assert(static_cast<uint16_t>(wire::ResponseFormat::JSON_OBJECT) ==
               static_cast<uint16_t>(ResponseFormat::json_object));
 static_assert(static_cast<uint16_t>(wire::ErrorCode::BAD_REQUEST) ==
@@ -50,6 +52,17 @@ std::vector<int32_t> to_std(capnp::List<int32_t>::Reader list) {
   out.reserve(list.size());  // safe: capnp has bounds-checked the list against the frame
   for (int32_t value : list) out.push_back(value);
   return out;
+}
+
+std::vector<std::string> read_texts(capnp::List<capnp::Text>::Reader list) {
+  std::vector<std::string> out;
+  out.reserve(list.size());
+  for (auto text : list) out.push_back(to_std(text));
+  return out;
+}
+
+void write_texts(const std::vector<std::string>& texts, capnp::List<capnp::Text>::Builder list) {
+  for (unsigned i = 0; i < texts.size(); ++i) list.set(i, as_text(texts[i]));
 }
 
 template <class ListBuilder>
@@ -304,6 +317,15 @@ ClientRequestMsg read_client_request(capnp::MessageReader& reader) {
       return StatsRequest{};
     case wire::ClientRequest::SHUTDOWN:
       return ShutdownRequest{};
+    case wire::ClientRequest::LOAD_ADAPTER: {
+      auto in = root.getLoadAdapter();
+      return LoadAdapterRequest{to_std(in.getRequestId()), to_std(in.getName()), to_std(in.getPath()),
+                                in.getScale()};
+    }
+    case wire::ClientRequest::UNLOAD_ADAPTER: {
+      auto in = root.getUnloadAdapter();
+      return UnloadAdapterRequest{to_std(in.getRequestId()), to_std(in.getName())};
+    }
   }
   unknown_member("request type", static_cast<unsigned>(root.which()));
 }
@@ -311,8 +333,8 @@ ClientRequestMsg read_client_request(capnp::MessageReader& reader) {
 ErrorCode read_error_code(wire::ErrorCode code) {
   // A newer server may send codes this build does not know: keep the message, call it internal.
   auto value = static_cast<uint16_t>(code);
-  return value <= static_cast<uint16_t>(ErrorCode::internal) ? static_cast<ErrorCode>(value)
-                                                             : ErrorCode::internal;
+  return value <= static_cast<uint16_t>(ErrorCode::not_found) ? static_cast<ErrorCode>(value)
+                                                              : ErrorCode::internal;
 }
 
 FinishReason read_finish_reason(wire::FinishReason reason) {
@@ -358,10 +380,23 @@ ServerResponseMsg read_server_response(capnp::MessageReader& reader) {
     }
     case wire::ServerResponse::STATS: {
       auto in = root.getStats();
-      return Stats{
-          in.getQueued(),        in.getRunning(),       in.getCompleted(),          in.getFailed(),
-          in.getFreeKvBlocks(),  in.getTotalKvBlocks(), in.getTokensGenerated(),    in.getDraftProposed(),
-          in.getDraftAccepted(), in.getPromptTokens(),  in.getCachedPromptTokens(), in.getCachedKvBlocks()};
+      return Stats{in.getQueued(),
+                   in.getRunning(),
+                   in.getCompleted(),
+                   in.getFailed(),
+                   in.getFreeKvBlocks(),
+                   in.getTotalKvBlocks(),
+                   in.getTokensGenerated(),
+                   in.getDraftProposed(),
+                   in.getDraftAccepted(),
+                   in.getPromptTokens(),
+                   in.getCachedPromptTokens(),
+                   in.getCachedKvBlocks(),
+                   read_texts(in.getAdapters())};
+    }
+    case wire::ServerResponse::ADAPTERS: {
+      auto in = root.getAdapters();
+      return Adapters{to_std(in.getRequestId()), read_texts(in.getNames())};
     }
   }
   unknown_member("response type", static_cast<unsigned>(root.which()));
@@ -402,6 +437,8 @@ std::string_view to_string(ErrorCode code) {
       return "shuttingDown";
     case ErrorCode::internal:
       return "internal";
+    case ErrorCode::not_found:
+      return "notFound";
   }
   return "unknown";
 }
@@ -530,6 +567,30 @@ void validate(const GenerateRequest& request) {
 
 void validate(const CancelRequest& request) { validate_request_id(request.request_id); }
 
+namespace {
+
+void validate_adapter_name(const std::string& name) {
+  if (name.empty()) bad_request("name: must not be empty");
+  if (name.size() > kMaxAdapterNameBytes)
+    bad_request("name: longer than " + std::to_string(kMaxAdapterNameBytes) + " bytes");
+}
+
+}  // namespace
+
+void validate(const LoadAdapterRequest& request) {
+  validate_request_id(request.request_id);
+  validate_adapter_name(request.name);
+  if (request.path.empty()) bad_request("path: must not be empty");
+  if (request.path.size() > kMaxAdapterPathBytes)
+    bad_request("path: longer than " + std::to_string(kMaxAdapterPathBytes) + " bytes");
+  if (!std::isfinite(request.scale)) bad_request("scale: must be a finite number");
+}
+
+void validate(const UnloadAdapterRequest& request) {
+  validate_request_id(request.request_id);
+  validate_adapter_name(request.name);
+}
+
 std::vector<uint8_t> encode(const ClientRequestMsg& message) {
   capnp::MallocMessageBuilder builder;
   auto root = builder.initRoot<wire::ClientRequest>();
@@ -539,6 +600,18 @@ std::vector<uint8_t> encode(const ClientRequestMsg& message) {
                  [&](const HealthRequest&) { root.setHealth(); },
                  [&](const StatsRequest&) { root.setStats(); },
                  [&](const ShutdownRequest&) { root.setShutdown(); },
+                 [&](const LoadAdapterRequest& m) {
+                   auto out = root.initLoadAdapter();
+                   out.setRequestId(as_text(m.request_id));
+                   out.setName(as_text(m.name));
+                   out.setPath(as_text(m.path));
+                   out.setScale(m.scale);
+                 },
+                 [&](const UnloadAdapterRequest& m) {
+                   auto out = root.initUnloadAdapter();
+                   out.setRequestId(as_text(m.request_id));
+                   out.setName(as_text(m.name));
+                 },
              },
              message);
   return detail::to_bytes(builder);
@@ -587,6 +660,12 @@ std::vector<uint8_t> encode(const ServerResponseMsg& message) {
             out.setPromptTokens(m.prompt_tokens);
             out.setCachedPromptTokens(m.cached_prompt_tokens);
             out.setCachedKvBlocks(m.cached_kv_blocks);
+            write_texts(m.adapters, out.initAdapters(static_cast<unsigned>(m.adapters.size())));
+          },
+          [&](const Adapters& m) {
+            auto out = root.initAdapters();
+            out.setRequestId(as_text(m.request_id));
+            write_texts(m.names, out.initNames(static_cast<unsigned>(m.names.size())));
           },
       },
       message);
@@ -598,6 +677,8 @@ ClientRequestMsg decode_client_request(std::span<const uint8_t> frame, const Dec
       read_frame(frame, limits, [](capnp::MessageReader& reader) { return read_client_request(reader); });
   if (const auto* generate = std::get_if<GenerateRequest>(&message)) validate(*generate);
   if (const auto* cancel = std::get_if<CancelRequest>(&message)) validate(*cancel);
+  if (const auto* load = std::get_if<LoadAdapterRequest>(&message)) validate(*load);
+  if (const auto* unload = std::get_if<UnloadAdapterRequest>(&message)) validate(*unload);
   return message;
 }
 

@@ -27,6 +27,7 @@ enum class ErrorCode : uint16_t {
   worker_failed,
   shutting_down,
   internal,
+  not_found,
 };
 
 // Mirrors nibble.capnp's FinishReason.
@@ -51,6 +52,8 @@ struct ProtocolError : std::runtime_error {
 inline constexpr size_t kMaxRequestIdBytes = 128;
 inline constexpr size_t kMaxStopStrings = 64;
 inline constexpr size_t kMaxStopStringBytes = 256;
+inline constexpr size_t kMaxAdapterNameBytes = 256;
+inline constexpr size_t kMaxAdapterPathBytes = 4096;
 
 struct DecodeLimits {
   size_t max_message_bytes = size_t{1} << 20;  // frames above this are rejected unread
@@ -167,8 +170,25 @@ struct ShutdownRequest {
   bool operator==(const ShutdownRequest&) const = default;
 };
 
-using ClientRequestMsg =
-    std::variant<GenerateRequest, CancelRequest, HealthRequest, StatsRequest, ShutdownRequest>;
+// Serve a LoRA adapter under `name` from now on (vLLM's /v1/load_lora_adapter), where the job allows
+// it (server.lora_updates): answered by Adapters once every worker loaded it, or an Error.
+struct LoadAdapterRequest {
+  std::string request_id;
+  std::string name;  // what GenerateRequest::adapter calls it
+  std::string path;  // a GGUF adapter or PEFT directory, as the workers' hosts see it
+  float scale = 1.0f;
+  bool operator==(const LoadAdapterRequest&) const = default;
+};
+
+// Stop serving an adapter: later requests naming it are refused, running ones finish with it.
+struct UnloadAdapterRequest {
+  std::string request_id;
+  std::string name;
+  bool operator==(const UnloadAdapterRequest&) const = default;
+};
+
+using ClientRequestMsg = std::variant<GenerateRequest, CancelRequest, HealthRequest, StatsRequest,
+                                      ShutdownRequest, LoadAdapterRequest, UnloadAdapterRequest>;
 
 // ---------------------------------------------------------------- coordinator -> client
 
@@ -247,13 +267,21 @@ struct Stats {
   uint64_t tokens_generated = 0;
   uint64_t draft_proposed = 0;  // speculative decoding, all requests
   uint64_t draft_accepted = 0;
-  uint64_t prompt_tokens = 0;         // prompts' tokens at their first step, all requests
-  uint64_t cached_prompt_tokens = 0;  // ... of which the prefix cache held the K/V
-  uint64_t cached_kv_blocks = 0;      // cached prefix blocks no request holds (part of free_kv_blocks)
+  uint64_t prompt_tokens = 0;           // prompts' tokens at their first step, all requests
+  uint64_t cached_prompt_tokens = 0;    // ... of which the prefix cache held the K/V
+  uint64_t cached_kv_blocks = 0;        // cached prefix blocks no request holds (part of free_kv_blocks)
+  std::vector<std::string> adapters{};  // the LoRA adapters served now, by name
   bool operator==(const Stats&) const = default;
 };
 
-using ServerResponseMsg = std::variant<Delta, Final, Error, Health, Stats>;
+// The answer to a load or unload: the adapters served after it.
+struct Adapters {
+  std::string request_id;
+  std::vector<std::string> names;
+  bool operator==(const Adapters&) const = default;
+};
+
+using ServerResponseMsg = std::variant<Delta, Final, Error, Health, Stats, Adapters>;
 
 // ---------------------------------------------------------------- wire format
 
@@ -273,5 +301,7 @@ ServerResponseMsg decode_server_response(std::span<const uint8_t> frame, const D
 // Semantic checks of requests; throw ProtocolError(bad_request, "<field>: <why>").
 void validate(const GenerateRequest& request);
 void validate(const CancelRequest& request);
+void validate(const LoadAdapterRequest& request);
+void validate(const UnloadAdapterRequest& request);
 
 }  // namespace nibble::protocol

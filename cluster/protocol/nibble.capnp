@@ -93,6 +93,23 @@ struct CancelRequest {
   requestId @0 :Text;
 }
 
+struct LoadAdapterRequest {
+  # Serve a LoRA adapter under a name from now on (vLLM's /v1/load_lora_adapter); only where the job
+  # allows it (server.lora_updates). Answered by an AdapterList once every worker has loaded it, or
+  # an Error naming what failed.
+  requestId @0 :Text;
+  name @1 :Text;                       # what GenerateRequest.adapter calls it
+  path @2 :Text;                       # a GGUF adapter or PEFT directory, as the workers' hosts see it
+  scale @3 :Float32 = 1.0;             # llama.cpp's --lora-scaled
+}
+
+struct UnloadAdapterRequest {
+  # Stop serving an adapter (vLLM's /v1/unload_lora_adapter): later requests naming it are refused,
+  # the running ones finish with it. Answered by an AdapterList.
+  requestId @0 :Text;
+  name @1 :Text;
+}
+
 struct ClientRequest {
   union {
     generate @0 :GenerateRequest;
@@ -100,6 +117,8 @@ struct ClientRequest {
     health @2 :Void;
     stats @3 :Void;
     shutdown @4 :Void;
+    loadAdapter @5 :LoadAdapterRequest;
+    unloadAdapter @6 :UnloadAdapterRequest;
   }
 }
 
@@ -124,6 +143,7 @@ enum ErrorCode {
   workerFailed @7;
   shuttingDown @8;
   internal @9;
+  notFound @10;                        # what the request names is not there (an adapter not served)
 }
 
 struct TopLogprob {
@@ -196,6 +216,13 @@ struct StatsResponse {
   promptTokens @9 :UInt64;             # prompts' tokens at their first step, all requests
   cachedPromptTokens @10 :UInt64;      # ... of which the prefix cache held the K/V
   cachedKvBlocks @11 :UInt64;          # cached prefix blocks no request holds (part of freeKvBlocks)
+  adapters @12 :List(Text);            # the LoRA adapters served now, by name
+}
+
+struct AdapterList {
+  # The answer to a load or unload: the LoRA adapters served after it, by name.
+  requestId @0 :Text;
+  names @1 :List(Text);
 }
 
 struct ServerResponse {
@@ -205,5 +232,6 @@ struct ServerResponse {
     error @2 :Error;
     health @3 :HealthResponse;
     stats @4 :StatsResponse;
+    adapters @5 :AdapterList;
   }
 }

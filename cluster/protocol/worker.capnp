@@ -56,6 +56,22 @@ struct WorkerStep {
   entries @4 :List(PlanEntry);
   blockTables @5 :List(Int32);         # [entries, maxBlocksPerSeq], -1 padded
   maxBlocksPerSeq @6 :UInt32;
+  adapterChanges @7 :List(AdapterChange);  # done first, in order, before any entry (a step with only
+                                       # these, stepId 0, runs no batch and gets no StepResult)
+}
+
+struct AdapterChange {
+  # A LoRA adapter loaded into a slot while the job runs (path non-empty), or a slot emptied (path
+  # empty). Every worker answers a load with an AdapterReport; an unload goes unanswered.
+  slot @0 :Int32;                      # PlanEntry.adapter's index, >= 1
+  path @1 :Text;                       # GGUF adapter or PEFT directory, on the worker's host
+  scale @2 :Float32 = 1.0;
+}
+
+struct AdapterReport {
+  slot @0 :Int32;
+  rank @1 :Int32;                      # the worker's world rank
+  error @2 :Text;                      # empty: loaded
 }
 
 struct SampledToken {
@@ -78,6 +94,8 @@ struct StepResult {
   stepId @0 :UInt64;
   sampled @1 :List(SampledToken);
   prompts @2 :List(PromptLogprobs);    # one per entry with promptTargets, in entry order
+  adapterReports @3 :List(AdapterReport);  # stepId 0: a worker's answers to a step's adapter loads
+                                       # (every worker sends them, the sampling worker too)
 }
 
 # Between the sampling worker and a draft on a rank of its own (`draft.placement: own_rank`): one

@@ -111,6 +111,13 @@ std::vector<uint8_t> encode(const WorkerStep& step) {
   auto tables = out.initBlockTables(static_cast<unsigned>(step.block_tables.size()));
   for (unsigned i = 0; i < step.block_tables.size(); ++i) tables.set(i, step.block_tables[i]);
   out.setMaxBlocksPerSeq(step.max_blocks_per_seq);
+  auto changes = out.initAdapterChanges(static_cast<unsigned>(step.adapter_changes.size()));
+  for (unsigned i = 0; i < step.adapter_changes.size(); ++i) {
+    const AdapterChange& c = step.adapter_changes[i];
+    changes[i].setSlot(c.slot);
+    changes[i].setPath(c.path);
+    changes[i].setScale(c.scale);
+  }
   return detail::to_bytes(message);
 }
 
@@ -136,6 +143,13 @@ std::vector<uint8_t> encode(const StepResult& result) {
     prompts[i].setSeqId(in.seq_id);
     prompts[i].setStartPos(in.start_pos);
     detail::write_logprobs(in.logprobs, prompts[i].initLogprobs(static_cast<unsigned>(in.logprobs.size())));
+  }
+  auto reports = out.initAdapterReports(static_cast<unsigned>(result.adapter_reports.size()));
+  for (unsigned i = 0; i < result.adapter_reports.size(); ++i) {
+    const AdapterReport& r = result.adapter_reports[i];
+    reports[i].setSlot(r.slot);
+    reports[i].setRank(r.rank);
+    reports[i].setError(r.error);
   }
   return detail::to_bytes(message);
 }
@@ -186,6 +200,11 @@ WorkerStep decode_worker_step(std::span<const uint8_t> frame, size_t max_bytes) 
     if (step.block_tables.size() != step.entries.size() * step.max_blocks_per_seq) {
       throw ProtocolError(ErrorCode::malformed_message, "worker step: block tables do not match the entries");
     }
+    for (auto c : in.getAdapterChanges()) {
+      step.adapter_changes.push_back({c.getSlot(), c.getPath(), c.getScale()});
+      if (step.adapter_changes.back().slot < 1)
+        throw ProtocolError(ErrorCode::malformed_message, "worker step: an adapter change to a slot below 1");
+    }
     return step;
   });
 }
@@ -215,6 +234,8 @@ StepResult decode_step_result(std::span<const uint8_t> frame, size_t max_bytes) 
         throw ProtocolError(ErrorCode::malformed_message,
                             "step result: prompt logprobs at a negative position");
     }
+    for (auto r : in.getAdapterReports())
+      result.adapter_reports.push_back({r.getSlot(), r.getRank(), r.getError()});
     return result;
   });
 }

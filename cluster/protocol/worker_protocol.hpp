@@ -57,6 +57,23 @@ struct PlanEntry {
   bool operator==(const PlanEntry&) const = default;
 };
 
+// A LoRA adapter loaded into slot `slot` (path non-empty) or that slot emptied (path empty), before a
+// step's entries.
+struct AdapterChange {
+  int32_t slot = 0;  // PlanEntry::adapter's index, >= 1
+  std::string path;
+  float scale = 1.0f;
+  bool operator==(const AdapterChange&) const = default;
+};
+
+// A worker's answer to an adapter load (error empty: loaded).
+struct AdapterReport {
+  int32_t slot = 0;
+  int32_t rank = 0;  // the worker's world rank
+  std::string error;
+  bool operator==(const AdapterReport&) const = default;
+};
+
 struct WorkerStep {
   uint64_t step_id = 0;
   bool shutdown = false;
@@ -65,6 +82,8 @@ struct WorkerStep {
   std::vector<PlanEntry> entries;
   std::vector<int32_t> block_tables;  // [entries.size(), max_blocks_per_seq]
   uint32_t max_blocks_per_seq = 0;
+  // Done first, in order. A step of only these has step_id 0: it runs no batch and gets no StepResult.
+  std::vector<AdapterChange> adapter_changes{};
   bool operator==(const WorkerStep&) const = default;
 };
 
@@ -91,6 +110,8 @@ struct StepResult {
   uint64_t step_id = 0;
   std::vector<SampledToken> sampled;
   std::vector<PromptLogprobs> prompts{};  // one per entry with prompt_targets, in entry order
+  // step_id 0: a worker's answers to a step's adapter loads (every worker sends its own).
+  std::vector<AdapterReport> adapter_reports{};
   bool operator==(const StepResult&) const = default;
 };
 

@@ -276,7 +276,11 @@ std::vector<std::vector<uint8_t>> client_protocol_seeds() {
           protocol::encode(protocol::ServerResponseMsg(final)),
           protocol::encode(protocol::ServerResponseMsg(
               protocol::Error{"r1", protocol::ErrorCode::bad_request, "prompt: empty"})),
-          protocol::encode(protocol::ServerResponseMsg(stats))};
+          protocol::encode(protocol::ServerResponseMsg(stats)),
+          protocol::encode(
+              protocol::ClientRequestMsg(protocol::LoadAdapterRequest{"r4", "sql", "/a/sql.gguf", 0.5f})),
+          protocol::encode(protocol::ClientRequestMsg(protocol::UnloadAdapterRequest{"r5", "sql"})),
+          protocol::encode(protocol::ServerResponseMsg(protocol::Adapters{"r4", {"sql", "chat"}}))};
 }
 
 // ------------------------------------------------------------------ worker protocol
@@ -330,8 +334,12 @@ std::vector<std::vector<uint8_t>> worker_protocol_seeds() {
   request.sequences.push_back({greedy, 3, {4, 5}, 4});
   protocol::DraftReply reply;
   reply.proposals.push_back({7, {1, 2}, {0.25f, 0.75f, 0.5f, 0.5f}});
-  return {protocol::encode(step), protocol::encode(result), protocol::encode(request),
-          protocol::encode(reply)};
+  protocol::WorkerStep changes;
+  changes.adapter_changes = {{1, "/a/sql.gguf", 0.5f}, {2, "", 1.0f}};
+  protocol::StepResult reports;
+  reports.adapter_reports = {{1, 2, ""}, {1, 3, "no such file"}};
+  return {protocol::encode(step),  protocol::encode(result),  protocol::encode(request),
+          protocol::encode(reply), protocol::encode(changes), protocol::encode(reports)};
 }
 
 // ------------------------------------------------------------------ OpenAI API bodies
@@ -386,12 +394,35 @@ Outcome run_openai_request(std::span<const uint8_t> input) {
       if (outcome.error.empty()) outcome.error = e.what();
     }
   }
+  // The same body as vLLM's adapter loads and unloads: refused with a 400, or a request the client
+  // protocol carries unchanged (or refuses, as the coordinator would).
+  const auto adapter_request = [&](auto parse) {
+    try {
+      auto request = parse(body);
+      outcome.accepted = true;
+      request.request_id = "fuzz";
+      try {
+        protocol::validate(request);
+        const auto decoded =
+            protocol::decode_client_request(protocol::encode(protocol::ClientRequestMsg{request}));
+        require(std::get<decltype(request)>(decoded) == request,
+                "openai_request: an adapter request changes through the client protocol");
+      } catch (const protocol::ProtocolError&) {
+      }
+    } catch (const cluster::openai::ApiError& e) {
+      require(e.status == 400, "openai_request: an adapter refusal with status " + std::to_string(e.status));
+      if (outcome.error.empty()) outcome.error = e.what();
+    }
+  };
+  adapter_request(cluster::openai::parse_load_adapter);
+  adapter_request(cluster::openai::parse_unload_adapter);
   if (outcome.accepted) outcome.error.clear();
   return outcome;
 }
 
 std::vector<std::vector<uint8_t>> openai_request_seeds() {
   return {
+      bytes_of(R"({"lora_name": "sql", "lora_path": "/models/sql.gguf", "scale": 0.5})"),
       bytes_of(R"({"model": "nibble", "prompt": "Once upon a time", "max_tokens": 8, "temperature": 0.7,
                       "top_p": 0.9, "top_k": 40, "stop": ["\n", "END"], "stream": true,
                       "stream_options": {"include_usage": true}, "logprobs": 2, "seed": 5})"),

@@ -28,10 +28,11 @@ using namespace std::chrono_literals;
 
 // Where the job listens and how it is started, when not on one host over ipc://.
 struct ServePlacement {
-  std::string listen;                    // server.listen; empty: ipc:// in `dir`
-  std::string client_endpoint;           // what clients connect to (default: listen)
-  std::vector<std::string> mpirun_args;  // extra mpirun arguments (hostfile, launch agent, ...)
-  bool draft_rank = false;               // one more rank: the config puts the draft on its own rank
+  std::string listen{};                    // server.listen; empty: ipc:// in `dir`
+  std::string client_endpoint{};           // what clients connect to (default: listen)
+  std::vector<std::string> mpirun_args{};  // extra mpirun arguments (hostfile, launch agent, ...)
+  bool draft_rank = false;                 // one more rank: the config puts the draft on its own rank
+  std::string server_keys{};               // more keys of the server: section ("lora_updates: true")
 };
 
 // The mpirun the jobs start: $NIBBLE_MPIEXEC when set (a relocated Open MPI, such as the GPU bundle's,
@@ -56,7 +57,8 @@ class ServeJob {
     std::ofstream(config) << "model: { path: \"" << model_path << "\" }\n"
                           << "parallel: { tensor: " << tensor << ", pipeline: " << pipeline << " }\n"
                           << "threads: 1\n"
-                          << "server: { listen: \"" << listen << "\" }\n"
+                          << "server: { listen: \"" << listen << "\""
+                          << (placement.server_keys.empty() ? "" : ", " + placement.server_keys) << " }\n"
                           << extra_yaml;
     std::vector<std::string> args = {mpiexec(), "--allow-run-as-root", "--oversubscribe"};
     args.insert(args.end(), placement.mpirun_args.begin(), placement.mpirun_args.end());

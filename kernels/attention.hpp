@@ -32,4 +32,21 @@ Status paged_attention(const PagedAttentionShape& shape, const float* q, const u
                        const uint16_t* v_cache, const int32_t* block_tables, const int32_t* token_seq,
                        const int32_t* token_pos, float scale, float* out, ThreadPool& pool);
 
+// The same over a Q8_0 cache (llama.cpp's --cache-type-k / -v q8_0, half the bytes of fp16): every
+// cached position's row of n_head_kv * head_dim values is stored as blocks of 32 (an fp16 scale and 32
+// int8 values), head_dim a multiple of 32. As ggml's q8_0 attention does, each query head is quantized
+// to Q8_0 before its dot products with K (integer sums per block), and the softmax weights meet V,
+// read back as floats, in f32.
+// k_cache, v_cache: [n_blocks, block_size, n_head_kv * head_dim / 32] Q8_0 blocks (one layer)
+// The other buffers as paged_attention's.
+Status paged_attention_q8_0(const PagedAttentionShape& shape, const float* q, const uint8_t* k_cache,
+                            const uint8_t* v_cache, const int32_t* block_tables, const int32_t* token_seq,
+                            const int32_t* token_pos, float scale, float* out, ThreadPool& pool);
+
+// The plain loops paged_attention_q8_0 is tested against (one thread, no ISA kernels).
+Status paged_attention_q8_0_reference(const PagedAttentionShape& shape, const float* q,
+                                      const uint8_t* k_cache, const uint8_t* v_cache,
+                                      const int32_t* block_tables, const int32_t* token_seq,
+                                      const int32_t* token_pos, float scale, float* out);
+
 }  // namespace nibble::kernels

@@ -82,10 +82,17 @@ struct IsaKernels {
                        float scale, float* scores);
   void (*f16_axpy_rows)(const float* w, const uint16_t* rows, int64_t row_stride, int64_t n_rows, int64_t dim,
                         float* out);
+  // The same over Q8_0 cache rows (dim a multiple of 32: dim / 32 blocks, rows row_stride bytes apart):
+  // out[d] += sum_r w[r] * (the row's block scale * its int8 value at d). The scores' side is the Q8_0
+  // matmul (q8_0 above) with the query quantized to Q8_0.
+  void (*q8_0_axpy_rows)(const float* w, const uint8_t* rows, int64_t row_stride, int64_t n_rows, int64_t dim,
+                         float* out);
   // x[0, n) rounded to the nearest fp16 value (ties to even), in place.
   void (*round_to_f16)(float* x, int64_t n);
   // scores[0, n) (n >= 1) replaced by their softmax, each probability rounded to fp16.
   void (*softmax_to_f16)(float* scores, int64_t n);
+  // The same without the rounding (the Q8_0 cache's weights meet V as floats, as in ggml).
+  void (*softmax)(float* scores, int64_t n);
 };
 
 // The kernel set in use: the best the CPU supports, or the one matmul_force_isa() chose.

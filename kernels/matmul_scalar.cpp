@@ -301,6 +301,18 @@ void f16_axpy_rows(const float* w, const uint16_t* rows, int64_t row_stride, int
     for (int64_t d = 0; d < dim; ++d) out[d] += w[r] * fp16_to_fp32(rows[r * row_stride + d]);
 }
 
+void q8_0_axpy_rows(const float* w, const uint8_t* rows, int64_t row_stride, int64_t n_rows, int64_t dim,
+                    float* out) {
+  for (int64_t r = 0; r < n_rows; ++r) {
+    const auto* blocks = reinterpret_cast<const BlockQ8_0*>(rows + r * row_stride);
+    for (int64_t b = 0; b < dim / kQK8_0; ++b) {
+      const float d = fp16_to_fp32(blocks[b].d);
+      for (int64_t i = 0; i < kQK8_0; ++i)
+        out[b * kQK8_0 + i] += w[r] * (d * static_cast<float>(blocks[b].qs[i]));
+    }
+  }
+}
+
 void round_to_f16(float* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) x[i] = fp16_to_fp32(fp32_to_fp16(x[i]));
 }
@@ -311,6 +323,14 @@ void softmax_to_f16(float* scores, int64_t n) {
   float sum = 0.0f;
   for (int64_t i = 0; i < n; ++i) sum += scores[i] = std::exp(scores[i] - max_score);
   for (int64_t i = 0; i < n; ++i) scores[i] = fp16_to_fp32(fp32_to_fp16(scores[i] / sum));
+}
+
+void softmax_f32(float* scores, int64_t n) {
+  float max_score = scores[0];
+  for (int64_t i = 1; i < n; ++i) max_score = scores[i] > max_score ? scores[i] : max_score;
+  float sum = 0.0f;
+  for (int64_t i = 0; i < n; ++i) sum += scores[i] = std::exp(scores[i] - max_score);
+  for (int64_t i = 0; i < n; ++i) scores[i] /= sum;
 }
 
 const IsaKernels kScalarKernels{
@@ -348,8 +368,10 @@ const IsaKernels kScalarKernels{
     .q8_0_block_info = q8_0_block_info,
     .f16_dot_rows = f16_dot_rows,
     .f16_axpy_rows = f16_axpy_rows,
+    .q8_0_axpy_rows = q8_0_axpy_rows,
     .round_to_f16 = round_to_f16,
     .softmax_to_f16 = softmax_to_f16,
+    .softmax = softmax_f32,
 };
 
 }  // namespace

@@ -1646,6 +1646,26 @@ void f16_axpy_rows(const float* w, const uint16_t* rows, int64_t row_stride, int
   }
 }
 
+void q8_0_axpy_rows(const float* w, const uint8_t* rows, int64_t row_stride, int64_t n_rows, int64_t dim,
+                    float* out) {
+  for (int64_t b = 0; b < dim / kQK8_0; ++b) {  // a block's 32 outputs stay in registers across the rows
+    float* o = out + b * kQK8_0;
+    __m256 acc[4];
+    for (int j = 0; j < 4; ++j) acc[j] = _mm256_loadu_ps(o + 8 * j);
+    for (int64_t r = 0; r < n_rows; ++r) {
+      const auto& block = reinterpret_cast<const BlockQ8_0*>(rows + r * row_stride)[b];
+      const __m256 scale = _mm256_set1_ps(_cvtsh_ss(block.d));
+      const __m256 weight = _mm256_set1_ps(w[r]);
+      for (int j = 0; j < 4; ++j) {
+        const __m128i q8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(block.qs + 8 * j));
+        const __m256 values = _mm256_mul_ps(scale, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q8)));
+        acc[j] = _mm256_fmadd_ps(weight, values, acc[j]);
+      }
+    }
+    for (int j = 0; j < 4; ++j) _mm256_storeu_ps(o + 8 * j, acc[j]);
+  }
+}
+
 void round_to_f16(float* x, int64_t n) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8)
@@ -1675,7 +1695,8 @@ inline __m256 exp_nonpositive(__m256 x) {
   return _mm256_andnot_ps(underflow, _mm256_mul_ps(y, _mm256_castsi256_ps(scale)));
 }
 
-void softmax_to_f16(float* scores, int64_t n) {
+template <bool kRoundToF16>
+void softmax_rows(float* scores, int64_t n) {
   int64_t i = 0;
   __m256 max_v = _mm256_set1_ps(scores[0]);
   for (; i + 8 <= n; i += 8) max_v = _mm256_max_ps(max_v, _mm256_loadu_ps(scores + i));
@@ -1700,12 +1721,17 @@ void softmax_to_f16(float* scores, int64_t n) {
   const __m256 inv = _mm256_set1_ps(1.0f / hsum_ps(sum_v));
   for (i = 0; i < n_vec; i += 8) {
     const __m256 prob = _mm256_mul_ps(_mm256_loadu_ps(scores + i), inv);
-    _mm256_storeu_ps(scores + i, _mm256_cvtph_ps(_mm256_cvtps_ph(prob, _MM_FROUND_TO_NEAREST_INT)));
+    _mm256_storeu_ps(scores + i,
+                     kRoundToF16 ? _mm256_cvtph_ps(_mm256_cvtps_ph(prob, _MM_FROUND_TO_NEAREST_INT)) : prob);
   }
-  for (; i < n; ++i)
-    scores[i] = _cvtsh_ss(
-        _cvtss_sh(scores[i] * _mm_cvtss_f32(_mm256_castps256_ps128(inv)), _MM_FROUND_TO_NEAREST_INT));
+  for (; i < n; ++i) {
+    const float prob = scores[i] * _mm_cvtss_f32(_mm256_castps256_ps128(inv));
+    scores[i] = kRoundToF16 ? _cvtsh_ss(_cvtss_sh(prob, _MM_FROUND_TO_NEAREST_INT)) : prob;
+  }
 }
+
+void softmax_to_f16(float* scores, int64_t n) { softmax_rows<true>(scores, n); }
+void softmax_f32(float* scores, int64_t n) { softmax_rows<false>(scores, n); }
 
 // The table every x86 ISA file registers: the same kernels, compiled with that file's flags.
 nibble::kernels::detail::IsaKernels make_x86_kernels(const char* isa_name) {
@@ -1750,8 +1776,10 @@ nibble::kernels::detail::IsaKernels make_x86_kernels(const char* isa_name) {
       .q8_0_block_info = q8_0_block_info,
       .f16_dot_rows = f16_dot_rows,
       .f16_axpy_rows = f16_axpy_rows,
+      .q8_0_axpy_rows = q8_0_axpy_rows,
       .round_to_f16 = round_to_f16,
       .softmax_to_f16 = softmax_to_f16,
+      .softmax = softmax_f32,
   };
 }
 

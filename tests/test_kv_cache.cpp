@@ -56,5 +56,26 @@ TEST(KvCache, LayersDoNotOverlap) {
   EXPECT_EQ(KvCache::bytes_per_block(c, 4), 2 * 3 * 4 * 16 * 2);
 }
 
+// The Q8_0 cache: each position's row of kv_dim values as kv_dim / 32 blocks of 34 bytes (fp16's 64),
+// so a block of positions costs 17/32 of fp16's; heads that are not whole blocks of 32 are refused.
+TEST(KvCache, Q8_0RowsAreBlocksOf32) {
+  model::LlamaConfig c;
+  c.n_layer = 3;
+  c.n_head = 8;
+  c.n_head_kv = 2;
+  c.head_dim = 64;
+  KvCache cache(c, 5, 4, kernels::DType::Q8_0);
+  EXPECT_EQ(cache.type(), kernels::DType::Q8_0);
+  EXPECT_EQ(cache.row_bytes(), 4 * 34);
+  EXPECT_EQ(cache.k_bytes(1) - cache.k_bytes(0), 5 * 4 * 4 * 34);
+  EXPECT_EQ(cache.v_bytes(2) - cache.v_bytes(1), 5 * 4 * 4 * 34);
+  EXPECT_EQ(KvCache::bytes_per_block(c, 4, kernels::DType::Q8_0) * 32, KvCache::bytes_per_block(c, 4) * 17);
+  EXPECT_EQ(KvCache::unsupported(c, kernels::DType::Q8_0), "");
+  c.head_dim = 40;
+  EXPECT_NE(KvCache::unsupported(c, kernels::DType::Q8_0).find("heads of 40 values"), std::string::npos);
+  EXPECT_THROW(KvCache(c, 5, 4, kernels::DType::Q8_0), std::invalid_argument);
+  EXPECT_THROW(KvCache(c, 5, 4, kernels::DType::Q4_0), std::invalid_argument);
+}
+
 }  // namespace
 }  // namespace nibble::worker

@@ -845,6 +845,61 @@ TEST_P(ServeShapes, LoraAdaptersLoadAndUnloadWhileTheJobRuns) {
   EXPECT_EQ(generate("chat-3", "chat", 48), with_chat.tokens);
 }
 
+// An 8-bit KV cache (kv_cache.dtype: q8_0): the job's output is single-process `nibble generate
+// --kv-cache-dtype q8_0`'s, alone and batched, with prompts served again from the prefix cache, under
+// tensor and pipeline parallelism (each shard's heads are whole blocks of 32).
+TEST(Serve, Q8_0KvCacheServesLikeGenerateWithIt) {
+  test::TempDir models;
+  const std::string model = make_tiny_model(models.path());
+  std::vector<Expected> expected;
+  for (const std::string& p : kPrompts)
+    expected.push_back(nibble_generate(model, p, 16, "--kv-cache-dtype q8_0"));
+  test::TempDir dir;
+  ServeJob job(dir.path(), model, 2, 2, "kv_cache: { dtype: q8_0 }\nscheduler: { prefill_chunk: 16 }\n");
+  ASSERT_TRUE(job.wait_ready()) << job.log();
+  {
+    Client client(job.endpoint());
+    for (size_t i = 0; i < kPrompts.size(); ++i)
+      EXPECT_EQ(client.generate(greedy(numbered("one", i), kPrompts[i], 16)).tokens, expected[i].tokens) << i;
+    // The greedy tokens of this small model do not change with the cache, its log-probabilities do:
+    // the job's are the 8-bit cache's, well apart from the fp16 cache's.
+    protocol::GenerateRequest scored = greedy("scored", kPrompts[0], 16);
+    scored.logprobs = 1;
+    const protocol::Final f = client.generate(scored);
+    ASSERT_NO_FATAL_FAILURE(expect_logprobs_match_nibble_logits(model, f, 1, "--kv-cache-dtype q8_0", 1e-4));
+    std::vector<int32_t> all = f.prompt_token_ids;
+    all.insert(all.end(), f.tokens.begin(), f.tokens.end());
+    const std::vector<float> f16_rows = nibble_logits(model, all);
+    const size_t n_vocab = f16_rows.size() / all.size();
+    double apart = 0;
+    for (size_t i = 0; i < f.tokens.size(); ++i) {
+      const float* row = f16_rows.data() + (f.prompt_token_ids.size() - 1 + i) * n_vocab;
+      double sum = 0;
+      const float max = *std::max_element(row, row + n_vocab);
+      for (size_t v = 0; v < n_vocab; ++v) sum += std::exp(static_cast<double>(row[v]) - max);
+      apart = std::max(apart, std::fabs(f.logprobs[i].logprob - (row[f.tokens[i]] - max - std::log(sum))));
+    }
+    EXPECT_GT(apart, 1e-3)
+        << "the fp16 cache gives the same log-probabilities: the test cannot tell them apart";
+    std::cout << "[ info ] q8_0 job against the fp16 cache's logprobs: up to " << apart << "\n";
+  }
+  std::vector<std::thread> threads;
+  std::vector<protocol::Final> got(6);
+  for (size_t i = 0; i < got.size(); ++i) {
+    threads.emplace_back([&, i] {
+      Client client(job.endpoint());
+      got[i] = client.generate(greedy(numbered("par", i), kPrompts[i % 3], 16));
+    });
+  }
+  for (auto& t : threads) t.join();
+  uint32_t cached = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    EXPECT_EQ(got[i].tokens, expected[i % 3].tokens) << "request " << i;
+    cached += got[i].cached_prompt_tokens;
+  }
+  EXPECT_GT(cached, 0u) << "no prompt came from the prefix cache";
+}
+
 // vLLM's stop_token_ids and min_tokens: a sampled stop token ends the request and stays in its output;
 // before min_tokens tokens no end-of-generation or stop token is sampled (the sampling worker masks them),
 // after it they are again.

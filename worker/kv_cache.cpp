@@ -4,16 +4,38 @@
 
 namespace nibble::worker {
 
-KvCache::KvCache(const model::LlamaConfig& config, int64_t n_blocks, int64_t block_size)
-    : n_blocks_(n_blocks), block_size_(block_size), kv_dim_(config.kv_dim()) {
+namespace {
+
+int64_t row_bytes_of(const model::LlamaConfig& config, kernels::DType type) {
+  return type == kernels::DType::Q8_0
+             ? config.kv_dim() / kernels::kQK8_0 * static_cast<int64_t>(sizeof(kernels::BlockQ8_0))
+             : config.kv_dim() * static_cast<int64_t>(sizeof(uint16_t));
+}
+
+}  // namespace
+
+std::string KvCache::unsupported(const model::LlamaConfig& config, kernels::DType type) {
+  if (type != kernels::DType::F16 && type != kernels::DType::Q8_0)
+    return std::string("a KV cache of type ") + kernels::type_name(type) + " (f16 or q8_0)";
+  if (type == kernels::DType::Q8_0 && config.head_dim % kernels::kQK8_0 != 0)
+    return "a q8_0 KV cache for heads of " + std::to_string(config.head_dim) +
+           " values (it needs a multiple of 32)";
+  return "";
+}
+
+KvCache::KvCache(const model::LlamaConfig& config, int64_t n_blocks, int64_t block_size, kernels::DType type)
+    : n_blocks_(n_blocks), block_size_(block_size), kv_dim_(config.kv_dim()), type_(type) {
   if (n_blocks <= 0 || block_size <= 0) throw std::invalid_argument("KV cache needs at least one block");
-  layer_stride_ = n_blocks * block_size * kv_dim_;
+  if (const std::string why = unsupported(config, type); !why.empty())
+    throw std::invalid_argument("cannot make " + why);
+  row_bytes_ = row_bytes_of(config, type);
+  layer_stride_ = n_blocks * block_size * row_bytes_;
   k_.assign(static_cast<size_t>(layer_stride_ * config.n_layer), 0);
   v_.assign(static_cast<size_t>(layer_stride_ * config.n_layer), 0);
 }
 
-int64_t KvCache::bytes_per_block(const model::LlamaConfig& config, int64_t block_size) {
-  return 2 * config.n_layer * block_size * config.kv_dim() * static_cast<int64_t>(sizeof(uint16_t));
+int64_t KvCache::bytes_per_block(const model::LlamaConfig& config, int64_t block_size, kernels::DType type) {
+  return 2 * config.n_layer * block_size * row_bytes_of(config, type);
 }
 
 BlockAllocator::BlockAllocator(int64_t n_blocks) {

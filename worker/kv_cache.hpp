@@ -3,29 +3,44 @@
 // blocks (its block table); position p lives in block table[p / block_size]. Storage knows nothing
 // of sequences, so a coordinator can own the tables and send them with each step.
 #include <cstdint>
+#include <string>
 #include <vector>
 
+#include "kernels/quant_types.hpp"
 #include "model/llama_config.hpp"
 
 namespace nibble::worker {
 
 class KvCache {
  public:
-  // Stores n_blocks blocks of block_size positions for every layer, K and V, as fp16 bits.
-  KvCache(const model::LlamaConfig& config, int64_t n_blocks, int64_t block_size = 16);
+  // Stores n_blocks blocks of block_size positions for every layer, K and V, as `type`: F16 (fp16
+  // bits, llama.cpp's default) or Q8_0 (llama.cpp's --cache-type-k/-v q8_0: blocks of 32 values, an
+  // fp16 scale and 32 int8, 34 bytes for fp16's 64; the model's head_dim a multiple of 32). Throws
+  // std::invalid_argument for another type, or Q8_0 with such a head_dim.
+  KvCache(const model::LlamaConfig& config, int64_t n_blocks, int64_t block_size = 16,
+          kernels::DType type = kernels::DType::F16);
 
   int64_t n_blocks() const { return n_blocks_; }
   int64_t block_size() const { return block_size_; }
   int64_t kv_dim() const { return kv_dim_; }
-  // k, v of one layer: [n_blocks, block_size, kv_dim] fp16 bits
-  uint16_t* k(int64_t layer) { return k_.data() + layer * layer_stride_; }
-  uint16_t* v(int64_t layer) { return v_.data() + layer * layer_stride_; }
+  kernels::DType type() const { return type_; }
+  // k, v of one layer as F16: [n_blocks, block_size, kv_dim] fp16 bits
+  uint16_t* k(int64_t layer) { return reinterpret_cast<uint16_t*>(k_bytes(layer)); }
+  uint16_t* v(int64_t layer) { return reinterpret_cast<uint16_t*>(v_bytes(layer)); }
+  // k, v of one layer as stored: [n_blocks, block_size, row_bytes()] bytes
+  uint8_t* k_bytes(int64_t layer) { return k_.data() + layer * layer_stride_; }
+  uint8_t* v_bytes(int64_t layer) { return v_.data() + layer * layer_stride_; }
+  int64_t row_bytes() const { return row_bytes_; }  // one position's K (or V) of one layer
   // Bytes per block across all layers, K and V: what sizing from a memory budget divides by.
-  static int64_t bytes_per_block(const model::LlamaConfig& config, int64_t block_size);
+  static int64_t bytes_per_block(const model::LlamaConfig& config, int64_t block_size,
+                                 kernels::DType type = kernels::DType::F16);
+  // Why a cache of `type` cannot hold this model's K and V (empty: it can).
+  static std::string unsupported(const model::LlamaConfig& config, kernels::DType type);
 
  private:
-  int64_t n_blocks_, block_size_, kv_dim_, layer_stride_;
-  std::vector<uint16_t> k_, v_;
+  int64_t n_blocks_, block_size_, kv_dim_, row_bytes_, layer_stride_;
+  kernels::DType type_;
+  std::vector<uint8_t> k_, v_;
 };
 
 // Hands out block ids; a sequence's table grows as it does and returns its blocks when it ends.

@@ -177,6 +177,12 @@ void LlamaModel::remove_lora(int32_t slot) {
   loras_[static_cast<size_t>(slot - 1)].reset();
 }
 
+void LlamaModel::set_kv_cache_type(kernels::DType type) {
+  if (const std::string why = KvCache::unsupported(shard_config_, type); !why.empty())
+    throw std::invalid_argument("this model cannot have " + why);
+  kv_cache_type_ = type;
+}
+
 void LlamaModel::set_default_lora(int32_t adapter) {
   if (adapter != 0 && !has_lora(adapter)) {
     throw std::invalid_argument("LoRA adapter " + std::to_string(adapter) + " is not one of the model's " +
@@ -345,21 +351,39 @@ void LlamaModel::forward_stage(const ForwardBatch& batch, KvCache& cache, kernel
           "rope");
 
     // Write this batch's K/V into the cache before any token attends.
-    uint16_t* k_cache = cache.k(l);
-    uint16_t* v_cache = cache.v(l);
+    const bool q8_0_cache = cache.type() == kernels::DType::Q8_0;
     for (int64_t t = 0; t < n; ++t) {
       const int32_t* table = batch.block_tables.data() + batch.seq_index[t] * batch.max_blocks_per_seq;
       const int64_t pos = batch.positions[t];
       const int64_t slot = static_cast<int64_t>(table[pos / cache.block_size()]) * cache.block_size() +
                            pos % cache.block_size();
+      if (q8_0_cache) {  // llama.cpp's q8_0 cache rows: the row quantized as a Q8_0 weight row is
+        check(kernels::quantize_row(kernels::DType::Q8_0, k_.data() + t * kv_dim,
+                                    cache.k_bytes(l) + slot * cache.row_bytes(), kv_dim),
+              "KV quantize");
+        check(kernels::quantize_row(kernels::DType::Q8_0, v_.data() + t * kv_dim,
+                                    cache.v_bytes(l) + slot * cache.row_bytes(), kv_dim),
+              "KV quantize");
+        continue;
+      }
+      uint16_t* k_cache = cache.k(l);
+      uint16_t* v_cache = cache.v(l);
       for (int64_t i = 0; i < kv_dim; ++i) {
         k_cache[slot * kv_dim + i] = kernels::fp32_to_fp16(k_[t * kv_dim + i]);
         v_cache[slot * kv_dim + i] = kernels::fp32_to_fp16(v_[t * kv_dim + i]);
       }
     }
-    check(kernels::paged_attention(shape, q_.data(), k_cache, v_cache, batch.block_tables.data(),
+    if (q8_0_cache) {
+      check(kernels::paged_attention_q8_0(shape, q_.data(), cache.k_bytes(l), cache.v_bytes(l),
+                                          batch.block_tables.data(), batch.seq_index.data(),
+                                          batch.positions.data(), scale, attn_.data(), pool),
+            "attention");
+    } else {
+      check(
+          kernels::paged_attention(shape, q_.data(), cache.k(l), cache.v(l), batch.block_tables.data(),
                                    batch.seq_index.data(), batch.positions.data(), scale, attn_.data(), pool),
           "attention");
+    }
     if (observer_) observer_(layer, MatrixInput::attn_output, attn_.data(), n, sc.q_dim());
     // [n, n_embd] partial over the shard's heads
     product(l, model::LayerMatrix::attn_output, attn_.data(), h_.data());

@@ -151,6 +151,12 @@ class LlamaModel {
   // model, adapted throughout); 0, the default, leaves such batches on the base model.
   void set_default_lora(int32_t adapter);
 
+  // The type of the KV caches made for this model (KvCache's: F16, the default, or Q8_0, llama.cpp's
+  // --cache-type-k/-v q8_0 and vLLM's 8-bit kv_cache_dtype). Only what new caches are: a pass follows
+  // the cache it is given. Throws std::invalid_argument for a type the model's heads cannot take.
+  void set_kv_cache_type(kernels::DType type);
+  kernels::DType kv_cache_type() const { return kv_cache_type_; }
+
  private:
   void matmul(const model::WeightMatrix& w, const float* x, int64_t m, float* y, kernels::ThreadPool& pool);
   // The adapters' updates of one product: layer (local) and which, or kHeadLayer (which unused) for
@@ -176,6 +182,7 @@ class LlamaModel {
   std::optional<ModelShard> plan_;               // this shard's share when sharded
   std::vector<std::optional<ShardLora>> loras_;  // the adapters by index - 1 (nullopt: removed)
   int32_t default_lora_ = 0;                     // set_default_lora's
+  kernels::DType kv_cache_type_ = kernels::DType::F16;
   // This batch's rows by adapter, [n_loras()] (empty: no row names one): the tokens' rows, and the
   // logit rows' (rows of the head's input).
   std::vector<std::vector<int64_t>> lora_rows_, lora_logit_rows_;

@@ -42,7 +42,7 @@ double peak_rss_mib() {
 // Runs the llama.cpp driver on the same model and token ids; its JSON, or {"error": ...}.
 nlohmann::json run_peer(const std::string& script, const std::string& model, int threads,
                         const std::vector<int32_t>& prompt, int gen_tokens, int repetitions,
-                        const LoraOption& lora) {
+                        const LoraOption& lora, const KvCacheOption& kv_cache) {
   std::string tokens;
   for (int32_t t : prompt) {
     if (!tokens.empty()) tokens += ',';
@@ -56,6 +56,7 @@ nlohmann::json run_peer(const std::string& script, const std::string& model, int
   if (!lora.path.empty()) {
     args.insert(args.end(), {"--lora", lora.path, "--lora-scale", std::to_string(lora.scale)});
   }
+  if (kv_cache.dtype != "f16") args.insert(args.end(), {"--kv-cache-dtype", kv_cache.dtype});
   return run_peer_script(script, args);
 }
 
@@ -72,6 +73,7 @@ Runner add_bench(CLI::App& app) {
     bool peer = false;
     std::string peer_script = NIBBLE_PEER_SCRIPT;
     LoraOption lora;
+    KvCacheOption kv_cache;
   };
   auto a = std::make_shared<Args>();
   app.add_option("--model,-m", a->model_path, "GGUF model file")->required();
@@ -84,16 +86,18 @@ Runner add_bench(CLI::App& app) {
   app.add_flag("--peer", a->peer,
                "Also time llama.cpp (llama-cpp-python) on the same model and tokens, and print the ratio");
   app.add_option("--peer-script", a->peer_script, "The peer driver script");
-  add_lora_option(app, a->lora);  // the peer applies it too
+  add_lora_option(app, a->lora);          // the peer applies it too
+  add_kv_cache_option(app, a->kv_cache);  // and this
 
   return [a]() {
     ModelSession s = ModelSession::open(a->model_path, a->threads);
     apply_lora_option(a->lora, s);
+    apply_kv_cache_option(a->kv_cache, s);
     const auto& config = s.model->config();
     const int64_t block = 16;
     const int64_t positions = std::max(a->prompt_tokens, a->gen_tokens);
     const int64_t blocks = (positions + block - 1) / block;
-    worker::KvCache cache(config, blocks, block);
+    worker::KvCache cache(config, blocks, block, s.model->kv_cache_type());
     std::vector<int32_t> table(blocks);
     for (int64_t b = 0; b < blocks; ++b) table[b] = static_cast<int32_t>(b);
 
@@ -127,8 +131,8 @@ Runner add_bench(CLI::App& app) {
     std::optional<nlohmann::json> peer;
     if (a->peer) {
       s.model.reset();  // give the memory back before the peer loads its own copy
-      peer =
-          run_peer(a->peer_script, a->model_path, a->threads, prompt, a->gen_tokens, a->repetitions, a->lora);
+      peer = run_peer(a->peer_script, a->model_path, a->threads, prompt, a->gen_tokens, a->repetitions,
+                      a->lora, a->kv_cache);
     }
     // The file's size; a dummy model's weights as a file would hold them.
     const double file_mib = static_cast<double>(s.checkpoint->weight_bytes()) / (1024.0 * 1024.0);
@@ -137,6 +141,7 @@ Runner add_bench(CLI::App& app) {
       nlohmann::json out = {
           {"model", a->model_path},
           {"lora", a->lora.path},
+          {"kv_cache_dtype", a->kv_cache.dtype},
           {"threads", a->threads},
           {"isa", kernels::matmul_isa()},
           {"prompt_tokens", a->prompt_tokens},
@@ -162,6 +167,7 @@ Runner add_bench(CLI::App& app) {
                   a->threads, kernels::matmul_isa());
       if (!a->lora.path.empty())
         std::printf("LoRA adapter %s, scale %g\n", a->lora.path.c_str(), a->lora.scale);
+      if (a->kv_cache.dtype != "f16") std::printf("KV cache %s\n", a->kv_cache.dtype.c_str());
       std::printf("pp%-5d %9.2f ± %.2f tokens/s\n", a->prompt_tokens, pp_stats.mean, pp_stats.stddev);
       std::printf("tg%-5d %9.2f ± %.2f tokens/s\n", a->gen_tokens, tg_stats.mean, tg_stats.stddev);
       std::printf("peak RSS %.1f MiB\n", rss);

@@ -30,6 +30,7 @@ struct EvalArgs {
   int threads = default_threads();
   bool json = false;
   LoraOption lora, base_lora;  // adapters on --model and --base
+  KvCacheOption kv_cache;      // --model's KV cache
 };
 
 void add_common_options(CLI::App& sub, EvalArgs& a) {
@@ -78,6 +79,7 @@ nlohmann::json ppl_json(const worker::PerplexityResult& r) {
 int run_ppl(const EvalArgs& a) {
   ModelSession s = ModelSession::open(a.model_path, a.threads);
   apply_lora_option(a.lora, s);
+  apply_kv_cache_option(a.kv_cache, s);
   const auto windows = windows_for(s, a);
   const worker::PerplexityResult r = worker::perplexity(*s.model, *s.pool, windows, progress_line());
   if (a.json) {
@@ -98,6 +100,7 @@ int run_compare(const EvalArgs& a) {
   ModelSession model = ModelSession::open(a.model_path, 1);
   apply_lora_option(a.base_lora, base);
   apply_lora_option(a.lora, model);
+  apply_kv_cache_option(a.kv_cache, model);
   // One tokenization for both: the same windows are scored, so the vocabularies must agree (the
   // base model plays the target).
   speculative::check_vocab_match(*base.tokenizer, *model.tokenizer, a.model_path,
@@ -145,13 +148,15 @@ Runner add_eval(CLI::App& app) {
   CLI::App* ppl = app.add_subcommand("ppl", "Perplexity of a model on a text (llama.cpp's method)");
   ppl->add_option("--model,-m", a->model_path, "GGUF model")->required();
   add_lora_option(*ppl, a->lora);
+  add_kv_cache_option(*ppl, a->kv_cache);
   add_common_options(*ppl, *a);
   CLI::App* compare = app.add_subcommand(
       "compare", "How far a model's predictions are from a base model's: KL divergence, top-1, perplexities");
   compare->add_option("--base", a->base_path, "The reference model (e.g. F16)")->required();
   compare->add_option("--model,-m", a->model_path, "The model to judge (e.g. its 4-bit quantization)")
       ->required();
-  add_lora_option(*compare, a->lora);  // on --model; the base's: --base-lora / --base-lora-scale
+  add_lora_option(*compare, a->lora);          // on --model; the base's: --base-lora / --base-lora-scale
+  add_kv_cache_option(*compare, a->kv_cache);  // on --model (the base keeps f16)
   compare->add_option("--base-lora", a->base_lora.path, "LoRA adapter applied to every sequence of --base");
   compare->add_option("--base-lora-scale", a->base_lora.scale, "--base-lora's scale (default 1)");
   add_common_options(*compare, *a);

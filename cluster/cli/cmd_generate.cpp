@@ -41,6 +41,7 @@ struct GenerateArgs {
   std::string prefill_attention = "cuda-cores";
   int64_t decode_split_tokens = worker::CudaModelOptions{}.decode_split_tokens;
   LoraOption lora;
+  KvCacheOption kv_cache;
 };
 
 }  // namespace
@@ -74,6 +75,7 @@ Runner add_generate(CLI::App& app) {
       ->check(CLI::NonNegativeNumber);
   app.add_option("--stop", a->stop, "Stop string (repeatable)");
   add_lora_option(app, a->lora);
+  add_kv_cache_option(app, a->kv_cache);
   app.add_flag("--json", a->json, "Print one JSON object instead of streaming text");
   app.add_option("--device", a->device, "cpu, or cuda (one GPU; greedy decoding returns only token ids)")
       ->check(CLI::IsMember({"cpu", "cuda"}));
@@ -115,6 +117,7 @@ Runner add_generate(CLI::App& app) {
     }
     ModelSession s = ModelSession::open(a->model_path, a->threads, /*cpu_model=*/!cuda);
     apply_lora_option(a->lora, s);
+    apply_kv_cache_option(a->kv_cache, s);
     const int64_t context =
         a->context > 0 ? a->context : std::min<int64_t>(s.checkpoint->config().n_ctx_train, 4096);
     worker::GenerateOptions options;

@@ -122,6 +122,7 @@ Runner add_logits(CLI::App& app) {
     std::string model_path, prompt, tokens, out, device = "cpu";
     int threads = default_threads();
     LoraOption lora;
+    KvCacheOption kv_cache;
   };
   auto a = std::make_shared<Args>();
   app.add_option("--model,-m", a->model_path, "GGUF model file or Hugging Face checkpoint directory")
@@ -136,6 +137,7 @@ Runner add_logits(CLI::App& app) {
   app.add_option("--threads,-t", a->threads, "CPU threads")->check(CLI::PositiveNumber);
   app.add_option("--device", a->device, "cpu, or cuda (one GPU)")->check(CLI::IsMember({"cpu", "cuda"}));
   add_lora_option(app, a->lora);
+  add_kv_cache_option(app, a->kv_cache);
   return [a]() {
     const bool cuda = a->device == "cuda";
     if (cuda) {
@@ -144,6 +146,7 @@ Runner add_logits(CLI::App& app) {
     }
     ModelSession s = ModelSession::open(a->model_path, a->threads, /*cpu_model=*/!cuda);
     apply_lora_option(a->lora, s);
+    apply_kv_cache_option(a->kv_cache, s);
     std::vector<int32_t> ids;
     if (!a->tokens.empty()) {
       ids = parse_token_list(a->tokens);
@@ -165,7 +168,7 @@ Runner add_logits(CLI::App& app) {
       worker::CudaKvCache cache(gpu.config(), blocks, block);
       gpu.forward(batch, cache, logits);
     } else {
-      worker::KvCache cache(s.model->config(), blocks, block);
+      worker::KvCache cache(s.model->config(), blocks, block, s.model->kv_cache_type());
       s.model->forward(batch, cache, *s.pool, logits);
     }
     std::ofstream out(a->out, std::ios::binary);

@@ -139,9 +139,10 @@ std::string bind_ephemeral(zmq::socket_t& socket, bool single_host) {
 // draft_config: a draft whose cache (as many blocks as the target's) shares this memory, or null.
 int64_t blocks_for_this_worker(const cluster::ClusterConfig& config, const model::LlamaConfig& shard_config,
                                double available, int sharers,
-                               const model::LlamaConfig* draft_config = nullptr) {
+                               const model::LlamaConfig* draft_config = nullptr,
+                               kernels::DType kv_type = kernels::DType::F16) {
   if (config.kv_cache.num_blocks > 0) return config.kv_cache.num_blocks;
-  int64_t per_block = worker::KvCache::bytes_per_block(shard_config, config.kv_cache.block_size);
+  int64_t per_block = worker::KvCache::bytes_per_block(shard_config, config.kv_cache.block_size, kv_type);
   if (draft_config != nullptr)
     per_block += worker::KvCache::bytes_per_block(*draft_config, config.kv_cache.block_size);
   const auto by_memory = static_cast<int64_t>(available * config.kv_cache.memory_fraction /
@@ -363,8 +364,9 @@ int serve(const std::string& config_path) {
           // i-th everywhere.
           for (const cluster::LoraAdapterConfig& adapter : config.lora_adapters)
             model->add_lora(model::LoraAdapter::read(adapter.path, whole), static_cast<float>(adapter.scale));
-          num_blocks =
-              blocks_for_this_worker(config, model->shard_config(), host_available_bytes(), workers_on_host);
+          model->set_kv_cache_type(cli::kv_cache_dtype(config.kv_cache.dtype));
+          num_blocks = blocks_for_this_worker(config, model->shard_config(), host_available_bytes(),
+                                              workers_on_host, nullptr, model->kv_cache_type());
         }
         threads = config.worker_threads(default_threads(), workers_on_host);
         pool = std::make_unique<kernels::ThreadPool>(threads);

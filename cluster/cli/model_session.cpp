@@ -90,4 +90,25 @@ void apply_lora_option(const LoraOption& lora, ModelSession& session) {
   session.model->set_default_lora(session.model->add_lora(adapter, lora.scale));
 }
 
+kernels::DType kv_cache_dtype(const std::string& name) {
+  if (name == "f16") return kernels::DType::F16;
+  if (name == "q8_0") return kernels::DType::Q8_0;
+  throw std::invalid_argument("KV cache type '" + name + "': f16 or q8_0");
+}
+
+void add_kv_cache_option(CLI::App& app, KvCacheOption& value) {
+  app.add_option("--kv-cache-dtype", value.dtype,
+                 "KV cache storage: f16, or q8_0 (8-bit, half the bytes: llama.cpp's --cache-type-k/-v q8_0)")
+      ->check(CLI::IsMember({"f16", "q8_0"}))
+      ->capture_default_str();
+}
+
+void apply_kv_cache_option(const KvCacheOption& option, ModelSession& session) {
+  const kernels::DType type = kv_cache_dtype(option.dtype);
+  if (type == kernels::DType::F16) return;
+  if (session.model == nullptr)
+    throw std::runtime_error("--kv-cache-dtype " + option.dtype + ": runs on the CPU (--device cpu)");
+  session.model->set_kv_cache_type(type);
+}
+
 }  // namespace nibble::cli

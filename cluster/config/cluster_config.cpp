@@ -455,9 +455,14 @@ ClusterConfig build_config(const Reader& reader, const Section& top, const std::
 
   if (const Entry* entry = top.find("kv_cache")) {
     const Section kv =
-        reader.section(*entry, {"block_size", "memory_fraction", "num_blocks", "prefix_caching"});
+        reader.section(*entry, {"block_size", "memory_fraction", "num_blocks", "prefix_caching", "dtype"});
     if (const Entry* e = kv.find("prefix_caching"))
       config.kv_cache.prefix_caching = reader.choice(*e, {"false", "true"}) == 1;
+    if (const Entry* e = kv.find("dtype")) {
+      config.kv_cache.dtype = reader.choice(*e, {"f16", "q8_0"}) == 0 ? "f16" : "q8_0";
+      if (config.kv_cache.dtype != "f16" && config.device == Device::cuda)
+        reader.fail(e->path, e->line, "a q8_0 KV cache runs on the CPU workers only (device: cpu)");
+    }
     if (const Entry* e = kv.find("block_size")) {
       config.kv_cache.block_size = reader.integer<int>(*e, 1, 1 << 16);
       if (!is_power_of_two(config.kv_cache.block_size)) {
@@ -804,6 +809,7 @@ std::string render_cluster_config(const ClusterConfig& config) {
   out << YAML::Key << "memory_fraction" << YAML::Value << std::string(fraction, written.ptr);
   out << YAML::Key << "num_blocks" << YAML::Value << config.kv_cache.num_blocks;
   out << YAML::Key << "prefix_caching" << YAML::Value << config.kv_cache.prefix_caching;
+  out << YAML::Key << "dtype" << YAML::Value << config.kv_cache.dtype;
   out << YAML::EndMap;
   out << YAML::Key << "context" << YAML::Value << config.context;
   if (config.openai) {

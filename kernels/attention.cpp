@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
 #include <vector>
 
 #include "kernels/matmul_internal.hpp"
@@ -76,111 +77,156 @@ Status paged_attention(const PagedAttentionShape& shape, const float* q, const u
   return Status::ok;
 }
 
-Status paged_attention_q8_0(const PagedAttentionShape& shape, const float* q, const uint8_t* k_cache,
-                            const uint8_t* v_cache, const int32_t* block_tables, const int32_t* token_seq,
-                            const int32_t* token_pos, float scale, float* out, ThreadPool& pool) {
+namespace {
+
+// How a cache type's rows meet the query: its matmul kernel (unpacked rows) and the activation blocks
+// that kernel takes.
+struct CacheTypeKernels {
+  detail::MatmulRangeFn dot = nullptr;
+  detail::QuantizeActivationFn quantize_query = nullptr;
+  DType query_type = DType::Q8_0;
+};
+
+std::optional<CacheTypeKernels> cache_type_kernels(const detail::IsaKernels& isa, DType type) {
+  switch (type) {
+    case DType::Q8_0:
+      return CacheTypeKernels{isa.q8_0, isa.quantize_q8_0, DType::Q8_0};
+    case DType::Q4_0:
+      return CacheTypeKernels{isa.q4_0, isa.quantize_q8_0, DType::Q8_0};
+    case DType::Q5_0:
+      return CacheTypeKernels{isa.q5_0, isa.quantize_q8_0, DType::Q8_0};
+    case DType::IQ4_NL:
+      return CacheTypeKernels{isa.iq4_nl, isa.quantize_q8_0, DType::Q8_0};
+    case DType::Q4_1:
+      return CacheTypeKernels{isa.q4_1, isa.quantize_q8_1, DType::Q8_1};
+    case DType::Q5_1:
+      return CacheTypeKernels{isa.q5_1, isa.quantize_q8_1, DType::Q8_1};
+    default:
+      return std::nullopt;
+  }
+}
+
+}  // namespace
+
+bool paged_attention_quantized_takes(DType type) {
+  return cache_type_kernels(detail::scalar_kernels(), type).has_value();
+}
+
+Status paged_attention_quantized(const PagedAttentionShape& shape, DType cache_type, const float* q,
+                                 const uint8_t* k_cache, const uint8_t* v_cache, const int32_t* block_tables,
+                                 const int32_t* token_seq, const int32_t* token_pos, float scale, float* out,
+                                 ThreadPool& pool) {
   const auto& s = shape;
-  if (!valid_call(s, q, k_cache, v_cache, block_tables, token_seq, token_pos, out) ||
-      s.head_dim % kQK8_0 != 0)
+  const detail::IsaKernels& isa = detail::active_kernels();
+  const std::optional<CacheTypeKernels> kernels = cache_type_kernels(isa, cache_type);
+  if (!kernels) return Status::unsupported_type;
+  if (!valid_call(s, q, k_cache, v_cache, block_tables, token_seq, token_pos, out) || s.head_dim % 32 != 0)
     return Status::invalid_argument;
   const int64_t group = s.n_head / s.n_head_kv;
-  const int64_t head_bytes = s.head_dim / kQK8_0 * static_cast<int64_t>(sizeof(BlockQ8_0));
-  const int64_t row_bytes = s.n_head_kv * head_bytes;  // bytes per cached position
+  const int64_t head_bytes = row_bytes(cache_type, s.head_dim);
+  const int64_t row_bytes_all = s.n_head_kv * head_bytes;  // bytes per cached position
+  const int64_t query_bytes = row_bytes(kernels->query_type, s.head_dim);
 
-  const detail::IsaKernels& isa = detail::active_kernels();
   pool.parallel_for(s.tokens * s.n_head, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores;
-    std::vector<BlockQ8_0> q_q8(static_cast<size_t>(s.head_dim / kQK8_0));
+    std::vector<float> scores, v_row(static_cast<size_t>(s.head_dim));
+    std::vector<uint8_t> query(static_cast<size_t>(query_bytes));
     for (int64_t item = begin; item < end; ++item) {
       const int64_t t = item / s.n_head;
       const int64_t h = item % s.n_head;
       const int32_t* table = block_tables + static_cast<int64_t>(token_seq[t]) * s.max_blocks_per_seq;
       const int64_t n_pos = static_cast<int64_t>(token_pos[t]) + 1;
-      isa.quantize_q8_0(q + (t * s.n_head + h) * s.head_dim, q_q8.data(), s.head_dim);
+      kernels->quantize_query(q + (t * s.n_head + h) * s.head_dim, query.data(), s.head_dim);
       auto for_each_block = [&](auto&& visit) {
         for (int64_t first = 0; first < n_pos; first += s.block_size) {
           const int64_t block = table[first / s.block_size];
           visit(first, std::min(s.block_size, n_pos - first),
-                block * s.block_size * row_bytes + (h / group) * head_bytes);
+                block * s.block_size * row_bytes_all + (h / group) * head_bytes);
         }
       };
       scores.resize(n_pos);
-      // The scores are a Q8_0 matmul: the block's rows of this head as the weights, the query the one
+      // The scores are a matmul: the block's rows of this head as the weights, the query the one
       // activation row.
       for_each_block([&](int64_t first, int64_t count, int64_t offset) {
         detail::MatmulOperands op;
         op.w = k_cache + offset;
-        op.w_stride = row_bytes;
-        op.x = reinterpret_cast<const uint8_t*>(q_q8.data());
-        op.x_stride = head_bytes;
+        op.w_stride = row_bytes_all;
+        op.x = query.data();
+        op.x_stride = query_bytes;
         op.y = scores.data() + first;
         op.y_stride = count;
         op.m = 1;
         op.k = s.head_dim;
-        isa.q8_0(op, 0, count);
+        kernels->dot(op, 0, count);
       });
       for (float& score : scores) score *= scale;
       isa.softmax(scores.data(), n_pos);
       float* o = out + (t * s.n_head + h) * s.head_dim;
       std::fill(o, o + s.head_dim, 0.0f);
       for_each_block([&](int64_t first, int64_t count, int64_t offset) {
-        isa.q8_0_axpy_rows(scores.data() + first, v_cache + offset, row_bytes, count, s.head_dim, o);
+        if (cache_type == DType::Q8_0) {
+          isa.q8_0_axpy_rows(scores.data() + first, v_cache + offset, row_bytes_all, count, s.head_dim, o);
+          return;
+        }
+        for (int64_t r = 0; r < count; ++r) {  // ggml's v_to_float, then the f32 multiply-add
+          dequantize_row(cache_type, v_cache + offset + r * row_bytes_all, v_row.data(), s.head_dim);
+          const float w = scores[static_cast<size_t>(first + r)];
+          for (int64_t d = 0; d < s.head_dim; ++d) o[d] += w * v_row[static_cast<size_t>(d)];
+        }
       });
     }
   });
   return Status::ok;
 }
 
-Status paged_attention_q8_0_reference(const PagedAttentionShape& shape, const float* q,
-                                      const uint8_t* k_cache, const uint8_t* v_cache,
-                                      const int32_t* block_tables, const int32_t* token_seq,
-                                      const int32_t* token_pos, float scale, float* out) {
+Status paged_attention_quantized_reference(const PagedAttentionShape& shape, DType cache_type, const float* q,
+                                           const uint8_t* k_cache, const uint8_t* v_cache,
+                                           const int32_t* block_tables, const int32_t* token_seq,
+                                           const int32_t* token_pos, float scale, float* out) {
   const auto& s = shape;
-  if (!valid_call(s, q, k_cache, v_cache, block_tables, token_seq, token_pos, out) ||
-      s.head_dim % kQK8_0 != 0)
+  const std::optional<CacheTypeKernels> kernels = cache_type_kernels(detail::scalar_kernels(), cache_type);
+  if (!kernels) return Status::unsupported_type;
+  if (!valid_call(s, q, k_cache, v_cache, block_tables, token_seq, token_pos, out) || s.head_dim % 32 != 0)
     return Status::invalid_argument;
   const int64_t group = s.n_head / s.n_head_kv;
-  const int64_t blocks_per_head = s.head_dim / kQK8_0;
-  const int64_t row_blocks = s.n_head_kv * blocks_per_head;
-  const auto* k_blocks = reinterpret_cast<const BlockQ8_0*>(k_cache);
-  const auto* v_blocks = reinterpret_cast<const BlockQ8_0*>(v_cache);
-  std::vector<float> q_values(static_cast<size_t>(s.head_dim)), scores;
+  const int64_t head_bytes = row_bytes(cache_type, s.head_dim);
+  const int64_t row_bytes_all = s.n_head_kv * head_bytes;
+  std::vector<uint8_t> query(static_cast<size_t>(row_bytes(kernels->query_type, s.head_dim)));
+  std::vector<float> q_values(static_cast<size_t>(s.head_dim)), k_row(q_values.size()),
+      v_row(q_values.size());
+  std::vector<double> scores, o(q_values.size());
   for (int64_t t = 0; t < s.tokens; ++t) {
     for (int64_t h = 0; h < s.n_head; ++h) {
       const int32_t* table = block_tables + static_cast<int64_t>(token_seq[t]) * s.max_blocks_per_seq;
       const int64_t n_pos = static_cast<int64_t>(token_pos[t]) + 1;
-      // The query as its Q8_0 blocks hold it (llama.cpp's rounding: quantize_row's bytes).
-      std::vector<BlockQ8_0> q_q8(static_cast<size_t>(blocks_per_head));
-      if (quantize_row(DType::Q8_0, q + (t * s.n_head + h) * s.head_dim, q_q8.data(), s.head_dim) !=
-          Status::ok)
+      // The query as its activation blocks hold it (llama.cpp's rounding: quantize_row's bytes).
+      if (quantize_row(kernels->query_type, q + (t * s.n_head + h) * s.head_dim, query.data(), s.head_dim) !=
+              Status::ok ||
+          dequantize_row(kernels->query_type, query.data(), q_values.data(), s.head_dim) != Status::ok)
         return Status::invalid_argument;
-      const auto row = [&](const BlockQ8_0* cache, int64_t p) {
+      const auto row = [&](const uint8_t* cache, int64_t p) {
         const int64_t slot = static_cast<int64_t>(table[p / s.block_size]) * s.block_size + p % s.block_size;
-        return cache + slot * row_blocks + (h / group) * blocks_per_head;
+        return cache + slot * row_bytes_all + (h / group) * head_bytes;
       };
-      scores.assign(static_cast<size_t>(n_pos), 0.0f);
-      float top = -INFINITY;
+      scores.assign(static_cast<size_t>(n_pos), 0.0);
+      double top = -INFINITY;
       for (int64_t p = 0; p < n_pos; ++p) {
-        const BlockQ8_0* k = row(k_blocks, p);
-        float sum = 0.0f;
-        for (int64_t b = 0; b < blocks_per_head; ++b) {
-          int32_t dot = 0;
-          for (int64_t i = 0; i < kQK8_0; ++i) dot += q_q8[b].qs[i] * k[b].qs[i];
-          sum += fp16_to_fp32(q_q8[b].d) * fp16_to_fp32(k[b].d) * static_cast<float>(dot);
-        }
-        scores[p] = sum * scale;
-        top = std::max(top, scores[p]);
+        dequantize_row(cache_type, row(k_cache, p), k_row.data(), s.head_dim);
+        double dot = 0;
+        for (int64_t d = 0; d < s.head_dim; ++d)
+          dot += static_cast<double>(q_values[static_cast<size_t>(d)]) * k_row[static_cast<size_t>(d)];
+        scores[static_cast<size_t>(p)] = dot * scale;
+        top = std::max(top, scores[static_cast<size_t>(p)]);
       }
       double total = 0;
-      for (float& score : scores) total += (score = std::exp(score - top));
-      float* o = out + (t * s.n_head + h) * s.head_dim;
-      std::fill(o, o + s.head_dim, 0.0f);
+      for (double& score : scores) total += (score = std::exp(score - top));
+      std::fill(o.begin(), o.end(), 0.0);
       for (int64_t p = 0; p < n_pos; ++p) {
-        const float w = static_cast<float>(scores[p] / total);
-        const BlockQ8_0* v = row(v_blocks, p);
+        dequantize_row(cache_type, row(v_cache, p), v_row.data(), s.head_dim);
         for (int64_t d = 0; d < s.head_dim; ++d)
-          o[d] += w * fp16_to_fp32(v[d / kQK8_0].d) * static_cast<float>(v[d / kQK8_0].qs[d % kQK8_0]);
+          o[static_cast<size_t>(d)] += scores[static_cast<size_t>(p)] / total * v_row[static_cast<size_t>(d)];
       }
+      for (int64_t d = 0; d < s.head_dim; ++d)
+        out[(t * s.n_head + h) * s.head_dim + d] = static_cast<float>(o[static_cast<size_t>(d)]);
     }
   }
   return Status::ok;

@@ -5,6 +5,7 @@
 // that sequence, which must already be in the cache.
 #include <cstdint>
 
+#include "kernels/quant_types.hpp"
 #include "kernels/status.hpp"
 #include "kernels/thread_pool.hpp"
 
@@ -32,21 +33,25 @@ Status paged_attention(const PagedAttentionShape& shape, const float* q, const u
                        const uint16_t* v_cache, const int32_t* block_tables, const int32_t* token_seq,
                        const int32_t* token_pos, float scale, float* out, ThreadPool& pool);
 
-// The same over a Q8_0 cache (llama.cpp's --cache-type-k / -v q8_0, half the bytes of fp16): every
-// cached position's row of n_head_kv * head_dim values is stored as blocks of 32 (an fp16 scale and 32
-// int8 values), head_dim a multiple of 32. As ggml's q8_0 attention does, each query head is quantized
-// to Q8_0 before its dot products with K (integer sums per block), and the softmax weights meet V,
-// read back as floats, in f32.
-// k_cache, v_cache: [n_blocks, block_size, n_head_kv * head_dim / 32] Q8_0 blocks (one layer)
+// The same over a quantized cache (llama.cpp's --cache-type-k / -v): every cached position's row of
+// n_head_kv * head_dim values is stored as blocks of 32 of `cache_type`: Q8_0 (an fp16 scale and 32
+// int8, 17/32 of fp16's bytes), Q4_0, Q4_1, Q5_0, Q5_1 or IQ4_NL (9/32 to 12/32); head_dim a multiple
+// of 32. As ggml's flash attention does, each query head is quantized to the type's activation blocks
+// (Q8_1 for Q4_1 and Q5_1, Q8_0 for the others) and its scores are the type's matmul dot products;
+// the softmax weights meet V, read back as floats, in f32. Other types: unsupported_type.
+// k_cache, v_cache: [n_blocks, block_size, row_bytes(cache_type, n_head_kv * head_dim)] bytes (one layer)
 // The other buffers as paged_attention's.
-Status paged_attention_q8_0(const PagedAttentionShape& shape, const float* q, const uint8_t* k_cache,
-                            const uint8_t* v_cache, const int32_t* block_tables, const int32_t* token_seq,
-                            const int32_t* token_pos, float scale, float* out, ThreadPool& pool);
+Status paged_attention_quantized(const PagedAttentionShape& shape, DType cache_type, const float* q,
+                                 const uint8_t* k_cache, const uint8_t* v_cache, const int32_t* block_tables,
+                                 const int32_t* token_seq, const int32_t* token_pos, float scale, float* out,
+                                 ThreadPool& pool);
+bool paged_attention_quantized_takes(DType type);
 
-// The plain loops paged_attention_q8_0 is tested against (one thread, no ISA kernels).
-Status paged_attention_q8_0_reference(const PagedAttentionShape& shape, const float* q,
-                                      const uint8_t* k_cache, const uint8_t* v_cache,
-                                      const int32_t* block_tables, const int32_t* token_seq,
-                                      const int32_t* token_pos, float scale, float* out);
+// The plain loops paged_attention_quantized is tested against (one thread, no ISA kernels): the query
+// rounded through its activation blocks, K and V dequantized, sums in double.
+Status paged_attention_quantized_reference(const PagedAttentionShape& shape, DType cache_type, const float* q,
+                                           const uint8_t* k_cache, const uint8_t* v_cache,
+                                           const int32_t* block_tables, const int32_t* token_seq,
+                                           const int32_t* token_pos, float scale, float* out);
 
 }  // namespace nibble::kernels

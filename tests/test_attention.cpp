@@ -168,83 +168,97 @@ TEST(PagedAttention, SoftmaxAndRoundingHelpersOnEveryKernelSet) {
   EXPECT_GE(sets, 1);
 }
 
-// The Q8_0 cache (llama.cpp's --cache-type-k/-v q8_0): every kernel set against the plain loops
-// (paged_attention_q8_0_reference), on random rows quantized as llama.cpp quantizes them, odd block
-// sizes and GQA groups, head sizes of 1 to 3 blocks of 32; and the reference near the double-precision
-// attention over the unquantized values (8-bit rounding of q, K and V: ~1% of the largest value).
-TEST(PagedAttention, Q8_0CacheMatchesItsReferenceOnEveryKernelSet) {
-  for (const Case c : {Case{4, 4, 32, 16}, Case{6, 2, 64, 5}, Case{9, 3, 96, 7}, Case{8, 1, 64, 16}}) {
-    SCOPED_TRACE(std::to_string(c.n_head) + "/" + std::to_string(c.n_head_kv) + " heads of " +
-                 std::to_string(c.head_dim) + ", blocks of " + std::to_string(c.block_size));
-    std::mt19937 rng(static_cast<uint32_t>(c.head_dim * 7 + c.block_size));
-    std::normal_distribution<float> normal(0.0f, 1.0f);
-    const int64_t n_seqs = 3, max_blocks = 40 / c.block_size + 2, n_blocks = n_seqs * max_blocks;
-    std::vector<int32_t> tables(static_cast<size_t>(n_blocks));
-    for (int64_t b = 0; b < n_blocks; ++b) tables[static_cast<size_t>(b)] = static_cast<int32_t>(b);
-    std::shuffle(tables.begin(), tables.end(), rng);
-    const std::vector<int32_t> seq = {0, 0, 0, 1, 1, 1, 1, 1, 2};
-    const std::vector<int32_t> pos = {0, 1, 2, 35, 36, 37, 38, 39, 17};
-    const PagedAttentionShape s{
-        static_cast<int64_t>(seq.size()), c.n_head, c.n_head_kv, c.head_dim, c.block_size, max_blocks};
-    std::vector<float> q(static_cast<size_t>(s.tokens * s.n_head * s.head_dim));
-    for (float& x : q) x = normal(rng);
-    const int64_t kv_row = s.n_head_kv * s.head_dim, positions = n_blocks * s.block_size;
-    const int64_t row_bytes = kv_row / 32 * static_cast<int64_t>(sizeof(BlockQ8_0));
-    std::vector<float> k_values(static_cast<size_t>(positions * kv_row)), v_values(k_values.size());
-    for (float& x : k_values) x = normal(rng);
-    for (float& x : v_values) x = normal(rng);
-    std::vector<uint8_t> k(static_cast<size_t>(positions * row_bytes)), v(k.size());
-    std::vector<uint16_t> k_f16(k_values.size()), v_f16(v_values.size());
-    for (int64_t p = 0; p < positions; ++p) {
-      ASSERT_EQ(quantize_row(DType::Q8_0, &k_values[p * kv_row], &k[p * row_bytes], kv_row), Status::ok);
-      ASSERT_EQ(quantize_row(DType::Q8_0, &v_values[p * kv_row], &v[p * row_bytes], kv_row), Status::ok);
-    }
-    for (size_t i = 0; i < k_values.size(); ++i) {
-      k_f16[i] = fp32_to_fp16(k_values[i]);
-      v_f16[i] = fp32_to_fp16(v_values[i]);
-    }
-    const float scale = 1.0f / std::sqrt(static_cast<float>(s.head_dim));
-    std::vector<float> want(q.size());
-    ASSERT_EQ(paged_attention_q8_0_reference(s, q.data(), k.data(), v.data(), tables.data(), seq.data(),
-                                             pos.data(), scale, want.data()),
-              Status::ok);
-    double max_v = 0;
-    for (float x : v_values) max_v = std::max(max_v, std::fabs(static_cast<double>(x)));
-    const std::vector<double> exact = reference(s, q, k_f16, v_f16, tables, seq, pos, scale);
-    double off_exact = 0;
-    for (size_t i = 0; i < want.size(); ++i) off_exact = std::max(off_exact, std::fabs(want[i] - exact[i]));
-    EXPECT_LT(off_exact, 3e-2 * max_v);
-    EXPECT_GT(off_exact, 1e-5 * max_v) << "no 8-bit rounding at all?";
-
-    ThreadPool pool(2);
-    const std::string original = matmul_isa();
-    int sets = 0;
-    for (const char* isa : {"scalar", "avx2", "avx512"}) {
-      if (!matmul_force_isa(isa)) continue;
-      SCOPED_TRACE(isa);
-      ++sets;
-      std::vector<float> out(want.size(), NAN);
-      ASSERT_EQ(paged_attention_q8_0(s, q.data(), k.data(), v.data(), tables.data(), seq.data(), pos.data(),
-                                     scale, out.data(), pool),
+// Quantized caches (llama.cpp's --cache-type-k/-v q8_0, q4_0, q4_1, q5_0, q5_1, iq4_nl): every kernel set
+// against the plain loops (paged_attention_quantized_reference), on random rows quantized as llama.cpp
+// quantizes them, odd block sizes and GQA groups, head sizes of 1 to 3 blocks of 32; and the reference near
+// the double-precision attention over the unquantized values (the rounding of q, K and V: ~1% of the
+// largest value at 8 bits, ~10% at 4).
+TEST(PagedAttention, QuantizedCachesMatchTheirReferenceOnEveryKernelSet) {
+  const std::pair<DType, double> types[] = {{DType::Q8_0, 3e-2}, {DType::Q4_0, 0.3}, {DType::Q4_1, 0.3},
+                                            {DType::Q5_0, 0.2},  {DType::Q5_1, 0.2}, {DType::IQ4_NL, 0.3}};
+  for (const auto& [type, rounding] : types) {
+    for (const Case c : {Case{4, 4, 32, 16}, Case{6, 2, 64, 5}, Case{9, 3, 96, 7}, Case{8, 1, 64, 16}}) {
+      SCOPED_TRACE(std::string(type_name(type)) + ": " + std::to_string(c.n_head) + "/" +
+                   std::to_string(c.n_head_kv) + " heads of " + std::to_string(c.head_dim) + ", blocks of " +
+                   std::to_string(c.block_size));
+      std::mt19937 rng(static_cast<uint32_t>(c.head_dim * 7 + c.block_size));
+      std::normal_distribution<float> normal(0.0f, 1.0f);
+      const int64_t n_seqs = 3, max_blocks = 40 / c.block_size + 2, n_blocks = n_seqs * max_blocks;
+      std::vector<int32_t> tables(static_cast<size_t>(n_blocks));
+      for (int64_t b = 0; b < n_blocks; ++b) tables[static_cast<size_t>(b)] = static_cast<int32_t>(b);
+      std::shuffle(tables.begin(), tables.end(), rng);
+      const std::vector<int32_t> seq = {0, 0, 0, 1, 1, 1, 1, 1, 2};
+      const std::vector<int32_t> pos = {0, 1, 2, 35, 36, 37, 38, 39, 17};
+      const PagedAttentionShape s{
+          static_cast<int64_t>(seq.size()), c.n_head, c.n_head_kv, c.head_dim, c.block_size, max_blocks};
+      std::vector<float> q(static_cast<size_t>(s.tokens * s.n_head * s.head_dim));
+      for (float& x : q) x = normal(rng);
+      const int64_t kv_row = s.n_head_kv * s.head_dim, positions = n_blocks * s.block_size;
+      const int64_t bytes = row_bytes(type, kv_row);
+      std::vector<float> k_values(static_cast<size_t>(positions * kv_row)), v_values(k_values.size());
+      for (float& x : k_values) x = normal(rng);
+      for (float& x : v_values) x = normal(rng);
+      std::vector<uint8_t> k(static_cast<size_t>(positions * bytes)), v(k.size());
+      std::vector<uint16_t> k_f16(k_values.size()), v_f16(v_values.size());
+      for (int64_t p = 0; p < positions; ++p) {
+        ASSERT_EQ(quantize_row(type, &k_values[p * kv_row], &k[p * bytes], kv_row), Status::ok);
+        ASSERT_EQ(quantize_row(type, &v_values[p * kv_row], &v[p * bytes], kv_row), Status::ok);
+      }
+      for (size_t i = 0; i < k_values.size(); ++i) {
+        k_f16[i] = fp32_to_fp16(k_values[i]);
+        v_f16[i] = fp32_to_fp16(v_values[i]);
+      }
+      const float scale = 1.0f / std::sqrt(static_cast<float>(s.head_dim));
+      std::vector<float> want(q.size());
+      ASSERT_EQ(paged_attention_quantized_reference(s, type, q.data(), k.data(), v.data(), tables.data(),
+                                                    seq.data(), pos.data(), scale, want.data()),
                 Status::ok);
-      // The same integer dot products; the kernels' exp is within a few ulps of std::exp.
-      double worst = 0;
-      for (size_t i = 0; i < want.size(); ++i)
-        worst = std::max(worst, static_cast<double>(std::fabs(out[i] - want[i])));
-      EXPECT_LT(worst, 2e-5 * max_v);
+      double max_v = 0;
+      for (float x : v_values) max_v = std::max(max_v, std::fabs(static_cast<double>(x)));
+      const std::vector<double> exact = reference(s, q, k_f16, v_f16, tables, seq, pos, scale);
+      double off_exact = 0;
+      for (size_t i = 0; i < want.size(); ++i) off_exact = std::max(off_exact, std::fabs(want[i] - exact[i]));
+      EXPECT_LT(off_exact, rounding * max_v);
+      EXPECT_GT(off_exact, 1e-5 * max_v) << "no rounding at all?";
+
+      ThreadPool pool(2);
+      const std::string original = matmul_isa();
+      int sets = 0;
+      for (const char* isa : {"scalar", "avx2", "avx512"}) {
+        if (!matmul_force_isa(isa)) continue;
+        SCOPED_TRACE(isa);
+        ++sets;
+        std::vector<float> out(want.size(), NAN);
+        ASSERT_EQ(paged_attention_quantized(s, type, q.data(), k.data(), v.data(), tables.data(), seq.data(),
+                                            pos.data(), scale, out.data(), pool),
+                  Status::ok);
+        // The kernels' float sums and exp against the reference's doubles (Q4_1 and Q5_1 also meet
+        // the query's block sums as Q8_1 stores them, in fp16).
+        double worst = 0;
+        for (size_t i = 0; i < want.size(); ++i)
+          worst = std::max(worst, static_cast<double>(std::fabs(out[i] - want[i])));
+        EXPECT_LT(worst, 2e-4 * max_v);
+      }
+      matmul_force_isa(original.c_str());
+      EXPECT_GE(sets, 1);
     }
-    matmul_force_isa(original.c_str());
-    EXPECT_GE(sets, 1);
   }
-  // Heads that are not whole blocks of 32 cannot be stored so.
+  // Heads that are not whole blocks of 32, and types that are not cache types.
   ThreadPool pool(1);
-  const PagedAttentionShape odd{1, 1, 1, 36, 1, 1};
-  std::vector<float> q(36), out(36);
-  std::vector<uint8_t> cache(64);
+  PagedAttentionShape shape{1, 1, 1, 36, 1, 1};
+  std::vector<float> q(64), out(64);
+  std::vector<uint8_t> cache(128);
   const int32_t table[1] = {0}, seq[1] = {0}, pos[1] = {0};
-  EXPECT_EQ(paged_attention_q8_0(odd, q.data(), cache.data(), cache.data(), table, seq, pos, 1.0f, out.data(),
-                                 pool),
+  EXPECT_EQ(paged_attention_quantized(shape, DType::Q8_0, q.data(), cache.data(), cache.data(), table, seq,
+                                      pos, 1.0f, out.data(), pool),
             Status::invalid_argument);
+  shape.head_dim = 32;
+  EXPECT_EQ(paged_attention_quantized(shape, DType::Q4_K, q.data(), cache.data(), cache.data(), table, seq,
+                                      pos, 1.0f, out.data(), pool),
+            Status::unsupported_type);
+  EXPECT_TRUE(paged_attention_quantized_takes(DType::IQ4_NL));
+  EXPECT_FALSE(paged_attention_quantized_takes(DType::F16));
+  EXPECT_FALSE(paged_attention_quantized_takes(DType::Q6_K));
 }
 
 TEST(PagedAttention, RejectsBadShapesAndPositions) {

@@ -506,7 +506,7 @@ TEST(ClusterConfig, LoraAdaptersAreAListOfNamedFiles) {
   EXPECT_EQ(q8.kv_cache.dtype, "q8_0");
   EXPECT_EQ(parse_cluster_config(render_cluster_config(q8), "rendered"), q8);
   expect_error("model: {path: m}\nkv_cache: {dtype: fp8}\n", "kv_cache.dtype", 2,
-               {"expected one of f16, q8_0"});
+               {"expected one of f16, q8_0, q4_1, q5_1"});
   expect_error("model: {path: m}\ndevice: cuda\nkv_cache: {dtype: q8_0}\n", "kv_cache.dtype", 3,
                {"CPU workers only"});
   // Loads and unloads while the job runs: off unless asked for.

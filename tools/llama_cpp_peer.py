@@ -22,13 +22,16 @@ parser.add_argument("--gen-tokens", type=int, required=True)
 parser.add_argument("--repetitions", type=int, default=3)
 parser.add_argument("--lora", help="a LoRA adapter GGUF applied to every token (llama.cpp's --lora)")
 parser.add_argument("--lora-scale", type=float, default=1.0)
-parser.add_argument("--kv-cache-dtype", choices=["f16", "q8_0"], default="f16",
-                    help="q8_0: llama.cpp's --cache-type-k/-v q8_0 (which needs flash attention)")
+parser.add_argument("--kv-cache-dtype", choices=["f16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl"], default="f16",
+                    help="llama.cpp's --cache-type-k/-v (a quantized one needs flash attention)")
 args = parser.parse_args()
 
 tokens = [int(t) for t in args.tokens.split(",")]
 n_ctx = max(len(tokens), args.gen_tokens) + 16
-cache = {} if args.kv_cache_dtype == "f16" else {"type_k": 8, "type_v": 8, "flash_attn": True}  # GGML_TYPE_Q8_0
+# GGML's type ids of llama.cpp's --cache-type-k/-v choices (a quantized V cache needs flash attention).
+GGML_TYPES = {"q8_0": 8, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "iq4_nl": 20}
+cache = {} if args.kv_cache_dtype == "f16" else {
+    "type_k": GGML_TYPES[args.kv_cache_dtype], "type_v": GGML_TYPES[args.kv_cache_dtype], "flash_attn": True}
 llm = Llama(model_path=args.model, n_threads=args.threads, n_threads_batch=args.threads,
             n_batch=max(len(tokens), 32), n_ctx=n_ctx, verbose=False, lora_path=args.lora,
             lora_scale=args.lora_scale, **cache)

@@ -4,7 +4,7 @@ the fixtures in ../shared/fixtures (see its README.md), so that Nibble's forward
 against an engine nobody on this project wrote, e.g. on a model `tools/llama_cpp_quantize.py` made.
 
 Usage: llama_cpp_reference.py MODEL.gguf OUT_PREFIX [--prompt TEXT] [--generate 24] [--threads 2]
-                              [--lora ADAPTER.gguf [--lora-scale S]] [--kv-cache-dtype q8_0]
+                              [--lora ADAPTER.gguf [--lora-scale S]] [--kv-cache-dtype q8_0|q4_0|...]
 
 The prompt is tokenized by llama.cpp's own tokenizer with BOS and evaluated in one batch; then
 --generate tokens are generated greedily (argmax of the last row of logits), each fed back one at a
@@ -35,20 +35,21 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--lora", help="a LoRA adapter GGUF llama.cpp applies (its --lora)")
     parser.add_argument("--lora-scale", type=float, default=1.0, help="the adapter's scale (--lora-scaled)")
-    parser.add_argument("--kv-cache-dtype", choices=["f16", "q8_0"], default="f16",
-                        help="q8_0: llama.cpp's --cache-type-k/-v q8_0 (with flash attention, which it needs)")
+    parser.add_argument("--kv-cache-dtype", choices=["f16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl"], default="f16",
+                        help="llama.cpp's --cache-type-k/-v (a quantized one with flash attention, which it needs)")
     args = parser.parse_args()
     if args.generate < 0:
         sys.exit("--generate must be >= 0")
 
     # n_batch = n_ubatch = n_ctx: the whole prompt goes in one batch. No flash attention (the default
     # here, and what the fixtures were made with: it rounds attention through fp16 differently).
-    q8_0 = args.kv_cache_dtype == "q8_0"
-    cache = {"type_k": llama_cpp.GGML_TYPE_Q8_0, "type_v": llama_cpp.GGML_TYPE_Q8_0} if q8_0 else {}
+    quantized = args.kv_cache_dtype != "f16"
+    ggml_type = getattr(llama_cpp, "GGML_TYPE_" + args.kv_cache_dtype.upper(), None)
+    cache = {"type_k": ggml_type, "type_v": ggml_type} if quantized else {}
 
     def load(n_ctx):
         return llama_cpp.Llama(model_path=args.model, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
-                               logits_all=True, flash_attn=q8_0, n_threads=args.threads,
+                               logits_all=True, flash_attn=quantized, n_threads=args.threads,
                                n_threads_batch=args.threads, verbose=False, lora_path=args.lora,
                                lora_scale=args.lora_scale, **cache)
 

@@ -14,9 +14,10 @@ namespace nibble::worker {
 class KvCache {
  public:
   // Stores n_blocks blocks of block_size positions for every layer, K and V, as `type`: F16 (fp16
-  // bits, llama.cpp's default) or Q8_0 (llama.cpp's --cache-type-k/-v q8_0: blocks of 32 values, an
-  // fp16 scale and 32 int8, 34 bytes for fp16's 64; the model's head_dim a multiple of 32). Throws
-  // std::invalid_argument for another type, or Q8_0 with such a head_dim.
+  // bits, llama.cpp's default) or, as llama.cpp's --cache-type-k/-v, Q8_0 (blocks of 32 values: an
+  // fp16 scale and 32 int8, 34 bytes for fp16's 64), Q4_1 (20 bytes) or Q5_1 (24); the quantized types
+  // need a head_dim that is a multiple of 32. Throws std::invalid_argument otherwise (unsupported()
+  // says why).
   KvCache(const model::LlamaConfig& config, int64_t n_blocks, int64_t block_size = 16,
           kernels::DType type = kernels::DType::F16);
 

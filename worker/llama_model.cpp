@@ -351,17 +351,17 @@ void LlamaModel::forward_stage(const ForwardBatch& batch, KvCache& cache, kernel
           "rope");
 
     // Write this batch's K/V into the cache before any token attends.
-    const bool q8_0_cache = cache.type() == kernels::DType::Q8_0;
+    const bool quantized_cache = cache.type() != kernels::DType::F16;
     for (int64_t t = 0; t < n; ++t) {
       const int32_t* table = batch.block_tables.data() + batch.seq_index[t] * batch.max_blocks_per_seq;
       const int64_t pos = batch.positions[t];
       const int64_t slot = static_cast<int64_t>(table[pos / cache.block_size()]) * cache.block_size() +
                            pos % cache.block_size();
-      if (q8_0_cache) {  // llama.cpp's q8_0 cache rows: the row quantized as a Q8_0 weight row is
-        check(kernels::quantize_row(kernels::DType::Q8_0, k_.data() + t * kv_dim,
+      if (quantized_cache) {  // llama.cpp's quantized cache rows: each quantized as a weight row is
+        check(kernels::quantize_row(cache.type(), k_.data() + t * kv_dim,
                                     cache.k_bytes(l) + slot * cache.row_bytes(), kv_dim),
               "KV quantize");
-        check(kernels::quantize_row(kernels::DType::Q8_0, v_.data() + t * kv_dim,
+        check(kernels::quantize_row(cache.type(), v_.data() + t * kv_dim,
                                     cache.v_bytes(l) + slot * cache.row_bytes(), kv_dim),
               "KV quantize");
         continue;
@@ -373,10 +373,10 @@ void LlamaModel::forward_stage(const ForwardBatch& batch, KvCache& cache, kernel
         v_cache[slot * kv_dim + i] = kernels::fp32_to_fp16(v_[t * kv_dim + i]);
       }
     }
-    if (q8_0_cache) {
-      check(kernels::paged_attention_q8_0(shape, q_.data(), cache.k_bytes(l), cache.v_bytes(l),
-                                          batch.block_tables.data(), batch.seq_index.data(),
-                                          batch.positions.data(), scale, attn_.data(), pool),
+    if (quantized_cache) {
+      check(kernels::paged_attention_quantized(
+                shape, cache.type(), q_.data(), cache.k_bytes(l), cache.v_bytes(l), batch.block_tables.data(),
+                batch.seq_index.data(), batch.positions.data(), scale, attn_.data(), pool),
             "attention");
     } else {
       check(

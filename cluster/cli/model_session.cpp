@@ -90,16 +90,26 @@ void apply_lora_option(const LoraOption& lora, ModelSession& session) {
   session.model->set_default_lora(session.model->add_lora(adapter, lora.scale));
 }
 
+const std::vector<std::string>& kv_cache_dtypes() {
+  static const std::vector<std::string> names = {"f16", "q8_0", "q4_1", "q5_1"};
+  return names;
+}
+
 kernels::DType kv_cache_dtype(const std::string& name) {
-  if (name == "f16") return kernels::DType::F16;
-  if (name == "q8_0") return kernels::DType::Q8_0;
-  throw std::invalid_argument("KV cache type '" + name + "': f16 or q8_0");
+  static const std::pair<const char*, kernels::DType> types[] = {{"f16", kernels::DType::F16},
+                                                                 {"q8_0", kernels::DType::Q8_0},
+                                                                 {"q4_1", kernels::DType::Q4_1},
+                                                                 {"q5_1", kernels::DType::Q5_1}};
+  for (const auto& [type_name, type] : types)
+    if (name == type_name) return type;
+  throw std::invalid_argument("KV cache type '" + name + "': f16, q8_0, q4_1 or q5_1");
 }
 
 void add_kv_cache_option(CLI::App& app, KvCacheOption& value) {
   app.add_option("--kv-cache-dtype", value.dtype,
-                 "KV cache storage: f16, or q8_0 (8-bit, half the bytes: llama.cpp's --cache-type-k/-v q8_0)")
-      ->check(CLI::IsMember({"f16", "q8_0"}))
+                 "KV cache storage: f16, or as llama.cpp's --cache-type-k/-v: q8_0 (8-bit, 17/32 of the "
+                 "bytes), q4_1 (10/32), q5_1 (12/32)")
+      ->check(CLI::IsMember(kv_cache_dtypes()))
       ->capture_default_str();
 }
 

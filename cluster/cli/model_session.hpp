@@ -7,6 +7,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "kernels/thread_pool.hpp"
 #include "model/tokenizer.hpp"
@@ -48,8 +49,8 @@ void add_lora_option(CLI::App& app, LoraOption& value);
 // naming the file for a bad one, and for a session without a CPU model (--device cuda).
 void apply_lora_option(const LoraOption& lora, ModelSession& session);
 
-// --kv-cache-dtype f16|q8_0 (vLLM's name; llama.cpp's --cache-type-k and -v q8_0 together): the type
-// of the CPU model's KV caches.
+// --kv-cache-dtype f16|q8_0|q4_1|q5_1 (vLLM's name; llama.cpp's --cache-type-k and -v
+// with the same type): the type of the CPU model's KV caches.
 struct KvCacheOption {
   std::string dtype = "f16";
 };
@@ -57,6 +58,7 @@ void add_kv_cache_option(CLI::App& app, KvCacheOption& value);
 // Sets the model's KV cache type (worker::LlamaModel::set_kv_cache_type). Throws for q8_0 in a session
 // without a CPU model (--device cuda) and for a model whose heads cannot take it.
 void apply_kv_cache_option(const KvCacheOption& option, ModelSession& session);
-kernels::DType kv_cache_dtype(const std::string& name);  // "f16" or "q8_0"
+kernels::DType kv_cache_dtype(const std::string& name);  // one of kv_cache_dtypes()
+const std::vector<std::string>& kv_cache_dtypes();
 
 }  // namespace nibble::cli

@@ -214,8 +214,8 @@ struct KvCacheConfig {
   double memory_fraction = 0.5;
   int64_t num_blocks = 0;  // 0 = derive from memory_fraction
   bool prefix_caching = true;
-  // How K and V are stored: f16, or q8_0 (8-bit blocks of 32 with an fp16 scale, llama.cpp's
-  // --cache-type-k/-v q8_0 and vLLM's 8-bit kv_cache_dtype: about twice the blocks in the same memory).
+  // How K and V are stored: f16, or as llama.cpp's --cache-type-k/-v: q8_0 (8-bit blocks of 32 with an
+  // fp16 scale, like vLLM's 8-bit kv_cache_dtype: 1.9x the blocks in the same memory), q4_1 or q5_1.
   std::string dtype = "f16";
 
   bool operator==(const KvCacheConfig&) const = default;

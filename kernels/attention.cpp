@@ -163,8 +163,12 @@ Status paged_attention_quantized(const PagedAttentionShape& shape, DType cache_t
       float* o = out + (t * s.n_head + h) * s.head_dim;
       std::fill(o, o + s.head_dim, 0.0f);
       for_each_block([&](int64_t first, int64_t count, int64_t offset) {
-        if (cache_type == DType::Q8_0) {
-          isa.q8_0_axpy_rows(scores.data() + first, v_cache + offset, row_bytes_all, count, s.head_dim, o);
+        const auto axpy = cache_type == DType::Q8_0   ? isa.q8_0_axpy_rows
+                          : cache_type == DType::Q4_1 ? isa.q4_1_axpy_rows
+                          : cache_type == DType::Q5_1 ? isa.q5_1_axpy_rows
+                                                      : nullptr;
+        if (axpy != nullptr) {
+          axpy(scores.data() + first, v_cache + offset, row_bytes_all, count, s.head_dim, o);
           return;
         }
         for (int64_t r = 0; r < count; ++r) {  // ggml's v_to_float, then the f32 multiply-add

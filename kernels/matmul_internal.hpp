@@ -87,6 +87,11 @@ struct IsaKernels {
   // matmul (q8_0 above) with the query quantized to Q8_0.
   void (*q8_0_axpy_rows)(const float* w, const uint8_t* rows, int64_t row_stride, int64_t n_rows, int64_t dim,
                          float* out);
+  // The same over Q4_1 and Q5_1 rows (value d · level + m).
+  void (*q4_1_axpy_rows)(const float* w, const uint8_t* rows, int64_t row_stride, int64_t n_rows, int64_t dim,
+                         float* out);
+  void (*q5_1_axpy_rows)(const float* w, const uint8_t* rows, int64_t row_stride, int64_t n_rows, int64_t dim,
+                         float* out);
   // x[0, n) rounded to the nearest fp16 value (ties to even), in place.
   void (*round_to_f16)(float* x, int64_t n);
   // scores[0, n) (n >= 1) replaced by their softmax, each probability rounded to fp16.

@@ -313,6 +313,19 @@ void q8_0_axpy_rows(const float* w, const uint8_t* rows, int64_t row_stride, int
   }
 }
 
+template <typename Block>
+void block32_min_axpy_rows(const float* w, const uint8_t* rows, int64_t row_stride, int64_t n_rows,
+                           int64_t dim, float* out) {
+  for (int64_t r = 0; r < n_rows; ++r) {
+    const auto* blocks = reinterpret_cast<const Block*>(rows + r * row_stride);
+    for (int64_t b = 0; b < dim / kQK4_0; ++b) {
+      const float d = fp16_to_fp32(blocks[b].d), m = fp16_to_fp32(blocks[b].m);
+      for (int j = 0; j < kQK4_0; ++j)
+        out[b * kQK4_0 + j] += w[r] * (static_cast<float>(block32_level(blocks[b], j)) * d + m);
+    }
+  }
+}
+
 void round_to_f16(float* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) x[i] = fp16_to_fp32(fp32_to_fp16(x[i]));
 }
@@ -369,6 +382,8 @@ const IsaKernels kScalarKernels{
     .f16_dot_rows = f16_dot_rows,
     .f16_axpy_rows = f16_axpy_rows,
     .q8_0_axpy_rows = q8_0_axpy_rows,
+    .q4_1_axpy_rows = block32_min_axpy_rows<BlockQ4_1>,
+    .q5_1_axpy_rows = block32_min_axpy_rows<BlockQ5_1>,
     .round_to_f16 = round_to_f16,
     .softmax_to_f16 = softmax_to_f16,
     .softmax = softmax_f32,

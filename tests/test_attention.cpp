@@ -59,32 +59,39 @@ std::vector<double> reference(const PagedAttentionShape& s, const std::vector<fl
   return out;
 }
 
+// The batch every test attends with: three sequences whose blocks are anywhere in the cache (shuffled
+// ids), prompt-like runs, a verification-like run of consecutive positions, and position 0; random q.
+struct Batch {
+  PagedAttentionShape s;
+  int64_t n_blocks = 0;
+  std::vector<int32_t> tables;  // [n_seqs, max_blocks_per_seq]
+  std::vector<int32_t> seq = {0, 0, 0, 1, 1, 1, 1, 1, 2};
+  std::vector<int32_t> pos = {0, 1, 2, 35, 36, 37, 38, 39, 17};
+  std::vector<float> q;  // [tokens, n_head, head_dim]
+};
+
+Batch make_batch(const Case& c, std::mt19937& rng) {
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  Batch b;
+  const int64_t n_seqs = 3, max_blocks = 40 / c.block_size + 2;
+  b.n_blocks = n_seqs * max_blocks;
+  b.tables.resize(static_cast<size_t>(b.n_blocks));
+  for (int64_t i = 0; i < b.n_blocks; ++i) b.tables[static_cast<size_t>(i)] = static_cast<int32_t>(i);
+  std::shuffle(b.tables.begin(), b.tables.end(), rng);
+  b.s = {static_cast<int64_t>(b.seq.size()), c.n_head, c.n_head_kv, c.head_dim, c.block_size, max_blocks};
+  b.q.resize(static_cast<size_t>(b.s.tokens * b.s.n_head * b.s.head_dim));
+  for (float& x : b.q) x = normal(rng);
+  return b;
+}
+
 class PagedAttentionTest : public ::testing::TestWithParam<Case> {};
 
 TEST_P(PagedAttentionTest, MatchesTheReferenceOnEveryKernelSet) {
   const Case c = GetParam();
   std::mt19937 rng(static_cast<uint32_t>(c.head_dim * 131 + c.block_size));
   std::normal_distribution<float> normal(0.0f, 1.0f);
-  const int64_t n_seqs = 3, max_blocks = 40 / c.block_size + 2;
-  const int64_t n_blocks = n_seqs * max_blocks;
-  std::vector<int32_t> ids(static_cast<size_t>(n_blocks));
-  for (int64_t b = 0; b < n_blocks; ++b) ids[static_cast<size_t>(b)] = static_cast<int32_t>(b);
-  std::shuffle(ids.begin(), ids.end(), rng);  // blocks of a sequence are anywhere in the cache
-  const std::vector<int32_t> tables = ids;    // [n_seqs, max_blocks]
-
-  // Prompt-like runs, a verification-like run of consecutive positions, and position 0.
-  const std::vector<int32_t> seq = {0, 0, 0, 1, 1, 1, 1, 1, 2};
-  const std::vector<int32_t> pos = {0, 1, 2, 35, 36, 37, 38, 39, 17};
-  PagedAttentionShape s;
-  s.tokens = static_cast<int64_t>(seq.size());
-  s.n_head = c.n_head;
-  s.n_head_kv = c.n_head_kv;
-  s.head_dim = c.head_dim;
-  s.block_size = c.block_size;
-  s.max_blocks_per_seq = max_blocks;
-
-  std::vector<float> q(static_cast<size_t>(s.tokens * s.n_head * s.head_dim));
-  for (float& x : q) x = normal(rng);
+  const Batch batch = make_batch(c, rng);
+  const auto& [s, n_blocks, tables, seq, pos, q] = batch;
   const size_t cache_size = static_cast<size_t>(n_blocks * s.block_size * s.n_head_kv * s.head_dim);
   std::vector<uint16_t> k(cache_size), v(cache_size);
   double max_v = 0;
@@ -183,16 +190,8 @@ TEST(PagedAttention, QuantizedCachesMatchTheirReferenceOnEveryKernelSet) {
                    std::to_string(c.block_size));
       std::mt19937 rng(static_cast<uint32_t>(c.head_dim * 7 + c.block_size));
       std::normal_distribution<float> normal(0.0f, 1.0f);
-      const int64_t n_seqs = 3, max_blocks = 40 / c.block_size + 2, n_blocks = n_seqs * max_blocks;
-      std::vector<int32_t> tables(static_cast<size_t>(n_blocks));
-      for (int64_t b = 0; b < n_blocks; ++b) tables[static_cast<size_t>(b)] = static_cast<int32_t>(b);
-      std::shuffle(tables.begin(), tables.end(), rng);
-      const std::vector<int32_t> seq = {0, 0, 0, 1, 1, 1, 1, 1, 2};
-      const std::vector<int32_t> pos = {0, 1, 2, 35, 36, 37, 38, 39, 17};
-      const PagedAttentionShape s{
-          static_cast<int64_t>(seq.size()), c.n_head, c.n_head_kv, c.head_dim, c.block_size, max_blocks};
-      std::vector<float> q(static_cast<size_t>(s.tokens * s.n_head * s.head_dim));
-      for (float& x : q) x = normal(rng);
+      const Batch batch = make_batch(c, rng);
+      const auto& [s, n_blocks, tables, seq, pos, q] = batch;
       const int64_t kv_row = s.n_head_kv * s.head_dim, positions = n_blocks * s.block_size;
       const int64_t bytes = row_bytes(type, kv_row);
       std::vector<float> k_values(static_cast<size_t>(positions * kv_row)), v_values(k_values.size());

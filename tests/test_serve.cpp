@@ -633,20 +633,26 @@ TEST_P(ServeShapes, GrammarOutputIsASentence) {
   EXPECT_EQ(client.generate(greedy("after", kPrompts[1], 2)).tokens.size(), 2u);
 }
 
+// Two random LoRA adapters for `model` in `dir`: "sql.gguf" (rank 8 on every matrix and the head, F16)
+// and "chat.gguf" (rank 4 on attn_v and ffn_down, F32); their paths.
+std::pair<std::string, std::string> write_two_adapters(const fs::path& dir, const std::string& model) {
+  const model::LlamaConfig config = model::LlamaConfig::from_gguf(*model::GgufFile::open(model));
+  const std::string sql = (dir / "sql.gguf").string(), chat = (dir / "chat.gguf").string();
+  model::make_random_lora(config, 8, 16, 0.4f, 1,
+                          {std::begin(model::kLayerMatrices), std::end(model::kLayerMatrices)}, true)
+      .write_gguf(sql, "llama", kernels::DType::F16);
+  model::make_random_lora(config, 4, 0, 0.5f, 2, {model::LayerMatrix::attn_v, model::LayerMatrix::ffn_down})
+      .write_gguf(chat, "llama", kernels::DType::F32);
+  return {sql, chat};
+}
+
 // LoRA adapters (vLLM's multi-LoRA): requests naming an adapter get single-process `nibble generate
 // --lora` output, others the base model's, whatever runs beside them; the same prompt under another
 // adapter never starts from the first one's cached blocks (its K/V differ); an unknown name is refused.
 TEST_P(ServeShapes, LoraAdaptersServeLikeGenerateWithTheAdapter) {
   test::TempDir models;
   const std::string model = make_tiny_model(models.path());
-  const model::LlamaConfig config = model::LlamaConfig::from_gguf(*model::GgufFile::open(model));
-  const std::string sql = (models.path() / "sql.gguf").string(),
-                    chat = (models.path() / "chat.gguf").string();
-  model::make_random_lora(config, 8, 16, 0.4f, 1,
-                          {std::begin(model::kLayerMatrices), std::end(model::kLayerMatrices)}, true)
-      .write_gguf(sql, "llama", kernels::DType::F16);
-  model::make_random_lora(config, 4, 0, 0.5f, 2, {model::LayerMatrix::attn_v, model::LayerMatrix::ffn_down})
-      .write_gguf(chat, "llama", kernels::DType::F32);
+  const auto [sql, chat] = write_two_adapters(models.path(), model);
   const std::string adapters[] = {"", "sql", "chat"};
   std::vector<std::vector<Expected>> expected(3);  // [adapter][prompt]
   for (const std::string& p : kPrompts) {
@@ -743,14 +749,7 @@ std::pair<std::optional<protocol::ErrorCode>, std::string> client_error_of(Call&
 TEST_P(ServeShapes, LoraAdaptersLoadAndUnloadWhileTheJobRuns) {
   test::TempDir models;
   const std::string model = make_tiny_model(models.path());
-  const model::LlamaConfig config = model::LlamaConfig::from_gguf(*model::GgufFile::open(model));
-  const std::string sql = (models.path() / "sql.gguf").string(),
-                    chat = (models.path() / "chat.gguf").string();
-  model::make_random_lora(config, 8, 16, 0.4f, 1,
-                          {std::begin(model::kLayerMatrices), std::end(model::kLayerMatrices)}, true)
-      .write_gguf(sql, "llama", kernels::DType::F16);
-  model::make_random_lora(config, 4, 0, 0.5f, 2, {model::LayerMatrix::attn_v, model::LayerMatrix::ffn_down})
-      .write_gguf(chat, "llama", kernels::DType::F32);
+  const auto [sql, chat] = write_two_adapters(models.path(), model);
   const std::string& prompt = kPrompts[0];
   const Expected base = nibble_generate(model, prompt, 16);
   const Expected with_sql = nibble_generate(model, prompt, 16, "--lora '" + sql + "' --lora-scale 0.5");

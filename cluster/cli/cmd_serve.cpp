@@ -604,9 +604,9 @@ int serve(const std::string& config_path) {
     return 0;
   }
 
-  std::fprintf(stderr, "nibble serve: %s; %lld KV blocks of %d tokens per worker; listening on %s\n",
+  std::fprintf(stderr, "nibble serve: %s; %lld KV blocks of %d tokens (%s) per worker; listening on %s\n",
                layout->describe().c_str(), static_cast<long long>(num_blocks), config.kv_cache.block_size,
-               config.server.listen.c_str());
+               config.kv_cache.dtype.c_str(), config.server.listen.c_str());
   for (int r = 1; r < world_size; ++r) {
     const parallel::RankInfo info = layout->rank(r);
     if (info.role == parallel::Role::draft) {

@@ -103,18 +103,18 @@ protocol::ServerResponseMsg Client::receive_for(const std::string& request_id) {
   }
 }
 
-protocol::Final Client::generate(const protocol::GenerateRequest& request,
-                                 const std::function<void(const protocol::Delta&)>& on_delta) {
-  protocol::GenerateRequest to_send = request;
-  if (to_send.request_id.empty()) to_send.request_id = fresh_request_id();
+template <class Request>
+void Client::send_request(const Request& request) {
   // The server validates too; checking here gives the same bad_request message without a round trip.
   try {
-    protocol::validate(to_send);
+    protocol::validate(request);
   } catch (const protocol::ProtocolError& e) {
-    throw ClientError(e.code, to_send.request_id, e.what());
+    throw ClientError(e.code, request.request_id, e.what());
   }
-  const std::string& id = to_send.request_id;
-  send_frame(protocol::encode(protocol::ClientRequestMsg{to_send}), id);
+  send_frame(protocol::encode(protocol::ClientRequestMsg{request}), request.request_id);
+}
+
+protocol::ServerResponseMsg Client::reply_to(const std::string& id) {
   for (;;) {
     protocol::ServerResponseMsg reply = receive_for(id);
     if (auto* error = std::get_if<protocol::Error>(&reply)) {
@@ -122,7 +122,17 @@ protocol::Final Client::generate(const protocol::GenerateRequest& request,
       if (error->request_id == id || error->request_id.empty()) throw_server_error(*error);
       continue;
     }
-    if (response_id(reply) != id) continue;  // stale: a reply to an earlier, abandoned request
+    if (response_id(reply) == id) return reply;  // else stale: a reply to an earlier, abandoned request
+  }
+}
+
+protocol::Final Client::generate(const protocol::GenerateRequest& request,
+                                 const std::function<void(const protocol::Delta&)>& on_delta) {
+  protocol::GenerateRequest to_send = request;
+  if (to_send.request_id.empty()) to_send.request_id = fresh_request_id();
+  send_request(to_send);
+  for (;;) {
+    protocol::ServerResponseMsg reply = reply_to(to_send.request_id);
     if (auto* delta = std::get_if<protocol::Delta>(&reply)) {
       if (on_delta) on_delta(*delta);
       continue;
@@ -161,22 +171,10 @@ protocol::Health Client::shutdown() {
 template <class Request>
 std::vector<std::string> Client::change_adapters(Request request) {
   request.request_id = fresh_request_id();
-  try {
-    protocol::validate(request);
-  } catch (const protocol::ProtocolError& e) {
-    throw ClientError(e.code, request.request_id, e.what());
-  }
-  const std::string& id = request.request_id;
-  send_frame(protocol::encode(protocol::ClientRequestMsg{request}), id);
+  send_request(request);
   for (;;) {
-    protocol::ServerResponseMsg reply = receive_for(id);
-    if (auto* error = std::get_if<protocol::Error>(&reply)) {
-      if (error->request_id == id || error->request_id.empty()) throw_server_error(*error);
-      continue;
-    }
-    if (auto* adapters = std::get_if<protocol::Adapters>(&reply);
-        adapters != nullptr && adapters->request_id == id)
-      return std::move(adapters->names);
+    protocol::ServerResponseMsg reply = reply_to(request.request_id);
+    if (auto* adapters = std::get_if<protocol::Adapters>(&reply)) return std::move(adapters->names);
   }
 }
 
@@ -188,14 +186,7 @@ std::vector<std::string> Client::unload_adapter(const std::string& name) {
   return change_adapters(protocol::UnloadAdapterRequest{"", name});
 }
 
-void Client::cancel(const std::string& request_id) {
-  try {
-    protocol::validate(protocol::CancelRequest{request_id});
-  } catch (const protocol::ProtocolError& e) {
-    throw ClientError(e.code, request_id, e.what());
-  }
-  send_frame(protocol::encode(protocol::ClientRequestMsg{protocol::CancelRequest{request_id}}), request_id);
-}
+void Client::cancel(const std::string& request_id) { send_request(protocol::CancelRequest{request_id}); }
 
 void Client::send_raw(std::span<const uint8_t> frame) { send_frame(frame, ""); }
 

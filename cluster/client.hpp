@@ -95,6 +95,12 @@ class Client {
   // Waits for a reply of type T to a control request, skipping stale request-scoped messages.
   template <class T>
   T control_reply();
+  // Validates a request (a bad_request without a round trip) and sends it under its id.
+  template <class Request>
+  void send_request(const Request& request);
+  // The next reply to request `id`: its Error thrown (also an Error about an unread request, ours being
+  // the only one in flight); replies to earlier, abandoned requests skipped.
+  protocol::ServerResponseMsg reply_to(const std::string& id);
   // Sends an adapter request (its id filled in) and waits for the Adapters answering it.
   template <class Request>
   std::vector<std::string> change_adapters(Request request);

@@ -202,9 +202,9 @@ Status paged_attention_quantized_reference(const PagedAttentionShape& shape, DTy
     for (int64_t h = 0; h < s.n_head; ++h) {
       const int32_t* table = block_tables + static_cast<int64_t>(token_seq[t]) * s.max_blocks_per_seq;
       const int64_t n_pos = static_cast<int64_t>(token_pos[t]) + 1;
-      // The query as its activation blocks hold it (llama.cpp's rounding: quantize_row's bytes).
-      if (quantize_row(kernels->query_type, q + (t * s.n_head + h) * s.head_dim, query.data(), s.head_dim) !=
-              Status::ok ||
+      // The query as its activation blocks hold it (llama.cpp's rounding: quantize_activations' bytes).
+      if (quantize_activations(kernels->query_type, q + (t * s.n_head + h) * s.head_dim, query.data(),
+                               s.head_dim) != Status::ok ||
           dequantize_row(kernels->query_type, query.data(), q_values.data(), s.head_dim) != Status::ok)
         return Status::invalid_argument;
       const auto row = [&](const uint8_t* cache, int64_t p) {

@@ -71,8 +71,8 @@ struct IsaKernels {
   // of 8.
   MatmulRangeFn iq4_nl_packed;
   MatmulRangeFn iq4_xs_packed;
-  QuantizeActivationFn quantize_q8_0;  // must give the same bytes as quantize_row(Q8_0)
-  QuantizeActivationFn quantize_q8_1;  // must give the same bytes as quantize_row(Q8_1)
+  QuantizeActivationFn quantize_q8_0;  // must give the same bytes as quantize_activations(Q8_0)
+  QuantizeActivationFn quantize_q8_1;  // must give the same bytes as quantize_activations(Q8_1)
   QuantizeActivationFn quantize_q8_k;  // must give the same bytes as quantize_row(Q8_K)
   // Fills info[0, n_blocks) for one Q8_0 activation row.
   void (*q8_0_block_info)(const void* x_row, Q8_0BlockInfo* info, int64_t n_blocks);

@@ -273,12 +273,12 @@ void q8_0_block_info(const void* x_row, Q8_0BlockInfo* info, int64_t n_blocks) {
 
 void quantize_q8_0(const float* x, void* out, int64_t k) {
   for (int64_t b = 0; b < k / kQK8_0; ++b)
-    quantize_block_q8_0(x + b * kQK8_0, static_cast<BlockQ8_0*>(out) + b);
+    quantize_activation_block_q8_0(x + b * kQK8_0, static_cast<BlockQ8_0*>(out) + b);
 }
 
 void quantize_q8_1(const float* x, void* out, int64_t k) {
   for (int64_t b = 0; b < k / kQK8_0; ++b)
-    quantize_block_q8_1(x + b * kQK8_0, static_cast<BlockQ8_1*>(out) + b);
+    quantize_activation_block_q8_1(x + b * kQK8_0, static_cast<BlockQ8_1*>(out) + b);
 }
 
 void quantize_q8_k(const float* x, void* out, int64_t k) {

@@ -1528,16 +1528,12 @@ void kquant_range(const MatmulOperands& op, int64_t o_begin, int64_t o_end) {
 
 // ---- activation quantization ----
 
-// Same bytes as quantize_row(Q8_0): d = amax/127 rounded to fp16, q = roundf(x · (1/d)); roundf's
-// ties-away-from-zero is rebuilt from truncation because the SIMD rounding modes tie to even.
-// One block of 32 activations as quantize_row_q8_0_ref rounds it (roundf: ties away from zero) into
-// qs; returns the float scale d = amax / 127 (before its rounding to fp16), and with kWithSum (Q8_1)
-// stores the quants' sum in *sum.
+// One block of 32 activations as llama.cpp's x86 quantize_row_q8_0 / _q8_1 convert them
+// (quantize_activations: q = x · (127 / amax) rounded half to even) into qs; returns the float scale
+// d = amax / 127 (before its rounding to fp16), and with kWithSum (Q8_1) stores the quants' sum in *sum.
 template <bool kWithSum>
 inline float quantize_block_q8(const float* xb, int8_t* qs, int32_t* sum) {
   const __m256 sign_mask = _mm256_set1_ps(-0.0f);
-  const __m256 half = _mm256_set1_ps(0.5f);
-  const __m256 one = _mm256_set1_ps(1.0f);
   __m256 v[4];
   __m256 amax = _mm256_setzero_ps();
   NIBBLE_UNROLL
@@ -1548,18 +1544,13 @@ inline float quantize_block_q8(const float* xb, int8_t* qs, int32_t* sum) {
   __m128 max4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
   max4 = _mm_max_ps(max4, _mm_movehl_ps(max4, max4));
   max4 = _mm_max_ss(max4, _mm_movehdup_ps(max4));
-  const float d = _mm_cvtss_f32(max4) / 127.0f;
-  const float inv_d = d != 0.0f ? 1.0f / d : 0.0f;
+  const float max_scalar = _mm_cvtss_f32(max4);
+  const __m256 inv_d = _mm256_set1_ps(max_scalar != 0.0f ? 127.0f / max_scalar : 0.0f);
   __m256i q[4];
   NIBBLE_UNROLL
-  for (int i = 0; i < 4; ++i) {
-    const __m256 scaled = _mm256_mul_ps(v[i], _mm256_set1_ps(inv_d));
-    const __m256 truncated = _mm256_round_ps(scaled, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
-    const __m256 fraction = _mm256_andnot_ps(sign_mask, _mm256_sub_ps(scaled, truncated));
-    const __m256 away = _mm256_or_ps(_mm256_and_ps(scaled, sign_mask), one);  // ±1 with x's sign
-    const __m256 round_away = _mm256_and_ps(_mm256_cmp_ps(fraction, half, _CMP_GE_OQ), away);
-    q[i] = _mm256_cvtps_epi32(_mm256_add_ps(truncated, round_away));
-  }
+  for (int i = 0; i < 4; ++i)
+    q[i] = _mm256_cvtps_epi32(
+        _mm256_round_ps(_mm256_mul_ps(v[i], inv_d), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   if constexpr (kWithSum) {
     const __m256i lanes = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
     __m128i sum4 = _mm_add_epi32(_mm256_castsi256_si128(lanes), _mm256_extracti128_si256(lanes, 1));
@@ -1573,7 +1564,7 @@ inline float quantize_block_q8(const float* xb, int8_t* qs, int32_t* sum) {
   const __m256i packed8 = _mm256_packs_epi16(packed16_lo, packed16_hi);
   const __m256i ordered = _mm256_permutevar8x32_epi32(packed8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(qs), ordered);
-  return d;
+  return max_scalar / 127.0f;
 }
 
 void quantize_q8_0(const float* x, void* out, int64_t k) {
@@ -1584,7 +1575,7 @@ void quantize_q8_0(const float* x, void* out, int64_t k) {
   }
 }
 
-// Q8_0's quants and d, and s = d · Σq rounded to fp16 from the float d (quantize_row_q8_1_ref).
+// Q8_0's quants and d, and s = d · Σq rounded to fp16 from the float d (llama.cpp's quantize_row_q8_1).
 void quantize_q8_1(const float* x, void* out, int64_t k) {
   auto* blocks = static_cast<BlockQ8_1*>(out);
   for (int64_t b = 0; b < k / kQK8_0; ++b) {

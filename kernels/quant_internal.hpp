@@ -126,6 +126,34 @@ static inline float quantize_q8_quants(const float* x, int8_t* qs, int* sum) {
   return d;
 }
 
+// llama.cpp's CPU conversion of 32 activations to a matmul's Q8_0 / Q8_1 blocks (its x86
+// quantize_row_q8_0 / _q8_1, what its matmuls and flash attention run): d = amax / 127 as the
+// reference, but q = x · (127 / amax) rounded half to even, so exact ties (common when the
+// activations are a 4- or 5-bit cache's levels) round as llama.cpp's do. Returns the float d; *sum = Σq.
+static inline float quantize_q8_activation_quants(const float* x, int8_t* qs, int* sum) {
+  float amax = 0.0f;
+  for (int j = 0; j < kQK8_0; ++j) amax = std::fmax(amax, std::fabs(x[j]));
+  const float inv_d = amax != 0.0f ? 127.0f / amax : 0.0f;
+  *sum = 0;
+  for (int j = 0; j < kQK8_0; ++j) {
+    qs[j] = static_cast<int8_t>(std::nearbyint(x[j] * inv_d));  // the default rounding: ties to even
+    *sum += qs[j];
+  }
+  return amax / 127.0f;
+}
+
+static inline void quantize_activation_block_q8_0(const float* x, BlockQ8_0* out) {
+  int sum;
+  out->d = fp32_to_fp16(quantize_q8_activation_quants(x, out->qs, &sum));
+}
+
+static inline void quantize_activation_block_q8_1(const float* x, BlockQ8_1* out) {
+  int sum;
+  const float d = quantize_q8_activation_quants(x, out->qs, &sum);
+  out->d = fp32_to_fp16(d);
+  out->s = fp32_to_fp16(static_cast<float>(sum) * d);
+}
+
 // GGML's quantize_row_q8_0_ref.
 static inline void quantize_block_q8_0(const float* x, BlockQ8_0* out) {
   int sum;

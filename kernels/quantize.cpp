@@ -536,16 +536,17 @@ int nearest_iq4_index(float x) {
   return x - kIQ4Values[hi - 1] < kIQ4Values[hi] - x ? hi - 1 : hi;
 }
 
-// GGML's quantize_row_iq4_nl_impl with ntry = 7, what llama-quantize runs for IQ4_NL (super_block 32: one
-// block, its fp16 scale) and IQ4_XS (256: 8 blocks of 32 with 6-bit scales relative to d = -max / 32):
+// GGML's quantize_row_iq4_nl_impl. With tries = 7, what llama-quantize runs for IQ4_NL (super_block 32:
+// one block, its fp16 scale) and IQ4_XS (256: 8 blocks of 32 with 6-bit scales relative to d = -max / 32):
 // each block's scale from the value of largest magnitude at the table's end, refined over 15 nearby
 // inverse scales by weighted least squares (weights x², or qw · sqrt(2·mean(x²) + x²) with an importance
-// row), then every element's index re-chosen against the stored scale. x, qw: [super_block]; qs:
+// row), then every element's index re-chosen against the stored scale. With tries = -1, IQ4_NL's
+// reference (quantize_row_iq4_nl_ref, what llama.cpp writes into a KV cache): the largest magnitude at
+// the table's other end, one least-squares scale, the first indices kept. x, qw: [super_block]; qs:
 // [super_block / 2]; scales_h / scales_l: IQ4_XS's (unused for IQ4_NL).
-void quantize_iq4_super_block(const float* x, const float* qw, int super_block, f16_bits* d_out, uint8_t* qs,
-                              uint16_t* scales_h, uint8_t* scales_l) {
+void quantize_iq4_super_block(const float* x, const float* qw, int super_block, int tries, f16_bits* d_out,
+                              uint8_t* qs, uint16_t* scales_h, uint8_t* scales_l) {
   constexpr int kBlock = 32;
-  constexpr int kTries = 7;
   const int n_blocks = super_block / kBlock;
   float sigma2 = 0;
   for (int j = 0; j < super_block; ++j) sigma2 += x[j] * x[j];
@@ -566,7 +567,7 @@ void quantize_iq4_super_block(const float* x, const float* qw, int super_block, 
       scales[ib] = 0;
       continue;
     }
-    float d = -max / kIQ4Values[0];
+    float d = tries > 0 ? -max / kIQ4Values[0] : max / kIQ4Values[0];
     float id = 1 / d;
     float sum_qx = 0, sum_q2 = 0;
     for (int j = 0; j < kBlock; ++j) {
@@ -578,7 +579,7 @@ void quantize_iq4_super_block(const float* x, const float* qw, int super_block, 
     }
     d = sum_q2 > 0 ? sum_qx / sum_q2 : 0.0f;
     float best = d * sum_qx;
-    for (int attempt = -kTries; attempt <= kTries; ++attempt) {
+    for (int attempt = -tries; attempt <= tries; ++attempt) {
       id = static_cast<float>(attempt + kIQ4Values[0]) / max;
       sum_qx = sum_q2 = 0;
       for (int j = 0; j < kBlock; ++j) {
@@ -618,26 +619,31 @@ void quantize_iq4_super_block(const float* x, const float* qw, int super_block, 
     }
   } else {
     *d_out = fp32_to_fp16(scales[0]);
-    const float id = scales[0] != 0.0f ? 1 / scales[0] : 0.0f;
-    for (int j = 0; j < super_block; ++j) levels[j] = static_cast<uint8_t>(nearest_iq4_index(id * x[j]));
+    if (tries > 0) {
+      const float id = scales[0] != 0.0f ? 1 / scales[0] : 0.0f;
+      for (int j = 0; j < super_block; ++j) levels[j] = static_cast<uint8_t>(nearest_iq4_index(id * x[j]));
+    } else if (scales[0] == 0.0f) {
+      std::memset(levels, 0, static_cast<size_t>(super_block));  // a zero block (GGML leaves them unset)
+    }
   }
   for (int i = 0; i < super_block / 32; ++i)
     for (int j = 0; j < 16; ++j)
       qs[16 * i + j] = static_cast<uint8_t>(levels[32 * i + j] | (levels[32 * i + 16 + j] << 4));
 }
 
-void quantize_row_iq4(DType type, const float* x, const float* qw, void* out, int64_t n) {
+// tries: 7 as llama-quantize, -1 for IQ4_NL's reference (see quantize_iq4_super_block).
+void quantize_row_iq4(DType type, const float* x, const float* qw, void* out, int64_t n, int tries = 7) {
   if (type == DType::IQ4_NL) {
     auto* dst = static_cast<BlockIQ4_NL*>(out);
     for (int64_t b = 0; b < n / kQK4_0; ++b) {
-      quantize_iq4_super_block(x + b * kQK4_0, qw != nullptr ? qw + b * kQK4_0 : nullptr, kQK4_0, &dst[b].d,
-                               dst[b].qs, nullptr, nullptr);
+      quantize_iq4_super_block(x + b * kQK4_0, qw != nullptr ? qw + b * kQK4_0 : nullptr, kQK4_0, tries,
+                               &dst[b].d, dst[b].qs, nullptr, nullptr);
     }
   } else {
     auto* dst = static_cast<BlockIQ4_XS*>(out);
     for (int64_t b = 0; b < n / kQK_K; ++b) {
-      quantize_iq4_super_block(x + b * kQK_K, qw != nullptr ? qw + b * kQK_K : nullptr, kQK_K, &dst[b].d,
-                               dst[b].qs, &dst[b].scales_h, dst[b].scales_l);
+      quantize_iq4_super_block(x + b * kQK_K, qw != nullptr ? qw + b * kQK_K : nullptr, kQK_K, tries,
+                               &dst[b].d, dst[b].qs, &dst[b].scales_h, dst[b].scales_l);
     }
   }
 }
@@ -890,6 +896,25 @@ bool valid_row(DType type, const void* p, const float* x, int64_t n) {
 }
 
 }  // namespace
+
+Status quantize_cache_row(DType type, const float* x, void* out, int64_t n) {
+  if (type != DType::IQ4_NL) return quantize_row(type, x, out, n);
+  if (!valid_row(type, out, x, n)) return Status::invalid_argument;
+  quantize_row_iq4(type, x, nullptr, out, n, -1);
+  return Status::ok;
+}
+
+Status quantize_activations(DType type, const float* x, void* out, int64_t n) {
+  if (type != DType::Q8_0 && type != DType::Q8_1) return quantize_row(type, x, out, n);
+  if (!valid_row(type, out, x, n)) return Status::invalid_argument;
+  for (int64_t b = 0; b < n / kQK8_0; ++b) {
+    if (type == DType::Q8_0)
+      detail::quantize_activation_block_q8_0(x + b * kQK8_0, static_cast<BlockQ8_0*>(out) + b);
+    else
+      detail::quantize_activation_block_q8_1(x + b * kQK8_0, static_cast<BlockQ8_1*>(out) + b);
+  }
+  return Status::ok;
+}
 
 Status quantize_row(DType type, const float* x, void* out, int64_t n) {
   if (type_info(static_cast<uint32_t>(type)) == nullptr) return Status::unsupported_type;

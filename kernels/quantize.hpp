@@ -15,6 +15,18 @@ namespace nibble::kernels {
 // quantize_iq4_xs without importance, what llama-quantize writes), Q8_1 and Q8_K.
 Status quantize_row(DType type, const float* x, void* out, int64_t n);
 
+// A row as llama.cpp writes it into a quantized KV cache (its CPU from_float, the _ref quantizers): as
+// quantize_row except IQ4_NL, whose reference (quantize_row_iq4_nl_ref) skips llama-quantize's search
+// over 15 scales and keeps its first indices. x: [n]; out: row_bytes(type, n) bytes.
+Status quantize_cache_row(DType type, const float* x, void* out, int64_t n);
+
+// Activations as llama.cpp's CPU matmuls and flash attention convert them to their vec_dot type (its x86
+// quantize_row_q8_0 / _q8_1): Q8_0 and Q8_1 as quantize_row but q = x · (127 / amax) rounded half to
+// even, where the reference (quantize_row, llama.cpp's _ref) divides by d and rounds ties away from
+// zero: the two differ on exact ties, which are common when x holds a 4- or 5-bit KV cache's levels.
+// Q8_K is quantize_row's (llama.cpp's x86 conversion is its reference). x: [n]; out: row_bytes(type, n).
+Status quantize_activations(DType type, const float* x, void* out, int64_t n);
+
 // quantize_row with importance weights (an imatrix row: importance: [n], one per column, the mean
 // square of that input over the calibration tokens), as llama.cpp's quantize_row_*_impl: Q4_0, Q4_1,
 // Q5_0, Q5_1, Q2_K ... Q6_K, IQ4_NL and IQ4_XS weigh each element's error by its importance (GGML's

@@ -200,8 +200,8 @@ TEST(PagedAttention, QuantizedCachesMatchTheirReferenceOnEveryKernelSet) {
       std::vector<uint8_t> k(static_cast<size_t>(positions * bytes)), v(k.size());
       std::vector<uint16_t> k_f16(k_values.size()), v_f16(v_values.size());
       for (int64_t p = 0; p < positions; ++p) {
-        ASSERT_EQ(quantize_row(type, &k_values[p * kv_row], &k[p * bytes], kv_row), Status::ok);
-        ASSERT_EQ(quantize_row(type, &v_values[p * kv_row], &v[p * bytes], kv_row), Status::ok);
+        ASSERT_EQ(quantize_cache_row(type, &k_values[p * kv_row], &k[p * bytes], kv_row), Status::ok);
+        ASSERT_EQ(quantize_cache_row(type, &v_values[p * kv_row], &v[p * bytes], kv_row), Status::ok);
       }
       for (size_t i = 0; i < k_values.size(); ++i) {
         k_f16[i] = fp32_to_fp16(k_values[i]);

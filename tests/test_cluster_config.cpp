@@ -500,13 +500,16 @@ TEST(ClusterConfig, LoraAdaptersAreAListOfNamedFiles) {
                "lora_adapters[0].scale", 3, {"expected a number"});
   expect_error("model: {path: m}\ndevice: cuda\nlora_adapters:\n  - {name: a, path: b}\n", "lora_adapters", 3,
                {"CPU workers only"});
-  // The KV cache's type: f16 unless asked for q8_0, which the CUDA workers do not have yet.
+  // The KV cache's type: f16 unless asked for a quantized one, which the CUDA workers do not have yet.
   EXPECT_EQ(config.kv_cache.dtype, "f16");
-  const ClusterConfig q8 = parse_cluster_config("model: {path: m}\nkv_cache: {dtype: q8_0}\n", "t.yaml");
-  EXPECT_EQ(q8.kv_cache.dtype, "q8_0");
-  EXPECT_EQ(parse_cluster_config(render_cluster_config(q8), "rendered"), q8);
+  for (const std::string type : {"q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl"}) {
+    const ClusterConfig quantized =
+        parse_cluster_config("model: {path: m}\nkv_cache: {dtype: " + type + "}\n", "t.yaml");
+    EXPECT_EQ(quantized.kv_cache.dtype, type);
+    EXPECT_EQ(parse_cluster_config(render_cluster_config(quantized), "rendered"), quantized);
+  }
   expect_error("model: {path: m}\nkv_cache: {dtype: fp8}\n", "kv_cache.dtype", 2,
-               {"expected one of f16, q8_0, q4_1, q5_1"});
+               {"expected one of f16, q8_0, q5_1, q5_0, q4_1, q4_0, iq4_nl"});
   expect_error("model: {path: m}\ndevice: cuda\nkv_cache: {dtype: q8_0}\n", "kv_cache.dtype", 3,
                {"CPU workers only"});
   // Loads and unloads while the job runs: off unless asked for.

@@ -301,8 +301,9 @@ TEST_P(KvCacheTypes, LogitsAndGreedyTokensEqualLlamaCppsWithTheSameCache) {
 }
 
 INSTANTIATE_TEST_SUITE_P(LlamaCpp, KvCacheTypes,
-                         ::testing::Values(KvCacheCase{"q8_0", 87}, KvCacheCase{"q4_1", 63},
-                                           KvCacheCase{"q5_1", 30}),
+                         ::testing::Values(KvCacheCase{"q8_0", 87}, KvCacheCase{"q5_1", 50},
+                                           KvCacheCase{"q5_0", 60}, KvCacheCase{"q4_1", 63},
+                                           KvCacheCase{"q4_0", 80}, KvCacheCase{"iq4_nl", 60}),
                          [](const auto& param_info) { return param_info.param.dtype; });
 
 }  // namespace

@@ -176,8 +176,8 @@ TEST(KernelMatmulLarge, ManyChunksMatchReference) {
   }
 }
 
-// The SIMD activation quantizers must produce quantize_row's exact bytes, including roundf's
-// ties-away-from-zero (x·(1/d) exactly .5) and all-zero blocks.
+// Every kernel set's activation quantizers must produce quantize_activations' exact bytes: llama.cpp's
+// x86 conversion, q = x · (127 / amax) with ties to even (x·(127/amax) exactly .5), and all-zero blocks.
 TEST(KernelMatmulActivations, SimdQuantizersMatchQuantizeRow) {
   std::vector<float> x = test::random_floats(32 * 8, 3, -3.0f, 3.0f);
   for (int i = 0; i < 32; ++i) x[i] = 0.0f;
@@ -185,11 +185,11 @@ TEST(KernelMatmulActivations, SimdQuantizersMatchQuantizeRow) {
   const float ties[] = {127.0f, 0.5f, -0.5f, 1.5f, -2.5f, 3.5f, 126.5f, -126.5f};
   for (int i = 0; i < 8; ++i) x[32 + i] = ties[i];
   std::vector<BlockQ8_0> expected(8);
-  ASSERT_EQ(quantize_row(DType::Q8_0, x.data(), expected.data(), 256), Status::ok);
+  ASSERT_EQ(quantize_activations(DType::Q8_0, x.data(), expected.data(), 256), Status::ok);
   std::vector<BlockQ8_K> expected_k(1);
   ASSERT_EQ(quantize_row(DType::Q8_K, x.data(), expected_k.data(), 256), Status::ok);
   std::vector<BlockQ8_1> expected_1(8);
-  ASSERT_EQ(quantize_row(DType::Q8_1, x.data(), expected_1.data(), 256), Status::ok);
+  ASSERT_EQ(quantize_activations(DType::Q8_1, x.data(), expected_1.data(), 256), Status::ok);
   const std::vector<std::pair<std::string, const detail::IsaKernels* (*)()>> isas = {
     {"scalar", [] { return &detail::scalar_kernels(); }},
 #if defined(__x86_64__)
@@ -210,9 +210,16 @@ TEST(KernelMatmulActivations, SimdQuantizersMatchQuantizeRow) {
     kernels()->quantize_q8_1(x.data(), actual_1.data(), 256);
     EXPECT_EQ(std::memcmp(actual_1.data(), expected_1.data(), sizeof(BlockQ8_1) * 8), 0) << name;
   }
-  EXPECT_EQ(expected[1].qs[1], 1);   // 0.5 -> 1
-  EXPECT_EQ(expected[1].qs[2], -1);  // -0.5 -> -1
-  EXPECT_EQ(expected[1].qs[4], -3);  // -2.5 -> -3
+  // Ties to even, where the reference (quantize_row, llama.cpp's _ref, as weights are written) rounds
+  // them away from zero.
+  const int8_t to_even[] = {127, 0, 0, 2, -2, 4, 126, -126};
+  const int8_t away[] = {127, 1, -1, 2, -3, 4, 127, -127};
+  std::vector<BlockQ8_0> reference(8);
+  ASSERT_EQ(quantize_row(DType::Q8_0, x.data(), reference.data(), 256), Status::ok);
+  for (int i = 0; i < 8; ++i) {
+    EXPECT_EQ(expected[1].qs[i], to_even[i]) << ties[i];
+    EXPECT_EQ(reference[1].qs[i], away[i]) << ties[i];
+  }
   // Q8_1: Q8_0's d and quants, and s = d · Σq; block 1's d is 1 exactly, so s is Σq (|Σq| < 2048: exact in
   // fp16).
   for (int b = 0; b < 8; ++b) {

@@ -2,6 +2,8 @@
 
 #include <stdexcept>
 
+#include "kernels/attention.hpp"
+
 namespace nibble::worker {
 
 namespace {
@@ -13,12 +15,10 @@ int64_t row_bytes_of(const model::LlamaConfig& config, kernels::DType type) {
 }  // namespace
 
 std::string KvCache::unsupported(const model::LlamaConfig& config, kernels::DType type) {
-  // The quantized types whose attention is llama.cpp's with the same --cache-type-k/-v
-  // (tests/data/llama-cpp-kv-cache). The kernel also takes Q4_0, Q5_0 and IQ4_NL, but on those its
-  // logits are 2e-2 to 2e-1 from llama.cpp's for reasons not yet found, so they are not offered.
-  if (type != kernels::DType::F16 && type != kernels::DType::Q8_0 && type != kernels::DType::Q4_1 &&
-      type != kernels::DType::Q5_1)
-    return std::string("a KV cache of type ") + kernels::type_name(type) + " (f16, q8_0, q4_1 or q5_1)";
+  // llama.cpp's --cache-type-k/-v types (its attention's, tests/data/llama-cpp-kv-cache).
+  if (type != kernels::DType::F16 && !kernels::paged_attention_quantized_takes(type))
+    return std::string("a KV cache of type ") + kernels::type_name(type) +
+           " (f16, q8_0, q5_1, q5_0, q4_1, q4_0 or iq4_nl)";
   if (type != kernels::DType::F16 && config.head_dim % 32 != 0)
     return std::string("a ") + kernels::type_name(type) + " KV cache for heads of " +
            std::to_string(config.head_dim) + " values (it needs a multiple of 32)";

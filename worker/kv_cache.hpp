@@ -15,9 +15,9 @@ class KvCache {
  public:
   // Stores n_blocks blocks of block_size positions for every layer, K and V, as `type`: F16 (fp16
   // bits, llama.cpp's default) or, as llama.cpp's --cache-type-k/-v, Q8_0 (blocks of 32 values: an
-  // fp16 scale and 32 int8, 34 bytes for fp16's 64), Q4_1 (20 bytes) or Q5_1 (24); the quantized types
-  // need a head_dim that is a multiple of 32. Throws std::invalid_argument otherwise (unsupported()
-  // says why).
+  // fp16 scale and 32 int8, 34 bytes for fp16's 64), Q5_1 (24 bytes), Q5_0 (22), Q4_1 (20), Q4_0 or
+  // IQ4_NL (18); the quantized types need a head_dim that is a multiple of 32. Throws
+  // std::invalid_argument otherwise (unsupported() says why).
   KvCache(const model::LlamaConfig& config, int64_t n_blocks, int64_t block_size = 16,
           kernels::DType type = kernels::DType::F16);
 

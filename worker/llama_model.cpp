@@ -357,12 +357,12 @@ void LlamaModel::forward_stage(const ForwardBatch& batch, KvCache& cache, kernel
       const int64_t pos = batch.positions[t];
       const int64_t slot = static_cast<int64_t>(table[pos / cache.block_size()]) * cache.block_size() +
                            pos % cache.block_size();
-      if (quantized_cache) {  // llama.cpp's quantized cache rows: each quantized as a weight row is
-        check(kernels::quantize_row(cache.type(), k_.data() + t * kv_dim,
-                                    cache.k_bytes(l) + slot * cache.row_bytes(), kv_dim),
+      if (quantized_cache) {  // llama.cpp's quantized cache rows (its from_float)
+        check(kernels::quantize_cache_row(cache.type(), k_.data() + t * kv_dim,
+                                          cache.k_bytes(l) + slot * cache.row_bytes(), kv_dim),
               "KV quantize");
-        check(kernels::quantize_row(cache.type(), v_.data() + t * kv_dim,
-                                    cache.v_bytes(l) + slot * cache.row_bytes(), kv_dim),
+        check(kernels::quantize_cache_row(cache.type(), v_.data() + t * kv_dim,
+                                          cache.v_bytes(l) + slot * cache.row_bytes(), kv_dim),
               "KV quantize");
         continue;
       }

@@ -151,9 +151,9 @@ class LlamaModel {
   // model, adapted throughout); 0, the default, leaves such batches on the base model.
   void set_default_lora(int32_t adapter);
 
-  // The type of the KV caches made for this model (KvCache's: F16, the default, or Q8_0, llama.cpp's
-  // --cache-type-k/-v q8_0 and vLLM's 8-bit kv_cache_dtype). Only what new caches are: a pass follows
-  // the cache it is given. Throws std::invalid_argument for a type the model's heads cannot take.
+  // The type of the KV caches made for this model (KvCache's: F16, the default, or a quantized type as
+  // llama.cpp's --cache-type-k/-v, e.g. Q8_0, vLLM's 8-bit kv_cache_dtype). Only what new caches are: a pass
+  // follows the cache it is given. Throws std::invalid_argument for a type the model's heads cannot take.
   void set_kv_cache_type(kernels::DType type);
   kernels::DType kv_cache_type() const { return kv_cache_type_; }
 

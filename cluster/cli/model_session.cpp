@@ -90,25 +90,33 @@ void apply_lora_option(const LoraOption& lora, ModelSession& session) {
   session.model->set_default_lora(session.model->add_lora(adapter, lora.scale));
 }
 
+namespace {
+
+constexpr kernels::DType kKvCacheTypes[] = {kernels::DType::F16,   kernels::DType::Q8_0, kernels::DType::Q5_1,
+                                            kernels::DType::Q5_0,  kernels::DType::Q4_1, kernels::DType::Q4_0,
+                                            kernels::DType::IQ4_NL};
+
+}  // namespace
+
 const std::vector<std::string>& kv_cache_dtypes() {
-  static const std::vector<std::string> names = {"f16", "q8_0", "q4_1", "q5_1"};
+  static const std::vector<std::string> names = [] {
+    std::vector<std::string> all;
+    for (const kernels::DType type : kKvCacheTypes) all.emplace_back(kernels::type_name(type));
+    return all;
+  }();
   return names;
 }
 
 kernels::DType kv_cache_dtype(const std::string& name) {
-  static const std::pair<const char*, kernels::DType> types[] = {{"f16", kernels::DType::F16},
-                                                                 {"q8_0", kernels::DType::Q8_0},
-                                                                 {"q4_1", kernels::DType::Q4_1},
-                                                                 {"q5_1", kernels::DType::Q5_1}};
-  for (const auto& [type_name, type] : types)
-    if (name == type_name) return type;
-  throw std::invalid_argument("KV cache type '" + name + "': f16, q8_0, q4_1 or q5_1");
+  for (const kernels::DType type : kKvCacheTypes)
+    if (name == kernels::type_name(type)) return type;
+  throw std::invalid_argument("KV cache type '" + name + "': f16, q8_0, q5_1, q5_0, q4_1, q4_0 or iq4_nl");
 }
 
 void add_kv_cache_option(CLI::App& app, KvCacheOption& value) {
   app.add_option("--kv-cache-dtype", value.dtype,
                  "KV cache storage: f16, or as llama.cpp's --cache-type-k/-v: q8_0 (8-bit, 17/32 of the "
-                 "bytes), q4_1 (10/32), q5_1 (12/32)")
+                 "bytes), q5_1 (12/32), q5_0 (11/32), q4_1 (10/32), q4_0 or iq4_nl (9/32)")
       ->check(CLI::IsMember(kv_cache_dtypes()))
       ->capture_default_str();
 }

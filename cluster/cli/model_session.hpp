@@ -49,7 +49,7 @@ void add_lora_option(CLI::App& app, LoraOption& value);
 // naming the file for a bad one, and for a session without a CPU model (--device cuda).
 void apply_lora_option(const LoraOption& lora, ModelSession& session);
 
-// --kv-cache-dtype f16|q8_0|q4_1|q5_1 (vLLM's name; llama.cpp's --cache-type-k and -v
+// --kv-cache-dtype f16|q8_0|q5_1|q5_0|q4_1|q4_0|iq4_nl (vLLM's name; llama.cpp's --cache-type-k and -v
 // with the same type): the type of the CPU model's KV caches.
 struct KvCacheOption {
   std::string dtype = "f16";

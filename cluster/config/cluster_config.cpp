@@ -459,9 +459,9 @@ ClusterConfig build_config(const Reader& reader, const Section& top, const std::
     if (const Entry* e = kv.find("prefix_caching"))
       config.kv_cache.prefix_caching = reader.choice(*e, {"false", "true"}) == 1;
     if (const Entry* e = kv.find("dtype")) {
-      static constexpr std::string_view kTypes[] = {"f16", "q8_0", "q4_1", "q5_1"};
-      config.kv_cache.dtype =
-          std::string(kTypes[reader.choice(*e, {kTypes[0], kTypes[1], kTypes[2], kTypes[3]})]);
+      static constexpr std::string_view kTypes[] = {"f16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl"};
+      config.kv_cache.dtype = std::string(kTypes[reader.choice(
+          *e, {kTypes[0], kTypes[1], kTypes[2], kTypes[3], kTypes[4], kTypes[5], kTypes[6]})]);
       if (config.kv_cache.dtype != "f16" && config.device == Device::cuda)
         reader.fail(e->path, e->line,
                     "a " + config.kv_cache.dtype + " KV cache runs on the CPU workers only (device: cpu)");

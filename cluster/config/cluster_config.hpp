@@ -215,7 +215,8 @@ struct KvCacheConfig {
   int64_t num_blocks = 0;  // 0 = derive from memory_fraction
   bool prefix_caching = true;
   // How K and V are stored: f16, or as llama.cpp's --cache-type-k/-v: q8_0 (8-bit blocks of 32 with an
-  // fp16 scale, like vLLM's 8-bit kv_cache_dtype: 1.9x the blocks in the same memory), q4_1 or q5_1.
+  // fp16 scale, like vLLM's 8-bit kv_cache_dtype: 1.9x the blocks in the same memory), q5_1, q5_0, q4_1,
+  // q4_0 or iq4_nl (3.6x).
   std::string dtype = "f16";
 
   bool operator==(const KvCacheConfig&) const = default;

@@ -80,27 +80,28 @@ Status paged_attention(const PagedAttentionShape& shape, const float* q, const u
 namespace {
 
 // How a cache type's rows meet the query: its matmul kernel (unpacked rows) and the activation blocks
-// that kernel takes.
+// that kernel takes; and how its V rows meet the softmax weights.
 struct CacheTypeKernels {
   detail::MatmulRangeFn dot = nullptr;
   detail::QuantizeActivationFn quantize_query = nullptr;
   DType query_type = DType::Q8_0;
+  decltype(detail::IsaKernels::q8_0_axpy_rows) axpy = nullptr;
 };
 
 std::optional<CacheTypeKernels> cache_type_kernels(const detail::IsaKernels& isa, DType type) {
   switch (type) {
     case DType::Q8_0:
-      return CacheTypeKernels{isa.q8_0, isa.quantize_q8_0, DType::Q8_0};
+      return CacheTypeKernels{isa.q8_0, isa.quantize_q8_0, DType::Q8_0, isa.q8_0_axpy_rows};
     case DType::Q4_0:
-      return CacheTypeKernels{isa.q4_0, isa.quantize_q8_0, DType::Q8_0};
+      return CacheTypeKernels{isa.q4_0, isa.quantize_q8_0, DType::Q8_0, isa.q4_0_axpy_rows};
     case DType::Q5_0:
-      return CacheTypeKernels{isa.q5_0, isa.quantize_q8_0, DType::Q8_0};
+      return CacheTypeKernels{isa.q5_0, isa.quantize_q8_0, DType::Q8_0, isa.q5_0_axpy_rows};
     case DType::IQ4_NL:
-      return CacheTypeKernels{isa.iq4_nl, isa.quantize_q8_0, DType::Q8_0};
+      return CacheTypeKernels{isa.iq4_nl, isa.quantize_q8_0, DType::Q8_0, isa.iq4_nl_axpy_rows};
     case DType::Q4_1:
-      return CacheTypeKernels{isa.q4_1, isa.quantize_q8_1, DType::Q8_1};
+      return CacheTypeKernels{isa.q4_1, isa.quantize_q8_1, DType::Q8_1, isa.q4_1_axpy_rows};
     case DType::Q5_1:
-      return CacheTypeKernels{isa.q5_1, isa.quantize_q8_1, DType::Q8_1};
+      return CacheTypeKernels{isa.q5_1, isa.quantize_q8_1, DType::Q8_1, isa.q5_1_axpy_rows};
     default:
       return std::nullopt;
   }
@@ -128,7 +129,7 @@ Status paged_attention_quantized(const PagedAttentionShape& shape, DType cache_t
   const int64_t query_bytes = row_bytes(kernels->query_type, s.head_dim);
 
   pool.parallel_for(s.tokens * s.n_head, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores, v_row(static_cast<size_t>(s.head_dim));
+    std::vector<float> scores;
     std::vector<uint8_t> query(static_cast<size_t>(query_bytes));
     for (int64_t item = begin; item < end; ++item) {
       const int64_t t = item / s.n_head;
@@ -163,19 +164,7 @@ Status paged_attention_quantized(const PagedAttentionShape& shape, DType cache_t
       float* o = out + (t * s.n_head + h) * s.head_dim;
       std::fill(o, o + s.head_dim, 0.0f);
       for_each_block([&](int64_t first, int64_t count, int64_t offset) {
-        const auto axpy = cache_type == DType::Q8_0   ? isa.q8_0_axpy_rows
-                          : cache_type == DType::Q4_1 ? isa.q4_1_axpy_rows
-                          : cache_type == DType::Q5_1 ? isa.q5_1_axpy_rows
-                                                      : nullptr;
-        if (axpy != nullptr) {
-          axpy(scores.data() + first, v_cache + offset, row_bytes_all, count, s.head_dim, o);
-          return;
-        }
-        for (int64_t r = 0; r < count; ++r) {  // ggml's v_to_float, then the f32 multiply-add
-          dequantize_row(cache_type, v_cache + offset + r * row_bytes_all, v_row.data(), s.head_dim);
-          const float w = scores[static_cast<size_t>(first + r)];
-          for (int64_t d = 0; d < s.head_dim; ++d) o[d] += w * v_row[static_cast<size_t>(d)];
-        }
+        kernels->axpy(scores.data() + first, v_cache + offset, row_bytes_all, count, s.head_dim, o);
       });
     }
   });

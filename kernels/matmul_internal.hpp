@@ -92,6 +92,14 @@ struct IsaKernels {
                          float* out);
   void (*q5_1_axpy_rows)(const float* w, const uint8_t* rows, int64_t row_stride, int64_t n_rows, int64_t dim,
                          float* out);
+  // The same over Q4_0, Q5_0 and IQ4_NL rows (value d · (level - 8), d · (level - 16), d ·
+  // kIQ4Values[level]).
+  void (*q4_0_axpy_rows)(const float* w, const uint8_t* rows, int64_t row_stride, int64_t n_rows, int64_t dim,
+                         float* out);
+  void (*q5_0_axpy_rows)(const float* w, const uint8_t* rows, int64_t row_stride, int64_t n_rows, int64_t dim,
+                         float* out);
+  void (*iq4_nl_axpy_rows)(const float* w, const uint8_t* rows, int64_t row_stride, int64_t n_rows,
+                           int64_t dim, float* out);
   // x[0, n) rounded to the nearest fp16 value (ties to even), in place.
   void (*round_to_f16)(float* x, int64_t n);
   // scores[0, n) (n >= 1) replaced by their softmax, each probability rounded to fp16.

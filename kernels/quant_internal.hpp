@@ -177,7 +177,10 @@ static inline void quantize_block_q8_k(const float* x, BlockQ8_K* out) {
   }
   const float inv_scale = -127.0f / max;
   for (int j = 0; j < kQK_K; ++j) {
-    const int v = nearest_int(inv_scale * x[j]);
+    // nearest_int's rounding (ties to even), but by nearbyint: nearest_int's add of 1.5 * 2^23 would
+    // contract with this product into one FMA where FMA is on (the AVX2 kernel set), and round exact
+    // ties (common when x holds a 4-bit cache's levels) differently from GGML.
+    const int v = static_cast<int>(std::nearbyint(inv_scale * x[j]));
     out->qs[j] = static_cast<int8_t>(v < 127 ? v : 127);
   }
   for (int g = 0; g < kQK_K / 16; ++g) {

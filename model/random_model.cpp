@@ -143,7 +143,7 @@ int64_t LlamaShape::n_params() const {
   return 2 * n_vocab * n_embd + n_embd + n_layer * per_layer;
 }
 
-const char* const kShapeNames = "tiny, small, llama-1b, llama-8b or llama-70b";
+const char* const kShapeNames = "tiny, tiny-h64, small, llama-1b, llama-8b or llama-70b";
 
 LlamaShape llama_shape_by_name(const std::string& name) {
   LlamaShape s;
@@ -152,6 +152,15 @@ LlamaShape llama_shape_by_name(const std::string& name) {
     s.n_layer = 2;
     s.n_head = 4;
     s.n_head_kv = 2;
+    s.n_ff = 256;
+    s.n_vocab = 4096;
+    s.n_ctx = 2048;
+  } else if (name == "tiny-h64") {
+    // tiny's size with heads of 64 values, where llama.cpp rotates a quantized KV cache.
+    s.n_embd = 128;
+    s.n_layer = 2;
+    s.n_head = 2;
+    s.n_head_kv = 1;
     s.n_ff = 256;
     s.n_vocab = 4096;
     s.n_ctx = 2048;

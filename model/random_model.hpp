@@ -30,7 +30,8 @@ struct LlamaShape {
   int64_t n_params() const;
 };
 
-// "tiny" (embd 128, 2 layers, 4 / 2 heads, ffn 256, vocab 4096, ctx 2048), "small" (embd 256, 2
+// "tiny" (embd 128, 2 layers, 4 / 2 heads, ffn 256, vocab 4096, ctx 2048), "tiny-h64" (tiny with 2 / 1
+// heads of 64 values, where llama.cpp rotates a quantized KV cache), "small" (embd 256, 2
 // layers, 4 / 1 heads, ffn 768, vocab 4096, ctx 2048: the dims of the fixture small-llama-q4_k_m.gguf,
 // with rows that are multiples of 256 as K-quants need) or a Llama 3 shape (vocab 128256, 8 KV heads,
 // ctx 8192, rope base 500000): "llama-1b" (Llama-3.2-1B: embd 2048, 16 layers, 32 heads, ffn 8192),

@@ -508,6 +508,13 @@ TEST(ClusterConfig, LoraAdaptersAreAListOfNamedFiles) {
     EXPECT_EQ(quantized.kv_cache.dtype, type);
     EXPECT_EQ(parse_cluster_config(render_cluster_config(quantized), "rendered"), quantized);
   }
+  EXPECT_TRUE(config.kv_cache.rotation);  // llama.cpp's default; off is its LLAMA_ATTN_ROT_DISABLE=1
+  const ClusterConfig unrotated =
+      parse_cluster_config("model: {path: m}\nkv_cache: {dtype: q4_0, rotation: false}\n", "t.yaml");
+  EXPECT_FALSE(unrotated.kv_cache.rotation);
+  EXPECT_EQ(parse_cluster_config(render_cluster_config(unrotated), "rendered"), unrotated);
+  expect_error("model: {path: m}\nkv_cache: {rotation: sometimes}\n", "kv_cache.rotation", 2,
+               {"expected one of false, true"});
   expect_error("model: {path: m}\nkv_cache: {dtype: fp8}\n", "kv_cache.dtype", 2,
                {"expected one of f16, q8_0, q5_1, q5_0, q4_1, q4_0, iq4_nl"});
   expect_error("model: {path: m}\ndevice: cuda\nkv_cache: {dtype: q8_0}\n", "kv_cache.dtype", 3,

@@ -253,58 +253,103 @@ INSTANTIATE_TEST_SUITE_P(Fixtures, FixtureModel, ::testing::ValuesIn(kCases), []
 // own fp16-cache rows do), and `nibble generate` gives its greedy tokens; with the fp16 cache no row is
 // near them (the quantized K and V move them by 1e-2 or more).
 struct KvCacheCase {
+  std::string name;       // the test's
+  std::string data_dir;   // under tests/data: the model and llama.cpp's outputs
+  std::string model;      // GGUF file in data_dir
+  std::string reference;  // llama.cpp's .tokens / .logits in data_dir
   std::string dtype;
+  bool rotation;  // llama.cpp's attention rotation (off: LLAMA_ATTN_ROT_DISABLE=1, --no-kv-rotation)
   int64_t min_exact_rows;
 };
 
 class KvCacheTypes : public ::testing::TestWithParam<KvCacheCase> {};
 
+// Nibble's logits and greedy tokens with a quantized cache against llama.cpp's with the same
+// --cache-type-k/-v; and, so that the comparison can tell, the fp16 cache (and for a model whose heads
+// llama.cpp rotates, the other rotation setting) equal to llama.cpp's on no row.
 TEST_P(KvCacheTypes, LogitsAndGreedyTokensEqualLlamaCppsWithTheSameCache) {
   const KvCacheCase& c = GetParam();
-  const auto data = test::test_data_dir();
-  const Reference ref = load_reference(data / "llama-cpp-kv-cache", "tiny-llama-q4_1-kv-" + c.dtype, 354);
-  const std::string model = (data / "llama-cpp-q4_1" / "tiny-llama-q4_1.gguf").string();
+  const auto data = test::test_data_dir() / c.data_dir;
+  const Reference ref = load_reference(data, c.reference, 354);
+  const std::string model = (data / c.model).string();
   std::string ids;
   for (int32_t id : ref.prompt) ids += std::to_string(id) + ",";
   for (int32_t id : ref.generated) ids += std::to_string(id) + ",";
   ids.pop_back();
+  const std::string rotation_flag = c.rotation ? "" : " --no-kv-rotation";
   test::TempDir tmp;
-  const auto logits_of = [&](const std::string& dtype) {
+  const auto logits_of = [&](const std::string& dtype, const std::string& flags) {
     const auto out = tmp.path() / (dtype + ".bin");
-    const auto r = test::run_command(test::nibble_bin() + " logits --model " + model + " --tokens " + ids +
-                                     " --threads 2 --kv-cache-dtype " + dtype + " --out " + out.string());
+    const auto r =
+        test::run_command(test::nibble_bin() + " logits --model " + model + " --tokens " + ids +
+                          " --threads 2 --kv-cache-dtype " + dtype + flags + " --out " + out.string());
     EXPECT_EQ(r.exit_code, 0) << r.output;
     const auto bytes = test::read_file_bytes(out);
     std::vector<float> got(bytes.size() / sizeof(float));
     std::memcpy(got.data(), bytes.data(), bytes.size());
     return got;
   };
-  const std::vector<float> quantized = logits_of(c.dtype), f16 = logits_of("f16");
+  const std::vector<float> quantized = logits_of(c.dtype, rotation_flag);
   ASSERT_EQ(quantized.size(), ref.logits.size());
-  ASSERT_EQ(f16.size(), ref.logits.size());
   const auto rows = static_cast<int64_t>(ref.prompt.size() + ref.generated.size());
   const Tolerance tol{3e-2, 0.9, true, c.min_exact_rows};
-  compare_rows(c.dtype + " cache", quantized.data(), ref.logits.data(), rows, ref.n_vocab, tol,
-               c.min_exact_rows);
-  int64_t f16_close = 0;
-  for (int64_t r = 0; r < rows; ++r)
-    f16_close +=
-        relative_rms(f16.data() + r * ref.n_vocab, ref.logits.data() + r * ref.n_vocab, ref.n_vocab) < 1e-3;
-  EXPECT_EQ(f16_close, 0) << "the fp16 cache gives llama.cpp's " << c.dtype
-                          << " logits: the test cannot tell them apart";
+  compare_rows(c.name, quantized.data(), ref.logits.data(), rows, ref.n_vocab, tol, c.min_exact_rows);
+  std::vector<std::pair<std::string, std::vector<float>>> others = {{"the fp16 cache", logits_of("f16", "")}};
+  const model::LlamaConfig config = worker::LlamaModel::load(model)->config();
+  if (config.head_dim % 64 == 0)
+    others.emplace_back(c.rotation ? "the unrotated cache" : "the rotated cache",
+                        logits_of(c.dtype, c.rotation ? " --no-kv-rotation" : ""));
+  for (const auto& [what, logits] : others) {
+    ASSERT_EQ(logits.size(), ref.logits.size()) << what;
+    int64_t close = 0;
+    for (int64_t r = 0; r < rows; ++r)
+      close += relative_rms(logits.data() + r * ref.n_vocab, ref.logits.data() + r * ref.n_vocab,
+                            ref.n_vocab) < 1e-3;
+    EXPECT_EQ(close, 0) << what << " gives llama.cpp's " << c.name
+                        << " logits: the test cannot tell them apart";
+  }
 
-  const auto r = test::run_command(
-      test::nibble_bin() + " generate --model " + model + " --prompt '" + kPrompt +
-      "' --max-tokens 24 --temperature 0 --threads 2 --kv-cache-dtype " + c.dtype + " --json");
+  const auto r =
+      test::run_command(test::nibble_bin() + " generate --model " + model + " --prompt '" + kPrompt +
+                        "' --max-tokens 24 --temperature 0 --threads 2 --kv-cache-dtype " + c.dtype +
+                        rotation_flag + " --json");
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_EQ(nlohmann::json::parse(r.output)["tokens"].get<std::vector<int32_t>>(), ref.generated);
 }
 
+KvCacheCase heads_of_32(const std::string& dtype, int64_t min_exact_rows) {
+  return {dtype,
+          "llama-cpp-kv-cache",
+          "../llama-cpp-q4_1/tiny-llama-q4_1.gguf",
+          "tiny-llama-q4_1-kv-" + dtype,
+          dtype,
+          true,
+          min_exact_rows};
+}
+
+KvCacheCase heads_of_64(const std::string& dtype, bool rotation, int64_t min_exact_rows) {
+  const std::string suffix = rotation ? "" : "-unrotated";
+  return {dtype + (rotation ? "_rotated" : "_unrotated"),
+          "llama-cpp-kv-rotation",
+          "tiny-h64-q4_1.gguf",
+          "tiny-h64-q4_1-kv-" + dtype + suffix,
+          dtype,
+          rotation,
+          min_exact_rows};
+}
+
+// Heads of 32 values: llama.cpp does not rotate.
 INSTANTIATE_TEST_SUITE_P(LlamaCpp, KvCacheTypes,
-                         ::testing::Values(KvCacheCase{"q8_0", 87}, KvCacheCase{"q5_1", 50},
-                                           KvCacheCase{"q5_0", 60}, KvCacheCase{"q4_1", 63},
-                                           KvCacheCase{"q4_0", 80}, KvCacheCase{"iq4_nl", 60}),
-                         [](const auto& param_info) { return param_info.param.dtype; });
+                         ::testing::Values(heads_of_32("q8_0", 87), heads_of_32("q5_1", 50),
+                                           heads_of_32("q5_0", 60), heads_of_32("q4_1", 63),
+                                           heads_of_32("q4_0", 80), heads_of_32("iq4_nl", 60)),
+                         [](const auto& param_info) { return param_info.param.name; });
+
+// Heads of 64: llama.cpp rotates Q, K and V (unless LLAMA_ATTN_ROT_DISABLE=1).
+INSTANTIATE_TEST_SUITE_P(LlamaCppRotation, KvCacheTypes,
+                         ::testing::Values(heads_of_64("q8_0", true, 80), heads_of_64("q4_0", true, 80),
+                                           heads_of_64("iq4_nl", true, 60), heads_of_64("q8_0", false, 25)),
+                         [](const auto& param_info) { return param_info.param.name; });
 
 }  // namespace
 }  // namespace nibble

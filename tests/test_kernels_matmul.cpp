@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <random>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -230,6 +231,43 @@ TEST(KernelMatmulActivations, SimdQuantizersMatchQuantizeRow) {
   for (int8_t q : expected[1].qs) sum += q;
   EXPECT_EQ(fp16_to_fp32(expected_1[1].s), static_cast<float>(sum));
   EXPECT_EQ(expected_1[0].s, 0);
+}
+
+// Activations that are a 4-bit cache's levels (d · k, k in -8..7, the block's largest magnitude -8d):
+// x · 127/amax lands on exact ties that only the exact arithmetic rounds as llama.cpp does (a product
+// fused with a later add into one FMA, or x / d instead of x · (127/amax), rounds some the other way).
+// Every kernel set's quantizers against quantize_activations, which equals llama.cpp's x86 conversion.
+TEST(KernelMatmulActivations, TiesFromFourBitLevelsRoundAsQuantizeActivations) {
+  std::mt19937 rng(5);
+  std::uniform_int_distribution<int> level(-8, 7);
+  const int64_t n = 256 * 16;
+  std::vector<float> x(static_cast<size_t>(n));
+  for (int64_t b = 0; b < n / 32; ++b) {
+    const float d = 0.01f + 0.0013f * static_cast<float>(b % 97);
+    for (int64_t j = 0; j < 32; ++j) x[static_cast<size_t>(b * 32 + j)] = d * static_cast<float>(level(rng));
+    x[static_cast<size_t>(b * 32)] = -8.0f * d;
+  }
+  std::vector<uint8_t> expected_0(static_cast<size_t>(row_bytes(DType::Q8_0, n))),
+      expected_1(static_cast<size_t>(row_bytes(DType::Q8_1, n))),
+      expected_k(static_cast<size_t>(row_bytes(DType::Q8_K, n)));
+  ASSERT_EQ(quantize_activations(DType::Q8_0, x.data(), expected_0.data(), n), Status::ok);
+  ASSERT_EQ(quantize_activations(DType::Q8_1, x.data(), expected_1.data(), n), Status::ok);
+  ASSERT_EQ(quantize_activations(DType::Q8_K, x.data(), expected_k.data(), n), Status::ok);
+  std::vector<uint8_t> reference(expected_0.size());
+  ASSERT_EQ(quantize_row(DType::Q8_0, x.data(), reference.data(), n), Status::ok);
+  EXPECT_NE(reference, expected_0);  // the data has ties the two roundings split on
+  for (const std::string name : {"scalar", "avx2", "avx512"}) {
+    ForcedIsa forced;
+    if (!forced.force(name)) continue;
+    const detail::IsaKernels& kernels = detail::active_kernels();
+    std::vector<uint8_t> got_0(expected_0.size()), got_1(expected_1.size()), got_k(expected_k.size());
+    kernels.quantize_q8_0(x.data(), got_0.data(), n);
+    kernels.quantize_q8_1(x.data(), got_1.data(), n);
+    kernels.quantize_q8_k(x.data(), got_k.data(), n);
+    EXPECT_EQ(got_0, expected_0) << name;
+    EXPECT_EQ(got_1, expected_1) << name;
+    EXPECT_EQ(got_k, expected_k) << name;
+  }
 }
 
 TEST(KernelMatmulArguments, InvalidArgumentsAreRejected) {

@@ -77,5 +77,42 @@ TEST(KvCache, Q8_0RowsAreBlocksOf32) {
   EXPECT_THROW(KvCache(c, 5, 4, kernels::DType::Q4_0), std::invalid_argument);
 }
 
+TEST(KvCache, TakesLlamaCppsCacheTypes) {
+  model::LlamaConfig c;
+  c.n_layer = 1;
+  c.n_head = 4;
+  c.n_head_kv = 2;
+  c.head_dim = 32;
+  using kernels::DType;
+  for (const auto& [type, block_bytes] :
+       {std::pair{DType::Q8_0, 34}, std::pair{DType::Q5_1, 24}, std::pair{DType::Q5_0, 22},
+        std::pair{DType::Q4_1, 20}, std::pair{DType::Q4_0, 18}, std::pair{DType::IQ4_NL, 18}}) {
+    EXPECT_EQ(KvCache::unsupported(c, type), "") << kernels::type_name(type);
+    EXPECT_EQ(KvCache(c, 2, 4, type).row_bytes(), 2 * block_bytes) << kernels::type_name(type);
+  }
+  EXPECT_NE(KvCache::unsupported(c, DType::Q4_K)
+                .find("a KV cache of type q4_K (f16, q8_0, q5_1, q5_0, q4_1, q4_0 or iq4_nl)"),
+            std::string::npos)
+      << KvCache::unsupported(c, DType::Q4_K);
+}
+
+// llama.cpp's attention rotation: quantized caches only, heads of a multiple of 64; K by the largest power
+// of two dividing the head (64 ... 128), V by 64.
+TEST(KvCache, RotationIsLlamaCppsForTheHeadSize) {
+  model::LlamaConfig c;
+  using kernels::DType;
+  const auto rotation = [&](int64_t head_dim, DType type) {
+    c.head_dim = head_dim;
+    return KvCache::rotation(c, type);
+  };
+  EXPECT_EQ(rotation(64, DType::Q8_0), (KvRotation{64, 64}));
+  EXPECT_EQ(rotation(128, DType::Q4_0), (KvRotation{128, 64}));
+  EXPECT_EQ(rotation(256, DType::IQ4_NL), (KvRotation{256, 64}));
+  EXPECT_EQ(rotation(192, DType::Q5_1), (KvRotation{64, 64}));
+  EXPECT_EQ(rotation(128, DType::F16), KvRotation{});
+  EXPECT_EQ(rotation(32, DType::Q8_0), KvRotation{});
+  EXPECT_EQ(rotation(96, DType::Q8_0), KvRotation{});
+}
+
 }  // namespace
 }  // namespace nibble::worker

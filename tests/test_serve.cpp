@@ -899,6 +899,46 @@ TEST(Serve, Q8_0KvCacheServesLikeGenerateWithIt) {
   EXPECT_GT(cached, 0u) << "no prompt came from the prefix cache";
 }
 
+// llama.cpp's rotation of a quantized cache (heads of 64: tiny-h64) in the service: a Q4_0 cache's job,
+// its two pipeline stages each rotating their layers' Q, K and V, gives `nibble generate`'s tokens and
+// `nibble logits`' log-probabilities with the same cache; with `rotation: false` in the config, those of
+// --no-kv-rotation, well apart from the rotated ones.
+TEST(Serve, RotatedQuantizedKvCacheServesLikeGenerateWithIt) {
+  test::TempDir models;
+  const std::string model = (models.path() / "tiny-h64.gguf").string();
+  model::write_random_llama(model, model::llama_shape_by_name("tiny-h64"), kernels::DType::Q4_0, 5);
+  for (const bool rotation : {true, false}) {
+    SCOPED_TRACE(rotation ? "rotated" : "unrotated");
+    const std::string flags = std::string("--kv-cache-dtype q4_0") + (rotation ? "" : " --no-kv-rotation");
+    const Expected expected = nibble_generate(model, kPrompts[0], 16, flags);
+    test::TempDir dir;
+    ServeJob job(dir.path(), model, 1, 2,
+                 std::string("kv_cache: { dtype: q4_0, rotation: ") + (rotation ? "true" : "false") + " }\n");
+    ASSERT_TRUE(job.wait_ready()) << job.log();
+    EXPECT_NE(job.log().find(rotation ? "(q4_0)" : "(q4_0, unrotated)"), std::string::npos) << job.log();
+    Client client(job.endpoint());
+    protocol::GenerateRequest scored = greedy("scored", kPrompts[0], 16);
+    scored.logprobs = 1;
+    const protocol::Final f = client.generate(scored);
+    EXPECT_EQ(f.tokens, expected.tokens);
+    ASSERT_NO_FATAL_FAILURE(expect_logprobs_match_nibble_logits(model, f, 1, flags, 1e-4));
+    std::vector<int32_t> all = f.prompt_token_ids;
+    all.insert(all.end(), f.tokens.begin(), f.tokens.end());
+    const std::vector<float> other = nibble_logits(
+        model, all, std::string("--kv-cache-dtype q4_0") + (rotation ? " --no-kv-rotation" : ""));
+    const size_t n_vocab = other.size() / all.size();
+    double apart = 0;
+    for (size_t i = 0; i < f.tokens.size(); ++i) {
+      const float* row = other.data() + (f.prompt_token_ids.size() - 1 + i) * n_vocab;
+      double sum = 0;
+      const float max = *std::max_element(row, row + n_vocab);
+      for (size_t v = 0; v < n_vocab; ++v) sum += std::exp(static_cast<double>(row[v]) - max);
+      apart = std::max(apart, std::fabs(f.logprobs[i].logprob - (row[f.tokens[i]] - max - std::log(sum))));
+    }
+    EXPECT_GT(apart, 1e-3) << "the other rotation setting gives the same log-probabilities";
+  }
+}
+
 // vLLM's stop_token_ids and min_tokens: a sampled stop token ends the request and stays in its output;
 // before min_tokens tokens no end-of-generation or stop token is sampled (the sampling worker masks them),
 // after it they are again.

@@ -4,6 +4,7 @@ Nibble's bench: one batched forward of the prompt tokens, then single-token forw
 same thread count. Prints one JSON object. Exits 3 when llama_cpp is not installed."""
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -24,7 +25,11 @@ parser.add_argument("--lora", help="a LoRA adapter GGUF applied to every token (
 parser.add_argument("--lora-scale", type=float, default=1.0)
 parser.add_argument("--kv-cache-dtype", choices=["f16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl"], default="f16",
                     help="llama.cpp's --cache-type-k/-v (a quantized one needs flash attention)")
+parser.add_argument("--no-kv-rotation", action="store_true",
+                    help="a quantized cache unrotated (llama.cpp's LLAMA_ATTN_ROT_DISABLE=1)")
 args = parser.parse_args()
+if args.no_kv_rotation:
+    os.environ["LLAMA_ATTN_ROT_DISABLE"] = "1"  # read when the context makes its KV cache
 
 tokens = [int(t) for t in args.tokens.split(",")]
 n_ctx = max(len(tokens), args.gen_tokens) + 16

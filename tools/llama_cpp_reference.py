@@ -4,7 +4,7 @@ the fixtures in ../shared/fixtures (see its README.md), so that Nibble's forward
 against an engine nobody on this project wrote, e.g. on a model `tools/llama_cpp_quantize.py` made.
 
 Usage: llama_cpp_reference.py MODEL.gguf OUT_PREFIX [--prompt TEXT] [--generate 24] [--threads 2]
-                              [--lora ADAPTER.gguf [--lora-scale S]] [--kv-cache-dtype q8_0|q4_0|...]
+                              [--lora ADAPTER.gguf [--lora-scale S]] [--kv-cache-dtype q8_0|q4_0|...] [--no-kv-rotation]
 
 The prompt is tokenized by llama.cpp's own tokenizer with BOS and evaluated in one batch; then
 --generate tokens are generated greedily (argmax of the last row of logits), each fed back one at a
@@ -15,6 +15,7 @@ time. Writes
   every prompt position, row N+g the logits after generated token g was fed back (so generated token
   g is the argmax of row N-1+g)."""
 import argparse
+import os
 import sys
 
 try:
@@ -37,7 +38,12 @@ def main():
     parser.add_argument("--lora-scale", type=float, default=1.0, help="the adapter's scale (--lora-scaled)")
     parser.add_argument("--kv-cache-dtype", choices=["f16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl"], default="f16",
                         help="llama.cpp's --cache-type-k/-v (a quantized one with flash attention, which it needs)")
+    parser.add_argument("--no-kv-rotation", action="store_true",
+                        help="a quantized cache unrotated (llama.cpp's LLAMA_ATTN_ROT_DISABLE=1; by default llama.cpp "
+                             "rotates Q, K and V by a Hadamard transform for heads of a multiple of 64)")
     args = parser.parse_args()
+    if args.no_kv_rotation:
+        os.environ["LLAMA_ATTN_ROT_DISABLE"] = "1"  # read when the context makes its KV cache
     if args.generate < 0:
         sys.exit("--generate must be >= 0")
 

@@ -25,6 +25,13 @@ std::string KvCache::unsupported(const model::LlamaConfig& config, kernels::DTyp
   return "";
 }
 
+KvRotation KvCache::rotation(const model::LlamaConfig& config, kernels::DType type) {
+  if (type == kernels::DType::F16 || config.head_dim % 64 != 0) return {};
+  int64_t k_block = 64;
+  while (config.head_dim % (2 * k_block) == 0) k_block *= 2;
+  return {k_block, 64};
+}
+
 KvCache::KvCache(const model::LlamaConfig& config, int64_t n_blocks, int64_t block_size, kernels::DType type)
     : n_blocks_(n_blocks), block_size_(block_size), kv_dim_(config.kv_dim()), type_(type) {
   if (n_blocks <= 0 || block_size <= 0) throw std::invalid_argument("KV cache needs at least one block");

@@ -11,6 +11,17 @@
 
 namespace nibble::worker {
 
+// llama.cpp's attention rotation for quantized caches (on by default since its PR 21038;
+// LLAMA_ATTN_ROT_DISABLE=1 turns it off): Q and K after RoPE are multiplied by an orthonormal
+// Walsh-Hadamard matrix per block of k_block values of each head, V per block of v_block, and the
+// attention's output back by the same v_block (kernels/hadamard). q·k and the output are unchanged; the
+// cache's blocks hold values with their outliers spread out, which quantize better. 0: not rotated.
+struct KvRotation {
+  int64_t k_block = 0;
+  int64_t v_block = 0;
+  bool operator==(const KvRotation&) const = default;
+};
+
 class KvCache {
  public:
   // Stores n_blocks blocks of block_size positions for every layer, K and V, as `type`: F16 (fp16
@@ -37,6 +48,9 @@ class KvCache {
                                  kernels::DType type = kernels::DType::F16);
   // Why a cache of `type` cannot hold this model's K and V (empty: it can).
   static std::string unsupported(const model::LlamaConfig& config, kernels::DType type);
+  // The rotation llama.cpp applies with a cache of `type`: for a quantized type and heads of a multiple
+  // of 64 values, K blocks of the largest power of two dividing head_dim, V blocks of 64; none for f16.
+  static KvRotation rotation(const model::LlamaConfig& config, kernels::DType type);
 
  private:
   int64_t n_blocks_, block_size_, kv_dim_, row_bytes_, layer_stride_;

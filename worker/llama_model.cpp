@@ -7,6 +7,7 @@
 
 #include "kernels/activation.hpp"
 #include "kernels/attention.hpp"
+#include "kernels/hadamard.hpp"
 #include "kernels/matmul.hpp"
 #include "kernels/packed_weights.hpp"
 #include "kernels/quantize.hpp"
@@ -334,6 +335,7 @@ void LlamaModel::forward_stage(const ForwardBatch& batch, KvCache& cache, kernel
   shape.max_blocks_per_seq = batch.max_blocks_per_seq;
   const float scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
   const int64_t kv_dim = sc.kv_dim();
+  const KvRotation rotation = kv_cache_rotation_ ? KvCache::rotation(sc, cache.type()) : KvRotation{};
 
   for (int64_t l = 0; l < sc.n_layer; ++l) {  // local layer index: cache and weights hold the stage's
     const model::LlamaLayerWeights& w = weights_.layers[l];
@@ -349,6 +351,14 @@ void LlamaModel::forward_stage(const ForwardBatch& batch, KvCache& cache, kernel
     check(kernels::rope_normal(k_.data(), batch.positions.data(), n, sc.n_head_kv, c.head_dim, c.rope_dims,
                                c.rope_base),
           "rope");
+
+    // llama.cpp's rotation of a quantized cache's Q, K and V (KvCache::rotation).
+    if (rotation.k_block > 0) {
+      check(kernels::hadamard_rotate(q_.data(), n * sc.q_dim() / rotation.k_block, rotation.k_block),
+            "rotation");
+      check(kernels::hadamard_rotate(k_.data(), n * kv_dim / rotation.k_block, rotation.k_block), "rotation");
+      check(kernels::hadamard_rotate(v_.data(), n * kv_dim / rotation.v_block, rotation.v_block), "rotation");
+    }
 
     // Write this batch's K/V into the cache before any token attends.
     const bool quantized_cache = cache.type() != kernels::DType::F16;
@@ -384,6 +394,9 @@ void LlamaModel::forward_stage(const ForwardBatch& batch, KvCache& cache, kernel
                                    batch.seq_index.data(), batch.positions.data(), scale, attn_.data(), pool),
           "attention");
     }
+    if (rotation.v_block > 0)  // back from V's rotation (H · H = I)
+      check(kernels::hadamard_rotate(attn_.data(), n * sc.q_dim() / rotation.v_block, rotation.v_block),
+            "rotation");
     if (observer_) observer_(layer, MatrixInput::attn_output, attn_.data(), n, sc.q_dim());
     // [n, n_embd] partial over the shard's heads
     product(l, model::LayerMatrix::attn_output, attn_.data(), h_.data());

@@ -156,6 +156,11 @@ class LlamaModel {
   // follows the cache it is given. Throws std::invalid_argument for a type the model's heads cannot take.
   void set_kv_cache_type(kernels::DType type);
   kernels::DType kv_cache_type() const { return kv_cache_type_; }
+  // Whether a quantized cache holds Q, K and V rotated as llama.cpp's does (KvCache::rotation; on by
+  // default, as llama.cpp's): off is llama.cpp with LLAMA_ATTN_ROT_DISABLE=1. A cache must be filled
+  // and read with the same setting.
+  void set_kv_cache_rotation(bool on) { kv_cache_rotation_ = on; }
+  bool kv_cache_rotation() const { return kv_cache_rotation_; }
 
  private:
   void matmul(const model::WeightMatrix& w, const float* x, int64_t m, float* y, kernels::ThreadPool& pool);
@@ -183,6 +188,7 @@ class LlamaModel {
   std::vector<std::optional<ShardLora>> loras_;  // the adapters by index - 1 (nullopt: removed)
   int32_t default_lora_ = 0;                     // set_default_lora's
   kernels::DType kv_cache_type_ = kernels::DType::F16;
+  bool kv_cache_rotation_ = true;
   // This batch's rows by adapter, [n_loras()] (empty: no row names one): the tokens' rows, and the
   // logit rows' (rows of the head's input).
   std::vector<std::vector<int64_t>> lora_rows_, lora_logit_rows_;

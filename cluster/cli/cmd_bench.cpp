@@ -57,6 +57,7 @@ nlohmann::json run_peer(const std::string& script, const std::string& model, int
     args.insert(args.end(), {"--lora", lora.path, "--lora-scale", std::to_string(lora.scale)});
   }
   if (kv_cache.dtype != "f16") args.insert(args.end(), {"--kv-cache-dtype", kv_cache.dtype});
+  if (kv_cache.no_rotation) args.emplace_back("--no-kv-rotation");
   return run_peer_script(script, args);
 }
 
@@ -142,6 +143,7 @@ Runner add_bench(CLI::App& app) {
           {"model", a->model_path},
           {"lora", a->lora.path},
           {"kv_cache_dtype", a->kv_cache.dtype},
+          {"kv_cache_rotation", !a->kv_cache.no_rotation},
           {"threads", a->threads},
           {"isa", kernels::matmul_isa()},
           {"prompt_tokens", a->prompt_tokens},
@@ -167,7 +169,9 @@ Runner add_bench(CLI::App& app) {
                   a->threads, kernels::matmul_isa());
       if (!a->lora.path.empty())
         std::printf("LoRA adapter %s, scale %g\n", a->lora.path.c_str(), a->lora.scale);
-      if (a->kv_cache.dtype != "f16") std::printf("KV cache %s\n", a->kv_cache.dtype.c_str());
+      if (a->kv_cache.dtype != "f16")
+        std::printf("KV cache %s%s\n", a->kv_cache.dtype.c_str(),
+                    a->kv_cache.no_rotation ? ", unrotated" : "");
       std::printf("pp%-5d %9.2f ± %.2f tokens/s\n", a->prompt_tokens, pp_stats.mean, pp_stats.stddev);
       std::printf("tg%-5d %9.2f ± %.2f tokens/s\n", a->gen_tokens, tg_stats.mean, tg_stats.stddev);
       std::printf("peak RSS %.1f MiB\n", rss);

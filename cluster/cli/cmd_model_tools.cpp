@@ -188,7 +188,7 @@ Runner add_make_model(CLI::App& app) {
     int64_t vocab = 0;
   };
   auto a = std::make_shared<Args>();
-  app.add_option("--shape", a->shape, "Named shape: tiny, small, llama-1b, llama-8b, llama-70b");
+  app.add_option("--shape", a->shape, "Named shape: tiny, tiny-h64, small, llama-1b, llama-8b, llama-70b");
   app.add_option("--type", a->type,
                  "Matrix type: q4_0, q4_1, q5_0, q5_1, q2_k, q3_k, q4_k, q5_k, q8_0, f16, f32 (the K-quants "
                  "need rows of 256: --shape small or larger)");

@@ -365,6 +365,7 @@ int serve(const std::string& config_path) {
           for (const cluster::LoraAdapterConfig& adapter : config.lora_adapters)
             model->add_lora(model::LoraAdapter::read(adapter.path, whole), static_cast<float>(adapter.scale));
           model->set_kv_cache_type(cli::kv_cache_dtype(config.kv_cache.dtype));
+          model->set_kv_cache_rotation(config.kv_cache.rotation);
           num_blocks = blocks_for_this_worker(config, model->shard_config(), host_available_bytes(),
                                               workers_on_host, nullptr, model->kv_cache_type());
         }
@@ -604,9 +605,10 @@ int serve(const std::string& config_path) {
     return 0;
   }
 
-  std::fprintf(stderr, "nibble serve: %s; %lld KV blocks of %d tokens (%s) per worker; listening on %s\n",
+  const bool unrotated = config.kv_cache.dtype != "f16" && !config.kv_cache.rotation;
+  std::fprintf(stderr, "nibble serve: %s; %lld KV blocks of %d tokens (%s%s) per worker; listening on %s\n",
                layout->describe().c_str(), static_cast<long long>(num_blocks), config.kv_cache.block_size,
-               config.kv_cache.dtype.c_str(), config.server.listen.c_str());
+               config.kv_cache.dtype.c_str(), unrotated ? ", unrotated" : "", config.server.listen.c_str());
   for (int r = 1; r < world_size; ++r) {
     const parallel::RankInfo info = layout->rank(r);
     if (info.role == parallel::Role::draft) {

@@ -119,6 +119,10 @@ void add_kv_cache_option(CLI::App& app, KvCacheOption& value) {
                  "bytes), q5_1 (12/32), q5_0 (11/32), q4_1 (10/32), q4_0 or iq4_nl (9/32)")
       ->check(CLI::IsMember(kv_cache_dtypes()))
       ->capture_default_str();
+  app.add_flag(
+      "--no-kv-rotation", value.no_rotation,
+      "Store a quantized cache's Q, K and V unrotated (llama.cpp's LLAMA_ATTN_ROT_DISABLE=1; by default "
+      "they are rotated by a Walsh-Hadamard transform, as llama.cpp does, for heads of 64 or more)");
 }
 
 void apply_kv_cache_option(const KvCacheOption& option, ModelSession& session) {
@@ -127,6 +131,7 @@ void apply_kv_cache_option(const KvCacheOption& option, ModelSession& session) {
   if (session.model == nullptr)
     throw std::runtime_error("--kv-cache-dtype " + option.dtype + ": runs on the CPU (--device cpu)");
   session.model->set_kv_cache_type(type);
+  session.model->set_kv_cache_rotation(!option.no_rotation);
 }
 
 }  // namespace nibble::cli

@@ -53,6 +53,7 @@ void apply_lora_option(const LoraOption& lora, ModelSession& session);
 // with the same type): the type of the CPU model's KV caches.
 struct KvCacheOption {
   std::string dtype = "f16";
+  bool no_rotation = false;  // --no-kv-rotation: llama.cpp's LLAMA_ATTN_ROT_DISABLE=1
 };
 void add_kv_cache_option(CLI::App& app, KvCacheOption& value);
 // Sets the model's KV cache type (worker::LlamaModel::set_kv_cache_type). Throws for q8_0 in a session

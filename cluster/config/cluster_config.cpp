@@ -454,10 +454,12 @@ ClusterConfig build_config(const Reader& reader, const Section& top, const std::
   if (const Entry* e = top.find("context")) config.context = reader.integer<int>(*e, 1, kIntMax);
 
   if (const Entry* entry = top.find("kv_cache")) {
-    const Section kv =
-        reader.section(*entry, {"block_size", "memory_fraction", "num_blocks", "prefix_caching", "dtype"});
+    const Section kv = reader.section(
+        *entry, {"block_size", "memory_fraction", "num_blocks", "prefix_caching", "dtype", "rotation"});
     if (const Entry* e = kv.find("prefix_caching"))
       config.kv_cache.prefix_caching = reader.choice(*e, {"false", "true"}) == 1;
+    if (const Entry* e = kv.find("rotation"))
+      config.kv_cache.rotation = reader.choice(*e, {"false", "true"}) == 1;
     if (const Entry* e = kv.find("dtype")) {
       static constexpr std::string_view kTypes[] = {"f16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl"};
       config.kv_cache.dtype = std::string(kTypes[reader.choice(
@@ -813,6 +815,7 @@ std::string render_cluster_config(const ClusterConfig& config) {
   out << YAML::Key << "num_blocks" << YAML::Value << config.kv_cache.num_blocks;
   out << YAML::Key << "prefix_caching" << YAML::Value << config.kv_cache.prefix_caching;
   out << YAML::Key << "dtype" << YAML::Value << config.kv_cache.dtype;
+  out << YAML::Key << "rotation" << YAML::Value << config.kv_cache.rotation;
   out << YAML::EndMap;
   out << YAML::Key << "context" << YAML::Value << config.context;
   if (config.openai) {

@@ -1657,36 +1657,43 @@ void q8_0_axpy_rows(const float* w, const uint8_t* rows, int64_t row_stride, int
   }
 }
 
-// Q4_1 / Q5_1 rows: each block's 32 levels as bytes (element j: low nibble of qs[j], j + 16: its high
-// nibble; Q5_1's fifth bit j of qh adds 16), then out += (w · d) · level + w · m.
-template <typename Block, bool kFifthBit>
+// A block of 32's levels as bytes: *first elements 0..15 (the low nibbles of qs), *second 16..31 (the
+// high nibbles); a fifth bit j of qh (Q5_0 / Q5_1) adds 16 to element j.
+template <typename Block>
+inline void block32_level_bytes(const Block& block, __m128i* first, __m128i* second) {
+  const __m128i low_nibbles = _mm_set1_epi8(0x0F);
+  const __m128i qs = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block.qs));
+  *first = _mm_and_si128(qs, low_nibbles);
+  *second = _mm_and_si128(_mm_srli_epi16(qs, 4), low_nibbles);
+  if constexpr (requires { block.qh; }) {
+    const __m128i bit_of_byte = _mm_set1_epi64x(static_cast<int64_t>(0x8040201008040201ULL));
+    uint32_t qh;
+    std::memcpy(&qh, block.qh, sizeof(qh));
+    const __m128i bytes = _mm_cvtsi32_si128(static_cast<int>(qh));
+    const auto fifth = [&](int byte0, int byte1) {  // byte k of the result: bit k of qh's bytes
+      const __m128i spread =
+          _mm_shuffle_epi8(bytes, _mm_set_epi8(byte1, byte1, byte1, byte1, byte1, byte1, byte1, byte1, byte0,
+                                               byte0, byte0, byte0, byte0, byte0, byte0, byte0));
+      return _mm_and_si128(_mm_cmpeq_epi8(_mm_and_si128(spread, bit_of_byte), bit_of_byte),
+                           _mm_set1_epi8(16));
+    };
+    *first = _mm_or_si128(*first, fifth(0, 1));
+    *second = _mm_or_si128(*second, fifth(2, 3));
+  }
+}
+
+// Q4_1 / Q5_1 rows: out += (w · d) · level + w · m.
+template <typename Block>
 void block32_min_axpy_rows(const float* w, const uint8_t* rows, int64_t row_stride, int64_t n_rows,
                            int64_t dim, float* out) {
-  const __m128i low_nibbles = _mm_set1_epi8(0x0F);
-  const __m128i bit_of_byte = _mm_set1_epi64x(static_cast<int64_t>(0x8040201008040201ULL));
   for (int64_t b = 0; b < dim / kQK4_0; ++b) {
     float* o = out + b * kQK4_0;
     __m256 acc[4];
     for (int j = 0; j < 4; ++j) acc[j] = _mm256_loadu_ps(o + 8 * j);
     for (int64_t r = 0; r < n_rows; ++r) {
       const Block& block = reinterpret_cast<const Block*>(rows + r * row_stride)[b];
-      const __m128i qs = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block.qs));
-      __m128i first = _mm_and_si128(qs, low_nibbles);                      // elements 0..15
-      __m128i second = _mm_and_si128(_mm_srli_epi16(qs, 4), low_nibbles);  // elements 16..31
-      if constexpr (kFifthBit) {
-        uint32_t qh;
-        std::memcpy(&qh, block.qh, sizeof(qh));
-        const __m128i bytes = _mm_cvtsi32_si128(static_cast<int>(qh));
-        const auto fifth = [&](int byte0, int byte1) {  // byte k of the result: bit k of qh's bytes
-          const __m128i spread =
-              _mm_shuffle_epi8(bytes, _mm_set_epi8(byte1, byte1, byte1, byte1, byte1, byte1, byte1, byte1,
-                                                   byte0, byte0, byte0, byte0, byte0, byte0, byte0, byte0));
-          return _mm_and_si128(_mm_cmpeq_epi8(_mm_and_si128(spread, bit_of_byte), bit_of_byte),
-                               _mm_set1_epi8(16));
-        };
-        first = _mm_or_si128(first, fifth(0, 1));
-        second = _mm_or_si128(second, fifth(2, 3));
-      }
+      __m128i first, second;
+      block32_level_bytes(block, &first, &second);
       const __m256 scale = _mm256_set1_ps(w[r] * _cvtsh_ss(block.d));
       const __m256 offset = _mm256_set1_ps(w[r] * _cvtsh_ss(block.m));
       const __m128i parts[4] = {first, _mm_srli_si128(first, 8), second, _mm_srli_si128(second, 8)};
@@ -1699,39 +1706,21 @@ void block32_min_axpy_rows(const float* w, const uint8_t* rows, int64_t row_stri
   }
 }
 
-// Q4_0 / Q5_0 / IQ4_NL rows: each block's 32 levels as bytes as above, made signed values (level - 8,
-// level - 16, or the IQ4 table's by a byte shuffle); out += w · (d · value), d · value exact in float.
+// Q4_0 / Q5_0 / IQ4_NL rows: the levels made signed values (level - 8, level - 16, or the IQ4 table's by
+// a byte shuffle); out += w · (d · value), d · value exact in float.
 template <typename Block>
 void block32_symmetric_axpy_rows(const float* w, const uint8_t* rows, int64_t row_stride, int64_t n_rows,
                                  int64_t dim, float* out) {
-  constexpr bool kFifthBit = std::is_same_v<Block, BlockQ5_0>;
-  const __m128i low_nibbles = _mm_set1_epi8(0x0F);
-  const __m128i bit_of_byte = _mm_set1_epi64x(static_cast<int64_t>(0x8040201008040201ULL));
   const __m128i iq4_values = _mm_loadu_si128(reinterpret_cast<const __m128i*>(nibble::kernels::kIQ4Values));
-  const __m128i zero_level = _mm_set1_epi8(kFifthBit ? 16 : 8);
+  const __m128i zero_level = _mm_set1_epi8(std::is_same_v<Block, BlockQ5_0> ? 16 : 8);
   for (int64_t b = 0; b < dim / kQK4_0; ++b) {
     float* o = out + b * kQK4_0;
     __m256 acc[4];
     for (int j = 0; j < 4; ++j) acc[j] = _mm256_loadu_ps(o + 8 * j);
     for (int64_t r = 0; r < n_rows; ++r) {
       const Block& block = reinterpret_cast<const Block*>(rows + r * row_stride)[b];
-      const __m128i qs = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block.qs));
-      __m128i first = _mm_and_si128(qs, low_nibbles);                      // elements 0..15
-      __m128i second = _mm_and_si128(_mm_srli_epi16(qs, 4), low_nibbles);  // elements 16..31
-      if constexpr (kFifthBit) {
-        uint32_t qh;
-        std::memcpy(&qh, block.qh, sizeof(qh));
-        const __m128i bytes = _mm_cvtsi32_si128(static_cast<int>(qh));
-        const auto fifth = [&](int byte0, int byte1) {  // byte k of the result: bit k of qh's bytes
-          const __m128i spread =
-              _mm_shuffle_epi8(bytes, _mm_set_epi8(byte1, byte1, byte1, byte1, byte1, byte1, byte1, byte1,
-                                                   byte0, byte0, byte0, byte0, byte0, byte0, byte0, byte0));
-          return _mm_and_si128(_mm_cmpeq_epi8(_mm_and_si128(spread, bit_of_byte), bit_of_byte),
-                               _mm_set1_epi8(16));
-        };
-        first = _mm_or_si128(first, fifth(0, 1));
-        second = _mm_or_si128(second, fifth(2, 3));
-      }
+      __m128i first, second;
+      block32_level_bytes(block, &first, &second);
       if constexpr (std::is_same_v<Block, BlockIQ4_NL>) {
         first = _mm_shuffle_epi8(iq4_values, first);
         second = _mm_shuffle_epi8(iq4_values, second);
@@ -1862,8 +1851,8 @@ nibble::kernels::detail::IsaKernels make_x86_kernels(const char* isa_name) {
       .f16_dot_rows = f16_dot_rows,
       .f16_axpy_rows = f16_axpy_rows,
       .q8_0_axpy_rows = q8_0_axpy_rows,
-      .q4_1_axpy_rows = block32_min_axpy_rows<BlockQ4_1, false>,
-      .q5_1_axpy_rows = block32_min_axpy_rows<BlockQ5_1, true>,
+      .q4_1_axpy_rows = block32_min_axpy_rows<BlockQ4_1>,
+      .q5_1_axpy_rows = block32_min_axpy_rows<BlockQ5_1>,
       .q4_0_axpy_rows = block32_symmetric_axpy_rows<BlockQ4_0>,
       .q5_0_axpy_rows = block32_symmetric_axpy_rows<BlockQ5_0>,
       .iq4_nl_axpy_rows = block32_symmetric_axpy_rows<BlockIQ4_NL>,

@@ -377,6 +377,25 @@ void expect_logprobs_match_nibble_logits(const std::string& model, const protoco
   }
 }
 
+// The largest difference between f's generated tokens' log-probabilities and the log-softmax of
+// `nibble logits` (with `extra` options) at the same rows: how far apart two ways of computing them are.
+double logprobs_apart_from_nibble_logits(const std::string& model, const protocol::Final& f,
+                                         const std::string& extra = "") {
+  std::vector<int32_t> all = f.prompt_token_ids;
+  all.insert(all.end(), f.tokens.begin(), f.tokens.end());
+  const std::vector<float> rows = nibble_logits(model, all, extra);
+  const size_t n_vocab = rows.size() / all.size();
+  double apart = 0;
+  for (size_t i = 0; i < f.tokens.size(); ++i) {
+    const float* row = rows.data() + (f.prompt_token_ids.size() - 1 + i) * n_vocab;
+    double sum = 0;
+    const float max = *std::max_element(row, row + n_vocab);
+    for (size_t v = 0; v < n_vocab; ++v) sum += std::exp(static_cast<double>(row[v]) - max);
+    apart = std::max(apart, std::fabs(f.logprobs[i].logprob - (row[f.tokens[i]] - max - std::log(sum))));
+  }
+  return apart;
+}
+
 // The prompt's own log-probabilities: one per prompt token after the first, the log-softmax of the
 // row before it.
 void expect_prompt_logprobs_match_nibble_logits(const std::string& model, const protocol::Final& f,
@@ -866,18 +885,7 @@ TEST(Serve, Q8_0KvCacheServesLikeGenerateWithIt) {
     scored.logprobs = 1;
     const protocol::Final f = client.generate(scored);
     ASSERT_NO_FATAL_FAILURE(expect_logprobs_match_nibble_logits(model, f, 1, "--kv-cache-dtype q8_0", 1e-4));
-    std::vector<int32_t> all = f.prompt_token_ids;
-    all.insert(all.end(), f.tokens.begin(), f.tokens.end());
-    const std::vector<float> f16_rows = nibble_logits(model, all);
-    const size_t n_vocab = f16_rows.size() / all.size();
-    double apart = 0;
-    for (size_t i = 0; i < f.tokens.size(); ++i) {
-      const float* row = f16_rows.data() + (f.prompt_token_ids.size() - 1 + i) * n_vocab;
-      double sum = 0;
-      const float max = *std::max_element(row, row + n_vocab);
-      for (size_t v = 0; v < n_vocab; ++v) sum += std::exp(static_cast<double>(row[v]) - max);
-      apart = std::max(apart, std::fabs(f.logprobs[i].logprob - (row[f.tokens[i]] - max - std::log(sum))));
-    }
+    const double apart = logprobs_apart_from_nibble_logits(model, f);
     EXPECT_GT(apart, 1e-3)
         << "the fp16 cache gives the same log-probabilities: the test cannot tell them apart";
     std::cout << "[ info ] q8_0 job against the fp16 cache's logprobs: up to " << apart << "\n";
@@ -922,19 +930,8 @@ TEST(Serve, RotatedQuantizedKvCacheServesLikeGenerateWithIt) {
     const protocol::Final f = client.generate(scored);
     EXPECT_EQ(f.tokens, expected.tokens);
     ASSERT_NO_FATAL_FAILURE(expect_logprobs_match_nibble_logits(model, f, 1, flags, 1e-4));
-    std::vector<int32_t> all = f.prompt_token_ids;
-    all.insert(all.end(), f.tokens.begin(), f.tokens.end());
-    const std::vector<float> other = nibble_logits(
-        model, all, std::string("--kv-cache-dtype q4_0") + (rotation ? " --no-kv-rotation" : ""));
-    const size_t n_vocab = other.size() / all.size();
-    double apart = 0;
-    for (size_t i = 0; i < f.tokens.size(); ++i) {
-      const float* row = other.data() + (f.prompt_token_ids.size() - 1 + i) * n_vocab;
-      double sum = 0;
-      const float max = *std::max_element(row, row + n_vocab);
-      for (size_t v = 0; v < n_vocab; ++v) sum += std::exp(static_cast<double>(row[v]) - max);
-      apart = std::max(apart, std::fabs(f.logprobs[i].logprob - (row[f.tokens[i]] - max - std::log(sum))));
-    }
+    const double apart = logprobs_apart_from_nibble_logits(
+        model, f, std::string("--kv-cache-dtype q4_0") + (rotation ? " --no-kv-rotation" : ""));
     EXPECT_GT(apart, 1e-3) << "the other rotation setting gives the same log-probabilities";
   }
 }

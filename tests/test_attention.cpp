@@ -175,33 +175,42 @@ TEST(PagedAttention, SoftmaxAndRoundingHelpersOnEveryKernelSet) {
   EXPECT_GE(sets, 1);
 }
 
-// Quantized caches (llama.cpp's --cache-type-k/-v q8_0, q4_0, q4_1, q5_0, q5_1, iq4_nl): every kernel set
-// against the plain loops (paged_attention_quantized_reference), on random rows quantized as llama.cpp
-// quantizes them, odd block sizes and GQA groups, head sizes of 1 to 3 blocks of 32; and the reference near
-// the double-precision attention over the unquantized values (the rounding of q, K and V: ~1% of the
-// largest value at 8 bits, ~10% at 4).
+// Quantized caches (llama.cpp's --cache-type-k/-v q8_0, q4_0, q4_1, q5_0, q5_1, iq4_nl, one type for both
+// sides or each its own, F16 on one side): every kernel set against the plain loops
+// (paged_attention_quantized_reference), on random rows quantized as llama.cpp quantizes them, odd block
+// sizes and GQA groups, head sizes of 1 to 3 blocks of 32; and the reference near the double-precision
+// attention over the unquantized values (the rounding of q, K and V: ~1% of the largest value at 8 bits,
+// ~10% at 4).
 TEST(PagedAttention, QuantizedCachesMatchTheirReferenceOnEveryKernelSet) {
-  const std::pair<DType, double> types[] = {{DType::Q8_0, 3e-2}, {DType::Q4_0, 0.3}, {DType::Q4_1, 0.3},
-                                            {DType::Q5_0, 0.2},  {DType::Q5_1, 0.2}, {DType::IQ4_NL, 0.3}};
-  for (const auto& [type, rounding] : types) {
+  struct Types {
+    DType k, v;
+    double rounding;
+  };
+  const Types all_types[] = {{DType::Q8_0, DType::Q8_0, 3e-2}, {DType::Q4_0, DType::Q4_0, 0.3},
+                             {DType::Q4_1, DType::Q4_1, 0.3},  {DType::Q5_0, DType::Q5_0, 0.2},
+                             {DType::Q5_1, DType::Q5_1, 0.2},  {DType::IQ4_NL, DType::IQ4_NL, 0.3},
+                             {DType::Q8_0, DType::Q4_0, 0.3},  {DType::Q4_1, DType::IQ4_NL, 0.3},
+                             {DType::Q8_0, DType::F16, 3e-2},  {DType::F16, DType::Q5_0, 0.2}};
+  for (const auto& [k_type, v_type, rounding] : all_types) {
     for (const Case c : {Case{4, 4, 32, 16}, Case{6, 2, 64, 5}, Case{9, 3, 96, 7}, Case{8, 1, 64, 16}}) {
-      SCOPED_TRACE(std::string(type_name(type)) + ": " + std::to_string(c.n_head) + "/" +
-                   std::to_string(c.n_head_kv) + " heads of " + std::to_string(c.head_dim) + ", blocks of " +
-                   std::to_string(c.block_size));
+      SCOPED_TRACE(std::string("k ") + type_name(k_type) + ", v " + type_name(v_type) + ": " +
+                   std::to_string(c.n_head) + "/" + std::to_string(c.n_head_kv) + " heads of " +
+                   std::to_string(c.head_dim) + ", blocks of " + std::to_string(c.block_size));
       std::mt19937 rng(static_cast<uint32_t>(c.head_dim * 7 + c.block_size));
       std::normal_distribution<float> normal(0.0f, 1.0f);
       const Batch batch = make_batch(c, rng);
       const auto& [s, n_blocks, tables, seq, pos, q] = batch;
       const int64_t kv_row = s.n_head_kv * s.head_dim, positions = n_blocks * s.block_size;
-      const int64_t bytes = row_bytes(type, kv_row);
+      const int64_t k_bytes = row_bytes(k_type, kv_row), v_bytes = row_bytes(v_type, kv_row);
       std::vector<float> k_values(static_cast<size_t>(positions * kv_row)), v_values(k_values.size());
       for (float& x : k_values) x = normal(rng);
       for (float& x : v_values) x = normal(rng);
-      std::vector<uint8_t> k(static_cast<size_t>(positions * bytes)), v(k.size());
+      std::vector<uint8_t> k(static_cast<size_t>(positions * k_bytes)),
+          v(static_cast<size_t>(positions * v_bytes));
       std::vector<uint16_t> k_f16(k_values.size()), v_f16(v_values.size());
       for (int64_t p = 0; p < positions; ++p) {
-        ASSERT_EQ(quantize_cache_row(type, &k_values[p * kv_row], &k[p * bytes], kv_row), Status::ok);
-        ASSERT_EQ(quantize_cache_row(type, &v_values[p * kv_row], &v[p * bytes], kv_row), Status::ok);
+        ASSERT_EQ(quantize_cache_row(k_type, &k_values[p * kv_row], &k[p * k_bytes], kv_row), Status::ok);
+        ASSERT_EQ(quantize_cache_row(v_type, &v_values[p * kv_row], &v[p * v_bytes], kv_row), Status::ok);
       }
       for (size_t i = 0; i < k_values.size(); ++i) {
         k_f16[i] = fp32_to_fp16(k_values[i]);
@@ -209,9 +218,10 @@ TEST(PagedAttention, QuantizedCachesMatchTheirReferenceOnEveryKernelSet) {
       }
       const float scale = 1.0f / std::sqrt(static_cast<float>(s.head_dim));
       std::vector<float> want(q.size());
-      ASSERT_EQ(paged_attention_quantized_reference(s, type, q.data(), k.data(), v.data(), tables.data(),
-                                                    seq.data(), pos.data(), scale, want.data()),
-                Status::ok);
+      ASSERT_EQ(
+          paged_attention_quantized_reference(s, k_type, v_type, q.data(), k.data(), v.data(), tables.data(),
+                                              seq.data(), pos.data(), scale, want.data()),
+          Status::ok);
       double max_v = 0;
       for (float x : v_values) max_v = std::max(max_v, std::fabs(static_cast<double>(x)));
       const std::vector<double> exact = reference(s, q, k_f16, v_f16, tables, seq, pos, scale);
@@ -228,8 +238,8 @@ TEST(PagedAttention, QuantizedCachesMatchTheirReferenceOnEveryKernelSet) {
         SCOPED_TRACE(isa);
         ++sets;
         std::vector<float> out(want.size(), NAN);
-        ASSERT_EQ(paged_attention_quantized(s, type, q.data(), k.data(), v.data(), tables.data(), seq.data(),
-                                            pos.data(), scale, out.data(), pool),
+        ASSERT_EQ(paged_attention_quantized(s, k_type, v_type, q.data(), k.data(), v.data(), tables.data(),
+                                            seq.data(), pos.data(), scale, out.data(), pool),
                   Status::ok);
         // The kernels' float sums and exp against the reference's doubles (Q4_1 and Q5_1 also meet
         // the query's block sums as Q8_1 stores them, in fp16).
@@ -248,12 +258,15 @@ TEST(PagedAttention, QuantizedCachesMatchTheirReferenceOnEveryKernelSet) {
   std::vector<float> q(64), out(64);
   std::vector<uint8_t> cache(128);
   const int32_t table[1] = {0}, seq[1] = {0}, pos[1] = {0};
-  EXPECT_EQ(paged_attention_quantized(shape, DType::Q8_0, q.data(), cache.data(), cache.data(), table, seq,
-                                      pos, 1.0f, out.data(), pool),
+  EXPECT_EQ(paged_attention_quantized(shape, DType::Q8_0, DType::Q8_0, q.data(), cache.data(), cache.data(),
+                                      table, seq, pos, 1.0f, out.data(), pool),
             Status::invalid_argument);
   shape.head_dim = 32;
-  EXPECT_EQ(paged_attention_quantized(shape, DType::Q4_K, q.data(), cache.data(), cache.data(), table, seq,
-                                      pos, 1.0f, out.data(), pool),
+  EXPECT_EQ(paged_attention_quantized(shape, DType::Q4_K, DType::Q4_K, q.data(), cache.data(), cache.data(),
+                                      table, seq, pos, 1.0f, out.data(), pool),
+            Status::unsupported_type);
+  EXPECT_EQ(paged_attention_quantized(shape, DType::Q8_0, DType::Q6_K, q.data(), cache.data(), cache.data(),
+                                      table, seq, pos, 1.0f, out.data(), pool),
             Status::unsupported_type);
   EXPECT_TRUE(paged_attention_quantized_takes(DType::IQ4_NL));
   EXPECT_FALSE(paged_attention_quantized_takes(DType::F16));

@@ -508,6 +508,17 @@ TEST(ClusterConfig, LoraAdaptersAreAListOfNamedFiles) {
     EXPECT_EQ(quantized.kv_cache.dtype, type);
     EXPECT_EQ(parse_cluster_config(render_cluster_config(quantized), "rendered"), quantized);
   }
+  // Each side its own type (llama.cpp's --cache-type-k / -v), over dtype.
+  const ClusterConfig mixed =
+      parse_cluster_config("model: {path: m}\nkv_cache: {dtype: q8_0, v_dtype: q4_0}\n", "t.yaml");
+  EXPECT_EQ(mixed.kv_cache.dtype, "q8_0");
+  EXPECT_EQ(mixed.kv_cache.k_dtype, "");
+  EXPECT_EQ(mixed.kv_cache.v_dtype, "q4_0");
+  EXPECT_EQ(parse_cluster_config(render_cluster_config(mixed), "rendered"), mixed);
+  expect_error("model: {path: m}\nkv_cache: {k_dtype: q4_k}\n", "kv_cache.k_dtype", 2,
+               {"expected one of f16, q8_0"});
+  expect_error("model: {path: m}\ndevice: cuda\nkv_cache: {v_dtype: q8_0}\n", "kv_cache.v_dtype", 3,
+               {"CPU workers only"});
   EXPECT_TRUE(config.kv_cache.rotation);  // llama.cpp's default; off is its LLAMA_ATTN_ROT_DISABLE=1
   const ClusterConfig unrotated =
       parse_cluster_config("model: {path: m}\nkv_cache: {dtype: q4_0, rotation: false}\n", "t.yaml");

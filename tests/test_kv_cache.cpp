@@ -65,8 +65,9 @@ TEST(KvCache, Q8_0RowsAreBlocksOf32) {
   c.n_head_kv = 2;
   c.head_dim = 64;
   KvCache cache(c, 5, 4, kernels::DType::Q8_0);
-  EXPECT_EQ(cache.type(), kernels::DType::Q8_0);
-  EXPECT_EQ(cache.row_bytes(), 4 * 34);
+  EXPECT_EQ(cache.types(), (KvCacheTypes{kernels::DType::Q8_0, kernels::DType::Q8_0}));
+  EXPECT_EQ(cache.k_row_bytes(), 4 * 34);
+  EXPECT_EQ(cache.v_row_bytes(), 4 * 34);
   EXPECT_EQ(cache.k_bytes(1) - cache.k_bytes(0), 5 * 4 * 4 * 34);
   EXPECT_EQ(cache.v_bytes(2) - cache.v_bytes(1), 5 * 4 * 4 * 34);
   EXPECT_EQ(KvCache::bytes_per_block(c, 4, kernels::DType::Q8_0) * 32, KvCache::bytes_per_block(c, 4) * 17);
@@ -88,8 +89,16 @@ TEST(KvCache, TakesLlamaCppsCacheTypes) {
        {std::pair{DType::Q8_0, 34}, std::pair{DType::Q5_1, 24}, std::pair{DType::Q5_0, 22},
         std::pair{DType::Q4_1, 20}, std::pair{DType::Q4_0, 18}, std::pair{DType::IQ4_NL, 18}}) {
     EXPECT_EQ(KvCache::unsupported(c, type), "") << kernels::type_name(type);
-    EXPECT_EQ(KvCache(c, 2, 4, type).row_bytes(), 2 * block_bytes) << kernels::type_name(type);
+    EXPECT_EQ(KvCache(c, 2, 4, type).k_row_bytes(), 2 * block_bytes) << kernels::type_name(type);
   }
+  // Each side its own type (llama.cpp's --cache-type-k / --cache-type-v): Q8_0 K, Q4_0 V.
+  const KvCache mixed(c, 3, 4, KvCacheTypes{DType::Q8_0, DType::Q4_0});
+  EXPECT_EQ(mixed.k_row_bytes(), 2 * 34);
+  EXPECT_EQ(mixed.v_row_bytes(), 2 * 18);
+  EXPECT_EQ(KvCache::bytes_per_block(c, 4, {DType::Q8_0, DType::Q4_0}), 1 * 4 * 2 * (34 + 18));
+  EXPECT_EQ((KvCacheTypes{DType::Q8_0, DType::Q4_0}).name(), "k q8_0, v q4_0");
+  EXPECT_EQ(KvCacheTypes(DType::Q5_1).name(), "q5_1");
+  EXPECT_NE(KvCache::unsupported(c, {DType::Q8_0, DType::Q6_K}).find("q6_K"), std::string::npos);
   EXPECT_NE(KvCache::unsupported(c, DType::Q4_K)
                 .find("a KV cache of type q4_K (f16, q8_0, q5_1, q5_0, q4_1, q4_0 or iq4_nl)"),
             std::string::npos)
@@ -110,6 +119,9 @@ TEST(KvCache, RotationIsLlamaCppsForTheHeadSize) {
   EXPECT_EQ(rotation(256, DType::IQ4_NL), (KvRotation{256, 64}));
   EXPECT_EQ(rotation(192, DType::Q5_1), (KvRotation{64, 64}));
   EXPECT_EQ(rotation(128, DType::F16), KvRotation{});
+  c.head_dim = 128;  // each side by its own type, as llama.cpp's attn_rot_k / attn_rot_v
+  EXPECT_EQ(KvCache::rotation(c, {DType::Q8_0, DType::F16}), (KvRotation{128, 0}));
+  EXPECT_EQ(KvCache::rotation(c, {DType::F16, DType::Q4_0}), (KvRotation{0, 64}));
   EXPECT_EQ(rotation(32, DType::Q8_0), KvRotation{});
   EXPECT_EQ(rotation(96, DType::Q8_0), KvRotation{});
 }

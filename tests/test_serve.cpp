@@ -910,29 +910,36 @@ TEST(Serve, Q8_0KvCacheServesLikeGenerateWithIt) {
 // llama.cpp's rotation of a quantized cache (heads of 64: tiny-h64) in the service: a Q4_0 cache's job,
 // its two pipeline stages each rotating their layers' Q, K and V, gives `nibble generate`'s tokens and
 // `nibble logits`' log-probabilities with the same cache; with `rotation: false` in the config, those of
-// --no-kv-rotation, well apart from the rotated ones.
+// --no-kv-rotation, well apart from the rotated ones; and with each side its own type (k_dtype, v_dtype:
+// llama.cpp's --cache-type-k / -v), those of the same types, apart from one type for both.
 TEST(Serve, RotatedQuantizedKvCacheServesLikeGenerateWithIt) {
   test::TempDir models;
   const std::string model = (models.path() / "tiny-h64.gguf").string();
   model::write_random_llama(model, model::llama_shape_by_name("tiny-h64"), kernels::DType::Q4_0, 5);
-  for (const bool rotation : {true, false}) {
-    SCOPED_TRACE(rotation ? "rotated" : "unrotated");
-    const std::string flags = std::string("--kv-cache-dtype q4_0") + (rotation ? "" : " --no-kv-rotation");
-    const Expected expected = nibble_generate(model, kPrompts[0], 16, flags);
+  struct Case {
+    std::string yaml, flags, other_flags, log;
+  };
+  const Case cases[] = {{"dtype: q4_0, rotation: true", "--kv-cache-dtype q4_0",
+                         "--kv-cache-dtype q4_0 --no-kv-rotation", "(q4_0)"},
+                        {"dtype: q4_0, rotation: false", "--kv-cache-dtype q4_0 --no-kv-rotation",
+                         "--kv-cache-dtype q4_0", "(q4_0, unrotated)"},
+                        {"k_dtype: q8_0, v_dtype: q4_0", "--cache-type-k q8_0 --cache-type-v q4_0",
+                         "--kv-cache-dtype q4_0", "(k q8_0, v q4_0)"}};
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.yaml);
+    const Expected expected = nibble_generate(model, kPrompts[0], 16, c.flags);
     test::TempDir dir;
-    ServeJob job(dir.path(), model, 1, 2,
-                 std::string("kv_cache: { dtype: q4_0, rotation: ") + (rotation ? "true" : "false") + " }\n");
+    ServeJob job(dir.path(), model, 1, 2, "kv_cache: { " + c.yaml + " }\n");
     ASSERT_TRUE(job.wait_ready()) << job.log();
-    EXPECT_NE(job.log().find(rotation ? "(q4_0)" : "(q4_0, unrotated)"), std::string::npos) << job.log();
+    EXPECT_NE(job.log().find(c.log), std::string::npos) << job.log();
     Client client(job.endpoint());
     protocol::GenerateRequest scored = greedy("scored", kPrompts[0], 16);
     scored.logprobs = 1;
     const protocol::Final f = client.generate(scored);
     EXPECT_EQ(f.tokens, expected.tokens);
-    ASSERT_NO_FATAL_FAILURE(expect_logprobs_match_nibble_logits(model, f, 1, flags, 1e-4));
-    const double apart = logprobs_apart_from_nibble_logits(
-        model, f, std::string("--kv-cache-dtype q4_0") + (rotation ? " --no-kv-rotation" : ""));
-    EXPECT_GT(apart, 1e-3) << "the other rotation setting gives the same log-probabilities";
+    ASSERT_NO_FATAL_FAILURE(expect_logprobs_match_nibble_logits(model, f, 1, c.flags, 1e-4));
+    EXPECT_GT(logprobs_apart_from_nibble_logits(model, f, c.other_flags), 1e-3)
+        << c.other_flags << " gives the same log-probabilities";
   }
 }
 

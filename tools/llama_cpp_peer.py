@@ -23,8 +23,11 @@ parser.add_argument("--gen-tokens", type=int, required=True)
 parser.add_argument("--repetitions", type=int, default=3)
 parser.add_argument("--lora", help="a LoRA adapter GGUF applied to every token (llama.cpp's --lora)")
 parser.add_argument("--lora-scale", type=float, default=1.0)
-parser.add_argument("--kv-cache-dtype", choices=["f16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl"], default="f16",
-                    help="llama.cpp's --cache-type-k/-v (a quantized one needs flash attention)")
+CACHE_TYPES = ["f16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl"]
+parser.add_argument("--kv-cache-dtype", choices=CACHE_TYPES, default="f16",
+                    help="llama.cpp's --cache-type-k and -v both (a quantized V needs flash attention)")
+parser.add_argument("--cache-type-k", choices=CACHE_TYPES, help="the K cache's alone (default --kv-cache-dtype)")
+parser.add_argument("--cache-type-v", choices=CACHE_TYPES, help="the V cache's alone (default --kv-cache-dtype)")
 parser.add_argument("--no-kv-rotation", action="store_true",
                     help="a quantized cache unrotated (llama.cpp's LLAMA_ATTN_ROT_DISABLE=1)")
 args = parser.parse_args()
@@ -34,9 +37,11 @@ if args.no_kv_rotation:
 tokens = [int(t) for t in args.tokens.split(",")]
 n_ctx = max(len(tokens), args.gen_tokens) + 16
 # GGML's type ids of llama.cpp's --cache-type-k/-v choices (a quantized V cache needs flash attention).
-GGML_TYPES = {"q8_0": 8, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "iq4_nl": 20}
-cache = {} if args.kv_cache_dtype == "f16" else {
-    "type_k": GGML_TYPES[args.kv_cache_dtype], "type_v": GGML_TYPES[args.kv_cache_dtype], "flash_attn": True}
+GGML_TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "iq4_nl": 20}
+type_k = args.cache_type_k or args.kv_cache_dtype
+type_v = args.cache_type_v or args.kv_cache_dtype
+cache = {} if type_k == type_v == "f16" else {
+    "type_k": GGML_TYPES[type_k], "type_v": GGML_TYPES[type_v], "flash_attn": type_v != "f16"}
 llm = Llama(model_path=args.model, n_threads=args.threads, n_threads_batch=args.threads,
             n_batch=max(len(tokens), 32), n_ctx=n_ctx, verbose=False, lora_path=args.lora,
             lora_scale=args.lora_scale, **cache)

@@ -4,7 +4,7 @@ the fixtures in ../shared/fixtures (see its README.md), so that Nibble's forward
 against an engine nobody on this project wrote, e.g. on a model `tools/llama_cpp_quantize.py` made.
 
 Usage: llama_cpp_reference.py MODEL.gguf OUT_PREFIX [--prompt TEXT] [--generate 24] [--threads 2]
-                              [--lora ADAPTER.gguf [--lora-scale S]] [--kv-cache-dtype q8_0|q4_0|...] [--no-kv-rotation]
+                              [--lora ADAPTER.gguf [--lora-scale S]] [--kv-cache-dtype q8_0|q4_0|...] [--cache-type-k T] [--cache-type-v T] [--no-kv-rotation]
 
 The prompt is tokenized by llama.cpp's own tokenizer with BOS and evaluated in one batch; then
 --generate tokens are generated greedily (argmax of the last row of logits), each fed back one at a
@@ -36,8 +36,12 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--lora", help="a LoRA adapter GGUF llama.cpp applies (its --lora)")
     parser.add_argument("--lora-scale", type=float, default=1.0, help="the adapter's scale (--lora-scaled)")
-    parser.add_argument("--kv-cache-dtype", choices=["f16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl"], default="f16",
-                        help="llama.cpp's --cache-type-k/-v (a quantized one with flash attention, which it needs)")
+    cache_types = ["f16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl"]
+    parser.add_argument("--kv-cache-dtype", choices=cache_types, default="f16",
+                        help="llama.cpp's --cache-type-k and -v both (a quantized V with flash attention, which "
+                             "it needs; a quantized K alone without, as llama.cpp can)")
+    parser.add_argument("--cache-type-k", choices=cache_types, help="the K cache's alone (default --kv-cache-dtype)")
+    parser.add_argument("--cache-type-v", choices=cache_types, help="the V cache's alone (default --kv-cache-dtype)")
     parser.add_argument("--no-kv-rotation", action="store_true",
                         help="a quantized cache unrotated (llama.cpp's LLAMA_ATTN_ROT_DISABLE=1; by default llama.cpp "
                              "rotates Q, K and V by a Hadamard transform for heads of a multiple of 64)")
@@ -49,13 +53,16 @@ def main():
 
     # n_batch = n_ubatch = n_ctx: the whole prompt goes in one batch. No flash attention (the default
     # here, and what the fixtures were made with: it rounds attention through fp16 differently).
-    quantized = args.kv_cache_dtype != "f16"
-    ggml_type = getattr(llama_cpp, "GGML_TYPE_" + args.kv_cache_dtype.upper(), None)
-    cache = {"type_k": ggml_type, "type_v": ggml_type} if quantized else {}
+    type_k = args.cache_type_k or args.kv_cache_dtype
+    type_v = args.cache_type_v or args.kv_cache_dtype
+    quantized_v = type_v != "f16"
+    cache = {} if type_k == type_v == "f16" else {
+        "type_k": getattr(llama_cpp, "GGML_TYPE_" + type_k.upper()),
+        "type_v": getattr(llama_cpp, "GGML_TYPE_" + type_v.upper())}
 
     def load(n_ctx):
         return llama_cpp.Llama(model_path=args.model, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
-                               logits_all=True, flash_attn=quantized, n_threads=args.threads,
+                               logits_all=True, flash_attn=quantized_v, n_threads=args.threads,
                                n_threads_batch=args.threads, verbose=False, lora_path=args.lora,
                                lora_scale=args.lora_scale, **cache)
 

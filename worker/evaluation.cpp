@@ -36,7 +36,7 @@ void window_logits(LlamaModel& model, kernels::ThreadPool& pool, const std::vect
                    std::vector<float>& logits) {
   const int64_t block = 16;
   const int64_t blocks = (static_cast<int64_t>(window.size()) + block - 1) / block;
-  KvCache cache(model.shard_config(), blocks, block, model.kv_cache_type());
+  KvCache cache(model.shard_config(), blocks, block, model.kv_cache_types());
   std::vector<int32_t> table(static_cast<size_t>(blocks));
   for (int64_t b = 0; b < blocks; ++b) table[static_cast<size_t>(b)] = static_cast<int32_t>(b);
   model.forward(ForwardBatch::single(window, 0, table, /*all_logits=*/true), cache, pool, logits);

@@ -8,8 +8,9 @@ namespace nibble::worker {
 
 namespace {
 struct CpuCache final : ForwardCache {
-  CpuCache(const model::LlamaConfig& config, int64_t num_blocks, int64_t block_size, kernels::DType type)
-      : cache(config, num_blocks, block_size, type) {}
+  CpuCache(const model::LlamaConfig& config, int64_t num_blocks, int64_t block_size,
+           const KvCacheTypes& types)
+      : cache(config, num_blocks, block_size, types) {}
   KvCache cache;
 };
 }  // namespace
@@ -89,7 +90,7 @@ void ForwardModel::set_lora(int32_t, const model::LoraAdapter&, float) {
 void ForwardModel::remove_lora(int32_t) {}
 
 std::unique_ptr<ForwardCache> CpuForwardModel::make_cache(int64_t num_blocks, int64_t block_size) const {
-  return std::make_unique<CpuCache>(model_.shard_config(), num_blocks, block_size, model_.kv_cache_type());
+  return std::make_unique<CpuCache>(model_.shard_config(), num_blocks, block_size, model_.kv_cache_types());
 }
 
 void CpuForwardModel::forward_stage(const ForwardBatch& batch, ForwardCache& cache, const float* hidden_in,

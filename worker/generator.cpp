@@ -17,7 +17,7 @@ double seconds_since(std::chrono::steady_clock::time_point start) {
 Generator::Generator(LlamaModel& model, const model::Tokenizer& tokenizer, kernels::ThreadPool& pool,
                      int64_t context)
     : cache_(
-          std::make_unique<KvCache>(model.config(), blocks_for(context), kBlockSize, model.kv_cache_type())),
+          std::make_unique<KvCache>(model.config(), blocks_for(context), kBlockSize, model.kv_cache_types())),
       tokenizer_(tokenizer),
       context_(context) {
   model_.n_vocab = model.config().n_vocab;

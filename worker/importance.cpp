@@ -56,7 +56,7 @@ model::ImportanceMatrix collect_importance(LlamaModel& model, kernels::ThreadPoo
       if (n >= kMinRows) {
         const int64_t block = 16;
         const int64_t blocks = (n + block - 1) / block;
-        KvCache cache(model.shard_config(), blocks, block, model.kv_cache_type());
+        KvCache cache(model.shard_config(), blocks, block, model.kv_cache_types());
         std::vector<int32_t> table(static_cast<size_t>(blocks));
         for (int64_t b = 0; b < blocks; ++b) table[static_cast<size_t>(b)] = static_cast<int32_t>(b);
         model.forward(ForwardBatch::single(window, 0, table, /*all_logits=*/false), cache, pool, logits);

@@ -178,10 +178,10 @@ void LlamaModel::remove_lora(int32_t slot) {
   loras_[static_cast<size_t>(slot - 1)].reset();
 }
 
-void LlamaModel::set_kv_cache_type(kernels::DType type) {
-  if (const std::string why = KvCache::unsupported(shard_config_, type); !why.empty())
+void LlamaModel::set_kv_cache_types(const KvCacheTypes& types) {
+  if (const std::string why = KvCache::unsupported(shard_config_, types); !why.empty())
     throw std::invalid_argument("this model cannot have " + why);
-  kv_cache_type_ = type;
+  kv_cache_types_ = types;
 }
 
 void LlamaModel::set_default_lora(int32_t adapter) {
@@ -335,7 +335,8 @@ void LlamaModel::forward_stage(const ForwardBatch& batch, KvCache& cache, kernel
   shape.max_blocks_per_seq = batch.max_blocks_per_seq;
   const float scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
   const int64_t kv_dim = sc.kv_dim();
-  const KvRotation rotation = kv_cache_rotation_ ? KvCache::rotation(sc, cache.type()) : KvRotation{};
+  const KvCacheTypes& cache_types = cache.types();
+  const KvRotation rotation = kv_cache_rotation_ ? KvCache::rotation(sc, cache_types) : KvRotation{};
 
   for (int64_t l = 0; l < sc.n_layer; ++l) {  // local layer index: cache and weights hold the stage's
     const model::LlamaLayerWeights& w = weights_.layers[l];
@@ -352,41 +353,34 @@ void LlamaModel::forward_stage(const ForwardBatch& batch, KvCache& cache, kernel
                                c.rope_base),
           "rope");
 
-    // llama.cpp's rotation of a quantized cache's Q, K and V (KvCache::rotation).
+    // llama.cpp's rotation of a quantized cache's Q and K, and V (KvCache::rotation).
     if (rotation.k_block > 0) {
       check(kernels::hadamard_rotate(q_.data(), n * sc.q_dim() / rotation.k_block, rotation.k_block),
             "rotation");
       check(kernels::hadamard_rotate(k_.data(), n * kv_dim / rotation.k_block, rotation.k_block), "rotation");
-      check(kernels::hadamard_rotate(v_.data(), n * kv_dim / rotation.v_block, rotation.v_block), "rotation");
     }
+    if (rotation.v_block > 0)
+      check(kernels::hadamard_rotate(v_.data(), n * kv_dim / rotation.v_block, rotation.v_block), "rotation");
 
-    // Write this batch's K/V into the cache before any token attends.
-    const bool quantized_cache = cache.type() != kernels::DType::F16;
+    // Write this batch's K/V into the cache before any token attends: fp16, or llama.cpp's quantized cache
+    // rows (its from_float).
     for (int64_t t = 0; t < n; ++t) {
       const int32_t* table = batch.block_tables.data() + batch.seq_index[t] * batch.max_blocks_per_seq;
       const int64_t pos = batch.positions[t];
       const int64_t slot = static_cast<int64_t>(table[pos / cache.block_size()]) * cache.block_size() +
                            pos % cache.block_size();
-      if (quantized_cache) {  // llama.cpp's quantized cache rows (its from_float)
-        check(kernels::quantize_cache_row(cache.type(), k_.data() + t * kv_dim,
-                                          cache.k_bytes(l) + slot * cache.row_bytes(), kv_dim),
-              "KV quantize");
-        check(kernels::quantize_cache_row(cache.type(), v_.data() + t * kv_dim,
-                                          cache.v_bytes(l) + slot * cache.row_bytes(), kv_dim),
-              "KV quantize");
-        continue;
-      }
-      uint16_t* k_cache = cache.k(l);
-      uint16_t* v_cache = cache.v(l);
-      for (int64_t i = 0; i < kv_dim; ++i) {
-        k_cache[slot * kv_dim + i] = kernels::fp32_to_fp16(k_[t * kv_dim + i]);
-        v_cache[slot * kv_dim + i] = kernels::fp32_to_fp16(v_[t * kv_dim + i]);
-      }
+      check(kernels::quantize_cache_row(cache_types.k, k_.data() + t * kv_dim,
+                                        cache.k_bytes(l) + slot * cache.k_row_bytes(), kv_dim),
+            "KV write");
+      check(kernels::quantize_cache_row(cache_types.v, v_.data() + t * kv_dim,
+                                        cache.v_bytes(l) + slot * cache.v_row_bytes(), kv_dim),
+            "KV write");
     }
-    if (quantized_cache) {
-      check(kernels::paged_attention_quantized(
-                shape, cache.type(), q_.data(), cache.k_bytes(l), cache.v_bytes(l), batch.block_tables.data(),
-                batch.seq_index.data(), batch.positions.data(), scale, attn_.data(), pool),
+    if (cache_types.quantized()) {
+      check(kernels::paged_attention_quantized(shape, cache_types.k, cache_types.v, q_.data(),
+                                               cache.k_bytes(l), cache.v_bytes(l), batch.block_tables.data(),
+                                               batch.seq_index.data(), batch.positions.data(), scale,
+                                               attn_.data(), pool),
             "attention");
     } else {
       check(

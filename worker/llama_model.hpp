@@ -151,11 +151,12 @@ class LlamaModel {
   // model, adapted throughout); 0, the default, leaves such batches on the base model.
   void set_default_lora(int32_t adapter);
 
-  // The type of the KV caches made for this model (KvCache's: F16, the default, or a quantized type as
-  // llama.cpp's --cache-type-k/-v, e.g. Q8_0, vLLM's 8-bit kv_cache_dtype). Only what new caches are: a pass
-  // follows the cache it is given. Throws std::invalid_argument for a type the model's heads cannot take.
-  void set_kv_cache_type(kernels::DType type);
-  kernels::DType kv_cache_type() const { return kv_cache_type_; }
+  // The types of the KV caches made for this model (KvCache's: F16, the default, or quantized types as
+  // llama.cpp's --cache-type-k/-v, e.g. Q8_0, vLLM's 8-bit kv_cache_dtype). Only what new caches are: a
+  // pass follows the cache it is given. Throws std::invalid_argument for a type the model's heads cannot
+  // take.
+  void set_kv_cache_types(const KvCacheTypes& types);
+  const KvCacheTypes& kv_cache_types() const { return kv_cache_types_; }
   // Whether a quantized cache holds Q, K and V rotated as llama.cpp's does (KvCache::rotation; on by
   // default, as llama.cpp's): off is llama.cpp with LLAMA_ATTN_ROT_DISABLE=1. A cache must be filled
   // and read with the same setting.
@@ -187,7 +188,7 @@ class LlamaModel {
   std::optional<ModelShard> plan_;               // this shard's share when sharded
   std::vector<std::optional<ShardLora>> loras_;  // the adapters by index - 1 (nullopt: removed)
   int32_t default_lora_ = 0;                     // set_default_lora's
-  kernels::DType kv_cache_type_ = kernels::DType::F16;
+  KvCacheTypes kv_cache_types_;
   bool kv_cache_rotation_ = true;
   // This batch's rows by adapter, [n_loras()] (empty: no row names one): the tokens' rows, and the
   // logit rows' (rows of the head's input).

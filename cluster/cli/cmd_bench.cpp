@@ -56,8 +56,12 @@ nlohmann::json run_peer(const std::string& script, const std::string& model, int
   if (!lora.path.empty()) {
     args.insert(args.end(), {"--lora", lora.path, "--lora-scale", std::to_string(lora.scale)});
   }
-  if (kv_cache.dtype != "f16") args.insert(args.end(), {"--kv-cache-dtype", kv_cache.dtype});
-  if (kv_cache.no_rotation) args.emplace_back("--no-kv-rotation");
+  const worker::KvCacheTypes types = kv_cache.types();
+  if (types.quantized()) {
+    args.insert(args.end(), {"--cache-type-k", kernels::type_name(types.k), "--cache-type-v",
+                             kernels::type_name(types.v)});
+    if (kv_cache.no_rotation) args.emplace_back("--no-kv-rotation");
+  }
   return run_peer_script(script, args);
 }
 
@@ -98,7 +102,7 @@ Runner add_bench(CLI::App& app) {
     const int64_t block = 16;
     const int64_t positions = std::max(a->prompt_tokens, a->gen_tokens);
     const int64_t blocks = (positions + block - 1) / block;
-    worker::KvCache cache(config, blocks, block, s.model->kv_cache_type());
+    worker::KvCache cache(config, blocks, block, s.model->kv_cache_types());
     std::vector<int32_t> table(blocks);
     for (int64_t b = 0; b < blocks; ++b) table[b] = static_cast<int32_t>(b);
 
@@ -142,7 +146,7 @@ Runner add_bench(CLI::App& app) {
       nlohmann::json out = {
           {"model", a->model_path},
           {"lora", a->lora.path},
-          {"kv_cache_dtype", a->kv_cache.dtype},
+          {"kv_cache_dtype", a->kv_cache.types().name()},
           {"kv_cache_rotation", !a->kv_cache.no_rotation},
           {"threads", a->threads},
           {"isa", kernels::matmul_isa()},
@@ -169,8 +173,8 @@ Runner add_bench(CLI::App& app) {
                   a->threads, kernels::matmul_isa());
       if (!a->lora.path.empty())
         std::printf("LoRA adapter %s, scale %g\n", a->lora.path.c_str(), a->lora.scale);
-      if (a->kv_cache.dtype != "f16")
-        std::printf("KV cache %s%s\n", a->kv_cache.dtype.c_str(),
+      if (a->kv_cache.quantized())
+        std::printf("KV cache %s%s\n", a->kv_cache.types().name().c_str(),
                     a->kv_cache.no_rotation ? ", unrotated" : "");
       std::printf("pp%-5d %9.2f ± %.2f tokens/s\n", a->prompt_tokens, pp_stats.mean, pp_stats.stddev);
       std::printf("tg%-5d %9.2f ± %.2f tokens/s\n", a->gen_tokens, tg_stats.mean, tg_stats.stddev);

@@ -168,7 +168,7 @@ Runner add_logits(CLI::App& app) {
       worker::CudaKvCache cache(gpu.config(), blocks, block);
       gpu.forward(batch, cache, logits);
     } else {
-      worker::KvCache cache(s.model->config(), blocks, block, s.model->kv_cache_type());
+      worker::KvCache cache(s.model->config(), blocks, block, s.model->kv_cache_types());
       s.model->forward(batch, cache, *s.pool, logits);
     }
     std::ofstream out(a->out, std::ios::binary);

@@ -140,9 +140,9 @@ std::string bind_ephemeral(zmq::socket_t& socket, bool single_host) {
 int64_t blocks_for_this_worker(const cluster::ClusterConfig& config, const model::LlamaConfig& shard_config,
                                double available, int sharers,
                                const model::LlamaConfig* draft_config = nullptr,
-                               kernels::DType kv_type = kernels::DType::F16) {
+                               const worker::KvCacheTypes& kv_types = {}) {
   if (config.kv_cache.num_blocks > 0) return config.kv_cache.num_blocks;
-  int64_t per_block = worker::KvCache::bytes_per_block(shard_config, config.kv_cache.block_size, kv_type);
+  int64_t per_block = worker::KvCache::bytes_per_block(shard_config, config.kv_cache.block_size, kv_types);
   if (draft_config != nullptr)
     per_block += worker::KvCache::bytes_per_block(*draft_config, config.kv_cache.block_size);
   const auto by_memory = static_cast<int64_t>(available * config.kv_cache.memory_fraction /
@@ -364,10 +364,10 @@ int serve(const std::string& config_path) {
           // i-th everywhere.
           for (const cluster::LoraAdapterConfig& adapter : config.lora_adapters)
             model->add_lora(model::LoraAdapter::read(adapter.path, whole), static_cast<float>(adapter.scale));
-          model->set_kv_cache_type(cli::kv_cache_dtype(config.kv_cache.dtype));
+          model->set_kv_cache_types(cli::kv_cache_types(config.kv_cache));
           model->set_kv_cache_rotation(config.kv_cache.rotation);
           num_blocks = blocks_for_this_worker(config, model->shard_config(), host_available_bytes(),
-                                              workers_on_host, nullptr, model->kv_cache_type());
+                                              workers_on_host, nullptr, model->kv_cache_types());
         }
         threads = config.worker_threads(default_threads(), workers_on_host);
         pool = std::make_unique<kernels::ThreadPool>(threads);
@@ -605,10 +605,11 @@ int serve(const std::string& config_path) {
     return 0;
   }
 
-  const bool unrotated = config.kv_cache.dtype != "f16" && !config.kv_cache.rotation;
+  const worker::KvCacheTypes kv_types = cli::kv_cache_types(config.kv_cache);
+  const bool unrotated = kv_types.quantized() && !config.kv_cache.rotation;
   std::fprintf(stderr, "nibble serve: %s; %lld KV blocks of %d tokens (%s%s) per worker; listening on %s\n",
                layout->describe().c_str(), static_cast<long long>(num_blocks), config.kv_cache.block_size,
-               config.kv_cache.dtype.c_str(), unrotated ? ", unrotated" : "", config.server.listen.c_str());
+               kv_types.name().c_str(), unrotated ? ", unrotated" : "", config.server.listen.c_str());
   for (int r = 1; r < world_size; ++r) {
     const parallel::RankInfo info = layout->rank(r);
     if (info.role == parallel::Role::draft) {

@@ -113,12 +113,27 @@ kernels::DType kv_cache_dtype(const std::string& name) {
   throw std::invalid_argument("KV cache type '" + name + "': f16, q8_0, q5_1, q5_0, q4_1, q4_0 or iq4_nl");
 }
 
+worker::KvCacheTypes KvCacheOption::types() const {
+  return {kv_cache_dtype(k_dtype.empty() ? dtype : k_dtype),
+          kv_cache_dtype(v_dtype.empty() ? dtype : v_dtype)};
+}
+
+worker::KvCacheTypes kv_cache_types(const cluster::KvCacheConfig& config) {
+  return KvCacheOption{config.dtype, config.k_dtype, config.v_dtype, false}.types();
+}
+
 void add_kv_cache_option(CLI::App& app, KvCacheOption& value) {
   app.add_option("--kv-cache-dtype", value.dtype,
                  "KV cache storage: f16, or as llama.cpp's --cache-type-k/-v: q8_0 (8-bit, 17/32 of the "
                  "bytes), q5_1 (12/32), q5_0 (11/32), q4_1 (10/32), q4_0 or iq4_nl (9/32)")
       ->check(CLI::IsMember(kv_cache_dtypes()))
       ->capture_default_str();
+  app.add_option("--cache-type-k", value.k_dtype,
+                 "The K cache's type alone (llama.cpp's; default --kv-cache-dtype)")
+      ->check(CLI::IsMember(kv_cache_dtypes()));
+  app.add_option("--cache-type-v", value.v_dtype,
+                 "The V cache's type alone (llama.cpp's; default --kv-cache-dtype)")
+      ->check(CLI::IsMember(kv_cache_dtypes()));
   app.add_flag(
       "--no-kv-rotation", value.no_rotation,
       "Store a quantized cache's Q, K and V unrotated (llama.cpp's LLAMA_ATTN_ROT_DISABLE=1; by default "
@@ -126,11 +141,11 @@ void add_kv_cache_option(CLI::App& app, KvCacheOption& value) {
 }
 
 void apply_kv_cache_option(const KvCacheOption& option, ModelSession& session) {
-  const kernels::DType type = kv_cache_dtype(option.dtype);
-  if (type == kernels::DType::F16) return;
+  const worker::KvCacheTypes types = option.types();
+  if (!types.quantized()) return;
   if (session.model == nullptr)
-    throw std::runtime_error("--kv-cache-dtype " + option.dtype + ": runs on the CPU (--device cpu)");
-  session.model->set_kv_cache_type(type);
+    throw std::runtime_error("a " + types.name() + " KV cache runs on the CPU (--device cpu)");
+  session.model->set_kv_cache_types(types);
   session.model->set_kv_cache_rotation(!option.no_rotation);
 }
 

@@ -454,19 +454,23 @@ ClusterConfig build_config(const Reader& reader, const Section& top, const std::
   if (const Entry* e = top.find("context")) config.context = reader.integer<int>(*e, 1, kIntMax);
 
   if (const Entry* entry = top.find("kv_cache")) {
-    const Section kv = reader.section(
-        *entry, {"block_size", "memory_fraction", "num_blocks", "prefix_caching", "dtype", "rotation"});
+    const Section kv = reader.section(*entry, {"block_size", "memory_fraction", "num_blocks",
+                                               "prefix_caching", "dtype", "k_dtype", "v_dtype", "rotation"});
     if (const Entry* e = kv.find("prefix_caching"))
       config.kv_cache.prefix_caching = reader.choice(*e, {"false", "true"}) == 1;
     if (const Entry* e = kv.find("rotation"))
       config.kv_cache.rotation = reader.choice(*e, {"false", "true"}) == 1;
-    if (const Entry* e = kv.find("dtype")) {
+    // dtype for both sides, k_dtype / v_dtype for one (llama.cpp's --cache-type-k / -v).
+    for (const auto& [key, value] :
+         {std::pair{"dtype", &config.kv_cache.dtype}, std::pair{"k_dtype", &config.kv_cache.k_dtype},
+          std::pair{"v_dtype", &config.kv_cache.v_dtype}}) {
+      const Entry* e = kv.find(key);
+      if (e == nullptr) continue;
       static constexpr std::string_view kTypes[] = {"f16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl"};
-      config.kv_cache.dtype = std::string(kTypes[reader.choice(
+      *value = std::string(kTypes[reader.choice(
           *e, {kTypes[0], kTypes[1], kTypes[2], kTypes[3], kTypes[4], kTypes[5], kTypes[6]})]);
-      if (config.kv_cache.dtype != "f16" && config.device == Device::cuda)
-        reader.fail(e->path, e->line,
-                    "a " + config.kv_cache.dtype + " KV cache runs on the CPU workers only (device: cpu)");
+      if (*value != "f16" && config.device == Device::cuda)
+        reader.fail(e->path, e->line, "a " + *value + " KV cache runs on the CPU workers only (device: cpu)");
     }
     if (const Entry* e = kv.find("block_size")) {
       config.kv_cache.block_size = reader.integer<int>(*e, 1, 1 << 16);
@@ -815,6 +819,10 @@ std::string render_cluster_config(const ClusterConfig& config) {
   out << YAML::Key << "num_blocks" << YAML::Value << config.kv_cache.num_blocks;
   out << YAML::Key << "prefix_caching" << YAML::Value << config.kv_cache.prefix_caching;
   out << YAML::Key << "dtype" << YAML::Value << config.kv_cache.dtype;
+  if (!config.kv_cache.k_dtype.empty())
+    out << YAML::Key << "k_dtype" << YAML::Value << config.kv_cache.k_dtype;
+  if (!config.kv_cache.v_dtype.empty())
+    out << YAML::Key << "v_dtype" << YAML::Value << config.kv_cache.v_dtype;
   out << YAML::Key << "rotation" << YAML::Value << config.kv_cache.rotation;
   out << YAML::EndMap;
   out << YAML::Key << "context" << YAML::Value << config.context;

@@ -218,6 +218,8 @@ struct KvCacheConfig {
   // fp16 scale, like vLLM's 8-bit kv_cache_dtype: 1.9x the blocks in the same memory), q5_1, q5_0, q4_1,
   // q4_0 or iq4_nl (3.6x).
   std::string dtype = "f16";
+  // One side's type instead of dtype's (llama.cpp's --cache-type-k / --cache-type-v); empty: dtype.
+  std::string k_dtype, v_dtype;
   // A quantized cache's Q, K and V rotated by a Walsh-Hadamard transform as llama.cpp's are (heads of 64
   // or more); false is llama.cpp's LLAMA_ATTN_ROT_DISABLE=1.
   bool rotation = true;

@@ -313,33 +313,23 @@ void q8_0_axpy_rows(const float* w, const uint8_t* rows, int64_t row_stride, int
   }
 }
 
+// Q4_0 / Q5_0 / IQ4_NL / Q4_1 / Q5_1 rows: the level's value (level - 8, level - 16, the IQ4 table's, or
+// with a minimum d · level + m) times the weight.
 template <typename Block>
-void block32_min_axpy_rows(const float* w, const uint8_t* rows, int64_t row_stride, int64_t n_rows,
-                           int64_t dim, float* out) {
-  for (int64_t r = 0; r < n_rows; ++r) {
-    const auto* blocks = reinterpret_cast<const Block*>(rows + r * row_stride);
-    for (int64_t b = 0; b < dim / kQK4_0; ++b) {
-      const float d = fp16_to_fp32(blocks[b].d), m = fp16_to_fp32(blocks[b].m);
-      for (int j = 0; j < kQK4_0; ++j)
-        out[b * kQK4_0 + j] += w[r] * (static_cast<float>(block32_level(blocks[b], j)) * d + m);
-    }
-  }
-}
-
-// Q4_0 / Q5_0 / IQ4_NL rows: the level's signed value (level - 8, level - 16, or the IQ4 table's) times d.
-template <typename Block>
-void block32_symmetric_axpy_rows(const float* w, const uint8_t* rows, int64_t row_stride, int64_t n_rows,
-                                 int64_t dim, float* out) {
+void block32_axpy_rows(const float* w, const uint8_t* rows, int64_t row_stride, int64_t n_rows, int64_t dim,
+                       float* out) {
   for (int64_t r = 0; r < n_rows; ++r) {
     const auto* blocks = reinterpret_cast<const Block*>(rows + r * row_stride);
     for (int64_t b = 0; b < dim / kQK4_0; ++b) {
       const float d = fp16_to_fp32(blocks[b].d);
       for (int j = 0; j < kQK4_0; ++j) {
         const int level = block32_level(blocks[b], j);
-        int value = level - 8;
-        if constexpr (std::is_same_v<Block, BlockQ5_0>) value = level - 16;
-        if constexpr (std::is_same_v<Block, BlockIQ4_NL>) value = kIQ4Values[level];
-        out[b * kQK4_0 + j] += w[r] * (d * static_cast<float>(value));
+        float value = d * static_cast<float>(level - 8);
+        if constexpr (std::is_same_v<Block, BlockQ5_0>) value = d * static_cast<float>(level - 16);
+        if constexpr (std::is_same_v<Block, BlockIQ4_NL>) value = d * static_cast<float>(kIQ4Values[level]);
+        if constexpr (requires { blocks[b].m; })
+          value = static_cast<float>(level) * d + fp16_to_fp32(blocks[b].m);
+        out[b * kQK4_0 + j] += w[r] * value;
       }
     }
   }
@@ -401,11 +391,11 @@ const IsaKernels kScalarKernels{
     .f16_dot_rows = f16_dot_rows,
     .f16_axpy_rows = f16_axpy_rows,
     .q8_0_axpy_rows = q8_0_axpy_rows,
-    .q4_1_axpy_rows = block32_min_axpy_rows<BlockQ4_1>,
-    .q5_1_axpy_rows = block32_min_axpy_rows<BlockQ5_1>,
-    .q4_0_axpy_rows = block32_symmetric_axpy_rows<BlockQ4_0>,
-    .q5_0_axpy_rows = block32_symmetric_axpy_rows<BlockQ5_0>,
-    .iq4_nl_axpy_rows = block32_symmetric_axpy_rows<BlockIQ4_NL>,
+    .q4_1_axpy_rows = block32_axpy_rows<BlockQ4_1>,
+    .q5_1_axpy_rows = block32_axpy_rows<BlockQ5_1>,
+    .q4_0_axpy_rows = block32_axpy_rows<BlockQ4_0>,
+    .q5_0_axpy_rows = block32_axpy_rows<BlockQ5_0>,
+    .iq4_nl_axpy_rows = block32_axpy_rows<BlockIQ4_NL>,
     .round_to_f16 = round_to_f16,
     .softmax_to_f16 = softmax_to_f16,
     .softmax = softmax_f32,

@@ -1682,35 +1682,13 @@ inline void block32_level_bytes(const Block& block, __m128i* first, __m128i* sec
   }
 }
 
-// Q4_1 / Q5_1 rows: out += (w · d) · level + w · m.
+// Q4_0 / Q5_0 / IQ4_NL / Q4_1 / Q5_1 rows. The symmetric types' levels made signed values (level - 8,
+// level - 16, or the IQ4 table's by a byte shuffle): out += w · (d · value), d · value exact in float. With
+// a minimum (Q4_1 / Q5_1): out += (w · d) · level + w · m.
 template <typename Block>
-void block32_min_axpy_rows(const float* w, const uint8_t* rows, int64_t row_stride, int64_t n_rows,
-                           int64_t dim, float* out) {
-  for (int64_t b = 0; b < dim / kQK4_0; ++b) {
-    float* o = out + b * kQK4_0;
-    __m256 acc[4];
-    for (int j = 0; j < 4; ++j) acc[j] = _mm256_loadu_ps(o + 8 * j);
-    for (int64_t r = 0; r < n_rows; ++r) {
-      const Block& block = reinterpret_cast<const Block*>(rows + r * row_stride)[b];
-      __m128i first, second;
-      block32_level_bytes(block, &first, &second);
-      const __m256 scale = _mm256_set1_ps(w[r] * _cvtsh_ss(block.d));
-      const __m256 offset = _mm256_set1_ps(w[r] * _cvtsh_ss(block.m));
-      const __m128i parts[4] = {first, _mm_srli_si128(first, 8), second, _mm_srli_si128(second, 8)};
-      for (int j = 0; j < 4; ++j) {
-        const __m256 levels = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[j]));
-        acc[j] = _mm256_fmadd_ps(scale, levels, _mm256_add_ps(acc[j], offset));
-      }
-    }
-    for (int j = 0; j < 4; ++j) _mm256_storeu_ps(o + 8 * j, acc[j]);
-  }
-}
-
-// Q4_0 / Q5_0 / IQ4_NL rows: the levels made signed values (level - 8, level - 16, or the IQ4 table's by
-// a byte shuffle); out += w · (d · value), d · value exact in float.
-template <typename Block>
-void block32_symmetric_axpy_rows(const float* w, const uint8_t* rows, int64_t row_stride, int64_t n_rows,
-                                 int64_t dim, float* out) {
+void block32_axpy_rows(const float* w, const uint8_t* rows, int64_t row_stride, int64_t n_rows, int64_t dim,
+                       float* out) {
+  constexpr bool kMin = requires(const Block& b) { b.m; };
   const __m128i iq4_values = _mm_loadu_si128(reinterpret_cast<const __m128i*>(nibble::kernels::kIQ4Values));
   const __m128i zero_level = _mm_set1_epi8(std::is_same_v<Block, BlockQ5_0> ? 16 : 8);
   for (int64_t b = 0; b < dim / kQK4_0; ++b) {
@@ -1724,16 +1702,25 @@ void block32_symmetric_axpy_rows(const float* w, const uint8_t* rows, int64_t ro
       if constexpr (std::is_same_v<Block, BlockIQ4_NL>) {
         first = _mm_shuffle_epi8(iq4_values, first);
         second = _mm_shuffle_epi8(iq4_values, second);
-      } else {
+      } else if constexpr (!kMin) {
         first = _mm_sub_epi8(first, zero_level);
         second = _mm_sub_epi8(second, zero_level);
       }
-      const __m256 scale = _mm256_set1_ps(_cvtsh_ss(block.d));
-      const __m256 weight = _mm256_set1_ps(w[r]);
       const __m128i parts[4] = {first, _mm_srli_si128(first, 8), second, _mm_srli_si128(second, 8)};
-      for (int j = 0; j < 4; ++j) {
-        const __m256 values = _mm256_mul_ps(scale, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(parts[j])));
-        acc[j] = _mm256_fmadd_ps(weight, values, acc[j]);
+      if constexpr (kMin) {
+        const __m256 scale = _mm256_set1_ps(w[r] * _cvtsh_ss(block.d));
+        const __m256 offset = _mm256_set1_ps(w[r] * _cvtsh_ss(block.m));
+        for (int j = 0; j < 4; ++j) {
+          const __m256 levels = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[j]));
+          acc[j] = _mm256_fmadd_ps(scale, levels, _mm256_add_ps(acc[j], offset));
+        }
+      } else {
+        const __m256 scale = _mm256_set1_ps(_cvtsh_ss(block.d));
+        const __m256 weight = _mm256_set1_ps(w[r]);
+        for (int j = 0; j < 4; ++j) {
+          const __m256 values = _mm256_mul_ps(scale, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(parts[j])));
+          acc[j] = _mm256_fmadd_ps(weight, values, acc[j]);
+        }
       }
     }
     for (int j = 0; j < 4; ++j) _mm256_storeu_ps(o + 8 * j, acc[j]);
@@ -1851,11 +1838,11 @@ nibble::kernels::detail::IsaKernels make_x86_kernels(const char* isa_name) {
       .f16_dot_rows = f16_dot_rows,
       .f16_axpy_rows = f16_axpy_rows,
       .q8_0_axpy_rows = q8_0_axpy_rows,
-      .q4_1_axpy_rows = block32_min_axpy_rows<BlockQ4_1>,
-      .q5_1_axpy_rows = block32_min_axpy_rows<BlockQ5_1>,
-      .q4_0_axpy_rows = block32_symmetric_axpy_rows<BlockQ4_0>,
-      .q5_0_axpy_rows = block32_symmetric_axpy_rows<BlockQ5_0>,
-      .iq4_nl_axpy_rows = block32_symmetric_axpy_rows<BlockIQ4_NL>,
+      .q4_1_axpy_rows = block32_axpy_rows<BlockQ4_1>,
+      .q5_1_axpy_rows = block32_axpy_rows<BlockQ5_1>,
+      .q4_0_axpy_rows = block32_axpy_rows<BlockQ4_0>,
+      .q5_0_axpy_rows = block32_axpy_rows<BlockQ5_0>,
+      .iq4_nl_axpy_rows = block32_axpy_rows<BlockIQ4_NL>,
       .round_to_f16 = round_to_f16,
       .softmax_to_f16 = softmax_to_f16,
       .softmax = softmax_f32,

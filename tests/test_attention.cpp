@@ -24,6 +24,22 @@ struct Case {
   int64_t n_head, n_head_kv, head_dim, block_size;
 };
 
+// Runs `body` with each kernel set this CPU runs forced in turn (scalar, AVX2, AVX-512), then restores
+// the original set; at least the scalar one always runs.
+template <typename Body>
+void on_every_kernel_set(Body&& body) {
+  const std::string original = matmul_isa();
+  int sets = 0;
+  for (const char* isa : {"scalar", "avx2", "avx512"}) {
+    if (!matmul_force_isa(isa)) continue;
+    SCOPED_TRACE(isa);
+    ++sets;
+    body();
+  }
+  matmul_force_isa(original.c_str());
+  EXPECT_GE(sets, 1);
+}
+
 // out[t, h, :] = softmax_p(scale * q[t, h] . k[p]) v[p] over p in 0..pos[t], all in double.
 std::vector<double> reference(const PagedAttentionShape& s, const std::vector<float>& q,
                               const std::vector<uint16_t>& k, const std::vector<uint16_t>& v,
@@ -104,12 +120,7 @@ TEST_P(PagedAttentionTest, MatchesTheReferenceOnEveryKernelSet) {
   const std::vector<double> want = reference(s, q, k, v, tables, seq, pos, scale);
 
   ThreadPool pool(2);
-  const std::string original = matmul_isa();
-  int sets = 0;
-  for (const char* isa : {"scalar", "avx2", "avx512"}) {
-    if (!matmul_force_isa(isa)) continue;
-    SCOPED_TRACE(isa);
-    ++sets;
+  on_every_kernel_set([&] {
     std::vector<float> out(want.size(), NAN);
     ASSERT_EQ(paged_attention(s, q.data(), k.data(), v.data(), tables.data(), seq.data(), pos.data(), scale,
                               out.data(), pool),
@@ -120,9 +131,7 @@ TEST_P(PagedAttentionTest, MatchesTheReferenceOnEveryKernelSet) {
     double worst = 0;
     for (size_t i = 0; i < want.size(); ++i) worst = std::max(worst, std::fabs(out[i] - want[i]));
     EXPECT_LT(worst, 2e-3 * max_v);
-  }
-  matmul_force_isa(original.c_str());
-  EXPECT_GE(sets, 1);
+  });
 }
 
 INSTANTIATE_TEST_SUITE_P(OddSizes, PagedAttentionTest,
@@ -134,14 +143,9 @@ INSTANTIATE_TEST_SUITE_P(OddSizes, PagedAttentionTest,
 // double-precision one, sum to 1, and send scores far below the maximum to 0, for lengths with and
 // without a vector tail.
 TEST(PagedAttention, SoftmaxAndRoundingHelpersOnEveryKernelSet) {
-  const std::string original = matmul_isa();
   std::mt19937 rng(11);
   std::uniform_real_distribution<float> wide(-30.0f, 30.0f);
-  int sets = 0;
-  for (const char* isa : {"scalar", "avx2", "avx512"}) {
-    if (!matmul_force_isa(isa)) continue;
-    SCOPED_TRACE(isa);
-    ++sets;
+  on_every_kernel_set([&] {
     const detail::IsaKernels& k = detail::active_kernels();
     for (int64_t n : {1, 7, 8, 29, 130}) {
       SCOPED_TRACE("n=" + std::to_string(n));
@@ -170,9 +174,7 @@ TEST(PagedAttention, SoftmaxAndRoundingHelpersOnEveryKernelSet) {
         EXPECT_EQ(scores[1], 0.0f);
       }
     }
-  }
-  matmul_force_isa(original.c_str());
-  EXPECT_GE(sets, 1);
+  });
 }
 
 // Quantized caches (llama.cpp's --cache-type-k/-v q8_0, q4_0, q4_1, q5_0, q5_1, iq4_nl, one type for both
@@ -231,12 +233,7 @@ TEST(PagedAttention, QuantizedCachesMatchTheirReferenceOnEveryKernelSet) {
       EXPECT_GT(off_exact, 1e-5 * max_v) << "no rounding at all?";
 
       ThreadPool pool(2);
-      const std::string original = matmul_isa();
-      int sets = 0;
-      for (const char* isa : {"scalar", "avx2", "avx512"}) {
-        if (!matmul_force_isa(isa)) continue;
-        SCOPED_TRACE(isa);
-        ++sets;
+      on_every_kernel_set([&] {
         std::vector<float> out(want.size(), NAN);
         ASSERT_EQ(paged_attention_quantized(s, k_type, v_type, q.data(), k.data(), v.data(), tables.data(),
                                             seq.data(), pos.data(), scale, out.data(), pool),
@@ -247,9 +244,7 @@ TEST(PagedAttention, QuantizedCachesMatchTheirReferenceOnEveryKernelSet) {
         for (size_t i = 0; i < want.size(); ++i)
           worst = std::max(worst, static_cast<double>(std::fabs(out[i] - want[i])));
         EXPECT_LT(worst, 2e-4 * max_v);
-      }
-      matmul_force_isa(original.c_str());
-      EXPECT_GE(sets, 1);
+      });
     }
   }
   // Heads that are not whole blocks of 32, and types that are not cache types.

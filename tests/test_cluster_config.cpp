@@ -500,7 +500,7 @@ TEST(ClusterConfig, LoraAdaptersAreAListOfNamedFiles) {
                "lora_adapters[0].scale", 3, {"expected a number"});
   expect_error("model: {path: m}\ndevice: cuda\nlora_adapters:\n  - {name: a, path: b}\n", "lora_adapters", 3,
                {"CPU workers only"});
-  // The KV cache's type: f16 unless asked for a quantized one, which the CUDA workers do not have yet.
+  // The KV cache's type: f16 unless asked for a quantized one, on the CPU and the CUDA workers alike.
   EXPECT_EQ(config.kv_cache.dtype, "f16");
   for (const std::string type : {"q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl"}) {
     const ClusterConfig quantized =
@@ -517,8 +517,10 @@ TEST(ClusterConfig, LoraAdaptersAreAListOfNamedFiles) {
   EXPECT_EQ(parse_cluster_config(render_cluster_config(mixed), "rendered"), mixed);
   expect_error("model: {path: m}\nkv_cache: {k_dtype: q4_k}\n", "kv_cache.k_dtype", 2,
                {"expected one of f16, q8_0"});
-  expect_error("model: {path: m}\ndevice: cuda\nkv_cache: {v_dtype: q8_0}\n", "kv_cache.v_dtype", 3,
-               {"CPU workers only"});
+  const ClusterConfig on_gpu =
+      parse_cluster_config("model: {path: m}\ndevice: cuda\nkv_cache: {v_dtype: q4_0}\n", "t.yaml");
+  EXPECT_EQ(on_gpu.kv_cache.v_dtype, "q4_0");
+  EXPECT_EQ(parse_cluster_config(render_cluster_config(on_gpu), "rendered"), on_gpu);
   EXPECT_TRUE(config.kv_cache.rotation);  // llama.cpp's default; off is its LLAMA_ATTN_ROT_DISABLE=1
   const ClusterConfig unrotated =
       parse_cluster_config("model: {path: m}\nkv_cache: {dtype: q4_0, rotation: false}\n", "t.yaml");
@@ -528,8 +530,6 @@ TEST(ClusterConfig, LoraAdaptersAreAListOfNamedFiles) {
                {"expected one of false, true"});
   expect_error("model: {path: m}\nkv_cache: {dtype: fp8}\n", "kv_cache.dtype", 2,
                {"expected one of f16, q8_0, q5_1, q5_0, q4_1, q4_0, iq4_nl"});
-  expect_error("model: {path: m}\ndevice: cuda\nkv_cache: {dtype: q8_0}\n", "kv_cache.dtype", 3,
-               {"CPU workers only"});
   // Loads and unloads while the job runs: off unless asked for.
   EXPECT_FALSE(config.server.lora_updates);
   const ClusterConfig updates =

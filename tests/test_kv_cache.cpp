@@ -2,6 +2,7 @@
 
 #include <set>
 
+#include "worker/cuda_llama_model.hpp"
 #include "worker/kv_cache.hpp"
 
 namespace nibble::worker {
@@ -103,6 +104,26 @@ TEST(KvCache, TakesLlamaCppsCacheTypes) {
                 .find("a KV cache of type q4_K (f16, q8_0, q5_1, q5_0, q4_1, q4_0 or iq4_nl)"),
             std::string::npos)
       << KvCache::unsupported(c, DType::Q4_K);
+}
+
+// A GPU cache's bytes per block, what a GPU worker sizes its cache by: the CPU cache's, plus one layer's
+// fp16 working copy of each quantized side (CudaKvCache reads a quantized layer through it).
+TEST(KvCache, GpuBytesPerBlockCountTheWorkingCopies) {
+  model::LlamaConfig c;
+  c.n_layer = 80;
+  c.n_head = 64;
+  c.n_head_kv = 8;
+  c.head_dim = 128;
+  using kernels::DType;
+  EXPECT_EQ(CudaKvCache::bytes_per_block(c, 16), KvCache::bytes_per_block(c, 16));
+  EXPECT_EQ(CudaKvCache::bytes_per_block(c, 16, DType::Q8_0),
+            KvCache::bytes_per_block(c, 16, DType::Q8_0) + 2 * 16 * 1024 * 2);
+  EXPECT_EQ(CudaKvCache::bytes_per_block(c, 16, {DType::Q8_0, DType::F16}),
+            KvCache::bytes_per_block(c, 16, {DType::Q8_0, DType::F16}) + 16 * 1024 * 2);
+  // Llama-70B's shape: a Q8_0 cache holds 1.84x the positions of fp16's in the same device memory.
+  const double ratio = static_cast<double>(CudaKvCache::bytes_per_block(c, 16)) /
+                       static_cast<double>(CudaKvCache::bytes_per_block(c, 16, DType::Q8_0));
+  EXPECT_NEAR(ratio, 1.84, 0.01);
 }
 
 // llama.cpp's attention rotation: quantized caches only, heads of a multiple of 64; K by the largest power

@@ -1821,6 +1821,42 @@ TEST(Serve, CudaServesLikeCudaGenerate) {
   }
 }
 
+// device: cuda with a quantized KV cache: one type (on a model with heads of 64, so rotated as llama.cpp
+// does) and a type per side; one stage and two: the greedy tokens of single-process `nibble generate
+// --device cuda` with the same cache, and the same again when the prompt is served from the prefix cache
+// (its blocks kept quantized on the GPU).
+TEST(Serve, CudaQuantizedKvCacheServesLikeCudaGenerate) {
+  if (const std::string why = cuda_job_skip_reason(); !why.empty()) GTEST_SKIP() << why;
+  test::TempDir models;
+  const std::string model = (models.path() / "tiny-h64.gguf").string();
+  model::write_random_llama(model, model::llama_shape_by_name("tiny-h64"), kernels::DType::Q4_0, 5);
+  struct Case {
+    std::string yaml, flags, log;
+  };
+  const Case cases[] = {
+      {"dtype: q4_0", "--kv-cache-dtype q4_0", "(q4_0)"},
+      {"k_dtype: q8_0, v_dtype: iq4_nl", "--cache-type-k q8_0 --cache-type-v iq4_nl", "(k q8_0, v iq4_nl)"}};
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.yaml);
+    const Expected want = nibble_generate(model, kLongPrompt, 24, kCudaGenerate + " " + c.flags);
+    for (const Shape shape : {Shape{1, 1}, Shape{1, 2}}) {
+      SCOPED_TRACE(std::string("P") + std::to_string(shape.pipeline));
+      test::TempDir dir;
+      ServeJob job(dir.path(), model, shape.tensor, shape.pipeline,
+                   "device: cuda\nint4_kernels: cuda_cores\ncontext: 1024\nkv_cache: { num_blocks: 64, " +
+                       c.yaml + " }\nscheduler: { prefill_chunk: 16 }\n");
+      ASSERT_TRUE(job.wait_ready()) << job.log();
+      EXPECT_NE(job.log().find(c.log), std::string::npos) << job.log();
+      Client client(job.endpoint());
+      const protocol::Final first = client.generate(greedy("first", kLongPrompt, 24));
+      const protocol::Final again = client.generate(greedy("again", kLongPrompt, 24));
+      EXPECT_EQ(first.tokens, want.tokens);
+      EXPECT_EQ(again.tokens, want.tokens);
+      EXPECT_GT(again.cached_prompt_tokens, 0u);
+    }
+  }
+}
+
 // device: cuda with a draft next to the sampling worker: target and draft on the GPU (the engine's
 // speculation over worker::CudaForwardModel), T=1 and P=2, greedy tokens equal to `nibble generate
 // --device cuda` without a draft (the target as its own draft, and an unrelated one).

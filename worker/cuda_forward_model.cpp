@@ -8,14 +8,16 @@ namespace nibble::worker {
 
 namespace {
 struct CudaCache final : ForwardCache {
-  CudaCache(const model::LlamaConfig& config, int64_t num_blocks, int64_t block_size, int device)
-      : cache(config, num_blocks, block_size, device) {}
+  CudaCache(const model::LlamaConfig& config, int64_t num_blocks, int64_t block_size, int device,
+            const KvCacheTypes& types)
+      : cache(config, num_blocks, block_size, device, types) {}
   CudaKvCache cache;
 };
 }  // namespace
 
 std::unique_ptr<ForwardCache> CudaForwardModel::make_cache(int64_t num_blocks, int64_t block_size) const {
-  return std::make_unique<CudaCache>(model_.shard_config(), num_blocks, block_size, device_);
+  return std::make_unique<CudaCache>(model_.shard_config(), num_blocks, block_size, device_,
+                                     model_.kv_cache_types());
 }
 
 void CudaForwardModel::forward_stage(const ForwardBatch& batch, ForwardCache& cache, const float* hidden_in,

@@ -31,6 +31,7 @@
 #include "kernels/cuda/event_timer.cuh"
 #include "kernels/cuda/int4_groups.cuh"
 #include "kernels/cuda/int4_tiles.cuh"
+#include "kernels/cuda/kv_cache_quant.cuh"
 #include "kernels/cuda/paged_attention.cuh"
 #include "kernels/cuda/prefill_attention.cuh"
 #include "kernels/cuda/random_weights.cuh"
@@ -174,13 +175,37 @@ CudaMemoryInfo cuda_memory_info(int device) {
 // ---------------------------------------------------------------------------------------------
 // CudaKvCache
 
-CudaKvCache::CudaKvCache(const model::LlamaConfig& config, int64_t n_blocks, int64_t block_size, int device)
-    : n_blocks_(n_blocks), block_size_(block_size), kv_dim_(config.kv_dim()), n_layer_(config.n_layer) {
+CudaKvCache::CudaKvCache(const model::LlamaConfig& config, int64_t n_blocks, int64_t block_size, int device,
+                         KvCacheTypes types)
+    : n_blocks_(n_blocks),
+      block_size_(block_size),
+      kv_dim_(config.kv_dim()),
+      n_layer_(config.n_layer),
+      k_row_bytes_(0),
+      v_row_bytes_(0),
+      types_(types) {
   if (n_blocks < 1 || block_size < 1) throw std::invalid_argument("a KV cache needs at least one block");
+  if (const std::string why = KvCache::unsupported(config, types); !why.empty())
+    throw std::invalid_argument("this model cannot have " + why);
   require_device(device);
-  layer_elems_ = n_blocks_ * block_size_ * kv_dim_;
-  const size_t bytes = static_cast<size_t>(2 * n_layer_ * layer_elems_) * sizeof(uint16_t);
+  k_row_bytes_ = kernels::row_bytes(types.k, kv_dim_);
+  v_row_bytes_ = kernels::row_bytes(types.v, kv_dim_);
+  // Each layer's K then V, each side's start 256-byte aligned (the readers load up to 16 bytes at once).
+  auto aligned = [](int64_t bytes) { return (bytes + 255) / 256 * 256; };
+  const int64_t slots = n_blocks_ * block_size_;
+  v_offset_ = aligned(slots * k_row_bytes_);
+  layer_stride_ = v_offset_ + aligned(slots * v_row_bytes_);
+  const int64_t work_bytes = aligned(slots * kv_dim_ * static_cast<int64_t>(sizeof(uint16_t)));
+  const int64_t work_sides =
+      (types.k != kernels::DType::F16 ? 1 : 0) + (types.v != kernels::DType::F16 ? 1 : 0);
+  const auto bytes = static_cast<size_t>(n_layer_ * layer_stride_ + work_sides * work_bytes);
   cuda_check(cudaMalloc(reinterpret_cast<void**>(&base_), bytes), "cudaMalloc (KV cache)");
+  uint8_t* work = base_ + n_layer_ * layer_stride_;
+  if (types.k != kernels::DType::F16) {
+    k_work_ = reinterpret_cast<uint16_t*>(work);
+    work += work_bytes;
+  }
+  if (types.v != kernels::DType::F16) v_work_ = reinterpret_cast<uint16_t*>(work);
   // cudaMemset runs on the legacy default stream, which the model's non-blocking stream does not wait
   // for: finish it here.
   cudaError_t err = cudaMemset(base_, 0, bytes);
@@ -194,10 +219,20 @@ CudaKvCache::CudaKvCache(const model::LlamaConfig& config, int64_t n_blocks, int
 CudaKvCache::~CudaKvCache() { cudaFree(base_); }
 
 std::vector<uint16_t> CudaKvCache::layer_to_host(int64_t layer, bool values) const {
-  std::vector<uint16_t> host(static_cast<size_t>(layer_elems_));
-  cuda_check(cudaMemcpy(host.data(), values ? v(layer) : k(layer), host.size() * sizeof(uint16_t),
-                        cudaMemcpyDeviceToHost),
-             "cudaMemcpy (KV cache to host)");
+  if ((values ? types_.v : types_.k) != kernels::DType::F16)
+    throw std::logic_error("CudaKvCache::layer_to_host: that side is quantized (layer_bytes_to_host)");
+  const std::vector<uint8_t> bytes = layer_bytes_to_host(layer, values);
+  std::vector<uint16_t> host(bytes.size() / sizeof(uint16_t));
+  std::memcpy(host.data(), bytes.data(), host.size() * sizeof(uint16_t));
+  return host;
+}
+
+std::vector<uint8_t> CudaKvCache::layer_bytes_to_host(int64_t layer, bool values) const {
+  std::vector<uint8_t> host(
+      static_cast<size_t>(n_blocks_ * block_size_ * (values ? v_row_bytes_ : k_row_bytes_)));
+  cuda_check(
+      cudaMemcpy(host.data(), values ? v_data(layer) : k_data(layer), host.size(), cudaMemcpyDeviceToHost),
+      "cudaMemcpy (KV cache to host)");
   return host;
 }
 
@@ -371,12 +406,19 @@ struct CudaLlamaModel::Impl::Plan {
   kc::DecodeAttentionShape dshape;
   const CudaKvCache* cache = nullptr;
   size_t meta_count = 0;
+  // A quantized cache (kernels/cuda/kv_cache_quant.cuh): its shape, the table rows whose blocks each
+  // layer dequantizes (their last blocks at off_last_block) and the rotation's blocks (0: none).
+  bool kv_quantized = false;
+  kc::KvCacheQuantShape qshape;
+  int64_t n_rows = 0, off_last_block = 0, k_rotation = 0, v_rotation = 0;
 
   auto key() const {
-    // The cache's geometry as well as its addresses: a new cache may reuse a freed one's memory.
+    // The cache's geometry and types as well as its addresses: a new cache may reuse a freed one's memory.
     return std::make_tuple(n, n_out, n_runs, mbps, use_decode, dshape.max_q_len, meta_count,
                            static_cast<const void*>(cache), cache->k(0), n_tiles, mma_tiles,
-                           cache->block_size() * (int64_t{1} << 32) + cache->n_blocks());
+                           cache->block_size() * (int64_t{1} << 32) + cache->n_blocks(),
+                           static_cast<int>(qshape.k_type) * 256 + static_cast<int>(qshape.v_type), n_rows,
+                           k_rotation * 4096 + v_rotation);
   }
 };
 
@@ -433,6 +475,29 @@ CudaLlamaModel::Impl::Plan CudaLlamaModel::Impl::plan_batch(const ForwardBatch& 
   }
   p.off_tables = append(tables);
   p.off_rows = append(batch.logit_rows);
+  if (cache.types().quantized()) {
+    // Each table row's last block that a token of the row writes or attends over.
+    p.kv_quantized = true;
+    p.n_rows = batch_mbps > 0 ? static_cast<int64_t>(batch.block_tables.size()) / batch_mbps : 0;
+    std::vector<int32_t> last_block(static_cast<size_t>(p.n_rows), -1);
+    for (int64_t t = 0; t < p.n; ++t) {
+      auto& last = last_block[static_cast<size_t>(batch.seq_index[t])];
+      last = std::max(last, static_cast<int32_t>(batch.positions[t] / cache.block_size()));
+    }
+    p.off_last_block = append(last_block);
+    p.qshape.n_head_kv = shard_config.n_head_kv;
+    p.qshape.head_dim = c.head_dim;
+    p.qshape.block_size = cache.block_size();
+    p.qshape.num_blocks = cache.n_blocks();
+    p.qshape.max_blocks_per_seq = p.mbps;
+    p.qshape.k_type = cache.types().k;
+    p.qshape.v_type = cache.types().v;
+    if (options.kv_cache_rotation) {
+      const KvRotation rotation = KvCache::rotation(shard_config, cache.types());
+      p.k_rotation = rotation.k_block;
+      p.v_rotation = rotation.v_block;
+    }
+  }
   if (p.use_decode) {
     std::vector<int32_t> seq_lens, query_start, run_tables;
     for (int64_t r = 0; r < p.n_runs; ++r) {
@@ -598,8 +663,15 @@ void CudaLlamaModel::Impl::enqueue(const Plan& p) {
                                         c.rms_eps, stream, pdl),
                    "add_rms_norm_f32");
     }
-    auto* kc_l = reinterpret_cast<__half*>(cache.k(l));
+    auto* kc_l = reinterpret_cast<__half*>(cache.k(l));  // a quantized side's working copy
     auto* vc_l = reinterpret_cast<__half*>(cache.v(l));
+    if (p.kv_quantized) {  // the blocks this pass attends over, into the working copies
+      const Timed timed(*this, Section::rope_kv);
+      check_status(
+          kc::kv_cache_dequantize_blocks(p.qshape, p.n_rows, md + p.off_tables, md + p.off_last_block,
+                                         cache.k_data(l), cache.v_data(l), kc_l, vc_l, flag_d, stream),
+          "kv_cache_dequantize_blocks");
+    }
     if (n == 1 && fuses_one_row(w.qkv)) {
       const Timed timed(*this, Section::qkv);  // RoPE and the KV write in the product's epilogue
       check_status(project_rope_kv(w.qkv.parts.front(), h, rshape, md + p.off_pos, md + p.off_seq,
@@ -627,6 +699,16 @@ void CudaLlamaModel::Impl::enqueue(const Plan& p) {
                                      q16.as<__half>(), kc_l, vc_l, flag_d, stream, pdl),
                    "rope_kv_write");
     }
+    if (p.kv_quantized) {  // the new rows into the cache, and read back as it holds them
+      const Timed timed(*this, Section::rope_kv);
+      check_status(kc::kv_cache_store_positions(p.qshape, n, p.k_rotation, p.v_rotation, md + p.off_pos,
+                                                md + p.off_seq, md + p.off_tables, kc_l, vc_l,
+                                                cache.k_data(l), cache.v_data(l), flag_d, stream),
+                   "kv_cache_store_positions");
+      if (p.k_rotation > 0)  // the queries as the keys (llama.cpp's rotation)
+        check_status(kc::hadamard_rotate_f16(q16.as<__half>(), n, q_dim, p.k_rotation, stream),
+                     "hadamard_rotate_f16 (queries)");
+    }
     std::optional<Timed> attention_span(std::in_place, *this, Section::attention);
     if (p.use_decode) {
       check_status(kc::attention_decode(p.dshape, q16.as<__half>(), kc_l, vc_l, md + p.off_run_tables,
@@ -652,6 +734,9 @@ void CudaLlamaModel::Impl::enqueue(const Plan& p) {
             "paged_attention_f16");
       }
     }
+    if (p.v_rotation > 0)  // back from V's rotation (H · H = I)
+      check_status(kc::hadamard_rotate_f16(att16.as<__half>(), n, q_dim, p.v_rotation, stream),
+                   "hadamard_rotate_f16 (attention output)");
     attention_span.reset();
     if (norm_in_products && fuses_one_row(w.wo)) {
       const Timed timed(*this, Section::attn_out);  // the residual add and ffn norm in its last block
@@ -1075,6 +1160,19 @@ bool CudaLlamaModel::mma_prefill_attention_applies() const {
 void CudaLlamaModel::set_mma_prefill_attention(bool on) {
   // The plan (and a graph's key) carries the choice: nothing captured needs dropping.
   impl_->options.mma_prefill_attention = on;
+}
+
+void CudaLlamaModel::set_kv_cache_types(const KvCacheTypes& types) {
+  if (const std::string why = KvCache::unsupported(impl_->shard_config, types); !why.empty())
+    throw std::invalid_argument("this model cannot have " + why);
+  impl_->kv_cache_types = types;
+}
+
+const KvCacheTypes& CudaLlamaModel::kv_cache_types() const { return impl_->kv_cache_types; }
+
+void CudaLlamaModel::set_kv_cache_rotation(bool on) {
+  // The plan (and a graph's key) carries the rotation: nothing captured needs dropping.
+  impl_->options.kv_cache_rotation = on;
 }
 
 void CudaLlamaModel::set_fused_epilogues(bool on) {

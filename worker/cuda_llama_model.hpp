@@ -8,7 +8,8 @@
 //
 // Data flow per layer (all on one stream; kernels in kernels/cuda):
 //   residual (fp32) --add_rms_norm_f32--> h (fp16) --[wq|wk|wv]--> qkv (fp32)
-//   --rope_kv_write--> q (fp16), K/V rows (fp16) into the paged cache
+//   --rope_kv_write--> q (fp16), K/V rows (fp16) into the paged cache (a quantized cache's fp16 working
+//   copy, kernels/cuda/kv_cache_quant.cuh: its blocks dequantized before, the new rows quantized after)
 //   --attention_decode (decode/verify batches, head_dim 64/128) or paged_attention_f16 (else)--> (fp16)
 //   --wo--> (fp32) --add_rms_norm_f32 (residual += it)--> (fp16) --[w_gate|w_up]--> (fp32)
 //   --swiglu_f32_to_f16--> (fp16) --w_down--> (fp32), added to the residual by the next norm.
@@ -66,6 +67,7 @@
 
 #include "model/llama_checkpoint.hpp"
 #include "model/llama_config.hpp"
+#include "worker/kv_cache.hpp"
 #include "worker/llama_model.hpp"
 #include "worker/sampler.hpp"
 #include "worker/tensor_shard.hpp"
@@ -91,13 +93,18 @@ struct CudaMemoryInfo {
 };
 CudaMemoryInfo cuda_memory_info(int device = 0);
 
-// The paged KV cache in device memory: for every layer, K and V as [n_blocks, block_size,
-// n_head_kv, head_dim] fp16, the layout of worker::KvCache and of the CUDA attention kernels.
+// The paged KV cache in device memory: for every layer, K and V as [n_blocks, block_size, n_head_kv,
+// head_dim] fp16 (the layout of worker::KvCache and of the CUDA attention kernels), or a side quantized
+// as llama.cpp's --cache-type-k / -v (types: Q8_0, Q5_1, Q5_0, Q4_1, Q4_0, IQ4_NL; worker::KvCache's
+// bytes, [n_blocks, block_size, kv_dim / 32 blocks]) plus one layer's fp16 working copy of that side,
+// which the attention kernels read (kernels/cuda/kv_cache_quant.cuh says how a pass fills it).
 // Zero-filled at construction, on `device` (the model's CudaModelOptions::device). Throws
-// CudaUnavailable without a usable device, std::runtime_error when allocation fails.
+// CudaUnavailable without a usable device, std::invalid_argument for types the model's heads cannot
+// take (KvCache::unsupported), std::runtime_error when allocation fails.
 class CudaKvCache {
  public:
-  CudaKvCache(const model::LlamaConfig& config, int64_t n_blocks, int64_t block_size = 16, int device = 0);
+  CudaKvCache(const model::LlamaConfig& config, int64_t n_blocks, int64_t block_size = 16, int device = 0,
+              KvCacheTypes types = {});
   ~CudaKvCache();
   CudaKvCache(const CudaKvCache&) = delete;
   CudaKvCache& operator=(const CudaKvCache&) = delete;
@@ -106,15 +113,41 @@ class CudaKvCache {
   int64_t block_size() const { return block_size_; }
   int64_t kv_dim() const { return kv_dim_; }
   int64_t n_layer() const { return n_layer_; }
-  // Device pointers to one layer's K and V (fp16 bits).
-  uint16_t* k(int64_t layer) const { return base_ + (2 * layer) * layer_elems_; }
-  uint16_t* v(int64_t layer) const { return base_ + (2 * layer + 1) * layer_elems_; }
-  // One layer's K (or V) copied to the host, for tests.
+  const KvCacheTypes& types() const { return types_; }
+  // Device pointers to the fp16 K and V the attention kernels read for `layer`: the layer itself for an
+  // F16 side, the working copy (one for every layer) for a quantized one.
+  uint16_t* k(int64_t layer) const {
+    return k_work_ != nullptr ? k_work_ : reinterpret_cast<uint16_t*>(k_data(layer));
+  }
+  uint16_t* v(int64_t layer) const {
+    return v_work_ != nullptr ? v_work_ : reinterpret_cast<uint16_t*>(v_data(layer));
+  }
+  // Device pointers to one layer's K and V as stored: [n_blocks, block_size, k_row_bytes()] bytes.
+  uint8_t* k_data(int64_t layer) const { return base_ + (2 * layer) * layer_stride_; }
+  uint8_t* v_data(int64_t layer) const { return base_ + (2 * layer) * layer_stride_ + v_offset_; }
+  int64_t k_row_bytes() const { return k_row_bytes_; }
+  int64_t v_row_bytes() const { return v_row_bytes_; }
+  // One layer's K (or V) copied to the host, for tests: as fp16 (an F16 side only; std::logic_error
+  // otherwise), or as stored.
   std::vector<uint16_t> layer_to_host(int64_t layer, bool values) const;
+  std::vector<uint8_t> layer_bytes_to_host(int64_t layer, bool values) const;
+  // Device bytes per block, all layers, K and V, working copies included: what sizing from free device
+  // memory divides by.
+  static int64_t bytes_per_block(const model::LlamaConfig& config, int64_t block_size,
+                                 KvCacheTypes types = {}) {
+    const int64_t work_sides =
+        (types.k != kernels::DType::F16 ? 1 : 0) + (types.v != kernels::DType::F16 ? 1 : 0);
+    return KvCache::bytes_per_block(config, block_size, types) +
+           work_sides * block_size * config.kv_dim() * static_cast<int64_t>(sizeof(uint16_t));
+  }
 
  private:
-  int64_t n_blocks_, block_size_, kv_dim_, n_layer_, layer_elems_;
-  uint16_t* base_ = nullptr;
+  int64_t n_blocks_, block_size_, kv_dim_, n_layer_, k_row_bytes_, v_row_bytes_;
+  int64_t v_offset_ = 0, layer_stride_ = 0;  // bytes: V after K in a layer's segment; one segment
+  KvCacheTypes types_;
+  uint8_t* base_ = nullptr;
+  uint16_t* k_work_ = nullptr;  // the working copies (quantized sides only)
+  uint16_t* v_work_ = nullptr;
 };
 
 // How group-wise INT4 matrices (GPTQ / AWQ, dummy weights, Q4_0 whose scale repeats over 64 or more
@@ -344,6 +377,11 @@ struct CudaModelOptions {
   // as their own kernel, RoPE / KV write and SwiGLU still fused; bench-gpu --model times all three
   // ways at batch 1; under Int4Kernels::measured each norm site is weighed at load like the others).
   bool fused_norms = true;
+  // llama.cpp's attention rotation for a quantized KV cache (worker::KvCache::rotation: Q and K after
+  // RoPE, V before it is stored, by a Walsh-Hadamard transform per block of each head, the attention's
+  // output rotated back), as LlamaModel::set_kv_cache_rotation; false is LLAMA_ATTN_ROT_DISABLE=1. An
+  // fp16 cache is never rotated.
+  bool kv_cache_rotation = true;
 };
 
 class CudaLlamaModel {
@@ -388,6 +426,13 @@ class CudaLlamaModel {
   // without them, these fuse nothing (the products stay as chosen; load with them to have them weighed).
   void set_fused_epilogues(bool on);
   void set_fused_norms(bool on);
+  // The KV cache types this model's caches are made with where the model makes them (CudaForwardModel),
+  // as LlamaModel::set_kv_cache_types; a CudaKvCache made directly takes its own. Throws
+  // std::invalid_argument for types the model's heads cannot take (KvCache::unsupported).
+  void set_kv_cache_types(const KvCacheTypes& types);
+  const KvCacheTypes& kv_cache_types() const;
+  // Switches CudaModelOptions::kv_cache_rotation for later passes (drops captured graphs).
+  void set_kv_cache_rotation(bool on);
   // Switches CudaModelOptions::mma_prefill_attention for later passes.
   void set_mma_prefill_attention(bool on);
   // Whether the tensor-core prefill attention takes this model's (shard's) heads: head_dim 64 or 128

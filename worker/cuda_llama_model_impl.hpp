@@ -114,6 +114,7 @@ struct CudaLlamaModel::Impl {
   model::LlamaConfig config;        // the whole model's
   model::LlamaConfig shard_config;  // this shard's heads, ffn rows and stage layers
   CudaModelOptions options;
+  KvCacheTypes kv_cache_types;  // what CudaForwardModel makes this model's caches with
   TensorShard shard;
   ShardReducer* reducer = nullptr;  // null when unsharded (no collectives); see the constructor
   int64_t layer_begin = 0, layer_end = 0;
@@ -165,7 +166,7 @@ struct CudaLlamaModel::Impl {
   std::vector<int32_t> meta_host;
   // Captured passes by plan key (CudaModelOptions::graphs).
   std::map<std::tuple<int64_t, int64_t, int64_t, int64_t, bool, int64_t, size_t, const void*, uint16_t*,
-                      int64_t, bool, int64_t>,
+                      int64_t, bool, int64_t, int, int64_t, int64_t>,
            cudaGraphExec_t>
       graphs;
   std::set<decltype(graphs)::key_type> seen_once;  // shapes run directly once, captured when seen again

@@ -20,12 +20,13 @@ CudaMemoryInfo cuda_memory_info(int) { unavailable(); }
 
 struct CudaLlamaModel::Impl {};
 
-CudaKvCache::CudaKvCache(const model::LlamaConfig&, int64_t, int64_t, int)
-    : n_blocks_(0), block_size_(0), kv_dim_(0), n_layer_(0), layer_elems_(0) {
+CudaKvCache::CudaKvCache(const model::LlamaConfig&, int64_t, int64_t, int, KvCacheTypes)
+    : n_blocks_(0), block_size_(0), kv_dim_(0), n_layer_(0), k_row_bytes_(0), v_row_bytes_(0) {
   unavailable();
 }
 CudaKvCache::~CudaKvCache() = default;
 std::vector<uint16_t> CudaKvCache::layer_to_host(int64_t, bool) const { unavailable(); }
+std::vector<uint8_t> CudaKvCache::layer_bytes_to_host(int64_t, bool) const { unavailable(); }
 
 std::unique_ptr<CudaLlamaModel> CudaLlamaModel::load(const std::string&, CudaModelOptions, TensorShard,
                                                      ShardReducer*, LayerRange) {
@@ -49,6 +50,9 @@ void CudaLlamaModel::set_programmatic_launch(bool) { unavailable(); }
 void CudaLlamaModel::set_fused_epilogues(bool) { unavailable(); }
 void CudaLlamaModel::set_fused_norms(bool) { unavailable(); }
 void CudaLlamaModel::set_mma_prefill_attention(bool) { unavailable(); }
+void CudaLlamaModel::set_kv_cache_types(const KvCacheTypes&) { unavailable(); }
+const KvCacheTypes& CudaLlamaModel::kv_cache_types() const { unavailable(); }
+void CudaLlamaModel::set_kv_cache_rotation(bool) { unavailable(); }
 bool CudaLlamaModel::mma_prefill_attention_applies() const { unavailable(); }
 const CudaModelOptions& CudaLlamaModel::options() const { unavailable(); }
 const std::vector<CudaInt4KernelChoice>& CudaLlamaModel::int4_kernel_choices() const { unavailable(); }

@@ -22,6 +22,7 @@
 #include <tuple>
 
 #include "cluster/cli/commands.hpp"
+#include "cluster/cli/model_session.hpp"
 #include "kernels/cuda/attention_bench.cuh"  // plain C++: the attention tables' shapes and limits
 #include "model/llama_checkpoint.hpp"
 #include "worker/cuda_llama_model.hpp"
@@ -56,9 +57,11 @@ struct Args {
   bool int8_activations = false;
   bool unfused_epilogues = false;
   int64_t decode_split_tokens = worker::CudaModelOptions{}.decode_split_tokens;
+  KvCacheOption kv_cache;  // the target's KV cache (a draft's stays fp16)
   worker::CudaModelOptions model_options() const {
     worker::CudaModelOptions options;
     options.decode_split_tokens = decode_split_tokens;
+    options.kv_cache_rotation = !kv_cache.no_rotation;
     options.int4_kernels = int4_kernels;
     options.int4_layout = int4_layout;
     options.cutlass_gemm = cutlass_gemm;
@@ -112,9 +115,9 @@ struct GpuModel {
   int64_t cache_device_bytes = 0;
 };
 
-// options: the kernel choices of the command line (graphs are turned on here).
+// options: the kernel choices of the command line (graphs are turned on here); kv_types: the cache's.
 GpuModel load_gpu_model(const std::string& path, int64_t max_seqs, int64_t max_seq_tokens,
-                        worker::CudaModelOptions options) {
+                        worker::CudaModelOptions options, const worker::KvCacheTypes& kv_types = {}) {
   GpuModel g;
   const auto checkpoint = model::LlamaCheckpoint::open(path);  // a bad path or dummy spec fails here
   const int64_t free_before = worker::cuda_memory_info().free;
@@ -125,7 +128,9 @@ GpuModel load_gpu_model(const std::string& path, int64_t max_seqs, int64_t max_s
   const int64_t free_model = worker::cuda_memory_info().free;
   g.model_device_bytes = free_before - free_model;
   g.mbps = (max_seq_tokens + kBlockSize - 1) / kBlockSize;
-  g.cache = std::make_unique<worker::CudaKvCache>(g.model->config(), max_seqs * g.mbps, kBlockSize);
+  g.model->set_kv_cache_types(kv_types);  // refuses types the model's heads cannot take
+  g.cache = std::make_unique<worker::CudaKvCache>(g.model->config(), max_seqs * g.mbps, kBlockSize,
+                                                  options.device, kv_types);
   g.cache_device_bytes = free_model - worker::cuda_memory_info().free;
   return g;
 }
@@ -405,7 +410,8 @@ int run_model(const Args& a) {
   const int64_t max_batch = *std::max_element(batches.begin(), batches.end());
   const int64_t decode_tokens = kShortPrompt + a.gen_tokens;
   GpuModel target = load_gpu_model(a.model, std::max<int64_t>(max_batch, a.prefill_batch),
-                                   std::max<int64_t>(a.prompt_tokens, decode_tokens), a.model_options());
+                                   std::max<int64_t>(a.prompt_tokens, decode_tokens), a.model_options(),
+                                   a.kv_cache.types());
   const double copy_gbps = copy_bandwidth_gbps();
   const int64_t weight_bytes = target.model->weight_bytes();
   // A decode step reads every weight byte at least once (the embedding table too: counted, though a
@@ -535,7 +541,8 @@ int run_model(const Args& a) {
       target.model->set_programmatic_launch(false);
       target.model->set_mma_prefill_attention(false);
       worker::CudaKvCache long_cache(target.model->config(),
-                                     (a.long_prompt_tokens + kBlockSize - 1) / kBlockSize, kBlockSize);
+                                     (a.long_prompt_tokens + kBlockSize - 1) / kBlockSize, kBlockSize,
+                                     target.model->options().device, target.model->kv_cache_types());
       long_cuda_cores = time_long_prefill(target, long_cache, a.long_prompt_tokens, reps, rng);
       if (long_mma_applies) {
         target.model->set_mma_prefill_attention(true);
@@ -664,6 +671,7 @@ int run_model(const Args& a) {
                        {"weight_bytes", weight_bytes},
                        {"model_device_bytes", target.model_device_bytes},
                        {"kv_cache_device_bytes", target.cache_device_bytes},
+                       {"kv_cache", target.model->kv_cache_types().name()},
                        {"copy_gbps", copy_gbps},
                        {"decode_floor_ms", floor_s * 1e3},
                        {"decode_split_tokens", target.model->options().decode_split_tokens},
@@ -703,9 +711,9 @@ int run_model(const Args& a) {
   }
   std::printf(
       "model %s: loaded in %.1f s; weights %.2f GiB on the device; device memory used %.2f GiB "
-      "(+ %.2f GiB KV cache)\n",
+      "(+ %.2f GiB KV cache, %s)\n",
       a.model.c_str(), target.load_seconds, gib(weight_bytes), gib(target.model_device_bytes),
-      gib(target.cache_device_bytes));
+      gib(target.cache_device_bytes), target.model->kv_cache_types().name().c_str());
   if (!a.draft.empty()) {
     std::printf("draft %s: loaded in %.1f s; weights %.2f GiB; device memory used %.2f GiB\n",
                 a.draft.c_str(), draft.load_seconds, gib(draft.model->weight_bytes()),
@@ -1606,6 +1614,7 @@ Runner add_bench_gpu(CLI::App& app) {
                "With --model: also hold the INT4 weights in CUTLASS's order and time CUTLASS's Hopper GEMMs "
                "at load as candidates (128-row tiles from 17 rows, 16-row tiles up to 32; needs a CUTLASS "
                "build and an H100 / H200; twice the INT4 memory)");
+  add_kv_cache_option(app, a->kv_cache);
   return [a]() { return run(*a); };
 }
 

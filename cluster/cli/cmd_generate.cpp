@@ -153,9 +153,11 @@ Runner add_generate(CLI::App& app) {
       gpu_options.mma_prefill_attention = a->prefill_attention == "tensor-cores";
       gpu_options.fused_epilogues = !a->unfused_epilogues;
       gpu_options.decode_split_tokens = a->decode_split_tokens;
+      gpu_options.kv_cache_rotation = !a->kv_cache.no_rotation;
       gpu = std::make_unique<worker::CudaLlamaModel>(s.checkpoint, gpu_options);
       gpu_cache = std::make_unique<worker::CudaKvCache>(gpu->config(), worker::Generator::blocks_for(context),
-                                                        worker::Generator::kBlockSize);
+                                                        worker::Generator::kBlockSize, gpu_options.device,
+                                                        a->kv_cache.types());
       worker::GeneratorModel m;
       m.n_vocab = gpu->config().n_vocab;
       m.forward = [&](const worker::ForwardBatch& b, std::vector<float>& logits) {

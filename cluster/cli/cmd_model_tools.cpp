@@ -164,8 +164,10 @@ Runner add_logits(CLI::App& app) {
     std::vector<float> logits;
     const auto batch = worker::ForwardBatch::single(ids, 0, table, true);
     if (cuda) {
-      worker::CudaLlamaModel gpu(s.checkpoint);
-      worker::CudaKvCache cache(gpu.config(), blocks, block);
+      worker::CudaModelOptions gpu_options;
+      gpu_options.kv_cache_rotation = !a->kv_cache.no_rotation;
+      worker::CudaLlamaModel gpu(s.checkpoint, gpu_options);
+      worker::CudaKvCache cache(gpu.config(), blocks, block, gpu_options.device, a->kv_cache.types());
       gpu.forward(batch, cache, logits);
     } else {
       worker::KvCache cache(s.model->config(), blocks, block, s.model->kv_cache_types());

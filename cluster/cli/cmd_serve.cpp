@@ -135,16 +135,11 @@ std::string bind_ephemeral(zmq::socket_t& socket, bool single_host) {
 
 // KV blocks this worker can hold: the configured count, or memory_fraction of `available` bytes
 // (host memory, or the GPU's free memory once every worker's weights are loaded) shared among the
-// `sharers` workers that draw on it, but never more than max_running full contexts.
-// draft_config: a draft whose cache (as many blocks as the target's) shares this memory, or null.
-int64_t blocks_for_this_worker(const cluster::ClusterConfig& config, const model::LlamaConfig& shard_config,
-                               double available, int sharers,
-                               const model::LlamaConfig* draft_config = nullptr,
-                               const worker::KvCacheTypes& kv_types = {}) {
+// `sharers` workers that draw on it, each block costing `per_block` bytes (its cache's, a draft's that
+// holds as many blocks included), but never more than max_running full contexts.
+int64_t blocks_for_this_worker(const cluster::ClusterConfig& config, int64_t per_block, double available,
+                               int sharers) {
   if (config.kv_cache.num_blocks > 0) return config.kv_cache.num_blocks;
-  int64_t per_block = worker::KvCache::bytes_per_block(shard_config, config.kv_cache.block_size, kv_types);
-  if (draft_config != nullptr)
-    per_block += worker::KvCache::bytes_per_block(*draft_config, config.kv_cache.block_size);
   const auto by_memory = static_cast<int64_t>(available * config.kv_cache.memory_fraction /
                                               std::max(1, sharers) / static_cast<double>(per_block));
   const int64_t blocks_per_context =
@@ -198,6 +193,7 @@ worker::CudaModelOptions gpu_model_options(const cluster::ClusterConfig& config,
   options.graphs = config.cuda_graphs;
   options.mma_prefill_attention = config.tensor_core_prefill_attention;
   options.decode_split_tokens = config.decode_split_tokens;
+  options.kv_cache_rotation = config.kv_cache.rotation;
   return options;
 }
 
@@ -358,6 +354,7 @@ int serve(const std::string& config_path) {
         if (gpu_rank) {
           gpu_model = std::make_unique<worker::CudaLlamaModel>(file, gpu_model_options(config, device), shard,
                                                                reducer.get(), range);
+          gpu_model->set_kv_cache_types(cli::kv_cache_types(config.kv_cache));
         } else {
           model = std::make_unique<worker::LlamaModel>(file, shard, reducer.get(), range);
           // Every shard and stage adds the adapters in the config's order: request adapter i is the
@@ -366,8 +363,11 @@ int serve(const std::string& config_path) {
             model->add_lora(model::LoraAdapter::read(adapter.path, whole), static_cast<float>(adapter.scale));
           model->set_kv_cache_types(cli::kv_cache_types(config.kv_cache));
           model->set_kv_cache_rotation(config.kv_cache.rotation);
-          num_blocks = blocks_for_this_worker(config, model->shard_config(), host_available_bytes(),
-                                              workers_on_host, nullptr, model->kv_cache_types());
+          num_blocks = blocks_for_this_worker(
+              config,
+              worker::KvCache::bytes_per_block(model->shard_config(), config.kv_cache.block_size,
+                                               model->kv_cache_types()),
+              host_available_bytes(), workers_on_host);
         }
         threads = config.worker_threads(default_threads(), workers_on_host);
         pool = std::make_unique<kernels::ThreadPool>(threads);
@@ -386,9 +386,13 @@ int serve(const std::string& config_path) {
   // on every rank).
   if (!phase(world_rank, true, [&] {
         if (gpu_model == nullptr) return;
+        const int64_t block = config.kv_cache.block_size;
+        int64_t per_block = worker::CudaKvCache::bytes_per_block(gpu_model->shard_config(), block,
+                                                                 gpu_model->kv_cache_types());
+        if (gpu_draft != nullptr)
+          per_block += worker::CudaKvCache::bytes_per_block(gpu_draft->config(), block);
         num_blocks = blocks_for_this_worker(
-            config, gpu_model->shard_config(), static_cast<double>(worker::cuda_memory_info(device).free),
-            gpu_sharers, gpu_draft != nullptr ? &gpu_draft->config() : nullptr);
+            config, per_block, static_cast<double>(worker::cuda_memory_info(device).free), gpu_sharers);
       })) {
     return fail();
   }

@@ -143,8 +143,12 @@ void add_kv_cache_option(CLI::App& app, KvCacheOption& value) {
 void apply_kv_cache_option(const KvCacheOption& option, ModelSession& session) {
   const worker::KvCacheTypes types = option.types();
   if (!types.quantized()) return;
-  if (session.model == nullptr)
-    throw std::runtime_error("a " + types.name() + " KV cache runs on the CPU (--device cpu)");
+  if (session.model == nullptr) {  // --device cuda: the command makes its CudaKvCache with the types
+    if (const std::string why = worker::KvCache::unsupported(session.checkpoint->config(), types);
+        !why.empty())
+      throw std::invalid_argument("this model cannot have " + why);
+    return;
+  }
   session.model->set_kv_cache_types(types);
   session.model->set_kv_cache_rotation(!option.no_rotation);
 }

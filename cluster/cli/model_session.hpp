@@ -51,8 +51,8 @@ void add_lora_option(CLI::App& app, LoraOption& value);
 void apply_lora_option(const LoraOption& lora, ModelSession& session);
 
 // --kv-cache-dtype f16|q8_0|q5_1|q5_0|q4_1|q4_0|iq4_nl (vLLM's name; llama.cpp's --cache-type-k and -v
-// with the same type): the type of the CPU model's KV caches; --cache-type-k / --cache-type-v (llama.cpp's)
-// set one side's.
+// with the same type): the type of the model's KV caches (CPU or GPU); --cache-type-k / --cache-type-v
+// (llama.cpp's) set one side's.
 struct KvCacheOption {
   std::string dtype = "f16";
   std::string k_dtype, v_dtype;  // empty: dtype
@@ -61,8 +61,9 @@ struct KvCacheOption {
   bool quantized() const { return types().quantized(); }
 };
 void add_kv_cache_option(CLI::App& app, KvCacheOption& value);
-// Sets the model's KV cache types (worker::LlamaModel::set_kv_cache_types). Throws for a quantized one in
-// a session without a CPU model (--device cuda) and for a model whose heads cannot take it.
+// Sets the model's KV cache types (worker::LlamaModel::set_kv_cache_types); in a session without a CPU
+// model (--device cuda) only checks them, for the command's CudaKvCache. Throws for a model whose heads
+// cannot take them.
 void apply_kv_cache_option(const KvCacheOption& option, ModelSession& session);
 kernels::DType kv_cache_dtype(const std::string& name);  // one of kv_cache_dtypes()
 // A config's kv_cache types (dtype, or k_dtype / v_dtype where given).

@@ -469,8 +469,6 @@ ClusterConfig build_config(const Reader& reader, const Section& top, const std::
       static constexpr std::string_view kTypes[] = {"f16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl"};
       *value = std::string(kTypes[reader.choice(
           *e, {kTypes[0], kTypes[1], kTypes[2], kTypes[3], kTypes[4], kTypes[5], kTypes[6]})]);
-      if (*value != "f16" && config.device == Device::cuda)
-        reader.fail(e->path, e->line, "a " + *value + " KV cache runs on the CPU workers only (device: cpu)");
     }
     if (const Entry* e = kv.find("block_size")) {
       config.kv_cache.block_size = reader.integer<int>(*e, 1, 1 << 16);

@@ -50,6 +50,8 @@
 #include "kernels/cuda/w4a16_gemv.cuh"
 #include "kernels/cuda/w4a16_gemv_half2.cuh"
 #include "kernels/cuda/w4a16_tuning.cuh"
+#include "kernels/quant_types.hpp"
+#include "kernels/quantize.hpp"
 #include "kernels/thread_pool.hpp"
 #include "model/gguf.hpp"
 #include "model/random_model.hpp"
@@ -252,6 +254,132 @@ const RandomCase kRandomCases[] = {
 
 INSTANTIATE_TEST_SUITE_P(Shapes, CudaLlamaModelRandom,
                          ::testing::Combine(::testing::ValuesIn(kRandomCases), ::testing::Bool()),
+                         [](const auto& p) {
+                           return std::string(std::get<0>(p.param).name) +
+                                  (std::get<1>(p.param) ? "_decode_kernel" : "_general_kernel");
+                         });
+
+// A quantized KV cache on the GPU (kernels/cuda/kv_cache_quant: each layer's blocks dequantized into an
+// fp16 working copy, the new rows quantized after their write, llama.cpp's rotation) against the CPU with
+// the same cache, over compare_scenario's batches (prompts, decode, a verification-shaped chunk). Bounds:
+// the GPU quantizes its fp16 rows where the CPU quantizes its float ones, from K and V that already differ
+// by the devices' arithmetic, so a value near a rounding boundary can land on the neighbouring level;
+// such flips cost at most what quantizing the cache costs at all. So each step's worst logits row may be
+// the weights' bound plus 1.5x how far the CPU's own logits move between this cache and fp16 (which must
+// move, or the test would say nothing), and the caches' dequantized rows may differ by kCacheRowBound
+// relative RMS (q8_0: a flip is 1/127 of a block's largest value; 4- and 5-bit types: up to 1/8).
+// The models are F16 (the devices then differ by ~1e-3, kFloatBound) or Q4_0.
+struct KvCacheCase {
+  const char* name;
+  int64_t n_embd, n_head, n_head_kv;  // head_dim = n_embd / n_head: 64 and 128 rotate, 32 does not
+  k::DType weights;
+  w::KvCacheTypes types;
+  bool rotation;
+};
+void PrintTo(const KvCacheCase& c, std::ostream* os) { *os << c.name; }
+
+double cache_row_bound(k::DType type) { return type == k::DType::Q8_0 ? 4e-2 : 1.2e-1; }
+
+// One layer's K or V of a cache, as the values it holds.
+std::vector<float> cache_values(const uint8_t* bytes, k::DType type, int64_t rows, int64_t kv_dim) {
+  std::vector<float> out(static_cast<size_t>(rows * kv_dim));
+  const int64_t rb = k::row_bytes(type, kv_dim);
+  for (int64_t r = 0; r < rows; ++r)
+    EXPECT_EQ(k::dequantize_row(type, bytes + r * rb, out.data() + r * kv_dim, kv_dim), k::Status::ok);
+  return out;
+}
+
+class CudaLlamaModelKvCache : public ::testing::TestWithParam<std::tuple<KvCacheCase, bool>> {};
+
+TEST_P(CudaLlamaModelKvCache, QuantizedCacheMatchesTheCpuWithTheSameCache) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  const auto& [kc_case, decode_attention] = GetParam();
+  t::TempDir dir;
+  const auto checkpoint = m::LlamaCheckpoint::open(random_model(
+      dir.path(), tiny_shape(kc_case.n_embd, kc_case.n_head, kc_case.n_head_kv), kc_case.weights));
+  w::LlamaModel cpu(checkpoint), cpu_f16(checkpoint);
+  cpu.set_kv_cache_types(kc_case.types);
+  cpu.set_kv_cache_rotation(kc_case.rotation);
+  w::CudaModelOptions options;
+  options.decode_attention = decode_attention;
+  options.kv_cache_rotation = kc_case.rotation;
+  w::CudaLlamaModel gpu(checkpoint, options);
+  const auto& c = cpu.config();
+  const int64_t block_size = 8, mbps = 8, n_blocks = 2 * mbps + 5;
+  w::KvCache cpu_cache(c, n_blocks, block_size, kc_case.types), f16_cache(c, n_blocks, block_size);
+  w::CudaKvCache gpu_cache(c, n_blocks, block_size, options.device, kc_case.types);
+  nibble::kernels::ThreadPool pool(2);
+  std::mt19937 rng(99);
+  std::vector<int32_t> ids(static_cast<size_t>(n_blocks));
+  std::iota(ids.begin(), ids.end(), 0);
+  std::shuffle(ids.begin(), ids.end(), rng);
+  const std::vector<int32_t> tables(ids.begin(), ids.begin() + 2 * mbps);
+  std::uniform_int_distribution<int32_t> token(3, static_cast<int32_t>(c.n_vocab) - 1);
+  const std::vector<std::vector<Entry>> steps = {
+      {{0, 37, 37}, {1, 7, 1}}, {{0, 1, 1}, {1, 1, 1}}, {{1, 3, 3}, {0, 1, 1}}, {{0, 1, 1}, {1, 1, 1}}};
+  int32_t next_pos[2] = {0, 0};
+  for (size_t si = 0; si < steps.size(); ++si) {
+    SCOPED_TRACE("step " + std::to_string(si));
+    w::ForwardBatch batch;
+    for (const Entry& e : steps[si]) {
+      std::vector<int32_t> toks(static_cast<size_t>(e.count));
+      for (auto& x : toks) x = token(rng);
+      batch.add_sequence(toks, next_pos[e.row], e.row, e.logits_for_last);
+      next_pos[e.row] += e.count;
+    }
+    batch.block_tables = tables;
+    batch.max_blocks_per_seq = mbps;
+    std::vector<float> want, unquantized, got;
+    cpu.forward(batch, cpu_cache, pool, want);
+    cpu_f16.forward(batch, f16_cache, pool, unquantized);
+    gpu.forward(batch, gpu_cache, got);
+    ASSERT_EQ(got.size(), want.size());
+    const double quantizing = t::max_relative_rms(unquantized, want, c.n_vocab);
+    if (si > 0) {
+      EXPECT_GT(quantizing, 1e-5) << "the quantized cache changes nothing on the CPU";
+    }
+    const double err = t::max_relative_rms(got, want, c.n_vocab);
+    EXPECT_LE(err, bound_for(kc_case.weights) + 1.5 * quantizing);
+    std::cout << "  step " << si << ": GPU - CPU (same cache) " << err << "; CPU quantized - fp16 cache "
+              << quantizing << "\n";
+  }
+  const int64_t rows = n_blocks * block_size;
+  for (int64_t layer = 0; layer < c.n_layer; ++layer) {
+    for (const bool values : {false, true}) {
+      const k::DType type = values ? kc_case.types.v : kc_case.types.k;
+      SCOPED_TRACE(std::string(values ? "V" : "K") + " of layer " + std::to_string(layer));
+      if (type == k::DType::F16) {
+        const uint16_t* src = values ? cpu_cache.v(layer) : cpu_cache.k(layer);
+        const std::vector<uint16_t> ref(src, src + rows * c.kv_dim());
+        EXPECT_LE(relative_rms_f16(gpu_cache.layer_to_host(layer, values), ref), bound_for(kc_case.weights));
+        continue;
+      }
+      const std::vector<uint8_t> gpu_bytes = gpu_cache.layer_bytes_to_host(layer, values);
+      ASSERT_EQ(static_cast<int64_t>(gpu_bytes.size()), rows * k::row_bytes(type, c.kv_dim()));
+      const std::vector<float> a = cache_values(gpu_bytes.data(), type, rows, c.kv_dim());
+      const std::vector<float> b =
+          cache_values(values ? cpu_cache.v_bytes(layer) : cpu_cache.k_bytes(layer), type, rows, c.kv_dim());
+      double err = 0.0, norm = 0.0;
+      for (size_t i = 0; i < a.size(); ++i) {
+        err += (static_cast<double>(a[i]) - b[i]) * (static_cast<double>(a[i]) - b[i]);
+        norm += static_cast<double>(b[i]) * b[i];
+      }
+      EXPECT_LE(std::sqrt(err / norm), cache_row_bound(type));
+    }
+  }
+}
+
+const KvCacheCase kKvCacheCases[] = {
+    {"hd64_q8_0", 256, 4, 2, k::DType::F16, k::DType::Q8_0, true},
+    {"hd64_q4_0", 256, 4, 2, k::DType::F16, k::DType::Q4_0, true},
+    {"hd64_q5_1_unrotated", 256, 4, 2, k::DType::F16, k::DType::Q5_1, false},
+    {"hd128_k_q8_0_v_q4_0", 256, 2, 1, k::DType::F16, {k::DType::Q8_0, k::DType::Q4_0}, true},
+    {"hd128_k_q8_0_v_f16_q4_0_weights", 256, 2, 1, k::DType::Q4_0, {k::DType::Q8_0, k::DType::F16}, true},
+    {"hd32_iq4_nl_q5_0", 128, 4, 2, k::DType::F16, {k::DType::IQ4_NL, k::DType::Q5_0}, true},
+};
+
+INSTANTIATE_TEST_SUITE_P(Types, CudaLlamaModelKvCache,
+                         ::testing::Combine(::testing::ValuesIn(kKvCacheCases), ::testing::Bool()),
                          [](const auto& p) {
                            return std::string(std::get<0>(p.param).name) +
                                   (std::get<1>(p.param) ? "_decode_kernel" : "_general_kernel");
@@ -1252,6 +1380,49 @@ TEST(CudaLlamaModel, FusedHalf2EpiloguesGiveTheUnfusedLogitsBitForBit) {
   }
 }
 
+// The fused one-row epilogue (RoPE + KV write in the half2 GEMV) writes a quantized cache's working copy
+// as rope_kv_write does, so fused and unfused decode give the same logits and cache bytes bit for bit
+// (K Q4_0 rotated per head of 64, V Q8_0).
+TEST(CudaLlamaModel, FusedEpiloguesWriteAQuantizedCacheAsTheSeparateKernels) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  t::TempDir dir;
+  const auto checkpoint =
+      m::LlamaCheckpoint::open(random_model(dir.path(), tiny_shape(256, 4, 2), k::DType::Q4_0));
+  w::CudaModelOptions fused_options;
+  fused_options.int4_kernels = w::Int4Kernels::half2;
+  w::CudaModelOptions unfused_options = fused_options;
+  unfused_options.fused_epilogues = false;
+  w::CudaLlamaModel fused(checkpoint, fused_options), unfused(checkpoint, unfused_options);
+  const auto& c = fused.config();
+  const w::KvCacheTypes types{k::DType::Q4_0, k::DType::Q8_0};
+  const int64_t block_size = 4, mbps = 8, n_blocks = mbps + 3;
+  w::CudaKvCache fused_cache(c, n_blocks, block_size, 0, types),
+      unfused_cache(c, n_blocks, block_size, 0, types);
+  std::vector<int32_t> tables(static_cast<size_t>(mbps));
+  std::iota(tables.begin(), tables.end(), 3);
+  std::mt19937 rng(8);
+  int32_t pos = 0;
+  for (const int32_t count : {9, 1, 1, 1, 1}) {
+    SCOPED_TRACE("position " + std::to_string(pos));
+    const w::ForwardBatch batch = one_sequence_batch(count, pos, tables, c.n_vocab, rng);
+    std::vector<float> a, b;
+    fused.forward(batch, fused_cache, a);
+    unfused.forward(batch, unfused_cache, b);
+    ASSERT_EQ(a.size(), static_cast<size_t>(c.n_vocab));
+    ASSERT_EQ(b.size(), a.size());
+    EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0);
+    pos += count;
+  }
+  for (int64_t layer = 0; layer < c.n_layer; ++layer) {
+    for (const bool values : {false, true}) {
+      EXPECT_EQ(fused_cache.layer_bytes_to_host(layer, values),
+                unfused_cache.layer_bytes_to_host(layer, values))
+          << (values ? "V" : "K") << " of layer " << layer;
+    }
+  }
+  EXPECT_THROW(fused_cache.layer_to_host(0, false), std::logic_error) << "a quantized side has no fp16 layer";
+}
+
 // Under Int4Kernels::measured each fusable site (per shape) is timed at load, fused against the chosen
 // product plus the separate kernel, and fused exactly where that timed faster: the records are
 // consistent, a one-token step's profile has the spans those choices leave, and switching the fusions
@@ -1615,7 +1786,8 @@ TEST(CudaLlamaModel, DecodeSplitSizeOnlyReordersTheAttentionSums) {
 // int4_kernels: fixed for both models, so that they run the same kernels (measured choices are timed
 // per model and may differ between the two; Q4_0 goes up as INT4 groups).
 void check_graph_replay(k::DType type, bool programmatic = false,
-                        w::Int4Kernels int4_kernels = w::Int4Kernels::cuda_cores) {
+                        w::Int4Kernels int4_kernels = w::Int4Kernels::cuda_cores,
+                        w::KvCacheTypes kv_types = {}) {
   NIBBLE_REQUIRE_CUDA_DEVICE();
   t::TempDir dir;
   const std::string path = random_model(dir.path(), tiny_shape(256, 4, 2), type);
@@ -1627,7 +1799,8 @@ void check_graph_replay(k::DType type, bool programmatic = false,
   w::CudaLlamaModel direct(checkpoint, direct_options), graphed(checkpoint, graph_options);
   const auto& c = direct.config();
   const int64_t block_size = 16, mbps = 8;
-  w::CudaKvCache direct_cache(c, 2 * mbps, block_size), graph_cache(c, 2 * mbps, block_size);
+  w::CudaKvCache direct_cache(c, 2 * mbps, block_size, 0, kv_types),
+      graph_cache(c, 2 * mbps, block_size, 0, kv_types);
   std::vector<int32_t> tables(static_cast<size_t>(2 * mbps));
   std::iota(tables.begin(), tables.end(), 0);
   std::mt19937 rng(5);
@@ -1685,6 +1858,11 @@ void check_graph_replay(k::DType type, bool programmatic = false,
 }
 
 TEST(CudaLlamaModelGraphs, ReplayEqualsDirectLaunchesQ4_0) { check_graph_replay(k::DType::Q4_0); }
+// A quantized KV cache's kernels (the blocks dequantized per layer, the new rows stored, the queries and
+// outputs rotated: heads of 64) in the graphs too.
+TEST(CudaLlamaModelGraphs, ReplayEqualsDirectLaunchesWithAQuantizedKvCache) {
+  check_graph_replay(k::DType::Q4_0, false, w::Int4Kernels::cuda_cores, {k::DType::Q8_0, k::DType::Q4_0});
+}
 
 // One sequence decoding on the half2 GEMV (Int4Kernels::half2: its fused epilogues, RoPE / KV write,
 // SwiGLU and the norms) with a table of 32 blocks of 16, so that decode attention splits in two
@@ -1942,6 +2120,16 @@ TEST(CudaLlamaModelCli, GenerateOnTheGpuGivesTheRequestedTokens) {
   EXPECT_NE(mma.output.find("\"finish_reason\""), std::string::npos) << mma.output;
   EXPECT_FALSE(tokens(mma.output).empty()) << mma.output;
   EXPECT_LE(tokens(mma.output).size(), 6u) << mma.output;
+  // A quantized KV cache (llama.cpp's flags; heads of 64: rotated): it generates; a type the heads
+  // cannot hold is refused by name before anything runs.
+  for (const std::string flags :
+       {"--kv-cache-dtype q4_0", "--cache-type-k q8_0 --cache-type-v iq4_nl --no-kv-rotation"}) {
+    const auto quantized = t::run_command(t::nibble_bin() + " generate -m " + path +
+                                          " -p 'hello world' -n 6 --temperature 0 --json --device cuda " +
+                                          flags + " 2>/dev/null");
+    ASSERT_EQ(quantized.exit_code, 0) << flags << ": " << quantized.output;
+    EXPECT_FALSE(tokens(quantized.output).empty()) << quantized.output;
+  }
 }
 
 // Runs `command 2>&1` (the nibble binary and its arguments), which must exit 0, and parses the JSON
@@ -2222,6 +2410,20 @@ TEST(CudaLlamaModelCli, BenchGpuCutsTheDecodeAttentionWhereTold) {
   EXPECT_NE(refused.exit_code, 0) << refused.output;
   EXPECT_NE(refused.output.find("decode_split_tokens 48 is not a positive multiple of 32"), std::string::npos)
       << refused.output;
+}
+
+// bench-gpu --model with a quantized KV cache (llama.cpp's flags, a type per side): it decodes and says
+// which cache it timed.
+TEST(CudaLlamaModelCli, BenchGpuDecodesWithAQuantizedKvCache) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  std::string output;
+  nlohmann::json j;
+  ASSERT_NO_FATAL_FAILURE(
+      run_bench_gpu_on_tiny_decoding("--cache-type-k q8_0 --cache-type-v q4_0", output, j));
+  EXPECT_EQ(j["kv_cache"].get<std::string>(), "k q8_0, v q4_0") << output;
+  for (const auto& row : j["decode"]) EXPECT_GT(row["ms_per_step"].get<double>(), 0.0) << output;
+  ASSERT_NO_FATAL_FAILURE(run_bench_gpu_on_tiny_decoding("", output, j));
+  EXPECT_EQ(j["kv_cache"].get<std::string>(), "f16") << output;
 }
 
 // bench-gpu --model on a dummy model (its matrices are group-wise INT4 on the device): the decode rows,

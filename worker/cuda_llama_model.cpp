@@ -187,6 +187,11 @@ CudaKvCache::CudaKvCache(const model::LlamaConfig& config, int64_t n_blocks, int
   if (n_blocks < 1 || block_size < 1) throw std::invalid_argument("a KV cache needs at least one block");
   if (const std::string why = KvCache::unsupported(config, types); !why.empty())
     throw std::invalid_argument("this model cannot have " + why);
+  if (types.quantized() && kv_dim_ > kc::kKvCacheQuantMaxKvDim) {
+    throw std::invalid_argument("a quantized KV cache on the GPU takes at most " +
+                                std::to_string(kc::kKvCacheQuantMaxKvDim) +
+                                " K values a position, this model " + std::to_string(kv_dim_));
+  }
   require_device(device);
   k_row_bytes_ = kernels::row_bytes(types.k, kv_dim_);
   v_row_bytes_ = kernels::row_bytes(types.v, kv_dim_);

@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 
 #include <cmath>
+#include <cstdint>
 
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/kv_cache_blocks.cuh"
@@ -44,16 +45,13 @@ __device__ void load_unit(DType type, const uint8_t* layer, int64_t row, int64_t
   }
 }
 
-// 32 values as fp16 to 16-byte aligned `out`.
+// 32 values as fp16 to 16-byte aligned `out` (each pair's bits taken by value: no aliased reads).
 __device__ void store_half32(const float (&v)[kQK4_0], __half* out) {
   auto* out4 = reinterpret_cast<uint4*>(out);
+  auto pair = [&](int i) { return w4a16::half2_bits(__floats2half2_rn(v[2 * i], v[2 * i + 1])); };
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    __half2 h[4];
-#pragma unroll
-    for (int j = 0; j < 4; ++j) h[j] = __floats2half2_rn(v[8 * i + 2 * j], v[8 * i + 2 * j + 1]);
-    out4[i] = *reinterpret_cast<const uint4*>(h);
-  }
+  for (int i = 0; i < 4; ++i)
+    out4[i] = make_uint4(pair(4 * i), pair(4 * i + 1), pair(4 * i + 2), pair(4 * i + 3));
 }
 
 struct DequantParams {
@@ -237,21 +235,30 @@ float rotation_scale(int64_t block) {
 bool shape_valid(const KvCacheQuantShape& s) {
   const bool types_ok = (s.k_type == DType::F16 || kv_cache_quant_type(s.k_type)) &&
                         (s.v_type == DType::F16 || kv_cache_quant_type(s.v_type));
+  if (s.n_head_kv < 1 || s.head_dim < 1 || s.n_head_kv > kKvCacheQuantMaxKvDim ||
+      s.head_dim > kKvCacheQuantMaxKvDim)
+    return false;  // (and the product below cannot overflow)
   const int64_t kv_dim = s.n_head_kv * s.head_dim;
-  return types_ok && s.n_head_kv >= 1 && s.head_dim >= 1 && kv_dim % kQK4_0 == 0 &&
-         kv_dim <= kKvCacheQuantMaxKvDim && s.block_size >= 1 && s.num_blocks >= 1 &&
-         s.max_blocks_per_seq >= 1 && s.max_blocks_per_seq <= INT32_MAX;
+  return types_ok && kv_dim % kQK4_0 == 0 && kv_dim <= kKvCacheQuantMaxKvDim && s.block_size >= 1 &&
+         s.num_blocks >= 1 && s.max_blocks_per_seq >= 1 && s.max_blocks_per_seq <= INT32_MAX;
 }
 
-// Quantized sides need their cache and working copy.
+// Quantized sides need their cache (8-byte aligned: the readers' widest load) and working copy (16-byte
+// aligned: its stores are 16 bytes).
+bool side_given(DType type, const void* cache, const void* work) {
+  return type == DType::F16 ||
+         (cache != nullptr && work != nullptr && reinterpret_cast<uintptr_t>(cache) % 8 == 0 &&
+          reinterpret_cast<uintptr_t>(work) % 16 == 0);
+}
 bool sides_given(const KvCacheQuantShape& s, const void* k_cache, const void* v_cache, const void* k_work,
                  const void* v_work) {
-  return (s.k_type == DType::F16 || (k_cache != nullptr && k_work != nullptr)) &&
-         (s.v_type == DType::F16 || (v_cache != nullptr && v_work != nullptr));
+  return side_given(s.k_type, k_cache, k_work) && side_given(s.v_type, v_cache, v_work);
 }
 
-bool rotation_valid(int64_t block, int64_t head_dim) {
-  if (block == 0) return true;
+// A quantized side's rotation block: 0, or a power of two from 2 to 1024 dividing head_dim (an F16 side's
+// is ignored).
+bool rotation_valid(DType type, int64_t block, int64_t head_dim) {
+  if (type == DType::F16 || block == 0) return true;
   return block >= 2 && block <= kMaxRotationBlock && (block & (block - 1)) == 0 && head_dim % block == 0;
 }
 
@@ -290,7 +297,8 @@ Status kv_cache_store_positions(const KvCacheQuantShape& s, int64_t tokens, int6
   if (!shape_valid(s) || tokens < 0 || tokens > INT32_MAX ||
       !sides_given(s, k_cache, v_cache, k_work, v_work))
     return Status::invalid_argument;
-  if (!rotation_valid(k_rotation_block, s.head_dim) || !rotation_valid(v_rotation_block, s.head_dim))
+  if (!rotation_valid(s.k_type, k_rotation_block, s.head_dim) ||
+      !rotation_valid(s.v_type, v_rotation_block, s.head_dim))
     return Status::invalid_argument;
   if (tokens > 0 && (token_pos == nullptr || token_seq == nullptr || block_tables == nullptr))
     return Status::invalid_argument;

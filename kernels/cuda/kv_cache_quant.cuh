@@ -48,8 +48,8 @@ constexpr int64_t kKvCacheQuantMaxKvDim = 8192;
 // All pointers are device pointers; a side whose type is F16 is skipped and its pointers may be null.
 // block_tables: [n_rows, max_blocks_per_seq] int32 block ids
 // last_block:   [n_rows] int32: row r's blocks 0 .. last_block[r] are dequantized (-1: none)
-// k_cache, v_cache: one quantized layer (see above), 8-byte aligned
-// k_work, v_work:   [num_blocks, block_size, kv_dim] __half, 16-byte aligned
+// k_cache, v_cache: one quantized layer (see above), 8-byte aligned (checked)
+// k_work, v_work:   [num_blocks, block_size, kv_dim] __half, 16-byte aligned (checked)
 // A block id outside [0, num_blocks) is skipped and sets *error_flag = 1 (when given). Blocks shared by
 // rows (prefix caching) are written by each with the same values. One kernel on `stream`.
 // Returns invalid_argument (nothing launched) for a bad argument, device_error if the launch fails.
@@ -61,8 +61,9 @@ Status kv_cache_dequantize_blocks(const KvCacheQuantShape& shape, int64_t n_rows
 // k_work, v_work: as above, holding the tokens' new K and V rows at their slots
 // k_rotation_block, v_rotation_block: 0 (no rotation) or the power of two (2 .. 1024, dividing
 //   head_dim) that llama.cpp's rotation multiplies each side by (kernels::hadamard_rotate's transform)
-//   before quantizing it
-// A token whose slot is invalid (rope_kv_write's rule) is skipped and sets *error_flag = 1. One kernel.
+//   before quantizing it; ignored for an F16 side
+// A token whose slot is invalid (rope_kv_write's rule) is skipped and sets *error_flag = 1. The tokens'
+// slots must be distinct (two tokens on one slot race: each reads and rewrites the row). One kernel.
 Status kv_cache_store_positions(const KvCacheQuantShape& shape, int64_t tokens, int64_t k_rotation_block,
                                 int64_t v_rotation_block, const int32_t* token_pos, const int32_t* token_seq,
                                 const int32_t* block_tables, __half* k_work, __half* v_work, uint8_t* k_cache,

@@ -286,6 +286,25 @@ TEST(CudaKvCacheQuant, RefusesBadArguments) {
             k::Status::invalid_argument)
       << "kv_dim not a multiple of 32";
   EXPECT_EQ(kc::hadamard_rotate_f16(as_half(work.ptr), 1, 96, 64, nullptr), k::Status::invalid_argument);
+  s = shape_of(g, k::DType::Q5_1, k::DType::Q8_0);
+  EXPECT_EQ(kc::kv_cache_dequantize_blocks(s, 1, ints.ptr, ints.ptr, cache.ptr + 2, cache.ptr,
+                                           as_half(work.ptr), as_half(work.ptr), nullptr, nullptr),
+            k::Status::invalid_argument)
+      << "a cache that the readers' 8-byte loads cannot read";
+  EXPECT_EQ(kc::kv_cache_store_positions(s, 1, 0, 0, ints.ptr, ints.ptr, ints.ptr, as_half(work.ptr),
+                                         as_half(work.ptr) + 4, cache.ptr, cache.ptr, nullptr, nullptr),
+            k::Status::invalid_argument)
+      << "a working copy that 16-byte stores cannot write";
+  s.n_head_kv = 3;
+  s.head_dim = int64_t{6148914691236517216};  // 3 x this wraps to 32
+  EXPECT_EQ(kc::kv_cache_dequantize_blocks(s, 1, ints.ptr, ints.ptr, cache.ptr, cache.ptr, as_half(work.ptr),
+                                           as_half(work.ptr), nullptr, nullptr),
+            k::Status::invalid_argument);
+  // An F16 side's rotation block is ignored (nothing to store: no tokens).
+  s = shape_of(g, k::DType::F16, k::DType::Q8_0);
+  EXPECT_EQ(kc::kv_cache_store_positions(s, 0, 48, 0, ints.ptr, ints.ptr, ints.ptr, nullptr,
+                                         as_half(work.ptr), nullptr, cache.ptr, nullptr, nullptr),
+            k::Status::ok);
 }
 
 }  // namespace

@@ -960,7 +960,8 @@ nlohmann::json report_attention(const std::vector<kernels::cuda::AttentionBenchR
     std::printf(
         "\nDecode attention (attention_decode, one kernel; %lld query and %lld KV heads of %lld, blocks of "
         "%lld positions), us (%%copy of the K and V bytes a call reads) by split size (positions a block "
-        "takes); the model splits at %lld (CudaModelOptions::decode_split_tokens)\n%5s %7s %7s |",
+        "takes); the model splits at %lld (CudaModelOptions::decode_split_tokens); q8_0 copy: what a Q8_0 "
+        "cache adds before the call, its blocks dequantized into the fp16 working copy\n%5s %7s %7s |",
         static_cast<long long>(heads.n_head), static_cast<long long>(heads.n_head_kv),
         static_cast<long long>(heads.head_dim), static_cast<long long>(heads.block_size),
         static_cast<long long>(model_split), "batch", "context", "queries");
@@ -975,7 +976,8 @@ nlohmann::json report_attention(const std::vector<kernels::cuda::AttentionBenchR
     if (print && !header_done) {
       for (size_t i = first; i < end; ++i)
         std::printf(" %14lld", static_cast<long long>(rows[i].split_tokens));
-      std::printf(" | %5s %10s | %9s %10s\n", "best", "model/best", "torch us", "best/torch");
+      std::printf(" | %5s %10s | %9s %10s | %12s\n", "best", "model/best", "torch us", "best/torch",
+                  "q8_0 copy us");
       header_done = true;
     }
     const kernels::cuda::AttentionBenchRow* best = &rows[first];
@@ -993,6 +995,7 @@ nlohmann::json report_attention(const std::vector<kernels::cuda::AttentionBenchR
         {"split_us", split_us}, {"best_split", best->split_tokens},
         {"best_us", best->us},  {"best_copy_fraction", r.kv_bytes / (best->us * 1e-6) / 1e9 / copy_gbps}};
     if (model_us > 0) c["model_split_over_best"] = model_us / best->us;
+    c["q8_0_copy_us"] = r.q8_0_copy_us;  // a Q8_0 cache's dequantization into the working copy (-1: failed)
     const auto peer = torch.decode_us.find({r.batch, r.context, r.queries});
     const double torch_us = peer == torch.decode_us.end() ? 0.0 : peer->second;
     if (torch_us > 0) {
@@ -1011,9 +1014,13 @@ nlohmann::json report_attention(const std::vector<kernels::cuda::AttentionBenchR
       else
         std::printf(" | %5lld %10s", static_cast<long long>(best->split_tokens), "-");
       if (torch_us > 0)
-        std::printf(" | %9.1f %9.2fx\n", torch_us, torch_us / best->us);
+        std::printf(" | %9.1f %9.2fx", torch_us, torch_us / best->us);
       else
-        std::printf(" | %9s %10s\n", "-", "-");
+        std::printf(" | %9s %10s", "-", "-");
+      if (r.q8_0_copy_us >= 0)
+        std::printf(" | %12.1f\n", r.q8_0_copy_us);
+      else
+        std::printf(" | %12s\n", "failed");
     }
     first = end;
   }

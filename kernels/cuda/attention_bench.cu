@@ -14,8 +14,10 @@
 #include "kernels/cuda/attention_decode.cuh"
 #include "kernels/cuda/bench_support.cuh"
 #include "kernels/cuda/event_timer.cuh"
+#include "kernels/cuda/kv_cache_quant.cuh"
 #include "kernels/cuda/prefill_attention.cuh"
 #include "kernels/cuda/random_weights.cuh"
+#include "kernels/quant_types.hpp"
 
 namespace nibble::kernels::cuda {
 namespace {
@@ -144,7 +146,43 @@ void bench_case(const AttentionBenchHeads& h, int64_t batch, int64_t context, in
     check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
     if (raised != 0) throw BenchFailure("attention_decode raised its error flag on valid metadata");
     rows.push_back(row);
-    if (measured) measured(row);
+  }
+  // A Q8_0 cache's K and V of the same blocks into the fp16 cache above (the working copy), through the
+  // same rotating tables. Its failure to launch costs only its column.
+  const int64_t q8_0_row_bytes = row_halves / 32 * static_cast<int64_t>(sizeof(BlockQ8_0));
+  DeviceMemory k_q8(static_cast<size_t>(num_blocks * h.block_size * q8_0_row_bytes)),
+      v_q8(static_cast<size_t>(num_blocks * h.block_size * q8_0_row_bytes));
+  check(cudaMemsetAsync(k_q8.ptr, 0, static_cast<size_t>(num_blocks * h.block_size * q8_0_row_bytes), stream),
+        "cudaMemsetAsync");
+  check(cudaMemsetAsync(v_q8.ptr, 0, static_cast<size_t>(num_blocks * h.block_size * q8_0_row_bytes), stream),
+        "cudaMemsetAsync");
+  const std::vector<int32_t> last_block(static_cast<size_t>(batch), static_cast<int32_t>(blocks_per_seq - 1));
+  DeviceMemory last_block_d(last_block.size() * 4);
+  upload(last_block_d, last_block, stream);
+  KvCacheQuantShape qshape;
+  qshape.n_head_kv = h.n_head_kv;
+  qshape.head_dim = h.head_dim;
+  qshape.block_size = h.block_size;
+  qshape.num_blocks = num_blocks;
+  qshape.max_blocks_per_seq = mbps;
+  qshape.k_type = qshape.v_type = DType::Q8_0;
+  int64_t next_copy = 0;
+  const auto dequantize = [&](int) {
+    const int32_t* table =
+        tables_d.as<int32_t>() + static_cast<size_t>((next_copy++ % copies) * batch * mbps);
+    return kv_cache_dequantize_blocks(qshape, batch, table, last_block_d.as<int32_t>(), k_q8.as<uint8_t>(),
+                                      v_q8.as<uint8_t>(), k_cache.as<__half>(), v_cache.as<__half>(),
+                                      flag.as<int32_t>(), stream) == Status::ok;
+  };
+  double q8_0_us = -1.0;
+  cudaError_t err = cudaSuccess;
+  if (!median_call_us(stream, iterations, repetitions, dequantize, q8_0_us, err)) {
+    if (err != cudaSuccess) check(err, "timing kv_cache_dequantize_blocks");
+    q8_0_us = -1.0;
+  }
+  for (size_t i = rows.size() - splits.size(); i < rows.size(); ++i) {
+    rows[i].q8_0_copy_us = q8_0_us;
+    if (measured) measured(rows[i]);
   }
 }
 

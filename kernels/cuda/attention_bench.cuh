@@ -33,9 +33,14 @@ struct AttentionBenchRow {
   int64_t split_tokens = 0;  // DecodeAttentionShape::split_tokens
   double us = 0.0;           // device time of one call
   double kv_bytes = 0.0;     // K and V bytes one call reads: batch x context x n_head_kv x head_dim x 4
+  // What a Q8_0 cache adds before the call (the same for every split of a case): its K and V blocks of
+  // the case dequantized into the fp16 working copy (kv_cache_dequantize_blocks, as CudaLlamaModel runs
+  // it each layer); -1 where that failed to launch.
+  double q8_0_copy_us = 0.0;
 };
 
-// Times attention_decode at every (batch, context, queries, split) (median of `repetitions` loops of
+// Times attention_decode at every (batch, context, queries, split), and per case a Q8_0 cache's
+// dequantization into the working copy (median of `repetitions` loops of
 // `iterations` calls, after a warm-up; the block tables rotate among copies of the cache that together
 // are 4x the L2, so that every call reads its K and V from device memory, as a decode step does a layer
 // after the last). Combinations whose query rows a KV head exceed the kernel's limit
@@ -44,7 +49,7 @@ struct AttentionBenchRow {
 // split not a positive multiple of 32;
 // device_error (with `error` set, and `rows` holding the rows finished before) when a CUDA call fails or
 // the kernel raises its error flag.
-// measured (optional): called with each row as soon as it is timed.
+// measured (optional): called with each row as soon as its case is timed.
 Status run_attention_decode_bench(const AttentionBenchHeads& heads, const std::vector<int64_t>& batches,
                                   const std::vector<int64_t>& contexts, const std::vector<int64_t>& queries,
                                   const std::vector<int64_t>& splits, int iterations, int repetitions,

@@ -2205,6 +2205,7 @@ TEST(CudaLlamaModelCli, BenchGpuKernelTableTimesEveryKernel) {
     EXPECT_EQ(c["best_us"].get<double>(), std::min(at64, at256)) << c.dump();
     EXPECT_EQ(c["best_split"].get<int64_t>(), at64 <= at256 ? 64 : 256) << c.dump();
     EXPECT_DOUBLE_EQ(c["model_split_over_best"].get<double>(), at256 / std::min(at64, at256));
+    EXPECT_GT(c["q8_0_copy_us"].get<double>(), 0.0) << "a Q8_0 cache's dequantization, timed: " << c.dump();
     const bool peer = batch == 3 && context == 300 && c["queries"].get<int64_t>() == 1;
     EXPECT_EQ(c.contains("torch_us"), peer) << c.dump();
     if (peer) {

@@ -69,6 +69,11 @@
 //     prefix_caching: true       # a prompt starts after the longest cached prefix of whole blocks that
 //                                # earlier sequences computed (vLLM's automatic prefix caching;
 //                                # cluster/kv_block_pool.hpp); false computes every prompt in full
+//     dtype: f16                 # or llama.cpp's cache types q8_0, q5_1, q5_0, q4_1, q4_0, iq4_nl (CPU and
+//                                # CUDA workers alike; KvCacheConfig below)
+//     k_dtype: <dtype>           # one side's type (llama.cpp's --cache-type-k / --cache-type-v)
+//     v_dtype: <dtype>
+//     rotation: true             # llama.cpp's Walsh-Hadamard rotation of a quantized cache (heads of 64+)
 //   context: 4096                # max prompt + generated tokens per sequence
 //   openai:                      # optional; present = the OpenAI-compatible HTTP API (`nibble openai`'s,
 //                                # cluster/openai_server) served by the coordinator's process too

@@ -2,7 +2,8 @@
 // slice of the inputs for the same 32 ranks (lanes read 32 consecutive Aᵀ entries: one coalesced load a
 // warp an input), the slices then added in a fixed order. Expand: a block per (row, 256 outputs), each
 // thread one output over the row's rank values staged in shared memory (threads read consecutive Bᵀ
-// entries).
+// entries). Each row's blocks read the factors (the rows after the first mostly from L2): simple, and
+// a decode step's few rows; a prompt's many rows would want the factors tiled across rows.
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -41,17 +42,17 @@ __global__ void __launch_bounds__(kRanksPerBlock* kSlices)
   }
 }
 
-// Block (chunk, r): outputs chunk * 256 .. + 255 of row r.
+// Block (r, chunk): outputs chunk * 256 .. + 255 of row r.
 __global__ void __launch_bounds__(kOutputsPerBlock)
     lora_expand_kernel(const __half* __restrict__ b_t, int64_t rank, int64_t n_out,
                        const float* __restrict__ ax, const int32_t* __restrict__ row_adapter, int32_t adapter,
                        float* __restrict__ y, int64_t ldy) {
   extern __shared__ float ax_row[];
-  const int64_t r = blockIdx.y;
+  const int64_t r = blockIdx.x;
   if (row_adapter[r] != adapter) return;  // uniform over the block
   for (int64_t j = threadIdx.x; j < rank; j += kOutputsPerBlock) ax_row[j] = ax[r * rank + j];
   __syncthreads();
-  const int64_t o = static_cast<int64_t>(blockIdx.x) * kOutputsPerBlock + threadIdx.x;
+  const int64_t o = static_cast<int64_t>(blockIdx.y) * kOutputsPerBlock + threadIdx.x;
   if (o >= n_out) return;
   float sum = 0.0f;
   for (int64_t j = 0; j < rank; ++j) sum += __half2float(b_t[j * n_out + o]) * ax_row[j];
@@ -82,11 +83,11 @@ Status lora_expand_f16(const __half* b_t, int64_t rank, int64_t n_out, const flo
                        const int32_t* row_adapter, int32_t adapter, int64_t n, float* y, int64_t ldy,
                        cudaStream_t stream) {
   if (b_t == nullptr || ax == nullptr || y == nullptr || !rows_ok(n, row_adapter) || rank < 1 ||
-      rank > kLoraMaxRank || n_out < 1 || ldy < n_out || n > 65535)
+      rank > kLoraMaxRank || n_out < 1 || n_out > kLoraMaxOutputs || ldy < n_out)
     return Status::invalid_argument;
   if (n == 0) return Status::ok;
-  const dim3 grid(static_cast<unsigned>((n_out + kOutputsPerBlock - 1) / kOutputsPerBlock),
-                  static_cast<unsigned>(n));
+  const dim3 grid(static_cast<unsigned>(n),
+                  static_cast<unsigned>((n_out + kOutputsPerBlock - 1) / kOutputsPerBlock));
   const size_t shared = static_cast<size_t>(rank) * sizeof(float);  // 4 KiB at most
   lora_expand_kernel<<<grid, kOutputsPerBlock, shared, stream>>>(b_t, rank, n_out, ax, row_adapter, adapter,
                                                                  y, ldy);

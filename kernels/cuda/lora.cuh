@@ -5,7 +5,8 @@
 // products, sums in fp32. A batch of several adapters takes one call pair per adapter: each call passes
 // over every row and keeps those whose row_adapter entry is its adapter (decode batches are small, and
 // the factors are read once a call whatever the rows), so the launches do not depend on which rows
-// name which adapter and a CUDA graph of a step holds them.
+// name which adapter and a CUDA graph of a step holds them. row_adapter must be given (a device array of
+// n entries) even where n is 0.
 #include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
 
@@ -26,11 +27,13 @@ Status lora_shrink_f16(const __half* a_t, int64_t k, int64_t rank, float scale, 
 
 // y[r] += B ax[r] for the same rows (each output one fp32 add of its update, summed over the rank first).
 // b_t: [rank, n_out] __half (Bᵀ); ax: [n, rank] float; y: [n, ldy] float (row r's n_out outputs at
-// y + r * ldy, ldy >= n_out: a column range of a stacked product's output). One kernel.
+// y + r * ldy, ldy >= n_out: a column range of a stacked product's output). rank <= kLoraMaxRank,
+// n_out <= kLoraMaxOutputs. One kernel.
 Status lora_expand_f16(const __half* b_t, int64_t rank, int64_t n_out, const float* ax,
                        const int32_t* row_adapter, int32_t adapter, int64_t n, float* y, int64_t ldy,
                        cudaStream_t stream);
 
 constexpr int64_t kLoraMaxRank = 1024;
+constexpr int64_t kLoraMaxOutputs = int64_t{256} * 65535;  // the expand grid's 256-output blocks a row
 
 }  // namespace nibble::kernels::cuda

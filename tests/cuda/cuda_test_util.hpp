@@ -5,8 +5,12 @@
 #include <gtest/gtest.h>
 
 #include <cstddef>
+#include <cstdint>
+#include <random>
 #include <string>
 #include <vector>
+
+#include "kernels/quant_types.hpp"
 
 namespace nibble::cuda_test {
 
@@ -55,5 +59,13 @@ struct DeviceBuffer {
     return host;
   }
 };
+
+// n normal values of standard deviation stddev, rounded to fp16 (bits).
+inline std::vector<uint16_t> random_f16(size_t n, float stddev, std::mt19937& rng) {
+  std::normal_distribution<float> normal(0.0f, stddev);
+  std::vector<uint16_t> v(n);
+  for (auto& x : v) x = kernels::fp32_to_fp16(normal(rng));
+  return v;
+}
 
 }  // namespace nibble::cuda_test

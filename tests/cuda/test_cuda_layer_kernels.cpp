@@ -32,15 +32,9 @@
 
 namespace k = nibble::kernels;
 using nibble::cuda_test::DeviceBuffer;
+using nibble::cuda_test::random_f16;
 
 namespace {
-
-std::vector<uint16_t> random_f16(size_t n, float stddev, std::mt19937& rng) {
-  std::normal_distribution<float> normal(0.0f, stddev);
-  std::vector<uint16_t> v(n);
-  for (auto& x : v) x = k::fp32_to_fp16(normal(rng));
-  return v;
-}
 
 std::vector<float> widen(const std::vector<uint16_t>& h) {
   std::vector<float> f(h.size());

@@ -144,6 +144,44 @@ struct Entry {
   int32_t row, count, logits_for_last;
 };
 
+// The scripted scenario's batches, two sequences over a cache of kBlocks blocks of kBlockSize positions
+// (their tables a shuffle of the blocks): sequence 0: a 37-token prompt (longer than attention_decode
+// takes in one piece), then decode; sequence 1: a 7-token prompt, decode, a 3-token chunk (speculative
+// verification's shape) put before sequence 0's token in the batch, decode. Random tokens.
+struct Scenario {
+  static constexpr int64_t kBlockSize = 8, kMbps = 8, kBlocks = 2 * kMbps + 5;
+  const std::vector<std::vector<Entry>> steps = {
+      {{0, 37, 37}, {1, 7, 1}},
+      {{0, 1, 1}, {1, 1, 1}},
+      {{1, 3, 3}, {0, 1, 1}},
+      {{0, 1, 1}, {1, 1, 1}},
+  };
+  std::mt19937 rng{99};
+  std::vector<int32_t> tables;  // rows 0 and 1
+  std::uniform_int_distribution<int32_t> token;
+  int32_t next_pos[2] = {0, 0};
+
+  explicit Scenario(int64_t n_vocab) : token(3, static_cast<int32_t>(n_vocab) - 1) {
+    std::vector<int32_t> ids(static_cast<size_t>(kBlocks));
+    std::iota(ids.begin(), ids.end(), 0);
+    std::shuffle(ids.begin(), ids.end(), rng);
+    tables.assign(ids.begin(), ids.begin() + 2 * kMbps);
+  }
+  // Step `si`'s batch (the steps in order: each moves its sequences on).
+  w::ForwardBatch batch(size_t si) {
+    w::ForwardBatch b;
+    for (const Entry& e : steps[si]) {
+      std::vector<int32_t> toks(static_cast<size_t>(e.count));
+      for (auto& x : toks) x = token(rng);
+      b.add_sequence(toks, next_pos[e.row], e.row, e.logits_for_last);
+      next_pos[e.row] += e.count;
+    }
+    b.block_tables = tables;
+    b.max_blocks_per_seq = kMbps;
+    return b;
+  }
+};
+
 // Runs the scenario on both devices and checks every step's logits, the KV cache at the end and
 // the greedy ids of the last step.
 void compare_scenario(const std::string& path, double bound, bool decode_attention,
@@ -161,40 +199,15 @@ void compare_scenario(const std::string& path, double bound, bool decode_attenti
   options.mma_prefill_attention = mma_prefill_attention;
   w::CudaLlamaModel gpu(checkpoint, options);
   const auto& c = cpu.config();
-  const int64_t block_size = 8, mbps = 8, n_blocks = 2 * mbps + 5;
+  const int64_t block_size = Scenario::kBlockSize, n_blocks = Scenario::kBlocks;
   w::KvCache cpu_cache(c, n_blocks, block_size);
   w::CudaKvCache gpu_cache(c, n_blocks, block_size);
   nibble::kernels::ThreadPool pool(2);
-
-  std::mt19937 rng(99);
-  std::vector<int32_t> ids(static_cast<size_t>(n_blocks));
-  std::iota(ids.begin(), ids.end(), 0);
-  std::shuffle(ids.begin(), ids.end(), rng);
-  const std::vector<int32_t> tables(ids.begin(), ids.begin() + 2 * mbps);  // rows 0 and 1
-  std::uniform_int_distribution<int32_t> token(3, static_cast<int32_t>(c.n_vocab) - 1);
-
-  // Sequence 0: a 37-token prompt (longer than attention_decode takes in one piece), then decode;
-  // sequence 1: a 7-token prompt, decode, a 3-token chunk (speculative verification's shape) put
-  // before sequence 0's token in the batch, decode.
-  const std::vector<std::vector<Entry>> steps = {
-      {{0, 37, 37}, {1, 7, 1}},
-      {{0, 1, 1}, {1, 1, 1}},
-      {{1, 3, 3}, {0, 1, 1}},
-      {{0, 1, 1}, {1, 1, 1}},
-  };
-  int32_t next_pos[2] = {0, 0};
+  Scenario scenario(c.n_vocab);
   std::vector<float> cpu_logits, gpu_logits;
-  for (size_t si = 0; si < steps.size(); ++si) {
+  for (size_t si = 0; si < scenario.steps.size(); ++si) {
     SCOPED_TRACE("step " + std::to_string(si));
-    w::ForwardBatch batch;
-    for (const Entry& e : steps[si]) {
-      std::vector<int32_t> toks(static_cast<size_t>(e.count));
-      for (auto& x : toks) x = token(rng);
-      batch.add_sequence(toks, next_pos[e.row], e.row, e.logits_for_last);
-      next_pos[e.row] += e.count;
-    }
-    batch.block_tables = tables;
-    batch.max_blocks_per_seq = mbps;
+    const w::ForwardBatch batch = scenario.batch(si);
     cpu.forward(batch, cpu_cache, pool, cpu_logits);
     gpu.forward(batch, gpu_cache, gpu_logits);
     ASSERT_EQ(gpu_logits.size(), cpu_logits.size());
@@ -204,7 +217,7 @@ void compare_scenario(const std::string& path, double bound, bool decode_attenti
     EXPECT_LE(err, bound) << "worst logits row, relative RMS";
     std::cout << "  step " << si << ": worst logits row relative RMS " << err << " (bound " << bound << ")\n";
 
-    if (si + 1 == steps.size()) {
+    if (si + 1 == scenario.steps.size()) {
       // The same batch again through the greedy path: it rewrites the same K/V and must return the
       // argmax of the logits just computed.
       std::vector<int32_t> greedy;
@@ -261,7 +274,7 @@ INSTANTIATE_TEST_SUITE_P(Shapes, CudaLlamaModelRandom,
 
 // A quantized KV cache on the GPU (kernels/cuda/kv_cache_quant: each layer's blocks dequantized into an
 // fp16 working copy, the new rows quantized after their write, llama.cpp's rotation) against the CPU with
-// the same cache, over compare_scenario's batches (prompts, decode, a verification-shaped chunk). Bounds:
+// the same cache, over the Scenario's batches (prompts, decode, a verification-shaped chunk). Bounds:
 // the GPU quantizes its fp16 rows where the CPU quantizes its float ones, from K and V that already differ
 // by the devices' arithmetic, so a value near a rounding boundary can land on the neighbouring level;
 // such flips cost at most what quantizing the cache costs at all. So each step's worst logits row may be
@@ -305,30 +318,14 @@ TEST_P(CudaLlamaModelKvCache, QuantizedCacheMatchesTheCpuWithTheSameCache) {
   options.kv_cache_rotation = kc_case.rotation;
   w::CudaLlamaModel gpu(checkpoint, options);
   const auto& c = cpu.config();
-  const int64_t block_size = 8, mbps = 8, n_blocks = 2 * mbps + 5;
+  const int64_t block_size = Scenario::kBlockSize, n_blocks = Scenario::kBlocks;
   w::KvCache cpu_cache(c, n_blocks, block_size, kc_case.types), f16_cache(c, n_blocks, block_size);
   w::CudaKvCache gpu_cache(c, n_blocks, block_size, options.device, kc_case.types);
   nibble::kernels::ThreadPool pool(2);
-  std::mt19937 rng(99);
-  std::vector<int32_t> ids(static_cast<size_t>(n_blocks));
-  std::iota(ids.begin(), ids.end(), 0);
-  std::shuffle(ids.begin(), ids.end(), rng);
-  const std::vector<int32_t> tables(ids.begin(), ids.begin() + 2 * mbps);
-  std::uniform_int_distribution<int32_t> token(3, static_cast<int32_t>(c.n_vocab) - 1);
-  const std::vector<std::vector<Entry>> steps = {
-      {{0, 37, 37}, {1, 7, 1}}, {{0, 1, 1}, {1, 1, 1}}, {{1, 3, 3}, {0, 1, 1}}, {{0, 1, 1}, {1, 1, 1}}};
-  int32_t next_pos[2] = {0, 0};
-  for (size_t si = 0; si < steps.size(); ++si) {
+  Scenario scenario(c.n_vocab);
+  for (size_t si = 0; si < scenario.steps.size(); ++si) {
     SCOPED_TRACE("step " + std::to_string(si));
-    w::ForwardBatch batch;
-    for (const Entry& e : steps[si]) {
-      std::vector<int32_t> toks(static_cast<size_t>(e.count));
-      for (auto& x : toks) x = token(rng);
-      batch.add_sequence(toks, next_pos[e.row], e.row, e.logits_for_last);
-      next_pos[e.row] += e.count;
-    }
-    batch.block_tables = tables;
-    batch.max_blocks_per_seq = mbps;
+    const w::ForwardBatch batch = scenario.batch(si);
     std::vector<float> want, unquantized, got;
     cpu.forward(batch, cpu_cache, pool, want);
     cpu_f16.forward(batch, f16_cache, pool, unquantized);

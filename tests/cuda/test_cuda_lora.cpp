@@ -23,15 +23,9 @@
 namespace k = nibble::kernels;
 namespace kc = nibble::kernels::cuda;
 using nibble::cuda_test::DeviceBuffer;
+using nibble::cuda_test::random_f16;
 
 namespace {
-
-std::vector<uint16_t> random_f16(size_t n, float stddev, std::mt19937& rng) {
-  std::normal_distribution<float> normal(0.0f, stddev);
-  std::vector<uint16_t> v(n);
-  for (auto& x : v) x = k::fp32_to_fp16(normal(rng));
-  return v;
-}
 
 const __half* as_half(const uint16_t* p) { return reinterpret_cast<const __half*>(p); }
 
@@ -100,7 +94,7 @@ TEST(CudaLora, ShrinkAndExpandMatchTheCpuReferenceForTheAdaptersRows) {
           mag += std::fabs(static_cast<double>(k::fp16_to_fp32(a_t[static_cast<size_t>(c * rank + j)])) *
                            xf[static_cast<size_t>(r * kk + c)]);
         ASSERT_NEAR(ax[static_cast<size_t>(r * rank + j)], want_ax[i * static_cast<size_t>(rank) + j],
-                    1e-5 * scale * mag + 1e-30)
+                    1e-5 * std::fabs(scale) * mag + 1e-30)
             << "row " << r << " rank " << j;
       }
       for (int64_t o = 0; o < n_out; ++o) {
@@ -145,6 +139,9 @@ TEST(CudaLora, RefusesBadArguments) {
       << "ldy below n_out";
   EXPECT_EQ(kc::lora_expand_f16(hp, 4, 16, f.ptr, rows.ptr, 1, 0, f.ptr, 16, nullptr), k::Status::ok)
       << "no rows";
+  EXPECT_EQ(kc::lora_expand_f16(hp, 4, kc::kLoraMaxOutputs + 1, f.ptr, rows.ptr, 1, 4, f.ptr,
+                                kc::kLoraMaxOutputs + 1, nullptr),
+            k::Status::invalid_argument);
 }
 
 }  // namespace

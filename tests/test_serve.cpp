@@ -1857,6 +1857,37 @@ TEST(Serve, CudaQuantizedKvCacheServesLikeCudaGenerate) {
   }
 }
 
+// device: cuda with LoRA adapters (GPU workers, unsharded: kernels/cuda/lora after each product), one
+// stage and two: requests naming an adapter get single-process `nibble generate --device cuda --lora`'s
+// tokens, the others the base model's.
+TEST(Serve, CudaLoraAdaptersServeLikeCudaGenerateWithTheAdapter) {
+  if (const std::string why = cuda_job_skip_reason(); !why.empty()) GTEST_SKIP() << why;
+  test::TempDir models;
+  const std::string model = make_tiny_model(models.path());
+  const auto [sql, chat] = write_two_adapters(models.path(), model);
+  const std::string adapters[] = {"", "sql", "chat"};
+  const Expected expected[] = {
+      nibble_generate(model, kPrompts[0], 16, kCudaGenerate),
+      nibble_generate(model, kPrompts[0], 16, kCudaGenerate + " --lora '" + sql + "' --lora-scale 0.5"),
+      nibble_generate(model, kPrompts[0], 16, kCudaGenerate + " --lora '" + chat + "'")};
+  EXPECT_NE(expected[0].tokens, expected[1].tokens);
+  for (const Shape shape : {Shape{1, 1}, Shape{1, 2}}) {
+    SCOPED_TRACE(std::string("P") + std::to_string(shape.pipeline));
+    test::TempDir dir;
+    ServeJob job(dir.path(), model, shape.tensor, shape.pipeline,
+                 kCudaJob + "lora_adapters:\n  - { name: sql, path: '" + sql +
+                     "', scale: 0.5 }\n  - { name: chat, path: '" + chat + "' }\n");
+    ASSERT_TRUE(job.wait_ready()) << job.log();
+    Client client(job.endpoint());
+    for (size_t a = 0; a < 3; ++a) {
+      SCOPED_TRACE("adapter '" + adapters[a] + "'");
+      protocol::GenerateRequest r = greedy(numbered("seq", a), kPrompts[0], 16);
+      r.adapter = adapters[a];
+      EXPECT_EQ(client.generate(r).tokens, expected[a].tokens);
+    }
+  }
+}
+
 // device: cuda with a draft next to the sampling worker: target and draft on the GPU (the engine's
 // speculation over worker::CudaForwardModel), T=1 and P=2, greedy tokens equal to `nibble generate
 // --device cuda` without a draft (the target as its own draft, and an unrelated one).

@@ -32,6 +32,7 @@
 #include "kernels/cuda/int4_groups.cuh"
 #include "kernels/cuda/int4_tiles.cuh"
 #include "kernels/cuda/kv_cache_quant.cuh"
+#include "kernels/cuda/lora.cuh"
 #include "kernels/cuda/paged_attention.cuh"
 #include "kernels/cuda/prefill_attention.cuh"
 #include "kernels/cuda/random_weights.cuh"
@@ -53,6 +54,7 @@
 #include "worker/cuda_device_weights.hpp"
 #include "worker/cuda_llama_model_impl.hpp"
 #include "worker/forward_model.hpp"
+#include "worker/lora_weights.hpp"
 #include "worker/weight_shard.hpp"
 
 namespace nibble::worker {
@@ -362,11 +364,20 @@ void CudaLlamaModel::Impl::validate(const ForwardBatch& batch, const CudaKvCache
                                 std::to_string(cache.kv_dim()) + ", " + std::to_string(cache.n_layer()) +
                                 " layers; size it from shard_config())");
   }
-  if (std::any_of(batch.seq_adapters.begin(), batch.seq_adapters.end(), [](int32_t a) { return a != 0; })) {
-    throw std::invalid_argument("LoRA adapters run on the CPU backend only (the CUDA model has none)");
-  }
   const int64_t mbps = batch.max_blocks_per_seq;
   const int64_t n_seqs = mbps > 0 ? static_cast<int64_t>(batch.block_tables.size()) / mbps : 0;
+  if (std::any_of(batch.seq_adapters.begin(), batch.seq_adapters.end(), [](int32_t a) { return a != 0; })) {
+    if (static_cast<int64_t>(batch.seq_adapters.size()) != n_seqs) {
+      throw std::invalid_argument("forward batch: seq_adapters has " +
+                                  std::to_string(batch.seq_adapters.size()) + " rows for " +
+                                  std::to_string(n_seqs) + " sequences");
+    }
+    for (const int32_t a : batch.seq_adapters) {
+      if (a != 0 &&
+          (a < 1 || a > static_cast<int32_t>(loras.size()) || loras[static_cast<size_t>(a - 1)] == nullptr))
+        throw std::invalid_argument("LoRA adapter " + std::to_string(a) + " is not loaded on this GPU model");
+    }
+  }
   std::vector<int64_t> max_pos(static_cast<size_t>(n_seqs), -1);
   for (int64_t t = 0; t < n; ++t) {
     if (batch.tokens[t] < 0 || batch.tokens[t] >= c.n_vocab) {
@@ -416,6 +427,10 @@ struct CudaLlamaModel::Impl::Plan {
   bool kv_quantized = false;
   kc::KvCacheQuantShape qshape;
   int64_t n_rows = 0, off_last_block = 0, k_rotation = 0, v_rotation = 0;
+  // Rows that name a LoRA adapter: each token's and each logit row's adapter (0: none) at these offsets,
+  // and the adapters' generation (CudaLlamaModel::set_lora) the launches were planned for.
+  bool lora = false;
+  int64_t off_row_adapters = 0, off_logit_adapters = 0, lora_generation = 0;
 
   auto key() const {
     // The cache's geometry and types as well as its addresses: a new cache may reuse a freed one's memory.
@@ -423,7 +438,7 @@ struct CudaLlamaModel::Impl::Plan {
                            static_cast<const void*>(cache), cache->k(0), n_tiles, mma_tiles,
                            cache->block_size() * (int64_t{1} << 32) + cache->n_blocks(),
                            static_cast<int>(qshape.k_type) * 256 + static_cast<int>(qshape.v_type), n_rows,
-                           k_rotation * 4096 + v_rotation);
+                           k_rotation * 4096 + v_rotation, lora ? lora_generation + 1 : 0);
   }
 };
 
@@ -480,6 +495,26 @@ CudaLlamaModel::Impl::Plan CudaLlamaModel::Impl::plan_batch(const ForwardBatch& 
   }
   p.off_tables = append(tables);
   p.off_rows = append(batch.logit_rows);
+  {
+    // Each token's adapter (the sequence's, or the default for a batch that names none).
+    std::vector<int32_t> row_adapters(static_cast<size_t>(p.n), 0);
+    if (!batch.seq_adapters.empty()) {
+      for (int64_t t = 0; t < p.n; ++t)
+        if (const auto seq = static_cast<size_t>(batch.seq_index[t]); seq < batch.seq_adapters.size())
+          row_adapters[static_cast<size_t>(t)] = batch.seq_adapters[seq];
+    } else if (default_lora != 0) {
+      std::fill(row_adapters.begin(), row_adapters.end(), default_lora);
+    }
+    p.lora = std::any_of(row_adapters.begin(), row_adapters.end(), [](int32_t a) { return a != 0; });
+    if (p.lora) {
+      std::vector<int32_t> logit_adapters;
+      for (const int32_t row : batch.logit_rows)
+        logit_adapters.push_back(row_adapters[static_cast<size_t>(row)]);
+      p.off_row_adapters = append(row_adapters);
+      p.off_logit_adapters = append(logit_adapters);
+      p.lora_generation = lora_generation;
+    }
+  }
   if (cache.types().quantized()) {
     // Each table row's last block that a token of the row writes or attends over.
     p.kv_quantized = true;
@@ -588,6 +623,8 @@ bool CudaLlamaModel::Impl::grow_buffers(const Plan& p) {
     if (reducer->device_pointers()) moved |= reducer->reserve_gather(rows_out, split.vocab_counts);
   }
   moved |= ids.reserve(static_cast<size_t>(rows_out) * sizeof(int32_t));
+  if (p.lora)
+    moved |= lora_ax.reserve(static_cast<size_t>(std::max(n, rows_out) * lora_max_rank) * sizeof(float));
   moved |= flag.reserve(sizeof(int32_t));
   if (norm_counter.reserve(sizeof(uint32_t))) {  // once
     moved = true;
@@ -655,9 +692,35 @@ void CudaLlamaModel::Impl::enqueue(const Plan& p) {
   pshape.max_blocks_per_seq = p.mbps;
   const float scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
 
+  // The LoRA adapters' updates of a product's output for the rows that name them (layer -1: the head,
+  // over the logit rows): y, row stride ldy, += scale * B (A x) per adapter (kernels/cuda/lora).
+  const auto add_lora = [&](int64_t layer, model::LayerMatrix which, const __half* in, int64_t ldx, float* y,
+                            int64_t ldy) {
+    if (!p.lora) return;
+    const int64_t rows = layer < 0 ? n_out : n;
+    const int32_t* adapters = md + (layer < 0 ? p.off_logit_adapters : p.off_row_adapters);
+    for (size_t a = 0; a < loras.size(); ++a) {
+      if (loras[a] == nullptr) continue;
+      const DeviceLoraProduct* lp =
+          layer < 0 ? loras[a]->output.get()
+                    : loras[a]->layers[static_cast<size_t>(layer)][static_cast<size_t>(which)].get();
+      if (lp == nullptr) continue;
+      const auto slot = static_cast<int32_t>(a + 1);
+      check_status(kc::lora_shrink_f16(lp->a_t.as<__half>(), lp->k, lp->rank, lp->scale, in, ldx, adapters,
+                                       slot, rows, lora_ax.as<float>(), stream),
+                   "lora_shrink_f16");
+      check_status(kc::lora_expand_f16(lp->b_t.as<__half>(), lp->rank, lp->n_out, lora_ax.as<float>(),
+                                       adapters, slot, rows, y, ldy, stream),
+                   "lora_expand_f16");
+    }
+  };
+  using model::LayerMatrix;
+
   // One token, unsharded: a product on the half2 GEMV followed by a residual add + RMSNorm does the
-  // norm in its last block (matmul_add_norm); `normed` then says the next norm is done.
-  const bool norm_in_products = n == 1 && reducer == nullptr && options.fused_norms;
+  // norm in its last block (matmul_add_norm); `normed` then says the next norm is done. Not in a step
+  // with LoRA rows (the updates go onto the products' outputs), nor the other fused epilogues.
+  const bool norm_in_products = n == 1 && reducer == nullptr && options.fused_norms && !p.lora;
+  const bool fuse_one_row = n == 1 && !p.lora;
   bool normed = false;
   for (int64_t l = 0; l < c.n_layer; ++l) {
     const Layer& w = layers[static_cast<size_t>(l)];
@@ -677,18 +740,14 @@ void CudaLlamaModel::Impl::enqueue(const Plan& p) {
                                          cache.k_data(l), cache.v_data(l), kc_l, vc_l, flag_d, stream),
           "kv_cache_dequantize_blocks");
     }
-    if (n == 1 && fuses_one_row(w.qkv)) {
+    if (fuse_one_row && fuses_one_row(w.qkv)) {
       const Timed timed(*this, Section::qkv);  // RoPE and the KV write in the product's epilogue
       check_status(project_rope_kv(w.qkv.parts.front(), h, rshape, md + p.off_pos, md + p.off_seq,
                                    md + p.off_tables, q16.as<__half>(), kc_l, vc_l, flag_d),
                    "half2 GEMV with RoPE and the KV write (q / k / v)");
     } else {
       auto* qkv_f = qkv.as<float>();
-      {
-        const Timed timed(*this, Section::qkv);
-        project(w.qkv, h, n, qkv_f);
-      }
-      const float *qp = qkv_f, *kp = nullptr, *vp = nullptr;
+      float *qp = qkv_f, *kp = nullptr, *vp = nullptr;
       if (w.qkv.parts.size() == 1) {  // stacked: rows [q | k | v]
         kp = qkv_f + q_dim;
         vp = qkv_f + q_dim + kv_dim;
@@ -698,6 +757,13 @@ void CudaLlamaModel::Impl::enqueue(const Plan& p) {
         vp = kp + n * kv_dim;
         rshape.q_stride = q_dim;
         rshape.kv_stride = kv_dim;
+      }
+      {
+        const Timed timed(*this, Section::qkv);
+        project(w.qkv, h, n, qkv_f);
+        add_lora(l, LayerMatrix::attn_q, h, c.n_embd, qkv_f, rshape.q_stride);
+        add_lora(l, LayerMatrix::attn_k, h, c.n_embd, kp, rshape.kv_stride);
+        add_lora(l, LayerMatrix::attn_v, h, c.n_embd, vp, rshape.kv_stride);
       }
       const Timed timed(*this, Section::rope_kv);
       check_status(kc::rope_kv_write(rshape, qp, kp, vp, md + p.off_pos, md + p.off_seq, md + p.off_tables,
@@ -752,6 +818,7 @@ void CudaLlamaModel::Impl::enqueue(const Plan& p) {
       {
         const Timed timed(*this, Section::attn_out);
         matmul(w.wo, att16.as<__half>(), n, dl);  // partial over the shard's heads
+        add_lora(l, LayerMatrix::attn_output, att16.as<__half>(), q_dim, dl, c.n_embd);
       }
       reduce_sum(dl, hidden_count);
       const Timed timed(*this, Section::norms);
@@ -759,17 +826,20 @@ void CudaLlamaModel::Impl::enqueue(const Plan& p) {
           kc::add_rms_norm_f32(x, dl, w.ffn_norm->as<float>(), h, n, c.n_embd, c.rms_eps, stream, pdl),
           "add_rms_norm_f32");
     }
-    if (n == 1 && fuses_one_row(w.gate_up)) {
+    if (fuse_one_row && fuses_one_row(w.gate_up)) {
       const Timed timed(*this, Section::gate_up);  // SwiGLU in the product's epilogue
       check_status(project_swiglu(w.gate_up.parts.front(), h, act16.as<__half>()),
                    "half2 GEMV with SwiGLU (gate / up)");
     } else {
       auto* gu = gate_up.as<float>();
+      const bool stacked = w.gate_up.parts.size() == 1;
       {
         const Timed timed(*this, Section::gate_up);
         project(w.gate_up, h, n, gu);
+        add_lora(l, LayerMatrix::ffn_gate, h, c.n_embd, gu, stacked ? 2 * c.n_ff : c.n_ff);
+        add_lora(l, LayerMatrix::ffn_up, h, c.n_embd, stacked ? gu + c.n_ff : gu + n * c.n_ff,
+                 stacked ? 2 * c.n_ff : c.n_ff);
       }
-      const bool stacked = w.gate_up.parts.size() == 1;
       const Timed timed(*this, Section::swiglu);
       check_status(
           kc::swiglu_f32_to_f16(gu, stacked ? gu + c.n_ff : gu + n * c.n_ff, stacked ? 2 * c.n_ff : c.n_ff,
@@ -791,6 +861,7 @@ void CudaLlamaModel::Impl::enqueue(const Plan& p) {
       {
         const Timed timed(*this, Section::down);
         matmul(w.down, act16.as<__half>(), n, dl);  // partial over the shard's ffn rows
+        add_lora(l, LayerMatrix::ffn_down, act16.as<__half>(), c.n_ff, dl, c.n_embd);
       }
       reduce_sum(dl, hidden_count);
     }
@@ -814,6 +885,7 @@ void CudaLlamaModel::Impl::enqueue(const Plan& p) {
         "gather_rows_f16");
     if (reducer == nullptr) {
       matmul(head, picked16.as<__half>(), n_out, logits.as<float>());
+      add_lora(-1, LayerMatrix::attn_q, picked16.as<__half>(), c.n_embd, logits.as<float>(), c.n_vocab);
     } else {  // the shard's vocabulary columns, gathered into full rows
       matmul(head, picked16.as<__half>(), n_out, local_logits.as<float>());
       gather_logits(n_out);
@@ -1178,6 +1250,78 @@ const KvCacheTypes& CudaLlamaModel::kv_cache_types() const { return impl_->kv_ca
 void CudaLlamaModel::set_kv_cache_rotation(bool on) {
   // The plan (and a graph's key) carries the rotation: nothing captured needs dropping.
   impl_->options.kv_cache_rotation = on;
+}
+
+void CudaLlamaModel::set_lora(int32_t slot, const model::LoraAdapter& adapter, float user_scale) {
+  Impl& m = *impl_;
+  if (slot < 1) throw std::invalid_argument("LoRA slot " + std::to_string(slot) + ": slots start at 1");
+  if (m.reducer != nullptr) {
+    throw std::invalid_argument(
+        "LoRA adapters on a GPU model need it unsharded (tensor parallelism 1) so far: this is shard " +
+        std::to_string(m.shard.rank) + " of " + std::to_string(m.shard.size));
+  }
+  const ShardLora lora =
+      shard_lora(adapter, user_scale, nullptr, m.config.head_dim, m.layer_begin, m.layer_end, m.last_stage());
+  auto upload = [](const std::optional<LoraProduct>& from) -> std::unique_ptr<Impl::DeviceLoraProduct> {
+    if (!from) return nullptr;
+    auto to = std::make_unique<Impl::DeviceLoraProduct>();
+    to->rank = from->rank;
+    to->k = from->k;
+    to->n_out = from->n_out;
+    to->scale = from->scale;
+    if (to->rank > kc::kLoraMaxRank || to->n_out > kc::kLoraMaxOutputs) {
+      throw std::invalid_argument("a LoRA adapter of rank " + std::to_string(to->rank) +
+                                  " (the GPU's kernels take ranks up to " + std::to_string(kc::kLoraMaxRank) +
+                                  ")");
+    }
+    for (auto [memory, bits] : {std::pair{&to->a_t, &from->a_t}, std::pair{&to->b_t, &from->b_t}}) {
+      memory->reserve(bits->size() * sizeof(kernels::f16_bits));
+      cuda_check(cudaMemcpy(memory->as<void>(), bits->data(), bits->size() * sizeof(kernels::f16_bits),
+                            cudaMemcpyHostToDevice),
+                 "cudaMemcpy (LoRA factors)");
+    }
+    return to;
+  };
+  auto device = std::make_unique<Impl::DeviceLora>();
+  device->layers.resize(lora.layers.size());
+  for (size_t l = 0; l < lora.layers.size(); ++l)
+    for (size_t which = 0; which < lora.layers[l].size(); ++which)
+      device->layers[l][which] = upload(lora.layers[l][which]);
+  device->output = upload(lora.output);
+  cuda_check(cudaStreamSynchronize(m.stream), "cudaStreamSynchronize");  // no pass reads the old factors
+  if (m.loras.size() < static_cast<size_t>(slot)) m.loras.resize(static_cast<size_t>(slot));
+  m.loras[static_cast<size_t>(slot - 1)] = std::move(device);
+  m.lora_max_rank = 0;
+  for (const auto& a : m.loras) {
+    if (a == nullptr) continue;
+    for (const auto& layer : a->layers)
+      for (const auto& p : layer)
+        if (p != nullptr) m.lora_max_rank = std::max(m.lora_max_rank, p->rank);
+    if (a->output != nullptr) m.lora_max_rank = std::max(m.lora_max_rank, a->output->rank);
+  }
+  ++m.lora_generation;
+  m.clear_graphs();  // they hold the old factors' addresses
+}
+
+void CudaLlamaModel::remove_lora(int32_t slot) {
+  Impl& m = *impl_;
+  if (!has_lora(slot)) return;
+  cuda_check(cudaStreamSynchronize(m.stream), "cudaStreamSynchronize");
+  m.loras[static_cast<size_t>(slot - 1)].reset();
+  if (m.default_lora == slot) m.default_lora = 0;
+  ++m.lora_generation;
+  m.clear_graphs();
+}
+
+void CudaLlamaModel::set_default_lora(int32_t slot) {
+  if (slot != 0 && !has_lora(slot))
+    throw std::invalid_argument("LoRA adapter " + std::to_string(slot) + " is not loaded on this GPU model");
+  impl_->default_lora = slot;
+}
+
+bool CudaLlamaModel::has_lora(int32_t slot) const {
+  return slot >= 1 && static_cast<size_t>(slot) <= impl_->loras.size() &&
+         impl_->loras[static_cast<size_t>(slot - 1)] != nullptr;
 }
 
 void CudaLlamaModel::set_fused_epilogues(bool on) {

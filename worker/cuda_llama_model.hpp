@@ -67,6 +67,7 @@
 
 #include "model/llama_checkpoint.hpp"
 #include "model/llama_config.hpp"
+#include "model/lora_adapter.hpp"
 #include "worker/kv_cache.hpp"
 #include "worker/llama_model.hpp"
 #include "worker/sampler.hpp"
@@ -433,6 +434,16 @@ class CudaLlamaModel {
   const KvCacheTypes& kv_cache_types() const;
   // Switches CudaModelOptions::kv_cache_rotation for later passes (drops captured graphs).
   void set_kv_cache_rotation(bool on);
+  // LoRA adapters, as LlamaModel's: set_lora puts an adapter (scaled by user_scale as llama.cpp scales)
+  // into `slot` (>= 1), which batches name in ForwardBatch::seq_adapters; remove_lora empties it;
+  // set_default_lora names the adapter of batches without seq_adapters (0: none). The factors go up as
+  // fp16 (worker::shard_lora's, this stage's layers); every product of a row that names an adapter adds
+  // scale * B (A x) on kernels/cuda/lora (and such a step runs no fused one-row epilogue). Unsharded models
+  // only so far: std::invalid_argument on a tensor shard, or for an adapter whose shapes do not fit.
+  void set_lora(int32_t slot, const model::LoraAdapter& adapter, float user_scale = 1.0f);
+  void remove_lora(int32_t slot);
+  void set_default_lora(int32_t slot);
+  bool has_lora(int32_t slot) const;
   // Switches CudaModelOptions::mma_prefill_attention for later passes.
   void set_mma_prefill_attention(bool on);
   // Whether the tensor-core prefill attention takes this model's (shard's) heads: head_dim 64 or 128

@@ -6,6 +6,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
 
+#include <array>
 #include <cstdint>
 #include <iterator>
 #include <map>
@@ -115,6 +116,21 @@ struct CudaLlamaModel::Impl {
   model::LlamaConfig shard_config;  // this shard's heads, ffn rows and stage layers
   CudaModelOptions options;
   KvCacheTypes kv_cache_types;  // what CudaForwardModel makes this model's caches with
+  // LoRA adapters (CudaLlamaModel::set_lora): per slot - 1, this stage's factors on the device.
+  struct DeviceLoraProduct {
+    int64_t rank = 0, k = 0, n_out = 0;
+    float scale = 1.0f;
+    DeviceMemory a_t, b_t;  // [k, rank] and [rank, n_out] fp16
+  };
+  struct DeviceLora {
+    std::vector<std::array<std::unique_ptr<DeviceLoraProduct>, 7>> layers;  // [stage layers][LayerMatrix]
+    std::unique_ptr<DeviceLoraProduct> output;                              // the head (last stage)
+  };
+  std::vector<std::unique_ptr<DeviceLora>> loras;
+  int32_t default_lora = 0;
+  int64_t lora_max_rank = 0;
+  int64_t lora_generation = 0;  // changes with every set / remove: part of a graph's key
+  DeviceMemory lora_ax;         // [rows, lora_max_rank] float: a shrink's output
   TensorShard shard;
   ShardReducer* reducer = nullptr;  // null when unsharded (no collectives); see the constructor
   int64_t layer_begin = 0, layer_end = 0;
@@ -166,7 +182,7 @@ struct CudaLlamaModel::Impl {
   std::vector<int32_t> meta_host;
   // Captured passes by plan key (CudaModelOptions::graphs).
   std::map<std::tuple<int64_t, int64_t, int64_t, int64_t, bool, int64_t, size_t, const void*, uint16_t*,
-                      int64_t, bool, int64_t, int, int64_t, int64_t>,
+                      int64_t, bool, int64_t, int, int64_t, int64_t, int64_t>,
            cudaGraphExec_t>
       graphs;
   std::set<decltype(graphs)::key_type> seen_once;  // shapes run directly once, captured when seen again

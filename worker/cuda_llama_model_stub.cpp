@@ -53,6 +53,10 @@ void CudaLlamaModel::set_mma_prefill_attention(bool) { unavailable(); }
 void CudaLlamaModel::set_kv_cache_types(const KvCacheTypes&) { unavailable(); }
 const KvCacheTypes& CudaLlamaModel::kv_cache_types() const { unavailable(); }
 void CudaLlamaModel::set_kv_cache_rotation(bool) { unavailable(); }
+void CudaLlamaModel::set_lora(int32_t, const model::LoraAdapter&, float) { unavailable(); }
+void CudaLlamaModel::remove_lora(int32_t) { unavailable(); }
+void CudaLlamaModel::set_default_lora(int32_t) { unavailable(); }
+bool CudaLlamaModel::has_lora(int32_t) const { unavailable(); }
 bool CudaLlamaModel::mma_prefill_attention_applies() const { unavailable(); }
 const CudaModelOptions& CudaLlamaModel::options() const { unavailable(); }
 const std::vector<CudaInt4KernelChoice>& CudaLlamaModel::int4_kernel_choices() const { unavailable(); }

@@ -84,7 +84,7 @@ void ForwardModel::forward_draft_sample(const ForwardBatch&, ForwardCache&,
 }
 
 void ForwardModel::set_lora(int32_t, const model::LoraAdapter&, float) {
-  throw std::runtime_error("LoRA adapters run on CPU workers; this worker's model is on a GPU");
+  throw std::runtime_error("this worker's model takes no LoRA adapters");
 }
 
 void ForwardModel::remove_lora(int32_t) {}

@@ -111,8 +111,8 @@ class ForwardModel {
                                     const std::vector<double>& uniforms, const std::vector<KeptRowRef>& keep,
                                     std::vector<int32_t>& ids);
   // The LoRA adapters a serving job loads and unloads while it runs (LlamaModel::set_lora and
-  // remove_lora: slot is the index batches name). set_lora's default throws std::runtime_error (only
-  // the CPU model applies adapters); remove_lora's does nothing (such a model holds none).
+  // remove_lora: slot is the index batches name). set_lora's default throws std::runtime_error (a model
+  // without adapters); remove_lora's does nothing (such a model holds none).
   virtual void set_lora(int32_t slot, const model::LoraAdapter& adapter, float user_scale);
   virtual void remove_lora(int32_t slot);
 
@@ -173,6 +173,10 @@ class CudaForwardModel final : public ForwardModel {
   void forward_draft_sample(const ForwardBatch& batch, ForwardCache& cache,
                             const std::vector<SamplingParams>& params, const std::vector<double>& uniforms,
                             const std::vector<KeptRowRef>& keep, std::vector<int32_t>& ids) override;
+  void set_lora(int32_t slot, const model::LoraAdapter& adapter, float user_scale) override {
+    model_.set_lora(slot, adapter, user_scale);
+  }
+  void remove_lora(int32_t slot) override { model_.remove_lora(slot); }
 
  private:
   CudaLlamaModel& model_;

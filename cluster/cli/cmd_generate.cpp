@@ -7,6 +7,7 @@
 
 #include "cluster/cli/commands.hpp"
 #include "cluster/cli/model_session.hpp"
+#include "model/lora_adapter.hpp"
 #include "worker/cuda_llama_model.hpp"
 #include "worker/generator.hpp"
 
@@ -155,6 +156,10 @@ Runner add_generate(CLI::App& app) {
       gpu_options.decode_split_tokens = a->decode_split_tokens;
       gpu_options.kv_cache_rotation = !a->kv_cache.no_rotation;
       gpu = std::make_unique<worker::CudaLlamaModel>(s.checkpoint, gpu_options);
+      if (!a->lora.path.empty()) {  // llama.cpp's --lora: every sequence on the adapter
+        gpu->set_lora(1, model::LoraAdapter::read(a->lora.path, gpu->config()), a->lora.scale);
+        gpu->set_default_lora(1);
+      }
       gpu_cache = std::make_unique<worker::CudaKvCache>(gpu->config(), worker::Generator::blocks_for(context),
                                                         worker::Generator::kBlockSize, gpu_options.device,
                                                         a->kv_cache.types());

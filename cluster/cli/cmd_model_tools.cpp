@@ -11,6 +11,7 @@
 #include "cluster/cli/model_session.hpp"
 #include "model/hf_checkpoint.hpp"
 #include "model/hf_to_gguf.hpp"
+#include "model/lora_adapter.hpp"
 #include "model/random_model.hpp"
 #include "model/requantize.hpp"
 #include "worker/calibrated_quantize.hpp"
@@ -167,6 +168,10 @@ Runner add_logits(CLI::App& app) {
       worker::CudaModelOptions gpu_options;
       gpu_options.kv_cache_rotation = !a->kv_cache.no_rotation;
       worker::CudaLlamaModel gpu(s.checkpoint, gpu_options);
+      if (!a->lora.path.empty()) {
+        gpu.set_lora(1, model::LoraAdapter::read(a->lora.path, gpu.config()), a->lora.scale);
+        gpu.set_default_lora(1);
+      }
       worker::CudaKvCache cache(gpu.config(), blocks, block, gpu_options.device, a->kv_cache.types());
       gpu.forward(batch, cache, logits);
     } else {

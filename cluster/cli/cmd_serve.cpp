@@ -355,6 +355,11 @@ int serve(const std::string& config_path) {
           gpu_model = std::make_unique<worker::CudaLlamaModel>(file, gpu_model_options(config, device), shard,
                                                                reducer.get(), range);
           gpu_model->set_kv_cache_types(cli::kv_cache_types(config.kv_cache));
+          for (size_t i = 0; i < config.lora_adapters.size(); ++i) {  // slot i + 1, as add_lora's below
+            const cluster::LoraAdapterConfig& adapter = config.lora_adapters[i];
+            gpu_model->set_lora(static_cast<int32_t>(i + 1), model::LoraAdapter::read(adapter.path, whole),
+                                static_cast<float>(adapter.scale));
+          }
         } else {
           model = std::make_unique<worker::LlamaModel>(file, shard, reducer.get(), range);
           // Every shard and stage adds the adapters in the config's order: request adapter i is the

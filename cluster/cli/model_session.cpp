@@ -84,8 +84,10 @@ void add_lora_option(CLI::App& app, LoraOption& value) {
 
 void apply_lora_option(const LoraOption& lora, ModelSession& session) {
   if (lora.path.empty()) return;
-  if (session.model == nullptr)
-    throw std::runtime_error("--lora: LoRA adapters run on the CPU (--device cpu)");
+  if (session.model == nullptr) {  // --device cuda: read here (a bad file is named before the GPU loads)
+    model::LoraAdapter::read(lora.path, session.checkpoint->config());
+    return;
+  }
   const model::LoraAdapter adapter = model::LoraAdapter::read(lora.path, session.model->config());
   session.model->set_default_lora(session.model->add_lora(adapter, lora.scale));
 }

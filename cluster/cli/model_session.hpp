@@ -46,8 +46,9 @@ struct LoraOption {
   float scale = 1.0f;
 };
 void add_lora_option(CLI::App& app, LoraOption& value);
-// Reads the adapter and makes it the model's default (worker::LlamaModel::set_default_lora). Throws
-// naming the file for a bad one, and for a session without a CPU model (--device cuda).
+// Reads the adapter and makes it the model's default (worker::LlamaModel::set_default_lora); in a session
+// without a CPU model (--device cuda) only reads it: the command gives it to its GPU model.
+// Throws naming the file for a bad one.
 void apply_lora_option(const LoraOption& lora, ModelSession& session);
 
 // --kv-cache-dtype f16|q8_0|q5_1|q5_0|q4_1|q4_0|iq4_nl (vLLM's name; llama.cpp's --cache-type-k and -v

@@ -496,14 +496,18 @@ ClusterConfig build_config(const Reader& reader, const Section& top, const std::
       }
     }
   }
-  if (config.device == Device::cuda && !config.lora_adapters.empty()) {
+  // GPU workers apply adapters on unsharded models only so far (CudaLlamaModel::set_lora).
+  const bool gpu_shards = config.device == Device::cuda && config.parallel.tensor > 1;
+  if (gpu_shards && !config.lora_adapters.empty()) {
     const Entry& e = *top.find("lora_adapters");
-    reader.fail(e.path, e.line, "LoRA adapters run on the CPU workers only (device: cpu)");
-  }
-  if (config.device == Device::cuda && config.server.lora_updates) {
-    const Entry& e = *top.find("server");
     reader.fail(e.path, e.line,
-                "server.lora_updates: LoRA adapters run on the CPU workers only (device: cpu)");
+                "LoRA adapters on GPU workers need parallel.tensor 1 so far (or device: cpu)");
+  }
+  if (gpu_shards && config.server.lora_updates) {
+    const Entry& e = *top.find("server");
+    reader.fail(
+        e.path, e.line,
+        "server.lora_updates: LoRA adapters on GPU workers need parallel.tensor 1 so far (or device: cpu)");
   }
   return config;
 }

@@ -54,6 +54,7 @@
 #include "kernels/quantize.hpp"
 #include "kernels/thread_pool.hpp"
 #include "model/gguf.hpp"
+#include "model/lora_adapter.hpp"
 #include "model/random_model.hpp"
 #include "model/requantize.hpp"
 #include "speculative/rejection_sampler.hpp"
@@ -381,6 +382,79 @@ INSTANTIATE_TEST_SUITE_P(Types, CudaLlamaModelKvCache,
                            return std::string(std::get<0>(p.param).name) +
                                   (std::get<1>(p.param) ? "_decode_kernel" : "_general_kernel");
                          });
+
+// LoRA adapters on the GPU (kernels/cuda/lora after each product): two adapters (every matrix and the
+// head at rank 4; only V at rank 16) and the base model in one batch of three sequences, a prompt then
+// one-token steps, against the CPU with the same adapters (the weights' bound); every adapted row is
+// further than twice that from the base's; CUDA graphs replay the adapted steps bit for bit (the same
+// pinned kernels); a removed adapter is refused.
+TEST(CudaLlamaModel, LoraAdaptersMatchTheCpuInOneBatch) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  t::TempDir dir;
+  const auto checkpoint =
+      m::LlamaCheckpoint::open(random_model(dir.path(), tiny_shape(256, 4, 2), k::DType::Q4_0));
+  const m::LlamaConfig& c = checkpoint->config();
+  const std::vector<m::LayerMatrix> all(std::begin(m::kLayerMatrices), std::end(m::kLayerMatrices));
+  const m::LoraAdapter everywhere = m::make_random_lora(c, 4, 0, 0.3f, 7, all, true);
+  const m::LoraAdapter v_only = m::make_random_lora(c, 16, 32.0f, 0.3f, 8, {m::LayerMatrix::attn_v});
+  w::LlamaModel cpu(checkpoint);
+  cpu.add_lora(everywhere, 0.75f);
+  cpu.add_lora(v_only);
+  w::CudaModelOptions options, graph_options;  // the same kernels in both (not each timed at its own load)
+  options.int4_kernels = graph_options.int4_kernels = w::Int4Kernels::cuda_cores;
+  graph_options.graphs = true;
+  w::CudaLlamaModel gpu(checkpoint, options), graphed(checkpoint, graph_options);
+  for (w::CudaLlamaModel* model : {&gpu, &graphed}) {
+    model->set_lora(1, everywhere, 0.75f);
+    model->set_lora(2, v_only);
+    EXPECT_TRUE(model->has_lora(1) && model->has_lora(2) && !model->has_lora(3));
+  }
+  const int64_t block_size = 16, n_blocks = 3;
+  w::KvCache cpu_cache(c, n_blocks, block_size), base_cache(c, n_blocks, block_size);
+  w::CudaKvCache gpu_cache(c, n_blocks, block_size), graph_cache(c, n_blocks, block_size);
+  nibble::kernels::ThreadPool pool(2);
+  std::mt19937 rng(31);
+  std::uniform_int_distribution<int32_t> token(3, static_cast<int32_t>(c.n_vocab) - 1);
+  const std::vector<int32_t> adapters = {2, 0, 1};  // row r's adapter
+  int32_t pos = 0;
+  for (const int32_t count : {11, 1, 1, 1, 1}) {
+    SCOPED_TRACE("position " + std::to_string(pos));
+    w::ForwardBatch batch;
+    for (int32_t row = 0; row < 3; ++row) {
+      std::vector<int32_t> toks(static_cast<size_t>(count));
+      for (auto& x : toks) x = token(rng);
+      batch.add_sequence(toks, pos, row, 1);
+      batch.block_tables.push_back(row);
+    }
+    batch.max_blocks_per_seq = 1;
+    batch.seq_adapters = adapters;
+    std::vector<float> want, got, replayed, base;
+    cpu.forward(batch, cpu_cache, pool, want);
+    gpu.forward(batch, gpu_cache, got);
+    graphed.forward(batch, graph_cache, replayed);
+    w::ForwardBatch plain = batch;
+    plain.seq_adapters.clear();
+    cpu.forward(plain, base_cache, pool, base);
+    ASSERT_EQ(got.size(), want.size());
+    EXPECT_LE(t::max_relative_rms(got, want, c.n_vocab), kQuantizedBound);
+    EXPECT_EQ(got, replayed) << "graph replay equals direct launches";
+    for (int32_t row = 0; row < 3; ++row) {  // the rows are in sequence order, one logit row each
+      const std::vector<float> a(got.begin() + row * c.n_vocab, got.begin() + (row + 1) * c.n_vocab);
+      const std::vector<float> b(base.begin() + row * c.n_vocab, base.begin() + (row + 1) * c.n_vocab);
+      if (adapters[static_cast<size_t>(row)] != 0) {
+        EXPECT_GT(t::max_relative_rms(a, b, c.n_vocab), 2 * kQuantizedBound) << "row " << row;
+      }
+    }
+    pos += count;
+  }
+  EXPECT_GT(graphed.captured_graphs(), 0);
+  gpu.remove_lora(2);
+  EXPECT_FALSE(gpu.has_lora(2));
+  w::ForwardBatch named = w::ForwardBatch::single({5}, pos, {0}, false);
+  named.seq_adapters = {2};
+  std::vector<float> out;
+  EXPECT_THROW(gpu.forward(named, gpu_cache, out), std::invalid_argument);
+}
 
 // A layer matrix's device bytes when it is read by a W4A16 kernel: at most 4.75 bits a weight (Q4_0
 // and Q4_K 4.5; group-wise INT4 4.125 to 4.75, Q4_0 uploaded as INT4 groups of 32 the most), where an

@@ -1260,6 +1260,7 @@ void CudaLlamaModel::set_lora(int32_t slot, const model::LoraAdapter& adapter, f
         "LoRA adapters on a GPU model need it unsharded (tensor parallelism 1) so far: this is shard " +
         std::to_string(m.shard.rank) + " of " + std::to_string(m.shard.size));
   }
+  cuda_check(cudaSetDevice(m.options.device), "cudaSetDevice");
   const ShardLora lora =
       shard_lora(adapter, user_scale, nullptr, m.config.head_dim, m.layer_begin, m.layer_end, m.last_stage());
   auto upload = [](const std::optional<LoraProduct>& from) -> std::unique_ptr<Impl::DeviceLoraProduct> {
@@ -1270,9 +1271,10 @@ void CudaLlamaModel::set_lora(int32_t slot, const model::LoraAdapter& adapter, f
     to->n_out = from->n_out;
     to->scale = from->scale;
     if (to->rank > kc::kLoraMaxRank || to->n_out > kc::kLoraMaxOutputs) {
-      throw std::invalid_argument("a LoRA adapter of rank " + std::to_string(to->rank) +
-                                  " (the GPU's kernels take ranks up to " + std::to_string(kc::kLoraMaxRank) +
-                                  ")");
+      throw std::invalid_argument(
+          "a LoRA adapter of rank " + std::to_string(to->rank) + " on " + std::to_string(to->n_out) +
+          " outputs (the GPU's kernels take ranks up to " + std::to_string(kc::kLoraMaxRank) + " and " +
+          std::to_string(kc::kLoraMaxOutputs) + " outputs)");
     }
     for (auto [memory, bits] : {std::pair{&to->a_t, &from->a_t}, std::pair{&to->b_t, &from->b_t}}) {
       memory->reserve(bits->size() * sizeof(kernels::f16_bits));
@@ -1288,7 +1290,9 @@ void CudaLlamaModel::set_lora(int32_t slot, const model::LoraAdapter& adapter, f
     for (size_t which = 0; which < lora.layers[l].size(); ++which)
       device->layers[l][which] = upload(lora.layers[l][which]);
   device->output = upload(lora.output);
-  cuda_check(cudaStreamSynchronize(m.stream), "cudaStreamSynchronize");  // no pass reads the old factors
+  // The uploads (pageable memory: on the legacy stream, which the model's stream does not wait for) have
+  // landed, and no pass reads the old factors.
+  cuda_check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
   if (m.loras.size() < static_cast<size_t>(slot)) m.loras.resize(static_cast<size_t>(slot));
   m.loras[static_cast<size_t>(slot - 1)] = std::move(device);
   m.lora_max_rank = 0;
@@ -1306,6 +1310,7 @@ void CudaLlamaModel::set_lora(int32_t slot, const model::LoraAdapter& adapter, f
 void CudaLlamaModel::remove_lora(int32_t slot) {
   Impl& m = *impl_;
   if (!has_lora(slot)) return;
+  cuda_check(cudaSetDevice(m.options.device), "cudaSetDevice");
   cuda_check(cudaStreamSynchronize(m.stream), "cudaStreamSynchronize");
   m.loras[static_cast<size_t>(slot - 1)].reset();
   if (m.default_lora == slot) m.default_lora = 0;

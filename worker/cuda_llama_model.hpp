@@ -124,8 +124,8 @@ class CudaKvCache {
     return v_work_ != nullptr ? v_work_ : reinterpret_cast<uint16_t*>(v_data(layer));
   }
   // Device pointers to one layer's K and V as stored: [n_blocks, block_size, k_row_bytes()] bytes.
-  uint8_t* k_data(int64_t layer) const { return base_ + (2 * layer) * layer_stride_; }
-  uint8_t* v_data(int64_t layer) const { return base_ + (2 * layer) * layer_stride_ + v_offset_; }
+  uint8_t* k_data(int64_t layer) const { return base_ + layer * layer_stride_; }
+  uint8_t* v_data(int64_t layer) const { return base_ + layer * layer_stride_ + v_offset_; }
   int64_t k_row_bytes() const { return k_row_bytes_; }
   int64_t v_row_bytes() const { return v_row_bytes_; }
   // One layer's K (or V) copied to the host, for tests: as fp16 (an F16 side only; std::logic_error
@@ -144,7 +144,7 @@ class CudaKvCache {
 
  private:
   int64_t n_blocks_, block_size_, kv_dim_, n_layer_, k_row_bytes_, v_row_bytes_;
-  int64_t v_offset_ = 0, layer_stride_ = 0;  // bytes: V after K in a layer's segment; one segment
+  int64_t v_offset_ = 0, layer_stride_ = 0;  // bytes: V after K in a layer's segment; one segment (K and V)
   KvCacheTypes types_;
   uint8_t* base_ = nullptr;
   uint16_t* k_work_ = nullptr;  // the working copies (quantized sides only)
@@ -432,7 +432,7 @@ class CudaLlamaModel {
   // std::invalid_argument for types the model's heads cannot take (KvCache::unsupported).
   void set_kv_cache_types(const KvCacheTypes& types);
   const KvCacheTypes& kv_cache_types() const;
-  // Switches CudaModelOptions::kv_cache_rotation for later passes (drops captured graphs).
+  // Switches CudaModelOptions::kv_cache_rotation for later passes (a plan's key holds it).
   void set_kv_cache_rotation(bool on);
   // LoRA adapters, as LlamaModel's: set_lora puts an adapter (scaled by user_scale as llama.cpp scales)
   // into `slot` (>= 1), which batches name in ForwardBatch::seq_adapters; remove_lora empties it;

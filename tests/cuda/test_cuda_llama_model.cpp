@@ -383,6 +383,51 @@ INSTANTIATE_TEST_SUITE_P(Types, CudaLlamaModelKvCache,
                                   (std::get<1>(p.param) ? "_decode_kernel" : "_general_kernel");
                          });
 
+// A CudaKvCache's layers (K and V as stored) and a quantized side's fp16 working copy lie apart, each
+// inside the allocation: every range filled with its own byte reads back whole, an fp16 cache and a
+// quantized one.
+TEST(CudaKvCache, LayersAndWorkingCopiesDoNotOverlap) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  m::LlamaConfig c;
+  c.n_layer = 3;
+  c.n_embd = 128;
+  c.n_head = 4;
+  c.n_head_kv = 2;
+  c.head_dim = 32;
+  for (const w::KvCacheTypes types : {w::KvCacheTypes{}, w::KvCacheTypes{k::DType::Q8_0, k::DType::Q4_0}}) {
+    SCOPED_TRACE(types.name());
+    const int64_t rows = 5 * 4;
+    w::CudaKvCache cache(c, 5, 4, 0, types);
+    ASSERT_EQ(cache.k_row_bytes(), k::row_bytes(types.k, c.kv_dim()));
+    ASSERT_EQ(cache.v_row_bytes(), k::row_bytes(types.v, c.kv_dim()));
+    for (int64_t l = 0; l < c.n_layer; ++l) {
+      ASSERT_EQ(cudaMemset(cache.k_data(l), static_cast<int>(1 + 2 * l),
+                           static_cast<size_t>(rows * cache.k_row_bytes())),
+                cudaSuccess);
+      ASSERT_EQ(cudaMemset(cache.v_data(l), static_cast<int>(2 + 2 * l),
+                           static_cast<size_t>(rows * cache.v_row_bytes())),
+                cudaSuccess);
+    }
+    if (types.quantized()) {  // the working copies: one for every layer, apart from the layers
+      EXPECT_EQ(cache.k(0), cache.k(2));
+      EXPECT_NE(cache.k(0), cache.v(0));
+      ASSERT_EQ(cudaMemset(cache.k(0), 0x77, static_cast<size_t>(rows * c.kv_dim() * 2)), cudaSuccess);
+      ASSERT_EQ(cudaMemset(cache.v(0), 0x78, static_cast<size_t>(rows * c.kv_dim() * 2)), cudaSuccess);
+    } else {
+      EXPECT_EQ(cache.k(1), reinterpret_cast<uint16_t*>(cache.k_data(1)));
+    }
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    for (int64_t l = 0; l < c.n_layer; ++l) {
+      for (const bool values : {false, true}) {
+        const std::vector<uint8_t> bytes = cache.layer_bytes_to_host(l, values);
+        const auto want = static_cast<uint8_t>((values ? 2 : 1) + 2 * l);
+        EXPECT_EQ(std::count(bytes.begin(), bytes.end(), want), static_cast<std::ptrdiff_t>(bytes.size()))
+            << (values ? "V" : "K") << " of layer " << l;
+      }
+    }
+  }
+}
+
 // LoRA adapters on the GPU (kernels/cuda/lora after each product): two adapters (every matrix and the
 // head at rank 4; only V at rank 16) and the base model in one batch of three sequences, a prompt then
 // one-token steps, against the CPU with the same adapters (the weights' bound); every adapted row is

@@ -431,6 +431,8 @@ struct CudaLlamaModel::Impl::Plan {
   // and the adapters' generation (CudaLlamaModel::set_lora) the launches were planned for.
   bool lora = false;
   int64_t off_row_adapters = 0, off_logit_adapters = 0, lora_generation = 0;
+  uint64_t lora_slots = 0;  // bit a - 1: adapter a has rows in this batch (all bits: a slot above 64 does)
+  bool lora_runs(size_t slot) const { return slot > 64 || ((lora_slots >> (slot - 1)) & 1) != 0; }
 
   auto key() const {
     // The cache's geometry and types as well as its addresses: a new cache may reuse a freed one's memory.
@@ -438,7 +440,7 @@ struct CudaLlamaModel::Impl::Plan {
                            static_cast<const void*>(cache), cache->k(0), n_tiles, mma_tiles,
                            cache->block_size() * (int64_t{1} << 32) + cache->n_blocks(),
                            static_cast<int>(qshape.k_type) * 256 + static_cast<int>(qshape.v_type), n_rows,
-                           k_rotation * 4096 + v_rotation, lora ? lora_generation + 1 : 0);
+                           k_rotation * 4096 + v_rotation, lora ? lora_generation + 1 : 0, lora_slots);
   }
 };
 
@@ -513,6 +515,8 @@ CudaLlamaModel::Impl::Plan CudaLlamaModel::Impl::plan_batch(const ForwardBatch& 
       p.off_row_adapters = append(row_adapters);
       p.off_logit_adapters = append(logit_adapters);
       p.lora_generation = lora_generation;
+      for (const int32_t a : row_adapters)
+        if (a != 0) p.lora_slots |= a <= 64 ? uint64_t{1} << (a - 1) : ~uint64_t{0};
     }
   }
   if (cache.types().quantized()) {
@@ -700,7 +704,7 @@ void CudaLlamaModel::Impl::enqueue(const Plan& p) {
     const int64_t rows = layer < 0 ? n_out : n;
     const int32_t* adapters = md + (layer < 0 ? p.off_logit_adapters : p.off_row_adapters);
     for (size_t a = 0; a < loras.size(); ++a) {
-      if (loras[a] == nullptr) continue;
+      if (loras[a] == nullptr || !p.lora_runs(a + 1)) continue;  // no row of this batch names it
       const DeviceLoraProduct* lp =
           layer < 0 ? loras[a]->output.get()
                     : loras[a]->layers[static_cast<size_t>(layer)][static_cast<size_t>(which)].get();

@@ -182,7 +182,7 @@ struct CudaLlamaModel::Impl {
   std::vector<int32_t> meta_host;
   // Captured passes by plan key (CudaModelOptions::graphs).
   std::map<std::tuple<int64_t, int64_t, int64_t, int64_t, bool, int64_t, size_t, const void*, uint16_t*,
-                      int64_t, bool, int64_t, int, int64_t, int64_t, int64_t>,
+                      int64_t, bool, int64_t, int, int64_t, int64_t, int64_t, uint64_t>,
            cudaGraphExec_t>
       graphs;
   std::set<decltype(graphs)::key_type> seen_once;  // shapes run directly once, captured when seen again

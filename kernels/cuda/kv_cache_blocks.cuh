@@ -25,6 +25,8 @@ __host__ __device__ inline float div_rn(float a, float b) {
   return a / b;
 #endif
 }
+// 1 / d, or 0 for a zero scale (GGML's id).
+__host__ __device__ inline float inverse_or_zero(float d) { return d != 0.0f ? div_rn(1.0f, d) : 0.0f; }
 __host__ __device__ inline uint16_t half_bits(float f) { return __half_as_ushort(__float2half_rn(f)); }
 __host__ __device__ inline float bits_half(uint16_t bits) { return __half2float(__ushort_as_half(bits)); }
 
@@ -80,13 +82,13 @@ __host__ __device__ inline void quantize(const float* x, BlockQ8_0& out) {
   float amax = 0.0f;
   for (int j = 0; j < kQK8_0; ++j) amax = fmaxf(amax, fabsf(x[j]));
   const float d = div_rn(amax, 127.0f);
-  const float inv_d = d != 0.0f ? div_rn(1.0f, d) : 0.0f;
+  const float inv_d = inverse_or_zero(d);
   out.d = half_bits(d);
   for (int j = 0; j < kQK8_0; ++j) out.qs[j] = static_cast<int8_t>(roundf(mul_rn(x[j], inv_d)));
 }
 __host__ __device__ inline void quantize(const float* x, BlockQ4_0& out) {
   const float d = div_rn(signed_absmax(x), -8.0f);
-  const float inv_d = d != 0.0f ? div_rn(1.0f, d) : 0.0f;
+  const float inv_d = inverse_or_zero(d);
   out.d = half_bits(d);
   for (int j = 0; j < 16; ++j) {
     const int lo = static_cast<int8_t>(add_rn(mul_rn(x[j], inv_d), 8.5f));
@@ -98,7 +100,7 @@ __host__ __device__ inline void quantize(const float* x, BlockQ4_1& out) {
   float min, max;
   min_max(x, min, max);
   const float d = div_rn(sub_rn(max, min), 15.0f);
-  const float inv_d = d != 0.0f ? div_rn(1.0f, d) : 0.0f;
+  const float inv_d = inverse_or_zero(d);
   out.d = half_bits(d);
   out.m = half_bits(min);
   for (int j = 0; j < 16; ++j) {
@@ -109,7 +111,7 @@ __host__ __device__ inline void quantize(const float* x, BlockQ4_1& out) {
 }
 __host__ __device__ inline void quantize(const float* x, BlockQ5_0& out) {
   const float d = div_rn(signed_absmax(x), -16.0f);
-  const float inv_d = d != 0.0f ? div_rn(1.0f, d) : 0.0f;
+  const float inv_d = inverse_or_zero(d);
   out.d = half_bits(d);
   int levels[kQK4_0];
   for (int j = 0; j < kQK4_0; ++j) {
@@ -122,7 +124,7 @@ __host__ __device__ inline void quantize(const float* x, BlockQ5_1& out) {
   float min, max;
   min_max(x, min, max);
   const float d = div_rn(sub_rn(max, min), 31.0f);
-  const float inv_d = d != 0.0f ? div_rn(1.0f, d) : 0.0f;
+  const float inv_d = inverse_or_zero(d);
   out.d = half_bits(d);
   out.m = half_bits(min);
   int levels[kQK4_0];

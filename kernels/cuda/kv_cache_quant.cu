@@ -152,23 +152,6 @@ __device__ void store_unit(DType type, const float* x, uint8_t* cache_row, __hal
   }
 }
 
-int64_t block_bytes(DType type) {
-  switch (type) {
-    case DType::Q8_0:
-      return sizeof(BlockQ8_0);
-    case DType::Q4_0:
-      return sizeof(BlockQ4_0);
-    case DType::Q4_1:
-      return sizeof(BlockQ4_1);
-    case DType::Q5_0:
-      return sizeof(BlockQ5_0);
-    case DType::Q5_1:
-      return sizeof(BlockQ5_1);
-    default:
-      return sizeof(BlockIQ4_NL);
-  }
-}
-
 struct StoreParams {
   const int32_t* token_pos;
   const int32_t* token_seq;
@@ -316,8 +299,8 @@ Status kv_cache_store_positions(const KvCacheQuantShape& s, int64_t tokens, int6
   p.block_size = s.block_size;
   p.num_blocks = s.num_blocks;
   p.max_blocks_per_seq = s.max_blocks_per_seq;
-  p.k_row_bytes = s.k_type == DType::F16 ? 0 : p.kv_dim / kQK4_0 * block_bytes(s.k_type);
-  p.v_row_bytes = s.v_type == DType::F16 ? 0 : p.kv_dim / kQK4_0 * block_bytes(s.v_type);
+  p.k_row_bytes = s.k_type == DType::F16 ? 0 : row_bytes(s.k_type, p.kv_dim);
+  p.v_row_bytes = s.v_type == DType::F16 ? 0 : row_bytes(s.v_type, p.kv_dim);
   p.k_rotation = static_cast<int>(s.k_type == DType::F16 ? 0 : k_rotation_block);
   p.v_rotation = static_cast<int>(s.v_type == DType::F16 ? 0 : v_rotation_block);
   p.k_scale = rotation_scale(p.k_rotation);

@@ -475,8 +475,8 @@ TEST(ClusterConfig, LoadResolvesModelPathsAgainstTheFile) {
   EXPECT_THROW(load_cluster_config((folder / "missing.yaml").string()), ConfigError);
 }
 
-// lora_adapters: a list of {name, path, scale}, names unique, GPU workers unsharded only; paths resolve
-// against the file like the model's, and the list renders back.
+// lora_adapters: a list of {name, path, scale}, names unique, on CPU and GPU workers in any layout; paths
+// resolve against the file like the model's, and the list renders back.
 TEST(ClusterConfig, LoraAdaptersAreAListOfNamedFiles) {
   const ClusterConfig config = parse_cluster_config(
       "model: {path: m.gguf}\nlora_adapters:\n  - {name: sql, path: a/sql.gguf, scale: 0.5}\n"
@@ -498,13 +498,15 @@ TEST(ClusterConfig, LoraAdaptersAreAListOfNamedFiles) {
                "lora_adapters[0].alpha", 3, {"unknown key 'alpha'", "allowed keys: name, path, scale"});
   expect_error("model: {path: m}\nlora_adapters:\n  - {name: a, path: b, scale: x}\n",
                "lora_adapters[0].scale", 3, {"expected a number"});
-  // GPU workers take adapters on unsharded models (tensor 1) so far.
-  const ClusterConfig lora_on_gpu = parse_cluster_config(
-      "model: {path: m}\ndevice: cuda\nlora_adapters:\n  - {name: a, path: b}\n", "t.yaml");
-  EXPECT_EQ(lora_on_gpu.lora_adapters.size(), 1u);
-  expect_error(
-      "model: {path: m}\ndevice: cuda\nparallel: {tensor: 2}\nlora_adapters:\n  - {name: a, path: b}\n",
-      "lora_adapters", 4, {"LoRA adapters on GPU workers need parallel.tensor 1"});
+  // GPU workers take adapters unsharded and as tensor shards (each its cut of the factors).
+  for (const std::string tensor : {"1", "2"}) {
+    const ClusterConfig lora_on_gpu =
+        parse_cluster_config("model: {path: m}\ndevice: cuda\nparallel: {tensor: " + tensor +
+                                 "}\nlora_adapters:\n  - {name: a, path: b}\n",
+                             "t.yaml");
+    EXPECT_EQ(lora_on_gpu.lora_adapters.size(), 1u);
+    EXPECT_EQ(parse_cluster_config(render_cluster_config(lora_on_gpu), "rendered"), lora_on_gpu);
+  }
   // The KV cache's type: f16 unless asked for a quantized one, on the CPU and the CUDA workers alike.
   EXPECT_EQ(config.kv_cache.dtype, "f16");
   for (const std::string type : {"q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl"}) {
@@ -543,10 +545,10 @@ TEST(ClusterConfig, LoraAdaptersAreAListOfNamedFiles) {
   EXPECT_EQ(parse_cluster_config(render_cluster_config(updates), "rendered"), updates);
   expect_error("model: {path: m}\nserver: {lora_updates: yes please}\n", "server.lora_updates", 2,
                {"expected one of false, true"});
-  EXPECT_TRUE(parse_cluster_config("model: {path: m}\ndevice: cuda\nserver: {lora_updates: true}\n", "t.yaml")
-                  .server.lora_updates);
-  expect_error("model: {path: m}\ndevice: cuda\nparallel: {tensor: 2}\nserver: {lora_updates: true}\n",
-               "server", 4, {"server.lora_updates", "need parallel.tensor 1"});
+  EXPECT_TRUE(
+      parse_cluster_config(
+          "model: {path: m}\ndevice: cuda\nparallel: {tensor: 2}\nserver: {lora_updates: true}\n", "t.yaml")
+          .server.lora_updates);
 
   const auto folder =
       std::filesystem::temp_directory_path() / ("nibble_lora_config_" + std::to_string(::getpid()));

@@ -1857,8 +1857,9 @@ TEST(Serve, CudaQuantizedKvCacheServesLikeCudaGenerate) {
   }
 }
 
-// device: cuda with LoRA adapters (GPU workers, unsharded: kernels/cuda/lora after each product), one
-// stage and two: requests naming an adapter get single-process `nibble generate --device cuda --lora`'s
+// device: cuda with LoRA adapters (GPU workers: kernels/cuda/lora after each product), one stage, two
+// stages and two tensor shards (each its cut of the factors, both on the one GPU here, reducing through
+// the host): requests naming an adapter get single-process `nibble generate --device cuda --lora`'s
 // tokens, the others the base model's.
 TEST(Serve, CudaLoraAdaptersServeLikeCudaGenerateWithTheAdapter) {
   if (const std::string why = cuda_job_skip_reason(); !why.empty()) GTEST_SKIP() << why;
@@ -1871,8 +1872,8 @@ TEST(Serve, CudaLoraAdaptersServeLikeCudaGenerateWithTheAdapter) {
       nibble_generate(model, kPrompts[0], 16, kCudaGenerate + " --lora '" + sql + "' --lora-scale 0.5"),
       nibble_generate(model, kPrompts[0], 16, kCudaGenerate + " --lora '" + chat + "'")};
   EXPECT_NE(expected[0].tokens, expected[1].tokens);
-  for (const Shape shape : {Shape{1, 1}, Shape{1, 2}}) {
-    SCOPED_TRACE(std::string("P") + std::to_string(shape.pipeline));
+  for (const Shape shape : {Shape{1, 1}, Shape{1, 2}, Shape{2, 1}}) {
+    SCOPED_TRACE(std::string("T") + std::to_string(shape.tensor) + " P" + std::to_string(shape.pipeline));
     test::TempDir dir;
     ServeJob job(dir.path(), model, shape.tensor, shape.pipeline,
                  kCudaJob + "lora_adapters:\n  - { name: sql, path: '" + sql +

@@ -892,6 +892,8 @@ void CudaLlamaModel::Impl::enqueue(const Plan& p) {
       add_lora(-1, LayerMatrix::attn_q, picked16.as<__half>(), c.n_embd, logits.as<float>(), c.n_vocab);
     } else {  // the shard's vocabulary columns, gathered into full rows
       matmul(head, picked16.as<__half>(), n_out, local_logits.as<float>());
+      add_lora(-1, LayerMatrix::attn_q, picked16.as<__half>(), c.n_embd, local_logits.as<float>(),
+               head.n_out);
       gather_logits(n_out);
     }
   }
@@ -1259,14 +1261,12 @@ void CudaLlamaModel::set_kv_cache_rotation(bool on) {
 void CudaLlamaModel::set_lora(int32_t slot, const model::LoraAdapter& adapter, float user_scale) {
   Impl& m = *impl_;
   if (slot < 1) throw std::invalid_argument("LoRA slot " + std::to_string(slot) + ": slots start at 1");
-  if (m.reducer != nullptr) {
-    throw std::invalid_argument(
-        "LoRA adapters on a GPU model need it unsharded (tensor parallelism 1) so far: this is shard " +
-        std::to_string(m.shard.rank) + " of " + std::to_string(m.shard.size));
-  }
+  check_lora_fits(adapter, m.config);  // the whole model's shapes: a shard holds slices
   cuda_check(cudaSetDevice(m.options.device), "cudaSetDevice");
-  const ShardLora lora =
-      shard_lora(adapter, user_scale, nullptr, m.config.head_dim, m.layer_begin, m.layer_end, m.last_stage());
+  // A tensor shard keeps its cut of the factors (worker/lora_weights.hpp): the row-parallel products'
+  // updates are partial sums that the all-reduce after them adds up, as it adds the products.
+  const ShardLora lora = shard_lora(adapter, user_scale, m.shard.size > 1 ? &m.split : nullptr,
+                                    m.config.head_dim, m.layer_begin, m.layer_end, m.last_stage());
   auto upload = [](const std::optional<LoraProduct>& from) -> std::unique_ptr<Impl::DeviceLoraProduct> {
     if (!from) return nullptr;
     auto to = std::make_unique<Impl::DeviceLoraProduct>();

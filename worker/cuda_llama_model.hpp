@@ -437,9 +437,10 @@ class CudaLlamaModel {
   // LoRA adapters, as LlamaModel's: set_lora puts an adapter (scaled by user_scale as llama.cpp scales)
   // into `slot` (>= 1), which batches name in ForwardBatch::seq_adapters; remove_lora empties it;
   // set_default_lora names the adapter of batches without seq_adapters (0: none). The factors go up as
-  // fp16 (worker::shard_lora's, this stage's layers); every product of a row that names an adapter adds
-  // scale * B (A x) on kernels/cuda/lora (and such a step runs no fused one-row epilogue). Unsharded models
-  // only so far: std::invalid_argument on a tensor shard, or for an adapter whose shapes do not fit.
+  // fp16 (worker::shard_lora's: this stage's layers, a tensor shard's cut); every product of a row that
+  // names an adapter adds scale * B (A x) on kernels/cuda/lora before the product's all-reduce or logits
+  // gather (and such a step runs no fused one-row epilogue). std::invalid_argument for an adapter whose
+  // shapes do not fit the whole model (check_lora_fits) or the kernels' limits.
   void set_lora(int32_t slot, const model::LoraAdapter& adapter, float user_scale = 1.0f);
   void remove_lora(int32_t slot);
   void set_default_lora(int32_t slot);

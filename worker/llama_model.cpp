@@ -145,28 +145,8 @@ int32_t LlamaModel::add_lora(const model::LoraAdapter& adapter, float user_scale
 
 void LlamaModel::set_lora(int32_t slot, const model::LoraAdapter& adapter, float user_scale) {
   if (slot < 1) throw std::invalid_argument("LoRA adapter index " + std::to_string(slot) + " is below 1");
-  if (static_cast<int64_t>(adapter.layers.size()) != config_.n_layer) {
-    throw std::invalid_argument("LoRA adapter " + adapter.path + " has " +
-                                std::to_string(adapter.layers.size()) + " layers, the model " +
-                                std::to_string(config_.n_layer));
-  }
-  // Shapes are checked against the whole model's (this shard holds slices).
-  const model::LlamaConfig& c = config_;
-  for (const auto& layer : adapter.layers) {
-    for (model::LayerMatrix which : model::kLayerMatrices) {
-      const auto& lm = layer[static_cast<size_t>(which)];
-      const auto [n_out, k] = model::layer_matrix_shape(c, which);
-      if (lm && (lm->n_out != n_out || lm->k != k || static_cast<int64_t>(lm->a.size()) != lm->rank * lm->k ||
-                 static_cast<int64_t>(lm->b.size()) != lm->n_out * lm->rank)) {
-        throw std::invalid_argument("LoRA adapter " + adapter.path +
-                                    ": a matrix of the wrong shape for this model");
-      }
-    }
-  }
-  if (adapter.output && (adapter.output->n_out != c.n_vocab || adapter.output->k != c.n_embd)) {
-    throw std::invalid_argument("LoRA adapter " + adapter.path + ": an output head of the wrong shape");
-  }
-  ShardLora cut = shard_lora(adapter, user_scale, plan_ ? &*plan_ : nullptr, c.head_dim, layer_begin_,
+  check_lora_fits(adapter, config_);  // the whole model's shapes: this shard holds slices
+  ShardLora cut = shard_lora(adapter, user_scale, plan_ ? &*plan_ : nullptr, config_.head_dim, layer_begin_,
                              layer_end_, is_last_stage());
   if (slot > n_loras()) loras_.resize(static_cast<size_t>(slot));
   loras_[static_cast<size_t>(slot - 1)] = std::move(cut);

@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "kernels/lora.hpp"
+#include "model/llama_checkpoint.hpp"
 
 namespace nibble::worker {
 
@@ -46,6 +47,28 @@ LoraProduct columns_of_a(const model::LoraMatrix& m, float scale, size_t begin, 
 }
 
 }  // namespace
+
+void check_lora_fits(const model::LoraAdapter& adapter, const model::LlamaConfig& whole) {
+  if (static_cast<int64_t>(adapter.layers.size()) != whole.n_layer) {
+    throw std::invalid_argument("LoRA adapter " + adapter.path + " has " +
+                                std::to_string(adapter.layers.size()) + " layers, the model " +
+                                std::to_string(whole.n_layer));
+  }
+  for (const auto& layer : adapter.layers) {
+    for (model::LayerMatrix which : model::kLayerMatrices) {
+      const auto& lm = layer[static_cast<size_t>(which)];
+      const auto [n_out, k] = model::layer_matrix_shape(whole, which);
+      if (lm && (lm->n_out != n_out || lm->k != k || static_cast<int64_t>(lm->a.size()) != lm->rank * lm->k ||
+                 static_cast<int64_t>(lm->b.size()) != lm->n_out * lm->rank)) {
+        throw std::invalid_argument("LoRA adapter " + adapter.path +
+                                    ": a matrix of the wrong shape for this model");
+      }
+    }
+  }
+  if (adapter.output && (adapter.output->n_out != whole.n_vocab || adapter.output->k != whole.n_embd)) {
+    throw std::invalid_argument("LoRA adapter " + adapter.path + ": an output head of the wrong shape");
+  }
+}
 
 ShardLora shard_lora(const model::LoraAdapter& adapter, float user_scale, const ModelShard* shard,
                      int64_t head_dim, int64_t layer_begin, int64_t layer_end, bool last_stage) {

@@ -31,6 +31,10 @@ struct ShardLora {
   std::optional<LoraProduct> output;                              // last stage only
 };
 
+// Throws std::invalid_argument naming the adapter's file unless it has `whole`'s layers and each of its
+// matrices the whole model's shape (a shard cuts it afterwards: shard_lora).
+void check_lora_fits(const model::LoraAdapter& adapter, const model::LlamaConfig& whole);
+
 // The stage's layers [layer_begin, layer_end) of `adapter`, scaled by user_scale as llama.cpp scales
 // (LoraAdapter::scale), cut to `shard`'s share (null: unsharded); the head's update only when
 // last_stage. head_dim: the model's, for the head ranges.

@@ -496,19 +496,6 @@ ClusterConfig build_config(const Reader& reader, const Section& top, const std::
       }
     }
   }
-  // GPU workers apply adapters on unsharded models only so far (CudaLlamaModel::set_lora).
-  const bool gpu_shards = config.device == Device::cuda && config.parallel.tensor > 1;
-  if (gpu_shards && !config.lora_adapters.empty()) {
-    const Entry& e = *top.find("lora_adapters");
-    reader.fail(e.path, e.line,
-                "LoRA adapters on GPU workers need parallel.tensor 1 so far (or device: cpu)");
-  }
-  if (gpu_shards && config.server.lora_updates) {
-    const Entry& e = *top.find("server");
-    reader.fail(
-        e.path, e.line,
-        "server.lora_updates: LoRA adapters on GPU workers need parallel.tensor 1 so far (or device: cpu)");
-  }
   return config;
 }
 

@@ -17,6 +17,8 @@
 #include <vector>
 
 #include "kernels/thread_pool.hpp"
+#include "model/llama_checkpoint.hpp"
+#include "model/lora_adapter.hpp"
 #include "model/random_model.hpp"
 #include "parallel/nccl_communicator.hpp"
 #include "parallel/nccl_reducer.hpp"
@@ -77,24 +79,26 @@ std::vector<float> gpu_logits(w::CudaLlamaModel& model) {
       [&](const w::ForwardBatch& b, std::vector<float>& out) { model.forward(b, cache, out); });
 }
 
-// T shards of `path` in T threads; every shard's gathered logits.
-std::vector<std::vector<float>> sharded_gpu_logits(const std::string& path, int tensor) {
+// T shards of `path` in T threads, their collectives through the host: each shard loaded with
+// `options`, set up by prepare(model) and run by run(model) -> its output; every shard's output.
+template <class Prepare, class Run>
+std::vector<std::vector<float>> on_shards(const std::string& path, int tensor,
+                                          const w::CudaModelOptions& options, Prepare&& prepare, Run&& run) {
   t::ThreadGroup group(tensor);
   std::vector<std::unique_ptr<t::ThreadGroup::Reducer>> reducers;
   std::vector<std::unique_ptr<w::CudaLlamaModel>> shards;
   for (int r = 0; r < tensor; ++r) {
     reducers.push_back(std::make_unique<t::ThreadGroup::Reducer>(group, r));
-    w::CudaModelOptions options;
-    options.graphs = true;  // ignored with a host reducer: its reductions cannot be captured
     shards.push_back(
         w::CudaLlamaModel::load(path, options, w::TensorShard{r, tensor}, reducers.back().get()));
+    prepare(*shards.back());
   }
   std::vector<std::vector<float>> got(static_cast<size_t>(tensor));
   std::vector<std::thread> threads;
   for (int r = 0; r < tensor; ++r) {
     threads.emplace_back([&, r] {
       try {
-        got[r] = gpu_logits(*shards[r]);
+        got[r] = run(*shards[r]);
       } catch (const std::exception& e) {
         // The other shard would wait at the barrier forever: stop the test program loudly instead.
         std::fprintf(stderr, "shard %d: %s\n", r, e.what());
@@ -105,6 +109,15 @@ std::vector<std::vector<float>> sharded_gpu_logits(const std::string& path, int 
   for (auto& th : threads) th.join();
   for (int r = 0; r < tensor; ++r) EXPECT_EQ(shards[r]->captured_graphs(), 0) << "rank " << r;
   return got;
+}
+
+// T shards of `path`; every shard's gathered logits of the conversation.
+std::vector<std::vector<float>> sharded_gpu_logits(const std::string& path, int tensor) {
+  w::CudaModelOptions options;
+  options.graphs = true;  // ignored with a host reducer: its reductions cannot be captured
+  return on_shards(
+      path, tensor, options, [](w::CudaLlamaModel&) {},
+      [](w::CudaLlamaModel& model) { return gpu_logits(model); });
 }
 
 class CudaTensorParallel : public ::testing::TestWithParam<k::DType> {};
@@ -184,6 +197,90 @@ TEST_P(CudaTensorParallel, TwoPipelineStagesChainedGiveTheWholeModelsLogits) {
 
 INSTANTIATE_TEST_SUITE_P(Types, CudaTensorParallel, ::testing::Values(k::DType::Q4_0, k::DType::F16),
                          [](const auto& param_info) { return std::string(k::type_name(param_info.param)); });
+
+// LoRA adapters on tensor shards (each shard its cut of the factors: B's rows for q/k/v, gate/up and the
+// head, A's columns for attn_output and ffn_down, whose partial updates the all-reduce adds): three
+// sequences in one batch, on an adapter on every matrix and the head (rank 4), one on attn_v only (rank
+// 16) and none, a prompt then decode steps. Two shards give the whole GPU model's logits with the same
+// adapters (within the sharding bound) and the CPU's (within the GPU-vs-CPU bound); the adapted rows
+// are far from the base model's, so a dropped or doubled partial update could not pass.
+TEST(CudaTensorParallelLora, TwoShardsWithAdaptersGiveTheWholeModelsLogitsInOneBatch) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  t::TempDir tmp;
+  const std::string path = random_model(tmp.path(), k::DType::Q4_0);
+  const auto checkpoint = m::LlamaCheckpoint::open(path);
+  const m::LlamaConfig& c = checkpoint->config();
+  const std::vector<m::LayerMatrix> all(std::begin(m::kLayerMatrices), std::end(m::kLayerMatrices));
+  const m::LoraAdapter everywhere = m::make_random_lora(c, 4, 0, 0.3f, 7, all, true);
+  const m::LoraAdapter v_only = m::make_random_lora(c, 16, 32.0f, 0.3f, 8, {m::LayerMatrix::attn_v});
+  const auto add_adapters = [&](auto& model) {
+    model.set_lora(1, everywhere, 0.75f);
+    model.set_lora(2, v_only, 1.0f);
+  };
+  const std::vector<int32_t> adapters = {2, 0, 1};  // sequence s's adapter
+  // The batches' logits concatenated; with_adapters false: the same batches on the base model.
+  const auto scenario = [&](const auto& forward, bool with_adapters) {
+    std::vector<float> all_logits, out;
+    int32_t pos = 0, token = 3;
+    for (const int32_t count : {11, 1, 1, 1}) {
+      w::ForwardBatch batch;
+      for (int32_t s = 0; s < 3; ++s) {
+        std::vector<int32_t> toks;
+        for (int32_t i = 0; i < count; ++i) toks.push_back(token = 3 + (token * 131 + 17) % (kVocab - 3));
+        batch.add_sequence(toks, pos, s, 1);
+        batch.block_tables.push_back(s);
+      }
+      batch.max_blocks_per_seq = 1;
+      if (with_adapters) batch.seq_adapters = adapters;
+      forward(batch, out);
+      all_logits.insert(all_logits.end(), out.begin(), out.end());
+      pos += count;
+    }
+    return all_logits;
+  };
+  const auto on_gpu = [&](w::CudaLlamaModel& model) {
+    w::CudaKvCache cache(model.shard_config(), 3, 16);
+    return scenario([&](const w::ForwardBatch& b, std::vector<float>& out) { model.forward(b, cache, out); },
+                    true);
+  };
+  w::CudaModelOptions options;
+  options.int4_kernels = w::Int4Kernels::cuda_cores;  // the same kernels in the whole model and the shards
+  std::vector<float> whole, cpu, base;
+  {
+    w::CudaLlamaModel model(checkpoint, options);
+    add_adapters(model);
+    whole = on_gpu(model);
+  }
+  {
+    w::LlamaModel model(checkpoint);
+    add_adapters(model);
+    k::ThreadPool pool(1);
+    for (const bool with_adapters : {true, false}) {
+      w::KvCache cache(c, 3, 16);
+      (with_adapters ? cpu : base) = scenario(
+          [&](const w::ForwardBatch& b, std::vector<float>& out) { model.forward(b, cache, pool, out); },
+          with_adapters);
+    }
+  }
+  const std::vector<std::vector<float>> shards = on_shards(path, 2, options, add_adapters, on_gpu);
+  ASSERT_EQ(whole.size(), cpu.size());
+  EXPECT_LT(t::max_relative_rms(whole, cpu, kVocab), kQuantizedBound);
+  for (size_t r = 0; r < shards.size(); ++r) {
+    ASSERT_EQ(shards[r].size(), whole.size()) << "rank " << r;
+    EXPECT_LT(t::max_relative_rms(shards[r], whole, kVocab), kShardBound) << "rank " << r;
+    EXPECT_LT(t::max_relative_rms(shards[r], cpu, kVocab), kQuantizedBound) << "rank " << r;
+    EXPECT_EQ(shards[r], shards[0]) << "every shard gathers the same rows";
+  }
+  const size_t rows = whole.size() / kVocab;  // 4 steps x 3 sequences, in sequence order
+  for (size_t row = 0; row < rows; ++row) {
+    if (adapters[row % 3] == 0) continue;
+    const auto at = [&](const std::vector<float>& v) {
+      return std::vector<float>(v.begin() + static_cast<std::ptrdiff_t>(row * kVocab),
+                                v.begin() + static_cast<std::ptrdiff_t>((row + 1) * kVocab));
+    };
+    EXPECT_GT(t::max_relative_rms(at(shards[0]), at(base), kVocab), 2 * kQuantizedBound) << "row " << row;
+  }
+}
 
 // A dummy shards by slicing the whole generated matrices: T = 2 on the GPU equals the whole dummy.
 TEST(CudaTensorParallelDummy, TwoShardsOfDummyTinyGiveTheWholeModelsLogits) {

@@ -425,6 +425,7 @@ struct CudaLlamaModel::Impl::Plan {
   // A quantized cache (kernels/cuda/kv_cache_quant.cuh): its shape, the table rows whose blocks each
   // layer dequantizes (their last blocks at off_last_block) and the rotation's blocks (0: none).
   bool kv_quantized = false;
+  bool kv_as_stored = false;  // a decode step on such a cache: attention_decode_quantized, no working copy
   kc::KvCacheQuantShape qshape;
   int64_t n_rows = 0, off_last_block = 0, k_rotation = 0, v_rotation = 0;
   // Rows that name a LoRA adapter: each token's and each logit row's adapter (0: none) at these offsets,
@@ -542,6 +543,7 @@ CudaLlamaModel::Impl::Plan CudaLlamaModel::Impl::plan_batch(const ForwardBatch& 
       p.v_rotation = rotation.v_block;
     }
   }
+  p.kv_as_stored = p.kv_quantized && p.use_decode && options.kv_cache_decode_as_stored;
   if (p.use_decode) {
     std::vector<int32_t> seq_lens, query_start, run_tables;
     for (int64_t r = 0; r < p.n_runs; ++r) {
@@ -737,7 +739,7 @@ void CudaLlamaModel::Impl::enqueue(const Plan& p) {
     }
     auto* kc_l = reinterpret_cast<__half*>(cache.k(l));  // a quantized side's working copy
     auto* vc_l = reinterpret_cast<__half*>(cache.v(l));
-    if (p.kv_quantized) {  // the blocks this pass attends over, into the working copies
+    if (p.kv_quantized && !p.kv_as_stored) {  // the blocks this pass attends over, into the working copies
       const Timed timed(*this, Section::rope_kv);
       check_status(
           kc::kv_cache_dequantize_blocks(p.qshape, p.n_rows, md + p.off_tables, md + p.off_last_block,
@@ -785,7 +787,14 @@ void CudaLlamaModel::Impl::enqueue(const Plan& p) {
                      "hadamard_rotate_f16 (queries)");
     }
     std::optional<Timed> attention_span(std::in_place, *this, Section::attention);
-    if (p.use_decode) {
+    if (p.kv_as_stored) {  // the quantized blocks as stored (an F16 side: its layer, as kc_l / vc_l)
+      check_status(kc::attention_decode_quantized(
+                       p.dshape, q16.as<__half>(), cache.k_data(l), p.qshape.k_type, cache.v_data(l),
+                       p.qshape.v_type, md + p.off_run_tables, md + p.off_seq_lens, md + p.off_query_start,
+                       scale, att16.as<__half>(), workspace.as<void>(), workspace.bytes(), flag_d, stream,
+                       pdl, attention_counters.as<unsigned>()),
+                   "attention_decode_quantized");
+    } else if (p.use_decode) {
       check_status(kc::attention_decode(p.dshape, q16.as<__half>(), kc_l, vc_l, md + p.off_run_tables,
                                         md + p.off_seq_lens, md + p.off_query_start, scale,
                                         att16.as<__half>(), workspace.as<void>(), workspace.bytes(), flag_d,

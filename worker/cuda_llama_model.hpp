@@ -383,6 +383,12 @@ struct CudaModelOptions {
   // output rotated back), as LlamaModel::set_kv_cache_rotation; false is LLAMA_ATTN_ROT_DISABLE=1. An
   // fp16 cache is never rotated.
   bool kv_cache_rotation = true;
+  // Decode steps (those on attention_decode) read a quantized KV cache's blocks as stored
+  // (attention_decode_quantized: each tile's blocks turned into fp16 in the kernel), where prompt steps
+  // dequantize the blocks they attend over into the fp16 working copy first: the same bits, at the
+  // quantized bytes' traffic instead of the copy's ~2.5x fp16's. false: the working copy for every step
+  // (tests compare the two).
+  bool kv_cache_decode_as_stored = true;
 };
 
 class CudaLlamaModel {

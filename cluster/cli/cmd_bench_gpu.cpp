@@ -960,8 +960,12 @@ nlohmann::json report_attention(const std::vector<kernels::cuda::AttentionBenchR
     std::printf(
         "\nDecode attention (attention_decode, one kernel; %lld query and %lld KV heads of %lld, blocks of "
         "%lld positions), us (%%copy of the K and V bytes a call reads) by split size (positions a block "
-        "takes); the model splits at %lld (CudaModelOptions::decode_split_tokens); q8_0 copy: what a Q8_0 "
-        "cache adds before the call, its blocks dequantized into the fp16 working copy\n%5s %7s %7s |",
+        "takes); the model splits at %lld (CudaModelOptions::decode_split_tokens); q8_0: the call at the "
+        "best "
+        "split on a Q8_0 cache read as stored (a quantized cache's decode step) and its ratio to fp16's; "
+        "q8_0 "
+        "copy: the Q8_0 blocks dequantized into an fp16 working copy (what prompt steps add before the "
+        "call)\n%5s %7s %7s |",
         static_cast<long long>(heads.n_head), static_cast<long long>(heads.n_head_kv),
         static_cast<long long>(heads.head_dim), static_cast<long long>(heads.block_size),
         static_cast<long long>(model_split), "batch", "context", "queries");
@@ -976,17 +980,18 @@ nlohmann::json report_attention(const std::vector<kernels::cuda::AttentionBenchR
     if (print && !header_done) {
       for (size_t i = first; i < end; ++i)
         std::printf(" %14lld", static_cast<long long>(rows[i].split_tokens));
-      std::printf(" | %5s %10s | %9s %10s | %12s\n", "best", "model/best", "torch us", "best/torch",
-                  "q8_0 copy us");
+      std::printf(" | %5s %10s | %9s %10s | %9s %9s | %12s\n", "best", "model/best", "torch us", "best/torch",
+                  "q8_0 us", "q8_0/f16", "q8_0 copy us");
       header_done = true;
     }
     const kernels::cuda::AttentionBenchRow* best = &rows[first];
     double model_us = 0.0;
-    nlohmann::json split_us = nlohmann::json::object();
+    nlohmann::json split_us = nlohmann::json::object(), q8_0_split_us = nlohmann::json::object();
     for (size_t i = first; i < end; ++i) {
       if (rows[i].us < best->us) best = &rows[i];
       if (rows[i].split_tokens == model_split) model_us = rows[i].us;
       split_us[std::to_string(rows[i].split_tokens)] = rows[i].us;
+      q8_0_split_us[std::to_string(rows[i].split_tokens)] = rows[i].q8_0_us;  // -1: failed
     }
     const auto& r = rows[first];
     nlohmann::json c{
@@ -996,6 +1001,7 @@ nlohmann::json report_attention(const std::vector<kernels::cuda::AttentionBenchR
         {"best_us", best->us},  {"best_copy_fraction", r.kv_bytes / (best->us * 1e-6) / 1e9 / copy_gbps}};
     if (model_us > 0) c["model_split_over_best"] = model_us / best->us;
     c["q8_0_copy_us"] = r.q8_0_copy_us;  // a Q8_0 cache's dequantization into the working copy (-1: failed)
+    c["q8_0_split_us"] = q8_0_split_us;  // the call on a Q8_0 cache read as stored, per split
     const auto peer = torch.decode_us.find({r.batch, r.context, r.queries});
     const double torch_us = peer == torch.decode_us.end() ? 0.0 : peer->second;
     if (torch_us > 0) {
@@ -1017,6 +1023,10 @@ nlohmann::json report_attention(const std::vector<kernels::cuda::AttentionBenchR
         std::printf(" | %9.1f %9.2fx", torch_us, torch_us / best->us);
       else
         std::printf(" | %9s %10s", "-", "-");
+      if (best->q8_0_us > 0)
+        std::printf(" | %9.1f %8.2fx", best->q8_0_us, best->q8_0_us / best->us);
+      else
+        std::printf(" | %9s %9s", "failed", "-");
       if (r.q8_0_copy_us >= 0)
         std::printf(" | %12.1f\n", r.q8_0_copy_us);
       else

@@ -37,10 +37,13 @@ struct AttentionBenchRow {
   // the case dequantized into the fp16 working copy (kv_cache_dequantize_blocks, as CudaLlamaModel runs
   // it each layer); -1 where that failed to launch.
   double q8_0_copy_us = 0.0;
+  // The same call on a Q8_0 cache read as stored (attention_decode_quantized, what the model runs in a
+  // decode step on a quantized cache: no working copy); -1 where it failed to launch.
+  double q8_0_us = 0.0;
 };
 
-// Times attention_decode at every (batch, context, queries, split), and per case a Q8_0 cache's
-// dequantization into the working copy (median of `repetitions` loops of
+// Times attention_decode at every (batch, context, queries, split), the same on a Q8_0 cache read as
+// stored, and per case a Q8_0 cache's dequantization into the working copy (median of `repetitions` loops of
 // `iterations` calls, after a warm-up; the block tables rotate among copies of the cache that together
 // are 4x the L2, so that every call reads its K and V from device memory, as a decode step does a layer
 // after the last). Combinations whose query rows a KV head exceed the kernel's limit

@@ -24,10 +24,14 @@
 #include <cuda_runtime.h>
 
 #include <cmath>
+#include <cstdint>
+#include <type_traits>
 
 #include "kernels/cuda/attention_decode.cuh"
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/dependent_launch.cuh"
+#include "kernels/cuda/kv_cache_blocks.cuh"
+#include "kernels/cuda/kv_cache_quant.cuh"
 #include "kernels/cuda/launch_status.cuh"
 
 namespace nibble::kernels::cuda {
@@ -58,6 +62,12 @@ struct Params {
   int64_t split_tokens;
   float scale;
   bool single_split;  // one split: pass 1 writes `out` (see the top)
+  // attention_decode_quantized: a side whose type is not F16 is read as stored from k_bytes / v_bytes
+  // (row_bytes a cached position); an F16 side from k_cache / v_cache as above.
+  const uint8_t* k_bytes;
+  const uint8_t* v_bytes;
+  int64_t k_row_bytes, v_row_bytes;
+  DType k_type, v_type;
 };
 
 struct SeqInfo {
@@ -135,7 +145,50 @@ __device__ void combine_row(const Params& p, int64_t n_splits, int64_t token, in
   store_output_row(p.out + (token * p.n_head + head) * D + lane * kPerLane, acc, l_sum);
 }
 
-template <int D, int RPW>
+// One 32-value block of a quantized side (attention_decode_quantized), fetched into registers as the
+// aligned words that cover it (kv_quant::block_words's input) and turned into fp16 behind the tile's
+// barrier, so that its loads wait behind a tile's math as the fp16 chunks do.
+struct RawBlock {
+  uint32_t words[kv_quant::kBlockWords + 1];
+  int offset;  // the block's first byte in words[0]: 0 or 2
+};
+
+// The block of `type` (block_bytes bytes) at `start` (2-byte aligned; the words up to the next 4-byte
+// boundary after it are readable), or zeros for start null (a masked position).
+__device__ __forceinline__ void fetch_block(const uint8_t* start, DType type, RawBlock& raw) {
+#pragma unroll
+  for (int i = 0; i <= kv_quant::kBlockWords; ++i) raw.words[i] = 0;
+  raw.offset = 0;
+  if (start == nullptr) return;
+  raw.offset = static_cast<int>(reinterpret_cast<uintptr_t>(start) & 3);
+  const auto* aligned = reinterpret_cast<const uint32_t*>(start - raw.offset);
+  const int n = kv_quant::covering_words(kv_quant::block_bytes(type), raw.offset);
+#pragma unroll
+  for (int i = 0; i < kv_quant::kBlockWords; ++i)
+    if (i < n) raw.words[i] = __ldg(aligned + i);
+}
+
+// The block's 32 values rounded to fp16, as pairs (what kv_cache_dequantize_blocks writes into the
+// working copy: the same bits); zeros for a masked position (never -0: the fp16 path's zeros).
+__device__ __forceinline__ void block_to_half2(const RawBlock& raw, DType type, bool masked,
+                                               uint32_t (&pairs)[kQK4_0 / 2]) {
+  if (masked) {
+#pragma unroll
+    for (int i = 0; i < kQK4_0 / 2; ++i) pairs[i] = 0;
+    return;
+  }
+  uint32_t words[kv_quant::kBlockWords];
+  kv_quant::block_words(raw.words, raw.offset, words);
+  float values[kQK4_0];
+  kv_quant::dequantize_words(type, words, values);
+#pragma unroll
+  for (int i = 0; i < kQK4_0 / 2; ++i)
+    pairs[i] = w4a16::half2_bits(__floats2half2_rn(values[2 * i], values[2 * i + 1]));
+}
+
+// kQuant: the sides may be quantized (Params::k_type / v_type, attention_decode_quantized); otherwise
+// both are fp16 and the quantized paths compile away.
+template <int D, int RPW, bool kQuant>
 __global__ void __launch_bounds__(kThreads) split_kernel(Params p) {
   constexpr int kRows = kWarps * RPW;
   constexpr int kKStride = D + 2;  // halves; odd 32-bit word stride: lane j's K row hits bank (j + w) % 32
@@ -203,37 +256,90 @@ __global__ void __launch_bounds__(kThreads) split_kernel(Params p) {
   const int part = tid % kChunks;
   uint4 k_next[kLoads], v_next[kLoads];
   int64_t slot_next[kLoads];  // position (tid + i kThreads) / kChunks's cache row, -1: masked
+  // A quantized side: thread tid < kTile * kUnits takes block tid % kUnits of this KV head's row at
+  // position tid / kUnits of the tile (the first of a position's kUnits lanes looks its row up).
+  constexpr int kUnits = D / kQK4_0;
+  static_assert(kWarpSize % kUnits == 0 && kTile * kUnits <= kThreads, "a position's blocks in one warp");
+  const bool k_quant = kQuant && p.k_type != DType::F16;
+  const bool v_quant = kQuant && p.v_type != DType::F16;
+  const int unit_j = tid / kUnits, unit = tid % kUnits;
+  const bool has_unit = tid < kTile * kUnits;
+  RawBlock k_raw, v_raw;
+  int64_t unit_slot = -1;
   const auto fetch = [&](int64_t t0) {
+    if (!k_quant || !v_quant) {
 #pragma unroll
-    for (int i = 0; i < kLoads; ++i) {
-      const int j = (tid + i * kThreads) / kChunks;
+      for (int i = 0; i < kLoads; ++i) {
+        const int j = (tid + i * kThreads) / kChunks;
+        int64_t slot = -1;
+        if (part == 0)
+          slot = detail::paged_slot(table, t0 + j, kv_end, p.block_size, p.num_blocks, p.error_flag);
+        slot = __shfl_sync(kFullMask, slot, 0, kChunks);
+        slot_next[i] = slot;
+        k_next[i] = v_next[i] = make_uint4(0, 0, 0, 0);
+        if (slot >= 0) {
+          const int64_t off = slot * kv_row + kvh * D + part * 8;
+          if (!k_quant) k_next[i] = __ldg(reinterpret_cast<const uint4*>(p.k_cache + off));
+          if (!v_quant) v_next[i] = __ldg(reinterpret_cast<const uint4*>(p.v_cache + off));
+        }
+      }
+    }
+    if (k_quant || v_quant) {  // uniform over the block
       int64_t slot = -1;
-      if (part == 0)
-        slot = detail::paged_slot(table, t0 + j, kv_end, p.block_size, p.num_blocks, p.error_flag);
-      slot = __shfl_sync(kFullMask, slot, 0, kChunks);
-      slot_next[i] = slot;
-      k_next[i] = v_next[i] = make_uint4(0, 0, 0, 0);
-      if (slot >= 0) {
-        const int64_t off = slot * kv_row + kvh * D + part * 8;
-        k_next[i] = __ldg(reinterpret_cast<const uint4*>(p.k_cache + off));
-        v_next[i] = __ldg(reinterpret_cast<const uint4*>(p.v_cache + off));
+      if (has_unit && unit == 0)
+        slot = detail::paged_slot(table, t0 + unit_j, kv_end, p.block_size, p.num_blocks, p.error_flag);
+      slot = __shfl_sync(kFullMask, slot, 0, kUnits);
+      unit_slot = has_unit ? slot : -1;
+      const int64_t block = kvh * kUnits + unit;  // of the position's row
+      if (k_quant) {
+        fetch_block(unit_slot < 0
+                        ? nullptr
+                        : p.k_bytes + unit_slot * p.k_row_bytes + block * kv_quant::block_bytes(p.k_type),
+                    p.k_type, k_raw);
+      }
+      if (v_quant) {
+        fetch_block(unit_slot < 0
+                        ? nullptr
+                        : p.v_bytes + unit_slot * p.v_row_bytes + block * kv_quant::block_bytes(p.v_type),
+                    p.v_type, v_raw);
       }
     }
   };
   if (kv_begin < kv_end) fetch(kv_begin);
   for (int64_t t0 = kv_begin; t0 < kv_end; t0 += kTile) {
     __syncthreads();  // the previous tile is consumed (and, first time, q_s is written)
+    if (!k_quant || !v_quant) {
 #pragma unroll
-    for (int i = 0; i < kLoads; ++i) {
-      const int j = (tid + i * kThreads) / kChunks;
-      // K row stride is D + 2 halves (4-byte aligned, not 16): four 4-byte stores.
-      auto* kd = reinterpret_cast<unsigned*>(k_s + j * kKStride + part * 8);
-      kd[0] = k_next[i].x;
-      kd[1] = k_next[i].y;
-      kd[2] = k_next[i].z;
-      kd[3] = k_next[i].w;
-      *reinterpret_cast<uint4*>(v_s + j * D + part * 8) = v_next[i];
-      if (part == 0) slot_s[j] = slot_next[i];
+      for (int i = 0; i < kLoads; ++i) {
+        const int j = (tid + i * kThreads) / kChunks;
+        if (!k_quant) {
+          // K row stride is D + 2 halves (4-byte aligned, not 16): four 4-byte stores.
+          auto* kd = reinterpret_cast<unsigned*>(k_s + j * kKStride + part * 8);
+          kd[0] = k_next[i].x;
+          kd[1] = k_next[i].y;
+          kd[2] = k_next[i].z;
+          kd[3] = k_next[i].w;
+          if (part == 0) slot_s[j] = slot_next[i];
+        }
+        if (!v_quant) *reinterpret_cast<uint4*>(v_s + j * D + part * 8) = v_next[i];
+      }
+    }
+    if ((k_quant || v_quant) && has_unit) {
+      uint32_t pairs[kQK4_0 / 2];
+      if (k_quant) {
+        block_to_half2(k_raw, p.k_type, unit_slot < 0, pairs);
+        auto* kd = reinterpret_cast<uint32_t*>(k_s + unit_j * kKStride + unit * kQK4_0);
+#pragma unroll
+        for (int i = 0; i < kQK4_0 / 2; ++i) kd[i] = pairs[i];
+        if (unit == 0) slot_s[unit_j] = unit_slot;
+      }
+      if (v_quant) {
+        block_to_half2(v_raw, p.v_type, unit_slot < 0, pairs);
+        auto* vd = reinterpret_cast<uint4*>(v_s + unit_j * D + unit * kQK4_0);
+#pragma unroll
+        for (int i = 0; i < kQK4_0 / 8; ++i)
+          vd[i] = make_uint4(pairs[4 * i], pairs[4 * i + 1], pairs[4 * i + 2], pairs[4 * i + 3]);
+      }
     }
     __syncthreads();
     if (t0 + kTile < kv_end) fetch(t0 + kTile);  // uniform over the block
@@ -363,22 +469,72 @@ bool shape_ok(const DecodeAttentionShape& s) {
   return true;
 }
 
-template <int D, int RPW>
+template <int D, int RPW, bool kQuant>
 cudaError_t launch_split(const Params& prm, const Plan& plan, int64_t n_head_kv, int64_t n_seqs,
                          cudaStream_t stream, bool programmatic) {
   const dim3 grid(static_cast<unsigned>(plan.n_splits), static_cast<unsigned>(n_head_kv),
                   static_cast<unsigned>(n_seqs));
-  return detail::launch_kernel(split_kernel<D, RPW>, grid, dim3(kThreads), 0, stream, programmatic, prm);
+  return detail::launch_kernel(split_kernel<D, RPW, kQuant>, grid, dim3(kThreads), 0, stream, programmatic,
+                               prm);
 }
 
-template <int D>
+template <int D, bool kQuant>
 cudaError_t launch_split_rows(int rpw, const Params& prm, const Plan& plan, int64_t n_head_kv, int64_t n_seqs,
                               cudaStream_t stream, bool programmatic) {
-  if (rpw <= 1) return launch_split<D, 1>(prm, plan, n_head_kv, n_seqs, stream, programmatic);
-  if (rpw <= 2) return launch_split<D, 2>(prm, plan, n_head_kv, n_seqs, stream, programmatic);
-  if (rpw <= 4) return launch_split<D, 4>(prm, plan, n_head_kv, n_seqs, stream, programmatic);
-  if (rpw <= 8) return launch_split<D, 8>(prm, plan, n_head_kv, n_seqs, stream, programmatic);
-  return launch_split<D, 16>(prm, plan, n_head_kv, n_seqs, stream, programmatic);
+  if (rpw <= 1) return launch_split<D, 1, kQuant>(prm, plan, n_head_kv, n_seqs, stream, programmatic);
+  if (rpw <= 2) return launch_split<D, 2, kQuant>(prm, plan, n_head_kv, n_seqs, stream, programmatic);
+  if (rpw <= 4) return launch_split<D, 4, kQuant>(prm, plan, n_head_kv, n_seqs, stream, programmatic);
+  if (rpw <= 8) return launch_split<D, 8, kQuant>(prm, plan, n_head_kv, n_seqs, stream, programmatic);
+  return launch_split<D, 16, kQuant>(prm, plan, n_head_kv, n_seqs, stream, programmatic);
+}
+
+// Both entry points after their own argument checks: prm holds the caches; the rest is filled here.
+Status launch_attention(const DecodeAttentionShape& shape, Params prm, void* workspace,
+                        size_t workspace_bytes, cudaStream_t stream, bool programmatic, bool quantized) {
+  const auto misaligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 != 0; };
+  if (shape.n_seqs == 0 || shape.tokens == 0) return Status::ok;
+  const size_t need = attention_decode_workspace_bytes(shape);
+  if (workspace == nullptr || misaligned(workspace) || workspace_bytes < need)
+    return Status::invalid_argument;
+  const Plan plan = make_plan(shape);
+  if (plan.n_splits > INT32_MAX) return Status::invalid_argument;
+
+  prm.o_part = static_cast<float*>(workspace);
+  const auto rows = static_cast<size_t>(plan.n_splits) * static_cast<size_t>(shape.tokens) *
+                    static_cast<size_t>(shape.n_head);
+  // The O partials are a multiple of 64 floats per row, so the (m, l) pairs after them are 8-byte aligned.
+  prm.ml_part = reinterpret_cast<float2*>(prm.o_part + rows * static_cast<size_t>(shape.head_dim));
+  prm.tokens = shape.tokens;
+  prm.max_q_len = shape.max_q_len;
+  prm.n_head = shape.n_head;
+  prm.n_head_kv = shape.n_head_kv;
+  prm.block_size = shape.block_size;
+  prm.num_blocks = shape.num_blocks;
+  prm.max_blocks_per_seq = shape.max_blocks_per_seq;
+  prm.max_seq_len = shape.max_seq_len;
+  prm.split_tokens = plan.split_tokens;
+  prm.single_split = plan.n_splits == 1;
+
+  const int64_t rows_per_kv_head = shape.max_q_len * (shape.n_head / shape.n_head_kv);
+  const int rpw = static_cast<int>((rows_per_kv_head + kWarps - 1) / kWarps);
+  const auto split_rows = [&](auto d, auto quant) {
+    return launch_split_rows<decltype(d)::value, decltype(quant)::value>(rpw, prm, plan, shape.n_head_kv,
+                                                                         shape.n_seqs, stream, programmatic);
+  };
+  using D64 = std::integral_constant<int, 64>;
+  using D128 = std::integral_constant<int, 128>;
+  const cudaError_t split =
+      shape.head_dim == 64
+          ? (quantized ? split_rows(D64{}, std::true_type{}) : split_rows(D64{}, std::false_type{}))
+          : (quantized ? split_rows(D128{}, std::true_type{}) : split_rows(D128{}, std::false_type{}));
+  if (launch_status(split) != Status::ok) return Status::device_error;
+  if (prm.single_split || prm.counters != nullptr) return Status::ok;  // pass 2 ran in pass 1
+  const dim3 grid2(static_cast<unsigned>(shape.n_head), static_cast<unsigned>(shape.n_seqs));
+  const cudaError_t combine =
+      shape.head_dim == 64
+          ? detail::launch_kernel(combine_kernel<64>, grid2, dim3(kThreads), 0, stream, programmatic, prm)
+          : detail::launch_kernel(combine_kernel<128>, grid2, dim3(kThreads), 0, stream, programmatic, prm);
+  return launch_status(combine);
 }
 
 }  // namespace
@@ -396,62 +552,58 @@ Status attention_decode(const DecodeAttentionShape& shape, const __half* q, cons
                         const int32_t* query_start, float scale, __half* out, void* workspace,
                         size_t workspace_bytes, int32_t* error_flag, cudaStream_t stream, bool programmatic,
                         unsigned* combine_counters) {
+  return attention_decode_quantized(shape, q, k_cache, DType::F16, v_cache, DType::F16, block_tables,
+                                    seq_lens, query_start, scale, out, workspace, workspace_bytes, error_flag,
+                                    stream, programmatic, combine_counters);
+}
+
+Status attention_decode_quantized(const DecodeAttentionShape& shape, const __half* q, const void* k_cache,
+                                  DType k_type, const void* v_cache, DType v_type,
+                                  const int32_t* block_tables, const int32_t* seq_lens,
+                                  const int32_t* query_start, float scale, __half* out, void* workspace,
+                                  size_t workspace_bytes, int32_t* error_flag, cudaStream_t stream,
+                                  bool programmatic, unsigned* combine_counters) {
   if (!shape_ok(shape)) return Status::invalid_argument;
   if (q == nullptr || k_cache == nullptr || v_cache == nullptr || block_tables == nullptr ||
       seq_lens == nullptr || query_start == nullptr || out == nullptr) {
     return Status::invalid_argument;
   }
-  const auto misaligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 != 0; };
-  if (misaligned(q) || misaligned(k_cache) || misaligned(v_cache) || misaligned(out))
+  const auto side_ok = [](DType type) { return type == DType::F16 || kv_cache_quant_type(type); };
+  if (!side_ok(k_type) || !side_ok(v_type)) return Status::invalid_argument;
+  // fp16: 16-byte loads; a quantized side: 4-byte words.
+  const auto aligned = [](const void* ptr, uintptr_t to) {
+    return reinterpret_cast<uintptr_t>(ptr) % to == 0;
+  };
+  if (!aligned(q, 16) || !aligned(out, 16) || !aligned(k_cache, k_type == DType::F16 ? 16 : 4) ||
+      !aligned(v_cache, v_type == DType::F16 ? 16 : 4)) {
     return Status::invalid_argument;
-  if (shape.n_seqs == 0 || shape.tokens == 0) return Status::ok;
-  const size_t need = attention_decode_workspace_bytes(shape);
-  if (workspace == nullptr || misaligned(workspace) || workspace_bytes < need)
-    return Status::invalid_argument;
-  const Plan plan = make_plan(shape);
-  if (plan.n_splits > INT32_MAX) return Status::invalid_argument;
-
+  }
   Params prm{};
   prm.q = q;
-  prm.k_cache = k_cache;
-  prm.v_cache = v_cache;
   prm.block_tables = block_tables;
   prm.seq_lens = seq_lens;
   prm.query_start = query_start;
   prm.out = out;
-  prm.o_part = static_cast<float*>(workspace);
-  const auto rows = static_cast<size_t>(plan.n_splits) * static_cast<size_t>(shape.tokens) *
-                    static_cast<size_t>(shape.n_head);
-  // The O partials are a multiple of 64 floats per row, so the (m, l) pairs after them are 8-byte aligned.
-  prm.ml_part = reinterpret_cast<float2*>(prm.o_part + rows * static_cast<size_t>(shape.head_dim));
   prm.counters = combine_counters;
   prm.error_flag = error_flag;
-  prm.tokens = shape.tokens;
-  prm.max_q_len = shape.max_q_len;
-  prm.n_head = shape.n_head;
-  prm.n_head_kv = shape.n_head_kv;
-  prm.block_size = shape.block_size;
-  prm.num_blocks = shape.num_blocks;
-  prm.max_blocks_per_seq = shape.max_blocks_per_seq;
-  prm.max_seq_len = shape.max_seq_len;
-  prm.split_tokens = plan.split_tokens;
   prm.scale = scale;
-  prm.single_split = plan.n_splits == 1;
-
-  const int64_t rows_per_kv_head = shape.max_q_len * (shape.n_head / shape.n_head_kv);
-  const int rpw = static_cast<int>((rows_per_kv_head + kWarps - 1) / kWarps);
-  const cudaError_t split =
-      shape.head_dim == 64
-          ? launch_split_rows<64>(rpw, prm, plan, shape.n_head_kv, shape.n_seqs, stream, programmatic)
-          : launch_split_rows<128>(rpw, prm, plan, shape.n_head_kv, shape.n_seqs, stream, programmatic);
-  if (launch_status(split) != Status::ok) return Status::device_error;
-  if (prm.single_split || prm.counters != nullptr) return Status::ok;  // pass 2 ran in pass 1
-  const dim3 grid2(static_cast<unsigned>(shape.n_head), static_cast<unsigned>(shape.n_seqs));
-  const cudaError_t combine =
-      shape.head_dim == 64
-          ? detail::launch_kernel(combine_kernel<64>, grid2, dim3(kThreads), 0, stream, programmatic, prm)
-          : detail::launch_kernel(combine_kernel<128>, grid2, dim3(kThreads), 0, stream, programmatic, prm);
-  return launch_status(combine);
+  prm.k_type = k_type;
+  prm.v_type = v_type;
+  const int64_t blocks_per_row = shape.n_head_kv * shape.head_dim / kQK4_0;  // head_dim 64 or 128
+  if (k_type == DType::F16) {
+    prm.k_cache = static_cast<const __half*>(k_cache);
+  } else {
+    prm.k_bytes = static_cast<const uint8_t*>(k_cache);
+    prm.k_row_bytes = blocks_per_row * kv_quant::block_bytes(k_type);
+  }
+  if (v_type == DType::F16) {
+    prm.v_cache = static_cast<const __half*>(v_cache);
+  } else {
+    prm.v_bytes = static_cast<const uint8_t*>(v_cache);
+    prm.v_row_bytes = blocks_per_row * kv_quant::block_bytes(v_type);
+  }
+  const bool quantized = k_type != DType::F16 || v_type != DType::F16;
+  return launch_attention(shape, prm, workspace, workspace_bytes, stream, programmatic, quantized);
 }
 
 }  // namespace nibble::kernels::cuda

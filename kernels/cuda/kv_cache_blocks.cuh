@@ -191,4 +191,93 @@ __host__ __device__ inline void dequantize(const BlockIQ4_NL& b, float* y) {
     y[j] = mul_rn(d, w4a16::iq4_value(static_cast<uint32_t>(level32(b.qs, j))));
 }
 
+// A block read straight from the cache by the decode attention (attention_decode_quantized): its bytes
+// as 32-bit words, byte i at bits 8 (i % 4) of word i / 4. Blocks are only 2-byte aligned (a row is
+// kv_dim / 32 blocks of an even size), so the kernel loads the aligned words that cover the block and
+// shifts them into place: block_words.
+constexpr int kBlockWords = 9;  // the largest block, Q8_0's 34 bytes
+// Block bytes of a cache type (the types kv_cache_quant_type admits).
+__host__ __device__ constexpr int block_bytes(DType type) {
+  return type == DType::Q8_0   ? 34
+         : type == DType::Q5_1 ? 24
+         : type == DType::Q5_0 ? 22
+         : type == DType::Q4_1 ? 20
+                               : 18;  // Q4_0, IQ4_NL
+}
+// Aligned words to load for a block of `bytes` starting `offset` (0 or 2) bytes into the first.
+__host__ __device__ constexpr int covering_words(int bytes, int offset) { return (offset + bytes + 3) / 4; }
+// The block's words from the covering words `aligned` (kBlockWords + 1 of them, those past
+// covering_words zero) and the block's byte offset in the first (0 or 2).
+__host__ __device__ inline void block_words(const uint32_t (&aligned)[kBlockWords + 1], int offset,
+                                            uint32_t (&w)[kBlockWords]) {
+  const unsigned shift = 8u * static_cast<unsigned>(offset);
+  NIBBLE_DEVICE_UNROLL
+  for (int i = 0; i < kBlockWords; ++i) {
+#if defined(__CUDA_ARCH__)
+    w[i] = __funnelshift_r(aligned[i], aligned[i + 1], shift);
+#else
+    w[i] = shift == 0 ? aligned[i] : (aligned[i] >> shift) | (aligned[i + 1] << (32u - shift));
+#endif
+  }
+}
+__host__ __device__ inline uint32_t word_byte(const uint32_t (&w)[kBlockWords], int i) {
+  return (w[i / 4] >> (8 * (i % 4))) & 0xFFu;
+}
+// Bytes i, i + 1 (i even: never across two words).
+__host__ __device__ inline uint16_t word_half(const uint32_t (&w)[kBlockWords], int i) {
+  return static_cast<uint16_t>(w[i / 4] >> (8 * (i % 4)));
+}
+// Level j (0..15) of 16 nibble bytes starting at byte `qs` (Q4_0's order).
+__host__ __device__ inline int word_level(const uint32_t (&w)[kBlockWords], int qs, int j) {
+  return j < 16 ? static_cast<int>(word_byte(w, qs + j) & 0xF)
+                : static_cast<int>(word_byte(w, qs + j - 16) >> 4);
+}
+// The 32 values of a block given as words, bit for bit dequantize() of the same bytes.
+__host__ __device__ inline void dequantize_words(DType type, const uint32_t (&w)[kBlockWords],
+                                                 float (&y)[kQK4_0]) {
+  const float d = bits_half(word_half(w, 0));
+  switch (type) {
+    case DType::Q8_0:
+      NIBBLE_DEVICE_UNROLL
+      for (int j = 0; j < kQK8_0; ++j)
+        y[j] = mul_rn(static_cast<float>(static_cast<int8_t>(word_byte(w, 2 + j))), d);
+      break;
+    case DType::Q4_0:
+      NIBBLE_DEVICE_UNROLL
+      for (int j = 0; j < kQK4_0; ++j) y[j] = mul_rn(static_cast<float>(word_level(w, 2, j) - 8), d);
+      break;
+    case DType::Q4_1: {
+      const float m = bits_half(word_half(w, 2));
+      NIBBLE_DEVICE_UNROLL
+      for (int j = 0; j < kQK4_0; ++j) y[j] = add_rn(mul_rn(static_cast<float>(word_level(w, 4, j)), d), m);
+      break;
+    }
+    case DType::Q5_0: {
+      const uint32_t high = static_cast<uint32_t>(word_half(w, 2)) | static_cast<uint32_t>(word_half(w, 4))
+                                                                         << 16;
+      NIBBLE_DEVICE_UNROLL
+      for (int j = 0; j < kQK4_0; ++j) {
+        const int level = word_level(w, 6, j) | static_cast<int>((high >> j) & 1) << 4;
+        y[j] = mul_rn(static_cast<float>(level - 16), d);
+      }
+      break;
+    }
+    case DType::Q5_1: {
+      const float m = bits_half(word_half(w, 2));
+      const uint32_t high = w[1];
+      NIBBLE_DEVICE_UNROLL
+      for (int j = 0; j < kQK4_0; ++j) {
+        const int level = word_level(w, 8, j) | static_cast<int>((high >> j) & 1) << 4;
+        y[j] = add_rn(mul_rn(static_cast<float>(level), d), m);
+      }
+      break;
+    }
+    default:  // IQ4_NL
+      NIBBLE_DEVICE_UNROLL
+      for (int j = 0; j < kQK4_0; ++j)
+        y[j] = mul_rn(d, w4a16::iq4_value(static_cast<uint32_t>(word_level(w, 2, j))));
+      break;
+  }
+}
+
 }  // namespace nibble::kernels::cuda::kv_quant

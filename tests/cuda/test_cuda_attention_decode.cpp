@@ -20,10 +20,12 @@
 #include <numeric>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "kernels/cuda/attention_decode.cuh"
 #include "kernels/quant_types.hpp"
+#include "kernels/quantize.hpp"
 #include "tests/cuda/cuda_test_util.hpp"
 
 namespace k = nibble::kernels;
@@ -80,19 +82,33 @@ Problem make_problem(const std::vector<int32_t>& lens, const std::vector<int32_t
   return pr;
 }
 
+// A cache whose sides may be quantized (attention_decode_quantized): a side's type, and for a quantized
+// one its layer as stored (the problem's fp16 side otherwise).
+struct CacheSides {
+  k::DType k_type = k::DType::F16, v_type = k::DType::F16;
+  std::vector<uint8_t> k_bytes, v_bytes;
+};
+
 // Runs the kernels with the combining pass as a kernel of its own, and again (twice, the counters
 // reused) with it in the first kernel (combine_counters): all three outputs and flags must agree bit
 // for bit and the counters end at zero. Returns the output (empty on failure) and the error flag.
-std::vector<uint16_t> run(const Problem& pr, float scale, int32_t* flag_out) {
+// sides: given, attention_decode_quantized reads its quantized sides as stored.
+std::vector<uint16_t> run(const Problem& pr, float scale, int32_t* flag_out,
+                          const CacheSides* sides = nullptr) {
   const auto& s = pr.shape;
   DeviceBuffer<uint16_t> dq(pr.q), dk(pr.k_cache), dv(pr.v_cache);
+  const bool k_quant = sides != nullptr && sides->k_type != k::DType::F16;
+  const bool v_quant = sides != nullptr && sides->v_type != k::DType::F16;
+  DeviceBuffer<uint8_t> dk_bytes(k_quant ? sides->k_bytes : std::vector<uint8_t>{}),
+      dv_bytes(v_quant ? sides->v_bytes : std::vector<uint8_t>{});
   DeviceBuffer<int32_t> dt(pr.tables), dl(pr.seq_lens), dqs(pr.query_start);
   const size_t ws = k::cuda::attention_decode_workspace_bytes(s);
   DeviceBuffer<uint8_t> dws(ws);
   const std::vector<uint32_t> zeros(static_cast<size_t>(s.n_seqs * s.n_head_kv), 0u);
   DeviceBuffer<uint32_t> counters(zeros);
   EXPECT_GT(ws, 0u);
-  if (!(dq.ptr && dk.ptr && dv.ptr && dt.ptr && dl.ptr && dqs.ptr && dws.ptr && counters.ptr)) {
+  if (!(dq.ptr && dk.ptr && dv.ptr && dt.ptr && dl.ptr && dqs.ptr && dws.ptr && counters.ptr &&
+        dk_bytes.ptr && dv_bytes.ptr)) {
     ADD_FAILURE() << "cudaMalloc failed";
     return {};
   }
@@ -107,11 +123,19 @@ std::vector<uint16_t> run(const Problem& pr, float scale, int32_t* flag_out) {
     }
     // NaN partials: a combine reading a split before it was written (or the previous run's) shows.
     EXPECT_EQ(cudaMemset(dws.ptr, 0xff, ws), cudaSuccess);
-    const auto st = k::cuda::attention_decode(
-        s, reinterpret_cast<const __half*>(dq.ptr), reinterpret_cast<const __half*>(dk.ptr),
-        reinterpret_cast<const __half*>(dv.ptr), dt.ptr, dl.ptr, dqs.ptr, scale,
-        reinterpret_cast<__half*>(dout.ptr), dws.ptr, ws, dflag.ptr, nullptr, /*programmatic=*/one_kernel,
-        one_kernel ? counters.ptr : nullptr);
+    const auto st =
+        sides == nullptr
+            ? k::cuda::attention_decode(
+                  s, reinterpret_cast<const __half*>(dq.ptr), reinterpret_cast<const __half*>(dk.ptr),
+                  reinterpret_cast<const __half*>(dv.ptr), dt.ptr, dl.ptr, dqs.ptr, scale,
+                  reinterpret_cast<__half*>(dout.ptr), dws.ptr, ws, dflag.ptr, nullptr,
+                  /*programmatic=*/one_kernel, one_kernel ? counters.ptr : nullptr)
+            : k::cuda::attention_decode_quantized(
+                  s, reinterpret_cast<const __half*>(dq.ptr),
+                  k_quant ? static_cast<const void*>(dk_bytes.ptr) : dk.ptr, sides->k_type,
+                  v_quant ? static_cast<const void*>(dv_bytes.ptr) : dv.ptr, sides->v_type, dt.ptr, dl.ptr,
+                  dqs.ptr, scale, reinterpret_cast<__half*>(dout.ptr), dws.ptr, ws, dflag.ptr, nullptr,
+                  /*programmatic=*/one_kernel, one_kernel ? counters.ptr : nullptr);
     EXPECT_EQ(st, k::Status::ok);
     EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
     outs.push_back(dout.to_host());
@@ -124,6 +148,27 @@ std::vector<uint16_t> run(const Problem& pr, float scale, int32_t* flag_out) {
   EXPECT_EQ(counters.to_host(), zeros) << "the counters end at zero";
   *flag_out = flags[0];
   return outs[0];
+}
+
+// One side of the problem's cache as `type` stores it (each position's kv_dim values, one cache row,
+// quantized by the CPU's quantize_cache_row), the layer's bytes padded to a whole 4-byte word as
+// attention_decode_quantized may read; and `values`, the fp16 side replaced by what those bytes hold
+// (dequantize_row's values rounded to fp16, what a working copy would hold).
+std::vector<uint8_t> quantize_side(const Problem& pr, k::DType type, std::vector<uint16_t>& values) {
+  const int64_t kv_dim = pr.shape.n_head_kv * pr.shape.head_dim;
+  const int64_t slots = static_cast<int64_t>(values.size()) / kv_dim;
+  const int64_t row_bytes = k::row_bytes(type, kv_dim);
+  std::vector<uint8_t> bytes(static_cast<size_t>((slots * row_bytes + 3) / 4 * 4), 0);
+  std::vector<float> row(static_cast<size_t>(kv_dim)), back(static_cast<size_t>(kv_dim));
+  for (int64_t slot = 0; slot < slots; ++slot) {
+    uint16_t* v = values.data() + slot * kv_dim;
+    for (int64_t i = 0; i < kv_dim; ++i) row[static_cast<size_t>(i)] = k::fp16_to_fp32(v[i]);
+    uint8_t* out = bytes.data() + slot * row_bytes;
+    EXPECT_EQ(k::quantize_cache_row(type, row.data(), out, kv_dim), k::Status::ok);
+    EXPECT_EQ(k::dequantize_row(type, out, back.data(), kv_dim), k::Status::ok);
+    for (int64_t i = 0; i < kv_dim; ++i) v[i] = k::fp32_to_fp16(back[static_cast<size_t>(i)]);
+  }
+  return bytes;
 }
 
 // Counts outputs outside the bound (see the file comment), reporting the first few.
@@ -339,6 +384,61 @@ TEST(CudaAttentionDecode, SplitEdgeCasesCombineAlikeInOneKernel) {
   }
 }
 
+// A quantized cache read as stored (attention_decode_quantized) gives, bit for bit, what
+// attention_decode gives over its dequantized fp16 copy (what a working copy holds), for every cache
+// type, both sides quantized or one of them fp16, heads of 64 and 128 (rows of 4 and 2 blocks of 32 a
+// KV head; Q4_0's 18-byte blocks start mid-word every second block), decode and verification, automatic
+// and 32- or 96-position splits, the combine in its own kernel or the first; a block id past the cache in
+// one sequence raises the flag and leaves the other sequences' rows as they were.
+TEST(CudaAttentionDecode, QuantizedCacheReadAsStoredEqualsItsDequantizedCopy) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  using T = k::DType;
+  const std::pair<T, T> type_pairs[] = {{T::Q8_0, T::Q8_0},   {T::Q4_0, T::Q4_0}, {T::Q4_1, T::Q5_1},
+                                        {T::Q5_0, T::IQ4_NL}, {T::Q8_0, T::F16},  {T::F16, T::Q4_0}};
+  std::mt19937 rng(404);
+  for (const auto& [k_type, v_type] : type_pairs) {
+    for (const int64_t head_dim : {64, 128}) {
+      for (const int64_t split : {0, 32, 96}) {
+        SCOPED_TRACE(std::string("k ") + k::type_name(k_type) + ", v " + k::type_name(v_type) +
+                     ", head_dim " + std::to_string(head_dim) + ", split " + std::to_string(split));
+        const bool verify = split != 32;
+        Problem copy = make_problem(
+            {1, 45, 300, 97}, verify ? std::vector<int32_t>{1, 3, 8, 2} : std::vector<int32_t>{1, 1, 1, 1}, 8,
+            2, head_dim, head_dim == 64 ? 7 : 16, split, rng);
+        CacheSides sides;
+        sides.k_type = k_type;
+        sides.v_type = v_type;
+        if (k_type != T::F16) sides.k_bytes = quantize_side(copy, k_type, copy.k_cache);
+        if (v_type != T::F16) sides.v_bytes = quantize_side(copy, v_type, copy.v_cache);
+        const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
+        int32_t want_flag = -1, got_flag = -1;
+        const auto want = run(copy, scale, &want_flag);
+        const auto got = run(copy, scale, &got_flag, &sides);
+        ASSERT_EQ(want.size(), copy.q.size());
+        EXPECT_EQ(want_flag, 0);
+        EXPECT_EQ(got_flag, 0);
+        EXPECT_EQ(got, want) << "read as stored, bit for bit its dequantized copy";
+        EXPECT_EQ(compare_with_reference(copy, scale, got), 0);
+        if (split != 0) continue;
+        Problem bad = copy;  // sequence 2's fifth block past the cache
+        bad.tables[static_cast<size_t>(2 * bad.shape.max_blocks_per_seq + 4)] =
+            static_cast<int32_t>(bad.shape.num_blocks);
+        int32_t flag = 0;
+        const auto masked = run(bad, scale, &flag, &sides);
+        EXPECT_EQ(flag, 1);
+        ASSERT_EQ(masked.size(), want.size());
+        const auto row_halves = static_cast<size_t>(bad.shape.n_head * head_dim);
+        for (const int seq : {0, 1, 3}) {
+          const auto begin = static_cast<size_t>(bad.query_start[static_cast<size_t>(seq)]) * row_halves;
+          const auto end = static_cast<size_t>(bad.query_start[static_cast<size_t>(seq) + 1]) * row_halves;
+          EXPECT_TRUE(std::equal(masked.begin() + begin, masked.begin() + end, want.begin() + begin))
+              << "sequence " << seq;
+        }
+      }
+    }
+  }
+}
+
 TEST(CudaAttentionDecode, RejectsBadArguments) {
   NIBBLE_REQUIRE_CUDA_DEVICE();
   std::mt19937 rng(9);
@@ -370,6 +470,19 @@ TEST(CudaAttentionDecode, RejectsBadArguments) {
   s.split_tokens = 48;  // not a multiple of 32
   EXPECT_EQ(call(s, 1 << 20, dq.ptr), k::Status::invalid_argument);
   EXPECT_EQ(k::cuda::attention_decode_workspace_bytes(s), 0u);
+  // A quantized side: a cache type, 4-byte aligned; an fp16 one 16-byte aligned.
+  const auto quantized = [&](const void* k_cache, k::DType k_type, const void* v_cache, k::DType v_type) {
+    return k::cuda::attention_decode_quantized(
+        pr.shape, reinterpret_cast<const __half*>(dq.ptr), k_cache, k_type, v_cache, v_type, dt.ptr, dl.ptr,
+        dqs.ptr, 0.125f, reinterpret_cast<__half*>(dout.ptr), dws.ptr, 1 << 20, nullptr, nullptr);
+  };
+  const auto* kb = reinterpret_cast<const uint8_t*>(dk.ptr);
+  EXPECT_EQ(quantized(kb, k::DType::Q8_0, dv.ptr, k::DType::F16), k::Status::ok);
+  EXPECT_EQ(quantized(kb + 4, k::DType::Q4_0, dv.ptr, k::DType::F16), k::Status::ok);
+  EXPECT_EQ(quantized(kb + 2, k::DType::Q4_0, dv.ptr, k::DType::F16), k::Status::invalid_argument);
+  EXPECT_EQ(quantized(kb, k::DType::Q8_0, kb + 8, k::DType::F16), k::Status::invalid_argument);
+  EXPECT_EQ(quantized(kb, k::DType::Q4_K, dv.ptr, k::DType::F16), k::Status::invalid_argument);
+  EXPECT_EQ(quantized(kb, k::DType::F16, kb, k::DType::F32), k::Status::invalid_argument);
   EXPECT_EQ(cudaGetLastError(), cudaSuccess);
   EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
 }

@@ -318,20 +318,27 @@ TEST_P(CudaLlamaModelKvCache, QuantizedCacheMatchesTheCpuWithTheSameCache) {
   options.decode_attention = decode_attention;
   options.kv_cache_rotation = kc_case.rotation;
   w::CudaLlamaModel gpu(checkpoint, options);
+  // Decode steps through the working copy too: reading the blocks as stored must give its bits.
+  w::CudaModelOptions copy_options = options;
+  copy_options.kv_cache_decode_as_stored = false;
+  w::CudaLlamaModel through_copy(checkpoint, copy_options);
   const auto& c = cpu.config();
   const int64_t block_size = Scenario::kBlockSize, n_blocks = Scenario::kBlocks;
   w::KvCache cpu_cache(c, n_blocks, block_size, kc_case.types), f16_cache(c, n_blocks, block_size);
   w::CudaKvCache gpu_cache(c, n_blocks, block_size, options.device, kc_case.types);
+  w::CudaKvCache copy_cache(c, n_blocks, block_size, options.device, kc_case.types);
   nibble::kernels::ThreadPool pool(2);
   Scenario scenario(c.n_vocab);
   for (size_t si = 0; si < scenario.steps.size(); ++si) {
     SCOPED_TRACE("step " + std::to_string(si));
     const w::ForwardBatch batch = scenario.batch(si);
-    std::vector<float> want, unquantized, got;
+    std::vector<float> want, unquantized, got, copied;
     cpu.forward(batch, cpu_cache, pool, want);
     cpu_f16.forward(batch, f16_cache, pool, unquantized);
     gpu.forward(batch, gpu_cache, got);
+    through_copy.forward(batch, copy_cache, copied);
     ASSERT_EQ(got.size(), want.size());
+    EXPECT_EQ(got, copied) << "decode steps reading the blocks as stored give the working copy's bits";
     const double quantizing = t::max_relative_rms(unquantized, want, c.n_vocab);
     if (si > 0) {
       EXPECT_GT(quantizing, 1e-5) << "the quantized cache changes nothing on the CPU";
@@ -2322,6 +2329,10 @@ TEST(CudaLlamaModelCli, BenchGpuKernelTableTimesEveryKernel) {
     EXPECT_EQ(c["best_split"].get<int64_t>(), at64 <= at256 ? 64 : 256) << c.dump();
     EXPECT_DOUBLE_EQ(c["model_split_over_best"].get<double>(), at256 / std::min(at64, at256));
     EXPECT_GT(c["q8_0_copy_us"].get<double>(), 0.0) << "a Q8_0 cache's dequantization, timed: " << c.dump();
+    ASSERT_EQ(c["q8_0_split_us"].size(), 2u) << c.dump();
+    EXPECT_GT(c["q8_0_split_us"]["64"].get<double>(), 0.0)
+        << "the call on Q8_0 as stored, timed: " << c.dump();
+    EXPECT_GT(c["q8_0_split_us"]["256"].get<double>(), 0.0) << c.dump();
     const bool peer = batch == 3 && context == 300 && c["queries"].get<int64_t>() == 1;
     EXPECT_EQ(c.contains("torch_us"), peer) << c.dump();
     if (peer) {

@@ -88,6 +88,48 @@ TEST(KvCacheBlocks, Q5_0IsTheCpuCacheRowBitForBit) { expect_cpu_blocks<k::BlockQ
 TEST(KvCacheBlocks, Q5_1IsTheCpuCacheRowBitForBit) { expect_cpu_blocks<k::BlockQ5_1>(k::DType::Q5_1); }
 TEST(KvCacheBlocks, IQ4NLIsTheCpuCacheRowBitForBit) { expect_cpu_blocks<k::BlockIQ4_NL>(k::DType::IQ4_NL); }
 
+// What the decode attention reads straight from a quantized cache (attention_decode_quantized): each
+// block of a row as the aligned 32-bit words that cover it (blocks are 2-byte aligned: every second one
+// starts mid-word), shifted into place (block_words) and dequantized (dequantize_words), gives
+// dequantize_row's values bit for bit; the words never reach past the row's end rounded up to 4 bytes
+// (what the cache's 256-byte padding after each side covers).
+TEST(KvCacheBlocks, BlocksReadAsWordsAreTheCpuValues) {
+  for (const k::DType type :
+       {k::DType::Q8_0, k::DType::Q5_1, k::DType::Q5_0, k::DType::Q4_1, k::DType::Q4_0, k::DType::IQ4_NL}) {
+    SCOPED_TRACE(k::type_name(type));
+    std::mt19937 rng(77 + static_cast<unsigned>(type));
+    constexpr int64_t kBlocks = 301;  // odd: the row ends mid-word for every type
+    const std::vector<float> x = test_rows(kBlocks, rng);
+    const int bytes = kv_quant::block_bytes(type);
+    ASSERT_EQ(static_cast<size_t>(bytes) * kBlocks, k::row_bytes(type, kBlocks * k::kQK4_0));
+    const size_t row_end = static_cast<size_t>(bytes) * kBlocks;
+    std::vector<uint8_t> row((row_end + 3) / 4 * 4, 0);
+    ASSERT_EQ(k::quantize_cache_row(type, x.data(), row.data(), kBlocks * k::kQK4_0), k::Status::ok);
+    std::vector<float> values(x.size());
+    ASSERT_EQ(k::dequantize_row(type, row.data(), values.data(), kBlocks * k::kQK4_0), k::Status::ok);
+    int mid_word = 0;
+    for (int64_t b = 0; b < kBlocks; ++b) {
+      const size_t start = static_cast<size_t>(b) * static_cast<size_t>(bytes);
+      const int offset = static_cast<int>(start % 4);
+      ASSERT_TRUE(offset == 0 || offset == 2);
+      mid_word += offset != 0;
+      const int n = kv_quant::covering_words(bytes, offset);
+      ASSERT_LE(n, kv_quant::kBlockWords);
+      ASSERT_LE(start - static_cast<size_t>(offset) + 4 * static_cast<size_t>(n), row.size())
+          << "block " << b;
+      uint32_t aligned[kv_quant::kBlockWords + 1] = {};
+      std::memcpy(aligned, row.data() + start - static_cast<size_t>(offset), 4 * static_cast<size_t>(n));
+      uint32_t words[kv_quant::kBlockWords];
+      kv_quant::block_words(aligned, offset, words);
+      float got[k::kQK4_0];
+      kv_quant::dequantize_words(type, words, got);
+      // Bits, not ==: a -0 for a +0 would change the fp16 the attention reads.
+      ASSERT_EQ(std::memcmp(got, values.data() + b * k::kQK4_0, sizeof got), 0) << "block " << b;
+    }
+    if (bytes % 4 != 0) EXPECT_GT(mid_word, 0) << "some blocks start mid-word";
+  }
+}
+
 // What the kernels admit.
 TEST(KvCacheBlocks, TheDeviceTakesTheCpuCacheTypes) {
   for (const k::DType type :

@@ -186,9 +186,12 @@ __device__ __forceinline__ void block_to_half2(const RawBlock& raw, DType type, 
     pairs[i] = w4a16::half2_bits(__floats2half2_rn(values[2 * i], values[2 * i + 1]));
 }
 
-// kQuant: the sides may be quantized (Params::k_type / v_type, attention_decode_quantized); otherwise
-// both are fp16 and the quantized paths compile away.
-template <int D, int RPW, bool kQuant>
+// How split_kernel reads the cache's two sides (attention_decode_quantized): both fp16, both quantized
+// (the quantized paths alone: ~80 registers at one row a warp against 168 with both paths live), or each
+// as its type says (llama.cpp's K-only quantization).
+enum class Sides { fp16, quantized, mixed };
+
+template <int D, int RPW, Sides kSides>
 __global__ void __launch_bounds__(kThreads) split_kernel(Params p) {
   constexpr int kRows = kWarps * RPW;
   constexpr int kKStride = D + 2;  // halves; odd 32-bit word stride: lane j's K row hits bank (j + w) % 32
@@ -260,8 +263,8 @@ __global__ void __launch_bounds__(kThreads) split_kernel(Params p) {
   // position tid / kUnits of the tile (the first of a position's kUnits lanes looks its row up).
   constexpr int kUnits = D / kQK4_0;
   static_assert(kWarpSize % kUnits == 0 && kTile * kUnits <= kThreads, "a position's blocks in one warp");
-  const bool k_quant = kQuant && p.k_type != DType::F16;
-  const bool v_quant = kQuant && p.v_type != DType::F16;
+  const bool k_quant = kSides == Sides::quantized || (kSides == Sides::mixed && p.k_type != DType::F16);
+  const bool v_quant = kSides == Sides::quantized || (kSides == Sides::mixed && p.v_type != DType::F16);
   const int unit_j = tid / kUnits, unit = tid % kUnits;
   const bool has_unit = tid < kTile * kUnits;
   RawBlock k_raw, v_raw;
@@ -469,28 +472,28 @@ bool shape_ok(const DecodeAttentionShape& s) {
   return true;
 }
 
-template <int D, int RPW, bool kQuant>
+template <int D, int RPW, Sides kSides>
 cudaError_t launch_split(const Params& prm, const Plan& plan, int64_t n_head_kv, int64_t n_seqs,
                          cudaStream_t stream, bool programmatic) {
   const dim3 grid(static_cast<unsigned>(plan.n_splits), static_cast<unsigned>(n_head_kv),
                   static_cast<unsigned>(n_seqs));
-  return detail::launch_kernel(split_kernel<D, RPW, kQuant>, grid, dim3(kThreads), 0, stream, programmatic,
+  return detail::launch_kernel(split_kernel<D, RPW, kSides>, grid, dim3(kThreads), 0, stream, programmatic,
                                prm);
 }
 
-template <int D, bool kQuant>
+template <int D, Sides kSides>
 cudaError_t launch_split_rows(int rpw, const Params& prm, const Plan& plan, int64_t n_head_kv, int64_t n_seqs,
                               cudaStream_t stream, bool programmatic) {
-  if (rpw <= 1) return launch_split<D, 1, kQuant>(prm, plan, n_head_kv, n_seqs, stream, programmatic);
-  if (rpw <= 2) return launch_split<D, 2, kQuant>(prm, plan, n_head_kv, n_seqs, stream, programmatic);
-  if (rpw <= 4) return launch_split<D, 4, kQuant>(prm, plan, n_head_kv, n_seqs, stream, programmatic);
-  if (rpw <= 8) return launch_split<D, 8, kQuant>(prm, plan, n_head_kv, n_seqs, stream, programmatic);
-  return launch_split<D, 16, kQuant>(prm, plan, n_head_kv, n_seqs, stream, programmatic);
+  if (rpw <= 1) return launch_split<D, 1, kSides>(prm, plan, n_head_kv, n_seqs, stream, programmatic);
+  if (rpw <= 2) return launch_split<D, 2, kSides>(prm, plan, n_head_kv, n_seqs, stream, programmatic);
+  if (rpw <= 4) return launch_split<D, 4, kSides>(prm, plan, n_head_kv, n_seqs, stream, programmatic);
+  if (rpw <= 8) return launch_split<D, 8, kSides>(prm, plan, n_head_kv, n_seqs, stream, programmatic);
+  return launch_split<D, 16, kSides>(prm, plan, n_head_kv, n_seqs, stream, programmatic);
 }
 
 // Both entry points after their own argument checks: prm holds the caches; the rest is filled here.
 Status launch_attention(const DecodeAttentionShape& shape, Params prm, void* workspace,
-                        size_t workspace_bytes, cudaStream_t stream, bool programmatic, bool quantized) {
+                        size_t workspace_bytes, cudaStream_t stream, bool programmatic) {
   const auto misaligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 != 0; };
   if (shape.n_seqs == 0 || shape.tokens == 0) return Status::ok;
   const size_t need = attention_decode_workspace_bytes(shape);
@@ -517,16 +520,24 @@ Status launch_attention(const DecodeAttentionShape& shape, Params prm, void* wor
 
   const int64_t rows_per_kv_head = shape.max_q_len * (shape.n_head / shape.n_head_kv);
   const int rpw = static_cast<int>((rows_per_kv_head + kWarps - 1) / kWarps);
-  const auto split_rows = [&](auto d, auto quant) {
-    return launch_split_rows<decltype(d)::value, decltype(quant)::value>(rpw, prm, plan, shape.n_head_kv,
-                                                                         shape.n_seqs, stream, programmatic);
+  const bool k_fp16 = prm.k_type == DType::F16, v_fp16 = prm.v_type == DType::F16;
+  const Sides sides = k_fp16 && v_fp16 ? Sides::fp16 : !k_fp16 && !v_fp16 ? Sides::quantized : Sides::mixed;
+  const auto split_rows = [&](auto d) {
+    constexpr int kD = decltype(d)::value;
+    switch (sides) {
+      case Sides::fp16:
+        return launch_split_rows<kD, Sides::fp16>(rpw, prm, plan, shape.n_head_kv, shape.n_seqs, stream,
+                                                  programmatic);
+      case Sides::quantized:
+        return launch_split_rows<kD, Sides::quantized>(rpw, prm, plan, shape.n_head_kv, shape.n_seqs, stream,
+                                                       programmatic);
+      default:
+        return launch_split_rows<kD, Sides::mixed>(rpw, prm, plan, shape.n_head_kv, shape.n_seqs, stream,
+                                                   programmatic);
+    }
   };
-  using D64 = std::integral_constant<int, 64>;
-  using D128 = std::integral_constant<int, 128>;
-  const cudaError_t split =
-      shape.head_dim == 64
-          ? (quantized ? split_rows(D64{}, std::true_type{}) : split_rows(D64{}, std::false_type{}))
-          : (quantized ? split_rows(D128{}, std::true_type{}) : split_rows(D128{}, std::false_type{}));
+  const cudaError_t split = shape.head_dim == 64 ? split_rows(std::integral_constant<int, 64>{})
+                                                 : split_rows(std::integral_constant<int, 128>{});
   if (launch_status(split) != Status::ok) return Status::device_error;
   if (prm.single_split || prm.counters != nullptr) return Status::ok;  // pass 2 ran in pass 1
   const dim3 grid2(static_cast<unsigned>(shape.n_head), static_cast<unsigned>(shape.n_seqs));
@@ -602,8 +613,7 @@ Status attention_decode_quantized(const DecodeAttentionShape& shape, const __hal
     prm.v_bytes = static_cast<const uint8_t*>(v_cache);
     prm.v_row_bytes = blocks_per_row * kv_quant::block_bytes(v_type);
   }
-  const bool quantized = k_type != DType::F16 || v_type != DType::F16;
-  return launch_attention(shape, prm, workspace, workspace_bytes, stream, programmatic, quantized);
+  return launch_attention(shape, prm, workspace, workspace_bytes, stream, programmatic);
 }
 
 }  // namespace nibble::kernels::cuda

@@ -11,7 +11,9 @@
 //   4. hadamard_rotate_f16 on the queries (and on the attention's output, for V's rotation).
 // The working copy costs one layer's fp16 K and V; the attention reads it at fp16's bytes, and the
 // dequantization reads the quantized blocks once more and writes the copy: about 2.5x an fp16 cache's
-// attention traffic, for 1.9x (Q8_0) to 3.6x (Q4_0) the positions in the same memory.
+// attention traffic, for 1.9x (Q8_0) to 3.6x (Q4_0) the positions in the same memory. So decode steps
+// skip step 1 and read the blocks as stored (attention_decode_quantized, attention_decode.cuh: the same
+// values, turned into fp16 inside the kernel); prompt steps' attention kernels read the copy.
 //
 // Quantized layer layout: worker::KvCache's, [num_blocks, block_size, kv_dim / 32 blocks of the type]
 // bytes (kv_dim = n_head_kv * head_dim, a multiple of 32), so a cache's bytes mean the same on the CPU

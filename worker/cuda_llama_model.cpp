@@ -414,18 +414,23 @@ void CudaLlamaModel::Impl::validate(const ForwardBatch& batch, const CudaKvCache
 // values travel in `meta`, copied before the launches).
 struct CudaLlamaModel::Impl::Plan {
   int64_t n = 0, n_out = 0, n_runs = 0, mbps = 0;
+  // The runs attention_decode takes (decode and verification: few queries a run), dshape.n_seqs of them:
+  // every run when use_decode (a decode step), else those of a batch that also holds prompt chunks
+  // (whose runs take the prefill kernel's tiles), so that a decode row's attention is the same kernel
+  // whatever else is in its batch; 0 where attention_decode does not take the heads.
   bool use_decode = false;
+  int64_t n_decode_runs = 0;
   int64_t n_tiles = 0;     // > 0: prompt-chunk attention on prefill_attention_f16's tiles (else paged)
   bool mma_tiles = false;  // the tiles are prefill_attention_mma_f16's
   int64_t off_tokens = 0, off_pos = 0, off_seq = 0, off_tables = 0, off_rows = 0;
-  int64_t off_seq_lens = 0, off_query_start = 0, off_run_tables = 0, off_tiles = 0;
+  int64_t off_seq_lens = 0, off_query_start = 0, off_query_end = 0, off_run_tables = 0, off_tiles = 0;
   kc::DecodeAttentionShape dshape;
   const CudaKvCache* cache = nullptr;
   size_t meta_count = 0;
   // A quantized cache (kernels/cuda/kv_cache_quant.cuh): its shape, the table rows whose blocks each
   // layer dequantizes (their last blocks at off_last_block) and the rotation's blocks (0: none).
   bool kv_quantized = false;
-  bool kv_as_stored = false;  // a decode step on such a cache: attention_decode_quantized, no working copy
+  bool kv_as_stored = false;  // the decode runs read it as stored (attention_decode_quantized)
   kc::KvCacheQuantShape qshape;
   int64_t n_rows = 0, off_last_block = 0, k_rotation = 0, v_rotation = 0;
   // Rows that name a LoRA adapter: each token's and each logit row's adapter (0: none) at these offsets,
@@ -437,8 +442,8 @@ struct CudaLlamaModel::Impl::Plan {
 
   auto key() const {
     // The cache's geometry and types as well as its addresses: a new cache may reuse a freed one's memory.
-    return std::make_tuple(n, n_out, n_runs, mbps, use_decode, dshape.max_q_len, meta_count,
-                           static_cast<const void*>(cache), cache->k(0), n_tiles, mma_tiles,
+    return std::make_tuple(n, n_out, n_runs, mbps, use_decode, n_decode_runs, kv_as_stored, dshape.max_q_len,
+                           meta_count, static_cast<const void*>(cache), cache->k(0), n_tiles, mma_tiles,
                            cache->block_size() * (int64_t{1} << 32) + cache->n_blocks(),
                            static_cast<int>(qshape.k_type) * 256 + static_cast<int>(qshape.v_type), n_rows,
                            k_rotation * 4096 + v_rotation, lora ? lora_generation + 1 : 0, lora_slots);
@@ -473,9 +478,23 @@ CudaLlamaModel::Impl::Plan CudaLlamaModel::Impl::plan_batch(const ForwardBatch& 
     }
   }
   p.n_runs = static_cast<int64_t>(run_len.size());
-  const int64_t max_run = *std::max_element(run_len.begin(), run_len.end());
-  p.use_decode = options.decode_attention && (c.head_dim == 64 || c.head_dim == 128) &&
-                 max_run * group <= kc::kAttentionMaxRowsPerKvHead && p.n_runs <= 65535;
+  // A run attention_decode takes: its queries times the group fit a KV head's block. A batch of only such
+  // runs is a decode step; in a batch with prompt chunks they still take it, where the prefill kernel has
+  // tiles for the rest (else the general kernel takes every token).
+  bool mma_probe = false;
+  const bool decode_heads = options.decode_attention && (c.head_dim == 64 || c.head_dim == 128);
+  const auto short_run = [&](int64_t r) { return run_len[r] * group <= kc::kAttentionMaxRowsPerKvHead; };
+  std::vector<int64_t> decode_runs;
+  for (int64_t r = 0; decode_heads && r < p.n_runs; ++r)
+    if (short_run(r)) decode_runs.push_back(r);
+  p.use_decode = decode_heads && static_cast<int64_t>(decode_runs.size()) == p.n_runs;
+  if ((!p.use_decode && prefill_tile_tokens(mma_probe) == 0) || decode_runs.size() > 65535) {
+    decode_runs.clear();  // the general kernel (or the tiles) for every run
+    p.use_decode = false;
+  }
+  p.n_decode_runs = static_cast<int64_t>(decode_runs.size());
+  std::vector<bool> is_decode_run(static_cast<size_t>(p.n_runs), false);
+  for (const int64_t r : decode_runs) is_decode_run[static_cast<size_t>(r)] = true;
 
   // int32 metadata, one copy: tokens, positions, seq_index, block tables, logit rows, then for
   // attention_decode the runs' lengths, query starts and table rows.
@@ -521,11 +540,15 @@ CudaLlamaModel::Impl::Plan CudaLlamaModel::Impl::plan_batch(const ForwardBatch& 
     }
   }
   if (cache.types().quantized()) {
-    // Each table row's last block that a token of the row writes or attends over.
     p.kv_quantized = true;
+    p.kv_as_stored = p.n_decode_runs > 0 && options.kv_cache_decode_as_stored;
+    // Each table row's last block that a token of the row writes or attends over, for the working copy:
+    // the rows of the runs that do not read the cache as stored.
     p.n_rows = batch_mbps > 0 ? static_cast<int64_t>(batch.block_tables.size()) / batch_mbps : 0;
     std::vector<int32_t> last_block(static_cast<size_t>(p.n_rows), -1);
-    for (int64_t t = 0; t < p.n; ++t) {
+    for (int64_t r = 0; r < p.n_runs; ++r) {
+      if (p.kv_as_stored && is_decode_run[static_cast<size_t>(r)]) continue;
+      const int64_t t = run_start[r] + run_len[r] - 1;  // the run's last position: its highest block
       auto& last = last_block[static_cast<size_t>(batch.seq_index[t])];
       last = std::max(last, static_cast<int32_t>(batch.positions[t] / cache.block_size()));
     }
@@ -543,21 +566,23 @@ CudaLlamaModel::Impl::Plan CudaLlamaModel::Impl::plan_batch(const ForwardBatch& 
       p.v_rotation = rotation.v_block;
     }
   }
-  p.kv_as_stored = p.kv_quantized && p.use_decode && options.kv_cache_decode_as_stored;
-  if (p.use_decode) {
-    std::vector<int32_t> seq_lens, query_start, run_tables;
-    for (int64_t r = 0; r < p.n_runs; ++r) {
+  if (p.n_decode_runs > 0) {
+    std::vector<int32_t> seq_lens, query_start, query_end, run_tables;
+    int64_t max_run = 0;
+    for (const int64_t r : decode_runs) {
       const int64_t last = run_start[r] + run_len[r] - 1;
       seq_lens.push_back(batch.positions[last] + 1);
       query_start.push_back(run_start[r]);
+      query_end.push_back(static_cast<int32_t>(last + 1));
+      max_run = std::max<int64_t>(max_run, run_len[r]);
       const auto row = tables.begin() + batch.seq_index[run_start[r]] * p.mbps;
       run_tables.insert(run_tables.end(), row, row + p.mbps);
     }
-    query_start.push_back(static_cast<int32_t>(p.n));
     p.off_seq_lens = append(seq_lens);
     p.off_query_start = append(query_start);
+    p.off_query_end = append(query_end);
     p.off_run_tables = append(run_tables);
-    p.dshape.n_seqs = p.n_runs;
+    p.dshape.n_seqs = p.n_decode_runs;
     p.dshape.tokens = p.n;
     p.dshape.max_q_len = max_run;
     p.dshape.n_head = shard_config.n_head;
@@ -571,10 +596,12 @@ CudaLlamaModel::Impl::Plan CudaLlamaModel::Impl::plan_batch(const ForwardBatch& 
     // Splits past a sequence's length return at once.
     p.dshape.max_seq_len = p.mbps * cache.block_size();
     p.dshape.split_tokens = options.decode_split_tokens;
-  } else if (const int64_t tile_tokens = prefill_tile_tokens(p.mma_tiles); tile_tokens > 0) {
-    // Prompt chunks: the runs cut into the prefill kernel's tiles.
+  }
+  if (const int64_t tile_tokens = p.use_decode ? 0 : prefill_tile_tokens(p.mma_tiles); tile_tokens > 0) {
+    // Prompt chunks: their runs cut into the prefill kernel's tiles (the decode runs are attention_decode's).
     std::vector<int32_t> tiles;
     for (int64_t r = 0; r < p.n_runs; ++r) {
+      if (is_decode_run[static_cast<size_t>(r)]) continue;
       for (int64_t off = 0; off < run_len[r]; off += tile_tokens) {
         tiles.push_back(static_cast<int32_t>(run_start[r] + off));
         tiles.push_back(static_cast<int32_t>(std::min<int64_t>(tile_tokens, run_len[r] - off)));
@@ -637,7 +664,7 @@ bool CudaLlamaModel::Impl::grow_buffers(const Plan& p) {
     cuda_check(cudaMemsetAsync(norm_counter.as<void>(), 0, norm_counter.bytes(), stream),
                "cudaMemsetAsync (norm counter)");
   }
-  if (p.use_decode) {
+  if (p.n_decode_runs > 0) {
     moved |= workspace.reserve(kc::attention_decode_workspace_bytes(p.dshape));
     if (attention_counters.reserve(static_cast<size_t>(p.dshape.n_seqs * p.dshape.n_head_kv) *
                                    sizeof(uint32_t))) {
@@ -739,7 +766,9 @@ void CudaLlamaModel::Impl::enqueue(const Plan& p) {
     }
     auto* kc_l = reinterpret_cast<__half*>(cache.k(l));  // a quantized side's working copy
     auto* vc_l = reinterpret_cast<__half*>(cache.v(l));
-    if (p.kv_quantized && !p.kv_as_stored) {  // the blocks this pass attends over, into the working copies
+    // The blocks the prompt runs attend over (every run's, unless the decode runs read them as stored),
+    // into the working copies; a decode step that reads them as stored fills none.
+    if (p.kv_quantized && !(p.kv_as_stored && p.use_decode)) {
       const Timed timed(*this, Section::rope_kv);
       check_status(
           kc::kv_cache_dequantize_blocks(p.qshape, p.n_rows, md + p.off_tables, md + p.off_last_block,
@@ -787,36 +816,33 @@ void CudaLlamaModel::Impl::enqueue(const Plan& p) {
                      "hadamard_rotate_f16 (queries)");
     }
     std::optional<Timed> attention_span(std::in_place, *this, Section::attention);
-    if (p.kv_as_stored) {  // the quantized blocks as stored (an F16 side: its layer, as kc_l / vc_l)
-      check_status(kc::attention_decode_quantized(
-                       p.dshape, q16.as<__half>(), cache.k_data(l), p.qshape.k_type, cache.v_data(l),
-                       p.qshape.v_type, md + p.off_run_tables, md + p.off_seq_lens, md + p.off_query_start,
-                       scale, att16.as<__half>(), workspace.as<void>(), workspace.bytes(), flag_d, stream,
-                       pdl, attention_counters.as<unsigned>()),
-                   "attention_decode_quantized");
-    } else if (p.use_decode) {
-      check_status(kc::attention_decode(p.dshape, q16.as<__half>(), kc_l, vc_l, md + p.off_run_tables,
-                                        md + p.off_seq_lens, md + p.off_query_start, scale,
-                                        att16.as<__half>(), workspace.as<void>(), workspace.bytes(), flag_d,
-                                        stream, pdl, attention_counters.as<unsigned>()),
-                   "attention_decode");
-    } else {
-      if (p.n_tiles > 0 && p.mma_tiles) {
-        check_status(kc::prefill_attention_mma_f16(pshape, q16.as<__half>(), kc_l, vc_l, md + p.off_tables,
-                                                   md + p.off_seq, md + p.off_pos, md + p.off_tiles,
-                                                   p.n_tiles, scale, att16.as<__half>(), flag_d, stream),
-                     "prefill_attention_mma_f16");
-      } else if (p.n_tiles > 0) {
-        check_status(kc::prefill_attention_f16(pshape, q16.as<__half>(), kc_l, vc_l, md + p.off_tables,
-                                               md + p.off_seq, md + p.off_pos, md + p.off_tiles, p.n_tiles,
-                                               scale, att16.as<__half>(), flag_d, stream),
-                     "prefill_attention_f16");
-      } else {
-        check_status(
-            kc::paged_attention_f16(pshape, q16.as<__half>(), kc_l, vc_l, md + p.off_tables, md + p.off_seq,
-                                    md + p.off_pos, scale, att16.as<__half>(), flag_d, stream),
-            "paged_attention_f16");
-      }
+    if (p.n_decode_runs > 0) {  // the decode runs; a quantized side as stored, or the working copy
+      const bool stored = p.kv_as_stored;
+      check_status(
+          kc::attention_decode_quantized(
+              p.dshape, q16.as<__half>(), stored ? static_cast<const void*>(cache.k_data(l)) : kc_l,
+              stored ? p.qshape.k_type : kernels::DType::F16,
+              stored ? static_cast<const void*>(cache.v_data(l)) : vc_l,
+              stored ? p.qshape.v_type : kernels::DType::F16, md + p.off_run_tables, md + p.off_seq_lens,
+              md + p.off_query_start, scale, att16.as<__half>(), workspace.as<void>(), workspace.bytes(),
+              flag_d, stream, pdl, attention_counters.as<unsigned>(), md + p.off_query_end),
+          "attention_decode");
+    }
+    if (p.n_tiles > 0 && p.mma_tiles) {  // prompt chunks
+      check_status(kc::prefill_attention_mma_f16(pshape, q16.as<__half>(), kc_l, vc_l, md + p.off_tables,
+                                                 md + p.off_seq, md + p.off_pos, md + p.off_tiles, p.n_tiles,
+                                                 scale, att16.as<__half>(), flag_d, stream),
+                   "prefill_attention_mma_f16");
+    } else if (p.n_tiles > 0) {
+      check_status(kc::prefill_attention_f16(pshape, q16.as<__half>(), kc_l, vc_l, md + p.off_tables,
+                                             md + p.off_seq, md + p.off_pos, md + p.off_tiles, p.n_tiles,
+                                             scale, att16.as<__half>(), flag_d, stream),
+                   "prefill_attention_f16");
+    } else if (p.n_decode_runs == 0) {  // heads no tiled kernel takes: every token
+      check_status(
+          kc::paged_attention_f16(pshape, q16.as<__half>(), kc_l, vc_l, md + p.off_tables, md + p.off_seq,
+                                  md + p.off_pos, scale, att16.as<__half>(), flag_d, stream),
+          "paged_attention_f16");
     }
     if (p.v_rotation > 0)  // back from V's rotation (H · H = I)
       check_status(kc::hadamard_rotate_f16(att16.as<__half>(), n, q_dim, p.v_rotation, stream),

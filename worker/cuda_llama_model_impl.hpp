@@ -181,8 +181,8 @@ struct CudaLlamaModel::Impl {
   kc::Int4CublasContext dequant_cublas;
   std::vector<int32_t> meta_host;
   // Captured passes by plan key (CudaModelOptions::graphs).
-  std::map<std::tuple<int64_t, int64_t, int64_t, int64_t, bool, int64_t, size_t, const void*, uint16_t*,
-                      int64_t, bool, int64_t, int, int64_t, int64_t, int64_t, uint64_t>,
+  std::map<std::tuple<int64_t, int64_t, int64_t, int64_t, bool, int64_t, bool, int64_t, size_t, const void*,
+                      uint16_t*, int64_t, bool, int64_t, int, int64_t, int64_t, int64_t, uint64_t>,
            cudaGraphExec_t>
       graphs;
   std::set<decltype(graphs)::key_type> seen_once;  // shapes run directly once, captured when seen again

@@ -53,13 +53,16 @@ struct Params {
   const int32_t* block_tables;
   const int32_t* seq_lens;
   const int32_t* query_start;
+  const int32_t* query_end;  // null: sequence s ends where s + 1 starts
   __half* out;
-  float* o_part;       // [n_splits, tokens, n_head, head_dim]
-  float2* ml_part;     // [n_splits, tokens, n_head]: running max m and sum l
+  // Each split's partials by query slot (sequence s's query qi: s * max_q_len + qi, query_slots =
+  // n_seqs * max_q_len of them), not by token: the runs may be a few of a long batch's tokens.
+  float* o_part;       // [n_splits, query_slots, n_head, head_dim]
+  float2* ml_part;     // [n_splits, query_slots, n_head]: running max m and sum l
   unsigned* counters;  // [n_seqs, n_head_kv] or null (see the top)
   int32_t* error_flag;
   int64_t tokens, max_q_len, n_head, n_head_kv, block_size, num_blocks, max_blocks_per_seq, max_seq_len;
-  int64_t split_tokens;
+  int64_t split_tokens, query_slots;
   float scale;
   bool single_split;  // one split: pass 1 writes `out` (see the top)
   // attention_decode_quantized: a side whose type is not F16 is read as stored from k_bytes / v_bytes
@@ -81,7 +84,7 @@ struct SeqInfo {
 __device__ SeqInfo load_seq(const Params& p, int64_t s) {
   SeqInfo info{};
   const int64_t q0 = p.query_start[s];
-  const int64_t q1 = p.query_start[s + 1];
+  const int64_t q1 = p.query_end != nullptr ? p.query_end[s] : p.query_start[s + 1];
   const int64_t n_q = q1 - q0;
   if (q0 < 0 || q1 > p.tokens || n_q < 0 || n_q > p.max_q_len) {
     detail::raise_flag(p.error_flag);
@@ -117,22 +120,23 @@ __device__ int64_t splits_of(const Params& p, const SeqInfo& seq) {
   return (seq.kv_len + p.split_tokens - 1) / p.split_tokens;
 }
 
-// Pass 2 for one (token, head) row, by one warp: the row's partials of splits 0 .. n_splits - 1
-// combined and written (zeros when no split saw a position). Read through L2 (__ldcg): in pass 1
-// (counters) other blocks wrote them during this kernel, and L1 is not coherent.
+// Pass 2 for one (token, head) row, by one warp: the row's partials (at query slot `slot`) of splits
+// 0 .. n_splits - 1 combined and written (zeros when no split saw a position). Read through L2 (__ldcg): in
+// pass 1 (counters) other blocks wrote them during this kernel, and L1 is not coherent.
 template <int D>
-__device__ void combine_row(const Params& p, int64_t n_splits, int64_t token, int64_t head, int lane) {
+__device__ void combine_row(const Params& p, int64_t n_splits, int64_t slot, int64_t token, int64_t head,
+                            int lane) {
   constexpr int kPerLane = D / kWarpSize;
   float m_max = -INFINITY;
   for (int64_t sp = 0; sp < n_splits; ++sp)
-    m_max = fmaxf(m_max, __ldcg(&p.ml_part[(sp * p.tokens + token) * p.n_head + head]).x);
+    m_max = fmaxf(m_max, __ldcg(&p.ml_part[(sp * p.query_slots + slot) * p.n_head + head]).x);
   float acc[kPerLane];
 #pragma unroll
   for (int i = 0; i < kPerLane; ++i) acc[i] = 0.0f;
   float l_sum = 0.0f;
   if (m_max != -INFINITY) {
     for (int64_t sp = 0; sp < n_splits; ++sp) {
-      const int64_t idx = (sp * p.tokens + token) * p.n_head + head;
+      const int64_t idx = (sp * p.query_slots + slot) * p.n_head + head;
       const float2 ml = __ldcg(&p.ml_part[idx]);
       const float f = expf(ml.x - m_max);  // a split with nothing visible: e^-inf = 0
       l_sum = fmaf(f, ml.y, l_sum);
@@ -402,7 +406,7 @@ __global__ void __launch_bounds__(kThreads) split_kernel(Params p) {
       store_output_row(p.out + (token * p.n_head + head) * D + lane * kPerLane, acc[rr], l[rr]);
       continue;
     }
-    const int64_t idx = (split * p.tokens + token) * p.n_head + head;
+    const int64_t idx = (split * p.query_slots + s * p.max_q_len + r / group) * p.n_head + head;
     float* o = p.o_part + idx * D + lane * kPerLane;
 #pragma unroll
     for (int i = 0; i < kPerLane; ++i) o[i] = acc[rr][i];
@@ -423,7 +427,8 @@ __global__ void __launch_bounds__(kThreads) split_kernel(Params p) {
   if (!last_s) return;  // uniform over the block
   __threadfence();
   for (int r = warp; r < n_rows; r += kWarps)
-    combine_row<D>(p, splits_of(p, seq), seq.q0 + r / group, kvh * group + r % group, lane);
+    combine_row<D>(p, splits_of(p, seq), s * p.max_q_len + r / group, seq.q0 + r / group,
+                   kvh * group + r % group, lane);
 }
 
 template <int D>
@@ -437,7 +442,7 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(Params p) {
   const SeqInfo seq = load_seq(p, s);
   if (!seq.ok) return;
   for (int qi = warp; qi < seq.n_q; qi += kWarps)
-    combine_row<D>(p, splits_of(p, seq), seq.q0 + qi, head, lane);
+    combine_row<D>(p, splits_of(p, seq), s * p.max_q_len + qi, seq.q0 + qi, head, lane);
 }
 
 struct Plan {
@@ -503,7 +508,8 @@ Status launch_attention(const DecodeAttentionShape& shape, Params prm, void* wor
   if (plan.n_splits > INT32_MAX) return Status::invalid_argument;
 
   prm.o_part = static_cast<float*>(workspace);
-  const auto rows = static_cast<size_t>(plan.n_splits) * static_cast<size_t>(shape.tokens) *
+  prm.query_slots = shape.n_seqs * shape.max_q_len;
+  const auto rows = static_cast<size_t>(plan.n_splits) * static_cast<size_t>(prm.query_slots) *
                     static_cast<size_t>(shape.n_head);
   // The O partials are a multiple of 64 floats per row, so the (m, l) pairs after them are 8-byte aligned.
   prm.ml_part = reinterpret_cast<float2*>(prm.o_part + rows * static_cast<size_t>(shape.head_dim));
@@ -553,7 +559,7 @@ Status launch_attention(const DecodeAttentionShape& shape, Params prm, void* wor
 size_t attention_decode_workspace_bytes(const DecodeAttentionShape& shape) {
   if (!shape_ok(shape)) return 0;
   const Plan plan = make_plan(shape);
-  const auto rows = static_cast<size_t>(plan.n_splits) * static_cast<size_t>(shape.tokens) *
+  const auto rows = static_cast<size_t>(plan.n_splits) * static_cast<size_t>(shape.n_seqs * shape.max_q_len) *
                     static_cast<size_t>(shape.n_head);
   return rows * static_cast<size_t>(shape.head_dim) * sizeof(float) + rows * sizeof(float2);
 }
@@ -573,7 +579,7 @@ Status attention_decode_quantized(const DecodeAttentionShape& shape, const __hal
                                   const int32_t* block_tables, const int32_t* seq_lens,
                                   const int32_t* query_start, float scale, __half* out, void* workspace,
                                   size_t workspace_bytes, int32_t* error_flag, cudaStream_t stream,
-                                  bool programmatic, unsigned* combine_counters) {
+                                  bool programmatic, unsigned* combine_counters, const int32_t* query_end) {
   if (!shape_ok(shape)) return Status::invalid_argument;
   if (q == nullptr || k_cache == nullptr || v_cache == nullptr || block_tables == nullptr ||
       seq_lens == nullptr || query_start == nullptr || out == nullptr) {
@@ -594,6 +600,7 @@ Status attention_decode_quantized(const DecodeAttentionShape& shape, const __hal
   prm.block_tables = block_tables;
   prm.seq_lens = seq_lens;
   prm.query_start = query_start;
+  prm.query_end = query_end;
   prm.out = out;
   prm.counters = combine_counters;
   prm.error_flag = error_flag;

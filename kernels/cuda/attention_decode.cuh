@@ -63,7 +63,7 @@ size_t attention_decode_workspace_bytes(const DecodeAttentionShape& shape);
 // block_tables: [n_seqs, max_blocks_per_seq] int32 block ids
 // seq_lens:     [n_seqs] int32 positions of each sequence in the cache, its queries' included
 // query_start:  [n_seqs + 1] int32, non-decreasing; sequence s's queries are tokens
-//               query_start[s] .. query_start[s+1]-1
+//               query_start[s] .. query_start[s+1]-1 (attention_decode_quantized: see query_end)
 // out:          [tokens, n_head, head_dim] __half, 16-byte aligned
 // workspace:    attention_decode_workspace_bytes(shape) bytes, 16-byte aligned
 // error_flag:   [1] int32 or nullptr (see above)
@@ -91,12 +91,17 @@ Status attention_decode(const DecodeAttentionShape& shape, const __half* q, cons
 //   kv_cache_quant_type admits, that side then one quantized layer, [num_blocks, block_size, kv_dim / 32
 //   blocks] bytes, 4-byte aligned, readable up to the next 4-byte boundary after its last block (a block
 //   is read as the aligned 32-bit words that cover it; worker::CudaKvCache pads each side to 256 bytes).
+// query_end: [n_seqs] int32 or nullptr. Given, sequence s's queries are tokens query_start[s] ..
+//   query_end[s] - 1 (query_start then needs n_seqs entries): the sequences need not cover the batch, so
+//   the decode and verification runs of a batch that also holds prompt chunks take this kernel and the
+//   other tokens' rows of `out` are left to another (vLLM's split of a mixed batch).
 // Everything else as attention_decode's; invalid_argument for a type outside these.
 Status attention_decode_quantized(const DecodeAttentionShape& shape, const __half* q, const void* k_cache,
                                   DType k_type, const void* v_cache, DType v_type,
                                   const int32_t* block_tables, const int32_t* seq_lens,
                                   const int32_t* query_start, float scale, __half* out, void* workspace,
                                   size_t workspace_bytes, int32_t* error_flag, cudaStream_t stream,
-                                  bool programmatic = false, unsigned* combine_counters = nullptr);
+                                  bool programmatic = false, unsigned* combine_counters = nullptr,
+                                  const int32_t* query_end = nullptr);
 
 }  // namespace nibble::kernels::cuda

@@ -439,6 +439,92 @@ TEST(CudaAttentionDecode, QuantizedCacheReadAsStoredEqualsItsDequantizedCopy) {
   }
 }
 
+// query_end: the runs need not cover the batch (a batch that also holds prompt chunks gives its decode
+// runs to this kernel and its prompt tiles to another). The compact problem's queries spread over a
+// longer batch with other tokens before, between and after them: each run's rows are the compact
+// problem's bit for bit (as stored and fp16, the combine in its own kernel and in the first), and the
+// other tokens' rows are left as they were.
+TEST(CudaAttentionDecode, QueryEndsLetTheRunsSitAmongOtherTokens) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  std::mt19937 rng(808);
+  for (const int64_t head_dim : {64, 128}) {
+    SCOPED_TRACE("head_dim " + std::to_string(head_dim));
+    Problem compact = make_problem({33, 300, 5}, {1, 4, 2}, 8, 2, head_dim, 16, 0, rng);
+    CacheSides sides;
+    sides.k_type = sides.v_type = k::DType::Q8_0;
+    sides.k_bytes = quantize_side(compact, k::DType::Q8_0, compact.k_cache);
+    sides.v_bytes = quantize_side(compact, k::DType::Q8_0, compact.v_cache);
+    const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
+    int32_t flag = -1;
+    const auto want = run(compact, scale, &flag);
+    ASSERT_EQ(want.size(), compact.q.size());
+    ASSERT_EQ(flag, 0);
+    // The spread batch: 3 other tokens, run 0, 5 others, run 1, run 2, 2 others.
+    const auto& s = compact.shape;
+    const int64_t row = s.n_head * head_dim;
+    const std::vector<int64_t> gap_before = {3, 5, 0};
+    std::vector<int32_t> starts, ends;
+    std::vector<uint16_t> q;
+    std::normal_distribution<float> normal(0.0f, 1.0f);
+    const auto other_tokens = [&](int64_t count) {
+      for (int64_t i = 0; i < count * row; ++i) q.push_back(k::fp32_to_fp16(normal(rng)));
+    };
+    for (size_t i = 0; i < 3; ++i) {
+      other_tokens(gap_before[i]);
+      starts.push_back(static_cast<int32_t>(static_cast<int64_t>(q.size()) / row));
+      q.insert(q.end(), compact.q.begin() + compact.query_start[i] * row,
+               compact.q.begin() + compact.query_start[i + 1] * row);
+      ends.push_back(static_cast<int32_t>(static_cast<int64_t>(q.size()) / row));
+    }
+    other_tokens(2);
+    k::cuda::DecodeAttentionShape spread = s;
+    spread.tokens = static_cast<int64_t>(q.size()) / row;
+    DeviceBuffer<uint16_t> dq(q), dk(compact.k_cache), dv(compact.v_cache);
+    DeviceBuffer<uint8_t> dkb(sides.k_bytes), dvb(sides.v_bytes);
+    DeviceBuffer<int32_t> dt(compact.tables), dl(compact.seq_lens), dstart(starts), dend(ends);
+    const size_t ws = k::cuda::attention_decode_workspace_bytes(spread);
+    DeviceBuffer<uint8_t> dws(ws);
+    DeviceBuffer<uint32_t> counters(std::vector<uint32_t>(static_cast<size_t>(s.n_seqs * s.n_head_kv), 0u));
+    ASSERT_TRUE(dq.ptr && dk.ptr && dv.ptr && dkb.ptr && dvb.ptr && dt.ptr && dl.ptr && dstart.ptr &&
+                dend.ptr && dws.ptr && counters.ptr);
+    for (const bool stored : {false, true}) {
+      for (const bool one_kernel : {false, true}) {
+        SCOPED_TRACE(std::string(stored ? "Q8_0 as stored" : "fp16") + (one_kernel ? ", one kernel" : ""));
+        DeviceBuffer<int32_t> dflag(std::vector<int32_t>{0});
+        DeviceBuffer<uint16_t> dout(std::vector<uint16_t>(q.size(), 0x7e00));  // NaN: rows left alone stay
+        ASSERT_TRUE(dflag.ptr && dout.ptr);
+        ASSERT_EQ(
+            k::cuda::attention_decode_quantized(
+                spread, reinterpret_cast<const __half*>(dq.ptr),
+                stored ? static_cast<const void*>(dkb.ptr) : dk.ptr, stored ? k::DType::Q8_0 : k::DType::F16,
+                stored ? static_cast<const void*>(dvb.ptr) : dv.ptr, stored ? k::DType::Q8_0 : k::DType::F16,
+                dt.ptr, dl.ptr, dstart.ptr, scale, reinterpret_cast<__half*>(dout.ptr), dws.ptr, ws,
+                dflag.ptr, nullptr, one_kernel, one_kernel ? counters.ptr : nullptr, dend.ptr),
+            k::Status::ok);
+        ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+        EXPECT_EQ(dflag.to_host().at(0), 0);
+        const std::vector<uint16_t> got = dout.to_host();
+        ASSERT_EQ(got.size(), q.size());
+        std::vector<bool> in_run(static_cast<size_t>(spread.tokens), false);
+        for (size_t i = 0; i < 3; ++i) {
+          const auto from = static_cast<size_t>(starts[i] * row), to = static_cast<size_t>(ends[i] * row);
+          EXPECT_TRUE(std::equal(got.begin() + static_cast<std::ptrdiff_t>(from),
+                                 got.begin() + static_cast<std::ptrdiff_t>(to),
+                                 want.begin() + compact.query_start[i] * row))
+              << "run " << i;
+          for (int32_t t = starts[i]; t < ends[i]; ++t) in_run[static_cast<size_t>(t)] = true;
+        }
+        for (int64_t t = 0; t < spread.tokens; ++t) {
+          if (in_run[static_cast<size_t>(t)]) continue;
+          for (int64_t i = 0; i < row; ++i)
+            ASSERT_EQ(got[static_cast<size_t>(t * row + i)], 0x7e00) << "token " << t << " written";
+        }
+      }
+    }
+    EXPECT_EQ(counters.to_host(), std::vector<uint32_t>(static_cast<size_t>(s.n_seqs * s.n_head_kv), 0u));
+  }
+}
+
 TEST(CudaAttentionDecode, RejectsBadArguments) {
   NIBBLE_REQUIRE_CUDA_DEVICE();
   std::mt19937 rng(9);

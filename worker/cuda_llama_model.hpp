@@ -311,9 +311,11 @@ struct CudaModelOptions {
   // 8192 at 16 rows where the Q4_0 GEMV took 320.8; the GEMMs and dequant + cuBLAS for prefill).
   // false: GGUF Q4_0 blocks as stored (the CUDA-core GEMV up to 32 rows, the WMMA GEMM above).
   bool q4_0_as_int4_groups = true;
-  // Batches whose every sequence brings at most 64 / (n_head / n_head_kv) consecutive tokens (decode,
-  // speculative verification) use attention_decode when head_dim is 64 or 128; false sends every
-  // batch to the general paged_attention_f16 (tests compare the two).
+  // A sequence's run of at most 64 / (n_head / n_head_kv) consecutive tokens (decode, speculative
+  // verification) takes attention_decode when head_dim is 64 or 128, in a batch of such runs and in one
+  // that also holds prompt chunks (those take the prefill kernel's tiles), so that a decode row's
+  // attention does not depend on what else its batch holds; false sends every batch to the prefill
+  // tiles or the general paged_attention_f16 (tests compare the two).
   bool decode_attention = true;
   // Positions one block of attention_decode takes (a positive multiple of 32): every sequence is cut
   // at this size whatever the batch, so that each query's sum runs in an order that does not depend on
@@ -383,10 +385,10 @@ struct CudaModelOptions {
   // output rotated back), as LlamaModel::set_kv_cache_rotation; false is LLAMA_ATTN_ROT_DISABLE=1. An
   // fp16 cache is never rotated.
   bool kv_cache_rotation = true;
-  // Decode steps (those on attention_decode) read a quantized KV cache's blocks as stored
-  // (attention_decode_quantized: each tile's blocks turned into fp16 in the kernel), where prompt steps
-  // dequantize the blocks they attend over into the fp16 working copy first: the same bits, at the
-  // quantized bytes' traffic instead of the copy's ~2.5x fp16's. false: the working copy for every step
+  // Decode and verification runs (those on attention_decode) read a quantized KV cache's blocks as
+  // stored (attention_decode_quantized: each tile's blocks turned into fp16 in the kernel), where prompt
+  // runs dequantize the blocks they attend over into the fp16 working copy first: the same bits, at the
+  // quantized bytes' traffic instead of the copy's ~2.5x fp16's. false: the working copy for every run
   // (tests compare the two).
   bool kv_cache_decode_as_stored = true;
 };

@@ -147,8 +147,10 @@ struct Entry {
 
 // The scripted scenario's batches, two sequences over a cache of kBlocks blocks of kBlockSize positions
 // (their tables a shuffle of the blocks): sequence 0: a 37-token prompt (longer than attention_decode
-// takes in one piece), then decode; sequence 1: a 7-token prompt, decode, a 3-token chunk (speculative
-// verification's shape) put before sequence 0's token in the batch, decode. Random tokens.
+// takes in one piece: the prefill kernel's tiles, or the general kernel), then decode; sequence 1: a
+// 7-token prompt (in the same batch: attention_decode's, as a run of 7 queries beside the tiles, where
+// the heads allow), decode, a 3-token chunk (speculative verification's shape) put before sequence 0's
+// token in the batch, decode. Random tokens.
 struct Scenario {
   static constexpr int64_t kBlockSize = 8, kMbps = 8, kBlocks = 2 * kMbps + 5;
   const std::vector<std::vector<Entry>> steps = {
@@ -520,9 +522,9 @@ int64_t four_bit_weight_bytes_bound(const m::LlamaConfig& c) {
 }
 
 // Prompt chunks on the tensor-core prefill attention (CudaModelOptions::mma_prefill_attention): the
-// scenario's logits near the CPU's at head_dim 64 and 128 and groupings 2 and 4 (its 37- and 7-token
-// prompts take the kernel's tiles; the 3-token chunk and the decode steps take attention_decode as
-// before); the option takes effect: a 40-token prompt's logits differ from the CUDA-core kernel's in
+// scenario's logits near the CPU's at head_dim 64 and 128 and groupings 2 and 4 (its 37-token prompt
+// takes the kernel's tiles; the 7-token prompt beside it, the 3-token chunk and the decode steps take
+// attention_decode); the option takes effect: a 40-token prompt's logits differ from the CUDA-core kernel's in
 // their last bits (other roundings), switched on and off on one model (set_mma_prefill_attention).
 // head_dim 32, which neither tiled kernel takes, keeps the general kernel: the same bits either way.
 TEST(CudaLlamaModel, TensorCorePrefillAttentionMatchesTheCpu) {

@@ -43,7 +43,7 @@ class WorkerStage {
   // a GPU's last stage), and that pass (ForwardModel::forward_stage_verify; hidden_in as above).
   bool verifies_drafts() const { return model_.verifies_drafts(); }
   // The LoRA adapter a batch names by `slot`, loaded or removed while the job runs
-  // (ForwardModel::set_lora / remove_lora: a GPU's model refuses to load one).
+  // (ForwardModel::set_lora / remove_lora, on the CPU's model and the GPU's alike).
   void set_lora(int32_t slot, const model::LoraAdapter& adapter, float user_scale) {
     model_.set_lora(slot, adapter, user_scale);
   }

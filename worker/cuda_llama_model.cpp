@@ -177,6 +177,23 @@ CudaMemoryInfo cuda_memory_info(int device) {
 // ---------------------------------------------------------------------------------------------
 // CudaKvCache
 
+namespace {
+
+// Why a GPU cache of these types cannot serve this model's (shard's) heads, "" when it can: the CPU's
+// refusals (KvCache::unsupported) and the device kernels' row limit. Checked when a model is given the
+// types (before a job sizes its blocks) and again when a cache is made.
+std::string cuda_kv_cache_unsupported(const model::LlamaConfig& config, const KvCacheTypes& types) {
+  if (std::string why = KvCache::unsupported(config, types); !why.empty())
+    return "this model cannot have " + why;
+  if (types.quantized() && config.kv_dim() > kc::kKvCacheQuantMaxKvDim) {
+    return "a quantized KV cache on the GPU takes at most " + std::to_string(kc::kKvCacheQuantMaxKvDim) +
+           " K values a position, this model " + std::to_string(config.kv_dim());
+  }
+  return "";
+}
+
+}  // namespace
+
 CudaKvCache::CudaKvCache(const model::LlamaConfig& config, int64_t n_blocks, int64_t block_size, int device,
                          KvCacheTypes types)
     : n_blocks_(n_blocks),
@@ -187,13 +204,8 @@ CudaKvCache::CudaKvCache(const model::LlamaConfig& config, int64_t n_blocks, int
       v_row_bytes_(0),
       types_(types) {
   if (n_blocks < 1 || block_size < 1) throw std::invalid_argument("a KV cache needs at least one block");
-  if (const std::string why = KvCache::unsupported(config, types); !why.empty())
-    throw std::invalid_argument("this model cannot have " + why);
-  if (types.quantized() && kv_dim_ > kc::kKvCacheQuantMaxKvDim) {
-    throw std::invalid_argument("a quantized KV cache on the GPU takes at most " +
-                                std::to_string(kc::kKvCacheQuantMaxKvDim) +
-                                " K values a position, this model " + std::to_string(kv_dim_));
-  }
+  if (const std::string why = cuda_kv_cache_unsupported(config, types); !why.empty())
+    throw std::invalid_argument(why);
   require_device(device);
   k_row_bytes_ = kernels::row_bytes(types.k, kv_dim_);
   v_row_bytes_ = kernels::row_bytes(types.v, kv_dim_);
@@ -1281,8 +1293,8 @@ void CudaLlamaModel::set_mma_prefill_attention(bool on) {
 }
 
 void CudaLlamaModel::set_kv_cache_types(const KvCacheTypes& types) {
-  if (const std::string why = KvCache::unsupported(impl_->shard_config, types); !why.empty())
-    throw std::invalid_argument("this model cannot have " + why);
+  if (const std::string why = cuda_kv_cache_unsupported(impl_->shard_config, types); !why.empty())
+    throw std::invalid_argument(why);
   impl_->kv_cache_types = types;
 }
 

@@ -437,7 +437,8 @@ class CudaLlamaModel {
   void set_fused_norms(bool on);
   // The KV cache types this model's caches are made with where the model makes them (CudaForwardModel),
   // as LlamaModel::set_kv_cache_types; a CudaKvCache made directly takes its own. Throws
-  // std::invalid_argument for types the model's heads cannot take (KvCache::unsupported).
+  // std::invalid_argument for types the model's heads cannot take (KvCache::unsupported, or a quantized
+  // cache on more than kernels::cuda::kKvCacheQuantMaxKvDim K values a position).
   void set_kv_cache_types(const KvCacheTypes& types);
   const KvCacheTypes& kv_cache_types() const;
   // Switches CudaModelOptions::kv_cache_rotation for later passes (a plan's key holds it).

@@ -388,8 +388,9 @@ TEST(CudaAttentionDecode, SplitEdgeCasesCombineAlikeInOneKernel) {
 // attention_decode gives over its dequantized fp16 copy (what a working copy holds), for every cache
 // type, both sides quantized or one of them fp16, heads of 64 and 128 (rows of 4 and 2 blocks of 32 a
 // KV head; Q4_0's 18-byte blocks start mid-word every second block), decode and verification, automatic
-// and 32- or 96-position splits, the combine in its own kernel or the first; a block id past the cache in
-// one sequence raises the flag and leaves the other sequences' rows as they were.
+// splits (one for every sequence at heads of 64, two for the longest at 128) and 32- or 96-position ones, the
+// combine in its own kernel or the first; a block id past the cache in one sequence raises the flag and
+// leaves the other sequences' rows as they were.
 TEST(CudaAttentionDecode, QuantizedCacheReadAsStoredEqualsItsDequantizedCopy) {
   NIBBLE_REQUIRE_CUDA_DEVICE();
   using T = k::DType;
@@ -402,9 +403,12 @@ TEST(CudaAttentionDecode, QuantizedCacheReadAsStoredEqualsItsDequantizedCopy) {
         SCOPED_TRACE(std::string("k ") + k::type_name(k_type) + ", v " + k::type_name(v_type) +
                      ", head_dim " + std::to_string(head_dim) + ", split " + std::to_string(split));
         const bool verify = split != 32;
-        Problem copy = make_problem(
-            {1, 45, 300, 97}, verify ? std::vector<int32_t>{1, 3, 8, 2} : std::vector<int32_t>{1, 1, 1, 1}, 8,
-            2, head_dim, head_dim == 64 ? 7 : 16, split, rng);
+        // At heads of 64 the automatic split covers every sequence in one piece (pass 1 writes the output).
+        const int32_t longest = head_dim == 64 ? 200 : 300;
+        Problem copy =
+            make_problem({1, 45, longest, 97},
+                         verify ? std::vector<int32_t>{1, 3, 8, 2} : std::vector<int32_t>{1, 1, 1, 1}, 8, 2,
+                         head_dim, head_dim == 64 ? 7 : 16, split, rng);
         CacheSides sides;
         sides.k_type = k_type;
         sides.v_type = v_type;

@@ -668,8 +668,11 @@ bool CudaLlamaModel::Impl::grow_buffers(const Plan& p) {
     if (reducer->device_pointers()) moved |= reducer->reserve_gather(rows_out, split.vocab_counts);
   }
   moved |= ids.reserve(static_cast<size_t>(rows_out) * sizeof(int32_t));
-  if (p.lora)
+  if (p.lora) {
     moved |= lora_ax.reserve(static_cast<size_t>(std::max(n, rows_out) * lora_max_rank) * sizeof(float));
+    moved |=
+        lora_work.reserve(kc::lora_shrink_workspace_bytes(std::max(n, rows_out), lora_max_k, lora_max_rank));
+  }
   moved |= flag.reserve(sizeof(int32_t));
   if (norm_counter.reserve(sizeof(uint32_t))) {  // once
     moved = true;
@@ -751,9 +754,10 @@ void CudaLlamaModel::Impl::enqueue(const Plan& p) {
                     : loras[a]->layers[static_cast<size_t>(layer)][static_cast<size_t>(which)].get();
       if (lp == nullptr) continue;
       const auto slot = static_cast<int32_t>(a + 1);
-      check_status(kc::lora_shrink_f16(lp->a_t.as<__half>(), lp->k, lp->rank, lp->scale, in, ldx, adapters,
-                                       slot, rows, lora_ax.as<float>(), stream),
-                   "lora_shrink_f16");
+      check_status(
+          kc::lora_shrink_f16(lp->a_t.as<__half>(), lp->k, lp->rank, lp->scale, in, ldx, adapters, slot, rows,
+                              lora_ax.as<float>(), lora_work.as<void>(), lora_work.bytes(), stream),
+          "lora_shrink_f16");
       check_status(kc::lora_expand_f16(lp->b_t.as<__half>(), lp->rank, lp->n_out, lora_ax.as<float>(),
                                        adapters, slot, rows, y, ldy, stream),
                    "lora_expand_f16");
@@ -1321,10 +1325,11 @@ void CudaLlamaModel::set_lora(int32_t slot, const model::LoraAdapter& adapter, f
     to->k = from->k;
     to->n_out = from->n_out;
     to->scale = from->scale;
-    if (to->rank > kc::kLoraMaxRank || to->n_out > kc::kLoraMaxOutputs) {
+    if (to->rank > kc::kLoraMaxRank || to->n_out > kc::kLoraMaxOutputs || to->k > kc::kLoraMaxInputs) {
       throw std::invalid_argument(
-          "a LoRA adapter of rank " + std::to_string(to->rank) + " on " + std::to_string(to->n_out) +
-          " outputs (the GPU's kernels take ranks up to " + std::to_string(kc::kLoraMaxRank) + " and " +
+          "a LoRA adapter of rank " + std::to_string(to->rank) + " from " + std::to_string(to->k) +
+          " inputs to " + std::to_string(to->n_out) + " outputs (the GPU's kernels take ranks up to " +
+          std::to_string(kc::kLoraMaxRank) + ", " + std::to_string(kc::kLoraMaxInputs) + " inputs and " +
           std::to_string(kc::kLoraMaxOutputs) + " outputs)");
     }
     for (auto [memory, bits] : {std::pair{&to->a_t, &from->a_t}, std::pair{&to->b_t, &from->b_t}}) {
@@ -1346,13 +1351,17 @@ void CudaLlamaModel::set_lora(int32_t slot, const model::LoraAdapter& adapter, f
   cuda_check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
   if (m.loras.size() < static_cast<size_t>(slot)) m.loras.resize(static_cast<size_t>(slot));
   m.loras[static_cast<size_t>(slot - 1)] = std::move(device);
-  m.lora_max_rank = 0;
+  m.lora_max_rank = m.lora_max_k = 0;  // what the shrinks' buffers are sized for
+  const auto widen = [&m](const Impl::DeviceLoraProduct* p) {
+    if (p == nullptr) return;
+    m.lora_max_rank = std::max(m.lora_max_rank, p->rank);
+    m.lora_max_k = std::max(m.lora_max_k, p->k);
+  };
   for (const auto& a : m.loras) {
     if (a == nullptr) continue;
     for (const auto& layer : a->layers)
-      for (const auto& p : layer)
-        if (p != nullptr) m.lora_max_rank = std::max(m.lora_max_rank, p->rank);
-    if (a->output != nullptr) m.lora_max_rank = std::max(m.lora_max_rank, a->output->rank);
+      for (const auto& p : layer) widen(p.get());
+    widen(a->output.get());
   }
   ++m.lora_generation;
   m.clear_graphs();  // they hold the old factors' addresses

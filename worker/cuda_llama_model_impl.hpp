@@ -128,9 +128,10 @@ struct CudaLlamaModel::Impl {
   };
   std::vector<std::unique_ptr<DeviceLora>> loras;
   int32_t default_lora = 0;
-  int64_t lora_max_rank = 0;
-  int64_t lora_generation = 0;  // changes with every set / remove: part of a graph's key
-  DeviceMemory lora_ax;         // [rows, lora_max_rank] float: a shrink's output
+  int64_t lora_max_rank = 0, lora_max_k = 0;  // over the loaded adapters' products
+  int64_t lora_generation = 0;                // changes with every set / remove: part of a graph's key
+  DeviceMemory lora_ax;                       // [rows, lora_max_rank] float: a shrink's output
+  DeviceMemory lora_work;  // a shrink's split partials (kernels::cuda::lora_shrink_workspace_bytes)
   TensorShard shard;
   ShardReducer* reducer = nullptr;  // null when unsharded (no collectives); see the constructor
   int64_t layer_begin = 0, layer_end = 0;

@@ -1,11 +1,17 @@
-// LoRA's shrink and expand (lora.cuh). Shrink: a block per (row, 32 ranks), its 8 warps each summing a
-// slice of the inputs for the same 32 ranks (lanes read 32 consecutive Aᵀ entries: one coalesced load a
-// warp an input), the slices then added in a fixed order. Expand: a block per (row, 256 outputs), each
-// thread one output over the row's rank values staged in shared memory (threads read consecutive Bᵀ
-// entries). Each row's blocks read the factors (the rows after the first mostly from L2): simple, and
-// a decode step's few rows; a prompt's many rows would want the factors tiled across rows.
+// LoRA's shrink and expand (lora.cuh). Shrink: the inputs cut into fixed splits of kInputsPerSplit (so a
+// decode step's one row still spreads over k / 256 blocks, not one block reading all of A), a block per
+// (row, 32 ranks, split), its 8 warps each summing a slice of the split's inputs for the same 32 ranks
+// (lanes read 32 consecutive Aᵀ entries: one coalesced load a warp an input), the slices added in a
+// fixed order into the split's partial; then a block per row adds its splits' partials in split order.
+// The splits depend on k only, so a row's bits do not depend on the batch. Expand: a block per (row,
+// 256 outputs), each thread one output over the row's rank values staged in shared memory (threads
+// read consecutive Bᵀ entries). Each row's blocks read the factors (the rows after the first mostly from
+// L2): simple, and a decode step's few rows; a prompt's many rows would want the factors tiled across
+// rows.
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+
+#include <cstdint>
 
 #include "kernels/cuda/launch_status.cuh"
 #include "kernels/cuda/lora.cuh"
@@ -17,27 +23,48 @@ constexpr int kRanksPerBlock = 32;
 constexpr int kSlices = 8;  // warps a shrink block
 constexpr int kOutputsPerBlock = 256;
 
-// Block (r, chunk): ranks chunk * 32 .. + 31 of row r.
+int64_t shrink_splits(int64_t k) { return (k + kLoraInputsPerSplit - 1) / kLoraInputsPerSplit; }
+
+// Block (r, chunk, split): ranks chunk * 32 .. + 31 of row r over the split's inputs, into
+// partials[r][split][rank].
 __global__ void __launch_bounds__(kRanksPerBlock* kSlices)
-    lora_shrink_kernel(const __half* __restrict__ a_t, int64_t k, int64_t rank, float scale,
-                       const __half* __restrict__ x, int64_t ldx, const int32_t* __restrict__ row_adapter,
-                       int32_t adapter, float* __restrict__ ax) {
+    lora_shrink_split_kernel(const __half* __restrict__ a_t, int64_t k, int64_t rank,
+                             const __half* __restrict__ x, int64_t ldx,
+                             const int32_t* __restrict__ row_adapter, int32_t adapter,
+                             float* __restrict__ partials) {
   __shared__ float partial[kSlices][kRanksPerBlock];
   const int64_t r = blockIdx.x;
   if (row_adapter[r] != adapter) return;  // uniform over the block
   const int lane = static_cast<int>(threadIdx.x % kRanksPerBlock);
   const int slice = static_cast<int>(threadIdx.x / kRanksPerBlock);
   const int64_t j = static_cast<int64_t>(blockIdx.y) * kRanksPerBlock + lane;
+  const int64_t split = blockIdx.z;
+  const int64_t begin = split * kLoraInputsPerSplit;
+  const int64_t end = begin + kLoraInputsPerSplit < k ? begin + kLoraInputsPerSplit : k;
   const __half* xr = x + r * ldx;
   float sum = 0.0f;
   if (j < rank) {
-    for (int64_t c = slice; c < k; c += kSlices) sum += __half2float(a_t[c * rank + j]) * __half2float(xr[c]);
+    for (int64_t c = begin + slice; c < end; c += kSlices)
+      sum += __half2float(a_t[c * rank + j]) * __half2float(xr[c]);
   }
   partial[slice][lane] = sum;
   __syncthreads();
   if (slice == 0 && j < rank) {
     float total = partial[0][lane];
     for (int s = 1; s < kSlices; ++s) total += partial[s][lane];
+    partials[(r * gridDim.z + split) * rank + j] = total;
+  }
+}
+
+// Block r: ax[r][j] = scale * the row's split partials added in split order (thread j, and j + 1024 ...).
+__global__ void __launch_bounds__(kLoraMaxRank)
+    lora_shrink_sum_kernel(const float* __restrict__ partials, int64_t splits, int64_t rank, float scale,
+                           const int32_t* __restrict__ row_adapter, int32_t adapter, float* __restrict__ ax) {
+  const int64_t r = blockIdx.x;
+  if (row_adapter[r] != adapter) return;  // uniform over the block
+  for (int64_t j = threadIdx.x; j < rank; j += blockDim.x) {
+    float total = 0.0f;
+    for (int64_t s = 0; s < splits; ++s) total += partials[(r * splits + s) * rank + j];
     ax[r * rank + j] = scale * total;
   }
 }
@@ -65,17 +92,33 @@ bool rows_ok(int64_t n, const int32_t* row_adapter) {
 
 }  // namespace
 
+size_t lora_shrink_workspace_bytes(int64_t n, int64_t k, int64_t rank) {
+  if (n < 0 || k < 1 || rank < 1) return 0;
+  return static_cast<size_t>(n) * static_cast<size_t>(shrink_splits(k)) * static_cast<size_t>(rank) *
+         sizeof(float);
+}
+
 Status lora_shrink_f16(const __half* a_t, int64_t k, int64_t rank, float scale, const __half* x, int64_t ldx,
-                       const int32_t* row_adapter, int32_t adapter, int64_t n, float* ax,
-                       cudaStream_t stream) {
+                       const int32_t* row_adapter, int32_t adapter, int64_t n, float* ax, void* workspace,
+                       size_t workspace_bytes, cudaStream_t stream) {
   if (a_t == nullptr || x == nullptr || ax == nullptr || !rows_ok(n, row_adapter) || k < 1 || ldx < k ||
       rank < 1 || rank > kLoraMaxRank)
     return Status::invalid_argument;
   if (n == 0) return Status::ok;
+  const int64_t splits = shrink_splits(k);
+  if (workspace == nullptr || reinterpret_cast<uintptr_t>(workspace) % alignof(float) != 0 ||
+      workspace_bytes < lora_shrink_workspace_bytes(n, k, rank) || k > kLoraMaxInputs)
+    return Status::invalid_argument;
+  auto* partials = static_cast<float*>(workspace);
   const dim3 grid(static_cast<unsigned>(n),
-                  static_cast<unsigned>((rank + kRanksPerBlock - 1) / kRanksPerBlock));
-  lora_shrink_kernel<<<grid, kRanksPerBlock * kSlices, 0, stream>>>(a_t, k, rank, scale, x, ldx, row_adapter,
-                                                                    adapter, ax);
+                  static_cast<unsigned>((rank + kRanksPerBlock - 1) / kRanksPerBlock),
+                  static_cast<unsigned>(splits));
+  lora_shrink_split_kernel<<<grid, kRanksPerBlock * kSlices, 0, stream>>>(a_t, k, rank, x, ldx, row_adapter,
+                                                                          adapter, partials);
+  if (launch_status() != Status::ok) return Status::device_error;
+  const auto threads = static_cast<unsigned>((rank + kRanksPerBlock - 1) / kRanksPerBlock * kRanksPerBlock);
+  lora_shrink_sum_kernel<<<static_cast<unsigned>(n), threads, 0, stream>>>(partials, splits, rank, scale,
+                                                                           row_adapter, adapter, ax);
   return launch_status();
 }
 

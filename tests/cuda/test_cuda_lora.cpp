@@ -2,8 +2,8 @@
 // (kernels::lora_shrink_reference / lora_expand_reference on the same fp16 values widened), on random
 // factors of odd sizes and ranks, a batch whose rows name different adapters: only the rows of the
 // adapter asked for change, and in a stacked output only the columns given. Bound: fp32 sums in another
-// order (and FMA contraction) against the reference's, within 1e-5 of each sum's sum of |terms|. Skips
-// when there is no CUDA device.
+// order (the inputs in splits of 256, and FMA contraction) against the reference's, within 1e-5 of each
+// sum's sum of |terms|. Skips when there is no CUDA device.
 #include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
 #include <gtest/gtest.h>
@@ -52,8 +52,13 @@ TEST(CudaLora, ShrinkAndExpandMatchTheCpuReferenceForTheAdaptersRows) {
     DeviceBuffer<uint16_t> a_d(a_t), b_d(b_t), x_d(x);
     DeviceBuffer<int32_t> rows_d(row_adapter);
     DeviceBuffer<float> ax_d(std::vector<float>(static_cast<size_t>(n * rank), kSentinel)), y_d(y0);
+    // The split partials' scratch, exactly sized (k = 333 and 2048 cut into 2 and 8 splits of 256 inputs).
+    const size_t work_bytes = kc::lora_shrink_workspace_bytes(n, kk, rank);
+    ASSERT_EQ(work_bytes, static_cast<size_t>(n * ((kk + 255) / 256) * rank) * sizeof(float));
+    DeviceBuffer<uint8_t> work_d(work_bytes);
+    ASSERT_EQ(cudaMemset(work_d.ptr, 0xff, work_bytes), cudaSuccess);  // NaN: a partial not written shows
     ASSERT_EQ(kc::lora_shrink_f16(as_half(a_d.ptr), kk, rank, scale, as_half(x_d.ptr), ldx, rows_d.ptr,
-                                  adapter, n, ax_d.ptr, nullptr),
+                                  adapter, n, ax_d.ptr, work_d.ptr, work_bytes, nullptr),
               k::Status::ok);
     ASSERT_EQ(kc::lora_expand_f16(as_half(b_d.ptr), rank, n_out, ax_d.ptr, rows_d.ptr, adapter, n,
                                   y_d.ptr + col, ldy, nullptr),
@@ -127,11 +132,23 @@ TEST(CudaLora, RefusesBadArguments) {
   DeviceBuffer<float> f(4096);
   DeviceBuffer<int32_t> rows(std::vector<int32_t>(4, 1));
   const __half* hp = as_half(h.ptr);
-  EXPECT_EQ(kc::lora_shrink_f16(hp, 16, 4, 1.0f, hp, 8, rows.ptr, 1, 4, f.ptr, nullptr),
+  const size_t work = kc::lora_shrink_workspace_bytes(4, 16, 4);
+  EXPECT_EQ(kc::lora_shrink_f16(hp, 16, 4, 1.0f, hp, 16, rows.ptr, 1, 4, f.ptr, f.ptr + 2048, work, nullptr),
+            k::Status::ok);
+  EXPECT_EQ(kc::lora_shrink_f16(hp, 16, 4, 1.0f, hp, 8, rows.ptr, 1, 4, f.ptr, f.ptr + 2048, work, nullptr),
             k::Status::invalid_argument)
       << "ldx below k";
-  EXPECT_EQ(kc::lora_shrink_f16(hp, 16, kc::kLoraMaxRank + 1, 1.0f, hp, 16, rows.ptr, 1, 4, f.ptr, nullptr),
+  EXPECT_EQ(kc::lora_shrink_f16(hp, 16, kc::kLoraMaxRank + 1, 1.0f, hp, 16, rows.ptr, 1, 4, f.ptr,
+                                f.ptr + 2048, 1 << 20, nullptr),
             k::Status::invalid_argument);
+  EXPECT_EQ(
+      kc::lora_shrink_f16(hp, 16, 4, 1.0f, hp, 16, rows.ptr, 1, 4, f.ptr, f.ptr + 2048, work - 4, nullptr),
+      k::Status::invalid_argument)
+      << "scratch too small";
+  EXPECT_EQ(kc::lora_shrink_f16(hp, 16, 4, 1.0f, hp, 16, rows.ptr, 1, 4, f.ptr, nullptr, work, nullptr),
+            k::Status::invalid_argument)
+      << "no scratch";
+  EXPECT_EQ(kc::lora_shrink_workspace_bytes(4, 0, 4), 0u);
   EXPECT_EQ(kc::lora_expand_f16(hp, 4, 16, f.ptr, nullptr, 1, 4, f.ptr, 16, nullptr),
             k::Status::invalid_argument);
   EXPECT_EQ(kc::lora_expand_f16(hp, 4, 16, f.ptr, rows.ptr, 1, 4, f.ptr, 15, nullptr),

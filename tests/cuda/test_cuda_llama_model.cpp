@@ -524,8 +524,8 @@ int64_t four_bit_weight_bytes_bound(const m::LlamaConfig& c) {
 // Prompt chunks on the tensor-core prefill attention (CudaModelOptions::mma_prefill_attention): the
 // scenario's logits near the CPU's at head_dim 64 and 128 and groupings 2 and 4 (its 37-token prompt
 // takes the kernel's tiles; the 7-token prompt beside it, the 3-token chunk and the decode steps take
-// attention_decode); the option takes effect: a 40-token prompt's logits differ from the CUDA-core kernel's in
-// their last bits (other roundings), switched on and off on one model (set_mma_prefill_attention).
+// attention_decode); the option takes effect: a 40-token prompt's logits differ from the CUDA-core kernel's
+// in their last bits (other roundings), switched on and off on one model (set_mma_prefill_attention).
 // head_dim 32, which neither tiled kernel takes, keeps the general kernel: the same bits either way.
 TEST(CudaLlamaModel, TensorCorePrefillAttentionMatchesTheCpu) {
   NIBBLE_REQUIRE_CUDA_DEVICE();

@@ -93,7 +93,7 @@ bool rows_ok(int64_t n, const int32_t* row_adapter) {
 }  // namespace
 
 size_t lora_shrink_workspace_bytes(int64_t n, int64_t k, int64_t rank) {
-  if (n < 0 || k < 1 || rank < 1) return 0;
+  if (n < 0 || n > INT32_MAX || k < 1 || k > kLoraMaxInputs || rank < 1 || rank > kLoraMaxRank) return 0;
   return static_cast<size_t>(n) * static_cast<size_t>(shrink_splits(k)) * static_cast<size_t>(rank) *
          sizeof(float);
 }
@@ -101,13 +101,13 @@ size_t lora_shrink_workspace_bytes(int64_t n, int64_t k, int64_t rank) {
 Status lora_shrink_f16(const __half* a_t, int64_t k, int64_t rank, float scale, const __half* x, int64_t ldx,
                        const int32_t* row_adapter, int32_t adapter, int64_t n, float* ax, void* workspace,
                        size_t workspace_bytes, cudaStream_t stream) {
-  if (a_t == nullptr || x == nullptr || ax == nullptr || !rows_ok(n, row_adapter) || k < 1 || ldx < k ||
-      rank < 1 || rank > kLoraMaxRank)
+  if (a_t == nullptr || x == nullptr || ax == nullptr || !rows_ok(n, row_adapter) || k < 1 ||
+      k > kLoraMaxInputs || ldx < k || rank < 1 || rank > kLoraMaxRank)
     return Status::invalid_argument;
   if (n == 0) return Status::ok;
   const int64_t splits = shrink_splits(k);
   if (workspace == nullptr || reinterpret_cast<uintptr_t>(workspace) % alignof(float) != 0 ||
-      workspace_bytes < lora_shrink_workspace_bytes(n, k, rank) || k > kLoraMaxInputs)
+      workspace_bytes < lora_shrink_workspace_bytes(n, k, rank))
     return Status::invalid_argument;
   auto* partials = static_cast<float*>(workspace);
   const dim3 grid(static_cast<unsigned>(n),

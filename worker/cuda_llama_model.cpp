@@ -509,7 +509,7 @@ CudaLlamaModel::Impl::Plan CudaLlamaModel::Impl::plan_batch(const ForwardBatch& 
   for (const int64_t r : decode_runs) is_decode_run[static_cast<size_t>(r)] = true;
 
   // int32 metadata, one copy: tokens, positions, seq_index, block tables, logit rows, then for
-  // attention_decode the runs' lengths, query starts and table rows.
+  // attention_decode its runs' lengths, query starts and ends and table rows.
   meta_out.clear();
   auto append = [&](const std::vector<int32_t>& v) {
     const auto off = static_cast<int64_t>(meta_out.size());

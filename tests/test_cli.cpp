@@ -99,6 +99,11 @@ TEST_F(CliTest, BenchGpuOnADummyModelRunsOrSaysWhyNot) {
   EXPECT_EQ(short_long.exit_code, 1) << short_long.output;
   EXPECT_NE(short_long.output.find("--long-prompt-tokens needs more than 64 tokens"), std::string::npos)
       << short_long.output;
+  // So is an adapter rank past the LoRA kernels' 1024.
+  const auto big_rank = run("bench-gpu --model dummy:tiny --lora-rank 1025");
+  EXPECT_NE(big_rank.exit_code, 0) << big_rank.output;
+  EXPECT_NE(big_rank.output.find("--lora-rank: Value 1025 not in range 0 to 1024"), std::string::npos)
+      << big_rank.output;
 }
 
 // tinygemm's figures are read before anything is measured (a bad file must not cost a measured table),

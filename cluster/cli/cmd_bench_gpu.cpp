@@ -7,7 +7,8 @@
 // With --model (e.g. dummy:llama-70b, random weights made on the GPU), the whole model instead:
 // load time and device memory, prefill tokens/s, and per batch size the decode step time against
 // the floor of reading every weight byte once at copy bandwidth; with --draft, the draft's step time
-// at the same batch sizes (the cost side of speculative decoding).
+// at the same batch sizes (the cost side of speculative decoding); with --lora-rank, the same steps with a
+// random LoRA adapter on every layer against the base's (vLLM's multi-LoRA serving cost).
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -25,8 +26,10 @@
 #include "cluster/cli/model_session.hpp"
 #include "kernels/cuda/attention_bench.cuh"  // plain C++: the attention tables' shapes and limits
 #include "model/llama_checkpoint.hpp"
+#include "model/lora_adapter.hpp"
 #include "worker/cuda_llama_model.hpp"
 #ifdef NIBBLE_WITH_CUDA
+#include "kernels/cuda/lora.cuh"
 #include "kernels/cuda/matmul_bench.cuh"
 #include "kernels/cuda/w4a16_gemv_half2.cuh"
 #endif
@@ -51,6 +54,7 @@ struct Args {
   std::string batch = "1,8,32,64";
   int prompt_tokens = 512, gen_tokens = 64, prefill_batch = 8;
   int long_prompt_tokens = 0;  // > 0: one long prompt's prefill, attention both ways
+  int lora_rank = 0;           // > 0: the target again with a random adapter of this rank (time_with_lora)
   worker::Int4Kernels int4_kernels = worker::Int4Kernels::measured;
   worker::Int4Layout int4_layout = worker::Int4Layout::rows;
   bool cutlass_gemm = false;
@@ -91,6 +95,10 @@ std::vector<int64_t> parse_list(const std::string& text) {
 
 using Clock = std::chrono::steady_clock;
 constexpr int64_t kBlockSize = 16;
+constexpr int kMaxLoraRank = 1024;  // --lora-rank's bound: the LoRA kernels'
+#ifdef NIBBLE_WITH_CUDA
+static_assert(kMaxLoraRank == kernels::cuda::kLoraMaxRank);
+#endif
 // kernels::cuda::kAttentionMaxRowsPerKvHead (the decode attention's rows a KV head), here without CUDA.
 constexpr int kAttentionMaxRowsPerKvHeadTokens = 64;
 constexpr int kShortPrompt =
@@ -389,6 +397,57 @@ void progress(const char* format, Values... values) {
   std::fflush(stderr);
 }
 
+// A random adapter of `rank` on the seven matrices of every layer of `config` (PEFT's all-linear target;
+// not the head): one layer made and copied to the others, as its values do not change the work done.
+model::LoraAdapter bench_lora(const model::LlamaConfig& config, int64_t rank) {
+  model::LlamaConfig one_layer = config;
+  one_layer.n_layer = 1;
+  model::LoraAdapter adapter = model::make_random_lora(
+      one_layer, rank, 0.0f, 0.1f, 11, {std::begin(model::kLayerMatrices), std::end(model::kLayerMatrices)});
+  adapter.layers.resize(static_cast<size_t>(config.n_layer), adapter.layers.front());
+  return adapter;
+}
+
+// The target with a LoRA adapter named by every row (CudaLlamaModel::set_default_lora), as a fine-tune is
+// served on the INT4 base: each product's shrink and expand (kernels/cuda/lora) after it.
+struct LoraTimes {
+  int64_t rank = 0;
+  double upload_seconds = 0.0;
+  int64_t factor_bytes = 0;                // the factors as the GPU holds them (fp16)
+  std::vector<double> step_s;              // per batch size, as the base's
+  double prefill_tokens_per_second = 0.0;  // one prompt
+  worker::CudaStepProfile profile;         // one step at the first batch size
+  std::string error;                       // a failure (the LoRA kernels have not run on a GPU yet)
+};
+
+LoraTimes time_with_lora(GpuModel& g, const Args& a, const std::vector<int64_t>& batches, std::mt19937& rng) {
+  LoraTimes t;
+  t.rank = a.lora_rank;
+  const model::LoraAdapter adapter = bench_lora(g.model->config(), a.lora_rank);
+  for (const auto& layer : adapter.layers)
+    for (const auto& m : layer)
+      if (m) t.factor_bytes += static_cast<int64_t>(m->a.size() + m->b.size()) * 2;
+  try {
+    const auto start = Clock::now();
+    g.model->set_lora(1, adapter);
+    t.upload_seconds = seconds_since(start);
+    g.model->set_default_lora(1);
+    for (const int64_t b : batches) {
+      t.step_s.push_back(time_decode_step(g, b, a.gen_tokens, a.repetitions, rng));
+      if (!a.json)
+        progress("LoRA rank %lld batch %lld: %.2f ms/step", static_cast<long long>(t.rank),
+                 static_cast<long long>(b), t.step_s.back() * 1e3);
+    }
+    t.prefill_tokens_per_second = time_prefill(g, 1, a.prompt_tokens, a.repetitions, rng);
+    t.profile = profile_decode_step(g, batches.front(), rng);
+  } catch (const std::exception& e) {
+    t.error = e.what();
+  }
+  g.model->set_default_lora(0);
+  g.model->remove_lora(1);
+  return t;
+}
+
 int run_model(const Args& a) {
   const auto report = [&a](const char* format, auto... values) {
     if (!a.json) progress(format, values...);
@@ -564,6 +623,15 @@ int run_model(const Args& a) {
     }
   }
 
+  // With --lora-rank, last (its kernels have not run on a GPU yet: a fault there costs no figure above),
+  // launched as the base's decode steps were (the PDL run left programmatic launches on).
+  LoraTimes lora;
+  if (a.lora_rank > 0) {
+    target.model->set_programmatic_launch(false);
+    lora = time_with_lora(target, a, batches, rng);
+    if (!lora.error.empty()) report("LoRA run failed: %s", lora.error.c_str());
+  }
+
   const auto gib = [](int64_t bytes) { return static_cast<double>(bytes) / (1024.0 * 1024.0 * 1024.0); };
   // Batch 1's target and draft steps, for the speculative projection (verify_s is empty without them).
   const size_t b1 = batch1 == batches.end() ? 0 : static_cast<size_t>(batch1 - batches.begin());
@@ -706,6 +774,30 @@ int run_model(const Args& a) {
                       {"model_device_bytes", draft.model_device_bytes}};
     }
     if (!projection.empty()) out["speculative_projection"] = projection;
+    if (a.lora_rank > 0) {
+      nlohmann::json l{
+          {"rank", lora.rank}, {"upload_seconds", lora.upload_seconds}, {"factor_bytes", lora.factor_bytes}};
+      if (!lora.error.empty()) l["error"] = lora.error;
+      if (lora.step_s.size() == batches.size()) {
+        nlohmann::json decode = nlohmann::json::array();
+        for (size_t i = 0; i < batches.size(); ++i)
+          decode.push_back({{"batch", batches[i]},
+                            {"ms_per_step", lora.step_s[i] * 1e3},
+                            {"base_ratio", lora.step_s[i] / step_s[i]}});
+        l["decode"] = decode;
+      }
+      if (lora.prefill_tokens_per_second > 0.0) {
+        l["prefill_tokens_per_second"] = lora.prefill_tokens_per_second;
+        l["prefill_base_ratio"] = lora.prefill_tokens_per_second / pp_one;
+      }
+      if (lora.profile.total_ms > 0.0) {
+        nlohmann::json sections = nlohmann::json::object();
+        for (const auto& [name, ms] : lora.profile.sections) sections[name] = ms;
+        l["step_profile"] = {
+            {"batch", batches.front()}, {"total_ms", lora.profile.total_ms}, {"sections", sections}};
+      }
+      out["lora"] = l;
+    }
     std::cout << out.dump() << "\n";
     return 0;
   }
@@ -790,12 +882,36 @@ int run_model(const Args& a) {
         "(1.000 where no one-row product runs on the half2 GEMV).\n",
         fused_s * 1e3, unfused_norms_step_s * 1e3, unfused_step_s * 1e3, fused_s / unfused_step_s);
   }
-  // The step profile: one decode step per batch size, each section's device ms (summed over layers).
+  if (a.lora_rank > 0) {
+    std::printf(
+        "\nLoRA: a random rank-%lld adapter on every layer's seven matrices (not the head), named by every "
+        "row, against the base above (same run); its factors %.2f GiB on the device, set in %.2f s.\n",
+        static_cast<long long>(lora.rank), gib(lora.factor_bytes), lora.upload_seconds);
+    if (!lora.error.empty()) std::printf("LoRA run failed: %s\n", lora.error.c_str());
+    if (lora.step_s.size() == batches.size()) {
+      std::printf("%5s | %12s %9s %9s\n", "batch", "decode tok/s", "ms/step", "/ base");
+      for (size_t i = 0; i < batches.size(); ++i)
+        std::printf("%5lld | %12.1f %9.2f %8.3fx\n", static_cast<long long>(batches[i]),
+                    static_cast<double>(batches[i]) / lora.step_s[i], lora.step_s[i] * 1e3,
+                    lora.step_s[i] / step_s[i]);
+    }
+    if (lora.prefill_tokens_per_second > 0.0)
+      std::printf("prefill %d tokens, 1 prompt: %.0f tokens/s, %.3fx the base's\n", a.prompt_tokens,
+                  lora.prefill_tokens_per_second, lora.prefill_tokens_per_second / pp_one);
+  }
+  // The step profile: one decode step per batch size, each section's device ms (summed over layers);
+  // with an adapter, its step at the first batch size last (each product's section holds its update).
+  std::vector<std::string> labels;
+  for (const int64_t b : batches) labels.push_back("batch " + std::to_string(b));
+  if (lora.profile.total_ms > 0.0) {
+    profiles.push_back(lora.profile);
+    labels.push_back("LoRA b" + std::to_string(batches.front()));
+  }
   std::printf(
       "\nOne decode step, by section (device ms, summed over the layers; run directly with the whole step "
       "queued first, so `gaps` is the launch gaps a graph replay would mostly hide):\n%-18s",
       "section");
-  for (const int64_t b : batches) std::printf(" %9s%-3lld", "batch ", static_cast<long long>(b));
+  for (const std::string& label : labels) std::printf(" %13s", label.c_str());
   std::printf("\n");
   for (size_t si = 0; si < profiles.front().sections.size(); ++si) {
     std::printf("%-18s", profiles.front().sections[si].first.c_str());
@@ -1609,6 +1725,11 @@ Runner add_bench_gpu(CLI::App& app) {
                  "With --model: also one prompt of this many tokens, its prefill timed with the attention on "
                  "the CUDA cores and on the tensor cores, in a KV cache of its own (more than 64, e.g. 2048)")
       ->check(CLI::NonNegativeNumber);
+  app.add_option("--lora-rank", a->lora_rank,
+                 "With --model: last, the target again with a random LoRA adapter of this rank on every "
+                 "layer's seven matrices, named by every row: decode steps, the one-prompt prefill and a "
+                 "step profile against the base's (0: none)")
+      ->check(CLI::Range(0, kMaxLoraRank));
   add_int4_kernels_option(
       app, a->int4_kernels,
       "With --model: how group-wise INT4 matrices pick their kernels: measured (timed at load, "

@@ -2556,6 +2556,41 @@ TEST(CudaLlamaModelCli, BenchGpuDecodesWithAQuantizedKvCache) {
   EXPECT_EQ(j["kv_cache"].get<std::string>(), "f16") << output;
 }
 
+// bench-gpu --model --lora-rank: after the base's figures, the same decode steps, one-prompt prefill and
+// step profile with a random adapter of that rank on every layer matrix (dummy:tiny: 2 layers), each
+// step's ratio to the base's in the same run; the factors' bytes are the adapter's shapes in fp16.
+TEST(CudaLlamaModelCli, BenchGpuTimesTheModelWithALoraAdapter) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  std::string output;
+  nlohmann::json j;
+  ASSERT_NO_FATAL_FAILURE(run_bench_gpu_on_tiny_decoding("--lora-rank 4", output, j));
+  ASSERT_TRUE(j.contains("lora")) << output;
+  const auto& lora = j.at("lora");
+  EXPECT_FALSE(lora.contains("error")) << output;
+  EXPECT_EQ(lora.at("rank"), 4) << output;
+  const m::LlamaConfig config = m::LlamaCheckpoint::open("dummy:tiny")->config();
+  int64_t factors = 0;
+  for (const m::LayerMatrix which : m::kLayerMatrices) {
+    const auto [n_out, k] = m::layer_matrix_shape(config, which);
+    factors += config.n_layer * 4 * (n_out + k) * 2;  // rank 4, fp16
+  }
+  EXPECT_EQ(lora.at("factor_bytes").get<int64_t>(), factors) << output;
+  ASSERT_EQ(lora.at("decode").size(), 2u) << output;
+  for (size_t i = 0; i < 2; ++i) {
+    const auto& row = lora.at("decode").at(i);
+    EXPECT_EQ(row.at("batch"), j.at("decode").at(i).at("batch")) << output;
+    const double ms = row.at("ms_per_step").get<double>(),
+                 base = j.at("decode").at(i).at("ms_per_step").get<double>();
+    EXPECT_GT(ms, 0.0) << output;
+    EXPECT_NEAR(row.at("base_ratio").get<double>(), ms / base, 1e-9 * ms / base) << output;
+  }
+  EXPECT_GT(lora.at("prefill_tokens_per_second").get<double>(), 0.0) << output;
+  EXPECT_GT(lora.at("step_profile").at("total_ms").get<double>(), 0.0) << output;
+  // Without the flag nothing of it.
+  ASSERT_NO_FATAL_FAILURE(run_bench_gpu_on_tiny_decoding("", output, j));
+  EXPECT_FALSE(j.contains("lora")) << output;
+}
+
 // bench-gpu --model on a dummy model (its matrices are group-wise INT4 on the device): the decode rows,
 // the kernel chosen per matrix shape and row range with the candidates' times, the decode steps
 // again with programmatic launches, and a 200-token prompt's prefill (in a KV cache of its own, past

@@ -191,12 +191,18 @@ __device__ __forceinline__ void block_to_half2(const RawBlock& raw, DType type, 
 }
 
 // How split_kernel reads the cache's two sides (attention_decode_quantized): both fp16, both quantized
-// (the quantized paths alone: ~80 registers at one row a warp against 168 with both paths live), or each
-// as its type says (llama.cpp's K-only quantization).
+// (the quantized paths alone: ~80 registers at one row a warp), or each as its type says (llama.cpp's
+// K-only quantization: one side fp16, the other quantized).
 enum class Sides { fp16, quantized, mixed };
 
+// Blocks an SM must hold: none asked (0: the compiler's choice; 1 would change its registers) but for
+// mixed sides at up to 4 rows a warp, where it took 168 registers (3 blocks an SM) and fits 128 (4
+// blocks) without spilling (ptxas -v, sm_90); more rows a warp spill there.
+template <int RPW, Sides kSides>
+constexpr int kSplitMinBlocks = (kSides == Sides::mixed && RPW <= 4) ? 4 : 0;
+
 template <int D, int RPW, Sides kSides>
-__global__ void __launch_bounds__(kThreads) split_kernel(Params p) {
+__global__ void __launch_bounds__(kThreads, kSplitMinBlocks<RPW, kSides>) split_kernel(Params p) {
   constexpr int kRows = kWarps * RPW;
   constexpr int kKStride = D + 2;  // halves; odd 32-bit word stride: lane j's K row hits bank (j + w) % 32
   constexpr int kPerLane = D / kWarpSize;
@@ -269,6 +275,9 @@ __global__ void __launch_bounds__(kThreads) split_kernel(Params p) {
   static_assert(kWarpSize % kUnits == 0 && kTile * kUnits <= kThreads, "a position's blocks in one warp");
   const bool k_quant = kSides == Sides::quantized || (kSides == Sides::mixed && p.k_type != DType::F16);
   const bool v_quant = kSides == Sides::quantized || (kSides == Sides::mixed && p.v_type != DType::F16);
+  // Mixed sides are one fp16 and one quantized (the launcher's rule): k_next and k_raw then hold
+  // whichever side each is, as two of each live took the kernel to 168-254 registers.
+  constexpr bool kOneOfEach = kSides == Sides::mixed;
   const int unit_j = tid / kUnits, unit = tid % kUnits;
   const bool has_unit = tid < kTile * kUnits;
   RawBlock k_raw, v_raw;
@@ -286,8 +295,12 @@ __global__ void __launch_bounds__(kThreads) split_kernel(Params p) {
         k_next[i] = v_next[i] = make_uint4(0, 0, 0, 0);
         if (slot >= 0) {
           const int64_t off = slot * kv_row + kvh * D + part * 8;
-          if (!k_quant) k_next[i] = __ldg(reinterpret_cast<const uint4*>(p.k_cache + off));
-          if (!v_quant) v_next[i] = __ldg(reinterpret_cast<const uint4*>(p.v_cache + off));
+          if (kOneOfEach) {
+            k_next[i] = __ldg(reinterpret_cast<const uint4*>((k_quant ? p.v_cache : p.k_cache) + off));
+          } else {
+            if (!k_quant) k_next[i] = __ldg(reinterpret_cast<const uint4*>(p.k_cache + off));
+            if (!v_quant) v_next[i] = __ldg(reinterpret_cast<const uint4*>(p.v_cache + off));
+          }
         }
       }
     }
@@ -298,13 +311,20 @@ __global__ void __launch_bounds__(kThreads) split_kernel(Params p) {
       slot = __shfl_sync(kFullMask, slot, 0, kUnits);
       unit_slot = has_unit ? slot : -1;
       const int64_t block = kvh * kUnits + unit;  // of the position's row
-      if (k_quant) {
+      if (kOneOfEach) {
+        const uint8_t* bytes = k_quant ? p.k_bytes : p.v_bytes;
+        const int64_t row_bytes = k_quant ? p.k_row_bytes : p.v_row_bytes;
+        const DType type = k_quant ? p.k_type : p.v_type;
+        fetch_block(
+            unit_slot < 0 ? nullptr : bytes + unit_slot * row_bytes + block * kv_quant::block_bytes(type),
+            type, k_raw);
+      } else if (k_quant) {
         fetch_block(unit_slot < 0
                         ? nullptr
                         : p.k_bytes + unit_slot * p.k_row_bytes + block * kv_quant::block_bytes(p.k_type),
                     p.k_type, k_raw);
       }
-      if (v_quant) {
+      if (v_quant && !kOneOfEach) {
         fetch_block(unit_slot < 0
                         ? nullptr
                         : p.v_bytes + unit_slot * p.v_row_bytes + block * kv_quant::block_bytes(p.v_type),
@@ -328,7 +348,7 @@ __global__ void __launch_bounds__(kThreads) split_kernel(Params p) {
           kd[3] = k_next[i].w;
           if (part == 0) slot_s[j] = slot_next[i];
         }
-        if (!v_quant) *reinterpret_cast<uint4*>(v_s + j * D + part * 8) = v_next[i];
+        if (!v_quant) *reinterpret_cast<uint4*>(v_s + j * D + part * 8) = kOneOfEach ? k_next[i] : v_next[i];
       }
     }
     if ((k_quant || v_quant) && has_unit) {
@@ -341,7 +361,7 @@ __global__ void __launch_bounds__(kThreads) split_kernel(Params p) {
         if (unit == 0) slot_s[unit_j] = unit_slot;
       }
       if (v_quant) {
-        block_to_half2(v_raw, p.v_type, unit_slot < 0, pairs);
+        block_to_half2(kOneOfEach ? k_raw : v_raw, p.v_type, unit_slot < 0, pairs);
         auto* vd = reinterpret_cast<uint4*>(v_s + unit_j * D + unit * kQK4_0);
 #pragma unroll
         for (int i = 0; i < kQK4_0 / 8; ++i)

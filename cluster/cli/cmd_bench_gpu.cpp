@@ -1079,9 +1079,8 @@ nlohmann::json report_attention(const std::vector<kernels::cuda::AttentionBenchR
         "takes); the model splits at %lld (CudaModelOptions::decode_split_tokens); q8_0: the call at the "
         "best "
         "split on a Q8_0 cache read as stored (a quantized cache's decode step) and its ratio to fp16's; "
-        "q8_0 "
-        "copy: the Q8_0 blocks dequantized into an fp16 working copy (what prompt steps add before the "
-        "call)\n%5s %7s %7s |",
+        "k q8_0: K alone in Q8_0, V fp16 (llama.cpp's -ctk q8_0); q8_0 copy: the Q8_0 blocks dequantized "
+        "into an fp16 working copy (what prompt steps add before the call)\n%5s %7s %7s |",
         static_cast<long long>(heads.n_head), static_cast<long long>(heads.n_head_kv),
         static_cast<long long>(heads.head_dim), static_cast<long long>(heads.block_size),
         static_cast<long long>(model_split), "batch", "context", "queries");
@@ -1096,18 +1095,20 @@ nlohmann::json report_attention(const std::vector<kernels::cuda::AttentionBenchR
     if (print && !header_done) {
       for (size_t i = first; i < end; ++i)
         std::printf(" %14lld", static_cast<long long>(rows[i].split_tokens));
-      std::printf(" | %5s %10s | %9s %10s | %9s %9s | %12s\n", "best", "model/best", "torch us", "best/torch",
-                  "q8_0 us", "q8_0/f16", "q8_0 copy us");
+      std::printf(" | %5s %10s | %9s %10s | %9s %9s | %9s %9s | %12s\n", "best", "model/best", "torch us",
+                  "best/torch", "q8_0 us", "q8_0/f16", "k q8_0 us", "k q8/f16", "q8_0 copy us");
       header_done = true;
     }
     const kernels::cuda::AttentionBenchRow* best = &rows[first];
     double model_us = 0.0;
-    nlohmann::json split_us = nlohmann::json::object(), q8_0_split_us = nlohmann::json::object();
+    nlohmann::json split_us = nlohmann::json::object(), q8_0_split_us = nlohmann::json::object(),
+                   k_q8_0_split_us = nlohmann::json::object();
     for (size_t i = first; i < end; ++i) {
       if (rows[i].us < best->us) best = &rows[i];
       if (rows[i].split_tokens == model_split) model_us = rows[i].us;
       split_us[std::to_string(rows[i].split_tokens)] = rows[i].us;
       q8_0_split_us[std::to_string(rows[i].split_tokens)] = rows[i].q8_0_us;  // -1: failed
+      k_q8_0_split_us[std::to_string(rows[i].split_tokens)] = rows[i].k_q8_0_us;
     }
     const auto& r = rows[first];
     nlohmann::json c{
@@ -1118,6 +1119,7 @@ nlohmann::json report_attention(const std::vector<kernels::cuda::AttentionBenchR
     if (model_us > 0) c["model_split_over_best"] = model_us / best->us;
     c["q8_0_copy_us"] = r.q8_0_copy_us;  // a Q8_0 cache's dequantization into the working copy (-1: failed)
     c["q8_0_split_us"] = q8_0_split_us;  // the call on a Q8_0 cache read as stored, per split
+    c["k_q8_0_split_us"] = k_q8_0_split_us;  // K alone in Q8_0 (V fp16), per split
     const auto peer = torch.decode_us.find({r.batch, r.context, r.queries});
     const double torch_us = peer == torch.decode_us.end() ? 0.0 : peer->second;
     if (torch_us > 0) {
@@ -1141,6 +1143,10 @@ nlohmann::json report_attention(const std::vector<kernels::cuda::AttentionBenchR
         std::printf(" | %9s %10s", "-", "-");
       if (best->q8_0_us > 0)
         std::printf(" | %9.1f %8.2fx", best->q8_0_us, best->q8_0_us / best->us);
+      else
+        std::printf(" | %9s %9s", "failed", "-");
+      if (best->k_q8_0_us > 0)
+        std::printf(" | %9.1f %8.2fx", best->k_q8_0_us, best->k_q8_0_us / best->us);
       else
         std::printf(" | %9s %9s", "failed", "-");
       if (r.q8_0_copy_us >= 0)

@@ -105,7 +105,9 @@ void bench_case(const AttentionBenchHeads& h, int64_t batch, int64_t context, in
   // straight by attention_decode_quantized at each split, and dequantized into the fp16 cache above (the
   // working copy) after the splits.
   const int64_t q8_0_row_bytes = row_halves / 32 * static_cast<int64_t>(sizeof(BlockQ8_0));
-  const auto q8_0_bytes = static_cast<size_t>(num_blocks * h.block_size * q8_0_row_bytes);
+  // (+ 256: a block is fetched as the aligned words that cover it, up to 2 bytes past the last one, as
+  // CudaKvCache pads each side)
+  const auto q8_0_bytes = static_cast<size_t>(num_blocks * h.block_size * q8_0_row_bytes + 256);
   DeviceMemory k_q8(q8_0_bytes), v_q8(q8_0_bytes);
   check(cudaMemsetAsync(k_q8.ptr, 0, q8_0_bytes, stream), "cudaMemsetAsync");
   check(cudaMemsetAsync(v_q8.ptr, 0, q8_0_bytes, stream), "cudaMemsetAsync");
@@ -165,6 +167,19 @@ void bench_case(const AttentionBenchHeads& h, int64_t batch, int64_t context, in
     if (!median_call_us(stream, iterations, repetitions, quantized_call, row.q8_0_us, err)) {
       if (err != cudaSuccess) check(err, "timing attention_decode_quantized");
       row.q8_0_us = -1.0;
+    }
+    // K alone quantized (the mixed-sides kernel), V from the fp16 cache.
+    const auto k_only_call = [&](int) {
+      const int32_t* table =
+          tables_d.as<int32_t>() + static_cast<size_t>((next_copy++ % copies) * batch * mbps);
+      return attention_decode_quantized(shape, q.as<__half>(), k_q8.ptr, DType::Q8_0, v_cache.ptr, DType::F16,
+                                        table, seq_lens_d.as<int32_t>(), query_start_d.as<int32_t>(), scale,
+                                        out.as<__half>(), workspace.ptr, workspace_bytes, flag.as<int32_t>(),
+                                        stream, false, counters.as<unsigned>()) == Status::ok;
+    };
+    if (!median_call_us(stream, iterations, repetitions, k_only_call, row.k_q8_0_us, err)) {
+      if (err != cudaSuccess) check(err, "timing attention_decode_quantized (K only)");
+      row.k_q8_0_us = -1.0;
     }
     rows.push_back(row);
   }

@@ -40,6 +40,9 @@ struct AttentionBenchRow {
   // The same call on a Q8_0 cache read as stored (attention_decode_quantized, what the model runs in a
   // decode step on a quantized cache: no working copy); -1 where it failed to launch.
   double q8_0_us = 0.0;
+  // K as stored in Q8_0, V in fp16 (llama.cpp's K-only quantization, -ctk q8_0: the kernel's mixed-sides
+  // instantiation); -1 where it failed to launch.
+  double k_q8_0_us = 0.0;
 };
 
 // Times attention_decode at every (batch, context, queries, split), the same on a Q8_0 cache read as

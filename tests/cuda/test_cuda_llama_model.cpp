@@ -2335,6 +2335,9 @@ TEST(CudaLlamaModelCli, BenchGpuKernelTableTimesEveryKernel) {
     EXPECT_GT(c["q8_0_split_us"]["64"].get<double>(), 0.0)
         << "the call on Q8_0 as stored, timed: " << c.dump();
     EXPECT_GT(c["q8_0_split_us"]["256"].get<double>(), 0.0) << c.dump();
+    ASSERT_EQ(c["k_q8_0_split_us"].size(), 2u) << c.dump();
+    EXPECT_GT(c["k_q8_0_split_us"]["64"].get<double>(), 0.0) << "K alone in Q8_0, timed: " << c.dump();
+    EXPECT_GT(c["k_q8_0_split_us"]["256"].get<double>(), 0.0) << c.dump();
     const bool peer = batch == 3 && context == 300 && c["queries"].get<int64_t>() == 1;
     EXPECT_EQ(c.contains("torch_us"), peer) << c.dump();
     if (peer) {

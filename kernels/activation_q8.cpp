@@ -3,6 +3,7 @@
 #include <cmath>
 #include <vector>
 
+#include "kernels/quant_internal.hpp"
 #include "kernels/quantize.hpp"
 
 namespace nibble::kernels {
@@ -16,7 +17,8 @@ void quantize_activations_q8(const f16_bits* x, int64_t k, int8_t* q, float* d) 
     const float inv = scale != 0.0f ? 1.0f / scale : 0.0f;
     d[b] = scale;
     for (int64_t i = 0; i < kQ8ActivationBlock; ++i)
-      q[b * kQ8ActivationBlock + i] = static_cast<int8_t>(std::roundf(fp16_to_fp32(xb[i]) * inv));
+      q[b * kQ8ActivationBlock + i] =
+          static_cast<int8_t>(detail::rounded_to_int(std::roundf(fp16_to_fp32(xb[i]) * inv)));
   }
 }
 

@@ -18,6 +18,13 @@ static inline int nearest_int(float x) {
   return (bits & 0x007fffff) - 0x00400000;
 }
 
+// A rounded value as an int, 0 for NaN and values past int's range: what x86's conversion (INT_MIN) then
+// truncated to 8 bits gives GGML there, without C++'s undefined behaviour. Quantizers meet such values
+// only in a broken model's activations (NaN and inf from corrupt weights).
+static inline int rounded_to_int(float r) {
+  return r > -2147483648.0f && r < 2147483648.0f ? static_cast<int>(r) : 0;
+}
+
 // The 6-bit scale and min of sub-block j (0..7) of a Q4_K block (GGML's get_scale_min_k4):
 // bytes 0-3 hold scales 0-3 in their low 6 bits, bytes 4-7 mins 0-3; bytes 8-11 hold the low 4 bits
 // of scale/min 4-7, whose top 2 bits live in the top bits of bytes 0-3 / 4-7.
@@ -120,7 +127,7 @@ static inline float quantize_q8_quants(const float* x, int8_t* qs, int* sum) {
   const float inv_d = d != 0.0f ? 1.0f / d : 0.0f;
   *sum = 0;
   for (int j = 0; j < kQK8_0; ++j) {
-    qs[j] = static_cast<int8_t>(std::roundf(x[j] * inv_d));
+    qs[j] = static_cast<int8_t>(rounded_to_int(std::roundf(x[j] * inv_d)));
     *sum += qs[j];
   }
   return d;
@@ -136,7 +143,7 @@ static inline float quantize_q8_activation_quants(const float* x, int8_t* qs, in
   const float inv_d = amax != 0.0f ? 127.0f / amax : 0.0f;
   *sum = 0;
   for (int j = 0; j < kQK8_0; ++j) {
-    qs[j] = static_cast<int8_t>(std::nearbyint(x[j] * inv_d));  // the default rounding: ties to even
+    qs[j] = static_cast<int8_t>(rounded_to_int(std::nearbyint(x[j] * inv_d)));  // ties to even
     *sum += qs[j];
   }
   return amax / 127.0f;
@@ -180,7 +187,7 @@ static inline void quantize_block_q8_k(const float* x, BlockQ8_K* out) {
     // nearest_int's rounding (ties to even), but by nearbyint: nearest_int's add of 1.5 * 2^23 would
     // contract with this product into one FMA where FMA is on (the AVX2 kernel set), and round exact
     // ties (common when x holds a 4-bit cache's levels) differently from GGML.
-    const int v = static_cast<int>(std::nearbyint(inv_scale * x[j]));
+    const int v = rounded_to_int(std::nearbyint(inv_scale * x[j]));
     out->qs[j] = static_cast<int8_t>(v < 127 ? v : 127);
   }
   for (int g = 0; g < kQK_K / 16; ++g) {

@@ -127,6 +127,15 @@ TEST(MixedPrecision, ParsesSizes) {
   EXPECT_EQ(parse_size("2MiB"), 2097152);
   for (const char* bad : {"", "MB", "-3MB", "10 parsecs", "0"})
     EXPECT_THROW(parse_size(bad), std::invalid_argument) << bad;
+  // Past int64 (before: undefined behaviour in the conversion), refused by name.
+  for (const char* huge : {"1e300GB", "9.3e18", "1e10GiB"}) {
+    try {
+      parse_size(huge);
+      ADD_FAILURE() << huge << " was accepted";
+    } catch (const std::invalid_argument& e) {
+      EXPECT_NE(std::string(e.what()).find("is too large"), std::string::npos) << e.what();
+    }
+  }
 }
 
 TEST(MixedPrecision, RandomModelGptqBeatsRtnAndMixedBeatsBoth) {

@@ -262,6 +262,8 @@ int64_t parse_size(const std::string& text) {
     throw std::invalid_argument("cannot read the size '" + text +
                                 "' (expected a number with B, KB, MB, GB, KiB, MiB or GiB, e.g. 10.2MB)");
   }
+  // (int64's limit is ~9.2e18: the conversion must not pass it)
+  if (value * it->second >= 9e18) throw std::invalid_argument("the size '" + text + "' is too large");
   return static_cast<int64_t>(std::floor(value * it->second));
 }
 

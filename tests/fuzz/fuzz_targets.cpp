@@ -165,6 +165,25 @@ std::vector<std::vector<uint8_t>> gguf_model_seeds() {
   model::requantize_gguf(*model::GgufFile::open(f16_path.string()), path.string(), kernels::DType::Q2_K,
                          /*pure=*/false);
   seeds.push_back(read_bytes(path));
+  // A broken model's NaN and inf activations (its first norm's weights NaN, two of them inf), through the
+  // Q8_K activations of Q4_K matrices and the Q8_0 ones of Q4_0: the activation quantizers once converted
+  // NaN to int (undefined; UBSan stops there).
+  const auto with_broken_norm = [&](const std::vector<uint8_t>& bytes) {
+    std::vector<uint8_t> broken = bytes;
+    std::ofstream(path, std::ios::binary)
+        .write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
+    const auto file = model::GgufFile::open(path.string());
+    const model::GgufTensorInfo* norm = file->find_tensor("blk.0.attn_norm.weight");
+    if (norm == nullptr || norm->type != kernels::DType::F32) return broken;
+    const uint64_t at = file->data_offset() + norm->offset;
+    for (int64_t i = 0; i < norm->n_elements; ++i) {
+      const uint32_t bits = i == 1 ? 0x7f800000u : i == 2 ? 0xff800000u : 0x7fc00000u;  // inf, -inf, NaN
+      std::memcpy(broken.data() + at + static_cast<uint64_t>(i) * 4, &bits, 4);
+    }
+    return broken;
+  };
+  seeds.push_back(with_broken_norm(seeds[seeds.size() - 4]));  // Q4_K
+  seeds.push_back(with_broken_norm(seeds[0]));                 // Q4_0
   return seeds;
 }
 

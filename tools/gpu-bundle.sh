@@ -357,9 +357,10 @@ timeout 120 "$here/bin/nibble" bench-gpu --model dummy:llama-70b --int8-activati
   tee "$out/bench-gpu-e2e-int8.txt" || status=1
 timeout 90 "$here/bin/nibble" bench-gpu --model dummy:llama-70b --draft dummy:llama-1b --batch 1,8 --int4-kernels cuda-cores "${e2e[@]}" 2>&1 |
   tee "$out/bench-gpu-e2e-cuda-cores.txt" || status=1
-# A rank-16 LoRA adapter on every layer's seven matrices, named by every row (vLLM's multi-LoRA serving):
-# its decode steps, a prompt's prefill and a batch-1 step profile against the base's in the same run.
-timeout 120 "$here/bin/nibble" bench-gpu --model dummy:llama-70b --lora-rank 16 --batch 1,8,32 "${e2e[@]}" 2>&1 |
+# Four rank-16 LoRA adapters on every layer's seven matrices, sequence s naming adapter s % 4 + 1 (vLLM's
+# multi-LoRA serving; batch 1 has one): decode steps, a prompt's prefill and a batch-1 step profile
+# against the base's in the same run.
+timeout 120 "$here/bin/nibble" bench-gpu --model dummy:llama-70b --lora-rank 16 --lora-adapters 4 --batch 1,8,32 "${e2e[@]}" 2>&1 |
   tee "$out/bench-gpu-e2e-lora.txt" || status=1
 # A Q8_0 KV cache (kernels/cuda/kv_cache_quant: blocks dequantized into an fp16 working copy each layer,
 # llama.cpp's rotation): what it costs a step against the e2e run's fp16 cache, and its device bytes.

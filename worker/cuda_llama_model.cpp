@@ -450,7 +450,6 @@ struct CudaLlamaModel::Impl::Plan {
   bool lora = false;
   int64_t off_row_adapters = 0, off_logit_adapters = 0, lora_generation = 0;
   uint64_t lora_slots = 0;  // bit a - 1: adapter a has rows in this batch (all bits: a slot above 64 does)
-  bool lora_runs(size_t slot) const { return slot > 64 || ((lora_slots >> (slot - 1)) & 1) != 0; }
 
   auto key() const {
     // The cache's geometry and types as well as its addresses: a new cache may reuse a freed one's memory.
@@ -741,27 +740,23 @@ void CudaLlamaModel::Impl::enqueue(const Plan& p) {
   const float scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
 
   // The LoRA adapters' updates of a product's output for the rows that name them (layer -1: the head,
-  // over the logit rows): y, row stride ldy, += scale * B (A x) per adapter (kernels/cuda/lora).
+  // over the logit rows): y, row stride ldy, += scale * B (A x), one launch pair for every adapter of the
+  // batch (kernels/cuda/lora), none where no adapter of the batch adapts this product.
   const auto add_lora = [&](int64_t layer, model::LayerMatrix which, const __half* in, int64_t ldx, float* y,
                             int64_t ldy) {
     if (!p.lora) return;
+    const size_t site =
+        layer < 0 ? lora_sites.size() - 1 : static_cast<size_t>(layer) * 7 + static_cast<size_t>(which);
+    const LoraSite& st = lora_sites[site];
+    if (st.max_rank == 0 || (st.adapters & p.lora_slots) == 0) return;
     const int64_t rows = layer < 0 ? n_out : n;
     const int32_t* adapters = md + (layer < 0 ? p.off_logit_adapters : p.off_row_adapters);
-    for (size_t a = 0; a < loras.size(); ++a) {
-      if (loras[a] == nullptr || !p.lora_runs(a + 1)) continue;  // no row of this batch names it
-      const DeviceLoraProduct* lp =
-          layer < 0 ? loras[a]->output.get()
-                    : loras[a]->layers[static_cast<size_t>(layer)][static_cast<size_t>(which)].get();
-      if (lp == nullptr) continue;
-      const auto slot = static_cast<int32_t>(a + 1);
-      check_status(
-          kc::lora_shrink_f16(lp->a_t.as<__half>(), lp->k, lp->rank, lp->scale, in, ldx, adapters, slot, rows,
-                              lora_ax.as<float>(), lora_work.as<void>(), lora_work.bytes(), stream),
-          "lora_shrink_f16");
-      check_status(kc::lora_expand_f16(lp->b_t.as<__half>(), lp->rank, lp->n_out, lora_ax.as<float>(),
-                                       adapters, slot, rows, y, ldy, stream),
-                   "lora_expand_f16");
-    }
+    const kc::LoraSlots slots = lora_slots(site);
+    check_status(kc::lora_shrink_f16(slots, st.k, in, ldx, adapters, rows, lora_ax.as<float>(),
+                                     lora_work.as<void>(), lora_work.bytes(), stream),
+                 "lora_shrink_f16");
+    check_status(kc::lora_expand_f16(slots, st.n_out, lora_ax.as<float>(), adapters, rows, y, ldy, stream),
+                 "lora_expand_f16");
   };
   using model::LayerMatrix;
 
@@ -1363,8 +1358,66 @@ void CudaLlamaModel::set_lora(int32_t slot, const model::LoraAdapter& adapter, f
       for (const auto& p : layer) widen(p.get());
     widen(a->output.get());
   }
+  m.rebuild_lora_tables();
   ++m.lora_generation;
   m.clear_graphs();  // they hold the old factors' addresses
+}
+
+void CudaLlamaModel::Impl::rebuild_lora_tables() {
+  const size_t n_slots = loras.size();
+  const size_t n_sites = static_cast<size_t>(layer_end - layer_begin) * 7 + 1;  // the head last
+  lora_sites.assign(n_sites, LoraSite{});
+  if (n_slots == 0) return;
+  std::vector<const void*> a_ptrs(n_sites * n_slots, nullptr), b_ptrs(n_sites * n_slots, nullptr);
+  std::vector<int32_t> ranks(n_sites * n_slots, 0);
+  std::vector<float> scales(n_sites * n_slots, 0.0f);
+  for (size_t a = 0; a < n_slots; ++a) {
+    if (loras[a] == nullptr) continue;
+    for (size_t site = 0; site < n_sites; ++site) {
+      const DeviceLoraProduct* lp =
+          site + 1 == n_sites ? loras[a]->output.get() : loras[a]->layers[site / 7][site % 7].get();
+      if (lp == nullptr) continue;
+      LoraSite& st = lora_sites[site];
+      st.k = lp->k;  // every adapter's the same: check_lora_fits, then the same cut
+      st.n_out = lp->n_out;
+      st.max_rank = std::max(st.max_rank, lp->rank);
+      st.adapters |= a < 64 ? uint64_t{1} << a : ~uint64_t{0};
+      const size_t i = site * n_slots + a;
+      a_ptrs[i] = lp->a_t.as<void>();
+      b_ptrs[i] = lp->b_t.as<void>();
+      ranks[i] = static_cast<int32_t>(lp->rank);
+      scales[i] = lp->scale;
+    }
+  }
+  const size_t entries = n_sites * n_slots;
+  lora_tables.reserve(entries * (2 * sizeof(void*) + sizeof(int32_t) + sizeof(float)));
+  auto* base = lora_tables.as<char>();
+  const auto put = [&base](const void* from, size_t bytes) {
+    cuda_check(cudaMemcpy(base, from, bytes, cudaMemcpyHostToDevice), "cudaMemcpy (LoRA tables)");
+    base += bytes;
+  };
+  put(a_ptrs.data(), entries * sizeof(void*));
+  put(b_ptrs.data(), entries * sizeof(void*));
+  put(ranks.data(), entries * sizeof(int32_t));
+  put(scales.data(), entries * sizeof(float));
+  // Landed before any pass reads them (pageable copies on the legacy stream).
+  cuda_check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+}
+
+kc::LoraSlots CudaLlamaModel::Impl::lora_slots(size_t site) const {
+  const size_t n_slots = loras.size(), entries = lora_sites.size() * n_slots;
+  const auto* a_ptrs = lora_tables.as<const __half* const>();
+  const auto* b_ptrs = a_ptrs + entries;
+  const auto* ranks = reinterpret_cast<const int32_t*>(b_ptrs + entries);
+  const auto* scales = reinterpret_cast<const float*>(ranks + entries);
+  kc::LoraSlots t;
+  t.a_t = a_ptrs + site * n_slots;
+  t.b_t = b_ptrs + site * n_slots;
+  t.rank = ranks + site * n_slots;
+  t.scale = scales + site * n_slots;
+  t.slots = static_cast<int32_t>(n_slots);
+  t.max_rank = lora_sites[site].max_rank;
+  return t;
 }
 
 void CudaLlamaModel::remove_lora(int32_t slot) {
@@ -1374,6 +1427,7 @@ void CudaLlamaModel::remove_lora(int32_t slot) {
   cuda_check(cudaStreamSynchronize(m.stream), "cudaStreamSynchronize");
   m.loras[static_cast<size_t>(slot - 1)].reset();
   if (m.default_lora == slot) m.default_lora = 0;
+  m.rebuild_lora_tables();
   ++m.lora_generation;
   m.clear_graphs();
 }

@@ -16,6 +16,7 @@
 #include <tuple>
 #include <vector>
 
+#include "kernels/cuda/lora.cuh"
 #include "kernels/cuda/rope_kv_write.cuh"
 #include "kernels/cuda/sampling.cuh"
 #include "kernels/cuda/w4a16_dequant_cublas.cuh"
@@ -132,6 +133,17 @@ struct CudaLlamaModel::Impl {
   int64_t lora_generation = 0;                // changes with every set / remove: part of a graph's key
   DeviceMemory lora_ax;                       // [rows, lora_max_rank] float: a shrink's output
   DeviceMemory lora_work;  // a shrink's split partials (kernels::cuda::lora_shrink_workspace_bytes)
+  // The kernels' slot tables (kernels::cuda::LoraSlots: one launch pair a product serves every adapter
+  // of a batch): per product site (stage layer * 7 + LayerMatrix, then the head) and slot, each adapter's
+  // factor pointers, rank and scale; rebuilt by set_lora / remove_lora (rebuild_lora_tables).
+  struct LoraSite {
+    int64_t k = 0, n_out = 0, max_rank = 0;  // max_rank 0: no loaded adapter adapts this product
+    uint64_t adapters = 0;  // bit a - 1: adapter a adapts it (all bits: one above slot 64 does)
+  };
+  std::vector<LoraSite> lora_sites;
+  DeviceMemory lora_tables;  // [sites][slots] a_t pointers, then b_t pointers, ranks, scales
+  void rebuild_lora_tables();
+  kc::LoraSlots lora_slots(size_t site) const;
   TensorShard shard;
   ShardReducer* reducer = nullptr;  // null when unsharded (no collectives); see the constructor
   int64_t layer_begin = 0, layer_end = 0;

@@ -54,7 +54,8 @@ struct Args {
   std::string batch = "1,8,32,64";
   int prompt_tokens = 512, gen_tokens = 64, prefill_batch = 8;
   int long_prompt_tokens = 0;  // > 0: one long prompt's prefill, attention both ways
-  int lora_rank = 0;           // > 0: the target again with a random adapter of this rank (time_with_lora)
+  int lora_rank = 0;           // > 0: the target again with random adapters of this rank (time_with_lora)
+  int lora_adapters = 1;       // how many; sequence s names adapter s % lora_adapters + 1
   worker::Int4Kernels int4_kernels = worker::Int4Kernels::measured;
   worker::Int4Layout int4_layout = worker::Int4Layout::rows;
   bool cutlass_gemm = false;
@@ -121,6 +122,7 @@ struct GpuModel {
   double load_seconds = 0.0;
   int64_t model_device_bytes = 0;  // device memory the model took (weights, buffers, cuBLAS workspace)
   int64_t cache_device_bytes = 0;
+  int32_t lora_adapters = 0;  // > 0: sequence s names LoRA adapter s % lora_adapters + 1 (make_batch)
 };
 
 // options: the kernel choices of the command line (graphs are turned on here); kv_types: the cache's.
@@ -143,15 +145,17 @@ GpuModel load_gpu_model(const std::string& path, int64_t max_seqs, int64_t max_s
   return g;
 }
 
-// Sequence s brings tokens[s] at positions start..; the ids of each sequence's last token come back.
+// Sequence s of g's cache brings tokens[s] at positions start..; the ids of each sequence's last token come
+// back.
 worker::ForwardBatch make_batch(const std::vector<std::vector<int32_t>>& tokens, int32_t start,
-                                int64_t mbps) {
+                                const GpuModel& g) {
   worker::ForwardBatch b;
-  b.max_blocks_per_seq = mbps;
+  b.max_blocks_per_seq = g.mbps;
   for (size_t s = 0; s < tokens.size(); ++s) {
     b.add_sequence(tokens[s], start, static_cast<int32_t>(s), 1);
-    for (int64_t i = 0; i < mbps; ++i)
-      b.block_tables.push_back(static_cast<int32_t>(static_cast<int64_t>(s) * mbps + i));
+    for (int64_t i = 0; i < g.mbps; ++i)
+      b.block_tables.push_back(static_cast<int32_t>(static_cast<int64_t>(s) * g.mbps + i));
+    if (g.lora_adapters > 0) b.seq_adapters.push_back(static_cast<int32_t>(s) % g.lora_adapters + 1);
   }
   return b;
 }
@@ -185,7 +189,7 @@ double time_prompt_pass(GpuModel& g, worker::CudaKvCache& cache, const worker::F
 // Prompt tokens per second of `seqs` prompts of `tokens` in one forward pass.
 double time_prefill(GpuModel& g, int64_t seqs, int tokens, int repetitions, std::mt19937& rng) {
   return time_prompt_pass(g, *g.cache,
-                          make_batch(random_prompts(seqs, tokens, g.model->config().n_vocab, rng), 0, g.mbps),
+                          make_batch(random_prompts(seqs, tokens, g.model->config().n_vocab, rng), 0, g),
                           repetitions);
 }
 
@@ -208,13 +212,12 @@ double time_decode_step(GpuModel& g, int64_t seqs, int gen_tokens, int repetitio
     const int steps = r < 0 ? 2 : gen_tokens;
     std::vector<int32_t> ids;
     g.model->forward_greedy(
-        make_batch(random_prompts(seqs, kShortPrompt, g.model->config().n_vocab, rng), 0, g.mbps), *g.cache,
-        ids);
+        make_batch(random_prompts(seqs, kShortPrompt, g.model->config().n_vocab, rng), 0, g), *g.cache, ids);
     const auto start = Clock::now();
     for (int i = 0; i < steps; ++i) {
       std::vector<std::vector<int32_t>> next(static_cast<size_t>(seqs));
       for (size_t s = 0; s < next.size(); ++s) next[s] = {ids[s]};
-      g.model->forward_greedy(make_batch(next, kShortPrompt + i, g.mbps), *g.cache, ids);
+      g.model->forward_greedy(make_batch(next, kShortPrompt + i, g), *g.cache, ids);
     }
     if (r >= 0) runs.push_back(seconds_since(start) / steps);
   }
@@ -230,9 +233,8 @@ double time_verify_pass(GpuModel& g, int k, int passes, int repetitions, std::mt
   std::vector<double> runs;
   for (int r = -1; r < repetitions; ++r) {
     std::vector<int32_t> ids;
-    g.model->forward_greedy(make_batch(random_prompts(1, kShortPrompt, n_vocab, rng), 0, g.mbps), *g.cache,
-                            ids);
-    worker::ForwardBatch verify = make_batch(random_prompts(1, k + 1, n_vocab, rng), kShortPrompt, g.mbps);
+    g.model->forward_greedy(make_batch(random_prompts(1, kShortPrompt, n_vocab, rng), 0, g), *g.cache, ids);
+    worker::ForwardBatch verify = make_batch(random_prompts(1, k + 1, n_vocab, rng), kShortPrompt, g);
     verify.logit_rows.clear();
     for (int32_t i = 0; i <= k; ++i) verify.logit_rows.push_back(i);
     const int steps = r < 0 ? 2 : passes;
@@ -258,12 +260,11 @@ constexpr double kProjectedAcceptance[] = {0.6, 0.7, 0.8, 0.9, 0.95};
 worker::CudaStepProfile profile_decode_step(GpuModel& g, int64_t seqs, std::mt19937& rng) {
   std::vector<int32_t> ids;
   g.model->forward_greedy(
-      make_batch(random_prompts(seqs, kShortPrompt, g.model->config().n_vocab, rng), 0, g.mbps), *g.cache,
-      ids);
+      make_batch(random_prompts(seqs, kShortPrompt, g.model->config().n_vocab, rng), 0, g), *g.cache, ids);
   const auto next_batch = [&](int step) {
     std::vector<std::vector<int32_t>> next(static_cast<size_t>(seqs));
     for (size_t s = 0; s < next.size(); ++s) next[s] = {ids[s]};
-    return make_batch(next, kShortPrompt + step, g.mbps);
+    return make_batch(next, kShortPrompt + step, g);
   };
   for (int i = 0; i < 2; ++i) g.model->forward_greedy(next_batch(i), *g.cache, ids);
   return g.model->profile_greedy(next_batch(2), *g.cache, ids);
@@ -399,19 +400,21 @@ void progress(const char* format, Values... values) {
 
 // A random adapter of `rank` on the seven matrices of every layer of `config` (PEFT's all-linear target;
 // not the head): one layer made and copied to the others, as its values do not change the work done.
-model::LoraAdapter bench_lora(const model::LlamaConfig& config, int64_t rank) {
+model::LoraAdapter bench_lora(const model::LlamaConfig& config, int64_t rank, uint64_t seed) {
   model::LlamaConfig one_layer = config;
   one_layer.n_layer = 1;
-  model::LoraAdapter adapter = model::make_random_lora(
-      one_layer, rank, 0.0f, 0.1f, 11, {std::begin(model::kLayerMatrices), std::end(model::kLayerMatrices)});
+  model::LoraAdapter adapter =
+      model::make_random_lora(one_layer, rank, 0.0f, 0.1f, seed,
+                              {std::begin(model::kLayerMatrices), std::end(model::kLayerMatrices)});
   adapter.layers.resize(static_cast<size_t>(config.n_layer), adapter.layers.front());
   return adapter;
 }
 
-// The target with a LoRA adapter named by every row (CudaLlamaModel::set_default_lora), as a fine-tune is
-// served on the INT4 base: each product's shrink and expand (kernels/cuda/lora) after it.
+// The target with LoRA adapters, sequence s naming adapter s % adapters + 1 (vLLM's multi-LoRA serving;
+// with one, a fine-tune served on the INT4 base): each product's shrink and expand (kernels/cuda/lora,
+// one launch pair for every adapter of the batch) after it.
 struct LoraTimes {
-  int64_t rank = 0;
+  int64_t rank = 0, adapters = 0;
   double upload_seconds = 0.0;
   int64_t factor_bytes = 0;                // the factors as the GPU holds them (fp16)
   std::vector<double> step_s;              // per batch size, as the base's
@@ -423,28 +426,31 @@ struct LoraTimes {
 LoraTimes time_with_lora(GpuModel& g, const Args& a, const std::vector<int64_t>& batches, std::mt19937& rng) {
   LoraTimes t;
   t.rank = a.lora_rank;
-  const model::LoraAdapter adapter = bench_lora(g.model->config(), a.lora_rank);
-  for (const auto& layer : adapter.layers)
-    for (const auto& m : layer)
-      if (m) t.factor_bytes += static_cast<int64_t>(m->a.size() + m->b.size()) * 2;
+  t.adapters = a.lora_adapters;
   try {
-    const auto start = Clock::now();
-    g.model->set_lora(1, adapter);
-    t.upload_seconds = seconds_since(start);
-    g.model->set_default_lora(1);
+    for (int32_t slot = 1; slot <= a.lora_adapters; ++slot) {
+      const model::LoraAdapter adapter = bench_lora(g.model->config(), a.lora_rank, 10 + slot);
+      for (const auto& layer : adapter.layers)
+        for (const auto& m : layer)
+          if (m) t.factor_bytes += static_cast<int64_t>(m->a.size() + m->b.size()) * 2;
+      const auto start = Clock::now();
+      g.model->set_lora(slot, adapter);
+      t.upload_seconds += seconds_since(start);
+    }
+    g.lora_adapters = a.lora_adapters;
     for (const int64_t b : batches) {
       t.step_s.push_back(time_decode_step(g, b, a.gen_tokens, a.repetitions, rng));
       if (!a.json)
-        progress("LoRA rank %lld batch %lld: %.2f ms/step", static_cast<long long>(t.rank),
-                 static_cast<long long>(b), t.step_s.back() * 1e3);
+        progress("LoRA rank %lld x %lld batch %lld: %.2f ms/step", static_cast<long long>(t.rank),
+                 static_cast<long long>(t.adapters), static_cast<long long>(b), t.step_s.back() * 1e3);
     }
     t.prefill_tokens_per_second = time_prefill(g, 1, a.prompt_tokens, a.repetitions, rng);
     t.profile = profile_decode_step(g, batches.front(), rng);
   } catch (const std::exception& e) {
     t.error = e.what();
   }
-  g.model->set_default_lora(0);
-  g.model->remove_lora(1);
+  g.lora_adapters = 0;
+  for (int32_t slot = 1; slot <= a.lora_adapters; ++slot) g.model->remove_lora(slot);
   return t;
 }
 
@@ -775,8 +781,10 @@ int run_model(const Args& a) {
     }
     if (!projection.empty()) out["speculative_projection"] = projection;
     if (a.lora_rank > 0) {
-      nlohmann::json l{
-          {"rank", lora.rank}, {"upload_seconds", lora.upload_seconds}, {"factor_bytes", lora.factor_bytes}};
+      nlohmann::json l{{"rank", lora.rank},
+                       {"adapters", lora.adapters},
+                       {"upload_seconds", lora.upload_seconds},
+                       {"factor_bytes", lora.factor_bytes}};
       if (!lora.error.empty()) l["error"] = lora.error;
       if (lora.step_s.size() == batches.size()) {
         nlohmann::json decode = nlohmann::json::array();
@@ -884,9 +892,11 @@ int run_model(const Args& a) {
   }
   if (a.lora_rank > 0) {
     std::printf(
-        "\nLoRA: a random rank-%lld adapter on every layer's seven matrices (not the head), named by every "
-        "row, against the base above (same run); its factors %.2f GiB on the device, set in %.2f s.\n",
-        static_cast<long long>(lora.rank), gib(lora.factor_bytes), lora.upload_seconds);
+        "\nLoRA: %lld random rank-%lld adapters on every layer's seven matrices (not the head), sequence s "
+        "naming adapter s %% %lld + 1, against the base above (same run); their factors %.2f GiB on the "
+        "device, set in %.2f s.\n",
+        static_cast<long long>(lora.adapters), static_cast<long long>(lora.rank),
+        static_cast<long long>(lora.adapters), gib(lora.factor_bytes), lora.upload_seconds);
     if (!lora.error.empty()) std::printf("LoRA run failed: %s\n", lora.error.c_str());
     if (lora.step_s.size() == batches.size()) {
       std::printf("%5s | %12s %9s %9s\n", "batch", "decode tok/s", "ms/step", "/ base");
@@ -1736,6 +1746,10 @@ Runner add_bench_gpu(CLI::App& app) {
                  "layer's seven matrices, named by every row: decode steps, the one-prompt prefill and a "
                  "step profile against the base's (0: none)")
       ->check(CLI::Range(0, kMaxLoraRank));
+  app.add_option("--lora-adapters", a->lora_adapters,
+                 "With --lora-rank: that many adapters, sequence s naming adapter s % N + 1 (one launch pair "
+                 "a product serves them all)")
+      ->check(CLI::Range(1, 64));
   add_int4_kernels_option(
       app, a->int4_kernels,
       "With --model: how group-wise INT4 matrices pick their kernels: measured (timed at load, "

@@ -2559,23 +2559,25 @@ TEST(CudaLlamaModelCli, BenchGpuDecodesWithAQuantizedKvCache) {
   EXPECT_EQ(j["kv_cache"].get<std::string>(), "f16") << output;
 }
 
-// bench-gpu --model --lora-rank: after the base's figures, the same decode steps, one-prompt prefill and
-// step profile with a random adapter of that rank on every layer matrix (dummy:tiny: 2 layers), each
-// step's ratio to the base's in the same run; the factors' bytes are the adapter's shapes in fp16.
+// bench-gpu --model --lora-rank --lora-adapters: after the base's figures, the same decode steps, one-prompt
+// prefill and step profile with three random adapters of that rank on every layer matrix (dummy:tiny: 2
+// layers), sequence s naming adapter s % 3 + 1 (batch 2: two adapters in one step), each step's ratio to
+// the base's in the same run; the factors' bytes are the adapters' shapes in fp16.
 TEST(CudaLlamaModelCli, BenchGpuTimesTheModelWithALoraAdapter) {
   NIBBLE_REQUIRE_CUDA_DEVICE();
   std::string output;
   nlohmann::json j;
-  ASSERT_NO_FATAL_FAILURE(run_bench_gpu_on_tiny_decoding("--lora-rank 4", output, j));
+  ASSERT_NO_FATAL_FAILURE(run_bench_gpu_on_tiny_decoding("--lora-rank 4 --lora-adapters 3", output, j));
   ASSERT_TRUE(j.contains("lora")) << output;
   const auto& lora = j.at("lora");
   EXPECT_FALSE(lora.contains("error")) << output;
   EXPECT_EQ(lora.at("rank"), 4) << output;
+  EXPECT_EQ(lora.at("adapters"), 3) << output;
   const m::LlamaConfig config = m::LlamaCheckpoint::open("dummy:tiny")->config();
   int64_t factors = 0;
   for (const m::LayerMatrix which : m::kLayerMatrices) {
     const auto [n_out, k] = m::layer_matrix_shape(config, which);
-    factors += config.n_layer * 4 * (n_out + k) * 2;  // rank 4, fp16
+    factors += 3 * config.n_layer * 4 * (n_out + k) * 2;  // three adapters of rank 4, fp16
   }
   EXPECT_EQ(lora.at("factor_bytes").get<int64_t>(), factors) << output;
   ASSERT_EQ(lora.at("decode").size(), 2u) << output;

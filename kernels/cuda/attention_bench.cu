@@ -155,32 +155,24 @@ void bench_case(const AttentionBenchHeads& h, int64_t batch, int64_t context, in
     check(cudaMemcpyAsync(&raised, flag.ptr, 4, cudaMemcpyDeviceToHost, stream), "cudaMemcpyAsync");
     check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
     if (raised != 0) throw BenchFailure("attention_decode raised its error flag on valid metadata");
-    // The same call on the Q8_0 blocks as stored. Its failure to launch costs only its column.
-    const auto quantized_call = [&](int) {
-      const int32_t* table =
-          tables_d.as<int32_t>() + static_cast<size_t>((next_copy++ % copies) * batch * mbps);
-      return attention_decode_quantized(shape, q.as<__half>(), k_q8.ptr, DType::Q8_0, v_q8.ptr, DType::Q8_0,
-                                        table, seq_lens_d.as<int32_t>(), query_start_d.as<int32_t>(), scale,
-                                        out.as<__half>(), workspace.ptr, workspace_bytes, flag.as<int32_t>(),
-                                        stream, false, counters.as<unsigned>()) == Status::ok;
+    // The same call with K in Q8_0 as stored and V in Q8_0 too, or in fp16 (K-only quantization: the
+    // mixed-sides kernel). A failure to launch costs only its column.
+    const auto time_as_stored = [&](const void* v, DType v_type, double& us, const char* what) {
+      const auto as_stored_call = [&](int) {
+        const int32_t* table =
+            tables_d.as<int32_t>() + static_cast<size_t>((next_copy++ % copies) * batch * mbps);
+        return attention_decode_quantized(
+                   shape, q.as<__half>(), k_q8.ptr, DType::Q8_0, v, v_type, table, seq_lens_d.as<int32_t>(),
+                   query_start_d.as<int32_t>(), scale, out.as<__half>(), workspace.ptr, workspace_bytes,
+                   flag.as<int32_t>(), stream, false, counters.as<unsigned>()) == Status::ok;
+      };
+      if (!median_call_us(stream, iterations, repetitions, as_stored_call, us, err)) {
+        if (err != cudaSuccess) check(err, what);
+        us = -1.0;
+      }
     };
-    if (!median_call_us(stream, iterations, repetitions, quantized_call, row.q8_0_us, err)) {
-      if (err != cudaSuccess) check(err, "timing attention_decode_quantized");
-      row.q8_0_us = -1.0;
-    }
-    // K alone quantized (the mixed-sides kernel), V from the fp16 cache.
-    const auto k_only_call = [&](int) {
-      const int32_t* table =
-          tables_d.as<int32_t>() + static_cast<size_t>((next_copy++ % copies) * batch * mbps);
-      return attention_decode_quantized(shape, q.as<__half>(), k_q8.ptr, DType::Q8_0, v_cache.ptr, DType::F16,
-                                        table, seq_lens_d.as<int32_t>(), query_start_d.as<int32_t>(), scale,
-                                        out.as<__half>(), workspace.ptr, workspace_bytes, flag.as<int32_t>(),
-                                        stream, false, counters.as<unsigned>()) == Status::ok;
-    };
-    if (!median_call_us(stream, iterations, repetitions, k_only_call, row.k_q8_0_us, err)) {
-      if (err != cudaSuccess) check(err, "timing attention_decode_quantized (K only)");
-      row.k_q8_0_us = -1.0;
-    }
+    time_as_stored(v_q8.ptr, DType::Q8_0, row.q8_0_us, "timing attention_decode_quantized");
+    time_as_stored(v_cache.ptr, DType::F16, row.k_q8_0_us, "timing attention_decode_quantized (K only)");
     rows.push_back(row);
   }
   // The working copy's cost: the Q8_0 blocks of the case into the fp16 cache, through the same rotating

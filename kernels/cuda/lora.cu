@@ -24,6 +24,10 @@ namespace {
 constexpr int kRanksPerBlock = 32;
 constexpr int kSlices = 8;  // warps a shrink block
 constexpr int kOutputsPerBlock = 256;
+// Loads a thread issues before the sums that use them, in the order of those sums (so the same bits):
+// where each multiply-add's load waited for the one before, a loop of n loads took n round trips to
+// L2 or memory, not n / kAhead.
+constexpr int kAhead = 8;
 
 int64_t shrink_splits(int64_t k) { return (k + kLoraInputsPerSplit - 1) / kLoraInputsPerSplit; }
 
@@ -59,8 +63,18 @@ __global__ void __launch_bounds__(kRanksPerBlock* kSlices)
   const __half* xr = x + r * ldx;
   float sum = 0.0f;
   if (j < rank) {
-    for (int64_t c = begin + slice; c < end; c += kSlices)
-      sum += __half2float(a_t[c * rank + j]) * __half2float(xr[c]);
+    int64_t c = begin + slice;
+    for (; c + (kAhead - 1) * kSlices < end; c += kAhead * kSlices) {
+      float a[kAhead], xv[kAhead];
+#pragma unroll
+      for (int u = 0; u < kAhead; ++u) {
+        a[u] = __half2float(a_t[(c + u * kSlices) * rank + j]);
+        xv[u] = __half2float(xr[c + u * kSlices]);
+      }
+#pragma unroll
+      for (int u = 0; u < kAhead; ++u) sum += a[u] * xv[u];
+    }
+    for (; c < end; c += kSlices) sum += __half2float(a_t[c * rank + j]) * __half2float(xr[c]);
   }
   partial[slice][lane] = sum;
   __syncthreads();
@@ -81,9 +95,7 @@ __global__ void __launch_bounds__(kLoraMaxRank)
   const int64_t rank = t.rank[slot];
   const float scale = t.scale[slot];
   // Each rank's splits added in split order (the same bits whatever the batch), loaded kAhead at a time
-  // before their adds: one L2 round trip per kAhead splits, where a load feeding each add would wait
-  // for the add before it (ffn_down's 28672 inputs are 112 splits).
-  constexpr int kAhead = 8;
+  // (ffn_down's 28672 inputs are 112 splits).
   for (int64_t j = threadIdx.x; j < rank; j += blockDim.x) {
     const float* __restrict__ column = partials + r * splits * t.max_rank + j;
     float total = 0.0f;
@@ -115,7 +127,15 @@ __global__ void __launch_bounds__(kOutputsPerBlock)
   const int64_t o = static_cast<int64_t>(blockIdx.y) * kOutputsPerBlock + threadIdx.x;
   if (o >= n_out) return;
   float sum = 0.0f;
-  for (int64_t j = 0; j < rank; ++j) sum += __half2float(b_t[j * n_out + o]) * ax_row[j];
+  int64_t j = 0;
+  for (; j + kAhead <= rank; j += kAhead) {
+    float b[kAhead];
+#pragma unroll
+    for (int u = 0; u < kAhead; ++u) b[u] = __half2float(b_t[(j + u) * n_out + o]);
+#pragma unroll
+    for (int u = 0; u < kAhead; ++u) sum += b[u] * ax_row[j + u];
+  }
+  for (; j < rank; ++j) sum += __half2float(b_t[j * n_out + o]) * ax_row[j];
   y[r * ldy + o] += sum;
 }
 

@@ -1344,8 +1344,19 @@ void CudaLlamaModel::set_lora(int32_t slot, const model::LoraAdapter& adapter, f
   // The uploads (pageable memory: on the legacy stream, which the model's stream does not wait for) have
   // landed, and no pass reads the old factors.
   cuda_check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+  // The kernels' tables with the new adapter in its slot, built before anything changes.
+  std::vector<const Impl::DeviceLora*> adapters;
+  for (const auto& a : m.loras) adapters.push_back(a.get());
+  if (adapters.size() < static_cast<size_t>(slot)) adapters.resize(static_cast<size_t>(slot), nullptr);
+  adapters[static_cast<size_t>(slot - 1)] = device.get();
+  std::vector<Impl::LoraSite> sites;
+  std::unique_ptr<DeviceMemory> table;
+  m.build_lora_tables(adapters, sites, table);
   if (m.loras.size() < static_cast<size_t>(slot)) m.loras.resize(static_cast<size_t>(slot));
   m.loras[static_cast<size_t>(slot - 1)] = std::move(device);
+  m.lora_sites = std::move(sites);
+  m.lora_tables = std::move(table);
+  m.lora_table_slots = adapters.size();
   m.lora_max_rank = m.lora_max_k = 0;  // what the shrinks' buffers are sized for
   const auto widen = [&m](const Impl::DeviceLoraProduct* p) {
     if (p == nullptr) return;
@@ -1358,26 +1369,28 @@ void CudaLlamaModel::set_lora(int32_t slot, const model::LoraAdapter& adapter, f
       for (const auto& p : layer) widen(p.get());
     widen(a->output.get());
   }
-  m.rebuild_lora_tables();
   ++m.lora_generation;
   m.clear_graphs();  // they hold the old factors' addresses
 }
 
-void CudaLlamaModel::Impl::rebuild_lora_tables() {
-  const size_t n_slots = loras.size();
+void CudaLlamaModel::Impl::build_lora_tables(const std::vector<const DeviceLora*>& adapters,
+                                             std::vector<LoraSite>& sites,
+                                             std::unique_ptr<DeviceMemory>& table) const {
+  const size_t n_slots = adapters.size();
   const size_t n_sites = static_cast<size_t>(layer_end - layer_begin) * 7 + 1;  // the head last
-  lora_sites.assign(n_sites, LoraSite{});
+  sites.assign(n_sites, LoraSite{});
+  table.reset();
   if (n_slots == 0) return;
   std::vector<const void*> a_ptrs(n_sites * n_slots, nullptr), b_ptrs(n_sites * n_slots, nullptr);
   std::vector<int32_t> ranks(n_sites * n_slots, 0);
   std::vector<float> scales(n_sites * n_slots, 0.0f);
   for (size_t a = 0; a < n_slots; ++a) {
-    if (loras[a] == nullptr) continue;
+    if (adapters[a] == nullptr) continue;
     for (size_t site = 0; site < n_sites; ++site) {
       const DeviceLoraProduct* lp =
-          site + 1 == n_sites ? loras[a]->output.get() : loras[a]->layers[site / 7][site % 7].get();
+          site + 1 == n_sites ? adapters[a]->output.get() : adapters[a]->layers[site / 7][site % 7].get();
       if (lp == nullptr) continue;
-      LoraSite& st = lora_sites[site];
+      LoraSite& st = sites[site];
       st.k = lp->k;  // every adapter's the same: check_lora_fits, then the same cut
       st.n_out = lp->n_out;
       st.max_rank = std::max(st.max_rank, lp->rank);
@@ -1390,8 +1403,8 @@ void CudaLlamaModel::Impl::rebuild_lora_tables() {
     }
   }
   const size_t entries = n_sites * n_slots;
-  lora_tables.reserve(entries * (2 * sizeof(void*) + sizeof(int32_t) + sizeof(float)));
-  auto* base = lora_tables.as<char>();
+  table = std::make_unique<DeviceMemory>(entries * (2 * sizeof(void*) + sizeof(int32_t) + sizeof(float)));
+  auto* base = table->as<char>();
   const auto put = [&base](const void* from, size_t bytes) {
     cuda_check(cudaMemcpy(base, from, bytes, cudaMemcpyHostToDevice), "cudaMemcpy (LoRA tables)");
     base += bytes;
@@ -1405,8 +1418,8 @@ void CudaLlamaModel::Impl::rebuild_lora_tables() {
 }
 
 kc::LoraSlots CudaLlamaModel::Impl::lora_slots(size_t site) const {
-  const size_t n_slots = loras.size(), entries = lora_sites.size() * n_slots;
-  const auto* a_ptrs = lora_tables.as<const __half* const>();
+  const size_t n_slots = lora_table_slots, entries = lora_sites.size() * n_slots;
+  const auto* a_ptrs = lora_tables->as<const __half* const>();
   const auto* b_ptrs = a_ptrs + entries;
   const auto* ranks = reinterpret_cast<const int32_t*>(b_ptrs + entries);
   const auto* scales = reinterpret_cast<const float*>(ranks + entries);
@@ -1425,9 +1438,17 @@ void CudaLlamaModel::remove_lora(int32_t slot) {
   if (!has_lora(slot)) return;
   cuda_check(cudaSetDevice(m.options.device), "cudaSetDevice");
   cuda_check(cudaStreamSynchronize(m.stream), "cudaStreamSynchronize");
+  std::vector<const Impl::DeviceLora*> adapters;
+  for (const auto& a : m.loras) adapters.push_back(a.get());
+  adapters[static_cast<size_t>(slot - 1)] = nullptr;
+  std::vector<Impl::LoraSite> sites;
+  std::unique_ptr<DeviceMemory> table;
+  m.build_lora_tables(adapters, sites, table);  // before anything changes
+  m.lora_sites = std::move(sites);
+  m.lora_tables = std::move(table);
+  m.lora_table_slots = adapters.size();
   m.loras[static_cast<size_t>(slot - 1)].reset();
   if (m.default_lora == slot) m.default_lora = 0;
-  m.rebuild_lora_tables();
   ++m.lora_generation;
   m.clear_graphs();
 }

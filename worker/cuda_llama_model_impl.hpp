@@ -141,8 +141,13 @@ struct CudaLlamaModel::Impl {
     uint64_t adapters = 0;  // bit a - 1: adapter a adapts it (all bits: one above slot 64 does)
   };
   std::vector<LoraSite> lora_sites;
-  DeviceMemory lora_tables;  // [sites][slots] a_t pointers, then b_t pointers, ranks, scales
-  void rebuild_lora_tables();
+  std::unique_ptr<DeviceMemory> lora_tables;  // [sites][slots] a_t pointers, then b_t pointers, ranks, scales
+  size_t lora_table_slots = 0;
+  // The sites and a new device table for `adapters` (per slot - 1, null where empty); nothing of the model
+  // changes, so set_lora / remove_lora commit them only once they are built (a failed allocation or copy
+  // leaves the tables in use, and the factors they point at, as they were).
+  void build_lora_tables(const std::vector<const DeviceLora*>& adapters, std::vector<LoraSite>& sites,
+                         std::unique_ptr<DeviceMemory>& table) const;
   kc::LoraSlots lora_slots(size_t site) const;
   TensorShard shard;
   ShardReducer* reducer = nullptr;  // null when unsharded (no collectives); see the constructor

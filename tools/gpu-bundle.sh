@@ -83,8 +83,9 @@ cat >"$out/run.sh" <<'RUN'
 #   bash .gpu/run.sh tests "test_cuda_a test_cuda_b"   (those CUDA test binaries, then the MPI + GPU tests)
 #   bash .gpu/run.sh mpi                  (the MPI + GPU tests alone)
 #   bash .gpu/run.sh kernels | e2e | e2e-more | e2e-cutlass   (bench's parts: the kernel table;
-#                                         llama-70b on rows, with the layout measured and with CUTLASS;
-#                                         int8 activations, bench-spec, the CUDA-core baseline, LoRA
+#                                         llama-70b on rows, with the layout measured and with CUTLASS,
+#                                         then with LoRA adapters;
+#                                         int8 activations, bench-spec, the CUDA-core baseline
 #                                         and a Q8_0 KV cache;
 #                                         llama-70b on CUTLASS's order alone)
 #   bash .gpu/run.sh metrics              (nibble-kernel-metrics: the decode GEMVs' hardware counters)
@@ -287,10 +288,11 @@ if [ "$phase" = all ] || [ "$phase" = bench ] || [ "$phase" = e2e ]; then
 # the layout measured per shape at load (rows, tiles: kernels/int4_tiles.hpp, the batch-1 decode bet,
 # and CUTLASS's order; the load prints each layout's decode time), then with CUTLASS's Hopper GEMMs as
 # candidates (prefill and decode; a second copy of the weights, ~35 GB more: on a GPU with less than
-# 120 GB, an H100, the one-copy layout that runs every product on CUTLASS instead). Phase e2e-more:
+# 120 GB, an H100, the one-copy layout that runs every product on CUTLASS instead), last four LoRA
+# adapters against the base (skipped when the first run failed: its fallback runs then). Phase e2e-more:
 # speculative decoding with the fixtures' pair, batch-1 decode with 8-bit activations (the W4A8 GEMV),
-# the baseline on the CUDA-core GEMV and WMMA GEMM alone with the 1B draft's step times, a LoRA adapter
-# and a Q8_0 KV cache. Phase
+# the baseline on the CUDA-core GEMV and WMMA GEMM alone with the 1B draft's step times, and a Q8_0 KV
+# cache. Phase
 # e2e-cutlass: llama-70b on CUTLASS's order alone.
 # NIBBLE_E2E_FLAGS: more bench-gpu flags for every end-to-end run (e.g. --unfused-epilogues, should
 # call 1 show the fused epilogues failing).
@@ -332,6 +334,12 @@ if [ "$e2e_rc" -ne 0 ]; then
   echo "run.sh: llama-70b failed (exit $e2e_rc); again on --int4-kernels cuda-cores" | tee "$out/bench-gpu-e2e-fallback.txt"
   timeout 120 "$here/bin/nibble" bench-gpu --model dummy:llama-70b --int4-kernels cuda-cores --batch 1,8,32,64 \
     "${e2e[@]}" 2>&1 | tee -a "$out/bench-gpu-e2e-fallback.txt" || status=1
+else
+  # Last of the phase (a call cut short loses it first): four rank-16 LoRA adapters on every layer's
+  # seven matrices, sequence s naming adapter s % 4 + 1 (vLLM's multi-LoRA serving; batch 1 has one):
+  # decode steps, a prompt's prefill and a batch-1 step profile against the base's in the same run.
+  timeout 120 "$here/bin/nibble" bench-gpu --model dummy:llama-70b --lora-rank 16 --lora-adapters 4 --batch 1,8,32 \
+    "${e2e[@]}" 2>&1 | tee "$out/bench-gpu-e2e-lora.txt" || status=1
 fi
 fi
 if [ "$phase" = e2e-cutlass ]; then
@@ -357,11 +365,6 @@ timeout 120 "$here/bin/nibble" bench-gpu --model dummy:llama-70b --int8-activati
   tee "$out/bench-gpu-e2e-int8.txt" || status=1
 timeout 90 "$here/bin/nibble" bench-gpu --model dummy:llama-70b --draft dummy:llama-1b --batch 1,8 --int4-kernels cuda-cores "${e2e[@]}" 2>&1 |
   tee "$out/bench-gpu-e2e-cuda-cores.txt" || status=1
-# Four rank-16 LoRA adapters on every layer's seven matrices, sequence s naming adapter s % 4 + 1 (vLLM's
-# multi-LoRA serving; batch 1 has one): decode steps, a prompt's prefill and a batch-1 step profile
-# against the base's in the same run.
-timeout 120 "$here/bin/nibble" bench-gpu --model dummy:llama-70b --lora-rank 16 --lora-adapters 4 --batch 1,8,32 "${e2e[@]}" 2>&1 |
-  tee "$out/bench-gpu-e2e-lora.txt" || status=1
 # A Q8_0 KV cache (kernels/cuda/kv_cache_quant: blocks dequantized into an fp16 working copy each layer,
 # llama.cpp's rotation): what it costs a step against the e2e run's fp16 cache, and its device bytes.
 timeout 120 "$here/bin/nibble" bench-gpu --model dummy:llama-70b --kv-cache-dtype q8_0 --batch 1,8,64 "${e2e[@]}" 2>&1 |

@@ -104,6 +104,10 @@ TEST_F(CliTest, BenchGpuOnADummyModelRunsOrSaysWhyNot) {
   EXPECT_NE(big_rank.exit_code, 0) << big_rank.output;
   EXPECT_NE(big_rank.output.find("--lora-rank: Value 1025 not in range 0 to 1024"), std::string::npos)
       << big_rank.output;
+  // And adapters without a rank (they would be ignored).
+  const auto no_rank = run("bench-gpu --model dummy:tiny --lora-adapters 2");
+  EXPECT_NE(no_rank.exit_code, 0) << no_rank.output;
+  EXPECT_NE(no_rank.output.find("--lora-adapters requires --lora-rank"), std::string::npos) << no_rank.output;
 }
 
 // tinygemm's figures are read before anything is measured (a bad file must not cost a measured table),

@@ -1370,7 +1370,7 @@ void CudaLlamaModel::set_lora(int32_t slot, const model::LoraAdapter& adapter, f
     widen(a->output.get());
   }
   ++m.lora_generation;
-  m.clear_graphs();  // they hold the old factors' addresses
+  m.clear_graphs();  // they hold the old table's and factors' addresses
 }
 
 void CudaLlamaModel::Impl::build_lora_tables(const std::vector<const DeviceLora*>& adapters,

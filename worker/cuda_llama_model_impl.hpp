@@ -135,7 +135,7 @@ struct CudaLlamaModel::Impl {
   DeviceMemory lora_work;  // a shrink's split partials (kernels::cuda::lora_shrink_workspace_bytes)
   // The kernels' slot tables (kernels::cuda::LoraSlots: one launch pair a product serves every adapter
   // of a batch): per product site (stage layer * 7 + LayerMatrix, then the head) and slot, each adapter's
-  // factor pointers, rank and scale; rebuilt by set_lora / remove_lora (rebuild_lora_tables).
+  // factor pointers, rank and scale; rebuilt by set_lora / remove_lora (build_lora_tables).
   struct LoraSite {
     int64_t k = 0, n_out = 0, max_rank = 0;  // max_rank 0: no loaded adapter adapts this product
     uint64_t adapters = 0;  // bit a - 1: adapter a adapts it (all bits: one above slot 64 does)

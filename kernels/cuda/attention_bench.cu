@@ -105,8 +105,8 @@ void bench_case(const AttentionBenchHeads& h, int64_t batch, int64_t context, in
   // straight by attention_decode_quantized at each split, and dequantized into the fp16 cache above (the
   // working copy) after the splits.
   const int64_t q8_0_row_bytes = row_halves / 32 * static_cast<int64_t>(sizeof(BlockQ8_0));
-  // (+ 256: a block is fetched as the aligned words that cover it, up to 2 bytes past the last one, as
-  // CudaKvCache pads each side)
+  // (+ 256: a block is fetched as the aligned words that cover it, up to 2 bytes past its end; a safeguard
+  // here, where rows hold an even number of blocks, as CudaKvCache's sides are rounded up to 256 bytes)
   const auto q8_0_bytes = static_cast<size_t>(num_blocks * h.block_size * q8_0_row_bytes + 256);
   DeviceMemory k_q8(q8_0_bytes), v_q8(q8_0_bytes);
   check(cudaMemsetAsync(k_q8.ptr, 0, q8_0_bytes, stream), "cudaMemsetAsync");

@@ -502,8 +502,29 @@ TEST(CudaLlamaModel, LoraAdaptersMatchTheCpuInOneBatch) {
     pos += count;
   }
   EXPECT_GT(graphed.captured_graphs(), 0);
-  gpu.remove_lora(2);
-  EXPECT_FALSE(gpu.has_lora(2));
+  for (w::CudaLlamaModel* model : {&gpu, &graphed}) {
+    model->remove_lora(2);
+    EXPECT_FALSE(model->has_lora(2));
+  }
+  // Adapter 1 alone in a batch after adapter 2's removal (the slot tables rebuilt; attn_v, which both
+  // adapted, still takes adapter 1's update): as the CPU, directly and replayed.
+  {
+    w::ForwardBatch batch;
+    for (int32_t row = 0; row < 3; ++row) {
+      batch.add_sequence({token(rng)}, pos, row, 1);
+      batch.block_tables.push_back(row);
+    }
+    batch.max_blocks_per_seq = 1;
+    batch.seq_adapters = {1, 0, 1};
+    std::vector<float> want, got, replayed;
+    cpu.forward(batch, cpu_cache, pool, want);
+    gpu.forward(batch, gpu_cache, got);
+    graphed.forward(batch, graph_cache, replayed);
+    ASSERT_EQ(got.size(), want.size());
+    EXPECT_LE(t::max_relative_rms(got, want, c.n_vocab), kQuantizedBound) << "adapter 1 alone";
+    EXPECT_EQ(got, replayed);
+  }
+  // (at the same position: the cache's one block a row is full, and the refusal must be the adapter's)
   w::ForwardBatch named = w::ForwardBatch::single({5}, pos, {0}, false);
   named.seq_adapters = {2};
   std::vector<float> out;

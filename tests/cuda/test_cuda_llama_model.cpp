@@ -511,7 +511,8 @@ TEST(CudaLlamaModel, LoraAdaptersMatchTheCpuInOneBatch) {
   {
     w::ForwardBatch batch;
     for (int32_t row = 0; row < 3; ++row) {
-      batch.add_sequence({token(rng)}, pos, row, 1);
+      const std::vector<int32_t> one = {token(rng)};
+      batch.add_sequence(one, pos, row, 1);
       batch.block_tables.push_back(row);
     }
     batch.max_blocks_per_seq = 1;

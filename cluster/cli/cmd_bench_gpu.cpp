@@ -7,8 +7,8 @@
 // With --model (e.g. dummy:llama-70b, random weights made on the GPU), the whole model instead:
 // load time and device memory, prefill tokens/s, and per batch size the decode step time against
 // the floor of reading every weight byte once at copy bandwidth; with --draft, the draft's step time
-// at the same batch sizes (the cost side of speculative decoding); with --lora-rank, the same steps with a
-// random LoRA adapter on every layer against the base's (vLLM's multi-LoRA serving cost).
+// at the same batch sizes (the cost side of speculative decoding); with --lora-rank, the same steps with
+// random LoRA adapters on every layer against the base's (vLLM's multi-LoRA serving cost).
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -398,6 +398,13 @@ void progress(const char* format, Values... values) {
   std::fflush(stderr);
 }
 
+// One step profile as the JSON's step_profile entries hold it.
+nlohmann::json profile_json(int64_t batch, const worker::CudaStepProfile& profile) {
+  nlohmann::json sections = nlohmann::json::object();
+  for (const auto& [name, ms] : profile.sections) sections[name] = ms;
+  return {{"batch", batch}, {"total_ms", profile.total_ms}, {"sections", sections}};
+}
+
 // A random adapter of `rank` on the seven matrices of every layer of `config` (PEFT's all-linear target;
 // not the head): one layer made and copied to the others, as its values do not change the work done.
 model::LoraAdapter bench_lora(const model::LlamaConfig& config, int64_t rank, uint64_t seed) {
@@ -770,12 +777,8 @@ int run_model(const Args& a) {
     if (!long_error.empty()) out["long_prefill_error"] = long_error;
     if (!pdl_error.empty()) out["pdl_error"] = pdl_error;
     nlohmann::json step_profiles = nlohmann::json::array();
-    for (size_t i = 0; i < batches.size(); ++i) {
-      nlohmann::json sections = nlohmann::json::object();
-      for (const auto& [name, ms] : profiles[i].sections) sections[name] = ms;
-      step_profiles.push_back(
-          {{"batch", batches[i]}, {"total_ms", profiles[i].total_ms}, {"sections", sections}});
-    }
+    for (size_t i = 0; i < batches.size(); ++i)
+      step_profiles.push_back(profile_json(batches[i], profiles[i]));
     out["step_profile"] = step_profiles;
     if (!a.draft.empty()) {
       out["draft"] = {{"model", a.draft},
@@ -802,12 +805,7 @@ int run_model(const Args& a) {
         l["prefill_tokens_per_second"] = lora.prefill_tokens_per_second;
         l["prefill_base_ratio"] = lora.prefill_tokens_per_second / pp_one;
       }
-      if (lora.profile.total_ms > 0.0) {
-        nlohmann::json sections = nlohmann::json::object();
-        for (const auto& [name, ms] : lora.profile.sections) sections[name] = ms;
-        l["step_profile"] = {
-            {"batch", batches.front()}, {"total_ms", lora.profile.total_ms}, {"sections", sections}};
-      }
+      if (lora.profile.total_ms > 0.0) l["step_profile"] = profile_json(batches.front(), lora.profile);
       out["lora"] = l;
     }
     std::cout << out.dump() << "\n";

@@ -668,9 +668,10 @@ bool CudaLlamaModel::Impl::grow_buffers(const Plan& p) {
   }
   moved |= ids.reserve(static_cast<size_t>(rows_out) * sizeof(int32_t));
   if (p.lora) {
-    moved |= lora_ax.reserve(static_cast<size_t>(std::max(n, rows_out) * lora_max_rank) * sizeof(float));
-    moved |=
-        lora_work.reserve(kc::lora_shrink_workspace_bytes(std::max(n, rows_out), lora_max_k, lora_max_rank));
+    // A group of q, k and v (or gate and up) reads the n_embd inputs; one product alone up to lora_max_k.
+    const int64_t rows = std::max(n, rows_out);
+    moved |= lora_work.reserve(std::max(kc::lora_workspace_bytes(rows, lora_max_k, lora_max_rank, 1),
+                                        kc::lora_workspace_bytes(rows, c.n_embd, lora_max_rank, 3)));
   }
   moved |= flag.reserve(sizeof(int32_t));
   if (norm_counter.reserve(sizeof(uint32_t))) {  // once
@@ -739,24 +740,35 @@ void CudaLlamaModel::Impl::enqueue(const Plan& p) {
   pshape.max_blocks_per_seq = p.mbps;
   const float scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
 
-  // The LoRA adapters' updates of a product's output for the rows that name them (layer -1: the head,
-  // over the logit rows): y, row stride ldy, += scale * B (A x), one launch pair for every adapter of the
-  // batch (kernels/cuda/lora), none where no adapter of the batch adapts this product.
-  const auto add_lora = [&](int64_t layer, model::LayerMatrix which, const __half* in, int64_t ldx, float* y,
-                            int64_t ldy) {
+  // The LoRA adapters' updates of products that read the same input `in` (row stride ldx): each
+  // update's output y, row stride ldy, += scale * B (A x) (layer -1: the head, over the logit rows). One
+  // call (two launches) for every adapter of the batch and every product of the group (a layer's q, k
+  // and v; its gate and up), leaving out the products no adapter of the batch adapts (kernels/cuda/lora).
+  struct LoraUpdate {
+    model::LayerMatrix which;
+    float* y;
+    int64_t ldy;
+  };
+  const auto add_lora = [&](int64_t layer, const __half* in, int64_t ldx,
+                            std::initializer_list<LoraUpdate> updates) {
     if (!p.lora) return;
-    const size_t site =
-        layer < 0 ? lora_sites.size() - 1 : static_cast<size_t>(layer) * 7 + static_cast<size_t>(which);
-    const LoraSite& st = lora_sites[site];
-    if (st.max_rank == 0 || (st.adapters & p.lora_slots) == 0) return;
+    kc::LoraGroup group;
+    int64_t k = 0;
+    for (const LoraUpdate& u : updates) {
+      const size_t site =
+          layer < 0 ? lora_sites.size() - 1 : static_cast<size_t>(layer) * 7 + static_cast<size_t>(u.which);
+      const LoraSite& st = lora_sites[site];
+      if (st.max_rank == 0 || (st.adapters & p.lora_slots) == 0) continue;
+      if (k != 0 && st.k != k) throw std::logic_error("LoRA products of one input with different widths");
+      k = st.k;
+      group.targets[group.count++] = kc::LoraTarget{lora_slots(site), st.n_out, u.y, u.ldy};
+    }
+    if (group.count == 0) return;
     const int64_t rows = layer < 0 ? n_out : n;
     const int32_t* adapters = md + (layer < 0 ? p.off_logit_adapters : p.off_row_adapters);
-    const kc::LoraSlots slots = lora_slots(site);
-    check_status(kc::lora_shrink_f16(slots, st.k, in, ldx, adapters, rows, lora_ax.as<float>(),
-                                     lora_work.as<void>(), lora_work.bytes(), stream),
-                 "lora_shrink_f16");
-    check_status(kc::lora_expand_f16(slots, st.n_out, lora_ax.as<float>(), adapters, rows, y, ldy, stream),
-                 "lora_expand_f16");
+    check_status(
+        kc::lora_add_f16(group, k, in, ldx, adapters, rows, lora_work.as<void>(), lora_work.bytes(), stream),
+        "lora_add_f16");
   };
   using model::LayerMatrix;
 
@@ -807,9 +819,10 @@ void CudaLlamaModel::Impl::enqueue(const Plan& p) {
       {
         const Timed timed(*this, Section::qkv);
         project(w.qkv, h, n, qkv_f);
-        add_lora(l, LayerMatrix::attn_q, h, c.n_embd, qkv_f, rshape.q_stride);
-        add_lora(l, LayerMatrix::attn_k, h, c.n_embd, kp, rshape.kv_stride);
-        add_lora(l, LayerMatrix::attn_v, h, c.n_embd, vp, rshape.kv_stride);
+        add_lora(l, h, c.n_embd,
+                 {{LayerMatrix::attn_q, qkv_f, rshape.q_stride},
+                  {LayerMatrix::attn_k, kp, rshape.kv_stride},
+                  {LayerMatrix::attn_v, vp, rshape.kv_stride}});
       }
       const Timed timed(*this, Section::rope_kv);
       check_status(kc::rope_kv_write(rshape, qp, kp, vp, md + p.off_pos, md + p.off_seq, md + p.off_tables,
@@ -868,7 +881,7 @@ void CudaLlamaModel::Impl::enqueue(const Plan& p) {
       {
         const Timed timed(*this, Section::attn_out);
         matmul(w.wo, att16.as<__half>(), n, dl);  // partial over the shard's heads
-        add_lora(l, LayerMatrix::attn_output, att16.as<__half>(), q_dim, dl, c.n_embd);
+        add_lora(l, att16.as<__half>(), q_dim, {{LayerMatrix::attn_output, dl, c.n_embd}});
       }
       reduce_sum(dl, hidden_count);
       const Timed timed(*this, Section::norms);
@@ -886,9 +899,10 @@ void CudaLlamaModel::Impl::enqueue(const Plan& p) {
       {
         const Timed timed(*this, Section::gate_up);
         project(w.gate_up, h, n, gu);
-        add_lora(l, LayerMatrix::ffn_gate, h, c.n_embd, gu, stacked ? 2 * c.n_ff : c.n_ff);
-        add_lora(l, LayerMatrix::ffn_up, h, c.n_embd, stacked ? gu + c.n_ff : gu + n * c.n_ff,
-                 stacked ? 2 * c.n_ff : c.n_ff);
+        const int64_t ld = stacked ? 2 * c.n_ff : c.n_ff;
+        add_lora(l, h, c.n_embd,
+                 {{LayerMatrix::ffn_gate, gu, ld},
+                  {LayerMatrix::ffn_up, stacked ? gu + c.n_ff : gu + n * c.n_ff, ld}});
       }
       const Timed timed(*this, Section::swiglu);
       check_status(
@@ -911,7 +925,7 @@ void CudaLlamaModel::Impl::enqueue(const Plan& p) {
       {
         const Timed timed(*this, Section::down);
         matmul(w.down, act16.as<__half>(), n, dl);  // partial over the shard's ffn rows
-        add_lora(l, LayerMatrix::ffn_down, act16.as<__half>(), c.n_ff, dl, c.n_embd);
+        add_lora(l, act16.as<__half>(), c.n_ff, {{LayerMatrix::ffn_down, dl, c.n_embd}});
       }
       reduce_sum(dl, hidden_count);
     }
@@ -935,11 +949,11 @@ void CudaLlamaModel::Impl::enqueue(const Plan& p) {
         "gather_rows_f16");
     if (reducer == nullptr) {
       matmul(head, picked16.as<__half>(), n_out, logits.as<float>());
-      add_lora(-1, LayerMatrix::attn_q, picked16.as<__half>(), c.n_embd, logits.as<float>(), c.n_vocab);
+      add_lora(-1, picked16.as<__half>(), c.n_embd, {{LayerMatrix::attn_q, logits.as<float>(), c.n_vocab}});
     } else {  // the shard's vocabulary columns, gathered into full rows
       matmul(head, picked16.as<__half>(), n_out, local_logits.as<float>());
-      add_lora(-1, LayerMatrix::attn_q, picked16.as<__half>(), c.n_embd, local_logits.as<float>(),
-               head.n_out);
+      add_lora(-1, picked16.as<__half>(), c.n_embd,
+               {{LayerMatrix::attn_q, local_logits.as<float>(), head.n_out}});
       gather_logits(n_out);
     }
   }

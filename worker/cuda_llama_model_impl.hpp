@@ -131,11 +131,11 @@ struct CudaLlamaModel::Impl {
   int32_t default_lora = 0;
   int64_t lora_max_rank = 0, lora_max_k = 0;  // over the loaded adapters' products
   int64_t lora_generation = 0;                // changes with every set / remove: part of a graph's key
-  DeviceMemory lora_ax;                       // [rows, lora_max_rank] float: a shrink's output
-  DeviceMemory lora_work;  // a shrink's split partials (kernels::cuda::lora_shrink_workspace_bytes)
-  // The kernels' slot tables (kernels::cuda::LoraSlots: one launch pair a product serves every adapter
-  // of a batch): per product site (stage layer * 7 + LayerMatrix, then the head) and slot, each adapter's
-  // factor pointers, rank and scale; rebuilt by set_lora / remove_lora (build_lora_tables).
+  DeviceMemory lora_work;  // the updates' split partials (kernels::cuda::lora_workspace_bytes)
+  // The kernels' slot tables (kernels::cuda::LoraSlots: one call for a layer's products that read one
+  // input serves every adapter of a batch): per product site (stage layer * 7 + LayerMatrix, then the head)
+  // and slot, each adapter's factor pointers, rank and scale; rebuilt by set_lora / remove_lora
+  // (build_lora_tables).
   struct LoraSite {
     int64_t k = 0, n_out = 0, max_rank = 0;  // max_rank 0: no loaded adapter adapts this product
     uint64_t adapters = 0;  // bit a - 1: adapter a adapts it (all bits: one above slot 64 does)

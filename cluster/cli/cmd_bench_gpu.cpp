@@ -418,8 +418,8 @@ model::LoraAdapter bench_lora(const model::LlamaConfig& config, int64_t rank, ui
 }
 
 // The target with LoRA adapters, sequence s naming adapter s % adapters + 1 (vLLM's multi-LoRA serving;
-// with one, a fine-tune served on the INT4 base): each product's shrink and expand (kernels/cuda/lora,
-// one launch pair for every adapter of the batch) after it.
+// with one, a fine-tune served on the INT4 base): the products' updates after them (kernels/cuda/lora:
+// one call for every adapter of the batch and a layer's products of one input).
 struct LoraTimes {
   int64_t rank = 0, adapters = 0;
   double upload_seconds = 0.0;
@@ -1749,9 +1749,10 @@ Runner add_bench_gpu(CLI::App& app) {
                      "layer's seven matrices (--lora-adapters of them), sequence s naming adapter s % N + 1: "
                      "decode steps, the one-prompt prefill and a step profile against the base's (0: none)")
           ->check(CLI::Range(0, kMaxLoraRank));
-  app.add_option("--lora-adapters", a->lora_adapters,
-                 "With --lora-rank: that many adapters, sequence s naming adapter s % N + 1 (one launch pair "
-                 "a product serves them all)")
+  app.add_option(
+         "--lora-adapters", a->lora_adapters,
+         "With --lora-rank: that many adapters, sequence s naming adapter s % N + 1 (one call a layer's "
+         "products of one input serves them all)")
       ->check(CLI::Range(1, 64))
       ->needs(lora_rank);
   add_int4_kernels_option(

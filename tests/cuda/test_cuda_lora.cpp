@@ -1,11 +1,13 @@
-// LoRA's shrink and expand on the device (kernels/cuda/lora) against the CPU's reference loops
+// LoRA's update on the device (kernels/cuda/lora: lora_add_f16) against the CPU's reference loops
 // (kernels::lora_shrink_reference / lora_expand_reference on the same fp16 values widened), on random
-// factors of odd sizes and ranks: one call pair for a batch whose rows name different adapters of
-// different ranks (Punica's BGMV), an adapter that leaves the product as it is, the base alone and slots
-// past the table. Each adapted row gets its own adapter's update; every other row, and in a stacked
-// output the columns outside the range, stays as it was. Bound: fp32 sums in another order (the inputs
-// in splits of 256, and FMA contraction) against the reference's, within 1e-5 of each sum's sum of
-// |terms|. A row's bits do not depend on the batch. Skips when there is no CUDA device.
+// factors of odd sizes and ranks: one call for a batch whose rows name different adapters of different
+// ranks (Punica's BGMV) and for up to three products that read the same input (a layer's q, k and v), an
+// adapter that leaves a product as it is, the base alone and slots past the table. Each adapted row gets
+// its own adapter's update in each product's columns; every other row, and the columns outside the
+// products' ranges, stays as it was. Bound: fp32 sums in another order (the inputs in splits of 256, and
+// FMA contraction) against the reference's, within 1e-5 of each sum's sum of |terms|, carried through
+// the expand. A row's bits depend neither on the batch nor on the group's other products. Skips when
+// there is no CUDA device.
 #include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
 #include <gtest/gtest.h>
@@ -13,6 +15,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <random>
 #include <string>
 #include <vector>
@@ -52,8 +55,8 @@ struct AdapterSet {
       const int64_t rank = ranks[a];
       max_rank = std::max(max_rank, rank);
       scales.push_back(0.5f + 0.25f * static_cast<float>(a));
-      a_t.push_back(random_f16(static_cast<size_t>(k * rank), 0.05f, rng));
-      b_t.push_back(random_f16(static_cast<size_t>(rank * n_out), 0.05f, rng));
+      a_t.push_back(random_f16(static_cast<size_t>(k * std::max<int64_t>(rank, 1)), 0.05f, rng));
+      b_t.push_back(random_f16(static_cast<size_t>(std::max<int64_t>(rank, 1) * n_out), 0.05f, rng));
       a_d.push_back(std::make_unique<DeviceBuffer<uint16_t>>(a_t.back()));
       b_d.push_back(std::make_unique<DeviceBuffer<uint16_t>>(b_t.back()));
       a_host.push_back(rank == 0 ? nullptr : as_half(a_d.back()->ptr));
@@ -83,125 +86,159 @@ struct AdapterSet {
   }
 };
 
-// One shrink + expand call pair over rows x (stride ldx) into y's columns col.. (stride ldy): ax and y
-// back. ax starts as `sentinel`; the scratch is exactly sized and NaN-filled (a partial not written shows).
-void run_pair(const AdapterSet& set, const std::vector<int32_t>& row_adapter, const std::vector<uint16_t>& x,
-              int64_t ldx, const std::vector<float>& y0, int64_t ldy, int64_t col, float sentinel,
-              std::vector<float>& ax, std::vector<float>& y) {
+// One lora_add_f16 call over rows x (stride ldx) for the products sets[i] (each into y's columns
+// cols[i] .. + n_out - 1, stride ldy): y back. The scratch is exactly sized and NaN-filled (a partial not
+// written shows).
+void run_group(const std::vector<const AdapterSet*>& sets, const std::vector<int64_t>& cols,
+               const std::vector<int32_t>& row_adapter, const std::vector<uint16_t>& x, int64_t ldx,
+               const std::vector<float>& y0, int64_t ldy, std::vector<float>& y) {
   const auto n = static_cast<int64_t>(row_adapter.size());
   DeviceBuffer<uint16_t> x_d(x);
   DeviceBuffer<int32_t> rows_d(row_adapter);
-  DeviceBuffer<float> ax_d(std::vector<float>(static_cast<size_t>(n * set.max_rank), sentinel)), y_d(y0);
-  const size_t work_bytes = kc::lora_shrink_workspace_bytes(n, set.k, set.max_rank);
-  ASSERT_EQ(work_bytes, static_cast<size_t>(n * ((set.k + 255) / 256) * set.max_rank) * sizeof(float));
-  DeviceBuffer<uint8_t> work_d(work_bytes);
-  ASSERT_EQ(cudaMemset(work_d.ptr, 0xff, work_bytes), cudaSuccess);
-  ASSERT_EQ(kc::lora_shrink_f16(set.slots(), set.k, as_half(x_d.ptr), ldx, rows_d.ptr, n, ax_d.ptr,
-                                work_d.ptr, work_bytes, nullptr),
-            k::Status::ok);
-  ASSERT_EQ(kc::lora_expand_f16(set.slots(), set.n_out, ax_d.ptr, rows_d.ptr, n, y_d.ptr + col, ldy, nullptr),
-            k::Status::ok);
+  DeviceBuffer<float> y_d(y0);
+  kc::LoraGroup group;
+  int64_t max_rank = 0;
+  for (size_t i = 0; i < sets.size(); ++i) {
+    group.targets[i] = {sets[i]->slots(), sets[i]->n_out, y_d.ptr + cols[i], ldy};
+    max_rank = std::max(max_rank, sets[i]->max_rank);
+  }
+  group.count = static_cast<int>(sets.size());
+  const int64_t kk = sets.front()->k;
+  const size_t work_bytes = kc::lora_workspace_bytes(n, kk, max_rank, group.count);
+  ASSERT_EQ(work_bytes, static_cast<size_t>(n * group.count * ((kk + 255) / 256) * max_rank) * sizeof(float));
+  DeviceBuffer<uint8_t> work_d(std::max<size_t>(work_bytes, 1));
+  ASSERT_EQ(cudaMemset(work_d.ptr, 0xff, work_d.count), cudaSuccess);
+  ASSERT_EQ(
+      kc::lora_add_f16(group, kk, as_half(x_d.ptr), ldx, rows_d.ptr, n, work_d.ptr, work_bytes, nullptr),
+      k::Status::ok);
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-  ax = ax_d.to_host();
   y = y_d.to_host();
 }
 
-TEST(CudaLora, OneCallPairGivesEachRowItsOwnAdaptersUpdate) {
+// Row r of y (stride ldy) against the reference: each product's columns its adapter's update of y0 within
+// the bound, every other column y0's bits.
+void expect_row(const std::vector<const AdapterSet*>& sets, const std::vector<int64_t>& cols, int32_t named,
+                const uint16_t* xr, const float* y0r, const float* yr, int64_t ldy) {
+  std::vector<bool> covered(static_cast<size_t>(ldy), false);
+  for (size_t i = 0; i < sets.size(); ++i) {
+    SCOPED_TRACE("product " + std::to_string(i));
+    const AdapterSet& set = *sets[i];
+    const int64_t col = cols[i];
+    for (int64_t o = 0; o < set.n_out; ++o) covered[static_cast<size_t>(col + o)] = true;
+    const int32_t a = set.adapter_of(named);
+    if (a == 0) {  // no update of this product
+      for (int64_t o = col; o < col + set.n_out; ++o)
+        ASSERT_EQ(yr[o], y0r[o]) << "column " << o << " of a product the row's adapter leaves as it is";
+      continue;
+    }
+    const size_t ai = static_cast<size_t>(a - 1);
+    const int64_t rank = set.ranks[ai];
+    const float scale = set.scales[ai];
+    const std::vector<uint16_t>& a_t = set.a_t[ai];
+    const std::vector<uint16_t>& b_t = set.b_t[ai];
+    std::vector<float> xf(static_cast<size_t>(set.k)), want(y0r + col, y0r + col + set.n_out);
+    for (int64_t c = 0; c < set.k; ++c) xf[static_cast<size_t>(c)] = k::fp16_to_fp32(xr[c]);
+    const int64_t row0 = 0;
+    std::vector<float> ax(static_cast<size_t>(rank));
+    ASSERT_EQ(k::lora_shrink_reference(a_t.data(), set.k, rank, scale, xf.data(), &row0, 1, ax.data()),
+              k::Status::ok);
+    // Each rank's bound: 1e-5 of |scale| sum |a x| (the device's ax may differ by that).
+    std::vector<double> ax_bound(static_cast<size_t>(rank));
+    for (int64_t j = 0; j < rank; ++j) {
+      double mag = 0.0;
+      for (int64_t c = 0; c < set.k; ++c)
+        mag += std::fabs(static_cast<double>(k::fp16_to_fp32(a_t[static_cast<size_t>(c * rank + j)])) *
+                         xf[static_cast<size_t>(c)]);
+      ax_bound[static_cast<size_t>(j)] = 1e-5 * std::fabs(scale) * mag;
+    }
+    ASSERT_EQ(k::lora_expand_reference(b_t.data(), rank, set.n_out, ax.data(), &row0, 1, want.data()),
+              k::Status::ok);
+    for (int64_t o = 0; o < set.n_out; ++o) {
+      double bound = std::fabs(y0r[col + o]);
+      for (int64_t j = 0; j < rank; ++j) {
+        const double b = std::fabs(k::fp16_to_fp32(b_t[static_cast<size_t>(j * set.n_out + o)]));
+        bound += b * (std::fabs(ax[static_cast<size_t>(j)]) + 1e5 * ax_bound[static_cast<size_t>(j)]);
+      }
+      ASSERT_NEAR(yr[col + o], want[static_cast<size_t>(o)], 1e-5 * bound + 1e-30) << "output " << o;
+    }
+    // The update is not nothing (the bound would let a missing one pass only if it were tiny).
+    double moved = 0.0;
+    for (int64_t o = 0; o < set.n_out; ++o) moved += std::fabs(yr[col + o] - y0r[col + o]);
+    ASSERT_GT(moved, 0.0);
+  }
+  for (int64_t o = 0; o < ldy; ++o) {
+    if (covered[static_cast<size_t>(o)]) continue;
+    ASSERT_EQ(yr[o], y0r[o]) << "column " << o << " outside the products";
+  }
+}
+
+TEST(CudaLora, OneCallGivesEachRowItsOwnAdaptersUpdateInEveryProductOfTheGroup) {
   NIBBLE_REQUIRE_CUDA_DEVICE();
   std::mt19937 rng(21);
-  struct Case {
-    int64_t k, n_out;
+  struct Product {
+    int64_t n_out;
     std::vector<int64_t> ranks;  // per slot; 0: that adapter leaves this product as it is
     int64_t extra_rank;
   };
-  // k of 333, 2048 and 96: 2, 8 and 1 splits of 256 inputs.
-  for (const Case& cs :
-       {Case{333, 999, {17, 5, 0}, 0}, Case{2048, 257, {64, 33, 0}, 3}, Case{96, 4096, {200, 1, 0}, 0}}) {
-    SCOPED_TRACE("k " + std::to_string(cs.k) + " n_out " + std::to_string(cs.n_out) + " ranks " +
-                 std::to_string(cs.ranks[0]) + ", " + std::to_string(cs.ranks[1]));
-    const AdapterSet set(cs.k, cs.n_out, cs.ranks, cs.extra_rank, rng);
-    // Adapters 1 and 2, the base (0), adapter 3 (not this product), past the table (4, -1).
-    const std::vector<int32_t> row_adapter = {1, 0, 2, 1, 3, 2, 4, 1, -1};
+  struct Case {
+    int64_t k;
+    std::vector<Product> products;
+  };
+  // k of 333, 2048 and 96: 2, 8 and 1 splits of 256 inputs. Three products (q, k, v), two (gate, up), one.
+  const std::vector<Case> cases = {
+      Case{333, {{999, {17, 5, 0}, 0}, {130, {3, 0, 9}, 0}, {77, {0, 40, 2}, 5}}},
+      Case{2048, {{257, {64, 33, 0}, 3}, {300, {1, 0, 65}, 0}}},
+      Case{96, {{4096, {200, 1, 0}, 0}}},
+  };
+  for (const Case& cs : cases) {
+    SCOPED_TRACE("k " + std::to_string(cs.k) + ", " + std::to_string(cs.products.size()) + " products");
+    std::vector<std::unique_ptr<AdapterSet>> owned;
+    std::vector<const AdapterSet*> sets;
+    std::vector<int64_t> cols;
+    int64_t ldy = 3;  // y's columns 0-2 and the last 6 belong to no product
+    for (const Product& p : cs.products) {
+      owned.push_back(std::make_unique<AdapterSet>(cs.k, p.n_out, p.ranks, p.extra_rank, rng));
+      sets.push_back(owned.back().get());
+      cols.push_back(ldy);
+      ldy += p.n_out;
+    }
+    ldy += 6;
+    // Adapters 1, 2 and 3, the base (0), past the table (4, -1).
+    const std::vector<int32_t> row_adapter = {1, 0, 2, 1, 3, 2, 4, 1, -1, 3};
     const auto n = static_cast<int64_t>(row_adapter.size());
-    const int64_t ldx = cs.k + 5, ldy = cs.n_out + 6, col = 3;  // y's columns col .. col + n_out - 1
+    const int64_t ldx = cs.k + 5;
     const std::vector<uint16_t> x = random_f16(static_cast<size_t>(n * ldx), 1.0f, rng);
     std::vector<float> y0(static_cast<size_t>(n * ldy));
     std::normal_distribution<float> normal(0.0f, 1.0f);
     for (auto& v : y0) v = normal(rng);
-    const float kSentinel = -12345.0f;
-    std::vector<float> ax, y;
-    ASSERT_NO_FATAL_FAILURE(run_pair(set, row_adapter, x, ldx, y0, ldy, col, kSentinel, ax, y));
-    ASSERT_EQ(ax.size(), static_cast<size_t>(n * set.max_rank));
+    std::vector<float> y;
+    ASSERT_NO_FATAL_FAILURE(run_group(sets, cols, row_adapter, x, ldx, y0, ldy, y));
     ASSERT_EQ(y.size(), y0.size());
-
     for (int64_t r = 0; r < n; ++r) {
       SCOPED_TRACE("row " + std::to_string(r));
-      const int32_t a = set.adapter_of(row_adapter[static_cast<size_t>(r)]);
-      if (a == 0) {  // no update: ax not written, y as it was
-        for (int64_t j = 0; j < set.max_rank; ++j)
-          ASSERT_EQ(ax[static_cast<size_t>(r * set.max_rank + j)], kSentinel);
-        for (int64_t o = 0; o < ldy; ++o)
-          ASSERT_EQ(y[static_cast<size_t>(r * ldy + o)], y0[static_cast<size_t>(r * ldy + o)])
-              << "column " << o;
-        continue;
-      }
-      const size_t ai = static_cast<size_t>(a - 1);
-      const int64_t rank = set.ranks[ai];
-      const float scale = set.scales[ai];
-      const std::vector<uint16_t>& a_t = set.a_t[ai];
-      const std::vector<uint16_t>& b_t = set.b_t[ai];
-      // The reference on this row: x widened, y's columns packed.
-      std::vector<float> xf(static_cast<size_t>(cs.k)), yf(static_cast<size_t>(cs.n_out));
-      for (int64_t c = 0; c < cs.k; ++c)
-        xf[static_cast<size_t>(c)] = k::fp16_to_fp32(x[static_cast<size_t>(r * ldx + c)]);
-      for (int64_t o = 0; o < cs.n_out; ++o)
-        yf[static_cast<size_t>(o)] = y0[static_cast<size_t>(r * ldy + col + o)];
-      const int64_t row0 = 0;
-      std::vector<float> want_ax(static_cast<size_t>(rank));
-      ASSERT_EQ(k::lora_shrink_reference(a_t.data(), cs.k, rank, scale, xf.data(), &row0, 1, want_ax.data()),
-                k::Status::ok);
-      std::vector<float> got_ax(static_cast<size_t>(rank));
-      for (int64_t j = 0; j < rank; ++j) {
-        got_ax[static_cast<size_t>(j)] = ax[static_cast<size_t>(r * set.max_rank + j)];
-        double mag = 0.0;
-        for (int64_t c = 0; c < cs.k; ++c)
-          mag += std::fabs(static_cast<double>(k::fp16_to_fp32(a_t[static_cast<size_t>(c * rank + j)])) *
-                           xf[static_cast<size_t>(c)]);
-        ASSERT_NEAR(got_ax[static_cast<size_t>(j)], want_ax[static_cast<size_t>(j)],
-                    1e-5 * std::fabs(scale) * mag + 1e-30)
-            << "rank " << j;
-      }
-      for (int64_t j = rank; j < set.max_rank; ++j)  // past its adapter's ranks: not written
-        ASSERT_EQ(ax[static_cast<size_t>(r * set.max_rank + j)], kSentinel) << "rank " << j;
-      // The expand reference from the device's own ax, so that its bound is its own sums'.
-      ASSERT_EQ(k::lora_expand_reference(b_t.data(), rank, cs.n_out, got_ax.data(), &row0, 1, yf.data()),
-                k::Status::ok);
-      for (int64_t o = 0; o < ldy; ++o) {
-        const float got = y[static_cast<size_t>(r * ldy + o)], before = y0[static_cast<size_t>(r * ldy + o)];
-        if (o < col || o >= col + cs.n_out) {
-          ASSERT_EQ(got, before) << "column " << o << " outside the range";
-          continue;
-        }
-        double mag = std::fabs(before);
-        for (int64_t j = 0; j < rank; ++j)
-          mag += std::fabs(
-              static_cast<double>(k::fp16_to_fp32(b_t[static_cast<size_t>(j * cs.n_out + o - col)])) *
-              got_ax[static_cast<size_t>(j)]);
-        ASSERT_NEAR(got, yf[static_cast<size_t>(o - col)], 1e-5 * mag) << "output " << o - col;
-      }
+      ASSERT_NO_FATAL_FAILURE(expect_row(sets, cols, row_adapter[static_cast<size_t>(r)],
+                                         &x[static_cast<size_t>(r * ldx)], &y0[static_cast<size_t>(r * ldy)],
+                                         &y[static_cast<size_t>(r * ldy)], ldy));
     }
 
     // Row 2 (adapter 2) alone: the same bits as in the batch of other adapters.
-    const std::vector<int32_t> alone = {2};
     const std::vector<uint16_t> x2(x.begin() + 2 * ldx, x.begin() + 3 * ldx);
     const std::vector<float> y2(y0.begin() + 2 * ldy, y0.begin() + 3 * ldy);
-    std::vector<float> ax_alone, y_alone;
-    ASSERT_NO_FATAL_FAILURE(run_pair(set, alone, x2, ldx, y2, ldy, col, kSentinel, ax_alone, y_alone));
-    for (int64_t j = 0; j < set.max_rank; ++j)
-      ASSERT_EQ(ax_alone[static_cast<size_t>(j)], ax[static_cast<size_t>(2 * set.max_rank + j)])
-          << "rank " << j;
+    std::vector<float> y_alone;
+    ASSERT_NO_FATAL_FAILURE(run_group(sets, cols, {2}, x2, ldx, y2, ldy, y_alone));
     for (int64_t o = 0; o < ldy; ++o)
       ASSERT_EQ(y_alone[static_cast<size_t>(o)], y[static_cast<size_t>(2 * ldy + o)]) << "column " << o;
+    // Each product alone (a group of one, in reverse order onto the previous product's output): the same
+    // bits as in the group.
+    if (sets.size() > 1) {
+      std::vector<float> y_each = y0;
+      for (size_t i = sets.size(); i-- > 0;) {
+        std::vector<float> next;
+        ASSERT_NO_FATAL_FAILURE(run_group({sets[i]}, {cols[i]}, row_adapter, x, ldx, y_each, ldy, next));
+        y_each = std::move(next);
+      }
+      for (size_t i = 0; i < y.size(); ++i) ASSERT_EQ(y_each[i], y[i]) << "index " << i;
+    }
   }
 }
 
@@ -213,40 +250,59 @@ TEST(CudaLora, RefusesBadArguments) {
   DeviceBuffer<float> f(4096);
   DeviceBuffer<int32_t> rows(std::vector<int32_t>(4, 1));
   const __half* hp = as_half(h.ptr);
-  const kc::LoraSlots t = set.slots();
-  const size_t work = kc::lora_shrink_workspace_bytes(4, 16, 4);
-  EXPECT_EQ(kc::lora_shrink_f16(t, 16, hp, 16, rows.ptr, 4, f.ptr, f.ptr + 2048, work, nullptr),
-            k::Status::ok);
-  EXPECT_EQ(kc::lora_shrink_f16(t, 16, hp, 8, rows.ptr, 4, f.ptr, f.ptr + 2048, work, nullptr),
+  kc::LoraGroup group;
+  group.targets[0] = {set.slots(), 16, f.ptr, 16};
+  group.count = 1;
+  const size_t work = kc::lora_workspace_bytes(4, 16, 4, 1);
+  void* scratch = f.ptr + 2048;
+  EXPECT_EQ(kc::lora_add_f16(group, 16, hp, 16, rows.ptr, 4, scratch, work, nullptr), k::Status::ok);
+  EXPECT_EQ(kc::lora_add_f16(group, 16, hp, 8, rows.ptr, 4, scratch, work, nullptr),
             k::Status::invalid_argument)
       << "ldx below k";
-  kc::LoraSlots bad = t;
-  bad.max_rank = kc::kLoraMaxRank + 1;
-  EXPECT_EQ(kc::lora_shrink_f16(bad, 16, hp, 16, rows.ptr, 4, f.ptr, f.ptr + 2048, 1 << 20, nullptr),
-            k::Status::invalid_argument);
-  bad = t;
-  bad.rank = nullptr;
-  EXPECT_EQ(kc::lora_shrink_f16(bad, 16, hp, 16, rows.ptr, 4, f.ptr, f.ptr + 2048, work, nullptr),
-            k::Status::invalid_argument)
-      << "no table of ranks";
-  bad = t;
-  bad.slots = 0;
-  EXPECT_EQ(kc::lora_expand_f16(bad, 16, f.ptr, rows.ptr, 4, f.ptr, 16, nullptr), k::Status::invalid_argument)
-      << "no slot";
-  EXPECT_EQ(kc::lora_shrink_f16(t, 16, hp, 16, rows.ptr, 4, f.ptr, f.ptr + 2048, work - 4, nullptr),
+  EXPECT_EQ(kc::lora_add_f16(group, 16, hp, 16, rows.ptr, 4, scratch, work - 4, nullptr),
             k::Status::invalid_argument)
       << "scratch too small";
-  EXPECT_EQ(kc::lora_shrink_f16(t, 16, hp, 16, rows.ptr, 4, f.ptr, nullptr, work, nullptr),
+  EXPECT_EQ(kc::lora_add_f16(group, 16, hp, 16, rows.ptr, 4, nullptr, work, nullptr),
             k::Status::invalid_argument)
       << "no scratch";
-  EXPECT_EQ(kc::lora_shrink_workspace_bytes(4, 0, 4), 0u);
-  EXPECT_EQ(kc::lora_expand_f16(t, 16, f.ptr, nullptr, 4, f.ptr, 16, nullptr), k::Status::invalid_argument);
-  EXPECT_EQ(kc::lora_expand_f16(t, 16, f.ptr, rows.ptr, 4, f.ptr, 15, nullptr), k::Status::invalid_argument)
-      << "ldy below n_out";
-  EXPECT_EQ(kc::lora_expand_f16(t, 16, f.ptr, rows.ptr, 0, f.ptr, 16, nullptr), k::Status::ok) << "no rows";
-  EXPECT_EQ(kc::lora_expand_f16(t, kc::kLoraMaxOutputs + 1, f.ptr, rows.ptr, 4, f.ptr,
-                                kc::kLoraMaxOutputs + 1, nullptr),
+  EXPECT_EQ(kc::lora_add_f16(group, 16, hp, 16, nullptr, 4, scratch, work, nullptr),
+            k::Status::invalid_argument)
+      << "no row adapters";
+  EXPECT_EQ(kc::lora_add_f16(group, 16, hp, 16, rows.ptr, 0, nullptr, 0, nullptr), k::Status::ok)
+      << "no rows";
+  kc::LoraGroup bad = group;
+  bad.targets[0].slots.max_rank = kc::kLoraMaxRank + 1;
+  EXPECT_EQ(kc::lora_add_f16(bad, 16, hp, 16, rows.ptr, 4, scratch, 1 << 20, nullptr),
             k::Status::invalid_argument);
+  bad = group;
+  bad.targets[0].slots.rank = nullptr;
+  EXPECT_EQ(kc::lora_add_f16(bad, 16, hp, 16, rows.ptr, 4, scratch, work, nullptr),
+            k::Status::invalid_argument)
+      << "no table of ranks";
+  bad = group;
+  bad.targets[0].slots.slots = 0;
+  EXPECT_EQ(kc::lora_add_f16(bad, 16, hp, 16, rows.ptr, 4, scratch, work, nullptr),
+            k::Status::invalid_argument)
+      << "no slot";
+  bad = group;
+  bad.targets[0].ldy = 15;
+  EXPECT_EQ(kc::lora_add_f16(bad, 16, hp, 16, rows.ptr, 4, scratch, work, nullptr),
+            k::Status::invalid_argument)
+      << "ldy below n_out";
+  bad = group;
+  bad.count = 2;  // the second target is empty
+  EXPECT_EQ(kc::lora_add_f16(bad, 16, hp, 16, rows.ptr, 4, scratch, 1 << 20, nullptr),
+            k::Status::invalid_argument);
+  bad.count = kc::kLoraMaxProducts + 1;
+  EXPECT_EQ(kc::lora_add_f16(bad, 16, hp, 16, rows.ptr, 4, scratch, 1 << 20, nullptr),
+            k::Status::invalid_argument);
+  bad = group;
+  bad.targets[0].n_out = bad.targets[0].ldy = kc::kLoraMaxOutputs + 1;
+  EXPECT_EQ(kc::lora_add_f16(bad, 16, hp, 16, rows.ptr, 4, scratch, 1 << 20, nullptr),
+            k::Status::invalid_argument);
+  EXPECT_EQ(kc::lora_workspace_bytes(4, 0, 4, 1), 0u);
+  EXPECT_EQ(kc::lora_workspace_bytes(4, 16, 4, 0), 0u);
+  EXPECT_EQ(kc::lora_workspace_bytes(4, 16, 4, kc::kLoraMaxProducts + 1), 0u);
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
 }
 

@@ -773,9 +773,11 @@ void CudaLlamaModel::Impl::enqueue(const Plan& p) {
   using model::LayerMatrix;
 
   // One token, unsharded: a product on the half2 GEMV followed by a residual add + RMSNorm does the
-  // norm in its last block (matmul_add_norm); `normed` then says the next norm is done. Not in a step
-  // with LoRA rows (the updates go onto the products' outputs), nor the other fused epilogues.
-  const bool norm_in_products = n == 1 && reducer == nullptr && options.fused_norms && !p.lora;
+  // norm in its last block (matmul_add_norm); `normed` then says the next norm is done. With a LoRA row
+  // the attention output's and down projection's updates go onto the residual before that kernel (the
+  // same sum, in another order). The other fused epilogues need the updated outputs (RoPE, SwiGLU): none
+  // in a step with LoRA rows.
+  const bool norm_in_products = n == 1 && reducer == nullptr && options.fused_norms;
   const bool fuse_one_row = n == 1 && !p.lora;
   bool normed = false;
   for (int64_t l = 0; l < c.n_layer; ++l) {
@@ -874,6 +876,7 @@ void CudaLlamaModel::Impl::enqueue(const Plan& p) {
     attention_span.reset();
     if (norm_in_products && fuses_one_row(w.wo)) {
       const Timed timed(*this, Section::attn_out);  // the residual add and ffn norm in its last block
+      add_lora(l, att16.as<__half>(), q_dim, {{LayerMatrix::attn_output, x, c.n_embd}});
       check_status(matmul_add_norm(w.wo, att16.as<__half>(), w.ffn_norm->as<float>(), dl, x, h,
                                    norm_counter.as<unsigned>()),
                    "half2 GEMV with the residual add and RMSNorm");
@@ -918,6 +921,7 @@ void CudaLlamaModel::Impl::enqueue(const Plan& p) {
     normed = norm_in_products && next_norm != nullptr && fuses_one_row(w.down);
     if (normed) {
       const Timed timed(*this, Section::down);  // the residual add and the next norm in its last block
+      add_lora(l, act16.as<__half>(), c.n_ff, {{LayerMatrix::ffn_down, x, c.n_embd}});
       check_status(matmul_add_norm(w.down, act16.as<__half>(), next_norm->as<float>(), dl, x, h,
                                    norm_counter.as<unsigned>()),
                    "half2 GEMV with the residual add and RMSNorm");

@@ -448,7 +448,9 @@ class CudaLlamaModel {
   // set_default_lora names the adapter of batches without seq_adapters (0: none). The factors go up as
   // fp16 (worker::shard_lora's: this stage's layers, a tensor shard's cut); every product of a row that
   // names an adapter adds scale * B (A x) on kernels/cuda/lora before the product's all-reduce or logits
-  // gather (and such a step runs no fused one-row epilogue). std::invalid_argument for an adapter whose
+  // gather (a one-row step keeps the fused residual add + RMSNorm, the attention output's and down
+  // projection's updates going onto the residual first, but not the RoPE or SwiGLU epilogues, which need
+  // the updated outputs). std::invalid_argument for an adapter whose
   // shapes do not fit the whole model (check_lora_fits) or the kernels' limits.
   void set_lora(int32_t slot, const model::LoraAdapter& adapter, float user_scale = 1.0f);
   void remove_lora(int32_t slot);

@@ -1527,6 +1527,64 @@ TEST(CudaLlamaModel, FusedHalf2EpiloguesGiveTheUnfusedLogitsBitForBit) {
   }
 }
 
+// A one-token step with a LoRA adapter keeps the residual add + RMSNorm in the products' last blocks (the
+// attention output's and down projection's updates go onto the residual first): its logits are the
+// CPU's within the quantized bound and the norms-apart model's within a sum's reordering, far from the
+// base's, and its profile has the first norm alone (RoPE and SwiGLU stay separate kernels with LoRA rows).
+TEST(CudaLlamaModel, OneRowLoraStepsKeepTheFusedNorms) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  t::TempDir dir;
+  const auto checkpoint =
+      m::LlamaCheckpoint::open(random_model(dir.path(), tiny_shape(256, 4, 2), k::DType::Q4_0));
+  const m::LlamaConfig& c = checkpoint->config();
+  const std::vector<m::LayerMatrix> all(std::begin(m::kLayerMatrices), std::end(m::kLayerMatrices));
+  const m::LoraAdapter everywhere = m::make_random_lora(c, 8, 0, 0.3f, 11, all, true);
+  w::CudaModelOptions fused_options;
+  fused_options.int4_kernels = w::Int4Kernels::half2;  // every one-row product can fuse
+  w::CudaModelOptions apart_options = fused_options;
+  apart_options.fused_norms = false;
+  w::CudaLlamaModel fused(checkpoint, fused_options), apart(checkpoint, apart_options);
+  w::LlamaModel cpu(checkpoint);
+  for (w::CudaLlamaModel* model : {&fused, &apart}) model->set_lora(1, everywhere);
+  cpu.add_lora(everywhere);
+  const int64_t block_size = 4, mbps = 8, n_blocks = mbps + 3;
+  w::CudaKvCache fused_cache(c, n_blocks, block_size), apart_cache(c, n_blocks, block_size),
+      profile_cache(c, n_blocks, block_size);
+  w::KvCache cpu_cache(c, n_blocks, block_size), base_cache(c, n_blocks, block_size);
+  nibble::kernels::ThreadPool pool(2);
+  std::vector<int32_t> tables(static_cast<size_t>(mbps));
+  std::iota(tables.begin(), tables.end(), 3);
+  std::mt19937 rng(12);
+  int32_t pos = 0;
+  for (const int32_t count : {9, 1, 1, 1}) {
+    SCOPED_TRACE("position " + std::to_string(pos));
+    w::ForwardBatch batch = one_sequence_batch(count, pos, tables, c.n_vocab, rng);
+    const w::ForwardBatch plain = batch;
+    batch.seq_adapters = {1};
+    std::vector<float> a, d, ref, base;
+    fused.forward(batch, fused_cache, a);
+    apart.forward(batch, apart_cache, d);
+    cpu.forward(batch, cpu_cache, pool, ref);
+    cpu.forward(plain, base_cache, pool, base);
+    ASSERT_EQ(a.size(), static_cast<size_t>(c.n_vocab));
+    ASSERT_EQ(d.size(), a.size());
+    EXPECT_LE(t::max_relative_rms(a, ref, c.n_vocab), kQuantizedBound);
+    EXPECT_LE(t::max_relative_rms(a, d, c.n_vocab), 1e-4) << "fused against the norms apart";
+    EXPECT_GT(t::max_relative_rms(a, base, c.n_vocab), 2 * kQuantizedBound) << "the adapter's update shows";
+    if (count == 1) {
+      for (w::CudaLlamaModel* model : {&fused, &apart}) {
+        std::vector<int32_t> ids;
+        const w::CudaStepProfile profile = model->profile_greedy(batch, profile_cache, ids);
+        ASSERT_EQ(profile.sections.size(), 10u);
+        EXPECT_EQ(profile.sections[3].first, "rope + KV write");
+        EXPECT_GT(profile.sections[3].second, 0.0) << "RoPE apart with a LoRA row";
+        EXPECT_EQ(profile.spans, model == &fused ? 3 + 7 * c.n_layer : 2 + 9 * c.n_layer);
+      }
+    }
+    pos += count;
+  }
+}
+
 // The fused one-row epilogue (RoPE + KV write in the half2 GEMV) writes a quantized cache's working copy
 // as rope_kv_write does, so fused and unfused decode give the same logits and cache bytes bit for bit
 // (K Q4_0 rotated per head of 64, V Q8_0).

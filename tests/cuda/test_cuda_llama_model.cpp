@@ -442,14 +442,19 @@ TEST(CudaKvCache, LayersAndWorkingCopiesDoNotOverlap) {
 // one-token steps, against the CPU with the same adapters (the weights' bound); every adapted row is
 // further than twice that from the base's; CUDA graphs replay the adapted steps bit for bit (the same
 // pinned kernels); a removed adapter is refused.
+// A random adapter of every layer matrix and the head (B A x about 0.3 of W x).
+m::LoraAdapter lora_everywhere(const m::LlamaConfig& c, int64_t rank, uint64_t seed) {
+  const std::vector<m::LayerMatrix> all(std::begin(m::kLayerMatrices), std::end(m::kLayerMatrices));
+  return m::make_random_lora(c, rank, 0, 0.3f, seed, all, true);
+}
+
 TEST(CudaLlamaModel, LoraAdaptersMatchTheCpuInOneBatch) {
   NIBBLE_REQUIRE_CUDA_DEVICE();
   t::TempDir dir;
   const auto checkpoint =
       m::LlamaCheckpoint::open(random_model(dir.path(), tiny_shape(256, 4, 2), k::DType::Q4_0));
   const m::LlamaConfig& c = checkpoint->config();
-  const std::vector<m::LayerMatrix> all(std::begin(m::kLayerMatrices), std::end(m::kLayerMatrices));
-  const m::LoraAdapter everywhere = m::make_random_lora(c, 4, 0, 0.3f, 7, all, true);
+  const m::LoraAdapter everywhere = lora_everywhere(c, 4, 7);
   const m::LoraAdapter v_only = m::make_random_lora(c, 16, 32.0f, 0.3f, 8, {m::LayerMatrix::attn_v});
   w::LlamaModel cpu(checkpoint);
   cpu.add_lora(everywhere, 0.75f);
@@ -1537,8 +1542,7 @@ TEST(CudaLlamaModel, OneRowLoraStepsKeepTheFusedNorms) {
   const auto checkpoint =
       m::LlamaCheckpoint::open(random_model(dir.path(), tiny_shape(256, 4, 2), k::DType::Q4_0));
   const m::LlamaConfig& c = checkpoint->config();
-  const std::vector<m::LayerMatrix> all(std::begin(m::kLayerMatrices), std::end(m::kLayerMatrices));
-  const m::LoraAdapter everywhere = m::make_random_lora(c, 8, 0, 0.3f, 11, all, true);
+  const m::LoraAdapter everywhere = lora_everywhere(c, 8, 11);
   w::CudaModelOptions fused_options;
   fused_options.int4_kernels = w::Int4Kernels::half2;  // every one-row product can fuse
   w::CudaModelOptions apart_options = fused_options;

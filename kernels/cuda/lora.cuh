@@ -26,8 +26,8 @@ constexpr int kLoraMaxProducts = 3;                              // a group's pr
 
 // One adapted product (a k-input, n_out-output matrix) for every adapter slot: device arrays of `slots`
 // entries, entry a - 1 for adapter a. A row takes its adapter's update where row_adapter names a slot
-// 1 .. slots whose a_t is not null and whose rank is 1 .. max_rank; any other row (0: the base alone, an
-// adapter that leaves this matrix as it is) is left as it is.
+// 1 .. slots whose a_t and b_t are not null and whose rank is 1 .. max_rank; any other row (0: the base
+// alone, an adapter that leaves this matrix as it is) is left as it is.
 struct LoraSlots {
   const __half* const* a_t = nullptr;  // [slots]: adapter a's Aᵀ, [k, rank[a - 1]] __half
   const __half* const* b_t = nullptr;  // [slots]: its Bᵀ, [rank[a - 1], n_out] __half
@@ -63,9 +63,9 @@ size_t lora_workspace_bytes(int64_t n, int64_t k, int64_t max_rank, int products
 // splits in order, times the scale; then each output over the rank, added to y once.
 // x: [n, ldx] __half (row r's k inputs at x + r * ldx, ldx >= k); row_adapter: [n] int32 (a device array
 // of n entries, given even where n is 0); workspace: lora_workspace_bytes(n, k, the targets' largest
-// max_rank, group.count) bytes, 4-byte aligned. k <= kLoraMaxInputs; the group's outputs together at most
-// kLoraMaxOutputs. Two kernels on `stream`. Returns invalid_argument (nothing launched) for a bad argument,
-// device_error if a launch fails.
+// max_rank, group.count) bytes, 4-byte aligned. k <= kLoraMaxInputs; the group's products' outputs
+// rounded up to 256 each, together at most kLoraMaxOutputs (65535 expand blocks a row). Two kernels on
+// `stream`. Returns invalid_argument (nothing launched) for a bad argument, device_error if a launch fails.
 Status lora_add_f16(const LoraGroup& group, int64_t k, const __half* x, int64_t ldx,
                     const int32_t* row_adapter, int64_t n, void* workspace, size_t workspace_bytes,
                     cudaStream_t stream);

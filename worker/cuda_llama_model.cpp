@@ -1326,6 +1326,15 @@ void CudaLlamaModel::set_lora(int32_t slot, const model::LoraAdapter& adapter, f
   Impl& m = *impl_;
   if (slot < 1) throw std::invalid_argument("LoRA slot " + std::to_string(slot) + ": slots start at 1");
   check_lora_fits(adapter, m.config);  // the whole model's shapes: a shard holds slices
+  // A layer's q / k / v (and its gate / up) go to the kernels as one group, their outputs' 256-output
+  // blocks together within the kernels' limit (a shard's are fewer).
+  const auto padded = [](int64_t n_out) { return (n_out + 255) / 256 * 256; };
+  if (padded(m.config.q_dim()) + 2 * padded(m.config.kv_dim()) > kc::kLoraMaxOutputs ||
+      2 * padded(m.config.n_ff) > kc::kLoraMaxOutputs)
+    throw std::invalid_argument(
+        "LoRA on this model: its q / k / v or gate / up outputs together are past "
+        "the GPU LoRA kernels' " +
+        std::to_string(kc::kLoraMaxOutputs));
   cuda_check(cudaSetDevice(m.options.device), "cudaSetDevice");
   // A tensor shard keeps its cut of the factors (worker/lora_weights.hpp): the row-parallel products'
   // updates are partial sums that the all-reduce after them adds up, as it adds the products.

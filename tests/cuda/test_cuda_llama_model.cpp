@@ -437,17 +437,17 @@ TEST(CudaKvCache, LayersAndWorkingCopiesDoNotOverlap) {
   }
 }
 
-// LoRA adapters on the GPU (kernels/cuda/lora after each product): two adapters (every matrix and the
-// head at rank 4; only V at rank 16) and the base model in one batch of three sequences, a prompt then
-// one-token steps, against the CPU with the same adapters (the weights' bound); every adapted row is
-// further than twice that from the base's; CUDA graphs replay the adapted steps bit for bit (the same
-// pinned kernels); a removed adapter is refused.
 // A random adapter of every layer matrix and the head (B A x about 0.3 of W x).
 m::LoraAdapter lora_everywhere(const m::LlamaConfig& c, int64_t rank, uint64_t seed) {
   const std::vector<m::LayerMatrix> all(std::begin(m::kLayerMatrices), std::end(m::kLayerMatrices));
   return m::make_random_lora(c, rank, 0, 0.3f, seed, all, true);
 }
 
+// LoRA adapters on the GPU (kernels/cuda/lora after each product): two adapters (every matrix and the
+// head at rank 4; only V at rank 16) and the base model in one batch of three sequences, a prompt then
+// one-token steps, against the CPU with the same adapters (the weights' bound); every adapted row is
+// further than twice that from the base's; CUDA graphs replay the adapted steps bit for bit (the same
+// pinned kernels); a removed adapter is refused.
 TEST(CudaLlamaModel, LoraAdaptersMatchTheCpuInOneBatch) {
   NIBBLE_REQUIRE_CUDA_DEVICE();
   t::TempDir dir;
@@ -1545,15 +1545,17 @@ TEST(CudaLlamaModel, OneRowLoraStepsKeepTheFusedNorms) {
   const m::LoraAdapter everywhere = lora_everywhere(c, 8, 11);
   w::CudaModelOptions fused_options;
   fused_options.int4_kernels = w::Int4Kernels::half2;  // every one-row product can fuse
-  w::CudaModelOptions apart_options = fused_options;
+  w::CudaModelOptions apart_options = fused_options, graph_options = fused_options;
   apart_options.fused_norms = false;
-  w::CudaLlamaModel fused(checkpoint, fused_options), apart(checkpoint, apart_options);
+  graph_options.graphs = true;
+  w::CudaLlamaModel fused(checkpoint, fused_options), apart(checkpoint, apart_options),
+      graphed(checkpoint, graph_options);
   w::LlamaModel cpu(checkpoint);
-  for (w::CudaLlamaModel* model : {&fused, &apart}) model->set_lora(1, everywhere);
+  for (w::CudaLlamaModel* model : {&fused, &apart, &graphed}) model->set_lora(1, everywhere);
   cpu.add_lora(everywhere);
   const int64_t block_size = 4, mbps = 8, n_blocks = mbps + 3;
   w::CudaKvCache fused_cache(c, n_blocks, block_size), apart_cache(c, n_blocks, block_size),
-      profile_cache(c, n_blocks, block_size);
+      graph_cache(c, n_blocks, block_size), profile_cache(c, n_blocks, block_size);
   w::KvCache cpu_cache(c, n_blocks, block_size), base_cache(c, n_blocks, block_size);
   nibble::kernels::ThreadPool pool(2);
   std::vector<int32_t> tables(static_cast<size_t>(mbps));
@@ -1565,15 +1567,17 @@ TEST(CudaLlamaModel, OneRowLoraStepsKeepTheFusedNorms) {
     w::ForwardBatch batch = one_sequence_batch(count, pos, tables, c.n_vocab, rng);
     const w::ForwardBatch plain = batch;
     batch.seq_adapters = {1};
-    std::vector<float> a, d, ref, base;
+    std::vector<float> a, d, g, ref, base;
     fused.forward(batch, fused_cache, a);
     apart.forward(batch, apart_cache, d);
+    graphed.forward(batch, graph_cache, g);
     cpu.forward(batch, cpu_cache, pool, ref);
     cpu.forward(plain, base_cache, pool, base);
     ASSERT_EQ(a.size(), static_cast<size_t>(c.n_vocab));
     ASSERT_EQ(d.size(), a.size());
     EXPECT_LE(t::max_relative_rms(a, ref, c.n_vocab), kQuantizedBound);
     EXPECT_LE(t::max_relative_rms(a, d, c.n_vocab), 1e-4) << "fused against the norms apart";
+    EXPECT_EQ(g, a) << "a graph's replay equals direct launches";
     EXPECT_GT(t::max_relative_rms(a, base, c.n_vocab), 2 * kQuantizedBound) << "the adapter's update shows";
     if (count == 1) {
       for (w::CudaLlamaModel* model : {&fused, &apart}) {
@@ -1587,6 +1591,7 @@ TEST(CudaLlamaModel, OneRowLoraStepsKeepTheFusedNorms) {
     }
     pos += count;
   }
+  EXPECT_GT(graphed.captured_graphs(), 0);
 }
 
 // The fused one-row epilogue (RoPE + KV write in the half2 GEMV) writes a quantized cache's working copy

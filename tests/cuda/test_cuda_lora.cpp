@@ -184,11 +184,15 @@ TEST(CudaLora, OneCallGivesEachRowItsOwnAdaptersUpdateInEveryProductOfTheGroup) 
     int64_t k;
     std::vector<Product> products;
   };
-  // k of 333, 2048 and 96: 2, 8 and 1 splits of 256 inputs. Three products (q, k, v), two (gate, up), one.
+  // k of 333, 2048, 96 and 2400: 2, 8, 1 and 10 splits of 256 inputs. Three products (q, k, v), two (gate,
+  // up), one.
   const std::vector<Case> cases = {
       Case{333, {{999, {17, 5, 0}, 0}, {130, {3, 0, 9}, 0}, {77, {0, 40, 2}, 5}}},
       Case{2048, {{257, {64, 33, 0}, 3}, {300, {1, 0, 65}, 0}}},
       Case{96, {{4096, {200, 1, 0}, 0}}},
+      // Rank 300 (the expand's rank loop twice a thread), 10 splits (the split sum's unrolled and tail
+      // loops).
+      Case{2400, {{300, {300, 7, 0}, 0}, {513, {0, 260, 1}, 0}}},
   };
   for (const Case& cs : cases) {
     SCOPED_TRACE("k " + std::to_string(cs.k) + ", " + std::to_string(cs.products.size()) + " products");
@@ -270,6 +274,16 @@ TEST(CudaLora, RefusesBadArguments) {
       << "no row adapters";
   EXPECT_EQ(kc::lora_add_f16(group, 16, hp, 16, rows.ptr, 0, nullptr, 0, nullptr), k::Status::ok)
       << "no rows";
+  EXPECT_EQ(kc::lora_add_f16(group, 16, nullptr, 16, rows.ptr, 4, scratch, work, nullptr),
+            k::Status::invalid_argument)
+      << "no x";
+  EXPECT_EQ(kc::lora_add_f16(group, kc::kLoraMaxInputs + 1, hp, kc::kLoraMaxInputs + 1, rows.ptr, 4, scratch,
+                             size_t{1} << 40, nullptr),
+            k::Status::invalid_argument)
+      << "k past the splits";
+  EXPECT_EQ(kc::lora_add_f16(group, 16, hp, 16, rows.ptr, 4, static_cast<char*>(scratch) + 2, work, nullptr),
+            k::Status::invalid_argument)
+      << "misaligned scratch";
   kc::LoraGroup bad = group;
   bad.targets[0].slots.max_rank = kc::kLoraMaxRank + 1;
   EXPECT_EQ(kc::lora_add_f16(bad, 16, hp, 16, rows.ptr, 4, scratch, 1 << 20, nullptr),
@@ -296,6 +310,19 @@ TEST(CudaLora, RefusesBadArguments) {
   bad.count = kc::kLoraMaxProducts + 1;
   EXPECT_EQ(kc::lora_add_f16(bad, 16, hp, 16, rows.ptr, 4, scratch, 1 << 20, nullptr),
             k::Status::invalid_argument);
+  bad = group;
+  bad.targets[0].n_out = 0;
+  EXPECT_EQ(kc::lora_add_f16(bad, 16, hp, 16, rows.ptr, 4, scratch, work, nullptr),
+            k::Status::invalid_argument)
+      << "no outputs";
+  // Two products each within the limit whose 256-output blocks together are 65536, one past the grid's.
+  bad = group;
+  bad.targets[0].n_out = bad.targets[0].ldy = int64_t{256} * 32768;
+  bad.targets[1] = bad.targets[0];
+  bad.count = 2;
+  EXPECT_EQ(kc::lora_add_f16(bad, 16, hp, 16, rows.ptr, 4, scratch, work, nullptr),
+            k::Status::invalid_argument)
+      << "the group's outputs past the expand grid";
   bad = group;
   bad.targets[0].n_out = bad.targets[0].ldy = kc::kLoraMaxOutputs + 1;
   EXPECT_EQ(kc::lora_add_f16(bad, 16, hp, 16, rows.ptr, 4, scratch, 1 << 20, nullptr),

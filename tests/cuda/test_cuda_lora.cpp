@@ -284,49 +284,30 @@ TEST(CudaLora, RefusesBadArguments) {
   EXPECT_EQ(kc::lora_add_f16(group, 16, hp, 16, rows.ptr, 4, static_cast<char*>(scratch) + 2, work, nullptr),
             k::Status::invalid_argument)
       << "misaligned scratch";
-  kc::LoraGroup bad = group;
-  bad.targets[0].slots.max_rank = kc::kLoraMaxRank + 1;
-  EXPECT_EQ(kc::lora_add_f16(bad, 16, hp, 16, rows.ptr, 4, scratch, 1 << 20, nullptr),
-            k::Status::invalid_argument);
-  bad = group;
-  bad.targets[0].slots.rank = nullptr;
-  EXPECT_EQ(kc::lora_add_f16(bad, 16, hp, 16, rows.ptr, 4, scratch, work, nullptr),
-            k::Status::invalid_argument)
-      << "no table of ranks";
-  bad = group;
-  bad.targets[0].slots.slots = 0;
-  EXPECT_EQ(kc::lora_add_f16(bad, 16, hp, 16, rows.ptr, 4, scratch, work, nullptr),
-            k::Status::invalid_argument)
-      << "no slot";
-  bad = group;
-  bad.targets[0].ldy = 15;
-  EXPECT_EQ(kc::lora_add_f16(bad, 16, hp, 16, rows.ptr, 4, scratch, work, nullptr),
-            k::Status::invalid_argument)
-      << "ldy below n_out";
-  bad = group;
-  bad.count = 2;  // the second target is empty
-  EXPECT_EQ(kc::lora_add_f16(bad, 16, hp, 16, rows.ptr, 4, scratch, 1 << 20, nullptr),
-            k::Status::invalid_argument);
-  bad.count = kc::kLoraMaxProducts + 1;
-  EXPECT_EQ(kc::lora_add_f16(bad, 16, hp, 16, rows.ptr, 4, scratch, 1 << 20, nullptr),
-            k::Status::invalid_argument);
-  bad = group;
-  bad.targets[0].n_out = 0;
-  EXPECT_EQ(kc::lora_add_f16(bad, 16, hp, 16, rows.ptr, 4, scratch, work, nullptr),
-            k::Status::invalid_argument)
-      << "no outputs";
+  // The group with one thing spoiled, refused (a scratch large enough for anything).
+  const auto expect_refused = [&](const char* why, auto spoil) {
+    kc::LoraGroup bad = group;
+    spoil(bad);
+    EXPECT_EQ(kc::lora_add_f16(bad, 16, hp, 16, rows.ptr, 4, scratch, 1 << 20, nullptr),
+              k::Status::invalid_argument)
+        << why;
+  };
+  expect_refused("a rank past the kernels'",
+                 [](kc::LoraGroup& g) { g.targets[0].slots.max_rank = kc::kLoraMaxRank + 1; });
+  expect_refused("no table of ranks", [](kc::LoraGroup& g) { g.targets[0].slots.rank = nullptr; });
+  expect_refused("no slot", [](kc::LoraGroup& g) { g.targets[0].slots.slots = 0; });
+  expect_refused("ldy below n_out", [](kc::LoraGroup& g) { g.targets[0].ldy = 15; });
+  expect_refused("an empty second target", [](kc::LoraGroup& g) { g.count = 2; });
+  expect_refused("too many products", [](kc::LoraGroup& g) { g.count = kc::kLoraMaxProducts + 1; });
+  expect_refused("no outputs", [](kc::LoraGroup& g) { g.targets[0].n_out = 0; });
+  expect_refused("outputs past the kernels'",
+                 [](kc::LoraGroup& g) { g.targets[0].n_out = g.targets[0].ldy = kc::kLoraMaxOutputs + 1; });
   // Two products each within the limit whose 256-output blocks together are 65536, one past the grid's.
-  bad = group;
-  bad.targets[0].n_out = bad.targets[0].ldy = int64_t{256} * 32768;
-  bad.targets[1] = bad.targets[0];
-  bad.count = 2;
-  EXPECT_EQ(kc::lora_add_f16(bad, 16, hp, 16, rows.ptr, 4, scratch, work, nullptr),
-            k::Status::invalid_argument)
-      << "the group's outputs past the expand grid";
-  bad = group;
-  bad.targets[0].n_out = bad.targets[0].ldy = kc::kLoraMaxOutputs + 1;
-  EXPECT_EQ(kc::lora_add_f16(bad, 16, hp, 16, rows.ptr, 4, scratch, 1 << 20, nullptr),
-            k::Status::invalid_argument);
+  expect_refused("the group's outputs past the expand grid", [](kc::LoraGroup& g) {
+    g.targets[0].n_out = g.targets[0].ldy = int64_t{256} * 32768;
+    g.targets[1] = g.targets[0];
+    g.count = 2;
+  });
   EXPECT_EQ(kc::lora_workspace_bytes(4, 0, 4, 1), 0u);
   EXPECT_EQ(kc::lora_workspace_bytes(4, 16, 4, 0), 0u);
   EXPECT_EQ(kc::lora_workspace_bytes(4, 16, 4, kc::kLoraMaxProducts + 1), 0u);

@@ -3,11 +3,12 @@
 // factors of odd sizes and ranks: one call for a batch whose rows name different adapters of different
 // ranks (Punica's BGMV) and for up to three products that read the same input (a layer's q, k and v), an
 // adapter that leaves a product as it is, the base alone and slots past the table. Each adapted row gets
-// its own adapter's update in each product's columns; every other row, and the columns outside the
-// products' ranges, stays as it was. Bound: fp32 sums in another order (the inputs in splits of 256, and
-// FMA contraction) against the reference's, within 1e-5 of each sum's sum of |terms|, carried through
-// the expand. A row's bits depend neither on the batch nor on the group's other products. Skips when
-// there is no CUDA device.
+// its own adapter's update in each product's outputs (the products stacked in one row of y, and apart,
+// each with a stride of its own); every other row, and every float outside the products' outputs, stays
+// as it was. Bound: fp32 sums in another order (the inputs in splits of 256, and FMA contraction)
+// against the reference's, within 1e-5 of each sum's sum of |terms|, carried through the expand. A
+// row's bits depend neither on the batch nor on the group's other products. Skips when there is no CUDA
+// device.
 #include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
 #include <gtest/gtest.h>
@@ -86,12 +87,45 @@ struct AdapterSet {
   }
 };
 
-// One lora_add_f16 call over rows x (stride ldx) for the products sets[i] (each into y's columns
-// cols[i] .. + n_out - 1, stride ldy): y back. The scratch is exactly sized and NaN-filled (a partial not
-// written shows).
-void run_group(const std::vector<const AdapterSet*>& sets, const std::vector<int64_t>& cols,
+// Where each product's outputs sit in y: row r's output o of product i at offset[i] + r * ld[i] + o
+// (stacked: one row of y holds every product's columns; apart: a region a product, as the model's
+// unstacked q, k and v).
+struct Layout {
+  std::vector<int64_t> offset, ld;
+  int64_t size = 0;  // y's floats, some in no product's outputs
+  size_t at(size_t i, int64_t r, int64_t o) const { return static_cast<size_t>(offset[i] + r * ld[i] + o); }
+};
+
+Layout stacked(const std::vector<const AdapterSet*>& sets, int64_t n) {
+  Layout l;
+  int64_t ldy = 3;  // each row's columns 0-2 and the last 6 belong to no product
+  for (const AdapterSet* set : sets) {
+    l.offset.push_back(ldy);
+    ldy += set->n_out;
+  }
+  ldy += 6;
+  l.ld.assign(sets.size(), ldy);
+  l.size = n * ldy;
+  return l;
+}
+
+Layout apart(const std::vector<const AdapterSet*>& sets, int64_t n) {
+  Layout l;
+  int64_t at = 5;
+  for (size_t i = 0; i < sets.size(); ++i) {
+    l.offset.push_back(at);
+    l.ld.push_back(sets[i]->n_out + 2 + static_cast<int64_t>(i));  // a stride of its own
+    at += n * l.ld.back() + 7;
+  }
+  l.size = at;
+  return l;
+}
+
+// One lora_add_f16 call over rows x (stride ldx) for the products sets[i], into y as `layout` places them:
+// y back. The scratch is exactly sized and NaN-filled (a partial not written shows).
+void run_group(const std::vector<const AdapterSet*>& sets, const Layout& layout,
                const std::vector<int32_t>& row_adapter, const std::vector<uint16_t>& x, int64_t ldx,
-               const std::vector<float>& y0, int64_t ldy, std::vector<float>& y) {
+               const std::vector<float>& y0, std::vector<float>& y) {
   const auto n = static_cast<int64_t>(row_adapter.size());
   DeviceBuffer<uint16_t> x_d(x);
   DeviceBuffer<int32_t> rows_d(row_adapter);
@@ -99,7 +133,7 @@ void run_group(const std::vector<const AdapterSet*>& sets, const std::vector<int
   kc::LoraGroup group;
   int64_t max_rank = 0;
   for (size_t i = 0; i < sets.size(); ++i) {
-    group.targets[i] = {sets[i]->slots(), sets[i]->n_out, y_d.ptr + cols[i], ldy};
+    group.targets[i] = {sets[i]->slots(), sets[i]->n_out, y_d.ptr + layout.offset[i], layout.ld[i]};
     max_rank = std::max(max_rank, sets[i]->max_rank);
   }
   group.count = static_cast<int>(sets.size());
@@ -115,20 +149,20 @@ void run_group(const std::vector<const AdapterSet*>& sets, const std::vector<int
   y = y_d.to_host();
 }
 
-// Row r of y (stride ldy) against the reference: each product's columns its adapter's update of y0 within
-// the bound, every other column y0's bits.
-void expect_row(const std::vector<const AdapterSet*>& sets, const std::vector<int64_t>& cols, int32_t named,
-                const uint16_t* xr, const float* y0r, const float* yr, int64_t ldy) {
-  std::vector<bool> covered(static_cast<size_t>(ldy), false);
+// Row r's outputs against the reference: each product's its adapter's update of y0 within the bound, or
+// y0's bits where the row's adapter leaves that product as it is. Marks them in `covered`.
+void expect_row(const std::vector<const AdapterSet*>& sets, const Layout& layout, int64_t r, int32_t named,
+                const uint16_t* xr, const std::vector<float>& y0, const std::vector<float>& y,
+                std::vector<bool>& covered) {
   for (size_t i = 0; i < sets.size(); ++i) {
     SCOPED_TRACE("product " + std::to_string(i));
     const AdapterSet& set = *sets[i];
-    const int64_t col = cols[i];
-    for (int64_t o = 0; o < set.n_out; ++o) covered[static_cast<size_t>(col + o)] = true;
+    for (int64_t o = 0; o < set.n_out; ++o) covered[layout.at(i, r, o)] = true;
     const int32_t a = set.adapter_of(named);
     if (a == 0) {  // no update of this product
-      for (int64_t o = col; o < col + set.n_out; ++o)
-        ASSERT_EQ(yr[o], y0r[o]) << "column " << o << " of a product the row's adapter leaves as it is";
+      for (int64_t o = 0; o < set.n_out; ++o)
+        ASSERT_EQ(y[layout.at(i, r, o)], y0[layout.at(i, r, o)])
+            << "output " << o << " of a product the row's adapter leaves as it is";
       continue;
     }
     const size_t ai = static_cast<size_t>(a - 1);
@@ -136,8 +170,9 @@ void expect_row(const std::vector<const AdapterSet*>& sets, const std::vector<in
     const float scale = set.scales[ai];
     const std::vector<uint16_t>& a_t = set.a_t[ai];
     const std::vector<uint16_t>& b_t = set.b_t[ai];
-    std::vector<float> xf(static_cast<size_t>(set.k)), want(y0r + col, y0r + col + set.n_out);
+    std::vector<float> xf(static_cast<size_t>(set.k)), want(static_cast<size_t>(set.n_out));
     for (int64_t c = 0; c < set.k; ++c) xf[static_cast<size_t>(c)] = k::fp16_to_fp32(xr[c]);
+    for (int64_t o = 0; o < set.n_out; ++o) want[static_cast<size_t>(o)] = y0[layout.at(i, r, o)];
     const int64_t row0 = 0;
     std::vector<float> ax(static_cast<size_t>(rank));
     ASSERT_EQ(k::lora_shrink_reference(a_t.data(), set.k, rank, scale, xf.data(), &row0, 1, ax.data()),
@@ -153,22 +188,18 @@ void expect_row(const std::vector<const AdapterSet*>& sets, const std::vector<in
     }
     ASSERT_EQ(k::lora_expand_reference(b_t.data(), rank, set.n_out, ax.data(), &row0, 1, want.data()),
               k::Status::ok);
+    double moved = 0.0;
     for (int64_t o = 0; o < set.n_out; ++o) {
-      double bound = std::fabs(y0r[col + o]);
+      const float before = y0[layout.at(i, r, o)], got = y[layout.at(i, r, o)];
+      double bound = std::fabs(before);
       for (int64_t j = 0; j < rank; ++j) {
         const double b = std::fabs(k::fp16_to_fp32(b_t[static_cast<size_t>(j * set.n_out + o)]));
         bound += b * (std::fabs(ax[static_cast<size_t>(j)]) + 1e5 * ax_bound[static_cast<size_t>(j)]);
       }
-      ASSERT_NEAR(yr[col + o], want[static_cast<size_t>(o)], 1e-5 * bound + 1e-30) << "output " << o;
+      ASSERT_NEAR(got, want[static_cast<size_t>(o)], 1e-5 * bound + 1e-30) << "output " << o;
+      moved += std::fabs(got - before);
     }
-    // The update is not nothing (the bound would let a missing one pass only if it were tiny).
-    double moved = 0.0;
-    for (int64_t o = 0; o < set.n_out; ++o) moved += std::fabs(yr[col + o] - y0r[col + o]);
-    ASSERT_GT(moved, 0.0);
-  }
-  for (int64_t o = 0; o < ldy; ++o) {
-    if (covered[static_cast<size_t>(o)]) continue;
-    ASSERT_EQ(yr[o], y0r[o]) << "column " << o << " outside the products";
+    ASSERT_GT(moved, 0.0) << "no update";
   }
 }
 
@@ -194,54 +225,61 @@ TEST(CudaLora, OneCallGivesEachRowItsOwnAdaptersUpdateInEveryProductOfTheGroup) 
       // loops).
       Case{2400, {{300, {300, 7, 0}, 0}, {513, {0, 260, 1}, 0}}},
   };
+  // Adapters 1, 2 and 3, the base (0), past the table (4, -1).
+  const std::vector<int32_t> row_adapter = {1, 0, 2, 1, 3, 2, 4, 1, -1, 3};
+  const auto n = static_cast<int64_t>(row_adapter.size());
   for (const Case& cs : cases) {
-    SCOPED_TRACE("k " + std::to_string(cs.k) + ", " + std::to_string(cs.products.size()) + " products");
     std::vector<std::unique_ptr<AdapterSet>> owned;
     std::vector<const AdapterSet*> sets;
-    std::vector<int64_t> cols;
-    int64_t ldy = 3;  // y's columns 0-2 and the last 6 belong to no product
     for (const Product& p : cs.products) {
       owned.push_back(std::make_unique<AdapterSet>(cs.k, p.n_out, p.ranks, p.extra_rank, rng));
       sets.push_back(owned.back().get());
-      cols.push_back(ldy);
-      ldy += p.n_out;
     }
-    ldy += 6;
-    // Adapters 1, 2 and 3, the base (0), past the table (4, -1).
-    const std::vector<int32_t> row_adapter = {1, 0, 2, 1, 3, 2, 4, 1, -1, 3};
-    const auto n = static_cast<int64_t>(row_adapter.size());
     const int64_t ldx = cs.k + 5;
     const std::vector<uint16_t> x = random_f16(static_cast<size_t>(n * ldx), 1.0f, rng);
-    std::vector<float> y0(static_cast<size_t>(n * ldy));
-    std::normal_distribution<float> normal(0.0f, 1.0f);
-    for (auto& v : y0) v = normal(rng);
-    std::vector<float> y;
-    ASSERT_NO_FATAL_FAILURE(run_group(sets, cols, row_adapter, x, ldx, y0, ldy, y));
-    ASSERT_EQ(y.size(), y0.size());
-    for (int64_t r = 0; r < n; ++r) {
-      SCOPED_TRACE("row " + std::to_string(r));
-      ASSERT_NO_FATAL_FAILURE(expect_row(sets, cols, row_adapter[static_cast<size_t>(r)],
-                                         &x[static_cast<size_t>(r * ldx)], &y0[static_cast<size_t>(r * ldy)],
-                                         &y[static_cast<size_t>(r * ldy)], ldy));
-    }
-
-    // Row 2 (adapter 2) alone: the same bits as in the batch of other adapters.
-    const std::vector<uint16_t> x2(x.begin() + 2 * ldx, x.begin() + 3 * ldx);
-    const std::vector<float> y2(y0.begin() + 2 * ldy, y0.begin() + 3 * ldy);
-    std::vector<float> y_alone;
-    ASSERT_NO_FATAL_FAILURE(run_group(sets, cols, {2}, x2, ldx, y2, ldy, y_alone));
-    for (int64_t o = 0; o < ldy; ++o)
-      ASSERT_EQ(y_alone[static_cast<size_t>(o)], y[static_cast<size_t>(2 * ldy + o)]) << "column " << o;
-    // Each product alone (a group of one, in reverse order onto the previous product's output): the same
-    // bits as in the group.
-    if (sets.size() > 1) {
-      std::vector<float> y_each = y0;
-      for (size_t i = sets.size(); i-- > 0;) {
-        std::vector<float> next;
-        ASSERT_NO_FATAL_FAILURE(run_group({sets[i]}, {cols[i]}, row_adapter, x, ldx, y_each, ldy, next));
-        y_each = std::move(next);
+    for (const bool is_stacked : {true, false}) {
+      SCOPED_TRACE("k " + std::to_string(cs.k) + ", " + std::to_string(cs.products.size()) + " products " +
+                   (is_stacked ? "stacked" : "apart"));
+      const Layout layout = is_stacked ? stacked(sets, n) : apart(sets, n);
+      std::vector<float> y0(static_cast<size_t>(layout.size));
+      std::normal_distribution<float> normal(0.0f, 1.0f);
+      for (auto& v : y0) v = normal(rng);
+      std::vector<float> y;
+      ASSERT_NO_FATAL_FAILURE(run_group(sets, layout, row_adapter, x, ldx, y0, y));
+      ASSERT_EQ(y.size(), y0.size());
+      std::vector<bool> covered(y.size(), false);
+      for (int64_t r = 0; r < n; ++r) {
+        SCOPED_TRACE("row " + std::to_string(r));
+        ASSERT_NO_FATAL_FAILURE(expect_row(sets, layout, r, row_adapter[static_cast<size_t>(r)],
+                                           &x[static_cast<size_t>(r * ldx)], y0, y, covered));
       }
-      for (size_t i = 0; i < y.size(); ++i) ASSERT_EQ(y_each[i], y[i]) << "index " << i;
+      for (size_t e = 0; e < y.size(); ++e) {
+        if (covered[e]) continue;
+        ASSERT_EQ(y[e], y0[e]) << "float " << e << " is no product's output";
+      }
+
+      // Row 2 (adapter 2) alone: the same bits as in the batch of other adapters.
+      const Layout one = is_stacked ? stacked(sets, 1) : apart(sets, 1);
+      std::vector<float> y2(static_cast<size_t>(one.size), 0.0f), y_alone;
+      for (size_t i = 0; i < sets.size(); ++i)
+        for (int64_t o = 0; o < sets[i]->n_out; ++o) y2[one.at(i, 0, o)] = y0[layout.at(i, 2, o)];
+      const std::vector<uint16_t> x2(x.begin() + 2 * ldx, x.begin() + 3 * ldx);
+      ASSERT_NO_FATAL_FAILURE(run_group(sets, one, {2}, x2, ldx, y2, y_alone));
+      for (size_t i = 0; i < sets.size(); ++i)
+        for (int64_t o = 0; o < sets[i]->n_out; ++o)
+          ASSERT_EQ(y_alone[one.at(i, 0, o)], y[layout.at(i, 2, o)]) << "product " << i << " output " << o;
+      // Each product alone (a group of one, in reverse order onto the previous product's output): the
+      // same bits as in the group.
+      if (sets.size() > 1) {
+        std::vector<float> y_each = y0;
+        for (size_t i = sets.size(); i-- > 0;) {
+          const Layout single{{layout.offset[i]}, {layout.ld[i]}, layout.size};
+          std::vector<float> next;
+          ASSERT_NO_FATAL_FAILURE(run_group({sets[i]}, single, row_adapter, x, ldx, y_each, next));
+          y_each = std::move(next);
+        }
+        for (size_t e = 0; e < y.size(); ++e) ASSERT_EQ(y_each[e], y[e]) << "float " << e;
+      }
     }
   }
 }

@@ -72,8 +72,14 @@ void convert_hf_to_gguf(const std::string& dir, const std::string& out_path, boo
   out.set_float32("llama.attention.layer_norm_rms_epsilon", c.rms_eps);
   out.set_uint32("llama.rope.dimension_count", static_cast<uint32_t>(c.rope_dims));
   out.set_uint32("llama.vocab_size", static_cast<uint32_t>(c.n_vocab));
+  // RoPE scaling as convert_hf_to_gguf.py writes it: linear as two keys, llama3 as a tensor of factors.
+  if (c.rope_linear_factor != 0.0f) {
+    out.set_string("llama.rope.scaling.type", "linear");
+    out.set_float32("llama.rope.scaling.factor", c.rope_linear_factor);
+  }
   for (const auto& [key, value] : tokenizer) out.set(key, value);
 
+  if (!c.rope_freq_factors.empty()) add_vector(out, "rope_freqs.weight", c.rope_freq_factors);
   add_matrix(out, "token_embd.weight", w.token_embd);
   for (int64_t l = 0; l < c.n_layer; ++l) {
     const LlamaLayerWeights& layer = w.layers[static_cast<size_t>(l)];

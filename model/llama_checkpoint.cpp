@@ -105,6 +105,8 @@ std::shared_ptr<const LlamaCheckpoint> LlamaCheckpoint::open_dummy(const std::st
   cfg.head_dim = shape.n_embd / shape.n_head;
   cfg.rope_dims = cfg.head_dim;
   cfg.rope_base = shape.rope_base;
+  cfg.rope_linear_factor = shape.rope_linear_factor;
+  cfg.rope_freq_factors = shape.rope_freq_factors;
   cfg.rms_eps = shape.rms_eps;
   cfg.tied_output = false;
   return c;

@@ -1,7 +1,11 @@
 #include "model/llama_config.hpp"
 
+#include <cmath>
+#include <cstring>
 #include <limits>
 #include <nlohmann/json.hpp>
+#include <numbers>
+#include <stdexcept>
 
 #include "model/hf_checkpoint.hpp"
 
@@ -44,6 +48,39 @@ LlamaConfig LlamaConfig::from_gguf(const GgufFile& file) {
   c.rope_dims = file.has(a + "rope.dimension_count") ? positive(a + "rope.dimension_count") : c.head_dim;
   if (c.rope_dims > c.head_dim || c.rope_dims % 2 != 0) {
     throw GgufError(file.path() + ": rope.dimension_count must be even and at most the head size");
+  }
+  // RoPE scaling as llama.cpp reads it (llama_model::load_hparams): the type defaults to linear and
+  // the factor (or the older rope.scale_linear) to none; a type "none" ignores the factor. YaRN and
+  // LongRoPE are not implemented and are refused by name rather than run as plain RoPE.
+  const std::string scaling_type = file.find_string(a + "rope.scaling.type").value_or("linear");
+  if (scaling_type != "none" && scaling_type != "linear") {
+    throw GgufError(file.path() + ": " + a + "rope.scaling.type = '" + scaling_type +
+                    "' is not supported (only 'none' and 'linear', and Llama 3.1's rope_freqs.weight)");
+  }
+  std::string factor_key = a + "rope.scaling.factor";
+  if (!file.has(factor_key)) factor_key = a + "rope.scale_linear";
+  const double factor = file.find_float(factor_key).value_or(0.0);
+  if (factor != 0.0 && scaling_type == "linear") {
+    if (!(factor > 0.0 && factor <= std::numeric_limits<float>::max() && static_cast<float>(factor) > 0.0f))
+      throw GgufError(file.path() + ": " + factor_key + " must be positive and finite");
+    c.rope_linear_factor = static_cast<float>(factor);
+  }
+  if (const GgufTensorInfo* freqs = file.find_tensor("rope_freqs.weight")) {
+    const int64_t pairs = c.rope_dims / 2;
+    if (freqs->type != kernels::DType::F32 || freqs->dims.size() != 1 || freqs->dims[0] != pairs) {
+      throw GgufError(file.path() + ": tensor 'rope_freqs.weight' must be F32 [" + std::to_string(pairs) +
+                      "] (one factor a rotated pair of a head)");
+    }
+    c.rope_freq_factors.resize(static_cast<size_t>(pairs));
+    std::memcpy(c.rope_freq_factors.data(), file.tensor_data(*freqs),
+                c.rope_freq_factors.size() * sizeof(float));
+    for (size_t i = 0; i < c.rope_freq_factors.size(); ++i) {
+      const float v = c.rope_freq_factors[i];
+      if (!(v > 0.0f) || !std::isfinite(v)) {
+        throw GgufError(file.path() + ": rope_freqs.weight[" + std::to_string(i) +
+                        "] = " + std::to_string(v) + ": RoPE frequency factors must be positive and finite");
+      }
+    }
   }
   // A block count the file cannot back is refused before anything is sized by it: every layer has
   // its norm tensor, and nine tensors in all (so the search ends within the file's tensor count).
@@ -132,17 +169,24 @@ LlamaConfig LlamaConfig::from_hf(const HfCheckpoint& checkpoint) {
   if (!positive_float(rms_eps)) throw fail("rms_norm_eps", "must be positive and finite");
   c.rms_eps = static_cast<float>(rms_eps);
 
-  // RoPE: rope_theta (transformers 4), or rope_parameters.rope_theta (transformers 5). Only plain
-  // RoPE is implemented: any scaling (linear, dynamic, llama3, yarn) would change the logits.
+  // RoPE: rope_theta (transformers 4), or rope_parameters.rope_theta (transformers 5). Plain RoPE, and
+  // the two scalings llama.cpp's converter keeps for Llama (linear, Llama 3.1's llama3); the others
+  // (dynamic, yarn, longrope) would change the logits and are refused by name.
   double theta = 10000.0;
   if (present("rope_theta")) theta = number(j["rope_theta"], "rope_theta");
+  std::string scaling_key;  // the object that names a scaling, if any
+  std::string scaling_type = "default";
   for (const char* key : {"rope_scaling", "rope_parameters"}) {
     if (!present(key)) continue;
     const json& r = j[key];
     if (!r.is_object()) throw fail(key, "must be an object, not " + r.dump());
     for (const char* type_key : {"rope_type", "type"}) {
-      if (r.contains(type_key) && r[type_key] != "default")
-        throw fail(key, "= " + r.dump() + " is not supported (only rope_type \"default\")");
+      if (!r.contains(type_key) || r[type_key] == "default") continue;
+      if (r[type_key] != "linear" && r[type_key] != "llama3")
+        throw fail(key, "= " + r.dump() +
+                            " is not supported (only rope_type \"default\", \"linear\" and \"llama3\")");
+      scaling_key = key;
+      scaling_type = r[type_key].get<std::string>();
     }
     if (r.contains("rope_theta")) theta = number(r["rope_theta"], std::string(key) + ".rope_theta");
   }
@@ -159,8 +203,67 @@ LlamaConfig LlamaConfig::from_hf(const HfCheckpoint& checkpoint) {
   }
   if (c.head_dim % 2 != 0) throw fail("head_dim", "must be even (RoPE rotates pairs)");
   c.rope_dims = c.head_dim;
+  if (!scaling_key.empty()) {
+    const json& r = j[scaling_key];
+    const auto field = [&](const char* name, double fallback) {
+      return r.contains(name) && !r[name].is_null() ? number(r[name], scaling_key + "." + name) : fallback;
+    };
+    const double factor = field("factor", scaling_type == "llama3" ? 8.0 : 0.0);
+    if (!(factor >= 1.0 && factor <= std::numeric_limits<float>::max()))
+      throw fail(scaling_key + ".factor", "must be a number of at least 1 (" + r.dump() + ")");
+    if (scaling_type == "linear") {
+      c.rope_linear_factor = static_cast<float>(factor);
+    } else {
+      Llama3RopeScaling l3;
+      l3.factor = factor;
+      l3.low_freq_factor = field("low_freq_factor", 1.0);
+      l3.high_freq_factor = field("high_freq_factor", 4.0);
+      l3.original_context = field("original_max_position_embeddings", 8192.0);
+      if (!(l3.low_freq_factor > 0.0 && l3.low_freq_factor < l3.high_freq_factor &&
+            l3.high_freq_factor <= std::numeric_limits<float>::max())) {
+        throw fail(scaling_key, "needs 0 < low_freq_factor < high_freq_factor (" + r.dump() + ")");
+      }
+      if (!(l3.original_context >= 1.0 && l3.original_context <= std::numeric_limits<float>::max()))
+        throw fail(scaling_key + ".original_max_position_embeddings", "must be positive (" + r.dump() + ")");
+      c.rope_freq_factors = llama3_rope_freq_factors(l3, c.rope_base, c.rope_dims);
+    }
+  }
   c.tied_output = flag("tie_word_embeddings", false);  // LlamaConfig's default
   return c;
+}
+
+std::vector<float> llama3_rope_freq_factors(const Llama3RopeScaling& scaling, float rope_base,
+                                            int64_t rope_dims) {
+  if (rope_dims <= 0 || rope_dims % 2 != 0 || !(rope_base > 0.0f) || !(scaling.factor >= 1.0) ||
+      !(scaling.low_freq_factor > 0.0 && scaling.low_freq_factor < scaling.high_freq_factor) ||
+      !(scaling.original_context > 0.0)) {
+    throw std::invalid_argument("llama3 RoPE scaling: bad parameters");
+  }
+  // convert_hf_to_gguf.py: freqs = 1 / base^(arange(0, dim, 2) / dim) and the wavelengths 2 pi / freq,
+  // all in float32 tensors (torch divides a scalar by a tensor as the reciprocal times the scalar).
+  const auto f = [](double v) { return static_cast<float>(v); };
+  const float factor = f(scaling.factor);
+  const float low = f(scaling.low_freq_factor);
+  const float high = f(scaling.high_freq_factor);
+  // Python floats, compared with float32 tensors as float32.
+  const float low_freq_wavelen = f(scaling.original_context / scaling.low_freq_factor);
+  const float high_freq_wavelen = f(scaling.original_context / scaling.high_freq_factor);
+  std::vector<float> factors(static_cast<size_t>(rope_dims / 2));
+  for (int64_t i = 0; i < rope_dims / 2; ++i) {
+    const float exponent = static_cast<float>(2 * i) / static_cast<float>(rope_dims);
+    const float freq = 1.0f / std::pow(rope_base, exponent);
+    const float wavelen = (1.0f / freq) * f(2.0 * std::numbers::pi);
+    float& out = factors[static_cast<size_t>(i)];
+    if (wavelen < high_freq_wavelen) {
+      out = 1.0f;
+    } else if (wavelen > low_freq_wavelen) {
+      out = factor;
+    } else {
+      const float smooth = ((1.0f / wavelen) * f(scaling.original_context) - low) / (high - low);
+      out = 1.0f / ((1.0f - smooth) / factor + smooth);
+    }
+  }
+  return factors;
 }
 
 }  // namespace nibble::model

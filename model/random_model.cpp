@@ -354,6 +354,11 @@ void write_random_llama(const std::string& path, const LlamaShape& shape, kernel
   }
   const int64_t head_dim = s.n_embd / s.n_head;
   const int64_t kv_dim = s.n_head_kv * head_dim;
+  if (!s.rope_freq_factors.empty() && static_cast<int64_t>(s.rope_freq_factors.size()) != head_dim / 2) {
+    throw std::invalid_argument("rope frequency factors: " + std::to_string(s.rope_freq_factors.size()) +
+                                " given, a head of " + std::to_string(head_dim) + " needs " +
+                                std::to_string(head_dim / 2));
+  }
 
   GgufWriter w;
   w.set_string("general.architecture", "llama");
@@ -370,7 +375,16 @@ void write_random_llama(const std::string& path, const LlamaShape& shape, kernel
   w.set_float32("llama.attention.layer_norm_rms_epsilon", s.rms_eps);
   w.set_uint32("llama.rope.dimension_count", static_cast<uint32_t>(head_dim));
   w.set_uint32("llama.vocab_size", static_cast<uint32_t>(s.n_vocab));
+  if (s.rope_linear_factor != 0.0f) {
+    w.set_string("llama.rope.scaling.type", "linear");
+    w.set_float32("llama.rope.scaling.factor", s.rope_linear_factor);
+  }
   for (auto& [key, value] : synthetic_tokenizer_metadata(s.n_vocab)) w.set(key, std::move(value));
+  if (!s.rope_freq_factors.empty()) {  // not drawn: the weights' seeds stay those of the plain shape
+    const auto* bytes = reinterpret_cast<const uint8_t*>(s.rope_freq_factors.data());
+    w.add_tensor("rope_freqs.weight", {head_dim / 2}, kernels::DType::F32,
+                 std::vector<uint8_t>(bytes, bytes + s.rope_freq_factors.size() * sizeof(float)));
+  }
 
   // Each tensor gets its own seed from one master stream, so tensors are independent of each
   // other's sizes and generation order.

@@ -24,6 +24,8 @@ struct LlamaShape {
   int64_t n_ctx = 0;
   float rope_base = 10000;
   float rms_eps = 1e-5f;
+  float rope_linear_factor = 0.0f;            // llama.rope.scaling.factor (type linear); 0: none
+  std::vector<float> rope_freq_factors = {};  // rope_freqs.weight [head_dim / 2] (Llama 3.1's); empty: none
 
   // Number of weights (matrices, embeddings and norms) in a model of this shape, with an
   // untied output head.
@@ -62,7 +64,8 @@ std::shared_ptr<const Tokenizer> make_synthetic_tokenizer(int64_t n_vocab);
 // Writes a complete Llama GGUF v3 file: metadata (general.*, llama.*, tokenizer.ggml.*), and
 // tensors token_embd.weight [n_embd, n_vocab], blk.N.{attn_norm, attn_q, attn_k, attn_v,
 // attn_output, ffn_norm, ffn_gate, ffn_up, ffn_down}.weight, output_norm.weight and
-// output.weight [n_embd, n_vocab] (GGML dim order, dims[0] = row length). Matrices are stored as
+// output.weight [n_embd, n_vocab] (GGML dim order, dims[0] = row length), and rope_freqs.weight when
+// the shape has frequency factors. Matrices are stored as
 // matrix_type (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K ... Q6_K: the floats rounded to
 // nearest as kernels::quantize_row does), norms as F32. Weights are drawn deterministically
 // from `seed`: matrices ~ N(0, 1/row_length) so every projection keeps activations near unit scale,

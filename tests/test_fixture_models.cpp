@@ -11,6 +11,7 @@
 #include <sstream>
 
 #include "kernels/thread_pool.hpp"
+#include "model/gguf.hpp"
 #include "tests/support/test_support.hpp"
 #include "worker/llama_model.hpp"
 
@@ -120,6 +121,12 @@ const FixtureCase kCases[] = {
     {"tiny-llama-q4_1", {3e-2, 0.9, false, 10}, "llama-cpp-q4_1", 354},
     // llama.cpp's Q2_K mix: Q2_K matrices, Q3_K attn_output / ffn_down, Q4_K attn_v, a Q6_K head.
     {"small-llama-q2_k", {3e-2, 0.9, false, 24}, "llama-cpp-q2_k", 354},
+    // RoPE scaling: Llama 3.1's frequency factors (rope_freqs.weight) and a linear factor
+    // (llama.rope.scaling.factor), Q8_0 on the tiny shape (LlamaCppRopeScaling below shows that plain
+    // RoPE is far from these).
+    // Rows equal llama.cpp's to ~1e-7 but where an 8-bit activation rounding tipped (to 1.6e-2).
+    {"tiny-llama3-rope-q8_0", {3e-2, 1.0, true, 50}, "llama-cpp-rope-scaling", 354},
+    {"tiny-linear-rope-q8_0", {3e-2, 1.0, true, 45}, "llama-cpp-rope-scaling", 354},
 };
 
 // The directory holding fc's files, or nullopt (fixtures absent).
@@ -245,6 +252,58 @@ INSTANTIATE_TEST_SUITE_P(Fixtures, FixtureModel, ::testing::ValuesIn(kCases), []
   std::replace(n.begin(), n.end(), '-', '_');
   return n;
 });
+
+// The RoPE-scaled models of tests/data/llama-cpp-rope-scaling with their scaling taken out
+// (rope_freqs.weight and llama.rope.scaling.* dropped): the same weights with plain RoPE give prompt logits
+// outside the FixtureModel comparison's row bound (3e-2) on every row but the first (position 0 turns
+// nothing; measured 5e-2 and more with the frequency factors, 0.19 and more with the linear factor), so
+// those comparisons can tell a scaled RoPE from a plain one.
+TEST(LlamaCppRopeScaling, TheSameWeightsWithPlainRopeAreFarFromLlamaCpps) {
+  const auto data = test::test_data_dir() / "llama-cpp-rope-scaling";
+  for (const std::string name : {"tiny-llama3-rope-q8_0", "tiny-linear-rope-q8_0"}) {
+    SCOPED_TRACE(name);
+    const Reference ref = load_reference(data, name, 354);
+    const auto file = model::GgufFile::open((data / (name + ".gguf")).string());
+    model::GgufWriter writer;
+    int dropped = 0;
+    for (const auto& [key, value] : file->metadata()) {
+      if (key.rfind("llama.rope.scaling.", 0) == 0) {
+        ++dropped;
+        continue;
+      }
+      writer.set(key, value);
+    }
+    for (const model::GgufTensorInfo& t : file->tensors()) {
+      if (t.name == "rope_freqs.weight") {
+        ++dropped;
+        continue;
+      }
+      const uint8_t* bytes = file->tensor_data(t);
+      writer.add_tensor(t.name, t.dims, t.type, std::vector<uint8_t>(bytes, bytes + t.size_bytes));
+    }
+    EXPECT_GE(dropped, 1);
+    test::TempDir tmp;
+    const auto plain = tmp.path() / "plain.gguf";
+    writer.write(plain.string());
+    auto model = worker::LlamaModel::load(plain.string());
+    EXPECT_EQ(model->config().rope_freq_scale(), 1.0f);
+    EXPECT_TRUE(model->config().rope_freq_factors.empty());
+    kernels::ThreadPool pool(2);
+    const auto n_prompt = static_cast<int64_t>(ref.prompt.size());
+    const int32_t n_blocks = static_cast<int32_t>((n_prompt + 15) / 16);
+    worker::KvCache cache(model->config(), n_blocks, 16);
+    std::vector<int32_t> table(static_cast<size_t>(n_blocks));
+    std::iota(table.begin(), table.end(), 0);
+    std::vector<float> logits;
+    model->forward(worker::ForwardBatch::single(ref.prompt, 0, table, true), cache, pool, logits);
+    ASSERT_EQ(logits.size(), static_cast<size_t>(n_prompt * ref.n_vocab));
+    int64_t far = 0;
+    for (int64_t r = 1; r < n_prompt; ++r)
+      far += relative_rms(logits.data() + r * ref.n_vocab, ref.logits.data() + r * ref.n_vocab, ref.n_vocab) >
+             3e-2;
+    EXPECT_EQ(far, n_prompt - 1) << "rows of plain RoPE within 3e-2 of llama.cpp's scaled ones";
+  }
+}
 
 // Quantized KV caches (--kv-cache-dtype) against llama.cpp's --cache-type-k/-v with the same type on the
 // Q4_1 model (tests/data/llama-cpp-kv-cache): llama.cpp's same function, so `nibble logits` over the

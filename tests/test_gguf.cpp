@@ -9,6 +9,8 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <map>
+#include <optional>
 #include <random>
 #include <set>
 
@@ -741,6 +743,111 @@ TEST(GgufLlamaConfig, RefusesHyperparametersTheFileCannotBack) {
     } catch (const GgufError& e) {
       for (const char* word : c.words)
         EXPECT_NE(std::string(e.what()).find(word), std::string::npos) << e.what();
+    }
+  }
+}
+
+// RoPE scaling as llama.cpp reads it from a GGUF (llama_model::load_hparams, the rope_freqs tensor): a
+// linear factor (type "linear" or no type; "none" ignores the factor; the older rope.scale_linear key),
+// Llama 3.1's frequency factors; YaRN and LongRoPE, which would run as plain RoPE, and factors that are
+// not one positive float a rotated pair are refused by name.
+TEST(GgufLlamaConfig, ReadsRopeScalingAsLlamaCppDoesAndRefusesWhatItCannotRun) {
+  test::TempDir dir;
+  LlamaShape shape = llama_shape_by_name("tiny");  // heads of 32: 16 rotated pairs
+  shape.rope_linear_factor = 4.0f;
+  shape.rope_freq_factors = llama3_rope_freq_factors({8.0, 1.0, 4.0, 32.0}, shape.rope_base, 32);
+  const fs::path scaled = dir.path() / "scaled.gguf";
+  write_random_llama(scaled.string(), shape, DType::Q8_0, 1);
+  const auto file = GgufFile::open(scaled.string());
+  const LlamaConfig c = LlamaConfig::from_gguf(*file);
+  EXPECT_EQ(c.rope_freq_scale(), 0.25f);
+  EXPECT_EQ(c.rope_freq_factors, shape.rope_freq_factors);
+  EXPECT_EQ(c.rope_freq_factors.front(), 1.0f);
+  EXPECT_EQ(c.rope_freq_factors.back(), 8.0f);
+  const fs::path plain = dir.path() / "plain.gguf";
+  write_random_llama(plain.string(), llama_shape_by_name("tiny"), DType::Q8_0, 1);
+  const LlamaConfig p = LlamaConfig::from_gguf(*GgufFile::open(plain.string()));
+  EXPECT_EQ(p.rope_freq_scale(), 1.0f);
+  EXPECT_TRUE(p.rope_freq_factors.empty());
+
+  // The file again with metadata keys set (or removed: nullopt) and rope_freqs.weight replaced.
+  using Edits = std::vector<std::pair<std::string, std::optional<GgufValue>>>;
+  int files = 0;
+  const auto rewritten = [&](const Edits& edits, DType freqs_type = DType::F32,
+                             std::vector<float> freqs = {}) {
+    std::map<std::string, GgufValue> metadata = file->metadata();
+    for (const auto& [key, value] : edits) {
+      if (value) {
+        metadata.insert_or_assign(key, *value);
+      } else {
+        metadata.erase(key);
+      }
+    }
+    GgufWriter writer;
+    for (const auto& [key, value] : metadata) writer.set(key, value);
+    for (const GgufTensorInfo& tensor : file->tensors()) {
+      const uint8_t* data = file->tensor_data(tensor);
+      std::vector<uint8_t> bytes(data, data + tensor.size_bytes);
+      std::vector<int64_t> dims = tensor.dims;
+      DType type = tensor.type;
+      if (tensor.name == "rope_freqs.weight" && !freqs.empty()) {
+        dims = {static_cast<int64_t>(freqs.size())};
+        type = freqs_type;
+        bytes.assign(freqs.size() * (type == DType::F32 ? 4 : 2), 0);
+        if (type == DType::F32) std::memcpy(bytes.data(), freqs.data(), bytes.size());
+      }
+      writer.add_tensor(tensor.name, dims, type, std::move(bytes));
+    }
+    // A file of its own each: the earlier ones stay mapped.
+    const fs::path path = dir.path() / ("changed-" + std::to_string(files++) + ".gguf");
+    writer.write(path.string());
+    return GgufFile::open(path.string());
+  };
+  const auto scale_of = [&](const Edits& edits) {
+    return LlamaConfig::from_gguf(*rewritten(edits)).rope_freq_scale();
+  };
+  EXPECT_EQ(scale_of({{"llama.rope.scaling.type", V::make_string("none")}}), 1.0f)
+      << "none ignores the factor";
+  EXPECT_EQ(scale_of({{"llama.rope.scaling.type", std::nullopt}}), 0.25f) << "no type is linear";
+  EXPECT_EQ(scale_of({{"llama.rope.scaling.factor", std::nullopt},
+                      {"llama.rope.scale_linear", V::make_float(T::FLOAT32, 2.0)}}),
+            0.5f)
+      << "the older key";
+  EXPECT_EQ(scale_of({{"llama.rope.scaling.factor", V::make_float(T::FLOAT32, 0.0)}}), 1.0f)
+      << "factor 0: none";
+
+  std::vector<float> zero_at_3 = shape.rope_freq_factors;
+  zero_at_3[3] = 0.0f;
+  std::vector<float> inf_at_15 = shape.rope_freq_factors;
+  inf_at_15[15] = INFINITY;
+  struct Refused {
+    const char* what;
+    std::shared_ptr<const GgufFile> file;
+    const char* words;
+  };
+  const Refused refused[] = {
+      {"yarn", rewritten({{"llama.rope.scaling.type", V::make_string("yarn")}}),
+       "llama.rope.scaling.type = 'yarn' is not supported"},
+      {"longrope", rewritten({{"llama.rope.scaling.type", V::make_string("longrope")}}),
+       "llama.rope.scaling.type = 'longrope' is not supported"},
+      {"negative factor", rewritten({{"llama.rope.scaling.factor", V::make_float(T::FLOAT32, -2.0)}}),
+       "llama.rope.scaling.factor must be positive and finite"},
+      {"NaN factor", rewritten({{"llama.rope.scaling.factor", V::make_float(T::FLOAT32, std::nan(""))}}),
+       "llama.rope.scaling.factor must be positive and finite"},
+      {"F16 factors", rewritten({}, DType::F16, shape.rope_freq_factors),
+       "tensor 'rope_freqs.weight' must be F32 [16]"},
+      {"15 factors", rewritten({}, DType::F32, std::vector<float>(15, 1.0f)),
+       "tensor 'rope_freqs.weight' must be F32 [16]"},
+      {"a zero factor", rewritten({}, DType::F32, zero_at_3), "rope_freqs.weight[3] = 0"},
+      {"an infinite factor", rewritten({}, DType::F32, inf_at_15), "rope_freqs.weight[15] = inf"},
+  };
+  for (const Refused& r : refused) {
+    SCOPED_TRACE(r.what);
+    try {
+      (void)LlamaConfig::from_gguf(*r.file);
+      ADD_FAILURE() << "accepted";
+    } catch (const GgufError& e) {
+      EXPECT_NE(std::string(e.what()).find(r.words), std::string::npos) << e.what();
     }
   }
 }

@@ -10,6 +10,7 @@
 
 #include "kernels/matmul.hpp"
 #include "kernels/thread_pool.hpp"
+#include "model/hf_to_gguf.hpp"
 #include "model/llama_checkpoint.hpp"
 #include "model/safetensors.hpp"
 #include "tests/support/test_support.hpp"
@@ -159,6 +160,87 @@ TEST(HfLlama, SixteenBitCopyStaysCloseToF32) {
   }
 }
 
+// RoPE scaling from config.json (tools/hf_reference.py --rope-scaling): "llama3" (Llama 3.1's; Nibble
+// computes the frequency factors as convert_hf_to_gguf.py computes rope_freqs.weight, transformers its
+// inverse frequencies its own way) and "linear", against transformers' logits with fp16 attention, as
+// F32LogitsMatchTransformers; converted to GGUF (the factors as rope_freqs.weight, the linear factor as
+// llama.rope.scaling.*), the same. The same weights with the scaling taken out of config.json are far
+// from them, so the comparison can tell.
+TEST(HfLlama, RopeScaledCheckpointsMatchTransformers) {
+  for (const char* variant : {"llama3-rope", "linear-rope"}) {
+    SCOPED_TRACE(variant);
+    const fs::path dir = reference_root() / variant;
+    const Reference ref = load_reference(variant);
+    auto model = LlamaModel::load(dir.string());
+    const model::LlamaConfig& c = model->config();
+    const bool llama3 = std::string(variant) == "llama3-rope";
+    EXPECT_EQ(c.rope_freq_factors.size(), llama3 ? 8u : 0u);
+    EXPECT_EQ(c.rope_freq_scale(), llama3 ? 1.0f : 0.25f);
+    // Measured 1.3e-5 (llama3) and 7e-5 (linear): fp16 roundings that summation order tipped, as for
+    // the unscaled F32 model; a RoPE mistake gives 1e-2 or more.
+    EXPECT_LT(worst_sequence_error(run_sequences(*model, ref), ref, c.n_vocab), 2e-4);
+
+    test::TempDir tmp;
+    const fs::path gguf = tmp.path() / "converted.gguf";
+    model::convert_hf_to_gguf(dir.string(), gguf.string(), /*require_tokenizer=*/false);
+    auto converted = LlamaModel::load(gguf.string());
+    EXPECT_EQ(converted->config().rope_freq_factors, c.rope_freq_factors);
+    EXPECT_EQ(converted->config().rope_freq_scale(), c.rope_freq_scale());
+    EXPECT_LT(worst_sequence_error(run_sequences(*converted, ref), ref, c.n_vocab), 2e-4);
+
+    json config = json::parse(std::ifstream(dir / "config.json"));
+    for (const char* key : {"rope_scaling", "rope_parameters"}) {
+      if (config.contains(key) && config[key].is_object()) {
+        config[key]["rope_type"] = "default";
+        config[key].erase("type");
+      }
+    }
+    const fs::path plain = tmp.path() / "plain";
+    fs::create_directory(plain);
+    std::ofstream(plain / "config.json") << config.dump();
+    fs::copy_file(dir / "model.safetensors", plain / "model.safetensors");
+    auto unscaled = LlamaModel::load(plain.string());
+    EXPECT_TRUE(unscaled->config().rope_freq_factors.empty());
+    EXPECT_GT(worst_sequence_error(run_sequences(*unscaled, ref), ref, c.n_vocab), 1e-2);
+  }
+}
+
+// config.json's scalings that Nibble does not run are refused by name, not run as plain RoPE.
+TEST(HfLlama, UnsupportedRopeScalingIsRefusedByName) {
+  const fs::path dir = reference_root() / "llama3-rope";
+  const json original = json::parse(std::ifstream(dir / "config.json"));
+  const std::string key = original.contains("rope_scaling") ? "rope_scaling" : "rope_parameters";
+  struct Case {
+    const char* field;
+    json value;
+    const char* words;
+  };
+  const Case cases[] = {
+      {"rope_type", "yarn", "is not supported (only rope_type \"default\", \"linear\" and \"llama3\")"},
+      {"rope_type", "dynamic", "is not supported"},
+      {"rope_type", "longrope", "is not supported"},
+      {"factor", 0.5, ".factor' must be a number of at least 1"},
+      {"factor", "eight", ".factor' must be a number"},
+      {"low_freq_factor", 4.0, "needs 0 < low_freq_factor < high_freq_factor"},
+      {"original_max_position_embeddings", -1, ".original_max_position_embeddings' must be positive"},
+  };
+  for (const Case& bad : cases) {
+    SCOPED_TRACE(std::string(bad.field) + " = " + bad.value.dump());
+    test::TempDir tmp;
+    json config = original;
+    ASSERT_TRUE(config.contains(key));
+    config[key][bad.field] = bad.value;
+    std::ofstream(tmp.path() / "config.json") << config.dump();
+    fs::copy_file(dir / "model.safetensors", tmp.path() / "model.safetensors");
+    try {
+      (void)LlamaModel::load(tmp.path().string());
+      ADD_FAILURE() << "accepted";
+    } catch (const std::exception& e) {
+      EXPECT_NE(std::string(e.what()).find(bad.words), std::string::npos) << e.what();
+    }
+  }
+}
+
 TEST(HfLlama, PipelineStagesMatchTheWholeModel) {
   const std::string dir = (reference_root() / "f32").string();
   auto whole = LlamaModel::load(dir);
@@ -182,7 +264,10 @@ TEST(HfLlama, NibbleLogitsCommandTakesTokenIds) {
   test::TempDir tmp;
   const fs::path out = tmp.path() / "logits.f32";
   std::string ids;
-  for (int32_t id : ref.sequences[1]) ids += (ids.empty() ? "" : ",") + std::to_string(id);
+  for (int32_t id : ref.sequences[1]) {
+    if (!ids.empty()) ids += ',';  // (not "," + to_string: GCC 12's -Wrestrict false positive)
+    ids += std::to_string(id);
+  }
   const std::string dir = (reference_root() / "f32").string();
   const auto r = test::run_command(test::nibble_bin() + " logits --model " + dir + " --tokens " + ids +
                                    " --threads 1 --out " + out.string());

@@ -163,6 +163,23 @@ TEST_F(Requantize, F32ToQ4_0KeepsHeadsAtQ8_0) {
   EXPECT_EQ(a.n_head_kv, b.n_head_kv);
 }
 
+// RoPE scaling travels with the model: the linear factor's keys as metadata, Llama 3.1's factors as the
+// F32 tensor rope_freqs.weight, which stays F32 (a vector, like the norms).
+TEST_F(Requantize, RopeScalingIsCarriedOver) {
+  LlamaShape shape = llama_shape_by_name("tiny");
+  shape.rope_linear_factor = 2.0f;
+  shape.rope_freq_factors = llama3_rope_freq_factors({8.0, 1.0, 4.0, 32.0}, shape.rope_base, 32);
+  const fs::path scaled = dir_.path() / "scaled-f32.gguf";
+  write_random_llama(scaled.string(), shape, DType::F32, 21);
+  const auto out = convert(*GgufFile::open(scaled.string()), DType::Q4_0, false, "scaled-q4.gguf");
+  const GgufTensorInfo* freqs = out->find_tensor("rope_freqs.weight");
+  ASSERT_NE(freqs, nullptr);
+  EXPECT_EQ(freqs->type, DType::F32);
+  const LlamaConfig c = LlamaConfig::from_gguf(*out);
+  EXPECT_EQ(c.rope_freq_factors, shape.rope_freq_factors);
+  EXPECT_EQ(c.rope_freq_scale(), 0.5f);
+}
+
 TEST_F(Requantize, PureQ4_0QuantizesEveryMatrix) {
   const auto out = convert(*source_, DType::Q4_0, true, "q4pure.gguf");
   for (const GgufTensorInfo& t : out->tensors()) {

@@ -16,8 +16,15 @@ Each variant gets logits of transformers' float32 forward of exactly the weights
 Both are little-endian float32 [sum of the sequence lengths, vocab_size], one row per position,
 sequences one after the other, each run from position 0 on its own.
 
+RoPE scaling (--rope-scaling): two more float32 variants, written next to the others and added to
+reference.json without touching them:
+  OUT/llama3-rope/  rope_scaling {"rope_type": "llama3", factor 8, low / high frequency factors 1 and 4,
+                    original_max_position_embeddings 64}: with heads of 16 the pairs are kept, smoothed
+                    and slowed 8 times, all within the sequences' 33 positions
+  OUT/linear-rope/  rope_scaling {"rope_type": "linear", "factor": 4}
+
 Needs `pip install torch transformers`. Usage:
-  python3 tools/hf_reference.py --out tests/data/hf-tiny-llama
+  python3 tools/hf_reference.py --out tests/data/hf-tiny-llama [--rope-scaling]
 """
 import argparse
 import json
@@ -61,9 +68,19 @@ def fp16_kv_attention(module, query, key, value, attention_mask, scaling, dropou
 AttentionInterface.register("nibble_fp16_kv", fp16_kv_attention)
 
 
-def build(seed, tied):
+ROPE_SCALINGS = {
+    "llama3-rope": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 64},
+    "linear-rope": {"rope_type": "linear", "factor": 4.0},
+}
+
+
+def build(seed, tied, rope_scaling=None):
     torch.manual_seed(seed)
-    config = LlamaConfig(**SHAPE, tie_word_embeddings=tied, attn_implementation="eager")
+    extra = {}
+    if rope_scaling is not None:
+        extra["rope_scaling"] = dict(rope_scaling, rope_theta=SHAPE["rope_theta"])
+    config = LlamaConfig(**SHAPE, tie_word_embeddings=tied, attn_implementation="eager", **extra)
     model = LlamaForCausalLM(config).float().eval()
     # transformers' default init (std 0.02, norms at 1) gives near-uniform attention and tiny logits,
     # which would hide binding mistakes: use larger weights and random norm gains. At std 0.15 pairing
@@ -113,10 +130,27 @@ def save(model, directory, dtype, sequences, plain):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--rope-scaling", action="store_true",
+                        help="write the RoPE scaling variants only, adding them to an existing reference.json")
     args = parser.parse_args()
 
     rng = np.random.default_rng(7)
     sequences = [rng.integers(0, SHAPE["vocab_size"], size=n).tolist() for n in SEQUENCE_LENGTHS]
+    if args.rope_scaling:
+        path = os.path.join(args.out, "reference.json")
+        with open(path) as f:
+            reference = json.load(f)
+        assert reference["sequences"] == sequences and reference["shape"] == SHAPE
+        for seed, (name, scaling) in enumerate(ROPE_SCALINGS.items(), start=3):
+            model = build(seed=seed, tied=False, rope_scaling=scaling)
+            shape = save(model, os.path.join(args.out, name), torch.float32, sequences, True)
+            reference["variants"][name] = {"dtype": "F32", "tied": False, "logits_shape": list(shape),
+                                           "rope_scaling": scaling, "torch": torch.__version__,
+                                           "transformers": transformers.__version__}
+        with open(path, "w") as f:
+            json.dump(reference, f, indent=1)
+            f.write("\n")
+        return
     variants = {}
     shape = save(build(seed=1, tied=False), os.path.join(args.out, "f32"), torch.float32, sequences, True)
     variants["f32"] = {"dtype": "F32", "tied": False, "logits_shape": list(shape)}

@@ -726,6 +726,8 @@ void CudaLlamaModel::Impl::enqueue(const Plan& p) {
   rshape.head_dim = c.head_dim;
   rshape.rot_dims = c.rope_dims;
   rshape.rope_base = c.rope_base;
+  rshape.rope_freq_scale = c.rope_freq_scale();
+  rshape.rope_freq_factors = rope_freq_factors ? rope_freq_factors->as<float>() : nullptr;
   rshape.block_size = cache.block_size();
   rshape.num_blocks = cache.n_blocks();
   rshape.max_blocks_per_seq = p.mbps;
@@ -1251,6 +1253,7 @@ CudaLlamaModel::CudaLlamaModel(std::shared_ptr<const model::LlamaCheckpoint> che
   cublas_check(cublasSetWorkspace(m.cublas, m.cublas_workspace.as<void>(), kCublasWorkspaceBytes),
                "cublasSetWorkspace");
 
+  if (!c.rope_freq_factors.empty()) m.rope_freq_factors = upload_floats(c.rope_freq_factors);
   if (m.checkpoint->is_dummy()) {
     // Never on the host: llama-70b's weights would take ~40 GB there.
     m.make_dummy_weights();

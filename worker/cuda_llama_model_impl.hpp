@@ -159,6 +159,8 @@ struct CudaLlamaModel::Impl {
   DeviceMatrix embedding;     // Q4_0 or fp16 rows, [n_vocab, n_embd] (whole on every shard); first stage only
   std::vector<Layer> layers;  // the stage's
   std::shared_ptr<DeviceMemory> output_norm;  // last stage only
+  // [rope_dims / 2] floats: the config's RoPE frequency factors (Llama 3.1's), or null without them.
+  std::shared_ptr<DeviceMemory> rope_freq_factors;
   // [local vocab, n_embd], last stage only; shares embedding's memory when unsharded, tied and
   // the kinds agree.
   DeviceMatrix head;

@@ -317,6 +317,8 @@ void LlamaModel::forward_stage(const ForwardBatch& batch, KvCache& cache, kernel
   const int64_t kv_dim = sc.kv_dim();
   const KvCacheTypes& cache_types = cache.types();
   const KvRotation rotation = kv_cache_rotation_ ? KvCache::rotation(sc, cache_types) : KvRotation{};
+  const kernels::RopeScaling rope_scaling{c.rope_freq_scale(),
+                                          c.rope_freq_factors.empty() ? nullptr : c.rope_freq_factors.data()};
 
   for (int64_t l = 0; l < sc.n_layer; ++l) {  // local layer index: cache and weights hold the stage's
     const model::LlamaLayerWeights& w = weights_.layers[l];
@@ -327,10 +329,10 @@ void LlamaModel::forward_stage(const ForwardBatch& batch, KvCache& cache, kernel
     product(l, model::LayerMatrix::attn_k, h_.data(), k_.data());
     product(l, model::LayerMatrix::attn_v, h_.data(), v_.data());
     check(kernels::rope_normal(q_.data(), batch.positions.data(), n, sc.n_head, c.head_dim, c.rope_dims,
-                               c.rope_base),
+                               c.rope_base, rope_scaling),
           "rope");
     check(kernels::rope_normal(k_.data(), batch.positions.data(), n, sc.n_head_kv, c.head_dim, c.rope_dims,
-                               c.rope_base),
+                               c.rope_base, rope_scaling),
           "rope");
 
     // llama.cpp's rotation of a quantized cache's Q and K, and V (KvCache::rotation).

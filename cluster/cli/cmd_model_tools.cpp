@@ -6,11 +6,15 @@
 #include <memory>
 #include <optional>
 #include <sstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
 
 #include "cluster/cli/commands.hpp"
 #include "cluster/cli/model_session.hpp"
 #include "model/hf_checkpoint.hpp"
 #include "model/hf_to_gguf.hpp"
+#include "model/llama_config.hpp"
 #include "model/lora_adapter.hpp"
 #include "model/random_model.hpp"
 #include "model/requantize.hpp"
@@ -188,9 +192,52 @@ Runner add_logits(CLI::App& app) {
   };
 }
 
+namespace {
+
+// make-model --rope-scaling: "linear:F" (llama.rope.scaling.factor F) or "llama3:F:CTX" (Llama 3.1's
+// frequency factors for scaling factor F from an original context of CTX, its low / high frequency
+// factors 1 and 4, as rope_freqs.weight).
+void apply_rope_scaling(const std::string& spec, model::LlamaShape& shape) {
+  const auto bad = [&]() {
+    return std::invalid_argument("--rope-scaling " + spec +
+                                 ": expected linear:FACTOR or llama3:FACTOR:CONTEXT");
+  };
+  std::vector<std::string> parts;
+  for (size_t begin = 0;;) {
+    const size_t colon = spec.find(':', begin);
+    parts.push_back(spec.substr(begin, colon - begin));
+    if (colon == std::string::npos) break;
+    begin = colon + 1;
+  }
+  const auto number = [&](const std::string& text) {
+    size_t used = 0;
+    double v = 0;
+    try {
+      v = std::stod(text, &used);
+    } catch (const std::exception&) {
+      throw bad();
+    }
+    if (used != text.size() || !(v >= 1.0) || v > 1e30) throw bad();
+    return v;
+  };
+  if (parts[0] == "linear" && parts.size() == 2) {
+    shape.rope_linear_factor = static_cast<float>(number(parts[1]));
+  } else if (parts[0] == "llama3" && parts.size() == 3) {
+    model::Llama3RopeScaling l3;
+    l3.factor = number(parts[1]);
+    l3.original_context = number(parts[2]);
+    shape.rope_freq_factors =
+        model::llama3_rope_freq_factors(l3, shape.rope_base, shape.n_embd / shape.n_head);
+  } else {
+    throw bad();
+  }
+}
+
+}  // namespace
+
 Runner add_make_model(CLI::App& app) {
   struct Args {
-    std::string shape = "tiny", type = "q4_0", out;
+    std::string shape = "tiny", type = "q4_0", out, rope_scaling;
     uint64_t seed = 1;
     int64_t vocab = 0;
   };
@@ -205,10 +252,14 @@ Runner add_make_model(CLI::App& app) {
          "Vocabulary size instead of the shape's (models of equal size share the synthetic vocabulary, "
          "so a small draft can serve a large target)")
       ->check(CLI::Range(int64_t{354}, int64_t{1} << 20));
+  app.add_option("--rope-scaling", a->rope_scaling,
+                 "RoPE scaling: linear:FACTOR (llama.rope.scaling.factor) or llama3:FACTOR:CONTEXT (Llama "
+                 "3.1's frequency factors from an original context of CONTEXT, as rope_freqs.weight)");
   app.add_option("--out,-o", a->out, "Output GGUF path")->required();
   return [a]() {
     model::LlamaShape shape = model::llama_shape_by_name(a->shape);
     if (a->vocab > 0) shape.n_vocab = a->vocab;
+    if (!a->rope_scaling.empty()) apply_rope_scaling(a->rope_scaling, shape);
     model::write_random_llama(a->out, shape, parse_matrix_type(a->type), a->seed);
     std::cerr << "wrote " << a->out << " (" << std::filesystem::file_size(a->out) << " bytes)\n";
     return 0;

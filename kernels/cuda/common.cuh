@@ -69,13 +69,20 @@ __device__ __forceinline__ int64_t paged_slot(const int32_t* table, int64_t pos,
 // epilogue share it, so their bits agree.
 __device__ __forceinline__ float silu_times(float gate, float up) { return gate / (1.0f + expf(-gate)) * up; }
 
-// RoPE's angle for rotation pair i at position pos: the CPU's recurrence (kernels::rope_normal), step
-// for step (theta_scale = base^(-2 / rot_dims), rounded as the host rounds it).
-__device__ __forceinline__ float rope_angle(int32_t pos, int i, float theta_scale) {
-  float theta = static_cast<float>(pos);
-  for (int s = 0; s < i; ++s) theta *= theta_scale;
-  return theta;
-}
+// RoPE's angles (kernels::rope_angle on the device): pair i at position pos turns by the CPU's
+// recurrence step for step (theta_scale = base^(-2 / rot_dims), rounded as the host rounds it), divided
+// by the pair's frequency factor and times the linear scale, each rounded as the CPU rounds it.
+struct RopeAngles {
+  float theta_scale;
+  float freq_scale;           // 1: no linear scaling
+  const float* freq_factors;  // device [rot_dims / 2] or nullptr (all 1)
+  __device__ __forceinline__ float angle(int32_t pos, int i) const {
+    float theta = static_cast<float>(pos);
+    for (int s = 0; s < i; ++s) theta *= theta_scale;
+    if (freq_factors != nullptr) theta = __fdiv_rn(theta, freq_factors[i]);
+    return __fmul_rn(freq_scale, theta);
+  }
+};
 
 // One rotated pair (x0, x1) by the angle whose cosine and sine are c and s: the CPU's expressions,
 // explicitly rounded so that no kernel contracts them into an FMA differently.

@@ -1,10 +1,10 @@
 #pragma once
 // CUDA rotary position embedding on fp16 q and k, in place, with fp32 math; GGUF "normal" (Llama)
-// mode exactly as kernels::rope_normal: each head's adjacent pairs (x[2i], x[2i+1]) of the first
-// rot_dims dims rotate by pos · base^(-2i/rot_dims). The angles follow the CPU's recurrence
-// (theta_0 = pos, theta_{i+1} = theta_i * base^(-2/rot_dims), the factor computed on the host with
-// std::pow), so they are bit-identical to the CPU's; only cosf/sinf and the final fp16 rounding
-// differ.
+// mode exactly as kernels::rope_normal without scaling (the model's scaled RoPE is rope_kv_write's): each
+// head's adjacent pairs (x[2i], x[2i+1]) of the first rot_dims dims rotate by pos · base^(-2i/rot_dims). The
+// angles follow the CPU's recurrence (theta_0 = pos, theta_{i+1} = theta_i * base^(-2/rot_dims), the factor
+// computed on the host with std::pow), so they are bit-identical to the CPU's; only cosf/sinf and the final
+// fp16 rounding differ.
 #include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
 

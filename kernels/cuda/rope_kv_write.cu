@@ -13,6 +13,7 @@
 #include "kernels/cuda/dependent_launch.cuh"
 #include "kernels/cuda/launch_status.cuh"
 #include "kernels/cuda/rope_kv_write.cuh"
+#include "kernels/rope.hpp"
 
 namespace nibble::kernels::cuda {
 namespace {
@@ -33,7 +34,7 @@ struct Params {
   int32_t* error_flag;
   int64_t n_head, n_head_kv, head_dim, q_stride, kv_stride, block_size, num_blocks, max_blocks_per_seq;
   int half_rot;
-  float theta_scale;
+  detail::RopeAngles rope;
 };
 
 // Rotates one head (head_dim floats at `in`) into `out` (fp16); the dims past rot_dims are copied.
@@ -66,7 +67,7 @@ __global__ void __launch_bounds__(kThreads) rope_kv_write_kernel(Params p) {
   const int64_t head = blockIdx.y;
   const int32_t pos = p.token_pos[t];
   for (int i = threadIdx.x; i < p.half_rot; i += kThreads) {
-    const float theta = detail::rope_angle(pos, i, p.theta_scale);
+    const float theta = p.rope.angle(pos, i);
     cos_t[i] = cosf(theta);
     sin_t[i] = sinf(theta);
   }
@@ -96,6 +97,10 @@ __global__ void __launch_bounds__(kThreads) rope_kv_write_kernel(Params p) {
   for (int d = threadIdx.x; d < head_dim; d += kThreads) vc[d] = __float2half_rn(vr[d]);
 }
 
+detail::RopeAngles rope_angles(const RopeKvWriteShape& s) {
+  return {kernels::rope_theta_scale(s.rope_base, s.rot_dims), s.rope_freq_scale, s.rope_freq_factors};
+}
+
 }  // namespace
 
 bool rope_kv_heads_and_cache_valid(const RopeKvWriteShape& s) {
@@ -104,13 +109,8 @@ bool rope_kv_heads_and_cache_valid(const RopeKvWriteShape& s) {
   if (s.n_head + s.n_head_kv > 65535 || s.head_dim > (int64_t{1} << 20)) return false;
   if (s.rot_dims < 2 || s.rot_dims > s.head_dim || s.rot_dims % 2 != 0 || s.rot_dims > kMaxRotDims)
     return false;
-  if (!(s.rope_base > 0.0f)) return false;
+  if (!(s.rope_base > 0.0f) || !(s.rope_freq_scale > 0.0f) || !std::isfinite(s.rope_freq_scale)) return false;
   return s.block_size >= 1 && s.num_blocks >= 1 && s.max_blocks_per_seq >= 1;
-}
-
-// Exactly the CPU's factor (kernels::rope_normal): std::pow in float.
-float rope_theta_scale(const RopeKvWriteShape& s) {
-  return std::pow(s.rope_base, -2.0f / static_cast<float>(s.rot_dims));
 }
 
 Status rope_kv_write(const RopeKvWriteShape& s, const float* q, const float* k, const float* v,
@@ -146,7 +146,7 @@ Status rope_kv_write(const RopeKvWriteShape& s, const float* q, const float* k, 
   p.num_blocks = s.num_blocks;
   p.max_blocks_per_seq = s.max_blocks_per_seq;
   p.half_rot = static_cast<int>(s.rot_dims / 2);
-  p.theta_scale = rope_theta_scale(s);
+  p.rope = rope_angles(s);
   const dim3 grid(static_cast<unsigned>(s.tokens), static_cast<unsigned>(s.n_head + s.n_head_kv));
   const cudaError_t launched =
       detail::launch_kernel(rope_kv_write_kernel, grid, dim3(kThreads), 0, stream, programmatic, p);

@@ -4,9 +4,9 @@
 //   k ← RoPE(k), v: rounded to fp16 and written into the paged KV cache at each token's position.
 // This is the CPU forward pass's sequence (kernels::rope_normal on float, then fp32_to_fp16 when the
 // row enters the cache, q rounded to fp16 by the attention kernel) with one rounding per value.
-// RoPE is GGUF "normal" (Llama) mode with the CPU's angle recurrence, as in rope.cuh: angles are
-// bit-identical to kernels::rope_normal, only cosf/sinf differ (within 2 ulp), so an output is the
-// CPU's value or its fp16 neighbour.
+// RoPE is GGUF "normal" (Llama) mode with the CPU's angle recurrence and scaling (kernels::rope_normal
+// with its RopeScaling): angles are bit-identical to the CPU's, only cosf/sinf differ (within 2 ulp),
+// so an output is the CPU's value or its fp16 neighbour.
 //
 // KV cache device layout (one layer), the one attention_decode.cuh and paged_attention.cuh read:
 //   k_cache, v_cache: [num_blocks, block_size, n_head_kv, head_dim] __half
@@ -32,6 +32,8 @@ struct RopeKvWriteShape {
   int64_t head_dim = 0;
   int64_t rot_dims = 0;  // leading dims of each head that rotate: even, 2 <= rot_dims <= min(head_dim, 1024)
   float rope_base = 10000.0f;
+  float rope_freq_scale = 1.0f;              // kernels::RopeScaling::freq_scale: > 0 and finite
+  const float* rope_freq_factors = nullptr;  // device [rot_dims / 2], each > 0 (Llama 3.1's), or nullptr
   int64_t q_stride = 0;   // floats between consecutive tokens' rows of q (>= n_head * head_dim)
   int64_t kv_stride = 0;  // floats between consecutive tokens' rows of k and of v (>= n_head_kv * head_dim)
   int64_t block_size = 0;
@@ -56,8 +58,6 @@ struct RopeKvWriteShape {
 // What rope_kv_write asks of a shape's heads, rotation and cache (not of its tokens and strides):
 // shared with the GEMV epilogue that does its work (w4a16_gemv_half2.cuh).
 bool rope_kv_heads_and_cache_valid(const RopeKvWriteShape& shape);
-// The angle recurrence's factor, rope_base^(-2 / rot_dims) rounded as the CPU rounds it.
-float rope_theta_scale(const RopeKvWriteShape& shape);
 
 Status rope_kv_write(const RopeKvWriteShape& shape, const float* q, const float* k, const float* v,
                      const int32_t* token_pos, const int32_t* token_seq, const int32_t* block_tables,

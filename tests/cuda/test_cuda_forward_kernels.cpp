@@ -148,10 +148,12 @@ TEST(CudaRopeKvWrite, MatchesCpuRopeAndWritesTheCacheSlots) {
   struct Case {
     int64_t head_dim, rot_dims;
     bool stacked;  // q, k, v as column ranges of one [tokens, q_dim + 2 kv_dim] buffer
+    bool scaled;   // RoPE scaling: a linear scale and a frequency factor a pair (Llama 3.1's)
   };
-  for (const Case c : {Case{34, 34, true}, Case{64, 64, false}, Case{128, 96, true}, Case{6, 4, false}}) {
+  for (const Case c : {Case{34, 34, true, false}, Case{64, 64, false, false}, Case{128, 96, true, false},
+                       Case{6, 4, false, false}, Case{64, 64, true, true}, Case{128, 96, false, true}}) {
     SCOPED_TRACE("head_dim=" + std::to_string(c.head_dim) + " rot_dims=" + std::to_string(c.rot_dims) +
-                 " stacked=" + std::to_string(c.stacked));
+                 " stacked=" + std::to_string(c.stacked) + " scaled=" + std::to_string(c.scaled));
     const int64_t tokens = 11, n_head = 6, n_head_kv = 2, block_size = 5, num_blocks = 13, mbps = 4;
     const int64_t q_dim = n_head * c.head_dim, kv_dim = n_head_kv * c.head_dim;
     // Two sequences with shuffled block tables; token 10 names a block outside the cache.
@@ -187,10 +189,17 @@ TEST(CudaRopeKvWrite, MatchesCpuRopeAndWritesTheCacheSlots) {
     }
 
     // CPU reference.
+    const std::vector<float> factors = random_floats(static_cast<size_t>(c.rot_dims / 2), 1.0f, rng);
+    std::vector<float> freq_factors(factors.size());
+    for (size_t i = 0; i < factors.size(); ++i) freq_factors[i] = 1.0f + 7.0f * std::fabs(factors[i]);
+    const k::RopeScaling scaling = c.scaled ? k::RopeScaling{0.5f, freq_factors.data()} : k::RopeScaling{};
+    DeviceBuffer<float> d_factors(freq_factors);
     std::vector<float> q_ref = q, k_ref = kk;
-    ASSERT_EQ(k::rope_normal(q_ref.data(), pos.data(), tokens, n_head, c.head_dim, c.rot_dims, 10000.0f),
-              k::Status::ok);
-    ASSERT_EQ(k::rope_normal(k_ref.data(), pos.data(), tokens, n_head_kv, c.head_dim, c.rot_dims, 10000.0f),
+    ASSERT_EQ(
+        k::rope_normal(q_ref.data(), pos.data(), tokens, n_head, c.head_dim, c.rot_dims, 10000.0f, scaling),
+        k::Status::ok);
+    ASSERT_EQ(k::rope_normal(k_ref.data(), pos.data(), tokens, n_head_kv, c.head_dim, c.rot_dims, 10000.0f,
+                             scaling),
               k::Status::ok);
 
     const uint16_t sentinel = k::fp32_to_fp16(-7.0f);
@@ -209,6 +218,10 @@ TEST(CudaRopeKvWrite, MatchesCpuRopeAndWritesTheCacheSlots) {
     s.head_dim = c.head_dim;
     s.rot_dims = c.rot_dims;
     s.rope_base = 10000.0f;
+    if (c.scaled) {
+      s.rope_freq_scale = scaling.freq_scale;
+      s.rope_freq_factors = d_factors.ptr;
+    }
     s.q_stride = q_stride;
     s.kv_stride = kv_stride;
     s.block_size = block_size;

@@ -54,6 +54,7 @@
 #include "kernels/quantize.hpp"
 #include "kernels/thread_pool.hpp"
 #include "model/gguf.hpp"
+#include "model/llama_config.hpp"
 #include "model/lora_adapter.hpp"
 #include "model/random_model.hpp"
 #include "model/requantize.hpp"
@@ -274,6 +275,50 @@ INSTANTIATE_TEST_SUITE_P(Shapes, CudaLlamaModelRandom,
                            return std::string(std::get<0>(p.param).name) +
                                   (std::get<1>(p.param) ? "_decode_kernel" : "_general_kernel");
                          });
+
+// A model of tiny_shape(256, 4, 2) (heads of 64) with RoPE scaling: Llama 3.1's frequency factors for a
+// factor of 8 from an original context of 16 (so that the pairs slowed 8 times, the smoothed ones and
+// the kept ones all turn within the tests' few dozen positions) and / or a linear factor of 2.
+std::string rope_scaled_model(const std::filesystem::path& dir, k::DType type, bool llama3, bool linear) {
+  m::LlamaShape shape = tiny_shape(256, 4, 2);
+  if (llama3)
+    shape.rope_freq_factors = m::llama3_rope_freq_factors({8.0, 1.0, 4.0, 16.0}, shape.rope_base, 64);
+  if (linear) shape.rope_linear_factor = 2.0f;
+  const std::string path = (dir / ("rope-scaled-" + std::string(llama3 ? "llama3-" : "") +
+                                   (linear ? "linear-" : "") + k::type_name(type) + ".gguf"))
+                               .string();
+  m::write_random_llama(path, shape, type, /*seed=*/17);
+  return path;
+}
+
+// RoPE scaling on the GPU (rope_kv_write's and the fused epilogue's angles, the factors uploaded at load)
+// against the CPU over the scenario's batches, with both attention paths. The same weights without the
+// scaling give logits far from the scaled model's, so the comparison can tell.
+TEST(CudaLlamaModel, RopeScaledModelsMatchTheCpu) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  t::TempDir dir;
+  const std::string plain = random_model(dir.path(), tiny_shape(256, 4, 2), k::DType::F16);
+  for (const auto& [llama3, linear] :
+       {std::pair{true, false}, std::pair{false, true}, std::pair{true, true}}) {
+    const std::string path = rope_scaled_model(dir.path(), k::DType::F16, llama3, linear);
+    SCOPED_TRACE(path);
+    for (const bool decode_attention : {true, false}) compare_scenario(path, kFloatBound, decode_attention);
+    // The scaled model's CPU logits against the plain one's, over the scenario's first two steps.
+    w::LlamaModel scaled_cpu(m::LlamaCheckpoint::open(path)), plain_cpu(m::LlamaCheckpoint::open(plain));
+    const auto& c = scaled_cpu.config();
+    w::KvCache scaled_cache(c, Scenario::kBlocks, Scenario::kBlockSize),
+        plain_cache(c, Scenario::kBlocks, Scenario::kBlockSize);
+    nibble::kernels::ThreadPool pool(2);
+    Scenario scenario(c.n_vocab);
+    for (size_t si = 0; si < 2; ++si) {
+      const w::ForwardBatch batch = scenario.batch(si);
+      std::vector<float> a, b;
+      scaled_cpu.forward(batch, scaled_cache, pool, a);
+      plain_cpu.forward(batch, plain_cache, pool, b);
+      EXPECT_GT(t::max_relative_rms(a, b, c.n_vocab), 20 * kFloatBound) << "step " << si;
+    }
+  }
+}
 
 // A quantized KV cache on the GPU (kernels/cuda/kv_cache_quant: each layer's blocks dequantized into an
 // fp16 working copy, the new rows quantized after their write, llama.cpp's rotation) against the CPU with
@@ -1457,7 +1502,8 @@ TEST(CudaLlamaModel, FusedHalf2EpiloguesGiveTheUnfusedLogitsBitForBit) {
   const std::string q4_0 = random_model(dir.path(), tiny_shape(256, 4, 2), k::DType::Q4_0);
   const std::string q4k = q4_k_model(dir.path());
   const std::string awq = (t::test_data_dir() / "gptq-tiny-llama" / "awq-g64").string();
-  for (const std::string& path : {q4_0, q4k, awq}) {
+  const std::string scaled = rope_scaled_model(dir.path(), k::DType::Q4_0, /*llama3=*/true, /*linear=*/true);
+  for (const std::string& path : {q4_0, q4k, awq, scaled}) {
     SCOPED_TRACE(path);
     const auto checkpoint = m::LlamaCheckpoint::open(path);
     w::CudaModelOptions fused_options;

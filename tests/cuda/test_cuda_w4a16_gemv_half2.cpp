@@ -27,6 +27,7 @@
 #include "kernels/cuda/w4a16_gemv_half2.cuh"
 #include "kernels/int4_groups.hpp"
 #include "kernels/quant_types.hpp"
+#include "kernels/rope.hpp"
 #include "tests/cuda/cuda_test_util.hpp"
 #include "tests/cuda/w4a16_test_util.hpp"
 
@@ -685,23 +686,35 @@ TEST(CudaW4A16GemvHalf2, RopeKvEpilogueIsTheProductThenRopeKvWriteBitForBit) {
   NIBBLE_REQUIRE_CUDA_DEVICE();
   struct Heads {
     int64_t n_head, n_head_kv, head_dim, rot_dims;
+    bool scaled;  // RoPE scaling: a linear scale and a frequency factor a pair (Llama 3.1's)
   };
   std::mt19937 rng(62);
   std::normal_distribution<float> normal(0.0f, 1.0f);
   const int64_t block_size = 16, num_blocks = 7, mbps = 4;
   const std::vector<int32_t> tables = {0, 1, 3, 4, 5, 2, -1, 6};  // rows 0 and 1
   for (const Half2Format format : kHalf2Formats) {
-    for (const Heads& h : {Heads{4, 2, 64, 64}, Heads{3, 1, 128, 96}, Heads{5, 5, 6, 4}}) {
+    for (const Heads& h : {Heads{4, 2, 64, 64, false}, Heads{3, 1, 128, 96, false}, Heads{5, 5, 6, 4, false},
+                           Heads{4, 2, 64, 64, true}}) {
       SCOPED_TRACE(std::string(format_name(format)) + ", heads " + std::to_string(h.n_head) + "/" +
-                   std::to_string(h.n_head_kv) + " of " + std::to_string(h.head_dim));
+                   std::to_string(h.n_head_kv) + " of " + std::to_string(h.head_dim) +
+                   (h.scaled ? ", scaled" : ""));
       const int64_t q_dim = h.n_head * h.head_dim, kv_dim = h.n_head_kv * h.head_dim;
       const int64_t rows = q_dim + 2 * kv_dim, kk = format != Half2Format::int4_groups ? 512 : 480;
       Half2Matrix w;
       ASSERT_NO_FATAL_FAILURE(make_half2_matrix(format, rows, kk, 32, rng, w));
       // (strides: the plain product's row, for rope_kv_write)
-      const k::cuda::RopeKvWriteShape s = one_token_rope_kv(h.n_head, h.n_head_kv, h.head_dim, h.rot_dims,
-                                                            rows, block_size, num_blocks, mbps);
-      const float theta_scale = std::pow(s.rope_base, -2.0f / static_cast<float>(s.rot_dims));
+      k::cuda::RopeKvWriteShape s = one_token_rope_kv(h.n_head, h.n_head_kv, h.head_dim, h.rot_dims, rows,
+                                                      block_size, num_blocks, mbps);
+      std::vector<float> freq_factors(static_cast<size_t>(h.rot_dims / 2));
+      for (float& f : freq_factors) f = 1.0f + 7.0f * std::fabs(normal(rng));
+      const DeviceBuffer<float> d_factors(freq_factors);
+      k::RopeScaling scaling;
+      if (h.scaled) {
+        scaling = {0.25f, freq_factors.data()};
+        s.rope_freq_scale = scaling.freq_scale;
+        s.rope_freq_factors = d_factors.ptr;
+      }
+      const float theta_scale = k::rope_theta_scale(s.rope_base, s.rot_dims);
       for (const int32_t pos : {3, 20, 40, 70}) {  // blocks 5 and 2; block id -1; past the table
         SCOPED_TRACE("position " + std::to_string(pos));
         const bool bad_slot = pos >= 40;
@@ -754,8 +767,7 @@ TEST(CudaW4A16GemvHalf2, RopeKvEpilogueIsTheProductThenRopeKvWriteBitForBit) {
           const int64_t d = r % h.head_dim;
           double r0 = a, r1 = b;
           if (d < h.rot_dims) {
-            float theta = static_cast<float>(pos);
-            for (int64_t i = 0; i < d / 2; ++i) theta *= theta_scale;
+            const float theta = k::rope_angle(pos, d / 2, theta_scale, scaling);
             r0 = a * std::cos(theta) - b * std::sin(theta);
             r1 = a * std::sin(theta) + b * std::cos(theta);
           }

@@ -37,12 +37,6 @@ std::string model_name(const std::string& dir) {
 void convert_hf_to_gguf(const std::string& dir, const std::string& out_path, bool require_tokenizer) {
   const auto checkpoint = LlamaCheckpoint::from_hf(HfCheckpoint::open(dir));
   const LlamaConfig& c = checkpoint->config();
-  // GGUF's llama keys derive the head size from embedding_length / head_count.
-  if (c.head_dim * c.n_head != c.n_embd) {
-    throw HfCheckpointError(checkpoint->hf()->config_path() + ": head_dim " + std::to_string(c.head_dim) +
-                            " is not hidden_size / num_attention_heads (" + std::to_string(c.n_embd) + " / " +
-                            std::to_string(c.n_head) + "), which a GGUF llama model cannot express");
-  }
   const std::string tokenizer_path = (fs::path(dir) / "tokenizer.json").string();
   const auto tokenizer = hf_tokenizer_gguf_metadata(dir, c.n_vocab);
   if (tokenizer.empty() && require_tokenizer) {
@@ -71,6 +65,12 @@ void convert_hf_to_gguf(const std::string& dir, const std::string& out_path, boo
   out.set_float32("llama.rope.freq_base", c.rope_base);
   out.set_float32("llama.attention.layer_norm_rms_epsilon", c.rms_eps);
   out.set_uint32("llama.rope.dimension_count", static_cast<uint32_t>(c.rope_dims));
+  // A head size other than embedding_length / head_count, as convert_hf_to_gguf.py writes config.json's
+  // head_dim (Mistral Nemo / Small).
+  if (c.head_dim * c.n_head != c.n_embd) {
+    out.set_uint32("llama.attention.key_length", static_cast<uint32_t>(c.head_dim));
+    out.set_uint32("llama.attention.value_length", static_cast<uint32_t>(c.head_dim));
+  }
   out.set_uint32("llama.vocab_size", static_cast<uint32_t>(c.n_vocab));
   // RoPE scaling as convert_hf_to_gguf.py writes it: linear as two keys, llama3 as a tensor of factors.
   if (c.rope_linear_factor != 0.0f) {

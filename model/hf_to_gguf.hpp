@@ -13,8 +13,8 @@ namespace nibble::model {
 // tied to the embedding. Without tokenizer.json the call fails naming that file when
 // `require_tokenizer`; otherwise the GGUF has no vocabulary (enough for outputs that carry none, such
 // as a GPTQ directory, but not servable). Throws HfCheckpointError / SafetensorsError naming the file
-// and the problem (also for a head_dim other than hidden_size / num_attention_heads, which GGUF's
-// llama keys cannot express), GgufError when the output cannot be written.
+// and the problem, GgufError when the output cannot be written. A head_dim other than hidden_size /
+// num_attention_heads is written as llama.attention.key_length / value_length.
 void convert_hf_to_gguf(const std::string& dir, const std::string& out_path, bool require_tokenizer = true);
 
 }  // namespace nibble::model

@@ -102,7 +102,7 @@ std::shared_ptr<const LlamaCheckpoint> LlamaCheckpoint::open_dummy(const std::st
   cfg.n_ff = shape.n_ff;
   cfg.n_vocab = shape.n_vocab;
   cfg.n_ctx_train = shape.n_ctx;
-  cfg.head_dim = shape.n_embd / shape.n_head;
+  cfg.head_dim = shape.head_size();
   cfg.rope_dims = cfg.head_dim;
   cfg.rope_base = shape.rope_base;
   cfg.rope_linear_factor = shape.rope_linear_factor;

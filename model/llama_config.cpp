@@ -40,11 +40,22 @@ LlamaConfig LlamaConfig::from_gguf(const GgufFile& file) {
   c.rope_base = static_cast<float>(rope_base);
   c.rms_eps = static_cast<float>(rms_eps);
 
-  if (c.n_embd % c.n_head != 0)
-    throw GgufError(file.path() + ": embedding_length is not a multiple of head_count");
   if (c.n_head % c.n_head_kv != 0)
     throw GgufError(file.path() + ": head_count is not a multiple of head_count_kv");
-  c.head_dim = c.n_embd / c.n_head;
+  // The head size: attention.key_length where the file gives it (Mistral Nemo / Small's llama-architecture
+  // files: heads of 128 over an embedding of 5120 and 32 heads), else embedding_length / head_count, as
+  // llama.cpp reads it. K and V heads of different sizes are not Llama's.
+  if (file.has(a + "attention.key_length")) {
+    c.head_dim = positive(a + "attention.key_length");
+    if (file.has(a + "attention.value_length") && positive(a + "attention.value_length") != c.head_dim) {
+      throw GgufError(file.path() + ": " + a + "attention.value_length differs from " + a +
+                      "attention.key_length (K and V heads of different sizes are not supported)");
+    }
+  } else {
+    if (c.n_embd % c.n_head != 0)
+      throw GgufError(file.path() + ": embedding_length is not a multiple of head_count");
+    c.head_dim = c.n_embd / c.n_head;
+  }
   c.rope_dims = file.has(a + "rope.dimension_count") ? positive(a + "rope.dimension_count") : c.head_dim;
   if (c.rope_dims > c.head_dim || c.rope_dims % 2 != 0) {
     throw GgufError(file.path() + ": rope.dimension_count must be even and at most the head size");

@@ -19,7 +19,7 @@ struct LlamaConfig {
   int64_t n_ff = 0;
   int64_t n_vocab = 0;
   int64_t n_ctx_train = 0;
-  int64_t head_dim = 0;   // n_embd / n_head
+  int64_t head_dim = 0;   // GGUF attention.key_length or HF head_dim; else n_embd / n_head
   int64_t rope_dims = 0;  // leading dims of each head that rotate
   float rope_base = 10000.0f;
   // RoPE scaling as llama.cpp applies it (kernels::RopeScaling): pair i turns by

@@ -136,10 +136,10 @@ std::vector<uint8_t> random_norm(int64_t n, uint64_t seed) {
 }  // namespace
 
 int64_t LlamaShape::n_params() const {
-  const int64_t head_dim = n_embd / n_head;
-  const int64_t kv_dim = n_head_kv * head_dim;
+  const int64_t q_dim = n_head * head_size();
+  const int64_t kv_dim = n_head_kv * head_size();
   const int64_t per_layer =
-      2 * n_embd + n_embd * n_embd * 2 + n_embd * kv_dim * 2 + 3 * n_embd * n_ff;  // norms, q/o, k/v, ffn
+      2 * n_embd + n_embd * q_dim * 2 + n_embd * kv_dim * 2 + 3 * n_embd * n_ff;  // norms, q/o, k/v, ffn
   return 2 * n_vocab * n_embd + n_embd + n_layer * per_layer;
 }
 
@@ -333,9 +333,11 @@ void write_random_llama(const std::string& path, const LlamaShape& shape, kernel
   if (s.n_embd <= 0 || s.n_layer <= 0 || s.n_head <= 0 || s.n_head_kv <= 0 || s.n_ff <= 0 || s.n_ctx <= 0) {
     throw std::invalid_argument("model shape sizes must be positive");
   }
-  if (s.n_embd % s.n_head != 0 || s.n_head % s.n_head_kv != 0 || (s.n_embd / s.n_head) % 2 != 0) {
+  if ((s.head_dim == 0 && s.n_embd % s.n_head != 0) || s.head_dim < 0 || s.n_head % s.n_head_kv != 0 ||
+      s.head_size() % 2 != 0) {
     throw std::invalid_argument(
-        "n_embd must be a multiple of n_head (with an even head size) and n_head of n_head_kv");
+        "n_embd must be a multiple of n_head (or the head size given) with an even head size, and n_head of "
+        "n_head_kv");
   }
   using kernels::DType;
   const bool quantized = matrix_type == DType::Q4_0 || matrix_type == DType::Q4_1 ||
@@ -347,13 +349,14 @@ void write_random_llama(const std::string& path, const LlamaShape& shape, kernel
     throw std::invalid_argument(std::string("random models cannot be written as ") +
                                 kernels::type_name(matrix_type));
   }
+  const int64_t head_dim = s.head_size();
+  const int64_t q_dim = s.n_head * head_dim;
+  const int64_t kv_dim = s.n_head_kv * head_dim;
   const int64_t block = kernels::type_info(matrix_type).block_elems;
-  if (s.n_embd % block != 0 || s.n_ff % block != 0) {
-    throw std::invalid_argument(std::string("n_embd and n_ff must be multiples of the ") +
+  if (s.n_embd % block != 0 || s.n_ff % block != 0 || q_dim % block != 0) {
+    throw std::invalid_argument(std::string("n_embd, n_ff and n_head x head size must be multiples of the ") +
                                 kernels::type_name(matrix_type) + " block size " + std::to_string(block));
   }
-  const int64_t head_dim = s.n_embd / s.n_head;
-  const int64_t kv_dim = s.n_head_kv * head_dim;
   if (!s.rope_freq_factors.empty() && static_cast<int64_t>(s.rope_freq_factors.size()) != head_dim / 2) {
     throw std::invalid_argument("rope frequency factors: " + std::to_string(s.rope_freq_factors.size()) +
                                 " given, a head of " + std::to_string(head_dim) + " needs " +
@@ -374,6 +377,10 @@ void write_random_llama(const std::string& path, const LlamaShape& shape, kernel
   w.set_float32("llama.rope.freq_base", s.rope_base);
   w.set_float32("llama.attention.layer_norm_rms_epsilon", s.rms_eps);
   w.set_uint32("llama.rope.dimension_count", static_cast<uint32_t>(head_dim));
+  if (q_dim != s.n_embd) {
+    w.set_uint32("llama.attention.key_length", static_cast<uint32_t>(head_dim));
+    w.set_uint32("llama.attention.value_length", static_cast<uint32_t>(head_dim));
+  }
   w.set_uint32("llama.vocab_size", static_cast<uint32_t>(s.n_vocab));
   if (s.rope_linear_factor != 0.0f) {
     w.set_string("llama.rope.scaling.type", "linear");
@@ -400,10 +407,10 @@ void write_random_llama(const std::string& path, const LlamaShape& shape, kernel
   for (int64_t layer = 0; layer < s.n_layer; ++layer) {
     const std::string p = "blk." + std::to_string(layer) + ".";
     norm(p + "attn_norm.weight");
-    matrix(p + "attn_q.weight", s.n_embd, s.n_embd);
+    matrix(p + "attn_q.weight", s.n_embd, q_dim);
     matrix(p + "attn_k.weight", s.n_embd, kv_dim);
     matrix(p + "attn_v.weight", s.n_embd, kv_dim);
-    matrix(p + "attn_output.weight", s.n_embd, s.n_embd);
+    matrix(p + "attn_output.weight", q_dim, s.n_embd);
     norm(p + "ffn_norm.weight");
     matrix(p + "ffn_gate.weight", s.n_embd, s.n_ff);
     matrix(p + "ffn_up.weight", s.n_embd, s.n_ff);

@@ -22,11 +22,13 @@ struct LlamaShape {
   int64_t n_ff = 0;
   int64_t n_vocab = 0;
   int64_t n_ctx = 0;
+  int64_t head_dim = 0;  // 0: n_embd / n_head; else written as llama.attention.key_length / value_length
   float rope_base = 10000;
   float rms_eps = 1e-5f;
   float rope_linear_factor = 0.0f;            // llama.rope.scaling.factor (type linear); 0: none
   std::vector<float> rope_freq_factors = {};  // rope_freqs.weight [head_dim / 2] (Llama 3.1's); empty: none
 
+  int64_t head_size() const { return head_dim > 0 ? head_dim : n_embd / n_head; }
   // Number of weights (matrices, embeddings and norms) in a model of this shape, with an
   // untied output head.
   int64_t n_params() const;

@@ -127,6 +127,9 @@ const FixtureCase kCases[] = {
     // Rows equal llama.cpp's to ~1e-7 but where an 8-bit activation rounding tipped (to 1.6e-2).
     {"tiny-llama3-rope-q8_0", {3e-2, 1.0, true, 50}, "llama-cpp-rope-scaling", 354},
     {"tiny-linear-rope-q8_0", {3e-2, 1.0, true, 45}, "llama-cpp-rope-scaling", 354},
+    // Heads of 64 over an embedding of 128 and 4 heads (llama.attention.key_length, as Mistral Nemo's
+    // files: q and the attention output 256 wide).
+    {"tiny-head-dim-64-q8_0", {3e-2, 1.0, true, 35}, "llama-cpp-head-dim", 354},
 };
 
 // The directory holding fc's files, or nullopt (fixtures absent).

@@ -852,6 +852,45 @@ TEST(GgufLlamaConfig, ReadsRopeScalingAsLlamaCppDoesAndRefusesWhatItCannotRun) {
   }
 }
 
+// A head size other than embedding_length / head_count (llama.attention.key_length, as Mistral Nemo's
+// files have): q and the attention output sized by it; V heads of another size refused by name.
+TEST(GgufLlamaConfig, HeadSizeFromKeyLength) {
+  test::TempDir dir;
+  LlamaShape shape = llama_shape_by_name("tiny");  // embd 128, 4 / 2 heads
+  shape.head_dim = 64;
+  const fs::path path = dir.path() / "h64.gguf";
+  write_random_llama(path.string(), shape, DType::Q8_0, 1);
+  const auto file = GgufFile::open(path.string());
+  const LlamaConfig c = LlamaConfig::from_gguf(*file);
+  EXPECT_EQ(c.head_dim, 64);
+  EXPECT_EQ(c.q_dim(), 256);
+  EXPECT_EQ(c.kv_dim(), 128);
+  EXPECT_EQ(c.rope_dims, 64);
+  const LlamaWeights w = LlamaWeights::bind(*file, c);
+  EXPECT_EQ(w.layers.at(0).wq.n_out, 256);
+  EXPECT_EQ(w.layers.at(0).wo.k, 256);
+
+  GgufWriter writer;
+  for (const auto& [key, value] : file->metadata())
+    writer.set(key, key == "llama.attention.value_length" ? V::make_uint(T::UINT32, 32) : value);
+  for (const GgufTensorInfo& tensor : file->tensors()) {
+    const uint8_t* data = file->tensor_data(tensor);
+    writer.add_tensor(tensor.name, tensor.dims, tensor.type,
+                      std::vector<uint8_t>(data, data + tensor.size_bytes));
+  }
+  const fs::path bad = dir.path() / "v32.gguf";
+  writer.write(bad.string());
+  try {
+    (void)LlamaConfig::from_gguf(*GgufFile::open(bad.string()));
+    ADD_FAILURE() << "accepted";
+  } catch (const GgufError& e) {
+    EXPECT_NE(
+        std::string(e.what()).find("llama.attention.value_length differs from llama.attention.key_length"),
+        std::string::npos)
+        << e.what();
+  }
+}
+
 // A weight matrix stored in an activation-only type (Q8_1, Q8_K: GGML's types for quantized
 // activations, which no quantizer writes for weights) is refused at load with the tensor's name, not
 // at the first matmul.

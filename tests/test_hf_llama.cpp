@@ -10,6 +10,7 @@
 
 #include "kernels/matmul.hpp"
 #include "kernels/thread_pool.hpp"
+#include "model/gguf.hpp"
 #include "model/hf_to_gguf.hpp"
 #include "model/llama_checkpoint.hpp"
 #include "model/safetensors.hpp"
@@ -203,6 +204,28 @@ TEST(HfLlama, RopeScaledCheckpointsMatchTransformers) {
     EXPECT_TRUE(unscaled->config().rope_freq_factors.empty());
     EXPECT_GT(worst_sequence_error(run_sequences(*unscaled, ref), ref, c.n_vocab), 1e-2);
   }
+}
+
+// config.json's head_dim other than hidden_size / num_attention_heads (Mistral Nemo's heads of 128 over
+// 5120 / 32; here 4 heads of 32 over 64): q and the attention output sized by it, against transformers;
+// converted to GGUF (llama.attention.key_length / value_length, as convert_hf_to_gguf.py writes it), the
+// same.
+TEST(HfLlama, HeadDimOtherThanHiddenOverHeadsMatchesTransformers) {
+  const fs::path dir = reference_root() / "head-dim-32";
+  const Reference ref = load_reference("head-dim-32");
+  auto model = LlamaModel::load(dir.string());
+  EXPECT_EQ(model->config().head_dim, 32);
+  EXPECT_EQ(model->config().q_dim(), 128);
+  EXPECT_EQ(model->config().n_embd, 64);
+  EXPECT_LT(worst_sequence_error(run_sequences(*model, ref), ref, model->config().n_vocab), 2e-4);
+
+  test::TempDir tmp;
+  const fs::path gguf = tmp.path() / "converted.gguf";
+  model::convert_hf_to_gguf(dir.string(), gguf.string(), /*require_tokenizer=*/false);
+  EXPECT_EQ(model::GgufFile::open(gguf.string())->get_uint("llama.attention.key_length"), 32u);
+  auto converted = LlamaModel::load(gguf.string());
+  EXPECT_EQ(converted->config().head_dim, 32);
+  EXPECT_LT(worst_sequence_error(run_sequences(*converted, ref), ref, model->config().n_vocab), 2e-4);
 }
 
 // config.json's scalings that Nibble does not run are refused by name, not run as plain RoPE.

@@ -421,14 +421,20 @@ TEST(QuantizeHf, MissingTokenizerOrCorruptWeightsNameTheFile) {
   EXPECT_FALSE(fs::exists(tmp.path() / "out.gguf"));
   EXPECT_FALSE(fs::exists(tmp.path() / "out.gguf.hf-source.gguf"));
 
-  // A head size GGUF's llama keys cannot express (they derive it from hidden_size / heads).
+  // A head size the tensors cannot back (config.json's head_dim 32 over 4 heads: q of 128 rows, where the
+  // checkpoint's has 64; a head_dim they back converts,
+  // HfLlama.HeadDimOtherThanHiddenOverHeadsMatchesTransformers).
   test::write_file_bytes(weights, whole);
   json config = json::parse(std::ifstream(dir / "config.json"));
   config["head_dim"] = 32;
   write_text(dir / "config.json", config.dump());
   r = quantize(dir, tmp.path() / "out.gguf", "--type f32");
   EXPECT_NE(r.exit_code, 0);
-  EXPECT_NE(r.output.find((dir / "config.json").string() + ": head_dim 32"), std::string::npos) << r.output;
+  EXPECT_NE(
+      r.output.find("tensor 'model.layers.0.self_attn.q_proj.weight' has shape [64, 64], expected [128, 64]"),
+      std::string::npos)
+      << r.output;
+  EXPECT_FALSE(fs::exists(tmp.path() / "out.gguf"));
 }
 
 }  // namespace

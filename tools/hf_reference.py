@@ -16,15 +16,17 @@ Each variant gets logits of transformers' float32 forward of exactly the weights
 Both are little-endian float32 [sum of the sequence lengths, vocab_size], one row per position,
 sequences one after the other, each run from position 0 on its own.
 
-RoPE scaling (--rope-scaling): two more float32 variants, written next to the others and added to
+--extra-variants: three more float32 variants, written next to the others and added to
 reference.json without touching them:
   OUT/llama3-rope/  rope_scaling {"rope_type": "llama3", factor 8, low / high frequency factors 1 and 4,
                     original_max_position_embeddings 64}: with heads of 16 the pairs are kept, smoothed
                     and slowed 8 times, all within the sequences' 33 positions
   OUT/linear-rope/  rope_scaling {"rope_type": "linear", "factor": 4}
+  OUT/head-dim-32/  head_dim 32 (4 heads of 32 over hidden_size 64, as Mistral Nemo's heads of 128 over
+                    5120 / 32)
 
 Needs `pip install torch transformers`. Usage:
-  python3 tools/hf_reference.py --out tests/data/hf-tiny-llama [--rope-scaling]
+  python3 tools/hf_reference.py --out tests/data/hf-tiny-llama [--extra-variants]
 """
 import argparse
 import json
@@ -68,19 +70,19 @@ def fp16_kv_attention(module, query, key, value, attention_mask, scaling, dropou
 AttentionInterface.register("nibble_fp16_kv", fp16_kv_attention)
 
 
-ROPE_SCALINGS = {
-    "llama3-rope": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                    "original_max_position_embeddings": 64},
-    "linear-rope": {"rope_type": "linear", "factor": 4.0},
+# Each extra variant's config.json keys beyond SHAPE.
+EXTRA_VARIANTS = {
+    "llama3-rope": {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 64,
+                                     "rope_theta": SHAPE["rope_theta"]}},
+    "linear-rope": {"rope_scaling": {"rope_type": "linear", "factor": 4.0, "rope_theta": SHAPE["rope_theta"]}},
+    "head-dim-32": {"head_dim": 32},
 }
 
 
-def build(seed, tied, rope_scaling=None):
+def build(seed, tied, extra=None):
     torch.manual_seed(seed)
-    extra = {}
-    if rope_scaling is not None:
-        extra["rope_scaling"] = dict(rope_scaling, rope_theta=SHAPE["rope_theta"])
-    config = LlamaConfig(**SHAPE, tie_word_embeddings=tied, attn_implementation="eager", **extra)
+    config = LlamaConfig(**SHAPE, tie_word_embeddings=tied, attn_implementation="eager", **(extra or {}))
     model = LlamaForCausalLM(config).float().eval()
     # transformers' default init (std 0.02, norms at 1) gives near-uniform attention and tiny logits,
     # which would hide binding mistakes: use larger weights and random norm gains. At std 0.15 pairing
@@ -130,23 +132,22 @@ def save(model, directory, dtype, sequences, plain):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--rope-scaling", action="store_true",
-                        help="write the RoPE scaling variants only, adding them to an existing reference.json")
+    parser.add_argument("--extra-variants", action="store_true",
+                        help="write the extra variants only, adding them to an existing reference.json")
     args = parser.parse_args()
 
     rng = np.random.default_rng(7)
     sequences = [rng.integers(0, SHAPE["vocab_size"], size=n).tolist() for n in SEQUENCE_LENGTHS]
-    if args.rope_scaling:
+    if args.extra_variants:
         path = os.path.join(args.out, "reference.json")
         with open(path) as f:
             reference = json.load(f)
         assert reference["sequences"] == sequences and reference["shape"] == SHAPE
-        for seed, (name, scaling) in enumerate(ROPE_SCALINGS.items(), start=3):
-            model = build(seed=seed, tied=False, rope_scaling=scaling)
+        for seed, (name, extra) in enumerate(EXTRA_VARIANTS.items(), start=3):
+            model = build(seed=seed, tied=False, extra=extra)
             shape = save(model, os.path.join(args.out, name), torch.float32, sequences, True)
-            reference["variants"][name] = {"dtype": "F32", "tied": False, "logits_shape": list(shape),
-                                           "rope_scaling": scaling, "torch": torch.__version__,
-                                           "transformers": transformers.__version__}
+            reference["variants"][name] = dict(extra, dtype="F32", tied=False, logits_shape=list(shape),
+                                               torch=torch.__version__, transformers=transformers.__version__)
         with open(path, "w") as f:
             json.dump(reference, f, indent=1)
             f.write("\n")

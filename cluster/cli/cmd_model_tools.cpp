@@ -226,8 +226,7 @@ void apply_rope_scaling(const std::string& spec, model::LlamaShape& shape) {
     model::Llama3RopeScaling l3;
     l3.factor = number(parts[1]);
     l3.original_context = number(parts[2]);
-    shape.rope_freq_factors =
-        model::llama3_rope_freq_factors(l3, shape.rope_base, shape.n_embd / shape.n_head);
+    shape.rope_freq_factors = model::llama3_rope_freq_factors(l3, shape.rope_base, shape.head_size());
   } else {
     throw bad();
   }
@@ -239,7 +238,7 @@ Runner add_make_model(CLI::App& app) {
   struct Args {
     std::string shape = "tiny", type = "q4_0", out, rope_scaling;
     uint64_t seed = 1;
-    int64_t vocab = 0;
+    int64_t vocab = 0, head_dim = 0;
   };
   auto a = std::make_shared<Args>();
   app.add_option("--shape", a->shape, "Named shape: tiny, tiny-h64, small, llama-1b, llama-8b, llama-70b");
@@ -252,6 +251,9 @@ Runner add_make_model(CLI::App& app) {
          "Vocabulary size instead of the shape's (models of equal size share the synthetic vocabulary, "
          "so a small draft can serve a large target)")
       ->check(CLI::Range(int64_t{354}, int64_t{1} << 20));
+  app.add_option("--head-dim", a->head_dim,
+                 "Head size instead of the embedding / heads (llama.attention.key_length, as Mistral Nemo's)")
+      ->check(CLI::Range(int64_t{2}, int64_t{1024}));
   app.add_option("--rope-scaling", a->rope_scaling,
                  "RoPE scaling: linear:FACTOR (llama.rope.scaling.factor) or llama3:FACTOR:CONTEXT (Llama "
                  "3.1's frequency factors from an original context of CONTEXT, as rope_freqs.weight)");
@@ -259,6 +261,7 @@ Runner add_make_model(CLI::App& app) {
   return [a]() {
     model::LlamaShape shape = model::llama_shape_by_name(a->shape);
     if (a->vocab > 0) shape.n_vocab = a->vocab;
+    if (a->head_dim > 0) shape.head_dim = a->head_dim;
     if (!a->rope_scaling.empty()) apply_rope_scaling(a->rope_scaling, shape);
     model::write_random_llama(a->out, shape, parse_matrix_type(a->type), a->seed);
     std::cerr << "wrote " << a->out << " (" << std::filesystem::file_size(a->out) << " bytes)\n";

@@ -320,6 +320,22 @@ TEST(CudaLlamaModel, RopeScaledModelsMatchTheCpu) {
   }
 }
 
+// Heads of another size than the embedding over the heads (GGUF llama.attention.key_length, HF head_dim:
+// Mistral Nemo's heads of 128 over 5120 / 32): 4 heads of 64 over an embedding of 128, so q and the
+// attention output are 256 wide; against the CPU with both attention paths.
+TEST(CudaLlamaModel, HeadsOfAnotherSizeThanTheEmbeddingOverTheHeadsMatchTheCpu) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  t::TempDir dir;
+  m::LlamaShape shape = tiny_shape(128, 4, 2);
+  shape.head_dim = 64;
+  for (const k::DType type : {k::DType::F16, k::DType::Q4_0}) {
+    const std::string path = random_model(dir.path(), shape, type);
+    ASSERT_EQ(m::LlamaCheckpoint::open(path)->config().q_dim(), 256);
+    for (const bool decode_attention : {true, false})
+      compare_scenario(path, bound_for(type), decode_attention);
+  }
+}
+
 // A quantized KV cache on the GPU (kernels/cuda/kv_cache_quant: each layer's blocks dequantized into an
 // fp16 working copy, the new rows quantized after their write, llama.cpp's rotation) against the CPU with
 // the same cache, over the Scenario's batches (prompts, decode, a verification-shaped chunk). Bounds:

@@ -6,6 +6,8 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <numbers>
 #include <stdexcept>
 #include <vector>
@@ -196,6 +198,39 @@ TEST(Llama3RopeScaling, FactorsAreOneForShortWavelengthsTheFactorForLongOnesAndS
   EXPECT_EQ(ones, 29);
   EXPECT_EQ(between, 6);
   EXPECT_EQ(eights, 29);
+}
+
+// Against llama.cpp's converter bit for bit: convert_hf_to_gguf.py's rope_freqs.weight (its
+// generate_extra_tensors in conversion/llama.py, llama-cpp-python 0.3.36's vendored llama.cpp, run with torch
+// 2.15) for Llama-3.1-8B / 70B (base 500000, heads of 128, factor 8) and Llama-3.2-1B (heads of 64,
+// factor 32), both from a context of 8192: 1 below the smoothed pairs, the factor above them, and these
+// smoothed values.
+TEST(Llama3RopeScaling, FactorsAreConvertHfToGgufsBitForBit) {
+  struct Case {
+    int64_t dims;
+    double factor;
+    int64_t first_smoothed;
+    std::vector<uint32_t> smoothed;
+  };
+  const Case cases[] = {
+      {128, 8.0, 29, {0x3f9a8ed5, 0x3fc6d64a, 0x4001af1d, 0x402c732e, 0x406bcace, 0x40a83c06}},
+      {64, 32.0, 15, {0x3fd35ec2, 0x4052b46f, 0x411aaaee}},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE("heads of " + std::to_string(c.dims));
+    const std::vector<float> f = llama3_rope_freq_factors({c.factor, 1.0, 4.0, 8192.0}, 500000.0f, c.dims);
+    ASSERT_EQ(f.size(), static_cast<size_t>(c.dims / 2));
+    for (int64_t i = 0; i < c.dims / 2; ++i) {
+      const int64_t s = i - c.first_smoothed;
+      float want = 1.0f;
+      if (s >= static_cast<int64_t>(c.smoothed.size())) {
+        want = static_cast<float>(c.factor);
+      } else if (s >= 0) {
+        std::memcpy(&want, &c.smoothed[static_cast<size_t>(s)], sizeof(want));
+      }
+      EXPECT_EQ(f[static_cast<size_t>(i)], want) << i;
+    }
+  }
 }
 
 TEST(Llama3RopeScaling, RefusesParametersItCannotUse) {

@@ -22,6 +22,7 @@
 #include "model/hf_checkpoint.hpp"
 #include "model/hf_tokenizer.hpp"
 #include "model/imatrix.hpp"
+#include "model/llama_config.hpp"
 #include "model/lora_adapter.hpp"
 #include "model/random_model.hpp"
 #include "model/requantize.hpp"
@@ -134,6 +135,14 @@ std::vector<std::vector<uint8_t>> gguf_model_seeds() {
     model::write_random_llama(path.string(), shape, type, 7);
     seeds.push_back(read_bytes(path));
   }
+  // With RoPE scaling (Llama 3.1's rope_freqs.weight and a linear factor) and heads of another size than
+  // n_embd / n_head (attention.key_length).
+  model::LlamaShape scaled = shape;
+  scaled.head_dim = 32;
+  scaled.rope_linear_factor = 2.0f;
+  scaled.rope_freq_factors = model::llama3_rope_freq_factors({8.0, 1.0, 4.0, 16.0}, scaled.rope_base, 32);
+  model::write_random_llama(path.string(), scaled, kernels::DType::Q8_0, 7);
+  seeds.push_back(read_bytes(path));
   // The same model as Q4_1, and as llama.cpp's Q4_K_S mix: with rows of 32 and 64 every K-quant falls
   // back to Q5_0 / Q5_1 (the head to Q8_0).
   const fs::path small_f16 = scratch_dir().path() / "seed-small-f16.gguf";

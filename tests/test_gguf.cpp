@@ -13,6 +13,7 @@
 #include <optional>
 #include <random>
 #include <set>
+#include <tuple>
 
 #include "kernels/quantize.hpp"
 #include "model/gguf.hpp"
@@ -696,6 +697,38 @@ TEST(GgufFixtures, BitFlippedFixturesNeverCrash) {
   EXPECT_LT(max_rss_kb() - rss_before, 1024 * 1024) << "corrupt metadata caused a huge allocation";
 }
 
+// `file` written again to `path` with metadata keys set (or dropped: nullopt) and tensors replaced
+// (name -> dims, type, bytes), then opened.
+struct GgufEdits {
+  std::vector<std::pair<std::string, std::optional<GgufValue>>> metadata;
+  std::map<std::string, std::tuple<std::vector<int64_t>, DType, std::vector<uint8_t>>> tensors;
+};
+std::shared_ptr<const GgufFile> edited_copy(const GgufFile& file, const fs::path& path,
+                                            const GgufEdits& edits) {
+  std::map<std::string, GgufValue> metadata = file.metadata();
+  for (const auto& [key, value] : edits.metadata) {
+    if (value) {
+      metadata.insert_or_assign(key, *value);
+    } else {
+      metadata.erase(key);
+    }
+  }
+  GgufWriter writer;
+  for (const auto& [key, value] : metadata) writer.set(key, value);
+  for (const GgufTensorInfo& tensor : file.tensors()) {
+    if (const auto it = edits.tensors.find(tensor.name); it != edits.tensors.end()) {
+      const auto& [dims, type, bytes] = it->second;
+      writer.add_tensor(tensor.name, dims, type, bytes);
+      continue;
+    }
+    const uint8_t* data = file.tensor_data(tensor);
+    writer.add_tensor(tensor.name, tensor.dims, tensor.type,
+                      std::vector<uint8_t>(data, data + tensor.size_bytes));
+  }
+  writer.write(path.string());
+  return GgufFile::open(path.string());
+}
+
 // A model's hyperparameters come from its metadata: values its tensors cannot back are refused by
 // name before anything is sized by them (fuzzing found a block_count of 2^31 that made room for as
 // many layers before the first missing tensor was noticed).
@@ -707,16 +740,7 @@ TEST(GgufLlamaConfig, RefusesHyperparametersTheFileCannotBack) {
   EXPECT_EQ(LlamaConfig::from_gguf(*file).n_layer, 2);
   // The file again with one metadata value changed.
   const auto changed = [&](const std::string& key, const GgufValue& value) {
-    GgufWriter writer;
-    for (const auto& [name, original] : file->metadata()) writer.set(name, name == key ? value : original);
-    for (const GgufTensorInfo& tensor : file->tensors()) {
-      const uint8_t* data = file->tensor_data(tensor);
-      writer.add_tensor(tensor.name, tensor.dims, tensor.type,
-                        std::vector<uint8_t>(data, data + tensor.size_bytes));
-    }
-    const fs::path path = dir.path() / "changed.gguf";
-    writer.write(path.string());
-    return GgufFile::open(path.string());
+    return edited_copy(*file, dir.path() / "changed.gguf", {{{key, value}}, {}});
   };
   struct Case {
     const char* key;
@@ -775,33 +799,14 @@ TEST(GgufLlamaConfig, ReadsRopeScalingAsLlamaCppDoesAndRefusesWhatItCannotRun) {
   int files = 0;
   const auto rewritten = [&](const Edits& edits, DType freqs_type = DType::F32,
                              std::vector<float> freqs = {}) {
-    std::map<std::string, GgufValue> metadata = file->metadata();
-    for (const auto& [key, value] : edits) {
-      if (value) {
-        metadata.insert_or_assign(key, *value);
-      } else {
-        metadata.erase(key);
-      }
-    }
-    GgufWriter writer;
-    for (const auto& [key, value] : metadata) writer.set(key, value);
-    for (const GgufTensorInfo& tensor : file->tensors()) {
-      const uint8_t* data = file->tensor_data(tensor);
-      std::vector<uint8_t> bytes(data, data + tensor.size_bytes);
-      std::vector<int64_t> dims = tensor.dims;
-      DType type = tensor.type;
-      if (tensor.name == "rope_freqs.weight" && !freqs.empty()) {
-        dims = {static_cast<int64_t>(freqs.size())};
-        type = freqs_type;
-        bytes.assign(freqs.size() * (type == DType::F32 ? 4 : 2), 0);
-        if (type == DType::F32) std::memcpy(bytes.data(), freqs.data(), bytes.size());
-      }
-      writer.add_tensor(tensor.name, dims, type, std::move(bytes));
+    GgufEdits e{edits, {}};
+    if (!freqs.empty()) {
+      std::vector<uint8_t> bytes(freqs.size() * (freqs_type == DType::F32 ? 4 : 2), 0);
+      if (freqs_type == DType::F32) std::memcpy(bytes.data(), freqs.data(), bytes.size());
+      e.tensors["rope_freqs.weight"] = {{static_cast<int64_t>(freqs.size())}, freqs_type, std::move(bytes)};
     }
     // A file of its own each: the earlier ones stay mapped.
-    const fs::path path = dir.path() / ("changed-" + std::to_string(files++) + ".gguf");
-    writer.write(path.string());
-    return GgufFile::open(path.string());
+    return edited_copy(*file, dir.path() / ("changed-" + std::to_string(files++) + ".gguf"), e);
   };
   const auto scale_of = [&](const Edits& edits) {
     return LlamaConfig::from_gguf(*rewritten(edits)).rope_freq_scale();
@@ -870,18 +875,10 @@ TEST(GgufLlamaConfig, HeadSizeFromKeyLength) {
   EXPECT_EQ(w.layers.at(0).wq.n_out, 256);
   EXPECT_EQ(w.layers.at(0).wo.k, 256);
 
-  GgufWriter writer;
-  for (const auto& [key, value] : file->metadata())
-    writer.set(key, key == "llama.attention.value_length" ? V::make_uint(T::UINT32, 32) : value);
-  for (const GgufTensorInfo& tensor : file->tensors()) {
-    const uint8_t* data = file->tensor_data(tensor);
-    writer.add_tensor(tensor.name, tensor.dims, tensor.type,
-                      std::vector<uint8_t>(data, data + tensor.size_bytes));
-  }
-  const fs::path bad = dir.path() / "v32.gguf";
-  writer.write(bad.string());
+  const auto bad = edited_copy(*file, dir.path() / "v32.gguf",
+                               {{{"llama.attention.value_length", V::make_uint(T::UINT32, 32)}}, {}});
   try {
-    (void)LlamaConfig::from_gguf(*GgufFile::open(bad.string()));
+    (void)LlamaConfig::from_gguf(*bad);
     ADD_FAILURE() << "accepted";
   } catch (const GgufError& e) {
     EXPECT_NE(

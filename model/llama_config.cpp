@@ -62,7 +62,7 @@ LlamaConfig LlamaConfig::from_gguf(const GgufFile& file) {
   }
   // RoPE scaling as llama.cpp reads it (llama_model::load_hparams): the type defaults to linear and
   // the factor (or the older rope.scale_linear) to none; a type "none" ignores the factor. YaRN and
-  // LongRoPE are not implemented and are refused by name rather than run as plain RoPE.
+  // LongRoPE (no Llama release uses them) are refused by name rather than run as plain RoPE.
   const std::string scaling_type = file.find_string(a + "rope.scaling.type").value_or("linear");
   if (scaling_type != "none" && scaling_type != "linear") {
     throw GgufError(file.path() + ": " + a + "rope.scaling.type = '" + scaling_type +

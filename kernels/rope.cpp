@@ -9,11 +9,21 @@ float rope_theta_scale(float base, int64_t rot_dims) {
   return std::pow(base, -2.0f / static_cast<float>(rot_dims));
 }
 
+namespace {
+
+// Pair i's unscaled angle theta, divided by its frequency factor and times the linear scale (ggml's
+// rope_yarn without YaRN): one expression for rope_normal and rope_angle, so their bits agree.
+float scaled_angle(float theta, int64_t i, const RopeScaling& scaling) {
+  if (scaling.freq_factors != nullptr) theta /= scaling.freq_factors[i];
+  return scaling.freq_scale * theta;
+}
+
+}  // namespace
+
 float rope_angle(int32_t pos, int64_t i, float theta_scale, const RopeScaling& scaling) {
   float theta = static_cast<float>(pos);
   for (int64_t s = 0; s < i; ++s) theta *= theta_scale;
-  if (scaling.freq_factors != nullptr) theta /= scaling.freq_factors[i];
-  return scaling.freq_scale * theta;
+  return scaled_angle(theta, i, scaling);
 }
 
 Status rope_normal(float* x, const int32_t* positions, int64_t tokens, int64_t n_heads, int64_t head_dim,
@@ -37,8 +47,7 @@ Status rope_normal(float* x, const int32_t* positions, int64_t tokens, int64_t n
   for (int64_t t = 0; t < tokens; ++t) {
     float theta = static_cast<float>(positions[t]);
     for (int64_t i = 0; i < rot_dims / 2; ++i) {
-      const float factor = scaling.freq_factors != nullptr ? scaling.freq_factors[i] : 1.0f;
-      const float angle = scaling.freq_scale * (theta / factor);
+      const float angle = scaled_angle(theta, i, scaling);
       cos_table[i] = std::cos(angle);
       sin_table[i] = std::sin(angle);
       theta *= theta_scale;

@@ -471,7 +471,7 @@ class GgufParser {
   uint64_t metadata_elements_ = 0;
 };
 
-std::shared_ptr<const GgufFile> GgufFile::open(const std::string& path) {
+std::shared_ptr<GgufFile> GgufFile::open_one(const std::string& path) {
   std::shared_ptr<GgufFile> file(new GgufFile());
   file->path_ = path;
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
@@ -498,6 +498,125 @@ std::shared_ptr<const GgufFile> GgufFile::open(const std::string& path) {
   file->base_ = static_cast<const uint8_t*>(map);
   GgufParser(*file).parse();  // on throw, ~GgufFile unmaps
   return file;
+}
+
+namespace {
+
+constexpr const char* kSplitNo = "split.no";
+constexpr const char* kSplitCount = "split.count";
+constexpr const char* kSplitTensors = "split.tensors.count";
+
+// A file's split.* keys, taken out of its metadata (they frame the set; the set reads as one file).
+struct SplitKeys {
+  uint64_t no = 0;
+  uint64_t count = 1;
+  std::optional<uint64_t> tensors;
+};
+
+SplitKeys take_split_keys(GgufFile& file, std::map<std::string, GgufValue>& metadata) {
+  SplitKeys keys;
+  auto take = [&](const char* key) -> std::optional<uint64_t> {
+    const std::optional<uint64_t> v = file.find_uint(key);  // throws on a non-integer
+    metadata.erase(key);
+    return v;
+  };
+  keys.no = take(kSplitNo).value_or(0);
+  keys.count = take(kSplitCount).value_or(1);
+  keys.tensors = take(kSplitTensors);
+  // llama.cpp stores them as u16: a set has at most 65535 files.
+  if (keys.count < 1 || keys.count > 65535) {
+    throw GgufError(file.path() + ": split.count = " + std::to_string(keys.count) + " (must be 1 to 65535)");
+  }
+  if (keys.no >= keys.count) {
+    throw GgufError(file.path() + ": split.no = " + std::to_string(keys.no) +
+                    " is not below split.count = " + std::to_string(keys.count));
+  }
+  return keys;
+}
+
+}  // namespace
+
+std::string gguf_split_path(const std::string& prefix, int index, int count) {
+  char suffix[64];
+  std::snprintf(suffix, sizeof suffix, "-%05d-of-%05d.gguf", index + 1, count);
+  return prefix + suffix;
+}
+
+std::shared_ptr<const GgufFile> GgufFile::open(const std::string& path) {
+  std::shared_ptr<GgufFile> first = open_one(path);
+  const SplitKeys keys = take_split_keys(*first, first->metadata_);
+  if (keys.count == 1) return first;
+
+  const int count = static_cast<int>(keys.count);
+  const std::string of = " of " + std::to_string(count);
+  // llama.cpp finds the other files from the first's name, so a set opens by its first file only.
+  const std::string suffix = gguf_split_path("", static_cast<int>(keys.no), count);
+  const bool named =
+      path.size() > suffix.size() && path.compare(path.size() - suffix.size(), suffix.size(), suffix) == 0;
+  const std::string prefix = named ? path.substr(0, path.size() - suffix.size()) : std::string();
+  if (keys.no != 0) {
+    throw GgufError(path + ": file " + std::to_string(keys.no + 1) + of +
+                    " of a split model (split.no = " + std::to_string(keys.no) + "): open the first file" +
+                    (named ? ", " + gguf_split_path(prefix, 0, count) : std::string()) +
+                    ", which finds the others");
+  }
+  if (!named) {
+    throw GgufError(path + ": the first file of a split model of " + std::to_string(count) +
+                    " files (split.count) must be named PREFIX" + suffix +
+                    " (llama.cpp's gguf-split names) so that the others can be found");
+  }
+  for (int index = 1; index < count; ++index) {
+    const std::string part_path = gguf_split_path(prefix, index, count);
+    const std::string where = path + ": file " + std::to_string(index + 1) + of + " of the split model: ";
+    std::shared_ptr<GgufFile> part;
+    try {
+      part = open_one(part_path);
+    } catch (const GgufError& e) {
+      throw GgufError(where + e.what());
+    }
+    SplitKeys part_keys;
+    try {
+      part_keys = take_split_keys(*part, part->metadata_);
+    } catch (const GgufError& e) {
+      throw GgufError(where + e.what());
+    }
+    if (part_keys.no != static_cast<uint64_t>(index) || part_keys.count != keys.count) {
+      throw GgufError(where + part_path + " says it is file " + std::to_string(part_keys.no + 1) + " of " +
+                      std::to_string(part_keys.count) + " (split.no / split.count)");
+    }
+    for (GgufTensorInfo t : part->tensors_) {
+      if (first->tensor_index_.count(t.name) != 0) {
+        const GgufTensorInfo& other = first->tensors_[first->tensor_index_.at(t.name)];
+        throw GgufError(where + "tensor '" + printable(t.name) + "' is in both " + part_path + " and " +
+                        (other.split == 0 ? path : first->other_splits_[other.split - 1]->path()));
+      }
+      t.split = static_cast<uint16_t>(index);
+      first->tensor_index_.emplace(t.name, first->tensors_.size());
+      first->tensors_.push_back(std::move(t));
+    }
+    first->other_splits_.push_back(std::move(part));
+  }
+  if (!keys.tensors) {
+    throw GgufError(path + ": split model without split.tensors.count (how many tensors its files hold)");
+  }
+  if (*keys.tensors != first->tensors_.size()) {
+    throw GgufError(path + ": split model of " + std::to_string(count) + " files holds " +
+                    std::to_string(first->tensors_.size()) + " tensors, but split.tensors.count says " +
+                    std::to_string(*keys.tensors));
+  }
+  return first;
+}
+
+uint64_t GgufFile::file_size() const {
+  uint64_t total = size_;
+  for (const auto& part : other_splits_) total += part->size_;
+  return total;
+}
+
+std::vector<std::string> GgufFile::split_paths() const {
+  std::vector<std::string> paths{path_};
+  for (const auto& part : other_splits_) paths.push_back(part->path_);
+  return paths;
 }
 
 GgufFile::~GgufFile() {
@@ -637,6 +756,10 @@ const GgufTensorInfo* GgufFile::find_tensor(const std::string& name) const {
 
 const uint8_t* GgufFile::tensor_data(const GgufTensorInfo& tensor) const {
   // Offsets were checked against the file size when the file was opened.
+  if (tensor.split != 0) {
+    const GgufFile& part = *other_splits_.at(tensor.split - 1);
+    return part.base_ + part.data_offset_ + tensor.offset;
+  }
   return base_ + data_offset_ + tensor.offset;
 }
 
@@ -779,8 +902,8 @@ void GgufWriter::set_int32_array(const std::string& key, const std::vector<int32
   set(key, GgufValue::make_array(GgufValueType::INT32, std::move(items)));
 }
 
-void GgufWriter::add_tensor(const std::string& name, const std::vector<int64_t>& dims, kernels::DType type,
-                            std::vector<uint8_t> data) {
+void GgufWriter::check_tensor(const std::string& name, const std::vector<int64_t>& dims, kernels::DType type,
+                              uint64_t size) const {
   if (name.empty() || name.size() > kMaxTensorName) {
     writer_error("tensor name '" + name + "' must be 1 to " + std::to_string(kMaxTensorName) + " bytes");
   }
@@ -804,16 +927,83 @@ void GgufWriter::add_tensor(const std::string& name, const std::vector<int64_t>&
                  std::to_string(info->block_elems));
   }
   const uint64_t expected = static_cast<uint64_t>(kernels::row_bytes(type, dims[0]) * rows);
-  if (data.size() != expected) {
+  if (size != expected) {
     writer_error("tensor '" + name + "' " + shape_string(dims) + " " + info->name + " needs " +
-                 std::to_string(expected) + " bytes of data, got " + std::to_string(data.size()));
+                 std::to_string(expected) + " bytes of data, got " + std::to_string(size));
   }
-  tensors_.push_back(PendingTensor{name, dims, type, std::move(data)});
+}
+
+void GgufWriter::add_tensor(const std::string& name, const std::vector<int64_t>& dims, kernels::DType type,
+                            std::vector<uint8_t> data) {
+  check_tensor(name, dims, type, data.size());
+  const uint64_t size = data.size();
+  tensors_.push_back(PendingTensor{name, dims, type, std::move(data), nullptr, size});
+}
+
+void GgufWriter::add_tensor_view(const std::string& name, const std::vector<int64_t>& dims,
+                                 kernels::DType type, const uint8_t* data, uint64_t size) {
+  check_tensor(name, dims, type, size);
+  if (data == nullptr && size > 0) writer_error("tensor '" + name + "' has no data");
+  tensors_.push_back(PendingTensor{name, dims, type, {}, data, size});
 }
 
 void GgufWriter::write(const std::string& path) const {
+  std::vector<const PendingTensor*> all;
+  for (const PendingTensor& t : tensors_) all.push_back(&t);
+  write_file(path, metadata_, all);
+}
+
+std::vector<std::string> GgufWriter::write_split(const std::string& prefix,
+                                                 const GgufSplitLimits& limits) const {
+  if (limits.max_tensors < 0) writer_error("a split's tensor limit must not be negative");
+  // Cut the tensors, in the order added, into runs.
+  std::vector<std::vector<const PendingTensor*>> runs(1);
+  uint64_t run_bytes = 0;
+  for (const PendingTensor& t : tensors_) {
+    const bool past_count =
+        limits.max_tensors > 0 && static_cast<int64_t>(runs.back().size()) >= limits.max_tensors;
+    const bool past_bytes = limits.max_bytes > 0 && run_bytes + t.size > limits.max_bytes;
+    if (!runs.back().empty() && (past_count || past_bytes)) {
+      runs.emplace_back();
+      run_bytes = 0;
+    }
+    runs.back().push_back(&t);
+    run_bytes += t.size;
+  }
+  if (runs.size() > 65535)
+    writer_error("a split model has at most 65535 files, these limits make " + std::to_string(runs.size()));
+  const int count = static_cast<int>(runs.size());
+  std::vector<std::string> paths;
+  for (int index = 0; index < count; ++index) {
+    Metadata metadata;
+    if (index == 0) {
+      for (const auto& kv : metadata_) {
+        if (kv.first.rfind("split.", 0) != 0) metadata.push_back(kv);
+      }
+    }
+    // llama.cpp's types: u16, u16, i32.
+    metadata.emplace_back(kSplitNo,
+                          GgufValue::make_uint(GgufValueType::UINT16, static_cast<uint64_t>(index)));
+    metadata.emplace_back(kSplitCount,
+                          GgufValue::make_uint(GgufValueType::UINT16, static_cast<uint64_t>(count)));
+    metadata.emplace_back(kSplitTensors,
+                          GgufValue::make_int(GgufValueType::INT32, static_cast<int64_t>(tensors_.size())));
+    // Every file keeps the first's alignment, so each reads alone as the first does.
+    if (index > 0) {
+      for (const auto& kv : metadata_) {
+        if (kv.first == "general.alignment") metadata.push_back(kv);
+      }
+    }
+    paths.push_back(gguf_split_path(prefix, index, count));
+    write_file(paths.back(), metadata, runs[index]);
+  }
+  return paths;
+}
+
+void GgufWriter::write_file(const std::string& path, const Metadata& metadata,
+                            const std::vector<const PendingTensor*>& tensors) {
   uint64_t alignment = kDefaultAlignment;
-  for (const auto& [key, value] : metadata_) {
+  for (const auto& [key, value] : metadata) {
     if (key != "general.alignment") continue;
     const auto a = as_uint(value);
     if (!a || !is_power_of_two(*a) || *a < 8 || *a > (uint64_t{1} << 30)) {
@@ -821,29 +1011,30 @@ void GgufWriter::write(const std::string& path) const {
     }
     alignment = *a;
   }
+  auto bytes_of = [](const PendingTensor& t) { return t.data != nullptr ? t.data : t.owned.data(); };
 
   // Header, metadata and tensor infos are small: build them in memory. Tensors follow one another
   // in the order added, each padded to the alignment (the layout llama.cpp's reader expects).
   ByteSink head;
   head.put<uint32_t>(kMagic);
   head.put<uint32_t>(3);
-  head.put<uint64_t>(tensors_.size());
-  head.put<uint64_t>(metadata_.size());
-  for (const auto& [key, value] : metadata_) {
+  head.put<uint64_t>(tensors.size());
+  head.put<uint64_t>(metadata.size());
+  for (const auto& [key, value] : metadata) {
     head.put_string(key);
     head.put<uint32_t>(static_cast<uint32_t>(value.type));
     head.put_value(value);
   }
   uint64_t offset = 0;
   std::vector<uint64_t> offsets;
-  for (const PendingTensor& t : tensors_) {
-    head.put_string(t.name);
-    head.put<uint32_t>(static_cast<uint32_t>(t.dims.size()));
-    for (int64_t d : t.dims) head.put<int64_t>(d);
-    head.put<uint32_t>(static_cast<uint32_t>(t.type));
+  for (const PendingTensor* t : tensors) {
+    head.put_string(t->name);
+    head.put<uint32_t>(static_cast<uint32_t>(t->dims.size()));
+    for (int64_t d : t->dims) head.put<int64_t>(d);
+    head.put<uint32_t>(static_cast<uint32_t>(t->type));
     head.put<uint64_t>(offset);
     offsets.push_back(offset);
-    offset += t.data.size();
+    offset += t->size;
     offset += (alignment - offset % alignment) % alignment;
   }
   head.pad_to(alignment);
@@ -862,11 +1053,11 @@ void GgufWriter::write(const std::string& path) const {
       }
     };
     uint64_t written = 0;
-    for (size_t k = 0; k < tensors_.size(); ++k) {
-      const PendingTensor& t = tensors_[k];
+    for (size_t k = 0; k < tensors.size(); ++k) {
+      const PendingTensor& t = *tensors[k];
       pad(offsets[k] - written);
-      out.write(reinterpret_cast<const char*>(t.data.data()), static_cast<std::streamsize>(t.data.size()));
-      written = offsets[k] + t.data.size();
+      out.write(reinterpret_cast<const char*>(bytes_of(t)), static_cast<std::streamsize>(t.size));
+      written = offsets[k] + t.size;
     }
     pad(offset - written);
     out.flush();

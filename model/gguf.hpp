@@ -64,6 +64,7 @@ struct GgufTensorInfo {
   uint64_t offset = 0;      // relative to the start of the tensor data section
   uint64_t size_bytes = 0;  // bytes the tensor occupies
   int64_t n_elements = 0;
+  uint16_t split = 0;    // which file of a split set holds the bytes (0: the file opened)
   int64_t rows() const;  // product of dims[1..]
   int64_t row_elements() const { return dims.empty() ? 0 : dims[0]; }
 };
@@ -72,17 +73,23 @@ class GgufFile {
  public:
   // Maps and validates the whole file: magic, version (2 or 3), counts, string lengths, value
   // types, array lengths, dims, tensor types, offsets, alignment and sizes within the file.
-  // Throws GgufError naming the problem.
+  // A split set's first file (llama.cpp's gguf-split: NAME-00001-of-0000N.gguf with split.count N)
+  // opens the whole set, as llama.cpp loads one: the other files are found by name and validated
+  // each as a file of its own, their tensors join the first's, and the set reads as one file
+  // (metadata from the first; the split.* keys are checked and left out of metadata()).
+  // Throws GgufError naming the problem (and the file of the set it is in).
   static std::shared_ptr<const GgufFile> open(const std::string& path);
   ~GgufFile();
   GgufFile(const GgufFile&) = delete;
   GgufFile& operator=(const GgufFile&) = delete;
 
-  const std::string& path() const { return path_; }
+  const std::string& path() const { return path_; }  // the file opened (a split set's first)
   uint32_t version() const { return version_; }
   uint64_t alignment() const { return alignment_; }
-  uint64_t file_size() const { return size_; }
+  uint64_t file_size() const;  // bytes of the file, or of every file of a split set
   uint64_t data_offset() const { return data_offset_; }
+  int split_count() const { return 1 + static_cast<int>(other_splits_.size()); }
+  std::vector<std::string> split_paths() const;  // the set's files in order ({path()} for one file)
 
   const std::map<std::string, GgufValue>& metadata() const { return metadata_; }
   const GgufValue* find(const std::string& key) const;
@@ -117,7 +124,19 @@ class GgufFile {
   std::map<std::string, GgufValue> metadata_;
   std::vector<GgufTensorInfo> tensors_;
   std::map<std::string, size_t> tensor_index_;
+  std::vector<std::shared_ptr<const GgufFile>> other_splits_;  // a split set's files 2..N
+  static std::shared_ptr<GgufFile> open_one(const std::string& path);
   friend class GgufParser;
+};
+
+// Where llama.cpp looks for split `index` (0-based) of `count`: PREFIX-%05d-of-%05d.gguf.
+std::string gguf_split_path(const std::string& prefix, int index, int count);
+
+// How GgufWriter::write_split cuts a file (0: no limit). A new file begins before a tensor that
+// would take the current one past either limit; a tensor alone past max_bytes gets a file of its own.
+struct GgufSplitLimits {
+  int64_t max_tensors = 0;
+  uint64_t max_bytes = 0;  // of tensor data, as llama.cpp's gguf-split counts --split-max-size
 };
 
 // Builds a GGUF v3 file in memory order: metadata, tensor infos, aligned tensor data.
@@ -136,18 +155,33 @@ class GgufWriter {
   // data: row_bytes(type, dims[0]) * rows bytes. Tensors are written in the order added.
   void add_tensor(const std::string& name, const std::vector<int64_t>& dims, kernels::DType type,
                   std::vector<uint8_t> data);
+  // The same with borrowed bytes (e.g. another GgufFile's tensor_data), which must stay valid until
+  // the last write: splitting or merging a 40 GB model needs no copy of it in memory.
+  void add_tensor_view(const std::string& name, const std::vector<int64_t>& dims, kernels::DType type,
+                       const uint8_t* data, uint64_t size);
   // Writes the file (alignment from general.alignment if set, else 32). Throws GgufError on I/O
   // failure.
   void write(const std::string& path) const;
+  // Writes a split set as llama.cpp's gguf-split does: gguf_split_path(prefix, i, n) for each of the
+  // n files (n >= 1), the tensors in the order added cut by `limits`, the metadata in the first,
+  // split.no / split.count / split.tensors.count in each. Returns the paths written.
+  std::vector<std::string> write_split(const std::string& prefix, const GgufSplitLimits& limits) const;
 
  private:
   struct PendingTensor {
     std::string name;
     std::vector<int64_t> dims;
     kernels::DType type;
-    std::vector<uint8_t> data;
+    std::vector<uint8_t> owned;  // empty for a view
+    const uint8_t* data = nullptr;
+    uint64_t size = 0;
   };
-  std::vector<std::pair<std::string, GgufValue>> metadata_;
+  using Metadata = std::vector<std::pair<std::string, GgufValue>>;
+  void check_tensor(const std::string& name, const std::vector<int64_t>& dims, kernels::DType type,
+                    uint64_t size) const;
+  static void write_file(const std::string& path, const Metadata& metadata,
+                         const std::vector<const PendingTensor*>& tensors);
+  Metadata metadata_;
   std::vector<PendingTensor> tensors_;
 };
 

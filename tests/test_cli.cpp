@@ -15,6 +15,8 @@
 namespace nibble {
 namespace {
 
+namespace fs = std::filesystem;
+
 class CliTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
@@ -336,6 +338,68 @@ TEST_F(CliTest, QuantizedCopyLoadsAndGenerates) {
   EXPECT_LT(std::filesystem::file_size(q8), std::filesystem::file_size(f32) / 3);
   const auto g = run_json("generate --model " + q8 + " --prompt 'x' --max-tokens 3 --temperature 0 --json");
   EXPECT_EQ(g["prompt_tokens"][0], 1);
+}
+
+// gguf-split as llama.cpp's llama-gguf-split: a model split by tensor count or size runs from its first
+// file with the same logits bit for bit, and merging the files gives the model back.
+TEST_F(CliTest, GgufSplitAndMergeKeepTheModel) {
+  const auto logits_of = [&](const std::string& model) {
+    const auto out = dir_->path() / "split.logits";
+    const auto r = run("logits -m " + model + " --tokens '1 7 42 3 5' -o " + out.string());
+    EXPECT_EQ(r.exit_code, 0) << r.output;
+    return test::read_file_bytes(out);
+  };
+  const std::vector<uint8_t> want = logits_of(model_);
+  const auto whole = model::GgufFile::open(model_);
+  const std::string by_count = (dir_->path() / "by-count").string();
+  auto r = run("gguf-split --split-max-tensors 10 " + model_ + " " + by_count);
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const size_t files = (whole->tensors().size() + 9) / 10;
+  ASSERT_GE(files, 2u);
+  const std::string first = model::gguf_split_path(by_count, 0, static_cast<int>(files));
+  EXPECT_EQ(model::GgufFile::open(first)->split_count(), static_cast<int>(files)) << r.output;
+  EXPECT_EQ(logits_of(first), want);
+
+  const std::string by_size = (dir_->path() / "by-size").string();
+  r = run("gguf-split --split-max-size 0.2M " + model_ + " " + by_size);
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  std::string size_first;  // 847 KB, in 0.2 MB files but where one tensor alone is larger
+  for (int n = 2; n <= 64 && size_first.empty(); ++n) {
+    if (fs::exists(model::gguf_split_path(by_size, 0, n))) size_first = model::gguf_split_path(by_size, 0, n);
+  }
+  ASSERT_FALSE(size_first.empty()) << r.output;
+  EXPECT_EQ(logits_of(size_first), want);
+
+  const std::string merged = (dir_->path() / "merged.gguf").string();
+  r = run("gguf-split --merge " + first + " " + merged);
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const auto back = model::GgufFile::open(merged);
+  EXPECT_EQ(back->split_count(), 1);
+  EXPECT_FALSE(back->has("split.count"));
+  EXPECT_EQ(back->metadata().size(), whole->metadata().size());
+  ASSERT_EQ(back->tensors().size(), whole->tensors().size());
+  for (size_t k = 0; k < whole->tensors().size(); ++k) {
+    const auto& a = back->tensors()[k];
+    const auto& b = whole->tensors()[k];
+    EXPECT_EQ(a.name, b.name);
+    ASSERT_EQ(a.size_bytes, b.size_bytes);
+    EXPECT_EQ(std::memcmp(back->tensor_data(a), whole->tensor_data(b), a.size_bytes), 0) << a.name;
+  }
+  EXPECT_EQ(fs::file_size(merged), fs::file_size(model_));
+  EXPECT_EQ(logits_of(merged), want);
+
+  // Refusals, one line each: a file other than the first, an existing merge output, both limits.
+  const std::string second = model::gguf_split_path(by_count, 1, static_cast<int>(files));
+  for (const auto& [args, expect] : std::vector<std::pair<std::string, std::string>>{
+           {"generate -m " + second + " -p hi -n 2", first},
+           {"gguf-split --merge " + first + " " + merged, "exists"},
+           {"gguf-split --split-max-tensors 3 --split-max-size 1G " + model_ + " x", "excludes"},
+           {"gguf-split --split-max-size 12Q " + model_ + " x", "12Q"}}) {
+    const auto bad = run(args);
+    EXPECT_NE(bad.exit_code, 0) << args;
+    EXPECT_EQ(line_count(bad.output), 1u) << args << "\n" << bad.output;
+    EXPECT_NE(bad.output.find(expect), std::string::npos) << args << ": " << bad.output;
+  }
 }
 
 TEST_F(CliTest, BadInputGivesOneLineErrors) {

@@ -8,6 +8,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <numeric>
+#include <set>
 #include <sstream>
 
 #include "kernels/thread_pool.hpp"
@@ -306,6 +307,63 @@ TEST(LlamaCppRopeScaling, TheSameWeightsWithPlainRopeAreFarFromLlamaCpps) {
              3e-2;
     EXPECT_EQ(far, n_prompt - 1) << "rows of plain RoPE within 3e-2 of llama.cpp's scaled ones";
   }
+}
+
+// A split model as convert_hf_to_gguf.py --split-max-tensors writes one: tests/data/gguf-py-split holds
+// the Q4_1 model of tests/data/llama-cpp-q4_1 split into three files by gguf-py (llama.cpp's Python GGUF
+// writer), on which llama.cpp gave that directory's outputs byte for byte (its README). Opened by its
+// first file, the set is the whole file: the same metadata and tensor bytes, so `nibble logits` gives the
+// single file's rows bit for bit (those llama.cpp checks hold for), and `nibble generate` its tokens.
+TEST(GgufPySplit, ASetOpensAsTheWholeFileAndGivesLlamaCppsOutputs) {
+  const auto data = test::test_data_dir();
+  const std::string first = (data / "gguf-py-split" / "tiny-llama-q4_1-00001-of-00003.gguf").string();
+  const std::string whole_path = (data / "llama-cpp-q4_1" / "tiny-llama-q4_1.gguf").string();
+  const auto set = model::GgufFile::open(first);
+  const auto whole = model::GgufFile::open(whole_path);
+  EXPECT_EQ(set->split_count(), 3);
+  std::set<std::string> set_keys, whole_keys;
+  for (const auto& kv : set->metadata()) set_keys.insert(kv.first);
+  for (const auto& kv : whole->metadata()) whole_keys.insert(kv.first);
+  EXPECT_EQ(set_keys, whole_keys);
+  ASSERT_EQ(set->tensors().size(), whole->tensors().size());
+  std::set<int> files;
+  for (const model::GgufTensorInfo& t : set->tensors()) {
+    const model::GgufTensorInfo* w = whole->find_tensor(t.name);
+    ASSERT_NE(w, nullptr) << t.name;
+    EXPECT_EQ(t.dims, w->dims) << t.name;
+    EXPECT_EQ(t.type, w->type) << t.name;
+    ASSERT_EQ(t.size_bytes, w->size_bytes) << t.name;
+    EXPECT_EQ(std::memcmp(set->tensor_data(t), whole->tensor_data(*w), t.size_bytes), 0) << t.name;
+    files.insert(t.split);
+  }
+  EXPECT_EQ(files, (std::set<int>{0, 1, 2}));
+
+  const Reference ref = load_reference(data / "llama-cpp-q4_1", "tiny-llama-q4_1", 354);
+  test::TempDir tmp;
+  const auto logits_of = [&](const std::string& model) {
+    const auto out = tmp.path() / "logits.bin";
+    const auto r = test::run_command(test::nibble_bin() + " logits --model " + model + " --prompt '" +
+                                     kPrompt + "' --threads 2 --out " + out.string());
+    EXPECT_EQ(r.exit_code, 0) << r.output;
+    return test::read_file_bytes(out);
+  };
+  const std::vector<uint8_t> from_set = logits_of(first);
+  ASSERT_EQ(from_set.size(), ref.prompt.size() * ref.n_vocab * sizeof(float));
+  EXPECT_EQ(from_set, logits_of(whole_path)) << "the set's logits are not the single file's bit for bit";
+  std::vector<float> got(from_set.size() / sizeof(float));
+  std::memcpy(got.data(), from_set.data(), from_set.size());
+  compare_rows("gguf-py split prompt", got.data(), ref.logits.data(), static_cast<int64_t>(ref.prompt.size()),
+               ref.n_vocab, {3e-2, 0.9, false, 10}, 10);
+
+  const auto tokens_of = [&](const std::string& model) {
+    const auto r = test::run_command(test::nibble_bin() + " generate --model " + model + " --prompt '" +
+                                     kPrompt + "' --max-tokens 24 --temperature 0 --threads 2 --json");
+    EXPECT_EQ(r.exit_code, 0) << r.output;
+    return nlohmann::json::parse(r.output)["tokens"].get<std::vector<int32_t>>();
+  };
+  const std::vector<int32_t> tokens = tokens_of(first);
+  EXPECT_EQ(tokens.size(), 24u);
+  EXPECT_EQ(tokens, tokens_of(whole_path));
 }
 
 // Quantized KV caches (--kv-cache-dtype) against llama.cpp's --cache-type-k/-v with the same type on the

@@ -120,10 +120,11 @@ TEST_P(FuzzTargets, MutatedSeedsAreAcceptedOrRefusedByName) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Readers, FuzzTargets,
-                         ::testing::Values("gguf_model", "safetensors", "client_protocol", "worker_protocol",
-                                           "cluster_config", "tokenizer_text", "hf_tokenizer", "hf_config",
-                                           "imatrix", "openai_request", "json_output", "json_schema",
-                                           "tool_calls", "grammar", "lora_adapter"),
+                         ::testing::Values("gguf_model", "gguf_split", "safetensors", "client_protocol",
+                                           "worker_protocol", "cluster_config", "tokenizer_text",
+                                           "hf_tokenizer", "hf_config", "imatrix", "openai_request",
+                                           "json_output", "json_schema", "tool_calls", "grammar",
+                                           "lora_adapter"),
                          [](const auto& param_info) { return param_info.param; });
 
 // Inputs libFuzzer found, kept after their fix in tests/fuzz/found/<target>/ (file names say what
@@ -158,7 +159,7 @@ TEST(FuzzTargetNames, UnknownNamesAreRefusedWithTheKnownOnes) {
   } catch (const std::invalid_argument& e) {
     EXPECT_NE(std::string(e.what()).find("gguf_model"), std::string::npos) << e.what();
   }
-  EXPECT_EQ(targets().size(), 15u);
+  EXPECT_EQ(targets().size(), 16u);
 }
 
 }  // namespace

@@ -16,7 +16,7 @@ seconds=${1:-60}
 shift || true
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-  targets=(gguf_model safetensors client_protocol worker_protocol cluster_config tokenizer_text hf_tokenizer hf_config imatrix openai_request json_output json_schema tool_calls grammar lora_adapter)
+  targets=(gguf_model gguf_split safetensors client_protocol worker_protocol cluster_config tokenizer_text hf_tokenizer hf_config imatrix openai_request json_output json_schema tool_calls grammar lora_adapter)
 fi
 CC=clang CXX=clang++ cmake -S "$root" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
   -DNIBBLE_CUDA=OFF -DNIBBLE_FUZZ=ON >/dev/null

@@ -1,4 +1,4 @@
-// Model-file subcommands: tokenize, logits, make-model, quantize.
+// Model-file subcommands: tokenize, logits, make-model, quantize, gguf-split.
 #include <climits>
 #include <filesystem>
 #include <fstream>
@@ -12,6 +12,7 @@
 
 #include "cluster/cli/commands.hpp"
 #include "cluster/cli/model_session.hpp"
+#include "model/gguf.hpp"
 #include "model/hf_checkpoint.hpp"
 #include "model/hf_to_gguf.hpp"
 #include "model/llama_config.hpp"
@@ -421,6 +422,56 @@ Runner add_quantize(CLI::App& app) {
     if (gptq_dir && model::HfCheckpoint::is_checkpoint_dir(a->in)) copy_tokenizer_files(a->in, a->out);
     const std::string written = gptq_dir ? a->out + "/model.safetensors" : a->out;
     std::cerr << "wrote " << written << " (" << std::filesystem::file_size(written) << " bytes)\n";
+    return 0;
+  };
+}
+
+Runner add_gguf_split(CLI::App& app) {
+  struct Args {
+    std::string in, out, max_size;
+    int64_t max_tensors = 0;
+    bool merge = false;
+  };
+  auto a = std::make_shared<Args>();
+  app.add_flag("--merge", a->merge, "Merge a split model (given by its first file) into one GGUF file");
+  auto* tensors = app.add_option("--split-max-tensors", a->max_tensors,
+                                 "At most this many tensors a file (llama.cpp's default: 128)")
+                      ->check(CLI::PositiveNumber);
+  auto* size = app.add_option("--split-max-size", a->max_size,
+                              "At most this much tensor data a file: 500M, 2G (decimal, as llama.cpp's "
+                              "gguf-split) or 2GiB");
+  tensors->excludes(size);
+  app.add_option("input", a->in, "GGUF file to split; with --merge, a split model's first file")->required();
+  app.add_option("output", a->out,
+                 "Split: the output prefix (files PREFIX-00001-of-0000N.gguf); merge: the output file")
+      ->required();
+  return [a]() {
+    if (!std::filesystem::exists(a->in)) throw std::runtime_error("model file not found: " + a->in);
+    if (a->merge && (a->max_tensors > 0 || !a->max_size.empty()))
+      throw std::invalid_argument("--merge writes one file: no --split-max-tensors / --split-max-size");
+    const auto in = model::GgufFile::open(a->in);  // a split model opens whole
+    model::GgufWriter out;
+    for (const auto& [key, value] : in->metadata()) out.set(key, value);
+    for (const model::GgufTensorInfo& t : in->tensors())
+      out.add_tensor_view(t.name, t.dims, t.type, in->tensor_data(t), t.size_bytes);
+    if (a->merge) {
+      if (std::filesystem::exists(a->out)) throw std::runtime_error(a->out + " exists: not overwriting it");
+      out.write(a->out);
+      std::cerr << "merged " << in->split_count() << " files into " << a->out << " ("
+                << std::filesystem::file_size(a->out) << " bytes)\n";
+      return 0;
+    }
+    model::GgufSplitLimits limits;
+    if (!a->max_size.empty()) {
+      std::string text = a->max_size;  // gguf-split's 500M / 2G are decimal megabytes / gigabytes
+      if (!text.empty() && (text.back() == 'M' || text.back() == 'G')) text += 'B';
+      limits.max_bytes = static_cast<uint64_t>(worker::parse_size(text));
+    } else {
+      limits.max_tensors = a->max_tensors > 0 ? a->max_tensors : 128;
+    }
+    const std::vector<std::string> paths = out.write_split(a->out, limits);
+    for (const std::string& path : paths)
+      std::cerr << "wrote " << path << " (" << std::filesystem::file_size(path) << " bytes)\n";
     return 0;
   };
 }

@@ -22,6 +22,7 @@ Runner add_make_model(CLI::App& app);
 Runner add_make_lora(CLI::App& app);
 Runner add_export_lora(CLI::App& app);
 Runner add_quantize(CLI::App& app);
+Runner add_gguf_split(CLI::App& app);
 Runner add_serve(CLI::App& app);
 Runner add_bench_speculative(CLI::App& app);
 Runner add_client(CLI::App& app);

@@ -30,6 +30,8 @@ int main(int argc, char** argv) {
       nibble::cli::add_serve);
   add("quantize", "Quantize a GGUF model (round to nearest, or GPTQ / AWQ with calibration text)",
       nibble::cli::add_quantize);
+  add("gguf-split", "Split a GGUF model into several files, or merge them (llama.cpp's llama-gguf-split)",
+      nibble::cli::add_gguf_split);
   add("eval", "Measure quality: perplexity (ppl), or a model against its base (compare)",
       nibble::cli::add_eval);
   add("client", "Send one request to a running `nibble serve`", nibble::cli::add_client);

@@ -91,8 +91,8 @@ const test::TempDir& scratch_dir() {
 
 // ------------------------------------------------------------------ GGUF model
 
-Outcome run_gguf_model(std::span<const uint8_t> input) {
-  const std::string path = input_file().write(input);
+// A model that loads must run; one that cannot be loaded or run as described is refused by name.
+Outcome load_and_run(const std::string& path) {
   std::unique_ptr<worker::LlamaModel> model;
   std::shared_ptr<const model::Tokenizer> tokenizer;
   try {
@@ -124,6 +124,8 @@ Outcome run_gguf_model(std::span<const uint8_t> input) {
   }
   return {true, {}};
 }
+
+Outcome run_gguf_model(std::span<const uint8_t> input) { return load_and_run(input_file().write(input)); }
 
 std::vector<std::vector<uint8_t>> gguf_model_seeds() {
   // The smallest models write_random_llama makes, in each matrix type it writes.
@@ -195,6 +197,46 @@ std::vector<std::vector<uint8_t>> gguf_model_seeds() {
   seeds.push_back(with_broken_norm(seeds[0]));                 // Q4_0
   return seeds;
 }
+
+// ------------------------------------------------------------------ GGUF split model
+
+// The input is the second and last file of a split model whose first file (the metadata and the
+// first half of a small Q4_0 model's tensors) stays fixed: a set opens from its first file, so what
+// the second says of itself (split.no / split.count, its tensors, a name the first holds too) meets
+// the checks that join the two (a set's files are real files: the first finds the second by name).
+struct SplitFiles {
+  std::string first, second;
+};
+const SplitFiles& split_files() {
+  static const SplitFiles files = [] {
+    const model::LlamaShape shape{
+        .n_embd = 32, .n_layer = 1, .n_head = 2, .n_head_kv = 1, .n_ff = 64, .n_vocab = 360, .n_ctx = 64};
+    const fs::path whole = scratch_dir().path() / "split-whole.gguf";
+    model::write_random_llama(whole.string(), shape, kernels::DType::Q4_0, 7);
+    const auto file = model::GgufFile::open(whole.string());
+    model::GgufWriter writer;
+    for (const auto& [key, value] : file->metadata()) writer.set(key, value);
+    for (const model::GgufTensorInfo& t : file->tensors())
+      writer.add_tensor_view(t.name, t.dims, t.type, file->tensor_data(t), t.size_bytes);
+    const int64_t half = (static_cast<int64_t>(file->tensors().size()) + 1) / 2;
+    const auto paths = writer.write_split((scratch_dir().path() / "split").string(), {.max_tensors = half});
+    require(paths.size() == 2, "the split seed is not two files");
+    return SplitFiles{paths[0], paths[1]};
+  }();
+  return files;
+}
+
+Outcome run_gguf_split(std::span<const uint8_t> input) {
+  const SplitFiles& files = split_files();
+  {
+    std::ofstream out(files.second, std::ios::binary | std::ios::trunc);
+    out.write(reinterpret_cast<const char*>(input.data()), static_cast<std::streamsize>(input.size()));
+    if (!out) throw std::runtime_error("writing the fuzz input failed");
+  }
+  return load_and_run(files.first);
+}
+
+std::vector<std::vector<uint8_t>> gguf_split_seeds() { return {read_bytes(split_files().second)}; }
 
 // ------------------------------------------------------------------ safetensors
 
@@ -986,6 +1028,7 @@ std::vector<std::vector<uint8_t>> tool_calls_seeds() {
 const std::vector<Target>& targets() {
   static const std::vector<Target> all = {
       {"gguf_model", run_gguf_model, gguf_model_seeds},
+      {"gguf_split", run_gguf_split, gguf_split_seeds},
       {"safetensors", run_safetensors, safetensors_seeds},
       {"client_protocol", run_client_protocol, client_protocol_seeds},
       {"worker_protocol", run_worker_protocol, worker_protocol_seeds},

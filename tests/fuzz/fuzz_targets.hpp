@@ -34,9 +34,9 @@ struct Target {
   std::vector<std::vector<uint8_t>> (*seeds)();
 };
 
-// gguf_model, safetensors, client_protocol, worker_protocol, cluster_config, tokenizer_text,
-// hf_tokenizer, hf_config (a checkpoint's config.json against its committed tensors), imatrix,
-// openai_request (the HTTP gateway's request bodies).
+// gguf_model, gguf_split (a split model's second file), safetensors, client_protocol, worker_protocol,
+// cluster_config, tokenizer_text, hf_tokenizer, hf_config (a checkpoint's config.json against its committed
+// tensors), imatrix, openai_request (the HTTP gateway's request bodies).
 const std::vector<Target>& targets();
 // Throws std::invalid_argument listing the names for an unknown one.
 const Target& target_by_name(const std::string& name);

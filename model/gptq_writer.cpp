@@ -132,6 +132,14 @@ GptqCheckpointWriter::GptqCheckpointWriter(const GgufFile& source, GptqWriterOpt
                     std::to_string(config_.head_dim) +
                     " dimensions per head, which a Hugging Face LlamaForCausalLM cannot express");
   }
+  if (config_.rope_attn_factor != 1.0f) {
+    throw GgufError(source.path() + ": its rope.scaling.attn_factor cannot be written as a Hugging Face " +
+                    "config.json's rope_scaling");
+  }
+  if (config_.rope_yarn_original_context > 0 && config_.rope_linear_factor == 0.0f) {
+    throw GgufError(source.path() + ": YaRN without a factor cannot be written as a Hugging Face " +
+                    "config.json's rope_scaling");
+  }
   // config.json names llama3 scaling by its parameters, which the factors do not give back.
   if (!config_.rope_freq_factors.empty()) {
     throw GgufError(source.path() + ": its RoPE frequency factors (rope_freqs.weight, Llama 3.1's scaling) " +
@@ -244,8 +252,13 @@ void GptqCheckpointWriter::write(const std::string& dir) {
                  {"torch_dtype", "float16"},
                  {"use_cache", true},
                  {"quantization_config", quant}};
-  if (c.rope_linear_factor != 0.0f)
+  if (c.rope_linear_factor != 0.0f && c.rope_yarn_original_context > 0) {
+    config["rope_scaling"] = {{"rope_type", "yarn"},
+                              {"factor", tidy(c.rope_linear_factor)},
+                              {"original_max_position_embeddings", c.rope_yarn_original_context}};
+  } else if (c.rope_linear_factor != 0.0f) {
     config["rope_scaling"] = {{"rope_type", "linear"}, {"factor", tidy(c.rope_linear_factor)}};
+  }
   for (const char* id : {"bos", "eos"}) {
     if (const auto v = source_.find_uint(std::string("tokenizer.ggml.") + id + "_token_id"))
       config[std::string(id) + "_token_id"] = *v;

@@ -107,6 +107,7 @@ std::shared_ptr<const LlamaCheckpoint> LlamaCheckpoint::open_dummy(const std::st
   cfg.rope_base = shape.rope_base;
   cfg.rope_linear_factor = shape.rope_linear_factor;
   cfg.rope_freq_factors = shape.rope_freq_factors;
+  cfg.rope_yarn_original_context = shape.rope_yarn_original_context;
   cfg.rms_eps = shape.rms_eps;
   cfg.tied_output = false;
   return c;

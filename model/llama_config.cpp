@@ -61,17 +61,29 @@ LlamaConfig LlamaConfig::from_gguf(const GgufFile& file) {
     throw GgufError(file.path() + ": rope.dimension_count must be even and at most the head size");
   }
   // RoPE scaling as llama.cpp reads it (llama_model::load_hparams): the type defaults to linear and
-  // the factor (or the older rope.scale_linear) to none; a type "none" ignores the factor. YaRN and
-  // LongRoPE (no Llama release uses them) are refused by name rather than run as plain RoPE.
+  // the factor (or the older rope.scale_linear) to none; a type "none" ignores the factor. YaRN takes
+  // llama.cpp's defaults for Llama (beta_fast 32, beta_slow 1: it reads no rope.scaling.yarn_* key for
+  // this architecture) and the original context. LongRoPE (Phi-3's) is refused by name rather than run
+  // as plain RoPE.
   const std::string scaling_type = file.find_string(a + "rope.scaling.type").value_or("linear");
-  if (scaling_type != "none" && scaling_type != "linear") {
-    throw GgufError(file.path() + ": " + a + "rope.scaling.type = '" + scaling_type +
-                    "' is not supported (only 'none' and 'linear', and Llama 3.1's rope_freqs.weight)");
+  if (scaling_type != "none" && scaling_type != "linear" && scaling_type != "yarn") {
+    throw GgufError(
+        file.path() + ": " + a + "rope.scaling.type = '" + scaling_type +
+        "' is not supported (only 'none', 'linear' and 'yarn', and Llama 3.1's rope_freqs.weight)");
+  }
+  if (scaling_type == "yarn") {
+    const std::string key = a + "rope.scaling.original_context_length";
+    c.rope_yarn_original_context = file.has(key) ? positive(key) : c.n_ctx_train;
+  }
+  if (const auto attn_factor = file.find_float(a + "rope.scaling.attn_factor")) {
+    if (!(*attn_factor > 0.0 && *attn_factor <= std::numeric_limits<float>::max()))
+      throw GgufError(file.path() + ": " + a + "rope.scaling.attn_factor must be positive and finite");
+    c.rope_attn_factor = static_cast<float>(*attn_factor);
   }
   std::string factor_key = a + "rope.scaling.factor";
   if (!file.has(factor_key)) factor_key = a + "rope.scale_linear";
   const double factor = file.find_float(factor_key).value_or(0.0);
-  if (factor != 0.0 && scaling_type == "linear") {
+  if (factor != 0.0 && scaling_type != "none") {
     if (!(factor > 0.0 && factor <= std::numeric_limits<float>::max() && static_cast<float>(factor) > 0.0f))
       throw GgufError(file.path() + ": " + factor_key + " must be positive and finite");
     c.rope_linear_factor = static_cast<float>(factor);
@@ -193,9 +205,10 @@ LlamaConfig LlamaConfig::from_hf(const HfCheckpoint& checkpoint) {
     if (!r.is_object()) throw fail(key, "must be an object, not " + r.dump());
     for (const char* type_key : {"rope_type", "type"}) {
       if (!r.contains(type_key) || r[type_key] == "default") continue;
-      if (r[type_key] != "linear" && r[type_key] != "llama3")
-        throw fail(key, "= " + r.dump() +
-                            " is not supported (only rope_type \"default\", \"linear\" and \"llama3\")");
+      if (r[type_key] != "linear" && r[type_key] != "llama3" && r[type_key] != "yarn")
+        throw fail(key,
+                   "= " + r.dump() +
+                       " is not supported (only rope_type \"default\", \"linear\", \"llama3\" and \"yarn\")");
       scaling_key = key;
       scaling_type = r[type_key].get<std::string>();
     }
@@ -224,6 +237,31 @@ LlamaConfig LlamaConfig::from_hf(const HfCheckpoint& checkpoint) {
       throw fail(scaling_key + ".factor", "must be a number of at least 1 (" + r.dump() + ")");
     if (scaling_type == "linear") {
       c.rope_linear_factor = static_cast<float>(factor);
+    } else if (scaling_type == "yarn") {
+      // As llama.cpp runs a Llama model's YaRN (convert_hf_to_gguf.py keeps the factor and the original
+      // context; llama.cpp reads nothing else for this architecture): transformers' defaults only.
+      if (!r.contains("original_max_position_embeddings") || r["original_max_position_embeddings"].is_null())
+        throw fail(scaling_key + ".original_max_position_embeddings", "is missing (YaRN needs it)");
+      const double original =
+          number(r["original_max_position_embeddings"], scaling_key + ".original_max_position_embeddings");
+      if (!(original >= 1.0 && original <= double{1 << 30} && original == std::floor(original)))
+        throw fail(scaling_key + ".original_max_position_embeddings",
+                   "must be a positive integer (" + r.dump() + ")");
+      const std::pair<const char*, double> defaults[] = {{"beta_fast", 32.0}, {"beta_slow", 1.0}};
+      for (const auto& [name, value] : defaults) {
+        if (field(name, value) != value)
+          throw fail(scaling_key + "." + name,
+                     "other than " + std::to_string(static_cast<int>(value)) +
+                         " is not supported (llama.cpp's YaRN for Llama takes 32 and 1)");
+      }
+      for (const char* name : {"attention_factor", "mscale", "mscale_all_dim"}) {
+        if (r.contains(name) && !r[name].is_null())
+          throw fail(scaling_key + "." + name, "is not supported (YaRN's default attention factor only)");
+      }
+      if (r.contains("truncate") && r["truncate"] != true)
+        throw fail(scaling_key + ".truncate", "other than true is not supported");
+      c.rope_linear_factor = static_cast<float>(factor);
+      c.rope_yarn_original_context = static_cast<int64_t>(original);
     } else {
       Llama3RopeScaling l3;
       l3.factor = factor;
@@ -241,6 +279,19 @@ LlamaConfig LlamaConfig::from_hf(const HfCheckpoint& checkpoint) {
   }
   c.tied_output = flag("tie_word_embeddings", false);  // LlamaConfig's default
   return c;
+}
+
+kernels::RopeScaling LlamaConfig::rope_scaling() const {
+  const float* factors = rope_freq_factors.empty() ? nullptr : rope_freq_factors.data();
+  if (rope_yarn_original_context > 0) {
+    return kernels::rope_yarn_scaling(rope_freq_scale(), factors, rope_dims, rope_yarn_original_context,
+                                      rope_base, rope_attn_factor);
+  }
+  kernels::RopeScaling scaling;
+  scaling.freq_scale = rope_freq_scale();
+  scaling.freq_factors = factors;
+  scaling.mscale = rope_attn_factor;
+  return scaling;
 }
 
 std::vector<float> llama3_rope_freq_factors(const Llama3RopeScaling& scaling, float rope_base,

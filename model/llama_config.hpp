@@ -4,6 +4,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/rope.hpp"
 #include "model/gguf.hpp"
 
 namespace nibble::model {
@@ -24,21 +25,28 @@ struct LlamaConfig {
   float rope_base = 10000.0f;
   // RoPE scaling as llama.cpp applies it (kernels::RopeScaling): pair i turns by
   // rope_freq_scale() * pos * rope_base^(-2i/rope_dims) / rope_freq_factors[i].
+  // With YaRN (GGUF rope.scaling.type yarn, HF rope_type yarn) the factor is rope_linear_factor's,
+  // ramped between unscaled and scaled angles over pairs chosen by the original context.
   float rope_linear_factor = 0.0f;            // linear scaling (GGUF llama.rope.scaling.factor); 0: none
   std::vector<float> rope_freq_factors = {};  // [rope_dims / 2]: Llama 3.1's rope_freqs.weight; empty: all 1
+  int64_t rope_yarn_original_context = 0;     // YaRN's (rope.scaling.original_context_length); 0: no YaRN
+  float rope_attn_factor = 1.0f;              // rope.scaling.attn_factor: cos and sin times this (llama.cpp)
   float rms_eps = 1e-5f;
   bool tied_output = false;  // the head reuses the token embedding (HF tie_word_embeddings)
 
   int64_t q_dim() const { return n_head * head_dim; }
   // llama.cpp's float arithmetic (1.0f / factor).
   float rope_freq_scale() const { return rope_linear_factor == 0.0f ? 1.0f : 1.0f / rope_linear_factor; }
+  // The whole scaling as the RoPE kernels take it; freq_factors points into rope_freq_factors (this
+  // config's host copy: a GPU model puts its device copy in its place).
+  kernels::RopeScaling rope_scaling() const;
   int64_t kv_dim() const { return n_head_kv * head_dim; }
 
   // Throws GgufError naming the missing or inconsistent key.
   static LlamaConfig from_gguf(const GgufFile& file);
   // From config.json of an HF LlamaForCausalLM checkpoint. Throws HfCheckpointError naming the key
   // that is missing, ill-typed or out of range, or the feature that is not supported (rope_scaling
-  // other than linear and llama3, biases, activations other than silu).
+  // other than linear, llama3 and yarn, biases, activations other than silu).
   static LlamaConfig from_hf(const HfCheckpoint& checkpoint);
 };
 

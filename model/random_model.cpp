@@ -383,8 +383,12 @@ void write_random_llama(const std::string& path, const LlamaShape& shape, kernel
   }
   w.set_uint32("llama.vocab_size", static_cast<uint32_t>(s.n_vocab));
   if (s.rope_linear_factor != 0.0f) {
-    w.set_string("llama.rope.scaling.type", "linear");
+    w.set_string("llama.rope.scaling.type", s.rope_yarn_original_context > 0 ? "yarn" : "linear");
     w.set_float32("llama.rope.scaling.factor", s.rope_linear_factor);
+    if (s.rope_yarn_original_context > 0) {
+      w.set_uint32("llama.rope.scaling.original_context_length",
+                   static_cast<uint32_t>(s.rope_yarn_original_context));
+    }
   }
   for (auto& [key, value] : synthetic_tokenizer_metadata(s.n_vocab)) w.set(key, std::move(value));
   if (!s.rope_freq_factors.empty()) {  // not drawn: the weights' seeds stay those of the plain shape

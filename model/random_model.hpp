@@ -27,6 +27,7 @@ struct LlamaShape {
   float rms_eps = 1e-5f;
   float rope_linear_factor = 0.0f;            // llama.rope.scaling.factor (type linear); 0: none
   std::vector<float> rope_freq_factors = {};  // rope_freqs.weight [head_dim / 2] (Llama 3.1's); empty: none
+  int64_t rope_yarn_original_context = 0;     // > 0: YaRN (type yarn, rope_linear_factor its factor) from it
 
   int64_t head_size() const { return head_dim > 0 ? head_dim : n_embd / n_head; }
   // Number of weights (matrices, embeddings and norms) in a model of this shape, with an

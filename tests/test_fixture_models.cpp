@@ -128,6 +128,11 @@ const FixtureCase kCases[] = {
     // Rows equal llama.cpp's to ~1e-7 but where an 8-bit activation rounding tipped (to 1.6e-2).
     {"tiny-llama3-rope-q8_0", {3e-2, 1.0, true, 50}, "llama-cpp-rope-scaling", 354},
     {"tiny-linear-rope-q8_0", {3e-2, 1.0, true, 45}, "llama-cpp-rope-scaling", 354},
+    // YaRN (llama.rope.scaling.type yarn: factor 8 from an original context of 1024, so of the 16 pairs
+    // 0-2 keep their angle, 3-8 are mixed and 9-15 slowed 8 times; q.k grows by (1 + 0.1 ln 8)^2). Its
+    // angles are ggml's bit for bit; 11 of 87 rows equal llama.cpp's to 1e-5, the rest within 1.4e-2
+    // after 8-bit roundings that summation order tipped.
+    {"tiny-yarn-rope-q8_0", {3e-2, 0.95, false, 9}, "llama-cpp-rope-scaling", 354},
     // Heads of 64 over an embedding of 128 and 4 heads (llama.attention.key_length, as Mistral Nemo's
     // files: q and the attention output 256 wide).
     {"tiny-head-dim-64-q8_0", {3e-2, 1.0, true, 35}, "llama-cpp-head-dim", 354},
@@ -261,17 +266,24 @@ INSTANTIATE_TEST_SUITE_P(Fixtures, FixtureModel, ::testing::ValuesIn(kCases), []
 // (rope_freqs.weight and llama.rope.scaling.* dropped): the same weights with plain RoPE give prompt logits
 // outside the FixtureModel comparison's row bound (3e-2) on every row but the first (position 0 turns
 // nothing; measured 5e-2 and more with the frequency factors, 0.19 and more with the linear factor), so
-// those comparisons can tell a scaled RoPE from a plain one.
+// those comparisons can tell a scaled RoPE from a plain one. The YaRN model likewise, and with its
+// factor applied linearly (no ramp, no magnitude) too: YaRN is neither.
 TEST(LlamaCppRopeScaling, TheSameWeightsWithPlainRopeAreFarFromLlamaCpps) {
   const auto data = test::test_data_dir() / "llama-cpp-rope-scaling";
-  for (const std::string name : {"tiny-llama3-rope-q8_0", "tiny-linear-rope-q8_0"}) {
-    SCOPED_TRACE(name);
-    const Reference ref = load_reference(data, name, 354);
-    const auto file = model::GgufFile::open((data / (name + ".gguf")).string());
+  struct Variant {
+    std::string name;
+    bool as_linear;  // keep the factor, as linear scaling; else drop every scaling
+  };
+  for (const Variant& v : {Variant{"tiny-llama3-rope-q8_0", false}, Variant{"tiny-linear-rope-q8_0", false},
+                           Variant{"tiny-yarn-rope-q8_0", false}, Variant{"tiny-yarn-rope-q8_0", true}}) {
+    SCOPED_TRACE(v.name + (v.as_linear ? " as linear" : ""));
+    const Reference ref = load_reference(data, v.name, 354);
+    const auto file = model::GgufFile::open((data / (v.name + ".gguf")).string());
     model::GgufWriter writer;
     int dropped = 0;
     for (const auto& [key, value] : file->metadata()) {
-      if (key.rfind("llama.rope.scaling.", 0) == 0) {
+      const bool kept = v.as_linear && key == "llama.rope.scaling.factor";
+      if (key.rfind("llama.rope.scaling.", 0) == 0 && !kept) {
         ++dropped;
         continue;
       }
@@ -290,7 +302,8 @@ TEST(LlamaCppRopeScaling, TheSameWeightsWithPlainRopeAreFarFromLlamaCpps) {
     const auto plain = tmp.path() / "plain.gguf";
     writer.write(plain.string());
     auto model = worker::LlamaModel::load(plain.string());
-    EXPECT_EQ(model->config().rope_freq_scale(), 1.0f);
+    EXPECT_EQ(model->config().rope_freq_scale(), v.as_linear ? 0.125f : 1.0f);
+    EXPECT_EQ(model->config().rope_yarn_original_context, 0);
     EXPECT_TRUE(model->config().rope_freq_factors.empty());
     kernels::ThreadPool pool(2);
     const auto n_prompt = static_cast<int64_t>(ref.prompt.size());

@@ -821,6 +821,31 @@ TEST(GgufLlamaConfig, ReadsRopeScalingAsLlamaCppDoesAndRefusesWhatItCannotRun) {
   EXPECT_EQ(scale_of({{"llama.rope.scaling.factor", V::make_float(T::FLOAT32, 0.0)}}), 1.0f)
       << "factor 0: none";
 
+  // YaRN as llama.cpp reads it for Llama: the factor, the original context (else the training
+  // context), nothing else; the file's attn_factor multiplies the magnitude, with or without YaRN.
+  const LlamaConfig yarn = LlamaConfig::from_gguf(
+      *rewritten({{"llama.rope.scaling.type", V::make_string("yarn")},
+                  {"llama.rope.scaling.original_context_length", V::make_uint(T::UINT32, 512)},
+                  {"llama.rope.scaling.yarn_beta_fast", V::make_float(T::FLOAT32, 8.0)}}));
+  EXPECT_EQ(yarn.rope_yarn_original_context, 512);
+  EXPECT_EQ(yarn.rope_freq_scale(), 0.25f);
+  const kernels::RopeScaling yarn_scaling = yarn.rope_scaling();
+  EXPECT_TRUE(yarn_scaling.yarn);
+  EXPECT_EQ(yarn_scaling.freq_factors, yarn.rope_freq_factors.data());
+  const kernels::RopeScaling want = kernels::rope_yarn_scaling(0.25f, nullptr, 32, 512, shape.rope_base);
+  EXPECT_EQ(yarn_scaling.yarn_low, want.yarn_low);
+  EXPECT_EQ(yarn_scaling.yarn_high, want.yarn_high) << "beta_fast 32 whatever the file says (llama.cpp's)";
+  EXPECT_EQ(yarn_scaling.mscale, want.mscale);
+  const LlamaConfig yarn_train =
+      LlamaConfig::from_gguf(*rewritten({{"llama.rope.scaling.type", V::make_string("yarn")}}));
+  EXPECT_EQ(yarn_train.rope_yarn_original_context, yarn_train.n_ctx_train);
+  EXPECT_EQ(c.rope_yarn_original_context, 0) << "linear is not YaRN";
+  EXPECT_FALSE(c.rope_scaling().yarn);
+  const LlamaConfig attn = LlamaConfig::from_gguf(
+      *rewritten({{"llama.rope.scaling.attn_factor", V::make_float(T::FLOAT32, 0.5)}}));
+  EXPECT_EQ(attn.rope_scaling().mscale, 0.5f);
+  EXPECT_EQ(c.rope_scaling().mscale, 1.0f);
+
   std::vector<float> zero_at_3 = shape.rope_freq_factors;
   zero_at_3[3] = 0.0f;
   std::vector<float> inf_at_15 = shape.rope_freq_factors;
@@ -831,8 +856,12 @@ TEST(GgufLlamaConfig, ReadsRopeScalingAsLlamaCppDoesAndRefusesWhatItCannotRun) {
     const char* words;
   };
   const Refused refused[] = {
-      {"yarn", rewritten({{"llama.rope.scaling.type", V::make_string("yarn")}}),
-       "llama.rope.scaling.type = 'yarn' is not supported"},
+      {"attn_factor 0", rewritten({{"llama.rope.scaling.attn_factor", V::make_float(T::FLOAT32, 0.0)}}),
+       "llama.rope.scaling.attn_factor must be positive and finite"},
+      {"original context 0",
+       rewritten({{"llama.rope.scaling.type", V::make_string("yarn")},
+                  {"llama.rope.scaling.original_context_length", V::make_uint(T::UINT32, 0)}}),
+       "llama.rope.scaling.original_context_length"},
       {"longrope", rewritten({{"llama.rope.scaling.type", V::make_string("longrope")}}),
        "llama.rope.scaling.type = 'longrope' is not supported"},
       {"negative factor", rewritten({{"llama.rope.scaling.factor", V::make_float(T::FLOAT32, -2.0)}}),

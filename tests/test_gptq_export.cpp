@@ -287,6 +287,31 @@ TEST(GptqExport, CliWritesWhatTheLibraryWrites) {
   }
 }
 
+// RoPE scaling travels into config.json as transformers names it: a linear factor, and YaRN's factor with
+// its original context, which the checkpoint loads back with (what llama.cpp's converter would read).
+TEST(GptqExport, RopeScalingIsWrittenAsConfigJsonNamesIt) {
+  test::TempDir dir;
+  for (const bool yarn : {false, true}) {
+    SCOPED_TRACE(yarn ? "yarn" : "linear");
+    model::LlamaShape shape = model::llama_shape_by_name("tiny");
+    shape.rope_linear_factor = 4.0f;
+    if (yarn) shape.rope_yarn_original_context = 512;
+    const fs::path gguf = dir.path() / (yarn ? "yarn.gguf" : "linear.gguf");
+    model::write_random_llama(gguf.string(), shape, DType::F16, 5);
+    const fs::path out = dir.path() / (yarn ? "yarn" : "linear");
+    const auto r = test::run_command(test::nibble_bin() + " quantize --model " + gguf.string() +
+                                     " --format gptq --group-size 32 --out " + out.string());
+    ASSERT_EQ(r.exit_code, 0) << r.output;
+    const json config = json::parse(std::ifstream(out / "config.json"));
+    EXPECT_EQ(config["rope_scaling"]["rope_type"], yarn ? "yarn" : "linear");
+    EXPECT_EQ(config["rope_scaling"]["factor"], 4.0);
+    EXPECT_EQ(config["rope_scaling"].contains("original_max_position_embeddings"), yarn);
+    const auto loaded = LlamaModel::load(out.string());
+    EXPECT_EQ(loaded->config().rope_freq_scale(), 0.25f);
+    EXPECT_EQ(loaded->config().rope_yarn_original_context, yarn ? 512 : 0);
+  }
+}
+
 // Zero points: GPTQ v1 stores zero − 1, so a zero of 0 is rewritten as 1 with every level + 1 where
 // the group's levels allow (same values, format "gptq"); where a level is already 15 the checkpoint
 // falls back to "gptq_v2". Either way the values load back exactly.

@@ -168,15 +168,17 @@ TEST(HfLlama, SixteenBitCopyStaysCloseToF32) {
 // llama.rope.scaling.*), the same. The same weights with the scaling taken out of config.json are far
 // from them, so the comparison can tell.
 TEST(HfLlama, RopeScaledCheckpointsMatchTransformers) {
-  for (const char* variant : {"llama3-rope", "linear-rope"}) {
+  for (const char* variant : {"llama3-rope", "linear-rope", "yarn-rope"}) {
     SCOPED_TRACE(variant);
     const fs::path dir = reference_root() / variant;
     const Reference ref = load_reference(variant);
     auto model = LlamaModel::load(dir.string());
     const model::LlamaConfig& c = model->config();
     const bool llama3 = std::string(variant) == "llama3-rope";
+    const bool yarn = std::string(variant) == "yarn-rope";
     EXPECT_EQ(c.rope_freq_factors.size(), llama3 ? 8u : 0u);
     EXPECT_EQ(c.rope_freq_scale(), llama3 ? 1.0f : 0.25f);
+    EXPECT_EQ(c.rope_yarn_original_context, yarn ? 2048 : 0);
     // Measured 1.3e-5 (llama3) and 7e-5 (linear): fp16 roundings that summation order tipped, as for
     // the unscaled F32 model; a RoPE mistake gives 1e-2 or more.
     EXPECT_LT(worst_sequence_error(run_sequences(*model, ref), ref, c.n_vocab), 2e-4);
@@ -187,6 +189,7 @@ TEST(HfLlama, RopeScaledCheckpointsMatchTransformers) {
     auto converted = LlamaModel::load(gguf.string());
     EXPECT_EQ(converted->config().rope_freq_factors, c.rope_freq_factors);
     EXPECT_EQ(converted->config().rope_freq_scale(), c.rope_freq_scale());
+    EXPECT_EQ(converted->config().rope_yarn_original_context, c.rope_yarn_original_context);
     EXPECT_LT(worst_sequence_error(run_sequences(*converted, ref), ref, c.n_vocab), 2e-4);
 
     json config = json::parse(std::ifstream(dir / "config.json"));
@@ -239,29 +242,53 @@ TEST(HfLlama, UnsupportedRopeScalingIsRefusedByName) {
     const char* words;
   };
   const Case cases[] = {
-      {"rope_type", "yarn", "is not supported (only rope_type \"default\", \"linear\" and \"llama3\")"},
-      {"rope_type", "dynamic", "is not supported"},
+      {"rope_type", "dynamic",
+       "is not supported (only rope_type \"default\", \"linear\", \"llama3\" and \"yarn\")"},
       {"rope_type", "longrope", "is not supported"},
       {"factor", 0.5, ".factor' must be a number of at least 1"},
       {"factor", "eight", ".factor' must be a number"},
       {"low_freq_factor", 4.0, "needs 0 < low_freq_factor < high_freq_factor"},
       {"original_max_position_embeddings", -1, ".original_max_position_embeddings' must be positive"},
   };
-  for (const Case& bad : cases) {
+  const auto expect_refused = [&](const fs::path& from, const json& original_config,
+                                  const std::string& rope_key, const Case& bad) {
     SCOPED_TRACE(std::string(bad.field) + " = " + bad.value.dump());
     test::TempDir tmp;
-    json config = original;
-    ASSERT_TRUE(config.contains(key));
-    config[key][bad.field] = bad.value;
+    json config = original_config;
+    ASSERT_TRUE(config.contains(rope_key));
+    if (bad.value.is_null()) {
+      config[rope_key].erase(bad.field);
+    } else {
+      config[rope_key][bad.field] = bad.value;
+    }
     std::ofstream(tmp.path() / "config.json") << config.dump();
-    fs::copy_file(dir / "model.safetensors", tmp.path() / "model.safetensors");
+    fs::copy_file(from / "model.safetensors", tmp.path() / "model.safetensors");
     try {
       (void)LlamaModel::load(tmp.path().string());
       ADD_FAILURE() << "accepted";
     } catch (const std::exception& e) {
       EXPECT_NE(std::string(e.what()).find(bad.words), std::string::npos) << e.what();
     }
-  }
+  };
+  for (const Case& bad : cases) expect_refused(dir, original, key, bad);
+
+  // YaRN as llama.cpp runs it for Llama: the factor and the original context, transformers' defaults
+  // for the rest; parameters llama.cpp would not honour are refused by name (null: the key removed).
+  const fs::path yarn_dir = reference_root() / "yarn-rope";
+  const json yarn = json::parse(std::ifstream(yarn_dir / "config.json"));
+  const std::string yarn_key = yarn.contains("rope_scaling") ? "rope_scaling" : "rope_parameters";
+  const Case yarn_cases[] = {
+      {"original_max_position_embeddings", nullptr, ".original_max_position_embeddings' is missing"},
+      {"original_max_position_embeddings", 100.5, "must be a positive integer"},
+      {"beta_fast", 16.0, ".beta_fast' other than 32 is not supported"},
+      {"beta_slow", 2.0, ".beta_slow' other than 1 is not supported"},
+      {"attention_factor", 1.5, ".attention_factor' is not supported"},
+      {"mscale", 0.707, ".mscale' is not supported"},
+      {"mscale_all_dim", 0.707, ".mscale_all_dim' is not supported"},
+      {"truncate", false, ".truncate' other than true is not supported"},
+      {"factor", 0.5, ".factor' must be a number of at least 1"},
+  };
+  for (const Case& bad : yarn_cases) expect_refused(yarn_dir, yarn, yarn_key, bad);
 }
 
 TEST(HfLlama, PipelineStagesMatchTheWholeModel) {

@@ -163,8 +163,8 @@ TEST_F(Requantize, F32ToQ4_0KeepsHeadsAtQ8_0) {
   EXPECT_EQ(a.n_head_kv, b.n_head_kv);
 }
 
-// RoPE scaling travels with the model: the linear factor's keys as metadata, Llama 3.1's factors as the
-// F32 tensor rope_freqs.weight, which stays F32 (a vector, like the norms).
+// RoPE scaling travels with the model: the linear factor's and YaRN's keys as metadata, Llama 3.1's
+// factors as the F32 tensor rope_freqs.weight, which stays F32 (a vector, like the norms).
 TEST_F(Requantize, RopeScalingIsCarriedOver) {
   LlamaShape shape = llama_shape_by_name("tiny");
   shape.rope_linear_factor = 2.0f;
@@ -178,6 +178,17 @@ TEST_F(Requantize, RopeScalingIsCarriedOver) {
   const LlamaConfig c = LlamaConfig::from_gguf(*out);
   EXPECT_EQ(c.rope_freq_factors, shape.rope_freq_factors);
   EXPECT_EQ(c.rope_freq_scale(), 0.5f);
+  EXPECT_EQ(c.rope_yarn_original_context, 0);
+
+  // And YaRN's type and original context.
+  shape.rope_yarn_original_context = 128;
+  const fs::path yarn = dir_.path() / "yarn-f32.gguf";
+  write_random_llama(yarn.string(), shape, DType::F32, 21);
+  const LlamaConfig y =
+      LlamaConfig::from_gguf(*convert(*GgufFile::open(yarn.string()), DType::Q4_0, false, "yarn-q4.gguf"));
+  EXPECT_EQ(y.rope_yarn_original_context, 128);
+  EXPECT_EQ(y.rope_freq_scale(), 0.5f);
+  EXPECT_EQ(y.rope_freq_factors, shape.rope_freq_factors);
 }
 
 TEST_F(Requantize, PureQ4_0QuantizesEveryMatrix) {

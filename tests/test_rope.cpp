@@ -1,8 +1,8 @@
 // RoPE on the CPU (kernels/rope) and its scalings: plain and scaled rotations against a double-precision
 // rotation on random heads of odd counts and sizes; the identities llama.cpp's scaled RoPE obeys, bit for
 // bit (a linear factor F at position F p is plain RoPE at p; a frequency factor F on a pair likewise);
-// refusals; and Llama 3.1's frequency factors (model/llama_config) as convert_hf_to_gguf.py defines
-// them.
+// refusals; YaRN's range, magnitude and mixed angles; and Llama 3.1's frequency factors (model/llama_config)
+// as convert_hf_to_gguf.py defines them.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -10,6 +10,7 @@
 #include <cstring>
 #include <numbers>
 #include <stdexcept>
+#include <utility>
 #include <vector>
 
 #include "kernels/rope.hpp"
@@ -158,6 +159,99 @@ TEST(Rope, RefusesBadScaling) {
         << bad;
   }
   EXPECT_EQ(x, std::vector<float>(8, 1.0f)) << "a refused call wrote";
+}
+
+// YaRN (llama.cpp's ggml_rope_ext with ext_factor 1): the correction range and magnitude against their
+// formulas in double precision (Yarn-Llama-2-7b-64k's factor 16 from 4096, heads of 128, base 10000; and
+// Yarn-Mistral's base 10000 with factor 16 from 8192), then each pair's angle: the unscaled one below the
+// range, the scaled one above it (bit for bit the plain and the linear rotations), a linear mix between.
+TEST(RopeYarn, CorrectionRangeAndMagnitudeFollowTheirFormulas) {
+  for (const auto& [factor, context] : {std::pair{16.0, 4096}, std::pair{16.0, 8192}, std::pair{4.0, 32}}) {
+    SCOPED_TRACE(std::to_string(factor) + " from " + std::to_string(context));
+    const RopeScaling s =
+        rope_yarn_scaling(static_cast<float>(1.0 / factor), nullptr, 128, context, 10000.0f);
+    // The pair at which a wavelength turns n times over the original context.
+    const auto corr = [&](double n) {
+      return 128.0 * std::log(context / (n * 2.0 * std::numbers::pi)) / (2.0 * std::log(10000.0));
+    };
+    EXPECT_TRUE(s.yarn);
+    EXPECT_EQ(s.yarn_low, std::max(0.0, std::floor(corr(32.0))));
+    EXPECT_EQ(s.yarn_high, std::min(127.0, std::ceil(corr(1.0))));
+    EXPECT_NEAR(s.mscale, 1.0 + 0.1 * std::log(factor), 1e-6);
+    EXPECT_NEAR(rope_yarn_scaling(s.freq_scale, nullptr, 128, context, 10000.0f, 0.5f).mscale,
+                0.5 * (1.0 + 0.1 * std::log(factor)), 1e-6)
+        << "the file's attn_factor multiplies it";
+  }
+  // Factor 1: nothing scaled, magnitude 1.
+  EXPECT_EQ(rope_yarn_scaling(1.0f, nullptr, 64, 2048, 10000.0f).mscale, 1.0f);
+}
+
+TEST(RopeYarn, PairsBelowTheRangeKeepTheirAngleThoseAboveAreScaledAndTheRestMixed) {
+  const int64_t rot = 64;
+  const float base = 10000.0f;
+  const std::vector<float> factors = test::random_floats(static_cast<size_t>(rot / 2), 11, 1.0f, 4.0f);
+  for (const float* freq_factors : {static_cast<const float*>(nullptr), factors.data()}) {
+    const RopeScaling yarn = rope_yarn_scaling(0.125f, freq_factors, rot, 4096, base);  // pairs 10 to 23
+    ASSERT_GT(yarn.yarn_low, 1.0f);
+    ASSERT_LT(yarn.yarn_high, rot / 2 - 2.0f) << "pairs on both sides of the range";
+    RopeScaling unscaled, linear;
+    unscaled.freq_factors = linear.freq_factors = freq_factors;
+    linear.freq_scale = 0.125f;
+    const float theta_scale = rope_theta_scale(base, rot);
+    int mixed = 0;
+    for (const int32_t pos : {0, 3, 100, 4096, 100000}) {
+      for (int64_t i = 0; i < rot / 2; ++i) {
+        const float got = rope_angle(pos, i, theta_scale, yarn);
+        const float extrapolated = rope_angle(pos, i, theta_scale, unscaled);
+        const float interpolated = rope_angle(pos, i, theta_scale, linear);
+        if (static_cast<float>(i) <= yarn.yarn_low) {
+          EXPECT_EQ(got, extrapolated) << pos << " " << i;
+        } else if (static_cast<float>(i) >= yarn.yarn_high) {
+          EXPECT_EQ(got, interpolated) << pos << " " << i;
+        } else {
+          const double r = 1.0 - (i - yarn.yarn_low) / (yarn.yarn_high - yarn.yarn_low);
+          const double want = interpolated * (1.0 - r) + extrapolated * r;
+          EXPECT_NEAR(got, want, 1e-6 * std::abs(want) + 1e-30) << pos << " " << i;
+          mixed += pos > 0;
+        }
+      }
+    }
+    EXPECT_GT(mixed, 0);
+  }
+}
+
+// rope_normal with YaRN rotates each pair by rope_angle's angle and scales it by mscale, on odd shapes.
+TEST(RopeYarn, RotationIsTheAngleTimesTheMagnitude) {
+  const Heads shapes[] = {{3, 5, 10, 10}, {7, 3, 34, 18}, {5, 2, 128, 128}, {2, 7, 66, 64}};
+  uint64_t seed = 40;
+  for (const Heads& h : shapes) {
+    SCOPED_TRACE("heads " + std::to_string(h.n_heads) + " x " + std::to_string(h.head_dim) + ", rot " +
+                 std::to_string(h.rot_dims));
+    const std::vector<float> factors =
+        test::random_floats(static_cast<size_t>(h.rot_dims / 2), seed++, 1.0f, 8.0f);
+    const RopeScaling scaling = rope_yarn_scaling(0.25f, factors.data(), h.rot_dims, 48, 10000.0f);
+    const std::vector<float> x =
+        test::random_floats(static_cast<size_t>(h.tokens * h.n_heads * h.head_dim), seed++, -2.0f, 2.0f);
+    const std::vector<int32_t> pos = random_positions(h.tokens, seed++);
+    std::vector<float> got = x;
+    ASSERT_EQ(
+        rope_normal(got.data(), pos.data(), h.tokens, h.n_heads, h.head_dim, h.rot_dims, 10000.0f, scaling),
+        Status::ok);
+    const std::vector<float> rotated = rotated_reference(x, pos, h, 10000.0f, scaling);
+    for (size_t i = 0; i < x.size(); ++i) {
+      const bool rotates = static_cast<int64_t>(i) % h.head_dim < h.rot_dims;
+      const double want = rotates ? rotated[i] * static_cast<double>(scaling.mscale) : x[i];
+      EXPECT_NEAR(got[i], want, 3e-5) << i;
+    }
+  }
+  std::vector<float> x(8, 1.0f);
+  const int32_t pos = 3;
+  RopeScaling bad = rope_yarn_scaling(0.5f, nullptr, 8, 16, 10000.0f);
+  bad.mscale = 0.0f;
+  EXPECT_EQ(rope_normal(x.data(), &pos, 1, 1, 8, 8, 10000.0f, bad), Status::invalid_argument);
+  bad = rope_yarn_scaling(0.5f, nullptr, 8, 16, 10000.0f);
+  bad.yarn_high = NAN;
+  EXPECT_EQ(rope_normal(x.data(), &pos, 1, 1, 8, 8, 10000.0f, bad), Status::invalid_argument);
 }
 
 }  // namespace

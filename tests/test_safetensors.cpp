@@ -315,10 +315,13 @@ TEST_F(HfCheckpointErrors, BadConfigKeys) {
       {"architectures", nullptr, {"key 'architectures' is missing"}},
       {"hidden_act", "gelu", {"key 'hidden_act'", "not supported"}},
       {"attention_bias", true, {"key 'attention_bias' = true is not supported"}},
-      // linear and llama3 run (tests/test_hf_llama.cpp); the scalings Nibble does not run are refused.
+      // linear, llama3 and yarn run (tests/test_hf_llama.cpp); the scalings Nibble does not run are refused.
+      {"rope_parameters",
+       {{"rope_type", "longrope"}, {"factor", 8.0}},
+       {"key 'rope_parameters'", "not supported"}},
       {"rope_parameters",
        {{"rope_type", "yarn"}, {"factor", 8.0}},
-       {"key 'rope_parameters'", "not supported"}},
+       {"key 'rope_parameters.original_max_position_embeddings' is missing"}},
       {"rope_scaling", {{"type", "dynamic"}, {"factor", 2.0}}, {"key 'rope_scaling'", "not supported"}},
       {"rope_scaling", {{"type", "linear"}, {"factor", 0.5}}, {"key 'rope_scaling.factor'", "at least 1"}},
       {"head_dim", 15, {"key 'head_dim' must be even"}},

@@ -16,17 +16,20 @@ Each variant gets logits of transformers' float32 forward of exactly the weights
 Both are little-endian float32 [sum of the sequence lengths, vocab_size], one row per position,
 sequences one after the other, each run from position 0 on its own.
 
---extra-variants: three more float32 variants, written next to the others and added to
-reference.json without touching them:
+--extra-variants: four more float32 variants, written next to the others and added to
+reference.json without touching them (--only NAME: that one alone):
   OUT/llama3-rope/  rope_scaling {"rope_type": "llama3", factor 8, low / high frequency factors 1 and 4,
                     original_max_position_embeddings 64}: with heads of 16 the pairs are kept, smoothed
                     and slowed 8 times, all within the sequences' 33 positions
   OUT/linear-rope/  rope_scaling {"rope_type": "linear", "factor": 4}
   OUT/head-dim-32/  head_dim 32 (4 heads of 32 over hidden_size 64, as Mistral Nemo's heads of 128 over
                     5120 / 32)
+  OUT/yarn-rope/    rope_scaling {"rope_type": "yarn", "factor": 4, "original_max_position_embeddings":
+                    2048}, max_position_embeddings 8192: of the 8 pairs of a head of 16, pairs 0-2 keep their angle, 6-7 are slowed 4
+                    times, 3-5 mixed, and q.k grows by YaRN's (1 + 0.1 ln 4)^2
 
 Needs `pip install torch transformers`. Usage:
-  python3 tools/hf_reference.py --out tests/data/hf-tiny-llama [--extra-variants]
+  python3 tools/hf_reference.py --out tests/data/hf-tiny-llama [--extra-variants [--only NAME]]
 """
 import argparse
 import json
@@ -77,12 +80,15 @@ EXTRA_VARIANTS = {
                                      "rope_theta": SHAPE["rope_theta"]}},
     "linear-rope": {"rope_scaling": {"rope_type": "linear", "factor": 4.0, "rope_theta": SHAPE["rope_theta"]}},
     "head-dim-32": {"head_dim": 32},
+    "yarn-rope": {"max_position_embeddings": 8192,
+                  "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 2048,
+                                   "rope_theta": SHAPE["rope_theta"]}},
 }
 
 
 def build(seed, tied, extra=None):
     torch.manual_seed(seed)
-    config = LlamaConfig(**SHAPE, tie_word_embeddings=tied, attn_implementation="eager", **(extra or {}))
+    config = LlamaConfig(**{**SHAPE, **(extra or {})}, tie_word_embeddings=tied, attn_implementation="eager")
     model = LlamaForCausalLM(config).float().eval()
     # transformers' default init (std 0.02, norms at 1) gives near-uniform attention and tiny logits,
     # which would hide binding mistakes: use larger weights and random norm gains. At std 0.15 pairing
@@ -134,6 +140,7 @@ def main():
     parser.add_argument("--out", required=True)
     parser.add_argument("--extra-variants", action="store_true",
                         help="write the extra variants only, adding them to an existing reference.json")
+    parser.add_argument("--only", help="with --extra-variants: this variant alone")
     args = parser.parse_args()
 
     rng = np.random.default_rng(7)
@@ -144,6 +151,8 @@ def main():
             reference = json.load(f)
         assert reference["sequences"] == sequences and reference["shape"] == SHAPE
         for seed, (name, extra) in enumerate(EXTRA_VARIANTS.items(), start=3):
+            if args.only and name != args.only:
+                continue
             model = build(seed=seed, tied=False, extra=extra)
             shape = save(model, os.path.join(args.out, name), torch.float32, sequences, True)
             reference["variants"][name] = dict(extra, dtype="F32", tied=False, logits_shape=list(shape),

@@ -726,8 +726,8 @@ void CudaLlamaModel::Impl::enqueue(const Plan& p) {
   rshape.head_dim = c.head_dim;
   rshape.rot_dims = c.rope_dims;
   rshape.rope_base = c.rope_base;
-  rshape.rope_freq_scale = c.rope_freq_scale();
-  rshape.rope_freq_factors = rope_freq_factors ? rope_freq_factors->as<float>() : nullptr;
+  rshape.rope_scaling = c.rope_scaling();
+  rshape.rope_scaling.freq_factors = rope_freq_factors ? rope_freq_factors->as<float>() : nullptr;
   rshape.block_size = cache.block_size();
   rshape.num_blocks = cache.n_blocks();
   rshape.max_blocks_per_seq = p.mbps;

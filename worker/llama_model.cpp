@@ -317,8 +317,7 @@ void LlamaModel::forward_stage(const ForwardBatch& batch, KvCache& cache, kernel
   const int64_t kv_dim = sc.kv_dim();
   const KvCacheTypes& cache_types = cache.types();
   const KvRotation rotation = kv_cache_rotation_ ? KvCache::rotation(sc, cache_types) : KvRotation{};
-  const kernels::RopeScaling rope_scaling{c.rope_freq_scale(),
-                                          c.rope_freq_factors.empty() ? nullptr : c.rope_freq_factors.data()};
+  const kernels::RopeScaling rope_scaling = c.rope_scaling();
 
   for (int64_t l = 0; l < sc.n_layer; ++l) {  // local layer index: cache and weights hold the stage's
     const model::LlamaLayerWeights& w = weights_.layers[l];

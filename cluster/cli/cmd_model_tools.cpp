@@ -1,5 +1,6 @@
 // Model-file subcommands: tokenize, logits, make-model, quantize, gguf-split.
 #include <climits>
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
@@ -195,13 +196,13 @@ Runner add_logits(CLI::App& app) {
 
 namespace {
 
-// make-model --rope-scaling: "linear:F" (llama.rope.scaling.factor F) or "llama3:F:CTX" (Llama 3.1's
+// make-model --rope-scaling: "linear:F" (llama.rope.scaling.factor F), "llama3:F:CTX" (Llama 3.1's
 // frequency factors for scaling factor F from an original context of CTX, its low / high frequency
-// factors 1 and 4, as rope_freqs.weight).
+// factors 1 and 4, as rope_freqs.weight) or "yarn:F:CTX" (YaRN's factor F from an original context of CTX).
 void apply_rope_scaling(const std::string& spec, model::LlamaShape& shape) {
   const auto bad = [&]() {
     return std::invalid_argument("--rope-scaling " + spec +
-                                 ": expected linear:FACTOR or llama3:FACTOR:CONTEXT");
+                                 ": expected linear:FACTOR, llama3:FACTOR:CONTEXT or yarn:FACTOR:CONTEXT");
   };
   std::vector<std::string> parts;
   for (size_t begin = 0;;) {
@@ -228,6 +229,11 @@ void apply_rope_scaling(const std::string& spec, model::LlamaShape& shape) {
     l3.factor = number(parts[1]);
     l3.original_context = number(parts[2]);
     shape.rope_freq_factors = model::llama3_rope_freq_factors(l3, shape.rope_base, shape.head_size());
+  } else if (parts[0] == "yarn" && parts.size() == 3) {
+    shape.rope_linear_factor = static_cast<float>(number(parts[1]));
+    const double context = number(parts[2]);
+    if (context != std::floor(context) || context > double{1 << 30}) throw bad();
+    shape.rope_yarn_original_context = static_cast<int64_t>(context);
   } else {
     throw bad();
   }
@@ -256,8 +262,9 @@ Runner add_make_model(CLI::App& app) {
                  "Head size instead of the embedding / heads (llama.attention.key_length, as Mistral Nemo's)")
       ->check(CLI::Range(int64_t{2}, int64_t{1024}));
   app.add_option("--rope-scaling", a->rope_scaling,
-                 "RoPE scaling: linear:FACTOR (llama.rope.scaling.factor) or llama3:FACTOR:CONTEXT (Llama "
-                 "3.1's frequency factors from an original context of CONTEXT, as rope_freqs.weight)");
+                 "RoPE scaling: linear:FACTOR (llama.rope.scaling.factor), llama3:FACTOR:CONTEXT (Llama "
+                 "3.1's frequency factors from an original context of CONTEXT, as rope_freqs.weight) or "
+                 "yarn:FACTOR:CONTEXT (YaRN from an original context of CONTEXT)");
   app.add_option("--out,-o", a->out, "Output GGUF path")->required();
   return [a]() {
     model::LlamaShape shape = model::llama_shape_by_name(a->shape);

@@ -5,6 +5,8 @@
 
 #include <cstdint>
 
+#include "kernels/rope.hpp"
+
 namespace nibble::kernels::cuda::detail {
 
 constexpr int kWarpSize = 32;
@@ -71,16 +73,26 @@ __device__ __forceinline__ float silu_times(float gate, float up) { return gate 
 
 // RoPE's angles (kernels::rope_angle on the device): pair i at position pos turns by the CPU's
 // recurrence step for step (theta_scale = base^(-2 / rot_dims), rounded as the host rounds it), divided
-// by the pair's frequency factor and times the linear scale, each rounded as the CPU rounds it.
+// by the pair's frequency factor and times the linear scale, with YaRN's ramp between the two, each
+// rounded as the CPU rounds it (kernels/rope.cpp's scaled_angle); cos_sin scales both by mscale.
 struct RopeAngles {
   float theta_scale;
-  float freq_scale;           // 1: no linear scaling
-  const float* freq_factors;  // device [rot_dims / 2] or nullptr (all 1)
+  kernels::RopeScaling scaling;  // freq_factors: device [rot_dims / 2] or nullptr (all 1)
   __device__ __forceinline__ float angle(int32_t pos, int i) const {
     float theta = static_cast<float>(pos);
     for (int s = 0; s < i; ++s) theta *= theta_scale;
-    if (freq_factors != nullptr) theta = __fdiv_rn(theta, freq_factors[i]);
-    return __fmul_rn(freq_scale, theta);
+    if (scaling.freq_factors != nullptr) theta = __fdiv_rn(theta, scaling.freq_factors[i]);
+    const float interpolated = __fmul_rn(scaling.freq_scale, theta);
+    if (!scaling.yarn) return interpolated;
+    const float y = __fdiv_rn(__fsub_rn(static_cast<float>(i), scaling.yarn_low),
+                              fmaxf(0.001f, __fsub_rn(scaling.yarn_high, scaling.yarn_low)));
+    const float ramp = __fsub_rn(1.0f, fminf(1.0f, fmaxf(0.0f, y)));
+    return __fmaf_rn(interpolated, __fsub_rn(1.0f, ramp), __fmul_rn(theta, ramp));
+  }
+  __device__ __forceinline__ void cos_sin(int32_t pos, int i, float& c, float& s) const {
+    const float theta = angle(pos, i);
+    c = __fmul_rn(cosf(theta), scaling.mscale);
+    s = __fmul_rn(sinf(theta), scaling.mscale);
   }
 };
 

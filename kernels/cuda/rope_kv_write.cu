@@ -67,9 +67,7 @@ __global__ void __launch_bounds__(kThreads) rope_kv_write_kernel(Params p) {
   const int64_t head = blockIdx.y;
   const int32_t pos = p.token_pos[t];
   for (int i = threadIdx.x; i < p.half_rot; i += kThreads) {
-    const float theta = p.rope.angle(pos, i);
-    cos_t[i] = cosf(theta);
-    sin_t[i] = sinf(theta);
+    p.rope.cos_sin(pos, i, cos_t[i], sin_t[i]);
   }
   const bool is_q = head < p.n_head;
   if (threadIdx.x == 0 && !is_q) {
@@ -98,7 +96,7 @@ __global__ void __launch_bounds__(kThreads) rope_kv_write_kernel(Params p) {
 }
 
 detail::RopeAngles rope_angles(const RopeKvWriteShape& s) {
-  return {kernels::rope_theta_scale(s.rope_base, s.rot_dims), s.rope_freq_scale, s.rope_freq_factors};
+  return {kernels::rope_theta_scale(s.rope_base, s.rot_dims), s.rope_scaling};
 }
 
 }  // namespace
@@ -109,7 +107,11 @@ bool rope_kv_heads_and_cache_valid(const RopeKvWriteShape& s) {
   if (s.n_head + s.n_head_kv > 65535 || s.head_dim > (int64_t{1} << 20)) return false;
   if (s.rot_dims < 2 || s.rot_dims > s.head_dim || s.rot_dims % 2 != 0 || s.rot_dims > kMaxRotDims)
     return false;
-  if (!(s.rope_base > 0.0f) || !(s.rope_freq_scale > 0.0f) || !std::isfinite(s.rope_freq_scale)) return false;
+  const kernels::RopeScaling& r = s.rope_scaling;
+  if (!(s.rope_base > 0.0f) || !(r.freq_scale > 0.0f) || !std::isfinite(r.freq_scale) || !(r.mscale > 0.0f) ||
+      !std::isfinite(r.mscale) || (r.yarn && !(std::isfinite(r.yarn_low) && std::isfinite(r.yarn_high)))) {
+    return false;
+  }
   return s.block_size >= 1 && s.num_blocks >= 1 && s.max_blocks_per_seq >= 1;
 }
 

@@ -21,6 +21,7 @@
 
 #include <cstdint>
 
+#include "kernels/rope.hpp"
 #include "kernels/status.hpp"
 
 namespace nibble::kernels::cuda {
@@ -32,8 +33,9 @@ struct RopeKvWriteShape {
   int64_t head_dim = 0;
   int64_t rot_dims = 0;  // leading dims of each head that rotate: even, 2 <= rot_dims <= min(head_dim, 1024)
   float rope_base = 10000.0f;
-  float rope_freq_scale = 1.0f;              // kernels::RopeScaling::freq_scale: > 0 and finite
-  const float* rope_freq_factors = nullptr;  // device [rot_dims / 2], each > 0 (Llama 3.1's), or nullptr
+  // The CPU's scaling (linear, Llama 3.1's factors, YaRN; LlamaConfig::rope_scaling), except that
+  // rope_scaling.freq_factors is a device pointer: [rot_dims / 2], each > 0, or nullptr.
+  kernels::RopeScaling rope_scaling;
   int64_t q_stride = 0;   // floats between consecutive tokens' rows of q (>= n_head * head_dim)
   int64_t kv_stride = 0;  // floats between consecutive tokens' rows of k and of v (>= n_head_kv * head_dim)
   int64_t block_size = 0;

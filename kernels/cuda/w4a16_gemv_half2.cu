@@ -141,8 +141,9 @@ struct RopeKvOut {
   __device__ void rotate_into(float x0, float x1, int64_t d, int32_t pos, __half* out) const {
     float r0 = x0, r1 = x1;
     if (d < rot_dims) {
-      const float theta = rope.angle(pos, static_cast<int>(d / 2));
-      detail::rope_rotate(x0, x1, cosf(theta), sinf(theta), r0, r1);
+      float c, s;
+      rope.cos_sin(pos, static_cast<int>(d / 2), c, s);
+      detail::rope_rotate(x0, x1, c, s, r0, r1);
     }
     out[0] = __float2half_rn(r0);
     out[1] = __float2half_rn(r1);
@@ -758,22 +759,21 @@ bool make_rope_kv_out(const RopeKvWriteShape& s, const int32_t* token_pos, const
       k_cache == nullptr || v_cache == nullptr) {
     return false;
   }
-  out =
-      RopeKvOut{s.n_head * s.head_dim,
-                s.n_head_kv * s.head_dim,
-                s.head_dim,
-                s.rot_dims,
-                {kernels::rope_theta_scale(s.rope_base, s.rot_dims), s.rope_freq_scale, s.rope_freq_factors},
-                token_pos,
-                token_seq,
-                block_tables,
-                s.block_size,
-                s.num_blocks,
-                s.max_blocks_per_seq,
-                q_out,
-                k_cache,
-                v_cache,
-                error_flag};
+  out = RopeKvOut{s.n_head * s.head_dim,
+                  s.n_head_kv * s.head_dim,
+                  s.head_dim,
+                  s.rot_dims,
+                  {kernels::rope_theta_scale(s.rope_base, s.rot_dims), s.rope_scaling},
+                  token_pos,
+                  token_seq,
+                  block_tables,
+                  s.block_size,
+                  s.num_blocks,
+                  s.max_blocks_per_seq,
+                  q_out,
+                  k_cache,
+                  v_cache,
+                  error_flag};
   return true;
 }
 

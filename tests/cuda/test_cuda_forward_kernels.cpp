@@ -148,10 +148,12 @@ TEST(CudaRopeKvWrite, MatchesCpuRopeAndWritesTheCacheSlots) {
   struct Case {
     int64_t head_dim, rot_dims;
     bool stacked;  // q, k, v as column ranges of one [tokens, q_dim + 2 kv_dim] buffer
-    bool scaled;   // RoPE scaling: a linear scale and a frequency factor a pair (Llama 3.1's)
+    int scaled;    // RoPE scaling: 1 a linear scale and a frequency factor a pair (Llama 3.1's); 2 the
+                   // same with YaRN's ramp and magnitude (an original context of 8: pairs on both sides)
   };
-  for (const Case c : {Case{34, 34, true, false}, Case{64, 64, false, false}, Case{128, 96, true, false},
-                       Case{6, 4, false, false}, Case{64, 64, true, true}, Case{128, 96, false, true}}) {
+  for (const Case c :
+       {Case{34, 34, true, 0}, Case{64, 64, false, 0}, Case{128, 96, true, 0}, Case{6, 4, false, 0},
+        Case{64, 64, true, 1}, Case{128, 96, false, 1}, Case{64, 64, false, 2}, Case{128, 96, true, 2}}) {
     SCOPED_TRACE("head_dim=" + std::to_string(c.head_dim) + " rot_dims=" + std::to_string(c.rot_dims) +
                  " stacked=" + std::to_string(c.stacked) + " scaled=" + std::to_string(c.scaled));
     const int64_t tokens = 11, n_head = 6, n_head_kv = 2, block_size = 5, num_blocks = 13, mbps = 4;
@@ -192,7 +194,10 @@ TEST(CudaRopeKvWrite, MatchesCpuRopeAndWritesTheCacheSlots) {
     const std::vector<float> factors = random_floats(static_cast<size_t>(c.rot_dims / 2), 1.0f, rng);
     std::vector<float> freq_factors(factors.size());
     for (size_t i = 0; i < factors.size(); ++i) freq_factors[i] = 1.0f + 7.0f * std::fabs(factors[i]);
-    const k::RopeScaling scaling = c.scaled ? k::RopeScaling{0.5f, freq_factors.data()} : k::RopeScaling{};
+    const k::RopeScaling scaling =
+        c.scaled == 2   ? k::rope_yarn_scaling(0.5f, freq_factors.data(), c.rot_dims, 8, 10000.0f, 1.25f)
+        : c.scaled == 1 ? k::RopeScaling{0.5f, freq_factors.data()}
+                        : k::RopeScaling{};
     DeviceBuffer<float> d_factors(freq_factors);
     std::vector<float> q_ref = q, k_ref = kk;
     ASSERT_EQ(
@@ -218,10 +223,8 @@ TEST(CudaRopeKvWrite, MatchesCpuRopeAndWritesTheCacheSlots) {
     s.head_dim = c.head_dim;
     s.rot_dims = c.rot_dims;
     s.rope_base = 10000.0f;
-    if (c.scaled) {
-      s.rope_freq_scale = scaling.freq_scale;
-      s.rope_freq_factors = d_factors.ptr;
-    }
+    s.rope_scaling = scaling;
+    s.rope_scaling.freq_factors = c.scaled != 0 ? d_factors.ptr : nullptr;
     s.q_stride = q_stride;
     s.kv_stride = kv_stride;
     s.block_size = block_size;

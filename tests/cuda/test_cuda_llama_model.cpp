@@ -278,15 +278,19 @@ INSTANTIATE_TEST_SUITE_P(Shapes, CudaLlamaModelRandom,
 
 // A model of tiny_shape(256, 4, 2) (heads of 64) with RoPE scaling: Llama 3.1's frequency factors for a
 // factor of 8 from an original context of 16 (so that the pairs slowed 8 times, the smoothed ones and
-// the kept ones all turn within the tests' few dozen positions) and / or a linear factor of 2.
-std::string rope_scaled_model(const std::filesystem::path& dir, k::DType type, bool llama3, bool linear) {
+// the kept ones all turn within the tests' few dozen positions) and / or a linear factor of 2, which
+// with `yarn` is YaRN's factor from an original context of 16 (its ramp between pairs 4 and 16 of 32).
+std::string rope_scaled_model(const std::filesystem::path& dir, k::DType type, bool llama3, bool linear,
+                              bool yarn = false) {
   m::LlamaShape shape = tiny_shape(256, 4, 2);
   if (llama3)
     shape.rope_freq_factors = m::llama3_rope_freq_factors({8.0, 1.0, 4.0, 16.0}, shape.rope_base, 64);
   if (linear) shape.rope_linear_factor = 2.0f;
-  const std::string path = (dir / ("rope-scaled-" + std::string(llama3 ? "llama3-" : "") +
-                                   (linear ? "linear-" : "") + k::type_name(type) + ".gguf"))
-                               .string();
+  if (yarn) shape.rope_yarn_original_context = 16;
+  const std::string path =
+      (dir / ("rope-scaled-" + std::string(llama3 ? "llama3-" : "") + (linear ? "linear-" : "") +
+              (yarn ? "yarn-" : "") + k::type_name(type) + ".gguf"))
+          .string();
   m::write_random_llama(path, shape, type, /*seed=*/17);
   return path;
 }
@@ -298,9 +302,9 @@ TEST(CudaLlamaModel, RopeScaledModelsMatchTheCpu) {
   NIBBLE_REQUIRE_CUDA_DEVICE();
   t::TempDir dir;
   const std::string plain = random_model(dir.path(), tiny_shape(256, 4, 2), k::DType::F16);
-  for (const auto& [llama3, linear] :
-       {std::pair{true, false}, std::pair{false, true}, std::pair{true, true}}) {
-    const std::string path = rope_scaled_model(dir.path(), k::DType::F16, llama3, linear);
+  for (const auto& [llama3, linear, yarn] : {std::tuple{true, false, false}, std::tuple{false, true, false},
+                                             std::tuple{true, true, false}, std::tuple{false, true, true}}) {
+    const std::string path = rope_scaled_model(dir.path(), k::DType::F16, llama3, linear, yarn);
     SCOPED_TRACE(path);
     for (const bool decode_attention : {true, false}) compare_scenario(path, kFloatBound, decode_attention);
     // The scaled model's CPU logits against the plain one's, over the scenario's first two steps.

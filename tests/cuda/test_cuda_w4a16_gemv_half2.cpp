@@ -686,18 +686,21 @@ TEST(CudaW4A16GemvHalf2, RopeKvEpilogueIsTheProductThenRopeKvWriteBitForBit) {
   NIBBLE_REQUIRE_CUDA_DEVICE();
   struct Heads {
     int64_t n_head, n_head_kv, head_dim, rot_dims;
-    bool scaled;  // RoPE scaling: a linear scale and a frequency factor a pair (Llama 3.1's)
+    int scaled;  // RoPE scaling: 1 a linear scale and a frequency factor a pair (Llama 3.1's); 2 the same
+                 // with YaRN's ramp and magnitude (from an original context of 16, so pairs on both sides)
   };
   std::mt19937 rng(62);
   std::normal_distribution<float> normal(0.0f, 1.0f);
   const int64_t block_size = 16, num_blocks = 7, mbps = 4;
   const std::vector<int32_t> tables = {0, 1, 3, 4, 5, 2, -1, 6};  // rows 0 and 1
   for (const Half2Format format : kHalf2Formats) {
-    for (const Heads& h : {Heads{4, 2, 64, 64, false}, Heads{3, 1, 128, 96, false}, Heads{5, 5, 6, 4, false},
-                           Heads{4, 2, 64, 64, true}}) {
+    for (const Heads& h : {Heads{4, 2, 64, 64, 0}, Heads{3, 1, 128, 96, 0}, Heads{5, 5, 6, 4, 0},
+                           Heads{4, 2, 64, 64, 1}, Heads{3, 1, 128, 96, 2}}) {
       SCOPED_TRACE(std::string(format_name(format)) + ", heads " + std::to_string(h.n_head) + "/" +
                    std::to_string(h.n_head_kv) + " of " + std::to_string(h.head_dim) +
-                   (h.scaled ? ", scaled" : ""));
+                   (h.scaled == 1   ? ", scaled"
+                    : h.scaled == 2 ? ", YaRN"
+                                    : ""));
       const int64_t q_dim = h.n_head * h.head_dim, kv_dim = h.n_head_kv * h.head_dim;
       const int64_t rows = q_dim + 2 * kv_dim, kk = format != Half2Format::int4_groups ? 512 : 480;
       Half2Matrix w;
@@ -709,11 +712,11 @@ TEST(CudaW4A16GemvHalf2, RopeKvEpilogueIsTheProductThenRopeKvWriteBitForBit) {
       for (float& f : freq_factors) f = 1.0f + 7.0f * std::fabs(normal(rng));
       const DeviceBuffer<float> d_factors(freq_factors);
       k::RopeScaling scaling;
-      if (h.scaled) {
-        scaling = {0.25f, freq_factors.data()};
-        s.rope_freq_scale = scaling.freq_scale;
-        s.rope_freq_factors = d_factors.ptr;
-      }
+      if (h.scaled == 1) scaling = {0.25f, freq_factors.data()};
+      if (h.scaled == 2)
+        scaling = k::rope_yarn_scaling(0.25f, freq_factors.data(), h.rot_dims, 16, s.rope_base, 1.5f);
+      s.rope_scaling = scaling;
+      s.rope_scaling.freq_factors = h.scaled != 0 ? d_factors.ptr : nullptr;
       const float theta_scale = k::rope_theta_scale(s.rope_base, s.rot_dims);
       for (const int32_t pos : {3, 20, 40, 70}) {  // blocks 5 and 2; block id -1; past the table
         SCOPED_TRACE("position " + std::to_string(pos));
@@ -768,8 +771,9 @@ TEST(CudaW4A16GemvHalf2, RopeKvEpilogueIsTheProductThenRopeKvWriteBitForBit) {
           double r0 = a, r1 = b;
           if (d < h.rot_dims) {
             const float theta = k::rope_angle(pos, d / 2, theta_scale, scaling);
-            r0 = a * std::cos(theta) - b * std::sin(theta);
-            r1 = a * std::sin(theta) + b * std::cos(theta);
+            const double c = std::cos(theta) * scaling.mscale, sn = std::sin(theta) * scaling.mscale;
+            r0 = a * c - b * sn;
+            r1 = a * sn + b * c;
           }
           const double tolerance =
               (integer ? 1e-4 : 3e-2) * (am + bm) + 1e-3 * (std::fabs(r0) + std::fabs(r1));

@@ -145,6 +145,9 @@ std::vector<std::vector<uint8_t>> gguf_model_seeds() {
   scaled.rope_freq_factors = model::llama3_rope_freq_factors({8.0, 1.0, 4.0, 16.0}, scaled.rope_base, 32);
   model::write_random_llama(path.string(), scaled, kernels::DType::Q8_0, 7);
   seeds.push_back(read_bytes(path));
+  scaled.rope_yarn_original_context = 16;  // and as YaRN
+  model::write_random_llama(path.string(), scaled, kernels::DType::Q8_0, 7);
+  seeds.push_back(read_bytes(path));
   // The same model as Q4_1, and as llama.cpp's Q4_K_S mix: with rows of 32 and 64 every K-quant falls
   // back to Q5_0 / Q5_1 (the head to Q8_0).
   const fs::path small_f16 = scratch_dir().path() / "seed-small-f16.gguf";

@@ -30,6 +30,12 @@ LlamaConfig LlamaConfig::from_gguf(const GgufFile& file) {
   c.n_head_kv = file.has(a + "attention.head_count_kv") ? positive(a + "attention.head_count_kv") : c.n_head;
   c.n_ff = positive(a + "feed_forward_length");
   c.n_ctx_train = file.has(a + "context_length") ? positive(a + "context_length") : 2048;
+  // Mixtral's files are of this architecture too, their FFNs experts: refused by name, not by the first
+  // missing FFN tensor.
+  if (const auto experts = file.find_uint(a + "expert_count"); experts && *experts > 0) {
+    throw GgufError(file.path() + ": " + a + "expert_count = " + std::to_string(*experts) +
+                    ": mixture-of-experts models (Mixtral's) are not supported");
+  }
   // Checked as read: a double past float's range does not convert to a float at all.
   const double rope_base = file.find_float(a + "rope.freq_base").value_or(10000.0);
   const double rms_eps = file.find_float(a + "attention.layer_norm_rms_epsilon").value_or(1e-5);

@@ -747,6 +747,11 @@ TEST(GgufLlamaConfig, RefusesHyperparametersTheFileCannotBack) {
   write_random_llama(good.string(), llama_shape_by_name("tiny"), DType::Q4_0, 1);
   const auto file = GgufFile::open(good.string());
   EXPECT_EQ(LlamaConfig::from_gguf(*file).n_layer, 2);
+  EXPECT_EQ(LlamaConfig::from_gguf(*edited_copy(*file, dir.path() / "dense.gguf",
+                                                {{{"llama.expert_count", V::make_uint(T::UINT32, 0)}}, {}}))
+                .n_layer,
+            2)
+      << "an expert count of 0 is a dense model";
   // The file again with one metadata value changed.
   const auto changed = [&](const std::string& key, const GgufValue& value) {
     return edited_copy(*file, dir.path() / "changed.gguf", {{{key, value}}, {}});
@@ -766,6 +771,9 @@ TEST(GgufLlamaConfig, RefusesHyperparametersTheFileCannotBack) {
       {"llama.rope.freq_base", V::make_float(T::FLOAT32, std::nan("")), {"must be positive and finite"}},
       {"llama.rope.freq_base", V::make_float(T::FLOAT32, INFINITY), {"must be positive and finite"}},
       {"llama.attention.layer_norm_rms_epsilon", V::make_float(T::FLOAT32, -1e-5), {"must be positive"}},
+      {"llama.expert_count",
+       V::make_uint(T::UINT32, 8),
+       {"llama.expert_count = 8: mixture-of-experts models (Mixtral's) are not supported"}},
   };
   for (const Case& c : cases) {
     SCOPED_TRACE(c.key);
@@ -782,8 +790,8 @@ TEST(GgufLlamaConfig, RefusesHyperparametersTheFileCannotBack) {
 
 // RoPE scaling as llama.cpp reads it from a GGUF (llama_model::load_hparams, the rope_freqs tensor): a
 // linear factor (type "linear" or no type; "none" ignores the factor; the older rope.scale_linear key),
-// Llama 3.1's frequency factors; YaRN and LongRoPE, which would run as plain RoPE, and factors that are
-// not one positive float a rotated pair are refused by name.
+// Llama 3.1's frequency factors, YaRN with llama.cpp's defaults, the attention factor; LongRoPE, which
+// would run as plain RoPE, and factors that are not one positive float a rotated pair are refused by name.
 TEST(GgufLlamaConfig, ReadsRopeScalingAsLlamaCppDoesAndRefusesWhatItCannotRun) {
   test::TempDir dir;
   LlamaShape shape = llama_shape_by_name("tiny");  // heads of 32: 16 rotated pairs

@@ -238,7 +238,14 @@ LlamaConfig LlamaConfig::from_hf(const HfCheckpoint& checkpoint) {
     const auto field = [&](const char* name, double fallback) {
       return r.contains(name) && !r[name].is_null() ? number(r[name], scaling_key + "." + name) : fallback;
     };
-    const double factor = field("factor", scaling_type == "llama3" ? 8.0 : 0.0);
+    // Without a factor, transformers' YaRN takes max_position_embeddings / original_max_position_embeddings.
+    double default_factor = scaling_type == "llama3" ? 8.0 : 0.0;
+    if (scaling_type == "yarn" && r.contains("original_max_position_embeddings") &&
+        r["original_max_position_embeddings"].is_number() &&
+        r["original_max_position_embeddings"].get<double>() > 0)
+      default_factor =
+          static_cast<double>(c.n_ctx_train) / r["original_max_position_embeddings"].get<double>();
+    const double factor = field("factor", default_factor);
     if (!(factor >= 1.0 && factor <= std::numeric_limits<float>::max()))
       throw fail(scaling_key + ".factor", "must be a number of at least 1 (" + r.dump() + ")");
     if (scaling_type == "linear") {

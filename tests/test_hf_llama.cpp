@@ -206,6 +206,21 @@ TEST(HfLlama, RopeScaledCheckpointsMatchTransformers) {
     auto unscaled = LlamaModel::load(plain.string());
     EXPECT_TRUE(unscaled->config().rope_freq_factors.empty());
     EXPECT_GT(worst_sequence_error(run_sequences(*unscaled, ref), ref, c.n_vocab), 1e-2);
+
+    if (yarn) {
+      // Without a factor, transformers' YaRN takes max_position_embeddings / original (8192 / 2048 = 4).
+      json no_factor = json::parse(std::ifstream(dir / "config.json"));
+      for (const char* key : {"rope_scaling", "rope_parameters"}) {
+        if (no_factor.contains(key) && no_factor[key].is_object()) no_factor[key].erase("factor");
+      }
+      const fs::path implied = tmp.path() / "implied";
+      fs::create_directory(implied);
+      std::ofstream(implied / "config.json") << no_factor.dump();
+      fs::copy_file(dir / "model.safetensors", implied / "model.safetensors");
+      auto same = LlamaModel::load(implied.string());
+      EXPECT_EQ(same->config().rope_freq_scale(), 0.25f);
+      EXPECT_EQ(run_sequences(*same, ref), run_sequences(*model, ref));
+    }
   }
 }
 

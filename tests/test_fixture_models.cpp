@@ -322,6 +322,52 @@ TEST(LlamaCppRopeScaling, TheSameWeightsWithPlainRopeAreFarFromLlamaCpps) {
   }
 }
 
+// llama.rope.scaling.attn_factor, which llama.cpp multiplies RoPE's cosine and sine by whatever the scaling:
+// the linear model with the key set to 1.25 against llama.cpp's outputs for it (tests/data/
+// llama-cpp-rope-scaling/tiny-linear-rope-attn-factor-q8_0.*, made on gguf-py's copy of the file with the
+// key added): every row equal to 1e-5 when measured; without the key only the first row (position 0,
+// whose attention is V's alone) is within 3e-2.
+TEST(LlamaCppRopeScaling, AttnFactorScalesCosineAndSineAsLlamaCpps) {
+  const auto data = test::test_data_dir() / "llama-cpp-rope-scaling";
+  const Reference ref = load_reference(data, "tiny-linear-rope-attn-factor-q8_0", 354);
+  const std::string linear = (data / "tiny-linear-rope-q8_0.gguf").string();
+  const auto file = model::GgufFile::open(linear);
+  model::GgufWriter writer;
+  for (const auto& [key, value] : file->metadata()) writer.set(key, value);
+  writer.set_float32("llama.rope.scaling.attn_factor", 1.25f);
+  for (const model::GgufTensorInfo& t : file->tensors())
+    writer.add_tensor_view(t.name, t.dims, t.type, file->tensor_data(t), t.size_bytes);
+  test::TempDir tmp;
+  const std::string with_factor = (tmp.path() / "attn-factor.gguf").string();
+  writer.write(with_factor);
+  std::string ids;
+  for (const int32_t id : ref.prompt) ids += std::to_string(id) + ",";
+  for (const int32_t id : ref.generated) ids += std::to_string(id) + ",";
+  ids.pop_back();
+  const auto logits_of = [&](const std::string& model) {
+    const auto out = tmp.path() / "logits.bin";
+    const auto r = test::run_command(test::nibble_bin() + " logits --model " + model + " --tokens " + ids +
+                                     " --threads 2 --out " + out.string());
+    EXPECT_EQ(r.exit_code, 0) << r.output;
+    const auto bytes = test::read_file_bytes(out);
+    std::vector<float> got(bytes.size() / sizeof(float));
+    std::memcpy(got.data(), bytes.data(), bytes.size());
+    return got;
+  };
+  const auto rows = static_cast<int64_t>(ref.prompt.size() + ref.generated.size());
+  const std::vector<float> got = logits_of(with_factor);
+  ASSERT_EQ(got.size(), ref.logits.size());
+  compare_rows("attn_factor 1.25", got.data(), ref.logits.data(), rows, ref.n_vocab, {3e-2, 1.0, true, 80},
+               80);
+  const std::vector<float> without = logits_of(linear);
+  ASSERT_EQ(without.size(), ref.logits.size());
+  int64_t close = 0;
+  for (int64_t r = 0; r < rows; ++r)
+    close += relative_rms(without.data() + r * ref.n_vocab, ref.logits.data() + r * ref.n_vocab,
+                          ref.n_vocab) < 3e-2;
+  EXPECT_EQ(close, 1) << "rows without the attention factor within 3e-2 of llama.cpp's with it";
+}
+
 // A split model as convert_hf_to_gguf.py --split-max-tensors writes one: tests/data/gguf-py-split holds
 // the Q4_1 model of tests/data/llama-cpp-q4_1 split into three files by gguf-py (llama.cpp's Python GGUF
 // writer), on which llama.cpp gave that directory's outputs byte for byte (its README). Opened by its

@@ -1020,7 +1020,7 @@ std::vector<std::string> GgufWriter::write_split(const std::string& prefix,
                                                  const GgufSplitLimits& limits) const {
   if (limits.max_tensors < 0) writer_error("a split's tensor limit must not be negative");
   // Cut the tensors, in the order added, into runs.
-  std::vector<std::vector<const PendingTensor*>> runs(1);
+  std::vector<std::vector<const PendingTensor*>> runs(limits.metadata_alone && !tensors_.empty() ? 2 : 1);
   uint64_t run_bytes = 0;
   for (const PendingTensor& t : tensors_) {
     const bool past_count =

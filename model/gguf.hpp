@@ -136,7 +136,8 @@ std::string gguf_split_path(const std::string& prefix, int index, int count);
 // would take the current one past either limit; a tensor alone past max_bytes gets a file of its own.
 struct GgufSplitLimits {
   int64_t max_tensors = 0;
-  uint64_t max_bytes = 0;  // of tensor data, as llama.cpp's gguf-split counts --split-max-size
+  uint64_t max_bytes = 0;       // of tensor data, as llama.cpp's gguf-split counts --split-max-size
+  bool metadata_alone = false;  // the first file holds no tensor (gguf-split --no-tensor-in-metadata)
 };
 
 // Builds a GGUF v3 file in memory order: metadata, tensor infos, aligned tensor data.

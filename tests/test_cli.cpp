@@ -359,6 +359,13 @@ TEST_F(CliTest, GgufSplitAndMergeKeepTheModel) {
   const std::string first = model::gguf_split_path(by_count, 0, static_cast<int>(files));
   EXPECT_EQ(model::GgufFile::open(first)->split_count(), static_cast<int>(files)) << r.output;
   EXPECT_EQ(logits_of(first), want);
+  // The metadata alone in the first file (gguf-split --no-tensor-in-metadata): one file more.
+  const std::string meta_alone = (dir_->path() / "meta-alone").string();
+  r = run("gguf-split --split-max-tensors 10 --no-tensor-in-metadata " + model_ + " " + meta_alone);
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const std::string meta_first = model::gguf_split_path(meta_alone, 0, static_cast<int>(files) + 1);
+  EXPECT_TRUE(model::GgufFile::open(meta_first)->tensors().front().split == 1) << r.output;
+  EXPECT_EQ(logits_of(meta_first), want);
 
   const std::string by_size = (dir_->path() / "by-size").string();
   r = run("gguf-split --split-max-size 0.2M " + model_ + " " + by_size);

@@ -232,6 +232,20 @@ TEST(GgufSplit, TheFirstFileMayHoldOnlyTheMetadata) {
                 {{{}, {{"split.no", u16(0)}, {"split.count", u16(3)}, {"split.tensors.count", i32(3)}}},
                  {{tensors[0].name, tensors[1].name}, {{"split.no", u16(1)}, {"split.count", u16(3)}}},
                  {{tensors[2].name}, {{"split.no", u16(2)}, {"split.count", u16(3)}}}});
+  // write_split writes such a set too.
+  const GgufWriter w = sample_writer(tensors);
+  const auto written =
+      w.write_split((dir.path() / "written").string(), {.max_tensors = 6, .metadata_alone = true});
+  ASSERT_EQ(written.size(), 3u);  // the metadata, 6 tensors, 5 tensors
+  const auto whole_set = GgufFile::open(written[0]);
+  EXPECT_EQ(whole_set->tensors().size(), tensors.size());
+  EXPECT_EQ(whole_set->tensors().front().split, 1);
+  EXPECT_EQ(whole_set->get_uint("llama.block_count"), 11u);
+  const std::vector<uint8_t> first_file = test::read_file_bytes(written[0]);
+  uint64_t first_tensors = 1;
+  std::memcpy(&first_tensors, first_file.data() + 8, 8);
+  EXPECT_EQ(first_tensors, 0u);
+
   const auto set = GgufFile::open(paths[0]);
   ASSERT_EQ(set->tensors().size(), 3u);
   for (int k = 0; k < 3; ++k) {

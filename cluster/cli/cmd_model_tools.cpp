@@ -437,7 +437,7 @@ Runner add_gguf_split(CLI::App& app) {
   struct Args {
     std::string in, out, max_size;
     int64_t max_tensors = 0;
-    bool merge = false;
+    bool merge = false, metadata_alone = false;
   };
   auto a = std::make_shared<Args>();
   app.add_flag("--merge", a->merge, "Merge a split model (given by its first file) into one GGUF file");
@@ -448,14 +448,17 @@ Runner add_gguf_split(CLI::App& app) {
                               "At most this much tensor data a file: 500M, 2G (decimal, as llama.cpp's "
                               "gguf-split) or 2GiB");
   tensors->excludes(size);
+  app.add_flag("--no-tensor-in-metadata", a->metadata_alone,
+               "The first file holds the metadata alone (quick to fetch on its own)");
   app.add_option("input", a->in, "GGUF file to split; with --merge, a split model's first file")->required();
   app.add_option("output", a->out,
                  "Split: the output prefix (files PREFIX-00001-of-0000N.gguf); merge: the output file")
       ->required();
   return [a]() {
     if (!std::filesystem::exists(a->in)) throw std::runtime_error("model file not found: " + a->in);
-    if (a->merge && (a->max_tensors > 0 || !a->max_size.empty()))
-      throw std::invalid_argument("--merge writes one file: no --split-max-tensors / --split-max-size");
+    if (a->merge && (a->max_tensors > 0 || !a->max_size.empty() || a->metadata_alone))
+      throw std::invalid_argument(
+          "--merge writes one file: no --split-max-tensors / --split-max-size / --no-tensor-in-metadata");
     const auto in = model::GgufFile::open(a->in);  // a split model opens whole
     model::GgufWriter out;
     for (const auto& [key, value] : in->metadata()) out.set(key, value);
@@ -469,6 +472,7 @@ Runner add_gguf_split(CLI::App& app) {
       return 0;
     }
     model::GgufSplitLimits limits;
+    limits.metadata_alone = a->metadata_alone;
     if (!a->max_size.empty()) {
       std::string text = a->max_size;  // gguf-split's 500M / 2G are decimal megabytes / gigabytes
       if (!text.empty() && (text.back() == 'M' || text.back() == 'G')) text += 'B';

@@ -24,8 +24,8 @@ struct Heads {
   int64_t tokens, n_heads, head_dim, rot_dims;
 };
 
-// x rotated in double precision by the angles rope_angle gives (so only the rotation is checked here;
-// the angles are checked against their formula below).
+// x rotated in double precision by the angles rope_angle gives, times the scaling's magnitude (so only
+// the rotation is checked here; the angles are checked against their formula below).
 std::vector<float> rotated_reference(const std::vector<float>& x, const std::vector<int32_t>& pos,
                                      const Heads& h, float base, const RopeScaling& scaling) {
   std::vector<float> out = x;
@@ -36,8 +36,9 @@ std::vector<float> rotated_reference(const std::vector<float>& x, const std::vec
       for (int64_t i = 0; i < h.rot_dims / 2; ++i) {
         const double a = rope_angle(pos[static_cast<size_t>(t)], i, theta_scale, scaling);
         const double x0 = v[2 * i], x1 = v[2 * i + 1];
-        v[2 * i] = static_cast<float>(x0 * std::cos(a) - x1 * std::sin(a));
-        v[2 * i + 1] = static_cast<float>(x0 * std::sin(a) + x1 * std::cos(a));
+        const double m = scaling.mscale;
+        v[2 * i] = static_cast<float>((x0 * std::cos(a) - x1 * std::sin(a)) * m);
+        v[2 * i + 1] = static_cast<float>((x0 * std::sin(a) + x1 * std::cos(a)) * m);
       }
     }
   }
@@ -55,7 +56,7 @@ TEST(Rope, RotatesEachPairByItsScaledAngle) {
   const Heads shapes[] = {{1, 1, 2, 2}, {3, 5, 10, 10}, {7, 3, 34, 18}, {5, 2, 128, 128}, {2, 7, 66, 64}};
   uint64_t seed = 1;
   for (const Heads& h : shapes) {
-    for (int variant = 0; variant < 3; ++variant) {
+    for (int variant = 0; variant < 4; ++variant) {  // plain, linear, linear + factors, YaRN + factors
       SCOPED_TRACE("heads " + std::to_string(h.n_heads) + " x " + std::to_string(h.head_dim) + ", rot " +
                    std::to_string(h.rot_dims) + ", variant " + std::to_string(variant));
       const std::vector<float> factors =
@@ -63,6 +64,7 @@ TEST(Rope, RotatesEachPairByItsScaledAngle) {
       RopeScaling scaling;
       if (variant >= 1) scaling.freq_scale = 0.25f;
       if (variant == 2) scaling.freq_factors = factors.data();
+      if (variant == 3) scaling = rope_yarn_scaling(0.25f, factors.data(), h.rot_dims, 48, 10000.0f);
       const std::vector<float> x =
           test::random_floats(static_cast<size_t>(h.tokens * h.n_heads * h.head_dim), seed++, -2.0f, 2.0f);
       const std::vector<int32_t> pos = random_positions(h.tokens, seed++);
@@ -71,7 +73,7 @@ TEST(Rope, RotatesEachPairByItsScaledAngle) {
           rope_normal(got.data(), pos.data(), h.tokens, h.n_heads, h.head_dim, h.rot_dims, 10000.0f, scaling),
           Status::ok);
       const std::vector<float> want = rotated_reference(x, pos, h, 10000.0f, scaling);
-      for (size_t i = 0; i < x.size(); ++i) EXPECT_NEAR(got[i], want[i], 2e-5f) << i;
+      for (size_t i = 0; i < x.size(); ++i) EXPECT_NEAR(got[i], want[i], 3e-5f) << i;
       // The dims past rot_dims are left as they are; the rotated ones moved.
       size_t moved = 0;
       for (size_t i = 0; i < x.size(); ++i) {
@@ -158,6 +160,12 @@ TEST(Rope, RefusesBadScaling) {
               Status::invalid_argument)
         << bad;
   }
+  RopeScaling bad = rope_yarn_scaling(0.5f, nullptr, 8, 16, 10000.0f);
+  bad.mscale = 0.0f;
+  EXPECT_EQ(rope_normal(x.data(), &pos, 1, 1, 8, 8, 10000.0f, bad), Status::invalid_argument);
+  bad = rope_yarn_scaling(0.5f, nullptr, 8, 16, 10000.0f);
+  bad.yarn_high = NAN;
+  EXPECT_EQ(rope_normal(x.data(), &pos, 1, 1, 8, 8, 10000.0f, bad), Status::invalid_argument);
   EXPECT_EQ(x, std::vector<float>(8, 1.0f)) << "a refused call wrote";
 }
 
@@ -218,40 +226,6 @@ TEST(RopeYarn, PairsBelowTheRangeKeepTheirAngleThoseAboveAreScaledAndTheRestMixe
     }
     EXPECT_GT(mixed, 0);
   }
-}
-
-// rope_normal with YaRN rotates each pair by rope_angle's angle and scales it by mscale, on odd shapes.
-TEST(RopeYarn, RotationIsTheAngleTimesTheMagnitude) {
-  const Heads shapes[] = {{3, 5, 10, 10}, {7, 3, 34, 18}, {5, 2, 128, 128}, {2, 7, 66, 64}};
-  uint64_t seed = 40;
-  for (const Heads& h : shapes) {
-    SCOPED_TRACE("heads " + std::to_string(h.n_heads) + " x " + std::to_string(h.head_dim) + ", rot " +
-                 std::to_string(h.rot_dims));
-    const std::vector<float> factors =
-        test::random_floats(static_cast<size_t>(h.rot_dims / 2), seed++, 1.0f, 8.0f);
-    const RopeScaling scaling = rope_yarn_scaling(0.25f, factors.data(), h.rot_dims, 48, 10000.0f);
-    const std::vector<float> x =
-        test::random_floats(static_cast<size_t>(h.tokens * h.n_heads * h.head_dim), seed++, -2.0f, 2.0f);
-    const std::vector<int32_t> pos = random_positions(h.tokens, seed++);
-    std::vector<float> got = x;
-    ASSERT_EQ(
-        rope_normal(got.data(), pos.data(), h.tokens, h.n_heads, h.head_dim, h.rot_dims, 10000.0f, scaling),
-        Status::ok);
-    const std::vector<float> rotated = rotated_reference(x, pos, h, 10000.0f, scaling);
-    for (size_t i = 0; i < x.size(); ++i) {
-      const bool rotates = static_cast<int64_t>(i) % h.head_dim < h.rot_dims;
-      const double want = rotates ? rotated[i] * static_cast<double>(scaling.mscale) : x[i];
-      EXPECT_NEAR(got[i], want, 3e-5) << i;
-    }
-  }
-  std::vector<float> x(8, 1.0f);
-  const int32_t pos = 3;
-  RopeScaling bad = rope_yarn_scaling(0.5f, nullptr, 8, 16, 10000.0f);
-  bad.mscale = 0.0f;
-  EXPECT_EQ(rope_normal(x.data(), &pos, 1, 1, 8, 8, 10000.0f, bad), Status::invalid_argument);
-  bad = rope_yarn_scaling(0.5f, nullptr, 8, 16, 10000.0f);
-  bad.yarn_high = NAN;
-  EXPECT_EQ(rope_normal(x.data(), &pos, 1, 1, 8, 8, 10000.0f, bad), Status::invalid_argument);
 }
 
 }  // namespace

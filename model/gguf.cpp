@@ -1000,14 +1000,35 @@ void GgufWriter::add_tensor(const std::string& name, const std::vector<int64_t>&
                             std::vector<uint8_t> data) {
   check_tensor(name, dims, type, data.size());
   const uint64_t size = data.size();
-  tensors_.push_back(PendingTensor{name, dims, type, std::move(data), nullptr, size});
+  tensors_.push_back(PendingTensor{name, dims, type, std::move(data), nullptr, size, {}});
+}
+
+uint64_t GgufWriter::tensor_bytes(const std::vector<int64_t>& dims, kernels::DType type) {
+  // (checked by check_tensor first: valid type, dims >= 1, whole blocks)
+  int64_t rows = 1;
+  for (size_t d = 1; d < dims.size(); ++d) rows *= dims[d];
+  return static_cast<uint64_t>(kernels::row_bytes(type, dims[0]) * rows);
+}
+
+void GgufWriter::add_tensor_made(const std::string& name, const std::vector<int64_t>& dims,
+                                 kernels::DType type, std::function<std::vector<uint8_t>()> make) {
+  const kernels::TypeInfo* info = kernels::type_info(static_cast<uint32_t>(type));
+  // The size the dims call for, so that check_tensor checks the rest (a bad shape or type throws there).
+  uint64_t size = 0;
+  bool shaped = info != nullptr && !dims.empty() && dims.size() <= static_cast<size_t>(kMaxDims) &&
+                dims[0] % info->block_elems == 0;
+  for (const int64_t d : dims) shaped = shaped && d >= 1;
+  if (shaped) size = tensor_bytes(dims, type);
+  check_tensor(name, dims, type, size);
+  if (!make) writer_error("tensor '" + name + "' has no way to make its bytes");
+  tensors_.push_back(PendingTensor{name, dims, type, {}, nullptr, size, std::move(make)});
 }
 
 void GgufWriter::add_tensor_view(const std::string& name, const std::vector<int64_t>& dims,
                                  kernels::DType type, const uint8_t* data, uint64_t size) {
   check_tensor(name, dims, type, size);
   if (data == nullptr && size > 0) writer_error("tensor '" + name + "' has no data");
-  tensors_.push_back(PendingTensor{name, dims, type, {}, data, size});
+  tensors_.push_back(PendingTensor{name, dims, type, {}, data, size, {}});
 }
 
 void GgufWriter::write(const std::string& path) const {
@@ -1074,7 +1095,6 @@ void GgufWriter::write_file(const std::string& path, const Metadata& metadata,
     }
     alignment = *a;
   }
-  auto bytes_of = [](const PendingTensor& t) { return t.data != nullptr ? t.data : t.owned.data(); };
 
   // Header, metadata and tensor infos are small: build them in memory. Tensors follow one another
   // in the order added, each padded to the alignment (the layout llama.cpp's reader expects).
@@ -1102,9 +1122,10 @@ void GgufWriter::write_file(const std::string& path, const Metadata& metadata,
   }
   head.pad_to(alignment);
 
-  // Write to a temporary name and rename, so a failed write never leaves a half file at `path`.
+  // Write to a temporary name and rename, so a failed write (or a made tensor's failure) never leaves
+  // a half file at `path`.
   const std::string tmp = path + ".tmp";
-  {
+  try {
     std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
     if (!out) writer_error("cannot create " + tmp + ": " + std::strerror(errno));
     out.write(reinterpret_cast<const char*>(head.bytes().data()),
@@ -1119,16 +1140,26 @@ void GgufWriter::write_file(const std::string& path, const Metadata& metadata,
     for (size_t k = 0; k < tensors.size(); ++k) {
       const PendingTensor& t = *tensors[k];
       pad(offsets[k] - written);
-      out.write(reinterpret_cast<const char*>(bytes_of(t)), static_cast<std::streamsize>(t.size));
+      if (t.make) {
+        const std::vector<uint8_t> made = t.make();  // freed before the next is made
+        if (made.size() != t.size) {
+          writer_error("tensor '" + t.name + "' was made " + std::to_string(made.size()) +
+                       " bytes long, not " + std::to_string(t.size));
+        }
+        out.write(reinterpret_cast<const char*>(made.data()), static_cast<std::streamsize>(t.size));
+      } else {
+        const uint8_t* bytes = t.data != nullptr ? t.data : t.owned.data();
+        out.write(reinterpret_cast<const char*>(bytes), static_cast<std::streamsize>(t.size));
+      }
       written = offsets[k] + t.size;
     }
     pad(offset - written);
     out.flush();
-    if (!out) {
-      std::error_code ec;
-      std::filesystem::remove(tmp, ec);
-      writer_error("failed writing " + tmp);
-    }
+    if (!out) writer_error("failed writing " + tmp);
+  } catch (...) {
+    std::error_code ec;
+    std::filesystem::remove(tmp, ec);
+    throw;
   }
   std::error_code ec;
   std::filesystem::rename(tmp, path, ec);

@@ -2,6 +2,7 @@
 // GGUF v3 files: a validating, memory-mapping reader and a writer.
 // Reference: https://github.com/ggml-org/ggml/blob/master/docs/gguf.md
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -160,6 +161,13 @@ class GgufWriter {
   // the last write: splitting or merging a 40 GB model needs no copy of it in memory.
   void add_tensor_view(const std::string& name, const std::vector<int64_t>& dims, kernels::DType type,
                        const uint8_t* data, uint64_t size);
+  // The same with bytes made when the writer reaches the tensor (e.g. a matrix quantized then), so
+  // that a file is written holding one such tensor in memory at a time, not all of them: quantizing a
+  // 70B model needs no room for its output. `make` must return the bytes dims and type call for (a
+  // GgufError otherwise); it is called once each write, in the order added, and what it throws
+  // propagates (no file is left at the path).
+  void add_tensor_made(const std::string& name, const std::vector<int64_t>& dims, kernels::DType type,
+                       std::function<std::vector<uint8_t>()> make);
   // Writes the file (alignment from general.alignment if set, else 32). Throws GgufError on I/O
   // failure.
   void write(const std::string& path) const;
@@ -173,13 +181,15 @@ class GgufWriter {
     std::string name;
     std::vector<int64_t> dims;
     kernels::DType type;
-    std::vector<uint8_t> owned;  // empty for a view
+    std::vector<uint8_t> owned;  // empty for a view or a made tensor
     const uint8_t* data = nullptr;
     uint64_t size = 0;
+    std::function<std::vector<uint8_t>()> make;  // a made tensor's
   };
   using Metadata = std::vector<std::pair<std::string, GgufValue>>;
   void check_tensor(const std::string& name, const std::vector<int64_t>& dims, kernels::DType type,
                     uint64_t size) const;
+  static uint64_t tensor_bytes(const std::vector<int64_t>& dims, kernels::DType type);
   static void write_file(const std::string& path, const Metadata& metadata,
                          const std::vector<const PendingTensor*>& tensors);
   Metadata metadata_;

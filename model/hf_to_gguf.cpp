@@ -14,10 +14,10 @@ namespace fs = std::filesystem;
 
 namespace {
 
+// The matrix's bytes as they lie in the checkpoint's mapping (or the permuted copy the checkpoint holds),
+// which outlive the write: a 70B checkpoint converts without a second copy of itself in memory.
 void add_matrix(GgufWriter& out, const std::string& name, const WeightMatrix& w) {
-  const uint8_t* data = w.data;
-  out.add_tensor(name, {w.k, w.n_out}, w.type,
-                 std::vector<uint8_t>(data, data + static_cast<size_t>(w.n_out * w.row_bytes())));
+  out.add_tensor_view(name, {w.k, w.n_out}, w.type, w.data, static_cast<uint64_t>(w.n_out * w.row_bytes()));
 }
 
 void add_vector(GgufWriter& out, const std::string& name, const std::vector<float>& v) {

@@ -274,9 +274,13 @@ void requantize_gguf(const GgufFile& in, const std::string& out_path, LlamaCppMi
   out.set_uint32("general.quantization_version", 2);
   if (imatrix != nullptr) set_imatrix_metadata(out, *imatrix);
   kernels::ThreadPool pool(quantize_threads());
+  // Each tensor converted as the writer reaches it: one in memory at a time, as llama-quantize streams.
   for (size_t i = 0; i < in.tensors().size(); ++i) {
     const GgufTensorInfo& t = in.tensors()[i];
-    out.add_tensor(t.name, t.dims, types[i], convert_with_importance(in, t, types[i], imatrix, pool));
+    const kernels::DType type = types[i];
+    out.add_tensor_made(t.name, t.dims, type, [&in, &t, type, imatrix, &pool] {
+      return convert_with_importance(in, t, type, imatrix, pool);
+    });
   }
   out.write(out_path);
 }
@@ -302,7 +306,9 @@ void requantize_gguf(const GgufFile& in, const std::string& out_path, kernels::D
 
   for (const GgufTensorInfo& t : in.tensors()) {
     const DType target = requantized_type(t, matrix_type, pure);
-    out.add_tensor(t.name, t.dims, target, convert_with_importance(in, t, target, imatrix, pool));
+    out.add_tensor_made(t.name, t.dims, target, [&in, &t, target, imatrix, &pool] {
+      return convert_with_importance(in, t, target, imatrix, pool);
+    });
   }
   out.write(out_path);
 }

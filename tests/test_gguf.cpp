@@ -248,6 +248,56 @@ void round_trip_tensors(uint64_t alignment) {
 }
 
 TEST(Gguf, RoundTripsTensorsOfEveryTypeAligned) { round_trip_tensors(32); }
+// Made tensors (GgufWriter::add_tensor_made): each made once a write, at its turn between the others, and
+// written as made; a wrong size or a failure while making leaves no file and reports which tensor.
+TEST(Gguf, MadeTensorsAreMadeAtTheirTurnAndCheckedAsMade) {
+  test::TempDir dir;
+  const std::vector<uint8_t> a = random_bytes(2 * 18, 1), b = random_bytes(5 * 4, 2), c = random_bytes(18, 3);
+  std::vector<std::string> order;
+  GgufWriter w;
+  w.set_string("general.architecture", "test");
+  w.add_tensor("a", {32, 2}, DType::Q4_0, a);
+  w.add_tensor_made("b", {5}, DType::F32, [&] {
+    order.push_back("b");
+    return b;
+  });
+  w.add_tensor_made("c", {32}, DType::Q4_0, [&] {
+    order.push_back("c");
+    return c;
+  });
+  const fs::path path = dir.path() / "made.gguf";
+  w.write(path.string());
+  EXPECT_EQ(order, (std::vector<std::string>{"b", "c"}));
+  const auto f = GgufFile::open(path.string());
+  ASSERT_EQ(f->tensors().size(), 3u);
+  EXPECT_EQ(std::vector<uint8_t>(f->tensor_data(f->tensors()[1]), f->tensor_data(f->tensors()[1]) + b.size()),
+            b);
+  EXPECT_EQ(std::vector<uint8_t>(f->tensor_data(f->tensors()[2]), f->tensor_data(f->tensors()[2]) + c.size()),
+            c);
+  w.write((dir.path() / "again.gguf").string());
+  EXPECT_EQ(order.size(), 4u) << "made again for a second write";
+
+  GgufWriter short_one;
+  short_one.add_tensor_made("short", {32}, DType::Q4_0, [] { return std::vector<uint8_t>(17); });
+  const fs::path bad = dir.path() / "short.gguf";
+  expect_gguf_error([&] { short_one.write(bad.string()); }, {"'short'", "made 17 bytes long, not 18"});
+  EXPECT_FALSE(fs::exists(bad));
+  EXPECT_FALSE(fs::exists(bad.string() + ".tmp"));
+  GgufWriter failing;
+  failing.add_tensor_made("fails", {32}, DType::Q4_0, []() -> std::vector<uint8_t> {
+    throw std::runtime_error("cannot quantize 'fails'");
+  });
+  const fs::path failed = dir.path() / "failed.gguf";
+  EXPECT_THROW(failing.write(failed.string()), std::runtime_error);
+  EXPECT_FALSE(fs::exists(failed));
+  EXPECT_FALSE(fs::exists(failed.string() + ".tmp"));
+  // Shapes and types are checked when added, as for any tensor.
+  EXPECT_THROW(failing.add_tensor_made("odd", {33}, DType::Q4_0, [] { return std::vector<uint8_t>(); }),
+               GgufError);
+  EXPECT_THROW(failing.add_tensor_made("fails", {32}, DType::Q4_0, [] { return std::vector<uint8_t>(18); }),
+               GgufError);
+}
+
 TEST(Gguf, HonoursGeneralAlignment) {
   round_trip_tensors(64);
   round_trip_tensors(8);

@@ -1,8 +1,13 @@
 // Requantizing GGUF models: which type every tensor gets (pure and not), that weights stay close
 // to the originals within 4- and 8-bit error bounds, and that metadata is carried over.
 #include <gtest/gtest.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <map>
@@ -644,6 +649,56 @@ TEST(RequantizeTestData, MixFallsBackToF16WhereNoBlockFits) {
   const std::string out = (dir.path() / "odd-q4_k_m.gguf").string();
   requantize_gguf(*file, out, LlamaCppMix::q4_k_m);
   EXPECT_EQ(GgufFile::open(out)->find_tensor("blk.0.attn_q.weight")->type, DType::F16);
+}
+
+// `nibble quantize` holds one converted tensor at a time, not its whole output (llama-quantize streams
+// likewise): on a 160 MB F16 model quantized to Q8_0 (~85 MB) its peak resident memory stays under the
+// input (mapped, so resident once read) plus half the output; holding the output it was above input +
+// output. The command runs in a child of a forked child, whose RUSAGE_CHILDREN peak is its alone.
+TEST(RequantizeMemory, QuantizeHoldsOneConvertedTensorAtATimeNotTheOutput) {
+  test::TempDir dir;
+  LlamaShape shape = llama_shape_by_name("small");
+  shape.n_embd = 1024;
+  shape.n_layer = 6;
+  shape.n_head = 8;
+  shape.n_head_kv = 8;
+  shape.n_ff = 2816;
+  shape.n_vocab = 1024;
+  const fs::path in = dir.path() / "big-f16.gguf", out = dir.path() / "big-q8_0.gguf";
+  write_random_llama(in.string(), shape, DType::F16, 3);
+  const std::string command = test::nibble_bin() + " quantize --model " + in.string() + " --out " +
+                              out.string() + " --type q8_0 >/dev/null 2>&1";
+  int fds[2];
+  ASSERT_EQ(pipe(fds), 0);
+  const pid_t pid = fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    const int status = std::system(command.c_str());
+    rusage usage{};
+    getrusage(RUSAGE_CHILDREN, &usage);
+    const long peak_kb = status == 0 ? usage.ru_maxrss : -1;
+    (void)!write(fds[1], &peak_kb, sizeof peak_kb);
+    _exit(0);
+  }
+  close(fds[1]);
+  long peak_kb = -1;
+  ASSERT_EQ(read(fds[0], &peak_kb, sizeof peak_kb), static_cast<ssize_t>(sizeof peak_kb));
+  close(fds[0]);
+  int status = 0;
+  waitpid(pid, &status, 0);
+  ASSERT_GT(peak_kb, 0) << "nibble quantize failed";
+  const auto in_bytes = static_cast<long>(fs::file_size(in)),
+             out_bytes = static_cast<long>(fs::file_size(out));
+  ASSERT_GT(out_bytes, 80'000'000);
+  EXPECT_LT(peak_kb * 1024, in_bytes + out_bytes / 2)
+      << "peak " << peak_kb / 1024 << " MiB for " << in_bytes / 1048576 << " MiB in, " << out_bytes / 1048576
+      << " MiB out";
+  std::printf("[ info ] nibble quantize: peak %ld MiB for %ld MiB in, %ld MiB out\n", peak_kb / 1024,
+              in_bytes / 1048576, out_bytes / 1048576);
+  // The file is the one the library writes.
+  const fs::path lib = dir.path() / "lib-q8_0.gguf";
+  requantize_gguf(*GgufFile::open(in.string()), lib.string(), DType::Q8_0, false);
+  EXPECT_EQ(test::read_file_bytes(out), test::read_file_bytes(lib));
 }
 
 }  // namespace

@@ -377,7 +377,7 @@ TEST_F(CliTest, GgufSplitAndMergeKeepTheModel) {
   ASSERT_FALSE(size_first.empty()) << r.output;
   EXPECT_EQ(logits_of(size_first), want);
 
-  const std::string merged = (dir_->path() / "merged.gguf").string();
+  const std::string merged = (dir_->path() / "gguf-split-merged.gguf").string();
   r = run("gguf-split --merge " + first + " " + merged);
   ASSERT_EQ(r.exit_code, 0) << r.output;
   const auto back = model::GgufFile::open(merged);

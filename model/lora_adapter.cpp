@@ -367,33 +367,38 @@ void merge_lora(const GgufFile& base, const std::vector<std::pair<const LoraAdap
                         "' is not of the adapter's shape (maybe wrong base model?)");
     }
   }
+  // Unchanged tensors are written from the base's mapping, merged ones made as the writer reaches them:
+  // one merged F32 matrix in memory at a time (a 70B model's would not all fit).
   GgufWriter w;
   for (const auto& [key, value] : base.metadata()) w.set(key, value);
   for (const GgufTensorInfo& t : base.tensors()) {
     const uint8_t* data = base.tensor_data(t);
     const auto it = updates.find(t.name);
     if (it == updates.end()) {
-      w.add_tensor(t.name, t.dims, t.type, std::vector<uint8_t>(data, data + t.size_bytes));
+      w.add_tensor_view(t.name, t.dims, t.type, data, t.size_bytes);
       continue;
     }
-    const int64_t k = t.dims[0], n_out = t.dims[1];
-    std::vector<float> merged(static_cast<size_t>(n_out * k));
-    for (int64_t r = 0; r < n_out; ++r) {
-      if (kernels::dequantize_row(t.type, data + r * kernels::row_bytes(t.type, k), merged.data() + r * k,
-                                  k) != kernels::Status::ok)
-        throw GgufError(base.path() + ": '" + t.name + "' cannot be read");
-    }
-    for (const auto& [m, scale] : it->second) {
+    const auto& list = it->second;
+    w.add_tensor_made(t.name, t.dims, kernels::DType::F32, [&base, &t, data, &list] {
+      const int64_t k = t.dims[0], n_out = t.dims[1];
+      std::vector<float> merged(static_cast<size_t>(n_out * k));
       for (int64_t r = 0; r < n_out; ++r) {
-        float* row = merged.data() + r * k;
-        for (int64_t j = 0; j < m->rank; ++j) {
-          const float bj = scale * m->b[static_cast<size_t>(r * m->rank + j)];
-          const float* a = m->a.data() + j * k;
-          for (int64_t c = 0; c < k; ++c) row[c] += bj * a[c];
+        if (kernels::dequantize_row(t.type, data + r * kernels::row_bytes(t.type, k), merged.data() + r * k,
+                                    k) != kernels::Status::ok)
+          throw GgufError(base.path() + ": '" + t.name + "' cannot be read");
+      }
+      for (const auto& [m, scale] : list) {
+        for (int64_t r = 0; r < n_out; ++r) {
+          float* row = merged.data() + r * k;
+          for (int64_t j = 0; j < m->rank; ++j) {
+            const float bj = scale * m->b[static_cast<size_t>(r * m->rank + j)];
+            const float* a = m->a.data() + j * k;
+            for (int64_t c = 0; c < k; ++c) row[c] += bj * a[c];
+          }
         }
       }
-    }
-    w.add_tensor(t.name, t.dims, kernels::DType::F32, encode(merged, kernels::DType::F32));
+      return encode(merged, kernels::DType::F32);
+    });
   }
   w.write(out_path);
 }

@@ -395,7 +395,9 @@ void calibrated_quantize_gguf(std::shared_ptr<const model::GgufFile> in, std::st
       const kernels::DType target = high != options.tensor_types.end()
                                         ? high->second
                                         : model::requantized_type(t, options.type, options.pure);
-      out.add_tensor(t.name, t.dims, target, model::convert_tensor(file, t, target));
+      // (rounded to nearest as the writer reaches it: one at a time in memory)
+      out.add_tensor_made(t.name, t.dims, target,
+                          [&file, &t, target] { return model::convert_tensor(file, t, target); });
     } else if (t.dims.size() == 1) {
       out.add_tensor(t.name, t.dims, kernels::DType::F32, std::move(it->second));  // an AWQ-folded norm
     } else {

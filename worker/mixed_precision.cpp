@@ -170,7 +170,8 @@ void write_with_tensor(const model::GgufFile& in, const std::string& name, DType
   for (const auto& [key, value] : in.metadata()) out.set(key, value);
   for (const model::GgufTensorInfo& t : in.tensors()) {
     const DType target = t.name == name ? type : t.type;
-    out.add_tensor(t.name, t.dims, target, model::convert_tensor(in, t, target));
+    out.add_tensor_made(t.name, t.dims, target,
+                        [&in, &t, target] { return model::convert_tensor(in, t, target); });
   }
   out.write(path);
 }
@@ -479,7 +480,8 @@ void quantize_mixed_precision(const std::shared_ptr<const model::GgufFile>& in,
       const auto it = plan.types.find(t.name);
       const DType target =
           it != plan.types.end() ? it->second : model::requantized_type(t, options.type, true);
-      out.add_tensor(t.name, t.dims, target, model::convert_tensor(*in, t, target));
+      out.add_tensor_made(t.name, t.dims, target,
+                          [&in, &t, target] { return model::convert_tensor(*in, t, target); });
     }
     out.write(out_path);
   }

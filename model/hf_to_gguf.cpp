@@ -6,6 +6,7 @@
 #include "model/gguf.hpp"
 #include "model/hf_tokenizer.hpp"
 #include "model/llama_checkpoint.hpp"
+#include "model/llama_config.hpp"
 #include "model/random_model.hpp"
 
 namespace nibble::model {
@@ -74,14 +75,7 @@ void convert_hf_to_gguf(const std::string& dir, const std::string& out_path, boo
   out.set_uint32("llama.vocab_size", static_cast<uint32_t>(c.n_vocab));
   // RoPE scaling as convert_hf_to_gguf.py writes it: linear as two keys, YaRN as three, llama3 as a
   // tensor of factors.
-  if (c.rope_linear_factor != 0.0f) {
-    out.set_string("llama.rope.scaling.type", c.rope_yarn_original_context > 0 ? "yarn" : "linear");
-    out.set_float32("llama.rope.scaling.factor", c.rope_linear_factor);
-    if (c.rope_yarn_original_context > 0) {
-      out.set_uint32("llama.rope.scaling.original_context_length",
-                     static_cast<uint32_t>(c.rope_yarn_original_context));
-    }
-  }
+  set_gguf_rope_scaling(out, c.rope_linear_factor, c.rope_yarn_original_context);
   for (const auto& [key, value] : tokenizer) out.set(key, value);
 
   if (!c.rope_freq_factors.empty()) add_vector(out, "rope_freqs.weight", c.rope_freq_factors);

@@ -294,6 +294,15 @@ LlamaConfig LlamaConfig::from_hf(const HfCheckpoint& checkpoint) {
   return c;
 }
 
+void set_gguf_rope_scaling(GgufWriter& out, float linear_factor, int64_t yarn_original_context) {
+  if (linear_factor == 0.0f) return;
+  out.set_string("llama.rope.scaling.type", yarn_original_context > 0 ? "yarn" : "linear");
+  out.set_float32("llama.rope.scaling.factor", linear_factor);
+  if (yarn_original_context > 0)
+    out.set_uint32("llama.rope.scaling.original_context_length",
+                   static_cast<uint32_t>(yarn_original_context));
+}
+
 kernels::RopeScaling LlamaConfig::rope_scaling() const {
   const float* factors = rope_freq_factors.empty() ? nullptr : rope_freq_factors.data();
   if (rope_yarn_original_context > 0) {

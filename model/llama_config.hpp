@@ -50,6 +50,10 @@ struct LlamaConfig {
   static LlamaConfig from_hf(const HfCheckpoint& checkpoint);
 };
 
+// The llama.rope.scaling.* keys for a linear factor, or YaRN's factor from an original context (> 0),
+// as convert_hf_to_gguf.py writes them; none for a factor of 0.
+void set_gguf_rope_scaling(GgufWriter& out, float linear_factor, int64_t yarn_original_context);
+
 // Llama 3.1's RoPE frequency factors (HF rope_scaling {"rope_type": "llama3", ...}), one per rotated
 // pair, as llama.cpp's convert_hf_to_gguf.py computes its rope_freqs.weight: 1 for wavelengths under
 // original_context / high_freq_factor, `factor` over original_context / low_freq_factor, smoothly

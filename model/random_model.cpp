@@ -10,6 +10,7 @@
 
 #include "kernels/quantize.hpp"
 #include "model/gguf.hpp"
+#include "model/llama_config.hpp"
 #include "model/tokenizer.hpp"
 
 namespace nibble::model {
@@ -382,14 +383,7 @@ void write_random_llama(const std::string& path, const LlamaShape& shape, kernel
     w.set_uint32("llama.attention.value_length", static_cast<uint32_t>(head_dim));
   }
   w.set_uint32("llama.vocab_size", static_cast<uint32_t>(s.n_vocab));
-  if (s.rope_linear_factor != 0.0f) {
-    w.set_string("llama.rope.scaling.type", s.rope_yarn_original_context > 0 ? "yarn" : "linear");
-    w.set_float32("llama.rope.scaling.factor", s.rope_linear_factor);
-    if (s.rope_yarn_original_context > 0) {
-      w.set_uint32("llama.rope.scaling.original_context_length",
-                   static_cast<uint32_t>(s.rope_yarn_original_context));
-    }
-  }
+  set_gguf_rope_scaling(w, s.rope_linear_factor, s.rope_yarn_original_context);
   for (auto& [key, value] : synthetic_tokenizer_metadata(s.n_vocab)) w.set(key, std::move(value));
   if (!s.rope_freq_factors.empty()) {  // not drawn: the weights' seeds stay those of the plain shape
     const auto* bytes = reinterpret_cast<const uint8_t*>(s.rope_freq_factors.data());

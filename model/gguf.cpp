@@ -632,13 +632,9 @@ std::shared_ptr<const GgufFile> GgufFile::open(const std::string& path) {
     const std::string part_path = gguf_split_path(prefix, index, count);
     const std::string where = path + ": file " + std::to_string(index + 1) + of + " of the split model: ";
     std::shared_ptr<GgufFile> part;
-    try {
-      part = open_one(part_path);
-    } catch (const GgufError& e) {
-      throw GgufError(where + e.what());
-    }
     SplitKeys part_keys;
     try {
+      part = open_one(part_path);
       part_keys = take_split_keys(*part, part->metadata_);
     } catch (const GgufError& e) {
       throw GgufError(where + e.what());
@@ -965,8 +961,8 @@ void GgufWriter::set_int32_array(const std::string& key, const std::vector<int32
   set(key, GgufValue::make_array(GgufValueType::INT32, std::move(items)));
 }
 
-void GgufWriter::check_tensor(const std::string& name, const std::vector<int64_t>& dims, kernels::DType type,
-                              uint64_t size) const {
+uint64_t GgufWriter::checked_bytes(const std::string& name, const std::vector<int64_t>& dims,
+                                   kernels::DType type) const {
   if (name.empty() || name.size() > kMaxTensorName) {
     writer_error("tensor name '" + name + "' must be 1 to " + std::to_string(kMaxTensorName) + " bytes");
   }
@@ -989,44 +985,34 @@ void GgufWriter::check_tensor(const std::string& name, const std::vector<int64_t
                  " is not a multiple of the " + info->name + " block size " +
                  std::to_string(info->block_elems));
   }
-  const uint64_t expected = static_cast<uint64_t>(kernels::row_bytes(type, dims[0]) * rows);
+  return static_cast<uint64_t>(kernels::row_bytes(type, dims[0]) * rows);
+}
+
+void GgufWriter::check_size(const std::string& name, const std::vector<int64_t>& dims, kernels::DType type,
+                            uint64_t expected, uint64_t size) {
   if (size != expected) {
-    writer_error("tensor '" + name + "' " + shape_string(dims) + " " + info->name + " needs " +
+    writer_error("tensor '" + name + "' " + shape_string(dims) + " " + kernels::type_name(type) + " needs " +
                  std::to_string(expected) + " bytes of data, got " + std::to_string(size));
   }
 }
 
 void GgufWriter::add_tensor(const std::string& name, const std::vector<int64_t>& dims, kernels::DType type,
                             std::vector<uint8_t> data) {
-  check_tensor(name, dims, type, data.size());
-  const uint64_t size = data.size();
+  const uint64_t size = checked_bytes(name, dims, type);
+  check_size(name, dims, type, size, data.size());
   tensors_.push_back(PendingTensor{name, dims, type, std::move(data), nullptr, size, {}});
-}
-
-uint64_t GgufWriter::tensor_bytes(const std::vector<int64_t>& dims, kernels::DType type) {
-  // (checked by check_tensor first: valid type, dims >= 1, whole blocks)
-  int64_t rows = 1;
-  for (size_t d = 1; d < dims.size(); ++d) rows *= dims[d];
-  return static_cast<uint64_t>(kernels::row_bytes(type, dims[0]) * rows);
 }
 
 void GgufWriter::add_tensor_made(const std::string& name, const std::vector<int64_t>& dims,
                                  kernels::DType type, std::function<std::vector<uint8_t>()> make) {
-  const kernels::TypeInfo* info = kernels::type_info(static_cast<uint32_t>(type));
-  // The size the dims call for, so that check_tensor checks the rest (a bad shape or type throws there).
-  uint64_t size = 0;
-  bool shaped = info != nullptr && !dims.empty() && dims.size() <= static_cast<size_t>(kMaxDims) &&
-                dims[0] % info->block_elems == 0;
-  for (const int64_t d : dims) shaped = shaped && d >= 1;
-  if (shaped) size = tensor_bytes(dims, type);
-  check_tensor(name, dims, type, size);
+  const uint64_t size = checked_bytes(name, dims, type);
   if (!make) writer_error("tensor '" + name + "' has no way to make its bytes");
   tensors_.push_back(PendingTensor{name, dims, type, {}, nullptr, size, std::move(make)});
 }
 
 void GgufWriter::add_tensor_view(const std::string& name, const std::vector<int64_t>& dims,
                                  kernels::DType type, const uint8_t* data, uint64_t size) {
-  check_tensor(name, dims, type, size);
+  check_size(name, dims, type, checked_bytes(name, dims, type), size);
   if (data == nullptr && size > 0) writer_error("tensor '" + name + "' has no data");
   tensors_.push_back(PendingTensor{name, dims, type, {}, data, size, {}});
 }

@@ -187,9 +187,11 @@ class GgufWriter {
     std::function<std::vector<uint8_t>()> make;  // a made tensor's
   };
   using Metadata = std::vector<std::pair<std::string, GgufValue>>;
-  void check_tensor(const std::string& name, const std::vector<int64_t>& dims, kernels::DType type,
-                    uint64_t size) const;
-  static uint64_t tensor_bytes(const std::vector<int64_t>& dims, kernels::DType type);
+  // Checks a tensor about to be added (name, dims, type) and returns the bytes it must hold.
+  uint64_t checked_bytes(const std::string& name, const std::vector<int64_t>& dims,
+                         kernels::DType type) const;
+  static void check_size(const std::string& name, const std::vector<int64_t>& dims, kernels::DType type,
+                         uint64_t expected, uint64_t size);
   static void write_file(const std::string& path, const Metadata& metadata,
                          const std::vector<const PendingTensor*>& tensors);
   Metadata metadata_;

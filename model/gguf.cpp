@@ -16,6 +16,7 @@
 #include <fstream>
 #include <limits>
 #include <numeric>
+#include <utility>
 
 namespace nibble::model {
 
@@ -822,6 +823,17 @@ const uint8_t* GgufFile::tensor_data(const GgufTensorInfo& tensor) const {
   return base_ + data_offset_ + tensor.offset;
 }
 
+void GgufFile::release_pages(const GgufTensorInfo& tensor) const {
+  // Only whole pages inside the tensor: its neighbours' bytes stay resident.
+  static const auto kPage = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  const auto begin = reinterpret_cast<uintptr_t>(tensor_data(tensor));
+  const uintptr_t first = (begin + kPage - 1) / kPage * kPage,
+                  end = (begin + tensor.size_bytes) / kPage * kPage;
+  // A read-only private mapping: dropped pages read back from the file unchanged. Advice only, so a
+  // failure changes nothing but memory use.
+  if (end > first) (void)::madvise(reinterpret_cast<void*>(first), end - first, MADV_DONTNEED);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Writer
 
@@ -1017,15 +1029,35 @@ void GgufWriter::add_tensor_view(const std::string& name, const std::vector<int6
   tensors_.push_back(PendingTensor{name, dims, type, {}, data, size, {}});
 }
 
+void GgufWriter::add_tensor_later(const std::string& name, const std::vector<int64_t>& dims,
+                                  kernels::DType type) {
+  const uint64_t size = checked_bytes(name, dims, type);
+  PendingTensor t{name, dims, type, {}, nullptr, size, {}};
+  t.later = true;
+  tensors_.push_back(std::move(t));
+}
+
+void GgufWriter::refuse_later(const char* what) const {
+  for (const PendingTensor& t : tensors_) {
+    if (t.later) writer_error(std::string(what) + ": tensor '" + t.name + "' is filled later (use start())");
+  }
+}
+
 void GgufWriter::write(const std::string& path) const {
+  refuse_later("write");
+  start(path).finish();
+}
+
+GgufPartialFile GgufWriter::start(const std::string& path) const {
   std::vector<const PendingTensor*> all;
   for (const PendingTensor& t : tensors_) all.push_back(&t);
-  write_file(path, metadata_, all);
+  return write_file(path, metadata_, all);
 }
 
 std::vector<std::string> GgufWriter::write_split(const std::string& prefix,
                                                  const GgufSplitLimits& limits) const {
   if (limits.max_tensors < 0) writer_error("a split's tensor limit must not be negative");
+  refuse_later("write_split");
   // Cut the tensors, in the order added, into runs.
   std::vector<std::vector<const PendingTensor*>> runs(limits.metadata_alone && !tensors_.empty() ? 2 : 1);
   uint64_t run_bytes = 0;
@@ -1065,13 +1097,13 @@ std::vector<std::string> GgufWriter::write_split(const std::string& prefix,
       }
     }
     paths.push_back(gguf_split_path(prefix, index, count));
-    write_file(paths.back(), metadata, runs[index]);
+    write_file(paths.back(), metadata, runs[index]).finish();
   }
   return paths;
 }
 
-void GgufWriter::write_file(const std::string& path, const Metadata& metadata,
-                            const std::vector<const PendingTensor*>& tensors) {
+GgufPartialFile GgufWriter::write_file(const std::string& path, const Metadata& metadata,
+                                       const std::vector<const PendingTensor*>& tensors) {
   uint64_t alignment = kDefaultAlignment;
   for (const auto& [key, value] : metadata) {
     if (key != "general.alignment") continue;
@@ -1108,9 +1140,11 @@ void GgufWriter::write_file(const std::string& path, const Metadata& metadata,
   }
   head.pad_to(alignment);
 
-  // Write to a temporary name and rename, so a failed write (or a made tensor's failure) never leaves
-  // a half file at `path`.
+  // Write to a temporary name and rename (finish()), so a failed write (or a made tensor's failure)
+  // never leaves a half file at `path`. Tensors filled later are holes until then.
   const std::string tmp = path + ".tmp";
+  const uint64_t data_start = head.bytes().size();
+  std::map<std::string, GgufPartialFile::Slot> later;
   try {
     std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
     if (!out) writer_error("cannot create " + tmp + ": " + std::strerror(errno));
@@ -1126,7 +1160,10 @@ void GgufWriter::write_file(const std::string& path, const Metadata& metadata,
     for (size_t k = 0; k < tensors.size(); ++k) {
       const PendingTensor& t = *tensors[k];
       pad(offsets[k] - written);
-      if (t.make) {
+      if (t.later) {
+        later[t.name] = {data_start + offsets[k], t.size, false};
+        out.seekp(static_cast<std::streamoff>(t.size), std::ios::cur);
+      } else if (t.make) {
         const std::vector<uint8_t> made = t.make();  // freed before the next is made
         if (made.size() != t.size) {
           writer_error("tensor '" + t.name + "' was made " + std::to_string(made.size()) +
@@ -1140,19 +1177,82 @@ void GgufWriter::write_file(const std::string& path, const Metadata& metadata,
       written = offsets[k] + t.size;
     }
     pad(offset - written);
-    out.flush();
+    out.close();
     if (!out) writer_error("failed writing " + tmp);
+    // A hole at the end (a tensor filled later) is part of the file's length too.
+    std::filesystem::resize_file(tmp, data_start + offset);
+  } catch (const std::filesystem::filesystem_error& e) {
+    std::error_code ec;
+    std::filesystem::remove(tmp, ec);
+    writer_error("failed writing " + tmp + ": " + e.code().message());
   } catch (...) {
     std::error_code ec;
     std::filesystem::remove(tmp, ec);
     throw;
   }
-  std::error_code ec;
-  std::filesystem::rename(tmp, path, ec);
-  if (ec) {
-    std::filesystem::remove(tmp, ec);
-    writer_error("cannot rename " + tmp + " to " + path + ": " + ec.message());
+  return GgufPartialFile(path, tmp, std::move(later));
+}
+
+GgufPartialFile::GgufPartialFile(std::string path, std::string tmp, std::map<std::string, Slot> slots)
+    : path_(std::move(path)), tmp_(std::move(tmp)), slots_(std::move(slots)) {
+  if (slots_.empty()) return;
+  fd_ = ::open(tmp_.c_str(), O_WRONLY | O_CLOEXEC);
+  if (fd_ < 0) {
+    const int err = errno;
+    std::error_code ec;
+    std::filesystem::remove(tmp_, ec);
+    writer_error("cannot open " + tmp_ + ": " + std::strerror(err));
   }
+}
+
+GgufPartialFile::GgufPartialFile(GgufPartialFile&& other) noexcept
+    : path_(std::move(other.path_)),
+      tmp_(std::exchange(other.tmp_, {})),
+      slots_(std::move(other.slots_)),
+      fd_(std::exchange(other.fd_, -1)) {}
+
+GgufPartialFile::~GgufPartialFile() {
+  if (fd_ >= 0) ::close(fd_);
+  if (!tmp_.empty()) {
+    std::error_code ec;
+    std::filesystem::remove(tmp_, ec);
+  }
+}
+
+void GgufPartialFile::fill(const std::string& name, const uint8_t* data, uint64_t size) {
+  if (tmp_.empty()) writer_error("tensor '" + name + "' filled after the file was finished");
+  const auto it = slots_.find(name);
+  if (it == slots_.end()) writer_error("tensor '" + name + "' was not added to be filled later");
+  Slot& slot = it->second;
+  if (slot.filled) writer_error("tensor '" + name + "' filled twice");
+  if (size != slot.size) {
+    writer_error("tensor '" + name + "' filled with " + std::to_string(size) + " bytes, not " +
+                 std::to_string(slot.size));
+  }
+  for (uint64_t done = 0; done < size;) {
+    const ssize_t n = ::pwrite(fd_, data + done, std::min<uint64_t>(size - done, uint64_t{1} << 30),
+                               static_cast<off_t>(slot.offset + done));
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) writer_error("failed writing tensor '" + name + "' to " + tmp_ + ": " + std::strerror(errno));
+    done += static_cast<uint64_t>(n);
+  }
+  slot.filled = true;
+}
+
+void GgufPartialFile::finish() {
+  if (tmp_.empty()) writer_error(path_ + " was finished already");
+  for (const auto& [name, slot] : slots_) {
+    if (!slot.filled) writer_error(path_ + ": tensor '" + name + "' was never filled");
+  }
+  if (fd_ >= 0) {
+    const int closed = ::close(fd_);
+    fd_ = -1;
+    if (closed != 0) writer_error("failed writing " + tmp_ + ": " + std::strerror(errno));
+  }
+  std::error_code ec;
+  std::filesystem::rename(tmp_, path_, ec);
+  if (ec) writer_error("cannot rename " + tmp_ + " to " + path_ + ": " + ec.message());
+  tmp_.clear();
 }
 
 }  // namespace nibble::model

@@ -113,6 +113,10 @@ class GgufFile {
   const GgufTensorInfo* find_tensor(const std::string& name) const;
   // Start of the tensor's bytes inside the mapping.
   const uint8_t* tensor_data(const GgufTensorInfo& tensor) const;
+  // Lets the tensor's pages go from this process's resident memory (read from the file again if
+  // touched): a pass over a model larger than memory keeps only what it is working on resident, as
+  // llama.cpp unmaps what it has copied to a GPU. The bytes stay the same.
+  void release_pages(const GgufTensorInfo& tensor) const;
 
  private:
   GgufFile() = default;
@@ -142,6 +146,39 @@ struct GgufSplitLimits {
 };
 
 // Builds a GGUF v3 file in memory order: metadata, tensor infos, aligned tensor data.
+// A GGUF file written but for some tensors' bytes (GgufWriter::add_tensor_later / start): those are
+// filled in any order, each once, then finish() puts the file at its path. Destroyed unfinished, it
+// removes the temporary file.
+class GgufPartialFile {
+ public:
+  GgufPartialFile(GgufPartialFile&& other) noexcept;
+  GgufPartialFile& operator=(GgufPartialFile&&) = delete;
+  GgufPartialFile(const GgufPartialFile&) = delete;
+  GgufPartialFile& operator=(const GgufPartialFile&) = delete;
+  ~GgufPartialFile();
+
+  // data: the size the tensor's dims and type call for. Throws GgufError for a name not added with
+  // add_tensor_later, a second fill, another size, or an I/O failure.
+  void fill(const std::string& name, const uint8_t* data, uint64_t size);
+  void fill(const std::string& name, const std::vector<uint8_t>& bytes) {
+    fill(name, bytes.data(), bytes.size());
+  }
+  // Puts the file at its path. Throws GgufError naming a tensor not filled, or on I/O failure.
+  void finish();
+
+ private:
+  friend class GgufWriter;
+  struct Slot {
+    uint64_t offset = 0;  // from the start of the file
+    uint64_t size = 0;
+    bool filled = false;
+  };
+  GgufPartialFile(std::string path, std::string tmp, std::map<std::string, Slot> slots);
+  std::string path_, tmp_;  // tmp_ empty once finished (or moved from)
+  std::map<std::string, Slot> slots_;
+  int fd_ = -1;
+};
+
 class GgufWriter {
  public:
   void set(const std::string& key, GgufValue value);  // replaces an existing key
@@ -168,9 +205,16 @@ class GgufWriter {
   // propagates (no file is left at the path).
   void add_tensor_made(const std::string& name, const std::vector<int64_t>& dims, kernels::DType type,
                        std::function<std::vector<uint8_t>()> make);
+  // A tensor whose bytes come after the file is begun (start()), in any order: a calibrated run fills
+  // each layer's matrices as it finishes the layer, holding no earlier layer's.
+  void add_tensor_later(const std::string& name, const std::vector<int64_t>& dims, kernels::DType type);
   // Writes the file (alignment from general.alignment if set, else 32). Throws GgufError on I/O
-  // failure.
+  // failure, or naming a tensor added with add_tensor_later (those need start()).
   void write(const std::string& path) const;
+  // Writes every tensor but those added with add_tensor_later to a temporary file beside `path` and
+  // returns what fills those and then puts the file at `path`. A run that fails leaves no file at
+  // `path`, and an unwritable path fails here, before any long work. Throws GgufError.
+  GgufPartialFile start(const std::string& path) const;
   // Writes a split set as llama.cpp's gguf-split does: gguf_split_path(prefix, i, n) for each of the
   // n files (n >= 1), the tensors in the order added cut by `limits`, the metadata in the first,
   // split.no / split.count / split.tensors.count in each. Returns the paths written.
@@ -185,6 +229,7 @@ class GgufWriter {
     const uint8_t* data = nullptr;
     uint64_t size = 0;
     std::function<std::vector<uint8_t>()> make;  // a made tensor's
+    bool later = false;                          // filled through start()'s GgufPartialFile
   };
   using Metadata = std::vector<std::pair<std::string, GgufValue>>;
   // Checks a tensor about to be added (name, dims, type) and returns the bytes it must hold.
@@ -192,8 +237,9 @@ class GgufWriter {
                          kernels::DType type) const;
   static void check_size(const std::string& name, const std::vector<int64_t>& dims, kernels::DType type,
                          uint64_t expected, uint64_t size);
-  static void write_file(const std::string& path, const Metadata& metadata,
-                         const std::vector<const PendingTensor*>& tensors);
+  static GgufPartialFile write_file(const std::string& path, const Metadata& metadata,
+                                    const std::vector<const PendingTensor*>& tensors);
+  void refuse_later(const char* what) const;
   Metadata metadata_;
   std::vector<PendingTensor> tensors_;
 };

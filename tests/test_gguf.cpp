@@ -298,6 +298,102 @@ TEST(Gguf, MadeTensorsAreMadeAtTheirTurnAndCheckedAsMade) {
                GgufError);
 }
 
+// Tensors filled later (GgufWriter::add_tensor_later, start): filled in any order, the file is byte for
+// byte the one written with every tensor at once, a hole at the end included; and it appears at its path
+// only when finished.
+TEST(Gguf, TensorsFilledLaterInAnyOrderMakeTheSameFile) {
+  test::TempDir dir;
+  const std::vector<uint8_t> a = random_bytes(3 * 18, 1), b = random_bytes(7 * 4, 2),
+                             c = random_bytes(5 * 18, 3), d = random_bytes(3 * 4, 4);
+  GgufWriter whole, later;
+  for (GgufWriter* w : {&whole, &later}) {
+    w->set_string("general.architecture", "test");
+    w->set_uint32("general.alignment", 64);
+  }
+  whole.add_tensor("a", {32, 3}, DType::Q4_0, a);
+  whole.add_tensor("b", {7}, DType::F32, b);
+  whole.add_tensor("c", {32, 5}, DType::Q4_0, c);
+  whole.add_tensor("d", {3}, DType::F32, d);
+  later.add_tensor_later("a", {32, 3}, DType::Q4_0);
+  later.add_tensor_made("b", {7}, DType::F32, [&] { return b; });
+  later.add_tensor_later("c", {32, 5}, DType::Q4_0);
+  later.add_tensor_later("d", {3}, DType::F32);  // a hole at the end of the file until filled
+  const fs::path expected = dir.path() / "whole.gguf", path = dir.path() / "later.gguf";
+  whole.write(expected.string());
+  {
+    GgufPartialFile file = later.start(path.string());
+    EXPECT_EQ(fs::file_size(path.string() + ".tmp"), fs::file_size(expected)) << "the hole at the end";
+    file.fill("d", d);
+    file.fill("a", a);
+    file.fill("c", c.data(), c.size());
+    EXPECT_FALSE(fs::exists(path)) << "at its path before it was finished";
+    file.finish();
+  }
+  EXPECT_FALSE(fs::exists(path.string() + ".tmp"));
+  EXPECT_EQ(test::read_file_bytes(path), test::read_file_bytes(expected));
+  EXPECT_EQ(GgufFile::open(path.string())->tensors().size(), 4u);
+}
+
+// Filling is checked (an unknown name, a second fill, a wrong size, a tensor never filled: each named),
+// a writer with tensors to fill later is not written whole, and a file never finished leaves nothing.
+TEST(Gguf, FillingLaterIsCheckedAndAnUnfinishedFileLeavesNothing) {
+  test::TempDir dir;
+  GgufWriter w;
+  w.set_string("general.architecture", "test");
+  w.add_tensor("a", {32}, DType::Q4_0, random_bytes(18, 1));
+  w.add_tensor_later("b", {32, 2}, DType::Q4_0);
+  w.add_tensor_later("c", {4}, DType::F32);
+  const fs::path path = dir.path() / "m.gguf";
+  expect_gguf_error([&] { w.write(path.string()); }, {"'b'", "filled later"});
+  expect_gguf_error([&] { w.write_split((dir.path() / "s").string(), {}); }, {"'b'", "filled later"});
+  EXPECT_THROW(w.add_tensor_later("b", {32}, DType::Q4_0), GgufError);  // a duplicate name
+  EXPECT_THROW(w.add_tensor_later("odd", {33}, DType::Q4_0), GgufError);
+  {
+    GgufPartialFile file = w.start(path.string());
+    expect_gguf_error([&] { file.fill("a", random_bytes(18, 1)); }, {"'a'", "not added to be filled later"});
+    expect_gguf_error([&] { file.fill("nope", random_bytes(18, 1)); }, {"'nope'"});
+    expect_gguf_error([&] { file.fill("b", random_bytes(35, 1)); }, {"'b'", "35 bytes, not 36"});
+    file.fill("b", random_bytes(36, 2));
+    expect_gguf_error([&] { file.fill("b", random_bytes(36, 2)); }, {"'b'", "filled twice"});
+    expect_gguf_error([&] { file.finish(); }, {"'c'", "never filled"});
+    EXPECT_FALSE(fs::exists(path));
+  }  // dropped unfinished, as a failed run's is
+  EXPECT_FALSE(fs::exists(path));
+  EXPECT_FALSE(fs::exists(path.string() + ".tmp"));
+  // A path that cannot be written fails at start, before any tensor is filled.
+  expect_gguf_error([&] { (void)w.start((dir.path() / "no-such-dir" / "m.gguf").string()); },
+                    {"cannot create"});
+  // Moved, the file is finished once, by its new owner.
+  GgufPartialFile first = w.start(path.string());
+  GgufPartialFile moved = std::move(first);
+  moved.fill("b", random_bytes(36, 3));
+  moved.fill("c", random_bytes(16, 4));
+  moved.finish();
+  expect_gguf_error([&] { moved.finish(); }, {"finished already"});
+  EXPECT_EQ(GgufFile::open(path.string())->tensors().size(), 3u);
+}
+
+// Released pages read back the same (from the file), each tensor alone and every one in turn.
+TEST(Gguf, ReleasedPagesReadBackTheSame) {
+  test::TempDir dir;
+  const fs::path path = dir.path() / "pages.gguf";
+  GgufWriter w;
+  std::vector<std::vector<uint8_t>> data;
+  for (int i = 0; i < 5; ++i) {
+    data.push_back(random_bytes(static_cast<size_t>(4 * (3000 + 1111 * i)), static_cast<uint32_t>(i)));
+    w.add_tensor(std::string("t").append(std::to_string(i)), {3000 + 1111 * i}, DType::F32, data.back());
+  }
+  w.write(path.string());
+  const auto f = GgufFile::open(path.string());
+  for (int round = 0; round < 2; ++round) {
+    for (size_t i = 0; i < data.size(); ++i) {
+      const GgufTensorInfo& t = f->tensors()[i];
+      f->release_pages(t);
+      EXPECT_EQ(std::vector<uint8_t>(f->tensor_data(t), f->tensor_data(t) + t.size_bytes), data[i]) << t.name;
+    }
+  }
+}
+
 TEST(Gguf, HonoursGeneralAlignment) {
   round_trip_tensors(64);
   round_trip_tensors(8);

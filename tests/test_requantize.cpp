@@ -1,9 +1,6 @@
 // Requantizing GGUF models: which type every tensor gets (pure and not), that weights stay close
 // to the originals within 4- and 8-bit error bounds, and that metadata is carried over.
 #include <gtest/gtest.h>
-#include <sys/resource.h>
-#include <sys/wait.h>
-#include <unistd.h>
 
 #include <cmath>
 #include <cstdio>
@@ -651,36 +648,12 @@ TEST(RequantizeTestData, MixFallsBackToF16WhereNoBlockFits) {
   EXPECT_EQ(GgufFile::open(out)->find_tensor("blk.0.attn_q.weight")->type, DType::F16);
 }
 
-// Peak resident memory, in bytes, of a shell command run in a child of a forked child (whose
-// RUSAGE_CHILDREN peak is that command's alone); -1 when it fails.
-long peak_rss_bytes(const std::string& command) {
-  int fds[2];
-  if (pipe(fds) != 0) return -1;
-  const pid_t pid = fork();
-  if (pid < 0) return -1;
-  if (pid == 0) {
-    const int status = std::system(command.c_str());
-    rusage usage{};
-    getrusage(RUSAGE_CHILDREN, &usage);
-    const long peak_kb = status == 0 ? usage.ru_maxrss : -1;
-    (void)!write(fds[1], &peak_kb, sizeof peak_kb);
-    _exit(0);
-  }
-  close(fds[1]);
-  long peak_kb = -1;
-  if (read(fds[0], &peak_kb, sizeof peak_kb) != static_cast<ssize_t>(sizeof peak_kb)) peak_kb = -1;
-  close(fds[0]);
-  int status = 0;
-  waitpid(pid, &status, 0);
-  return peak_kb < 0 ? -1 : peak_kb * 1024;
-}
-
 // `nibble quantize` holds one converted tensor at a time, not its whole output (llama-quantize streams
 // likewise): a 151 MiB F16 model widened to F32 (302 MiB, an output larger than the input, so that the
-// two cases stand far apart), its peak resident memory less that of doing the same to a tiny model (the
-// process and its libraries: ~18 MiB in the CPU build, ~220 MiB with CUDA's) stays under the input
-// (mapped, so resident once read) plus half the output; holding the output it is input + output. (To
-// Q8_0, in the CPU build: 245 MiB before, 167 MiB after.)
+// two cases stand far apart), its peak resident memory as it reports it, less that of doing the same to
+// a tiny model (the process and its libraries: ~20 MiB in the CPU build), stays under the input (mapped,
+// so resident once read) plus half the output; holding the output it is input + output. (To Q8_0, in
+// the CPU build: 245 MiB before, 167 MiB after.)
 TEST(RequantizeMemory, QuantizeHoldsOneConvertedTensorAtATimeNotTheOutput) {
   test::TempDir dir;
   LlamaShape shape = llama_shape_by_name("small");
@@ -695,13 +668,15 @@ TEST(RequantizeMemory, QuantizeHoldsOneConvertedTensorAtATimeNotTheOutput) {
   const fs::path tiny = dir.path() / "tiny-f16.gguf", tiny_out = dir.path() / "tiny-f32.gguf";
   write_random_llama(tiny.string(), llama_shape_by_name("tiny"), DType::F16, 3);
   const auto quantize = [](const fs::path& from, const fs::path& to) {
-    return test::nibble_bin() + " quantize --model " + from.string() + " --out " + to.string() +
-           " --type f32 >/dev/null 2>&1";
+    const test::CommandResult run = test::run_command(
+        test::nibble_bin() + " quantize --model " + from.string() + " --out " + to.string() + " --type f32");
+    EXPECT_EQ(run.exit_code, 0) << run.output;
+    return test::reported_peak_bytes(run.output);
   };
-  const long baseline = peak_rss_bytes(quantize(tiny, tiny_out));
-  const long peak = peak_rss_bytes(quantize(in, out));
-  ASSERT_GT(baseline, 0) << "nibble quantize failed on the tiny model";
-  ASSERT_GT(peak, 0) << "nibble quantize failed";
+  const long baseline = quantize(tiny, tiny_out);
+  const long peak = quantize(in, out);
+  ASSERT_GT(baseline, 0) << "nibble quantize reported no peak memory on the tiny model";
+  ASSERT_GT(peak, 0) << "nibble quantize reported no peak memory";
   const auto in_bytes = static_cast<long>(fs::file_size(in)),
              out_bytes = static_cast<long>(fs::file_size(out));
   ASSERT_GT(out_bytes, 300'000'000);

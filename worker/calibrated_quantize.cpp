@@ -3,7 +3,10 @@
 #include <algorithm>
 #include <chrono>
 #include <cstring>
+#include <functional>
 #include <map>
+#include <optional>
+#include <set>
 #include <sstream>
 #include <stdexcept>
 #include <vector>
@@ -129,12 +132,14 @@ const MatrixGroup kForwardOrder[] = {
     {MatrixInput::ffn_down, {LayerMatrix::ffn_down}},
 };
 
-// What a layer's quantization produces: tensor name → stored bytes (blocks, or F32 norms).
-using TensorBytes = std::map<std::string, std::vector<uint8_t>>;
+// Where a layer's quantization puts what it produces, tensor by tensor as it is done: a tensor's name
+// and its stored bytes (blocks, or an AWQ-folded norm as F32).
+using StoreTensor = std::function<void(const std::string& name, std::vector<uint8_t> bytes)>;
 
 void gptq_layer(const model::GgufFile& file, LayerRunner& runner, int64_t layer,
                 const std::vector<std::vector<int32_t>>& windows, std::vector<std::vector<float>>& hidden,
-                const model::QuantGrid& grid, const CalibratedQuantizeOptions& options, TensorBytes& out) {
+                const model::QuantGrid& grid, const CalibratedQuantizeOptions& options,
+                const StoreTensor& store) {
   for (const MatrixGroup& group : kForwardOrder) {
     std::unique_ptr<model::HessianAccumulator> acc;
     runner.model().set_input_observer(
@@ -157,16 +162,17 @@ void gptq_layer(const model::GgufFile& file, LayerRunner& runner, int64_t layer,
       const std::optional<model::QuantGrid> matrix_grid =
           high != options.tensor_types.end() ? model::QuantGrid::for_gguf_type(high->second) : grid;
       if (!matrix_grid) {
-        out[name] = round_rows(w, n_out, k, high->second, name);
+        std::vector<uint8_t> rounded = round_rows(w, n_out, k, high->second, name);
         std::vector<float> values(w.size());
         for (int64_t r = 0; r < n_out; ++r) {
           const int64_t bytes = kernels::row_bytes(high->second, k);
-          if (kernels::dequantize_row(high->second, out[name].data() + r * bytes, values.data() + r * k, k) !=
+          if (kernels::dequantize_row(high->second, rounded.data() + r * bytes, values.data() + r * k, k) !=
               kernels::Status::ok) {
             throw std::invalid_argument("cannot read tensor '" + name + "' back");
           }
         }
         runner.model().set_layer_matrix(layer, m, values);
+        store(name, std::move(rounded));
         continue;
       }
       QuantizedMatrix q = model::gptq_quantize(w.data(), n_out, k, h, *matrix_grid, options.gptq);
@@ -174,7 +180,7 @@ void gptq_layer(const model::GgufFile& file, LayerRunner& runner, int64_t layer,
       if (options.matrix_sink) {
         options.matrix_sink(name, std::move(q));
       } else {
-        out[name] = std::move(q.blocks);
+        store(name, std::move(q.blocks));
       }
     }
   }
@@ -190,7 +196,7 @@ struct CapturedInput {
 void awq_layer(const model::GgufFile& file, const model::LlamaConfig& config, LayerRunner& runner,
                int64_t layer, const std::vector<std::vector<int32_t>>& windows,
                std::vector<std::vector<float>>& hidden, bool keep_outputs, const model::QuantGrid& grid,
-               const CalibratedQuantizeOptions& options, TensorBytes& out) {
+               const CalibratedQuantizeOptions& options, const StoreTensor& store) {
   int64_t total = 0;
   for (const auto& w : windows) total += static_cast<int64_t>(w.size());
   std::map<MatrixInput, CapturedInput> captured;
@@ -224,19 +230,19 @@ void awq_layer(const model::GgufFile& file, const model::LlamaConfig& config, La
   std::vector<float> attn_norm = read_floats(file, prefix + "attn_norm.weight");
   for (int64_t j = 0; j < n_embd; ++j)
     attn_norm[static_cast<size_t>(j)] /= qkv.scales[static_cast<size_t>(j)];
-  out[prefix + "attn_norm.weight"] = float_bytes(attn_norm);
-  out[name(LayerMatrix::attn_q)] = block_rows(qkv.quantized, 0, q_dim);
-  out[name(LayerMatrix::attn_k)] = block_rows(qkv.quantized, q_dim, kv_dim);
+  store(prefix + "attn_norm.weight", float_bytes(attn_norm));
+  store(name(LayerMatrix::attn_q), block_rows(qkv.quantized, 0, q_dim));
+  store(name(LayerMatrix::attn_k), block_rows(qkv.quantized, q_dim, kv_dim));
   const std::vector<float> wo = read_floats(file, name(LayerMatrix::attn_output));
   if (config.n_head == config.n_head_kv) {
     // attn_output's input channel i is v's output i: 1/s goes into v's rows, before v is rounded.
     const model::AwqResult o = search(wo, MatrixInput::attn_output);
     scale_matrix(wv, kv_dim, n_embd, &o.scales, qkv.scales);
-    out[name(LayerMatrix::attn_v)] = model::rtn_quantize(wv.data(), kv_dim, n_embd, grid).blocks;
-    out[name(LayerMatrix::attn_output)] = o.quantized.blocks;
+    store(name(LayerMatrix::attn_v), model::rtn_quantize(wv.data(), kv_dim, n_embd, grid).blocks);
+    store(name(LayerMatrix::attn_output), o.quantized.blocks);
   } else {
-    out[name(LayerMatrix::attn_v)] = block_rows(qkv.quantized, q_dim + kv_dim, kv_dim);
-    out[name(LayerMatrix::attn_output)] = model::rtn_quantize(wo.data(), n_embd, q_dim, grid).blocks;
+    store(name(LayerMatrix::attn_v), block_rows(qkv.quantized, q_dim + kv_dim, kv_dim));
+    store(name(LayerMatrix::attn_output), model::rtn_quantize(wo.data(), n_embd, q_dim, grid).blocks);
   }
 
   // gate and up share ffn_norm's output; down's 1/s goes into up's rows.
@@ -245,12 +251,59 @@ void awq_layer(const model::GgufFile& file, const model::LlamaConfig& config, La
   const model::AwqResult ffn = search(concat(w_gate, w_up), MatrixInput::ffn_gate_up);
   std::vector<float> ffn_norm = read_floats(file, prefix + "ffn_norm.weight");
   for (int64_t j = 0; j < n_embd; ++j) ffn_norm[static_cast<size_t>(j)] /= ffn.scales[static_cast<size_t>(j)];
-  out[prefix + "ffn_norm.weight"] = float_bytes(ffn_norm);
-  out[name(LayerMatrix::ffn_gate)] = block_rows(ffn.quantized, 0, n_ff);
+  store(prefix + "ffn_norm.weight", float_bytes(ffn_norm));
+  store(name(LayerMatrix::ffn_gate), block_rows(ffn.quantized, 0, n_ff));
   const model::AwqResult down = search(read_floats(file, name(LayerMatrix::ffn_down)), MatrixInput::ffn_down);
   scale_matrix(w_up, n_ff, n_embd, &down.scales, ffn.scales);
-  out[name(LayerMatrix::ffn_up)] = model::rtn_quantize(w_up.data(), n_ff, n_embd, grid).blocks;
-  out[name(LayerMatrix::ffn_down)] = down.quantized.blocks;
+  store(name(LayerMatrix::ffn_up), model::rtn_quantize(w_up.data(), n_ff, n_embd, grid).blocks);
+  store(name(LayerMatrix::ffn_down), down.quantized.blocks);
+}
+
+// The output of a calibrated run, begun: `in`'s metadata with the run's, its tensors in order, the ones
+// the run calibrates (every layer matrix, and AWQ's folded norms) left to be filled as their layer is
+// done, the rest rounded to nearest as the writer reaches them.
+model::GgufPartialFile begin_output(const model::GgufFile& file, const std::string& out_path,
+                                    const CalibratedQuantizeOptions& options) {
+  model::GgufWriter out;
+  for (const auto& [key, value] : file.metadata()) out.set(key, value);
+  out.set_uint32("general.file_type", model::llama_file_type(options.type));
+  out.set_uint32("general.quantization_version", 2);
+  out.set_string("nibble.quantization.method", quant_method_name(options.method));
+  out.set_string("nibble.quantization.calibration_file", options.calibration_name);
+  out.set_uint32("nibble.quantization.calibration_samples", static_cast<uint32_t>(options.samples));
+  out.set_uint32("nibble.quantization.calibration_length", static_cast<uint32_t>(options.length));
+  out.set_uint64("nibble.quantization.calibration_seed", options.seed);
+  if (options.method == QuantMethod::gptq)
+    out.set_bool("nibble.quantization.act_order", options.gptq.act_order);
+  for (const auto& [key, value] : options.metadata) out.set(key, value);
+  const model::LlamaConfig config = model::LlamaConfig::from_gguf(file);
+  std::set<std::string> calibrated, folded;
+  for (int64_t l = 0; l < config.n_layer; ++l) {
+    for (LayerMatrix m : model::kLayerMatrices) calibrated.insert(model::layer_tensor_name(l, m));
+    if (options.method == QuantMethod::awq) {
+      folded.insert("blk." + std::to_string(l) + ".attn_norm.weight");
+      folded.insert("blk." + std::to_string(l) + ".ffn_norm.weight");
+    }
+  }
+  for (const model::GgufTensorInfo& t : file.tensors()) {
+    const auto own = options.tensor_types.find(t.name);
+    if (folded.count(t.name) != 0) {
+      out.add_tensor_later(t.name, t.dims, kernels::DType::F32);
+    } else if (calibrated.count(t.name) != 0) {
+      out.add_tensor_later(t.name, t.dims, own != options.tensor_types.end() ? own->second : options.type);
+    } else {
+      const kernels::DType target = own != options.tensor_types.end()
+                                        ? own->second
+                                        : model::requantized_type(t, options.type, options.pure);
+      // (rounded to nearest as the writer reaches it: one at a time in memory)
+      out.add_tensor_made(t.name, t.dims, target, [&file, &t, target] {
+        std::vector<uint8_t> bytes = model::convert_tensor(file, t, target);
+        file.release_pages(t);
+        return bytes;
+      });
+    }
+  }
+  return out.start(out_path);
 }
 
 }  // namespace
@@ -354,17 +407,31 @@ void calibrated_quantize_gguf(std::shared_ptr<const model::GgufFile> in, std::st
   const auto windows = calibration_windows(*tokenizer, calibration_text, options);
   kernels::ThreadPool pool(options.threads);
 
-  TensorBytes quantized;
+  // The output is begun before the first layer (an unwritable path fails now, not after hours) with
+  // every tensor but the calibrated ones, each layer's filled as it is done: the run holds one
+  // layer's tensors, not the ~37 GB of a 70B model's at 4 bits, and lets the input's pages of layers
+  // done go, so that it also fits a float model larger than memory.
+  std::optional<model::GgufPartialFile> output;
+  if (!options.matrix_sink) output.emplace(begin_output(file, out_path, options));
+  const StoreTensor store = [&output](const std::string& name, std::vector<uint8_t> bytes) {
+    output->fill(name, bytes);
+  };
   std::vector<std::vector<float>> hidden;  // per window: the current layer's inputs
   for (int64_t l = 0; l < config.n_layer; ++l) {
     const auto start = std::chrono::steady_clock::now();
-    LayerRunner runner(in, l, options.length, pool);
-    const bool keep_outputs = l + 1 < config.n_layer;
-    if (options.method == QuantMethod::gptq) {
-      gptq_layer(file, runner, l, windows, hidden, grid, options, quantized);
-      if (keep_outputs) runner.run(windows, hidden, true);  // the quantized layer's outputs
-    } else {
-      awq_layer(file, config, runner, l, windows, hidden, keep_outputs, grid, options, quantized);
+    {
+      LayerRunner runner(in, l, options.length, pool);
+      const bool keep_outputs = l + 1 < config.n_layer;
+      if (options.method == QuantMethod::gptq) {
+        gptq_layer(file, runner, l, windows, hidden, grid, options, store);
+        if (keep_outputs) runner.run(windows, hidden, true);  // the quantized layer's outputs
+      } else {
+        awq_layer(file, config, runner, l, windows, hidden, keep_outputs, grid, options, store);
+      }
+    }
+    const std::string prefix = "blk." + std::to_string(l) + ".";
+    for (const model::GgufTensorInfo& t : file.tensors()) {
+      if (t.name.rfind(prefix, 0) == 0) file.release_pages(t);
     }
     if (options.progress) {
       const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
@@ -374,38 +441,7 @@ void calibrated_quantize_gguf(std::shared_ptr<const model::GgufFile> in, std::st
       options.progress(line.str());
     }
   }
-  if (options.matrix_sink) return;
-
-  model::GgufWriter out;
-  for (const auto& [key, value] : file.metadata()) out.set(key, value);
-  out.set_uint32("general.file_type", model::llama_file_type(options.type));
-  out.set_uint32("general.quantization_version", 2);
-  out.set_string("nibble.quantization.method", quant_method_name(options.method));
-  out.set_string("nibble.quantization.calibration_file", options.calibration_name);
-  out.set_uint32("nibble.quantization.calibration_samples", static_cast<uint32_t>(options.samples));
-  out.set_uint32("nibble.quantization.calibration_length", static_cast<uint32_t>(options.length));
-  out.set_uint64("nibble.quantization.calibration_seed", options.seed);
-  if (options.method == QuantMethod::gptq)
-    out.set_bool("nibble.quantization.act_order", options.gptq.act_order);
-  for (const auto& [key, value] : options.metadata) out.set(key, value);
-  for (const model::GgufTensorInfo& t : file.tensors()) {
-    const auto high = options.tensor_types.find(t.name);
-    auto it = quantized.find(t.name);
-    if (it == quantized.end()) {
-      const kernels::DType target = high != options.tensor_types.end()
-                                        ? high->second
-                                        : model::requantized_type(t, options.type, options.pure);
-      // (rounded to nearest as the writer reaches it: one at a time in memory)
-      out.add_tensor_made(t.name, t.dims, target,
-                          [&file, &t, target] { return model::convert_tensor(file, t, target); });
-    } else if (t.dims.size() == 1) {
-      out.add_tensor(t.name, t.dims, kernels::DType::F32, std::move(it->second));  // an AWQ-folded norm
-    } else {
-      out.add_tensor(t.name, t.dims, high != options.tensor_types.end() ? high->second : options.type,
-                     std::move(it->second));
-    }
-  }
-  out.write(out_path);
+  if (output) output->finish();
 }
 
 }  // namespace nibble::worker

@@ -1,6 +1,5 @@
 // `nibble bench`: prompt processing (one batched forward of N tokens) and generation (N single-token
 // forwards) in tokens per second, as llama-bench measures them, plus peak memory.
-#include <sys/resource.h>
 
 #include <chrono>
 #include <cmath>
@@ -31,12 +30,6 @@ Stats stats_of(const std::vector<double>& v) {
   for (double x : v) s.stddev += (x - s.mean) * (x - s.mean);
   s.stddev = v.size() > 1 ? std::sqrt(s.stddev / static_cast<double>(v.size() - 1)) : 0.0;
   return s;
-}
-
-double peak_rss_mib() {
-  rusage usage{};
-  getrusage(RUSAGE_SELF, &usage);
-  return static_cast<double>(usage.ru_maxrss) / 1024.0;  // ru_maxrss is in KiB on Linux
 }
 
 // Runs the llama.cpp driver on the same model and token ids; its JSON, or {"error": ...}.
@@ -132,7 +125,7 @@ Runner add_bench(CLI::App& app) {
       tg.push_back(a->gen_tokens / std::chrono::duration<double>(clock::now() - start).count());
     }
     const Stats pp_stats = stats_of(pp), tg_stats = stats_of(tg);
-    const double rss = peak_rss_mib();
+    const double rss = peak_resident_mib();
     std::optional<nlohmann::json> peer;
     if (a->peer) {
       s.model.reset();  // give the memory back before the peer loads its own copy

@@ -3,6 +3,7 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <iomanip>
 #include <iostream>
 #include <memory>
 #include <optional>
@@ -196,6 +197,14 @@ Runner add_logits(CLI::App& app) {
 
 namespace {
 
+// The line a model tool ends with: the file, its size and the run's peak memory (what a 70B model's
+// quantization needs of the machine).
+void report_written(const std::string& path) {
+  std::cerr << "wrote " << path << " (" << std::filesystem::file_size(path)
+            << " bytes); peak resident memory " << std::fixed << std::setprecision(1) << peak_resident_mib()
+            << " MiB\n";
+}
+
 // make-model --rope-scaling: "linear:F" (llama.rope.scaling.factor F), "llama3:F:CTX" (Llama 3.1's
 // frequency factors for scaling factor F from an original context of CTX, its low / high frequency
 // factors 1 and 4, as rope_freqs.weight) or "yarn:F:CTX" (YaRN's factor F from an original context of CTX).
@@ -371,7 +380,7 @@ Runner add_quantize(CLI::App& app) {
       ScratchFile scratch;
       const auto file = open_quantize_input(a->in, a->out, true, scratch);
       model::requantize_gguf(*file, a->out, *mix, imatrix ? &*imatrix : nullptr);
-      std::cerr << "wrote " << a->out << " (" << std::filesystem::file_size(a->out) << " bytes)\n";
+      report_written(a->out);
       return 0;
     }
     const kernels::DType type = mix ? kernels::DType::Q4_K : parse_matrix_type(a->type);  // a mix: set below
@@ -428,7 +437,7 @@ Runner add_quantize(CLI::App& app) {
     }
     if (gptq_dir && model::HfCheckpoint::is_checkpoint_dir(a->in)) copy_tokenizer_files(a->in, a->out);
     const std::string written = gptq_dir ? a->out + "/model.safetensors" : a->out;
-    std::cerr << "wrote " << written << " (" << std::filesystem::file_size(written) << " bytes)\n";
+    report_written(written);
     return 0;
   };
 }

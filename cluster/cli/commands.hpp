@@ -34,6 +34,10 @@ Runner add_openai(CLI::App& app);
 // Thread count default: every core the machine has.
 int default_threads();
 
+// This process's peak resident memory, MiB (the kernel's high-water mark for this program image: unlike
+// getrusage's, it leaves out what a parent that forked it held).
+double peak_resident_mib();
+
 // --int4-kernels (bench-gpu, generate): measured, cuda-cores, tensor-cores or half2 (worker::Int4Kernels).
 void add_int4_kernels_option(CLI::App& app, worker::Int4Kernels& value, const std::string& what);
 // --int4-layout (bench-gpu, generate): rows or tiles (worker::Int4Layout).

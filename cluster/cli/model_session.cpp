@@ -1,8 +1,13 @@
 #include "cluster/cli/model_session.hpp"
 
+#include <sys/resource.h>
+
+#include <cstdlib>
 #include <filesystem>
+#include <fstream>
 #include <map>
 #include <stdexcept>
+#include <string>
 #include <thread>
 
 #include "cluster/cli/commands.hpp"
@@ -32,6 +37,17 @@ void add_int4_layout_option(CLI::App& app, worker::Int4Layout& value, const std:
 int default_threads() {
   const unsigned n = std::thread::hardware_concurrency();
   return n == 0 ? 1 : static_cast<int>(n);
+}
+
+double peak_resident_mib() {
+  std::ifstream status("/proc/self/status");
+  std::string line;
+  while (std::getline(status, line)) {
+    if (line.rfind("VmHWM:", 0) == 0) return std::strtod(line.c_str() + 6, nullptr) / 1024.0;  // in kB
+  }
+  rusage usage{};
+  getrusage(RUSAGE_SELF, &usage);
+  return static_cast<double>(usage.ru_maxrss) / 1024.0;
 }
 
 std::function<std::string(int32_t)> logprob_token_text(std::shared_ptr<const model::Tokenizer> tokenizer) {

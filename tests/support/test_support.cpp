@@ -200,6 +200,13 @@ CommandResult run_command(const std::string& command) {
   return result;
 }
 
+long reported_peak_bytes(const std::string& output) {
+  const std::string marker = "peak resident memory ";
+  const size_t at = output.rfind(marker);
+  if (at == std::string::npos) return -1;
+  return static_cast<long>(std::strtod(output.c_str() + at + marker.size(), nullptr) * 1048576.0);
+}
+
 TempDir::TempDir() {
   std::string pattern = (std::filesystem::temp_directory_path() / "nibble-test-XXXXXX").string();
   if (mkdtemp(pattern.data()) == nullptr) throw std::runtime_error("mkdtemp failed");

@@ -38,6 +38,10 @@ struct CommandResult {
 };
 // Runs `command` through /bin/sh, capturing its output.
 CommandResult run_command(const std::string& command);
+// The peak resident memory a nibble model tool reports on its last line ("...; peak resident memory
+// 12.3 MiB"), in bytes; -1 when the output has no such line. (getrusage's peak for a child would count
+// what this test process held when it forked.)
+long reported_peak_bytes(const std::string& output);
 
 // A fresh temporary directory, removed by the destructor.
 class TempDir {

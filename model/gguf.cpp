@@ -1048,7 +1048,7 @@ void GgufWriter::write(const std::string& path) const {
   start(path).finish();
 }
 
-GgufPartialFile GgufWriter::start(const std::string& path) const {
+PartialFile GgufWriter::start(const std::string& path) const {
   std::vector<const PendingTensor*> all;
   for (const PendingTensor& t : tensors_) all.push_back(&t);
   return write_file(path, metadata_, all);
@@ -1102,8 +1102,8 @@ std::vector<std::string> GgufWriter::write_split(const std::string& prefix,
   return paths;
 }
 
-GgufPartialFile GgufWriter::write_file(const std::string& path, const Metadata& metadata,
-                                       const std::vector<const PendingTensor*>& tensors) {
+PartialFile GgufWriter::write_file(const std::string& path, const Metadata& metadata,
+                                   const std::vector<const PendingTensor*>& tensors) {
   uint64_t alignment = kDefaultAlignment;
   for (const auto& [key, value] : metadata) {
     if (key != "general.alignment") continue;
@@ -1144,7 +1144,7 @@ GgufPartialFile GgufWriter::write_file(const std::string& path, const Metadata& 
   // never leaves a half file at `path`. Tensors filled later are holes until then.
   const std::string tmp = path + ".tmp";
   const uint64_t data_start = head.bytes().size();
-  std::map<std::string, GgufPartialFile::Slot> later;
+  std::map<std::string, PartialFile::Slot> later;
   try {
     std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
     if (!out) writer_error("cannot create " + tmp + ": " + std::strerror(errno));
@@ -1190,69 +1190,7 @@ GgufPartialFile GgufWriter::write_file(const std::string& path, const Metadata& 
     std::filesystem::remove(tmp, ec);
     throw;
   }
-  return GgufPartialFile(path, tmp, std::move(later));
-}
-
-GgufPartialFile::GgufPartialFile(std::string path, std::string tmp, std::map<std::string, Slot> slots)
-    : path_(std::move(path)), tmp_(std::move(tmp)), slots_(std::move(slots)) {
-  if (slots_.empty()) return;
-  fd_ = ::open(tmp_.c_str(), O_WRONLY | O_CLOEXEC);
-  if (fd_ < 0) {
-    const int err = errno;
-    std::error_code ec;
-    std::filesystem::remove(tmp_, ec);
-    writer_error("cannot open " + tmp_ + ": " + std::strerror(err));
-  }
-}
-
-GgufPartialFile::GgufPartialFile(GgufPartialFile&& other) noexcept
-    : path_(std::move(other.path_)),
-      tmp_(std::exchange(other.tmp_, {})),
-      slots_(std::move(other.slots_)),
-      fd_(std::exchange(other.fd_, -1)) {}
-
-GgufPartialFile::~GgufPartialFile() {
-  if (fd_ >= 0) ::close(fd_);
-  if (!tmp_.empty()) {
-    std::error_code ec;
-    std::filesystem::remove(tmp_, ec);
-  }
-}
-
-void GgufPartialFile::fill(const std::string& name, const uint8_t* data, uint64_t size) {
-  if (tmp_.empty()) writer_error("tensor '" + name + "' filled after the file was finished");
-  const auto it = slots_.find(name);
-  if (it == slots_.end()) writer_error("tensor '" + name + "' was not added to be filled later");
-  Slot& slot = it->second;
-  if (slot.filled) writer_error("tensor '" + name + "' filled twice");
-  if (size != slot.size) {
-    writer_error("tensor '" + name + "' filled with " + std::to_string(size) + " bytes, not " +
-                 std::to_string(slot.size));
-  }
-  for (uint64_t done = 0; done < size;) {
-    const ssize_t n = ::pwrite(fd_, data + done, std::min<uint64_t>(size - done, uint64_t{1} << 30),
-                               static_cast<off_t>(slot.offset + done));
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) writer_error("failed writing tensor '" + name + "' to " + tmp_ + ": " + std::strerror(errno));
-    done += static_cast<uint64_t>(n);
-  }
-  slot.filled = true;
-}
-
-void GgufPartialFile::finish() {
-  if (tmp_.empty()) writer_error(path_ + " was finished already");
-  for (const auto& [name, slot] : slots_) {
-    if (!slot.filled) writer_error(path_ + ": tensor '" + name + "' was never filled");
-  }
-  if (fd_ >= 0) {
-    const int closed = ::close(fd_);
-    fd_ = -1;
-    if (closed != 0) writer_error("failed writing " + tmp_ + ": " + std::strerror(errno));
-  }
-  std::error_code ec;
-  std::filesystem::rename(tmp_, path_, ec);
-  if (ec) writer_error("cannot rename " + tmp_ + " to " + path_ + ": " + ec.message());
-  tmp_.clear();
+  return PartialFile(path, tmp, std::move(later), [](const std::string& what) { writer_error(what); });
 }
 
 }  // namespace nibble::model

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "kernels/quant_types.hpp"
+#include "model/partial_file.hpp"
 
 namespace nibble::model {
 
@@ -146,39 +147,6 @@ struct GgufSplitLimits {
 };
 
 // Builds a GGUF v3 file in memory order: metadata, tensor infos, aligned tensor data.
-// A GGUF file written but for some tensors' bytes (GgufWriter::add_tensor_later / start): those are
-// filled in any order, each once, then finish() puts the file at its path. Destroyed unfinished, it
-// removes the temporary file.
-class GgufPartialFile {
- public:
-  GgufPartialFile(GgufPartialFile&& other) noexcept;
-  GgufPartialFile& operator=(GgufPartialFile&&) = delete;
-  GgufPartialFile(const GgufPartialFile&) = delete;
-  GgufPartialFile& operator=(const GgufPartialFile&) = delete;
-  ~GgufPartialFile();
-
-  // data: the size the tensor's dims and type call for. Throws GgufError for a name not added with
-  // add_tensor_later, a second fill, another size, or an I/O failure.
-  void fill(const std::string& name, const uint8_t* data, uint64_t size);
-  void fill(const std::string& name, const std::vector<uint8_t>& bytes) {
-    fill(name, bytes.data(), bytes.size());
-  }
-  // Puts the file at its path. Throws GgufError naming a tensor not filled, or on I/O failure.
-  void finish();
-
- private:
-  friend class GgufWriter;
-  struct Slot {
-    uint64_t offset = 0;  // from the start of the file
-    uint64_t size = 0;
-    bool filled = false;
-  };
-  GgufPartialFile(std::string path, std::string tmp, std::map<std::string, Slot> slots);
-  std::string path_, tmp_;  // tmp_ empty once finished (or moved from)
-  std::map<std::string, Slot> slots_;
-  int fd_ = -1;
-};
-
 class GgufWriter {
  public:
   void set(const std::string& key, GgufValue value);  // replaces an existing key
@@ -214,7 +182,7 @@ class GgufWriter {
   // Writes every tensor but those added with add_tensor_later to a temporary file beside `path` and
   // returns what fills those and then puts the file at `path`. A run that fails leaves no file at
   // `path`, and an unwritable path fails here, before any long work. Throws GgufError.
-  GgufPartialFile start(const std::string& path) const;
+  PartialFile start(const std::string& path) const;
   // Writes a split set as llama.cpp's gguf-split does: gguf_split_path(prefix, i, n) for each of the
   // n files (n >= 1), the tensors in the order added cut by `limits`, the metadata in the first,
   // split.no / split.count / split.tensors.count in each. Returns the paths written.
@@ -229,7 +197,7 @@ class GgufWriter {
     const uint8_t* data = nullptr;
     uint64_t size = 0;
     std::function<std::vector<uint8_t>()> make;  // a made tensor's
-    bool later = false;                          // filled through start()'s GgufPartialFile
+    bool later = false;                          // filled through start()'s PartialFile
   };
   using Metadata = std::vector<std::pair<std::string, GgufValue>>;
   // Checks a tensor about to be added (name, dims, type) and returns the bytes it must hold.
@@ -237,8 +205,8 @@ class GgufWriter {
                          kernels::DType type) const;
   static void check_size(const std::string& name, const std::vector<int64_t>& dims, kernels::DType type,
                          uint64_t expected, uint64_t size);
-  static GgufPartialFile write_file(const std::string& path, const Metadata& metadata,
-                                    const std::vector<const PendingTensor*>& tensors);
+  static PartialFile write_file(const std::string& path, const Metadata& metadata,
+                                const std::vector<const PendingTensor*>& tensors);
   void refuse_later(const char* what) const;
   Metadata metadata_;
   std::vector<PendingTensor> tensors_;

@@ -2,6 +2,7 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -31,25 +32,44 @@ double tidy(float f) {
   return static_cast<float>(d) == f ? d : static_cast<double>(f);
 }
 
-// A GGUF tensor of any type as F16 bytes, with its HF shape (GGUF dims reversed).
-SafetensorsTensorData f16_tensor(const GgufFile& file, const std::string& gguf_name,
-                                 const std::string& hf_name) {
+// A GGUF tensor as it is written in F16: its HF name and shape (GGUF dims reversed).
+SafetensorsTensorSpec f16_spec(const GgufFile& file, const std::string& gguf_name,
+                               const std::string& hf_name) {
   const GgufTensorInfo* t = file.find_tensor(gguf_name);
   if (t == nullptr) throw GgufError(file.path() + ": tensor '" + gguf_name + "' is missing");
-  const int64_t n = t->row_elements();
+  SafetensorsTensorSpec spec{hf_name, SafetensorsDType::F16, {}};
+  for (auto d = t->dims.rbegin(); d != t->dims.rend(); ++d) spec.shape.push_back(*d);
+  return spec;
+}
+
+// A GGUF tensor of any type as F16 bytes.
+std::vector<uint8_t> f16_bytes(const GgufFile& file, const std::string& gguf_name) {
+  const GgufTensorInfo& t = *file.find_tensor(gguf_name);
+  const int64_t n = t.row_elements();
   std::vector<float> row(static_cast<size_t>(n));
-  SafetensorsTensorData out{hf_name, SafetensorsDType::F16, {}, {}};
-  for (auto d = t->dims.rbegin(); d != t->dims.rend(); ++d) out.shape.push_back(*d);
-  out.bytes.resize(static_cast<size_t>(n * t->rows() * 2));
-  auto* half = reinterpret_cast<kernels::f16_bits*>(out.bytes.data());
-  const int64_t bytes = kernels::row_bytes(t->type, n);
-  for (int64_t r = 0; r < t->rows(); ++r) {
-    if (kernels::dequantize_row(t->type, file.tensor_data(*t) + r * bytes, row.data(), n) !=
+  std::vector<uint8_t> out(static_cast<size_t>(n * t.rows() * 2));
+  auto* half = reinterpret_cast<kernels::f16_bits*>(out.data());
+  const int64_t bytes = kernels::row_bytes(t.type, n);
+  for (int64_t r = 0; r < t.rows(); ++r) {
+    if (kernels::dequantize_row(t.type, file.tensor_data(t) + r * bytes, row.data(), n) !=
         kernels::Status::ok)
       throw GgufError(file.path() + ": tensor '" + gguf_name + "' cannot be read as floats");
     for (int64_t j = 0; j < n; ++j) half[r * n + j] = kernels::fp32_to_fp16(row[static_cast<size_t>(j)]);
   }
   return out;
+}
+
+// The F16 tensors of a checkpoint: GGUF name → HF name, in the file's order around the layers.
+std::vector<std::pair<std::string, std::string>> f16_tensors_before(int64_t layer) {
+  const std::string blk = "blk." + std::to_string(layer) + ".",
+                    hf = "model.layers." + std::to_string(layer) + ".";
+  return {{blk + "attn_norm.weight", hf + "input_layernorm.weight"},
+          {blk + "ffn_norm.weight", hf + "post_attention_layernorm.weight"}};
+}
+
+// HF's prefix of a layer matrix: model.layers.N.self_attn.q_proj.
+std::string hf_prefix(int64_t layer, int m) {
+  return "model.layers." + std::to_string(layer) + "." + kHfLinear[m];
 }
 
 // The matrix's levels, zeros and scales, rows in GGUF order.
@@ -125,8 +145,9 @@ void lift_zero_zeros(Int4Linear& l) {
 
 }  // namespace
 
-GptqCheckpointWriter::GptqCheckpointWriter(const GgufFile& source, GptqWriterOptions options)
-    : source_(source), config_(LlamaConfig::from_gguf(source)), options_(options) {
+GptqCheckpointWriter::GptqCheckpointWriter(const GgufFile& source, const QuantGrid& grid,
+                                           GptqWriterOptions options, const std::string& dir)
+    : source_(source), config_(LlamaConfig::from_gguf(source)), grid_(grid), options_(options), dir_(dir) {
   if (config_.rope_dims != config_.head_dim) {
     throw GgufError(source.path() + ": RoPE rotates " + std::to_string(config_.rope_dims) + " of " +
                     std::to_string(config_.head_dim) +
@@ -145,6 +166,42 @@ GptqCheckpointWriter::GptqCheckpointWriter(const GgufFile& source, GptqWriterOpt
     throw GgufError(source.path() + ": its RoPE frequency factors (rope_freqs.weight, Llama 3.1's scaling) " +
                     "cannot be written as a Hugging Face config.json's rope_scaling");
   }
+  if (grid.k_quant())
+    throw std::invalid_argument("the " + grid.name() + " grid has no GPTQ form (q4_0 or int4_asym only)");
+  const LlamaConfig& c = config_;
+  const int64_t n_out[] = {c.q_dim(), c.kv_dim(), c.kv_dim(), c.n_embd, c.n_ff, c.n_ff, c.n_embd};
+  const int64_t k[] = {c.n_embd, c.n_embd, c.n_embd, c.q_dim(), c.n_embd, c.n_embd, c.n_ff};
+  // The file's tensors in order: the embedding, per layer its norms and its matrices' qweight, qzeros,
+  // scales and g_idx, the final norm and the head.
+  std::vector<std::pair<std::string, std::string>> f16 = {{"token_embd.weight", "model.embed_tokens.weight"}};
+  std::vector<SafetensorsTensorSpec> specs = {f16_spec(source_, f16[0].first, f16[0].second)};
+  for (int64_t l = 0; l < c.n_layer; ++l) {
+    for (const auto& [gguf, hf] : f16_tensors_before(l)) {
+      f16.emplace_back(gguf, hf);
+      specs.push_back(f16_spec(source_, gguf, hf));
+    }
+    for (int m = 0; m < 7; ++m) {
+      const std::string prefix = hf_prefix(l, m);
+      const int64_t groups = k[m] / grid_.group_size;
+      specs.push_back({prefix + ".qweight", SafetensorsDType::I32, {k[m] / 8, n_out[m]}});
+      specs.push_back({prefix + ".qzeros", SafetensorsDType::I32, {groups, n_out[m] / 8}});
+      specs.push_back({prefix + ".scales", SafetensorsDType::F16, {groups, n_out[m]}});
+      specs.push_back({prefix + ".g_idx", SafetensorsDType::I32, {k[m]}});
+    }
+  }
+  f16.emplace_back("output_norm.weight", "model.norm.weight");
+  specs.push_back(f16_spec(source_, f16.back().first, f16.back().second));
+  if (!c.tied_output) {
+    f16.emplace_back("output.weight", "lm_head.weight");
+    specs.push_back(f16_spec(source_, f16.back().first, f16.back().second));
+  }
+  fs::create_directories(dir_);
+  file_.emplace(
+      start_safetensors((fs::path(dir_) / "model.safetensors").string(), specs, {{"format", "pt"}}));
+  for (const auto& [gguf, hf] : f16) {  // one at a time, the source's pages let go once read
+    file_->fill(hf, f16_bytes(source_, gguf));
+    source_.release_pages(*source_.find_tensor(gguf));
+  }
 }
 
 void GptqCheckpointWriter::add(const std::string& gguf_name, const QuantizedMatrix& matrix) {
@@ -159,27 +216,23 @@ void GptqCheckpointWriter::add(const std::string& gguf_name, const QuantizedMatr
                                     std::to_string(matrix.k) + "], the model's is [" +
                                     std::to_string(n_out[m]) + ", " + std::to_string(k[m]) + "]");
       }
-      if (matrix.grid.k_quant())
-        throw std::invalid_argument(gguf_name + ": the " + matrix.grid.name() +
-                                    " grid has no GPTQ form (q4_0 or int4_asym only)");
-      if (have_grid_ && (matrix.grid.type != grid_.type || matrix.grid.group_size != grid_.group_size)) {
-        throw std::invalid_argument(gguf_name + ": grid " + matrix.grid.name() + " differs from the " +
-                                    grid_.name() +
-                                    " of the matrices before it (a GPTQ checkpoint has one group size)");
+      if (matrix.grid.type != grid_.type || matrix.grid.group_size != grid_.group_size) {
+        throw std::invalid_argument(gguf_name + ": grid " + matrix.grid.name() +
+                                    " differs from the checkpoint's " + grid_.name() +
+                                    " (a GPTQ checkpoint has one group size)");
       }
-      grid_ = matrix.grid;
-      have_grid_ = true;
+      if (qzeros_.contains(gguf_name)) throw std::invalid_argument(gguf_name + ": added twice");
       Int4Linear linear = unpack(matrix);
       if (m < 2) linear = rope_halves(linear, c.head_dim);
       lift_zero_zeros(linear);
-      Layer layer;
-      layer.prefix = "model.layers." + std::to_string(l) + "." + kHfLinear[m];
-      layer.tensors = pack_gptq(linear, layer.prefix, /*zeros_minus_one=*/false);
-      layer.tensors.erase(layer.tensors.begin() + 1);  // qzeros: packed by write() once the format is known
-      linear.levels.clear();
-      linear.levels.shrink_to_fit();
-      layer.zeros_only = std::move(linear);
-      layers_[gguf_name] = std::move(layer);
+      for (uint8_t z : linear.zeros) zero_zero_ = zero_zero_ || z == 0;
+      // Levels and scales do not depend on the format, only the zeros do (packed by finish()).
+      std::vector<SafetensorsTensorData> packed =
+          pack_gptq(linear, hf_prefix(l, m), /*zeros_minus_one=*/false);
+      for (size_t i = 0; i < packed.size(); ++i) {
+        if (i != 1) file_->fill(packed[i].name, packed[i].bytes);
+      }
+      qzeros_[gguf_name] = std::move(packed[1]);
       return;
     }
   }
@@ -187,41 +240,30 @@ void GptqCheckpointWriter::add(const std::string& gguf_name, const QuantizedMatr
                               std::to_string(c.n_layer) + "-layer model");
 }
 
-void GptqCheckpointWriter::write(const std::string& dir) {
+void GptqCheckpointWriter::finish() {
   const LlamaConfig& c = config_;
   for (int64_t l = 0; l < c.n_layer; ++l) {
     for (LayerMatrix m : kLayerMatrices) {
-      if (!layers_.contains(layer_tensor_name(l, m)))
+      if (!qzeros_.contains(layer_tensor_name(l, m)))
         throw std::invalid_argument("GPTQ checkpoint: layer matrix '" + layer_tensor_name(l, m) +
                                     "' was never added");
     }
   }
-  bool zero_zero = false;
-  for (const auto& [name, layer] : layers_)
-    for (uint8_t z : layer.zeros_only.zeros) zero_zero = zero_zero || z == 0;
-  format_ = zero_zero ? "gptq_v2" : "gptq";
-
-  std::vector<SafetensorsTensorData> tensors;
-  tensors.push_back(f16_tensor(source_, "token_embd.weight", "model.embed_tokens.weight"));
-  for (int64_t l = 0; l < c.n_layer; ++l) {
-    const std::string blk = "blk." + std::to_string(l) + ".", hf = "model.layers." + std::to_string(l) + ".";
-    tensors.push_back(f16_tensor(source_, blk + "attn_norm.weight", hf + "input_layernorm.weight"));
-    tensors.push_back(f16_tensor(source_, blk + "ffn_norm.weight", hf + "post_attention_layernorm.weight"));
-    for (LayerMatrix m : kLayerMatrices) {
-      Layer& layer = layers_.at(layer_tensor_name(l, m));
-      // Only qzeros depends on the format: pack it from a levels-free copy (pack_gptq packs levels too).
-      Int4Linear z = layer.zeros_only;
-      z.levels.assign(static_cast<size_t>(z.n_out * z.k), 0);
-      SafetensorsTensorData qzeros = std::move(pack_gptq(z, layer.prefix, format_ == "gptq")[1]);
-      tensors.push_back(std::move(layer.tensors[0]));  // qweight
-      tensors.push_back(std::move(qzeros));
-      tensors.push_back(std::move(layer.tensors[1]));  // scales
-      tensors.push_back(std::move(layer.tensors[2]));  // g_idx
+  // Zeros as zero − 1 (v1) unless a zero of 0 is left; every nibble then 1 to 15, so minus one borrows
+  // from none.
+  format_ = zero_zero_ ? "gptq_v2" : "gptq";
+  for (auto& [name, zeros] : qzeros_) {
+    if (!zero_zero_) {
+      for (size_t i = 0; i < zeros.bytes.size(); i += 4) {
+        uint32_t word = 0;
+        std::memcpy(&word, zeros.bytes.data() + i, 4);
+        word -= 0x11111111u;
+        std::memcpy(zeros.bytes.data() + i, &word, 4);
+      }
     }
+    file_->fill(zeros.name, zeros.bytes);
   }
-  tensors.push_back(f16_tensor(source_, "output_norm.weight", "model.norm.weight"));
-  if (!c.tied_output) tensors.push_back(f16_tensor(source_, "output.weight", "lm_head.weight"));
-  layers_.clear();
+  qzeros_.clear();
 
   const bool sym = grid_.type == GridType::q4_0;
   json quant = {{"quant_method", "gptq"},
@@ -264,8 +306,7 @@ void GptqCheckpointWriter::write(const std::string& dir) {
       config[std::string(id) + "_token_id"] = *v;
   }
 
-  fs::create_directories(dir);
-  const fs::path root(dir);
+  const fs::path root(dir_);
   auto write_json = [&](const char* file, const json& value) {
     std::ofstream out(root / file, std::ios::trunc);
     out << value.dump(2) << "\n";
@@ -273,7 +314,7 @@ void GptqCheckpointWriter::write(const std::string& dir) {
   };
   write_json("config.json", config);
   write_json("quantize_config.json", quant);
-  write_safetensors((root / "model.safetensors").string(), tensors, {{"format", "pt"}});
+  file_->finish();
 }
 
 }  // namespace nibble::model

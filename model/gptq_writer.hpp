@@ -22,12 +22,14 @@
 // allow; if any does not, the whole checkpoint is written as "gptq_v2" (zeros as they are).
 #include <cstdint>
 #include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "model/gguf.hpp"
 #include "model/hf_quantized.hpp"
 #include "model/llama_config.hpp"
+#include "model/partial_file.hpp"
 #include "model/quant_grid.hpp"
 
 namespace nibble::model {
@@ -37,37 +39,41 @@ struct GptqWriterOptions {
   double percdamp = 0.01;  // recorded as damp_percent
 };
 
+// Writes as it is given each matrix, so that a 70B model's checkpoint is never held in memory: only the
+// packed zeros (4 bits a group) wait for finish(), as their form depends on every matrix's.
 class GptqCheckpointWriter {
  public:
-  // source: the model being quantized (its config, token ids and float tensors). Throws GgufError for
-  // a config a Hugging Face LlamaForCausalLM cannot express (partial RoPE).
-  GptqCheckpointWriter(const GgufFile& source, GptqWriterOptions options);
+  // source: the model being quantized (its config, token ids and float tensors); grid: q4_0 or
+  // int4_asym, every matrix's. Creates `dir` if needed and begins model.safetensors (at a temporary name
+  // until finish()) with the F16 embedding, norms and head. Throws GgufError for a config a Hugging Face
+  // LlamaForCausalLM cannot express (partial RoPE), std::invalid_argument for a K-quant grid,
+  // SafetensorsError for I/O problems.
+  GptqCheckpointWriter(const GgufFile& source, const QuantGrid& grid, GptqWriterOptions options,
+                       const std::string& dir);
 
   // One layer matrix by its GGUF name ("blk.3.attn_q.weight"), [n_out, k] in GGUF row order, on the
-  // q4_0 or int4_asym grid; every matrix must use the same grid. Packs it at once (only the zeros wait
-  // for write()). Throws std::invalid_argument for an unknown name, a shape that disagrees with the
-  // config, another grid, or dimensions that are not multiples of 8.
+  // writer's grid, written at once. Throws std::invalid_argument for an unknown name, a matrix added
+  // twice, a shape that disagrees with the config, another grid, or dimensions that are not multiples of
+  // 8.
   void add(const std::string& gguf_name, const QuantizedMatrix& matrix);
 
-  // Writes the directory (created if needed). Throws std::invalid_argument naming a layer matrix never
-  // added, HfCheckpointError / SafetensorsError for I/O problems.
-  void write(const std::string& dir);
+  // Writes the zeros, config.json and quantize_config.json and puts model.safetensors in place. Throws
+  // std::invalid_argument naming a layer matrix never added (and leaves no model.safetensors),
+  // HfCheckpointError / SafetensorsError for I/O problems.
+  void finish();
 
-  // The checkpoint_format write() chose ("gptq" or "gptq_v2"; see above); valid after write().
+  // The checkpoint_format finish() chose ("gptq" or "gptq_v2"; see above); valid after finish().
   const std::string& checkpoint_format() const { return format_; }
 
  private:
-  struct Layer {
-    std::string prefix;                          // model.layers.N.self_attn.q_proj
-    std::vector<SafetensorsTensorData> tensors;  // qweight, scales, g_idx
-    Int4Linear zeros_only;                       // levels dropped; zeros, groups, n_out, k kept
-  };
   const GgufFile& source_;
   LlamaConfig config_;
-  GptqWriterOptions options_;
-  bool have_grid_ = false;
   QuantGrid grid_;
-  std::map<std::string, Layer> layers_;  // by GGUF name
+  GptqWriterOptions options_;
+  std::string dir_;
+  std::optional<PartialFile> file_;                      // model.safetensors
+  std::map<std::string, SafetensorsTensorData> qzeros_;  // by GGUF name: zeros as they are (v2)
+  bool zero_zero_ = false;                               // a zero of 0 left: the checkpoint is gptq_v2
   std::string format_ = "gptq";
 };
 

@@ -258,11 +258,51 @@ const uint8_t* SafetensorsFile::tensor_data(const SafetensorsTensorInfo& tensor)
   return base_ + data_offset_ + tensor.offset;
 }
 
-void write_safetensors(const std::string& path, const std::vector<SafetensorsTensorData>& tensors,
-                       const std::map<std::string, std::string>& metadata) {
+PartialFile start_safetensors(const std::string& path, const std::vector<SafetensorsTensorSpec>& tensors,
+                              const std::map<std::string, std::string>& metadata) {
   json header = json::object();
   if (!metadata.empty()) header["__metadata__"] = metadata;
+  std::map<std::string, PartialFile::Slot> slots;
   uint64_t offset = 0;
+  for (const SafetensorsTensorSpec& t : tensors) {
+    int64_t elements = 1;
+    for (int64_t d : t.shape) elements *= d;
+    const auto size = static_cast<uint64_t>(elements * safetensors_dtype_bytes(t.dtype));
+    if (header.contains(t.name)) throw SafetensorsError(path + ": tensor '" + t.name + "' is named twice");
+    header[t.name] = {{"dtype", safetensors_dtype_name(t.dtype)},
+                      {"shape", t.shape},
+                      {"data_offsets", {offset, offset + size}}};
+    slots[t.name] = {offset, size, false};  // from the buffer's start until the header's length is known
+    offset += size;
+  }
+  std::string text = header.dump();
+  text.append((8 - text.size() % 8) % 8, ' ');  // keeps the buffer 8-byte aligned
+  const uint64_t buffer_start = 8 + text.size();
+  for (auto& [name, slot] : slots) slot.offset += buffer_start;
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+    if (!out) throw SafetensorsError("cannot create " + tmp + ": " + std::strerror(errno));
+    uint8_t length[8];
+    for (int i = 0; i < 8; ++i)
+      length[i] = static_cast<uint8_t>(static_cast<uint64_t>(text.size()) >> (8 * i));
+    out.write(reinterpret_cast<const char*>(length), 8);
+    out.write(text.data(), static_cast<std::streamsize>(text.size()));
+    out.close();
+    std::error_code ec;
+    if (out) std::filesystem::resize_file(tmp, buffer_start + offset, ec);  // the tensors: holes until filled
+    if (!out || ec) {
+      std::filesystem::remove(tmp, ec);
+      throw SafetensorsError(tmp + ": cannot write");
+    }
+  }
+  return PartialFile(path, tmp, std::move(slots),
+                     [](const std::string& what) { throw SafetensorsError(what); });
+}
+
+void write_safetensors(const std::string& path, const std::vector<SafetensorsTensorData>& tensors,
+                       const std::map<std::string, std::string>& metadata) {
+  std::vector<SafetensorsTensorSpec> specs;
   for (const SafetensorsTensorData& t : tensors) {
     int64_t elements = 1;
     for (int64_t d : t.shape) elements *= d;
@@ -270,21 +310,11 @@ void write_safetensors(const std::string& path, const std::vector<SafetensorsTen
       throw SafetensorsError(path + ": tensor '" + t.name + "' has " + std::to_string(t.bytes.size()) +
                              " bytes for shape " + shape_string(t.shape));
     }
-    header[t.name] = {{"dtype", safetensors_dtype_name(t.dtype)},
-                      {"shape", t.shape},
-                      {"data_offsets", {offset, offset + t.bytes.size()}}};
-    offset += t.bytes.size();
+    specs.push_back({t.name, t.dtype, t.shape});
   }
-  std::string text = header.dump();
-  text.append((8 - text.size() % 8) % 8, ' ');  // keeps the buffer 8-byte aligned
-  std::ofstream out(path, std::ios::binary | std::ios::trunc);
-  uint8_t length[8];
-  for (int i = 0; i < 8; ++i) length[i] = static_cast<uint8_t>(static_cast<uint64_t>(text.size()) >> (8 * i));
-  out.write(reinterpret_cast<const char*>(length), 8);
-  out.write(text.data(), static_cast<std::streamsize>(text.size()));
-  for (const SafetensorsTensorData& t : tensors)
-    out.write(reinterpret_cast<const char*>(t.bytes.data()), static_cast<std::streamsize>(t.bytes.size()));
-  if (!out) throw SafetensorsError(path + ": cannot write");
+  PartialFile file = start_safetensors(path, specs, metadata);
+  for (const SafetensorsTensorData& t : tensors) file.fill(t.name, t.bytes);
+  file.finish();
 }
 
 }  // namespace nibble::model

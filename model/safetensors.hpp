@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "kernels/quant_types.hpp"
+#include "model/partial_file.hpp"
 
 namespace nibble::model {
 
@@ -87,5 +88,18 @@ struct SafetensorsTensorData {
 };
 void write_safetensors(const std::string& path, const std::vector<SafetensorsTensorData>& tensors,
                        const std::map<std::string, std::string>& metadata = {});
+
+// A tensor of a file to be filled later (start_safetensors).
+struct SafetensorsTensorSpec {
+  std::string name;
+  SafetensorsDType dtype = SafetensorsDType::F32;
+  std::vector<int64_t> shape;
+};
+// Writes the header of a file of these tensors (their bytes in this order) to a temporary file beside
+// `path` and returns what fills each tensor's bytes, in any order, then puts the file at `path`: a
+// checkpoint written as its matrices are quantized holds none of them. write_safetensors is this with
+// every tensor filled at once. Throws SafetensorsError (an unwritable path, a duplicate name).
+PartialFile start_safetensors(const std::string& path, const std::vector<SafetensorsTensorSpec>& tensors,
+                              const std::map<std::string, std::string>& metadata = {});
 
 }  // namespace nibble::model

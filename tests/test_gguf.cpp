@@ -321,7 +321,7 @@ TEST(Gguf, TensorsFilledLaterInAnyOrderMakeTheSameFile) {
   const fs::path expected = dir.path() / "whole.gguf", path = dir.path() / "later.gguf";
   whole.write(expected.string());
   {
-    GgufPartialFile file = later.start(path.string());
+    PartialFile file = later.start(path.string());
     EXPECT_EQ(fs::file_size(path.string() + ".tmp"), fs::file_size(expected)) << "the hole at the end";
     file.fill("d", d);
     file.fill("a", a);
@@ -349,7 +349,7 @@ TEST(Gguf, FillingLaterIsCheckedAndAnUnfinishedFileLeavesNothing) {
   EXPECT_THROW(w.add_tensor_later("b", {32}, DType::Q4_0), GgufError);  // a duplicate name
   EXPECT_THROW(w.add_tensor_later("odd", {33}, DType::Q4_0), GgufError);
   {
-    GgufPartialFile file = w.start(path.string());
+    PartialFile file = w.start(path.string());
     expect_gguf_error([&] { file.fill("a", random_bytes(18, 1)); }, {"'a'", "not added to be filled later"});
     expect_gguf_error([&] { file.fill("nope", random_bytes(18, 1)); }, {"'nope'"});
     expect_gguf_error([&] { file.fill("b", random_bytes(35, 1)); }, {"'b'", "35 bytes, not 36"});
@@ -364,8 +364,8 @@ TEST(Gguf, FillingLaterIsCheckedAndAnUnfinishedFileLeavesNothing) {
   expect_gguf_error([&] { (void)w.start((dir.path() / "no-such-dir" / "m.gguf").string()); },
                     {"cannot create"});
   // Moved, the file is finished once, by its new owner.
-  GgufPartialFile first = w.start(path.string());
-  GgufPartialFile moved = std::move(first);
+  PartialFile first = w.start(path.string());
+  PartialFile moved = std::move(first);
   moved.fill("b", random_bytes(36, 3));
   moved.fill("c", random_bytes(16, 4));
   moved.finish();

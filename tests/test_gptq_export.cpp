@@ -7,12 +7,14 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <sstream>
+#include <string>
 
 #include "kernels/quantize.hpp"
 #include "kernels/thread_pool.hpp"
@@ -287,6 +289,46 @@ TEST(GptqExport, CliWritesWhatTheLibraryWrites) {
   }
 }
 
+// The export writes each matrix as it is quantized, so that a 70B model's checkpoint (~35 GB) is never
+// held, and lets the input's pages go: the peak resident memory `nibble quantize --format gptq` reports
+// is about the same for 4 and for 36 layers of one shape (F16), where holding the 32 more layers' packed
+// matrices, or their input, would add 38 MiB or 144 MiB.
+TEST(GptqExport, WritesEachMatrixAsItIsQuantized) {
+  test::TempDir dir;
+  model::LlamaShape shape = model::llama_shape_by_name("small");
+  shape.n_embd = 512;
+  shape.n_head = 8;
+  shape.n_head_kv = 4;
+  shape.n_ff = 1024;
+  shape.n_vocab = 512;
+  long peaks[2] = {0, 0}, more_out = 0;
+  for (int i = 0; i < 2; ++i) {
+    shape.n_layer = i == 0 ? 4 : 36;
+    const fs::path in = dir.path() / ("layers-" + std::to_string(shape.n_layer) + ".gguf"),
+                   out = dir.path() / ("gptq-" + std::to_string(shape.n_layer));
+    model::write_random_llama(in.string(), shape, DType::F16, 3);
+    const test::CommandResult run =
+        test::run_command(test::nibble_bin() + " quantize -m " + in.string() + " -o " + out.string() +
+                          " --format gptq --group-size 128");
+    ASSERT_EQ(run.exit_code, 0) << run.output;
+    peaks[i] = test::reported_peak_bytes(run.output);
+    ASSERT_GT(peaks[i], 0) << run.output;
+    const auto checkpoint = model::SafetensorsFile::open((out / "model.safetensors").string());
+    for (const model::SafetensorsTensorInfo& t : checkpoint->tensors()) {
+      const bool more_layers = t.name.rfind("model.layers.", 0) == 0 && std::stoi(t.name.substr(13)) >= 4;
+      if (i == 1 && more_layers && t.name.find("_proj.") != std::string::npos)
+        more_out += static_cast<long>(t.size_bytes);
+    }
+  }
+  ASSERT_GT(more_out, 38'000'000);
+  EXPECT_LT(peaks[1] - peaks[0], more_out / 2)
+      << "peak " << peaks[1] / 1048576 << " MiB for 36 layers, " << peaks[0] / 1048576 << " MiB for 4 ("
+      << more_out / 1048576 << " MiB of packed matrices in the 32 more layers)";
+  std::printf(
+      "[ info ] --format gptq: peak %ld MiB for 36 layers, %ld MiB for 4 (%ld MiB packed in the 32 more)\n",
+      peaks[1] / 1048576, peaks[0] / 1048576, more_out / 1048576);
+}
+
 // RoPE scaling travels into config.json as transformers names it: a linear factor, and YaRN's factor with
 // its original context, which the checkpoint loads back with (what llama.cpp's converter would read).
 TEST(GptqExport, RopeScalingIsWrittenAsConfigJsonNamesIt) {
@@ -336,10 +378,10 @@ TEST(GptqExport, ZeroPointsOfZeroKeepTheirValues) {
     mv.zeros[0] = 0;  // row 0, group 0
     for (int64_t j = 0; j < 32; ++j)
       mv.levels[static_cast<size_t>(j)] = static_cast<uint8_t>(j % (top_level ? 16 : 15));
-    model::GptqCheckpointWriter writer(*tiny.file, {});
-    for (const auto& [name, matrix] : q) writer.add(name, matrix);
     const fs::path dir = tiny.dir.path() / (top_level ? "v2" : "v1");
-    writer.write(dir.string());
+    model::GptqCheckpointWriter writer(*tiny.file, model::QuantGrid::int4_asym(32), {}, dir.string());
+    for (const auto& [name, matrix] : q) writer.add(name, matrix);
+    writer.finish();
     EXPECT_EQ(writer.checkpoint_format(), top_level ? "gptq_v2" : "gptq");
     const auto checkpoint = model::LlamaCheckpoint::open(dir.string());
     const auto loaded = checkpoint->bind_weights();
@@ -353,16 +395,27 @@ TEST(GptqExport, ZeroPointsOfZeroKeepTheirValues) {
       }
     }
   }
-  // A writer refuses what a GPTQ checkpoint cannot hold.
-  model::GptqCheckpointWriter writer(*tiny.file, {});
-  EXPECT_THROW(writer.add("blk.9.attn_v.weight", rtn.at(v)), std::invalid_argument);
-  EXPECT_THROW(writer.add(model::layer_tensor_name(0, model::LayerMatrix::attn_q), rtn.at(v)),
+  // A writer refuses what a GPTQ checkpoint cannot hold, and a checkpoint not finished leaves no
+  // model.safetensors.
+  const fs::path partial = tiny.dir.path() / "partial";
+  EXPECT_THROW(model::GptqCheckpointWriter(*tiny.file, model::QuantGrid::for_gguf_type(DType::Q4_K).value(),
+                                           {}, partial.string()),
                std::invalid_argument);
-  writer.add(v, rtn.at(v));
-  const std::vector<float> w = test::dequantize_tensor(*tiny.file, *tiny.file->find_tensor(v));
-  EXPECT_THROW(writer.add(v, model::rtn_quantize(w.data(), 64, 128, model::QuantGrid::int4_asym(64))),
-               std::invalid_argument);  // a second grid
-  EXPECT_THROW(writer.write((tiny.dir.path() / "partial").string()), std::invalid_argument);
+  {
+    model::GptqCheckpointWriter writer(*tiny.file, model::QuantGrid::int4_asym(32), {}, partial.string());
+    EXPECT_THROW(writer.add("blk.9.attn_v.weight", rtn.at(v)), std::invalid_argument);
+    EXPECT_THROW(writer.add(model::layer_tensor_name(0, model::LayerMatrix::attn_q), rtn.at(v)),
+                 std::invalid_argument);
+    writer.add(v, rtn.at(v));
+    EXPECT_THROW(writer.add(v, rtn.at(v)), std::invalid_argument);  // twice
+    const std::vector<float> w = test::dequantize_tensor(*tiny.file, *tiny.file->find_tensor(v));
+    EXPECT_THROW(writer.add(model::layer_tensor_name(0, model::LayerMatrix::attn_v),
+                            model::rtn_quantize(w.data(), 64, 128, model::QuantGrid::int4_asym(64))),
+                 std::invalid_argument);  // a second grid
+    EXPECT_THROW(writer.finish(), std::invalid_argument);
+  }
+  EXPECT_FALSE(fs::exists(partial / "model.safetensors"));
+  EXPECT_FALSE(fs::exists(partial / "model.safetensors.tmp"));
 }
 
 }  // namespace

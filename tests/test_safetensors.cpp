@@ -66,6 +66,45 @@ std::vector<uint8_t> assemble(const std::string& header_text, const std::vector<
   return out;
 }
 
+// Tensors filled later (start_safetensors), in any order: the file is byte for byte write_safetensors'; it
+// appears at its path only when finished, a duplicate name is refused and an unfinished file leaves nothing.
+TEST(Safetensors, TensorsFilledInAnyOrderMakeTheWritersFile) {
+  test::TempDir dir;
+  std::mt19937 rng(5);
+  std::vector<SafetensorsTensorData> tensors;
+  for (int i = 0; i < 4; ++i) {
+    SafetensorsTensorData t{
+        "layer." + std::to_string(i), i % 2 ? SafetensorsDType::F16 : SafetensorsDType::I32, {3 + i, 7}, {}};
+    t.bytes.resize(static_cast<size_t>((3 + i) * 7 * safetensors_dtype_bytes(t.dtype)));
+    for (auto& b : t.bytes) b = static_cast<uint8_t>(rng());
+    tensors.push_back(t);
+  }
+  const std::string expected = (dir.path() / "whole.safetensors").string(),
+                    path = (dir.path() / "filled.safetensors").string();
+  write_safetensors(expected, tensors, {{"format", "pt"}});
+  std::vector<SafetensorsTensorSpec> specs;
+  for (const auto& t : tensors) specs.push_back({t.name, t.dtype, t.shape});
+  {
+    PartialFile file = start_safetensors(path, specs, {{"format", "pt"}});
+    for (auto t = tensors.rbegin(); t != tensors.rend(); ++t) file.fill(t->name, t->bytes);
+    EXPECT_FALSE(std::filesystem::exists(path));
+    EXPECT_THROW(file.fill("layer.0", tensors[0].bytes), SafetensorsError);  // twice
+    file.finish();
+  }
+  EXPECT_EQ(test::read_file_bytes(path), test::read_file_bytes(expected));
+  specs.push_back(specs[0]);
+  EXPECT_THROW(start_safetensors((dir.path() / "twice.safetensors").string(), specs), SafetensorsError);
+  specs.pop_back();
+  const std::string unfinished = (dir.path() / "unfinished.safetensors").string();
+  {
+    PartialFile file = start_safetensors(unfinished, specs);
+    file.fill("layer.1", tensors[1].bytes);
+    EXPECT_THROW(file.finish(), SafetensorsError);  // layer.0 never filled
+  }
+  EXPECT_FALSE(std::filesystem::exists(unfinished));
+  EXPECT_FALSE(std::filesystem::exists(unfinished + ".tmp"));
+}
+
 class SafetensorsCorruption : public ::testing::Test {
  protected:
   void SetUp() override { good_ = split(reference_dir("f32") / "model.safetensors"); }

@@ -262,8 +262,8 @@ void awq_layer(const model::GgufFile& file, const model::LlamaConfig& config, La
 // The output of a calibrated run, begun: `in`'s metadata with the run's, its tensors in order, the ones
 // the run calibrates (every layer matrix, and AWQ's folded norms) left to be filled as their layer is
 // done, the rest rounded to nearest as the writer reaches them.
-model::GgufPartialFile begin_output(const model::GgufFile& file, const std::string& out_path,
-                                    const CalibratedQuantizeOptions& options) {
+model::PartialFile begin_output(const model::GgufFile& file, const std::string& out_path,
+                                const CalibratedQuantizeOptions& options) {
   model::GgufWriter out;
   for (const auto& [key, value] : file.metadata()) out.set(key, value);
   out.set_uint32("general.file_type", model::llama_file_type(options.type));
@@ -411,7 +411,7 @@ void calibrated_quantize_gguf(std::shared_ptr<const model::GgufFile> in, std::st
   // every tensor but the calibrated ones, each layer's filled as it is done: the run holds one
   // layer's tensors, not the ~37 GB of a 70B model's at 4 bits, and lets the input's pages of layers
   // done go, so that it also fits a float model larger than memory.
-  std::optional<model::GgufPartialFile> output;
+  std::optional<model::PartialFile> output;
   if (!options.matrix_sink) output.emplace(begin_output(file, out_path, options));
   const StoreTensor store = [&output](const std::string& name, std::vector<uint8_t> bytes) {
     output->fill(name, bytes);

@@ -53,7 +53,8 @@ std::string export_gptq_checkpoint(
       }
     }
   }
-  model::GptqCheckpointWriter writer(file, {options.gptq.act_order, options.gptq.percdamp});
+  // Begun now (an unwritable directory fails before any work); each matrix is written as it is quantized.
+  model::GptqCheckpointWriter writer(file, grid, {options.gptq.act_order, options.gptq.percdamp}, out_dir);
   auto take = [&](const std::string& name, const model::QuantizedMatrix& q) {
     if (on_matrix) on_matrix(name, q);
     writer.add(name, q);
@@ -64,6 +65,7 @@ std::string export_gptq_checkpoint(
         const model::GgufTensorInfo& t = *file.find_tensor(model::layer_tensor_name(l, m));
         const std::vector<float> w = read_floats(file, t);
         take(t.name, model::rtn_quantize(w.data(), t.rows(), t.row_elements(), grid));
+        file.release_pages(t);  // as a calibrated run does: the input need not fit in memory
       }
     }
   } else {
@@ -77,7 +79,7 @@ std::string export_gptq_checkpoint(
       o.matrix_sink = [&](const std::string& name, model::QuantizedMatrix&& q) { take(name, q); };
     calibrated_quantize_gguf(in, calibration_text, out_dir, o);
   }
-  writer.write(out_dir);
+  writer.finish();
   return writer.checkpoint_format();
 }
 

@@ -307,17 +307,9 @@ TEST(CalibratedQuantizeModel, CalibrationWindowsAreReproducible) {
 // small model's file is the one the library writes.
 TEST(CalibratedQuantizeModel, RunsHoldOneLayerNotTheOutputOrTheInput) {
   test::TempDir dir;
-  model::LlamaShape shape = model::llama_shape_by_name("small");
-  shape.n_embd = 512;
-  shape.n_head = 8;
-  shape.n_head_kv = 4;
-  shape.n_ff = 1024;
-  shape.n_vocab = 512;
   const fs::path few = dir.path() / "few-f16.gguf", many = dir.path() / "many-f16.gguf";
-  shape.n_layer = 4;
-  model::write_random_llama(few.string(), shape, DType::F16, 3);
-  shape.n_layer = 20;
-  model::write_random_llama(many.string(), shape, DType::F16, 3);
+  model::write_random_llama(few.string(), test::layered_shape(4), DType::F16, 3);
+  model::write_random_llama(many.string(), test::layered_shape(20), DType::F16, 3);
   const fs::path calib = dir.path() / "calib.txt";
   std::ofstream(calib) << calibration_part();
   for (const char* method : {"gptq", "awq"}) {

@@ -295,15 +295,9 @@ TEST(GptqExport, CliWritesWhatTheLibraryWrites) {
 // matrices, or their input, would add 38 MiB or 144 MiB.
 TEST(GptqExport, WritesEachMatrixAsItIsQuantized) {
   test::TempDir dir;
-  model::LlamaShape shape = model::llama_shape_by_name("small");
-  shape.n_embd = 512;
-  shape.n_head = 8;
-  shape.n_head_kv = 4;
-  shape.n_ff = 1024;
-  shape.n_vocab = 512;
   long peaks[2] = {0, 0}, more_out = 0;
   for (int i = 0; i < 2; ++i) {
-    shape.n_layer = i == 0 ? 4 : 36;
+    const model::LlamaShape shape = test::layered_shape(i == 0 ? 4 : 36);
     const fs::path in = dir.path() / ("layers-" + std::to_string(shape.n_layer) + ".gguf"),
                    out = dir.path() / ("gptq-" + std::to_string(shape.n_layer));
     model::write_random_llama(in.string(), shape, DType::F16, 3);

@@ -266,16 +266,7 @@ model::PartialFile begin_output(const model::GgufFile& file, const std::string& 
                                 const CalibratedQuantizeOptions& options) {
   model::GgufWriter out;
   for (const auto& [key, value] : file.metadata()) out.set(key, value);
-  out.set_uint32("general.file_type", model::llama_file_type(options.type));
-  out.set_uint32("general.quantization_version", 2);
-  out.set_string("nibble.quantization.method", quant_method_name(options.method));
-  out.set_string("nibble.quantization.calibration_file", options.calibration_name);
-  out.set_uint32("nibble.quantization.calibration_samples", static_cast<uint32_t>(options.samples));
-  out.set_uint32("nibble.quantization.calibration_length", static_cast<uint32_t>(options.length));
-  out.set_uint64("nibble.quantization.calibration_seed", options.seed);
-  if (options.method == QuantMethod::gptq)
-    out.set_bool("nibble.quantization.act_order", options.gptq.act_order);
-  for (const auto& [key, value] : options.metadata) out.set(key, value);
+  set_calibration_metadata(out, options);
   const model::LlamaConfig config = model::LlamaConfig::from_gguf(file);
   std::set<std::string> calibrated, folded;
   for (int64_t l = 0; l < config.n_layer; ++l) {
@@ -344,6 +335,19 @@ std::vector<std::vector<int32_t>> calibration_windows(const model::Tokenizer& to
                                       options.seed);
   }
   return model::calibration_windows(tokenizer, text, options.samples, options.length, options.seed);
+}
+
+void set_calibration_metadata(model::GgufWriter& out, const CalibratedQuantizeOptions& options) {
+  out.set_uint32("general.file_type", model::llama_file_type(options.type));
+  out.set_uint32("general.quantization_version", 2);
+  out.set_string("nibble.quantization.method", quant_method_name(options.method));
+  out.set_string("nibble.quantization.calibration_file", options.calibration_name);
+  out.set_uint32("nibble.quantization.calibration_samples", static_cast<uint32_t>(options.samples));
+  out.set_uint32("nibble.quantization.calibration_length", static_cast<uint32_t>(options.length));
+  out.set_uint64("nibble.quantization.calibration_seed", options.seed);
+  if (options.method == QuantMethod::gptq)
+    out.set_bool("nibble.quantization.act_order", options.gptq.act_order);
+  for (const auto& [key, value] : options.metadata) out.set(key, value);
 }
 
 void use_llama_cpp_mix(const model::GgufFile& in, model::LlamaCppMix mix,

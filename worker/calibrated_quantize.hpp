@@ -79,6 +79,11 @@ std::vector<std::vector<int32_t>> calibration_windows(const model::Tokenizer& to
                                                       std::string_view text,
                                                       const CalibratedQuantizeOptions& options);
 
+// Sets a calibrated run's metadata on `out`: general.file_type for options.type,
+// general.quantization_version, nibble.quantization.method / .calibration_file / .calibration_samples /
+// .calibration_length / .calibration_seed (and .act_order for GPTQ), then options.metadata.
+void set_calibration_metadata(model::GgufWriter& out, const CalibratedQuantizeOptions& options);
+
 // Writes `out_path`: `in`'s metadata (general.file_type for the type; nibble.quantization.method,
 // .calibration_file, .calibration_samples, .calibration_length, .calibration_seed added) and its
 // tensors in order, every layer matrix calibrated-quantized to options.type, AWQ-folded norms as

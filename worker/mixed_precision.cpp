@@ -468,14 +468,7 @@ void quantize_mixed_precision(const std::shared_ptr<const model::GgufFile>& in,
   } else {
     model::GgufWriter out;
     for (const auto& [key, value] : in->metadata()) out.set(key, value);
-    out.set_uint32("general.file_type", model::llama_file_type(options.type));
-    out.set_uint32("general.quantization_version", 2);
-    out.set_string("nibble.quantization.method", quant_method_name(options.method));
-    out.set_string("nibble.quantization.calibration_file", options.calibration_name);
-    out.set_uint32("nibble.quantization.calibration_samples", static_cast<uint32_t>(options.samples));
-    out.set_uint32("nibble.quantization.calibration_length", static_cast<uint32_t>(options.length));
-    out.set_uint64("nibble.quantization.calibration_seed", options.seed);
-    for (const auto& [key, value] : o.metadata) out.set(key, value);
+    set_calibration_metadata(out, o);  // (rtn here: no act_order key)
     for (const model::GgufTensorInfo& t : in->tensors()) {
       const auto it = plan.types.find(t.name);
       const DType target =

@@ -200,6 +200,17 @@ CommandResult run_command(const std::string& command) {
   return result;
 }
 
+model::LlamaShape layered_shape(int64_t n_layer) {
+  model::LlamaShape shape = model::llama_shape_by_name("small");
+  shape.n_embd = 512;
+  shape.n_head = 8;
+  shape.n_head_kv = 4;
+  shape.n_ff = 1024;
+  shape.n_vocab = 512;
+  shape.n_layer = n_layer;
+  return shape;
+}
+
 long reported_peak_bytes(const std::string& output) {
   const std::string marker = "peak resident memory ";
   const size_t at = output.rfind(marker);

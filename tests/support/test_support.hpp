@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "model/gguf.hpp"
+#include "model/random_model.hpp"
 
 namespace nibble::test {
 
@@ -42,6 +43,9 @@ CommandResult run_command(const std::string& command);
 // 12.3 MiB"), in bytes; -1 when the output has no such line. (getrusage's peak for a child would count
 // what this test process held when it forked.)
 long reported_peak_bytes(const std::string& output);
+// Layers of one small shape (embd 512, 8 / 4 heads, ffn 1024, vocab 512), n_layer of them: a model
+// whose size grows with its layers alone, for the memory tests of the model tools.
+model::LlamaShape layered_shape(int64_t n_layer);
 
 // A fresh temporary directory, removed by the destructor.
 class TempDir {

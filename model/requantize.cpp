@@ -38,7 +38,9 @@ std::vector<uint8_t> convert_with_importance(const GgufFile& in, const GgufTenso
       imatrix != nullptr && t.dims.size() == 2 && kernels::type_info(target).block_elems > 1
           ? imatrix->importance(t.name)
           : std::nullopt;
-  return convert_tensor(in, t, target, row ? &*row : nullptr, &pool);
+  std::vector<uint8_t> out = convert_tensor(in, t, target, row ? &*row : nullptr, &pool);
+  in.release_pages(t);  // read once: a float input larger than memory passes through
+  return out;
 }
 
 }  // namespace

@@ -649,11 +649,11 @@ TEST(RequantizeTestData, MixFallsBackToF16WhereNoBlockFits) {
 }
 
 // `nibble quantize` holds one converted tensor at a time, not its whole output (llama-quantize streams
-// likewise): a 151 MiB F16 model widened to F32 (302 MiB, an output larger than the input, so that the
-// two cases stand far apart), its peak resident memory as it reports it, less that of doing the same to
-// a tiny model (the process and its libraries: ~20 MiB in the CPU build), stays under the input (mapped,
-// so resident once read) plus half the output; holding the output it is input + output. (To Q8_0, in
-// the CPU build: 245 MiB before, 167 MiB after.)
+// likewise), and lets each input tensor's pages go once converted (a float model may be larger than
+// memory): a 151 MiB F16 model widened to F32 (302 MiB), its peak resident memory as it reports it, less
+// that of doing the same to a tiny model (the process and its libraries: ~20 MiB in the CPU build), stays
+// under half the input; holding the output it is input + output, keeping the input's pages the input.
+// (In the CPU build: 467 MiB before either, 176 MiB keeping the input, 34 MiB now, the tiny model 18.)
 TEST(RequantizeMemory, QuantizeHoldsOneConvertedTensorAtATimeNotTheOutput) {
   test::TempDir dir;
   LlamaShape shape = llama_shape_by_name("small");
@@ -680,7 +680,7 @@ TEST(RequantizeMemory, QuantizeHoldsOneConvertedTensorAtATimeNotTheOutput) {
   const auto in_bytes = static_cast<long>(fs::file_size(in)),
              out_bytes = static_cast<long>(fs::file_size(out));
   ASSERT_GT(out_bytes, 300'000'000);
-  EXPECT_LT(peak - baseline, in_bytes + out_bytes / 2)
+  EXPECT_LT(peak - baseline, in_bytes / 2)
       << "peak " << peak / 1048576 << " MiB (a tiny model's " << baseline / 1048576 << " MiB) for "
       << in_bytes / 1048576 << " MiB in, " << out_bytes / 1048576 << " MiB out";
   std::printf("[ info ] nibble quantize: peak %ld MiB, a tiny model's %ld MiB, for %ld MiB in, %ld MiB out\n",

@@ -7,6 +7,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <stdexcept>
+#include <utility>
 
 #include "kernels/quantize.hpp"
 #include "model/llama_weights.hpp"
@@ -65,6 +66,13 @@ std::vector<std::pair<std::string, std::string>> f16_tensors_before(int64_t laye
                     hf = "model.layers." + std::to_string(layer) + ".";
   return {{blk + "attn_norm.weight", hf + "input_layernorm.weight"},
           {blk + "ffn_norm.weight", hf + "post_attention_layernorm.weight"}};
+}
+
+// A layer matrix's [n_out, k] (LayerMatrix order m).
+std::pair<int64_t, int64_t> matrix_shape(const LlamaConfig& c, int m) {
+  const int64_t n_out[] = {c.q_dim(), c.kv_dim(), c.kv_dim(), c.n_embd, c.n_ff, c.n_ff, c.n_embd};
+  const int64_t k[] = {c.n_embd, c.n_embd, c.n_embd, c.q_dim(), c.n_embd, c.n_embd, c.n_ff};
+  return {n_out[m], k[m]};
 }
 
 // HF's prefix of a layer matrix: model.layers.N.self_attn.q_proj.
@@ -169,8 +177,6 @@ GptqCheckpointWriter::GptqCheckpointWriter(const GgufFile& source, const QuantGr
   if (grid.k_quant())
     throw std::invalid_argument("the " + grid.name() + " grid has no GPTQ form (q4_0 or int4_asym only)");
   const LlamaConfig& c = config_;
-  const int64_t n_out[] = {c.q_dim(), c.kv_dim(), c.kv_dim(), c.n_embd, c.n_ff, c.n_ff, c.n_embd};
-  const int64_t k[] = {c.n_embd, c.n_embd, c.n_embd, c.q_dim(), c.n_embd, c.n_embd, c.n_ff};
   // The file's tensors in order: the embedding, per layer its norms and its matrices' qweight, qzeros,
   // scales and g_idx, the final norm and the head.
   std::vector<std::pair<std::string, std::string>> f16 = {{"token_embd.weight", "model.embed_tokens.weight"}};
@@ -182,11 +188,12 @@ GptqCheckpointWriter::GptqCheckpointWriter(const GgufFile& source, const QuantGr
     }
     for (int m = 0; m < 7; ++m) {
       const std::string prefix = hf_prefix(l, m);
-      const int64_t groups = k[m] / grid_.group_size;
-      specs.push_back({prefix + ".qweight", SafetensorsDType::I32, {k[m] / 8, n_out[m]}});
-      specs.push_back({prefix + ".qzeros", SafetensorsDType::I32, {groups, n_out[m] / 8}});
-      specs.push_back({prefix + ".scales", SafetensorsDType::F16, {groups, n_out[m]}});
-      specs.push_back({prefix + ".g_idx", SafetensorsDType::I32, {k[m]}});
+      const auto [n_out, k] = matrix_shape(c, m);
+      const int64_t groups = k / grid_.group_size;
+      specs.push_back({prefix + ".qweight", SafetensorsDType::I32, {k / 8, n_out}});
+      specs.push_back({prefix + ".qzeros", SafetensorsDType::I32, {groups, n_out / 8}});
+      specs.push_back({prefix + ".scales", SafetensorsDType::F16, {groups, n_out}});
+      specs.push_back({prefix + ".g_idx", SafetensorsDType::I32, {k}});
     }
   }
   f16.emplace_back("output_norm.weight", "model.norm.weight");
@@ -209,12 +216,11 @@ void GptqCheckpointWriter::add(const std::string& gguf_name, const QuantizedMatr
   for (int64_t l = 0; l < c.n_layer; ++l) {
     for (int m = 0; m < 7; ++m) {
       if (layer_tensor_name(l, kLayerMatrices[m]) != gguf_name) continue;
-      const int64_t n_out[] = {c.q_dim(), c.kv_dim(), c.kv_dim(), c.n_embd, c.n_ff, c.n_ff, c.n_embd};
-      const int64_t k[] = {c.n_embd, c.n_embd, c.n_embd, c.q_dim(), c.n_embd, c.n_embd, c.n_ff};
-      if (matrix.n_out != n_out[m] || matrix.k != k[m]) {
+      const auto [n_out, k] = matrix_shape(c, m);
+      if (matrix.n_out != n_out || matrix.k != k) {
         throw std::invalid_argument(gguf_name + ": quantized matrix [" + std::to_string(matrix.n_out) + ", " +
-                                    std::to_string(matrix.k) + "], the model's is [" +
-                                    std::to_string(n_out[m]) + ", " + std::to_string(k[m]) + "]");
+                                    std::to_string(matrix.k) + "], the model's is [" + std::to_string(n_out) +
+                                    ", " + std::to_string(k) + "]");
       }
       if (matrix.grid.type != grid_.type || matrix.grid.group_size != grid_.group_size) {
         throw std::invalid_argument(gguf_name + ": grid " + matrix.grid.name() +

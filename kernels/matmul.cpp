@@ -80,7 +80,18 @@ ActivationFormat activation_format(DType w_type) {
     case DType::Q5_K:
     case DType::Q6_K:
     case DType::IQ4_XS:
+    case DType::IQ2_XXS:
+    case DType::IQ2_XS:
+    case DType::IQ2_S:
+    case DType::IQ3_XXS:
+    case DType::IQ3_S:
+    case DType::IQ1_S:
+    case DType::IQ1_M:
+    case DType::TQ1_0:
+    case DType::TQ2_0:
       return ActivationFormat::q8_k;
+    case DType::MXFP4:
+      return ActivationFormat::q8_0;
     default:
       return ActivationFormat::none;
   }
@@ -119,7 +130,7 @@ MatmulRangeFn range_fn(const IsaKernels& isa, DType w_type) {
     case DType::IQ4_XS:
       return isa.iq4_xs;
     default:
-      return nullptr;
+      return detail::read_only_range(w_type);  // scalar on every ISA (kernels/read_only_quants.hpp)
   }
 }
 

@@ -2,6 +2,8 @@
 // The contract between the drivers (matmul.cpp, attention.cpp) and the per-ISA kernel sets.
 #include <cstdint>
 
+#include "kernels/quant_types.hpp"
+
 namespace nibble::kernels::detail {
 
 // What the packed Q4_0 kernels need of each Q8_0 activation block besides its quants, computed
@@ -107,6 +109,10 @@ struct IsaKernels {
   // The same without the rounding (the Q8_0 cache's weights meet V as floats, as in ggml).
   void (*softmax)(float* scores, int64_t n);
 };
+
+// The scalar kernel of a type kernels/read_only_quants.hpp reads (the same on every ISA); nullptr for
+// another type.
+MatmulRangeFn read_only_range(DType w_type);
 
 // The kernel set in use: the best the CPU supports, or the one matmul_force_isa() chose.
 const IsaKernels& active_kernels();

@@ -7,6 +7,7 @@
 #include "kernels/matmul_internal.hpp"
 #include "kernels/packed_weights.hpp"
 #include "kernels/quant_internal.hpp"
+#include "kernels/read_only_quants.hpp"
 
 namespace nibble::kernels::detail {
 namespace {
@@ -355,6 +356,12 @@ void softmax_f32(float* scores, int64_t n) {
   for (int64_t i = 0; i < n; ++i) scores[i] /= sum;
 }
 
+template <DType kType>
+void read_only_type_range(const MatmulOperands& op, int64_t o_begin, int64_t o_end) {
+  matmul_read_only_rows(kType, op.w, op.w_stride, op.x, op.x_stride, op.y, op.y_stride, op.m, op.k, o_begin,
+                        o_end);
+}
+
 const IsaKernels kScalarKernels{
     .name = "scalar",
     .f32 = float_range<dot_f32>,
@@ -404,5 +411,32 @@ const IsaKernels kScalarKernels{
 }  // namespace
 
 const IsaKernels& scalar_kernels() { return kScalarKernels; }
+
+MatmulRangeFn read_only_range(DType w_type) {
+  switch (w_type) {
+    case DType::IQ2_XXS:
+      return read_only_type_range<DType::IQ2_XXS>;
+    case DType::IQ2_XS:
+      return read_only_type_range<DType::IQ2_XS>;
+    case DType::IQ2_S:
+      return read_only_type_range<DType::IQ2_S>;
+    case DType::IQ3_XXS:
+      return read_only_type_range<DType::IQ3_XXS>;
+    case DType::IQ3_S:
+      return read_only_type_range<DType::IQ3_S>;
+    case DType::IQ1_S:
+      return read_only_type_range<DType::IQ1_S>;
+    case DType::IQ1_M:
+      return read_only_type_range<DType::IQ1_M>;
+    case DType::TQ1_0:
+      return read_only_type_range<DType::TQ1_0>;
+    case DType::TQ2_0:
+      return read_only_type_range<DType::TQ2_0>;
+    case DType::MXFP4:
+      return read_only_type_range<DType::MXFP4>;
+    default:
+      return nullptr;
+  }
+}
 
 }  // namespace nibble::kernels::detail

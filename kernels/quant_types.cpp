@@ -20,6 +20,16 @@ constexpr TypeInfo kQ5_K{"q5_K", kQK_K, sizeof(BlockQ5_K)};
 constexpr TypeInfo kQ6_K{"q6_K", kQK_K, sizeof(BlockQ6_K)};
 constexpr TypeInfo kIQ4_NL{"iq4_nl", kQK4_0, sizeof(BlockIQ4_NL)};
 constexpr TypeInfo kIQ4_XS{"iq4_xs", kQK_K, sizeof(BlockIQ4_XS)};
+constexpr TypeInfo kIQ2_XXS{"iq2_xxs", kQK_K, sizeof(BlockIQ2_XXS)};
+constexpr TypeInfo kIQ2_XS{"iq2_xs", kQK_K, sizeof(BlockIQ2_XS)};
+constexpr TypeInfo kIQ2_S{"iq2_s", kQK_K, sizeof(BlockIQ2_S)};
+constexpr TypeInfo kIQ3_XXS{"iq3_xxs", kQK_K, sizeof(BlockIQ3_XXS)};
+constexpr TypeInfo kIQ3_S{"iq3_s", kQK_K, sizeof(BlockIQ3_S)};
+constexpr TypeInfo kIQ1_S{"iq1_s", kQK_K, sizeof(BlockIQ1_S)};
+constexpr TypeInfo kIQ1_M{"iq1_m", kQK_K, sizeof(BlockIQ1_M)};
+constexpr TypeInfo kTQ1_0{"tq1_0", kQK_K, sizeof(BlockTQ1_0)};
+constexpr TypeInfo kTQ2_0{"tq2_0", kQK_K, sizeof(BlockTQ2_0)};
+constexpr TypeInfo kMXFP4{"mxfp4", kQK4_0, sizeof(BlockMXFP4)};
 constexpr TypeInfo kQ8_1{"q8_1", kQK8_0, sizeof(BlockQ8_1)};
 constexpr TypeInfo kQ8_K{"q8_K", kQK_K, sizeof(BlockQ8_K)};
 
@@ -73,6 +83,26 @@ const TypeInfo* type_info(uint32_t raw_type) {
       return &kIQ4_NL;
     case DType::IQ4_XS:
       return &kIQ4_XS;
+    case DType::IQ2_XXS:
+      return &kIQ2_XXS;
+    case DType::IQ2_XS:
+      return &kIQ2_XS;
+    case DType::IQ2_S:
+      return &kIQ2_S;
+    case DType::IQ3_XXS:
+      return &kIQ3_XXS;
+    case DType::IQ3_S:
+      return &kIQ3_S;
+    case DType::IQ1_S:
+      return &kIQ1_S;
+    case DType::IQ1_M:
+      return &kIQ1_M;
+    case DType::TQ1_0:
+      return &kTQ1_0;
+    case DType::TQ2_0:
+      return &kTQ2_0;
+    case DType::MXFP4:
+      return &kMXFP4;
   }
   return nullptr;
 }

@@ -23,9 +23,19 @@ enum class DType : uint32_t {
   Q5_K = 13,
   Q6_K = 14,
   Q8_K = 15,  // activations only (K-quant dot products)
+  IQ2_XXS = 16,
+  IQ2_XS = 17,
+  IQ3_XXS = 18,
+  IQ1_S = 19,
   IQ4_NL = 20,
+  IQ3_S = 21,
+  IQ2_S = 22,
   IQ4_XS = 23,
+  IQ1_M = 29,
   BF16 = 30,
+  TQ1_0 = 34,
+  TQ2_0 = 35,
+  MXFP4 = 39,
 };
 
 struct TypeInfo {
@@ -186,6 +196,122 @@ static constexpr int iq4_xs_scale(const BlockIQ4_XS& block, int s) {
   const int low = (block.scales_l[s / 2] >> (4 * (s % 2))) & 0xF;
   const int high = (block.scales_h >> (2 * s)) & 3;
   return (low | (high << 4)) - 32;
+}
+
+// llama.cpp's sub-4-bit i-quants: each run of 8 (IQ2, IQ1) or 4 (IQ3) weights is a point of a fixed
+// lattice (kernels/iq_grids.hpp) named by its index, with signs and a scale per sub-block of 32. They
+// multiply Q8_K activations. The sign of a run of 8 is a 7-bit field with the eighth sign the parity of the
+// other seven (iq2_sign_byte).
+struct BlockIQ2_XXS {
+  f16_bits d;
+  // Sub-block s (32 weights) in qs[4s .. 4s + 3], read as two uint32: the first holds the 4 grid indices
+  // (one a byte, kIQ2XXSGrid), the second the 4 runs' 7-bit signs (bits 7r .. 7r + 6) and the scale (the
+  // top 4 bits): weight = d · (2·scale + 1) / 8 · coordinate.
+  uint16_t qs[kQK_K / 8];
+};
+static_assert(sizeof(BlockIQ2_XXS) == 66);
+
+struct BlockIQ2_XS {
+  f16_bits d;
+  uint16_t qs[kQK_K / 8];  // per run of 8: a 9-bit kIQ2XSGrid index, the 7-bit signs above it
+  uint8_t
+      scales[kQK_K / 32];  // sub-block s: its first 16 weights' scale in the low nibble, its last 16's high
+};
+static_assert(sizeof(BlockIQ2_XS) == 74);
+
+struct BlockIQ2_S {
+  f16_bits d;
+  uint8_t qs[kQK_K / 4];       // the low 8 bits of the 32 kIQ2SGrid indices, then the 32 runs' 8 sign bits
+  uint8_t qh[kQK_K / 32];      // sub-block s: bits 2r, 2r + 1 are the high bits of its run r's index
+  uint8_t scales[kQK_K / 32];  // as IQ2_XS's
+};
+static_assert(sizeof(BlockIQ2_S) == 82);
+
+struct BlockIQ3_XXS {
+  f16_bits d;
+  // 64 kIQ3XXSGrid indices (one a byte, runs of 4), then 8 uint32, one a sub-block: its 4 pairs of runs'
+  // 7-bit signs and its scale in the top 4 bits: weight = d · (2·scale + 1) / 4 · coordinate.
+  uint8_t qs[3 * kQK_K / 8];
+};
+static_assert(sizeof(BlockIQ3_XXS) == 98);
+
+struct BlockIQ3_S {
+  f16_bits d;
+  uint8_t qs[kQK_K / 4];     // the low 8 bits of the 64 kIQ3SGrid indices
+  uint8_t qh[kQK_K / 32];    // bit r of qh[s]: the ninth bit of sub-block s's index r
+  uint8_t signs[kQK_K / 8];  // one bit a weight
+  uint8_t
+      scales[kQK_K / 64];  // sub-blocks 2t (low nibble) and 2t + 1: weight = d · (2·scale + 1) · coordinate
+};
+static_assert(sizeof(BlockIQ3_S) == 110);
+
+struct BlockIQ1_S {
+  f16_bits d;
+  uint8_t qs[kQK_K / 8];  // the low 8 bits of the 32 kIQ1SGrid indices
+  // Sub-block s: bits 3r .. 3r + 2 the high bits of run r's index, bits 12-14 the scale, bit 15 the sign of
+  // the shift: weight = d · (2·scale + 1) · (coordinate ± 1/8).
+  uint16_t qh[kQK_K / 32];
+};
+static_assert(sizeof(BlockIQ1_S) == 50);
+
+struct BlockIQ1_M {
+  uint8_t qs[kQK_K / 8];  // the low 8 bits of the 32 kIQ1SGrid indices
+  // Run r's high index bits (3) and shift sign (the fourth): the low nibble of qh[r / 2] for even r, the high
+  // for odd r.
+  uint8_t qh[kQK_K / 16];
+  // Four uint16: the 3-bit scales of the 16 half sub-blocks (12 bits a word), and in their top nibbles the
+  // fp16 super-block scale d, 4 bits a word (iq1_m_scale).
+  uint8_t scales[kQK_K / 32];
+};
+static_assert(sizeof(BlockIQ1_M) == 56);
+
+// Ternary (BitNet-style) weights: weight = d · (t − 1), t in 0..2.
+struct BlockTQ1_0 {
+  // Five ternary digits a byte, stored as ceil(value · 256 / 243): digit l of byte b is (b · 3^l · 3) >> 8
+  // on 8 bits. Bytes 0..31 hold elements 32l + m, bytes 32..47 elements 160 + 16l + m.
+  uint8_t qs[(kQK_K - 4 * kQK_K / 64) / 5];
+  uint8_t qh[kQK_K / 64];  // four digits a byte: elements 240 + 4l + j
+  f16_bits d;
+};
+static_assert(sizeof(BlockTQ1_0) == 54);
+
+struct BlockTQ2_0 {
+  uint8_t qs[kQK_K / 4];  // element 128h + 32l + m: bits 2l, 2l + 1 of qs[32h + m]
+  f16_bits d;
+};
+static_assert(sizeof(BlockTQ2_0) == 66);
+
+// MXFP4 (OCP microscaling): 32 FP4 (E2M1) values with a power-of-two scale; Q8_0 activations.
+struct BlockMXFP4 {
+  uint8_t e;       // E8M0 exponent: the values below times 2^(e − 128)
+  uint8_t qs[16];  // element j in the low nibble of qs[j], j + 16 in the high (Q4_0's order)
+};
+static_assert(sizeof(BlockMXFP4) == 17);
+
+// E2M1 values doubled (llama.cpp's kvalues_mxfp4), indexed by the nibble.
+inline constexpr int8_t kMXFP4Values[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+
+// The 8 sign bits of a run from its 7 stored ones: the eighth makes their count even (ggml's ksigns_iq2xs).
+static constexpr uint8_t iq2_sign_byte(uint32_t seven_bits) {
+  const uint32_t s = seven_bits & 0x7F;
+  return static_cast<uint8_t>(s | (static_cast<uint32_t>(__builtin_popcount(s) & 1) << 7));
+}
+
+// IQ1_M's fp16 super-block scale, gathered from the top nibbles of its four scale words.
+static constexpr f16_bits iq1_m_scale(const BlockIQ1_M& block) {
+  f16_bits bits = 0;
+  for (int w = 0; w < 4; ++w) {
+    const uint16_t word = static_cast<uint16_t>(block.scales[2 * w] | block.scales[2 * w + 1] << 8);
+    bits = static_cast<f16_bits>(bits | (word >> 12) << (4 * w));
+  }
+  return bits;
+}
+
+// One ternary digit (0..2) of a TQ1_0 byte: digit l of b as ggml's (uint8_t(b · 3^l) · 3) >> 8.
+static constexpr int tq1_digit(uint8_t b, int l) {
+  constexpr uint8_t kPow3[5] = {1, 3, 9, 27, 81};
+  const auto shifted = static_cast<uint8_t>(b * kPow3[l]);
+  return (shifted * 3) >> 8;
 }
 
 // Q8_0 plus the block's sum: llama.cpp's activation blocks for Q4_1 and Q5_1 weights, whose minimum m

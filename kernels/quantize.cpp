@@ -6,6 +6,7 @@
 #include <type_traits>
 
 #include "kernels/quant_internal.hpp"
+#include "kernels/read_only_quants.hpp"
 
 namespace nibble::kernels {
 namespace {
@@ -1156,6 +1157,18 @@ Status dequantize_row(DType type, const void* src, float* y, int64_t n) {
     case DType::IQ4_XS:
       for (int64_t b = 0; b < n_blocks; ++b)
         dequantize_block_iq4_xs(static_cast<const BlockIQ4_XS*>(src)[b], y + b * kQK_K);
+      break;
+    case DType::IQ2_XXS:
+    case DType::IQ2_XS:
+    case DType::IQ2_S:
+    case DType::IQ3_XXS:
+    case DType::IQ3_S:
+    case DType::IQ1_S:
+    case DType::IQ1_M:
+    case DType::TQ1_0:
+    case DType::TQ2_0:
+    case DType::MXFP4:
+      dequantize_read_only_blocks(type, src, y, n_blocks);
       break;
     case DType::Q8_1:
       for (int64_t b = 0; b < n_blocks; ++b) {

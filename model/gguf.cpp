@@ -80,25 +80,13 @@ uint64_t min_encoded_size(GgufValueType t) {
 bool is_power_of_two(uint64_t v) { return v != 0 && (v & (v - 1)) == 0; }
 
 // GGML's names for the tensor types Nibble does not read (ggml.h's enum ggml_type), so that a file
-// of one says which, e.g. a 70B model in IQ2_XS; nullptr for an id ggml never had.
+// of one says which; nullptr for an id ggml never had.
 const char* unread_ggml_type_name(uint32_t raw_type) {
   switch (raw_type) {
     case 4:
       return "Q4_2 (removed from ggml)";
     case 5:
       return "Q4_3 (removed from ggml)";
-    case 16:
-      return "IQ2_XXS";
-    case 17:
-      return "IQ2_XS";
-    case 18:
-      return "IQ3_XXS";
-    case 19:
-      return "IQ1_S";
-    case 21:
-      return "IQ3_S";
-    case 22:
-      return "IQ2_S";
     case 24:
       return "I8";
     case 25:
@@ -109,26 +97,18 @@ const char* unread_ggml_type_name(uint32_t raw_type) {
       return "I64";
     case 28:
       return "F64";
-    case 29:
-      return "IQ1_M";
     case 31:
       return "Q4_0_4_4 (removed from ggml)";
     case 32:
       return "Q4_0_4_8 (removed from ggml)";
     case 33:
       return "Q4_0_8_8 (removed from ggml)";
-    case 34:
-      return "TQ1_0";
-    case 35:
-      return "TQ2_0";
     case 36:
       return "IQ4_NL_4_4 (removed from ggml)";
     case 37:
       return "IQ4_NL_4_8 (removed from ggml)";
     case 38:
       return "IQ4_NL_8_8 (removed from ggml)";
-    case 39:
-      return "MXFP4";
     default:
       return nullptr;
   }
@@ -470,8 +450,9 @@ class GgufParser {
       if (const char* name = unread_ggml_type_name(raw_type)) {
         fail(where + " is " + name + " (ggml type " + std::to_string(raw_type) +
              "), which Nibble does not read (it reads F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, "
-             "Q2_K-Q6_K, "
-             "IQ4_NL and IQ4_XS): requantize the model from its F16 / BF16 original with `nibble quantize`");
+             "Q2_K-Q6_K, IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ4_NL, IQ4_XS, TQ1_0, TQ2_0 "
+             "and "
+             "MXFP4): requantize the model from its F16 / BF16 original with `nibble quantize`");
       }
       fail(where + " has unknown tensor type " + std::to_string(raw_type));
     }

@@ -236,6 +236,16 @@ uint32_t llama_file_type(kernels::DType matrix_type) {
       return 30;  // LLAMA_FTYPE_MOSTLY_IQ4_XS
     case kernels::DType::Q8_1:
     case kernels::DType::Q8_K:
+    case kernels::DType::IQ2_XXS:  // the types Nibble reads but does not write
+    case kernels::DType::IQ2_XS:
+    case kernels::DType::IQ2_S:
+    case kernels::DType::IQ3_XXS:
+    case kernels::DType::IQ3_S:
+    case kernels::DType::IQ1_S:
+    case kernels::DType::IQ1_M:
+    case kernels::DType::TQ1_0:
+    case kernels::DType::TQ2_0:
+    case kernels::DType::MXFP4:
       break;
   }
   throw std::invalid_argument(std::string("no llama.cpp file type for ") + kernels::type_name(matrix_type));

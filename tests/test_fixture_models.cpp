@@ -122,6 +122,15 @@ const FixtureCase kCases[] = {
     {"tiny-llama-q4_1", {3e-2, 0.9, false, 10}, "llama-cpp-q4_1", 354},
     // llama.cpp's Q2_K mix: Q2_K matrices, Q3_K attn_output / ffn_down, Q4_K attn_v, a Q6_K head.
     {"small-llama-q2_k", {3e-2, 0.9, false, 24}, "llama-cpp-q2_k", 354},
+    // llama.cpp's sub-4-bit mixes (tests/data/llama-cpp-low-bit, with llama.cpp's imatrix of the model):
+    // IQ3_XXS (with IQ3_S, IQ2_S), IQ2_XS, IQ1_S and IQ1_M (with IQ2_XXS), and the ternary TQ1_0. Rows
+    // equal llama.cpp's to ~1e-7 until an 8-bit activation rounding tips (measured: 30, 82, 86, 39 and 15
+    // of 87; worst row 2.8e-2).
+    {"small-llama-iq3_xxs", {4e-2, 0.9, false, 15}, "llama-cpp-low-bit", 354},
+    {"small-llama-iq2_xs", {4e-2, 0.9, false, 40}, "llama-cpp-low-bit", 354},
+    {"small-llama-iq1_s", {4e-2, 0.9, false, 43}, "llama-cpp-low-bit", 354},
+    {"small-llama-iq1_m", {4e-2, 0.9, false, 19}, "llama-cpp-low-bit", 354},
+    {"small-llama-tq1_0", {4e-2, 0.9, false, 7}, "llama-cpp-low-bit", 354},
     // RoPE scaling: Llama 3.1's frequency factors (rope_freqs.weight) and a linear factor
     // (llama.rope.scaling.factor), Q8_0 on the tiny shape (LlamaCppRopeScaling below shows that plain
     // RoPE is far from these).

@@ -612,10 +612,9 @@ TEST_F(GgufBadFile, UnknownTensorType) {
   RawGguf r;
   r.header(1, 0).tensor("w", {32}, 77, 0).pad().data(128);
   expect_error("ttype.gguf", r, {"'w'", "unknown tensor type 77"});
-  // ggml's types Nibble does not read are named, with what to do instead (70B models come in IQ2_XS).
-  for (const auto& [id, name] :
-       {std::pair{17u, "IQ2_XS (ggml type 17)"}, std::pair{39u, "MXFP4 (ggml type 39)"},
-        std::pair{33u, "Q4_0_8_8 (removed from ggml) (ggml type 33)"}}) {
+  // ggml's types Nibble does not read are named, with what to do instead.
+  for (const auto& [id, name] : {std::pair{24u, "I8 (ggml type 24)"}, std::pair{28u, "F64 (ggml type 28)"},
+                                 std::pair{33u, "Q4_0_8_8 (removed from ggml) (ggml type 33)"}}) {
     RawGguf named;
     named.header(1, 0).tensor("blk.0.attn_q.weight", {256}, id, 0).pad().data(256);
     expect_error("named-" + std::to_string(id) + ".gguf", named,

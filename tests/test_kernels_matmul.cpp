@@ -12,6 +12,7 @@
 #include "kernels/matmul.hpp"
 #include "kernels/matmul_internal.hpp"
 #include "kernels/quantize.hpp"
+#include "kernels/read_only_quants.hpp"
 #include "tests/support/test_support.hpp"
 
 namespace nibble::kernels {
@@ -28,14 +29,14 @@ class ForcedIsa {
   std::string original_;
 };
 
-// Random weights of `type`: float and blocks of 32 (but IQ4_NL) by quantizing random floats; the K-quants as
-// random bytes with small random super-block scales, which is any valid block (the quantizers rarely give
-// extreme quants).
+// Random weights of `type`: float and blocks of 32 (but IQ4_NL and MXFP4) by quantizing random floats; the
+// K-quants and the types Nibble only reads as random bytes with small random super-block scales, which is any
+// valid block (the quantizers rarely give extreme quants).
 std::vector<uint8_t> random_weights(DType type, int64_t n_out, int64_t k, uint64_t seed) {
   const int64_t row = row_bytes(type, k);
   std::vector<uint8_t> w(static_cast<size_t>(n_out * row));
   if (type == DType::Q2_K || type == DType::Q3_K || type == DType::Q4_K || type == DType::Q5_K ||
-      type == DType::Q6_K || type == DType::IQ4_XS || type == DType::IQ4_NL)
+      type == DType::Q6_K || type == DType::IQ4_XS || type == DType::IQ4_NL || is_read_only_type(type))
     return test::random_quant_blocks(type, n_out, k, seed);
   const std::vector<float> values = test::random_floats(static_cast<size_t>(n_out * k), seed);
   for (int64_t o = 0; o < n_out; ++o)
@@ -72,6 +73,15 @@ int64_t test_k(DType type) {
     case DType::Q5_K:
     case DType::Q6_K:
     case DType::IQ4_XS:
+    case DType::IQ2_XXS:
+    case DType::IQ2_XS:
+    case DType::IQ2_S:
+    case DType::IQ3_XXS:
+    case DType::IQ3_S:
+    case DType::IQ1_S:
+    case DType::IQ1_M:
+    case DType::TQ1_0:
+    case DType::TQ2_0:
       return 256 * 3;
     case DType::Q4_0:
     case DType::Q4_1:
@@ -79,6 +89,7 @@ int64_t test_k(DType type) {
     case DType::Q5_1:
     case DType::Q8_0:
     case DType::IQ4_NL:
+    case DType::MXFP4:
       return 32 * 7;
     default:
       return 231;
@@ -160,6 +171,15 @@ INSTANTIATE_TEST_SUITE_P(AllTypes, KernelMatmul,
                                                               DType::Q5_1, DType::Q8_0, DType::Q2_K,
                                                               DType::Q3_K, DType::Q4_K, DType::Q5_K,
                                                               DType::Q6_K, DType::IQ4_NL, DType::IQ4_XS)),
+                         param_name);
+
+// The types Nibble reads but does not write have scalar kernels only, which every kernel set uses.
+INSTANTIATE_TEST_SUITE_P(ReadOnlyTypes, KernelMatmul,
+                         ::testing::Combine(::testing::Values("scalar", "avx2", "avx512"),
+                                            ::testing::Values(DType::IQ2_XXS, DType::IQ2_XS, DType::IQ2_S,
+                                                              DType::IQ3_XXS, DType::IQ3_S, DType::IQ1_S,
+                                                              DType::IQ1_M, DType::TQ1_0, DType::TQ2_0,
+                                                              DType::MXFP4)),
                          param_name);
 
 // Several chunks per thread and edge tiles in both dimensions.
@@ -282,7 +302,7 @@ TEST(KernelMatmulArguments, InvalidArgumentsAreRejected) {
   EXPECT_EQ(matmul(DType::F32, w.data(), -1, 32, x.data(), 1, y.data(), pool), Status::invalid_argument);
   EXPECT_EQ(matmul(DType::F32, w.data(), 1, 32, x.data(), -1, y.data(), pool), Status::invalid_argument);
   EXPECT_EQ(matmul(DType::Q8_K, w.data(), 1, 256, x.data(), 1, y.data(), pool), Status::unsupported_type);
-  EXPECT_EQ(matmul(static_cast<DType>(16), w.data(), 1, 256, x.data(), 1, y.data(), pool),  // IQ2_XXS
+  EXPECT_EQ(matmul(static_cast<DType>(24), w.data(), 1, 256, x.data(), 1, y.data(), pool),  // GGML's I8
             Status::unsupported_type);
   EXPECT_EQ(matmul_reference(DType::Q8_K, w.data(), 1, 256, x.data(), 1, y.data()), Status::unsupported_type);
   EXPECT_EQ(matmul_reference(DType::Q4_0, w.data(), 1, 33, x.data(), 1, y.data()), Status::invalid_argument);

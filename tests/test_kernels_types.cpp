@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <tuple>
 #include <vector>
 
 #include "kernels/quant_types.hpp"
@@ -97,7 +98,18 @@ TEST(KernelTypes, TypeTableMatchesGgml) {
   EXPECT_EQ(type_info(DType::Q2_K).block_bytes, 84);
   EXPECT_EQ(type_info(DType::Q3_K).block_bytes, 110);
   EXPECT_EQ(type_info(uint32_t{11}), &type_info(DType::Q3_K));
-  EXPECT_EQ(type_info(uint32_t{16}), nullptr);  // GGML's IQ2_XXS: not handled
+  EXPECT_EQ(type_info(uint32_t{24}), nullptr);  // GGML's I8: not handled
+  // The types read but not written: GGML's block sizes (ggml-common.h).
+  for (const auto& [type, elems, bytes] :
+       {std::tuple{DType::IQ2_XXS, 256, 66}, std::tuple{DType::IQ2_XS, 256, 74},
+        std::tuple{DType::IQ2_S, 256, 82}, std::tuple{DType::IQ3_XXS, 256, 98},
+        std::tuple{DType::IQ3_S, 256, 110}, std::tuple{DType::IQ1_S, 256, 50},
+        std::tuple{DType::IQ1_M, 256, 56}, std::tuple{DType::TQ1_0, 256, 54},
+        std::tuple{DType::TQ2_0, 256, 66}, std::tuple{DType::MXFP4, 32, 17}}) {
+    EXPECT_EQ(type_info(static_cast<uint32_t>(type)), &type_info(type));
+    EXPECT_EQ(type_info(type).block_elems, elems) << type_name(type);
+    EXPECT_EQ(type_info(type).block_bytes, bytes) << type_name(type);
+  }
   EXPECT_NE(type_info(uint32_t{30}), nullptr);
   EXPECT_STREQ(status_name(Status::unsupported_type), "unsupported_type");
   EXPECT_STREQ(status_name(Status::ok), "ok");
@@ -200,7 +212,10 @@ TEST(KernelQuantize, InvalidArguments) {
   EXPECT_EQ(dequantize_row(DType::Q6_K, out.data(), x.data(), 64), Status::invalid_argument);
   EXPECT_EQ(quantize_row(DType::Q2_K, x.data(), out.data(), 64), Status::invalid_argument);
   EXPECT_EQ(quantize_row(DType::Q3_K, x.data(), out.data(), 64), Status::invalid_argument);
-  EXPECT_EQ(dequantize_row(static_cast<DType>(16), out.data(), x.data(), 32), Status::unsupported_type);
+  EXPECT_EQ(dequantize_row(static_cast<DType>(24), out.data(), x.data(), 32),
+            Status::unsupported_type);  // I8
+  EXPECT_EQ(dequantize_row(DType::IQ2_XXS, out.data(), x.data(), 32),
+            Status::invalid_argument);  // blocks of 256
 }
 
 // Q4_K, packed by hand from the format definition: 8 sub-blocks of 32 with 6-bit scale sc[j] and

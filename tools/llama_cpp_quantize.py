@@ -3,7 +3,8 @@
 so that benchmarks can run on the files llama.cpp users have, e.g. a Q4_K_M of `nibble make-model`'s
 F16 model. Usage:
 llama_cpp_quantize.py IN.gguf OUT.gguf [q4_k_m|q4_k_s|q5_k_m|q5_k_s|q3_k_s|q3_k_m|q3_k_l|q2_k|q4_0|q4_1|
-                                            q5_0|q5_1|q6_k|q8_0|iq4_xs|iq4_nl] [IMATRIX.gguf]
+                                            q5_0|q5_1|q6_k|q8_0|iq4_xs|iq4_nl|iq1_s|iq1_m|iq2_xxs|iq2_xs|
+                                            iq2_s|iq2_m|iq3_xxs|iq3_xs|iq3_s|iq3_m|tq1_0|tq2_0] [IMATRIX.gguf]
 With IMATRIX.gguf (llama-imatrix's GGUF format, e.g. `nibble eval imatrix`'s), each matrix with an entry
 is quantized with its importance row sums / count, as llama-quantize --imatrix loads it."""
 import ctypes
@@ -31,6 +32,19 @@ FTYPES = {
     "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
     "iq4_xs": "LLAMA_FTYPE_MOSTLY_IQ4_XS",
     "iq4_nl": "LLAMA_FTYPE_MOSTLY_IQ4_NL",
+    # The sub-4-bit mixes (Nibble reads them, does not write them); all but iq3_s / iq3_m / tq* need IMATRIX.
+    "iq1_s": "LLAMA_FTYPE_MOSTLY_IQ1_S",
+    "iq1_m": "LLAMA_FTYPE_MOSTLY_IQ1_M",
+    "iq2_xxs": "LLAMA_FTYPE_MOSTLY_IQ2_XXS",
+    "iq2_xs": "LLAMA_FTYPE_MOSTLY_IQ2_XS",
+    "iq2_s": "LLAMA_FTYPE_MOSTLY_IQ2_S",
+    "iq2_m": "LLAMA_FTYPE_MOSTLY_IQ2_M",
+    "iq3_xxs": "LLAMA_FTYPE_MOSTLY_IQ3_XXS",
+    "iq3_xs": "LLAMA_FTYPE_MOSTLY_IQ3_XS",
+    "iq3_s": "LLAMA_FTYPE_MOSTLY_IQ3_S",
+    "iq3_m": "LLAMA_FTYPE_MOSTLY_IQ3_M",
+    "tq1_0": "LLAMA_FTYPE_MOSTLY_TQ1_0",
+    "tq2_0": "LLAMA_FTYPE_MOSTLY_TQ2_0",
 }
 if len(sys.argv) not in (3, 4, 5) or (len(sys.argv) >= 4 and sys.argv[3] not in FTYPES):
     sys.exit(__doc__)

@@ -264,6 +264,24 @@ std::vector<uint8_t> random_quant_blocks(kernels::DType type, int64_t n_out, int
       // d and m lead both blocks; m below 0 as a quantizer's minimum usually is.
       const f16_bits d_m[2] = {fp32_to_fp16(scale(rng)), fp32_to_fp16(-8.0f * scale(rng))};
       std::memcpy(w.data() + b * type_info(type).block_bytes, d_m, sizeof d_m);
+    } else if (type == DType::IQ1_M) {
+      // The fp16 scale lives in the top nibbles of the four scale words (iq1_m_scale).
+      auto* block = reinterpret_cast<BlockIQ1_M*>(w.data()) + b;
+      const f16_bits d = fp32_to_fp16(scale(rng) * 0.1f);
+      for (int word = 0; word < 4; ++word)
+        block->scales[2 * word + 1] =
+            static_cast<uint8_t>((block->scales[2 * word + 1] & 0x0F) | ((d >> (4 * word)) & 0xF) << 4);
+    } else if (type == DType::MXFP4) {
+      reinterpret_cast<BlockMXFP4*>(w.data())[b].e = static_cast<uint8_t>(118 + rng() % 6);  // 2^-10 .. 2^-5
+    } else if (type == DType::TQ1_0 || type == DType::TQ2_0) {
+      // d is the block's last two bytes.
+      const f16_bits d = fp32_to_fp16(scale(rng));
+      std::memcpy(w.data() + (b + 1) * type_info(type).block_bytes - sizeof d, &d, sizeof d);
+    } else if (type == DType::IQ2_XXS || type == DType::IQ2_XS || type == DType::IQ2_S ||
+               type == DType::IQ3_XXS || type == DType::IQ3_S || type == DType::IQ1_S) {
+      // d leads the block; every byte pattern after it is a valid block.
+      const f16_bits d = fp32_to_fp16(scale(rng) * 0.1f);
+      std::memcpy(w.data() + b * type_info(type).block_bytes, &d, sizeof d);
     } else {
       ADD_FAILURE() << "random_quant_blocks: no rule for " << type_name(type);
     }

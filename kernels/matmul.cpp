@@ -130,7 +130,7 @@ MatmulRangeFn range_fn(const IsaKernels& isa, DType w_type) {
     case DType::IQ4_XS:
       return isa.iq4_xs;
     default:
-      return detail::read_only_range(w_type);  // scalar on every ISA (kernels/read_only_quants.hpp)
+      return isa.read_only(w_type);  // kernels/read_only_quants.hpp's types
   }
 }
 

@@ -14,6 +14,7 @@
 #include "kernels/quant_types.hpp"
 
 // clang-format off
+#include "kernels/read_only_quants_impl.hpp"
 #include "kernels/matmul_x86_impl.hpp"
 // clang-format on
 

@@ -73,6 +73,9 @@ struct IsaKernels {
   // of 8.
   MatmulRangeFn iq4_nl_packed;
   MatmulRangeFn iq4_xs_packed;
+  // The kernel of a type kernels/read_only_quants.hpp reads (kernels/read_only_quants_impl.hpp compiled for
+  // this set); nullptr for another type.
+  MatmulRangeFn (*read_only)(DType w_type);
   QuantizeActivationFn quantize_q8_0;  // must give the same bytes as quantize_activations(Q8_0)
   QuantizeActivationFn quantize_q8_1;  // must give the same bytes as quantize_activations(Q8_1)
   QuantizeActivationFn quantize_q8_k;  // must give the same bytes as quantize_row(Q8_K)
@@ -109,10 +112,6 @@ struct IsaKernels {
   // The same without the rounding (the Q8_0 cache's weights meet V as floats, as in ggml).
   void (*softmax)(float* scores, int64_t n);
 };
-
-// The scalar kernel of a type kernels/read_only_quants.hpp reads (the same on every ISA); nullptr for
-// another type.
-MatmulRangeFn read_only_range(DType w_type);
 
 // The kernel set in use: the best the CPU supports, or the one matmul_force_isa() chose.
 const IsaKernels& active_kernels();

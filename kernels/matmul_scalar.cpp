@@ -7,7 +7,7 @@
 #include "kernels/matmul_internal.hpp"
 #include "kernels/packed_weights.hpp"
 #include "kernels/quant_internal.hpp"
-#include "kernels/read_only_quants.hpp"
+#include "kernels/read_only_quants_impl.hpp"
 
 namespace nibble::kernels::detail {
 namespace {
@@ -356,12 +356,6 @@ void softmax_f32(float* scores, int64_t n) {
   for (int64_t i = 0; i < n; ++i) scores[i] /= sum;
 }
 
-template <DType kType>
-void read_only_type_range(const MatmulOperands& op, int64_t o_begin, int64_t o_end) {
-  matmul_read_only_rows(kType, op.w, op.w_stride, op.x, op.x_stride, op.y, op.y_stride, op.m, op.k, o_begin,
-                        o_end);
-}
-
 const IsaKernels kScalarKernels{
     .name = "scalar",
     .f32 = float_range<dot_f32>,
@@ -391,6 +385,7 @@ const IsaKernels kScalarKernels{
     .q6_k_packed = packed_range<DType::Q6_K, dot_q6_k>,
     .iq4_nl_packed = packed_range<DType::IQ4_NL, dot_block32<BlockIQ4_NL>>,
     .iq4_xs_packed = packed_range<DType::IQ4_XS, dot_iq4_xs>,
+    .read_only = read_only_range,
     .quantize_q8_0 = quantize_q8_0,
     .quantize_q8_1 = quantize_q8_1,
     .quantize_q8_k = quantize_q8_k,
@@ -411,32 +406,5 @@ const IsaKernels kScalarKernels{
 }  // namespace
 
 const IsaKernels& scalar_kernels() { return kScalarKernels; }
-
-MatmulRangeFn read_only_range(DType w_type) {
-  switch (w_type) {
-    case DType::IQ2_XXS:
-      return read_only_type_range<DType::IQ2_XXS>;
-    case DType::IQ2_XS:
-      return read_only_type_range<DType::IQ2_XS>;
-    case DType::IQ2_S:
-      return read_only_type_range<DType::IQ2_S>;
-    case DType::IQ3_XXS:
-      return read_only_type_range<DType::IQ3_XXS>;
-    case DType::IQ3_S:
-      return read_only_type_range<DType::IQ3_S>;
-    case DType::IQ1_S:
-      return read_only_type_range<DType::IQ1_S>;
-    case DType::IQ1_M:
-      return read_only_type_range<DType::IQ1_M>;
-    case DType::TQ1_0:
-      return read_only_type_range<DType::TQ1_0>;
-    case DType::TQ2_0:
-      return read_only_type_range<DType::TQ2_0>;
-    case DType::MXFP4:
-      return read_only_type_range<DType::MXFP4>;
-    default:
-      return nullptr;
-  }
-}
 
 }  // namespace nibble::kernels::detail

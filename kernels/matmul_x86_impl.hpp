@@ -1831,6 +1831,7 @@ nibble::kernels::detail::IsaKernels make_x86_kernels(const char* isa_name) {
       .q6_k_packed = packed_range<PackedQ6_K>,
       .iq4_nl_packed = packed_range<PackedIQ4_NL>,
       .iq4_xs_packed = packed_range<PackedIQ4_XS>,
+      .read_only = nibble::kernels::detail::read_only_range,
       .quantize_q8_0 = quantize_q8_0,
       .quantize_q8_1 = quantize_q8_1,
       .quantize_q8_k = quantize_q8_k,

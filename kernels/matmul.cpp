@@ -13,6 +13,7 @@
 #include "kernels/matmul_internal.hpp"
 #include "kernels/packed_weights.hpp"
 #include "kernels/quantize.hpp"
+#include "kernels/read_only_quants.hpp"
 
 namespace nibble::kernels {
 namespace {
@@ -80,19 +81,11 @@ ActivationFormat activation_format(DType w_type) {
     case DType::Q5_K:
     case DType::Q6_K:
     case DType::IQ4_XS:
-    case DType::IQ2_XXS:
-    case DType::IQ2_XS:
-    case DType::IQ2_S:
-    case DType::IQ3_XXS:
-    case DType::IQ3_S:
-    case DType::IQ1_S:
-    case DType::IQ1_M:
-    case DType::TQ1_0:
-    case DType::TQ2_0:
       return ActivationFormat::q8_k;
-    case DType::MXFP4:
-      return ActivationFormat::q8_0;
     default:
+      // The read-only types (kernels/read_only_quants.hpp): MXFP4 blocks of 32, the others super-blocks.
+      if (is_read_only_type(w_type))
+        return w_type == DType::MXFP4 ? ActivationFormat::q8_0 : ActivationFormat::q8_k;
       return ActivationFormat::none;
   }
 }

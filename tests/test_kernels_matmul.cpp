@@ -73,15 +73,6 @@ int64_t test_k(DType type) {
     case DType::Q5_K:
     case DType::Q6_K:
     case DType::IQ4_XS:
-    case DType::IQ2_XXS:
-    case DType::IQ2_XS:
-    case DType::IQ2_S:
-    case DType::IQ3_XXS:
-    case DType::IQ3_S:
-    case DType::IQ1_S:
-    case DType::IQ1_M:
-    case DType::TQ1_0:
-    case DType::TQ2_0:
       return 256 * 3;
     case DType::Q4_0:
     case DType::Q4_1:
@@ -89,9 +80,9 @@ int64_t test_k(DType type) {
     case DType::Q5_1:
     case DType::Q8_0:
     case DType::IQ4_NL:
-    case DType::MXFP4:
       return 32 * 7;
     default:
+      if (is_read_only_type(type)) return type_info(type).block_elems * (type == DType::MXFP4 ? 7 : 3);
       return 231;
   }
 }

@@ -7,37 +7,18 @@ namespace {
 
 using detail::Decoded;
 using detail::e8m0_half;
-using detail::kIQ1Shift;
 
-// The per-16 factor llama.cpp's dequantize_row_* multiplies the coordinates by, computed as it does.
-float sub_block_factor(DType type, float d, int odd_scale) {
-  const float half_steps = 0.5f + static_cast<float>((odd_scale - 1) / 2);  // 0.5 + s
-  switch (type) {
-    case DType::IQ2_XXS:
-    case DType::IQ2_XS:
-    case DType::IQ2_S:
-      return d * half_steps * 0.25f;
-    case DType::IQ3_XXS:
-      return d * half_steps * 0.5f;
-    default:  // IQ3_S, IQ1_S, IQ1_M: d · (2s + 1); TQ: d
-      return d * static_cast<float>(odd_scale);
-  }
-}
-
+// llama.cpp's dequantize_row_*: d · (2s + 1) (its d · (0.5 + s) · 0.25 for IQ2 is the same float, scaled by
+// a power of two) times the coordinates.
 template <typename Block>
 void dequantize_blocks(DType type, const Block* blocks, float* y, int64_t n_blocks) {
+  const float constant = detail::dot_constant(type);
   Decoded dec;
   for (int64_t i = 0; i < n_blocks; ++i, y += kQK_K) {
     decode(blocks[i], dec);
-    const bool iq1 = type == DType::IQ1_S || type == DType::IQ1_M;
     for (int g = 0; g < kQK_K / 16; ++g) {
-      const float factor = sub_block_factor(type, dec.d, dec.scales[g]);
-      for (int j = 0; j < 16; ++j) {
-        const int e = 16 * g + j;
-        y[e] = iq1 ? factor *
-                         (static_cast<float>(dec.coords[e]) + (dec.shift[e / 8] < 0 ? -kIQ1Shift : kIQ1Shift))
-                   : factor * static_cast<float>(dec.coords[e]);
-      }
+      const float factor = dec.d * static_cast<float>(dec.scales[g]) * constant;
+      for (int j = 0; j < 16; ++j) y[16 * g + j] = factor * static_cast<float>(dec.coords[16 * g + j]);
     }
   }
 }

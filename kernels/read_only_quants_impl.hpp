@@ -14,13 +14,13 @@
 namespace nibble::kernels::detail {
 namespace {
 
-// One super-block of 256 weights decoded to integers: weight e = D · scales[e / 16] · coords[e] (IQ1:
-// D · scales[e / 16] · (coords[e] + shift[e / 8] / 8)), where D is the block's fp16 scale times the
-// type's constant (1/8 for IQ2, 1/4 for IQ3_XXS, 1 otherwise).
+// One super-block of 256 weights decoded to integers: weight e = d · scales[e / 16] · coords[e] · the type's
+// constant (dot_constant: 1/8 for IQ2, 1/4 for IQ3_XXS, 1/8 for IQ1, whose coordinates are 8 times the grid's
+// plus the run's ±1 shift, 1 otherwise). Scaling by a power of two is exact, so the products round as
+// llama.cpp's.
 struct Decoded {
   int8_t coords[kQK_K];
   int scales[kQK_K / 16];  // odd: 2·s + 1 of the stored 3- or 4-bit s (1 for TQ)
-  int shift[kQK_K / 8];    // IQ1 only: +1 or −1, the sign of the run's 1/8 shift
   float d;                 // the block's fp16 scale
 };
 
@@ -49,6 +49,12 @@ void put_run4(uint32_t entry, uint8_t signs, int8_t* out) {
   const uint32_t ones = spread_bits4(signs & 0xFu);
   const uint32_t coords = (entry ^ (ones * 0xFFu)) + ones;
   std::memcpy(out, &coords, sizeof coords);
+}
+
+// An IQ1 run: 8 · the grid's coordinate (−1, 0, 1) + the run's shift (±1, llama.cpp's ±1/8 in eighths).
+void put_iq1_run(uint64_t entry, int shift, int8_t* out) {
+  for (int j = 0; j < 8; ++j)
+    out[j] = static_cast<int8_t>(8 * static_cast<int8_t>(static_cast<uint8_t>(entry >> (8 * j))) + shift);
 }
 
 uint32_t load_u32(const void* p) {
@@ -128,10 +134,9 @@ void decode(const BlockIQ1_S& b, Decoded& out) {
   for (int s = 0; s < 8; ++s) {
     const uint16_t qh = b.qh[s];
     set_scale32(out, s, 2 * (qh >> 12 & 7) + 1);
-    for (int r = 0; r < 4; ++r) {
-      out.shift[4 * s + r] = qh & 0x8000 ? -1 : 1;
-      put_run8(kIQ1SGrid[b.qs[4 * s + r] | (qh >> (3 * r) & 7) << 8], 0, out.coords + 32 * s + 8 * r);
-    }
+    for (int r = 0; r < 4; ++r)
+      put_iq1_run(kIQ1SGrid[b.qs[4 * s + r] | (qh >> (3 * r) & 7) << 8], qh & 0x8000 ? -1 : 1,
+                  out.coords + 32 * s + 8 * r);
   }
 }
 
@@ -143,8 +148,8 @@ void decode(const BlockIQ1_M& b, Decoded& out) {
     out.scales[2 * s + 1] = 2 * (word >> (6 * (s % 2) + 3) & 7) + 1;
     for (int r = 0; r < 4; ++r) {
       const int nibble = b.qh[2 * s + r / 2] >> (4 * (r % 2)) & 0xF;
-      out.shift[4 * s + r] = nibble & 8 ? -1 : 1;
-      put_run8(kIQ1SGrid[b.qs[4 * s + r] | (nibble & 7) << 8], 0, out.coords + 32 * s + 8 * r);
+      put_iq1_run(kIQ1SGrid[b.qs[4 * s + r] | (nibble & 7) << 8], nibble & 8 ? -1 : 1,
+                  out.coords + 32 * s + 8 * r);
     }
   }
 }
@@ -176,25 +181,16 @@ float e8m0_half(uint8_t e) {
   return f;
 }
 
-constexpr float kIQ1Shift = 0.125f;  // llama.cpp's IQ1S_DELTA / IQ1M_DELTA
-
 // One super-block's term of ggml_vec_dot_<type>_q8_K: its integer sums, then (d · d_x) · Σ_g scale_g ·
-// (coords · q)_g (IQ1: plus 1/8 of the shifts' sum, Σ scale · shift · Σq over each run of 8).
-float block_term(DType type, const Decoded& dec, const BlockQ8_K& x) {
+// (coords · q)_g. (IQ1's is 8 times llama.cpp's: its sum of the grid term and 1/8 of the shifts' term.)
+float block_term(const Decoded& dec, const BlockQ8_K& x) {
   int scaled = 0;
   for (int g = 0; g < kQK_K / 16; ++g) {
     int dot = 0;
     for (int j = 0; j < 16; ++j) dot += dec.coords[16 * g + j] * x.qs[16 * g + j];
     scaled += dec.scales[g] * dot;
   }
-  if (type != DType::IQ1_S && type != DType::IQ1_M) return dec.d * x.d * static_cast<float>(scaled);
-  int shifts = 0;
-  for (int r = 0; r < kQK_K / 8; ++r) {
-    int run_sum = 0;
-    for (int j = 0; j < 8; ++j) run_sum += x.qs[8 * r + j];
-    shifts += dec.scales[r / 2] * dec.shift[r] * run_sum;
-  }
-  return dec.d * x.d * (static_cast<float>(scaled) + kIQ1Shift * static_cast<float>(shifts));
+  return dec.d * x.d * static_cast<float>(scaled);
 }
 
 // What ggml_vec_dot_<type>_q8_K multiplies the blocks' sum by at the end.
@@ -203,6 +199,8 @@ float dot_constant(DType type) {
     case DType::IQ2_XXS:
     case DType::IQ2_XS:
     case DType::IQ2_S:
+    case DType::IQ1_S:
+    case DType::IQ1_M:
       return 0.125f;
     case DType::IQ3_XXS:
       return 0.25f;
@@ -224,7 +222,7 @@ void matmul_blocks(DType type, const uint8_t* w, int64_t w_stride, const uint8_t
     for (int64_t b = 0; b < n_blocks; ++b) {
       decode(row[b], dec);  // once for all activation rows
       for (int64_t r = 0; r < m; ++r)
-        y[r * y_stride + o] += block_term(type, dec, reinterpret_cast<const BlockQ8_K*>(x + r * x_stride)[b]);
+        y[r * y_stride + o] += block_term(dec, reinterpret_cast<const BlockQ8_K*>(x + r * x_stride)[b]);
     }
     for (int64_t r = 0; r < m; ++r) y[r * y_stride + o] *= constant;
   }

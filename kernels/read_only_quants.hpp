@@ -3,9 +3,9 @@
 // IQ2_S, IQ3_XXS, IQ3_S, IQ1_S, IQ1_M: runs of weights as points of fixed lattices, kernels/iq_grids.hpp),
 // the ternary TQ1_0 / TQ2_0 and MXFP4. Their dequantization (bit for bit llama.cpp's dequantize_row_*) and
 // their dot products with quantized activations (Q8_K; Q8_0 for MXFP4), the integer sums of llama.cpp's
-// ggml_vec_dot_*. Their kernels are plain C++ (read_only_quants_impl.hpp, compiled into every kernel set),
-// not packed and without intrinsics: these files are for fitting a model into less memory, not for Nibble's
-// INT4 speed.
+// ggml_vec_dot_*. Their kernels (read_only_quants_impl.hpp, compiled into every kernel set) are llama.cpp's
+// AVX2 products where AVX2 is on, plain loops elsewhere; several activation rows share each decoded
+// super-block. Not packed: these files are for fitting a model into less memory, not for Nibble's INT4 speed.
 #include <cstdint>
 
 #include "kernels/quant_types.hpp"

@@ -40,12 +40,31 @@ struct Shape {
 };
 constexpr Shape kShapes[] = {
     {"attn_2048x2048", 2048, 2048}, {"ffn_up_8192x2048", 8192, 2048}, {"ffn_down_2048x8192", 2048, 8192}};
-constexpr DType kTypes[] = {DType::F16,  DType::Q4_0,   DType::Q4_1,  DType::Q5_0, DType::Q5_1,
-                            DType::Q8_0, DType::Q2_K,   DType::Q3_K,  DType::Q4_K, DType::Q5_K,
-                            DType::Q6_K, DType::IQ4_NL, DType::IQ4_XS};
+constexpr DType kTypes[] = {DType::F16,     DType::Q4_0,   DType::Q4_1,   DType::Q5_0,    DType::Q5_1,
+                            DType::Q8_0,    DType::Q2_K,   DType::Q3_K,   DType::Q4_K,    DType::Q5_K,
+                            DType::Q6_K,    DType::IQ4_NL, DType::IQ4_XS, DType::IQ3_XXS, DType::IQ3_S,
+                            DType::IQ2_XXS, DType::IQ2_XS, DType::IQ2_S,  DType::IQ1_S};
 
-// Random weights of `type` from uniform [-1, 1) floats, quantized as the file's rows (the IQ4 types,
-// which Nibble does not write: random index and scale bytes with a small d, every one a valid block).
+// The types Nibble reads but does not write whose blocks lead with their fp16 d: random bytes make a valid
+// block of each once d is set.
+bool is_written_as_random_blocks(DType type) {
+  switch (type) {
+    case DType::IQ4_NL:
+    case DType::IQ4_XS:
+    case DType::IQ3_XXS:
+    case DType::IQ3_S:
+    case DType::IQ2_XXS:
+    case DType::IQ2_XS:
+    case DType::IQ2_S:
+    case DType::IQ1_S:
+      return true;
+    default:
+      return false;
+  }
+}
+
+// Random weights of `type` from uniform [-1, 1) floats, quantized as the file's rows (the IQ types, which
+// Nibble does not write or writes only from a file: random index, sign and scale bytes with a small d).
 const std::vector<uint8_t>& weights(DType type, const Shape& shape) {
   static std::map<std::pair<int, std::string>, std::vector<uint8_t>> cache;
   std::vector<uint8_t>& w = cache[{static_cast<int>(type), shape.name}];
@@ -55,11 +74,11 @@ const std::vector<uint8_t>& weights(DType type, const Shape& shape) {
   std::vector<float> row_values(static_cast<size_t>(shape.k));
   const int64_t row = row_bytes(type, shape.k);
   w.resize(static_cast<size_t>(shape.n_out * row));
-  if (type == DType::IQ4_XS || type == DType::IQ4_NL) {
+  if (is_written_as_random_blocks(type)) {
     for (uint8_t& byte : w) byte = static_cast<uint8_t>(rng());
     const int64_t block_elems = type_info(type).block_elems, block_bytes = type_info(type).block_bytes;
     for (int64_t b = 0; b < shape.n_out * shape.k / block_elems; ++b) {
-      const f16_bits d = fp32_to_fp16(type == DType::IQ4_XS ? 1e-4f : 1e-2f);  // d leads both blocks
+      const f16_bits d = fp32_to_fp16(type == DType::IQ4_NL ? 1e-2f : 1e-4f);  // d leads each block
       std::memcpy(w.data() + b * block_bytes, &d, sizeof d);
     }
     return w;

@@ -10,6 +10,7 @@
 #include <memory>
 #include <mutex>
 #include <nlohmann/json.hpp>
+#include <random>
 #include <sstream>
 #include <variant>
 
@@ -198,6 +199,35 @@ std::vector<std::vector<uint8_t>> gguf_model_seeds() {
   };
   seeds.push_back(with_broken_norm(seeds[seeds.size() - 4]));  // Q4_K
   seeds.push_back(with_broken_norm(seeds[0]));                 // Q4_0
+  // And the types Nibble reads but does not write (kernels/read_only_quants.hpp): the Q4_K model's
+  // matrices, embedding and head as random blocks of them, one type a tensor, the ten spread over two
+  // seeds. Random scales may be inf or NaN: the model must run all the same.
+  const fs::path q4_k_path = scratch_dir().path() / "seed-q4_k.gguf";
+  model::requantize_gguf(*model::GgufFile::open(f16_path.string()), q4_k_path.string(), kernels::DType::Q4_K,
+                         /*pure=*/false);
+  const auto q4_k = model::GgufFile::open(q4_k_path.string());
+  constexpr kernels::DType kReadOnly[] = {
+      kernels::DType::IQ2_XXS, kernels::DType::IQ2_XS, kernels::DType::IQ2_S, kernels::DType::IQ3_XXS,
+      kernels::DType::IQ3_S,   kernels::DType::IQ1_S,  kernels::DType::IQ1_M, kernels::DType::TQ1_0,
+      kernels::DType::TQ2_0,   kernels::DType::MXFP4};
+  std::mt19937 rng(11);
+  for (const size_t first : {size_t{0}, size_t{5}}) {
+    model::GgufWriter writer;
+    for (const auto& [key, value] : q4_k->metadata()) writer.set(key, value);
+    size_t next = first;
+    for (const model::GgufTensorInfo& t : q4_k->tensors()) {
+      if (t.dims.size() != 2) {
+        writer.add_tensor_view(t.name, t.dims, t.type, q4_k->tensor_data(t), t.size_bytes);
+        continue;
+      }
+      const kernels::DType type = kReadOnly[next++ % std::size(kReadOnly)];
+      std::vector<uint8_t> bytes(static_cast<size_t>(kernels::row_bytes(type, t.dims[0]) * t.dims[1]));
+      for (uint8_t& byte : bytes) byte = static_cast<uint8_t>(rng());
+      writer.add_tensor(t.name, t.dims, type, std::move(bytes));
+    }
+    writer.write(path.string());
+    seeds.push_back(read_bytes(path));
+  }
   return seeds;
 }
 

@@ -341,20 +341,19 @@ struct Tile {
   // sums[t] += block t's term with x.
   void add_terms(const BlockQ8_K& x, float* sums) const {
 #if defined(__AVX2__)
-    __m256i per_row[kTileRows];
-    for (int t = 0; t < kTileRows; ++t) {
-      const Decoded& dec = blocks[t];
-      __m256i products = _mm256_setzero_si256();
-      for (int s = 0; s < kQK_K / 32; ++s) {
-        const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.qs + 32 * s));
+    __m256i per_row[kTileRows];  // the 8 sums stay in registers; each activation vector is loaded once
+    for (__m256i& sum : per_row) sum = _mm256_setzero_si256();
+    for (int s = 0; s < kQK_K / 32; ++s) {
+      const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.qs + 32 * s));
+      for (int t = 0; t < kTileRows; ++t) {
+        const Decoded& dec = blocks[t];
         const __m256i c = _mm256_load_si256(reinterpret_cast<const __m256i*>(dec.coords + 32 * s));
         const __m256i magnitudes =
             _mm256_load_si256(reinterpret_cast<const __m256i*>(dec.magnitudes + 32 * s));
-        products = _mm256_add_epi32(
-            products, _mm256_madd_epi16(_mm256_maddubs_epi16(magnitudes, _mm256_sign_epi8(q, c)),
-                                        dec.scale_vectors[s]));
+        per_row[t] = _mm256_add_epi32(
+            per_row[t], _mm256_madd_epi16(_mm256_maddubs_epi16(magnitudes, _mm256_sign_epi8(q, c)),
+                                          dec.scale_vectors[s]));
       }
-      per_row[t] = products;
     }
     const __m256 terms = _mm256_mul_ps(d, _mm256_set1_ps(x.d));
     _mm256_storeu_ps(

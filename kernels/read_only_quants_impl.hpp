@@ -275,6 +275,119 @@ __m256i sub_block_products(const SubBlock& sub, __m256i q) {
         _mm256_maddubs_epi16(runs_vector(sub.runs), _mm256_sign_epi8(q, runs_vector(sub.signs))),
         scale_lanes(sub.scales));
 }
+
+// Σ over the super-block of scale · coordinate · q: one weight row's integer sum with one activation block.
+template <typename Block>
+int block_products(const Block& b, const BlockQ8_K& x) {
+  __m256i products = _mm256_setzero_si256();
+  for (int s = 0; s < kQK_K / 32; ++s) {
+    const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.qs + 32 * s));
+    products = _mm256_add_epi32(products, sub_block_products<Block>(sub_block(b, s), q));
+  }
+  return horizontal_sum(products);
+}
+
+// The 7 stored sign bits of each run (the low bits of each 16- or 32-bit lane, the rest 0) with the eighth,
+// their parity, as bit 7: the parity of the xor of the low 4 and high 3 bits, looked up by nibble.
+__m256i with_parity(__m256i seven) {
+  const __m256i odd_parity =
+      _mm256_setr_epi8(0, -128, -128, 0, -128, 0, 0, -128, -128, 0, 0, -128, 0, -128, -128, 0, 0, -128, -128,
+                       0, -128, 0, 0, -128, -128, 0, 0, -128, 0, -128, -128, 0);
+  return _mm256_or_si256(
+      seven, _mm256_shuffle_epi8(odd_parity, _mm256_xor_si256(seven, _mm256_srli_epi16(seven, 4))));
+}
+
+// A sub-block's 32 signs as ±1 bytes: `spread` copies each of its 4 runs' sign bytes from `half` over the
+// run's 8 bytes, and byte j is −1 where bit j is set.
+__m256i spread_signs(__m128i half, __m256i spread) {
+  const __m256i bit_of_byte = _mm256_set1_epi64x(0x8040201008040201);
+  const __m256i bytes = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(half), spread);
+  return _mm256_or_si256(_mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit_of_byte), bit_of_byte),
+                         _mm256_set1_epi8(1));
+}
+
+// Each of 4 bytes, `stride` apart from byte `first`, copied to 8 bytes in a row.
+__m256i spread_pattern(int first, int stride) {
+  alignas(32) int8_t pattern[32];
+  for (int j = 0; j < 32; ++j) pattern[j] = static_cast<int8_t>(first + stride * (j / 8));
+  return _mm256_load_si256(reinterpret_cast<const __m256i*>(pattern));
+}
+
+// The sum of the magnitudes' products with q under the signs, weighted by the scales (scaled_products'
+// terms).
+__m256i signed_products(__m256i magnitudes, __m256i signs, __m256i scales, const int8_t* q) {
+  const __m256i activations = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(magnitudes, _mm256_sign_epi8(activations, signs)), scales);
+}
+
+// IQ2_XS in llama.cpp's form, four sub-blocks (16 runs) at a time: the grid indices masked in one vector, the
+// 7 sign bits shifted out in one and their parities looked up (with_parity), each run's sign byte spread over
+// its 8 bytes (spread_signs), the 16 scales unpacked once a block. The generic form's two shifts, table load
+// and insert a run were a third of its time (0.90 against 1.25 ms at one row of 8192 x 2048).
+int block_products(const BlockIQ2_XS& b, const BlockQ8_K& x) {
+  const __m256i spread_first = spread_pattern(0, 2);  // runs 0-3 of 8 (16-bit lanes) in a 128-bit half
+  const __m256i spread_second = spread_pattern(8, 2);
+  const __m128i low4 = _mm_set1_epi8(0xF);
+  const __m128i packed_scales = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(b.scales));
+  const __m128i nibbles = _mm_unpacklo_epi8(_mm_and_si128(packed_scales, low4),
+                                            _mm_and_si128(_mm_srli_epi16(packed_scales, 4), low4));
+  const __m128i scales = _mm_add_epi8(_mm_add_epi8(nibbles, nibbles), _mm_set1_epi8(1));  // scale g in byte g
+  const __m128i scale_pair = _mm_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+  __m256i products = _mm256_setzero_si256();
+  for (int s0 = 0; s0 < kQK_K / 32; s0 += 4) {  // 16 runs: a 9-bit grid index and 7 sign bits each
+    const __m256i fields = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b.qs + 4 * s0));
+    alignas(32) uint16_t index[16];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(index), _mm256_and_si256(fields, _mm256_set1_epi16(511)));
+    const __m256i sign_bytes = with_parity(_mm256_srli_epi16(fields, 9));
+    for (int h = 0; h < 4; ++h) {
+      const int s = s0 + h;
+      const __m128i half =
+          h < 2 ? _mm256_castsi256_si128(sign_bytes) : _mm256_extracti128_si256(sign_bytes, 1);
+      const uint16_t* i = index + 4 * h;
+      const __m256i magnitudes =
+          _mm256_set_epi64x(static_cast<int64_t>(kIQ2XSGrid[i[3]]), static_cast<int64_t>(kIQ2XSGrid[i[2]]),
+                            static_cast<int64_t>(kIQ2XSGrid[i[1]]), static_cast<int64_t>(kIQ2XSGrid[i[0]]));
+      const __m256i scale = _mm256_cvtepi8_epi16(
+          _mm_shuffle_epi8(scales, _mm_add_epi8(scale_pair, _mm_set1_epi8(static_cast<char>(2 * s)))));
+      products = _mm256_add_epi32(
+          products, signed_products(magnitudes, spread_signs(half, h % 2 == 0 ? spread_first : spread_second),
+                                    scale, x.qs + 32 * s));
+    }
+  }
+  return horizontal_sum(products);
+}
+
+// IQ3_XXS the same way, two sub-blocks at a time: each run's 7 sign bits shifted out of its sub-block's word.
+// Its 8 grid loads a sub-block stay its main cost (1.43 against 1.60 ms at one row of 8192 x 2048).
+int block_products(const BlockIQ3_XXS& b, const BlockQ8_K& x) {
+  const __m256i spread = spread_pattern(0, 4);  // the 4 runs of a sub-block (32-bit lanes) in a 128-bit half
+  const __m256i word_per_run = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+  const __m256i run_shift = _mm256_setr_epi32(0, 7, 14, 21, 0, 7, 14, 21);
+  const uint8_t* words = b.qs + kQK_K / 4;  // a sub-block's 4 runs' 7 sign bits, then its scale
+  __m256i products = _mm256_setzero_si256();
+  for (int s0 = 0; s0 < kQK_K / 32; s0 += 2) {
+    const __m256i pair =
+        _mm256_castsi128_si256(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(words + 4 * s0)));
+    const __m256i sign_bytes = with_parity(
+        _mm256_and_si256(_mm256_srlv_epi32(_mm256_permutevar8x32_epi32(pair, word_per_run), run_shift),
+                         _mm256_set1_epi32(0x7F)));
+    for (int h = 0; h < 2; ++h) {
+      const int s = s0 + h;
+      const __m128i half =
+          h == 0 ? _mm256_castsi256_si128(sign_bytes) : _mm256_extracti128_si256(sign_bytes, 1);
+      const uint8_t* i = b.qs + 8 * s;
+      const __m256i magnitudes =
+          _mm256_set_epi32(static_cast<int>(kIQ3XXSGrid[i[7]]), static_cast<int>(kIQ3XXSGrid[i[6]]),
+                           static_cast<int>(kIQ3XXSGrid[i[5]]), static_cast<int>(kIQ3XXSGrid[i[4]]),
+                           static_cast<int>(kIQ3XXSGrid[i[3]]), static_cast<int>(kIQ3XXSGrid[i[2]]),
+                           static_cast<int>(kIQ3XXSGrid[i[1]]), static_cast<int>(kIQ3XXSGrid[i[0]]));
+      const __m256i scale = _mm256_set1_epi16(static_cast<int16_t>(2 * (load_u32(words + 4 * s) >> 28) + 1));
+      products = _mm256_add_epi32(
+          products, signed_products(magnitudes, spread_signs(half, spread), scale, x.qs + 32 * s));
+    }
+  }
+  return horizontal_sum(products);
+}
 #endif
 
 template <typename Block>
@@ -402,15 +515,10 @@ void matmul_blocks(DType type, const uint8_t* w, int64_t w_stride, const uint8_t
       const auto* row = reinterpret_cast<const Block*>(w + o * w_stride);
       float sum = 0.0f;
       for (int64_t b = 0; b < n_blocks; ++b) {
-        __m256i products = _mm256_setzero_si256();
-        for (int s = 0; s < kQK_K / 32; ++s) {
-          const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x_blocks[b].qs + 32 * s));
-          products = _mm256_add_epi32(products, sub_block_products<Block>(sub_block(row[b], s), q));
-        }
         // One rounding for the product and sum, as add_terms' fmadd, so a row's result does not depend on
         // the batch.
         sum = std::fma(super_block_scale(row[b]) * x_blocks[b].d,
-                       static_cast<float>(horizontal_sum(products)), sum);
+                       static_cast<float>(block_products(row[b], x_blocks[b])), sum);
       }
       y[o] = sum * constant;
     }

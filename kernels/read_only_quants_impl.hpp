@@ -264,24 +264,28 @@ __m256i scaled_products(__m256i c, __m256i q, __m256i scales) {
   return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(c), _mm256_sign_epi8(q, c)), scales);
 }
 
-// scaled_products of a sub-block as sub_block gives it; for the IQ2 / IQ3 types the magnitudes go to maddubs
-// as they are and the signs onto q.
+// scaled_products with the coordinates' magnitudes and signs apart (signs: ±1 bytes), the signs put onto q.
+__m256i signed_products(__m256i magnitudes, __m256i signs, __m256i scales, __m256i q) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(magnitudes, _mm256_sign_epi8(q, signs)), scales);
+}
+
+// scaled_products of a sub-block as sub_block gives it.
 template <typename Block>
 __m256i sub_block_products(const SubBlock& sub, __m256i q) {
   if constexpr (kSignedRuns<Block>)
     return scaled_products(runs_vector(sub.runs), q, scale_lanes(sub.scales));
   else
-    return _mm256_madd_epi16(
-        _mm256_maddubs_epi16(runs_vector(sub.runs), _mm256_sign_epi8(q, runs_vector(sub.signs))),
-        scale_lanes(sub.scales));
+    return signed_products(runs_vector(sub.runs), runs_vector(sub.signs), scale_lanes(sub.scales), q);
 }
+
+__m256i load_activations(const int8_t* q) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)); }
 
 // Σ over the super-block of scale · coordinate · q: one weight row's integer sum with one activation block.
 template <typename Block>
 int block_products(const Block& b, const BlockQ8_K& x) {
   __m256i products = _mm256_setzero_si256();
   for (int s = 0; s < kQK_K / 32; ++s) {
-    const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.qs + 32 * s));
+    const __m256i q = load_activations(x.qs + 32 * s);
     products = _mm256_add_epi32(products, sub_block_products<Block>(sub_block(b, s), q));
   }
   return horizontal_sum(products);
@@ -311,13 +315,6 @@ __m256i spread_pattern(int first, int stride) {
   alignas(32) int8_t pattern[32];
   for (int j = 0; j < 32; ++j) pattern[j] = static_cast<int8_t>(first + stride * (j / 8));
   return _mm256_load_si256(reinterpret_cast<const __m256i*>(pattern));
-}
-
-// The sum of the magnitudes' products with q under the signs, weighted by the scales (scaled_products'
-// terms).
-__m256i signed_products(__m256i magnitudes, __m256i signs, __m256i scales, const int8_t* q) {
-  const __m256i activations = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
-  return _mm256_madd_epi16(_mm256_maddubs_epi16(magnitudes, _mm256_sign_epi8(activations, signs)), scales);
 }
 
 // IQ2_XS in llama.cpp's form, four sub-blocks (16 runs) at a time: the grid indices masked in one vector, the
@@ -351,7 +348,7 @@ int block_products(const BlockIQ2_XS& b, const BlockQ8_K& x) {
           _mm_shuffle_epi8(scales, _mm_add_epi8(scale_pair, _mm_set1_epi8(static_cast<char>(2 * s)))));
       products = _mm256_add_epi32(
           products, signed_products(magnitudes, spread_signs(half, h % 2 == 0 ? spread_first : spread_second),
-                                    scale, x.qs + 32 * s));
+                                    scale, load_activations(x.qs + 32 * s)));
     }
   }
   return horizontal_sum(products);
@@ -382,8 +379,8 @@ int block_products(const BlockIQ3_XXS& b, const BlockQ8_K& x) {
                            static_cast<int>(kIQ3XXSGrid[i[3]]), static_cast<int>(kIQ3XXSGrid[i[2]]),
                            static_cast<int>(kIQ3XXSGrid[i[1]]), static_cast<int>(kIQ3XXSGrid[i[0]]));
       const __m256i scale = _mm256_set1_epi16(static_cast<int16_t>(2 * (load_u32(words + 4 * s) >> 28) + 1));
-      products = _mm256_add_epi32(
-          products, signed_products(magnitudes, spread_signs(half, spread), scale, x.qs + 32 * s));
+      products = _mm256_add_epi32(products, signed_products(magnitudes, spread_signs(half, spread), scale,
+                                                            load_activations(x.qs + 32 * s)));
     }
   }
   return horizontal_sum(products);
@@ -457,7 +454,7 @@ struct Tile {
     __m256i per_row[kTileRows];  // the 8 sums stay in registers; each activation vector is loaded once
     for (__m256i& sum : per_row) sum = _mm256_setzero_si256();
     for (int s = 0; s < kQK_K / 32; ++s) {
-      const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.qs + 32 * s));
+      const __m256i q = load_activations(x.qs + 32 * s);
       for (int t = 0; t < kTileRows; ++t) {
         const Decoded& dec = blocks[t];
         const __m256i c = _mm256_load_si256(reinterpret_cast<const __m256i*>(dec.coords + 32 * s));

@@ -11,8 +11,8 @@ using detail::e8m0_half;
 // llama.cpp's dequantize_row_*: d · (2s + 1) (its d · (0.5 + s) · 0.25 for IQ2 is the same float, scaled by
 // a power of two) times the coordinates.
 template <typename Block>
-void dequantize_blocks(DType type, const Block* blocks, float* y, int64_t n_blocks) {
-  const float constant = detail::dot_constant(type);
+void dequantize_blocks(const Block* blocks, float* y, int64_t n_blocks) {
+  constexpr float constant = detail::dot_constant<Block>();
   Decoded dec;
   for (int64_t i = 0; i < n_blocks; ++i, y += kQK_K) {
     decode(blocks[i], dec);
@@ -44,7 +44,7 @@ bool dequantize_read_only_blocks(DType type, const void* blocks, float* y, int64
     dequantize_mxfp4(static_cast<const BlockMXFP4*>(blocks), y, n_blocks);
     return true;
   }
-  return detail::with_blocks(type, blocks, [&](auto* typed) { dequantize_blocks(type, typed, y, n_blocks); });
+  return detail::with_blocks(type, blocks, [&](auto* typed) { dequantize_blocks(typed, y, n_blocks); });
 }
 
 float dot_read_only(DType type, const uint8_t* w_row, const uint8_t* x_row, int64_t k) {

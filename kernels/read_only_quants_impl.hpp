@@ -484,27 +484,24 @@ struct Tile {
 };
 
 // What ggml_vec_dot_<type>_q8_K multiplies the blocks' sum by at the end.
-float dot_constant(DType type) {
-  switch (type) {
-    case DType::IQ2_XXS:
-    case DType::IQ2_XS:
-    case DType::IQ2_S:
-    case DType::IQ1_S:
-    case DType::IQ1_M:
-      return 0.125f;
-    case DType::IQ3_XXS:
-      return 0.25f;
-    default:
-      return 1.0f;
-  }
+template <typename Block>
+constexpr float dot_constant() {
+  if constexpr (std::is_same_v<Block, BlockIQ3_XXS>)
+    return 0.25f;
+  else if constexpr (std::is_same_v<Block, BlockIQ2_XXS> || std::is_same_v<Block, BlockIQ2_XS> ||
+                     std::is_same_v<Block, BlockIQ2_S> || std::is_same_v<Block, BlockIQ1_S> ||
+                     std::is_same_v<Block, BlockIQ1_M>)
+    return 0.125f;
+  else
+    return 1.0f;
 }
 
 // The blocks' terms added in block order, then the constant: llama.cpp's generic vec_dot.
 template <typename Block>
-void matmul_blocks(DType type, const uint8_t* w, int64_t w_stride, const uint8_t* x, int64_t x_stride,
-                   float* y, int64_t y_stride, int64_t m, int64_t k, int64_t o_begin, int64_t o_end) {
+void matmul_blocks(const uint8_t* w, int64_t w_stride, const uint8_t* x, int64_t x_stride, float* y,
+                   int64_t y_stride, int64_t m, int64_t k, int64_t o_begin, int64_t o_end) {
   const int64_t n_blocks = k / kQK_K;
-  const float constant = dot_constant(type);
+  constexpr float constant = dot_constant<Block>();
 #if defined(__AVX2__)
   if (m == 1) {  // one activation row (generation): each sub-block's coordinates stay in registers
     const auto* x_blocks = reinterpret_cast<const BlockQ8_K*>(x);
@@ -612,54 +609,45 @@ bool with_blocks(DType type, const void* p, F&& f) {
   }
 }
 
+void matmul_mxfp4(const uint8_t* w, int64_t w_stride, const uint8_t* x, int64_t x_stride, float* y,
+                  int64_t y_stride, int64_t m, int64_t k, int64_t o_begin, int64_t o_end) {
+  for (int64_t o = o_begin; o < o_end; ++o)
+    for (int64_t r = 0; r < m; ++r)
+      y[r * y_stride + o] = dot_mxfp4(reinterpret_cast<const BlockMXFP4*>(w + o * w_stride),
+                                      reinterpret_cast<const BlockQ8_0*>(x + r * x_stride), k / kQK4_0);
+}
+
 // y[r, o] for activation rows r in [0, m) and weight rows o in [o_begin, o_end) (see matmul_read_only_rows).
 [[maybe_unused]] void read_only_rows(DType type, const uint8_t* w, int64_t w_stride, const uint8_t* x,
                                      int64_t x_stride, float* y, int64_t y_stride, int64_t m, int64_t k,
                                      int64_t o_begin, int64_t o_end) {
   if (type == DType::MXFP4) {
-    for (int64_t o = o_begin; o < o_end; ++o)
-      for (int64_t r = 0; r < m; ++r)
-        y[r * y_stride + o] = dot_mxfp4(reinterpret_cast<const BlockMXFP4*>(w + o * w_stride),
-                                        reinterpret_cast<const BlockQ8_0*>(x + r * x_stride), k / kQK4_0);
+    matmul_mxfp4(w, w_stride, x, x_stride, y, y_stride, m, k, o_begin, o_end);
     return;
   }
   with_blocks(type, w, [&](auto* typed) {
     using Block = std::remove_cv_t<std::remove_pointer_t<decltype(typed)>>;
-    matmul_blocks<Block>(type, w, w_stride, x, x_stride, y, y_stride, m, k, o_begin, o_end);
+    matmul_blocks<Block>(w, w_stride, x, x_stride, y, y_stride, m, k, o_begin, o_end);
   });
 }
 
-template <DType kType>
-void read_only_type_range(const MatmulOperands& op, int64_t o_begin, int64_t o_end) {
-  read_only_rows(kType, op.w, op.w_stride, op.x, op.x_stride, op.y, op.y_stride, op.m, op.k, o_begin, o_end);
+template <typename Block>
+void block_type_range(const MatmulOperands& op, int64_t o_begin, int64_t o_end) {
+  matmul_blocks<Block>(op.w, op.w_stride, op.x, op.x_stride, op.y, op.y_stride, op.m, op.k, o_begin, o_end);
+}
+
+void mxfp4_range(const MatmulOperands& op, int64_t o_begin, int64_t o_end) {
+  matmul_mxfp4(op.w, op.w_stride, op.x, op.x_stride, op.y, op.y_stride, op.m, op.k, o_begin, o_end);
 }
 
 // IsaKernels::read_only for the kernel set that includes this file.
 [[maybe_unused]] MatmulRangeFn read_only_range(DType w_type) {
-  switch (w_type) {
-    case DType::IQ2_XXS:
-      return read_only_type_range<DType::IQ2_XXS>;
-    case DType::IQ2_XS:
-      return read_only_type_range<DType::IQ2_XS>;
-    case DType::IQ2_S:
-      return read_only_type_range<DType::IQ2_S>;
-    case DType::IQ3_XXS:
-      return read_only_type_range<DType::IQ3_XXS>;
-    case DType::IQ3_S:
-      return read_only_type_range<DType::IQ3_S>;
-    case DType::IQ1_S:
-      return read_only_type_range<DType::IQ1_S>;
-    case DType::IQ1_M:
-      return read_only_type_range<DType::IQ1_M>;
-    case DType::TQ1_0:
-      return read_only_type_range<DType::TQ1_0>;
-    case DType::TQ2_0:
-      return read_only_type_range<DType::TQ2_0>;
-    case DType::MXFP4:
-      return read_only_type_range<DType::MXFP4>;
-    default:
-      return nullptr;
-  }
+  if (w_type == DType::MXFP4) return mxfp4_range;
+  MatmulRangeFn range = nullptr;
+  with_blocks(w_type, nullptr, [&](auto* typed) {
+    range = block_type_range<std::remove_cv_t<std::remove_pointer_t<decltype(typed)>>>;
+  });
+  return range;
 }
 
 }  // namespace

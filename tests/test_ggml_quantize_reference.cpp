@@ -7,8 +7,6 @@
 
 #include <cmath>
 #include <cstring>
-#include <fstream>
-#include <iterator>
 #include <map>
 #include <string>
 #include <vector>
@@ -29,15 +27,9 @@ struct ReferenceRows {
 };
 
 ReferenceRows read_reference(const std::filesystem::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::vector<char> data((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  test::FileReader file(path);
+  const auto take = [&](void* out, size_t n) { file.take(out, n); };
   ReferenceRows ref;
-  size_t at = 0;
-  auto take = [&](void* out, size_t n) {
-    if (at + n > data.size()) throw std::runtime_error(path.string() + ": truncated");
-    std::memcpy(out, data.data() + at, n);
-    at += n;
-  };
   char magic[8];
   take(magic, 8);
   const bool imatrix = std::memcmp(magic, "NBQIMX01", 8) == 0;

@@ -8,8 +8,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <fstream>
-#include <iterator>
 #include <map>
 #include <stdexcept>
 #include <string>
@@ -39,13 +37,8 @@ struct ReadOnlyReference {
 
 ReadOnlyReference read_reference() {
   const auto path = test::test_data_dir() / "ggml-quantize" / "read-only.bin";
-  const std::vector<uint8_t> data = test::read_file_bytes(path);
-  size_t at = 0;
-  auto take = [&](void* out, size_t n) {
-    if (at + n > data.size()) throw std::runtime_error(path.string() + ": truncated");
-    std::memcpy(out, data.data() + at, n);
-    at += n;
-  };
+  test::FileReader file(path);
+  const auto take = [&](void* out, size_t n) { file.take(out, n); };
   char magic[8];
   take(magic, 8);
   if (std::memcmp(magic, "NBQROT01", 8) != 0) throw std::runtime_error(path.string() + ": bad magic");
@@ -70,7 +63,7 @@ ReadOnlyReference read_reference() {
     entry.dots.resize(n_rows);
     take(entry.dots.data(), n_rows * sizeof(float));
   }
-  if (at != data.size()) throw std::runtime_error(path.string() + ": trailing bytes");
+  if (!file.at_end()) throw std::runtime_error(path.string() + ": trailing bytes");
   return ref;
 }
 

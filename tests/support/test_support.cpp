@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <sstream>
@@ -301,6 +302,12 @@ std::vector<uint8_t> read_file_bytes(const std::filesystem::path& path) {
   std::ifstream in(path, std::ios::binary);
   if (!in) throw std::runtime_error("cannot open " + path.string());
   return std::vector<uint8_t>(std::istreambuf_iterator<char>(in), {});
+}
+
+void FileReader::take(void* out, size_t n) {
+  if (n > data_.size() - at_) throw std::runtime_error(path_.string() + ": truncated");
+  std::memcpy(out, data_.data() + at_, n);
+  at_ += n;
 }
 
 void write_file_bytes(const std::filesystem::path& path, const std::vector<uint8_t>& bytes) {

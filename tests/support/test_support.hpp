@@ -6,6 +6,7 @@
 #include <optional>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "model/gguf.hpp"
@@ -64,6 +65,20 @@ std::vector<float> random_floats(size_t n, uint64_t seed, float lo = -1.0f, floa
 // positive block scales: any valid block, and the integer sums' extremes, which a quantizer rarely produces.
 std::vector<uint8_t> random_quant_blocks(kernels::DType type, int64_t n_out, int64_t k, uint64_t seed);
 std::vector<uint8_t> read_file_bytes(const std::filesystem::path& path);
+// A binary reference file read front to back: take(out, n) copies the next n bytes (std::runtime_error naming
+// the file when it is shorter), at_end() says whether all were taken.
+class FileReader {
+ public:
+  explicit FileReader(std::filesystem::path path) : path_(std::move(path)), data_(read_file_bytes(path_)) {}
+  void take(void* out, size_t n);
+  bool at_end() const { return at_ == data_.size(); }
+  const std::filesystem::path& path() const { return path_; }
+
+ private:
+  std::filesystem::path path_;
+  std::vector<uint8_t> data_;
+  size_t at_ = 0;
+};
 // A whole tensor of any type as floats (a failed row dequantization fails the current test).
 std::vector<float> dequantize_tensor(const model::GgufFile& file, const model::GgufTensorInfo& tensor);
 void write_file_bytes(const std::filesystem::path& path, const std::vector<uint8_t>& bytes);

@@ -1,5 +1,5 @@
 #pragma once
-// llama.cpp's lattice tables for its sub-4-bit i-quants (ggml-common.h), generated into iq_grids.cpp by
+// llama.cpp's lattice tables for its sub-4-bit i-quants (ggml-common.h), generated into iq_grids.inc by
 // tools/gen_iq_grids.py. Entry i holds grid point i's coordinates as bytes, coordinate j in byte j.
 #include <cstdint>
 

@@ -108,8 +108,9 @@ std::shared_ptr<DeviceMemory> upload(const void* host, size_t bytes);
 //                (symmetric GPTQ): 4.125 bits a weight at group 128; and from any Q4_0 (group 32,
 //                zeros 8: 4.75 bits) with CudaModelOptions::q4_0_as_int4_groups
 //   gguf_blocks  the other GGUF types as in the file (Q4_1, Q5_0, Q5_1, IQ4_NL, Q2_K, Q3_K, Q5_K,
-//                IQ4_XS: kernels/cuda/w4a16_gemv.cuh's w4a16_gemv_gguf_blocks), so a Q5_K_M, Q3_K_M or
-//                IQ4_XS file takes its own bits on the device, not fp16's 16; gguf_type says which
+//                IQ4_XS, and the read-only i-quants, TQ1_0 / TQ2_0 and MXFP4: kernels/cuda/w4a16_gemv.cuh's
+//                w4a16_gemv_gguf_blocks), so a Q5_K_M, Q3_K_M, IQ4_XS or IQ2_XS file takes its own bits on
+//                the device, not fp16's 16; gguf_type says which
 //   f16          fp16 rows for everything else (F32, F16, BF16; rows that are not whole blocks; and
 //                act-order GPTQ matrices, whose grouped columns go back to input order on upload), cuBLAS
 // Lookup tables (the embedding) are only ever q4_0, q8_0 or f16: what embedding_lookup_f16 reads.

@@ -77,10 +77,14 @@ Status w4a16_gemv_q6_k(const uint8_t* w, int64_t n_out, int64_t k, const __half*
                        cudaStream_t stream, bool programmatic = false);
 
 // The other GGUF types, read as stored (w4a16_weights.cuh's readers): Q4_1, Q5_0, Q5_1, IQ4_NL (32-weight
-// blocks), Q2_K, Q3_K, Q5_K, IQ4_XS (256-weight super-blocks), so that a file of them keeps its size on
-// the device instead of fp16's 16 bits a weight.
-inline constexpr DType kW4A16GgufBlockTypes[] = {DType::Q4_1, DType::Q5_0, DType::Q5_1, DType::IQ4_NL,
-                                                 DType::Q2_K, DType::Q3_K, DType::Q5_K, DType::IQ4_XS};
+// blocks), Q2_K, Q3_K, Q5_K, IQ4_XS (256-weight super-blocks), and the types Nibble reads but does not
+// write (kernels/read_only_quants.hpp: the i-quants IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ1_S, IQ1_M,
+// the ternary TQ1_0 and TQ2_0, and MXFP4's 32-weight blocks), so that a file of them keeps its size on the
+// device instead of fp16's 16 bits a weight.
+inline constexpr DType kW4A16GgufBlockTypes[] = {
+    DType::Q4_1,  DType::Q5_0,   DType::Q5_1,    DType::IQ4_NL, DType::Q2_K,  DType::Q3_K,
+    DType::Q5_K,  DType::IQ4_XS, DType::IQ2_XXS, DType::IQ2_XS, DType::IQ2_S, DType::IQ3_XXS,
+    DType::IQ3_S, DType::IQ1_S,  DType::IQ1_M,   DType::TQ1_0,  DType::TQ2_0, DType::MXFP4};
 // True for those types.
 constexpr bool w4a16_reads_gguf_blocks(DType type) {
   for (const DType t : kW4A16GgufBlockTypes) {
@@ -89,7 +93,7 @@ constexpr bool w4a16_reads_gguf_blocks(DType type) {
   return false;
 }
 // w: [n_out, k / block] blocks as in the file (kernels::row_bytes(type, k) bytes a row), aligned as the
-// type's block size allows (2 to 16 bytes; a cudaMalloc'd matrix is); k a multiple of the type's block.
+// type's block size allows (1 to 16 bytes; a cudaMalloc'd matrix is); k a multiple of the type's block.
 // Each weight is kernels::dequantize_row's value. x, y, m as above. unsupported_type for another type.
 Status w4a16_gemv_gguf_blocks(DType type, const uint8_t* w, int64_t n_out, int64_t k, const __half* x,
                               int64_t m, float* y, cudaStream_t stream, bool programmatic = false);

@@ -12,10 +12,12 @@
 #include <cuda_fp16.h>
 
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 
 #include "kernels/cuda/w4a16_gemv.cuh"
+#include "kernels/iq_grids.hpp"
 #include "kernels/q6_k_planes.hpp"
 #include "kernels/quant_types.hpp"
 #include "kernels/status.hpp"
@@ -535,11 +537,336 @@ struct Q3KBlocks {
   }
 };
 
+// The types Nibble reads but does not write (kernels/read_only_quants.hpp), read as stored, so that a file
+// of them keeps its size on the device (as fp16 a 70B IQ2_XS file of ~20 GB took ~140 GB): llama.cpp's
+// i-quants IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ1_S, IQ1_M (runs of 8 or 4 weights as points of
+// kernels/iq_grids.hpp's lattices, signs apart for IQ2 / IQ3), the ternary TQ1_0 / TQ2_0 (256-weight
+// super-blocks: unit b is sub-block b % 8 of super-block b / 8) and MXFP4 (17-byte blocks of 32, so byte
+// loads). Each weight is kernels::dequantize_row's value bit for bit: the CPU's (d · scale) · constant
+// (kernels/read_only_quants_impl.hpp's dot_constant) times the integer coordinate, every product exact in
+// fp32 (d's 11 bits, a 5-bit odd scale, a power of two, a coordinate of at most 62), in the CPU's order.
+// The lattices are global-memory arrays on the device
+// (as in llama.cpp's CUDA kernels), the host's kernels::kIQ*Grid in the host build.
+#if defined(__CUDACC__)
+namespace device_iq_grids {
+#define NIBBLE_IQ_GRID(type, name, count) [[maybe_unused]] static __device__ const type name[count] =
+#include "kernels/iq_grids.inc"
+#undef NIBBLE_IQ_GRID
+}  // namespace device_iq_grids
+#endif
+#if defined(__CUDA_ARCH__)
+#define NIBBLE_IQ_GRID_TABLE(name) device_iq_grids::name
+#else
+#define NIBBLE_IQ_GRID_TABLE(name) ::nibble::kernels::name
+#endif
+__host__ __device__ inline uint64_t iq2xxs_grid(uint32_t i) {
+  return load_ro(NIBBLE_IQ_GRID_TABLE(kIQ2XXSGrid) + i);
+}
+__host__ __device__ inline uint64_t iq2xs_grid(uint32_t i) {
+  return load_ro(NIBBLE_IQ_GRID_TABLE(kIQ2XSGrid) + i);
+}
+__host__ __device__ inline uint64_t iq2s_grid(uint32_t i) {
+  return load_ro(NIBBLE_IQ_GRID_TABLE(kIQ2SGrid) + i);
+}
+__host__ __device__ inline uint32_t iq3xxs_grid(uint32_t i) {
+  return load_ro(NIBBLE_IQ_GRID_TABLE(kIQ3XXSGrid) + i);
+}
+__host__ __device__ inline uint32_t iq3s_grid(uint32_t i) {
+  return load_ro(NIBBLE_IQ_GRID_TABLE(kIQ3SGrid) + i);
+}
+__host__ __device__ inline uint64_t iq1s_grid(uint32_t i) {
+  return load_ro(NIBBLE_IQ_GRID_TABLE(kIQ1SGrid) + i);
+}
+#undef NIBBLE_IQ_GRID_TABLE
+
+__host__ __device__ inline uint32_t float_bits(float v) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(v);
+#else
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  return bits;
+#endif
+}
+// The 8 sign bits of a run from its 7 stored ones, the eighth their parity (kernels::iq2_sign_byte).
+__host__ __device__ inline uint32_t seven_bit_signs(uint32_t bits) {
+  const uint32_t s = bits & 0x7F;
+#if defined(__CUDA_ARCH__)
+  return s | (static_cast<uint32_t>(__popc(s)) & 1u) << 7;
+#else
+  return s | (static_cast<uint32_t>(__builtin_popcount(s)) & 1u) << 7;
+#endif
+}
+// Byte t of `word` as a signed 8-bit integer, as a float (exact: the byte + 128 below 2^23's pattern).
+__host__ __device__ inline float signed_byte_level(uint32_t word, int t) {
+  return two23_plus_byte(word ^ 0x80808080u, t) - (kTwo23 + 128.0f);
+}
+// out[j] = factor · (byte j of the run, negated where bit j of signs is set): a run of 8 grid magnitudes,
+// bytes 0-3 in lo, 4-7 in hi. Negating before the product gives the CPU's factor · float(−m) exactly.
+__host__ __device__ inline void magnitude_run(uint64_t run, uint32_t signs, float factor, float* out) {
+  NIBBLE_DEVICE_UNROLL
+  for (int j = 0; j < 8; ++j) {
+    const float m = byte_level(static_cast<uint32_t>(run >> (32 * (j / 4))), j % 4);
+    out[j] = mul_rn(factor, bits_float(float_bits(m) ^ ((signs >> j) & 1u) << 31));
+  }
+}
+// out[j] = factor · (8 · byte j of an IQ1 lattice run, −1..1 as int8, + shift): llama.cpp's
+// d · (2s + 1) · (coordinate ± 1/8) as the CPU computes it, in eighths with factor's 1/8.
+__host__ __device__ inline void iq1_run(uint64_t run, float shift, float factor, float* out) {
+  NIBBLE_DEVICE_UNROLL
+  for (int j = 0; j < 8; ++j) {
+    const float c = signed_byte_level(static_cast<uint32_t>(run >> (32 * (j / 4))), j % 4);
+    out[j] = mul_rn(factor, add_rn(mul_rn(c, 8.0f), shift));
+  }
+}
+// (d · scale) · constant, the CPU's factor of a run of 16.
+__host__ __device__ inline float iq_factor(float d, int scale, float constant) {
+  return mul_rn(mul_rn(d, static_cast<float>(scale)), constant);
+}
+// Where super-block b / 8 of `row` starts, its rows nb / 8 super-blocks of BlockBytes.
+template <int64_t BlockBytes>
+__host__ __device__ inline const uint8_t* super_block_at(const uint8_t* w, int64_t row, int64_t nb,
+                                                         int64_t b) {
+  return w + (row * (nb / (kQK_K / kQK4_0)) + b / (kQK_K / kQK4_0)) * BlockBytes;
+}
+
+// IQ2_XXS: d, then per sub-block two words (2-byte loads): 4 grid indices a byte, and the 4 runs' 7-bit
+// signs with the scale in the top 4 bits.
+struct IQ2XXSBlocks {
+  const uint8_t* w;
+  __host__ __device__ void load(int64_t row, int64_t nb, int64_t b, float (&wv)[kQK4_0]) const {
+    const auto* q = reinterpret_cast<const uint16_t*>(super_block_at<sizeof(BlockIQ2_XXS)>(w, row, nb, b));
+    const int s = static_cast<int>(b % (kQK_K / kQK4_0));
+    const float d = half_bits_float(load_ro(q));
+    const uint32_t indices = load_word16(q + 1 + 4 * s), signs_scale = load_word16(q + 3 + 4 * s);
+    const float factor = iq_factor(d, 2 * static_cast<int>(signs_scale >> 28) + 1, 0.125f);
+    NIBBLE_DEVICE_UNROLL
+    for (int r = 0; r < 4; ++r)
+      magnitude_run(iq2xxs_grid((indices >> (8 * r)) & 0xFF), seven_bit_signs(signs_scale >> (7 * r)), factor,
+                    wv + 8 * r);
+  }
+};
+
+// IQ2_XS: d, per run a 16-bit field (a 9-bit grid index, 7 sign bits), then a byte of two 4-bit scales a
+// sub-block (its first 16 weights' low).
+struct IQ2XSBlocks {
+  const uint8_t* w;
+  __host__ __device__ void load(int64_t row, int64_t nb, int64_t b, float (&wv)[kQK4_0]) const {
+    const uint8_t* blk = super_block_at<sizeof(BlockIQ2_XS)>(w, row, nb, b);
+    const auto* q = reinterpret_cast<const uint16_t*>(blk);
+    const int s = static_cast<int>(b % (kQK_K / kQK4_0));
+    const float d = half_bits_float(load_ro(q));
+    const uint32_t scales = load_ro(blk + offsetof(BlockIQ2_XS, scales) + s);
+    const float factors[2] = {iq_factor(d, 2 * static_cast<int>(scales & 0xF) + 1, 0.125f),
+                              iq_factor(d, 2 * static_cast<int>(scales >> 4) + 1, 0.125f)};
+    NIBBLE_DEVICE_UNROLL
+    for (int r = 0; r < 4; ++r) {
+      const uint32_t field = load_ro(q + 1 + 4 * s + r);
+      magnitude_run(iq2xs_grid(field & 511), seven_bit_signs(field >> 9), factors[r / 2], wv + 8 * r);
+    }
+  }
+};
+
+// IQ2_S: d, the grid indices' low bytes, the runs' sign bytes, their indices' high 2 bits (qh) and IQ2_XS's
+// scales: byte loads.
+struct IQ2SBlocks {
+  const uint8_t* w;
+  __host__ __device__ void load(int64_t row, int64_t nb, int64_t b, float (&wv)[kQK4_0]) const {
+    const uint8_t* blk = super_block_at<sizeof(BlockIQ2_S)>(w, row, nb, b);
+    const int s = static_cast<int>(b % (kQK_K / kQK4_0));
+    const float d = half_bits_float(load_ro(reinterpret_cast<const uint16_t*>(blk)));
+    const uint32_t scales = load_ro(blk + offsetof(BlockIQ2_S, scales) + s);
+    const uint32_t high = load_ro(blk + offsetof(BlockIQ2_S, qh) + s);
+    const float factors[2] = {iq_factor(d, 2 * static_cast<int>(scales & 0xF) + 1, 0.125f),
+                              iq_factor(d, 2 * static_cast<int>(scales >> 4) + 1, 0.125f)};
+    const uint8_t* qs = blk + offsetof(BlockIQ2_S, qs);
+    NIBBLE_DEVICE_UNROLL
+    for (int r = 0; r < 4; ++r) {
+      const uint32_t index = load_ro(qs + 4 * s + r) | ((high >> (2 * r)) & 3) << 8;
+      magnitude_run(iq2s_grid(index), load_ro(qs + kQK_K / 8 + 4 * s + r), factors[r / 2], wv + 8 * r);
+    }
+  }
+};
+
+// IQ3_XXS: d, 64 grid indices (runs of 4), then a word a sub-block (2-byte loads): its 4 pairs of runs'
+// 7-bit signs and its scale in the top 4 bits.
+struct IQ3XXSBlocks {
+  const uint8_t* w;
+  __host__ __device__ void load(int64_t row, int64_t nb, int64_t b, float (&wv)[kQK4_0]) const {
+    const uint8_t* blk = super_block_at<sizeof(BlockIQ3_XXS)>(w, row, nb, b);
+    const int s = static_cast<int>(b % (kQK_K / kQK4_0));
+    const float d = half_bits_float(load_ro(reinterpret_cast<const uint16_t*>(blk)));
+    const uint8_t* qs = blk + offsetof(BlockIQ3_XXS, qs);
+    const uint32_t word = load_word16(reinterpret_cast<const uint16_t*>(qs + kQK_K / 4 + 4 * s));
+    const float factor = iq_factor(d, 2 * static_cast<int>(word >> 28) + 1, 0.25f);
+    NIBBLE_DEVICE_UNROLL
+    for (int r = 0; r < 4; ++r) {
+      const uint64_t run = iq3xxs_grid(load_ro(qs + 8 * s + 2 * r)) |
+                           static_cast<uint64_t>(iq3xxs_grid(load_ro(qs + 8 * s + 2 * r + 1))) << 32;
+      magnitude_run(run, seven_bit_signs(word >> (7 * r)), factor, wv + 8 * r);
+    }
+  }
+};
+
+// IQ3_S: d, the grid indices' low bytes, their ninth bits (qh), a sign bit a weight, a 4-bit scale a
+// sub-block: byte loads.
+struct IQ3SBlocks {
+  const uint8_t* w;
+  __host__ __device__ void load(int64_t row, int64_t nb, int64_t b, float (&wv)[kQK4_0]) const {
+    const uint8_t* blk = super_block_at<sizeof(BlockIQ3_S)>(w, row, nb, b);
+    const int s = static_cast<int>(b % (kQK_K / kQK4_0));
+    const float d = half_bits_float(load_ro(reinterpret_cast<const uint16_t*>(blk)));
+    const uint32_t scale = (load_ro(blk + offsetof(BlockIQ3_S, scales) + s / 2) >> (4 * (s % 2))) & 0xF;
+    const float factor = iq_factor(d, 2 * static_cast<int>(scale) + 1, 1.0f);
+    const uint32_t high = load_ro(blk + offsetof(BlockIQ3_S, qh) + s);
+    const uint8_t* qs = blk + offsetof(BlockIQ3_S, qs) + 8 * s;
+    NIBBLE_DEVICE_UNROLL
+    for (int r = 0; r < 4; ++r) {
+      const uint32_t low = load_ro(qs + 2 * r) | ((high >> (2 * r)) & 1) << 8;
+      const uint32_t upper = load_ro(qs + 2 * r + 1) | ((high >> (2 * r + 1)) & 1) << 8;
+      const uint64_t run = iq3s_grid(low) | static_cast<uint64_t>(iq3s_grid(upper)) << 32;
+      magnitude_run(run, load_ro(blk + offsetof(BlockIQ3_S, signs) + 4 * s + r), factor, wv + 8 * r);
+    }
+  }
+};
+
+// IQ1_S: d, the grid indices' low bytes, a 16-bit word a sub-block (2-byte loads): 3 high index bits a run,
+// the 3-bit scale, the shift's sign.
+struct IQ1SBlocks {
+  const uint8_t* w;
+  __host__ __device__ void load(int64_t row, int64_t nb, int64_t b, float (&wv)[kQK4_0]) const {
+    const uint8_t* blk = super_block_at<sizeof(BlockIQ1_S)>(w, row, nb, b);
+    const int s = static_cast<int>(b % (kQK_K / kQK4_0));
+    const float d = half_bits_float(load_ro(reinterpret_cast<const uint16_t*>(blk)));
+    const uint32_t qh = load_ro(reinterpret_cast<const uint16_t*>(blk + offsetof(BlockIQ1_S, qh)) + s);
+    const float factor = iq_factor(d, 2 * static_cast<int>((qh >> 12) & 7) + 1, 0.125f);
+    const float shift = (qh & 0x8000) != 0 ? -1.0f : 1.0f;
+    NIBBLE_DEVICE_UNROLL
+    for (int r = 0; r < 4; ++r) {
+      const uint32_t index = load_ro(blk + offsetof(BlockIQ1_S, qs) + 4 * s + r) | ((qh >> (3 * r)) & 7) << 8;
+      iq1_run(iq1s_grid(index), shift, factor, wv + 8 * r);
+    }
+  }
+};
+
+// IQ1_M: the grid indices' low bytes, a nibble a run (3 high index bits, the shift's sign), then four
+// 16-bit scale words (8-byte load): 3-bit scales of the half sub-blocks, d in their top nibbles.
+struct IQ1MBlocks {
+  const uint8_t* w;
+  __host__ __device__ void load(int64_t row, int64_t nb, int64_t b, float (&wv)[kQK4_0]) const {
+    const uint8_t* blk = super_block_at<sizeof(BlockIQ1_M)>(w, row, nb, b);
+    const int s = static_cast<int>(b % (kQK_K / kQK4_0));
+    const uint2 words = load_ro(reinterpret_cast<const uint2*>(blk + offsetof(BlockIQ1_M, scales)));
+    const uint32_t d_bits =
+        (words.x >> 12 & 0xF) | (words.x >> 28) << 4 | (words.y >> 12 & 0xF) << 8 | (words.y >> 28) << 12;
+    const float d = half_bits_float(d_bits);
+    const uint32_t word = ((s < 4 ? words.x : words.y) >> (16 * ((s / 2) % 2))) & 0xFFFF;
+    const float factors[2] = {
+        iq_factor(d, 2 * static_cast<int>((word >> (6 * (s % 2))) & 7) + 1, 0.125f),
+        iq_factor(d, 2 * static_cast<int>((word >> (6 * (s % 2) + 3)) & 7) + 1, 0.125f)};
+    NIBBLE_DEVICE_UNROLL
+    for (int r = 0; r < 4; ++r) {
+      const uint32_t nibble =
+          (load_ro(blk + offsetof(BlockIQ1_M, qh) + 2 * s + r / 2) >> (4 * (r % 2))) & 0xF;
+      const uint32_t index = load_ro(blk + offsetof(BlockIQ1_M, qs) + 4 * s + r) | (nibble & 7) << 8;
+      iq1_run(iq1s_grid(index), (nibble & 8) != 0 ? -1.0f : 1.0f, factors[r / 2], wv + 8 * r);
+    }
+  }
+};
+
+// One ternary digit (0..2) of a TQ1_0 byte: kernels::tq1_digit.
+__host__ __device__ inline int tq1_digit_of(uint32_t byte, int l) {
+  constexpr uint32_t kPow3[5] = {1, 3, 9, 27, 81};
+  return static_cast<int>((((byte * kPow3[l]) & 0xFF) * 3) >> 8);
+}
+
+// TQ1_0: five ternary digits a byte (qs), four more a byte (qh), d last: sub-block s < 5 is digit s of
+// qs[0 .. 31]; sub-blocks 5, 6, 7 take two digits of qs[32 .. 47] each, the last of them qh's.
+struct TQ1_0Blocks {
+  const uint8_t* w;
+  __host__ __device__ void load(int64_t row, int64_t nb, int64_t b, float (&wv)[kQK4_0]) const {
+    const uint8_t* blk = super_block_at<sizeof(BlockTQ1_0)>(w, row, nb, b);
+    const int s = static_cast<int>(b % (kQK_K / kQK4_0));
+    const float d =
+        half_bits_float(load_ro(reinterpret_cast<const uint16_t*>(blk + offsetof(BlockTQ1_0, d))));
+    const float factor = iq_factor(d, 1, 1.0f);
+    NIBBLE_DEVICE_UNROLL
+    for (int m = 0; m < kQK4_0; ++m) {
+      int digit;
+      if (s < 5) {
+        digit = tq1_digit_of(load_ro(blk + m), s);
+      } else {
+        const int l = 2 * (s - 5) + m / 16, mm = m % 16;
+        digit = l < 5 ? tq1_digit_of(load_ro(blk + 32 + mm), l)
+                      : tq1_digit_of(load_ro(blk + offsetof(BlockTQ1_0, qh) + mm % 4), mm / 4);
+      }
+      wv[m] = mul_rn(factor, static_cast<float>(digit - 1));
+    }
+  }
+};
+
+// TQ2_0: four 2-bit levels a byte (sub-block s: bits 2 (s % 4) of bytes 32 (s / 4) ..), d last.
+struct TQ2_0Blocks {
+  const uint8_t* w;
+  __host__ __device__ void load(int64_t row, int64_t nb, int64_t b, float (&wv)[kQK4_0]) const {
+    const uint8_t* blk = super_block_at<sizeof(BlockTQ2_0)>(w, row, nb, b);
+    const int s = static_cast<int>(b % (kQK_K / kQK4_0));
+    const float d =
+        half_bits_float(load_ro(reinterpret_cast<const uint16_t*>(blk + offsetof(BlockTQ2_0, d))));
+    const float factor = iq_factor(d, 1, 1.0f);
+    const auto* q = reinterpret_cast<const uint16_t*>(blk + 32 * (s / 4));
+    NIBBLE_DEVICE_UNROLL
+    for (int i = 0; i < 8; ++i) {
+      const uint32_t levels = (load_word16(q + 2 * i) >> (2 * (s % 4))) & 0x03030303u;
+      NIBBLE_DEVICE_UNROLL
+      for (int t = 0; t < 4; ++t)
+        wv[4 * i + t] = mul_rn(factor, two23_plus_byte(levels, t) - (kTwo23 + 1.0f));
+    }
+  }
+};
+
+// kMXFP4Values + 128 as bytes, index i in byte i % 4 of word i / 4 (iq4_value's scheme).
+constexpr uint32_t mxfp4_biased_word(int w) {
+  uint32_t word = 0;
+  for (int t = 0; t < 4; ++t) word |= static_cast<uint32_t>(kMXFP4Values[4 * w + t] + 128) << (8 * t);
+  return word;
+}
+constexpr uint32_t kMXFP4Biased0 = mxfp4_biased_word(0), kMXFP4Biased1 = mxfp4_biased_word(1),
+                   kMXFP4Biased2 = mxfp4_biased_word(2), kMXFP4Biased3 = mxfp4_biased_word(3);
+__host__ __device__ inline float mxfp4_value(uint32_t index) {
+#if defined(__CUDA_ARCH__)
+  const uint32_t byte = index < 8 ? __byte_perm(kMXFP4Biased0, kMXFP4Biased1, index)
+                                  : __byte_perm(kMXFP4Biased2, kMXFP4Biased3, index - 8);
+#else
+  const uint32_t words[4] = {kMXFP4Biased0, kMXFP4Biased1, kMXFP4Biased2, kMXFP4Biased3};
+  const uint32_t byte = words[index / 4] >> (8 * (index % 4));
+#endif
+  return two23_plus(byte & 0xFF) - (kTwo23 + 128.0f);
+}
+
+// MXFP4: an E8M0 exponent, then Q4_0's nibble order (17-byte blocks: byte loads); weight value · 2^(e − 128)
+// (the CPU's e8m0_half: the values are doubled E2M1).
+struct MXFP4Blocks {
+  const uint8_t* w;
+  __host__ __device__ void load(int64_t row, int64_t nb, int64_t b, float (&wv)[kQK4_0]) const {
+    const uint8_t* blk = w + (row * nb + b) * static_cast<int64_t>(sizeof(BlockMXFP4));
+    const uint32_t e = load_ro(blk);
+    const float d = bits_float(e < 2 ? 0x00200000u << e : (e - 1) << 23);
+    NIBBLE_DEVICE_UNROLL
+    for (int j = 0; j < kQK4_0 / 2; ++j) {
+      const uint32_t q = load_ro(blk + 1 + j);
+      wv[j] = mul_rn(mxfp4_value(q & 0xF), d);
+      wv[j + 16] = mul_rn(mxfp4_value(q >> 4), d);
+    }
+  }
+};
+
 // Whether `type` has a reader above (with_gguf_blocks takes it): w4a16_gemv.cuh's list.
 constexpr bool w4a16_reads_as_stored(DType type) { return w4a16_reads_gguf_blocks(type); }
 // The reader of `type`'s blocks at w, handed to f (f(reader) returns a Status); invalid_argument for
 // a null w, one not aligned as the type's loads need (its block size's largest power of two, at most
-// 16), or k not a positive multiple of its block; unsupported_type for a type without a reader above.
+// 16: MXFP4's 17-byte blocks need none), or k not a positive multiple of its block; unsupported_type for a
+// type without a reader above.
 template <typename F>
 Status with_gguf_blocks(DType type, const uint8_t* w, int64_t k, F&& f) {
   if (!w4a16_reads_as_stored(type)) return Status::unsupported_type;
@@ -548,7 +875,8 @@ Status with_gguf_blocks(DType type, const uint8_t* w, int64_t k, F&& f) {
   const size_t align = info.block_bytes % 16 == 0  ? 16
                        : info.block_bytes % 8 == 0 ? 8
                        : info.block_bytes % 4 == 0 ? 4
-                                                   : 2;
+                       : info.block_bytes % 2 == 0 ? 2
+                                                   : 1;
   if (w == nullptr || address % align != 0 || k <= 0 || k % info.block_elems != 0)
     return Status::invalid_argument;
   switch (type) {
@@ -568,6 +896,26 @@ Status with_gguf_blocks(DType type, const uint8_t* w, int64_t k, F&& f) {
       return f(Q5KBlocks{w});
     case DType::IQ4_XS:
       return f(IQ4XSBlocks{w});
+    case DType::IQ2_XXS:
+      return f(IQ2XXSBlocks{w});
+    case DType::IQ2_XS:
+      return f(IQ2XSBlocks{w});
+    case DType::IQ2_S:
+      return f(IQ2SBlocks{w});
+    case DType::IQ3_XXS:
+      return f(IQ3XXSBlocks{w});
+    case DType::IQ3_S:
+      return f(IQ3SBlocks{w});
+    case DType::IQ1_S:
+      return f(IQ1SBlocks{w});
+    case DType::IQ1_M:
+      return f(IQ1MBlocks{w});
+    case DType::TQ1_0:
+      return f(TQ1_0Blocks{w});
+    case DType::TQ2_0:
+      return f(TQ2_0Blocks{w});
+    case DType::MXFP4:
+      return f(MXFP4Blocks{w});
     default:
       return Status::unsupported_type;
   }

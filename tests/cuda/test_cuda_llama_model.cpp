@@ -52,6 +52,7 @@
 #include "kernels/cuda/w4a16_tuning.cuh"
 #include "kernels/quant_types.hpp"
 #include "kernels/quantize.hpp"
+#include "kernels/read_only_quants.hpp"
 #include "kernels/thread_pool.hpp"
 #include "model/gguf.hpp"
 #include "model/llama_config.hpp"
@@ -717,6 +718,27 @@ std::string q4_k_model(const std::filesystem::path& dir) {
   return q4k;
 }
 
+// The GPU model of the file at `path` holds its matrices and head in the file's bytes (the embedding table as
+// fp16, what embedding_lookup_f16 reads), some of them of a type w4a16_gemv_gguf_blocks reads.
+void expect_matrices_kept_as_stored(const std::string& path) {
+  const auto file = m::GgufFile::open(path);
+  int64_t matrix_bytes = 0, embedding_bytes = 0;
+  bool other_types = false;
+  for (const m::GgufTensorInfo& info : file->tensors()) {
+    if (info.dims.size() != 2) continue;
+    if (info.name == "token_embd.weight") {
+      embedding_bytes = info.rows() * info.row_elements() * 2;
+      continue;
+    }
+    matrix_bytes += k::row_bytes(info.type, info.row_elements()) * info.rows();
+    other_types = other_types || k::cuda::w4a16_reads_gguf_blocks(info.type);
+  }
+  EXPECT_TRUE(other_types);
+  w::CudaLlamaModel gpu(m::LlamaCheckpoint::open(path));
+  EXPECT_GE(gpu.weight_bytes(), matrix_bytes + embedding_bytes);
+  EXPECT_LE(gpu.weight_bytes(), matrix_bytes + embedding_bytes + 16 * 64);  // alignment padding at most
+}
+
 // Files of the other GGUF types (llama-quantize's Q5_K_M, Q3_K_M, Q2_K and IQ4_XS mixes, and pure Q4_1,
 // Q5_0, Q5_1 and IQ4_NL) keep their matrices as stored on the device (w4a16_gemv_gguf_blocks up to 32 rows,
 // dequant + cuBLAS above), where they went up as fp16 before (a 70B Q5_K_M or Q3_K_M file did not fit
@@ -747,23 +769,38 @@ TEST(CudaLlamaModel, OtherGgufTypesStayAsStoredAndMatchTheCpu) {
       m::requantize_gguf(*in, path, c.pure, /*pure=*/true);
     }
     compare_scenario(path, kQuantizedBound, /*decode_attention=*/true);
-    // The matrices' bytes in the file (every 2-D tensor but the embedding) and the embedding's as fp16.
-    const auto file = m::GgufFile::open(path);
-    int64_t matrix_bytes = 0, embedding_bytes = 0;
-    bool other_types = false;
-    for (const m::GgufTensorInfo& info : file->tensors()) {
-      if (info.dims.size() != 2) continue;
-      if (info.name == "token_embd.weight") {
-        embedding_bytes = info.rows() * info.row_elements() * 2;
+    expect_matrices_kept_as_stored(path);
+  }
+}
+
+// The types Nibble reads but does not write (llama.cpp's IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ1_S,
+// IQ1_M, the ternary TQ1_0 / TQ2_0, MXFP4): a file with every matrix, the embedding and the head as random
+// valid blocks of one of them (test::random_quant_blocks), one file a type. They went up as fp16 before (a
+// 70B IQ2_XS file of ~20 GB took ~140 GB); now the device holds the file's bytes, read by the same
+// readers as the other GGUF types, and the logits follow the CPU's (whose products take Q8_K activations,
+// as for the K-quants) over the scenario.
+TEST(CudaLlamaModel, ReadOnlyGgufTypesStayAsStoredAndMatchTheCpu) {
+  NIBBLE_REQUIRE_CUDA_DEVICE();
+  t::TempDir dir;
+  const auto in = m::GgufFile::open(k_quant_ready_f32_model(dir.path()));
+  for (const k::DType type : k::cuda::kW4A16GgufBlockTypes) {
+    if (!k::is_read_only_type(type)) continue;
+    SCOPED_TRACE(k::type_name(type));
+    const std::string path = (dir.path() / (std::string("model-") + k::type_name(type) + ".gguf")).string();
+    m::GgufWriter out;
+    for (const auto& [key, value] : in->metadata()) out.set(key, value);
+    uint64_t seed = 1;
+    for (const m::GgufTensorInfo& info : in->tensors()) {
+      if (info.dims.size() != 2) {
+        out.add_tensor_view(info.name, info.dims, info.type, in->tensor_data(info), info.size_bytes);
         continue;
       }
-      matrix_bytes += k::row_bytes(info.type, info.row_elements()) * info.rows();
-      other_types = other_types || k::cuda::w4a16_reads_gguf_blocks(info.type);
+      out.add_tensor(info.name, info.dims, type,
+                     t::random_quant_blocks(type, info.rows(), info.row_elements(), seed++));
     }
-    EXPECT_TRUE(other_types);
-    w::CudaLlamaModel gpu(m::LlamaCheckpoint::open(path));
-    EXPECT_GE(gpu.weight_bytes(), matrix_bytes + embedding_bytes);
-    EXPECT_LE(gpu.weight_bytes(), matrix_bytes + embedding_bytes + 16 * 64);  // alignment padding at most
+    out.write(path);
+    compare_scenario(path, kQuantizedBound, /*decode_attention=*/true);
+    expect_matrices_kept_as_stored(path);
   }
 }
 

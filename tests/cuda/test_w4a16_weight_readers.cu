@@ -1,8 +1,8 @@
 // The W4A16 kernels' weight readers (kernels/cuda/w4a16_weights.cuh) compiled for the host: each
 // reader's 32 weights of every unit of every row equal the CPU's dequantization bit for bit (Q4_0,
 // the split Q4_0 layout, group-wise INT4, Q4_K, Q8_0, Q6_K in planes, and the other GGUF types as
-// stored), on random blocks of odd sizes. This runs without a
-// GPU, so the indexing and arithmetic that the GEMV and GEMM share are checked on every machine;
+// stored, the read-only i-quants, ternary types and MXFP4 included), on random blocks of odd sizes. This runs
+// without a GPU, so the indexing and arithmetic that the GEMV and GEMM share are checked on every machine;
 // test_cuda_w4a16_gemv / _gemm check the kernels around them on a GPU.
 #include <gtest/gtest.h>
 
@@ -19,6 +19,8 @@
 #include "kernels/q6_k_planes.hpp"
 #include "kernels/quant_types.hpp"
 #include "kernels/quantize.hpp"
+#include "kernels/read_only_quants.hpp"
+#include "tests/support/test_support.hpp"
 
 namespace k = nibble::kernels;
 namespace w4a16 = nibble::kernels::cuda::w4a16;
@@ -323,14 +325,19 @@ TEST(W4A16WeightReaders, Q8_0ReadsTheCpuWeights) {
   }
 }
 
-// The other GGUF types as stored (Q4_1, Q5_0, Q5_1, IQ4_NL, Q2_K, Q3_K, Q5_K, IQ4_XS): every unit of every
-// row through with_gguf_blocks, bit for bit the CPU's dequantize_row, on odd block counts (2-byte aligned
-// rows for the 22-, 18- and 110-byte blocks: the reader's loads are only as wide as the block allows);
-// misaligned and short rows and types without a reader refused by name.
+// The other GGUF types as stored (Q4_1, Q5_0, Q5_1, IQ4_NL, Q2_K, Q3_K, Q5_K, IQ4_XS, and the types Nibble
+// reads but does not write: IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ1_S, IQ1_M, TQ1_0, TQ2_0, MXFP4, as
+// random valid blocks: every grid index, sign and scale): every unit of every row through with_gguf_blocks,
+// bit for bit the CPU's dequantize_row, on odd block counts (2-byte aligned rows for the 22-, 18-, 110-,
+// 66-, 74-, 82-, 98-, 50- and 54-byte blocks, byte-aligned for MXFP4's 17: the reader's loads are only as
+// wide as the block allows); misaligned and short rows and types without a reader refused by name.
 TEST(W4A16WeightReaders, OtherGgufTypesReadTheCpuWeightsAsStored) {
   std::mt19937 rng(10);
-  for (const k::DType type : {k::DType::Q4_1, k::DType::Q5_0, k::DType::Q5_1, k::DType::IQ4_NL,
-                              k::DType::Q2_K, k::DType::Q3_K, k::DType::Q5_K, k::DType::IQ4_XS}) {
+  for (const k::DType type :
+       {k::DType::Q4_1, k::DType::Q5_0, k::DType::Q5_1, k::DType::IQ4_NL, k::DType::Q2_K, k::DType::Q3_K,
+        k::DType::Q5_K, k::DType::IQ4_XS, k::DType::IQ2_XXS, k::DType::IQ2_XS, k::DType::IQ2_S,
+        k::DType::IQ3_XXS, k::DType::IQ3_S, k::DType::IQ1_S, k::DType::IQ1_M, k::DType::TQ1_0,
+        k::DType::TQ2_0, k::DType::MXFP4}) {
     const int64_t block = k::type_info(type).block_elems;
     EXPECT_TRUE(w4a16::w4a16_reads_as_stored(type)) << k::type_name(type);
     for (const int64_t n_out : {int64_t{1}, int64_t{5}}) {
@@ -338,7 +345,9 @@ TEST(W4A16WeightReaders, OtherGgufTypesReadTheCpuWeightsAsStored) {
         const int64_t kk = blocks * block;
         SCOPED_TRACE(std::string(k::type_name(type)) + " n_out=" + std::to_string(n_out) +
                      " k=" + std::to_string(kk));
-        const std::vector<uint8_t> q = random_rows(type, n_out, kk, rng);
+        const std::vector<uint8_t> q = k::is_read_only_type(type)
+                                           ? nibble::test::random_quant_blocks(type, n_out, kk, rng())
+                                           : random_rows(type, n_out, kk, rng);
         const std::vector<float> want = dequantized(type, q.data(), n_out, kk);
         const Aligned w(q.data(), q.size());
         const k::Status st = w4a16::with_gguf_blocks(type, w.bytes(), kk, [&](const auto& reader) {
@@ -351,7 +360,8 @@ TEST(W4A16WeightReaders, OtherGgufTypesReadTheCpuWeightsAsStored) {
     const Aligned w(std::vector<uint8_t>(512).data(), 512);
     const auto nothing = [](const auto&) { return k::Status::ok; };
     EXPECT_EQ(w4a16::with_gguf_blocks(type, w.bytes(), block + 16, nothing), k::Status::invalid_argument);
-    EXPECT_EQ(w4a16::with_gguf_blocks(type, w.bytes() + 1, block, nothing), k::Status::invalid_argument);
+    EXPECT_EQ(w4a16::with_gguf_blocks(type, w.bytes() + 1, block, nothing),
+              k::type_info(type).block_bytes % 2 == 0 ? k::Status::invalid_argument : k::Status::ok);
     EXPECT_EQ(w4a16::with_gguf_blocks(type, nullptr, block, nothing), k::Status::invalid_argument);
     if (k::type_info(type).block_bytes % 4 == 0)  // wider loads: 2-byte alignment is not enough
       EXPECT_EQ(w4a16::with_gguf_blocks(type, w.bytes() + 2, block, nothing), k::Status::invalid_argument);
@@ -370,6 +380,14 @@ TEST(W4A16WeightReaders, OtherGgufTypesReadTheCpuWeightsAsStored) {
 // Every index of the IQ4 table, through the byte words the device permutes.
 TEST(W4A16WeightReaders, IQ4ValuesComeFromThePackedTable) {
   for (uint32_t i = 0; i < 16; ++i) EXPECT_EQ(w4a16::iq4_value(i), static_cast<float>(k::kIQ4Values[i])) << i;
+}
+
+// MXFP4's values likewise, and the 8 sign bits the IQ2 / IQ3 readers make of 7 (ggml's ksigns_iq2xs).
+TEST(W4A16WeightReaders, MXFP4ValuesAndSevenBitSignsAsTheCpuTakesThem) {
+  for (uint32_t i = 0; i < 16; ++i)
+    EXPECT_EQ(w4a16::mxfp4_value(i), static_cast<float>(k::kMXFP4Values[i])) << i;
+  for (uint32_t bits = 0; bits < 256; ++bits)  // the eighth stored bit (another field's) is ignored
+    EXPECT_EQ(w4a16::seven_bit_signs(bits), k::iq2_sign_byte(bits & 0x7F)) << bits;
 }
 
 // Q6_K in planes (kernels/q6_k_planes.hpp): every run of every half and quarter, bit for bit the CPU's

@@ -17,7 +17,9 @@
 #include "kernels/q6_k_planes.hpp"
 #include "kernels/quant_types.hpp"
 #include "kernels/quantize.hpp"
+#include "kernels/read_only_quants.hpp"
 #include "tests/cuda/cuda_test_util.hpp"
+#include "tests/support/test_support.hpp"
 
 namespace nibble::cuda_test {
 
@@ -73,11 +75,19 @@ void expect_matches_reference(const std::vector<float>& wf, int64_t n_out, int64
 }
 
 // n_out rows of k random weights quantized by the project's quantizer to `type` (wq), and the same
-// rows dequantized back (wf): the reference uses exactly the values the kernel sees.
+// rows dequantized back (wf): the reference uses exactly the values the kernel sees. The types Nibble
+// reads but does not write (kernels/read_only_quants.hpp) are random valid blocks
+// (test::random_quant_blocks).
 inline void random_quantized(k::DType type, int64_t n_out, int64_t kk, std::mt19937& rng,
                              std::vector<uint8_t>& wq, std::vector<float>& wf) {
   std::normal_distribution<float> normal(0.0f, 1.0f);
   const int64_t row_bytes = k::row_bytes(type, kk);
+  if (k::is_read_only_type(type)) {
+    wq = test::random_quant_blocks(type, n_out, kk, rng());
+    wf.assign(static_cast<size_t>(n_out * kk), 0.0f);
+    ASSERT_EQ(k::dequantize_row(type, wq.data(), wf.data(), n_out * kk), k::Status::ok);
+    return;
+  }
   wq.assign(static_cast<size_t>(n_out * row_bytes), 0);
   wf.assign(static_cast<size_t>(n_out * kk), 0.0f);
   std::vector<float> row(static_cast<size_t>(kk));

@@ -1573,7 +1573,8 @@ int run_kernels(const Args& a, const KernelTableInputs& inputs) {
       cell(r.q6k_half2_us);
       std::printf("\n");
     }
-    // The other GGUF types as stored (a Q5_K_M, Q3_K_M, Q2_K or IQ4_XS file's matrices), the CUDA-core GEMV.
+    // The other GGUF types as stored (a Q5_K_M, Q3_K_M, Q2_K or IQ4_XS file's matrices, and the read-only
+    // i-quants, TQ1_0 / TQ2_0 and MXFP4), the CUDA-core GEMV.
     std::printf(
         "\nThe other GGUF types as stored (w4a16_gemv_gguf_blocks, the CUDA-core GEMV; m <= 32), us (%%copy "
         "of each type's own bytes)\n");

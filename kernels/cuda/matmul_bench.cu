@@ -446,8 +446,9 @@ void bench_shape(const MatmulShape& shape, const std::vector<int64_t>& ms, int i
       }
     }
   }
-  // The other GGUF types as stored (w4a16_gemv_gguf_blocks), m <= 32. Random small halves throughout: every
-  // d an ordinary number, the rest random bits (the values do not change the work).
+  // The other GGUF types as stored (w4a16_gemv_gguf_blocks), m <= 32, the read-only ones included. Random
+  // small halves throughout: a d that leads its block an ordinary number, the rest random bits (the values
+  // do not change the work).
   std::vector<std::vector<MatmulBenchRow::GgufBlocksTiming>> gguf_blocks(ms.size());
   for (const DType type : kW4A16GgufBlockTypes) {
     if (k % type_info(type).block_elems != 0) continue;

@@ -385,6 +385,54 @@ int block_products(const BlockIQ3_XXS& b, const BlockQ8_K& x) {
   }
   return horizontal_sum(products);
 }
+
+// IQ3_S likewise, a sub-block at a time: its 8 grid indices made in one vector (each index's ninth bit
+// shifted out of qh into bit 8, as llama.cpp does), its 4 sign bytes spread over their runs.
+int block_products(const BlockIQ3_S& b, const BlockQ8_K& x) {
+  const __m256i spread = spread_pattern(0, 1);
+  const __m256i ninth_bit_shift = _mm256_setr_epi32(8, 7, 6, 5, 4, 3, 2, 1);
+  __m256i products = _mm256_setzero_si256();
+  for (int s = 0; s < kQK_K / 32; ++s) {
+    const __m256i low = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b.qs + 8 * s)));
+    const __m256i ninth = _mm256_and_si256(_mm256_sllv_epi32(_mm256_set1_epi32(b.qh[s]), ninth_bit_shift),
+                                           _mm256_set1_epi32(256));
+    alignas(32) uint32_t i[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(i), _mm256_or_si256(low, ninth));
+    const __m256i magnitudes =
+        _mm256_set_epi32(static_cast<int>(kIQ3SGrid[i[7]]), static_cast<int>(kIQ3SGrid[i[6]]),
+                         static_cast<int>(kIQ3SGrid[i[5]]), static_cast<int>(kIQ3SGrid[i[4]]),
+                         static_cast<int>(kIQ3SGrid[i[3]]), static_cast<int>(kIQ3SGrid[i[2]]),
+                         static_cast<int>(kIQ3SGrid[i[1]]), static_cast<int>(kIQ3SGrid[i[0]]));
+    const __m256i scale =
+        _mm256_set1_epi16(static_cast<int16_t>(2 * (b.scales[s / 2] >> (4 * (s % 2)) & 0xF) + 1));
+    const __m128i sign_bytes = _mm_cvtsi32_si128(static_cast<int>(load_u32(b.signs + 4 * s)));
+    products = _mm256_add_epi32(products, signed_products(magnitudes, spread_signs(sign_bytes, spread), scale,
+                                                          load_activations(x.qs + 32 * s)));
+  }
+  return horizontal_sum(products);
+}
+
+// IQ2_S likewise: each run's two high index bits moved to bits 8 and 9 by one shift, its sign byte spread
+// over the run.
+int block_products(const BlockIQ2_S& b, const BlockQ8_K& x) {
+  const __m256i spread = spread_pattern(0, 1);
+  const uint8_t* signs = b.qs + kQK_K / 8;
+  __m256i products = _mm256_setzero_si256();
+  for (int s = 0; s < kQK_K / 32; ++s) {
+    const int high = b.qh[s];
+    const uint8_t* q = b.qs + 4 * s;
+    const __m256i magnitudes = _mm256_set_epi64x(static_cast<int64_t>(kIQ2SGrid[q[3] | (high << 2 & 0x300)]),
+                                                 static_cast<int64_t>(kIQ2SGrid[q[2] | (high << 4 & 0x300)]),
+                                                 static_cast<int64_t>(kIQ2SGrid[q[1] | (high << 6 & 0x300)]),
+                                                 static_cast<int64_t>(kIQ2SGrid[q[0] | (high << 8 & 0x300)]));
+    const int scales[2] = {2 * (b.scales[s] & 0xF) + 1, 2 * (b.scales[s] >> 4) + 1};
+    const __m128i sign_bytes = _mm_cvtsi32_si128(static_cast<int>(load_u32(signs + 4 * s)));
+    products =
+        _mm256_add_epi32(products, signed_products(magnitudes, spread_signs(sign_bytes, spread),
+                                                   scale_lanes(scales), load_activations(x.qs + 32 * s)));
+  }
+  return horizontal_sum(products);
+}
 #endif
 
 template <typename Block>

@@ -312,25 +312,32 @@ __host__ __device__ inline uint32_t q5_fifth_bits(uint32_t qh, int s) {
   return ((bits & 1u) << 4) | ((bits & 2u) << 11) | ((bits & 4u) << 18) | ((bits & 8u) << 25);
 }
 
-// kIQ4Values + 128 (1 .. 241) as bytes, index i in byte i % 4 of word i / 4.
-constexpr uint32_t iq4_biased_word(int w) {
+// A 16-entry table of small integers (kIQ4Values, kMXFP4Values) + 128 as bytes, index i in byte i % 4 of
+// word i / 4.
+constexpr uint32_t biased_table_word(const int8_t (&values)[16], int w) {
   uint32_t word = 0;
-  for (int t = 0; t < 4; ++t) word |= static_cast<uint32_t>(kIQ4Values[4 * w + t] + 128) << (8 * t);
+  for (int t = 0; t < 4; ++t) word |= static_cast<uint32_t>(values[4 * w + t] + 128) << (8 * t);
   return word;
 }
-constexpr uint32_t kIQ4Biased0 = iq4_biased_word(0), kIQ4Biased1 = iq4_biased_word(1),
-                   kIQ4Biased2 = iq4_biased_word(2), kIQ4Biased3 = iq4_biased_word(3);
-// kIQ4Values[index] (index 0..15) as a float, exactly: one byte permute of the table's words on the device
-// (no table in memory), the same bytes by shifts on the host.
-__host__ __device__ inline float iq4_value(uint32_t index) {
+// values[index] (index 0..15) of the table whose words these are, as a float, exactly: one byte permute of
+// the words on the device (no table in memory), the same bytes by shifts on the host.
+__host__ __device__ inline float biased_table_value(uint32_t w0, uint32_t w1, uint32_t w2, uint32_t w3,
+                                                    uint32_t index) {
 #if defined(__CUDA_ARCH__)
-  const uint32_t byte = index < 8 ? __byte_perm(kIQ4Biased0, kIQ4Biased1, index)
-                                  : __byte_perm(kIQ4Biased2, kIQ4Biased3, index - 8);
+  const uint32_t byte = index < 8 ? __byte_perm(w0, w1, index) : __byte_perm(w2, w3, index - 8);
 #else
-  const uint32_t words[4] = {kIQ4Biased0, kIQ4Biased1, kIQ4Biased2, kIQ4Biased3};
+  const uint32_t words[4] = {w0, w1, w2, w3};
   const uint32_t byte = words[index / 4] >> (8 * (index % 4));
 #endif
   return two23_plus(byte & 0xFF) - (kTwo23 + 128.0f);
+}
+constexpr uint32_t kIQ4Biased0 = biased_table_word(kIQ4Values, 0),
+                   kIQ4Biased1 = biased_table_word(kIQ4Values, 1),
+                   kIQ4Biased2 = biased_table_word(kIQ4Values, 2),
+                   kIQ4Biased3 = biased_table_word(kIQ4Values, 3);
+// kIQ4Values[index] as a float.
+__host__ __device__ inline float iq4_value(uint32_t index) {
+  return biased_table_value(kIQ4Biased0, kIQ4Biased1, kIQ4Biased2, kIQ4Biased3, index);
 }
 
 // Q4_1: d, m, then Q4_0's nibble order; weight d * level + m. 20-byte blocks: 4-byte loads.
@@ -825,23 +832,13 @@ struct TQ2_0Blocks {
   }
 };
 
-// kMXFP4Values + 128 as bytes, index i in byte i % 4 of word i / 4 (iq4_value's scheme).
-constexpr uint32_t mxfp4_biased_word(int w) {
-  uint32_t word = 0;
-  for (int t = 0; t < 4; ++t) word |= static_cast<uint32_t>(kMXFP4Values[4 * w + t] + 128) << (8 * t);
-  return word;
-}
-constexpr uint32_t kMXFP4Biased0 = mxfp4_biased_word(0), kMXFP4Biased1 = mxfp4_biased_word(1),
-                   kMXFP4Biased2 = mxfp4_biased_word(2), kMXFP4Biased3 = mxfp4_biased_word(3);
+constexpr uint32_t kMXFP4Biased0 = biased_table_word(kMXFP4Values, 0),
+                   kMXFP4Biased1 = biased_table_word(kMXFP4Values, 1),
+                   kMXFP4Biased2 = biased_table_word(kMXFP4Values, 2),
+                   kMXFP4Biased3 = biased_table_word(kMXFP4Values, 3);
+// kMXFP4Values[index] as a float.
 __host__ __device__ inline float mxfp4_value(uint32_t index) {
-#if defined(__CUDA_ARCH__)
-  const uint32_t byte = index < 8 ? __byte_perm(kMXFP4Biased0, kMXFP4Biased1, index)
-                                  : __byte_perm(kMXFP4Biased2, kMXFP4Biased3, index - 8);
-#else
-  const uint32_t words[4] = {kMXFP4Biased0, kMXFP4Biased1, kMXFP4Biased2, kMXFP4Biased3};
-  const uint32_t byte = words[index / 4] >> (8 * (index % 4));
-#endif
-  return two23_plus(byte & 0xFF) - (kTwo23 + 128.0f);
+  return biased_table_value(kMXFP4Biased0, kMXFP4Biased1, kMXFP4Biased2, kMXFP4Biased3, index);
 }
 
 // MXFP4: an E8M0 exponent, then Q4_0's nibble order (17-byte blocks: byte loads); weight value · 2^(e − 128)

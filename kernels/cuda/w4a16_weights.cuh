@@ -552,8 +552,8 @@ struct Q3KBlocks {
 // loads). Each weight is kernels::dequantize_row's value bit for bit: the CPU's (d · scale) · constant
 // (kernels/read_only_quants_impl.hpp's dot_constant) times the integer coordinate, every product exact in
 // fp32 (d's 11 bits, a 5-bit odd scale, a power of two, a coordinate of at most 62), in the CPU's order.
-// The lattices are global-memory arrays on the device
-// (as in llama.cpp's CUDA kernels), the host's kernels::kIQ*Grid in the host build.
+// The lattices are global-memory arrays on the device (as in llama.cpp's CUDA kernels), the host's
+// kernels::kIQ*Grid in the host build.
 #if defined(__CUDACC__)
 namespace device_iq_grids {
 #define NIBBLE_IQ_GRID(type, name, count) [[maybe_unused]] static __device__ const type name[count] =
@@ -609,7 +609,7 @@ __host__ __device__ inline float signed_byte_level(uint32_t word, int t) {
   return two23_plus_byte(word ^ 0x80808080u, t) - (kTwo23 + 128.0f);
 }
 // out[j] = factor · (byte j of the run, negated where bit j of signs is set): a run of 8 grid magnitudes,
-// bytes 0-3 in lo, 4-7 in hi. Negating before the product gives the CPU's factor · float(−m) exactly.
+// byte j the magnitude of weight j. Negating before the product gives the CPU's factor · float(−m) exactly.
 __host__ __device__ inline void magnitude_run(uint64_t run, uint32_t signs, float factor, float* out) {
   NIBBLE_DEVICE_UNROLL
   for (int j = 0; j < 8; ++j) {

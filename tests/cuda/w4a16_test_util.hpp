@@ -80,14 +80,14 @@ void expect_matches_reference(const std::vector<float>& wf, int64_t n_out, int64
 // (test::random_quant_blocks).
 inline void random_quantized(k::DType type, int64_t n_out, int64_t kk, std::mt19937& rng,
                              std::vector<uint8_t>& wq, std::vector<float>& wf) {
-  std::normal_distribution<float> normal(0.0f, 1.0f);
-  const int64_t row_bytes = k::row_bytes(type, kk);
   if (k::is_read_only_type(type)) {
     wq = test::random_quant_blocks(type, n_out, kk, rng());
     wf.assign(static_cast<size_t>(n_out * kk), 0.0f);
     ASSERT_EQ(k::dequantize_row(type, wq.data(), wf.data(), n_out * kk), k::Status::ok);
     return;
   }
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  const int64_t row_bytes = k::row_bytes(type, kk);
   wq.assign(static_cast<size_t>(n_out * row_bytes), 0);
   wf.assign(static_cast<size_t>(n_out * kk), 0.0f);
   std::vector<float> row(static_cast<size_t>(kk));
